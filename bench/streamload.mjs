@@ -1,0 +1,220 @@
+#!/usr/bin/env node
+// Closed-loop streaming load generator for the overhead benchmark.
+//
+//   node streamload.mjs '<json config>'
+//
+// config: {
+//   url: "http://127.0.0.1:PORT/v1/chat/completions",
+//   headers: {...}, body: "<request JSON>",
+//   kind: "chat" | "responses",
+//   expect_text: "the full text the stream must carry",
+//   expect_usage: true,            // chat: a usage chunk must arrive
+//   concurrency: 64, warmup_s: 3, duration_s: 10, timeout_s: 30
+// }
+//
+// `concurrency` streams run at once, each starting again as soon as it ends,
+// over keep-alive connections. Every stream is checked to the end: status 200,
+// every event parsed, the concatenated text equal to expect_text, a
+// finish_reason, the usage chunk (when asked) and `data: [DONE]` for chat;
+// response.created, the deltas, and response.completed with usage and the
+// same text for Responses. A stream that fails any check is an error.
+//
+// Prints "WINDOW_START" and "WINDOW_END" lines when the measurement window
+// opens and closes (the harness samples CPU and memory at those moments),
+// then one "STREAMJSON {...}" line. Only streams that end inside the window
+// are counted; TTFT is the time to the first content token.
+
+import http from 'node:http';
+import { performance } from 'node:perf_hooks';
+
+const cfg = JSON.parse(process.argv[2]);
+const u = new URL(cfg.url);
+const conc = cfg.concurrency || 1;
+const warmupMs = (cfg.warmup_s ?? 3) * 1000;
+const durationMs = (cfg.duration_s ?? 10) * 1000;
+const timeoutMs = (cfg.timeout_s ?? 30) * 1000;
+const kind = cfg.kind || 'chat';
+const expectText = cfg.expect_text;
+const expectUsage = !!cfg.expect_usage;
+const body = Buffer.from(cfg.body);
+const agent = new http.Agent({ keepAlive: true, maxSockets: conc, maxFreeSockets: conc });
+const headers = Object.assign({ 'content-type': 'application/json', 'content-length': body.length, accept: 'text/event-stream' }, cfg.headers || {});
+const reqOpts = { agent, host: u.hostname, port: u.port, path: u.pathname + u.search, method: 'POST', headers };
+
+let phase = 'warmup';
+let ws = 0, we = 0;
+let inflight = 0;
+const lat = [], ttft = [];
+let ok = 0, errors = 0, errorsOutside = 0, contentEvents = 0;
+const samples = [];
+
+function fail(st, msg) { if (!st.err) st.err = msg; }
+
+function onEvent(st, ev) {
+  let name = '', data = '', hasData = false;
+  for (const line of ev.split('\n')) {
+    if (line.startsWith('data:')) {
+      const v = line.charCodeAt(5) === 32 ? line.slice(6) : line.slice(5);
+      data = hasData ? data + '\n' + v : v;
+      hasData = true;
+    } else if (line.startsWith('event:')) {
+      name = line.charCodeAt(6) === 32 ? line.slice(7) : line.slice(6);
+    }
+  }
+  if (!hasData) return;
+  st.events++;
+  if (st.terminal) { fail(st, 'event after the end of the stream: ' + data.slice(0, 80)); return; }
+  if (kind === 'chat') {
+    if (data === '[DONE]') { st.terminal = true; return; }
+    let o;
+    try { o = JSON.parse(data); } catch (e) { fail(st, 'bad JSON in event: ' + data.slice(0, 80)); return; }
+    if (o.error) { fail(st, 'error event: ' + data.slice(0, 160)); return; }
+    const ch = o.choices;
+    if (ch && ch.length) {
+      const c = ch[0];
+      const d = c.delta;
+      if (d && d.content) {
+        if (st.ttft < 0) st.ttft = performance.now() - st.t0;
+        st.text += d.content;
+        st.content++;
+      }
+      if (c.finish_reason) st.finish = true;
+    }
+    if (o.usage && o.usage.completion_tokens > 0) st.usage = true;
+    return;
+  }
+  // Responses: typed events, no [DONE]
+  let o;
+  try { o = JSON.parse(data); } catch (e) { fail(st, 'bad JSON in event: ' + data.slice(0, 80)); return; }
+  const type = name || o.type;
+  if (type === 'response.output_text.delta') {
+    if (st.ttft < 0) st.ttft = performance.now() - st.t0;
+    st.text += o.delta;
+    st.content++;
+  } else if (type === 'response.created') {
+    st.created = true;
+  } else if (type === 'response.completed') {
+    st.terminal = true;
+    const r = o.response || {};
+    st.usage = !!(r.usage && r.usage.output_tokens > 0);
+    st.finish = r.status === 'completed';
+    try { st.finalText = r.output[0].content[0].text; } catch (e) { st.finalText = null; }
+  } else if (type === 'error' || type === 'response.failed' || type === 'response.incomplete') {
+    fail(st, type + ': ' + data.slice(0, 160));
+  }
+}
+
+function feed(st, chunk) {
+  let p = st.pending + chunk;
+  if (p.indexOf('\r') >= 0) p = p.replace(/\r\n?/g, '\n');
+  let i;
+  while ((i = p.indexOf('\n\n')) >= 0) {
+    const ev = p.slice(0, i);
+    p = p.slice(i + 2);
+    if (ev.length) onEvent(st, ev);
+  }
+  st.pending = p;
+}
+
+function check(st) {
+  if (st.err) return;
+  if (st.pending.trim().length) onEvent(st, st.pending.trim());
+  if (kind === 'chat') {
+    if (st.text !== expectText) return fail(st, 'text mismatch: got ' + JSON.stringify(st.text.slice(0, 120)));
+    if (!st.finish) return fail(st, 'no finish_reason');
+    if (expectUsage && !st.usage) return fail(st, 'no usage chunk');
+    if (!st.terminal) return fail(st, 'no [DONE]');
+  } else {
+    if (!st.created) return fail(st, 'no response.created');
+    if (st.text !== expectText) return fail(st, 'delta text mismatch: got ' + JSON.stringify(st.text.slice(0, 120)));
+    if (!st.terminal) return fail(st, 'no response.completed');
+    if (!st.finish) return fail(st, 'response.completed status is not completed');
+    if (!st.usage) return fail(st, 'no usage in response.completed');
+    if (st.finalText !== expectText) return fail(st, 'response.completed text mismatch');
+  }
+}
+
+function done(st) {
+  if (st.finished) return;
+  st.finished = true;
+  inflight--;
+  const t1 = performance.now();
+  check(st);
+  const inWindow = phase !== 'warmup' && t1 >= ws && (we === 0 || t1 <= we);
+  if (st.err) {
+    if (inWindow) errors++; else errorsOutside++;
+    if (samples.length < 5) samples.push(st.err);
+  } else if (inWindow) {
+    ok++;
+    lat.push(t1 - st.t0);
+    ttft.push(st.ttft);
+    contentEvents += st.content;
+  }
+  if (phase === 'drain') { if (inflight === 0) finish(); return; }
+  if (st.err) setTimeout(one, 1); else one();
+}
+
+function one() {
+  if (phase === 'drain') return;
+  inflight++;
+  const st = { t0: performance.now(), ttft: -1, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, created: false, finalText: null, err: null, pending: '', finished: false };
+  const req = http.request(reqOpts, (res) => {
+    res.setEncoding('utf8');
+    if (res.statusCode !== 200) {
+      let b = '';
+      res.on('data', (c) => { if (b.length < 300) b += c; });
+      res.on('end', () => { fail(st, 'status ' + res.statusCode + ': ' + b.slice(0, 200)); done(st); });
+      res.on('error', (e) => { fail(st, 'status ' + res.statusCode + ' then ' + e.message); done(st); });
+      return;
+    }
+    res.on('data', (c) => feed(st, c));
+    res.on('end', () => done(st));
+    res.on('aborted', () => { fail(st, 'response aborted mid-stream'); });
+    res.on('error', (e) => { fail(st, 'response error: ' + e.message); done(st); });
+    res.on('close', () => { if (!res.complete) fail(st, 'connection closed mid-stream'); done(st); });
+  });
+  req.setTimeout(timeoutMs, () => { fail(st, 'timeout after ' + timeoutMs + ' ms'); req.destroy(); });
+  req.on('error', (e) => { fail(st, 'request error: ' + e.message); done(st); });
+  req.end(body);
+}
+
+function pct(a, p) {
+  if (!a.length) return null;
+  const i = Math.min(a.length - 1, Math.max(0, Math.ceil((p / 100) * a.length) - 1));
+  return a[i];
+}
+const r3 = (x) => (x === null ? null : Math.round(x * 1000) / 1000);
+
+let finished = false;
+function finish() {
+  if (finished) return;
+  finished = true;
+  const L = Float64Array.from(lat).sort();
+  const T = Float64Array.from(ttft).sort();
+  const dur = (we - ws) / 1000;
+  const mean = L.length ? L.reduce((a, b) => a + b, 0) / L.length : null;
+  const out = {
+    requests: ok, errors, errors_outside_window: errorsOutside, duration_s: r3(dur), rps: r3(ok / dur),
+    lat_p50_ms: r3(pct(L, 50)), lat_p95_ms: r3(pct(L, 95)), lat_p99_ms: r3(pct(L, 99)), lat_max_ms: r3(L.length ? L[L.length - 1] : null), lat_mean_ms: r3(mean),
+    ttft_p50_ms: r3(pct(T, 50)), ttft_p95_ms: r3(pct(T, 95)), ttft_p99_ms: r3(pct(T, 99)),
+    content_events_mean: ok ? r3(contentEvents / ok) : null,
+    unfinished_at_end: inflight, error_samples: samples,
+  };
+  process.stdout.write('STREAMJSON ' + JSON.stringify(out) + '\n', () => process.exit(0));
+}
+
+for (let i = 0; i < conc; i++) one();
+setTimeout(() => {
+  phase = 'window';
+  ws = performance.now();
+  process.stdout.write('WINDOW_START\n');
+  setTimeout(() => {
+    we = performance.now();
+    phase = 'drain';
+    process.stdout.write('WINDOW_END\n');
+    if (inflight === 0) finish();
+    // streams still running after the window are not counted; give them a
+    // moment to end cleanly, then stop
+    setTimeout(() => { agent.destroy(); finish(); }, Math.min(timeoutMs, 5000)).unref();
+  }, durationMs);
+}, warmupMs);

@@ -1,0 +1,38 @@
+"""Which headers cross the gateway, in either direction."""
+
+# RFC 9110 7.6.1 connection-specific headers, plus the old proxy ones.
+HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
+))
+
+# Never copied from an upstream answer: framing is ours (treq may have
+# decoded gzip), so are Date/Server and the request id; cookies stay upstream.
+_NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"content-length", b"content-encoding", b"server", b"date",
+                                   b"set-cookie", b"x-request-id"}
+
+
+def _connection_tokens(headers) -> set:
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def copy_response_headers(upstream_response, request):
+    """Copy the upstream's status and end-to-end headers onto C{request}."""
+    request.setResponseCode(upstream_response.code)
+    headers = upstream_response.headers
+    named = _connection_tokens(headers)
+    target = request.responseHeaders
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in _NOT_FROM_UPSTREAM or lower in named:
+            continue
+        target.setRawHeaders(name, values)
+
+
+def is_event_stream(upstream_response) -> bool:
+    """Whether the upstream answered with server-sent events."""
+    value = upstream_response.headers.getRawHeaders(b"content-type", [b""])[0]
+    return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"

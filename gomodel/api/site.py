@@ -1,0 +1,80 @@
+"""The listening side: a Site whose requests enforce the body size limit while they read."""
+
+import io
+import re
+import uuid
+
+from twisted.logger import Logger
+from twisted.web import server
+
+
+class _Discard(io.BytesIO):
+    """A request body sink that keeps nothing (for bodies over the limit)."""
+
+    def write(self, data):
+        return len(data)
+
+
+class GatewayRequest(server.Request):
+    """A request that stops buffering its body once it passes the size limit.
+
+    Twisted keeps whole bodies (in memory, or a temporary file past 100 kB)
+    before a resource sees them; this stops that at C{body_limit} and flags
+    the request so the front resource answers 413.
+    """
+
+    body_limit = 10 * 1024 * 1024
+    too_large = False
+    _received = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request_id = None
+        self.provider_name = None
+        self.model = None
+        self.usage = None
+
+    def gotLength(self, length):
+        if length is not None and length > self.body_limit:
+            self.too_large = True
+            self.content = _Discard()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self.body_limit:
+            self.too_large = True
+            self.content.close()
+            self.content = _Discard()
+            return
+        super().handleContentChunk(data)
+
+
+class GatewaySite(server.Site):
+    """Site for the gateway: our request class, and our own structured access log."""
+
+    def __init__(self, resource, body_limit, **kwargs):
+        request_class = type("GatewayRequest", (GatewayRequest,), {"body_limit": body_limit})
+        super().__init__(resource, requestFactory=request_class, **kwargs)
+
+    def log(self, request):
+        """The front resource logs each request with its provider and model instead."""
+
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_for(request) -> bytes:
+    """The client's C{X-Request-Id} when it is sane, else a new one."""
+    given = request.getHeader(b"x-request-id")
+    if given is not None:
+        given = given.encode("latin-1") if isinstance(given, str) else given
+        if _REQUEST_ID.fullmatch(given):
+            return given
+    return uuid.uuid4().hex.encode("ascii")
+
+
+access_log = Logger(namespace="gomodel.access")

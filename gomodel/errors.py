@@ -1,0 +1,142 @@
+"""The gateway's one error hierarchy, and the one place an error becomes an HTTP answer.
+
+Every error a client sees is the OpenAI envelope
+C{{"error": {"message", "type", "param", "code"}}}; never HTML, never a stack
+trace, never an upstream's address.
+"""
+
+from gomodel import jsonutil
+
+
+class GatewayError(Exception):
+    """An error with an HTTP status and an OpenAI-shaped body."""
+
+    status = 500
+    type = "server_error"
+    code = None
+
+    def __init__(self, message, *, param=None, code=None, status=None, headers=None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        """The JSON error envelope."""
+        return envelope(self.message, self.type, self.param, self.code)
+
+
+def envelope(message, type_, param=None, code=None) -> bytes:
+    """Serialise one OpenAI error envelope."""
+    return jsonutil.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model):
+        super().__init__(
+            f"The model '{model}' does not exist or is not served by any configured provider. "
+            "GET /v1/models lists the available ids.",
+            param="model",
+        )
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message="The gateway failed to handle the request."):
+        super().__init__(message)
+
+
+class UpstreamUnreachable(GatewayError):
+    status = 502
+    type = "provider_error"
+    code = "upstream_unreachable"
+
+
+class BadUpstreamResponse(GatewayError):
+    status = 502
+    type = "provider_error"
+    code = "bad_upstream_response"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "provider_error"
+    code = "upstream_timeout"
+
+
+class UpstreamError(GatewayError):
+    """An upstream's own error answer, already in envelope form (see L{gomodel.upstream_errors})."""
+
+    type = "provider_error"
+
+    def __init__(self, status, body: bytes, message):
+        super().__init__(message, status=status)
+        self._body = body
+
+    def body(self) -> bytes:
+        return self._body
+
+
+class StreamFailed(GatewayError):
+    """A stream that broke after its headers went out; told to the client in-band."""
+
+    status = 502
+    type = "provider_error"
+    code = "stream_incomplete"
+
+
+def render(request, error: GatewayError) -> bytes:
+    """Set status and headers of C{request} for C{error}; return the body to write."""
+    body = error.body()
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
+    return body

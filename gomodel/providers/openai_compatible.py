@@ -1,0 +1,128 @@
+"""Any OpenAI-compatible upstream: vLLM, OpenAI, Ollama, Groq, OpenRouter, xAI, DeepSeek."""
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.logger import Logger
+from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from gomodel import jsonutil
+from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from gomodel.httpclient import BodyTooLarge, deadline, read_body, was_cancelled
+from gomodel.providers.base import IProvider
+from gomodel.upstream_errors import upstream_error
+
+# A failure of these kinds means no response byte came back: on a pooled
+# connection the upstream had most likely just closed it, so one retry is safe.
+_STALE_CONNECTION = (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+_TIMEOUTS = (DeferredTimeout, net_error.TimeoutError)
+MODELS_LIST_TIMEOUT = 30.0
+MODELS_LIST_LIMIT = 16 * 1024 * 1024
+
+
+@implementer(IProvider)
+class OpenAICompatibleProvider:
+    """Sends OpenAI API requests to one upstream instance, with its own key and base URL."""
+
+    log = Logger()
+
+    def __init__(self, config, http, clock, timeouts):
+        self.config = config
+        self.name = config.name
+        self.type = config.type
+        self._http = http
+        self._clock = clock
+        self._timeouts = timeouts
+        self.hidden = tuple(h for h in (config.base_url, config.root_url, config.host) if h)
+        self._authorization = (b"Bearer " + config.api_key.encode("latin-1")) if config.api_key else None
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"
+
+    def headers(self, request_id: bytes, extra=None) -> Headers:
+        """Upstream request headers: ours only, plus the provider's key when configured."""
+        headers = Headers(extra or {})
+        if not headers.hasHeader(b"content-type"):
+            headers.setRawHeaders(b"content-type", [b"application/json"])
+        headers.setRawHeaders(b"x-request-id", [request_id])
+        if self._authorization is not None:
+            headers.setRawHeaders(b"authorization", [self._authorization])
+        return headers
+
+    def send(self, method, path, body, request_id, headers=None) -> Deferred:
+        """See L{IProvider.send}."""
+        return self.send_url(method, self.config.base_url + path, body, request_id, headers)
+
+    def send_url(self, method, url, body, request_id, headers=None) -> Deferred:
+        """Like L{send}, to a full URL on this upstream; C{headers} replace ours where given."""
+        return Deferred.fromCoroutine(self._send(method, url, body, self.headers(request_id, headers)))
+
+    async def _send(self, method, url, body, headers):
+        for attempt in (1, 2):
+            d = self._http.request(method, url, data=body, headers=headers,
+                                   unbuffered=True, allow_redirects=False)
+            try:
+                return await deadline(d, self._timeouts.response_header, self._clock)
+            except _TIMEOUTS:
+                raise UpstreamTimeout(f"The upstream provider '{self.name}' did not answer in time.") from None
+            except _STALE_CONNECTION as e:
+                if was_cancelled(e):
+                    raise CancelledError() from None
+                if attempt == 1:
+                    self.log.debug("retrying {provider} once after {error!r}", provider=self.name, error=e)
+                    continue
+                raise self._unreachable() from None
+            except CancelledError:
+                raise
+            except Exception:
+                raise self._unreachable() from None
+
+    def _unreachable(self):
+        return UpstreamUnreachable(f"The upstream provider '{self.name}' is unreachable.")
+
+    def list_models(self) -> Deferred:
+        """See L{IProvider.list_models}."""
+        return Deferred.fromCoroutine(self._list_models())
+
+    async def _list_models(self):
+        d = self._http.request("GET", self.config.base_url + "/models", headers=self.headers(b"models-discovery"),
+                               unbuffered=True, allow_redirects=False)
+        timeout = min(MODELS_LIST_TIMEOUT, self._timeouts.response_header)
+        try:
+            response = await deadline(d, timeout, self._clock)
+            body = await deadline(read_body(response, MODELS_LIST_LIMIT), timeout, self._clock)
+        except CancelledError:
+            raise
+        except _STALE_CONNECTION as e:
+            if was_cancelled(e):
+                raise CancelledError() from None
+            raise self._unreachable() from None
+        except _TIMEOUTS:
+            raise UpstreamTimeout(f"The upstream provider '{self.name}' did not list its models in time.") from None
+        except BodyTooLarge:
+            raise BadUpstreamResponse(f"The model list of '{self.name}' is too large.") from None
+        except Exception:
+            raise self._unreachable() from None
+        if response.code >= 400:
+            raise upstream_error(response.code, body, self.name, self.hidden)
+        try:
+            data = jsonutil.loads(body)["data"]
+            if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data):
+                raise TypeError
+        except (jsonutil.JSONError, KeyError, TypeError):
+            raise BadUpstreamResponse(f"The model list of '{self.name}' is not an OpenAI model list.") from None
+        return data
+
+    def passthrough_url(self, path: str) -> str:
+        """The upstream URL for a provider-native path (C{/p/{provider}/{path}})."""
+        return self.config.base_url + "/" + _strip_v1(path)
+
+
+def _strip_v1(path: str) -> str:
+    path = path.lstrip("/")
+    if path == "v1":
+        return ""
+    if path.startswith("v1/"):
+        return path[3:]
+    return path

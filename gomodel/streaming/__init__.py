@@ -1,0 +1,1 @@
+"""Relaying upstream bodies to clients: the relay, and SSE framing/observation."""

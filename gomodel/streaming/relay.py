@@ -1,0 +1,162 @@
+"""The relay: one object that is the upstream body's protocol and the client's push producer.
+
+When the client cannot keep up, Twisted pauses us and we pause the upstream
+socket, so backpressure reaches vLLM through TCP and memory stays bounded.
+When the client leaves, the upstream connection is closed at once so vLLM
+aborts the generation. See TWISTED_PATTERNS.md for the lifecycle.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+
+
+class UpstreamIdle(Exception):
+    """The upstream sent nothing for longer than the idle timeout."""
+
+
+class ClientStalled(Exception):
+    """The client read nothing for longer than the stall timeout."""
+
+
+class StreamTooLong(Exception):
+    """The stream ran past the configured maximum duration."""
+
+
+class _Passthrough:
+    """The observer of a body that is relayed as it comes."""
+
+    def feed(self, data):
+        return data
+
+    def finish(self):
+        pass
+
+
+@implementer(IPushProducer)
+class StreamRelay(Protocol):
+    """Relays an upstream body to C{request}, chunk for chunk, with flow control.
+
+    L{finished} fires with None when the upstream body ended properly, or
+    fails with the reason it did not (C{ResponseFailed}, L{UpstreamIdle},
+    L{ClientStalled}, L{StreamTooLong}, or what the observer's C{finish}
+    raises). Cancelling it closes the upstream connection.
+    """
+
+    def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0):
+        self._request = request
+        self._clock = clock
+        self.observer = observer if observer is not None else _Passthrough()
+        self._idle_timeout = idle_timeout
+        self._stall_timeout = stall_timeout
+        self.paused = False
+        self.client_gone = False
+        self.upstream_done = False
+        self.bytes_out = 0
+        self.first_byte_at = None
+        self.finished = Deferred(lambda d: self.abort_upstream())
+        self._idle_call = None
+        self._stall_call = None
+        self._max_call = clock.callLater(max_duration, self._fail, StreamTooLong()) if max_duration else None
+
+    # -- upstream side (IProtocol) -------------------------------------------
+
+    def connectionMade(self):
+        self._arm_idle()
+
+    def dataReceived(self, data):
+        if self.finished.called:
+            return
+        if self.first_byte_at is None:
+            self.first_byte_at = self._clock.seconds()
+        self._arm_idle()
+        try:
+            out = self.observer.feed(data)
+        except Exception as e:
+            self._fail(e)
+            return
+        if out:
+            self.bytes_out += len(out)
+            self._request.write(out)
+
+    def connectionLost(self, reason):
+        self.upstream_done = True
+        self._cancel_timers()
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            try:
+                self.observer.finish()
+            except Exception as e:
+                self.finished.errback(e)
+                return
+            self.finished.callback(None)
+        else:
+            self.finished.errback(reason)
+
+    # -- client side (IPushProducer) -------------------------------------------
+
+    def pauseProducing(self):
+        if self.paused:
+            return
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()
+        # Our own backpressure is not upstream silence.
+        self._cancel(self._idle_call)
+        self._idle_call = None
+        if self._stall_timeout and not self.finished.called:
+            self._stall_call = self._clock.callLater(self._stall_timeout, self._fail, ClientStalled())
+
+    def resumeProducing(self):
+        if not self.paused:
+            return
+        self.paused = False
+        self._cancel(self._stall_call)
+        self._stall_call = None
+        if self.transport is not None:
+            self.transport.resumeProducing()
+        if not self.upstream_done:
+            self._arm_idle()
+
+    def stopProducing(self):
+        """The client connection is gone."""
+        self.client_gone = True
+        self.abort_upstream()
+
+    # -- ending ----------------------------------------------------------------
+
+    def abort_upstream(self):
+        """Close the upstream connection (idempotent) so the upstream stops generating."""
+        self._cancel_timers()
+        if self.transport is not None and not self.upstream_done:
+            # The body transport has no abortConnection; stopProducing closes
+            # the connection and keeps it out of the pool.
+            self.transport.stopProducing()
+
+    def _fail(self, exc):
+        if self.finished.called:
+            return
+        self.abort_upstream()
+        self.finished.errback(exc)
+
+    def _arm_idle(self):
+        if not self._idle_timeout or self.paused:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._idle_timeout)
+        else:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._fail, UpstreamIdle())
+
+    @staticmethod
+    def _cancel(call):
+        if call is not None and call.active():
+            call.cancel()
+
+    def _cancel_timers(self):
+        for call in (self._idle_call, self._stall_call, self._max_call):
+            self._cancel(call)
+        self._idle_call = self._stall_call = self._max_call = None

@@ -1,0 +1,116 @@
+"""Server-sent events, framed on bytes and observed without being rewritten.
+
+Events are cut at their blank-line terminator on the raw bytes, so a UTF-8
+character split across TCP reads is never decoded half-way: what reaches the
+client is the upstream's bytes, event for event.
+"""
+
+import re
+
+from gomodel import jsonutil
+
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+_TERMINATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class StreamIncomplete(Exception):
+    """The upstream's stream ended without its proper end."""
+
+
+class SSEFramer:
+    """Splits a byte stream into whole events (each with its terminator)."""
+
+    def __init__(self, max_event_bytes=MAX_EVENT_BYTES):
+        self._buffer = b""
+        self._max = max_event_bytes
+
+    def feed(self, data: bytes) -> list:
+        """Add C{data}; return the events it completed."""
+        buffer = self._buffer + data if self._buffer else data
+        events = []
+        start = 0
+        while True:
+            match = _TERMINATOR.search(buffer, start)
+            if match is None:
+                break
+            events.append(buffer[start:match.end()])
+            start = match.end()
+        self._buffer = buffer[start:]
+        if len(self._buffer) > self._max:
+            raise StreamIncomplete("an upstream event exceeded %d bytes" % self._max)
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event not yet terminated."""
+        return self._buffer
+
+
+def event_data(event: bytes) -> bytes:
+    """The joined C{data:} field of one event."""
+    lines = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(lines)
+
+
+class ChatStreamObserver:
+    """Watches a chat/completions stream: usage, C{[DONE]}, in-band errors.
+
+    It drops the usage-only chunk that the gateway asked for on the client's
+    behalf (C{strip_usage}); every other byte passes unchanged.
+    """
+
+    def __init__(self, strip_usage: bool):
+        self._framer = SSEFramer()
+        self._strip_usage = strip_usage
+        self.usage = None
+        self.done = False
+        self.error = None
+        self.events = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Take upstream bytes; return the bytes to send the client now (whole events)."""
+        events = self._framer.feed(data)
+        if not events:
+            return b""
+        if not self._strip_usage and not any(b'"usage"' in e or b'"error"' in e or b"[DONE]" in e
+                                             for e in events):
+            self.events += len(events)
+            return b"".join(events)
+        out = []
+        for event in events:
+            if self._observe(event):
+                out.append(event)
+        return b"".join(out)
+
+    def _observe(self, event: bytes) -> bool:
+        """Record what C{event} says; return whether the client gets it."""
+        self.events += 1
+        data = event_data(event)
+        if data == b"[DONE]":
+            self.done = True
+            return True
+        if b'"usage"' in data or b'"error"' in data:
+            try:
+                chunk = jsonutil.loads(data)
+            except jsonutil.JSONError:
+                return True
+            if isinstance(chunk, dict):
+                if isinstance(chunk.get("error"), (dict, str)):
+                    self.error = chunk["error"]
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
+                    self.usage = usage
+                    if self._strip_usage and chunk.get("choices") == []:
+                        return False
+        return True
+
+    def finish(self):
+        """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
+        if self._framer.pending.strip():
+            raise StreamIncomplete("the upstream stream ended inside an event")
+        if not self.done:
+            raise StreamIncomplete("the upstream stream ended without [DONE]")

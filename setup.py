@@ -1,0 +1,37 @@
+"""gomodel: an OpenAI-compatible AI gateway on Twisted, built to front vLLM."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="gomodel",
+    version="0.1.0",
+    description="OpenAI-compatible AI gateway in front of vLLM and other OpenAI-compatible providers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # twisted.plugins has no __init__.py on purpose (Twisted's own package must
+    # stay in charge of it), so find_packages cannot see it: name it.
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "klein>=24.8",
+        "treq>=24.9",
+        "pyyaml>=6.0",
+        "hyperlink>=21.0",
+        # orjson parses and writes request bodies several times faster than the
+        # standard library on the hot path; answers are never re-serialised.
+        "orjson>=3.9",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "openai>=1.40",
+        ],
+    },
+    entry_points={"console_scripts": ["gomodel = gomodel.cli:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)

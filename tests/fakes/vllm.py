@@ -1,0 +1,267 @@
+"""A fake vLLM 0.32 OpenAI server: a real Twisted HTTP server on 127.0.0.1, port 0.
+
+It speaks vLLM's wire format (see VLLM.md): the model list with
+C{max_model_len}, chat JSON with vLLM's extra fields, SSE chunks with the usage
+chunk and C{data: [DONE]}, nested errors, the bare C{{"error":"Unauthorized"}}
+of C{--api-key}. Tests steer it through fields of the request body that the
+gateway forwards untouched:
+
+  - C{fake_chunks}: number of content chunks in a stream (default 3)
+  - C{fake_text}: the content of each chunk (default "hé") — multi-byte UTF-8
+  - C{fake_split_utf8}: write each event in two TCP writes, cut inside a UTF-8 character
+  - C{fake_pace}: seconds between stream chunks
+  - C{fake_die_after}: abort the connection after that many chunks
+  - C{fake_no_done}: end the stream cleanly but without C{[DONE]}
+  - C{fake_hang}: never answer (the connection stays open)
+  - C{fake_flood}: stream that many bytes of events as fast as the client allows
+  - C{fake_status} / C{fake_body}: answer with that status and raw body
+"""
+
+import time
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IPushProducer
+from twisted.web import server
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from gomodel import jsonutil
+
+CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+class Recorded:
+    """One request the fake received."""
+
+    def __init__(self, request, body):
+        self.method = request.method
+        self.path = request.path
+        self.uri = request.uri
+        self.headers = request.requestHeaders
+        self.raw_body = body
+        try:
+            self.body = jsonutil.loads(body) if body else None
+        except jsonutil.JSONError:
+            self.body = None
+        self.closed = Deferred()  # fires with (how, time): "finished" or "lost"
+        self.pauses = 0
+        self.bytes_written = 0
+        self.paused = Deferred()  # fires on the first pause of a flood
+
+    def header(self, name):
+        values = self.headers.getRawHeaders(name)
+        return values[0].decode("latin-1") if values else None
+
+
+@implementer(IPushProducer)
+class _Flood:
+    """Writes C{total} bytes of SSE content as fast as the client lets it."""
+
+    def __init__(self, request, record, total, finish):
+        self._request = request
+        self._record = record
+        self._total = total
+        self._finish = finish
+        self._paused = False
+        self._stopped = False
+        payload = "x" * 4000
+        self._event = b"data: " + jsonutil.dumps(_chunk({"content": payload})) + b"\n\n"
+
+    def resumeProducing(self):
+        self._paused = False
+        while not self._paused and not self._stopped:
+            if self._record.bytes_written >= self._total:
+                self._stopped = True
+                self._request.unregisterProducer()
+                self._finish()
+                return
+            self._record.bytes_written += len(self._event)
+            self._request.write(self._event)
+
+    def pauseProducing(self):
+        self._paused = True
+        self._record.pauses += 1
+        if not self._record.paused.called:
+            self._record.paused.callback(self._record.bytes_written)
+
+    def stopProducing(self):
+        self._stopped = True
+
+
+def _chunk(delta, finish_reason=None, model=CHAT_MODEL):
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    if finish_reason is not None:
+        choice["stop_reason"] = None
+    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": model, "choices": [choice]}
+
+
+class FakeVLLM(Resource):
+    isLeaf = True
+
+    def __init__(self, reactor, *, api_key=None, models=(CHAT_MODEL,), max_model_len=2048):
+        super().__init__()
+        self._reactor = reactor
+        self.api_key = api_key
+        self.models = list(models)
+        self.max_model_len = max_model_len
+        self.requests = []
+        self._waiting = []
+        self.port = None
+        self.models_status = 200  # set to 503 to make /v1/models fail
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> Deferred:
+        """Listen on 127.0.0.1:0; fires with self."""
+        site = server.Site(self)
+        site.noisy = False
+        d = TCP4ServerEndpoint(self._reactor, 0, interface="127.0.0.1").listen(site)
+
+        def listening(port):
+            self.port = port
+            return self
+
+        return d.addCallback(listening)
+
+    def stop(self) -> Deferred:
+        port, self.port = self.port, None
+        return port.stopListening()
+
+    @property
+    def root_url(self):
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+    @property
+    def base_url(self):
+        return self.root_url + "/v1"
+
+    def next_request(self) -> Deferred:
+        """Fires with the next L{Recorded} request."""
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    # -- serving ----------------------------------------------------------------
+
+    def render(self, request):
+        request.content.seek(0)
+        record = Recorded(request, request.content.read())
+        self.requests.append(record)
+        request.notifyFinish().addCallbacks(
+            lambda _: record.closed.callback(("finished", time.monotonic())),
+            lambda _: record.closed.callback(("lost", time.monotonic())))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(record)
+
+        path = request.path
+        if self.api_key is not None and path.startswith(b"/v1"):
+            if request.getHeader(b"authorization") != f"Bearer {self.api_key}".encode():
+                return self._json(request, 401, {"error": "Unauthorized"})
+        if path == b"/health":
+            return b""
+        if path == b"/v1/models" and request.method == b"GET":
+            if self.models_status != 200:
+                return self._json(request, self.models_status, {"detail": "unavailable"})
+            return self._json(request, 200, {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": "/models/" + m,
+                 "parent": None, "max_model_len": self.max_model_len, "permission": []} for m in self.models]})
+        if path == b"/v1/chat/completions" and request.method == b"POST":
+            return self._chat(request, record)
+        return self._json(request, 404, {"detail": "Not Found"})
+
+    def _json(self, request, status, value):
+        body = value if isinstance(value, bytes) else jsonutil.dumps(value)
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
+
+    def _chat(self, request, record):
+        body = record.body
+        if not isinstance(body, dict):
+            return self._json(request, 400, {"error": {"message": "JSON decode error", "type": "Bad Request",
+                                                       "param": "body", "code": 400}})
+        if "fake_status" in body:
+            raw = body.get("fake_body", "")
+            return self._json(request, body["fake_status"], raw.encode() if isinstance(raw, str) else raw)
+        model = body.get("model")
+        if model not in self.models:
+            return self._json(request, 404, {"error": {
+                "message": f"The model `{model}` does not exist.", "type": "NotFoundError",
+                "param": "model", "code": 404}})
+        if body.get("fake_hang"):
+            return server.NOT_DONE_YET
+        if body.get("stream"):
+            return self._stream(request, record, body)
+        text = "".join(body.get("fake_text", "hé") for _ in range(body.get("fake_chunks", 3)))
+        return self._json(request, 200, {
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
+                                                 "reasoning": None, "tool_calls": []},
+                         "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                         "token_ids": None}],
+            "service_tier": None, "system_fingerprint": "vllm-0.32.0-fake",
+            "usage": {"prompt_tokens": 18, "total_tokens": 21, "completion_tokens": 3,
+                      "prompt_tokens_details": None},
+            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": {"fake": True}})
+
+    def _stream(self, request, record, body):
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        if "fake_flood" in body:
+            flood = _Flood(request, record, int(body["fake_flood"]), lambda: self._end_stream(request, body))
+            request.registerProducer(flood, True)
+            flood.resumeProducing()
+            return server.NOT_DONE_YET
+        events = [_chunk({"role": "assistant", "content": ""})]
+        n = int(body.get("fake_chunks", 3))
+        text = body.get("fake_text", "hé")
+        for i in range(n):
+            events.append(_chunk({"content": text}, "length" if i == n - 1 else None))
+        payloads = [b"data: " + jsonutil.dumps(e) + b"\n\n" for e in events]
+        pace = float(body.get("fake_pace", 0))
+        die_after = body.get("fake_die_after")
+        split = bool(body.get("fake_split_utf8"))
+        self._send_events(request, body, payloads, pace, die_after, split, 0)
+        return server.NOT_DONE_YET
+
+    def _send_events(self, request, body, payloads, pace, die_after, split, index):
+        if request._disconnected:
+            return
+        if die_after is not None and index >= die_after:
+            request.transport.abortConnection()
+            return
+        if index == len(payloads):
+            self._end_stream(request, body)
+            return
+        event = payloads[index]
+        if split and "é".encode() in event:
+            cut = event.index("é".encode()) + 1  # inside the two-byte character
+            request.write(event[:cut])
+            self._reactor.callLater(0.005, self._write_rest, request, event[cut:], body, payloads, pace,
+                                    die_after, split, index)
+            return
+        request.write(event)
+        self._reactor.callLater(pace, self._send_events, request, body, payloads, pace, die_after, split, index + 1)
+
+    def _write_rest(self, request, rest, body, payloads, pace, die_after, split, index):
+        if request._disconnected:
+            return
+        request.write(rest)
+        self._reactor.callLater(pace, self._send_events, request, body, payloads, pace, die_after, split, index + 1)
+
+    def _end_stream(self, request, body):
+        if request._disconnected:
+            return
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+                     "model": body.get("model"), "choices": [],
+                     "usage": {"prompt_tokens": 18, "total_tokens": 21, "completion_tokens": 3}}
+            request.write(b"data: " + jsonutil.dumps(usage) + b"\n\n")
+        if not body.get("fake_no_done"):
+            request.write(b"data: [DONE]\n\n")
+        request.finish()

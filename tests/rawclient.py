@@ -1,0 +1,59 @@
+"""A raw HTTP/1.1 client over a real socket, for flow-control and disconnect tests."""
+
+import json
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+
+class RawClient(Protocol):
+    """Sends one request; keeps every byte; can stop reading or vanish."""
+
+    def __init__(self, request: bytes):
+        self._request = request
+        self.received = bytearray()
+        self.lost = Deferred()
+        self._waiters = []
+
+    def connectionMade(self):
+        self.transport.write(self._request)
+
+    def dataReceived(self, data):
+        self.received += data
+        self._check()
+
+    def connectionLost(self, reason):
+        self.lost.callback(reason.value)
+        self._check(final=True)
+
+    def wait_for(self, marker: bytes) -> Deferred:
+        """Fires once C{marker} was received (fails if the connection ends first)."""
+        d = Deferred()
+        self._waiters.append((marker, d))
+        self._check()
+        return d
+
+    def _check(self, final=False):
+        for marker, d in list(self._waiters):
+            if self.received.find(marker, max(0, len(self.received) - 65536 - len(marker))) >= 0 or (
+                    final and marker in self.received):
+                self._waiters.remove((marker, d))
+                d.callback(len(self.received))
+            elif final:
+                self._waiters.remove((marker, d))
+                d.errback(ConnectionError(f"connection ended before {marker!r}"))
+
+
+def chat_request(body: dict, headers=None) -> bytes:
+    data = json.dumps(body).encode()
+    lines = [b"POST /v1/chat/completions HTTP/1.1", b"Host: gateway", b"Content-Type: application/json",
+             b"Content-Length: %d" % len(data)]
+    lines += [f"{k}: {v}".encode() for k, v in (headers or {}).items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + data
+
+
+async def connect(reactor, port: int, request: bytes) -> RawClient:
+    client = RawClient(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    return client

@@ -1,0 +1,54 @@
+"""Running the real gateway and the fake vLLM on loopback sockets for tests."""
+
+import pytest_twisted
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+
+from gomodel.config import load_config
+from gomodel.service import GatewayService
+from tests.fakes.vllm import FakeVLLM
+
+LISTEN = "tcp:0:interface=127.0.0.1"
+
+
+class Gateway:
+    """A started L{GatewayService} on 127.0.0.1:<free port>."""
+
+    def __init__(self, service, port):
+        self.service = service
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def registry(self):
+        return self.service.registry
+
+
+async def start_gateway(reactor, env, yaml_path=None, wait_ready=True) -> Gateway:
+    """Build the gateway from C{env} exactly as twistd would, listening on a free port."""
+    config = load_config(env, yaml_path, [LISTEN])
+    service = GatewayService(config, reactor)
+    service.startService()
+    port = await service.listeners[0].whenListening()
+    gateway = Gateway(service, port.getHost().port)
+    if wait_ready:
+        await with_timeout(reactor, gateway.registry.ready(), 5)
+    return gateway
+
+
+async def start_fake(reactor, **kwargs) -> FakeVLLM:
+    return await FakeVLLM(reactor, **kwargs).start()
+
+
+def with_timeout(reactor, d: Deferred, seconds: float) -> Deferred:
+    d.addTimeout(seconds, reactor)
+    return d
+
+
+def in_thread(fn, *args, **kwargs) -> Deferred:
+    """Run a blocking client (the openai SDK) off the reactor thread."""
+    return threads.deferToThread(fn, *args, **kwargs)
+
+
+def blockon(d):
+    return pytest_twisted.blockon(d)

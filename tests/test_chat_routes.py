@@ -1,0 +1,250 @@
+"""POST /v1/chat/completions and /v1/models over real sockets, against the fake vLLM."""
+
+import json
+
+import pytest_twisted
+import treq
+
+from gomodel import jsonutil
+from tests.support import start_fake, start_gateway
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+
+
+async def post(http, gateway, body, headers=None, path="/v1/chat/completions"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = await http.post(gateway.url + path, data=data,
+                               headers={"content-type": "application/json", **(headers or {})})
+    return response, await treq.content(response)
+
+
+def error_of(content):
+    payload = jsonutil.loads(content)
+    assert set(payload) == {"error"}
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    return payload["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_list_is_prefixed_and_keeps_upstream_fields(http, gateway):
+    response = await http.get(gateway.url + "/v1/models")
+    assert response.code == 200
+    body = jsonutil.loads(await treq.content(response))
+    assert body["object"] == "list"
+    [model] = body["data"]
+    assert model["id"] == MODEL
+    assert model["owned_by"] == "vllm"
+    assert model["max_model_len"] == 2048
+    assert model["root"] == "/models/meta-llama/Llama-3.1-8B-Instruct"
+
+    one = await http.get(gateway.url + "/v1/models/" + MODEL)
+    assert jsonutil.loads(await treq.content(one))["id"] == MODEL
+    missing = await http.get(gateway.url + "/v1/models/vllm/nope")
+    assert missing.code == 404
+    assert error_of(await treq.content(missing))["code"] == "model_not_found"
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_other_field_reaches_vllm_untouched(http, gateway, fake):
+    body = {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi", "name": "u1"}],
+        "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
+        "chat_template_kwargs": {"enable_thinking": False},
+        "structured_outputs": {"json": {"type": "object"}}, "priority": -3,
+        "logprobs": True, "top_logprobs": 2, "n": 2, "seed": 12345678901234567,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "temperature": 0.0, "max_tokens": 7, "stop": ["\n"], "cache_salt": "s",
+        "vllm_xargs": {"a": 1}, "huge": 123456789012345678901234567890, "unicode": "é€😀",
+    }
+    response, content = await post(http, gateway, body)
+    assert response.code == 200, content
+    [seen] = fake.requests[-1:]
+    assert seen.path == b"/v1/chat/completions"
+    expected = dict(body, model="meta-llama/Llama-3.1-8B-Instruct")
+    assert seen.body == expected
+    assert "stream_options" not in seen.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_streaming_answer_is_relayed_byte_for_byte(http, gateway, fake):
+    response, content = await post(http, gateway, {"model": MODEL, "messages": []})
+    assert response.code == 200
+    direct = await treq.post(fake.base_url + "/chat/completions",
+                             data=json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": []}).encode())
+    assert content == await treq.content(direct)
+    payload = jsonutil.loads(content)
+    for extra in ("prompt_logprobs", "kv_transfer_params", "prompt_token_ids"):
+        assert extra in payload
+    assert "stop_reason" in payload["choices"][0]
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert response.length == len(content)  # sent with Content-Length, not chunked
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_id_taken_echoed_and_sent_upstream(http, gateway, fake):
+    response, _ = await post(http, gateway, {"model": MODEL, "messages": []}, {"x-request-id": "abc-123"})
+    assert response.headers.getRawHeaders("x-request-id") == ["abc-123"]
+    assert fake.requests[-1].header(b"x-request-id") == "abc-123"
+    response, _ = await post(http, gateway, {"model": MODEL, "messages": []})
+    [generated] = response.headers.getRawHeaders("x-request-id")
+    assert len(generated) == 32
+    assert fake.requests[-1].header(b"x-request-id") == generated
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_credentials_never_go_upstream(reactor, http):
+    fake = await start_fake(reactor, api_key="upstream-secret")
+    gw = await start_gateway(reactor, {"VLLM_TEST_BASE_URL": fake.base_url, "VLLM_TEST_API_KEY": "upstream-secret",
+                                       "GOMODEL_MASTER_KEY": "gateway-key"})
+    try:
+        response, content = await post(
+            http, gw, {"model": "vllm-test/meta-llama/Llama-3.1-8B-Instruct", "messages": []},
+            {"authorization": "Bearer gateway-key", "x-api-key": "client-x", "cookie": "session=1"})
+        assert response.code == 200, content
+        seen = fake.requests[-1]
+        assert seen.header(b"authorization") == "Bearer upstream-secret"
+        assert seen.header(b"x-api-key") is None
+        assert seen.header(b"cookie") is None
+        assert b"gateway-key" not in b"".join(b"".join(v) for _, v in seen.headers.getAllRawHeaders())
+    finally:
+        await gw.service.stopService()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_master_key_guards_everything_but_health(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        health = await http.get(gw.url + "/health")
+        assert health.code == 200
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic azE="},
+                        {"x-api-key": "k1"}):
+            response = await http.get(gw.url + "/v1/models", headers=headers)
+            assert response.code == 401
+            assert error_of(await treq.content(response))["type"] == "authentication_error"
+        ok = await http.get(gw.url + "/v1/models", headers={"authorization": "Bearer k1"})
+        assert ok.code == 200
+        await treq.content(ok)
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_requests_get_openai_errors(http, gateway, fake):
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_json"),
+        (b"", 400, "invalid_json"),
+        (json.dumps({"messages": []}).encode(), 400, "missing_required_parameter"),
+        (json.dumps({"model": 5}).encode(), 400, "missing_required_parameter"),
+        (json.dumps({"model": "vllm/unknown-model"}).encode(), 404, "model_not_found"),
+        (json.dumps({"model": "nobody/serves-this"}).encode(), 404, "model_not_found"),
+    ]
+    for data, status, code in cases:
+        response, content = await post(http, gateway, data)
+        assert response.code == status, (data, content)
+        assert error_of(content)["code"] == code
+        assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert fake.requests[-1].path == b"/v1/models"  # none of them went upstream
+
+    response = await http.get(gateway.url + "/v1/nothing/here")
+    assert response.code == 404
+    assert "GET /v1/nothing/here" in error_of(await treq.content(response))["message"]
+    response = await http.get(gateway.url + "/v1/chat/completions")
+    assert response.code == 405
+    assert response.headers.getRawHeaders("allow") == ["POST"]
+    error_of(await treq.content(response))
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_over_the_limit_is_413(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "BODY_SIZE_LIMIT": "2KB"})
+    try:
+        big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+        response, content = await post(http, gw, big)
+        assert response.code == 413
+        assert error_of(content)["code"] == "request_too_large"
+        assert fake.requests[-1].path == b"/v1/models"
+        small, _ = await post(http, gw, {"model": MODEL, "messages": []})
+        assert small.code == 200
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_errors_keep_status_and_get_the_envelope(http, gateway, fake):
+    vllm_400 = {"error": {"message": "max_tokens=5000 cannot be greater than max_model_len=2048.",
+                          "type": "BadRequestError", "param": "max_tokens", "code": 400}}
+    cases = [
+        (400, json.dumps(vllm_400), vllm_400["error"]),
+        (401, '{"error":"Unauthorized"}', {"type": "authentication_error"}),
+        (422, '{"detail":[{"loc":["body","x"],"msg":"bad"}]}', {"type": "invalid_request_error"}),
+        (400, '{"object":"error","message":"old flat","type":"BadRequestError","param":null,"code":400}',
+         {"message": "old flat", "type": "BadRequestError"}),
+        (500, "<html>Internal Server Error at http://127.0.0.1</html>", {"type": "provider_error"}),
+        (503, "", {"type": "provider_error"}),
+    ]
+    for status, raw, expected in cases:
+        response, content = await post(http, gateway, {"model": MODEL, "fake_status": status, "fake_body": raw})
+        assert response.code == status
+        error = error_of(content)
+        for key, value in expected.items():
+            assert error[key] == value, (status, error)
+        assert "127.0.0.1" not in content.decode()
+        assert fake.root_url not in content.decode()
+    response, content = await post(http, gateway, {"model": MODEL, "fake_status": 400, "fake_body": json.dumps(vllm_400)})
+    assert content == json.dumps(vllm_400).encode()  # OpenAI-shaped: passed through as is
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_upstream_is_502_without_its_address(reactor, http):
+    fake = await start_fake(reactor)
+    url = fake.base_url
+    await fake.stop()
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": url, "VLLM_MODELS": "meta-llama/Llama-3.1-8B-Instruct"})
+    try:
+        response, content = await post(http, gw, {"model": MODEL, "messages": []})
+        assert response.code == 502
+        error = error_of(content)
+        assert error["code"] == "upstream_unreachable"
+        assert "127.0.0.1" not in content.decode()
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_timeout_is_504(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_RESPONSE_HEADER_TIMEOUT": "0.2s"})
+    try:
+        response, content = await post(http, gw, {"model": MODEL, "messages": [], "fake_hang": True})
+        assert response.code == 504
+        assert error_of(content)["code"] == "upstream_timeout"
+        how, _ = await fake.requests[-1].closed
+        assert how == "lost"
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ambiguous_bare_model_names_the_choices(reactor, http):
+    a = await start_fake(reactor)
+    b = await start_fake(reactor, models=("meta-llama/Llama-3.1-8B-Instruct", "only-b"))
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url})
+    try:
+        response, content = await post(http, gw, {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": []})
+        assert response.code == 400
+        error = error_of(content)
+        assert error["code"] == "ambiguous_model"
+        assert "vllm/meta-llama/Llama-3.1-8B-Instruct" in error["message"]
+        assert "vllm-b/meta-llama/Llama-3.1-8B-Instruct" in error["message"]
+        response, content = await post(http, gw, {"model": "only-b", "messages": []})
+        assert response.code == 200
+        assert b.requests[-1].body["model"] == "only-b"
+        response, content = await post(http, gw, {"model": "vllm-b/meta-llama/Llama-3.1-8B-Instruct", "messages": []})
+        assert response.code == 200
+        assert b.requests[-1].path == b"/v1/chat/completions"
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()

@@ -1,0 +1,192 @@
+"""Streams over real sockets: backpressure, disconnects, broken upstreams, UTF-8, usage."""
+
+import json
+import time
+
+import pytest_twisted
+import treq
+from twisted.internet.task import deferLater
+
+from gomodel import jsonutil
+from tests.rawclient import chat_request, connect
+from tests.support import start_gateway, with_timeout
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+
+
+def stream_body(**extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, **extra}
+
+
+def events_of(content: bytes):
+    return [e for e in content.split(b"\n\n") if e.strip()]
+
+
+def track_connections(gateway):
+    """Record the gateway's server-side protocols as they are built."""
+    site = gateway.service.site
+    built = []
+    original = site.buildProtocol
+
+    def build(addr):
+        protocol = original(addr)
+        built.append(protocol)
+        return protocol
+
+    site.buildProtocol = build
+    return built
+
+
+def write_buffer(transport) -> int:
+    """Bytes a Twisted TCP transport holds, not yet handed to the kernel."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+async def settled(reactor, read, interval=0.05, quiet=4, limit=15.0):
+    """Wait until C{read()} stops changing for C{quiet} checks in a row."""
+    last, same, deadline = read(), 0, time.monotonic() + limit
+    while same < quiet:
+        assert time.monotonic() < deadline, "never settled"
+        await deferLater(reactor, interval, lambda: None)
+        now = read()
+        same = same + 1 if now == last else 0
+        last = now
+    return last
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_client_keeps_gateway_memory_bounded_and_pauses_upstream(reactor, gateway, fake):
+    connections = track_connections(gateway)
+    flood = 64 * 1024 * 1024
+    client = await connect(reactor, gateway.port, chat_request(stream_body(fake_flood=flood)))
+    await client.wait_for(b"data: ")
+    client.transport.pauseProducing()  # the client stops reading
+    record = fake.requests[-1]
+    written = await settled(reactor, lambda: record.bytes_written)
+    assert record.pauses > 0
+    assert written < flood, "the upstream was never held back"
+    [channel] = connections
+    held = write_buffer(channel._channel.transport)
+    assert held < 1024 * 1024, f"gateway holds {held} bytes for one paused client"
+    # Everything else sits in kernel socket buffers, which fill and stop the upstream.
+    assert written < 32 * 1024 * 1024
+
+    client.transport.abortConnection()
+    how, _ = await with_timeout(reactor, record.closed, 2)
+    assert how == "lost"
+
+
+@pytest_twisted.ensureDeferred
+async def test_paused_client_is_not_upstream_silence(reactor, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_STREAM_IDLE_TIMEOUT": "0.3s"})
+    try:
+        flood = 48 * 1024 * 1024
+        client = await connect(reactor, gw.port, chat_request(stream_body(fake_flood=flood)))
+        await client.wait_for(b"data: ")
+        client.transport.pauseProducing()
+        record = fake.requests[-1]
+        await settled(reactor, lambda: record.bytes_written, quiet=6)  # paused well past the idle timeout
+        client.transport.resumeProducing()
+        await with_timeout(reactor, client.wait_for(b"data: [DONE]\n\n"), 20)
+        assert b"stream_incomplete" not in client.received
+        assert record.bytes_written >= flood
+        client.transport.loseConnection()
+        await client.lost
+    finally:
+        await gw.service.stopService()
+
+
+async def assert_upstream_closed_promptly(reactor, record, aborted_at):
+    how, closed_at = await with_timeout(reactor, record.closed, 2)
+    assert how == "lost"
+    assert closed_at - aborted_at < 0.5, f"upstream closed {closed_at - aborted_at:.3f}s after the client left"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_mid_stream_closes_upstream(reactor, gateway, fake):
+    client = await connect(reactor, gateway.port, chat_request(stream_body(fake_chunks=200, fake_pace=0.02)))
+    await client.wait_for(b'"content":"h')
+    record = fake.requests[-1]
+    client.transport.abortConnection()
+    await assert_upstream_closed_promptly(reactor, record, time.monotonic())
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_before_headers_closes_upstream(reactor, gateway, fake):
+    for body in (stream_body(fake_hang=True), {"model": MODEL, "messages": [], "fake_hang": True}):
+        arrived = fake.next_request()
+        client = await connect(reactor, gateway.port, chat_request(body))
+        record = await with_timeout(reactor, arrived, 2)
+        client.transport.abortConnection()
+        await assert_upstream_closed_promptly(reactor, record, time.monotonic())
+
+
+async def broken_stream(reactor, gateway, **fault):
+    client = await connect(reactor, gateway.port, chat_request(stream_body(**fault)))
+    await with_timeout(reactor, client.lost, 5)
+    return bytes(client.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_dying_mid_stream_never_looks_finished(reactor, gateway, logged_errors):
+    received = await broken_stream(reactor, gateway, fake_chunks=5, fake_die_after=3)
+    assert b'"content":"h' in received
+    assert b"stream_incomplete" in received  # an in-band error event ...
+    assert not received.endswith(b"0\r\n\r\n")  # ... and no clean end of the chunked body
+    assert b"[DONE]" not in received
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_without_done_is_reported_broken(reactor, gateway):
+    received = await broken_stream(reactor, gateway, fake_no_done=True)
+    assert b"stream_incomplete" in received
+    assert b"without [DONE]" in received
+    assert not received.endswith(b"0\r\n\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_upstream_is_cut_by_the_idle_timeout(reactor, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_STREAM_IDLE_TIMEOUT": "0.2s"})
+    try:
+        received = await broken_stream(reactor, gw, fake_chunks=3, fake_pace=2)
+        assert b"sent nothing for too long" in received
+        how, _ = await with_timeout(reactor, fake.requests[-1].closed, 2)
+        assert how == "lost"
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_utf8_split_across_tcp_reads_arrives_intact(http, gateway, fake):
+    body = stream_body(fake_split_utf8=True, fake_chunks=4, fake_text="é€")
+    response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(body).encode())
+    content = await treq.content(response)
+    direct = await treq.post(fake.base_url + "/chat/completions",
+                             data=json.dumps(dict(body, model="meta-llama/Llama-3.1-8B-Instruct")).encode())
+    direct_content = await treq.content(direct)
+    assert content == direct_content  # the client did not ask for usage, nor does the direct call
+    text = "".join(jsonutil.loads(e[6:])["choices"][0]["delta"].get("content", "")
+                   for e in events_of(content) if e != b"data: [DONE]")
+    assert text == "é€" * 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_forced_usage_chunk_reaches_only_clients_that_asked(http, gateway, fake):
+    response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(stream_body()).encode())
+    plain = events_of(await treq.content(response))
+    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert not any(b'"usage"' in e for e in plain)
+    assert plain[-1] == b"data: [DONE]"
+
+    asked = stream_body(stream_options={"include_usage": True, "continuous_usage_stats": False})
+    response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(asked).encode())
+    events = events_of(await treq.content(response))
+    assert fake.requests[-1].body["stream_options"] == asked["stream_options"]
+    usage = [jsonutil.loads(e[6:]) for e in events if b'"usage"' in e]
+    assert len(usage) == 1 and usage[0]["choices"] == [] and usage[0]["usage"]["completion_tokens"] == 3
+    assert events[-1] == b"data: [DONE]"
+
+    refused = stream_body(stream_options={"include_usage": False})
+    response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(refused).encode())
+    assert not any(b'"usage"' in e for e in events_of(await treq.content(response)))
+    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
