@@ -201,27 +201,25 @@ class ModelRegistry(Service):
         """Name the provider and upstream model for C{selector}.
 
         The provider instance name first, then the provider type (its first
-        instance serving the model), else the whole selector as an upstream
-        model id across all providers.
+        instance serving the model); a provider whose models are not known yet
+        gets the request. A prefix that names no provider means the whole
+        selector is an upstream model id, looked up across all providers.
 
         @raise ModelNotFound: nobody serves it.
         @raise InvalidRequest: several providers serve the bare id.
         """
         parsed = parse_selector(selector)
         if parsed.prefix is not None:
-            inv = self._by_name.get(parsed.prefix)
-            if inv is not None:
-                if inv.models is None or parsed.rest in inv.models:
+            named = self._by_name.get(parsed.prefix)
+            candidates = ([named] if named is not None else []) + [
+                inv for inv in self._inventories if inv.provider.type == parsed.prefix and inv is not named]
+            for inv in candidates:
+                if inv.models is not None and parsed.rest in inv.models:
                     return Route(inv.provider, parsed.rest)
-                raise ModelNotFound(selector)
-            of_type = [inv for inv in self._inventories if inv.provider.type == parsed.prefix]
-            if of_type:
-                for inv in of_type:
-                    if inv.models is not None and parsed.rest in inv.models:
-                        return Route(inv.provider, parsed.rest)
-                for inv in of_type:
-                    if inv.models is None:
-                        return Route(inv.provider, parsed.rest)
+            for inv in candidates:
+                if inv.models is None:  # not discovered yet: let the upstream decide
+                    return Route(inv.provider, parsed.rest)
+            if candidates:
                 raise ModelNotFound(selector)
         matches = [inv for inv in self._inventories if inv.models and selector in inv.models]
         if len(matches) == 1:

@@ -1,0 +1,22 @@
+# gomodel: configured by environment variables only (VLLM_BASE_URL, GOMODEL_MASTER_KEY, ...).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PORT=8080 GOMODEL_DATA_DIR=/data
+
+WORKDIR /src
+COPY setup.py README.md ./
+COPY gomodel ./gomodel
+COPY twisted ./twisted
+RUN pip install --no-cache-dir . \
+    # Regenerate Twisted's plugin cache now: the non-root user cannot write site-packages later.
+    && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
+    && python -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins as p; assert any(x.tapname == 'gomodel' for x in getPlugins(IPlugin, p) if hasattr(x, 'tapname'))" \
+    && useradd --create-home --uid 10001 gomodel \
+    && mkdir -p /data && chown gomodel /data \
+    && rm -rf /src
+
+USER gomodel
+WORKDIR /home/gomodel
+EXPOSE 8080
+# -n: foreground, logs to stdout; --pidfile=: no pid file, so a restarted container starts.
+ENTRYPOINT ["twistd", "-n", "--pidfile=", "gomodel"]

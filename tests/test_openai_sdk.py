@@ -1,0 +1,88 @@
+"""The official openai SDK, pointed at the gateway, against the fake vLLM."""
+
+import openai
+import pytest
+import pytest_twisted
+
+from tests.support import in_thread, start_gateway
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest_twisted.async_yield_fixture()
+async def sdk(reactor, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "sdk-key"})
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sdk-key", max_retries=0, timeout=10)
+    yield client
+    client.close()
+    await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_lists_models(sdk):
+    page = await in_thread(sdk.models.list)
+    assert [m.id for m in page.data] == [MODEL]
+    assert page.data[0].owned_by == "vllm"
+    assert page.data[0].model_extra["max_model_len"] == 2048
+    model = await in_thread(sdk.models.retrieve, MODEL)
+    assert model.id == MODEL
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_completes_a_chat_with_vllm_extras(sdk, fake):
+    completion = await in_thread(
+        sdk.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5, extra_body={"top_k": 5, "chat_template_kwargs": {"enable_thinking": False}})
+    assert completion.choices[0].message.content == "héhéhé"
+    assert completion.usage.completion_tokens == 3
+    assert completion.model_extra["kv_transfer_params"] == {"fake": True}
+    assert fake.requests[-1].body["top_k"] == 5
+    assert fake.requests[-1].header(b"authorization") is None
+
+
+def _collect(stream):
+    chunks = list(stream)
+    return chunks
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_streams_a_chat(sdk):
+    stream = await in_thread(sdk.chat.completions.create, model=MODEL,
+                             messages=[{"role": "user", "content": "hi"}], stream=True)
+    chunks = await in_thread(_collect, stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "héhéhé"
+    assert all(c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_streams_with_usage_when_asked(sdk):
+    stream = await in_thread(sdk.chat.completions.create, model=MODEL,
+                             messages=[{"role": "user", "content": "hi"}], stream=True,
+                             stream_options={"include_usage": True})
+    chunks = await in_thread(_collect, stream)
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.prompt_tokens == 18
+    assert sum(1 for c in chunks if c.usage is not None) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_sees_openai_errors(sdk):
+    with pytest.raises(openai.NotFoundError) as raised:
+        await in_thread(sdk.chat.completions.create, model="vllm/nope", messages=[])
+    assert raised.value.code == "model_not_found"
+    bad = openai.OpenAI(base_url=sdk.base_url, api_key="wrong", max_retries=0)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            await in_thread(bad.models.list)
+    finally:
+        bad.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_stream_reports_a_broken_upstream(sdk):
+    stream = await in_thread(sdk.chat.completions.create, model=MODEL, messages=[], stream=True,
+                             extra_body={"fake_chunks": 5, "fake_die_after": 2})
+    with pytest.raises(openai.APIError) as raised:
+        await in_thread(_collect, stream)
+    assert "abnormally" in str(raised.value)

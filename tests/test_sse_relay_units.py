@@ -1,0 +1,150 @@
+"""The SSE framer/observer and the relay, driven by hand on fake transports and a fake clock."""
+
+import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
+from zope.interface.verify import verifyObject
+
+from gomodel.streaming.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
+from gomodel.streaming.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data
+
+USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"\xc3\xa9"}}]}\n\n'
+
+
+def test_framer_cuts_on_bytes_across_reads():
+    framer = SSEFramer()
+    stream = CHUNK + b"event: x\r\ndata: y\r\n\r\n" + b"data: [DONE]\n\n"
+    events = []
+    for i in range(len(stream)):  # one byte at a time, splitting the UTF-8 character too
+        events += framer.feed(stream[i:i + 1])
+    assert events == [CHUNK, b"event: x\r\ndata: y\r\n\r\n", b"data: [DONE]\n\n"]
+    assert event_data(events[1]) == b"y"
+    assert framer.pending == b""
+
+
+def test_framer_bounds_an_unterminated_event():
+    framer = SSEFramer(max_event_bytes=100)
+    with pytest.raises(StreamIncomplete):
+        framer.feed(b"data: " + b"x" * 200)
+
+
+def test_observer_strips_only_the_forced_usage_chunk():
+    observer = ChatStreamObserver(strip_usage=True)
+    out = observer.feed(CHUNK + USAGE[:10]) + observer.feed(USAGE[10:] + b"data: [DONE]\n\n")
+    assert out == CHUNK + b"data: [DONE]\n\n"
+    assert observer.usage == {"prompt_tokens": 1, "completion_tokens": 2}
+    observer.finish()
+
+    keeping = ChatStreamObserver(strip_usage=False)
+    assert keeping.feed(CHUNK + USAGE + b"data: [DONE]\n\n") == CHUNK + USAGE + b"data: [DONE]\n\n"
+    assert keeping.usage["completion_tokens"] == 2
+
+
+def test_observer_finish_requires_done_and_whole_events():
+    observer = ChatStreamObserver(strip_usage=False)
+    observer.feed(CHUNK)
+    with pytest.raises(StreamIncomplete):
+        observer.finish()
+    observer.feed(b"data: [DO")
+    with pytest.raises(StreamIncomplete):
+        observer.finish()
+
+
+def test_observer_records_in_band_errors():
+    observer = ChatStreamObserver(strip_usage=False)
+    observer.feed(b'data: {"error":{"message":"boom","type":"InternalServerError","code":500}}\n\n')
+    assert observer.error["message"] == "boom"
+
+
+class Harness:
+    """A relay between a StringTransport upstream and a real Request on a dummy channel."""
+
+    def __init__(self, **timeouts):
+        self.clock = Clock()
+        self.request = Request(DummyChannel())
+        self.request.method = b"POST"
+        self.relay = StreamRelay(self.request, self.clock, **timeouts)
+        self.upstream = StringTransport()
+        self.relay.makeConnection(self.upstream)
+        self.request.registerProducer(self.relay, True)
+
+    def written(self):
+        return self.request.channel.transport.written.getvalue()
+
+
+def test_relay_is_a_push_producer_that_moves_backpressure_upstream():
+    h = Harness()
+    verifyObject(IPushProducer, h.relay)
+    h.relay.dataReceived(b"data: 1\n\n")
+    assert b"data: 1" in h.written()
+    h.relay.pauseProducing()
+    assert h.upstream.producerState == "paused"
+    h.relay.pauseProducing()  # re-entrant
+    h.relay.resumeProducing()
+    assert h.upstream.producerState == "producing"
+    h.relay.connectionLost(Failure(ResponseDone()))
+    assert h.relay.finished.called
+
+
+def test_client_leaving_stops_the_upstream():
+    h = Harness()
+    h.relay.stopProducing()
+    assert h.upstream.producerState == "stopped"
+    assert h.relay.client_gone
+
+
+def test_cancelling_finished_stops_the_upstream():
+    h = Harness()
+    h.relay.finished.cancel()
+    assert h.upstream.producerState == "stopped"
+    assert h.relay.finished.called
+    h.relay.finished.addErrback(lambda f: f.trap(CancelledError))
+
+
+def test_idle_timer_does_not_count_our_own_pauses():
+    h = Harness(idle_timeout=5, stall_timeout=60)
+    h.clock.advance(4)
+    h.relay.dataReceived(b"data: 1\n\n")
+    h.clock.advance(4)
+    h.relay.pauseProducing()
+    h.clock.advance(50)  # paused by the client for longer than the idle timeout
+    assert not h.relay.finished.called
+    h.relay.resumeProducing()
+    h.clock.advance(5)
+    assert h.upstream.producerState == "stopped"
+    failures = []
+    h.relay.finished.addErrback(failures.append)
+    assert failures[0].check(UpstreamIdle)
+
+
+def test_stalled_client_and_overall_cap():
+    h = Harness(stall_timeout=3)
+    h.relay.pauseProducing()
+    h.clock.advance(3)
+    failures = []
+    h.relay.finished.addErrback(failures.append)
+    assert failures[0].check(ClientStalled)
+    assert h.upstream.producerState == "stopped"
+
+    h = Harness(max_duration=10)
+    h.clock.advance(10)
+    failures = []
+    h.relay.finished.addErrback(failures.append)
+    assert failures[0].check(StreamTooLong)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_upstream_failure_fails_finished():
+    h = Harness(idle_timeout=5)
+    h.relay.connectionLost(Failure(ResponseFailed([Failure(ConnectionError())])))
+    failures = []
+    h.relay.finished.addErrback(failures.append)
+    assert failures[0].check(ResponseFailed)
+    assert h.clock.getDelayedCalls() == []

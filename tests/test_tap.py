@@ -1,0 +1,72 @@
+"""The twistd plugin and service: discovery, makeService from a YAML file, clean stop."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from gomodel import tap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def twistd(*args, env=None):
+    run_env = dict(os.environ, **(env or {}))
+    run_env["PYTHONPATH"] = REPO + os.pathsep + run_env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args],
+                          capture_output=True, text=True, env=run_env, timeout=60, cwd=REPO)
+
+
+def test_twistd_lists_gomodel():
+    result = twistd("--help")
+    assert result.returncode == 0, result.stderr
+    assert "gomodel" in result.stdout
+
+
+def test_bad_config_exits_non_zero_naming_the_variable():
+    result = twistd("-n", "--pidfile=", "gomodel", env={"HTTP_CONNECT_TIMEOUT": "never"})
+    assert result.returncode != 0
+    assert "HTTP_CONNECT_TIMEOUT" in result.stdout + result.stderr
+
+
+def test_options_refuse_bad_config():
+    options = tap.Options()
+    with pytest.raises(usage.UsageError):
+        options.parseOptions(["--config", "/nonexistent/gomodel.yaml"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_make_service_serves_from_yaml_and_stops_cleanly(reactor, fake, tmp_path, monkeypatch):
+    config = tmp_path / "gomodel.yaml"
+    config.write_text(f"""
+server:
+  master_key: yaml-key
+providers:
+  local:
+    type: vllm
+    base_url: {fake.base_url}
+""")
+    for var in [v for v in os.environ if v.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))]:
+        monkeypatch.delenv(var)
+    options = tap.Options()
+    options.parseOptions(["--config", str(config), "--listen", "tcp:0:interface=127.0.0.1"])
+    service = tap.makeService(options)
+    service.startService()
+    pool = HTTPConnectionPool(reactor)
+    try:
+        port = (await service.listeners[0].whenListening()).getHost().port
+        await service.registry.ready()
+        response = await treq.get(f"http://127.0.0.1:{port}/v1/models", headers={"authorization": "Bearer yaml-key"},
+                                  agent=Agent(reactor, pool=pool))
+        assert response.code == 200
+        body = await response.json()
+        assert [m["id"] for m in body["data"]] == ["local/meta-llama/Llama-3.1-8B-Instruct"]
+    finally:
+        await pool.closeCachedConnections()
+        await service.stopService()
+    assert not service.running
