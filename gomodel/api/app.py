@@ -1,14 +1,13 @@
 """The gateway's routes (Klein) and the one place errors are rendered."""
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
-from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
 
 from gomodel import errors, jsonutil
+from gomodel.api.errorhandlers import install as install_error_handlers
 from gomodel.api.front import FrontResource
 from gomodel.api.proxy import Forwarder
-from gomodel.errors import GatewayError, InvalidRequest
+from gomodel.errors import InvalidRequest
 from gomodel.streaming.sse import ChatStreamObserver
 
 _HEALTH = jsonutil.dumps({"status": "ok"})
@@ -18,12 +17,15 @@ class GatewayApp:
     """All routes of the gateway, over an injected registry, clock and config."""
 
     app = Klein()
+    app.url_map.strict_slashes = False  # /v1/models/ is /v1/models, not a redirect
     log = Logger()
 
-    def __init__(self, config, registry, clock):
+    def __init__(self, config, registry, clock, *, files=None, batches=None):
         self._config = config
         self._registry = registry
         self._clock = clock
+        self._files = files  # an object with a Klein .app serving /v1/files*
+        self._batches = batches  # the same for /v1/batches*
         self._forwarder = Forwarder(clock, config.timeouts)
 
     def resource(self):
@@ -79,33 +81,22 @@ class GatewayApp:
         body["model"] = route.upstream_model
         return route
 
-    # -- errors ----------------------------------------------------------------
+    # -- mounted APIs ------------------------------------------------------------
 
-    @app.handle_errors(GatewayError)
-    def gateway_error(self, request, failure):
-        return errors.render(request, failure.value)
+    @app.route("/v1/files", branch=True, strict_slashes=False)
+    def files(self, request):
+        return self._mounted(self._files, request)
 
-    @app.handle_errors(HTTPException)
-    def http_exception(self, request, failure):
-        exc = failure.value
-        method = request.method.decode("ascii", "replace")
-        path = request.path.decode("utf-8", "replace")
-        if isinstance(exc, WerkzeugMethodNotAllowed):
-            allowed = ", ".join(sorted(exc.valid_methods or ()))
-            error = errors.MethodNotAllowed(f"Method {method} is not allowed on {path} (allowed: {allowed}).",
-                                            headers={"Allow": allowed})
-        elif exc.code == 404:
-            error = errors.NotFound(f"Unknown route: {method} {path}.")
-        else:
-            error = InvalidRequest(exc.description or "Bad request.", status=exc.code)
-        return errors.render(request, error)
+    @app.route("/v1/batches", branch=True, strict_slashes=False)
+    def batches(self, request):
+        return self._mounted(self._batches, request)
 
-    @app.handle_errors(Exception)
-    def unexpected(self, request, failure):
-        if failure.check(CancelledError):
-            return None
-        self.log.failure("unexpected error handling {path}", failure, path=request.path.decode("utf-8", "replace"))
-        return errors.render(request, errors.InternalError())
+    def _mounted(self, api, request):
+        if api is None:
+            raise errors.NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()}.")
+        return api.app.resource()
+
+    install_error_handlers(app)
 
 
 def _json(request, body: bytes) -> bytes:
