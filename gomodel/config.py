@@ -84,6 +84,9 @@ class Config:
     models_refresh_interval: float = 300.0
     pool_max_per_host: int = 256
     pool_idle_timeout: float = 4.0
+    passthrough_enabled: bool = True
+    passthrough_types: tuple = ("vllm", "openai", "openrouter", "ollama")
+    passthrough_admin_allowed: tuple = ()  # vLLM admin routes let through /p/ anyway
     warnings: tuple = ()  # things worth telling the operator at start
 
 
@@ -153,6 +156,30 @@ def _mode(value) -> str:
     return mode
 
 
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _names(value) -> tuple:
+    items = value if isinstance(value, list) else str(value).split(",")
+    return tuple(str(i).strip().strip("/").lower() for i in items if str(i).strip().strip("/"))
+
+
+def _provider_types(value) -> tuple:
+    types = _names(value)
+    unknown = [t for t in types if t not in PROVIDER_TYPES]
+    if unknown:
+        raise ValueError(f"unknown provider type(s) {', '.join(unknown)}; known: {', '.join(PROVIDER_TYPES)}")
+    return types
+
+
 def _secret(value) -> str:
     return str(value)
 
@@ -171,6 +198,9 @@ _SERVER_SETTINGS = {
     "models_refresh_interval": ("MODELS_REFRESH_INTERVAL", _positive_duration),
     "pool_max_per_host": ("HTTP_POOL_MAX_PER_HOST", _count),
     "pool_idle_timeout": ("HTTP_POOL_IDLE_TIMEOUT", _positive_duration),
+    "passthrough_enabled": ("ENABLE_PASSTHROUGH_ROUTES", _bool),
+    "passthrough_types": ("ENABLED_PASSTHROUGH_PROVIDERS", _provider_types),
+    "passthrough_admin_allowed": ("PASSTHROUGH_ALLOWED_ADMIN_ROUTES", _names),
 }
 # GoModel's name for the refresh interval, accepted as well.
 _ENV_ALIASES = {"CACHE_REFRESH_INTERVAL": "models_refresh_interval"}
@@ -239,6 +269,9 @@ def load_config(
         models_refresh_interval=settings.get("models_refresh_interval", base.models_refresh_interval),
         pool_max_per_host=settings.get("pool_max_per_host", base.pool_max_per_host),
         pool_idle_timeout=settings.get("pool_idle_timeout", base.pool_idle_timeout),
+        passthrough_enabled=settings.get("passthrough_enabled", base.passthrough_enabled),
+        passthrough_types=settings.get("passthrough_types", base.passthrough_types),
+        passthrough_admin_allowed=settings.get("passthrough_admin_allowed", base.passthrough_admin_allowed),
         warnings=tuple(warnings),
     )
 

@@ -1,8 +1,11 @@
 """Running the real gateway and the fake vLLM on loopback sockets for tests."""
 
+import time
+
 import pytest_twisted
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from gomodel.config import load_config
 from gomodel.service import GatewayService
@@ -52,3 +55,35 @@ def in_thread(fn, *args, **kwargs) -> Deferred:
 
 def blockon(d):
     return pytest_twisted.blockon(d)
+
+
+def track_connections(gateway):
+    """Record the gateway's server-side protocols as they are built."""
+    site = gateway.service.site
+    built = []
+    original = site.buildProtocol
+
+    def build(addr):
+        protocol = original(addr)
+        built.append(protocol)
+        return protocol
+
+    site.buildProtocol = build
+    return built
+
+
+def write_buffer(transport) -> int:
+    """Bytes a Twisted TCP transport holds, not yet handed to the kernel."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+async def settled(reactor, read, interval=0.05, quiet=4, limit=15.0):
+    """Wait until C{read()} stops changing for C{quiet} checks in a row."""
+    last, same, deadline = read(), 0, time.monotonic() + limit
+    while same < quiet:
+        assert time.monotonic() < deadline, "never settled"
+        await deferLater(reactor, interval, lambda: None)
+        now = read()
+        same = same + 1 if now == last else 0
+        last = now
+    return last

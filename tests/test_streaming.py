@@ -5,11 +5,10 @@ import time
 
 import pytest_twisted
 import treq
-from twisted.internet.task import deferLater
 
 from gomodel import jsonutil
 from tests.rawclient import chat_request, connect
-from tests.support import start_gateway, with_timeout
+from tests.support import settled, start_gateway, track_connections, with_timeout, write_buffer
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 
@@ -20,38 +19,6 @@ def stream_body(**extra):
 
 def events_of(content: bytes):
     return [e for e in content.split(b"\n\n") if e.strip()]
-
-
-def track_connections(gateway):
-    """Record the gateway's server-side protocols as they are built."""
-    site = gateway.service.site
-    built = []
-    original = site.buildProtocol
-
-    def build(addr):
-        protocol = original(addr)
-        built.append(protocol)
-        return protocol
-
-    site.buildProtocol = build
-    return built
-
-
-def write_buffer(transport) -> int:
-    """Bytes a Twisted TCP transport holds, not yet handed to the kernel."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
-async def settled(reactor, read, interval=0.05, quiet=4, limit=15.0):
-    """Wait until C{read()} stops changing for C{quiet} checks in a row."""
-    last, same, deadline = read(), 0, time.monotonic() + limit
-    while same < quiet:
-        assert time.monotonic() < deadline, "never settled"
-        await deferLater(reactor, interval, lambda: None)
-        now = read()
-        same = same + 1 if now == last else 0
-        last = now
-    return last
 
 
 @pytest_twisted.ensureDeferred

@@ -1,4 +1,4 @@
-"""The gateway's routes (Klein) and the one place errors are rendered."""
+"""The gateway's routes (Klein)."""
 
 from klein import Klein
 from twisted.logger import Logger
@@ -6,7 +6,9 @@ from twisted.logger import Logger
 from gomodel import errors, jsonutil
 from gomodel.api.errorhandlers import install as install_error_handlers
 from gomodel.api.front import FrontResource
+from gomodel.api.passthrough import PASSTHROUGH_METHODS, Passthrough
 from gomodel.api.proxy import Forwarder
+from gomodel.api.responses import ResponsesRoute
 from gomodel.errors import InvalidRequest
 from gomodel.streaming.sse import ChatStreamObserver
 
@@ -18,6 +20,7 @@ class GatewayApp:
 
     app = Klein()
     app.url_map.strict_slashes = False  # /v1/models/ is /v1/models, not a redirect
+    app.url_map.merge_slashes = False  # /p/ endpoints are checked and normalised by us
     log = Logger()
 
     def __init__(self, config, registry, clock, *, files=None, batches=None):
@@ -27,6 +30,8 @@ class GatewayApp:
         self._files = files  # an object with a Klein .app serving /v1/files*
         self._batches = batches  # the same for /v1/batches*
         self._forwarder = Forwarder(clock, config.timeouts)
+        self._responses = ResponsesRoute(self._forwarder, clock)
+        self._passthrough = Passthrough(config, registry, self._forwarder)
 
     def resource(self):
         """The root resource to serve: the front checks, then the routes."""
@@ -52,11 +57,19 @@ class GatewayApp:
 
     @app.route("/v1/chat/completions", methods=["POST"])
     async def chat_completions(self, request):
+        return await self._completions(request, "/chat/completions")
+
+    @app.route("/v1/completions", methods=["POST"])
+    async def completions(self, request):
+        return await self._completions(request, "/completions")
+
+    async def _completions(self, request, path):
+        """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
         body = _json_body(request)
         route = self._route(request, body)
-        strip_usage = False
         observer = None
         if body.get("stream") is True:
+            strip_usage = False
             options = body.get("stream_options")
             if options is None or isinstance(options, dict):
                 options = dict(options or {})
@@ -66,8 +79,48 @@ class GatewayApp:
                     strip_usage = True
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
-        return await self._forwarder.forward(request, route.provider, "/chat/completions",
-                                             jsonutil.dumps(body), observer)
+        return await self._forwarder.forward(request, route.provider, path, jsonutil.dumps(body), observer)
+
+    @app.route("/v1/embeddings", methods=["POST"])
+    async def embeddings(self, request):
+        return await self._model_routed(request, "/embeddings")
+
+    @app.route("/v1/rerank", methods=["POST"])
+    async def rerank(self, request):
+        return await self._model_routed(request, "/rerank")
+
+    @app.route("/v1/score", methods=["POST"])
+    async def score(self, request):
+        return await self._model_routed(request, "/score")
+
+    @app.route("/v1/classify", methods=["POST"])
+    async def classify(self, request):
+        # vLLM serves classify only at its root, not under /v1.
+        return await self._model_routed(request, "classify", native=True)
+
+    async def _model_routed(self, request, path, native=False):
+        """A JSON POST routed by its C{model}, relayed as the upstream answers (streams included)."""
+        body = _json_body(request)
+        route = self._route(request, body)
+        payload = jsonutil.dumps(body)
+        if native:
+            upstream = await route.provider.send_url("POST", route.provider.passthrough_url(path), payload,
+                                                     request.request_id)
+            return await self._forwarder.answer(request, route.provider, upstream)
+        return await self._forwarder.forward(request, route.provider, path, payload)
+
+    @app.route("/v1/responses", methods=["POST"])
+    async def responses(self, request):
+        return await self._responses.create(request, _json_body(request), self._route)
+
+    @app.route("/p/<provider_name>", methods=PASSTHROUGH_METHODS)
+    def passthrough_without_endpoint(self, request, provider_name):
+        raise InvalidRequest("A provider passthrough needs an endpoint: /p/{provider}/{endpoint}.",
+                             code="missing_endpoint")
+
+    @app.route("/p/<provider_name>/<path:rest>", methods=PASSTHROUGH_METHODS)
+    async def passthrough(self, request, provider_name, rest):
+        return await self._passthrough.relay(request, provider_name)
 
     def _route(self, request, body):
         """Resolve C{body["model"]} and rewrite it to the upstream's id."""

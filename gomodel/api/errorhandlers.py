@@ -3,6 +3,7 @@
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from gomodel import errors
 
@@ -35,6 +36,9 @@ def _http_exception(*args):
         allowed = ", ".join(sorted(exc.valid_methods or ()))
         error = errors.MethodNotAllowed(f"Method {method} is not allowed on {path} (allowed: {allowed}).",
                                         headers={"Allow": allowed})
+    elif isinstance(exc, RequestRedirect):
+        error = errors.GatewayError(f"This route lives at {exc.new_url}.", status=exc.code,
+                                    headers={"Location": exc.new_url})
     elif exc.code == 404:
         error = errors.NotFound(f"Unknown route: {method} {path}.")
     else:

@@ -12,7 +12,7 @@ _NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"content-length", b"content-encoding", b"ser
                                    b"set-cookie", b"x-request-id"}
 
 
-def _connection_tokens(headers) -> set:
+def connection_tokens(headers) -> set:
     tokens = set()
     for value in headers.getRawHeaders(b"connection", []):
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
@@ -23,7 +23,7 @@ def copy_response_headers(upstream_response, request):
     """Copy the upstream's status and end-to-end headers onto C{request}."""
     request.setResponseCode(upstream_response.code)
     headers = upstream_response.headers
-    named = _connection_tokens(headers)
+    named = connection_tokens(headers)
     target = request.responseHeaders
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()

@@ -24,28 +24,43 @@ class Forwarder:
         self._clock = clock
         self._timeouts = timeouts
 
-    async def forward(self, request, provider, path: str, payload: bytes, observer=None):
+    async def forward(self, request, provider, path: str, payload: bytes, observer=None, transform=None):
         """Relay the answer of C{provider} to C{POST path} onto C{request}.
+
+        See L{answer} for C{observer}, C{transform} and what this returns.
+        """
+        upstream = await provider.send("POST", path, payload, request.request_id)
+        return await self.answer(request, provider, upstream, observer, transform)
+
+    async def answer(self, request, provider, upstream, observer=None, transform=None):
+        """Relay an upstream answer (a 2xx) onto C{request}; raise the envelope for anything else.
 
         @param observer: for event streams, an object with C{feed(bytes) ->
             bytes} and C{finish()} (see L{gomodel.streaming.sse}); None relays
             the bytes as they come.
+        @param transform: for whole bodies, a function of the body's bytes
+            returning the bytes to send (None sends them untouched).
         @return: the non-streaming body to write, or None once a stream was
             relayed (or broke off and the client connection was aborted).
         @raise GatewayError: before anything was sent to the client.
         """
-        upstream = await provider.send("POST", path, payload, request.request_id)
         if upstream.code >= 400:
-            raise await self._upstream_error(provider, upstream)
+            raise await self.error_from(provider, upstream)
         if not 200 <= upstream.code < 300:
             _discard(upstream)
             raise BadUpstreamResponse(
                 f"The upstream provider '{provider.name}' answered HTTP {upstream.code}.")
         if is_event_stream(upstream):
             return await self.relay_stream(request, upstream, observer)
-        return await self.relay_body(request, provider, upstream)
+        body = await self.relay_body(request, provider, upstream)
+        if transform is not None:
+            body = transform(body)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"%d" % len(body))
+        return body
 
-    async def _upstream_error(self, provider, upstream):
+    async def error_from(self, provider, upstream):
+        """The L{gomodel.errors.UpstreamError} for an upstream answer with status >= 400."""
         try:
             body = await read_body(upstream, ERROR_BODY_LIMIT)
         except CancelledError:
@@ -72,16 +87,18 @@ class Forwarder:
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
 
-    async def relay_stream(self, request, upstream, observer=None):
-        """Relay an upstream event stream with flow control; return None when done.
+    async def relay_stream(self, request, upstream, observer=None, error_event=True):
+        """Relay an upstream body with flow control as it comes; return None when done.
 
         A stream that breaks after its headers went out is never made to look
-        finished: the client gets an in-band error event, then an aborted
-        connection.
+        finished: the client gets an in-band SSE error event (unless
+        C{error_event} is false: not an event stream), then a connection
+        closed without the body's end.
         """
         copy_response_headers(upstream, request)
-        request.setHeader(b"cache-control", b"no-cache")
-        request.setHeader(b"x-accel-buffering", b"no")
+        if is_event_stream(upstream):
+            request.setHeader(b"cache-control", b"no-cache")
+            request.setHeader(b"x-accel-buffering", b"no")  # no buffering in a proxy in front of us
         t = self._timeouts
         relay = StreamRelay(request, self._clock, observer, idle_timeout=t.stream_idle,
                             stall_timeout=t.client_stall, max_duration=t.stream_max)
@@ -103,7 +120,7 @@ class Forwarder:
         except CancelledError:
             raise
         except Exception as e:
-            abort = self._broken(request, e)
+            abort = self._broken(request, e, error_event)
             await request_closed
             if abort is not None and abort.active():
                 abort.cancel()
@@ -114,7 +131,7 @@ class Forwarder:
             request.unregisterProducer()
         return None
 
-    def _broken(self, request, reason):
+    def _broken(self, request, reason, error_event=True):
         """End a stream that broke after its headers: in-band error event, then no clean end.
 
         @return: the delayed call that aborts the connection if closing it
@@ -139,8 +156,9 @@ class Forwarder:
         if isinstance(reason, ClientStalled):
             transport.abortConnection()
             return None
-        error = StreamFailed(f"The stream ended abnormally: {why}.")
-        request.write(b"data: " + error.body() + b"\n\n")
+        if error_event:
+            error = StreamFailed(f"The stream ended abnormally: {why}.")
+            request.write(b"data: " + error.body() + b"\n\n")
         # Closing the socket without the chunked body's last chunk: the client
         # reads the error event, then an incomplete body, never a clean end.
         transport.loseConnection()

@@ -40,11 +40,11 @@ class OpenAICompatibleProvider:
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
 
-    def headers(self, request_id: bytes, extra=None) -> Headers:
-        """Upstream request headers: ours only, plus the provider's key when configured."""
+    def headers(self, request_id: bytes, extra=None, content_type=b"application/json") -> Headers:
+        """Upstream request headers: C{extra}, our request id, and the provider's key when configured."""
         headers = Headers(extra or {})
-        if not headers.hasHeader(b"content-type"):
-            headers.setRawHeaders(b"content-type", [b"application/json"])
+        if content_type is not None and not headers.hasHeader(b"content-type"):
+            headers.setRawHeaders(b"content-type", [content_type])
         headers.setRawHeaders(b"x-request-id", [request_id])
         if self._authorization is not None:
             headers.setRawHeaders(b"authorization", [self._authorization])
@@ -54,9 +54,9 @@ class OpenAICompatibleProvider:
         """See L{IProvider.send}."""
         return self.send_url(method, self.config.base_url + path, body, request_id, headers)
 
-    def send_url(self, method, url, body, request_id, headers=None) -> Deferred:
-        """Like L{send}, to a full URL on this upstream; C{headers} replace ours where given."""
-        return Deferred.fromCoroutine(self._send(method, url, body, self.headers(request_id, headers)))
+    def send_url(self, method, url, body, request_id, headers=None, content_type=b"application/json") -> Deferred:
+        """Like L{send}, to a full URL on this upstream, with C{headers} besides ours."""
+        return Deferred.fromCoroutine(self._send(method, url, body, self.headers(request_id, headers, content_type)))
 
     async def _send(self, method, url, body, headers):
         for attempt in (1, 2):

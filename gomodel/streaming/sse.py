@@ -114,3 +114,52 @@ class ChatStreamObserver:
             raise StreamIncomplete("the upstream stream ended inside an event")
         if not self.done:
             raise StreamIncomplete("the upstream stream ended without [DONE]")
+
+
+_RESPONSE_END_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
+
+
+class ResponsesStreamObserver:
+    """Watches a native Responses API stream (typed events, no C{[DONE]}); relays it untouched.
+
+    The stream is complete once a C{response.completed}, C{.incomplete} or
+    C{.failed} event (or an C{error} event) arrived; its final response
+    object and usage are kept.
+    """
+
+    def __init__(self):
+        self._framer = SSEFramer()
+        self.done = False
+        self.response = None
+        self.usage = None
+        self.error = None
+
+    def feed(self, data: bytes) -> bytes:
+        events = self._framer.feed(data)
+        for event in events:
+            if any(kind in event for kind in _RESPONSE_END_EVENTS) or b'"error"' in event:
+                self._observe(event)
+        return b"".join(events)
+
+    def _observe(self, event):
+        try:
+            payload = jsonutil.loads(event_data(event))
+        except jsonutil.JSONError:
+            return
+        if not isinstance(payload, dict):
+            return
+        kind = payload.get("type")
+        if kind == "error":
+            self.error = payload
+            self.done = True
+        elif isinstance(kind, str) and kind.encode() in _RESPONSE_END_EVENTS:
+            self.done = True
+            self.response = payload.get("response")
+            if isinstance(self.response, dict):
+                self.usage = self.response.get("usage")
+
+    def finish(self):
+        if self._framer.pending.strip():
+            raise StreamIncomplete("the upstream stream ended inside an event")
+        if not self.done:
+            raise StreamIncomplete("the upstream stream ended before response.completed")

@@ -100,8 +100,9 @@ def _chunk(delta, finish_reason=None, model=CHAT_MODEL):
 class FakeVLLM(Resource):
     isLeaf = True
 
-    def __init__(self, reactor, *, api_key=None, models=(CHAT_MODEL,), max_model_len=2048):
+    def __init__(self, reactor, *, api_key=None, models=(CHAT_MODEL,), max_model_len=2048, responses=True):
         super().__init__()
+        self.native_responses = responses  # False: /v1/responses is FastAPI's 404, as on an older server
         self._reactor = reactor
         self.api_key = api_key
         self.models = list(models)
@@ -170,7 +171,124 @@ class FakeVLLM(Resource):
                  "parent": None, "max_model_len": self.max_model_len, "permission": []} for m in self.models]})
         if path == b"/v1/chat/completions" and request.method == b"POST":
             return self._chat(request, record)
+        if request.method == b"POST" and path in self._POST_ROUTES:
+            body = record.body if isinstance(record.body, dict) else {}
+            if "fake_status" in body:
+                raw = body.get("fake_body", "")
+                return self._json(request, body["fake_status"], raw.encode() if isinstance(raw, str) else raw)
+            if path == b"/v1/responses" and not self.native_responses:
+                return self._json(request, 404, {"detail": "Not Found"})
+            if path not in (b"/tokenize", b"/detokenize") and body.get("model") not in self.models:
+                return self._json(request, 404, {"error": {
+                    "message": f"The model `{body.get('model')}` does not exist.", "type": "NotFoundError",
+                    "param": "model", "code": 404}})
+            return getattr(self, self._POST_ROUTES[path])(request, record, body)
+        if request.method == b"GET" and path == b"/version":
+            return self._json(request, 200, {"version": "0.32.0"})
+        if request.method == b"GET" and path == b"/metrics":
+            request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+            return b"vllm:num_requests_running 0.0\n"
+        if path in (b"/sleep", b"/wake_up", b"/collective_rpc", b"/reset_prefix_cache"):
+            return self._json(request, 200, {"ok": True})
         return self._json(request, 404, {"detail": "Not Found"})
+
+    _POST_ROUTES = {
+        b"/v1/completions": "_completions", b"/v1/embeddings": "_embeddings", b"/v1/rerank": "_rerank",
+        b"/rerank": "_rerank", b"/v1/score": "_score", b"/score": "_score", b"/classify": "_classify",
+        b"/v1/responses": "_responses", b"/tokenize": "_tokenize", b"/detokenize": "_detokenize",
+    }
+
+    def _completions(self, request, record, body):
+        n = int(body.get("fake_chunks", 3))
+        text = body.get("fake_text", "hé")
+        if not body.get("stream"):
+            return self._json(request, 200, {
+                "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
+                "choices": [{"index": 0, "text": text * n, "logprobs": None, "finish_reason": "length",
+                             "stop_reason": None, "prompt_logprobs": None}],
+                "usage": {"prompt_tokens": 5, "total_tokens": 5 + n, "completion_tokens": n}})
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        for i in range(n):
+            chunk = {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
+                     "choices": [{"index": 0, "text": text, "logprobs": None,
+                                  "finish_reason": "length" if i == n - 1 else None, "stop_reason": None}]}
+            request.write(b"data: " + jsonutil.dumps(chunk) + b"\n\n")
+        self._end_stream(request, body)
+        return server.NOT_DONE_YET
+
+    def _embeddings(self, request, record, body):
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        if body.get("encoding_format") == "base64":
+            vector = "AACAPwAAAEAAAEBA"  # float32 [1.0, 2.0, 3.0]
+        else:
+            vector = [0.1, -0.25, 0.5]
+        return self._json(request, 200, {
+            "id": "embd-fake", "object": "list", "created": 1700000000, "model": body["model"],
+            "data": [{"index": i, "object": "embedding", "embedding": vector} for i in range(len(inputs))],
+            "usage": {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": 0, "prompt_tokens_details": None}})
+
+    def _rerank(self, request, record, body):
+        documents = body.get("documents") or []
+        results = [{"index": i, "document": {"text": d, "multi_modal": None}, "relevance_score": 1.0 / (i + 1)}
+                   for i, d in enumerate(documents)][: body.get("top_n") or len(documents)]
+        return self._json(request, 200, {"id": "score-fake", "model": body["model"],
+                                         "usage": {"prompt_tokens": 10, "total_tokens": 10}, "results": results})
+
+    def _score(self, request, record, body):
+        return self._json(request, 200, {"id": "score-fake", "object": "list", "created": 1700000000,
+                                         "model": body["model"], "data": [{"index": 0, "object": "score",
+                                                                            "score": 0.75}],
+                                         "usage": {"prompt_tokens": 6, "total_tokens": 6}})
+
+    def _classify(self, request, record, body):
+        return self._json(request, 200, {"id": "classify-fake", "object": "list", "created": 1700000000,
+                                         "model": body["model"], "data": [{"index": 0, "label": "LABEL_0",
+                                                                            "probs": [0.47], "num_classes": 1}],
+                                         "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    def _tokenize(self, request, record, body):
+        return self._json(request, 200, {"count": 3, "max_model_len": self.max_model_len, "tokens": [1, 2, 3],
+                                         "token_strs": None})
+
+    def _detokenize(self, request, record, body):
+        return self._json(request, 200, {"prompt": "hé" * len(body.get("tokens") or [])})
+
+    def _responses(self, request, record, body):
+        text = body.get("fake_text", "hé") * int(body.get("fake_chunks", 3))
+        response = {"id": "resp_fake", "object": "response", "created_at": 1700000000, "status": "completed",
+                    "model": body["model"], "output": [{
+                        "id": "msg_fake", "type": "message", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]}],
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                    "previous_response_id": body.get("previous_response_id"),
+                    "usage": {"input_tokens": 19, "output_tokens": 3, "total_tokens": 22,
+                              "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens_details": {"reasoning_tokens": 0}}}
+        if not body.get("stream"):
+            return self._json(request, 200, response)
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        events = [("response.created", {"response": dict(response, status="in_progress", output=[])}),
+                  ("response.output_item.added", {"output_index": 0, "item": dict(response["output"][0], content=[],
+                                                                                  status="in_progress")}),
+                  ("response.content_part.added", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
+                                                   "part": {"type": "output_text", "text": "", "annotations": []}}),
+                  ("response.output_text.delta", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
+                                                  "delta": text, "logprobs": []}),
+                  ("response.output_item.done", {"output_index": 0, "item": response["output"][0]}),
+                  ("response.completed", {"response": response})]
+        die_after = body.get("fake_die_after")
+        for number, (kind, fields) in enumerate(events):
+            if die_after is not None and number >= die_after:
+                # Let what was written reach the gateway before the connection dies.
+                self._reactor.callLater(0.05, request.transport.abortConnection)
+                return server.NOT_DONE_YET
+            payload = {"type": kind, "sequence_number": number, **fields}
+            request.write(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n")
+        request.finish()
+        return server.NOT_DONE_YET
 
     def _json(self, request, status, value):
         body = value if isinstance(value, bytes) else jsonutil.dumps(value)

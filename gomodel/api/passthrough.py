@@ -1,0 +1,89 @@
+"""C{/p/{provider}/{endpoint}}: provider-native requests relayed raw, to the named instance.
+
+The provider segment is an instance name (C{/p/vllm-test/tokenize} reaches
+vllm-test) or a type (C{/p/vllm/...}: the first instance of that type). Bodies,
+queries, statuses and headers pass as they are (minus hop-by-hop headers and
+client credentials; the provider's own key is applied), streamed with
+backpressure. vLLM's operational routes are refused unless allowed in config.
+"""
+
+from urllib.parse import quote, unquote
+
+from gomodel import errors
+from gomodel.api.headers import HOP_BY_HOP, connection_tokens, is_event_stream
+
+PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+# vLLM routes that change or stop the server for everyone: not for API clients of a shared gateway.
+ADMIN_ROUTES = frozenset((
+    "scale_elastic_ep", "is_scaling_elastic_ep", "collective_rpc", "sleep", "wake_up", "is_sleeping",
+    "reset_prefix_cache", "reset_mm_cache", "reset_encoder_cache", "start_profile", "stop_profile",
+    "load_lora_adapter", "unload_lora_adapter", "pause", "resume", "is_paused", "update_weights",
+    "init_weight_update_communicator", "inference/v1/abort_requests",
+))
+
+# Request headers that never go upstream: credentials, framing, proxy bookkeeping.
+_NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"cookie", b"host", b"content-length",
+                              b"x-request-id", b"forwarded", b"accept-encoding"}
+_SAFE_PATH = "/:@!$&'()*+,;=-._~"
+
+
+class Passthrough:
+    """Relays C{/p/{provider}/{endpoint}} requests."""
+
+    def __init__(self, config, registry, forwarder):
+        self._config = config
+        self._registry = registry
+        self._forwarder = forwarder
+
+    async def relay(self, request, provider_name):
+        """Relay C{request} to the provider; return None once the answer was relayed."""
+        if not self._config.passthrough_enabled:
+            raise errors.NotFound("Provider passthrough routes are disabled (ENABLE_PASSTHROUGH_ROUTES).")
+        provider = self._registry.provider(provider_name)
+        if provider is None:
+            raise errors.NotFound(f"No provider or provider type named '{provider_name}'.", code="provider_not_found")
+        if provider.type not in self._config.passthrough_types:
+            raise errors.Forbidden(f"Passthrough is not enabled for provider type '{provider.type}' "
+                                   "(ENABLED_PASSTHROUGH_PROVIDERS).")
+        endpoint = self._endpoint(request, provider_name)
+        request.provider_name = provider.name
+        url = provider.passthrough_url(endpoint)
+        query = request.uri.partition(b"?")[2]
+        if query:
+            url += "?" + query.decode("latin-1")
+        request.content.seek(0)
+        body = request.content.read() or None
+        upstream = await provider.send_url(request.method.decode("ascii"), url, body, request.request_id,
+                                           _upstream_headers(request), content_type=None)
+        return await self._forwarder.relay_stream(request, upstream, error_event=is_event_stream(upstream))
+
+    def _endpoint(self, request, provider_name):
+        """The canonical endpoint path after C{/p/{provider}/}; refuses traversal and admin routes."""
+        raw = request.path.split(b"/", 3)[3] if request.path.count(b"/") >= 3 else b""
+        decoded = unquote(raw.decode("latin-1"))
+        segments = decoded.split("/")
+        if any(s in (".", "..") for s in segments) or "\x00" in decoded:
+            raise errors.InvalidRequest("The passthrough endpoint must not contain '.' or '..' segments.")
+        endpoint = "/".join(s for s in segments if s)
+        if not endpoint:
+            raise errors.InvalidRequest("A provider passthrough needs an endpoint: /p/{provider}/{endpoint}.",
+                                        code="missing_endpoint")
+        bare = endpoint[3:] if endpoint.lower().startswith("v1/") else endpoint
+        first = bare.split("/", 1)[0].lower()
+        allowed = self._config.passthrough_admin_allowed
+        if (first in ADMIN_ROUTES and first not in allowed) or (bare.lower() in ADMIN_ROUTES and bare.lower() not in allowed):
+            raise errors.Forbidden(f"'/{bare}' is an operational route of the provider and is not reachable "
+                                   "through the gateway (PASSTHROUGH_ALLOWED_ADMIN_ROUTES can allow it).")
+        return quote(endpoint, safe=_SAFE_PATH)
+
+
+def _upstream_headers(request) -> dict:
+    named = connection_tokens(request.requestHeaders)
+    headers = {}
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lower = name.lower()
+        if lower in _NOT_UPSTREAM or lower in named or lower.startswith(b"x-forwarded-"):
+            continue
+        headers[name] = values
+    return headers

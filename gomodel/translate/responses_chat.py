@@ -1,0 +1,346 @@
+"""The Responses API over a chat-completions upstream: requests, answers and streams.
+
+Used for OpenAI-compatible providers that answer 404/405/501 on C{/responses},
+so that a Responses client (C{client.responses.create} / C{.stream}) works
+against any upstream.
+"""
+
+import time
+import uuid
+
+from gomodel import jsonutil
+from gomodel.errors import InvalidRequest
+from gomodel.streaming.sse import SSEFramer, StreamIncomplete, event_data
+
+# Responses request fields with no chat-completions meaning; everything else
+# unknown to us is copied (vLLM extras like top_k survive the translation).
+_RESPONSES_ONLY = {"input", "instructions", "max_output_tokens", "tools", "tool_choice", "text", "reasoning",
+                   "store", "previous_response_id", "background", "include", "truncation", "prompt",
+                   "prompt_cache_key", "safety_identifier", "service_tier", "stream_options", "conversation",
+                   "metadata", "max_tool_calls", "top_logprobs"}
+
+
+def _new_id(prefix):
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# -- request --------------------------------------------------------------------
+
+
+def request_to_chat(body: dict) -> dict:
+    """The chat-completions body for a Responses request C{body} (model already rewritten)."""
+    if body.get("previous_response_id"):
+        raise InvalidRequest("previous_response_id needs a provider with a native Responses API.",
+                             param="previous_response_id", code="unsupported_parameter")
+    chat = {k: v for k, v in body.items() if k not in _RESPONSES_ONLY}
+    messages = []
+    if isinstance(body.get("instructions"), str) and body["instructions"]:
+        messages.append({"role": "system", "content": body["instructions"]})
+    messages.extend(_messages(body.get("input")))
+    chat["messages"] = messages
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    if body.get("tools"):
+        chat["tools"] = [_tool(t, i) for i, t in enumerate(body["tools"])]
+    if "tool_choice" in body:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat["response_format"] = {"type": "json_schema", "json_schema": {
+            k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
+    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        chat["response_format"] = {"type": "json_object"}
+    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    if effort:
+        chat["reasoning_effort"] = effort
+    if body.get("top_logprobs"):
+        chat["logprobs"] = True
+        chat["top_logprobs"] = body["top_logprobs"]
+    if body.get("stream") is True:
+        chat["stream_options"] = {"include_usage": True}
+    return chat
+
+
+def _messages(items):
+    if items is None:
+        return []
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise InvalidRequest("input must be a string or a list of items.", param="input")
+    messages = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"invalid input item at index {index}: expected an object.", param="input")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role", "user")
+            role = "system" if role == "developer" else role
+            messages.append({"role": role, "content": _content(item.get("content"), index)})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id") or item.get("id") or _new_id("call"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""}}
+            last = messages[-1] if messages else None
+            if last and last["role"] == "assistant" and last.get("tool_calls") and last.get("content") is None:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not item.get("call_id"):
+                raise InvalidRequest(f"invalid input item at index {index}: function_call_output needs call_id.",
+                                     param="input")
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": output if isinstance(output, str) else jsonutil.dumps(output).decode()})
+        elif kind == "reasoning":
+            continue
+        else:
+            raise InvalidRequest(f"invalid input item at index {index}: type {kind!r} is not supported "
+                                 "by this provider.", param="input")
+    return messages
+
+
+def _content(content, index):
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise InvalidRequest(f"invalid input item at index {index}: content must be a string or a list.",
+                             param="input")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "input_image":
+            url = part.get("image_url") or part.get("url")
+            image = {"url": url}
+            if part.get("detail"):
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+        elif kind == "refusal":
+            parts.append({"type": "text", "text": part.get("refusal", "")})
+        else:
+            raise InvalidRequest(f"invalid input item at index {index}: content part {kind!r} is not supported "
+                                 "by this provider.", param="input")
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _tool(tool, index):
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        raise InvalidRequest(f"tools[{index}]: tool type {kind!r} is not supported by this provider.",
+                             param=f"tools[{index}]")
+    if "function" in tool:  # already chat-shaped
+        return tool
+    function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice):
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+# -- answer ---------------------------------------------------------------------
+
+
+def _usage(usage):
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    details = usage.get("prompt_tokens_details") or {}
+    out_details = usage.get("completion_tokens_details") or {}
+    return {"input_tokens": prompt, "output_tokens": completion,
+            "total_tokens": usage.get("total_tokens") or prompt + completion,
+            "input_tokens_details": {"cached_tokens": details.get("cached_tokens") or 0},
+            "output_tokens_details": {"reasoning_tokens": out_details.get("reasoning_tokens") or 0}}
+
+
+def response_object(request: dict, response_id, created_at, model, status, output, usage=None,
+                    finish_reason=None) -> dict:
+    """A Responses API response object, echoing the request's settings as OpenAI does."""
+    incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
+    text = request.get("text") if isinstance(request.get("text"), dict) else {"format": {"type": "text"}}
+    return {
+        "id": response_id, "object": "response", "created_at": created_at, "status": status,
+        "background": False, "error": None, "incomplete_details": incomplete,
+        "instructions": request.get("instructions"), "max_output_tokens": request.get("max_output_tokens"),
+        "model": model, "output": output, "parallel_tool_calls": request.get("parallel_tool_calls", True),
+        "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
+        "store": False, "temperature": request.get("temperature"), "text": text,
+        "tool_choice": request.get("tool_choice", "auto"), "tools": request.get("tools") or [],
+        "top_p": request.get("top_p"), "truncation": "disabled", "usage": usage,
+        "metadata": request.get("metadata") or {},
+    }
+
+
+def _status(finish_reason):
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def chat_to_response(chat_body: bytes, request: dict) -> bytes:
+    """The Responses answer (JSON bytes) for a chat-completions answer."""
+    chat = jsonutil.loads(chat_body)
+    choice = (chat.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    output = []
+    reasoning = message.get("reasoning") or message.get("reasoning_content")
+    if reasoning:
+        output.append({"type": "reasoning", "id": _new_id("rs"), "summary": [],
+                       "content": [{"type": "reasoning_text", "text": reasoning}]})
+    if message.get("content"):
+        output.append({"type": "message", "id": _new_id("msg"), "status": "completed", "role": "assistant",
+                       "content": [{"type": "output_text", "text": message["content"], "annotations": [],
+                                    "logprobs": []}]})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        output.append({"type": "function_call", "id": _new_id("fc"), "call_id": call.get("id") or _new_id("call"),
+                       "name": function.get("name"), "arguments": function.get("arguments") or "",
+                       "status": "completed"})
+    finish = choice.get("finish_reason")
+    return jsonutil.dumps(response_object(
+        request, _new_id("resp"), chat.get("created") or int(time.time()), chat.get("model"),
+        _status(finish), output, _usage(chat.get("usage")), finish))
+
+
+# -- stream ---------------------------------------------------------------------
+
+
+class ChatToResponsesStream:
+    """Turns a chat-completions SSE stream into the Responses API's typed events.
+
+    An observer for L{gomodel.streaming.relay.StreamRelay}: C{feed} takes
+    upstream bytes and returns the events to send.
+    """
+
+    def __init__(self, request: dict, clock):
+        self._request = request
+        self._framer = SSEFramer()
+        self._sequence = 0
+        self._id = _new_id("resp")
+        self._created = int(clock.seconds())
+        self._model = None
+        self._started = False
+        self._items = []  # output items in order, each a dict we keep completing
+        self._message = None  # (index, item) of the open message
+        self._calls = {}  # chat tool-call index -> (output index, item)
+        self._finish = None
+        self.usage = None
+        self.done = False
+        self.response = None  # the final response object, once completed
+
+    def _event(self, kind, **fields) -> bytes:
+        payload = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n"
+
+    def _snapshot(self, status, usage=None):
+        return response_object(self._request, self._id, self._created, self._model, status,
+                               list(self._items), usage, self._finish if status != "in_progress" else None)
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        for event in self._framer.feed(data):
+            payload = event_data(event)
+            if not payload or payload == b"[DONE]":
+                if payload == b"[DONE]":
+                    out.append(self._complete())
+                continue
+            try:
+                chunk = jsonutil.loads(payload)
+            except jsonutil.JSONError:
+                continue
+            if isinstance(chunk.get("error"), (dict, str)):
+                raise StreamIncomplete(f"the upstream reported an error: {_message_of(chunk['error'])}")
+            self._model = self._model or chunk.get("model")
+            if not self._started:
+                self._started = True
+                out.append(self._event("response.created", response=self._snapshot("in_progress")))
+                out.append(self._event("response.in_progress", response=self._snapshot("in_progress")))
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = _usage(chunk["usage"])
+            for choice in chunk.get("choices") or []:
+                if choice.get("index", 0) != 0:
+                    continue
+                out.extend(self._delta(choice.get("delta") or {}))
+                if choice.get("finish_reason"):
+                    self._finish = choice["finish_reason"]
+        return b"".join(out)
+
+    def _delta(self, delta):
+        out = []
+        text = delta.get("content")
+        if text:
+            if self._message is None:
+                item = {"type": "message", "id": _new_id("msg"), "status": "in_progress", "role": "assistant",
+                        "content": []}
+                self._items.append(item)
+                self._message = (len(self._items) - 1, item)
+                out.append(self._event("response.output_item.added", output_index=self._message[0], item=item))
+                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                out.append(self._event("response.content_part.added", item_id=item["id"],
+                                       output_index=self._message[0], content_index=0, part=part))
+                item["content"].append(dict(part))
+            index, item = self._message
+            item["content"][0]["text"] += text
+            out.append(self._event("response.output_text.delta", item_id=item["id"], output_index=index,
+                                   content_index=0, delta=text, logprobs=[]))
+        for call in delta.get("tool_calls") or []:
+            key = call.get("index", 0)
+            function = call.get("function") or {}
+            if key not in self._calls:
+                item = {"type": "function_call", "id": _new_id("fc"), "call_id": call.get("id") or _new_id("call"),
+                        "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
+                self._items.append(item)
+                self._calls[key] = (len(self._items) - 1, item)
+                out.append(self._event("response.output_item.added", output_index=len(self._items) - 1, item=item))
+            index, item = self._calls[key]
+            if function.get("name") and not item["name"]:
+                item["name"] = function["name"]
+            if function.get("arguments"):
+                item["arguments"] += function["arguments"]
+                out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                       output_index=index, delta=function["arguments"]))
+        return out
+
+    def _complete(self) -> bytes:
+        if self.done:
+            return b""
+        self.done = True
+        out = []
+        if not self._started:
+            self._started = True
+            out.append(self._event("response.created", response=self._snapshot("in_progress")))
+        if self._message is not None:
+            index, item = self._message
+            part = item["content"][0]
+            out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=part["text"], logprobs=[]))
+            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                   content_index=0, part=part))
+        for index, item in enumerate(self._items):
+            item["status"] = "completed"
+            if item["type"] == "function_call":
+                out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
+                                       output_index=index, arguments=item["arguments"], name=item["name"]))
+            out.append(self._event("response.output_item.done", output_index=index, item=item))
+        # Always response.completed (with status "incomplete" where it stopped
+        # at max tokens), as vLLM's own stream does: the openai SDK's stream
+        # helper needs it to hand out the final response.
+        self.response = self._snapshot(_status(self._finish), self.usage)
+        out.append(self._event("response.completed", response=self.response))
+        return b"".join(out)
+
+    def finish(self):
+        if self._framer.pending.strip():
+            raise StreamIncomplete("the upstream stream ended inside an event")
+        if not self.done:
+            raise StreamIncomplete("the upstream stream ended without [DONE]")
+
+
+def _message_of(error):
+    return error.get("message", "") if isinstance(error, dict) else str(error)

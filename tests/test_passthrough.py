@@ -1,0 +1,160 @@
+"""/p/{provider}/{endpoint}: provider-native requests to the named instance, relayed raw."""
+
+import json
+
+import pytest_twisted
+import treq
+
+from gomodel import jsonutil
+from tests.rawclient import connect
+from tests.support import settled, start_fake, start_gateway, track_connections, with_timeout, write_buffer
+
+
+@pytest_twisted.async_yield_fixture()
+async def two(reactor):
+    """vllm (keyless) and vllm-test (key-guarded) behind one gateway with a master key."""
+    plain = await start_fake(reactor)
+    guarded = await start_fake(reactor, api_key="vllm-secret")
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": plain.base_url, "VLLM_TEST_BASE_URL": guarded.base_url,
+        "VLLM_TEST_API_KEY": "vllm-secret", "GOMODEL_MASTER_KEY": "gw-key",
+        "PASSTHROUGH_ALLOWED_ADMIN_ROUTES": "reset_prefix_cache"})
+    yield gw, plain, guarded
+    await gw.service.stopService()
+    await plain.stop()
+    await guarded.stop()
+
+
+AUTH = {"authorization": "Bearer gw-key"}
+
+
+async def call(http, gw, method, path, body=None, headers=None):
+    data = json.dumps(body).encode() if body is not None else None
+    response = await http.request(method, gw.url + path, data=data, headers={**AUTH, **(headers or {})})
+    return response, await treq.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_root_routes_reach_the_named_instance(http, two):
+    gw, plain, guarded = two
+    response, content = await call(http, gw, "POST", "/p/vllm/tokenize",
+                                   {"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": "Hello"})
+    assert response.code == 200 and jsonutil.loads(content)["count"] == 3
+    assert plain.requests[-1].path == b"/tokenize"  # the server root, though the base URL ends in /v1
+
+    response, content = await call(http, gw, "POST", "/p/vllm-test/detokenize?x=1&y=%2F", {"tokens": [1, 2]},
+                                   {"x-api-key": "client-key", "cookie": "c=1", "x-custom": "kept"})
+    assert response.code == 200
+    seen = guarded.requests[-1]
+    assert seen.uri == b"/detokenize?x=1&y=%2F"
+    assert seen.header(b"authorization") == "Bearer vllm-secret"
+    assert seen.header(b"x-api-key") is None and seen.header(b"cookie") is None
+    assert seen.header(b"x-custom") == "kept"
+    assert seen.header(b"x-request-id") == response.headers.getRawHeaders("x-request-id")[0]
+    assert plain.requests[-1].path == b"/tokenize"  # vllm-test's call did not go to vllm
+
+
+@pytest_twisted.ensureDeferred
+async def test_v1_routes_and_the_v1_alias(http, two):
+    gw, plain, guarded = two
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": "hi", "stream": True}
+    for path in ("/p/vllm-test/completions", "/p/vllm-test/v1/completions"):
+        response, content = await call(http, gw, "POST", path, body)
+        assert response.code == 200
+        assert guarded.requests[-1].path == b"/v1/completions"
+        assert content.endswith(b"data: [DONE]\n\n")
+        assert "stream_options" not in guarded.requests[-1].body  # passthrough is raw: nothing forced
+    response, content = await call(http, gw, "GET", "/p/vllm/version")
+    assert jsonutil.loads(content) == {"version": "0.32.0"}
+    response, content = await call(http, gw, "GET", "/p/vllm/metrics")
+    assert response.headers.getRawHeaders("content-type") == ["text/plain; version=0.0.4"]
+    assert b"vllm:num_requests_running" in content
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_errors_are_relayed_as_the_provider_sent_them(http, two):
+    gw, plain, guarded = two
+    response, content = await call(http, gw, "GET", "/p/vllm/nothing-here")
+    assert response.code == 404 and content == b'{"detail":"Not Found"}'
+    response, content = await call(http, gw, "POST", "/p/vllm/v1/completions",
+                                   {"model": "x", "fake_status": 400, "fake_body": '{"error":{"message":"m"}}'})
+    assert response.code == 400 and content == b'{"error":{"message":"m"}}'
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_routes_are_refused_unless_allowed(http, two):
+    gw, plain, guarded = two
+    before = len(plain.requests)
+    for path in ("/p/vllm/sleep", "/p/vllm/%73leep", "/p/vllm/v1/load_lora_adapter", "/p/vllm/collective_rpc/",
+                 "/p/vllm/SLEEP", "/p/vllm/scale_elastic_ep", "/p/vllm/inference/v1/abort_requests"):
+        response, content = await call(http, gw, "POST", path, {})
+        assert response.code == 403, path
+        assert jsonutil.loads(content)["error"]["type"] == "permission_error"
+    response, content = await call(http, gw, "POST", "/p/vllm/v1/../sleep", {})
+    assert response.code == 400
+    response, content = await call(http, gw, "POST", "/p/vllm//collective_rpc", {})
+    assert response.code == 404  # an empty first segment matches no route
+    assert len(plain.requests) == before
+    response, content = await call(http, gw, "POST", "/p/vllm/reset_prefix_cache", {})
+    assert response.code == 200 and plain.requests[-1].path == b"/reset_prefix_cache"
+
+
+@pytest_twisted.ensureDeferred
+async def test_passthrough_refusals(reactor, http, two):
+    gw, plain, guarded = two
+    response, content = await call(http, gw, "GET", "/p/nobody/version")
+    assert response.code == 404
+    response, content = await call(http, gw, "GET", "/p/vllm")
+    assert response.code == 400
+    response = await http.get(gw.url + "/p/vllm/version")
+    assert response.code == 401  # the gateway key is still needed
+    await treq.content(response)
+
+    off = await start_gateway(reactor, {"VLLM_BASE_URL": plain.base_url, "ENABLE_PASSTHROUGH_ROUTES": "false"})
+    only_openai = await start_gateway(reactor, {"VLLM_BASE_URL": plain.base_url,
+                                                "ENABLED_PASSTHROUGH_PROVIDERS": "openai"})
+    try:
+        response = await http.get(off.url + "/p/vllm/version")
+        assert response.code == 404
+        await treq.content(response)
+        response = await http.get(only_openai.url + "/p/vllm/version")
+        assert response.code == 403
+        await treq.content(response)
+    finally:
+        await off.service.stopService()
+        await only_openai.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_passthrough_is_a_502_envelope(reactor, http):
+    fake = await start_fake(reactor)
+    url = fake.base_url
+    await fake.stop()
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": url, "VLLM_MODELS": "m"})
+    try:
+        response = await http.get(gw.url + "/p/vllm/version")
+        content = await treq.content(response)
+        assert response.code == 502
+        assert jsonutil.loads(content)["error"]["code"] == "upstream_unreachable"
+        assert b"127.0.0.1" not in content
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_client_on_a_passthrough_stream(reactor, gateway, fake):
+    connections = track_connections(gateway)
+    body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True,
+                       "fake_flood": 64 * 1024 * 1024}).encode()
+    request = (b"POST /p/vllm/v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    client = await connect(reactor, gateway.port, request)
+    await client.wait_for(b"data: ")
+    client.transport.pauseProducing()
+    record = fake.requests[-1]
+    written = await settled(reactor, lambda: record.bytes_written)
+    assert record.pauses > 0 and written < 32 * 1024 * 1024
+    assert write_buffer(connections[0]._channel.transport) < 1024 * 1024
+    client.transport.abortConnection()
+    how, _ = await with_timeout(reactor, record.closed, 2)
+    assert how == "lost"

@@ -1,0 +1,214 @@
+"""The rest of the vLLM surface: embeddings, completions, rerank/score/classify, Responses."""
+
+import base64
+import json
+import struct
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+
+from gomodel import jsonutil
+from tests.rawclient import connect
+from tests.support import in_thread, start_fake, start_gateway, with_timeout
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def sdk_for(gateway):
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+
+
+async def post_json(http, url, body):
+    response = await http.post(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    return response, await treq.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_embeddings_float_and_base64_kept_as_sent(http, gateway, fake):
+    client = sdk_for(gateway)
+    try:
+        floats = await in_thread(client.embeddings.create, model=MODEL, input=["a", "b"], encoding_format="float")
+        assert [d.embedding for d in floats.data] == [[0.1, -0.25, 0.5]] * 2
+        assert fake.requests[-1].body == {"model": UPSTREAM, "input": ["a", "b"], "encoding_format": "float"}
+        decoded = await in_thread(client.embeddings.create, model=MODEL, input="a")  # the SDK asks for base64
+        assert decoded.data[0].embedding == [1.0, 2.0, 3.0]
+    finally:
+        client.close()
+    response, content = await post_json(http, gateway.url + "/v1/embeddings",
+                                        {"model": MODEL, "input": "a", "encoding_format": "base64"})
+    raw = jsonutil.loads(content)["data"][0]["embedding"]
+    assert raw == "AACAPwAAAEAAAEBA"
+    assert struct.unpack("<3f", base64.b64decode(raw)) == (1.0, 2.0, 3.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_legacy_completions_plain_and_streamed(gateway, fake):
+    client = sdk_for(gateway)
+    try:
+        plain = await in_thread(client.completions.create, model=MODEL, prompt="Hello", max_tokens=3,
+                                extra_body={"top_k": 3})
+        assert plain.choices[0].text == "héhéhé"
+        assert fake.requests[-1].path == b"/v1/completions"
+        assert fake.requests[-1].body["top_k"] == 3
+
+        def collect():
+            return list(client.completions.create(model=MODEL, prompt="Hello", stream=True))
+
+        chunks = await in_thread(collect)
+        assert "".join(c.choices[0].text for c in chunks) == "héhéhé"
+        assert all(c.usage is None for c in chunks)
+        assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
+    rerank = await start_fake(reactor, models=("BAAI/bge-reranker-base",))
+    gw = await start_gateway(reactor, {"VLLM_RERANK_BASE_URL": rerank.base_url})
+    try:
+        body = {"model": "vllm-rerank/BAAI/bge-reranker-base", "query": "q", "documents": ["a", "b", "c"],
+                "top_n": 2}
+        response, content = await post_json(http, gw.url + "/v1/rerank", body)
+        assert response.code == 200
+        assert [r["index"] for r in jsonutil.loads(content)["results"]] == [0, 1]
+        assert rerank.requests[-1].path == b"/v1/rerank"
+        assert rerank.requests[-1].body == dict(body, model="BAAI/bge-reranker-base")
+
+        response, content = await post_json(http, gw.url + "/v1/score", {
+            "model": "vllm-rerank/BAAI/bge-reranker-base", "text_1": "a", "text_2": "b"})
+        assert jsonutil.loads(content)["data"][0]["score"] == 0.75
+        assert rerank.requests[-1].path == b"/v1/score"
+
+        response, content = await post_json(http, gw.url + "/v1/classify", {
+            "model": "vllm-rerank/BAAI/bge-reranker-base", "input": ["x"]})
+        assert jsonutil.loads(content)["data"][0]["label"] == "LABEL_0"
+        assert rerank.requests[-1].path == b"/classify"  # vLLM serves it at the root
+
+        response, content = await post_json(http, gw.url + "/v1/rerank", {"model": "vllm-rerank/nope", "query": "q"})
+        assert response.code == 404
+    finally:
+        await gw.service.stopService()
+        await rerank.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_native_responses_plain_and_streamed(gateway, fake):
+    client = sdk_for(gateway)
+    try:
+        response = await in_thread(client.responses.create, model=MODEL, input="hi", max_output_tokens=3,
+                                   previous_response_id="resp_prev", store=True, background=False,
+                                   reasoning={"effort": "low"}, extra_body={"top_k": 2})
+        assert response.output_text == "héhéhé"
+        seen = fake.requests[-1]
+        assert seen.path == b"/v1/responses"
+        assert seen.body == {"model": UPSTREAM, "input": "hi", "max_output_tokens": 3,
+                             "previous_response_id": "resp_prev", "store": True, "background": False,
+                             "reasoning": {"effort": "low"}, "top_k": 2}
+
+        def stream():
+            with client.responses.stream(model=MODEL, input="hi") as events:
+                kinds = [e.type for e in events]
+                return kinds, events.get_final_response()
+
+        kinds, final = await in_thread(stream)
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert final.output_text == "héhéhé"
+        assert final.usage.input_tokens == 19
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_broken_native_responses_stream_is_reported(http, gateway):
+    from tests.rawclient import chat_request
+
+    request = chat_request({"model": MODEL, "input": "hi", "stream": True, "fake_die_after": 3})
+    request = request.replace(b"/v1/chat/completions", b"/v1/responses")
+    from twisted.internet import reactor
+
+    client = await connect(reactor, gateway.port, request)
+    await with_timeout(reactor, client.lost, 5)
+    assert b"response.content_part.added" in client.received
+    assert b"stream_incomplete" in client.received
+    assert not bytes(client.received).endswith(b"0\r\n\r\n")
+
+
+@pytest_twisted.async_yield_fixture()
+async def translating(reactor):
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    yield gw, fake
+    await gw.service.stopService()
+    await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_translated_to_chat_when_the_provider_has_none(translating):
+    gw, fake = translating
+    client = sdk_for(gw)
+    try:
+        response = await in_thread(
+            client.responses.create, model=MODEL, instructions="Be brief.",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                   {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                   {"type": "function_call_output", "call_id": "c1", "output": "42"}],
+            max_output_tokens=3, tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            tool_choice={"type": "function", "name": "f"}, extra_body={"top_k": 4})
+        assert response.output_text == "héhéhé"
+        assert response.status == "incomplete"  # the chat answer stopped at max tokens
+        assert response.usage.input_tokens == 18 and response.usage.output_tokens == 3
+        chat = fake.requests[-1]
+        assert chat.path == b"/v1/chat/completions"
+        assert chat.body["messages"] == [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+        assert chat.body["max_tokens"] == 3 and chat.body["top_k"] == 4
+        assert chat.body["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        assert chat.body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+        probes = [r for r in fake.requests if r.path == b"/v1/responses"]
+        assert len(probes) == 1
+
+        def stream():
+            with client.responses.stream(model=MODEL, input="hi") as events:
+                return [e.type for e in events], events.get_final_response()
+
+        kinds, final = await in_thread(stream)
+        assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta",
+                         "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+                         "response.content_part.done", "response.output_item.done", "response.completed"]
+        assert final.status == "incomplete" and final.output_text == "héhéhé"
+        assert len([r for r in fake.requests if r.path == b"/v1/responses"]) == 1  # remembered
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_translated_stream_completes_with_usage(translating, http):
+    gw, fake = translating
+    response, content = await post_json(http, gw.url + "/v1/responses",
+                                        {"model": MODEL, "input": "hi", "stream": True, "fake_chunks": 2})
+    events = [e for e in content.split(b"\n\n") if e.strip()]
+    payloads = [jsonutil.loads(e.split(b"data: ", 1)[1]) for e in events]
+    assert [p["sequence_number"] for p in payloads] == list(range(len(payloads)))
+    last = payloads[-1]
+    assert last["type"] == "response.completed" and last["response"]["status"] == "incomplete"
+    assert last["response"]["usage"]["output_tokens"] == 3
+    assert last["response"]["output"][0]["content"][0]["text"] == "héhé"
+    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_unknown_model_is_not_mistaken_for_a_missing_route(http, gateway, fake):
+    response, content = await post_json(http, gateway.url + "/v1/responses",
+                                        {"model": "vllm/other", "input": "hi"})
+    assert response.code == 404
+    with pytest.raises(Exception):
+        # No chat fallback happened for a real 404 from the upstream.
+        [r for r in fake.requests if r.path == b"/v1/chat/completions"][0]
