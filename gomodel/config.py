@@ -87,6 +87,10 @@ class Config:
     passthrough_enabled: bool = True
     passthrough_types: tuple = ("vllm", "openai", "openrouter", "ollama")
     passthrough_admin_allowed: tuple = ()  # vLLM admin routes let through /p/ anyway
+    data_dir: str = "./data"  # files and batches: the SQLite database and file contents
+    files_max_bytes: int = 512 * 1024 * 1024
+    batch_concurrency_per_provider: int = 4
+    batch_max_attempts: int = 4
     warnings: tuple = ()  # things worth telling the operator at start
 
 
@@ -122,7 +126,7 @@ def _positive_duration(value) -> float:
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
 
 
-def _size(value) -> int:
+def _size(value, maximum=1024**3) -> int:
     """Bytes from C{10485760}, C{"10M"}, C{"500KB"}, C{"1G"}."""
     if isinstance(value, bool):
         raise ValueError("not a size")
@@ -130,9 +134,21 @@ def _size(value) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError("not a size (use e.g. 10M, 500KB or a byte count)")
     size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-    if not 1024 <= size <= 1024**3:
-        raise ValueError("must be between 1KB and 1GB")
+    if not 1024 <= size <= maximum:
+        raise ValueError(f"must be between 1KB and {maximum // 1024**3}GB")
     return size
+
+
+def _file_size(value) -> int:
+    """Like L{_size}, up to 8 GB (uploads are streamed to disk, never held in memory)."""
+    return _size(value, 8 * 1024**3)
+
+
+def _directory(value) -> str:
+    path = str(value).strip()
+    if not path:
+        raise ValueError("must be a directory path")
+    return path
 
 
 def _port(value) -> int:
@@ -201,6 +217,10 @@ _SERVER_SETTINGS = {
     "passthrough_enabled": ("ENABLE_PASSTHROUGH_ROUTES", _bool),
     "passthrough_types": ("ENABLED_PASSTHROUGH_PROVIDERS", _provider_types),
     "passthrough_admin_allowed": ("PASSTHROUGH_ALLOWED_ADMIN_ROUTES", _names),
+    "data_dir": ("GOMODEL_DATA_DIR", _directory),
+    "files_max_bytes": ("FILES_MAX_BYTES", _file_size),
+    "batch_concurrency_per_provider": ("BATCH_CONCURRENCY_PER_PROVIDER", _count),
+    "batch_max_attempts": ("BATCH_MAX_ATTEMPTS", _count),
 }
 # GoModel's name for the refresh interval, accepted as well.
 _ENV_ALIASES = {"CACHE_REFRESH_INTERVAL": "models_refresh_interval"}
@@ -272,6 +292,11 @@ def load_config(
         passthrough_enabled=settings.get("passthrough_enabled", base.passthrough_enabled),
         passthrough_types=settings.get("passthrough_types", base.passthrough_types),
         passthrough_admin_allowed=settings.get("passthrough_admin_allowed", base.passthrough_admin_allowed),
+        data_dir=settings.get("data_dir", base.data_dir),
+        files_max_bytes=settings.get("files_max_bytes", base.files_max_bytes),
+        batch_concurrency_per_provider=settings.get("batch_concurrency_per_provider",
+                                                    base.batch_concurrency_per_provider),
+        batch_max_attempts=settings.get("batch_max_attempts", base.batch_max_attempts),
         warnings=tuple(warnings),
     )
 

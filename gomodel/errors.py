@@ -83,6 +83,22 @@ class RequestTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class Conflict(GatewayError):
+    """The object is not in a state that allows the request (a batch not finished, not cancellable)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class StorageUnavailable(GatewayError):
+    """The gateway's own store (files, batches) cannot be used."""
+
+    status = 503
+    type = "server_error"
+    code = "storage_unavailable"
+
+
 class InternalError(GatewayError):
     status = 500
     type = "server_error"

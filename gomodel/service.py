@@ -7,7 +7,7 @@ from twisted.logger import Logger
 
 from gomodel.api.app import GatewayApp
 from gomodel.api.site import GatewaySite
-from gomodel.httpclient import make_http_client, make_pool
+from gomodel.httpclient import make_agent, make_http_client, make_pool
 from gomodel.providers import build_provider
 from gomodel.registry import ModelRegistry
 
@@ -76,9 +76,10 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         pool = make_pool(reactor, config)
-        http = make_http_client(reactor, pool, config.timeouts.connect)
+        agent = make_agent(reactor, pool, config.timeouts.connect)
+        http = make_http_client(agent)
         PoolService(pool).setServiceParent(self)
-        providers = [build_provider(p, http, reactor, config.timeouts) for p in config.providers]
+        providers = [build_provider(p, agent, http, reactor, config.timeouts) for p in config.providers]
         self.registry = ModelRegistry(providers, reactor, mode=config.models_mode,
                                       refresh_interval=config.models_refresh_interval)
         self.registry.setServiceParent(self)

@@ -6,10 +6,9 @@ HOP_BY_HOP = frozenset((
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 ))
 
-# Never copied from an upstream answer: framing is ours (treq may have
-# decoded gzip), so are Date/Server and the request id; cookies stay upstream.
-_NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"content-length", b"content-encoding", b"server", b"date",
-                                   b"set-cookie", b"x-request-id"}
+# Never copied from an upstream answer: Date/Server and the request id are
+# ours, cookies stay upstream. Content-Length only where the bytes pass unchanged.
+_NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"x-request-id"}
 
 
 def connection_tokens(headers) -> set:
@@ -19,15 +18,19 @@ def connection_tokens(headers) -> set:
     return tokens
 
 
-def copy_response_headers(upstream_response, request):
-    """Copy the upstream's status and end-to-end headers onto C{request}."""
+def copy_response_headers(upstream_response, request, keep_length=False):
+    """Copy the upstream's status and end-to-end headers onto C{request}.
+
+    @param keep_length: keep the upstream's Content-Length (the body will be
+        relayed unchanged); otherwise our own framing applies.
+    """
     request.setResponseCode(upstream_response.code)
     headers = upstream_response.headers
     named = connection_tokens(headers)
     target = request.responseHeaders
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
-        if lower in _NOT_FROM_UPSTREAM or lower in named:
+        if lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length):
             continue
         target.setRawHeaders(name, values)
 

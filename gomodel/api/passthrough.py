@@ -56,7 +56,8 @@ class Passthrough:
         body = request.content.read() or None
         upstream = await provider.send_url(request.method.decode("ascii"), url, body, request.request_id,
                                            _upstream_headers(request), content_type=None)
-        return await self._forwarder.relay_stream(request, upstream, error_event=is_event_stream(upstream))
+        return await self._forwarder.relay_stream(request, upstream, error_event=is_event_stream(upstream),
+                                                  keep_length=True)
 
     def _endpoint(self, request, provider_name):
         """The canonical endpoint path after C{/p/{provider}/}; refuses traversal and admin routes."""

@@ -87,15 +87,16 @@ class Forwarder:
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
 
-    async def relay_stream(self, request, upstream, observer=None, error_event=True):
+    async def relay_stream(self, request, upstream, observer=None, error_event=True, keep_length=False):
         """Relay an upstream body with flow control as it comes; return None when done.
 
         A stream that breaks after its headers went out is never made to look
         finished: the client gets an in-band SSE error event (unless
         C{error_event} is false: not an event stream), then a connection
-        closed without the body's end.
+        closed without the body's end. C{keep_length} keeps the upstream's
+        Content-Length (the bytes pass unchanged).
         """
-        copy_response_headers(upstream, request)
+        copy_response_headers(upstream, request, keep_length)
         if is_event_stream(upstream):
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")  # no buffering in a proxy in front of us

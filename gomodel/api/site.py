@@ -1,8 +1,8 @@
 """The listening side: a Site whose requests enforce the body size limit while they read."""
 
 import io
+import os
 import re
-import uuid
 
 from twisted.logger import Logger
 from twisted.web import server
@@ -26,6 +26,13 @@ class GatewayRequest(server.Request):
     body_limit = 10 * 1024 * 1024
     too_large = False
     _received = 0
+    # Form decoding is never needed here; it costs a MIME parse per POST and
+    # would read a whole multipart body into memory.
+    _parsePOSTFormSubmission = False
+    # upload_sink(request, length) -> a sink for the body, or None: uploads
+    # (POST /v1/files) are parsed while they arrive instead of being buffered.
+    upload_sink = None
+    streamed = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -35,6 +42,14 @@ class GatewayRequest(server.Request):
         self.usage = None
 
     def gotLength(self, length):
+        # Only the request line and headers are known here: self.method and
+        # self.uri are set later, the channel holds the request line meanwhile.
+        sink = self.upload_sink(self, length) if self.upload_sink is not None else None
+        if sink is not None:
+            self.streamed = True
+            self._parsePOSTFormSubmission = False  # never read the form into memory
+            self.content = sink
+            return
         if length is not None and length > self.body_limit:
             self.too_large = True
             self.content = _Discard()
@@ -42,6 +57,9 @@ class GatewayRequest(server.Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data):
+        if self.streamed:
+            self.content.write(data)  # the sink applies its own limit
+            return
         if self.too_large:
             return
         self._received += len(data)
@@ -56,8 +74,9 @@ class GatewayRequest(server.Request):
 class GatewaySite(server.Site):
     """Site for the gateway: our request class, and our own structured access log."""
 
-    def __init__(self, resource, body_limit, **kwargs):
-        request_class = type("GatewayRequest", (GatewayRequest,), {"body_limit": body_limit})
+    def __init__(self, resource, body_limit, upload_sink=None, **kwargs):
+        request_class = type("GatewayRequest", (GatewayRequest,), {
+            "body_limit": body_limit, "upload_sink": staticmethod(upload_sink) if upload_sink else None})
         super().__init__(resource, requestFactory=request_class, **kwargs)
 
     def log(self, request):
@@ -74,7 +93,7 @@ def request_id_for(request) -> bytes:
         given = given.encode("latin-1") if isinstance(given, str) else given
         if _REQUEST_ID.fullmatch(given):
             return given
-    return uuid.uuid4().hex.encode("ascii")
+    return os.urandom(16).hex().encode("ascii")
 
 
 access_log = Logger(namespace="gomodel.access")

@@ -9,7 +9,7 @@ from zope.interface import implementer
 
 from gomodel import jsonutil
 from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
-from gomodel.httpclient import BodyTooLarge, deadline, read_body, was_cancelled
+from gomodel.httpclient import BodyTooLarge, BytesProducer, deadline, read_body, was_cancelled
 from gomodel.providers.base import IProvider
 from gomodel.upstream_errors import upstream_error
 
@@ -27,11 +27,12 @@ class OpenAICompatibleProvider:
 
     log = Logger()
 
-    def __init__(self, config, http, clock, timeouts):
+    def __init__(self, config, agent, http, clock, timeouts):
         self.config = config
         self.name = config.name
         self.type = config.type
-        self._http = http
+        self._agent = agent  # relayed requests
+        self._http = http  # our own calls (model discovery)
         self._clock = clock
         self._timeouts = timeouts
         self.hidden = tuple(h for h in (config.base_url, config.root_url, config.host) if h)
@@ -59,9 +60,10 @@ class OpenAICompatibleProvider:
         return Deferred.fromCoroutine(self._send(method, url, body, self.headers(request_id, headers, content_type)))
 
     async def _send(self, method, url, body, headers):
+        url = url.encode("ascii") if isinstance(url, str) else url
+        method = method.encode("ascii") if isinstance(method, str) else method
         for attempt in (1, 2):
-            d = self._http.request(method, url, data=body, headers=headers,
-                                   unbuffered=True, allow_redirects=False)
+            d = self._agent.request(method, url, headers, BytesProducer(body) if body is not None else None)
             try:
                 return await deadline(d, self._timeouts.response_header, self._clock)
             except _TIMEOUTS:

@@ -1,0 +1,170 @@
+"""C{/v1/files}: OpenAI's Files API, stored by the gateway itself (vLLM has none).
+
+Uploads are parsed while they arrive (L{gomodel.api.uploads}): the file part
+goes straight to the store's spool directory, so a 512 MB upload never sits
+in memory. Contents are sent back from disk at the pace the client reads.
+"""
+
+from klein import Klein
+
+from gomodel import jsonutil
+from gomodel.api.errorhandlers import install as install_error_handlers
+from gomodel.api.producers import send_file
+from gomodel.api.uploads import UploadSink
+from gomodel.errors import InvalidRequest, NotFound
+
+# What a client may upload (OpenAI's list); "batch_output" is ours to write.
+UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "user_data", "vision", "evals")
+LIST_LIMIT_MAX = 10000
+BUFFERED_CHUNK = 64 * 1024
+_UPLOAD_PATHS = (b"/v1/files", b"/v1/files/")
+
+
+def file_object(record) -> dict:
+    """The OpenAI file object for a store record."""
+    return {"id": record["id"], "object": "file", "bytes": record["bytes"], "created_at": record["created_at"],
+            "filename": record["filename"], "purpose": record["purpose"], "status": record["status"],
+            "expires_at": record["expires_at"], "status_details": None}
+
+
+class FilesAPI:
+    """The routes under C{/v1/files}, mounted by L{gomodel.api.app.GatewayApp}."""
+
+    app = Klein()
+    app.url_map.strict_slashes = False
+
+    def __init__(self, store, max_bytes: int):
+        self._store = store
+        self._max_bytes = max_bytes
+
+    # -- the listening side's hook ------------------------------------------------
+
+    def upload_sink(self, request, length):
+        """For L{gomodel.api.site.GatewaySite}: an L{UploadSink} for C{POST /v1/files}, else None.
+
+        Called when the request's headers are in; the body has not been read.
+        """
+        channel = request.channel
+        if getattr(channel, "_command", None) != b"POST":
+            return None
+        if getattr(channel, "_path", b"").split(b"?", 1)[0] not in _UPLOAD_PATHS:
+            return None
+        sink = self._new_sink(request, length)
+        # However the request ends (answered, refused, client gone mid-upload),
+        # a spooled file that was not stored is removed.
+        request.notifyFinish().addBoth(lambda _: sink.discard())
+        return sink
+
+    def _new_sink(self, request, length):
+        return UploadSink(self._store.spool_dir, self._max_bytes,
+                          request.getHeader(b"content-type"), length)
+
+    def _sink_for(self, request):
+        content = request.content
+        if isinstance(content, UploadSink):
+            return content
+        # Served without GatewaySite's streaming (in-memory tests, another
+        # site): the body is already buffered, within BODY_SIZE_LIMIT.
+        sink = self._new_sink(request, None)
+        content.seek(0)
+        while True:
+            chunk = content.read(BUFFERED_CHUNK)
+            if not chunk:
+                break
+            sink.write(chunk)
+        return sink
+
+    # -- routes ----------------------------------------------------------------
+
+    @app.route("/", methods=["POST"])
+    async def upload(self, request):
+        sink = self._sink_for(request)
+        try:
+            sink.finish()
+            purpose = sink.fields.get("purpose")
+            if not purpose:
+                raise InvalidRequest("The upload needs a 'purpose' field (e.g. 'batch').", param="purpose",
+                                     code="missing_required_parameter")
+            if purpose not in UPLOAD_PURPOSES:
+                raise InvalidRequest(f"'{purpose}' is not a valid purpose; use one of: {', '.join(UPLOAD_PURPOSES)}.",
+                                     param="purpose", code="invalid_value")
+            record = await self._store.add_file(sink.take(), sink.filename, purpose)
+        finally:
+            sink.discard()
+        return _json(request, file_object(record))
+
+    @app.route("/", methods=["GET"])
+    async def list_files(self, request):
+        purpose = _arg(request, b"purpose")
+        order = _arg(request, b"order") or "desc"
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("'order' must be 'asc' or 'desc'.", param="order", code="invalid_value")
+        limit = _limit(request, LIST_LIMIT_MAX, LIST_LIMIT_MAX)
+        records, has_more = await self._store.list_files(purpose=purpose, after=_arg(request, b"after"),
+                                                         limit=limit, order=order)
+        return _json(request, page([file_object(r) for r in records], has_more))
+
+    @app.route("/<file_id>", methods=["GET"])
+    async def retrieve(self, request, file_id):
+        record = await self._store.get_file(file_id)
+        if record is None:
+            raise _no_file(file_id)
+        return _json(request, file_object(record))
+
+    @app.route("/<file_id>", methods=["DELETE"])
+    async def delete(self, request, file_id):
+        if not await self._store.delete_file(file_id):
+            raise _no_file(file_id)
+        return _json(request, {"id": file_id, "object": "file", "deleted": True})
+
+    @app.route("/<file_id>/content", methods=["GET"])
+    async def content(self, request, file_id):
+        opened = await self._store.open_file(file_id)
+        if opened is None:
+            raise _no_file(file_id)
+        handle, size = opened
+        request.setHeader(b"content-type", b"application/octet-stream")
+        return await send_file(request, handle, size)
+
+    install_error_handlers(app)
+
+
+def _no_file(file_id):
+    return NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
+
+
+def page(data, has_more) -> dict:
+    """An OpenAI list page."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def _arg(request, name):
+    values = request.args.get(name)
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8") or None
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"'{name.decode()}' is not valid UTF-8.", param=name.decode()) from None
+
+
+def _limit(request, default, maximum):
+    text = _arg(request, b"limit")
+    if text is None:
+        return default
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= maximum:
+        raise InvalidRequest(f"'limit' must be an integer between 1 and {maximum}.", param="limit",
+                             code="invalid_value")
+    return limit
+
+
+def _json(request, value) -> bytes:
+    body = jsonutil.dumps(value)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body

@@ -1,0 +1,82 @@
+"""What a batch input line must be: pure checks, no I/O."""
+
+from typing import NamedTuple, Optional
+
+from gomodel import jsonutil
+from gomodel.config import _positive_duration
+
+# Endpoints a batch may target (OpenAI's, plus vLLM's rerank and score).
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses", "/v1/rerank",
+             "/v1/score")
+MAX_WINDOW = 30 * 24 * 3600.0
+MAX_METADATA = 16
+
+
+class LineError(NamedTuple):
+    """One problem of the input file, as it appears in the batch's C{errors.data}."""
+
+    code: str
+    message: str
+    param: Optional[str]
+    line: Optional[int]
+
+    def as_dict(self):
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+class Request(NamedTuple):
+    custom_id: str
+    model: str
+    body: bytes  # the line's body, serialised again (every field kept)
+
+
+def check_line(raw, number: int, endpoint: str):
+    """A L{Request} for one input line (1-based C{number}), or a L{LineError}."""
+    if raw is None:
+        return LineError("line_too_long", "The line is too long.", None, number)
+    try:
+        item = jsonutil.loads(raw)
+    except jsonutil.JSONError:
+        return LineError("invalid_json_line", "The line is not valid JSON.", None, number)
+    if not isinstance(item, dict):
+        return LineError("invalid_json_line", "The line must be a JSON object.", None, number)
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return LineError("missing_custom_id", "Each line needs a non-empty string 'custom_id'.", "custom_id", number)
+    if item.get("method") != "POST":
+        return LineError("invalid_method", "The 'method' of each line must be 'POST'.", "method", number)
+    url = item.get("url")
+    if url != endpoint:
+        return LineError("mismatched_endpoint",
+                         f"The 'url' of each line must be the batch's endpoint '{endpoint}' (got {url!r}).",
+                         "url", number)
+    body = item.get("body")
+    if not isinstance(body, dict):
+        return LineError("invalid_body", "The 'body' of each line must be a JSON object.", "body", number)
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        return LineError("missing_model", "The 'body' of each line needs a 'model'.", "body.model", number)
+    if body.get("stream") not in (None, False):
+        return LineError("streaming_unsupported", "Batch requests cannot stream: remove 'stream'.",
+                         "body.stream", number)
+    return Request(custom_id, model, jsonutil.dumps(body))
+
+
+def completion_window(value) -> float:
+    """Seconds for C{"24h"} (OpenAI's only value) or, as our extension, any duration such as C{"1h"}."""
+    if not isinstance(value, str):
+        raise ValueError("must be a duration string such as '24h'")
+    seconds = _positive_duration(value)
+    if seconds < 1 or seconds > MAX_WINDOW:
+        raise ValueError("must be between 1s and 30 days")
+    return seconds
+
+
+def check_metadata(value):
+    """OpenAI's metadata: up to 16 string pairs (keys up to 64 characters, values up to 512)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items()):
+        raise ValueError("must be an object of at most 16 string pairs (keys up to 64 characters, values up to 512)")
+    return value
