@@ -43,6 +43,14 @@ async def start_fake(reactor, **kwargs) -> FakeVLLM:
     return await FakeVLLM(reactor, **kwargs).start()
 
 
+async def dead_base_url(reactor) -> str:
+    """A loopback base URL where nothing listens any more (connections are refused)."""
+    fake = await start_fake(reactor)
+    url = fake.base_url
+    await fake.stop()
+    return url
+
+
 def with_timeout(reactor, d: Deferred, seconds: float) -> Deferred:
     d.addTimeout(seconds, reactor)
     return d

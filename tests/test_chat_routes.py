@@ -6,7 +6,7 @@ import pytest_twisted
 import treq
 
 from gomodel import jsonutil
-from tests.support import start_fake, start_gateway
+from tests.support import dead_base_url, start_fake, start_gateway
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 
@@ -199,10 +199,8 @@ async def test_upstream_errors_keep_status_and_get_the_envelope(http, gateway, f
 
 @pytest_twisted.ensureDeferred
 async def test_unreachable_upstream_is_502_without_its_address(reactor, http):
-    fake = await start_fake(reactor)
-    url = fake.base_url
-    await fake.stop()
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": url, "VLLM_MODELS": "meta-llama/Llama-3.1-8B-Instruct"})
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": await dead_base_url(reactor),
+                                       "VLLM_MODELS": "meta-llama/Llama-3.1-8B-Instruct"})
     try:
         response, content = await post(http, gw, {"model": MODEL, "messages": []})
         assert response.code == 502

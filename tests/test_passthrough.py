@@ -7,7 +7,8 @@ import treq
 
 from gomodel import jsonutil
 from tests.rawclient import connect
-from tests.support import settled, start_fake, start_gateway, track_connections, with_timeout, write_buffer
+from tests.support import (dead_base_url, settled, start_fake, start_gateway, track_connections, with_timeout,
+                           write_buffer)
 
 
 @pytest_twisted.async_yield_fixture()
@@ -127,10 +128,7 @@ async def test_passthrough_refusals(reactor, http, two):
 
 @pytest_twisted.ensureDeferred
 async def test_unreachable_passthrough_is_a_502_envelope(reactor, http):
-    fake = await start_fake(reactor)
-    url = fake.base_url
-    await fake.stop()
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": url, "VLLM_MODELS": "m"})
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": await dead_base_url(reactor), "VLLM_MODELS": "m"})
     try:
         response = await http.get(gw.url + "/p/vllm/version")
         content = await treq.content(response)
