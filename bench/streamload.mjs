@@ -45,7 +45,7 @@ let phase = 'warmup';
 let ws = 0, we = 0;
 let inflight = 0;
 const lat = [], ttft = [];
-let ok = 0, errors = 0, errorsOutside = 0, contentEvents = 0;
+let ok = 0, errors = 0, errorsOutside = 0, contentEvents = 0, doneMarkers = 0, noEventLines = 0;
 const samples = [];
 
 function fail(st, msg) { if (!st.err) st.err = msg; }
@@ -63,7 +63,7 @@ function onEvent(st, ev) {
   }
   if (!hasData) return;
   st.events++;
-  if (st.terminal) { fail(st, 'event after the end of the stream: ' + data.slice(0, 80)); return; }
+  if (st.terminal && !(kind === 'responses' && data === '[DONE]' && !st.doneMarker)) { fail(st, 'event after the end of the stream: ' + data.slice(0, 80)); return; }
   if (kind === 'chat') {
     if (data === '[DONE]') { st.terminal = true; return; }
     let o;
@@ -83,7 +83,11 @@ function onEvent(st, ev) {
     if (o.usage && o.usage.completion_tokens > 0) st.usage = true;
     return;
   }
-  // Responses: typed events, no [DONE]
+  // Responses: typed events and no [DONE] (vLLM and OpenAI). A trailing
+  // [DONE] or data-only events (no `event:` line) are tolerated, as the
+  // OpenAI SDK tolerates them, but counted and reported.
+  if (data === '[DONE]') { st.doneMarker = true; st.terminal = true; return; }
+  if (!name) st.noEventLine = true;
   let o;
   try { o = JSON.parse(data); } catch (e) { fail(st, 'bad JSON in event: ' + data.slice(0, 80)); return; }
   const type = name || o.type;
@@ -95,6 +99,7 @@ function onEvent(st, ev) {
     st.created = true;
   } else if (type === 'response.completed') {
     st.terminal = true;
+    st.completed = true;
     const r = o.response || {};
     st.usage = !!(r.usage && r.usage.output_tokens > 0);
     st.finish = r.status === 'completed';
@@ -127,7 +132,7 @@ function check(st) {
   } else {
     if (!st.created) return fail(st, 'no response.created');
     if (st.text !== expectText) return fail(st, 'delta text mismatch: got ' + JSON.stringify(st.text.slice(0, 120)));
-    if (!st.terminal) return fail(st, 'no response.completed');
+    if (!st.completed) return fail(st, 'no response.completed');
     if (!st.finish) return fail(st, 'response.completed status is not completed');
     if (!st.usage) return fail(st, 'no usage in response.completed');
     if (st.finalText !== expectText) return fail(st, 'response.completed text mismatch');
@@ -149,15 +154,19 @@ function done(st) {
     lat.push(t1 - st.t0);
     ttft.push(st.ttft);
     contentEvents += st.content;
+    if (st.doneMarker) doneMarkers++;
+    if (st.noEventLine) noEventLines++;
   }
   if (phase === 'drain') { if (inflight === 0) finish(); return; }
   if (st.err) setTimeout(one, 1); else one();
 }
 
+let issued = 0;
 function one() {
-  if (phase === 'drain') return;
+  if (phase === 'drain' || (cfg.once && issued > 0)) return;
+  issued++;
   inflight++;
-  const st = { t0: performance.now(), ttft: -1, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, created: false, finalText: null, err: null, pending: '', finished: false };
+  const st = { t0: performance.now(), ttft: -1, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, completed: false, doneMarker: false, noEventLine: false, created: false, finalText: null, err: null, pending: '', finished: false };
   const req = http.request(reqOpts, (res) => {
     res.setEncoding('utf8');
     if (res.statusCode !== 200) {
@@ -199,10 +208,20 @@ function finish() {
     ttft_p50_ms: r3(pct(T, 50)), ttft_p95_ms: r3(pct(T, 95)), ttft_p99_ms: r3(pct(T, 99)),
     content_events_mean: ok ? r3(contentEvents / ok) : null,
     unfinished_at_end: inflight, error_samples: samples,
+    responses_done_marker: doneMarkers, responses_without_event_lines: noEventLines,
   };
   process.stdout.write('STREAMJSON ' + JSON.stringify(out) + '\n', () => process.exit(0));
 }
 
+if (cfg.once) {
+  // one request, checked, reported (the harness's pre-flight)
+  phase = 'window';
+  ws = performance.now();
+  one();
+  const poll = setInterval(() => {
+    if (inflight === 0) { clearInterval(poll); we = performance.now(); phase = 'drain'; finish(); }
+  }, 5);
+} else {
 for (let i = 0; i < conc; i++) one();
 setTimeout(() => {
   phase = 'window';
@@ -218,3 +237,4 @@ setTimeout(() => {
     setTimeout(() => { agent.destroy(); finish(); }, Math.min(timeoutMs, 5000)).unref();
   }, durationMs);
 }, warmupMs);
+}

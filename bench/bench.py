@@ -1,0 +1,404 @@
+#!/usr/bin/env python3
+"""gomodel overhead benchmark: what a gateway adds between client and model.
+
+Runs a vLLM-shaped mock upstream, then for every target (direct, gomodel,
+litellm, portkey), workload and concurrency a fixed measurement window after
+a warm-up, and writes bench/results/<date>[-tag].md and .jsonl.
+See bench/README.md. Usually started as `bash bench/run.sh [options]`.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import proc, report  # noqa: E402
+from harness.targets import BENCH_DIR, TARGETS  # noqa: E402
+from harness.workloads import WORKLOADS, measure, preflight  # noqa: E402
+
+ALL_TARGETS = ["direct", "gomodel", "litellm", "portkey"]
+ALL_WORKLOADS = list(WORKLOADS)
+
+
+def csv(s):
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="bench/run.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", type=csv, default=ALL_TARGETS, help="comma list (default: %(default)s)")
+    p.add_argument("--workloads", type=csv, default=ALL_WORKLOADS, help="comma list (default: all)")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in csv(s)], default=[1, 8, 64],
+                   help="comma list (default: 1,8,64)")
+    p.add_argument("--duration", type=int, default=None, help="measurement window, s (default 10; quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up before each window, s (default 3; quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per cell (default 1)")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="extra runs of a cell while every run so far was noisy (default 2; quick 0)")
+    p.add_argument("--noise-threshold", type=float, default=0.10,
+                   help="share of a core used by other processes that makes a run noisy (default 0.10)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 s warm-up, 2 s windows, no retries")
+    p.add_argument("--soak", type=int, default=0, metavar="SECONDS",
+                   help="instead of the matrix: chat at --soak-concurrency for SECONDS per gateway, RSS sampled")
+    p.add_argument("--soak-concurrency", type=int, default=64)
+    p.add_argument("--soak-sample", type=float, default=5.0, help="RSS sample period in the soak, s")
+    p.add_argument("--gateway-cpus", default="0", help="CPUs for the gateway under test (taskset list)")
+    p.add_argument("--load-cpus", default="1", help="CPUs for mock, load generator and harness")
+    p.add_argument("--gomodel-workers", type=int, default=1,
+                   help="gomodel processes (passes --workers N; give --gateway-cpus N CPUs)")
+    p.add_argument("--gomodel-cmd", default=None,
+                   help="gomodel command template; {twistd} {python} {port} {workers} {mock} are filled in "
+                        "(env GOMODEL_CMD; default: %s)" % TARGETS["gomodel"].DEFAULT_CMD.replace("%", "%%"))
+    p.add_argument("--gomodel-python", default=None, help="Python env with gomodel (env GOMODEL_PYTHON; "
+                                                          "default: the one running the bench)")
+    p.add_argument("--reinstall-gomodel", action="store_true", help="pip install -e the repo again")
+    p.add_argument("--litellm-venv", default="/tmp/bench-litellm-venv")
+    p.add_argument("--litellm-spec", default=os.environ.get("LITELLM_SPEC", "litellm[proxy]"),
+                   help="pip requirement for LiteLLM (env LITELLM_SPEC)")
+    p.add_argument("--litellm-provider", default="openai", choices=["openai", "hosted_vllm"],
+                   help="LiteLLM provider prefix for the mock (default openai: native /v1/responses)")
+    p.add_argument("--litellm-args", default="", help="extra arguments for the litellm CLI, e.g. '--run_granian'")
+    p.add_argument("--portkey-dir", default="/tmp/bench-portkey")
+    p.add_argument("--portkey-version", default=os.environ.get("PORTKEY_VERSION", "1.15.2"))
+    p.add_argument("--hono-node-server", default="1.13.8",
+                   help="@hono/node-server pinned under Portkey (>=1.14 breaks its streams)")
+    p.add_argument("--no-auth", action="store_true", help="run gateways without a master key")
+    p.add_argument("--no-install", action="store_true", help="install nothing; skip what is missing")
+    p.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"))
+    p.add_argument("--tag", default="", help="suffix of the report name: <date>-<tag>.md")
+    a = p.parse_args(argv)
+    for t in a.targets:
+        if t not in TARGETS:
+            p.error("unknown target %r (known: %s)" % (t, ", ".join(TARGETS)))
+    for wl in a.workloads:
+        if wl not in WORKLOADS:
+            p.error("unknown workload %r (known: %s)" % (wl, ", ".join(WORKLOADS)))
+    a.duration = a.duration if a.duration is not None else (2 if a.quick else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
+    a.repeats = a.repeats if a.repeats is not None else 1
+    a.max_retries = a.max_retries if a.max_retries is not None else (0 if a.quick else 2)
+    if a.duration < 1:
+        p.error("--duration must be at least 1 s")
+    # direct first: every gateway cell is compared with it
+    a.targets = sorted(dict.fromkeys(a.targets), key=lambda t: ALL_TARGETS.index(t) if t in ALL_TARGETS else 99)
+    return a
+
+
+class Ctx:
+    pass
+
+
+def log(msg):
+    print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:
+        return "?"
+
+
+def ensure_tools(args):
+    missing = [t for t in ("wrk", "taskset", "node") if shutil.which(t) is None]
+    if "wrk" in missing and not args.no_install:
+        log("installing wrk (apt)")
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False)
+    missing = [t for t in ("wrk", "taskset", "node") if shutil.which(t) is None]
+    if missing:
+        sys.exit("missing tools: %s (wrk: apt-get install wrk; taskset: util-linux; node: Node.js 18+)"
+                 % ", ".join(missing))
+
+
+def machine():
+    model = "?"
+    hyper = False
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and model == "?":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and " hypervisor" in line:
+                hyper = True
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) / 2 ** 20
+    osname = "?"
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    osname = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    wrk = sh(["wrk", "-v"]).splitlines()
+    return {"cpu_model": model, "cpus": os.cpu_count(), "hypervisor": hyper, "mem_gib": round(mem, 1),
+            "kernel": platform.release(), "os": osname, "python": platform.python_version(),
+            "node": sh(["node", "--version"]), "wrk": (wrk[0].split()[1] if wrk and len(wrk[0].split()) > 1 else "?")}
+
+
+def background(ctx, seconds=2.0):
+    """Per-core busy share while nothing of ours is working: the machine's background load."""
+    a = proc.cpu_stat()
+    time.sleep(seconds)
+    b = proc.cpu_stat()
+    tick = seconds * proc.CLK_TCK
+
+    def share(cpus, idx=None):
+        tot = 0
+        for c in cpus:
+            d = [y - x for x, y in zip(a.get(c, [0] * 8), b.get(c, [0] * 8))]
+            tot += d[idx] if idx is not None else proc.busy(d)
+        return round(min(1.0, tot / (tick * len(cpus))), 3)
+    return {"seconds": seconds, "gw_core_busy": share(ctx.gateway_cpu_list), "load_core_busy": share(ctx.load_cpu_list),
+            "steal": share(ctx.gateway_cpu_list + ctx.load_cpu_list, 7)}
+
+
+def start_mock(ctx):
+    path = os.path.join(BENCH_DIR, "mock", "mock.mjs")
+    logf = open(os.path.join(ctx.run_dir, "mock.log"), "w")
+    p = subprocess.Popen(["taskset", "-c", ctx.load_cpus, "node", path, "--port", "0"], stdout=subprocess.PIPE,
+                         stderr=logf, text=True, start_new_session=True)
+    line = p.stdout.readline()
+    if not line.startswith("LISTENING "):
+        proc.stop_tree(p)
+        sys.exit("mock did not start: %r (see %s)" % (line, logf.name))
+    ctx.mock_proc = p
+    ctx.mock_pid = p.pid
+    ctx.mock_port = int(line.split()[1])
+    ctx.mock_url = "http://127.0.0.1:%d" % ctx.mock_port
+
+
+def pick(runs):
+    """The median run by req/s, among quiet runs when there are any."""
+    quiet = [r for r in runs if not r["noisy"]]
+    pool = quiet or runs
+    order = sorted(pool, key=lambda r: r["rps"])
+    return order[(len(order) - 1) // 2]
+
+
+def run_cell(ctx, target, wl, conc):
+    a = ctx.args
+    runs = []
+    for i in range(a.repeats + a.max_retries):
+        if i >= a.repeats and any(not r["noisy"] for r in runs):
+            break
+        r = measure(ctx, target, wl, conc, a.warmup, a.duration)
+        r.update({"type": "cell", "run_id": ctx.run_id, "target": target.name, "workload": wl.name,
+                  "concurrency": conc, "run": i + 1, "status": "ok", "chosen": False})
+        nz = r["noise"]
+        f = lambda v, fmt: "-" if v is None else fmt % v  # noqa: E731
+        log("%-8s %-16s c=%-3d %8.1f req/s  p50 %s ms  p99 %s ms%s  err %d  gwCPU %s s/1k  RSS %s MiB  "
+            "noise %.0f/%.0f%%%s%s" % (
+                target.name, wl.name, conc, r["rps"] or 0, f(r["lat_p50_ms"], "%7.2f"), f(r["lat_p99_ms"], "%7.2f"),
+                ("  ttft %s ms" % f(r["ttft_p50_ms"], "%.2f")) if wl.runner == "stream" else "",
+                r["errors"], f(r["gw_cpu_s_per_1k"], "%.3f"), f(r["gw_peak_rss_mib"], "%.0f"),
+                100 * nz["gw_core_foreign"], 100 * nz["load_core_foreign"], " NOISY" if r["noisy"] else "",
+                " LOAD-BOUND" if r["load_bound"] and target.root_pid else ""))
+        runs.append(r)
+    pick(runs)["chosen"] = True
+    return runs
+
+
+def run_soak(ctx, target):
+    """Chat at high concurrency for --soak seconds; RSS sampled every --soak-sample s."""
+    from harness.workloads import run_wrk, WORKLOADS as W
+    a = ctx.args
+    wl = W["chat"]
+    err = preflight(ctx, target, wl)
+    if err:
+        return {"type": "soak", "target": target.name, "status": "failed", "error": err}
+    sampler = proc.RssSampler(target.root_pid, interval=a.soak_sample, keep_series=True) if target.root_pid else None
+    if sampler:
+        sampler.start()
+    t0 = time.monotonic()
+    res = run_wrk(ctx, target, wl, a.soak_concurrency, a.warmup, a.soak, lambda _: None, lambda _: None)
+    series = sampler.series if sampler else []
+    if sampler:
+        sampler.stop()
+    mib = [(t, v / 2 ** 20) for t, v in series]
+    # Skip the warm-up. Heaps and pools grow for a while after that (JIT, free
+    # lists, connection pools), so the baseline is the median of the second
+    # tenth of the soak, the end the median of the last tenth, and the slope
+    # is fitted over the second half.
+    body = [(t, v) for t, v in mib if t >= a.warmup] or mib
+    k = max(1, len(body) // 10)
+    base = body[k:2 * k] or body[:k]
+    start = statistics.median(v for _, v in base) if body else 0
+    end = statistics.median(v for _, v in body[-k:]) if body else 0
+    slope = 0.0
+    half = body[len(body) // 2:]
+    if len(half) >= 3:
+        xs = [t for t, _ in half]
+        ys = [v for _, v in half]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        den = sum((x - mx) ** 2 for x in xs) or 1
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den * 3600
+    growth = end - start
+    step = max(1, len(mib) // 30)
+    return {
+        "type": "soak", "run_id": ctx.run_id, "target": target.name, "status": "ok", "seconds": a.soak,
+        "concurrency": a.soak_concurrency, "rps": res["rps"], "lat_p50_ms": res["lat_p50_ms"],
+        "lat_p99_ms": res["lat_p99_ms"], "errors": res["errors"], "requests": res["requests"],
+        "rss_start_mib": round(start, 1), "rss_end_mib": round(end, 1),
+        "rss_max_mib": round(max((v for _, v in mib), default=0), 1), "rss_growth_mib": round(growth, 1),
+        "rss_slope_mib_per_h": round(slope, 1),
+        "flat": growth <= max(8.0, 0.05 * start),
+        "rss_points": [(round(t), round(v, 1)) for t, v in mib[::step]],
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
+
+
+def main(argv):
+    a = parse_args(argv)
+    ctx = Ctx()
+    ctx.args = a
+    ctx.gateway_cpus, ctx.load_cpus = a.gateway_cpus, a.load_cpus
+    ctx.gateway_cpu_list, ctx.load_cpu_list = proc.parse_cpus(a.gateway_cpus), proc.parse_cpus(a.load_cpus)
+    avail = os.sched_getaffinity(0)
+    for c in ctx.gateway_cpu_list + ctx.load_cpu_list:
+        if c not in avail:
+            sys.exit("CPU %d is not available here (have %s); set --gateway-cpus/--load-cpus" % (c, sorted(avail)))
+    if set(ctx.gateway_cpu_list) & set(ctx.load_cpu_list):
+        log("warning: gateway and load CPUs overlap; the figures will mix both")
+    if a.gomodel_workers > len(ctx.gateway_cpu_list):
+        log("warning: %d gomodel workers on %d gateway CPU(s)" % (a.gomodel_workers, len(ctx.gateway_cpu_list)))
+    os.sched_setaffinity(0, set(ctx.load_cpu_list))
+    ensure_tools(a)
+
+    now = datetime.datetime.now()
+    ctx.run_id = now.strftime("%Y%m%dT%H%M%S")
+    ctx.run_dir = tempfile.mkdtemp(prefix="bench-run-%s-" % ctx.run_id, dir="/tmp")
+    ctx.api_key = "" if a.no_auth else "sk-bench-" + secrets.token_hex(16)
+    tag = "-".join(x for x in ([a.tag] if a.tag else []) + (["quick"] if a.quick else []) +
+                   (["soak"] if a.soak else []))
+    os.makedirs(a.results_dir, exist_ok=True)
+    base = os.path.join(a.results_dir, now.strftime("%Y-%m-%d") + ("-" + tag if tag else ""))
+    log("run %s; logs in %s" % (ctx.run_id, ctx.run_dir))
+
+    targets = []
+    meta = {"type": "run", "run_id": ctx.run_id, "date": now.strftime("%Y-%m-%d"),
+            "started": now.strftime("%Y-%m-%d %H:%M:%S"), "quick": a.quick, "soak_only": bool(a.soak),
+            "command": "bash bench/run.sh " + " ".join(shlex.quote(x) for x in argv),
+            "targets": a.targets, "workloads": a.workloads, "concurrency": a.concurrency,
+            "duration_s": a.duration, "warmup_s": a.warmup, "repeats": a.repeats, "max_retries": a.max_retries,
+            "noise_threshold": a.noise_threshold, "gateway_cpus": a.gateway_cpus, "load_cpus": a.load_cpus,
+            "gomodel_workers": a.gomodel_workers, "auth": not a.no_auth, "machine": machine(),
+            "versions": {}, "notes": []}
+    cells, soaks = [], []
+    ctx.mock_proc = None
+    try:
+        start_mock(ctx)
+        log("mock on %s (pid %d, CPU %s)" % (ctx.mock_url, ctx.mock_pid, ctx.load_cpus))
+        for name in a.targets:
+            t = TARGETS[name](ctx)
+            try:
+                t.install()
+            except RuntimeError as e:
+                t.unavailable = str(e)
+            meta["versions"][name] = t.version() if not t.unavailable else "unavailable"
+            if t.unavailable:
+                log("%s unavailable: %s" % (name, t.unavailable))
+            targets.append(t)
+        meta["background"] = background(ctx)
+        log("background load: %s" % meta["background"])
+
+        for t in targets:
+            if a.soak and t.name == "direct":
+                continue
+            if t.unavailable:
+                rec = {"type": "cell", "run_id": ctx.run_id, "target": t.name, "status": "skipped", "error": t.unavailable}
+                (soaks if a.soak else cells).append(dict(rec, type="soak" if a.soak else "cell"))
+                continue
+            log("starting %s" % t.name)
+            try:
+                t0 = time.monotonic()
+                t.start()
+                start_s = time.monotonic() - t0
+            except RuntimeError as e:
+                log("%s failed to start: %s" % (t.name, e))
+                rec = {"run_id": ctx.run_id, "target": t.name, "status": "failed", "error": "start: %s" % e}
+                (soaks if a.soak else cells).append(dict(rec, type="soak" if a.soak else "cell"))
+                continue
+            try:
+                idle = proc.tree_rss(t.root_pid) / 2 ** 20 if t.root_pid else None
+                if t.root_pid:
+                    log("%s ready in %.1f s on port %d, idle RSS %.0f MiB" % (t.name, start_s, t.port, idle))
+                    meta.setdefault("startup", {})[t.name] = {"ready_s": round(start_s, 1), "idle_rss_mib": round(idle, 1)}
+                if a.soak:
+                    log("soak %s: %d s of chat at c=%d" % (t.name, a.soak, a.soak_concurrency))
+                    s = run_soak(ctx, t)
+                    log("soak %s: %s" % (t.name, {k: s.get(k) for k in ("rps", "errors", "rss_start_mib", "rss_end_mib",
+                                                                          "rss_growth_mib", "flat", "error")}))
+                    soaks.append(s)
+                    continue
+                for wln in a.workloads:
+                    wl = WORKLOADS[wln]
+                    err = preflight(ctx, t, wl)
+                    if err:
+                        log("%s %s pre-flight failed: %s" % (t.name, wln, err))
+                        cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "workload": wln,
+                                      "status": "failed", "error": "pre-flight: " + err})
+                        continue
+                    for c in a.concurrency:
+                        try:
+                            cells.extend(run_cell(ctx, t, wl, c))
+                        except Exception as e:  # one broken cell must not lose the rest
+                            log("%s %s c=%d failed: %s" % (t.name, wln, c, e))
+                            cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "workload": wln,
+                                          "concurrency": c, "status": "failed", "error": str(e)[:500]})
+                    if t.proc is not None and t.proc.poll() is not None:
+                        raise RuntimeError("%s exited (%s) during %s" % (t.name, t.proc.returncode, wln))
+            except RuntimeError as e:
+                log(str(e))
+                cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "status": "failed", "error": str(e)})
+            finally:
+                t.stop()
+    except KeyboardInterrupt:
+        meta["notes"].append("interrupted (Ctrl-C): the report is partial")
+        log("interrupted; writing what was measured")
+    finally:
+        for t in targets:
+            try:
+                t.stop()
+            except Exception:
+                pass
+        if ctx.mock_proc is not None:
+            proc.stop_tree(ctx.mock_proc)
+
+    cap = next((c for c in cells if c.get("chosen") and c["target"] == "direct" and c["workload"] == "chat"
+                and c["concurrency"] == max(a.concurrency)), None)
+    if cap and cap["mock_cpu_s_per_1k"]:
+        us = cap["mock_cpu_s_per_1k"] * 1000
+        meta["mock_capacity"] = {"rps": cap["rps"], "concurrency": cap["concurrency"], "mock_us_per_req": round(us, 2),
+                                 "loadgen_us_per_req": round(cap["loadgen_cpu_s_per_1k"] * 1000, 2),
+                                 "load_core_foreign": cap["noise"]["load_core_foreign"],
+                                 "mock_rps_per_core": round(1e6 / us) if us else None}
+    meta["finished"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    meta["run_dir"] = ctx.run_dir
+    with open(base + ".jsonl", "w") as f:
+        for rec in [meta] + cells + soaks:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+    with open(base + ".md", "w") as f:
+        f.write(report.render(meta, cells, soaks))
+    log("wrote %s.md and %s.jsonl" % (base, base))
+    bad = [c for c in cells + soaks if c.get("status") == "failed"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

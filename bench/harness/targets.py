@@ -1,0 +1,389 @@
+"""The targets of the matrix: direct (no gateway), gomodel, LiteLLM, Portkey.
+
+Each target knows how to install itself (idempotently, outside the repo for
+the peers), start pinned to the gateway CPUs, say when it is ready, which
+model names and headers a client uses through it, and its version.
+"""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from . import proc
+
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+
+CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+PACED_MODEL = "paced"
+EMBED_MODEL = "BAAI/bge-m3"
+MODELS = (CHAT_MODEL, PACED_MODEL, EMBED_MODEL)
+
+# Environment variables that would make a gateway register more upstreams or
+# pick up someone else's keys: none of them reach a gateway under test.
+_SCRUB = re.compile(r"^(VLLM_.*|GOMODEL_.*|LITELLM_.*|PORTKEY_.*|OPENAI_.*|ANTHROPIC_.*|.*_BASE_URL|.*_API_KEY)$")
+
+
+def clean_env(extra):
+    env = {k: v for k, v in os.environ.items() if not _SCRUB.match(k)}
+    env.update(extra)
+    return env
+
+
+def http_get(url, headers=None, timeout=2.0):
+    """(status, body bytes) or (None, error text)."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except Exception as e:  # connection refused while starting, etc.
+        return None, str(e).encode()
+
+
+def run_quiet(cmd, log, **kw):
+    """Run an install step, appending its output to log; raise on failure."""
+    with open(log, "ab") as f:
+        f.write(("\n$ %s\n" % " ".join(shlex.quote(c) for c in cmd)).encode())
+        f.flush()
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+    if r.returncode != 0:
+        raise RuntimeError("install step failed (%s): %s; see %s" % (r.returncode, " ".join(cmd), log))
+
+
+class Target:
+    name = "?"
+    model_prefix = ""
+    start_timeout = 120.0
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.proc = None
+        self.port = None
+        self.log = os.path.join(ctx.run_dir, "%s.log" % self.name)
+        self.unavailable = None  # reason text when the target cannot run
+
+    # -- overridden
+    def install(self):
+        pass
+
+    def version(self):
+        return "?"
+
+    def command(self):
+        raise NotImplementedError
+
+    def env(self):
+        return clean_env({})
+
+    def ready(self):
+        raise NotImplementedError
+
+    def headers(self):
+        return {"Authorization": "Bearer " + self.ctx.api_key}
+
+    # -- common
+    def model(self, name):
+        return self.model_prefix + name
+
+    @property
+    def base_url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def root_pid(self):
+        return self.proc.pid if self.proc else None
+
+    def start(self):
+        self.port = proc.free_port()
+        cmd = self.command()
+        with open(self.log, "ab") as f:
+            f.write(("\n# %s  %s\n" % (time.strftime("%H:%M:%S"), " ".join(shlex.quote(c) for c in cmd))).encode())
+        self.proc = proc.spawn(cmd, self.log, env=self.env(), cpus=self.ctx.gateway_cpus, cwd=self.ctx.run_dir)
+        deadline = time.monotonic() + self.start_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited with %s while starting; last lines of %s:\n%s"
+                                   % (self.name, self.proc.returncode, self.log, tail(self.log)))
+            ok, last = self.ready()
+            if ok:
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError("%s not ready after %.0f s (%s); last lines of %s:\n%s"
+                           % (self.name, self.start_timeout, last, self.log, tail(self.log)))
+
+    def stop(self):
+        proc.stop_tree(self.proc)
+        self.proc = None
+
+    def models_listed(self, path="/v1/models"):
+        st, body = http_get(self.base_url + path, self.headers())
+        if st != 200:
+            return False, "GET %s -> %s %s" % (path, st, body[:120])
+        try:
+            ids = {m.get("id") for m in json.loads(body).get("data", [])}
+        except ValueError:
+            return False, "GET %s: not JSON" % path
+        missing = [m for m in MODELS if self.model(m) not in ids]
+        if missing:
+            return False, "models not listed yet: %s" % missing
+        return True, ""
+
+
+def tail(path, n=15):
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        return "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", l) for l in lines[-n:])
+    except OSError:
+        return ""
+
+
+class Direct(Target):
+    """Client straight to the mock: the baseline every gateway is compared with."""
+    name = "direct"
+
+    def start(self):
+        self.port = self.ctx.mock_port
+
+    def stop(self):
+        pass
+
+    def version(self):
+        return "mock (bench/mock/mock.mjs)"
+
+    @property
+    def root_pid(self):
+        return None
+
+
+class GoModel(Target):
+    """This project's gateway, as an operator would start it (twistd plugin)."""
+    name = "gomodel"
+    model_prefix = "vllm/"
+    DEFAULT_CMD = "{twistd} -n --pidfile= gomodel --listen tcp:{port}:interface=127.0.0.1"
+
+    def python(self):
+        return self.ctx.args.gomodel_python or os.environ.get("GOMODEL_PYTHON") or sys.executable
+
+    def _importable(self):
+        r = subprocess.run([self.python(), "-c", "import gomodel.tap"], capture_output=True, text=True)
+        return r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
+
+    def install(self):
+        ok, err = self._importable()
+        stamp = os.path.join(os.path.dirname(os.path.dirname(self.python())), ".bench-gomodel-installed")
+        setup = os.path.join(REPO_DIR, "setup.py")
+        stale = (os.path.exists(setup) and os.path.exists(stamp)
+                 and os.path.getmtime(setup) > os.path.getmtime(stamp))
+        if ok and not stale and not self.ctx.args.reinstall_gomodel:
+            return
+        if not os.path.exists(setup) and not os.path.exists(os.path.join(REPO_DIR, "pyproject.toml")):
+            self.unavailable = "gomodel is not importable (%s) and %s has no setup.py yet" % (err, REPO_DIR)
+            return
+        if self.ctx.args.no_install:
+            self.unavailable = "gomodel is not importable (%s) and --no-install was given" % err
+            return
+        log = os.path.join(self.ctx.run_dir, "install-gomodel.log")
+        run_quiet([self.python(), "-m", "pip", "install", "-q", "-e", REPO_DIR,
+                   "--config-settings", "editable_mode=compat"], log)
+        with open(stamp, "w") as f:
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        ok, err = self._importable()
+        if not ok:
+            self.unavailable = "gomodel still not importable after pip install -e: %s" % err
+
+    def version(self):
+        r = subprocess.run([self.python(), "-c", "import importlib.metadata as m; print(m.version('gomodel'))"],
+                           capture_output=True, text=True)
+        v = r.stdout.strip() or "?"
+        g = subprocess.run(["git", "-C", REPO_DIR, "describe", "--always", "--dirty"], capture_output=True, text=True)
+        rev = g.stdout.strip() or "no commit"
+        return "%s (git %s)" % (v, rev)
+
+    def command(self):
+        tmpl = self.ctx.args.gomodel_cmd or os.environ.get("GOMODEL_CMD") or self.DEFAULT_CMD
+        workers = self.ctx.args.gomodel_workers
+        if workers > 1 and "{workers}" not in tmpl:
+            tmpl += " --workers {workers}"
+        twistd = os.path.join(os.path.dirname(self.python()), "twistd")
+        if not os.path.exists(twistd):
+            twistd = shutil.which("twistd") or "twistd"
+        return shlex.split(tmpl.format(twistd=twistd, python=self.python(), port=self.port, workers=workers,
+                                       mock=self.ctx.mock_url))
+
+    def env(self):
+        extra = {"VLLM_BASE_URL": self.ctx.mock_url + "/v1"}
+        if self.ctx.api_key:
+            extra["GOMODEL_MASTER_KEY"] = self.ctx.api_key
+        return clean_env(extra)
+
+    def ready(self):
+        st, body = http_get(self.base_url + "/health")
+        if st != 200:
+            return False, "GET /health -> %s" % st
+        return self.models_listed()
+
+
+class LiteLLM(Target):
+    """LiteLLM proxy: own venv, one worker, no DB, no retries, logging off."""
+    name = "litellm"
+    start_timeout = 180.0
+
+    @property
+    def venv(self):
+        return self.ctx.args.litellm_venv
+
+    def install(self):
+        exe = os.path.join(self.venv, "bin", "litellm")
+        if os.path.exists(exe):
+            return
+        if self.ctx.args.no_install:
+            self.unavailable = "%s missing and --no-install was given" % exe
+            return
+        log = os.path.join(self.ctx.run_dir, "install-litellm.log")
+        run_quiet([sys.executable, "-m", "venv", self.venv], log)
+        run_quiet([os.path.join(self.venv, "bin", "pip"), "install", "-q", "-U", "pip"], log)
+        run_quiet([os.path.join(self.venv, "bin", "pip"), "install", "-q", self.ctx.args.litellm_spec], log)
+
+    def version(self):
+        r = subprocess.run([os.path.join(self.venv, "bin", "python"), "-c",
+                            "import importlib.metadata as m; print(m.version('litellm'))"], capture_output=True, text=True)
+        return r.stdout.strip() or "?"
+
+    def config_path(self):
+        path = os.path.join(self.ctx.run_dir, "litellm.yaml")
+        prov = self.ctx.args.litellm_provider
+        lines = ["model_list:"]
+        for m in MODELS:
+            lines += ["  - model_name: %s" % json.dumps(m),
+                      "    litellm_params:",
+                      "      model: %s" % json.dumps("%s/%s" % (prov, m)),
+                      "      api_base: %s" % json.dumps(self.ctx.mock_url + "/v1"),
+                      "      api_key: sk-upstream-unused"]
+        lines += [
+            "litellm_settings:",
+            "  num_retries: 0",
+            "  request_timeout: 600",
+            "  set_verbose: false",
+            "  json_logs: false",
+            "  turn_off_message_logging: true",
+            "  telemetry: false",
+            "  drop_params: false",
+            "router_settings:",
+            "  num_retries: 0",
+            "  disable_cooldowns: true",
+            "general_settings:",
+            "  disable_spend_logs: true",
+            "  disable_error_logs: true",
+            "  background_health_checks: false",
+        ]
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
+    def command(self):
+        return [os.path.join(self.venv, "bin", "litellm"), "--config", self.config_path(),
+                "--host", "127.0.0.1", "--port", str(self.port), "--num_workers", "1"] + \
+            shlex.split(self.ctx.args.litellm_args)
+
+    def env(self):
+        extra = {
+            "LITELLM_LOG": "ERROR",
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price list at start
+            "HF_HUB_OFFLINE": "1",                   # no tokenizer download (stalls 23 s per call offline)
+            "TRANSFORMERS_OFFLINE": "1",
+            "DISABLE_ADMIN_UI": "True",
+            "NO_DOCS": "True",
+        }
+        if self.ctx.api_key:
+            extra["LITELLM_MASTER_KEY"] = self.ctx.api_key
+        else:
+            extra["LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"] = "true"
+        return clean_env(extra)
+
+    def ready(self):
+        st, _ = http_get(self.base_url + "/health/liveliness")
+        if st != 200:
+            return False, "GET /health/liveliness -> %s" % st
+        return self.models_listed()
+
+
+class Portkey(Target):
+    """Portkey's open-source gateway (Node), provider `openai` with a custom host."""
+    name = "portkey"
+
+    @property
+    def dir(self):
+        return self.ctx.args.portkey_dir
+
+    def _package_json(self):
+        a = self.ctx.args
+        # @hono/node-server >= 1.14 makes Portkey fail every streamed and
+        # passed-through answer with "TypeError: immutable"
+        # (Portkey-AI/gateway#1389, #1550); 1.13.8 is the last version that works.
+        return {"name": "bench-portkey", "private": True,
+                "dependencies": {"@portkey-ai/gateway": a.portkey_version, "@hono/node-server": a.hono_node_server},
+                "overrides": {"@hono/node-server": a.hono_node_server}}
+
+    @property
+    def start_js(self):
+        return os.path.join(self.dir, "node_modules", "@portkey-ai", "gateway", "build", "start-server.js")
+
+    def install(self):
+        pj = os.path.join(self.dir, "package.json")
+        want = self._package_json()
+        try:
+            with open(pj) as f:
+                have = json.load(f)
+        except (OSError, ValueError):
+            have = None
+        if have == want and os.path.exists(self.start_js):
+            return
+        if self.ctx.args.no_install:
+            self.unavailable = "%s missing and --no-install was given" % self.start_js
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        with open(pj, "w") as f:
+            json.dump(want, f, indent=2)
+        log = os.path.join(self.ctx.run_dir, "install-portkey.log")
+        run_quiet(["npm", "install", "--no-audit", "--no-fund", "--prefix", self.dir], log, cwd=self.dir)
+
+    def version(self):
+        def v(p):
+            try:
+                with open(os.path.join(self.dir, "node_modules", p, "package.json")) as f:
+                    return json.load(f).get("version", "?")
+            except (OSError, ValueError):
+                return "?"
+        return "%s (@hono/node-server %s)" % (v("@portkey-ai/gateway"), v("@hono/node-server"))
+
+    def command(self):
+        return ["node", "-r", os.path.join(BENCH_DIR, "targets", "portkey_loopback.cjs"),
+                self.start_js, "--port=%d" % self.port, "--headless"]
+
+    def env(self):
+        return clean_env({"NODE_ENV": "production"})
+
+    def headers(self):
+        h = super().headers()
+        h["x-portkey-provider"] = "openai"
+        h["x-portkey-custom-host"] = self.ctx.mock_url + "/v1"
+        return h
+
+    def ready(self):
+        st, _ = http_get(self.base_url + "/")
+        return st == 200, "GET / -> %s" % st
+
+
+TARGETS = {"direct": Direct, "gomodel": GoModel, "litellm": LiteLLM, "portkey": Portkey}

@@ -1,0 +1,278 @@
+"""Workloads, and the measurement of one cell (target x workload x concurrency).
+
+Non-streaming workloads run under wrk (closed loop, keep-alive, every answer
+checked by the Lua response() hook); streaming ones under streamload.mjs
+(every stream read to the end and checked). Around the measurement window the
+harness reads CPU counters from /proc and samples the gateway tree's RSS.
+"""
+
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+
+from . import proc
+from .targets import BENCH_DIR, CHAT_MODEL, EMBED_MODEL, PACED_MODEL, http_get
+
+N_TOKENS = 20
+CHAT_TEXT = "mockchat" + "".join(" t%02d" % i for i in range(1, N_TOKENS))
+RESP_TEXT = "mockresp" + "".join(" t%02d" % i for i in range(1, N_TOKENS))
+PROMPT = [{"role": "user", "content": "Say hello in twenty tokens."}]
+
+
+def embed_value(i):
+    """The mock's i-th embedding value (bench/mock/mock.mjs embedValue)."""
+    v = (((i * 7919) % 1999) - 999) / 10000
+    if abs(v) < 0.001:
+        v = 0.0123
+    return v
+
+
+class Workload:
+    def __init__(self, name, runner, path, body, route, markers=(), sse=None, expect=None, usage=False):
+        self.name = name
+        self.runner = runner      # "wrk" | "stream"
+        self.path = path
+        self._body = body         # function(model_name_fn) -> dict
+        self.route = route        # the mock's counter for the upstream call
+        self.markers = list(markers)
+        self.sse = sse            # "chat" | "responses"
+        self.expect = expect
+        self.usage = usage
+
+    def body(self, target):
+        return json.dumps(self._body(target.model), separators=(",", ":"))
+
+
+WORKLOADS = {
+    "chat": Workload(
+        "chat", "wrk", "/v1/chat/completions",
+        lambda m: {"model": m(CHAT_MODEL), "messages": PROMPT, "max_tokens": N_TOKENS},
+        route="chat", markers=[CHAT_TEXT]),
+    "stream": Workload(
+        "stream", "stream", "/v1/chat/completions",
+        lambda m: {"model": m(CHAT_MODEL), "messages": PROMPT, "max_tokens": N_TOKENS, "stream": True,
+                   "stream_options": {"include_usage": True}},
+        route="chat_stream", sse="chat", expect=CHAT_TEXT, usage=True),
+    "stream_paced": Workload(
+        "stream_paced", "stream", "/v1/chat/completions",
+        lambda m: {"model": m(PACED_MODEL), "messages": PROMPT, "max_tokens": N_TOKENS, "stream": True,
+                   "stream_options": {"include_usage": True}},
+        route="chat_stream_paced", sse="chat", expect=CHAT_TEXT, usage=True),
+    "embeddings": Workload(
+        "embeddings", "wrk", "/v1/embeddings",
+        lambda m: {"model": m(EMBED_MODEL), "input": "The quick brown fox jumps over the lazy dog."},
+        route="embeddings", markers=["embedding", repr(embed_value(0)), repr(embed_value(1023))]),
+    "responses": Workload(
+        "responses", "wrk", "/v1/responses",
+        lambda m: {"model": m(CHAT_MODEL), "input": "Say hello in twenty tokens.", "max_output_tokens": N_TOKENS},
+        route="responses", markers=[RESP_TEXT]),
+    "responses_stream": Workload(
+        "responses_stream", "stream", "/v1/responses",
+        lambda m: {"model": m(CHAT_MODEL), "input": "Say hello in twenty tokens.", "max_output_tokens": N_TOKENS,
+                   "stream": True},
+        route="responses_stream", sse="responses", expect=RESP_TEXT),
+}
+
+WRK_LUA = os.path.join(BENCH_DIR, "wrk", "post.lua")
+STREAMLOAD = os.path.join(BENCH_DIR, "streamload.mjs")
+
+
+def mock_stats(ctx):
+    st, body = http_get(ctx.mock_url + "/mock/stats", timeout=5)
+    return json.loads(body) if st == 200 else {}
+
+
+def stream_config(target, wl, conc, warmup, duration, once=False):
+    return {
+        "url": target.base_url + wl.path, "headers": target.headers(), "body": wl.body(target),
+        "kind": wl.sse, "expect_text": wl.expect, "expect_usage": wl.usage,
+        "concurrency": conc, "warmup_s": warmup, "duration_s": duration, "timeout_s": 30, "once": once,
+    }
+
+
+def preflight(ctx, target, wl):
+    """One request, fully checked. Returns None when good, else the error text."""
+    if wl.runner == "stream":
+        cfg = stream_config(target, wl, 1, 0, 0, once=True)
+        r = subprocess.run(["node", STREAMLOAD, json.dumps(cfg)], capture_output=True, text=True, timeout=60)
+        line = next((l for l in r.stdout.splitlines() if l.startswith("STREAMJSON ")), None)
+        if line is None:
+            return "streamload failed: rc=%s %s" % (r.returncode, (r.stderr or r.stdout)[-300:])
+        out = json.loads(line[len("STREAMJSON "):])
+        if out["requests"] == 1 and out["errors"] == 0:
+            return None
+        return "; ".join(out["error_samples"]) or "no answer"
+    req = urllib.request.Request(target.base_url + wl.path, data=wl.body(target).encode(), method="POST",
+                                 headers=dict(target.headers(), **{"Content-Type": "application/json"}))
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, body = r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read().decode("utf-8", "replace")
+    except Exception as e:
+        return "request failed: %s" % e
+    if status != 200:
+        return "status %s: %s" % (status, body[:300])
+    missing = [m for m in wl.markers if m not in body]
+    if missing:
+        return "answer lacks %s: %s" % (missing, body[:300])
+    return None
+
+
+def _wrk_cmd(ctx, target, wl, conc, duration, bodyfile):
+    threads = max(1, min(conc, len(ctx.load_cpu_list)))
+    cmd = ["taskset", "-c", ctx.load_cpus, "wrk", "-t%d" % threads, "-c%d" % conc, "-d%ds" % duration,
+           "--timeout", "30s", "-s", WRK_LUA, target.base_url + wl.path, "--", bodyfile, "|||".join(wl.markers)]
+    cmd += ["%s: %s" % kv for kv in target.headers().items()]
+    return cmd
+
+
+def _parse_prefixed(text, prefix):
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix):])
+    return None
+
+
+def run_wrk(ctx, target, wl, conc, warmup, duration, on_start, on_end):
+    bodyfile = os.path.join(ctx.run_dir, "body-%s-%s.json" % (target.name, wl.name))
+    with open(bodyfile, "w") as f:
+        f.write(wl.body(target))
+    if warmup > 0:
+        subprocess.run(_wrk_cmd(ctx, target, wl, conc, warmup, bodyfile), capture_output=True, timeout=warmup + 60)
+    on_start(None)
+    p = subprocess.Popen(_wrk_cmd(ctx, target, wl, conc, duration, bodyfile), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    out = p.stdout.read().decode("utf-8", "replace")
+    rc, ticks = proc.wait4(p)
+    on_end(ticks)
+    r = _parse_prefixed(out, "WRKJSON ")
+    if r is None:
+        raise RuntimeError("wrk failed (rc %s): %s" % (rc, out[-500:]))
+    errors = r["failures"] + r["err_connect"] + r["err_read"] + r["err_write"] + r["err_timeout"]
+    dur = r["duration_us"] / 1e6
+    return {
+        "requests": r["good"], "errors": errors, "window_s": round(dur, 3), "rps": round(r["good"] / dur, 1),
+        "lat_p50_ms": r["lat_p50_us"] / 1000, "lat_p95_ms": r["lat_p95_us"] / 1000, "lat_p99_ms": r["lat_p99_us"] / 1000,
+        "lat_max_ms": r["lat_max_us"] / 1000,
+        "error_samples": [r["sample"]] if r["sample"] else [],
+        "error_detail": {k: r[k] for k in ("failures", "bad_status", "err_connect", "err_read", "err_write", "err_timeout")},
+    }
+
+
+def run_stream(ctx, target, wl, conc, warmup, duration, on_start, on_end):
+    cfg = stream_config(target, wl, conc, warmup, duration)
+    p = subprocess.Popen(["taskset", "-c", ctx.load_cpus, "node", STREAMLOAD, json.dumps(cfg)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    result, rest = None, []
+    for line in p.stdout:
+        if line.startswith("WINDOW_START"):
+            on_start(p.pid)
+        elif line.startswith("WINDOW_END"):
+            on_end(None)
+        elif line.startswith("STREAMJSON "):
+            result = json.loads(line[len("STREAMJSON "):])
+        else:
+            rest.append(line)
+    p.wait()
+    if result is None:
+        raise RuntimeError("streamload failed (rc %s): %s" % (p.returncode, "".join(rest)[-500:]))
+    return {
+        "requests": result["requests"], "errors": result["errors"], "window_s": result["duration_s"],
+        "rps": result["rps"], "lat_p50_ms": result["lat_p50_ms"], "lat_p95_ms": result["lat_p95_ms"],
+        "lat_p99_ms": result["lat_p99_ms"], "lat_max_ms": result["lat_max_ms"],
+        "ttft_p50_ms": result["ttft_p50_ms"], "ttft_p95_ms": result["ttft_p95_ms"], "ttft_p99_ms": result["ttft_p99_ms"],
+        "content_events_mean": result["content_events_mean"], "error_samples": result["error_samples"],
+        "errors_outside_window": result["errors_outside_window"],
+        "responses_done_marker": result.get("responses_done_marker", 0),
+        "responses_without_event_lines": result.get("responses_without_event_lines", 0),
+    }
+
+
+def measure(ctx, target, wl, conc, warmup, duration):
+    """Run one cell once. Returns the cell's figures (see README for each field)."""
+    root = target.root_pid
+    sampler = proc.RssSampler(root) if root else None
+    if sampler:
+        sampler.start()
+    snaps = {}
+    lg = {"pid": None, "ticks": None, "start_ticks": 0}
+
+    def on_start(loadgen_pid):
+        lg["pid"] = loadgen_pid
+        lg["start_ticks"] = proc.proc_ticks(loadgen_pid) if loadgen_pid else 0
+        snaps["stats0"] = mock_stats(ctx)
+        snaps["a"] = proc.Snapshot(root, [ctx.mock_pid])
+
+    def on_end(loadgen_ticks):
+        snaps["b"] = proc.Snapshot(root, [ctx.mock_pid])
+        if loadgen_ticks is not None:
+            lg["ticks"] = loadgen_ticks
+        elif lg["pid"]:
+            lg["ticks"] = proc.proc_ticks(lg["pid"]) - lg["start_ticks"]
+        snaps["stats1"] = mock_stats(ctx)
+
+    runner = run_wrk if wl.runner == "wrk" else run_stream
+    try:
+        res = runner(ctx, target, wl, conc, warmup, duration, on_start, on_end)
+    finally:
+        peak = sampler.stop() if sampler else 0
+    a, b = snaps["a"], snaps["b"]
+    elapsed = b.t - a.t
+    win_ticks = elapsed * proc.CLK_TCK
+    req = max(res["requests"], 1)
+
+    gw_ticks = b.tree - a.tree
+    mock_ticks = b.extra.get(ctx.mock_pid, 0) - a.extra.get(ctx.mock_pid, 0)
+    self_ticks = b.self_ - a.self_
+    lg_ticks = lg["ticks"] or 0
+
+    def core_delta(cpus):
+        d = [0] * 8
+        for c in cpus:
+            for i in range(8):
+                d[i] += b.cpus.get(c, [0] * 8)[i] - a.cpus.get(c, [0] * 8)[i]
+        return d
+
+    gw_d = core_delta(ctx.gateway_cpu_list)
+    ld_d = core_delta(ctx.load_cpu_list)
+    n_gw, n_ld = len(ctx.gateway_cpu_list), len(ctx.load_cpu_list)
+    def share(x):
+        return round(min(1.0, max(0.0, x)), 3)
+
+    # tick accounting on a VM can land a few ticks late, so shares are clamped to [0, 1]
+    noise = {
+        # CPU time on the gateway's cores spent by anything but the gateway
+        "gw_core_foreign": share((proc.busy(gw_d) - gw_ticks) / (win_ticks * n_gw)),
+        # CPU time on the load cores spent by anything but mock + load generator + harness
+        "load_core_foreign": share((proc.busy(ld_d) - mock_ticks - lg_ticks - self_ticks) / (win_ticks * n_ld)),
+        "load_core_busy": share(proc.busy(ld_d) / (win_ticks * n_ld)),
+        "gw_core_busy": share(proc.busy(gw_d) / (win_ticks * n_gw)),
+        "steal": share((gw_d[7] + ld_d[7]) / (win_ticks * (n_gw + n_ld))),
+    }
+    thr = ctx.args.noise_threshold
+    noisy = (noise["load_core_foreign"] > thr or noise["steal"] > thr
+             or (root is not None and noise["gw_core_foreign"] > thr))
+    s0, s1 = snaps["stats0"], snaps["stats1"]
+    upstream = {k: s1.get(k, 0) - s0.get(k, 0) for k in set(s0) | set(s1) if s1.get(k, 0) - s0.get(k, 0)}
+    done = res["requests"] > 0
+    res.update({
+        "gw_cpu_s": round(gw_ticks / proc.CLK_TCK, 3) if root else None,
+        "gw_cpu_s_per_1k": round(gw_ticks / proc.CLK_TCK / req * 1000, 4) if root and done else None,
+        "gw_cpu_util": round(gw_ticks / win_ticks, 3) if root else None,
+        "gw_peak_rss_mib": round(peak / 2 ** 20, 1) if root else None,
+        "mock_cpu_s_per_1k": round(mock_ticks / proc.CLK_TCK / req * 1000, 4) if done else None,
+        "loadgen_cpu_s_per_1k": round(lg_ticks / proc.CLK_TCK / req * 1000, 4) if done else None,
+        "noise": noise, "noisy": noisy,
+        # our own load (mock + load generator + harness) saturating its core: the
+        # gateway figure is then a lower bound
+        "load_bound": (mock_ticks + lg_ticks + self_ticks) / (win_ticks * n_ld) > 0.9,
+        "upstream": upstream,
+        "upstream_per_request": round(upstream.get(wl.route, 0) / req, 3) if done else None,
+        # calls the mock got beyond the answered requests; up to `concurrency` of
+        # them are requests still in flight when the window closed
+        "upstream_extra": upstream.get(wl.route, 0) - res["requests"],
+    })
+    return res
