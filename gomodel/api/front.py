@@ -54,19 +54,22 @@ class FrontResource(Resource):
         return None
 
     def _log(self, result, request, started):
+        # notifyFinish fails when the connection was lost first: logged as 499,
+        # nginx's "client closed request", whatever status had been set.
+        client_gone = result is not None
         usage = getattr(request, "usage", None) or {}
         access_log.info(
             "{method} {path} {status} {duration_ms:.1f}ms request_id={request_id} "
             "provider={provider} model={model}",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace"),
-            status=request.code,
+            status=499 if client_gone else request.code,
             duration_ms=(self._clock.seconds() - started) * 1000,
             request_id=request.request_id.decode("ascii"),
             provider=request.provider_name or "-",
             model=request.model or "-",
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            client_gone=not isinstance(result, type(None)),
+            prompt_tokens=usage.get("prompt_tokens", usage.get("input_tokens")),
+            completion_tokens=usage.get("completion_tokens", usage.get("output_tokens")),
+            client_gone=client_gone,
         )
         return None
