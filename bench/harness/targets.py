@@ -223,7 +223,8 @@ class GoModel(Target):
                                        mock=self.ctx.mock_url))
 
     def env(self):
-        extra = {"VLLM_BASE_URL": self.ctx.mock_url + "/v1"}
+        # Access log off, as LiteLLM's logging is: the same footing for every gateway.
+        extra = {"VLLM_BASE_URL": self.ctx.mock_url + "/v1", "GOMODEL_ACCESS_LOG": "false"}
         if self.ctx.api_key:
             extra["GOMODEL_MASTER_KEY"] = self.ctx.api_key
         return clean_env(extra)

@@ -2,12 +2,16 @@
 
 It names the request (X-Request-Id), refuses bodies over the limit (413) and
 missing or wrong gateway keys (401), logs one structured line per request,
-then hands the request to the routes.
+then serves the inference routes itself (by exact path, no per-request
+routing machinery) and hands every other request to Klein.
 """
 
 import hmac
 
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from gomodel import errors
 from gomodel.api.site import access_log, request_id_for
@@ -17,11 +21,18 @@ OPEN_PATHS = frozenset((b"/health",))
 
 class FrontResource(Resource):
     isLeaf = True
+    log = Logger()
 
-    def __init__(self, routes, clock, master_key=None, body_limit=None):
+    def __init__(self, routes, clock, *, master_key=None, body_limit=None, access_log=True, inference=None):
+        """
+        @param routes: the resource serving every route but the inference ones (Klein's).
+        @param inference: exact path -> coroutine function of the request, for POSTs.
+        """
         super().__init__()
         self._routes = routes
         self._clock = clock
+        self._access_log = access_log
+        self._inference = inference or {}
         self._master_key = master_key.encode("utf-8") if master_key else None
         self._body_limit = body_limit
 
@@ -29,7 +40,8 @@ class FrontResource(Resource):
         request.request_id = request_id_for(request)
         request.setHeader(b"server", b"gomodel")
         request.setHeader(b"x-request-id", request.request_id)
-        request.notifyFinish().addBoth(self._log, request, self._clock.seconds())
+        if self._access_log:
+            request.notifyFinish().addBoth(self._log, request, self._clock.seconds())
         if getattr(request, "too_large", False):
             return errors.render(request, errors.RequestTooLarge(
                 f"The request body is larger than the gateway's limit of {self._body_limit} bytes "
@@ -38,7 +50,30 @@ class FrontResource(Resource):
             failure = self._authentication_failure(request)
             if failure is not None:
                 return errors.render(request, failure)
-        return self._routes.render(request)
+        handler = self._inference.get(request.path)
+        if handler is None:
+            return self._routes.render(request)
+        if request.method != b"POST":
+            return errors.render(request, errors.MethodNotAllowed(
+                f"Method {request.method.decode('ascii', 'replace')} is not allowed on "
+                f"{request.path.decode()} (allowed: POST).", headers={"Allow": "POST"}))
+        return self._serve(request, handler)
+
+    def _serve(self, request, handler):
+        """Run C{handler} for C{request}: its result is written, its failure rendered; a client
+        that leaves cancels it (which closes the upstream connection)."""
+        d = Deferred.fromCoroutine(handler(request))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addCallbacks(_write, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+        return NOT_DONE_YET
+
+    def _failed(self, failure, request):
+        if failure.check(CancelledError):
+            return None  # the client left; nothing to write
+        if failure.check(errors.GatewayError):
+            return _write(errors.render(request, failure.value), request)
+        self.log.failure("unexpected error handling {path}", failure, path=request.path.decode("utf-8", "replace"))
+        return _write(errors.render(request, errors.InternalError()), request)
 
     def _authentication_failure(self, request):
         header = request.getHeader(b"authorization")
@@ -73,3 +108,13 @@ class FrontResource(Resource):
             client_gone=client_gone,
         )
         return None
+
+
+def _write(body, request):
+    """Finish C{request} with C{body} (None once a stream has written it), unless it ended already."""
+    if request.channel is None or request.finished:
+        return None
+    if body is not None:
+        request.write(body)
+    request.finish()
+    return None

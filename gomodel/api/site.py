@@ -26,9 +26,6 @@ class GatewayRequest(server.Request):
     body_limit = 10 * 1024 * 1024
     too_large = False
     _received = 0
-    # Form decoding is never needed here; it costs a MIME parse per POST and
-    # would read a whole multipart body into memory.
-    _parsePOSTFormSubmission = False
     # upload_sink(request, length) -> a sink for the body, or None: uploads
     # (POST /v1/files) are parsed while they arrive instead of being buffered.
     upload_sink = None
@@ -71,12 +68,21 @@ class GatewayRequest(server.Request):
         super().handleContentChunk(data)
 
 
+CLIENT_IDLE_TIMEOUT = 120
+
+
 class GatewaySite(server.Site):
     """Site for the gateway: our request class, and our own structured access log."""
 
     def __init__(self, resource, body_limit, upload_sink=None, **kwargs):
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit, "upload_sink": staticmethod(upload_sink) if upload_sink else None})
+        # Idle keep-alive client connections are closed after this long (Twisted's
+        # default is 12 hours); a request in progress is never cut by it.
+        kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
+        # Form decoding is never needed here: it costs a MIME parse of every
+        # POST's Content-Type and would read a whole multipart body into memory.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, requestFactory=request_class, **kwargs)
 
     def log(self, request):
