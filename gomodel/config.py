@@ -88,6 +88,7 @@ class Config:
     passthrough_types: tuple = ("vllm", "openai", "openrouter", "ollama")
     passthrough_admin_allowed: tuple = ()  # vLLM admin routes let through /p/ anyway
     access_log: bool = True
+    workers: int = 1  # processes sharing the listening port(s)
     data_dir: str = "./data"  # files and batches: the SQLite database and file contents
     files_max_bytes: int = 512 * 1024 * 1024
     batch_concurrency_per_provider: int = 4
@@ -219,6 +220,7 @@ _SERVER_SETTINGS = {
     "passthrough_types": ("ENABLED_PASSTHROUGH_PROVIDERS", _provider_types),
     "passthrough_admin_allowed": ("PASSTHROUGH_ALLOWED_ADMIN_ROUTES", _names),
     "access_log": ("GOMODEL_ACCESS_LOG", _bool),
+    "workers": ("GOMODEL_WORKERS", _count),
     "data_dir": ("GOMODEL_DATA_DIR", _directory),
     "files_max_bytes": ("FILES_MAX_BYTES", _file_size),
     "batch_concurrency_per_provider": ("BATCH_CONCURRENCY_PER_PROVIDER", _count),
@@ -295,6 +297,7 @@ def load_config(
         passthrough_types=settings.get("passthrough_types", base.passthrough_types),
         passthrough_admin_allowed=settings.get("passthrough_admin_allowed", base.passthrough_admin_allowed),
         access_log=settings.get("access_log", base.access_log),
+        workers=settings.get("workers", base.workers),
         data_dir=settings.get("data_dir", base.data_dir),
         files_max_bytes=settings.get("files_max_bytes", base.files_max_bytes),
         batch_concurrency_per_provider=settings.get("batch_concurrency_per_provider",

@@ -6,10 +6,15 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from gomodel.api.app import GatewayApp
+from gomodel.api.batches import BatchesAPI
+from gomodel.api.files import FilesAPI
 from gomodel.api.site import GatewaySite
+from gomodel.batches.runner import BatchRunner
 from gomodel.httpclient import make_agent, make_http_client, make_pool
 from gomodel.providers import build_provider
 from gomodel.registry import ModelRegistry
+from gomodel.store import SQLiteStore
+from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 
 
 class PoolService(Service):
@@ -26,7 +31,10 @@ class PoolService(Service):
 class ListenerService(Service):
     """Listens on one endpoint; L{whenListening} fires with the port."""
 
-    def __init__(self, endpoint, factory):
+    log = Logger()
+
+    def __init__(self, endpoint, factory, description=None):
+        self.description = description
         self._endpoint = endpoint
         self._factory = factory
         self._port = None
@@ -46,6 +54,8 @@ class ListenerService(Service):
 
         def listening(port):
             self._port = port
+            address = port.getHost()
+            self.log.info("listening on {host}:{port}", host=address.host, port=address.port)
             waiting, self._waiting = self._waiting, []
             for w in waiting:
                 w.callback(port)
@@ -72,7 +82,12 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config, reactor):
+    def __init__(self, config, reactor, *, role="single", worker_argv=None):
+        """
+        @param role: C{"single"} (one process), C{"primary"} (listens with
+            SO_REUSEPORT and supervises C{config.workers - 1} workers started
+            with C{worker_argv}) or C{"worker"} (started by a primary).
+        """
         super().__init__()
         self.config = config
         pool = make_pool(reactor, config)
@@ -83,14 +98,34 @@ class GatewayService(MultiService):
         self.registry = ModelRegistry(providers, reactor, mode=config.models_mode,
                                       refresh_interval=config.models_refresh_interval)
         self.registry.setServiceParent(self)
-        self.app = GatewayApp(config, self.registry, reactor)
-        self.site = GatewaySite(self.app.resource(), config.body_size_limit)
+        # Files and batches: the store starts before (and stops after) the
+        # runner, which stops after the listeners (MultiService stops in reverse).
+        # Of several processes on one data directory, only the first sweeps
+        # leftovers and executes batches; workers store them for it.
+        self.store = SQLiteStore(config.data_dir, reactor, sweep=role != "worker")
+        self.store.setServiceParent(self)
+        self.batch_runner = BatchRunner(self.store, self.registry, reactor, config.timeouts,
+                                        concurrency=config.batch_concurrency_per_provider,
+                                        max_attempts=config.batch_max_attempts, execute=role != "worker")
+        self.batch_runner.setServiceParent(self)
+        files = FilesAPI(self.store, config.files_max_bytes)
+        self.app = GatewayApp(config, self.registry, reactor, files=files,
+                              batches=BatchesAPI(self.store, self.batch_runner))
+        self.site = GatewaySite(self.app.resource(), config.body_size_limit, upload_sink=files.upload_sink)
         self.site.noisy = False
         self.listeners = []
         for description in config.listen:
-            listener = ListenerService(serverFromString(reactor, description), self.site)
+            if role == "single":
+                endpoint = serverFromString(reactor, description)
+            else:
+                endpoint = ReusePortEndpoint(reactor, *parse_tcp(description))
+            listener = ListenerService(endpoint, self.site, description)
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        if role == "primary" and config.workers > 1:
+            WorkerSupervisor(reactor, config.workers, self.listeners, worker_argv).setServiceParent(self)
+        elif role == "worker":
+            ParentWatch(reactor).setServiceParent(self)
 
     def startService(self):
         for warning in self.config.warnings:
@@ -106,5 +141,3 @@ class GatewayService(MultiService):
         if not self.config.master_key:
             self.log.warn("GOMODEL_MASTER_KEY is not set: the gateway is open to anyone who can reach it.")
         super().startService()
-        for description in self.config.listen:
-            self.log.info("listening on {listen}", listen=description)

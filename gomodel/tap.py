@@ -1,10 +1,13 @@
 """twistd integration: C{twistd -n gomodel [--listen ...] [--config ...]}."""
 
+import dataclasses
 import os
+import sys
 
 from twisted.python import usage
 
 from gomodel.config import ConfigError, load_config
+from gomodel.workers import parse_tcp
 
 
 class Options(usage.Options):
@@ -13,6 +16,10 @@ class Options(usage.Options):
                 "(VLLM_BASE_URL, VLLM_<NAME>_BASE_URL, ...) and the YAML file; the environment wins.")
     optParameters = [
         ["config", "c", None, "YAML config file (default: $GOMODEL_CONFIG)."],
+        ["workers", "w", None, "Processes sharing the listening port(s) (default: $GOMODEL_WORKERS or 1).", int],
+    ]
+    optFlags = [
+        ["worker-child", None, "Internal: run as a worker started by a primary gomodel process."],
     ]
 
     def __init__(self):
@@ -23,11 +30,26 @@ class Options(usage.Options):
         """Listen on a strports description, e.g. tcp:8080:interface=0.0.0.0 (repeatable; default tcp:$PORT)."""
         self["listen"].append(description)
 
+    def parseOptions(self, options=None):
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self):
         try:
-            self.gateway_config = load_config(os.environ, self["config"], self["listen"])
+            config = load_config(os.environ, self["config"], self["listen"])
         except ConfigError as e:
             raise usage.UsageError(f"configuration error: {e}") from None
+        if self["workers"] is not None:
+            if self["workers"] < 1:
+                raise usage.UsageError("--workers must be at least 1")
+            config = dataclasses.replace(config, workers=self["workers"])
+        if config.workers > 1 or self["worker-child"]:
+            for description in config.listen:
+                try:
+                    parse_tcp(description)
+                except ValueError as e:
+                    raise usage.UsageError(str(e)) from None
+        self.gateway_config = config
 
 
 def makeService(options):
@@ -35,5 +57,11 @@ def makeService(options):
     from twisted.internet import reactor
 
     from gomodel.service import GatewayService
+    from gomodel.workers import worker_argv
 
-    return GatewayService(options.gateway_config, reactor)
+    config = options.gateway_config
+    if options["worker-child"]:
+        return GatewayService(config, reactor, role="worker")
+    if config.workers > 1:
+        return GatewayService(config, reactor, role="primary", worker_argv=worker_argv(options.argv))
+    return GatewayService(config, reactor)

@@ -82,8 +82,11 @@ class Harness:
 def test_relay_is_a_push_producer_that_moves_backpressure_upstream():
     h = Harness()
     verifyObject(IPushProducer, h.relay)
-    h.relay.dataReceived(b"data: 1\n\n")
-    assert b"data: 1" in h.written()
+    h.relay.dataReceived(b"data: 1\n")
+    h.relay.dataReceived(b"\n")
+    assert b"data: 1" not in h.written()  # relayed once the read is over
+    h.clock.advance(0)
+    assert h.written().count(b"data: 1\n\n") == 1
     h.relay.pauseProducing()
     assert h.upstream.producerState == "paused"
     h.relay.pauseProducing()  # re-entrant
@@ -112,6 +115,7 @@ def test_idle_timer_does_not_count_our_own_pauses():
     h = Harness(idle_timeout=5, stall_timeout=60)
     h.clock.advance(4)
     h.relay.dataReceived(b"data: 1\n\n")
+    h.clock.advance(0)
     h.clock.advance(4)
     h.relay.pauseProducing()
     h.clock.advance(50)  # paused by the client for longer than the idle timeout

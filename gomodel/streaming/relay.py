@@ -60,6 +60,8 @@ class StreamRelay(Protocol):
         self.finished = Deferred(lambda d: self.abort_upstream())
         self._idle_call = None
         self._stall_call = None
+        self._inbox = []
+        self._drain_call = None
         self._max_call = clock.callLater(max_duration, self._fail, StreamTooLong()) if max_duration else None
 
     # -- upstream side (IProtocol) -------------------------------------------
@@ -68,10 +70,23 @@ class StreamRelay(Protocol):
         self._arm_idle()
 
     def dataReceived(self, data):
+        # An upstream read often holds many HTTP chunks (one per SSE event), each
+        # delivered here on its own: they are relayed together once the read is
+        # done (the next reactor turn), so a read costs one write, not one per event.
         if self.finished.called:
             return
         if self.first_byte_at is None:
             self.first_byte_at = self._clock.seconds()
+        self._inbox.append(data)
+        if self._drain_call is None:
+            self._drain_call = self._clock.callLater(0, self._drain)
+
+    def _drain(self):
+        self._drain_call = None
+        data = b"".join(self._inbox) if len(self._inbox) > 1 else self._inbox[0]
+        self._inbox = []
+        if self.finished.called:
+            return
         self._arm_idle()
         try:
             out = self.observer.feed(data)
@@ -84,6 +99,9 @@ class StreamRelay(Protocol):
 
     def connectionLost(self, reason):
         self.upstream_done = True
+        if self._drain_call is not None:
+            self._drain_call.cancel()
+            self._drain()
         self._cancel_timers()
         if self.finished.called:
             return
@@ -157,6 +175,7 @@ class StreamRelay(Protocol):
             call.cancel()
 
     def _cancel_timers(self):
-        for call in (self._idle_call, self._stall_call, self._max_call):
+        for call in (self._idle_call, self._stall_call, self._max_call, self._drain_call):
             self._cancel(call)
-        self._idle_call = self._stall_call = self._max_call = None
+        self._idle_call = self._stall_call = self._max_call = self._drain_call = None
+        self._inbox = []

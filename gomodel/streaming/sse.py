@@ -27,15 +27,20 @@ class SSEFramer:
     def feed(self, data: bytes) -> list:
         """Add C{data}; return the events it completed."""
         buffer = self._buffer + data if self._buffer else data
-        events = []
-        start = 0
-        while True:
-            match = _TERMINATOR.search(buffer, start)
-            if match is None:
-                break
-            events.append(buffer[start:match.end()])
-            start = match.end()
-        self._buffer = buffer[start:]
+        if b"\r" in buffer:
+            events = []
+            start = 0
+            while True:
+                match = _TERMINATOR.search(buffer, start)
+                if match is None:
+                    break
+                events.append(buffer[start:match.end()])
+                start = match.end()
+            self._buffer = buffer[start:]
+        else:  # the common case: LF only, cut in C
+            parts = buffer.split(b"\n\n")
+            self._buffer = parts.pop()
+            events = [part + b"\n\n" for part in parts]
         if len(self._buffer) > self._max:
             raise StreamIncomplete("an upstream event exceeded %d bytes" % self._max)
         return events
@@ -74,21 +79,17 @@ class ChatStreamObserver:
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the bytes to send the client now (whole events)."""
         events = self._framer.feed(data)
-        if not events:
-            return b""
-        if not self._strip_usage and not any(b'"usage"' in e or b'"error"' in e or b"[DONE]" in e
-                                             for e in events):
-            self.events += len(events)
-            return b"".join(events)
+        self.events += len(events)
         out = []
         for event in events:
-            if self._observe(event):
-                out.append(event)
+            # Only events that can carry usage, an error or the end are looked into.
+            if (b'"usage"' in event or b'"error"' in event or b"[DONE]" in event) and not self._observe(event):
+                continue
+            out.append(event)
         return b"".join(out)
 
     def _observe(self, event: bytes) -> bool:
         """Record what C{event} says; return whether the client gets it."""
-        self.events += 1
         data = event_data(event)
         if data == b"[DONE]":
             self.done = True
