@@ -21,6 +21,10 @@ setup(
         # orjson parses and writes request bodies several times faster than the
         # standard library on the hot path; answers are never re-serialised.
         "orjson>=3.9",
+        # multipart (the parser bottle uses) parses uploads as they arrive
+        # (PushMultipartParser), so a 512 MB file goes to disk in small chunks;
+        # the standard library's email/cgi parsers need the whole body in memory.
+        "multipart>=1.2",
     ],
     extras_require={
         "test": [

@@ -9,11 +9,10 @@ from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
 from gomodel.api.files import FilesAPI
 from gomodel.api.site import GatewaySite
-from gomodel.batches.runner import BatchRunner
+from gomodel.batches.service import BatchServices
 from gomodel.httpclient import make_agent, make_http_client, make_pool
 from gomodel.providers import build_provider
 from gomodel.registry import ModelRegistry
-from gomodel.store import SQLiteStore
 from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 
 
@@ -98,16 +97,12 @@ class GatewayService(MultiService):
         self.registry = ModelRegistry(providers, reactor, mode=config.models_mode,
                                       refresh_interval=config.models_refresh_interval)
         self.registry.setServiceParent(self)
-        # Files and batches: the store starts before (and stops after) the
-        # runner, which stops after the listeners (MultiService stops in reverse).
-        # Of several processes on one data directory, only the first sweeps
-        # leftovers and executes batches; workers store them for it.
-        self.store = SQLiteStore(config.data_dir, reactor, sweep=role != "worker")
-        self.store.setServiceParent(self)
-        self.batch_runner = BatchRunner(self.store, self.registry, reactor, config.timeouts,
-                                        concurrency=config.batch_concurrency_per_provider,
-                                        max_attempts=config.batch_max_attempts, execute=role != "worker")
-        self.batch_runner.setServiceParent(self)
+        # Files and batches: the store, then the runner (stopped in reverse, one
+        # after the other). Of several processes on one data directory only the
+        # first executes batches; workers store them for it.
+        batches = BatchServices(config, self.registry, reactor, primary=role != "worker")
+        batches.setServiceParent(self)
+        self.store, self.batch_runner = batches.store, batches.runner
         files = FilesAPI(self.store, config.files_max_bytes)
         self.app = GatewayApp(config, self.registry, reactor, files=files,
                               batches=BatchesAPI(self.store, self.batch_runner))

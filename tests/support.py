@@ -1,5 +1,8 @@
 """Running the real gateway and the fake vLLM on loopback sockets for tests."""
 
+import atexit
+import shutil
+import tempfile
 import time
 
 import pytest_twisted
@@ -28,7 +31,13 @@ class Gateway:
 
 
 async def start_gateway(reactor, env, yaml_path=None, wait_ready=True) -> Gateway:
-    """Build the gateway from C{env} exactly as twistd would, listening on a free port."""
+    """Build the gateway from C{env} exactly as twistd would, listening on a free port.
+
+    Without C{GOMODEL_DATA_DIR} in C{env} its files and batches live in a new
+    temporary directory (never in ./data).
+    """
+    if "GOMODEL_DATA_DIR" not in env:
+        env = dict(env, GOMODEL_DATA_DIR=_scratch_data_dir())
     config = load_config(env, yaml_path, [LISTEN])
     service = GatewayService(config, reactor)
     service.startService()
@@ -37,6 +46,18 @@ async def start_gateway(reactor, env, yaml_path=None, wait_ready=True) -> Gatewa
     if wait_ready:
         await with_timeout(reactor, gateway.registry.ready(), 5)
     return gateway
+
+
+_SCRATCH = []
+
+
+def _scratch_data_dir() -> str:
+    """A fresh data directory under one temporary root, removed when the test run ends."""
+    if not _SCRATCH:
+        root = tempfile.mkdtemp(prefix="gomodel-test-")
+        atexit.register(shutil.rmtree, root, True)
+        _SCRATCH.append(root)
+    return tempfile.mkdtemp(dir=_SCRATCH[0])
 
 
 async def start_fake(reactor, **kwargs) -> FakeVLLM:

@@ -142,3 +142,43 @@ def test_durations_and_sizes():
     assert config.body_size_limit == 512 * 1024
     assert config.models_refresh_interval == 90
     assert load_config({"CACHE_REFRESH_INTERVAL": "10m"}).models_refresh_interval == 600
+
+
+def test_data_dir_default_env_and_yaml(tmp_path):
+    assert load_config({}).data_dir == "./data"
+    assert load_config({"GOMODEL_DATA_DIR": "/var/lib/gomodel"}).data_dir == "/var/lib/gomodel"
+    path = tmp_path / "g.yaml"
+    path.write_text("server: {data_dir: /srv/gomodel}\n")
+    assert load_config({}, str(path)).data_dir == "/srv/gomodel"
+    assert load_config({"GOMODEL_DATA_DIR": "/env/wins"}, str(path)).data_dir == "/env/wins"
+    with pytest.raises(ConfigError) as raised:
+        load_config({"GOMODEL_DATA_DIR": "   "})
+    assert "GOMODEL_DATA_DIR" in str(raised.value)
+
+
+def test_files_max_bytes_allows_up_to_8gb():
+    assert load_config({}).files_max_bytes == 512 * 1024 * 1024
+    assert load_config({"FILES_MAX_BYTES": "2G"}).files_max_bytes == 2 * 1024**3
+    assert load_config({"FILES_MAX_BYTES": "8GB"}).files_max_bytes == 8 * 1024**3
+    for bad in ("9G", "10", "lots"):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"FILES_MAX_BYTES": bad})
+        assert "FILES_MAX_BYTES" in str(raised.value)
+    with pytest.raises(ConfigError):  # the request body limit keeps its 1 GB ceiling
+        load_config({"BODY_SIZE_LIMIT": "2G"})
+
+
+def test_batch_concurrency_per_provider():
+    assert load_config({}).batch_concurrency_per_provider == 4
+    assert load_config({"BATCH_CONCURRENCY_PER_PROVIDER": "16"}).batch_concurrency_per_provider == 16
+    with pytest.raises(ConfigError) as raised:
+        load_config({"BATCH_CONCURRENCY_PER_PROVIDER": "0"})
+    assert "BATCH_CONCURRENCY_PER_PROVIDER" in str(raised.value)
+
+
+def test_batch_max_attempts():
+    assert load_config({}).batch_max_attempts == 4
+    assert load_config({"BATCH_MAX_ATTEMPTS": "1"}).batch_max_attempts == 1
+    with pytest.raises(ConfigError) as raised:
+        load_config({"BATCH_MAX_ATTEMPTS": "never"})
+    assert "BATCH_MAX_ATTEMPTS" in str(raised.value)

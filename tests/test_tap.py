@@ -53,6 +53,7 @@ providers:
 """)
     for var in [v for v in os.environ if v.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))]:
         monkeypatch.delenv(var)
+    monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path / "data"))
     options = tap.Options()
     options.parseOptions(["--config", str(config), "--listen", "tcp:0:interface=127.0.0.1"])
     service = tap.makeService(options)

@@ -21,6 +21,7 @@ class WriteGate:
         self._paused = False
         self._stopped = False
         self._waiting = None
+        self._closed = False
         request.registerProducer(self, True)
 
     def write(self, data: bytes):
@@ -36,9 +37,9 @@ class WriteGate:
 
     def close(self):
         """Unregister from the request (when it is still connected)."""
-        if not self._stopped and self._request.channel is not None:
+        if not self._closed and self._request.channel is not None:
             self._request.unregisterProducer()
-        self._stopped = True
+        self._closed = self._stopped = True
 
     def pauseProducing(self):
         self._paused = True

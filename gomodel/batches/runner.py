@@ -22,6 +22,11 @@ or repeating an answer:
 At start every batch in C{validating}, C{in_progress}, C{finalizing} or
 C{cancelling} is resumed. At stop, requests in flight are cancelled and timers
 removed; answers already read are recorded first.
+
+With several gateway processes on one data directory (C{--workers}), only
+one runner executes (C{execute=True}, the primary); the others only store
+new batches and cancellations, which the executing runner picks up from the
+store every C{poll_interval} seconds (its own are started at once).
 """
 
 import uuid
@@ -29,7 +34,7 @@ import uuid
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from gomodel import jsonutil
@@ -48,6 +53,7 @@ LINES_PER_READ = 1000  # input lines validated at a time
 MAX_LINE_BYTES = 64 * 1024 * 1024
 MAX_ERRORS = 1000  # validation errors reported (the batch fails either way)
 READY_WAIT = 30.0  # at start, how long resumed batches wait for model discovery
+POLL_INTERVAL = 1.0  # how often the executing runner looks for work other processes stored
 
 
 def result_id() -> str:
@@ -97,6 +103,7 @@ class _Job:
         self.waiting = None  # a semaphore acquisition in progress
         self.expiry = None  # the IDelayedCall that expires the batch
         self.task = None
+        self.watchers = []  # Deferreds fired when the job ends
 
     def halt(self, why):
         """Stop sending: C{cancel}, C{expire} or C{shutdown} (which wins: the stored status says the rest)."""
@@ -115,7 +122,8 @@ class BatchRunner(Service):
     log = Logger()
 
     def __init__(self, store, registry, clock, timeouts, *, concurrency=4, max_attempts=4,
-                 backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX):
+                 backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, execute=True,
+                 poll_interval=POLL_INTERVAL):
         self._store = store
         self._registry = registry
         self._clock = clock
@@ -127,22 +135,33 @@ class BatchRunner(Service):
         self._semaphores = {}
         self._jobs = {}
         self._resuming = None
+        self._execute = execute
+        self._poll_interval = poll_interval
+        self._poll = None
+        self._scanning = None
 
     # -- service ----------------------------------------------------------------
 
     def startService(self):
         super().startService()
+        if not self._execute:
+            return
         self._resuming = Deferred.fromCoroutine(self._resume())
         self._resuming.addErrback(self._resume_failed)
+        self._resuming.addCallback(self._start_polling)
 
     def stopService(self):
         super().stopService()
         if self._resuming is not None:
             self._resuming.cancel()
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        if self._scanning is not None:
+            self._scanning.cancel()
         jobs = list(self._jobs.values())
         for job in jobs:
             job.halt("shutdown")
-        return DeferredList([job.task for job in jobs]) if jobs else None
+        return DeferredList([job.task for job in jobs])
 
     async def _resume(self):
         await self._store.started()
@@ -166,6 +185,37 @@ class BatchRunner(Service):
         finally:
             if timer.active():
                 timer.cancel()
+
+    def _start_polling(self, _):
+        if not self.running or self._poll_interval <= 0:
+            return
+        self._poll = LoopingCall(self._scan)
+        self._poll.clock = self._clock
+        self._poll.start(self._poll_interval, now=False)
+
+    def _scan(self):
+        """Start batches stored by other processes; pass on cancellations they stored."""
+        if self._scanning is not None:
+            return
+        self._scanning = self._store.unfinished_batches()
+
+        def found(batches):
+            for batch in batches:
+                job = self._jobs.get(batch["id"])
+                if job is None:
+                    self._start(batch["id"], batch["expires_at"])
+                elif batch["status"] == "cancelling" and job.stop is None:
+                    job.halt("cancel")
+
+        def failed(failure):
+            if not failure.check(CancelledError, StorageUnavailable):
+                self.log.failure("looking for batches to run failed", failure)
+
+        def done(_):
+            self._scanning = None
+
+        self._scanning.addCallbacks(found, failed)
+        self._scanning.addBoth(done)
 
     def _resume_failed(self, failure):
         if failure.check(CancelledError):
@@ -221,7 +271,7 @@ class BatchRunner(Service):
     # -- one batch ----------------------------------------------------------------
 
     def _start(self, batch_id, expires_at):
-        if not self.running or batch_id in self._jobs:
+        if not self.running or not self._execute or batch_id in self._jobs:
             return
         job = self._jobs[batch_id] = _Job(batch_id)
         delay = (expires_at or 0) - self._clock.seconds() if expires_at is not None else None
@@ -235,10 +285,12 @@ class BatchRunner(Service):
         job.task.addBoth(self._job_done, job)
 
     def _job_failed(self, failure, job):
+        if job.stop == "shutdown" and failure.check(StorageUnavailable, CancelledError):
+            return  # stopping: the batch resumes at the next start
         if failure.check(StorageUnavailable):
             self.log.warn("batch {batch_id} paused: {error}", batch_id=job.batch_id, error=failure.value.message)
         elif not failure.check(CancelledError):
-            self.log.failure("batch {batch_id} stopped unexpectedly; it resumes at the next start", failure,
+            self.log.failure("batch {batch_id} stopped unexpectedly; it is tried again later", failure,
                              batch_id=job.batch_id)
 
     def _job_done(self, _, job):
@@ -246,6 +298,21 @@ class BatchRunner(Service):
             job.expiry.cancel()
         if self._jobs.get(job.batch_id) is job:
             del self._jobs[job.batch_id]
+        watchers, job.watchers = job.watchers, []
+        for d in watchers:
+            d.callback(None)
+
+    async def settled(self, batch_id):
+        """Wait until nothing works on C{batch_id} (after batches were resumed at start)."""
+        if self._resuming is not None and not self._resuming.called:
+            resumed = Deferred()
+            self._resuming.addBoth(lambda result: (resumed.callback(None), result)[1])
+            await resumed
+        job = self._jobs.get(batch_id)
+        if job is not None:
+            d = Deferred()
+            job.watchers.append(d)
+            await d
 
     async def _run(self, job):
         batch = await self._store.get_batch(job.batch_id)
@@ -460,64 +527,58 @@ class BatchRunner(Service):
             try:
                 parsed = jsonutil.loads(body)
             except jsonutil.JSONError:
-                error = upstream_error(502, b"", provider.name)
                 error_body = jsonutil.dumps({"error": {
                     "message": f"The upstream provider '{provider.name}' answered with something that is not JSON.",
                     "type": "provider_error", "param": None, "code": "bad_upstream_response"}})
-                del error
                 return False, output_line(custom_id, status, outcome.request_id, error_body)
             if b"\n" in body or b"\r" in body:  # one line per result in a JSONL file
                 body = jsonutil.dumps(parsed)
             return True, output_line(custom_id, status, outcome.request_id, body)
         error = upstream_error(status if status >= 400 else 502, body, provider.name, provider.hidden)
         error_body = error.body()
-        try:
-            parsed = jsonutil.loads(error_body)
-            error_body = jsonutil.dumps(parsed)
-        except jsonutil.JSONError:  # pragma: no cover - upstream_error always gives JSON
-            pass
+        if b"\n" in error_body or b"\r" in error_body:
+            error_body = jsonutil.dumps(jsonutil.loads(error_body))
         return False, output_line(custom_id, status, outcome.request_id, error_body)
 
     # -- the end of a batch ---------------------------------------------------------------
 
     async def _conclude(self, job):
+        """Take the batch to its final status, from what the store says now."""
         if job.stop == "shutdown":
             return
         batch_id = job.batch_id
-        batch = await self._store.get_batch(batch_id)
-        status = batch["status"]
+        status = (await self._store.get_batch(batch_id))["status"]
         if status == "cancelling":
             await self._store.finalize_batch(batch_id, {"status": "cancelled", "cancelled_at": self._now()},
                                              only_if_status=("cancelling",))
             return
-        if status == "validating" and job.stop == "expire":
-            await self._store.clear_batch_requests(batch_id)
-            await self._store.update_batch(batch_id, {"status": "expired", "expired_at": self._now()},
-                                           only_if_status=("validating",))
-            return
-        if status not in ("in_progress", "finalizing"):
-            return
-        if job.stop == "expire" and status == "in_progress":
-            await self._expire_rest(job)
-            done = await self._store.finalize_batch(batch_id, {"status": "expired", "expired_at": self._now()},
-                                                    only_if_status=("in_progress",))
-            if done is None:
-                await self._conclude(job)
-            return
-        if job.stop is not None:
+        if status == "validating":
+            if job.stop == "expire":
+                await self._store.clear_batch_requests(batch_id)
+                await self._store.update_batch(batch_id, {"status": "expired", "expired_at": self._now()},
+                                               only_if_status=("validating",))
             return
         if status == "in_progress":
             if await self._store.pending_requests(batch_id, 0, 1):
-                self.log.warn("batch {batch_id} has unanswered lines; it resumes at the next start",
-                              batch_id=batch_id)
+                if job.stop == "expire":
+                    await self._expire_rest(job)
+                    done = await self._store.finalize_batch(
+                        batch_id, {"status": "expired", "expired_at": self._now()}, only_if_status=("in_progress",))
+                    if done is None:  # cancelled meanwhile
+                        await self._conclude(job)
+                elif job.stop is None:
+                    self.log.warn("batch {batch_id} has unanswered lines; it resumes at the next start",
+                                  batch_id=batch_id)
                 return
             moved = await self._store.update_batch(batch_id, {"status": "finalizing", "finalizing_at": self._now()},
                                                    only_if_status=("in_progress",))
             if moved is None:  # cancelled meanwhile
                 await self._conclude(job)
                 return
-        await self._store.finalize_batch(batch_id, {"status": "completed", "completed_at": self._now()},
-                                         only_if_status=("finalizing",))
+            status = "finalizing"
+        if status == "finalizing":
+            await self._store.finalize_batch(batch_id, {"status": "completed", "completed_at": self._now()},
+                                             only_if_status=("finalizing",))
 
     async def _expire_rest(self, job):
         message = "This request could not be executed before the batch's completion window expired."

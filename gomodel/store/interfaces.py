@@ -106,11 +106,12 @@ class IStore(Interface):
     def read_results(batch_id, after_line, limit):
         """Fires with up to C{limit} results C{(line, custom_id, ok, data)} past C{after_line}, in line order."""
 
-    def finalize_batch(batch_id, changes):
+    def finalize_batch(batch_id, changes, only_if_status=None):
         """Write the batch's output and error files from its results, then apply C{changes}.
 
         The files (purpose C{batch_output}) are registered and the batch gets
         their ids (None where there is nothing to write) in the same
         transaction as C{changes}; the stored requests are dropped. Fires with
-        the updated record.
+        the updated record, or None (and nothing written) when the batch's
+        status is not in C{only_if_status}.
         """

@@ -4,7 +4,7 @@ Layout of C{GOMODEL_DATA_DIR}::
 
     gomodel.db            files, batches, batch requests and results (WAL journal)
     files/<file_id>       the contents of each file
-    files/.spool/         uploads being received (emptied at start)
+    files/.spool/<run>/   uploads being received, one directory per run (older ones removed at start)
 
 All database and file work runs in one dedicated thread (a L{ThreadPool} of
 one), so the reactor never waits on the disk and the database sees one writer.
@@ -14,11 +14,13 @@ holds the number of the last migration applied.
 
 import json
 import os
+import shutil
 import sqlite3
 import uuid
 from contextlib import contextmanager
 
 from twisted.application.service import Service
+from twisted.internet.defer import fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -108,27 +110,38 @@ class SQLiteStore(Service):
 
     log = Logger()
 
-    def __init__(self, data_dir, reactor, clock=None):
+    def __init__(self, data_dir, reactor, clock=None, *, sweep=True):
+        """
+        @param sweep: remove leftovers of earlier runs at start (uploads cut
+            short, contents no record names). Only one process sharing the
+            data directory may do it (the others could be writing).
+        """
+        self._sweeping = sweep
         self.data_dir = os.path.abspath(data_dir)
         self.db_path = os.path.join(self.data_dir, DB_NAME)
         self.files_dir = os.path.join(self.data_dir, "files")
-        self.spool_dir = os.path.join(self.files_dir, ".spool")
+        self._spool_root = os.path.join(self.files_dir, ".spool")
+        # Uploads of this run only: the start-up sweep (in the store thread)
+        # removes other runs' leftovers without racing an upload in progress.
+        self.spool_dir = os.path.join(self._spool_root, uuid.uuid4().hex)
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="gomodel-store")
         self._conn = None
         self._broken = None
         self._started = None
+        self._shutdown_trigger = None
 
     # -- service --------------------------------------------------------------
 
     def startService(self):
         super().startService()
         self._pool.start()
+        # A safety net: the store's thread must never keep a stopping process alive.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool, True)
         self._started = self._run(self._open)
 
         def failed(failure):
-            self._broken = failure.getErrorMessage()
             self.log.failure("cannot open the store in {data_dir}: files and batches are unavailable",
                              failure, data_dir=self.data_dir)
 
@@ -138,8 +151,15 @@ class SQLiteStore(Service):
         super().stopService()
         d = self._run(self._close)
         d.addErrback(lambda f: self.log.failure("closing the store", f))
-        d.addBoth(lambda _: self._pool.stop())  # the thread is idle now: joining it is immediate
+        d.addBoth(lambda _: self._stop_pool())  # the thread is idle now: joining it is immediate
         return d
+
+    def _stop_pool(self, shutting_down=False):
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None:
+            if not shutting_down:
+                self._reactor.removeSystemEventTrigger(trigger)
+            self._pool.stop()
 
     def started(self):
         if self._started is None:
@@ -149,27 +169,38 @@ class SQLiteStore(Service):
         return d
 
     def _run(self, f, *args):
+        if self._pool.joined:  # stopped: a late caller gets an answer, not an exception
+            return fail(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     # -- in the store thread ----------------------------------------------------
 
     def _open(self):
-        os.makedirs(self.spool_dir, exist_ok=True)
-        conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL: a committed transaction survives a killed process; only
-        # an OS crash or power loss can take back the last ones.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        _migrate(conn)
+        conn = None
+        try:
+            os.makedirs(self.spool_dir, exist_ok=True)
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a committed transaction survives a killed process; only
+            # an OS crash or power loss can take back the last ones.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            _migrate(conn)
+        except Exception as e:
+            self._broken = str(e) or type(e).__name__  # what every later call answers with
+            if conn is not None:
+                conn.close()
+            raise
         self._conn = conn
-        self._sweep()
+        if self._sweeping:
+            self._sweep()
 
     def _close(self):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        shutil.rmtree(self.spool_dir, ignore_errors=True)  # this run's uploads that were cut short
 
     def _db(self):
         if self._conn is None:
@@ -190,8 +221,9 @@ class SQLiteStore(Service):
 
     def _sweep(self):
         """Remove half-received uploads and contents no record names (a crash mid-write)."""
-        for name in os.listdir(self.spool_dir):
-            _unlink(os.path.join(self.spool_dir, name))
+        for name in os.listdir(self._spool_root):
+            if os.path.join(self._spool_root, name) != self.spool_dir:
+                shutil.rmtree(os.path.join(self._spool_root, name), ignore_errors=True)
         known = {row[0] for row in self._conn.execute("SELECT id FROM files")}
         for name in os.listdir(self.files_dir):
             if name.startswith("file-") and name not in known:
@@ -409,11 +441,13 @@ class SQLiteStore(Service):
             "ORDER BY line LIMIT ?", (batch_id, after_line, limit)).fetchall()
         return [(r[0], r[1], bool(r[2]), bytes(r[3])) for r in rows]
 
-    def finalize_batch(self, batch_id, changes):
-        return self._run(self._finalize_batch, batch_id, dict(changes), self._now())
+    def finalize_batch(self, batch_id, changes, only_if_status=None):
+        return self._run(self._finalize_batch, batch_id, dict(changes), only_if_status, self._now())
 
-    def _finalize_batch(self, batch_id, changes, now):
+    def _finalize_batch(self, batch_id, changes, only_if_status, now):
         conn = self._db()
+        if only_if_status and self._get_batch(batch_id)["status"] not in only_if_status:
+            return None
         written = []  # (file_id, size, filename)
         try:
             ids = {}
@@ -427,11 +461,14 @@ class SQLiteStore(Service):
                     conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose) VALUES (?, ?, ?, ?, ?)",
                                  (file_id, size, now, filename, "batch_output"))
                 changes = dict(changes, output_file_id=ids["output"], error_file_id=ids["error"])
-                _apply(conn, batch_id, changes, None)
+                if not _apply(conn, batch_id, changes, only_if_status):
+                    raise _Moved()
                 conn.execute("DELETE FROM batch_requests WHERE batch_id = ?", (batch_id,))
-        except BaseException:
+        except BaseException as e:
             for file_id, _, _ in written:
                 _unlink(self._content_path(file_id))
+            if isinstance(e, _Moved):
+                return None
             raise
         return self._get_batch(batch_id)
 
@@ -460,29 +497,33 @@ class SQLiteStore(Service):
         return file_id, size
 
 
+class _Moved(Exception):
+    """The batch left the expected status while its files were being written."""
+
+
 def _migrate(conn):
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT version FROM schema_version").fetchone()
-    if row is None:
-        conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-        current = 0
-    else:
-        current = row[0]
-    latest = MIGRATIONS[-1][0]
-    if current > latest:
-        raise RuntimeError(f"the database is at schema version {current}, newer than this gateway's {latest}")
-    for version, statements in MIGRATIONS:
-        if version <= current:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute("UPDATE schema_version SET version = ?", (version,))
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    """Bring the schema to the last migration, in one transaction (safe when processes start together)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            current = 0
+        else:
+            current = row[0]
+        latest = MIGRATIONS[-1][0]
+        if current > latest:
+            raise RuntimeError(f"the database is at schema version {current}, newer than this gateway's {latest}")
+        for version, statements in MIGRATIONS:
+            if version > current:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (version,))
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _apply(conn, batch_id, changes, only_if_status):

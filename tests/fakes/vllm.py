@@ -15,6 +15,17 @@ gateway forwards untouched:
   - C{fake_hang}: never answer (the connection stays open)
   - C{fake_flood}: stream that many bytes of events as fast as the client allows
   - C{fake_status} / C{fake_body}: answer with that status and raw body
+
+Batch tests steer it per request with a C{fake_marker} (any string; the fake
+counts requests and finished answers per marker in C{marker_counts} and
+C{marker_answers}) and, on any route:
+
+  - C{fake_delay}: answer after that many seconds
+  - C{fake_hold}: hold the request unanswered while C{fake.holding} is true
+    (until L{FakeVLLM.release_holds}: held requests still connected are then
+    answered, later ones are answered at once)
+  - C{fake_fail_times} / C{fake_fail_status}: answer that status (default 503)
+    to the first N requests carrying the marker, then answer normally
 """
 
 import time
@@ -109,6 +120,10 @@ class FakeVLLM(Resource):
         self.max_model_len = max_model_len
         self.requests = []
         self._waiting = []
+        self.marker_counts = {}  # fake_marker -> requests received
+        self.marker_answers = {}  # fake_marker -> answers finished (fully written)
+        self.holding = True
+        self._held = []
         self.port = None
         self.models_status = 200  # set to 503 to make /v1/models fail
 
@@ -156,7 +171,54 @@ class FakeVLLM(Resource):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(record)
+        steered = self._steer(request, record)
+        if steered is not None:
+            return steered
+        return self._route(request, record)
 
+    # -- per-request steering for batch tests (fake_marker, fake_delay, ...) ----
+
+    def _steer(self, request, record):
+        body = record.body if isinstance(record.body, dict) else {}
+        marker = body.get("fake_marker")
+        if marker is not None:
+            count = self.marker_counts[marker] = self.marker_counts.get(marker, 0) + 1
+            record.closed.addCallback(self._count_answer, marker)
+            if count <= int(body.get("fake_fail_times", 0)):
+                status = int(body.get("fake_fail_status", 503))
+                return self._json(request, status, {"error": {"message": f"fake failure {count}",
+                                                              "type": "ServiceUnavailableError",
+                                                              "param": None, "code": status}})
+        if body.get("fake_hold") and self.holding:
+            self._held.append((request, record))
+            return server.NOT_DONE_YET
+        if body.get("fake_delay"):
+            call = self._reactor.callLater(float(body["fake_delay"]), self._answer_late, request, record)
+            request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+            return server.NOT_DONE_YET
+        return None
+
+    def _count_answer(self, closed, marker):
+        if closed[0] == "finished":
+            self.marker_answers[marker] = self.marker_answers.get(marker, 0) + 1
+        return closed
+
+    def _answer_late(self, request, record):
+        if request._disconnected:
+            return
+        result = self._route(request, record)
+        if result is not server.NOT_DONE_YET:
+            request.write(result)
+            request.finish()
+
+    def release_holds(self):
+        """Stop holding C{fake_hold} requests; answer those still waiting."""
+        self.holding = False
+        held, self._held = self._held, []
+        for request, record in held:
+            self._answer_late(request, record)
+
+    def _route(self, request, record):
         path = request.path
         if self.api_key is not None and path.startswith(b"/v1"):
             if request.getHeader(b"authorization") != f"Bearer {self.api_key}".encode():

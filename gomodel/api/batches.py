@@ -1,0 +1,154 @@
+"""C{/v1/batches}: OpenAI's Batch API, executed by the gateway itself (vLLM has none).
+
+Besides OpenAI's routes, C{GET /v1/batches/{id}/results} returns every
+result line of a finished batch (C{completed}, C{expired} or C{cancelled}) as
+JSONL (C{application/jsonl}) in input-line order: the lines of the output
+file and of the error file merged, one per answered request. Before the batch
+has finished it answers 409.
+"""
+
+from klein import Klein
+
+from gomodel import jsonutil
+from gomodel.api.errorhandlers import install as install_error_handlers
+from gomodel.api.files import page
+from gomodel.api.producers import send_pages
+from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window
+from gomodel.errors import Conflict, InvalidRequest, NotFound
+
+LIST_LIMIT_DEFAULT = 20
+LIST_LIMIT_MAX = 100
+RESULTS_PAGE = 500
+RESULTS_READY = ("completed", "expired", "cancelled")
+
+
+def batch_object(record) -> dict:
+    """The OpenAI batch object for a store record."""
+    errors = record["errors"]
+    return {
+        "id": record["id"], "object": "batch", "endpoint": record["endpoint"],
+        "errors": {"object": "list", "data": errors} if errors else None,
+        "input_file_id": record["input_file_id"], "completion_window": record["completion_window"],
+        "status": record["status"], "output_file_id": record["output_file_id"],
+        "error_file_id": record["error_file_id"], "created_at": record["created_at"],
+        "in_progress_at": record["in_progress_at"], "expires_at": record["expires_at"],
+        "finalizing_at": record["finalizing_at"], "completed_at": record["completed_at"],
+        "failed_at": record["failed_at"], "expired_at": record["expired_at"],
+        "cancelling_at": record["cancelling_at"], "cancelled_at": record["cancelled_at"],
+        "request_counts": {"total": record["total"], "completed": record["completed"], "failed": record["failed"]},
+        "metadata": record["metadata"],
+    }
+
+
+class BatchesAPI:
+    """The routes under C{/v1/batches}, mounted by L{gomodel.api.app.GatewayApp}."""
+
+    app = Klein()
+    app.url_map.strict_slashes = False
+
+    def __init__(self, store, runner):
+        self._store = store
+        self._runner = runner
+
+    @app.route("/", methods=["POST"])
+    async def create(self, request):
+        body = _json_object(request)
+        endpoint = body.get("endpoint")
+        if endpoint not in ENDPOINTS:
+            raise InvalidRequest(f"'endpoint' must be one of: {', '.join(ENDPOINTS)}.", param="endpoint",
+                                 code="invalid_value")
+        input_file_id = body.get("input_file_id")
+        if not isinstance(input_file_id, str) or not input_file_id:
+            raise InvalidRequest("The request needs an 'input_file_id'.", param="input_file_id",
+                                 code="missing_required_parameter")
+        window = body.get("completion_window", "24h")
+        try:
+            seconds = completion_window(window)
+        except ValueError as e:
+            raise InvalidRequest(f"'completion_window' {e}.", param="completion_window", code="invalid_value") from None
+        try:
+            metadata = check_metadata(body.get("metadata"))
+        except ValueError as e:
+            raise InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
+        input_file = await self._store.get_file(input_file_id)
+        if input_file is None:
+            raise NotFound(f"No such File object: {input_file_id}", param="input_file_id", code="file_not_found")
+        if input_file["purpose"] != "batch":
+            raise InvalidRequest(f"The file {input_file_id} has purpose '{input_file['purpose']}'; "
+                                 "a batch needs a file uploaded with purpose 'batch'.", param="input_file_id",
+                                 code="invalid_file")
+        record = await self._runner.create(endpoint, input_file_id, window, seconds, metadata)
+        return _json(request, batch_object(record))
+
+    @app.route("/", methods=["GET"])
+    async def list_batches(self, request):
+        limit = _limit(request)
+        records, has_more = await self._store.list_batches(after=_arg(request, b"after"), limit=limit)
+        return _json(request, page([batch_object(r) for r in records], has_more))
+
+    @app.route("/<batch_id>", methods=["GET"])
+    async def retrieve(self, request, batch_id):
+        return _json(request, batch_object(await self._get(batch_id)))
+
+    @app.route("/<batch_id>/cancel", methods=["POST"])
+    async def cancel(self, request, batch_id):
+        return _json(request, batch_object(await self._runner.cancel(batch_id)))
+
+    @app.route("/<batch_id>/results", methods=["GET"])
+    async def results(self, request, batch_id):
+        batch = await self._get(batch_id)
+        if batch["status"] not in RESULTS_READY:
+            raise Conflict(f"The batch {batch_id} is {batch['status']}: its results are ready once it is "
+                           "completed, expired or cancelled.", code="batch_not_finished")
+        request.setHeader(b"content-type", b"application/jsonl")
+
+        def fetch(last):
+            return self._store.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE)
+
+        return await send_pages(request, fetch, lambda row: row[3] + b"\n")
+
+    async def _get(self, batch_id):
+        record = await self._store.get_batch(batch_id)
+        if record is None:
+            raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+        return record
+
+    install_error_handlers(app)
+
+
+def _json_object(request) -> dict:
+    request.content.seek(0)
+    data = request.content.read()
+    try:
+        body = jsonutil.loads(data)
+    except jsonutil.JSONError as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _arg(request, name):
+    values = request.args.get(name)
+    return values[0].decode("utf-8", "replace") if values and values[0] else None
+
+
+def _limit(request):
+    text = _arg(request, b"limit")
+    if text is None:
+        return LIST_LIMIT_DEFAULT
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise InvalidRequest(f"'limit' must be an integer between 1 and {LIST_LIMIT_MAX}.", param="limit",
+                             code="invalid_value")
+    return limit
+
+
+def _json(request, value) -> bytes:
+    body = jsonutil.dumps(value)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body

@@ -1,0 +1,1 @@
+"""Batches executed by the gateway itself (vLLM has no batch API)."""

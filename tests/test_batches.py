@@ -1,0 +1,653 @@
+"""/v1/batches: the openai SDK against the gateway and the fake vLLM, restarts, and the runner on a clock."""
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from gomodel.batches.runner import BatchRunner
+from gomodel.config import Timeouts
+from gomodel.errors import ModelNotFound, UpstreamUnreachable
+from gomodel.registry import Route
+from gomodel.store import SQLiteStore
+from tests.support import in_thread, start_gateway, with_timeout
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+KEY = "batch-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def chat_line(custom_id, url="/v1/chat/completions", **body):
+    return {"custom_id": custom_id, "method": "POST", "url": url,
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                     "fake_marker": custom_id, **body}}
+
+
+def jsonl(lines) -> bytes:
+    return b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
+
+
+def parse_jsonl(data: bytes):
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+async def until(reactor, predicate, limit=10.0, interval=0.01):
+    """A bounded poll, for what only a real socket can tell."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never met"
+        await deferLater(reactor, interval, lambda: None)
+
+
+@pytest_twisted.async_yield_fixture()
+async def gw(reactor, fake, tmp_path):
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                            "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "2"})
+    yield gateway
+    await gateway.service.stopService()
+
+
+@pytest.fixture
+def sdk(gw):
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
+    yield client
+    client.close()
+
+
+async def start_batch(sdk, lines, endpoint="/v1/chat/completions", **kwargs):
+    uploaded = await in_thread(sdk.files.create, file=("input.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    return await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint=endpoint,
+                           completion_window=kwargs.pop("completion_window", "24h"), **kwargs)
+
+
+async def finished(gw, sdk, batch_id):
+    await gw.service.batch_runner.settled(batch_id)
+    return await in_thread(sdk.batches.retrieve, batch_id)
+
+
+async def file_lines(sdk, file_id):
+    if file_id is None:
+        return []
+    return parse_jsonl((await in_thread(sdk.files.content, file_id)).content)
+
+
+# -- the SDK, end to end ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_batch_runs_to_completion(sdk, gw, fake, http):
+    lines = [chat_line("a", top_k=3, chat_template_kwargs={"enable_thinking": False}), chat_line("b"),
+             chat_line("bad", fake_status=400, fake_body=json.dumps({"error": {
+                 "message": "max_tokens is too large", "type": "BadRequestError", "param": "max_tokens",
+                 "code": 400}}))]
+    created = await start_batch(sdk, lines, metadata={"job": "nightly"})
+    assert created.id.startswith("batch_")
+    assert (created.object, created.endpoint, created.completion_window) == (
+        "batch", "/v1/chat/completions", "24h")
+    assert created.status in ("validating", "in_progress")
+    assert created.expires_at == created.created_at + 24 * 3600
+    assert created.metadata == {"job": "nightly"}
+
+    batch = await finished(gw, sdk, created.id)
+    assert batch.status == "completed"
+    assert batch.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+    assert batch.errors is None
+    assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
+    assert batch.failed_at is None and batch.cancelled_at is None and batch.expired_at is None
+    raw = json.loads(await treq.content(await http.get(f"{gw.url}/v1/batches/{batch.id}", headers=AUTH)))
+    assert list(raw) == ["id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status",
+                         "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
+                         "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+                         "cancelled_at", "request_counts", "metadata"]
+
+    output = await file_lines(sdk, batch.output_file_id)
+    assert [line["custom_id"] for line in output] == ["a", "b"]
+    for line in output:
+        assert line["id"].startswith("batch_req_")
+        assert line["error"] is None
+        assert line["response"]["status_code"] == 200
+        assert line["response"]["request_id"] == f"{batch.id}-{lines.index(next(x for x in lines if x['custom_id'] == line['custom_id'])) + 1}"
+        body = line["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert body["kv_transfer_params"] == {"fake": True}  # vLLM's extras kept
+    [error] = await file_lines(sdk, batch.error_file_id)
+    assert error["custom_id"] == "bad"
+    assert error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["message"] == "max_tokens is too large"
+
+    # What vLLM got: the upstream model id, every other field untouched, no stream.
+    sent = {r.body["fake_marker"]: r.body for r in fake.requests if r.path == b"/v1/chat/completions"}
+    assert sent["a"] == dict(lines[0]["body"], model=UPSTREAM_MODEL)
+    assert all("stream" not in body for body in sent.values())
+
+    outputs = await in_thread(lambda: list(sdk.files.list(purpose="batch_output")))
+    assert {f.id for f in outputs} == {batch.output_file_id, batch.error_file_id}
+    assert {f.filename for f in outputs} == {f"{batch.id}_output.jsonl", f"{batch.id}_error.jsonl"}
+
+    listed = await in_thread(lambda: list(sdk.batches.list()))
+    assert [b.id for b in listed] == [batch.id]
+
+    # Our extension: every result, in input order, as JSONL.
+    response = await http.get(f"{gw.url}/v1/batches/{batch.id}/results", headers=AUTH)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/jsonl"]
+    assert [r["custom_id"] for r in parse_jsonl(await treq.content(response))] == ["a", "b", "bad"]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("endpoint, body, path, kind", [
+    ("/v1/embeddings", {"input": ["a", "b"]}, b"/v1/embeddings", "list"),
+    ("/v1/completions", {"prompt": "Hello"}, b"/v1/completions", "text_completion"),
+    ("/v1/rerank", {"query": "q", "documents": ["x", "y"]}, b"/v1/rerank", None),
+    ("/v1/score", {"text_1": "a", "text_2": "b"}, b"/v1/score", "list"),
+    ("/v1/responses", {"input": "Hi"}, b"/v1/responses", "response"),
+])
+async def test_batch_endpoints_reach_the_matching_vllm_route(sdk, gw, fake, endpoint, body, path, kind):
+    line = {"custom_id": "one", "method": "POST", "url": endpoint, "body": {"model": MODEL, **body}}
+    batch = await finished(gw, sdk, (await start_batch(sdk, [line], endpoint=endpoint)).id)
+    assert batch.status == "completed", batch
+    [output] = await file_lines(sdk, batch.output_file_id)
+    assert output["response"]["status_code"] == 200
+    assert output["response"]["body"].get("object") == kind
+    [sent] = [r for r in fake.requests if r.method == b"POST"]
+    assert sent.path == path
+    assert sent.body == dict(line["body"], model=UPSTREAM_MODEL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_input_file_fails_validation_naming_the_lines(sdk, gw, fake):
+    lines = [
+        chat_line("ok"),
+        b"{not json",
+        chat_line("ok"),  # duplicate custom_id
+        chat_line("wrong-url", url="/v1/embeddings"),
+        chat_line("unknown-model", model="vllm/no-such-model"),
+        b"",  # blank lines are skipped (and still counted as lines)
+        chat_line("streams", stream=True),
+        dict(chat_line("get"), method="GET"),
+        {"method": "POST", "url": "/v1/chat/completions", "body": {"model": MODEL}},
+        dict(chat_line("no-body"), body=[1]),
+    ]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+    assert batch.status == "failed"
+    assert batch.failed_at is not None and batch.in_progress_at is None
+    assert batch.request_counts.model_dump() == {"total": 0, "completed": 0, "failed": 0}
+    assert batch.output_file_id is None and batch.error_file_id is None
+    errors = [(e.line, e.code, e.param) for e in batch.errors.data]
+    assert errors == [
+        (2, "invalid_json_line", None),
+        (3, "duplicate_custom_id", "custom_id"),
+        (4, "mismatched_endpoint", "url"),
+        (5, "model_not_found", "body.model"),
+        (7, "streaming_unsupported", "body.stream"),
+        (8, "invalid_method", "method"),
+        (9, "missing_custom_id", "custom_id"),
+        (10, "invalid_body", "body"),
+    ]
+    assert all(e.message for e in batch.errors.data)
+    assert not [r for r in fake.requests if r.method == b"POST"]  # nothing was sent
+
+    empty = await finished(gw, sdk, (await start_batch(sdk, [b"", b""])).id)
+    assert empty.status == "failed"
+    assert [e.code for e in empty.errors.data] == ["empty_file"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_requests_that_cannot_be_created(sdk, gw, http):
+    uploaded = await in_thread(sdk.files.create, file=("x.jsonl", jsonl([chat_line("a")])), purpose="batch")
+    notes = await in_thread(sdk.files.create, file=("notes.txt", b"hello"), purpose="user_data")
+    cases = [
+        ({"input_file_id": uploaded.id, "endpoint": "/v1/images", "completion_window": "24h"}, 400, "endpoint"),
+        ({"endpoint": "/v1/chat/completions"}, 400, "input_file_id"),
+        ({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"}, 404, "input_file_id"),
+        ({"input_file_id": notes.id, "endpoint": "/v1/chat/completions"}, 400, "input_file_id"),
+        ({"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "completion_window": "soon"}, 400,
+         "completion_window"),
+        ({"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "metadata": {"k": 1}}, 400, "metadata"),
+    ]
+    for body, status, param in cases:
+        response = await http.post(gw.url + "/v1/batches", data=json.dumps(body).encode(), headers=AUTH)
+        error = json.loads(await treq.content(response))["error"]
+        assert (response.code, error["param"]) == (status, param), (body, error)
+    for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/results")):
+        response = await http.request(method, f"{gw.url}/v1/batches/batch_nope{path}", headers=AUTH)
+        assert response.code == 404
+        assert json.loads(await treq.content(response))["error"]["code"] == "batch_not_found"
+
+    # A gateway extension: windows other than 24h.
+    short = await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                            completion_window="1h")
+    assert short.expires_at == short.created_at + 3600
+    done = await finished(gw, sdk, short.id)
+    response = await http.post(f"{gw.url}/v1/batches/{done.id}/cancel", headers=AUTH)
+    assert response.code == 409
+    assert json.loads(await treq.content(response))["error"]["code"] == "batch_not_cancellable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_keeps_the_partial_output_and_aborts_requests_in_flight(reactor, sdk, gw, fake, http):
+    lines = [chat_line("c0"), chat_line("c1")] + [chat_line(f"h{i}", fake_hold=True) for i in range(2, 6)]
+    created = await start_batch(sdk, lines)
+    # Concurrency 2: c0 and c1 are answered, then h2 and h3 are held in flight.
+    await until(reactor, lambda: fake.marker_counts.get("h3") == 1 and fake.marker_answers.get("c1") == 1)
+    pending = await in_thread(sdk.batches.retrieve, created.id)
+    assert pending.status == "in_progress"
+    response = await http.get(f"{gw.url}/v1/batches/{created.id}/results", headers=AUTH)
+    assert response.code == 409
+    assert json.loads(await treq.content(response))["error"]["code"] == "batch_not_finished"
+
+    cancelling = await in_thread(sdk.batches.cancel, created.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    assert cancelling.cancelling_at is not None
+    batch = await finished(gw, sdk, created.id)
+    assert batch.status == "cancelled"
+    assert batch.cancelled_at >= batch.cancelling_at
+    assert batch.request_counts.model_dump() == {"total": 6, "completed": 2, "failed": 0}
+    assert [line["custom_id"] for line in await file_lines(sdk, batch.output_file_id)] == ["c0", "c1"]
+    assert batch.error_file_id is None
+    held = [r for r in fake.requests if (r.body or {}).get("fake_hold")]
+    assert [r.body["fake_marker"] for r in held] == ["h2", "h3"]  # h4 and h5 were never sent
+    for record in held:  # vLLM saw the requests in flight go away
+        how, _ = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost"
+    assert (await in_thread(sdk.batches.cancel, created.id)).status == "cancelled"  # idempotent
+
+
+# -- durability -----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarted_gateway_resumes_the_batch_exactly_once(reactor, fake, tmp_path):
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "2"}
+    lines = [chat_line(f"a{i}") for i in range(3)] + [chat_line(f"h{i}", fake_hold=True) for i in range(3, 6)]
+    first = await start_gateway(reactor, env)
+    client = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    try:
+        created = await start_batch(client, lines)
+        # a0..a2 answered and recorded, h3 and h4 in flight, h5 waiting its turn.
+        await until(reactor, lambda: fake.marker_counts.get("h4") == 1)
+        batch = await first.service.store.get_batch(created.id)
+        assert (batch["status"], batch["completed"]) == ("in_progress", 3)
+    finally:
+        client.close()
+        await first.service.stopService()
+
+    fake.release_holds()  # the next gateway's requests are answered at once
+    second = await start_gateway(reactor, env)
+    client = openai.OpenAI(base_url=second.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    try:
+        batch = await finished(second, client, created.id)
+        assert batch.status == "completed"
+        assert batch.request_counts.model_dump() == {"total": 6, "completed": 6, "failed": 0}
+        output = await file_lines(client, batch.output_file_id)
+    finally:
+        client.close()
+        await second.service.stopService()
+    assert sorted(line["custom_id"] for line in output) == [line["custom_id"] for line in lines]
+    assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]  # input order
+    # Each line answered once; answered lines were never sent again; the two
+    # cut off by the stop were sent again, once.
+    assert fake.marker_answers == {line["custom_id"]: 1 for line in lines}
+    assert fake.marker_counts == {"a0": 1, "a1": 1, "a2": 1, "h3": 2, "h4": 2, "h5": 1}
+
+
+def _twistd(env):
+    run_env = dict(os.environ, **env)
+    run_env["PYTHONPATH"] = REPO + os.pathsep + run_env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                             "-n", "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
+                            env=run_env, cwd=str(env["GOMODEL_DATA_DIR"]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+async def _port_of(reactor, process, log):
+    """The port twistd listens on, read from its log ("GatewaySite starting on N")."""
+    os.set_blocking(process.stdout.fileno(), False)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        chunk = process.stdout.read()
+        if chunk:
+            log.extend(chunk)
+            for line in bytes(log).splitlines():
+                if b"GatewaySite starting on " in line:
+                    return int(line.rsplit(b" ", 1)[1])
+        assert process.poll() is None, bytes(log).decode()
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("twistd never listened:\n" + bytes(log).decode())
+
+
+def _recorded_lines(db_path, batch_id):
+    with sqlite3.connect(db_path) as conn:
+        return {row[0] for row in conn.execute("SELECT custom_id FROM batch_results WHERE batch_id = ?",
+                                               (batch_id,))}
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_gateway_resumes_without_losing_or_repeating_lines(reactor, fake, tmp_path):
+    """SIGKILL mid-batch (no clean stop at all), then a new process on the same data directory."""
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "3"}
+    lines = [chat_line(f"l{i}", fake_delay=0.01 * (i % 3)) for i in range(12)] + [
+        chat_line(f"h{i}", fake_hold=True) for i in range(12, 16)]
+    log = bytearray()
+    process = _twistd(env)
+    try:
+        port = await _port_of(reactor, process, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=20)
+        try:
+            created = await start_batch(client, lines)
+        finally:
+            client.close()
+        await until(reactor, lambda: sum(fake.marker_counts.get(f"h{i}", 0) for i in range(12, 16)) == 3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+    recorded = _recorded_lines(tmp_path / "gomodel.db", created.id)
+    assert recorded == {f"l{i}" for i in range(12)}
+
+    fake.release_holds()
+    process = _twistd(env)
+    log = bytearray()
+    try:
+        port = await _port_of(reactor, process, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=20)
+        try:
+            async def done():
+                return (await in_thread(client.batches.retrieve, created.id)).status == "completed"
+            deadline = time.monotonic() + 20
+            while not await done():
+                assert time.monotonic() < deadline, bytes(log).decode()
+                await deferLater(reactor, 0.05, lambda: None)
+            batch = await in_thread(client.batches.retrieve, created.id)
+            output = await file_lines(client, batch.output_file_id)
+        finally:
+            client.close()
+    finally:
+        process.terminate()
+        process.wait()
+        process.stdout.close()
+    assert batch.request_counts.model_dump() == {"total": 16, "completed": 16, "failed": 0}
+    assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]
+    for custom_id in recorded:  # recorded before the kill: never sent again
+        assert fake.marker_counts[custom_id] == 1
+    assert all(fake.marker_answers[line["custom_id"]] >= 1 for line in lines)
+
+
+# -- the runner on a clock: retries, expiry, concurrency ------------------------------------------
+
+
+class StubResponse:
+    def __init__(self, code, body=b"{}", headers=None):
+        self.code = code
+        self.headers = Headers(headers or {})
+        self._body = body
+
+    def deliverBody(self, protocol):
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class Sent:
+    def __init__(self, path, body, request_id):
+        self.path = path
+        self.body = json.loads(body)
+        self.request_id = request_id
+        self.answer = Deferred()
+
+
+class StubProvider:
+    """A provider whose answers the test gives, one request at a time."""
+
+    name = "stub"
+    type = "vllm"
+    hidden = ()
+
+    def __init__(self):
+        self.sent = []
+        self._waiters = []
+
+    def send(self, method, path, body, request_id, headers=None):
+        sent = Sent(path, body, request_id)
+        self.sent.append(sent)
+        # Tell the test on the next turn of the reactor: the caller must get
+        # (and wait on) the answer Deferred before the test answers it.
+        from twisted.internet import reactor
+
+        reactor.callLater(0, self._notify)
+        return sent.answer
+
+    def _notify(self):
+        for n, d in list(self._waiters):
+            if len(self.sent) >= n:
+                self._waiters.remove((n, d))
+                d.callback(self.sent[n - 1])
+
+    def wait_sent(self, n):
+        """Fires with the C{n}-th request once it was sent."""
+        if len(self.sent) >= n:
+            return succeed(self.sent[n - 1])
+        d = Deferred()
+        self._waiters.append((n, d))
+        return d
+
+    def outstanding(self):
+        return [s for s in self.sent if not s.answer.called]
+
+
+class StubRegistry:
+    def __init__(self, provider):
+        self.provider = provider
+
+    def resolve(self, model):
+        if not model.startswith("stub/"):
+            raise ModelNotFound(model)
+        return Route(self.provider, model[len("stub/"):])
+
+    def ready(self):
+        return succeed(None)
+
+
+def ok_body(n):
+    return json.dumps({"object": "chat.completion", "n": n}).encode()
+
+
+@pytest_twisted.async_yield_fixture()
+async def bench(reactor, tmp_path):
+    """A real store on tmp_path; a runner on a task.Clock in front of a StubProvider."""
+    clock = Clock()
+    store = SQLiteStore(str(tmp_path), reactor, clock=clock)
+    store.startService()
+    await store.started()
+    provider = StubProvider()
+
+    class Bench:
+        pass
+
+    bench = Bench()
+    bench.clock, bench.store, bench.provider, bench.runners = clock, store, provider, []
+
+    def runner(**kwargs):
+        r = BatchRunner(store, StubRegistry(provider), clock, Timeouts(), **kwargs)
+        r.startService()
+        bench.runners.append(r)
+        return r
+
+    async def batch(r, count, window=3600.0):
+        os.makedirs(store.spool_dir, exist_ok=True)
+        path = os.path.join(store.spool_dir, "input")
+        with open(path, "wb") as f:
+            f.write(jsonl({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": "stub/m", "messages": [], "i": i}} for i in range(count)))
+        record = await store.add_file(path, "input.jsonl", "batch")
+        return await r.create("/v1/chat/completions", record["id"], "1h", window, None)
+
+    bench.runner, bench.batch = runner, batch
+    yield bench
+    for r in bench.runners:
+        await r.stopService()
+    await store.stopService()
+
+
+async def lines_of(store, file_id):
+    if file_id is None:
+        return []
+    handle, _ = await store.open_file(file_id)
+    with handle:
+        return parse_jsonl(handle.read())
+
+
+@pytest_twisted.ensureDeferred
+async def test_transient_failures_are_retried_with_backoff_then_succeed(bench):
+    runner = bench.runner(max_attempts=4)
+    created = await bench.batch(runner, 1)
+    first = await bench.provider.wait_sent(1)
+    assert first.path == "/chat/completions"
+    assert first.body == {"model": "m", "messages": [], "i": 0}
+    assert first.request_id == f"{created['id']}-1".encode()
+    first.answer.callback(StubResponse(503, b'{"error":"busy"}'))
+    assert len(bench.provider.sent) == 1
+    bench.clock.advance(0.99)
+    assert len(bench.provider.sent) == 1  # still backing off
+    bench.clock.advance(0.01)
+    second = await bench.provider.wait_sent(2)
+    second.answer.errback(UpstreamUnreachable("connection refused"))
+    bench.clock.advance(2)  # the delay doubles
+    third = await bench.provider.wait_sent(3)
+    third.answer.callback(StubResponse(429, b"{}", {"retry-after": ["7"]}))
+    bench.clock.advance(4)
+    assert len(bench.provider.sent) == 3  # Retry-After (7 s) beats the 4 s backoff
+    bench.clock.advance(3)
+    fourth = await bench.provider.wait_sent(4)
+    fourth.answer.callback(StubResponse(200, ok_body(4), {"x-request-id": ["upstream-id"]}))
+    await runner.settled(created["id"])
+    batch = await bench.store.get_batch(created["id"])
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 1, 0)
+    [line] = await lines_of(bench.store, batch["output_file_id"])
+    assert line["response"] == {"status_code": 200, "request_id": "upstream-id",
+                                "body": {"object": "chat.completion", "n": 4}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_exhausted_retries_and_final_errors_go_to_the_error_file(bench):
+    runner = bench.runner(max_attempts=2)
+    created = await bench.batch(runner, 3)
+    await bench.provider.wait_sent(3)
+    r0, r1, r2 = bench.provider.sent
+    r0.answer.callback(StubResponse(503, b'{"error":"busy"}'))
+    r1.answer.callback(StubResponse(400, b'{"detail":"bad field"}'))  # final at once
+    r2.answer.errback(UpstreamUnreachable("The upstream provider 'stub' is unreachable."))
+    bench.clock.advance(1)
+    await bench.provider.wait_sent(5)
+    retried = {s.body["i"]: s for s in bench.provider.sent[3:]}
+    assert sorted(retried) == [0, 2]
+    retried[0].answer.callback(StubResponse(503, b'{"error":"busy"}'))  # the last attempt
+    retried[2].answer.errback(UpstreamUnreachable("The upstream provider 'stub' is unreachable."))
+    await runner.settled(created["id"])
+    batch = await bench.store.get_batch(created["id"])
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 0, 3)
+    assert batch["output_file_id"] is None
+    errors = {line["custom_id"]: line for line in await lines_of(bench.store, batch["error_file_id"])}
+    assert errors["r0"]["response"]["status_code"] == 503
+    assert errors["r1"]["response"]["status_code"] == 400
+    assert errors["r1"]["response"]["body"]["error"]["message"] == "bad field"  # FastAPI's detail, wrapped
+    assert errors["r2"]["response"] is None
+    assert errors["r2"]["error"]["code"] == "upstream_unreachable"
+    assert [s.body["i"] for s in bench.provider.sent].count(1) == 1  # a 400 is final
+
+
+@pytest_twisted.ensureDeferred
+async def test_expiry_cancels_what_is_in_flight_and_fails_the_rest(bench):
+    runner = bench.runner(concurrency=2)
+    created = await bench.batch(runner, 5, window=600)
+    assert created["expires_at"] == created["created_at"] + 600
+    first = await bench.provider.wait_sent(1)
+    second = await bench.provider.wait_sent(2)
+    assert len(bench.provider.sent) == 2  # two per provider at a time
+    first.answer.callback(StubResponse(200, ok_body(0)))
+    third = await bench.provider.wait_sent(3)
+    assert third.body["i"] == 2
+    bench.clock.advance(600)
+    assert second.answer.called and third.answer.called  # cancelled: vLLM would abort them
+    await runner.settled(created["id"])
+    batch = await bench.store.get_batch(created["id"])
+    assert batch["status"] == "expired"
+    assert batch["expired_at"] == created["created_at"] + 600
+    assert (batch["total"], batch["completed"], batch["failed"]) == (5, 1, 4)
+    assert [line["custom_id"] for line in await lines_of(bench.store, batch["output_file_id"])] == ["r0"]
+    expired = await lines_of(bench.store, batch["error_file_id"])
+    assert [line["custom_id"] for line in expired] == ["r1", "r2", "r3", "r4"]
+    assert {line["error"]["code"] for line in expired} == {"batch_expired"}
+    assert len(bench.provider.sent) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_past_its_window_at_start_expires_without_sending(bench, reactor):
+    runner = bench.runner()
+    created = await bench.batch(runner, 2, window=10)
+    await bench.provider.wait_sent(2)
+    await runner.stopService()  # stopped with both lines in flight
+    assert all(s.answer.called for s in bench.provider.sent)
+    bench.clock.advance(3600)
+    resumed = bench.runner()
+    await resumed.settled(created["id"])
+    batch = await bench.store.get_batch(created["id"])
+    assert (batch["status"], batch["failed"]) == ("expired", 2)
+    assert len(bench.provider.sent) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_stored_by_a_worker_process_run_in_the_executing_one(bench):
+    """--workers: a runner that does not execute stores batches and cancellations for the one that does."""
+    worker = bench.runner(execute=False)
+    primary = bench.runner()
+    await primary.settled("batch_none")  # it has looked for work once (none) and polls from now on
+    created = await bench.batch(worker, 3)
+    assert created["status"] == "validating"
+    bench.clock.advance(1)  # the primary's next look at the store
+    await bench.provider.wait_sent(3)
+    bench.provider.sent[0].answer.callback(StubResponse(200, ok_body(0)))
+    cancelling = await worker.cancel(created["id"])
+    assert cancelling["status"] == "cancelling"
+    assert not bench.provider.sent[1].answer.called
+    bench.clock.advance(1)  # the primary sees the cancellation and aborts what is in flight
+    await primary.settled(created["id"])
+    assert all(s.answer.called for s in bench.provider.sent)
+    batch = await bench.store.get_batch(created["id"])
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("cancelled", 1, 0)
+    assert [line["custom_id"] for line in await lines_of(bench.store, batch["output_file_id"])] == ["r0"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transient_status_on_the_last_attempt_goes_to_the_error_file(reactor, fake, tmp_path):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path),
+                                       "BATCH_MAX_ATTEMPTS": "1"})
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    try:
+        batch = await finished(gw, client, (await start_batch(client, [
+            chat_line("busy", fake_fail_times=1, fake_fail_status=503), chat_line("fine")])).id)
+        [error] = await file_lines(client, batch.error_file_id)
+        [output] = await file_lines(client, batch.output_file_id)
+    finally:
+        client.close()
+        await gw.service.stopService()
+    assert batch.request_counts.model_dump() == {"total": 2, "completed": 1, "failed": 1}
+    assert (error["custom_id"], error["response"]["status_code"]) == ("busy", 503)
+    assert error["response"]["body"]["error"]["message"] == "fake failure 1"
+    assert output["custom_id"] == "fine"
+    assert fake.marker_counts == {"busy": 1, "fine": 1}  # one attempt allowed: no retry

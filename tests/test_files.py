@@ -1,0 +1,303 @@
+"""/v1/files over real sockets: the openai SDK, streamed uploads with bounded memory, downloads with backpressure."""
+
+import hashlib
+import io
+import json
+import os
+import tracemalloc
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from gomodel import jsonutil
+from tests.rawclient import connect
+from tests.support import in_thread, settled, start_gateway, track_connections, with_timeout, write_buffer
+
+KEY = "files-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+@pytest_twisted.async_yield_fixture()
+async def gw(reactor, fake, tmp_path):
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                            "GOMODEL_DATA_DIR": str(tmp_path)})
+    gateway.data_dir = tmp_path
+    yield gateway
+    await gateway.service.stopService()
+
+
+@pytest.fixture
+def sdk(gw):
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
+    yield client
+    client.close()
+
+
+def spooled(gw):
+    spool = gw.service.store.spool_dir
+    return sorted(os.listdir(spool)) if os.path.exists(spool) else []
+
+
+def multipart(fields, file_name="input.jsonl", content=b"{}\n", boundary="gomodel-test-boundary"):
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    if content is not None:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{file_name}"\r\n'
+                     "Content-Type: application/jsonl\r\n\r\n".encode() + content + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+async def post_upload(http, gw, body, content_type, headers=AUTH):
+    response = await http.post(gw.url + "/v1/files", data=body, headers={"content-type": content_type, **headers})
+    return response, jsonutil.loads(await treq.content(response))
+
+
+# -- the SDK ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_files_create_list_retrieve_content_delete(sdk, gw):
+    data = b'{"custom_id":"a","method":"POST"}\n' * 3
+    created = await in_thread(sdk.files.create, file=("input.jsonl", io.BytesIO(data)), purpose="batch")
+    assert created.id.startswith("file-")
+    assert (created.object, created.bytes, created.filename, created.purpose, created.status) == (
+        "file", len(data), "input.jsonl", "batch", "processed")
+    assert created.expires_at is None
+    assert (gw.data_dir / "files" / created.id).read_bytes() == data  # contents on disk, beside the database
+
+    other = await in_thread(sdk.files.create, file=("notes.txt", b"hello"), purpose="user_data")
+    third = await in_thread(sdk.files.create, file=("more.jsonl", b"{}\n"), purpose="batch")
+
+    retrieved = await in_thread(sdk.files.retrieve, created.id)
+    assert retrieved.model_dump() == created.model_dump()
+
+    listed = await in_thread(lambda: list(sdk.files.list()))
+    assert [f.id for f in listed] == [third.id, other.id, created.id]  # newest first
+    batch_only = await in_thread(lambda: list(sdk.files.list(purpose="batch", order="asc")))
+    assert [f.id for f in batch_only] == [created.id, third.id]
+    first_page = await in_thread(sdk.files.list, limit=2)
+    assert [f.id for f in first_page.data] == [third.id, other.id]
+    assert first_page.has_more is True
+    # The SDK follows the cursor (after=<last id>) by itself.
+    assert [f.id for f in await in_thread(lambda: list(sdk.files.list(limit=1)))] == [third.id, other.id, created.id]
+
+    content = await in_thread(sdk.files.content, created.id)
+    assert content.content == data
+
+    deleted = await in_thread(sdk.files.delete, created.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (created.id, "file", True)
+    assert not (gw.data_dir / "files" / created.id).exists()
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(sdk.files.retrieve, created.id)
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(sdk.files.content, created.id)
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(sdk.files.delete, created.id)
+    assert spooled(gw) == []
+
+
+# -- refused uploads -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_are_refused_with_openai_errors(http, gw):
+    cases = [
+        (multipart({}), 400, "purpose"),
+        (multipart({"purpose": "batch_output"}), 400, "purpose"),
+        (multipart({"purpose": "nonsense"}), 400, "purpose"),
+        (multipart({"purpose": "batch"}, content=None), 400, "file"),
+    ]
+    for (body, content_type), status, param in cases:
+        response, error = await post_upload(http, gw, body, content_type)
+        assert response.code == status, error
+        assert set(error["error"]) == {"message", "type", "param", "code"}
+        assert error["error"]["param"] == param
+    response, error = await post_upload(http, gw, b'{"purpose":"batch"}', "application/json")
+    assert response.code == 400
+    assert error["error"]["code"] == "invalid_content_type"
+    body, content_type = multipart({"purpose": "batch"})
+    response, error = await post_upload(http, gw, body[: len(body) // 2], content_type)  # cut short
+    assert response.code == 400
+    assert error["error"]["code"] == "invalid_multipart"
+    response, error = await post_upload(http, gw, body, content_type, headers={})
+    assert response.code == 401
+    listed = jsonutil.loads(await treq.content(await http.get(gw.url + "/v1/files", headers=AUTH)))
+    assert listed == {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+    assert spooled(gw) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_over_files_max_bytes_gets_413(reactor, http, fake, tmp_path):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "FILES_MAX_BYTES": "4KB",
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        ok_body, content_type = multipart({"purpose": "batch"}, content=b"x" * 4096)
+        response = await http.post(gw.url + "/v1/files", data=ok_body, headers={"content-type": content_type})
+        assert response.code == 200, await treq.content(response)
+        big, content_type = multipart({"purpose": "batch"}, content=b"x" * 4097)
+        response = await http.post(gw.url + "/v1/files", data=big, headers={"content-type": content_type})
+        error = jsonutil.loads(await treq.content(response))["error"]
+        assert response.code == 413
+        assert error["code"] == "request_too_large"
+        assert "FILES_MAX_BYTES" in error["message"]
+        # A Content-Length past the limit is refused without parsing the body.
+        huge, content_type = multipart({"purpose": "batch"}, content=b"x" * (2 * 1024 * 1024))
+        response = await http.post(gw.url + "/v1/files", data=huge, headers={"content-type": content_type})
+        assert response.code == 413
+        await treq.content(response)
+        assert spooled(gw) == []
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_list_parameters(http, gw):
+    for query in ("limit=0", "limit=10001", "limit=x", "order=sideways"):
+        response = await http.get(gw.url + "/v1/files?" + query, headers=AUTH)
+        assert response.code == 400
+        assert jsonutil.loads(await treq.content(response))["error"]["param"] in ("limit", "order")
+
+
+# -- big files, real sockets ---------------------------------------------------------------
+
+BIG = 64 * 1024 * 1024
+CHUNK = 64 * 1024
+
+
+def big_chunks(total=BIG):
+    """Deterministic JSONL-ish content, produced chunk by chunk (never held whole)."""
+    line = b'{"custom_id":"%08d","pad":"' + b"x" * 100 + b'"}\n'
+    block = b"".join(line % i for i in range(CHUNK // len(line) + 1))[:CHUNK]
+    sent = 0
+    while sent < total:
+        piece = block[: min(CHUNK, total - sent)]
+        sent += len(piece)
+        yield piece
+
+
+class StreamingUpload(Protocol):
+    """Sends a multipart upload whose file part is generated as the socket drains (a pull producer)."""
+
+    def __init__(self, content_length, head, chunks, tail):
+        self._head = head
+        self._chunks = chunks
+        self._tail = tail
+        self._content_length = content_length
+        self.received = bytearray()
+        self.done = Deferred()
+        self.sha256 = hashlib.sha256()
+        self.stop_after = None  # bytes of file content after which the client vanishes
+        self.sent = 0
+
+    def connectionMade(self):
+        self.transport.write(b"POST /v1/files HTTP/1.1\r\nHost: gateway\r\n"
+                             b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                             b"Content-Type: multipart/form-data; boundary=BIGBOUNDARY\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % self._content_length + self._head)
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self):
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            self.transport.unregisterProducer()
+            self.transport.write(self._tail)
+            return
+        self.sha256.update(chunk)
+        self.sent += len(chunk)
+        self.transport.write(chunk)
+        if self.stop_after is not None and self.sent >= self.stop_after:
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
+
+    def stopProducing(self):
+        pass
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.done.callback(bytes(self.received))
+
+
+def big_upload(total=BIG):
+    head = (b'--BIGBOUNDARY\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--BIGBOUNDARY\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n")
+    tail = b"\r\n--BIGBOUNDARY--\r\n"
+    return StreamingUpload(len(head) + total + len(tail), head, big_chunks(total), tail)
+
+
+@pytest_twisted.ensureDeferred
+async def test_64mb_upload_streams_to_disk_with_bounded_memory(reactor, http, gw):
+    client = big_upload()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), client)
+        raw = await with_timeout(reactor, client.done, 60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:500]
+    created = json.loads(body)
+    assert created["bytes"] == BIG
+    # Everything the upload allocated at its worst moment (both ends of the
+    # socket run in this process) is a small fraction of the file.
+    assert peak - before < 8 * 1024 * 1024, f"peak {peak - before} bytes for a {BIG}-byte upload"
+    assert (gw.data_dir / "files" / created["id"]).stat().st_size == BIG
+    assert spooled(gw) == []
+
+    # Downloaded back, chunk by chunk, it is the same bytes.
+    response = await http.get(f"{gw.url}/v1/files/{created['id']}/content", headers=AUTH)
+    assert response.code == 200
+    digest, size = hashlib.sha256(), []
+    await treq.collect(response, lambda data: (digest.update(data), size.append(len(data))))
+    assert sum(size) == BIG
+    assert digest.hexdigest() == client.sha256.hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_follows_the_client_pace(reactor, gw):
+    file_id = await upload_big(reactor, gw, 32 * 1024 * 1024)
+    connections = track_connections(gw)
+    request = (f"GET /v1/files/{file_id}/content HTTP/1.1\r\nHost: gateway\r\n"
+               f"Authorization: Bearer {KEY}\r\n\r\n").encode()
+    client = await connect(reactor, gw.port, request)
+    await client.wait_for(b"\r\n\r\n")
+    client.transport.pauseProducing()  # the client stops reading
+    [channel] = connections
+    transport = channel._channel.transport
+    await settled(reactor, lambda: write_buffer(transport))
+    assert write_buffer(transport) < 1024 * 1024, "the gateway read the file faster than the client took it"
+    client.transport.resumeProducing()
+    await with_timeout(reactor, client.wait_for(b'"pad":"xxxxxxxx'), 5)
+    client.transport.abortConnection()
+    await client.lost
+
+
+async def upload_big(reactor, gw, total):
+    client = big_upload(total)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), client)
+    raw = await with_timeout(reactor, client.done, 60)
+    return json.loads(raw.partition(b"\r\n\r\n")[2])["id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_vanishing_mid_upload_leaves_nothing_behind(reactor, http, gw):
+    client = big_upload(8 * 1024 * 1024)
+    client.stop_after = 2 * 1024 * 1024
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), client)
+    await with_timeout(reactor, client.done, 10)
+    await settled(reactor, lambda: spooled(gw), interval=0.02, quiet=3, limit=5)
+    assert spooled(gw) == []
+    listed = jsonutil.loads(await treq.content(await http.get(gw.url + "/v1/files", headers=AUTH)))
+    assert listed["data"] == []
