@@ -93,12 +93,13 @@ class Config:
     files_max_bytes: int = 512 * 1024 * 1024
     batch_concurrency_per_provider: int = 4
     batch_max_attempts: int = 4
+    responses_retention: float = 30 * 86400.0  # stored responses older than this are swept
     warnings: tuple = ()  # things worth telling the operator at start
 
 
 # name -> (env var, YAML key under server:, parser)
 def _duration(value) -> float:
-    """Seconds from C{30}, C{"30"}, C{"1.5s"}, C{"500ms"}, C{"5m"}, C{"1h30m"}."""
+    """Seconds from C{30}, C{"30"}, C{"1.5s"}, C{"500ms"}, C{"5m"}, C{"1h30m"}, C{"30d"}."""
     if isinstance(value, bool):
         raise ValueError("not a duration")
     if isinstance(value, (int, float)):
@@ -108,10 +109,10 @@ def _duration(value) -> float:
         if re.fullmatch(r"\d+(\.\d+)?", text):
             seconds = float(text)
         else:
-            parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+            parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text)
             if not parts or "".join(n + u for n, u in parts) != text:
-                raise ValueError("not a duration (use e.g. 30, 30s, 500ms, 5m, 1h)")
-            scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+                raise ValueError("not a duration (use e.g. 30, 30s, 500ms, 5m, 1h, 30d)")
+            scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
             seconds = sum(float(n) * scale[u] for n, u in parts)
     if seconds < 0:
         raise ValueError("must not be negative")
@@ -225,6 +226,7 @@ _SERVER_SETTINGS = {
     "files_max_bytes": ("FILES_MAX_BYTES", _file_size),
     "batch_concurrency_per_provider": ("BATCH_CONCURRENCY_PER_PROVIDER", _count),
     "batch_max_attempts": ("BATCH_MAX_ATTEMPTS", _count),
+    "responses_retention": ("RESPONSES_RETENTION", _positive_duration),
 }
 # GoModel's name for the refresh interval, accepted as well.
 _ENV_ALIASES = {"CACHE_REFRESH_INTERVAL": "models_refresh_interval"}
@@ -303,6 +305,7 @@ def load_config(
         batch_concurrency_per_provider=settings.get("batch_concurrency_per_provider",
                                                     base.batch_concurrency_per_provider),
         batch_max_attempts=settings.get("batch_max_attempts", base.batch_max_attempts),
+        responses_retention=settings.get("responses_retention", base.responses_retention),
         warnings=tuple(warnings),
     )
 

@@ -13,6 +13,7 @@ from gomodel.batches.service import BatchServices
 from gomodel.httpclient import make_agent, make_http_client, make_pool
 from gomodel.providers import build_provider
 from gomodel.registry import ModelRegistry
+from gomodel.responses_history import ResponseRetention
 from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 
 
@@ -103,9 +104,11 @@ class GatewayService(MultiService):
         batches = BatchServices(config, self.registry, reactor, primary=role != "worker")
         batches.setServiceParent(self)
         self.store, self.batch_runner = batches.store, batches.runner
+        if role != "worker":
+            ResponseRetention(self.store, reactor, config.responses_retention).setServiceParent(self)
         files = FilesAPI(self.store, config.files_max_bytes)
         self.app = GatewayApp(config, self.registry, reactor, files=files,
-                              batches=BatchesAPI(self.store, self.batch_runner))
+                              batches=BatchesAPI(self.store, self.batch_runner), store=self.store)
         self.site = GatewaySite(self.app.resource(), config.body_size_limit, upload_sink=files.upload_sink)
         self.site.noisy = False
         self.listeners = []

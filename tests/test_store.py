@@ -205,3 +205,19 @@ async def test_work_never_runs_on_the_reactor_thread(store):
     assert isinstance(d, Deferred)
     await d
     assert seen and all(name != threading.main_thread().name for name in seen)
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_are_kept_replaced_and_swept(store):
+    record = {"id": "resp_1", "provider": "vllm", "created_at": 100, "previous_response_id": None,
+              "status": "queued", "input_items": [{"type": "message", "role": "user", "content": "é"}],
+              "response": {"id": "resp_1", "status": "queued"}}
+    await store.put_response(record)
+    await store.put_response(dict(record, id="resp_2", created_at=200, previous_response_id="resp_1"))
+    await store.put_response(dict(record, status="completed", response={"id": "resp_1", "status": "completed"}))
+    assert (await store.get_response("resp_1"))["response"]["status"] == "completed"
+    assert (await store.get_response("resp_2"))["input_items"][0]["content"] == "é"
+    assert await store.delete_responses_before(150) == 1
+    assert await store.get_response("resp_1") is None
+    assert await store.delete_response("resp_2") is True
+    assert await store.delete_response("resp_2") is False

@@ -98,6 +98,7 @@ async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
 @pytest_twisted.ensureDeferred
 async def test_native_responses_plain_and_streamed(gateway, fake):
     client = sdk_for(gateway)
+    fake.stored_responses["resp_prev"] = {"id": "resp_prev"}  # vLLM knows it; the gateway does not
     try:
         response = await in_thread(client.responses.create, model=MODEL, input="hi", max_output_tokens=3,
                                    previous_response_id="resp_prev", store=True, background=False,

@@ -8,7 +8,9 @@ from gomodel.api.errorhandlers import install as install_error_handlers
 from gomodel.api.front import FrontResource
 from gomodel.api.passthrough import PASSTHROUGH_METHODS, Passthrough
 from gomodel.api.inference import InferenceRoutes
+from gomodel.api.messages import json_answer
 from gomodel.api.proxy import Forwarder
+from gomodel.api.responses import ResponsesRoute
 from gomodel.errors import InvalidRequest
 
 _HEALTH = jsonutil.dumps({"status": "ok"})
@@ -22,14 +24,15 @@ class GatewayApp:
     app.url_map.merge_slashes = False  # /p/ endpoints are checked and normalised by us
     log = Logger()
 
-    def __init__(self, config, registry, clock, *, files=None, batches=None):
+    def __init__(self, config, registry, clock, *, files=None, batches=None, store=None):
         self._config = config
         self._registry = registry
         self._clock = clock
         self._files = files  # an object with a Klein .app serving /v1/files*
         self._batches = batches  # the same for /v1/batches*
         forwarder = Forwarder(clock, config.timeouts)
-        self._inference = InferenceRoutes(registry, clock, forwarder)
+        self._responses = ResponsesRoute(forwarder, clock, registry, store)
+        self._inference = InferenceRoutes(registry, forwarder, self._responses)
         self._passthrough = Passthrough(config, registry, forwarder)
 
     def resource(self):
@@ -42,18 +45,34 @@ class GatewayApp:
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request):
-        return _json(request, _HEALTH)
+        return json_answer(request, _HEALTH)
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request):
-        return _json(request, self._registry.models_body())
+        return json_answer(request, self._registry.models_body())
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     def retrieve_model(self, request, model_id):
         model = self._registry.model(model_id)
         if model is None:
             raise errors.ModelNotFound(model_id)
-        return _json(request, jsonutil.dumps(model))
+        return json_answer(request, model)
+
+    @app.route("/v1/responses/<response_id>", methods=["GET"])
+    async def retrieve_response(self, request, response_id):
+        return await self._responses.retrieve(request, response_id)
+
+    @app.route("/v1/responses/<response_id>", methods=["DELETE"])
+    async def delete_response(self, request, response_id):
+        return await self._responses.delete(request, response_id)
+
+    @app.route("/v1/responses/<response_id>/input_items", methods=["GET"])
+    async def response_input_items(self, request, response_id):
+        return await self._responses.input_items(request, response_id)
+
+    @app.route("/v1/responses/<response_id>/cancel", methods=["POST"])
+    async def cancel_response(self, request, response_id):
+        return await self._responses.cancel(request, response_id)
 
     @app.route("/p/<provider_name>", methods=PASSTHROUGH_METHODS)
     def passthrough_without_endpoint(self, request, provider_name):
@@ -80,9 +99,3 @@ class GatewayApp:
         return api.app.resource()
 
     install_error_handlers(app)
-
-
-def _json(request, body: bytes) -> bytes:
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body

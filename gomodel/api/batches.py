@@ -9,7 +9,7 @@ has finished it answers 409.
 
 from klein import Klein
 
-from gomodel import jsonutil
+from gomodel.api.messages import json_answer, json_body, query_arg, query_limit
 from gomodel.api.errorhandlers import install as install_error_handlers
 from gomodel.api.files import page
 from gomodel.api.producers import send_pages
@@ -52,7 +52,7 @@ class BatchesAPI:
 
     @app.route("/", methods=["POST"])
     async def create(self, request):
-        body = _json_object(request)
+        body = json_body(request)
         endpoint = body.get("endpoint")
         if endpoint not in ENDPOINTS:
             raise InvalidRequest(f"'endpoint' must be one of: {', '.join(ENDPOINTS)}.", param="endpoint",
@@ -78,21 +78,21 @@ class BatchesAPI:
                                  "a batch needs a file uploaded with purpose 'batch'.", param="input_file_id",
                                  code="invalid_file")
         record = await self._runner.create(endpoint, input_file_id, window, seconds, metadata)
-        return _json(request, batch_object(record))
+        return json_answer(request, batch_object(record))
 
     @app.route("/", methods=["GET"])
     async def list_batches(self, request):
-        limit = _limit(request)
-        records, has_more = await self._store.list_batches(after=_arg(request, b"after"), limit=limit)
-        return _json(request, page([batch_object(r) for r in records], has_more))
+        limit = query_limit(request, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX)
+        records, has_more = await self._store.list_batches(after=query_arg(request, b"after"), limit=limit)
+        return json_answer(request, page([batch_object(r) for r in records], has_more))
 
     @app.route("/<batch_id>", methods=["GET"])
     async def retrieve(self, request, batch_id):
-        return _json(request, batch_object(await self._get(batch_id)))
+        return json_answer(request, batch_object(await self._get(batch_id)))
 
     @app.route("/<batch_id>/cancel", methods=["POST"])
     async def cancel(self, request, batch_id):
-        return _json(request, batch_object(await self._runner.cancel(batch_id)))
+        return json_answer(request, batch_object(await self._runner.cancel(batch_id)))
 
     @app.route("/<batch_id>/results", methods=["GET"])
     async def results(self, request, batch_id):
@@ -114,41 +114,3 @@ class BatchesAPI:
         return record
 
     install_error_handlers(app)
-
-
-def _json_object(request) -> dict:
-    request.content.seek(0)
-    data = request.content.read()
-    try:
-        body = jsonutil.loads(data)
-    except jsonutil.JSONError as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return body
-
-
-def _arg(request, name):
-    values = request.args.get(name)
-    return values[0].decode("utf-8", "replace") if values and values[0] else None
-
-
-def _limit(request):
-    text = _arg(request, b"limit")
-    if text is None:
-        return LIST_LIMIT_DEFAULT
-    try:
-        limit = int(text)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise InvalidRequest(f"'limit' must be an integer between 1 and {LIST_LIMIT_MAX}.", param="limit",
-                             code="invalid_value")
-    return limit
-
-
-def _json(request, value) -> bytes:
-    body = jsonutil.dumps(value)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body

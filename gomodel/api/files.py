@@ -7,7 +7,7 @@ in memory. Contents are sent back from disk at the pace the client reads.
 
 from klein import Klein
 
-from gomodel import jsonutil
+from gomodel.api.messages import json_answer, query_arg, query_limit
 from gomodel.api.errorhandlers import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UploadSink
@@ -91,31 +91,31 @@ class FilesAPI:
             record = await self._store.add_file(sink.take(), sink.filename, purpose)
         finally:
             sink.discard()
-        return _json(request, file_object(record))
+        return json_answer(request, file_object(record))
 
     @app.route("/", methods=["GET"])
     async def list_files(self, request):
-        purpose = _arg(request, b"purpose")
-        order = _arg(request, b"order") or "desc"
+        purpose = query_arg(request, b"purpose")
+        order = query_arg(request, b"order") or "desc"
         if order not in ("asc", "desc"):
             raise InvalidRequest("'order' must be 'asc' or 'desc'.", param="order", code="invalid_value")
-        limit = _limit(request, LIST_LIMIT_MAX, LIST_LIMIT_MAX)
-        records, has_more = await self._store.list_files(purpose=purpose, after=_arg(request, b"after"),
+        limit = query_limit(request, LIST_LIMIT_MAX, LIST_LIMIT_MAX)
+        records, has_more = await self._store.list_files(purpose=purpose, after=query_arg(request, b"after"),
                                                          limit=limit, order=order)
-        return _json(request, page([file_object(r) for r in records], has_more))
+        return json_answer(request, page([file_object(r) for r in records], has_more))
 
     @app.route("/<file_id>", methods=["GET"])
     async def retrieve(self, request, file_id):
         record = await self._store.get_file(file_id)
         if record is None:
             raise _no_file(file_id)
-        return _json(request, file_object(record))
+        return json_answer(request, file_object(record))
 
     @app.route("/<file_id>", methods=["DELETE"])
     async def delete(self, request, file_id):
         if not await self._store.delete_file(file_id):
             raise _no_file(file_id)
-        return _json(request, {"id": file_id, "object": "file", "deleted": True})
+        return json_answer(request, {"id": file_id, "object": "file", "deleted": True})
 
     @app.route("/<file_id>/content", methods=["GET"])
     async def content(self, request, file_id):
@@ -137,34 +137,3 @@ def page(data, has_more) -> dict:
     """An OpenAI list page."""
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}
-
-
-def _arg(request, name):
-    values = request.args.get(name)
-    if not values:
-        return None
-    try:
-        return values[0].decode("utf-8") or None
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"'{name.decode()}' is not valid UTF-8.", param=name.decode()) from None
-
-
-def _limit(request, default, maximum):
-    text = _arg(request, b"limit")
-    if text is None:
-        return default
-    try:
-        limit = int(text)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= maximum:
-        raise InvalidRequest(f"'limit' must be an integer between 1 and {maximum}.", param="limit",
-                             code="invalid_value")
-    return limit
-
-
-def _json(request, value) -> bytes:
-    body = jsonutil.dumps(value)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body

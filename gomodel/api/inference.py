@@ -7,7 +7,7 @@ route stays on Klein.
 """
 
 from gomodel import jsonutil
-from gomodel.api.responses import ResponsesRoute
+from gomodel.api.messages import json_body
 from gomodel.errors import InvalidRequest
 from gomodel.streaming.sse import ChatStreamObserver
 
@@ -15,10 +15,10 @@ from gomodel.streaming.sse import ChatStreamObserver
 class InferenceRoutes:
     """Model-routed POST handlers; each returns the body to write, or None once it relayed a stream."""
 
-    def __init__(self, registry, clock, forwarder):
+    def __init__(self, registry, forwarder, responses):
         self._registry = registry
         self._forwarder = forwarder
-        self._responses = ResponsesRoute(forwarder, clock)
+        self._responses = responses  # a ResponsesRoute
 
     def routes(self) -> dict:
         """Exact request path -> coroutine function of the request (POST only)."""
@@ -94,18 +94,3 @@ class InferenceRoutes:
         request.model = model
         body["model"] = route.upstream_model
         return route
-
-
-def json_body(request) -> dict:
-    """The request's JSON object body; L{InvalidRequest} for anything else."""
-    request.content.seek(0)
-    data = request.content.read()
-    if not data.strip():
-        raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
-    try:
-        body = jsonutil.loads(data)
-    except jsonutil.JSONError as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return body

@@ -1,66 +1,251 @@
-"""POST /v1/responses: native where the provider has it, translated over chat completions where not."""
+"""The Responses API: create (native, or translated over chat completions) and its lifecycle.
 
+Every response created with C{store} not false is kept by the gateway with
+its input, the provider instance that made it and its output, so it can be
+read, listed, deleted and cancelled later, and so that a follow-up with
+C{previous_response_id} goes back to that instance, or, when the instance
+no longer knows the response (vLLM restarted; its store is off), carries the
+stored conversation as explicit input instead.
+"""
+
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
-from gomodel import jsonutil
+from gomodel import errors, jsonutil
+from gomodel.api.messages import json_answer, query_arg, query_limit
 from gomodel.httpclient import read_body
+from gomodel.responses_history import conversation, normalise_input
 from gomodel.streaming.sse import ResponsesStreamObserver
-from gomodel.upstream_errors import upstream_error
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
+from gomodel.upstream_errors import upstream_error
 
 # How long we remember that a provider has no /responses route before asking again.
 NO_NATIVE_TTL = 600.0
+_UNFINISHED = ("queued", "in_progress")
+
+
+class _NotKnownUpstream(Exception):
+    """The upstream answered that it does not know the previous response."""
 
 
 class ResponsesRoute:
-    """Creates responses: C{/responses} upstream, or chat completions translated both ways."""
+    """Creates responses and serves their stored lifecycle."""
 
     log = Logger()
 
-    def __init__(self, forwarder, clock):
+    def __init__(self, forwarder, clock, registry, store=None):
         self._forwarder = forwarder
         self._clock = clock
+        self._registry = registry
+        self._store = store  # an IStore, or None: nothing is kept
         self._no_native = {}  # provider name -> time until which we translate without asking
+
+    # -- create ----------------------------------------------------------------
 
     async def create(self, request, body, route_of):
         """Answer a Responses API create request; see L{Forwarder.answer} for what this returns."""
+        previous = await self._previous(body)
         route = route_of(request, body)
         provider = route.provider
-        stream = body.get("stream") is True
+        if previous is not None:
+            same = self._registry.provider(previous["provider"])
+            if same is not None and same.type == provider.type:
+                provider = same  # the instance that holds the conversation
+                request.provider_name = provider.name
+        turn = _Turn(self, body, provider, previous)
         if self._no_native.get(provider.name, 0) <= self._clock.seconds():
-            upstream = await provider.send("POST", "/responses", jsonutil.dumps(body), request.request_id)
-            if not await self._lacks_route(provider, upstream):
-                observer = ResponsesStreamObserver() if stream else None
-                return await self._forwarder.answer(request, provider, upstream, observer)
-            self._no_native[provider.name] = self._clock.seconds() + NO_NATIVE_TTL
-            self.log.info("provider {provider} has no native Responses API; translating to chat completions",
-                          provider=provider.name)
+            try:
+                return await self._native(request, provider, body, turn)
+            except _NotKnownUpstream:
+                explicit = dict(body, input=await conversation(self._store, previous) + _as_list(body.get("input")))
+                del explicit["previous_response_id"]
+                self.log.info("provider {provider} no longer knows response {id}; sending the stored "
+                              "conversation instead", provider=provider.name, id=previous["id"])
+                return await self._native(request, provider, explicit, turn)
+            except _NoNativeRoute:
+                self._no_native[provider.name] = self._clock.seconds() + NO_NATIVE_TTL
+                self.log.info("provider {provider} has no native Responses API; translating to chat completions",
+                              provider=provider.name)
+        if previous is not None:
+            body = dict(body, input=await conversation(self._store, previous) + _as_list(body.get("input")))
+            del body["previous_response_id"]
         chat = jsonutil.dumps(request_to_chat(body))
-        if stream:
-            return await self._forwarder.forward(request, provider, "/chat/completions", chat,
-                                                 ChatToResponsesStream(body, self._clock))
+        if body.get("stream") is True:
+            observer = ChatToResponsesStream(body, self._clock)
+            result = await self._forwarder.forward(request, provider, "/chat/completions", chat, observer)
+            turn.keep(observer.response)
+            return result
         return await self._forwarder.forward(request, provider, "/chat/completions", chat,
-                                             transform=lambda answer: chat_to_response(answer, body))
+                                             transform=lambda answer: turn.keep_body(chat_to_response(answer, body)))
 
-    async def _lacks_route(self, provider, upstream) -> bool:
-        """Whether C{upstream} says "no such route" (404 that is not an API error, 405, 501).
+    async def _native(self, request, provider, body, turn):
+        upstream = await provider.send("POST", "/responses", jsonutil.dumps(body), request.request_id)
+        if upstream.code in (404, 405, 501):
+            await self._not_found(provider, upstream, body)
+        if body.get("stream") is True:
+            observer = ResponsesStreamObserver()
+            result = await self._forwarder.answer(request, provider, upstream, observer)
+            turn.keep(observer.response)
+            return result
+        return await self._forwarder.answer(request, provider, upstream, transform=turn.keep_body)
 
-        An OpenAI-shaped 404 (an unknown model) is the provider's real answer:
-        it is raised as such.
-        """
-        if upstream.code in (405, 501):
-            _drain(upstream)
-            return True
+    async def _not_found(self, provider, upstream, body):
+        """Sort out a 404/405/501: no such route, an unknown previous response, or a real API error."""
         if upstream.code != 404:
-            return False
-        body = await read_body(upstream, 64 * 1024)
+            _drain(upstream)
+            raise _NoNativeRoute()
+        answer = await read_body(upstream, 64 * 1024)
         try:
-            error = jsonutil.loads(body).get("error")
+            error = jsonutil.loads(answer).get("error")
         except (jsonutil.JSONError, AttributeError):
             error = None
-        if isinstance(error, dict):
-            raise upstream_error(404, body, provider.name, provider.hidden)
-        return True
+        if not isinstance(error, dict):
+            raise _NoNativeRoute()  # FastAPI's {"detail": "Not Found"}: no /responses here
+        previous_id = body.get("previous_response_id")
+        if previous_id and previous_id in str(error.get("message", "")) and self._store is not None:
+            if await self._store.get_response(previous_id) is not None:
+                raise _NotKnownUpstream()
+        raise upstream_error(404, answer, provider.name, provider.hidden)
+
+    async def _previous(self, body):
+        """The stored record of C{previous_response_id}, or None (the upstream may still know it)."""
+        previous_id = body.get("previous_response_id")
+        if not previous_id or self._store is None:
+            return None
+        if not isinstance(previous_id, str):
+            raise errors.InvalidRequest("previous_response_id must be a string.", param="previous_response_id")
+        return await self._store.get_response(previous_id)
+
+    def keep(self, body, provider, response, previous):
+        """Store C{response} (created for C{body} by C{provider}) unless the client said store: false."""
+        if self._store is None or body.get("store") is False or not isinstance(response, dict):
+            return
+        response_id = response.get("id")
+        if not isinstance(response_id, str):
+            return
+        record = {"id": response_id, "provider": provider.name, "created_at": int(self._clock.seconds()),
+                  "previous_response_id": body.get("previous_response_id") or (previous or {}).get("id"),
+                  "status": response.get("status"), "input_items": normalise_input(body.get("input")),
+                  "response": response}
+        d = self._store.put_response(record)
+        d.addErrback(lambda f: self.log.failure("storing response {id} failed", f, id=response_id))
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def retrieve(self, request, response_id):
+        """The stored response; a background one still running is refreshed from its instance."""
+        record = await self._record(response_id)
+        response = record["response"]
+        provider = self._registry.provider(record["provider"])
+        if response.get("status") in _UNFINISHED and provider is not None:
+            fresh = await self._upstream_json(request, provider, "GET", f"/responses/{response_id}")
+            if fresh is not None:
+                self._update(record, fresh)
+                response = fresh
+        return json_answer(request, response)
+
+    async def delete(self, request, response_id):
+        if self._store is None or not await self._store.delete_response(response_id):
+            raise _unknown(response_id)
+        return json_answer(request, {"id": response_id, "object": "response", "deleted": True})
+
+    async def input_items(self, request, response_id):
+        """OpenAI's paginated list of the input items of one response."""
+        record = await self._record(response_id)
+        items = list(record["input_items"])
+        order = query_arg(request, b"order", "desc")
+        if order not in ("asc", "desc"):
+            raise errors.InvalidRequest("order must be asc or desc.", param="order")
+        if order == "desc":
+            items.reverse()
+        after = query_arg(request, b"after")
+        if after is not None:
+            ids = [item.get("id") for item in items]
+            if after not in ids:
+                raise errors.InvalidRequest(f"No input item '{after}' in this response.", param="after")
+            items = items[ids.index(after) + 1:]
+        limit = query_limit(request, 20, 100)
+        page = items[:limit]
+        return json_answer(request, {
+            "object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
+    async def cancel(self, request, response_id):
+        """Forward a cancel to the instance running the (background) response; its answer is relayed."""
+        record = await self._record(response_id)
+        provider = self._registry.provider(record["provider"])
+        if provider is None:
+            raise errors.NotFound(f"The provider '{record['provider']}' that made response '{response_id}' "
+                                  "is no longer configured.", code="provider_not_found")
+        upstream = await provider.send("POST", f"/responses/{response_id}/cancel", None, request.request_id)
+
+        def kept(answer):
+            try:
+                self._update(record, jsonutil.loads(answer))
+            except jsonutil.JSONError:
+                pass
+            return answer
+
+        return await self._forwarder.answer(request, provider, upstream, transform=kept)
+
+    async def _record(self, response_id):
+        record = await self._store.get_response(response_id) if self._store is not None else None
+        if record is None:
+            raise _unknown(response_id)
+        return record
+
+    def _update(self, record, response):
+        if isinstance(response, dict) and response.get("id") == record["id"]:
+            self._store.put_response(dict(record, response=response, status=response.get("status"))).addErrback(
+                lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
+
+    async def _upstream_json(self, request, provider, method, path):
+        """A JSON answer of the provider, or None when it has none to give."""
+        try:
+            upstream = await provider.send(method, path, None, request.request_id)
+            body = await read_body(upstream, 16 * 1024 * 1024)
+            return jsonutil.loads(body) if upstream.code == 200 else None
+        except CancelledError:
+            raise
+        except Exception:
+            return None
+
+
+class _NoNativeRoute(Exception):
+    """The provider has no /responses route."""
+
+
+class _Turn:
+    """What one create call needs to store its response once it has it."""
+
+    def __init__(self, route, body, provider, previous):
+        self._route = route
+        self._body = body
+        self._provider = provider
+        self._previous = previous
+
+    def keep(self, response):
+        self._route.keep(self._body, self._provider, response, self._previous)
+
+    def keep_body(self, answer: bytes) -> bytes:
+        try:
+            self.keep(jsonutil.loads(answer))
+        except jsonutil.JSONError:
+            pass
+        return answer
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return list(value)
+
+
+def _unknown(response_id):
+    return errors.NotFound(f"No response '{response_id}' is stored by the gateway.", param="response_id",
+                           code="response_not_found")
 
 
 def _drain(upstream):

@@ -1,4 +1,4 @@
-"""The one seam between the gateway and its persistence (files, batches).
+"""The one seam between the gateway and its persistence (files, batches, responses).
 
 Every method returns a Deferred and never blocks the reactor; no SQL and no
 storage layout exist outside an implementation. L{gomodel.store.sqlite} is the
@@ -15,6 +15,8 @@ Records are plain dicts:
   - a batch request: C{(line, custom_id, body bytes)}
   - a batch result: C{(line, custom_id, ok, data bytes)}: C{data} is one
     output (C{ok}) or error-file line, without its newline.
+  - a stored response: C{id, provider, created_at, previous_response_id,
+    status, input_items (a list), response (a dict)}
 """
 
 from zope.interface import Attribute, Interface
@@ -115,3 +117,17 @@ class IStore(Interface):
         the updated record, or None (and nothing written) when the batch's
         status is not in C{only_if_status}.
         """
+
+    # -- responses ----------------------------------------------------------
+
+    def put_response(record):
+        """Insert or replace a stored response (see the module docstring); fires with None."""
+
+    def get_response(response_id):
+        """Fires with the stored response record, or None."""
+
+    def delete_response(response_id):
+        """Fires with True once deleted, or False when there was no such response."""
+
+    def delete_responses_before(created_at):
+        """Delete responses created before C{created_at} (seconds); fires with how many."""

@@ -89,6 +89,19 @@ MIGRATIONS = (
             PRIMARY KEY (batch_id, line)
         ) WITHOUT ROWID""",
     )),
+    (2, (
+        # Responses created through the gateway: their input, who made them, their output.
+        """CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            previous_response_id TEXT,
+            status TEXT,
+            input_items TEXT NOT NULL,
+            response TEXT NOT NULL
+        )""",
+        "CREATE INDEX responses_created ON responses (created_at)",
+    )),
 )
 
 _FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at")
@@ -432,6 +445,42 @@ class SQLiteStore(Service):
                              (completed, failed, batch_id))
         return completed + failed
 
+    # -- responses ------------------------------------------------------------
+
+    def put_response(self, record):
+        return self._run(self._put_response, dict(record))
+
+    def _put_response(self, record):
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO responses (id, provider, created_at, previous_response_id, status, "
+                "input_items, response) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record["id"], record["provider"], record["created_at"], record.get("previous_response_id"),
+                 record.get("status"), json.dumps(record["input_items"], ensure_ascii=False),
+                 json.dumps(record["response"], ensure_ascii=False)))
+
+    def get_response(self, response_id):
+        return self._run(self._get_response, response_id)
+
+    def _get_response(self, response_id):
+        row = self._db().execute("SELECT id, provider, created_at, previous_response_id, status, input_items, "
+                                 "response FROM responses WHERE id = ?", (response_id,)).fetchone()
+        return _decode_response(row) if row is not None else None
+
+    def delete_response(self, response_id):
+        return self._run(self._delete_response, response_id)
+
+    def _delete_response(self, response_id):
+        with self._transaction() as conn:
+            return conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+
+    def delete_responses_before(self, created_at):
+        return self._run(self._delete_responses_before, created_at)
+
+    def _delete_responses_before(self, created_at):
+        with self._transaction() as conn:
+            return conn.execute("DELETE FROM responses WHERE created_at < ?", (created_at,)).rowcount
+
     def read_results(self, batch_id, after_line, limit):
         return self._run(self._read_results, batch_id, after_line, limit)
 
@@ -545,6 +594,13 @@ def _encode_batch(batch):
             value = json.dumps(value, ensure_ascii=False)
         values[key] = value
     return values
+
+
+def _decode_response(row):
+    record = dict(row)
+    record["input_items"] = json.loads(record["input_items"])
+    record["response"] = json.loads(record["response"])
+    return record
 
 
 def _decode_batch(row):

@@ -9,7 +9,7 @@ import time
 import uuid
 
 from gomodel import jsonutil
-from gomodel.errors import InvalidRequest
+from gomodel.errors import InvalidRequest, NotFound
 from gomodel.streaming.sse import SSEFramer, StreamIncomplete, event_data
 
 # Responses request fields with no chat-completions meaning; everything else
@@ -30,8 +30,9 @@ def _new_id(prefix):
 def request_to_chat(body: dict) -> dict:
     """The chat-completions body for a Responses request C{body} (model already rewritten)."""
     if body.get("previous_response_id"):
-        raise InvalidRequest("previous_response_id needs a provider with a native Responses API.",
-                             param="previous_response_id", code="unsupported_parameter")
+        raise NotFound(f"The previous response '{body['previous_response_id']}' is not stored by the gateway, "
+                       "and this provider has no native Responses API that could know it.",
+                       param="previous_response_id", code="response_not_found")
     chat = {k: v for k, v in body.items() if k not in _RESPONSES_ONLY}
     messages = []
     if isinstance(body.get("instructions"), str) and body["instructions"]:

@@ -100,6 +100,12 @@ class _Flood:
         self._stopped = True
 
 
+def _not_found(response_id):
+    """vLLM's answer for a response id its store does not hold."""
+    return {"error": {"message": f"Response with id '{response_id}' not found.", "type": "invalid_request_error",
+                      "param": "response_id", "code": 404}}
+
+
 def _chunk(delta, finish_reason=None, model=CHAT_MODEL):
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     if finish_reason is not None:
@@ -114,6 +120,7 @@ class FakeVLLM(Resource):
     def __init__(self, reactor, *, api_key=None, models=(CHAT_MODEL,), max_model_len=2048, responses=True):
         super().__init__()
         self.native_responses = responses  # False: /v1/responses is FastAPI's 404, as on an older server
+        self.stored_responses = {}  # vLLM's in-memory Responses store; clear() it to play a restart
         self._reactor = reactor
         self.api_key = api_key
         self.models = list(models)
@@ -233,6 +240,8 @@ class FakeVLLM(Resource):
                  "parent": None, "max_model_len": self.max_model_len, "permission": []} for m in self.models]})
         if path == b"/v1/chat/completions" and request.method == b"POST":
             return self._chat(request, record)
+        if path.startswith(b"/v1/responses/") and self.native_responses:
+            return self._response_lifecycle(request, path[len(b"/v1/responses/"):].decode())
         if request.method == b"POST" and path in self._POST_ROUTES:
             body = record.body if isinstance(record.body, dict) else {}
             if "fake_status" in body:
@@ -317,9 +326,23 @@ class FakeVLLM(Resource):
     def _detokenize(self, request, record, body):
         return self._json(request, 200, {"prompt": "hé" * len(body.get("tokens") or [])})
 
+    def _response_lifecycle(self, request, rest):
+        response_id, _, action = rest.partition("/")
+        stored = self.stored_responses.get(response_id)
+        if stored is None:
+            return self._json(request, 404, _not_found(response_id))
+        if action == "cancel" and request.method == b"POST":
+            stored["status"] = "cancelled"
+        return self._json(request, 200, stored)
+
     def _responses(self, request, record, body):
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self.stored_responses:
+            return self._json(request, 404, _not_found(previous))
         text = body.get("fake_text", "hé") * int(body.get("fake_chunks", 3))
-        response = {"id": "resp_fake", "object": "response", "created_at": 1700000000, "status": "completed",
+        response_id = f"resp_fake{len(self.stored_responses) + 1}_{id(record)}"
+        status = "queued" if body.get("background") else "completed"
+        response = {"id": response_id, "object": "response", "created_at": 1700000000, "status": status,
                     "model": body["model"], "output": [{
                         "id": "msg_fake", "type": "message", "role": "assistant", "status": "completed",
                         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]}],
@@ -328,6 +351,8 @@ class FakeVLLM(Resource):
                     "usage": {"input_tokens": 19, "output_tokens": 3, "total_tokens": 22,
                               "input_tokens_details": {"cached_tokens": 0},
                               "output_tokens_details": {"reasoning_tokens": 0}}}
+        if body.get("store") is not False:
+            self.stored_responses[response_id] = response
         if not body.get("stream"):
             return self._json(request, 200, response)
         request.setResponseCode(200)

@@ -18,6 +18,7 @@
 # Usage:
 #   bash tests/integration/vllm_server.sh up       install if needed, build models, start, wait for /health
 #   bash tests/integration/vllm_server.sh down     stop exactly the servers this script started (PID files)
+#   bash tests/integration/vllm_server.sh restart NAME   stop one server (chat, chat-key, embed, rerank) and start it on its port again
 #   bash tests/integration/vllm_server.sh status   PID, port, /health and RSS of each server
 #
 # `up` writes $VLLM_RUN/vllm.env (read by tests/integration/conftest.py):
@@ -389,9 +390,21 @@ EOF
   do_status
 }
 
+do_restart() { # name -> stop that server and start it again on its port (its memory is gone)
+  local name=$1 port key=()
+  VENV=$(cat "$RUN/venv.path" 2>/dev/null || echo "$VENV"); RUN_VENV=$VENV
+  port=$(cat "$(portfile "$name")" 2>/dev/null) || { log "$name is not running"; return 1; }
+  [[ "$name" == chat-key ]] && key=("$(sed -n 's/^GOMODEL_IT_CHAT_KEY=//p' "$RUN/vllm.env")")
+  stop_one "$name"
+  declare -gA STARTED_AT=()
+  launch "$name" "$port" "${key[@]}"
+  wait_healthy "$name"
+}
+
 cmd="${1:-}"
 case "$cmd" in
   up) do_up ;;
+  restart) do_restart "${2:?restart needs a server name: ${SERVERS[*]}}" ;;
   down) do_down ;;
   status) do_status ;;
   install) do_install ;;

@@ -1,0 +1,53 @@
+"""Reading requests and writing JSON answers: the small helpers every route group shares."""
+
+from gomodel import jsonutil
+from gomodel.errors import InvalidRequest
+
+
+def json_answer(request, value) -> bytes:
+    """Set the JSON headers on C{request}; return the body (C{value} serialised, or bytes as they are)."""
+    body = value if isinstance(value, bytes) else jsonutil.dumps(value)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def json_body(request) -> dict:
+    """The request's JSON object body; L{InvalidRequest} for anything else."""
+    request.content.seek(0)
+    data = request.content.read()
+    if not data.strip():
+        raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        body = jsonutil.loads(data)
+    except jsonutil.JSONError as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def query_arg(request, name: bytes, default=None):
+    """The first value of query parameter C{name} as text (empty counts as absent)."""
+    values = request.args.get(name)
+    if not values or not values[0]:
+        return default
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"'{name.decode()}' is not valid UTF-8.", param=name.decode()) from None
+
+
+def query_limit(request, default: int, maximum: int) -> int:
+    """The C{limit} query parameter, an integer from 1 to C{maximum}."""
+    text = query_arg(request, b"limit")
+    if text is None:
+        return default
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= maximum:
+        raise InvalidRequest(f"'limit' must be an integer between 1 and {maximum}.", param="limit",
+                             code="invalid_value")
+    return limit

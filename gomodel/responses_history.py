@@ -1,0 +1,99 @@
+"""Stored Responses conversations: input items as OpenAI lists them, and a chain replayed as explicit input.
+
+A response is stored with the input items of its own turn (normalised as
+OpenAI's C{input_items} endpoint shows them) and its output; following
+C{previous_response_id} links back to the first turn, so the whole
+conversation can be sent again as explicit input when the instance that
+made it no longer knows it (vLLM restarted, or its store is off).
+"""
+
+import uuid
+
+from twisted.application.internet import TimerService
+from twisted.logger import Logger
+
+MAX_CHAIN = 1000  # turns followed back through previous_response_id
+
+
+def normalise_input(value) -> list:
+    """The input items of a create request, each with a C{type} and an C{id}."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    items = []
+    for item in value if isinstance(value, list) else []:
+        if not isinstance(item, dict):
+            continue
+        item = dict(item)
+        item.setdefault("type", "message")
+        if item["type"] == "message":
+            item.setdefault("role", "user")
+            content = item.get("content")
+            if isinstance(content, str):
+                kind = "output_text" if item["role"] == "assistant" else "input_text"
+                item["content"] = [{"type": kind, "text": content}]
+        item.setdefault("id", f"{_PREFIX.get(item['type'], 'item')}_{uuid.uuid4().hex}")
+        items.append(item)
+    return items
+
+
+_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def as_input(item) -> dict | None:
+    """One stored input or output item in the form any Responses upstream accepts as input."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        content = item.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in
+                                             ("input_text", "output_text", "text") for p in content):
+            content = "".join(p.get("text", "") for p in content)
+        return {"role": item.get("role", "user"), "content": content}
+    if kind == "function_call":
+        return {"type": "function_call", "call_id": item.get("call_id"), "name": item.get("name"),
+                "arguments": item.get("arguments", "")}
+    if kind == "function_call_output":
+        return {"type": "function_call_output", "call_id": item.get("call_id"), "output": item.get("output")}
+    return None  # reasoning and the like are not replayed
+
+
+async def conversation(store, record) -> list:
+    """The whole conversation up to and including C{record}'s output, as explicit input items.
+
+    Follows C{previous_response_id} back through the store (a turn whose
+    record is gone ends the walk).
+    """
+    turns = []
+    seen = set()
+    while record is not None and record["id"] not in seen and len(turns) < MAX_CHAIN:
+        seen.add(record["id"])
+        turns.append(record)
+        previous = record.get("previous_response_id")
+        record = await store.get_response(previous) if previous else None
+    items = []
+    for turn in reversed(turns):
+        for item in turn["input_items"] + (turn["response"].get("output") or []):
+            replayed = as_input(item)
+            if replayed is not None:
+                items.append(replayed)
+    return items
+
+
+class ResponseRetention(TimerService):
+    """Deletes stored responses older than the retention, at start and then every C{interval} seconds."""
+
+    log = Logger()
+
+    def __init__(self, store, clock, retention: float, interval: float = 3600.0):
+        super().__init__(interval, self._sweep)
+        self.clock = clock
+        self._store = store
+        self._retention = retention
+
+    def _sweep(self):
+        d = self._store.delete_responses_before(int(self.clock.seconds() - self._retention))
+        d.addCallback(lambda count: count and self.log.info("{count} stored responses past their retention deleted",
+                                                            count=count))
+        d.addErrback(lambda f: self.log.failure("sweeping stored responses failed", f))
+        return d

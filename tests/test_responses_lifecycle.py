@@ -1,0 +1,203 @@
+"""The Responses lifecycle kept by the gateway: retrieve, input items, delete, cancel, follow-ups."""
+
+import json
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+
+from gomodel import jsonutil
+from tests.support import in_thread, start_fake, start_gateway
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def sdk_for(gateway):
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+
+
+@pytest_twisted.async_yield_fixture()
+async def client(gateway):
+    sdk = sdk_for(gateway)
+    yield sdk
+    sdk.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_created_responses_are_kept_listed_and_deleted(client, fake):
+    created = await in_thread(client.responses.create, model=MODEL, input="hello there")
+    got = await in_thread(client.responses.retrieve, created.id)
+    assert got.id == created.id and got.output_text == created.output_text
+    items = await in_thread(client.responses.input_items.list, created.id)
+    assert [(i.type, i.role, i.content[0].text) for i in items.data] == [("message", "user", "hello there")]
+
+    deleted = await in_thread(client.responses.delete, created.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(client.responses.retrieve, created.id)
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(client.responses.delete, created.id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_streamed_responses_are_kept_from_their_completed_event(client):
+    def stream():
+        with client.responses.stream(model=MODEL, input="hi") as events:
+            for _ in events:
+                pass
+            return events.get_final_response()
+
+    final = await in_thread(stream)
+    got = await in_thread(client.responses.retrieve, final.id)
+    assert got.output_text == final.output_text
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_false_keeps_nothing(client):
+    created = await in_thread(client.responses.create, model=MODEL, input="hi", store=False)
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(client.responses.retrieve, created.id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_input_items_are_paginated(http, gateway):
+    body = {"model": MODEL, "input": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                      {"type": "message", "role": "user", "content": [{"type": "input_text",
+                                                                                       "text": "c"}]}]}
+    response = await http.post(gateway.url + "/v1/responses", data=json.dumps(body).encode())
+    response_id = jsonutil.loads(await treq.content(response))["id"]
+    page = jsonutil.loads(await treq.content(await http.get(
+        gateway.url + f"/v1/responses/{response_id}/input_items?limit=2&order=asc")))
+    assert [i["content"][0]["text"] for i in page["data"]] == ["a", "b"] and page["has_more"] is True
+    rest = jsonutil.loads(await treq.content(await http.get(
+        gateway.url + f"/v1/responses/{response_id}/input_items?order=asc&after={page['last_id']}")))
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["c"] and rest["has_more"] is False
+    newest = jsonutil.loads(await treq.content(await http.get(gateway.url + f"/v1/responses/{response_id}/input_items")))
+    assert newest["data"][0]["content"][0]["text"] == "c"  # desc by default
+    bad = await http.get(gateway.url + f"/v1/responses/{response_id}/input_items?limit=0")
+    assert bad.code == 400
+    await treq.content(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(reactor):
+    a = await start_fake(reactor)
+    b = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url})
+    client = sdk_for(gw)
+    try:
+        first = await in_thread(client.responses.create, model="vllm-b/" + UPSTREAM, input="one")
+        follow = await in_thread(client.responses.create, model=MODEL, input="two", previous_response_id=first.id)
+        assert b.requests[-1].body["previous_response_id"] == first.id
+        assert not [r for r in a.requests if r.path == b"/v1/responses"]
+        assert follow.previous_response_id == first.id
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_conversation_survives_an_upstream_restart(client, fake):
+    first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+    second = await in_thread(client.responses.create, model=MODEL, input="and I like tea",
+                             previous_response_id=first.id)
+    fake.stored_responses.clear()  # vLLM restarted: its in-memory store is gone
+    third = await in_thread(client.responses.create, model=MODEL, input="what is my name?",
+                            previous_response_id=second.id)
+    refused, replayed = [r for r in fake.requests if r.path == b"/v1/responses"][-2:]
+    assert refused.body["previous_response_id"] == second.id
+    assert "previous_response_id" not in replayed.body
+    assert replayed.body["input"] == [
+        {"role": "user", "content": "my name is Ada"}, {"role": "assistant", "content": "héhéhé"},
+        {"role": "user", "content": "and I like tea"}, {"role": "assistant", "content": "héhéhé"},
+        {"role": "user", "content": "what is my name?"}]
+    kept = await in_thread(client.responses.retrieve, third.id)
+    assert kept.id == third.id
+    chain = await in_thread(client.responses.input_items.list, third.id)
+    assert [i.content[0].text for i in chain.data] == ["what is my name?"]  # this turn's own input
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_previous_response_is_the_upstreams_404(client):
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(client.responses.create, model=MODEL, input="x", previous_response_id="resp_nobody")
+
+
+@pytest_twisted.ensureDeferred
+async def test_translated_provider_gets_the_stored_conversation(reactor):
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = sdk_for(gw)
+    try:
+        first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+        await in_thread(client.responses.create, model=MODEL, input="who am I?", previous_response_id=first.id)
+        chat = fake.requests[-1]
+        assert chat.path == b"/v1/chat/completions"
+        assert chat.body["messages"] == [{"role": "user", "content": "my name is Ada"},
+                                         {"role": "assistant", "content": "héhéhé"},
+                                         {"role": "user", "content": "who am I?"}]
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(client.responses.create, model=MODEL, input="x", previous_response_id="resp_nobody")
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_background_responses_are_refreshed_and_cancelled_at_their_instance(client, fake):
+    created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    assert created.status == "queued"
+    fake.stored_responses[created.id]["status"] = "in_progress"
+    assert (await in_thread(client.responses.retrieve, created.id)).status == "in_progress"
+    cancelled = await in_thread(client.responses.cancel, created.id)
+    assert cancelled.status == "cancelled"
+    assert fake.requests[-1].path == f"/v1/responses/{created.id}/cancel".encode()
+    assert (await in_thread(client.responses.retrieve, created.id)).status == "cancelled"
+
+
+def test_retention_sweeps_old_responses_periodically():
+    from twisted.internet.defer import succeed
+    from twisted.internet.task import Clock
+
+    from gomodel.responses_history import ResponseRetention
+
+    class Store:
+        cutoffs = []
+
+        def delete_responses_before(self, created_at):
+            self.cutoffs.append(created_at)
+            return succeed(0)
+
+    clock = Clock()
+    clock.advance(100 * 86400)
+    store = Store()
+    retention = ResponseRetention(store, clock, retention=30 * 86400, interval=3600)
+    retention.startService()
+    clock.advance(3600)
+    retention.stopService()
+    assert store.cutoffs == [70 * 86400, 70 * 86400 + 3600]
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_responses_survive_a_gateway_restart(reactor, fake, tmp_path):
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path)}
+    gw = await start_gateway(reactor, env)
+    client = sdk_for(gw)
+    try:
+        created = await in_thread(client.responses.create, model=MODEL, input="remember me")
+    finally:
+        client.close()
+        await gw.service.stopService()
+    gw = await start_gateway(reactor, env)
+    client = sdk_for(gw)
+    try:
+        assert (await in_thread(client.responses.retrieve, created.id)).output_text == created.output_text
+    finally:
+        client.close()
+        await gw.service.stopService()
