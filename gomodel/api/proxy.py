@@ -54,7 +54,11 @@ class Forwarder:
             return await self.relay_stream(request, upstream, observer)
         body = await self.relay_body(request, provider, upstream)
         if transform is not None:
-            body = transform(body)
+            try:
+                body = transform(body)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise BadUpstreamResponse(
+                    f"The answer of the upstream provider '{provider.name}' could not be read.") from None
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", b"%d" % len(body))
         return body
