@@ -66,7 +66,7 @@ class CachingEndpointFactory:
     def __init__(self, reactor, connect_timeout: float):
         self._reactor = reactor
         self._connect_timeout = connect_timeout
-        self._policy = BrowserLikePolicyForHTTPS()
+        self._policy = None  # built for the first https upstream: it loads OpenSSL
         self._endpoints = {}
 
     def endpointForURI(self, uri):
@@ -75,6 +75,8 @@ class CachingEndpointFactory:
         if endpoint is None:
             endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._connect_timeout)
             if uri.scheme == b"https":
+                if self._policy is None:
+                    self._policy = BrowserLikePolicyForHTTPS()
                 creator = self._policy.creatorForNetloc(uri.host, uri.port)
                 endpoint = wrapClientTLS(creator, endpoint)
             self._endpoints[key] = endpoint
