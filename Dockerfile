@@ -7,8 +7,7 @@ WORKDIR /src
 COPY setup.py README.md ./
 COPY gomodel ./gomodel
 COPY twisted ./twisted
-# The tls extra: https upstreams (OpenAI, Groq, ...) work from the same image.
-RUN pip install --no-cache-dir '.[tls]' \
+RUN pip install --no-cache-dir . \
     # Regenerate Twisted's plugin cache now: the non-root user cannot write site-packages later.
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && python -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins as p; assert any(x.tapname == 'gomodel' for x in getPlugins(IPlugin, p) if hasattr(x, 'tapname'))" \

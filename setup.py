@@ -13,10 +13,7 @@ setup(
     # stay in charge of it), so find_packages cannot see it: name it.
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
     install_requires=[
-        # TLS (pyOpenSSL, cryptography) is the "tls" extra: with it installed,
-        # Twisted loads OpenSSL into every process (about 12 MB of RSS), which a
-        # gateway in front of plain-HTTP vLLM servers does not need.
-        "twisted>=24.7",
+        "twisted[tls]>=24.7",
         "klein>=24.8",
         "treq>=24.9",
         "pyyaml>=6.0",
@@ -30,9 +27,7 @@ setup(
         "multipart>=1.2",
     ],
     extras_require={
-        "tls": ["twisted[tls]>=24.7"],  # https upstreams (OpenAI, Groq, OpenRouter, ...)
         "test": [
-            "twisted[tls]>=24.7",  # the config tests register https providers
             "pytest>=8",
             "pytest-twisted>=1.14",
             "openai>=1.40",

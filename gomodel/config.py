@@ -5,7 +5,6 @@ to read, so tests pass a plain dict. Every bad value raises L{ConfigError}
 whose message names the variable (or YAML key) at fault.
 """
 
-import importlib.util
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -478,8 +477,6 @@ def _normalise_base_url(url, type_name, where):
         raise ConfigError(f"{where}: must be an http:// or https:// URL with a host")
     if parts.query or parts.fragment:
         raise ConfigError(f"{where}: must not have a query or fragment")
-    if parts.scheme == "https" and importlib.util.find_spec("OpenSSL") is None:
-        raise ConfigError(f"{where}: an https upstream needs TLS support: pip install 'gomodel[tls]'")
     url = url.rstrip("/")
     path = urlsplit(url).path
     if path.endswith("/v1"):

@@ -66,7 +66,7 @@ class CachingEndpointFactory:
     def __init__(self, reactor, connect_timeout: float):
         self._reactor = reactor
         self._connect_timeout = connect_timeout
-        self._policy = None  # built for the first https upstream: it loads OpenSSL
+        self._policy = None  # built for the first https upstream
         self._endpoints = {}
 
     def endpointForURI(self, uri):

@@ -182,14 +182,3 @@ def test_batch_max_attempts():
     with pytest.raises(ConfigError) as raised:
         load_config({"BATCH_MAX_ATTEMPTS": "never"})
     assert "BATCH_MAX_ATTEMPTS" in str(raised.value)
-
-
-def test_https_upstreams_need_the_tls_extra(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "OpenSSL" else real(name, *a))
-    with pytest.raises(ConfigError) as raised:
-        load_config({"OPENAI_API_KEY": "sk"})
-    assert "gomodel[tls]" in str(raised.value)
-    assert load_config({"VLLM_BASE_URL": "http://h:8000"}).providers  # plain HTTP needs nothing more
