@@ -71,3 +71,36 @@ providers:
         await pool.closeCachedConnections()
         await service.stopService()
     assert not service.running
+
+
+def _maps_of_a_running_gateway(tmp_path, env):
+    """The memory map of a twistd gomodel process once it listens (then it is stopped)."""
+    import re
+    import signal
+    import time
+
+    log_path = tmp_path / "gw.log"
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))}
+    run_env.update(env, PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                                 "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env)
+    try:
+        deadline = time.monotonic() + 30
+        while not re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        with open(f"/proc/{proc.pid}/maps") as f:
+            return f.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_openssl_is_loaded_only_for_https_upstreams(tmp_path):
+    plain = _maps_of_a_running_gateway(tmp_path, {"VLLM_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert "cryptography" not in plain and "OpenSSL" not in plain
+    tls = _maps_of_a_running_gateway(tmp_path, {"VLLM_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk"})
+    assert "cryptography" in tls
