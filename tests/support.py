@@ -77,6 +77,13 @@ def with_timeout(reactor, d: Deferred, seconds: float) -> Deferred:
     return d
 
 
+def openai_client(gateway, api_key="unused", timeout=10):
+    """The official openai SDK pointed at C{gateway} (no retries); close it after use."""
+    import openai
+
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
+
+
 def in_thread(fn, *args, **kwargs) -> Deferred:
     """Run a blocking client (the openai SDK) off the reactor thread."""
     return threads.deferToThread(fn, *args, **kwargs)

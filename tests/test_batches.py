@@ -24,7 +24,7 @@ from gomodel.config import Timeouts
 from gomodel.errors import ModelNotFound, UpstreamUnreachable
 from gomodel.registry import Route
 from gomodel.store import SQLiteStore
-from tests.support import in_thread, start_gateway, with_timeout
+from tests.support import in_thread, openai_client, start_gateway, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -65,7 +65,7 @@ async def gw(reactor, fake, tmp_path):
 
 @pytest.fixture
 def sdk(gw):
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
+    client = openai_client(gw, KEY, timeout=20)
     yield client
     client.close()
 

@@ -16,7 +16,8 @@ from twisted.internet.protocol import Protocol
 
 from gomodel import jsonutil
 from tests.rawclient import connect
-from tests.support import in_thread, settled, start_gateway, track_connections, with_timeout, write_buffer
+from tests.support import (in_thread, openai_client, settled, start_gateway, track_connections, with_timeout,
+                           write_buffer)
 
 KEY = "files-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -33,7 +34,7 @@ async def gw(reactor, fake, tmp_path):
 
 @pytest.fixture
 def sdk(gw):
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
+    client = openai_client(gw, KEY, timeout=20)
     yield client
     client.close()
 

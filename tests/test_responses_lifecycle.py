@@ -8,19 +8,15 @@ import pytest_twisted
 import treq
 
 from gomodel import jsonutil
-from tests.support import in_thread, start_fake, start_gateway
+from tests.support import in_thread, openai_client, start_fake, start_gateway
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
 
 
-def sdk_for(gateway):
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=10)
-
-
 @pytest_twisted.async_yield_fixture()
 async def client(gateway):
-    sdk = sdk_for(gateway)
+    sdk = openai_client(gateway)
     yield sdk
     sdk.close()
 
@@ -86,7 +82,7 @@ async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(re
     a = await start_fake(reactor)
     b = await start_fake(reactor)
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url})
-    client = sdk_for(gw)
+    client = openai_client(gw)
     try:
         first = await in_thread(client.responses.create, model="vllm-b/" + UPSTREAM, input="one")
         follow = await in_thread(client.responses.create, model=MODEL, input="two", previous_response_id=first.id)
@@ -131,7 +127,7 @@ async def test_unknown_previous_response_is_the_upstreams_404(client):
 async def test_translated_provider_gets_the_stored_conversation(reactor):
     fake = await start_fake(reactor, responses=False)
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
-    client = sdk_for(gw)
+    client = openai_client(gw)
     try:
         first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
         await in_thread(client.responses.create, model=MODEL, input="who am I?", previous_response_id=first.id)
@@ -188,14 +184,14 @@ def test_retention_sweeps_old_responses_periodically():
 async def test_stored_responses_survive_a_gateway_restart(reactor, fake, tmp_path):
     env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path)}
     gw = await start_gateway(reactor, env)
-    client = sdk_for(gw)
+    client = openai_client(gw)
     try:
         created = await in_thread(client.responses.create, model=MODEL, input="remember me")
     finally:
         client.close()
         await gw.service.stopService()
     gw = await start_gateway(reactor, env)
-    client = sdk_for(gw)
+    client = openai_client(gw)
     try:
         assert (await in_thread(client.responses.retrieve, created.id)).output_text == created.output_text
     finally:

@@ -4,21 +4,16 @@ import base64
 import json
 import struct
 
-import openai
 import pytest
 import pytest_twisted
 import treq
 
 from gomodel import jsonutil
 from tests.rawclient import connect
-from tests.support import in_thread, start_fake, start_gateway, with_timeout
+from tests.support import in_thread, openai_client, start_fake, start_gateway, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
-
-
-def sdk_for(gateway):
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=10)
 
 
 async def post_json(http, url, body):
@@ -28,7 +23,7 @@ async def post_json(http, url, body):
 
 @pytest_twisted.ensureDeferred
 async def test_embeddings_float_and_base64_kept_as_sent(http, gateway, fake):
-    client = sdk_for(gateway)
+    client = openai_client(gateway)
     try:
         floats = await in_thread(client.embeddings.create, model=MODEL, input=["a", "b"], encoding_format="float")
         assert [d.embedding for d in floats.data] == [[0.1, -0.25, 0.5]] * 2
@@ -46,7 +41,7 @@ async def test_embeddings_float_and_base64_kept_as_sent(http, gateway, fake):
 
 @pytest_twisted.ensureDeferred
 async def test_legacy_completions_plain_and_streamed(gateway, fake):
-    client = sdk_for(gateway)
+    client = openai_client(gateway)
     try:
         plain = await in_thread(client.completions.create, model=MODEL, prompt="Hello", max_tokens=3,
                                 extra_body={"top_k": 3})
@@ -97,7 +92,7 @@ async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
 
 @pytest_twisted.ensureDeferred
 async def test_native_responses_plain_and_streamed(gateway, fake):
-    client = sdk_for(gateway)
+    client = openai_client(gateway)
     fake.stored_responses["resp_prev"] = {"id": "resp_prev"}  # vLLM knows it; the gateway does not
     try:
         response = await in_thread(client.responses.create, model=MODEL, input="hi", max_output_tokens=3,
@@ -150,7 +145,7 @@ async def translating(reactor):
 @pytest_twisted.ensureDeferred
 async def test_responses_translated_to_chat_when_the_provider_has_none(translating):
     gw, fake = translating
-    client = sdk_for(gw)
+    client = openai_client(gw)
     try:
         response = await in_thread(
             client.responses.create, model=MODEL, instructions="Be brief.",
