@@ -59,7 +59,7 @@ import pytest_twisted  # noqa: E402
 from treq.client import HTTPClient  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
-from tests.support import start_fake, start_gateway  # noqa: E402
+from tests.support import openai_client, start_fake, start_gateway  # noqa: E402
 
 
 @pytest_twisted.async_yield_fixture()
@@ -84,3 +84,11 @@ async def http(reactor):
     pool = HTTPConnectionPool(reactor, persistent=True)
     yield HTTPClient(Agent(reactor, pool=pool))
     await pool.closeCachedConnections()
+
+
+@pytest.fixture
+def sdk(gw):
+    """The openai SDK holding the master key of the module's C{gw} gateway fixture."""
+    client = openai_client(gw, gw.service.config.master_key or "unused", timeout=20)
+    yield client
+    client.close()

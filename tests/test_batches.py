@@ -24,7 +24,7 @@ from gomodel.config import Timeouts
 from gomodel.errors import ModelNotFound, UpstreamUnreachable
 from gomodel.registry import Route
 from gomodel.store import SQLiteStore
-from tests.support import in_thread, openai_client, start_gateway, with_timeout
+from tests.support import in_thread, start_gateway, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -61,13 +61,6 @@ async def gw(reactor, fake, tmp_path):
                                             "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "2"})
     yield gateway
     await gateway.service.stopService()
-
-
-@pytest.fixture
-def sdk(gw):
-    client = openai_client(gw, KEY, timeout=20)
-    yield client
-    client.close()
 
 
 async def start_batch(sdk, lines, endpoint="/v1/chat/completions", **kwargs):

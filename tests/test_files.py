@@ -16,8 +16,7 @@ from twisted.internet.protocol import Protocol
 
 from gomodel import jsonutil
 from tests.rawclient import connect
-from tests.support import (in_thread, openai_client, settled, start_gateway, track_connections, with_timeout,
-                           write_buffer)
+from tests.support import in_thread, settled, start_gateway, track_connections, with_timeout, write_buffer
 
 KEY = "files-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -30,13 +29,6 @@ async def gw(reactor, fake, tmp_path):
     gateway.data_dir = tmp_path
     yield gateway
     await gateway.service.stopService()
-
-
-@pytest.fixture
-def sdk(gw):
-    client = openai_client(gw, KEY, timeout=20)
-    yield client
-    client.close()
 
 
 def spooled(gw):

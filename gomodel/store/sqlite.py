@@ -313,23 +313,26 @@ class SQLiteStore(Service):
         return self._run(self._open_file, file_id)
 
     def _open_file(self, file_id):
+        handle = self._open_content(file_id)
+        if handle is None:
+            return None
+        return handle, os.fstat(handle.fileno()).st_size
+
+    def _open_content(self, file_id):
+        """The contents of a known file, opened for reading, or None."""
         if self._get_file(file_id) is None:
             return None
         try:
-            handle = open(self._content_path(file_id), "rb")
+            return open(self._content_path(file_id), "rb")
         except FileNotFoundError:
             return None
-        return handle, os.fstat(handle.fileno()).st_size
 
     def read_lines(self, file_id, offset, max_lines, max_line_bytes):
         return self._run(self._read_lines, file_id, offset, max_lines, max_line_bytes)
 
     def _read_lines(self, file_id, offset, max_lines, max_line_bytes):
-        if self._get_file(file_id) is None:
-            return None
-        try:
-            handle = open(self._content_path(file_id), "rb")
-        except FileNotFoundError:
+        handle = self._open_content(file_id)
+        if handle is None:
             return None
         lines = []
         with handle:
