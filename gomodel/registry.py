@@ -192,11 +192,6 @@ class ModelRegistry(Service):
                 return entry
         return None
 
-    def status(self) -> list:
-        """Per-provider discovery state (no URLs, no keys)."""
-        return [{"name": inv.provider.name, "type": inv.provider.type, "models": len(inv.models or {}),
-                 "source": inv.source, "last_error": inv.last_error} for inv in self._inventories]
-
     def resolve(self, selector: str) -> Route:
         """Name the provider and upstream model for C{selector}.
 

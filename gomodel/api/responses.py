@@ -57,8 +57,7 @@ class ResponsesRoute:
             try:
                 return await self._native(request, provider, body, turn)
             except _NotKnownUpstream:
-                explicit = dict(body, input=await conversation(self._store, previous) + _as_list(body.get("input")))
-                del explicit["previous_response_id"]
+                explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
                 return await self._native(request, provider, explicit, turn)
@@ -67,8 +66,7 @@ class ResponsesRoute:
                 self.log.info("provider {provider} has no native Responses API; translating to chat completions",
                               provider=provider.name)
         if previous is not None:
-            body = dict(body, input=await conversation(self._store, previous) + _as_list(body.get("input")))
-            del body["previous_response_id"]
+            body = await self._with_history(body, previous)
         chat = jsonutil.dumps(request_to_chat(body))
         if body.get("stream") is True:
             observer = ChatToResponsesStream(body, self._clock)
@@ -77,6 +75,12 @@ class ResponsesRoute:
             return result
         return await self._forwarder.forward(request, provider, "/chat/completions", chat,
                                              transform=lambda answer: turn.keep_body(chat_to_response(answer, body)))
+
+    async def _with_history(self, body, previous):
+        """C{body} with the stored conversation up to C{previous} as explicit input, and no previous_response_id."""
+        explicit = dict(body, input=await conversation(self._store, previous) + _as_list(body.get("input")))
+        del explicit["previous_response_id"]
+        return explicit
 
     async def _native(self, request, provider, body, turn):
         upstream = await provider.send("POST", "/responses", jsonutil.dumps(body), request.request_id)

@@ -55,8 +55,6 @@ class StreamRelay(Protocol):
         self.paused = False
         self.client_gone = False
         self.upstream_done = False
-        self.bytes_out = 0
-        self.first_byte_at = None
         self.finished = Deferred(lambda d: self.abort_upstream())
         self._idle_call = None
         self._stall_call = None
@@ -75,8 +73,6 @@ class StreamRelay(Protocol):
         # done (the next reactor turn), so a read costs one write, not one per event.
         if self.finished.called:
             return
-        if self.first_byte_at is None:
-            self.first_byte_at = self._clock.seconds()
         self._inbox.append(data)
         if self._drain_call is None:
             self._drain_call = self._clock.callLater(0, self._drain)
@@ -94,7 +90,6 @@ class StreamRelay(Protocol):
             self._fail(e)
             return
         if out:
-            self.bytes_out += len(out)
             self._request.write(out)
 
     def connectionLost(self, reason):
