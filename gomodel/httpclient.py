@@ -1,10 +1,12 @@
-"""The upstream HTTP client: one shared pool, an Agent for relayed requests, treq for our own calls.
+"""The upstream HTTP client: one shared pool, a relay client for relayed requests, treq for our own calls.
 
-Relayed requests go to the Agent directly: treq's per-request URL parsing,
-cookie and content-decoding wrappers cost measurable time on the hot path,
-and without gzip decoding the upstream's bytes reach the client as they were.
+Relayed requests skip treq and Agent (see L{RelayClient}): their per-request
+URL parsing, header copies, cookie and content-decoding wrappers and
+producer machinery cost measurable time on the hot path, and without gzip
+decoding the upstream's bytes reach the client as they were.
 """
 
+import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 from treq.client import HTTPClient
@@ -12,7 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError as Def
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
@@ -50,9 +52,12 @@ def make_pool(reactor, config) -> HTTPConnectionPool:
     """One persistent pool for every upstream, sized for the expected concurrency.
 
     Idle connections are closed before uvicorn's 5 s keep-alive would close
-    them under us.
+    them under us. The pool's own retry wrapper is off: it only ever retries
+    bodiless idempotent requests, and the providers retry a request that
+    found its pooled connection closed themselves.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.retryAutomatically = False
     pool.maxPersistentPerHost = config.pool_max_per_host
     pool.cachedConnectionTimeout = config.pool_idle_timeout
     pool._factory = _QuietClientFactory
@@ -83,9 +88,106 @@ class CachingEndpointFactory:
         return endpoint
 
 
-def make_agent(reactor, pool, connect_timeout: float) -> Agent:
-    """The Agent every upstream request goes through (one pool, cached endpoints)."""
-    return Agent.usingEndpointFactory(reactor, CachingEndpointFactory(reactor, connect_timeout), pool)
+def make_agent(reactor, pool, endpoints) -> Agent:
+    """The Agent for the gateway's own calls (the shared pool and endpoints)."""
+    return Agent.usingEndpointFactory(reactor, endpoints, pool)
+
+
+_VALID_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALID_TARGET = re.compile(rb"/[\x21-\x7e]*")
+_ORIGIN = re.compile(rb"(https?)://([^/?#]+)")
+
+
+class _Origin:
+    """Where the requests to one scheme://host:port go: pool key, endpoint, Host header line."""
+
+    __slots__ = ("key", "endpoint", "host_line")
+
+    def __init__(self, key, endpoint, host_line):
+        self.key = key
+        self.endpoint = endpoint
+        self.host_line = host_line
+
+
+class _PreparedRequest:
+    """A request whose bytes are all known: what L{HTTP11ClientProtocol.request} needs of one.
+
+    Twisted's own C{Request} writes its head and then its body through a
+    producer, a length-checking consumer and three Deferreds; a body already
+    in memory leaves here in one write, with the head.
+    """
+
+    persistent = True
+    headers = None
+    bodyProducer = None
+    absoluteURI = None
+    _parsedURI = None
+
+    def __init__(self, method: bytes, data: bytes):
+        self.method = method
+        self._data = data
+
+    def writeTo(self, transport):
+        transport.write(self._data)
+        return succeed(None)
+
+    def stopWriting(self):
+        pass  # writeTo's Deferred has fired already: nothing is being written
+
+
+class RelayClient:
+    """Sends relayed requests over the shared pool, one layer below Agent.
+
+    Agent parses the URL, copies the headers and streams the body through a
+    producer on every request. Here each origin (scheme, host, port) is parsed
+    once, and a request's head and in-memory body are written in one call to
+    a pooled L{HTTP11ClientProtocol}. The answer is the same L{IResponse}
+    Agent gives, with the same failures (C{RequestNotSent},
+    C{ResponseNeverReceived}, ...).
+    """
+
+    def __init__(self, pool, endpoints):
+        self._pool = pool
+        self._endpoints = endpoints
+        self._origins = {}
+
+    def request(self, method: bytes, url: bytes, header_lines: bytes, body) -> Deferred:
+        """Send C{method url} with C{header_lines} and C{body} (bytes or None).
+
+        @param header_lines: the request's headers as C{b"Name: value\\r\\n"}
+            lines, without Host and Content-Length (added here); the caller
+            vouches that they hold no CR or LF of their own.
+        @return: Deferred firing with the L{IResponse}. Cancelling it closes
+            the connection.
+        """
+        match = _ORIGIN.match(url)
+        if match is None:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        origin = self._origins.get(match.group(0))
+        if origin is None:
+            origin = self._origin(match)
+        target = url[match.end():] or b"/"
+        if _VALID_METHOD.fullmatch(method) is None or _VALID_TARGET.fullmatch(target) is None:
+            raise ValueError(f"invalid method or request target: {method!r} {target!r}")
+        if body is not None:
+            length = b"Content-Length: %d\r\n" % len(body)
+        elif method in (b"POST", b"PUT", b"PATCH"):
+            length = b"Content-Length: 0\r\n"
+        else:
+            length = b""
+        data = b"".join((method, b" ", target, b" HTTP/1.1\r\n", origin.host_line, header_lines, length, b"\r\n",
+                         body or b""))
+        d = self._pool.getConnection(origin.key, origin.endpoint)
+        return d.addCallback(lambda protocol: protocol.request(_PreparedRequest(method, data)))
+
+    def _origin(self, match):
+        uri = URI.fromBytes(match.group(0) + b"/")
+        default_port = (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443))
+        host = uri.host if default_port else b"%s:%d" % (uri.host, uri.port)
+        origin = _Origin((uri.scheme, uri.host, uri.port), self._endpoints.endpointForURI(uri),
+                         b"Host: " + host + b"\r\n")
+        self._origins[match.group(0)] = origin
+        return origin
 
 
 def make_http_client(agent) -> HTTPClient:

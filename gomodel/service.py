@@ -10,7 +10,7 @@ from gomodel.api.batches import BatchesAPI
 from gomodel.api.files import FilesAPI
 from gomodel.api.site import GatewaySite
 from gomodel.batches.service import BatchServices
-from gomodel.httpclient import make_agent, make_http_client, make_pool
+from gomodel.httpclient import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
 from gomodel.providers import build_provider
 from gomodel.registry import ModelRegistry
 from gomodel.responses_history import ResponseRetention
@@ -91,10 +91,11 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         pool = make_pool(reactor, config)
-        agent = make_agent(reactor, pool, config.timeouts.connect)
-        http = make_http_client(agent)
+        endpoints = CachingEndpointFactory(reactor, config.timeouts.connect)
+        relay = RelayClient(pool, endpoints)
+        http = make_http_client(make_agent(reactor, pool, endpoints))
         PoolService(pool).setServiceParent(self)
-        providers = [build_provider(p, agent, http, reactor, config.timeouts) for p in config.providers]
+        providers = [build_provider(p, relay, http, reactor, config.timeouts) for p in config.providers]
         self.registry = ModelRegistry(providers, reactor, mode=config.models_mode,
                                       refresh_interval=config.models_refresh_interval)
         self.registry.setServiceParent(self)

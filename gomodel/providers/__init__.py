@@ -7,9 +7,9 @@ from gomodel.providers.vllm import VLLMProvider
 _BY_TYPE = {"vllm": VLLMProvider}
 
 
-def build_provider(config, agent, http, clock, timeouts) -> IProvider:
+def build_provider(config, relay, http, clock, timeouts) -> IProvider:
     """The provider object for one L{gomodel.config.ProviderConfig}."""
-    return _BY_TYPE.get(config.type, OpenAICompatibleProvider)(config, agent, http, clock, timeouts)
+    return _BY_TYPE.get(config.type, OpenAICompatibleProvider)(config, relay, http, clock, timeouts)
 
 
 __all__ = ["IProvider", "OpenAICompatibleProvider", "VLLMProvider", "build_provider"]

@@ -11,11 +11,12 @@ class IProvider(Interface):
     hidden = Attribute("Strings (host, URLs) that must never reach a client.")
 
     def send(method, path, body, request_id, headers=None):
-        """Send one request to the API base (C{path} like C{b"/chat/completions"}).
+        """Send one request to the API base (C{path} like C{"/chat/completions"}).
 
-        @return: Deferred firing with the unbuffered
-            L{twisted.web.iweb.IResponse} (any status), or failing with
-            L{gomodel.errors.UpstreamUnreachable} / L{gomodel.errors.UpstreamTimeout}.
+        A coroutine (await it, or wrap it in C{Deferred.fromCoroutine}).
+        @return: the unbuffered
+            L{twisted.web.iweb.IResponse} (any status).
+        @raise gomodel.errors.UpstreamUnreachable: or UpstreamTimeout.
         """
 
     def list_models():

@@ -9,7 +9,7 @@ from zope.interface import implementer
 
 from gomodel import jsonutil
 from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
-from gomodel.httpclient import BodyTooLarge, BytesProducer, deadline, read_body, was_cancelled
+from gomodel.httpclient import BodyTooLarge, deadline, read_body, was_cancelled
 from gomodel.providers.base import IProvider
 from gomodel.upstream_errors import upstream_error
 
@@ -27,44 +27,58 @@ class OpenAICompatibleProvider:
 
     log = Logger()
 
-    def __init__(self, config, agent, http, clock, timeouts):
+    def __init__(self, config, relay, http, clock, timeouts):
         self.config = config
         self.name = config.name
         self.type = config.type
-        self._agent = agent  # relayed requests
+        self._relay = relay  # relayed requests (a RelayClient)
         self._http = http  # our own calls (model discovery)
         self._clock = clock
         self._timeouts = timeouts
         self.hidden = tuple(h for h in (config.base_url, config.root_url, config.host) if h)
         self._authorization = (b"Bearer " + config.api_key.encode("latin-1")) if config.api_key else None
+        self._key_line = b"Authorization: " + self._authorization + b"\r\n" if self._authorization else b""
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
 
-    def headers(self, request_id: bytes, extra=None, content_type=b"application/json") -> Headers:
-        """Upstream request headers: C{extra}, our request id, and the provider's key when configured."""
-        headers = Headers(extra or {})
-        if content_type is not None and not headers.hasHeader(b"content-type"):
-            headers.setRawHeaders(b"content-type", [content_type])
-        headers.setRawHeaders(b"x-request-id", [request_id])
+    def headers(self, request_id: bytes) -> Headers:
+        """The headers of the gateway's own calls: our request id, and the provider's key when configured."""
+        headers = Headers({b"x-request-id": [request_id]})
         if self._authorization is not None:
             headers.setRawHeaders(b"authorization", [self._authorization])
         return headers
 
-    def send(self, method, path, body, request_id, headers=None) -> Deferred:
+    def _header_lines(self, request_id: bytes, extra, content_type) -> bytes:
+        """L{headers} as request head lines (C{extra}, name -> values, goes through L{Headers}, which sanitises)."""
+        if b"\r" in request_id or b"\n" in request_id:
+            raise ValueError("a request id must not hold CR or LF")
+        lines = []
+        if extra:
+            for name, values in Headers(extra).getAllRawHeaders():
+                lower = name.lower()
+                if lower in (b"x-request-id", b"authorization") or (
+                        lower == b"content-type" and content_type is not None):
+                    continue
+                lines.extend(name + b": " + v + b"\r\n" for v in values)
+        if content_type is not None:
+            lines.append(b"Content-Type: " + content_type + b"\r\n")
+        lines.append(b"X-Request-Id: " + request_id + b"\r\n")
+        lines.append(self._key_line)
+        return b"".join(lines)
+
+    async def send(self, method, path, body, request_id, headers=None):
         """See L{IProvider.send}."""
-        return self.send_url(method, self.config.base_url + path, body, request_id, headers)
+        return await self.send_url(method, self.config.base_url + path, body, request_id, headers)
 
-    def send_url(self, method, url, body, request_id, headers=None, content_type=b"application/json") -> Deferred:
-        """Like L{send}, to a full URL on this upstream, with C{headers} besides ours."""
-        return Deferred.fromCoroutine(self._send(method, url, body, self.headers(request_id, headers, content_type)))
-
-    async def _send(self, method, url, body, headers):
+    async def send_url(self, method, url, body, request_id, headers=None, content_type=b"application/json"):
+        """Like L{send}, to a full URL on this upstream, with C{headers} (name -> values) besides ours."""
         url = url.encode("ascii") if isinstance(url, str) else url
         method = method.encode("ascii") if isinstance(method, str) else method
+        lines = self._header_lines(request_id, headers, content_type)
         for attempt in (1, 2):
-            d = self._agent.request(method, url, headers, BytesProducer(body) if body is not None else None)
             try:
+                d = self._relay.request(method, url, lines, body)
                 return await deadline(d, self._timeouts.response_header, self._clock)
             except _TIMEOUTS:
                 raise UpstreamTimeout(f"The upstream provider '{self.name}' did not answer in time.") from None
