@@ -28,6 +28,10 @@ class Route(NamedTuple):
     upstream_model: str
 
 
+# Resolved selectors are remembered until an inventory changes; this many at most.
+ROUTE_CACHE_SIZE = 1024
+
+
 class Inventory:
     """What one provider is known to serve."""
 
@@ -67,6 +71,7 @@ class ModelRegistry(Service):
         self._inflight = {}  # provider name -> Deferred
         self._backoff = {}
         self._models_body = None
+        self._routes = {}  # selector -> Route, for the current inventories
         self._ready_waiters = []
 
     @property
@@ -147,6 +152,7 @@ class ModelRegistry(Service):
             inv.source = "discovered"
             self.log.warn("provider {provider} lists no models", provider=name)
         self._models_body = None
+        self._routes = {}
         self._check_ready()
         self._schedule(inv, self._refresh_interval)
 
@@ -203,6 +209,15 @@ class ModelRegistry(Service):
         @raise ModelNotFound: nobody serves it.
         @raise InvalidRequest: several providers serve the bare id.
         """
+        route = self._routes.get(selector)
+        if route is None:
+            route = self._resolve(selector)
+            if len(self._routes) >= ROUTE_CACHE_SIZE:
+                self._routes = {}
+            self._routes[selector] = route
+        return route
+
+    def _resolve(self, selector: str) -> Route:
         parsed = parse_selector(selector)
         if parsed.prefix is not None:
             named = self._by_name.get(parsed.prefix)

@@ -11,7 +11,7 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 from zope.interface.verify import verifyObject
 
-from gomodel.streaming.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
+from gomodel.streaming.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle, send_now
 from gomodel.streaming.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data
 
 USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
@@ -79,9 +79,48 @@ class Harness:
         return self.request.channel.transport.written.getvalue()
 
 
+ROLE = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+
+
+def test_relay_writes_at_once_up_to_the_first_token_then_per_read():
+    h = Harness()
+    h.relay.dataReceived(ROLE)
+    assert h.written().endswith(ROLE)  # no token yet: written at once
+    h.relay.dataReceived(CHUNK)
+    assert h.written().endswith(CHUNK)  # the first token: written and sent at once
+    h.relay.dataReceived(CHUNK)
+    assert h.written().count(CHUNK) == 1  # then batched until the read is over
+    h.clock.advance(0)
+    assert h.written().count(CHUNK) == 2
+
+
+class _Transport:
+    connected = True
+    disconnecting = False
+
+    def __init__(self):
+        self.flushes = 0
+
+    def doWrite(self):
+        self.flushes += 1
+
+
+def test_send_now_writes_a_tcp_transport_at_once_and_leaves_others_alone():
+    request = Request(DummyChannel())
+    request.transport = _Transport()
+    send_now(request)
+    assert request.transport.flushes == 1
+    request.transport.disconnecting = True  # closing: the reactor finishes it
+    send_now(request)
+    assert request.transport.flushes == 1
+    request.transport = StringTransport()  # no doWrite (like TLS): nothing to do
+    send_now(request)
+
+
 def test_relay_is_a_push_producer_that_moves_backpressure_upstream():
     h = Harness()
     verifyObject(IPushProducer, h.relay)
+    h.relay.dataReceived(CHUNK)  # past the first token
     h.relay.dataReceived(b"data: 1\n")
     h.relay.dataReceived(b"\n")
     assert b"data: 1" not in h.written()  # relayed once the read is over

@@ -38,7 +38,6 @@ class FrontResource(Resource):
 
     def render(self, request):
         request.request_id = request_id_for(request)
-        request.setHeader(b"server", b"gomodel")
         request.setHeader(b"x-request-id", request.request_id)
         if self._access_log:
             request.notifyFinish().addBoth(self._log, request, self._clock.seconds())

@@ -5,7 +5,8 @@ import os
 import re
 
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.python import failure
+from twisted.web import http, resource, server
 
 
 class _Discard(io.BytesIO):
@@ -37,6 +38,31 @@ class GatewayRequest(server.Request):
         self.provider_name = None
         self.model = None
         self.usage = None
+
+    def process(self):
+        """Twisted's C{server.Request.process}, with our Server header, a Date
+        formatted once a second, and the path split without unquoting when it
+        has nothing to unquote."""
+        self.site = site = self.channel.site
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", [b"gomodel"])
+        headers.setRawHeaders(b"date", [site.http_date()])
+        self.prepath = []
+        path = self.path
+        segments = path[1:].split(b"/")
+        self.postpath = list(map(http.unquote, segments)) if b"%" in path else segments
+        if path == b"*":
+            self._handleStar()
+            return
+        try:
+            found = site.getResourceFor(self)
+            if resource._IEncodingResource.providedBy(found):
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:
+            self.processingFailed(failure.Failure())
 
     def gotLength(self, length):
         # Only the request line and headers are known here: self.method and
@@ -74,7 +100,7 @@ CLIENT_IDLE_TIMEOUT = 120
 class GatewaySite(server.Site):
     """Site for the gateway: our request class, and our own structured access log."""
 
-    def __init__(self, resource, body_limit, upload_sink=None, **kwargs):
+    def __init__(self, root, body_limit, upload_sink=None, **kwargs):
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit, "upload_sink": staticmethod(upload_sink) if upload_sink else None})
         # Idle keep-alive client connections are closed after this long (Twisted's
@@ -83,7 +109,15 @@ class GatewaySite(server.Site):
         # Form decoding is never needed here: it costs a MIME parse of every
         # POST's Content-Type and would read a whole multipart body into memory.
         kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(resource, requestFactory=request_class, **kwargs)
+        super().__init__(root, requestFactory=request_class, **kwargs)
+        self._date = (None, b"")
+
+    def http_date(self) -> bytes:
+        """The Date header's value for now, formatted once per second."""
+        now = int(self.reactor.seconds())
+        if self._date[0] != now:
+            self._date = (now, http.datetimeToString(now))
+        return self._date[1]
 
     def log(self, request):
         """The front resource logs each request with its provider and model instead."""

@@ -4,7 +4,14 @@ When the client cannot keep up, Twisted pauses us and we pause the upstream
 socket, so backpressure reaches vLLM through TCP and memory stays bounded.
 When the client leaves, the upstream connection is closed at once so vLLM
 aborts the generation. See TWISTED_PATTERNS.md for the lifecycle.
+
+Latency first, then throughput: until the first generated token has gone
+out, every upstream delivery is written at once and handed to the kernel
+(time to first token); after that, the deliveries of one upstream read are
+relayed together on the next reactor turn (one write, not one per event).
 """
+
+import re
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -24,6 +31,28 @@ class ClientStalled(Exception):
 
 class StreamTooLong(Exception):
     """The stream ran past the configured maximum duration."""
+
+
+# An SSE event carrying generated text: chat/completions content or text,
+# reasoning, tool-call arguments, a Responses API delta.
+_TOKEN = re.compile(rb'"(?:content|text|delta|reasoning_content|reasoning|arguments)":"[^"]')
+# Deliveries relayed one by one at most, waiting for the first token.
+EAGER_DELIVERIES = 8
+
+
+def send_now(request):
+    """Hand what C{request}'s connection holds to the kernel now, not on the reactor's next turn.
+
+    A TCP transport writes its buffer when the reactor next finds the socket
+    writable; this does that write at once (what the reactor would call).
+    Other transports (TLS) keep their own pace.
+    """
+    transport = request.transport
+    do_write = getattr(transport, "doWrite", None)
+    if do_write is not None and transport.connected and not transport.disconnecting:
+        # A failed write leaves the transport registered for writing: the
+        # reactor meets the error on its next turn and closes it as usual.
+        do_write()
 
 
 class _Passthrough:
@@ -60,6 +89,7 @@ class StreamRelay(Protocol):
         self._stall_call = None
         self._inbox = []
         self._drain_call = None
+        self._eager = EAGER_DELIVERIES
         self._max_call = clock.callLater(max_duration, self._fail, StreamTooLong()) if max_duration else None
 
     # -- upstream side (IProtocol) -------------------------------------------
@@ -68,11 +98,18 @@ class StreamRelay(Protocol):
         self._arm_idle()
 
     def dataReceived(self, data):
+        if self.finished.called:
+            return
+        if self._eager:
+            self._eager -= 1
+            out = self._relay(data)
+            if out and _TOKEN.search(out) is not None:
+                self._eager = 0
+                send_now(self._request)
+            return
         # An upstream read often holds many HTTP chunks (one per SSE event), each
         # delivered here on its own: they are relayed together once the read is
         # done (the next reactor turn), so a read costs one write, not one per event.
-        if self.finished.called:
-            return
         self._inbox.append(data)
         if self._drain_call is None:
             self._drain_call = self._clock.callLater(0, self._drain)
@@ -81,16 +118,20 @@ class StreamRelay(Protocol):
         self._drain_call = None
         data = b"".join(self._inbox) if len(self._inbox) > 1 else self._inbox[0]
         self._inbox = []
-        if self.finished.called:
-            return
+        if not self.finished.called:
+            self._relay(data)
+
+    def _relay(self, data):
+        """Pass C{data} through the observer to the client; return what was written."""
         self._arm_idle()
         try:
             out = self.observer.feed(data)
         except Exception as e:
             self._fail(e)
-            return
+            return None
         if out:
             self._request.write(out)
+        return out
 
     def connectionLost(self, reason):
         self.upstream_done = True
