@@ -268,7 +268,7 @@ async def test_download_follows_the_client_pace(reactor, gw):
     await client.wait_for(b"\r\n\r\n")
     client.transport.pauseProducing()  # the client stops reading
     [channel] = connections
-    transport = channel._channel.transport
+    transport = channel.transport
     await settled(reactor, lambda: write_buffer(transport))
     assert write_buffer(transport) < 1024 * 1024, "the gateway read the file faster than the client took it"
     client.transport.resumeProducing()

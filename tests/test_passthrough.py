@@ -152,7 +152,7 @@ async def test_slow_client_on_a_passthrough_stream(reactor, gateway, fake):
     record = fake.requests[-1]
     written = await settled(reactor, lambda: record.bytes_written)
     assert record.pauses > 0 and written < 32 * 1024 * 1024
-    assert write_buffer(connections[0]._channel.transport) < 1024 * 1024
+    assert write_buffer(connections[0].transport) < 1024 * 1024
     client.transport.abortConnection()
     how, _ = await with_timeout(reactor, record.closed, 2)
     assert how == "lost"

@@ -221,3 +221,19 @@ async def test_responses_are_kept_replaced_and_swept(store):
     assert await store.get_response("resp_1") is None
     assert await store.delete_response("resp_2") is True
     assert await store.delete_response("resp_2") is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_responses_are_seen_by_the_next_read_and_failures_are_logged(store, logged_errors):
+    record = {"id": "resp_k", "provider": "vllm", "created_at": 100, "previous_response_id": None,
+              "status": "completed", "input_items": [], "response": {"id": "resp_k", "status": "completed"},
+              "response_json": b'{"id":"resp_k","status":"completed","output_text":"\xc3\xa9"}'}
+    assert store.keep_response(record) is None  # nothing to wait for
+    kept = await store.get_response("resp_k")  # queued behind the write
+    assert kept["response"]["output_text"] == "é"  # the upstream's bytes, as they were
+
+    broken = dict(record, id="resp_broken")
+    del broken["provider"]
+    store.keep_response(broken)
+    await store.get_response("resp_k")  # answered after the failed write logged its failure
+    assert logged_errors.flush(KeyError) == 1

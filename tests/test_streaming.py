@@ -33,7 +33,7 @@ async def test_slow_client_keeps_gateway_memory_bounded_and_pauses_upstream(reac
     assert record.pauses > 0
     assert written < flood, "the upstream was never held back"
     [channel] = connections
-    held = write_buffer(channel._channel.transport)
+    held = write_buffer(channel.transport)
     assert held < 1024 * 1024, f"gateway holds {held} bytes for one paused client"
     # Everything else sits in kernel socket buffers, which fill and stop the upstream.
     assert written < 32 * 1024 * 1024

@@ -120,8 +120,11 @@ class ResponsesRoute:
             raise errors.InvalidRequest("previous_response_id must be a string.", param="previous_response_id")
         return await self._store.get_response(previous_id)
 
-    def keep(self, body, provider, response, previous):
-        """Store C{response} (created for C{body} by C{provider}) unless the client said store: false."""
+    def keep(self, body, provider, response, previous, response_json=None):
+        """Store C{response} (created for C{body} by C{provider}) unless the client said store: false.
+
+        @param response_json: C{response} as the upstream's JSON bytes, when at hand.
+        """
         if self._store is None or body.get("store") is False or not isinstance(response, dict):
             return
         response_id = response.get("id")
@@ -131,8 +134,9 @@ class ResponsesRoute:
                   "previous_response_id": body.get("previous_response_id") or (previous or {}).get("id"),
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
                   "response": response}
-        d = self._store.put_response(record)
-        d.addErrback(lambda f: self.log.failure("storing response {id} failed", f, id=response_id))
+        if response_json is not None:
+            record["response_json"] = response_json
+        self._store.keep_response(record)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -228,12 +232,12 @@ class _Turn:
         self._provider = provider
         self._previous = previous
 
-    def keep(self, response):
-        self._route.keep(self._body, self._provider, response, self._previous)
+    def keep(self, response, response_json=None):
+        self._route.keep(self._body, self._provider, response, self._previous, response_json)
 
     def keep_body(self, answer: bytes) -> bytes:
         try:
-            self.keep(jsonutil.loads(answer))
+            self.keep(jsonutil.loads(answer), answer)
         except jsonutil.JSONError:
             pass
         return answer

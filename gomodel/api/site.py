@@ -94,11 +94,36 @@ class GatewayRequest(server.Request):
         super().handleContentChunk(data)
 
 
+class GatewayChannel(http.HTTPChannel):
+    """Twisted's HTTP/1.1 channel, with the connection's addresses looked up once.
+
+    Twisted's Site wraps each channel in a protocol that can negotiate HTTP/2;
+    the gateway speaks HTTP/1.1 only, so it serves this channel directly. Each
+    request asks its channel for both addresses (a getsockname call and two
+    address objects per request otherwise).
+    """
+
+    _peer = None
+    _host = None
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+    def getHost(self):
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+
 CLIENT_IDLE_TIMEOUT = 120
 
 
 class GatewaySite(server.Site):
-    """Site for the gateway: our request class, and our own structured access log."""
+    """Site for the gateway: our channel and request classes, and our own structured access log."""
+
+    protocol = GatewayChannel
 
     def __init__(self, root, body_limit, upload_sink=None, **kwargs):
         request_class = type("GatewayRequest", (GatewayRequest,), {

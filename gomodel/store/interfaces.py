@@ -123,6 +123,13 @@ class IStore(Interface):
     def put_response(record):
         """Insert or replace a stored response (see the module docstring); fires with None."""
 
+    def keep_response(record):
+        """L{put_response} without waiting for it: returns None, a failure is logged.
+
+        Reads and writes asked for after it see it. C{record["response_json"]},
+        when given, is the response's JSON as bytes (stored as it is).
+        """
+
     def get_response(response_id):
         """Fires with the stored response record, or None."""
 

@@ -23,9 +23,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from gomodel import jsonutil
 from gomodel.errors import StorageUnavailable
 from gomodel.store.interfaces import UNFINISHED, IStore
 
@@ -453,14 +455,29 @@ class SQLiteStore(Service):
     def put_response(self, record):
         return self._run(self._put_response, dict(record))
 
+    def keep_response(self, record):
+        if self._pool.joined:
+            self.log.warn("response {id} not stored: the gateway is stopping", id=record["id"])
+            return
+        # No Deferred: nothing wakes the reactor for a write nobody waits for.
+        self._pool.callInThread(self._keep_response, dict(record))
+
+    def _keep_response(self, record):
+        try:
+            self._put_response(record)
+        except Exception:
+            self._reactor.callFromThread(self.log.failure, "storing response {id} failed", Failure(),
+                                         id=record["id"])
+
     def _put_response(self, record):
+        raw = record.get("response_json")
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO responses (id, provider, created_at, previous_response_id, status, "
                 "input_items, response) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (record["id"], record["provider"], record["created_at"], record.get("previous_response_id"),
-                 record.get("status"), json.dumps(record["input_items"], ensure_ascii=False),
-                 json.dumps(record["response"], ensure_ascii=False)))
+                 record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
+                 raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8")))
 
     def get_response(self, response_id):
         return self._run(self._get_response, response_id)
