@@ -453,6 +453,8 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
         api_key = str(api_key)
         if "${" in api_key:
             raise ConfigError(f"{key_where}: looks like an unresolved ${{...}} placeholder")
+        if any(ord(c) < 0x20 or ord(c) == 0x7f for c in api_key):
+            raise ConfigError(f"{key_where}: must not contain control characters (line breaks included)")
         if not api_key:
             api_key = None
     if api_key is None and not type_.keyless:

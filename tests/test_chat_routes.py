@@ -1,6 +1,8 @@
 """POST /v1/chat/completions and /v1/models over real sockets, against the fake vLLM."""
 
 import json
+import time
+from email.utils import parsedate_to_datetime
 
 import pytest_twisted
 import treq
@@ -79,6 +81,9 @@ async def test_non_streaming_answer_is_relayed_byte_for_byte(http, gateway, fake
     assert "stop_reason" in payload["choices"][0]
     assert response.headers.getRawHeaders("content-type") == ["application/json"]
     assert response.length == len(content)  # sent with Content-Length, not chunked
+    assert response.headers.getRawHeaders("server") == ["gomodel"]  # ours, not the upstream's
+    [date] = response.headers.getRawHeaders("date")
+    assert abs(parsedate_to_datetime(date).timestamp() - time.time()) < 5
 
 
 @pytest_twisted.ensureDeferred

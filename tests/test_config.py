@@ -108,6 +108,7 @@ def test_config_file_from_gomodel_config(tmp_path):
     ({"VLLM_BASE_URL": "ftp://h/v1"}, "VLLM_BASE_URL"),
     ({"VLLM_TEST__X_BASE_URL": "http://h"}, "VLLM_TEST__X_BASE_URL"),
     ({"VLLM_API_KEY": "${UNSET}"}, "VLLM_API_KEY"),
+    ({"VLLM_BASE_URL": "http://h", "VLLM_API_KEY": "k\r\nX-Injected: 1"}, "VLLM_API_KEY"),
 ])
 def test_bad_values_name_the_variable(env, named):
     with pytest.raises(ConfigError) as raised:

@@ -147,3 +147,19 @@ def test_models_body_is_cached_until_the_inventory_changes():
     clock.advance(300)
     assert b'"vllm/b"' in registry.models_body()
     registry.stopService()
+
+
+def test_resolved_selectors_follow_a_refreshed_inventory():
+    a = StubProvider("vllm", models=["old"])
+    b = StubProvider("vllm-b", models=[])
+    clock, registry = started(a, b)
+    assert registry.resolve("vllm/old") == (a, "old")
+    assert registry.resolve("vllm/old") == (a, "old")  # remembered
+    a.answers.append(succeed([{"id": "new"}]))
+    b.answers.append(succeed([{"id": "old"}]))
+    clock.advance(300)  # both refreshed: the model moved to vllm-b
+    assert registry.resolve("vllm/old") == (b, "old")
+    assert registry.resolve("vllm/new") == (a, "new")
+    with pytest.raises(ModelNotFound):
+        registry.resolve("vllm-b/new")
+    registry.stopService()
