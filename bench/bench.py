@@ -4,6 +4,9 @@
 Runs a vLLM-shaped mock upstream, then for every target (direct, gomodel,
 litellm, portkey), workload and concurrency a fixed measurement window after
 a warm-up, and writes bench/results/<date>[-tag].md and .jsonl.
+`--soak S` replaces the matrix with a memory soak; `--scaling N` with the
+workers scaling measurement (gomodel chat req/s with 1 worker on 1 core
+against N workers on N cores).
 See bench/README.md. Usually started as `bash bench/run.sh [options]`.
 """
 
@@ -44,9 +47,10 @@ def parse_args(argv):
                    help="comma list (default: 1,8,64)")
     p.add_argument("--duration", type=int, default=None, help="measurement window, s (default 10; quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up before each window, s (default 3; quick 1)")
-    p.add_argument("--repeats", type=int, default=None, help="runs per cell (default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per cell (default 1); rounds of the scaling run (default 3)")
     p.add_argument("--max-retries", type=int, default=None,
-                   help="extra runs of a cell while every run so far was noisy (default 2; quick 0)")
+                   help="extra runs of a cell (or scaling measurement) while every run so far was noisy "
+                        "(default 2; quick 0)")
     p.add_argument("--noise-threshold", type=float, default=0.10,
                    help="share of a core used by other processes that makes a run noisy (default 0.10)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 s warm-up, 2 s windows, no retries")
@@ -54,6 +58,16 @@ def parse_args(argv):
                    help="instead of the matrix: chat at --soak-concurrency for SECONDS per gateway, RSS sampled")
     p.add_argument("--soak-concurrency", type=int, default=64)
     p.add_argument("--soak-sample", type=float, default=5.0, help="RSS sample period in the soak, s")
+    p.add_argument("--scaling", type=int, default=0, metavar="N",
+                   help="instead of the matrix: gomodel chat at --scaling-concurrency, alternating 1 worker "
+                        "(--gateway-cpus / --load-cpus) and N workers (--scaling-gateway-cpus / --scaling-load-cpus), "
+                        "--repeats rounds (default 3); a fresh gateway per measurement")
+    p.add_argument("--scaling-concurrency", type=int, default=64, help="connections in the scaling run (default 64)")
+    p.add_argument("--scaling-gateway-cpus", default=None,
+                   help="CPUs of the N-worker gateway (default 0-(N-1))")
+    p.add_argument("--scaling-load-cpus", default=None,
+                   help="CPUs of mock, load generator and harness in the N-worker case (default: the same as "
+                        "--scaling-gateway-cpus; on a machine with only N CPUs there is no other core)")
     p.add_argument("--gateway-cpus", default="0", help="CPUs for the gateway under test (taskset list)")
     p.add_argument("--load-cpus", default="1", help="CPUs for mock, load generator and harness")
     p.add_argument("--gomodel-workers", type=int, default=1,
@@ -85,9 +99,22 @@ def parse_args(argv):
     for wl in a.workloads:
         if wl not in WORKLOADS:
             p.error("unknown workload %r (known: %s)" % (wl, ", ".join(WORKLOADS)))
+    if a.scaling:
+        if a.soak:
+            p.error("--scaling and --soak are separate runs; give one of them")
+        if a.scaling < 2:
+            p.error("--scaling N needs N >= 2 (the N-worker side)")
+        if a.scaling_concurrency < 1:
+            p.error("--scaling-concurrency must be at least 1")
+        # the scaling run measures gomodel chat only
+        a.targets, a.workloads, a.concurrency = ["gomodel"], ["chat"], [a.scaling_concurrency]
+        a.scaling_gateway_cpus = a.scaling_gateway_cpus or ("0-%d" % (a.scaling - 1))
+        a.scaling_load_cpus = a.scaling_load_cpus or a.scaling_gateway_cpus
     a.duration = a.duration if a.duration is not None else (2 if a.quick else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
-    a.repeats = a.repeats if a.repeats is not None else 1
+    a.repeats = a.repeats if a.repeats is not None else (3 if a.scaling else 1)
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     a.max_retries = a.max_retries if a.max_retries is not None else (0 if a.quick else 2)
     if a.duration < 1:
         p.error("--duration must be at least 1 s")
@@ -263,6 +290,152 @@ def run_soak(ctx, target):
     }
 
 
+def scaling_placements(a):
+    """The two setups the scaling run alternates: 1 worker, then N workers."""
+    return [{"workers": 1, "gateway_cpus": a.gateway_cpus, "load_cpus": a.load_cpus},
+            {"workers": a.scaling, "gateway_cpus": a.scaling_gateway_cpus, "load_cpus": a.scaling_load_cpus}]
+
+
+def set_placement(ctx, pl):
+    """Point the harness at one placement: the gateway and mock started next are
+    pinned there, wrk gets one thread per load CPU, the harness moves too."""
+    ctx.gateway_cpus, ctx.load_cpus = pl["gateway_cpus"], pl["load_cpus"]
+    ctx.gateway_cpu_list, ctx.load_cpu_list = proc.parse_cpus(pl["gateway_cpus"]), proc.parse_cpus(pl["load_cpus"])
+    ctx.gomodel_workers = pl["workers"]
+    os.sched_setaffinity(0, set(ctx.load_cpu_list))
+
+
+def wait_workers(target, n, timeout=60.0):
+    """Target.start() returns when the primary answers; its workers start after
+    it and listen a second or more later. Wait until N sockets listen on the
+    port (each SO_REUSEPORT process holds its own), then until 10*N readiness
+    checks in a row succeed, each on a new connection (the kernel hands those
+    to any of the N, so a worker that has not loaded its models yet fails one
+    with a chance of about 1/N each). Returns the number of listening sockets."""
+    deadline = time.monotonic() + timeout
+    good, last = 0, ""
+    while time.monotonic() < deadline:
+        if target.proc is None or target.proc.poll() is not None:
+            raise RuntimeError("%s exited while its workers started" % target.name)
+        listening = proc.listening_sockets(target.port)
+        if listening < n:
+            good, last = 0, "%d of %d processes listening" % (listening, n)
+            time.sleep(0.1)
+            continue
+        ok, last = target.ready()
+        good = good + 1 if ok else 0
+        if good >= 10 * n:
+            return listening
+        time.sleep(0.02 if ok else 0.25)
+    raise RuntimeError("%d workers not ready after %.0f s (%s)" % (n, timeout, last))
+
+
+def scaling_measure(ctx, target, wl, pl, rnd, attempt):
+    """One scaling measurement: fresh mock and gateway on the placement, the
+    workers' readiness, a pre-flight request, warm-up and window (measure()),
+    then both stopped by PID."""
+    a = ctx.args
+    set_placement(ctx, pl)
+    rec = {"type": "scaling", "kind": "measurement", "run_id": ctx.run_id, "target": target.name,
+           "workload": wl.name, "concurrency": a.scaling_concurrency, "round": rnd, "attempt": attempt,
+           "workers": pl["workers"], "gateway_cpus": pl["gateway_cpus"], "load_cpus": pl["load_cpus"],
+           "shared_cpus": bool(set(ctx.gateway_cpu_list) & set(ctx.load_cpu_list)), "chosen": False}
+    try:
+        start_mock(ctx)
+        t0 = time.monotonic()
+        target.start()
+        rec["listening"] = wait_workers(target, pl["workers"])
+        rec["processes"] = len(proc.descendants(target.root_pid))
+        rec["ready_s"] = round(time.monotonic() - t0, 2)
+        rec["idle_rss_mib"] = round(proc.tree_rss(target.root_pid) / 2 ** 20, 1)
+        err = preflight(ctx, target, wl)
+        if err:
+            raise RuntimeError("pre-flight: " + err)
+        r = measure(ctx, target, wl, a.scaling_concurrency, a.warmup, a.duration)
+        if target.proc is None or target.proc.poll() is not None:
+            raise RuntimeError("%s exited during the window" % target.name)
+        rec.update(r)
+        rec["status"] = "ok"
+    except Exception as e:  # one broken measurement must not lose the rest
+        rec.update({"status": "failed", "error": str(e)[:500], "noisy": False})
+    finally:
+        target.stop()
+        if ctx.mock_proc is not None:
+            proc.stop_tree(ctx.mock_proc)
+            ctx.mock_proc = None
+    tag = "round %d %d worker%s gw CPU %s load CPU %s" % (rnd, pl["workers"], "s" if pl["workers"] > 1 else "",
+                                                          pl["gateway_cpus"], pl["load_cpus"])
+    if rec["status"] != "ok":
+        log("scaling %s: FAILED: %s" % (tag, rec["error"]))
+        return rec
+    nz = rec["noise"]
+    log("scaling %s: %8.1f req/s  p50 %.2f ms  p99 %.2f ms  err %d%s  gwCPU %.2f cores  mock+wrk %.2f cores  "
+        "RSS %.0f MiB  foreign %.0f/%.0f%%%s" % (
+            tag, rec["rps"] or 0, rec["lat_p50_ms"], rec["lat_p99_ms"], rec["errors"],
+            " ERRORS" if rec["errors"] else "", rec["gw_cpu_util"] or 0, rec["load_cpu_util"],
+            rec["gw_peak_rss_mib"] or 0, 100 * nz["gw_core_foreign"], 100 * nz["load_core_foreign"],
+            " NOISY" if rec["noisy"] else ""))
+    return rec
+
+
+def run_scaling(ctx, target, out):
+    """--scaling N: --repeats rounds of (1 worker, N workers), records appended
+    to `out` as they come (a Ctrl-C keeps what was measured). A noisy
+    measurement is repeated up to --max-retries times; with the cores shared
+    (N-worker case) "noisy" means other processes, not our own load."""
+    from harness.workloads import WORKLOADS as W
+    a = ctx.args
+    wl = W["chat"]
+    for rnd in range(1, a.repeats + 1):
+        for pl in scaling_placements(a):
+            tries = []
+            for attempt in range(1, a.max_retries + 2):
+                rec = scaling_measure(ctx, target, wl, pl, rnd, attempt)
+                tries.append(rec)
+                out.append(rec)
+                if rec["status"] != "ok" or not rec["noisy"]:
+                    break
+            ok = [r for r in tries if r["status"] == "ok"]
+            (pick(ok) if ok else tries[-1])["chosen"] = True
+
+
+def scaling_summary(ctx, records):
+    """Per round the chosen 1-worker and N-worker runs and their ratio; the medians."""
+    a = ctx.args
+    n = a.scaling
+    meas = [r for r in records if r.get("kind") == "measurement"]
+    rounds = []
+    for rnd in sorted({r["round"] for r in meas}):
+        row = {"round": rnd}
+        for w, key in ((1, "1"), (n, "n")):
+            c = next((r for r in meas if r["round"] == rnd and r["workers"] == w and r["chosen"]), None)
+            ok = c is not None and c["status"] == "ok"
+            row["rps_" + key] = c["rps"] if ok else None
+            row["errors_" + key] = c["errors"] if ok else None
+            row["noisy_" + key] = c["noisy"] if ok else None
+            row["status_" + key] = c["status"] if c else "missing"
+        row["ratio"] = (round(row["rps_n"] / row["rps_1"], 3)
+                        if row["rps_1"] and row["rps_n"] is not None else None)
+        rounds.append(row)
+
+    def med(xs):
+        xs = [x for x in xs if x is not None]
+        return round(statistics.median(xs), 3) if xs else None
+    m1, mn, mr = med(r["rps_1"] for r in rounds), med(r["rps_n"] for r in rounds), med(r["ratio"] for r in rounds)
+    return {
+        "type": "scaling", "kind": "summary", "run_id": ctx.run_id, "target": "gomodel", "workload": "chat",
+        "concurrency": a.scaling_concurrency, "max_workers": n, "placements": scaling_placements(a),
+        "rounds": rounds, "median_rps_1": m1, "median_rps_n": mn, "median_ratio": mr,
+        "ratio_of_medians": round(mn / m1, 3) if m1 and mn is not None else None,
+        "efficiency": round(mr / n, 3) if mr is not None else None,
+        "rounds_measured": sum(1 for r in rounds if r["ratio"] is not None),
+        "rounds_with_errors": sum(1 for r in rounds if (r["errors_1"] or 0) + (r["errors_n"] or 0) > 0),
+        "rounds_noisy": sum(1 for r in rounds if r["noisy_1"] or r["noisy_n"]),
+        "errors_all_attempts": sum(r.get("errors", 0) for r in meas if r["status"] == "ok"),
+        "failed_measurements": sum(1 for r in meas if r["status"] != "ok"),
+    }
+
+
 def main(argv):
     a = parse_args(argv)
     ctx = Ctx()
@@ -270,12 +443,20 @@ def main(argv):
     ctx.gateway_cpus, ctx.load_cpus = a.gateway_cpus, a.load_cpus
     ctx.gateway_cpu_list, ctx.load_cpu_list = proc.parse_cpus(a.gateway_cpus), proc.parse_cpus(a.load_cpus)
     avail = os.sched_getaffinity(0)
-    for c in ctx.gateway_cpu_list + ctx.load_cpu_list:
+    wanted = ctx.gateway_cpu_list + ctx.load_cpu_list
+    if a.scaling:
+        wanted += proc.parse_cpus(a.scaling_gateway_cpus) + proc.parse_cpus(a.scaling_load_cpus)
+    for c in wanted:
         if c not in avail:
-            sys.exit("CPU %d is not available here (have %s); set --gateway-cpus/--load-cpus" % (c, sorted(avail)))
+            sys.exit("CPU %d is not available here (have %s); set --gateway-cpus/--load-cpus%s"
+                     % (c, sorted(avail), "/--scaling-gateway-cpus/--scaling-load-cpus" if a.scaling else ""))
     if set(ctx.gateway_cpu_list) & set(ctx.load_cpu_list):
         log("warning: gateway and load CPUs overlap; the figures will mix both")
-    if a.gomodel_workers > len(ctx.gateway_cpu_list):
+    if a.scaling:
+        ng = len(proc.parse_cpus(a.scaling_gateway_cpus))
+        if ng != a.scaling:
+            log("warning: %d workers on %d gateway CPU(s) in the scaling run" % (a.scaling, ng))
+    elif a.gomodel_workers > len(ctx.gateway_cpu_list):
         log("warning: %d gomodel workers on %d gateway CPU(s)" % (a.gomodel_workers, len(ctx.gateway_cpu_list)))
     os.sched_setaffinity(0, set(ctx.load_cpu_list))
     ensure_tools(a)
@@ -285,7 +466,7 @@ def main(argv):
     ctx.run_dir = tempfile.mkdtemp(prefix="bench-run-%s-" % ctx.run_id, dir="/tmp")
     ctx.api_key = "" if a.no_auth else "sk-bench-" + secrets.token_hex(16)
     tag = "-".join(x for x in ([a.tag] if a.tag else []) + (["quick"] if a.quick else []) +
-                   (["soak"] if a.soak else []))
+                   (["soak"] if a.soak else []) + (["scaling"] if a.scaling else []))
     os.makedirs(a.results_dir, exist_ok=True)
     base = os.path.join(a.results_dir, now.strftime("%Y-%m-%d") + ("-" + tag if tag else ""))
     log("run %s; logs in %s" % (ctx.run_id, ctx.run_dir))
@@ -299,11 +480,16 @@ def main(argv):
             "noise_threshold": a.noise_threshold, "gateway_cpus": a.gateway_cpus, "load_cpus": a.load_cpus,
             "gomodel_workers": a.gomodel_workers, "auth": not a.no_auth, "machine": machine(),
             "versions": {}, "notes": []}
-    cells, soaks = [], []
+    if a.scaling:
+        meta["scaling_only"] = True
+        meta["scaling"] = {"max_workers": a.scaling, "concurrency": a.scaling_concurrency,
+                           "placements": scaling_placements(a), "cpus_available": sorted(avail)}
+    cells, soaks, scaling = [], [], []
     ctx.mock_proc = None
     try:
-        start_mock(ctx)
-        log("mock on %s (pid %d, CPU %s)" % (ctx.mock_url, ctx.mock_pid, ctx.load_cpus))
+        if not a.scaling:  # the scaling run starts a fresh mock per measurement, on that measurement's CPUs
+            start_mock(ctx)
+            log("mock on %s (pid %d, CPU %s)" % (ctx.mock_url, ctx.mock_pid, ctx.load_cpus))
         for name in a.targets:
             t = TARGETS[name](ctx)
             try:
@@ -317,7 +503,17 @@ def main(argv):
         meta["background"] = background(ctx)
         log("background load: %s" % meta["background"])
 
-        for t in targets:
+        if a.scaling:
+            t = targets[0]
+            if t.unavailable:
+                scaling.append({"type": "scaling", "kind": "measurement", "run_id": ctx.run_id, "target": t.name,
+                                "status": "skipped", "error": t.unavailable})
+            else:
+                log("scaling: gomodel chat c=%d, %d round(s) of 1 worker (gw CPU %s, load CPU %s) then %d workers "
+                    "(gw CPU %s, load CPU %s)" % (a.scaling_concurrency, a.repeats, a.gateway_cpus, a.load_cpus,
+                                                  a.scaling, a.scaling_gateway_cpus, a.scaling_load_cpus))
+                run_scaling(ctx, t, scaling)
+        for t in ([] if a.scaling else targets):
             if a.soak and t.name == "direct":
                 continue
             if t.unavailable:
@@ -388,15 +584,21 @@ def main(argv):
                                  "loadgen_us_per_req": round(cap["loadgen_cpu_s_per_1k"] * 1000, 2),
                                  "load_core_foreign": cap["noise"]["load_core_foreign"],
                                  "mock_rps_per_core": round(1e6 / us) if us else None}
+    if a.scaling and any(r.get("kind") == "measurement" and r.get("round") for r in scaling):
+        summ = scaling_summary(ctx, scaling)
+        scaling.append(summ)
+        log("scaling: median 1 worker %s req/s, %d workers %s req/s, median ratio %s (rounds %s)" % (
+            summ["median_rps_1"], a.scaling, summ["median_rps_n"], summ["median_ratio"],
+            ", ".join("%s" % r["ratio"] for r in summ["rounds"])))
     meta["finished"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     meta["run_dir"] = ctx.run_dir
     with open(base + ".jsonl", "w") as f:
-        for rec in [meta] + cells + soaks:
+        for rec in [meta] + cells + soaks + scaling:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
     with open(base + ".md", "w") as f:
-        f.write(report.render(meta, cells, soaks))
+        f.write(report.render(meta, cells, soaks, scaling))
     log("wrote %s.md and %s.jsonl" % (base, base))
-    bad = [c for c in cells + soaks if c.get("status") == "failed"]
+    bad = [c for c in cells + soaks + scaling if c.get("status") == "failed"]
     return 1 if bad else 0
 
 

@@ -23,6 +23,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def listening_sockets(port):
+    """TCP sockets in LISTEN state on `port` (any address), from /proc/net/tcp{,6}.
+    Processes sharing a port with SO_REUSEPORT each hold their own, so this
+    counts the processes that accept connections there."""
+    n = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 3 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        n += 1
+        except OSError:
+            pass
+    return n
+
+
 def parse_cpus(spec):
     """'0', '0-3', '0,2-3' -> sorted list of ints."""
     out = set()
@@ -128,7 +146,9 @@ class Snapshot:
     def __init__(self, tree_root=None, extra_pids=()):
         self.t = time.monotonic()
         self.cpus = cpu_stat()
-        self.tree = tree_ticks(descendants(tree_root)) if tree_root else 0
+        # per process of the tree (the split over workers), and the sum
+        self.tree_pids = {p: proc_ticks(p) for p in descendants(tree_root)} if tree_root else {}
+        self.tree = sum(self.tree_pids.values())
         self.extra = {p: proc_ticks(p) for p in extra_pids if p}
         self.self_ = self_ticks()
 

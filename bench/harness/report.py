@@ -1,4 +1,5 @@
-"""The markdown report: machine, versions, setup, then one table per workload."""
+"""The markdown report: machine, versions, setup, then one table per workload
+(or the soak, or the workers scaling run)."""
 
 ORDER = ["direct", "gomodel", "litellm", "portkey"]
 
@@ -36,7 +37,7 @@ def _key(c):
     return (c["workload"], c["concurrency"], c["target"])
 
 
-def render(meta, cells, soaks):
+def render(meta, cells, soaks, scaling=()):
     chosen = [c for c in cells if c.get("chosen")]
     failed = [c for c in cells if c.get("status") in ("failed", "skipped")]
     direct = {(c["workload"], c["concurrency"]): c for c in chosen if c["target"] == "direct"}
@@ -45,6 +46,8 @@ def render(meta, cells, soaks):
     out = []
     w = out.append
     title = "# gomodel overhead benchmark: %s" % meta["date"]
+    if meta.get("scaling_only"):
+        title += " (workers scaling)"
     if meta.get("quick"):
         title += " (quick smoke run)"
     w(title)
@@ -56,6 +59,9 @@ def render(meta, cells, soaks):
         w("")
     if meta.get("soak_only"):
         w("Soak run only (`--soak`); the matrix was not run.")
+        w("")
+    if meta.get("scaling_only"):
+        w("Workers scaling run only (`--scaling %d`); the matrix was not run." % meta["scaling"]["max_workers"])
         w("")
     w("## Machine and versions")
     w("")
@@ -72,11 +78,15 @@ def render(meta, cells, soaks):
     w("## Setup")
     w("")
     bg = meta.get("background", {})
-    w("- Gateway under test pinned to CPU %s; mock upstream, load generator and harness pinned to CPU %s."
-      % (meta["gateway_cpus"], meta["load_cpus"]))
-    w("- Each cell: %s s warm-up, then a %s s measurement window; %s run(s), up to %s more when noisy "
-      "(noise threshold %.0f %% of a core); the median run by req/s is shown (quiet runs preferred)."
-      % (meta["warmup_s"], meta["duration_s"], meta["repeats"], meta["max_retries"], 100 * meta["noise_threshold"]))
+    sc = meta.get("scaling")
+    if sc:
+        _scaling_setup(w, meta, sc)
+    else:
+        w("- Gateway under test pinned to CPU %s; mock upstream, load generator and harness pinned to CPU %s."
+          % (meta["gateway_cpus"], meta["load_cpus"]))
+        w("- Each cell: %s s warm-up, then a %s s measurement window; %s run(s), up to %s more when noisy "
+          "(noise threshold %.0f %% of a core); the median run by req/s is shown (quiet runs preferred)."
+          % (meta["warmup_s"], meta["duration_s"], meta["repeats"], meta["max_retries"], 100 * meta["noise_threshold"]))
     w("- Auth: %s." % ("every gateway that has one checks a master key (`Authorization: Bearer …`)"
                         if meta.get("auth") else "off"))
     if bg:
@@ -177,7 +187,23 @@ def render(meta, cells, soaks):
                     "%d: %.0f" % (t, v) for t, v in s["rss_points"])))
         w("")
 
+    summ = next((r for r in scaling if r.get("kind") == "summary"), None)
+    if sc:
+        _scaling_section(w, meta, sc, [r for r in scaling if r.get("kind") == "measurement"], summ)
+
     notes = []
+    for r in scaling:
+        if r.get("kind") != "measurement":
+            continue
+        if r.get("status") != "ok":
+            where = ("round %s, %s worker(s)" % (r["round"], r["workers"])) if r.get("round") else r["target"]
+            notes.append("**scaling %s %s**: %s" % (where, r.get("status"), _oneline(r.get("error", ""))))
+        elif r["errors"]:
+            notes.append("**scaling round %s, %s worker(s), attempt %s: %d errors in the window**%s, e.g. %s" % (
+                r["round"], r["workers"], r["attempt"], r["errors"], "" if r["chosen"] else " (a noisy attempt, "
+                "not the one shown)", "; ".join(r.get("error_samples", [])[:2]) or r.get("error_detail")))
+        elif r["requests"] == 0:
+            notes.append("scaling round %s, %s worker(s): no request completed inside the window" % (r["round"], r["workers"]))
     for f in failed:
         what = " ".join(x for x in (f["target"], f.get("workload", ""),
                                     ("c=%s" % f["concurrency"]) if f.get("concurrency") else "", f["status"]) if x)
@@ -214,6 +240,18 @@ def render(meta, cells, soaks):
         w("")
     w("## Reading this report")
     w("")
+    if sc:
+        w("`ratio` is the N-worker req/s over the 1-worker req/s of the same round; the medians are taken over "
+          "rounds. `gw CPU` is the CPU time of the gateway's whole process tree (primary and workers, utime+stime "
+          "from /proc) over the window, in cores, with the split over its processes in brackets (primary first); `req/s per gw core` is req/s over that, so it shows whether each "
+          "worker does as much per core as the single process. `mock+wrk CPU` is what mock, wrk and harness used, in "
+          "cores: where they share the gateway's cores this is CPU the workers could not have. `foreign` is the share "
+          "of the cores involved that other processes used (over all shared cores together when the load shares the "
+          "gateway's cores); a measurement above the noise threshold is **noisy** and repeated up to "
+          "`--max-retries` times. Every answer is checked (status 200 and the full text); `errors` counts the "
+          "rest. More in bench/README.md.")
+        w("")
+        return "\n".join(out)
     w("`+p50` is the target's p50 minus direct's p50 for the same workload and concurrency in this run: what the "
       "gateway adds. `gw CPU s/1k req` is the CPU time of the gateway's whole process tree per 1000 requests "
       "(utime+stime from /proc); `gw CPU util` is that tree's CPU use over the window (1.00 = one core). "
@@ -223,3 +261,118 @@ def render(meta, cells, soaks):
       "lower bound on the gateway. More in bench/README.md.")
     w("")
     return "\n".join(out)
+
+
+def _cpus_text(spec):
+    return ("CPU %s" if "," not in spec and "-" not in spec else "CPUs %s") % spec
+
+
+def _scaling_setup(w, meta, sc):
+    n = sc["max_workers"]
+    one, many = sc["placements"]
+    shared = set(_parse(many["gateway_cpus"])) & set(_parse(many["load_cpus"]))
+    w("- **1 worker**: gomodel (one process) pinned to %s; mock upstream, wrk (one thread per load CPU) and harness "
+      "pinned to %s." % (_cpus_text(one["gateway_cpus"]), _cpus_text(one["load_cpus"])))
+    w("- **%d workers** (`--workers %d`: the primary and %d worker process%s sharing the port with SO_REUSEPORT): "
+      "gomodel pinned to %s; mock, wrk and harness pinned to %s%s." % (
+          n, n, n - 1, "" if n == 2 else "es", _cpus_text(many["gateway_cpus"]), _cpus_text(many["load_cpus"]),
+          " as well" if shared else ""))
+    if shared:
+        w("- In the %d-worker case the load shares the gateway's cores: this machine has %d CPU(s) available (%s), "
+          "so there is no spare core for mock and wrk once the gateway has %d. What they use (`mock+wrk CPU` below) "
+          "is taken from the workers, so the %d-worker figure is a lower bound on %d workers with %d cores of their "
+          "own, and the ratio understates the scaling a little." % (
+              n, len(sc.get("cpus_available", [])), ",".join(str(c) for c in sc.get("cpus_available", [])), n, n, n, n))
+    w("- chat (non-streaming) through gomodel at c=%d; each measurement starts a fresh mock and a fresh gateway "
+      "(all %d processes listening and ready), sends one checked pre-flight request, then %s s of warm-up and a %s s window; the "
+      "gateway and mock are stopped by PID afterwards. %d round(s), each 1 worker then %d workers; a noisy "
+      "measurement is repeated up to %s more time(s) (noise threshold %.0f %% of the cores)." % (
+          sc["concurrency"], n, meta["warmup_s"], meta["duration_s"], meta["repeats"], n, meta["max_retries"],
+          100 * meta["noise_threshold"]))
+
+
+def _parse(spec):
+    out = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.update(range(int(a), int(b) + 1))
+        elif part:
+            out.add(int(part))
+    return out
+
+
+def _ratio(v):
+    return "–" if v is None else "%.2f×" % v
+
+
+def _scaling_section(w, meta, sc, meas, summ):
+    n = sc["max_workers"]
+    one, many = sc["placements"]
+    w("## Workers scaling")
+    w("")
+    w("gomodel chat req/s at c=%d: 1 worker (gateway on %s, load on %s) against %d workers (gateway on %s, load "
+      "on %s)." % (sc["concurrency"], _cpus_text(one["gateway_cpus"]), _cpus_text(one["load_cpus"]), n,
+                   _cpus_text(many["gateway_cpus"]), _cpus_text(many["load_cpus"])))
+    w("")
+    if summ is None:
+        w("No measurement completed.")
+        w("")
+        return
+    w("| round | 1 worker req/s | %d workers req/s | ratio | errors (1 / %d) | noisy |" % (n, n))
+    w("| ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in summ["rounds"]:
+        def side(key):
+            if r["status_" + key] != "ok":
+                return r["status_" + key]
+            return _num(r["rps_" + key])
+        errs = "%s / %s" % ("–" if r["errors_1"] is None else r["errors_1"], "–" if r["errors_n"] is None else r["errors_n"])
+        if (r["errors_1"] or 0) + (r["errors_n"] or 0):
+            errs = "**%s**" % errs
+        noisy = ", ".join(x for x, k in (("1 worker", "noisy_1"), ("%d workers" % n, "noisy_n")) if r[k]) or "no"
+        w("| %d | %s | %s | %s | %s | %s |" % (r["round"], side("1"), side("n"), _ratio(r["ratio"]), errs, noisy))
+    w("")
+    w("- **Median ratio: %s** over %d round(s) (ideal %d.00×; %s of ideal)." % (
+        _ratio(summ["median_ratio"]), summ["rounds_measured"], n,
+        "–" if summ["efficiency"] is None else "%.0f %%" % (100 * summ["efficiency"])))
+    w("- Median 1 worker: **%s req/s**; median %d workers: **%s req/s** (ratio of the medians %s)." % (
+        _num(summ["median_rps_1"]), n, _num(summ["median_rps_n"]), _ratio(summ["ratio_of_medians"])))
+    if summ["rounds_with_errors"] or summ["errors_all_attempts"] or summ["failed_measurements"]:
+        w("- **Not clean**: %d round(s) with errors, %d errors over all measurements, %d failed measurement(s); "
+          "see the notes." % (summ["rounds_with_errors"], summ["errors_all_attempts"], summ["failed_measurements"]))
+    else:
+        w("- Every answer in every window was checked and correct (0 errors).")
+    if summ["rounds_noisy"]:
+        w("- %d round(s) include a **noisy** measurement (other processes above the threshold even after retries): "
+          "read those ratios with care." % summ["rounds_noisy"])
+    w("")
+    w("### Measurements")
+    w("")
+    w("Every measurement, retries included; `shown` marks the one each round uses.")
+    w("")
+    w("| round | workers | gw CPUs | load CPUs | req/s | p50 ms | p99 ms | errors | gw CPU (cores) | req/s per gw core | "
+      "gw CPU s/1k req | gw peak RSS MiB | mock+wrk CPU (cores) | upstream/req | foreign | shown |")
+    w("| ---: | ---: | --- | --- |" + " ---: |" * 11 + " --- |")
+    for r in meas:
+        if r.get("status") != "ok":
+            w("| %s | %s | %s | %s | %s |" % (r.get("round", "–"), r.get("workers", "–"), r.get("gateway_cpus", "–"),
+                                               r.get("load_cpus", "–"), "%s: %s" % (r.get("status"), _oneline(r.get("error", ""), 150)))
+                                               + " |" * 11)
+            continue
+        nz = r["noise"]
+        util = r.get("gw_cpu_util")
+        per_core = r["rps"] / util if util else None
+        foreign = "%.0f %%" % (100 * nz["gw_core_foreign"]) if nz.get("shared_cpus") else \
+            "%.0f/%.0f %%" % (100 * nz["gw_core_foreign"], 100 * nz["load_core_foreign"])
+        if r.get("noisy"):
+            foreign += " **noisy**"
+        w("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["round"], r["workers"], r["gateway_cpus"], r["load_cpus"], _num(r["rps"]), _ms(r.get("lat_p50_ms")),
+            _ms(r.get("lat_p99_ms")), ("**%d**" % r["errors"]) if r["errors"] else "0", _num(util, "{:.2f}") + (
+                " (%s)" % " + ".join("%.2f" % x for x in r["gw_cpu_util_by_process"])
+                if r.get("gw_cpu_util_by_process") else ""),
+            _num(per_core), _num(r.get("gw_cpu_s_per_1k"), "{:.3f}"), _num(r.get("gw_peak_rss_mib"), "{:.0f}"),
+            _num(r.get("load_cpu_util"), "{:.2f}"), _num(r.get("upstream_per_request"), "{:.2f}"), foreign,
+            "yes" if r.get("chosen") else ""))
+    w("")

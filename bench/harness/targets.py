@@ -213,7 +213,8 @@ class GoModel(Target):
 
     def command(self):
         tmpl = self.ctx.args.gomodel_cmd or os.environ.get("GOMODEL_CMD") or self.DEFAULT_CMD
-        workers = self.ctx.args.gomodel_workers
+        # --scaling sets ctx.gomodel_workers per measurement
+        workers = getattr(self.ctx, "gomodel_workers", None) or self.ctx.args.gomodel_workers
         if workers > 1 and "{workers}" not in tmpl:
             tmpl += " --workers {workers}"
         twistd = os.path.join(os.path.dirname(self.python()), "twistd")

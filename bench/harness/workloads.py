@@ -252,6 +252,21 @@ def measure(ctx, target, wl, conc, warmup, duration):
         "gw_core_busy": share(proc.busy(gw_d) / (win_ticks * n_gw)),
         "steal": share((gw_d[7] + ld_d[7]) / (win_ticks * (n_gw + n_ld))),
     }
+    shared = sorted(set(ctx.gateway_cpu_list) & set(ctx.load_cpu_list))
+    if shared:
+        # Gateway and load share cores (--scaling's N-worker case): the split
+        # above would count our own load as foreign on the gateway's cores and
+        # the gateway as foreign on the load cores, so every run would look
+        # noisy. Measure instead what anything but gateway + mock + load
+        # generator + harness used of all the cores involved.
+        cpus = sorted(set(ctx.gateway_cpu_list) | set(ctx.load_cpu_list))
+        all_d = core_delta(cpus)
+        ours = gw_ticks + mock_ticks + lg_ticks + self_ticks
+        foreign = share((proc.busy(all_d) - ours) / (win_ticks * len(cpus)))
+        busy_all = share(proc.busy(all_d) / (win_ticks * len(cpus)))
+        noise.update({"gw_core_foreign": foreign, "load_core_foreign": foreign, "gw_core_busy": busy_all,
+                      "load_core_busy": busy_all, "steal": share(all_d[7] / (win_ticks * len(cpus))),
+                      "shared_cpus": shared})
     thr = ctx.args.noise_threshold
     noisy = (noise["load_core_foreign"] > thr or noise["steal"] > thr
              or (root is not None and noise["gw_core_foreign"] > thr))
@@ -262,13 +277,19 @@ def measure(ctx, target, wl, conc, warmup, duration):
         "gw_cpu_s": round(gw_ticks / proc.CLK_TCK, 3) if root else None,
         "gw_cpu_s_per_1k": round(gw_ticks / proc.CLK_TCK / req * 1000, 4) if root and done else None,
         "gw_cpu_util": round(gw_ticks / win_ticks, 3) if root else None,
+        # the same per process of the tree, primary first (shows how --workers spread the load)
+        "gw_cpu_util_by_process": [round((b.tree_pids[p] - a.tree_pids.get(p, 0)) / win_ticks, 3)
+                                   for p in sorted(b.tree_pids, key=lambda p: (p != root, p))]
+                                  if root and len(b.tree_pids) > 1 else None,
         "gw_peak_rss_mib": round(peak / 2 ** 20, 1) if root else None,
         "mock_cpu_s_per_1k": round(mock_ticks / proc.CLK_TCK / req * 1000, 4) if done else None,
         "loadgen_cpu_s_per_1k": round(lg_ticks / proc.CLK_TCK / req * 1000, 4) if done else None,
         "noise": noise, "noisy": noisy,
         # our own load (mock + load generator + harness) saturating its core: the
-        # gateway figure is then a lower bound
-        "load_bound": (mock_ticks + lg_ticks + self_ticks) / (win_ticks * n_ld) > 0.9,
+        # gateway figure is then a lower bound (not defined when the cores are shared)
+        "load_bound": not shared and (mock_ticks + lg_ticks + self_ticks) / (win_ticks * n_ld) > 0.9,
+        # cores used by mock + load generator + harness over the window
+        "load_cpu_util": round((mock_ticks + lg_ticks + self_ticks) / win_ticks, 3),
         "upstream": upstream,
         "upstream_per_request": round(upstream.get(wl.route, 0) / req, 3) if done else None,
         # calls the mock got beyond the answered requests; up to `concurrency` of
