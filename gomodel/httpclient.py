@@ -19,6 +19,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from gomodel.transports import send_now
+
 
 @implementer(IBodyProducer)
 class BytesProducer:
@@ -178,7 +180,7 @@ class RelayClient:
         data = b"".join((method, b" ", target, b" HTTP/1.1\r\n", origin.host_line, header_lines, length, b"\r\n",
                          body or b""))
         d = self._pool.getConnection(origin.key, origin.endpoint)
-        return d.addCallback(lambda protocol: protocol.request(_PreparedRequest(method, data)))
+        return d.addCallback(_send, _PreparedRequest(method, data))
 
     def _origin(self, match):
         uri = URI.fromBytes(match.group(0) + b"/")
@@ -188,6 +190,13 @@ class RelayClient:
                          b"Host: " + host + b"\r\n")
         self._origins[match.group(0)] = origin
         return origin
+
+
+def _send(protocol, request):
+    """Issue C{request} on a pooled connection and put its bytes on the wire at once."""
+    answer = protocol.request(request)
+    send_now(protocol.transport)
+    return answer
 
 
 def make_http_client(agent) -> HTTPClient:

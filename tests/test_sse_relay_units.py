@@ -11,7 +11,8 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 from zope.interface.verify import verifyObject
 
-from gomodel.streaming.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle, send_now
+from gomodel.streaming.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
+from gomodel.transports import send_now
 from gomodel.streaming.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data
 
 USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
@@ -97,6 +98,7 @@ def test_relay_writes_at_once_up_to_the_first_token_then_per_read():
 class _Transport:
     connected = True
     disconnecting = False
+    producerPaused = False
 
     def __init__(self):
         self.flushes = 0
@@ -106,15 +108,15 @@ class _Transport:
 
 
 def test_send_now_writes_a_tcp_transport_at_once_and_leaves_others_alone():
-    request = Request(DummyChannel())
-    request.transport = _Transport()
-    send_now(request)
-    assert request.transport.flushes == 1
-    request.transport.disconnecting = True  # closing: the reactor finishes it
-    send_now(request)
-    assert request.transport.flushes == 1
-    request.transport = StringTransport()  # no doWrite (like TLS): nothing to do
-    send_now(request)
+    transport = _Transport()
+    send_now(transport)
+    assert transport.flushes == 1
+    transport.producerPaused = True  # a full buffer: the reactor drains it
+    send_now(transport)
+    transport.producerPaused, transport.disconnecting = False, True  # closing: the reactor finishes it
+    send_now(transport)
+    assert transport.flushes == 1
+    send_now(StringTransport())  # no doWrite (like TLS): nothing to do
 
 
 def test_relay_is_a_push_producer_that_moves_backpressure_upstream():

@@ -15,6 +15,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from gomodel import errors
 from gomodel.api.site import access_log, request_id_for
+from gomodel.transports import send_now
 
 OPEN_PATHS = frozenset((b"/health",))
 
@@ -110,10 +111,15 @@ class FrontResource(Resource):
 
 
 def _write(body, request):
-    """Finish C{request} with C{body} (None once a stream has written it), unless it ended already."""
+    """Finish C{request} with C{body} (None once a stream has written it), unless it ended already.
+
+    The answer is sent at once, not on the reactor's next turn.
+    """
     if request.channel is None or request.finished:
         return None
     if body is not None:
         request.write(body)
+    transport = request.transport
     request.finish()
+    send_now(transport)
     return None

@@ -20,6 +20,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
+from gomodel.transports import send_now
+
 
 class UpstreamIdle(Exception):
     """The upstream sent nothing for longer than the idle timeout."""
@@ -38,21 +40,6 @@ class StreamTooLong(Exception):
 _TOKEN = re.compile(rb'"(?:content|text|delta|reasoning_content|reasoning|arguments)":"[^"]')
 # Deliveries relayed one by one at most, waiting for the first token.
 EAGER_DELIVERIES = 8
-
-
-def send_now(request):
-    """Hand what C{request}'s connection holds to the kernel now, not on the reactor's next turn.
-
-    A TCP transport writes its buffer when the reactor next finds the socket
-    writable; this does that write at once (what the reactor would call).
-    Other transports (TLS) keep their own pace.
-    """
-    transport = request.transport
-    do_write = getattr(transport, "doWrite", None)
-    if do_write is not None and transport.connected and not transport.disconnecting:
-        # A failed write leaves the transport registered for writing: the
-        # reactor meets the error on its next turn and closes it as usual.
-        do_write()
 
 
 class _Passthrough:
@@ -105,7 +92,7 @@ class StreamRelay(Protocol):
             out = self._relay(data)
             if out and _TOKEN.search(out) is not None:
                 self._eager = 0
-                send_now(self._request)
+                send_now(self._request.transport)
             return
         # An upstream read often holds many HTTP chunks (one per SSE event), each
         # delivered here on its own: they are relayed together once the read is
