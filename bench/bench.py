@@ -229,11 +229,12 @@ def run_cell(ctx, target, wl, conc):
                   "concurrency": conc, "run": i + 1, "status": "ok", "chosen": False})
         nz = r["noise"]
         f = lambda v, fmt: "-" if v is None else fmt % v  # noqa: E731
-        log("%-8s %-16s c=%-3d %8.1f req/s  p50 %s ms  p99 %s ms%s  err %d  gwCPU %s s/1k  RSS %s MiB  "
-            "noise %.0f/%.0f%%%s%s" % (
+        log("%-8s %-16s c=%-3d %8.1f req/s  p50 %s ms  p99 %s ms%s  err %d  gwCPU %s s/1k  %s Minstr/req  "
+            "RSS %s MiB  noise %.0f/%.0f%%%s%s" % (
                 target.name, wl.name, conc, r["rps"] or 0, f(r["lat_p50_ms"], "%7.2f"), f(r["lat_p99_ms"], "%7.2f"),
                 ("  ttft %s ms" % f(r["ttft_p50_ms"], "%.2f")) if wl.runner == "stream" else "",
-                r["errors"], f(r["gw_cpu_s_per_1k"], "%.3f"), f(r["gw_peak_rss_mib"], "%.0f"),
+                r["errors"], f(r["gw_cpu_s_per_1k"], "%.3f"), f(r["gw_minstr_per_req"], "%.3f"),
+                f(r["gw_peak_rss_mib"], "%.0f"),
                 100 * nz["gw_core_foreign"], 100 * nz["load_core_foreign"], " NOISY" if r["noisy"] else "",
                 " LOAD-BOUND" if r["load_bound"] and target.root_pid else ""))
         runs.append(r)
@@ -252,11 +253,20 @@ def run_soak(ctx, target):
     sampler = proc.RssSampler(target.root_pid, interval=a.soak_sample, keep_series=True) if target.root_pid else None
     if sampler:
         sampler.start()
+    # user-space instructions over the whole soak (after the warm-up)
+    instr = (proc.InstrCounter(proc.descendants(target.root_pid), ctx.load_cpus, ctx.run_dir)
+             if target.root_pid else None)
     t0 = time.monotonic()
-    res = run_wrk(ctx, target, wl, a.soak_concurrency, a.warmup, a.soak, lambda _: None, lambda _: None)
+    try:
+        if instr:
+            instr.start()
+        res = run_wrk(ctx, target, wl, a.soak_concurrency, a.warmup, a.soak,
+                      lambda _: instr and instr.enable(), lambda _: instr and instr.disable())
+    finally:
+        instructions = instr.stop() if instr else None
+        if sampler:
+            sampler.stop()
     series = sampler.series if sampler else []
-    if sampler:
-        sampler.stop()
     mib = [(t, v / 2 ** 20) for t, v in series]
     # Skip the warm-up. Heaps and pools grow for a while after that (JIT, free
     # lists, connection pools), so the baseline is the median of the second
@@ -284,6 +294,10 @@ def run_soak(ctx, target):
         "rss_start_mib": round(start, 1), "rss_end_mib": round(end, 1),
         "rss_max_mib": round(max((v for _, v in mib), default=0), 1), "rss_growth_mib": round(growth, 1),
         "rss_slope_mib_per_h": round(slope, 1),
+        "gw_instructions": instructions,
+        "gw_minstr_per_req": round(instructions / res["requests"] / 1e6, 4)
+                             if instructions is not None and res["requests"] else None,
+        "perf_error": instr.error if instr else None,
         "flat": growth <= max(8.0, 0.05 * start),
         "rss_points": [(round(t), round(v, 1)) for t, v in mib[::step]],
         "wall_s": round(time.monotonic() - t0, 1),
@@ -369,10 +383,11 @@ def scaling_measure(ctx, target, wl, pl, rnd, attempt):
         log("scaling %s: FAILED: %s" % (tag, rec["error"]))
         return rec
     nz = rec["noise"]
-    log("scaling %s: %8.1f req/s  p50 %.2f ms  p99 %.2f ms  err %d%s  gwCPU %.2f cores  mock+wrk %.2f cores  "
-        "RSS %.0f MiB  foreign %.0f/%.0f%%%s" % (
+    log("scaling %s: %8.1f req/s  p50 %.2f ms  p99 %.2f ms  err %d%s  gwCPU %.2f cores  %s Minstr/req  "
+        "mock+wrk %.2f cores  RSS %.0f MiB  foreign %.0f/%.0f%%%s" % (
             tag, rec["rps"] or 0, rec["lat_p50_ms"], rec["lat_p99_ms"], rec["errors"],
-            " ERRORS" if rec["errors"] else "", rec["gw_cpu_util"] or 0, rec["load_cpu_util"],
+            " ERRORS" if rec["errors"] else "", rec["gw_cpu_util"] or 0,
+            "-" if rec.get("gw_minstr_per_req") is None else "%.3f" % rec["gw_minstr_per_req"], rec["load_cpu_util"],
             rec["gw_peak_rss_mib"] or 0, 100 * nz["gw_core_foreign"], 100 * nz["load_core_foreign"],
             " NOISY" if rec["noisy"] else ""))
     return rec
@@ -480,6 +495,12 @@ def main(argv):
             "noise_threshold": a.noise_threshold, "gateway_cpus": a.gateway_cpus, "load_cpus": a.load_cpus,
             "gomodel_workers": a.gomodel_workers, "auth": not a.no_auth, "machine": machine(),
             "versions": {}, "notes": []}
+    why = proc.perf_probe()
+    meta["perf"] = {"event": proc.PERF_EVENT, "available": why is None, "error": why, "version": proc.perf_version()}
+    if why:
+        log("perf unavailable (%s): no instructions per request" % why)
+        meta["notes"].append("`gw Minstr/req` is empty: %s (it needs `perf stat -e %s`, e.g. Debian's "
+                             "linux-perf, and kernel.perf_event_paranoid <= 2 or root)" % (why, proc.PERF_EVENT))
     if a.scaling:
         meta["scaling_only"] = True
         meta["scaling"] = {"max_workers": a.scaling, "concurrency": a.scaling_concurrency,
@@ -538,8 +559,9 @@ def main(argv):
                 if a.soak:
                     log("soak %s: %d s of chat at c=%d" % (t.name, a.soak, a.soak_concurrency))
                     s = run_soak(ctx, t)
-                    log("soak %s: %s" % (t.name, {k: s.get(k) for k in ("rps", "errors", "rss_start_mib", "rss_end_mib",
-                                                                          "rss_growth_mib", "flat", "error")}))
+                    log("soak %s: %s" % (t.name, {k: s.get(k) for k in (
+                        "rps", "errors", "rss_start_mib", "rss_end_mib", "rss_growth_mib", "flat", "gw_minstr_per_req",
+                        "error")}))
                     soaks.append(s)
                     continue
                 for wln in a.workloads:

@@ -33,6 +33,13 @@ def _oneline(text, n=400):
     return out if len(out) <= n else out[:n] + "…"
 
 
+def _minstr(v):
+    """Millions of instructions per request: 3 significant digits or so."""
+    if v is None:
+        return "–"
+    return "%.0f" % v if v >= 100 else "%.1f" % v if v >= 10 else "%.2f" % v if v >= 1 else "%.3f" % v
+
+
 def _key(c):
     return (c["workload"], c["concurrency"], c["target"])
 
@@ -141,7 +148,8 @@ def render(meta, cells, soaks, scaling=()):
             hdr = ["target", "c", "req/s", "p50 ms", "p95 ms", "p99 ms", "+p50 ms"]
             if stream:
                 hdr += ["TTFT p50", "TTFT p99", "+TTFT p50"]
-            hdr += ["gw CPU s/1k req", "gw CPU util", "gw peak RSS MiB", "errors", "upstream/req", "noise"]
+            hdr += ["gw CPU s/1k req", "gw Minstr/req", "gw CPU util", "gw peak RSS MiB", "errors", "upstream/req",
+                    "noise"]
             w("| " + " | ".join(hdr) + " |")
             w("| --- | ---: |" + " ---: |" * (len(hdr) - 2))
             for c in rows:
@@ -160,7 +168,8 @@ def render(meta, cells, soaks, scaling=()):
                     flag += " **noisy**"
                 if c.get("load_bound") and c["target"] != "direct":
                     flag += " load-bound"
-                cells_ += [_num(c.get("gw_cpu_s_per_1k"), "{:.3f}"), _num(c.get("gw_cpu_util"), "{:.2f}"),
+                cells_ += [_num(c.get("gw_cpu_s_per_1k"), "{:.3f}"), _minstr(c.get("gw_minstr_per_req")),
+                           _num(c.get("gw_cpu_util"), "{:.2f}"),
                            _num(c.get("gw_peak_rss_mib"), "{:.0f}"), str(c["errors"]),
                            _num(c.get("upstream_per_request"), "{:.2f}"), flag]
                 w("| " + " | ".join(cells_) + " |")
@@ -169,16 +178,18 @@ def render(meta, cells, soaks, scaling=()):
     if soaks:
         w("## Soak")
         w("")
-        w("| target | seconds | c | req/s | p50 ms | p99 ms | errors | RSS start MiB | RSS end MiB | RSS max MiB | "
-          "growth MiB | slope MiB/h | verdict |")
-        w("| --- |" + " ---: |" * 11 + " --- |")
+        w("| target | seconds | c | req/s | p50 ms | p99 ms | errors | gw Minstr/req | RSS start MiB | RSS end MiB | "
+          "RSS max MiB | growth MiB | slope MiB/h | verdict |")
+        w("| --- |" + " ---: |" * 12 + " --- |")
         for s in soaks:
             if s.get("status") != "ok":
-                w("| %s | – | – | – | – | – | – | – | – | – | – | – | %s: %s |" % (s["target"], s.get("status"), _oneline(s.get("error", ""), 200)))
+                w("| %s | – | – | – | – | – | – | – | – | – | – | – | – | %s: %s |" % (
+                    s["target"], s.get("status"), _oneline(s.get("error", ""), 200)))
                 continue
-            w("| %s | %d | %d | %s | %s | %s | %d | %.0f | %.0f | %.0f | %+.1f | %+.1f | %s |" % (
+            w("| %s | %d | %d | %s | %s | %s | %d | %s | %.0f | %.0f | %.0f | %+.1f | %+.1f | %s |" % (
                 s["target"], s["seconds"], s["concurrency"], _num(s["rps"]), _ms(s["lat_p50_ms"]), _ms(s["lat_p99_ms"]),
-                s["errors"], s["rss_start_mib"], s["rss_end_mib"], s["rss_max_mib"], s["rss_growth_mib"],
+                s["errors"], _minstr(s.get("gw_minstr_per_req")), s["rss_start_mib"], s["rss_end_mib"],
+                s["rss_max_mib"], s["rss_growth_mib"],
                 s["rss_slope_mib_per_h"], "**flat**" if s["flat"] else "**growing**"))
         w("")
         for s in soaks:
@@ -204,6 +215,13 @@ def render(meta, cells, soaks, scaling=()):
                 "not the one shown)", "; ".join(r.get("error_samples", [])[:2]) or r.get("error_detail")))
         elif r["requests"] == 0:
             notes.append("scaling round %s, %s worker(s): no request completed inside the window" % (r["round"], r["workers"]))
+    for r in [c for c in chosen if c["target"] != "direct"] + [s for s in soaks if s.get("status") == "ok"] + \
+            [r for r in scaling if r.get("kind") == "measurement" and r.get("status") == "ok"]:
+        if r.get("gw_minstr_per_req") is None and r.get("perf_error") and not (meta.get("perf") or {}).get("error"):
+            where = "scaling round %s, %s worker(s)" % (r["round"], r["workers"]) if r.get("type") == "scaling" else \
+                "%s soak" % r["target"] if r.get("type") == "soak" else \
+                "%s %s c=%s" % (r["target"], r["workload"], r["concurrency"])
+            notes.append("%s: no instruction count (%s)" % (where, _oneline(r["perf_error"], 200)))
     for f in failed:
         what = " ".join(x for x in (f["target"], f.get("workload", ""),
                                     ("c=%s" % f["concurrency"]) if f.get("concurrency") else "", f["status"]) if x)
@@ -244,7 +262,9 @@ def render(meta, cells, soaks, scaling=()):
         w("`ratio` is the N-worker req/s over the 1-worker req/s of the same round; the medians are taken over "
           "rounds. `gw CPU` is the CPU time of the gateway's whole process tree (primary and workers, utime+stime "
           "from /proc) over the window, in cores, with the split over its processes in brackets (primary first); `req/s per gw core` is req/s over that, so it shows whether each "
-          "worker does as much per core as the single process. `mock+wrk CPU` is what mock, wrk and harness used, in "
+          "worker does as much per core as the single process. `gw Minstr/req` is the tree's user-space "
+          "instructions per answered request, in millions (`perf stat -e instructions:u`; steady where CPU speed "
+          "is not, kernel work not included). `mock+wrk CPU` is what mock, wrk and harness used, in "
           "cores: where they share the gateway's cores this is CPU the workers could not have. `foreign` is the share "
           "of the cores involved that other processes used (over all shared cores together when the load shares the "
           "gateway's cores); a measurement above the noise threshold is **noisy** and repeated up to "
@@ -254,7 +274,10 @@ def render(meta, cells, soaks, scaling=()):
         return "\n".join(out)
     w("`+p50` is the target's p50 minus direct's p50 for the same workload and concurrency in this run: what the "
       "gateway adds. `gw CPU s/1k req` is the CPU time of the gateway's whole process tree per 1000 requests "
-      "(utime+stime from /proc); `gw CPU util` is that tree's CPU use over the window (1.00 = one core). "
+      "(utime+stime from /proc); `gw Minstr/req` is the user-space instructions the tree executed in the window "
+      "(`perf stat -e instructions:u`) per answered request, in millions: unlike CPU seconds it does not move with "
+      "the host's CPU speed, but it leaves out the kernel's share (sockets, network). "
+      "`gw CPU util` is that tree's CPU use over the window (1.00 = one core). "
       "`gw peak RSS` is the largest summed RSS of the tree sampled every 0.2 s. `noise` is the share of the gateway "
       "core / load core used by other processes during the window. `upstream/req` is the number of calls the mock "
       "received per answered request (1.00 expected). `load-bound`: the load core was saturated, so the figure is a "
@@ -352,13 +375,13 @@ def _scaling_section(w, meta, sc, meas, summ):
     w("Every measurement, retries included; `shown` marks the one each round uses.")
     w("")
     w("| round | workers | gw CPUs | load CPUs | req/s | p50 ms | p99 ms | errors | gw CPU (cores) | req/s per gw core | "
-      "gw CPU s/1k req | gw peak RSS MiB | mock+wrk CPU (cores) | upstream/req | foreign | shown |")
-    w("| ---: | ---: | --- | --- |" + " ---: |" * 11 + " --- |")
+      "gw CPU s/1k req | gw Minstr/req | gw peak RSS MiB | mock+wrk CPU (cores) | upstream/req | foreign | shown |")
+    w("| ---: | ---: | --- | --- |" + " ---: |" * 12 + " --- |")
     for r in meas:
         if r.get("status") != "ok":
             w("| %s | %s | %s | %s | %s |" % (r.get("round", "–"), r.get("workers", "–"), r.get("gateway_cpus", "–"),
                                                r.get("load_cpus", "–"), "%s: %s" % (r.get("status"), _oneline(r.get("error", ""), 150)))
-                                               + " |" * 11)
+                                               + " |" * 12)
             continue
         nz = r["noise"]
         util = r.get("gw_cpu_util")
@@ -367,12 +390,13 @@ def _scaling_section(w, meta, sc, meas, summ):
             "%.0f/%.0f %%" % (100 * nz["gw_core_foreign"], 100 * nz["load_core_foreign"])
         if r.get("noisy"):
             foreign += " **noisy**"
-        w("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        w("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["round"], r["workers"], r["gateway_cpus"], r["load_cpus"], _num(r["rps"]), _ms(r.get("lat_p50_ms")),
             _ms(r.get("lat_p99_ms")), ("**%d**" % r["errors"]) if r["errors"] else "0", _num(util, "{:.2f}") + (
                 " (%s)" % " + ".join("%.2f" % x for x in r["gw_cpu_util_by_process"])
                 if r.get("gw_cpu_util_by_process") else ""),
-            _num(per_core), _num(r.get("gw_cpu_s_per_1k"), "{:.3f}"), _num(r.get("gw_peak_rss_mib"), "{:.0f}"),
+            _num(per_core), _num(r.get("gw_cpu_s_per_1k"), "{:.3f}"), _minstr(r.get("gw_minstr_per_req")),
+            _num(r.get("gw_peak_rss_mib"), "{:.0f}"),
             _num(r.get("load_cpu_util"), "{:.2f}"), _num(r.get("upstream_per_request"), "{:.2f}"), foreign,
             "yes" if r.get("chosen") else ""))
     w("")

@@ -3,7 +3,8 @@
 Non-streaming workloads run under wrk (closed loop, keep-alive, every answer
 checked by the Lua response() hook); streaming ones under streamload.mjs
 (every stream read to the end and checked). Around the measurement window the
-harness reads CPU counters from /proc and samples the gateway tree's RSS.
+harness reads CPU counters from /proc, samples the gateway tree's RSS and
+counts the tree's user-space instructions (perf stat, when available).
 """
 
 import json
@@ -199,15 +200,22 @@ def measure(ctx, target, wl, conc, warmup, duration):
         sampler.start()
     snaps = {}
     lg = {"pid": None, "ticks": None, "start_ticks": 0}
+    # user-space instructions of the gateway tree over the window (perf stat,
+    # attached now with its counter off, switched on and off with the snapshots)
+    instr = proc.InstrCounter(proc.descendants(root), ctx.load_cpus, ctx.run_dir) if root else None
 
     def on_start(loadgen_pid):
         lg["pid"] = loadgen_pid
         lg["start_ticks"] = proc.proc_ticks(loadgen_pid) if loadgen_pid else 0
         snaps["stats0"] = mock_stats(ctx)
+        if instr:
+            instr.enable()
         snaps["a"] = proc.Snapshot(root, [ctx.mock_pid])
 
     def on_end(loadgen_ticks):
         snaps["b"] = proc.Snapshot(root, [ctx.mock_pid])
+        if instr:
+            instr.disable()
         if loadgen_ticks is not None:
             lg["ticks"] = loadgen_ticks
         elif lg["pid"]:
@@ -216,8 +224,12 @@ def measure(ctx, target, wl, conc, warmup, duration):
 
     runner = run_wrk if wl.runner == "wrk" else run_stream
     try:
+        if instr:
+            instr.start()
         res = runner(ctx, target, wl, conc, warmup, duration, on_start, on_end)
     finally:
+        # perf is stopped whatever happened to the window
+        instructions = instr.stop() if instr else None
         peak = sampler.stop() if sampler else 0
     a, b = snaps["a"], snaps["b"]
     elapsed = b.t - a.t
@@ -282,6 +294,12 @@ def measure(ctx, target, wl, conc, warmup, duration):
                                    for p in sorted(b.tree_pids, key=lambda p: (p != root, p))]
                                   if root and len(b.tree_pids) > 1 else None,
         "gw_peak_rss_mib": round(peak / 2 ** 20, 1) if root else None,
+        # user-space instructions of the gateway tree per answered request, in
+        # millions (perf stat -e instructions:u over the window): unlike CPU
+        # seconds it does not move with the host's CPU speed
+        "gw_instructions": instructions if root else None,
+        "gw_minstr_per_req": round(instructions / req / 1e6, 4) if root and done and instructions is not None else None,
+        "perf_error": instr.error if instr else None,
         "mock_cpu_s_per_1k": round(mock_ticks / proc.CLK_TCK / req * 1000, 4) if done else None,
         "loadgen_cpu_s_per_1k": round(lg_ticks / proc.CLK_TCK / req * 1000, 4) if done else None,
         "noise": noise, "noisy": noisy,
