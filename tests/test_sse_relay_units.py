@@ -93,6 +93,13 @@ def test_relay_writes_at_once_up_to_the_first_token_then_per_read():
     assert h.written().count(CHUNK) == 1  # then batched until the read is over
     h.clock.advance(0)
     assert h.written().count(CHUNK) == 2
+    h.clock.advance(0.025)  # the next token, a read of its own: at once
+    h.relay.dataReceived(CHUNK)
+    assert h.written().count(CHUNK) == 3
+    h.relay.dataReceived(CHUNK)  # more of that same read: batched again
+    assert h.written().count(CHUNK) == 3
+    h.clock.advance(0)
+    assert h.written().count(CHUNK) == 4
 
 
 class _Transport:

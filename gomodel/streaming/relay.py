@@ -7,8 +7,11 @@ aborts the generation. See TWISTED_PATTERNS.md for the lifecycle.
 
 Latency first, then throughput: until the first generated token has gone
 out, every upstream delivery is written at once and handed to the kernel
-(time to first token); after that, the deliveries of one upstream read are
-relayed together on the next reactor turn (one write, not one per event).
+(time to first token). After that, a delivery that starts a new upstream read
+(nothing came for a millisecond: a model generating token by token) is also
+written and sent at once, in the reactor turn that read it; the deliveries
+that follow it within the same read are relayed together on the next turn
+(one write for a burst, not one per event).
 """
 
 import re
@@ -40,6 +43,8 @@ class StreamTooLong(Exception):
 _TOKEN = re.compile(rb'"(?:content|text|delta|reasoning_content|reasoning|arguments)":"[^"]')
 # Deliveries relayed one by one at most, waiting for the first token.
 EAGER_DELIVERIES = 8
+# A delivery this long after the previous one starts a new upstream read.
+READ_GAP = 0.001
 
 
 class _Passthrough:
@@ -77,6 +82,7 @@ class StreamRelay(Protocol):
         self._inbox = []
         self._drain_call = None
         self._eager = EAGER_DELIVERIES
+        self._last_delivery = 0.0
         self._max_call = clock.callLater(max_duration, self._fail, StreamTooLong()) if max_duration else None
 
     # -- upstream side (IProtocol) -------------------------------------------
@@ -89,14 +95,23 @@ class StreamRelay(Protocol):
             return
         if self._eager:
             self._eager -= 1
+            self._last_delivery = self._clock.seconds()
             out = self._relay(data)
             if out and _TOKEN.search(out) is not None:
                 self._eager = 0
                 send_now(self._request.transport)
             return
+        if self._drain_call is None:
+            now = self._clock.seconds()
+            gap, self._last_delivery = now - self._last_delivery, now
+            if gap >= READ_GAP:
+                # The first delivery of a new upstream read: out at once.
+                if self._relay(data):
+                    send_now(self._request.transport)
+                return
         # An upstream read often holds many HTTP chunks (one per SSE event), each
-        # delivered here on its own: they are relayed together once the read is
-        # done (the next reactor turn), so a read costs one write, not one per event.
+        # delivered here on its own: the rest of the read is relayed together once
+        # it is done (the next reactor turn), so a burst costs one write, not one per event.
         self._inbox.append(data)
         if self._drain_call is None:
             self._drain_call = self._clock.callLater(0, self._drain)
