@@ -7,7 +7,7 @@ conversation can be sent again as explicit input when the instance that
 made it no longer knows it (vLLM restarted, or its store is off).
 """
 
-import uuid
+import os
 
 from twisted.application.internet import TimerService
 from twisted.logger import Logger
@@ -33,7 +33,8 @@ def normalise_input(value) -> list:
             if isinstance(content, str):
                 kind = "output_text" if item["role"] == "assistant" else "input_text"
                 item["content"] = [{"type": kind, "text": content}]
-        item.setdefault("id", f"{_PREFIX.get(item['type'], 'item')}_{uuid.uuid4().hex}")
+        if "id" not in item:
+            item["id"] = f"{_PREFIX.get(item['type'], 'item')}_{os.urandom(16).hex()}"
         items.append(item)
     return items
 
