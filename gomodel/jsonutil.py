@@ -33,8 +33,10 @@ def _has_huge_integer(data: bytes) -> bool:
             i -= 1
         if i < 0 or data[i] in _BEFORE_NUMBER:
             return True
-        rest = zeroed[start + 20:]
-        start = zeroed.find(_LONG_RUN, len(zeroed) - len(rest.lstrip(b"0")))
+        end = start + 20
+        while end < len(zeroed) and zeroed[end] == 0x30:  # to the end of this run
+            end += 1
+        start = zeroed.find(_LONG_RUN, end)
     return False
 
 
