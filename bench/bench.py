@@ -61,13 +61,18 @@ def parse_args(argv):
     p.add_argument("--scaling", type=int, default=0, metavar="N",
                    help="instead of the matrix: gomodel chat at --scaling-concurrency, alternating 1 worker "
                         "(--gateway-cpus / --load-cpus) and N workers (--scaling-gateway-cpus / --scaling-load-cpus), "
-                        "--repeats rounds (default 3); a fresh gateway per measurement")
+                        "--repeats rounds (default 10, with 1 s warm-up and 3 s windows unless given); "
+                        "a fresh gateway per measurement")
     p.add_argument("--scaling-concurrency", type=int, default=64, help="connections in the scaling run (default 64)")
     p.add_argument("--scaling-gateway-cpus", default=None,
                    help="CPUs of the N-worker gateway (default 0-(N-1))")
     p.add_argument("--scaling-load-cpus", default=None,
                    help="CPUs of mock, load generator and harness in the N-worker case (default: the same as "
                         "--scaling-gateway-cpus; on a machine with only N CPUs there is no other core)")
+    p.add_argument("--scaling-load-priority", choices=("idle", "normal"), default="idle",
+                   help="scheduling of mock and load generator in the scaling run (default idle: SCHED_IDLE, "
+                        "they run on what CPU time the gateway leaves, as if they were on other machines; "
+                        "normal: they compete with the workers for the shared cores)")
     p.add_argument("--gateway-cpus", default="0", help="CPUs for the gateway under test (taskset list)")
     p.add_argument("--load-cpus", default="1", help="CPUs for mock, load generator and harness")
     p.add_argument("--gomodel-workers", type=int, default=1,
@@ -110,9 +115,11 @@ def parse_args(argv):
         a.targets, a.workloads, a.concurrency = ["gomodel"], ["chat"], [a.scaling_concurrency]
         a.scaling_gateway_cpus = a.scaling_gateway_cpus or ("0-%d" % (a.scaling - 1))
         a.scaling_load_cpus = a.scaling_load_cpus or a.scaling_gateway_cpus
-    a.duration = a.duration if a.duration is not None else (2 if a.quick else 10)
-    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
-    a.repeats = a.repeats if a.repeats is not None else (3 if a.scaling else 1)
+    # scaling: many short rounds, so that the two measurements of a round are seconds
+    # apart and a machine whose speed drifts moves both alike
+    a.duration = a.duration if a.duration is not None else (2 if a.quick else 3 if a.scaling else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick or a.scaling else 3)
+    a.repeats = a.repeats if a.repeats is not None else (10 if a.scaling else 1)
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
     a.max_retries = a.max_retries if a.max_retries is not None else (0 if a.quick else 2)
@@ -124,7 +131,7 @@ def parse_args(argv):
 
 
 class Ctx:
-    pass
+    load_idle = False  # mock and load generator at SCHED_IDLE (the scaling run's default)
 
 
 def log(msg):
@@ -144,9 +151,10 @@ def ensure_tools(args):
         log("installing wrk (apt)")
         subprocess.run(["apt-get", "update", "-qq"], check=False)
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False)
-    missing = [t for t in ("wrk", "taskset", "node") if shutil.which(t) is None]
+    needed = ("wrk", "taskset", "node") + (("chrt",) if args.scaling and args.scaling_load_priority == "idle" else ())
+    missing = [t for t in needed if shutil.which(t) is None]
     if missing:
-        sys.exit("missing tools: %s (wrk: apt-get install wrk; taskset: util-linux; node: Node.js 18+)"
+        sys.exit("missing tools: %s (wrk: apt-get install wrk; taskset, chrt: util-linux; node: Node.js 18+)"
                  % ", ".join(missing))
 
 
@@ -198,7 +206,7 @@ def background(ctx, seconds=2.0):
 def start_mock(ctx):
     path = os.path.join(BENCH_DIR, "mock", "mock.mjs")
     logf = open(os.path.join(ctx.run_dir, "mock.log"), "w")
-    p = subprocess.Popen(["taskset", "-c", ctx.load_cpus, "node", path, "--port", "0"], stdout=subprocess.PIPE,
+    p = subprocess.Popen(proc.load_cmd(ctx, ["node", path, "--port", "0"]), stdout=subprocess.PIPE,
                          stderr=logf, text=True, start_new_session=True)
     line = p.stdout.readline()
     if not line.startswith("LISTENING "):
@@ -504,7 +512,9 @@ def main(argv):
     if a.scaling:
         meta["scaling_only"] = True
         meta["scaling"] = {"max_workers": a.scaling, "concurrency": a.scaling_concurrency,
-                           "placements": scaling_placements(a), "cpus_available": sorted(avail)}
+                           "placements": scaling_placements(a), "cpus_available": sorted(avail),
+                           "load_priority": a.scaling_load_priority}
+        ctx.load_idle = a.scaling_load_priority == "idle"
     cells, soaks, scaling = [], [], []
     ctx.mock_proc = None
     try:

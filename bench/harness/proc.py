@@ -205,6 +205,13 @@ def tree_rss(root):
     return sum(rss_bytes(p) for p in descendants(root))
 
 
+def load_cmd(ctx, cmd):
+    """cmd as a mock or load generator runs it: pinned to the load CPUs, and at
+    SCHED_IDLE priority when ctx.load_idle (the scaling run's default)."""
+    prio = ["chrt", "--idle", "0"] if getattr(ctx, "load_idle", False) else []
+    return ["taskset", "-c", ctx.load_cpus] + prio + list(cmd)
+
+
 def spawn(cmd, log_path, env=None, cpus=None, cwd=None):
     """Start cmd (pinned to `cpus` with taskset when given), output to log_path."""
     if cpus:

@@ -306,6 +306,14 @@ def _scaling_setup(w, meta, sc):
           "is taken from the workers, so the %d-worker figure is a lower bound on %d workers with %d cores of their "
           "own, and the ratio understates the scaling a little." % (
               n, len(sc.get("cpus_available", [])), ",".join(str(c) for c in sc.get("cpus_available", [])), n, n, n, n))
+        if sc.get("load_priority", "normal") == "idle":
+            w("- Mock and wrk run at idle priority (`chrt --idle 0`, `--scaling-load-priority idle`, the default) in both "
+              "cases: they get the CPU time the gateway leaves, as they would on other machines, and a wake-up of "
+              "theirs does not preempt a worker. With `normal` they compete with the workers as equals and take "
+              "a larger share of the two cores (`mock+wrk CPU` below).")
+        else:
+            w("- Mock and wrk run at normal priority (`--scaling-load-priority normal`): they compete with the "
+              "workers as equals for the shared cores.")
     w("- chat (non-streaming) through gomodel at c=%d; each measurement starts a fresh mock and a fresh gateway "
       "(all %d processes listening and ready), sends one checked pre-flight request, then %s s of warm-up and a %s s window; the "
       "gateway and mock are stopped by PID afterwards. %d round(s), each 1 worker then %d workers; a noisy "

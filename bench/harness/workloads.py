@@ -124,8 +124,8 @@ def preflight(ctx, target, wl):
 
 def _wrk_cmd(ctx, target, wl, conc, duration, bodyfile):
     threads = max(1, min(conc, len(ctx.load_cpu_list)))
-    cmd = ["taskset", "-c", ctx.load_cpus, "wrk", "-t%d" % threads, "-c%d" % conc, "-d%ds" % duration,
-           "--timeout", "30s", "-s", WRK_LUA, target.base_url + wl.path, "--", bodyfile, "|||".join(wl.markers)]
+    cmd = proc.load_cmd(ctx, ["wrk", "-t%d" % threads, "-c%d" % conc, "-d%ds" % duration, "--timeout", "30s",
+                              "-s", WRK_LUA, target.base_url + wl.path, "--", bodyfile, "|||".join(wl.markers)])
     cmd += ["%s: %s" % kv for kv in target.headers().items()]
     return cmd
 
@@ -165,7 +165,7 @@ def run_wrk(ctx, target, wl, conc, warmup, duration, on_start, on_end):
 
 def run_stream(ctx, target, wl, conc, warmup, duration, on_start, on_end):
     cfg = stream_config(target, wl, conc, warmup, duration)
-    p = subprocess.Popen(["taskset", "-c", ctx.load_cpus, "node", STREAMLOAD, json.dumps(cfg)],
+    p = subprocess.Popen(proc.load_cmd(ctx, ["node", STREAMLOAD, json.dumps(cfg)]),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     result, rest = None, []
     for line in p.stdout:
