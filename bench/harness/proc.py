@@ -208,7 +208,7 @@ def tree_rss(root):
 def load_cmd(ctx, cmd):
     """cmd as a mock or load generator runs it: pinned to the load CPUs, and at
     SCHED_IDLE priority when ctx.load_idle (the scaling run's default)."""
-    prio = ["chrt", "--idle", "0"] if getattr(ctx, "load_idle", False) else []
+    prio = ["chrt", "--idle", "0"] if ctx.load_idle else []
     return ["taskset", "-c", ctx.load_cpus] + prio + list(cmd)
 
 
