@@ -127,7 +127,7 @@ class UpstreamTimeout(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """An upstream's own error answer, already in envelope form (see L{gomodel.upstream_errors})."""
+    """An upstream's own error answer, already in envelope form (see L{gomodel.upstream.errors})."""
 
     type = "provider_error"
 

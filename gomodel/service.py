@@ -8,11 +8,11 @@ from twisted.logger import Logger
 from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
 from gomodel.api.files import FilesAPI
-from gomodel.api.site import GatewaySite
+from gomodel.http.site import GatewaySite
 from gomodel.batches.service import BatchServices
-from gomodel.httpclient import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
-from gomodel.providers import build_provider
-from gomodel.registry import ModelRegistry
+from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
+from gomodel.upstream import build_provider
+from gomodel.routing.registry import ModelRegistry
 from gomodel.responses_history import ResponseRetention
 from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 

@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from gomodel.batches.runner import BatchRunner
 from gomodel.config import Timeouts
 from gomodel.errors import ModelNotFound, UpstreamUnreachable
-from gomodel.registry import Route
+from gomodel.routing.registry import Route
 from gomodel.store import SQLiteStore
 from tests.support import in_thread, start_gateway, with_timeout
 

@@ -6,8 +6,8 @@ from twisted.internet.task import Clock
 
 from gomodel.config import ProviderConfig
 from gomodel.errors import InvalidRequest, ModelNotFound, UpstreamUnreachable
-from gomodel.registry import ModelRegistry
-from gomodel.selectors import parse_selector
+from gomodel.routing.registry import ModelRegistry
+from gomodel.routing.selectors import parse_selector
 
 
 class StubProvider:

@@ -11,9 +11,9 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 from zope.interface.verify import verifyObject
 
-from gomodel.streaming.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
+from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.transports import send_now
-from gomodel.streaming.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data
+from gomodel.proxy.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data
 
 USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
 CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"\xc3\xa9"}}]}\n\n'

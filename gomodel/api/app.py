@@ -4,12 +4,12 @@ from klein import Klein
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.api.errorhandlers import install as install_error_handlers
-from gomodel.api.front import FrontResource
+from gomodel.http.render import install as install_error_handlers
+from gomodel.http.front import FrontResource
 from gomodel.api.passthrough import PASSTHROUGH_METHODS, Passthrough
 from gomodel.api.inference import InferenceRoutes
-from gomodel.api.messages import json_answer
-from gomodel.api.proxy import Forwarder
+from gomodel.http.bodies import json_answer
+from gomodel.proxy.exchange import Forwarder
 from gomodel.api.responses import ResponsesRoute
 from gomodel.errors import InvalidRequest
 

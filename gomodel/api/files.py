@@ -7,8 +7,8 @@ in memory. Contents are sent back from disk at the pace the client reads.
 
 from klein import Klein
 
-from gomodel.api.messages import json_answer, query_arg, query_limit
-from gomodel.api.errorhandlers import install as install_error_handlers
+from gomodel.http.bodies import json_answer, query_arg, query_limit
+from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UploadSink
 from gomodel.errors import InvalidRequest, NotFound
@@ -40,7 +40,7 @@ class FilesAPI:
     # -- the listening side's hook ------------------------------------------------
 
     def upload_sink(self, request, length):
-        """For L{gomodel.api.site.GatewaySite}: an L{UploadSink} for C{POST /v1/files}, else None.
+        """For L{gomodel.http.site.GatewaySite}: an L{UploadSink} for C{POST /v1/files}, else None.
 
         Called when the request's headers are in; the body has not been read.
         """

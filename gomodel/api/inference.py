@@ -7,9 +7,9 @@ route stays on Klein.
 """
 
 from gomodel import jsonutil
-from gomodel.api.messages import json_body
+from gomodel.http.bodies import json_body
 from gomodel.errors import InvalidRequest
-from gomodel.streaming.sse import ChatStreamObserver
+from gomodel.proxy.sse import ChatStreamObserver
 
 
 class InferenceRoutes:

@@ -10,7 +10,7 @@ backpressure. vLLM's operational routes are refused unless allowed in config.
 from urllib.parse import quote, unquote
 
 from gomodel import errors
-from gomodel.api.headers import HOP_BY_HOP, connection_tokens, is_event_stream
+from gomodel.http.headers import HOP_BY_HOP, connection_tokens, is_event_stream
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 

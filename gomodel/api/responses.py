@@ -12,12 +12,12 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.api.messages import json_answer, query_arg, query_limit
-from gomodel.httpclient import read_body
+from gomodel.http.bodies import json_answer, query_arg, query_limit
+from gomodel.upstream.client import read_body
 from gomodel.responses_history import conversation, normalise_input
-from gomodel.streaming.sse import ResponsesStreamObserver
+from gomodel.proxy.sse import ResponsesStreamObserver
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
-from gomodel.upstream_errors import upstream_error
+from gomodel.upstream.errors import upstream_error
 
 # How long we remember that a provider has no /responses route before asking again.
 NO_NATIVE_TTL = 600.0

@@ -1,7 +1,7 @@
 """Multipart uploads parsed while they arrive: the file part goes to disk, memory stays bounded.
 
 An L{UploadSink} stands in for C{request.content} of C{POST /v1/files}: the
-listening side (L{gomodel.api.site.GatewayRequest}) hands it every body chunk
+listening side (L{gomodel.http.site.GatewayRequest}) hands it every body chunk
 as it is received, a streaming multipart parser (the C{multipart} package's
 L{PushMultipartParser}) splits the parts, the file part is written to a spool
 file in small chunks and the small fields are kept. Nothing ever holds the

@@ -40,8 +40,8 @@ from twisted.logger import Logger
 from gomodel import jsonutil
 from gomodel.batches.validation import LineError, Request, check_line
 from gomodel.errors import Conflict, GatewayError, NotFound, StorageUnavailable, UpstreamUnreachable
-from gomodel.httpclient import BodyTooLarge, deadline, read_body
-from gomodel.upstream_errors import upstream_error
+from gomodel.upstream.client import BodyTooLarge, deadline, read_body
+from gomodel.upstream.errors import upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
 BACKOFF_START = 1.0

@@ -10,7 +10,7 @@ import uuid
 
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, NotFound
-from gomodel.streaming.sse import SSEFramer, StreamIncomplete, event_data
+from gomodel.proxy.sse import SSEFramer, StreamIncomplete, event_data
 
 # Responses request fields with no chat-completions meaning; everything else
 # unknown to us is copied (vLLM extras like top_k survive the translation).
@@ -214,7 +214,7 @@ def chat_to_response(chat_body: bytes, request: dict) -> bytes:
 class ChatToResponsesStream:
     """Turns a chat-completions SSE stream into the Responses API's typed events.
 
-    An observer for L{gomodel.streaming.relay.StreamRelay}: C{feed} takes
+    An observer for L{gomodel.proxy.relay.StreamRelay}: C{feed} takes
     upstream bytes and returns the events to send.
     """
 

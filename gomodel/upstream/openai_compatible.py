@@ -9,9 +9,9 @@ from zope.interface import implementer
 
 from gomodel import jsonutil
 from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
-from gomodel.httpclient import BodyTooLarge, deadline, read_body, was_cancelled
-from gomodel.providers.base import IProvider
-from gomodel.upstream_errors import upstream_error
+from gomodel.upstream.client import BodyTooLarge, deadline, read_body, was_cancelled
+from gomodel.interfaces import IProvider
+from gomodel.upstream.errors import upstream_error
 
 # A failure of these kinds means no response byte came back: on a pooled
 # connection the upstream had most likely just closed it, so one retry is safe.

@@ -4,11 +4,11 @@ from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeo
 from twisted.logger import Logger
 
 from gomodel.errors import BadUpstreamResponse, StreamFailed, UpstreamTimeout
-from gomodel.api.headers import copy_response_headers, is_event_stream
-from gomodel.httpclient import BodyTooLarge, deadline, read_body
-from gomodel.streaming.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.streaming.sse import StreamIncomplete
-from gomodel.upstream_errors import upstream_error
+from gomodel.http.headers import copy_response_headers, is_event_stream
+from gomodel.upstream.client import BodyTooLarge, deadline, read_body
+from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
+from gomodel.proxy.sse import StreamIncomplete
+from gomodel.upstream.errors import upstream_error
 
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
@@ -36,7 +36,7 @@ class Forwarder:
         """Relay an upstream answer (a 2xx) onto C{request}; raise the envelope for anything else.
 
         @param observer: for event streams, an object with C{feed(bytes) ->
-            bytes} and C{finish()} (see L{gomodel.streaming.sse}); None relays
+            bytes} and C{finish()} (see L{gomodel.proxy.sse}); None relays
             the bytes as they come.
         @param transform: for whole bodies, a function of the body's bytes
             returning the bytes to send (None sends them untouched).

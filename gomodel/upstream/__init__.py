@@ -1,8 +1,8 @@
 """Upstream providers: one module per provider type."""
 
-from gomodel.providers.base import IProvider
-from gomodel.providers.openai_compatible import OpenAICompatibleProvider
-from gomodel.providers.vllm import VLLMProvider
+from gomodel.interfaces import IProvider
+from gomodel.upstream.openai_compatible import OpenAICompatibleProvider
+from gomodel.upstream.vllm import VLLMProvider
 
 _BY_TYPE = {"vllm": VLLMProvider}
 

@@ -1,6 +1,6 @@
 """vLLM: an OpenAI-compatible upstream whose native routes live at the server root."""
 
-from gomodel.providers.openai_compatible import OpenAICompatibleProvider, _strip_v1
+from gomodel.upstream.openai_compatible import OpenAICompatibleProvider, _strip_v1
 
 # Everything else (tokenize, detokenize, pooling, score, rerank, classify,
 # health, version, load, metrics, ...) is served at the root, not under /v1.

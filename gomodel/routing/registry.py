@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, ModelNotFound
-from gomodel.selectors import parse_selector, qualified
+from gomodel.routing.selectors import parse_selector, qualified
 
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0

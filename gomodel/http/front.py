@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from gomodel import errors
-from gomodel.api.site import access_log, request_id_for
+from gomodel.http.site import access_log, request_id_for
 from gomodel.transports import send_now
 
 OPEN_PATHS = frozenset((b"/health",))

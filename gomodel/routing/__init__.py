@@ -1,0 +1,1 @@
+"""Which upstream serves a model: the registry (discovery, resolution) and selectors."""

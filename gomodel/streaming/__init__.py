@@ -1,1 +1,0 @@
-"""Relaying upstream bodies to clients: the relay, and SSE framing/observation."""
