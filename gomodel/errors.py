@@ -1,7 +1,8 @@
-"""The gateway's one error hierarchy, and the one place an error becomes an HTTP answer.
+"""The gateway's one error hierarchy.
 
-Every error a client sees is the OpenAI envelope
-C{{"error": {"message", "type", "param", "code"}}}; never HTML, never a stack
+Each error has a status, an OpenAI type and code, and its OpenAI envelope
+C{{"error": {"message", "type", "param", "code"}}}; L{gomodel.http.render}
+turns it into an answer in the route's dialect. Never HTML, never a stack
 trace, never an upstream's address.
 """
 
@@ -145,14 +146,3 @@ class StreamFailed(GatewayError):
     status = 502
     type = "provider_error"
     code = "stream_incomplete"
-
-
-def render(request, error: GatewayError) -> bytes:
-    """Set status and headers of C{request} for C{error}; return the body to write."""
-    body = error.body()
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    for name, value in error.headers.items():
-        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
-    return body

@@ -1,22 +1,40 @@
-"""The seam between the gateway and an upstream."""
+"""The gateway's seams: an upstream server, and an observer of a relayed stream.
+
+The stores' interfaces live beside their implementations (L{gomodel.store.interfaces}).
+"""
 
 from zope.interface import Attribute, Interface
 
 
-class IProvider(Interface):
-    """One upstream instance (a vLLM server, an OpenAI-compatible API)."""
+class IUpstream(Interface):
+    """One upstream provider instance (a vLLM server, an OpenAI-compatible API): what callers use of it."""
 
     name = Attribute("The instance name used in selectors, e.g. 'vllm-test'.")
     type = Attribute("The provider type, e.g. 'vllm'.")
     hidden = Attribute("Strings (host, URLs) that must never reach a client.")
+    configured_models = Attribute("Model ids configured for it (a tuple; may be empty).")
 
-    def send(method, path, body, request_id, headers=None):
-        """Send one request to the API base (C{path} like C{"/chat/completions"}).
+    def url(path, native=False):
+        """The absolute URL of C{path} on this upstream.
 
-        A coroutine (await it, or wrap it in C{Deferred.fromCoroutine}).
-        @return: the unbuffered
-            L{twisted.web.iweb.IResponse} (any status).
-        @raise gomodel.errors.UpstreamUnreachable: or UpstreamTimeout.
+        @param path: an OpenAI API path (C{"/chat/completions"}), or with
+            C{native} a provider-native one (C{"tokenize"}, C{"v1/models"}),
+            placed where that provider serves it.
+        @rtype: L{str}
+        """
+
+    def send(method, url, body, request_id, headers=None, content_type=b"application/json"):
+        """Send one request; a coroutine (await it, or wrap it in C{Deferred.fromCoroutine}).
+
+        A pooled connection that turns out closed before any answer byte is
+        retried once, on a new one.
+
+        @param headers: extra request headers, name -> list of values (the
+            provider's key and our request id always win).
+        @return: the unbuffered L{twisted.web.iweb.IResponse} (any status).
+        @raise gomodel.errors.UpstreamUnreachable: no answer could be had.
+        @raise gomodel.errors.UpstreamTimeout: no response head in time.
+        @raise twisted.internet.defer.CancelledError: cancelled by the caller.
         """
 
     def list_models():
@@ -24,4 +42,22 @@ class IProvider(Interface):
 
         @return: Deferred firing with a list of model objects (dicts with an
             C{id}), or failing with a L{gomodel.errors.GatewayError}.
+        """
+
+
+class IStreamObserver(Interface):
+    """Watches a relayed event stream; decides what of it the client gets."""
+
+    usage = Attribute("The stream's usage object once seen, else None.")
+
+    def feed(data):
+        """Take upstream bytes; return the bytes to send the client now.
+
+        @raise Exception: the stream cannot go on (the relay fails it).
+        """
+
+    def finish():
+        """The upstream body ended cleanly.
+
+        @raise gomodel.proxy.sse.StreamIncomplete: the stream did not end properly.
         """

@@ -1,21 +1,8 @@
-"""The running gateway as a tree of Twisted services: pool, model registry, listeners."""
+"""The running gateway as a tree of Twisted services, and the services that own a pool or a port."""
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-
-from gomodel.api.app import GatewayApp
-from gomodel.api.batches import BatchesAPI
-from gomodel.api.files import FilesAPI
-from gomodel.http.site import GatewaySite
-from gomodel.batches.service import BatchServices
-from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
-from gomodel.upstream import build_provider
-from gomodel.routing.registry import ModelRegistry
-from gomodel.responses_history import ResponseRetention
-from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
-
 
 class PoolService(Service):
     """Owns the upstream connection pool; closes it last on the way down."""
@@ -26,7 +13,6 @@ class PoolService(Service):
     def stopService(self):
         super().stopService()
         return self.pool.closeCachedConnections()
-
 
 class ListenerService(Service):
     """Listens on one endpoint; L{whenListening} fires with the port."""
@@ -76,55 +62,21 @@ class ListenerService(Service):
             return port.stopListening()
         return None
 
-
 class GatewayService(MultiService):
-    """The whole gateway, built from one L{gomodel.config.Config} and a reactor."""
+    """The whole running gateway: a tree of services built by L{gomodel.build.build_gateway}.
+
+    @ivar registry: the L{gomodel.routing.registry.ModelRegistry}.
+    @ivar store: the store; C{batch_runner} the batch runner.
+    @ivar site: the L{gomodel.http.site.GatewaySite}; C{listeners} its L{ListenerService}s.
+    """
 
     log = Logger()
 
-    def __init__(self, config, reactor, *, role="single", worker_argv=None):
-        """
-        @param role: C{"single"} (one process), C{"primary"} (listens with
-            SO_REUSEPORT and supervises C{config.workers - 1} workers started
-            with C{worker_argv}) or C{"worker"} (started by a primary).
-        """
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        pool = make_pool(reactor, config)
-        endpoints = CachingEndpointFactory(reactor, config.timeouts.connect)
-        relay = RelayClient(pool, endpoints)
-        http = make_http_client(make_agent(reactor, pool, endpoints))
-        PoolService(pool).setServiceParent(self)
-        providers = [build_provider(p, relay, http, reactor, config.timeouts) for p in config.providers]
-        self.registry = ModelRegistry(providers, reactor, mode=config.models_mode,
-                                      refresh_interval=config.models_refresh_interval)
-        self.registry.setServiceParent(self)
-        # Files and batches: the store, then the runner (stopped in reverse, one
-        # after the other). Of several processes on one data directory only the
-        # first executes batches; workers store them for it.
-        batches = BatchServices(config, self.registry, reactor, primary=role != "worker")
-        batches.setServiceParent(self)
-        self.store, self.batch_runner = batches.store, batches.runner
-        if role != "worker":
-            ResponseRetention(self.store, reactor, config.responses_retention).setServiceParent(self)
-        files = FilesAPI(self.store, config.files_max_bytes)
-        self.app = GatewayApp(config, self.registry, reactor, files=files,
-                              batches=BatchesAPI(self.store, self.batch_runner), store=self.store)
-        self.site = GatewaySite(self.app.resource(), config.body_size_limit, upload_sink=files.upload_sink)
-        self.site.noisy = False
+        self.registry = self.store = self.batch_runner = self.site = None
         self.listeners = []
-        for description in config.listen:
-            if role == "single":
-                endpoint = serverFromString(reactor, description)
-            else:
-                endpoint = ReusePortEndpoint(reactor, *parse_tcp(description))
-            listener = ListenerService(endpoint, self.site, description)
-            listener.setServiceParent(self)
-            self.listeners.append(listener)
-        if role == "primary" and config.workers > 1:
-            WorkerSupervisor(reactor, config.workers, self.listeners, worker_argv).setServiceParent(self)
-        elif role == "worker":
-            ParentWatch(reactor).setServiceParent(self)
 
     def startService(self):
         for warning in self.config.warnings:

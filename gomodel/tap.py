@@ -71,16 +71,16 @@ def makeService(options):
     """Build the gateway service for twistd."""
     from twisted.internet import reactor
 
-    from gomodel.service import GatewayService
+    from gomodel.build import build_gateway
     from gomodel.workers import worker_argv
 
     config = options.gateway_config
     reactor.callWhenRunning(_freeze_startup_objects)
     if options["worker-child"]:
-        return GatewayService(config, reactor, role="worker")
+        return build_gateway(config, reactor, role="worker")
     if config.workers > 1:
-        return GatewayService(config, reactor, role="primary", worker_argv=worker_argv(options.argv))
-    return GatewayService(config, reactor)
+        return build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv))
+    return build_gateway(config, reactor)
 
 
 def _freeze_startup_objects():

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from gomodel.config import load_config
-from gomodel.service import GatewayService
+from gomodel.build import build_gateway
 from tests.fakes.vllm import FakeVLLM
 
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -39,7 +39,7 @@ async def start_gateway(reactor, env, yaml_path=None, wait_ready=True) -> Gatewa
     if "GOMODEL_DATA_DIR" not in env:
         env = dict(env, GOMODEL_DATA_DIR=_scratch_data_dir())
     config = load_config(env, yaml_path, [LISTEN])
-    service = GatewayService(config, reactor)
+    service = build_gateway(config, reactor)
     service.startService()
     port = await service.listeners[0].whenListening()
     gateway = Gateway(service, port.getHost().port)

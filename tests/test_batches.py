@@ -20,6 +20,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from gomodel.batches.runner import BatchRunner
+from gomodel.proxy.exchange import Exchange
 from gomodel.config import Timeouts
 from gomodel.errors import ModelNotFound, UpstreamUnreachable
 from gomodel.routing.registry import Route
@@ -415,8 +416,11 @@ class StubProvider:
         self.sent = []
         self._waiters = []
 
-    def send(self, method, path, body, request_id, headers=None):
-        sent = Sent(path, body, request_id)
+    def url(self, path, native=False):
+        return path
+
+    def send(self, method, url, body, request_id, headers=None, content_type=None):
+        sent = Sent(url, body, request_id)
         self.sent.append(sent)
         # Tell the test on the next turn of the reactor: the caller must get
         # (and wait on) the answer Deferred before the test answers it.
@@ -476,7 +480,7 @@ async def bench(reactor, tmp_path):
     bench.clock, bench.store, bench.provider, bench.runners = clock, store, provider, []
 
     def runner(**kwargs):
-        r = BatchRunner(store, StubRegistry(provider), clock, Timeouts(), **kwargs)
+        r = BatchRunner(store, StubRegistry(provider), clock, Exchange(clock, Timeouts()), **kwargs)
         r.startService()
         bench.runners.append(r)
         return r

@@ -12,7 +12,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from zope.interface.verify import verifyObject
 
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.transports import send_now
+from gomodel._twistedcompat import send_now
 from gomodel.proxy.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data
 
 USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'

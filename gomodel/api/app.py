@@ -1,17 +1,17 @@
-"""The gateway's routes: Klein for everything but the inference routes (see L{gomodel.api.inference})."""
+"""The gateway's Klein routes: everything but the inference routes (see L{gomodel.api.inference}).
+
+Every collaborator is built by the composition root (L{gomodel.build}) and
+handed in; nothing is wired here.
+"""
 
 from klein import Klein
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.http.render import install as install_error_handlers
-from gomodel.http.front import FrontResource
-from gomodel.api.passthrough import PASSTHROUGH_METHODS, Passthrough
-from gomodel.api.inference import InferenceRoutes
-from gomodel.http.bodies import json_answer
-from gomodel.proxy.exchange import Forwarder
-from gomodel.api.responses import ResponsesRoute
+from gomodel.api.passthrough import PASSTHROUGH_METHODS
 from gomodel.errors import InvalidRequest
+from gomodel.http.bodies import json_answer
+from gomodel.http.render import install as install_error_handlers
 
 _HEALTH = jsonutil.dumps({"status": "ok"})
 
@@ -24,22 +24,18 @@ class GatewayApp:
     app.url_map.merge_slashes = False  # /p/ endpoints are checked and normalised by us
     log = Logger()
 
-    def __init__(self, config, registry, clock, *, files=None, batches=None, store=None):
-        self._config = config
+    def __init__(self, registry, responses, passthrough, *, files=None, batches=None):
+        """
+        @param responses: the L{gomodel.api.responses.ResponsesRoute} (its lifecycle routes).
+        @param passthrough: the L{gomodel.api.passthrough.Passthrough}.
+        @param files: an object with a Klein C{.app} serving C{/v1/files*}, or None.
+        @param batches: the same for C{/v1/batches*}.
+        """
         self._registry = registry
-        self._clock = clock
-        self._files = files  # an object with a Klein .app serving /v1/files*
-        self._batches = batches  # the same for /v1/batches*
-        forwarder = Forwarder(clock, config.timeouts)
-        self._responses = ResponsesRoute(forwarder, clock, registry, store)
-        self._inference = InferenceRoutes(registry, forwarder, self._responses)
-        self._passthrough = Passthrough(config, registry, forwarder)
-
-    def resource(self):
-        """The root resource to serve: the front checks, the inference routes, then Klein's routes."""
-        return FrontResource(self.app.resource(), self._clock, master_key=self._config.master_key,
-                             body_limit=self._config.body_size_limit, access_log=self._config.access_log,
-                             inference=self._inference.routes())
+        self._responses = responses
+        self._passthrough = passthrough
+        self._files = files
+        self._batches = batches
 
     # -- routes ----------------------------------------------------------------
 
@@ -81,7 +77,7 @@ class GatewayApp:
 
     @app.route("/p/<provider_name>/<path:rest>", methods=PASSTHROUGH_METHODS)
     async def passthrough(self, request, provider_name, rest):
-        return await self._passthrough.relay(request, provider_name)
+        return await self._passthrough.relay(request, request.context, provider_name)
 
     # -- mounted APIs ------------------------------------------------------------
 

@@ -39,15 +39,12 @@ class FilesAPI:
 
     # -- the listening side's hook ------------------------------------------------
 
-    def upload_sink(self, request, length):
+    def upload_sink(self, request, method, path, length):
         """For L{gomodel.http.site.GatewaySite}: an L{UploadSink} for C{POST /v1/files}, else None.
 
-        Called when the request's headers are in; the body has not been read.
+        Called when the request's headers are in and accepted; the body has not been read.
         """
-        channel = request.channel
-        if getattr(channel, "_command", None) != b"POST":
-            return None
-        if getattr(channel, "_path", b"").split(b"?", 1)[0] not in _UPLOAD_PATHS:
+        if method != b"POST" or path not in _UPLOAD_PATHS:
             return None
         sink = self._new_sink(request, length)
         # However the request ends (answered, refused, client gone mid-upload),

@@ -2,26 +2,28 @@
 
 These are the gateway's hot path, so the front resource dispatches them by
 exact path without Klein (whose per-request routing cost about a third of
-the gateway's CPU per relayed request in the overhead benchmark); every other
-route stays on Klein.
+the gateway's CPU per relayed request in the overhead benchmark). Each one
+reads the body, resolves the model, builds an L{UpstreamCall} and hands it
+to the exchange.
 """
 
 from gomodel import jsonutil
-from gomodel.http.bodies import json_body
 from gomodel.errors import InvalidRequest
+from gomodel.http.bodies import json_body
+from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
 
 
 class InferenceRoutes:
-    """Model-routed POST handlers; each returns the body to write, or None once it relayed a stream."""
+    """Model-routed POST handlers C{(request, ctx)}; each returns the body to write, or None once it was written."""
 
-    def __init__(self, registry, forwarder, responses):
+    def __init__(self, registry, exchange, responses):
         self._registry = registry
-        self._forwarder = forwarder
+        self._exchange = exchange
         self._responses = responses  # a ResponsesRoute
 
     def routes(self) -> dict:
-        """Exact request path -> coroutine function of the request (POST only)."""
+        """Exact request path -> coroutine function of the request and its context (POST only)."""
         return {
             b"/v1/chat/completions": self.chat_completions,
             b"/v1/completions": self.completions,
@@ -32,16 +34,16 @@ class InferenceRoutes:
             b"/v1/classify": self.classify,
         }
 
-    async def chat_completions(self, request):
-        return await self._completions(request, "/chat/completions")
+    async def chat_completions(self, request, ctx):
+        return await self._completions(request, ctx, "/chat/completions")
 
-    async def completions(self, request):
-        return await self._completions(request, "/completions")
+    async def completions(self, request, ctx):
+        return await self._completions(request, ctx, "/completions")
 
-    async def _completions(self, request, path):
+    async def _completions(self, request, ctx, path):
         """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
         body = json_body(request)
-        route = self._route(request, body)
+        upstream = self.route(ctx, body)
         observer = None
         if body.get("stream") is True:
             strip_usage = False
@@ -54,43 +56,48 @@ class InferenceRoutes:
                     strip_usage = True
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
-        return await self._forwarder.forward(request, route.provider, path, jsonutil.dumps(body), observer)
+        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer)
+        return await self._exchange.relay(request, ctx, upstream, call)
 
-    async def embeddings(self, request):
-        return await self._model_routed(request, "/embeddings")
+    async def embeddings(self, request, ctx):
+        return await self._model_routed(request, ctx, "/embeddings")
 
-    async def rerank(self, request):
-        return await self._model_routed(request, "/rerank")
+    async def rerank(self, request, ctx):
+        return await self._model_routed(request, ctx, "/rerank")
 
-    async def score(self, request):
-        return await self._model_routed(request, "/score")
+    async def score(self, request, ctx):
+        return await self._model_routed(request, ctx, "/score")
 
-    async def classify(self, request):
+    async def classify(self, request, ctx):
         # vLLM serves classify only at its root, not under /v1.
-        return await self._model_routed(request, "classify", native=True)
+        return await self._model_routed(request, ctx, "classify", native=True)
 
-    async def _model_routed(self, request, path, native=False):
+    async def _model_routed(self, request, ctx, path, native=False):
         """A JSON POST routed by its C{model}, relayed as the upstream answers (streams included)."""
         body = json_body(request)
-        route = self._route(request, body)
-        payload = jsonutil.dumps(body)
-        if native:
-            upstream = await route.provider.send_url("POST", route.provider.passthrough_url(path), payload,
-                                                     request.request_id)
-            return await self._forwarder.answer(request, route.provider, upstream)
-        return await self._forwarder.forward(request, route.provider, path, payload)
+        upstream = self.route(ctx, body)
+        call = UpstreamCall(path, jsonutil.dumps(body), native=native)
+        return await self._exchange.relay(request, ctx, upstream, call)
 
-    async def responses(self, request):
-        return await self._responses.create(request, json_body(request), self._route)
+    async def responses(self, request, ctx):
+        return await self._responses.create(request, ctx, json_body(request))
 
-    def _route(self, request, body):
-        """Resolve C{body["model"]} and rewrite it to the upstream's id."""
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise InvalidRequest("The request needs a 'model' (e.g. 'vllm/meta-llama/Llama-3.1-8B-Instruct').",
-                                 param="model", code="missing_required_parameter")
-        route = self._registry.resolve(model)
-        request.provider_name = route.provider.name
-        request.model = model
+    def route(self, ctx, body):
+        """The upstream for C{body["model"]}, which is rewritten to the upstream's id; noted in C{ctx}."""
+        route = resolve_model(self._registry, body)
+        ctx.route(route.provider, body["model"], route.upstream_model)
         body["model"] = route.upstream_model
-        return route
+        return route.provider
+
+
+def resolve_model(registry, body):
+    """The L{gomodel.routing.registry.Route} for C{body["model"]}.
+
+    @raise InvalidRequest: no model named.
+    @raise gomodel.errors.ModelNotFound: nobody serves it.
+    """
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("The request needs a 'model' (e.g. 'vllm/meta-llama/Llama-3.1-8B-Instruct').",
+                             param="model", code="missing_required_parameter")
+    return registry.resolve(model)

@@ -10,7 +10,8 @@ backpressure. vLLM's operational routes are refused unless allowed in config.
 from urllib.parse import quote, unquote
 
 from gomodel import errors
-from gomodel.http.headers import HOP_BY_HOP, connection_tokens, is_event_stream
+from gomodel.http.headers import HOP_BY_HOP, connection_tokens
+from gomodel.proxy.exchange import UpstreamCall
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -31,12 +32,12 @@ _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 class Passthrough:
     """Relays C{/p/{provider}/{endpoint}} requests."""
 
-    def __init__(self, config, registry, forwarder):
+    def __init__(self, config, registry, exchange):
         self._config = config
         self._registry = registry
-        self._forwarder = forwarder
+        self._exchange = exchange
 
-    async def relay(self, request, provider_name):
+    async def relay(self, request, ctx, provider_name):
         """Relay C{request} to the provider; return None once the answer was relayed."""
         if not self._config.passthrough_enabled:
             raise errors.NotFound("Provider passthrough routes are disabled (ENABLE_PASSTHROUGH_ROUTES).")
@@ -47,17 +48,13 @@ class Passthrough:
             raise errors.Forbidden(f"Passthrough is not enabled for provider type '{provider.type}' "
                                    "(ENABLED_PASSTHROUGH_PROVIDERS).")
         endpoint = self._endpoint(request, provider_name)
-        request.provider_name = provider.name
-        url = provider.passthrough_url(endpoint)
-        query = request.uri.partition(b"?")[2]
-        if query:
-            url += "?" + query.decode("latin-1")
+        ctx.provider, ctx.provider_type = provider.name, provider.type
+        ctx.endpoint = "/p/{provider}/{endpoint}"
         request.content.seek(0)
-        body = request.content.read() or None
-        upstream = await provider.send_url(request.method.decode("ascii"), url, body, request.request_id,
-                                           _upstream_headers(request), content_type=None)
-        return await self._forwarder.relay_stream(request, upstream, error_event=is_event_stream(upstream),
-                                                  keep_length=True)
+        call = UpstreamCall(endpoint, request.content.read() or None, method=request.method, native=True,
+                            query=request.uri.partition(b"?")[2], headers=_upstream_headers(request),
+                            content_type=None, raw=True)
+        return await self._exchange.relay(request, ctx, provider, call)
 
     def _endpoint(self, request, provider_name):
         """The canonical endpoint path after C{/p/{provider}/}; refuses traversal and admin routes."""

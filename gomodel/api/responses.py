@@ -8,20 +8,23 @@ no longer knows the response (vLLM restarted; its store is off), carries the
 stored conversation as explicit input instead.
 """
 
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
+from gomodel.api.inference import resolve_model
 from gomodel.http.bodies import json_answer, query_arg, query_limit
-from gomodel.upstream.client import read_body
-from gomodel.responses_history import conversation, normalise_input
+from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ResponsesStreamObserver
+from gomodel.responses_history import conversation, normalise_input
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
+from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error
 
 # How long we remember that a provider has no /responses route before asking again.
 NO_NATIVE_TTL = 600.0
 _UNFINISHED = ("queued", "in_progress")
+# An upstream's 404 body longer than this is no error envelope worth reading.
+NOT_FOUND_BODY_LIMIT = 64 * 1024
 
 
 class _NotKnownUpstream(Exception):
@@ -33,8 +36,8 @@ class ResponsesRoute:
 
     log = Logger()
 
-    def __init__(self, forwarder, clock, registry, store=None):
-        self._forwarder = forwarder
+    def __init__(self, exchange, clock, registry, store=None):
+        self._exchange = exchange
         self._clock = clock
         self._registry = registry
         self._store = store  # an IStore, or None: nothing is kept
@@ -42,39 +45,44 @@ class ResponsesRoute:
 
     # -- create ----------------------------------------------------------------
 
-    async def create(self, request, body, route_of):
-        """Answer a Responses API create request; see L{Forwarder.answer} for what this returns."""
+    async def create(self, request, ctx, body):
+        """Answer a Responses API create request; see L{Exchange.relay} for what this returns."""
         previous = await self._previous(body)
-        route = route_of(request, body)
+        route = resolve_model(self._registry, body)
         provider = route.provider
         if previous is not None:
             same = self._registry.provider(previous["provider"])
             if same is not None and same.type == provider.type:
                 provider = same  # the instance that holds the conversation
-                request.provider_name = provider.name
+        ctx.route(provider, body["model"], route.upstream_model)
+        body["model"] = route.upstream_model
         turn = _Turn(self, body, provider, previous)
         if self._no_native.get(provider.name, 0) <= self._clock.seconds():
             try:
-                return await self._native(request, provider, body, turn)
+                return await self._native(request, ctx, provider, body, turn)
             except _NotKnownUpstream:
                 explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
-                return await self._native(request, provider, explicit, turn)
+                return await self._native(request, ctx, provider, explicit, turn)
             except _NoNativeRoute:
                 self._no_native[provider.name] = self._clock.seconds() + NO_NATIVE_TTL
                 self.log.info("provider {provider} has no native Responses API; translating to chat completions",
                               provider=provider.name)
+        echo = dict(body, store=turn.stored, previous_response_id=turn.previous_id)
         if previous is not None:
             body = await self._with_history(body, previous)
         chat = jsonutil.dumps(request_to_chat(body))
         if body.get("stream") is True:
-            observer = ChatToResponsesStream(body, self._clock)
-            result = await self._forwarder.forward(request, provider, "/chat/completions", chat, observer)
+            observer = ChatToResponsesStream(echo, self._clock)
+            result = await self._exchange.relay(request, ctx, provider,
+                                                UpstreamCall("/chat/completions", chat, observer=observer))
             turn.keep(observer.response)
             return result
-        return await self._forwarder.forward(request, provider, "/chat/completions", chat,
-                                             transform=lambda answer: turn.keep_body(chat_to_response(answer, body)))
+        now = int(self._clock.seconds())
+        call = UpstreamCall("/chat/completions", chat,
+                            transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now)))
+        return await self._exchange.relay(request, ctx, provider, call)
 
     async def _with_history(self, body, previous):
         """C{body} with the stored conversation up to C{previous} as explicit input, and no previous_response_id."""
@@ -82,23 +90,34 @@ class ResponsesRoute:
         del explicit["previous_response_id"]
         return explicit
 
-    async def _native(self, request, provider, body, turn):
-        upstream = await provider.send("POST", "/responses", jsonutil.dumps(body), request.request_id)
-        if upstream.code in (404, 405, 501):
-            await self._not_found(provider, upstream, body)
+    async def _native(self, request, ctx, provider, body, turn):
+        async def vet(upstream):
+            if upstream.code in (404, 405, 501):
+                await self._not_found(provider, upstream, body)
+
         if body.get("stream") is True:
             observer = ResponsesStreamObserver()
-            result = await self._forwarder.answer(request, provider, upstream, observer)
+            result = await self._exchange.relay(
+                request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet))
             turn.keep(observer.response)
             return result
-        return await self._forwarder.answer(request, provider, upstream, transform=turn.keep_body)
+        call = UpstreamCall("/responses", jsonutil.dumps(body), transform=turn.keep_body, vet=vet)
+        return await self._exchange.relay(request, ctx, provider, call)
 
     async def _not_found(self, provider, upstream, body):
-        """Sort out a 404/405/501: no such route, an unknown previous response, or a real API error."""
+        """Sort out a 404/405/501: no such route, an unknown previous response, or a real API error.
+
+        @raise _NoNativeRoute: the provider has no C{/responses}.
+        @raise _NotKnownUpstream: it does not know the previous response, which the gateway stored.
+        @raise gomodel.errors.GatewayError: the upstream's own 404, or its body could not be read.
+        """
         if upstream.code != 404:
-            _drain(upstream)
+            discard(upstream)
             raise _NoNativeRoute()
-        answer = await read_body(upstream, 64 * 1024)
+        try:
+            answer = await self._exchange.read(provider, upstream, NOT_FOUND_BODY_LIMIT)
+        except errors.BadUpstreamResponse:  # too large to be an error envelope
+            raise upstream_error(404, b"", provider.name, provider.hidden) from None
         try:
             error = jsonutil.loads(answer).get("error")
         except (jsonutil.JSONError, AttributeError):
@@ -120,12 +139,16 @@ class ResponsesRoute:
             raise errors.InvalidRequest("previous_response_id must be a string.", param="previous_response_id")
         return await self._store.get_response(previous_id)
 
+    def stores(self, body) -> bool:
+        """Whether a response created for C{body} is kept by the gateway."""
+        return self._store is not None and body.get("store") is not False
+
     def keep(self, body, provider, response, previous, response_json=None):
         """Store C{response} (created for C{body} by C{provider}) unless the client said store: false.
 
         @param response_json: C{response} as the upstream's JSON bytes, when at hand.
         """
-        if self._store is None or body.get("store") is False or not isinstance(response, dict):
+        if not self.stores(body) or not isinstance(response, dict):
             return
         response_id = response.get("id")
         if not isinstance(response_id, str):
@@ -146,7 +169,7 @@ class ResponsesRoute:
         response = record["response"]
         provider = self._registry.provider(record["provider"])
         if response.get("status") in _UNFINISHED and provider is not None:
-            fresh = await self._upstream_json(request, provider, "GET", f"/responses/{response_id}")
+            fresh = await self._upstream_json(request, provider, f"/responses/{response_id}")
             if fresh is not None:
                 self._update(record, fresh)
                 response = fresh
@@ -185,7 +208,8 @@ class ResponsesRoute:
         if provider is None:
             raise errors.NotFound(f"The provider '{record['provider']}' that made response '{response_id}' "
                                   "is no longer configured.", code="provider_not_found")
-        upstream = await provider.send("POST", f"/responses/{response_id}/cancel", None, request.request_id)
+        ctx = request.context
+        ctx.route(provider, record["response"].get("model"), record["response"].get("model"))
 
         def kept(answer):
             try:
@@ -194,7 +218,8 @@ class ResponsesRoute:
                 pass
             return answer
 
-        return await self._forwarder.answer(request, provider, upstream, transform=kept)
+        call = UpstreamCall(f"/responses/{response_id}/cancel", transform=kept)
+        return await self._exchange.relay(request, ctx, provider, call)
 
     async def _record(self, response_id):
         record = await self._store.get_response(response_id) if self._store is not None else None
@@ -207,15 +232,13 @@ class ResponsesRoute:
             self._store.put_response(dict(record, response=response, status=response.get("status"))).addErrback(
                 lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
 
-    async def _upstream_json(self, request, provider, method, path):
-        """A JSON answer of the provider, or None when it has none to give."""
+    async def _upstream_json(self, request, provider, path):
+        """The provider's JSON answer to C{GET path}, or None when it has none to give in time."""
         try:
-            upstream = await provider.send(method, path, None, request.request_id)
-            body = await read_body(upstream, 16 * 1024 * 1024)
+            upstream, body = await self._exchange.fetch(request.context.request_id, provider,
+                                                        UpstreamCall(path, method=b"GET"))
             return jsonutil.loads(body) if upstream.code == 200 else None
-        except CancelledError:
-            raise
-        except Exception:
+        except (errors.GatewayError, jsonutil.JSONError):
             return None
 
 
@@ -231,6 +254,8 @@ class _Turn:
         self._body = body
         self._provider = provider
         self._previous = previous
+        self.stored = route.stores(body)
+        self.previous_id = body.get("previous_response_id") or (previous or {}).get("id")
 
     def keep(self, response, response_json=None):
         self._route.keep(self._body, self._provider, response, self._previous, response_json)
@@ -255,6 +280,3 @@ def _unknown(response_id):
     return errors.NotFound(f"No response '{response_id}' is stored by the gateway.", param="response_id",
                            code="response_not_found")
 
-
-def _drain(upstream):
-    read_body(upstream, 64 * 1024).addErrback(lambda _: None)

@@ -33,21 +33,18 @@ import uuid
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
-from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from gomodel import jsonutil
 from gomodel.batches.validation import LineError, Request, check_line
 from gomodel.errors import Conflict, GatewayError, NotFound, StorageUnavailable, UpstreamUnreachable
-from gomodel.upstream.client import BodyTooLarge, deadline, read_body
+from gomodel.proxy.exchange import UpstreamCall
 from gomodel.upstream.errors import upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
-RESPONSE_LIMIT = 256 * 1024 * 1024
-ERROR_LIMIT = 1024 * 1024
 PAGE = 256  # requests read from the store at a time
 LINES_PER_READ = 1000  # input lines validated at a time
 MAX_LINE_BYTES = 64 * 1024 * 1024
@@ -121,13 +118,13 @@ class BatchRunner(Service):
 
     log = Logger()
 
-    def __init__(self, store, registry, clock, timeouts, *, concurrency=4, max_attempts=4,
+    def __init__(self, store, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, execute=True,
                  poll_interval=POLL_INTERVAL):
         self._store = store
         self._registry = registry
         self._clock = clock
-        self._timeouts = timeouts
+        self._exchange = exchange  # a gomodel.proxy.exchange.Exchange
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
@@ -473,43 +470,26 @@ class BatchRunner(Service):
         return self._store.record_results(job.batch_id, [(line, custom_id, ok, data)])
 
     async def _call(self, route, path, payload, request_id):
-        """Send one request, retrying transient failures; an L{_Answer} or a L{_NoAnswer}."""
+        """Send one request through the exchange, retrying transient failures; an L{_Answer} or a L{_NoAnswer}."""
         provider = route.provider
+        call = UpstreamCall(path, payload)
         delay = self._backoff_start
         attempt = 0
         while True:
             attempt += 1
             last = attempt >= self._max_attempts
             try:
-                response = await provider.send("POST", path, payload, request_id.encode("ascii"))
-            except UpstreamUnreachable as e:
+                response, body = await self._exchange.fetch(request_id.encode("ascii"), provider, call)
+            except UpstreamUnreachable as e:  # not reached, or it broke off its answer
                 if last:
                     return _NoAnswer(e.code, e.message)
                 await self._sleep(delay)
                 delay = min(delay * 2, self._backoff_max)
                 continue
-            except GatewayError as e:  # UpstreamTimeout: the upstream may still be working on it
+            except GatewayError as e:  # a timeout (the upstream may still be working on it), too large
                 return _NoAnswer(e.code or "upstream_error", e.message)
             if response.code in TRANSIENT_STATUSES and not last:
-                wait = max(delay, min(_retry_after(response), self._backoff_max))
-                _drain(response)
-                await self._sleep(wait)
-                delay = min(delay * 2, self._backoff_max)
-                continue
-            limit = RESPONSE_LIMIT if response.code < 400 else ERROR_LIMIT
-            try:
-                body = await deadline(read_body(response, limit), self._timeouts.response_header, self._clock)
-            except CancelledError:
-                raise
-            except BodyTooLarge:
-                return _NoAnswer("response_too_large", f"The answer of '{provider.name}' is too large.")
-            except DeferredTimeout:
-                return _NoAnswer("upstream_timeout", f"The upstream provider '{provider.name}' stopped sending.")
-            except Exception:
-                if last:
-                    return _NoAnswer("upstream_unreachable",
-                                     f"The upstream provider '{provider.name}' broke off its answer.")
-                await self._sleep(delay)
+                await self._sleep(max(delay, min(_retry_after(response), self._backoff_max)))
                 delay = min(delay * 2, self._backoff_max)
                 continue
             upstream_id = response.headers.getRawHeaders(b"x-request-id", [request_id.encode("ascii")])[0]
@@ -600,7 +580,3 @@ def _retry_after(response) -> float:
     except ValueError:
         return 0.0
 
-
-def _drain(response):
-    d = read_body(response, ERROR_LIMIT)
-    d.addErrback(lambda _: None)

@@ -18,7 +18,7 @@ class BatchServices(MultiService):
 
     log = Logger()
 
-    def __init__(self, config, registry, reactor, *, primary=True):
+    def __init__(self, config, registry, reactor, exchange, *, primary=True):
         """
         @param primary: this process sweeps the data directory's leftovers and
             executes batches; other processes on the same data directory
@@ -27,7 +27,7 @@ class BatchServices(MultiService):
         super().__init__()
         self.store = SQLiteStore(config.data_dir, reactor, sweep=primary)
         self.store.setServiceParent(self)
-        self.runner = BatchRunner(self.store, registry, reactor, config.timeouts,
+        self.runner = BatchRunner(self.store, registry, reactor, exchange,
                                   concurrency=config.batch_concurrency_per_provider,
                                   max_attempts=config.batch_max_attempts, execute=primary)
         self.runner.setServiceParent(self)

@@ -1,20 +1,129 @@
-"""Klein error handlers: every failure of a route becomes the OpenAI envelope (via L{gomodel.errors.render})."""
+"""The one place a failure becomes an HTTP answer, in the route's error dialect.
+
+Every route (the front's exact paths and Klein's) ends its failures in
+L{fail}. The rule there: once a response has started (its head or a byte of
+its body written), an error never becomes an envelope appended to the body;
+the connection is aborted instead, so the client sees an incomplete answer,
+never one that looks finished (Synapse's rule).
+
+A dialect is the shape of the errors a family of clients expects: OpenAI's
+C{{"error": {"message", "type", "param", "code"}}} on the OpenAI routes,
+Anthropic's C{{"type": "error", "error": {"type", "message"}}} on
+C{/v1/messages}.
+"""
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
-from gomodel import errors
+from gomodel import errors, jsonutil
 
-log = Logger(namespace="gomodel.api")
+log = Logger(namespace="gomodel.http")
+
+
+class OpenAIDialect:
+    """OpenAI's error envelope (and an upstream's own OpenAI-shaped body as it came)."""
+
+    name = "openai"
+
+    def body(self, error: errors.GatewayError) -> bytes:
+        return error.body()
+
+    def stream_event(self, error: errors.GatewayError) -> bytes:
+        """An in-band error event for a stream that already started."""
+        return b"data: " + error.body() + b"\n\n"
+
+
+# Anthropic's error type for each status the gateway answers with itself.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+class AnthropicDialect:
+    """Anthropic's error shape; an upstream's own error body is relayed as the provider sent it."""
+
+    name = "anthropic"
+
+    def body(self, error: errors.GatewayError) -> bytes:
+        if isinstance(error, errors.UpstreamError):
+            return error.body()
+        return jsonutil.dumps({"type": "error", "error": {"type": self.error_type(error.status),
+                                                          "message": error.message}})
+
+    @staticmethod
+    def error_type(status: int) -> str:
+        return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+    def stream_event(self, error: errors.GatewayError) -> bytes:
+        payload = jsonutil.dumps({"type": "error", "error": {"type": self.error_type(error.status),
+                                                             "message": error.message}})
+        return b"event: error\ndata: " + payload + b"\n\n"
+
+
+OPENAI = OpenAIDialect()
+ANTHROPIC = AnthropicDialect()
+
+
+def render(request, error: errors.GatewayError, dialect=OPENAI) -> bytes:
+    """Set status and headers of C{request} for C{error}; return the body to write."""
+    body = dialect.body(error)
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
+    ctx = getattr(request, "context", None)
+    if ctx is not None:
+        ctx.error = error.code
+    return body
+
+
+def fail(request, failure):
+    """The funnel: the body to write for C{failure}, or None when nothing may be written.
+
+    A cancellation (the client left) writes nothing. A failure after the
+    response started aborts the connection. A L{errors.GatewayError} is
+    rendered in the request's dialect; anything else is logged and becomes
+    a 500 C{internal_error}.
+    """
+    if failure.check(CancelledError):
+        return None
+    if request.startedWriting:
+        _abort(request, failure)
+        return None
+    if failure.check(errors.GatewayError):
+        error = failure.value
+    else:
+        log.failure("unexpected error handling {path}", failure, path=request.path.decode("utf-8", "replace"))
+        error = errors.InternalError()
+    ctx = getattr(request, "context", None)
+    return render(request, error, ctx.dialect if ctx is not None and ctx.dialect is not None else OPENAI)
+
+
+def _abort(request, failure):
+    ctx = getattr(request, "context", None)
+    code = getattr(failure.value, "code", None) or "internal_error"
+    if ctx is not None:
+        ctx.broken(code)
+    if not failure.check(errors.GatewayError):
+        log.failure("error after the response to {path} started; connection aborted", failure,
+                    path=request.path.decode("utf-8", "replace"))
+    else:
+        log.warn("error after the response to {path} started ({code}); connection aborted",
+                 path=request.path.decode("utf-8", "replace"), code=code)
+    if request.channel is not None:
+        request.channel.transport.abortConnection()
+
+
+# -- Klein ------------------------------------------------------------------------
 
 
 def install(app):
-    """Register the gateway's error handlers on a Klein C{app} (class-based or not)."""
-    app.handle_errors(errors.GatewayError)(_gateway_error)
+    """Route every failure of a Klein C{app}'s handlers (class-based or not) through L{fail}."""
     app.handle_errors(HTTPException)(_http_exception)
-    app.handle_errors(Exception)(_unexpected)
+    app.handle_errors(Exception)(_failed)
 
 
 def _args(args):
@@ -22,12 +131,13 @@ def _args(args):
     return args[-2], args[-1]
 
 
-def _gateway_error(*args):
+def _failed(*args):
     request, failure = _args(args)
-    return errors.render(request, failure.value)
+    return fail(request, failure)
 
 
 def _http_exception(*args):
+    """Werkzeug's routing answers (404, 405, redirects) as gateway errors."""
     request, failure = _args(args)
     exc = failure.value
     method = request.method.decode("ascii", "replace")
@@ -43,12 +153,4 @@ def _http_exception(*args):
         error = errors.NotFound(f"Unknown route: {method} {path}.")
     else:
         error = errors.InvalidRequest(exc.description or "Bad request.", status=exc.code)
-    return errors.render(request, error)
-
-
-def _unexpected(*args):
-    request, failure = _args(args)
-    if failure.check(CancelledError):
-        return None
-    log.failure("unexpected error handling {path}", failure, path=request.path.decode("utf-8", "replace"))
-    return errors.render(request, errors.InternalError())
+    return render(request, error)

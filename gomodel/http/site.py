@@ -1,12 +1,21 @@
-"""The listening side: a Site whose requests enforce the body size limit while they read."""
+"""The listening side: a Site whose requests are checked when their head is in, before any body is read.
+
+When the request line and headers are in (C{gotLength}), the gateway key is
+checked and the announced length compared with the limit; a refused request's
+body is never stored (it is read and dropped, and its connection is not kept),
+an upload's body goes to its sink as it arrives, and any other body is
+buffered up to the limit.
+"""
 
 import io
 import os
 import re
 
-from twisted.logger import Logger
 from twisted.python import failure
-from twisted.web import http, resource, server
+from twisted.web import http, server
+
+from gomodel import _twistedcompat
+from gomodel.errors import GatewayError
 
 
 class _Discard(io.BytesIO):
@@ -17,27 +26,34 @@ class _Discard(io.BytesIO):
 
 
 class GatewayRequest(server.Request):
-    """A request that stops buffering its body once it passes the size limit.
+    """A request checked when its head is in, whose body is kept only within limits.
 
     Twisted keeps whole bodies (in memory, or a temporary file past 100 kB)
-    before a resource sees them; this stops that at C{body_limit} and flags
-    the request so the front resource answers 413.
+    before a resource sees them. Here, once the headers are in, the site's
+    C{authenticate} decides: a refused request (L{refusal}) and one announced
+    larger than C{body_limit} (L{too_large}) have their bodies dropped as they
+    arrive; an upload goes to the site's C{upload_sink}; anything else is
+    buffered until it passes C{body_limit}.
+
+    @ivar identity: who the site's authenticator says sent it (e.g.
+        C{"master"}), or None.
+    @ivar refusal: the L{gomodel.errors.GatewayError} to answer instead of
+        the route, or None.
+    @ivar context: the L{gomodel.http.context.RequestContext}, made by the front.
     """
 
     body_limit = 10 * 1024 * 1024
     too_large = False
     _received = 0
-    # upload_sink(request, length) -> a sink for the body, or None: uploads
-    # (POST /v1/files) are parsed while they arrive instead of being buffered.
+    # authenticate(request, path) -> identity; raises GatewayError to refuse.
+    authenticate = None
+    # upload_sink(request, method, path, length) -> a sink for the body, or
+    # None: uploads (POST /v1/files) are parsed while they arrive.
     upload_sink = None
     streamed = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.request_id = None
-        self.provider_name = None
-        self.model = None
-        self.usage = None
+    identity = None
+    refusal = None
+    context = None
 
     def process(self):
         """Twisted's C{server.Request.process}, with our Server header, a Date
@@ -52,22 +68,25 @@ class GatewayRequest(server.Request):
         segments = path[1:].split(b"/")
         self.postpath = list(map(http.unquote, segments)) if b"%" in path else segments
         if path == b"*":
-            self._handleStar()
+            _twistedcompat.handle_star(self)
             return
         try:
-            found = site.getResourceFor(self)
-            if resource._IEncodingResource.providedBy(found):
-                encoder = found.getEncoder(self)
-                if encoder is not None:
-                    self._encoder = encoder
-            self.render(found)
+            _twistedcompat.render_found(self, site.getResourceFor(self))
         except BaseException:
             self.processingFailed(failure.Failure())
 
     def gotLength(self, length):
         # Only the request line and headers are known here: self.method and
         # self.uri are set later, the channel holds the request line meanwhile.
-        sink = self.upload_sink(self, length) if self.upload_sink is not None else None
+        method, target = _twistedcompat.request_line(self)
+        path = (target or b"").split(b"?", 1)[0]
+        if self.authenticate is not None:
+            try:
+                self.identity = self.authenticate(self, path)
+            except GatewayError as e:
+                self._refuse(e)
+                return
+        sink = self.upload_sink(self, method, path, length) if self.upload_sink is not None else None
         if sink is not None:
             self.streamed = True
             self._parsePOSTFormSubmission = False  # never read the form into memory
@@ -79,11 +98,20 @@ class GatewayRequest(server.Request):
             return
         super().gotLength(length)
 
+    def _refuse(self, error):
+        """Answer C{error} once the request is in; drop its body, do not invite it, close after."""
+        self.refusal = error
+        self.content = _Discard()
+        # No "100 Continue" for a body we will not read: a client that waits
+        # for it gets the refusal instead of sending the body first.
+        self.requestHeaders.removeHeader(b"expect")
+        self.channel.persistent = False
+
     def handleContentChunk(self, data):
         if self.streamed:
             self.content.write(data)  # the sink applies its own limit
             return
-        if self.too_large:
+        if self.too_large or self.refusal is not None:
             return
         self._received += len(data)
         if self._received > self.body_limit:
@@ -125,9 +153,18 @@ class GatewaySite(server.Site):
 
     protocol = GatewayChannel
 
-    def __init__(self, root, body_limit, upload_sink=None, **kwargs):
+    def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, **kwargs):
+        """
+        @param authenticate: C{authenticate(request, path) -> identity}, called
+            when a request's head is in; it raises a
+            L{gomodel.errors.GatewayError} to refuse the request.
+        @param upload_sink: C{upload_sink(request, method, path, length)} ->
+            a file-like sink for an upload's body, or None.
+        """
         request_class = type("GatewayRequest", (GatewayRequest,), {
-            "body_limit": body_limit, "upload_sink": staticmethod(upload_sink) if upload_sink else None})
+            "body_limit": body_limit,
+            "authenticate": staticmethod(authenticate) if authenticate else None,
+            "upload_sink": staticmethod(upload_sink) if upload_sink else None})
         # Idle keep-alive client connections are closed after this long (Twisted's
         # default is 12 hours); a request in progress is never cut by it.
         kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
@@ -145,7 +182,7 @@ class GatewaySite(server.Site):
         return self._date[1]
 
     def log(self, request):
-        """The front resource logs each request with its provider and model instead."""
+        """Each request's context logs it when it completes (L{gomodel.http.context.AccessLog})."""
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -160,5 +197,3 @@ def request_id_for(request) -> bytes:
             return given
     return os.urandom(16).hex().encode("ascii")
 
-
-access_log = Logger(namespace="gomodel.access")

@@ -1,13 +1,28 @@
-"""Forwarding one request to a provider and relaying its answer to the client."""
+"""The one way from a route to an upstream and back.
+
+A route builds an L{UpstreamCall} and hands it to L{Exchange.relay} (the
+client gets the answer) or L{Exchange.fetch} (the gateway reads the answer
+itself: Responses lifecycle, batch lines). Both go through the same steps:
+
+  1. choose the upstream to send to (today a provider's one server; a
+     replica of its pool, with failover before the first byte, next),
+  2. send (the upstream retries a stale pooled connection once),
+  3. map every failure to a L{gomodel.errors.GatewayError},
+  4. relay: a whole JSON body byte for byte (its usage noted), an event
+     stream with backpressure through an observer, or a raw passthrough,
+  5. release: a body nobody relays is read and dropped or its connection
+     closed; the request's context gets usage, time to first byte and outcome.
+"""
 
 from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 
-from gomodel.errors import BadUpstreamResponse, StreamFailed, UpstreamTimeout
+from gomodel import jsonutil
+from gomodel.errors import BadUpstreamResponse, StreamFailed, UpstreamTimeout, UpstreamUnreachable
 from gomodel.http.headers import copy_response_headers, is_event_stream
-from gomodel.upstream.client import BodyTooLarge, deadline, read_body
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import StreamIncomplete
+from gomodel.upstream.client import BodyTooLarge, deadline, discard, read_body
 from gomodel.upstream.errors import upstream_error
 
 ERROR_BODY_LIMIT = 1024 * 1024
@@ -15,8 +30,41 @@ RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
 ABORT_GRACE = 10.0  # seconds a broken stream's error event gets to reach the client
 
 
-class Forwarder:
-    """Sends a request upstream and relays the answer: JSON byte for byte, streams with backpressure."""
+class UpstreamCall:
+    """One request to send upstream, and how its answer is to be relayed.
+
+    @ivar path: an OpenAI API path (C{"/chat/completions"}), or with
+        C{native} a provider-native one (see L{gomodel.interfaces.IUpstream.url}).
+    @ivar query: the raw query string to append, without C{?}.
+    @ivar headers: extra request headers, name -> list of values.
+    @ivar content_type: the body's type, or None to send none of ours.
+    @ivar observer: for event streams, an L{gomodel.interfaces.IStreamObserver}.
+    @ivar transform: for whole bodies, bytes -> the bytes to send instead.
+    @ivar raw: relay any status and body as they come (passthrough).
+    @ivar vet: an async function of the upstream's L{IResponse}, run before
+        anything is relayed; it may raise (and then reads or drops the body itself).
+    """
+
+    __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
+                 "transform", "raw", "vet")
+
+    def __init__(self, path, body=None, *, method=b"POST", native=False, query=b"", headers=None,
+                 content_type=b"application/json", observer=None, transform=None, raw=False, vet=None):
+        self.method = method
+        self.path = path
+        self.body = body
+        self.native = native
+        self.query = query
+        self.headers = headers
+        self.content_type = content_type
+        self.observer = observer
+        self.transform = transform
+        self.raw = raw
+        self.vet = vet
+
+
+class Exchange:
+    """Sends L{UpstreamCall}s and relays or reads their answers."""
 
     log = Logger()
 
@@ -24,99 +72,133 @@ class Forwarder:
         self._clock = clock
         self._timeouts = timeouts
 
-    async def forward(self, request, provider, path: str, payload: bytes, observer=None, transform=None):
-        """Relay the answer of C{provider} to C{POST path} onto C{request}.
+    # -- the two entry points ------------------------------------------------------
 
-        See L{answer} for C{observer}, C{transform} and what this returns.
+    async def relay(self, request, ctx, upstream, call: UpstreamCall):
+        """Send C{call} to C{upstream} and relay the answer onto C{request}.
+
+        @return: the body to write (a whole answer), or None once the answer
+            was written (a stream, a passthrough), or broke off and the
+            connection was closed.
+        @raise gomodel.errors.GatewayError: before anything was sent to the client.
+        @raise CancelledError: the client left.
         """
-        upstream = await provider.send("POST", path, payload, request.request_id)
-        return await self.answer(request, provider, upstream, observer, transform)
-
-    async def answer(self, request, provider, upstream, observer=None, transform=None):
-        """Relay an upstream answer (a 2xx) onto C{request}; raise the envelope for anything else.
-
-        @param observer: for event streams, an object with C{feed(bytes) ->
-            bytes} and C{finish()} (see L{gomodel.proxy.sse}); None relays
-            the bytes as they come.
-        @param transform: for whole bodies, a function of the body's bytes
-            returning the bytes to send (None sends them untouched).
-        @return: the non-streaming body to write, or None once a stream was
-            relayed (or broke off and the client connection was aborted).
-        @raise GatewayError: before anything was sent to the client.
-        """
-        if upstream.code >= 400:
-            raise await self.error_from(provider, upstream)
-        if not 200 <= upstream.code < 300:
-            _discard(upstream)
-            raise BadUpstreamResponse(
-                f"The upstream provider '{provider.name}' answered HTTP {upstream.code}.")
-        if is_event_stream(upstream):
-            return await self.relay_stream(request, upstream, observer)
-        body = await self.relay_body(request, provider, upstream)
-        if transform is not None:
-            try:
-                body = transform(body)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise BadUpstreamResponse(
-                    f"The answer of the upstream provider '{provider.name}' could not be read.") from None
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"content-length", b"%d" % len(body))
-        return body
-
-    async def error_from(self, provider, upstream):
-        """The L{gomodel.errors.UpstreamError} for an upstream answer with status >= 400."""
+        ctx.hold()
         try:
-            body = await read_body(upstream, ERROR_BODY_LIMIT)
+            response = await self._send(ctx.request_id, upstream, call, ctx)
+            if call.vet is not None:
+                await call.vet(response)
+            if call.raw:
+                return await self._relay_stream(request, ctx, response, None, keep_length=True)
+            if response.code >= 400:
+                raise await self._error(upstream, response)
+            if not 200 <= response.code < 300:
+                discard(response)
+                raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
+            if is_event_stream(response):
+                ctx.stream = True
+                return await self._relay_stream(request, ctx, response, call.observer)
+            return self._whole(request, ctx, upstream, response, call,
+                               await self.read(upstream, response, RESPONSE_BODY_LIMIT))
+        finally:
+            ctx.release()
+
+    async def fetch(self, request_id: bytes, upstream, call: UpstreamCall):
+        """Send C{call} to C{upstream} and read the whole answer, whatever its status.
+
+        @return: C{(response, body)}: the L{IResponse} (its status and
+            headers) and its body (at most L{RESPONSE_BODY_LIMIT} bytes for a
+            success, L{ERROR_BODY_LIMIT} for an error).
+        @raise gomodel.errors.GatewayError: no whole answer could be had
+            (L{gomodel.errors.UpstreamUnreachable} when the upstream could
+            not be reached or broke off: worth trying again).
+        """
+        response = await self._send(request_id, upstream, call)
+        limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
+        return response, await self.read(upstream, response, limit)
+
+    # -- the steps ------------------------------------------------------------------
+
+    async def _send(self, request_id, upstream, call, ctx=None):
+        """Choose where C{call} goes and send it: the L{IResponse} (any status)."""
+        url = upstream.url(call.path, call.native)
+        if call.query:
+            url += "?" + call.query.decode("latin-1")
+        if ctx is not None:
+            ctx.replica = 0  # a provider is one server today
+        return await upstream.send(call.method, url, call.body, request_id, call.headers, call.content_type)
+
+    async def read(self, upstream, response, limit):
+        """The whole body of C{response}, within C{limit} bytes and the response-header timeout.
+
+        @raise gomodel.errors.BadUpstreamResponse: too large (code
+            C{response_too_large}); or L{gomodel.errors.UpstreamTimeout}; or
+            L{gomodel.errors.UpstreamUnreachable} when it broke off.
+        """
+        reading = deadline(read_body(response, limit), self._timeouts.response_header, self._clock)
+        try:
+            return await reading
+        except CancelledError:
+            raise
+        except BodyTooLarge:
+            raise BadUpstreamResponse(f"The answer of '{upstream.name}' is too large to relay.",
+                                      code="response_too_large") from None
+        except DeferredTimeout:
+            raise UpstreamTimeout(f"The upstream provider '{upstream.name}' stopped sending its answer.") from None
+        except Exception:
+            raise UpstreamUnreachable(f"The upstream provider '{upstream.name}' broke off its answer.") from None
+
+    async def _error(self, upstream, response):
+        """The L{gomodel.errors.UpstreamError} for an answer with status >= 400."""
+        try:
+            body = await read_body(response, ERROR_BODY_LIMIT)
         except CancelledError:
             raise
         except Exception:
             body = b""
-        return upstream_error(upstream.code, body, provider.name, provider.hidden)
+        return upstream_error(response.code, body, upstream.name, upstream.hidden)
 
-    async def relay_body(self, request, provider, upstream):
-        """Read a whole (non-streaming) upstream body and return it for the client, untouched."""
-        reading = deadline(read_body(upstream, RESPONSE_BODY_LIMIT), self._timeouts.response_header, self._clock)
-        try:
-            body = await reading
-        except CancelledError:
-            raise
-        except BodyTooLarge:
-            raise BadUpstreamResponse(f"The answer of '{provider.name}' is too large to relay.") from None
-        except DeferredTimeout:
-            raise UpstreamTimeout(f"The upstream provider '{provider.name}' stopped sending its answer.") from None
-        except Exception:
-            raise BadUpstreamResponse(
-                f"The upstream provider '{provider.name}' broke off its answer.") from None
-        copy_response_headers(upstream, request)
+    def _whole(self, request, ctx, upstream, response, call, body):
+        """A whole answer for the client: usage noted, transformed if asked, headers copied."""
+        ctx.usage = usage_of(body)
+        copy_response_headers(response, request)
+        if call.transform is not None:
+            try:
+                body = call.transform(body)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise BadUpstreamResponse(
+                    f"The answer of the upstream provider '{upstream.name}' could not be read.") from None
+            request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % len(body))
+        ctx.first_byte_written()
         return body
 
-    async def relay_stream(self, request, upstream, observer=None, error_event=True, keep_length=False):
-        """Relay an upstream body with flow control as it comes; return None when done.
+    async def _relay_stream(self, request, ctx, response, observer, keep_length=False):
+        """Relay a body with flow control as it comes; return None when done.
 
-        A stream that breaks after its headers went out is never made to look
-        finished: the client gets an in-band SSE error event (unless
-        C{error_event} is false: not an event stream), then a connection
-        closed without the body's end. C{keep_length} keeps the upstream's
-        Content-Length (the bytes pass unchanged).
+        A stream that breaks after its head went out is never made to look
+        finished: an event stream gets an in-band error event in the route's
+        dialect, then the connection is closed without the body's end.
         """
-        copy_response_headers(upstream, request, keep_length)
-        if is_event_stream(upstream):
+        copy_response_headers(response, request, keep_length)
+        events = is_event_stream(response)
+        if events:
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")  # no buffering in a proxy in front of us
         t = self._timeouts
         relay = StreamRelay(request, self._clock, observer, idle_timeout=t.stream_idle,
-                            stall_timeout=t.client_stall, max_duration=t.stream_max)
-        request_closed = request.notifyFinish()
-        request_closed.addErrback(lambda _: None)
-        try:
-            request.registerProducer(relay, True)
-        except AttributeError:
-            # The client left before we could start: its channel is gone.
-            upstream.deliverBody(relay)
+                            stall_timeout=t.client_stall, max_duration=t.stream_max,
+                            first_write=ctx.first_byte_written)
+        if request.channel is None:
+            # The client left before we could start: close the upstream, nothing to relay.
+            relay.finished.addErrback(lambda _: None)
+            response.deliverBody(relay)
             relay.stopProducing()
             return None
-        upstream.deliverBody(relay)
+        request_closed = request.notifyFinish()
+        request_closed.addErrback(lambda _: None)
+        request.registerProducer(relay, True)
+        response.deliverBody(relay)
         if relay.paused and relay.transport is not None:
             # deliverBody resumed the transport after its first delivery.
             relay.transport.pauseProducing()
@@ -125,19 +207,19 @@ class Forwarder:
         except CancelledError:
             raise
         except Exception as e:
-            abort = self._broken(request, e, error_event)
+            abort = self._broken(request, ctx, relay, e, events)
             await request_closed
             if abort is not None and abort.active():
                 abort.cancel()
             return None
         finally:
-            request.usage = getattr(relay.observer, "usage", None)
+            ctx.usage = relay.observer.usage or ctx.usage
         if request.channel is not None:
             request.unregisterProducer()
         return None
 
-    def _broken(self, request, reason, error_event=True):
-        """End a stream that broke after its headers: in-band error event, then no clean end.
+    def _broken(self, request, ctx, relay, reason, events):
+        """End a stream that broke after its head: in-band error event, then no clean end.
 
         @return: the delayed call that aborts the connection if closing it
             cleanly takes too long, or None.
@@ -152,8 +234,10 @@ class Forwarder:
             why = str(reason)
         else:
             why = "the upstream connection broke off"
-        self.log.warn("stream {request_id} ended abnormally: {why}",
-                      request_id=request.request_id.decode(), why=why)
+        self.log.warn("stream {request_id} ended abnormally: {why}", request_id=ctx.request_id.decode(), why=why)
+        error = StreamFailed(f"The stream ended abnormally: {why}.")
+        ctx.usage = relay.observer.usage or ctx.usage
+        ctx.broken(error.code)
         if request.channel is None:
             return None
         request.unregisterProducer()
@@ -161,15 +245,38 @@ class Forwarder:
         if isinstance(reason, ClientStalled):
             transport.abortConnection()
             return None
-        if error_event:
-            error = StreamFailed(f"The stream ended abnormally: {why}.")
-            request.write(b"data: " + error.body() + b"\n\n")
+        if events:
+            request.write(ctx.dialect.stream_event(error))
         # Closing the socket without the chunked body's last chunk: the client
         # reads the error event, then an incomplete body, never a clean end.
         transport.loseConnection()
         return self._clock.callLater(ABORT_GRACE, transport.abortConnection)
 
 
-def _discard(upstream):
-    d = read_body(upstream, 0)
-    d.addErrback(lambda _: None)
+_USAGE = b'"usage":'
+
+
+def usage_of(body: bytes):
+    """The top-level C{usage} object of a JSON answer, or None; the bytes are not changed.
+
+    Only the object itself is parsed, not the whole answer (an embeddings
+    answer is mostly numbers): a quote inside a JSON string is escaped, so
+    the text C{"usage":} is a key, and the answer's own usage is its last.
+    """
+    at = body.rfind(_USAGE)
+    if at < 0:
+        return None
+    start = at + len(_USAGE)
+    while body[start:start + 1] in (b" ", b"\n", b"\r", b"\t"):
+        start += 1
+    if body[start:start + 1] != b"{":
+        return None  # null, or not an object
+    end = body.find(b"}", start)
+    while end >= 0:
+        try:
+            usage = jsonutil.loads(body[start:end + 1])
+        except jsonutil.JSONError:
+            end = body.find(b"}", end + 1)  # a nested object (token details): take the next brace
+            continue
+        return usage if isinstance(usage, dict) else None
+    return None

@@ -3,7 +3,8 @@
 When the client cannot keep up, Twisted pauses us and we pause the upstream
 socket, so backpressure reaches vLLM through TCP and memory stays bounded.
 When the client leaves, the upstream connection is closed at once so vLLM
-aborts the generation. See TWISTED_PATTERNS.md for the lifecycle.
+aborts the generation. (Twisted's C{protocols/portforward.py} is the model:
+one object on both sides, pausing the other side's transport.)
 
 Latency first, then throughput: until the first generated token has gone
 out, every upstream delivery is written at once and handed to the kernel
@@ -23,7 +24,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
-from gomodel.transports import send_now
+from gomodel._twistedcompat import send_now
+from gomodel.interfaces import IStreamObserver
 
 
 class UpstreamIdle(Exception):
@@ -47,8 +49,11 @@ EAGER_DELIVERIES = 8
 READ_GAP = 0.001
 
 
+@implementer(IStreamObserver)
 class _Passthrough:
     """The observer of a body that is relayed as it comes."""
+
+    usage = None
 
     def feed(self, data):
         return data
@@ -67,8 +72,14 @@ class StreamRelay(Protocol):
     raises). Cancelling it closes the upstream connection.
     """
 
-    def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0):
+    def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
+                 first_write=None):
+        """
+        @param observer: an L{IStreamObserver}; None relays the bytes as they come.
+        @param first_write: called once, when the first bytes are written to the client.
+        """
         self._request = request
+        self._first_write = first_write
         self._clock = clock
         self.observer = observer if observer is not None else _Passthrough()
         self._idle_timeout = idle_timeout
@@ -132,6 +143,9 @@ class StreamRelay(Protocol):
             self._fail(e)
             return None
         if out:
+            if self._first_write is not None:
+                self._first_write()
+                self._first_write = None
             self._request.write(out)
         return out
 

@@ -7,7 +7,10 @@ client is the upstream's bytes, event for event.
 
 import re
 
+from zope.interface import implementer
+
 from gomodel import jsonutil
+from gomodel.interfaces import IStreamObserver
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 _TERMINATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -61,6 +64,7 @@ def event_data(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
+@implementer(IStreamObserver)
 class ChatStreamObserver:
     """Watches a chat/completions stream: usage, C{[DONE]}, in-band errors.
 
@@ -118,6 +122,7 @@ class ChatStreamObserver:
 _RESPONSE_END_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
 
 
+@implementer(IStreamObserver)
 class ResponsesStreamObserver:
     """Watches a native Responses API stream (typed events, no C{[DONE]}); relays it untouched.
 

@@ -5,7 +5,6 @@ so that a Responses client (C{client.responses.create} / C{.stream}) works
 against any upstream.
 """
 
-import time
 import uuid
 
 from gomodel import jsonutil
@@ -163,7 +162,11 @@ def _usage(usage):
 
 def response_object(request: dict, response_id, created_at, model, status, output, usage=None,
                     finish_reason=None) -> dict:
-    """A Responses API response object, echoing the request's settings as OpenAI does."""
+    """A Responses API response object, echoing the request's settings as OpenAI does.
+
+    C{request["store"]} says whether the gateway keeps it, and
+    C{request["previous_response_id"]} which response it follows.
+    """
     incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
     text = request.get("text") if isinstance(request.get("text"), dict) else {"format": {"type": "text"}}
     return {
@@ -171,8 +174,8 @@ def response_object(request: dict, response_id, created_at, model, status, outpu
         "background": False, "error": None, "incomplete_details": incomplete,
         "instructions": request.get("instructions"), "max_output_tokens": request.get("max_output_tokens"),
         "model": model, "output": output, "parallel_tool_calls": request.get("parallel_tool_calls", True),
-        "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
-        "store": False, "temperature": request.get("temperature"), "text": text,
+        "previous_response_id": request.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+        "store": request.get("store") is True, "temperature": request.get("temperature"), "text": text,
         "tool_choice": request.get("tool_choice", "auto"), "tools": request.get("tools") or [],
         "top_p": request.get("top_p"), "truncation": "disabled", "usage": usage,
         "metadata": request.get("metadata") or {},
@@ -183,8 +186,8 @@ def _status(finish_reason):
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def chat_to_response(chat_body: bytes, request: dict) -> bytes:
-    """The Responses answer (JSON bytes) for a chat-completions answer."""
+def chat_to_response(chat_body: bytes, request: dict, now: int) -> bytes:
+    """The Responses answer (JSON bytes) for a chat-completions answer, made at C{now} (Unix seconds)."""
     chat = jsonutil.loads(chat_body)
     choice = (chat.get("choices") or [{}])[0]
     message = choice.get("message") or {}
@@ -204,7 +207,7 @@ def chat_to_response(chat_body: bytes, request: dict) -> bytes:
                        "status": "completed"})
     finish = choice.get("finish_reason")
     return jsonutil.dumps(response_object(
-        request, _new_id("resp"), chat.get("created") or int(time.time()), chat.get("model"),
+        request, _new_id("resp"), now, chat.get("model"),
         _status(finish), output, _usage(chat.get("usage")), finish))
 
 

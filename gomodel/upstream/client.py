@@ -14,12 +14,12 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError as Def
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from gomodel.transports import send_now
+from gomodel._twistedcompat import PreparedRequest, QuietClientFactory, send_now, use_pool_factory
 
 
 @implementer(IBodyProducer)
@@ -44,12 +44,6 @@ class BytesProducer:
         pass
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory, without a log line per connection opened and closed."""
-
-    noisy = False
-
-
 def make_pool(reactor, config) -> HTTPConnectionPool:
     """One persistent pool for every upstream, sized for the expected concurrency.
 
@@ -62,7 +56,7 @@ def make_pool(reactor, config) -> HTTPConnectionPool:
     pool.retryAutomatically = False
     pool.maxPersistentPerHost = config.pool_max_per_host
     pool.cachedConnectionTimeout = config.pool_idle_timeout
-    pool._factory = _QuietClientFactory
+    use_pool_factory(pool, QuietClientFactory)
     return pool
 
 
@@ -111,32 +105,6 @@ class _Origin:
         self.host_line = host_line
 
 
-class _PreparedRequest:
-    """A request whose bytes are all known: what L{HTTP11ClientProtocol.request} needs of one.
-
-    Twisted's own C{Request} writes its head and then its body through a
-    producer, a length-checking consumer and three Deferreds; a body already
-    in memory leaves here in one write, with the head.
-    """
-
-    persistent = True
-    headers = None
-    bodyProducer = None
-    absoluteURI = None
-    _parsedURI = None
-
-    def __init__(self, method: bytes, data: bytes):
-        self.method = method
-        self._data = data
-
-    def writeTo(self, transport):
-        transport.write(self._data)
-        return succeed(None)
-
-    def stopWriting(self):
-        pass  # writeTo's Deferred has fired already: nothing is being written
-
-
 class RelayClient:
     """Sends relayed requests over the shared pool, one layer below Agent.
 
@@ -180,7 +148,7 @@ class RelayClient:
         data = b"".join((method, b" ", target, b" HTTP/1.1\r\n", origin.host_line, header_lines, length, b"\r\n",
                          body or b""))
         d = self._pool.getConnection(origin.key, origin.endpoint)
-        return d.addCallback(_send, _PreparedRequest(method, data))
+        return d.addCallback(_send, PreparedRequest(method, data))
 
     def _origin(self, match):
         uri = URI.fromBytes(match.group(0) + b"/")
@@ -255,6 +223,14 @@ def read_body(response, limit: int) -> Deferred:
     protocol = _BoundedCollector(finished, limit)
     response.deliverBody(protocol)
     return finished
+
+
+def discard(response, limit: int = 1024 * 1024):
+    """Read and drop an answer's body we do not relay, so its connection can go back to the pool.
+
+    A body past C{limit} closes the connection instead; failures are ignored.
+    """
+    read_body(response, limit).addErrback(lambda _: None)
 
 
 def deadline(d: Deferred, seconds: float, clock) -> Deferred:

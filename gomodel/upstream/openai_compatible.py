@@ -3,14 +3,14 @@
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
-from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from gomodel import jsonutil
 from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from gomodel.interfaces import IUpstream
 from gomodel.upstream.client import BodyTooLarge, deadline, read_body, was_cancelled
-from gomodel.interfaces import IProvider
 from gomodel.upstream.errors import upstream_error
 
 # A failure of these kinds means no response byte came back: on a pooled
@@ -21,9 +21,9 @@ MODELS_LIST_TIMEOUT = 30.0
 MODELS_LIST_LIMIT = 16 * 1024 * 1024
 
 
-@implementer(IProvider)
+@implementer(IUpstream)
 class OpenAICompatibleProvider:
-    """Sends OpenAI API requests to one upstream instance, with its own key and base URL."""
+    """One OpenAI-compatible upstream instance, with its own key and base URL."""
 
     log = Logger()
 
@@ -31,6 +31,7 @@ class OpenAICompatibleProvider:
         self.config = config
         self.name = config.name
         self.type = config.type
+        self.configured_models = tuple(config.models)
         self._relay = relay  # relayed requests (a RelayClient)
         self._http = http  # our own calls (model discovery)
         self._clock = clock
@@ -67,12 +68,14 @@ class OpenAICompatibleProvider:
         lines.append(self._key_line)
         return b"".join(lines)
 
-    async def send(self, method, path, body, request_id, headers=None):
-        """See L{IProvider.send}."""
-        return await self.send_url(method, self.config.base_url + path, body, request_id, headers)
+    def url(self, path: str, native=False) -> str:
+        """See L{IUpstream.url}."""
+        if native:
+            return self.config.base_url + "/" + _strip_v1(path)
+        return self.config.base_url + path
 
-    async def send_url(self, method, url, body, request_id, headers=None, content_type=b"application/json"):
-        """Like L{send}, to a full URL on this upstream, with C{headers} (name -> values) besides ours."""
+    async def send(self, method, url, body, request_id, headers=None, content_type=b"application/json"):
+        """See L{IUpstream.send}."""
         url = url.encode("ascii") if isinstance(url, str) else url
         method = method.encode("ascii") if isinstance(method, str) else method
         lines = self._header_lines(request_id, headers, content_type)
@@ -98,7 +101,7 @@ class OpenAICompatibleProvider:
         return UpstreamUnreachable(f"The upstream provider '{self.name}' is unreachable.")
 
     def list_models(self) -> Deferred:
-        """See L{IProvider.list_models}."""
+        """See L{IUpstream.list_models}."""
         return Deferred.fromCoroutine(self._list_models())
 
     async def _list_models(self):
@@ -129,10 +132,6 @@ class OpenAICompatibleProvider:
         except (jsonutil.JSONError, KeyError, TypeError):
             raise BadUpstreamResponse(f"The model list of '{self.name}' is not an OpenAI model list.") from None
         return data
-
-    def passthrough_url(self, path: str) -> str:
-        """The upstream URL for a provider-native path (C{/p/{provider}/{path}})."""
-        return self.config.base_url + "/" + _strip_v1(path)
 
 
 def _strip_v1(path: str) -> str:

@@ -11,7 +11,9 @@ _V1_ROUTES = ("models", "chat/completions", "completions", "embeddings", "respon
 class VLLMProvider(OpenAICompatibleProvider):
     """A vLLM server; keyless unless it was started with C{--api-key}."""
 
-    def passthrough_url(self, path: str) -> str:
+    def url(self, path: str, native=False) -> str:
+        if not native:
+            return self.config.base_url + path
         path = _strip_v1(path)
         if any(path == r or path.startswith(r + "/") or path.startswith(r + "?") for r in _V1_ROUTES):
             return self.config.base_url + "/" + path

@@ -1,0 +1,1 @@
+"""Who may use the gateway: the gateway key today; managed keys and limits next."""

@@ -1,0 +1,49 @@
+"""Authenticating a request from its headers, before any of its body is read."""
+
+import hmac
+
+from gomodel.errors import AuthenticationFailed
+
+# Paths that need no key: liveness checks.
+OPEN_PATHS = frozenset((b"/health",))
+
+MASTER = "master"
+
+
+class MasterKeyAuth:
+    """The gateway key (C{GOMODEL_MASTER_KEY}), sent as C{Authorization: Bearer}.
+
+    Called by the site when a request's head is in (see
+    L{gomodel.http.site.GatewayRequest}).
+    """
+
+    def __init__(self, master_key):
+        self._master_key = master_key.encode("utf-8") if master_key else None
+
+    def __call__(self, request, path: bytes):
+        """The identity of C{request}'s sender: L{MASTER}, or None on an open gateway.
+
+        @raise AuthenticationFailed: the key is missing or wrong.
+        """
+        if self._master_key is None:
+            return None
+        if path in OPEN_PATHS:
+            return None
+        token = presented_key(request)
+        if not hmac.compare_digest(token, self._master_key):
+            raise AuthenticationFailed("Invalid API key.")
+        return MASTER
+
+
+def presented_key(request) -> bytes:
+    """The key a client sent, as bytes.
+
+    @raise AuthenticationFailed: none was sent, or the header is malformed.
+    """
+    header = request.getHeader(b"authorization")
+    if not header:
+        raise AuthenticationFailed("Missing API key: send the gateway key as 'Authorization: Bearer <key>'.")
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        raise AuthenticationFailed("Invalid authorization header: expected 'Authorization: Bearer <key>'.")
+    return token.strip()

@@ -1,0 +1,167 @@
+"""One request's facts, from its head to its end, passed explicitly down the request path.
+
+The front makes a L{RequestContext} when a request's head is in; the route
+names the model and provider, the exchange the replica, the usage and the
+time to first byte. L{RequestContext.complete} runs exactly once, when the
+response is over I{and} nothing still holds the context (the exchange holds
+it while it relays), and hands the finished record to every sink: the access
+log now, metrics and the usage ledger next. Nothing is read back through
+callback order.
+"""
+
+from twisted.logger import Logger
+
+# Outcomes a finished request can have.
+OK = "ok"
+ERROR = "error"  # an error answer (4xx/5xx) went out whole
+CLIENT_GONE = "client_gone"  # the client left before the answer was complete
+STREAM_BROKEN = "stream_broken"  # the answer started, then the upstream failed it
+CLIENT_GONE_STATUS = 499  # nginx's "client closed request"
+
+
+class RequestContext:
+    """What the gateway knows about one request.
+
+    @ivar key: who made the request: C{"master"}, a managed key's id, or
+        None on an open gateway. Never a secret.
+    @ivar endpoint: the gateway route, e.g. C{"/v1/chat/completions"}.
+    @ivar provider: the provider instance name, C{provider_type} its type.
+    @ivar replica: the 0-based index of the replica that served it, or None.
+    @ivar model: the model as the client named it; C{upstream_model} as sent.
+    @ivar usage: the upstream's usage object (chat's C{prompt_tokens} or
+        Responses' C{input_tokens} naming), as soon as it is known.
+    @ivar first_byte: seconds from the request's head to the answer's first
+        body byte written to the client, or None.
+    @ivar status: the status sent (499 when the client left first).
+    @ivar outcome: L{OK}, L{ERROR}, L{CLIENT_GONE} or L{STREAM_BROKEN}.
+    @ivar error: the error code of a failed request (e.g. C{upstream_timeout}).
+    """
+
+    log = Logger()
+
+    __slots__ = ("request_id", "method", "path", "started", "key", "dialect", "endpoint", "provider",
+                 "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
+                 "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
+                 "_ended", "_completed")
+
+    def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, key=None, dialect=None):
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        self._clock = clock
+        self.started = clock.seconds()
+        self._sinks = sinks
+        self.key = key
+        self.dialect = dialect
+        self.endpoint = None
+        self.provider = None
+        self.provider_type = None
+        self.replica = None
+        self.model = None
+        self.upstream_model = None
+        self.stream = False
+        self.usage = None
+        self.first_byte = None
+        self.status = None
+        self.outcome = None
+        self.error = None
+        self.client_gone = False
+        self.duration = None
+        self._holds = 0
+        self._ended = False
+        self._completed = False
+
+    def route(self, upstream, model, upstream_model):
+        """Record that C{model} (as the client named it) goes to C{upstream} as C{upstream_model}."""
+        self.provider = upstream.name
+        self.provider_type = upstream.type
+        self.model = model
+        self.upstream_model = upstream_model
+
+    def first_byte_written(self):
+        """Note the time of the answer's first body byte (only the first call counts)."""
+        if self.first_byte is None:
+            self.first_byte = self._clock.seconds() - self.started
+
+    def broken(self, error_code):
+        """The answer started and then failed: the status stays what was sent."""
+        self.outcome = STREAM_BROKEN
+        self.error = error_code
+
+    # -- the end -----------------------------------------------------------------
+
+    def hold(self):
+        """Keep the record open until L{release} (the exchange, while it relays)."""
+        self._holds += 1
+
+    def release(self):
+        self._holds -= 1
+        self._maybe_complete()
+
+    def ended(self, status: int, client_gone: bool):
+        """The response is over: written whole, or its connection lost first."""
+        if self._ended:
+            return
+        self._ended = True
+        self.duration = self._clock.seconds() - self.started
+        if self.outcome == STREAM_BROKEN:
+            self.status = status  # we closed it ourselves, after an error event
+        elif client_gone:
+            self.client_gone = True
+            self.outcome = CLIENT_GONE
+            self.status = CLIENT_GONE_STATUS
+        else:
+            self.status = status
+            self.outcome = OK if status < 400 else ERROR
+        self._maybe_complete()
+
+    def _maybe_complete(self):
+        if self._completed or not self._ended or self._holds > 0:
+            return
+        self._completed = True
+        for sink in self._sinks:
+            try:
+                sink(self)
+            except Exception:
+                self.log.failure("a request completion sink failed")
+
+    @property
+    def completed(self) -> bool:
+        return self._completed
+
+    @property
+    def tokens(self):
+        """C{(input, output)} tokens from L{usage}, either naming; None where unknown."""
+        usage = self.usage or {}
+        return (usage.get("prompt_tokens", usage.get("input_tokens")),
+                usage.get("completion_tokens", usage.get("output_tokens")))
+
+
+class AccessLog:
+    """The access log: one structured line per completed request (namespace C{gomodel.access})."""
+
+    def __init__(self, logger=None):
+        self._log = logger if logger is not None else Logger(namespace="gomodel.access")
+
+    def __call__(self, ctx: RequestContext):
+        prompt_tokens, completion_tokens = ctx.tokens
+        self._log.info(
+            "{method} {path} {status} {duration_ms:.1f}ms request_id={request_id} "
+            "provider={provider} model={model}",
+            method=ctx.method.decode("ascii", "replace"),
+            path=ctx.path.decode("ascii", "replace"),
+            status=ctx.status,
+            duration_ms=ctx.duration * 1000,
+            request_id=ctx.request_id.decode("ascii"),
+            provider=ctx.provider or "-",
+            model=ctx.model or "-",
+            replica=ctx.replica,
+            key=ctx.key,
+            stream=ctx.stream,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttfb_ms=None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3),
+            outcome=ctx.outcome,
+            error=ctx.error,
+            client_gone=ctx.client_gone,
+        )
