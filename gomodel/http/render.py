@@ -90,7 +90,7 @@ def fail(request, failure):
     """
     if failure.check(CancelledError):
         return None
-    if request.startedWriting:
+    if getattr(request, "startedWriting", False):
         _abort(request, failure)
         return None
     if failure.check(errors.GatewayError):

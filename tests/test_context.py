@@ -1,0 +1,129 @@
+"""The request context: completed once, after the response is over and the exchange let go (D2, D3).
+
+Real sockets: the gateway in front of the fake vLLM; the access log's events
+are collected as the gateway emits them.
+"""
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from gomodel.http.context import CLIENT_GONE, OK, STREAM_BROKEN, RequestContext
+from tests.rawclient import chat_request, connect
+from tests.support import openai_client, with_timeout
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+
+
+class AccessRecords:
+    """Access log events, and a Deferred for the next one."""
+
+    def __init__(self):
+        self.events = []
+        self._waiting = []
+
+    def __call__(self, event):
+        if event.get("log_namespace") != "gomodel.access":
+            return
+        self.events.append(event)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(event)
+
+    def next(self, reactor):
+        d = Deferred()
+        self._waiting.append(d)
+        return with_timeout(reactor, d, 10)
+
+
+@pytest.fixture
+def access():
+    records = AccessRecords()
+    globalLogPublisher.addObserver(records)
+    yield records
+    globalLogPublisher.removeObserver(records)
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_answer_logs_its_usage(reactor, gateway, access):
+    """D3: a non-streaming 200 whose body has usage is logged with its tokens."""
+    logged = access.next(reactor)
+    client = openai_client(gateway)
+    try:
+        from tests.support import in_thread
+
+        await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    finally:
+        client.close()
+    event = await logged
+    assert (event["status"], event["outcome"], event["provider"], event["model"]) == (200, OK, "vllm", MODEL)
+    assert (event["prompt_tokens"], event["completion_tokens"]) == (18, 3)
+    assert event["replica"] == 0 and event["stream"] is False and event["ttfb_ms"] is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_the_upstream_broke_is_logged_as_broken_with_its_usage(reactor, gateway, access):
+    """D2: usage chunk received, no [DONE]: the line says 200 (what was sent), stream_broken, the tokens."""
+    logged = access.next(reactor)
+    client = await connect(reactor, gateway.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "fake_no_done": True}))
+    await client.lost
+    event = await logged
+    assert b"stream_incomplete" in bytes(client.received)
+    assert not bytes(client.received).endswith(b"0\r\n\r\n")
+    assert event["status"] == 200 and event["outcome"] == STREAM_BROKEN and event["client_gone"] is False
+    assert event["error"] == "stream_incomplete"
+    assert event["prompt_tokens"] == 18 and event["stream"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_gone_mid_stream_is_logged_once_as_499(reactor, gateway, fake, access):
+    logged = access.next(reactor)
+    client = await connect(reactor, gateway.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+         "fake_chunks": 50, "fake_pace": 0.05}))
+    await client.wait_for(b"data:")
+    client.transport.abortConnection()
+    event = await logged
+    assert event["status"] == 499 and event["outcome"] == CLIENT_GONE and event["client_gone"] is True
+    assert event["ttfb_ms"] is not None
+    assert len(access.events) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_answer_logs_its_code(reactor, gateway, http, access):
+    logged = access.next(reactor)
+    response = await http.post(gateway.url + "/v1/chat/completions",
+                               data=json.dumps({"model": "vllm/nope", "messages": []}).encode())
+    await response.content()
+    event = await logged
+    assert (event["status"], event["outcome"], event["error"]) == (404, "error", "model_not_found")
+
+
+def test_context_completes_only_when_ended_and_released():
+    done = []
+    ctx = RequestContext(b"id", b"POST", b"/v1/chat/completions", Clock(), (done.append,))
+    ctx.hold()
+    ctx.ended(200, client_gone=False)
+    assert done == []
+    ctx.usage = {"prompt_tokens": 4}
+    ctx.release()
+    assert done == [ctx] and ctx.tokens == (4, None) and ctx.outcome == OK
+    ctx.ended(200, client_gone=True)  # a second end changes nothing
+    assert done == [ctx] and ctx.status == 200
+
+
+def test_a_failing_sink_is_logged_and_the_others_still_run(logged_errors):
+    seen = []
+
+    def broken(ctx):
+        raise RuntimeError("sink")
+
+    ctx = RequestContext(b"id", b"GET", b"/v1/models", Clock(), (broken, seen.append))
+    ctx.ended(200, client_gone=False)
+    assert seen == [ctx]
+    assert logged_errors.flush(RuntimeError) == 1

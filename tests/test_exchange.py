@@ -1,0 +1,140 @@
+"""The one exchange: usage from whole answers, a client gone before the relay started (D5),
+the Responses lifecycle's upstream reads (D9), and translated Responses objects (D10)."""
+
+import gc
+import json
+
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+
+from gomodel.config import Timeouts
+from gomodel.http.context import RequestContext
+from gomodel.proxy.exchange import Exchange, UpstreamCall, usage_of
+from gomodel.proxy.sse import ChatStreamObserver
+from tests.support import start_fake, start_gateway
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_usage_of_reads_the_top_level_usage_without_the_rest():
+    body = (b'{"id":"x","choices":[{"message":{"content":"the \\"usage\\": {} text"}}],'
+            b'"usage":{"prompt_tokens":5,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}')
+    assert usage_of(body) == {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 1}}
+    assert usage_of(b'{"data":[[0.1,0.2]],"usage": {"prompt_tokens":3,"total_tokens":3}}') == {
+        "prompt_tokens": 3, "total_tokens": 3}
+    assert usage_of(b'{"usage":null,"x":{"a":1}}') is None
+    assert usage_of(b'{"choices":[]}') is None
+    assert usage_of(b'{"usage":{"broken"') is None
+
+
+class _GoneRequest:
+    """A request whose client left before the relay could register with it."""
+
+    channel = None
+    responseHeaders = Headers()
+
+    def setResponseCode(self, code):
+        pass
+
+    def setHeader(self, name, value):
+        pass
+
+
+class _BrokenResponse:
+    """An upstream answer whose body breaks off as soon as a protocol takes it."""
+
+    code = 200
+    headers = Headers({b"content-type": [b"text/event-stream"]})
+
+    def deliverBody(self, protocol):
+        protocol.makeConnection(_Transport())
+        protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionError("reset"))])))
+
+
+class _Transport:
+    def stopProducing(self):
+        pass
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+
+def test_client_gone_before_the_relay_started_leaves_no_unhandled_error(logged_errors):
+    """D5: the relay's finished Deferred is consumed even when nobody waits on it."""
+    clock = Clock()
+    exchange = Exchange(clock, Timeouts())
+    ctx = RequestContext(b"id", b"POST", b"/v1/chat/completions", clock)
+    d = Deferred.fromCoroutine(exchange._relay_stream(_GoneRequest(), ctx, _BrokenResponse(),
+                                                      ChatStreamObserver(False)))
+    assert d.result is None
+    del d
+    gc.collect()
+    assert not logged_errors
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_404_too_large_to_read_is_the_upstreams_404_not_a_500(reactor, gateway, http):
+    """D9: a 404 body past the read limit was an internal_error 500."""
+    response = await http.post(gateway.url + "/v1/responses", data=json.dumps({
+        "model": MODEL, "input": "hi", "fake_status": 404, "fake_body": "x" * (100 * 1024)}).encode())
+    body = json.loads(await response.content())
+    assert response.code == 404 and body["error"]["code"] != "internal_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_translated_response_says_it_is_stored_and_what_it_follows(reactor, http):
+    """D10: a Responses object translated from chat claimed store=false and no previous_response_id."""
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        first = await http.post(gw.url + "/v1/responses", data=json.dumps({"model": MODEL, "input": "hi"}).encode())
+        first = json.loads(await first.content())
+        assert first["store"] is True and first["previous_response_id"] is None
+        assert abs(first["created_at"] - reactor.seconds()) < 5
+        second = await http.post(gw.url + "/v1/responses", data=json.dumps(
+            {"model": MODEL, "input": "more", "previous_response_id": first["id"], "stream": True}).encode())
+        events = [json.loads(line[6:]) for line in (await second.content()).decode().splitlines()
+                  if line.startswith("data: ")]
+        completed = events[-1]["response"]
+        assert completed["previous_response_id"] == first["id"] and completed["store"] is True
+        unstored = await http.post(gw.url + "/v1/responses", data=json.dumps(
+            {"model": MODEL, "input": "hi", "store": False}).encode())
+        assert json.loads(await unstored.content())["store"] is False
+    finally:
+        await gw.service.stopService()
+        await fake.stop()
+
+
+def test_fetch_reads_the_whole_answer_of_any_status():
+    class Upstream:
+        name, type, hidden = "u", "vllm", ()
+
+        def url(self, path, native=False):
+            return "http://u" + path
+
+        async def send(self, method, url, body, request_id, headers=None, content_type=None):
+            return _Whole(503, b'{"error":"busy"}')
+
+    class _Whole:
+        def __init__(self, code, body):
+            self.code, self._body, self.headers = code, body, Headers()
+
+        def deliverBody(self, protocol):
+            from twisted.web.client import ResponseDone
+
+            protocol.makeConnection(_Transport())
+            protocol.dataReceived(self._body)
+            protocol.connectionLost(Failure(ResponseDone()))
+
+    clock = Clock()
+    d = Deferred.fromCoroutine(Exchange(clock, Timeouts()).fetch(b"id", Upstream(), UpstreamCall("/x")))
+    response, body = d.result
+    assert (response.code, body) == (503, b'{"error":"busy"}')
+    assert not clock.getDelayedCalls()

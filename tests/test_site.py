@@ -1,0 +1,78 @@
+"""The listening side checks the key when a request's head is in, before any body is stored (D1)."""
+
+import os
+
+import pytest_twisted
+from twisted.internet.task import deferLater
+
+from tests.rawclient import connect
+from tests.support import start_gateway, with_timeout
+
+BOUNDARY = b"gomodelboundary"
+
+
+def upload_head(length, key=None, expect=False) -> bytes:
+    lines = [b"POST /v1/files HTTP/1.1", b"Host: gateway",
+             b"Content-Type: multipart/form-data; boundary=" + BOUNDARY, b"Content-Length: %d" % length]
+    if key is not None:
+        lines.append(b"Authorization: Bearer " + key)
+    if expect:
+        lines.append(b"Expect: 100-continue")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def upload_body(size) -> bytes:
+    return (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--' + BOUNDARY
+            + b'\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+            + b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * size + b"\r\n--" + BOUNDARY + b"--\r\n")
+
+
+def spooled(gateway) -> list:
+    found = []
+    for root, _, files in os.walk(gateway.service.config.data_dir):
+        found += [os.path.join(root, f) for f in files if not f.startswith("gomodel.db")]
+    return found
+
+
+@pytest_twisted.async_yield_fixture()
+async def keyed(reactor, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    yield gw
+    await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unauthenticated_upload_is_refused_without_spooling_a_byte(reactor, keyed):
+    body = upload_body(3 * 1024 * 1024)
+    client = await connect(reactor, keyed.port, upload_head(len(body)) + body[:len(body) // 2])
+    # Half the body is in: nothing of it may be on disk.
+    await deferLater(reactor, 0.2, lambda: None)
+    assert spooled(keyed) == []
+    client.transport.write(body[len(body) // 2:])
+    await with_timeout(reactor, client.wait_for(b"invalid_api_key"), 10)
+    await with_timeout(reactor, client.lost, 10)  # a refused request's connection is not kept
+    received = bytes(client.received)
+    assert received.startswith(b"HTTP/1.1 401 ")
+    assert spooled(keyed) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_request_is_not_invited_to_send_its_body(reactor, keyed):
+    client = await connect(reactor, keyed.port, upload_head(1000, key=b"wrong", expect=True))
+    await deferLater(reactor, 0.2, lambda: None)
+    assert b"100 Continue" not in bytes(client.received)
+    client.transport.write(upload_body(1000 - len(upload_body(0)))[:1000])
+    await with_timeout(reactor, client.wait_for(b"invalid_api_key"), 10)
+    assert b"100 Continue" not in bytes(client.received)
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_upload_is_still_invited_and_stored(reactor, keyed):
+    body = upload_body(1000)
+    client = await connect(reactor, keyed.port, upload_head(len(body), key=b"k1", expect=True))
+    await with_timeout(reactor, client.wait_for(b"100 Continue"), 10)
+    client.transport.write(body)
+    await with_timeout(reactor, client.wait_for(b'"status":"processed"'), 10)
+    assert bytes(client.received).split(b"\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 200 ")
+    client.transport.loseConnection()

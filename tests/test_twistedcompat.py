@@ -1,0 +1,81 @@
+"""Each private Twisted name the gateway uses still exists and behaves as assumed.
+
+A failure here means the installed Twisted changed something
+L{gomodel._twistedcompat} relies on: fix that module, not the callers.
+"""
+
+import inspect
+
+from twisted.internet import abstract, tcp
+from twisted.web import _newclient, client, http, resource, server
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+
+from gomodel import _twistedcompat
+
+
+def test_channel_holds_the_request_line_until_the_body_is_in():
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    seen = []
+
+    class Probe(http.Request):
+        def gotLength(self, length):
+            seen.append(_twistedcompat.request_line(self))
+            super().gotLength(length)
+
+    channel.requestFactory = Probe
+    channel.dataReceived(b"POST /v1/files?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n")
+    assert seen == [(b"POST", b"/v1/files?x=1")]
+    channel.connectionLost(None)
+
+
+def test_pool_connection_factory_is_replaceable():
+    pool = client.HTTPConnectionPool(None)
+    assert pool._factory is client._HTTP11ClientFactory
+    _twistedcompat.use_pool_factory(pool, _twistedcompat.QuietClientFactory)
+    assert pool._factory is _twistedcompat.QuietClientFactory
+    assert "_newConnection" in vars(client.HTTPConnectionPool)
+
+
+def test_client_protocol_sends_a_prepared_request_and_reads_its_answer():
+    protocol = _newclient.HTTP11ClientProtocol()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    head = b"POST /v1/x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}"
+    answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", head))
+    assert transport.value() == head
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    response = answer.result
+    assert response.code == 200
+    body = []
+    response.deliverBody(type("P", (Protocol,), {"dataReceived": lambda self, d: body.append(d)})())
+    assert body == [b"ok"]
+
+
+def test_request_process_internals_exist():
+    assert hasattr(resource, "_IEncodingResource")
+    assert callable(getattr(server.Request, "_handleStar"))
+    assert "_encoder" in inspect.getsource(server.Request)
+    process = inspect.getsource(server.Request.process)
+    for name in ("_handleStar", "_IEncodingResource", "getEncoder", "_encoder", "getResourceFor", "render"):
+        assert name in process, name
+
+
+def test_send_now_relies_on_the_tcp_transport_attributes():
+    for name in ("doWrite", "connected", "disconnecting", "producerPaused"):
+        assert hasattr(tcp.Connection, name) or hasattr(abstract.FileDescriptor, name), name
+
+    class Idle:
+        connected, disconnecting, producerPaused = 1, False, False
+        writes = 0
+
+        def doWrite(self):
+            self.writes += 1
+
+    transport = Idle()
+    _twistedcompat.send_now(transport)
+    transport.producerPaused = True
+    _twistedcompat.send_now(transport)
+    _twistedcompat.send_now(object())  # no doWrite (TLS): left alone
+    assert transport.writes == 1
