@@ -60,8 +60,8 @@ def make_pool(reactor, config) -> HTTPConnectionPool:
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.retryAutomatically = False
-    pool.maxPersistentPerHost = config.pool_max_per_host
-    pool.cachedConnectionTimeout = config.pool_idle_timeout
+    pool.maxPersistentPerHost = config.upstreams.pool_max_per_host
+    pool.cachedConnectionTimeout = config.upstreams.pool_idle_timeout
     pool._factory = _QuietClientFactory
     return pool
 

@@ -30,15 +30,15 @@ class GatewayApp:
         self._clock = clock
         self._files = files  # an object with a Klein .app serving /v1/files*
         self._batches = batches  # the same for /v1/batches*
-        forwarder = Forwarder(clock, config.timeouts)
+        forwarder = Forwarder(clock, config.upstreams.timeouts)
         self._responses = ResponsesRoute(forwarder, clock, registry, store)
         self._inference = InferenceRoutes(registry, forwarder, self._responses)
         self._passthrough = Passthrough(config, registry, forwarder)
 
     def resource(self):
         """The root resource to serve: the front checks, the inference routes, then Klein's routes."""
-        return FrontResource(self.app.resource(), self._clock, master_key=self._config.master_key,
-                             body_limit=self._config.body_size_limit, access_log=self._config.access_log,
+        return FrontResource(self.app.resource(), self._clock, master_key=self._config.auth.master_key,
+                             body_limit=self._config.limits.body_size_limit, access_log=self._config.metrics.access_log,
                              inference=self._inference.routes())
 
     # -- routes ----------------------------------------------------------------
