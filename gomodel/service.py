@@ -1,7 +1,6 @@
 """The running gateway as a tree of Twisted services: pool, model registry, listeners."""
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -11,70 +10,11 @@ from gomodel.api.files import FilesAPI
 from gomodel.api.site import GatewaySite
 from gomodel.batches.service import BatchServices
 from gomodel.httpclient import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
+from gomodel.listeners import ListenerService, PoolService
 from gomodel.providers import build_provider
 from gomodel.registry import ModelRegistry
 from gomodel.responses_history import ResponseRetention
 from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
-
-
-class PoolService(Service):
-    """Owns the upstream connection pool; closes it last on the way down."""
-
-    def __init__(self, pool):
-        self.pool = pool
-
-    def stopService(self):
-        super().stopService()
-        return self.pool.closeCachedConnections()
-
-
-class ListenerService(Service):
-    """Listens on one endpoint; L{whenListening} fires with the port."""
-
-    log = Logger()
-
-    def __init__(self, endpoint, factory, description=None):
-        self.description = description
-        self._endpoint = endpoint
-        self._factory = factory
-        self._port = None
-        self._waiting = []
-
-    def whenListening(self) -> Deferred:
-        """Fires with the L{IListeningPort} once listening."""
-        if self._port is not None:
-            return succeed(self._port)
-        d = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def startService(self):
-        super().startService()
-        d = self._endpoint.listen(self._factory)
-
-        def listening(port):
-            self._port = port
-            address = port.getHost()
-            self.log.info("listening on {host}:{port}", host=address.host, port=address.port)
-            waiting, self._waiting = self._waiting, []
-            for w in waiting:
-                w.callback(port)
-
-        def failed(failure):
-            waiting, self._waiting = self._waiting, []
-            for w in waiting:
-                w.errback(failure)
-            if not waiting:
-                return failure
-
-        d.addCallbacks(listening, failed)
-
-    def stopService(self):
-        super().stopService()
-        if self._port is not None:
-            port, self._port = self._port, None
-            return port.stopListening()
-        return None
 
 
 class GatewayService(MultiService):
