@@ -22,57 +22,59 @@ from gomodel.http.site import GatewaySite
 from gomodel.proxy.exchange import Exchange
 from gomodel.responses_history import ResponseRetention
 from gomodel.routing.registry import ModelRegistry
-from gomodel.service import GatewayService, ListenerService, PoolService
+from gomodel.listeners import ListenerService, PoolService
+from gomodel.service import GatewayService
 from gomodel.upstream import build_provider
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
 from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 
 
-def build_gateway(config, reactor, *, role="single", worker_argv=None) -> GatewayService:
+def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None) -> GatewayService:
     """The whole gateway for C{config}, not started.
 
     @param role: C{"single"} (one process), C{"primary"} (listens with
-        SO_REUSEPORT and supervises C{config.workers - 1} workers started
-        with C{worker_argv}) or C{"worker"} (started by a primary).
+        SO_REUSEPORT and supervises C{config.server.workers - 1} workers started
+        with C{worker_argv} in the environment C{worker_env}) or C{"worker"}
+        (started by a primary).
     """
     gateway = GatewayService(config)
 
     # Upstreams: one pool (closed last), the relay client, treq for our own calls.
-    pool = make_pool(reactor, config)
+    pool = make_pool(reactor, config.upstreams.pool_max_per_host, config.upstreams.pool_idle_timeout)
     PoolService(pool).setServiceParent(gateway)
-    endpoints = CachingEndpointFactory(reactor, config.timeouts.connect)
+    endpoints = CachingEndpointFactory(reactor, config.upstreams.timeouts.connect)
     relay_client = RelayClient(pool, endpoints)
     http = make_http_client(make_agent(reactor, pool, endpoints))
-    providers = [build_provider(p, relay_client, http, reactor, config.timeouts) for p in config.providers]
+    providers = [build_provider(p, relay_client, http, reactor, config.upstreams.timeouts) for p in config.upstreams.providers]
 
     # Routing.
-    gateway.registry = ModelRegistry(providers, reactor, mode=config.models_mode,
-                                     refresh_interval=config.models_refresh_interval)
+    gateway.registry = ModelRegistry(providers, reactor, mode=config.upstreams.models_mode,
+                                     refresh_interval=config.upstreams.models_refresh_interval)
     gateway.registry.setServiceParent(gateway)
 
     # Stores and batch work (stopped in reverse, one after the other).
-    exchange = Exchange(reactor, config.timeouts)
+    exchange = Exchange(reactor, config.upstreams.timeouts)
     batches = BatchServices(config, gateway.registry, reactor, exchange, primary=role != "worker")
     batches.setServiceParent(gateway)
     gateway.store, gateway.batch_runner = batches.store, batches.runner
     if role != "worker":
-        ResponseRetention(gateway.store, reactor, config.responses_retention).setServiceParent(gateway)
+        ResponseRetention(gateway.store, reactor, config.store.responses_retention).setServiceParent(gateway)
 
     # Routes.
     responses = ResponsesRoute(exchange, reactor, gateway.registry, gateway.store)
     inference = InferenceRoutes(gateway.registry, exchange, responses)
-    files = FilesAPI(gateway.store, config.files_max_bytes)
-    app = GatewayApp(gateway.registry, responses, Passthrough(config, gateway.registry, exchange),
+    files = FilesAPI(gateway.store, config.limits.files_max_bytes)
+    app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(gateway.store, gateway.batch_runner))
-    sinks = (AccessLog(),) if config.access_log else ()
-    front = FrontResource(app.app.resource(), reactor, body_limit=config.body_size_limit, sinks=sinks,
+    sinks = (AccessLog(),) if config.metrics.access_log else ()
+    front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           exact=inference.routes())
-    gateway.site = GatewaySite(front, config.body_size_limit, authenticate=MasterKeyAuth(config.master_key),
+    gateway.site = GatewaySite(front, config.limits.body_size_limit, authenticate=MasterKeyAuth(config.auth.master_key),
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
 
     # Listeners, and the processes that share them.
-    for description in config.listen:
+    for description in config.server.listen:
         if role == "single":
             endpoint = serverFromString(reactor, description)
         else:
@@ -80,8 +82,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None) -> Gatewa
         listener = ListenerService(endpoint, gateway.site, description)
         listener.setServiceParent(gateway)
         gateway.listeners.append(listener)
-    if role == "primary" and config.workers > 1:
-        WorkerSupervisor(reactor, config.workers, gateway.listeners, worker_argv).setServiceParent(gateway)
+    if role == "primary" and config.server.workers > 1:
+        WorkerSupervisor(reactor, config.server.workers, gateway.listeners, worker_argv,
+                         worker_env).setServiceParent(gateway)
     elif role == "worker":
         ParentWatch(reactor).setServiceParent(gateway)
     return gateway

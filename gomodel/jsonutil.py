@@ -4,38 +4,46 @@ import json
 
 import orjson
 
-# orjson reads integers past 64 bits as floats; such bodies go through the
-# standard library so that every value reaches the upstream untouched. The
-# scan runs on every body parsed: digits are mapped to "0" and 20 of them
-# searched for in C (a regular expression for a digit run costs ten times as
-# much per byte: it has no literal to look for).
+# orjson reads integers outside -2**63 .. 2**64-1 as floats; such bodies go
+# through the standard library so that every value reaches the upstream
+# untouched. Outside that range means 20 digits or more, or a minus sign and
+# 19 digits (-9223372036854775809 is past -2**63). The scan runs on every body
+# parsed: digits are mapped to "0" and 19 of them searched for in C (a regular
+# expression for a digit run costs ten times as much per byte: it has no
+# literal to look for); only the rare runs it finds are looked at in Python.
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_LONG_RUN = b"0" * 20
+_RUN = 19
+_LONG_RUN = b"0" * _RUN
 _BEFORE_NUMBER = frozenset(b":[,")
 _SPACE = frozenset(b" \t\r\n")
 
 
 def _has_huge_integer(data: bytes) -> bool:
-    """Whether a number token of 20 digits or more is in C{data}.
+    """Whether a number token orjson would read as a float, though integral, is in C{data}.
 
-    Only number tokens count (at the start, or after ':' '[' ','): a run of
-    digits inside a string, such as an id, does not.
+    That is a run of 20 digits or more, or of 19 after a minus sign. Only
+    number tokens count (at the start, or after ':' '[' ','): a run of digits
+    inside a string, such as an id, or after a decimal point does not. A
+    19-digit negative at or above -2**63 counts too: the standard library
+    reads it as well, just more slowly.
     """
-    if len(data) < 20:
+    if len(data) < _RUN + 1:  # 20 digits, or a minus sign and 19
         return False
     zeroed = data.translate(_DIGITS_AS_ZERO)
     start = zeroed.find(_LONG_RUN)
     while start != -1:
-        i = start - 1
-        if i >= 0 and data[i] == 0x2D:  # a minus sign
-            i -= 1
-        while i >= 0 and data[i] in _SPACE:
-            i -= 1
-        if i < 0 or data[i] in _BEFORE_NUMBER:
-            return True
-        end = start + 20
+        end = start + _RUN
         while end < len(zeroed) and zeroed[end] == 0x30:  # to the end of this run
             end += 1
+        i = start - 1
+        negative = i >= 0 and data[i] == 0x2D  # a minus sign
+        if negative or end - start > _RUN:
+            if negative:
+                i -= 1
+            while i >= 0 and data[i] in _SPACE:
+                i -= 1
+            if i < 0 or data[i] in _BEFORE_NUMBER:
+                return True
         start = zeroed.find(_LONG_RUN, end)
     return False
 

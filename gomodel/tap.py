@@ -43,11 +43,11 @@ class Options(usage.Options):
         if self["workers"] is not None:
             if self["workers"] < 1:
                 raise usage.UsageError("--workers must be at least 1")
-            config = dataclasses.replace(config, workers=self["workers"])
-        if not any(p.base_url.startswith("https:") for p in config.providers):
+            config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=self["workers"]))
+        if not any(p.base_url.startswith("https:") for p in config.upstreams.providers):
             _keep_openssl_out()
-        if config.workers > 1 or self["worker-child"]:
-            for description in config.listen:
+        if config.server.workers > 1 or self["worker-child"]:
+            for description in config.server.listen:
                 try:
                     parse_tcp(description)
                 except ValueError as e:
@@ -78,8 +78,9 @@ def makeService(options):
     reactor.callWhenRunning(_freeze_startup_objects)
     if options["worker-child"]:
         return build_gateway(config, reactor, role="worker")
-    if config.workers > 1:
-        return build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv))
+    if config.server.workers > 1:
+        return build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv),
+                             worker_env=os.environ)
     return build_gateway(config, reactor)
 
 

@@ -9,7 +9,6 @@ worker stops by itself when the primary is gone (its stdin, a pipe from the
 primary, closes).
 """
 
-import os
 import re
 import signal
 import socket
@@ -86,17 +85,19 @@ class WorkerSupervisor(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, count: int, listeners, argv, env=None):
+    def __init__(self, reactor, count: int, listeners, argv, env):
         """
-        @param listeners: the primary's L{gomodel.service.ListenerService}s, with
+        @param listeners: the primary's L{gomodel.listeners.ListenerService}s, with
             their descriptions, to learn the ports (port 0 becomes the real one).
         @param argv: the worker command line, without its C{--listen} options.
+        @param env: the workers' environment (twistd's own, handed down from
+            L{gomodel.tap}: only the process edge reads C{os.environ}).
         """
         self._reactor = reactor
         self._count = count
         self._listeners = listeners
         self._argv = argv
-        self._env = dict(os.environ if env is None else env)
+        self._env = dict(env)
         self._workers = {}
         self._restarts = {}
         self._listen_args = None

@@ -89,6 +89,6 @@ async def http(reactor):
 @pytest.fixture
 def sdk(gw):
     """The openai SDK holding the master key of the module's C{gw} gateway fixture."""
-    client = openai_client(gw, gw.service.config.master_key or "unused", timeout=20)
+    client = openai_client(gw, gw.service.config.auth.master_key or "unused", timeout=20)
     yield client
     client.close()

@@ -29,3 +29,44 @@ def test_only_number_tokens_count_as_huge_integers():
     assert huge(b'{"a":"x1234567890123456789012345", "b": 12345678901234567890}')
     assert not huge(b'{"id": "chatcmpl-00000000000000000000000000", "n": 1234567890123456789}')
     assert not huge(b'{"x": 1.23456789012345678901234}')
+
+
+# orjson reads integers as i64 or u64: from -2**63 to 2**64 - 1. Every value on
+# either side of both ends, and the 19- and 20-digit edges, keeps its exact text.
+BOUNDARIES = [
+    "9223372036854775807",  # 2**63 - 1
+    "9223372036854775808",  # 2**63 (u64 in orjson)
+    "1000000000000000000",  # the smallest 19-digit value
+    "9999999999999999999",  # the largest 19-digit value, below 2**64
+    "10000000000000000000",  # the smallest 20-digit value
+    "18446744073709551615",  # 2**64 - 1
+    "18446744073709551616",  # 2**64: a float in orjson
+    "99999999999999999999",
+    "-1000000000000000000",  # 19 digits, above -2**63
+    "-9223372036854775807",
+    "-9223372036854775808",  # -2**63
+    "-9223372036854775809",  # below -2**63: a float in orjson, with 19 digits (D6)
+    "-9999999999999999999",
+    "-10000000000000000000",
+    "-18446744073709551616",
+]
+
+
+@pytest.mark.parametrize("text", BOUNDARIES)
+@pytest.mark.parametrize("document, path", [("{text}", []), ('{{"n": {text}}}', ["n"]), ("[1, {text}]", [1]),
+                                            ('{{"a":[ -1,{text} ]}}', ["a", 1])])
+def test_integers_at_the_64_bit_edges_round_trip_exactly(document, path, text):
+    value = jsonutil.loads(document.format(text=text).encode())
+    found = value
+    for step in path:
+        found = found[step]
+    assert type(found) is int and found == int(text)
+    assert text.encode() in jsonutil.dumps(value)  # the exact integer text goes upstream
+
+
+def test_a_19_digit_negative_is_huge_only_as_a_number_token():
+    huge = jsonutil._has_huge_integer
+    assert huge(b"-9223372036854775809") and huge(b'{"n":\n -9223372036854775809}')
+    assert not huge(b'{"n": 9223372036854775809}')  # a 19-digit positive fits orjson's u64
+    assert not huge(b'{"id": "x-9223372036854775809"}')  # inside a string
+    assert not huge(b'{"x": -0.9223372036854775809}')  # a fraction's digits

@@ -29,7 +29,7 @@ def upload_body(size) -> bytes:
 
 def spooled(gateway) -> list:
     found = []
-    for root, _, files in os.walk(gateway.service.config.data_dir):
+    for root, _, files in os.walk(gateway.service.config.store.data_dir):
         found += [os.path.join(root, f) for f in files if not f.startswith("gomodel.db")]
     return found
 

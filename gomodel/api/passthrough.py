@@ -32,19 +32,20 @@ _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 class Passthrough:
     """Relays C{/p/{provider}/{endpoint}} requests."""
 
-    def __init__(self, config, registry, exchange):
-        self._config = config
+    def __init__(self, settings, registry, exchange):
+        """@param settings: the L{gomodel.config.PassthroughConfig}."""
+        self._settings = settings
         self._registry = registry
         self._exchange = exchange
 
     async def relay(self, request, ctx, provider_name):
         """Relay C{request} to the provider; return None once the answer was relayed."""
-        if not self._config.passthrough_enabled:
+        if not self._settings.enabled:
             raise errors.NotFound("Provider passthrough routes are disabled (ENABLE_PASSTHROUGH_ROUTES).")
         provider = self._registry.provider(provider_name)
         if provider is None:
             raise errors.NotFound(f"No provider or provider type named '{provider_name}'.", code="provider_not_found")
-        if provider.type not in self._config.passthrough_types:
+        if provider.type not in self._settings.types:
             raise errors.Forbidden(f"Passthrough is not enabled for provider type '{provider.type}' "
                                    "(ENABLED_PASSTHROUGH_PROVIDERS).")
         endpoint = self._endpoint(request, provider_name)
@@ -69,7 +70,7 @@ class Passthrough:
                                         code="missing_endpoint")
         bare = endpoint[3:] if endpoint.lower().startswith("v1/") else endpoint
         first = bare.split("/", 1)[0].lower()
-        allowed = self._config.passthrough_admin_allowed
+        allowed = self._settings.admin_allowed
         if (first in ADMIN_ROUTES and first not in allowed) or (bare.lower() in ADMIN_ROUTES and bare.lower() not in allowed):
             raise errors.Forbidden(f"'/{bare}' is an operational route of the provider and is not reachable "
                                    "through the gateway (PASSTHROUGH_ALLOWED_ADMIN_ROUTES can allow it).")

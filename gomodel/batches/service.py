@@ -25,11 +25,11 @@ class BatchServices(MultiService):
             (C{--workers}) only store batches and cancellations for it.
         """
         super().__init__()
-        self.store = SQLiteStore(config.data_dir, reactor, sweep=primary)
+        self.store = SQLiteStore(config.store.data_dir, reactor, sweep=primary)
         self.store.setServiceParent(self)
         self.runner = BatchRunner(self.store, registry, reactor, exchange,
-                                  concurrency=config.batch_concurrency_per_provider,
-                                  max_attempts=config.batch_max_attempts, execute=primary)
+                                  concurrency=config.limits.batch_concurrency_per_provider,
+                                  max_attempts=config.limits.batch_max_attempts, execute=primary)
         self.runner.setServiceParent(self)
 
     def stopService(self):

@@ -3,7 +3,7 @@
 from typing import NamedTuple, Optional
 
 from gomodel import jsonutil
-from gomodel.config import _positive_duration
+from gomodel.config.parsers import positive_duration
 
 # Endpoints a batch may target (OpenAI's, plus vLLM's rerank and score).
 ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses", "/v1/rerank",
@@ -66,7 +66,7 @@ def completion_window(value) -> float:
     """Seconds for C{"24h"} (OpenAI's only value) or, as our extension, any duration such as C{"1h"}."""
     if not isinstance(value, str):
         raise ValueError("must be a duration string such as '24h'")
-    seconds = _positive_duration(value)
+    seconds = positive_duration(value)
     if seconds < 1 or seconds > MAX_WINDOW:
         raise ValueError("must be between 1s and 30 days")
     return seconds

@@ -44,7 +44,7 @@ class BytesProducer:
         pass
 
 
-def make_pool(reactor, config) -> HTTPConnectionPool:
+def make_pool(reactor, max_per_host: int, idle_timeout: float) -> HTTPConnectionPool:
     """One persistent pool for every upstream, sized for the expected concurrency.
 
     Idle connections are closed before uvicorn's 5 s keep-alive would close
@@ -54,8 +54,8 @@ def make_pool(reactor, config) -> HTTPConnectionPool:
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.retryAutomatically = False
-    pool.maxPersistentPerHost = config.pool_max_per_host
-    pool.cachedConnectionTimeout = config.pool_idle_timeout
+    pool.maxPersistentPerHost = max_per_host
+    pool.cachedConnectionTimeout = idle_timeout
     use_pool_factory(pool, QuietClientFactory)
     return pool
 

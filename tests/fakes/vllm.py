@@ -1,9 +1,9 @@
 """A fake vLLM 0.32 OpenAI server: a real Twisted HTTP server on 127.0.0.1, port 0.
 
-It speaks vLLM's wire format (see VLLM.md): the model list with
-C{max_model_len}, chat JSON with vLLM's extra fields, SSE chunks with the usage
-chunk and C{data: [DONE]}, nested errors, the bare C{{"error":"Unauthorized"}}
-of C{--api-key}. Tests steer it through fields of the request body that the
+It speaks vLLM's wire format as vLLM's OpenAI server writes it: the model
+list with C{max_model_len}, chat JSON with vLLM's extra fields, SSE chunks with
+the usage chunk and C{data: [DONE]}, errors nested under C{"error"}, and the
+bare C{{"error":"Unauthorized"}} that C{--api-key} answers with. Tests steer it through fields of the request body that the
 gateway forwards untouched:
 
   - C{fake_chunks}: number of content chunks in a stream (default 3)

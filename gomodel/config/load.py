@@ -1,0 +1,122 @@
+"""L{load_config}: environment over YAML, read once into one frozen L{Config}.
+
+This is the only code that reads the environment; it is handed the mapping to
+read, so tests pass a plain dict. Every bad value raises L{ConfigError} whose
+message names the variable (or YAML key) at fault.
+
+YAML: C{providers:} is a top-level key. Every other setting's key may sit
+under its own section (C{server:}, C{upstreams:}, C{store:}, C{auth:},
+C{limits:}, C{metrics:}) or, as in older files, under C{server:} whatever
+its section; the same key in both places is an error.
+"""
+
+import dataclasses
+import re
+from typing import Mapping, Optional, Sequence
+
+import yaml
+
+from gomodel.config.errors import ConfigError
+from gomodel.config.providers import load_providers
+from gomodel.config.sections import SECTIONS, Config, settings_of
+
+_LEGACY = "server"  # the section whose keys may be any section's (files written before sections)
+_UNSET = object()
+
+
+def load_config(
+    environ: Mapping[str, str],
+    yaml_path: Optional[str] = None,
+    listen: Sequence[str] = (),
+) -> Config:
+    """Build the L{Config} from C{environ}, the YAML file and C{--listen} values.
+
+    The YAML path is C{yaml_path}, else C{GOMODEL_CONFIG} from C{environ}.
+    Environment values win over YAML; empty environment values count as unset.
+    C{listen}, when given, replaces the C{PORT} setting's C{tcp:PORT}.
+
+    @raise ConfigError: a value, key or file that cannot be used.
+    """
+    env = {k: v for k, v in environ.items() if v != ""}
+    yaml_path = yaml_path or env.get("GOMODEL_CONFIG")
+    document = _read_yaml(yaml_path, env) if yaml_path else {}
+    blocks = {name: _mapping(document, name, yaml_path) for name in SECTIONS}
+    for name, cls in SECTIONS.items():
+        known = {key for _, key, _, _ in settings_of(Config if name == _LEGACY else cls)}
+        unknown = set(blocks[name]) - known
+        if unknown:
+            raise ConfigError(f"{yaml_path}: unknown key(s) under {name}: {', '.join(sorted(unknown))}")
+    unknown = set(document) - set(SECTIONS) - {"providers"}
+    if unknown:
+        raise ConfigError(f"{yaml_path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+
+    sections = {name: _build(cls, name, blocks, env, yaml_path) for name, cls in SECTIONS.items()}
+    warnings = []
+    providers = load_providers(document.get("providers"), yaml_path, env, warnings)
+    sections["upstreams"] = dataclasses.replace(sections["upstreams"], providers=providers)
+    if listen:
+        sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))
+    return Config(**sections, warnings=tuple(warnings))
+
+
+def _build(cls, name, blocks, env, yaml_path):
+    """One section (or group) of class C{cls}, from the settings among its fields."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            values[f.name] = _build(f.metadata["group"], name, blocks, env, yaml_path)
+        elif "setting" in f.metadata:
+            value = _value(f.metadata["setting"], f.metadata["setting"].yaml or f.name, name, blocks, env, yaml_path)
+            if value is not _UNSET:
+                values[f.name] = value
+    return cls(**values)
+
+
+def _value(setting, key, name, blocks, env, yaml_path):
+    """The setting's value from the environment, else YAML, else C{_UNSET} (the default)."""
+    for var in (setting.env, *setting.aliases):
+        if var in env:
+            return _parsed(setting, env[var], var)
+    places = [place for place in dict.fromkeys((name, _LEGACY)) if blocks[place].get(key) is not None]
+    if len(places) > 1:
+        raise ConfigError(f"{yaml_path}: {key} is set under both {name}: and {_LEGACY}:; keep one")
+    if places:
+        return _parsed(setting, blocks[places[0]][key], f"{yaml_path}: {places[0]}.{key}")
+    return _UNSET
+
+
+def _parsed(setting, value, where):
+    try:
+        return setting.parse(value)
+    except (TypeError, ValueError) as e:
+        shown = "(hidden)" if setting.secret or "KEY" in where.upper() else repr(value)
+        raise ConfigError(f"{where}: invalid value {shown}: {e}") from None
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _read_yaml(path, env) -> dict:
+    """Read the YAML file, expanding C{${VAR}} and C{${VAR:-default}} from C{env}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    text = _PLACEHOLDER.sub(lambda m: env.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text)
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return document
+
+
+def _mapping(document, name, yaml_path) -> dict:
+    value = document.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{yaml_path}: the config key {name!r} must be a mapping")
+    return value

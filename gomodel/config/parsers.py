@@ -1,0 +1,141 @@
+"""Value parsers: one text (or YAML scalar) in, one typed value out.
+
+Each takes the raw value from the environment or the YAML file and returns
+the parsed value, or raises C{ValueError} (or C{TypeError}) with a short
+reason; the loader adds the name of the variable or YAML key at fault.
+"""
+
+import re
+
+from gomodel.config.catalog import MODELS_MODES, PROVIDER_TYPES
+
+__all__ = ["duration", "positive_duration", "size", "file_size", "directory", "port", "listen_port", "count",
+           "models_mode", "boolean", "names", "provider_types", "secret"]
+
+
+def duration(value) -> float:
+    """Seconds from C{30}, C{"30"}, C{"1.5s"}, C{"500ms"}, C{"5m"}, C{"1h30m"}, C{"30d"}; 0 allowed.
+
+    @raise ValueError: not a duration, or negative.
+    """
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        else:
+            parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError("not a duration (use e.g. 30, 30s, 500ms, 5m, 1h, 30d)")
+            scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+            seconds = sum(float(n) * scale[u] for n, u in parts)
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def positive_duration(value) -> float:
+    """Like L{duration}, but 0 is refused.
+
+    @raise ValueError: not a duration, or not above zero.
+    """
+    seconds = duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
+
+
+def size(value, maximum=1024**3) -> int:
+    """Bytes from C{10485760}, C{"10M"}, C{"500KB"}, C{"1G"}: between 1 KB and C{maximum} (1 GB).
+
+    @raise ValueError: not a size, or out of range.
+    """
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("not a size (use e.g. 10M, 500KB or a byte count)")
+    result = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not 1024 <= result <= maximum:
+        raise ValueError(f"must be between 1KB and {maximum // 1024**3}GB")
+    return result
+
+
+def file_size(value) -> int:
+    """Like L{size}, up to 8 GB (uploads are streamed to disk, never held in memory)."""
+    return size(value, 8 * 1024**3)
+
+
+def directory(value) -> str:
+    """A directory path, not blank (it need not exist yet)."""
+    path = str(value).strip()
+    if not path:
+        raise ValueError("must be a directory path")
+    return path
+
+
+def port(value) -> int:
+    """A TCP port number, 0 to 65535."""
+    number = int(str(value).strip())
+    if not 0 <= number <= 65535:
+        raise ValueError("not a TCP port")
+    return number
+
+
+def listen_port(value) -> tuple:
+    """The listen descriptions for one TCP port: C{"9000"} gives C{("tcp:9000",)}."""
+    return (f"tcp:{port(value)}",)
+
+
+def count(value) -> int:
+    """A whole number, at least 1."""
+    number = int(str(value).strip())
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def models_mode(value) -> str:
+    """One of L{MODELS_MODES}, case-insensitive."""
+    mode = str(value).strip().lower()
+    if mode not in MODELS_MODES:
+        raise ValueError("must be one of: " + ", ".join(MODELS_MODES))
+    return mode
+
+
+def boolean(value) -> bool:
+    """C{True} from 1/true/yes/on, C{False} from 0/false/no/off (any case), or a YAML boolean."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def names(value) -> tuple:
+    """Lower-case names from a comma-separated text or a YAML list; slashes around each are dropped."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return tuple(str(i).strip().strip("/").lower() for i in items if str(i).strip().strip("/"))
+
+
+def provider_types(value) -> tuple:
+    """Like L{names}, each a known provider type."""
+    types = names(value)
+    unknown = [t for t in types if t not in PROVIDER_TYPES]
+    if unknown:
+        raise ValueError(f"unknown provider type(s) {', '.join(unknown)}; known: {', '.join(PROVIDER_TYPES)}")
+    return types
+
+
+def secret(value) -> str:
+    """Any text (the loader never shows it in a message)."""
+    return str(value)

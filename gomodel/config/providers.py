@@ -1,0 +1,151 @@
+"""Providers: the YAML C{providers:} blocks merged with C{<TYPE>[_<SUFFIX>]_*} variables (env wins)."""
+
+import re
+from typing import Optional
+from urllib.parse import urlsplit
+
+from gomodel.config.catalog import PROVIDER_TYPES, ROOT_SERVERS
+from gomodel.config.errors import ConfigError
+from gomodel.config.sections import ProviderConfig
+
+_PROVIDER_FIELDS = ("BASE_URL", "API_KEY", "MODELS")
+_SUFFIX = re.compile(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*")
+_YAML_PROVIDER_KEYS = {"type", "base_url", "api_key", "models"}
+
+
+def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
+    """Merge YAML provider blocks with C{<TYPE>[_<SUFFIX>]_*} variables (env wins)."""
+    entries = {}  # name -> dict(type, base_url, api_key, models, where)
+    if yaml_providers is not None:
+        if not isinstance(yaml_providers, dict):
+            raise ConfigError(f"{yaml_path}: providers must be a mapping of name -> settings")
+        for name, block in yaml_providers.items():
+            where = f"{yaml_path}: providers.{name}"
+            if not isinstance(block, dict):
+                raise ConfigError(f"{where} must be a mapping")
+            unknown = set(block) - _YAML_PROVIDER_KEYS
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+            type_ = block.get("type")
+            if type_ not in PROVIDER_TYPES:
+                raise ConfigError(f"{where}.type must be one of: {', '.join(PROVIDER_TYPES)}")
+            entries[str(name)] = {
+                "type": type_,
+                "base_url": (block.get("base_url"), f"{where}.base_url"),
+                "api_key": (block.get("api_key"), f"{where}.api_key"),
+                "models": (_yaml_models(block.get("models"), where), f"{where}.models"),
+            }
+
+    for (type_, suffix), fields in sorted(_env_providers(env).items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        if suffix is None:
+            same_type = [n for n, e in entries.items() if e["type"] == type_]
+            if len(same_type) > 1:
+                warnings.append(
+                    f"{type_.upper()}_* variables ignored: the YAML file has several {type_} "
+                    f"providers ({', '.join(same_type)}); use suffixed variables instead"
+                )
+                continue
+            name = same_type[0] if same_type else type_
+        else:
+            name = f"{type_}-{suffix.lower().replace('_', '-')}"
+            existing = entries.get(name)
+            if existing is not None and existing["type"] != type_:
+                warnings.append(f"{type_.upper()}_{suffix}_* variables ignored: provider {name!r} "
+                                f"is of type {existing['type']} in the YAML file")
+                continue
+        entry = entries.setdefault(name, {"type": type_})
+        for field_name, (value, var) in fields.items():
+            if field_name == "models":
+                value = tuple(m.strip() for m in value.split(",") if m.strip())
+            entry[field_name] = (value, var)
+
+    providers = []
+    for name in sorted(entries):
+        built = _build_provider(name, entries[name], warnings)
+        if built is not None:
+            providers.append(built)
+    return tuple(providers)
+
+
+def _env_providers(env) -> dict:
+    """Find C{<TYPE>_[<SUFFIX>_]{BASE_URL,API_KEY,MODELS}} variables: {(type, suffix): {field: (value, var)}}."""
+    found = {}
+    for var, value in env.items():
+        for type_ in PROVIDER_TYPES:
+            prefix = type_.upper() + "_"
+            if not var.startswith(prefix):
+                continue
+            rest = var[len(prefix):]
+            for fld in _PROVIDER_FIELDS:
+                if rest == fld:
+                    suffix = None
+                elif rest.endswith("_" + fld):
+                    suffix = rest[: -len(fld) - 1]
+                    if not _SUFFIX.fullmatch(suffix):
+                        raise ConfigError(
+                            f"{var}: the instance suffix {suffix!r} must be letters and digits "
+                            "separated by single underscores"
+                        )
+                else:
+                    continue
+                found.setdefault((type_, suffix), {})[fld.lower()] = (value, var)
+    return found
+
+
+def _yaml_models(models, where) -> tuple:
+    if models is None:
+        return ()
+    if not isinstance(models, list):
+        raise ConfigError(f"{where}.models must be a list")
+    ids = []
+    for item in models:
+        if isinstance(item, dict):
+            item = item.get("id")
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"{where}.models: each entry must be a model id (or a mapping with id)")
+        ids.append(item.strip())
+    return tuple(ids)
+
+
+def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
+    type_ = PROVIDER_TYPES[entry["type"]]
+    base_url, base_where = entry.get("base_url", (None, None))
+    api_key, key_where = entry.get("api_key", (None, None))
+    models, _ = entry.get("models", ((), None))
+    if api_key is not None:
+        api_key = str(api_key)
+        if "${" in api_key:
+            raise ConfigError(f"{key_where}: looks like an unresolved ${{...}} placeholder")
+        if any(ord(c) < 0x20 or ord(c) == 0x7f for c in api_key):
+            raise ConfigError(f"{key_where}: must not contain control characters (line breaks included)")
+        if not api_key:
+            api_key = None
+    if api_key is None and not type_.keyless:
+        warnings.append(f"provider {name!r} ({type_.name}) skipped: it needs an API key "
+                        f"({type_.name.upper()}_API_KEY or api_key in YAML)")
+        return None
+    base_url, root_url = _normalise_base_url(base_url or type_.default_base_url, type_.name,
+                                             base_where or "the default base URL")
+    return ProviderConfig(name=name, type=type_.name, base_url=base_url, root_url=root_url,
+                          api_key=api_key, models=tuple(models))
+
+
+def _normalise_base_url(url, type_name, where):
+    """Return (API base ending in /v1 where the server has one, server root)."""
+    url = str(url).strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: must not have a query or fragment")
+    url = url.rstrip("/")
+    path = urlsplit(url).path
+    if path.endswith("/v1"):
+        return url, url[: -len("/v1")]
+    if type_name in ROOT_SERVERS or not path:
+        return url + "/v1", url
+    return url, url

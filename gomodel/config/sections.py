@@ -1,0 +1,189 @@
+"""The configuration's shape: one frozen dataclass per section, each its own table.
+
+A section's settings are its fields, one line each, declared with
+L{setting}: the field name and type, the environment variable, the parser,
+the default and (where it differs from the field name) the YAML key. The
+loader walks these fields, so adding a setting is one line in one class::
+
+    retention: float = setting("RESPONSES_RETENTION", parsers.positive_duration, 30 * 86400.0)
+
+A field declared with L{group} is a nested dataclass whose settings sit in
+the same YAML section as its parent's (L{Timeouts} in C{upstreams:}). Fields
+with neither (C{UpstreamsConfig.providers}) are filled by the loader from
+elsewhere.
+
+YAML keys must be unique across all sections, because the flat C{server:}
+section of older files accepts every one of them.
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterator, Optional
+from urllib.parse import urlsplit
+
+from gomodel.config import parsers
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of a section's table: where a value comes from and how it is read.
+
+    @ivar env: the environment variable; it wins over YAML.
+    @ivar parse: the parser from L{gomodel.config.parsers}.
+    @ivar yaml: the YAML key, or C{None} for the field's name.
+    @ivar aliases: other environment variables read when C{env} is unset.
+    @ivar secret: never shown in messages (nor in the section's repr).
+    """
+
+    env: str
+    parse: Callable
+    yaml: Optional[str] = None
+    aliases: tuple = ()
+    secret: bool = False
+
+
+def setting(env, parse, default, *, yaml=None, aliases=(), secret=False):
+    """A dataclass field that is one setting (see the module docstring)."""
+    return field(default=default, repr=not secret,
+                 metadata={"setting": Setting(env, parse, yaml, tuple(aliases), secret)})
+
+
+def group(cls):
+    """A dataclass field holding a nested settings class, read from the parent's YAML section."""
+    return field(default_factory=cls, metadata={"group": cls})
+
+
+def section(cls):
+    """A field of L{Config}: one section, read from the YAML section of the field's name."""
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+def settings_of(cls, prefix="") -> Iterator[tuple]:
+    """Every setting of C{cls}, nested ones included.
+
+    @return: C{(attribute path, YAML key, Setting, default)} tuples, e.g.
+        C{("upstreams.timeouts.connect", "connect_timeout", Setting(...), 10.0)}
+        for C{settings_of(Config)}.
+    """
+    for f in fields(cls):
+        path = prefix + f.name
+        if "setting" in f.metadata:
+            s = f.metadata["setting"]
+            yield path, s.yaml or f.name, s, f.default
+        else:
+            nested = f.metadata.get("group") or f.metadata.get("section")
+            if nested is not None:
+                yield from settings_of(nested, path + ".")
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One upstream instance, e.g. C{vllm-test}."""
+
+    name: str
+    type: str
+    base_url: str  # the OpenAI API base, e.g. http://h:8000/v1 (no trailing slash)
+    root_url: str  # the server root, e.g. http://h:8000 (vLLM's /tokenize lives here)
+    api_key: Optional[str] = field(default=None, repr=False)
+    models: tuple = ()
+
+    @property
+    def host(self) -> str:
+        """The upstream's host name: never shown to clients."""
+        return urlsplit(self.base_url).hostname or ""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Upstream timeouts in seconds; 0 means "no limit" where allowed."""
+
+    connect: float = setting("HTTP_CONNECT_TIMEOUT", parsers.positive_duration, 10.0, yaml="connect_timeout")
+    response_header: float = setting("HTTP_RESPONSE_HEADER_TIMEOUT", parsers.positive_duration, 600.0,
+                                     yaml="response_header_timeout")
+    stream_idle: float = setting("HTTP_STREAM_IDLE_TIMEOUT", parsers.duration, 300.0, yaml="stream_idle_timeout")
+    client_stall: float = setting("HTTP_CLIENT_STALL_TIMEOUT", parsers.duration, 600.0, yaml="client_stall_timeout")
+    stream_max: float = setting("HTTP_STREAM_MAX_DURATION", parsers.duration, 0.0, yaml="stream_max_duration")
+
+
+@dataclass(frozen=True)
+class PassthroughConfig:
+    """The C{/p/<provider>/...} routes: on or off, for which provider types, which vLLM admin routes."""
+
+    enabled: bool = setting("ENABLE_PASSTHROUGH_ROUTES", parsers.boolean, True, yaml="passthrough_enabled")
+    types: tuple = setting("ENABLED_PASSTHROUGH_PROVIDERS", parsers.provider_types,
+                           ("vllm", "openai", "openrouter", "ollama"), yaml="passthrough_types")
+    # vLLM admin routes let through /p/ anyway
+    admin_allowed: tuple = setting("PASSTHROUGH_ALLOWED_ADMIN_ROUTES", parsers.names, (),
+                                   yaml="passthrough_admin_allowed")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and in how many processes the gateway listens."""
+
+    # PORT (or server.port) gives ("tcp:PORT",); --listen replaces it.
+    listen: tuple = setting("PORT", parsers.listen_port, ("tcp:8080",), yaml="port")
+    workers: int = setting("GOMODEL_WORKERS", parsers.count, 1)  # processes sharing the listening port(s)
+
+
+@dataclass(frozen=True)
+class UpstreamsConfig:
+    """The providers and how the gateway talks to them."""
+
+    providers: tuple = ()  # ProviderConfigs, from providers: in YAML and <TYPE>[_<SUFFIX>]_* variables
+    models_mode: str = setting("CONFIGURED_PROVIDER_MODELS_MODE", parsers.models_mode, "fallback",
+                               yaml="configured_provider_models_mode")
+    models_refresh_interval: float = setting("MODELS_REFRESH_INTERVAL", parsers.positive_duration, 300.0,
+                                             aliases=("CACHE_REFRESH_INTERVAL",))  # GoModel's name too
+    timeouts: Timeouts = group(Timeouts)
+    pool_max_per_host: int = setting("HTTP_POOL_MAX_PER_HOST", parsers.count, 256)
+    pool_idle_timeout: float = setting("HTTP_POOL_IDLE_TIMEOUT", parsers.positive_duration, 4.0)
+    passthrough: PassthroughConfig = group(PassthroughConfig)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Files, batches and stored responses: where they live and for how long."""
+
+    data_dir: str = setting("GOMODEL_DATA_DIR", parsers.directory, "./data")  # the SQLite database and contents
+    # stored responses older than this are swept
+    responses_retention: float = setting("RESPONSES_RETENTION", parsers.positive_duration, 30 * 86400.0)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may call the gateway."""
+
+    master_key: Optional[str] = setting("GOMODEL_MASTER_KEY", parsers.secret, None, secret=True)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Sizes and counts the gateway enforces."""
+
+    body_size_limit: int = setting("BODY_SIZE_LIMIT", parsers.size, 10 * 1024 * 1024)
+    files_max_bytes: int = setting("FILES_MAX_BYTES", parsers.file_size, 512 * 1024 * 1024)
+    batch_concurrency_per_provider: int = setting("BATCH_CONCURRENCY_PER_PROVIDER", parsers.count, 4)
+    batch_max_attempts: int = setting("BATCH_MAX_ATTEMPTS", parsers.count, 4)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """What the gateway records about its traffic."""
+
+    access_log: bool = setting("GOMODEL_ACCESS_LOG", parsers.boolean, True)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; each section is read from the YAML section of its name."""
+
+    server: ServerConfig = section(ServerConfig)
+    upstreams: UpstreamsConfig = section(UpstreamsConfig)
+    store: StoreConfig = section(StoreConfig)
+    auth: AuthConfig = section(AuthConfig)
+    limits: LimitsConfig = section(LimitsConfig)
+    metrics: MetricsConfig = section(MetricsConfig)
+    warnings: tuple = ()  # things worth telling the operator at start
+
+
+SECTIONS = {f.name: f.metadata["section"] for f in fields(Config) if "section" in f.metadata}

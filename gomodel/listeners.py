@@ -1,0 +1,130 @@
+"""Services at the edges of the process: the listening ports, and the upstream pool closed last.
+
+L{ListenerService} listens in C{privilegedStartService}, as Twisted's
+C{StreamServerEndpointService} does, so C{twistd --uid} can bind a port below
+1024 before it drops root. A port that cannot be had (in use, no permission)
+fails the start: one log line names the address and the reason, and
+L{ListenFailed} (a C{SystemExit} with status 1, as twistd's own C{sys.exit}
+for a running pidfile) ends twistd before its reactor runs, rather than a
+gateway that runs without a port.
+"""
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+
+class ListenFailed(SystemExit):
+    """A listening port could not be had; twistd exits with status 1.
+
+    @ivar address: the listen description (e.g. C{tcp:8080:interface=127.0.0.1}).
+    @ivar reason: why, e.g. C{[Errno 98] Address already in use}.
+    """
+
+    def __init__(self, address, reason):
+        super().__init__(1)
+        self.address = address
+        self.reason = reason
+
+    def __str__(self):
+        return f"cannot listen on {self.address}: {self.reason}"
+
+
+class PoolService(Service):
+    """Owns the upstream connection pool; closes it last on the way down."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
+class ListenerService(Service):
+    """Listens on one endpoint; L{whenListening} fires with the port."""
+
+    log = Logger()
+
+    def __init__(self, endpoint, factory, description=None):
+        """
+        @param endpoint: an L{IStreamServerEndpoint}.
+        @param factory: the protocol factory to listen with.
+        @param description: the strports description, named in logs.
+        """
+        self.description = description
+        self._endpoint = endpoint
+        self._factory = factory
+        self._listening = None  # the endpoint's Deferred, once listen was called
+        self._port = None
+        self._waiting = []
+
+    def whenListening(self) -> Deferred:
+        """Fires with the L{IListeningPort} once listening.
+
+        Fails as the listen failed (with L{ListenFailed}), or with
+        L{CancelledError} when the service stops before the endpoint answers.
+        """
+        if self._port is not None:
+            return succeed(self._port)
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def privilegedStartService(self):
+        """Listen, before twistd drops privileges.
+
+        @raise ListenFailed: the endpoint failed at once (as every stock
+            endpoint does: TCP, UNIX, SSL, systemd); the failure is logged.
+        """
+        super().privilegedStartService()
+        failed_now = []
+        self._listening = maybeDeferred(self._endpoint.listen, self._factory)
+        self._listening.addCallbacks(self._listened, self._failed, errbackArgs=(failed_now,))
+        if failed_now:
+            raise failed_now[0]
+
+    def startService(self):
+        """Start, listening now unless L{privilegedStartService} already did.
+
+        @raise ListenFailed: as L{privilegedStartService}.
+        """
+        super().startService()
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def _listened(self, port):
+        self._port = port
+        address = port.getHost()
+        self.log.info("listening on {host}:{port}", host=getattr(address, "host", address),
+                      port=getattr(address, "port", ""))
+        waiting, self._waiting = self._waiting, []
+        for w in waiting:
+            w.callback(port)
+
+    def _failed(self, failure, failed_now):
+        if failure.check(CancelledError):
+            error = failure
+        else:
+            value = failure.value
+            reason = value.socketError if isinstance(value, CannotListenError) else failure.getErrorMessage()
+            error = ListenFailed(self.description or repr(self._endpoint), reason)
+            self.log.critical("{error}", error=str(error))
+            failed_now.append(error)
+        waiting, self._waiting = self._waiting, []
+        for w in waiting:
+            w.errback(error)
+        # consumed here: raised by privilegedStartService, or (an endpoint that
+        # fails later) logged above and given to whenListening's callers
+
+    def stopService(self):
+        """Stop listening (or stop waiting for the endpoint); fires when the port is closed."""
+        super().stopService()
+        listening, self._listening = self._listening, None
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        if listening is not None:
+            listening.cancel()
+        return None

@@ -1,0 +1,108 @@
+"""gomodel.listeners: a port that cannot be had fails the start, in the service and in twistd."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+
+from gomodel.listeners import ListenerService, ListenFailed
+from gomodel.workers import ReusePortEndpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def busy_port():
+    """A port on 127.0.0.1 that another socket listens on."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def failures_of(d):
+    seen = []
+    d.addErrback(seen.append)
+    return seen
+
+
+def test_start_service_raises_when_the_port_is_busy(reactor, busy_port, logged_errors):
+    description = f"tcp:{busy_port}:interface=127.0.0.1"
+    listener = ListenerService(serverFromString(reactor, description), Factory.forProtocol(Protocol), description)
+    waiting = failures_of(listener.whenListening())
+    with pytest.raises(ListenFailed) as raised:
+        listener.startService()
+    assert raised.value.code == 1
+    assert str(raised.value).startswith(f"cannot listen on {description}: ")
+    assert "in use" in str(raised.value)
+    assert waiting[0].value is raised.value
+    listener.stopService()
+
+
+def test_a_synchronous_endpoint_error_fails_too(reactor, busy_port):
+    # ReusePortEndpoint (--workers) raises from listen() itself; the listener in
+    # the way has no SO_REUSEPORT, so the bind fails.
+    listener = ListenerService(ReusePortEndpoint(reactor, busy_port, "127.0.0.1"), Factory.forProtocol(Protocol))
+    with pytest.raises(ListenFailed, match="in use"):
+        listener.privilegedStartService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_listens_in_privileged_start_service(reactor):
+    listener = ListenerService(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), Factory.forProtocol(Protocol))
+    listener.privilegedStartService()
+    port = await listener.whenListening()  # before startService: twistd drops privileges in between
+    listener.startService()  # does not listen twice
+    assert (await listener.whenListening()) is port
+    await listener.stopService()
+    assert not listener.running
+
+
+class _LaterEndpoint:
+    def __init__(self):
+        self.d = Deferred()
+
+    def listen(self, factory):
+        return self.d
+
+
+def test_an_endpoint_that_fails_later_fails_when_listening():
+    endpoint = _LaterEndpoint()
+    listener = ListenerService(endpoint, Factory.forProtocol(Protocol), "unix:/nowhere")
+    listener.startService()  # nothing known yet
+    waiting = failures_of(listener.whenListening())
+    endpoint.d.errback(OSError(13, "Permission denied"))
+    assert waiting[0].check(ListenFailed)
+    assert str(waiting[0].value) == "cannot listen on unix:/nowhere: [Errno 13] Permission denied"
+    listener.stopService()
+
+
+def test_stopping_before_the_endpoint_answers_cancels():
+    endpoint = _LaterEndpoint()
+    listener = ListenerService(endpoint, Factory.forProtocol(Protocol))
+    listener.startService()
+    waiting = failures_of(listener.whenListening())
+    listener.stopService()
+    assert waiting[0].check(CancelledError)
+
+
+def test_twistd_exits_with_one_line_when_the_port_is_busy(tmp_path, busy_port):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))}
+    env.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"))
+    result = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "gomodel",
+         "--listen", f"tcp:{busy_port}:interface=127.0.0.1"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    naming = [line for line in output.splitlines() if str(busy_port) in line]
+    assert len(naming) == 1, output
+    assert f"cannot listen on tcp:{busy_port}:interface=127.0.0.1: " in naming[0] and "in use" in naming[0]
+    assert "Traceback" not in output
