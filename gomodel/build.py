@@ -21,10 +21,12 @@ from gomodel.http.front import FrontResource
 from gomodel.http.site import GatewaySite
 from gomodel.proxy.exchange import Exchange
 from gomodel.responses_history import ResponseRetention
+from gomodel.routing.health import ReplicaMonitor
+from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
 from gomodel.listeners import ListenerService, PoolService
 from gomodel.service import GatewayService
-from gomodel.upstream import build_provider
+from gomodel.upstream import build_server
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
 from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 
@@ -45,15 +47,20 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     endpoints = CachingEndpointFactory(reactor, config.upstreams.timeouts.connect)
     relay_client = RelayClient(pool, endpoints)
     http = make_http_client(make_agent(reactor, pool, endpoints))
-    providers = [build_provider(p, relay_client, http, reactor, config.upstreams.timeouts) for p in config.upstreams.providers]
+    routing = config.routing
+    pools = [_pool(p, routing, relay_client, http, reactor, config.upstreams.timeouts)
+             for p in config.upstreams.providers]
 
-    # Routing.
-    gateway.registry = ModelRegistry(providers, reactor, mode=config.upstreams.models_mode,
-                                     refresh_interval=config.upstreams.models_refresh_interval)
-    gateway.registry.setServiceParent(gateway)
+    # Routing: what each provider serves, and how its replicas are doing.
+    gateway.registry = ModelRegistry(pools, reactor, mode=config.upstreams.models_mode)
+    gateway.monitor = ReplicaMonitor(
+        gateway.registry, reactor, mode=config.upstreams.models_mode,
+        refresh_interval=config.upstreams.models_refresh_interval, health_interval=routing.health_interval,
+        metrics_interval=routing.metrics_interval, stall_timeout=routing.stall_timeout)
+    gateway.monitor.setServiceParent(gateway)
+    exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts)
 
     # Stores and batch work (stopped in reverse, one after the other).
-    exchange = Exchange(reactor, config.upstreams.timeouts)
     batches = BatchServices(config, gateway.registry, reactor, exchange, primary=role != "worker")
     batches.setServiceParent(gateway)
     gateway.store, gateway.batch_runner = batches.store, batches.runner
@@ -88,3 +95,19 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     elif role == "worker":
         ParentWatch(reactor).setServiceParent(gateway)
     return gateway
+
+
+def _pool(provider, routing, relay_client, http, clock, timeouts) -> ReplicaPool:
+    """A provider's pool: a client and a state per replica, and the routing settings."""
+    replicas = []
+    for index, replica in enumerate(provider.replica_configs):
+        limit = routing.max_concurrency if replica.max_concurrency is None else replica.max_concurrency
+        server = build_server(provider, replica, relay_client, http, clock, timeouts)
+        replicas.append(Replica(index, server, replica.base_url, clock, weight=replica.weight, max_concurrency=limit,
+                                failure_threshold=routing.failure_threshold))
+    # A load report is fresh for three scrapes (or six seconds without scraping).
+    load_max_age = 3 * routing.metrics_interval if routing.metrics_interval else 6.0
+    return ReplicaPool(provider.name, provider.type, replicas, clock, configured_models=provider.models,
+                       strategy=routing.strategy, queue_timeout=routing.queue_timeout, load_max_age=load_max_age,
+                       affinity_max_ratio=routing.affinity_max_ratio, affinity_slack=routing.affinity_slack,
+                       priority_scheduling=provider.priority_scheduling)

@@ -127,6 +127,30 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+class ReplicasBusy(GatewayError):
+    """Every replica that could serve the request is at its concurrency limit, and stayed so."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "replicas_busy"
+
+    def __init__(self, provider, retry_after: int):
+        super().__init__(f"Every replica of '{provider}' is busy; retry shortly.",
+                         headers={"Retry-After": str(retry_after)})
+
+
+class NoReadyReplica(GatewayError):
+    """No replica that serves the model is ready (starting, down or stalled)."""
+
+    status = 503
+    type = "server_error"
+    code = "no_ready_replica"
+
+    def __init__(self, provider, model, retry_after: int):
+        super().__init__(f"No replica of '{provider}' that serves '{model}' is ready; retry shortly.",
+                         headers={"Retry-After": str(retry_after)})
+
+
 class UpstreamError(GatewayError):
     """An upstream's own error answer, already in envelope form (see L{gomodel.upstream.errors})."""
 

@@ -7,7 +7,8 @@ from twisted.logger import Logger
 class GatewayService(MultiService):
     """The whole running gateway.
 
-    @ivar registry: the L{gomodel.routing.registry.ModelRegistry}.
+    @ivar registry: the L{gomodel.routing.registry.ModelRegistry}; C{monitor} the
+        L{gomodel.routing.health.ReplicaMonitor} of its providers' replicas.
     @ivar store: the store; C{batch_runner} the batch runner.
     @ivar site: the L{gomodel.http.site.GatewaySite}; C{listeners} its
         L{gomodel.listeners.ListenerService}s.
@@ -18,7 +19,7 @@ class GatewayService(MultiService):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.registry = self.store = self.batch_runner = self.site = None
+        self.registry = self.monitor = self.store = self.batch_runner = self.site = None
         self.listeners = []
 
     def startService(self):

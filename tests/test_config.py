@@ -204,7 +204,10 @@ SAMPLES = {
     parsers.file_size: ("2G", 2 * 1024**3),
     parsers.directory: ("/srv/x", "/srv/x"),
     parsers.listen_port: ("9001", ("tcp:9001",)),
-    parsers.count: ("3", 3),
+    parsers.count: ("5", 5),
+    parsers.routing_strategy: ("round_robin", "round_robin"),
+    parsers.limit: ("7", 7),
+    parsers.ratio: ("2.5", 2.5),
     parsers.models_mode: ("allowlist", "allowlist"),
     parsers.boolean: ("false", False),
     parsers.names: ("a,/b/", ("a", "b")),
@@ -219,7 +222,7 @@ def test_the_table_has_every_setting_once():
     assert len(envs) == len(set(envs))
     keys = [key for _, key, _, _ in TABLE]
     assert len(keys) == len(set(keys))  # server: of older files takes any section's key
-    assert set(SECTIONS) == {"server", "upstreams", "store", "auth", "limits", "metrics"}
+    assert set(SECTIONS) == {"server", "upstreams", "store", "auth", "limits", "metrics", "routing"}
     assert {path.split(".")[0] for path, _, _, _ in TABLE} == set(SECTIONS)
     # the environment variable names of today, every one
     assert set(envs) == {
@@ -230,6 +233,9 @@ def test_the_table_has_every_setting_once():
         "ENABLED_PASSTHROUGH_PROVIDERS", "PASSTHROUGH_ALLOWED_ADMIN_ROUTES", "GOMODEL_DATA_DIR",
         "RESPONSES_RETENTION", "GOMODEL_MASTER_KEY", "BODY_SIZE_LIMIT", "FILES_MAX_BYTES",
         "BATCH_CONCURRENCY_PER_PROVIDER", "BATCH_MAX_ATTEMPTS", "GOMODEL_ACCESS_LOG",
+        "ROUTING_STRATEGY", "REPLICA_HEALTH_INTERVAL", "REPLICA_METRICS_INTERVAL", "REPLICA_FAILURE_THRESHOLD",
+        "REPLICA_STALL_TIMEOUT", "REPLICA_MAX_CONCURRENCY", "ROUTING_QUEUE_TIMEOUT", "ROUTING_MAX_ATTEMPTS",
+        "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK",
     }
 
 

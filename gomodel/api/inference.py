@@ -12,6 +12,7 @@ from gomodel.errors import InvalidRequest
 from gomodel.http.bodies import json_body
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
+from gomodel.routing.affinity import affinity_key
 
 
 class InferenceRoutes:
@@ -44,6 +45,7 @@ class InferenceRoutes:
         """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
         body = json_body(request)
         upstream = self.route(ctx, body)
+        affinity = affinity_key(request, body)  # read before the body changes
         observer = None
         if body.get("stream") is True:
             strip_usage = False
@@ -56,7 +58,8 @@ class InferenceRoutes:
                     strip_usage = True
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
-        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer)
+        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, model=ctx.upstream_model,
+                            affinity=affinity)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def embeddings(self, request, ctx):
@@ -76,7 +79,7 @@ class InferenceRoutes:
         """A JSON POST routed by its C{model}, relayed as the upstream answers (streams included)."""
         body = json_body(request)
         upstream = self.route(ctx, body)
-        call = UpstreamCall(path, jsonutil.dumps(body), native=native)
+        call = UpstreamCall(path, jsonutil.dumps(body), native=native, model=ctx.upstream_model)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def responses(self, request, ctx):

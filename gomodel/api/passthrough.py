@@ -25,7 +25,7 @@ ADMIN_ROUTES = frozenset((
 
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
 _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"cookie", b"host", b"content-length",
-                              b"x-request-id", b"forwarded", b"accept-encoding"}
+                              b"x-request-id", b"forwarded", b"accept-encoding", b"x-gomodel-replica"}
 _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 
 
@@ -54,7 +54,7 @@ class Passthrough:
         request.content.seek(0)
         call = UpstreamCall(endpoint, request.content.read() or None, method=request.method, native=True,
                             query=request.uri.partition(b"?")[2], headers=_upstream_headers(request),
-                            content_type=None, raw=True)
+                            content_type=None, raw=True, pin=_pinned_replica(request))
         return await self._exchange.relay(request, ctx, provider, call)
 
     def _endpoint(self, request, provider_name):
@@ -75,6 +75,18 @@ class Passthrough:
             raise errors.Forbidden(f"'/{bare}' is an operational route of the provider and is not reachable "
                                    "through the gateway (PASSTHROUGH_ALLOWED_ADMIN_ROUTES can allow it).")
         return quote(endpoint, safe=_SAFE_PATH)
+
+
+def _pinned_replica(request):
+    """The replica index of an C{X-Gomodel-Replica: N} header (diagnostics), or None."""
+    value = request.getHeader(b"x-gomodel-replica")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.InvalidRequest("X-Gomodel-Replica must be a replica index (0, 1, ...).",
+                                    code="invalid_replica") from None
 
 
 def _upstream_headers(request) -> dict:

@@ -56,15 +56,17 @@ class ResponsesRoute:
                 provider = same  # the instance that holds the conversation
         ctx.route(provider, body["model"], route.upstream_model)
         body["model"] = route.upstream_model
-        turn = _Turn(self, body, provider, previous)
+        # A follow-up goes to the replica that made the previous response (vLLM keeps it in memory).
+        prefer = previous.get("replica") if previous is not None and previous["provider"] == provider.name else None
+        turn = _Turn(self, ctx, body, provider, previous)
         if self._no_native.get(provider.name, 0) <= self._clock.seconds():
             try:
-                return await self._native(request, ctx, provider, body, turn)
+                return await self._native(request, ctx, provider, body, turn, prefer)
             except _NotKnownUpstream:
                 explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
-                return await self._native(request, ctx, provider, explicit, turn)
+                return await self._native(request, ctx, provider, explicit, turn, None)
             except _NoNativeRoute:
                 self._no_native[provider.name] = self._clock.seconds() + NO_NATIVE_TTL
                 self.log.info("provider {provider} has no native Responses API; translating to chat completions",
@@ -75,12 +77,12 @@ class ResponsesRoute:
         chat = jsonutil.dumps(request_to_chat(body))
         if body.get("stream") is True:
             observer = ChatToResponsesStream(echo, self._clock)
-            result = await self._exchange.relay(request, ctx, provider,
-                                                UpstreamCall("/chat/completions", chat, observer=observer))
+            result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
+                "/chat/completions", chat, observer=observer, model=route.upstream_model, prefer=prefer))
             turn.keep(observer.response)
             return result
         now = int(self._clock.seconds())
-        call = UpstreamCall("/chat/completions", chat,
+        call = UpstreamCall("/chat/completions", chat, model=route.upstream_model, prefer=prefer,
                             transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now)))
         return await self._exchange.relay(request, ctx, provider, call)
 
@@ -90,7 +92,7 @@ class ResponsesRoute:
         del explicit["previous_response_id"]
         return explicit
 
-    async def _native(self, request, ctx, provider, body, turn):
+    async def _native(self, request, ctx, provider, body, turn, prefer):
         async def vet(upstream):
             if upstream.code in (404, 405, 501):
                 await self._not_found(provider, upstream, body)
@@ -98,10 +100,12 @@ class ResponsesRoute:
         if body.get("stream") is True:
             observer = ResponsesStreamObserver()
             result = await self._exchange.relay(
-                request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet))
+                request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet,
+                                                     model=body["model"], prefer=prefer))
             turn.keep(observer.response)
             return result
-        call = UpstreamCall("/responses", jsonutil.dumps(body), transform=turn.keep_body, vet=vet)
+        call = UpstreamCall("/responses", jsonutil.dumps(body), transform=turn.keep_body, vet=vet,
+                            model=body["model"], prefer=prefer)
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _not_found(self, provider, upstream, body):
@@ -143,8 +147,8 @@ class ResponsesRoute:
         """Whether a response created for C{body} is kept by the gateway."""
         return self._store is not None and body.get("store") is not False
 
-    def keep(self, body, provider, response, previous, response_json=None):
-        """Store C{response} (created for C{body} by C{provider}) unless the client said store: false.
+    def keep(self, body, provider, replica, response, previous, response_json=None):
+        """Store C{response} (created for C{body} by C{provider}'s C{replica}) unless the client said store: false.
 
         @param response_json: C{response} as the upstream's JSON bytes, when at hand.
         """
@@ -153,7 +157,8 @@ class ResponsesRoute:
         response_id = response.get("id")
         if not isinstance(response_id, str):
             return
-        record = {"id": response_id, "provider": provider.name, "created_at": int(self._clock.seconds()),
+        record = {"id": response_id, "provider": provider.name, "replica": replica,
+                  "created_at": int(self._clock.seconds()),
                   "previous_response_id": body.get("previous_response_id") or (previous or {}).get("id"),
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
                   "response": response}
@@ -169,7 +174,7 @@ class ResponsesRoute:
         response = record["response"]
         provider = self._registry.provider(record["provider"])
         if response.get("status") in _UNFINISHED and provider is not None:
-            fresh = await self._upstream_json(request, provider, f"/responses/{response_id}")
+            fresh = await self._upstream_json(request, provider, f"/responses/{response_id}", record.get("replica"))
             if fresh is not None:
                 self._update(record, fresh)
                 response = fresh
@@ -218,7 +223,7 @@ class ResponsesRoute:
                 pass
             return answer
 
-        call = UpstreamCall(f"/responses/{response_id}/cancel", transform=kept)
+        call = UpstreamCall(f"/responses/{response_id}/cancel", transform=kept, pin=record.get("replica"))
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _record(self, response_id):
@@ -232,11 +237,11 @@ class ResponsesRoute:
             self._store.put_response(dict(record, response=response, status=response.get("status"))).addErrback(
                 lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
 
-    async def _upstream_json(self, request, provider, path):
-        """The provider's JSON answer to C{GET path}, or None when it has none to give in time."""
+    async def _upstream_json(self, request, provider, path, replica):
+        """The JSON answer of C{provider} (its C{replica}) to C{GET path}, or None when it has none to give."""
         try:
             upstream, body = await self._exchange.fetch(request.context.request_id, provider,
-                                                        UpstreamCall(path, method=b"GET"))
+                                                        UpstreamCall(path, method=b"GET", pin=replica))
             return jsonutil.loads(body) if upstream.code == 200 else None
         except (errors.GatewayError, jsonutil.JSONError):
             return None
@@ -249,8 +254,9 @@ class _NoNativeRoute(Exception):
 class _Turn:
     """What one create call needs to store its response once it has it."""
 
-    def __init__(self, route, body, provider, previous):
+    def __init__(self, route, ctx, body, provider, previous):
         self._route = route
+        self._ctx = ctx
         self._body = body
         self._provider = provider
         self._previous = previous
@@ -258,7 +264,7 @@ class _Turn:
         self.previous_id = body.get("previous_response_id") or (previous or {}).get("id")
 
     def keep(self, response, response_json=None):
-        self._route.keep(self._body, self._provider, response, self._previous, response_json)
+        self._route.keep(self._body, self._provider, self._ctx.replica, response, self._previous, response_json)
 
     def keep_body(self, answer: bytes) -> bytes:
         try:

@@ -38,7 +38,8 @@ from twisted.logger import Logger
 
 from gomodel import jsonutil
 from gomodel.batches.validation import LineError, Request, check_line
-from gomodel.errors import Conflict, GatewayError, NotFound, StorageUnavailable, UpstreamUnreachable
+from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
+                            UpstreamUnreachable)
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.upstream.errors import upstream_error
 
@@ -472,7 +473,7 @@ class BatchRunner(Service):
     async def _call(self, route, path, payload, request_id):
         """Send one request through the exchange, retrying transient failures; an L{_Answer} or a L{_NoAnswer}."""
         provider = route.provider
-        call = UpstreamCall(path, payload)
+        call = UpstreamCall(path, payload, model=route.upstream_model)
         delay = self._backoff_start
         attempt = 0
         while True:
@@ -480,6 +481,11 @@ class BatchRunner(Service):
             last = attempt >= self._max_attempts
             try:
                 response, body = await self._exchange.fetch(request_id.encode("ascii"), provider, call)
+            except (NoReadyReplica, ReplicasBusy):  # no replica can take it now: wait, it is no attempt
+                attempt -= 1
+                await self._sleep(delay)
+                delay = min(delay * 2, self._backoff_max)
+                continue
             except UpstreamUnreachable as e:  # not reached, or it broke off its answer
                 if last:
                     return _NoAnswer(e.code, e.message)

@@ -17,6 +17,8 @@ from gomodel.config.sections import (
     MetricsConfig,
     PassthroughConfig,
     ProviderConfig,
+    ReplicaConfig,
+    RoutingConfig,
     ServerConfig,
     Setting,
     StoreConfig,
@@ -27,6 +29,7 @@ from gomodel.config.sections import (
 
 __all__ = [
     "MODELS_MODES", "PROVIDER_TYPES", "ProviderType", "ConfigError", "load_config", "SECTIONS", "AuthConfig",
-    "Config", "LimitsConfig", "MetricsConfig", "PassthroughConfig", "ProviderConfig", "ServerConfig", "Setting",
+    "Config", "LimitsConfig", "MetricsConfig", "PassthroughConfig", "ProviderConfig", "ReplicaConfig",
+    "RoutingConfig", "ServerConfig", "Setting",
     "StoreConfig", "Timeouts", "UpstreamsConfig", "settings_of",
 ]

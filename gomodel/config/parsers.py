@@ -109,6 +109,33 @@ def models_mode(value) -> str:
     return mode
 
 
+ROUTING_STRATEGIES = ("load", "least_requests", "round_robin", "random")
+
+
+def routing_strategy(value) -> str:
+    """One of L{ROUTING_STRATEGIES}, case-insensitive."""
+    strategy = str(value).strip().lower()
+    if strategy not in ROUTING_STRATEGIES:
+        raise ValueError("must be one of: " + ", ".join(ROUTING_STRATEGIES))
+    return strategy
+
+
+def limit(value) -> int:
+    """A whole number from 0 up; 0 means "no limit"."""
+    number = int(str(value).strip())
+    if number < 0:
+        raise ValueError("must be 0 (no limit) or more")
+    return number
+
+
+def ratio(value) -> float:
+    """A number above 1, e.g. C{1.5} (one thing may be that many times another)."""
+    number = float(str(value).strip())
+    if not number > 1:
+        raise ValueError("must be greater than 1")
+    return number
+
+
 def boolean(value) -> bool:
     """C{True} from 1/true/yes/on, C{False} from 0/false/no/off (any case), or a YAML boolean."""
     if isinstance(value, bool):

@@ -1,4 +1,10 @@
-"""Providers: the YAML C{providers:} blocks merged with C{<TYPE>[_<SUFFIX>]_*} variables (env wins)."""
+"""Providers: the YAML C{providers:} blocks merged with C{<TYPE>[_<SUFFIX>]_*} variables (env wins).
+
+A provider is one server or a pool of replicas: C{<TYPE>_BASE_URL} takes one
+URL or several separated by commas, YAML's C{base_url} one URL or a list, or
+C{replicas:} a list of C{{base_url, api_key?, weight?, max_concurrency?}}.
+The provider's key is sent to every replica that has none of its own.
+"""
 
 import re
 from typing import Optional
@@ -6,11 +12,13 @@ from urllib.parse import urlsplit
 
 from gomodel.config.catalog import PROVIDER_TYPES, ROOT_SERVERS
 from gomodel.config.errors import ConfigError
-from gomodel.config.sections import ProviderConfig
+from gomodel.config import parsers
+from gomodel.config.sections import ProviderConfig, ReplicaConfig
 
 _PROVIDER_FIELDS = ("BASE_URL", "API_KEY", "MODELS")
 _SUFFIX = re.compile(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*")
-_YAML_PROVIDER_KEYS = {"type", "base_url", "api_key", "models"}
+_YAML_PROVIDER_KEYS = {"type", "base_url", "api_key", "models", "replicas", "priority_scheduling"}
+_YAML_REPLICA_KEYS = {"base_url", "api_key", "weight", "max_concurrency"}
 
 
 def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
@@ -29,11 +37,16 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
             type_ = block.get("type")
             if type_ not in PROVIDER_TYPES:
                 raise ConfigError(f"{where}.type must be one of: {', '.join(PROVIDER_TYPES)}")
+            if block.get("replicas") is not None and block.get("base_url") is not None:
+                raise ConfigError(f"{where}: give base_url or replicas, not both")
             entries[str(name)] = {
                 "type": type_,
                 "base_url": (block.get("base_url"), f"{where}.base_url"),
                 "api_key": (block.get("api_key"), f"{where}.api_key"),
                 "models": (_yaml_models(block.get("models"), where), f"{where}.models"),
+                "replicas": (block.get("replicas"), f"{where}.replicas"),
+                "priority_scheduling": (_parsed(parsers.boolean, block.get("priority_scheduling", False),
+                                                f"{where}.priority_scheduling"), None),
             }
 
     for (type_, suffix), fields in sorted(_env_providers(env).items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
@@ -57,6 +70,8 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
         for field_name, (value, var) in fields.items():
             if field_name == "models":
                 value = tuple(m.strip() for m in value.split(",") if m.strip())
+            if field_name == "base_url":
+                entry.pop("replicas", None)  # the variable's URLs replace the YAML's replicas
             entry[field_name] = (value, var)
 
     providers = []
@@ -110,24 +125,84 @@ def _yaml_models(models, where) -> tuple:
 def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
     type_ = PROVIDER_TYPES[entry["type"]]
     base_url, base_where = entry.get("base_url", (None, None))
-    api_key, key_where = entry.get("api_key", (None, None))
+    api_key = _api_key(*entry.get("api_key", (None, None)))
     models, _ = entry.get("models", ((), None))
-    if api_key is not None:
-        api_key = str(api_key)
-        if "${" in api_key:
-            raise ConfigError(f"{key_where}: looks like an unresolved ${{...}} placeholder")
-        if any(ord(c) < 0x20 or ord(c) == 0x7f for c in api_key):
-            raise ConfigError(f"{key_where}: must not contain control characters (line breaks included)")
-        if not api_key:
-            api_key = None
-    if api_key is None and not type_.keyless:
+    replicas, replicas_where = entry.get("replicas", (None, None))
+    priority_scheduling, _ = entry.get("priority_scheduling", (False, None))
+    if replicas is not None:
+        replicas = _yaml_replicas(replicas, replicas_where, type_.name)
+    else:
+        replicas = tuple(ReplicaConfig(*_normalise_base_url(url, type_.name, base_where or "the default base URL"))
+                         for url in _urls(base_url or type_.default_base_url, base_where))
+    if api_key is None and not type_.keyless and not all(r.api_key for r in replicas):
         warnings.append(f"provider {name!r} ({type_.name}) skipped: it needs an API key "
                         f"({type_.name.upper()}_API_KEY or api_key in YAML)")
         return None
-    base_url, root_url = _normalise_base_url(base_url or type_.default_base_url, type_.name,
-                                             base_where or "the default base URL")
-    return ProviderConfig(name=name, type=type_.name, base_url=base_url, root_url=root_url,
-                          api_key=api_key, models=tuple(models))
+    first = replicas[0]
+    return ProviderConfig(name=name, type=type_.name, base_url=first.base_url, root_url=first.root_url,
+                          api_key=api_key, models=tuple(models), replicas=replicas if len(replicas) > 1 or
+                          replicas[0] != ReplicaConfig(first.base_url, first.root_url) else (),
+                          priority_scheduling=priority_scheduling)
+
+
+def _api_key(api_key, where):
+    if api_key is None:
+        return None
+    api_key = str(api_key)
+    if "${" in api_key:
+        raise ConfigError(f"{where}: looks like an unresolved ${{...}} placeholder")
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in api_key):
+        raise ConfigError(f"{where}: must not contain control characters (line breaks included)")
+    return api_key or None
+
+
+def _urls(value, where) -> list:
+    """One URL, several separated by commas, or (YAML) a list of them."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    urls = [str(u).strip() for u in items if str(u).strip()]
+    if not urls:
+        raise ConfigError(f"{where}: no URL given")
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{where}: the same URL is listed twice")
+    return urls
+
+
+def _yaml_replicas(replicas, where, type_name) -> tuple:
+    if not isinstance(replicas, list) or not replicas:
+        raise ConfigError(f"{where} must be a non-empty list of {{base_url, api_key?, weight?, max_concurrency?}}")
+    built = []
+    for i, item in enumerate(replicas):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or "base_url" not in item:
+            raise ConfigError(f"{at} must be a mapping with a base_url")
+        unknown = set(item) - _YAML_REPLICA_KEYS
+        if unknown:
+            raise ConfigError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
+        base_url, root_url = _normalise_base_url(item["base_url"], type_name, f"{at}.base_url")
+        weight = _parsed(_weight, item.get("weight", 1), f"{at}.weight")
+        limit = item.get("max_concurrency")
+        limit = None if limit is None else _parsed(parsers.limit, limit, f"{at}.max_concurrency")
+        built.append(ReplicaConfig(base_url, root_url, _api_key(item.get("api_key"), f"{at}.api_key"),
+                                   weight, limit))
+    if len({r.base_url for r in built}) != len(built):
+        raise ConfigError(f"{where}: the same base_url is listed twice")
+    return tuple(built)
+
+
+def _weight(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    weight = float(value)
+    if not weight > 0:
+        raise ValueError("must be greater than 0")
+    return weight
+
+
+def _parsed(parse, value, where):
+    try:
+        return parse(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: invalid value {value!r}: {e}") from None
 
 
 def _normalise_base_url(url, type_name, where):

@@ -76,20 +76,43 @@ def settings_of(cls, prefix="") -> Iterator[tuple]:
 
 
 @dataclass(frozen=True)
-class ProviderConfig:
-    """One upstream instance, e.g. C{vllm-test}."""
+class ReplicaConfig:
+    """One server of a provider: the same models as its siblings, on another machine or GPU."""
 
-    name: str
-    type: str
     base_url: str  # the OpenAI API base, e.g. http://h:8000/v1 (no trailing slash)
     root_url: str  # the server root, e.g. http://h:8000 (vLLM's /tokenize lives here)
-    api_key: Optional[str] = field(default=None, repr=False)
-    models: tuple = ()
+    api_key: Optional[str] = field(default=None, repr=False)  # None: the provider's
+    weight: float = 1.0
+    max_concurrency: Optional[int] = None  # None: ROUTING's default; 0: no limit
 
     @property
     def host(self) -> str:
-        """The upstream's host name: never shown to clients."""
+        """The server's host name: never shown to clients."""
         return urlsplit(self.base_url).hostname or ""
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One upstream provider instance, e.g. C{vllm-test}: one server, or a pool of replicas."""
+
+    name: str
+    type: str
+    base_url: str  # the first replica's API base
+    root_url: str  # the first replica's server root
+    api_key: Optional[str] = field(default=None, repr=False)
+    models: tuple = ()
+    replicas: tuple = ()  # ReplicaConfigs; empty: the one server at base_url
+    priority_scheduling: bool = False  # the servers run --scheduling-policy priority
+
+    @property
+    def host(self) -> str:
+        """The first replica's host name: never shown to clients."""
+        return urlsplit(self.base_url).hostname or ""
+
+    @property
+    def replica_configs(self) -> tuple:
+        """Every replica, in configuration order (the index is the replica's number)."""
+        return self.replicas or (ReplicaConfig(self.base_url, self.root_url),)
 
 
 @dataclass(frozen=True)
@@ -174,6 +197,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """How requests are spread over a provider's replicas, and when a replica is out."""
+
+    strategy: str = setting("ROUTING_STRATEGY", parsers.routing_strategy, "load")
+    health_interval: float = setting("REPLICA_HEALTH_INTERVAL", parsers.positive_duration, 5.0)
+    metrics_interval: float = setting("REPLICA_METRICS_INTERVAL", parsers.duration, 2.0)  # 0: no scrape
+    failure_threshold: int = setting("REPLICA_FAILURE_THRESHOLD", parsers.count, 3)
+    stall_timeout: float = setting("REPLICA_STALL_TIMEOUT", parsers.duration, 60.0)  # 0: never stalled
+    max_concurrency: int = setting("REPLICA_MAX_CONCURRENCY", parsers.limit, 0)  # per replica; 0: no limit
+    queue_timeout: float = setting("ROUTING_QUEUE_TIMEOUT", parsers.duration, 5.0)
+    max_attempts: int = setting("ROUTING_MAX_ATTEMPTS", parsers.count, 3)
+    # A session or prefix stays on its replica while that replica's load is at most
+    # this many times the least loaded one's (plus affinity_slack requests).
+    affinity_max_ratio: float = setting("ROUTING_AFFINITY_MAX_RATIO", parsers.ratio, 1.5)
+    affinity_slack: int = setting("ROUTING_AFFINITY_SLACK", parsers.limit, 2)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; each section is read from the YAML section of its name."""
 
@@ -183,6 +224,7 @@ class Config:
     auth: AuthConfig = section(AuthConfig)
     limits: LimitsConfig = section(LimitsConfig)
     metrics: MetricsConfig = section(MetricsConfig)
+    routing: RoutingConfig = section(RoutingConfig)
     warnings: tuple = ()  # things worth telling the operator at start
 
 

@@ -4,14 +4,18 @@ A route builds an L{UpstreamCall} and hands it to L{Exchange.relay} (the
 client gets the answer) or L{Exchange.fetch} (the gateway reads the answer
 itself: Responses lifecycle, batch lines). Both go through the same steps:
 
-  1. choose the upstream to send to (today a provider's one server; a
-     replica of its pool, with failover before the first byte, next),
-  2. send (the upstream retries a stale pooled connection once),
+  1. choose a replica of the provider's pool (by load, session and health;
+     waiting for room when every one is full),
+  2. send; before anything went to the client, a replica that cannot be
+     reached, times out or answers 502/503/504/429 is left for another one,
+     up to C{ROUTING_MAX_ATTEMPTS} in all (the server retries a stale pooled
+     connection once by itself),
   3. map every failure to a L{gomodel.errors.GatewayError},
   4. relay: a whole JSON body byte for byte (its usage noted), an event
      stream with backpressure through an observer, or a raw passthrough,
-  5. release: a body nobody relays is read and dropped or its connection
-     closed; the request's context gets usage, time to first byte and outcome.
+  5. release: the replica's lease ends with the answer; a body nobody
+     relays is read and dropped or its connection closed; the request's
+     context gets replica, usage, time to first byte and outcome.
 """
 
 from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
@@ -28,6 +32,8 @@ from gomodel.upstream.errors import upstream_error
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
 ABORT_GRACE = 10.0  # seconds a broken stream's error event gets to reach the client
+# Answers that send a request to another replica, when there is one and nothing went to the client.
+FAILOVER_STATUSES = frozenset((429, 502, 503, 504))
 
 
 class UpstreamCall:
@@ -43,13 +49,19 @@ class UpstreamCall:
     @ivar raw: relay any status and body as they come (passthrough).
     @ivar vet: an async function of the upstream's L{IResponse}, run before
         anything is relayed; it may raise (and then reads or drops the body itself).
+    @ivar model: the upstream model id (only replicas that list it get the
+        call), or None for any replica.
+    @ivar affinity: a session or prompt-prefix key (see L{gomodel.routing.affinity}), or None.
+    @ivar prefer: the index of the replica to use while it can (a Responses follow-up), or None.
+    @ivar pin: the index of the only replica to use (C{X-Gomodel-Replica}), or None.
     """
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
-                 "transform", "raw", "vet")
+                 "transform", "raw", "vet", "model", "affinity", "prefer", "pin")
 
     def __init__(self, path, body=None, *, method=b"POST", native=False, query=b"", headers=None,
-                 content_type=b"application/json", observer=None, transform=None, raw=False, vet=None):
+                 content_type=b"application/json", observer=None, transform=None, raw=False, vet=None,
+                 model=None, affinity=None, prefer=None, pin=None):
         self.method = method
         self.path = path
         self.body = body
@@ -61,6 +73,10 @@ class UpstreamCall:
         self.transform = transform
         self.raw = raw
         self.vet = vet
+        self.model = model
+        self.affinity = affinity
+        self.prefer = prefer
+        self.pin = pin
 
 
 class Exchange:
@@ -68,14 +84,15 @@ class Exchange:
 
     log = Logger()
 
-    def __init__(self, clock, timeouts):
+    def __init__(self, clock, timeouts, *, max_attempts=3):
         self._clock = clock
         self._timeouts = timeouts
+        self._max_attempts = max_attempts
 
     # -- the two entry points ------------------------------------------------------
 
     async def relay(self, request, ctx, upstream, call: UpstreamCall):
-        """Send C{call} to C{upstream} and relay the answer onto C{request}.
+        """Send C{call} to a replica of C{upstream} (a pool) and relay the answer onto C{request}.
 
         @return: the body to write (a whole answer), or None once the answer
             was written (a stream, a passthrough), or broke off and the
@@ -84,8 +101,11 @@ class Exchange:
         @raise CancelledError: the client left.
         """
         ctx.hold()
+        replica = None
         try:
-            response = await self._send(ctx.request_id, upstream, call, ctx)
+            response, replica = await self._send(ctx.request_id, upstream, call)
+            ctx.replica = replica.index
+            request.setHeader(b"x-gomodel-replica", b"%d" % replica.index)
             if call.vet is not None:
                 await call.vet(response)
             if call.raw:
@@ -101,6 +121,8 @@ class Exchange:
             return self._whole(request, ctx, upstream, response, call,
                                await self.read(upstream, response, RESPONSE_BODY_LIMIT))
         finally:
+            if replica is not None:
+                upstream.release(replica)
             ctx.release()
 
     async def fetch(self, request_id: bytes, upstream, call: UpstreamCall):
@@ -113,20 +135,62 @@ class Exchange:
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again).
         """
-        response = await self._send(request_id, upstream, call)
-        limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
-        return response, await self.read(upstream, response, limit)
+        response, replica = await self._send(request_id, upstream, call)
+        try:
+            limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
+            return response, await self.read(upstream, response, limit)
+        finally:
+            upstream.release(replica)
 
     # -- the steps ------------------------------------------------------------------
 
-    async def _send(self, request_id, upstream, call, ctx=None):
-        """Choose where C{call} goes and send it: the L{IResponse} (any status)."""
-        url = upstream.url(call.path, call.native)
-        if call.query:
-            url += "?" + call.query.decode("latin-1")
-        if ctx is not None:
-            ctx.replica = 0  # a provider is one server today
-        return await upstream.send(call.method, url, call.body, request_id, call.headers, call.content_type)
+    async def _send(self, request_id, pool, call):
+        """Choose a replica of C{pool} and send C{call}, failing over before the first byte.
+
+        @return: C{(response, replica)}: the L{IResponse} (any status) and the
+            L{gomodel.routing.pool.Replica} that gave it, whose lease the
+            caller releases.
+        """
+        tried = []
+        while True:
+            replica = await pool.acquire(call.model, exclude=tried, pin=call.pin, prefer=call.prefer,
+                                         affinity=call.affinity)
+            server = replica.server
+            url = server.url(call.path, call.native)
+            if call.query:
+                url += "?" + call.query.decode("latin-1")
+            try:
+                response = await server.send(call.method, url, call.body, request_id, call.headers,
+                                             call.content_type)
+            except (UpstreamUnreachable, UpstreamTimeout) as e:
+                pool.release(replica)
+                replica.failed(e.message)
+                tried.append(replica)
+                if self._another(pool, call, tried, e.message):
+                    continue
+                raise
+            except BaseException:
+                pool.release(replica)
+                raise
+            if response.code >= 500:
+                replica.failed(f"HTTP {response.code}")
+            elif response.code != 429:
+                replica.succeeded()
+            if response.code in FAILOVER_STATUSES and self._another(pool, call, tried + [replica],
+                                                                     f"HTTP {response.code}"):
+                discard(response)
+                pool.release(replica)
+                tried.append(replica)
+                continue
+            return response, replica
+
+    def _another(self, pool, call, tried, why) -> bool:
+        """Whether a call that failed on the replicas C{tried} goes to another one."""
+        if call.pin is not None or len(tried) >= self._max_attempts or not pool.has_alternative(call.model, tried):
+            return False
+        self.log.info("provider {provider} replica {index} failed ({why}); trying another replica",
+                      provider=pool.name, index=tried[-1].index, why=why)
+        return True
 
     async def read(self, upstream, response, limit):
         """The whole body of C{response}, within C{limit} bytes and the response-header timeout.

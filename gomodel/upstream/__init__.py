@@ -7,9 +7,9 @@ from gomodel.upstream.vllm import VLLMProvider
 _BY_TYPE = {"vllm": VLLMProvider}
 
 
-def build_provider(config, relay, http, clock, timeouts) -> IUpstream:
-    """The provider object for one L{gomodel.config.ProviderConfig}."""
-    return _BY_TYPE.get(config.type, OpenAICompatibleProvider)(config, relay, http, clock, timeouts)
+def build_server(config, replica, relay, http, clock, timeouts) -> IUpstream:
+    """The client of one server (C{replica}, a L{gomodel.config.ReplicaConfig}) of a provider (C{config})."""
+    return _BY_TYPE.get(config.type, OpenAICompatibleProvider)(config, replica, relay, http, clock, timeouts)
 
 
-__all__ = ["IUpstream", "OpenAICompatibleProvider", "VLLMProvider", "build_provider"]
+__all__ = ["IUpstream", "OpenAICompatibleProvider", "VLLMProvider", "build_server"]

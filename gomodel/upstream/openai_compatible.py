@@ -1,7 +1,7 @@
 """Any OpenAI-compatible upstream: vLLM, OpenAI, Ollama, Groq, OpenRouter, xAI, DeepSeek."""
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, succeed
 from twisted.logger import Logger
 from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
@@ -27,17 +27,24 @@ class OpenAICompatibleProvider:
 
     log = Logger()
 
-    def __init__(self, config, relay, http, clock, timeouts):
+    def __init__(self, config, replica, relay, http, clock, timeouts):
+        """
+        @param config: the provider's L{gomodel.config.ProviderConfig}.
+        @param replica: the L{gomodel.config.ReplicaConfig} of this server.
+        """
         self.config = config
         self.name = config.name
         self.type = config.type
         self.configured_models = tuple(config.models)
+        self.base_url = replica.base_url
+        self.root_url = replica.root_url
         self._relay = relay  # relayed requests (a RelayClient)
-        self._http = http  # our own calls (model discovery)
+        self._http = http  # our own calls (model discovery, probes)
         self._clock = clock
         self._timeouts = timeouts
-        self.hidden = tuple(h for h in (config.base_url, config.root_url, config.host) if h)
-        self._authorization = (b"Bearer " + config.api_key.encode("latin-1")) if config.api_key else None
+        self.hidden = tuple(h for h in (replica.base_url, replica.root_url, replica.host) if h)
+        api_key = replica.api_key or config.api_key
+        self._authorization = (b"Bearer " + api_key.encode("latin-1")) if api_key else None
         self._key_line = b"Authorization: " + self._authorization + b"\r\n" if self._authorization else b""
 
     def __repr__(self):
@@ -71,8 +78,8 @@ class OpenAICompatibleProvider:
     def url(self, path: str, native=False) -> str:
         """See L{IUpstream.url}."""
         if native:
-            return self.config.base_url + "/" + _strip_v1(path)
-        return self.config.base_url + path
+            return self.base_url + "/" + _strip_v1(path)
+        return self.base_url + path
 
     async def send(self, method, url, body, request_id, headers=None, content_type=b"application/json"):
         """See L{IUpstream.send}."""
@@ -105,24 +112,7 @@ class OpenAICompatibleProvider:
         return Deferred.fromCoroutine(self._list_models())
 
     async def _list_models(self):
-        d = self._http.request("GET", self.config.base_url + "/models", headers=self.headers(b"models-discovery"),
-                               unbuffered=True, allow_redirects=False)
-        timeout = min(MODELS_LIST_TIMEOUT, self._timeouts.response_header)
-        try:
-            response = await deadline(d, timeout, self._clock)
-            body = await deadline(read_body(response, MODELS_LIST_LIMIT), timeout, self._clock)
-        except CancelledError:
-            raise
-        except _STALE_CONNECTION as e:
-            if was_cancelled(e):
-                raise CancelledError() from None
-            raise self._unreachable() from None
-        except _TIMEOUTS:
-            raise UpstreamTimeout(f"The upstream provider '{self.name}' did not list its models in time.") from None
-        except BodyTooLarge:
-            raise BadUpstreamResponse(f"The model list of '{self.name}' is too large.") from None
-        except Exception:
-            raise self._unreachable() from None
+        response, body = await self._get(self.base_url + "/models", MODELS_LIST_LIMIT, "list its models")
         if response.code >= 400:
             raise upstream_error(response.code, body, self.name, self.hidden)
         try:
@@ -132,6 +122,41 @@ class OpenAICompatibleProvider:
         except (jsonutil.JSONError, KeyError, TypeError):
             raise BadUpstreamResponse(f"The model list of '{self.name}' is not an OpenAI model list.") from None
         return data
+
+    def health(self) -> Deferred:
+        """Ask the server whether it is up: its model list (an OpenAI-compatible API has no health route).
+
+        @return: Deferred firing with None; failing with a L{gomodel.errors.GatewayError}.
+        """
+        return self.list_models().addCallback(lambda _: None)
+
+    def scrape(self) -> Deferred:
+        """The server's Prometheus metrics page: Deferred firing with its bytes, or None where it has none."""
+        return succeed(None)
+
+    async def _get(self, url, limit, what, timeout=MODELS_LIST_TIMEOUT):
+        """C{GET url} for the gateway itself: C{(response, body)}, within C{limit} bytes and C{timeout}.
+
+        @raise gomodel.errors.GatewayError: unreachable, too slow or too large.
+        """
+        d = self._http.request("GET", url, headers=self.headers(b"gomodel-" + what.split()[-1].encode()),
+                               unbuffered=True, allow_redirects=False)
+        timeout = min(timeout, self._timeouts.response_header)
+        try:
+            response = await deadline(d, timeout, self._clock)
+            return response, await deadline(read_body(response, limit), timeout, self._clock)
+        except CancelledError:
+            raise
+        except _STALE_CONNECTION as e:
+            if was_cancelled(e):
+                raise CancelledError() from None
+            raise self._unreachable() from None
+        except _TIMEOUTS:
+            raise UpstreamTimeout(f"The upstream provider '{self.name}' did not {what} in time.") from None
+        except BodyTooLarge:
+            raise BadUpstreamResponse(f"The answer of '{self.name}' to {what} is too large.") from None
+        except Exception:
+            raise self._unreachable() from None
 
 
 def _strip_v1(path: str) -> str:

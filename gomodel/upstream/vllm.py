@@ -1,6 +1,13 @@
 """vLLM: an OpenAI-compatible upstream whose native routes live at the server root."""
 
+from twisted.internet.defer import Deferred
+
+from gomodel.upstream.errors import upstream_error
 from gomodel.upstream.openai_compatible import OpenAICompatibleProvider, _strip_v1
+
+HEALTH_TIMEOUT = 5.0
+HEALTH_BODY_LIMIT = 64 * 1024
+METRICS_LIMIT = 16 * 1024 * 1024
 
 # Everything else (tokenize, detokenize, pooling, score, rerank, classify,
 # health, version, load, metrics, ...) is served at the root, not under /v1.
@@ -13,8 +20,29 @@ class VLLMProvider(OpenAICompatibleProvider):
 
     def url(self, path: str, native=False) -> str:
         if not native:
-            return self.config.base_url + path
+            return self.base_url + path
         path = _strip_v1(path)
         if any(path == r or path.startswith(r + "/") or path.startswith(r + "?") for r in _V1_ROUTES):
-            return self.config.base_url + "/" + path
-        return self.config.root_url + "/" + path
+            return self.base_url + "/" + path
+        return self.root_url + "/" + path
+
+    def health(self) -> Deferred:
+        """vLLM's C{GET /health}: 200 while the engine is alive (it does not notice a hung engine)."""
+        return Deferred.fromCoroutine(self._health())
+
+    async def _health(self):
+        response, body = await self._get(self.root_url + "/health", HEALTH_BODY_LIMIT, "answer /health",
+                                         timeout=HEALTH_TIMEOUT)
+        if response.code >= 400:
+            raise upstream_error(response.code, body, self.name, self.hidden)
+
+    def scrape(self) -> Deferred:
+        """vLLM's C{GET /metrics} page (bytes; read in full, parsed by the caller)."""
+        return Deferred.fromCoroutine(self._scrape())
+
+    async def _scrape(self):
+        response, body = await self._get(self.root_url + "/metrics", METRICS_LIMIT, "answer /metrics",
+                                         timeout=HEALTH_TIMEOUT)
+        if response.code >= 400:
+            raise upstream_error(response.code, body, self.name, self.hidden)
+        return body

@@ -1,0 +1,60 @@
+"""Which requests belong together: a session, or a long shared prompt prefix.
+
+Requests of one session, and requests that start with the same long prompt,
+are best served by the replica that served them last: its prefix cache
+still holds their prompt. The key is read the way GoModel's session keeping
+reads it: the headers C{X-Session-Id}, C{X-Claude-Code-Session-Id} and
+C{Session-Id}, then the body's C{prompt_cache_key}, C{session_id},
+C{metadata.user_id} and C{user}; failing those, a hash of the first
+L{PREFIX_CHARS} characters of the prompt when it is at least that long.
+"""
+
+import hashlib
+
+SESSION_HEADERS = (b"x-session-id", b"x-claude-code-session-id", b"session-id")
+SESSION_FIELDS = ("prompt_cache_key", "session_id")
+PREFIX_CHARS = 512
+
+
+def affinity_key(request, body: dict):
+    """The session or prompt-prefix key of a request, or None."""
+    headers = request.requestHeaders
+    for name in SESSION_HEADERS:
+        values = headers.getRawHeaders(name)
+        if values:
+            return b"s:" + values[0]
+    for name in SESSION_FIELDS:
+        value = body.get(name)
+        if isinstance(value, str) and value:
+            return "s:" + value
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
+        return "s:" + metadata["user_id"]
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return "s:" + user
+    prefix = _prompt_prefix(body)
+    if prefix is None:
+        return None
+    return "p:" + hashlib.blake2b(prefix.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def _prompt_prefix(body):
+    """The first L{PREFIX_CHARS} characters of the prompt, or None when it is shorter."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        parts = []
+        size = 0
+        for message in body.get("messages") or body.get("input") or ():
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if isinstance(content, str):
+                parts.append(content)
+                size += len(content)
+                if size >= PREFIX_CHARS:
+                    break
+        text = "\n".join(parts)
+    return text[:PREFIX_CHARS] if len(text) >= PREFIX_CHARS else None

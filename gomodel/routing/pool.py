@@ -1,0 +1,328 @@
+"""A provider as a pool of replicas: their state, their load, and the choice of one per request.
+
+A replica is one server of a provider (one vLLM per GPU or node). It is
+C{loading} until it has answered a health check and listed its models,
+C{ready} while it serves, C{down} after C{failure_threshold} failures in a
+row (connect errors, 5xx, timeouts, failed probes) until a probe succeeds
+again, and C{stalled} while its engine runs requests without generating a
+token. Only ready replicas that list the requested model get requests.
+
+The C{load} strategy scores each candidate by what is known of its load,
+freshest first: the gateway's own in-flight count (exact, instant), and the
+queue, running count and KV-cache use the replica last reported (its
+answers' load header, or the background C{/metrics} scrape) while that
+report is fresh. With several gateway processes each one counts only its own
+requests in flight, but the replica's reports count everyone's: the score
+takes the larger of the two. A session (or a shared prompt prefix) stays on
+the replica that served it last while that replica's score is within
+C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's.
+
+Admission: a replica may have a concurrency limit; when every candidate is
+full the request waits in the pool's queue up to C{queue_timeout}, then gets
+429 C{replicas_busy}.
+"""
+
+import random
+from collections import OrderedDict, deque
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.logger import Logger
+
+from gomodel.errors import InvalidRequest, NoReadyReplica, ReplicasBusy
+
+LOADING, READY, DOWN, STALLED = "loading", "ready", "down", "stalled"
+RETRY_AFTER = 1  # seconds a client is told to wait for a busy or not-ready pool
+KV_FULL = 0.95  # KV-cache use past which a replica counts as queueing
+AFFINITY_ENTRIES = 10000  # sessions and prefixes remembered per pool
+
+
+class Replica:
+    """One server of a provider and what the gateway knows of it.
+
+    @ivar index: its 0-based place in the provider's replica list.
+    @ivar server: its L{gomodel.interfaces.IUpstream}.
+    @ivar models: the upstream model ids it listed, or None before it did.
+    @ivar load: its last load report (L{gomodel.routing.vllm_metrics.LoadSample}
+        or anything with C{waiting}, C{running}, C{kv_cache_usage}), C{load_at}
+        when it came.
+    """
+
+    def __init__(self, index, server, base_url, clock, *, weight=1.0, max_concurrency=0, failure_threshold=3):
+        self.index = index
+        self.server = server
+        self.base_url = base_url
+        self._clock = clock
+        self.weight = weight
+        self.max_concurrency = max_concurrency
+        self.failure_threshold = failure_threshold
+        self.state = LOADING
+        self.changed_at = clock.seconds()
+        self.in_flight = 0
+        self.served = 0
+        self.failures = 0
+        self.last_error = None
+        self.models = None
+        self.load = None
+        self.load_at = None
+        self.start_time = None
+        self.checked = False  # its first discovery and health check have answered (or failed)
+        self.on_change = None  # called with the replica after every change of state
+
+    def __repr__(self):
+        return f"<Replica {self.server.name}#{self.index} {self.state}>"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+    def serves(self, model) -> bool:
+        return model is None or (self.models is not None and model in self.models)
+
+    def has_room(self) -> bool:
+        return not self.max_concurrency or self.in_flight < self.max_concurrency
+
+    def score(self, now, max_age) -> float:
+        """Its load per unit of weight: requests in flight or running, plus queued ones."""
+        busy = float(self.in_flight)
+        load = self.load
+        if load is not None and now - self.load_at <= max_age:
+            if load.running is not None:
+                busy = max(busy, load.running)
+            if load.waiting is not None:
+                busy += load.waiting
+            if load.kv_cache_usage is not None and load.kv_cache_usage >= KV_FULL:
+                busy += 1 + busy  # a full KV cache queues whatever comes next
+        return busy / self.weight
+
+    # -- what happens to it ------------------------------------------------------
+
+    def set_state(self, state, why=None):
+        if state == self.state:
+            return
+        self.state = state
+        self.changed_at = self._clock.seconds()
+        if why is not None:
+            self.last_error = why
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def succeeded(self):
+        """An answer came (a probe, or a request): failures in a row start again."""
+        self.failures = 0
+
+    def failed(self, why):
+        """A request or probe failed; past the threshold a ready replica goes down (a loading one stays loading)."""
+        self.failures += 1
+        self.last_error = why
+        if self.failures >= self.failure_threshold and self.state in (READY, STALLED):
+            self.set_state(DOWN, why)
+
+    def reported(self, sample):
+        """A load report arrived (a header of an answer, or a scrape)."""
+        self.load = sample
+        self.load_at = self._clock.seconds()
+
+
+class _Waiter:
+    __slots__ = ("model", "exclude", "affinity", "deferred", "timer")
+
+    def __init__(self, model, exclude, affinity, deferred):
+        self.model = model
+        self.exclude = exclude
+        self.affinity = affinity
+        self.deferred = deferred
+        self.timer = None
+
+
+class ReplicaPool:
+    """A provider: its name and type, its replicas, and the choice of one for each request.
+
+    @ivar hidden: every replica's URLs and host, never to be shown to a client.
+    """
+
+    log = Logger()
+
+    def __init__(self, name, type_, replicas, clock, *, configured_models=(), strategy="load", queue_timeout=5.0,
+                 load_max_age=6.0, affinity_max_ratio=1.5, affinity_slack=2, priority_scheduling=False,
+                 rng=None):
+        self.name = name
+        self.type = type_
+        self.replicas = list(replicas)
+        self.configured_models = tuple(configured_models)
+        self.priority_scheduling = priority_scheduling
+        self.hidden = tuple(dict.fromkeys(h for r in self.replicas for h in r.server.hidden))
+        self._clock = clock
+        self._strategy = strategy
+        self._queue_timeout = queue_timeout
+        self._load_max_age = load_max_age
+        self._affinity_ratio = affinity_max_ratio
+        self._affinity_slack = affinity_slack
+        self._rng = rng or random.Random()
+        self._next = 0  # round robin
+        self._queue = deque()
+        self._affinity = OrderedDict()  # session or prefix key -> replica index
+        for replica in self.replicas:
+            replica.on_change = self._changed
+
+    def __repr__(self):
+        return f"<ReplicaPool {self.name} ({len(self.replicas)} replicas)>"
+
+    @property
+    def first(self):
+        """The first replica's server (for what all replicas share: URL layout, auth)."""
+        return self.replicas[0].server
+
+    @property
+    def settled(self) -> bool:
+        """Whether a replica is ready, or every replica was checked once."""
+        return any(r.state == READY for r in self.replicas) or all(r.checked for r in self.replicas)
+
+    def models(self):
+        """The model ids some replica listed (None while none has)."""
+        listed = [r.models for r in self.replicas if r.models is not None]
+        if not listed:
+            return None
+        union = {}
+        for models in listed:
+            union.update(models)
+        return union
+
+    # -- choosing ----------------------------------------------------------------------
+
+    def acquire(self, model, *, exclude=(), pin=None, prefer=None, affinity=None) -> Deferred:
+        """A replica for a request for C{model}, counted in flight until L{release}.
+
+        @param exclude: replicas already tried for this request.
+        @param pin: a replica index that must serve it, whatever its state (diagnostics).
+        @param prefer: a replica index to use while it is ready and has room.
+        @param affinity: a session or prefix key, or None.
+        @return: a Deferred firing with the L{Replica}; failing with
+            L{NoReadyReplica} when no ready replica serves C{model}, or with
+            L{ReplicasBusy} when all were full for C{queue_timeout}.
+        """
+        if pin is not None:
+            return self._pinned(pin)
+        candidates = self._candidates(model, exclude)
+        if not candidates:
+            return fail(NoReadyReplica(self.name, model or "(any)", RETRY_AFTER))
+        free = [r for r in candidates if r.has_room()]
+        if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
+            return self._lease(self.replicas[prefer], affinity)
+        replica = self._choose(free, affinity)
+        if replica is not None:
+            return self._lease(replica, affinity)
+        return self._wait(model, exclude, affinity)
+
+    def has_alternative(self, model, exclude) -> bool:
+        """Whether another ready replica than those in C{exclude} serves C{model}."""
+        return bool(self._candidates(model, exclude))
+
+    def release(self, replica):
+        """A request that L{acquire} counted has ended."""
+        replica.in_flight -= 1
+        self._serve_queue()
+
+    def _pinned(self, index):
+        if not 0 <= index < len(self.replicas):
+            return fail(InvalidRequest(f"Provider '{self.name}' has no replica {index} "
+                                       f"(it has {len(self.replicas)}).", code="unknown_replica"))
+        replica = self.replicas[index]
+        replica.in_flight += 1
+        replica.served += 1
+        return succeed(replica)
+
+    def _candidates(self, model, exclude):
+        return [r for r in self.replicas if r.state == READY and r.serves(model) and r not in exclude]
+
+    def _lease(self, replica, affinity):
+        replica.in_flight += 1
+        replica.served += 1
+        if affinity is not None:
+            self._affinity[affinity] = replica.index
+            self._affinity.move_to_end(affinity)
+            if len(self._affinity) > AFFINITY_ENTRIES:
+                self._affinity.popitem(last=False)
+        return succeed(replica)
+
+    def _choose(self, free, affinity):
+        """The replica to use among C{free} (all ready, all with room), or None."""
+        if not free:
+            return None
+        if len(free) == 1:
+            return free[0]
+        strategy = self._strategy
+        if strategy == "round_robin":
+            replica = free[self._next % len(free)]
+            self._next += 1
+            return replica
+        if strategy == "random":
+            return self._rng.choices(free, weights=[r.weight for r in free])[0]
+        now = self._clock.seconds()
+        if strategy == "least_requests":
+            scores = {r: r.in_flight / r.weight for r in free}
+        else:
+            scores = {r: r.score(now, self._load_max_age) for r in free}
+        best = min(scores.values())
+        if affinity is not None:
+            index = self._affinity.get(affinity)
+            if index is not None:
+                warm = self.replicas[index]
+                if warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack:
+                    return warm
+        lowest = [r for r in free if scores[r] == best]
+        if len(lowest) == 1:
+            return lowest[0]
+        # Ties (an idle pool): take turns, so that equal replicas share the work.
+        replica = lowest[self._next % len(lowest)]
+        self._next += 1
+        return replica
+
+    # -- the queue -------------------------------------------------------------------
+
+    def _wait(self, model, exclude, affinity):
+        waiter = _Waiter(model, tuple(exclude), affinity, None)
+        d = Deferred(lambda _: self._drop(waiter))
+        waiter.deferred = d
+        self._queue.append(waiter)
+        waiter.timer = self._clock.callLater(self._queue_timeout, self._expire, waiter)
+        return d
+
+    def _drop(self, waiter):
+        if waiter in self._queue:
+            self._queue.remove(waiter)
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+
+    def _expire(self, waiter):
+        waiter.timer = None
+        self._drop(waiter)
+        waiter.deferred.errback(ReplicasBusy(self.name, RETRY_AFTER))
+
+    def _serve_queue(self):
+        while self._queue:
+            waiter = self._queue[0]
+            candidates = self._candidates(waiter.model, waiter.exclude)
+            if not candidates:
+                self._queue.popleft()
+                self._drop(waiter)
+                waiter.deferred.errback(NoReadyReplica(self.name, waiter.model or "(any)", RETRY_AFTER))
+                continue
+            replica = self._choose([r for r in candidates if r.has_room()], waiter.affinity)
+            if replica is None:
+                return
+            self._queue.popleft()
+            self._drop(waiter)
+            self._lease(replica, waiter.affinity).addCallback(waiter.deferred.callback)
+
+    def _changed(self, replica):
+        self.log.info("provider {provider} replica {index}: {state}{why}", provider=self.name,
+                      index=replica.index, state=replica.state,
+                      why=f" ({replica.last_error})" if replica.state != READY and replica.last_error else "")
+        self._serve_queue()
+
+    def close(self):
+        """Fail every waiting request (the gateway is stopping)."""
+        while self._queue:
+            waiter = self._queue.popleft()
+            self._drop(waiter)
+            waiter.deferred.errback(CancelledError())
