@@ -9,11 +9,14 @@ from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
 from gomodel.api.files import FilesAPI
 from gomodel.api.site import GatewaySite
+from gomodel.batches.runner import BatchRunner
 from gomodel.batches.service import BatchServices
 from gomodel.httpclient import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
 from gomodel.providers import build_provider
 from gomodel.registry import ModelRegistry
 from gomodel.responses_history import ResponseRetention
+from gomodel.store import SQLiteStore, process_owner
+from gomodel.store.sweeps import StoreSweeper
 from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 
 
@@ -99,17 +102,20 @@ class GatewayService(MultiService):
         self.registry = ModelRegistry(providers, reactor, mode=config.models_mode,
                                       refresh_interval=config.models_refresh_interval)
         self.registry.setServiceParent(self)
-        # Files and batches: the store, then the runner (stopped in reverse, one
-        # after the other). Of several processes on one data directory only the
-        # first executes batches; workers store them for it.
-        batches = BatchServices(config, self.registry, reactor, primary=role != "worker")
-        batches.setServiceParent(self)
-        self.store, self.batch_runner = batches.store, batches.runner
-        if role != "worker":
-            ResponseRetention(self.store, reactor, config.responses_retention).setServiceParent(self)
-        files = FilesAPI(self.store, config.files_max_bytes)
+        # The store, then its users (stopped in reverse, one after the other).
+        # Any process on a data directory may run any batch or sweep: each is claimed.
+        owner = process_owner()
+        self.store = store = SQLiteStore(config.data_dir, reactor)
+        self.batch_runner = BatchRunner(store.batches, store.blobs, self.registry, reactor, config.timeouts,
+                                        concurrency=config.batch_concurrency_per_provider,
+                                        max_attempts=config.batch_max_attempts, owner=owner)
+        BatchServices(store, StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
+                      ResponseRetention(store.responses, store.claims, reactor, config.responses_retention, owner),
+                      self.batch_runner).setServiceParent(self)
+        files = FilesAPI(store.files, store.blobs, config.files_max_bytes)
         self.app = GatewayApp(config, self.registry, reactor, files=files,
-                              batches=BatchesAPI(self.store, self.batch_runner), store=self.store)
+                              batches=BatchesAPI(store.batches, store.files, self.batch_runner),
+                              store=store.responses)
         self.site = GatewaySite(self.app.resource(), config.body_size_limit, upload_sink=files.upload_sink)
         self.site.noisy = False
         self.listeners = []

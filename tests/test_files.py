@@ -32,7 +32,7 @@ async def gw(reactor, fake, tmp_path):
 
 
 def spooled(gw):
-    spool = gw.service.store.spool_dir
+    spool = gw.service.store.blobs.spool_dir
     return sorted(os.listdir(spool)) if os.path.exists(spool) else []
 
 
