@@ -37,16 +37,18 @@ import uuid
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import jsonutil
-from gomodel.batches.validation import LineError, Request, check_line
-from gomodel.batches.outputs import discard_files, write_results
+from gomodel.batches.claiming import ClaimLoop
+from gomodel.batches.concluding import conclude
+from gomodel.batches.lines import Job, error_line, output_line
+from gomodel.batches.validating import validate
 from gomodel.errors import Conflict, GatewayError, NotFound, StorageUnavailable, UpstreamUnreachable
 from gomodel.httpclient import BodyTooLarge, deadline, read_body
-from gomodel.store.records import LeaseLost, owner_is_gone, process_owner
+from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream_errors import upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
@@ -55,31 +57,9 @@ BACKOFF_MAX = 60.0
 RESPONSE_LIMIT = 256 * 1024 * 1024
 ERROR_LIMIT = 1024 * 1024
 PAGE = 256  # requests read from the store at a time
-LINES_PER_READ = 1000  # input lines validated at a time
-MAX_LINE_BYTES = 64 * 1024 * 1024
-MAX_ERRORS = 1000  # validation errors reported (the batch fails either way)
 READY_WAIT = 30.0  # at start, how long resumed batches wait for model discovery
 POLL_INTERVAL = 1.0  # how often a runner looks for batches to claim and for cancellations
 LEASE = 30.0  # how long a claim on a batch lasts without a heartbeat
-CLAIMS_PER_POLL = 16
-
-
-def result_id() -> str:
-    return "batch_req_" + uuid.uuid4().hex
-
-
-def output_line(custom_id, status, request_id, body: bytes) -> bytes:
-    """One output-file line, with the upstream's JSON C{body} spliced in as it came."""
-    return b"".join((
-        b'{"id":', jsonutil.dumps(result_id()), b',"custom_id":', jsonutil.dumps(custom_id),
-        b',"response":{"status_code":', str(status).encode(), b',"request_id":', jsonutil.dumps(request_id),
-        b',"body":', body, b'},"error":null}'))
-
-
-def error_line(custom_id, code, message) -> bytes:
-    """One error-file line for a request that got no upstream answer."""
-    return jsonutil.dumps({"id": result_id(), "custom_id": custom_id, "response": None,
-                           "error": {"code": code, "message": message}})
 
 
 class _Answer:
@@ -98,31 +78,6 @@ class _NoAnswer:
     def __init__(self, code, message):
         self.code = code
         self.message = message
-
-
-class _Job:
-    """One batch being worked on, in memory."""
-
-    def __init__(self, batch_id, token):
-        self.batch_id = batch_id
-        self.token = token  # the fencing token of our claim
-        self.stop = None  # None, "cancel", "expire", "shutdown", "lost" (the claim) or "park" (cannot record)
-        self.upstream = set()  # Deferreds of requests in flight (cancelled to halt)
-        self.lines = set()  # Deferreds of lines not yet recorded
-        self.waiting = None  # a semaphore acquisition in progress
-        self.expiry = None  # the IDelayedCall that expires the batch
-        self.task = None
-        self.watchers = []  # Deferreds fired when the job ends
-
-    def halt(self, why):
-        """Stop sending: C{cancel}, C{expire}, C{park}, C{shutdown} or C{lost} (the last two win)."""
-        if self.stop is None or why in ("shutdown", "lost"):
-            self.stop = why
-        waiting, self.waiting = self.waiting, None
-        if waiting is not None:
-            waiting.cancel()
-        for d in list(self.upstream):
-            d.cancel()
 
 
 class BatchRunner(Service):
@@ -150,36 +105,27 @@ class BatchRunner(Service):
         self._backoff_start = backoff_start
         self._backoff_max = backoff_max
         self._lease = lease
-        self._poll_interval = poll_interval
         self.owner = owner if owner is not None else process_owner()
         self._semaphores = {}
         self._jobs = {}
         self._parked = {}  # batch id -> how many times in a row it could not be recorded
         self._resuming = None
-        self._poll = None
-        self._beat = None
-        self._scanning = None
+        self._claims = ClaimLoop(batches, clock, self.owner, lease, poll_interval, self._jobs, self._start)
 
     # -- service ----------------------------------------------------------------
 
     def startService(self):
         super().startService()
-        self._beat = LoopingCall(self._heartbeat)
-        self._beat.clock = self._clock
-        self._beat.start(self._lease / 3, now=False)
+        self._claims.start()
         self._resuming = Deferred.fromCoroutine(self._resume())
         self._resuming.addErrback(self._resume_failed)
-        self._resuming.addCallback(self._start_polling)
+        self._resuming.addCallback(lambda _: self._claims.poll())
 
     def stopService(self):
         super().stopService()
         if self._resuming is not None:
             self._resuming.cancel()
-        for loop in (self._poll, self._beat):
-            if loop is not None and loop.running:
-                loop.stop()
-        if self._scanning is not None:
-            self._scanning.cancel()
+        self._claims.stop()
         jobs = list(self._jobs.values())
         for job in jobs:
             job.halt("shutdown")
@@ -189,7 +135,7 @@ class BatchRunner(Service):
         if not await self._batches.unfinished():
             return
         await self._models_known()
-        await self._claim_work()
+        await self._claims.claim_free()
 
     async def _models_known(self):
         """Wait (a while) for model discovery, so that resumed lines resolve as they did."""
@@ -203,65 +149,6 @@ class BatchRunner(Service):
         finally:
             if timer.active():
                 timer.cancel()
-
-    async def _claim_work(self):
-        """Claim and start unfinished batches nobody holds (or whose holder died)."""
-        gone = tuple(o for o in await self._batches.holders() if owner_is_gone(o))
-        for _ in range(CLAIMS_PER_POLL):
-            if not self.running:
-                return
-            got = await self._batches.claim_next(self.owner, self._lease, exclude=tuple(self._jobs), gone=gone)
-            if got is None:
-                return
-            record, token = got
-            self.log.info("claimed batch {batch_id} ({status})", batch_id=record["id"], status=record["status"])
-            self._start(record, token)
-
-    def _start_polling(self, _):
-        if not self.running or self._poll_interval <= 0:
-            return
-        self._poll = LoopingCall(self._scan)
-        self._poll.clock = self._clock
-        self._poll.start(self._poll_interval, now=False)
-
-    def _scan(self):
-        """Claim batches that are free; pass on cancellations other processes stored for ours."""
-        if self._scanning is not None:
-            return
-        self._scanning = Deferred.fromCoroutine(self._look())
-
-        def failed(failure):
-            if not failure.check(CancelledError, StorageUnavailable):
-                self.log.failure("looking for batches to run failed", failure)
-
-        def done(_):
-            self._scanning = None
-
-        self._scanning.addErrback(failed)
-        self._scanning.addBoth(done)
-
-    async def _look(self):
-        if self._jobs:
-            for batch in await self._batches.unfinished():
-                job = self._jobs.get(batch["id"])
-                if job is not None and batch["status"] == "cancelling" and job.stop is None:
-                    job.halt("cancel")
-        await self._claim_work()
-
-    def _heartbeat(self):
-        """Renew the lease of every batch we work on; a lost one stops at once."""
-        for job in list(self._jobs.values()):
-            if job.stop in ("lost", "shutdown"):
-                continue
-            d = self._batches.renew(job.batch_id, self.owner, job.token, self._lease)
-
-            def renewed(held, job=job):
-                if not held and job.stop != "lost":
-                    self.log.warn("batch {batch_id}: our claim was taken over; stopping", batch_id=job.batch_id)
-                    job.halt("lost")
-
-            d.addCallbacks(renewed, lambda f: self.log.warn("renewing a batch claim failed: {error}",
-                                                            error=f.getErrorMessage()))
 
     def _resume_failed(self, failure):
         if failure.check(CancelledError):
@@ -332,7 +219,7 @@ class BatchRunner(Service):
         if batch_id in self._jobs:
             self._jobs[batch_id].token = token
             return
-        job = self._jobs[batch_id] = _Job(batch_id, token)
+        job = self._jobs[batch_id] = Job(batch_id, token)
         if not self.running:
             job.stop = "shutdown"
         delay = expires_at - self._clock.seconds() if expires_at is not None else None
@@ -409,81 +296,15 @@ class BatchRunner(Service):
         if batch is None:
             return
         if batch["status"] == "validating":
-            if not await self._validate(job, batch):
+            if not await validate(self._batches, self._blobs, self._registry, job, batch, self._now):
                 return
             batch = await self._batches.get(job.batch_id)
         if batch["status"] == "in_progress" and job.stop is None:
             await self._dispatch(job, batch)
-        await self._conclude(job)
+        await conclude(self._batches, self._blobs, job, self._now)
 
     def _now(self):
         return int(self._clock.seconds())
-
-    # -- validating -----------------------------------------------------------------
-
-    async def _validate(self, job, batch):
-        """Check every input line and store the requests; False when the batch failed."""
-        batch_id, endpoint = job.batch_id, batch["endpoint"]
-        await self._batches.clear_requests(batch_id, job.token)  # a validation cut short starts over
-        seen, resolved, errors = set(), {}, []
-        count = number = offset = 0
-        while True:
-            if job.stop is not None:
-                return True
-            got = await self._blobs.read_lines(batch["input_file_id"], offset, LINES_PER_READ, MAX_LINE_BYTES)
-            if got is None:
-                errors.append(LineError("file_not_found", f"The input file {batch['input_file_id']} does not exist.",
-                                        "input_file_id", None))
-                break
-            lines, offset = got
-            rows = []
-            for raw in lines:
-                number += 1
-                if raw is not None and not raw.strip():
-                    continue
-                checked = check_line(raw, number, endpoint)
-                if isinstance(checked, Request):
-                    if checked.custom_id in seen:
-                        checked = LineError("duplicate_custom_id",
-                                            f"The custom_id '{checked.custom_id}' is used by an earlier line.",
-                                            "custom_id", number)
-                    else:
-                        seen.add(checked.custom_id)
-                        problem = self._model_problem(checked.model, resolved)
-                        if problem is not None:
-                            checked = LineError(problem.code or "invalid_model", problem.message, "body.model", number)
-                if isinstance(checked, LineError):
-                    errors.append(checked)
-                    if len(errors) >= MAX_ERRORS:
-                        break
-                    continue
-                count += 1
-                if not errors:
-                    rows.append((number, checked.custom_id, checked.body))
-            if rows and not errors:
-                await self._batches.add_requests(batch_id, rows, job.token)
-            if offset is None or len(errors) >= MAX_ERRORS:
-                break
-        if not errors and count == 0:
-            errors.append(LineError("empty_file", "The input file has no requests.", None, None))
-        if errors:
-            await self._batches.clear_requests(batch_id, job.token)
-            failed = await self._batches.update(
-                batch_id, {"status": "failed", "failed_at": self._now(), "errors": [e.as_dict() for e in errors]},
-                only_if_status=("validating",), token=job.token)
-            return failed is None  # None: cancelled meanwhile, which _conclude finishes
-        await self._batches.update(batch_id, {"status": "in_progress", "in_progress_at": self._now(),
-                                              "total": count}, only_if_status=("validating",), token=job.token)
-        return True
-
-    def _model_problem(self, model, resolved):
-        if model not in resolved:
-            try:
-                self._registry.resolve(model)
-                resolved[model] = None
-            except GatewayError as e:
-                resolved[model] = e
-        return resolved[model]
 
     # -- in progress ------------------------------------------------------------------
 
@@ -638,72 +459,6 @@ class BatchRunner(Service):
         if b"\n" in error_body or b"\r" in error_body:
             error_body = jsonutil.dumps(jsonutil.loads(error_body))
         return False, output_line(custom_id, status, outcome.request_id, error_body)
-
-    # -- the end of a batch ---------------------------------------------------------------
-
-    async def _conclude(self, job):
-        """Take the batch to its final status, from what the store says now."""
-        if job.stop in ("shutdown", "lost", "park"):
-            return
-        batch_id = job.batch_id
-        status = (await self._batches.get(batch_id))["status"]
-        if status == "cancelling":
-            await self._finalize(job, {"status": "cancelled", "cancelled_at": self._now()}, ("cancelling",))
-            return
-        if status == "validating":
-            if job.stop == "expire":
-                await self._batches.clear_requests(batch_id, job.token)
-                await self._batches.update(batch_id, {"status": "expired", "expired_at": self._now()},
-                                           only_if_status=("validating",), token=job.token)
-            return
-        if status == "in_progress":
-            if await self._batches.pending(batch_id, 0, 1):
-                if job.stop == "expire":
-                    await self._expire_rest(job)
-                    done = await self._finalize(job, {"status": "expired", "expired_at": self._now()},
-                                                ("in_progress",))
-                    if done is None:  # cancelled meanwhile
-                        await self._conclude(job)
-                elif job.stop is None:
-                    job.halt("park")  # lines left unanswered: released with a backoff, never re-driven at once
-                return
-            moved = await self._batches.update(batch_id, {"status": "finalizing", "finalizing_at": self._now()},
-                                               only_if_status=("in_progress",), token=job.token)
-            if moved is None:  # cancelled meanwhile
-                await self._conclude(job)
-                return
-            status = "finalizing"
-        if status == "finalizing":
-            await self._finalize(job, {"status": "completed", "completed_at": self._now()}, ("finalizing",))
-
-    async def _finalize(self, job, changes, only_if_status):
-        """Write the output and error files from the results, then apply C{changes}; the record, or None."""
-        if (await self._batches.get(job.batch_id))["status"] not in only_if_status:
-            return None
-        files = {}
-        try:
-            for ok, kind in ((True, "output"), (False, "error")):
-                files[kind] = await write_results(self._batches, self._blobs, job.batch_id, ok)
-            done = await self._batches.finalize(job.batch_id, changes, files, only_if_status, job.token)
-        except BaseException:
-            await discard_files(self._blobs, files)
-            raise
-        if done is None:
-            await discard_files(self._blobs, files)
-        return done
-
-    async def _expire_rest(self, job):
-        message = "This request could not be executed before the batch's completion window expired."
-        after = 0
-        while True:
-            rows = await self._batches.pending(job.batch_id, after, PAGE)
-            if not rows:
-                return
-            await self._batches.record_results(job.batch_id, [
-                (line, custom_id, False, error_line(custom_id, "batch_expired", message))
-                for line, custom_id, _ in rows], job.token)
-            after = rows[-1][0]
-
 
 def _retry_after(response) -> float:
     value = response.headers.getRawHeaders(b"retry-after", [b""])[0]
