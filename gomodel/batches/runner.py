@@ -239,7 +239,7 @@ class BatchRunner(Service):
             self._job_failed(Failure(), job)
         if job.stop == "lost":
             return
-        if job.stop == "park":
+        if job.stop == "park" or job.failed:
             count = self._parked.get(job.batch_id, 0)
             self._parked[job.batch_id] = count + 1
             delay = min(self._backoff_start * 2 ** count, self._backoff_max)
@@ -263,6 +263,7 @@ class BatchRunner(Service):
             return  # stopping: the batch resumes where it is
         if failure.check(CancelledError):
             return
+        job.failed = True
         job.halt("park")
         if failure.check(StorageUnavailable):
             self.log.warn("batch {batch_id} paused: {error}", batch_id=job.batch_id, error=failure.value.message)
@@ -363,7 +364,9 @@ class BatchRunner(Service):
             # The line stays pending; sending more is pointless until results can be written again.
             if failure.check(LeaseLost):
                 job.halt("lost")
-            elif failure.check(StorageUnavailable):
+                return
+            job.failed = True
+            if failure.check(StorageUnavailable):
                 self.log.warn("batch {batch_id}: recording a line failed: {error}", batch_id=job.batch_id,
                               error=failure.value.message)
                 job.halt("park")

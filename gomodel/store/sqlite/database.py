@@ -8,6 +8,7 @@ process; several processes on one file are serialised by SQLite's lock
 L{Database.run}.
 """
 
+import os
 import sqlite3
 from contextlib import contextmanager
 
@@ -90,6 +91,7 @@ class Database:
     def open(self):
         conn = None
         try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")

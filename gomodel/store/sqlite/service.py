@@ -58,7 +58,6 @@ class SQLiteStore(Service):
 
     def startService(self):
         super().startService()
-        os.makedirs(self.data_dir, exist_ok=True)
         self._db.start()
         self.blobs.start()
         self._started = self._db.run(self._db.open)
