@@ -104,7 +104,7 @@ class FilesAPI:
                 await self._blobs.delete(file_id)
                 raise
         finally:
-            sink.discard()
+            await sink.discard()  # an upload refused leaves nothing behind once answered
         return json_answer(request, file_object(record))
 
     @app.route("/", methods=["GET"])

@@ -15,7 +15,7 @@ parsing) and not us.
 import os
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from gomodel.errors import InvalidRequest, RequestTooLarge, StorageUnavailable
 
@@ -56,6 +56,7 @@ class UploadSink:
         self._buffer = bytearray()  # file bytes not handed to the writer yet
         self._outstanding = 0  # bytes handed to the writer and not written yet
         self._drained = []  # Deferreds waiting for _outstanding to reach 0
+        self._discarding = succeed(None)  # the abort of the file part's writes, once discarded
         self._segment = None  # the part being received
         self._field = None  # bytearray of the field being received
         self._files = 0
@@ -226,11 +227,12 @@ class UploadSink:
         writer, self._writer = self._writer, None
         return await writer.commit(blob_id)
 
-    def discard(self):
-        """Remove the file part's contents unless L{commit} took them."""
+    def discard(self) -> Deferred:
+        """Remove the file part's contents unless L{commit} took them; fires (never fails) once removed."""
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.abort()
         if self._paused:  # the rest of the body is read and dropped
             self._paused = False
             self._transport.resumeProducing()
+        if writer is not None:
+            self._discarding = writer.abort()
+        return self._discarding
