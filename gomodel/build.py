@@ -15,6 +15,7 @@ from gomodel.api.inference import InferenceRoutes
 from gomodel.api.passthrough import Passthrough
 from gomodel.api.responses import ResponsesRoute
 from gomodel.auth.keys import MasterKeyAuth
+from gomodel.batches.runner import BatchRunner
 from gomodel.batches.service import BatchServices
 from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
@@ -26,6 +27,9 @@ from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
 from gomodel.listeners import ListenerService, PoolService
 from gomodel.service import GatewayService
+from gomodel.store import SQLiteStore
+from gomodel.store.records import process_owner
+from gomodel.store.sweeps import StoreSweeper
 from gomodel.upstream import build_server
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
 from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
@@ -60,19 +64,23 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     gateway.monitor.setServiceParent(gateway)
     exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts)
 
-    # Stores and batch work (stopped in reverse, one after the other).
-    batches = BatchServices(config, gateway.registry, reactor, exchange, primary=role != "worker")
-    batches.setServiceParent(gateway)
-    gateway.store, gateway.batch_runner = batches.store, batches.runner
-    if role != "worker":
-        ResponseRetention(gateway.store, reactor, config.store.responses_retention).setServiceParent(gateway)
+    # The store, then its users (stopped in reverse, one after the other). Any process
+    # on a data directory may run any batch or sweep: each is claimed in the store.
+    owner = process_owner()
+    gateway.store = store = SQLiteStore(config.store.data_dir, reactor)
+    gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
+                                       concurrency=config.limits.batch_concurrency_per_provider,
+                                       max_attempts=config.limits.batch_max_attempts, owner=owner)
+    BatchServices(store, StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
+                  ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
+                  gateway.batch_runner).setServiceParent(gateway)
 
     # Routes.
-    responses = ResponsesRoute(exchange, reactor, gateway.registry, gateway.store)
+    responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
     inference = InferenceRoutes(gateway.registry, exchange, responses)
-    files = FilesAPI(gateway.store, config.limits.files_max_bytes)
+    files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
-                     files=files, batches=BatchesAPI(gateway.store, gateway.batch_runner))
+                     files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner))
     sinks = (AccessLog(),) if config.metrics.access_log else ()
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           exact=inference.routes())

@@ -10,7 +10,10 @@ made it no longer knows it (vLLM restarted, or its store is off).
 import os
 
 from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from gomodel.store.sweeps import claimed
 
 MAX_CHAIN = 1000  # turns followed back through previous_response_id
 
@@ -62,7 +65,7 @@ def as_input(item) -> dict | None:
 async def conversation(store, record) -> list:
     """The whole conversation up to and including C{record}'s output, as explicit input items.
 
-    Follows C{previous_response_id} back through the store (a turn whose
+    Follows C{previous_response_id} back through C{store} (an L{IResponseStore}) (a turn whose
     record is gone ends the walk).
     """
     turns = []
@@ -71,7 +74,7 @@ async def conversation(store, record) -> list:
         seen.add(record["id"])
         turns.append(record)
         previous = record.get("previous_response_id")
-        record = await store.get_response(previous) if previous else None
+        record = await store.get(previous) if previous else None
     items = []
     for turn in reversed(turns):
         for item in turn["input_items"] + (turn["response"].get("output") or []):
@@ -82,19 +85,35 @@ async def conversation(store, record) -> list:
 
 
 class ResponseRetention(TimerService):
-    """Deletes stored responses older than the retention, at start and then every C{interval} seconds."""
+    """Deletes stored responses older than the retention, at start and then every C{interval} seconds.
+
+    A claimed job (C{"sweep:responses"}): of several processes on one store,
+    one sweeps at a time.
+    """
 
     log = Logger()
 
-    def __init__(self, store, clock, retention: float, interval: float = 3600.0):
+    def __init__(self, responses, claims, clock, retention: float, owner: str, interval: float = 3600.0,
+                 lease: float = 600.0):
+        """
+        @param responses: the L{gomodel.store.interfaces.IResponseStore}.
+        @param claims: the L{gomodel.store.interfaces.IClaims} the sweep is claimed in.
+        @param owner: this process's owner id (L{gomodel.store.records.process_owner}).
+        """
         super().__init__(interval, self._sweep)
         self.clock = clock
-        self._store = store
+        self._responses = responses
+        self._claims = claims
         self._retention = retention
+        self._owner = owner
+        self._lease = lease
 
     def _sweep(self):
-        d = self._store.delete_responses_before(int(self.clock.seconds() - self._retention))
+        d = Deferred.fromCoroutine(claimed(self._claims, "sweep:responses", self._owner, self._lease, self._delete))
         d.addCallback(lambda count: count and self.log.info("{count} stored responses past their retention deleted",
                                                             count=count))
         d.addErrback(lambda f: self.log.failure("sweeping stored responses failed", f))
         return d
+
+    def _delete(self):
+        return self._responses.delete_before(int(self.clock.seconds() - self._retention))

@@ -13,7 +13,7 @@ import openai
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -22,9 +22,10 @@ from twisted.web.http_headers import Headers
 from gomodel.batches.runner import BatchRunner
 from gomodel.proxy.exchange import Exchange
 from gomodel.config import Timeouts
-from gomodel.errors import ModelNotFound, UpstreamUnreachable
+from gomodel.errors import ModelNotFound, StorageUnavailable, UpstreamUnreachable
 from gomodel.routing.registry import Route
-from gomodel.store import SQLiteStore
+from gomodel.store import SQLiteStore, new_file_id
+from tests.stores import put_blob
 from tests.support import in_thread, start_gateway, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
@@ -276,7 +277,7 @@ async def test_restarted_gateway_resumes_the_batch_exactly_once(reactor, fake, t
         created = await start_batch(client, lines)
         # a0..a2 answered and recorded, h3 and h4 in flight, h5 waiting its turn.
         await until(reactor, lambda: fake.marker_counts.get("h4") == 1)
-        batch = await first.service.store.get_batch(created.id)
+        batch = await first.service.store.batches.get(created.id)
         assert (batch["status"], batch["completed"]) == ("in_progress", 3)
     finally:
         client.close()
@@ -479,19 +480,19 @@ async def bench(reactor, tmp_path):
     bench = Bench()
     bench.clock, bench.store, bench.provider, bench.runners = clock, store, provider, []
 
-    def runner(**kwargs):
-        r = BatchRunner(store, StubRegistry(provider), clock, Exchange(clock, Timeouts()), **kwargs)
+    def runner(batches=None, clock=clock, **kwargs):
+        r = BatchRunner(batches or store.batches, store.blobs, StubRegistry(provider), clock,
+                        Exchange(clock, Timeouts()), **kwargs)
         r.startService()
         bench.runners.append(r)
         return r
 
     async def batch(r, count, window=3600.0):
-        os.makedirs(store.spool_dir, exist_ok=True)
-        path = os.path.join(store.spool_dir, "input")
-        with open(path, "wb") as f:
-            f.write(jsonl({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                           "body": {"model": "stub/m", "messages": [], "i": i}} for i in range(count)))
-        record = await store.add_file(path, "input.jsonl", "batch")
+        content = jsonl({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "stub/m", "messages": [], "i": i}} for i in range(count))
+        file_id = new_file_id()
+        size = await put_blob(store.blobs, file_id, content)
+        record = await store.files.add(file_id, size, "input.jsonl", "batch")
         return await r.create("/v1/chat/completions", record["id"], "1h", window, None)
 
     bench.runner, bench.batch = runner, batch
@@ -504,9 +505,8 @@ async def bench(reactor, tmp_path):
 async def lines_of(store, file_id):
     if file_id is None:
         return []
-    handle, _ = await store.open_file(file_id)
-    with handle:
-        return parse_jsonl(handle.read())
+    size = await store.blobs.size(file_id)
+    return parse_jsonl(await store.blobs.read(file_id, 0, size))
 
 
 @pytest_twisted.ensureDeferred
@@ -533,7 +533,7 @@ async def test_transient_failures_are_retried_with_backoff_then_succeed(bench):
     fourth = await bench.provider.wait_sent(4)
     fourth.answer.callback(StubResponse(200, ok_body(4), {"x-request-id": ["upstream-id"]}))
     await runner.settled(created["id"])
-    batch = await bench.store.get_batch(created["id"])
+    batch = await bench.store.batches.get(created["id"])
     assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 1, 0)
     [line] = await lines_of(bench.store, batch["output_file_id"])
     assert line["response"] == {"status_code": 200, "request_id": "upstream-id",
@@ -556,7 +556,7 @@ async def test_exhausted_retries_and_final_errors_go_to_the_error_file(bench):
     retried[0].answer.callback(StubResponse(503, b'{"error":"busy"}'))  # the last attempt
     retried[2].answer.errback(UpstreamUnreachable("The upstream provider 'stub' is unreachable."))
     await runner.settled(created["id"])
-    batch = await bench.store.get_batch(created["id"])
+    batch = await bench.store.batches.get(created["id"])
     assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 0, 3)
     assert batch["output_file_id"] is None
     errors = {line["custom_id"]: line for line in await lines_of(bench.store, batch["error_file_id"])}
@@ -582,7 +582,7 @@ async def test_expiry_cancels_what_is_in_flight_and_fails_the_rest(bench):
     bench.clock.advance(600)
     assert second.answer.called and third.answer.called  # cancelled: vLLM would abort them
     await runner.settled(created["id"])
-    batch = await bench.store.get_batch(created["id"])
+    batch = await bench.store.batches.get(created["id"])
     assert batch["status"] == "expired"
     assert batch["expired_at"] == created["created_at"] + 600
     assert (batch["total"], batch["completed"], batch["failed"]) == (5, 1, 4)
@@ -603,31 +603,148 @@ async def test_a_batch_past_its_window_at_start_expires_without_sending(bench, r
     bench.clock.advance(3600)
     resumed = bench.runner()
     await resumed.settled(created["id"])
-    batch = await bench.store.get_batch(created["id"])
+    batch = await bench.store.batches.get(created["id"])
     assert (batch["status"], batch["failed"]) == ("expired", 2)
     assert len(bench.provider.sent) == 2
 
 
 @pytest_twisted.ensureDeferred
-async def test_batches_stored_by_a_worker_process_run_in_the_executing_one(bench):
-    """--workers: a runner that does not execute stores batches and cancellations for the one that does."""
-    worker = bench.runner(execute=False)
-    primary = bench.runner()
-    await primary.settled("batch_none")  # it has looked for work once (none) and polls from now on
-    created = await bench.batch(worker, 3)
+async def test_a_cancellation_stored_by_another_process_reaches_the_one_running_the_batch(bench):
+    """--workers: any process may store a cancellation; the claim holder sees it at its next poll."""
+    owner = bench.runner()
+    other = bench.runner()
+    created = await bench.batch(owner, 3)  # created here: claimed here
     assert created["status"] == "validating"
-    bench.clock.advance(1)  # the primary's next look at the store
     await bench.provider.wait_sent(3)
     bench.provider.sent[0].answer.callback(StubResponse(200, ok_body(0)))
-    cancelling = await worker.cancel(created["id"])
+    cancelling = await other.cancel(created["id"])  # the other process cannot claim it: leased
     assert cancelling["status"] == "cancelling"
     assert not bench.provider.sent[1].answer.called
-    bench.clock.advance(1)  # the primary sees the cancellation and aborts what is in flight
-    await primary.settled(created["id"])
+    bench.clock.advance(1)  # the owner's next look at the store
+    await owner.settled(created["id"])
     assert all(s.answer.called for s in bench.provider.sent)
-    batch = await bench.store.get_batch(created["id"])
+    batch = await bench.store.batches.get(created["id"])
     assert (batch["status"], batch["completed"], batch["failed"]) == ("cancelled", 1, 0)
     assert [line["custom_id"] for line in await lines_of(bench.store, batch["output_file_id"])] == ["r0"]
+    assert len(bench.provider.sent) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_whose_owner_stopped_renewing_is_taken_over_without_repeating_a_line(bench):
+    """A process that stalls (its heartbeat never runs) loses its lease; another one resumes the batch.
+
+    The stalled one's late answers are fenced off: no line is recorded twice,
+    no recorded line is sent again.
+    """
+    stalled = bench.runner(clock=Clock(), poll_interval=0)  # its own clock never moves: no heartbeat
+    created = await bench.batch(stalled, 3)
+    await bench.provider.wait_sent(3)
+    bench.provider.sent[0].answer.callback(StubResponse(200, ok_body(0)))  # r0 recorded by the stalled one
+    await until_recorded(bench.store, created["id"], 1)
+    taker = bench.runner()
+    bench.clock.advance(31)  # the lease (30 s) ran out; the taker's poll claims the batch
+    sent = await bench.provider.wait_sent(5)
+    assert sorted(s.body["i"] for s in bench.provider.sent[3:5]) == [1, 2]  # never r0 again
+    bench.provider.sent[1].answer.callback(StubResponse(200, ok_body(1)))  # the stalled one's late answer
+    for s in bench.provider.sent[3:5]:
+        s.answer.callback(StubResponse(200, ok_body(s.body["i"])))
+    await taker.settled(created["id"])
+    await stalled.settled(created["id"])
+    assert sent.answer.called and bench.provider.sent[2].answer.called  # the stalled one stopped sending
+    batch = await bench.store.batches.get(created["id"])
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 3, 0)
+    assert [line["custom_id"] for line in await lines_of(bench.store, batch["output_file_id"])] == ["r0", "r1", "r2"]
+    assert len(bench.provider.sent) == 5
+
+
+async def until_recorded(store, batch_id, count):
+    from twisted.internet import reactor
+
+    for _ in range(200):
+        batch = await store.batches.get(batch_id)
+        if batch["completed"] + batch["failed"] >= count:
+            return
+        await deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError("never recorded")
+
+
+class UnwritableResults:
+    """The real batch store, except that results cannot be written (a full disk)."""
+
+    def __init__(self, batches):
+        self._batches = batches
+        self.writable = False
+
+    def __getattr__(self, name):
+        return getattr(self._batches, name)
+
+    def record_results(self, batch_id, results, token):
+        if self.writable:
+            return self._batches.record_results(batch_id, results, token)
+        return fail(StorageUnavailable("The gateway's storage failed (No space left on device)."))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_whose_results_cannot_be_written_backs_off_instead_of_resending(bench):
+    """D11: before, the 1 s poll restarted the batch and sent the unrecorded line again every second."""
+    batches = UnwritableResults(bench.store.batches)
+    runner = bench.runner(batches=batches, backoff_start=1.0, backoff_max=8.0)
+    created = await bench.batch(runner, 1)
+    for _ in range(30):  # 30 s of polls, answering whatever is sent
+        await deferLater(reactor_(), 0.002, lambda: None)
+        for s in bench.provider.outstanding():
+            s.answer.callback(StubResponse(200, ok_body(0)))
+        await deferLater(reactor_(), 0.002, lambda: None)
+        bench.clock.advance(1)
+    # Released with backoffs of 1, 2, 4, 8, 8 s (capped): a handful of sends, not 30.
+    assert 3 <= len(bench.provider.sent) <= 6, len(bench.provider.sent)
+    batches.writable = True
+    bench.clock.advance(8)
+    await bench.provider.wait_sent(len(bench.provider.sent))
+    for _ in range(5):
+        await deferLater(reactor_(), 0.002, lambda: None)
+        for s in bench.provider.outstanding():
+            s.answer.callback(StubResponse(200, ok_body(0)))
+    await runner.settled(created["id"])
+    await until_status(bench.store, created["id"], "completed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_line_recorded_before_a_storage_failure_is_never_sent_again(bench):
+    batches = UnwritableResults(bench.store.batches)
+    batches.writable = True
+    runner = bench.runner(batches=batches, concurrency=1)
+    created = await bench.batch(runner, 2)
+    first = await bench.provider.wait_sent(1)
+    first.answer.callback(StubResponse(200, ok_body(0)))  # r0 recorded
+    await until_recorded(bench.store, created["id"], 1)
+    batches.writable = False
+    second = await bench.provider.wait_sent(2)
+    second.answer.callback(StubResponse(200, ok_body(1)))  # r1 cannot be recorded: parked
+    await runner.settled(created["id"])
+    batches.writable = True
+    for _ in range(3):
+        bench.clock.advance(1)
+        await deferLater(reactor_(), 0.005, lambda: None)
+    third = await bench.provider.wait_sent(3)
+    assert third.body["i"] == 1
+    third.answer.callback(StubResponse(200, ok_body(1)))
+    await until_status(bench.store, created["id"], "completed")
+    assert [s.body["i"] for s in bench.provider.sent] == [0, 1, 1]
+
+
+async def until_status(store, batch_id, status):
+    for _ in range(400):
+        if (await store.batches.get(batch_id))["status"] == status:
+            return
+        await deferLater(reactor_(), 0.005, lambda: None)
+    raise AssertionError(f"never {status}")
+
+
+def reactor_():
+    from twisted.internet import reactor
+
+    return reactor
 
 
 @pytest_twisted.ensureDeferred

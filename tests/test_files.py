@@ -32,7 +32,7 @@ async def gw(reactor, fake, tmp_path):
 
 
 def spooled(gw):
-    spool = gw.service.store.spool_dir
+    spool = gw.service.store.blobs.spool_dir
     return sorted(os.listdir(spool)) if os.path.exists(spool) else []
 
 
@@ -100,7 +100,7 @@ async def test_sdk_files_create_list_retrieve_content_delete(sdk, gw):
 
 
 @pytest_twisted.ensureDeferred
-async def test_uploads_are_refused_with_openai_errors(http, gw):
+async def test_uploads_are_refused_with_openai_errors(reactor, http, gw):
     cases = [
         (multipart({}), 400, "purpose"),
         (multipart({"purpose": "batch_output"}), 400, "purpose"),
@@ -123,6 +123,9 @@ async def test_uploads_are_refused_with_openai_errors(http, gw):
     assert response.code == 401
     listed = jsonutil.loads(await treq.content(await http.get(gw.url + "/v1/files", headers=AUTH)))
     assert listed == {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+    # The 401 is answered before any route runs; its upload's writes are
+    # discarded when the request ends, in the blob threads (never on the reactor).
+    await settled(reactor, lambda: spooled(gw), interval=0.02, quiet=3, limit=5)
     assert spooled(gw) == []
 
 

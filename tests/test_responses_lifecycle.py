@@ -156,28 +156,74 @@ async def test_background_responses_are_refreshed_and_cancelled_at_their_instanc
     assert (await in_thread(client.responses.retrieve, created.id)).status == "cancelled"
 
 
-def test_retention_sweeps_old_responses_periodically():
-    from twisted.internet.defer import succeed
+@pytest_twisted.ensureDeferred
+async def test_retention_sweeps_old_responses_periodically_under_a_claim(reactor, tmp_path):
     from twisted.internet.task import Clock
 
     from gomodel.responses_history import ResponseRetention
+    from gomodel.store import SQLiteStore
 
-    class Store:
-        cutoffs = []
+    class Recording:
+        """The real response store, noting each sweep's cutoff."""
 
-        def delete_responses_before(self, created_at):
+        def __init__(self, responses):
+            self.responses, self.cutoffs = responses, []
+
+        def delete_before(self, created_at):
             self.cutoffs.append(created_at)
-            return succeed(0)
+            return self.responses.delete_before(created_at)
 
     clock = Clock()
     clock.advance(100 * 86400)
-    store = Store()
-    retention = ResponseRetention(store, clock, retention=30 * 86400, interval=3600)
-    retention.startService()
-    clock.advance(3600)
-    retention.stopService()
-    assert store.cutoffs == [70 * 86400, 70 * 86400 + 3600]
-    assert clock.getDelayedCalls() == []
+    store = SQLiteStore(str(tmp_path), reactor, clock=clock)
+    store.startService()
+    try:
+        await store.started()
+        for n, created in enumerate((69 * 86400, 70 * 86400 + 1800, 80 * 86400)):
+            await store.responses.put({"id": f"resp_{n}", "provider": "vllm", "created_at": created,
+                                       "input_items": [], "response": {}})
+        recording = Recording(store.responses)
+        retention = ResponseRetention(recording, store.claims, clock, retention=30 * 86400, owner="me",
+                                      interval=3600)
+        retention.startService()  # sweeps at once
+        await eventually(lambda: len(recording.cutoffs) == 1)
+        await eventually_stored(store, "resp_0", None)
+        clock.advance(3600)
+        await eventually_stored(store, "resp_1", None)
+        await retention.stopService()
+        assert recording.cutoffs == [70 * 86400, 70 * 86400 + 3600]
+        assert clock.getDelayedCalls() == []
+        assert (await store.responses.get("resp_0"), (await store.responses.get("resp_2"))["id"]) == (None, "resp_2")
+
+        held = await store.claims.claim("sweep:responses", "another-process", 600)
+        assert held is not None  # another process is sweeping: this one skips its turn
+        again = ResponseRetention(recording, store.claims, clock, retention=30 * 86400, owner="me", interval=3600)
+        await again._sweep()
+        assert recording.cutoffs == [70 * 86400, 70 * 86400 + 3600]
+    finally:
+        await store.stopService()
+
+
+async def eventually(predicate, tries=400):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(tries):
+        if predicate():
+            return
+        await deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError("never happened")
+
+
+async def eventually_stored(store, response_id, expected):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(400):
+        if await store.responses.get(response_id) == expected:
+            return
+        await deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError(f"{response_id} still stored")
 
 
 @pytest_twisted.ensureDeferred

@@ -46,8 +46,14 @@ class BatchesAPI:
     app = Klein()
     app.url_map.strict_slashes = False
 
-    def __init__(self, store, runner):
-        self._store = store
+    def __init__(self, batches, files, runner):
+        """
+        @param batches: the L{gomodel.store.interfaces.IBatchStore}.
+        @param files: the L{gomodel.store.interfaces.IFileStore} (input files are checked).
+        @param runner: the L{gomodel.batches.runner.BatchRunner}.
+        """
+        self._batches = batches
+        self._files = files
         self._runner = runner
 
     @app.route("/", methods=["POST"])
@@ -70,7 +76,7 @@ class BatchesAPI:
             metadata = check_metadata(body.get("metadata"))
         except ValueError as e:
             raise InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
-        input_file = await self._store.get_file(input_file_id)
+        input_file = await self._files.get(input_file_id)
         if input_file is None:
             raise NotFound(f"No such File object: {input_file_id}", param="input_file_id", code="file_not_found")
         if input_file["purpose"] != "batch":
@@ -83,7 +89,7 @@ class BatchesAPI:
     @app.route("/", methods=["GET"])
     async def list_batches(self, request):
         limit = query_limit(request, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX)
-        records, has_more = await self._store.list_batches(after=query_arg(request, b"after"), limit=limit)
+        records, has_more = await self._batches.list(after=query_arg(request, b"after"), limit=limit)
         return json_answer(request, page([batch_object(r) for r in records], has_more))
 
     @app.route("/<batch_id>", methods=["GET"])
@@ -103,12 +109,12 @@ class BatchesAPI:
         request.setHeader(b"content-type", b"application/jsonl")
 
         def fetch(last):
-            return self._store.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE)
+            return self._batches.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE)
 
         return await send_pages(request, fetch, lambda row: row[3] + b"\n")
 
     async def _get(self, batch_id):
-        record = await self._store.get_batch(batch_id)
+        record = await self._batches.get(batch_id)
         if record is None:
             raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
         return record

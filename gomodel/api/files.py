@@ -1,8 +1,8 @@
 """C{/v1/files}: OpenAI's Files API, stored by the gateway itself (vLLM has none).
 
 Uploads are parsed while they arrive (L{gomodel.api.uploads}): the file part
-goes straight to the store's spool directory, so a 512 MB upload never sits
-in memory. Contents are sent back from disk at the pace the client reads.
+goes straight to the blob store, off the reactor, so a 512 MB upload never
+sits in memory. Contents are sent back in chunks at the pace the client reads.
 """
 
 from klein import Klein
@@ -12,6 +12,7 @@ from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UploadSink
 from gomodel.errors import InvalidRequest, NotFound
+from gomodel.store.records import new_file_id
 
 # What a client may upload (OpenAI's list); "batch_output" is ours to write.
 UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "user_data", "vision", "evals")
@@ -33,8 +34,14 @@ class FilesAPI:
     app = Klein()
     app.url_map.strict_slashes = False
 
-    def __init__(self, store, max_bytes: int):
-        self._store = store
+    def __init__(self, files, blobs, max_bytes: int):
+        """
+        @param files: the L{gomodel.store.interfaces.IFileStore}.
+        @param blobs: the L{gomodel.store.interfaces.IBlobStore} holding the contents.
+        @param max_bytes: the largest file accepted (C{FILES_MAX_BYTES}).
+        """
+        self._files = files
+        self._blobs = blobs
         self._max_bytes = max_bytes
 
     # -- the listening side's hook ------------------------------------------------
@@ -48,13 +55,14 @@ class FilesAPI:
             return None
         sink = self._new_sink(request, length)
         # However the request ends (answered, refused, client gone mid-upload),
-        # a spooled file that was not stored is removed.
+        # contents that were not stored are removed.
         request.notifyFinish().addBoth(lambda _: sink.discard())
         return sink
 
     def _new_sink(self, request, length):
-        return UploadSink(self._store.spool_dir, self._max_bytes,
-                          request.getHeader(b"content-type"), length)
+        channel = request.channel
+        transport = channel.transport if channel is not None else None
+        return UploadSink(self._blobs, self._max_bytes, request.getHeader(b"content-type"), length, transport)
 
     def _sink_for(self, request):
         content = request.content
@@ -77,7 +85,7 @@ class FilesAPI:
     async def upload(self, request):
         sink = self._sink_for(request)
         try:
-            sink.finish()
+            await sink.finish()
             purpose = sink.fields.get("purpose")
             if not purpose:
                 raise InvalidRequest("The upload needs a 'purpose' field (e.g. 'batch').", param="purpose",
@@ -85,9 +93,15 @@ class FilesAPI:
             if purpose not in UPLOAD_PURPOSES:
                 raise InvalidRequest(f"'{purpose}' is not a valid purpose; use one of: {', '.join(UPLOAD_PURPOSES)}.",
                                      param="purpose", code="invalid_value")
-            record = await self._store.add_file(sink.take(), sink.filename, purpose)
+            file_id = new_file_id()
+            size = await sink.commit(file_id)
+            try:
+                record = await self._files.add(file_id, size, sink.filename, purpose)
+            except BaseException:
+                await self._blobs.delete(file_id)
+                raise
         finally:
-            sink.discard()
+            await sink.discard()  # an upload refused leaves nothing behind once answered
         return json_answer(request, file_object(record))
 
     @app.route("/", methods=["GET"])
@@ -97,31 +111,31 @@ class FilesAPI:
         if order not in ("asc", "desc"):
             raise InvalidRequest("'order' must be 'asc' or 'desc'.", param="order", code="invalid_value")
         limit = query_limit(request, LIST_LIMIT_MAX, LIST_LIMIT_MAX)
-        records, has_more = await self._store.list_files(purpose=purpose, after=query_arg(request, b"after"),
-                                                         limit=limit, order=order)
+        records, has_more = await self._files.list(purpose=purpose, after=query_arg(request, b"after"),
+                                                  limit=limit, order=order)
         return json_answer(request, page([file_object(r) for r in records], has_more))
 
     @app.route("/<file_id>", methods=["GET"])
     async def retrieve(self, request, file_id):
-        record = await self._store.get_file(file_id)
+        record = await self._files.get(file_id)
         if record is None:
             raise _no_file(file_id)
         return json_answer(request, file_object(record))
 
     @app.route("/<file_id>", methods=["DELETE"])
     async def delete(self, request, file_id):
-        if not await self._store.delete_file(file_id):
+        if not await self._files.delete(file_id):
             raise _no_file(file_id)
+        await self._blobs.delete(file_id)  # if this fails, the sweep removes the orphan later
         return json_answer(request, {"id": file_id, "object": "file", "deleted": True})
 
     @app.route("/<file_id>/content", methods=["GET"])
     async def content(self, request, file_id):
-        opened = await self._store.open_file(file_id)
-        if opened is None:
+        size = await self._blobs.size(file_id) if await self._files.get(file_id) is not None else None
+        if size is None:
             raise _no_file(file_id)
-        handle, size = opened
         request.setHeader(b"content-type", b"application/octet-stream")
-        return await send_file(request, handle, size)
+        return await send_file(request, self._blobs, file_id, size)
 
     install_error_handlers(app)
 

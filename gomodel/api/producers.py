@@ -3,9 +3,14 @@
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gomodel.errors import StorageUnavailable
+
 CHUNK = 64 * 1024
+log = Logger(namespace="gomodel.api")
 
 
 @implementer(IPushProducer)
@@ -63,38 +68,65 @@ def _gone():
     return d
 
 
-async def send_file(request, handle, size: int):
-    """Write the open binary C{handle} (C{size} bytes) to C{request}, 64 KiB at a time, as the client reads.
+def abort_started(request, failure, what):
+    """A failure while writing C{request}'s answer: cut the connection if the answer has begun.
 
-    Closes C{handle}. Returns None for the route to return (Klein then
-    finishes the request); a client that leaves ends it early.
+    Once the first byte of a 200 was written, an error envelope appended to
+    the body would look like a clean, complete answer; aborting the
+    connection makes the client see a broken one (Synapse's rule). Returns
+    the exception for the caller to raise: a L{CancelledError} (nothing
+    left to write) after an abort, else the original error (rendered as
+    usual, since nothing was written).
     """
-    try:
-        request.setHeader(b"content-length", b"%d" % size)
-        if request.channel is None:
-            return None
-        gate = WriteGate(request)
-        try:
-            while True:
-                data = handle.read(CHUNK)
-                if not data:
-                    break
-                gate.write(data)
-                await gate.ready()
-        except ConnectionDone:
-            return None
-        finally:
-            gate.close()
+    if not request.startedWriting:
+        return failure.value
+    if failure.check(StorageUnavailable):
+        log.warn("{what} broke off: {error}", what=what, error=failure.value.message)
+    elif not failure.check(CancelledError):
+        log.failure("{what} broke off", failure, what=what)
+    channel = request.channel
+    if channel is not None and channel.transport is not None:
+        channel.transport.abortConnection()
+    return CancelledError(f"{what} broke off after its first byte; the connection was aborted")
+
+
+async def send_file(request, blobs, blob_id, size: int):
+    """Write blob C{blob_id} (C{size} bytes) from the L{IBlobStore} C{blobs} to C{request}, as the client reads.
+
+    Reads 64 KiB at a time, off the reactor. Returns None for the route to
+    return (Klein then finishes the request); a client that leaves ends it
+    early. A failure before the first byte propagates (and is rendered); a
+    failure after it aborts the connection and raises L{CancelledError}.
+    """
+    request.setHeader(b"content-length", b"%d" % size)
+    if request.channel is None:
         return None
+    gate = WriteGate(request)
+    offset = 0
+    try:
+        while offset < size:
+            data = await blobs.read(blob_id, offset, min(CHUNK, size - offset))
+            if not data:
+                raise StorageUnavailable(f"The contents of {blob_id} ended at {offset} of {size} bytes.")
+            gate.write(data)
+            offset += len(data)
+            await gate.ready()
+    except ConnectionDone:
+        return None
+    except BaseException:
+        raise abort_started(request, Failure(), "sending a file") from None
     finally:
-        handle.close()
+        gate.close()
+    return None
 
 
 async def send_pages(request, fetch, render):
     """Write pages of rows as the client reads: C{fetch(after)} -> Deferred list of rows, C{render(row)} -> bytes.
 
     C{fetch} gets the last row of the previous page (None at first); an
-    empty page ends the answer.
+    empty page ends the answer. A failure before the first byte propagates
+    (and is rendered); a failure after it aborts the connection and raises
+    L{CancelledError}, so that the body never ends like a complete one.
     """
     if request.channel is None:
         return None
@@ -110,8 +142,8 @@ async def send_pages(request, fetch, render):
             await gate.ready()
     except ConnectionDone:
         return None
-    except CancelledError:
-        raise
+    except BaseException:
+        raise abort_started(request, Failure(), "sending pages") from None
     finally:
         gate.close()
     return None

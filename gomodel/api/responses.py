@@ -40,7 +40,7 @@ class ResponsesRoute:
         self._exchange = exchange
         self._clock = clock
         self._registry = registry
-        self._store = store  # an IStore, or None: nothing is kept
+        self._store = store  # an IResponseStore, or None: nothing is kept
         self._no_native = {}  # provider name -> time until which we translate without asking
 
     # -- create ----------------------------------------------------------------
@@ -130,7 +130,7 @@ class ResponsesRoute:
             raise _NoNativeRoute()  # FastAPI's {"detail": "Not Found"}: no /responses here
         previous_id = body.get("previous_response_id")
         if previous_id and previous_id in str(error.get("message", "")) and self._store is not None:
-            if await self._store.get_response(previous_id) is not None:
+            if await self._store.get(previous_id) is not None:
                 raise _NotKnownUpstream()
         raise upstream_error(404, answer, provider.name, provider.hidden)
 
@@ -141,7 +141,7 @@ class ResponsesRoute:
             return None
         if not isinstance(previous_id, str):
             raise errors.InvalidRequest("previous_response_id must be a string.", param="previous_response_id")
-        return await self._store.get_response(previous_id)
+        return await self._store.get(previous_id)
 
     def stores(self, body) -> bool:
         """Whether a response created for C{body} is kept by the gateway."""
@@ -164,7 +164,7 @@ class ResponsesRoute:
                   "response": response}
         if response_json is not None:
             record["response_json"] = response_json
-        self._store.keep_response(record)
+        self._store.keep(record)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -181,7 +181,7 @@ class ResponsesRoute:
         return json_answer(request, response)
 
     async def delete(self, request, response_id):
-        if self._store is None or not await self._store.delete_response(response_id):
+        if self._store is None or not await self._store.delete(response_id):
             raise _unknown(response_id)
         return json_answer(request, {"id": response_id, "object": "response", "deleted": True})
 
@@ -227,14 +227,14 @@ class ResponsesRoute:
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _record(self, response_id):
-        record = await self._store.get_response(response_id) if self._store is not None else None
+        record = await self._store.get(response_id) if self._store is not None else None
         if record is None:
             raise _unknown(response_id)
         return record
 
     def _update(self, record, response):
         if isinstance(response, dict) and response.get("id") == record["id"]:
-            self._store.put_response(dict(record, response=response, status=response.get("status"))).addErrback(
+            self._store.put(dict(record, response=response, status=response.get("status"))).addErrback(
                 lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
 
     async def _upstream_json(self, request, provider, path, replica):

@@ -1,45 +1,62 @@
-"""Multipart uploads parsed while they arrive: the file part goes to disk, memory stays bounded.
+"""Multipart uploads parsed while they arrive: the file part goes to the blob store, memory stays bounded.
 
 An L{UploadSink} stands in for C{request.content} of C{POST /v1/files}: the
 listening side (L{gomodel.http.site.GatewayRequest}) hands it every body chunk
 as it is received, a streaming multipart parser (the C{multipart} package's
-L{PushMultipartParser}) splits the parts, the file part is written to a spool
-file in small chunks and the small fields are kept. Nothing ever holds the
-whole body: not Twisted (no temporary copy, no form parsing) and not us.
+L{PushMultipartParser}) splits the parts, the file part goes to an
+L{IBlobWriter} in chunks of about C{WRITE_CHUNK} bytes and the small fields
+are kept. The writes run off the reactor (the blob store's threads); while
+more than C{WRITE_BOUND} bytes wait for the disk, the connection's transport
+is paused, so a slow disk slows the client instead of filling memory.
+Nothing ever holds the whole body: not Twisted (no temporary copy, no form
+parsing) and not us.
 """
 
 import os
-import uuid
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from twisted.internet.defer import Deferred, succeed
 
 from gomodel.errors import InvalidRequest, RequestTooLarge, StorageUnavailable
 
 FIELD_LIMIT = 64 * 1024  # bytes of one non-file field
 OVERHEAD = 1024 * 1024  # bytes of multipart framing and fields allowed besides the file
 MAX_PARTS = 32
+WRITE_CHUNK = 64 * 1024  # bytes handed to the blob writer at a time
+WRITE_BOUND = 4 * WRITE_CHUNK  # bytes waiting for the disk before the transport is paused
 
 
 class UploadSink:
     """A write-only body sink that parses C{multipart/form-data} as it comes.
 
-    After the body was received, L{finish} raises the error to answer with
-    (400 for a malformed body, 413 past the limit); then L{fields},
-    L{filename}, L{size} and L{take} give what was uploaded. L{discard}
-    removes the spooled file unless it was taken.
+    After the body was received, L{finish} fails with the error to answer
+    with (400 for a malformed body, 413 past the limit, 503 when the disk
+    failed); then L{fields}, L{filename} and L{size} say what was uploaded
+    and L{commit} stores the file's contents. L{discard} removes them unless
+    they were committed.
     """
 
-    def __init__(self, spool_dir: str, max_file_bytes: int, content_type, content_length=None):
+    def __init__(self, blobs, max_file_bytes: int, content_type, content_length=None, transport=None):
+        """
+        @param blobs: the L{gomodel.store.interfaces.IBlobStore} the file part goes to.
+        @param transport: the connection's transport, paused while the disk lags (None: no backpressure).
+        """
         self.fields = {}
         self.filename = None
         self.size = 0
         self.error = None
-        self._spool_dir = spool_dir
+        self._blobs = blobs
+        self._transport = transport
+        self._paused = False
         self._max_file_bytes = max_file_bytes
         self._max_body = max_file_bytes + OVERHEAD
         self._received = 0
-        self._path = None
-        self._handle = None
+        self._writer = None  # the file part's IBlobWriter, until committed or discarded
+        self._has_file = False
+        self._buffer = bytearray()  # file bytes not handed to the writer yet
+        self._outstanding = 0  # bytes handed to the writer and not written yet
+        self._drained = []  # Deferreds waiting for _outstanding to reach 0
+        self._discarding = succeed(None)  # the abort of the file part's writes, once discarded
         self._segment = None  # the part being received
         self._field = None  # bytearray of the field being received
         self._files = 0
@@ -80,8 +97,6 @@ class UploadSink:
                     return
         except MultipartError as e:
             self._fail(InvalidRequest(f"The multipart body cannot be parsed: {e}.", code="invalid_multipart"))
-        except OSError as e:
-            self._fail(StorageUnavailable(f"The upload could not be stored ({e.strerror})."))
 
     # Twisted treats request.content as a file: it asks for its position and
     # rewinds it once the body is complete. There is nothing to read back.
@@ -107,9 +122,8 @@ class UploadSink:
                 self._fail(InvalidRequest("Send exactly one 'file' part.", param="file"))
                 return
             self.filename = os.path.basename((segment.filename or "").replace("\\", "/")) or "file"
-            os.makedirs(self._spool_dir, exist_ok=True)
-            self._path = os.path.join(self._spool_dir, f"upload-{uuid.uuid4().hex}.part")
-            self._handle = open(self._path, "xb")
+            self._has_file = True
+            self._writer = self._blobs.create()
         else:
             self._field = bytearray()
 
@@ -119,7 +133,9 @@ class UploadSink:
             if self.size > self._max_file_bytes:
                 self._too_large()
                 return
-            self._handle.write(chunk)
+            self._buffer += chunk
+            if len(self._buffer) >= WRITE_CHUNK:
+                self._flush()
         else:
             self._field += chunk
             if len(self._field) > FIELD_LIMIT:
@@ -129,8 +145,7 @@ class UploadSink:
     def _end_part(self):
         segment, self._segment = self._segment, None
         if segment.name == "file":
-            self._handle.close()
-            self._handle = None
+            self._flush()
         else:
             value, self._field = bytes(self._field), None
             try:
@@ -138,6 +153,44 @@ class UploadSink:
             except (UnicodeDecodeError, LookupError):
                 self._fail(InvalidRequest(f"The form field '{segment.name}' is not valid UTF-8.",
                                           param=segment.name))
+
+    # -- writing, with backpressure ----------------------------------------------------
+
+    def _flush(self):
+        if not self._buffer or self._writer is None:
+            return
+        data, self._buffer = bytes(self._buffer), bytearray()
+        self._outstanding += len(data)
+        d = self._writer.write(data)
+        if self._outstanding > WRITE_BOUND and self._transport is not None and not self._paused:
+            self._paused = True
+            self._transport.pauseProducing()
+        d.addCallbacks(self._written, self._write_failed, callbackArgs=(len(data),), errbackArgs=(len(data),))
+
+    def _written(self, _, size):
+        self._outstanding -= size
+        if self._paused and self._outstanding <= WRITE_BOUND // 2:
+            self._paused = False
+            self._transport.resumeProducing()
+        if self._outstanding == 0:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def _write_failed(self, failure, size):
+        error = failure.value
+        if not isinstance(error, StorageUnavailable):
+            error = StorageUnavailable(f"The upload could not be stored ({failure.getErrorMessage()}).")
+        self._fail(error)
+        self._written(None, size)
+
+    def _until_written(self):
+        d = Deferred()
+        if self._outstanding == 0:
+            d.callback(None)
+        else:
+            self._drained.append(d)
+        return d
 
     def _too_large(self):
         self._fail(RequestTooLarge(
@@ -147,36 +200,39 @@ class UploadSink:
         if self.error is None:
             self.error = error
         self._field = None
+        self._buffer = bytearray()
         self.discard()
 
     # -- after the body -----------------------------------------------------------
 
-    def finish(self):
-        """Check the complete body; raise the L{GatewayError} to answer with, if any."""
+    async def finish(self):
+        """Check the complete body and wait for the file part to be written.
+
+        Fails with the L{GatewayError} to answer with, if any.
+        """
         if not self._finished and self.error is None:
             self._finished = True
             try:
                 self._parser.close(check_complete=True)
             except MultipartError as e:
                 self._fail(InvalidRequest(f"The multipart body is incomplete: {e}.", code="invalid_multipart"))
+        if self.error is None and not self._has_file:
+            raise InvalidRequest("The upload has no 'file' part.", param="file", code="missing_required_parameter")
+        await self._until_written()
         if self.error is not None:
             raise self.error
-        if self._path is None:
-            raise InvalidRequest("The upload has no 'file' part.", param="file", code="missing_required_parameter")
 
-    def take(self) -> str:
-        """The spooled file's path; from now on the caller owns (and removes) it."""
-        path, self._path = self._path, None
-        return path
+    async def commit(self, blob_id) -> int:
+        """Make the file part durable as blob C{blob_id}; from now on the caller owns it. Returns its size."""
+        writer, self._writer = self._writer, None
+        return await writer.commit(blob_id)
 
-    def discard(self):
-        """Close and remove the spooled file unless L{take} handed it over."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        path, self._path = self._path, None
-        if path is not None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+    def discard(self) -> Deferred:
+        """Remove the file part's contents unless L{commit} took them; fires (never fails) once removed."""
+        writer, self._writer = self._writer, None
+        if self._paused:  # the rest of the body is read and dropped
+            self._paused = False
+            self._transport.resumeProducing()
+        if writer is not None:
+            self._discarding = writer.abort()
+        return self._discarding

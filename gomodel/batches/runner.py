@@ -19,57 +19,45 @@ or repeating an answer:
   - C{cancelling} -> C{cancelled}: requests in flight are cancelled (vLLM
     aborts them); what was answered is kept in the files.
 
-At start every batch in C{validating}, C{in_progress}, C{finalizing} or
-C{cancelling} is resumed. At stop, requests in flight are cancelled and timers
-removed; answers already read are recorded first.
-
-With several gateway processes on one data directory (C{--workers}), only
-one runner executes (C{execute=True}, the primary); the others only store
-new batches and cancellations, which the executing runner picks up from the
-store every C{poll_interval} seconds (its own are started at once).
+Any process may run any batch: the runner I{claims} it in the store (an
+owner, a lease of C{lease} seconds renewed as a heartbeat, a fencing token
+incremented per claim) and releases it when done. Every
+C{poll_interval} seconds it claims unfinished batches whose lease is free or
+expired (a process that died), resuming them where the recorded results
+end, and passes on cancellations stored by other processes. Results are
+written with the token: a runner that lost its lease records nothing, so no
+line is ever recorded twice. A batch whose results cannot be written (a full
+disk) is released with a backoff (exponential, capped) instead of being
+driven again at once. At stop, requests in flight are cancelled, answers
+already read are recorded, and the claims are released.
 """
 
 import uuid
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gomodel import jsonutil
-from gomodel.batches.validation import LineError, Request, check_line
+from gomodel.batches.claiming import ClaimLoop
+from gomodel.batches.concluding import conclude
+from gomodel.batches.lines import Job, error_line, output_line
+from gomodel.batches.validating import validate
 from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
                             UpstreamUnreachable)
 from gomodel.proxy.exchange import UpstreamCall
+from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
 PAGE = 256  # requests read from the store at a time
-LINES_PER_READ = 1000  # input lines validated at a time
-MAX_LINE_BYTES = 64 * 1024 * 1024
-MAX_ERRORS = 1000  # validation errors reported (the batch fails either way)
 READY_WAIT = 30.0  # at start, how long resumed batches wait for model discovery
-POLL_INTERVAL = 1.0  # how often the executing runner looks for work other processes stored
-
-
-def result_id() -> str:
-    return "batch_req_" + uuid.uuid4().hex
-
-
-def output_line(custom_id, status, request_id, body: bytes) -> bytes:
-    """One output-file line, with the upstream's JSON C{body} spliced in as it came."""
-    return b"".join((
-        b'{"id":', jsonutil.dumps(result_id()), b',"custom_id":', jsonutil.dumps(custom_id),
-        b',"response":{"status_code":', str(status).encode(), b',"request_id":', jsonutil.dumps(request_id),
-        b',"body":', body, b'},"error":null}'))
-
-
-def error_line(custom_id, code, message) -> bytes:
-    """One error-file line for a request that got no upstream answer."""
-    return jsonutil.dumps({"id": result_id(), "custom_id": custom_id, "response": None,
-                           "error": {"code": code, "message": message}})
+POLL_INTERVAL = 1.0  # how often a runner looks for batches to claim and for cancellations
+LEASE = 30.0  # how long a claim on a batch lasts without a heartbeat
 
 
 class _Answer:
@@ -90,39 +78,24 @@ class _NoAnswer:
         self.message = message
 
 
-class _Job:
-    """One batch being worked on, in memory."""
-
-    def __init__(self, batch_id):
-        self.batch_id = batch_id
-        self.stop = None  # None, "cancel", "expire" or "shutdown"
-        self.upstream = set()  # Deferreds of requests in flight (cancelled to halt)
-        self.lines = set()  # Deferreds of lines not yet recorded
-        self.waiting = None  # a semaphore acquisition in progress
-        self.expiry = None  # the IDelayedCall that expires the batch
-        self.task = None
-        self.watchers = []  # Deferreds fired when the job ends
-
-    def halt(self, why):
-        """Stop sending: C{cancel}, C{expire} or C{shutdown} (which wins: the stored status says the rest)."""
-        if self.stop is None or why == "shutdown":
-            self.stop = why
-        waiting, self.waiting = self.waiting, None
-        if waiting is not None:
-            waiting.cancel()
-        for d in list(self.upstream):
-            d.cancel()
-
-
 class BatchRunner(Service):
-    """Executes batches against the providers, durably (see the module docstring)."""
+    """Executes batches against the providers, durably, under claims (see the module docstring)."""
 
     log = Logger()
 
-    def __init__(self, store, registry, clock, exchange, *, concurrency=4, max_attempts=4,
-                 backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, execute=True,
-                 poll_interval=POLL_INTERVAL):
-        self._store = store
+    def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
+                 backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
+                 owner=None):
+        """
+        @param batches: the L{gomodel.store.interfaces.IBatchStore}.
+        @param exchange: the L{gomodel.proxy.exchange.Exchange} that sends each line.
+        @param blobs: the L{gomodel.store.interfaces.IBlobStore} holding input and output contents.
+        @param lease: seconds a claim lasts; renewed every third of it while working.
+        @param poll_interval: seconds between looks for batches to claim (0: never).
+        @param owner: this process's owner id for claims (default: a new unique one).
+        """
+        self._batches = batches
+        self._blobs = blobs
         self._registry = registry
         self._clock = clock
         self._exchange = exchange  # a gomodel.proxy.exchange.Exchange
@@ -130,46 +103,38 @@ class BatchRunner(Service):
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
         self._backoff_max = backoff_max
+        self._lease = lease
+        self.owner = owner if owner is not None else process_owner()
         self._semaphores = {}
         self._jobs = {}
+        self._parked = {}  # batch id -> how many times in a row it could not be recorded
         self._resuming = None
-        self._execute = execute
-        self._poll_interval = poll_interval
-        self._poll = None
-        self._scanning = None
+        self._claims = ClaimLoop(batches, clock, self.owner, lease, poll_interval, self._jobs, self._start)
 
     # -- service ----------------------------------------------------------------
 
     def startService(self):
         super().startService()
-        if not self._execute:
-            return
+        self._claims.start()
         self._resuming = Deferred.fromCoroutine(self._resume())
         self._resuming.addErrback(self._resume_failed)
-        self._resuming.addCallback(self._start_polling)
+        self._resuming.addCallback(lambda _: self._claims.poll())
 
     def stopService(self):
         super().stopService()
         if self._resuming is not None:
             self._resuming.cancel()
-        if self._poll is not None and self._poll.running:
-            self._poll.stop()
-        if self._scanning is not None:
-            self._scanning.cancel()
+        self._claims.stop()
         jobs = list(self._jobs.values())
         for job in jobs:
             job.halt("shutdown")
         return DeferredList([job.task for job in jobs])
 
     async def _resume(self):
-        await self._store.started()
-        batches = await self._store.unfinished_batches()
-        if not batches:
+        if not await self._batches.unfinished():
             return
         await self._models_known()
-        for batch in batches:
-            self.log.info("resuming batch {batch_id} ({status})", batch_id=batch["id"], status=batch["status"])
-            self._start(batch["id"], batch["expires_at"])
+        await self._claims.claim_free()
 
     async def _models_known(self):
         """Wait (a while) for model discovery, so that resumed lines resolve as they did."""
@@ -183,37 +148,6 @@ class BatchRunner(Service):
         finally:
             if timer.active():
                 timer.cancel()
-
-    def _start_polling(self, _):
-        if not self.running or self._poll_interval <= 0:
-            return
-        self._poll = LoopingCall(self._scan)
-        self._poll.clock = self._clock
-        self._poll.start(self._poll_interval, now=False)
-
-    def _scan(self):
-        """Start batches stored by other processes; pass on cancellations they stored."""
-        if self._scanning is not None:
-            return
-        self._scanning = self._store.unfinished_batches()
-
-        def found(batches):
-            for batch in batches:
-                job = self._jobs.get(batch["id"])
-                if job is None:
-                    self._start(batch["id"], batch["expires_at"])
-                elif batch["status"] == "cancelling" and job.stop is None:
-                    job.halt("cancel")
-
-        def failed(failure):
-            if not failure.check(CancelledError, StorageUnavailable):
-                self.log.failure("looking for batches to run failed", failure)
-
-        def done(_):
-            self._scanning = None
-
-        self._scanning.addCallbacks(found, failed)
-        self._scanning.addBoth(done)
 
     def _resume_failed(self, failure):
         if failure.check(CancelledError):
@@ -234,24 +168,35 @@ class BatchRunner(Service):
         return sem
 
     async def create(self, endpoint, input_file_id, window_text, window_seconds, metadata):
-        """Store a new batch (C{validating}) and start it; returns its record."""
+        """Store a new batch (C{validating}), claim it and start it; returns its record."""
         now = int(self._clock.seconds())
-        record = await self._store.add_batch({
+        record = await self._batches.add({
             "id": "batch_" + uuid.uuid4().hex, "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window_text, "status": "validating", "created_at": now,
             "expires_at": now + max(1, round(window_seconds)), "metadata": metadata,
         })
-        self._start(record["id"], record["expires_at"])
+        await self._claim(record["id"])
         return record
 
+    async def _claim(self, batch_id):
+        """Claim C{batch_id} and start it, unless it is ours already or held elsewhere."""
+        if not self.running or batch_id in self._jobs:
+            return
+        got = await self._batches.claim(batch_id, self.owner, self._lease)
+        if got is not None:
+            self._start(*got)
+
     async def cancel(self, batch_id):
-        """Ask a batch to stop; returns its record (C{cancelling}, or already cancelled)."""
-        batch = await self._store.get_batch(batch_id)
+        """Ask a batch to stop; returns its record (C{cancelling}, or already cancelled).
+
+        The process holding its claim sees the cancellation at its next poll.
+        """
+        batch = await self._batches.get(batch_id)
         if batch is None:
             raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
         status = batch["status"]
         if status in ("validating", "in_progress"):
-            updated = await self._store.update_batch(
+            updated = await self._batches.update(
                 batch_id, {"status": "cancelling", "cancelling_at": int(self._clock.seconds())},
                 only_if_status=("validating", "in_progress"))
             if updated is None:  # it moved on meanwhile: answer from where it is now
@@ -260,7 +205,7 @@ class BatchRunner(Service):
             if job is not None:
                 job.halt("cancel")
             else:
-                self._start(batch_id, updated["expires_at"])
+                await self._claim(batch_id)
             return updated
         if status in ("cancelling", "cancelled"):
             return batch
@@ -268,26 +213,60 @@ class BatchRunner(Service):
 
     # -- one batch ----------------------------------------------------------------
 
-    def _start(self, batch_id, expires_at):
-        if not self.running or not self._execute or batch_id in self._jobs:
+    def _start(self, record, token):
+        batch_id, expires_at = record["id"], record["expires_at"]
+        if batch_id in self._jobs:
+            self._jobs[batch_id].token = token
             return
-        job = self._jobs[batch_id] = _Job(batch_id)
-        delay = (expires_at or 0) - self._clock.seconds() if expires_at is not None else None
+        job = self._jobs[batch_id] = Job(batch_id, token)
+        if not self.running:
+            job.stop = "shutdown"
+        delay = expires_at - self._clock.seconds() if expires_at is not None else None
         if delay is not None:
             if delay <= 0:
-                job.stop = "expire"
+                job.halt("expire")
             else:
                 job.expiry = self._clock.callLater(delay, job.halt, "expire")
-        job.task = Deferred.fromCoroutine(self._run(job))
-        job.task.addErrback(self._job_failed, job)
+        job.task = Deferred.fromCoroutine(self._work(job))
         job.task.addBoth(self._job_done, job)
 
+    async def _work(self, job):
+        """Run the batch, then give the claim up (with a backoff when it could not be recorded)."""
+        try:
+            await self._run(job)
+        except Exception:
+            self._job_failed(Failure(), job)
+        if job.stop == "lost":
+            return
+        if job.stop == "park" or job.failed:
+            count = self._parked.get(job.batch_id, 0)
+            self._parked[job.batch_id] = count + 1
+            delay = min(self._backoff_start * 2 ** count, self._backoff_max)
+            self.log.warn("batch {batch_id}: results cannot be recorded; it is tried again in {delay} s",
+                          batch_id=job.batch_id, delay=delay)
+        else:
+            delay = 0
+            if job.stop != "shutdown":
+                self._parked.pop(job.batch_id, None)
+        try:
+            await self._batches.release(job.batch_id, self.owner, job.token, delay)
+        except Exception as e:  # the lease runs out by itself
+            self.log.warn("batch {batch_id}: releasing its claim failed ({error})", batch_id=job.batch_id,
+                          error=getattr(e, "message", None) or repr(e))
+
     def _job_failed(self, failure, job):
+        if failure.check(LeaseLost):
+            job.halt("lost")
+            return
         if job.stop == "shutdown" and failure.check(StorageUnavailable, CancelledError):
-            return  # stopping: the batch resumes at the next start
+            return  # stopping: the batch resumes where it is
+        if failure.check(CancelledError):
+            return
+        job.failed = True
+        job.halt("park")
         if failure.check(StorageUnavailable):
             self.log.warn("batch {batch_id} paused: {error}", batch_id=job.batch_id, error=failure.value.message)
-        elif not failure.check(CancelledError):
+        else:
             self.log.failure("batch {batch_id} stopped unexpectedly; it is tried again later", failure,
                              batch_id=job.batch_id)
 
@@ -301,7 +280,7 @@ class BatchRunner(Service):
             d.callback(None)
 
     async def settled(self, batch_id):
-        """Wait until nothing works on C{batch_id} (after batches were resumed at start)."""
+        """Wait until nothing works on C{batch_id} here (after batches were resumed at start)."""
         if self._resuming is not None and not self._resuming.called:
             resumed = Deferred()
             self._resuming.addBoth(lambda result: (resumed.callback(None), result)[1])
@@ -313,85 +292,19 @@ class BatchRunner(Service):
             await d
 
     async def _run(self, job):
-        batch = await self._store.get_batch(job.batch_id)
+        batch = await self._batches.get(job.batch_id)
         if batch is None:
             return
         if batch["status"] == "validating":
-            if not await self._validate(job, batch):
+            if not await validate(self._batches, self._blobs, self._registry, job, batch, self._now):
                 return
-            batch = await self._store.get_batch(job.batch_id)
+            batch = await self._batches.get(job.batch_id)
         if batch["status"] == "in_progress" and job.stop is None:
             await self._dispatch(job, batch)
-        await self._conclude(job)
+        await conclude(self._batches, self._blobs, job, self._now)
 
     def _now(self):
         return int(self._clock.seconds())
-
-    # -- validating -----------------------------------------------------------------
-
-    async def _validate(self, job, batch):
-        """Check every input line and store the requests; False when the batch failed."""
-        batch_id, endpoint = job.batch_id, batch["endpoint"]
-        await self._store.clear_batch_requests(batch_id)  # a validation cut short starts over
-        seen, resolved, errors = set(), {}, []
-        count = number = offset = 0
-        while True:
-            if job.stop is not None:
-                return True
-            got = await self._store.read_lines(batch["input_file_id"], offset, LINES_PER_READ, MAX_LINE_BYTES)
-            if got is None:
-                errors.append(LineError("file_not_found", f"The input file {batch['input_file_id']} does not exist.",
-                                        "input_file_id", None))
-                break
-            lines, offset = got
-            rows = []
-            for raw in lines:
-                number += 1
-                if raw is not None and not raw.strip():
-                    continue
-                checked = check_line(raw, number, endpoint)
-                if isinstance(checked, Request):
-                    if checked.custom_id in seen:
-                        checked = LineError("duplicate_custom_id",
-                                            f"The custom_id '{checked.custom_id}' is used by an earlier line.",
-                                            "custom_id", number)
-                    else:
-                        seen.add(checked.custom_id)
-                        problem = self._model_problem(checked.model, resolved)
-                        if problem is not None:
-                            checked = LineError(problem.code or "invalid_model", problem.message, "body.model", number)
-                if isinstance(checked, LineError):
-                    errors.append(checked)
-                    if len(errors) >= MAX_ERRORS:
-                        break
-                    continue
-                count += 1
-                if not errors:
-                    rows.append((number, checked.custom_id, checked.body))
-            if rows and not errors:
-                await self._store.add_batch_requests(batch_id, rows)
-            if offset is None or len(errors) >= MAX_ERRORS:
-                break
-        if not errors and count == 0:
-            errors.append(LineError("empty_file", "The input file has no requests.", None, None))
-        if errors:
-            await self._store.clear_batch_requests(batch_id)
-            failed = await self._store.update_batch(
-                batch_id, {"status": "failed", "failed_at": self._now(), "errors": [e.as_dict() for e in errors]},
-                only_if_status=("validating",))
-            return failed is None  # None: cancelled meanwhile, which _conclude finishes
-        await self._store.update_batch(batch_id, {"status": "in_progress", "in_progress_at": self._now(),
-                                                  "total": count}, only_if_status=("validating",))
-        return True
-
-    def _model_problem(self, model, resolved):
-        if model not in resolved:
-            try:
-                self._registry.resolve(model)
-                resolved[model] = None
-            except GatewayError as e:
-                resolved[model] = e
-        return resolved[model]
 
     # -- in progress ------------------------------------------------------------------
 
@@ -399,7 +312,7 @@ class BatchRunner(Service):
         path = batch["endpoint"][len("/v1"):]
         after = 0
         while job.stop is None:
-            rows = await self._store.pending_requests(job.batch_id, after, PAGE)
+            rows = await self._batches.pending(job.batch_id, after, PAGE)
             if not rows:
                 break
             for line, custom_id, body in rows:
@@ -447,7 +360,18 @@ class BatchRunner(Service):
             return result
 
         def failed(failure):
-            self.log.failure("batch {batch_id}: recording a line failed", failure, batch_id=job.batch_id)
+            # The line stays pending; sending more is pointless until results can be written again.
+            if failure.check(LeaseLost):
+                job.halt("lost")
+                return
+            job.failed = True
+            if failure.check(StorageUnavailable):
+                self.log.warn("batch {batch_id}: recording a line failed: {error}", batch_id=job.batch_id,
+                              error=failure.value.message)
+                job.halt("park")
+            else:
+                self.log.failure("batch {batch_id}: recording a line failed", failure, batch_id=job.batch_id)
+                job.halt("park")
 
         d.addErrback(failed)
         d.addBoth(done)
@@ -468,7 +392,7 @@ class BatchRunner(Service):
         await self._record(job, line, custom_id, ok, data)
 
     def _record(self, job, line, custom_id, ok, data):
-        return self._store.record_results(job.batch_id, [(line, custom_id, ok, data)])
+        return self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)
 
     async def _call(self, route, path, payload, request_id):
         """Send one request through the exchange, retrying transient failures; an L{_Answer} or a L{_NoAnswer}."""
@@ -525,59 +449,6 @@ class BatchRunner(Service):
         if b"\n" in error_body or b"\r" in error_body:
             error_body = jsonutil.dumps(jsonutil.loads(error_body))
         return False, output_line(custom_id, status, outcome.request_id, error_body)
-
-    # -- the end of a batch ---------------------------------------------------------------
-
-    async def _conclude(self, job):
-        """Take the batch to its final status, from what the store says now."""
-        if job.stop == "shutdown":
-            return
-        batch_id = job.batch_id
-        status = (await self._store.get_batch(batch_id))["status"]
-        if status == "cancelling":
-            await self._store.finalize_batch(batch_id, {"status": "cancelled", "cancelled_at": self._now()},
-                                             only_if_status=("cancelling",))
-            return
-        if status == "validating":
-            if job.stop == "expire":
-                await self._store.clear_batch_requests(batch_id)
-                await self._store.update_batch(batch_id, {"status": "expired", "expired_at": self._now()},
-                                               only_if_status=("validating",))
-            return
-        if status == "in_progress":
-            if await self._store.pending_requests(batch_id, 0, 1):
-                if job.stop == "expire":
-                    await self._expire_rest(job)
-                    done = await self._store.finalize_batch(
-                        batch_id, {"status": "expired", "expired_at": self._now()}, only_if_status=("in_progress",))
-                    if done is None:  # cancelled meanwhile
-                        await self._conclude(job)
-                elif job.stop is None:
-                    self.log.warn("batch {batch_id} has unanswered lines; it resumes at the next start",
-                                  batch_id=batch_id)
-                return
-            moved = await self._store.update_batch(batch_id, {"status": "finalizing", "finalizing_at": self._now()},
-                                                   only_if_status=("in_progress",))
-            if moved is None:  # cancelled meanwhile
-                await self._conclude(job)
-                return
-            status = "finalizing"
-        if status == "finalizing":
-            await self._store.finalize_batch(batch_id, {"status": "completed", "completed_at": self._now()},
-                                             only_if_status=("finalizing",))
-
-    async def _expire_rest(self, job):
-        message = "This request could not be executed before the batch's completion window expired."
-        after = 0
-        while True:
-            rows = await self._store.pending_requests(job.batch_id, after, PAGE)
-            if not rows:
-                return
-            await self._store.record_results(job.batch_id, [
-                (line, custom_id, False, error_line(custom_id, "batch_expired", message))
-                for line, custom_id, _ in rows])
-            after = rows[-1][0]
-
 
 def _retry_after(response) -> float:
     value = response.headers.getRawHeaders(b"retry-after", [b""])[0]

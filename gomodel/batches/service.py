@@ -1,36 +1,31 @@
-"""The store and the batch runner as one service, stopped one after the other."""
+"""The store and the services that use it, stopped one after the other."""
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
-from gomodel.batches.runner import BatchRunner
-from gomodel.store import SQLiteStore
-
 
 class BatchServices(MultiService):
-    """The store (started first) and the runner over it.
+    """The store (started first) and its users (the batch runner, sweeps, retention).
 
-    Twisted's MultiService stops its children all at once; here the runner is
-    stopped first and waited for (it cancels what is in flight and records the
-    answers already read), then the store is closed.
+    Twisted's MultiService stops its children all at once; here the users are
+    stopped first, last one first, and waited for (the runner cancels what
+    is in flight, records the answers already read and releases its
+    claims), then the store is closed.
     """
 
     log = Logger()
 
-    def __init__(self, config, registry, reactor, exchange, *, primary=True):
+    def __init__(self, store, *users):
         """
-        @param primary: this process sweeps the data directory's leftovers and
-            executes batches; other processes on the same data directory
-            (C{--workers}) only store batches and cancellations for it.
+        @param store: the store service (e.g. L{gomodel.store.SQLiteStore}).
+        @param users: services over it, started after it in this order.
         """
         super().__init__()
-        self.store = SQLiteStore(config.store.data_dir, reactor, sweep=primary)
-        self.store.setServiceParent(self)
-        self.runner = BatchRunner(self.store, registry, reactor, exchange,
-                                  concurrency=config.limits.batch_concurrency_per_provider,
-                                  max_attempts=config.limits.batch_max_attempts, execute=primary)
-        self.runner.setServiceParent(self)
+        self.store = store
+        store.setServiceParent(self)
+        for user in users:
+            user.setServiceParent(self)
 
     def stopService(self):
         Service.stopService(self)

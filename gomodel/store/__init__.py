@@ -1,6 +1,9 @@
-"""Persistence for files and batches, behind one interface (L{IStore}); SQLite by default."""
+"""Persistence behind one small interface per aggregate (L{interfaces}); SQLite by default."""
 
-from gomodel.store.interfaces import TERMINAL, UNFINISHED, IStore
+from gomodel.store.interfaces import (IBatchStore, IBlobStore, IBlobWriter, IClaims, IFileStore, IResponseStore,
+                                      IStoreService)
+from gomodel.store.records import TERMINAL, UNFINISHED, LeaseLost, new_file_id, process_owner
 from gomodel.store.sqlite import SQLiteStore
 
-__all__ = ["IStore", "SQLiteStore", "TERMINAL", "UNFINISHED"]
+__all__ = ["IBatchStore", "IBlobStore", "IBlobWriter", "IClaims", "IFileStore", "IResponseStore", "IStoreService",
+           "LeaseLost", "SQLiteStore", "TERMINAL", "UNFINISHED", "new_file_id", "process_owner"]

@@ -1,140 +1,287 @@
-"""The one seam between the gateway and its persistence (files, batches, responses).
+"""The seams between the gateway and its persistence: one small interface per aggregate.
 
-Every method returns a Deferred and never blocks the reactor; no SQL and no
-storage layout exist outside an implementation. L{gomodel.store.sqlite} is the
-default; a PostgreSQL implementation only has to provide this interface.
+Every method that does I/O returns a Deferred and never blocks the reactor;
+no SQL and no storage layout exist outside an implementation
+(L{gomodel.store.sqlite} is the default). Records are plain dicts, described
+in L{gomodel.store.records}. Unless a method says otherwise, its Deferred
+fails with L{gomodel.errors.StorageUnavailable} when the store is stopping
+or cannot be opened, and with the backend's own error (e.g.
+C{sqlite3.Error}, C{OSError}) when a statement or a disk operation fails.
 
-Records are plain dicts:
-
-  - a file: C{id, bytes, created_at, filename, purpose, status, expires_at}
-  - a batch: C{id, endpoint, input_file_id, completion_window, status,
-    output_file_id, error_file_id, created_at, in_progress_at, expires_at,
-    finalizing_at, completed_at, failed_at, expired_at, cancelling_at,
-    cancelled_at, total, completed, failed, errors (a list or None),
-    metadata (a dict or None)}
-  - a batch request: C{(line, custom_id, body bytes)}
-  - a batch result: C{(line, custom_id, ok, data bytes)}: C{data} is one
-    output (C{ok}) or error-file line, without its newline.
-  - a stored response: C{id, provider, created_at, previous_response_id,
-    status, input_items (a list), response (a dict)}
+Several processes (and later hosts) may share one store: singleton duties
+(running a batch, sweeps, retention) are taken by I{claims}, leases with an
+owner, an expiry and a fencing token, never by a "primary" process. Keys and
+usage stores (C{IKeyStore}, C{IUsageStore}) come later, beside these.
 """
 
 from zope.interface import Attribute, Interface
 
-# Batch statuses in which the gateway still owes work; resumed at start.
-UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
-# Statuses that end a batch.
-TERMINAL = ("completed", "failed", "expired", "cancelled")
+from gomodel.store.records import TERMINAL, UNFINISHED  # noqa: F401 (re-exported)
 
 
-class IStore(Interface):
-    """Durable files and batches."""
+class IFileStore(Interface):
+    """File metadata (the contents live in an L{IBlobStore}, under the file's id)."""
 
-    spool_dir = Attribute(
-        "A directory for uploads being received, on the same file system as the "
-        "store's contents, so that L{add_file} can take a spooled upload over cheaply.")
+    def add(file_id, size, filename, purpose):
+        """Register a file whose contents were committed as blob C{file_id}.
 
-    def started():
-        """Fires (with None) once the store is open and migrated; fails with the reason it cannot open."""
-
-    # -- files --------------------------------------------------------------
-
-    def add_file(source_path, filename, purpose):
-        """Take over the file at C{source_path} (in L{spool_dir}) as a new file; fires with its record."""
-
-    def get_file(file_id):
-        """Fires with the file's record, or None."""
-
-    def list_files(purpose=None, after=None, limit=10000, order="desc"):
-        """Fires with C{(records, has_more)}, newest first for C{order="desc"}.
-
-        C{after} is a file id: only files after it in that order are listed.
+        @return: a Deferred firing with the new file record; it fails with the
+            backend's integrity error when C{file_id} exists already.
         """
 
-    def delete_file(file_id):
-        """Delete the record and the contents; fires with True, or False when there was no such file."""
+    def get(file_id):
+        """@return: a Deferred firing with the file's record, or None."""
 
-    def open_file(file_id):
-        """Fires with C{(binary file object, size)} for reading the contents (the caller closes it), or None."""
+    def list(purpose=None, after=None, limit=10000, order="desc"):
+        """List files, newest first for C{order="desc"}, oldest first for C{"asc"}.
 
-    def read_lines(file_id, offset, max_lines, max_line_bytes):
-        """Read up to C{max_lines} lines of a file's contents from byte C{offset}.
-
-        Fires with C{(lines, next_offset)}; C{next_offset} is None at the end of
-        the file. A line longer than C{max_line_bytes} comes back as None (and
-        is skipped). Lines keep no line ending. Fires with None if there is no
-        such file.
+        @param after: a file id: only files after it in that order are listed
+            (an unknown id lists nothing).
+        @return: a Deferred firing with C{(records, has_more)}.
         """
 
-    # -- batches ------------------------------------------------------------
+    def delete(file_id):
+        """Delete the record (the caller deletes the blob).
 
-    def add_batch(batch):
-        """Insert a new batch record; fires with it."""
-
-    def get_batch(batch_id):
-        """Fires with the batch record, or None."""
-
-    def list_batches(after=None, limit=20):
-        """Fires with C{(records, has_more)}, newest first; C{after} is a batch id."""
-
-    def update_batch(batch_id, changes, only_if_status=None):
-        """Apply C{changes} (column -> value) to a batch.
-
-        With C{only_if_status} (a tuple), only while its status is one of
-        those. Fires with the updated record, or None when nothing was changed.
+        @return: a Deferred firing with True, or False when there was no such file.
         """
 
-    def unfinished_batches():
-        """Fires with the records of every batch whose status is in L{UNFINISHED}, oldest first."""
+    def known(file_ids):
+        """@return: a Deferred firing with the set of those C{file_ids} that have a record."""
 
-    def add_batch_requests(batch_id, requests):
-        """Store validated requests C{(line, custom_id, body)} of a batch."""
 
-    def clear_batch_requests(batch_id):
-        """Forget the stored requests of a batch (a validation that starts over, or failed)."""
+class IBlobWriter(Interface):
+    """One blob being written, chunk by chunk, in order; invisible until committed."""
 
-    def pending_requests(batch_id, after_line, limit):
-        """Fires with up to C{limit} requests C{(line, custom_id, body)} past C{after_line}
-        that have no result yet, in line order."""
+    def write(data):
+        """Append C{data} (bytes) after the chunks written before.
 
-    def record_results(batch_id, results):
+        @return: a Deferred firing with None once the chunk is on disk (in
+            the OS's hands); it fails with L{gomodel.errors.StorageUnavailable}
+            when it cannot be written (then every later call fails too).
+        """
+
+    def commit(blob_id):
+        """After the outstanding writes, make the contents durable and visible as C{blob_id}.
+
+        @return: a Deferred firing with the blob's size in bytes; it fails
+            with L{gomodel.errors.StorageUnavailable} (and nothing is visible).
+        """
+
+    def abort():
+        """Discard what was written (no-op after L{commit}).
+
+        @return: a Deferred firing with None; it never fails (a failure is logged).
+        """
+
+
+class IBlobStore(Interface):
+    """File contents by id, read and written in chunks; never local paths for callers."""
+
+    def create():
+        """Start a new blob; does no I/O itself (the first write opens it).
+
+        @return: an L{IBlobWriter}.
+        """
+
+    def size(blob_id):
+        """@return: a Deferred firing with the blob's size in bytes, or None when there is no such blob."""
+
+    def read(blob_id, offset, length):
+        """Read up to C{length} bytes from byte C{offset}.
+
+        @return: a Deferred firing with the bytes (C{b""} at or past the
+            end), or None when there is no such blob.
+        """
+
+    def read_lines(blob_id, offset, max_lines, max_line_bytes):
+        """Read up to C{max_lines} lines from byte C{offset}.
+
+        @return: a Deferred firing with C{(lines, next_offset)}, C{next_offset}
+            being None at the end of the blob, or with None when there is no
+            such blob. A line longer than C{max_line_bytes} comes back as None
+            (and is skipped); lines keep no line ending.
+        """
+
+    def delete(blob_id):
+        """@return: a Deferred firing with True once deleted, or False when there was no such blob."""
+
+    def stale(older_than):
+        """@return: a Deferred firing with the ids of committed blobs last changed before C{older_than}
+        (seconds since the epoch): candidates for an orphan sweep."""
+
+    def discard_writes(older_than):
+        """Remove uncommitted writes not written to since C{older_than} (uploads cut short by a crash).
+
+        A write still receiving data is never removed.
+
+        @return: a Deferred firing with how many were removed.
+        """
+
+
+class IBatchStore(Interface):
+    """Batches, their validated requests and their results; claimed by the process that runs them."""
+
+    def add(batch):
+        """Insert a new batch record (unclaimed).
+
+        @return: a Deferred firing with the stored record.
+        """
+
+    def get(batch_id):
+        """@return: a Deferred firing with the batch record, or None."""
+
+    def list(after=None, limit=20):
+        """@return: a Deferred firing with C{(records, has_more)}, newest first; C{after} is a batch id."""
+
+    def update(batch_id, changes, only_if_status=None, token=None):
+        """Apply C{changes} (column -> value).
+
+        @param only_if_status: a tuple: only while the status is one of those.
+        @param token: when given, only while this is the batch's claim token
+            (a fenced write by the claim holder).
+        @return: a Deferred firing with the updated record, or None when
+            nothing was changed.
+        """
+
+    def unfinished():
+        """@return: a Deferred firing with every batch whose status is in C{UNFINISHED}, oldest first."""
+
+    def claim(batch_id, owner, lease):
+        """Lease one unfinished batch to C{owner} for C{lease} seconds, unless another owner holds a live lease.
+
+        Each claim increments the batch's fencing token.
+
+        @return: a Deferred firing with C{(record, token)}, or None (leased
+            elsewhere, finished, or no such batch).
+        """
+
+    def claim_next(owner, lease, exclude=(), gone=()):
+        """Like L{claim}, for the oldest unfinished batch whose lease is free or expired, not in C{exclude}.
+
+        @param gone: owners known to be dead (see L{gomodel.store.records.owner_is_gone}):
+            their leases count as expired.
+        @return: a Deferred firing with C{(record, token)}, or None when there is none.
+        """
+
+    def holders():
+        """@return: a Deferred firing with the set of owners holding a live lease on an unfinished batch."""
+
+    def renew(batch_id, owner, token, lease):
+        """Extend a held lease by C{lease} seconds from now (the heartbeat).
+
+        @return: a Deferred firing with True, or False when the claim was lost.
+        """
+
+    def release(batch_id, owner, token, delay=0):
+        """Give a claim up; nobody may claim the batch for C{delay} seconds (a backoff).
+
+        @return: a Deferred firing with None (also when the claim was already lost).
+        """
+
+    def add_requests(batch_id, requests, token):
+        """Store validated requests C{(line, custom_id, body)}; fenced by C{token}.
+
+        @return: a Deferred firing with None; it fails with
+            L{gomodel.store.records.LeaseLost} (nothing stored) when C{token}
+            is stale.
+        """
+
+    def clear_requests(batch_id, token=None):
+        """Forget the stored requests (a validation that starts over, or failed); fenced by C{token} if given.
+
+        @return: a Deferred firing with None; it fails with
+            L{gomodel.store.records.LeaseLost} (nothing removed) when C{token} is stale.
+        """
+
+    def pending(batch_id, after_line, limit):
+        """@return: a Deferred firing with up to C{limit} requests C{(line, custom_id, body)} past
+        C{after_line} that have no result yet, in line order."""
+
+    def record_results(batch_id, results, token):
         """Persist results C{(line, custom_id, ok, data)} and count them, in one transaction.
 
         A line that already has a result keeps it and is not counted again
-        (exactly once, whatever happens around a restart). Fires with the
-        number of results newly recorded.
+        (exactly once, whatever happens around a restart or a takeover).
+
+        @return: a Deferred firing with the number of results newly recorded;
+            it fails with L{gomodel.store.records.LeaseLost} (nothing
+            recorded) when C{token} is not the batch's claim token.
         """
 
-    def read_results(batch_id, after_line, limit):
-        """Fires with up to C{limit} results C{(line, custom_id, ok, data)} past C{after_line}, in line order."""
+    def read_results(batch_id, after_line, limit, ok=None):
+        """@return: a Deferred firing with up to C{limit} results C{(line, custom_id, ok, data)} past
+        C{after_line}, in line order; only outputs (C{ok=True}) or errors (C{ok=False}) if given."""
 
-    def finalize_batch(batch_id, changes, only_if_status=None):
-        """Write the batch's output and error files from its results, then apply C{changes}.
+    def finalize(batch_id, changes, files, only_if_status=None, token=None):
+        """Register the batch's output and error files and apply C{changes}, in one transaction.
 
-        The files (purpose C{batch_output}) are registered and the batch gets
-        their ids (None where there is nothing to write) in the same
-        transaction as C{changes}; the stored requests are dropped. Fires with
-        the updated record, or None (and nothing written) when the batch's
-        status is not in C{only_if_status}.
+        @param files: C{{"output": (file_id, size) or None, "error": ...}};
+            their contents were committed as blobs with those ids. The file
+            records (purpose C{batch_output}) are inserted, the batch gets
+            their ids, and its stored requests are dropped.
+        @return: a Deferred firing with the updated record, or None (and
+            nothing registered: the caller deletes the blobs) when the
+            status is not in C{only_if_status} or C{token} is stale.
         """
 
-    # -- responses ----------------------------------------------------------
 
-    def put_response(record):
-        """Insert or replace a stored response (see the module docstring); fires with None."""
+class IResponseStore(Interface):
+    """Responses created through the gateway (see L{gomodel.responses_history})."""
 
-    def keep_response(record):
-        """L{put_response} without waiting for it: returns None, a failure is logged.
+    def put(record):
+        """Insert or replace a stored response.
 
-        Reads and writes asked for after it see it. C{record["response_json"]},
-        when given, is the response's JSON as bytes (stored as it is).
+        @return: a Deferred firing with None.
         """
 
-    def get_response(response_id):
-        """Fires with the stored response record, or None."""
+    def keep(record):
+        """L{put} without waiting for it: returns None, a failure is logged.
 
-    def delete_response(response_id):
-        """Fires with True once deleted, or False when there was no such response."""
+        Reads and writes asked for after it (in this process) see it.
+        C{record["response_json"]}, when given, is the response's JSON as
+        bytes (stored as it is).
+        """
 
-    def delete_responses_before(created_at):
-        """Delete responses created before C{created_at} (seconds); fires with how many."""
+    def get(response_id):
+        """@return: a Deferred firing with the stored response record, or None."""
+
+    def delete(response_id):
+        """@return: a Deferred firing with True once deleted, or False when there was no such response."""
+
+    def delete_before(created_at):
+        """Delete responses created before C{created_at} (seconds).
+
+        @return: a Deferred firing with how many were deleted.
+        """
+
+
+class IClaims(Interface):
+    """Named leases for singleton duties (sweeps, retention), shared by every process on the store."""
+
+    def claim(name, owner, lease):
+        """Take duty C{name} for C{lease} seconds unless another owner holds a live lease on it.
+
+        @return: a Deferred firing with the new fencing token (an int that
+            grows with every claim of C{name}), or None when it is held elsewhere.
+        """
+
+    def renew(name, owner, token, lease):
+        """@return: a Deferred firing with True once extended by C{lease} seconds, or False when lost."""
+
+    def release(name, owner, token):
+        """@return: a Deferred firing with None once given up (also when it was already lost)."""
+
+
+class IStoreService(Interface):
+    """A store as one service: the aggregates over one backend, opened and closed together."""
+
+    files = Attribute("The L{IFileStore}.")
+    blobs = Attribute("The L{IBlobStore}.")
+    batches = Attribute("The L{IBatchStore}.")
+    responses = Attribute("The L{IResponseStore}.")
+    claims = Attribute("The L{IClaims}.")
+
+    def started():
+        """@return: a Deferred firing with None once the store is open and migrated; it fails with
+        the reason it cannot open."""

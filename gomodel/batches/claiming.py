@@ -1,0 +1,115 @@
+"""How a runner finds work and keeps it: claims on batches, a poll for free ones, a heartbeat.
+
+Any process may run any batch. L{ClaimLoop} claims unfinished batches whose
+lease is free or expired (their process died, or one of this host's
+processes is known to be gone), passes on cancellations other processes
+stored for the batches it holds, and renews their leases every third of
+the lease; a batch whose claim was taken over is stopped at once.
+"""
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from gomodel.errors import StorageUnavailable
+from gomodel.store.records import owner_is_gone
+
+CLAIMS_PER_POLL = 16
+
+
+class ClaimLoop:
+    """The claims of one runner (see the module docstring)."""
+
+    log = Logger()
+
+    def __init__(self, batches, clock, owner, lease, poll_interval, jobs, start):
+        """
+        @param batches: the L{gomodel.store.interfaces.IBatchStore}.
+        @param jobs: the runner's batches in progress (batch id -> L{gomodel.batches.lines.Job}), read only.
+        @param start: called with C{(record, token)} for each batch claimed.
+        """
+        self._batches = batches
+        self._clock = clock
+        self._owner = owner
+        self._lease = lease
+        self._poll_interval = poll_interval
+        self._jobs = jobs
+        self._start = start
+        self._running = False
+        self._poll = None
+        self._beat = None
+        self._scanning = None
+
+    def start(self):
+        """Start the heartbeat."""
+        self._running = True
+        self._beat = self._loop(self._heartbeat, self._lease / 3)
+
+    def poll(self):
+        """Start looking for free batches every C{poll_interval} seconds (0: never)."""
+        if self._running and self._poll_interval > 0:
+            self._poll = self._loop(self._scan, self._poll_interval)
+
+    def stop(self):
+        self._running = False
+        for loop in (self._poll, self._beat):
+            if loop is not None and loop.running:
+                loop.stop()
+        if self._scanning is not None:
+            self._scanning.cancel()
+
+    def _loop(self, f, interval):
+        loop = LoopingCall(f)
+        loop.clock = self._clock
+        loop.start(interval, now=False)
+        return loop
+
+    async def claim_free(self):
+        """Claim and start unfinished batches nobody holds (or whose holder is gone)."""
+        gone = tuple(o for o in await self._batches.holders() if owner_is_gone(o))
+        for _ in range(CLAIMS_PER_POLL):
+            if not self._running:
+                return
+            got = await self._batches.claim_next(self._owner, self._lease, exclude=tuple(self._jobs), gone=gone)
+            if got is None:
+                return
+            record, token = got
+            self.log.info("claimed batch {batch_id} ({status})", batch_id=record["id"], status=record["status"])
+            self._start(record, token)
+
+    def _scan(self):
+        if self._scanning is not None:
+            return
+        self._scanning = Deferred.fromCoroutine(self._look())
+
+        def failed(failure):
+            if not failure.check(CancelledError, StorageUnavailable):
+                self.log.failure("looking for batches to run failed", failure)
+
+        def done(_):
+            self._scanning = None
+
+        self._scanning.addErrback(failed)
+        self._scanning.addBoth(done)
+
+    async def _look(self):
+        if self._jobs:
+            for batch in await self._batches.unfinished():
+                job = self._jobs.get(batch["id"])
+                if job is not None and batch["status"] == "cancelling" and job.stop is None:
+                    job.halt("cancel")
+        await self.claim_free()
+
+    def _heartbeat(self):
+        for job in list(self._jobs.values()):
+            if job.stop in ("lost", "shutdown"):
+                continue
+            d = self._batches.renew(job.batch_id, self._owner, job.token, self._lease)
+
+            def renewed(held, job=job):
+                if not held and job.stop != "lost":
+                    self.log.warn("batch {batch_id}: our claim was taken over; stopping", batch_id=job.batch_id)
+                    job.halt("lost")
+
+            d.addCallbacks(renewed, lambda f: self.log.warn("renewing a batch claim failed: {error}",
+                                                            error=f.getErrorMessage()))

@@ -1,0 +1,116 @@
+"""The end of a batch: its final status, and its output and error files streamed from the results into blobs."""
+
+from twisted.logger import Logger
+
+from gomodel.batches.lines import error_line
+from gomodel.store.records import new_file_id
+
+log = Logger(namespace="gomodel.batches")
+PAGE = 256  # pending requests read at a time
+RESULTS_PAGE = 500  # results written to a file at a time
+
+
+async def conclude(batches, blobs, job, now):
+    """Take the batch to its final status, from what the store says now.
+
+    @param now: a function returning the current time in seconds.
+    @return: None; store failures propagate.
+    """
+    if job.stop in ("shutdown", "lost", "park"):
+        return
+    batch_id = job.batch_id
+    status = (await batches.get(batch_id))["status"]
+    if status == "cancelling":
+        await _finalize(batches, blobs, job, {"status": "cancelled", "cancelled_at": now()}, ("cancelling",))
+        return
+    if status == "validating":
+        if job.stop == "expire":
+            await batches.clear_requests(batch_id, job.token)
+            await batches.update(batch_id, {"status": "expired", "expired_at": now()},
+                                       only_if_status=("validating",), token=job.token)
+        return
+    if status == "in_progress":
+        if await batches.pending(batch_id, 0, 1):
+            if job.stop == "expire":
+                await _expire_rest(batches, job)
+                done = await _finalize(batches, blobs, job, {"status": "expired", "expired_at": now()},
+                                            ("in_progress",))
+                if done is None:  # cancelled meanwhile
+                    await conclude(batches, blobs, job, now)
+            elif job.stop is None:
+                job.halt("park")  # lines left unanswered: released with a backoff, never re-driven at once
+            return
+        moved = await batches.update(batch_id, {"status": "finalizing", "finalizing_at": now()},
+                                           only_if_status=("in_progress",), token=job.token)
+        if moved is None:  # cancelled meanwhile
+            await conclude(batches, blobs, job, now)
+            return
+        status = "finalizing"
+    if status == "finalizing":
+        await _finalize(batches, blobs, job, {"status": "completed", "completed_at": now()}, ("finalizing",))
+
+async def _finalize(batches, blobs, job, changes, only_if_status):
+    """Write the output and error files from the results, then apply C{changes}; the record, or None."""
+    if (await batches.get(job.batch_id))["status"] not in only_if_status:
+        return None
+    files = {}
+    try:
+        for ok, kind in ((True, "output"), (False, "error")):
+            files[kind] = await write_results(batches, blobs, job.batch_id, ok)
+        done = await batches.finalize(job.batch_id, changes, files, only_if_status, job.token)
+    except BaseException:
+        await discard_files(blobs, files)
+        raise
+    if done is None:
+        await discard_files(blobs, files)
+    return done
+
+async def _expire_rest(batches, job):
+    message = "This request could not be executed before the batch's completion window expired."
+    after = 0
+    while True:
+        rows = await batches.pending(job.batch_id, after, PAGE)
+        if not rows:
+            return
+        await batches.record_results(job.batch_id, [
+            (line, custom_id, False, error_line(custom_id, "batch_expired", message))
+            for line, custom_id, _ in rows], job.token)
+        after = rows[-1][0]
+
+
+async def write_results(batches, blobs, batch_id, ok):
+    """Write one kind of result lines (outputs for C{ok}, else errors) as a new blob.
+
+    @return: C{(file_id, size)} of the committed blob, or None when there is no
+        such line. Store failures propagate (nothing is left behind).
+    """
+    writer = None
+    after = -1
+    try:
+        while True:
+            rows = await batches.read_results(batch_id, after, RESULTS_PAGE, ok=ok)
+            if not rows:
+                break
+            if writer is None:
+                writer = blobs.create()
+            await writer.write(b"".join(row[3] + b"\n" for row in rows))
+            after = rows[-1][0]
+        if writer is None:
+            return None
+        file_id = new_file_id()
+        size = await writer.commit(file_id)
+    except BaseException:
+        if writer is not None:
+            await writer.abort()
+        raise
+    return file_id, size
+
+
+async def discard_files(blobs, files):
+    """Delete the blobs of files that were written but not registered; a failure is logged."""
+    for written in files.values():
+        if written is not None:
+            try:
+                await blobs.delete(written[0])
+            except Exception:
+                log.failure("removing an unregistered batch file {file_id} failed", file_id=written[0])

@@ -1,0 +1,78 @@
+"""The C{validating} step of a batch: read the input file in slices, check each line, store the requests."""
+
+from gomodel.batches.validation import LineError, Request, check_line
+from gomodel.errors import GatewayError
+
+LINES_PER_READ = 1000  # input lines validated at a time
+MAX_LINE_BYTES = 64 * 1024 * 1024
+MAX_ERRORS = 1000  # validation errors reported (the batch fails either way)
+
+
+async def validate(batches, blobs, registry, job, batch, now):
+    """Check every input line of C{batch} and store its requests (fenced by C{job.token}).
+
+    @param now: a function returning the current time in seconds.
+    @return: False when the batch failed (or moved on), else True; store
+        failures (L{gomodel.store.records.LeaseLost} included) propagate.
+    """
+    batch_id, endpoint = job.batch_id, batch["endpoint"]
+    await batches.clear_requests(batch_id, job.token)  # a validation cut short starts over
+    seen, resolved, errors = set(), {}, []
+    count = number = offset = 0
+    while True:
+        if job.stop is not None:
+            return True
+        got = await blobs.read_lines(batch["input_file_id"], offset, LINES_PER_READ, MAX_LINE_BYTES)
+        if got is None:
+            errors.append(LineError("file_not_found", f"The input file {batch['input_file_id']} does not exist.",
+                                    "input_file_id", None))
+            break
+        lines, offset = got
+        rows = []
+        for raw in lines:
+            number += 1
+            if raw is not None and not raw.strip():
+                continue
+            checked = check_line(raw, number, endpoint)
+            if isinstance(checked, Request):
+                if checked.custom_id in seen:
+                    checked = LineError("duplicate_custom_id",
+                                        f"The custom_id '{checked.custom_id}' is used by an earlier line.",
+                                        "custom_id", number)
+                else:
+                    seen.add(checked.custom_id)
+                    problem = _model_problem(registry, checked.model, resolved)
+                    if problem is not None:
+                        checked = LineError(problem.code or "invalid_model", problem.message, "body.model", number)
+            if isinstance(checked, LineError):
+                errors.append(checked)
+                if len(errors) >= MAX_ERRORS:
+                    break
+                continue
+            count += 1
+            if not errors:
+                rows.append((number, checked.custom_id, checked.body))
+        if rows and not errors:
+            await batches.add_requests(batch_id, rows, job.token)
+        if offset is None or len(errors) >= MAX_ERRORS:
+            break
+    if not errors and count == 0:
+        errors.append(LineError("empty_file", "The input file has no requests.", None, None))
+    if errors:
+        await batches.clear_requests(batch_id, job.token)
+        failed = await batches.update(
+            batch_id, {"status": "failed", "failed_at": now(), "errors": [e.as_dict() for e in errors]},
+            only_if_status=("validating",), token=job.token)
+        return failed is None  # None: cancelled meanwhile, which _conclude finishes
+    await batches.update(batch_id, {"status": "in_progress", "in_progress_at": now(),
+                                          "total": count}, only_if_status=("validating",), token=job.token)
+    return True
+
+def _model_problem(registry, model, resolved):
+    if model not in resolved:
+        try:
+            registry.resolve(model)
+            resolved[model] = None
+        except GatewayError as e:
+            resolved[model] = e
+    return resolved[model]

@@ -1,0 +1,59 @@
+"""What the stores keep, as plain values: statuses, ids and the record shapes.
+
+Records are plain dicts:
+
+  - a file: C{id, bytes, created_at, filename, purpose, status, expires_at}
+  - a batch: C{id, endpoint, input_file_id, completion_window, status,
+    output_file_id, error_file_id, created_at, in_progress_at, expires_at,
+    finalizing_at, completed_at, failed_at, expired_at, cancelling_at,
+    cancelled_at, total, completed, failed, errors (a list or None),
+    metadata (a dict or None)}
+  - a batch request: C{(line, custom_id, body bytes)}
+  - a batch result: C{(line, custom_id, ok, data bytes)}: C{data} is one
+    output (C{ok}) or error-file line, without its newline.
+  - a stored response: C{id, provider, created_at, previous_response_id,
+    status, input_items (a list), response (a dict)}
+"""
+
+import os
+import socket
+import uuid
+
+# Batch statuses in which the gateway still owes work; resumed by whoever claims them.
+UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+# Statuses that end a batch.
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def new_file_id() -> str:
+    """A fresh file id (also the id of its contents in the blob store)."""
+    return "file-" + uuid.uuid4().hex
+
+
+def process_owner() -> str:
+    """An owner id for claims, unique per process (host, pid and a random part)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """Whether C{owner} (a L{process_owner} id) names a process of this host that no longer exists.
+
+    Such a process's leases can be taken over at once instead of after they
+    expire (a gateway restarted after a crash resumes at once). Unknown or
+    other hosts' owners are never "gone": their leases run out by themselves.
+    """
+    host, _, rest = owner.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+class LeaseLost(Exception):
+    """A fenced write by a claim holder whose token is no longer current: nothing was written."""

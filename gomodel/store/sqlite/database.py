@@ -1,0 +1,137 @@
+"""The SQLite connection and the one thread that uses it.
+
+All database work runs in one dedicated thread (a L{ThreadPool} of one), so
+the reactor never waits on the disk and the database sees one writer per
+process; several processes on one file are serialised by SQLite's lock
+(C{BEGIN IMMEDIATE}, C{busy_timeout}). The aggregate modules
+(L{gomodel.store.sqlite.files} and its siblings) hand their statements to
+L{Database.run}.
+"""
+
+import os
+import sqlite3
+from contextlib import contextmanager
+
+from twisted.internet.defer import fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from gomodel.errors import StorageUnavailable
+from gomodel.store.sqlite.migrations import migrate
+
+
+class Database:
+    """One SQLite file, its connection and its thread."""
+
+    log = Logger()
+
+    def __init__(self, path, reactor, clock=None):
+        """
+        @param path: the database file.
+        @param reactor: runs the thread's results back on the reactor thread.
+        @param clock: an C{IReactorTime} for timestamps and leases (default: C{reactor}).
+        """
+        self.path = path
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="gomodel-store")
+        self._conn = None
+        self._broken = None
+        self._trigger = None
+
+    def start(self):
+        """Start the thread (the caller then runs L{open} in it)."""
+        self._pool.start()
+        # A safety net: the store's thread must never keep a stopping process alive.
+        self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop, True)
+
+    def stop(self, shutting_down=False):
+        """Join the thread (immediate once it is idle)."""
+        trigger, self._trigger = self._trigger, None
+        if trigger is not None:
+            if not shutting_down:
+                self._reactor.removeSystemEventTrigger(trigger)
+            self._pool.stop()
+
+    def now(self) -> float:
+        """The injected clock's time, read on the reactor thread."""
+        return self._clock.seconds()
+
+    def run(self, f, *args):
+        """Run C{f(*args)} in the store thread.
+
+        @return: a Deferred firing with its result; it fails with
+            L{StorageUnavailable} once the store is stopped.
+        """
+        if self._pool.joined:  # stopped: a late caller gets an answer, not an exception
+            return fail(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def call(self, f, *args, what="a background write"):
+        """Run C{f(*args)} in the store thread without a Deferred; a failure is logged.
+
+        @return: False when the store is stopped (nothing was queued), else True.
+        """
+        if self._pool.joined:
+            return False
+
+        def logged():
+            try:
+                f(*args)
+            except Exception:
+                self._reactor.callFromThread(self.log.failure, "{what} failed", Failure(), what=what)
+
+        self._pool.callInThread(logged)
+        return True
+
+    # -- in the store thread ------------------------------------------------------
+
+    def open(self):
+        conn = None
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a committed transaction survives a killed process; only
+            # an OS crash or power loss can take back the last ones.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            migrate(conn)
+        except Exception as e:
+            self._broken = str(e) or type(e).__name__  # what every later call answers with
+            if conn is not None:
+                conn.close()
+            raise
+        self._conn = conn
+
+    def close(self):
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def conn(self):
+        """The open connection; raises L{StorageUnavailable} when the store is not open."""
+        if self._conn is None:
+            reason = self._broken or "the store is not open"
+            raise StorageUnavailable(f"The gateway's storage is unavailable ({reason}).")
+        return self._conn
+
+    @contextmanager
+    def transaction(self):
+        """A write transaction (C{BEGIN IMMEDIATE}: the write lock is taken first, so reads in it are current)."""
+        conn = self.conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def marks(values) -> str:
+    """C{?, ?, ...} for C{values}."""
+    return ", ".join("?" for _ in values)

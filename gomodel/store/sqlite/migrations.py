@@ -1,0 +1,116 @@
+"""The SQLite schema, as ordered migrations; C{schema_version} holds the last one applied.
+
+Never edit a released migration; append one. A PostgreSQL backend keeps its
+own list (the same tables, its own types). New statements stay portable
+where a portable form exists.
+"""
+
+MIGRATIONS = (
+    (1, (
+        """CREATE TABLE files (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            bytes INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            filename TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'processed',
+            expires_at INTEGER
+        )""",
+        "CREATE INDEX files_purpose ON files (purpose, seq)",
+        """CREATE TABLE batches (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            endpoint TEXT NOT NULL,
+            input_file_id TEXT NOT NULL,
+            completion_window TEXT NOT NULL,
+            status TEXT NOT NULL,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            created_at INTEGER NOT NULL,
+            in_progress_at INTEGER,
+            expires_at INTEGER,
+            finalizing_at INTEGER,
+            completed_at INTEGER,
+            failed_at INTEGER,
+            expired_at INTEGER,
+            cancelling_at INTEGER,
+            cancelled_at INTEGER,
+            total INTEGER NOT NULL DEFAULT 0,
+            completed INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            errors TEXT,
+            metadata TEXT
+        )""",
+        "CREATE INDEX batches_status ON batches (status)",
+        # One row per validated input line; dropped once the batch is finalized.
+        """CREATE TABLE batch_requests (
+            batch_id TEXT NOT NULL,
+            line INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            body BLOB NOT NULL,
+            PRIMARY KEY (batch_id, line)
+        ) WITHOUT ROWID""",
+        # One row per answered line: the primary key makes each line's result exactly-once.
+        """CREATE TABLE batch_results (
+            batch_id TEXT NOT NULL,
+            line INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            ok INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (batch_id, line)
+        ) WITHOUT ROWID""",
+    )),
+    (2, (
+        # Responses created through the gateway: their input, who made them, their output.
+        """CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            previous_response_id TEXT,
+            status TEXT,
+            input_items TEXT NOT NULL,
+            response TEXT NOT NULL
+        )""",
+        "CREATE INDEX responses_created ON responses (created_at)",
+    )),
+    (3, (
+        # Claims instead of a primary: the process that runs a batch leases it
+        # (owner, lease_until) and fences its writes with claim_token.
+        "ALTER TABLE batches ADD COLUMN owner TEXT",
+        "ALTER TABLE batches ADD COLUMN lease_until REAL",
+        "ALTER TABLE batches ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0",
+        # Named leases for singleton duties (sweeps, retention).
+        """CREATE TABLE claims (
+            name TEXT PRIMARY KEY,
+            owner TEXT,
+            lease_until REAL,
+            token INTEGER NOT NULL DEFAULT 0
+        )""",
+    )),
+)
+
+
+def migrate(conn):
+    """Bring the schema to the last migration, in one transaction (safe when processes start together)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            current = 0
+        else:
+            current = row[0]
+        latest = MIGRATIONS[-1][0]
+        if current > latest:
+            raise RuntimeError(f"the database is at schema version {current}, newer than this gateway's {latest}")
+        for version, statements in MIGRATIONS:
+            if version > current:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (version,))
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -1,0 +1,88 @@
+"""The SQLite store as one service: the aggregates over one database, contents beside it.
+
+Layout of C{GOMODEL_DATA_DIR}::
+
+    gomodel.db     files, batches (requests, results, claims), responses, claims (WAL journal)
+    files/         the contents of each file (L{gomodel.store.sqlite.blobs})
+"""
+
+import os
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gomodel.store.interfaces import IStoreService
+from gomodel.store.sqlite.batches import SQLiteBatchStore
+from gomodel.store.sqlite.blobs import LocalBlobStore
+from gomodel.store.sqlite.claims import SQLiteClaims
+from gomodel.store.sqlite.database import Database
+from gomodel.store.sqlite.files import SQLiteFileStore
+from gomodel.store.sqlite.responses import SQLiteResponseStore
+
+DB_NAME = "gomodel.db"
+
+
+@implementer(IStoreService)
+class SQLiteStore(Service):
+    """Opens and migrates the database at start, closes it at stop; the aggregates are attributes.
+
+    @ivar files: the L{IFileStore}.
+    @ivar blobs: the L{IBlobStore} (local disk).
+    @ivar batches: the L{IBatchStore}.
+    @ivar responses: the L{IResponseStore}.
+    @ivar claims: the L{IClaims}.
+    """
+
+    log = Logger()
+
+    def __init__(self, data_dir, reactor, clock=None, *, blob_threads=4):
+        """
+        @param data_dir: where the database and the contents live.
+        @param reactor: the reactor the store's threads report back to.
+        @param clock: an C{IReactorTime} for timestamps and leases (default: C{reactor}).
+        @param blob_threads: how many disk operations on contents may run at once.
+        """
+        self.data_dir = os.path.abspath(data_dir)
+        self._db = Database(os.path.join(self.data_dir, DB_NAME), reactor, clock)
+        self.blobs = LocalBlobStore(os.path.join(self.data_dir, "files"), reactor, threads=blob_threads)
+        self.files = SQLiteFileStore(self._db)
+        self.batches = SQLiteBatchStore(self._db)
+        self.responses = SQLiteResponseStore(self._db)
+        self.claims = SQLiteClaims(self._db)
+        self._started = None
+
+    @property
+    def db_path(self):
+        return self._db.path
+
+    def startService(self):
+        super().startService()
+        self._db.start()
+        self.blobs.start()
+        self._started = self._db.run(self._db.open)
+
+        def failed(failure):
+            self.log.failure("cannot open the store in {data_dir}: files and batches are unavailable",
+                             failure, data_dir=self.data_dir)
+
+        self._started.addErrback(failed)
+
+    def stopService(self):
+        super().stopService()
+        d = self._db.run(self._db.close)
+        d.addErrback(lambda f: self.log.failure("closing the store", f))
+
+        def stopped(_):
+            self._db.stop()  # the thread is idle now: joining it is immediate
+            self.blobs.stop()
+
+        d.addBoth(stopped)
+        return d
+
+    def started(self):
+        if self._started is None:
+            raise RuntimeError("the store service was not started")
+        d = self._db.run(self._db.conn)  # queued behind the opening job
+        d.addCallback(lambda _: None)
+        return d

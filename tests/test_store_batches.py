@@ -1,0 +1,107 @@
+"""IBatchStore contract (every backend): conditional updates, exactly-once results, claims and fencing."""
+
+import pytest
+import pytest_twisted
+from zope.interface.verify import verifyObject
+
+from gomodel.store import IBatchStore, LeaseLost
+from tests.stores import backend, batch, put_blob, store  # noqa: F401 (fixtures)
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_updates_are_conditional(store):
+    batches = store.batches
+    verifyObject(IBatchStore, batches)
+    await batches.add(batch("batch_1", status="validating", metadata={"k": "v"}))
+    assert (await batches.get("batch_1"))["metadata"] == {"k": "v"}
+    assert await batches.update("batch_1", {"status": "cancelling"}, only_if_status=("in_progress",)) is None
+    moved = await batches.update("batch_1", {"status": "in_progress", "in_progress_at": 5, "total": 3},
+                                 only_if_status=("validating",))
+    assert (moved["status"], moved["in_progress_at"], moved["total"]) == ("in_progress", 5, 3)
+    await batches.add(batch("batch_2", status="completed"))
+    await batches.add(batch("batch_3", status="cancelling"))
+    assert [b["id"] for b in await batches.unfinished()] == ["batch_1", "batch_3"]
+    page = await batches.list(limit=2)
+    assert ([b["id"] for b in page[0]], page[1]) == (["batch_3", "batch_2"], True)
+    page = await batches.list(after="batch_2")
+    assert ([b["id"] for b in page[0]], page[1]) == (["batch_1"], False)
+    assert await batches.get("batch_none") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_line_is_recorded_and_counted_exactly_once(store):
+    batches = store.batches
+    await batches.add(batch("batch_1", total=4))
+    _, token = await batches.claim("batch_1", "me", 30)
+    await batches.add_requests("batch_1", [(n, f"c{n}", b'{"model":"m"}') for n in (1, 2, 3, 5)], token)
+    assert [r[0] for r in await batches.pending("batch_1", 0, 10)] == [1, 2, 3, 5]
+    assert await batches.record_results("batch_1", [(2, "c2", True, b'{"ok":2}'), (3, "c3", False, b'{"e":3}')],
+                                        token) == 2
+    # The same lines again (an answer that arrived twice around a restart) change nothing.
+    assert await batches.record_results("batch_1", [(2, "c2", False, b'{"other":2}')], token) == 0
+    record = await batches.get("batch_1")
+    assert (record["completed"], record["failed"]) == (1, 1)
+    assert [r[0] for r in await batches.pending("batch_1", 0, 10)] == [1, 5]
+    assert [r[0] for r in await batches.pending("batch_1", 1, 10)] == [5]
+    await batches.record_results("batch_1", [(5, "c5", True, b'{"ok":5}'), (1, "c1", True, b'{"ok":1}')], token)
+    assert [(r[0], r[3]) for r in await batches.read_results("batch_1", -1, 10)] == [
+        (1, b'{"ok":1}'), (2, b'{"ok":2}'), (3, b'{"e":3}'), (5, b'{"ok":5}')]
+    assert [r[0] for r in await batches.read_results("batch_1", -1, 10, ok=False)] == [3]
+    assert [r[0] for r in await batches.read_results("batch_1", 1, 10, ok=True)] == [2, 5]
+
+    await put_blob(store.blobs, "file-out", b'{"ok":1}\n')
+    files = {"output": ("file-out", 9), "error": None}
+    assert await batches.finalize("batch_1", {"status": "completed"}, files, only_if_status=("finalizing",)) is None
+    assert await store.files.get("file-out") is None  # nothing registered for a refused finalize
+    done = await batches.finalize("batch_1", {"status": "completed", "completed_at": 9}, files,
+                                  only_if_status=("in_progress",), token=token)
+    assert (done["status"], done["completed_at"], done["output_file_id"], done["error_file_id"]) == (
+        "completed", 9, "file-out", None)
+    output = await store.files.get("file-out")
+    assert (output["purpose"], output["filename"], output["bytes"]) == ("batch_output", "batch_1_output.jsonl", 9)
+    assert await batches.pending("batch_1", 0, 10) == []  # requests dropped once final
+
+
+@pytest_twisted.ensureDeferred
+async def test_claims_lease_fence_and_take_over(store):
+    batches = store.batches
+    await batches.add(batch("batch_a", status="validating"))
+    await batches.add(batch("batch_b"))
+    await batches.add(batch("batch_done", status="completed"))
+    record, a = await batches.claim_next("p1", 30)
+    assert record["id"] == "batch_a"
+    assert await batches.claim("batch_a", "p2", 30) is None  # leased
+    assert (await batches.claim_next("p2", 30))[0]["id"] == "batch_b"
+    assert await batches.claim_next("p3", 30) is None  # all held
+    assert await batches.claim("batch_done", "p3", 30) is None  # finished
+    await batches.add_requests("batch_a", [(1, "c1", b"{}"), (2, "c2", b"{}")], a)
+    store.clock.advance(20)
+    assert await batches.renew("batch_a", "p1", a, 30) is True
+    store.clock.advance(31)  # p1 died: its lease ran out
+    record, a2 = await batches.claim_next("p3", 30, exclude=("batch_b",))
+    assert (record["id"], a2 > a) == ("batch_a", True)
+    assert await batches.renew("batch_a", "p1", a, 30) is False
+    with pytest.raises(LeaseLost):  # a writer with a stale token records nothing
+        await batches.record_results("batch_a", [(1, "c1", True, b"late")], a)
+    with pytest.raises(LeaseLost):
+        await batches.add_requests("batch_a", [(3, "c3", b"{}")], a)
+    assert await batches.update("batch_a", {"status": "in_progress"}, token=a) is None
+    assert await batches.record_results("batch_a", [(1, "c1", True, b"new")], a2) == 1
+    assert [r[3] for r in await batches.read_results("batch_a", -1, 10)] == [b"new"]
+    # A release with a backoff: nobody (not even the releaser) claims it before the delay.
+    await batches.release("batch_a", "p3", a2, delay=10)
+    assert await batches.claim("batch_a", "p3", 30) is None
+    assert (await batches.claim_next("p4", 30, exclude=("batch_b",))) is None
+    store.clock.advance(11)
+    assert (await batches.claim("batch_a", "p4", 30))[1] > a2
+
+
+@pytest_twisted.ensureDeferred
+async def test_leases_of_owners_known_to_be_gone_are_taken_at_once(store):
+    batches = store.batches
+    await batches.add(batch("batch_a"))
+    _, token = await batches.claim("batch_a", "crashed", 30)
+    assert await batches.holders() == {"crashed"}
+    assert await batches.claim_next("me", 30) is None
+    record, taken = await batches.claim_next("me", 30, gone=("crashed",))
+    assert (record["id"], taken > token) == ("batch_a", True)

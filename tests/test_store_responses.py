@@ -1,0 +1,41 @@
+"""IResponseStore contract (every backend)."""
+
+import pytest_twisted
+from zope.interface.verify import verifyObject
+
+from gomodel.store import IResponseStore
+from tests.stores import backend, store  # noqa: F401 (fixtures)
+
+
+def record(**extra):
+    return {"id": "resp_1", "provider": "vllm", "created_at": 100, "previous_response_id": None,
+            "status": "queued", "input_items": [{"type": "message", "role": "user", "content": "é"}],
+            "response": {"id": "resp_1", "status": "queued"}, **extra}
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_are_kept_replaced_and_swept(store):
+    responses = store.responses
+    verifyObject(IResponseStore, responses)
+    await responses.put(record())
+    await responses.put(record(id="resp_2", created_at=200, previous_response_id="resp_1"))
+    await responses.put(record(status="completed", response={"id": "resp_1", "status": "completed"}))
+    assert (await responses.get("resp_1"))["response"]["status"] == "completed"
+    assert (await responses.get("resp_2"))["input_items"][0]["content"] == "é"
+    assert await responses.delete_before(150) == 1
+    assert await responses.get("resp_1") is None
+    assert await responses.delete("resp_2") is True
+    assert await responses.delete("resp_2") is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_responses_are_seen_by_the_next_read_and_failures_are_logged(store, logged_errors):
+    kept = record(id="resp_k", status="completed", response={"id": "resp_k"},
+                  response_json=b'{"id":"resp_k","status":"completed","output_text":"\xc3\xa9"}')
+    assert store.responses.keep(kept) is None  # nothing to wait for
+    assert (await store.responses.get("resp_k"))["response"]["output_text"] == "é"  # the upstream's bytes
+    broken = dict(kept, id="resp_broken")
+    del broken["provider"]
+    store.responses.keep(broken)
+    await store.responses.get("resp_k")  # answered after the failed write logged its failure
+    assert logged_errors.flush(KeyError) == 1

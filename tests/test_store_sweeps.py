@@ -1,0 +1,41 @@
+"""Claimed jobs (gomodel/store/sweeps.py): the files sweep, safe with several processes on one data dir."""
+
+import os
+import time
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from gomodel.store.sweeps import StoreSweeper
+from tests.stores import add_file, backend, put_blob, store  # noqa: F401 (fixtures)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_removes_old_leftovers_only_and_one_process_at_a_time(store):
+    clock = Clock()
+    clock.advance(time.time())  # compared with the files' modification times
+    blobs = store.blobs
+    kept = await add_file(store, b"named by a record")
+    await put_blob(blobs, "file-orphan", b"a finalize that never committed")
+    await put_blob(blobs, "file-young-orphan", b"its record is being written right now")
+    receiving = blobs.create()  # an upload another process is receiving (slowly)
+    await receiving.write(b"first chunk")
+    crashed = blobs.create()
+    await crashed.write(b"cut short")
+    hours_ago = time.time() - 7200
+    for path in (blobs.path(kept["id"]), blobs.path("file-orphan"), receiving._path, crashed._path):
+        os.utime(path, (hours_ago, hours_ago))
+    await receiving.write(b"second chunk")  # still arriving: young again
+
+    first = StoreSweeper(store.files, blobs, store.claims, clock, "process-1", grace=3600)
+    second = StoreSweeper(store.files, blobs, store.claims, clock, "process-2", grace=3600)
+    token = await store.claims.claim("sweep:files", "process-2", 600)  # process 2 is sweeping
+    assert await first.sweep() is None  # so process 1 skips its turn
+    await store.claims.release("sweep:files", "process-2", token)
+    assert await second.sweep() == (1, 1)
+    assert await blobs.size("file-orphan") is None
+    assert await blobs.size("file-young-orphan") is not None
+    assert await blobs.size(kept["id"]) is not None
+    assert os.path.exists(receiving._path) and not os.path.exists(crashed._path)
+    assert await receiving.commit("file-received") == len(b"first chunksecond chunk")
+    assert await first.sweep() == (0, 0)  # the claim was released: any process may sweep next
