@@ -17,6 +17,22 @@ from tests.fakes.vllm import FakeVLLM
 LISTEN = "tcp:0:interface=127.0.0.1"
 
 
+class _AnyModel(dict):
+    """A model list that holds every id."""
+
+    def __contains__(self, model):
+        return True
+
+
+def ready_pool(server, clock, name=None):
+    """A provider pool of one ready replica, C{server}, that serves any model (for runner and unit tests)."""
+    from gomodel.routing.pool import READY, Replica, ReplicaPool
+
+    replica = Replica(0, server, "http://stub/v1", clock)
+    replica.models, replica.state = _AnyModel(), READY
+    return ReplicaPool(name or server.name, server.type, [replica], clock)
+
+
 class Gateway:
     """A started L{GatewayService} on 127.0.0.1:<free port>."""
 

@@ -26,7 +26,7 @@ from gomodel.errors import ModelNotFound, StorageUnavailable, UpstreamUnreachabl
 from gomodel.routing.registry import Route
 from gomodel.store import SQLiteStore, new_file_id
 from tests.stores import put_blob
-from tests.support import in_thread, start_gateway, with_timeout
+from tests.support import in_thread, ready_pool, start_gateway, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -481,7 +481,7 @@ async def bench(reactor, tmp_path):
     bench.clock, bench.store, bench.provider, bench.runners = clock, store, provider, []
 
     def runner(batches=None, clock=clock, **kwargs):
-        r = BatchRunner(batches or store.batches, store.blobs, StubRegistry(provider), clock,
+        r = BatchRunner(batches or store.batches, store.blobs, StubRegistry(ready_pool(provider, clock)), clock,
                         Exchange(clock, Timeouts()), **kwargs)
         r.startService()
         bench.runners.append(r)

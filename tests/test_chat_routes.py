@@ -203,10 +203,27 @@ async def test_upstream_errors_keep_status_and_get_the_envelope(http, gateway, f
 
 
 @pytest_twisted.ensureDeferred
-async def test_unreachable_upstream_is_502_without_its_address(reactor, http):
+async def test_upstream_never_up_is_503_no_ready_replica_without_its_address(reactor, http):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": await dead_base_url(reactor),
                                        "VLLM_MODELS": "meta-llama/Llama-3.1-8B-Instruct"})
     try:
+        response, content = await post(http, gw, {"model": MODEL, "messages": []})
+        assert response.code == 503 and response.headers.getRawHeaders("retry-after") == ["1"]
+        error = error_of(content)
+        assert error["code"] == "no_ready_replica"
+        assert "127.0.0.1" not in content.decode()
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_gone_after_start_is_502_without_its_address(reactor, http):
+    from tests.fakes.fleet import FakeReplica
+
+    replica = await FakeReplica(reactor).start()
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": replica.base_url})
+    try:
+        await replica.refuse()
         response, content = await post(http, gw, {"model": MODEL, "messages": []})
         assert response.code == 502
         error = error_of(content)
@@ -214,6 +231,7 @@ async def test_unreachable_upstream_is_502_without_its_address(reactor, http):
         assert "127.0.0.1" not in content.decode()
     finally:
         await gw.service.stopService()
+        await replica.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,7 @@ from gomodel.config import Timeouts
 from gomodel.http.context import RequestContext
 from gomodel.proxy.exchange import Exchange, UpstreamCall, usage_of
 from gomodel.proxy.sse import ChatStreamObserver
-from tests.support import start_fake, start_gateway
+from tests.support import ready_pool, start_fake, start_gateway
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 
@@ -134,7 +134,9 @@ def test_fetch_reads_the_whole_answer_of_any_status():
             protocol.connectionLost(Failure(ResponseDone()))
 
     clock = Clock()
-    d = Deferred.fromCoroutine(Exchange(clock, Timeouts()).fetch(b"id", Upstream(), UpstreamCall("/x")))
+    pool = ready_pool(Upstream(), clock)
+    d = Deferred.fromCoroutine(Exchange(clock, Timeouts()).fetch(b"id", pool, UpstreamCall("/x")))
     response, body = d.result
     assert (response.code, body) == (503, b'{"error":"busy"}')
+    assert pool.replicas[0].in_flight == 0  # the lease ended with the read
     assert not clock.getDelayedCalls()

@@ -127,13 +127,13 @@ async def test_passthrough_refusals(reactor, http, two):
 
 
 @pytest_twisted.ensureDeferred
-async def test_unreachable_passthrough_is_a_502_envelope(reactor, http):
+async def test_passthrough_to_a_provider_never_up_is_a_503_envelope(reactor, http):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": await dead_base_url(reactor), "VLLM_MODELS": "m"})
     try:
         response = await http.get(gw.url + "/p/vllm/version")
         content = await treq.content(response)
-        assert response.code == 502
-        assert jsonutil.loads(content)["error"]["code"] == "upstream_unreachable"
+        assert response.code == 503
+        assert jsonutil.loads(content)["error"]["code"] == "no_ready_replica"
         assert b"127.0.0.1" not in content
     finally:
         await gw.service.stopService()
