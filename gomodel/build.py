@@ -8,6 +8,7 @@ its listeners. No other module constructs a collaborator of another room.
 
 from twisted.internet.endpoints import serverFromString
 
+from gomodel.api.admin import AdminAPI
 from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
 from gomodel.api.files import FilesAPI
@@ -80,7 +81,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     inference = InferenceRoutes(gateway.registry, exchange, responses)
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
-                     files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner))
+                     files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
+                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor))
     sinks = (AccessLog(),) if config.metrics.access_log else ()
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           exact=inference.routes())

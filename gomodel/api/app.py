@@ -24,18 +24,20 @@ class GatewayApp:
     app.url_map.merge_slashes = False  # /p/ endpoints are checked and normalised by us
     log = Logger()
 
-    def __init__(self, registry, responses, passthrough, *, files=None, batches=None):
+    def __init__(self, registry, responses, passthrough, *, files=None, batches=None, admin=None):
         """
         @param responses: the L{gomodel.api.responses.ResponsesRoute} (its lifecycle routes).
         @param passthrough: the L{gomodel.api.passthrough.Passthrough}.
         @param files: an object with a Klein C{.app} serving C{/v1/files*}, or None.
         @param batches: the same for C{/v1/batches*}.
+        @param admin: the same for C{/admin/api/v1/*}.
         """
         self._registry = registry
         self._responses = responses
         self._passthrough = passthrough
         self._files = files
         self._batches = batches
+        self._admin = admin
 
     # -- routes ----------------------------------------------------------------
 
@@ -88,6 +90,10 @@ class GatewayApp:
     @app.route("/v1/batches", branch=True, strict_slashes=False)
     def batches(self, request):
         return self._mounted(self._batches, request)
+
+    @app.route("/admin/api/v1", branch=True, strict_slashes=False)
+    def admin(self, request):
+        return self._mounted(self._admin, request)
 
     def _mounted(self, api, request):
         if api is None:

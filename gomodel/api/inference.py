@@ -46,6 +46,7 @@ class InferenceRoutes:
         body = json_body(request)
         upstream = self.route(ctx, body)
         affinity = affinity_key(request, body)  # read before the body changes
+        self.prioritise(request, upstream, body)
         observer = None
         if body.get("stream") is True:
             strip_usage = False
@@ -91,6 +92,22 @@ class InferenceRoutes:
         ctx.route(route.provider, body["model"], route.upstream_model)
         body["model"] = route.upstream_model
         return route.provider
+
+    @staticmethod
+    def prioritise(request, upstream, body):
+        """C{X-Request-Priority} becomes vLLM's C{priority} where the provider schedules by priority.
+
+        vLLM honours C{priority} only when started with C{--scheduling-policy
+        priority} (the provider's C{priority_scheduling: true}); elsewhere the
+        header is ignored and a body's own C{priority} passes untouched.
+        """
+        value = request.getHeader(b"x-request-priority")
+        if value is None or not upstream.priority_scheduling:
+            return
+        try:
+            body["priority"] = int(value)
+        except ValueError:
+            raise InvalidRequest("X-Request-Priority must be an integer.", code="invalid_priority") from None
 
 
 def resolve_model(registry, body):

@@ -15,7 +15,7 @@ from gomodel.config.errors import ConfigError
 from gomodel.config import parsers
 from gomodel.config.sections import ProviderConfig, ReplicaConfig
 
-_PROVIDER_FIELDS = ("BASE_URL", "API_KEY", "MODELS")
+_PROVIDER_FIELDS = ("BASE_URL", "API_KEY", "MODELS", "PRIORITY_SCHEDULING")
 _SUFFIX = re.compile(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*")
 _YAML_PROVIDER_KEYS = {"type", "base_url", "api_key", "models", "replicas", "priority_scheduling"}
 _YAML_REPLICA_KEYS = {"base_url", "api_key", "weight", "max_concurrency"}
@@ -72,6 +72,8 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
                 value = tuple(m.strip() for m in value.split(",") if m.strip())
             if field_name == "base_url":
                 entry.pop("replicas", None)  # the variable's URLs replace the YAML's replicas
+            if field_name == "priority_scheduling":
+                value = _parsed(parsers.boolean, value, var)
             entry[field_name] = (value, var)
 
     providers = []

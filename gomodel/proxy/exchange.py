@@ -26,6 +26,7 @@ from gomodel.errors import BadUpstreamResponse, StreamFailed, UpstreamTimeout, U
 from gomodel.http.headers import copy_response_headers, is_event_stream
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import StreamIncomplete
+from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, deadline, discard, read_body
 from gomodel.upstream.errors import upstream_error
 
@@ -172,6 +173,9 @@ class Exchange:
             except BaseException:
                 pool.release(replica)
                 raise
+            report = response.headers.getRawHeaders(b"endpoint-load-metrics")
+            if report is not None:
+                replica.answered(parse_load_header(report[0]))
             if response.code >= 500:
                 replica.failed(f"HTTP {response.code}")
             elif response.code != 429:

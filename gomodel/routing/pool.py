@@ -118,9 +118,16 @@ class Replica:
             self.set_state(DOWN, why)
 
     def reported(self, sample):
-        """A load report arrived (a header of an answer, or a scrape)."""
+        """A scrape's load report arrived."""
         self.load = sample
         self.load_at = self._clock.seconds()
+
+    def answered(self, sample):
+        """An answer's load report arrived: its queue and KV use, fresher than the last scrape's."""
+        load = self.load
+        if load is not None:
+            sample = load._replace(waiting=sample.waiting, kv_cache_usage=sample.kv_cache_usage)
+        self.reported(sample)
 
 
 class _Waiter:

@@ -16,7 +16,16 @@ _V1_ROUTES = ("models", "chat/completions", "completions", "embeddings", "respon
 
 
 class VLLMProvider(OpenAICompatibleProvider):
-    """A vLLM server; keyless unless it was started with C{--api-key}."""
+    """A vLLM server; keyless unless it was started with C{--api-key}.
+
+    Every request asks for vLLM's load report (C{endpoint-load-metrics-format:
+    json}); vLLM 0.32 answers non-streamed chat and completions with an
+    C{endpoint-load-metrics} header holding its queue and KV-cache use.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._key_line += b"Endpoint-Load-Metrics-Format: json\r\n"
 
     def url(self, path: str, native=False) -> str:
         if not native:

@@ -6,13 +6,24 @@ Runs last (file name) because it restarts the keyless chat server the other test
 import os
 import subprocess
 
-from tests.integration.support import CHAT_MODEL, request
+import json
+
+from tests.integration.support import CHAT_MODEL, request, wait_for
 
 MODEL = f"vllm/{CHAT_MODEL}"
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_server.sh")
 
 
-def test_follow_up_after_the_vllm_instance_restarted(client, vllm):
+def replica_ready(gateway, provider):
+    """Whether the gateway's providers/status says every replica of C{provider} is ready."""
+    status = request("GET", gateway.root + "/admin/api/v1/providers/status", headers=gateway.auth)
+    for p in json.loads(status.body)["providers"]:
+        if p["name"] == provider:
+            return all(r["state"] == "ready" for r in p["replicas"])
+    return False
+
+
+def test_follow_up_after_the_vllm_instance_restarted(client, vllm, gateway):
     first = client.responses.create(model=MODEL, input="My name is Ada and I live in Paris.", max_output_tokens=4)
     assert request("GET", vllm.chat_url + f"/responses/{first.id}").status == 200  # vLLM knows it now
 
@@ -21,6 +32,8 @@ def test_follow_up_after_the_vllm_instance_restarted(client, vllm):
                                timeout=300)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert request("GET", vllm.chat_url + f"/responses/{first.id}").status == 404  # ... and has forgotten it
+    # The gateway sees the restarted replica come back by itself (a health probe every 5 s).
+    wait_for(lambda: replica_ready(gateway, "vllm"), 30, what="the restarted replica to be ready again")
 
     follow = client.responses.create(model=MODEL, input="What is my name?", max_output_tokens=4,
                                      previous_response_id=first.id)
