@@ -18,7 +18,8 @@ async def test_responses_are_kept_replaced_and_swept(store):
     responses = store.responses
     verifyObject(IResponseStore, responses)
     await responses.put(record())
-    await responses.put(record(id="resp_2", created_at=200, previous_response_id="resp_1"))
+    await responses.put(record(id="resp_2", created_at=200, previous_response_id="resp_1", replica=2))
+    assert (await responses.get("resp_2"))["replica"] == 2 and (await responses.get("resp_1"))["replica"] is None
     await responses.put(record(status="completed", response={"id": "resp_1", "status": "completed"}))
     assert (await responses.get("resp_1"))["response"]["status"] == "completed"
     assert (await responses.get("resp_2"))["input_items"][0]["content"] == "é"

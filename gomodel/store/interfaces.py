@@ -232,6 +232,10 @@ class IResponseStore(Interface):
     def put(record):
         """Insert or replace a stored response.
 
+        A record: C{id, provider, replica} (the index of the provider's
+        replica that made it, or None), C{created_at, previous_response_id,
+        status, input_items} (a list) and C{response} (a dict).
+
         @return: a Deferred firing with None.
         """
 

@@ -88,6 +88,10 @@ MIGRATIONS = (
             token INTEGER NOT NULL DEFAULT 0
         )""",
     )),
+    (4, (
+        # The replica of its provider that made a stored response (vLLM keeps responses in process memory).
+        "ALTER TABLE responses ADD COLUMN replica INTEGER",
+    )),
 )
 
 
