@@ -57,7 +57,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
              for p in config.upstreams.providers]
 
     # Routing: what each provider serves, and how its replicas are doing.
-    gateway.registry = ModelRegistry(pools, reactor, mode=config.upstreams.models_mode)
+    gateway.registry = ModelRegistry(pools, reactor, mode=config.upstreams.models_mode,
+                                     virtual_models=routing.virtual_models, failover_rules=routing.failover_rules)
     gateway.monitor = ReplicaMonitor(
         gateway.registry, reactor, mode=config.upstreams.models_mode,
         refresh_interval=config.upstreams.models_refresh_interval, health_interval=routing.health_interval,

@@ -44,8 +44,8 @@ class InferenceRoutes:
     async def _completions(self, request, ctx, path):
         """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
         body = json_body(request)
-        upstream = self.route(ctx, body)
-        affinity = affinity_key(request, body)  # read before the body changes
+        affinity = affinity_key(request, body)
+        upstream, fallbacks = self.route(ctx, body, affinity)
         self.prioritise(request, upstream, body)
         observer = None
         if body.get("stream") is True:
@@ -60,7 +60,7 @@ class InferenceRoutes:
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, model=ctx.upstream_model,
-                            affinity=affinity)
+                            affinity=affinity, fallbacks=fallbacks, rebody=_rebody(body) if fallbacks else None)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def embeddings(self, request, ctx):
@@ -79,19 +79,21 @@ class InferenceRoutes:
     async def _model_routed(self, request, ctx, path, native=False):
         """A JSON POST routed by its C{model}, relayed as the upstream answers (streams included)."""
         body = json_body(request)
-        upstream = self.route(ctx, body)
-        call = UpstreamCall(path, jsonutil.dumps(body), native=native, model=ctx.upstream_model)
+        upstream, fallbacks = self.route(ctx, body)
+        call = UpstreamCall(path, jsonutil.dumps(body), native=native, model=ctx.upstream_model,
+                            fallbacks=fallbacks, rebody=_rebody(body) if fallbacks else None)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def responses(self, request, ctx):
         return await self._responses.create(request, ctx, json_body(request))
 
-    def route(self, ctx, body):
-        """The upstream for C{body["model"]}, which is rewritten to the upstream's id; noted in C{ctx}."""
-        route = resolve_model(self._registry, body)
+    def route(self, ctx, body, affinity=None):
+        """The upstream for C{body["model"]} (rewritten to the upstream's id, noted in C{ctx}),
+        and the routes to fall back on (a virtual model's other targets, failover candidates)."""
+        route, *fallbacks = plan_model(self._registry, body, affinity)
         ctx.route(route.provider, body["model"], route.upstream_model)
         body["model"] = route.upstream_model
-        return route.provider
+        return route.provider, fallbacks
 
     @staticmethod
     def prioritise(request, upstream, body):
@@ -110,14 +112,32 @@ class InferenceRoutes:
             raise InvalidRequest("X-Request-Priority must be an integer.", code="invalid_priority") from None
 
 
+def _rebody(body):
+    """The body for another target: the same but its C{model}."""
+    return lambda model: jsonutil.dumps(dict(body, model=model))
+
+
+def plan_model(registry, body, affinity=None):
+    """The routes to try for C{body["model"]}, first choice first (see L{gomodel.routing.registry.ModelRegistry.plan}).
+
+    @raise InvalidRequest: no model named.
+    @raise gomodel.errors.ModelNotFound: nobody serves it.
+    """
+    return registry.plan(_model_of(body), affinity)
+
+
 def resolve_model(registry, body):
     """The L{gomodel.routing.registry.Route} for C{body["model"]}.
 
     @raise InvalidRequest: no model named.
     @raise gomodel.errors.ModelNotFound: nobody serves it.
     """
+    return registry.resolve(_model_of(body))
+
+
+def _model_of(body) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("The request needs a 'model' (e.g. 'vllm/meta-llama/Llama-3.1-8B-Instruct').",
                              param="model", code="missing_required_parameter")
-    return registry.resolve(model)
+    return model

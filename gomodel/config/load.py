@@ -18,6 +18,7 @@ import yaml
 
 from gomodel.config.errors import ConfigError
 from gomodel.config.providers import load_providers
+from gomodel.config.virtual import load_failover_rules, load_virtual_models
 from gomodel.config.sections import SECTIONS, Config, settings_of
 
 _LEGACY = "server"  # the section whose keys may be any section's (files written before sections)
@@ -46,7 +47,7 @@ def load_config(
         unknown = set(blocks[name]) - known
         if unknown:
             raise ConfigError(f"{yaml_path}: unknown key(s) under {name}: {', '.join(sorted(unknown))}")
-    unknown = set(document) - set(SECTIONS) - {"providers"}
+    unknown = set(document) - set(SECTIONS) - {"providers", "virtual_models", "failover_rules"}
     if unknown:
         raise ConfigError(f"{yaml_path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
 
@@ -54,6 +55,9 @@ def load_config(
     warnings = []
     providers = load_providers(document.get("providers"), yaml_path, env, warnings)
     sections["upstreams"] = dataclasses.replace(sections["upstreams"], providers=providers)
+    sections["routing"] = dataclasses.replace(
+        sections["routing"], virtual_models=load_virtual_models(document.get("virtual_models"), yaml_path, env),
+        failover_rules=load_failover_rules(document.get("failover_rules"), yaml_path, env))
     if listen:
         sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))
     return Config(**sections, warnings=tuple(warnings))

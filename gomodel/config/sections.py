@@ -212,6 +212,9 @@ class RoutingConfig:
     # this many times the least loaded one's (plus affinity_slack requests).
     affinity_max_ratio: float = setting("ROUTING_AFFINITY_MAX_RATIO", parsers.ratio, 1.5)
     affinity_slack: int = setting("ROUTING_AFFINITY_SLACK", parsers.limit, 2)
+    # Filled by the loader from VIRTUAL_MODELS / virtual_models: and FAILOVER_RULES_JSON / failover_rules:.
+    virtual_models: tuple = ()  # VirtualModels
+    failover_rules: dict = field(default_factory=dict)  # model -> (candidate selector, ...)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeo
 from twisted.logger import Logger
 
 from gomodel import jsonutil
-from gomodel.errors import BadUpstreamResponse, StreamFailed, UpstreamTimeout, UpstreamUnreachable
+from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamTimeout,
+                            UpstreamUnreachable)
 from gomodel.http.headers import copy_response_headers, is_event_stream
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import StreamIncomplete
@@ -55,14 +56,17 @@ class UpstreamCall:
     @ivar affinity: a session or prompt-prefix key (see L{gomodel.routing.affinity}), or None.
     @ivar prefer: the index of the replica to use while it can (a Responses follow-up), or None.
     @ivar pin: the index of the only replica to use (C{X-Gomodel-Replica}), or None.
+    @ivar fallbacks: L{gomodel.routing.registry.Route}s tried, in order, when
+        every replica of the first failed before the first byte.
+    @ivar rebody: upstream model -> the body for that model (with C{fallbacks}).
     """
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
-                 "transform", "raw", "vet", "model", "affinity", "prefer", "pin")
+                 "transform", "raw", "vet", "model", "affinity", "prefer", "pin", "fallbacks", "rebody")
 
     def __init__(self, path, body=None, *, method=b"POST", native=False, query=b"", headers=None,
                  content_type=b"application/json", observer=None, transform=None, raw=False, vet=None,
-                 model=None, affinity=None, prefer=None, pin=None):
+                 model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None):
         self.method = method
         self.path = path
         self.body = body
@@ -78,6 +82,8 @@ class UpstreamCall:
         self.affinity = affinity
         self.prefer = prefer
         self.pin = pin
+        self.fallbacks = fallbacks
+        self.rebody = rebody
 
 
 class Exchange:
@@ -104,7 +110,9 @@ class Exchange:
         ctx.hold()
         replica = None
         try:
-            response, replica = await self._send(ctx.request_id, upstream, call)
+            response, replica, upstream, model = await self._send(ctx.request_id, upstream, call)
+            if model != ctx.upstream_model or upstream.name != ctx.provider:
+                ctx.route(upstream, ctx.model, model)  # a fallback target served it
             ctx.replica = replica.index
             request.setHeader(b"x-gomodel-replica", b"%d" % replica.index)
             if call.vet is not None:
@@ -136,7 +144,7 @@ class Exchange:
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again).
         """
-        response, replica = await self._send(request_id, upstream, call)
+        response, replica, upstream, _ = await self._send(request_id, upstream, call)
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
             return response, await self.read(upstream, response, limit)
@@ -146,55 +154,83 @@ class Exchange:
     # -- the steps ------------------------------------------------------------------
 
     async def _send(self, request_id, pool, call):
-        """Choose a replica of C{pool} and send C{call}, failing over before the first byte.
+        """Choose a replica and send C{call}, failing over before the first byte.
 
-        @return: C{(response, replica)}: the L{IResponse} (any status) and the
-            L{gomodel.routing.pool.Replica} that gave it, whose lease the
-            caller releases.
+        The replicas of C{pool} first, then the call's fallback routes (a
+        virtual model's other targets, failover candidates), each with the
+        body made for its model; at most C{max_attempts} sends in all.
+
+        @return: C{(response, replica, pool, model)}: the L{IResponse} (any
+            status), the L{gomodel.routing.pool.Replica} that gave it (whose
+            lease the caller releases), its pool and the upstream model sent.
         """
-        tried = []
-        while True:
-            replica = await pool.acquire(call.model, exclude=tried, pin=call.pin, prefer=call.prefer,
-                                         affinity=call.affinity)
-            server = replica.server
-            url = server.url(call.path, call.native)
-            if call.query:
-                url += "?" + call.query.decode("latin-1")
-            try:
-                response = await server.send(call.method, url, call.body, request_id, call.headers,
-                                             call.content_type)
-            except (UpstreamUnreachable, UpstreamTimeout) as e:
-                pool.release(replica)
-                replica.failed(e.message)
-                tried.append(replica)
-                if self._another(pool, call, tried, e.message):
-                    continue
-                raise
-            except BaseException:
-                pool.release(replica)
-                raise
-            report = response.headers.getRawHeaders(b"endpoint-load-metrics")
-            if report is not None:
-                replica.answered(parse_load_header(report[0]))
-            if response.code >= 500:
-                replica.failed(f"HTTP {response.code}")
-            elif response.code != 429:
-                replica.succeeded()
-            if response.code in FAILOVER_STATUSES and self._another(pool, call, tried + [replica],
-                                                                     f"HTTP {response.code}"):
-                discard(response)
-                pool.release(replica)
-                tried.append(replica)
-                continue
-            return response, replica
+        targets = [(pool, call.model)] + [(route.provider, route.upstream_model) for route in call.fallbacks]
+        attempts = 0
+        for number, (pool, model) in enumerate(targets):
+            more = number + 1 < len(targets)
+            body = call.body if number == 0 else call.rebody(model)
+            tried = []
+            while True:
+                try:
+                    replica = await pool.acquire(model, exclude=tried, pin=call.pin, affinity=call.affinity,
+                                                 prefer=call.prefer if number == 0 else None)
+                except (NoReadyReplica, ReplicasBusy):
+                    if more:
+                        break  # this target cannot take it now: the next one
+                    raise
+                server = replica.server
+                url = server.url(call.path, call.native)
+                if call.query:
+                    url += "?" + call.query.decode("latin-1")
+                try:
+                    response = await server.send(call.method, url, body, request_id, call.headers, call.content_type)
+                except (UpstreamUnreachable, UpstreamTimeout) as e:
+                    pool.release(replica)
+                    replica.failed(e.message)
+                    tried.append(replica)
+                    attempts += 1
+                    again = self._again(pool, model, call, tried, attempts, more, e.message)
+                    if again == "replica":
+                        continue
+                    if again == "target":
+                        break
+                    raise
+                except BaseException:
+                    pool.release(replica)
+                    raise
+                report = response.headers.getRawHeaders(b"endpoint-load-metrics")
+                if report is not None:
+                    replica.answered(parse_load_header(report[0]))
+                if response.code >= 500:
+                    replica.failed(f"HTTP {response.code}")
+                elif response.code != 429:
+                    replica.succeeded()
+                if response.code in FAILOVER_STATUSES:
+                    attempts += 1
+                    again = self._again(pool, model, call, tried + [replica], attempts, more,
+                                        f"HTTP {response.code}")
+                    if again is not None:
+                        discard(response)
+                        pool.release(replica)
+                        tried.append(replica)
+                        if again == "replica":
+                            continue
+                        break
+                return response, replica, pool, model
 
-    def _another(self, pool, call, tried, why) -> bool:
-        """Whether a call that failed on the replicas C{tried} goes to another one."""
-        if call.pin is not None or len(tried) >= self._max_attempts or not pool.has_alternative(call.model, tried):
-            return False
-        self.log.info("provider {provider} replica {index} failed ({why}); trying another replica",
-                      provider=pool.name, index=tried[-1].index, why=why)
-        return True
+    def _again(self, pool, model, call, tried, attempts, more, why):
+        """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None."""
+        if call.pin is not None or attempts >= self._max_attempts:
+            return None
+        if pool.has_alternative(model, tried):
+            where = "replica"
+        elif more:
+            where = "target"
+        else:
+            return None
+        self.log.info("provider {provider} replica {index} failed ({why}); trying another {where}",
+                      provider=pool.name, index=tried[-1].index, why=why, where=where)
+        return where
 
     async def read(self, upstream, response, limit):
         """The whole body of C{response}, within C{limit} bytes and the response-header timeout.

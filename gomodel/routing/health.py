@@ -177,11 +177,15 @@ class ReplicaMonitor(Service):
 
     def _healthy(self, _, watch):
         replica = watch.replica
-        watch.healthy = True
+        was_healthy, watch.healthy = watch.healthy, True
         watch.probed = True
         replica.succeeded()
         if replica.state == LOADING and replica.models is not None:
             replica.set_state(READY)
+        elif replica.state == LOADING and not was_healthy:
+            # It has just come up (a loading vLLM answers /health once its engine is ready):
+            # list its models now rather than at the end of the discovery backoff (up to 30s).
+            self._schedule_discovery(watch, 0)
         elif replica.state == DOWN:
             if replica.models is not None:
                 replica.set_state(READY)

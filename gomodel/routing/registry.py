@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, ModelNotFound
 from gomodel.routing.selectors import parse_selector, qualified
+from gomodel.routing.virtual import VirtualModel
 
 
 class Route(NamedTuple):
@@ -33,8 +34,14 @@ class ModelRegistry:
 
     log = Logger()
 
-    def __init__(self, pools, clock, *, mode="fallback"):
+    def __init__(self, pools, clock, *, mode="fallback", virtual_models=(), failover_rules=None):
+        """
+        @param virtual_models: L{gomodel.config.virtual.VirtualModel}s.
+        @param failover_rules: model -> candidate selectors tried, in order, when it failed.
+        """
         self._pools = list(pools)
+        self._virtual = {vm.source: VirtualModel(vm) for vm in virtual_models}
+        self._failover = dict(failover_rules or {})
         self._mode = mode
         self._by_name = {pool.name: pool for pool in self._pools}
         created = int(clock.seconds())
@@ -97,7 +104,7 @@ class ModelRegistry:
     # -- queries --------------------------------------------------------------
 
     def models(self) -> list:
-        """Every known model, ids qualified with their provider, upstream fields kept."""
+        """Every known model, ids qualified with their provider, upstream fields kept; then the virtual ones."""
         out = []
         for pool in self._pools:
             for upstream_id, model in (self.inventory(pool) or {}).items():
@@ -106,6 +113,9 @@ class ModelRegistry:
                 entry["object"] = "model"
                 entry["owned_by"] = pool.name
                 out.append(entry)
+        for vm in self._virtual.values():
+            out.append({"id": vm.source, "object": "model", "created": 0, "owned_by": "gomodel",
+                        "targets": [{"model": selector, "weight": weight} for selector, weight in vm.targets]})
         return out
 
     def models_body(self) -> bytes:
@@ -121,6 +131,27 @@ class ModelRegistry:
                 return entry
         return None
 
+    def plan(self, selector: str, affinity=None) -> list:
+        """The routes to try for C{selector}, in order: its target (a virtual model's, chosen
+        now), the virtual model's other targets, then its failover candidates.
+
+        @raise ModelNotFound: nobody serves it.
+        @raise InvalidRequest: several providers serve the bare id.
+        """
+        virtual = self._virtual.get(selector)
+        if virtual is not None:
+            routes = virtual.order(self._real, _live, affinity)
+        else:
+            routes = [self._real(selector)]
+        for candidate in self._failover.get(selector, ()):
+            try:
+                route = self._real(candidate)
+            except (ModelNotFound, InvalidRequest):
+                continue
+            if route not in routes:
+                routes.append(route)
+        return routes
+
     def resolve(self, selector: str) -> Route:
         """Name the provider and upstream model for C{selector}.
 
@@ -132,6 +163,13 @@ class ModelRegistry:
         @raise ModelNotFound: nobody serves it.
         @raise InvalidRequest: several providers serve the bare id.
         """
+        virtual = self._virtual.get(selector)
+        if virtual is not None:
+            return virtual.order(self._real, _live, None)[0]
+        return self._real(selector)
+
+    def _real(self, selector: str) -> Route:
+        """L{resolve} for a selector of a provider's model (never a virtual one); remembered."""
         route = self._routes.get(selector)
         if route is None:
             route = self._resolve(selector)
@@ -164,3 +202,8 @@ class ModelRegistry:
                 f"The model '{selector}' is served by several providers; name one: {choices}.",
                 param="model", code="ambiguous_model")
         raise ModelNotFound(selector)
+
+
+def _live(route) -> bool:
+    """Whether a ready replica of the route's provider serves its model now."""
+    return route.provider.has_alternative(route.upstream_model, ())

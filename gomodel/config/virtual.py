@@ -1,0 +1,114 @@
+"""Virtual models and failover rules, in GoModel's shapes.
+
+YAML C{virtual_models:} (or env C{VIRTUAL_MODELS}, the same list as JSON)::
+
+    virtual_models:
+      - source: llama                      # what clients ask for
+        targets: [{model: vllm/meta-llama/X, weight: 3}, {model: vllm-b/meta-llama/X, weight: 1}]
+        strategy: round_robin               # weighted; the only strategy for now
+        session_affinity: true              # a session keeps its target while it can serve
+        enabled: true
+
+C{target: <model>} stands for one target of weight 1. Failover rules (YAML
+C{failover_rules:} or env C{FAILOVER_RULES_JSON}) map a model to the
+candidates tried, in order, when every target of it failed before the
+first byte: C{{"llama": ["vllm-c/meta-llama/X", "openai/gpt-4o-mini"]}}.
+The environment wins over YAML.
+"""
+
+import json
+from dataclasses import dataclass
+
+from gomodel.config.errors import ConfigError
+
+STRATEGIES = ("round_robin",)
+_KEYS = {"source", "target", "targets", "strategy", "session_affinity", "enabled", "user_paths"}
+
+
+@dataclass(frozen=True)
+class VirtualModel:
+    """A model name clients use, served by one of several targets (each a model selector)."""
+
+    source: str
+    targets: tuple  # ((selector, weight), ...)
+    strategy: str = "round_robin"
+    session_affinity: bool = True
+
+
+def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
+    """The enabled L{VirtualModel}s from C{VIRTUAL_MODELS} (JSON), else YAML C{virtual_models:}."""
+    if "VIRTUAL_MODELS" in env:
+        where, value = "VIRTUAL_MODELS", _json(env["VIRTUAL_MODELS"], "VIRTUAL_MODELS")
+    else:
+        where, value = f"{yaml_path}: virtual_models", yaml_value
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of {{source, targets, ...}}")
+    models, seen = [], set()
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at} must be a mapping")
+        unknown = set(item) - _KEYS
+        if unknown:
+            raise ConfigError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
+        source = item.get("source")
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigError(f"{at}.source must be a model name")
+        if source in seen:
+            raise ConfigError(f"{at}.source {source!r} is defined twice")
+        seen.add(source)
+        strategy = item.get("strategy", "round_robin")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"{at}.strategy must be one of: {', '.join(STRATEGIES)}")
+        if item.get("enabled", True) is False:
+            continue
+        models.append(VirtualModel(source.strip(), _targets(item, at), strategy,
+                                   bool(item.get("session_affinity", True))))
+    return tuple(models)
+
+
+def _targets(item, at) -> tuple:
+    if "target" in item and "targets" in item:
+        raise ConfigError(f"{at}: give target or targets, not both")
+    raw = [{"model": item["target"]}] if "target" in item else item.get("targets")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{at}.targets must be a non-empty list of {{model, weight}}")
+    targets = []
+    for j, target in enumerate(raw):
+        if isinstance(target, str):
+            target = {"model": target}
+        model = target.get("model") if isinstance(target, dict) else None
+        weight = target.get("weight", 1) if isinstance(target, dict) else None
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigError(f"{at}.targets[{j}].model must be a model selector")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"{at}.targets[{j}].weight must be a number above 0")
+        targets.append((model.strip(), float(weight)))
+    return tuple(targets)
+
+
+def load_failover_rules(yaml_value, yaml_path, env) -> dict:
+    """Model -> ordered candidate selectors, from C{FAILOVER_RULES_JSON}, else YAML C{failover_rules:}."""
+    if "FAILOVER_RULES_JSON" in env:
+        where, value = "FAILOVER_RULES_JSON", _json(env["FAILOVER_RULES_JSON"], "FAILOVER_RULES_JSON")
+    else:
+        where, value = f"{yaml_path}: failover_rules", yaml_value
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f'{where} must map a model to a list of candidates: {{"model": ["candidate", ...]}}')
+    rules = {}
+    for source, candidates in value.items():
+        if not isinstance(candidates, list) or not all(isinstance(c, str) and c.strip() for c in candidates):
+            raise ConfigError(f"{where}.{source} must be a list of model selectors")
+        rules[str(source)] = tuple(c.strip() for c in candidates)
+    return rules
+
+
+def _json(text, var):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{var}: not valid JSON: {e}") from None

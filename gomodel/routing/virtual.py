@@ -1,0 +1,68 @@
+"""Virtual models (one name, several weighted targets) and failover candidates.
+
+A virtual model's targets are model selectors, each resolved like any
+request's model. For each request the targets are put in order: the one
+chosen by smooth weighted round robin among the targets that have a ready
+replica (or, with C{session_affinity}, the session's target while it has
+one), then the others by weight; then the model's failover candidates. The
+exchange tries them in that order, before the first byte only.
+"""
+
+from collections import OrderedDict
+
+from gomodel.errors import ModelNotFound
+
+SESSIONS = 10000  # session -> target pins remembered per virtual model
+
+
+class VirtualModel:
+    """The targets of one virtual model and the state of their rotation."""
+
+    def __init__(self, config):
+        self.source = config.source
+        self.targets = config.targets  # ((selector, weight), ...)
+        self.session_affinity = config.session_affinity
+        self._current = [0.0] * len(self.targets)
+        self._sessions = OrderedDict()
+
+    def order(self, resolve, live, affinity):
+        """The resolved targets in the order to try them.
+
+        @param resolve: selector -> L{gomodel.routing.registry.Route} (raises L{ModelNotFound}).
+        @param live: a function of a route: whether it has a ready replica now.
+        """
+        routes = []
+        for i, (selector, weight) in enumerate(self.targets):
+            try:
+                routes.append((i, resolve(selector), weight))
+            except ModelNotFound:
+                continue
+        if not routes:
+            raise ModelNotFound(self.source)
+        available = [r for r in routes if live(r[1])] or routes
+        first = None
+        if affinity is not None and self.session_affinity:
+            pinned = self._sessions.get(affinity)
+            first = next((r for r in available if r[0] == pinned), None)
+        if first is None:
+            first = self._next(available)
+        if affinity is not None and self.session_affinity:
+            self._sessions[affinity] = first[0]
+            self._sessions.move_to_end(affinity)
+            if len(self._sessions) > SESSIONS:
+                self._sessions.popitem(last=False)
+        rest = sorted((r for r in routes if r is not first), key=lambda r: -r[2])
+        return [first[1]] + [r[1] for r in rest]
+
+    def _next(self, candidates):
+        """Smooth weighted round robin (nginx's): each pick adds every weight, takes the largest."""
+        total = 0.0
+        best = None
+        for candidate in candidates:
+            i, _, weight = candidate
+            self._current[i] += weight
+            total += weight
+            if best is None or self._current[i] > self._current[best[0]]:
+                best = candidate
+        self._current[best[0]] -= total
+        return best

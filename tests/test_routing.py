@@ -1,0 +1,662 @@
+"""Replica pools end to end: the real gateway in front of a fleet of fake vLLM replicas, over loopback sockets.
+
+Each test starts its own fleet (L{tests.fakes.fleet.FakeFleet}) and gateway
+(C{VLLM_BASE_URL} = every replica's URL) through the C{cluster} fixture, which
+stops both afterwards. Assertions are on where requests went (the fleet's
+records, the C{X-Gomodel-Replica} header, C{providers/status}), never on
+timings; where a behaviour is time-driven (probes, scrapes, stall detection)
+the test polls in bounded steps of L{deferLater}.
+"""
+
+import json
+import time
+
+import pytest_twisted
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from gomodel import jsonutil
+from tests import rawclient
+from tests.fakes.fleet import FakeFleet
+from tests.fakes.vllm import CHAT_MODEL
+from tests.support import in_thread, openai_client, start_gateway, with_timeout
+
+MODEL = "vllm/" + CHAT_MODEL
+STATUS = "/admin/api/v1/providers/status"
+
+
+# -- the fleet and the gateway --------------------------------------------------------
+
+class Cluster:
+    """Starts fleets and gateways for one test; stops them all at its end."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self._made = []
+
+    async def __call__(self, n=3, env=None, prepare=None, wait_ready=True, **knobs):
+        """A started fleet of C{n} replicas (C{knobs} on each) and a gateway in front of it.
+
+        @param prepare: an async function of the fleet, run before the gateway starts.
+        """
+        fleet = await FakeFleet(self.reactor, n, **knobs).start()
+        self._made.append(fleet.stop)
+        if prepare is not None:
+            await prepare(fleet)
+        gw = await start_gateway(self.reactor, {"VLLM_BASE_URL": fleet.env_value, **(env or {})}, wait_ready=False)
+        self._made.append(gw.service.stopService)
+        if wait_ready:
+            await with_timeout(self.reactor, gw.registry.ready(), 5)
+        return fleet, gw
+
+    async def close(self):
+        while self._made:
+            await self._made.pop()()
+
+
+@pytest_twisted.async_yield_fixture()
+async def cluster(reactor):
+    made = Cluster(reactor)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest_twisted.async_yield_fixture()
+async def fresh(reactor):
+    """A treq client without persistent connections (for requests that must each open their own)."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    yield HTTPClient(Agent(reactor, pool=pool))
+    await pool.closeCachedConnections()
+
+
+def chat(content="hello", **extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def post(http, gw, body, headers=None, path="/v1/chat/completions"):
+    """POST JSON; C{(response, parsed body or raw bytes)}."""
+    response = await http.post(gw.url + path, data=json.dumps(body).encode(),
+                               headers={"content-type": ["application/json"], **(headers or {})})
+    content = await treq.content(response)
+    try:
+        return response, jsonutil.loads(content)
+    except ValueError:
+        return response, content
+
+
+def send(http, gw, body, headers=None, path="/v1/chat/completions"):
+    """L{post}, started now: a Deferred."""
+    return Deferred.fromCoroutine(post(http, gw, body, headers, path))
+
+
+def served_by(response) -> int:
+    [value] = response.headers.getRawHeaders(b"x-gomodel-replica")
+    return int(value)
+
+
+def error_of(payload):
+    assert set(payload) == {"error"}
+    assert set(payload["error"]) >= {"message", "type", "param", "code"}
+    return payload["error"]
+
+
+async def status(http, gw) -> dict:
+    response = await http.get(gw.url + STATUS)
+    assert response.code == 200
+    return jsonutil.loads(await treq.content(response))
+
+
+async def replica_states(http, gw) -> list:
+    [provider] = (await status(http, gw))["providers"]
+    return [r["state"] for r in provider["replicas"]]
+
+
+async def wait_for(reactor, predicate, timeout=3.0, step=0.05):
+    """Poll C{predicate} (a function returning a value or a Deferred of one) until it is true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if hasattr(value, "addCallback") or hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await deferLater(reactor, step, lambda: None)
+
+
+async def wait_state(reactor, http, gw, index, state, timeout=3.0):
+    async def check():
+        return (await replica_states(http, gw))[index] == state
+    await wait_for(reactor, check, timeout)
+
+
+def finished_answers(fleet, status_code=200):
+    """Inference requests the fleet answered completely with C{status_code}."""
+    return [r for replica in fleet for r in replica.inference_requests if r.finished and r.status == status_code]
+
+
+def who_got(fleet, marker):
+    """The replica indexes that received the inference request whose body holds C{marker} as fake_marker."""
+    return [i for i, replica in enumerate(fleet) for r in replica.inference_requests
+            if isinstance(r.body, dict) and r.body.get("fake_marker") == marker]
+
+
+# -- 1. spread --------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_idle_replicas_share_sequential_requests_and_the_header_names_the_replica(cluster, http):
+    fleet, gw = await cluster(3)
+    for i in range(9):
+        response, body = await post(http, gw, chat(fake_marker=f"m{i}"))
+        assert response.code == 200, body
+        assert who_got(fleet, f"m{i}") == [served_by(response)]
+    assert fleet.distribution() == [3, 3, 3]
+
+    response = await http.get(gw.url + "/v1/models")
+    ids = [m["id"] for m in jsonutil.loads(await treq.content(response))["data"]]
+    assert ids == [MODEL]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_openai_sdk_sees_the_replica_header(cluster):
+    fleet, gw = await cluster(2)
+    client = openai_client(gw)
+    try:
+        raw = await in_thread(client.chat.completions.with_raw_response.create, model=MODEL,
+                              messages=[{"role": "user", "content": "hi"}])
+    finally:
+        client.close()
+    index = int(raw.headers["x-gomodel-replica"])
+    assert raw.parse().choices[0].message.content
+    assert fleet.distribution()[index] == 1 and sum(fleet.distribution()) == 1
+
+
+# -- 2. load awareness ------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_reporting_a_long_queue_gets_few_requests(cluster, http):
+    fleet, gw = await cluster(3, env={"REPLICA_METRICS_INTERVAL": "0"})  # learnt from answers only
+    fleet[0].metrics = {"waiting": 50}
+    for i in range(12):
+        response, _ = await post(http, gw, chat())
+        assert response.code == 200
+    # It may get one request before its first answer tells its queue; then none.
+    assert fleet.distribution()[0] <= 1
+    assert sum(fleet.distribution()[1:]) >= 11
+    [provider] = (await status(http, gw))["providers"]
+    if fleet.distribution()[0]:
+        assert provider["replicas"][0]["waiting"] == 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_seen_by_the_metrics_scrape_alone_is_avoided(cluster, http, reactor):
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0.05"}, load_header=False)
+    fleet[1].metrics = {"waiting": 50, "running": 8}
+    pool = gw.registry.providers[0]
+    await wait_for(reactor, lambda: pool.replicas[1].load is not None and pool.replicas[1].load.waiting == 50)
+    for _ in range(6):
+        response, _ = await post(http, gw, chat())
+        assert served_by(response) == 0
+    assert fleet.distribution() == [6, 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slower_replica_gets_fewer_concurrent_requests(cluster, http):
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0"}, latency=0.02)
+    fleet[0].latency = 0.06  # three times slower
+    limit = DeferredSemaphore(6)
+    results = await gatherResults([limit.run(send, http, gw, chat()) for _ in range(36)],
+                                  consumeErrors=True)
+    assert all(r.code == 200 for r, _ in results)
+    slow, fast = fleet.distribution()
+    assert slow + fast == 36
+    assert fast >= 2 * slow, fleet.distribution()
+
+
+# -- 3. strategies -------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_round_robin_takes_turns_whatever_the_load(cluster, http):
+    fleet, gw = await cluster(3, env={"ROUTING_STRATEGY": "round_robin"})
+    fleet[0].metrics = {"waiting": 50}
+    order = []
+    for _ in range(9):
+        response, _ = await post(http, gw, chat())
+        order.append(served_by(response))
+    assert order == [0, 1, 2] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_least_requests_counts_the_gateways_requests_in_flight_only(cluster, http, reactor):
+    fleet, gw = await cluster(2, env={"ROUTING_STRATEGY": "least_requests", "REPLICA_METRICS_INTERVAL": "0"})
+    fleet[0].metrics = {"waiting": 50}  # ignored by this strategy
+    for _ in range(4):
+        await post(http, gw, chat())
+    assert fleet.distribution() == [2, 2]
+
+    fleet.set(hang=True)
+    first = send(http, gw, chat(fake_marker="first"))
+    await wait_for(reactor, lambda: who_got(fleet, "first"))
+    second = send(http, gw, chat(fake_marker="second"))
+    await wait_for(reactor, lambda: who_got(fleet, "second"))
+    assert who_got(fleet, "first") != who_got(fleet, "second")
+    fleet.set(hang=False)
+    for response, _ in await gatherResults([first, second]):
+        assert response.code == 200
+
+
+# -- 4. affinity ----------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_sticks_to_its_replica_until_that_replica_queues(cluster, http):
+    fleet, gw = await cluster(3, env={"REPLICA_METRICS_INTERVAL": "0"})
+    seen = set()
+    for _ in range(5):
+        response, _ = await post(http, gw, chat(), headers={"X-Session-Id": ["conversation-1"]})
+        seen.add(served_by(response))
+    [home] = seen
+    # Other sessions and anonymous requests still spread over the fleet.
+    others = set()
+    for i in range(6):
+        response, _ = await post(http, gw, chat(), headers={"X-Session-Id": [f"other-{i}"]})
+        others.add(served_by(response))
+    assert len(others) >= 2
+
+    fleet[home].metrics = {"waiting": 50}
+    after = []
+    for _ in range(6):
+        response, _ = await post(http, gw, chat(), headers={"X-Session-Id": ["conversation-1"]})
+        after.append(served_by(response))
+    # At most the first one goes home (its answer tells the queue); the rest move, and stick together.
+    moved = after[1:] if after[0] == home else after
+    assert home not in moved and len(set(moved)) == 1, after
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_shared_prompt_prefix_sticks(cluster, http):
+    fleet, gw = await cluster(3)
+    system = "You are a careful assistant. " * 25  # > 512 characters
+    assert len(system) >= 512
+    seen = set()
+    for i in range(6):
+        body = {"model": MODEL, "messages": [{"role": "system", "content": system},
+                                             {"role": "user", "content": f"question {i}"}]}
+        response, _ = await post(http, gw, body)
+        seen.add(served_by(response))
+    assert len(seen) == 1
+    # A short prompt has no prefix key: those spread.
+    short = {served_by((await post(http, gw, chat(f"q{i}")))[0]) for i in range(6)}
+    assert len(short) >= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_prompt_cache_key_and_body_session_fields_stick(cluster, http):
+    fleet, gw = await cluster(3)
+    for field, value in (("prompt_cache_key", "pck-1"), ("session_id", "sid-1"), ("user", "user-1"),
+                         ("metadata", {"user_id": "uid-1"})):
+        seen = {served_by((await post(http, gw, chat(**{field: value})))[0]) for _ in range(4)}
+        assert len(seen) == 1, field
+
+
+# -- 5. admission --------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_finding_every_replica_full_gets_429_replicas_busy(cluster, fresh, reactor):
+    fleet, gw = await cluster(2, env={"REPLICA_MAX_CONCURRENCY": "1", "ROUTING_QUEUE_TIMEOUT": "0.3"})
+    fleet.set(hang=True)
+    held = [send(fresh, gw, chat(fake_marker=f"held{i}")) for i in range(2)]
+    await wait_for(reactor, lambda: sum(r.in_flight for r in fleet) == 2)
+    started = time.monotonic()
+    response, body = await post(fresh, gw, chat(fake_marker="extra"))
+    assert response.code == 429
+    assert time.monotonic() - started >= 0.25  # it waited in the queue first
+    assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
+    error = error_of(body)
+    assert error["code"] == "replicas_busy"
+    assert who_got(fleet, "extra") == []
+    fleet.set(hang=False)
+    for response, _ in await gatherResults(held):
+        assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_request_is_served_when_a_slot_frees(cluster, fresh, reactor):
+    fleet, gw = await cluster(2, env={"REPLICA_MAX_CONCURRENCY": "1", "ROUTING_QUEUE_TIMEOUT": "5"})
+    fleet.set(hang=True)
+    held = [send(fresh, gw, chat(fake_marker=f"held{i}")) for i in range(2)]
+    await wait_for(reactor, lambda: sum(r.in_flight for r in fleet) == 2)
+    queued = send(fresh, gw, chat(fake_marker="queued"))
+    pool = gw.registry.providers[0]
+    await wait_for(reactor, lambda: len(pool._queue) == 1)
+    assert who_got(fleet, "queued") == []
+    fleet[1].hang = False  # replica 1's request ends; its slot goes to the waiting one
+    response, body = await queued
+    assert response.code == 200, body
+    assert served_by(response) == 1 and who_got(fleet, "queued") == [1]
+    fleet[0].hang = False
+    for response, _ in await gatherResults(held):
+        assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_the_queue_is_forgotten(cluster, reactor):
+    fleet, gw = await cluster(1, env={"REPLICA_MAX_CONCURRENCY": "1", "ROUTING_QUEUE_TIMEOUT": "5"})
+    fleet.set(hang=True)
+    port = gw.port
+    held = await rawclient.connect(reactor, port, rawclient.chat_request(chat(fake_marker="held")))
+    await wait_for(reactor, lambda: who_got(fleet, "held"))
+    waiting = await rawclient.connect(reactor, port, rawclient.chat_request(chat(fake_marker="waiting")))
+    pool = gw.registry.providers[0]
+    await wait_for(reactor, lambda: len(pool._queue) == 1)
+    waiting.transport.abortConnection()
+    await wait_for(reactor, lambda: len(pool._queue) == 0)
+    fleet.set(hang=False)
+    await with_timeout(reactor, held.wait_for(b"chat.completion"), 5)
+    held.transport.loseConnection()
+    assert who_got(fleet, "waiting") == []
+    assert pool.replicas[0].in_flight == 0 or await wait_for(reactor, lambda: pool.replicas[0].in_flight == 0)
+
+
+# -- 6. failover before the first byte, never after ---------------------------------------
+
+async def _all_succeed_despite(cluster, http, broken, n=12):
+    fleet, gw = await cluster(3, env={"REPLICA_FAILURE_THRESHOLD": "1000"})
+    await broken(fleet[0])
+    for i in range(n):
+        response, body = await post(http, gw, chat(fake_marker=f"m{i}"))
+        assert response.code == 200, body
+        got = who_got(fleet, f"m{i}")
+        assert got.count(0) <= 1 and got[-1] == served_by(response) != 0
+    assert len(finished_answers(fleet)) == n  # one generation per client request
+    return fleet
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_answering_503_is_left_for_another(cluster, http):
+    async def broken(replica):
+        replica.fail_status = 503
+    fleet = await _all_succeed_despite(cluster, http, broken)
+    assert fleet.distribution()[0] >= 1  # it was tried, and its failures went elsewhere
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_refusing_connections_is_left_for_another(cluster, fresh):
+    async def broken(replica):
+        await replica.refuse()
+    await _all_succeed_despite(cluster, fresh, broken)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_attempt_only_relays_the_failure(cluster, http):
+    fleet, gw = await cluster(2, env={"ROUTING_MAX_ATTEMPTS": "1", "REPLICA_FAILURE_THRESHOLD": "1000"})
+    fleet[0].fail_status = 503
+    codes = []
+    for i in range(6):
+        response, _ = await post(http, gw, chat(fake_marker=f"m{i}"))
+        codes.append(response.code)
+        assert len(who_got(fleet, f"m{i}")) == 1
+    assert codes.count(200) == 3 and len([c for c in codes if c >= 500]) == 3, codes
+
+
+async def _stream_until(reactor, gw, marker, chunks=40):
+    """A raw client streaming a chat answer, once its first content event arrived."""
+    body = chat(fake_marker=marker, stream=True, fake_chunks=chunks)
+    client = await rawclient.connect(reactor, gw.port, rawclient.chat_request(body))
+    await with_timeout(reactor, client.wait_for(b'"content":"h'), 5)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_dying_mid_stream_is_not_retried(cluster, reactor):
+    fleet, gw = await cluster(2, token_interval=0.05)
+    client = await _stream_until(reactor, gw, "s")
+    [index] = who_got(fleet, "s")
+    fleet[index].restart()  # its connections are aborted mid-answer
+    await with_timeout(reactor, client.lost, 5)
+    text = bytes(client.received)
+    assert b"stream_incomplete" in text
+    assert b"data: [DONE]" not in text
+    assert who_got(fleet, "s") == [index]  # never sent to the other replica
+
+
+# -- 7. down and back -------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_replica_goes_down_gets_nothing_and_comes_back(cluster, http, reactor):
+    fleet, gw = await cluster(3, env={"REPLICA_FAILURE_THRESHOLD": "1", "REPLICA_HEALTH_INTERVAL": "0.1"})
+    await fleet[1].refuse()
+    await wait_state(reactor, http, gw, 1, "down")
+    before = len(fleet[1].requests)
+    for _ in range(6):
+        response, _ = await post(http, gw, chat())
+        assert response.code == 200 and served_by(response) != 1
+    assert len(fleet[1].requests) == before
+    [provider] = (await status(http, gw))["providers"]
+    assert provider["ready_replicas"] == 2
+    assert provider["replicas"][1]["last_error"]
+
+    await fleet[1].accept()
+    await wait_state(reactor, http, gw, 1, "ready")
+    seen = {served_by((await post(http, gw, chat()))[0]) for _ in range(6)}
+    assert 1 in seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_down_from_the_start_is_used_soon_after_it_comes_up(cluster, http, reactor):
+    async def refuse_one(fleet):
+        await fleet[1].refuse()
+    fleet, gw = await cluster(2, prepare=refuse_one, env={"REPLICA_HEALTH_INTERVAL": "0.1"})
+    assert await replica_states(http, gw) == ["ready", "loading"]
+    await fleet[1].accept()
+    # Its first model discovery failed and is retried after a 1s backoff; its first good
+    # health probe (within 0.1s) re-reads its models at once instead.
+    await wait_state(reactor, http, gw, 1, "ready", timeout=0.7)
+    seen = {served_by((await post(http, gw, chat()))[0]) for _ in range(4)}
+    assert seen == {0, 1}
+
+
+# -- 8. stalled -------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_that_stops_generating_is_stalled_then_ready_again(cluster, http, fresh, reactor):
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0.1", "REPLICA_STALL_TIMEOUT": "0.3"})
+    fleet[0].hang = True
+    stuck = fresh.post(gw.url + "/p/vllm/v1/chat/completions",
+                       data=json.dumps({"model": CHAT_MODEL, "messages": []}).encode(),
+                       headers={"content-type": ["application/json"], "X-Gomodel-Replica": ["0"]})
+    await wait_for(reactor, lambda: fleet[0].in_flight == 1)
+    await wait_state(reactor, http, gw, 0, "stalled")
+    [provider] = (await status(http, gw))["providers"]
+    assert "no token" in provider["replicas"][0]["last_error"]
+    for _ in range(4):
+        response, _ = await post(http, gw, chat())
+        assert served_by(response) == 1
+    fleet[0].hang = False
+    response = await stuck
+    assert response.code == 200
+    await treq.content(response)
+    await wait_state(reactor, http, gw, 0, "ready")
+
+
+# -- 9. restart ----------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_replica_has_its_models_read_again(cluster, http, reactor):
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0.05"})
+    pool = gw.registry.providers[0]
+    await wait_for(reactor, lambda: pool.replicas[1].start_time is not None)
+    fleet[1].restart(models=[CHAT_MODEL, "new/model-b"])
+
+    async def listed():
+        [provider] = (await status(http, gw))["providers"]
+        return "new/model-b" in (provider["replicas"][1]["models"] or ())
+    await wait_for(reactor, listed)
+    response = await http.get(gw.url + "/v1/models")
+    ids = sorted(m["id"] for m in jsonutil.loads(await treq.content(response))["data"])
+    assert ids == sorted([MODEL, "vllm/new/model-b"])
+    # Only the replica that lists it gets the new model.
+    for _ in range(3):
+        response, body = await post(http, gw, {"model": "vllm/new/model-b", "messages": []})
+        assert response.code == 200, body
+        assert served_by(response) == 1
+
+
+# -- 10. no ready replica --------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_no_ready_replica_is_a_quick_503_with_retry_after(cluster, http, reactor):
+    async def refuse_all(fleet):
+        for replica in fleet:
+            await replica.refuse()
+    # No configured models: the provider's inventory stays unknown, so registry.ready() never fires.
+    fleet, gw = await cluster(2, prepare=refuse_all, wait_ready=False)
+    pool = gw.registry.providers[0]
+    await wait_for(reactor, lambda: all(r.checked for r in pool.replicas))
+    started = time.monotonic()
+    response, body = await post(http, gw, chat())
+    assert time.monotonic() - started < 2
+    assert response.code == 503
+    assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
+    error = error_of(body)
+    assert error["code"] == "no_ready_replica" and CHAT_MODEL in error["message"]
+    assert "127.0.0.1" not in json.dumps(body)
+    assert await replica_states(http, gw) == ["loading", "loading"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_ready_replica_with_configured_models(cluster, http):
+    async def refuse_all(fleet):
+        for replica in fleet:
+            await replica.refuse()
+    fleet, gw = await cluster(2, prepare=refuse_all, env={"VLLM_MODELS": CHAT_MODEL})
+    response, body = await post(http, gw, chat(stream=True))
+    assert response.code == 503 and error_of(body)["code"] == "no_ready_replica"
+    assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
+    # The models list still shows the configured model.
+    response = await http.get(gw.url + "/v1/models")
+    assert [m["id"] for m in jsonutil.loads(await treq.content(response))["data"]] == [MODEL]
+
+
+# -- 11. streams and disconnects -----------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_is_relayed_through_the_pool(cluster, http):
+    fleet, gw = await cluster(3)
+    response, body = await post(http, gw, chat(stream=True, fake_chunks=4, fake_marker="s"))
+    assert response.code == 200
+    text = body if isinstance(body, bytes) else json.dumps(body).encode()
+    assert text.count(b'"content":"h') == 4
+    assert text.rstrip().endswith(b"data: [DONE]")
+    assert b'"usage"' not in text  # not asked for
+    assert who_got(fleet, "s") == [served_by(response)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_stream_closes_the_replicas_connection(cluster, reactor):
+    fleet, gw = await cluster(3, token_interval=0.05)
+    client = await _stream_until(reactor, gw, "gone")
+    [index] = who_got(fleet, "gone")
+    [record] = [r for r in fleet[index].inference_requests if r.body.get("fake_marker") == "gone"]
+    client.transport.abortConnection()
+    how, _ = await with_timeout(reactor, record.closed, 5)
+    assert how == "lost"
+    pool = gw.registry.providers[0]
+    await wait_for(reactor, lambda: pool.replicas[index].in_flight == 0)
+
+
+# -- 12. passthrough pin --------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_passthrough_pins_the_named_replica(cluster, http):
+    fleet, gw = await cluster(3)
+    for _ in range(4):
+        response = await http.get(gw.url + "/p/vllm/version", headers={"X-Gomodel-Replica": ["1"]})
+        assert response.code == 200
+        await treq.content(response)
+        assert served_by(response) == 1
+    assert [len([r for r in replica.requests if r.path == b"/version"]) for replica in fleet] == [0, 4, 0]
+    # Nothing of the header reaches the replica.
+    assert not fleet[1].requests_with_header(b"x-gomodel-replica")
+    response, body = await post(http, gw, {"model": CHAT_MODEL, "prompt": "hi"}, path="/p/vllm/tokenize",
+                                headers={"X-Gomodel-Replica": ["2"]})
+    assert response.code == 200 and served_by(response) == 2
+
+    for bad, code in (("3", "unknown_replica"), ("-1", "unknown_replica"), ("x", "invalid_replica")):
+        response = await http.get(gw.url + "/p/vllm/version", headers={"X-Gomodel-Replica": [bad]})
+        assert response.code == 400, bad
+        assert error_of(jsonutil.loads(await treq.content(response)))["code"] == code
+
+
+# -- 13. providers/status -------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_providers_status_shape(cluster, http):
+    fleet, gw = await cluster(2, env={"REPLICA_MAX_CONCURRENCY": "4"})
+    await post(http, gw, chat())
+    payload = await status(http, gw)
+    [provider] = payload["providers"]
+    assert provider["name"] == "vllm" and provider["type"] == "vllm"
+    assert provider["models"] == [CHAT_MODEL]
+    assert provider["ready_replicas"] == 2
+    assert [r["index"] for r in provider["replicas"]] == [0, 1]
+    assert [r["base_url"] for r in provider["replicas"]] == fleet.base_urls
+    for replica in provider["replicas"]:
+        assert set(replica) >= {"index", "base_url", "state", "in_flight", "waiting", "running", "kv_cache_usage",
+                                "models", "served", "weight", "max_concurrency", "consecutive_failures",
+                                "last_error", "load_age_s", "last_state_change"}
+        assert replica["state"] == "ready"
+        assert replica["in_flight"] == 0
+        assert replica["models"] == [CHAT_MODEL]
+        assert replica["max_concurrency"] == 4 and replica["weight"] == 1.0
+    served = [r["served"] for r in provider["replicas"]]
+    assert sorted(served) == [0, 1]
+    answered = provider["replicas"][served.index(1)]
+    assert answered["waiting"] == 0 and answered["kv_cache_usage"] is not None
+
+    response = await http.post(gw.url + "/admin/api/v1/runtime/refresh")
+    assert response.code == 200
+    assert jsonutil.loads(await treq.content(response)) == {"status": "refreshing"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_routes_need_the_master_key(cluster, http):
+    fleet, gw = await cluster(1, env={"GOMODEL_MASTER_KEY": "sk-master"})
+    response = await http.get(gw.url + STATUS)
+    assert response.code == 401
+    await treq.content(response)
+    response = await http.get(gw.url + STATUS, headers={"Authorization": ["Bearer sk-master"]})
+    assert response.code == 200
+    [provider] = jsonutil.loads(await treq.content(response))["providers"]
+    assert provider["replicas"][0]["state"] == "ready"
+
+
+# -- 14. priority -----------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_request_priority_header_on_a_priority_scheduling_provider(cluster, http):
+    fleet, gw = await cluster(1, env={"VLLM_PRIORITY_SCHEDULING": "true"})
+    await post(http, gw, chat(fake_marker="a"), headers={"X-Request-Priority": ["5"]})
+    await post(http, gw, chat(fake_marker="b", priority=-2))
+    await post(http, gw, chat(fake_marker="c", priority=-2), headers={"X-Request-Priority": ["7"]})
+    bodies = {r.body["fake_marker"]: r.body for r in fleet[0].inference_requests}
+    assert bodies["a"]["priority"] == 5
+    assert bodies["b"]["priority"] == -2
+    assert bodies["c"]["priority"] == 7
+    assert not fleet[0].requests_with_header(b"x-request-priority")
+    response, body = await post(http, gw, chat(), headers={"X-Request-Priority": ["high"]})
+    assert response.code == 400 and error_of(body)["code"] == "invalid_priority"
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_priority_header_is_ignored_elsewhere(cluster, http):
+    fleet, gw = await cluster(1)
+    await post(http, gw, chat(fake_marker="a"), headers={"X-Request-Priority": ["5"]})
+    await post(http, gw, chat(fake_marker="b", priority=3), headers={"X-Request-Priority": ["5"]})
+    bodies = {r.body["fake_marker"]: r.body for r in fleet[0].inference_requests}
+    assert "priority" not in bodies["a"]
+    assert bodies["b"]["priority"] == 3

@@ -1,0 +1,95 @@
+"""Virtual models (weighted targets, session affinity) and failover rules, in GoModel's shapes."""
+
+import json
+
+import pytest_twisted
+
+from gomodel.config.virtual import VirtualModel as VirtualModelConfig
+from gomodel.routing.virtual import VirtualModel
+from tests.fakes.fleet import FakeReplica
+from tests.support import start_gateway
+
+UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_smooth_weighted_round_robin_spreads_by_weight():
+    vm = VirtualModel(VirtualModelConfig("llama", (("a", 3.0), ("b", 1.0))))
+    picks = [vm.order(lambda s: s, lambda r: True, None)[0] for _ in range(8)]
+    assert picks.count("a") == 6 and picks.count("b") == 2
+    assert picks[:4] != ["a", "a", "a", "b"] or picks[4:] == picks[:4]  # interleaved, not in runs
+    assert vm.order(lambda s: s, lambda r: r == "b", None)[0] == "b"  # only live targets are chosen
+
+
+async def _two(reactor, **env):
+    a, b = FakeReplica(reactor, name="a"), FakeReplica(reactor, name="b")
+    await a.start()
+    await b.start()
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url, **env})
+    return a, b, gw
+
+
+async def _chat(http, gw, model, headers=None):
+    response = await http.post(gw.url + "/v1/chat/completions", headers=headers or {},
+                               data=json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode())
+    return response, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_virtual_model_targets_are_weighted_listed_and_sticky(reactor, http):
+    virtual = [{"source": "llama", "targets": [{"model": f"vllm-a/{UPSTREAM}", "weight": 3},
+                                               {"model": f"vllm-b/{UPSTREAM}", "weight": 1}]}]
+    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual))
+    try:
+        listed = json.loads(await (await http.get(gw.url + "/v1/models")).content())
+        assert "llama" in [m["id"] for m in listed["data"]]
+        for _ in range(8):
+            response, body = await _chat(http, gw, "llama")
+            assert response.code == 200 and body["model"] == UPSTREAM
+        assert (len(a.inference_requests), len(b.inference_requests)) == (6, 2)
+        before = len(b.inference_requests), len(a.inference_requests)
+        for _ in range(4):  # one session keeps its target
+            await _chat(http, gw, "llama", {"X-Session-Id": "s-1"})
+        after = len(b.inference_requests), len(a.inference_requests)
+        assert sorted(x - y for x, y in zip(after, before)) == [0, 4]
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_target_is_left_for_the_next_before_the_first_byte(reactor, http):
+    virtual = [{"source": "llama", "targets": [f"vllm-a/{UPSTREAM}", f"vllm-b/{UPSTREAM}"]}]
+    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual), REPLICA_FAILURE_THRESHOLD="100")
+    try:
+        a.fail_status = 503
+        for _ in range(4):
+            response, body = await _chat(http, gw, "llama")
+            assert response.code == 200
+        assert len(b.inference_requests) == 4
+        assert sum(1 for r in a.inference_requests if r.status == 503) == len(a.inference_requests) <= 4
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failover_rules_try_the_candidates_in_order(reactor, http):
+    rules = {f"vllm-a/{UPSTREAM}": [f"vllm-b/{UPSTREAM}"]}
+    a, b, gw = await _two(reactor, FAILOVER_RULES_JSON=json.dumps(rules), REPLICA_FAILURE_THRESHOLD="100")
+    try:
+        response, _ = await _chat(http, gw, f"vllm-a/{UPSTREAM}")
+        assert response.code == 200 and len(a.inference_requests) == 1 and not b.inference_requests
+        a.fail_status = 502
+        response, body = await _chat(http, gw, f"vllm-a/{UPSTREAM}")
+        assert response.code == 200 and body["model"] == UPSTREAM
+        assert len(b.inference_requests) == 1 and b.inference_requests[0].body["model"] == UPSTREAM
+        a.fail_status = None
+        b.fail_status = 503
+        response, _ = await _chat(http, gw, f"vllm-b/{UPSTREAM}")  # no rule for vllm-b: its own 503
+        assert response.code == 503
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
