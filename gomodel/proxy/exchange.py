@@ -108,30 +108,43 @@ class Exchange:
         @raise CancelledError: the client left.
         """
         ctx.hold()
-        replica = None
         try:
-            response, replica, upstream, model = await self._send(ctx.request_id, upstream, call)
-            if model != ctx.upstream_model or upstream.name != ctx.provider:
-                ctx.route(upstream, ctx.model, model)  # a fallback target served it
-            ctx.replica = replica.index
-            request.setHeader(b"x-gomodel-replica", b"%d" % replica.index)
-            if call.vet is not None:
-                await call.vet(response)
-            if call.raw:
-                return await self._relay_stream(request, ctx, response, None, keep_length=True)
-            if response.code >= 400:
-                raise await self._error(upstream, response)
-            if not 200 <= response.code < 300:
-                discard(response)
-                raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
-            if is_event_stream(response):
-                ctx.stream = True
-                return await self._relay_stream(request, ctx, response, call.observer)
-            return self._whole(request, ctx, upstream, response, call,
-                               await self.read(upstream, response, RESPONSE_BODY_LIMIT))
+            pool, broken = upstream, []  # broken: replicas whose whole answer broke off
+            while True:
+                replica = None
+                try:
+                    response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken)
+                    if model != ctx.upstream_model or upstream.name != ctx.provider:
+                        ctx.route(upstream, ctx.model, model)  # a fallback target served it
+                    ctx.replica = replica.index
+                    request.setHeader(b"x-gomodel-replica", b"%d" % replica.index)
+                    if call.vet is not None:
+                        await call.vet(response)
+                    if call.raw:
+                        return await self._relay_stream(request, ctx, response, None, keep_length=True)
+                    if response.code >= 400:
+                        raise await self._error(upstream, response)
+                    if not 200 <= response.code < 300:
+                        discard(response)
+                        raise BadUpstreamResponse(
+                            f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
+                    if is_event_stream(response):
+                        ctx.stream = True
+                        return await self._relay_stream(request, ctx, response, call.observer)
+                    try:
+                        body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
+                    except UpstreamUnreachable as e:
+                        # A whole answer that broke off: nothing went to the client yet.
+                        replica.failed(e.message)
+                        broken.append(replica)
+                        if upstream is pool and self._again(pool, model, call, broken, len(broken), False, e.message):
+                            continue
+                        raise
+                    return self._whole(request, ctx, upstream, response, call, body)
+                finally:
+                    if replica is not None:
+                        upstream.release(replica)
         finally:
-            if replica is not None:
-                upstream.release(replica)
             ctx.release()
 
     async def fetch(self, request_id: bytes, upstream, call: UpstreamCall):
@@ -153,7 +166,7 @@ class Exchange:
 
     # -- the steps ------------------------------------------------------------------
 
-    async def _send(self, request_id, pool, call):
+    async def _send(self, request_id, pool, call, exclude=()):
         """Choose a replica and send C{call}, failing over before the first byte.
 
         The replicas of C{pool} first, then the call's fallback routes (a
@@ -163,13 +176,14 @@ class Exchange:
         @return: C{(response, replica, pool, model)}: the L{IResponse} (any
             status), the L{gomodel.routing.pool.Replica} that gave it (whose
             lease the caller releases), its pool and the upstream model sent.
+        @param exclude: replicas of C{pool} not to use (they broke off an answer).
         """
         targets = [(pool, call.model)] + [(route.provider, route.upstream_model) for route in call.fallbacks]
         attempts = 0
         for number, (pool, model) in enumerate(targets):
             more = number + 1 < len(targets)
             body = call.body if number == 0 else call.rebody(model)
-            tried = []
+            tried = list(exclude) if number == 0 else []
             while True:
                 try:
                     replica = await pool.acquire(model, exclude=tried, pin=call.pin, affinity=call.affinity,

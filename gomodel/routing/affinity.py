@@ -22,7 +22,7 @@ def affinity_key(request, body: dict):
     for name in SESSION_HEADERS:
         values = headers.getRawHeaders(name)
         if values:
-            return b"s:" + values[0]
+            return "s:" + values[0].decode("latin-1")  # the same key as the body's fields
     for name in SESSION_FIELDS:
         value = body.get(name)
         if isinstance(value, str) and value:

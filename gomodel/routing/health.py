@@ -35,7 +35,7 @@ class _Watch:
     """What the monitor keeps per replica."""
 
     __slots__ = ("pool", "replica", "discovery", "in_discovery", "backoff", "healthy", "probed", "discovered_once",
-                 "loops", "tokens", "progress_at")
+                 "loops", "tokens", "progress_at", "pending")
 
     def __init__(self, pool, replica):
         self.pool = pool
@@ -49,6 +49,18 @@ class _Watch:
         self.loops = []
         self.tokens = None
         self.progress_at = None
+        self.pending = set()  # probes and scrapes under way, cancelled when the monitor stops
+
+
+def _pending(watch, d):
+    """Keep C{d} in C{watch.pending} until it fires."""
+    watch.pending.add(d)
+
+    def done(result):
+        watch.pending.discard(d)
+        return result
+
+    return d.addBoth(done)
 
 
 class ReplicaMonitor(Service):
@@ -97,6 +109,8 @@ class ReplicaMonitor(Service):
                 watch.discovery.cancel()
             if watch.in_discovery is not None:
                 watch.in_discovery.cancel()
+            for d in list(watch.pending):
+                d.cancel()  # their request timers would outlive the gateway
         for pool in self._registry.providers:
             pool.close()
 
@@ -173,7 +187,7 @@ class ReplicaMonitor(Service):
     def _probe(self, watch):
         d = watch.replica.server.health()
         d.addCallbacks(self._healthy, self._unhealthy, callbackArgs=(watch,), errbackArgs=(watch,))
-        return d
+        return _pending(watch, d)
 
     def _healthy(self, _, watch):
         replica = watch.replica
@@ -211,7 +225,7 @@ class ReplicaMonitor(Service):
             return None
         d = watch.replica.server.scrape()
         d.addCallbacks(self._scraped, self._scrape_failed, callbackArgs=(watch,), errbackArgs=(watch,))
-        return d
+        return _pending(watch, d)
 
     def _scraped(self, page, watch):
         if page is None:

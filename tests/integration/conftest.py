@@ -178,6 +178,9 @@ def gateway(vllm, tmp_path_factory):
         "VLLM_TEST_API_KEY": vllm.chat_key,
         "VLLM_EMBED_BASE_URL": vllm.embed_url,
         "VLLM_RERANK_BASE_URL": vllm.rerank_url,
+        # The two chat servers as two replicas of one provider (the keyless one ignores the key).
+        "VLLM_POOL_BASE_URL": f"{vllm.chat_url},{vllm.chat_key_url}",
+        "VLLM_POOL_API_KEY": vllm.chat_key,
         "GOMODEL_MASTER_KEY": master,
         "PYTHONUNBUFFERED": "1",
     })

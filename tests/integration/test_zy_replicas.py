@@ -1,0 +1,60 @@
+"""Two real vLLM servers as two replicas of one provider: both serve; one stopped mid-test costs nothing.
+
+Runs late (file name): it restarts the keyed chat server, which other tests use.
+"""
+
+import json
+import os
+import subprocess
+import threading
+
+from tests.integration.support import CHAT_MODEL, request, wait_for
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_server.sh")
+MODEL = f"vllm-pool/{CHAT_MODEL}"
+
+
+def chat(gateway):
+    answer = request("POST", gateway.url + "/chat/completions", headers=gateway.auth,
+                     body={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    return answer.status, answer.headers.get("x-gomodel-replica")
+
+
+def replicas(gateway):
+    status = request("GET", gateway.root + "/admin/api/v1/providers/status", headers=gateway.auth)
+    [pool] = [p for p in json.loads(status.body)["providers"] if p["name"] == "vllm-pool"]
+    return pool["replicas"]
+
+
+def test_two_replicas_serve_and_a_stopped_one_costs_no_request(gateway, vllm):
+    assert [r["state"] for r in replicas(gateway)] == ["ready", "ready"]
+    served = [chat(gateway) for _ in range(8)]
+    assert all(status == 200 for status, _ in served)
+    assert {replica for _, replica in served} == {"0", "1"}  # both replicas served
+
+    env = dict(os.environ, VLLM_RUN=os.path.dirname(vllm.env_file))
+    restart = subprocess.Popen(["bash", SCRIPT, "restart", "chat-key"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    outcomes = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            outcomes.append(chat(gateway))
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        wait_for(lambda: replicas(gateway)[1]["state"] != "ready", 60, what="the stopped replica to be taken out")
+        down_at = len(outcomes)
+        output, _ = restart.communicate(timeout=300)
+        assert restart.returncode == 0, output[-3000:]
+        wait_for(lambda: replicas(gateway)[1]["state"] == "ready", 30, what="the restarted replica to be ready")
+        back_at = len(outcomes)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert outcomes and all(status == 200 for status, _ in outcomes), [s for s, _ in outcomes if s != 200]
+    assert all(replica == "0" for _, replica in outcomes[down_at + 1:back_at])  # nothing for the stopped one
+    after = [chat(gateway) for _ in range(8)]
+    assert "1" in {replica for _, replica in after}  # it came back by itself
