@@ -44,7 +44,7 @@ class InferenceRoutes:
     async def _completions(self, request, ctx, path):
         """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
         body = json_body(request)
-        affinity = affinity_key(request, body)
+        affinity = affinity_key(request, body) if self._registry.balances(body.get("model")) else None
         upstream, fallbacks = self.route(ctx, body, affinity)
         self.prioritise(request, upstream, body)
         observer = None

@@ -130,6 +130,11 @@ class RequestContext:
         return self._completed
 
     @property
+    def recorded(self) -> bool:
+        """Whether a sink will read this record (if none does, usage need not be dug out)."""
+        return bool(self._sinks)
+
+    @property
     def tokens(self):
         """C{(input, output)} tokens from L{usage}, either naming; None where unknown."""
         usage = self.usage or {}

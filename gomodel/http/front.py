@@ -44,32 +44,41 @@ class FrontResource(Resource):
         ctx = request.context = RequestContext(
             request_id, request.method, request.path, self._clock, self._sinks, key=request.identity,
             dialect=self._dialects.get(request.path, render.OPENAI))
-        request.notifyFinish().addBoth(_ended, request, ctx)
-        if request.refusal is not None:
-            return render.render(request, request.refusal, ctx.dialect)
-        if request.too_large:
-            return render.render(request, errors.RequestTooLarge(
-                f"The request body is larger than the gateway's limit of {self._body_limit} bytes "
-                "(BODY_SIZE_LIMIT)."), ctx.dialect)
-        handler = self._exact.get(request.path)
-        if handler is None:
-            return self._routes.render(request)
-        ctx.endpoint = request.path.decode("ascii")
-        if request.method != b"POST":
+        refusal = self._refusal(request)
+        handler = self._exact.get(request.path) if refusal is None else None
+        if handler is None or request.method != b"POST":
+            request.notifyFinish().addBoth(_ended, request, ctx)
+            if refusal is not None:
+                return render.render(request, refusal, ctx.dialect)
+            if handler is None:
+                return self._routes.render(request)
             return render.render(request, errors.MethodNotAllowed(
                 f"Method {request.method.decode('ascii', 'replace')} is not allowed on "
-                f"{ctx.endpoint} (allowed: POST).", headers={"Allow": "POST"}), ctx.dialect)
+                f"{request.path.decode('ascii')} (allowed: POST).", headers={"Allow": "POST"}), ctx.dialect)
+        ctx.endpoint = request.path.decode("ascii")
         d = Deferred.fromCoroutine(handler(request, ctx))
         # A client that leaves cancels the handler, which closes the upstream connection.
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        request.notifyFinish().addBoth(_ended, request, ctx, d)
         d.addErrback(lambda failure: render.fail(request, failure))
         d.addCallback(write_answer, request)
         return NOT_DONE_YET
 
+    def _refusal(self, request):
+        """The error the site decided when the head came in (401, 413), or None."""
+        if request.refusal is not None:
+            return request.refusal
+        if request.too_large:
+            return errors.RequestTooLarge(f"The request body is larger than the gateway's limit of "
+                                          f"{self._body_limit} bytes (BODY_SIZE_LIMIT).")
+        return None
 
-def _ended(result, request, ctx):
-    # notifyFinish fails when the connection was lost before the response was finished.
+
+def _ended(result, request, ctx, handler=None):
+    # notifyFinish fails when the connection was lost before the response was finished:
+    # the handler still running is cancelled (which closes its upstream connection).
     ctx.ended(request.code, client_gone=result is not None)
+    if result is not None and handler is not None:
+        handler.cancel()
     return None
 
 

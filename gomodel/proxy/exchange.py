@@ -185,9 +185,13 @@ class Exchange:
             body = call.body if number == 0 else call.rebody(model)
             tried = list(exclude) if number == 0 else []
             while True:
+                prefer = call.prefer if number == 0 else None
+                replica = None if call.pin is not None else pool.take(model, exclude=tried, prefer=prefer,
+                                                                      affinity=call.affinity)
                 try:
-                    replica = await pool.acquire(model, exclude=tried, pin=call.pin, affinity=call.affinity,
-                                                 prefer=call.prefer if number == 0 else None)
+                    if replica is None:  # pinned, or nothing free now: wait, or learn why not
+                        replica = await pool.acquire(model, exclude=tried, pin=call.pin, affinity=call.affinity,
+                                                     prefer=prefer)
                 except (NoReadyReplica, ReplicasBusy):
                     if more:
                         break  # this target cannot take it now: the next one
@@ -277,8 +281,10 @@ class Exchange:
         return upstream_error(response.code, body, upstream.name, upstream.hidden)
 
     def _whole(self, request, ctx, upstream, response, call, body):
-        """A whole answer for the client: usage noted, transformed if asked, headers copied."""
-        ctx.usage = usage_of(body)
+        """A whole answer for the client: usage noted (where something records it), transformed
+        if asked, headers copied."""
+        if ctx.recorded:
+            ctx.usage = usage_of(body)
         copy_response_headers(response, request)
         if call.transform is not None:
             try:

@@ -196,28 +196,40 @@ class ReplicaPool:
 
     # -- choosing ----------------------------------------------------------------------
 
-    def acquire(self, model, *, exclude=(), pin=None, prefer=None, affinity=None) -> Deferred:
-        """A replica for a request for C{model}, counted in flight until L{release}.
+    def take(self, model, *, exclude=(), prefer=None, affinity=None):
+        """A ready replica with room for a request for C{model} now, counted in flight until
+        L{release}; or None (then L{acquire} waits, or says why not).
 
         @param exclude: replicas already tried for this request.
-        @param pin: a replica index that must serve it, whatever its state (diagnostics).
         @param prefer: a replica index to use while it is ready and has room.
         @param affinity: a session or prefix key, or None.
+        """
+        if len(self.replicas) == 1:  # one server: nothing to choose
+            replica = self.replicas[0]
+            if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
+                return self._lease(replica, None)
+            return None
+        free = [r for r in self._candidates(model, exclude) if r.has_room()]
+        if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
+            return self._lease(self.replicas[prefer], affinity)
+        replica = self._choose(free, affinity)
+        return None if replica is None else self._lease(replica, affinity)
+
+    def acquire(self, model, *, exclude=(), pin=None, prefer=None, affinity=None) -> Deferred:
+        """Like L{take}, waiting for room when every candidate is full.
+
+        @param pin: a replica index that must serve it, whatever its state (diagnostics).
         @return: a Deferred firing with the L{Replica}; failing with
             L{NoReadyReplica} when no ready replica serves C{model}, or with
             L{ReplicasBusy} when all were full for C{queue_timeout}.
         """
         if pin is not None:
             return self._pinned(pin)
-        candidates = self._candidates(model, exclude)
-        if not candidates:
-            return fail(NoReadyReplica(self.name, model or "(any)", RETRY_AFTER))
-        free = [r for r in candidates if r.has_room()]
-        if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
-            return self._lease(self.replicas[prefer], affinity)
-        replica = self._choose(free, affinity)
+        replica = self.take(model, exclude=exclude, prefer=prefer, affinity=affinity)
         if replica is not None:
-            return self._lease(replica, affinity)
+            return succeed(replica)
+        if not self._candidates(model, exclude):
+            return fail(NoReadyReplica(self.name, model or "(any)", RETRY_AFTER))
         return self._wait(model, exclude, affinity)
 
     def has_alternative(self, model, exclude) -> bool:
@@ -249,7 +261,7 @@ class ReplicaPool:
             self._affinity.move_to_end(affinity)
             if len(self._affinity) > AFFINITY_ENTRIES:
                 self._affinity.popitem(last=False)
-        return succeed(replica)
+        return replica
 
     def _choose(self, free, affinity):
         """The replica to use among C{free} (all ready, all with room), or None."""
@@ -319,7 +331,7 @@ class ReplicaPool:
                 return
             self._queue.popleft()
             self._drop(waiter)
-            self._lease(replica, waiter.affinity).addCallback(waiter.deferred.callback)
+            waiter.deferred.callback(self._lease(replica, waiter.affinity))
 
     def _changed(self, replica):
         self.log.info("provider {provider} replica {index}: {state}{why}", provider=self.name,
