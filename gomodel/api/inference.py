@@ -44,8 +44,9 @@ class InferenceRoutes:
     async def _completions(self, request, ctx, path):
         """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
         body = json_body(request)
-        affinity = affinity_key(request, body) if self._registry.balances(body.get("model")) else None
-        upstream, fallbacks = self.route(ctx, body, affinity)
+        upstream, fallbacks = self.route(ctx, body, lambda: affinity_key(request, body))
+        # The session or prompt prefix matters only where there is a replica to choose.
+        affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
         self.prioritise(request, upstream, body)
         observer = None
         if body.get("stream") is True:
@@ -87,10 +88,13 @@ class InferenceRoutes:
     async def responses(self, request, ctx):
         return await self._responses.create(request, ctx, json_body(request))
 
-    def route(self, ctx, body, affinity=None):
+    def route(self, ctx, body, affinity_of=None):
         """The upstream for C{body["model"]} (rewritten to the upstream's id, noted in C{ctx}),
-        and the routes to fall back on (a virtual model's other targets, failover candidates)."""
-        route, *fallbacks = plan_model(self._registry, body, affinity)
+        and the routes to fall back on (a virtual model's other targets, failover candidates).
+
+        @param affinity_of: a function giving the request's session key (for virtual models).
+        """
+        route, *fallbacks = plan_model(self._registry, body, affinity_of)
         ctx.route(route.provider, body["model"], route.upstream_model)
         body["model"] = route.upstream_model
         return route.provider, fallbacks
@@ -117,13 +121,13 @@ def _rebody(body):
     return lambda model: jsonutil.dumps(dict(body, model=model))
 
 
-def plan_model(registry, body, affinity=None):
+def plan_model(registry, body, affinity_of=None):
     """The routes to try for C{body["model"]}, first choice first (see L{gomodel.routing.registry.ModelRegistry.plan}).
 
     @raise InvalidRequest: no model named.
     @raise gomodel.errors.ModelNotFound: nobody serves it.
     """
-    return registry.plan(_model_of(body), affinity)
+    return registry.plan(_model_of(body), affinity_of)
 
 
 def resolve_model(registry, body):

@@ -42,7 +42,7 @@ class RequestContext:
     __slots__ = ("request_id", "method", "path", "started", "key", "dialect", "endpoint", "provider",
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
-                 "_ended", "_completed")
+                 "_ended", "_completed", "recorded")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, key=None, dialect=None):
         self.request_id = request_id
@@ -51,6 +51,7 @@ class RequestContext:
         self._clock = clock
         self.started = clock.seconds()
         self._sinks = sinks
+        self.recorded = bool(sinks)  # a sink reads this record (if none does, usage need not be dug out)
         self.key = key
         self.dialect = dialect
         self.endpoint = None
@@ -129,10 +130,7 @@ class RequestContext:
     def completed(self) -> bool:
         return self._completed
 
-    @property
-    def recorded(self) -> bool:
-        """Whether a sink will read this record (if none does, usage need not be dug out)."""
-        return bool(self._sinks)
+
 
     @property
     def tokens(self):

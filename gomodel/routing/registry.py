@@ -131,26 +131,18 @@ class ModelRegistry:
                 return entry
         return None
 
-    def balances(self, selector) -> bool:
-        """Whether requests for C{selector} have a choice to make (several replicas, or a virtual
-        model's targets), so that their session or prompt prefix is worth reading."""
-        if selector in self._virtual:
-            return True
-        try:
-            return len(self._real(selector).provider.replicas) > 1
-        except (ModelNotFound, InvalidRequest, TypeError, AttributeError):
-            return False
-
-    def plan(self, selector: str, affinity=None) -> list:
+    def plan(self, selector: str, affinity_of=None) -> list:
         """The routes to try for C{selector}, in order: its target (a virtual model's, chosen
         now), the virtual model's other targets, then its failover candidates.
+
+        @param affinity_of: a function giving the request's session key, or None.
 
         @raise ModelNotFound: nobody serves it.
         @raise InvalidRequest: several providers serve the bare id.
         """
         virtual = self._virtual.get(selector)
         if virtual is not None:
-            routes = virtual.order(self._real, _live, affinity)
+            routes = virtual.order(self._real, _live, affinity_of)
         else:
             routes = [self._real(selector)]
         for candidate in self._failover.get(selector, ()):

@@ -25,12 +25,14 @@ class VirtualModel:
         self._current = [0.0] * len(self.targets)
         self._sessions = OrderedDict()
 
-    def order(self, resolve, live, affinity):
+    def order(self, resolve, live, affinity_of=None):
         """The resolved targets in the order to try them.
 
         @param resolve: selector -> L{gomodel.routing.registry.Route} (raises L{ModelNotFound}).
         @param live: a function of a route: whether it has a ready replica now.
+        @param affinity_of: a function giving the request's session key, or None.
         """
+        affinity = affinity_of() if affinity_of is not None and self.session_affinity else None
         routes = []
         for i, (selector, weight) in enumerate(self.targets):
             try:
@@ -41,12 +43,12 @@ class VirtualModel:
             raise ModelNotFound(self.source)
         available = [r for r in routes if live(r[1])] or routes
         first = None
-        if affinity is not None and self.session_affinity:
+        if affinity is not None:
             pinned = self._sessions.get(affinity)
             first = next((r for r in available if r[0] == pinned), None)
         if first is None:
             first = self._next(available)
-        if affinity is not None and self.session_affinity:
+        if affinity is not None:
             self._sessions[affinity] = first[0]
             self._sessions.move_to_end(affinity)
             if len(self._sessions) > SESSIONS:
