@@ -1,11 +1,12 @@
 """The Responses API: create (native, or translated over chat completions) and its lifecycle.
 
 Every response created with C{store} not false is kept by the gateway with
-its input, the provider instance that made it and its output, so it can be
-read, listed, deleted and cancelled later, and so that a follow-up with
-C{previous_response_id} goes back to that instance, or, when the instance
-no longer knows the response (vLLM restarted; its store is off), carries the
-stored conversation as explicit input instead.
+its input, the provider instance and replica that made it and its output, so
+it can be read, listed, deleted and cancelled later, and so that a follow-up
+with C{previous_response_id} goes back to that replica (vLLM keeps responses
+in its process's memory), or, when it no longer knows the response (vLLM
+restarted; its store is off), carries the stored conversation as explicit
+input instead.
 """
 
 from twisted.logger import Logger
