@@ -37,10 +37,7 @@ class VirtualModel:
 
 def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
     """The enabled L{VirtualModel}s from C{VIRTUAL_MODELS} (JSON), else YAML C{virtual_models:}."""
-    if "VIRTUAL_MODELS" in env:
-        where, value = "VIRTUAL_MODELS", _json(env["VIRTUAL_MODELS"], "VIRTUAL_MODELS")
-    else:
-        where, value = f"{yaml_path}: virtual_models", yaml_value
+    where, value = _source(env, "VIRTUAL_MODELS", yaml_value, f"{yaml_path}: virtual_models")
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -91,10 +88,7 @@ def _targets(item, at) -> tuple:
 
 def load_failover_rules(yaml_value, yaml_path, env) -> dict:
     """Model -> ordered candidate selectors, from C{FAILOVER_RULES_JSON}, else YAML C{failover_rules:}."""
-    if "FAILOVER_RULES_JSON" in env:
-        where, value = "FAILOVER_RULES_JSON", _json(env["FAILOVER_RULES_JSON"], "FAILOVER_RULES_JSON")
-    else:
-        where, value = f"{yaml_path}: failover_rules", yaml_value
+    where, value = _source(env, "FAILOVER_RULES_JSON", yaml_value, f"{yaml_path}: failover_rules")
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -107,8 +101,11 @@ def load_failover_rules(yaml_value, yaml_path, env) -> dict:
     return rules
 
 
-def _json(text, var):
+def _source(env, var, yaml_value, yaml_where):
+    """C{(where, value)}: the variable's JSON when it is set (it wins), else the YAML value."""
+    if var not in env:
+        return yaml_where, yaml_value
     try:
-        return json.loads(text)
+        return var, json.loads(env[var])
     except ValueError as e:
         raise ConfigError(f"{var}: not valid JSON: {e}") from None

@@ -40,18 +40,18 @@ class VLLMProvider(OpenAICompatibleProvider):
         return Deferred.fromCoroutine(self._health())
 
     async def _health(self):
-        response, body = await self._get(self.root_url + "/health", HEALTH_BODY_LIMIT, "answer /health",
-                                         timeout=HEALTH_TIMEOUT)
-        if response.code >= 400:
-            raise upstream_error(response.code, body, self.name, self.hidden)
+        await self._root_get("/health", HEALTH_BODY_LIMIT)
 
     def scrape(self) -> Deferred:
         """vLLM's C{GET /metrics} page (bytes; read in full, parsed by the caller)."""
         return Deferred.fromCoroutine(self._scrape())
 
     async def _scrape(self):
-        response, body = await self._get(self.root_url + "/metrics", METRICS_LIMIT, "answer /metrics",
-                                         timeout=HEALTH_TIMEOUT)
+        return await self._root_get("/metrics", METRICS_LIMIT)
+
+    async def _root_get(self, path, limit):
+        """The body of C{GET path} at the server root; an error status raises its L{UpstreamError}."""
+        response, body = await self._get(self.root_url + path, limit, f"answer {path}", timeout=HEALTH_TIMEOUT)
         if response.code >= 400:
             raise upstream_error(response.code, body, self.name, self.hidden)
         return body

@@ -17,13 +17,12 @@ import uuid
 from collections import deque
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gomodel.errors import StorageUnavailable
 from gomodel.store.interfaces import IBlobStore, IBlobWriter
+from gomodel.store.threads import OwnedThreads
 
 SKIP_CHUNK = 1024 * 1024
 
@@ -41,26 +40,19 @@ class LocalBlobStore:
         """
         self.root = os.path.abspath(root)
         self.spool_dir = os.path.join(self.root, ".spool")
-        self._reactor = reactor
-        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="gomodel-blobs")
-        self._trigger = None
+        self._threads = OwnedThreads(reactor, "gomodel-blobs", threads)
 
     def start(self):
-        self._pool.start()
-        self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop, True)
+        self._threads.start()
 
     def stop(self, shutting_down=False):
-        trigger, self._trigger = self._trigger, None
-        if trigger is not None:
-            if not shutting_down:
-                self._reactor.removeSystemEventTrigger(trigger)
-            self._pool.stop()
+        self._threads.stop(shutting_down)
 
     def run(self, f, *args):
         """Run C{f(*args)} in the blob threads; an C{OSError} becomes L{StorageUnavailable}."""
-        if self._pool.joined or not self._pool.started:
+        if not self._threads.running:
             return fail(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
-        return deferToThreadPool(self._reactor, self._pool, _disk, f, *args)
+        return self._threads.run(_disk, f, *args)
 
     def path(self, blob_id):
         if not blob_id or "/" in blob_id or os.sep in blob_id or blob_id.startswith("."):

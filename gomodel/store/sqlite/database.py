@@ -13,13 +13,12 @@ import sqlite3
 from contextlib import contextmanager
 
 from twisted.internet.defer import fail
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from gomodel.errors import StorageUnavailable
 from gomodel.store.sqlite.migrations import migrate
+from gomodel.store.threads import OwnedThreads
 
 
 class Database:
@@ -36,24 +35,18 @@ class Database:
         self.path = path
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="gomodel-store")
+        self._threads = OwnedThreads(reactor, "gomodel-store", 1, minthreads=1)
+        self._pool = self._threads.pool
         self._conn = None
         self._broken = None
-        self._trigger = None
 
     def start(self):
         """Start the thread (the caller then runs L{open} in it)."""
-        self._pool.start()
-        # A safety net: the store's thread must never keep a stopping process alive.
-        self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop, True)
+        self._threads.start()
 
     def stop(self, shutting_down=False):
         """Join the thread (immediate once it is idle)."""
-        trigger, self._trigger = self._trigger, None
-        if trigger is not None:
-            if not shutting_down:
-                self._reactor.removeSystemEventTrigger(trigger)
-            self._pool.stop()
+        self._threads.stop(shutting_down)
 
     def now(self) -> float:
         """The injected clock's time, read on the reactor thread."""
@@ -67,7 +60,7 @@ class Database:
         """
         if self._pool.joined:  # stopped: a late caller gets an answer, not an exception
             return fail(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
+        return self._threads.run(f, *args)
 
     def call(self, f, *args, what="a background write"):
         """Run C{f(*args)} in the store thread without a Deferred; a failure is logged.
