@@ -27,6 +27,9 @@ setup(
         # (PushMultipartParser), so a 512 MB file goes to disk in small chunks;
         # the standard library's email/cgi parsers need the whole body in memory.
         "multipart>=1.2",
+        # The Prometheus text exposition and its metric types (GoModel's series and ours):
+        # the format's own reference library rather than a hand-written exposition.
+        "prometheus_client>=0.20,<1",
     ],
     extras_require={
         "test": [

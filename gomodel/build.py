@@ -8,6 +8,7 @@ its listeners. No other module constructs a collaborator of another room.
 
 from twisted.internet.endpoints import serverFromString
 
+from gomodel.accounting.metrics import GatewayMetrics
 from gomodel.api.admin import AdminAPI
 from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
@@ -84,10 +85,21 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
                      admin=AdminAPI(gateway.registry, gateway.monitor, reactor))
-    sinks = (AccessLog(),) if config.metrics.access_log else ()
+    # What every request feeds when it ends.
+    sinks, starts, pages, open_paths = [], [], {}, []
+    if config.metrics.access_log:
+        sinks.append(AccessLog())
+    if config.metrics.enabled:
+        gateway.metrics = GatewayMetrics(pools)
+        sinks.append(gateway.metrics)
+        starts.append(gateway.metrics.started)
+        pages[config.metrics.endpoint.encode("ascii")] = gateway.metrics.page
+        if not config.metrics.require_key:
+            open_paths.append(config.metrics.endpoint)
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
-                          exact=inference.routes())
-    gateway.site = GatewaySite(front, config.limits.body_size_limit, authenticate=MasterKeyAuth(config.auth.master_key),
+                          starts=starts, exact=inference.routes(), pages=pages)
+    gateway.site = GatewaySite(front, config.limits.body_size_limit,
+                               authenticate=MasterKeyAuth(config.auth.master_key, open_paths),
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
 

@@ -19,7 +19,7 @@ class GatewayService(MultiService):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.registry = self.monitor = self.store = self.batch_runner = self.site = None
+        self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
         self.listeners = []
 
     def startService(self):

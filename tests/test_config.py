@@ -208,6 +208,7 @@ SAMPLES = {
     parsers.routing_strategy: ("round_robin", "round_robin"),
     parsers.limit: ("7", 7),
     parsers.ratio: ("2.5", 2.5),
+    parsers.route_path: ("/stats", "/stats"),
     parsers.models_mode: ("allowlist", "allowlist"),
     parsers.boolean: ("false", False),
     parsers.names: ("a,/b/", ("a", "b")),
@@ -235,7 +236,8 @@ def test_the_table_has_every_setting_once():
         "BATCH_CONCURRENCY_PER_PROVIDER", "BATCH_MAX_ATTEMPTS", "GOMODEL_ACCESS_LOG",
         "ROUTING_STRATEGY", "REPLICA_HEALTH_INTERVAL", "REPLICA_METRICS_INTERVAL", "REPLICA_FAILURE_THRESHOLD",
         "REPLICA_STALL_TIMEOUT", "REPLICA_MAX_CONCURRENCY", "ROUTING_QUEUE_TIMEOUT", "ROUTING_MAX_ATTEMPTS",
-        "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK",
+        "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK", "METRICS_ENABLED", "METRICS_ENDPOINT",
+        "METRICS_REQUIRE_KEY",
     }
 
 

@@ -17,8 +17,13 @@ class MasterKeyAuth:
     L{gomodel.http.site.GatewayRequest}).
     """
 
-    def __init__(self, master_key):
+    def __init__(self, master_key, open_paths=()):
+        """
+        @param open_paths: paths besides L{OPEN_PATHS} that need no key (e.g. C{/metrics}
+            when C{METRICS_REQUIRE_KEY=false}).
+        """
         self._master_key = master_key.encode("utf-8") if master_key else None
+        self._open = OPEN_PATHS | frozenset(p.encode("ascii") for p in open_paths)
 
     def __call__(self, request, path: bytes):
         """The identity of C{request}'s sender: L{MASTER}, or None on an open gateway.
@@ -27,7 +32,7 @@ class MasterKeyAuth:
         """
         if self._master_key is None:
             return None
-        if path in OPEN_PATHS:
+        if path in self._open:
             return None
         token = presented_key(request)
         if not hmac.compare_digest(token, self._master_key):

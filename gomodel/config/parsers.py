@@ -136,6 +136,14 @@ def ratio(value) -> float:
     return number
 
 
+def route_path(value) -> str:
+    """A path the gateway serves, e.g. C{/metrics}."""
+    path = str(value).strip()
+    if not path.startswith("/") or any(c in path for c in "?# ") or path.startswith(("/v1/", "/p/", "/admin/")):
+        raise ValueError("must be a path such as /metrics (not under /v1/, /p/ or /admin/)")
+    return path.rstrip("/") or "/"
+
+
 def boolean(value) -> bool:
     """C{True} from 1/true/yes/on, C{False} from 0/false/no/off (any case), or a YAML boolean."""
     if isinstance(value, bool):

@@ -194,6 +194,9 @@ class MetricsConfig:
     """What the gateway records about its traffic."""
 
     access_log: bool = setting("GOMODEL_ACCESS_LOG", parsers.boolean, True)
+    enabled: bool = setting("METRICS_ENABLED", parsers.boolean, True, yaml="metrics_enabled")
+    endpoint: str = setting("METRICS_ENDPOINT", parsers.route_path, "/metrics", yaml="metrics_endpoint")
+    require_key: bool = setting("METRICS_REQUIRE_KEY", parsers.boolean, True, yaml="metrics_require_key")
 
 
 @dataclass(frozen=True)

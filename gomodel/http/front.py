@@ -22,10 +22,13 @@ from gomodel.http.site import request_id_for
 class FrontResource(Resource):
     isLeaf = True
 
-    def __init__(self, routes, clock, *, body_limit=None, sinks=(), exact=None, dialects=None):
+    def __init__(self, routes, clock, *, body_limit=None, sinks=(), starts=(), exact=None, pages=None,
+                 dialects=None):
         """
         @param routes: the resource serving every other route (Klein's).
-        @param sinks: callables of a completed L{RequestContext} (the access log, ...).
+        @param sinks: callables of a completed L{RequestContext} (the access log, metrics, ...).
+        @param starts: callables of a new L{RequestContext} (metrics' requests in flight).
+        @param pages: exact path -> function of a GET request returning its body (C{/metrics}).
         @param exact: exact path -> coroutine function C{(request, ctx)}, for POSTs;
             it returns the body to write, or None once it wrote the answer.
         @param dialects: exact path -> error dialect (OpenAI's unless named).
@@ -34,7 +37,9 @@ class FrontResource(Resource):
         self._routes = routes
         self._clock = clock
         self._sinks = tuple(sinks)
+        self._starts = tuple(starts)
         self._exact = exact or {}
+        self._pages = pages or {}
         self._dialects = dialects or {}
         self._body_limit = body_limit
 
@@ -44,12 +49,18 @@ class FrontResource(Resource):
         ctx = request.context = RequestContext(
             request_id, request.method, request.path, self._clock, self._sinks, key=request.identity,
             dialect=self._dialects.get(request.path, render.OPENAI))
+        for start in self._starts:
+            start(ctx)
         refusal = self._refusal(request)
         handler = self._exact.get(request.path) if refusal is None else None
         if handler is None or request.method != b"POST":
             request.notifyFinish().addBoth(_ended, request, ctx)
             if refusal is not None:
                 return render.render(request, refusal, ctx.dialect)
+            page = self._pages.get(request.path)
+            if page is not None and request.method in (b"GET", b"HEAD"):
+                ctx.endpoint = request.path.decode("ascii")
+                return page(request)
             if handler is None:
                 return self._routes.render(request)
             return render.render(request, errors.MethodNotAllowed(

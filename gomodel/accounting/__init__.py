@@ -1,0 +1,1 @@
+"""What the gateway counts: Prometheus metrics (and the usage ledger next)."""

@@ -1,0 +1,127 @@
+"""Prometheus metrics, fed by every completed request's context and read from the replica pools.
+
+GoModel's three series with its names and labels (C{gomodel_requests_total},
+C{gomodel_request_duration_seconds}, C{gomodel_requests_in_flight}), and
+what it lacks: time to first token, tokens by type, upstream errors, client
+disconnects, and each replica's state, in-flight count and last reported
+vLLM load. Labels stay bounded: provider type and name, the model as routed
+(C{provider/upstream-model}, never what a client typed), the gateway route.
+"""
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
+
+# Seconds: from a millisecond relay to a ten-minute generation.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_REQUEST = ("provider", "provider_name", "model", "endpoint")
+_UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_upstream_response",
+                              "stream_incomplete", "no_ready_replica", "replicas_busy"))
+
+
+class GatewayMetrics:
+    """The gateway's series in one registry; a request-context sink (call it with a completed context)."""
+
+    def __init__(self, pools=(), registry=None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._requests = Counter("gomodel_requests_total", "Requests answered, by provider, model, route, status.",
+                                 _REQUEST + ("status_code", "stream"), registry=r)
+        self._duration = Histogram("gomodel_request_duration_seconds", "Time from a request's head to its end.",
+                                   _REQUEST, buckets=DURATION_BUCKETS, registry=r)
+        self._in_flight = Gauge("gomodel_requests_in_flight", "Requests being served now.", registry=r)
+        self._ttft = Histogram("gomodel_time_to_first_token_seconds",
+                               "Time from a streamed request's head to its first byte to the client.",
+                               ("provider", "provider_name", "model"), buckets=TTFT_BUCKETS, registry=r)
+        self._tokens = Counter("gomodel_tokens_total", "Tokens, by type: input, output, cached, reasoning.",
+                               ("provider", "provider_name", "model", "type"), registry=r)
+        self._errors = Counter("gomodel_upstream_errors_total", "Requests an upstream failed, by error code.",
+                               ("provider", "provider_name", "model", "code"), registry=r)
+        self._gone = Counter("gomodel_client_disconnects_total", "Requests whose client left before the end.",
+                             _REQUEST, registry=r)
+        if pools:
+            r.register(ReplicaCollector(pools))
+
+    def page(self, request) -> bytes:
+        """The text exposition of every series (the C{METRICS_ENDPOINT} route)."""
+        body = generate_latest(self.registry)
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
+
+    def started(self, ctx):
+        """A request's head is in."""
+        self._in_flight.inc()
+
+    def __call__(self, ctx):
+        """A request is over (see L{gomodel.http.context.RequestContext.complete})."""
+        self._in_flight.dec()
+        model = f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else "-"
+        provider, name = ctx.provider_type or "-", ctx.provider or "-"
+        endpoint = ctx.endpoint or "other"
+        self._requests.labels(provider, name, model, endpoint, str(ctx.status),
+                              "true" if ctx.stream else "false").inc()
+        self._duration.labels(provider, name, model, endpoint).observe(ctx.duration)
+        if ctx.stream and ctx.first_byte is not None:
+            self._ttft.labels(provider, name, model).observe(ctx.first_byte)
+        if ctx.outcome == CLIENT_GONE:
+            self._gone.labels(provider, name, model, endpoint).inc()
+        if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS or ctx.outcome == STREAM_BROKEN
+                                         or (ctx.status >= 500 and ctx.error is None)):
+            self._errors.labels(provider, name, model, ctx.error or f"http_{ctx.status}").inc()
+        if ctx.usage:
+            for kind, count in tokens_by_type(ctx.usage):
+                if count:
+                    self._tokens.labels(provider, name, model, kind).inc(count)
+
+
+def tokens_by_type(usage: dict):
+    """C{(type, count)} pairs of a usage object, in chat's or the Responses API's naming."""
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    details_in = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    details_out = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+    return (("input", _count(prompt)), ("output", _count(completion)),
+            ("cached", _count(details_in.get("cached_tokens") if isinstance(details_in, dict) else None)),
+            ("reasoning", _count(details_out.get("reasoning_tokens") if isinstance(details_out, dict) else None)))
+
+
+def _count(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class ReplicaCollector:
+    """Each replica's state, requests in flight and last reported vLLM load, read at scrape time."""
+
+    def __init__(self, pools):
+        self._pools = pools
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        labels = ("provider", "provider_name", "replica")
+        up = GaugeMetricFamily("gomodel_replica_up", "1 while the replica is ready, else 0.", labels=labels)
+        state = GaugeMetricFamily("gomodel_replica_state", "1 for the replica's state.", labels=labels + ("state",))
+        in_flight = GaugeMetricFamily("gomodel_replica_in_flight", "The gateway's requests in flight there.",
+                                      labels=labels)
+        waiting = GaugeMetricFamily("gomodel_replica_waiting", "vLLM's last reported queue.", labels=labels)
+        running = GaugeMetricFamily("gomodel_replica_running", "vLLM's last reported running requests.",
+                                    labels=labels)
+        kv = GaugeMetricFamily("gomodel_replica_kv_cache_usage", "vLLM's last reported KV-cache use (0-1).",
+                               labels=labels)
+        for pool in self._pools:
+            for replica in pool.replicas:
+                values = (pool.type, pool.name, str(replica.index))
+                up.add_metric(values, 1.0 if replica.ready else 0.0)
+                state.add_metric(values + (replica.state,), 1.0)
+                in_flight.add_metric(values, replica.in_flight)
+                load = replica.load
+                if load is not None:
+                    for family, value in ((waiting, load.waiting), (running, load.running),
+                                          (kv, load.kv_cache_usage)):
+                        if value is not None:
+                            family.add_metric(values, value)
+        return [up, state, in_flight, waiting, running, kv]

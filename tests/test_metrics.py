@@ -1,0 +1,106 @@
+"""Prometheus metrics after known traffic, read through the exposition's own parser."""
+
+import json
+
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.rawclient import chat_request, connect
+from tests.support import start_gateway, with_timeout
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+KEY = {"Authorization": "Bearer k1"}
+
+
+def samples(text):
+    """{(name, frozenset(labels)): value} of an exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(found, name, **labels):
+    """The sum of C{name}'s samples whose labels include C{labels}."""
+    return sum(v for (n, ls), v in found.items() if n == name and set(labels.items()) <= ls)
+
+
+async def scrape(http, gw, headers=KEY):
+    response = await http.get(gw.url + "/metrics", headers=headers)
+    assert response.code == 200, response.code
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=")
+    return samples((await response.content()).decode())
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_requests_tokens_ttft_errors_and_replicas(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(2):
+            response = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(chat).encode())
+            answer = json.loads(await response.content())
+        streamed = await http.post(gw.url + "/v1/chat/completions", headers=KEY,
+                                   data=json.dumps(dict(chat, stream=True)).encode())
+        await streamed.content()
+        missing = await http.post(gw.url + "/v1/chat/completions", headers=KEY,
+                                  data=json.dumps(dict(chat, model="vllm/nope")).encode())
+        await missing.content()
+        found = await scrape(http, gw)
+        labels = {"provider": "vllm", "provider_name": "vllm", "model": MODEL, "endpoint": "/v1/chat/completions"}
+        assert value(found, "gomodel_requests_total", status_code="200", stream="false", **labels) == 2
+        assert value(found, "gomodel_requests_total", status_code="200", stream="true", **labels) == 1
+        assert value(found, "gomodel_requests_total", status_code="404", model="-") == 1
+        assert value(found, "gomodel_request_duration_seconds_count", **labels) == 3
+        usage = answer["usage"]
+        assert value(found, "gomodel_tokens_total", type="input", model=MODEL) == 3 * usage["prompt_tokens"]
+        assert value(found, "gomodel_tokens_total", type="output", model=MODEL) == 3 * usage["completion_tokens"]
+        assert value(found, "gomodel_time_to_first_token_seconds_count", model=MODEL) == 1
+        assert value(found, "gomodel_requests_in_flight") == 1  # the scrape itself
+        assert value(found, "gomodel_replica_up", provider_name="vllm", replica="0") == 1
+        assert value(found, "gomodel_replica_state", state="ready") == 1
+        assert value(found, "gomodel_replica_in_flight", replica="0") == 0
+
+        fake_broken = dict(chat, stream=True, fake_no_done=True)
+        broken = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(fake_broken).encode())
+        try:
+            await broken.content()
+        except Exception:
+            pass  # the body is cut, as it must be
+        client = await connect(reactor, gw.port, chat_request(
+            dict(chat, stream=True, fake_chunks=50, fake_pace=0.05), headers=KEY))
+        await with_timeout(reactor, client.wait_for(b"data:"), 10)
+        client.transport.abortConnection()
+        await client.lost
+        for _ in range(50):  # the record completes once the upstream side is closed too
+            found = await scrape(http, gw)
+            if value(found, "gomodel_client_disconnects_total", model=MODEL) == 1:
+                break
+        assert value(found, "gomodel_client_disconnects_total", model=MODEL) == 1
+        assert value(found, "gomodel_upstream_errors_total", code="stream_incomplete", model=MODEL) == 1
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_need_the_key_unless_told_otherwise_and_can_be_off(reactor, http, fake):
+    base = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"}
+    gw = await start_gateway(reactor, base)
+    try:
+        assert (await http.get(gw.url + "/metrics")).code == 401
+    finally:
+        await gw.service.stopService()
+    gw = await start_gateway(reactor, dict(base, METRICS_REQUIRE_KEY="false", METRICS_ENDPOINT="/stats"))
+    try:
+        page = await http.get(gw.url + "/stats")  # no key
+        assert page.code == 200
+        assert value(samples((await page.content()).decode()), "gomodel_requests_in_flight") == 1
+        assert (await http.get(gw.url + "/v1/models")).code == 401  # only the metrics path is open
+    finally:
+        await gw.service.stopService()
+    gw = await start_gateway(reactor, dict(base, METRICS_ENABLED="false"))
+    try:
+        assert (await http.get(gw.url + "/metrics", headers=KEY)).code == 404
+    finally:
+        await gw.service.stopService()
