@@ -22,6 +22,7 @@ from gomodel.batches.service import BatchServices
 from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
 from gomodel.http.site import GatewaySite
+from gomodel.lifecycle import Drain, Readiness
 from gomodel.proxy.exchange import Exchange
 from gomodel.responses_history import ResponseRetention
 from gomodel.routing.health import ReplicaMonitor
@@ -34,7 +35,7 @@ from gomodel.store.records import process_owner
 from gomodel.store.sweeps import StoreSweeper
 from gomodel.upstream import build_server
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
-from gomodel.workers import ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
+from gomodel.workers import STOP_GRACE, ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 
 
 def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None) -> GatewayService:
@@ -85,8 +86,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
                      admin=AdminAPI(gateway.registry, gateway.monitor, reactor))
-    # What every request feeds when it ends.
-    sinks, starts, pages, open_paths = [], [], {}, []
+    # What every request feeds when it ends (the drain last: the other sinks have their
+    # record before a drain can end).
+    gateway.drain = Drain(reactor, gateway.listeners, config.server.shutdown_timeout)
+    sinks, starts, pages, open_paths = [], [gateway.drain.started], {}, []
     if config.metrics.access_log:
         sinks.append(AccessLog())
     if config.metrics.enabled:
@@ -96,12 +99,15 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         pages[config.metrics.endpoint.encode("ascii")] = gateway.metrics.page
         if not config.metrics.require_key:
             open_paths.append(config.metrics.endpoint)
+    sinks.append(gateway.drain)
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact=inference.routes(), pages=pages)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=MasterKeyAuth(config.auth.master_key, open_paths),
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
+    gateway.drain.site = gateway.site
+    app.readiness = Readiness(gateway.drain, gateway.registry, store)
 
     # Listeners, and the processes that share them.
     for description in config.server.listen:
@@ -113,8 +119,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         listener.setServiceParent(gateway)
         gateway.listeners.append(listener)
     if role == "primary" and config.server.workers > 1:
-        WorkerSupervisor(reactor, config.server.workers, gateway.listeners, worker_argv,
-                         worker_env).setServiceParent(gateway)
+        gateway.supervisor = WorkerSupervisor(reactor, config.server.workers, gateway.listeners, worker_argv,
+                                              worker_env, grace=config.server.shutdown_timeout + STOP_GRACE)
+        gateway.supervisor.setServiceParent(gateway)
     elif role == "worker":
         ParentWatch(reactor).setServiceParent(gateway)
     return gateway

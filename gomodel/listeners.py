@@ -118,6 +118,16 @@ class ListenerService(Service):
         # consumed here: raised by privilegedStartService, or (an endpoint that
         # fails later) logged above and given to whenListening's callers
 
+    def stopListening(self):
+        """Close the port (new connections are refused); connections already open go on.
+
+        @return: a Deferred firing once the port is closed, or None.
+        """
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        return None
+
     def stopService(self):
         """Stop listening (or stop waiting for the endpoint); fires when the port is closed."""
         super().stopService()

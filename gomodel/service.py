@@ -1,6 +1,7 @@
 """The running gateway as one tree of Twisted services (built by L{gomodel.build.build_gateway})."""
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 
@@ -20,6 +21,7 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
+        self.drain = self.supervisor = None
         self.listeners = []
 
     def startService(self):
@@ -36,3 +38,15 @@ class GatewayService(MultiService):
         if not self.config.auth.master_key:
             self.log.warn("GOMODEL_MASTER_KEY is not set: the gateway is open to anyone who can reach it.")
         super().startService()
+
+    def stopService(self):
+        """Drain (see L{gomodel.lifecycle}), workers at the same time, then stop every service.
+
+        @return: a Deferred firing once all is stopped.
+        """
+        draining = [self.drain.drain()] if self.drain is not None else []
+        if self.supervisor is not None:
+            draining.append(maybeDeferred(self.supervisor.stopService))  # workers drain themselves meanwhile
+        d = DeferredList(draining)
+        d.addCallback(lambda _: MultiService.stopService(self))
+        return d

@@ -85,15 +85,17 @@ class WorkerSupervisor(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, count: int, listeners, argv, env):
+    def __init__(self, reactor, count: int, listeners, argv, env, grace=STOP_GRACE):
         """
         @param listeners: the primary's L{gomodel.listeners.ListenerService}s, with
             their descriptions, to learn the ports (port 0 becomes the real one).
         @param argv: the worker command line, without its C{--listen} options.
         @param env: the workers' environment (twistd's own, handed down from
             L{gomodel.tap}: only the process edge reads C{os.environ}).
+        @param grace: seconds a stopping worker gets (its drain) before it is killed.
         """
         self._reactor = reactor
+        self._grace = grace
         self._count = count
         self._listeners = listeners
         self._argv = argv
@@ -145,7 +147,7 @@ class WorkerSupervisor(Service):
         for worker in list(self._workers.values()):
             exits.append(worker.exited)
             _signal(worker, signal.SIGTERM)
-            kill = self._reactor.callLater(STOP_GRACE, _signal, worker, signal.SIGKILL)
+            kill = self._reactor.callLater(self._grace, _signal, worker, signal.SIGKILL)
             worker.exited.addBoth(lambda _, call=kill: call.cancel() if call.active() else None)
         return DeferredList(exits)
 

@@ -79,3 +79,18 @@ def test_send_now_relies_on_the_tcp_transport_attributes():
     _twistedcompat.send_now(transport)
     _twistedcompat.send_now(object())  # no doWrite (TLS): left alone
     assert transport.writes == 1
+
+
+def test_the_reactor_notes_the_signal_that_stopped_it_where_twistd_reads_it():
+    from twisted.application import app
+    from twisted.internet import base
+
+    assert "_exitSignal" in vars(base.ReactorBase)
+    assert "reactor._exitSignal" in inspect.getsource(app.ApplicationRunner.startReactor)
+
+    class Reactor:
+        _exitSignal = 15
+
+    reactor = Reactor()
+    _twistedcompat.exit_cleanly(reactor)
+    assert reactor._exitSignal is None

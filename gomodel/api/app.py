@@ -45,6 +45,17 @@ class GatewayApp:
     def health(self, request):
         return json_answer(request, _HEALTH)
 
+    readiness = None  # a gomodel.lifecycle.Readiness, set by the composition root
+
+    @app.route("/health/ready", methods=["GET", "HEAD"])
+    def ready(self, request):
+        """200 when the gateway should get traffic; 503 with the reasons while it should not."""
+        reasons = self.readiness.reasons() if self.readiness is not None else []
+        if reasons:
+            request.setResponseCode(503)
+            return json_answer(request, {"status": "not_ready", "reasons": reasons})
+        return json_answer(request, {"status": "ready"})
+
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request):
         return json_answer(request, self._registry.models_body())

@@ -4,8 +4,8 @@ import hmac
 
 from gomodel.errors import AuthenticationFailed
 
-# Paths that need no key: liveness checks.
-OPEN_PATHS = frozenset((b"/health",))
+# Paths that need no key: liveness and readiness checks.
+OPEN_PATHS = frozenset((b"/health", b"/health/ready"))
 
 MASTER = "master"
 

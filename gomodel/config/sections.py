@@ -146,6 +146,8 @@ class ServerConfig:
     # PORT (or server.port) gives ("tcp:PORT",); --listen replaces it.
     listen: tuple = setting("PORT", parsers.listen_port, ("tcp:8080",), yaml="port")
     workers: int = setting("GOMODEL_WORKERS", parsers.count, 1)  # processes sharing the listening port(s)
+    # On SIGTERM/SIGINT, how long requests and streams in flight may go on before they are cut.
+    shutdown_timeout: float = setting("SHUTDOWN_TIMEOUT", parsers.duration, 30.0)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,14 @@ class GatewayChannel(http.HTTPChannel):
     _peer = None
     _host = None
 
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason):
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
     def getPeer(self):
         if self._peer is None:
             self._peer = super().getPeer()
@@ -173,6 +181,13 @@ class GatewaySite(server.Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(root, requestFactory=request_class, **kwargs)
         self._date = (None, b"")
+        self.channels = set()  # the open client connections (GatewayChannel keeps it)
+
+    def abort_connections(self):
+        """Close every client connection at once (the end of a drain)."""
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.abortConnection()
 
     def http_date(self) -> bytes:
         """The Date header's value for now, formatted once per second."""

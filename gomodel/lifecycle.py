@@ -1,0 +1,99 @@
+"""Readiness and the graceful stop.
+
+On SIGTERM or SIGINT the gateway drains: its listeners close (new
+connections are refused), C{/health/ready} answers 503 on connections still
+open, requests and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
+what is left then is cut (its upstream connections close, so vLLM aborts).
+Only then do the services stop (usage flushed, batch work released to resume
+at the next start), and the process exits with status 0, not twistd's
+signal status.
+"""
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from gomodel import _twistedcompat
+
+
+class Drain:
+    """Counts requests in flight and waits for them when the gateway stops.
+
+    A request-context start hook (L{started}) and sink (L{__call__}).
+    """
+
+    log = Logger()
+
+    site = None  # the GatewaySite whose connections a drain that ran out of time closes
+
+    def __init__(self, reactor, listeners, timeout):
+        """
+        @param listeners: the L{gomodel.listeners.ListenerService}s to close first.
+        @param timeout: seconds requests in flight get before they are cut.
+        """
+        self._reactor = reactor
+        self._listeners = listeners
+        self._timeout = timeout
+        self.in_flight = 0
+        self.draining = False
+        self._idle = None
+
+    def started(self, ctx):
+        self.in_flight += 1
+
+    def __call__(self, ctx):
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            idle, self._idle = self._idle, None
+            idle.callback(None)
+
+    def drain(self) -> Deferred:
+        """Stop listening, wait for what is in flight (at most the timeout), cut the rest.
+
+        @return: a Deferred firing with None once nothing is in flight.
+        """
+        if self.draining:
+            return succeed(None)
+        self.draining = True
+        for listener in self._listeners:
+            listener.stopListening()
+        self.log.info("draining: {count} requests in flight, waiting up to {timeout:g}s",
+                      count=self.in_flight, timeout=self._timeout)
+        _twistedcompat.exit_cleanly(self._reactor)
+        if self.in_flight == 0:
+            return succeed(None)
+        self._idle = Deferred()
+        self._idle.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)
+        return self._idle
+
+    def _cut(self, result, timeout):
+        self._idle = None
+        self.log.warn("drain: {count} requests still in flight after {timeout:g}s; closing them",
+                      count=self.in_flight, timeout=timeout)
+        if self.site is not None:
+            self.site.abort_connections()
+        return None
+
+
+class Readiness:
+    """What C{GET /health/ready} answers: ready, or the reasons it is not."""
+
+    def __init__(self, drain, registry, store):
+        self._drain = drain
+        self._registry = registry
+        self._store = store
+        self._known = False
+        registry.ready().addCallback(self._discovered)
+
+    def _discovered(self, _):
+        self._known = True
+
+    def reasons(self) -> list:
+        """Why the gateway should get no traffic now (empty when ready)."""
+        reasons = []
+        if self._drain.draining:
+            reasons.append("draining: the gateway is stopping")
+        if not self._known:
+            reasons.append("model discovery has not finished")
+        if not self._store.running:
+            reasons.append("the store is not open")
+        return reasons
