@@ -2,7 +2,9 @@
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+
+from gomodel.logs import log_observer
 
 
 class GatewayService(MultiService):
@@ -23,6 +25,17 @@ class GatewayService(MultiService):
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
         self.drain = self.supervisor = None
         self.listeners = []
+
+    def setServiceParent(self, parent):
+        """Under twistd's application: hand it the log observer C{LOG_FORMAT}/C{LOG_LEVEL} ask for.
+
+        twistd asks its application for an L{ILogObserver} component when it
+        starts logging, which is after the service was built and attached.
+        """
+        super().setServiceParent(parent)
+        observer = log_observer(self.config.metrics.log_format, self.config.metrics.log_level)
+        if observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, observer)
 
     def startService(self):
         for warning in self.config.warnings:

@@ -209,6 +209,8 @@ SAMPLES = {
     parsers.limit: ("7", 7),
     parsers.ratio: ("2.5", 2.5),
     parsers.route_path: ("/stats", "/stats"),
+    parsers.log_format: ("json", "json"),
+    parsers.log_level: ("warn", "warn"),
     parsers.models_mode: ("allowlist", "allowlist"),
     parsers.boolean: ("false", False),
     parsers.names: ("a,/b/", ("a", "b")),
@@ -237,7 +239,7 @@ def test_the_table_has_every_setting_once():
         "ROUTING_STRATEGY", "REPLICA_HEALTH_INTERVAL", "REPLICA_METRICS_INTERVAL", "REPLICA_FAILURE_THRESHOLD",
         "REPLICA_STALL_TIMEOUT", "REPLICA_MAX_CONCURRENCY", "ROUTING_QUEUE_TIMEOUT", "ROUTING_MAX_ATTEMPTS",
         "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK", "METRICS_ENABLED", "METRICS_ENDPOINT",
-        "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT",
+        "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL",
     }
 
 

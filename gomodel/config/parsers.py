@@ -144,6 +144,22 @@ def route_path(value) -> str:
     return path.rstrip("/") or "/"
 
 
+def log_format(value) -> str:
+    """C{text} or C{json}."""
+    text = str(value).strip().lower()
+    if text not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return text
+
+
+def log_level(value) -> str:
+    """C{debug}, C{info}, C{warn}, C{error} or C{critical}."""
+    text = str(value).strip().lower()
+    if text not in ("debug", "info", "warn", "warning", "error", "critical"):
+        raise ValueError("must be one of: debug, info, warn, error, critical")
+    return text
+
+
 def boolean(value) -> bool:
     """C{True} from 1/true/yes/on, C{False} from 0/false/no/off (any case), or a YAML boolean."""
     if isinstance(value, bool):

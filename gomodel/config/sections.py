@@ -196,6 +196,9 @@ class MetricsConfig:
     """What the gateway records about its traffic."""
 
     access_log: bool = setting("GOMODEL_ACCESS_LOG", parsers.boolean, True)
+    # None: twistd's own log (text, to --logfile or stdout) at every level.
+    log_format: Optional[str] = setting("LOG_FORMAT", parsers.log_format, None)
+    log_level: Optional[str] = setting("LOG_LEVEL", parsers.log_level, None)
     enabled: bool = setting("METRICS_ENABLED", parsers.boolean, True, yaml="metrics_enabled")
     endpoint: str = setting("METRICS_ENDPOINT", parsers.route_path, "/metrics", yaml="metrics_endpoint")
     require_key: bool = setting("METRICS_REQUIRE_KEY", parsers.boolean, True, yaml="metrics_require_key")
