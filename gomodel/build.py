@@ -85,7 +85,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
-                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor))
+                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor) if config.auth.admin_endpoints else None)
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).
     gateway.drain = Drain(reactor, gateway.listeners, config.server.shutdown_timeout)

@@ -11,7 +11,7 @@ from gomodel.http.render import install as install_error_handlers
 
 
 class AdminAPI:
-    """C{GET providers/status} and C{POST runtime/refresh}, mounted by L{gomodel.api.app.GatewayApp}."""
+    """C{GET providers/status}, C{POST runtime/refresh} and C{GET models}, mounted by L{gomodel.api.app.GatewayApp}."""
 
     app = Klein()
     app.url_map.strict_slashes = False
@@ -29,6 +29,21 @@ class AdminAPI:
     def providers_status(self, request):
         now = self._clock.seconds()
         return json_answer(request, {"providers": [self._provider(pool, now) for pool in self._registry.providers]})
+
+    @app.route("/models", methods=["GET"])
+    def models(self, request):
+        """What is routable: every model with its provider's type and name (virtual models included)."""
+        by_name = {pool.name: pool for pool in self._registry.providers}
+        data = []
+        for model in self._registry.models():
+            pool = by_name.get(model.get("owned_by"))
+            if pool is None:  # a virtual model: its targets say where it goes
+                data.append({"id": model["id"], "provider": "virtual", "provider_name": None,
+                             "targets": model.get("targets")})
+            else:
+                data.append({"id": model["id"], "provider": pool.type, "provider_name": pool.name,
+                             "ready_replicas": sum(1 for r in pool.replicas if r.ready)})
+        return json_answer(request, {"object": "list", "data": data})
 
     @app.route("/runtime/refresh", methods=["POST"])
     def refresh(self, request):

@@ -179,6 +179,7 @@ class AuthConfig:
     """Who may call the gateway."""
 
     master_key: Optional[str] = setting("GOMODEL_MASTER_KEY", parsers.secret, None, secret=True)
+    admin_endpoints: bool = setting("ADMIN_ENDPOINTS_ENABLED", parsers.boolean, True, yaml="admin_endpoints_enabled")
 
 
 @dataclass(frozen=True)
