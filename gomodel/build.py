@@ -9,6 +9,7 @@ its listeners. No other module constructs a collaborator of another room.
 from twisted.internet.endpoints import serverFromString
 
 from gomodel.accounting.metrics import GatewayMetrics
+from gomodel.accounting.usage import UsageLedger
 from gomodel.api.admin import AdminAPI
 from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
@@ -72,12 +73,19 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # on a data directory may run any batch or sweep: each is claimed in the store.
     owner = process_owner()
     gateway.store = store = SQLiteStore(config.store.data_dir, reactor)
+    usage = config.usage
+    if usage.enabled:  # stopped after the others: what they record is written
+        gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,
+                                    retention=usage.retention_days * 86400.0, pricing=usage.pricing)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
-                                       max_attempts=config.limits.batch_max_attempts, owner=owner)
-    BatchServices(store, StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
-                  ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
-                  gateway.batch_runner).setServiceParent(gateway)
+                                       max_attempts=config.limits.batch_max_attempts, owner=owner,
+                                       usage=gateway.usage)
+    users = [gateway.usage] if gateway.usage is not None else []
+    users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
+              ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
+              gateway.batch_runner]
+    BatchServices(store, *users).setServiceParent(gateway)
 
     # Routes.
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
@@ -85,7 +93,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
-                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor) if config.auth.admin_endpoints else None)
+                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage)
+                     if config.auth.admin_endpoints else None)
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).
     gateway.drain = Drain(reactor, gateway.listeners, config.server.shutdown_timeout)
@@ -99,6 +108,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         pages[config.metrics.endpoint.encode("ascii")] = gateway.metrics.page
         if not config.metrics.require_key:
             open_paths.append(config.metrics.endpoint)
+    if gateway.usage is not None:
+        sinks.append(gateway.usage)
     sinks.append(gateway.drain)
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact=inference.routes(), pages=pages)

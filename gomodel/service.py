@@ -23,7 +23,7 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
-        self.drain = self.supervisor = None
+        self.drain = self.supervisor = self.usage = None
         self.listeners = []
 
     def setServiceParent(self, parent):

@@ -225,7 +225,7 @@ def test_the_table_has_every_setting_once():
     assert len(envs) == len(set(envs))
     keys = [key for _, key, _, _ in TABLE]
     assert len(keys) == len(set(keys))  # server: of older files takes any section's key
-    assert set(SECTIONS) == {"server", "upstreams", "store", "auth", "limits", "metrics", "routing"}
+    assert set(SECTIONS) == {"server", "upstreams", "store", "auth", "limits", "metrics", "routing", "usage"}
     assert {path.split(".")[0] for path, _, _, _ in TABLE} == set(SECTIONS)
     # the environment variable names of today, every one
     assert set(envs) == {
@@ -240,7 +240,7 @@ def test_the_table_has_every_setting_once():
         "REPLICA_STALL_TIMEOUT", "REPLICA_MAX_CONCURRENCY", "ROUTING_QUEUE_TIMEOUT", "ROUTING_MAX_ATTEMPTS",
         "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK", "METRICS_ENABLED", "METRICS_ENDPOINT",
         "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL",
-        "ADMIN_ENDPOINTS_ENABLED",
+        "ADMIN_ENDPOINTS_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
     }
 
 

@@ -4,10 +4,18 @@ Every route needs the gateway's master key (the front checks it for every
 path but C{/health}). Names follow GoModel's admin API where it has them.
 """
 
+import csv
+import io
+from datetime import datetime, timedelta, timezone
+
 from klein import Klein
 
-from gomodel.http.bodies import json_answer
+from gomodel.errors import InvalidRequest, NotFound
+from gomodel.http.bodies import json_answer, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
+from gomodel.store.records import USAGE_FIELDS
+
+DAY = 86400.0
 
 
 class AdminAPI:
@@ -16,14 +24,16 @@ class AdminAPI:
     app = Klein()
     app.url_map.strict_slashes = False
 
-    def __init__(self, registry, monitor, clock):
+    def __init__(self, registry, monitor, clock, usage=None):
         """
         @param registry: the L{gomodel.routing.registry.ModelRegistry} (its providers' pools).
         @param monitor: the L{gomodel.routing.health.ReplicaMonitor}.
+        @param usage: the L{gomodel.store.interfaces.IUsageStore}, or None (C{USAGE_ENABLED=false}).
         """
         self._registry = registry
         self._monitor = monitor
         self._clock = clock
+        self._usage = usage
 
     @app.route("/providers/status", methods=["GET"])
     def providers_status(self, request):
@@ -51,6 +61,64 @@ class AdminAPI:
         self._monitor.refresh()
         return json_answer(request, {"status": "refreshing"})
 
+    # -- usage -----------------------------------------------------------------------------
+
+    @app.route("/usage/summary", methods=["GET"])
+    async def usage_summary(self, request):
+        """Totals for a window (C{start_date}/C{end_date}, or C{days}, default 30)."""
+        start, end = self._window(request)
+        summary = await self._usage_store().summary(start, end)
+        return json_answer(request, dict(summary, start=_day(start), end=_day(end - DAY)))
+
+    @app.route("/usage/log", methods=["GET"])
+    async def usage_log(self, request):
+        """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
+        C{provider}, C{status}, C{search} (request id); C{format=csv}."""
+        start, end = self._window(request)
+        filters = {name: query_arg(request, name.encode()) for name in ("model", "provider", "status", "search")}
+        filters = {name: value for name, value in filters.items() if value is not None}
+        if "status" in filters:
+            try:
+                filters["status"] = int(filters["status"])
+            except ValueError:
+                raise InvalidRequest("status must be an HTTP status code.", param="status") from None
+        after = query_arg(request, b"after")
+        try:
+            after = int(after) if after is not None else None
+        except ValueError:
+            raise InvalidRequest("after must be the 'next' of a previous page.", param="after") from None
+        records, cursor = await self._usage_store().log(start, end, query_limit(request, 100, 1000), after, filters)
+        for record in records:
+            record["timestamp"] = _iso(record["timestamp"])
+        if query_arg(request, b"format") == "csv":
+            return _csv(request, records)
+        return json_answer(request, {"object": "list", "data": records, "next": cursor, "has_more": cursor is not None})
+
+    def _usage_store(self):
+        if self._usage is None:
+            raise NotFound("The usage ledger is off (USAGE_ENABLED=false).", code="usage_disabled")
+        return self._usage
+
+    def _window(self, request):
+        """C{(start, end)} in seconds: whole UTC days, the end day included."""
+        start_date, end_date = query_arg(request, b"start_date"), query_arg(request, b"end_date")
+        today = datetime.fromtimestamp(self._clock.seconds(), timezone.utc).date()
+        try:
+            end = _date(end_date) if end_date else today
+            if start_date:
+                start = _date(start_date)
+            else:
+                days = int(query_arg(request, b"days", "30"))
+                if days < 1:
+                    raise ValueError
+                start = end - timedelta(days=days - 1)
+        except ValueError:
+            raise InvalidRequest("Give start_date/end_date as YYYY-MM-DD, or days as a whole number "
+                                 "of 1 or more.", code="invalid_window") from None
+        if start > end:
+            raise InvalidRequest("start_date is after end_date.", code="invalid_window")
+        return _seconds(start), _seconds(end) + DAY
+
     def _provider(self, pool, now):
         inventory = self._registry.inventory(pool)
         return {"name": pool.name, "type": pool.type, "models": sorted(inventory or ()),
@@ -72,6 +140,34 @@ def _replica(replica, now) -> dict:
         "consecutive_failures": replica.failures, "last_error": replica.last_error,
         "last_state_change": replica.changed_at,
     }
+
+
+def _date(text):
+    return datetime.strptime(text, "%Y-%m-%d").date()
+
+
+def _seconds(date) -> float:
+    return datetime(date.year, date.month, date.day, tzinfo=timezone.utc).timestamp()
+
+
+def _day(seconds) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d")
+
+
+def _iso(seconds) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _csv(request, records) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=("id",) + USAGE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    body = out.getvalue().encode("utf-8")
+    request.setHeader(b"content-type", b"text/csv; charset=utf-8")
+    request.setHeader(b"content-disposition", b'attachment; filename="usage.csv"')
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
 
 
 install_error_handlers(AdminAPI.app)

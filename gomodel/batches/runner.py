@@ -47,7 +47,7 @@ from gomodel.batches.lines import Job, error_line, output_line
 from gomodel.batches.validating import validate
 from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
                             UpstreamUnreachable)
-from gomodel.proxy.exchange import UpstreamCall
+from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
@@ -85,9 +85,10 @@ class BatchRunner(Service):
 
     def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
-                 owner=None):
+                 owner=None, usage=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
+        @param usage: the L{gomodel.accounting.usage.UsageLedger} each answered line is recorded in, or None.
         @param exchange: the L{gomodel.proxy.exchange.Exchange} that sends each line.
         @param blobs: the L{gomodel.store.interfaces.IBlobStore} holding input and output contents.
         @param lease: seconds a claim lasts; renewed every third of it while working.
@@ -99,6 +100,7 @@ class BatchRunner(Service):
         self._registry = registry
         self._clock = clock
         self._exchange = exchange  # a gomodel.proxy.exchange.Exchange
+        self._usage = usage
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
@@ -388,8 +390,20 @@ class BatchRunner(Service):
             outcome = _NoAnswer("internal_error", "The gateway failed to process this request.")
         finally:
             job.upstream.discard(upstream)
+        if self._usage is not None and isinstance(outcome, _Answer):
+            self._account(job, path, route, outcome, f"{job.batch_id}-{line}")
         ok, data = self._result(custom_id, outcome)
         await self._record(job, line, custom_id, ok, data)
+
+    def _account(self, job, path, route, answer, request_id):
+        """Keep the usage record of one answered line (batch lines count as requests do)."""
+        pool = route.provider
+        self._usage.keep({
+            "request_id": request_id, "timestamp": self._clock.seconds(), "provider": pool.type,
+            "provider_name": pool.name, "replica": None, "model": f"{pool.name}/{route.upstream_model}",
+            "endpoint": "/v1" + path, "status_code": answer.status, "stream": False, "duration_ms": None,
+            "ttft_ms": None, "client_gone": False, "estimated": False, "auth_key_id": None, "user_path": None,
+        }, usage_of(answer.body) if answer.status < 400 else None)
 
     def _record(self, job, line, custom_id, ok, data):
         return self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)

@@ -47,7 +47,7 @@ def load_config(
         unknown = set(blocks[name]) - known
         if unknown:
             raise ConfigError(f"{yaml_path}: unknown key(s) under {name}: {', '.join(sorted(unknown))}")
-    unknown = set(document) - set(SECTIONS) - {"providers", "virtual_models", "failover_rules"}
+    unknown = set(document) - set(SECTIONS) - {"providers", "virtual_models", "failover_rules", "pricing"}
     if unknown:
         raise ConfigError(f"{yaml_path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
 
@@ -58,6 +58,7 @@ def load_config(
     sections["routing"] = dataclasses.replace(
         sections["routing"], virtual_models=load_virtual_models(document.get("virtual_models"), yaml_path, env),
         failover_rules=load_failover_rules(document.get("failover_rules"), yaml_path, env))
+    sections["usage"] = dataclasses.replace(sections["usage"], pricing=_pricing(document.get("pricing"), yaml_path))
     if listen:
         sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))
     return Config(**sections, warnings=tuple(warnings))
@@ -124,3 +125,24 @@ def _mapping(document, name, yaml_path) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{yaml_path}: the config key {name!r} must be a mapping")
     return value
+
+
+_PRICES = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+
+
+def _pricing(value, yaml_path) -> dict:
+    """C{pricing:} model -> {input_per_mtok, output_per_mtok, cached_input_per_mtok} (amounts per million tokens)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{yaml_path}: pricing must map a model (provider/model) to its prices")
+    pricing = {}
+    for model, prices in value.items():
+        where = f"{yaml_path}: pricing.{model}"
+        if not isinstance(prices, dict) or not prices or set(prices) - set(_PRICES):
+            raise ConfigError(f"{where} must be a mapping of {', '.join(_PRICES)}")
+        for name, amount in prices.items():
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+                raise ConfigError(f"{where}.{name} must be a number of 0 or more")
+        pricing[str(model)] = {name: float(amount) for name, amount in prices.items()}
+    return pricing

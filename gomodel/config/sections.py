@@ -206,6 +206,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class UsageConfig:
+    """The usage ledger: one record per request that reached an upstream."""
+
+    enabled: bool = setting("USAGE_ENABLED", parsers.boolean, True, yaml="usage_enabled")
+    flush_interval: float = setting("USAGE_FLUSH_INTERVAL", parsers.positive_duration, 5.0,
+                                    yaml="usage_flush_interval")
+    retention_days: int = setting("USAGE_RETENTION_DAYS", parsers.count, 90, yaml="usage_retention_days")
+    # Filled by the loader from the top-level YAML pricing: (per million tokens, by model as routed).
+    pricing: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RoutingConfig:
     """How requests are spread over a provider's replicas, and when a replica is out."""
 
@@ -237,6 +249,7 @@ class Config:
     limits: LimitsConfig = section(LimitsConfig)
     metrics: MetricsConfig = section(MetricsConfig)
     routing: RoutingConfig = section(RoutingConfig)
+    usage: UsageConfig = section(UsageConfig)
     warnings: tuple = ()  # things worth telling the operator at start
 
 

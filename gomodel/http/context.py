@@ -42,7 +42,7 @@ class RequestContext:
     __slots__ = ("request_id", "method", "path", "started", "key", "dialect", "endpoint", "provider",
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
-                 "_ended", "_completed", "recorded")
+                 "_ended", "_completed", "recorded", "estimated")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, key=None, dialect=None):
         self.request_id = request_id
@@ -62,6 +62,7 @@ class RequestContext:
         self.upstream_model = None
         self.stream = False
         self.usage = None
+        self.estimated = False  # usage counted by the gateway (a stream cut before its usage came)
         self.first_byte = None
         self.status = None
         self.outcome = None

@@ -337,7 +337,7 @@ class Exchange:
                 abort.cancel()
             return None
         finally:
-            ctx.usage = relay.observer.usage or ctx.usage
+            _note_usage(ctx, relay.observer)
         if request.channel is not None:
             request.unregisterProducer()
         return None
@@ -360,7 +360,7 @@ class Exchange:
             why = "the upstream connection broke off"
         self.log.warn("stream {request_id} ended abnormally: {why}", request_id=ctx.request_id.decode(), why=why)
         error = StreamFailed(f"The stream ended abnormally: {why}.")
-        ctx.usage = relay.observer.usage or ctx.usage
+        _note_usage(ctx, relay.observer)
         ctx.broken(error.code)
         if request.channel is None:
             return None
@@ -375,6 +375,14 @@ class Exchange:
         # reads the error event, then an incomplete body, never a clean end.
         transport.loseConnection()
         return self._clock.callLater(ABORT_GRACE, transport.abortConnection)
+
+
+def _note_usage(ctx, observer):
+    """The stream's usage into C{ctx}; without one, output tokens counted from the events sent (estimated)."""
+    if observer.usage is not None:
+        ctx.usage, ctx.estimated = observer.usage, False
+    elif ctx.usage is None and getattr(observer, "events", 0):
+        ctx.usage, ctx.estimated = {"completion_tokens": observer.events}, True
 
 
 _USAGE = b'"usage":'

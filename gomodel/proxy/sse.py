@@ -78,10 +78,12 @@ class ChatStreamObserver:
         self.usage = None
         self.done = False
         self.error = None
+        self.events = 0  # events relayed: about one generated token each, for an estimate
 
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the bytes to send the client now (whole events)."""
         events = self._framer.feed(data)
+        self.events += len(events)
         out = []
         for event in events:
             # Only events that can carry usage, an error or the end are looked into.

@@ -277,6 +277,42 @@ class IClaims(Interface):
         """@return: a Deferred firing with None once given up (also when it was already lost)."""
 
 
+class IUsageStore(Interface):
+    """The usage ledger: one record per request that reached an upstream, and per batch line.
+
+    A record is a dict with GoModel's usage-row names (C{request_id, timestamp,
+    provider, provider_name, model, endpoint, status_code, stream,
+    input_tokens, output_tokens, total_tokens, cached_tokens,
+    reasoning_tokens, input_cost, output_cost, total_cost, user_path}) and
+    ours (C{replica, duration_ms, ttft_ms, client_gone, estimated,
+    auth_key_id}); a stored one also has its C{id}, which orders the log.
+    """
+
+    def add(records):
+        """Store C{records} in one transaction.
+
+        @return: a Deferred firing with how many were stored.
+        """
+
+    def summary(start, end):
+        """Totals of the records with C{start <= timestamp < end}.
+
+        @return: a Deferred firing with C{{requests, input_tokens, output_tokens, total_tokens,
+            cached_tokens, reasoning_tokens, total_cost (None without prices), errors}}.
+        """
+
+    def log(start, end, limit, before=None, filters=None):
+        """Records of the window, newest first.
+
+        @param before: a record C{id}: only older records (the cursor of the previous page).
+        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id).
+        @return: a Deferred firing with C{(records, next cursor or None)}.
+        """
+
+    def delete_before(timestamp):
+        """@return: a Deferred firing with how many records older than C{timestamp} were deleted."""
+
+
 class IStoreService(Interface):
     """A store as one service: the aggregates over one backend, opened and closed together."""
 
@@ -285,6 +321,7 @@ class IStoreService(Interface):
     batches = Attribute("The L{IBatchStore}.")
     responses = Attribute("The L{IResponseStore}.")
     claims = Attribute("The L{IClaims}.")
+    usage = Attribute("The L{IUsageStore}.")
 
     def started():
         """@return: a Deferred firing with None once the store is open and migrated; it fails with

@@ -57,3 +57,10 @@ def owner_is_gone(owner: str) -> bool:
 
 class LeaseLost(Exception):
     """A fenced write by a claim holder whose token is no longer current: nothing was written."""
+
+
+# The fields of a usage record (GoModel's usage-row names, then ours), in their stored order.
+USAGE_FIELDS = ("request_id", "timestamp", "provider", "provider_name", "replica", "model", "endpoint",
+                "status_code", "stream", "input_tokens", "output_tokens", "total_tokens", "cached_tokens",
+                "reasoning_tokens", "input_cost", "output_cost", "total_cost", "user_path", "auth_key_id",
+                "duration_ms", "ttft_ms", "client_gone", "estimated")

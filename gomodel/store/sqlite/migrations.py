@@ -92,6 +92,36 @@ MIGRATIONS = (
         # The replica of its provider that made a stored response (vLLM keeps responses in process memory).
         "ALTER TABLE responses ADD COLUMN replica INTEGER",
     )),
+    (5, (
+        # The usage ledger: one row per request that reached an upstream, and per batch line.
+        """CREATE TABLE usage (
+            id INTEGER PRIMARY KEY,
+            request_id TEXT NOT NULL,
+            timestamp REAL NOT NULL,
+            provider TEXT,
+            provider_name TEXT,
+            replica INTEGER,
+            model TEXT,
+            endpoint TEXT,
+            status_code INTEGER,
+            stream INTEGER NOT NULL DEFAULT 0,
+            input_tokens INTEGER,
+            output_tokens INTEGER,
+            total_tokens INTEGER,
+            cached_tokens INTEGER,
+            reasoning_tokens INTEGER,
+            input_cost REAL,
+            output_cost REAL,
+            total_cost REAL,
+            user_path TEXT,
+            auth_key_id TEXT,
+            duration_ms REAL,
+            ttft_ms REAL,
+            client_gone INTEGER NOT NULL DEFAULT 0,
+            estimated INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX usage_timestamp ON usage (timestamp)",
+    )),
 )
 
 

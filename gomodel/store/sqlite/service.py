@@ -19,6 +19,7 @@ from gomodel.store.sqlite.claims import SQLiteClaims
 from gomodel.store.sqlite.database import Database
 from gomodel.store.sqlite.files import SQLiteFileStore
 from gomodel.store.sqlite.responses import SQLiteResponseStore
+from gomodel.store.sqlite.usage import SQLiteUsageStore
 
 DB_NAME = "gomodel.db"
 
@@ -32,6 +33,7 @@ class SQLiteStore(Service):
     @ivar batches: the L{IBatchStore}.
     @ivar responses: the L{IResponseStore}.
     @ivar claims: the L{IClaims}.
+    @ivar usage: the L{IUsageStore}.
     """
 
     log = Logger()
@@ -50,6 +52,7 @@ class SQLiteStore(Service):
         self.batches = SQLiteBatchStore(self._db)
         self.responses = SQLiteResponseStore(self._db)
         self.claims = SQLiteClaims(self._db)
+        self.usage = SQLiteUsageStore(self._db)
         self._started = None
 
     @property

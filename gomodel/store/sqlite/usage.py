@@ -1,0 +1,79 @@
+"""L{IUsageStore} on SQLite: one row per request that reached an upstream (and per batch line)."""
+
+from zope.interface import implementer
+
+from gomodel.store.interfaces import IUsageStore
+from gomodel.store.records import USAGE_FIELDS as COLUMNS
+_BOOLEANS = ("stream", "client_gone", "estimated")
+_FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
+            "search": "request_id LIKE ?"}
+
+
+@implementer(IUsageStore)
+class SQLiteUsageStore:
+    """Usage records in the C{usage} table."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def add(self, records):
+        return self._db.run(self._add, list(records))
+
+    def _add(self, records):
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        with self._db.transaction() as conn:
+            conn.executemany(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                             [tuple(_stored(r.get(c)) for c in COLUMNS) for r in records])
+        return len(records)
+
+    def summary(self, start, end):
+        return self._db.run(self._summary, start, end)
+
+    def _summary(self, start, end):
+        row = self._db.conn().execute(
+            "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
+            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
+            "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0) "
+            "FROM usage WHERE timestamp >= ? AND timestamp < ?", (start, end)).fetchone()
+        return {"requests": row[0], "input_tokens": row[1], "output_tokens": row[2], "total_tokens": row[3],
+                "cached_tokens": row[4], "reasoning_tokens": row[5], "total_cost": row[6], "errors": row[7]}
+
+    def log(self, start, end, limit, before=None, filters=None):
+        return self._db.run(self._log, start, end, limit, before, dict(filters or {}))
+
+    def _log(self, start, end, limit, before, filters):
+        where, args = ["timestamp >= ?", "timestamp < ?"], [start, end]
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        for name, value in filters.items():
+            where.append(_FILTERS[name])
+            if name == "provider":
+                args += [value, value]
+            elif name == "search":
+                args.append("%" + value.replace("%", "") + "%")
+            else:
+                args.append(value)
+        rows = self._db.conn().execute(
+            f"SELECT id, {', '.join(COLUMNS)} FROM usage WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+            (*args, limit + 1)).fetchall()
+        records = [_record(row) for row in rows[:limit]]
+        return records, (records[-1]["id"] if len(rows) > limit else None)
+
+    def delete_before(self, timestamp):
+        return self._db.run(self._delete_before, timestamp)
+
+    def _delete_before(self, timestamp):
+        with self._db.transaction() as conn:
+            return conn.execute("DELETE FROM usage WHERE timestamp < ?", (timestamp,)).rowcount
+
+
+def _stored(value):
+    return int(value) if isinstance(value, bool) else value
+
+
+def _record(row) -> dict:
+    record = dict(row)
+    for name in _BOOLEANS:
+        record[name] = bool(record[name])
+    return record

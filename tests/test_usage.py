@@ -1,0 +1,91 @@
+"""The usage ledger: records for what reached an upstream, costs, the flush at stop, the admin usage API."""
+
+import csv
+import io
+import json
+
+import pytest_twisted
+
+from tests.rawclient import chat_request, connect
+from tests.support import start_gateway, with_timeout
+
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+KEY = {"Authorization": "Bearer k1"}
+
+
+async def _post(http, gw, path, body):
+    response = await http.post(gw.url + path, headers=KEY, data=json.dumps(body).encode())
+    return response, await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_for_every_request_that_reached_an_upstream(reactor, http, fake, tmp_path):
+    config = tmp_path / "g.yaml"
+    config.write_text(f"pricing:\n  {MODEL}: {{input_per_mtok: 2, output_per_mtok: 10}}\n")
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env, str(config))
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        _, answer = await _post(http, gw, "/v1/chat/completions", chat)
+        usage = json.loads(answer)["usage"]
+        await _post(http, gw, "/v1/chat/completions", dict(chat, stream=True))
+        await _post(http, gw, "/v1/embeddings", {"model": MODEL, "input": "x"})
+        await _post(http, gw, "/v1/chat/completions", dict(chat, model="vllm/nope"))  # reached nothing
+        client = await connect(reactor, gw.port, chat_request(
+            dict(chat, stream=True, fake_chunks=50, fake_pace=0.05), headers=KEY))
+        await with_timeout(reactor, client.wait_for(b'"content"'), 10)
+        client.transport.abortConnection()
+        await client.lost
+        for _ in range(100):  # the abandoned stream's record completes once its upstream side closed
+            await gw.service.usage.flush()
+            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
+            if len(records) == 4:
+                break
+        assert len(records) == 4
+        gone, embedded, streamed, plain = records  # newest first
+        assert (plain["endpoint"], plain["status_code"], plain["stream"]) == ("/v1/chat/completions", 200, False)
+        assert (plain["input_tokens"], plain["output_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+        assert plain["model"] == MODEL and (plain["provider"], plain["provider_name"], plain["replica"]) == (
+            "vllm", "vllm", 0)
+        assert plain["input_cost"] == usage["prompt_tokens"] * 2 / 1e6
+        assert plain["total_cost"] == plain["input_cost"] + usage["completion_tokens"] * 10 / 1e6
+        assert streamed["stream"] and streamed["output_tokens"] == usage["completion_tokens"]
+        assert streamed["ttft_ms"] is not None and not streamed["estimated"]
+        assert embedded["endpoint"] == "/v1/embeddings" and embedded["input_tokens"] > 0
+        assert gone["client_gone"] and gone["estimated"] and gone["output_tokens"] > 0
+        assert gone["status_code"] == 499
+
+        summary = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/summary", headers=KEY)).content())
+        assert summary["requests"] == 4 and summary["input_tokens"] >= 2 * usage["prompt_tokens"]
+        page = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/log?limit=3", headers=KEY)).content())
+        assert len(page["data"]) == 3 and page["has_more"]
+        rest = json.loads(await (await http.get(gw.url + f"/admin/api/v1/usage/log?after={page['next']}",
+                                                headers=KEY)).content())
+        assert [r["request_id"] for r in rest["data"]] == [plain["request_id"]]
+        only = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/log?status=499",
+                                                headers=KEY)).content())
+        assert [r["request_id"] for r in only["data"]] == [gone["request_id"]]
+        exported = await http.get(gw.url + "/admin/api/v1/usage/log?format=csv", headers=KEY)
+        assert exported.headers.getRawHeaders("content-type")[0].startswith("text/csv")
+        rows = list(csv.DictReader(io.StringIO((await exported.content()).decode())))
+        assert len(rows) == 4 and rows[-1]["request_id"] == plain["request_id"]
+        bad = await http.get(gw.url + "/admin/api/v1/usage/summary?start_date=yesterday", headers=KEY)
+        assert bad.code == 400 and json.loads(await bad.content())["error"]["code"] == "invalid_window"
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_buffered_records_are_written_at_stop(reactor, http, fake, tmp_path):
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path / "d"), "USAGE_FLUSH_INTERVAL": "1h"}
+    gw = await start_gateway(reactor, env)
+    try:
+        await _post(http, gw, "/v1/chat/completions", {"model": MODEL, "messages": []})
+    finally:
+        await gw.service.stopService()
+    again = await start_gateway(reactor, env)
+    try:
+        records, _ = await again.service.store.usage.log(0, 2e9, 10)
+        assert len(records) == 1 and records[0]["status_code"] == 200
+    finally:
+        await again.service.stopService()
