@@ -69,6 +69,14 @@ async def test_records_for_every_request_that_reached_an_upstream(reactor, http,
         assert exported.headers.getRawHeaders("content-type")[0].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO((await exported.content()).decode())))
         assert len(rows) == 4 and rows[-1]["request_id"] == plain["request_id"]
+        daily = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/daily", headers=KEY)).content())
+        assert len(daily["data"]) == 1 and daily["data"][0]["requests"] == 4
+        assert len(daily["data"][0]["period"]) == 10  # YYYY-MM-DD
+        models = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/models", headers=KEY)).content())
+        assert [(m["provider_name"], m["model"], m["requests"]) for m in models["data"]] == [("vllm", MODEL, 4)]
+        assert models["data"][0]["total_cost"] > 0
+        hourly = await http.get(gw.url + "/admin/api/v1/usage/daily?interval=hour&format=csv", headers=KEY)
+        assert (await hourly.content()).decode().startswith("period,requests,")
         bad = await http.get(gw.url + "/admin/api/v1/usage/summary?start_date=yesterday", headers=KEY)
         assert bad.code == 400 and json.loads(await bad.content())["error"]["code"] == "invalid_window"
     finally:

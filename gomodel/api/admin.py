@@ -70,6 +70,24 @@ class AdminAPI:
         summary = await self._usage_store().summary(start, end)
         return json_answer(request, dict(summary, start=_day(start), end=_day(end - DAY)))
 
+    @app.route("/usage/daily", methods=["GET"])
+    async def usage_daily(self, request):
+        """Totals per UTC day (C{interval=hour}: per hour) of a window; C{format=csv}."""
+        start, end = self._window(request)
+        interval = query_arg(request, b"interval", "day")
+        if interval not in ("day", "hour"):
+            raise InvalidRequest("interval must be day or hour.", param="interval")
+        rows = await self._usage_store().grouped(start, end, bucket=DAY if interval == "day" else 3600)
+        for row in rows:
+            row["period"] = _iso(row["period"]) if interval == "hour" else _day(row["period"])
+        return _rows(request, rows)
+
+    @app.route("/usage/models", methods=["GET"])
+    async def usage_models(self, request):
+        """Totals per provider and model of a window; C{format=csv}."""
+        start, end = self._window(request)
+        return _rows(request, await self._usage_store().grouped(start, end, by=("provider", "provider_name", "model")))
+
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
         """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
@@ -91,7 +109,7 @@ class AdminAPI:
         for record in records:
             record["timestamp"] = _iso(record["timestamp"])
         if query_arg(request, b"format") == "csv":
-            return _csv(request, records)
+            return _csv(request, records, ("id",) + USAGE_FIELDS)
         return json_answer(request, {"object": "list", "data": records, "next": cursor, "has_more": cursor is not None})
 
     def _usage_store(self):
@@ -158,9 +176,16 @@ def _iso(seconds) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _csv(request, records) -> bytes:
+def _rows(request, rows):
+    """A grouping's rows as JSON, or CSV with C{format=csv}."""
+    if query_arg(request, b"format") == "csv":
+        return _csv(request, rows, tuple(rows[0]) if rows else ("requests",))
+    return json_answer(request, {"object": "list", "data": rows})
+
+
+def _csv(request, records, fields) -> bytes:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=("id",) + USAGE_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
     body = out.getvalue().encode("utf-8")

@@ -301,6 +301,14 @@ class IUsageStore(Interface):
             cached_tokens, reasoning_tokens, total_cost (None without prices), errors}}.
         """
 
+    def grouped(start, end, by=(), bucket=None):
+        """Totals of the window (as L{summary}'s) per group, in group order.
+
+        @param by: any of C{provider}, C{provider_name}, C{model}.
+        @param bucket: seconds (86400: per UTC day): also grouped by C{period}, the bucket's start.
+        @return: a Deferred firing with a list of dicts: the group's keys, then the totals.
+        """
+
     def log(start, end, limit, before=None, filters=None):
         """Records of the window, newest first.
 

@@ -27,16 +27,23 @@ class SQLiteUsageStore:
         return len(records)
 
     def summary(self, start, end):
-        return self._db.run(self._summary, start, end)
+        return self._db.run(self._grouped, start, end, (), None).addCallback(
+            lambda groups: groups[0] if groups else _totals((0, 0, 0, 0, 0, 0, None, 0)))
 
-    def _summary(self, start, end):
-        row = self._db.conn().execute(
-            "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
-            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
-            "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0) "
-            "FROM usage WHERE timestamp >= ? AND timestamp < ?", (start, end)).fetchone()
-        return {"requests": row[0], "input_tokens": row[1], "output_tokens": row[2], "total_tokens": row[3],
-                "cached_tokens": row[4], "reasoning_tokens": row[5], "total_cost": row[6], "errors": row[7]}
+    def grouped(self, start, end, by=(), bucket=None):
+        return self._db.run(self._grouped, start, end, tuple(by), bucket)
+
+    def _grouped(self, start, end, by, bucket):
+        keys = [_GROUPS[name] for name in by]
+        if bucket is not None:
+            keys.insert(0, f"CAST(timestamp / {float(bucket)!r} AS INTEGER) * {int(bucket)}")
+        select = "".join(f"{key}, " for key in keys)
+        group = f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
+        rows = self._db.conn().execute(
+            f"SELECT {select}{_TOTALS} FROM usage WHERE timestamp >= ? AND timestamp < ?{group}",
+            (start, end)).fetchall()
+        names = (["period"] if bucket is not None else []) + list(by)
+        return [dict(zip(names, row[:len(keys)]), **_totals(row[len(keys):])) for row in rows]
 
     def log(self, start, end, limit, before=None, filters=None):
         return self._db.run(self._log, start, end, limit, before, dict(filters or {}))
@@ -66,6 +73,17 @@ class SQLiteUsageStore:
     def _delete_before(self, timestamp):
         with self._db.transaction() as conn:
             return conn.execute("DELETE FROM usage WHERE timestamp < ?", (timestamp,)).rowcount
+
+
+_GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model"}
+_TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
+           "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
+           "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0)")
+
+
+def _totals(row) -> dict:
+    return {"requests": row[0], "input_tokens": row[1], "output_tokens": row[2], "total_tokens": row[3],
+            "cached_tokens": row[4], "reasoning_tokens": row[5], "total_cost": row[6], "errors": row[7]}
 
 
 def _stored(value):
