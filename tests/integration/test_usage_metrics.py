@@ -1,0 +1,64 @@
+"""Usage records and metrics equal to what real vLLM reported, for chat, streams, responses and embeddings."""
+
+import json
+import secrets
+
+from tests.integration.support import CHAT_MODEL, EMBED_MODEL, metric_with_label, request, sse_events, wait_for
+
+CHAT = f"vllm/{CHAT_MODEL}"
+MESSAGES = [{"role": "user", "content": "Count to three."}]
+
+
+def _call(gateway, path, body):
+    """POST through the gateway under our own request id; (status, body, request id)."""
+    request_id = "it-" + secrets.token_hex(8)
+    answer = request("POST", gateway.url + path, body=body, headers=dict(gateway.auth, **{"X-Request-Id": request_id}))
+    return answer, request_id
+
+
+def _record(gateway, request_id):
+    """The usage record of C{request_id}, once written (flushed every few seconds)."""
+    def found():
+        page = request("GET", gateway.root + f"/admin/api/v1/usage/log?search={request_id}", headers=gateway.auth)
+        data = json.loads(page.body)["data"]
+        return data[0] if data else None
+
+    return wait_for(found, 30, what=f"the usage record of {request_id}")
+
+
+def test_usage_records_equal_vllms_usage(gateway):
+    answer, rid = _call(gateway, "/chat/completions", {"model": CHAT, "messages": MESSAGES, "max_tokens": 4})
+    usage = json.loads(answer.body)["usage"]
+    record = _record(gateway, rid)
+    assert (record["input_tokens"], record["output_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert record["replica"] == 0 and record["model"] == CHAT and record["provider"] == "vllm"
+
+    answer, rid = _call(gateway, "/chat/completions", {"model": CHAT, "messages": MESSAGES, "max_tokens": 4,
+                                                       "ignore_eos": True, "stream": True})
+    events = [json.loads(e) for e in sse_events(answer.body) if e != "[DONE]"]
+    assert not any(e.get("usage") for e in events)  # the client did not ask for it...
+    record = _record(gateway, rid)
+    assert record["stream"] and record["output_tokens"] == 4 and not record["estimated"]  # ...the ledger has it
+    assert record["input_tokens"] == usage["prompt_tokens"]
+
+    answer, rid = _call(gateway, "/responses", {"model": CHAT, "input": "Count to three.", "max_output_tokens": 4})
+    usage = json.loads(answer.body)["usage"]
+    record = _record(gateway, rid)
+    assert (record["input_tokens"], record["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
+
+    answer, rid = _call(gateway, "/embeddings", {"model": f"vllm-embed/{EMBED_MODEL}", "input": "hello there"})
+    usage = json.loads(answer.body)["usage"]
+    record = _record(gateway, rid)
+    assert record["input_tokens"] == usage["prompt_tokens"] and record["endpoint"] == "/v1/embeddings"
+
+
+def test_metrics_count_the_tokens_vllm_reported(gateway):
+    def tokens():
+        page = request("GET", gateway.root + "/metrics", headers=gateway.auth).body.decode()
+        return metric_with_label(page, "gomodel_tokens_total", 'type="output"')
+
+    before = tokens()
+    answer, _ = _call(gateway, "/chat/completions", {"model": CHAT, "messages": MESSAGES, "max_tokens": 3,
+                                                     "ignore_eos": True})
+    assert json.loads(answer.body)["usage"]["completion_tokens"] == 3
+    assert tokens() - before == 3
