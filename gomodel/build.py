@@ -39,13 +39,16 @@ from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_ag
 from gomodel.workers import STOP_GRACE, ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
 
 
-def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None) -> GatewayService:
+def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None,
+                  shared_metrics=False) -> GatewayService:
     """The whole gateway for C{config}, not started.
 
     @param role: C{"single"} (one process), C{"primary"} (listens with
         SO_REUSEPORT and supervises C{config.server.workers - 1} workers started
         with C{worker_argv} in the environment C{worker_env}) or C{"worker"}
         (started by a primary).
+    @param shared_metrics: the processes share prometheus_client's multiprocess
+        directory (set up by L{gomodel.tap}): every scrape sums them.
     """
     gateway = GatewayService(config)
 
@@ -102,7 +105,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if config.metrics.access_log:
         sinks.append(AccessLog())
     if config.metrics.enabled:
-        gateway.metrics = GatewayMetrics(pools)
+        gateway.metrics = GatewayMetrics(pools, shared=shared_metrics)
         sinks.append(gateway.metrics)
         starts.append(gateway.metrics.started)
         pages[config.metrics.endpoint.encode("ascii")] = gateway.metrics.page

@@ -71,17 +71,36 @@ def makeService(options):
     """Build the gateway service for twistd."""
     from twisted.internet import reactor
 
+    config = options.gateway_config
+    primary = config.server.workers > 1 and not options["worker-child"]
+    if primary and config.metrics.enabled:
+        _share_metrics(reactor)  # before prometheus_client is imported: it reads the directory then
+
     from gomodel.build import build_gateway
     from gomodel.workers import worker_argv
 
-    config = options.gateway_config
     reactor.callWhenRunning(_freeze_startup_objects)
-    if options["worker-child"]:
-        return build_gateway(config, reactor, role="worker")
-    if config.server.workers > 1:
+    if options["worker-child"]:  # the primary's metrics directory came down in the environment
+        return build_gateway(config, reactor, role="worker", shared_metrics="PROMETHEUS_MULTIPROC_DIR" in os.environ)
+    if primary:
         return build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv),
-                             worker_env=os.environ)
+                             worker_env=os.environ, shared_metrics=config.metrics.enabled)
     return build_gateway(config, reactor)
+
+
+def _share_metrics(reactor):
+    """With several processes, every one writes its metrics to one directory, and any scrape sums them.
+
+    prometheus_client's multiprocess mode reads C{PROMETHEUS_MULTIPROC_DIR}
+    when its metrics are made; the workers inherit it. The directory is
+    removed when the first process ends.
+    """
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="gomodel-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, path, True)
 
 
 def _freeze_startup_objects():

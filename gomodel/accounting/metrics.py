@@ -6,10 +6,16 @@ what it lacks: time to first token, tokens by type, upstream errors, client
 disconnects, and each replica's state, in-flight count and last reported
 vLLM load. Labels stay bounded: provider type and name, the model as routed
 (C{provider/upstream-model}, never what a client typed), the gateway route.
+
+With C{--workers}, every process writes its series to one directory
+(prometheus_client's multiprocess mode, C{PROMETHEUS_MULTIPROC_DIR}, set by
+L{gomodel.tap}) and a scrape, whichever process answers it, sums them all;
+the replica series are those of the process that answers.
 """
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
 
@@ -24,14 +30,19 @@ _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_u
 class GatewayMetrics:
     """The gateway's series in one registry; a request-context sink (call it with a completed context)."""
 
-    def __init__(self, pools=(), registry=None):
+    def __init__(self, pools=(), registry=None, *, shared=False):
+        """
+        @param shared: several processes write to prometheus_client's multiprocess
+            directory: a scrape sums them all.
+        """
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._requests = Counter("gomodel_requests_total", "Requests answered, by provider, model, route, status.",
                                  _REQUEST + ("status_code", "stream"), registry=r)
         self._duration = Histogram("gomodel_request_duration_seconds", "Time from a request's head to its end.",
                                    _REQUEST, buckets=DURATION_BUCKETS, registry=r)
-        self._in_flight = Gauge("gomodel_requests_in_flight", "Requests being served now.", registry=r)
+        self._in_flight = Gauge("gomodel_requests_in_flight", "Requests being served now.", registry=r,
+                                multiprocess_mode="livesum")
         self._ttft = Histogram("gomodel_time_to_first_token_seconds",
                                "Time from a streamed request's head to its first byte to the client.",
                                ("provider", "provider_name", "model"), buckets=TTFT_BUCKETS, registry=r)
@@ -41,12 +52,16 @@ class GatewayMetrics:
                                ("provider", "provider_name", "model", "code"), registry=r)
         self._gone = Counter("gomodel_client_disconnects_total", "Requests whose client left before the end.",
                              _REQUEST, registry=r)
+        self._exposed = self.registry
+        if shared:  # --workers: a scrape reads every process's files
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed)
         if pools:
-            r.register(ReplicaCollector(pools))
+            self._exposed.register(ReplicaCollector(pools))
 
     def page(self, request) -> bytes:
         """The text exposition of every series (the C{METRICS_ENDPOINT} route)."""
-        body = generate_latest(self.registry)
+        body = generate_latest(self._exposed)
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
