@@ -105,7 +105,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if config.metrics.access_log:
         sinks.append(AccessLog())
     if config.metrics.enabled:
-        gateway.metrics = GatewayMetrics(pools, shared=shared_metrics)
+        gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.in_flight)
         sinks.append(gateway.metrics)
         starts.append(gateway.metrics.started)
         pages[config.metrics.endpoint.encode("ascii")] = gateway.metrics.page

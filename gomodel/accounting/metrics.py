@@ -30,10 +30,12 @@ _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_u
 class GatewayMetrics:
     """The gateway's series in one registry; a request-context sink (call it with a completed context)."""
 
-    def __init__(self, pools=(), registry=None, *, shared=False):
+    def __init__(self, pools=(), registry=None, *, shared=False, in_flight=None):
         """
         @param shared: several processes write to prometheus_client's multiprocess
             directory: a scrape sums them all.
+        @param in_flight: a function giving the requests in flight now (read at scrape
+            time, nothing to do per request); without it, or when C{shared}, they are counted.
         """
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -43,6 +45,10 @@ class GatewayMetrics:
                                    _REQUEST, buckets=DURATION_BUCKETS, registry=r)
         self._in_flight = Gauge("gomodel_requests_in_flight", "Requests being served now.", registry=r,
                                 multiprocess_mode="livesum")
+        self.counted = shared or in_flight is None  # whether started/__call__ count the requests in flight
+        if not self.counted:
+            self._in_flight.set_function(in_flight)
+        self._children = {}  # label values -> the series they name (labels() costs a lock and a check each)
         self._ttft = Histogram("gomodel_time_to_first_token_seconds",
                                "Time from a streamed request's head to its first byte to the client.",
                                ("provider", "provider_name", "model"), buckets=TTFT_BUCKETS, registry=r)
@@ -68,39 +74,57 @@ class GatewayMetrics:
 
     def started(self, ctx):
         """A request's head is in."""
-        self._in_flight.inc()
+        if self.counted:
+            self._in_flight.inc()
 
     def __call__(self, ctx):
         """A request is over (see L{gomodel.http.context.RequestContext.complete})."""
-        self._in_flight.dec()
-        model = f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else "-"
-        provider, name = ctx.provider_type or "-", ctx.provider or "-"
-        endpoint = ctx.endpoint or "other"
-        self._requests.labels(provider, name, model, endpoint, str(ctx.status),
-                              "true" if ctx.stream else "false").inc()
-        self._duration.labels(provider, name, model, endpoint).observe(ctx.duration)
+        if self.counted:
+            self._in_flight.dec()
+        key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status, ctx.stream)
+        series = self._children.get(key)
+        if series is None:
+            series = self._children[key] = self._series(*key)
+        requests, duration, ttft, tokens = series
+        requests.inc()
+        duration.observe(ctx.duration)
         if ctx.stream and ctx.first_byte is not None:
-            self._ttft.labels(provider, name, model).observe(ctx.first_byte)
+            ttft.observe(ctx.first_byte)
+        if ctx.usage:
+            for child, count in zip(tokens, tokens_by_type(ctx.usage)):
+                if count:
+                    child.inc(count)
         if ctx.outcome == CLIENT_GONE:
-            self._gone.labels(provider, name, model, endpoint).inc()
+            self._gone.labels(*_names(ctx), ctx.endpoint or "other").inc()
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS or ctx.outcome == STREAM_BROKEN
                                          or (ctx.status >= 500 and ctx.error is None)):
-            self._errors.labels(provider, name, model, ctx.error or f"http_{ctx.status}").inc()
-        if ctx.usage:
-            for kind, count in tokens_by_type(ctx.usage):
-                if count:
-                    self._tokens.labels(provider, name, model, kind).inc(count)
+            self._errors.labels(*_names(ctx), ctx.error or f"http_{ctx.status}").inc()
+
+    def _series(self, provider_type, provider, upstream_model, endpoint, status, stream):
+        """The series one kind of request feeds: requests, duration, time to first token, tokens by type."""
+        names = (provider_type or "-", provider or "-", f"{provider}/{upstream_model}" if upstream_model else "-")
+        endpoint = endpoint or "other"
+        return (self._requests.labels(*names, endpoint, str(status), "true" if stream else "false"),
+                self._duration.labels(*names, endpoint), self._ttft.labels(*names),
+                tuple(self._tokens.labels(*names, kind) for kind in TOKEN_TYPES))
 
 
-def tokens_by_type(usage: dict):
-    """C{(type, count)} pairs of a usage object, in chat's or the Responses API's naming."""
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    details_in = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-    details_out = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-    return (("input", _count(prompt)), ("output", _count(completion)),
-            ("cached", _count(details_in.get("cached_tokens") if isinstance(details_in, dict) else None)),
-            ("reasoning", _count(details_out.get("reasoning_tokens") if isinstance(details_out, dict) else None)))
+TOKEN_TYPES = ("input", "output", "cached", "reasoning")
+
+
+def _names(ctx):
+    return (ctx.provider_type or "-", ctx.provider or "-",
+            f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else "-")
+
+
+def tokens_by_type(usage: dict) -> tuple:
+    """The counts of L{TOKEN_TYPES} in a usage object (chat's or the Responses API's naming); 0 where unknown."""
+    details_in = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    details_out = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+    return (_count(usage.get("prompt_tokens", usage.get("input_tokens"))),
+            _count(usage.get("completion_tokens", usage.get("output_tokens"))),
+            _count(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0,
+            _count(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0)
 
 
 def _count(value) -> int:

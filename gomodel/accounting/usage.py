@@ -48,10 +48,10 @@ class UsageLedger(Service):
         """A request is over: keep its record if it reached an upstream."""
         if ctx.replica is None:
             return
-        model = f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None
         self.keep({
             "request_id": ctx.request_id.decode("ascii"), "timestamp": ctx.started,
-            "provider": ctx.provider_type, "provider_name": ctx.provider, "replica": ctx.replica, "model": model,
+            "provider": ctx.provider_type, "provider_name": ctx.provider, "replica": ctx.replica,
+            "model": f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None,
             "endpoint": ctx.endpoint, "status_code": ctx.status, "stream": ctx.stream,
             "duration_ms": round(ctx.duration * 1000, 3),
             "ttft_ms": None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3),
@@ -60,13 +60,16 @@ class UsageLedger(Service):
 
     def keep(self, record, usage):
         """Add token counts and costs from C{usage} to C{record} and buffer it for the next flush."""
-        tokens = dict(tokens_by_type(usage)) if usage else {}
-        record.update(input_tokens=tokens.get("input"), output_tokens=tokens.get("output"),
-                      cached_tokens=tokens.get("cached"), reasoning_tokens=tokens.get("reasoning"))
-        total = (usage or {}).get("total_tokens")
-        record["total_tokens"] = total if isinstance(total, int) else (
-            (tokens.get("input") or 0) + (tokens.get("output") or 0) if tokens else None)
-        record.update(self._costs(record))
+        if usage:
+            record["input_tokens"], record["output_tokens"], record["cached_tokens"], record["reasoning_tokens"] = \
+                tokens_by_type(usage)
+            total = usage.get("total_tokens")
+            record["total_tokens"] = total if isinstance(total, int) else record["input_tokens"] + record["output_tokens"]
+        else:
+            record["input_tokens"] = record["output_tokens"] = record["cached_tokens"] = None
+            record["reasoning_tokens"] = record["total_tokens"] = None
+        if self._pricing:
+            record.update(self._costs(record))
         self._buffer.append(record)
         if len(self._buffer) > MAX_BUFFER:
             del self._buffer[:len(self._buffer) - MAX_BUFFER]
