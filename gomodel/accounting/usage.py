@@ -11,7 +11,7 @@ job, once a day, by one process at a time.
 """
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -41,71 +41,70 @@ class UsageLedger(Service):
         self._retention = retention
         self._pricing = dict(pricing or {})
         self._buffer = []
-        self._flushing = None
+        self._writing = DeferredLock()  # one write at a time, in order
         self._loops = []
 
     def __call__(self, ctx):
         """A request is over: keep its record if it reached an upstream."""
         if ctx.replica is None:
             return
-        self.keep({
-            "request_id": ctx.request_id.decode("ascii"), "timestamp": ctx.started,
-            "provider": ctx.provider_type, "provider_name": ctx.provider, "replica": ctx.replica,
-            "model": f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None,
-            "endpoint": ctx.endpoint, "status_code": ctx.status, "stream": ctx.stream,
-            "duration_ms": round(ctx.duration * 1000, 3),
-            "ttft_ms": None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3),
-            "client_gone": ctx.client_gone, "estimated": ctx.estimated, "auth_key_id": None, "user_path": None,
-        }, ctx.usage)
+        self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, ctx.replica,
+                  f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
+                  ctx.stream, ctx.usage, round(ctx.duration * 1000, 3),
+                  None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3), ctx.client_gone,
+                  ctx.estimated)
 
-    def keep(self, record, usage):
-        """Add token counts and costs from C{usage} to C{record} and buffer it for the next flush."""
+    def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
+             usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, auth_key_id=None,
+             user_path=None):
+        """Buffer one record (a row in L{gomodel.store.records.USAGE_FIELDS} order) for the next flush.
+
+        @param usage: the upstream's usage object, or None.
+        """
         if usage:
-            record["input_tokens"], record["output_tokens"], record["cached_tokens"], record["reasoning_tokens"] = \
-                tokens_by_type(usage)
+            tokens = tokens_by_type(usage)
             total = usage.get("total_tokens")
-            record["total_tokens"] = total if isinstance(total, int) else record["input_tokens"] + record["output_tokens"]
+            total = total if isinstance(total, int) else tokens[0] + tokens[1]
         else:
-            record["input_tokens"] = record["output_tokens"] = record["cached_tokens"] = None
-            record["reasoning_tokens"] = record["total_tokens"] = None
-        if self._pricing:
-            record.update(self._costs(record))
-        self._buffer.append(record)
+            tokens, total = (None, None, None, None), None
+        costs = self._costs(model, tokens) if self._pricing else (None, None, None)
+        self._buffer.append((request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code,
+                             stream, tokens[0], tokens[1], total, tokens[2], tokens[3], *costs, user_path,
+                             auth_key_id, duration_ms, ttft_ms, client_gone, estimated))
         if len(self._buffer) > MAX_BUFFER:
             del self._buffer[:len(self._buffer) - MAX_BUFFER]
 
-    def _costs(self, record):
-        price = self._pricing.get(record.get("model"))
-        if price is None or record["input_tokens"] is None:
-            return {"input_cost": None, "output_cost": None, "total_cost": None}
-        cached = record["cached_tokens"] or 0
-        input_cost = ((record["input_tokens"] - cached) * price.get("input_per_mtok", 0)
-                      + cached * price.get("cached_input_per_mtok", price.get("input_per_mtok", 0))) / 1e6
-        output_cost = (record["output_tokens"] or 0) * price.get("output_per_mtok", 0) / 1e6
-        return {"input_cost": input_cost, "output_cost": output_cost, "total_cost": input_cost + output_cost}
+    def _costs(self, model, tokens):
+        """C{(input_cost, output_cost, total_cost)} of a record, or Nones without a price."""
+        price = self._pricing.get(model)
+        if price is None or tokens[0] is None:
+            return None, None, None
+        uncached = price.get("input_per_mtok", 0)
+        input_cost = ((tokens[0] - tokens[2]) * uncached + tokens[2] * price.get("cached_input_per_mtok", uncached)) / 1e6
+        output_cost = tokens[1] * price.get("output_per_mtok", 0) / 1e6
+        return input_cost, output_cost, input_cost + output_cost
 
     # -- writing ------------------------------------------------------------------------
 
     def flush(self):
-        """Write what is buffered.
+        """Write what is buffered (after a write under way, if any).
 
-        @return: a Deferred firing once written (a failure is logged and the
-            records are kept for the next flush).
+        @return: a Deferred firing once written; a failure is logged and the
+            records are kept for the next flush.
         """
-        if self._flushing is not None or not self._buffer:
-            return succeed(None) if self._flushing is None else self._flushing
+        return self._writing.run(self._write)
+
+    def _write(self):
+        if not self._buffer:
+            return succeed(None)
         records, self._buffer = self._buffer, []
-        d = self._flushing = self._usage.add(records)
 
         def failed(failure):
             self.log.failure("writing {count} usage records failed; kept for the next flush", failure,
                              count=len(records))
             self._buffer[:0] = records
 
-        def done(_):
-            self._flushing = None
-
-        return d.addErrback(failed).addBoth(done)
+        return self._usage.add(records).addErrback(failed)
 
     def startService(self):
         super().startService()

@@ -398,12 +398,9 @@ class BatchRunner(Service):
     def _account(self, job, path, route, answer, request_id):
         """Keep the usage record of one answered line (batch lines count as requests do)."""
         pool = route.provider
-        self._usage.keep({
-            "request_id": request_id, "timestamp": self._clock.seconds(), "provider": pool.type,
-            "provider_name": pool.name, "replica": None, "model": f"{pool.name}/{route.upstream_model}",
-            "endpoint": "/v1" + path, "status_code": answer.status, "stream": False, "duration_ms": None,
-            "ttft_ms": None, "client_gone": False, "estimated": False, "auth_key_id": None, "user_path": None,
-        }, usage_of(answer.body) if answer.status < 400 else None)
+        self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, None,
+                         f"{pool.name}/{route.upstream_model}", "/v1" + path, answer.status, False,
+                         usage_of(answer.body) if answer.status < 400 else None)
 
     def _record(self, job, line, custom_id, ok, data):
         return self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)

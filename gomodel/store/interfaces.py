@@ -280,16 +280,18 @@ class IClaims(Interface):
 class IUsageStore(Interface):
     """The usage ledger: one record per request that reached an upstream, and per batch line.
 
-    A record is a dict with GoModel's usage-row names (C{request_id, timestamp,
+    A record has GoModel's usage-row names (C{request_id, timestamp,
     provider, provider_name, model, endpoint, status_code, stream,
     input_tokens, output_tokens, total_tokens, cached_tokens,
     reasoning_tokens, input_cost, output_cost, total_cost, user_path}) and
     ours (C{replica, duration_ms, ttft_ms, client_gone, estimated,
-    auth_key_id}); a stored one also has its C{id}, which orders the log.
+    auth_key_id}): L{gomodel.store.records.USAGE_FIELDS}. Records go in as
+    tuples in that order (thousands a second: no dict each) and come out as
+    dicts with their C{id}, which orders the log.
     """
 
-    def add(records):
-        """Store C{records} in one transaction.
+    def add(rows):
+        """Store C{rows} (tuples in C{USAGE_FIELDS} order) in one transaction.
 
         @return: a Deferred firing with how many were stored.
         """

@@ -5,6 +5,7 @@ from zope.interface import implementer
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS
 _BOOLEANS = ("stream", "client_gone", "estimated")
+_INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
             "search": "request_id LIKE ?"}
 
@@ -16,15 +17,13 @@ class SQLiteUsageStore:
     def __init__(self, db):
         self._db = db
 
-    def add(self, records):
-        return self._db.run(self._add, list(records))
+    def add(self, rows):
+        return self._db.run(self._add, rows)
 
-    def _add(self, records):
-        placeholders = ", ".join("?" for _ in COLUMNS)
+    def _add(self, rows):
         with self._db.transaction() as conn:
-            conn.executemany(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-                             [tuple(_stored(r.get(c)) for c in COLUMNS) for r in records])
-        return len(records)
+            conn.executemany(_INSERT, rows)  # sqlite stores booleans as 0 and 1
+        return len(rows)
 
     def summary(self, start, end):
         return self._db.run(self._grouped, start, end, (), None).addCallback(
@@ -84,10 +83,6 @@ _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens
 def _totals(row) -> dict:
     return {"requests": row[0], "input_tokens": row[1], "output_tokens": row[2], "total_tokens": row[3],
             "cached_tokens": row[4], "reasoning_tokens": row[5], "total_cost": row[6], "errors": row[7]}
-
-
-def _stored(value):
-    return int(value) if isinstance(value, bool) else value
 
 
 def _record(row) -> dict:
