@@ -59,10 +59,10 @@ def wait_until(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_two_workers_share_the_port_and_follow_the_primary(tmp_path):
+def start_primary(tmp_path):
+    """C{twistd -n gomodel --workers 2} on a free loopback port: (process, log path, port)."""
     log_path = tmp_path / "gateway.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "PROMETHEUS_"))}
     env.update({"PYTHONPATH": REPO, "GOMODEL_DATA_DIR": str(tmp_path / "data")})
     with open(log_path, "wb") as log:
         primary = subprocess.Popen(
@@ -72,6 +72,17 @@ def test_two_workers_share_the_port_and_follow_the_primary(tmp_path):
     try:
         port = int(wait_until(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()),
                               what="the primary to listen").group(1))
+    except BaseException:
+        primary.kill()
+        primary.wait()
+        raise
+    return primary, log_path, port
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_two_workers_share_the_port_and_follow_the_primary(tmp_path):
+    primary, log_path, port = start_primary(tmp_path)
+    try:
         pids = wait_until(lambda: (lambda p: p if len(p) == 2 else None)(listening_pids(port)),
                           what="two processes listening")
         assert primary.pid in pids
@@ -108,17 +119,8 @@ def test_a_scrape_sums_the_metrics_of_every_worker(tmp_path):
 
     from tests.integration.support import request
 
-    log_path = tmp_path / "gateway.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "PROMETHEUS_"))}
-    env.update({"PYTHONPATH": REPO, "GOMODEL_DATA_DIR": str(tmp_path / "data")})
-    with open(log_path, "wb") as log:
-        primary = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-             "gomodel", "--workers", "2", "--listen", "tcp:0:interface=127.0.0.1"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(tmp_path))
+    primary, _, port = start_primary(tmp_path)
     try:
-        port = int(wait_until(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()),
-                              what="the primary to listen").group(1))
         wait_until(lambda: len(listening_pids(port)) == 2, what="two processes listening")
         for _ in range(20):  # new connections: the kernel spreads them over both processes
             assert request("GET", f"http://127.0.0.1:{port}/v1/models").status == 200

@@ -101,12 +101,17 @@ def count(value) -> int:
     return number
 
 
+def _one_of(value, choices, shown=None) -> str:
+    """C{value} lower-cased, when it is one of C{choices}."""
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ValueError("must be one of: " + ", ".join(shown or choices))
+    return text
+
+
 def models_mode(value) -> str:
     """One of L{MODELS_MODES}, case-insensitive."""
-    mode = str(value).strip().lower()
-    if mode not in MODELS_MODES:
-        raise ValueError("must be one of: " + ", ".join(MODELS_MODES))
-    return mode
+    return _one_of(value, MODELS_MODES)
 
 
 ROUTING_STRATEGIES = ("load", "least_requests", "round_robin", "random")
@@ -114,10 +119,7 @@ ROUTING_STRATEGIES = ("load", "least_requests", "round_robin", "random")
 
 def routing_strategy(value) -> str:
     """One of L{ROUTING_STRATEGIES}, case-insensitive."""
-    strategy = str(value).strip().lower()
-    if strategy not in ROUTING_STRATEGIES:
-        raise ValueError("must be one of: " + ", ".join(ROUTING_STRATEGIES))
-    return strategy
+    return _one_of(value, ROUTING_STRATEGIES)
 
 
 def limit(value) -> int:
@@ -146,18 +148,13 @@ def route_path(value) -> str:
 
 def log_format(value) -> str:
     """C{text} or C{json}."""
-    text = str(value).strip().lower()
-    if text not in ("text", "json"):
-        raise ValueError("must be text or json")
-    return text
+    return _one_of(value, ("text", "json"))
 
 
 def log_level(value) -> str:
-    """C{debug}, C{info}, C{warn}, C{error} or C{critical}."""
-    text = str(value).strip().lower()
-    if text not in ("debug", "info", "warn", "warning", "error", "critical"):
-        raise ValueError("must be one of: debug, info, warn, error, critical")
-    return text
+    """C{debug}, C{info}, C{warn} (or C{warning}), C{error} or C{critical}."""
+    return _one_of(value, ("debug", "info", "warn", "warning", "error", "critical"),
+                   ("debug", "info", "warn", "error", "critical"))
 
 
 def boolean(value) -> bool:
