@@ -7,7 +7,7 @@ itself: Responses lifecycle, batch lines). Both go through the same steps:
   1. choose a replica of the provider's pool (by load, session and health;
      waiting for room when every one is full),
   2. send; before anything went to the client, a replica that cannot be
-     reached, times out or answers 502/503/504/429 is left for another one,
+     reached, times out or answers 500/502/503/504/429 is left for another one,
      up to C{ROUTING_MAX_ATTEMPTS} in all (the server retries a stale pooled
      connection once by itself),
   3. map every failure to a L{gomodel.errors.GatewayError},
@@ -34,8 +34,9 @@ from gomodel.upstream.errors import upstream_error
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
 ABORT_GRACE = 10.0  # seconds a broken stream's error event gets to reach the client
-# Answers that send a request to another replica, when there is one and nothing went to the client.
-FAILOVER_STATUSES = frozenset((429, 502, 503, 504))
+# Answers that send a request to another replica, when there is one and nothing went to the client:
+# vLLM's 500 is its engine failing (a replica shutting down answers it too), the others are overload.
+FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504))
 
 
 class UpstreamCall:
