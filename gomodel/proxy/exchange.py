@@ -87,6 +87,14 @@ class UpstreamCall:
         self.rebody = rebody
 
 
+class _BrokeOff(Exception):
+    """A whole answer broke off before any of it went to the client (C{error}: what to tell it)."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.error = error
+
+
 class Exchange:
     """Sends L{UpstreamCall}s and relays or reads their answers."""
 
@@ -112,41 +120,47 @@ class Exchange:
         try:
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:
-                replica = None
+                response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken)
                 try:
-                    response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken)
                     if model != ctx.upstream_model or upstream.name != ctx.provider:
                         ctx.route(upstream, ctx.model, model)  # a fallback target served it
                     ctx.replica = replica.index
                     request.setHeader(b"x-gomodel-replica", b"%d" % replica.index)
-                    if call.vet is not None:
-                        await call.vet(response)
-                    if call.raw:
-                        return await self._relay_stream(request, ctx, response, None, keep_length=True)
-                    if response.code >= 400:
-                        raise await self._error(upstream, response)
-                    if not 200 <= response.code < 300:
-                        discard(response)
-                        raise BadUpstreamResponse(
-                            f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
-                    if is_event_stream(response):
-                        ctx.stream = True
-                        return await self._relay_stream(request, ctx, response, call.observer)
-                    try:
-                        body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
-                    except UpstreamUnreachable as e:
-                        # A whole answer that broke off: nothing went to the client yet.
-                        replica.failed(e.message)
-                        broken.append(replica)
-                        if upstream is pool and self._again(pool, model, call, broken, len(broken), False, e.message):
-                            continue
-                        raise
-                    return self._whole(request, ctx, upstream, response, call, body)
+                    return await self._answer(request, ctx, upstream, response, call)
+                except _BrokeOff as e:  # nothing went to the client yet: another replica may answer
+                    replica.failed(e.error.message)
+                    broken.append(replica)
+                    if upstream is pool and self._again(pool, model, call, broken, len(broken), False,
+                                                        e.error.message):
+                        continue
+                    raise e.error from None
                 finally:
-                    if replica is not None:
-                        upstream.release(replica)
+                    upstream.release(replica)
         finally:
             ctx.release()
+
+    async def _answer(self, request, ctx, upstream, response, call):
+        """Relay C{response} onto C{request} as C{call} says (see L{relay}).
+
+        @raise _BrokeOff: a whole answer broke off before anything was sent.
+        """
+        if call.vet is not None:
+            await call.vet(response)
+        if call.raw:
+            return await self._relay_stream(request, ctx, response, None, keep_length=True)
+        if response.code >= 400:
+            raise await self._error(upstream, response)
+        if not 200 <= response.code < 300:
+            discard(response)
+            raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
+        if is_event_stream(response):
+            ctx.stream = True
+            return await self._relay_stream(request, ctx, response, call.observer)
+        try:
+            body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
+        except UpstreamUnreachable as e:
+            raise _BrokeOff(e) from None
+        return self._whole(request, ctx, upstream, response, call, body)
 
     async def fetch(self, request_id: bytes, upstream, call: UpstreamCall):
         """Send C{call} to C{upstream} and read the whole answer, whatever its status.
