@@ -22,6 +22,7 @@ class Drain:
     """
 
     log = Logger()
+    reads_usage = False  # it only counts
 
     site = None  # the GatewaySite whose connections a drain that ran out of time closes
 

@@ -127,3 +127,11 @@ def test_a_failing_sink_is_logged_and_the_others_still_run(logged_errors):
     ctx.ended(200, client_gone=False)
     assert seen == [ctx]
     assert logged_errors.flush(RuntimeError) == 1
+
+
+def test_usage_is_wanted_only_when_a_sink_reads_it():
+    from gomodel.lifecycle import Drain
+
+    counting = Drain(Clock(), [], 1.0)
+    assert RequestContext(b"id", b"GET", b"/", Clock(), (counting,)).recorded is False
+    assert RequestContext(b"id", b"GET", b"/", Clock(), (counting, lambda ctx: None)).recorded is True

@@ -2,11 +2,10 @@
 
 The front makes a L{RequestContext} when a request's head is in; the route
 names the model and provider, the exchange the replica, the usage and the
-time to first byte. L{RequestContext.complete} runs exactly once, when the
-response is over I{and} nothing still holds the context (the exchange holds
-it while it relays), and hands the finished record to every sink: the access
-log now, metrics and the usage ledger next. Nothing is read back through
-callback order.
+time to first byte. The record completes exactly once, when the response is
+over I{and} nothing still holds the context (the exchange holds it while it
+relays), and goes to every sink: the access log, metrics, the usage ledger,
+the drain's count. Nothing is read back through callback order.
 """
 
 from twisted.logger import Logger
@@ -44,14 +43,19 @@ class RequestContext:
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
                  "_ended", "_completed", "recorded", "estimated")
 
-    def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, key=None, dialect=None):
+    def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, key=None, dialect=None,
+                 recorded=None):
+        """
+        @param recorded: whether a sink reads the usage (if none does, it need not be
+            dug out of answers); by default, whether any sink lacks C{reads_usage = False}.
+        """
         self.request_id = request_id
         self.method = method
         self.path = path
         self._clock = clock
         self.started = clock.seconds()
         self._sinks = sinks
-        self.recorded = bool(sinks)  # a sink reads this record (if none does, usage need not be dug out)
+        self.recorded = reads_usage(sinks) if recorded is None else recorded
         self.key = key
         self.dialect = dialect
         self.endpoint = None
@@ -139,6 +143,11 @@ class RequestContext:
         usage = self.usage or {}
         return (usage.get("prompt_tokens", usage.get("input_tokens")),
                 usage.get("completion_tokens", usage.get("output_tokens")))
+
+
+def reads_usage(sinks) -> bool:
+    """Whether one of C{sinks} reads a record's usage (a sink that does not says C{reads_usage = False})."""
+    return any(getattr(sink, "reads_usage", True) for sink in sinks)
 
 
 class AccessLog:

@@ -15,7 +15,7 @@ from twisted.web.server import NOT_DONE_YET
 from gomodel import errors
 from gomodel._twistedcompat import send_now
 from gomodel.http import render
-from gomodel.http.context import STREAM_BROKEN, RequestContext
+from gomodel.http.context import STREAM_BROKEN, RequestContext, reads_usage
 from gomodel.http.site import request_id_for
 
 
@@ -37,6 +37,7 @@ class FrontResource(Resource):
         self._routes = routes
         self._clock = clock
         self._sinks = tuple(sinks)
+        self._recorded = reads_usage(self._sinks)
         self._starts = tuple(starts)
         self._exact = exact or {}
         self._pages = pages or {}
@@ -48,7 +49,7 @@ class FrontResource(Resource):
         request.setHeader(b"x-request-id", request_id)
         ctx = request.context = RequestContext(
             request_id, request.method, request.path, self._clock, self._sinks, key=request.identity,
-            dialect=self._dialects.get(request.path, render.OPENAI))
+            dialect=self._dialects.get(request.path, render.OPENAI), recorded=self._recorded)
         for start in self._starts:
             start(ctx)
         refusal = self._refusal(request)
