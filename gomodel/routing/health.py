@@ -157,7 +157,10 @@ class ReplicaMonitor(Service):
         if replica.state in (LOADING, DOWN) and watch.healthy:
             replica.set_state(READY)  # it answered its health check already
         self._checked(watch)
-        self._registry.models_changed()
+        if models != before:  # listings and resolutions are made again only when something changed
+            self._registry.models_changed()
+        else:
+            self._registry.replicas_changed()
         self._schedule_discovery(watch, self._refresh_interval)
 
     def _discovery_failed(self, failure, watch):
@@ -173,7 +176,7 @@ class ReplicaMonitor(Service):
                       delay=delay)
         replica.last_error = why
         self._checked(watch)
-        self._registry.models_changed()  # a provider whose replicas all failed is known now (its configured models)
+        self._registry.replicas_changed()  # a provider whose replicas all failed is known now (its configured models)
         self._schedule_discovery(watch, delay)
         return None
 
