@@ -17,7 +17,7 @@ from gomodel.api.files import FilesAPI
 from gomodel.api.inference import InferenceRoutes
 from gomodel.api.passthrough import Passthrough
 from gomodel.api.responses import ResponsesRoute
-from gomodel.auth.keys import MasterKeyAuth
+from gomodel.auth.keys import GatewayAuth, KeyRing
 from gomodel.batches.runner import BatchRunner
 from gomodel.batches.service import BatchServices
 from gomodel.http.context import AccessLog
@@ -84,7 +84,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
                                        usage=gateway.usage)
-    users = [gateway.usage] if gateway.usage is not None else []
+    # Managed keys: every process keeps a snapshot by hash, refreshed from the store.
+    gateway.keys = KeyRing(store.keys, reactor)
+    users = [gateway.keys]
+    users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
               ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
               gateway.batch_runner]
@@ -117,7 +120,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact=inference.routes(), pages=pages)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
-                               authenticate=MasterKeyAuth(config.auth.master_key, open_paths),
+                               authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
+                                                        closed_to_keys=[config.metrics.endpoint]),
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
     gateway.drain.site = gateway.site
