@@ -15,9 +15,11 @@ from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
 from gomodel.api.files import FilesAPI
 from gomodel.api.inference import InferenceRoutes
+from gomodel.api.keys import KeysAPI
 from gomodel.api.passthrough import Passthrough
 from gomodel.api.responses import ResponsesRoute
 from gomodel.auth.keys import GatewayAuth, KeyRing
+from gomodel.auth.tenancy import CacheSalts
 from gomodel.batches.runner import BatchRunner
 from gomodel.batches.service import BatchServices
 from gomodel.http.context import AccessLog
@@ -80,12 +82,13 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if usage.enabled:  # stopped after the others: what they record is written
         gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,
                                     retention=usage.retention_days * 86400.0, pricing=usage.pricing)
+    # Managed keys: every process keeps a snapshot by hash, refreshed from the store.
+    gateway.keys = KeyRing(store.keys, reactor)
+    salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
-                                       usage=gateway.usage)
-    # Managed keys: every process keeps a snapshot by hash, refreshed from the store.
-    gateway.keys = KeyRing(store.keys, reactor)
+                                       usage=gateway.usage, keys=gateway.keys, salts=salts)
     users = [gateway.keys]
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
@@ -95,11 +98,12 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
 
     # Routes.
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
-    inference = InferenceRoutes(gateway.registry, exchange, responses)
+    inference = InferenceRoutes(gateway.registry, exchange, responses, salts)
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
-                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage)
+                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage,
+                                    keys=KeysAPI(store.keys, gateway.keys, reactor))
                      if config.auth.admin_endpoints else None)
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).

@@ -24,16 +24,28 @@ class AdminAPI:
     app = Klein()
     app.url_map.strict_slashes = False
 
-    def __init__(self, registry, monitor, clock, usage=None):
+    def __init__(self, registry, monitor, clock, usage=None, *, keys=None, budgets=None):
         """
         @param registry: the L{gomodel.routing.registry.ModelRegistry} (its providers' pools).
         @param monitor: the L{gomodel.routing.health.ReplicaMonitor}.
         @param usage: the L{gomodel.store.interfaces.IUsageStore}, or None (C{USAGE_ENABLED=false}).
+        @param keys: the L{gomodel.api.keys.KeysAPI} mounted at C{auth-keys}.
+        @param budgets: an API mounted at C{budgets} (see L{gomodel.api.budgets}).
         """
         self._registry = registry
         self._monitor = monitor
         self._clock = clock
         self._usage = usage
+        self._keys = keys
+        self._budgets = budgets
+
+    @app.route("/auth-keys", branch=True)
+    def auth_keys(self, request):
+        return _mounted(self._keys, request)
+
+    @app.route("/budgets", branch=True)
+    def budgets(self, request):
+        return _mounted(self._budgets, request)
 
     @app.route("/providers/status", methods=["GET"])
     def providers_status(self, request):
@@ -142,6 +154,12 @@ class AdminAPI:
         return {"name": pool.name, "type": pool.type, "models": sorted(inventory or ()),
                 "ready_replicas": sum(1 for r in pool.replicas if r.ready),
                 "replicas": [_replica(r, now) for r in pool.replicas]}
+
+
+def _mounted(api, request):
+    if api is None:
+        raise NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()}.")
+    return api.app.resource()
 
 
 def _replica(replica, now) -> dict:

@@ -58,13 +58,19 @@ class GatewayApp:
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request):
-        return json_answer(request, self._registry.models_body())
+        principal = request.context.principal
+        if principal is None or principal.models is None:
+            return json_answer(request, self._registry.models_body())
+        # A key limited to some models sees only those.
+        return json_answer(request, {"object": "list", "data": [
+            model for model in self._registry.models() if _may_use(principal, model)]})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     def retrieve_model(self, request, model_id):
         model = self._registry.model(model_id)
-        if model is None:
-            raise errors.ModelNotFound(model_id)
+        principal = request.context.principal
+        if model is None or (principal is not None and not _may_use(principal, model)):
+            raise errors.ModelNotFound(model_id)  # a model the key may not use is not named to it
         return json_answer(request, model)
 
     @app.route("/v1/responses/<response_id>", methods=["GET"])
@@ -112,3 +118,12 @@ class GatewayApp:
         return api.app.resource()
 
     install_error_handlers(app)
+
+
+def _may_use(principal, model) -> bool:
+    """Whether C{principal} may use a listed model (by its qualified id, or its id at its provider)."""
+    model_id = model["id"]
+    provider = model.get("owned_by")
+    if provider and model_id.startswith(provider + "/"):
+        return principal.allows(model_id, model_id[len(provider) + 1:])
+    return principal.allows(model_id)

@@ -120,6 +120,11 @@ class KeyRing(Service):
             return None
         return principal
 
+    def by_id(self, key_id):
+        """The principal of key C{key_id} as last seen (active or not), or None."""
+        secret_hash = self._hash_of.get(key_id)
+        return None if secret_hash is None else self._by_hash.get(secret_hash)
+
     def merge(self, records):
         """Take new or changed key records (this process's admin edits take effect at once)."""
         for record in records:

@@ -158,6 +158,7 @@ MIGRATIONS = (
         # Who owns what a managed key made: "path:/team/alpha" or "key:<id>"; NULL: the master key's.
         "ALTER TABLE files ADD COLUMN tenant TEXT",
         "ALTER TABLE batches ADD COLUMN tenant TEXT",
+        "ALTER TABLE batches ADD COLUMN auth_key_id TEXT",
         "ALTER TABLE responses ADD COLUMN tenant TEXT",
         "CREATE INDEX usage_key ON usage (auth_key_id, timestamp)",
         "CREATE INDEX usage_path ON usage (user_path, timestamp)",
