@@ -1,5 +1,7 @@
 """L{IKeyStore} and L{IBudgetStore} on SQLite: managed keys (their hashes) and budgets by user path."""
 
+import json
+
 from zope.interface import implementer
 
 from gomodel import jsonutil
@@ -67,7 +69,7 @@ def _record(row) -> dict:
     record = dict(zip(KEY_COLUMNS, row))
     for name in _JSON:
         if record[name] is not None:
-            record[name] = jsonutil.loads(record[name])
+            record[name] = json.loads(record[name])
     record["budgets"] = record["budgets"] or []
     record["own_cache_salt"] = bool(record["own_cache_salt"])
     return record
