@@ -356,3 +356,17 @@ async def test_usage_records_name_the_key_and_its_user_path(http, gw):
     record = log["data"][0]
     assert (record["auth_key_id"], record["user_path"]) == (key["id"], "/team/alpha")
     assert key["value"] not in json.dumps(log)
+    master = openai_client(gw, MASTER)
+    try:
+        await chat(master)
+    finally:
+        master.close()
+    await gw.service.usage.flush()
+    code, by_key = await admin(http, gw, "GET", "/admin/api/v1/usage/keys")
+    assert {row["auth_key_id"]: row["requests"] for row in by_key["data"]} == {None: 1, key["id"]: 1}
+    code, by_path = await admin(http, gw, "GET", "/admin/api/v1/usage/user-paths")
+    assert {row["user_path"]: row["requests"] for row in by_path["data"]} == {None: 1, "/team/alpha": 1}
+    for query, count in ((f"key={key['id']}", 1), ("user_path=/team", 1), ("user_path=/team/alpha", 1),
+                         ("user_path=/tea", 0), ("user_path=/team/alpha/x", 0)):
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log?" + query)
+        assert len(log["data"]) == count, query

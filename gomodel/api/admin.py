@@ -100,12 +100,25 @@ class AdminAPI:
         start, end = self._window(request)
         return _rows(request, await self._usage_store().grouped(start, end, by=("provider", "provider_name", "model")))
 
+    @app.route("/usage/keys", methods=["GET"])
+    async def usage_keys(self, request):
+        """Totals per managed key (C{auth_key_id}; null: the master key's) of a window; C{format=csv}."""
+        start, end = self._window(request)
+        return _rows(request, await self._usage_store().grouped(start, end, by=("auth_key_id",)))
+
+    @app.route("/usage/user-paths", methods=["GET"])
+    async def usage_user_paths(self, request):
+        """Totals per user path of a window; C{format=csv}."""
+        start, end = self._window(request)
+        return _rows(request, await self._usage_store().grouped(start, end, by=("user_path",)))
+
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
         """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
-        C{provider}, C{status}, C{search} (request id); C{format=csv}."""
+        C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}."""
         start, end = self._window(request)
-        filters = {name: query_arg(request, name.encode()) for name in ("model", "provider", "status", "search")}
+        filters = {name: query_arg(request, name.encode())
+                   for name in ("model", "provider", "status", "search", "key", "user_path")}
         filters = {name: value for name, value in filters.items() if value is not None}
         if "status" in filters:
             try:

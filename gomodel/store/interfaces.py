@@ -309,7 +309,7 @@ class IUsageStore(Interface):
     def grouped(start, end, by=(), bucket=None):
         """Totals of the window (as L{summary}'s) per group, in group order.
 
-        @param by: any of C{provider}, C{provider_name}, C{model}.
+        @param by: any of C{provider}, C{provider_name}, C{model}, C{auth_key_id}, C{user_path}.
         @param bucket: seconds (86400: per UTC day): also grouped by C{period}, the bucket's start.
         @return: a Deferred firing with a list of dicts: the group's keys, then the totals.
         """
@@ -318,7 +318,8 @@ class IUsageStore(Interface):
         """Records of the window, newest first.
 
         @param before: a record C{id}: only older records (the cursor of the previous page).
-        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id).
+        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id),
+            C{key} (a managed key's id), C{user_path} (that path and those under it).
         @return: a Deferred firing with C{(records, next cursor or None)}.
         """
 
