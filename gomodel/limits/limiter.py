@@ -217,7 +217,12 @@ class Admission:
         specs = [(b.name, b.capacity, b.refill, delta) for b in self._buckets if b.tokens]
         if not delta or not specs:
             return succeed(None)
-        return self._limiter._counters.adjust_all(specs).addCallback(lambda _: None)
+        return self._limiter._counters.adjust_all(specs).addCallback(self._settled_at, specs)
+
+    def _settled_at(self, levels, specs):
+        seen, now = self._limiter._seen, self._limiter._clock.seconds()
+        for (name, _, _, _), level in zip(specs, levels):
+            seen[name] = (level, now)
 
     def release(self):
         """Free the concurrency slots: Deferred firing None."""
