@@ -31,8 +31,8 @@ setup(
         # the format's own reference library rather than a hand-written exposition.
         "prometheus_client>=0.20,<1",
         # Rate-limit and budget counters shared by workers and gateways through Redis
-        # (REDIS_URL): redis-py is Redis's own, well-kept client (the Twisted-native ones
-        # are thinly maintained); it runs in a small owned thread pool, off the reactor.
+        # (REDIS_URL): redis-py is the client Redis itself maintains (Lua Script objects with
+        # EVALSHA, connection pooling); it runs in a small owned thread pool, off the reactor.
         "redis>=5,<9",
     ],
     extras_require={
