@@ -169,6 +169,22 @@ def test_settle_gives_back_or_takes_the_difference(limiter, counters, clock):
     assert counters.level("key:k_1|t60")[0] == pytest.approx(10)
 
 
+def test_finish_settles_and_releases_at_once(limiter, counters):
+    scopes = [("key:k_1", RateLimit(tpm=600, concurrent=1))]
+    admission = fired(limiter.admit(scopes, 500))
+    refused(limiter, scopes)
+    fired(admission.finish(100))
+    assert counters.level("key:k_1|t60")[0] == 500
+    fired(admission.finish(600))
+    fired(admission.settle(600))
+    fired(admission.release())
+    assert counters.level("key:k_1|t60")[0] == 500
+    again = fired(limiter.admit(scopes, 0))
+    fired(again.release())
+    fired(again.settle(100))  # settled after the release: still charged
+    assert counters.level("key:k_1|t60")[0] == 400
+
+
 def test_headers_show_the_key_scope_in_openai_form(limiter, clock):
     key = ("key:k_1", RateLimit(rpm=60, tpm=6000))
     provider = ("provider:vllm", RateLimit(rpm=1000, tpm=10))
@@ -227,10 +243,18 @@ def test_saturated_is_this_process_view(limiter, clock):
     assert limiter.saturated("model:vllm/x", model)
     fired(a.release())
     assert not limiter.saturated("model:vllm/x", model)
+    other = Limiter(limiter._counters, clock)  # another limiter on the same counters: as another process
+    c = fired(other.admit([("model:vllm/x", model)], 10))
+    assert not other.saturated("model:vllm/x", model)  # it holds one slot of two
+    refused(other, [("model:vllm/x", model)])
+    assert other.saturated("model:vllm/x", model)  # it saw them all taken
+    clock.advance(1)
+    assert not other.saturated("model:vllm/x", model)
+    fired(c.release())
     fired(b.settle(200))  # the answer took more tokens than reserved: a debt
     assert limiter.saturated("model:vllm/x", model)
     fired(b.release())
-    clock.advance(65)  # -110 tokens, back above zero after 66 s
+    clock.advance(71)  # -120 tokens when settled (3 admissions of 10, then 190 more): zero 72 s later
     assert limiter.saturated("model:vllm/x", model)
     clock.advance(1.1)
     assert not limiter.saturated("model:vllm/x", model)

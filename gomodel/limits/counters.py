@@ -16,6 +16,13 @@ One interface (L{ICounters}), two backends:
 Bucket names are plain strings (C{"key:k_1|r60"}); the backend adds its own
 prefix. The buckets of one batch must be distinct.
 
+A backend implements four operations, each one Redis round trip:
+L{ICounters.admit} (token buckets and concurrency slots together, all or
+nothing), L{ICounters.finish} (settle token buckets and free slots together),
+L{ICounters.spend_all} and L{ICounters.spent_all}. The other methods
+(C{take_all}, C{adjust_all}, C{acquire_all}, C{release} and the one-bucket
+forms C{take}, C{adjust}, C{acquire}, C{spend}, C{spent}) are built on them.
+
 Token buckets: a bucket holds up to C{capacity} and refills C{refill_per_second};
 an absent bucket is full. Taking C{amount} succeeds when the level is at
 least C{amount}; L{ICounters.adjust_all} may push the level below zero (a
@@ -59,8 +66,25 @@ class Taken(NamedTuple):
     retry_after: float
 
 
+class Admitted(NamedTuple):
+    """The answer of L{ICounters.admit}.
+
+    @ivar ok: everything was taken.
+    @ivar taken: one L{Taken} per token-bucket spec (levels before the take
+        unless C{ok}).
+    @ivar lease: what holds the slots (for L{ICounters.finish}); None unless
+        C{ok} and there were slots.
+    @ivar refused: the index of the full slot bucket that refused, else -1.
+    """
+
+    ok: bool
+    taken: list
+    lease: object
+    refused: int
+
+
 class Slots(NamedTuple):
-    """The answer of L{ICounters.acquire_all}: the C{lease} holding every slot, or the index C{refused}."""
+    """The answer of C{acquire_all}: the C{lease} holding every slot, or None and the index C{refused}."""
 
     lease: object
     refused: int
@@ -85,32 +109,21 @@ class ICounters(Interface):
     shared = Attribute("True when other processes see the same counters (Redis).")
     failures = Attribute("How many operations were answered open because the backend failed.")
 
-    def take_all(specs):
-        """Take from several token buckets, all or nothing.
+    def admit(specs, slots):
+        """Take from token buckets and one slot in each slot bucket, all or nothing.
 
         @param specs: C{(bucket, capacity, refill_per_second, amount)} tuples.
-        @return: Deferred firing with one L{Taken} per spec; nothing was taken
-            unless every one is C{allowed}.
+        @param slots: C{(bucket, limit)} tuples.
+        @return: Deferred firing with an L{Admitted}.
         """
 
-    def adjust_all(specs):
-        """Consume C{delta} more from each bucket (a negative delta gives back), below zero if need be.
+    def finish(specs, lease):
+        """Consume C{delta} more from each bucket (negative gives back; below zero if need be), and free C{lease}.
 
         @param specs: C{(bucket, capacity, refill_per_second, delta)} tuples.
-        @return: Deferred firing with the new levels, a list of floats.
+        @param lease: from L{admit}, or None; freeing it again does nothing.
+        @return: Deferred firing with the buckets' new levels, a list of floats.
         """
-
-    def acquire_all(slots):
-        """Take one concurrency slot in each bucket, all or nothing.
-
-        @param slots: C{(bucket, limit)} tuples.
-        @return: Deferred firing with a L{Slots}: its C{lease} (pass it to
-            L{release}) or, when a bucket was full, C{lease=None} and the
-            index C{refused}.
-        """
-
-    def release(lease):
-        """Free the slots of C{lease}; again or with C{None} it does nothing. Deferred firing None."""
 
     def spend_all(items):
         """Add to budget sums.
@@ -124,8 +137,24 @@ class ICounters(Interface):
         """The sums of C{buckets}: Deferred firing with a list of C{(tokens, cost)}; absent ones are C{(0, 0.0)}."""
 
 
-class _Singles:
-    """The one-bucket forms, over the batch methods."""
+class _Forms:
+    """The other forms, over the four operations."""
+
+    def take_all(self, specs):
+        """Take from token buckets, all or nothing: Deferred firing with one L{Taken} per spec."""
+        return self.admit(specs, ()).addCallback(lambda got: got.taken)
+
+    def acquire_all(self, slots):
+        """One slot in each bucket, all or nothing: Deferred firing with L{Slots}."""
+        return self.admit((), slots).addCallback(lambda got: Slots(got.lease, got.refused))
+
+    def adjust_all(self, specs):
+        """L{ICounters.finish} without a lease: Deferred firing with the new levels."""
+        return self.finish(specs, None)
+
+    def release(self, lease):
+        """Free the slots of C{lease} (again, or None: nothing): Deferred firing None."""
+        return self.finish((), lease).addCallback(lambda _: None)
 
     def take(self, bucket, capacity, refill_per_second, amount):
         """Take C{amount} from one token bucket: Deferred firing with its L{Taken}."""
@@ -153,11 +182,11 @@ def _first(results):
 
 
 @implementer(ICounters)
-class LocalCounters(_Singles):
+class LocalCounters(_Forms):
     """Exact counters in this process, on C{clock} (anything with C{seconds()}).
 
-    Full buckets, free slot buckets and ended sums are swept every
-    C{sweep_every} operations, so the maps hold only live state.
+    Full buckets and ended sums are swept every C{sweep_every} operations,
+    so the maps hold only live state.
     """
 
     shared = False
@@ -173,7 +202,7 @@ class LocalCounters(_Singles):
         self._sweep_every = sweep_every
         self._ops = 0
 
-    def take_all(self, specs):
+    def admit(self, specs, slots):
         now = self._clock.seconds()
         buckets = self._buckets
         levels = []
@@ -184,16 +213,30 @@ class LocalCounters(_Singles):
             levels.append(level)
             if level < amount:
                 ok = False
+        refused = -1
+        if ok:
+            inflight = self._inflight
+            for i, (bucket, limit) in enumerate(slots):
+                if inflight.get(bucket, 0) >= limit:
+                    ok, refused = False, i
+                    break
         out = []
         for (bucket, capacity, refill, amount), level in zip(specs, levels):
             if ok:
                 level -= amount
                 buckets[bucket] = [level, now, capacity, refill]
             out.append(taken(level, capacity, refill, amount, ok))
+        lease = None
+        if ok and slots:
+            held = tuple(bucket for bucket, _ in slots)
+            for bucket in held:
+                inflight[bucket] = inflight.get(bucket, 0) + 1
+            lease = next(self._ids)
+            self._leases[lease] = held
         self._tick(now)
-        return succeed(out)
+        return succeed(Admitted(ok, out, lease, refused))
 
-    def adjust_all(self, specs):
+    def finish(self, specs, lease):
         now = self._clock.seconds()
         out = []
         for bucket, capacity, refill, delta in specs:
@@ -202,29 +245,13 @@ class LocalCounters(_Singles):
             level = min(capacity, level - delta)
             self._buckets[bucket] = [level, now, capacity, refill]
             out.append(level)
-        return succeed(out)
-
-    def acquire_all(self, slots):
-        inflight = self._inflight
-        for i, (bucket, limit) in enumerate(slots):
-            if inflight.get(bucket, 0) >= limit:
-                return succeed(Slots(None, i))
-        buckets = tuple(bucket for bucket, _ in slots)
-        for bucket in buckets:
-            inflight[bucket] = inflight.get(bucket, 0) + 1
-        lease = next(self._ids)
-        self._leases[lease] = buckets
-        return succeed(Slots(lease, -1))
-
-    def release(self, lease):
-        buckets = self._leases.pop(lease, None)
-        for bucket in buckets or ():
+        for bucket in self._leases.pop(lease, None) or ():
             held = self._inflight[bucket] - 1
             if held:
                 self._inflight[bucket] = held
             else:
                 del self._inflight[bucket]
-        return succeed(None)
+        return succeed(out)
 
     def spend_all(self, items):
         now = self._clock.seconds()
@@ -265,52 +292,75 @@ class LocalCounters(_Singles):
 # Redis scripts. Levels travel as strings (%.17g): a Lua number in a reply is truncated to an integer.
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000 "
 
-_TAKE_ALL = _NOW + """
-local n = #KEYS
+# KEYS: nb token buckets, then the slot buckets. ARGV: nb, lease ttl (ms), lease id, capacity, refill and
+# amount of each bucket, then the limit of each slot bucket.
+# Returns {ok, refused slot (1-based) or 0, level of each bucket as a string}.
+_ADMIT = _NOW + """
+local nb = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
 local levels = {}
 local ok = 1
-for i = 1, n do
-  local cap = tonumber(ARGV[3 * i - 2])
-  local rate = tonumber(ARGV[3 * i - 1])
-  local amount = tonumber(ARGV[3 * i])
+for i = 1, nb do
+  local cap = tonumber(ARGV[3 * i + 1])
+  local rate = tonumber(ARGV[3 * i + 2])
   local s = redis.call('HMGET', KEYS[i], 'v', 't')
   local level = cap
   if s[1] then
     level = math.min(cap, tonumber(s[1]) + (now - tonumber(s[2])) * rate)
   end
   levels[i] = level
-  if level < amount then ok = 0 end
+  if level < tonumber(ARGV[3 * i + 3]) then ok = 0 end
 end
-local out = {ok}
-for i = 1, n do
-  local cap = tonumber(ARGV[3 * i - 2])
-  local rate = tonumber(ARGV[3 * i - 1])
+local refused = 0
+local ms = math.floor(now * 1000)
+if ok == 1 then
+  for i = nb + 1, #KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ms)
+    if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[3 * nb + 3 + i - nb]) then
+      ok = 0
+      refused = i - nb
+      break
+    end
+  end
+end
+local out = {ok, refused}
+for i = 1, nb do
   local level = levels[i]
   if ok == 1 then
-    level = level - tonumber(ARGV[3 * i])
+    local cap = tonumber(ARGV[3 * i + 1])
+    level = level - tonumber(ARGV[3 * i + 3])
     if level >= cap then
       redis.call('DEL', KEYS[i])
     else
       redis.call('HSET', KEYS[i], 'v', string.format('%.17g', level), 't', string.format('%.17g', now))
-      redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) / rate * 1000) + 1)
+      redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) / tonumber(ARGV[3 * i + 2]) * 1000) + 1)
     end
   end
-  out[i + 1] = string.format('%.17g', level)
+  out[i + 2] = string.format('%.17g', level)
+end
+if ok == 1 then
+  for i = nb + 1, #KEYS do
+    redis.call('ZADD', KEYS[i], ms + ttl, ARGV[3])
+    redis.call('PEXPIRE', KEYS[i], ttl + 1000)
+  end
 end
 return out
 """
 
-_ADJUST_ALL = _NOW + """
+# KEYS: nb token buckets, then the slot buckets of the lease. ARGV: nb, lease id (or ''), capacity, refill
+# and delta of each bucket. Returns the new level of each bucket as a string.
+_FINISH = _NOW + """
+local nb = tonumber(ARGV[1])
 local out = {}
-for i = 1, #KEYS do
-  local cap = tonumber(ARGV[3 * i - 2])
-  local rate = tonumber(ARGV[3 * i - 1])
+for i = 1, nb do
+  local cap = tonumber(ARGV[3 * i])
+  local rate = tonumber(ARGV[3 * i + 1])
   local s = redis.call('HMGET', KEYS[i], 'v', 't')
   local level = cap
   if s[1] then
     level = math.min(cap, tonumber(s[1]) + (now - tonumber(s[2])) * rate)
   end
-  level = math.min(cap, level - tonumber(ARGV[3 * i]))
+  level = math.min(cap, level - tonumber(ARGV[3 * i + 2]))
   if level >= cap then
     redis.call('DEL', KEYS[i])
   else
@@ -319,27 +369,8 @@ for i = 1, #KEYS do
   end
   out[i] = string.format('%.17g', level)
 end
+for i = nb + 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
 return out
-"""
-
-# ARGV: lease ttl (ms), lease id, then one limit per key. Returns 0, or the 1-based index of a full bucket.
-_ACQUIRE_ALL = _NOW + """
-local ms = math.floor(now * 1000)
-local ttl = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ms)
-  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[i + 2]) then return i end
-end
-for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], ms + ttl, ARGV[2])
-  redis.call('PEXPIRE', KEYS[i], ttl + 1000)
-end
-return 0
-"""
-
-_RELEASE = """
-for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
-return 0
 """
 
 # KEYS: the held slot buckets; ARGV: ttl (ms), then the lease id of each key. Renews only leases still there.
@@ -368,14 +399,15 @@ return 0
 class _OpenLease:
     """The lease handed out while Redis is unreachable: it holds nothing."""
 
-    buckets = ()
+    def __repr__(self):
+        return "OPEN_LEASE"
 
 
 OPEN_LEASE = _OpenLease()
 
 
 @implementer(ICounters)
-class RedisCounters(_Singles):
+class RedisCounters(_Forms):
     """Counters shared through one Redis (a C{redis.Redis} client), under C{prefix}.
 
     L{start} before use (thread pool, lease renewal), L{stop} after. See the
@@ -398,14 +430,12 @@ class RedisCounters(_Singles):
         self._warn_every = warn_every
         self._down_until = 0.0
         self._warned_at = None
-        self._held = {}  # lease id -> keys
+        self._held = {}  # lease id -> slot keys
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = reactor
         self.failures = 0
-        self._take = redis.register_script(_TAKE_ALL)
-        self._adjust = redis.register_script(_ADJUST_ALL)
-        self._acquire = redis.register_script(_ACQUIRE_ALL)
-        self._release = redis.register_script(_RELEASE)
+        self._admit = redis.register_script(_ADMIT)
+        self._finish = redis.register_script(_FINISH)
         self._renew_script = redis.register_script(_RENEW)
         self._spend = redis.register_script(_SPEND_ALL)
 
@@ -448,51 +478,46 @@ class RedisCounters(_Singles):
                           retry=self._retry_after, error=f"{type(failure.value).__name__}: {failure.value}")
         return open_answer
 
-    def take_all(self, specs):
-        keys = [self._prefix + bucket for bucket, _, _, _ in specs]
-        args = [x for _, capacity, refill, amount in specs for x in (repr(float(capacity)), repr(float(refill)),
-                                                                     repr(float(amount)))]
-        opened = [taken(capacity, capacity, refill, amount, True) for _, capacity, refill, amount in specs]
-        return self._run(opened, self._take_sync, keys, args, specs)
+    def admit(self, specs, slots):
+        prefix = self._prefix
+        lease = uuid.uuid4().hex if slots else ""
+        keys = [prefix + bucket for bucket, _, _, _ in specs]
+        slot_keys = [prefix + bucket for bucket, _ in slots]
+        args = [len(specs), self._lease_ms, lease]
+        for _, capacity, refill, amount in specs:
+            args += (repr(float(capacity)), repr(float(refill)), repr(float(amount)))
+        args += [int(limit) for _, limit in slots]
+        opened = Admitted(True, [taken(capacity, capacity, refill, amount, True)
+                                 for _, capacity, refill, amount in specs], OPEN_LEASE if slots else None, -1)
+        return self._run(opened, self._admit_sync, keys + slot_keys, args, specs, lease).addCallback(
+            self._admitted, slot_keys)
 
-    def _take_sync(self, keys, args, specs):
-        reply = self._take(keys=keys, args=args)
+    def _admit_sync(self, keys, args, specs, lease):
+        reply = self._admit(keys=keys, args=args)
         ok = reply[0] == 1
-        return [taken(float(level), capacity, refill, amount, ok)
-                for level, (_, capacity, refill, amount) in zip(reply[1:], specs)]
+        out = [taken(float(level), capacity, refill, amount, ok)
+               for level, (_, capacity, refill, amount) in zip(reply[2:], specs)]
+        return Admitted(ok, out, lease if ok and lease else None, reply[1] - 1)
 
-    def adjust_all(self, specs):
-        keys = [self._prefix + bucket for bucket, _, _, _ in specs]
-        args = [x for _, capacity, refill, delta in specs for x in (repr(float(capacity)), repr(float(refill)),
-                                                                    repr(float(delta)))]
-        return self._run([capacity for _, capacity, _, _ in specs], self._adjust_sync, keys, args)
+    def _admitted(self, got, slot_keys):
+        if got.lease is not None and got.lease is not OPEN_LEASE:
+            self._held[got.lease] = slot_keys
+        return got
 
-    def _adjust_sync(self, keys, args):
-        return [float(level) for level in self._adjust(keys=keys, args=args)]
+    def finish(self, specs, lease):
+        slot_keys = () if lease is None or lease is OPEN_LEASE else self._held.pop(lease, ())
+        if not specs and not slot_keys:
+            return succeed([])
+        prefix = self._prefix
+        keys = [prefix + bucket for bucket, _, _, _ in specs]
+        keys += slot_keys
+        args = [len(specs), lease if slot_keys else ""]
+        for _, capacity, refill, delta in specs:
+            args += (repr(float(capacity)), repr(float(refill)), repr(float(delta)))
+        return self._run([capacity for _, capacity, _, _ in specs], self._finish_sync, keys, args)
 
-    def acquire_all(self, slots):
-        keys = [self._prefix + bucket for bucket, _ in slots]
-        lease = uuid.uuid4().hex
-        args = [self._lease_ms, lease] + [int(limit) for _, limit in slots]
-        return self._run(Slots(OPEN_LEASE, -1), self._acquire_sync, keys, args, lease).addCallback(
-            self._acquired, keys)
-
-    def _acquire_sync(self, keys, args, lease):
-        refused = self._acquire(keys=keys, args=args)
-        return Slots(None, refused - 1) if refused else Slots(lease, -1)
-
-    def _acquired(self, slots, keys):
-        if slots.lease is not None and slots.lease is not OPEN_LEASE:
-            self._held[slots.lease] = keys
-        return slots
-
-    def release(self, lease):
-        if lease is None or lease is OPEN_LEASE:
-            return succeed(None)
-        keys = self._held.pop(lease, None)
-        if keys is None:
-            return succeed(None)
-        return self._run(None, self._release, keys, [lease])
+    def _finish_sync(self, keys, args):
+        return [float(level) for level in self._finish(keys=keys, args=args)]
 
     def _renew(self):
         if not self._held or not self._threads.running:

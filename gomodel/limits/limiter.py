@@ -15,7 +15,9 @@ The caller then, once each:
   - L{Admission.settle}C{(actual_tokens)} when the request completed (0 when it
     never reached the upstream): token buckets give back or take the
     difference from the reservation;
-  - L{Admission.release}C{()} when the answer is over: frees the slots.
+  - L{Admission.release}C{()} when the answer is over: frees the slots;
+or both at once with L{Admission.finish}C{(actual_tokens)}. With Redis,
+C{admit} is one round trip and C{finish} another.
 """
 
 import math
@@ -73,6 +75,7 @@ class Limiter:
         self._plans = {}
         self._seen = {}  # bucket name -> (level, at)
         self._inflight = {}  # scope -> this process's requests holding a slot
+        self._full_until = {}  # scope -> until when its slots were last seen all taken (by any process)
 
     def _plan_of(self, scope, limit):
         plan = self._plans.get(scope)
@@ -102,35 +105,30 @@ class Limiter:
                 slot_scopes.append(scope)
         if not buckets and not slots:
             return NO_ADMISSION
-        results = ()
-        if buckets:
-            specs = [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in buckets]
-            results = await self._counters.take_all(specs)
+        specs = [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in buckets]
+        got = await self._counters.admit(specs, slots)
+        results = got.taken
+        if results:
             now = self._clock.seconds()
             seen = self._seen
             for b, r in zip(buckets, results):
                 seen[b.name] = (r.remaining, now)
-            if not all(r.allowed for r in results):
+        if not got.ok:
+            headers = _headers(buckets, results, headers_for)
+            if got.refused < 0:
                 # The refusal that lasts longest says when a retry can pass.
                 b, r = max(((b, r) for b, r in zip(buckets, results) if not r.allowed),
                            key=lambda pair: pair[1].retry_after)
-                raise self._refused(b, r, tokens, _headers(buckets, results, headers_for))
-        lease = None
-        if slots:
-            got = await self._counters.acquire_all(slots)
-            if got.lease is None:
-                if buckets:
-                    await self._counters.adjust_all(
-                        [(b.name, b.capacity, b.refill, -(tokens if b.tokens else 1)) for b in buckets])
-                scope = slot_scopes[got.refused]
-                raise RateLimitExceeded(
-                    f"Rate limit reached for {scope} on concurrent requests: Limit {slots[got.refused][1]}. "
-                    "Please try again when a request of this scope has finished.",
-                    scope=scope, retry_after=1, headers=_headers(buckets, results, headers_for))
-            lease = got.lease
-            for scope in slot_scopes:
-                self._inflight[scope] = self._inflight.get(scope, 0) + 1
-        return Admission(self, buckets, results, tokens, lease, slot_scopes, headers_for)
+                raise self._refused(b, r, tokens, headers)
+            scope = slot_scopes[got.refused]
+            self._full_until[scope] = self._clock.seconds() + 1
+            raise RateLimitExceeded(
+                f"Rate limit reached for {scope} on concurrent requests: Limit {slots[got.refused][1]}. "
+                "Please try again when a request of this scope has finished.",
+                scope=scope, retry_after=1, headers=headers)
+        for scope in slot_scopes:
+            self._inflight[scope] = self._inflight.get(scope, 0) + 1
+        return Admission(self, buckets, results, tokens, got.lease, slot_scopes, headers_for)
 
     def _refused(self, bucket, result, tokens, headers):
         amount = tokens if bucket.tokens else 1
@@ -158,13 +156,21 @@ class Limiter:
         """Whether C{scope_name} looks at its limit in this process's view (for routing around it).
 
         True when one of its buckets this process last saw is still empty
-        (below one request, or at or below zero tokens), or when this process
-        alone holds all its C{concurrent} slots. Cheap; never asks the counters.
+        (below one request, or at or below zero tokens), when this process
+        alone holds all its C{concurrent} slots, or when its slots were all
+        taken at an admission of the last second (other processes' too, with
+        Redis). Cheap; never asks the counters.
         """
         if not limit:
             return False
-        if limit.concurrent is not None and self._inflight.get(scope_name, 0) >= limit.concurrent:
-            return True
+        if limit.concurrent is not None:
+            if self._inflight.get(scope_name, 0) >= limit.concurrent:
+                return True
+            until = self._full_until.get(scope_name)
+            if until is not None:
+                if self._clock.seconds() < until:
+                    return True
+                del self._full_until[scope_name]
         _, buckets, _ = self._plan_of(scope_name, limit)
         now = self._clock.seconds()
         for b in buckets:
@@ -178,6 +184,8 @@ class Limiter:
 
 class Admission:
     """A request admitted by L{Limiter.admit}; settle it once, release it once (both idempotent).
+
+    Settling and releasing are idempotent.
 
     @ivar headers: OpenAI's C{x-ratelimit-*} headers for the scope named by
         C{headers_for} (empty without one): limit, remaining and reset (OpenAI's
@@ -210,27 +218,35 @@ class Admission:
 
         @return: Deferred firing None once the counters have it.
         """
-        if self._settled:
-            return succeed(None)
-        self._settled = True
-        delta = actual_tokens - self._tokens
-        specs = [(b.name, b.capacity, b.refill, delta) for b in self._buckets if b.tokens]
-        if not delta or not specs:
-            return succeed(None)
-        return self._limiter._counters.adjust_all(specs).addCallback(self._settled_at, specs)
-
-    def _settled_at(self, levels, specs):
-        seen, now = self._limiter._seen, self._limiter._clock.seconds()
-        for (name, _, _, _), level in zip(specs, levels):
-            seen[name] = (level, now)
+        return self._finish(actual_tokens, False)
 
     def release(self):
         """Free the concurrency slots: Deferred firing None."""
-        lease, self._lease = self._lease, None
-        if lease is None:
+        return self._finish(None, True)
+
+    def finish(self, actual_tokens):
+        """L{settle} and L{release} in one counters operation (one Redis round trip): Deferred firing None."""
+        return self._finish(actual_tokens, True)
+
+    def _finish(self, actual_tokens, release):
+        specs = ()
+        if actual_tokens is not None and not self._settled:
+            self._settled = True
+            delta = actual_tokens - self._tokens
+            if delta:
+                specs = [(b.name, b.capacity, b.refill, delta) for b in self._buckets if b.tokens]
+        lease = None
+        if release and self._lease is not None:
+            lease, self._lease = self._lease, None
+            self._limiter._released(self._slot_scopes)
+        if not specs and lease is None:
             return succeed(None)
-        self._limiter._released(self._slot_scopes)
-        return self._limiter._counters.release(lease)
+        return self._limiter._counters.finish(specs, lease).addCallback(self._finished, specs)
+
+    def _finished(self, levels, specs):
+        seen, now = self._limiter._seen, self._limiter._clock.seconds()
+        for (name, _, _, _), level in zip(specs, levels):
+            seen[name] = (level, now)
 
 
 NO_ADMISSION = Admission(None, (), (), 0, None, (), None)
