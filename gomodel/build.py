@@ -55,7 +55,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     """
     gateway = GatewayService(config)
     if config.metrics.otel_enabled:  # OpenTelemetry (its SDK imported only now): started before the listeners
-        gateway.telemetry = Telemetry(reactor)
+        gateway.telemetry = Telemetry(reactor, quiet=(b"/health", b"/health/ready",
+                                                      config.metrics.endpoint.encode("ascii")))
         gateway.telemetry.setServiceParent(gateway)
 
     # Upstreams: one pool (closed last), the relay client, treq for our own calls.

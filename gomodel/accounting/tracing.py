@@ -11,7 +11,8 @@ C{OTEL_BSP_*}, C{OTEL_METRIC_EXPORT_INTERVAL}. Nothing of OpenTelemetry is
 imported while it is off: a request then costs a None check at the front and
 a few in the exchange, no more.
 
-Spans (never a body, prompt, completion, key or client address):
+Spans (never a body, prompt, completion, key or client address; none for the
+probes C{/health}, C{/health/ready} and the metrics scrape):
 
   - one C{SERVER} span per request, C{POST /v1/chat/completions}, continuing
     the client's W3C C{traceparent}: the route, status, the GenAI operation,
@@ -97,10 +98,14 @@ class Telemetry(Service):
     log = Logger()
     name = "telemetry"
 
-    def __init__(self, reactor):
-        """@param reactor: the reactor: its clock, and its thread pool for the flush at stop."""
+    def __init__(self, reactor, quiet=()):
+        """
+        @param reactor: the reactor: its clock, and its thread pool for the flush at stop.
+        @param quiet: paths (bytes) that get no span: the probes and the metrics scrape.
+        """
         check_installed()
         self._reactor = reactor
+        self._quiet = frozenset(quiet)
         self._tracer = self._tracers = self._meters = None
         self._otel = None
         self._hosts = {}  # replica base URL -> (server.address, server.port)
@@ -166,10 +171,10 @@ class Telemetry(Service):
     def trace(self, request, ctx):
         """A request's head is in: its server span, continuing the client's C{traceparent}.
 
-        @return: the request's L{RequestTrace}, or None while not started.
+        @return: the request's L{RequestTrace}, or None while not started or for a quiet path.
         """
         tracer = self._tracer
-        if tracer is None:
+        if tracer is None or ctx.path in self._quiet:
             return None
         otel = self._otel
         carrier = {}
