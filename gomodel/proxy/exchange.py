@@ -240,9 +240,9 @@ class Exchange:
                 if call.query:
                     url += "?" + call.query.decode("latin-1")
                 headers = call.headers
-                if trace is not None:
-                    headers = trace.attempt(pool, replica, model, call)
                 try:
+                    if trace is not None:
+                        headers = trace.attempt(pool, replica, model, call)
                     response = await server.send(call.method, url, body, request_id, headers, call.content_type)
                 except (UpstreamUnreachable, UpstreamTimeout) as e:
                     if trace is not None:
