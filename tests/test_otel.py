@@ -320,6 +320,22 @@ async def test_an_upstream_5xx_is_an_error_a_client_4xx_is_not(otel, http):
     assert unknown.attributes["error.type"] == "model_not_found" and otel.attempts(unknown) == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_trace_the_sampler_drops_exports_no_span_but_still_goes_upstream_and_counts(otel, http):
+    otel.monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    await otel.start(replicas=1)
+    response = await http.post(otel.gateway.url + "/v1/chat/completions", json=chat(),
+                               headers={"authorization": f"Bearer {MASTER_KEY}", "x-request-id": "req-dropped"})
+    assert response.code == 200
+    await treq.content(response)
+    [sent] = upstream_traceparent(otel.fleet, "req-dropped")
+    await otel.stop_gateway()
+    assert otel.receiver.spans() == []
+    assert parent_of(sent)[2] is False  # a trace id all the same, not sampled
+    [duration] = otel.receiver.points("gen_ai.client.operation.duration")
+    assert duration.count == 1
+
+
 # -- metrics -----------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
