@@ -118,7 +118,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
 
     # Routes.
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
-    inference = InferenceRoutes(gateway.registry, exchange, responses, salts)
+    inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
