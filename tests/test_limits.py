@@ -615,12 +615,14 @@ def test_yaml_uses_gomodels_shapes_and_the_environment_replaces_by_subject():
     assert config.budgets == {
         "/team/alpha": (Budget("daily", max_cost=10), Budget("weekly", max_cost=50)),
         "/": (Budget("monthly", max_cost=500), Budget("total", max_tokens=100_000_000))}
-    merged = limits_from_env({"SET_PROVIDER_RATE_LIMIT_OPENAI": "rpm=1", "SET_BUDGET_TEAM__ALPHA": "daily=1",
-                              "BUDGETS_ENABLED": "false"}, base=config)
+    merged = limits_from_env({"SET_PROVIDER_RATE_LIMIT_OPENAI": "rpm=1", "SET_BUDGET_TEAM__ALPHA": "daily=1"},
+                             base=config)
     assert merged.providers == {"openai": RateLimit(rpm=1)}
     assert merged.budgets["/team/alpha"] == (Budget("daily", max_cost=1),)
     assert merged.models == config.models and merged.user_paths == config.user_paths
-    assert not merged.budgets_enabled and merged.budget_scopes("/team/alpha") == []
+    off = limits_from_env({"BUDGETS_ENABLED": "false"}, base=config)
+    assert not off.budgets_enabled and off.budget_scopes("/team/alpha") == []
+    assert off.path_scopes("/team/alpha") == config.path_scopes("/team/alpha")
 
 
 def test_scopes_by_path_subtree_provider_and_model():
