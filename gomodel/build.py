@@ -24,6 +24,7 @@ from gomodel.auth.keys import GatewayAuth, KeyRing
 from gomodel.auth.tenancy import CacheSalts
 from gomodel.batches.runner import BatchRunner
 from gomodel.batches.service import BatchServices
+from gomodel.dashboard import SHELL_PATHS, STATIC_PREFIX, Dashboard
 from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
 from gomodel.http.site import GatewaySite
@@ -120,17 +121,22 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
     inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
+    # The dashboard is a page over the admin API: served only with it.
+    dashboard = Dashboard() if config.auth.admin_ui and config.auth.admin_endpoints else None
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
                      admin=AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage,
-                                    keys=KeysAPI(store.keys, gateway.keys, reactor),
+                                    keys=KeysAPI(store.keys, gateway.keys, reactor, book),
                                     budgets=BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
                                     if book is not None else None)
-                     if config.auth.admin_endpoints else None)
+                     if config.auth.admin_endpoints else None,
+                     dashboard=dashboard)
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).
     gateway.drain = Drain(reactor, gateway.listeners, config.server.shutdown_timeout)
     sinks, starts, pages, open_paths = [], [gateway.drain.started], {}, []
+    if dashboard is not None:  # its page and assets hold no data: every data call needs the master key
+        open_paths.extend(SHELL_PATHS)
     if config.metrics.access_log:
         sinks.append(AccessLog())
     if config.metrics.enabled:
@@ -151,7 +157,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                           tracer=gateway.telemetry.trace if gateway.telemetry is not None else None)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
-                                                        closed_to_keys=[config.metrics.endpoint]),
+                                                        closed_to_keys=[config.metrics.endpoint],
+                                                        open_prefixes=[STATIC_PREFIX] if dashboard else []),
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
     gateway.drain.site = gateway.site

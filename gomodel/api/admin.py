@@ -16,10 +16,13 @@ from gomodel.http.render import install as install_error_handlers
 from gomodel.store.records import USAGE_FIELDS
 
 DAY = 86400.0
+# usage/timeseries windows: (bucket seconds, buckets)
+TIMESERIES = {"hour": (60.0, 60), "day": (3600.0, 24), "month": (DAY, 30)}
 
 
 class AdminAPI:
-    """C{GET providers/status}, C{POST runtime/refresh} and C{GET models}, mounted by L{gomodel.api.app.GatewayApp}."""
+    """C{GET providers/status}, C{POST runtime/refresh}, C{GET models} and C{GET usage/*}, mounted by
+    L{gomodel.api.app.GatewayApp}."""
 
     app = Klein()
     app.url_map.strict_slashes = False
@@ -112,6 +115,28 @@ class AdminAPI:
         start, end = self._window(request)
         return _rows(request, await self._usage_store().grouped(start, end, by=("user_path",)))
 
+    @app.route("/usage/timeseries", methods=["GET"])
+    async def usage_timeseries(self, request):
+        """Per-bucket totals and p50/p95 latency and time to first token of the last hour (per minute),
+        day (per hour) or 30 days (per day): C{window=hour|day|month}; C{summary} is the whole window's."""
+        window = query_arg(request, b"window", "hour")
+        if window not in TIMESERIES:
+            raise InvalidRequest("window must be hour, day or month.", param="window", code="invalid_window")
+        bucket, count = TIMESERIES[window]
+        end = (self._clock.seconds() // bucket + 1) * bucket  # the current bucket is the last one
+        start = end - count * bucket
+        store = self._usage_store()
+        found = {row["period"]: row for row in await store.timeseries(start, end, bucket)}
+        whole = await store.timeseries(start, end, end - start)
+        data = []
+        for index in range(count):
+            period = start + index * bucket
+            data.append(dict(found.get(period) or _empty_bucket(period), period=_iso(period)))
+        summary = whole[0] if whole else _empty_bucket(start)
+        del summary["period"]
+        return json_answer(request, {"object": "usage.timeseries", "window": window, "bucket_seconds": int(bucket),
+                                     "start": _iso(start), "end": _iso(end), "summary": summary, "data": data})
+
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
         """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
@@ -189,6 +214,11 @@ def _replica(replica, now) -> dict:
         "consecutive_failures": replica.failures, "last_error": replica.last_error,
         "last_state_change": replica.changed_at,
     }
+
+
+def _empty_bucket(period) -> dict:
+    return {"period": period, "requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "errors": 0,
+            "duration_ms_p50": None, "duration_ms_p95": None, "ttft_ms_p50": None, "ttft_ms_p95": None}
 
 
 def _date(text):

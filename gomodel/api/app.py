@@ -24,14 +24,16 @@ class GatewayApp:
     app.url_map.merge_slashes = False  # /p/ endpoints are checked and normalised by us
     log = Logger()
 
-    def __init__(self, registry, responses, passthrough, *, files=None, batches=None, admin=None):
+    def __init__(self, registry, responses, passthrough, *, files=None, batches=None, admin=None, dashboard=None):
         """
         @param responses: the L{gomodel.api.responses.ResponsesRoute} (its lifecycle routes).
         @param passthrough: the L{gomodel.api.passthrough.Passthrough}.
         @param files: an object with a Klein C{.app} serving C{/v1/files*}, or None.
         @param batches: the same for C{/v1/batches*}.
         @param admin: the same for C{/admin/api/v1/*}.
+        @param dashboard: the L{gomodel.dashboard.Dashboard} (C{/admin/dashboard}, C{/admin/static/*}), or None.
         """
+        self._dashboard = dashboard
         self._registry = registry
         self._responses = responses
         self._passthrough = passthrough
@@ -111,6 +113,22 @@ class GatewayApp:
     @app.route("/admin/api/v1", branch=True, strict_slashes=False)
     def admin(self, request):
         return self._mounted(self._admin, request)
+
+    # -- the admin dashboard (a page over the admin API; no data without the master key) --
+
+    @app.route("/admin/dashboard", methods=["GET"])
+    def dashboard(self, request):
+        return self._dashboard_or_404(request).shell(request)
+
+    @app.route("/admin/static/<path:name>", methods=["GET"])
+    def dashboard_asset(self, request, name):
+        return self._dashboard_or_404(request).asset(request, name)
+
+    def _dashboard_or_404(self, request):
+        if self._dashboard is None:
+            raise errors.NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()} "
+                                  "(the dashboard is off: ADMIN_UI_ENABLED).")
+        return self._dashboard
 
     def _mounted(self, api, request):
         if api is None:

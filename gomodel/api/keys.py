@@ -16,6 +16,8 @@ from gomodel.auth.keys import hash_secret, new_secret, redact
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body
 from gomodel.http.render import install as install_error_handlers
+from gomodel.limits.gate import key_budgets
+from gomodel.limits.specs import period_window
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 _INTEGER_LIMITS = ("rpm", "tpm", "max_concurrency")
@@ -28,14 +30,17 @@ class KeysAPI:
     app = Klein()
     app.url_map.strict_slashes = False
 
-    def __init__(self, store, ring, clock):
+    def __init__(self, store, ring, clock, book=None):
         """
         @param store: the L{gomodel.store.interfaces.IKeyStore}.
         @param ring: the L{gomodel.auth.keys.KeyRing} (this process sees its edits at once).
+        @param book: the L{gomodel.limits.budgets.BudgetBook} (what each key budget spent this
+            period, shown beside it), or None (C{BUDGETS_ENABLED=false}).
         """
         self._store = store
         self._ring = ring
         self._clock = clock
+        self._book = book
 
     @app.route("/", methods=["POST"])
     async def create(self, request):
@@ -50,11 +55,11 @@ class KeysAPI:
 
     @app.route("/", methods=["GET"])
     async def list(self, request):
-        return json_answer(request, {"object": "list", "data": [self._view(r) for r in await self._store.list()]})
+        return json_answer(request, {"object": "list", "data": await self._views(await self._store.list())})
 
     @app.route("/<key_id>", methods=["GET"])
     async def get(self, request, key_id):
-        return json_answer(request, self._view(await self._record(key_id)))
+        return json_answer(request, (await self._views([await self._record(key_id)]))[0])
 
     @app.route("/<key_id>", methods=["PATCH", "PUT"])
     async def update(self, request, key_id):
@@ -63,7 +68,7 @@ class KeysAPI:
         if record is None:
             raise _unknown(key_id)
         self._ring.merge([record])
-        return json_answer(request, self._view(record))
+        return json_answer(request, (await self._views([record]))[0])
 
     @app.route("/<key_id>/deactivate", methods=["POST"])
     async def deactivate(self, request, key_id):
@@ -71,13 +76,31 @@ class KeysAPI:
         if record["deactivated_at"] is None:
             record = await self._store.update(key_id, {"deactivated_at": int(self._clock.seconds())})
             self._ring.merge([record])
-        return json_answer(request, self._view(record))
+        return json_answer(request, (await self._views([record]))[0])
 
     async def _record(self, key_id):
         record = await self._store.get(key_id)
         if record is None:
             raise _unknown(key_id)
         return record
+
+    async def _views(self, records) -> list:
+        """L{_view}s of C{records}, each budget with what it spent in its current period
+        (C{spent_tokens}, C{spent_cost}, C{period_start}, C{period_end})."""
+        views = [self._view(record) for record in records]
+        if self._book is None:
+            return views
+        pairs, items = [], []
+        for view in views:
+            for item, budget in zip(view["budgets"] or (), key_budgets(view["budgets"] or ())):
+                pairs.append((f"key:{view['id']}", budget))
+                items.append(item)
+        if pairs:
+            now = self._clock.seconds()
+            for item, (_, budget), (tokens, cost) in zip(items, pairs, await self._book.spent(pairs)):
+                start, end = period_window(budget.period, now)
+                item.update(spent_tokens=tokens, spent_cost=cost, period_start=iso(start), period_end=iso(end))
+        return views
 
     def _view(self, record) -> dict:
         """What the admin API shows of a key: everything but its hash."""
@@ -88,7 +111,8 @@ class KeysAPI:
             "description": record["description"], "user_path": record["user_path"],
             "redacted_value": record["redacted"], "models": record["models"],
             "allowed_models": record["models"], "rpm": record["rpm"], "tpm": record["tpm"],
-            "max_concurrency": record["max_concurrency"], "budgets": record["budgets"],
+            "max_concurrency": record["max_concurrency"],
+            "budgets": [dict(item) for item in record["budgets"] or ()],
             "priority": record["priority"], "metadata": record["metadata"],
             "own_cache_salt": record["own_cache_salt"],
             "enabled": record["deactivated_at"] is None,

@@ -16,6 +16,7 @@ expires stops at once.
 import hashlib
 import hmac
 import os
+import re
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -25,6 +26,8 @@ from gomodel.errors import AuthenticationFailed, Forbidden
 
 # Paths that need no key: liveness and readiness checks.
 OPEN_PATHS = frozenset((b"/health", b"/health/ready"))
+# What may follow an open prefix: plain names and folders (no "..", no "%", no empty segment).
+_PLAIN_TAIL = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*")
 SECRET_PREFIX = "sk_gom_"
 REFRESH_INTERVAL = 1.0
 # A write committed late by another process can carry an earlier timestamp: every refresh
@@ -164,17 +167,21 @@ class GatewayAuth:
     served as nobody's, one with a managed key as that key's.
     """
 
-    def __init__(self, master_key, keys=None, open_paths=(), closed_to_keys=()):
+    def __init__(self, master_key, keys=None, open_paths=(), closed_to_keys=(), open_prefixes=()):
         """
         @param keys: the L{KeyRing}, or None without managed keys.
         @param open_paths: paths besides L{OPEN_PATHS} that need no key (e.g. C{/metrics}
-            when C{METRICS_REQUIRE_KEY=false}).
+            when C{METRICS_REQUIRE_KEY=false}, the dashboard's page).
         @param closed_to_keys: exact paths only the master key reaches (C{/metrics}); every
             path under C{/admin/} is too.
+        @param open_prefixes: path prefixes ending in C{/} under which plain file names need no
+            key (C{/admin/static/}: the dashboard's assets); a path with C{..}, C{%} or an empty
+            segment after the prefix is not open.
         """
         self._master_key = master_key.encode("utf-8") if master_key else None
         self._keys = keys
         self._open = OPEN_PATHS | frozenset(p.encode("ascii") for p in open_paths)
+        self._open_prefixes = tuple(p.encode("ascii") for p in open_prefixes)
         self._master_only = frozenset(p.encode("ascii") for p in closed_to_keys)
 
     def __call__(self, request, path: bytes):
@@ -183,7 +190,7 @@ class GatewayAuth:
         @raise AuthenticationFailed: the key is missing or wrong (or deactivated, or expired).
         @raise Forbidden: a managed key on a route only the master key reaches.
         """
-        if path in self._open:
+        if path in self._open or (self._open_prefixes and self._open_below(path)):
             return None
         if self._master_key is None:
             token = presented_key(request, required=False)
@@ -199,6 +206,14 @@ class GatewayAuth:
             raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
                             code="master_key_required")
         return principal
+
+
+    def _open_below(self, path: bytes) -> bool:
+        """Whether C{path} is a plain name under an open prefix."""
+        for prefix in self._open_prefixes:
+            if path.startswith(prefix) and _PLAIN_TAIL.fullmatch(path, len(prefix)):
+                return True
+        return False
 
 
 def presented_key(request, required=True) -> bytes:

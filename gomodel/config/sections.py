@@ -182,6 +182,8 @@ class AuthConfig:
 
     master_key: Optional[str] = setting("GOMODEL_MASTER_KEY", parsers.secret, None, secret=True)
     admin_endpoints: bool = setting("ADMIN_ENDPOINTS_ENABLED", parsers.boolean, True, yaml="admin_endpoints_enabled")
+    # The admin dashboard at /admin/dashboard (a page over the admin API: served only with it).
+    admin_ui: bool = setting("ADMIN_UI_ENABLED", parsers.boolean, True, yaml="admin_ui_enabled")
     # vLLM prefix-cache isolation: requests of managed keys carry a cache_salt per tenant.
     cache_salt_mode: str = setting("CACHE_SALT_MODE", parsers.cache_salt_mode, "tenant")
     # The secret cache salts are derived with (shared by every process and host); by default

@@ -323,6 +323,21 @@ class IUsageStore(Interface):
         @return: a Deferred firing with C{(records, next cursor or None)}.
         """
 
+    def timeseries(start, end, bucket):
+        """Totals and latency percentiles of the records with C{start <= timestamp < end}, per time bucket.
+
+        Buckets are C{bucket} seconds long, counted from C{start}: bucket C{k} holds the records with
+        C{start + k * bucket <= timestamp < start + (k + 1) * bucket} (C{bucket = end - start}: the
+        whole window in one). Percentiles are nearest-rank: of a bucket's C{n} values in order, the
+        one at rank C{ceil(p * n)}; records without a C{duration_ms} (or C{ttft_ms}: only streams
+        have one) are left out of that column's.
+
+        @return: a Deferred firing with one dict per bucket that has records, oldest first:
+            C{period} (the bucket's start, seconds), C{requests, input_tokens, output_tokens,
+            total_tokens, errors} (status 400 or above), C{duration_ms_p50, duration_ms_p95,
+            ttft_ms_p50, ttft_ms_p95} (None without values).
+        """
+
     def delete_before(timestamp):
         """@return: a Deferred firing with how many records older than C{timestamp} were deleted."""
 

@@ -70,6 +70,27 @@ class SQLiteUsageStore:
         records = [_record(row) for row in rows[:limit]]
         return records, (records[-1]["id"] if len(rows) > limit else None)
 
+    def timeseries(self, start, end, bucket):
+        return self._db.run(self._timeseries, float(start), float(end), float(bucket))
+
+    def _timeseries(self, start, end, bucket):
+        conn = self._db.conn()
+        window = (start, bucket, start, end)
+        buckets = {}
+        for k, requests, tokens_in, tokens_out, tokens, errors in conn.execute(_SERIES, window):
+            buckets[int(k)] = {"period": start + int(k) * bucket, "requests": requests, "input_tokens": tokens_in,
+                               "output_tokens": tokens_out, "total_tokens": tokens, "errors": errors,
+                               "duration_ms_p50": None, "duration_ms_p95": None,
+                               "ttft_ms_p50": None, "ttft_ms_p95": None}
+        for column in ("duration_ms", "ttft_ms"):
+            for k, rank, n, value in conn.execute(_PERCENTILES.format(column=column), window):
+                row = buckets[int(k)]
+                if rank == (n + 1) // 2:
+                    row[f"{column}_p50"] = value
+                if rank == (95 * n + 99) // 100:
+                    row[f"{column}_p95"] = value
+        return [buckets[k] for k in sorted(buckets)]
+
     def spent(self, scope, since):
         return self._db.run(self._spent, scope, since)
 
@@ -100,6 +121,20 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
            "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0)")
+
+
+# Portable SQL (SQLite and PostgreSQL): a record's bucket is FLOOR((timestamp - start) / bucket); the
+# percentiles are picked in the database by rank (ROW_NUMBER over each bucket's sorted values), so only
+# two rows a bucket come back: rank ceil(n / 2) = (n + 1) / 2 and ceil(0.95 n) = (95 n + 99) / 100.
+_BUCKETED = "SELECT FLOOR((timestamp - ?) / ?) AS k, {columns} FROM usage WHERE timestamp >= ? AND timestamp < ?"
+_SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
+           "COALESCE(SUM(total_tokens), 0), SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END) FROM ("
+           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, status_code")
+           + ") AS t GROUP BY k ORDER BY k")
+_PERCENTILES = ("SELECT k, rn, n, v FROM (SELECT k, v, ROW_NUMBER() OVER (PARTITION BY k ORDER BY v) AS rn, "
+                "COUNT(*) OVER (PARTITION BY k) AS n FROM ("
+                + _BUCKETED.format(columns="{column} AS v") + " AND {column} IS NOT NULL) AS t) AS r "
+                "WHERE rn = (n + 1) / 2 OR rn = (95 * n + 99) / 100")
 
 
 def _totals(row) -> dict:

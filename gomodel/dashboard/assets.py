@@ -1,0 +1,104 @@
+"""The admin dashboard's shell and static assets, read once from the package and served from memory.
+
+The shell (C{/admin/dashboard}) and the assets (C{/admin/static/...}) hold no
+data and need no key; the page asks the admin API for everything, with the
+master key the operator pasted (kept in the tab's C{sessionStorage}). Every
+URL of an asset carries C{?v=<version>}, a hash of all the assets' contents,
+also written into the ES modules' relative imports: a changed file changes
+every URL, so an asset asked for with the current version is cached for a
+year and a new release is never mixed with an old one.
+
+Every answer carries a strict Content-Security-Policy (no inline script or
+style, nothing from another origin, no framing), C{X-Content-Type-Options:
+nosniff} and C{Referrer-Policy: no-referrer}.
+"""
+
+import hashlib
+import os
+import re
+
+from gomodel.errors import NotFound
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+SHELL_PATHS = ("/admin/dashboard", "/admin/dashboard/")
+STATIC_PREFIX = "/admin/static/"
+SHELL = "index.html"
+CSP = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+SECURITY_HEADERS = (
+    (b"content-security-policy", CSP),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+)
+CONTENT_TYPES = {
+    ".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml", ".md": b"text/plain; charset=utf-8",
+    ".txt": b"text/plain; charset=utf-8",
+}
+IMMUTABLE = b"public, max-age=31536000, immutable"
+# A relative import of an ES module: `from "./x.js"`, `import "./x.js"`, `import("./x.js")`.
+_IMPORT = re.compile(rb"""((?:\bfrom|\bimport)\s*\(?\s*)(["'])(\.{1,2}/[^"'?]+\.js)\2""")
+
+
+class Dashboard:
+    """The shell and the assets of one directory (the package's C{static/}), in memory."""
+
+    def __init__(self, directory=STATIC):
+        """Read every file under C{directory} (once, at start).
+
+        @raise OSError: the directory or the shell (C{index.html}) cannot be read.
+        """
+        files = {}
+        for root, dirs, names in os.walk(directory):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, directory).replace(os.sep, "/")] = f.read()
+        digest = hashlib.sha256()
+        for name in sorted(files):
+            digest.update(name.encode("utf-8") + b"\0" + files[name] + b"\0")
+        self.version = digest.hexdigest()[:16]
+        version = self.version.encode("ascii")
+        self._shell = files.pop(SHELL).replace(b"__VERSION__", version)
+        self._assets = {}
+        for name, content in files.items():
+            suffix = os.path.splitext(name)[1]
+            if suffix == ".js" and not name.startswith("vendor/"):
+                content = _IMPORT.sub(lambda m: m.group(1) + m.group(2) + m.group(3) + b"?v=" + version
+                                      + m.group(2), content)
+            self._assets[name] = (content, CONTENT_TYPES.get(suffix, b"application/octet-stream"))
+
+    @property
+    def names(self) -> tuple:
+        """The asset names (paths below C{/admin/static/})."""
+        return tuple(sorted(self._assets))
+
+    def shell(self, request) -> bytes:
+        """The page (C{GET /admin/dashboard}): never cached, so it always names the current assets."""
+        _headers(request, CONTENT_TYPES[".html"], b"no-cache", len(self._shell))
+        return self._shell
+
+    def asset(self, request, name: str) -> bytes:
+        """One asset (C{GET /admin/static/<name>}): cached for a year when asked for with the current C{v}.
+
+        @raise NotFound: no such asset.
+        """
+        found = self._assets.get(name)
+        if found is None:
+            raise NotFound(f"No dashboard asset '{name}'.")
+        content, content_type = found
+        asked = request.args.get(b"v", [b""])[0]
+        _headers(request, content_type, IMMUTABLE if asked == self.version.encode("ascii") else b"no-cache",
+                 len(content))
+        return content
+
+
+def _headers(request, content_type, cache_control, length):
+    for name, value in SECURITY_HEADERS:
+        request.setHeader(name, value)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", cache_control)
+    request.setHeader(b"content-length", b"%d" % length)

@@ -1,0 +1,117 @@
+// The admin API, with the master key from this tab's sessionStorage (never local storage, never a URL).
+
+const STORAGE_KEY = "gomodel.dashboard.key";
+const listeners = new Set();
+
+export class ApiError extends Error {
+  constructor(status, message, code) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+export function signedIn() {
+  return sessionStorage.getItem(STORAGE_KEY) !== null;
+}
+
+export function signIn(key) {
+  sessionStorage.setItem(STORAGE_KEY, key);
+}
+
+// Forget the key; listeners (the app) show the sign-in form with the reason.
+export function signOut(reason) {
+  sessionStorage.removeItem(STORAGE_KEY);
+  for (const listener of listeners) listener(reason);
+}
+
+export function onSignOut(listener) {
+  listeners.add(listener);
+}
+
+function headers(extra) {
+  const key = sessionStorage.getItem(STORAGE_KEY);
+  const out = Object.assign({}, extra);
+  if (key) out.Authorization = `Bearer ${key}`;
+  return out;
+}
+
+// Check a key before keeping it: the answer of a cheap admin route, or an ApiError.
+export async function tryKey(key) {
+  let response;
+  try {
+    response = await fetch("/admin/api/v1/providers/status", {
+      headers: key ? {Authorization: `Bearer ${key}`} : {}, cache: "no-store", credentials: "omit",
+    });
+  } catch (error) {
+    throw new ApiError(0, `The gateway did not answer (${error.message}).`);
+  }
+  if (!response.ok) throw await failure(response);
+  return response.json();
+}
+
+// Call the admin API (or /v1/ routes): the parsed JSON answer, or the Response itself with raw.
+// A 401 signs out; any other error is thrown as an ApiError carrying the gateway's message.
+export async function api(path, {method = "GET", body, raw = false} = {}) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method, cache: "no-store", credentials: "omit",
+      headers: headers(body === undefined ? {} : {"Content-Type": "application/json"}),
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (error) {
+    throw new ApiError(0, `The gateway did not answer (${error.message}).`);
+  }
+  if (response.status === 401) {
+    const error = await failure(response);
+    signOut(`Signed out: the gateway refused the key (${error.message})`);
+    throw error;
+  }
+  if (!response.ok) throw await failure(response);
+  return raw ? response : response.json();
+}
+
+export function admin(path, options) {
+  return api(`/admin/api/v1/${path}`, options);
+}
+
+// Download an answer as a file: fetched with the key in a header, saved from a Blob (no key in a URL).
+export async function download(path, filename) {
+  const response = await api(path, {raw: true});
+  const blob = await response.blob();
+  const url = URL.createObjectURL(blob);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = filename;
+  link.hidden = true;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 30000);
+  return blob.size;
+}
+
+async function failure(response) {
+  let message = `${response.status} ${response.statusText}`.trim();
+  let code;
+  try {
+    const body = await response.json();
+    if (body && body.error) {
+      message = body.error.message || message;
+      code = body.error.code;
+    }
+  } catch (_) {
+    // not JSON: the status line says it
+  }
+  return new ApiError(response.status, message, code);
+}
+
+export function query(params) {
+  const search = new URLSearchParams();
+  for (const [name, value] of Object.entries(params)) {
+    if (value !== undefined && value !== null && value !== "") search.set(name, String(value));
+  }
+  const text = search.toString();
+  return text ? `?${text}` : "";
+}

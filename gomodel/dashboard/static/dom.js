@@ -1,0 +1,115 @@
+// Building the page: every text goes in with textContent (a name is never HTML), no inline styles.
+
+// h("div", {class: "card", onclick: fn, title: "x"}, child, "text", [more]) -> an element.
+// Attributes are set with setAttribute, except: class, text (textContent), on<event> (listeners),
+// hidden/disabled/checked/value/selected (properties). "style" and "innerHTML" are refused.
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "style" || name === "innerHTML" || name === "outerHTML") {
+      throw new Error(`h(): '${name}' is not allowed`);
+    } else if (name === "class") {
+      el.className = value;
+    } else if (name === "text") {
+      el.textContent = String(value);
+    } else if (name.startsWith("on") && typeof value === "function") {
+      el.addEventListener(name.slice(2), value);
+    } else if (["hidden", "disabled", "checked", "value", "selected", "open"].includes(name)) {
+      el[name] = value;
+    } else {
+      el.setAttribute(name, value === true ? "" : String(value));
+    }
+  }
+  append(el, children);
+  return el;
+}
+
+export function append(el, children) {
+  for (const child of children.flat(Infinity)) {
+    if (child === undefined || child === null || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+export function clear(el) {
+  while (el.firstChild) el.firstChild.remove();
+  return el;
+}
+
+export function replace(el, ...children) {
+  return append(clear(el), children);
+}
+
+// A message box: kind "error" | "info" | "ok" | "empty".
+export function note(kind, ...children) {
+  return h("div", {class: `note note-${kind}`, role: kind === "error" ? "alert" : "status"}, ...children);
+}
+
+export function errorNote(error) {
+  return note("error", error && error.message ? error.message : String(error));
+}
+
+// A table: columns [{title, cell: row -> Node|string, class}], rows -> a scrollable table.
+export function table(columns, rows, {empty = "Nothing yet.", rowClass} = {}) {
+  const head = h("tr", {}, columns.map((c) => h("th", {class: c.class, scope: "col", text: c.title})));
+  const body = rows.length
+    ? rows.map((row) => h("tr", {class: rowClass ? rowClass(row) : null},
+        columns.map((c) => h("td", {class: c.class, "data-label": c.title}, c.cell(row)))))
+    : [h("tr", {}, h("td", {class: "empty-cell", colspan: columns.length, text: empty}))];
+  return h("div", {class: "table-wrap"}, h("table", {}, h("thead", {}, head), h("tbody", {}, body)));
+}
+
+// A bar showing value / total (a <progress>: no inline style needed).
+export function meter(value, total, label) {
+  const max = total > 0 ? total : 1;
+  const level = value / max >= 1 ? "full" : value / max >= 0.8 ? "high" : "ok";
+  return h("span", {class: "meter"},
+    h("progress", {class: `meter-bar meter-${level}`, max: String(max), value: String(Math.min(value, max))}),
+    h("span", {class: "meter-label", text: label}));
+}
+
+export function badge(text, kind = text) {
+  return h("span", {class: `badge badge-${String(kind).replace(/[^a-z0-9_-]/gi, "")}`, text});
+}
+
+export function button(text, onclick, {kind = "secondary", title, disabled} = {}) {
+  return h("button", {type: "button", class: `btn btn-${kind}`, onclick, title, disabled, text});
+}
+
+// -- formatting ------------------------------------------------------------------------------
+
+const integer = new Intl.NumberFormat("en-US");
+
+export function int(value) {
+  return value === null || value === undefined ? "–" : integer.format(value);
+}
+
+export function ms(value) {
+  if (value === null || value === undefined) return "–";
+  return value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${Math.round(value)} ms`;
+}
+
+export function cost(value) {
+  if (value === null || value === undefined) return "–";
+  return value < 0.01 && value > 0 ? value.toFixed(6) : value.toFixed(2);
+}
+
+export function percent(value) {
+  return value === null || value === undefined ? "–" : `${Math.round(value * 100)}%`;
+}
+
+export function when(value) {
+  if (value === null || value === undefined) return "–";
+  const date = typeof value === "number" ? new Date(value * 1000) : new Date(value);
+  return date.toISOString().replace("T", " ").replace(/\.\d+Z$|Z$/, " UTC");
+}
+
+export function compact(value) {
+  if (value === null || value === undefined) return "–";
+  if (Math.abs(value) >= 1e9) return `${(value / 1e9).toFixed(1)}B`;
+  if (Math.abs(value) >= 1e6) return `${(value / 1e6).toFixed(1)}M`;
+  if (Math.abs(value) >= 1e4) return `${(value / 1e3).toFixed(1)}k`;
+  return integer.format(value);
+}

@@ -1,0 +1,113 @@
+// Batches: each batch with its status and progress (completed / failed / total lines), cancel, downloads.
+
+import {api, download, query} from "../api.js";
+import {badge, button, errorNote, h, int, note, replace, table, when} from "../dom.js";
+
+export const title = "Batches";
+export const REFRESH_MS = 2000;
+const CANCELLABLE = ["validating", "in_progress"];
+const UNFINISHED = ["validating", "in_progress", "finalizing", "cancelling"];
+
+export function mount(el) {
+  let stopped = false;
+  let shown = 1; // pages of 100 loaded
+  const messages = h("div", {class: "messages", id: "batches-messages"});
+  const list = h("div", {id: "batches-list"});
+  const more = h("div", {class: "pager"});
+  replace(el, h("div", {class: "page-head"}, h("h1", {text: "Batches"})), messages, list, more);
+
+  async function load() {
+    if (stopped) return;
+    try {
+      let batches = [];
+      let after = null;
+      let hasMore = false;
+      for (let page = 0; page < shown; page++) {
+        const answer = await api(`/v1/batches${query({limit: 100, after})}`);
+        batches = batches.concat(answer.data);
+        hasMore = answer.has_more;
+        if (!hasMore || !answer.data.length) break;
+        after = answer.data[answer.data.length - 1].id;
+      }
+      if (stopped) return;
+      if (messages.querySelector(".note-error")) replace(messages);
+      replace(list, batches.length ? batchTable(batches) : note("empty",
+        "No batches yet. Upload a JSONL file with purpose \"batch\" and create a batch with the OpenAI SDK: ",
+        h("code", {text: "client.batches.create(input_file_id=..., endpoint=\"/v1/chat/completions\", " +
+          "completion_window=\"24h\")"}), " against this gateway."));
+      replace(more, hasMore ? button("Load more", () => { shown += 1; load(); }) : null);
+    } catch (error) {
+      if (!stopped) replace(messages, errorNote(error));
+    }
+  }
+
+  function batchTable(batches) {
+    return table([
+      {title: "Batch", cell: (b) => h("div", {},
+        h("code", {class: "wrap batch-id", text: b.id}),
+        b.metadata ? h("div", {class: "muted metadata", text: Object.entries(b.metadata)
+          .map(([name, value]) => `${name}=${value}`).join(" · ")}) : null)},
+      {title: "Endpoint", cell: (b) => h("code", {text: b.endpoint})},
+      {title: "Status", cell: (b) => badge(b.status), class: "batch-status"},
+      {title: "Progress", cell: (b) => progress(b.request_counts), class: "batch-progress"},
+      {title: "Created", cell: (b) => when(b.created_at)},
+      {title: "", cell: (b) => actions(b), class: "actions"},
+    ], batches, {rowClass: (b) => `batch-row batch-${b.status}`});
+  }
+
+  function actions(b) {
+    const box = h("div", {class: "row-actions", "data-batch-id": b.id});
+    if (CANCELLABLE.includes(b.status)) {
+      box.append(button("Cancel", async () => {
+        try {
+          await api(`/v1/batches/${encodeURIComponent(b.id)}/cancel`, {method: "POST"});
+          load();
+        } catch (error) {
+          replace(messages, errorNote(error));
+        }
+      }, {kind: "danger-ghost"}));
+    }
+    for (const [fileId, label, suffix] of [[b.output_file_id, "Output", "output"], [b.error_file_id, "Errors",
+      "errors"]]) {
+      if (!fileId) continue;
+      const get = button(label, async () => {
+        try {
+          await download(`/v1/files/${encodeURIComponent(fileId)}/content`, `${b.id}-${suffix}.jsonl`);
+        } catch (error) {
+          replace(messages, errorNote(error));
+        }
+      }, {title: `Download ${fileId}`});
+      get.dataset.download = suffix;
+      box.append(get);
+    }
+    return box;
+  }
+
+  load();
+  let ticks = 0;
+  const timer = setInterval(() => {
+    // Every tick while a batch runs, every fifth when all are finished (new ones still show up).
+    ticks += 1;
+    if (list.querySelector(UNFINISHED.map((s) => `.batch-${s}`).join(", ")) || ticks % 5 === 0) load();
+  }, REFRESH_MS);
+  return () => {
+    stopped = true;
+    clearInterval(timer);
+  };
+}
+
+// A bar of completed (green) and failed (red) lines out of the total; widths through the CSSOM.
+function progress(counts) {
+  const total = counts.total || 0;
+  const done = counts.completed + counts.failed;
+  const pct = total ? Math.round((100 * done) / total) : 0;
+  const completed = h("span", {class: "progress-completed"});
+  const failed = h("span", {class: "progress-failed"});
+  completed.style.width = total ? `${(100 * counts.completed) / total}%` : "0%";
+  failed.style.width = total ? `${(100 * counts.failed) / total}%` : "0%";
+  return h("div", {class: "progress-cell"},
+    h("div", {class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
+      "aria-valuenow": String(pct), "aria-label": "lines answered"}, completed, failed),
+    h("span", {class: "progress-label",
+      text: `${pct}% · ${int(counts.completed)} completed · ${int(counts.failed)} failed · ${int(total)} total`}));
+}

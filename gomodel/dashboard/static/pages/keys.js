@@ -1,0 +1,215 @@
+// Keys: managed keys (create with the secret shown once, edit limits, models and budgets, deactivate).
+
+import {admin} from "../api.js";
+import {badge, button, cost, errorNote, h, int, meter, note, replace, table, when} from "../dom.js";
+
+export const title = "Keys";
+const PERIODS = ["hourly", "daily", "weekly", "monthly", "total"];
+
+export function mount(el) {
+  let stopped = false;
+  const messages = h("div", {class: "messages", id: "keys-messages"});
+  const secretBox = h("div", {id: "key-secret"});
+  const formBox = h("div", {id: "key-form-box"});
+  const list = h("div", {id: "keys-list"});
+  const create = button("New key", () => showForm(null), {kind: "primary"});
+  create.id = "new-key";
+  replace(el, h("div", {class: "page-head"}, h("h1", {text: "Keys"}), create), messages, secretBox, formBox, list);
+
+  async function load() {
+    try {
+      const answer = await admin("auth-keys");
+      if (stopped) return;
+      replace(list, answer.data.length ? keysTable(answer.data)
+        : note("empty", "No managed keys yet. Create one for each team or app with New key: it gets its own ",
+          "limits, budgets and models, and its secret is shown once."));
+    } catch (error) {
+      if (!stopped) replace(messages, errorNote(error));
+    }
+  }
+
+  function keysTable(keys) {
+    return table([
+      {title: "Name", cell: (k) => h("div", {},
+        h("div", {class: "key-name", text: k.name}),
+        k.description ? h("div", {class: "muted", text: k.description}) : null,
+        k.metadata ? h("div", {class: "muted metadata", text: Object.entries(k.metadata)
+          .map(([name, value]) => `${name}=${typeof value === "string" ? value : JSON.stringify(value)}`)
+          .join(" · ")}) : null)},
+      {title: "Key", cell: (k) => h("code", {text: k.redacted_value})},
+      {title: "User path", cell: (k) => k.user_path ? h("code", {text: k.user_path}) : "–"},
+      {title: "Models", cell: (k) => k.models ? h("span", {class: "wrap", text: k.models.join(", ")}) : "all"},
+      {title: "Limits", cell: (k) => limits(k)},
+      {title: "Budgets", cell: (k) => budgets(k.budgets)},
+      {title: "Status", cell: (k) => badge(k.active ? "active" : k.enabled ? "expired" : "deactivated")},
+      {title: "Created", cell: (k) => when(k.created_at)},
+      {title: "", cell: (k) => actions(k), class: "actions"},
+    ], keys, {rowClass: (k) => `key-row key-${k.active ? "active" : "inactive"}`});
+  }
+
+  function actions(k) {
+    const box = h("div", {class: "row-actions", "data-key-id": k.id});
+    const edit = button("Edit", () => showForm(k));
+    if (!k.enabled) return replace(box, edit);
+    const deactivate = button("Deactivate", () => {
+      replace(box,
+        button("Confirm deactivate", async () => {
+          try {
+            await admin(`auth-keys/${encodeURIComponent(k.id)}/deactivate`, {method: "POST"});
+            replace(messages, note("ok", "Key deactivated: ", h("strong", {text: k.name}),
+              " is refused (401) on every process within about a second."));
+            load();
+          } catch (error) {
+            replace(messages, errorNote(error));
+          }
+        }, {kind: "danger"}),
+        button("Cancel", () => replace(box, edit, deactivate)));
+    }, {kind: "danger-ghost"});
+    return replace(box, edit, deactivate);
+  }
+
+  function showForm(k) {
+    replace(secretBox);
+    const v = k || {};
+    const field = (label, input, hint) => h("label", {class: "field"}, h("span", {text: label}), input,
+      hint ? h("small", {class: "muted", text: hint}) : null);
+    const name = h("input", {name: "name", required: true, maxlength: "200", value: v.name || ""});
+    const description = h("input", {name: "description", value: v.description || ""});
+    const userPath = h("input", {name: "user_path", placeholder: "/team/alpha", value: v.user_path || ""});
+    const models = h("input", {name: "models", placeholder: "vllm/, embed/BAAI/bge-small-en-v1.5",
+      value: (v.models || []).join(", ")});
+    const number = (fieldName, value) => h("input", {name: fieldName, type: "number", min: "1", step: "1",
+      value: value ?? ""});
+    const rpm = number("rpm", v.rpm);
+    const tpm = number("tpm", v.tpm);
+    const concurrency = number("max_concurrency", v.max_concurrency);
+    const priority = h("input", {name: "priority", type: "number", step: "1", value: v.priority ?? ""});
+    const expires = h("input", {name: "expires_at", type: "date",
+      value: v.expires_at ? v.expires_at.slice(0, 10) : ""});
+    const metadata = h("textarea", {name: "metadata", rows: "2", placeholder: '{"owner": "alice"}',
+      value: v.metadata ? JSON.stringify(v.metadata) : ""});
+    const budgetRows = h("div", {class: "budget-rows"});
+    const addBudget = (b = {}) => {
+      const row = h("div", {class: "budget-row"},
+        h("select", {name: "period", "aria-label": "Period"},
+          PERIODS.map((p) => h("option", {value: p, text: p, selected: p === (b.period || "daily")}))),
+        h("select", {name: "kind", "aria-label": "Kind"},
+          h("option", {value: "max_tokens", text: "tokens", selected: b.max_cost === undefined}),
+          h("option", {value: "max_cost", text: "cost", selected: b.max_cost !== undefined && b.max_cost !== null})),
+        h("input", {name: "amount", type: "number", min: "0", step: "any", "aria-label": "Amount",
+          value: b.max_tokens ?? b.max_cost ?? ""}),
+        button("Remove", () => row.remove(), {kind: "ghost"}));
+      budgetRows.append(row);
+    };
+    (v.budgets || []).forEach(addBudget);
+    const formMessages = h("div", {class: "messages"});
+    const form = h("form", {class: "panel key-form", id: "key-form", onsubmit: async (event) => {
+      event.preventDefault();
+      let body;
+      try {
+        body = {
+          name: name.value.trim(), description: description.value.trim() || null,
+          user_path: userPath.value.trim() || null,
+          models: models.value.trim() ? models.value.split(",").map((s) => s.trim()).filter(Boolean) : null,
+          rpm: whole(rpm.value), tpm: whole(tpm.value), max_concurrency: whole(concurrency.value),
+          priority: whole(priority.value),
+          expires_at: expires.value ? `${expires.value}T00:00:00Z` : null,
+          metadata: metadata.value.trim() ? JSON.parse(metadata.value) : null,
+          budgets: [...budgetRows.children].map((row) => {
+            const amount = Number(row.querySelector("[name=amount]").value);
+            return {period: row.querySelector("[name=period]").value,
+              [row.querySelector("[name=kind]").value]: amount};
+          }),
+        };
+      } catch (error) {
+        replace(formMessages, errorNote(`Metadata must be a JSON object: ${error.message}`));
+        return;
+      }
+      if (k && k.expires_at && body.expires_at && body.expires_at.slice(0, 10) === k.expires_at.slice(0, 10)) {
+        delete body.expires_at; // unchanged (the date input drops the time of day)
+      }
+      try {
+        if (k) {
+          await admin(`auth-keys/${encodeURIComponent(k.id)}`, {method: "PATCH", body});
+          replace(messages, note("ok", "Saved ", h("strong", {text: body.name}), "."));
+        } else {
+          const created = await admin("auth-keys", {method: "POST", body});
+          showSecret(created);
+          replace(messages);
+        }
+        replace(formBox);
+        load();
+      } catch (error) {
+        replace(formMessages, errorNote(error));
+      }
+    }},
+    h("h2", {text: k ? `Edit ${k.name}` : "New key"}),
+    h("div", {class: "form-grid"},
+      field("Name", name), field("Description", description),
+      field("User path", userPath, "the team it belongs to; path limits and budgets apply"),
+      field("Models", models, "comma-separated selectors; empty: every model"),
+      field("Requests / minute", rpm), field("Tokens / minute", tpm), field("Max concurrency", concurrency),
+      field("Priority", priority, "vLLM priority (providers with priority scheduling)"),
+      field("Expires", expires, "UTC midnight; empty: never"), field("Metadata (JSON)", metadata)),
+    h("fieldset", {class: "budgets"}, h("legend", {text: "Budgets"}), budgetRows,
+      button("Add budget", () => addBudget(), {kind: "ghost"})),
+    formMessages,
+    h("div", {class: "form-actions"},
+      h("button", {type: "submit", class: "btn btn-primary", id: "key-submit", text: k ? "Save" : "Create key"}),
+      button("Cancel", () => replace(formBox))));
+    replace(formBox, form);
+    name.focus();
+  }
+
+  function showSecret(created) {
+    const value = h("code", {class: "secret", id: "key-secret-value", text: created.value});
+    const status = h("span", {class: "muted", "aria-live": "polite"});
+    replace(secretBox, h("div", {class: "note note-ok secret-box"},
+      h("p", {}, "Key ", h("strong", {text: created.name}), " created. Copy its secret now: it is shown once ",
+        "and cannot be read again."),
+      h("div", {class: "secret-row"}, value,
+        button("Copy", async () => {
+          try {
+            await navigator.clipboard.writeText(created.value);
+            status.textContent = "Copied.";
+          } catch (_) {
+            const range = document.createRange();
+            range.selectNodeContents(value);
+            getSelection().removeAllRanges();
+            getSelection().addRange(range);
+            status.textContent = "Selected: press Ctrl+C (the browser refused clipboard access).";
+          }
+        }, {kind: "primary"}),
+        button("Done", () => replace(secretBox)), status)));
+  }
+
+  load();
+  return () => {
+    stopped = true;
+  };
+}
+
+function whole(text) {
+  return text.trim() === "" ? null : Math.trunc(Number(text));
+}
+
+function limits(k) {
+  const parts = [];
+  if (k.rpm) parts.push(`${int(k.rpm)} rpm`);
+  if (k.tpm) parts.push(`${int(k.tpm)} tpm`);
+  if (k.max_concurrency) parts.push(`${int(k.max_concurrency)} concurrent`);
+  return parts.length ? parts.join(" · ") : "none";
+}
+
+function budgets(items) {
+  if (!items || !items.length) return "none";
+  return h("div", {class: "budget-list"}, items.map((b) => {
+    const tokens = b.max_tokens !== undefined && b.max_tokens !== null;
+    const limit = tokens ? b.max_tokens : b.max_cost;
+    const spent = tokens ? b.spent_tokens : b.spent_cost;
+    const label = spent === undefined
+      ? `${b.period}: ${tokens ? `${int(limit)} tokens` : cost(limit)}`
+      : `${b.period}: ${tokens ? `${int(spent)} / ${int(limit)} tokens` : `${cost(spent)} / ${cost(limit)}`}`;
+    return h("div", {class: "budget", "data-period": b.period}, meter(spent || 0, limit, label));
+  }));
+}

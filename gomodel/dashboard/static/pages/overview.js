@@ -1,0 +1,129 @@
+// Overview: traffic, tokens, errors and latency of the last hour / day / 30 days, refreshed live.
+
+import {admin} from "../api.js";
+import {COLORS, chart, update} from "../charts.js";
+import {compact, errorNote, h, int, ms, note, replace} from "../dom.js";
+import {providerHint} from "./providers.js";
+
+export const title = "Overview";
+export const REFRESH_MS = 5000;
+const WINDOWS = [["hour", "Last hour"], ["day", "Last 24 hours"], ["month", "Last 30 days"]];
+const state = {window: "hour"};
+
+export function mount(el) {
+  const status = h("span", {class: "live", id: "overview-live", text: "Loading…"});
+  const picker = h("div", {class: "segmented", role: "group", "aria-label": "Window"},
+    WINDOWS.map(([value, label]) => h("button", {
+      type: "button", class: "seg", "data-window": value, text: label,
+      "aria-pressed": String(value === state.window),
+      onclick: () => {
+        state.window = value;
+        for (const b of picker.children) b.setAttribute("aria-pressed", String(b.dataset.window === value));
+        refresh();
+      },
+    })));
+  const messages = h("div", {class: "messages", id: "overview-messages"});
+  const cards = h("div", {class: "cards", id: "overview-cards"});
+  const boxes = {
+    traffic: h("div", {class: "chart-box", id: "chart-traffic"}),
+    tokens: h("div", {class: "chart-box", id: "chart-tokens"}),
+    latency: h("div", {class: "chart-box", id: "chart-latency"}),
+  };
+  replace(el,
+    h("div", {class: "page-head"}, h("h1", {text: "Overview"}), picker, status),
+    messages, cards,
+    h("div", {class: "charts"},
+      panel("Requests and errors", boxes.traffic), panel("Tokens", boxes.tokens),
+      panel("Latency and time to first token", boxes.latency)));
+
+  const charts = {
+    traffic: chart(boxes.traffic, {type: "bar", yTitle: "requests", series: [
+      {label: "requests", color: COLORS.blue}, {label: "errors", color: COLORS.red}]}),
+    tokens: chart(boxes.tokens, {type: "line", yTitle: "tokens", series: [
+      {label: "input tokens", color: COLORS.purple, fill: true}, {label: "output tokens", color: COLORS.teal,
+        fill: true}]}),
+    latency: chart(boxes.latency, {type: "line", yTitle: "ms", series: [
+      {label: "latency p50", color: COLORS.blue}, {label: "latency p95", color: COLORS.orange},
+      {label: "TTFT p50", color: COLORS.green}, {label: "TTFT p95", color: COLORS.red}]}),
+  };
+
+  let busy = false;
+  let stopped = false;
+  async function refresh() {
+    if (busy || stopped) return;
+    busy = true;
+    const shown = state.window;
+    try {
+      const [series, fleet] = await Promise.all([
+        admin(`usage/timeseries?window=${shown}`), admin("providers/status")]);
+      if (stopped || shown !== state.window) return;
+      draw(series, fleet);
+      status.textContent = `Live · updated ${new Date().toLocaleTimeString("en-GB")}`;
+      status.classList.remove("stale");
+    } catch (error) {
+      if (stopped) return;
+      replace(messages, errorNote(error));
+      status.textContent = "Not updated: see the message";
+      status.classList.add("stale");
+    } finally {
+      busy = false;
+    }
+  }
+
+  function draw(series, fleet) {
+    const s = series.summary;
+    const replicas = fleet.providers.flatMap((p) => p.replicas);
+    const ready = fleet.providers.reduce((n, p) => n + p.ready_replicas, 0);
+    replace(cards,
+      card("Requests", int(s.requests), "requests"),
+      card("Errors", int(s.errors), "errors", s.requests ? `${((100 * s.errors) / s.requests).toFixed(1)}% of requests`
+        : null, s.errors ? "bad" : null),
+      card("Input tokens", compact(s.input_tokens), "input-tokens"),
+      card("Output tokens", compact(s.output_tokens), "output-tokens"),
+      card("Latency p50 / p95", `${ms(s.duration_ms_p50)} / ${ms(s.duration_ms_p95)}`, "latency"),
+      card("TTFT p50 / p95", `${ms(s.ttft_ms_p50)} / ${ms(s.ttft_ms_p95)}`, "ttft", "streams only"),
+      card("Replicas ready", `${ready} / ${replicas.length}`, "replicas",
+        `${fleet.providers.length} provider${fleet.providers.length === 1 ? "" : "s"}`,
+        replicas.length && ready < replicas.length ? "bad" : null));
+    const notes = [];
+    if (!fleet.providers.length) notes.push(providerHint());
+    if (!s.requests) {
+      notes.push(note("empty", "No requests in this window yet. Point an OpenAI client at ",
+        h("code", {text: `${location.origin}/v1`}), " with a gateway key, and the charts fill in within seconds ",
+        "(the usage ledger is written every USAGE_FLUSH_INTERVAL)."));
+    }
+    replace(messages, notes);
+    const labels = series.data.map((b) => label(b.period, series.window));
+    const pick = (name) => series.data.map((b) => b[name]);
+    update(charts.traffic, labels, [pick("requests"), pick("errors")]);
+    update(charts.tokens, labels, [pick("input_tokens"), pick("output_tokens")]);
+    update(charts.latency, labels, [pick("duration_ms_p50"), pick("duration_ms_p95"), pick("ttft_ms_p50"),
+      pick("ttft_ms_p95")]);
+  }
+
+  refresh();
+  const timer = setInterval(refresh, REFRESH_MS);
+  return () => {
+    stopped = true;
+    clearInterval(timer);
+    Object.values(charts).forEach((c) => c.destroy());
+  };
+}
+
+function panel(titleText, box) {
+  return h("section", {class: "panel"}, h("h2", {text: titleText}), box);
+}
+
+function card(titleText, value, id, detail, kind) {
+  return h("div", {class: `card${kind ? ` card-${kind}` : ""}`, id: `card-${id}`},
+    h("div", {class: "card-title", text: titleText}),
+    h("div", {class: "card-value", text: value}),
+    detail ? h("div", {class: "card-detail", text: detail}) : null);
+}
+
+function label(period, window) {
+  const date = new Date(period);
+  const pad = (n) => String(n).padStart(2, "0");
+  if (window === "month") return `${pad(date.getMonth() + 1)}-${pad(date.getDate())}`;
+  return `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+}

@@ -1,0 +1,81 @@
+// Providers: every provider and replica, its state and load, its models; refresh the models now.
+
+import {admin} from "../api.js";
+import {badge, button, errorNote, h, int, meter, note, percent, replace, table, when} from "../dom.js";
+
+export const title = "Providers";
+export const REFRESH_MS = 3000;
+
+export function providerHint() {
+  return note("empty", "No provider is configured. Set ", h("code", {text: "VLLM_BASE_URL"}),
+    " (e.g. ", h("code", {text: "VLLM_BASE_URL=http://vllm-host:8000/v1"}),
+    "; several URLs separated by commas are replicas), or another provider's variable (",
+    h("code", {text: "OPENAI_API_KEY"}), ", ", h("code", {text: "OLLAMA_BASE_URL"}),
+    ", …), in the gateway's environment, then restart it.");
+}
+
+export function mount(el) {
+  const messages = h("div", {class: "messages", id: "providers-messages"});
+  const list = h("div", {id: "providers-list"});
+  const refreshButton = button("Refresh models", async () => {
+    refreshButton.disabled = true;
+    try {
+      await admin("runtime/refresh", {method: "POST"});
+      replace(messages, note("ok", "Re-reading every replica's models; the list updates in a moment."));
+      setTimeout(load, 1000);
+    } catch (error) {
+      replace(messages, errorNote(error));
+    } finally {
+      refreshButton.disabled = false;
+    }
+  }, {kind: "primary", title: "POST /admin/api/v1/runtime/refresh"});
+  refreshButton.id = "refresh-models";
+  replace(el, h("div", {class: "page-head"}, h("h1", {text: "Providers"}), refreshButton), messages, list);
+
+  let stopped = false;
+  async function load() {
+    if (stopped) return;
+    try {
+      const answer = await admin("providers/status");
+      if (stopped) return;
+      if (messages.querySelector(".note-error")) replace(messages);
+      replace(list, answer.providers.length ? answer.providers.map(provider) : providerHint());
+    } catch (error) {
+      if (!stopped) replace(messages, errorNote(error));
+    }
+  }
+  load();
+  const timer = setInterval(load, REFRESH_MS);
+  return () => {
+    stopped = true;
+    clearInterval(timer);
+  };
+}
+
+function provider(p) {
+  const total = p.replicas.length;
+  return h("section", {class: "panel provider", "data-provider": p.name},
+    h("div", {class: "panel-head"},
+      h("h2", {}, h("span", {class: "provider-name", text: p.name}), " ", badge(p.type, "type")),
+      h("span", {class: `ready ${p.ready_replicas < total ? "ready-bad" : "ready-ok"}`,
+        text: `${p.ready_replicas} / ${total} replicas ready`})),
+    table([
+      {title: "#", cell: (r) => String(r.index)},
+      {title: "Replica", cell: (r) => h("code", {class: "wrap", text: r.base_url})},
+      {title: "State", cell: (r) => badge(r.state), class: "replica-state"},
+      {title: "In flight", cell: (r) => r.max_concurrency ? `${int(r.in_flight)} / ${int(r.max_concurrency)}`
+        : int(r.in_flight)},
+      {title: "Queue (vLLM)", cell: (r) => r.waiting === null ? "–" : `${int(r.waiting)} waiting · ${int(r.running)} running`},
+      {title: "KV cache", cell: (r) => r.kv_cache_usage === null ? "–"
+        : meter(r.kv_cache_usage, 1, percent(r.kv_cache_usage))},
+      {title: "Served", cell: (r) => int(r.served)},
+      {title: "Models", cell: (r) => r.models === null ? "–" : String(r.models.length)},
+      {title: "Last error", cell: (r) => r.last_error
+        ? h("span", {class: "error-text", text: `${r.last_error} (${r.consecutive_failures} failures)`}) : "–"},
+      {title: "Since", cell: (r) => r.last_state_change ? when(r.last_state_change) : "–"},
+    ], p.replicas, {rowClass: (r) => `replica replica-${r.state}`}),
+    h("details", {class: "models", open: p.models.length <= 8},
+      h("summary", {text: `${p.models.length} model${p.models.length === 1 ? "" : "s"}`}),
+      p.models.length ? h("ul", {class: "model-list"}, p.models.map((m) => h("li", {}, h("code", {text: m}))))
+        : h("p", {class: "muted", text: "No models discovered yet: is the server up? Refresh models to re-read them."})));
+}

@@ -1,0 +1,242 @@
+// Usage: totals by model, provider, key and user path for a window (table, chart, CSV), and the request log.
+
+import {admin, download, query} from "../api.js";
+import {COLORS, chart, update} from "../charts.js";
+import {badge, button, cost, errorNote, h, int, ms, replace, table, when} from "../dom.js";
+
+export const title = "Usage";
+const GROUPS = {
+  model: {label: "Model", route: "usage/models"},
+  provider: {label: "Provider", route: "usage/models"},
+  key: {label: "Key", route: "usage/keys"},
+  path: {label: "User path", route: "usage/user-paths"},
+};
+const WINDOWS = [["1", "Today (UTC)"], ["7", "Last 7 days"], ["30", "Last 30 days"], ["90", "Last 90 days"],
+  ["custom", "Dates…"]];
+const PAGE_SIZE = 50;
+const state = {days: "7", start: "", end: "", group: "model", filters: {status: "", model: "", key: "", search: ""}};
+
+export function mount(el) {
+  let stopped = false;
+  const keyNames = new Map();
+  const messages = h("div", {class: "messages", id: "usage-messages"});
+
+  // -- the window --------------------------------------------------------------------------
+  const days = h("select", {id: "usage-days", "aria-label": "Window", onchange: () => {
+    state.days = days.value;
+    dates.hidden = state.days !== "custom";
+    if (state.days !== "custom") reload();
+  }}, WINDOWS.map(([value, text]) => h("option", {value, text, selected: value === state.days})));
+  const start = h("input", {type: "date", id: "usage-start", value: state.start, "aria-label": "Start date"});
+  const end = h("input", {type: "date", id: "usage-end", value: state.end, "aria-label": "End date"});
+  const dates = h("span", {class: "dates", hidden: state.days !== "custom"}, start, " – ", end,
+    button("Apply", () => {
+      state.start = start.value;
+      state.end = end.value;
+      reload();
+    }));
+  function windowParams() {
+    if (state.days === "custom") return {start_date: state.start, end_date: state.end};
+    return {days: state.days};
+  }
+
+  // -- totals by group -----------------------------------------------------------------------
+  const totals = h("div", {class: "cards", id: "usage-totals"});
+  const tabs = h("div", {class: "segmented", role: "tablist", "aria-label": "Group by"},
+    Object.entries(GROUPS).map(([name, g]) => h("button", {
+      type: "button", class: "seg", role: "tab", "data-group": name, text: `By ${g.label.toLowerCase()}`,
+      "aria-selected": String(name === state.group),
+      onclick: () => {
+        state.group = name;
+        for (const t of tabs.children) t.setAttribute("aria-selected", String(t.dataset.group === name));
+        loadGroups();
+      },
+    })));
+  const csv = button("Download CSV", async () => {
+    try {
+      await download(`/admin/api/v1/${GROUPS[state.group].route}${query({...windowParams(), format: "csv"})}`,
+        `usage-${state.group === "provider" ? "model" : state.group}.csv`);
+    } catch (error) {
+      replace(messages, errorNote(error));
+    }
+  });
+  csv.id = "usage-csv";
+  const groupTable = h("div", {id: "usage-table"});
+  const chartBox = h("div", {class: "chart-box chart-box-tall", id: "chart-usage"});
+
+  // -- the request log -----------------------------------------------------------------------
+  const f = state.filters;
+  const status = h("input", {id: "log-status", type: "number", min: "100", max: "599", placeholder: "status",
+    value: f.status, "aria-label": "Status"});
+  const model = h("input", {id: "log-model", type: "text", placeholder: "model (as routed)", value: f.model,
+    "aria-label": "Model", list: "usage-model-list"});
+  const modelList = h("datalist", {id: "usage-model-list"});
+  const key = h("select", {id: "log-key", "aria-label": "Key"}, h("option", {value: "", text: "any key"}));
+  const search = h("input", {id: "log-search", type: "search", placeholder: "request id", value: f.search,
+    "aria-label": "Request id"});
+  const filters = h("form", {class: "filters", id: "log-filters", onsubmit: (event) => {
+    event.preventDefault();
+    Object.assign(f, {status: status.value.trim(), model: model.value.trim(), key: key.value,
+      search: search.value.trim()});
+    cursors = [null];
+    loadLog();
+  }}, status, model, modelList, key, search, h("button", {type: "submit", class: "btn btn-primary", text: "Filter"}),
+  button("Clear", () => {
+    status.value = model.value = search.value = key.value = "";
+    filters.requestSubmit();
+  }));
+  const logTable = h("div", {id: "log-table"});
+  const pager = h("div", {class: "pager"});
+  let cursors = [null]; // the "after" of each page shown so far
+
+  replace(el,
+    h("div", {class: "page-head"}, h("h1", {text: "Usage"}), days, dates),
+    messages, totals,
+    h("section", {class: "panel"},
+      h("div", {class: "panel-head"}, tabs, csv),
+      h("div", {class: "split"}, groupTable, chartBox)),
+    h("section", {class: "panel"},
+      h("div", {class: "panel-head"}, h("h2", {text: "Request log"}),
+        button("Log as CSV", async () => {
+          try {
+            await download(`/admin/api/v1/usage/log${query({...windowParams(), ...logParams(), limit: 1000,
+              format: "csv"})}`, "usage-log.csv");
+          } catch (error) {
+            replace(messages, errorNote(error));
+          }
+        })),
+      filters, logTable, pager));
+  const groupChart = chart(chartBox, {type: "bar", horizontal: true, series: [
+    {label: "requests", color: COLORS.blue}, {label: "errors", color: COLORS.red}]});
+
+  function keyName(id) {
+    if (id === null || id === undefined) return "master key";
+    return keyNames.get(id) || id;
+  }
+
+  async function loadKeys() {
+    try {
+      const answer = await admin("auth-keys");
+      for (const k of answer.data) keyNames.set(k.id, k.name);
+      replace(key, h("option", {value: "", text: "any key"}),
+        answer.data.map((k) => h("option", {value: k.id, text: `${k.name} (${k.redacted_value})`,
+          selected: k.id === f.key})));
+    } catch (error) {
+      if (!stopped) replace(messages, errorNote(error));
+    }
+  }
+
+  async function loadTotals() {
+    const s = await admin(`usage/summary${query(windowParams())}`);
+    replace(totals,
+      card("Requests", int(s.requests)), card("Errors", int(s.errors)),
+      card("Input tokens", int(s.input_tokens)), card("Output tokens", int(s.output_tokens)),
+      card("Cached tokens", int(s.cached_tokens)), card("Cost", s.total_cost === null ? "no prices" : cost(s.total_cost)),
+      card("Window", `${s.start} – ${s.end}`));
+  }
+
+  async function loadGroups() {
+    const group = state.group;
+    try {
+      const answer = await admin(`${GROUPS[group].route}${query(windowParams())}`);
+      if (stopped || group !== state.group) return;
+      let rows = answer.data;
+      if (group === "provider") rows = byProvider(rows);
+      if (group === "model") replace(modelList, rows.map((r) => h("option", {value: r.model})));
+      const name = {
+        model: (r) => h("span", {}, h("code", {class: "wrap", text: r.model ?? "–"}), " ",
+          h("span", {class: "muted", text: r.provider_name ?? ""})),
+        provider: (r) => h("span", {}, h("strong", {text: r.provider_name ?? "–"}), " ",
+          h("span", {class: "muted", text: r.provider ?? ""})),
+        key: (r) => h("span", {class: "key-name", text: keyName(r.auth_key_id)}),
+        path: (r) => h("code", {text: r.user_path ?? "(none)"}),
+      }[group];
+      const plain = {model: (r) => r.model ?? "–", provider: (r) => r.provider_name ?? "–",
+        key: (r) => keyName(r.auth_key_id), path: (r) => r.user_path ?? "(none)"}[group];
+      replace(groupTable, table([
+        {title: GROUPS[group].label, cell: name},
+        {title: "Requests", cell: (r) => int(r.requests), class: "num"},
+        {title: "Errors", cell: (r) => int(r.errors), class: "num"},
+        {title: "Input", cell: (r) => int(r.input_tokens), class: "num"},
+        {title: "Output", cell: (r) => int(r.output_tokens), class: "num"},
+        {title: "Cost", cell: (r) => cost(r.total_cost), class: "num"},
+      ], rows, {empty: "No usage in this window."}));
+      const top = [...rows].sort((a, b) => b.requests - a.requests).slice(0, 15);
+      update(groupChart, top.map(plain), [top.map((r) => r.requests), top.map((r) => r.errors)]);
+    } catch (error) {
+      if (!stopped) replace(messages, errorNote(error));
+    }
+  }
+
+  function logParams() {
+    return {status: f.status, model: f.model, key: f.key, search: f.search};
+  }
+
+  async function loadLog() {
+    try {
+      const after = cursors[cursors.length - 1];
+      const page = await admin(`usage/log${query({...windowParams(), ...logParams(), limit: PAGE_SIZE, after})}`);
+      if (stopped) return;
+      replace(logTable, table([
+        {title: "Time", cell: (r) => when(r.timestamp)},
+        {title: "Request id", cell: (r) => h("code", {class: "wrap request-id", text: r.request_id})},
+        {title: "Model", cell: (r) => h("code", {class: "wrap", text: r.model ?? "–"})},
+        {title: "Provider", cell: (r) => `${r.provider_name ?? "–"}${r.replica === null ? "" : ` #${r.replica}`}`},
+        {title: "Endpoint", cell: (r) => r.endpoint ?? "–"},
+        {title: "Status", cell: (r) => badge(String(r.status_code), r.status_code >= 400 ? "failed" : "ok")},
+        {title: "Tokens in / out", cell: (r) => `${int(r.input_tokens)} / ${int(r.output_tokens)}`, class: "num"},
+        {title: "Duration", cell: (r) => ms(r.duration_ms), class: "num"},
+        {title: "TTFT", cell: (r) => ms(r.ttft_ms), class: "num"},
+        {title: "Key", cell: (r) => h("span", {class: "key-name", text: keyName(r.auth_key_id)})},
+        {title: "User path", cell: (r) => r.user_path ?? "–"},
+      ], page.data, {empty: "No requests match: change the window or the filters."}));
+      replace(pager,
+        button("Newest", () => { cursors = [null]; loadLog(); }, {disabled: cursors.length === 1}),
+        button("← Newer", () => { cursors.pop(); loadLog(); }, {disabled: cursors.length === 1}),
+        h("span", {class: "muted", text: `page ${cursors.length}`}),
+        button("Older →", () => { cursors.push(page.next); loadLog(); }, {disabled: !page.has_more}));
+    } catch (error) {
+      if (!stopped) replace(messages, errorNote(error));
+    }
+  }
+
+  async function reload() {
+    replace(messages);
+    cursors = [null];
+    try {
+      await loadTotals();
+    } catch (error) {
+      if (!stopped) replace(messages, errorNote(error));
+      return;
+    }
+    await Promise.all([loadGroups(), loadLog()]);
+  }
+
+  loadKeys().then(reload);
+  return () => {
+    stopped = true;
+    groupChart.destroy();
+  };
+}
+
+function byProvider(rows) {
+  const out = new Map();
+  for (const r of rows) {
+    const name = r.provider_name ?? r.provider ?? "–";
+    const sum = out.get(name) || {provider_name: name, provider: r.provider, requests: 0, errors: 0,
+      input_tokens: 0, output_tokens: 0, total_cost: null};
+    sum.requests += r.requests;
+    sum.errors += r.errors;
+    sum.input_tokens += r.input_tokens;
+    sum.output_tokens += r.output_tokens;
+    if (r.total_cost !== null) sum.total_cost = (sum.total_cost || 0) + r.total_cost;
+    out.set(name, sum);
+  }
+  return [...out.values()];
+}
+
+function card(titleText, value) {
+  return h("div", {class: "card"}, h("div", {class: "card-title", text: titleText}),
+    h("div", {class: "card-value", text: value}));
+}
+

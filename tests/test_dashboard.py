@@ -1,0 +1,219 @@
+"""The admin dashboard (no browser): its page and assets, their headers, who may read what, and the
+admin routes it draws from (usage/timeseries, key budgets with what they spent)."""
+
+import json
+import os
+import re
+
+import pytest
+import pytest_twisted
+import treq
+
+from gomodel.dashboard import Dashboard
+from gomodel.dashboard.assets import CSP, STATIC
+from tests.support import start_gateway
+
+MASTER = "master-k"
+ADMIN = {"authorization": f"Bearer {MASTER}", "content-type": "application/json"}
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+EXPECTED_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+@pytest_twisted.async_yield_fixture()
+async def gw(reactor, fake, tmp_path):
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                            "GOMODEL_DATA_DIR": str(tmp_path)})
+    yield gateway
+    await gateway.service.stopService()
+
+
+async def get(http, url, headers=None):
+    response = await http.get(url, headers=headers or {})
+    return response, await treq.content(response)
+
+
+async def call(http, gw, method, path, body=None, headers=ADMIN):
+    data = json.dumps(body).encode() if body is not None else None
+    response = await http.request(method, gw.url + path, data=data, headers=headers)
+    return response.code, json.loads(await treq.content(response))
+
+
+def header(response, name):
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+def secure(response):
+    assert header(response, "content-security-policy") == EXPECTED_CSP
+    assert header(response, "x-content-type-options") == "nosniff"
+    assert header(response, "referrer-policy") == "no-referrer"
+
+
+# -- the page and its assets -----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_shell_and_assets_need_no_key_carry_the_csp_and_are_cache_busted(http, gw):
+    assert CSP.decode() == EXPECTED_CSP
+    version = Dashboard().version
+    response, shell = await get(http, gw.url + "/admin/dashboard")  # no key
+    assert response.code == 200
+    secure(response)
+    assert header(response, "content-type") == "text/html; charset=utf-8"
+    assert header(response, "cache-control") == "no-cache"
+    text = shell.decode()
+    # the page holds no data: no inline script or style, nothing from elsewhere
+    assert not re.search(r"<script(?![^>]*\bsrc=)", text) and " style=" not in text and "<style" not in text
+    assert not re.search(r"\son[a-z]+=", text) and "http://" not in text and "https://" not in text
+    assert MODEL not in text and fake_name(gw) not in text
+    referenced = re.findall(r'"/admin/static/([^"?]+)\?v=([0-9a-f]+)"', text)
+    assert {name for name, _ in referenced} >= {"app.js", "app.css", "vendor/chart.umd.min.js", "favicon.svg"}
+    assert {v for _, v in referenced} == {version}
+    assert (await get(http, gw.url + "/admin/dashboard/"))[0].code == 200
+
+    # Every module the page loads, following the rewritten imports: each names the same version.
+    seen, todo = {}, ["app.js"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        response, body = await get(http, f"{gw.url}/admin/static/{name}?v={version}")
+        assert response.code == 200, name
+        secure(response)
+        assert header(response, "cache-control") == "public, max-age=31536000, immutable"
+        assert header(response, "content-type") == "text/javascript; charset=utf-8"
+        seen[name] = body.decode()
+        for target, v in re.findall(r'from "(\.{1,2}/[^"?]+)\?v=([0-9a-f]+)"', seen[name]):
+            assert v == version
+            todo.append(os.path.normpath(os.path.join(os.path.dirname(name), target)))
+        assert not re.search(r'from "\.{1,2}/[^"?]+\.js"', seen[name]), f"{name}: an import without ?v="
+    assert {"app.js", "api.js", "dom.js", "charts.js", "pages/overview.js", "pages/keys.js"} <= set(seen)
+
+    response, css = await get(http, f"{gw.url}/admin/static/app.css?v={version}")
+    assert header(response, "content-type") == "text/css; charset=utf-8" and b".cards" in css
+    response, chart = await get(http, f"{gw.url}/admin/static/vendor/chart.umd.min.js?v={version}")
+    assert response.code == 200 and b"Chart.js v4." in chart[:200]
+    # another version (an old page) is not cached for long
+    response, _ = await get(http, f"{gw.url}/admin/static/app.js?v=0000")
+    assert response.code == 200 and header(response, "cache-control") == "no-cache"
+    response, body = await get(http, gw.url + "/admin/static/nope.js")
+    assert response.code == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+def fake_name(gw):
+    return gw.service.config.upstreams.providers[0].base_url
+
+
+@pytest.mark.parametrize("path", ["/admin/static/../api/v1/auth-keys", "/admin/static/%2e%2e/api/v1/auth-keys",
+                                  "/admin/static//api/v1/auth-keys", "/admin/static/.hidden",
+                                  "/admin/dashboardx", "/admin/api/v1/providers/status"])
+@pytest_twisted.ensureDeferred
+async def test_only_the_page_and_plain_asset_names_are_open(http, gw, path):
+    response, body = await get(http, gw.url + path)
+    assert response.code == 401, (path, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_routes_need_the_master_key_a_managed_key_gets_403(http, gw):
+    code, key = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "team"})
+    assert code == 201
+    for path in ("/admin/api/v1/usage/timeseries", "/admin/api/v1/providers/status", "/admin/api/v1/auth-keys"):
+        assert (await call(http, gw, "GET", path, headers={}))[0] == 401
+        code, error = await call(http, gw, "GET", path, headers={"authorization": f"Bearer {key['value']}"})
+        assert (code, error["error"]["code"]) == (403, "master_key_required")
+        assert (await call(http, gw, "GET", path))[0] == 200
+    # the page itself is the same whoever asks
+    response, _ = await get(http, gw.url + "/admin/dashboard", {"authorization": f"Bearer {key['value']}"})
+    assert response.code == 200
+
+
+@pytest.mark.parametrize("env", [{"ADMIN_UI_ENABLED": "false"}, {"ADMIN_ENDPOINTS_ENABLED": "false"}])
+@pytest_twisted.ensureDeferred
+async def test_the_dashboard_can_be_turned_off(reactor, http, fake, tmp_path, env):
+    gw = await start_gateway(reactor, dict(env, VLLM_BASE_URL=fake.base_url, GOMODEL_MASTER_KEY=MASTER,
+                                           GOMODEL_DATA_DIR=str(tmp_path)))
+    try:
+        for path in ("/admin/dashboard", "/admin/static/app.js"):
+            response, _ = await get(http, gw.url + path)
+            assert response.code == 401  # no longer open
+            response, body = await get(http, gw.url + path, ADMIN)
+            assert response.code == 404, body
+            assert header(response, "content-security-policy") is None
+        status = (await get(http, gw.url + "/admin/api/v1/providers/status", ADMIN))[0].code
+        assert status == (200 if "ADMIN_UI_ENABLED" in env else 404)
+    finally:
+        await gw.service.stopService()
+
+
+def test_the_scripts_never_write_html_or_use_local_storage():
+    """Every name reaches the page through textContent; the key lives in sessionStorage only."""
+    for root, _, names in os.walk(STATIC):
+        for name in names:
+            if not name.endswith(".js") or "vendor" in root:
+                continue
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                source = f.read()
+            for banned in (".innerHTML", ".outerHTML", ".insertAdjacentHTML", "document.write", "eval(",
+                           "new Function", "localStorage", "setAttribute(\"style\"", "console.log"):
+                assert banned not in source, f"{name} uses {banned}"
+    with open(os.path.join(STATIC, "vendor", "chart.js.LICENSE.md"), encoding="utf-8") as f:
+        assert "MIT License" in f.read()
+
+
+# -- the admin routes it reads ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_timeseries_buckets_the_windows_with_percentiles(http, gw):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    for body in (chat, chat, dict(chat, stream=True), dict(chat, fake_status=500, fake_body="{}")):
+        response = await http.post(gw.url + "/v1/chat/completions", data=json.dumps(body).encode(), headers=ADMIN)
+        await treq.content(response)
+    await gw.service.usage.flush()
+
+    code, hour = await call(http, gw, "GET", "/admin/api/v1/usage/timeseries?window=hour")
+    assert code == 200
+    assert (hour["object"], hour["window"], hour["bucket_seconds"], len(hour["data"])) == (
+        "usage.timeseries", "hour", 60, 60)
+    summary = hour["summary"]
+    assert summary["requests"] == 4 and summary["errors"] == 1
+    assert summary["input_tokens"] > 0 and summary["output_tokens"] > 0
+    assert 0 < summary["duration_ms_p50"] <= summary["duration_ms_p95"]
+    assert 0 < summary["ttft_ms_p50"] <= summary["ttft_ms_p95"]
+    assert sum(b["requests"] for b in hour["data"]) == 4  # the requests may straddle a minute
+    assert hour["data"][-1]["period"] < hour["end"] and hour["data"][0]["period"] == hour["start"]
+    empty = hour["data"][0]
+    assert (empty["requests"], empty["duration_ms_p50"]) == (0, None)
+    periods = [b["period"] for b in hour["data"]]
+    assert periods == sorted(periods) and len(set(periods)) == 60
+
+    for window, bucket, count in (("day", 3600, 24), ("month", 86400, 30)):
+        code, answer = await call(http, gw, "GET", f"/admin/api/v1/usage/timeseries?window={window}")
+        assert (code, answer["bucket_seconds"], len(answer["data"])) == (200, bucket, count)
+        assert answer["summary"]["requests"] == 4 and answer["data"][-1]["requests"] >= 1
+    code, error = await call(http, gw, "GET", "/admin/api/v1/usage/timeseries?window=year")
+    assert (code, error["error"]["code"]) == (400, "invalid_window")
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_budgets_show_what_they_spent_this_period(http, gw):
+    code, key = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "<img src=x onerror=alert(1)>",
+                           "budgets": [{"period": "daily", "max_tokens": 100000}, {"period": "total", "max_cost": 5}]})
+    assert code == 201 and key["name"] == "<img src=x onerror=alert(1)>"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    response = await http.post(gw.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                               headers={"authorization": f"Bearer {key['value']}"})
+    used = json.loads(await treq.content(response))["usage"]["total_tokens"]
+
+    code, view = await call(http, gw, "GET", f"/admin/api/v1/auth-keys/{key['id']}")
+    daily, total = view["budgets"]
+    assert (daily["period"], daily["max_tokens"], daily["spent_tokens"]) == ("daily", 100000, used)
+    assert daily["period_start"].endswith("T00:00:00Z") and daily["period_end"].endswith("T00:00:00Z")
+    assert (total["max_cost"], total["spent_cost"], total["period_end"]) == (5, 0.0, None)  # no prices: no cost
+    code, listed = await call(http, gw, "GET", "/admin/api/v1/auth-keys")
+    (same,) = [k for k in listed["data"] if k["id"] == key["id"]]
+    assert same["budgets"] == view["budgets"]
+    code, edited = await call(http, gw, "PATCH", f"/admin/api/v1/auth-keys/{key['id']}",
+                              {"budgets": [{"period": "daily", "max_tokens": 50}]})
+    assert edited["budgets"] == [dict(daily, max_tokens=50)]
