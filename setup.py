@@ -18,6 +18,8 @@ setup(
     # twisted.plugins has no __init__.py on purpose (Twisted's own package must
     # stay in charge of it), so find_packages cannot see it: name it.
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
+    # The admin dashboard's page and assets (HTML, ES modules, CSS, the vendored Chart.js and its licence).
+    package_data={"gomodel.dashboard": ["static/*", "static/pages/*", "static/vendor/*"]},
     install_requires=[
         # Ceilings: the code touches private Twisted, klein and treq names; raise
         # one only after the test suite passes on the new release.
@@ -51,6 +53,9 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "openai>=1.40",
+            # The dashboard's browser test drives Debian's chromium through its chromium-driver
+            # (no browser download); selenium is the client of that WebDriver.
+            "selenium>=4.20,<5",
         ] + OTEL,
     },
     entry_points={"console_scripts": ["gomodel = gomodel.cli:main"]},

@@ -217,3 +217,13 @@ async def test_key_budgets_show_what_they_spent_this_period(http, gw):
     code, edited = await call(http, gw, "PATCH", f"/admin/api/v1/auth-keys/{key['id']}",
                               {"budgets": [{"period": "daily", "max_tokens": 50}]})
     assert edited["budgets"] == [dict(daily, max_tokens=50)]
+
+
+def test_setup_ships_every_asset_folder_as_package_data():
+    """setup.py's package_data names every folder under static/ (pip install . ships the page whole)."""
+    with open(os.path.join(os.path.dirname(STATIC), "..", "..", "setup.py"), encoding="utf-8") as f:
+        setup = f.read()
+    for root, _, names in os.walk(STATIC):
+        if names:
+            folder = os.path.relpath(root, os.path.dirname(STATIC)).replace(os.sep, "/")
+            assert f'"{folder}/*"' in setup, f"setup.py package_data lacks {folder}/*"

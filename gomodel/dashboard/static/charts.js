@@ -51,9 +51,18 @@ function dataset(s, type) {
   return {
     label: s.label, data: s.data || [], type: s.type, yAxisID: s.axis || "y",
     borderColor: s.color, backgroundColor: line ? `${s.color}22` : `${s.color}cc`,
-    borderWidth: line ? 2 : 0, pointRadius: line ? 0 : undefined, pointHoverRadius: 3, tension: 0.25,
+    borderWidth: line ? 2 : 0, pointRadius: line ? isolated : undefined, pointHoverRadius: 4, tension: 0.25,
+    maxBarThickness: 28,
     fill: Boolean(s.fill),
   };
+}
+
+// A line's point is drawn only where it has no neighbour to draw a line to (one busy minute).
+function isolated(context) {
+  const data = context.dataset.data;
+  const i = context.dataIndex;
+  const gap = (v) => v === null || v === undefined;
+  return !gap(data[i]) && gap(data[i - 1]) && gap(data[i + 1]) ? 3 : 0;
 }
 
 // New labels and data for each series, drawn at once without animation.

@@ -91,6 +91,14 @@ export function ms(value) {
   return value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${Math.round(value)} ms`;
 }
 
+// "8 / 33 ms" (or each in its own unit when either is a second or more).
+export function msPair(a, b) {
+  if (a !== null && a !== undefined && b !== null && b !== undefined && a < 1000 && b < 1000) {
+    return `${Math.round(a)} / ${Math.round(b)} ms`;
+  }
+  return `${ms(a)} / ${ms(b)}`;
+}
+
 export function cost(value) {
   if (value === null || value === undefined) return "–";
   return value < 0.01 && value > 0 ? value.toFixed(6) : value.toFixed(2);

@@ -2,7 +2,7 @@
 
 import {admin} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
-import {compact, errorNote, h, int, ms, note, replace} from "../dom.js";
+import {compact, errorNote, h, int, msPair, note, replace} from "../dom.js";
 import {providerHint} from "./providers.js";
 
 export const title = "Overview";
@@ -48,9 +48,14 @@ export function mount(el) {
   };
 
   let busy = false;
+  let again = false; // asked for while a refresh was on its way (another window, say)
   let stopped = false;
   async function refresh() {
-    if (busy || stopped) return;
+    if (stopped) return;
+    if (busy) {
+      again = true;
+      return;
+    }
     busy = true;
     const shown = state.window;
     try {
@@ -67,6 +72,10 @@ export function mount(el) {
       status.classList.add("stale");
     } finally {
       busy = false;
+      if (again) {
+        again = false;
+        refresh();
+      }
     }
   }
 
@@ -80,8 +89,8 @@ export function mount(el) {
         : null, s.errors ? "bad" : null),
       card("Input tokens", compact(s.input_tokens), "input-tokens"),
       card("Output tokens", compact(s.output_tokens), "output-tokens"),
-      card("Latency p50 / p95", `${ms(s.duration_ms_p50)} / ${ms(s.duration_ms_p95)}`, "latency"),
-      card("TTFT p50 / p95", `${ms(s.ttft_ms_p50)} / ${ms(s.ttft_ms_p95)}`, "ttft", "streams only"),
+      card("Latency p50 / p95", msPair(s.duration_ms_p50, s.duration_ms_p95), "latency", "whole request"),
+      card("TTFT p50 / p95", msPair(s.ttft_ms_p50, s.ttft_ms_p95), "ttft", "time to first byte"),
       card("Replicas ready", `${ready} / ${replicas.length}`, "replicas",
         `${fleet.providers.length} provider${fleet.providers.length === 1 ? "" : "s"}`,
         replicas.length && ready < replicas.length ? "bad" : null));

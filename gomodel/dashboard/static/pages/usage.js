@@ -22,6 +22,7 @@ export function mount(el) {
   const messages = h("div", {class: "messages", id: "usage-messages"});
 
   // -- the window --------------------------------------------------------------------------
+  const range = h("span", {class: "muted", id: "usage-range"});
   const days = h("select", {id: "usage-days", "aria-label": "Window", onchange: () => {
     state.days = days.value;
     dates.hidden = state.days !== "custom";
@@ -90,7 +91,7 @@ export function mount(el) {
   let cursors = [null]; // the "after" of each page shown so far
 
   replace(el,
-    h("div", {class: "page-head"}, h("h1", {text: "Usage"}), days, dates),
+    h("div", {class: "page-head"}, h("h1", {text: "Usage"}), range, days, dates),
     messages, totals,
     h("section", {class: "panel"},
       h("div", {class: "panel-head"}, tabs, csv),
@@ -131,8 +132,8 @@ export function mount(el) {
     replace(totals,
       card("Requests", int(s.requests)), card("Errors", int(s.errors)),
       card("Input tokens", int(s.input_tokens)), card("Output tokens", int(s.output_tokens)),
-      card("Cached tokens", int(s.cached_tokens)), card("Cost", s.total_cost === null ? "no prices" : cost(s.total_cost)),
-      card("Window", `${s.start} – ${s.end}`));
+      card("Cached tokens", int(s.cached_tokens)), card("Cost", s.total_cost === null ? "no prices" : cost(s.total_cost)));
+    range.textContent = `${s.start} – ${s.end} (UTC days)`;
   }
 
   async function loadGroups() {

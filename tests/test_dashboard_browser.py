@@ -1,0 +1,524 @@
+"""The admin dashboard in a real browser: headless Chromium (Debian's package) driven by Selenium.
+
+One gateway, started as a user would (C{twistd -n --pidfile= gomodel --listen ...}), in front of a
+fleet of two fake vLLM replicas, and one browser session for the whole module. The tests run in
+file order and build on each other (sign in, then traffic, keys, batches, usage). Each browser
+step runs in a thread (L{in_thread}) so that the reactor keeps serving the fakes meanwhile.
+
+Screenshots of every page go to docs/screenshots/ (shown in the README).
+"""
+
+import csv
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet.task import deferLater
+
+from tests.fakes.fleet import FakeFleet
+from tests.fakes.vllm import CHAT_MODEL
+from tests.integration.support import free_port
+from tests.support import in_thread
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCREENSHOTS = os.path.join(ROOT, "docs", "screenshots")
+MODEL = f"vllm/{CHAT_MODEL}"
+XSS = "<img src=x onerror=alert(1)>"
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1280,800", "--lang=en-US")
+WAIT = 20.0
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason=f"the dashboard's browser test needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+           "apt-get install -y chromium chromium-driver")
+
+# Collects what the browser logs; entries the tests expect (a wrong key's 401) are taken out by them.
+_CSP_PROBE = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+              "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+
+
+class Browser:
+    """The Selenium driver and what the tests ask of it (blocking: call it from a thread)."""
+
+    def __init__(self, root, master, downloads):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in FLAGS:
+            options.add_argument(flag)
+        self.profile = tempfile.mkdtemp(prefix="gomodel-chromium-")
+        options.add_argument(f"--user-data-dir={self.profile}")
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        options.add_experimental_option("prefs", {"download.default_directory": downloads,
+                                                  "download.prompt_for_download": False})
+        self.driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+        self.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _CSP_PROBE})
+        self.driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": downloads})
+        self.root = root
+        self.master = master
+        self.downloads = downloads
+        self.console = []
+
+    def close(self):
+        try:
+            self.driver.quit()
+        finally:
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+    # -- finding and waiting ---------------------------------------------------------------
+
+    def wait(self, condition, what, timeout=WAIT):
+        """Until C{condition(driver)} is truthy; its value."""
+        from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        try:
+            return WebDriverWait(self.driver, timeout, poll_frequency=0.1,
+                                 ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+        except TimeoutException:
+            raise AssertionError(f"waited {timeout}s for {what}; the page shows: "
+                                 f"{(self.text_of('body') or '')[:2000]}") from None
+
+    def one(self, css):
+        return self.driver.find_element("css selector", css)
+
+    def all(self, css):
+        return self.driver.find_elements("css selector", css)
+
+    def text_of(self, css):
+        """The rendered text of the first match, or None (read in one step: pages re-render as they refresh)."""
+        return self.js("const e = document.querySelector(arguments[0]); return e ? e.innerText : null", css)
+
+    def texts(self, css):
+        return self.js("return [...document.querySelectorAll(arguments[0])].map((e) => e.innerText)", css)
+
+    def wait_text(self, css, predicate, what):
+        return self.wait(lambda d: (lambda t: t if t is not None and predicate(t) else None)(self.text_of(css)), what)
+
+    def js(self, script, *args):
+        return self.driver.execute_script(script, *args)
+
+    def go(self, page):
+        self.driver.get(f"{self.root}/admin/dashboard#/{page}")
+        self.wait(lambda d: self.all(f"#page-{page}"), f"the {page} page")
+
+    def click(self, css):
+        """Click the first match; again if the page re-rendered it in between."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        for _ in range(20):
+            try:
+                element = self.one(css)
+                self.js("arguments[0].scrollIntoView({block: 'center'})", element)  # not under the sticky bar
+                element.click()
+                return
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        raise AssertionError(f"{css} kept being re-rendered")
+
+    def fill(self, css, text):
+        element = self.one(css)
+        element.clear()
+        element.send_keys(text)
+
+    def shot(self, name):
+        os.makedirs(SCREENSHOTS, exist_ok=True)
+        self.driver.save_screenshot(os.path.join(SCREENSHOTS, name))
+
+    def downloaded(self, name):
+        path = os.path.join(self.downloads, name)
+        self.wait(lambda d: os.path.exists(path) and not os.path.exists(path + ".crdownload"), f"download {name}")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    def no_alert(self):
+        from selenium.common.exceptions import NoAlertPresentException
+
+        try:
+            alert = self.driver.switch_to.alert
+        except NoAlertPresentException:
+            return
+        text = alert.text
+        alert.dismiss()
+        raise AssertionError(f"an alert opened: {text!r}")
+
+    # -- what the browser said -------------------------------------------------------------
+
+    def logs(self):
+        """Console entries since the last call (warnings and errors), and CSP violations on this page."""
+        entries = [e for e in self.driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        self.console.extend(entries)
+        return entries, self.js("return window.__csp || []")
+
+    def assert_clean(self):
+        entries, violations = self.logs()
+        assert not entries, f"the browser logged: {entries}"
+        assert not violations, f"Content-Security-Policy violations: {violations}"
+
+    def sign_in(self):
+        from selenium.common.exceptions import WebDriverException
+
+        try:
+            if self.js("return sessionStorage.getItem('gomodel.dashboard.key')") == self.master:
+                return
+        except WebDriverException:  # not on the dashboard yet (no storage on the first blank page)
+            pass
+        self.driver.get(f"{self.root}/admin/dashboard")
+        self.wait(lambda d: self.one("#signin-key").is_displayed(), "the sign-in form")
+        self.fill("#signin-key", self.master)
+        self.click("#signin-submit")
+        self.wait(lambda d: self.all("#page-overview"), "the overview after signing in")
+
+
+def _sdk(env, key=None):
+    import openai
+
+    return openai.OpenAI(base_url=env.root + "/v1", api_key=key or env.master, max_retries=0, timeout=20)
+
+
+async def _until(reactor, check, what, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def env(reactor, tmp_path_factory):
+    """The fleet, the gateway (a twistd process) and the browser, for every test here."""
+    work = tmp_path_factory.mktemp("dashboard")
+    fleet = await FakeFleet(reactor, 2).start()
+    port, master = free_port(), "gm-dash-" + secrets.token_urlsafe(16)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "OPENAI_"))}
+    environ.update({
+        "PYTHONPATH": ROOT + os.pathsep + environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1",
+        "VLLM_BASE_URL": fleet.env_value, "GOMODEL_MASTER_KEY": master, "GOMODEL_DATA_DIR": str(work / "data"),
+        "USAGE_FLUSH_INTERVAL": "200ms", "REPLICA_HEALTH_INTERVAL": "300ms", "REPLICA_METRICS_INTERVAL": "300ms",
+        "REPLICA_FAILURE_THRESHOLD": "1", "BATCH_CONCURRENCY_PER_PROVIDER": "1",
+    })
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    log = open(work / "gateway.log", "wb")
+    proc = subprocess.Popen([twistd, "-n", "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                            cwd=str(work), env=environ, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    downloads = str(work / "downloads")
+    os.makedirs(downloads)
+    browser = None
+    try:
+        root = f"http://127.0.0.1:{port}"
+
+        async def ready():
+            assert proc.poll() is None, (work / "gateway.log").read_text()
+            try:
+                response = await treq.get(root + "/health/ready")
+                await treq.content(response)
+                return response.code == 200
+            except Exception:
+                return False
+
+        await _until(reactor, ready, "the gateway to be ready", 60)
+        browser = await in_thread(Browser, root, master, downloads)
+        yield types.SimpleNamespace(root=root, master=master, fleet=fleet, browser=browser, proc=proc,
+                                    log=work / "gateway.log")
+    finally:
+        if browser is not None:
+            await in_thread(browser.close)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            await _until(reactor, lambda: _done(proc), "the gateway to stop", 30)
+        log.close()
+        await fleet.stop()
+
+
+async def _done(proc):
+    return proc.poll() is not None
+
+
+# -- the tests, in order -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_sign_in_keeps_the_key_in_session_storage_and_a_401_signs_out(env):
+    b = env.browser
+
+    def wrong_key_then_the_right_one():
+        b.driver.get(f"{env.root}/admin/dashboard")
+        b.wait(lambda d: b.one("#signin-key").is_displayed(), "the sign-in form")
+        b.fill("#signin-key", "not-the-key")
+        b.click("#signin-submit")
+        b.wait_text("#signin-message", lambda t: "That is not the master key" in t, "the wrong key's message")
+        entries, violations = b.logs()  # the refused check is the one expected error
+        assert violations == [] and entries and all("401" in e["message"] for e in entries), entries
+        assert b.js("return sessionStorage.length") == 0
+        b.fill("#signin-key", env.master)
+        b.click("#signin-submit")
+        b.wait(lambda d: b.all("#page-overview"), "the overview")
+        assert b.js("return sessionStorage.getItem('gomodel.dashboard.key')") == env.master
+        assert b.js("return localStorage.length") == 0
+        assert env.master not in b.driver.current_url
+        b.assert_clean()
+
+        # A key the gateway refuses later (changed, say) signs out with a message.
+        b.js("sessionStorage.setItem('gomodel.dashboard.key', 'stale')")
+        b.driver.refresh()
+        b.wait_text("#signin-message", lambda t: "Signed out" in t and "Invalid API key" in t, "the sign-out")
+        assert b.js("return sessionStorage.getItem('gomodel.dashboard.key')") is None
+        entries, violations = b.logs()
+        assert violations == [] and all("401" in e["message"] for e in entries), entries
+        b.sign_in()
+        b.assert_clean()
+
+    await in_thread(wrong_key_then_the_right_one)
+    with open(env.log, encoding="utf-8", errors="replace") as f:
+        assert env.master not in f.read()  # the key is never logged
+
+
+@pytest_twisted.ensureDeferred
+async def test_overview_charts_real_traffic_live(env):
+    b = env.browser
+    await in_thread(b.sign_in)
+    await in_thread(b.go, "overview")
+    await in_thread(b.js, "window.__notReloaded = true")
+    client = _sdk(env)
+
+    def traffic():
+        for i in range(6):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}],
+                                           max_tokens=8, extra_headers={"X-Request-Id": f"dash-find-me-{i}"})
+        for _ in range(3):
+            for _ in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "s"}],
+                                                    stream=True, stream_options={"include_usage": True}):
+                pass
+
+    try:
+        await in_thread(traffic)
+    finally:
+        client.close()
+
+    def charts():
+        # the cards count the requests, refreshed in place (no reload)
+        b.wait_text("#card-requests .card-value", lambda t: t == "9", "9 requests on the overview")
+        assert b.js("return window.__notReloaded") is True
+        for box in ("#chart-traffic", "#chart-tokens", "#chart-latency"):
+            assert b.one(f"{box} canvas").size["height"] > 100
+        drawn = b.js("const c = Chart.getChart(document.querySelector('#chart-traffic canvas'));"
+                     "return c.data.datasets[0].data.reduce((a, v) => a + v, 0)")
+        assert drawn == 9
+        tokens = b.js("return Chart.getChart(document.querySelector('#chart-tokens canvas'))"
+                      ".data.datasets[1].data.reduce((a, v) => a + v, 0)")
+        assert tokens > 0
+        assert "–" not in b.text_of("#card-latency .card-value")
+        assert b.text_of("#card-replicas .card-value") == "2 / 2"
+        labels = "return Chart.getChart(document.querySelector('#chart-traffic canvas')).data.labels.length"
+        assert b.js(labels) == 60  # a minute each
+        b.click("button[data-window='day']")
+        b.wait(lambda d: b.js(labels) == 24, "the day window, an hour each")
+        assert b.text_of("#card-requests .card-value") == "9"
+        b.click("button[data-window='month']")
+        b.click("button[data-window='hour']")  # at once: the last one asked for wins
+        b.wait(lambda d: b.js(labels) == 60, "the hour window again")
+        assert b.text_of("#card-requests .card-value") == "9"
+        b.shot("overview.png")
+        b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                 {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+        try:
+            b.wait(lambda d: b.js("return document.querySelector('#chart-traffic canvas').clientWidth < 390"),
+                   "the charts to fit a phone")
+            assert b.js("return document.documentElement.scrollWidth") <= 390
+            b.shot("overview-phone.png")
+        finally:
+            b.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        b.assert_clean()
+
+    await in_thread(charts)
+
+
+@pytest_twisted.ensureDeferred
+async def test_providers_page_shows_a_replica_going_down(env):
+    b = env.browser
+
+    def states():
+        return b.texts("tr.replica .replica-state")
+
+    await in_thread(b.go, "providers")
+    await in_thread(b.wait, lambda d: states() == ["ready", "ready"], "two ready replicas")
+    assert env.fleet.replicas[0].base_url in await in_thread(b.text_of, "[data-provider='vllm']")
+    await env.fleet[1].refuse()
+    try:
+        await in_thread(b.wait, lambda d: states() == ["ready", "down"], "replica 1 down")
+        assert "1 / 2 replicas ready" in await in_thread(b.text_of, "[data-provider='vllm'] .ready")
+        await in_thread(b.shot, "providers.png")
+    finally:
+        await env.fleet[1].accept()
+    await in_thread(b.click, "#refresh-models")
+    await in_thread(b.wait_text, "#providers-messages", lambda t: "Re-reading" in t, "the refresh")
+    await in_thread(b.wait, lambda d: states() == ["ready", "ready"], "replica 1 back")
+    await in_thread(b.assert_clean)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_create_show_once_use_and_deactivate(env):
+    import openai
+
+    b = env.browser
+
+    def create():
+        b.go("keys")
+        b.click("#new-key")
+        b.fill("#key-form [name=name]", XSS)
+        b.fill("#key-form [name=user_path]", "/team/alpha")
+        b.fill("#key-form [name=rpm]", "600")
+        b.fill("#key-form [name=metadata]", json.dumps({"owner": "<b>bob</b>"}))
+        b.click("#key-form .budgets button")
+        b.fill("#key-form .budget-row [name=amount]", "100000")
+        b.click("#key-submit")
+        secret = b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_"), "the new secret")
+        b.click("#key-secret .btn-primary")  # copy
+        b.wait_text("#key-secret .secret-row", lambda t: "Copied" in t or "Selected" in t, "the copy")
+        b.no_alert()
+        # the name and metadata are text, never HTML
+        assert b.js("return document.querySelectorAll('img[src=\"x\"], b').length") == 0
+        names = b.texts("#keys-list .key-name")
+        assert XSS in names, names
+        assert "owner=<b>bob</b>" in b.texts("#keys-list .metadata")
+        return secret
+
+    secret = await in_thread(create)
+    client = _sdk(env, secret)
+    try:
+        answer = await in_thread(client.chat.completions.create, model=MODEL,
+                                 messages=[{"role": "user", "content": "from a managed key"}], max_tokens=8)
+        used = answer.usage.total_tokens
+
+        def spent_then_deactivate():
+            b.one("#key-secret").find_element("xpath", ".//button[text()='Done']").click()  # the secret leaves
+            b.wait(lambda d: not b.all("#key-secret-value"), "the secret to go")
+            assert secret not in b.driver.page_source
+            b.go("overview")
+            b.go("keys")  # read again: the budget shows what it spent
+            label = b.wait_text("#keys-list .budget .meter-label", lambda t: "/ 100,000 tokens" in t, "the budget")
+            assert label == f"daily: {used} / 100,000 tokens", label
+            b.shot("keys.png")
+            b.no_alert()
+            row = [r for r in b.all("#keys-list tr.key-row") if XSS in r.text][0]
+            row.find_element("xpath", ".//button[text()='Deactivate']").click()
+            row.find_element("xpath", ".//button[text()='Confirm deactivate']").click()
+            b.wait_text("#keys-messages", lambda t: "Key deactivated" in t, "the deactivation")
+            b.wait(lambda d: "deactivated" in b.texts("#keys-list .badge"), "the deactivated badge")
+            b.assert_clean()
+
+        await in_thread(spent_then_deactivate)
+        with pytest.raises(openai.AuthenticationError):
+            await in_thread(client.chat.completions.create, model=MODEL,
+                            messages=[{"role": "user", "content": "again"}], max_tokens=8)
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_progress_to_100_percent_download_and_cancel(env):
+    b = env.browser
+    client = _sdk(env)
+    lines = [json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}],
+                                  "max_tokens": 4}}) for i in range(8)]
+    env.fleet.set(latency=0.15)
+    try:
+        uploaded = await in_thread(client.files.create, file=("in.jsonl", io.BytesIO("\n".join(lines).encode())),
+                                   purpose="batch")
+        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h", metadata={"team": XSS})
+
+        def progress():
+            b.go("batches")
+            row = f"tr.batch-row:has([data-batch-id='{batch.id}'])"
+            b.wait(lambda d: b.all(f"{row} [role=progressbar][aria-valuenow='100']"), "the batch at 100%")
+            b.wait_text(f"{row} .batch-status", lambda t: t == "completed", "the batch completed")
+            assert "8 completed · 0 failed · 8 total" in b.text_of(f"{row} .progress-label")
+            assert b.text_of(f"{row} .metadata") == f"team={XSS}"
+            b.click(f"{row} [data-download='output']")
+            return b.downloaded(f"{batch.id}-output.jsonl")
+
+        output = await in_thread(progress)
+        assert sorted(json.loads(line)["custom_id"] for line in output.splitlines()) == sorted(
+            f"line-{i}" for i in range(8))
+
+        env.fleet.set(latency=30.0)  # the next batch waits on its first line: cancel it
+        slow = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+
+        def cancel():
+            row = f"tr.batch-row:has([data-batch-id='{slow.id}'])"
+            b.wait(lambda d: b.all(f"{row} .row-actions button"), "the cancel button")
+            b.click(f"{row} .row-actions button")
+            b.wait_text(f"{row} .batch-status", lambda t: t in ("cancelling", "cancelled"), "the cancel")
+            b.shot("batches.png")
+            b.assert_clean()
+
+        await in_thread(cancel)
+    finally:
+        env.fleet.set(latency=0.0)
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_tables_csv_and_the_request_log(env):
+    b = env.browser
+
+    def usage():
+        b.go("usage")
+        b.wait(lambda d: any(MODEL in t for t in b.texts("#usage-table td")), "the model's row")
+        b.wait(lambda d: b.js("const c = Chart.getChart(document.querySelector('#chart-usage canvas'));"
+                              "return c && c.data.labels.length > 0"), "the usage chart")
+        b.click("#usage-csv")
+        rows = list(csv.DictReader(io.StringIO(b.downloaded("usage-model.csv"))))
+        (row,) = [r for r in rows if r["model"] == MODEL]
+        assert row["provider_name"] == "vllm" and int(row["requests"]) >= 10  # 9 + the key's (+ batch lines)
+
+        b.click("button[data-group='key']")
+        b.wait(lambda d: XSS in b.texts("#usage-table .key-name"), "the key's row, named as text")
+        b.no_alert()
+
+        b.fill("#log-search", "dash-find-me-3")
+        b.one("#log-search").submit()
+        b.wait(lambda d: b.texts("#log-table .request-id") == ["dash-find-me-3"], "one record")
+        b.fill("#log-search", "dash-find-me")
+        b.one("#log-search").submit()
+        b.wait(lambda d: len(b.texts("#log-table .request-id")) == 6, "six records")
+        b.click("button[data-group='model']")
+        b.wait(lambda d: any(MODEL in t for t in b.texts("#usage-table td")), "the model's row again")
+        b.shot("usage.png")
+        b.assert_clean()
+
+    await in_thread(usage)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_whole_session_logged_no_errors_and_kept_no_key_in_local_storage(env):
+    b = env.browser
+
+    def check():
+        b.assert_clean()
+        assert b.js("return localStorage.length") == 0
+        # everything after the sign-in test's expected 401s: nothing
+        return b.console
+
+    console = await in_thread(check)
+    assert all("401" in e["message"] for e in console), console
