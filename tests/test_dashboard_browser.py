@@ -273,6 +273,7 @@ async def test_sign_in_keeps_the_key_in_session_storage_and_a_401_signs_out(env)
         assert b.js("return sessionStorage.getItem('gomodel.dashboard.key')") == env.master
         assert b.js("return localStorage.length") == 0
         assert env.master not in b.driver.current_url
+        b.wait_text("#overview-messages", lambda t: "No requests in this window yet" in t, "the empty state")
         b.assert_clean()
 
         # A key the gateway refuses later (changed, say) signs out with a message.
@@ -415,8 +416,22 @@ async def test_keys_create_show_once_use_and_deactivate(env):
             b.go("keys")  # read again: the budget shows what it spent
             label = b.wait_text("#keys-list .budget .meter-label", lambda t: "/ 100,000 tokens" in t, "the budget")
             assert label == f"daily: {used} / 100,000 tokens", label
-            b.shot("keys.png")
             b.no_alert()
+            # edit: a bad user path is the API's 400, shown; a good edit is saved
+            row = [r for r in b.all("#keys-list tr.key-row") if XSS in r.text][0]
+            row.find_element("xpath", ".//button[text()='Edit']").click()
+            b.fill("#key-form [name=user_path]", "/bad path!")
+            b.click("#key-submit")
+            b.wait_text("#key-form .messages", lambda t: "'user_path' must be" in t, "the API's message")
+            entries, violations = b.logs()
+            assert not violations and [("400" in e["message"]) for e in entries] == [True], entries
+            b.console.remove(entries[0])  # expected
+            b.fill("#key-form [name=user_path]", "/team/alpha")
+            b.fill("#key-form [name=rpm]", "1200")
+            b.click("#key-submit")
+            b.wait_text("#keys-messages", lambda t: "Saved" in t, "the edit")
+            b.wait(lambda d: any("1,200 rpm" in t for t in b.texts("#keys-list tr.key-row")), "the new limit")
+            b.shot("keys.png")
             row = [r for r in b.all("#keys-list tr.key-row") if XSS in r.text][0]
             row.find_element("xpath", ".//button[text()='Deactivate']").click()
             row.find_element("xpath", ".//button[text()='Confirm deactivate']").click()
@@ -460,7 +475,22 @@ async def test_batches_progress_to_100_percent_download_and_cancel(env):
         assert sorted(json.loads(line)["custom_id"] for line in output.splitlines()) == sorted(
             f"line-{i}" for i in range(8))
 
-        env.fleet.set(latency=30.0)  # the next batch waits on its first line: cancel it
+        env.fleet.set(latency=0.0, fail_status=400)  # every line of the next batch is refused upstream
+        refused = await in_thread(client.batches.create, input_file_id=uploaded.id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+
+        def errors():
+            row = f"tr.batch-row:has([data-batch-id='{refused.id}'])"
+            b.wait(lambda d: b.all(f"{row} [role=progressbar][aria-valuenow='100']"), "the refused batch at 100%")
+            b.wait(lambda d: b.all(f"{row} [data-download='errors']"), "its error file")
+            assert "0 completed · 8 failed · 8 total" in b.text_of(f"{row} .progress-label")
+            b.click(f"{row} [data-download='errors']")
+            return b.downloaded(f"{refused.id}-errors.jsonl")
+
+        failed = [json.loads(line) for line in (await in_thread(errors)).splitlines()]
+        assert len(failed) == 8 and all(line["response"]["status_code"] == 400 for line in failed)
+
+        env.fleet.set(latency=30.0, fail_status=None)  # the next batch waits on its first line: cancel it
         slow = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                completion_window="24h")
 
@@ -474,7 +504,7 @@ async def test_batches_progress_to_100_percent_download_and_cancel(env):
 
         await in_thread(cancel)
     finally:
-        env.fleet.set(latency=0.0)
+        env.fleet.set(latency=0.0, fail_status=None)
         client.close()
 
 

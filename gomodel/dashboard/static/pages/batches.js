@@ -6,11 +6,11 @@ import {badge, button, errorNote, h, int, note, replace, table, when} from "../d
 export const title = "Batches";
 export const REFRESH_MS = 2000;
 const CANCELLABLE = ["validating", "in_progress"];
-const UNFINISHED = ["validating", "in_progress", "finalizing", "cancelling"];
 
 export function mount(el) {
   let stopped = false;
   let shown = 1; // pages of 100 loaded
+  let shownSignature = null;
   const messages = h("div", {class: "messages", id: "batches-messages"});
   const list = h("div", {id: "batches-list"});
   const more = h("div", {class: "pager"});
@@ -31,11 +31,14 @@ export function mount(el) {
       }
       if (stopped) return;
       if (messages.querySelector(".note-error")) replace(messages);
+      const signature = JSON.stringify([batches, hasMore]);
+      if (signature === shownSignature) return; // unchanged: leave the page (and the pointer) alone
+      shownSignature = signature;
       replace(list, batches.length ? batchTable(batches) : note("empty",
         "No batches yet. Upload a JSONL file with purpose \"batch\" and create a batch with the OpenAI SDK: ",
         h("code", {text: "client.batches.create(input_file_id=..., endpoint=\"/v1/chat/completions\", " +
           "completion_window=\"24h\")"}), " against this gateway."));
-      replace(more, hasMore ? button("Load more", () => { shown += 1; load(); }) : null);
+      replace(more, hasMore ? button("Load more", () => { shown += 1; shownSignature = null; load(); }) : null);
     } catch (error) {
       if (!stopped) replace(messages, errorNote(error));
     }
@@ -84,12 +87,7 @@ export function mount(el) {
   }
 
   load();
-  let ticks = 0;
-  const timer = setInterval(() => {
-    // Every tick while a batch runs, every fifth when all are finished (new ones still show up).
-    ticks += 1;
-    if (list.querySelector(UNFINISHED.map((s) => `.batch-${s}`).join(", ")) || ticks % 5 === 0) load();
-  }, REFRESH_MS);
+  const timer = setInterval(load, REFRESH_MS);
   return () => {
     stopped = true;
     clearInterval(timer);

@@ -33,12 +33,17 @@ export function mount(el) {
   replace(el, h("div", {class: "page-head"}, h("h1", {text: "Providers"}), refreshButton), messages, list);
 
   let stopped = false;
+  let shownSignature = null;
   async function load() {
     if (stopped) return;
     try {
       const answer = await admin("providers/status");
       if (stopped) return;
       if (messages.querySelector(".note-error")) replace(messages);
+      // Re-drawn only when something changed (the age of a load report always does).
+      const signature = JSON.stringify(answer, (name, value) => (name === "load_age_s" ? undefined : value));
+      if (signature === shownSignature) return;
+      shownSignature = signature;
       replace(list, answer.providers.length ? answer.providers.map(provider) : providerHint());
     } catch (error) {
       if (!stopped) replace(messages, errorNote(error));
