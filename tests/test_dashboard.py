@@ -157,7 +157,7 @@ def test_the_scripts_never_write_html_or_use_local_storage():
             for banned in (".innerHTML", ".outerHTML", ".insertAdjacentHTML", "document.write", "eval(",
                            "new Function", "localStorage", "setAttribute(\"style\"", "console.log"):
                 assert banned not in source, f"{name} uses {banned}"
-    with open(os.path.join(STATIC, "vendor", "chart.js.LICENSE.md"), encoding="utf-8") as f:
+    with open(os.path.join(STATIC, "vendor", "chart.js.LICENSE.txt"), encoding="utf-8") as f:
         assert "MIT License" in f.read()
 
 

@@ -541,6 +541,27 @@ async def test_usage_tables_csv_and_the_request_log(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_every_page_fits_a_phone(env):
+    b = env.browser
+
+    def pages():
+        b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                 {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+        try:
+            for page, ready in (("overview", "#overview-cards .card"), ("providers", "tr.replica"),
+                                ("usage", "#log-table tbody tr"), ("keys", "tr.key-row"), ("batches", "tr.batch-row")):
+                b.go(page)
+                b.wait(lambda d: b.all(ready), f"the {page} page's content")
+                width = b.js("return document.documentElement.scrollWidth")
+                assert width <= 390, f"the {page} page is {width}px wide on a 390px screen"
+        finally:
+            b.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        b.assert_clean()
+
+    await in_thread(pages)
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_whole_session_logged_no_errors_and_kept_no_key_in_local_storage(env):
     b = env.browser
 
