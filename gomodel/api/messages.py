@@ -115,6 +115,7 @@ class MessagesRoutes:
         routes = plan_model(self._registry, body)
         while True:
             first, fallbacks, native = self._targets(routes)
+            fallbacks = [route for route in fallbacks if route.provider.type in NATIVE_TYPES]  # /tokenize is vLLM's
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
             if upstream.type not in NATIVE_TYPES:
