@@ -311,6 +311,11 @@ async def test_a_virtual_model_reaches_each_target_its_own_way(reactor, fake):
         posts = len([r for r in fake.requests if r.method == b"POST"]), len([
             r for r in other.requests if r.method == b"POST"])
         assert sorted(posts) == [1, 4]
+        # count_tokens asks the target that has a tokenizer, whichever target is chosen first.
+        for _ in range(2):
+            counted = await in_thread(client.messages.count_tokens, model="claude-sonnet", messages=HELLO)
+            assert counted.input_tokens == 4 + len("Say hello.")
+        assert fake.requests[-1].path == b"/v1/messages/count_tokens"
     finally:
         client.close()
         await gw.service.stopService()

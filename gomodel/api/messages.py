@@ -39,7 +39,6 @@ from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall
 from gomodel.routing.affinity import affinity_key
-from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error
 
 MESSAGES = b"/v1/messages"
@@ -106,22 +105,24 @@ class MessagesRoutes:
                 self._remember(ctx)
 
     async def count_tokens(self, request, ctx):
-        """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them.
+        """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
+        (for a virtual model: the first of its targets in the routing order whose provider has one).
 
-        @raise gomodel.errors.NotSupported: the provider has no tokenizer the gateway can ask.
+        @raise gomodel.errors.NotSupported: no provider of the model has a tokenizer the gateway can ask.
         """
         body = json_body(request)
         model = body.get("model")
-        routes = plan_model(self._registry, body)
+        planned = plan_model(self._registry, body)
+        routes = [route for route in planned if route.provider.type in NATIVE_TYPES]  # vLLM's tokenizer
+        if not routes:
+            ctx.route(planned[0].provider, model, planned[0].upstream_model)
+            raise errors.NotSupported(
+                f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
+                f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
         while True:
             first, fallbacks, native = self._targets(routes)
-            fallbacks = [route for route in fallbacks if route.provider.type in NATIVE_TYPES]  # /tokenize is vLLM's
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
-            if upstream.type not in NATIVE_TYPES:
-                raise errors.NotSupported(
-                    f"count_tokens is not available for '{model}': its provider '{upstream.name}' "
-                    f"({upstream.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
             if not native:
                 return await self._tokenize(request, ctx, upstream, body, fallbacks)
             try:
