@@ -128,7 +128,7 @@ async def test_master_key_guards_everything_but_health(reactor, http, fake):
             response = await http.get(gw.url + "/v1/models", headers=headers)
             assert response.code == 401
             assert error_of(await treq.content(response))["type"] == "authentication_error"
-        # Bearer, or Anthropic's x-api-key when no Authorization header is sent.
+        # Bearer, or x-api-key as Anthropic-style clients send it.
         for headers in ({"authorization": "Bearer k1"}, {"x-api-key": "k1"}):
             ok = await http.get(gw.url + "/v1/models", headers=headers)
             assert ok.code == 200

@@ -63,10 +63,14 @@ class MessagesRoutes:
 
     log = Logger()
 
-    def __init__(self, registry, exchange, clock):
+    def __init__(self, registry, exchange, clock, salts=None):
+        """
+        @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
+        """
         self._registry = registry
         self._exchange = exchange
         self._clock = clock
+        self._salts = salts
         self._no_native = {}  # (provider name, upstream model) -> time until which we translate
 
     def routes(self) -> dict:
@@ -87,7 +91,7 @@ class MessagesRoutes:
         """
         body = json_body(request)
         model = body.get("model")
-        routes = plan_model(self._registry, body, lambda: affinity_key(request, body))
+        routes = plan_model(self._registry, body, lambda: affinity_key(request, body), ctx.principal)
         headers = _forwarded(request)
         while True:
             first, fallbacks, native = self._targets(routes)
@@ -112,7 +116,7 @@ class MessagesRoutes:
         """
         body = json_body(request)
         model = body.get("model")
-        planned = plan_model(self._registry, body)
+        planned = plan_model(self._registry, body, principal=ctx.principal)
         routes = [route for route in planned if route.provider.type in NATIVE_TYPES]  # vLLM's tokenizer
         if not routes:
             ctx.route(planned[0].provider, model, planned[0].upstream_model)
@@ -142,7 +146,10 @@ class MessagesRoutes:
             if response.code in _MAYBE_UNSUPPORTED:
                 await self._vet(ctx, response)
 
-        call = UpstreamCall(path, jsonutil.dumps(dict(body, model=ctx.upstream_model)), observer=observer,
+        body = dict(body, model=ctx.upstream_model)
+        if self._salts is not None and path == "/messages":
+            self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
+        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer,
                             vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
                             fallbacks=fallbacks, rebody=_rebody(body) if fallbacks else None)
         try:
@@ -179,7 +186,9 @@ class MessagesRoutes:
             chat["stream"] = True
             options = chat.get("stream_options")
             chat["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
-        InferenceRoutes.prioritise(request, upstream, chat)
+        InferenceRoutes.prioritise(request, ctx, upstream, chat)
+        if self._salts is not None:
+            self._salts.apply(ctx.principal, upstream, chat)
         chat["model"] = ctx.upstream_model
         if stream:
             call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
