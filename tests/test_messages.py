@@ -381,6 +381,32 @@ async def test_auth_by_x_api_key_or_bearer_and_401s_in_anthropics_shape(http, gw
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_managed_key_by_x_api_key_keeps_its_allowlist_and_cache_salt(reactor, http, fake):
+    other = await start_fake(reactor)
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "OPENAI_BASE_URL": other.base_url,
+                               "OPENAI_API_KEY": "sk-upstream"})
+    try:
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=headers(),
+                                   data=json.dumps({"name": "coder", "models": ["vllm/"]}).encode())
+        secret = json.loads(await treq.content(response))["value"]
+        client = sdk(gw, api_key=secret)
+        try:
+            message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+            assert message.content[0].text == "héhéhé"
+            salt = fake.requests[-1].body["cache_salt"]  # vLLM's Messages take the tenant's prefix-cache salt
+            assert len(salt) == 32
+            with pytest.raises(anthropic.PermissionDeniedError) as denied:
+                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO)
+            assert denied.value.body["error"]["type"] == "permission_error"
+            assert [m.id for m in (await in_thread(client.models.list)).data] == [MODEL]
+        finally:
+            client.close()
+    finally:
+        await gw.service.stopService()
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_model_is_404_not_found_error(gw, client):
     with pytest.raises(anthropic.NotFoundError) as raised:
         await in_thread(client.messages.create, model="vllm/nope", max_tokens=8, messages=HELLO)
