@@ -15,6 +15,12 @@ refuses C{x-api-key}. C{anthropic-version} and C{anthropic-beta} are passed on
 to a native upstream (vLLM ignores them; a server that honours betas gets
 them) and dropped when translating.
 
+Managed keys apply as on the chat route: a key's model allowlist (403
+C{permission_error}), its tenant's C{cache_salt} for vLLM (natively too:
+vLLM's Messages take it); a priority (the key's, or C{X-Request-Priority})
+reaches vLLM only through the translation, vLLM's Messages API has no
+C{priority} field.
+
 C{count_tokens} is exact or refused, never guessed: vLLM's own
 C{/v1/messages/count_tokens}, else vLLM's C{/tokenize} with the chat
 messages the request becomes; a provider without a tokenizer the gateway can
