@@ -87,7 +87,7 @@ def messages_to_chat(body: dict) -> dict:
         chat["tools"] = tools
     if body.get("tool_choice") is not None:
         chat.update(_tool_choice(body["tool_choice"]))
-    kwargs = _template_kwargs(body)
+    kwargs = _template_kwargs(body, max_tokens)
     if kwargs:
         chat["chat_template_kwargs"] = kwargs
     chat.update(_output_config(body))
@@ -365,13 +365,25 @@ def _tool_choice(choice) -> dict:
     return fields
 
 
-def _template_kwargs(body) -> dict:
-    """vLLM's C{chat_template_kwargs}: the request's own (a vLLM extra), with C{enable_thinking} from C{thinking}."""
+def _template_kwargs(body, max_tokens=None) -> dict:
+    """vLLM's C{chat_template_kwargs}: the request's own (a vLLM extra), with C{enable_thinking} from C{thinking}.
+
+    C{budget_tokens} is checked as Anthropic (and vLLM's own endpoint) check
+    it: at least 1024, and below C{max_tokens} where there is one.
+    """
     kwargs = dict(body["chat_template_kwargs"]) if isinstance(body.get("chat_template_kwargs"), dict) else {}
     thinking = body.get("thinking")
     if thinking is None:
         return kwargs
     kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not _is_int(budget) or budget < 1024:
+            raise InvalidRequest("thinking.enabled.budget_tokens: Input should be an integer greater than or "
+                                 "equal to 1024", param="thinking.budget_tokens")
+        if max_tokens is not None and budget >= max_tokens:
+            raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`",
+                                 param="thinking.budget_tokens")
     if kind in ("enabled", "adaptive"):
         # budget_tokens has no chat-completions equivalent; max_tokens still bounds the whole answer.
         kwargs["enable_thinking"] = True
@@ -523,6 +535,11 @@ def chat_to_message_bytes(body: bytes, model: str) -> bytes:
 # -- errors ---------------------------------------------------------------------
 
 
+_ANTHROPIC_ERROR_TYPES = frozenset({
+    "invalid_request_error", "authentication_error", "billing_error", "permission_error", "not_found_error",
+    "request_too_large", "rate_limit_error", "timeout_error", "api_error", "overloaded_error"})
+
+
 def _error_message(payload):
     """The human message in an error body of any usual shape, or None."""
     if isinstance(payload, dict):
@@ -540,9 +557,11 @@ def _error_message(payload):
 def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
     """Anthropic's error body C{{"type": "error", "error": {"type", "message"}}} for an upstream's error answer.
 
-    C{body} may be OpenAI's envelope, Anthropic's own (its type is kept), or
-    anything else (a generic message then). The type follows the status as
-    the gateway's own Anthropic errors do (L{AnthropicDialect.error_type}).
+    C{body} may be OpenAI's envelope, Anthropic's own (its type kept where
+    it is one of Anthropic's), or anything else (a generic message then).
+    The type follows the status as the gateway's own Anthropic errors do
+    (L{AnthropicDialect.error_type}: also 4xx others are
+    C{invalid_request_error}, 5xx others C{api_error}).
     """
     try:
         payload = jsonutil.loads(body)
@@ -550,7 +569,8 @@ def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
         payload = None
     error_type = AnthropicDialect.error_type(status)
     if isinstance(payload, dict) and payload.get("type") == "error" and isinstance(payload.get("error"), dict):
-        if isinstance(payload["error"].get("type"), str):
+        # vLLM's own endpoint puts its exception's name there ("BadRequestError"): only Anthropic's types stay.
+        if payload["error"].get("type") in _ANTHROPIC_ERROR_TYPES:
             error_type = payload["error"]["type"]
     message = _error_message(payload) or f"The upstream answered with HTTP status {status}."
     return jsonutil.dumps({"type": "error", "error": {"type": error_type, "message": message}})
