@@ -30,6 +30,10 @@ setup(
         # The Prometheus text exposition and its metric types (GoModel's series and ours):
         # the format's own reference library rather than a hand-written exposition.
         "prometheus_client>=0.20,<1",
+        # Rate-limit and budget counters shared by workers and gateways through Redis
+        # (REDIS_URL): redis-py is the client Redis itself maintains (Lua Script objects with
+        # EVALSHA, connection pooling); it runs in a small owned thread pool, off the reactor.
+        "redis>=5,<9",
     ],
     extras_require={
         "test": [

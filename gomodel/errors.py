@@ -188,3 +188,54 @@ class StreamFailed(GatewayError):
     status = 502
     type = "provider_error"
     code = "stream_incomplete"
+
+
+class RateLimitExceeded(GatewayError):
+    """A scope's requests-, tokens- or concurrency limit refused the request (L{gomodel.limits.limiter}).
+
+    The type is what OpenAI itself sends with C{rate_limit_exceeded}: C{"requests"}
+    or C{"tokens"}, naming the limit that refused. C{Retry-After} (whole seconds,
+    at least 1) is left out when no wait would help (a request larger than a
+    token limit). C{scope} names the limited scope (C{"key:k_1"}, C{"provider:vllm"}),
+    never a secret.
+    """
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message, *, scope, tokens=False, retry_after=None, headers=None):
+        headers = dict(headers or {})
+        if retry_after is not None:
+            headers["Retry-After"] = str(whole_seconds(retry_after))
+        super().__init__(message, headers=headers)
+        self.scope = scope
+        self.retry_after = retry_after
+        if tokens:
+            self.type = "tokens"
+
+
+class BudgetExceeded(GatewayError):
+    """A scope spent its budget for the current period (L{gomodel.limits.budgets}); GoModel's answer.
+
+    C{Retry-After} is the seconds until the period ends (at least 1); a
+    C{total} budget has none.
+    """
+
+    status = 429
+    type = "rate_limit_error"
+    code = "budget_exceeded"
+
+    def __init__(self, scope, period, what, limit, retry_after=None):
+        shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+        super().__init__(f"budget exceeded for {scope}: {period} {what} limit of {shown} reached",
+                         headers=None if retry_after is None else {"Retry-After": str(whole_seconds(retry_after))})
+        self.scope = scope
+        self.period = period
+        self.retry_after = retry_after
+
+
+def whole_seconds(seconds) -> int:
+    """A wait in whole seconds for C{Retry-After}: rounded up, at least 1."""
+    whole = int(seconds)
+    return max(1, whole + 1 if whole < seconds else whole)

@@ -27,11 +27,14 @@ class UsageLedger(Service):
 
     log = Logger()
 
-    def __init__(self, usage, claims, clock, owner, *, flush_interval=5.0, retention=90 * 86400.0, pricing=None):
+    def __init__(self, usage, claims, clock, owner, *, flush_interval=5.0, retention=90 * 86400.0, pricing=None,
+                 spend=None):
         """
         @param usage: the L{gomodel.store.interfaces.IUsageStore}.
         @param claims: the L{gomodel.store.interfaces.IClaims} the retention job is claimed in.
         @param pricing: qualified model -> C{{input_per_mtok, output_per_mtok, cached_input_per_mtok}}.
+        @param spend: C{spend(auth_key_id, user_path, tokens, cost)}, told of every record of a
+            managed key or user path (the budgets, L{gomodel.limits.gate.Gate.spend}).
         """
         self._usage = usage
         self._claims = claims
@@ -40,6 +43,7 @@ class UsageLedger(Service):
         self._flush_interval = flush_interval
         self._retention = retention
         self._pricing = dict(pricing or {})
+        self.spend = spend
         self._buffer = []
         self._writing = DeferredLock()  # one write at a time, in order
         self._loops = []
@@ -68,6 +72,8 @@ class UsageLedger(Service):
         else:
             tokens, total = (None, None, None, None), None
         costs = self._costs(model, tokens) if self._pricing else (None, None, None)
+        if self.spend is not None and (auth_key_id or user_path) and total:
+            self.spend(auth_key_id, user_path, total, costs[2])
         self._buffer.append((request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code,
                              stream, tokens[0], tokens[1], total, tokens[2], tokens[3], *costs, user_path,
                              auth_key_id, duration_ms, ttft_ms, client_gone, estimated))

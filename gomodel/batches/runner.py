@@ -87,7 +87,7 @@ class BatchRunner(Service):
 
     def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
-                 owner=None, usage=None, keys=None, salts=None):
+                 owner=None, usage=None, keys=None, salts=None, gate=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param usage: the L{gomodel.accounting.usage.UsageLedger} each answered line is recorded in, or None.
@@ -99,6 +99,8 @@ class BatchRunner(Service):
         @param keys: the L{gomodel.auth.keys.KeyRing}: a batch made with a managed key runs as
             that key (its model access, its tenant's cache salt, its usage).
         @param salts: the L{gomodel.auth.tenancy.CacheSalts}, or None.
+        @param gate: the L{gomodel.limits.gate.Gate}: a line whose key or user path spent its
+            budget fails with C{budget_exceeded} instead of being sent.
         """
         self._batches = batches
         self._blobs = blobs
@@ -108,6 +110,7 @@ class BatchRunner(Service):
         self._usage = usage
         self._keys = keys
         self._salts = salts
+        self._gate = gate
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
@@ -345,6 +348,8 @@ class BatchRunner(Service):
         try:
             payload = jsonutil.loads(body)
             route = resolve_model(self._registry, payload, job.principal)
+            if self._gate is not None:
+                await self._gate.check_budgets(job.principal)
         except GatewayError as e:
             self._track(job, self._record(job, line, custom_id, False,
                                           error_line(custom_id, e.code or "invalid_request", e.message)))

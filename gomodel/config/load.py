@@ -19,6 +19,7 @@ import yaml
 from gomodel.config.errors import ConfigError
 from gomodel.config.providers import load_providers
 from gomodel.config.virtual import load_failover_rules, load_virtual_models
+from gomodel.limits.specs import limits_from_env, limits_from_yaml
 from gomodel.config.sections import SECTIONS, Config, settings_of
 
 _LEGACY = "server"  # the section whose keys may be any section's (files written before sections)
@@ -47,7 +48,8 @@ def load_config(
         unknown = set(blocks[name]) - known
         if unknown:
             raise ConfigError(f"{yaml_path}: unknown key(s) under {name}: {', '.join(sorted(unknown))}")
-    unknown = set(document) - set(SECTIONS) - {"providers", "virtual_models", "failover_rules", "pricing"}
+    unknown = set(document) - set(SECTIONS) - {"providers", "virtual_models", "failover_rules", "pricing",
+                                               "rate_limits", "budgets"}
     if unknown:
         raise ConfigError(f"{yaml_path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
 
@@ -61,7 +63,11 @@ def load_config(
     sections["usage"] = dataclasses.replace(sections["usage"], pricing=_pricing(document.get("pricing"), yaml_path))
     if listen:
         sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))
-    return Config(**sections, warnings=tuple(warnings))
+    try:
+        quotas = limits_from_env(env, limits_from_yaml(document))
+    except ValueError as e:
+        raise ConfigError(f"{yaml_path}: {e}" if yaml_path else str(e)) from None
+    return Config(**sections, quotas=quotas, warnings=tuple(warnings))
 
 
 def _build(cls, name, blocks, env, yaml_path):

@@ -192,3 +192,11 @@ def provider_types(value) -> tuple:
 def secret(value) -> str:
     """Any text (the loader never shows it in a message)."""
     return str(value)
+
+
+def redis_url(value) -> str:
+    """A Redis URL: C{redis://}, C{rediss://} or C{unix://}."""
+    text = str(value).strip()
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return text

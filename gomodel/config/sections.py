@@ -172,6 +172,8 @@ class StoreConfig:
     data_dir: str = setting("GOMODEL_DATA_DIR", parsers.directory, "./data")  # the SQLite database and contents
     # stored responses older than this are swept
     responses_retention: float = setting("RESPONSES_RETENTION", parsers.positive_duration, 30 * 86400.0)
+    # Shared rate-limit, concurrency and budget counters for several processes or hosts.
+    redis_url: Optional[str] = setting("REDIS_URL", parsers.redis_url, None, secret=True)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,9 @@ class Config:
     metrics: MetricsConfig = section(MetricsConfig)
     routing: RoutingConfig = section(RoutingConfig)
     usage: UsageConfig = section(UsageConfig)
+    # Rate limits and budgets by user path, provider and model (SET_RATE_LIMIT_*, SET_BUDGET_*,
+    # YAML rate_limits: and budgets:), read by the loader: a gomodel.limits.specs.LimitsConfig.
+    quotas: object = None
     warnings: tuple = ()  # things worth telling the operator at start
 
 

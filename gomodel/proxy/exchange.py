@@ -100,10 +100,16 @@ class Exchange:
 
     log = Logger()
 
-    def __init__(self, clock, timeouts, *, max_attempts=3):
+    def __init__(self, clock, timeouts, *, max_attempts=3, admit=None):
+        """
+        @param admit: C{admit(request, ctx, upstream, call)}, an async function run before a
+            relayed call is sent (the limits and budgets, L{gomodel.limits.gate.Gate.admit});
+            what it raises is the answer.
+        """
         self._clock = clock
         self._timeouts = timeouts
         self._max_attempts = max_attempts
+        self._admit = admit
 
     # -- the two entry points ------------------------------------------------------
 
@@ -118,6 +124,8 @@ class Exchange:
         """
         ctx.hold()
         try:
+            if self._admit is not None:
+                await self._admit(request, ctx, upstream, call)
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:
                 response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken)

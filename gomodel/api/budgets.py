@@ -1,0 +1,130 @@
+"""The admin API's budgets by user path, under C{/admin/api/v1/budgets} (GoModel's routes).
+
+C{GET /budgets} lists every budget, those of the configuration
+(C{SET_BUDGET_*}, YAML C{budgets:}; read-only) and those set here, each with
+what its path spent in the current period. C{PUT /budgets} with
+C{{user_path, period, amount | max_cost | max_tokens}} (or C{PUT
+/budgets/{user_path}/{period}} with the rest) sets one; C{DELETE} the same
+way (or with C{user_path} and C{period} in the query) removes it. Every
+process sees an edit within about a second. Key budgets live on the keys
+(C{/auth-keys}).
+"""
+
+from klein import Klein
+
+from gomodel.api.keys import PERIODS, iso, user_path
+from gomodel.errors import InvalidRequest, NotFound
+from gomodel.http.bodies import json_answer, json_body, query_arg
+from gomodel.http.render import install as install_error_handlers
+from gomodel.limits.specs import Budget, period_window
+
+
+class BudgetsAPI:
+    """C{GET|PUT|DELETE /budgets} and C{PUT|DELETE /budgets/{user_path}/{period}}."""
+
+    app = Klein()
+    app.url_map.strict_slashes = False
+
+    def __init__(self, store, gate, book, quotas, clock):
+        """
+        @param store: the L{gomodel.store.interfaces.IBudgetStore}.
+        @param gate: the L{gomodel.limits.gate.Gate} (this process uses an edit at once).
+        @param book: the L{gomodel.limits.budgets.BudgetBook} (what each budget spent).
+        @param quotas: the configured L{gomodel.limits.specs.LimitsConfig}.
+        """
+        self._store = store
+        self._gate = gate
+        self._book = book
+        self._quotas = quotas
+        self._clock = clock
+
+    @app.route("/", methods=["GET"])
+    async def list(self, request):
+        now = self._clock.seconds()
+        rows = [(path, budget, "config") for path, budgets in sorted((self._quotas.budgets or {}).items())
+                for budget in budgets]
+        stored = await self._store.list()
+        rows += [(r["user_path"], _budget(r), "admin") for r in stored if r["user_path"] not in
+                 (self._quotas.budgets or {})]
+        spent = await self._book.spent([(f"path:{path}", budget) for path, budget, _ in rows]) if rows else []
+        data = []
+        for (path, budget, source), (tokens, cost) in zip(rows, spent):
+            start, end = period_window(budget.period, now)
+            data.append({"user_path": path, "period": budget.period, "amount": budget.max_cost,
+                         "max_cost": budget.max_cost, "max_tokens": budget.max_tokens, "source": source,
+                         "spent_tokens": tokens, "spent_cost": cost, "period_start": iso(start),
+                         "period_end": iso(end)})
+        return json_answer(request, {"object": "list", "data": data})
+
+    @app.route("/", methods=["PUT", "POST"])
+    async def put(self, request):
+        body = json_body(request)
+        return await self._put(request, body.get("user_path"), body.get("period"), body)
+
+    @app.route("/<path:target>", methods=["PUT"])
+    async def put_at(self, request, target):
+        path, period = _split(target)
+        return await self._put(request, path, period, json_body(request))
+
+    @app.route("/", methods=["DELETE"])
+    async def delete(self, request):
+        body = json_body(request) if request.content.seek(0, 2) else {}
+        return await self._delete(request, query_arg(request, b"user_path", body.get("user_path")),
+                                  query_arg(request, b"period", body.get("period")))
+
+    @app.route("/<path:target>", methods=["DELETE"])
+    async def delete_at(self, request, target):
+        return await self._delete(request, *_split(target))
+
+    async def _put(self, request, path, period, body):
+        path, period = _target(path, period)
+        if path in (self._quotas.budgets or {}):
+            raise InvalidRequest(f"The budgets of {path} come from the configuration (SET_BUDGET_* or YAML); "
+                                 "change them there.", param="user_path", code="budget_from_config")
+        amounts = {name: body[name] for name in ("amount", "max_cost", "max_tokens") if body.get(name) is not None}
+        if len(amounts) != 1 or ("amount" in amounts and "max_cost" in amounts):
+            raise InvalidRequest("Give one of amount (a cost), max_cost or max_tokens.", param="amount",
+                                 code="invalid_value")
+        (name, value), = amounts.items()
+        if name == "max_tokens":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequest("max_tokens must be a whole number of 1 or more.", param="max_tokens",
+                                     code="invalid_value")
+            record = await self._store.put(path, period, value, None)
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidRequest(f"{name} must be a number above 0.", param=name, code="invalid_value")
+            record = await self._store.put(path, period, None, float(value))
+        await self._gate.refresh()
+        return json_answer(request, {"user_path": record["user_path"], "period": record["period"],
+                                     "amount": record["max_cost"], "max_cost": record["max_cost"],
+                                     "max_tokens": record["max_tokens"], "source": "admin"})
+
+    async def _delete(self, request, path, period):
+        path, period = _target(path, period)
+        if not await self._store.delete(path, period):
+            raise NotFound(f"No budget for {path} ({period}) was set through the admin API.",
+                           code="budget_not_found")
+        await self._gate.refresh()
+        return json_answer(request, {"user_path": path, "period": period, "deleted": True})
+
+
+def _split(target):
+    """C{team/alpha/daily} -> C{("/team/alpha", "daily")}."""
+    path, _, period = target.rstrip("/").rpartition("/")
+    return "/" + path, period
+
+
+def _target(path, period):
+    if path is None:
+        raise InvalidRequest("A budget needs a user_path.", param="user_path", code="missing_required_parameter")
+    if period not in PERIODS:
+        raise InvalidRequest(f"period must be one of: {', '.join(PERIODS)}.", param="period", code="invalid_value")
+    return user_path(path), period
+
+
+def _budget(record):
+    return Budget(record["period"], max_tokens=record["max_tokens"], max_cost=record["max_cost"])
+
+
+install_error_handlers(BudgetsAPI.app)

@@ -1,0 +1,138 @@
+"""Budgets: tokens and cost spent per scope and period, checked before a request.
+
+A scope is C{(name, [Budget, ...])} (C{"key:k_1"}, C{"path:/team"}). Each
+budget period of a scope has one sum, in a bucket named with the period's
+start (C{"budget|path:/team|daily|1767225600"}), so a new period starts at
+zero; it expires C{margin} seconds after the period ends (a C{total} sum is
+kept for good).
+
+L{BudgetBook.check} refuses a request when a current sum has reached its
+budget; L{BudgetBook.record} adds a finished request's usage. A request
+whose cost is unknown (no pricing for the model: cost None) adds 0 cost, so
+cost budgets do not see it (GoModel's rule); token budgets still do. Streams
+in flight are not cut: the next request is refused.
+
+With counters that are not shared (L{LocalCounters}) a restarted process
+would start every sum at zero; C{seed}, an async function C{(scope_name,
+since) -> (tokens, cost)} reading the usage ledger, is then called once per
+scope and period before its first use. Shared counters (Redis) keep the
+sums and are never seeded.
+"""
+
+import inspect
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from gomodel.errors import BudgetExceeded
+from gomodel.limits.specs import period_window
+
+
+class BudgetBook:
+    """Budget sums on C{counters} (an L{ICounters}), periods on C{clock}'s UTC time."""
+
+    log = Logger()
+
+    def __init__(self, counters, clock, seed=None, margin=3600.0):
+        self._counters = counters
+        self._clock = clock
+        self._seed = None if counters.shared else seed
+        self._margin = margin
+        self._seeded = {}  # bucket -> its expiry (None for total)
+        self._seeding = {}  # bucket -> Deferreds waiting for its seed
+
+    def _current(self, scopes, now):
+        """C{(scope, budget, bucket, start, end)} for every budget of C{scopes}, in the period holding C{now}."""
+        out = []
+        for scope, budgets in scopes:
+            for budget in budgets:
+                start, end = period_window(budget.period, now)
+                out.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
+        return out
+
+    async def check(self, scopes):
+        """Refuse when a budget of C{scopes} is spent for its current period.
+
+        @param scopes: C{(scope name, [Budget, ...])} pairs.
+        @return: None once every budget has room.
+        @raise BudgetExceeded: one is spent; the one whose period ends last is
+            named (a retry cannot pass before), a C{total} one first.
+        """
+        if not scopes:
+            return
+        now = self._clock.seconds()
+        current = self._current(scopes, now)
+        if not current:
+            return
+        if self._seed is not None:
+            await self._seed_all(current)
+        sums = await self._counters.spent_all([bucket for _, _, bucket, _, _ in current])
+        worst = None
+        for (scope, budget, _, _, end), (tokens, cost) in zip(current, sums):
+            if budget.max_tokens is not None and tokens >= budget.max_tokens:
+                what, limit = "token", budget.max_tokens
+            elif budget.max_cost is not None and cost >= budget.max_cost:
+                what, limit = "cost", budget.max_cost
+            else:
+                continue
+            if worst is None or (worst[4] is not None and (end is None or end > worst[4])):
+                worst = (scope, budget.period, what, limit, end)
+        if worst is not None:
+            scope, period, what, limit, end = worst
+            raise BudgetExceeded(scope, period, what, limit, None if end is None else end - now)
+
+    async def record(self, scopes, tokens: int, cost):
+        """Add a finished request's C{tokens} and C{cost} (None: unknown, counts 0) to every scope's periods.
+
+        @return: None once the counters have it.
+        """
+        if not scopes:
+            return
+        now = self._clock.seconds()
+        current = self._current(scopes, now)
+        if self._seed is not None:
+            await self._seed_all(current)
+        items, seen = [], set()
+        for _, _, bucket, _, end in current:
+            if bucket not in seen:
+                seen.add(bucket)
+                items.append((bucket, int(tokens or 0), float(cost or 0.0),
+                              None if end is None else end + self._margin))
+        if items:
+            await self._counters.spend_all(items)
+
+    async def _seed_all(self, current):
+        for scope, _, bucket, start, end in current:
+            if bucket in self._seeded:
+                continue
+            waiting = self._seeding.get(bucket)
+            if waiting is not None:
+                d = Deferred()
+                waiting.append(d)
+                await d
+                continue
+            self._seeding[bucket] = []
+            expires = None if end is None else end + self._margin
+            try:
+                await self._seed_one(scope, bucket, start, expires)
+            finally:
+                for d in self._seeding.pop(bucket):
+                    d.callback(None)
+
+    async def _seed_one(self, scope, bucket, start, expires):
+        try:
+            result = self._seed(scope, start)
+            if inspect.isawaitable(result):
+                result = await result
+            tokens, cost = result
+        except Exception as e:
+            # Not marked seeded: the next request tries again.
+            self.log.warn("Could not read what {scope} spent since {since}; its budget counts from zero for now: "
+                          "{error}", scope=scope, since=start, error=f"{type(e).__name__}: {e}")
+            return
+        if tokens or cost:
+            await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
+        self._seeded[bucket] = expires
+        if len(self._seeded) > 4096:
+            now = self._clock.seconds()
+            self._seeded = {b: e for b, e in self._seeded.items() if e is None or e > now}

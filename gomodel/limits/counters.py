@@ -1,0 +1,548 @@
+"""Counters under the limits: token buckets, concurrency slots and budget sums.
+
+One interface (L{ICounters}), two backends:
+
+  - L{LocalCounters}: in this process, exact; every method answers with an
+    already-fired Deferred.
+  - L{RedisCounters}: shared by every process using one Redis. Each operation is
+    one Lua script run atomically on Redis's own clock (C{TIME}); every key
+    has a TTL. Redis is reached with redis-py in a small owned thread pool. When
+    Redis cannot be reached the counters B{fail open}: the operation answers as
+    if nothing were limited, a warning is logged (at most every
+    C{warn_every} seconds), C{failures} counts such answers, and Redis is
+    left alone for C{retry_after} seconds so an unreachable server costs no
+    request a timeout.
+
+Bucket names are plain strings (C{"key:k_1|r60"}); the backend adds its own
+prefix. The buckets of one batch must be distinct.
+
+A backend implements four operations, each one Redis round trip:
+L{ICounters.admit} (token buckets and concurrency slots together, all or
+nothing), L{ICounters.finish} (settle token buckets and free slots together),
+L{ICounters.spend_all} and L{ICounters.spent_all}. The other methods
+(C{take_all}, C{adjust_all}, C{acquire_all}, C{release} and the one-bucket
+forms C{take}, C{adjust}, C{acquire}, C{spend}, C{spent}) are built on them.
+
+Token buckets: a bucket holds up to C{capacity} and refills C{refill_per_second};
+an absent bucket is full. Taking C{amount} succeeds when the level is at
+least C{amount}; L{ICounters.adjust_all} may push the level below zero (a
+debt settled with real usage) and never above C{capacity}.
+
+Concurrency slots with Redis are leases, a sorted set per bucket of lease ids
+scored by their expiry (C{lease_ttl}, renewed every C{lease_ttl/3} seconds by
+the holder while it runs): a process that dies holding slots loses them
+within C{lease_ttl} seconds. Multi-key scripts need one Redis server (or
+primary), not Redis Cluster.
+"""
+
+import itertools
+import math
+import uuid
+from typing import NamedTuple
+
+from twisted.internet.defer import succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from gomodel.store.threads import OwnedThreads
+
+INF = float("inf")
+
+
+class Taken(NamedTuple):
+    """One bucket after a take (before it, when the take was refused).
+
+    @ivar allowed: this bucket held C{amount}.
+    @ivar remaining: the level now (may be negative: a debt).
+    @ivar reset_after: seconds until the bucket is full again.
+    @ivar retry_after: seconds until C{amount} fits (0 when it does; C{inf}
+        when C{amount} exceeds the capacity).
+    """
+
+    allowed: bool
+    remaining: float
+    reset_after: float
+    retry_after: float
+
+
+class Admitted(NamedTuple):
+    """The answer of L{ICounters.admit}.
+
+    @ivar ok: everything was taken.
+    @ivar taken: one L{Taken} per token-bucket spec (levels before the take
+        unless C{ok}).
+    @ivar lease: what holds the slots (for L{ICounters.finish}); None unless
+        C{ok} and there were slots.
+    @ivar refused: the index of the full slot bucket that refused, else -1.
+    """
+
+    ok: bool
+    taken: list
+    lease: object
+    refused: int
+
+
+class Slots(NamedTuple):
+    """The answer of C{acquire_all}: the C{lease} holding every slot, or None and the index C{refused}."""
+
+    lease: object
+    refused: int
+
+
+def taken(level, capacity, refill, amount, took) -> Taken:
+    """The L{Taken} of a bucket at C{level} (after the take when C{took})."""
+    if took:
+        fits, retry = True, 0.0
+    elif amount > capacity:
+        fits, retry = False, INF
+    elif level >= amount:
+        fits, retry = True, 0.0
+    else:
+        fits, retry = False, (amount - level) / refill
+    return Taken(fits, level, max(0.0, (capacity - level) / refill), retry)
+
+
+class ICounters(Interface):
+    """Shared or local counters; every method returns a Deferred."""
+
+    shared = Attribute("True when other processes see the same counters (Redis).")
+    failures = Attribute("How many operations were answered open because the backend failed.")
+
+    def admit(specs, slots):
+        """Take from token buckets and one slot in each slot bucket, all or nothing.
+
+        @param specs: C{(bucket, capacity, refill_per_second, amount)} tuples.
+        @param slots: C{(bucket, limit)} tuples.
+        @return: Deferred firing with an L{Admitted}.
+        """
+
+    def finish(specs, lease):
+        """Consume C{delta} more from each bucket (negative gives back; below zero if need be), and free C{lease}.
+
+        @param specs: C{(bucket, capacity, refill_per_second, delta)} tuples.
+        @param lease: from L{admit}, or None; freeing it again does nothing.
+        @return: Deferred firing with the buckets' new levels, a list of floats.
+        """
+
+    def spend_all(items):
+        """Add to budget sums.
+
+        @param items: C{(bucket, tokens, cost, expires_at)} tuples; C{expires_at}
+            (Unix seconds) or None for a sum kept for good.
+        @return: Deferred firing None.
+        """
+
+    def spent_all(buckets):
+        """The sums of C{buckets}: Deferred firing with a list of C{(tokens, cost)}; absent ones are C{(0, 0.0)}."""
+
+
+class _Forms:
+    """The other forms, over the four operations."""
+
+    def take_all(self, specs):
+        """Take from token buckets, all or nothing: Deferred firing with one L{Taken} per spec."""
+        return self.admit(specs, ()).addCallback(lambda got: got.taken)
+
+    def acquire_all(self, slots):
+        """One slot in each bucket, all or nothing: Deferred firing with L{Slots}."""
+        return self.admit((), slots).addCallback(lambda got: Slots(got.lease, got.refused))
+
+    def adjust_all(self, specs):
+        """L{ICounters.finish} without a lease: Deferred firing with the new levels."""
+        return self.finish(specs, None)
+
+    def release(self, lease):
+        """Free the slots of C{lease} (again, or None: nothing): Deferred firing None."""
+        return self.finish((), lease).addCallback(lambda _: None)
+
+    def take(self, bucket, capacity, refill_per_second, amount):
+        """Take C{amount} from one token bucket: Deferred firing with its L{Taken}."""
+        return self.take_all([(bucket, capacity, refill_per_second, amount)]).addCallback(_first)
+
+    def adjust(self, bucket, capacity, refill_per_second, delta):
+        """Consume C{delta} more (negative gives back): Deferred firing with the new level."""
+        return self.adjust_all([(bucket, capacity, refill_per_second, delta)]).addCallback(_first)
+
+    def acquire(self, bucket, limit):
+        """One concurrency slot: Deferred firing with a lease (for L{release}), or None when full."""
+        return self.acquire_all([(bucket, limit)]).addCallback(lambda slots: slots.lease)
+
+    def spend(self, bucket, tokens, cost, expires_at):
+        """Add C{tokens} and C{cost} to one budget sum: Deferred firing None."""
+        return self.spend_all([(bucket, tokens, cost, expires_at)])
+
+    def spent(self, bucket):
+        """One budget sum: Deferred firing with C{(tokens, cost)}."""
+        return self.spent_all([bucket]).addCallback(_first)
+
+
+def _first(results):
+    return results[0]
+
+
+@implementer(ICounters)
+class LocalCounters(_Forms):
+    """Exact counters in this process, on C{clock} (anything with C{seconds()}).
+
+    Full buckets and ended sums are swept every C{sweep_every} operations,
+    so the maps hold only live state.
+    """
+
+    shared = False
+    failures = 0
+
+    def __init__(self, clock, sweep_every=4096):
+        self._clock = clock
+        self._buckets = {}  # bucket -> [level, at, capacity, refill]
+        self._inflight = {}  # bucket -> slots held
+        self._leases = {}  # lease -> buckets
+        self._sums = {}  # bucket -> [tokens, cost, expires_at]
+        self._ids = itertools.count(1)
+        self._sweep_every = sweep_every
+        self._ops = 0
+
+    def admit(self, specs, slots):
+        now = self._clock.seconds()
+        buckets = self._buckets
+        levels = []
+        ok = True
+        for bucket, capacity, refill, amount in specs:
+            state = buckets.get(bucket)
+            level = capacity if state is None else min(capacity, state[0] + (now - state[1]) * refill)
+            levels.append(level)
+            if level < amount:
+                ok = False
+        refused = -1
+        if ok:
+            inflight = self._inflight
+            for i, (bucket, limit) in enumerate(slots):
+                if inflight.get(bucket, 0) >= limit:
+                    ok, refused = False, i
+                    break
+        out = []
+        for (bucket, capacity, refill, amount), level in zip(specs, levels):
+            if ok:
+                level -= amount
+                buckets[bucket] = [level, now, capacity, refill]
+            out.append(taken(level, capacity, refill, amount, ok))
+        lease = None
+        if ok and slots:
+            held = tuple(bucket for bucket, _ in slots)
+            for bucket in held:
+                inflight[bucket] = inflight.get(bucket, 0) + 1
+            lease = next(self._ids)
+            self._leases[lease] = held
+        self._tick(now)
+        return succeed(Admitted(ok, out, lease, refused))
+
+    def finish(self, specs, lease):
+        now = self._clock.seconds()
+        out = []
+        for bucket, capacity, refill, delta in specs:
+            state = self._buckets.get(bucket)
+            level = capacity if state is None else min(capacity, state[0] + (now - state[1]) * refill)
+            level = min(capacity, level - delta)
+            self._buckets[bucket] = [level, now, capacity, refill]
+            out.append(level)
+        for bucket in self._leases.pop(lease, None) or ():
+            held = self._inflight[bucket] - 1
+            if held:
+                self._inflight[bucket] = held
+            else:
+                del self._inflight[bucket]
+        return succeed(out)
+
+    def spend_all(self, items):
+        now = self._clock.seconds()
+        for bucket, tokens, cost, expires_at in items:
+            state = self._sums.get(bucket)
+            if state is None or (state[2] is not None and state[2] <= now):
+                self._sums[bucket] = [tokens, cost, expires_at]
+            else:
+                state[0] += tokens
+                state[1] += cost
+                state[2] = expires_at
+        self._tick(now)
+        return succeed(None)
+
+    def spent_all(self, buckets):
+        now = self._clock.seconds()
+        out = []
+        for bucket in buckets:
+            state = self._sums.get(bucket)
+            if state is None or (state[2] is not None and state[2] <= now):
+                out.append((0, 0.0))
+            else:
+                out.append((state[0], state[1]))
+        return succeed(out)
+
+    def _tick(self, now):
+        self._ops += 1
+        if self._ops % self._sweep_every == 0:
+            self._buckets = {b: s for b, s in self._buckets.items() if s[0] + (now - s[1]) * s[3] < s[2]}
+            self._sums = {b: s for b, s in self._sums.items() if s[2] is None or s[2] > now}
+
+    def level(self, bucket):
+        """The stored level of C{bucket} and when it was stored, or None (full); for tests and views."""
+        state = self._buckets.get(bucket)
+        return None if state is None else (state[0], state[1])
+
+
+# Redis scripts. Levels travel as strings (%.17g): a Lua number in a reply is truncated to an integer.
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000 "
+
+# KEYS: nb token buckets, then the slot buckets. ARGV: nb, lease ttl (ms), lease id, capacity, refill and
+# amount of each bucket, then the limit of each slot bucket.
+# Returns {ok, refused slot (1-based) or 0, level of each bucket as a string}.
+_ADMIT = _NOW + """
+local nb = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local levels = {}
+local ok = 1
+for i = 1, nb do
+  local cap = tonumber(ARGV[3 * i + 1])
+  local rate = tonumber(ARGV[3 * i + 2])
+  local s = redis.call('HMGET', KEYS[i], 'v', 't')
+  local level = cap
+  if s[1] then
+    level = math.min(cap, tonumber(s[1]) + (now - tonumber(s[2])) * rate)
+  end
+  levels[i] = level
+  if level < tonumber(ARGV[3 * i + 3]) then ok = 0 end
+end
+local refused = 0
+local ms = math.floor(now * 1000)
+if ok == 1 then
+  for i = nb + 1, #KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ms)
+    if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[3 * nb + 3 + i - nb]) then
+      ok = 0
+      refused = i - nb
+      break
+    end
+  end
+end
+local out = {ok, refused}
+for i = 1, nb do
+  local level = levels[i]
+  if ok == 1 then
+    local cap = tonumber(ARGV[3 * i + 1])
+    level = level - tonumber(ARGV[3 * i + 3])
+    if level >= cap then
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('HSET', KEYS[i], 'v', string.format('%.17g', level), 't', string.format('%.17g', now))
+      redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) / tonumber(ARGV[3 * i + 2]) * 1000) + 1)
+    end
+  end
+  out[i + 2] = string.format('%.17g', level)
+end
+if ok == 1 then
+  for i = nb + 1, #KEYS do
+    redis.call('ZADD', KEYS[i], ms + ttl, ARGV[3])
+    redis.call('PEXPIRE', KEYS[i], ttl + 1000)
+  end
+end
+return out
+"""
+
+# KEYS: nb token buckets, then the slot buckets of the lease. ARGV: nb, lease id (or ''), capacity, refill
+# and delta of each bucket. Returns the new level of each bucket as a string.
+_FINISH = _NOW + """
+local nb = tonumber(ARGV[1])
+local out = {}
+for i = 1, nb do
+  local cap = tonumber(ARGV[3 * i])
+  local rate = tonumber(ARGV[3 * i + 1])
+  local s = redis.call('HMGET', KEYS[i], 'v', 't')
+  local level = cap
+  if s[1] then
+    level = math.min(cap, tonumber(s[1]) + (now - tonumber(s[2])) * rate)
+  end
+  level = math.min(cap, level - tonumber(ARGV[3 * i + 2]))
+  if level >= cap then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('HSET', KEYS[i], 'v', string.format('%.17g', level), 't', string.format('%.17g', now))
+    redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) / rate * 1000) + 1)
+  end
+  out[i] = string.format('%.17g', level)
+end
+for i = nb + 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
+return out
+"""
+
+# KEYS: the held slot buckets; ARGV: ttl (ms), then the lease id of each key. Renews only leases still there.
+_RENEW = _NOW + """
+local ms = math.floor(now * 1000)
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', ms + ttl, ARGV[i + 1]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], ttl + 1000)
+  end
+end
+return 0
+"""
+
+# ARGV per key: tokens, cost, expires_at (Unix seconds) or ''.
+_SPEND_ALL = """
+for i = 1, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 't', ARGV[3 * i - 2])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'c', ARGV[3 * i - 1])
+  if ARGV[3 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[3 * i]) end
+end
+return 0
+"""
+
+
+class _OpenLease:
+    """The lease handed out while Redis is unreachable: it holds nothing."""
+
+    def __repr__(self):
+        return "OPEN_LEASE"
+
+
+OPEN_LEASE = _OpenLease()
+
+
+@implementer(ICounters)
+class RedisCounters(_Forms):
+    """Counters shared through one Redis (a C{redis.Redis} client), under C{prefix}.
+
+    L{start} before use (thread pool, lease renewal), L{stop} after. See the
+    module docstring for the fail-open rule.
+
+    @ivar failures: operations answered open because Redis failed.
+    """
+
+    shared = True
+    log = Logger()
+
+    def __init__(self, redis, prefix, reactor, *, threads=4, lease_ttl=30.0, retry_after=5.0, warn_every=60.0):
+        self._redis = redis
+        self._prefix = prefix
+        self._reactor = reactor
+        self._threads = OwnedThreads(reactor, "gomodel-limits-redis", maxthreads=threads)
+        self._lease_ms = int(lease_ttl * 1000)
+        self._lease_ttl = lease_ttl
+        self._retry_after = retry_after
+        self._warn_every = warn_every
+        self._down_until = 0.0
+        self._warned_at = None
+        self._held = {}  # lease id -> slot keys
+        self._renewal = LoopingCall(self._renew)
+        self._renewal.clock = reactor
+        self.failures = 0
+        self._admit = redis.register_script(_ADMIT)
+        self._finish = redis.register_script(_FINISH)
+        self._renew_script = redis.register_script(_RENEW)
+        self._spend = redis.register_script(_SPEND_ALL)
+
+    @classmethod
+    def from_url(cls, url, reactor, prefix="gomodel:limits:", timeout=1.0, **kwargs):
+        """Counters on the Redis at C{url} (C{redis://[:password@]host:port/db}); connects on first use."""
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                      health_check_interval=30)
+        return cls(client, prefix, reactor, **kwargs)
+
+    def start(self):
+        """Start the threads and the lease renewal."""
+        self._threads.start()
+        self._renewal.start(self._lease_ttl / 3, now=False)
+
+    def stop(self):
+        """Stop renewing (held leases then lapse within C{lease_ttl}) and join the threads."""
+        if self._renewal.running:
+            self._renewal.stop()
+        self._threads.stop()
+
+    def _run(self, open_answer, f, *args):
+        if self._reactor.seconds() < self._down_until:
+            self.failures += 1
+            return succeed(open_answer)
+        return self._threads.run(f, *args).addErrback(self._failed, open_answer)
+
+    def _failed(self, failure, open_answer):
+        import redis
+
+        failure.trap(redis.RedisError)
+        now = self._reactor.seconds()
+        self.failures += 1
+        self._down_until = now + self._retry_after
+        if self._warned_at is None or now - self._warned_at >= self._warn_every:
+            self._warned_at = now
+            self.log.warn("Redis limits counters unreachable, limits are not enforced for {retry}s: {error}",
+                          retry=self._retry_after, error=f"{type(failure.value).__name__}: {failure.value}")
+        return open_answer
+
+    def admit(self, specs, slots):
+        prefix = self._prefix
+        lease = uuid.uuid4().hex if slots else ""
+        keys = [prefix + bucket for bucket, _, _, _ in specs]
+        slot_keys = [prefix + bucket for bucket, _ in slots]
+        args = [len(specs), self._lease_ms, lease]
+        for _, capacity, refill, amount in specs:
+            args += (repr(float(capacity)), repr(float(refill)), repr(float(amount)))
+        args += [int(limit) for _, limit in slots]
+        opened = Admitted(True, [taken(capacity, capacity, refill, amount, True)
+                                 for _, capacity, refill, amount in specs], OPEN_LEASE if slots else None, -1)
+        return self._run(opened, self._admit_sync, keys + slot_keys, args, specs, lease).addCallback(
+            self._admitted, slot_keys)
+
+    def _admit_sync(self, keys, args, specs, lease):
+        reply = self._admit(keys=keys, args=args)
+        ok = reply[0] == 1
+        out = [taken(float(level), capacity, refill, amount, ok)
+               for level, (_, capacity, refill, amount) in zip(reply[2:], specs)]
+        return Admitted(ok, out, lease if ok and lease else None, reply[1] - 1)
+
+    def _admitted(self, got, slot_keys):
+        if got.lease is not None and got.lease is not OPEN_LEASE:
+            self._held[got.lease] = slot_keys
+        return got
+
+    def finish(self, specs, lease):
+        slot_keys = () if lease is None or lease is OPEN_LEASE else self._held.pop(lease, ())
+        if not specs and not slot_keys:
+            return succeed([])
+        prefix = self._prefix
+        keys = [prefix + bucket for bucket, _, _, _ in specs]
+        keys += slot_keys
+        args = [len(specs), lease if slot_keys else ""]
+        for _, capacity, refill, delta in specs:
+            args += (repr(float(capacity)), repr(float(refill)), repr(float(delta)))
+        return self._run([capacity for _, capacity, _, _ in specs], self._finish_sync, keys, args)
+
+    def _finish_sync(self, keys, args):
+        return [float(level) for level in self._finish(keys=keys, args=args)]
+
+    def _renew(self):
+        if not self._held or not self._threads.running:
+            return None
+        keys, args = [], [self._lease_ms]
+        for lease, held in list(self._held.items()):
+            for key in held:
+                keys.append(key)
+                args.append(lease)
+        return self._run(None, self._renew_script, keys, args)
+
+    def spend_all(self, items):
+        keys = [self._prefix + bucket for bucket, _, _, _ in items]
+        args = [x for _, tokens, cost, expires in items
+                for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
+        return self._run(None, self._spend_sync, keys, args)
+
+    def _spend_sync(self, keys, args):
+        self._spend(keys=keys, args=args)
+
+    def spent_all(self, buckets):
+        return self._run([(0, 0.0)] * len(buckets), self._spent_sync, [self._prefix + b for b in buckets])
+
+    def _spent_sync(self, keys):
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, "t", "c")
+        return [(int(t or 0), float(c or 0.0)) for t, c in pipe.execute()]

@@ -1,0 +1,289 @@
+"""Admission under rate limits: requests and tokens per window, and requests in flight.
+
+L{Limiter.admit} takes, for one request, 1 from every request bucket and
+C{tokens} (the prompt estimate plus C{max_tokens}) from every token bucket of
+every scope, and a concurrency slot in every scope with C{concurrent}: all or
+nothing. Every window is a token bucket (capacity the limit, refilled evenly
+over the window), so C{rpm=60} allows a burst of 60 and then one a second.
+
+A scope is C{(name, RateLimit)}; names say what they limit and are shown to
+clients, so never a secret: C{"key:k_123"}, C{"path:/team"},
+C{"provider:vllm"}, C{"model:vllm/x"}. Bucket names are the scope name plus
+C{"|r<seconds>"}, C{"|t<seconds>"} or C{"|c"}.
+
+The caller then, once each:
+  - L{Admission.settle}C{(actual_tokens)} when the request completed (0 when it
+    never reached the upstream): token buckets give back or take the
+    difference from the reservation;
+  - L{Admission.release}C{()} when the answer is over: frees the slots;
+or both at once with L{Admission.finish}C{(actual_tokens)}. With Redis,
+C{admit} is one round trip and C{finish} another.
+"""
+
+import math
+
+from twisted.internet.defer import succeed
+
+from gomodel.errors import RateLimitExceeded
+from gomodel.limits.counters import INF
+
+_NAMES = {60: "min", 3600: "hour", 86400: "day"}
+_SHORT = {60: "M", 3600: "H", 86400: "D"}
+
+
+def _window_name(seconds, tokens) -> str:
+    what = "tokens" if tokens else "requests"
+    if seconds in _NAMES:
+        return f"{what} per {_NAMES[seconds]} ({'T' if tokens else 'R'}P{_SHORT[seconds]})"
+    return f"{what} per {seconds}s"
+
+
+class _Bucket:
+    """One bucket of a scope's plan: where, how big, how fast, and what it counts."""
+
+    __slots__ = ("name", "capacity", "refill", "tokens", "seconds", "scope")
+
+    def __init__(self, scope, seconds, capacity, tokens):
+        self.scope = scope
+        self.seconds = seconds
+        self.capacity = capacity
+        self.refill = capacity / seconds
+        self.tokens = tokens
+        self.name = f"{scope}|{'t' if tokens else 'r'}{seconds}"
+
+
+def _plan(scope, limit):
+    buckets = []
+    for window in limit.windows:
+        if window.max_requests is not None:
+            buckets.append(_Bucket(scope, window.seconds, window.max_requests, False))
+        if window.max_tokens is not None:
+            buckets.append(_Bucket(scope, window.seconds, window.max_tokens, True))
+    return limit, buckets, (f"{scope}|c" if limit.concurrent is not None else None)
+
+
+class Limiter:
+    """Admits requests under their scopes' L{RateLimit}s, on C{counters} (an L{ICounters}).
+
+    It keeps a local view of every bucket it touched (level and when) and of
+    its own slots in flight, for L{saturated}.
+    """
+
+    def __init__(self, counters, clock):
+        self._counters = counters
+        self._clock = clock
+        self._plans = {}
+        self._seen = {}  # bucket name -> (level, at)
+        self._inflight = {}  # scope -> this process's requests holding a slot
+        self._full_until = {}  # scope -> until when its slots were last seen all taken (by any process)
+
+    def _plan_of(self, scope, limit):
+        plan = self._plans.get(scope)
+        if plan is None or (plan[0] is not limit and plan[0] != limit):
+            plan = self._plans[scope] = _plan(scope, limit)
+        return plan
+
+    async def admit(self, scopes, tokens: int, headers_for=None):
+        """Admit one request costing C{tokens} under every scope of C{scopes}, all or nothing.
+
+        @param scopes: C{(scope name, RateLimit)} pairs; a scope named twice is
+            counted twice, so name each once.
+        @param headers_for: the scope whose state the answer's
+            C{x-ratelimit-*} headers show (the key's own), or None.
+        @return: an L{Admission} (settle it, then release it).
+        @raise RateLimitExceeded: a limit refused; nothing was taken. Its
+            C{scope} names the scope that refused.
+        """
+        buckets, slots, slot_scopes = [], [], []
+        for scope, limit in scopes:
+            if not limit:
+                continue
+            _, planned, slot = self._plan_of(scope, limit)
+            buckets.extend(planned)
+            if slot is not None:
+                slots.append((slot, limit.concurrent))
+                slot_scopes.append(scope)
+        if not buckets and not slots:
+            return NO_ADMISSION
+        specs = [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in buckets]
+        got = await self._counters.admit(specs, slots)
+        results = got.taken
+        if results:
+            now = self._clock.seconds()
+            seen = self._seen
+            for b, r in zip(buckets, results):
+                seen[b.name] = (r.remaining, now)
+        if not got.ok:
+            headers = _headers(buckets, results, headers_for)
+            if got.refused < 0:
+                # The refusal that lasts longest says when a retry can pass.
+                b, r = max(((b, r) for b, r in zip(buckets, results) if not r.allowed),
+                           key=lambda pair: pair[1].retry_after)
+                raise self._refused(b, r, tokens, headers)
+            scope = slot_scopes[got.refused]
+            self._full_until[scope] = self._clock.seconds() + 1
+            raise RateLimitExceeded(
+                f"Rate limit reached for {scope} on concurrent requests: Limit {slots[got.refused][1]}. "
+                "Please try again when a request of this scope has finished.",
+                scope=scope, retry_after=1, headers=headers)
+        for scope in slot_scopes:
+            self._inflight[scope] = self._inflight.get(scope, 0) + 1
+        return Admission(self, buckets, results, tokens, got.lease, slot_scopes, headers_for)
+
+    def _refused(self, bucket, result, tokens, headers):
+        amount = tokens if bucket.tokens else 1
+        what = _window_name(bucket.seconds, bucket.tokens)
+        if result.retry_after == INF:
+            return RateLimitExceeded(
+                f"Request too large for {bucket.scope} on {what}: Limit {bucket.capacity}, "
+                f"Requested {amount}. Send fewer tokens (a shorter prompt or a lower max_tokens).",
+                scope=bucket.scope, tokens=True, headers=headers)
+        used = max(0, math.ceil(bucket.capacity - result.remaining))
+        return RateLimitExceeded(
+            f"Rate limit reached for {bucket.scope} on {what}: Limit {bucket.capacity}, Used {used}, "
+            f"Requested {amount}. Please try again in {duration(result.retry_after)}.",
+            scope=bucket.scope, tokens=bucket.tokens, retry_after=result.retry_after, headers=headers)
+
+    def _released(self, slot_scopes):
+        for scope in slot_scopes:
+            held = self._inflight[scope] - 1
+            if held:
+                self._inflight[scope] = held
+            else:
+                del self._inflight[scope]
+
+    def saturated(self, scope_name, limit) -> bool:
+        """Whether C{scope_name} looks at its limit in this process's view (for routing around it).
+
+        True when one of its buckets this process last saw is still empty
+        (below one request, or at or below zero tokens), when this process
+        alone holds all its C{concurrent} slots, or when its slots were all
+        taken at an admission of the last second (other processes' too, with
+        Redis). Cheap; never asks the counters.
+        """
+        if not limit:
+            return False
+        if limit.concurrent is not None:
+            if self._inflight.get(scope_name, 0) >= limit.concurrent:
+                return True
+            until = self._full_until.get(scope_name)
+            if until is not None:
+                if self._clock.seconds() < until:
+                    return True
+                del self._full_until[scope_name]
+        _, buckets, _ = self._plan_of(scope_name, limit)
+        now = self._clock.seconds()
+        for b in buckets:
+            seen = self._seen.get(b.name)
+            if seen is not None:
+                level = min(b.capacity, seen[0] + (now - seen[1]) * b.refill)
+                if level <= 0 if b.tokens else level < 1:
+                    return True
+        return False
+
+
+class Admission:
+    """A request admitted by L{Limiter.admit}; settle it once, release it once (both idempotent).
+
+    Settling and releasing are idempotent.
+
+    @ivar headers: OpenAI's C{x-ratelimit-*} headers for the scope named by
+        C{headers_for} (empty without one): limit, remaining and reset (OpenAI's
+        duration format) of its requests and tokens windows; where it has
+        several, the one with the fewest remaining.
+    """
+
+    __slots__ = ("_limiter", "_buckets", "_results", "_tokens", "_lease", "_slot_scopes", "_headers_for",
+                 "_headers", "_settled")
+
+    def __init__(self, limiter, buckets, results, tokens, lease, slot_scopes, headers_for):
+        self._limiter = limiter
+        self._buckets = buckets
+        self._results = results
+        self._tokens = tokens
+        self._lease = lease
+        self._slot_scopes = slot_scopes
+        self._headers_for = headers_for
+        self._headers = None
+        self._settled = False
+
+    @property
+    def headers(self) -> dict:
+        if self._headers is None:
+            self._headers = _headers(self._buckets, self._results, self._headers_for)
+        return self._headers
+
+    def settle(self, actual_tokens):
+        """Charge the token buckets C{actual_tokens} instead of the reservation.
+
+        @return: Deferred firing None once the counters have it.
+        """
+        return self._finish(actual_tokens, False)
+
+    def release(self):
+        """Free the concurrency slots: Deferred firing None."""
+        return self._finish(None, True)
+
+    def finish(self, actual_tokens):
+        """L{settle} and L{release} in one counters operation (one Redis round trip): Deferred firing None."""
+        return self._finish(actual_tokens, True)
+
+    def _finish(self, actual_tokens, release):
+        specs = ()
+        if actual_tokens is not None and not self._settled:
+            self._settled = True
+            delta = actual_tokens - self._tokens
+            if delta:
+                specs = [(b.name, b.capacity, b.refill, delta) for b in self._buckets if b.tokens]
+        lease = None
+        if release and self._lease is not None:
+            lease, self._lease = self._lease, None
+            self._limiter._released(self._slot_scopes)
+        if not specs and lease is None:
+            return succeed(None)
+        return self._limiter._counters.finish(specs, lease).addCallback(self._finished, specs)
+
+    def _finished(self, levels, specs):
+        seen, now = self._limiter._seen, self._limiter._clock.seconds()
+        for (name, _, _, _), level in zip(specs, levels):
+            seen[name] = (level, now)
+
+
+NO_ADMISSION = Admission(None, (), (), 0, None, (), None)
+
+
+def _headers(buckets, results, scope) -> dict:
+    if scope is None:
+        return {}
+    best = {}
+    for b, r in zip(buckets, results):
+        if b.scope == scope:
+            current = best.get(b.tokens)
+            if current is None or r.remaining < current[1].remaining:
+                best[b.tokens] = (b, r)
+    out = {}
+    for tokens, suffix in ((False, "requests"), (True, "tokens")):
+        if tokens in best:
+            b, r = best[tokens]
+            out[f"x-ratelimit-limit-{suffix}"] = str(b.capacity)
+            out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, math.floor(r.remaining)))
+            out[f"x-ratelimit-reset-{suffix}"] = duration(r.reset_after)
+    return out
+
+
+def duration(seconds) -> str:
+    """OpenAI's (Go's) duration format, to the millisecond: C{"20ms"}, C{"1s"}, C{"6m0s"}, C{"1h0m12.5s"}."""
+    ms = math.ceil(seconds * 1000 - 1e-6) if seconds > 0 else 0
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3600_000)
+    minutes, rest = divmod(rest, 60_000)
+    whole, frac = divmod(rest, 1000)
+    secs = f"{whole}.{frac:03d}".rstrip("0") if frac else str(whole)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"

@@ -1,0 +1,644 @@
+"""Rate limits and budgets on the local counters, on a fake clock; GoModel's configuration forms."""
+
+from datetime import datetime, timezone
+
+import orjson
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from gomodel.errors import BudgetExceeded, RateLimitExceeded, whole_seconds
+from gomodel.limits.budgets import BudgetBook
+from gomodel.limits.counters import LocalCounters
+from gomodel.limits.limiter import NO_ADMISSION, Limiter, duration
+from gomodel.limits.specs import (
+    Budget, LimitsConfig, RateLimit, Window, env_path, limits_from_env, limits_from_yaml, normalize_user_path,
+    parse_budgets, parse_rate_limit, period_window,
+)
+
+T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC, a Thursday
+
+
+def utc(*args) -> float:
+    return datetime(*args, tzinfo=timezone.utc).timestamp()
+
+
+def fired(value):
+    """The result of an already-fired Deferred or coroutine (raising what it failed with)."""
+    d = Deferred.fromCoroutine(value) if not isinstance(value, Deferred) else value
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.fixture
+def clock():
+    c = Clock()
+    c.advance(T0)
+    return c
+
+
+@pytest.fixture
+def counters(clock):
+    return LocalCounters(clock)
+
+
+@pytest.fixture
+def limiter(counters, clock):
+    return Limiter(counters, clock)
+
+
+def refused(limiter, scopes, tokens=0, headers_for=None) -> RateLimitExceeded:
+    with pytest.raises(RateLimitExceeded) as info:
+        fired(limiter.admit(scopes, tokens, headers_for=headers_for))
+    return info.value
+
+
+# --- rate limits -------------------------------------------------------------------------------------------
+
+
+def test_rpm_refuses_past_the_limit_and_refills(limiter, clock):
+    scopes = [("key:k_1", RateLimit(rpm=2))]
+    fired(limiter.admit(scopes, 0))
+    fired(limiter.admit(scopes, 0))
+    error = refused(limiter, scopes)
+    assert error.status == 429 and error.code == "rate_limit_exceeded" and error.type == "requests"
+    assert error.scope == "key:k_1"
+    assert error.headers["Retry-After"] == "30"  # 2 a minute: one more every 30 s
+    assert "key:k_1" in error.message and "requests per min (RPM): Limit 2, Used 2" in error.message
+    envelope = orjson.loads(error.body())["error"]
+    assert envelope == {"message": error.message, "type": "requests", "param": None, "code": "rate_limit_exceeded"}
+    clock.advance(29)
+    refused(limiter, scopes)
+    clock.advance(1)
+    fired(limiter.admit(scopes, 0))
+    refused(limiter, scopes)
+
+
+def test_tpm_refuses_a_request_that_does_not_fit_and_says_when_it_will(limiter, clock):
+    scopes = [("key:k_1", RateLimit(tpm=600))]
+    fired(limiter.admit(scopes, 500))
+    error = refused(limiter, scopes, 200)
+    assert error.type == "tokens"
+    assert error.retry_after == pytest.approx(10.0)  # 100 missing at 10 tokens a second
+    assert error.headers["Retry-After"] == "10"
+    assert "tokens per min (TPM): Limit 600, Used 500, Requested 200" in error.message
+    clock.advance(9.5)
+    refused(limiter, scopes, 200)
+    clock.advance(0.5)
+    fired(limiter.admit(scopes, 200))
+
+
+def test_a_request_larger_than_the_token_limit_is_refused_without_retry_after(limiter):
+    error = refused(limiter, [("key:k_1", RateLimit(tpm=100))], 101)
+    assert error.type == "tokens" and "Retry-After" not in error.headers
+    assert error.message.startswith("Request too large for key:k_1")
+    # Nothing was taken: a request that fits still passes whole.
+    fired(limiter.admit([("key:k_1", RateLimit(tpm=100))], 100))
+
+
+def test_hourly_daily_and_custom_windows(limiter, clock):
+    limit = parse_rate_limit('[{"period": "hour", "max_requests": 2}, {"period_seconds": 10, "max_requests": 1}]')
+    assert limit.rph == 2 and limit.custom == (Window(10, 1, None),)
+    scopes = [("path:/a", limit)]
+    fired(limiter.admit(scopes, 0))
+    assert refused(limiter, scopes).headers["Retry-After"] == "10"
+    clock.advance(10)
+    fired(limiter.admit(scopes, 0))
+    error = refused(limiter, scopes)  # the hour's 2 are spent: one comes back each 30 min
+    assert "requests per hour (RPH): Limit 2" in error.message and error.headers["Retry-After"] == str(1800 - 10)
+
+
+def test_concurrency_slots_are_taken_and_released(limiter):
+    scopes = [("key:k_1", RateLimit(concurrent=1))]
+    first = fired(limiter.admit(scopes, 0))
+    error = refused(limiter, scopes)
+    assert error.headers["Retry-After"] == "1" and "concurrent requests: Limit 1" in error.message
+    assert error.type == "requests"
+    fired(first.release())
+    fired(first.release())  # idempotent: frees nothing more
+    second = fired(limiter.admit(scopes, 0))
+    refused(limiter, scopes)
+    fired(second.release())
+
+
+def test_all_or_nothing_across_scopes(limiter, counters):
+    key, provider = ("key:k_1", RateLimit(rpm=10, tpm=1000)), ("provider:vllm", RateLimit(rpm=1))
+    fired(limiter.admit([key, provider], 100))
+    error = refused(limiter, [key, provider], 100)
+    assert error.scope == "provider:vllm"
+    # The key's buckets were not touched by the refused request.
+    assert counters.level("key:k_1|r60")[0] == 9
+    assert counters.level("key:k_1|t60")[0] == 900
+
+
+def test_a_concurrency_refusal_gives_back_what_other_scopes_gave(limiter, counters):
+    key, provider = ("key:k_1", RateLimit(rpm=10, tpm=1000)), ("provider:vllm", RateLimit(concurrent=1))
+    held = fired(limiter.admit([key, provider], 100))
+    error = refused(limiter, [key, provider], 100)
+    assert error.scope == "provider:vllm"
+    assert counters.level("key:k_1|r60")[0] == 9
+    assert counters.level("key:k_1|t60")[0] == 900
+    fired(held.release())
+    fired(limiter.admit([key, provider], 100)).release()
+
+
+def test_settle_gives_back_or_takes_the_difference(limiter, counters, clock):
+    scopes = [("key:k_1", RateLimit(tpm=600))]
+    admission = fired(limiter.admit(scopes, 500))
+    assert counters.level("key:k_1|t60")[0] == 100
+    fired(admission.settle(50))  # the answer used less than reserved
+    assert counters.level("key:k_1|t60")[0] == 550
+    fired(admission.settle(600))  # once only
+    assert counters.level("key:k_1|t60")[0] == 550
+    admission = fired(limiter.admit(scopes, 100))
+    fired(admission.settle(1050))  # more than reserved: a debt
+    assert counters.level("key:k_1|t60")[0] == pytest.approx(-500)
+    error = refused(limiter, scopes, 0)
+    assert error.retry_after == pytest.approx(50.0)  # back to 0 at 10 tokens a second
+    clock.advance(50)
+    fired(limiter.admit(scopes, 0))
+    clock.advance(1)
+    admission = fired(limiter.admit(scopes, 10))
+    assert counters.level("key:k_1|t60")[0] == pytest.approx(0)
+    fired(admission.settle(0))  # never reached the upstream: all given back
+    assert counters.level("key:k_1|t60")[0] == pytest.approx(10)
+
+
+def test_finish_settles_and_releases_at_once(limiter, counters):
+    scopes = [("key:k_1", RateLimit(tpm=600, concurrent=1))]
+    admission = fired(limiter.admit(scopes, 500))
+    refused(limiter, scopes)
+    fired(admission.finish(100))
+    assert counters.level("key:k_1|t60")[0] == 500
+    fired(admission.finish(600))
+    fired(admission.settle(600))
+    fired(admission.release())
+    assert counters.level("key:k_1|t60")[0] == 500
+    again = fired(limiter.admit(scopes, 0))
+    fired(again.release())
+    fired(again.settle(100))  # settled after the release: still charged
+    assert counters.level("key:k_1|t60")[0] == 400
+
+
+def test_headers_show_the_key_scope_in_openai_form(limiter, clock):
+    key = ("key:k_1", RateLimit(rpm=60, tpm=6000))
+    provider = ("provider:vllm", RateLimit(rpm=1000, tpm=10))
+    admission = fired(limiter.admit([key, ("path:/team", RateLimit(rpm=5))], 1000, headers_for="key:k_1"))
+    assert admission.headers == {
+        "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-reset-requests": "1s",
+        "x-ratelimit-limit-tokens": "6000", "x-ratelimit-remaining-tokens": "5000",
+        "x-ratelimit-reset-tokens": "10s",
+    }
+    clock.advance(0.25)
+    admission = fired(limiter.admit([key], 1, headers_for="key:k_1"))
+    assert admission.headers["x-ratelimit-reset-requests"] == "1.75s"
+    assert admission.headers["x-ratelimit-remaining-tokens"] == "5024"
+    # A refusal carries them too, with what was left.
+    error = refused(limiter, [key, provider], 100, headers_for="key:k_1")
+    assert error.headers["x-ratelimit-remaining-requests"] == "58"
+    assert "Retry-After" not in error.headers  # too large for the provider's 10 tpm
+    # No headers_for, or a scope without limits: none.
+    assert fired(limiter.admit([key], 1)).headers == {}
+    assert fired(limiter.admit([], 1)) is NO_ADMISSION and NO_ADMISSION.headers == {}
+
+
+def test_headers_pick_the_fewest_remaining_window():
+    clock = Clock()
+    limiter = Limiter(LocalCounters(clock), clock)
+    admission = fired(limiter.admit([("key:k", RateLimit(rpm=100, rpd=3))], 0, headers_for="key:k"))
+    assert admission.headers["x-ratelimit-limit-requests"] == "3"
+    assert admission.headers["x-ratelimit-remaining-requests"] == "2"
+    assert admission.headers["x-ratelimit-reset-requests"] == "8h0m0s"
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (0, "0s"), (-1, "0s"), (0.0004, "1ms"), (0.02, "20ms"), (0.999, "999ms"), (1, "1s"), (1.5, "1.5s"),
+    (8.64, "8.64s"), (60, "1m0s"), (360, "6m0s"), (179.56, "2m59.56s"), (3600, "1h0m0s"), (3612.5, "1h0m12.5s"),
+])
+def test_duration_is_openais_format(seconds, text):
+    assert duration(seconds) == text
+
+
+@pytest.mark.parametrize("seconds,whole", [(0, 1), (0.2, 1), (1, 1), (1.01, 2), (29.999, 30), (30, 30)])
+def test_retry_after_is_whole_seconds_at_least_one(seconds, whole):
+    assert whole_seconds(seconds) == whole
+
+
+def test_saturated_is_this_process_view(limiter, clock):
+    provider = RateLimit(rpm=1)
+    assert not limiter.saturated("provider:vllm", provider)
+    fired(limiter.admit([("provider:vllm", provider)], 0))
+    assert limiter.saturated("provider:vllm", provider)
+    clock.advance(60)
+    assert not limiter.saturated("provider:vllm", provider)
+    model = RateLimit(concurrent=2, tpm=100)
+    a = fired(limiter.admit([("model:vllm/x", model)], 10))
+    b = fired(limiter.admit([("model:vllm/x", model)], 10))
+    assert limiter.saturated("model:vllm/x", model)
+    fired(a.release())
+    assert not limiter.saturated("model:vllm/x", model)
+    other = Limiter(limiter._counters, clock)  # another limiter on the same counters: as another process
+    c = fired(other.admit([("model:vllm/x", model)], 10))
+    assert not other.saturated("model:vllm/x", model)  # it holds one slot of two
+    refused(other, [("model:vllm/x", model)])
+    assert other.saturated("model:vllm/x", model)  # it saw them all taken
+    clock.advance(1)
+    assert not other.saturated("model:vllm/x", model)
+    fired(c.release())
+    fired(b.settle(200))  # the answer took more tokens than reserved: a debt
+    assert limiter.saturated("model:vllm/x", model)
+    fired(b.release())
+    clock.advance(70)  # about -118 tokens when settled: back above zero 71 s later
+    assert limiter.saturated("model:vllm/x", model)
+    clock.advance(1.1)
+    assert not limiter.saturated("model:vllm/x", model)
+    assert not limiter.saturated("provider:other", RateLimit())
+
+
+def test_a_changed_limit_takes_effect_on_the_same_buckets(limiter, clock):
+    fired(limiter.admit([("key:k", RateLimit(rpm=1))], 0))
+    refused(limiter, [("key:k", RateLimit(rpm=1))])
+    clock.advance(20)
+    refused(limiter, [("key:k", RateLimit(rpm=1))])
+    # Raised: the bucket keeps its level and refills at the new rate (3 a minute: one per 20 s).
+    fired(limiter.admit([("key:k", RateLimit(rpm=3))], 0))
+
+
+def test_local_counters_sweep_full_buckets_and_ended_sums(clock):
+    counters = LocalCounters(clock, sweep_every=2)
+    fired(counters.take("a", 10, 1, 5))
+    fired(counters.spend("s", 1, 0.5, T0 + 10))
+    assert counters.level("a") is not None
+    clock.advance(11)
+    fired(counters.take("b", 10, 1, 0))
+    fired(counters.spend("s2", 1, 0.5, None))  # the fourth operation sweeps
+    assert counters.level("a") is None and counters._sums.keys() == {"s2"}
+    assert fired(counters.spent("s")) == (0, 0.0)
+
+
+def test_single_bucket_forms(counters):
+    got = fired(counters.take("x", 2, 1, 2))
+    assert got.allowed and got.remaining == 0 and got.reset_after == 2 and got.retry_after == 0
+    got = fired(counters.take("x", 2, 1, 1))
+    assert not got.allowed and got.retry_after == 1
+    assert fired(counters.adjust("x", 2, 1, -5)) == 2  # never above the capacity
+    lease = fired(counters.acquire("c", 1))
+    assert lease and fired(counters.acquire("c", 1)) is None
+    fired(counters.release(lease))
+    fired(counters.release(None))
+    assert fired(counters.acquire("c", 1))
+
+
+# --- budgets -----------------------------------------------------------------------------------------------
+
+
+def test_period_windows_are_utc_calendar():
+    now = utc(2026, 3, 18, 13, 45, 10)  # a Wednesday
+    assert period_window("hourly", now) == (utc(2026, 3, 18, 13), utc(2026, 3, 18, 14))
+    assert period_window("daily", now) == (utc(2026, 3, 18), utc(2026, 3, 19))
+    assert period_window("weekly", now) == (utc(2026, 3, 16), utc(2026, 3, 23))  # Monday to Monday
+    assert period_window("monthly", now) == (utc(2026, 3, 1), utc(2026, 4, 1))
+    assert period_window("monthly", utc(2028, 2, 29, 23)) == (utc(2028, 2, 1), utc(2028, 3, 1))
+    assert period_window("monthly", utc(2026, 12, 31, 23)) == (utc(2026, 12, 1), utc(2027, 1, 1))
+    assert period_window("weekly", utc(2026, 3, 22, 23, 59)) == (utc(2026, 3, 16), utc(2026, 3, 23))
+    assert period_window("total", now) == (0.0, None)
+    assert period_window("7200s", utc(2026, 3, 18, 13)) == (utc(2026, 3, 18, 12), utc(2026, 3, 18, 14))
+
+
+def test_a_token_budget_refuses_until_its_day_ends(counters, clock):
+    clock.rightNow = utc(2026, 3, 18, 22, 0)
+    book = BudgetBook(counters, clock)
+    scopes = [("key:k_1", [Budget("daily", max_tokens=1000)])]
+    fired(book.check(scopes))
+    fired(book.record(scopes, 600, None))
+    fired(book.check(scopes))
+    fired(book.record(scopes, 400, 0.01))
+    with pytest.raises(BudgetExceeded) as info:
+        fired(book.check(scopes))
+    error = info.value
+    assert error.status == 429 and error.code == "budget_exceeded" and error.type == "rate_limit_error"
+    assert error.headers["Retry-After"] == "7200"
+    assert error.message == "budget exceeded for key:k_1: daily token limit of 1000 reached"
+    clock.advance(7199)
+    with pytest.raises(BudgetExceeded):
+        fired(book.check(scopes))
+    clock.advance(1)  # midnight UTC: a new day, a new sum
+    fired(book.check(scopes))
+
+
+@pytest.mark.parametrize("period,before,after", [
+    ("hourly", (2026, 3, 18, 13, 59, 30), (2026, 3, 18, 14)),
+    ("daily", (2026, 3, 18, 23, 59, 30), (2026, 3, 19)),
+    ("weekly", (2026, 3, 22, 23, 59, 30), (2026, 3, 23)),  # Sunday night to Monday
+    ("monthly", (2026, 2, 28, 23, 59, 30), (2026, 3, 1)),
+])
+def test_a_cost_budget_across_its_period_boundary(counters, clock, period, before, after):
+    clock.rightNow = utc(*before)
+    book = BudgetBook(counters, clock)
+    scopes = [("path:/team", [Budget(period, max_cost=1.0)])]
+    fired(book.record(scopes, 10, 0.6))
+    fired(book.check(scopes))
+    fired(book.record(scopes, 10, 0.4))
+    with pytest.raises(BudgetExceeded) as info:
+        fired(book.check(scopes))
+    assert info.value.headers["Retry-After"] == "30"
+    assert f"{period} cost limit of 1 reached" in info.value.message
+    clock.rightNow = utc(*after)
+    fired(book.check(scopes))
+    fired(book.record(scopes, 10, 0.9))
+    fired(book.check(scopes))
+
+
+def test_unpriced_requests_count_no_cost(counters, clock):
+    book = BudgetBook(counters, clock)
+    scopes = [("key:k", [Budget("daily", max_cost=0.5)])]
+    for _ in range(3):
+        fired(book.record(scopes, 10_000, None))
+    fired(book.check(scopes))
+
+
+def test_a_total_budget_never_resets_and_has_no_retry_after(counters, clock):
+    book = BudgetBook(counters, clock)
+    scopes = [("key:k", [Budget("total", max_tokens=10), Budget("daily", max_tokens=5)])]
+    fired(book.record(scopes, 10, 0))
+    with pytest.raises(BudgetExceeded) as info:
+        fired(book.check(scopes))
+    assert info.value.period == "total" and "Retry-After" not in info.value.headers
+    clock.advance(400 * 86400)
+    with pytest.raises(BudgetExceeded):
+        fired(book.check(scopes))
+
+
+def test_the_budget_that_ends_last_is_named(counters, clock):
+    clock.rightNow = utc(2026, 3, 18, 12)
+    book = BudgetBook(counters, clock)
+    scopes = [("key:k", [Budget("hourly", max_tokens=5)]), ("path:/team", [Budget("weekly", max_tokens=5)])]
+    fired(book.record(scopes, 5, 0))
+    with pytest.raises(BudgetExceeded) as info:
+        fired(book.check(scopes))
+    assert info.value.scope == "path:/team"
+    assert info.value.headers["Retry-After"] == str(int(utc(2026, 3, 23) - utc(2026, 3, 18, 12)))
+
+
+def test_every_scope_of_a_request_is_charged(counters, clock):
+    book = BudgetBook(counters, clock)
+    fired(book.record([("key:a", [Budget("daily", max_tokens=100)]), ("path:/t", [Budget("daily", max_cost=1)])],
+                      60, 0.25))
+    fired(book.record([("key:b", [Budget("daily", max_tokens=100)]), ("path:/t", [Budget("daily", max_cost=1)])],
+                      60, 0.75))
+    fired(book.check([("key:a", [Budget("daily", max_tokens=100)])]))
+    with pytest.raises(BudgetExceeded) as info:
+        fired(book.check([("key:a", [Budget("daily", max_tokens=100)]), ("path:/t", [Budget("daily", max_cost=1)])]))
+    assert info.value.scope == "path:/t"
+
+
+def test_seeding_resumes_from_the_ledger_once_per_scope_and_period(counters, clock):
+    clock.rightNow = utc(2026, 3, 18, 12)
+    calls = []
+
+    async def seed(scope, since):
+        calls.append((scope, since))
+        return (90, 0.0) if scope == "key:k" else (0, 0.0)
+
+    book = BudgetBook(counters, clock, seed=seed)
+    scopes = [("key:k", [Budget("daily", max_tokens=100)]), ("path:/t", [Budget("monthly", max_tokens=1000)])]
+    fired(book.check(scopes))
+    assert calls == [("key:k", utc(2026, 3, 18)), ("path:/t", utc(2026, 3, 1))]
+    fired(book.record(scopes, 10, None))
+    with pytest.raises(BudgetExceeded):
+        fired(book.check(scopes))
+    assert len(calls) == 2
+    clock.rightNow = utc(2026, 3, 19, 0, 0, 1)
+    fired(book.check(scopes))  # a new day: the ledger is read again for it, not for the month
+    assert calls[2:] == [("key:k", utc(2026, 3, 19))]
+    # Shared counters keep the sums: never seeded.
+    shared = LocalCounters(clock)
+    shared.shared = True
+    fired(BudgetBook(shared, clock, seed=seed).check(scopes))
+    assert len(calls) == 3
+
+
+def test_a_failing_seed_is_retried_and_a_pending_one_is_waited_for(counters, clock, logged_errors):
+    pending = []
+
+    def seed(scope, since):
+        d = Deferred()
+        pending.append(d)
+        return d
+
+    book = BudgetBook(counters, clock, seed=seed)
+    scopes = [("key:k", [Budget("daily", max_tokens=100)])]
+    first = Deferred.fromCoroutine(book.check(scopes))
+    second = Deferred.fromCoroutine(book.check(scopes))
+    assert len(pending) == 1 and not first.called and not second.called
+    pending[0].errback(RuntimeError("ledger down"))
+    assert first.called and second.called
+    third = Deferred.fromCoroutine(book.check(scopes))  # tried again
+    assert len(pending) == 2
+    pending[1].callback((100, 0.0))
+    with pytest.raises(BudgetExceeded):
+        fired(third)
+    with pytest.raises(BudgetExceeded):
+        fired(book.check(scopes))
+    assert len(pending) == 2
+
+
+# --- configuration -----------------------------------------------------------------------------------------
+
+
+def test_compact_rate_limits():
+    assert parse_rate_limit("rpm=100,tpm=50000,concurrent=10") == RateLimit(rpm=100, tpm=50000, concurrent=10)
+    assert parse_rate_limit(" rpd=5; tph:7\nconcurrency=2 ") == RateLimit(rpd=5, tph=7, concurrent=2)
+    assert parse_rate_limit("rph=1,tpd=2") == RateLimit(rph=1, tpd=2)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "needs at least one"),
+    ("rpm", "must use name=value"),
+    ("rps=3", "must be one of rpm, tpm, rph, tph, rpd, tpd, concurrent"),
+    ("rpm=ten", "not a valid integer"),
+    ("rpm=0", "greater than 0"),
+    ("rpm=1,rpm=2", "given twice"),
+    ('[{"period": "week", "max_requests": 1}]', "period must be one of minute, hour, day, concurrent"),
+    ('[{"period": "concurrent", "max_tokens": 1}]', "max_tokens is not valid for the concurrent period"),
+    ('[{"period": "minute"}]', "requires max_requests or max_tokens"),
+    ('[{"period": "minute", "max_requests": 1}, {"period_seconds": 60, "max_tokens": 1}]', "two rules"),
+    ('[{"period": "minute", "max_requests": 1, "per_child": true}]', "per_child"),
+    ("[nope", "does not parse"),
+])
+def test_bad_rate_limits_say_why(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_rate_limit(text)
+
+
+def test_budgets_in_gomodels_forms():
+    assert parse_budgets("daily=10,monthly=200") == (Budget("daily", max_cost=10), Budget("monthly", max_cost=200))
+    assert parse_budgets('{"weekly": 50, "daily": 12.5}') == (Budget("daily", max_cost=12.5),
+                                                             Budget("weekly", max_cost=50))
+    assert parse_budgets('[{"period": "hour", "amount": 1}, {"period_seconds": 7200, "max_tokens": 9},'
+                         ' {"period": "total", "max_tokens": 5, "max_cost": 2}]') == (
+        Budget("hourly", max_cost=1), Budget("7200s", max_tokens=9), Budget("total", max_tokens=5, max_cost=2))
+    assert parse_budgets('[{"period_seconds": 86400, "amount": 3}]') == (Budget("daily", max_cost=3),)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("daily", "must use period=amount"),
+    ("daily=NaN", "finite number greater than 0"),
+    ("daily=ten", "not a valid number"),
+    ("daily=-1", "greater than 0"),
+    ("yearly=1", "must be one of hourly, daily, weekly, monthly, total"),
+    ("daily=1,day=2", "two budgets for the daily period"),
+    ('[{"period": "daily"}]', "needs max_tokens or max_cost"),
+    ('[{"period": "daily", "amount": 1, "max_cost": 1}]', "the same setting"),
+])
+def test_bad_budgets_say_why(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_budgets(text)
+
+
+def test_environment_uses_gomodels_names():
+    config = limits_from_env({
+        "SET_RATE_LIMIT_TEAM__ALPHA": "rpm=100,tpm=50000,rpd=10000,concurrent=10",
+        "SET_RATE_LIMIT_": "rpm=1000",
+        "SET_RATE_LIMIT_USER_123": "rpm=1",
+        "SET_PROVIDER_RATE_LIMIT_OPENAI_EAST": "rpm=500,concurrent=50",
+        "SET_BUDGET_TEAM__ALPHA__SERVICE": "daily=10,weekly=50",
+        "SET_BUDGET_": "monthly=500",
+        "SET_BUDGET_EMPTY": "",
+        "PATH": "/usr/bin",
+    })
+    assert config.user_paths == {
+        "/team/alpha": RateLimit(rpm=100, tpm=50000, rpd=10000, concurrent=10),
+        "/": RateLimit(rpm=1000), "/user_123": RateLimit(rpm=1)}
+    assert config.providers == {"openai-east": RateLimit(rpm=500, concurrent=50)}
+    assert config.budgets == {"/team/alpha/service": (Budget("daily", max_cost=10), Budget("weekly", max_cost=50)),
+                              "/": (Budget("monthly", max_cost=500),)}
+    assert config.rate_limits_enabled and config.budgets_enabled
+    assert env_path("TEAM__ALPHA") == "/team/alpha" and env_path("") == "/"
+
+
+def test_environment_errors_name_the_variable():
+    with pytest.raises(ValueError, match="invalid value for SET_RATE_LIMIT_TEAM: rate limit name 'rps'"):
+        limits_from_env({"SET_RATE_LIMIT_TEAM": "rps=1"})
+    with pytest.raises(ValueError, match="invalid value for SET_BUDGET_TEAM: budget amount 'x'"):
+        limits_from_env({"SET_BUDGET_TEAM": "daily=x"})
+    with pytest.raises(ValueError, match="RATE_LIMITS_ENABLED must be true or false"):
+        limits_from_env({"RATE_LIMITS_ENABLED": "maybe"})
+
+
+YAML = """
+rate_limits:
+  enabled: true
+  user_paths:
+    - path: "/team/alpha"
+      limits:
+        - period: "minute"
+          max_requests: 100
+          max_tokens: 50000
+        - period: "day"
+          max_requests: 10000
+        - period: "concurrent"
+          max_requests: 10
+  providers:
+    - name: "OpenAI"
+      limits:
+        - period: "minute"
+          max_requests: 500
+        - period: "concurrent"
+          max_requests: 50
+  models:
+    - model: "openai/gpt-4o"
+      limits:
+        - period: "minute"
+          max_tokens: 90000
+    - model: "gpt-4o-mini"
+      limits:
+        - period_seconds: 300
+          max_requests: 50
+budgets:
+  enabled: true
+  user_paths:
+    - path: "/team/alpha"
+      limits:
+        - period: "daily"
+          amount: 10.00
+        - period: "weekly"
+          amount: 50.00
+    - path: "/"
+      limits:
+        - period: "monthly"
+          amount: 500.00
+        - period: "total"
+          max_tokens: 100000000
+"""
+
+
+def test_yaml_uses_gomodels_shapes_and_the_environment_replaces_by_subject():
+    import yaml
+
+    config = limits_from_yaml(yaml.safe_load(YAML))
+    assert config.user_paths == {"/team/alpha": RateLimit(rpm=100, tpm=50000, rpd=10000, concurrent=10)}
+    assert config.providers == {"openai": RateLimit(rpm=500, concurrent=50)}
+    assert config.models == {"openai/gpt-4o": RateLimit(tpm=90000),
+                             "gpt-4o-mini": RateLimit(custom=(Window(300, 50, None),))}
+    assert config.budgets == {
+        "/team/alpha": (Budget("daily", max_cost=10), Budget("weekly", max_cost=50)),
+        "/": (Budget("monthly", max_cost=500), Budget("total", max_tokens=100_000_000))}
+    merged = limits_from_env({"SET_PROVIDER_RATE_LIMIT_OPENAI": "rpm=1", "SET_BUDGET_TEAM__ALPHA": "daily=1",
+                              "BUDGETS_ENABLED": "false"}, base=config)
+    assert merged.providers == {"openai": RateLimit(rpm=1)}
+    assert merged.budgets["/team/alpha"] == (Budget("daily", max_cost=1),)
+    assert merged.models == config.models and merged.user_paths == config.user_paths
+    assert not merged.budgets_enabled and merged.budget_scopes("/team/alpha") == []
+
+
+def test_scopes_by_path_subtree_provider_and_model():
+    import yaml
+
+    config = limits_from_yaml(yaml.safe_load(YAML))
+    config = limits_from_env({"SET_RATE_LIMIT_": "rpm=1000", "SET_RATE_LIMIT_TEAM": "rpm=300"}, base=config)
+    names = [name for name, _ in config.path_scopes("/team/alpha/svc")]
+    assert names == ["path:/team/alpha", "path:/team", "path:/"]
+    assert [n for n, _ in config.path_scopes("/team-alpha")] == ["path:/"]  # a sibling is not a child
+    assert [n for n, _ in config.target_scopes("OpenAI", "GPT-4o")] == ["provider:openai", "model:openai/gpt-4o"]
+    assert [n for n, _ in config.target_scopes("azure", "gpt-4o-mini")] == ["model:gpt-4o-mini"]
+    assert [n for n, _ in config.budget_scopes("/team/alpha/x")] == ["path:/team/alpha", "path:/"]
+    assert LimitsConfig(rate_limits_enabled=False, user_paths={"/": RateLimit(rpm=1)}).path_scopes("/a") == []
+
+
+@pytest.mark.parametrize("document,message", [
+    ({"rate_limits": []}, "rate_limits must be a mapping"),
+    ({"rate_limits": {"user_paths": [{"limits": [{"period": "minute", "max_requests": 1}]}]}},
+     r"rate_limits.user_paths\[0\].path is required"),
+    ({"rate_limits": {"user_paths": [{"path": "/a/../b", "limits": [{"period": "minute", "max_requests": 1}]}]}},
+     "cannot contain '.' or '..'"),
+    ({"rate_limits": {"providers": [{"name": "a/b", "limits": [{"period": "minute", "max_requests": 1}]}]}},
+     "without|no slashes"),
+    ({"rate_limits": {"models": [{"model": "m", "limits": [{"period": "minute", "max_requests": 0}]}]}},
+     r"rate_limits.models\[0\].limits\[0\].max_requests must be a whole number greater than 0"),
+    ({"rate_limits": {"user_paths": [{"path": "/a", "limits": [{"period": "minute", "max_requests": 1}]},
+                                     {"path": "a/", "limits": [{"period": "minute", "max_requests": 2}]}]}},
+     "configured twice"),
+    ({"rate_limits": {"user_paths": [{"path": "/c", "per_child": True, "limits": []}]}}, "per_child"),
+    ({"budgets": {"user_paths": [{"path": "/", "limits": [{"period": "daily", "amount": 0}]}]}},
+     r"budgets.user_paths\[0\].limits\[0\].amount must be a finite number greater than 0"),
+    ({"budgets": {"user_paths": [{"path": "/", "limits": [{"period": "daily", "amount": 1, "cap": 2}]}]}},
+     "unknown keys: cap"),
+    ({"budgets": {"enabled": "yes"}}, "budgets.enabled must be true or false"),
+])
+def test_bad_yaml_says_where(document, message):
+    with pytest.raises(ValueError, match=message):
+        limits_from_yaml(document)
+
+
+def test_user_paths_are_normalised_like_gomodels():
+    assert normalize_user_path(" team//alpha/ ") == "/team/alpha"
+    assert normalize_user_path("") == "/"
+    with pytest.raises(ValueError, match="':'"):
+        normalize_user_path("/a:b")

@@ -1,0 +1,290 @@
+"""Rate limits and budgets on the Redis counters, against the real Redis at 127.0.0.1:6379.
+
+Each test works under a fresh random key prefix, deleted afterwards. Redis's
+clock is real, so the few waits here are real and short.
+"""
+
+import socket
+import threading
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import Clock, deferLater
+
+from gomodel.errors import BudgetExceeded, RateLimitExceeded
+from gomodel.limits.budgets import BudgetBook
+from gomodel.limits.counters import _ADMIT, RedisCounters
+from gomodel.limits.limiter import Limiter
+from gomodel.limits.specs import Budget, RateLimit, Window, period_window
+
+redis = pytest.importorskip("redis")
+
+HOST, PORT = "127.0.0.1", 6379
+
+
+@pytest.fixture
+def client():
+    c = redis.Redis(host=HOST, port=PORT, socket_timeout=2, socket_connect_timeout=1)
+    try:
+        c.ping()
+    except redis.RedisError as e:
+        c.close()
+        pytest.skip(f"Redis is not reachable at {HOST}:{PORT} ({e}); these tests need a real Redis")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def prefix(client):
+    p = f"gomodel-test:{uuid.uuid4().hex}:"
+    yield p
+    keys = list(client.scan_iter(match=p + "*"))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def make(reactor, prefix):
+    """Start RedisCounters as separate processes would have them (each its own client); stopped after the test."""
+    made = []
+
+    def make(**kwargs):
+        counters = RedisCounters(redis.Redis(host=HOST, port=PORT, socket_timeout=2), prefix, reactor, **kwargs)
+        counters.start()
+        made.append(counters)
+        return counters
+
+    yield make
+    for counters in made:
+        counters.stop()
+        counters._redis.close()
+
+
+async def refused(limiter, scopes, tokens=0, headers_for=None) -> RateLimitExceeded:
+    with pytest.raises(RateLimitExceeded) as info:
+        await limiter.admit(scopes, tokens, headers_for=headers_for)
+    return info.value
+
+
+def level(client, prefix, bucket) -> float:
+    value = client.hget(prefix + bucket, "v")
+    return None if value is None else float(value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rpm_refuses_past_the_limit_with_headers_and_refills(reactor, make):
+    limiter = Limiter(make(), reactor)
+    scopes = [("key:k_1", RateLimit(rpm=2, tpm=1000))]
+    admission = await limiter.admit(scopes, 100, headers_for="key:k_1")
+    assert admission.headers["x-ratelimit-remaining-requests"] == "1"
+    assert admission.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert admission.headers["x-ratelimit-remaining-tokens"] in ("900", "901")
+    await limiter.admit(scopes, 100)
+    error = await refused(limiter, scopes, 100, headers_for="key:k_1")
+    assert error.code == "rate_limit_exceeded" and error.type == "requests"
+    assert error.headers["Retry-After"] in ("29", "30")
+    assert error.headers["x-ratelimit-remaining-requests"] == "0"
+    # A one-second window of 2 refills in half a second a request.
+    fast = [("key:k_2", RateLimit(custom=(Window(1, 2, None),)))]
+    await limiter.admit(fast, 0)
+    await limiter.admit(fast, 0)
+    assert (await refused(limiter, fast)).headers["Retry-After"] == "1"
+    await deferLater(reactor, 0.55, lambda: None)
+    await limiter.admit(fast, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tpm_and_settle_up_and_down(reactor, make, client, prefix):
+    limiter = Limiter(make(), reactor)
+    scopes = [("key:k_1", RateLimit(tpm=600))]
+    admission = await limiter.admit(scopes, 500)
+    error = await refused(limiter, scopes, 200)
+    assert error.type == "tokens" and error.headers["Retry-After"] == "10"
+    await admission.settle(50)  # used less than reserved: 450 back
+    assert 550 <= level(client, prefix, "key:k_1|t60") < 560  # plus what refilled meanwhile (10 a second)
+    admission = await limiter.admit(scopes, 100)
+    await admission.settle(1050)  # used more: a debt
+    assert -500 <= level(client, prefix, "key:k_1|t60") < -490
+    error = await refused(limiter, scopes, 0)
+    assert 49 < error.retry_after <= 50
+    too_large = await refused(limiter, scopes, 601)
+    assert "Retry-After" not in too_large.headers and too_large.message.startswith("Request too large")
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrency_and_all_or_nothing(reactor, make, client, prefix):
+    limiter = Limiter(make(), reactor)
+    key, provider = ("key:k_1", RateLimit(rpm=10)), ("provider:vllm", RateLimit(concurrent=1))
+    held = await limiter.admit([key, provider], 0)
+    error = await refused(limiter, [key, provider])
+    assert error.scope == "provider:vllm" and error.headers["Retry-After"] == "1"
+    # The key's request was given back when the provider refused.
+    assert 9 <= level(client, prefix, "key:k_1|r60") < 9.2
+    await held.release()
+    await held.release()
+    assert client.zcard(prefix + "provider:vllm|c") == 0
+    # finish: settle and release in one round trip.
+    tokens = ("key:k_2", RateLimit(tpm=1000, concurrent=1))
+    admission = await limiter.admit([tokens], 300)
+    assert client.zcard(prefix + "key:k_2|c") == 1
+    await admission.finish(100)
+    assert client.zcard(prefix + "key:k_2|c") == 0
+    assert 900 <= level(client, prefix, "key:k_2|t60") < 910
+    await admission.finish(1000)  # once only
+    assert level(client, prefix, "key:k_2|t60") >= 900
+    again = await limiter.admit([key, provider], 0)
+    await again.release()
+    # A refusal by one scope's bucket takes nothing from the others'.
+    tight = ("path:/t", RateLimit(rpm=1))
+    await limiter.admit([tight], 0)
+    before = level(client, prefix, "key:k_1|r60")
+    error = await refused(limiter, [key, tight])
+    assert error.scope == "path:/t"
+    assert level(client, prefix, "key:k_1|r60") == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_share_one_limit_exactly(reactor, make):
+    first, second = Limiter(make(), reactor), Limiter(make(), reactor)
+    scopes = [("path:/team", RateLimit(rpd=10, concurrent=3))]
+    admitted, refusals, held = 0, 0, []
+    for i in range(16):
+        limiter = first if i % 2 else second
+        try:
+            held.append(await limiter.admit(scopes, 0))
+            admitted += 1
+        except RateLimitExceeded as e:
+            refusals += 1
+            assert "concurrent" in e.message
+    assert (admitted, refusals) == (3, 13)
+    # Each process saw the cap reached, its own slots or not.
+    assert first.saturated("path:/team", scopes[0][1]) and second.saturated("path:/team", scopes[0][1])
+    for admission in held:
+        await admission.release()
+    # Refusals by the concurrency cap gave their request back: 7 of the day's 10 are left, in all.
+    for i in range(7):
+        admission = await (first if i % 2 else second).admit(scopes, 0)
+        await admission.finish(0)
+    error = await refused(first, scopes)
+    assert "requests per day (RPD): Limit 10, Used 10" in error.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_takes_are_atomic_under_concurrency(make):
+    counters = [make(threads=8), make(threads=8)]
+    takes = [counters[i % 2].take("race", 100, 100 / 86400, 1) for i in range(300)]
+    results = await gatherResults(takes)
+    assert sum(1 for r in results if r.allowed) == 100
+    # And from plain threads, as other processes would.
+    client = redis.Redis(host=HOST, port=PORT, socket_timeout=2)
+    script = client.register_script(_ADMIT)
+    allowed = []
+
+    def worker():
+        for _ in range(25):
+            reply = script(keys=[counters[0]._prefix + "race2"], args=[1, 0, "", "50", repr(50 / 86400), "1"])
+            allowed.append(reply[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+    assert allowed.count(1) == 50 and len(allowed) == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(reactor, make):
+    dead, live, other = make(lease_ttl=0.5), make(lease_ttl=0.9), make()
+    assert await dead.acquire("slot", 1)
+    dead.stop()  # died holding the slot: no release, no renewal
+    assert await other.acquire("slot", 1) is None
+    await deferLater(reactor, 0.6, lambda: None)
+    lease = await other.acquire("slot", 1)
+    assert lease
+    await other.release(lease)
+    held = await live.acquire("kept", 1)
+    await deferLater(reactor, 1.2, lambda: None)  # past its TTL, renewed every 0.3 s
+    assert await other.acquire("kept", 1) is None
+    await live.release(held)
+    assert await other.acquire("kept", 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_expire(reactor, make, client, prefix):
+    counters = make(lease_ttl=5)
+    await counters.take("short", 5, 5, 1)  # full again in 0.2 s
+    assert 0 < client.pttl(prefix + "short") <= 201
+    await counters.take("long", 60, 1, 30)
+    assert 25_000 < client.pttl(prefix + "long") <= 30_001
+    await counters.acquire("slots", 2)
+    assert 4000 < client.pttl(prefix + "slots") <= 6000
+    expires = reactor.seconds() + 100
+    await counters.spend("sum", 10, 0.5, expires)
+    assert 95 <= client.ttl(prefix + "sum") <= 101
+    await counters.spend("forever", 1, 0.0, None)
+    assert client.ttl(prefix + "forever") == -1
+    assert await counters.adjust("long", 60, 1, -100) == 60  # given back to full: nothing kept
+    assert not client.exists(prefix + "long")
+    await deferLater(reactor, 0.3, lambda: None)
+    assert not client.exists(prefix + "short")
+
+
+@pytest_twisted.ensureDeferred
+async def test_budgets_across_a_period_boundary_shared_by_two_processes(reactor, make):
+    clock = Clock()
+    # Tomorrow 12:59:30 UTC: ahead of Redis's clock (sums expire after their period), and an hour
+    # boundary that is not a day's.
+    tomorrow, _ = period_window("daily", reactor.seconds() + 86400)
+    clock.rightNow = tomorrow + 12 * 3600 + 59 * 60 + 30
+    books = [BudgetBook(make(), clock, seed=lambda scope, since: pytest.fail("shared counters are never seeded")),
+             BudgetBook(make(), clock)]
+    scopes = [("path:/team", [Budget("hourly", max_cost=1.0), Budget("total", max_tokens=10_000)]),
+              ("key:k", [Budget("daily", max_tokens=300)])]
+    await books[0].check(scopes)
+    await books[0].record(scopes, 100, 0.6)
+    await books[1].record(scopes, 100, 0.4)
+    with pytest.raises(BudgetExceeded) as info:
+        await books[0].check(scopes)
+    assert info.value.scope == "path:/team" and "hourly cost limit of 1 reached" in info.value.message
+    assert info.value.headers["Retry-After"] == "30"
+    clock.advance(30)  # a new hour
+    await books[1].check(scopes)
+    await books[1].record(scopes, 100, None)  # unpriced: tokens only
+    with pytest.raises(BudgetExceeded) as info:
+        await books[0].check(scopes)
+    assert info.value.scope == "key:k" and info.value.headers["Retry-After"] == str(11 * 3600)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_redis_fails_open_and_says_so(reactor):
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    counters = RedisCounters(redis.Redis(host=HOST, port=port, socket_connect_timeout=1), "x:", reactor,
+                             retry_after=60)
+    seen = []
+    from twisted.logger import globalLogPublisher
+
+    observer = seen.append
+    globalLogPublisher.addObserver(observer)
+    counters.start()
+    try:
+        limiter = Limiter(counters, reactor)
+        admission = await limiter.admit([("key:k", RateLimit(rpm=1, concurrent=1))], 10, headers_for="key:k")
+        await limiter.admit([("key:k", RateLimit(rpm=1, concurrent=1))], 10)
+        await admission.settle(5)
+        await admission.release()
+        assert await counters.spent("b") == (0, 0.0)
+        await counters.spend("b", 1, 1.0, None)
+        assert counters.failures == 4  # two admissions, a read and a write; nothing to settle or free
+        assert admission.headers["x-ratelimit-remaining-requests"] == "1"
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        counters.stop()
+        counters._redis.close()
+    warnings = [e for e in seen if "limits are not enforced" in e.get("log_format", "")]
+    assert len(warnings) == 1  # once, not per request
