@@ -263,6 +263,28 @@ async def test_vllm_without_messages_is_translated_and_remembered(reactor, http)
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_translated_retry_is_admitted_once(reactor, http):
+    """A key allowed one request at a time: the native try and the translated one are one request."""
+    fake = await start_fake(reactor, messages=False)
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=headers(),
+                                   data=json.dumps({"name": "one-at-a-time", "max_concurrency": 1}).encode())
+        client = sdk(gw, api_key=json.loads(await treq.content(response))["value"])
+        try:
+            for _ in range(2):
+                message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+                assert message.content[0].text == "héhéhé"
+        finally:
+            client.close()
+        assert [r.path for r in fake.requests if r.method == b"POST"] == [
+            b"/v1/messages", b"/v1/chat/completions", b"/v1/chat/completions"]
+    finally:
+        await gw.service.stopService()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_vllm_saying_it_does_not_support_messages_counts_with_tokenize(reactor, http):
     fake = await start_fake(reactor, messages="unsupported")  # vLLM's 501 "does not support Messages API"
     gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url})
