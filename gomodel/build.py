@@ -13,6 +13,7 @@ from gomodel.accounting.usage import UsageLedger
 from gomodel.api.admin import AdminAPI
 from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
+from gomodel.api.budgets import BudgetsAPI
 from gomodel.api.files import FilesAPI
 from gomodel.api.inference import InferenceRoutes
 from gomodel.api.messages import MessagesRoutes
@@ -27,12 +28,16 @@ from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
 from gomodel.http.site import GatewaySite
 from gomodel.lifecycle import Drain, Readiness
+from gomodel.limits.budgets import BudgetBook
+from gomodel.limits.counters import LocalCounters, RedisCounters
+from gomodel.limits.gate import Gate
+from gomodel.limits.limiter import Limiter
 from gomodel.proxy.exchange import Exchange
 from gomodel.responses_history import ResponseRetention
 from gomodel.routing.health import ReplicaMonitor
 from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
-from gomodel.listeners import ListenerService, PoolService
+from gomodel.listeners import CountersService, ListenerService, PoolService
 from gomodel.service import GatewayService
 from gomodel.store import SQLiteStore
 from gomodel.store.records import process_owner
@@ -74,23 +79,33 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         metrics_interval=routing.metrics_interval, stall_timeout=routing.stall_timeout)
     gateway.monitor.setServiceParent(gateway)
     exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts)
+    owner = process_owner()
+    gateway.store = store = SQLiteStore(config.store.data_dir, reactor)
+
+    # Limits and budgets: counters in this process, or shared through Redis (REDIS_URL).
+    gateway.keys = KeyRing(store.keys, reactor)
+    if config.store.redis_url:
+        counters = RedisCounters.from_url(config.store.redis_url, reactor)
+        CountersService(counters).setServiceParent(gateway)
+    else:
+        counters = LocalCounters(reactor)
+    book = BudgetBook(counters, reactor, seed=store.usage.spent) if config.quotas.budgets_enabled else None
+    gateway.gate = Gate(Limiter(counters, reactor), book, config.quotas, gateway.keys, store.budgets, reactor)
+    exchange.admit = gateway.gate.admit
 
     # The store, then its users (stopped in reverse, one after the other). Any process
     # on a data directory may run any batch or sweep: each is claimed in the store.
-    owner = process_owner()
-    gateway.store = store = SQLiteStore(config.store.data_dir, reactor)
     usage = config.usage
     if usage.enabled:  # stopped after the others: what they record is written
         gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,
-                                    retention=usage.retention_days * 86400.0, pricing=usage.pricing)
-    # Managed keys: every process keeps a snapshot by hash, refreshed from the store.
-    gateway.keys = KeyRing(store.keys, reactor)
+                                    retention=usage.retention_days * 86400.0, pricing=usage.pricing,
+                                    spend=gateway.gate.spend)
     salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
-                                       usage=gateway.usage, keys=gateway.keys, salts=salts)
-    users = [gateway.keys]
+                                       usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate)
+    users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
               ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
@@ -105,7 +120,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
                      admin=AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage,
-                                    keys=KeysAPI(store.keys, gateway.keys, reactor))
+                                    keys=KeysAPI(store.keys, gateway.keys, reactor),
+                                    budgets=BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
+                                    if book is not None else None)
                      if config.auth.admin_endpoints else None)
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).
@@ -122,6 +139,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
             open_paths.append(config.metrics.endpoint)
     if gateway.usage is not None:
         sinks.append(gateway.usage)
+    sinks.append(gateway.gate.completed)
     sinks.append(gateway.drain)
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,

@@ -42,6 +42,21 @@ class PoolService(Service):
         return self.pool.closeCachedConnections()
 
 
+class CountersService(Service):
+    """Runs shared limit counters (their threads, their lease renewal) while the gateway runs."""
+
+    def __init__(self, counters):
+        self.counters = counters
+
+    def startService(self):
+        super().startService()
+        self.counters.start()
+
+    def stopService(self):
+        super().stopService()
+        self.counters.stop()
+
+
 class ListenerService(Service):
     """Listens on one endpoint; L{whenListening} fires with the port."""
 

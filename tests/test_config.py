@@ -217,6 +217,7 @@ SAMPLES = {
     parsers.provider_types: ("groq", ("groq",)),
     parsers.secret: ("s3cret", "s3cret"),
     parsers.cache_salt_mode: ("OFF", "off"),
+    parsers.redis_url: ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
 }
 TABLE = list(settings_of(Config))
 
@@ -242,7 +243,7 @@ def test_the_table_has_every_setting_once():
         "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK", "METRICS_ENABLED", "METRICS_ENDPOINT",
         "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL",
         "ADMIN_ENDPOINTS_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
-        "CACHE_SALT_MODE", "CACHE_SALT_SECRET",
+        "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL",
     }
 
 

@@ -81,6 +81,16 @@ class BudgetBook:
             scope, period, what, limit, end = worst
             raise BudgetExceeded(scope, period, what, limit, None if end is None else end - now)
 
+    async def spent(self, pairs):
+        """What each C{(scope name, Budget)} of C{pairs} spent in its current period.
+
+        @return: a list of C{(tokens, cost)}, in order.
+        """
+        current = self._current([(scope, (budget,)) for scope, budget in pairs], self._clock.seconds())
+        if self._seed is not None:
+            await self._seed_all(current)
+        return list(await self._counters.spent_all([bucket for _, _, bucket, _, _ in current]))
+
     async def record(self, scopes, tokens: int, cost):
         """Add a finished request's C{tokens} and C{cost} (None: unknown, counts 0) to every scope's periods.
 

@@ -136,7 +136,7 @@ class Gate(Service):
     def _scopes(self, principal, upstream, model):
         scopes, own = [], None
         if principal is not None and not principal.master:
-            limit = RateLimit.of(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
+            limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
             if limit:
                 own = f"key:{principal.id}"
                 scopes.append((own, limit))

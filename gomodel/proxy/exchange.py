@@ -109,7 +109,7 @@ class Exchange:
         self._clock = clock
         self._timeouts = timeouts
         self._max_attempts = max_attempts
-        self._admit = admit
+        self.admit = admit
 
     # -- the two entry points ------------------------------------------------------
 
@@ -126,8 +126,8 @@ class Exchange:
         try:
             # Once per request: a route that relays again (Messages or Responses translated after
             # the native route was missing) must not take a second slot it would never give back.
-            if self._admit is not None and ctx.admission is None:
-                await self._admit(request, ctx, upstream, call)
+            if self.admit is not None and ctx.admission is None:
+                await self.admit(request, ctx, upstream, call)
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:
                 response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken)

@@ -326,6 +326,12 @@ class IUsageStore(Interface):
     def delete_before(timestamp):
         """@return: a Deferred firing with how many records older than C{timestamp} were deleted."""
 
+    def spent(scope, since):
+        """What a budget scope spent since C{since}: C{"key:<id>"}, or C{"path:/p"} (that path and below).
+
+        @return: a Deferred firing with C{(total tokens, total cost)}.
+        """
+
 
 class IKeyStore(Interface):
     """Managed API keys. A record: C{id, hash (the secret's SHA-256, hex), redacted, name,

@@ -70,6 +70,23 @@ class SQLiteUsageStore:
         records = [_record(row) for row in rows[:limit]]
         return records, (records[-1]["id"] if len(rows) > limit else None)
 
+    def spent(self, scope, since):
+        return self._db.run(self._spent, scope, since)
+
+    def _spent(self, scope, since):
+        kind, _, name = scope.partition(":")
+        if kind == "key":
+            where, args = "auth_key_id = ?", [name]
+        elif kind == "path":
+            below = name.rstrip("/") + "/"
+            where, args = "(user_path = ? OR substr(user_path, 1, ?) = ?)", [name, len(below), below]
+        else:
+            return 0, 0.0
+        row = self._db.conn().execute(
+            f"SELECT COALESCE(SUM(total_tokens), 0), COALESCE(SUM(total_cost), 0) FROM usage "
+            f"WHERE timestamp >= ? AND {where}", (since, *args)).fetchone()
+        return row[0], row[1]
+
     def delete_before(self, timestamp):
         return self._db.run(self._delete_before, timestamp)
 
