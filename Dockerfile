@@ -7,7 +7,9 @@ WORKDIR /src
 COPY setup.py README.md ./
 COPY gomodel ./gomodel
 COPY twisted ./twisted
-RUN pip install --no-cache-dir . \
+# The otel extra (OTEL_ENABLED=true) is in by default, imported only when on; --build-arg GOMODEL_EXTRAS= leaves it out.
+ARG GOMODEL_EXTRAS=otel
+RUN pip install --no-cache-dir ".${GOMODEL_EXTRAS:+[$GOMODEL_EXTRAS]}" \
     # Regenerate Twisted's plugin cache now: the non-root user cannot write site-packages later.
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && python -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins as p; assert any(x.tapname == 'gomodel' for x in getPlugins(IPlugin, p) if hasattr(x, 'tapname'))" \

@@ -2,6 +2,12 @@
 
 from setuptools import find_packages, setup
 
+OTEL = [
+    "opentelemetry-api>=1.27,<2",
+    "opentelemetry-sdk>=1.27,<2",
+    "opentelemetry-exporter-otlp-proto-http>=1.27,<2",
+]
+
 setup(
     name="gomodel",
     version="0.1.0",
@@ -36,13 +42,18 @@ setup(
         "redis>=5,<9",
     ],
     extras_require={
+        # OpenTelemetry (OTEL_ENABLED=true): the official API and SDK, exporting over OTLP/HTTP
+        # (protobuf). Imported only when it is on; the gateway runs without them.
+        "otel": OTEL,
+        # The tests run the OpenTelemetry export against a real OTLP receiver (opentelemetry-proto,
+        # which the exporter brings, decodes what arrives).
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
             "openai>=1.40",
             # The official Anthropic SDK reads the /v1/messages answers and event streams in the tests.
             "anthropic>=0.40",
-        ],
+        ] + OTEL,
     },
     entry_points={"console_scripts": ["gomodel = gomodel.cli:main"]},
     classifiers=[

@@ -9,6 +9,7 @@ its listeners. No other module constructs a collaborator of another room.
 from twisted.internet.endpoints import serverFromString
 
 from gomodel.accounting.metrics import GatewayMetrics
+from gomodel.accounting.tracing import Telemetry
 from gomodel.accounting.usage import UsageLedger
 from gomodel.api.admin import AdminAPI
 from gomodel.api.app import GatewayApp
@@ -59,6 +60,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         directory (set up by L{gomodel.tap}): every scrape sums them.
     """
     gateway = GatewayService(config)
+    if config.metrics.otel_enabled:  # OpenTelemetry (its SDK imported only now): started before the listeners
+        gateway.telemetry = Telemetry(reactor, quiet=(b"/health", b"/health/ready",
+                                                      config.metrics.endpoint.encode("ascii")))
+        gateway.telemetry.setServiceParent(gateway)
 
     # Upstreams: one pool (closed last), the relay client, treq for our own calls.
     pool = make_pool(reactor, config.upstreams.pool_max_per_host, config.upstreams.pool_idle_timeout)
@@ -140,10 +145,13 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if gateway.usage is not None:
         sinks.append(gateway.usage)
     sinks.append(gateway.gate.completed)
+    if gateway.telemetry is not None:
+        sinks.append(gateway.telemetry)
     sinks.append(gateway.drain)
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
-                          dialects=messages.dialects())
+                          dialects=messages.dialects(),
+                          tracer=gateway.telemetry.trace if gateway.telemetry is not None else None)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
                                                         closed_to_keys=[config.metrics.endpoint]),

@@ -15,6 +15,8 @@ class GatewayService(MultiService):
     @ivar store: the store; C{batch_runner} the batch runner; C{keys} the managed keys (L{gomodel.auth.keys.KeyRing}).
     @ivar site: the L{gomodel.http.site.GatewaySite}; C{listeners} its
         L{gomodel.listeners.ListenerService}s.
+    @ivar telemetry: the L{gomodel.accounting.tracing.Telemetry} when
+        C{OTEL_ENABLED}, else None.
     """
 
     log = Logger()
@@ -23,7 +25,7 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
-        self.drain = self.supervisor = self.usage = self.keys = None
+        self.drain = self.supervisor = self.usage = self.keys = self.telemetry = None
         self.listeners = []
 
     def setServiceParent(self, parent):

@@ -40,6 +40,13 @@ class Options(usage.Options):
             config = load_config(os.environ, self["config"], self["listen"])
         except ConfigError as e:
             raise usage.UsageError(f"configuration error: {e}") from None
+        if config.metrics.otel_enabled:
+            from gomodel.accounting.tracing import check_installed
+
+            try:
+                check_installed()
+            except ConfigError as e:
+                raise usage.UsageError(f"configuration error: {e}") from None
         if self["workers"] is not None:
             if self["workers"] < 1:
                 raise usage.UsageError("--workers must be at least 1")

@@ -243,13 +243,15 @@ def test_the_table_has_every_setting_once():
         "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK", "METRICS_ENABLED", "METRICS_ENDPOINT",
         "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL",
         "ADMIN_ENDPOINTS_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
-        "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL",
+        "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "OTEL_ENABLED",
     }
 
 
 @pytest.mark.parametrize("path, key, setting, default", TABLE, ids=[row[0] for row in TABLE])
 def test_each_row_drives_env_section_yaml_and_server_yaml(tmp_path, path, key, setting, default):
     text, value = SAMPLES[setting.parse]
+    if setting.parse is parsers.boolean and default is False:  # a switch that is off by default
+        text, value = "true", True
     assert value != default
     section = path.split(".")[0]
     assert attribute(load_config({}), path) == default

@@ -252,7 +252,8 @@ class ResponsesRoute:
         """The JSON answer of C{provider} (its C{replica}) to C{GET path}, or None when it has none to give."""
         try:
             upstream, body = await self._exchange.fetch(request.context.request_id, provider,
-                                                        UpstreamCall(path, method=b"GET", pin=replica))
+                                                        UpstreamCall(path, method=b"GET", pin=replica),
+                                                        request.context.trace)
             return jsonutil.loads(body) if upstream.code == 200 else None
         except (errors.GatewayError, jsonutil.JSONError):
             return None

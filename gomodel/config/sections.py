@@ -210,6 +210,9 @@ class MetricsConfig:
     enabled: bool = setting("METRICS_ENABLED", parsers.boolean, True, yaml="metrics_enabled")
     endpoint: str = setting("METRICS_ENDPOINT", parsers.route_path, "/metrics", yaml="metrics_endpoint")
     require_key: bool = setting("METRICS_REQUIRE_KEY", parsers.boolean, True, yaml="metrics_require_key")
+    # OpenTelemetry traces and GenAI metrics over OTLP/HTTP (gomodel.accounting.tracing); everything
+    # else is the SDK's own OTEL_* environment (endpoint, headers, service name, sampler, intervals).
+    otel_enabled: bool = setting("OTEL_ENABLED", parsers.boolean, False)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ class RequestContext:
     @ivar status: the status sent (499 when the client left first).
     @ivar outcome: L{OK}, L{ERROR}, L{CLIENT_GONE} or L{STREAM_BROKEN}.
     @ivar error: the error code of a failed request (e.g. C{upstream_timeout}).
+    @ivar trace: its OpenTelemetry spans (a L{gomodel.accounting.tracing.RequestTrace}),
+        or None when tracing is off.
     """
 
     log = Logger()
@@ -42,7 +44,7 @@ class RequestContext:
     __slots__ = ("request_id", "method", "path", "started", "key", "dialect", "endpoint", "provider",
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
-                 "_ended", "_completed", "recorded", "estimated", "principal", "admission")
+                 "_ended", "_completed", "recorded", "estimated", "principal", "admission", "trace")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, principal=None,
                  dialect=None, recorded=None):
@@ -76,6 +78,7 @@ class RequestContext:
         self.error = None
         self.client_gone = False
         self.duration = None
+        self.trace = None
         self._holds = 0
         self._ended = False
         self._completed = False

@@ -23,7 +23,7 @@ class FrontResource(Resource):
     isLeaf = True
 
     def __init__(self, routes, clock, *, body_limit=None, sinks=(), starts=(), exact=None, pages=None,
-                 dialects=None):
+                 dialects=None, tracer=None):
         """
         @param routes: the resource serving every other route (Klein's).
         @param sinks: callables of a completed L{RequestContext} (the access log, metrics, ...).
@@ -32,6 +32,9 @@ class FrontResource(Resource):
         @param exact: exact path -> coroutine function C{(request, ctx)}, for POSTs;
             it returns the body to write, or None once it wrote the answer.
         @param dialects: exact path -> error dialect (OpenAI's unless named).
+        @param tracer: a callable of C{(request, ctx)} returning the context's
+            C{trace} (L{gomodel.accounting.tracing.Telemetry.trace}: it reads the
+            request's C{traceparent}), or None when tracing is off.
         """
         super().__init__()
         self._routes = routes
@@ -43,6 +46,7 @@ class FrontResource(Resource):
         self._pages = pages or {}
         self._dialects = dialects or {}
         self._body_limit = body_limit
+        self._tracer = tracer
 
     def render(self, request):
         request_id = request_id_for(request)
@@ -52,6 +56,8 @@ class FrontResource(Resource):
             dialect=self._dialects.get(request.path, render.OPENAI), recorded=self._recorded)
         for start in self._starts:
             start(ctx)
+        if self._tracer is not None:
+            ctx.trace = self._tracer(request, ctx)
         refusal = self._refusal(request)
         handler = self._exact.get(request.path) if refusal is None else None
         if handler is None or request.method != b"POST":

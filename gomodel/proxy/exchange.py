@@ -16,6 +16,11 @@ itself: Responses lifecycle, batch lines). Both go through the same steps:
   5. release: the replica's lease ends with the answer; a body nobody
      relays is read and dropped or its connection closed; the request's
      context gets replica, usage, time to first byte and outcome.
+
+With tracing on, the request's context carries a
+L{gomodel.accounting.tracing.RequestTrace}: each send is an attempt (a client
+span; its C{traceparent} goes upstream), given up or finished; with tracing
+off the cost is a None check at each of those points.
 """
 
 from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
@@ -123,6 +128,7 @@ class Exchange:
         @raise CancelledError: the client left.
         """
         ctx.hold()
+        trace = ctx.trace
         try:
             # Once per request: a route that relays again (Messages or Responses translated after
             # the native route was missing) must not take a second slot it would never give back.
@@ -130,7 +136,7 @@ class Exchange:
                 await self.admit(request, ctx, upstream, call)
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:
-                response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken)
+                response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken, trace)
                 try:
                     if model != ctx.upstream_model or upstream.name != ctx.provider:
                         ctx.route(upstream, ctx.model, model)  # a fallback target served it
@@ -138,14 +144,22 @@ class Exchange:
                     request.setHeader(b"x-gomodel-replica", b"%d" % replica.index)
                     return await self._answer(request, ctx, upstream, response, call)
                 except _BrokeOff as e:  # nothing went to the client yet: another replica may answer
+                    if trace is not None:
+                        trace.failed(e.error.code)
                     replica.failed(e.error.message)
                     broken.append(replica)
                     if upstream is pool and self._again(pool, model, call, broken, len(broken), False,
                                                         e.error.message):
                         continue
                     raise e.error from None
+                except BaseException as e:
+                    if trace is not None:
+                        trace.failed(_error_type(e))
+                    raise
                 finally:
                     upstream.release(replica)
+                    if trace is not None:
+                        trace.finished(ctx)
         finally:
             ctx.release()
 
@@ -172,8 +186,10 @@ class Exchange:
             raise _BrokeOff(e) from None
         return self._whole(request, ctx, upstream, response, call, body)
 
-    async def fetch(self, request_id: bytes, upstream, call: UpstreamCall):
+    async def fetch(self, request_id: bytes, upstream, call: UpstreamCall, trace=None):
         """Send C{call} to C{upstream} and read the whole answer, whatever its status.
+
+        @param trace: the request's L{gomodel.accounting.tracing.RequestTrace}, or None.
 
         @return: C{(response, body)}: the L{IResponse} (its status and
             headers) and its body (at most L{RESPONSE_BODY_LIMIT} bytes for a
@@ -182,16 +198,22 @@ class Exchange:
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again).
         """
-        response, replica, upstream, _ = await self._send(request_id, upstream, call)
+        response, replica, upstream, _ = await self._send(request_id, upstream, call, (), trace)
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
             return response, await self.read(upstream, response, limit)
+        except BaseException as e:
+            if trace is not None:
+                trace.failed(_error_type(e))
+            raise
         finally:
             upstream.release(replica)
+            if trace is not None:
+                trace.finished()
 
     # -- the steps ------------------------------------------------------------------
 
-    async def _send(self, request_id, pool, call, exclude=()):
+    async def _send(self, request_id, pool, call, exclude=(), trace=None):
         """Choose a replica and send C{call}, failing over before the first byte.
 
         The replicas of C{pool} first, then the call's fallback routes (a
@@ -202,6 +224,8 @@ class Exchange:
             status), the L{gomodel.routing.pool.Replica} that gave it (whose
             lease the caller releases), its pool and the upstream model sent.
         @param exclude: replicas of C{pool} not to use (they broke off an answer).
+        @param trace: the request's L{gomodel.accounting.tracing.RequestTrace}, or None:
+            each send is an attempt; the one returned is still open.
         """
         targets = [(pool, call.model)] + [(route.provider, route.upstream_model) for route in call.fallbacks]
         attempts = 0
@@ -225,9 +249,14 @@ class Exchange:
                 url = server.url(call.path, call.native)
                 if call.query:
                     url += "?" + call.query.decode("latin-1")
+                headers = call.headers
                 try:
-                    response = await server.send(call.method, url, body, request_id, call.headers, call.content_type)
+                    if trace is not None:
+                        headers = trace.attempt(pool, replica, model, call)
+                    response = await server.send(call.method, url, body, request_id, headers, call.content_type)
                 except (UpstreamUnreachable, UpstreamTimeout) as e:
+                    if trace is not None:
+                        trace.failed(e.code)
                     pool.release(replica)
                     replica.failed(e.message)
                     tried.append(replica)
@@ -238,9 +267,13 @@ class Exchange:
                     if again == "target":
                         break
                     raise
-                except BaseException:
+                except BaseException as e:
+                    if trace is not None:
+                        trace.failed(_error_type(e))
                     pool.release(replica)
                     raise
+                if trace is not None:
+                    trace.answered(response.code)
                 report = response.headers.getRawHeaders(b"endpoint-load-metrics")
                 if report is not None:
                     replica.answered(parse_load_header(report[0]))
@@ -253,6 +286,8 @@ class Exchange:
                     again = self._again(pool, model, call, tried + [replica], attempts, more,
                                         f"HTTP {response.code}")
                     if again is not None:
+                        if trace is not None:
+                            trace.failed(str(response.code))
                         discard(response)
                         pool.release(replica)
                         tried.append(replica)
@@ -400,6 +435,13 @@ class Exchange:
         # reads the error event, then an incomplete body, never a clean end.
         transport.loseConnection()
         return self._clock.callLater(ABORT_GRACE, transport.abortConnection)
+
+
+def _error_type(error) -> str:
+    """The C{error.type} of an attempt that raised C{error}: its gateway error code, or its class."""
+    if isinstance(error, CancelledError):
+        return "cancelled"
+    return getattr(error, "code", None) or type(error).__name__
 
 
 def _note_usage(ctx, observer):
