@@ -119,8 +119,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
 
     # Routes.
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
-    inference = InferenceRoutes(gateway.registry, exchange, responses, salts)
-    messages = MessagesRoutes(gateway.registry, exchange, reactor, salts)
+    inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
+    messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate)
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),

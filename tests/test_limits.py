@@ -282,6 +282,28 @@ def test_local_counters_sweep_full_buckets_and_ended_sums(clock):
     assert fired(counters.spent("s")) == (0, 0.0)
 
 
+def test_errors_render_in_both_dialects(limiter):
+    from twisted.web.test.requesthelper import DummyRequest
+    from zope.interface.verify import verifyObject
+
+    from gomodel.http import render
+    from gomodel.limits.counters import ICounters
+
+    assert verifyObject(ICounters, limiter._counters)
+    error = refused(limiter, [("key:k", RateLimit(tpm=1))], 2, headers_for="key:k")
+    request = DummyRequest([b""])
+    body = orjson.loads(render.render(request, error))
+    assert request.responseCode == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert request.responseHeaders.getRawHeaders(b"x-ratelimit-limit-tokens") == [b"1"]
+    assert orjson.loads(render.ANTHROPIC.body(error))["error"]["type"] == "rate_limit_error"
+    budget = BudgetExceeded("path:/t", "daily", "cost", 2.5, 10.2)
+    request = DummyRequest([b""])
+    assert orjson.loads(render.render(request, budget))["error"] == {
+        "message": "budget exceeded for path:/t: daily cost limit of 2.5 reached", "type": "rate_limit_error",
+        "param": None, "code": "budget_exceeded"}
+    assert request.responseHeaders.getRawHeaders(b"retry-after") == [b"11"]
+
+
 def test_single_bucket_forms(counters):
     got = fired(counters.take("x", 2, 1, 2))
     assert got.allowed and got.remaining == 0 and got.reset_after == 2 and got.retry_after == 0
@@ -530,6 +552,9 @@ def test_environment_errors_name_the_variable():
         limits_from_env({"SET_BUDGET_TEAM": "daily=x"})
     with pytest.raises(ValueError, match="RATE_LIMITS_ENABLED must be true or false"):
         limits_from_env({"RATE_LIMITS_ENABLED": "maybe"})
+    # A disabled feature's variables are not read (GoModel's rule).
+    off = limits_from_env({"RATE_LIMITS_ENABLED": "false", "SET_RATE_LIMIT_TEAM": "rps=1"})
+    assert not off.rate_limits_enabled and off.user_paths == {}
 
 
 YAML = """
@@ -590,12 +615,14 @@ def test_yaml_uses_gomodels_shapes_and_the_environment_replaces_by_subject():
     assert config.budgets == {
         "/team/alpha": (Budget("daily", max_cost=10), Budget("weekly", max_cost=50)),
         "/": (Budget("monthly", max_cost=500), Budget("total", max_tokens=100_000_000))}
-    merged = limits_from_env({"SET_PROVIDER_RATE_LIMIT_OPENAI": "rpm=1", "SET_BUDGET_TEAM__ALPHA": "daily=1",
-                              "BUDGETS_ENABLED": "false"}, base=config)
+    merged = limits_from_env({"SET_PROVIDER_RATE_LIMIT_OPENAI": "rpm=1", "SET_BUDGET_TEAM__ALPHA": "daily=1"},
+                             base=config)
     assert merged.providers == {"openai": RateLimit(rpm=1)}
     assert merged.budgets["/team/alpha"] == (Budget("daily", max_cost=1),)
     assert merged.models == config.models and merged.user_paths == config.user_paths
-    assert not merged.budgets_enabled and merged.budget_scopes("/team/alpha") == []
+    off = limits_from_env({"BUDGETS_ENABLED": "false"}, base=config)
+    assert not off.budgets_enabled and off.budget_scopes("/team/alpha") == []
+    assert off.path_scopes("/team/alpha") == config.path_scopes("/team/alpha")
 
 
 def test_scopes_by_path_subtree_provider_and_model():

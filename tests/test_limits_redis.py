@@ -214,6 +214,24 @@ async def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(reactor, m
 
 
 @pytest_twisted.ensureDeferred
+async def test_from_url_and_the_interface(reactor, prefix):
+    from zope.interface.verify import verifyObject
+
+    from gomodel.limits.counters import ICounters
+
+    counters = RedisCounters.from_url(f"redis://{HOST}:{PORT}/0", reactor, prefix=prefix)
+    counters.start()
+    try:
+        assert verifyObject(ICounters, counters) and counters.shared
+        assert (await counters.take("b", 2, 1, 2)).allowed
+        got = await counters.take("b", 2, 1, 2)
+        assert not got.allowed and 1.9 < got.retry_after <= 2
+    finally:
+        counters.stop()
+        counters._redis.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_keys_expire(reactor, make, client, prefix):
     counters = make(lease_ttl=5)
     await counters.take("short", 5, 5, 1)  # full again in 0.2 s

@@ -18,14 +18,16 @@ from gomodel.routing.affinity import affinity_key
 class InferenceRoutes:
     """Model-routed POST handlers C{(request, ctx)}; each returns the body to write, or None once it was written."""
 
-    def __init__(self, registry, exchange, responses, salts=None):
+    def __init__(self, registry, exchange, responses, salts=None, gate=None):
         """
         @param salts: the L{gomodel.auth.tenancy.CacheSalts}, or None.
+        @param gate: the L{gomodel.limits.gate.Gate} (a target at its limit is routed around), or None.
         """
         self._registry = registry
         self._exchange = exchange
         self._responses = responses  # a ResponsesRoute
         self._salts = salts
+        self._gate = gate
 
     def routes(self) -> dict:
         """Exact request path -> coroutine function of the request and its context (POST only)."""
@@ -101,6 +103,8 @@ class InferenceRoutes:
         @param affinity_of: a function giving the request's session key (for virtual models).
         """
         route, *fallbacks = plan_model(self._registry, body, affinity_of, ctx.principal)
+        if fallbacks and self._gate is not None:
+            route, fallbacks = unsaturated(self._gate, route, fallbacks)
         ctx.route(route.provider, body["model"], route.upstream_model)
         body["model"] = route.upstream_model
         return route.provider, fallbacks
@@ -128,6 +132,17 @@ class InferenceRoutes:
             body["priority"] = int(value)
         except ValueError:
             raise InvalidRequest("X-Request-Priority must be an integer.", code="invalid_priority") from None
+
+
+def unsaturated(gate, route, fallbacks):
+    """The first of C{route} and C{fallbacks} whose provider and model are under their limits (else
+    C{route}), and the others in order."""
+    for candidate in (route, *fallbacks):
+        if not gate.saturated(candidate.provider, candidate.upstream_model):
+            if candidate is route:
+                break
+            return candidate, [r for r in (route, *fallbacks) if r is not candidate]
+    return route, fallbacks
 
 
 def _rebody(body):

@@ -40,7 +40,7 @@ from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_message_bytes,
                                          count_tokens_answer, count_tokens_request, messages_to_chat,
                                          openai_error_to_anthropic)
-from gomodel.api.inference import InferenceRoutes, plan_model
+from gomodel.api.inference import InferenceRoutes, plan_model, unsaturated
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall
@@ -69,14 +69,16 @@ class MessagesRoutes:
 
     log = Logger()
 
-    def __init__(self, registry, exchange, clock, salts=None):
+    def __init__(self, registry, exchange, clock, salts=None, gate=None):
         """
         @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
+        @param gate: the L{gomodel.limits.gate.Gate} (a target at its limit is routed around), or None.
         """
         self._registry = registry
         self._exchange = exchange
         self._clock = clock
         self._salts = salts
+        self._gate = gate
         self._no_native = {}  # (provider name, upstream model) -> time until which we translate
 
     def routes(self) -> dict:
@@ -97,7 +99,8 @@ class MessagesRoutes:
         """
         body = json_body(request)
         model = body.get("model")
-        routes = plan_model(self._registry, body, lambda: affinity_key(request, body), ctx.principal)
+        routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
+                                              ctx.principal))
         headers = _forwarded(request)
         while True:
             first, fallbacks, native = self._targets(routes)
@@ -123,7 +126,7 @@ class MessagesRoutes:
         body = json_body(request)
         model = body.get("model")
         planned = plan_model(self._registry, body, principal=ctx.principal)
-        routes = [route for route in planned if route.provider.type in NATIVE_TYPES]  # vLLM's tokenizer
+        routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])  # vLLM's
         if not routes:
             ctx.route(planned[0].provider, model, planned[0].upstream_model)
             raise errors.NotSupported(
@@ -225,6 +228,13 @@ class MessagesRoutes:
             raise anthropic_error(e) from None
 
     # -- native or not ---------------------------------------------------------------
+
+    def _unsaturated(self, routes):
+        """C{routes} with the first whose provider and model are under their limits first."""
+        if len(routes) > 1 and self._gate is not None:
+            first, others = unsaturated(self._gate, routes[0], routes[1:])
+            return [first, *others]
+        return routes
 
     def _native_for(self, route) -> bool:
         """Whether C{route}'s provider is asked natively for its model now."""

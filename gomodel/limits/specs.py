@@ -427,25 +427,26 @@ def limits_from_env(environ: Mapping, base: Optional[LimitsConfig] = None) -> Li
     An entry replaces C{base}'s entry of the same subject; empty values are unset.
     """
     base = base or LimitsConfig()
+    rate_enabled = _env_bool(environ, "RATE_LIMITS_ENABLED", base.rate_limits_enabled)
+    budgets_enabled = _env_bool(environ, "BUDGETS_ENABLED", base.budgets_enabled)
     user_paths, providers, budgets = dict(base.user_paths), dict(base.providers), dict(base.budgets)
     for key in sorted(environ):
         value = environ[key]
         if not value or not value.strip():
             continue
         try:
-            if key.startswith("SET_RATE_LIMIT_"):
+            # As GoModel: a disabled feature's variables are not read.
+            if key.startswith("SET_RATE_LIMIT_") and rate_enabled:
                 user_paths[env_path(key[len("SET_RATE_LIMIT_"):])] = parse_rate_limit(value)
-            elif key.startswith("SET_PROVIDER_RATE_LIMIT_"):
+            elif key.startswith("SET_PROVIDER_RATE_LIMIT_") and rate_enabled:
                 providers[_provider_name(key[len("SET_PROVIDER_RATE_LIMIT_"):].replace("_", "-"))] = \
                     parse_rate_limit(value)
-            elif key.startswith("SET_BUDGET_"):
+            elif key.startswith("SET_BUDGET_") and budgets_enabled:
                 budgets[env_path(key[len("SET_BUDGET_"):])] = parse_budgets(value)
         except ValueError as e:
             raise ValueError(f"invalid value for {key}: {e}") from None
-    return LimitsConfig(
-        rate_limits_enabled=_env_bool(environ, "RATE_LIMITS_ENABLED", base.rate_limits_enabled),
-        budgets_enabled=_env_bool(environ, "BUDGETS_ENABLED", base.budgets_enabled),
-        user_paths=user_paths, providers=providers, models=dict(base.models), budgets=budgets)
+    return LimitsConfig(rate_limits_enabled=rate_enabled, budgets_enabled=budgets_enabled,
+                        user_paths=user_paths, providers=providers, models=dict(base.models), budgets=budgets)
 
 
 def env_path(suffix: str) -> str:

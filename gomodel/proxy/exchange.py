@@ -25,11 +25,13 @@ off the cost is a None check at each of those points.
 
 from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from gomodel import jsonutil
 from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamTimeout,
                             UpstreamUnreachable)
 from gomodel.http.headers import copy_response_headers, is_event_stream
+from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.routing.vllm_metrics import parse_load_header
@@ -170,8 +172,9 @@ class Exchange:
         """
         if call.vet is not None:
             await call.vet(response)
-        if call.raw:
-            return await self._relay_stream(request, ctx, response, None, keep_length=True)
+        if call.raw:  # a passthrough: its usage is read from the end of what went by
+            return await self._relay_stream(request, ctx, response, UsageTap() if ctx.recorded else None,
+                                            keep_length=True)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -453,6 +456,27 @@ def _note_usage(ctx, observer):
 
 
 _USAGE = b'"usage":'
+TAP_TAIL = 64 * 1024
+
+
+@implementer(IStreamObserver)
+class UsageTap:
+    """Relays a body untouched, keeping its last L{TAP_TAIL} bytes to read its usage from at the end
+    (a JSON answer's, or a stream's last usage chunk)."""
+
+    usage = None
+
+    def __init__(self):
+        self._tail = b""
+
+    def feed(self, data: bytes) -> bytes:
+        tail = self._tail + data
+        self._tail = tail[-TAP_TAIL:] if len(tail) > TAP_TAIL else tail
+        return data
+
+    def finish(self):
+        self.usage = usage_of(self._tail)
+        self._tail = b""
 
 
 def usage_of(body: bytes):

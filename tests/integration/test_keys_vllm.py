@@ -1,0 +1,47 @@
+"""A managed key on real vLLM: chat, stream and embeddings, its rate-limit headers, and cache_salt accepted by vLLM."""
+
+import json
+
+from tests.integration.support import CHAT_MODEL, EMBED_MODEL, bearer, request, sse_events
+
+CHAT = f"vllm/{CHAT_MODEL}"
+MESSAGES = [{"role": "user", "content": "Count to three."}]
+
+
+def _key(gateway, **fields):
+    answer = request("POST", gateway.root + "/admin/api/v1/auth-keys", body=dict({"name": "it"}, **fields),
+                     headers=gateway.auth)
+    assert answer.status == 201, answer.body
+    return json.loads(answer.body)
+
+
+def test_a_managed_key_on_real_vllm(gateway):
+    key = _key(gateway, user_path="/it/team", rpm=1000, tpm=1000000, models=["vllm/", "vllm-embed/"],
+               budgets=[{"period": "daily", "max_tokens": 1000000}])
+    auth = bearer(key["value"])
+
+    # Chat: vLLM takes the cache_salt the gateway adds (it would answer 400 to a malformed one).
+    answer = request("POST", gateway.url + "/chat/completions", headers=auth,
+                     body={"model": CHAT, "messages": MESSAGES, "max_tokens": 4, "cache_salt": "client-own"})
+    assert answer.status == 200, answer.body
+    assert json.loads(answer.body)["usage"]["completion_tokens"] >= 1
+    assert answer.headers["x-ratelimit-limit-requests"] == "1000"
+
+    answer = request("POST", gateway.url + "/chat/completions", headers=auth,
+                     body={"model": CHAT, "messages": MESSAGES, "max_tokens": 4, "stream": True})
+    assert answer.status == 200
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]" and any(json.loads(e)["choices"] for e in events[:-1])
+
+    answer = request("POST", gateway.url + "/embeddings", headers=auth,
+                     body={"model": f"vllm-embed/{EMBED_MODEL}", "input": "hello there"})
+    assert answer.status == 200 and json.loads(answer.body)["data"][0]["embedding"]
+
+    # Outside its allowlist, and deactivated.
+    answer = request("POST", gateway.url + "/chat/completions", headers=auth,
+                     body={"model": f"vllm-test/{CHAT_MODEL}", "messages": MESSAGES, "max_tokens": 4})
+    assert answer.status == 403 and json.loads(answer.body)["error"]["code"] == "model_access_denied"
+    request("POST", gateway.root + f"/admin/api/v1/auth-keys/{key['id']}/deactivate", headers=gateway.auth)
+    answer = request("POST", gateway.url + "/chat/completions", headers=auth,
+                     body={"model": CHAT, "messages": MESSAGES, "max_tokens": 4})
+    assert answer.status == 401

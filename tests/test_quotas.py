@@ -1,0 +1,298 @@
+"""Rate limits and budgets through the gateway: managed keys, user paths, providers, batches, passthrough, Redis."""
+
+import io
+import json
+import os
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+
+from tests.support import in_thread, openai_client, start_fake, start_gateway, with_timeout
+
+MASTER = "master-k"
+ADMIN = {"authorization": f"Bearer {MASTER}", "content-type": "application/json"}
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+KEYS = "/admin/api/v1/auth-keys"
+REDIS_URL = os.environ.get("GOMODEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def start(reactor, fake, tmp_path, **env):
+    return await start_gateway(reactor, dict({"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                              "GOMODEL_DATA_DIR": str(tmp_path)}, **env))
+
+
+async def admin(http, gw, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    response = await http.request(method, gw.url + path, data=data, headers=ADMIN)
+    return response.code, json.loads(await treq.content(response))
+
+
+async def new_key(http, gw, **fields):
+    code, key = await admin(http, gw, "POST", KEYS, dict({"name": "team"}, **fields))
+    assert code == 201, key
+    return key
+
+
+def raw_chat(client, max_tokens=5, **extra):
+    """One chat request; the raw response (headers and parsed body)."""
+    return client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens, **extra)
+
+
+@pytest_twisted.async_yield_fixture()
+async def gw(reactor, fake, tmp_path):
+    gateway = await start(reactor, fake, tmp_path)
+    yield gateway
+    await gateway.service.stopService()
+
+
+# -- rate limits -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_rpm_refuses_with_openai_headers_and_retry_after(http, gw):
+    key = await new_key(http, gw, rpm=2)
+    client = openai_client(gw, key["value"])
+    try:
+        first = await in_thread(raw_chat, client)
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+        second = await in_thread(raw_chat, client)
+        assert second.headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        error = refused.value
+        assert error.code == "rate_limit_exceeded" and error.type == "requests"
+        assert "key:" + key["id"] in error.message and key["value"] not in error.message
+        assert int(error.response.headers["retry-after"]) >= 1
+        assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+    finally:
+        client.close()
+    # The master key and other keys are not limited by this key's rpm.
+    master = openai_client(gw, MASTER)
+    try:
+        answer = await in_thread(raw_chat, master)
+        assert "x-ratelimit-limit-requests" not in answer.headers
+    finally:
+        master.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tpm_reserves_max_tokens_and_settles_with_the_real_usage(http, gw):
+    key = await new_key(http, gw, tpm=200)
+    client = openai_client(gw, key["value"])
+    try:
+        with pytest.raises(openai.RateLimitError) as refused:  # more than the limit at once: no wait helps
+            await in_thread(client.chat.completions.create, model=MODEL,
+                            messages=[{"role": "user", "content": "hi"}], max_tokens=500)
+        assert refused.value.type == "tokens" and "retry-after" not in refused.value.response.headers
+        answer = await in_thread(raw_chat, client, max_tokens=150)
+        # Reserved up front: about 150 + the prompt's size / 4 ...
+        assert int(answer.headers["x-ratelimit-remaining-tokens"]) <= 50
+        await gw.service.usage.flush()
+        # ... then settled with what the answer used (21 tokens): the next one sees the refund.
+        again = await in_thread(raw_chat, client, max_tokens=100)
+        assert int(again.headers["x-ratelimit-remaining-tokens"]) >= 200 - 21 - 100 - 60
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_concurrency_refuses_while_a_request_is_in_flight(reactor, http, gw, fake):
+    key = await new_key(http, gw, max_concurrency=1)
+    client = openai_client(gw, key["value"])
+    fake.holding = True
+    try:
+        arrived = fake.next_request()
+        held = in_thread(raw_chat, client, extra_body={"fake_hold": True})
+        await with_timeout(reactor, arrived, 10)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert "concurrent" in refused.value.message and refused.value.response.headers["retry-after"] == "1"
+        fake.release_holds()
+        await held
+        await in_thread(raw_chat, client)  # the slot is free again
+    finally:
+        fake.release_holds()
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_path_and_provider_limits_from_the_environment(reactor, http, fake, tmp_path):
+    gw = await start(reactor, fake, tmp_path, SET_RATE_LIMIT_TEAM="rpm=1", SET_PROVIDER_RATE_LIMIT_VLLM="rpm=3")
+    try:
+        alpha = await new_key(http, gw, user_path="/team/alpha")
+        beta = await new_key(http, gw, user_path="/team/beta")
+        clients = [openai_client(gw, alpha["value"]), openai_client(gw, beta["value"]), openai_client(gw, MASTER)]
+        try:
+            await in_thread(raw_chat, clients[0])
+            with pytest.raises(openai.RateLimitError) as refused:  # /team's rpm is shared by its subtree
+                await in_thread(raw_chat, clients[1])
+            assert "path:/team" in refused.value.message
+            await in_thread(raw_chat, clients[2])
+            await in_thread(raw_chat, clients[2])
+            with pytest.raises(openai.RateLimitError) as refused:  # the provider's limit holds for everyone
+                await in_thread(raw_chat, clients[2])
+            assert "provider:vllm" in refused.value.message
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_provider_at_its_limit_is_routed_around(reactor, http, tmp_path):
+    first, second = await start_fake(reactor), await start_fake(reactor)
+    virtual = [{"source": "llama", "targets": [{"model": MODEL}, {"model": "vllm-b/meta-llama/Llama-3.1-8B-Instruct"}],
+                "strategy": "round_robin"}]
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": first.base_url, "VLLM_B_BASE_URL": second.base_url,
+                                       "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path),
+                                       "VIRTUAL_MODELS": json.dumps(virtual), "SET_PROVIDER_RATE_LIMIT_VLLM": "rpm=1"})
+    client = openai_client(gw, MASTER)
+    try:
+        for _ in range(4):
+            await in_thread(client.chat.completions.create, model="llama",
+                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        chats = [[r for r in fake.requests if r.path == b"/v1/chat/completions"] for fake in (first, second)]
+        assert (len(chats[0]), len(chats[1])) == (1, 3)
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await first.stop()
+        await second.stop()
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_budget_refuses_the_next_request_once_spent(http, gw):
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 40}])
+    client = openai_client(gw, key["value"])
+    try:
+        await in_thread(raw_chat, client)  # 21 tokens
+        await in_thread(raw_chat, client)  # 42: spent, but a request already admitted is never cut
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert refused.value.code == "budget_exceeded"
+        assert 1 <= int(refused.value.response.headers["retry-after"]) <= 86400  # until the day ends
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cost_budget_by_user_path_set_through_the_admin_api(reactor, http, fake, tmp_path):
+    pricing = tmp_path / "gomodel.yaml"
+    pricing.write_text(f"pricing:\n  {MODEL}: {{input_per_mtok: 1000000, output_per_mtok: 1000000}}\n")
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)}, yaml_path=str(pricing))
+    try:
+        code, budget = await admin(http, gw, "PUT", "/admin/api/v1/budgets",
+                                   {"user_path": "/team", "period": "monthly", "amount": 30})
+        assert code == 200 and budget["amount"] == 30
+        key = await new_key(http, gw, user_path="/team/alpha")
+        client = openai_client(gw, key["value"])
+        try:
+            await in_thread(raw_chat, client)  # 21 tokens at 1 per token: 21 spent
+            await in_thread(raw_chat, client)  # 42
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(raw_chat, client)
+            assert refused.value.code == "budget_exceeded" and "path:/team" in refused.value.message
+        finally:
+            client.close()
+        code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+        (row,) = listed["data"]
+        assert (row["user_path"], row["period"], row["spent_cost"], row["source"]) == ("/team", "monthly", 42, "admin")
+        code, _ = await admin(http, gw, "DELETE", "/admin/api/v1/budgets/team/monthly")
+        assert code == 200
+        client = openai_client(gw, key["value"])
+        try:
+            await in_thread(raw_chat, client)  # no budget any more
+        finally:
+            client.close()
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_passthrough_and_batch_lines_count_against_budgets(http, gw, fake):
+    key = await new_key(http, gw, budgets=[{"period": "total", "max_tokens": 20}])
+    response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(
+        {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"authorization": f"Bearer {key['value']}", "content-type": "application/json"})
+    assert response.code == 200
+    await treq.content(response)
+    await gw.service.usage.flush()
+    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+    assert [(r["endpoint"], r["total_tokens"], r["auth_key_id"]) for r in log["data"]] == [
+        ("/p/{provider}/{endpoint}", 21, key["id"])]
+    client = openai_client(gw, key["value"])
+    try:
+        lines = [{"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}
+                 for c in ("a", "b")]
+        uploaded = await in_thread(client.files.create, purpose="batch", file=(
+            "in.jsonl", io.BytesIO(b"".join(json.dumps(line).encode() + b"\n" for line in lines))))
+        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        done = await in_thread(client.batches.retrieve, batch.id)
+        # The passthrough's 21 tokens spent the budget: the lines are refused, not sent.
+        assert (done.request_counts.completed, done.request_counts.failed) == (0, 2)
+        errors = (await in_thread(client.files.content, done.error_file_id)).text
+        assert errors.count("budget_exceeded") == 2
+        assert [r.path for r in fake.requests].count(b"/v1/chat/completions") == 1
+        with pytest.raises(openai.RateLimitError):
+            await in_thread(raw_chat, client)
+    finally:
+        client.close()
+
+
+# -- several processes: Redis ----------------------------------------------------------------
+
+
+def _redis_or_skip():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_gateways_on_redis_share_one_limit_exactly(reactor, http, fake, tmp_path):
+    redis_client = _redis_or_skip()
+    prefix_before = set(redis_client.keys("gomodel:limits:*"))
+    one = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
+    two = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
+    try:
+        key = await new_key(http, one, rpm=3, budgets=[{"period": "daily", "max_tokens": 1000}])
+        await two.service.keys.refresh()
+        clients = [openai_client(one, key["value"]), openai_client(two, key["value"])]
+        try:
+            answers = 0
+            for i in range(6):
+                try:
+                    await in_thread(raw_chat, clients[i % 2])
+                    answers += 1
+                except openai.RateLimitError:
+                    pass
+            assert answers == 3  # not 3 per process
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        await one.service.stopService()
+        await two.service.stopService()
+        new = set(redis_client.keys("gomodel:limits:*")) - prefix_before
+        if new:
+            redis_client.delete(*new)
+        redis_client.close()
+
