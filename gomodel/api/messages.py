@@ -126,7 +126,8 @@ class MessagesRoutes:
         body = json_body(request)
         model = body.get("model")
         planned = plan_model(self._registry, body, principal=ctx.principal)
-        routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])  # vLLM's
+        # Only vLLM has a tokenizer the gateway can ask.
+        routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])
         if not routes:
             ctx.route(planned[0].provider, model, planned[0].upstream_model)
             raise errors.NotSupported(
