@@ -8,7 +8,7 @@ its listeners. No other module constructs a collaborator of another room.
 
 from twisted.internet.endpoints import serverFromString
 
-from gomodel.accounting.metrics import GatewayMetrics
+from gomodel.accounting.metrics import GatewayMetrics, forget_process
 from gomodel.accounting.tracing import Telemetry
 from gomodel.accounting.usage import UsageLedger
 from gomodel.api.admin import AdminAPI
@@ -171,7 +171,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         gateway.listeners.append(listener)
     if role == "primary" and config.server.workers > 1:
         gateway.supervisor = WorkerSupervisor(reactor, config.server.workers, gateway.listeners, worker_argv,
-                                              worker_env, grace=config.server.shutdown_timeout + STOP_GRACE)
+                                              worker_env, grace=config.server.shutdown_timeout + STOP_GRACE,
+                                              dead=forget_process if shared_metrics else None)
         gateway.supervisor.setServiceParent(gateway)
     elif role == "worker":
         ParentWatch(reactor).setServiceParent(gateway)

@@ -15,7 +15,7 @@ the replica series are those of the process that answers.
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
 
@@ -173,3 +173,8 @@ class ReplicaCollector:
                         if value is not None:
                             family.add_metric(values, value)
         return [up, state, in_flight, waiting, running, kv]
+
+
+def forget_process(pid):
+    """A worker process is gone: its live gauges (in flight) stop counting in the shared directory."""
+    mark_process_dead(pid)
