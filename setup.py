@@ -36,6 +36,8 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "openai>=1.40",
+            # The official Anthropic SDK reads the /v1/messages answers and event streams in the tests.
+            "anthropic>=0.40",
         ],
     },
     entry_points={"console_scripts": ["gomodel = gomodel.cli:main"]},

@@ -15,6 +15,7 @@ from gomodel.api.app import GatewayApp
 from gomodel.api.batches import BatchesAPI
 from gomodel.api.files import FilesAPI
 from gomodel.api.inference import InferenceRoutes
+from gomodel.api.messages import MessagesRoutes
 from gomodel.api.passthrough import Passthrough
 from gomodel.api.responses import ResponsesRoute
 from gomodel.auth.keys import MasterKeyAuth
@@ -93,6 +94,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # Routes.
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
     inference = InferenceRoutes(gateway.registry, exchange, responses)
+    messages = MessagesRoutes(gateway.registry, exchange, reactor)
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
@@ -115,7 +117,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         sinks.append(gateway.usage)
     sinks.append(gateway.drain)
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
-                          starts=starts, exact=inference.routes(), pages=pages)
+                          starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
+                          dialects=messages.dialects())
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=MasterKeyAuth(config.auth.master_key, open_paths),
                                upload_sink=files.upload_sink)

@@ -8,7 +8,9 @@ from klein import Klein
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
+from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
 from gomodel.api.passthrough import PASSTHROUGH_METHODS
+from gomodel.http import render
 from gomodel.errors import InvalidRequest
 from gomodel.http.bodies import json_answer
 from gomodel.http.render import install as install_error_handlers
@@ -58,14 +60,21 @@ class GatewayApp:
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request):
+        """OpenAI's model list; Anthropic's (paged) for a client that sends C{anthropic-version}."""
+        if wants_anthropic(request):
+            request.context.dialect = render.ANTHROPIC
+            return json_answer(request, anthropic_models_page(request, self._registry.models()))
         return json_answer(request, self._registry.models_body())
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     def retrieve_model(self, request, model_id):
+        anthropic = wants_anthropic(request)
+        if anthropic:
+            request.context.dialect = render.ANTHROPIC
         model = self._registry.model(model_id)
         if model is None:
             raise errors.ModelNotFound(model_id)
-        return json_answer(request, model)
+        return json_answer(request, anthropic_model(model) if anthropic else model)
 
     @app.route("/v1/responses/<response_id>", methods=["GET"])
     async def retrieve_response(self, request, response_id):

@@ -11,7 +11,7 @@ MASTER = "master"
 
 
 class MasterKeyAuth:
-    """The gateway key (C{GOMODEL_MASTER_KEY}), sent as C{Authorization: Bearer}.
+    """The gateway key (C{GOMODEL_MASTER_KEY}), sent as C{Authorization: Bearer} or C{x-api-key}.
 
     Called by the site when a request's head is in (see
     L{gomodel.http.site.GatewayRequest}).
@@ -41,13 +41,18 @@ class MasterKeyAuth:
 
 
 def presented_key(request) -> bytes:
-    """The key a client sent, as bytes.
+    """The key a client sent, as bytes: C{Authorization: Bearer <key>}, or
+    Anthropic's C{x-api-key: <key>} when no Authorization header is sent.
 
     @raise AuthenticationFailed: none was sent, or the header is malformed.
     """
     header = request.getHeader(b"authorization")
     if not header:
-        raise AuthenticationFailed("Missing API key: send the gateway key as 'Authorization: Bearer <key>'.")
+        key = (request.getHeader(b"x-api-key") or b"").strip()
+        if key:
+            return key
+        raise AuthenticationFailed("Missing API key: send the gateway key as 'Authorization: Bearer <key>' "
+                                   "or 'x-api-key: <key>'.")
     scheme, _, token = header.strip().partition(b" ")
     if scheme.lower() != b"bearer" or not token.strip():
         raise AuthenticationFailed("Invalid authorization header: expected 'Authorization: Bearer <key>'.")
