@@ -64,7 +64,7 @@ def direct(claude_code, vllm):
 
 
 @pytest.mark.parametrize("auth", ["x-api-key", "bearer"])
-def test_one_shot_prompt_through_the_gateway(gateway, claude_code, direct, auth):
+def test_one_shot_prompt_through_the_gateway(claude_code, direct, gateway, auth):
     rc, result, stderr = run_claude(gateway.root, gateway.master_key, auth=auth)
     assert rc == 0, (result, stderr)
     assert result["type"] == "result" and result["is_error"] is False, result
@@ -78,7 +78,7 @@ def test_one_shot_prompt_through_the_gateway(gateway, claude_code, direct, auth)
     assert result["usage"]["output_tokens"] > 0, result
 
 
-def test_wrong_key_is_an_authentication_error_for_claude_code(gateway, claude_code):
+def test_wrong_key_is_an_authentication_error_for_claude_code(claude_code, gateway):
     rc, result, stderr = run_claude(gateway.root, "sk-not-a-gateway-key")
     assert rc == 1, (result, stderr)
     assert result["is_error"] is True and result["api_error_status"] == 401, result
