@@ -16,9 +16,11 @@ from gomodel.api.batches import BatchesAPI
 from gomodel.api.files import FilesAPI
 from gomodel.api.inference import InferenceRoutes
 from gomodel.api.messages import MessagesRoutes
+from gomodel.api.keys import KeysAPI
 from gomodel.api.passthrough import Passthrough
 from gomodel.api.responses import ResponsesRoute
-from gomodel.auth.keys import MasterKeyAuth
+from gomodel.auth.keys import GatewayAuth, KeyRing
+from gomodel.auth.tenancy import CacheSalts
 from gomodel.batches.runner import BatchRunner
 from gomodel.batches.service import BatchServices
 from gomodel.http.context import AccessLog
@@ -81,11 +83,15 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if usage.enabled:  # stopped after the others: what they record is written
         gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,
                                     retention=usage.retention_days * 86400.0, pricing=usage.pricing)
+    # Managed keys: every process keeps a snapshot by hash, refreshed from the store.
+    gateway.keys = KeyRing(store.keys, reactor)
+    salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
-                                       usage=gateway.usage)
-    users = [gateway.usage] if gateway.usage is not None else []
+                                       usage=gateway.usage, keys=gateway.keys, salts=salts)
+    users = [gateway.keys]
+    users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
               ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
               gateway.batch_runner]
@@ -93,12 +99,13 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
 
     # Routes.
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
-    inference = InferenceRoutes(gateway.registry, exchange, responses)
-    messages = MessagesRoutes(gateway.registry, exchange, reactor)
+    inference = InferenceRoutes(gateway.registry, exchange, responses, salts)
+    messages = MessagesRoutes(gateway.registry, exchange, reactor, salts)
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                      files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
-                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage)
+                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage,
+                                    keys=KeysAPI(store.keys, gateway.keys, reactor))
                      if config.auth.admin_endpoints else None)
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).
@@ -120,7 +127,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                           starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
                           dialects=messages.dialects())
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
-                               authenticate=MasterKeyAuth(config.auth.master_key, open_paths),
+                               authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
+                                                        closed_to_keys=[config.metrics.endpoint]),
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
     gateway.drain.site = gateway.site

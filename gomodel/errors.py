@@ -55,6 +55,13 @@ class Forbidden(GatewayError):
     code = "forbidden"
 
 
+class ModelAccessDenied(Forbidden):
+    code = "model_access_denied"
+
+    def __init__(self, model):
+        super().__init__(f"This API key may not use the model '{model}'.", param="model")
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

@@ -12,7 +12,7 @@ class GatewayService(MultiService):
 
     @ivar registry: the L{gomodel.routing.registry.ModelRegistry}; C{monitor} the
         L{gomodel.routing.health.ReplicaMonitor} of its providers' replicas.
-    @ivar store: the store; C{batch_runner} the batch runner.
+    @ivar store: the store; C{batch_runner} the batch runner; C{keys} the managed keys (L{gomodel.auth.keys.KeyRing}).
     @ivar site: the L{gomodel.http.site.GatewaySite}; C{listeners} its
         L{gomodel.listeners.ListenerService}s.
     """
@@ -23,7 +23,7 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
-        self.drain = self.supervisor = self.usage = None
+        self.drain = self.supervisor = self.usage = self.keys = None
         self.listeners = []
 
     def setServiceParent(self, parent):

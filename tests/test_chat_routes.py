@@ -124,13 +124,15 @@ async def test_master_key_guards_everything_but_health(reactor, http, fake):
         health = await http.get(gw.url + "/health")
         assert health.code == 200
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic azE="},
-                        {"x-api-key": "k1"}):
+                        {"x-api-key": "wrong"}, {"authorization": "Bearer wrong", "x-api-key": "k1"}):
             response = await http.get(gw.url + "/v1/models", headers=headers)
             assert response.code == 401
             assert error_of(await treq.content(response))["type"] == "authentication_error"
-        ok = await http.get(gw.url + "/v1/models", headers={"authorization": "Bearer k1"})
-        assert ok.code == 200
-        await treq.content(ok)
+        # Bearer, or x-api-key as Anthropic-style clients send it.
+        for headers in ({"authorization": "Bearer k1"}, {"x-api-key": "k1"}):
+            ok = await http.get(gw.url + "/v1/models", headers=headers)
+            assert ok.code == 200
+            await treq.content(ok)
     finally:
         await gw.service.stopService()
 

@@ -216,6 +216,7 @@ SAMPLES = {
     parsers.names: ("a,/b/", ("a", "b")),
     parsers.provider_types: ("groq", ("groq",)),
     parsers.secret: ("s3cret", "s3cret"),
+    parsers.cache_salt_mode: ("OFF", "off"),
 }
 TABLE = list(settings_of(Config))
 
@@ -241,6 +242,7 @@ def test_the_table_has_every_setting_once():
         "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK", "METRICS_ENABLED", "METRICS_ENDPOINT",
         "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL",
         "ADMIN_ENDPOINTS_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
+        "CACHE_SALT_MODE", "CACHE_SALT_SECRET",
     }
 
 

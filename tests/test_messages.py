@@ -30,11 +30,11 @@ WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city.",
 WEATHER_CALL = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
 
 
-def sdk(gw, *, api_key=KEY, auth_token=None, max_retries=0):
+def sdk(gw, *, api_key=KEY, auth_token=None, max_retries=0, default_headers=None):
     """The anthropic SDK pointed at C{gw} (no retries unless asked); close it after use."""
-    if auth_token is not None:
-        return anthropic.Anthropic(base_url=gw.url, auth_token=auth_token, max_retries=max_retries, timeout=10)
-    return anthropic.Anthropic(base_url=gw.url, api_key=api_key, max_retries=max_retries, timeout=10)
+    credentials = {"auth_token": auth_token} if auth_token is not None else {"api_key": api_key}
+    return anthropic.Anthropic(base_url=gw.url, max_retries=max_retries, timeout=10,
+                               default_headers=default_headers, **credentials)
 
 
 async def start(reactor, env):
@@ -231,8 +231,7 @@ async def test_translated_tool_use_and_thinking(openai_gw, fake):
 async def test_translated_errors_are_anthropic_shaped(http, openai_gw, fake):
     openai_404 = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "param": "model",
                             "code": 404}}
-    body = {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO, "fake_status": 404,
-            "fake_body": json.dumps(openai_404)}
+    body = {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO}
     fake.steer = {"fake_status": 404, "fake_body": json.dumps(openai_404)}
     response, content = await post(http, openai_gw.url + "/v1/messages", body)
     assert response.code == 404
@@ -285,6 +284,42 @@ async def test_vllm_saying_it_does_not_support_messages_counts_with_tokenize(rea
         client.close()
         await gw.service.stopService()
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_virtual_model_reaches_each_target_its_own_way(reactor, fake):
+    """One target serves Messages (asked natively), the other does not (translated)."""
+    other = await start_fake(reactor)
+    virtual = [{"source": "claude-sonnet", "targets": [{"model": MODEL, "weight": 1},
+                                                        {"model": OPENAI_MODEL, "weight": 1}]}]
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "OPENAI_BASE_URL": other.base_url,
+                               "OPENAI_API_KEY": "sk-upstream", "VIRTUAL_MODELS": json.dumps(virtual)})
+    client = sdk(gw)
+    try:
+        for _ in range(2):
+            message = await in_thread(client.messages.create, model="claude-sonnet", max_tokens=8, messages=HELLO)
+            assert message.content[0].text == "héhéhé" and message.model == CHAT_MODEL
+        assert [r.path for r in fake.requests if r.method == b"POST"] == [b"/v1/messages"]
+        assert [r.path for r in other.requests if r.method == b"POST"] == [b"/v1/chat/completions"]
+        # One Claude Code session stays on one target.
+        session = sdk(gw, default_headers={"X-Claude-Code-Session-Id": "session-1"})
+        try:
+            for _ in range(3):
+                await in_thread(session.messages.create, model="claude-sonnet", max_tokens=8, messages=HELLO)
+        finally:
+            session.close()
+        posts = len([r for r in fake.requests if r.method == b"POST"]), len([
+            r for r in other.requests if r.method == b"POST"])
+        assert sorted(posts) == [1, 4]
+        # count_tokens asks the target that has a tokenizer, whichever target is chosen first.
+        for _ in range(2):
+            counted = await in_thread(client.messages.count_tokens, model="claude-sonnet", messages=HELLO)
+            assert counted.input_tokens == 4 + len("Say hello.")
+        assert fake.requests[-1].path == b"/v1/messages/count_tokens"
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await other.stop()
 
 
 # -- count_tokens --------------------------------------------------------------------------
@@ -343,6 +378,32 @@ async def test_auth_by_x_api_key_or_bearer_and_401s_in_anthropics_shape(http, gw
     # x-api-key works on the OpenAI routes too.
     response, content = await post(http, gw.url + "/v1/chat/completions", {"model": MODEL, "messages": HELLO})
     assert response.code == 200 and json.loads(content)["object"] == "chat.completion"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_key_by_x_api_key_keeps_its_allowlist_and_cache_salt(reactor, http, fake):
+    other = await start_fake(reactor)
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "OPENAI_BASE_URL": other.base_url,
+                               "OPENAI_API_KEY": "sk-upstream"})
+    try:
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=headers(),
+                                   data=json.dumps({"name": "coder", "models": ["vllm/"]}).encode())
+        secret = json.loads(await treq.content(response))["value"]
+        client = sdk(gw, api_key=secret)
+        try:
+            message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+            assert message.content[0].text == "héhéhé"
+            salt = fake.requests[-1].body["cache_salt"]  # vLLM's Messages take the tenant's prefix-cache salt
+            assert len(salt) == 32
+            with pytest.raises(anthropic.PermissionDeniedError) as denied:
+                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO)
+            assert denied.value.body["error"]["type"] == "permission_error"
+            assert [m.id for m in (await in_thread(client.models.list)).data] == [MODEL]
+        finally:
+            client.close()
+    finally:
+        await gw.service.stopService()
+        await other.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -450,6 +511,18 @@ async def test_client_leaving_mid_stream_closes_the_upstream(reactor, gw, fake):
     client.transport.abortConnection()
     how, closed_at = await with_timeout(reactor, record.closed, 2)
     assert how == "lost" and closed_at - aborted < 0.5
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_before_the_answer_closes_the_upstream(reactor, gw, fake):
+    for stream in (True, False):
+        arrived = fake.next_request()
+        client = await connect(reactor, gw.port, _raw({"model": MODEL, "max_tokens": 8, "messages": HELLO,
+                                                       "stream": stream, "fake_hang": True}))
+        record = await with_timeout(reactor, arrived, 5)
+        client.transport.abortConnection()
+        how, _ = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost"
 
 
 @pytest_twisted.ensureDeferred

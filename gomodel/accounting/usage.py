@@ -52,7 +52,7 @@ class UsageLedger(Service):
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
                   ctx.stream, ctx.usage, round(ctx.duration * 1000, 3),
                   None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3), ctx.client_gone,
-                  ctx.estimated)
+                  ctx.estimated, *_who(ctx.principal))
 
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
              usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, auth_key_id=None,
@@ -128,3 +128,10 @@ class UsageLedger(Service):
         d = Deferred.fromCoroutine(claimed(self._claims, "sweep:usage", self._owner, 600.0,
                                            lambda: self._usage.delete_before(before)))
         return d.addErrback(lambda f: self.log.failure("usage retention failed", f))
+
+
+def _who(principal):
+    """C{(auth_key_id, user_path)} of a record: a managed key's, else Nones."""
+    if principal is None or principal.master:
+        return None, None
+    return principal.id, principal.user_path

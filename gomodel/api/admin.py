@@ -24,16 +24,28 @@ class AdminAPI:
     app = Klein()
     app.url_map.strict_slashes = False
 
-    def __init__(self, registry, monitor, clock, usage=None):
+    def __init__(self, registry, monitor, clock, usage=None, *, keys=None, budgets=None):
         """
         @param registry: the L{gomodel.routing.registry.ModelRegistry} (its providers' pools).
         @param monitor: the L{gomodel.routing.health.ReplicaMonitor}.
         @param usage: the L{gomodel.store.interfaces.IUsageStore}, or None (C{USAGE_ENABLED=false}).
+        @param keys: the L{gomodel.api.keys.KeysAPI} mounted at C{auth-keys}.
+        @param budgets: an API mounted at C{budgets} (see L{gomodel.api.budgets}).
         """
         self._registry = registry
         self._monitor = monitor
         self._clock = clock
         self._usage = usage
+        self._keys = keys
+        self._budgets = budgets
+
+    @app.route("/auth-keys", branch=True)
+    def auth_keys(self, request):
+        return _mounted(self._keys, request)
+
+    @app.route("/budgets", branch=True)
+    def budgets(self, request):
+        return _mounted(self._budgets, request)
 
     @app.route("/providers/status", methods=["GET"])
     def providers_status(self, request):
@@ -88,12 +100,25 @@ class AdminAPI:
         start, end = self._window(request)
         return _rows(request, await self._usage_store().grouped(start, end, by=("provider", "provider_name", "model")))
 
+    @app.route("/usage/keys", methods=["GET"])
+    async def usage_keys(self, request):
+        """Totals per managed key (C{auth_key_id}; null: the master key's) of a window; C{format=csv}."""
+        start, end = self._window(request)
+        return _rows(request, await self._usage_store().grouped(start, end, by=("auth_key_id",)))
+
+    @app.route("/usage/user-paths", methods=["GET"])
+    async def usage_user_paths(self, request):
+        """Totals per user path of a window; C{format=csv}."""
+        start, end = self._window(request)
+        return _rows(request, await self._usage_store().grouped(start, end, by=("user_path",)))
+
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
         """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
-        C{provider}, C{status}, C{search} (request id); C{format=csv}."""
+        C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}."""
         start, end = self._window(request)
-        filters = {name: query_arg(request, name.encode()) for name in ("model", "provider", "status", "search")}
+        filters = {name: query_arg(request, name.encode())
+                   for name in ("model", "provider", "status", "search", "key", "user_path")}
         filters = {name: value for name, value in filters.items() if value is not None}
         if "status" in filters:
             try:
@@ -142,6 +167,12 @@ class AdminAPI:
         return {"name": pool.name, "type": pool.type, "models": sorted(inventory or ()),
                 "ready_replicas": sum(1 for r in pool.replicas if r.ready),
                 "replicas": [_replica(r, now) for r in pool.replicas]}
+
+
+def _mounted(api, request):
+    if api is None:
+        raise NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()}.")
+    return api.app.resource()
 
 
 def _replica(replica, now) -> dict:

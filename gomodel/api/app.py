@@ -60,11 +60,19 @@ class GatewayApp:
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request):
-        """OpenAI's model list; Anthropic's (paged) for a client that sends C{anthropic-version}."""
+        """OpenAI's model list (Anthropic's, paged, for a client that sends C{anthropic-version});
+        a key limited to some models sees only those."""
+        principal = request.context.principal
+        models = None
+        if principal is not None and principal.models is not None:
+            models = [model for model in self._registry.models() if _may_use(principal, model)]
         if wants_anthropic(request):
             request.context.dialect = render.ANTHROPIC
-            return json_answer(request, anthropic_models_page(request, self._registry.models()))
-        return json_answer(request, self._registry.models_body())
+            return json_answer(request, anthropic_models_page(request, models if models is not None
+                                                              else self._registry.models()))
+        if models is None:
+            return json_answer(request, self._registry.models_body())
+        return json_answer(request, {"object": "list", "data": models})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     def retrieve_model(self, request, model_id):
@@ -72,8 +80,9 @@ class GatewayApp:
         if anthropic:
             request.context.dialect = render.ANTHROPIC
         model = self._registry.model(model_id)
-        if model is None:
-            raise errors.ModelNotFound(model_id)
+        principal = request.context.principal
+        if model is None or (principal is not None and not _may_use(principal, model)):
+            raise errors.ModelNotFound(model_id)  # a model the key may not use is not named to it
         return json_answer(request, anthropic_model(model) if anthropic else model)
 
     @app.route("/v1/responses/<response_id>", methods=["GET"])
@@ -121,3 +130,12 @@ class GatewayApp:
         return api.app.resource()
 
     install_error_handlers(app)
+
+
+def _may_use(principal, model) -> bool:
+    """Whether C{principal} may use a listed model (by its qualified id, or its id at its provider)."""
+    model_id = model["id"]
+    provider = model.get("owned_by")
+    if provider and model_id.startswith(provider + "/"):
+        return principal.allows(model_id, model_id[len(provider) + 1:])
+    return principal.allows(model_id)

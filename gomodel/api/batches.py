@@ -13,6 +13,7 @@ from gomodel.http.bodies import json_answer, json_body, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.api.files import page
 from gomodel.api.producers import send_pages
+from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window
 from gomodel.errors import Conflict, InvalidRequest, NotFound
 
@@ -76,33 +77,39 @@ class BatchesAPI:
             metadata = check_metadata(body.get("metadata"))
         except ValueError as e:
             raise InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
+        principal = request.context.principal
         input_file = await self._files.get(input_file_id)
-        if input_file is None:
+        if input_file is None or not visible(principal, input_file):
             raise NotFound(f"No such File object: {input_file_id}", param="input_file_id", code="file_not_found")
         if input_file["purpose"] != "batch":
             raise InvalidRequest(f"The file {input_file_id} has purpose '{input_file['purpose']}'; "
                                  "a batch needs a file uploaded with purpose 'batch'.", param="input_file_id",
                                  code="invalid_file")
-        record = await self._runner.create(endpoint, input_file_id, window, seconds, metadata)
+        record = await self._runner.create(endpoint, input_file_id, window, seconds, metadata,
+                                           tenant=tenant_of(principal),
+                                           auth_key_id=None if principal is None or principal.master
+                                           else principal.id)
         return json_answer(request, batch_object(record))
 
     @app.route("/", methods=["GET"])
     async def list_batches(self, request):
         limit = query_limit(request, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX)
-        records, has_more = await self._batches.list(after=query_arg(request, b"after"), limit=limit)
+        records, has_more = await self._batches.list(after=query_arg(request, b"after"), limit=limit,
+                                                     tenant=tenant_of(request.context.principal))
         return json_answer(request, page([batch_object(r) for r in records], has_more))
 
     @app.route("/<batch_id>", methods=["GET"])
     async def retrieve(self, request, batch_id):
-        return json_answer(request, batch_object(await self._get(batch_id)))
+        return json_answer(request, batch_object(await self._get(request, batch_id)))
 
     @app.route("/<batch_id>/cancel", methods=["POST"])
     async def cancel(self, request, batch_id):
+        await self._get(request, batch_id)
         return json_answer(request, batch_object(await self._runner.cancel(batch_id)))
 
     @app.route("/<batch_id>/results", methods=["GET"])
     async def results(self, request, batch_id):
-        batch = await self._get(batch_id)
+        batch = await self._get(request, batch_id)
         if batch["status"] not in RESULTS_READY:
             raise Conflict(f"The batch {batch_id} is {batch['status']}: its results are ready once it is "
                            "completed, expired or cancelled.", code="batch_not_finished")
@@ -113,9 +120,10 @@ class BatchesAPI:
 
         return await send_pages(request, fetch, lambda row: row[3] + b"\n")
 
-    async def _get(self, batch_id):
+    async def _get(self, request, batch_id):
+        """The record of a batch the request's key may see; L{NotFound} otherwise."""
         record = await self._batches.get(batch_id)
-        if record is None:
+        if record is None or not visible(request.context.principal, record):
             raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
         return record
 

@@ -11,6 +11,7 @@ from gomodel.http.bodies import json_answer, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UploadSink
+from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.store.records import new_file_id
 
@@ -96,7 +97,8 @@ class FilesAPI:
             file_id = new_file_id()
             size = await sink.commit(file_id)
             try:
-                record = await self._files.add(file_id, size, sink.filename, purpose)
+                record = await self._files.add(file_id, size, sink.filename, purpose,
+                                               tenant_of(request.context.principal))
             except BaseException:
                 await self._blobs.delete(file_id)
                 raise
@@ -112,18 +114,17 @@ class FilesAPI:
             raise InvalidRequest("'order' must be 'asc' or 'desc'.", param="order", code="invalid_value")
         limit = query_limit(request, LIST_LIMIT_MAX, LIST_LIMIT_MAX)
         records, has_more = await self._files.list(purpose=purpose, after=query_arg(request, b"after"),
-                                                  limit=limit, order=order)
+                                                  limit=limit, order=order,
+                                                  tenant=tenant_of(request.context.principal))
         return json_answer(request, page([file_object(r) for r in records], has_more))
 
     @app.route("/<file_id>", methods=["GET"])
     async def retrieve(self, request, file_id):
-        record = await self._files.get(file_id)
-        if record is None:
-            raise _no_file(file_id)
-        return json_answer(request, file_object(record))
+        return json_answer(request, file_object(await self._record(request, file_id)))
 
     @app.route("/<file_id>", methods=["DELETE"])
     async def delete(self, request, file_id):
+        await self._record(request, file_id)
         if not await self._files.delete(file_id):
             raise _no_file(file_id)
         await self._blobs.delete(file_id)  # if this fails, the sweep removes the orphan later
@@ -131,11 +132,19 @@ class FilesAPI:
 
     @app.route("/<file_id>/content", methods=["GET"])
     async def content(self, request, file_id):
-        size = await self._blobs.size(file_id) if await self._files.get(file_id) is not None else None
+        await self._record(request, file_id)
+        size = await self._blobs.size(file_id)
         if size is None:
             raise _no_file(file_id)
         request.setHeader(b"content-type", b"application/octet-stream")
         return await send_file(request, self._blobs, file_id, size)
+
+    async def _record(self, request, file_id):
+        """The record of a file the request's key may see; L{NotFound} otherwise."""
+        record = await self._files.get(file_id)
+        if record is None or not visible(request.context.principal, record):
+            raise _no_file(file_id)
+        return record
 
     install_error_handlers(app)
 

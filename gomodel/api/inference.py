@@ -8,7 +8,7 @@ to the exchange.
 """
 
 from gomodel import jsonutil
-from gomodel.errors import InvalidRequest
+from gomodel.errors import InvalidRequest, ModelAccessDenied
 from gomodel.http.bodies import json_body
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
@@ -18,10 +18,14 @@ from gomodel.routing.affinity import affinity_key
 class InferenceRoutes:
     """Model-routed POST handlers C{(request, ctx)}; each returns the body to write, or None once it was written."""
 
-    def __init__(self, registry, exchange, responses):
+    def __init__(self, registry, exchange, responses, salts=None):
+        """
+        @param salts: the L{gomodel.auth.tenancy.CacheSalts}, or None.
+        """
         self._registry = registry
         self._exchange = exchange
         self._responses = responses  # a ResponsesRoute
+        self._salts = salts
 
     def routes(self) -> dict:
         """Exact request path -> coroutine function of the request and its context (POST only)."""
@@ -47,7 +51,9 @@ class InferenceRoutes:
         upstream, fallbacks = self.route(ctx, body, lambda: affinity_key(request, body))
         # The session or prompt prefix matters only where there is a replica to choose.
         affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
-        self.prioritise(request, upstream, body)
+        self.prioritise(request, ctx, upstream, body)
+        if self._salts is not None:
+            self._salts.apply(ctx.principal, upstream, body)
         observer = None
         if body.get("stream") is True:
             strip_usage = False
@@ -94,21 +100,29 @@ class InferenceRoutes:
 
         @param affinity_of: a function giving the request's session key (for virtual models).
         """
-        route, *fallbacks = plan_model(self._registry, body, affinity_of)
+        route, *fallbacks = plan_model(self._registry, body, affinity_of, ctx.principal)
         ctx.route(route.provider, body["model"], route.upstream_model)
         body["model"] = route.upstream_model
         return route.provider, fallbacks
 
     @staticmethod
-    def prioritise(request, upstream, body):
-        """C{X-Request-Priority} becomes vLLM's C{priority} where the provider schedules by priority.
+    def prioritise(request, ctx, upstream, body):
+        """The key's C{priority}, else C{X-Request-Priority}, becomes vLLM's C{priority} where the
+        provider schedules by priority.
 
         vLLM honours C{priority} only when started with C{--scheduling-policy
-        priority} (the provider's C{priority_scheduling: true}); elsewhere the
-        header is ignored and a body's own C{priority} passes untouched.
+        priority} (the provider's C{priority_scheduling: true}); elsewhere both
+        are ignored and a body's own C{priority} passes untouched. A managed key
+        with a priority cannot be given another by its client.
         """
+        if not upstream.priority_scheduling:
+            return
+        principal = ctx.principal
+        if principal is not None and principal.priority is not None:
+            body["priority"] = principal.priority
+            return
         value = request.getHeader(b"x-request-priority")
-        if value is None or not upstream.priority_scheduling:
+        if value is None:
             return
         try:
             body["priority"] = int(value)
@@ -121,22 +135,40 @@ def _rebody(body):
     return lambda model: jsonutil.dumps(dict(body, model=model))
 
 
-def plan_model(registry, body, affinity_of=None):
-    """The routes to try for C{body["model"]}, first choice first (see L{gomodel.routing.registry.ModelRegistry.plan}).
+def plan_model(registry, body, affinity_of=None, principal=None):
+    """The routes to try for C{body["model"]}, first choice first (see L{gomodel.routing.registry.ModelRegistry.plan}),
+    those C{principal} may not use left out.
 
     @raise InvalidRequest: no model named.
     @raise gomodel.errors.ModelNotFound: nobody serves it.
+    @raise ModelAccessDenied: the key may not use it.
     """
-    return registry.plan(_model_of(body), affinity_of)
+    name = _model_of(body)
+    routes = registry.plan(name, affinity_of)
+    if principal is None or principal.models is None or principal.allows(name):
+        return routes
+    if not principal.allows(qualified(routes[0])):
+        raise ModelAccessDenied(name)
+    return [route for route in routes if principal.allows(qualified(route))]
 
 
-def resolve_model(registry, body):
+def resolve_model(registry, body, principal=None):
     """The L{gomodel.routing.registry.Route} for C{body["model"]}.
 
     @raise InvalidRequest: no model named.
     @raise gomodel.errors.ModelNotFound: nobody serves it.
+    @raise ModelAccessDenied: the key may not use it.
     """
-    return registry.resolve(_model_of(body))
+    name = _model_of(body)
+    route = registry.resolve(name)
+    if principal is not None and not principal.allows(name, qualified(route)):
+        raise ModelAccessDenied(name)
+    return route
+
+
+def qualified(route) -> str:
+    """C{provider/upstream-model} of a route."""
+    return f"{route.provider.name}/{route.upstream_model}"
 
 
 def _model_of(body) -> str:

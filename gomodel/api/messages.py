@@ -39,7 +39,6 @@ from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall
 from gomodel.routing.affinity import affinity_key
-from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error
 
 MESSAGES = b"/v1/messages"
@@ -64,10 +63,14 @@ class MessagesRoutes:
 
     log = Logger()
 
-    def __init__(self, registry, exchange, clock):
+    def __init__(self, registry, exchange, clock, salts=None):
+        """
+        @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
+        """
         self._registry = registry
         self._exchange = exchange
         self._clock = clock
+        self._salts = salts
         self._no_native = {}  # (provider name, upstream model) -> time until which we translate
 
     def routes(self) -> dict:
@@ -88,7 +91,7 @@ class MessagesRoutes:
         """
         body = json_body(request)
         model = body.get("model")
-        routes = plan_model(self._registry, body, lambda: affinity_key(request, body))
+        routes = plan_model(self._registry, body, lambda: affinity_key(request, body), ctx.principal)
         headers = _forwarded(request)
         while True:
             first, fallbacks, native = self._targets(routes)
@@ -106,21 +109,24 @@ class MessagesRoutes:
                 self._remember(ctx)
 
     async def count_tokens(self, request, ctx):
-        """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them.
+        """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
+        (for a virtual model: the first of its targets in the routing order whose provider has one).
 
-        @raise gomodel.errors.NotSupported: the provider has no tokenizer the gateway can ask.
+        @raise gomodel.errors.NotSupported: no provider of the model has a tokenizer the gateway can ask.
         """
         body = json_body(request)
         model = body.get("model")
-        routes = plan_model(self._registry, body)
+        planned = plan_model(self._registry, body, principal=ctx.principal)
+        routes = [route for route in planned if route.provider.type in NATIVE_TYPES]  # vLLM's tokenizer
+        if not routes:
+            ctx.route(planned[0].provider, model, planned[0].upstream_model)
+            raise errors.NotSupported(
+                f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
+                f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
         while True:
             first, fallbacks, native = self._targets(routes)
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
-            if upstream.type not in NATIVE_TYPES:
-                raise errors.NotSupported(
-                    f"count_tokens is not available for '{model}': its provider '{upstream.name}' "
-                    f"({upstream.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
             if not native:
                 return await self._tokenize(request, ctx, upstream, body, fallbacks)
             try:
@@ -140,7 +146,10 @@ class MessagesRoutes:
             if response.code in _MAYBE_UNSUPPORTED:
                 await self._vet(ctx, response)
 
-        call = UpstreamCall(path, jsonutil.dumps(dict(body, model=ctx.upstream_model)), observer=observer,
+        body = dict(body, model=ctx.upstream_model)
+        if self._salts is not None and path == "/messages":
+            self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
+        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer,
                             vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
                             fallbacks=fallbacks, rebody=_rebody(body) if fallbacks else None)
         try:
@@ -177,7 +186,9 @@ class MessagesRoutes:
             chat["stream"] = True
             options = chat.get("stream_options")
             chat["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
-        InferenceRoutes.prioritise(request, upstream, chat)
+        InferenceRoutes.prioritise(request, ctx, upstream, chat)
+        if self._salts is not None:
+            self._salts.apply(ctx.principal, upstream, chat)
         chat["model"] = ctx.upstream_model
         if stream:
             call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,

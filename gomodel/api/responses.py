@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
 from gomodel.api.inference import resolve_model
+from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, query_arg, query_limit
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ResponsesStreamObserver
@@ -48,8 +49,8 @@ class ResponsesRoute:
 
     async def create(self, request, ctx, body):
         """Answer a Responses API create request; see L{Exchange.relay} for what this returns."""
-        previous = await self._previous(body)
-        route = resolve_model(self._registry, body)
+        previous = await self._previous(body, ctx.principal)
+        route = resolve_model(self._registry, body, ctx.principal)
         provider = route.provider
         if previous is not None:
             same = self._registry.provider(previous["provider"])
@@ -135,23 +136,30 @@ class ResponsesRoute:
                 raise _NotKnownUpstream()
         raise upstream_error(404, answer, provider.name, provider.hidden)
 
-    async def _previous(self, body):
-        """The stored record of C{previous_response_id}, or None (the upstream may still know it)."""
+    async def _previous(self, body, principal):
+        """The stored record of C{previous_response_id}, or None (the upstream may still know it).
+
+        @raise gomodel.errors.NotFound: it belongs to another tenant.
+        """
         previous_id = body.get("previous_response_id")
         if not previous_id or self._store is None:
             return None
         if not isinstance(previous_id, str):
             raise errors.InvalidRequest("previous_response_id must be a string.", param="previous_response_id")
-        return await self._store.get(previous_id)
+        record = await self._store.get(previous_id)
+        if record is not None and not visible(principal, record):
+            raise _unknown(previous_id)
+        return record
 
     def stores(self, body) -> bool:
         """Whether a response created for C{body} is kept by the gateway."""
         return self._store is not None and body.get("store") is not False
 
-    def keep(self, body, provider, replica, response, previous, response_json=None):
+    def keep(self, body, provider, replica, response, previous, response_json=None, tenant=None):
         """Store C{response} (created for C{body} by C{provider}'s C{replica}) unless the client said store: false.
 
         @param response_json: C{response} as the upstream's JSON bytes, when at hand.
+        @param tenant: who owns it (see L{gomodel.auth.tenancy}).
         """
         if not self.stores(body) or not isinstance(response, dict):
             return
@@ -162,7 +170,7 @@ class ResponsesRoute:
                   "created_at": int(self._clock.seconds()),
                   "previous_response_id": body.get("previous_response_id") or (previous or {}).get("id"),
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
-                  "response": response}
+                  "response": response, "tenant": tenant}
         if response_json is not None:
             record["response_json"] = response_json
         self._store.keep(record)
@@ -171,7 +179,7 @@ class ResponsesRoute:
 
     async def retrieve(self, request, response_id):
         """The stored response; a background one still running is refreshed from its instance."""
-        record = await self._record(response_id)
+        record = await self._record(request, response_id)
         response = record["response"]
         provider = self._registry.provider(record["provider"])
         if response.get("status") in _UNFINISHED and provider is not None:
@@ -182,13 +190,14 @@ class ResponsesRoute:
         return json_answer(request, response)
 
     async def delete(self, request, response_id):
-        if self._store is None or not await self._store.delete(response_id):
+        await self._record(request, response_id)
+        if not await self._store.delete(response_id):
             raise _unknown(response_id)
         return json_answer(request, {"id": response_id, "object": "response", "deleted": True})
 
     async def input_items(self, request, response_id):
         """OpenAI's paginated list of the input items of one response."""
-        record = await self._record(response_id)
+        record = await self._record(request, response_id)
         items = list(record["input_items"])
         order = query_arg(request, b"order", "desc")
         if order not in ("asc", "desc"):
@@ -209,7 +218,7 @@ class ResponsesRoute:
 
     async def cancel(self, request, response_id):
         """Forward a cancel to the instance running the (background) response; its answer is relayed."""
-        record = await self._record(response_id)
+        record = await self._record(request, response_id)
         provider = self._registry.provider(record["provider"])
         if provider is None:
             raise errors.NotFound(f"The provider '{record['provider']}' that made response '{response_id}' "
@@ -227,9 +236,10 @@ class ResponsesRoute:
         call = UpstreamCall(f"/responses/{response_id}/cancel", transform=kept, pin=record.get("replica"))
         return await self._exchange.relay(request, ctx, provider, call)
 
-    async def _record(self, response_id):
+    async def _record(self, request, response_id):
+        """The stored response the request's key may see; L{gomodel.errors.NotFound} otherwise."""
         record = await self._store.get(response_id) if self._store is not None else None
-        if record is None:
+        if record is None or not visible(request.context.principal, record):
             raise _unknown(response_id)
         return record
 
@@ -265,7 +275,8 @@ class _Turn:
         self.previous_id = body.get("previous_response_id") or (previous or {}).get("id")
 
     def keep(self, response, response_json=None):
-        self._route.keep(self._body, self._provider, self._ctx.replica, response, self._previous, response_json)
+        self._route.keep(self._body, self._provider, self._ctx.replica, response, self._previous, response_json,
+                         tenant_of(self._ctx.principal))
 
     def keep_body(self, answer: bytes) -> bytes:
         try:

@@ -1,59 +1,236 @@
-"""Authenticating a request from its headers, before any of its body is read."""
+"""Who sent a request: the master key or a managed key, decided from its headers before any body is read.
 
+The master key (C{GOMODEL_MASTER_KEY}) reaches everything. A managed key
+(C{sk_gom_...}, made through the admin API) reaches the inference, models,
+files, batches, responses and passthrough routes, never C{/admin/} or
+C{/metrics}. Clients send either as C{Authorization: Bearer <key>} or as
+C{x-api-key: <key>} (Anthropic-style clients).
+
+Only a managed key's SHA-256 is stored; every process keeps a snapshot of
+the keys by hash (L{KeyRing}), so a lookup is one hash and one dict read,
+and refreshes it every second from the store: a key deactivated on one
+process stops working on every process within about a second, and one that
+expires stops at once.
+"""
+
+import hashlib
 import hmac
+import os
 
-from gomodel.errors import AuthenticationFailed
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from gomodel.errors import AuthenticationFailed, Forbidden
 
 # Paths that need no key: liveness and readiness checks.
 OPEN_PATHS = frozenset((b"/health", b"/health/ready"))
+SECRET_PREFIX = "sk_gom_"
+REFRESH_INTERVAL = 1.0
+# A write committed late by another process can carry an earlier timestamp: every refresh
+# looks this far back again (merging a key twice is harmless).
+REFRESH_OVERLAP = 5.0
 
-MASTER = "master"
 
+class Principal:
+    """The sender of a request: the master key or one managed key (never its secret).
 
-class MasterKeyAuth:
-    """The gateway key (C{GOMODEL_MASTER_KEY}), sent as C{Authorization: Bearer} or C{x-api-key}.
-
-    Called by the site when a request's head is in (see
-    L{gomodel.http.site.GatewayRequest}).
+    @ivar id: C{"master"}, or the managed key's id (what logs and usage name).
+    @ivar name: the key's name.
+    @ivar user_path: the key's user path (C{/team/alpha}), or None.
+    @ivar tenant: who owns what this key makes (C{"path:/team/alpha"} or
+        C{"key:<id>"}), None for the master key.
+    @ivar models: the model selectors it may use, or None for every model.
     """
 
-    def __init__(self, master_key, open_paths=()):
+    __slots__ = ("id", "name", "user_path", "tenant", "models", "expires_at", "active", "rpm", "tpm",
+                 "max_concurrency", "budgets", "priority", "own_cache_salt", "master")
+
+    def __init__(self, id, name, *, user_path=None, models=None, expires_at=None, active=True, rpm=None, tpm=None,
+                 max_concurrency=None, budgets=(), priority=None, own_cache_salt=False, master=False):
+        self.id = id
+        self.name = name
+        self.user_path = user_path
+        self.master = master
+        self.tenant = None if master else (f"path:{user_path}" if user_path else f"key:{id}")
+        self.models = tuple(models) if models else None
+        self.expires_at = expires_at
+        self.active = active
+        self.rpm = rpm
+        self.tpm = tpm
+        self.max_concurrency = max_concurrency
+        self.budgets = tuple(budgets or ())
+        self.priority = priority
+        self.own_cache_salt = own_cache_salt
+
+    @classmethod
+    def of_record(cls, record):
+        """The principal of a stored key record (see L{gomodel.store.interfaces.IKeyStore})."""
+        return cls(record["id"], record["name"], user_path=record.get("user_path"), models=record.get("models"),
+                   expires_at=record.get("expires_at"), active=record.get("deactivated_at") is None,
+                   rpm=record.get("rpm"), tpm=record.get("tpm"), max_concurrency=record.get("max_concurrency"),
+                   budgets=record.get("budgets"), priority=record.get("priority"),
+                   own_cache_salt=record.get("own_cache_salt", False))
+
+    def allows(self, *names) -> bool:
+        """Whether the key may use a model known by any of C{names} (as the client named it, or
+        qualified as routed, C{provider/model}).
+
+        A selector is a provider (C{vllm/}), a qualified model (C{vllm/meta-llama/X}), a bare or
+        virtual model name, or C{/} for everything.
         """
+        if self.models is None:
+            return True
+        for selector in self.models:
+            if selector == "/":
+                return True
+            for name in names:
+                if name == selector or (selector.endswith("/") and name.startswith(selector)):
+                    return True
+        return False
+
+    def allows_provider(self, provider: str) -> bool:
+        """Whether the key may use something of C{provider} (a passthrough has no model to check)."""
+        return self.models is None or any(s == "/" or s.startswith(provider + "/") for s in self.models)
+
+
+MASTER = Principal("master", "master", master=True)
+
+
+class KeyRing(Service):
+    """Every managed key by its secret's hash, refreshed from the L{gomodel.store.interfaces.IKeyStore}."""
+
+    log = Logger()
+
+    def __init__(self, store, clock, interval=REFRESH_INTERVAL):
+        self._store = store
+        self._clock = clock
+        self._interval = interval
+        self._by_hash = {}
+        self._hash_of = {}  # key id -> hash
+        self._seen = float("-inf")  # the newest updated_at merged
+        self._loop = None
+
+    def find(self, secret: bytes):
+        """The active principal whose secret is C{secret}, or None (unknown, deactivated or expired)."""
+        principal = self._by_hash.get(hashlib.sha256(secret).hexdigest())
+        if principal is None or not principal.active:
+            return None
+        if principal.expires_at is not None and self._clock.seconds() >= principal.expires_at:
+            return None
+        return principal
+
+    def by_id(self, key_id):
+        """The principal of key C{key_id} as last seen (active or not), or None."""
+        secret_hash = self._hash_of.get(key_id)
+        return None if secret_hash is None else self._by_hash.get(secret_hash)
+
+    def merge(self, records):
+        """Take new or changed key records (this process's admin edits take effect at once)."""
+        for record in records:
+            old = self._hash_of.get(record["id"])
+            if old is not None and old != record["hash"]:
+                self._by_hash.pop(old, None)
+            self._hash_of[record["id"]] = record["hash"]
+            self._by_hash[record["hash"]] = Principal.of_record(record)
+            self._seen = max(self._seen, record["updated_at"])
+
+    def refresh(self):
+        """Merge what changed in the store since the last refresh.
+
+        @return: a Deferred firing with None; a failure is logged (the snapshot stays).
+        """
+        d = self._store.changed_since(self._seen - REFRESH_OVERLAP)
+        d.addCallback(self.merge)
+        d.addErrback(lambda f: self.log.failure("refreshing the managed keys failed", f))
+        return d
+
+    def startService(self):
+        super().startService()
+        self._loop = LoopingCall(self.refresh)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+class GatewayAuth:
+    """Decides who sent a request when its head is in (see L{gomodel.http.site.GatewayRequest}).
+
+    Without a master key the gateway is open: a request without a key is
+    served as nobody's, one with a managed key as that key's.
+    """
+
+    def __init__(self, master_key, keys=None, open_paths=(), closed_to_keys=()):
+        """
+        @param keys: the L{KeyRing}, or None without managed keys.
         @param open_paths: paths besides L{OPEN_PATHS} that need no key (e.g. C{/metrics}
             when C{METRICS_REQUIRE_KEY=false}).
+        @param closed_to_keys: exact paths only the master key reaches (C{/metrics}); every
+            path under C{/admin/} is too.
         """
         self._master_key = master_key.encode("utf-8") if master_key else None
+        self._keys = keys
         self._open = OPEN_PATHS | frozenset(p.encode("ascii") for p in open_paths)
+        self._master_only = frozenset(p.encode("ascii") for p in closed_to_keys)
 
     def __call__(self, request, path: bytes):
-        """The identity of C{request}'s sender: L{MASTER}, or None on an open gateway.
+        """The L{Principal} who sent C{request}: L{MASTER}, a managed key, or None (open path or gateway).
 
-        @raise AuthenticationFailed: the key is missing or wrong.
+        @raise AuthenticationFailed: the key is missing or wrong (or deactivated, or expired).
+        @raise Forbidden: a managed key on a route only the master key reaches.
         """
-        if self._master_key is None:
-            return None
         if path in self._open:
             return None
-        token = presented_key(request)
-        if not hmac.compare_digest(token, self._master_key):
-            raise AuthenticationFailed("Invalid API key.")
-        return MASTER
+        if self._master_key is None:
+            token = presented_key(request, required=False)
+            principal = self._keys.find(token) if token and self._keys is not None else None
+        else:
+            token = presented_key(request)
+            if hmac.compare_digest(token, self._master_key):
+                return MASTER
+            principal = self._keys.find(token) if self._keys is not None else None
+            if principal is None:
+                raise AuthenticationFailed("Invalid API key.")
+        if principal is not None and (path.startswith(b"/admin/") or path in self._master_only):
+            raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
+                            code="master_key_required")
+        return principal
 
 
-def presented_key(request) -> bytes:
-    """The key a client sent, as bytes: C{Authorization: Bearer <key>}, or
-    Anthropic's C{x-api-key: <key>} when no Authorization header is sent.
+def presented_key(request, required=True) -> bytes:
+    """The key a client sent (C{Authorization: Bearer} or C{x-api-key}), as bytes.
 
-    @raise AuthenticationFailed: none was sent, or the header is malformed.
+    @raise AuthenticationFailed: none was sent (when C{required}), or the header is malformed.
     """
     header = request.getHeader(b"authorization")
     if not header:
-        key = (request.getHeader(b"x-api-key") or b"").strip()
-        if key:
-            return key
+        key = request.getHeader(b"x-api-key")
+        if key and key.strip():
+            return key.strip() if isinstance(key, bytes) else key.strip().encode("latin-1")
+        if not required:
+            return b""
         raise AuthenticationFailed("Missing API key: send the gateway key as 'Authorization: Bearer <key>' "
                                    "or 'x-api-key: <key>'.")
     scheme, _, token = header.strip().partition(b" ")
     if scheme.lower() != b"bearer" or not token.strip():
         raise AuthenticationFailed("Invalid authorization header: expected 'Authorization: Bearer <key>'.")
     return token.strip()
+
+
+def new_secret() -> str:
+    """A fresh managed key secret: C{sk_gom_} and 32 random bytes in hex."""
+    return SECRET_PREFIX + os.urandom(32).hex()
+
+
+def hash_secret(secret: str) -> str:
+    """The stored form of a secret: its SHA-256, hex (secrets are random: no slow KDF is needed)."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def redact(secret: str) -> str:
+    """C{sk_gom_...abcd}: what lists show of a secret."""
+    return f"{SECRET_PREFIX}...{secret[-4:]}"

@@ -37,6 +37,7 @@ class Job:
         self.expiry = None  # the IDelayedCall that expires the batch
         self.task = None
         self.watchers = []  # Deferreds fired when the job ends
+        self.principal = None  # the managed key that made the batch (a Principal), or None
 
     def halt(self, why):
         """Stop sending: C{cancel}, C{expire}, C{park}, C{shutdown} or C{lost} (the last two win)."""

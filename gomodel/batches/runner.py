@@ -47,6 +47,7 @@ from gomodel.batches.lines import Job, error_line, output_line
 from gomodel.batches.validating import validate
 from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
                             UpstreamUnreachable)
+from gomodel.api.inference import resolve_model
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
@@ -58,6 +59,7 @@ PAGE = 256  # requests read from the store at a time
 READY_WAIT = 30.0  # at start, how long resumed batches wait for model discovery
 POLL_INTERVAL = 1.0  # how often a runner looks for batches to claim and for cancellations
 LEASE = 30.0  # how long a claim on a batch lasts without a heartbeat
+SALTED_PATHS = frozenset(("/chat/completions", "/completions"))  # where vLLM takes a cache_salt
 
 
 class _Answer:
@@ -85,7 +87,7 @@ class BatchRunner(Service):
 
     def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
-                 owner=None, usage=None):
+                 owner=None, usage=None, keys=None, salts=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param usage: the L{gomodel.accounting.usage.UsageLedger} each answered line is recorded in, or None.
@@ -94,6 +96,9 @@ class BatchRunner(Service):
         @param lease: seconds a claim lasts; renewed every third of it while working.
         @param poll_interval: seconds between looks for batches to claim (0: never).
         @param owner: this process's owner id for claims (default: a new unique one).
+        @param keys: the L{gomodel.auth.keys.KeyRing}: a batch made with a managed key runs as
+            that key (its model access, its tenant's cache salt, its usage).
+        @param salts: the L{gomodel.auth.tenancy.CacheSalts}, or None.
         """
         self._batches = batches
         self._blobs = blobs
@@ -101,6 +106,8 @@ class BatchRunner(Service):
         self._clock = clock
         self._exchange = exchange  # a gomodel.proxy.exchange.Exchange
         self._usage = usage
+        self._keys = keys
+        self._salts = salts
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
@@ -169,13 +176,19 @@ class BatchRunner(Service):
             sem = self._semaphores[provider_name] = DeferredSemaphore(self._concurrency)
         return sem
 
-    async def create(self, endpoint, input_file_id, window_text, window_seconds, metadata):
-        """Store a new batch (C{validating}), claim it and start it; returns its record."""
+    async def create(self, endpoint, input_file_id, window_text, window_seconds, metadata, *, tenant=None,
+                     auth_key_id=None):
+        """Store a new batch (C{validating}), claim it and start it; returns its record.
+
+        @param tenant: who owns it and its output (see L{gomodel.auth.tenancy}).
+        @param auth_key_id: the managed key that made it (its lines are that key's usage).
+        """
         now = int(self._clock.seconds())
         record = await self._batches.add({
             "id": "batch_" + uuid.uuid4().hex, "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window_text, "status": "validating", "created_at": now,
-            "expires_at": now + max(1, round(window_seconds)), "metadata": metadata,
+            "expires_at": now + max(1, round(window_seconds)), "metadata": metadata, "tenant": tenant,
+            "auth_key_id": auth_key_id,
         })
         await self._claim(record["id"])
         return record
@@ -312,6 +325,8 @@ class BatchRunner(Service):
 
     async def _dispatch(self, job, batch):
         path = batch["endpoint"][len("/v1"):]
+        if batch.get("auth_key_id") and self._keys is not None:
+            job.principal = self._keys.by_id(batch["auth_key_id"])
         after = 0
         while job.stop is None:
             rows = await self._batches.pending(job.batch_id, after, PAGE)
@@ -329,7 +344,7 @@ class BatchRunner(Service):
         """Send one line once its provider has room (the line then runs on its own)."""
         try:
             payload = jsonutil.loads(body)
-            route = self._registry.resolve(payload["model"])
+            route = resolve_model(self._registry, payload, job.principal)
         except GatewayError as e:
             self._track(job, self._record(job, line, custom_id, False,
                                           error_line(custom_id, e.code or "invalid_request", e.message)))
@@ -346,6 +361,8 @@ class BatchRunner(Service):
             sem.release()
             return
         payload["model"] = route.upstream_model
+        if self._salts is not None and path in SALTED_PATHS:
+            self._salts.apply(job.principal, route.provider, payload)
         d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, jsonutil.dumps(payload), route))
 
         def release(result):
@@ -397,10 +414,12 @@ class BatchRunner(Service):
 
     def _account(self, job, path, route, answer, request_id):
         """Keep the usage record of one answered line (batch lines count as requests do)."""
-        pool = route.provider
+        pool, principal = route.provider, job.principal
         self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, None,
                          f"{pool.name}/{route.upstream_model}", "/v1" + path, answer.status, False,
-                         usage_of(answer.body) if answer.status < 400 else None)
+                         usage_of(answer.body) if answer.status < 400 else None,
+                         auth_key_id=None if principal is None else principal.id,
+                         user_path=None if principal is None else principal.user_path)
 
     def _record(self, job, line, custom_id, ok, data):
         return self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)

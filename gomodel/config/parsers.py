@@ -117,6 +117,11 @@ def models_mode(value) -> str:
 ROUTING_STRATEGIES = ("load", "least_requests", "round_robin", "random")
 
 
+def cache_salt_mode(value) -> str:
+    """C{tenant} (a salt per managed key's tenant) or C{off}."""
+    return _one_of(value, ("tenant", "off"))
+
+
 def routing_strategy(value) -> str:
     """One of L{ROUTING_STRATEGIES}, case-insensitive."""
     return _one_of(value, ROUTING_STRATEGIES)

@@ -180,6 +180,11 @@ class AuthConfig:
 
     master_key: Optional[str] = setting("GOMODEL_MASTER_KEY", parsers.secret, None, secret=True)
     admin_endpoints: bool = setting("ADMIN_ENDPOINTS_ENABLED", parsers.boolean, True, yaml="admin_endpoints_enabled")
+    # vLLM prefix-cache isolation: requests of managed keys carry a cache_salt per tenant.
+    cache_salt_mode: str = setting("CACHE_SALT_MODE", parsers.cache_salt_mode, "tenant")
+    # The secret cache salts are derived with (shared by every process and host); by default
+    # derived from the master key.
+    cache_salt_secret: Optional[str] = setting("CACHE_SALT_SECRET", parsers.secret, None, secret=True)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ CLIENT_GONE_STATUS = 499  # nginx's "client closed request"
 class RequestContext:
     """What the gateway knows about one request.
 
-    @ivar key: who made the request: C{"master"}, a managed key's id, or
-        None on an open gateway. Never a secret.
+    @ivar principal: who made the request (a L{gomodel.auth.keys.Principal}),
+        or None on an open gateway or path.
+    @ivar key: its id: C{"master"}, a managed key's id, or None. Never a secret.
     @ivar endpoint: the gateway route, e.g. C{"/v1/chat/completions"}.
     @ivar provider: the provider instance name, C{provider_type} its type.
     @ivar replica: the 0-based index of the replica that served it, or None.
@@ -41,10 +42,10 @@ class RequestContext:
     __slots__ = ("request_id", "method", "path", "started", "key", "dialect", "endpoint", "provider",
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
-                 "_ended", "_completed", "recorded", "estimated")
+                 "_ended", "_completed", "recorded", "estimated", "principal", "admission")
 
-    def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, key=None, dialect=None,
-                 recorded=None):
+    def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, principal=None,
+                 dialect=None, recorded=None):
         """
         @param recorded: whether a sink reads the usage (if none does, it need not be
             dug out of answers); by default, whether any sink lacks C{reads_usage = False}.
@@ -56,7 +57,9 @@ class RequestContext:
         self.started = clock.seconds()
         self._sinks = sinks
         self.recorded = reads_usage(sinks) if recorded is None else recorded
-        self.key = key
+        self.principal = principal
+        self.key = principal.id if principal is not None else None
+        self.admission = None  # the limits' admission, settled when the request completes
         self.dialect = dialect
         self.endpoint = None
         self.provider = None

@@ -48,7 +48,7 @@ class FrontResource(Resource):
         request_id = request_id_for(request)
         request.setHeader(b"x-request-id", request_id)
         ctx = request.context = RequestContext(
-            request_id, request.method, request.path, self._clock, self._sinks, key=request.identity,
+            request_id, request.method, request.path, self._clock, self._sinks, principal=request.identity,
             dialect=self._dialects.get(request.path, render.OPENAI), recorded=self._recorded)
         for start in self._starts:
             start(ctx)

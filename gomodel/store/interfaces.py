@@ -10,8 +10,11 @@ C{sqlite3.Error}, C{OSError}) when a statement or a disk operation fails.
 
 Several processes (and later hosts) may share one store: singleton duties
 (running a batch, sweeps, retention) are taken by I{claims}, leases with an
-owner, an expiry and a fencing token, never by a "primary" process. Keys and
-usage stores (C{IKeyStore}, C{IUsageStore}) come later, beside these.
+owner, an expiry and a fencing token, never by a "primary" process.
+
+What a managed key makes (files, batches, stored responses) carries its
+C{tenant}: C{"path:/team/alpha"} for a key with a user path (the team
+shares it), C{"key:<id>"} otherwise, None for the master key's.
 """
 
 from zope.interface import Attribute, Interface
@@ -306,7 +309,7 @@ class IUsageStore(Interface):
     def grouped(start, end, by=(), bucket=None):
         """Totals of the window (as L{summary}'s) per group, in group order.
 
-        @param by: any of C{provider}, C{provider_name}, C{model}.
+        @param by: any of C{provider}, C{provider_name}, C{model}, C{auth_key_id}, C{user_path}.
         @param bucket: seconds (86400: per UTC day): also grouped by C{period}, the bucket's start.
         @return: a Deferred firing with a list of dicts: the group's keys, then the totals.
         """
@@ -315,12 +318,56 @@ class IUsageStore(Interface):
         """Records of the window, newest first.
 
         @param before: a record C{id}: only older records (the cursor of the previous page).
-        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id).
+        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id),
+            C{key} (a managed key's id), C{user_path} (that path and those under it).
         @return: a Deferred firing with C{(records, next cursor or None)}.
         """
 
     def delete_before(timestamp):
         """@return: a Deferred firing with how many records older than C{timestamp} were deleted."""
+
+
+class IKeyStore(Interface):
+    """Managed API keys. A record: C{id, hash (the secret's SHA-256, hex), redacted, name,
+    description, user_path, created_at, updated_at, expires_at, deactivated_at, models (a list
+    or None), rpm, tpm, max_concurrency, budgets (a list), priority, metadata (a dict or None),
+    own_cache_salt (bool)}. The secret itself is never stored."""
+
+    def add(record):
+        """@return: a Deferred firing with the stored record (C{updated_at} set)."""
+
+    def get(key_id):
+        """@return: a Deferred firing with the record, or None."""
+
+    def list():
+        """@return: a Deferred firing with every record, oldest first."""
+
+    def update(key_id, changes):
+        """Set the fields in C{changes} (a dict) and C{updated_at}.
+
+        @return: a Deferred firing with the updated record, or None when there is no such key.
+        """
+
+    def changed_since(updated_at):
+        """@return: a Deferred firing with the records updated after C{updated_at} (float seconds),
+        for the processes' key caches."""
+
+
+class IBudgetStore(Interface):
+    """Budgets by user path set through the admin API: C{{user_path, period, max_tokens, max_cost,
+    updated_at}}."""
+
+    def list():
+        """@return: a Deferred firing with every budget, by user path then period."""
+
+    def put(user_path, period, max_tokens, max_cost):
+        """Create or replace the budget of C{user_path} for C{period}.
+
+        @return: a Deferred firing with the stored record.
+        """
+
+    def delete(user_path, period):
+        """@return: a Deferred firing with True once deleted, or False when there was none."""
 
 
 class IStoreService(Interface):
@@ -332,6 +379,8 @@ class IStoreService(Interface):
     responses = Attribute("The L{IResponseStore}.")
     claims = Attribute("The L{IClaims}.")
     usage = Attribute("The L{IUsageStore}.")
+    keys = Attribute("The L{IKeyStore}.")
+    budgets = Attribute("The L{IBudgetStore}.")
 
     def started():
         """@return: a Deferred firing with None once the store is open and migrated; it fails with

@@ -2,17 +2,19 @@
 
 Records are plain dicts:
 
-  - a file: C{id, bytes, created_at, filename, purpose, status, expires_at}
+  - a file: C{id, bytes, created_at, filename, purpose, status, expires_at, tenant}
   - a batch: C{id, endpoint, input_file_id, completion_window, status,
     output_file_id, error_file_id, created_at, in_progress_at, expires_at,
     finalizing_at, completed_at, failed_at, expired_at, cancelling_at,
     cancelled_at, total, completed, failed, errors (a list or None),
-    metadata (a dict or None)}
+    metadata (a dict or None), tenant, auth_key_id (the managed key that made it, or None)}
   - a batch request: C{(line, custom_id, body bytes)}
   - a batch result: C{(line, custom_id, ok, data bytes)}: C{data} is one
     output (C{ok}) or error-file line, without its newline.
   - a stored response: C{id, provider, created_at, previous_response_id,
-    status, input_items (a list), response (a dict)}
+    status, input_items (a list), response (a dict), tenant}
+
+A C{tenant} is who owns the object (see L{gomodel.auth.tenancy}).
 """
 
 import os

@@ -23,7 +23,7 @@ from gomodel.store.sqlite.files import insert_file
 BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-    "cancelling_at", "cancelled_at", "total", "completed", "failed", "errors", "metadata",
+    "cancelling_at", "cancelled_at", "total", "completed", "failed", "errors", "metadata", "tenant", "auth_key_id",
 )
 _JSON = ("errors", "metadata")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
@@ -57,18 +57,23 @@ class SQLiteBatchStore:
         row = self._db.conn().execute(f"{_SELECT} WHERE id = ?", (batch_id,)).fetchone()
         return _decode(row) if row is not None else None
 
-    def list(self, after=None, limit=20):
-        return self._db.run(self._list, after, limit)
+    def list(self, after=None, limit=20, tenant=None):
+        return self._db.run(self._list, after, limit, tenant)
 
-    def _list(self, after, limit):
+    def _list(self, after, limit, tenant):
         conn = self._db.conn()
+        where, args = [], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
         if after is not None:
             row = conn.execute("SELECT seq FROM batches WHERE id = ?", (after,)).fetchone()
             if row is None:
                 return [], False
-            rows = conn.execute(f"{_SELECT} WHERE seq < ? ORDER BY seq DESC LIMIT ?", (row[0], limit + 1)).fetchall()
-        else:
-            rows = conn.execute(f"{_SELECT} ORDER BY seq DESC LIMIT ?", (limit + 1,)).fetchall()
+            where.append("seq < ?")
+            args.append(row[0])
+        sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq DESC LIMIT ?"
+        rows = conn.execute(sql, (*args, limit + 1)).fetchall()
         return [_decode(r) for r in rows[:limit]], len(rows) > limit
 
     def update(self, batch_id, changes, only_if_status=None, token=None):
@@ -223,10 +228,11 @@ class SQLiteBatchStore:
             if not _apply(conn, batch_id, dict(changes, output_file_id=ids["output"], error_file_id=ids["error"]),
                           only_if_status, token):
                 return None
-            for kind in ("output", "error"):
+            tenant = conn.execute("SELECT tenant FROM batches WHERE id = ?", (batch_id,)).fetchone()[0]
+            for kind in ("output", "error"):  # the batch's tenant owns its output
                 if files.get(kind) is not None:
                     file_id, size = files[kind]
-                    insert_file(conn, file_id, size, now, f"{batch_id}_{kind}.jsonl", "batch_output")
+                    insert_file(conn, file_id, size, now, f"{batch_id}_{kind}.jsonl", "batch_output", tenant)
             conn.execute("DELETE FROM batch_requests WHERE batch_id = ?", (batch_id,))
         return self._get(batch_id)
 

@@ -5,14 +5,14 @@ from zope.interface import implementer
 from gomodel.store.interfaces import IFileStore
 from gomodel.store.sqlite.database import marks
 
-FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at")
+FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "tenant")
 _SELECT = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
 
 
-def insert_file(conn, file_id, size, now, filename, purpose):
+def insert_file(conn, file_id, size, now, filename, purpose, tenant=None):
     """Insert one file record (also used by a batch's finalize, in its transaction)."""
-    conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose) VALUES (?, ?, ?, ?, ?)",
-                 (file_id, size, now, filename, purpose))
+    conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose, tenant) VALUES (?, ?, ?, ?, ?, ?)",
+                 (file_id, size, now, filename, purpose, tenant))
 
 
 @implementer(IFileStore)
@@ -22,12 +22,12 @@ class SQLiteFileStore:
     def __init__(self, db):
         self._db = db
 
-    def add(self, file_id, size, filename, purpose):
-        return self._db.run(self._add, file_id, size, filename, purpose, int(self._db.now()))
+    def add(self, file_id, size, filename, purpose, tenant=None):
+        return self._db.run(self._add, file_id, size, filename, purpose, int(self._db.now()), tenant)
 
-    def _add(self, file_id, size, filename, purpose, now):
+    def _add(self, file_id, size, filename, purpose, now, tenant):
         with self._db.transaction() as conn:
-            insert_file(conn, file_id, size, now, filename, purpose)
+            insert_file(conn, file_id, size, now, filename, purpose, tenant)
         return self._get(file_id)
 
     def get(self, file_id):
@@ -37,12 +37,15 @@ class SQLiteFileStore:
         row = self._db.conn().execute(f"{_SELECT} WHERE id = ?", (file_id,)).fetchone()
         return dict(row) if row is not None else None
 
-    def list(self, purpose=None, after=None, limit=10000, order="desc"):
-        return self._db.run(self._list, purpose, after, limit, order)
+    def list(self, purpose=None, after=None, limit=10000, order="desc", tenant=None):
+        return self._db.run(self._list, purpose, after, limit, order, tenant)
 
-    def _list(self, purpose, after, limit, order):
+    def _list(self, purpose, after, limit, order, tenant):
         conn = self._db.conn()
         where, args = [], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
         if purpose is not None:
             where.append("purpose = ?")
             args.append(purpose)

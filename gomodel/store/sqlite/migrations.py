@@ -122,6 +122,47 @@ MIGRATIONS = (
         )""",
         "CREATE INDEX usage_timestamp ON usage (timestamp)",
     )),
+    (6, (
+        # Managed keys: only the secret's SHA-256 is kept; lists as JSON text.
+        """CREATE TABLE auth_keys (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            hash TEXT NOT NULL UNIQUE,
+            redacted TEXT NOT NULL,
+            name TEXT NOT NULL,
+            description TEXT,
+            user_path TEXT,
+            created_at INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            expires_at INTEGER,
+            deactivated_at INTEGER,
+            models TEXT,
+            rpm INTEGER,
+            tpm INTEGER,
+            max_concurrency INTEGER,
+            budgets TEXT,
+            priority INTEGER,
+            metadata TEXT,
+            own_cache_salt INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX auth_keys_updated ON auth_keys (updated_at)",
+        # Budgets by user path set through the admin API (YAML and env ones live in the config).
+        """CREATE TABLE budgets (
+            user_path TEXT NOT NULL,
+            period TEXT NOT NULL,
+            max_tokens INTEGER,
+            max_cost REAL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (user_path, period)
+        )""",
+        # Who owns what a managed key made: "path:/team/alpha" or "key:<id>"; NULL: the master key's.
+        "ALTER TABLE files ADD COLUMN tenant TEXT",
+        "ALTER TABLE batches ADD COLUMN tenant TEXT",
+        "ALTER TABLE batches ADD COLUMN auth_key_id TEXT",
+        "ALTER TABLE responses ADD COLUMN tenant TEXT",
+        "CREATE INDEX usage_key ON usage (auth_key_id, timestamp)",
+        "CREATE INDEX usage_path ON usage (user_path, timestamp)",
+    )),
 )
 
 

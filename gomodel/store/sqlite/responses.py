@@ -8,7 +8,7 @@ from zope.interface import implementer
 from gomodel import jsonutil
 from gomodel.store.interfaces import IResponseStore
 
-_COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response"
+_COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant"
 
 
 @implementer(IResponseStore)
@@ -33,10 +33,11 @@ class SQLiteResponseStore:
         values = (record["id"], record["provider"], record.get("replica"), record["created_at"],
                   record.get("previous_response_id"),
                   record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
-                  raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"))
+                  raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"),
+                  record.get("tenant"))
         with self._db.transaction() as conn:
             conn.execute(
-                f"INSERT INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
                 "created_at = excluded.created_at, "
                 "previous_response_id = excluded.previous_response_id, status = excluded.status, "

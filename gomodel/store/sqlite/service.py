@@ -18,6 +18,7 @@ from gomodel.store.sqlite.blobs import LocalBlobStore
 from gomodel.store.sqlite.claims import SQLiteClaims
 from gomodel.store.sqlite.database import Database
 from gomodel.store.sqlite.files import SQLiteFileStore
+from gomodel.store.sqlite.keys import SQLiteBudgetStore, SQLiteKeyStore
 from gomodel.store.sqlite.responses import SQLiteResponseStore
 from gomodel.store.sqlite.usage import SQLiteUsageStore
 
@@ -34,6 +35,8 @@ class SQLiteStore(Service):
     @ivar responses: the L{IResponseStore}.
     @ivar claims: the L{IClaims}.
     @ivar usage: the L{IUsageStore}.
+    @ivar keys: the L{IKeyStore}.
+    @ivar budgets: the L{IBudgetStore}.
     """
 
     log = Logger()
@@ -53,6 +56,8 @@ class SQLiteStore(Service):
         self.responses = SQLiteResponseStore(self._db)
         self.claims = SQLiteClaims(self._db)
         self.usage = SQLiteUsageStore(self._db)
+        self.keys = SQLiteKeyStore(self._db)
+        self.budgets = SQLiteBudgetStore(self._db)
         self._started = None
 
     @property

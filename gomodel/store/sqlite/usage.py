@@ -7,7 +7,8 @@ from gomodel.store.records import USAGE_FIELDS as COLUMNS
 _BOOLEANS = ("stream", "client_gone", "estimated")
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
-            "search": "request_id LIKE ?"}
+            "search": "request_id LIKE ?", "key": "auth_key_id = ?",
+            "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
 
 
 @implementer(IUsageStore)
@@ -56,6 +57,9 @@ class SQLiteUsageStore:
             where.append(_FILTERS[name])
             if name == "provider":
                 args += [value, value]
+            elif name == "user_path":  # the path and everything under it
+                below = value.rstrip("/") + "/"
+                args += [value, len(below), below]
             elif name == "search":
                 args.append("%" + value.replace("%", "") + "%")
             else:
@@ -74,7 +78,8 @@ class SQLiteUsageStore:
             return conn.execute("DELETE FROM usage WHERE timestamp < ?", (timestamp,)).rowcount
 
 
-_GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model"}
+_GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model", "auth_key_id": "auth_key_id",
+           "user_path": "user_path"}
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
            "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0)")

@@ -1,0 +1,248 @@
+"""The admin API's managed keys, under C{/admin/api/v1/auth-keys} (GoModel's routes and field names).
+
+A key is created with its secret shown once (C{value}); afterwards only its
+redacted form (C{sk_gom_...abcd}) is ever shown. Times are ISO 8601 UTC
+strings, as GoModel answers; C{expires_at} is accepted as ISO 8601 or Unix
+seconds.
+"""
+
+import re
+import uuid
+from datetime import datetime, timezone
+
+from klein import Klein
+
+from gomodel.auth.keys import hash_secret, new_secret, redact
+from gomodel.errors import InvalidRequest, NotFound
+from gomodel.http.bodies import json_answer, json_body
+from gomodel.http.render import install as install_error_handlers
+
+PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
+_INTEGER_LIMITS = ("rpm", "tpm", "max_concurrency")
+_USER_PATH = re.compile(r"(/[A-Za-z0-9_\-@+~]+)+|/")
+
+
+class KeysAPI:
+    """C{POST|GET /auth-keys}, C{GET|PATCH /auth-keys/{id}}, C{POST /auth-keys/{id}/deactivate}."""
+
+    app = Klein()
+    app.url_map.strict_slashes = False
+
+    def __init__(self, store, ring, clock):
+        """
+        @param store: the L{gomodel.store.interfaces.IKeyStore}.
+        @param ring: the L{gomodel.auth.keys.KeyRing} (this process sees its edits at once).
+        """
+        self._store = store
+        self._ring = ring
+        self._clock = clock
+
+    @app.route("/", methods=["POST"])
+    async def create(self, request):
+        fields = key_fields(json_body(request), self._clock.seconds(), creating=True)
+        secret = new_secret()
+        record = await self._store.add(dict(
+            fields, id="key_" + uuid.uuid4().hex[:24], hash=hash_secret(secret), redacted=redact(secret),
+            created_at=int(self._clock.seconds())))
+        self._ring.merge([record])
+        request.setResponseCode(201)
+        return json_answer(request, dict(self._view(record), value=secret))
+
+    @app.route("/", methods=["GET"])
+    async def list(self, request):
+        return json_answer(request, {"object": "list", "data": [self._view(r) for r in await self._store.list()]})
+
+    @app.route("/<key_id>", methods=["GET"])
+    async def get(self, request, key_id):
+        return json_answer(request, self._view(await self._record(key_id)))
+
+    @app.route("/<key_id>", methods=["PATCH", "PUT"])
+    async def update(self, request, key_id):
+        changes = key_fields(json_body(request), self._clock.seconds(), creating=False)
+        record = await self._store.update(key_id, changes) if changes else await self._record(key_id)
+        if record is None:
+            raise _unknown(key_id)
+        self._ring.merge([record])
+        return json_answer(request, self._view(record))
+
+    @app.route("/<key_id>/deactivate", methods=["POST"])
+    async def deactivate(self, request, key_id):
+        record = await self._record(key_id)
+        if record["deactivated_at"] is None:
+            record = await self._store.update(key_id, {"deactivated_at": int(self._clock.seconds())})
+            self._ring.merge([record])
+        return json_answer(request, self._view(record))
+
+    async def _record(self, key_id):
+        record = await self._store.get(key_id)
+        if record is None:
+            raise _unknown(key_id)
+        return record
+
+    def _view(self, record) -> dict:
+        """What the admin API shows of a key: everything but its hash."""
+        now = self._clock.seconds()
+        expired = record["expires_at"] is not None and now >= record["expires_at"]
+        return {
+            "id": record["id"], "object": "auth_key", "name": record["name"],
+            "description": record["description"], "user_path": record["user_path"],
+            "redacted_value": record["redacted"], "models": record["models"],
+            "allowed_models": record["models"], "rpm": record["rpm"], "tpm": record["tpm"],
+            "max_concurrency": record["max_concurrency"], "budgets": record["budgets"],
+            "priority": record["priority"], "metadata": record["metadata"],
+            "own_cache_salt": record["own_cache_salt"],
+            "enabled": record["deactivated_at"] is None,
+            "active": record["deactivated_at"] is None and not expired,
+            "created_at": iso(record["created_at"]), "updated_at": iso(record["updated_at"]),
+            "expires_at": iso(record["expires_at"]), "deactivated_at": iso(record["deactivated_at"]),
+        }
+
+
+def _unknown(key_id):
+    return NotFound(f"No auth key '{key_id}'.", code="auth_key_not_found")
+
+
+def key_fields(body: dict, now: float, *, creating: bool) -> dict:
+    """The stored fields a create or update body sets, checked.
+
+    @raise InvalidRequest: a field is missing (C{name} on create) or malformed.
+    """
+    unknown = set(body) - {"name", "description", "user_path", "expires_at", "models", "allowed_models", "rpm",
+                           "tpm", "max_concurrency", "budgets", "priority", "metadata", "own_cache_salt"}
+    if unknown:
+        raise _bad(sorted(unknown)[0], "is not a field of an auth key")
+    fields = {}
+    if "name" in body or creating:
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise _bad("name", "must be a non-empty string of at most 200 characters")
+        fields["name"] = name.strip()
+    if "description" in body:
+        fields["description"] = _optional_text(body, "description", 2000)
+    if "user_path" in body:
+        fields["user_path"] = user_path(body["user_path"]) if body["user_path"] is not None else None
+    if "expires_at" in body:
+        fields["expires_at"] = expiry(body["expires_at"], now)
+    for name in ("models", "allowed_models"):
+        if name in body:
+            fields["models"] = _selectors(body[name], name)
+    for name in _INTEGER_LIMITS:
+        if name in body:
+            value = body[name]
+            if value is not None and (not _is_int(value) or value < 1):
+                raise _bad(name, "must be a whole number of 1 or more, or null")
+            fields[name] = value
+    if "budgets" in body:
+        fields["budgets"] = budgets(body["budgets"])
+    if "priority" in body:
+        if body["priority"] is not None and not _is_int(body["priority"]):
+            raise _bad("priority", "must be an integer, or null")
+        fields["priority"] = body["priority"]
+    if "metadata" in body:
+        metadata = body["metadata"]
+        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 64):
+            raise _bad("metadata", "must be a JSON object of at most 64 entries, or null")
+        fields["metadata"] = metadata
+    if "own_cache_salt" in body:
+        if not isinstance(body["own_cache_salt"], bool):
+            raise _bad("own_cache_salt", "must be true or false")
+        fields["own_cache_salt"] = body["own_cache_salt"]
+    return fields
+
+
+def user_path(value) -> str:
+    """A normalised user path (C{/team/alpha}), as GoModel accepts them.
+
+    @raise InvalidRequest: not a string of C{/}-separated plain segments (no C{.}, C{..} or C{:}).
+    """
+    if not isinstance(value, str):
+        raise _bad("user_path", "must be a string like '/team/alpha'")
+    path = "/" + "/".join(segment for segment in value.strip().split("/") if segment)
+    if not _USER_PATH.fullmatch(path) or len(path) > 256:
+        raise _bad("user_path", "must be '/'-separated segments of letters, digits, '_', '-', '@', '+' or '~'")
+    return path
+
+
+def expiry(value, now: float):
+    """Unix seconds from ISO 8601 text or a number; None for null.
+
+    @raise InvalidRequest: neither, or in the past.
+    """
+    if value is None:
+        return None
+    if _is_int(value) or isinstance(value, float):
+        seconds = int(value)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise _bad("expires_at", "must be ISO 8601 (2027-01-31T00:00:00Z) or Unix seconds") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        seconds = int(moment.timestamp())
+    else:
+        raise _bad("expires_at", "must be ISO 8601 (2027-01-31T00:00:00Z) or Unix seconds")
+    if seconds <= now:
+        raise _bad("expires_at", "is in the past")
+    return seconds
+
+
+def budgets(value) -> list:
+    """A key's budgets: C{[{"period", "max_tokens"} | {"period", "max_cost"}]}, one per period.
+
+    @raise InvalidRequest: malformed.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad("budgets", "must be a list of {period, max_tokens} or {period, max_cost}")
+    out, periods = [], set()
+    for item in value:
+        if not isinstance(item, dict) or item.get("period") not in PERIODS:
+            raise _bad("budgets", f"each needs a period: one of {', '.join(PERIODS)}")
+        if set(item) - {"period", "max_tokens", "max_cost"} or ("max_tokens" in item) == ("max_cost" in item):
+            raise _bad("budgets", "each sets exactly one of max_tokens and max_cost")
+        if item["period"] in periods:
+            raise _bad("budgets", f"the period {item['period']} is given twice")
+        periods.add(item["period"])
+        if "max_tokens" in item:
+            if not _is_int(item["max_tokens"]) or item["max_tokens"] < 1:
+                raise _bad("budgets", "max_tokens must be a whole number of 1 or more")
+        elif isinstance(item["max_cost"], bool) or not isinstance(item["max_cost"], (int, float)) \
+                or item["max_cost"] <= 0:
+            raise _bad("budgets", "max_cost must be a number above 0")
+        out.append(dict(item))
+    return out
+
+
+def iso(seconds):
+    """ISO 8601 UTC text of Unix C{seconds}, or None."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _selectors(value, name):
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(s, str) and s.strip() for s in value):
+        raise _bad(name, "must be a list of model selectors ('provider/', 'provider/model', a model or alias)")
+    return [s.strip() for s in value]
+
+
+def _optional_text(body, name, limit):
+    value = body[name]
+    if value is not None and (not isinstance(value, str) or len(value) > limit):
+        raise _bad(name, f"must be a string of at most {limit} characters, or null")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad(field, what):
+    return InvalidRequest(f"'{field}' {what}.", param=field, code="invalid_value")
+
+
+install_error_handlers(KeysAPI.app)

@@ -1,0 +1,73 @@
+"""Keeping tenants apart: who sees a stored object, and vLLM prefix-cache salts.
+
+Files, batches (and their output files) and stored responses made with a
+managed key belong to its tenant: its user path when it has one (a team
+shares them), else the key. Another key gets 404 for them and does not see
+them listed; the master key sees everything.
+
+vLLM shares its prefix cache between requests: a tenant could time another
+tenant's prompts through it. A request of a managed key sent to a vLLM
+provider carries a C{cache_salt} derived with a server secret from the key's
+tenant (its user path when it has one, so a team shares its cache, else the
+key), replacing a client's own unless the key is allowed one
+(C{own_cache_salt}). The master key's requests are left as they are.
+"""
+
+import hashlib
+import hmac
+import os
+
+from twisted.logger import Logger
+
+SALTED_PROVIDER_TYPES = frozenset(("vllm",))
+
+
+def tenant_of(principal):
+    """The tenant objects made by C{principal} belong to (None for the master key or nobody)."""
+    return None if principal is None else principal.tenant
+
+
+def visible(principal, record) -> bool:
+    """Whether C{principal} may see C{record} (a file, batch or stored response)."""
+    return principal is None or principal.master or record.get("tenant") == principal.tenant
+
+
+class CacheSalts:
+    """C{cache_salt} per tenant; C{mode} C{"off"} leaves bodies alone."""
+
+    log = Logger()
+
+    def __init__(self, mode="tenant", secret=None, master_key=None):
+        """
+        @param secret: C{CACHE_SALT_SECRET}; without it one is derived from C{master_key},
+            else a random one per process (salts then differ between workers, which only
+            costs cache hits: a warning says so).
+        """
+        self.enabled = mode != "off"
+        if secret:
+            key = secret.encode("utf-8")
+        elif master_key:
+            key = hmac.new(master_key.encode("utf-8"), b"gomodel cache_salt", hashlib.sha256).digest()
+        else:
+            key = os.urandom(32)
+            if self.enabled:
+                self.log.warn("neither CACHE_SALT_SECRET nor GOMODEL_MASTER_KEY is set: cache salts are random "
+                              "per process")
+        self._key = key
+        self._salts = {}
+
+    def salt(self, tenant: str) -> str:
+        """The salt of C{tenant} (stable for the same secret)."""
+        salt = self._salts.get(tenant)
+        if salt is None:
+            salt = self._salts[tenant] = hmac.new(self._key, tenant.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+        return salt
+
+    def apply(self, principal, upstream, body: dict):
+        """Set C{body["cache_salt"]} for a managed key's request to a vLLM provider (see the module)."""
+        if (not self.enabled or principal is None or principal.master
+                or upstream.type not in SALTED_PROVIDER_TYPES):
+            return
+        if principal.own_cache_salt and "cache_salt" in body:
+            return
+        body["cache_salt"] = self.salt(principal.tenant)

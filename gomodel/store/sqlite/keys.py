@@ -1,0 +1,109 @@
+"""L{IKeyStore} and L{IBudgetStore} on SQLite: managed keys (their hashes) and budgets by user path."""
+
+import json
+
+from zope.interface import implementer
+
+from gomodel import jsonutil
+from gomodel.store.interfaces import IBudgetStore, IKeyStore
+
+KEY_COLUMNS = ("id", "hash", "redacted", "name", "description", "user_path", "created_at", "updated_at",
+               "expires_at", "deactivated_at", "models", "rpm", "tpm", "max_concurrency", "budgets", "priority",
+               "metadata", "own_cache_salt")
+_JSON = ("models", "budgets", "metadata")
+_SELECT = f"SELECT {', '.join(KEY_COLUMNS)} FROM auth_keys"
+
+
+@implementer(IKeyStore)
+class SQLiteKeyStore:
+    """Managed keys in the C{auth_keys} table."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def add(self, record):
+        return self._db.run(self._add, dict(record, updated_at=self._db.now()))
+
+    def _add(self, record):
+        values = [_column(name, record.get(name)) for name in KEY_COLUMNS]
+        with self._db.transaction() as conn:
+            conn.execute(f"INSERT INTO auth_keys ({', '.join(KEY_COLUMNS)}) VALUES ({', '.join('?' * len(values))})",
+                         values)
+        return self._get(record["id"])
+
+    def get(self, key_id):
+        return self._db.run(self._get, key_id)
+
+    def _get(self, key_id):
+        row = self._db.conn().execute(f"{_SELECT} WHERE id = ?", (key_id,)).fetchone()
+        return _record(row) if row is not None else None
+
+    def list(self):
+        return self._db.run(lambda: [_record(r) for r in self._db.conn().execute(f"{_SELECT} ORDER BY seq")])
+
+    def update(self, key_id, changes):
+        return self._db.run(self._update, key_id, dict(changes), self._db.now())
+
+    def _update(self, key_id, changes, now):
+        changes["updated_at"] = now
+        names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "hash", "created_at")]
+        with self._db.transaction() as conn:
+            updated = conn.execute(f"UPDATE auth_keys SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+                                   [_column(n, changes[n]) for n in names] + [key_id]).rowcount
+        return self._get(key_id) if updated else None
+
+    def changed_since(self, updated_at):
+        return self._db.run(lambda: [_record(r) for r in self._db.conn().execute(
+            f"{_SELECT} WHERE updated_at > ? ORDER BY updated_at", (updated_at,))])
+
+
+def _column(name, value):
+    if name in _JSON:
+        return None if value is None else jsonutil.dumps(value).decode("utf-8")
+    if name == "own_cache_salt":
+        return 1 if value else 0
+    return value
+
+
+def _record(row) -> dict:
+    record = dict(zip(KEY_COLUMNS, row))
+    for name in _JSON:
+        if record[name] is not None:
+            record[name] = json.loads(record[name])
+    record["budgets"] = record["budgets"] or []
+    record["own_cache_salt"] = bool(record["own_cache_salt"])
+    return record
+
+
+_BUDGET_COLUMNS = ("user_path", "period", "max_tokens", "max_cost", "updated_at")
+
+
+@implementer(IBudgetStore)
+class SQLiteBudgetStore:
+    """Budgets by user path in the C{budgets} table."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def list(self):
+        return self._db.run(lambda: [dict(zip(_BUDGET_COLUMNS, r)) for r in self._db.conn().execute(
+            f"SELECT {', '.join(_BUDGET_COLUMNS)} FROM budgets ORDER BY user_path, period")])
+
+    def put(self, user_path, period, max_tokens, max_cost):
+        return self._db.run(self._put, user_path, period, max_tokens, max_cost, self._db.now())
+
+    def _put(self, user_path, period, max_tokens, max_cost, now):
+        with self._db.transaction() as conn:
+            conn.execute("INSERT INTO budgets (user_path, period, max_tokens, max_cost, updated_at) "
+                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_path, period) DO UPDATE SET "
+                         "max_tokens = excluded.max_tokens, max_cost = excluded.max_cost, "
+                         "updated_at = excluded.updated_at", (user_path, period, max_tokens, max_cost, now))
+        return {"user_path": user_path, "period": period, "max_tokens": max_tokens, "max_cost": max_cost,
+                "updated_at": now}
+
+    def delete(self, user_path, period):
+        def delete():
+            with self._db.transaction() as conn:
+                return conn.execute("DELETE FROM budgets WHERE user_path = ? AND period = ?",
+                                    (user_path, period)).rowcount > 0
+        return self._db.run(delete)

@@ -1,0 +1,372 @@
+"""Managed keys: the admin API, keys used by the openai SDK, model allowlists, tenants kept apart, cache_salt."""
+
+import io
+import json
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet.task import Clock
+
+from gomodel.auth.keys import KeyRing, hash_secret
+from tests.support import in_thread, openai_client, start_fake, start_gateway
+
+MASTER = "master-k"
+ADMIN = {"authorization": f"Bearer {MASTER}", "content-type": "application/json"}
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+OTHER = "openai-other/meta-llama/Llama-3.1-8B-Instruct"
+KEYS = "/admin/api/v1/auth-keys"
+
+
+@pytest_twisted.async_yield_fixture()
+async def two(reactor):
+    """Two fake upstreams: a vLLM and an OpenAI-compatible one."""
+    first, second = await start_fake(reactor), await start_fake(reactor)
+    yield first, second
+    await first.stop()
+    await second.stop()
+
+
+@pytest_twisted.async_yield_fixture()
+async def gw(reactor, two, tmp_path):
+    first, second = two
+    gateway = await start_gateway(reactor, {
+        "VLLM_BASE_URL": first.base_url, "OPENAI_OTHER_BASE_URL": second.base_url, "OPENAI_OTHER_API_KEY": "sk-up",
+        "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    yield gateway
+    await gateway.service.stopService()
+
+
+async def admin(http, gw, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    response = await http.request(method, gw.url + path, data=data, headers=ADMIN)
+    return response.code, json.loads(await treq.content(response))
+
+
+async def new_key(http, gw, **fields):
+    code, key = await admin(http, gw, "POST", KEYS, dict({"name": "team"}, **fields))
+    assert code == 201, key
+    return key
+
+
+async def chat(client, model=MODEL, **extra):
+    return await in_thread(client.chat.completions.create, model=model,
+                           messages=[{"role": "user", "content": "hi"}], max_tokens=5, **extra)
+
+
+# -- the admin API -------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_list_get_patch_deactivate(http, gw):
+    key = await new_key(http, gw, description="CI", user_path="team//alpha/", expires_at="2999-01-01T00:00:00Z",
+                        models=["vllm/"], rpm=60, budgets=[{"period": "daily", "max_tokens": 1000}],
+                        metadata={"owner": "ops"})
+    secret = key["value"]
+    assert secret.startswith("sk_gom_") and len(secret) == 7 + 64
+    assert key["id"].startswith("key_")
+    assert key["redacted_value"] == f"sk_gom_...{secret[-4:]}"
+    assert (key["name"], key["description"], key["user_path"], key["models"], key["rpm"]) == (
+        "team", "CI", "/team/alpha", ["vllm/"], 60)
+    assert key["expires_at"] == "2999-01-01T00:00:00Z" and key["active"] is True and key["enabled"] is True
+    assert "hash" not in key
+
+    code, listed = await admin(http, gw, "GET", KEYS)
+    assert code == 200 and [k["id"] for k in listed["data"]] == [key["id"]]
+    text = json.dumps(listed)
+    assert secret not in text and secret[7:] not in text and hash_secret(secret) not in text
+    assert "value" not in listed["data"][0]
+
+    code, changed = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"rpm": None, "name": "renamed"})
+    assert code == 200 and (changed["rpm"], changed["name"], changed["user_path"]) == (None, "renamed", "/team/alpha")
+    code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert code == 200 and got["name"] == "renamed" and "value" not in got
+
+    code, off = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/deactivate")
+    assert code == 200 and off["active"] is False and off["deactivated_at"] is not None
+    code, error = await admin(http, gw, "GET", f"{KEYS}/key_nope")
+    assert code == 404 and error["error"]["code"] == "auth_key_not_found"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "name"),
+    ({"name": ""}, "name"),
+    ({"name": "x", "user_path": "/a/../b"}, "user_path"),
+    ({"name": "x", "user_path": "/a:b"}, "user_path"),
+    ({"name": "x", "expires_at": "yesterday"}, "expires_at"),
+    ({"name": "x", "expires_at": 1000}, "expires_at"),
+    ({"name": "x", "rpm": 0}, "rpm"),
+    ({"name": "x", "tpm": "many"}, "tpm"),
+    ({"name": "x", "models": "vllm/"}, "models"),
+    ({"name": "x", "budgets": [{"period": "yearly", "max_tokens": 5}]}, "budgets"),
+    ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 5, "max_cost": 1}]}, "budgets"),
+    ({"name": "x", "budgets": [{"period": "daily", "max_cost": -1}]}, "budgets"),
+    ({"name": "x", "secret": "mine"}, "secret"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_key_bodies_are_400s_naming_the_field(http, gw, body, param):
+    code, error = await admin(http, gw, "POST", KEYS, body)
+    assert code == 400, error
+    assert error["error"]["param"] == param
+
+
+@pytest_twisted.ensureDeferred
+async def test_expires_at_takes_unix_seconds(http, gw):
+    key = await new_key(http, gw, expires_at=32503680000)
+    assert key["expires_at"] == "3000-01-01T00:00:00Z"
+
+
+# -- using a key ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_key_works_by_bearer_and_x_api_key_until_deactivated(http, gw, two):
+    key = await new_key(http, gw)
+    client = openai_client(gw, key["value"])
+    try:
+        answer = await chat(client)
+        assert answer.choices[0].message.content
+        upstream = two[0].requests[-1]
+        assert key["value"] not in upstream.raw_body.decode() and MASTER not in str(upstream.headers)
+        assert upstream.header("authorization") is None or key["value"] not in upstream.header("authorization")
+        response = await http.get(gw.url + "/v1/models", headers={"x-api-key": key["value"]})
+        assert response.code == 200
+        await treq.content(response)
+
+        await admin(http, gw, "POST", f"{KEYS}/{key['id']}/deactivate")
+        with pytest.raises(openai.AuthenticationError):
+            await chat(client)
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_key_never_reaches_admin_or_metrics(http, gw):
+    key = await new_key(http, gw)
+    for path in (KEYS, "/admin/api/v1/providers/status", "/metrics"):
+        response = await http.get(gw.url + path, headers={"authorization": f"Bearer {key['value']}"})
+        assert response.code == 403, path
+        assert json.loads(await treq.content(response))["error"]["code"] == "master_key_required"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deactivation_reaches_another_process_on_its_next_refresh(reactor, http, gw, two, tmp_path):
+    other = await start_gateway(reactor, {"VLLM_BASE_URL": two[0].base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                          "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        key = await new_key(http, gw)
+        await other.service.keys.refresh()
+        client = openai_client(other, key["value"])
+        try:
+            await chat(client)
+            await admin(http, gw, "POST", f"{KEYS}/{key['id']}/deactivate")
+            await other.service.keys.refresh()  # what its loop does every second
+            with pytest.raises(openai.AuthenticationError):
+                await chat(client)
+        finally:
+            client.close()
+    finally:
+        await other.service.stopService()
+
+
+def test_the_key_ring_refuses_a_key_once_it_expires():
+    clock = Clock()
+    clock.advance(1000)
+    ring = KeyRing(store=None, clock=clock)
+    ring.merge([{"id": "key_1", "hash": hash_secret("sk_gom_x"), "name": "n", "expires_at": 1010,
+                 "deactivated_at": None, "updated_at": 1.0}])
+    assert ring.find(b"sk_gom_x").id == "key_1"
+    assert ring.find(b"sk_gom_y") is None
+    clock.advance(10)
+    assert ring.find(b"sk_gom_x") is None
+    assert ring.by_id("key_1").id == "key_1"
+
+
+# -- model allowlists ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_uses_and_lists_only_its_models(http, gw):
+    key = await new_key(http, gw, models=["vllm/"])
+    client = openai_client(gw, key["value"])
+    try:
+        await chat(client)
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await chat(client, OTHER)
+        assert denied.value.code == "model_access_denied"
+        listed = await in_thread(client.models.list)
+        assert [m.id for m in listed.data] == [MODEL]
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(client.models.retrieve, OTHER)
+    finally:
+        client.close()
+    bare = await new_key(http, gw, models=[OTHER])
+    client = openai_client(gw, bare["value"])
+    try:
+        await chat(client, OTHER)
+        with pytest.raises(openai.PermissionDeniedError):
+            await chat(client)
+    finally:
+        client.close()
+
+
+# -- tenants -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_batches_and_responses_belong_to_their_tenant(http, gw):
+    alpha1 = await new_key(http, gw, user_path="/team/alpha")
+    alpha2 = await new_key(http, gw, user_path="/team/alpha")
+    beta = await new_key(http, gw)
+    clients = {name: openai_client(gw, key["value"]) for name, key in
+               (("alpha1", alpha1), ("alpha2", alpha2), ("beta", beta))}
+    clients["master"] = openai_client(gw, MASTER)
+    try:
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}
+        uploaded = await in_thread(clients["alpha1"].files.create,
+                                   file=("in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")), purpose="batch")
+        # The team shares; another key neither sees nor reaches it; the master key sees all.
+        assert (await in_thread(clients["alpha2"].files.retrieve, uploaded.id)).id == uploaded.id
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(clients["beta"].files.retrieve, uploaded.id)
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(clients["beta"].files.content, uploaded.id)
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(clients["beta"].files.delete, uploaded.id)
+        assert [f.id for f in (await in_thread(clients["beta"].files.list)).data] == []
+        assert [f.id for f in (await in_thread(clients["master"].files.list)).data] == [uploaded.id]
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(clients["beta"].batches.create, input_file_id=uploaded.id,
+                            endpoint="/v1/chat/completions", completion_window="24h")
+
+        batch = await in_thread(clients["alpha2"].batches.create, input_file_id=uploaded.id,
+                                endpoint="/v1/chat/completions", completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        done = await in_thread(clients["alpha1"].batches.retrieve, batch.id)
+        assert done.status == "completed"
+        assert (await in_thread(clients["alpha1"].files.retrieve, done.output_file_id)).id == done.output_file_id
+        for call in (lambda: clients["beta"].batches.retrieve(batch.id),
+                     lambda: clients["beta"].batches.cancel(batch.id),
+                     lambda: clients["beta"].files.retrieve(done.output_file_id)):
+            with pytest.raises(openai.NotFoundError):
+                await in_thread(call)
+        assert [b.id for b in (await in_thread(clients["beta"].batches.list)).data] == []
+        assert [b.id for b in (await in_thread(clients["master"].batches.list)).data] == [batch.id]
+
+        response = await in_thread(clients["alpha1"].responses.create, model=MODEL, input="hi")
+        await gw.service.store.responses.get(response.id)  # queued behind the write: stored now
+        assert (await in_thread(clients["alpha2"].responses.retrieve, response.id)).id == response.id
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(clients["beta"].responses.retrieve, response.id)
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(clients["beta"].responses.delete, response.id)
+        with pytest.raises(openai.NotFoundError):  # nor continue another tenant's conversation
+            await in_thread(clients["beta"].responses.create, model=MODEL, input="more",
+                            previous_response_id=response.id)
+        assert (await in_thread(clients["master"].responses.retrieve, response.id)).id == response.id
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+# -- cache_salt and priority -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_salt_per_tenant_as_vllm_receives_it(http, gw, two):
+    fake = two[0]
+    alpha1 = await new_key(http, gw, user_path="/team/alpha")
+    alpha2 = await new_key(http, gw, user_path="/team/alpha")
+    beta = await new_key(http, gw)
+    own = await new_key(http, gw, own_cache_salt=True)
+
+    async def salt_of(secret, **extra):
+        client = openai_client(gw, secret)
+        try:
+            await chat(client, extra_body=extra)
+        finally:
+            client.close()
+        return fake.requests[-1].body.get("cache_salt", "-")
+
+    first = await salt_of(beta["value"])
+    assert len(first) == 32 and first == await salt_of(beta["value"])  # stable
+    assert await salt_of(beta["value"], cache_salt="mine") == first  # a client's own is replaced
+    team = await salt_of(alpha1["value"])
+    assert team == await salt_of(alpha2["value"]) and team != first  # a team shares its cache
+    assert await salt_of(own["value"], cache_salt="mine") == "mine"  # unless the key may choose
+    assert await salt_of(MASTER) == "-"  # the master key's requests are left alone
+    assert await salt_of(MASTER, cache_salt="x") == "x"
+    other = openai_client(gw, beta["value"])
+    try:  # an OpenAI-compatible provider that is not vLLM gets no cache_salt
+        await chat(other, OTHER)
+        assert "cache_salt" not in two[1].requests[-1].body
+    finally:
+        other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_salt_mode_off(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "CACHE_SALT_MODE": "off"})
+    try:
+        key = await new_key(http, gw)
+        client = openai_client(gw, key["value"])
+        try:
+            await chat(client)
+        finally:
+            client.close()
+        assert "cache_salt" not in fake.requests[-1].body
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_priority_goes_upstream_only_where_priority_scheduling_is_on(reactor, http, two):
+    first, second = two
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "VLLM_OTHER_BASE_URL": second.base_url,
+        "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        key = await new_key(http, gw, priority=-5)
+        client = openai_client(gw, key["value"])
+        try:
+            await chat(client, extra_headers={"X-Request-Priority": "-100"})  # the key's wins
+            assert first.requests[-1].body["priority"] == -5
+            await chat(client, "vllm-other/meta-llama/Llama-3.1-8B-Instruct")
+            assert "priority" not in second.requests[-1].body
+        finally:
+            client.close()
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_records_name_the_key_and_its_user_path(http, gw):
+    key = await new_key(http, gw, user_path="/team/alpha")
+    client = openai_client(gw, key["value"])
+    try:
+        await chat(client)
+    finally:
+        client.close()
+    await gw.service.usage.flush()
+    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+    assert code == 200
+    record = log["data"][0]
+    assert (record["auth_key_id"], record["user_path"]) == (key["id"], "/team/alpha")
+    assert key["value"] not in json.dumps(log)
+    master = openai_client(gw, MASTER)
+    try:
+        await chat(master)
+    finally:
+        master.close()
+    await gw.service.usage.flush()
+    code, by_key = await admin(http, gw, "GET", "/admin/api/v1/usage/keys")
+    assert {row["auth_key_id"]: row["requests"] for row in by_key["data"]} == {None: 1, key["id"]: 1}
+    code, by_path = await admin(http, gw, "GET", "/admin/api/v1/usage/user-paths")
+    assert {row["user_path"]: row["requests"] for row in by_path["data"]} == {None: 1, "/team/alpha": 1}
+    for query, count in ((f"key={key['id']}", 1), ("user_path=/team", 1), ("user_path=/team/alpha", 1),
+                         ("user_path=/tea", 0), ("user_path=/team/alpha/x", 0)):
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log?" + query)
+        assert len(log["data"]) == count, query
