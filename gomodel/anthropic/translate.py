@@ -24,7 +24,7 @@ from gomodel import jsonutil
 from gomodel.errors import InvalidRequest
 from gomodel.http.render import AnthropicDialect
 from gomodel.interfaces import IStreamObserver
-from gomodel.proxy.sse import SSEFramer, StreamIncomplete, event_data
+from gomodel.proxy.sse import SSEFramer, event_data, event_object, require_end
 
 # Claude Code's first system block carries a per-request hash; dropping it keeps
 # the prompt prefix stable for the upstream's prefix cache (vLLM does the same).
@@ -673,10 +673,7 @@ class ChatToMessagesStream:
 
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
-        if self._framer.pending.strip():
-            raise StreamIncomplete("the upstream stream ended inside an event")
-        if not self.done:
-            raise StreamIncomplete("the upstream stream ended without [DONE]")
+        require_end(self._framer, self.done, "without [DONE]")
 
     # -- building -----------------------------------------------------------------
 
@@ -837,11 +834,8 @@ class MessagesStreamObserver:
         return b"".join(events)
 
     def _observe(self, event):
-        try:
-            payload = jsonutil.loads(event_data(event))
-        except jsonutil.JSONError:
-            return
-        if not isinstance(payload, dict):
+        payload = event_object(event)
+        if payload is None:
             return
         kind = payload.get("type")
         if kind == "message_start":
@@ -865,7 +859,4 @@ class MessagesStreamObserver:
 
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
-        if self._framer.pending.strip():
-            raise StreamIncomplete("the upstream stream ended inside an event")
-        if not self.done:
-            raise StreamIncomplete("the upstream stream ended before message_stop")
+        require_end(self._framer, self.done, "before message_stop")

@@ -19,17 +19,16 @@ checked before a request and charged from the usage ledger's records
 (L{Gate.spend}), so batch lines and passthrough count like any request.
 """
 
-from twisted.application.service import Service
 from twisted.internet.defer import ensureDeferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
+from gomodel.periodic import Periodic
 
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
-class Gate(Service):
+class Gate(Periodic):
     """Admits requests under rate limits and budgets (see the module docstring).
 
     As a service it re-reads the budgets set through the admin API every
@@ -46,34 +45,20 @@ class Gate(Service):
         @param keys: the L{gomodel.auth.keys.KeyRing} (a usage record names its key by id).
         @param budgets: the L{gomodel.store.interfaces.IBudgetStore}, or None.
         """
+        super().__init__(clock, interval)
         self._limiter = limiter
         self._book = book
         self._quotas = quotas
         self._keys = keys
         self._store = budgets
-        self._clock = clock
-        self._interval = interval
-        self._loop = None
         self._path_budgets = {}  # user path -> (Budget, ...) set through the admin API
-
-    def startService(self):
-        super().startService()
-        if self._store is not None and self._book is not None:
-            self._loop = LoopingCall(self.refresh)
-            self._loop.clock = self._clock
-            self._loop.start(self._interval, now=True)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
 
     def refresh(self):
         """Re-read the budgets set through the admin API.
 
         @return: a Deferred firing with None; a failure is logged (the last ones stay).
         """
-        if self._store is None:
+        if self._store is None or self._book is None:
             return succeed(None)
         d = self._store.list()
         d.addCallback(self.set_path_budgets)
