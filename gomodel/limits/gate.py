@@ -19,7 +19,7 @@ checked before a request and charged from the usage ledger's records
 (L{Gate.spend}), so batch lines and passthrough count like any request.
 """
 
-from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
@@ -52,6 +52,10 @@ class Gate(Periodic):
         self._keys = keys
         self._store = budgets
         self._path_budgets = {}  # user path -> (Budget, ...) set through the admin API
+        # What a key's requests pass, worked out once per key version (the key ring makes a new
+        # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes, own).
+        self._plans = {}
+        self._targets = {}  # (provider, model) -> its limit scopes (the configuration is fixed)
 
     def refresh(self):
         """Re-read the budgets set through the admin API.
@@ -73,13 +77,31 @@ class Gate(Periodic):
         for record in records:
             budgets.setdefault(record["user_path"], []).append(
                 Budget(record["period"], max_tokens=record["max_tokens"], max_cost=record["max_cost"]))
-        self._path_budgets = {path: tuple(items) for path, items in budgets.items()}
+        budgets = {path: tuple(items) for path, items in budgets.items()}
+        if budgets != self._path_budgets:
+            self._path_budgets = budgets
+            self._plans = {}
 
     def budget_scopes(self, principal):
         """C{[(scope, (Budget, ...))]} that a request of C{principal} spends from."""
         if principal is None or principal.master:
             return []
-        return self._budget_scopes(principal.id, principal.budgets, principal.user_path)
+        return self._plan(principal)[1]
+
+    def _plan(self, principal):
+        plan = self._plans.get(principal.id)
+        if plan is None or plan[0] is not principal:
+            limits, own = [], None
+            limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
+            if limit:
+                own = f"key:{principal.id}"
+                limits.append((own, limit))
+            limits.extend(self._quotas.path_scopes(principal.user_path))
+            budgets = self._budget_scopes(principal.id, principal.budgets, principal.user_path)
+            if len(self._plans) > 100000:
+                self._plans.clear()
+            plan = self._plans[principal.id] = (principal, budgets, limits, own)
+        return plan
 
     def _budget_scopes(self, key_id, budgets, path):
         scopes = []
@@ -119,20 +141,23 @@ class Gate(Periodic):
             request.setHeader(name, value)
 
     def _scopes(self, principal, upstream, model):
-        scopes, own = [], None
-        if principal is not None and not principal.master:
-            limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
-            if limit:
-                own = f"key:{principal.id}"
-                scopes.append((own, limit))
-            scopes.extend(self._quotas.path_scopes(principal.user_path))
-        scopes.extend(self._quotas.target_scopes(upstream.name, model))
-        return scopes, own
+        targets = self._target_scopes(upstream.name, model)
+        if principal is None or principal.master:
+            return targets, None
+        _, _, limits, own = self._plan(principal)
+        return (limits + targets if targets else limits), own
+
+    def _target_scopes(self, provider, model):
+        scopes = self._targets.get((provider, model))
+        if scopes is None:
+            if len(self._targets) > 10000:
+                self._targets.clear()
+            scopes = self._targets[provider, model] = self._quotas.target_scopes(provider, model)
+        return scopes
 
     def saturated(self, upstream, model) -> bool:
         """Whether C{upstream}'s provider or C{model} is at its limit (routing then prefers another target)."""
-        return any(self._limiter.saturated(scope, limit)
-                   for scope, limit in self._quotas.target_scopes(upstream.name, model))
+        return any(self._limiter.saturated(scope, limit) for scope, limit in self._target_scopes(upstream.name, model))
 
     def completed(self, ctx):
         """A request-context sink: settle its reservation with the real usage and free its slots."""
@@ -155,7 +180,7 @@ class Gate(Periodic):
         else:  # a key no longer known: its path's budgets still count
             scopes = self._budget_scopes(None, (), user_path)
         if scopes:
-            ensureDeferred(self._book.record(scopes, tokens, cost)).addErrback(
+            self._book.record(scopes, tokens, cost).addErrback(
                 lambda f: self.log.failure("charging a budget", f))
 
     async def check_budgets(self, principal):
