@@ -10,7 +10,7 @@ from zope.interface.verify import verifyObject
 from gomodel.errors import StorageUnavailable
 from gomodel.store import IBlobStore, IBlobWriter
 from gomodel.store.sqlite.blobs import _LocalWriter
-from tests.stores import backend, put_blob, store  # noqa: F401 (fixtures)
+from tests.stores import backend, put_blob, sqlite_store, store  # noqa: F401 (fixtures)
 
 
 @pytest_twisted.ensureDeferred
@@ -55,7 +55,7 @@ async def test_an_empty_blob_can_be_committed(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_disk_io_never_runs_on_the_reactor_thread(store, monkeypatch):
+async def test_disk_io_never_runs_on_the_reactor_thread(sqlite_store, monkeypatch):
     """D8: opens, writes, renames and reads happen in the blob store's threads."""
     seen = []
     for name in ("_write", "_commit"):
@@ -66,12 +66,14 @@ async def test_disk_io_never_runs_on_the_reactor_thread(store, monkeypatch):
             return _original(self, *args)
 
         monkeypatch.setattr(_LocalWriter, name, spy)
+    store = sqlite_store
     await put_blob(store.blobs, "file-t", b"x" * 20)
     assert len(seen) == 4 and not any(seen)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_write_fails_every_later_call(store, tmp_path):
+async def test_a_failed_write_fails_every_later_call(sqlite_store, tmp_path):
+    store = sqlite_store
     os.makedirs(store.blobs.root, exist_ok=True)
     with open(store.blobs.spool_dir, "w"):  # the spool cannot be created: a broken disk
         pass
@@ -84,8 +86,8 @@ async def test_a_failed_write_fails_every_later_call(store, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_sweeps_go_by_age_so_a_write_in_progress_is_kept(store):
-    blobs = store.blobs
+async def test_sweeps_go_by_age_so_a_write_in_progress_is_kept(sqlite_store):
+    blobs = sqlite_store.blobs
     await put_blob(blobs, "file-old", b"x")
     await put_blob(blobs, "file-new", b"y")
     receiving = blobs.create()
