@@ -105,3 +105,28 @@ async def test_sweeps_go_by_age_so_a_write_in_progress_is_kept(sqlite_store):
     assert os.listdir(blobs.spool_dir) == [os.path.basename(receiving._path)]
     assert await receiving.commit("file-received") == 14
     await cut_short.abort()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ranges_and_lines_across_chunk_boundaries_read_back_exactly(store):
+    import random
+
+    rng = random.Random(7)
+    lines = [bytes(rng.choice(b"abcdefgh") for _ in range(rng.randrange(0, 300))) for _ in range(400)]
+    lines[100] = b"L" * 5000  # over-long, in the middle of several writes
+    content = b"\n".join(lines) + b"\n"
+    writer = store.blobs.create()
+    at = 0
+    while at < len(content):  # uneven writes, as uploads and batch outputs arrive
+        size = rng.choice((1, 7, 1000, 4096, 65536))
+        await writer.write(content[at:at + size])
+        at += size
+    assert await writer.commit("file-big") == len(content)
+    for _ in range(30):
+        offset, length = rng.randrange(0, len(content) + 10), rng.randrange(0, 20000)
+        assert await store.blobs.read("file-big", offset, length) == content[offset:offset + length]
+    seen, offset = [], 0
+    while offset is not None:
+        got, offset = await store.blobs.read_lines("file-big", offset, 37, 400)
+        seen.extend(got)
+    assert seen == [line if len(line) <= 400 else None for line in lines]

@@ -26,6 +26,7 @@ from gomodel.store.postgresql.migrations import migrate
 from gomodel.store.threads import OwnedThreads
 
 POOL_TIMEOUT = 5.0  # how long a job waits for a connection before it is a 503
+DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
 PROBE_INTERVAL = 2.0
 OPEN_BACKOFF = (0.5, 10.0)  # the first and the longest wait between attempts to open
@@ -126,12 +127,15 @@ class Database:
         return d
 
     def _open_in_thread(self):
+        import psycopg
+
         pool = self._pool
         if pool is None:
             raise StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping).")
-        pool.open(wait=False)
-        with pool.connection() as conn:
+        # Its own connection: a refused one fails now, not after the pool's timeout.
+        with psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             migrate(conn)
+        pool.open(wait=False)
 
     def _check(self):
         if not self._opened or self._pool is None or self.problem is None:
@@ -194,7 +198,8 @@ class Database:
         if pool is None:
             raise StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping).")
         try:
-            with pool.connection() as conn:
+            # Known down: fail fast instead of queueing every request for the pool's whole timeout.
+            with pool.connection(timeout=POOL_TIMEOUT if self.problem is None else DOWN_TIMEOUT) as conn:
                 result = f(conn, *args)
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
             reason = _reason(e)
