@@ -2,13 +2,17 @@
 
 Any host finds a stored response and the replica that made it, so a
 C{previous_response_id} follow-up reaches that replica whichever host it
-lands on.
+lands on. A response is kept without waiting for the write (L{keep}), so
+a client may send its follow-up to another host before the write is
+committed: a read that finds nothing looks again a few times within
+C{MISS_GRACE} seconds (on the reactor's clock, holding no connection).
 """
 
 import json
 
 from psycopg.rows import dict_row
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -16,6 +20,7 @@ from gomodel import jsonutil
 from gomodel.errors import StorageUnavailable
 from gomodel.store.interfaces import IResponseStore
 
+MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
 _COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant"
 
 
@@ -25,8 +30,12 @@ class PostgreSQLResponseStore:
 
     log = Logger()
 
-    def __init__(self, db):
+    def __init__(self, db, clock):
+        """
+        @param clock: an C{IReactorTime} for the waits of a read that found nothing.
+        """
         self._db = db
+        self._clock = clock
         self._keeping = set()  # writes of keep() in flight: later reads and writes wait for them
 
     def _after_keeps(self, f, *args):
@@ -68,7 +77,16 @@ class PostgreSQLResponseStore:
             "status = excluded.status, input_items = excluded.input_items, response = excluded.response", values)
 
     def get(self, response_id):
-        return self._after_keeps(self._get, response_id)
+        return Deferred.fromCoroutine(self._get_or_wait(response_id))
+
+    async def _get_or_wait(self, response_id):
+        record = await self._after_keeps(self._get, response_id)
+        for wait in MISS_GRACE:
+            if record is not None:
+                break
+            await deferLater(self._clock, wait, lambda: None)  # another host may be committing it
+            record = await self._db.run(self._get, response_id)
+        return record
 
     @staticmethod
     def _get(conn, response_id):

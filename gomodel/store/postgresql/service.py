@@ -48,7 +48,7 @@ class PostgreSQLStore(Service):
         self.files = PostgreSQLFileStore(self._db)
         self.blobs = PostgreSQLBlobStore(self._db, reactor)
         self.batches = PostgreSQLBatchStore(self._db)
-        self.responses = PostgreSQLResponseStore(self._db)
+        self.responses = PostgreSQLResponseStore(self._db, reactor)
         self.claims = PostgreSQLClaims(self._db)
         self.usage = PostgreSQLUsageStore(self._db)
         self.keys = PostgreSQLKeyStore(self._db)
