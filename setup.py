@@ -40,6 +40,13 @@ setup(
         # (REDIS_URL): redis-py is the client Redis itself maintains (Lua Script objects with
         # EVALSHA, connection pooling); it runs in a small owned thread pool, off the reactor.
         "redis>=5,<9",
+        # STORAGE_TYPE=postgresql (several gateway hosts on one database): psycopg 3 is the
+        # maintained PostgreSQL driver (server-side parameters, COPY, typed errors telling a lost
+        # connection from a bad statement); psycopg-pool is its own connection pool, which checks a
+        # connection before lending it and replaces broken ones. Both run in an owned thread pool,
+        # off the reactor. The binary extra ships libpq, so no system library is needed.
+        "psycopg[binary]>=3.2,<4",
+        "psycopg-pool>=3.2,<4",
     ],
     extras_require={
         # OpenTelemetry (OTEL_ENABLED=true): the official API and SDK, exporting over OTLP/HTTP

@@ -85,12 +85,13 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     gateway.monitor.setServiceParent(gateway)
     exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts)
     owner = process_owner()
-    gateway.store = store = SQLiteStore(config.store.data_dir, reactor)
+    gateway.store = store = _store(config.store, reactor)
 
     # Limits and budgets: counters in this process, or shared through Redis (REDIS_URL).
     gateway.keys = KeyRing(store.keys, reactor)
+    shared_counters = None
     if config.store.redis_url:
-        counters = RedisCounters.from_url(config.store.redis_url, reactor)
+        counters = shared_counters = RedisCounters.from_url(config.store.redis_url, reactor)
         CountersService(counters).setServiceParent(gateway)
     else:
         counters = LocalCounters(reactor)
@@ -109,6 +110,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
+                                       lease=config.limits.batch_lease_timeout,
                                        usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate)
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
@@ -158,7 +160,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
     gateway.drain.site = gateway.site
-    app.readiness = Readiness(gateway.drain, gateway.registry, store)
+    app.readiness = Readiness(gateway.drain, gateway.registry, store, shared_counters)
 
     # Listeners, and the processes that share them.
     for description in config.server.listen:
@@ -177,6 +179,16 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     elif role == "worker":
         ParentWatch(reactor).setServiceParent(gateway)
     return gateway
+
+
+def _store(settings, reactor):
+    """The store service of C{STORAGE_TYPE}: SQLite in C{GOMODEL_DATA_DIR} (one host), or PostgreSQL
+    (C{POSTGRES_URL}, shared by every host; psycopg is imported only then)."""
+    if settings.storage_type == "postgresql":
+        from gomodel.store.postgresql import PostgreSQLStore
+
+        return PostgreSQLStore(settings.postgres_url, reactor, max_conns=settings.postgres_max_conns)
+    return SQLiteStore(settings.data_dir, reactor)
 
 
 def _pool(provider, routing, relay_client, http, clock, timeouts) -> ReplicaPool:

@@ -51,12 +51,15 @@ class GatewayApp:
 
     @app.route("/health/ready", methods=["GET", "HEAD"])
     def ready(self, request):
-        """200 when the gateway should get traffic; 503 with the reasons while it should not."""
+        """200 when the gateway should get traffic (C{degraded}, naming what is down, when the database or
+        Redis is); 503 with the reasons while it should not."""
         reasons = self.readiness.reasons() if self.readiness is not None else []
+        down = self.readiness.down() if self.readiness is not None else {}
         if reasons:
             request.setResponseCode(503)
-            return json_answer(request, {"status": "not_ready", "reasons": reasons})
-        return json_answer(request, {"status": "ready"})
+            body = {"status": "not_ready", "reasons": reasons}
+            return json_answer(request, dict(body, down=down) if down else body)
+        return json_answer(request, {"status": "degraded", "down": down} if down else {"status": "ready"})
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request):
