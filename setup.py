@@ -42,6 +42,13 @@ setup(
         # (REDIS_URL): redis-py is the client Redis itself maintains (Lua Script objects with
         # EVALSHA, connection pooling); it runs in a small owned thread pool, off the reactor.
         "redis>=5,<9",
+        # STORAGE_TYPE=postgresql (several gateway hosts on one database): psycopg 3 is the
+        # maintained PostgreSQL driver (server-side parameters, COPY, typed errors telling a lost
+        # connection from a bad statement); psycopg-pool is its own connection pool, which checks a
+        # connection before lending it and replaces broken ones. Both run in an owned thread pool,
+        # off the reactor. The binary extra ships libpq, so no system library is needed.
+        "psycopg[binary]>=3.2,<4",
+        "psycopg-pool>=3.2,<4",
     ],
     extras_require={
         # OpenTelemetry (OTEL_ENABLED=true): the official API and SDK, exporting over OTLP/HTTP
@@ -53,6 +60,8 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "openai>=1.40",
+            # The official Anthropic SDK reads the /v1/messages answers and event streams in the tests.
+            "anthropic>=0.40",
             # The dashboard's browser test drives Debian's chromium through its chromium-driver
             # (no browser download); selenium is the client of that WebDriver.
             "selenium>=4.20,<5",

@@ -8,7 +8,7 @@ its listeners. No other module constructs a collaborator of another room.
 
 from twisted.internet.endpoints import serverFromString
 
-from gomodel.accounting.metrics import GatewayMetrics
+from gomodel.accounting.metrics import GatewayMetrics, forget_process
 from gomodel.accounting.tracing import Telemetry
 from gomodel.accounting.usage import UsageLedger
 from gomodel.api.admin import AdminAPI
@@ -17,6 +17,7 @@ from gomodel.api.batches import BatchesAPI
 from gomodel.api.budgets import BudgetsAPI
 from gomodel.api.files import FilesAPI
 from gomodel.api.inference import InferenceRoutes
+from gomodel.api.messages import MessagesRoutes
 from gomodel.api.keys import KeysAPI
 from gomodel.api.passthrough import Passthrough
 from gomodel.api.responses import ResponsesRoute
@@ -85,12 +86,13 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     gateway.monitor.setServiceParent(gateway)
     exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts)
     owner = process_owner()
-    gateway.store = store = SQLiteStore(config.store.data_dir, reactor)
+    gateway.store = store = _store(config.store, reactor)
 
     # Limits and budgets: counters in this process, or shared through Redis (REDIS_URL).
     gateway.keys = KeyRing(store.keys, reactor)
+    shared_counters = None
     if config.store.redis_url:
-        counters = RedisCounters.from_url(config.store.redis_url, reactor)
+        counters = shared_counters = RedisCounters.from_url(config.store.redis_url, reactor)
         CountersService(counters).setServiceParent(gateway)
     else:
         counters = LocalCounters(reactor)
@@ -109,6 +111,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
+                                       lease=config.limits.batch_lease_timeout,
                                        usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate)
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
@@ -120,6 +123,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # Routes.
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
     inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
+    messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate)
     files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
     # The dashboard is a page over the admin API: served only with it.
     dashboard = Dashboard() if config.auth.admin_ui and config.auth.admin_endpoints else None
@@ -153,7 +157,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         sinks.append(gateway.telemetry)
     sinks.append(gateway.drain)
     front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
-                          starts=starts, exact=inference.routes(), pages=pages,
+                          starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
+                          dialects=messages.dialects(),
                           tracer=gateway.telemetry.trace if gateway.telemetry is not None else None)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
@@ -162,7 +167,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
     gateway.drain.site = gateway.site
-    app.readiness = Readiness(gateway.drain, gateway.registry, store)
+    app.readiness = Readiness(gateway.drain, gateway.registry, store, shared_counters)
 
     # Listeners, and the processes that share them.
     for description in config.server.listen:
@@ -175,11 +180,22 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         gateway.listeners.append(listener)
     if role == "primary" and config.server.workers > 1:
         gateway.supervisor = WorkerSupervisor(reactor, config.server.workers, gateway.listeners, worker_argv,
-                                              worker_env, grace=config.server.shutdown_timeout + STOP_GRACE)
+                                              worker_env, grace=config.server.shutdown_timeout + STOP_GRACE,
+                                              dead=forget_process if shared_metrics else None)
         gateway.supervisor.setServiceParent(gateway)
     elif role == "worker":
         ParentWatch(reactor).setServiceParent(gateway)
     return gateway
+
+
+def _store(settings, reactor):
+    """The store service of C{STORAGE_TYPE}: SQLite in C{GOMODEL_DATA_DIR} (one host), or PostgreSQL
+    (C{POSTGRES_URL}, shared by every host; psycopg is imported only then)."""
+    if settings.storage_type == "postgresql":
+        from gomodel.store.postgresql import PostgreSQLStore
+
+        return PostgreSQLStore(settings.postgres_url, reactor, max_conns=settings.postgres_max_conns)
+    return SQLiteStore(settings.data_dir, reactor)
 
 
 def _pool(provider, routing, relay_client, http, clock, timeouts) -> ReplicaPool:

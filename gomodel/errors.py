@@ -107,6 +107,17 @@ class StorageUnavailable(GatewayError):
     code = "storage_unavailable"
 
 
+class NotSupported(GatewayError):
+    """The provider cannot do what the route asks (no tokenizer to count with); retrying will not help."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_supported"
+
+    def __init__(self, message):
+        super().__init__(message, headers={"x-should-retry": "false"})
+
+
 class InternalError(GatewayError):
     status = 500
     type = "server_error"

@@ -76,12 +76,24 @@ class Drain:
 
 
 class Readiness:
-    """What C{GET /health/ready} answers: ready, or the reasons it is not."""
+    """What C{GET /health/ready} answers: ready, or the reasons it is not, and which dependency is down.
 
-    def __init__(self, drain, registry, store):
+    A database or Redis that is down does not make the gateway unready:
+    every host shares them, and requests that need neither (chat with the
+    master key or a cached managed key) still flow; those that need the
+    store get a C{storage_unavailable} 503. L{down} names what is down, so
+    C{/health/ready} answers C{degraded} with it.
+    """
+
+    def __init__(self, drain, registry, store, counters=None):
+        """
+        @param store: the store service (its C{problem}: why it cannot be used now, or None).
+        @param counters: the shared limit counters (L{gomodel.limits.counters.RedisCounters}), or None.
+        """
         self._drain = drain
         self._registry = registry
         self._store = store
+        self._counters = counters
         self._known = False
         registry.ready().addCallback(self._discovered)
 
@@ -98,3 +110,14 @@ class Readiness:
         if not self._store.running:
             reasons.append("the store is not open")
         return reasons
+
+    def down(self) -> dict:
+        """The dependencies that are down now: C{{"database" or "redis": what is wrong}}, empty when none."""
+        down = {}
+        problem = getattr(self._store, "problem", None)
+        if problem is not None and self._store.running:
+            down["database"] = f"{problem}: files, batches, stored responses, key and budget edits and usage " \
+                               "are unavailable (503 storage_unavailable)"
+        if self._counters is not None and getattr(self._counters, "unreachable", False):
+            down["redis"] = "unreachable: rate limits, concurrency limits and budgets are not enforced across hosts"
+        return down

@@ -73,6 +73,7 @@ class _Worker(protocol.ProcessProtocol):
     def __init__(self, supervisor, number):
         self.supervisor = supervisor
         self.number = number
+        self.pid = None
         self.exited = Deferred()
 
     def processEnded(self, reason):
@@ -85,7 +86,7 @@ class WorkerSupervisor(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, count: int, listeners, argv, env, grace=STOP_GRACE):
+    def __init__(self, reactor, count: int, listeners, argv, env, grace=STOP_GRACE, dead=None):
         """
         @param listeners: the primary's L{gomodel.listeners.ListenerService}s, with
             their descriptions, to learn the ports (port 0 becomes the real one).
@@ -93,9 +94,12 @@ class WorkerSupervisor(Service):
         @param env: the workers' environment (twistd's own, handed down from
             L{gomodel.tap}: only the process edge reads C{os.environ}).
         @param grace: seconds a stopping worker gets (its drain) before it is killed.
+        @param dead: called with the pid of each worker that exited (prometheus_client's
+            C{mark_process_dead}: its live gauges stop counting it).
         """
         self._reactor = reactor
         self._grace = grace
+        self._dead = dead
         self._count = count
         self._listeners = listeners
         self._argv = argv
@@ -127,10 +131,16 @@ class WorkerSupervisor(Service):
         # stdin is a pipe from us: the worker stops when it closes (we are gone).
         self._reactor.spawnProcess(worker, argv[0], argv, env=self._env, childFDs={0: "w", 1: 1, 2: 2})
         self._workers[number] = worker
+        worker.pid = worker.transport.pid
         self.log.info("worker {number} started (pid {pid})", number=number, pid=worker.transport.pid)
 
     def ended(self, worker, reason):
         self._workers.pop(worker.number, None)
+        if self._dead is not None and worker.pid is not None:
+            try:
+                self._dead(worker.pid)
+            except Exception:
+                self.log.failure("forgetting the metrics of worker {number}", number=worker.number)
         if not self.running:
             return
         self.log.warn("worker {number} exited ({reason}); restarting it in {delay:.0f}s",

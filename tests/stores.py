@@ -2,24 +2,56 @@
 
 A backend is a factory C{(reactor, tmp_path, clock) -> started store service}
 with the aggregates as attributes (files, blobs, batches, responses,
-claims). A PostgreSQL backend adds an entry to L{BACKENDS}.
+claims, usage, keys, budgets) and a C{cleanup()} coroutine run after the
+service stopped. The PostgreSQL backend gives each test its own fresh
+database (tests/postgres.py), skipped when the server cannot be reached.
 """
+
+import os
 
 import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
 from gomodel.store import SQLiteStore
+from tests import postgres
 
 
 async def sqlite_backend(reactor, path, clock):
     store = SQLiteStore(str(path), reactor, clock=clock)
     store.startService()
     await store.started()
+    store.cleanup = _nothing
     return store
 
 
-BACKENDS = {"sqlite": sqlite_backend}
+async def postgresql_backend(reactor, path, clock):
+    from gomodel.store.postgresql import PostgreSQLStore
+
+    postgres.require()
+    name = postgres.create_database()
+    store = PostgreSQLStore(postgres.url(name), reactor, clock=clock, max_conns=4)
+    store.dbname = name
+
+    async def cleanup():
+        postgres.drop_database(name)
+
+    store.cleanup = cleanup
+    store.startService()
+    try:
+        await store.started()
+    except BaseException:
+        await store.stopService()
+        await cleanup()
+        raise
+    return store
+
+
+async def _nothing():
+    return None
+
+
+BACKENDS = {"sqlite": sqlite_backend, "postgresql": postgresql_backend}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -36,6 +68,36 @@ async def store(reactor, tmp_path, backend):
     s.clock = clock
     yield s
     await s.stopService()
+    await s.cleanup()
+
+
+@pytest_twisted.async_yield_fixture()
+async def sqlite_store(reactor, tmp_path):
+    """The SQLite store alone (for what only it has: a disk layout, its thread)."""
+    clock = Clock()
+    clock.advance(1000)
+    s = await sqlite_backend(reactor, tmp_path, clock)
+    s.clock = clock
+    yield s
+    await s.stopService()
+
+
+def age(store, target, when):
+    """Make a committed blob (by id) or a writer's uncommitted write look last written at C{when} (epoch seconds)."""
+    if isinstance(store, SQLiteStore):
+        path = store.blobs.path(target) if isinstance(target, str) else target._path
+        os.utime(path, (when, when))
+    elif isinstance(target, str):
+        postgres.query(store.dbname, "UPDATE blobs SET touched_at = %s WHERE id = %s", (when, target))
+    else:
+        postgres.query(store.dbname, "UPDATE blobs SET touched_at = %s WHERE key = %s", (when, target._key))
+
+
+def write_exists(store, writer):
+    """Whether an uncommitted write still exists in the store."""
+    if isinstance(store, SQLiteStore):
+        return os.path.exists(writer._path)
+    return bool(postgres.query(store.dbname, "SELECT 1 FROM blobs WHERE key = %s", (writer._key,)))
 
 
 async def put_blob(blobs, blob_id, content):

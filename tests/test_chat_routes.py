@@ -128,6 +128,10 @@ async def test_master_key_guards_everything_but_health(reactor, http, fake):
             response = await http.get(gw.url + "/v1/models", headers=headers)
             assert response.code == 401
             assert error_of(await treq.content(response))["type"] == "authentication_error"
+        # A HEAD (Claude Code's first request) gets the refusal's headers, no body.
+        head = await http.head(gw.url + "/")
+        assert head.code == 401 and await treq.content(head) == b""
+        assert head.headers.getRawHeaders(b"content-type") == [b"application/json"]
         # Bearer, or x-api-key as Anthropic-style clients send it.
         for headers in ({"authorization": "Bearer k1"}, {"x-api-key": "k1"}):
             ok = await http.get(gw.url + "/v1/models", headers=headers)

@@ -218,6 +218,8 @@ SAMPLES = {
     parsers.secret: ("s3cret", "s3cret"),
     parsers.cache_salt_mode: ("OFF", "off"),
     parsers.redis_url: ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    parsers.storage_type: ("PostgreSQL", "postgresql"),
+    parsers.postgres_url: ("postgresql://gw@db:5432/gomodel", "postgresql://gw@db:5432/gomodel"),
 }
 TABLE = list(settings_of(Config))
 
@@ -244,6 +246,7 @@ def test_the_table_has_every_setting_once():
         "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL",
         "ADMIN_ENDPOINTS_ENABLED", "ADMIN_UI_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
         "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "OTEL_ENABLED",
+        "STORAGE_TYPE", "POSTGRES_URL", "POSTGRES_MAX_CONNS", "BATCH_LEASE_TIMEOUT",
     }
 
 
@@ -254,14 +257,16 @@ def test_each_row_drives_env_section_yaml_and_server_yaml(tmp_path, path, key, s
         text, value = "true", True
     assert value != default
     section = path.split(".")[0]
+    # STORAGE_TYPE=postgresql is refused without its database
+    base = {"POSTGRES_URL": "postgresql://gw@db/g"} if setting.env == "STORAGE_TYPE" else {}
     assert attribute(load_config({}), path) == default
-    assert attribute(load_config({setting.env: text}), path) == value
+    assert attribute(load_config({**base, setting.env: text}), path) == value
     for alias in setting.aliases:
-        assert attribute(load_config({alias: text}), path) == value
+        assert attribute(load_config({**base, alias: text}), path) == value
     for place in {section, "server"}:
         yaml_file = tmp_path / f"{place}.yaml"
         yaml_file.write_text(f"{place}:\n  {key}: {text!r}\n")
-        assert attribute(load_config({}, str(yaml_file)), path) == value
+        assert attribute(load_config(base, str(yaml_file)), path) == value
     try:
         setting.parse("-1x")
     except ValueError:  # a bad value names the variable
@@ -270,6 +275,19 @@ def test_each_row_drives_env_section_yaml_and_server_yaml(tmp_path, path, key, s
         assert setting.env in str(raised.value)
     else:
         assert setting.parse in (parsers.names, parsers.directory, parsers.secret)
+
+
+def test_postgresql_storage_needs_its_url_and_never_shows_it():
+    with pytest.raises(ConfigError) as raised:
+        load_config({"STORAGE_TYPE": "postgresql"})
+    assert "POSTGRES_URL" in str(raised.value)
+    config = load_config({"STORAGE_TYPE": "postgresql", "POSTGRES_URL": "postgresql://gw:s3cret@db:5432/g"})
+    assert (config.store.storage_type, config.store.postgres_max_conns) == ("postgresql", 10)
+    assert config.limits.batch_lease_timeout == 30.0
+    assert "s3cret" not in repr(config)
+    with pytest.raises(ConfigError) as raised:
+        load_config({"POSTGRES_URL": "mysql://db/g"})
+    assert "POSTGRES_URL" in str(raised.value)
 
 
 def test_section_yaml_keys(tmp_path):

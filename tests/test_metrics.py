@@ -5,6 +5,7 @@ import json
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
+from gomodel.accounting.metrics import forget_process
 from tests.rawclient import chat_request, connect
 from tests.support import start_gateway, with_timeout
 
@@ -104,3 +105,12 @@ async def test_metrics_need_the_key_unless_told_otherwise_and_can_be_off(reactor
         assert (await http.get(gw.url + "/metrics", headers=KEY)).code == 404
     finally:
         await gw.service.stopService()
+
+
+def test_a_dead_workers_live_gauges_are_forgotten(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    for name in ("gauge_livesum_4242.db", "gauge_livesum_4343.db", "counter_4242.db"):
+        (tmp_path / name).write_bytes(b"")
+    forget_process(4242)
+    # The live gauge of 4242 is gone; counters stay (what it counted still counts).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4242.db", "gauge_livesum_4343.db"]

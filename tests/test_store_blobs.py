@@ -10,7 +10,7 @@ from zope.interface.verify import verifyObject
 from gomodel.errors import StorageUnavailable
 from gomodel.store import IBlobStore, IBlobWriter
 from gomodel.store.sqlite.blobs import _LocalWriter
-from tests.stores import backend, put_blob, store  # noqa: F401 (fixtures)
+from tests.stores import backend, put_blob, sqlite_store, store  # noqa: F401 (fixtures)
 
 
 @pytest_twisted.ensureDeferred
@@ -55,7 +55,7 @@ async def test_an_empty_blob_can_be_committed(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_disk_io_never_runs_on_the_reactor_thread(store, monkeypatch):
+async def test_disk_io_never_runs_on_the_reactor_thread(sqlite_store, monkeypatch):
     """D8: opens, writes, renames and reads happen in the blob store's threads."""
     seen = []
     for name in ("_write", "_commit"):
@@ -66,12 +66,14 @@ async def test_disk_io_never_runs_on_the_reactor_thread(store, monkeypatch):
             return _original(self, *args)
 
         monkeypatch.setattr(_LocalWriter, name, spy)
+    store = sqlite_store
     await put_blob(store.blobs, "file-t", b"x" * 20)
     assert len(seen) == 4 and not any(seen)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_write_fails_every_later_call(store, tmp_path):
+async def test_a_failed_write_fails_every_later_call(sqlite_store, tmp_path):
+    store = sqlite_store
     os.makedirs(store.blobs.root, exist_ok=True)
     with open(store.blobs.spool_dir, "w"):  # the spool cannot be created: a broken disk
         pass
@@ -84,8 +86,8 @@ async def test_a_failed_write_fails_every_later_call(store, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_sweeps_go_by_age_so_a_write_in_progress_is_kept(store):
-    blobs = store.blobs
+async def test_sweeps_go_by_age_so_a_write_in_progress_is_kept(sqlite_store):
+    blobs = sqlite_store.blobs
     await put_blob(blobs, "file-old", b"x")
     await put_blob(blobs, "file-new", b"y")
     receiving = blobs.create()
@@ -103,3 +105,28 @@ async def test_sweeps_go_by_age_so_a_write_in_progress_is_kept(store):
     assert os.listdir(blobs.spool_dir) == [os.path.basename(receiving._path)]
     assert await receiving.commit("file-received") == 14
     await cut_short.abort()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ranges_and_lines_across_chunk_boundaries_read_back_exactly(store):
+    import random
+
+    rng = random.Random(7)
+    lines = [bytes(rng.choice(b"abcdefgh") for _ in range(rng.randrange(0, 300))) for _ in range(400)]
+    lines[100] = b"L" * 5000  # over-long, in the middle of several writes
+    content = b"\n".join(lines) + b"\n"
+    writer = store.blobs.create()
+    at = 0
+    while at < len(content):  # uneven writes, as uploads and batch outputs arrive
+        size = rng.choice((1, 7, 1000, 4096, 65536))
+        await writer.write(content[at:at + size])
+        at += size
+    assert await writer.commit("file-big") == len(content)
+    for _ in range(30):
+        offset, length = rng.randrange(0, len(content) + 10), rng.randrange(0, 20000)
+        assert await store.blobs.read("file-big", offset, length) == content[offset:offset + length]
+    seen, offset = [], 0
+    while offset is not None:
+        got, offset = await store.blobs.read_lines("file-big", offset, 37, 400)
+        seen.extend(got)
+    assert seen == [line if len(line) <= 400 else None for line in lines]

@@ -1,13 +1,12 @@
 """Claimed jobs (gomodel/store/sweeps.py): the files sweep, safe with several processes on one data dir."""
 
-import os
 import time
 
 import pytest_twisted
 from twisted.internet.task import Clock
 
 from gomodel.store.sweeps import StoreSweeper
-from tests.stores import add_file, backend, put_blob, store  # noqa: F401 (fixtures)
+from tests.stores import add_file, age, backend, put_blob, store, write_exists  # noqa: F401 (fixtures)
 
 
 @pytest_twisted.ensureDeferred
@@ -23,8 +22,8 @@ async def test_sweep_removes_old_leftovers_only_and_one_process_at_a_time(store)
     crashed = blobs.create()
     await crashed.write(b"cut short")
     hours_ago = time.time() - 7200
-    for path in (blobs.path(kept["id"]), blobs.path("file-orphan"), receiving._path, crashed._path):
-        os.utime(path, (hours_ago, hours_ago))
+    for target in (kept["id"], "file-orphan", receiving, crashed):
+        age(store, target, hours_ago)
     await receiving.write(b"second chunk")  # still arriving: young again
 
     first = StoreSweeper(store.files, blobs, store.claims, clock, "process-1", grace=3600)
@@ -36,6 +35,6 @@ async def test_sweep_removes_old_leftovers_only_and_one_process_at_a_time(store)
     assert await blobs.size("file-orphan") is None
     assert await blobs.size("file-young-orphan") is not None
     assert await blobs.size(kept["id"]) is not None
-    assert os.path.exists(receiving._path) and not os.path.exists(crashed._path)
+    assert write_exists(store, receiving) and not write_exists(store, crashed)
     assert await receiving.commit("file-received") == len(b"first chunksecond chunk")
     assert await first.sweep() == (0, 0)  # the claim was released: any process may sweep next

@@ -1,14 +1,69 @@
-"""IUsageStore contract: every backend (see tests/stores.py). The time series with its percentiles."""
+"""IUsageStore contract (every backend): rows in, totals, groupings, the log's filters and cursor, spent, and the
+time series with its percentiles."""
 
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from gomodel.store import IUsageStore
+from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS
 from tests.stores import backend, store  # noqa: F401 (fixtures)
 
 
-def row(timestamp, *, status=200, tokens=(10, 5), duration=None, ttft=None, request_id="r"):
+def row(request_id, timestamp, **values):
+    base = {"request_id": request_id, "timestamp": timestamp, "provider": "vllm", "provider_name": "vllm-a",
+            "replica": 0, "model": "vllm-a/m", "endpoint": "/v1/chat/completions", "status_code": 200,
+            "stream": False, "input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cached_tokens": 2,
+            "reasoning_tokens": 0, "input_cost": None, "output_cost": None, "total_cost": None, "user_path": None,
+            "auth_key_id": None, "duration_ms": 12.5, "ttft_ms": None, "client_gone": False, "estimated": False}
+    base.update(values)
+    return tuple(base[name] for name in USAGE_FIELDS)
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_is_totalled_grouped_logged_and_spent(store):
+    usage = store.usage
+    verifyObject(IUsageStore, usage)
+    assert await usage.add([
+        row("r1", 100.0),
+        row("r2", 86500.0, provider_name="vllm-b", model="vllm-b/m", stream=True, total_cost=0.5,
+            auth_key_id="k_1", user_path="/team/a"),
+        row("r3", 86600.0, status_code=503, input_tokens=None, output_tokens=None, total_tokens=None,
+            auth_key_id="k_1", user_path="/team/a/x", client_gone=True, total_cost=0.25),
+        row("other-4", 90000.0, user_path="/team/ab", estimated=True),
+    ]) == 4
+    totals = await usage.summary(0, 1e9)
+    assert totals == {"requests": 4, "input_tokens": 30, "output_tokens": 15, "total_tokens": 45,
+                      "cached_tokens": 8, "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1}
+    assert (await usage.summary(0, 50))["requests"] == 0
+    assert (await usage.summary(0, 50))["total_cost"] is None
+    days = await usage.grouped(0, 1e9, by=("provider_name",), bucket=86400)
+    assert [(g["period"], g["provider_name"], g["requests"]) for g in days] == [
+        (0, "vllm-a", 1), (86400, "vllm-a", 2), (86400, "vllm-b", 1)]
+    by_key = await usage.grouped(0, 1e9, by=("auth_key_id",))
+    assert {g["auth_key_id"]: g["total_tokens"] for g in by_key} == {"k_1": 15, None: 30}
+
+    records, cursor = await usage.log(0, 1e9, 2)
+    assert [r["request_id"] for r in records] == ["other-4", "r3"]
+    assert records[1]["client_gone"] is True and records[0]["estimated"] is True
+    assert records[1]["stream"] is False and isinstance(records[1]["id"], int)
+    records, cursor = await usage.log(0, 1e9, 2, before=cursor)
+    assert ([r["request_id"] for r in records], cursor) == (["r2", "r1"], None)
+    assert records[0]["stream"] is True
+    filtered = {name: [r["request_id"] for r in (await usage.log(0, 1e9, 10, filters={name: value}))[0]]
+                for name, value in (("model", "vllm-b/m"), ("provider", "vllm-b"), ("provider", "vllm"),
+                                    ("status", 503), ("search", "other"), ("key", "k_1"), ("user_path", "/team/a"))}
+    assert filtered == {"model": ["r2"], "provider": ["other-4", "r3", "r2", "r1"], "status": ["r3"],
+                        "search": ["other-4"], "key": ["r3", "r2"], "user_path": ["r3", "r2"]}
+
+    assert await usage.spent("key:k_1", 0) == (15, 0.75)
+    assert await usage.spent("path:/team/a", 86550) == (0, 0.25)  # the path and below, not /team/ab
+    assert await usage.spent("path:/team", 0) == (30, 0.75)
+    assert await usage.spent("key:k_none", 0) == (0, 0)
+    assert await usage.delete_before(86550) == 2
+    assert (await usage.summary(0, 1e9))["requests"] == 2
+
+
+def series_row(timestamp, *, status=200, tokens=(10, 5), duration=None, ttft=None, request_id="r"):
     values = dict.fromkeys(USAGE_FIELDS)
     values.update(request_id=request_id, timestamp=timestamp, provider="vllm", provider_name="vllm",
                   model="vllm/m", endpoint="/v1/chat/completions", status_code=status, stream=ttft is not None,
@@ -21,12 +76,12 @@ def row(timestamp, *, status=200, tokens=(10, 5), duration=None, ttft=None, requ
 async def test_timeseries_buckets_totals_and_nearest_rank_percentiles(store):
     verifyObject(IUsageStore, store.usage)
     # Bucket 0 (1000..1060): 20 requests, durations 1..20 ms, ttft on the even ones; one error.
-    rows = [row(1000 + i, duration=float(i + 1), ttft=float(i + 1) if i % 2 else None,
+    rows = [series_row(1000 + i, duration=float(i + 1), ttft=float(i + 1) if i % 2 else None,
                 status=500 if i == 3 else 200) for i in range(20)]
     # Bucket 2 (1120..1180): one request without a duration; bucket 1 has none.
-    rows.append(row(1150.5, tokens=(7, 0)))
-    rows.append(row(999.9))  # before the window
-    rows.append(row(1180.0))  # at its end: outside
+    rows.append(series_row(1150.5, tokens=(7, 0)))
+    rows.append(series_row(999.9))  # before the window
+    rows.append(series_row(1180.0))  # at its end: outside
     assert await store.usage.add(rows) == 23
 
     series = await store.usage.timeseries(1000, 1180, 60)

@@ -15,7 +15,7 @@ the replica series are those of the process that answers.
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
 
@@ -118,12 +118,21 @@ def _names(ctx):
 
 
 def tokens_by_type(usage: dict) -> tuple:
-    """The counts of L{TOKEN_TYPES} in a usage object (chat's or the Responses API's naming); 0 where unknown."""
+    """The counts of L{TOKEN_TYPES} in a usage object (chat's, the Responses API's or Anthropic's
+    naming); 0 where unknown.
+
+    Anthropic's C{input_tokens} leaves out the prompt tokens read from or written to its
+    cache (C{cache_read_input_tokens}, C{cache_creation_input_tokens}): they are added to
+    the input, and the cache reads are the cached tokens, as in the other namings.
+    """
     details_in = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     details_out = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
-    return (_count(usage.get("prompt_tokens", usage.get("input_tokens"))),
+    cache_read = _count(usage.get("cache_read_input_tokens"))
+    cache_written = _count(usage.get("cache_creation_input_tokens"))
+    cached = _count(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0
+    return (_count(usage.get("prompt_tokens", usage.get("input_tokens"))) + cache_read + cache_written,
             _count(usage.get("completion_tokens", usage.get("output_tokens"))),
-            _count(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0,
+            cached or cache_read,
             _count(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0)
 
 
@@ -164,3 +173,8 @@ class ReplicaCollector:
                         if value is not None:
                             family.add_metric(values, value)
         return [up, state, in_flight, waiting, running, kv]
+
+
+def forget_process(pid):
+    """A worker process is gone: its live gauges (in flight) stop counting in the shared directory."""
+    mark_process_dead(pid)

@@ -8,7 +8,9 @@ from klein import Klein
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
+from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
 from gomodel.api.passthrough import PASSTHROUGH_METHODS
+from gomodel.http import render
 from gomodel.errors import InvalidRequest
 from gomodel.http.bodies import json_answer
 from gomodel.http.render import install as install_error_handlers
@@ -51,29 +53,42 @@ class GatewayApp:
 
     @app.route("/health/ready", methods=["GET", "HEAD"])
     def ready(self, request):
-        """200 when the gateway should get traffic; 503 with the reasons while it should not."""
+        """200 when the gateway should get traffic (C{degraded}, naming what is down, when the database or
+        Redis is); 503 with the reasons while it should not."""
         reasons = self.readiness.reasons() if self.readiness is not None else []
+        down = self.readiness.down() if self.readiness is not None else {}
         if reasons:
             request.setResponseCode(503)
-            return json_answer(request, {"status": "not_ready", "reasons": reasons})
-        return json_answer(request, {"status": "ready"})
+            body = {"status": "not_ready", "reasons": reasons}
+            return json_answer(request, dict(body, down=down) if down else body)
+        return json_answer(request, {"status": "degraded", "down": down} if down else {"status": "ready"})
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request):
+        """OpenAI's model list (Anthropic's, paged, for a client that sends C{anthropic-version});
+        a key limited to some models sees only those."""
         principal = request.context.principal
-        if principal is None or principal.models is None:
+        models = None
+        if principal is not None and principal.models is not None:
+            models = [model for model in self._registry.models() if _may_use(principal, model)]
+        if wants_anthropic(request):
+            request.context.dialect = render.ANTHROPIC
+            return json_answer(request, anthropic_models_page(request, models if models is not None
+                                                              else self._registry.models()))
+        if models is None:
             return json_answer(request, self._registry.models_body())
-        # A key limited to some models sees only those.
-        return json_answer(request, {"object": "list", "data": [
-            model for model in self._registry.models() if _may_use(principal, model)]})
+        return json_answer(request, {"object": "list", "data": models})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     def retrieve_model(self, request, model_id):
+        anthropic = wants_anthropic(request)
+        if anthropic:
+            request.context.dialect = render.ANTHROPIC
         model = self._registry.model(model_id)
         principal = request.context.principal
         if model is None or (principal is not None and not _may_use(principal, model)):
             raise errors.ModelNotFound(model_id)  # a model the key may not use is not named to it
-        return json_answer(request, model)
+        return json_answer(request, anthropic_model(model) if anthropic else model)
 
     @app.route("/v1/responses/<response_id>", methods=["GET"])
     async def retrieve_response(self, request, response_id):

@@ -18,11 +18,10 @@ import hmac
 import os
 import re
 
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gomodel.errors import AuthenticationFailed, Forbidden
+from gomodel.periodic import Periodic
 
 # Paths that need no key: liveness and readiness checks.
 OPEN_PATHS = frozenset((b"/health", b"/health/ready"))
@@ -100,19 +99,17 @@ class Principal:
 MASTER = Principal("master", "master", master=True)
 
 
-class KeyRing(Service):
+class KeyRing(Periodic):
     """Every managed key by its secret's hash, refreshed from the L{gomodel.store.interfaces.IKeyStore}."""
 
     log = Logger()
 
     def __init__(self, store, clock, interval=REFRESH_INTERVAL):
+        super().__init__(clock, interval)
         self._store = store
-        self._clock = clock
-        self._interval = interval
         self._by_hash = {}
         self._hash_of = {}  # key id -> hash
         self._seen = float("-inf")  # the newest updated_at merged
-        self._loop = None
 
     def find(self, secret: bytes):
         """The active principal whose secret is C{secret}, or None (unknown, deactivated or expired)."""
@@ -147,17 +144,6 @@ class KeyRing(Service):
         d.addCallback(self.merge)
         d.addErrback(lambda f: self.log.failure("refreshing the managed keys failed", f))
         return d
-
-    def startService(self):
-        super().startService()
-        self._loop = LoopingCall(self.refresh)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
 
 
 class GatewayAuth:

@@ -54,6 +54,9 @@ def load_config(
         raise ConfigError(f"{yaml_path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
 
     sections = {name: _build(cls, name, blocks, env, yaml_path) for name, cls in SECTIONS.items()}
+    store = sections["store"]
+    if store.storage_type == "postgresql" and not store.postgres_url:
+        raise ConfigError("STORAGE_TYPE=postgresql needs POSTGRES_URL (postgresql://user@host:5432/database)")
     warnings = []
     providers = load_providers(document.get("providers"), yaml_path, env, warnings)
     sections["upstreams"] = dataclasses.replace(sections["upstreams"], providers=providers)

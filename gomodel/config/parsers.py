@@ -194,6 +194,19 @@ def secret(value) -> str:
     return str(value)
 
 
+def storage_type(value) -> str:
+    """C{sqlite} (one host) or C{postgresql} (several hosts on one database), GoModel's names."""
+    return _one_of(value, ("sqlite", "postgresql"))
+
+
+def postgres_url(value) -> str:
+    """A PostgreSQL URL: C{postgresql://} or C{postgres://} (libpq's form, with any of its parameters)."""
+    text = str(value).strip()
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be a postgresql:// URL")
+    return text
+
+
 def redis_url(value) -> str:
     """A Redis URL: C{redis://}, C{rediss://} or C{unix://}."""
     text = str(value).strip()

@@ -167,9 +167,14 @@ class UpstreamsConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Files, batches and stored responses: where they live and for how long."""
+    """Files, batches, stored responses, keys and usage: where they live and for how long."""
 
+    # sqlite: one host (GOMODEL_DATA_DIR); postgresql: any number of hosts on POSTGRES_URL
+    storage_type: str = setting("STORAGE_TYPE", parsers.storage_type, "sqlite")
     data_dir: str = setting("GOMODEL_DATA_DIR", parsers.directory, "./data")  # the SQLite database and contents
+    postgres_url: Optional[str] = setting("POSTGRES_URL", parsers.postgres_url, None, secret=True)
+    # connections to PostgreSQL at most per process (and the threads that use them)
+    postgres_max_conns: int = setting("POSTGRES_MAX_CONNS", parsers.count, 10)
     # stored responses older than this are swept
     responses_retention: float = setting("RESPONSES_RETENTION", parsers.positive_duration, 30 * 86400.0)
     # Shared rate-limit, concurrency and budget counters for several processes or hosts.
@@ -199,6 +204,9 @@ class LimitsConfig:
     files_max_bytes: int = setting("FILES_MAX_BYTES", parsers.file_size, 512 * 1024 * 1024)
     batch_concurrency_per_provider: int = setting("BATCH_CONCURRENCY_PER_PROVIDER", parsers.count, 4)
     batch_max_attempts: int = setting("BATCH_MAX_ATTEMPTS", parsers.count, 4)
+    # A host running a batch renews its lease every third of this; another host takes the
+    # batch over once it lapsed (the host died, or lost the database).
+    batch_lease_timeout: float = setting("BATCH_LEASE_TIMEOUT", parsers.positive_duration, 30.0)
 
 
 @dataclass(frozen=True)

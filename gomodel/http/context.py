@@ -28,8 +28,8 @@ class RequestContext:
     @ivar provider: the provider instance name, C{provider_type} its type.
     @ivar replica: the 0-based index of the replica that served it, or None.
     @ivar model: the model as the client named it; C{upstream_model} as sent.
-    @ivar usage: the upstream's usage object (chat's C{prompt_tokens} or
-        Responses' C{input_tokens} naming), as soon as it is known.
+    @ivar usage: the upstream's usage object (chat's C{prompt_tokens},
+        Responses' or Anthropic's C{input_tokens} naming), as soon as it is known.
     @ivar first_byte: seconds from the request's head to the answer's first
         body byte written to the client, or None.
     @ivar status: the status sent (499 when the client left first).
@@ -145,10 +145,17 @@ class RequestContext:
 
     @property
     def tokens(self):
-        """C{(input, output)} tokens from L{usage}, either naming; None where unknown."""
+        """C{(input, output)} tokens from L{usage}, any naming; None where unknown.
+
+        Anthropic's cache reads and writes count as input (its C{input_tokens} leaves them out).
+        """
         usage = self.usage or {}
-        return (usage.get("prompt_tokens", usage.get("input_tokens")),
-                usage.get("completion_tokens", usage.get("output_tokens")))
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        if isinstance(prompt, int):
+            for name in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+                extra = usage.get(name)
+                prompt += extra if isinstance(extra, int) else 0
+        return prompt, usage.get("completion_tokens", usage.get("output_tokens"))
 
 
 def reads_usage(sinks) -> bool:

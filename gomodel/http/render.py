@@ -77,7 +77,7 @@ def render(request, error: errors.GatewayError, dialect=OPENAI) -> bytes:
     ctx = getattr(request, "context", None)
     if ctx is not None:
         ctx.error = error.code
-    return body
+    return b"" if request.method == b"HEAD" else body  # a HEAD answer has the headers only
 
 
 def fail(request, failure):

@@ -106,6 +106,8 @@ class GatewayRequest(server.Request):
         # for it gets the refusal instead of sending the body first.
         self.requestHeaders.removeHeader(b"expect")
         self.channel.persistent = False
+        # Said in the answer, so that a client's pool does not send its next request on this connection.
+        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
     def handleContentChunk(self, data):
         if self.streamed:

@@ -21,7 +21,7 @@ sums and are never seeded.
 
 import inspect
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from gomodel.errors import BudgetExceeded
@@ -40,13 +40,21 @@ class BudgetBook:
         self._margin = margin
         self._seeded = {}  # bucket -> its expiry (None for total)
         self._seeding = {}  # bucket -> Deferreds waiting for its seed
+        self._windows = {}  # period -> (start, end) of the period last asked for
+
+    def _window(self, period, now):
+        """L{period_window}, computed once per period (a calendar computation otherwise on every request)."""
+        window = self._windows.get(period)
+        if window is None or now < window[0] or (window[1] is not None and now >= window[1]):
+            window = self._windows[period] = period_window(period, now)
+        return window
 
     def _current(self, scopes, now):
         """C{(scope, budget, bucket, start, end)} for every budget of C{scopes}, in the period holding C{now}."""
         out = []
         for scope, budgets in scopes:
             for budget in budgets:
-                start, end = period_window(budget.period, now)
+                start, end = self._window(budget.period, now)
                 out.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
         return out
 
@@ -91,25 +99,31 @@ class BudgetBook:
             await self._seed_all(current)
         return list(await self._counters.spent_all([bucket for _, _, bucket, _, _ in current]))
 
-    async def record(self, scopes, tokens: int, cost):
+    def record(self, scopes, tokens: int, cost):
         """Add a finished request's C{tokens} and C{cost} (None: unknown, counts 0) to every scope's periods.
 
-        @return: None once the counters have it.
+        @return: a Deferred firing with None once the counters have it (at once, on local counters
+            whose periods are seeded: no coroutine on every request).
         """
         if not scopes:
-            return
-        now = self._clock.seconds()
-        current = self._current(scopes, now)
-        if self._seed is not None:
-            await self._seed_all(current)
+            return succeed(None)
+        current = self._current(scopes, self._clock.seconds())
+        if self._seed is not None and any(bucket not in self._seeded for _, _, bucket, _, _ in current):
+            return ensureDeferred(self._record_seeded(current, tokens, cost))
+        return self._spend(current, tokens, cost)
+
+    async def _record_seeded(self, current, tokens, cost):
+        await self._seed_all(current)
+        await self._spend(current, tokens, cost)
+
+    def _spend(self, current, tokens, cost):
         items, seen = [], set()
         for _, _, bucket, _, end in current:
             if bucket not in seen:
                 seen.add(bucket)
                 items.append((bucket, int(tokens or 0), float(cost or 0.0),
                               None if end is None else end + self._margin))
-        if items:
-            await self._counters.spend_all(items)
+        return self._counters.spend_all(items) if items else succeed(None)
 
     async def _seed_all(self, current):
         for scope, _, bucket, start, end in current:

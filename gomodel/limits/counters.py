@@ -448,6 +448,11 @@ class RedisCounters(_Forms):
                                       health_check_interval=30)
         return cls(client, prefix, reactor, **kwargs)
 
+    @property
+    def unreachable(self) -> bool:
+        """Whether Redis failed within the last C{retry_after} seconds (limits answered open meanwhile)."""
+        return self._reactor.seconds() < self._down_until
+
     def start(self):
         """Start the threads and the lease renewal."""
         self._threads.start()

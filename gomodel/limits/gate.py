@@ -19,17 +19,16 @@ checked before a request and charged from the usage ledger's records
 (L{Gate.spend}), so batch lines and passthrough count like any request.
 """
 
-from twisted.application.service import Service
-from twisted.internet.defer import ensureDeferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
+from gomodel.periodic import Periodic
 
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
-class Gate(Service):
+class Gate(Periodic):
     """Admits requests under rate limits and budgets (see the module docstring).
 
     As a service it re-reads the budgets set through the admin API every
@@ -46,34 +45,24 @@ class Gate(Service):
         @param keys: the L{gomodel.auth.keys.KeyRing} (a usage record names its key by id).
         @param budgets: the L{gomodel.store.interfaces.IBudgetStore}, or None.
         """
+        super().__init__(clock, interval)
         self._limiter = limiter
         self._book = book
         self._quotas = quotas
         self._keys = keys
         self._store = budgets
-        self._clock = clock
-        self._interval = interval
-        self._loop = None
         self._path_budgets = {}  # user path -> (Budget, ...) set through the admin API
-
-    def startService(self):
-        super().startService()
-        if self._store is not None and self._book is not None:
-            self._loop = LoopingCall(self.refresh)
-            self._loop.clock = self._clock
-            self._loop.start(self._interval, now=True)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        # What a key's requests pass, worked out once per key version (the key ring makes a new
+        # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes, own).
+        self._plans = {}
+        self._targets = {}  # (provider, model) -> its limit scopes (the configuration is fixed)
 
     def refresh(self):
         """Re-read the budgets set through the admin API.
 
         @return: a Deferred firing with None; a failure is logged (the last ones stay).
         """
-        if self._store is None:
+        if self._store is None or self._book is None:
             return succeed(None)
         d = self._store.list()
         d.addCallback(self.set_path_budgets)
@@ -88,13 +77,31 @@ class Gate(Service):
         for record in records:
             budgets.setdefault(record["user_path"], []).append(
                 Budget(record["period"], max_tokens=record["max_tokens"], max_cost=record["max_cost"]))
-        self._path_budgets = {path: tuple(items) for path, items in budgets.items()}
+        budgets = {path: tuple(items) for path, items in budgets.items()}
+        if budgets != self._path_budgets:
+            self._path_budgets = budgets
+            self._plans = {}
 
     def budget_scopes(self, principal):
         """C{[(scope, (Budget, ...))]} that a request of C{principal} spends from."""
         if principal is None or principal.master:
             return []
-        return self._budget_scopes(principal.id, principal.budgets, principal.user_path)
+        return self._plan(principal)[1]
+
+    def _plan(self, principal):
+        plan = self._plans.get(principal.id)
+        if plan is None or plan[0] is not principal:
+            limits, own = [], None
+            limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
+            if limit:
+                own = f"key:{principal.id}"
+                limits.append((own, limit))
+            limits.extend(self._quotas.path_scopes(principal.user_path))
+            budgets = self._budget_scopes(principal.id, principal.budgets, principal.user_path)
+            if len(self._plans) > 100000:
+                self._plans.clear()
+            plan = self._plans[principal.id] = (principal, budgets, limits, own)
+        return plan
 
     def _budget_scopes(self, key_id, budgets, path):
         scopes = []
@@ -134,20 +141,23 @@ class Gate(Service):
             request.setHeader(name, value)
 
     def _scopes(self, principal, upstream, model):
-        scopes, own = [], None
-        if principal is not None and not principal.master:
-            limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
-            if limit:
-                own = f"key:{principal.id}"
-                scopes.append((own, limit))
-            scopes.extend(self._quotas.path_scopes(principal.user_path))
-        scopes.extend(self._quotas.target_scopes(upstream.name, model))
-        return scopes, own
+        targets = self._target_scopes(upstream.name, model)
+        if principal is None or principal.master:
+            return targets, None
+        _, _, limits, own = self._plan(principal)
+        return (limits + targets if targets else limits), own
+
+    def _target_scopes(self, provider, model):
+        scopes = self._targets.get((provider, model))
+        if scopes is None:
+            if len(self._targets) > 10000:
+                self._targets.clear()
+            scopes = self._targets[provider, model] = self._quotas.target_scopes(provider, model)
+        return scopes
 
     def saturated(self, upstream, model) -> bool:
         """Whether C{upstream}'s provider or C{model} is at its limit (routing then prefers another target)."""
-        return any(self._limiter.saturated(scope, limit)
-                   for scope, limit in self._quotas.target_scopes(upstream.name, model))
+        return any(self._limiter.saturated(scope, limit) for scope, limit in self._target_scopes(upstream.name, model))
 
     def completed(self, ctx):
         """A request-context sink: settle its reservation with the real usage and free its slots."""
@@ -170,7 +180,7 @@ class Gate(Service):
         else:  # a key no longer known: its path's budgets still count
             scopes = self._budget_scopes(None, (), user_path)
         if scopes:
-            ensureDeferred(self._book.record(scopes, tokens, cost)).addErrback(
+            self._book.record(scopes, tokens, cost).addErrback(
                 lambda f: self.log.failure("charging a budget", f))
 
     async def check_budgets(self, principal):

@@ -132,7 +132,9 @@ class Exchange:
         ctx.hold()
         trace = ctx.trace
         try:
-            if self.admit is not None:
+            # Once per request: a route that relays again (Messages or Responses translated after
+            # the native route was missing) must not take a second slot it would never give back.
+            if self.admit is not None and ctx.admission is None:
                 await self.admit(request, ctx, upstream, call)
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:

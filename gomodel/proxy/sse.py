@@ -64,6 +64,26 @@ def event_data(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
+def event_object(event: bytes):
+    """The JSON object of one event's data, or None (not JSON, or not an object)."""
+    try:
+        payload = jsonutil.loads(event_data(event))
+    except jsonutil.JSONError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def require_end(framer: SSEFramer, done: bool, end: str):
+    """At the end of an upstream body: raise L{StreamIncomplete} unless the stream ended with C{end}.
+
+    @param done: whether the stream's proper end (C{end}, named in the error) was seen.
+    """
+    if framer.pending.strip():
+        raise StreamIncomplete("the upstream stream ended inside an event")
+    if not done:
+        raise StreamIncomplete(f"the upstream stream ended {end}")
+
+
 @implementer(IStreamObserver)
 class ChatStreamObserver:
     """Watches a chat/completions stream: usage, C{[DONE]}, in-band errors.
@@ -115,10 +135,7 @@ class ChatStreamObserver:
 
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
-        if self._framer.pending.strip():
-            raise StreamIncomplete("the upstream stream ended inside an event")
-        if not self.done:
-            raise StreamIncomplete("the upstream stream ended without [DONE]")
+        require_end(self._framer, self.done, "without [DONE]")
 
 
 _RESPONSE_END_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
@@ -148,11 +165,8 @@ class ResponsesStreamObserver:
         return b"".join(events)
 
     def _observe(self, event):
-        try:
-            payload = jsonutil.loads(event_data(event))
-        except jsonutil.JSONError:
-            return
-        if not isinstance(payload, dict):
+        payload = event_object(event)
+        if payload is None:
             return
         kind = payload.get("type")
         if kind == "error":
@@ -165,7 +179,4 @@ class ResponsesStreamObserver:
                 self.usage = self.response.get("usage")
 
     def finish(self):
-        if self._framer.pending.strip():
-            raise StreamIncomplete("the upstream stream ended inside an event")
-        if not self.done:
-            raise StreamIncomplete("the upstream stream ended before response.completed")
+        require_end(self._framer, self.done, "before response.completed")

@@ -3,10 +3,11 @@
 Requests of one session, and requests that start with the same long prompt,
 are best served by the replica that served them last: its prefix cache
 still holds their prompt. The key is read the way GoModel's session keeping
-reads it: the headers C{X-Session-Id}, C{X-Claude-Code-Session-Id} and
-C{Session-Id}, then the body's C{prompt_cache_key}, C{session_id},
-C{metadata.user_id} and C{user}; failing those, a hash of the first
-L{PREFIX_CHARS} characters of the prompt when it is at least that long.
+reads it: the headers C{X-Session-Id}, C{X-Claude-Code-Session-Id} (Claude
+Code's) and C{Session-Id}, then the body's C{prompt_cache_key}, C{session_id},
+C{metadata.user_id} (Anthropic's Messages) and C{user}; failing those, a hash
+of the first L{PREFIX_CHARS} characters of the prompt (a Messages request's
+C{system} first) when it is at least that long.
 """
 
 import hashlib
@@ -47,14 +48,23 @@ def _prompt_prefix(body):
     else:
         parts = []
         size = 0
-        for message in body.get("messages") or body.get("input") or ():
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            if isinstance(content, str):
+        system = _text(body.get("system"))  # Anthropic's Messages: the system prompt comes first
+        if system:
+            parts.append(system)
+            size += len(system)
+        for message in () if size >= PREFIX_CHARS else body.get("messages") or body.get("input") or ():
+            content = _text(message.get("content")) if isinstance(message, dict) else None
+            if content:
                 parts.append(content)
                 size += len(content)
                 if size >= PREFIX_CHARS:
                     break
         text = "\n".join(parts)
     return text[:PREFIX_CHARS] if len(text) >= PREFIX_CHARS else None
+
+
+def _text(content):
+    """The text of a message's content: a string, or the joined text of its parts; else None."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content if isinstance(content, str) else None

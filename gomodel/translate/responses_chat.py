@@ -9,7 +9,7 @@ import uuid
 
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, NotFound
-from gomodel.proxy.sse import SSEFramer, StreamIncomplete, event_data
+from gomodel.proxy.sse import SSEFramer, StreamIncomplete, event_data, require_end
 
 # Responses request fields with no chat-completions meaning; everything else
 # unknown to us is copied (vLLM extras like top_k survive the translation).
@@ -340,10 +340,7 @@ class ChatToResponsesStream:
         return b"".join(out)
 
     def finish(self):
-        if self._framer.pending.strip():
-            raise StreamIncomplete("the upstream stream ended inside an event")
-        if not self.done:
-            raise StreamIncomplete("the upstream stream ended without [DONE]")
+        require_end(self._framer, self.done, "without [DONE]")
 
 
 def _message_of(error):

@@ -16,6 +16,19 @@ gateway forwards untouched:
   - C{fake_flood}: stream that many bytes of events as fast as the client allows
   - C{fake_status} / C{fake_body}: answer with that status and raw body
 
+Anthropic's Messages API (C{/v1/messages}, C{/v1/messages/count_tokens}) is
+answered as vLLM 0.32's C{vllm/entrypoints/anthropic} writes it (typed events,
+C{message_start} usage, a signature closing a thinking block); C{messages=False}
+makes it FastAPI's 404 (a server without the router), C{messages="unsupported"}
+vLLM's 501 "does not support Messages API". Chat and Messages also take:
+
+  - C{fake_reasoning}: reasoning text before the content (a thinking block)
+  - C{fake_tool}: C{{"name", "arguments"}}: the answer is that tool call
+  - C{fake_cached}: prompt tokens read from the prefix cache (in the usage)
+
+C{steer} holds fields applied to every request the body does not set itself
+(for requests the gateway rewrites, e.g. Messages translated to chat).
+
 Batch tests steer it per request with a C{fake_marker} (any string; the fake
 counts requests and finished answers per marker in C{marker_counts} and
 C{marker_answers}) and, on any route:
@@ -117,8 +130,11 @@ def _chunk(delta, finish_reason=None, model=CHAT_MODEL):
 class FakeVLLM(Resource):
     isLeaf = True
 
-    def __init__(self, reactor, *, api_key=None, models=(CHAT_MODEL,), max_model_len=2048, responses=True):
+    def __init__(self, reactor, *, api_key=None, models=(CHAT_MODEL,), max_model_len=2048, responses=True,
+                 messages=True):
         super().__init__()
+        self.native_messages = messages  # False: FastAPI's 404; "unsupported": vLLM's 501
+        self.steer = {}  # fields every request gets unless its body sets them
         self.native_responses = responses  # False: /v1/responses is FastAPI's 404, as on an older server
         self.stored_responses = {}  # vLLM's in-memory Responses store; clear() it to play a restart
         self._reactor = reactor
@@ -171,6 +187,8 @@ class FakeVLLM(Resource):
     def render(self, request):
         request.content.seek(0)
         record = Recorded(request, request.content.read())
+        if self.steer and isinstance(record.body, dict):
+            record.body = dict(self.steer, **record.body)
         self.requests.append(record)
         request.notifyFinish().addCallbacks(
             lambda _: record.closed.callback(("finished", time.monotonic())),
@@ -240,6 +258,8 @@ class FakeVLLM(Resource):
                  "parent": None, "max_model_len": self.max_model_len, "permission": []} for m in self.models]})
         if path == b"/v1/chat/completions" and request.method == b"POST":
             return self._chat(request, record)
+        if path in (b"/v1/messages", b"/v1/messages/count_tokens") and request.method == b"POST":
+            return self._messages(request, record, path.endswith(b"count_tokens"))
         if path.startswith(b"/v1/responses/") and self.native_responses:
             return self._response_lifecycle(request, path[len(b"/v1/responses/"):].decode())
         if request.method == b"POST" and path in self._POST_ROUTES:
@@ -320,8 +340,9 @@ class FakeVLLM(Resource):
                                          "usage": {"prompt_tokens": 3, "total_tokens": 3}})
 
     def _tokenize(self, request, record, body):
-        return self._json(request, 200, {"count": 3, "max_model_len": self.max_model_len, "tokens": [1, 2, 3],
-                                         "token_strs": None})
+        count = 3 if "messages" not in body else _count_tokens(None, body["messages"], body.get("tools"))
+        return self._json(request, 200, {"count": count, "max_model_len": self.max_model_len,
+                                         "tokens": list(range(1, count + 1)), "token_strs": None})
 
     def _detokenize(self, request, record, body):
         return self._json(request, 200, {"prompt": "hé" * len(body.get("tokens") or [])})
@@ -377,6 +398,51 @@ class FakeVLLM(Resource):
         request.finish()
         return server.NOT_DONE_YET
 
+    def _messages(self, request, record, count):
+        """vLLM's Anthropic Messages routes (create, streamed or not, and count_tokens)."""
+        if self.native_messages is False:
+            return self._json(request, 404, {"detail": "Not Found"})
+        if self.native_messages == "unsupported":
+            return self._json(request, 501, _anthropic_error("NotImplementedError",
+                                                             "The model does not support Messages API"))
+        body = record.body
+        if not isinstance(body, dict):
+            return self._json(request, 400, _anthropic_error("BadRequestError", "JSON decode error"))
+        if "fake_status" in body:
+            raw = body.get("fake_body", "")
+            return self._json(request, body["fake_status"], raw.encode() if isinstance(raw, str) else raw)
+        model = body.get("model")
+        if model not in self.models:
+            return self._json(request, 404, _anthropic_error("NotFoundError", f"The model `{model}` does not exist."))
+        if count:
+            tokens = _count_tokens(body.get("system"), body.get("messages") or [], body.get("tools"))
+            return self._json(request, 200, {"input_tokens": tokens,
+                                             "context_management": {"original_input_tokens": tokens}})
+        if body.get("fake_hang"):
+            return server.NOT_DONE_YET
+        events = _message_events(body, model)
+        if not body.get("stream"):
+            return self._json(request, 200, _message_of(events))
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        if body.get("fake_no_stop"):
+            events = events[:-1]
+        payloads = [b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(data) + b"\n\n" for kind, data in events]
+        self._send_message_events(request, payloads, float(body.get("fake_pace", 0)), body.get("fake_die_after"), 0)
+        return server.NOT_DONE_YET
+
+    def _send_message_events(self, request, payloads, pace, die_after, index):
+        if request._disconnected:
+            return
+        if die_after is not None and index >= die_after:
+            request.transport.abortConnection()
+            return
+        if index == len(payloads):
+            request.finish()
+            return
+        request.write(payloads[index])
+        self._reactor.callLater(pace, self._send_message_events, request, payloads, pace, die_after, index + 1)
+
     def _json(self, request, status, value):
         body = value if isinstance(value, bytes) else jsonutil.dumps(value)
         request.setResponseCode(status)
@@ -402,15 +468,20 @@ class FakeVLLM(Resource):
         if body.get("stream"):
             return self._stream(request, record, body)
         text = "".join(body.get("fake_text", "hé") for _ in range(body.get("fake_chunks", 3)))
+        tool = body.get("fake_tool")
+        tool_calls = [] if tool is None else [{"id": "chatcmpl-tool-fake1", "type": "function", "function": {
+            "name": tool["name"], "arguments": tool["arguments"]}}]
+        cached = body.get("fake_cached")
         return self._json(request, 200, {
             "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                 "reasoning": None, "tool_calls": []},
-                         "logprobs": None, "finish_reason": "length", "stop_reason": None,
-                         "token_ids": None}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": None if tool else text,
+                                                 "refusal": None, "reasoning": body.get("fake_reasoning"),
+                                                 "tool_calls": tool_calls},
+                         "logprobs": None, "finish_reason": "tool_calls" if tool else "length",
+                         "stop_reason": None, "token_ids": None}],
             "service_tier": None, "system_fingerprint": "vllm-0.32.0-fake",
             "usage": {"prompt_tokens": 18, "total_tokens": 21, "completion_tokens": 3,
-                      "prompt_tokens_details": None},
+                      "prompt_tokens_details": None if cached is None else {"cached_tokens": cached}},
             "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": {"fake": True}})
 
     def _stream(self, request, record, body):
@@ -424,6 +495,16 @@ class FakeVLLM(Resource):
         events = [_chunk({"role": "assistant", "content": ""})]
         n = int(body.get("fake_chunks", 3))
         text = body.get("fake_text", "hé")
+        if body.get("fake_reasoning"):
+            events += [_chunk({"reasoning": part}) for part in _halves(body["fake_reasoning"])]
+        tool = body.get("fake_tool")
+        if tool is not None:
+            first, second = _halves(tool["arguments"])
+            events += [_chunk({"tool_calls": [{"id": "chatcmpl-tool-fake1", "type": "function", "index": 0,
+                                               "function": {"name": tool["name"], "arguments": ""}}]}),
+                       _chunk({"tool_calls": [{"index": 0, "function": {"arguments": first}}]}),
+                       _chunk({"tool_calls": [{"index": 0, "function": {"arguments": second}}]}, "tool_calls")]
+            n = 0
         for i in range(n):
             events.append(_chunk({"content": text}, "length" if i == n - 1 else None))
         payloads = [b"data: " + jsonutil.dumps(e) + b"\n\n" for e in events]
@@ -466,7 +547,103 @@ class FakeVLLM(Resource):
             usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
                      "model": body.get("model"), "choices": [],
                      "usage": {"prompt_tokens": 18, "total_tokens": 21, "completion_tokens": 3}}
+            if body.get("fake_cached") is not None:
+                usage["usage"]["prompt_tokens_details"] = {"cached_tokens": body["fake_cached"]}
             request.write(b"data: " + jsonutil.dumps(usage) + b"\n\n")
         if not body.get("fake_no_done"):
             request.write(b"data: [DONE]\n\n")
         request.finish()
+
+
+def _halves(text):
+    """C{text} in two pieces (as a model streams it in several deltas)."""
+    cut = len(text) // 2
+    return [text[:cut], text[cut:]]
+
+
+def _text_of(content):
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return ""
+
+
+def _count_tokens(system, messages, tools):
+    """The fake tokenizer: one token per character of text, plus four per message and per tool."""
+    count = len(_text_of(system)) + (4 if system else 0)
+    for message in messages:
+        if isinstance(message, dict):
+            count += 4 + len(_text_of(message.get("content")))
+    return count + 4 * len(tools or [])
+
+
+def _anthropic_error(kind, message):
+    """vLLM's Anthropic-shaped error body (its own error type names)."""
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _message_events(body, model):
+    """The events of vLLM's Messages stream for C{body}: (event name, data) pairs."""
+    cached = body.get("fake_cached")
+    usage = {"input_tokens": 18 - (cached or 0), "output_tokens": 0}
+    if cached is not None:
+        usage["cache_read_input_tokens"] = cached
+    events = [("message_start", {"type": "message_start", "message": {
+        "id": "chatcmpl-fake", "type": "message", "role": "assistant", "content": [], "model": model,
+        "stop_reason": None, "stop_sequence": None, "usage": dict(usage)}})]
+    index = 0
+
+    def block(start, deltas):
+        nonlocal index
+        events.append(("content_block_start", {"type": "content_block_start", "content_block": start, "index": index}))
+        events.extend(("content_block_delta", {"type": "content_block_delta", "delta": d, "index": index})
+                      for d in deltas)
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
+
+    if body.get("fake_reasoning"):
+        block({"type": "thinking", "thinking": ""},
+              [{"type": "thinking_delta", "thinking": part} for part in _halves(body["fake_reasoning"])]
+              + [{"type": "signature_delta", "signature": "5f1c0ffee5f1c0ffee5f1c0ffee5f1c0"}])
+    tool = body.get("fake_tool")
+    if tool is not None:
+        block({"type": "tool_use", "id": "chatcmpl-tool-fake1", "name": tool["name"], "input": {}},
+              [{"type": "input_json_delta", "partial_json": part} for part in _halves(tool["arguments"])])
+    else:
+        text = body.get("fake_text", "hé")
+        block({"type": "text", "text": ""},
+              [{"type": "text_delta", "text": text} for _ in range(int(body.get("fake_chunks", 3)))])
+    events.append(("message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": "tool_use" if tool is not None else "max_tokens", "stop_sequence": None},
+        "usage": dict(usage, output_tokens=3)}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def _message_of(events):
+    """The whole (non-streamed) message the events of L{_message_events} make, as vLLM writes it."""
+    message = dict(events[0][1]["message"])
+    blocks = []
+    for kind, data in events[1:]:
+        if kind == "content_block_start":
+            blocks.append(dict(data["content_block"]))
+        elif kind == "content_block_delta":
+            delta, current = data["delta"], blocks[-1]
+            if delta["type"] == "text_delta":
+                current["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                current["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                current["signature"] = delta["signature"]
+            else:
+                current["partial"] = current.get("partial", "") + delta["partial_json"]
+        elif kind == "message_delta":
+            message["stop_reason"] = data["delta"]["stop_reason"]
+            message["usage"] = data["usage"]
+    for current in blocks:
+        if "partial" in current:
+            current["input"] = jsonutil.loads(current.pop("partial"))
+    message["content"] = blocks
+    del message["stop_sequence"]  # vLLM drops None fields of a whole answer
+    return message

@@ -48,6 +48,11 @@ class Database:
         """Join the thread (immediate once it is idle)."""
         self._threads.stop(shutting_down)
 
+    @property
+    def problem(self):
+        """Why the database could not be opened, or None."""
+        return self._broken
+
     def now(self) -> float:
         """The injected clock's time, read on the reactor thread."""
         return self._clock.seconds()

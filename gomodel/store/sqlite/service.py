@@ -61,6 +61,11 @@ class SQLiteStore(Service):
         self._started = None
 
     @property
+    def problem(self):
+        """Why the database could not be opened (a line for C{/health/ready}), or None."""
+        return self._db.problem
+
+    @property
     def db_path(self):
         return self._db.path
 

@@ -1,0 +1,862 @@
+"""Anthropic's Messages API over a chat-completions upstream: requests, answers, streams, errors.
+
+For providers with no C{/v1/messages} of their own (the OpenAI-compatible
+family, or a vLLM server that does not serve it), a Messages request becomes
+a chat-completions request, and the chat answer or stream becomes Anthropic's
+answer or event stream. vLLM's own translation (its
+C{vllm/entrypoints/anthropic/serving.py}) is the reference; where it is
+followed, the comments say so.
+
+Usage is reported in Anthropic's naming and meaning: C{input_tokens} are the
+prompt tokens I{not} read from a cache, so that C{input_tokens +
+cache_read_input_tokens + cache_creation_input_tokens} is the chat answer's
+C{prompt_tokens} (Anthropic's definition, which vLLM's endpoint follows too).
+
+Stream events are framed as Anthropic frames them, byte for byte:
+C{event: <type>\\ndata: <compact JSON>\\n\\n}, the JSON's C{type} first.
+"""
+
+import uuid
+
+from zope.interface import implementer
+
+from gomodel import jsonutil
+from gomodel.errors import InvalidRequest
+from gomodel.http.render import AnthropicDialect
+from gomodel.interfaces import IStreamObserver
+from gomodel.proxy.sse import SSEFramer, event_data, event_object, require_end
+
+# Claude Code's first system block carries a per-request hash; dropping it keeps
+# the prompt prefix stable for the upstream's prefix cache (vLLM does the same).
+_BILLING_HEADER = "x-anthropic-billing-header"
+
+# System text blocks are joined with a blank line between them.
+_SYSTEM_JOINER = "\n\n"
+
+# finish_reason -> stop_reason, where no stop string or tool call decides it.
+_STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+                 "content_filter": "refusal"}
+
+
+def _new_id(prefix):
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def message_id(chat_id) -> str:
+    """The Messages id (C{msg_...}) for a chat completion's id (C{chatcmpl-...}); a new one without it."""
+    if not isinstance(chat_id, str) or not chat_id:
+        return _new_id("msg")
+    if chat_id.startswith("msg_"):
+        return chat_id
+    core = chat_id[len("chatcmpl-"):] if chat_id.startswith("chatcmpl-") else chat_id
+    return "msg_" + (core or uuid.uuid4().hex)
+
+
+# -- request --------------------------------------------------------------------
+
+
+def messages_to_chat(body: dict) -> dict:
+    """The chat-completions request for a Messages request C{body} (its C{model} kept as given).
+
+    @raise InvalidRequest: C{body} is not a valid Messages request (no
+        C{messages} list, no C{max_tokens}, an unknown block type...), or
+        asks for what no chat-completions upstream can do (server tools, PDF
+        documents).
+    """
+    _require_object(body)
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise InvalidRequest("max_tokens: Field required", param="max_tokens")
+    if not _is_int(max_tokens):
+        raise InvalidRequest("max_tokens: Input should be a valid integer", param="max_tokens")
+    chat = {"model": body.get("model"), "messages": _chat_messages(body), "max_tokens": max_tokens}
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequest("stop_sequences: Input should be a list of strings", param="stop_sequences")
+        if stop:
+            chat["stop"] = stop
+    for name in ("temperature", "top_p", "top_k"):  # top_k: vLLM's sampling extra
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        chat["user"] = metadata["user_id"]
+    tools = _tools(body.get("tools"))
+    if tools:
+        chat["tools"] = tools
+    if body.get("tool_choice") is not None:
+        chat.update(_tool_choice(body["tool_choice"]))
+    kwargs = _template_kwargs(body, max_tokens)
+    if kwargs:
+        chat["chat_template_kwargs"] = kwargs
+    chat.update(_output_config(body))
+    if body.get("stream") is True:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat
+
+
+def count_tokens_request(body: dict) -> dict:
+    """The body of vLLM's C{POST /tokenize} (chat form) that counts a Messages C{count_tokens} request.
+
+    @raise InvalidRequest: as L{messages_to_chat} (C{max_tokens} is not needed here).
+    """
+    _require_object(body)
+    tokenize = {"model": body.get("model"), "messages": _chat_messages(body)}
+    tools = _tools(body.get("tools"))
+    if tools:
+        tokenize["tools"] = tools
+    kwargs = _template_kwargs(body)
+    if kwargs:
+        tokenize["chat_template_kwargs"] = kwargs
+    tokenize["add_generation_prompt"] = True
+    return tokenize
+
+
+def count_tokens_answer(tokenize_answer: dict) -> dict:
+    """Anthropic's C{count_tokens} answer C{{"input_tokens": n}} for vLLM's C{/tokenize} answer.
+
+    @raise ValueError: the answer has no token count.
+    """
+    count = tokenize_answer.get("count") if isinstance(tokenize_answer, dict) else None
+    if not _is_int(count):
+        tokens = tokenize_answer.get("tokens") if isinstance(tokenize_answer, dict) else None
+        if not isinstance(tokens, list):
+            raise ValueError("the tokenize answer has no count")
+        count = len(tokens)
+    return {"input_tokens": count}
+
+
+def _require_object(body):
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _chat_messages(body) -> list:
+    """The chat messages for a request's C{system} and C{messages}: one system message first, if any."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages: Field required (a list of messages)" if messages is None
+                             else "messages: Input should be a valid list", param="messages")
+    if not messages:
+        raise InvalidRequest("messages: at least one message is required", param="messages")
+    system = _system_texts(body.get("system"), "system")
+    chat = []
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"{where}: Input should be an object", param=where)
+        role = message.get("role")
+        content = message.get("content")
+        if role == "system":  # not Anthropic's, but vLLM takes it: merged into the one system message
+            system.extend(_system_texts(content, f"{where}.content"))
+        elif role == "user":
+            chat.extend(_user_messages(content, where))
+        elif role == "assistant":
+            chat.append(_assistant_message(content, where))
+        else:
+            raise InvalidRequest(f"{where}.role: Input should be 'user' or 'assistant'", param=f"{where}.role")
+    if system:
+        chat.insert(0, {"role": "system", "content": _SYSTEM_JOINER.join(system)})
+    return chat
+
+
+def _system_texts(system, where) -> list:
+    if system is None:
+        return []
+    if isinstance(system, str):
+        return [system] if system else []
+    if not isinstance(system, list):
+        raise InvalidRequest(f"{where}: Input should be a string or a list of text blocks", param=where)
+    texts = []
+    for i, block in enumerate(system):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise InvalidRequest(f"{where}.{i}: system blocks must be text blocks", param=f"{where}.{i}")
+        if block["text"] and not block["text"].startswith(_BILLING_HEADER):
+            texts.append(block["text"])
+    return texts
+
+
+def _blocks(content, where) -> list:
+    """C{content} as a list of block objects (a string is one text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}.content: Input should be a string or a list of content blocks",
+                             param=f"{where}.content")
+    for i, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise InvalidRequest(f"{where}.content.{i}: Input should be a content block with a type",
+                                 param=f"{where}.content.{i}")
+    return content
+
+
+def _image_url(block, where) -> dict:
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source.get("data"), str):
+        media = source.get("media_type") or "image/jpeg"
+        return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{source['data']}"}}
+    if kind == "url" and isinstance(source.get("url"), str):
+        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    raise InvalidRequest(f"{where}: image source type {kind!r} is not supported by this provider "
+                         "(use 'base64' or 'url')", param=where)
+
+
+def _document_text(block, where) -> dict:
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str):
+        return {"type": "text", "text": source["data"]}
+    kind = source.get("type") if isinstance(source, dict) else None
+    raise InvalidRequest(f"{where}: document source type {kind!r} is not supported by this provider "
+                         "(only plain-text documents are)", param=where)
+
+
+def _parts_content(parts):
+    """Chat message content for C{parts}: one text part as a string, else the parts."""
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return parts[0]["text"]
+    return parts
+
+
+def _user_messages(content, where) -> list:
+    """A user turn: its tool results first (as C{tool} messages, which must follow the assistant's
+    calls), then the rest of its content, and any images the tool results held, as one user message."""
+    tools, parts, tool_images = [], [], []
+    for i, block in enumerate(_blocks(content, where)):
+        at = f"{where}.content.{i}"
+        kind = block["type"]
+        if kind == "text":
+            parts.append({"type": "text", "text": block.get("text") or ""})
+        elif kind == "image":
+            parts.append(_image_url(block, at))
+        elif kind == "document":
+            parts.append(_document_text(block, at))
+        elif kind == "tool_result":
+            message, images = _tool_result(block, at)
+            tools.append(message)
+            tool_images.extend(images)
+        elif kind in ("tool_use", "thinking", "redacted_thinking"):
+            raise InvalidRequest(f"{at}: a {kind} block belongs in an assistant message", param=at)
+        else:
+            raise InvalidRequest(f"{at}: unknown content block type {kind!r}", param=at)
+    parts = tool_images + parts
+    if parts or not tools:
+        return tools + [{"role": "user", "content": _parts_content(parts) if parts else ""}]
+    return tools
+
+
+def _tool_result(block, where):
+    """The C{tool} message for a C{tool_result} block, and the images it held (a tool message has none)."""
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise InvalidRequest(f"{where}.tool_use_id: Field required", param=f"{where}.tool_use_id")
+    content = block.get("content")
+    texts, images = [], []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for i, item in enumerate(content):
+            at = f"{where}.content.{i}"
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text":
+                texts.append(item.get("text") or "")
+            elif kind == "image":
+                images.append(_image_url(item, at))
+            elif kind == "document":
+                texts.append(_document_text(item, at)["text"])
+            else:
+                raise InvalidRequest(f"{at}: content block type {kind!r} is not supported in a tool result",
+                                     param=at)
+    elif content is not None:
+        raise InvalidRequest(f"{where}.content: Input should be a string or a list of blocks",
+                             param=f"{where}.content")
+    text = "\n".join(texts)
+    if block.get("is_error") is True:
+        # Chat has no error flag on a tool message: the model reads it in the text.
+        text = f"Error: {text}" if text else "Error"
+    return {"role": "tool", "tool_call_id": call_id, "content": text}, images
+
+
+def _assistant_message(content, where) -> dict:
+    parts, calls, reasoning = [], [], []
+    for i, block in enumerate(_blocks(content, where)):
+        at = f"{where}.content.{i}"
+        kind = block["type"]
+        if kind == "text":
+            if block.get("text"):
+                parts.append({"type": "text", "text": block["text"]})
+        elif kind == "tool_use":
+            name = block.get("name")
+            if not isinstance(name, str) or not name:
+                raise InvalidRequest(f"{at}.name: Field required", param=f"{at}.name")
+            call_input = block.get("input")
+            if call_input is None:
+                call_input = {}
+            calls.append({"id": block.get("id") or _new_id("toolu"), "type": "function",
+                          "function": {"name": name, "arguments": jsonutil.dumps(call_input).decode()}})
+        elif kind == "thinking":
+            if isinstance(block.get("thinking"), str):
+                reasoning.append(block["thinking"])
+        elif kind == "redacted_thinking":
+            continue  # opaque (encrypted by Anthropic): nothing an upstream could read
+        elif kind in ("image", "document", "tool_result"):
+            raise InvalidRequest(f"{at}: a {kind} block belongs in a user message", param=at)
+        else:
+            raise InvalidRequest(f"{at}: unknown content block type {kind!r}", param=at)
+    message = {"role": "assistant", "content": _parts_content(parts) if parts else (None if calls else "")}
+    if calls:
+        message["tool_calls"] = calls
+    if reasoning:
+        # vLLM's name on input (it reads "reasoning" too); earlier turns' thinking, for templates that keep it.
+        message["reasoning_content"] = "".join(reasoning)
+    return message
+
+
+_SERVER_TOOL_HINT = "server tools (web search, code execution, computer use...) are not supported by this provider"
+
+
+def _tools(tools) -> list:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools: Input should be a valid list", param="tools")
+    chat = []
+    for i, tool in enumerate(tools):
+        where = f"tools.{i}"
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"{where}: Input should be an object", param=where)
+        if tool.get("type") not in (None, "custom"):
+            raise InvalidRequest(f"{where}: tool type {tool.get('type')!r}: {_SERVER_TOOL_HINT}", param=where)
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise InvalidRequest(f"{where}.name: Field required", param=f"{where}.name")
+        if not isinstance(tool.get("input_schema"), dict):
+            raise InvalidRequest(f"{where}.input_schema: Field required", param=f"{where}.input_schema")
+        function = {"name": tool["name"]}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        function["parameters"] = tool["input_schema"]
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
+        chat.append({"type": "function", "function": function})
+    return chat
+
+
+def _tool_choice(choice) -> dict:
+    """The chat fields (C{tool_choice}, C{parallel_tool_calls}) for Anthropic's C{tool_choice}."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str) or not choice["name"]:
+            raise InvalidRequest("tool_choice.name: Field required when tool_choice.type is 'tool'",
+                                 param="tool_choice.name")
+        fields = {"tool_choice": {"type": "function", "function": {"name": choice["name"]}}}
+    elif kind in ("auto", "any", "none"):
+        fields = {"tool_choice": {"auto": "auto", "any": "required", "none": "none"}[kind]}
+    else:
+        raise InvalidRequest(f"tool_choice.type: {kind!r} is not one of 'auto', 'any', 'tool', 'none'",
+                             param="tool_choice")
+    if choice.get("disable_parallel_tool_use") is True:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+def _template_kwargs(body, max_tokens=None) -> dict:
+    """vLLM's C{chat_template_kwargs}: the request's own (a vLLM extra), with C{enable_thinking} from C{thinking}.
+
+    C{budget_tokens} is checked as Anthropic (and vLLM's own endpoint) check
+    it: at least 1024, and below C{max_tokens} where there is one.
+    """
+    kwargs = dict(body["chat_template_kwargs"]) if isinstance(body.get("chat_template_kwargs"), dict) else {}
+    thinking = body.get("thinking")
+    if thinking is None:
+        return kwargs
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not _is_int(budget) or budget < 1024:
+            raise InvalidRequest("thinking.enabled.budget_tokens: Input should be an integer greater than or "
+                                 "equal to 1024", param="thinking.budget_tokens")
+        if max_tokens is not None and budget >= max_tokens:
+            raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`",
+                                 param="thinking.budget_tokens")
+    if kind in ("enabled", "adaptive"):
+        # budget_tokens has no chat-completions equivalent; max_tokens still bounds the whole answer.
+        kwargs["enable_thinking"] = True
+    elif kind == "disabled":
+        kwargs["enable_thinking"] = False
+    else:
+        raise InvalidRequest(f"thinking.type: {kind!r} is not one of 'enabled', 'disabled', 'adaptive'",
+                             param="thinking")
+    return kwargs
+
+
+def _output_config(body) -> dict:
+    """C{response_format} / C{reasoning_effort} for C{output_config} (and the older C{output_format})."""
+    fields = {}
+    config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+    fmt = config.get("format") if isinstance(config.get("format"), dict) else body.get("output_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        fields["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    if isinstance(config.get("effort"), str):
+        fields["reasoning_effort"] = config["effort"]
+    return fields
+
+
+# -- answer ---------------------------------------------------------------------
+
+
+def usage_from_chat(usage) -> dict | None:
+    """Anthropic's usage object for a chat usage object (None for none).
+
+    C{input_tokens} excludes the cached prompt tokens, reported apart as
+    C{cache_read_input_tokens} (only where the upstream said how many).
+    """
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    prompt = prompt if _is_int(prompt) else 0
+    completion = usage.get("completion_tokens")
+    anthropic = {"input_tokens": prompt, "output_tokens": completion if _is_int(completion) else 0}
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        # created_cache_tokens: vLLM's count of prompt tokens written to its cache.
+        for source, name in (("cached_tokens", "cache_read_input_tokens"),
+                             ("created_cache_tokens", "cache_creation_input_tokens")):
+            if _is_int(details.get(source)):
+                anthropic[name] = details[source]
+                prompt -= details[source]
+        anthropic["input_tokens"] = max(0, prompt)
+    return anthropic
+
+
+def _tool_input(arguments) -> dict:
+    """A tool call's C{input} from its JSON arguments.
+
+    Anthropic's C{input} is always an object, so arguments that are not a
+    JSON object (a model that wrote broken JSON, or was cut off by
+    C{max_tokens}) become C{{}}: the client sees the call and can answer it
+    with an error, rather than the whole answer failing.
+    """
+    if not isinstance(arguments, str) or not arguments.strip():
+        return {}
+    try:
+        value = jsonutil.loads(arguments.encode())
+    except jsonutil.JSONError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _is_json_object(text) -> bool:
+    try:
+        return isinstance(jsonutil.loads(text.encode()), dict)
+    except jsonutil.JSONError:
+        return False
+
+
+def stop_reason(finish_reason, matched, tool_used, tools_complete):
+    """Anthropic's C{(stop_reason, stop_sequence)} for a chat choice's end (vLLM's rule).
+
+    @param matched: vLLM's C{stop_reason} on the choice: the stop string that
+        ended it (a str), else a stop token id or None.
+    @param tool_used: whether the answer holds a tool call (a named tool
+        choice ends with C{finish_reason} "stop" all the same).
+    @param tools_complete: whether every call's arguments are whole JSON: a
+        stop string that cut a call short must not make it look runnable.
+    """
+    if finish_reason == "length":
+        return "max_tokens", None
+    if finish_reason == "content_filter":
+        return "refusal", None
+    if tool_used and tools_complete:
+        return "tool_use", None
+    if finish_reason == "stop" and isinstance(matched, str):
+        return "stop_sequence", matched
+    if tool_used:
+        return "tool_use", None
+    return _STOP_REASONS.get(finish_reason, "end_turn"), None
+
+
+def chat_to_message(chat: dict, model: str) -> dict:
+    """The Messages answer for a chat-completions answer C{chat}, naming C{model} (the client's name for it).
+
+    @raise ValueError: C{chat} has no choice.
+    @raise TypeError: C{chat} is not shaped as a chat completion.
+    """
+    if not isinstance(chat, dict):
+        raise TypeError("a chat completion must be a JSON object")
+    choices = chat.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ValueError("the chat completion has no choice")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    if not isinstance(message, dict):
+        raise TypeError("the chat completion's message is not an object")
+    content = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        # No upstream signs its reasoning: the signature is empty (Anthropic's
+        # field is required); a client sends the block back as it came.
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    text = message.get("content")
+    if isinstance(text, str) and text:
+        content.append({"type": "text", "text": text})
+    elif isinstance(message.get("refusal"), str) and message["refusal"]:
+        content.append({"type": "text", "text": message["refusal"]})
+    calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    for call in calls:
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id") or _new_id("toolu"),
+                        "name": function.get("name") or "", "input": _tool_input(function.get("arguments"))})
+    if not content:
+        # Anthropic's shape for an empty answer is one empty text block (vLLM's too).
+        content.append({"type": "text", "text": ""})
+    complete = all(_is_json_object((c.get("function") or {}).get("arguments") or "{}") for c in calls)
+    reason, sequence = stop_reason(choice.get("finish_reason"), choice.get("stop_reason"), bool(calls), complete)
+    return {"id": message_id(chat.get("id")), "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": reason, "stop_sequence": sequence,
+            "usage": usage_from_chat(chat.get("usage")) or {"input_tokens": 0, "output_tokens": 0}}
+
+
+def chat_to_message_bytes(body: bytes, model: str) -> bytes:
+    """L{chat_to_message} on JSON bytes, for an exchange's C{transform} hook.
+
+    @raise ValueError: C{body} is not JSON (L{jsonutil.JSONError}) or has no choice.
+    @raise TypeError: C{body} is not shaped as a chat completion.
+    """
+    return jsonutil.dumps(chat_to_message(jsonutil.loads(body), model))
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+_ANTHROPIC_ERROR_TYPES = frozenset({
+    "invalid_request_error", "authentication_error", "billing_error", "permission_error", "not_found_error",
+    "request_too_large", "rate_limit_error", "timeout_error", "api_error", "overloaded_error"})
+
+
+def _error_message(payload):
+    """The human message in an error body of any usual shape, or None."""
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str) and error:
+            return error
+        for key in ("message", "detail"):  # bare messages, FastAPI's {"detail": ...}
+            if isinstance(payload.get(key), str) and payload[key]:
+                return payload[key]
+    return None
+
+
+def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
+    """Anthropic's error body C{{"type": "error", "error": {"type", "message"}}} for an upstream's error answer.
+
+    C{body} may be OpenAI's envelope, Anthropic's own (its type kept where
+    it is one of Anthropic's), or anything else (a generic message then).
+    The type follows the status as the gateway's own Anthropic errors do
+    (L{AnthropicDialect.error_type}: also 4xx others are
+    C{invalid_request_error}, 5xx others C{api_error}).
+    """
+    try:
+        payload = jsonutil.loads(body)
+    except jsonutil.JSONError:
+        payload = None
+    error_type = AnthropicDialect.error_type(status)
+    if isinstance(payload, dict) and payload.get("type") == "error" and isinstance(payload.get("error"), dict):
+        # vLLM's own endpoint puts its exception's name there ("BadRequestError"): only Anthropic's types stay.
+        if payload["error"].get("type") in _ANTHROPIC_ERROR_TYPES:
+            error_type = payload["error"]["type"]
+    message = _error_message(payload) or f"The upstream answered with HTTP status {status}."
+    return jsonutil.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+# -- streams --------------------------------------------------------------------
+
+
+def _event(kind: str, payload: dict) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps({"type": kind, **payload}) + b"\n\n"
+
+
+class _ToolCall:
+    """One streamed chat tool call, as it becomes a C{tool_use} block."""
+
+    __slots__ = ("id", "name", "block", "arguments")
+
+    def __init__(self, call_id, name):
+        self.id = call_id
+        self.name = name
+        self.block = None  # its block index once started
+        self.arguments = []  # fragments (held until the block starts, when no name came yet)
+
+
+@implementer(IStreamObserver)
+class ChatToMessagesStream:
+    """Turns a chat-completions SSE stream into Anthropic's Messages events.
+
+    An observer for L{gomodel.proxy.relay.StreamRelay}: C{feed} takes the
+    upstream's bytes (split anywhere) and returns whole Anthropic events.
+
+    The sequence: C{message_start} at the first chunk (its usage has the
+    prompt's tokens only where that chunk carries usage, else 0: chat
+    streams report usage at the end), then blocks in order, each
+    C{content_block_start} / C{content_block_delta}... / C{content_block_stop}
+    (a thinking block ends with an empty C{signature_delta}: no upstream
+    signs its reasoning), and at C{[DONE]} C{message_delta} (stop reason,
+    and the usage of the usage chunk that C{include_usage} brings before
+    C{[DONE]}) and C{message_stop}. A block ends when the kind of delta
+    changes; text that arrives while a tool call streams is held and sent as
+    a text block after it (vLLM's rule). An in-band C{{"error": ...}} chunk
+    becomes an C{error} event and ends the stream (no C{message_stop}).
+
+    Tool-call argument fragments are relayed as they come (C{input_json_delta});
+    a fragment for an earlier call whose block already ended (chat streams
+    send calls one after another, so only a misbehaving upstream does this)
+    still goes to that call's block index.
+
+    @ivar usage: Anthropic's usage dict once the upstream reported usage, else None.
+    @ivar done: C{[DONE]} or an error chunk arrived.
+    @ivar error: the upstream's in-band error, if any.
+    @ivar events: upstream chunks with content (about one token each), for an estimate.
+    """
+
+    def __init__(self, model: str, message_id: str | None = None):
+        self._framer = SSEFramer()
+        self._model = model
+        self._id = message_id
+        self._started = False
+        self._next = 0  # index of the next block
+        self._open = None  # kind of the open block: "thinking", "text" or "tool_use"
+        self._calls = {}  # chat tool-call index -> _ToolCall
+        self._held = []  # text that came while a tool_use block was open
+        self._finish = None
+        self._matched = None
+        self.usage = None
+        self.done = False
+        self.error = None
+        self.events = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Take upstream bytes; return the Anthropic events to send now (may be C{b""})."""
+        out = []
+        for event in self._framer.feed(data):
+            if self.done:
+                continue
+            payload = event_data(event)
+            if not payload:
+                continue
+            if payload == b"[DONE]":
+                self._end(out)
+                continue
+            try:
+                chunk = jsonutil.loads(payload)
+            except jsonutil.JSONError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if isinstance(chunk.get("error"), (dict, str)):
+                self._fail(chunk["error"], out)
+                continue
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = usage_from_chat(chunk["usage"])
+            if not self._started:
+                self._start(chunk, out)
+            for choice in chunk.get("choices") or []:
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    self._choice(choice, out)
+        return b"".join(out)
+
+    def finish(self):
+        """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
+        require_end(self._framer, self.done, "without [DONE]")
+
+    # -- building -----------------------------------------------------------------
+
+    def _start(self, chunk, out):
+        self._started = True
+        if self._id is None:
+            self._id = message_id(chunk.get("id"))
+        usage = {"input_tokens": 0, "output_tokens": 0}
+        if self.usage:
+            usage.update({k: v for k, v in self.usage.items() if k != "output_tokens"})
+        out.append(_event("message_start", {"message": {
+            "id": self._id, "type": "message", "role": "assistant", "model": self._model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": usage}}))
+
+    def _choice(self, choice, out):
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        reasoning = delta.get("reasoning")
+        if not isinstance(reasoning, str) or not reasoning:
+            reasoning = delta.get("reasoning_content")
+        text = delta.get("content")
+        calls = delta.get("tool_calls")
+        if (isinstance(reasoning, str) and reasoning) or (isinstance(text, str) and text) or calls:
+            self.events += 1
+        if isinstance(reasoning, str) and reasoning:
+            self._switch("thinking", out)
+            self._delta({"type": "thinking_delta", "thinking": reasoning}, out)
+        if isinstance(text, str) and text:
+            if self._open == "tool_use":
+                self._held.append(text)
+            else:
+                self._switch("text", out)
+                self._delta({"type": "text_delta", "text": text}, out)
+        for call in calls if isinstance(calls, list) else ():
+            if isinstance(call, dict):
+                self._tool_call(call, out)
+        if choice.get("finish_reason"):
+            self._finish = choice["finish_reason"]
+            self._matched = choice.get("stop_reason")
+
+    def _tool_call(self, delta, out):
+        key = delta.get("index", 0)
+        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        name = function.get("name") if isinstance(function.get("name"), str) and function["name"] else None
+        arguments = function.get("arguments") if isinstance(function.get("arguments"), str) else ""
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = _ToolCall(delta.get("id") or _new_id("toolu"), name)
+        elif call.name is None and name:
+            call.name = name
+        if arguments:
+            call.arguments.append(arguments)
+        if call.block is None:
+            if call.name is not None:
+                self._start_tool(call, out)
+        elif arguments:
+            self._delta({"type": "input_json_delta", "partial_json": arguments}, out, call.block)
+
+    def _start_tool(self, call, out):
+        self._switch("tool_use", out)
+        call.block = self._begin({"type": "tool_use", "id": call.id, "name": call.name or "", "input": {}}, out)
+        self._open = "tool_use"
+        if call.arguments:  # fragments held while the call had no name yet (usually none)
+            self._delta({"type": "input_json_delta", "partial_json": "".join(call.arguments)}, out, call.block)
+
+    def _switch(self, kind, out):
+        """End the open block unless it is of C{kind} (a tool_use block always ends), then open one of
+        C{kind} (the caller opens a tool_use block itself); held text goes out in between."""
+        if self._open == kind and kind != "tool_use":
+            return
+        self._stop(out)
+        if self._held:
+            self._begin({"type": "text", "text": ""}, out)
+            self._open = "text"
+            self._delta({"type": "text_delta", "text": "".join(self._held)}, out)
+            self._held = []
+            if kind == "text":
+                return
+            self._stop(out)
+        if kind == "text":
+            self._begin({"type": "text", "text": ""}, out)
+        elif kind == "thinking":
+            self._begin({"type": "thinking", "thinking": "", "signature": ""}, out)
+        self._open = kind if kind != "tool_use" else None
+
+    def _begin(self, block, out) -> int:
+        index = self._next
+        self._next += 1
+        out.append(_event("content_block_start", {"index": index, "content_block": block}))
+        return index
+
+    def _delta(self, delta, out, index=None):
+        out.append(_event("content_block_delta", {"index": self._next - 1 if index is None else index,
+                                                  "delta": delta}))
+
+    def _stop(self, out):
+        if self._open is None:
+            return
+        if self._open == "thinking":
+            self._delta({"type": "signature_delta", "signature": ""}, out)
+        out.append(_event("content_block_stop", {"index": self._next - 1}))
+        self._open = None
+
+    def _end(self, out):
+        self.done = True
+        if not self._started:
+            self._start({}, out)
+        for call in self._calls.values():
+            if call.block is None:  # a call whose name never came: it is still told
+                self._start_tool(call, out)
+        self._switch(None, out)
+        complete = all(_is_json_object("".join(c.arguments) or "{}") for c in self._calls.values())
+        reason, sequence = stop_reason(self._finish or "stop", self._matched, bool(self._calls), complete)
+        usage = dict(self.usage) if self.usage else {"output_tokens": 0}
+        out.append(_event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                            "usage": usage}))
+        out.append(_event("message_stop", {}))
+
+    def _fail(self, error, out):
+        self.done = True
+        self.error = error
+        message = error.get("message") if isinstance(error, dict) else error
+        if not isinstance(message, str) or not message:
+            message = "The upstream failed while streaming."
+        out.append(_event("error", {"error": {"type": "api_error", "message": message}}))
+
+
+_NATIVE_WATCHED = (b"message_start", b"message_delta", b"message_stop", b"error")
+
+
+@implementer(IStreamObserver)
+class MessagesStreamObserver:
+    """Watches a native Messages stream (vLLM's C{/v1/messages}); relays it untouched.
+
+    The stream is complete at C{message_stop} or an C{error} event.
+
+    @ivar usage: Anthropic's usage dict: C{message_start}'s, then each
+        C{message_delta}'s (cumulative counts) over it; None before C{message_start}.
+    @ivar error: the C{error} event's C{error} object, if one came.
+    @ivar events: C{content_block_delta} events seen (about one token each), for an estimate.
+    """
+
+    def __init__(self):
+        self._framer = SSEFramer()
+        self.usage = None
+        self.done = False
+        self.error = None
+        self.events = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Take upstream bytes; return them as whole events, unchanged."""
+        events = self._framer.feed(data)
+        for event in events:
+            head = event[:64]
+            if b"content_block_delta" in head:
+                self.events += 1
+            elif any(kind in head for kind in _NATIVE_WATCHED):
+                self._observe(event)
+        return b"".join(events)
+
+    def _observe(self, event):
+        payload = event_object(event)
+        if payload is None:
+            return
+        kind = payload.get("type")
+        if kind == "message_start":
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            self._merge(usage)
+        elif kind == "message_delta":
+            self._merge(payload.get("usage"))
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            self.done = True
+            self.error = payload.get("error") if isinstance(payload.get("error"), dict) else payload
+
+    def _merge(self, usage):
+        if not isinstance(usage, dict):
+            return
+        merged = dict(self.usage or {})
+        merged.update({k: v for k, v in usage.items() if v is not None})
+        self.usage = merged
+
+    def finish(self):
+        """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
+        require_end(self._framer, self.done, "before message_stop")

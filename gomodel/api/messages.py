@@ -1,0 +1,330 @@
+"""Anthropic's Messages API: C{POST /v1/messages} and C{/v1/messages/count_tokens}.
+
+Routed by model like every inference route (provider-qualified, virtual or
+bare unique ids). A provider that serves Messages itself (vLLM) gets the
+request natively: the body as the client sent it but its C{model}, the answer
+relayed byte for byte, a stream through L{MessagesStreamObserver} (which only
+notes usage and the end). Any other provider, and a vLLM whose server answers
+that it has no Messages API, gets it translated to chat completions and back
+(L{gomodel.anthropic.translate}); the gateway then remembers, per provider
+and model, not to ask natively for L{NO_NATIVE_TTL} seconds.
+
+The client's credentials never go upstream: the exchange sends only the
+provider's own key (C{Authorization: Bearer}), as on every route; vLLM
+refuses C{x-api-key}. C{anthropic-version} and C{anthropic-beta} are passed on
+to a native upstream (vLLM ignores them; a server that honours betas gets
+them) and dropped when translating.
+
+Managed keys apply as on the chat route: a key's model allowlist (403
+C{permission_error}), its tenant's C{cache_salt} for vLLM (natively too:
+vLLM's Messages take it); a priority (the key's, or C{X-Request-Priority})
+reaches vLLM only through the translation, vLLM's Messages API has no
+C{priority} field.
+
+C{count_tokens} is exact or refused, never guessed: vLLM's own
+C{/v1/messages/count_tokens}, else vLLM's C{/tokenize} with the chat
+messages the request becomes; a provider without a tokenizer the gateway can
+ask answers 501 (C{x-should-retry: false}).
+
+Errors on these paths are in Anthropic's shape (the front renders the
+gateway's own with L{gomodel.http.render.ANTHROPIC}); an upstream's own error
+is relayed as it came when it is Anthropic-shaped already (vLLM's), and
+converted when it is an OpenAI envelope (a translated provider's).
+"""
+
+from datetime import datetime, timezone
+
+from twisted.logger import Logger
+
+from gomodel import errors, jsonutil
+from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_message_bytes,
+                                         count_tokens_answer, count_tokens_request, messages_to_chat,
+                                         openai_error_to_anthropic)
+from gomodel.api.inference import InferenceRoutes, plan_model, unsaturated
+from gomodel.http import render
+from gomodel.http.bodies import json_body, query_arg, query_limit
+from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall
+from gomodel.routing.affinity import affinity_key
+from gomodel.upstream.errors import upstream_error
+
+MESSAGES = b"/v1/messages"
+COUNT_TOKENS = b"/v1/messages/count_tokens"
+# Provider types whose servers answer /v1/messages themselves.
+NATIVE_TYPES = frozenset(("vllm",))
+# How long a provider's model that answered "no Messages API here" is translated without asking again.
+NO_NATIVE_TTL = 600.0
+# Client headers passed on to a native Messages upstream (never a credential).
+FORWARDED_HEADERS = (b"anthropic-version", b"anthropic-beta")
+# What a server without the Messages API answers: no such route, or vLLM's "does not support".
+_NO_ROUTE_STATUSES = (404, 405, 501)
+_MAYBE_UNSUPPORTED = (400, 404, 405, 501)
+
+
+class _NoNative(Exception):
+    """The upstream has no Messages API (for this model)."""
+
+
+class MessagesRoutes:
+    """The two POST handlers C{(request, ctx)}; each returns the body to write, or None once it was written."""
+
+    log = Logger()
+
+    def __init__(self, registry, exchange, clock, salts=None, gate=None):
+        """
+        @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
+        @param gate: the L{gomodel.limits.gate.Gate} (a target at its limit is routed around), or None.
+        """
+        self._registry = registry
+        self._exchange = exchange
+        self._clock = clock
+        self._salts = salts
+        self._gate = gate
+        self._no_native = {}  # (provider name, upstream model) -> time until which we translate
+
+    def routes(self) -> dict:
+        """Exact request path -> coroutine function of the request and its context (POST only)."""
+        return {MESSAGES: self.create, COUNT_TOKENS: self.count_tokens}
+
+    def dialects(self) -> dict:
+        """Exact request path -> the error dialect of its answers (Anthropic's, even for a 401 or 413)."""
+        return {path: render.ANTHROPIC for path in self.routes()}
+
+    # -- the routes ------------------------------------------------------------------
+
+    async def create(self, request, ctx):
+        """A Messages create (streamed or not), relayed natively or through chat completions.
+
+        @return: see L{gomodel.proxy.exchange.Exchange.relay}.
+        @raise gomodel.errors.GatewayError: before anything was sent to the client.
+        """
+        body = json_body(request)
+        model = body.get("model")
+        routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
+                                              ctx.principal))
+        headers = _forwarded(request)
+        while True:
+            first, fallbacks, native = self._targets(routes)
+            upstream = first.provider
+            ctx.route(upstream, model, first.upstream_model)
+            # The session or prompt prefix matters only where there is a replica to choose.
+            affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
+            try:
+                if native:
+                    return await self._native(request, ctx, upstream, "/messages", body, fallbacks, affinity,
+                                              headers, MessagesStreamObserver() if body.get("stream") is True
+                                              else None)
+                return await self._translated(request, ctx, upstream, body, fallbacks, affinity)
+            except _NoNative:
+                self._remember(ctx)
+
+    async def count_tokens(self, request, ctx):
+        """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
+        (for a virtual model: the first of its targets in the routing order whose provider has one).
+
+        @raise gomodel.errors.NotSupported: no provider of the model has a tokenizer the gateway can ask.
+        """
+        body = json_body(request)
+        model = body.get("model")
+        planned = plan_model(self._registry, body, principal=ctx.principal)
+        # Only vLLM has a tokenizer the gateway can ask.
+        routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])
+        if not routes:
+            ctx.route(planned[0].provider, model, planned[0].upstream_model)
+            raise errors.NotSupported(
+                f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
+                f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
+        while True:
+            first, fallbacks, native = self._targets(routes)
+            upstream = first.provider
+            ctx.route(upstream, model, first.upstream_model)
+            if not native:
+                return await self._tokenize(request, ctx, upstream, body, fallbacks)
+            try:
+                return await self._native(request, ctx, upstream, "/messages/count_tokens", body, fallbacks,
+                                          None, _forwarded(request), None)
+            except _NoNative:
+                self._remember(ctx)
+
+    # -- the ways upstream -----------------------------------------------------------
+
+    async def _native(self, request, ctx, upstream, path, body, fallbacks, affinity, headers, observer):
+        """Relay C{body} to the provider's own Messages API (C{path}), only its C{model} rewritten.
+
+        @raise _NoNative: the server answered that it has no Messages API.
+        """
+        async def vet(response):
+            if response.code in _MAYBE_UNSUPPORTED:
+                await self._vet(ctx, response)
+
+        body = dict(body, model=ctx.upstream_model)
+        if self._salts is not None and path == "/messages":
+            self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
+        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer,
+                            vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
+                            fallbacks=fallbacks, rebody=_rebody(body) if fallbacks else None)
+        try:
+            return await self._exchange.relay(request, ctx, upstream, call)
+        except errors.UpstreamError as e:
+            raise anthropic_error(e) from None
+
+    async def _vet(self, ctx, response):
+        """Tell "no Messages API here" from the upstream's own 4xx (raised as it came).
+
+        @raise _NoNative: FastAPI's bare 404/405 (no such route), a 501, or vLLM's
+            "does not support Messages API".
+        @raise gomodel.errors.UpstreamError: any other error answer.
+        """
+        upstream = self._registry.provider(ctx.provider)  # the one that answered (a fallback, maybe)
+        answer = await self._exchange.read(upstream, response, ERROR_BODY_LIMIT)
+        try:
+            parsed = jsonutil.loads(answer)
+        except jsonutil.JSONError:
+            parsed = None
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        if isinstance(message, str) and "support" in message.lower() and "messages" in message.lower():
+            raise _NoNative()
+        if response.code in _NO_ROUTE_STATUSES and not (isinstance(parsed, dict) and parsed.get("type") == "error"):
+            raise _NoNative()
+        raise upstream_error(response.code, answer, upstream.name, upstream.hidden)
+
+    async def _translated(self, request, ctx, upstream, body, fallbacks, affinity):
+        """Send C{body} as a chat completion; the answer (or stream) comes back in Messages' shape."""
+        chat = messages_to_chat(body)
+        stream = body.get("stream") is True
+        if stream:
+            chat["stream"] = True
+            options = chat.get("stream_options")
+            chat["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
+        InferenceRoutes.prioritise(request, ctx, upstream, chat)
+        if self._salts is not None:
+            self._salts.apply(ctx.principal, upstream, chat)
+        chat["model"] = ctx.upstream_model
+        if stream:
+            call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
+                                observer=ChatToMessagesStream(ctx.upstream_model), affinity=affinity,
+                                fallbacks=fallbacks, rebody=_rebody(chat) if fallbacks else None)
+        else:
+            call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
+                                transform=lambda answer: chat_to_message_bytes(answer, ctx.upstream_model),
+                                affinity=affinity, fallbacks=fallbacks,
+                                rebody=_rebody(chat) if fallbacks else None)
+        try:
+            return await self._exchange.relay(request, ctx, upstream, call)
+        except errors.UpstreamError as e:
+            raise anthropic_error(e) from None
+
+    async def _tokenize(self, request, ctx, upstream, body, fallbacks):
+        """Count with vLLM's C{/tokenize} (at its root), given the chat messages the request becomes."""
+        tokenize = dict(count_tokens_request(body), model=ctx.upstream_model)
+
+        def answer(raw):
+            return jsonutil.dumps(count_tokens_answer(jsonutil.loads(raw)))
+
+        call = UpstreamCall("tokenize", jsonutil.dumps(tokenize), native=True, model=ctx.upstream_model,
+                            transform=answer, fallbacks=fallbacks, rebody=_rebody(tokenize) if fallbacks else None)
+        try:
+            return await self._exchange.relay(request, ctx, upstream, call)
+        except errors.UpstreamError as e:
+            raise anthropic_error(e) from None
+
+    # -- native or not ---------------------------------------------------------------
+
+    def _unsaturated(self, routes):
+        """C{routes} with the first whose provider and model are under their limits first."""
+        if len(routes) > 1 and self._gate is not None:
+            first, others = unsaturated(self._gate, routes[0], routes[1:])
+            return [first, *others]
+        return routes
+
+    def _native_for(self, route) -> bool:
+        """Whether C{route}'s provider is asked natively for its model now."""
+        return (route.provider.type in NATIVE_TYPES
+                and self._no_native.get((route.provider.name, route.upstream_model), 0) <= self._clock.seconds())
+
+    def _targets(self, routes):
+        """C{(first, fallbacks, native)}: the first route, those to fall back on that are
+        reached the same way (natively, or translated), and which way that is."""
+        first, *others = routes
+        native = self._native_for(first)
+        return first, [route for route in others if self._native_for(route) == native], native
+
+    def _remember(self, ctx):
+        """The provider that answered C{ctx} has no Messages API for its model: translate for a while."""
+        self._no_native[(ctx.provider, ctx.upstream_model)] = self._clock.seconds() + NO_NATIVE_TTL
+        self.log.info("provider {provider} has no native Messages API for {model}; translating to chat "
+                      "completions for {ttl:.0f}s", provider=ctx.provider, model=ctx.upstream_model,
+                      ttl=NO_NATIVE_TTL)
+
+
+def anthropic_error(error: errors.UpstreamError) -> errors.UpstreamError:
+    """C{error} with an Anthropic-shaped body: as it came when it is one already, else converted."""
+    body = error.body()
+    try:
+        parsed = jsonutil.loads(body)
+    except jsonutil.JSONError:
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("type") == "error" and isinstance(parsed.get("error"), dict):
+        return error
+    converted = errors.UpstreamError(error.status, openai_error_to_anthropic(error.status, body), error.message)
+    converted.headers = dict(error.headers)
+    return converted
+
+
+def _forwarded(request) -> dict:
+    """The client's C{anthropic-*} protocol headers for a native upstream (never its key)."""
+    headers = {}
+    for name in FORWARDED_HEADERS:
+        values = request.requestHeaders.getRawHeaders(name)
+        if values:
+            headers[name] = values
+    return headers or None
+
+
+def _rebody(body):
+    """The body for another target: the same but its C{model}."""
+    return lambda model: jsonutil.dumps(dict(body, model=model))
+
+
+# -- GET /v1/models for Anthropic's clients ----------------------------------------------
+
+
+def wants_anthropic(request) -> bool:
+    """Whether C{request} comes from an Anthropic client (it sends C{anthropic-version})."""
+    return request.getHeader(b"anthropic-version") is not None
+
+
+def anthropic_model(entry: dict) -> dict:
+    """One model of the gateway's list (OpenAI's shape) in Anthropic's C{ModelInfo} shape."""
+    created = entry.get("created")
+    created = created if isinstance(created, int) and not isinstance(created, bool) and created > 0 else 0
+    model = {"type": "model", "id": entry["id"], "display_name": entry["id"],
+             "created_at": datetime.fromtimestamp(created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "lifecycle": "active"}
+    if isinstance(entry.get("max_model_len"), int):
+        model["max_input_tokens"] = entry["max_model_len"]
+    return model
+
+
+def anthropic_models_page(request, models: list) -> dict:
+    """Anthropic's model list page (C{limit}, C{after_id}, C{before_id} as Anthropic reads them).
+
+    @raise gomodel.errors.InvalidRequest: a bad C{limit}, or a cursor that names no model.
+    """
+    entries = [anthropic_model(m) for m in models]
+    ids = [m["id"] for m in entries]
+    limit = query_limit(request, 20, 1000)
+    after, before = query_arg(request, b"after_id"), query_arg(request, b"before_id")
+    for cursor, name in ((after, "after_id"), (before, "before_id")):
+        if cursor is not None and cursor not in ids:
+            raise errors.InvalidRequest(f"No model '{cursor}' to page from.", param=name)
+    if before is not None:
+        end = ids.index(before)
+        page = entries[max(0, end - limit):end]
+        more = end - limit > 0
+    else:
+        start = ids.index(after) + 1 if after is not None else 0
+        page = entries[start:start + limit]
+        more = start + limit < len(entries)
+    return {"data": page, "has_more": more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}

@@ -1,0 +1,235 @@
+"""The PostgreSQL connection pool and the threads that use it.
+
+Statements run with psycopg 3 in an owned thread pool sized to the
+connection pool (C{POSTGRES_MAX_CONNS}), never on the reactor. Each job
+borrows one connection (autocommit; writes open their own transaction)
+and gives it back; psycopg_pool checks a connection before lending it and
+replaces one that broke (a restarted server, a killed backend) instead of
+taking it back. A failure to reach the server (C{OperationalError},
+C{InterfaceError}, a pool timeout) becomes L{StorageUnavailable} (a 503)
+and marks the store down until a statement succeeds again; a probe every
+few seconds notices the server's return without traffic.
+
+At start the schema is migrated (L{gomodel.store.postgresql.migrations})
+under a transaction-level advisory lock; while the server cannot be
+reached the opening is retried with a backoff, so a gateway started before
+its database comes up by itself.
+"""
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from gomodel.errors import StorageUnavailable
+from gomodel.store.postgresql.errors import NotMigrated
+from gomodel.store.postgresql.migrations import migrate
+from gomodel.store.threads import OwnedThreads
+
+POOL_TIMEOUT = 5.0  # how long a job waits for a connection before it is a 503
+DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
+CONNECT_TIMEOUT = 5  # seconds, for each new connection
+PROBE_INTERVAL = 2.0
+OPEN_BACKOFF = (0.5, 10.0)  # the first and the longest wait between attempts to open
+
+
+class Database:
+    """One PostgreSQL database: its pool, its threads, the opening and the health probe."""
+
+    log = Logger()
+
+    def __init__(self, url, reactor, clock=None, *, max_conns=10):
+        """
+        @param url: a libpq connection string or C{postgresql://} URL (its password is never logged).
+        @param reactor: runs the threads' results back on the reactor thread.
+        @param clock: an C{IReactorTime} for timestamps and leases (default: C{reactor}).
+        @param max_conns: the most connections (and threads) used at once.
+        """
+        self._url = url
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self.max_conns = max_conns
+        self._threads = OwnedThreads(reactor, "gomodel-postgres", max_conns)
+        self._pool = None
+        self._opened = False
+        self._fatal = None  # a reason the store will never open (a newer schema)
+        self._waiting = []  # (Deferred, f, args) asked for before the store opened
+        self._retry = None
+        self._delay = OPEN_BACKOFF[0]
+        self._probe = None
+        self.problem = "the store is not open yet"  # None while the database answers
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def start(self):
+        """Start the threads, open the pool and migrate (retried until the server answers)."""
+        from psycopg_pool import ConnectionPool
+
+        self._threads.start()
+        self._pool = ConnectionPool(
+            self._url, min_size=min(2, self.max_conns), max_size=self.max_conns, open=False,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}, check=ConnectionPool.check_connection,
+            timeout=POOL_TIMEOUT, name="gomodel", reconnect_timeout=float("inf"))
+        self._probe = LoopingCall(self._check)
+        self._probe.clock = self._reactor
+        self._probe.start(PROBE_INTERVAL, now=False)
+        self._open()
+
+    def stop(self):
+        """Close the pool and join the threads.
+
+        @return: a Deferred firing with None once closed.
+        """
+        if self._probe is not None and self._probe.running:
+            self._probe.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        waiting, self._waiting = self._waiting, []
+        for d, _, _ in waiting:
+            d.errback(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
+        pool, self._pool = self._pool, None
+        if pool is None:
+            self._threads.stop()
+            return Deferred.fromCoroutine(_nothing())
+        d = self._threads.run(pool.close, 5.0)
+        d.addErrback(lambda f: self.log.failure("closing the PostgreSQL pool", f))
+        d.addBoth(lambda _: self._threads.stop())
+        return d
+
+    def _open(self):
+        self._retry = None
+        d = self._threads.run(self._open_in_thread)
+
+        def opened(_):
+            self._opened, self.problem, self._delay = True, None, OPEN_BACKOFF[0]
+            self.log.info("PostgreSQL store open ({conns} connections at most)", conns=self.max_conns)
+            waiting, self._waiting = self._waiting, []
+            for waiter, f, args in waiting:
+                self._threads.run(self._job, f, args).chainDeferred(waiter)
+
+        def failed(failure):
+            if self._pool is None:
+                return  # stopped meanwhile
+            reason = _reason(failure.value)
+            if failure.check(NotMigrated):
+                self._fatal = self.problem = reason
+                self.log.error("cannot use the PostgreSQL store: {reason}", reason=reason)
+            else:
+                self.problem = reason
+                self.log.warn("cannot open the PostgreSQL store ({reason}); trying again in {delay:g}s",
+                              reason=reason, delay=self._delay)
+                self._retry = self._reactor.callLater(self._delay, self._open)
+                self._delay = min(self._delay * 2, OPEN_BACKOFF[1])
+            waiting, self._waiting = self._waiting, []
+            for waiter, _, _ in waiting:
+                waiter.errback(self._unavailable())
+
+        d.addCallbacks(opened, failed)
+        return d
+
+    def _open_in_thread(self):
+        import psycopg
+
+        pool = self._pool
+        if pool is None:
+            raise StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping).")
+        # Its own connection: a refused one fails now, not after the pool's timeout.
+        with psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+            migrate(conn)
+        pool.open(wait=False)
+
+    def _check(self):
+        if not self._opened or self._pool is None or self.problem is None:
+            return None
+        return self.run(_ping).addErrback(lambda f: None)
+
+    @property
+    def opened(self) -> bool:
+        """Whether the schema was migrated (statements may run)."""
+        return self._opened
+
+    def started(self) -> Deferred:
+        """@return: a Deferred firing with None once the store opened, failing with why it cannot."""
+        return self.run(_ping).addCallback(lambda _: None)
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The injected clock's time, read on the reactor thread."""
+        return self._clock.seconds()
+
+    def run(self, f, *args):
+        """Run C{f(conn, *args)} in a store thread with a pooled connection.
+
+        @return: a Deferred firing with its result; it fails with
+            L{StorageUnavailable} when the server cannot be reached (or the
+            store is stopped), else with what C{f} raised.
+        """
+        if self._pool is None or self._fatal is not None:
+            return fail(self._unavailable())
+        if not self._opened:
+            if self._retry is not None:  # the last attempt to open failed: answer at once
+                return fail(self._unavailable())
+            d = Deferred()
+            self._waiting.append((d, f, args))
+            return d
+        return self._threads.run(self._job, f, args)
+
+    def call(self, f, *args, what="a background write"):
+        """Run C{f(conn, *args)} without waiting for it; a failure is logged.
+
+        @return: False when the store is stopped (nothing was queued), else True.
+        """
+        if self._pool is None:
+            return False
+        d = self.run(f, *args)
+        d.addErrback(lambda failure: self.log.failure("{what} failed", failure, what=what)
+                     if not failure.check(StorageUnavailable) else
+                     self.log.warn("{what} failed: {error}", what=what, error=failure.value.message))
+        return True
+
+    def _unavailable(self):
+        reason = self._fatal or self.problem or "the gateway is stopping"
+        return StorageUnavailable(f"The gateway's storage is unavailable ({reason}).")
+
+    def _job(self, f, args):
+        import psycopg
+
+        pool = self._pool
+        if pool is None:
+            raise StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping).")
+        try:
+            # Known down: fail fast instead of queueing every request for the pool's whole timeout.
+            with pool.connection(timeout=POOL_TIMEOUT if self.problem is None else DOWN_TIMEOUT) as conn:
+                result = f(conn, *args)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            reason = _reason(e)
+            if self.problem is None:
+                self._reactor.callFromThread(self.log.warn, "PostgreSQL store unavailable: {reason}", reason=reason)
+            self.problem = reason
+            raise StorageUnavailable(f"The gateway's storage is unavailable ({reason}).") from e
+        if self.problem is not None and self._opened:
+            self.problem = None
+            self._reactor.callFromThread(self.log.info, "PostgreSQL store available again")
+        return result
+
+
+def _ping(conn):
+    conn.execute("SELECT 1")
+
+
+async def _nothing():
+    return None
+
+
+def _reason(error) -> str:
+    """A one-line reason without the server's address or credentials."""
+    if isinstance(error, StorageUnavailable):
+        return error.message
+    name = type(error).__name__
+    text = str(error).strip().splitlines()
+    if isinstance(error, NotMigrated):
+        return text[0] if text else name
+    if name in ("PoolTimeout",):
+        return "no database connection could be had in time"
+    # libpq's and the server's messages name the host and user, never a password
+    return f"{name}: {text[0]}" if text else name

@@ -1,0 +1,77 @@
+"""L{IFileStore} on PostgreSQL: file metadata (contents are blobs, see L{gomodel.store.postgresql.blobs})."""
+
+from psycopg.rows import dict_row
+from zope.interface import implementer
+
+from gomodel.store.interfaces import IFileStore
+
+FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "tenant")
+_SELECT = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
+
+
+def insert_file(conn, file_id, size, now, filename, purpose, tenant=None):
+    """Insert one file record (also used by a batch's finalize, in its transaction)."""
+    conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose, tenant) VALUES (%s, %s, %s, %s, %s, %s)",
+                 (file_id, size, now, filename, purpose, tenant))
+
+
+def get_file(conn, file_id):
+    """The record of C{file_id}, or None."""
+    return conn.cursor(row_factory=dict_row).execute(f"{_SELECT} WHERE id = %s", (file_id,)).fetchone()
+
+
+@implementer(IFileStore)
+class PostgreSQLFileStore:
+    """File records in the C{files} table."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def add(self, file_id, size, filename, purpose, tenant=None):
+        return self._db.run(self._add, file_id, size, filename, purpose, int(self._db.now()), tenant)
+
+    @staticmethod
+    def _add(conn, file_id, size, filename, purpose, now, tenant):
+        with conn.transaction():
+            insert_file(conn, file_id, size, now, filename, purpose, tenant)
+        return get_file(conn, file_id)
+
+    def get(self, file_id):
+        return self._db.run(get_file, file_id)
+
+    def list(self, purpose=None, after=None, limit=10000, order="desc", tenant=None):
+        return self._db.run(self._list, purpose, after, limit, order, tenant)
+
+    @staticmethod
+    def _list(conn, purpose, after, limit, order, tenant):
+        where, args = [], []
+        if tenant is not None:
+            where.append("tenant = %s")
+            args.append(tenant)
+        if purpose is not None:
+            where.append("purpose = %s")
+            args.append(purpose)
+        if after is not None:
+            row = conn.execute("SELECT seq FROM files WHERE id = %s", (after,)).fetchone()
+            if row is None:
+                return [], False
+            where.append("seq < %s" if order == "desc" else "seq > %s")
+            args.append(row[0])
+        direction = "DESC" if order == "desc" else "ASC"
+        sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq {direction} LIMIT %s"
+        rows = conn.cursor(row_factory=dict_row).execute(sql, (*args, limit + 1)).fetchall()
+        return rows[:limit], len(rows) > limit
+
+    def delete(self, file_id):
+        return self._db.run(self._delete, file_id)
+
+    @staticmethod
+    def _delete(conn, file_id):
+        return conn.execute("DELETE FROM files WHERE id = %s", (file_id,)).rowcount > 0
+
+    def known(self, file_ids):
+        return self._db.run(self._known, list(file_ids))
+
+    @staticmethod
+    def _known(conn, file_ids):
+        return {r[0] for r in conn.execute("SELECT id FROM files WHERE id = ANY(%s)", (file_ids,))}

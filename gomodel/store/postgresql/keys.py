@@ -1,0 +1,115 @@
+"""L{IKeyStore} and L{IBudgetStore} on PostgreSQL: managed keys (their hashes) and budgets by user path.
+
+C{updated_at} comes from the database's clock, not the host's: every host's
+key cache asks for what changed since the newest C{updated_at} it saw, and
+one clock for all of them means an edit made on a host whose clock lags is
+never missed (see L{gomodel.auth.keys.KeyRing}).
+"""
+
+import json
+
+from zope.interface import implementer
+
+from gomodel import jsonutil
+from gomodel.store.interfaces import IBudgetStore, IKeyStore
+
+KEY_COLUMNS = ("id", "hash", "redacted", "name", "description", "user_path", "created_at", "updated_at",
+               "expires_at", "deactivated_at", "models", "rpm", "tpm", "max_concurrency", "budgets", "priority",
+               "metadata", "own_cache_salt")
+_JSON = ("models", "budgets", "metadata")
+_SELECT = f"SELECT {', '.join(KEY_COLUMNS)} FROM auth_keys"
+NOW = "extract(epoch FROM clock_timestamp())::double precision"
+
+
+@implementer(IKeyStore)
+class PostgreSQLKeyStore:
+    """Managed keys in the C{auth_keys} table."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def add(self, record):
+        return self._db.run(self._add, dict(record))
+
+    @staticmethod
+    def _add(conn, record):
+        names = [name for name in KEY_COLUMNS if name != "updated_at"]
+        row = conn.execute(
+            f"INSERT INTO auth_keys ({', '.join(names)}, updated_at) VALUES ({', '.join('%s' for _ in names)}, {NOW}) "
+            f"RETURNING {', '.join(KEY_COLUMNS)}", [_column(name, record.get(name)) for name in names]).fetchone()
+        return _record(row)
+
+    def get(self, key_id):
+        return self._db.run(self._get, key_id)
+
+    @staticmethod
+    def _get(conn, key_id):
+        row = conn.execute(f"{_SELECT} WHERE id = %s", (key_id,)).fetchone()
+        return _record(row) if row is not None else None
+
+    def list(self):
+        return self._db.run(lambda conn: [_record(r) for r in conn.execute(f"{_SELECT} ORDER BY seq")])
+
+    def update(self, key_id, changes):
+        return self._db.run(self._update, key_id, dict(changes))
+
+    @staticmethod
+    def _update(conn, key_id, changes):
+        names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "hash", "created_at",
+                                                                                    "updated_at")]
+        sets = [f"{n} = %s" for n in names] + [f"updated_at = {NOW}"]
+        row = conn.execute(f"UPDATE auth_keys SET {', '.join(sets)} WHERE id = %s RETURNING {', '.join(KEY_COLUMNS)}",
+                           [_column(n, changes[n]) for n in names] + [key_id]).fetchone()
+        return _record(row) if row is not None else None
+
+    def changed_since(self, updated_at):
+        return self._db.run(lambda conn: [_record(r) for r in conn.execute(
+            f"{_SELECT} WHERE updated_at > %s ORDER BY updated_at", (updated_at,))])
+
+
+def _column(name, value):
+    if name in _JSON:
+        return None if value is None else jsonutil.dumps(value).decode("utf-8")
+    if name == "own_cache_salt":
+        return bool(value)
+    return value
+
+
+def _record(row) -> dict:
+    record = dict(zip(KEY_COLUMNS, row))
+    for name in _JSON:
+        if record[name] is not None:
+            record[name] = json.loads(record[name])
+    record["budgets"] = record["budgets"] or []
+    return record
+
+
+_BUDGET_COLUMNS = ("user_path", "period", "max_tokens", "max_cost", "updated_at")
+
+
+@implementer(IBudgetStore)
+class PostgreSQLBudgetStore:
+    """Budgets by user path in the C{budgets} table."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def list(self):
+        return self._db.run(lambda conn: [dict(zip(_BUDGET_COLUMNS, r)) for r in conn.execute(
+            f"SELECT {', '.join(_BUDGET_COLUMNS)} FROM budgets ORDER BY user_path, period")])
+
+    def put(self, user_path, period, max_tokens, max_cost):
+        return self._db.run(self._put, user_path, period, max_tokens, max_cost)
+
+    @staticmethod
+    def _put(conn, user_path, period, max_tokens, max_cost):
+        row = conn.execute(
+            "INSERT INTO budgets (user_path, period, max_tokens, max_cost, updated_at) "
+            f"VALUES (%s, %s, %s, %s, {NOW}) ON CONFLICT (user_path, period) DO UPDATE SET "
+            "max_tokens = excluded.max_tokens, max_cost = excluded.max_cost, updated_at = excluded.updated_at "
+            f"RETURNING {', '.join(_BUDGET_COLUMNS)}", (user_path, period, max_tokens, max_cost)).fetchone()
+        return dict(zip(_BUDGET_COLUMNS, row))
+
+    def delete(self, user_path, period):
+        return self._db.run(lambda conn: conn.execute("DELETE FROM budgets WHERE user_path = %s AND period = %s",
+                                                      (user_path, period)).rowcount > 0)

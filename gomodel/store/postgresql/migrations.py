@@ -1,0 +1,201 @@
+"""The PostgreSQL schema, as ordered migrations; C{schema_version} holds the last one applied.
+
+The same tables as the SQLite store (L{gomodel.store.sqlite.migrations}) in
+PostgreSQL's types, plus the file contents (C{blobs}, C{blob_chunks}): a
+file's bytes live in the database, so every host reads what any host
+wrote. Never edit a released migration; append one.
+
+L{migrate} runs in one transaction under a transaction-level advisory lock:
+hosts starting together take turns, and the second finds the work done.
+"""
+
+from gomodel.store.postgresql.errors import NotMigrated
+
+# pg_advisory_xact_lock's key for migrations ("gomodel" in ASCII).
+MIGRATION_LOCK = 0x676F6D6F64656C
+
+MIGRATIONS = (
+    (1, (
+        """CREATE TABLE files (
+            seq BIGSERIAL PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            bytes BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            filename TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'processed',
+            expires_at BIGINT,
+            tenant TEXT
+        )""",
+        "CREATE INDEX files_purpose ON files (purpose, seq)",
+        # Contents: one row per blob (NULL id and not committed while it is written), its bytes
+        # in chunks keyed by their first byte's offset, read by range, never whole.
+        """CREATE TABLE blobs (
+            key BIGSERIAL PRIMARY KEY,
+            id TEXT UNIQUE,
+            committed BOOLEAN NOT NULL DEFAULT FALSE,
+            size BIGINT NOT NULL DEFAULT 0,
+            touched_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX blobs_touched ON blobs (committed, touched_at)",
+        """CREATE TABLE blob_chunks (
+            blob_key BIGINT NOT NULL REFERENCES blobs (key) ON DELETE CASCADE,
+            start BIGINT NOT NULL,
+            data BYTEA NOT NULL,
+            PRIMARY KEY (blob_key, start)
+        )""",
+        "ALTER TABLE blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL",
+        """CREATE TABLE batches (
+            seq BIGSERIAL PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            endpoint TEXT NOT NULL,
+            input_file_id TEXT NOT NULL,
+            completion_window TEXT NOT NULL,
+            status TEXT NOT NULL,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            created_at BIGINT NOT NULL,
+            in_progress_at BIGINT,
+            expires_at BIGINT,
+            finalizing_at BIGINT,
+            completed_at BIGINT,
+            failed_at BIGINT,
+            expired_at BIGINT,
+            cancelling_at BIGINT,
+            cancelled_at BIGINT,
+            total INTEGER NOT NULL DEFAULT 0,
+            completed INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            errors TEXT,
+            metadata TEXT,
+            tenant TEXT,
+            auth_key_id TEXT,
+            -- the claim of the process running it: a lease and a fencing token
+            owner TEXT,
+            lease_until DOUBLE PRECISION,
+            claim_token BIGINT NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX batches_status ON batches (status, seq)",
+        """CREATE TABLE batch_requests (
+            batch_id TEXT NOT NULL,
+            line INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            body BYTEA NOT NULL,
+            PRIMARY KEY (batch_id, line)
+        )""",
+        # The primary key makes each line's result exactly-once.
+        """CREATE TABLE batch_results (
+            batch_id TEXT NOT NULL,
+            line INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            ok BOOLEAN NOT NULL,
+            data BYTEA NOT NULL,
+            PRIMARY KEY (batch_id, line)
+        )""",
+        """CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            replica INTEGER,
+            created_at BIGINT NOT NULL,
+            previous_response_id TEXT,
+            status TEXT,
+            input_items TEXT NOT NULL,
+            response TEXT NOT NULL,
+            tenant TEXT
+        )""",
+        "CREATE INDEX responses_created ON responses (created_at)",
+        """CREATE TABLE claims (
+            name TEXT PRIMARY KEY,
+            owner TEXT,
+            lease_until DOUBLE PRECISION,
+            token BIGINT NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE usage (
+            id BIGSERIAL PRIMARY KEY,
+            request_id TEXT NOT NULL,
+            timestamp DOUBLE PRECISION NOT NULL,
+            provider TEXT,
+            provider_name TEXT,
+            replica INTEGER,
+            model TEXT,
+            endpoint TEXT,
+            status_code INTEGER,
+            stream BOOLEAN NOT NULL DEFAULT FALSE,
+            input_tokens BIGINT,
+            output_tokens BIGINT,
+            total_tokens BIGINT,
+            cached_tokens BIGINT,
+            reasoning_tokens BIGINT,
+            input_cost DOUBLE PRECISION,
+            output_cost DOUBLE PRECISION,
+            total_cost DOUBLE PRECISION,
+            user_path TEXT,
+            auth_key_id TEXT,
+            duration_ms DOUBLE PRECISION,
+            ttft_ms DOUBLE PRECISION,
+            client_gone BOOLEAN NOT NULL DEFAULT FALSE,
+            estimated BOOLEAN NOT NULL DEFAULT FALSE
+        )""",
+        "CREATE INDEX usage_timestamp ON usage (timestamp)",
+        "CREATE INDEX usage_key ON usage (auth_key_id, timestamp)",
+        "CREATE INDEX usage_path ON usage (user_path, timestamp)",
+        # Managed keys: only the secret's SHA-256; lists as JSON text. updated_at is the
+        # database's clock, one clock for every host's key cache.
+        """CREATE TABLE auth_keys (
+            seq BIGSERIAL PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            hash TEXT NOT NULL UNIQUE,
+            redacted TEXT NOT NULL,
+            name TEXT NOT NULL,
+            description TEXT,
+            user_path TEXT,
+            created_at BIGINT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            expires_at BIGINT,
+            deactivated_at BIGINT,
+            models TEXT,
+            rpm BIGINT,
+            tpm BIGINT,
+            max_concurrency INTEGER,
+            budgets TEXT,
+            priority INTEGER,
+            metadata TEXT,
+            own_cache_salt BOOLEAN NOT NULL DEFAULT FALSE
+        )""",
+        "CREATE INDEX auth_keys_updated ON auth_keys (updated_at)",
+        """CREATE TABLE budgets (
+            user_path TEXT NOT NULL,
+            period TEXT NOT NULL,
+            max_tokens BIGINT,
+            max_cost DOUBLE PRECISION,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (user_path, period)
+        )""",
+    )),
+)
+
+
+def migrate(conn, migrations=MIGRATIONS):
+    """Bring the schema to the last migration, in one transaction, under the migration lock.
+
+    @param conn: an autocommit connection.
+    @raise NotMigrated: the database is at a newer version than this gateway knows.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            current = 0
+        else:
+            current = row[0]
+        latest = migrations[-1][0]
+        if current > latest:
+            raise NotMigrated(f"the database is at schema version {current}, newer than this gateway's {latest}: "
+                              "upgrade this gateway (or point it at another database)")
+        for version, statements in migrations:
+            if version > current:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = %s", (version,))

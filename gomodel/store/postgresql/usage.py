@@ -1,0 +1,149 @@
+"""L{IUsageStore} on PostgreSQL: one row per request that reached an upstream (and per batch line), from every host."""
+
+from psycopg.rows import dict_row
+from zope.interface import implementer
+
+from gomodel.store.interfaces import IUsageStore
+from gomodel.store.records import USAGE_FIELDS as COLUMNS
+
+_BOOLEANS = tuple(COLUMNS.index(name) for name in ("stream", "client_gone", "estimated"))
+_INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('%s' for _ in COLUMNS)})"
+_BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everything under it
+_FILTERS = {"model": "model = %s", "provider": "(provider = %s OR provider_name = %s)", "status": "status_code = %s",
+            "search": "request_id LIKE %s", "key": "auth_key_id = %s", "user_path": _BELOW}
+_GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model", "auth_key_id": "auth_key_id",
+           "user_path": "user_path"}
+# Sums of BIGINT columns are NUMERIC in PostgreSQL: cast back to integers.
+_TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
+           "COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cached_tokens), 0)::bigint, "
+           "COALESCE(SUM(reasoning_tokens), 0)::bigint, SUM(total_cost), "
+           "COUNT(*) FILTER (WHERE status_code >= 400)")
+
+
+# The time series: a record's bucket is floor((timestamp - start) / bucket); the percentiles are picked in
+# the database by rank (row_number over each bucket's sorted values): ceil(n / 2) = (n + 1) / 2 and
+# ceil(0.95 n) = (95 n + 99) / 100 (the same statements as SQLite's, with PostgreSQL's casts).
+_BUCKETED = "SELECT floor((timestamp - %s) / %s) AS k, {columns} FROM usage WHERE timestamp >= %s AND timestamp < %s"
+_SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
+           "COALESCE(SUM(total_tokens), 0)::bigint, COUNT(*) FILTER (WHERE status_code >= 400) FROM ("
+           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, status_code")
+           + ") AS t GROUP BY k ORDER BY k")
+_PERCENTILES = ("SELECT k, rn, n, v FROM (SELECT k, v, row_number() OVER (PARTITION BY k ORDER BY v) AS rn, "
+                "COUNT(*) OVER (PARTITION BY k) AS n FROM ("
+                + _BUCKETED.format(columns="{column} AS v") + " AND {column} IS NOT NULL) AS t) AS r "
+                "WHERE rn = (n + 1) / 2 OR rn = (95 * n + 99) / 100")
+
+
+@implementer(IUsageStore)
+class PostgreSQLUsageStore:
+    """Usage records in the C{usage} table."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def add(self, rows):
+        return self._db.run(self._add, rows)
+
+    @staticmethod
+    def _add(conn, rows):
+        if not rows:
+            return 0
+        values = []
+        for row in rows:
+            row = list(row)
+            for index in _BOOLEANS:
+                row[index] = bool(row[index])
+            values.append(row)
+        with conn.transaction(), conn.cursor() as cursor:
+            cursor.executemany(_INSERT, values)
+        return len(rows)
+
+    def summary(self, start, end):
+        return self._db.run(self._grouped, start, end, (), None).addCallback(
+            lambda groups: groups[0] if groups else _totals((0, 0, 0, 0, 0, 0, None, 0)))
+
+    def grouped(self, start, end, by=(), bucket=None):
+        return self._db.run(self._grouped, start, end, tuple(by), bucket)
+
+    @staticmethod
+    def _grouped(conn, start, end, by, bucket):
+        keys = [_GROUPS[name] for name in by]
+        if bucket is not None:
+            keys.insert(0, f"(floor(timestamp / {float(bucket)!r}) * {int(bucket)})::bigint")
+        select = "".join(f"{key}, " for key in keys)
+        group = f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
+        rows = conn.execute(f"SELECT {select}{_TOTALS} FROM usage WHERE timestamp >= %s AND timestamp < %s{group}",
+                            (start, end)).fetchall()
+        names = (["period"] if bucket is not None else []) + list(by)
+        return [dict(zip(names, row[:len(keys)]), **_totals(row[len(keys):])) for row in rows]
+
+    def log(self, start, end, limit, before=None, filters=None):
+        return self._db.run(self._log, start, end, limit, before, dict(filters or {}))
+
+    @staticmethod
+    def _log(conn, start, end, limit, before, filters):
+        where, args = ["timestamp >= %s", "timestamp < %s"], [start, end]
+        if before is not None:
+            where.append("id < %s")
+            args.append(before)
+        for name, value in filters.items():
+            where.append(_FILTERS[name])
+            if name == "provider":
+                args += [value, value]
+            elif name == "user_path":
+                args += [value, value.rstrip("/") + "/"]
+            elif name == "search":
+                args.append("%" + value.replace("%", "") + "%")
+            else:
+                args.append(value)
+        rows = conn.cursor(row_factory=dict_row).execute(
+            f"SELECT id, {', '.join(COLUMNS)} FROM usage WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %s",
+            (*args, limit + 1)).fetchall()
+        records = rows[:limit]
+        return records, (records[-1]["id"] if len(rows) > limit else None)
+
+    def timeseries(self, start, end, bucket):
+        return self._db.run(self._timeseries, float(start), float(end), float(bucket))
+
+    @staticmethod
+    def _timeseries(conn, start, end, bucket):
+        window = (start, bucket, start, end)
+        buckets = {}
+        for k, requests, tokens_in, tokens_out, tokens, errors in conn.execute(_SERIES, window).fetchall():
+            buckets[int(k)] = {"period": start + int(k) * bucket, "requests": requests, "input_tokens": tokens_in,
+                               "output_tokens": tokens_out, "total_tokens": tokens, "errors": errors,
+                               "duration_ms_p50": None, "duration_ms_p95": None,
+                               "ttft_ms_p50": None, "ttft_ms_p95": None}
+        for column in ("duration_ms", "ttft_ms"):
+            for k, rank, n, value in conn.execute(_PERCENTILES.format(column=column), window).fetchall():
+                row = buckets[int(k)]
+                if rank == (n + 1) // 2:
+                    row[f"{column}_p50"] = value
+                if rank == (95 * n + 99) // 100:
+                    row[f"{column}_p95"] = value
+        return [buckets[k] for k in sorted(buckets)]
+
+    def spent(self, scope, since):
+        return self._db.run(self._spent, scope, since)
+
+    @staticmethod
+    def _spent(conn, scope, since):
+        kind, _, name = scope.partition(":")
+        if kind == "key":
+            where, args = "auth_key_id = %s", [name]
+        elif kind == "path":
+            where, args = _BELOW, [name, name.rstrip("/") + "/"]
+        else:
+            return 0, 0.0
+        row = conn.execute(f"SELECT COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM usage "
+                           f"WHERE timestamp >= %s AND {where}", (since, *args)).fetchone()
+        return row[0], row[1]
+
+    def delete_before(self, timestamp):
+        return self._db.run(lambda conn: conn.execute("DELETE FROM usage WHERE timestamp < %s",
+                                                      (timestamp,)).rowcount)
+
+
+def _totals(row) -> dict:
+    return {"requests": row[0], "input_tokens": row[1], "output_tokens": row[2], "total_tokens": row[3],
+            "cached_tokens": row[4], "reasoning_tokens": row[5], "total_cost": row[6], "errors": row[7]}

@@ -1,0 +1,620 @@
+"""Anthropic's Messages API through the gateway: the official anthropic SDK over real sockets.
+
+Natively against the fake vLLM's own /v1/messages, and translated to chat
+completions for an OpenAI-compatible provider and for a vLLM without the
+Messages API.
+"""
+
+import json
+import time
+
+import anthropic
+import pytest
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.web.http_headers import Headers
+
+from gomodel.routing.affinity import affinity_key
+from tests.fakes.vllm import CHAT_MODEL
+from tests.rawclient import connect
+from tests.support import dead_base_url, in_thread, start_fake, start_gateway, with_timeout
+
+KEY = "anthropic-test-key"
+MODEL = f"vllm/{CHAT_MODEL}"
+OPENAI_MODEL = f"openai/{CHAT_MODEL}"
+HELLO = [{"role": "user", "content": "Say hello."}]
+WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city.",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                 "required": ["city"]}}
+WEATHER_CALL = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+def sdk(gw, *, api_key=KEY, auth_token=None, max_retries=0, default_headers=None):
+    """The anthropic SDK pointed at C{gw} (no retries unless asked); close it after use."""
+    credentials = {"auth_token": auth_token} if auth_token is not None else {"api_key": api_key}
+    return anthropic.Anthropic(base_url=gw.url, max_retries=max_retries, timeout=10,
+                               default_headers=default_headers, **credentials)
+
+
+async def start(reactor, env):
+    return await start_gateway(reactor, dict({"GOMODEL_MASTER_KEY": KEY}, **env))
+
+
+@pytest_twisted.async_yield_fixture()
+async def gw(reactor, fake):
+    """The gateway in front of the fake vLLM (which serves Messages itself)."""
+    gateway = await start(reactor, {"VLLM_BASE_URL": fake.base_url})
+    yield gateway
+    await gateway.service.stopService()
+
+
+@pytest.fixture
+def client(gw):
+    c = sdk(gw)
+    yield c
+    c.close()
+
+
+def headers(**extra):
+    values = {"x-api-key": [KEY], "anthropic-version": ["2023-06-01"], "content-type": ["application/json"]}
+    values.update({k.replace("_", "-"): [v] for k, v in extra.items()})
+    return Headers(values)
+
+
+async def post(http, url, body, with_headers=None):
+    response = await http.post(url, data=json.dumps(body).encode(), headers=with_headers or headers())
+    return response, await treq.content(response)
+
+
+def events_of(raw: bytes):
+    """The (event, data) pairs of an Anthropic event stream."""
+    out = []
+    for block in raw.split(b"\n\n"):
+        if not block.strip():
+            continue
+        lines = dict(line.split(b": ", 1) for line in block.split(b"\n"))
+        out.append((lines[b"event"].decode(), json.loads(lines[b"data"])))
+    return out
+
+
+def collect(stream):
+    """Every event of an SDK stream, and its final message."""
+    with stream as events:
+        seen = [event for event in events]
+        return seen, events.get_final_message()
+
+
+async def scrape(http, gw):
+    response = await http.get(gw.url + "/metrics", headers={"x-api-key": KEY})
+    found = {}
+    for family in text_string_to_metric_families((await treq.content(response)).decode()):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def tokens(found, kind, **labels):
+    labels = dict(labels, type=kind)
+    return sum(v for (n, ls), v in found.items() if n == "gomodel_tokens_total" and set(labels.items()) <= ls)
+
+
+# -- native: create and stream ---------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_is_relayed_natively_byte_for_byte(http, gw, fake, client):
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=16, messages=HELLO,
+                              metadata={"user_id": "u-1"})
+    assert message.type == "message" and message.role == "assistant"
+    assert message.content[0].type == "text" and message.content[0].text == "héhéhé"
+    assert message.model == CHAT_MODEL
+    assert message.stop_reason == "max_tokens"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (18, 3)
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/messages"
+    assert sent.body == {"model": CHAT_MODEL, "max_tokens": 16, "messages": HELLO, "metadata": {"user_id": "u-1"}}
+    # The client's key never goes upstream (vLLM refuses x-api-key); its protocol headers do.
+    assert sent.header(b"x-api-key") is None and sent.header(b"authorization") is None
+    assert sent.header(b"anthropic-version") is not None
+    # Byte for byte what vLLM answers.
+    body = {"model": MODEL, "max_tokens": 16, "messages": HELLO}
+    response, via = await post(http, gw.url + "/v1/messages", body)
+    _, direct = await post(http, fake.base_url + "/messages", dict(body, model=CHAT_MODEL))
+    assert response.code == 200 and via == direct
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_is_relayed_natively_byte_for_byte(http, gw, fake, client):
+    seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=16, messages=HELLO))
+    kinds = [event.type for event in seen]
+    assert kinds[0] == "message_start" and "message_stop" in kinds
+    assert final.content[0].text == "héhéhé"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (18, 3)
+    body = {"model": MODEL, "max_tokens": 16, "messages": HELLO, "stream": True}
+    response, via = await post(http, gw.url + "/v1/messages", body)
+    _, direct = await post(http, fake.base_url + "/messages", dict(body, model=CHAT_MODEL))
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/event-stream")
+    assert via == direct
+    assert [kind for kind, _ in events_of(via)] == [
+        "message_start", "content_block_start", "content_block_delta", "content_block_delta",
+        "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tool_use_and_thinking_natively(gw, client):
+    extra = {"fake_tool": WEATHER_CALL, "fake_reasoning": "The user wants weather."}
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=64, tools=[WEATHER_TOOL],
+                              messages=[{"role": "user", "content": "Weather in Paris?"}], extra_body=extra,
+                              thinking={"type": "enabled", "budget_tokens": 32})
+    thinking, tool = message.content
+    assert thinking.type == "thinking" and thinking.thinking == "The user wants weather." and thinking.signature
+    assert tool.type == "tool_use" and tool.name == "get_weather" and tool.input == {"city": "Paris"}
+    assert message.stop_reason == "tool_use"
+    seen, final = await in_thread(collect, client.messages.stream(
+        model=MODEL, max_tokens=64, tools=[WEATHER_TOOL], messages=[{"role": "user", "content": "Weather?"}],
+        extra_body=extra))
+    assert [block.type for block in final.content] == ["thinking", "tool_use"]
+    assert final.content[1].input == {"city": "Paris"}
+    assert any(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in seen)
+
+
+# -- translated: an OpenAI-compatible provider, and a vLLM without Messages ---------------------
+
+
+@pytest_twisted.async_yield_fixture()
+async def openai_gw(reactor, fake):
+    """The gateway with the fake as an OpenAI-compatible provider (no Messages API: translated)."""
+    gateway = await start(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-upstream"})
+    yield gateway
+    await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_translated_create_and_stream_for_an_openai_provider(openai_gw, fake):
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=16,
+                                  system="Be brief.", messages=HELLO)
+        sent = fake.requests[-1]
+        assert sent.path == b"/v1/chat/completions"
+        assert sent.body["messages"] == [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Say hello."}]
+        assert sent.body["max_tokens"] == 16 and sent.body["model"] == CHAT_MODEL
+        # The provider's own key goes upstream, never the client's.
+        assert sent.header(b"authorization") == "Bearer sk-upstream" and sent.header(b"x-api-key") is None
+        assert sent.header(b"anthropic-version") is None
+        assert message.content[0].text == "héhéhé" and message.stop_reason == "max_tokens"
+        assert message.id.startswith("msg_") and message.model == CHAT_MODEL
+        assert (message.usage.input_tokens, message.usage.output_tokens) == (18, 3)
+
+        seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=16,
+                                                                      messages=HELLO))
+        assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+        assert seen[0].type == "message_start" and seen[-1].type == "message_stop"
+        assert final.content[0].text == "héhéhé"
+        assert (final.usage.input_tokens, final.usage.output_tokens) == (18, 3)
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_translated_tool_use_and_thinking(openai_gw, fake):
+    fake.steer = {"fake_tool": WEATHER_CALL, "fake_reasoning": "Weather, then."}
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=64, tools=[WEATHER_TOOL],
+                                  tool_choice={"type": "any"}, messages=[{"role": "user", "content": "Paris?"}])
+        sent = fake.requests[-1].body
+        assert sent["tools"][0]["function"]["name"] == "get_weather" and sent["tool_choice"] == "required"
+        assert [block.type for block in message.content] == ["thinking", "tool_use"]
+        assert message.content[1].input == {"city": "Paris"} and message.stop_reason == "tool_use"
+        seen, final = await in_thread(collect, client.messages.stream(
+            model=OPENAI_MODEL, max_tokens=64, tools=[WEATHER_TOOL], messages=[{"role": "user", "content": "?"}]))
+        assert [block.type for block in final.content] == ["thinking", "tool_use"]
+        assert final.content[0].thinking == "Weather, then."
+        assert final.content[1].input == {"city": "Paris"} and final.stop_reason == "tool_use"
+        # The tool's result goes back as a chat tool message.
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=16, tools=[WEATHER_TOOL], messages=[
+            {"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                               "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}]}])
+        chat = fake.requests[-1].body["messages"]
+        assert chat[1]["tool_calls"][0]["id"] == "toolu_1"
+        assert chat[2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "Sunny"}
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_translated_errors_are_anthropic_shaped(http, openai_gw, fake):
+    openai_404 = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "param": "model",
+                            "code": 404}}
+    body = {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO}
+    fake.steer = {"fake_status": 404, "fake_body": json.dumps(openai_404)}
+    response, content = await post(http, openai_gw.url + "/v1/messages", body)
+    assert response.code == 404
+    assert json.loads(content) == {"type": "error", "error": {"type": "not_found_error",
+                                                              "message": "The model `x` does not exist."}}
+    # A request no chat upstream can take is refused by the gateway, in Anthropic's shape.
+    fake.steer = {}
+    response, content = await post(http, openai_gw.url + "/v1/messages", {"model": OPENAI_MODEL, "messages": HELLO})
+    assert response.code == 400 and json.loads(content)["error"]["type"] == "invalid_request_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_vllm_without_messages_is_translated_and_remembered(reactor, http):
+    fake = await start_fake(reactor, messages=False)  # FastAPI's 404: a server without the router
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = sdk(gw)
+    try:
+        message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+        assert message.content[0].text == "héhéhé"
+        assert [r.path for r in fake.requests if r.method == b"POST"] == [b"/v1/messages", b"/v1/chat/completions"]
+        seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO))
+        assert final.content[0].text == "héhéhé"
+        # Remembered: the second and later requests go straight to chat completions.
+        assert [r.path for r in fake.requests if r.method == b"POST"][2:] == [b"/v1/chat/completions"]
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_translated_retry_is_admitted_once(reactor, http):
+    """A key allowed one request at a time: the native try and the translated one are one request."""
+    fake = await start_fake(reactor, messages=False)
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=headers(),
+                                   data=json.dumps({"name": "one-at-a-time", "max_concurrency": 1}).encode())
+        client = sdk(gw, api_key=json.loads(await treq.content(response))["value"])
+        try:
+            for _ in range(2):
+                message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+                assert message.content[0].text == "héhéhé"
+        finally:
+            client.close()
+        assert [r.path for r in fake.requests if r.method == b"POST"] == [
+            b"/v1/messages", b"/v1/chat/completions", b"/v1/chat/completions"]
+    finally:
+        await gw.service.stopService()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_vllm_saying_it_does_not_support_messages_counts_with_tokenize(reactor, http):
+    fake = await start_fake(reactor, messages="unsupported")  # vLLM's 501 "does not support Messages API"
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = sdk(gw)
+    try:
+        counted = await in_thread(client.messages.count_tokens, model=MODEL, system="Be brief.", messages=HELLO)
+        paths = [r.path for r in fake.requests if r.method == b"POST"]
+        assert paths == [b"/v1/messages/count_tokens", b"/tokenize"]
+        tokenize = fake.requests[-1].body
+        assert tokenize["model"] == CHAT_MODEL and tokenize["add_generation_prompt"] is True
+        assert tokenize["messages"] == [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Say hello."}]
+        # The fake's tokenizer: a token per character, four per message.
+        assert counted.input_tokens == 4 + len("Be brief.") + 4 + len("Say hello.")
+        message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+        assert message.content[0].text == "héhéhé"
+        assert [r.path for r in fake.requests if r.method == b"POST"][2:] == [b"/v1/chat/completions"]
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_virtual_model_reaches_each_target_its_own_way(reactor, fake):
+    """One target serves Messages (asked natively), the other does not (translated)."""
+    other = await start_fake(reactor)
+    virtual = [{"source": "claude-sonnet", "targets": [{"model": MODEL, "weight": 1},
+                                                        {"model": OPENAI_MODEL, "weight": 1}]}]
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "OPENAI_BASE_URL": other.base_url,
+                               "OPENAI_API_KEY": "sk-upstream", "VIRTUAL_MODELS": json.dumps(virtual)})
+    client = sdk(gw)
+    try:
+        for _ in range(2):
+            message = await in_thread(client.messages.create, model="claude-sonnet", max_tokens=8, messages=HELLO)
+            assert message.content[0].text == "héhéhé" and message.model == CHAT_MODEL
+        assert [r.path for r in fake.requests if r.method == b"POST"] == [b"/v1/messages"]
+        assert [r.path for r in other.requests if r.method == b"POST"] == [b"/v1/chat/completions"]
+        # One Claude Code session stays on one target.
+        session = sdk(gw, default_headers={"X-Claude-Code-Session-Id": "session-1"})
+        try:
+            for _ in range(3):
+                await in_thread(session.messages.create, model="claude-sonnet", max_tokens=8, messages=HELLO)
+        finally:
+            session.close()
+        posts = len([r for r in fake.requests if r.method == b"POST"]), len([
+            r for r in other.requests if r.method == b"POST"])
+        assert sorted(posts) == [1, 4]
+        # count_tokens asks the target that has a tokenizer, whichever target is chosen first.
+        for _ in range(2):
+            counted = await in_thread(client.messages.count_tokens, model="claude-sonnet", messages=HELLO)
+            assert counted.input_tokens == 4 + len("Say hello.")
+        assert fake.requests[-1].path == b"/v1/messages/count_tokens"
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await other.stop()
+
+
+# -- count_tokens --------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_count_tokens_is_vllms_own(http, gw, fake, client):
+    counted = await in_thread(client.messages.count_tokens, model=MODEL, system="Be brief.", messages=HELLO,
+                              tools=[WEATHER_TOOL])
+    assert fake.requests[-1].path == b"/v1/messages/count_tokens"
+    assert fake.requests[-1].body["model"] == CHAT_MODEL
+    assert counted.input_tokens == 4 + len("Be brief.") + 4 + len("Say hello.") + 4
+    body = {"model": MODEL, "messages": HELLO}
+    _, via = await post(http, gw.url + "/v1/messages/count_tokens", body)
+    _, direct = await post(http, fake.base_url + "/messages/count_tokens", dict(body, model=CHAT_MODEL))
+    assert via == direct
+
+
+@pytest_twisted.ensureDeferred
+async def test_count_tokens_without_a_tokenizer_is_501_not_a_guess(http, openai_gw, fake):
+    client = sdk(openai_gw, max_retries=2)  # x-should-retry: false keeps the SDK from retrying
+    try:
+        before = len(fake.requests)
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            await in_thread(client.messages.count_tokens, model=OPENAI_MODEL, messages=HELLO)
+        assert raised.value.status_code == 501
+        assert raised.value.response.headers["x-should-retry"] == "false"
+        assert raised.value.body["type"] == "error" and "does not guess" in raised.value.body["error"]["message"]
+        assert len(fake.requests) == before  # nothing went upstream
+    finally:
+        client.close()
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_by_x_api_key_or_bearer_and_401s_in_anthropics_shape(http, gw):
+    for good in (sdk(gw), sdk(gw, auth_token=KEY)):
+        try:
+            message = await in_thread(good.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+            assert message.content[0].text == "héhéhé"
+        finally:
+            good.close()
+    bad = sdk(gw, api_key="wrong")
+    try:
+        with pytest.raises(anthropic.AuthenticationError) as raised:
+            await in_thread(bad.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+        assert raised.value.body == {"type": "error", "error": {"type": "authentication_error",
+                                                                "message": "Invalid API key."}}
+    finally:
+        bad.close()
+    response, content = await post(http, gw.url + "/v1/messages/count_tokens", {"model": MODEL, "messages": HELLO},
+                                   Headers({"content-type": ["application/json"]}))
+    assert response.code == 401 and json.loads(content)["error"]["type"] == "authentication_error"
+    # x-api-key works on the OpenAI routes too.
+    response, content = await post(http, gw.url + "/v1/chat/completions", {"model": MODEL, "messages": HELLO})
+    assert response.code == 200 and json.loads(content)["object"] == "chat.completion"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_key_by_x_api_key_keeps_its_allowlist_and_cache_salt(reactor, http, fake):
+    other = await start_fake(reactor)
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "OPENAI_BASE_URL": other.base_url,
+                               "OPENAI_API_KEY": "sk-upstream"})
+    try:
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=headers(),
+                                   data=json.dumps({"name": "coder", "models": ["vllm/"]}).encode())
+        secret = json.loads(await treq.content(response))["value"]
+        client = sdk(gw, api_key=secret)
+        try:
+            message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+            assert message.content[0].text == "héhéhé"
+            salt = fake.requests[-1].body["cache_salt"]  # vLLM's Messages take the tenant's prefix-cache salt
+            assert len(salt) == 32
+            with pytest.raises(anthropic.PermissionDeniedError) as denied:
+                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO)
+            assert denied.value.body["error"]["type"] == "permission_error"
+            assert [m.id for m in (await in_thread(client.models.list)).data] == [MODEL]
+        finally:
+            client.close()
+    finally:
+        await gw.service.stopService()
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_model_is_404_not_found_error(gw, client):
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        await in_thread(client.messages.create, model="vllm/nope", max_tokens=8, messages=HELLO)
+    assert raised.value.body["type"] == "error" and raised.value.body["error"]["type"] == "not_found_error"
+    assert "vllm/nope" in raised.value.body["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_error_is_relayed_as_vllm_sent_it(http, gw):
+    vllm_400 = {"type": "error", "error": {"type": "BadRequestError", "message": "max_tokens must be positive"}}
+    body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "fake_status": 400, "fake_body": json.dumps(vllm_400)}
+    response, content = await post(http, gw.url + "/v1/messages", body)
+    assert response.code == 400 and content == json.dumps(vllm_400).encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_large_and_wrong_method_in_anthropics_shape(reactor, http, fake):
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "BODY_SIZE_LIMIT": "2KB"})
+    try:
+        big = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "x" * 4096}]}
+        response, content = await post(http, gw.url + "/v1/messages", big)
+        assert response.code == 413
+        assert json.loads(content)["error"]["type"] == "request_too_large"
+        response = await http.get(gw.url + "/v1/messages", headers=headers())
+        error = json.loads(await treq.content(response))
+        assert response.code == 405 and error["type"] == "error"
+        assert error["error"]["type"] == "invalid_request_error"
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_busy_replicas_are_429_rate_limit_error_with_retry_after(reactor, fake):
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "REPLICA_MAX_CONCURRENCY": "1",
+                               "ROUTING_QUEUE_TIMEOUT": "0.2"})
+    client = sdk(gw)
+    holder = None
+    try:
+        arrived = fake.next_request()
+        holder = await connect(reactor, gw.port, _raw({"model": MODEL, "max_tokens": 8, "messages": HELLO,
+                                                       "fake_hang": True}))
+        await with_timeout(reactor, arrived, 5)
+        with pytest.raises(anthropic.RateLimitError) as raised:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+        assert raised.value.response.headers["retry-after"] == "1"
+        assert raised.value.body["error"]["type"] == "rate_limit_error"
+    finally:
+        if holder is not None:
+            holder.transport.abortConnection()
+        client.close()
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_ready_replica_is_503_overloaded_and_unreachable_is_502_api_error(reactor, fake):
+    gw = await start_gateway(reactor, {"GOMODEL_MASTER_KEY": KEY, "VLLM_MODELS": CHAT_MODEL,
+                                       "VLLM_BASE_URL": await dead_base_url(reactor)}, wait_ready=False)
+    client = sdk(gw)
+    try:
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+        assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"] == "1"
+        assert raised.value.body["error"]["type"] == "overloaded_error"
+        assert "127.0.0.1" not in json.dumps(raised.value.body)
+    finally:
+        client.close()
+        await gw.service.stopService()
+    from tests.fakes.fleet import FakeReplica
+
+    replica = await FakeReplica(reactor).start()
+    gw = await start(reactor, {"VLLM_BASE_URL": replica.base_url})
+    client = sdk(gw)
+    try:
+        await replica.refuse()  # ready, then unreachable
+        with pytest.raises(anthropic.InternalServerError) as raised:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+        assert raised.value.status_code == 502
+        assert raised.value.body["error"]["type"] == "api_error"
+        assert "127.0.0.1" not in json.dumps(raised.value.body)
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await replica.stop()
+
+
+# -- streams that end badly ------------------------------------------------------------------
+
+
+def _raw(body, path=b"/v1/messages"):
+    data = json.dumps(body).encode()
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"x-api-key: " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_mid_stream_closes_the_upstream(reactor, gw, fake):
+    body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "stream": True, "fake_chunks": 200, "fake_pace": 0.02}
+    client = await connect(reactor, gw.port, _raw(body))
+    await with_timeout(reactor, client.wait_for(b'"text_delta"'), 5)
+    record = fake.requests[-1]
+    aborted = time.monotonic()
+    client.transport.abortConnection()
+    how, closed_at = await with_timeout(reactor, record.closed, 2)
+    assert how == "lost" and closed_at - aborted < 0.5
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_before_the_answer_closes_the_upstream(reactor, gw, fake):
+    for stream in (True, False):
+        arrived = fake.next_request()
+        client = await connect(reactor, gw.port, _raw({"model": MODEL, "max_tokens": 8, "messages": HELLO,
+                                                       "stream": stream, "fake_hang": True}))
+        record = await with_timeout(reactor, arrived, 5)
+        client.transport.abortConnection()
+        how, _ = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost"
+
+
+@pytest_twisted.ensureDeferred
+async def test_broken_upstream_stream_ends_with_an_error_event_never_cleanly(reactor, gw, client):
+    body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "stream": True, "fake_die_after": 4}
+    raw = await connect(reactor, gw.port, _raw(body))
+    await with_timeout(reactor, raw.lost, 5)
+    received = bytes(raw.received)
+    assert b"event: message_start" in received
+    assert b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"The stream ended abnormally' \
+        in received
+    assert not received.endswith(b"0\r\n\r\n") and b"message_stop" not in received
+    # The SDK raises; it never sees a clean end.
+    for fault in ({"fake_die_after": 4}, {"fake_no_stop": True}):
+        with pytest.raises(anthropic.APIError) as raised:
+            await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO,
+                                                            extra_body=fault))
+        assert "abnormally" in str(raised.value)
+
+
+# -- usage, affinity, models -----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_with_cache_reads_reaches_metrics(http, gw, client):
+    extra = {"fake_cached": 10}
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO, extra_body=extra)
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (8, 10)
+    _, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO,
+                                                               extra_body=extra))
+    assert final.usage.output_tokens == 3
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+    found = await scrape(http, gw)
+    labels = {"model": MODEL}
+    assert tokens(found, "input", **labels) == 3 * 18  # input + cache reads: every prompt token
+    assert tokens(found, "cached", **labels) == 2 * 10
+    assert tokens(found, "output", **labels) == 3 * 3
+
+
+def test_claude_code_session_and_metadata_user_id_are_affinity_keys():
+    class Request:
+        def __init__(self, **values):
+            self.requestHeaders = Headers({k.replace("_", "-"): [v] for k, v in values.items()})
+
+    body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "metadata": {"user_id": "user_abc_session_1"}}
+    assert affinity_key(Request(x_claude_code_session_id="sess-1"), body) == "s:sess-1"
+    assert affinity_key(Request(), body) == "s:user_abc_session_1"
+    # Without a session, a long system prompt is the shared prefix.
+    system = [{"type": "text", "text": "You are Claude Code. " * 40}]
+    one = affinity_key(Request(), {"system": system, "messages": HELLO})
+    two = affinity_key(Request(), {"system": system, "messages": [{"role": "user", "content": "Other."}]})
+    assert one == two and one.startswith("p:")
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_in_anthropics_shape_for_anthropic_clients(http, gw, client):
+    page = await in_thread(client.models.list)
+    assert [m.id for m in page.data] == [MODEL]
+    model = page.data[0]
+    assert model.type == "model" and model.display_name == MODEL
+    assert model.created_at.year == 2023 and model.max_input_tokens == 2048
+    assert (await in_thread(client.models.retrieve, MODEL)).id == MODEL
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        await in_thread(client.models.retrieve, "vllm/nope")
+    assert raised.value.body["error"]["type"] == "not_found_error"
+    response = await http.get(gw.url + "/v1/models?limit=1", headers=headers())
+    assert json.loads(await treq.content(response)) == {
+        "data": [{"type": "model", "id": MODEL, "display_name": MODEL, "created_at": "2023-11-14T22:13:20Z",
+                  "lifecycle": "active", "max_input_tokens": 2048}],
+        "has_more": False, "first_id": MODEL, "last_id": MODEL}
+    # Without anthropic-version, OpenAI's list as before.
+    response = await http.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert json.loads(await treq.content(response))["object"] == "list"

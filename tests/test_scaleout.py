@@ -1,0 +1,465 @@
+"""Several gateways on one PostgreSQL database (and one Redis): every piece of state is shared.
+
+Gateways run in this process (L{tests.support.start_gateway}) where nothing
+is killed, and as real C{twistd} processes where one is killed with
+SIGKILL (or paused with SIGSTOP); each test gets its own fresh database
+(tests/postgres.py) and the fake vLLM, which counts the requests per
+C{fake_marker}.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet.task import deferLater
+
+from gomodel.errors import StorageUnavailable
+from tests import postgres
+from tests.integration.support import free_port
+from tests.postgres import pg_database  # noqa: F401 (fixture)
+from tests.support import in_thread, openai_client, start_fake, start_gateway
+
+MASTER = "master-scale"
+ADMIN = {"authorization": f"Bearer {MASTER}", "content-type": "application/json"}
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+KEYS = "/admin/api/v1/auth-keys"
+REDIS_URL = os.environ.get("GOMODEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEASE = 3.0  # BATCH_LEASE_TIMEOUT in these tests
+
+
+def env_for(database, base_url, tmp_path, **extra):
+    return {"VLLM_BASE_URL": base_url, "GOMODEL_MASTER_KEY": MASTER, "STORAGE_TYPE": "postgresql",
+            "POSTGRES_URL": postgres.url(database), "POSTGRES_MAX_CONNS": "4",
+            "GOMODEL_DATA_DIR": str(tmp_path), "USAGE_FLUSH_INTERVAL": "0.2",
+            "BATCH_LEASE_TIMEOUT": str(LEASE), "BATCH_CONCURRENCY_PER_PROVIDER": "2", **extra}
+
+
+@pytest_twisted.async_yield_fixture()
+async def pair(reactor, fake, pg_database, tmp_path):
+    """Gateways A and B (in this process) on one fresh database."""
+    env = env_for(pg_database, fake.base_url, tmp_path)
+    a = await start_gateway(reactor, env)
+    b = await start_gateway(reactor, env)
+    yield a, b
+    await a.service.stopService()
+    await b.service.stopService()
+
+
+async def admin(http, gw_url, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    response = await http.request(method, gw_url + path, data=data, headers=ADMIN)
+    return response.code, json.loads(await treq.content(response))
+
+
+async def until(reactor, predicate, limit=20.0, interval=0.05, what="condition"):
+    """A bounded poll, for what only a real socket or another process can tell; returns the seconds it took."""
+    start = time.monotonic()
+    while not await predicate():
+        assert time.monotonic() - start < limit, f"{what} never happened"
+        await deferLater(reactor, interval, lambda: None)
+    return time.monotonic() - start
+
+
+def chat_line(custom_id, **body):
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                     "fake_marker": custom_id, **body}}
+
+
+def jsonl(lines) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+async def start_batch(sdk, lines):
+    uploaded = await in_thread(sdk.files.create, file=("input.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    return await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                           completion_window="24h")
+
+
+def committed(database, batch_id) -> set:
+    """The custom_ids whose result is committed in the database."""
+    return {row[0] for row in postgres.query(database, "SELECT custom_id FROM batch_results WHERE batch_id = %s",
+                                             (batch_id,))}
+
+
+# -- gateways in this process -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_uploaded_on_a_is_listed_and_read_byte_for_byte_on_b(pair):
+    a, b = pair
+    content = bytes(range(256)) * 12289 + "é\r\n".encode() * 1000  # ~3 MB, every byte value
+    sdk_a, sdk_b = openai_client(a, MASTER), openai_client(b, MASTER)
+    try:
+        uploaded = await in_thread(sdk_a.files.create, file=("data.bin", io.BytesIO(content)), purpose="user_data")
+        listed = await in_thread(sdk_b.files.list)
+        assert [f.id for f in listed.data] == [uploaded.id]
+        assert (await in_thread(sdk_b.files.retrieve, uploaded.id)).bytes == len(content)
+        assert (await in_thread(sdk_b.files.content, uploaded.id)).content == content
+        await in_thread(sdk_b.files.delete, uploaded.id)
+        assert (await in_thread(sdk_a.files.list)).data == []
+    finally:
+        sdk_a.close()
+        sdk_b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_made_on_a_works_on_b_and_its_deactivation_stops_it_there_within_2s(reactor, http, pair):
+    a, b = pair
+    code, key = await admin(http, a.url, "POST", KEYS, {"name": "team", "user_path": "/team/x"})
+    assert code == 201
+    client = openai_client(b, key["value"])
+
+    async def works():
+        try:
+            await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                            max_tokens=5)
+            return True
+        except openai.AuthenticationError:
+            return False
+
+    try:
+        assert await until(reactor, works, limit=2.0, what="the new key working on B") < 2.0
+        code, _ = await admin(http, a.url, "POST", f"{KEYS}/{key['id']}/deactivate")
+        assert code == 200
+
+        async def refused():
+            return not await works()
+
+        assert await until(reactor, refused, limit=2.0, what="the deactivation reaching B") < 2.0
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_from_both_gateways_is_in_one_summary(reactor, http, pair, fake):
+    a, b = pair
+    for gw, count in ((a, 2), (b, 3)):
+        client = openai_client(gw, MASTER)
+        try:
+            for _ in range(count):
+                await in_thread(client.chat.completions.create, model=MODEL,
+                                messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        finally:
+            client.close()
+
+    async def summed():
+        _, summary = await admin(http, b.url, "GET", "/admin/api/v1/usage/summary")
+        return summary["requests"] == 5
+
+    await until(reactor, summed, what="5 requests in B's summary")
+    _, summary = await admin(http, a.url, "GET", "/admin/api/v1/usage/summary")
+    assert summary["requests"] == 5 and summary["total_tokens"] > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follow_up_on_b_reaches_the_replica_that_made_the_response_on_a(reactor, http, pg_database,
+                                                                                tmp_path):
+    replicas = [await start_fake(reactor), await start_fake(reactor)]
+    env = env_for(pg_database, ",".join(r.base_url for r in replicas), tmp_path)
+    a = await start_gateway(reactor, env)
+    b = await start_gateway(reactor, env)
+    try:
+        for turn in range(6):
+            body = {"model": MODEL, "input": f"turn {turn}"}
+            response = await http.post(a.url + "/v1/responses", json.dumps(body).encode(), headers=ADMIN)
+            assert response.code == 200
+            first = json.loads(await treq.content(response))
+            [holder] = [n for n, r in enumerate(replicas) if first["id"] in r.stored_responses]
+            follow = await http.post(b.url + "/v1/responses", json.dumps(dict(
+                body, input="and then?", previous_response_id=first["id"])).encode(), headers=ADMIN)
+            answer = json.loads(await treq.content(follow))
+            assert follow.code == 200, answer
+            assert answer["id"] in replicas[holder].stored_responses  # the replica A used, reached from B
+            assert answer["previous_response_id"] == first["id"]
+    finally:
+        await a.service.stopService()
+        await b.service.stopService()
+        for replica in replicas:
+            await replica.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rpm_limits_with_redis_hold_across_both_gateways(reactor, http, fake, pg_database, tmp_path):
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    finally:
+        client.close()
+    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=REDIS_URL)
+    a = await start_gateway(reactor, env)
+    b = await start_gateway(reactor, env)
+    try:
+        code, key = await admin(http, a.url, "POST", KEYS, {"name": "team", "rpm": 4})
+        assert code == 201
+        await b.service.keys.refresh()  # what its loop does every second
+        clients = [openai_client(a, key["value"]), openai_client(b, key["value"])]
+        try:
+            answers = limited = 0
+            for i in range(8):
+                try:
+                    await in_thread(clients[i % 2].chat.completions.create, model=MODEL,
+                                    messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+                    answers += 1
+                except openai.RateLimitError:
+                    limited += 1
+            assert (answers, limited) == (4, 4)  # 4 a minute for the key, not 4 per gateway
+        finally:
+            for c in clients:
+                c.close()
+    finally:
+        await a.service.stopService()
+        await b.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_database_chat_flows_and_the_rest_is_a_503_until_it_is_back(
+        reactor, http, pair, pg_database, logged_errors):
+    a, _ = pair
+    database = pg_database
+    client = openai_client(a, MASTER)
+    try:
+        postgres.admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+        postgres.kill_connections(database)
+        # Chat with the master key needs neither the database nor Redis.
+        for _ in range(3):
+            answer = await in_thread(client.chat.completions.create, model=MODEL,
+                                     messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+            assert answer.choices[0].message.content
+        response = await http.get(a.url + "/v1/files", headers=ADMIN)
+        body = json.loads(await treq.content(response))
+        assert response.code == 503 and body["error"]["code"] == "storage_unavailable", body
+        assert body["error"]["type"] == "server_error"
+        ready = await http.get(a.url + "/health/ready")
+        state = json.loads(await treq.content(ready))
+        assert ready.code == 200 and state["status"] == "degraded" and "database" in state["down"], state
+        postgres.admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+
+        async def back():
+            response = await http.get(a.url + "/v1/files", headers=ADMIN)
+            await treq.content(response)
+            return response.code == 200
+
+        await until(reactor, back, limit=10.0, what="the files API answering again")
+
+        async def ready_again():
+            response = await http.get(a.url + "/health/ready")
+            return json.loads(await treq.content(response)) == {"status": "ready"}
+
+        await until(reactor, ready_again, limit=10.0, what="/health/ready saying ready")
+    finally:
+        client.close()
+        logged_errors.flush(StorageUnavailable)  # the key and budget refreshes said so while it was down
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_redis_limited_keys_still_flow_and_readiness_names_redis(reactor, http, fake, pg_database,
+                                                                              tmp_path):
+    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    gw = await start_gateway(reactor, env)
+    try:
+        code, key = await admin(http, gw.url, "POST", KEYS, {"name": "team", "rpm": 100})
+        assert code == 201
+        client = openai_client(gw, key["value"])
+        try:
+            answer = await in_thread(client.chat.completions.create, model=MODEL,
+                                     messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+            assert answer.choices[0].message.content  # limits fail open (and say so), requests flow
+        finally:
+            client.close()
+        response = await http.get(gw.url + "/health/ready")
+        state = json.loads(await treq.content(response))
+        assert response.code == 200 and state["status"] == "degraded" and list(state["down"]) == ["redis"]
+    finally:
+        await gw.service.stopService()
+
+
+# -- gateway processes ------------------------------------------------------------------------
+
+
+class Process:
+    """A gateway started as a user would: C{twistd -n --pidfile= gomodel --listen tcp:PORT:interface=127.0.0.1}."""
+
+    def __init__(self, env, tmp_path, name):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"{name}.log"
+        run_env = dict(os.environ, **env)
+        run_env["PYTHONPATH"] = REPO + os.pathsep + run_env.get("PYTHONPATH", "")
+        workdir = tmp_path / name
+        workdir.mkdir()
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "gomodel",
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
+            env=run_env, cwd=str(workdir), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    async def ready(self, reactor, http):
+        async def answering():
+            assert self.proc.poll() is None, self.log()
+            try:
+                response = await http.get(self.url + "/health/ready")
+                await treq.content(response)
+                return response.code == 200
+            except Exception:
+                return False
+
+        await until(reactor, answering, limit=30.0, what="the gateway process getting ready")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def processes():
+    started = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+async def batch_done(reactor, sdk, batch_id, limit):
+    async def done():
+        return (await in_thread(sdk.batches.retrieve, batch_id)).status in ("completed", "failed", "expired")
+
+    took = await until(reactor, done, limit=limit, interval=0.1, what=f"batch {batch_id} finishing")
+    return took, await in_thread(sdk.batches.retrieve, batch_id)
+
+
+async def output_of(sdk, batch):
+    content = (await in_thread(sdk.files.content, batch.output_file_id)).content
+    return [json.loads(line) for line in content.splitlines() if line.strip()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_finishes_on_b_after_a_is_killed_mid_batch(reactor, http, fake, pg_database, tmp_path,
+                                                                  processes):
+    env = env_for(pg_database, fake.base_url, tmp_path)
+    a = Process(env, tmp_path, "a")
+    b = Process(env, tmp_path, "b")
+    processes.extend([a, b])
+    await a.ready(reactor, http)
+    await b.ready(reactor, http)
+    lines = [chat_line(f"l{i}", fake_delay=0.1) for i in range(40)]
+    sdk_a = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+    sdk_b = openai.OpenAI(base_url=b.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+    try:
+        created = await start_batch(sdk_a, lines)  # claimed by A as it is made
+
+        async def halfway():
+            return len(committed(pg_database, created.id)) >= 8
+
+        await until(reactor, halfway, what="A recording lines")
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        killed_at = time.monotonic()
+        before = committed(pg_database, created.id)
+        assert len(before) < len(lines), "the batch ended before A was killed"
+        took, batch = await batch_done(reactor, sdk_b, created.id, limit=30)
+        assert batch.status == "completed", b.log()
+        # B took it over within the lease (here at once: A's pid is gone, this host knows it) and ran the rest
+        # (at most 2 lines at a time, 0.1 s each).
+        assert time.monotonic() - killed_at < LEASE + 0.1 * len(lines) / 2 + 5
+        assert batch.request_counts.model_dump() == {"total": 40, "completed": 40, "failed": 0}
+        output = await output_of(sdk_b, batch)
+    finally:
+        sdk_a.close()
+        sdk_b.close()
+    assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]  # each once, in order
+    for custom_id in before:  # committed before the kill: never sent again
+        assert fake.marker_counts[custom_id] == 1, custom_id
+    assert all(fake.marker_counts[line["custom_id"]] <= 2 for line in lines)  # in flight at the kill: once more
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_host_loses_its_batch_to_another_and_its_late_writes_are_fenced(
+        reactor, http, fake, pg_database, tmp_path, processes):
+    """Three gateways: A is paused (alive, so only its lease can tell), B or C takes over, A resumes fenced."""
+    env = env_for(pg_database, fake.base_url, tmp_path)
+    a, b, c = (Process(env, tmp_path, name) for name in "abc")
+    processes.extend([a, b, c])
+    for process in (a, b, c):
+        await process.ready(reactor, http)
+    lines = [chat_line(f"p{i}", fake_delay=0.1) for i in range(30)]
+    sdk_a = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+    sdk_c = openai.OpenAI(base_url=c.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+    try:
+        created = await start_batch(sdk_a, lines)
+
+        async def started():
+            return len(committed(pg_database, created.id)) >= 4
+
+        await until(reactor, started, what="A recording lines")
+        a.proc.send_signal(signal.SIGSTOP)
+        paused_at = time.monotonic()
+
+        async def taken_over():
+            rows = postgres.query(pg_database, "SELECT owner FROM batches WHERE id = %s", (created.id,))
+            return rows[0][0] is not None and f":{a.proc.pid}:" not in rows[0][0]
+
+        took = await until(reactor, taken_over, limit=LEASE + 5, what="another host claiming the batch")
+        assert took <= LEASE + 2.5  # the lease ran out, then the next poll (every second) claimed it
+        _, batch = await batch_done(reactor, sdk_c, created.id, limit=30)
+        a.proc.send_signal(signal.SIGCONT)  # its requests in flight answer now; their results are refused
+        assert batch.status == "completed"
+        assert batch.request_counts.model_dump() == {"total": 30, "completed": 30, "failed": 0}
+        output = await output_of(sdk_c, batch)
+        assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]
+        await deferLater(reactor, 1.0, lambda: None)  # A runs again: its heartbeat finds the claim lost
+        assert time.monotonic() - paused_at > LEASE
+        rows = postgres.query(pg_database, "SELECT completed, failed FROM batches WHERE id = %s", (created.id,))
+        assert rows == [(30, 0)]  # A's late answers counted nothing
+        assert a.proc.poll() is None  # and it did not crash
+    finally:
+        sdk_a.close()
+        sdk_c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_connections_killed_mid_batch_lose_no_line_and_the_gateway_recovers(
+        reactor, http, fake, pg_database, tmp_path, processes):
+    env = env_for(pg_database, fake.base_url, tmp_path)
+    a = Process(env, tmp_path, "a")
+    processes.append(a)
+    await a.ready(reactor, http)
+    lines = [chat_line(f"k{i}", fake_delay=0.05) for i in range(60)]
+    sdk = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+    try:
+        created = await start_batch(sdk, lines)
+        for _ in range(30):  # the gateway's connections die, idle or in the middle of a statement
+            await deferLater(reactor, 0.05, lambda: None)
+            postgres.kill_connections(pg_database)
+        took, batch = await batch_done(reactor, sdk, created.id, limit=60)
+        assert batch.status == "completed", a.log()
+        assert batch.request_counts.model_dump() == {"total": 60, "completed": 60, "failed": 0}
+        output = await output_of(sdk, batch)
+        assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]
+        assert a.proc.poll() is None
+        assert (await in_thread(sdk.files.list)).data  # recovered: the store answers
+    finally:
+        sdk.close()

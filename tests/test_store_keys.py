@@ -1,0 +1,60 @@
+"""IKeyStore and IBudgetStore contract (every backend)."""
+
+import pytest_twisted
+from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
+
+from gomodel.store.interfaces import IBudgetStore, IKeyStore
+from tests.stores import backend, store  # noqa: F401 (fixtures)
+
+
+def key(key_id, **extra):
+    return {"id": key_id, "hash": "h-" + key_id, "redacted": "sk-...x", "name": key_id, "description": None,
+            "user_path": "/team/a", "created_at": 1000, "expires_at": None, "deactivated_at": None,
+            "models": ["vllm/m"], "rpm": 60, "tpm": None, "max_concurrency": 2,
+            "budgets": [{"period": "daily", "max_tokens": 100}], "priority": None, "metadata": {"k": "é"},
+            "own_cache_salt": True, **extra}
+
+
+async def later(reactor, store):
+    """Time moves on, for both the injected clock and a database's own clock."""
+    store.clock.advance(1)
+    await deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_are_added_changed_listed_and_followed(reactor, store):
+    keys = store.keys
+    verifyObject(IKeyStore, keys)
+    first = await keys.add(key("k_1"))
+    assert {name: first[name] for name in ("models", "budgets", "metadata", "own_cache_salt", "rpm")} == {
+        "models": ["vllm/m"], "budgets": [{"period": "daily", "max_tokens": 100}], "metadata": {"k": "é"},
+        "own_cache_salt": True, "rpm": 60}
+    await later(reactor, store)
+    second = await keys.add(key("k_2", models=None, budgets=[], metadata=None, own_cache_salt=False))
+    assert (second["models"], second["budgets"], second["own_cache_salt"]) == (None, [], False)
+    assert second["updated_at"] > first["updated_at"]
+    assert [k["id"] for k in await keys.list()] == ["k_1", "k_2"]
+    assert await keys.get("k_none") is None
+    await later(reactor, store)
+    changed = await keys.update("k_1", {"deactivated_at": 1234, "rpm": None})
+    assert (changed["deactivated_at"], changed["rpm"], changed["hash"]) == (1234, None, "h-k_1")
+    assert changed["updated_at"] > second["updated_at"]
+    assert [k["id"] for k in await keys.changed_since(second["updated_at"])] == ["k_1"]
+    assert [k["id"] for k in await keys.changed_since(0)] == ["k_2", "k_1"]
+    assert await keys.update("k_none", {"rpm": 1}) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_budgets_are_put_replaced_and_deleted(store):
+    budgets = store.budgets
+    verifyObject(IBudgetStore, budgets)
+    put = await budgets.put("/team/b", "daily", 100, None)
+    assert (put["user_path"], put["period"], put["max_tokens"], put["max_cost"]) == ("/team/b", "daily", 100, None)
+    await budgets.put("/team/a", "monthly", None, 2.5)
+    await budgets.put("/team/b", "daily", 200, 1.0)
+    assert [(b["user_path"], b["period"], b["max_tokens"], b["max_cost"]) for b in await budgets.list()] == [
+        ("/team/a", "monthly", None, 2.5), ("/team/b", "daily", 200, 1.0)]
+    assert await budgets.delete("/team/a", "monthly") is True
+    assert await budgets.delete("/team/a", "monthly") is False
+    assert len(await budgets.list()) == 1

@@ -1,0 +1,120 @@
+"""The PostgreSQL store service: migrations under a lock, a newer database refused, broken connections replaced,
+an unreachable server answered with 503s (StorageUnavailable) rather than crashes.
+
+The behaviour of each aggregate is in the contract tests (tests/test_store_*.py, both backends).
+"""
+
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
+
+from gomodel.errors import StorageUnavailable
+from gomodel.store import IStoreService
+from tests import postgres
+from tests.postgres import pg_database  # noqa: F401 (fixture)
+from tests.stores import add_file, batch
+
+
+def opened(reactor, name, **kwargs):
+    from gomodel.store.postgresql import PostgreSQLStore
+
+    store = PostgreSQLStore(postgres.url(name), reactor, **kwargs)
+    store.startService()
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_hosts_starting_together_migrate_once_and_share_everything(reactor, pg_database):
+    from gomodel.store.postgresql import MIGRATIONS
+
+    stores = [opened(reactor, pg_database, max_conns=2) for _ in range(3)]
+    try:
+        await gatherResults([s.started() for s in stores])  # the advisory lock: one migrates, two find it done
+        verifyObject(IStoreService, stores[0])
+        assert postgres.query(pg_database, "SELECT version FROM schema_version") == [(MIGRATIONS[-1][0],)]
+        record = await add_file(stores[0], b"from host A\n")
+        assert await stores[1].files.get(record["id"]) == record
+        assert await stores[2].blobs.read(record["id"], 0, 100) == b"from host A\n"
+        await stores[1].batches.add(batch("batch_1"))
+        got = await DeferredList([s.batches.claim_next(f"host-{n}", 30) for n, s in enumerate(stores)])
+        assert sorted(str(result[1]) == "None" for result in got) == [False, True, True]  # one host wins
+    finally:
+        for s in stores:
+            await s.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_from_a_newer_gateway_is_refused(reactor, pg_database, logged_errors):
+    first = opened(reactor, pg_database)
+    await first.started()
+    await first.stopService()
+    postgres.query(pg_database, "UPDATE schema_version SET version = 999")
+    again = opened(reactor, pg_database)
+    try:
+        with pytest.raises(StorageUnavailable) as raised:
+            await again.started()
+        assert "schema version 999, newer than this gateway's" in raised.value.message
+        with pytest.raises(StorageUnavailable):
+            await again.files.get("file-x")
+        assert "newer than this gateway" in again.problem
+    finally:
+        await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_connections_are_replaced_and_never_lent_again(reactor, pg_database):
+    store = opened(reactor, pg_database, max_conns=3)
+    try:
+        await store.started()
+        await store.batches.add(batch("batch_1"))
+        for _ in range(3):
+            assert postgres.kill_connections(pg_database) >= 1
+            # Every pooled connection died while idle: each is checked before it is lent and replaced.
+            results = await gatherResults([store.batches.get("batch_1") for _ in range(6)])
+            assert all(r["id"] == "batch_1" for r in results)
+        assert store.problem is None
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_statement_cut_by_the_server_is_a_503_and_the_store_recovers(reactor, pg_database):
+    store = opened(reactor, pg_database, max_conns=2)
+    try:
+        await store.started()
+        statement = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
+        deadline = time.monotonic() + 10
+        while not postgres.query(pg_database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%'"):
+            assert time.monotonic() < deadline, "the statement never started"
+            await deferLater(reactor, 0.01, lambda: None)
+        postgres.kill_connections(pg_database)
+        with pytest.raises(StorageUnavailable) as raised:
+            await statement
+        assert raised.value.status == 503 and "terminat" in raised.value.message.lower()
+        assert store.problem is not None
+        await store.files.list()  # a new connection: the store is back
+        assert store.problem is None
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_server_is_storage_unavailable_at_once(reactor):
+    from gomodel.store.postgresql import PostgreSQLStore
+    from tests.integration.support import free_port
+
+    store = PostgreSQLStore(f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/nowhere", reactor)
+    store.startService()
+    try:
+        with pytest.raises(StorageUnavailable) as raised:
+            await store.started()
+        assert "s3cret" not in raised.value.message and "unavailable" in raised.value.message
+        with pytest.raises(StorageUnavailable):  # the opening is retried in the background; callers do not wait
+            await store.usage.summary(0, 1)
+        assert store.problem is not None and "s3cret" not in store.problem
+    finally:
+        await store.stopService()
