@@ -17,7 +17,9 @@ The engine of each replica, in simulated time (asyncio timers):
   whose long shared prefix (system prompt + history) is cached gets its first
   token much sooner. Prompt blocks enter the cache when the request starts,
   the generated text's blocks when it ends; the cache keeps ``cache_tokens``
-  tokens (least recently used blocks are evicted).
+  tokens (least recently used blocks are evicted). ``vllm:kv_cache_usage_perc``
+  is the running requests' tokens over a KV pool of ``kv_tokens``, sized so
+  that every slot fits (vLLM admits no more than its KV pool holds).
 - Decode: ``max_tokens`` tokens, one step of ``speed * tpot * (1 + batch_cost
   * (running - 1))`` each: the more requests run, the slower every one of
   them (service time grows with load). Tokens are streamed ``chunk_tokens``
@@ -139,8 +141,10 @@ class Replica:
     # -- engine ------------------------------------------------------------------
 
     def kv_usage(self):
+        """KV blocks held by running requests over the KV pool (``kv_tokens``): vLLM's gauge. The
+        prefix cache lives in the pool's free blocks, so it does not count (as in vLLM)."""
         used = sum(j.prompt_tokens + len(j.out) // CHARS_PER_TOKEN for j in self.running)
-        return min(1.0, used / (self.cache_blocks * BLOCK_CHARS / CHARS_PER_TOKEN))
+        return min(1.0, used / self.a.kv_tokens)
 
     def submit(self, job):
         """Queue or start a job; its waiter fires when it has a slot."""
@@ -442,6 +446,8 @@ def parse_args(argv):
     p.add_argument("--prefill-base", type=float, default=0.010, help="s per prefill")
     p.add_argument("--prefill-per-token", type=float, default=0.00015, help="s per uncached prompt token")
     p.add_argument("--cache-tokens", type=int, default=12000, help="prefix cache size per replica, tokens")
+    p.add_argument("--kv-tokens", type=int, default=48000,
+                   help="KV pool per replica, tokens: room for every slot's context (8 x 6000)")
     p.add_argument("--chunk-tokens", type=int, default=4, help="tokens per SSE event")
     a = p.parse_args(argv)
     a.speeds = [1.0] * a.replicas

@@ -50,7 +50,7 @@ def words(rng, n_tokens):
 class Workload:
     """The schedule: session starts and one-shot times, each with its texts, from one seed."""
 
-    def __init__(self, *, seed=1, duration=45.0, warmup=8.0, session_rate=1.6, oneshot_rate=2.0, apps=4,
+    def __init__(self, *, seed=1, duration=45.0, warmup=8.0, session_rate=2.0, oneshot_rate=2.0, apps=4,
                  system_tokens=1500, turns_min=3, turns_max=8, user_min=40, user_max=160, oneshot_min=200,
                  oneshot_max=600, out_min=32, out_max=96, think_s=1.0, session_id="none"):
         self.__dict__.update(dict(seed=seed, duration=duration, warmup=warmup, session_rate=session_rate,

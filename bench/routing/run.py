@@ -286,8 +286,8 @@ def make_router(ctx, name):
 def start_fleet(ctx):
     a = ctx.args
     cmd = [sys.executable, os.path.join(HERE, "fleet.py"), "--replicas", str(a.replicas), "--slots", str(a.slots),
-           "--tpot", str(a.tpot), "--cache-tokens", str(a.cache_tokens), "--prefill-per-token",
-           str(a.prefill_per_token)]
+           "--tpot", str(a.tpot), "--cache-tokens", str(a.cache_tokens), "--kv-tokens", str(a.kv_tokens),
+           "--prefill-per-token", str(a.prefill_per_token)]
     for s in a.slow:
         cmd += ["--slow", s]
     cmd = ["taskset", "-c", a.load_cpus] + cmd
@@ -455,9 +455,10 @@ def render(meta, runs, agg):
     w("- Fleet: %d simulated vLLM replicas (`bench/routing/fleet.py`, one process pinned to CPU %s), speeds %s "
       "(a factor > 1 is that many times slower in prefill and decode). Each: %d decode slots, FIFO queue without "
       "bound, %.0f ms per output token with one request running (+%.0f %% per extra running request), prefill %.2f "
-      "ms per uncached prompt token, prefix cache of %d tokens (LRU of 16-token blocks, chained hashes)."
+      "ms per uncached prompt token, prefix cache of %d tokens (LRU of 16-token blocks, chained hashes), "
+      "`vllm:kv_cache_usage_perc` = running requests' tokens / %d."
       % (len(speeds), a["load_cpus"], speeds, a["slots"], 1000 * a["tpot"], 100 * 0.05, 1000 * a["prefill_per_token"],
-         a["cache_tokens"]))
+         a["cache_tokens"], a.get("kv_tokens", 0)))
     wl = meta["workload"]
     w("- Workload (`bench/routing/loadgen.py`, seed %s, the same for every router): sessions arrive as a Poisson "
       "process at %.2f/s, each %d-%d turns with think time exp(mean %.1f s); %d apps, each with a ~%d-token system "
@@ -537,7 +538,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=float, default=8.0, help="requests sent before this are not counted (default 8)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 15 s, 3 s warm-up")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--session-rate", type=float, default=1.6, help="new sessions per second")
+    p.add_argument("--session-rate", type=float, default=2.0, help="new sessions per second")
     p.add_argument("--oneshot-rate", type=float, default=2.0, help="one-shot requests per second")
     p.add_argument("--think", type=float, default=1.0, help="mean think time between turns, s")
     p.add_argument("--system-tokens", type=int, default=1500)
@@ -551,6 +552,7 @@ def parse_args(argv):
     p.add_argument("--tpot", type=float, default=0.020)
     p.add_argument("--prefill-per-token", type=float, default=0.00015)
     p.add_argument("--cache-tokens", type=int, default=12000)
+    p.add_argument("--kv-tokens", type=int, default=48000, help="KV pool per replica (kv_cache_usage_perc)")
     p.add_argument("--metrics-interval", type=float, default=0.5, help="gomodel REPLICA_METRICS_INTERVAL")
     p.add_argument("--gomodel-env", action="append", default=[], metavar="K=V",
                    help="extra environment for gomodel (repeatable), e.g. ROUTING_AFFINITY_MAX_RATIO=1.2")
