@@ -24,7 +24,6 @@ start cold).
 """
 
 import asyncio
-import hashlib
 import json
 import math
 import random
@@ -306,7 +305,3 @@ def pct(xs, p):
         return None
     k = max(0, min(len(xs) - 1, math.ceil(p / 100.0 * len(xs)) - 1))
     return xs[k]
-
-
-def digest(text):
-    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
