@@ -31,6 +31,8 @@ from harness.targets import BENCH_DIR, TARGETS  # noqa: E402
 from harness.workloads import WORKLOADS, measure, preflight  # noqa: E402
 
 ALL_TARGETS = ["direct", "gomodel", "litellm", "portkey"]
+# run order; gomodel-pool (gomodel in front of --pool-replicas mocks) runs only when asked for
+TARGET_ORDER = ["direct", "gomodel", "gomodel-pool", "litellm", "portkey"]
 ALL_WORKLOADS = list(WORKLOADS)
 
 
@@ -75,6 +77,8 @@ def parse_args(argv):
                         "normal: they compete with the workers for the shared cores)")
     p.add_argument("--gateway-cpus", default="0", help="CPUs for the gateway under test (taskset list)")
     p.add_argument("--load-cpus", default="1", help="CPUs for mock, load generator and harness")
+    p.add_argument("--pool-replicas", type=int, default=4,
+                   help="mocks behind the gomodel-pool target: one provider with that many replicas (default 4)")
     p.add_argument("--gomodel-workers", type=int, default=1,
                    help="gomodel processes (passes --workers N; give --gateway-cpus N CPUs)")
     p.add_argument("--gomodel-cmd", default=None,
@@ -126,7 +130,7 @@ def parse_args(argv):
     if a.duration < 1:
         p.error("--duration must be at least 1 s")
     # direct first: every gateway cell is compared with it
-    a.targets = sorted(dict.fromkeys(a.targets), key=lambda t: ALL_TARGETS.index(t) if t in ALL_TARGETS else 99)
+    a.targets = sorted(dict.fromkeys(a.targets), key=lambda t: TARGET_ORDER.index(t) if t in TARGET_ORDER else 99)
     return a
 
 
@@ -216,6 +220,20 @@ def start_mock(ctx):
     ctx.mock_pid = p.pid
     ctx.mock_port = int(line.split()[1])
     ctx.mock_url = "http://127.0.0.1:%d" % ctx.mock_port
+    ctx.mock_procs, ctx.mock_pids, ctx.mock_urls = [p], [p.pid], [ctx.mock_url]
+    # gomodel-pool: more mocks, the replicas of its one provider (the first is the one above)
+    if "gomodel-pool" in ctx.args.targets and not ctx.args.scaling:
+        for _ in range(ctx.args.pool_replicas - 1):
+            q = subprocess.Popen(proc.load_cmd(ctx, ["node", path, "--port", "0"]), stdout=subprocess.PIPE,
+                                 stderr=logf, text=True, start_new_session=True)
+            ctx.mock_procs.append(q)
+            ready = q.stdout.readline()
+            if not ready.startswith("LISTENING "):
+                for m in ctx.mock_procs:
+                    proc.stop_tree(m)
+                sys.exit("mock did not start: %r (see %s)" % (ready, logf.name))
+            ctx.mock_pids.append(q.pid)
+            ctx.mock_urls.append("http://127.0.0.1:%d" % int(ready.split()[1]))
 
 
 def pick(runs):
@@ -520,7 +538,9 @@ def main(argv):
     try:
         if not a.scaling:  # the scaling run starts a fresh mock per measurement, on that measurement's CPUs
             start_mock(ctx)
-            log("mock on %s (pid %d, CPU %s)" % (ctx.mock_url, ctx.mock_pid, ctx.load_cpus))
+            log("mock on %s (pid %d, CPU %s)%s" % (ctx.mock_url, ctx.mock_pid, ctx.load_cpus, (
+                "; %d more for gomodel-pool: %s" % (len(ctx.mock_urls) - 1, " ".join(ctx.mock_urls[1:])))
+                if len(ctx.mock_urls) > 1 else ""))
         for name in a.targets:
             t = TARGETS[name](ctx)
             try:
@@ -605,8 +625,8 @@ def main(argv):
                 t.stop()
             except Exception:
                 pass
-        if ctx.mock_proc is not None:
-            proc.stop_tree(ctx.mock_proc)
+        for m in getattr(ctx, "mock_procs", None) or ([ctx.mock_proc] if ctx.mock_proc is not None else []):
+            proc.stop_tree(m)
 
     cap = next((c for c in cells if c.get("chosen") and c["target"] == "direct" and c["workload"] == "chat"
                 and c["concurrency"] == max(a.concurrency)), None)

@@ -1,7 +1,7 @@
 """The markdown report: machine, versions, setup, then one table per workload
 (or the soak, or the workers scaling run)."""
 
-ORDER = ["direct", "gomodel", "litellm", "portkey"]
+ORDER = ["direct", "gomodel", "gomodel-pool", "litellm", "portkey"]
 
 
 def _ms(v):

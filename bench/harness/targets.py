@@ -245,6 +245,29 @@ class GoModel(Target):
         return self.models_listed()
 
 
+class GoModelPool(GoModel):
+    """gomodel with one provider of N replicas (N mocks, `--pool-replicas`, default 4): what
+    routing over a replica pool costs on top of the `gomodel` target's single upstream."""
+    name = "gomodel-pool"
+
+    def env(self):
+        env = super().env()
+        env["VLLM_BASE_URL"] = ",".join(u + "/v1" for u in self.ctx.mock_urls)
+        return env
+
+    def ready(self):
+        ok, why = super().ready()
+        if not ok:
+            return ok, why
+        st, body = http_get(self.base_url + "/admin/api/v1/providers/status", self.headers())
+        if st != 200:
+            return False, "GET /admin/api/v1/providers/status -> %s" % st
+        states = [r.get("state") for p in json.loads(body).get("providers", []) for r in p.get("replicas", [])]
+        if states.count("ready") != len(self.ctx.mock_urls):
+            return False, "replicas: %s" % states
+        return True, ""
+
+
 class LiteLLM(Target):
     """LiteLLM proxy: own venv, one worker, no DB, no retries, logging off."""
     name = "litellm"
@@ -396,4 +419,5 @@ class Portkey(Target):
         return st == 200, "GET / -> %s" % st
 
 
-TARGETS = {"direct": Direct, "gomodel": GoModel, "litellm": LiteLLM, "portkey": Portkey}
+TARGETS = {"direct": Direct, "gomodel": GoModel, "gomodel-pool": GoModelPool, "litellm": LiteLLM,
+           "portkey": Portkey}

@@ -81,8 +81,13 @@ STREAMLOAD = os.path.join(BENCH_DIR, "streamload.mjs")
 
 
 def mock_stats(ctx):
-    st, body = http_get(ctx.mock_url + "/mock/stats", timeout=5)
-    return json.loads(body) if st == 200 else {}
+    """Calls per route, summed over every mock (several with the gomodel-pool target)."""
+    total = {}
+    for url in getattr(ctx, "mock_urls", None) or [ctx.mock_url]:
+        st, body = http_get(url + "/mock/stats", timeout=5)
+        for k, v in (json.loads(body) if st == 200 else {}).items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def stream_config(target, wl, conc, warmup, duration, once=False):
@@ -199,6 +204,7 @@ def measure(ctx, target, wl, conc, warmup, duration):
     if sampler:
         sampler.start()
     snaps = {}
+    mock_pids = getattr(ctx, "mock_pids", None) or [ctx.mock_pid]
     lg = {"pid": None, "ticks": None, "start_ticks": 0}
     # user-space instructions of the gateway tree over the window (perf stat,
     # attached now with its counter off, switched on and off with the snapshots)
@@ -210,10 +216,10 @@ def measure(ctx, target, wl, conc, warmup, duration):
         snaps["stats0"] = mock_stats(ctx)
         if instr:
             instr.enable()
-        snaps["a"] = proc.Snapshot(root, [ctx.mock_pid])
+        snaps["a"] = proc.Snapshot(root, mock_pids)
 
     def on_end(loadgen_ticks):
-        snaps["b"] = proc.Snapshot(root, [ctx.mock_pid])
+        snaps["b"] = proc.Snapshot(root, mock_pids)
         if instr:
             instr.disable()
         if loadgen_ticks is not None:
@@ -237,7 +243,7 @@ def measure(ctx, target, wl, conc, warmup, duration):
     req = max(res["requests"], 1)
 
     gw_ticks = b.tree - a.tree
-    mock_ticks = b.extra.get(ctx.mock_pid, 0) - a.extra.get(ctx.mock_pid, 0)
+    mock_ticks = sum(b.extra.get(pid, 0) - a.extra.get(pid, 0) for pid in mock_pids)
     self_ticks = b.self_ - a.self_
     lg_ticks = lg["ticks"] or 0
 
