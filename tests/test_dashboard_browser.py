@@ -5,9 +5,12 @@ fleet of two fake vLLM replicas, and one browser session for the whole module. T
 file order and build on each other (sign in, then traffic, keys, batches, usage). Each browser
 step runs in a thread (L{in_thread}) so that the reactor keeps serving the fakes meanwhile.
 
-Screenshots of every page go to docs/screenshots/ (shown in the README).
+Screenshots of every page are taken on every run (a page that cannot render fails); they replace
+docs/screenshots/ (shown in the README) when GOMODEL_UPDATE_SCREENSHOTS=1, else they go to a
+temporary folder, so that a test run leaves the checkout as it was.
 """
 
+import atexit
 import csv
 import io
 import json
@@ -34,7 +37,11 @@ from tests.support import in_thread
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCREENSHOTS = os.path.join(ROOT, "docs", "screenshots")
+if os.environ.get("GOMODEL_UPDATE_SCREENSHOTS") == "1":
+    SCREENSHOTS = os.path.join(ROOT, "docs", "screenshots")
+else:
+    SCREENSHOTS = tempfile.mkdtemp(prefix="gomodel-screenshots-")
+    atexit.register(shutil.rmtree, SCREENSHOTS, True)
 MODEL = f"vllm/{CHAT_MODEL}"
 XSS = "<img src=x onerror=alert(1)>"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
