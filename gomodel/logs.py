@@ -14,6 +14,7 @@ from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLev
 from zope.interface import implementer
 
 from gomodel import jsonutil
+from gomodel.errors import StorageUnavailable
 
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "warning": LogLevel.warn,
           "error": LogLevel.error, "critical": LogLevel.critical}
@@ -49,3 +50,12 @@ def log_observer(log_format, level, out=None):
     observer = JSONLineObserver(out) if log_format == "json" else textFileLogObserver(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level or "info"])
     return FilteringLogObserver(observer, [predicate])
+
+
+def log_failure(log, failure, what, **fields):
+    """Log a failed background job: the store being unavailable is a one-line warning (it is
+    expected while a database restarts and repeats every second), anything else a full failure."""
+    if failure.check(StorageUnavailable):
+        log.warn(what + ": {reason}", reason=failure.value.message, **fields)
+    else:
+        log.failure(what, failure, **fields)

@@ -16,6 +16,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gomodel.accounting.metrics import tokens_by_type
+from gomodel.logs import log_failure
 from gomodel.store.sweeps import claimed
 
 RETENTION_INTERVAL = 86400.0
@@ -106,8 +107,8 @@ class UsageLedger(Service):
         records, self._buffer = self._buffer, []
 
         def failed(failure):
-            self.log.failure("writing {count} usage records failed; kept for the next flush", failure,
-                             count=len(records))
+            log_failure(self.log, failure, "writing {count} usage records failed; kept for the next flush",
+                        count=len(records))
             self._buffer[:0] = records
 
         return self._usage.add(records).addErrback(failed)
@@ -133,7 +134,7 @@ class UsageLedger(Service):
         before = self._clock.seconds() - self._retention
         d = Deferred.fromCoroutine(claimed(self._claims, "sweep:usage", self._owner, 600.0,
                                            lambda: self._usage.delete_before(before)))
-        return d.addErrback(lambda f: self.log.failure("usage retention failed", f))
+        return d.addErrback(lambda f: log_failure(self.log, f, "usage retention failed"))
 
 
 def _who(principal):

@@ -65,6 +65,10 @@ class ResponsesRoute:
             try:
                 return await self._native(request, ctx, provider, body, turn, prefer)
             except _NotKnownUpstream:
+                if previous is None:  # stored meanwhile (another host's write was not committed yet)
+                    previous = await self._previous(body, ctx.principal)
+                    if previous is None:
+                        raise _unknown(body["previous_response_id"]) from None
                 explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])

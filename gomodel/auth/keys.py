@@ -21,6 +21,7 @@ import re
 from twisted.logger import Logger
 
 from gomodel.errors import AuthenticationFailed, Forbidden
+from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
 
 # Paths that need no key: liveness and readiness checks.
@@ -142,7 +143,7 @@ class KeyRing(Periodic):
         """
         d = self._store.changed_since(self._seen - REFRESH_OVERLAP)
         d.addCallback(self.merge)
-        d.addErrback(lambda f: self.log.failure("refreshing the managed keys failed", f))
+        d.addErrback(lambda f: log_failure(self.log, f, "refreshing the managed keys failed"))
         return d
 
 

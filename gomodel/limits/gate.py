@@ -23,6 +23,7 @@ from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
+from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
 
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -66,7 +67,7 @@ class Gate(Periodic):
             return succeed(None)
         d = self._store.list()
         d.addCallback(self.set_path_budgets)
-        d.addErrback(lambda f: self.log.failure("reading the budgets failed", f))
+        d.addErrback(lambda f: log_failure(self.log, f, "reading the budgets failed"))
         return d
 
     # -- configuration ---------------------------------------------------------------------
