@@ -5,6 +5,7 @@ import json
 import openai
 import pytest
 import pytest_twisted
+from twisted.internet.defer import succeed
 import treq
 
 from gomodel import jsonutil
@@ -115,6 +116,31 @@ async def test_conversation_survives_an_upstream_restart(client, fake):
     assert kept.id == third.id
     chain = await in_thread(client.responses.input_items.list, third.id)
     assert [i.content[0].text for i in chain.data] == ["what is my name?"]  # this turn's own input
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_previous_response_stored_only_after_the_create_began_is_replayed(client, fake, gateway):
+    # Another host's write is committed between this create's first look and the upstream's 404.
+    first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+    fake.stored_responses.clear()
+    store = gateway.service.store.responses
+    real_get, misses = store.get, [1]
+
+    def late_get(response_id):
+        if misses:
+            misses.pop()
+            return succeed(None)
+        return real_get(response_id)
+
+    store.get = late_get
+    try:
+        again = await in_thread(client.responses.create, model=MODEL, input="what is my name?",
+                                previous_response_id=first.id)
+    finally:
+        del store.get
+    replayed = [r for r in fake.requests if r.path == b"/v1/responses"][-1]
+    assert "previous_response_id" not in replayed.body  # the stored conversation, sent explicitly
+    assert replayed.body["input"][0] == {"role": "user", "content": "my name is Ada"} and again.id
 
 
 @pytest_twisted.ensureDeferred
