@@ -278,6 +278,18 @@ async def test_a_session_sticks_to_its_replica_until_that_replica_queues(cluster
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_session_leaves_a_replica_that_queues_while_another_does_not(cluster, http, reactor):
+    fleet, gw = await cluster(3, env={"REPLICA_METRICS_INTERVAL": "0"})
+    home = served_by((await post(http, gw, chat(), headers={"X-Session-Id": ["conversation-1"]}))[0])
+    # Its score stays within the guard (1 request waiting), but a wait in its queue is not worth it.
+    fleet[home].metrics = {"waiting": 1}
+    await post(http, gw, chat(), headers={"X-Session-Id": ["conversation-1"]})  # its answer tells the queue
+    moved = {served_by((await post(http, gw, chat(), headers={"X-Session-Id": ["conversation-1"]}))[0])
+             for _ in range(3)}
+    assert home not in moved and len(moved) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_long_shared_prompt_prefix_sticks(cluster, http):
     fleet, gw = await cluster(3)
     system = "You are a careful assistant. " * 25  # > 512 characters

@@ -15,7 +15,10 @@ report is fresh. With several gateway processes each one counts only its own
 requests in flight, but the replica's reports count everyone's: the score
 takes the larger of the two. A session (or a shared prompt prefix) stays on
 the replica that served it last while that replica's score is within
-C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's.
+C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's, and
+never while that replica reports requests waiting in its queue and a least
+loaded one reports none (a warm prefix cache is not worth a wait in vLLM's
+queue: that wait is the tail of the first tokens).
 
 Admission: a replica may have a concurrency limit; when every candidate is
 full the request waits in the pool's queue up to C{queue_timeout}, then gets
@@ -80,6 +83,11 @@ class Replica:
 
     def has_room(self) -> bool:
         return not self.max_concurrency or self.in_flight < self.max_concurrency
+
+    def queued(self, now, max_age) -> bool:
+        """Whether its last fresh load report says requests wait in its queue (its batch is full)."""
+        load = self.load
+        return bool(load is not None and load.waiting and now - self.load_at <= max_age)
 
     def score(self, now, max_age) -> float:
         """Its load per unit of weight: requests in flight or running, plus queued ones."""
@@ -286,7 +294,8 @@ class ReplicaPool:
             index = self._affinity.get(affinity)
             if index is not None:
                 warm = self.replicas[index]
-                if warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack:
+                if (warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack
+                        and not self._queues_needlessly(warm, free, scores, best, now)):
                     return warm
         lowest = [r for r in free if scores[r] == best]
         if len(lowest) == 1:
@@ -295,6 +304,13 @@ class ReplicaPool:
         replica = lowest[self._next % len(lowest)]
         self._next += 1
         return replica
+
+    def _queues_needlessly(self, warm, free, scores, best, now):
+        """Whether C{warm} has requests waiting while a least loaded replica has none: a warm prefix
+        cache does not pay for a wait in vLLM's queue (that is where the tail of first tokens comes from)."""
+        if not warm.queued(now, self._load_max_age):
+            return False
+        return any(scores[r] == best and not r.queued(now, self._load_max_age) for r in free if r is not warm)
 
     # -- the queue -------------------------------------------------------------------
 
