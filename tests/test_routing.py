@@ -15,10 +15,12 @@ import pytest_twisted
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from gomodel import jsonutil
+from gomodel.routing.pool import Replica
+from gomodel.routing.vllm_metrics import LoadSample
 from tests import rawclient
 from tests.fakes.fleet import FakeFleet
 from tests.fakes.vllm import CHAT_MODEL
@@ -287,6 +289,18 @@ async def test_a_session_leaves_a_replica_that_queues_while_another_does_not(clu
     moved = {served_by((await post(http, gw, chat(), headers={"X-Session-Id": ["conversation-1"]}))[0])
              for _ in range(3)}
     assert home not in moved and len(moved) == 1
+
+
+def test_a_replica_whose_batch_the_gateway_fills_counts_as_queued():
+    clock = Clock()
+    replica = Replica(0, None, "http://r0/v1", clock)
+    assert not replica.queued(clock.seconds(), 6.0)
+    replica.reported(LoadSample(waiting=2, running=3))  # it runs 3 at once
+    assert replica.slots == 3 and replica.queued(clock.seconds(), 6.0)
+    replica.reported(LoadSample(waiting=0, running=1))
+    assert not replica.queued(clock.seconds(), 6.0)
+    replica.in_flight = 3  # the gateway alone fills its batch: the next one would wait
+    assert replica.queued(clock.seconds(), 6.0)
 
 
 @pytest_twisted.ensureDeferred

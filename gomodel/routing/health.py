@@ -238,6 +238,7 @@ class ReplicaMonitor(Service):
         if sample.start_time is not None and replica.start_time is not None and sample.start_time != replica.start_time:
             self.log.info("provider {provider} replica {index} restarted; re-reading its models",
                           provider=watch.pool.name, index=replica.index)
+            replica.slots = None  # it may run another batch size now
             self._schedule_discovery(watch, 0)
         if sample.start_time is not None:
             replica.start_time = sample.start_time

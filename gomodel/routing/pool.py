@@ -16,9 +16,11 @@ requests in flight, but the replica's reports count everyone's: the score
 takes the larger of the two. A session (or a shared prompt prefix) stays on
 the replica that served it last while that replica's score is within
 C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's, and
-never while that replica reports requests waiting in its queue and a least
-loaded one reports none (a warm prefix cache is not worth a wait in vLLM's
-queue: that wait is the tail of the first tokens).
+never while a request would wait in that replica's queue (it reports
+requests waiting, or the gateway alone has as many in flight as the replica
+was seen to run at once) and a least loaded one would not (a warm prefix
+cache is not worth a wait in vLLM's queue: that wait is the tail of the
+first tokens).
 
 Admission: a replica may have a concurrency limit; when every candidate is
 full the request waits in the pool's queue up to C{queue_timeout}, then gets
@@ -68,6 +70,7 @@ class Replica:
         self.load = None
         self.load_at = None
         self.start_time = None
+        self.slots = None  # how many requests it runs at once, learned: its running count while it queued
         self.checked = False  # its first discovery and health check have answered (or failed)
         self.on_change = None  # called with the replica after every change of state
 
@@ -85,7 +88,10 @@ class Replica:
         return not self.max_concurrency or self.in_flight < self.max_concurrency
 
     def queued(self, now, max_age) -> bool:
-        """Whether its last fresh load report says requests wait in its queue (its batch is full)."""
+        """Whether a request sent now would wait in its queue: its last fresh load report says
+        requests wait, or the gateway alone has as many in flight as it was seen to run at once."""
+        if self.slots is not None and self.in_flight >= self.slots:
+            return True
         load = self.load
         return bool(load is not None and load.waiting and now - self.load_at <= max_age)
 
@@ -126,9 +132,11 @@ class Replica:
             self.set_state(DOWN, why)
 
     def reported(self, sample):
-        """A scrape's load report arrived."""
+        """A scrape's load report arrived (while requests wait, its running count is its batch size)."""
         self.load = sample
         self.load_at = self._clock.seconds()
+        if sample.waiting and sample.running and (self.slots is None or sample.running > self.slots):
+            self.slots = int(sample.running)
 
     def answered(self, sample):
         """An answer's load report arrived: its queue and KV use, fresher than the last scrape's."""
