@@ -15,12 +15,12 @@ report is fresh. With several gateway processes each one counts only its own
 requests in flight, but the replica's reports count everyone's: the score
 takes the larger of the two. A session (or a shared prompt prefix) stays on
 the replica that served it last while that replica's score is within
-C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's, and
-never while a request would wait in that replica's queue (it reports
-requests waiting, or the gateway alone has as many in flight as the replica
-was seen to run at once) and a least loaded one would not (a warm prefix
-cache is not worth a wait in vLLM's queue: that wait is the tail of the
-first tokens).
+C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's.
+Before scoring, replicas where a request would wait in vLLM's queue (the
+replica reports requests waiting, or the gateway alone has as many in flight
+as the replica was seen to run at once: its batch size, learned) are left
+out while another has room in its batch: a warm prefix cache is not worth a
+wait in the queue, and that wait is the tail of the first tokens.
 
 Admission: a replica may have a concurrency limit; when every candidate is
 full the request waits in the pool's queue up to C{queue_timeout}, then gets
@@ -296,14 +296,18 @@ class ReplicaPool:
         if strategy == "least_requests":
             scores = {r: r.in_flight / r.weight for r in free}
         else:
+            # A request that would wait in a replica's queue goes where it would start at once, if
+            # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
+            starting = [r for r in free if not r.queued(now, self._load_max_age)]
+            if starting and len(starting) < len(free):
+                free = starting
             scores = {r: r.score(now, self._load_max_age) for r in free}
         best = min(scores.values())
         if affinity is not None:
             index = self._affinity.get(affinity)
             if index is not None:
                 warm = self.replicas[index]
-                if (warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack
-                        and not self._queues_needlessly(warm, free, scores, best, now)):
+                if warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack:
                     return warm
         lowest = [r for r in free if scores[r] == best]
         if len(lowest) == 1:
@@ -312,13 +316,6 @@ class ReplicaPool:
         replica = lowest[self._next % len(lowest)]
         self._next += 1
         return replica
-
-    def _queues_needlessly(self, warm, free, scores, best, now):
-        """Whether C{warm} has requests waiting while a least loaded replica has none: a warm prefix
-        cache does not pay for a wait in vLLM's queue (that is where the tail of first tokens comes from)."""
-        if not warm.queued(now, self._load_max_age):
-            return False
-        return any(scores[r] == best and not r.queued(now, self._load_max_age) for r in free if r is not warm)
 
     # -- the queue -------------------------------------------------------------------
 
