@@ -456,12 +456,12 @@ def test_a_failing_seed_is_retried_and_a_pending_one_is_waited_for(counters, clo
 
     book = BudgetBook(counters, clock, seed=seed)
     scopes = [("key:k", [Budget("daily", max_tokens=100)])]
-    first = Deferred.fromCoroutine(book.check(scopes))
-    second = Deferred.fromCoroutine(book.check(scopes))
+    first = book.check(scopes)
+    second = book.check(scopes)
     assert len(pending) == 1 and not first.called and not second.called
     pending[0].errback(RuntimeError("ledger down"))
     assert first.called and second.called
-    third = Deferred.fromCoroutine(book.check(scopes))  # tried again
+    third = book.check(scopes)  # tried again
     assert len(pending) == 2
     pending[1].callback((100, 0.0))
     with pytest.raises(BudgetExceeded):

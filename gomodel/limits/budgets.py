@@ -58,23 +58,34 @@ class BudgetBook:
                 out.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
         return out
 
-    async def check(self, scopes):
+    def check(self, scopes):
         """Refuse when a budget of C{scopes} is spent for its current period.
 
         @param scopes: C{(scope name, [Budget, ...])} pairs.
-        @return: None once every budget has room.
-        @raise BudgetExceeded: one is spent; the one whose period ends last is
-            named (a retry cannot pass before), a C{total} one first.
+        @return: a Deferred firing with None once every budget has room (at once on local
+            counters whose periods are seeded); it fails with L{BudgetExceeded} when one is
+            spent: the one whose period ends last is named (a retry cannot pass before), a
+            C{total} one first.
         """
         if not scopes:
-            return
+            return succeed(None)
         now = self._clock.seconds()
         current = self._current(scopes, now)
         if not current:
-            return
-        if self._seed is not None:
-            await self._seed_all(current)
+            return succeed(None)
+        if self._seed is not None and any(bucket not in self._seeded for _, _, bucket, _, _ in current):
+            return ensureDeferred(self._check_seeded(current, now))
+        d = self._counters.spent_all([bucket for _, _, bucket, _, _ in current])
+        return d.addCallback(self._judge, current, now)
+
+    async def _check_seeded(self, current, now):
+        await self._seed_all(current)
         sums = await self._counters.spent_all([bucket for _, _, bucket, _, _ in current])
+        self._judge(sums, current, now)
+
+    @staticmethod
+    def _judge(sums, current, now):
+        """None, or raise L{BudgetExceeded} for the spent budget whose period ends last."""
         worst = None
         for (scope, budget, _, _, end), (tokens, cost) in zip(current, sums):
             if budget.max_tokens is not None and tokens >= budget.max_tokens:

@@ -138,8 +138,9 @@ class Gate(Periodic):
             return
         admission = await self._limiter.admit(scopes, estimate(call.body), headers_for=own)
         ctx.admission = admission
+        headers = request.responseHeaders
         for name, value in admission.headers.items():
-            request.setHeader(name, value)
+            headers.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
 
     def _scopes(self, principal, upstream, model):
         targets = self._target_scopes(upstream.name, model)
