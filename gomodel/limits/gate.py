@@ -194,6 +194,7 @@ class Gate(Periodic):
         if budgets:
             await self._book.check(budgets)
 
+
 def key_budgets(items) -> tuple:
     """A key's C{budgets} field as L{Budget}s."""
     return tuple(Budget(item["period"], max_tokens=item.get("max_tokens"), max_cost=item.get("max_cost"))
