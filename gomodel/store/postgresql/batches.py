@@ -10,11 +10,10 @@ another host claimed the batch; the results' primary key makes each line's
 result exactly-once whatever happens around a takeover.
 """
 
-import json
-
 from psycopg.rows import dict_row
 from zope.interface import implementer
 
+from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.postgresql.files import insert_file
 from gomodel.store.records import UNFINISHED, LeaseLost
@@ -261,18 +260,8 @@ def _apply(conn, batch_id, changes, only_if_status, token):
 
 
 def _encode(batch):
-    values = {}
-    for key, value in batch.items():
-        if key not in BATCH_COLUMNS:
-            raise KeyError(f"unknown batch column {key!r}")
-        if key in _JSON and value is not None:
-            value = json.dumps(value, ensure_ascii=False)
-        values[key] = value
-    return values
+    return encode_record(batch, BATCH_COLUMNS, _JSON)
 
 
 def _decode(batch):
-    for key in _JSON:
-        if batch[key] is not None:
-            batch[key] = json.loads(batch[key])
-    return batch
+    return decode_json(batch, _JSON)

@@ -6,11 +6,10 @@ one clock for all of them means an edit made on a host whose clock lags is
 never missed (see L{gomodel.auth.keys.KeyRing}).
 """
 
-import json
-
 from zope.interface import implementer
 
 from gomodel import jsonutil
+from gomodel.store.codec import decode_json
 from gomodel.store.interfaces import IBudgetStore, IKeyStore
 
 KEY_COLUMNS = ("id", "hash", "redacted", "name", "description", "user_path", "created_at", "updated_at",
@@ -76,10 +75,7 @@ def _column(name, value):
 
 
 def _record(row) -> dict:
-    record = dict(zip(KEY_COLUMNS, row))
-    for name in _JSON:
-        if record[name] is not None:
-            record[name] = json.loads(record[name])
+    record = decode_json(dict(zip(KEY_COLUMNS, row)), _JSON)
     record["budgets"] = record["budgets"] or []
     return record
 

@@ -11,10 +11,9 @@ a time); a PostgreSQL twin selects the candidate with C{FOR UPDATE SKIP
 LOCKED} and runs the same C{UPDATE}.
 """
 
-import json
-
 from zope.interface import implementer
 
+from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.records import UNFINISHED, LeaseLost
 from gomodel.store.sqlite.database import marks
@@ -257,19 +256,8 @@ def _apply(conn, batch_id, changes, only_if_status, token):
 
 
 def _encode(batch):
-    values = {}
-    for key, value in batch.items():
-        if key not in BATCH_COLUMNS:
-            raise KeyError(f"unknown batch column {key!r}")
-        if key in _JSON and value is not None:
-            value = json.dumps(value, ensure_ascii=False)
-        values[key] = value
-    return values
+    return encode_record(batch, BATCH_COLUMNS, _JSON)
 
 
 def _decode(row):
-    batch = dict(row)
-    for key in _JSON:
-        if batch[key] is not None:
-            batch[key] = json.loads(batch[key])
-    return batch
+    return decode_json(dict(row), _JSON)

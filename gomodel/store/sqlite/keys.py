@@ -1,10 +1,9 @@
 """L{IKeyStore} and L{IBudgetStore} on SQLite: managed keys (their hashes) and budgets by user path."""
 
-import json
-
 from zope.interface import implementer
 
 from gomodel import jsonutil
+from gomodel.store.codec import decode_json
 from gomodel.store.interfaces import IBudgetStore, IKeyStore
 
 KEY_COLUMNS = ("id", "hash", "redacted", "name", "description", "user_path", "created_at", "updated_at",
@@ -66,10 +65,7 @@ def _column(name, value):
 
 
 def _record(row) -> dict:
-    record = dict(zip(KEY_COLUMNS, row))
-    for name in _JSON:
-        if record[name] is not None:
-            record[name] = json.loads(record[name])
+    record = decode_json(dict(zip(KEY_COLUMNS, row)), _JSON)
     record["budgets"] = record["budgets"] or []
     record["own_cache_salt"] = bool(record["own_cache_salt"])
     return record
