@@ -19,7 +19,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from gomodel import jsonutil
-from gomodel.routing.pool import Replica
+from gomodel.routing.pool import DOWN, READY, Replica
 from gomodel.routing.vllm_metrics import LoadSample
 from tests import rawclient
 from tests.fakes.fleet import FakeFleet
@@ -289,6 +289,28 @@ async def test_a_session_leaves_a_replica_that_queues_while_another_does_not(clu
     moved = {served_by((await post(http, gw, chat(), headers={"X-Session-Id": ["conversation-1"]}))[0])
              for _ in range(3)}
     assert home not in moved and len(moved) == 1
+
+
+def test_requests_alone_never_take_down_the_last_ready_replica():
+    clock = Clock()
+    only = Replica(0, None, "http://r0/v1", clock, failure_threshold=3)
+    only.set_state(READY)
+    only.others_ready = lambda replica: False
+    for _ in range(5):  # a burst of connection errors: with nowhere else to go, no 503s for it
+        only.failed("unreachable")
+    assert only.ready and only.last_error == "unreachable"
+    only.failed("health probe failed", probe=True)  # its own /health decides
+    assert only.state == DOWN
+    first, second = (Replica(i, None, f"http://r{i}/v1", clock, failure_threshold=3) for i in range(2))
+    for replica, other in ((first, second), (second, first)):
+        replica.set_state(READY)
+        replica.others_ready = lambda replica, other=other: other.ready
+    for _ in range(3):
+        first.failed("unreachable")
+    assert first.state == DOWN and second.ready  # another can serve: requests move at once
+    for _ in range(3):
+        second.failed("unreachable")
+    assert second.ready
 
 
 def test_a_replica_whose_batch_the_gateway_fills_counts_as_queued():

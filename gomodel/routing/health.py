@@ -216,7 +216,7 @@ class ReplicaMonitor(Service):
         watch.healthy = False
         watch.probed = True
         why = getattr(failure.value, "message", None) or failure.getErrorMessage()
-        watch.replica.failed(why)
+        watch.replica.failed(why, probe=True)
         self._checked(watch)
         self._registry.replicas_changed()
         return None

@@ -73,6 +73,7 @@ class Replica:
         self.slots = None  # how many requests it runs at once, learned: its running count while it queued
         self.checked = False  # its first discovery and health check have answered (or failed)
         self.on_change = None  # called with the replica after every change of state
+        self.others_ready = None  # set by its pool: whether another of its replicas is ready
 
     def __repr__(self):
         return f"<Replica {self.server.name}#{self.index} {self.state}>"
@@ -124,11 +125,18 @@ class Replica:
         """An answer came (a probe, or a request): failures in a row start again."""
         self.failures = 0
 
-    def failed(self, why):
-        """A request or probe failed; past the threshold a ready replica goes down (a loading one stays loading)."""
+    def failed(self, why, probe=False):
+        """A request or probe failed; past the threshold a ready replica goes down (a loading one stays loading).
+
+        Requests alone never take down the last ready replica of a pool: with nowhere
+        else to go, its own C{/health} probe decides (C{probe=True}), so that a burst of
+        connection errors does not turn into seconds of 503s for a replica that is up.
+        """
         self.failures += 1
         self.last_error = why
         if self.failures >= self.failure_threshold and self.state in (READY, STALLED):
+            if not probe and self.state == READY and self.others_ready is not None and not self.others_ready(self):
+                return
             self.set_state(DOWN, why)
 
     def reported(self, sample):
@@ -186,6 +194,7 @@ class ReplicaPool:
         self._affinity = OrderedDict()  # session or prefix key -> replica index
         for replica in self.replicas:
             replica.on_change = self._changed
+            replica.others_ready = self._others_ready
 
     def __repr__(self):
         return f"<ReplicaPool {self.name} ({len(self.replicas)} replicas)>"
@@ -278,6 +287,9 @@ class ReplicaPool:
             if len(self._affinity) > AFFINITY_ENTRIES:
                 self._affinity.popitem(last=False)
         return replica
+
+    def _others_ready(self, replica) -> bool:
+        return any(r.ready for r in self.replicas if r is not replica)
 
     def _choose(self, free, affinity):
         """The replica to use among C{free} (all ready, all with room), or None."""
