@@ -395,30 +395,26 @@ def limits_from_yaml(mapping, base: Optional[LimitsConfig] = None) -> LimitsConf
     budgets = _section(mapping, "budgets")
     user_paths, providers, models, paths_budgets = (dict(base.user_paths), dict(base.providers),
                                                     dict(base.models), dict(base.budgets))
-    for i, entry in enumerate(_entries(rate, "user_paths", "rate_limits")):
-        where = f"rate_limits.user_paths[{i}]"
-        path = _subject(entry, "path", where, normalize_user_path)
-        _no_duplicate(path, user_paths, base.user_paths, where)
-        user_paths[path] = rate_limit_from_rules(entry.get("limits"), where)
-    for i, entry in enumerate(_entries(rate, "providers", "rate_limits")):
-        where = f"rate_limits.providers[{i}]"
-        name = _subject(entry, "name", where, _provider_name)
-        _no_duplicate(name, providers, base.providers, where)
-        providers[name] = rate_limit_from_rules(entry.get("limits"), where)
-    for i, entry in enumerate(_entries(rate, "models", "rate_limits")):
-        where = f"rate_limits.models[{i}]"
-        name = _subject(entry, "model", where, _model_name)
-        _no_duplicate(name, models, base.models, where)
-        models[name] = rate_limit_from_rules(entry.get("limits"), where)
-    for i, entry in enumerate(_entries(budgets, "user_paths", "budgets")):
-        where = f"budgets.user_paths[{i}]"
-        path = _subject(entry, "path", where, normalize_user_path)
-        _no_duplicate(path, paths_budgets, base.budgets, where)
-        paths_budgets[path] = budgets_from_rules(entry.get("limits"), where)
+    _read_entries(rate, "rate_limits", "user_paths", "path", normalize_user_path, user_paths, base.user_paths,
+                  rate_limit_from_rules)
+    _read_entries(rate, "rate_limits", "providers", "name", _provider_name, providers, base.providers,
+                  rate_limit_from_rules)
+    _read_entries(rate, "rate_limits", "models", "model", _model_name, models, base.models, rate_limit_from_rules)
+    _read_entries(budgets, "budgets", "user_paths", "path", normalize_user_path, paths_budgets, base.budgets,
+                  budgets_from_rules)
     return LimitsConfig(
         rate_limits_enabled=_enabled(rate, "rate_limits", base.rate_limits_enabled),
         budgets_enabled=_enabled(budgets, "budgets", base.budgets_enabled),
         user_paths=user_paths, providers=providers, models=models, budgets=paths_budgets)
+
+
+def _read_entries(section, section_name, key, subject_key, normalize, into, base, parse):
+    """Each entry of C{section[key]} into C{into}: its subject (normalised) -> its parsed C{limits}."""
+    for i, entry in enumerate(_entries(section, key, section_name)):
+        where = f"{section_name}.{key}[{i}]"
+        subject = _subject(entry, subject_key, where, normalize)
+        _no_duplicate(subject, into, base, where)
+        into[subject] = parse(entry.get("limits"), where)
 
 
 def limits_from_env(environ: Mapping, base: Optional[LimitsConfig] = None) -> LimitsConfig:
