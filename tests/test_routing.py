@@ -52,6 +52,10 @@ class Cluster:
         self._made.append(gw.service.stopService)
         if wait_ready:
             await with_timeout(self.reactor, gw.registry.ready(), 5)
+            # ready() fires once one replica is ready; every replica's first checks must be in
+            # (a replica still loading when a test refuses it would stay loading, never down).
+            await wait_for(self.reactor, lambda: all(r.checked for pool in gw.registry.providers
+                                                     for r in pool.replicas))
         return fleet, gw
 
     async def close(self):

@@ -84,6 +84,37 @@ async def test_records_for_every_request_that_reached_an_upstream(reactor, http,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_whose_done_was_written_is_complete_however_its_body_ends(reactor, fake, tmp_path):
+    # SDKs close the connection once they read [DONE], which can be before the upstream's
+    # last chunk reaches the gateway; an upstream may also break off just after [DONE].
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env)
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "stream_options": {"include_usage": True}}
+        left = await connect(reactor, gw.port, chat_request(dict(chat, fake_after_done="hold"), headers=KEY))
+        await with_timeout(reactor, left.wait_for(b"data: [DONE]"), 10)
+        upstream = fake.requests[-1]
+        left.transport.loseConnection()
+        await with_timeout(reactor, upstream.closed, 5)  # the held upstream is closed, not left open
+        cut = await connect(reactor, gw.port, chat_request(dict(chat, fake_after_done="abort"), headers=KEY))
+        await with_timeout(reactor, cut.wait_for(b"\r\n0\r\n\r\n"), 10)
+        assert bytes(cut.received).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # a clean end, no error event
+        cut.transport.loseConnection()
+        for _ in range(100):
+            await gw.service.usage.flush()
+            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
+            if len(records) == 2:
+                break
+        assert len(records) == 2
+        for record in records:
+            assert (record["status_code"], record["client_gone"], record["estimated"]) == (200, False, False)
+            assert record["output_tokens"] == 3
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_buffered_records_are_written_at_stop(reactor, http, fake, tmp_path):
     env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path / "d"), "USAGE_FLUSH_INTERVAL": "1h"}
     gw = await start_gateway(reactor, env)

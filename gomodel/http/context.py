@@ -44,7 +44,7 @@ class RequestContext:
     __slots__ = ("request_id", "method", "path", "started", "key", "dialect", "endpoint", "provider",
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
-                 "_ended", "_completed", "recorded", "estimated", "principal", "admission", "trace")
+                 "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, principal=None,
                  dialect=None, recorded=None):
@@ -82,6 +82,7 @@ class RequestContext:
         self._holds = 0
         self._ended = False
         self._completed = False
+        self._end_written = False
 
     def route(self, upstream, model, upstream_model):
         """Record that C{model} (as the client named it) goes to C{upstream} as C{upstream_model}."""
@@ -94,6 +95,11 @@ class RequestContext:
         """Note the time of the answer's first body byte (only the first call counts)."""
         if self.first_byte is None:
             self.first_byte = self._clock.seconds() - self.started
+
+    def end_written(self):
+        """The stream's proper end (C{[DONE]}, its final event) was written: a client that
+        leaves from now on (SDKs close at C{[DONE]}, before the body's last chunk) got it all."""
+        self._end_written = True
 
     def broken(self, error_code):
         """The answer started and then failed: the status stays what was sent."""
@@ -118,7 +124,7 @@ class RequestContext:
         self.duration = self._clock.seconds() - self.started
         if self.outcome == STREAM_BROKEN:
             self.status = status  # we closed it ourselves, after an error event
-        elif client_gone:
+        elif client_gone and not self._end_written:
             self.client_gone = True
             self.outcome = CLIENT_GONE
             self.status = CLIENT_GONE_STATUS

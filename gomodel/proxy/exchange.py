@@ -375,7 +375,7 @@ class Exchange:
         t = self._timeouts
         relay = StreamRelay(request, self._clock, observer, idle_timeout=t.stream_idle,
                             stall_timeout=t.client_stall, max_duration=t.stream_max,
-                            first_write=ctx.first_byte_written)
+                            first_write=ctx.first_byte_written, end_written=ctx.end_written)
         if request.channel is None:
             # The client left before we could start: close the upstream, nothing to relay.
             relay.finished.addErrback(lambda _: None)
@@ -391,14 +391,19 @@ class Exchange:
             relay.transport.pauseProducing()
         try:
             await relay.finished
-        except CancelledError:
-            raise
-        except Exception as e:
-            abort = self._broken(request, ctx, relay, e, events)
-            await request_closed
-            if abort is not None and abort.active():
-                abort.cancel()
-            return None
+        except Exception as e:  # CancelledError too: the client left
+            if relay.end_written and not isinstance(e, ClientStalled):
+                # The client has the whole stream (SDKs leave at [DONE], before the body's
+                # last chunk) or the upstream broke off after its end: nothing was lost.
+                pass
+            elif isinstance(e, CancelledError):
+                raise
+            else:
+                abort = self._broken(request, ctx, relay, e, events)
+                await request_closed
+                if abort is not None and abort.active():
+                    abort.cancel()
+                return None
         finally:
             _note_usage(ctx, relay.observer)
         if request.channel is not None:

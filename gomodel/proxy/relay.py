@@ -73,13 +73,17 @@ class StreamRelay(Protocol):
     """
 
     def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
-                 first_write=None):
+                 first_write=None, end_written=None):
         """
         @param observer: an L{IStreamObserver}; None relays the bytes as they come.
         @param first_write: called once, when the first bytes are written to the client.
+        @param end_written: called once, when the bytes holding the stream's proper end
+            (the observer's C{done} turned true: C{[DONE]}, C{response.completed},
+            C{message_stop}) were written to the client.
         """
         self._request = request
         self._first_write = first_write
+        self._end_written = end_written
         self._clock = clock
         self.observer = observer if observer is not None else _Passthrough()
         self._idle_timeout = idle_timeout
@@ -87,6 +91,7 @@ class StreamRelay(Protocol):
         self.paused = False
         self.client_gone = False
         self.upstream_done = False
+        self.end_written = False
         self.finished = Deferred(lambda d: self.abort_upstream())
         self._idle_call = None
         self._stall_call = None
@@ -147,6 +152,10 @@ class StreamRelay(Protocol):
                 self._first_write()
                 self._first_write = None
             self._request.write(out)
+            if not self.end_written and getattr(self.observer, "done", False):
+                self.end_written = True
+                if self._end_written is not None:
+                    self._end_written()
         return out
 
     def connectionLost(self, reason):

@@ -12,6 +12,8 @@ gateway forwards untouched:
   - C{fake_pace}: seconds between stream chunks
   - C{fake_die_after}: abort the connection after that many chunks
   - C{fake_no_done}: end the stream cleanly but without C{[DONE]}
+  - C{fake_after_done}: after C{[DONE]}, C{"hold"} the body's end until the client
+    leaves, or C{"abort"}: close the connection instead of ending the body
   - C{fake_hang}: never answer (the connection stays open)
   - C{fake_flood}: stream that many bytes of events as fast as the client allows
   - C{fake_status} / C{fake_body}: answer with that status and raw body
@@ -552,7 +554,11 @@ class FakeVLLM(Resource):
             request.write(b"data: " + jsonutil.dumps(usage) + b"\n\n")
         if not body.get("fake_no_done"):
             request.write(b"data: [DONE]\n\n")
-        request.finish()
+        after = body.get("fake_after_done")
+        if after == "abort":
+            request.transport.loseConnection()  # what was written goes out, the body's end never
+        elif after != "hold":
+            request.finish()
 
 
 def _halves(text):
