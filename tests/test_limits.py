@@ -25,7 +25,9 @@ def utc(*args) -> float:
 
 
 def fired(value):
-    """The result of an already-fired Deferred or coroutine (raising what it failed with)."""
+    """The result of an already-fired Deferred or coroutine (raising what it failed with); None (done at once) as is."""
+    if value is None:
+        return None
     d = Deferred.fromCoroutine(value) if not isinstance(value, Deferred) else value
     out = []
     d.addBoth(out.append)

@@ -94,3 +94,17 @@ def test_the_reactor_notes_the_signal_that_stopped_it_where_twistd_reads_it():
     reactor = Reactor()
     _twistedcompat.exit_cleanly(reactor)
     assert reactor._exitSignal is None
+
+
+def test_plain_headers_are_set_as_setRawHeaders_would():
+    from twisted.web.http_headers import Headers
+
+    from gomodel._twistedcompat import set_plain_headers
+
+    ours, theirs = Headers({b"x-ratelimit-limit-requests": [b"1"]}), Headers()
+    set_plain_headers(ours, [("x-ratelimit-limit-requests", "600"), ("X-RateLimit-Reset-Tokens", "6m0s")])
+    theirs.setRawHeaders("x-ratelimit-limit-requests", ["600"])
+    theirs.setRawHeaders("X-RateLimit-Reset-Tokens", ["6m0s"])
+    assert ours == theirs
+    assert ours.getRawHeaders(b"X-RATELIMIT-LIMIT-REQUESTS") == [b"600"]
+    assert sorted(ours.getAllRawHeaders()) == sorted(theirs.getAllRawHeaders())

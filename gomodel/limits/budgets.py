@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from gomodel.errors import BudgetExceeded
+from gomodel.limits.counters import INF
 from gomodel.limits.specs import period_window
 
 
@@ -41,6 +42,7 @@ class BudgetBook:
         self._seeded = {}  # bucket -> its expiry (None for total)
         self._seeding = {}  # bucket -> Deferreds waiting for its seed
         self._windows = {}  # period -> (start, end) of the period last asked for
+        self._currents = {}  # id(scopes) -> (scopes, from, until, what _current answered)
 
     def _window(self, period, now):
         """L{period_window}, computed once per period (a calendar computation otherwise on every request)."""
@@ -50,12 +52,24 @@ class BudgetBook:
         return window
 
     def _current(self, scopes, now):
-        """C{(scope, budget, bucket, start, end)} for every budget of C{scopes}, in the period holding C{now}."""
+        """C{(scope, budget, bucket, start, end)} for every budget of C{scopes}, in the period holding C{now}.
+
+        Kept per C{scopes} object (a key's are the same list on every request) while its periods last.
+        """
+        cached = self._currents.get(id(scopes))
+        if cached is not None and cached[0] is scopes and cached[1] <= now < cached[2]:
+            return cached[3]
         out = []
+        first, last = -INF, INF
         for scope, budgets in scopes:
             for budget in budgets:
                 start, end = self._window(budget.period, now)
                 out.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
+                first = max(first, start)
+                last = last if end is None else min(last, end)
+        if len(self._currents) > 10000:
+            self._currents.clear()
+        self._currents[id(scopes)] = (scopes, first, last, out)  # holding scopes keeps its id from being reused
         return out
 
     def check(self, scopes):
@@ -77,6 +91,21 @@ class BudgetBook:
             return ensureDeferred(self._check_seeded(current, now))
         d = self._counters.spent_all([bucket for _, _, bucket, _, _ in current])
         return d.addCallback(self._judge, current, now)
+
+    def check_now(self, scopes) -> bool:
+        """L{check} at once where it can be: on counters that answer at once, every period seeded.
+
+        @return: True when judged (the budgets have room); False when L{check} must be used.
+        @raise BudgetExceeded: as L{check}.
+        """
+        if not self._counters.immediate:
+            return False
+        now = self._clock.seconds()
+        current = self._current(scopes, now)
+        if self._seed is not None and any(bucket not in self._seeded for _, _, bucket, _, _ in current):
+            return False
+        self._judge(self._counters.spent_all_now([bucket for _, _, bucket, _, _ in current]), current, now)
+        return True
 
     async def _check_seeded(self, current, now):
         await self._seed_all(current)
@@ -113,11 +142,11 @@ class BudgetBook:
     def record(self, scopes, tokens: int, cost):
         """Add a finished request's C{tokens} and C{cost} (None: unknown, counts 0) to every scope's periods.
 
-        @return: a Deferred firing with None once the counters have it (at once, on local counters
-            whose periods are seeded: no coroutine on every request).
+        @return: None when done at once (local counters, periods seeded: nothing to wait for on every
+            request), else a Deferred firing with None once the counters have it.
         """
         if not scopes:
-            return succeed(None)
+            return None
         current = self._current(scopes, self._clock.seconds())
         if self._seed is not None and any(bucket not in self._seeded for _, _, bucket, _, _ in current):
             return ensureDeferred(self._record_seeded(current, tokens, cost))
@@ -125,7 +154,9 @@ class BudgetBook:
 
     async def _record_seeded(self, current, tokens, cost):
         await self._seed_all(current)
-        await self._spend(current, tokens, cost)
+        spending = self._spend(current, tokens, cost)
+        if spending is not None:
+            await spending
 
     def _spend(self, current, tokens, cost):
         items, seen = [], set()
@@ -134,7 +165,12 @@ class BudgetBook:
                 seen.add(bucket)
                 items.append((bucket, int(tokens or 0), float(cost or 0.0),
                               None if end is None else end + self._margin))
-        return self._counters.spend_all(items) if items else succeed(None)
+        if not items:
+            return None
+        if self._counters.immediate:
+            self._counters.spend_all_now(items)
+            return None
+        return self._counters.spend_all(items)
 
     async def _seed_all(self, current):
         for scope, _, bucket, start, end in current:

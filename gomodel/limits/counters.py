@@ -107,6 +107,8 @@ class ICounters(Interface):
     """Shared or local counters; every method returns a Deferred."""
 
     shared = Attribute("True when other processes see the same counters (Redis).")
+    immediate = Attribute("True when the four operations also exist answering at once, without a Deferred "
+                          "(C{admit_now}, C{finish_now}, C{spend_all_now}, C{spent_all_now}): local counters.")
     failures = Attribute("How many operations were answered open because the backend failed.")
 
     def admit(specs, slots):
@@ -190,6 +192,7 @@ class LocalCounters(_Forms):
     """
 
     shared = False
+    immediate = True
     failures = 0
 
     def __init__(self, clock, sweep_every=4096):
@@ -203,6 +206,20 @@ class LocalCounters(_Forms):
         self._ops = 0
 
     def admit(self, specs, slots):
+        return succeed(self.admit_now(specs, slots))
+
+    def finish(self, specs, lease):
+        return succeed(self.finish_now(specs, lease))
+
+    def spend_all(self, items):
+        self.spend_all_now(items)
+        return succeed(None)
+
+    def spent_all(self, buckets):
+        return succeed(self.spent_all_now(buckets))
+
+    def admit_now(self, specs, slots) -> Admitted:
+        """L{ICounters.admit}, answered at once."""
         now = self._clock.seconds()
         buckets = self._buckets
         levels = []
@@ -234,9 +251,10 @@ class LocalCounters(_Forms):
             lease = next(self._ids)
             self._leases[lease] = held
         self._tick(now)
-        return succeed(Admitted(ok, out, lease, refused))
+        return Admitted(ok, out, lease, refused)
 
-    def finish(self, specs, lease):
+    def finish_now(self, specs, lease) -> list:
+        """L{ICounters.finish}, answered at once."""
         now = self._clock.seconds()
         out = []
         for bucket, capacity, refill, delta in specs:
@@ -251,9 +269,10 @@ class LocalCounters(_Forms):
                 self._inflight[bucket] = held
             else:
                 del self._inflight[bucket]
-        return succeed(out)
+        return out
 
-    def spend_all(self, items):
+    def spend_all_now(self, items):
+        """L{ICounters.spend_all}, done at once."""
         now = self._clock.seconds()
         for bucket, tokens, cost, expires_at in items:
             state = self._sums.get(bucket)
@@ -264,9 +283,9 @@ class LocalCounters(_Forms):
                 state[1] += cost
                 state[2] = expires_at
         self._tick(now)
-        return succeed(None)
 
-    def spent_all(self, buckets):
+    def spent_all_now(self, buckets) -> list:
+        """L{ICounters.spent_all}, answered at once."""
         now = self._clock.seconds()
         out = []
         for bucket in buckets:
@@ -275,7 +294,7 @@ class LocalCounters(_Forms):
                 out.append((0, 0.0))
             else:
                 out.append((state[0], state[1]))
-        return succeed(out)
+        return out
 
     def _tick(self, now):
         self._ops += 1
@@ -417,6 +436,7 @@ class RedisCounters(_Forms):
     """
 
     shared = True
+    immediate = False
     log = Logger()
 
     def __init__(self, redis, prefix, reactor, *, threads=4, lease_ttl=30.0, retry_after=5.0, warn_every=60.0):

@@ -19,9 +19,10 @@ checked before a request and charged from the usage ledger's records
 (L{Gate.spend}), so batch lines and passthrough count like any request.
 """
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from gomodel._twistedcompat import set_plain_headers
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
@@ -119,28 +120,34 @@ class Gate(Periodic):
 
     # -- the request path ------------------------------------------------------------------
 
-    async def admit(self, request, ctx, upstream, call):
+    def admit(self, request, ctx, upstream, call):
         """Check budgets, then take what the request costs from every scope's limits.
 
         The admission is kept on C{ctx} (settled when the request completes);
-        a managed key's C{x-ratelimit-*} headers are set on C{request}.
+        a managed key's C{x-ratelimit-*} headers are set on C{request}. On
+        counters that answer at once (local ones) this runs to its end without
+        a Deferred.
 
-        @return: None once admitted.
-        @raise gomodel.errors.BudgetExceeded: a budget of the request's scopes is spent.
-        @raise gomodel.errors.RateLimitExceeded: a limit refused it (nothing was taken).
+        @return: None once admitted, or a Deferred firing with None once admitted.
+        @raise gomodel.errors.BudgetExceeded: a budget of the request's scopes is
+            spent (or the Deferred fails with it).
+        @raise gomodel.errors.RateLimitExceeded: a limit refused it, nothing was
+            taken (or the Deferred fails with it).
         """
         principal = ctx.principal
         budgets = self.budget_scopes(principal)
+        scopes, own = self._scopes(principal, upstream, call.model)
+        if not self._limiter.immediate or (budgets and not self._book.check_now(budgets)):
+            return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
+        if scopes:
+            _admitted(self._limiter.admit_now(scopes, estimate(call.body), headers_for=own), request, ctx)
+        return None
+
+    async def _admit(self, request, ctx, budgets, scopes, own, call):
         if budgets:
             await self._book.check(budgets)
-        scopes, own = self._scopes(principal, upstream, call.model)
-        if not scopes:
-            return
-        admission = await self._limiter.admit(scopes, estimate(call.body), headers_for=own)
-        ctx.admission = admission
-        headers = request.responseHeaders
-        for name, value in admission.headers.items():
-            headers.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
+        if scopes:
+            _admitted(await self._limiter.admit(scopes, estimate(call.body), headers_for=own), request, ctx)
 
     def _scopes(self, principal, upstream, model):
         targets = self._target_scopes(upstream.name, model)
@@ -170,7 +177,10 @@ class Gate(Periodic):
         if ctx.usage:
             prompt, completion = ctx.tokens
             used = (prompt or 0) + (completion or 0)
-        admission.finish(used).addErrback(lambda f: self.log.failure("settling a rate-limit admission", f))
+        if self._limiter.immediate:
+            admission.finish_now(used)
+        else:
+            admission.finish(used).addErrback(lambda f: self.log.failure("settling a rate-limit admission", f))
 
     def spend(self, auth_key_id, user_path, tokens, cost):
         """Charge a usage record (a request or a batch line) to its key's and user path's budgets."""
@@ -182,8 +192,9 @@ class Gate(Periodic):
         else:  # a key no longer known: its path's budgets still count
             scopes = self._budget_scopes(None, (), user_path)
         if scopes:
-            self._book.record(scopes, tokens, cost).addErrback(
-                lambda f: self.log.failure("charging a budget", f))
+            recording = self._book.record(scopes, tokens, cost)
+            if recording is not None:
+                recording.addErrback(lambda f: self.log.failure("charging a budget", f))
 
     async def check_budgets(self, principal):
         """Refuse when a budget of C{principal} is spent (a batch line about to be sent).
@@ -193,6 +204,12 @@ class Gate(Periodic):
         budgets = self.budget_scopes(principal)
         if budgets:
             await self._book.check(budgets)
+
+
+def _admitted(admission, request, ctx):
+    """Keep C{admission} on C{ctx}; its C{x-ratelimit-*} headers go on C{request}'s answer."""
+    ctx.admission = admission
+    set_plain_headers(request.responseHeaders, admission.headers.items())
 
 
 def key_budgets(items) -> tuple:

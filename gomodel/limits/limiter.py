@@ -41,12 +41,13 @@ def _window_name(seconds, tokens) -> str:
 class _Bucket:
     """One bucket of a scope's plan: where, how big, how fast, and what it counts."""
 
-    __slots__ = ("name", "capacity", "refill", "tokens", "seconds", "scope")
+    __slots__ = ("name", "capacity", "capacity_text", "refill", "tokens", "seconds", "scope")
 
     def __init__(self, scope, seconds, capacity, tokens):
         self.scope = scope
         self.seconds = seconds
         self.capacity = capacity
+        self.capacity_text = str(capacity)
         self.refill = capacity / seconds
         self.tokens = tokens
         self.name = f"{scope}|{'t' if tokens else 'r'}{seconds}"
@@ -71,6 +72,7 @@ class Limiter:
 
     def __init__(self, counters, clock):
         self._counters = counters
+        self.immediate = counters.immediate  # whether admit_now and Admission.finish_now may be used
         self._clock = clock
         self._plans = {}
         self._seen = {}  # bucket name -> (level, at)
@@ -94,6 +96,24 @@ class Limiter:
         @raise RateLimitExceeded: a limit refused; nothing was taken. Its
             C{scope} names the scope that refused.
         """
+        plan = self._prepare(scopes, tokens)
+        if plan is None:
+            return NO_ADMISSION
+        return self._admitted(await self._counters.admit(plan[0], plan[2]), plan, tokens, headers_for)
+
+    def admit_now(self, scopes, tokens: int, headers_for=None):
+        """L{admit} at once, on counters that answer at once (C{immediate}): no Deferred, no coroutine.
+
+        @return: an L{Admission}.
+        @raise RateLimitExceeded: as L{admit}.
+        """
+        plan = self._prepare(scopes, tokens)
+        if plan is None:
+            return NO_ADMISSION
+        return self._admitted(self._counters.admit_now(plan[0], plan[2]), plan, tokens, headers_for)
+
+    def _prepare(self, scopes, tokens):
+        """C{(specs, buckets, slots, slot scopes)} of one request, or None when nothing limits it."""
         buckets, slots, slot_scopes = [], [], []
         for scope, limit in scopes:
             if not limit:
@@ -104,9 +124,13 @@ class Limiter:
                 slots.append((slot, limit.concurrent))
                 slot_scopes.append(scope)
         if not buckets and not slots:
-            return NO_ADMISSION
+            return None
         specs = [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in buckets]
-        got = await self._counters.admit(specs, slots)
+        return specs, buckets, slots, slot_scopes
+
+    def _admitted(self, got, plan, tokens, headers_for):
+        """The L{Admission} of what the counters answered, or raise L{RateLimitExceeded}."""
+        _, buckets, slots, slot_scopes = plan
         results = got.taken
         if results:
             now = self._clock.seconds()
@@ -228,7 +252,20 @@ class Admission:
         """L{settle} and L{release} in one counters operation (one Redis round trip): Deferred firing None."""
         return self._finish(actual_tokens, True)
 
+    def finish_now(self, actual_tokens):
+        """L{finish} at once, on counters that answer at once (C{immediate})."""
+        specs, lease = self._closing(actual_tokens, True)
+        if specs or lease is not None:
+            self._finished(self._limiter._counters.finish_now(specs, lease), specs)
+
     def _finish(self, actual_tokens, release):
+        specs, lease = self._closing(actual_tokens, release)
+        if not specs and lease is None:
+            return succeed(None)
+        return self._limiter._counters.finish(specs, lease).addCallback(self._finished, specs)
+
+    def _closing(self, actual_tokens, release):
+        """C{(specs, lease)}: what settling with C{actual_tokens} (None: not now) and releasing give back."""
         specs = ()
         if actual_tokens is not None and not self._settled:
             self._settled = True
@@ -239,9 +276,7 @@ class Admission:
         if release and self._lease is not None:
             lease, self._lease = self._lease, None
             self._limiter._released(self._slot_scopes)
-        if not specs and lease is None:
-            return succeed(None)
-        return self._limiter._counters.finish(specs, lease).addCallback(self._finished, specs)
+        return specs, lease
 
     def _finished(self, levels, specs):
         seen, now = self._limiter._seen, self._limiter._clock.seconds()
@@ -250,6 +285,10 @@ class Admission:
 
 
 NO_ADMISSION = Admission(None, (), (), 0, None, (), None)
+
+
+_HEADER_NAMES = {tokens: tuple(f"x-ratelimit-{what}-{suffix}" for what in ("limit", "remaining", "reset"))
+                 for tokens, suffix in ((False, "requests"), (True, "tokens"))}
 
 
 def _headers(buckets, results, scope) -> dict:
@@ -262,12 +301,11 @@ def _headers(buckets, results, scope) -> dict:
             if current is None or r.remaining < current[1].remaining:
                 best[b.tokens] = (b, r)
     out = {}
-    for tokens, suffix in ((False, "requests"), (True, "tokens")):
-        if tokens in best:
-            b, r = best[tokens]
-            out[f"x-ratelimit-limit-{suffix}"] = str(b.capacity)
-            out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, math.floor(r.remaining)))
-            out[f"x-ratelimit-reset-{suffix}"] = duration(r.reset_after)
+    for tokens, (b, r) in best.items():
+        limit, remaining, reset = _HEADER_NAMES[tokens]
+        out[limit] = b.capacity_text
+        out[remaining] = str(max(0, math.floor(r.remaining)))
+        out[reset] = duration(r.reset_after)
     return out
 
 

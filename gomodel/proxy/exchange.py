@@ -109,7 +109,7 @@ class Exchange:
 
     def __init__(self, clock, timeouts, *, max_attempts=3, admit=None):
         """
-        @param admit: C{admit(request, ctx, upstream, call)}, an async function run before a
+        @param admit: C{admit(request, ctx, upstream, call)}, returning None or a Deferred, run before a
             relayed call is sent (the limits and budgets, L{gomodel.limits.gate.Gate.admit});
             what it raises is the answer.
         """
@@ -135,7 +135,9 @@ class Exchange:
             # Once per request: a route that relays again (Messages or Responses translated after
             # the native route was missing) must not take a second slot it would never give back.
             if self.admit is not None and ctx.admission is None:
-                await self.admit(request, ctx, upstream, call)
+                admitting = self.admit(request, ctx, upstream, call)
+                if admitting is not None:
+                    await admitting
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:
                 response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken, trace)
