@@ -35,11 +35,13 @@ from gomodel.limits.counters import LocalCounters, RedisCounters
 from gomodel.limits.gate import Gate
 from gomodel.limits.limiter import Limiter
 from gomodel.proxy.exchange import Exchange
+from gomodel.redis_client import connect as connect_redis
 from gomodel.responses_history import ResponseRetention
 from gomodel.routing.health import ReplicaMonitor
+from gomodel.routing.pins import SharedPins
 from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
-from gomodel.listeners import CountersService, ListenerService, PoolService
+from gomodel.listeners import ListenerService, PoolService, RedisService
 from gomodel.service import GatewayService
 from gomodel.store import SQLiteStore
 from gomodel.store.records import process_owner
@@ -73,8 +75,15 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     relay_client = RelayClient(pool, endpoints)
     http = make_http_client(make_agent(reactor, pool, endpoints))
     routing = config.routing
-    pools = [_pool(p, routing, relay_client, http, reactor, config.upstreams.timeouts)
+    # Redis (REDIS_URL), one client: shared session pins here, shared limit counters below.
+    redis = pins = None
+    if config.store.redis_url:
+        redis = connect_redis(config.store.redis_url)
+        gateway.pins = pins = SharedPins(redis, reactor)
+    pools = [_pool(p, routing, relay_client, http, reactor, config.upstreams.timeouts, pins)
              for p in config.upstreams.providers]
+    if pins is not None:
+        pins.attach([p for p in pools if p.pins is not None])
 
     # Routing: what each provider serves, and how its replicas are doing.
     gateway.registry = ModelRegistry(pools, reactor, mode=config.upstreams.models_mode,
@@ -91,9 +100,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # Limits and budgets: counters in this process, or shared through Redis (REDIS_URL).
     gateway.keys = KeyRing(store.keys, reactor)
     shared_counters = None
-    if config.store.redis_url:
-        counters = shared_counters = RedisCounters.from_url(config.store.redis_url, reactor)
-        CountersService(counters).setServiceParent(gateway)
+    if redis is not None:
+        counters = shared_counters = RedisCounters(redis, "gomodel:limits:", reactor)
+        RedisService(redis, counters, pins).setServiceParent(gateway)
     else:
         counters = LocalCounters(reactor)
     book = BudgetBook(counters, reactor, seed=store.usage.spent) if config.quotas.budgets_enabled else None
@@ -167,7 +176,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                upload_sink=files.upload_sink)
     gateway.site.noisy = False
     gateway.drain.site = gateway.site
-    app.readiness = Readiness(gateway.drain, gateway.registry, store, shared_counters)
+    app.readiness = Readiness(gateway.drain, gateway.registry, store, shared_counters, pins)
 
     # Listeners, and the processes that share them.
     for description in config.server.listen:
@@ -198,7 +207,7 @@ def _store(settings, reactor):
     return SQLiteStore(settings.data_dir, reactor)
 
 
-def _pool(provider, routing, relay_client, http, clock, timeouts) -> ReplicaPool:
+def _pool(provider, routing, relay_client, http, clock, timeouts, pins) -> ReplicaPool:
     """A provider's pool: a client and a state per replica, and the routing settings."""
     replicas = []
     for index, replica in enumerate(provider.replica_configs):
@@ -211,4 +220,4 @@ def _pool(provider, routing, relay_client, http, clock, timeouts) -> ReplicaPool
     return ReplicaPool(provider.name, provider.type, replicas, clock, configured_models=provider.models,
                        strategy=routing.strategy, queue_timeout=routing.queue_timeout, load_max_age=load_max_age,
                        affinity_max_ratio=routing.affinity_max_ratio, affinity_slack=routing.affinity_slack,
-                       priority_scheduling=provider.priority_scheduling)
+                       priority_scheduling=provider.priority_scheduling, pins=pins if len(replicas) > 1 else None)

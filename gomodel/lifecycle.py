@@ -85,15 +85,17 @@ class Readiness:
     C{/health/ready} answers C{degraded} with it.
     """
 
-    def __init__(self, drain, registry, store, counters=None):
+    def __init__(self, drain, registry, store, counters=None, pins=None):
         """
         @param store: the store service (its C{problem}: why it cannot be used now, or None).
         @param counters: the shared limit counters (L{gomodel.limits.counters.RedisCounters}), or None.
+        @param pins: the shared session pins (L{gomodel.routing.pins.SharedPins}), or None.
         """
         self._drain = drain
         self._registry = registry
         self._store = store
         self._counters = counters
+        self._pins = pins
         self._known = False
         registry.ready().addCallback(self._discovered)
 
@@ -118,6 +120,7 @@ class Readiness:
         if problem is not None and self._store.running:
             down["database"] = f"{problem}: files, batches, stored responses, key and budget edits and usage " \
                                "are unavailable (503 storage_unavailable)"
-        if self._counters is not None and getattr(self._counters, "unreachable", False):
-            down["redis"] = "unreachable: rate limits, concurrency limits and budgets are not enforced across hosts"
+        if any(getattr(shared, "unreachable", False) for shared in (self._counters, self._pins)):
+            down["redis"] = "unreachable: rate limits, concurrency limits and budgets are not enforced across " \
+                            "hosts, and each host keeps its own session pins"
         return down

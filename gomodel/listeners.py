@@ -42,19 +42,25 @@ class PoolService(Service):
         return self.pool.closeCachedConnections()
 
 
-class CountersService(Service):
-    """Runs shared limit counters (their threads, their lease renewal) while the gateway runs."""
+class RedisService(Service):
+    """Runs what shares the gateway's Redis (the limit counters, the session pins) while the gateway
+    runs; closes the client's connections once both have stopped."""
 
-    def __init__(self, counters):
+    def __init__(self, client, counters, pins):
+        self.client = client
         self.counters = counters
+        self.pins = pins
 
     def startService(self):
         super().startService()
         self.counters.start()
+        self.pins.start()
 
     def stopService(self):
+        """Stop both, then close the client: a Deferred firing None."""
         super().stopService()
         self.counters.stop()
+        return self.pins.stop().addBoth(lambda _: self.client.close())
 
 
 class ListenerService(Service):

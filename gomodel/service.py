@@ -17,6 +17,7 @@ class GatewayService(MultiService):
         L{gomodel.listeners.ListenerService}s.
     @ivar telemetry: the L{gomodel.accounting.tracing.Telemetry} when
         C{OTEL_ENABLED}, else None.
+    @ivar pins: the L{gomodel.routing.pins.SharedPins} when C{REDIS_URL} is set, else None.
     """
 
     log = Logger()
@@ -25,7 +26,7 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
-        self.drain = self.supervisor = self.usage = self.keys = self.telemetry = None
+        self.drain = self.supervisor = self.usage = self.keys = self.telemetry = self.pins = None
         self.listeners = []
 
     def setServiceParent(self, parent):

@@ -590,8 +590,11 @@ def test_claude_code_session_and_metadata_user_id_are_affinity_keys():
             self.requestHeaders = Headers({k.replace("_", "-"): [v] for k, v in values.items()})
 
     body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "metadata": {"user_id": "user_abc_session_1"}}
-    assert affinity_key(Request(x_claude_code_session_id="sess-1"), body) == "s:sess-1"
-    assert affinity_key(Request(), body) == "s:user_abc_session_1"
+    session = affinity_key(Request(x_claude_code_session_id="sess-1"), body)
+    assert session == affinity_key(Request(), {"session_id": "sess-1"}) and session.startswith("s:")
+    assert "sess-1" not in session  # a hash: no session id or user leaves the process (shared pins)
+    user = affinity_key(Request(), body)
+    assert user == affinity_key(Request(), {"user": "user_abc_session_1"}) != session
     # Without a session, a long system prompt is the shared prefix.
     system = [{"type": "text", "text": "You are Claude Code. " * 40}]
     one = affinity_key(Request(), {"system": system, "messages": HELLO})

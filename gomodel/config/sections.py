@@ -177,7 +177,7 @@ class StoreConfig:
     postgres_max_conns: int = setting("POSTGRES_MAX_CONNS", parsers.count, 10)
     # stored responses older than this are swept
     responses_retention: float = setting("RESPONSES_RETENTION", parsers.positive_duration, 30 * 86400.0)
-    # Shared rate-limit, concurrency and budget counters for several processes or hosts.
+    # Shared rate-limit, concurrency and budget counters and session pins for several processes or hosts.
     redis_url: Optional[str] = setting("REDIS_URL", parsers.redis_url, None, secret=True)
 
 

@@ -45,6 +45,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from gomodel.redis_client import connect
 from gomodel.store.threads import OwnedThreads
 
 INF = float("inf")
@@ -462,11 +463,7 @@ class RedisCounters(_Forms):
     @classmethod
     def from_url(cls, url, reactor, prefix="gomodel:limits:", timeout=1.0, **kwargs):
         """Counters on the Redis at C{url} (C{redis://[:password@]host:port/db}); connects on first use."""
-        import redis
-
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                      health_check_interval=30)
-        return cls(client, prefix, reactor, **kwargs)
+        return cls(connect(url, timeout), prefix, reactor, **kwargs)
 
     @property
     def unreachable(self) -> bool:

@@ -238,6 +238,10 @@ class Exchange:
             more = number + 1 < len(targets)
             body = call.body if number == 0 else call.rebody(model)
             tried = list(exclude) if number == 0 else []
+            if call.affinity is not None and call.pin is None:
+                recalling = pool.recall(call.affinity)  # a session this process has not seen: its shared pin
+                if recalling is not None:
+                    await recalling
             while True:
                 prefer = call.prefer if number == 0 else None
                 replica = None if call.pin is not None else pool.take(model, exclude=tried, prefer=prefer,

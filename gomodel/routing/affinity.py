@@ -7,7 +7,9 @@ reads it: the headers C{X-Session-Id}, C{X-Claude-Code-Session-Id} (Claude
 Code's) and C{Session-Id}, then the body's C{prompt_cache_key}, C{session_id},
 C{metadata.user_id} (Anthropic's Messages) and C{user}; failing those, a hash
 of the first L{PREFIX_CHARS} characters of the prompt (a Messages request's
-C{system} first) when it is at least that long.
+C{system} first) when it is at least that long. Keys are short hashes
+(C{"s:<hex>"}, C{"p:<hex>"}): bounded in memory, and with shared pins
+(L{gomodel.routing.pins}) no session id or user name is sent to Redis.
 """
 
 import hashlib
@@ -23,21 +25,29 @@ def affinity_key(request, body: dict):
     for name in SESSION_HEADERS:
         values = headers.getRawHeaders(name)
         if values:
-            return "s:" + values[0].decode("latin-1")  # the same key as the body's fields
+            return _session(values[0].decode("latin-1"))  # the same key as the body's fields
     for name in SESSION_FIELDS:
         value = body.get(name)
         if isinstance(value, str) and value:
-            return "s:" + value
+            return _session(value)
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
-        return "s:" + metadata["user_id"]
+        return _session(metadata["user_id"])
     user = body.get("user")
     if isinstance(user, str) and user:
-        return "s:" + user
+        return _session(user)
     prefix = _prompt_prefix(body)
     if prefix is None:
         return None
-    return "p:" + hashlib.blake2b(prefix.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+    return "p:" + _digest(prefix)
+
+
+def _session(value):
+    return "s:" + _digest(value)
+
+
+def _digest(text):
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
 def _prompt_prefix(body):

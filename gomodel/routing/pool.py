@@ -15,7 +15,10 @@ report is fresh. With several gateway processes each one counts only its own
 requests in flight, but the replica's reports count everyone's: the score
 takes the larger of the two. A session (or a shared prompt prefix) stays on
 the replica that served it last while that replica's score is within
-C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's.
+C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's. With
+shared pins (L{gomodel.routing.pins}, when C{REDIS_URL} is set) every pin
+this pool makes or changes is shared with the other processes and hosts,
+whose pins it takes in turn; its choice still reads only its own table.
 Before scoring, replicas where a request would wait in vLLM's queue (the
 replica reports requests waiting, or the gateway alone has as many in flight
 as the replica was seen to run at once: its batch size, learned) are left
@@ -175,7 +178,10 @@ class ReplicaPool:
 
     def __init__(self, name, type_, replicas, clock, *, configured_models=(), strategy="load", queue_timeout=5.0,
                  load_max_age=6.0, affinity_max_ratio=1.5, affinity_slack=2, priority_scheduling=False,
-                 rng=None):
+                 rng=None, pins=None):
+        """
+        @param pins: the L{gomodel.routing.pins.SharedPins} this pool's pins are shared through, or None.
+        """
         self.name = name
         self.type = type_
         self.replicas = list(replicas)
@@ -191,7 +197,10 @@ class ReplicaPool:
         self._rng = rng or random.Random()
         self._next = 0  # round robin
         self._queue = deque()
-        self._affinity = OrderedDict()  # session or prefix key -> replica index
+        self._affinity = OrderedDict()  # session or prefix key -> (replica index, when it was last shared)
+        self._by_url = {r.base_url: r.index for r in self.replicas}
+        self.pins = pins
+        self.forgotten = 0.0  # when the newest pin this pool had to forget was last shared
         for replica in self.replicas:
             replica.on_change = self._changed
             replica.others_ready = self._others_ready
@@ -282,11 +291,46 @@ class ReplicaPool:
         replica.in_flight += 1
         replica.served += 1
         if affinity is not None:
-            self._affinity[affinity] = replica.index
-            self._affinity.move_to_end(affinity)
-            if len(self._affinity) > AFFINITY_ENTRIES:
-                self._affinity.popitem(last=False)
+            table = self._affinity
+            known = table.get(affinity)
+            pins = self.pins
+            if known is not None and known[0] == replica.index and (
+                    pins is None or self._clock.seconds() - known[1] < pins.refresh_after):
+                table.move_to_end(affinity)
+            else:  # a new or changed pin (or, shared, one to write again before it expires)
+                self._remember(affinity, replica.index)
+                if pins is not None:
+                    pins.pinned(self, affinity, replica)
         return replica
+
+    def _remember(self, affinity, index):
+        table = self._affinity
+        table[affinity] = (index, self._clock.seconds() if self.pins is not None else 0.0)
+        table.move_to_end(affinity)
+        if len(table) > AFFINITY_ENTRIES:
+            _, (_, shared_at) = table.popitem(last=False)
+            if shared_at > self.forgotten:
+                self.forgotten = shared_at
+
+    # -- pins shared with other processes ------------------------------------------------
+
+    def knows(self, affinity) -> bool:
+        """Whether this pool has a pin for C{affinity}."""
+        return affinity in self._affinity
+
+    def pin(self, affinity, base_url):
+        """Another process pinned C{affinity} to the replica at C{base_url} (ignored when this pool has none)."""
+        index = self._by_url.get(base_url)
+        if index is not None:
+            self._remember(affinity, index)
+
+    def recall(self, affinity):
+        """What to wait for before choosing a replica for C{affinity}: None when nothing (no shared
+        pins, a pin known here, or a key that is never looked up), else a Deferred firing None once
+        the pin stored for this session, if any, is known here (or the lookup took too long); it never fails."""
+        if self.pins is None or affinity in self._affinity:
+            return None
+        return self.pins.recall(self, affinity)
 
     def _others_ready(self, replica) -> bool:
         return any(r.ready for r in self.replicas if r is not replica)
@@ -316,9 +360,9 @@ class ReplicaPool:
             scores = {r: r.score(now, self._load_max_age) for r in free}
         best = min(scores.values())
         if affinity is not None:
-            index = self._affinity.get(affinity)
-            if index is not None:
-                warm = self.replicas[index]
+            known = self._affinity.get(affinity)
+            if known is not None:
+                warm = self.replicas[known[0]]
                 if warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack:
                     return warm
         lowest = [r for r in free if scores[r] == best]
