@@ -2,11 +2,15 @@
 """gomodel overhead benchmark: what a gateway adds between client and model.
 
 Runs a vLLM-shaped mock upstream, then for every target (direct, gomodel,
-litellm, portkey), workload and concurrency a fixed measurement window after
-a warm-up, and writes bench/results/<date>[-tag].md and .jsonl.
+vllm-router, litellm, portkey; gomodel-pool and gomodel-features when asked
+for), workload and concurrency a fixed measurement window after a warm-up,
+and writes bench/results/<date>[-tag].md and .jsonl.
+`--variant features` is the matrix of everything on against bare and peers;
 `--soak S` replaces the matrix with a memory soak; `--scaling N` with the
 workers scaling measurement (gomodel chat req/s with 1 worker on 1 core
-against N workers on N cores).
+against N workers on N cores); `--protocol gomodel` with GoModel's own
+benchmark method (everything on all CPUs together, fixed-count latency of six
+variants, capacity sweep, cold start, peak RSS).
 See bench/README.md. Usually started as `bash bench/run.sh [options]`.
 """
 
@@ -26,14 +30,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import proc, report  # noqa: E402
-from harness.targets import BENCH_DIR, TARGETS  # noqa: E402
-from harness.workloads import WORKLOADS, measure, preflight  # noqa: E402
+from harness import proc, protocol, protocol_report, report  # noqa: E402
+from harness.targets import BENCH_DIR, POOL_TARGETS, TARGETS, wait_workers  # noqa: E402
+from harness.workloads import WORKLOADS, measure, preflight, wrk_threads  # noqa: E402
 
-ALL_TARGETS = ["direct", "gomodel", "litellm", "portkey"]
-# run order; gomodel-pool (gomodel in front of --pool-replicas mocks) runs only when asked for
-TARGET_ORDER = ["direct", "gomodel", "gomodel-pool", "litellm", "portkey"]
-ALL_WORKLOADS = list(WORKLOADS)
+ALL_TARGETS = ["direct", "gomodel", "vllm-router", "litellm", "portkey"]
+# run order; gomodel-pool and gomodel-features (gomodel in front of --pool-replicas
+# mocks) run only when asked for
+TARGET_ORDER = ["direct", "gomodel", "gomodel-pool", "gomodel-features", "vllm-router", "litellm", "portkey"]
+# the matrix's default workloads (messages and messages_stream when asked for)
+ALL_WORKLOADS = ["chat", "stream", "stream_paced", "embeddings", "responses", "responses_stream"]
+# --variant features: everything on against bare, vllm-router and Portkey
+FEATURES_VARIANT = {"targets": ["direct", "gomodel", "gomodel-features", "vllm-router", "portkey"],
+                    "workloads": ["chat", "stream"], "concurrency": [1, 64]}
 
 
 def csv(s):
@@ -43,19 +52,31 @@ def csv(s):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bench/run.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", type=csv, default=ALL_TARGETS, help="comma list (default: %(default)s)")
-    p.add_argument("--workloads", type=csv, default=ALL_WORKLOADS, help="comma list (default: all)")
-    p.add_argument("--concurrency", type=lambda s: [int(x) for x in csv(s)], default=[1, 8, 64],
+    p.add_argument("--targets", type=csv, default=None,
+                   help="comma list (default: %s; known: %s)" % (",".join(ALL_TARGETS), ", ".join(TARGETS)))
+    p.add_argument("--workloads", type=csv, default=None,
+                   help="comma list (default: %s; also messages, messages_stream)" % ",".join(ALL_WORKLOADS))
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in csv(s)], default=None,
                    help="comma list (default: 1,8,64)")
+    p.add_argument("--variant", choices=("features",), default=None,
+                   help="features: everything on (gomodel-features) against bare gomodel, vllm-router and Portkey: "
+                        "targets %s, workloads %s, concurrency %s unless given; report tag 'features'" % (
+                            ",".join(FEATURES_VARIANT["targets"]), ",".join(FEATURES_VARIANT["workloads"]),
+                            ",".join(str(c) for c in FEATURES_VARIANT["concurrency"])))
     p.add_argument("--duration", type=int, default=None, help="measurement window, s (default 10; quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up before each window, s (default 3; quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="runs per cell (default 1); rounds of the scaling run (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list of targets this many times in turn, each a fresh start, and show for "
+                        "each cell the median of all its runs (A/B in turn on a host whose speed drifts; default 1)")
     p.add_argument("--max-retries", type=int, default=None,
                    help="extra runs of a cell (or scaling measurement) while every run so far was noisy "
                         "(default 2; quick 0)")
     p.add_argument("--noise-threshold", type=float, default=0.10,
                    help="share of a core used by other processes that makes a run noisy (default 0.10)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 s warm-up, 2 s windows, no retries")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 s warm-up, 2 s windows, no retries (with --protocol: the quick values of "
+                        "--protocol-*); report tag 'quick'")
     p.add_argument("--soak", type=int, default=0, metavar="SECONDS",
                    help="instead of the matrix: chat at --soak-concurrency for SECONDS per gateway, RSS sampled")
     p.add_argument("--soak-concurrency", type=int, default=64)
@@ -75,6 +96,35 @@ def parse_args(argv):
                    help="scheduling of mock and load generator in the scaling run (default idle: SCHED_IDLE, "
                         "they run on what CPU time the gateway leaves, as if they were on other machines; "
                         "normal: they compete with the workers for the shared cores)")
+    p.add_argument("--protocol", choices=("gomodel",), default=None,
+                   help="instead of the matrix: GoModel's published benchmark method (see bench/README.md): "
+                        "everything on --protocol-cpus together, gomodel with one worker per CPU; six variants "
+                        "(chat, responses, messages; plain and streamed) at --protocol-concurrency for --protocol-n "
+                        "requests in --protocol-trials randomised trials, the chat sweep, cold start and peak RSS; "
+                        "report <date>-protocol[-tag].md")
+    p.add_argument("--protocol-cpus", default=None, help="CPUs everything shares in the protocol run (default: all)")
+    p.add_argument("--protocol-workers", type=int, default=None,
+                   help="gomodel --workers in the protocol run (default: one per protocol CPU)")
+    for key, kind, text in (
+            ("n", int, "requests per variant and trial (default %d; quick %d)"),
+            ("concurrency", int, "concurrency of the latency pass and the resource window (default %d)"),
+            ("trials", int, "latency trials, targets in a random order each (default %d; quick %d)"),
+            ("warmup", int, "chat requests after each start (default %d; quick %d)"),
+            ("variant-warmup", int, "requests before each variant (default %d; quick %d)"),
+            ("max-wall", float, "seconds after which a variant stops short of its requests (default %d)"),
+            ("sweep", None, "chat concurrencies of the capacity sweep (default %s)"),
+            ("sweep-s", float, "seconds per sweep point (default %d; quick %d)"),
+            ("resource-s", float, "seconds of chat at --protocol-concurrency for CPU and peak RSS (default %d; quick %d)"),
+            ("cold-starts", int, "cold starts per gateway, median reported (default %d; quick %d)"),
+            ("rest-s", float, "pause between targets, s (default %d; quick %s)")):
+        name = key.replace("-", "_").replace("max_wall", "max_wall_s")
+        dflt = protocol.DEFAULTS[name]
+        vals = (",".join(str(c) for c in dflt) if isinstance(dflt, list) else dflt,)
+        if "quick" in text:
+            vals += (protocol.QUICK[name],)
+        p.add_argument("--protocol-" + key, dest="protocol_" + name,
+                       type=kind or (lambda s: [int(x) for x in csv(s)]), default=None, help=text % vals)
+    p.add_argument("--seed", type=int, default=None, help="seed of the protocol run's random orders (default: the time)")
     p.add_argument("--gateway-cpus", default="0", help="CPUs for the gateway under test (taskset list)")
     p.add_argument("--load-cpus", default="1", help="CPUs for mock, load generator and harness")
     p.add_argument("--pool-replicas", type=int, default=4,
@@ -93,6 +143,11 @@ def parse_args(argv):
     p.add_argument("--litellm-provider", default="openai", choices=["openai", "hosted_vllm"],
                    help="LiteLLM provider prefix for the mock (default openai: native /v1/responses)")
     p.add_argument("--litellm-args", default="", help="extra arguments for the litellm CLI, e.g. '--run_granian'")
+    p.add_argument("--litellm-workers", type=int, default=None,
+                   help="LiteLLM --num_workers (default 1; in the protocol run one per protocol CPU, as GoModel ran it)")
+    p.add_argument("--vllm-router-venv", default="/tmp/vllm-router-venv")
+    p.add_argument("--vllm-router-policy", default="round_robin", help="vllm-router --policy (default round_robin)")
+    p.add_argument("--vllm-router-args", default="", help="extra vllm-router arguments")
     p.add_argument("--portkey-dir", default="/tmp/bench-portkey")
     p.add_argument("--portkey-version", default=os.environ.get("PORTKEY_VERSION", "1.15.2"))
     p.add_argument("--hono-node-server", default="1.13.8",
@@ -102,6 +157,12 @@ def parse_args(argv):
     p.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"))
     p.add_argument("--tag", default="", help="suffix of the report name: <date>-<tag>.md")
     a = p.parse_args(argv)
+    preset = FEATURES_VARIANT if a.variant == "features" else {}
+    a.targets = a.targets or preset.get("targets") or ALL_TARGETS
+    a.workloads = a.workloads or preset.get("workloads") or ALL_WORKLOADS
+    a.concurrency = a.concurrency or preset.get("concurrency") or [1, 8, 64]
+    if a.protocol and (a.soak or a.scaling or a.variant):
+        p.error("--protocol is a run of its own; drop --soak, --scaling and --variant")
     for t in a.targets:
         if t not in TARGETS:
             p.error("unknown target %r (known: %s)" % (t, ", ".join(TARGETS)))
@@ -109,6 +170,8 @@ def parse_args(argv):
         if wl not in WORKLOADS:
             p.error("unknown workload %r (known: %s)" % (wl, ", ".join(WORKLOADS)))
     if a.scaling:
+        if a.variant:
+            p.error("--scaling measures gomodel alone; drop --variant")
         if a.soak:
             p.error("--scaling and --soak are separate runs; give one of them")
         if a.scaling < 2:
@@ -126,6 +189,8 @@ def parse_args(argv):
     a.repeats = a.repeats if a.repeats is not None else (10 if a.scaling else 1)
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     a.max_retries = a.max_retries if a.max_retries is not None else (0 if a.quick else 2)
     if a.duration < 1:
         p.error("--duration must be at least 1 s")
@@ -221,8 +286,8 @@ def start_mock(ctx):
     ctx.mock_port = int(line.split()[1])
     ctx.mock_url = "http://127.0.0.1:%d" % ctx.mock_port
     ctx.mock_procs, ctx.mock_pids, ctx.mock_urls = [p], [p.pid], [ctx.mock_url]
-    # gomodel-pool: more mocks, the replicas of its one provider (the first is the one above)
-    if "gomodel-pool" in ctx.args.targets and not ctx.args.scaling:
+    # gomodel-pool, gomodel-features: more mocks, the replicas of their one provider (the first is the one above)
+    if any(t in POOL_TARGETS for t in ctx.args.targets) and not ctx.args.scaling:
         for _ in range(ctx.args.pool_replicas - 1):
             q = subprocess.Popen(proc.load_cmd(ctx, ["node", path, "--port", "0"]), stdout=subprocess.PIPE,
                                  stderr=logf, text=True, start_new_session=True)
@@ -345,31 +410,6 @@ def set_placement(ctx, pl):
     os.sched_setaffinity(0, set(ctx.load_cpu_list))
 
 
-def wait_workers(target, n, timeout=60.0):
-    """Target.start() returns when the primary answers; its workers start after
-    it and listen a second or more later. Wait until N sockets listen on the
-    port (each SO_REUSEPORT process holds its own), then until 10*N readiness
-    checks in a row succeed, each on a new connection (the kernel hands those
-    to any of the N, so a worker that has not loaded its models yet fails one
-    with a chance of about 1/N each). Returns the number of listening sockets."""
-    deadline = time.monotonic() + timeout
-    good, last = 0, ""
-    while time.monotonic() < deadline:
-        if target.proc is None or target.proc.poll() is not None:
-            raise RuntimeError("%s exited while its workers started" % target.name)
-        listening = proc.listening_sockets(target.port)
-        if listening < n:
-            good, last = 0, "%d of %d processes listening" % (listening, n)
-            time.sleep(0.1)
-            continue
-        ok, last = target.ready()
-        good = good + 1 if ok else 0
-        if good >= 10 * n:
-            return listening
-        time.sleep(0.02 if ok else 0.25)
-    raise RuntimeError("%d workers not ready after %.0f s (%s)" % (n, timeout, last))
-
-
 def scaling_measure(ctx, target, wl, pl, rnd, attempt):
     """One scaling measurement: fresh mock and gateway on the placement, the
     workers' readiness, a pre-flight request, warm-up and window (measure()),
@@ -481,9 +521,14 @@ def main(argv):
     a = parse_args(argv)
     ctx = Ctx()
     ctx.args = a
+    avail = os.sched_getaffinity(0)
+    if a.protocol:
+        # everything on the same CPUs: the gateway and the load both get all of them
+        a.gateway_cpus = a.load_cpus = a.protocol_cpus or ",".join(str(c) for c in sorted(avail))
+        ctx.gomodel_workers = a.protocol_workers or len(proc.parse_cpus(a.gateway_cpus))
+        ctx.litellm_workers = a.litellm_workers or len(proc.parse_cpus(a.gateway_cpus))
     ctx.gateway_cpus, ctx.load_cpus = a.gateway_cpus, a.load_cpus
     ctx.gateway_cpu_list, ctx.load_cpu_list = proc.parse_cpus(a.gateway_cpus), proc.parse_cpus(a.load_cpus)
-    avail = os.sched_getaffinity(0)
     wanted = ctx.gateway_cpu_list + ctx.load_cpu_list
     if a.scaling:
         wanted += proc.parse_cpus(a.scaling_gateway_cpus) + proc.parse_cpus(a.scaling_load_cpus)
@@ -491,13 +536,13 @@ def main(argv):
         if c not in avail:
             sys.exit("CPU %d is not available here (have %s); set --gateway-cpus/--load-cpus%s"
                      % (c, sorted(avail), "/--scaling-gateway-cpus/--scaling-load-cpus" if a.scaling else ""))
-    if set(ctx.gateway_cpu_list) & set(ctx.load_cpu_list):
+    if set(ctx.gateway_cpu_list) & set(ctx.load_cpu_list) and not a.protocol:
         log("warning: gateway and load CPUs overlap; the figures will mix both")
     if a.scaling:
         ng = len(proc.parse_cpus(a.scaling_gateway_cpus))
         if ng != a.scaling:
             log("warning: %d workers on %d gateway CPU(s) in the scaling run" % (a.scaling, ng))
-    elif a.gomodel_workers > len(ctx.gateway_cpu_list):
+    elif not a.protocol and a.gomodel_workers > len(ctx.gateway_cpu_list):
         log("warning: %d gomodel workers on %d gateway CPU(s)" % (a.gomodel_workers, len(ctx.gateway_cpu_list)))
     os.sched_setaffinity(0, set(ctx.load_cpu_list))
     ensure_tools(a)
@@ -506,7 +551,8 @@ def main(argv):
     ctx.run_id = now.strftime("%Y%m%dT%H%M%S")
     ctx.run_dir = tempfile.mkdtemp(prefix="bench-run-%s-" % ctx.run_id, dir="/tmp")
     ctx.api_key = "" if a.no_auth else "sk-bench-" + secrets.token_hex(16)
-    tag = "-".join(x for x in ([a.tag] if a.tag else []) + (["quick"] if a.quick else []) +
+    tag = "-".join(x for x in (["protocol"] if a.protocol else []) + (["features"] if a.variant == "features" else [])
+                   + ([a.tag] if a.tag else []) + (["quick"] if a.quick else []) +
                    (["soak"] if a.soak else []) + (["scaling"] if a.scaling else []))
     os.makedirs(a.results_dir, exist_ok=True)
     base = os.path.join(a.results_dir, now.strftime("%Y-%m-%d") + ("-" + tag if tag else ""))
@@ -518,8 +564,10 @@ def main(argv):
             "command": "bash bench/run.sh " + " ".join(shlex.quote(x) for x in argv),
             "targets": a.targets, "workloads": a.workloads, "concurrency": a.concurrency,
             "duration_s": a.duration, "warmup_s": a.warmup, "repeats": a.repeats, "max_retries": a.max_retries,
+            "rounds": a.rounds,
             "noise_threshold": a.noise_threshold, "gateway_cpus": a.gateway_cpus, "load_cpus": a.load_cpus,
             "gomodel_workers": a.gomodel_workers, "auth": not a.no_auth, "machine": machine(),
+            "pool_replicas": a.pool_replicas, "vllm_router_policy": a.vllm_router_policy, "variant": a.variant,
             "versions": {}, "notes": []}
     why = proc.perf_probe()
     meta["perf"] = {"event": proc.PERF_EVENT, "available": why is None, "error": why, "version": proc.perf_version()}
@@ -533,6 +581,8 @@ def main(argv):
                            "placements": scaling_placements(a), "cpus_available": sorted(avail),
                            "load_priority": a.scaling_load_priority}
         ctx.load_idle = a.scaling_load_priority == "idle"
+    if a.protocol:
+        return run_protocol(ctx, a, meta, base, argv)
     cells, soaks, scaling = [], [], []
     ctx.mock_proc = None
     try:
@@ -564,58 +614,65 @@ def main(argv):
                     "(gw CPU %s, load CPU %s)" % (a.scaling_concurrency, a.repeats, a.gateway_cpus, a.load_cpus,
                                                   a.scaling, a.scaling_gateway_cpus, a.scaling_load_cpus))
                 run_scaling(ctx, t, scaling)
-        for t in ([] if a.scaling else targets):
-            if a.soak and t.name == "direct":
-                continue
-            if t.unavailable:
-                rec = {"type": "cell", "run_id": ctx.run_id, "target": t.name, "status": "skipped", "error": t.unavailable}
-                (soaks if a.soak else cells).append(dict(rec, type="soak" if a.soak else "cell"))
-                continue
-            log("starting %s" % t.name)
-            try:
-                t0 = time.monotonic()
-                t.start()
-                start_s = time.monotonic() - t0
-            except RuntimeError as e:
-                log("%s failed to start: %s" % (t.name, e))
-                rec = {"run_id": ctx.run_id, "target": t.name, "status": "failed", "error": "start: %s" % e}
-                (soaks if a.soak else cells).append(dict(rec, type="soak" if a.soak else "cell"))
-                continue
-            try:
-                idle = proc.tree_rss(t.root_pid) / 2 ** 20 if t.root_pid else None
-                if t.root_pid:
-                    log("%s ready in %.1f s on port %d, idle RSS %.0f MiB" % (t.name, start_s, t.port, idle))
-                    meta.setdefault("startup", {})[t.name] = {"ready_s": round(start_s, 1), "idle_rss_mib": round(idle, 1)}
-                if a.soak:
-                    log("soak %s: %d s of chat at c=%d" % (t.name, a.soak, a.soak_concurrency))
-                    s = run_soak(ctx, t)
-                    log("soak %s: %s" % (t.name, {k: s.get(k) for k in (
-                        "rps", "errors", "rss_start_mib", "rss_end_mib", "rss_growth_mib", "flat", "gw_minstr_per_req",
-                        "error")}))
-                    soaks.append(s)
+        for rnd in range(1, (1 if a.scaling or a.soak else a.rounds) + 1):
+            if a.rounds > 1 and not a.soak:
+                log("round %d of %d" % (rnd, a.rounds))
+            for t in ([] if a.scaling else targets):
+                if a.soak and t.name == "direct":
                     continue
-                for wln in a.workloads:
-                    wl = WORKLOADS[wln]
-                    err = preflight(ctx, t, wl)
-                    if err:
-                        log("%s %s pre-flight failed: %s" % (t.name, wln, err))
-                        cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "workload": wln,
-                                      "status": "failed", "error": "pre-flight: " + err})
+                if t.unavailable:
+                    rec = {"type": "cell", "run_id": ctx.run_id, "target": t.name, "status": "skipped", "error": t.unavailable}
+                    (soaks if a.soak else cells).append(dict(rec, type="soak" if a.soak else "cell"))
+                    continue
+                log("starting %s" % t.name)
+                try:
+                    t0 = time.monotonic()
+                    t.start()
+                    start_s = time.monotonic() - t0
+                except RuntimeError as e:
+                    log("%s failed to start: %s" % (t.name, e))
+                    rec = {"run_id": ctx.run_id, "target": t.name, "status": "failed", "error": "start: %s" % e}
+                    (soaks if a.soak else cells).append(dict(rec, type="soak" if a.soak else "cell"))
+                    continue
+                try:
+                    idle = proc.tree_rss(t.root_pid) / 2 ** 20 if t.root_pid else None
+                    if t.root_pid:
+                        log("%s ready in %.1f s on port %d, idle RSS %.0f MiB" % (t.name, start_s, t.port, idle))
+                        meta.setdefault("startup", {})[t.name] = {"ready_s": round(start_s, 1), "idle_rss_mib": round(idle, 1)}
+                    if a.soak:
+                        log("soak %s: %d s of chat at c=%d" % (t.name, a.soak, a.soak_concurrency))
+                        s = run_soak(ctx, t)
+                        log("soak %s: %s" % (t.name, {k: s.get(k) for k in (
+                            "rps", "errors", "rss_start_mib", "rss_end_mib", "rss_growth_mib", "flat", "gw_minstr_per_req",
+                            "error")}))
+                        soaks.append(s)
                         continue
-                    for c in a.concurrency:
-                        try:
-                            cells.extend(run_cell(ctx, t, wl, c))
-                        except Exception as e:  # one broken cell must not lose the rest
-                            log("%s %s c=%d failed: %s" % (t.name, wln, c, e))
+                    for wln in a.workloads:
+                        wl = WORKLOADS[wln]
+                        err = preflight(ctx, t, wl)
+                        if err:
+                            log("%s %s pre-flight failed: %s" % (t.name, wln, err))
                             cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "workload": wln,
-                                          "concurrency": c, "status": "failed", "error": str(e)[:500]})
-                    if t.proc is not None and t.proc.poll() is not None:
-                        raise RuntimeError("%s exited (%s) during %s" % (t.name, t.proc.returncode, wln))
-            except RuntimeError as e:
-                log(str(e))
-                cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "status": "failed", "error": str(e)})
-            finally:
-                t.stop()
+                                          "status": "failed", "error": "pre-flight: " + err})
+                            continue
+                        for c in a.concurrency:
+                            try:
+                                cells.extend(dict(r, round=rnd) for r in run_cell(ctx, t, wl, c))
+                            except Exception as e:  # one broken cell must not lose the rest
+                                log("%s %s c=%d failed: %s" % (t.name, wln, c, e))
+                                cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "workload": wln,
+                                              "concurrency": c, "status": "failed", "error": str(e)[:500]})
+                        if t.proc is not None and t.proc.poll() is not None:
+                            raise RuntimeError("%s exited (%s) during %s" % (t.name, t.proc.returncode, wln))
+                    if hasattr(t, "check_features") and not a.soak:
+                        check = t.check_features()
+                        meta.setdefault("features_check", {})[t.name] = check
+                        log("%s: what shows every feature was on: %s" % (t.name, check))
+                except RuntimeError as e:
+                    log(str(e))
+                    cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "status": "failed", "error": str(e)})
+                finally:
+                    t.stop()
     except KeyboardInterrupt:
         meta["notes"].append("interrupted (Ctrl-C): the report is partial")
         log("interrupted; writing what was measured")
@@ -628,6 +685,15 @@ def main(argv):
         for m in getattr(ctx, "mock_procs", None) or ([ctx.mock_proc] if ctx.mock_proc is not None else []):
             proc.stop_tree(m)
 
+    if a.rounds > 1:
+        # every round's runs of a cell together: the median by req/s, quiet runs preferred
+        pooled = {}
+        for c in cells:
+            if c.get("status") == "ok":
+                c["chosen"] = False
+                pooled.setdefault((c["target"], c["workload"], c["concurrency"]), []).append(c)
+        for runs in pooled.values():
+            pick(runs)["chosen"] = True
     cap = next((c for c in cells if c.get("chosen") and c["target"] == "direct" and c["workload"] == "chat"
                 and c["concurrency"] == max(a.concurrency)), None)
     if cap and cap["mock_cpu_s_per_1k"]:
@@ -652,6 +718,58 @@ def main(argv):
     log("wrote %s.md and %s.jsonl" % (base, base))
     bad = [c for c in cells + soaks + scaling if c.get("status") == "failed"]
     return 1 if bad else 0
+
+
+def run_protocol(ctx, a, meta, base, argv):
+    """--protocol gomodel: GoModel's method (harness/protocol.py), its own report."""
+    s = protocol.settings(a)
+    meta.update({"protocol": s, "protocol_cpus": a.gateway_cpus, "protocol_workers": ctx.gomodel_workers,
+                 "litellm_workers": ctx.litellm_workers, "wrk_threads": wrk_threads(ctx, s["concurrency"]),
+                 "gomodel_workers": ctx.gomodel_workers})
+    records, targets = [], []
+    ctx.mock_proc = None
+    try:
+        start_mock(ctx)
+        log("mock on %s (pid %d, CPUs %s)" % (ctx.mock_url, ctx.mock_pid, ctx.load_cpus))
+        for name in a.targets:
+            t = TARGETS[name](ctx)
+            try:
+                t.install()
+            except RuntimeError as e:
+                t.unavailable = str(e)
+            meta["versions"][name] = t.version() if not t.unavailable else "unavailable"
+            if t.unavailable:
+                log("%s unavailable: %s" % (name, t.unavailable))
+                records.append({"type": "protocol", "run_id": ctx.run_id, "kind": "trial", "target": name,
+                                "status": "skipped", "error": t.unavailable})
+                meta["notes"].append("%s skipped: %s" % (name, t.unavailable))
+            else:
+                targets.append(t)
+        meta["background"] = background(ctx)
+        log("background load: %s" % meta["background"])
+        log("protocol: %s on CPUs %s, gomodel --workers %d, LiteLLM --num_workers %d" % (
+            {k: v for k, v in s.items()}, a.gateway_cpus, ctx.gomodel_workers, ctx.litellm_workers))
+        protocol.run(ctx, targets, s, records, log)
+    except KeyboardInterrupt:
+        meta["notes"].append("interrupted (Ctrl-C): the report is partial")
+        log("interrupted; writing what was measured")
+    finally:
+        for t in targets:
+            try:
+                t.stop()
+            except Exception:
+                pass
+        for m in getattr(ctx, "mock_procs", None) or ([ctx.mock_proc] if ctx.mock_proc is not None else []):
+            proc.stop_tree(m)
+    meta["finished"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    meta["run_dir"] = ctx.run_dir
+    with open(base + ".jsonl", "w") as f:
+        for rec in [meta] + records:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+    with open(base + ".md", "w") as f:
+        f.write(protocol_report.render(meta, records))
+    log("wrote %s.md and %s.jsonl" % (base, base))
+    return 1 if any(r.get("status") == "failed" for r in records) else 0
 
 
 if __name__ == "__main__":

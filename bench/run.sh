@@ -3,13 +3,15 @@
 #
 #   bash bench/run.sh [--targets direct,gomodel,litellm,portkey] [--workloads chat,stream,...]
 #                     [--concurrency 1,8,64] [--duration 10] [--warmup 3] [--quick] [--soak 600] ...
+#   bash bench/run.sh --variant features      # everything on vs bare, vllm-router, Portkey
+#   bash bench/run.sh --protocol gomodel      # GoModel's own benchmark method
 #   bash bench/run.sh --help
 #
 # Installs what it needs, idempotently: wrk (apt), a Python venv for the bench
 # with gomodel installed editable from this checkout (BENCH_VENV, default
-# /tmp/bench-venv), LiteLLM in /tmp/bench-litellm-venv and Portkey in
-# /tmp/bench-portkey (only for the targets asked for). Writes
-# bench/results/<date>[-tag].md and .jsonl.
+# /tmp/bench-venv), LiteLLM in /tmp/bench-litellm-venv, Portkey in
+# /tmp/bench-portkey and vllm-router in /tmp/vllm-router-venv (only for the
+# targets asked for). Writes bench/results/<date>[-tag].md and .jsonl.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BENCH_VENV="${BENCH_VENV:-/tmp/bench-venv}"

@@ -6,23 +6,37 @@
 // config: {
 //   url: "http://127.0.0.1:PORT/v1/chat/completions",
 //   headers: {...}, body: "<request JSON>",
-//   kind: "chat" | "responses",
+//   kind: "chat" | "responses" | "messages",
 //   expect_text: "the full text the stream must carry",
+//   expect_text_alt: ["another acceptable text", ...],   // optional
 //   expect_usage: true,            // chat: a usage chunk must arrive
-//   concurrency: 64, warmup_s: 3, duration_s: 10, timeout_s: 30
+//   concurrency: 64, warmup_s: 3, duration_s: 10, timeout_s: 30,
+//   count: 8000, max_wall_s: 10    // optional: fixed-count mode (below)
 // }
 //
 // `concurrency` streams run at once, each starting again as soon as it ends,
 // over keep-alive connections. Every stream is checked to the end: status 200,
-// every event parsed, the concatenated text equal to expect_text, a
-// finish_reason, the usage chunk (when asked) and `data: [DONE]` for chat;
-// response.created, the deltas, and response.completed with usage and the
-// same text for Responses. A stream that fails any check is an error.
+// every event parsed, the concatenated text equal to expect_text (or one of
+// expect_text_alt), a finish_reason, the usage chunk (when asked) and
+// `data: [DONE]` for chat; response.created, the deltas, and
+// response.completed with usage and the same text for Responses;
+// message_start, the text deltas, message_delta with a stop_reason and output
+// tokens, and message_stop for Anthropic Messages. A stream that fails any
+// check is an error.
 //
-// Prints "WINDOW_START" and "WINDOW_END" lines when the measurement window
-// opens and closes (the harness samples CPU and memory at those moments),
-// then one "STREAMJSON {...}" line. Only streams that end inside the window
-// are counted; TTFT is the time to the first content token.
+// Time-boxed mode (default): prints "WINDOW_START" and "WINDOW_END" lines when
+// the measurement window opens and closes (the harness samples CPU and memory
+// at those moments), then one "STREAMJSON {...}" line. Only streams that end
+// inside the window are counted.
+//
+// Fixed-count mode (`count`, GoModel's benchmark method): no warm-up; exactly
+// `count` streams are started, `concurrency` at a time, and every one is
+// counted. "WINDOW_START" is printed before the first starts and "WINDOW_END"
+// once the last has ended, or when `max_wall_s` has passed (then no new stream
+// starts, those in flight are cut and counted as `capped`, not as errors).
+//
+// TTFT (`ttft_*`) is the time to the first content token; `ttfd_*` the time to
+// the first `data:` line of any event (what GoModel's loadgen calls TTFT).
 
 import http from 'node:http';
 import { performance } from 'node:perf_hooks';
@@ -34,7 +48,9 @@ const warmupMs = (cfg.warmup_s ?? 3) * 1000;
 const durationMs = (cfg.duration_s ?? 10) * 1000;
 const timeoutMs = (cfg.timeout_s ?? 30) * 1000;
 const kind = cfg.kind || 'chat';
-const expectText = cfg.expect_text;
+const expectTexts = [cfg.expect_text].concat(cfg.expect_text_alt || []);
+const fixedCount = cfg.count || 0;
+const maxWallMs = (cfg.max_wall_s ?? 0) * 1000;
 const expectUsage = !!cfg.expect_usage;
 const body = Buffer.from(cfg.body);
 const agent = new http.Agent({ keepAlive: true, maxSockets: conc, maxFreeSockets: conc });
@@ -44,8 +60,9 @@ const reqOpts = { agent, host: u.hostname, port: u.port, path: u.pathname + u.se
 let phase = 'warmup';
 let ws = 0, we = 0;
 let inflight = 0;
-const lat = [], ttft = [];
-let ok = 0, errors = 0, errorsOutside = 0, contentEvents = 0, doneMarkers = 0, noEventLines = 0;
+const lat = [], ttft = [], ttfd = [];
+let ok = 0, errors = 0, errorsOutside = 0, contentEvents = 0, doneMarkers = 0, noEventLines = 0, capped = 0;
+let altTexts = 0;
 const samples = [];
 
 function fail(st, msg) { if (!st.err) st.err = msg; }
@@ -63,7 +80,8 @@ function onEvent(st, ev) {
   }
   if (!hasData) return;
   st.events++;
-  if (st.terminal && !(kind === 'responses' && data === '[DONE]' && !st.doneMarker)) { fail(st, 'event after the end of the stream: ' + data.slice(0, 80)); return; }
+  if (st.ttfd < 0) st.ttfd = performance.now() - st.t0;
+  if (st.terminal && !(kind !== 'chat' && data === '[DONE]' && !st.doneMarker)) { fail(st, 'event after the end of the stream: ' + data.slice(0, 80)); return; }
   if (kind === 'chat') {
     if (data === '[DONE]') { st.terminal = true; return; }
     let o;
@@ -81,6 +99,34 @@ function onEvent(st, ev) {
       if (c.finish_reason) st.finish = true;
     }
     if (o.usage && o.usage.completion_tokens > 0) st.usage = true;
+    return;
+  }
+  if (kind === 'messages') {
+    // Anthropic Messages: typed events, no [DONE] (a trailing one is tolerated
+    // and counted, as for Responses); `ping` events are allowed.
+    if (data === '[DONE]') { st.doneMarker = true; st.terminal = true; return; }
+    let o;
+    try { o = JSON.parse(data); } catch (e) { fail(st, 'bad JSON in event: ' + data.slice(0, 80)); return; }
+    const type = name || o.type;
+    if (type === 'message_start') {
+      if (st.created) { fail(st, 'second message_start'); return; }
+      st.created = true;
+    } else if (type === 'content_block_delta') {
+      const d = o.delta || {};
+      if (d.type === 'text_delta') {
+        if (st.ttft < 0) st.ttft = performance.now() - st.t0;
+        st.text += d.text;
+        st.content++;
+      }
+    } else if (type === 'message_delta') {
+      if (o.delta && o.delta.stop_reason) st.finish = true;
+      if (o.usage && o.usage.output_tokens > 0) st.usage = true;
+    } else if (type === 'message_stop') {
+      st.terminal = true;
+      st.completed = true;
+    } else if (type === 'error') {
+      fail(st, 'error event: ' + data.slice(0, 160));
+    }
     return;
   }
   // Responses: typed events and no [DONE] (vLLM and OpenAI). A trailing
@@ -124,18 +170,23 @@ function feed(st, chunk) {
 function check(st) {
   if (st.err) return;
   if (st.pending.trim().length) onEvent(st, st.pending.trim());
+  if (!expectTexts.includes(st.text)) return fail(st, (kind === 'responses' ? 'delta ' : '') + 'text mismatch: got ' + JSON.stringify(st.text.slice(0, 120)));
+  if (st.text !== expectTexts[0]) st.altText = true;
   if (kind === 'chat') {
-    if (st.text !== expectText) return fail(st, 'text mismatch: got ' + JSON.stringify(st.text.slice(0, 120)));
     if (!st.finish) return fail(st, 'no finish_reason');
     if (expectUsage && !st.usage) return fail(st, 'no usage chunk');
     if (!st.terminal) return fail(st, 'no [DONE]');
+  } else if (kind === 'messages') {
+    if (!st.created) return fail(st, 'no message_start');
+    if (!st.finish) return fail(st, 'no stop_reason in message_delta');
+    if (!st.usage) return fail(st, 'no output_tokens in message_delta');
+    if (!st.completed) return fail(st, 'no message_stop');
   } else {
     if (!st.created) return fail(st, 'no response.created');
-    if (st.text !== expectText) return fail(st, 'delta text mismatch: got ' + JSON.stringify(st.text.slice(0, 120)));
     if (!st.completed) return fail(st, 'no response.completed');
     if (!st.finish) return fail(st, 'response.completed status is not completed');
     if (!st.usage) return fail(st, 'no usage in response.completed');
-    if (st.finalText !== expectText) return fail(st, 'response.completed text mismatch');
+    if (st.finalText !== st.text) return fail(st, 'response.completed text mismatch');
   }
 }
 
@@ -146,27 +197,37 @@ function done(st) {
   const t1 = performance.now();
   check(st);
   const inWindow = phase !== 'warmup' && t1 >= ws && (we === 0 || t1 <= we);
-  if (st.err) {
+  if (st.capped) {
+    capped++;
+  } else if (st.err) {
     if (inWindow) errors++; else errorsOutside++;
     if (samples.length < 5) samples.push(st.err);
   } else if (inWindow) {
     ok++;
     lat.push(t1 - st.t0);
     ttft.push(st.ttft);
+    ttfd.push(st.ttfd);
     contentEvents += st.content;
+    if (st.altText) altTexts++;
     if (st.doneMarker) doneMarkers++;
     if (st.noEventLine) noEventLines++;
   }
   if (phase === 'drain') { if (inflight === 0) finish(); return; }
+  if (fixedCount) {
+    if (issued < fixedCount) one();
+    else if (inflight === 0) endWindow();
+    return;
+  }
   if (st.err) setTimeout(one, 1); else one();
 }
 
 let issued = 0;
+const live = new Set();
 function one() {
   if (phase === 'drain' || (cfg.once && issued > 0)) return;
   issued++;
   inflight++;
-  const st = { t0: performance.now(), ttft: -1, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, completed: false, doneMarker: false, noEventLine: false, created: false, finalText: null, err: null, pending: '', finished: false };
+  const st = { t0: performance.now(), ttft: -1, ttfd: -1, capped: false, altText: false, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, completed: false, doneMarker: false, noEventLine: false, created: false, finalText: null, err: null, pending: '', finished: false };
   const req = http.request(reqOpts, (res) => {
     res.setEncoding('utf8');
     if (res.statusCode !== 200) {
@@ -182,7 +243,10 @@ function one() {
     res.on('error', (e) => { fail(st, 'response error: ' + e.message); done(st); });
     res.on('close', () => { if (!res.complete) fail(st, 'connection closed mid-stream'); done(st); });
   });
+  live.add(req);
+  req.on('close', () => live.delete(req));
   req.setTimeout(timeoutMs, () => { fail(st, 'timeout after ' + timeoutMs + ' ms'); req.destroy(); });
+  req.st = st;
   req.on('error', (e) => { fail(st, 'request error: ' + e.message); done(st); });
   req.end(body);
 }
@@ -200,12 +264,15 @@ function finish() {
   finished = true;
   const L = Float64Array.from(lat).sort();
   const T = Float64Array.from(ttft).sort();
+  const D = Float64Array.from(ttfd).sort();
   const dur = (we - ws) / 1000;
   const mean = L.length ? L.reduce((a, b) => a + b, 0) / L.length : null;
   const out = {
     requests: ok, errors, errors_outside_window: errorsOutside, duration_s: r3(dur), rps: r3(ok / dur),
     lat_p50_ms: r3(pct(L, 50)), lat_p95_ms: r3(pct(L, 95)), lat_p99_ms: r3(pct(L, 99)), lat_max_ms: r3(L.length ? L[L.length - 1] : null), lat_mean_ms: r3(mean),
     ttft_p50_ms: r3(pct(T, 50)), ttft_p95_ms: r3(pct(T, 95)), ttft_p99_ms: r3(pct(T, 99)),
+    ttfd_p50_ms: r3(pct(D, 50)), ttfd_p95_ms: r3(pct(D, 95)), ttfd_p99_ms: r3(pct(D, 99)),
+    capped, issued, alt_texts: altTexts,
     content_events_mean: ok ? r3(contentEvents / ok) : null,
     unfinished_at_end: inflight, error_samples: samples,
     responses_done_marker: doneMarkers, responses_without_event_lines: noEventLines,
@@ -213,7 +280,28 @@ function finish() {
   process.stdout.write('STREAMJSON ' + JSON.stringify(out) + '\n', () => process.exit(0));
 }
 
-if (cfg.once) {
+// Fixed-count mode: the window is the whole run; it ends when the last stream
+// has ended, or at max_wall_s (then the streams still running are cut and
+// counted as capped).
+let windowEnded = false;
+function endWindow() {
+  if (windowEnded) return;
+  windowEnded = true;
+  we = performance.now();
+  phase = 'drain';
+  process.stdout.write('WINDOW_END\n');
+  if (inflight === 0) { finish(); return; }
+  for (const req of live) { req.st.capped = true; req.destroy(); }
+  setTimeout(() => { agent.destroy(); finish(); }, 1000).unref();
+}
+
+if (fixedCount) {
+  phase = 'window';
+  process.stdout.write('WINDOW_START\n');
+  ws = performance.now();
+  for (let i = 0; i < Math.min(conc, fixedCount); i++) one();
+  if (maxWallMs > 0) setTimeout(endWindow, maxWallMs).unref();
+} else if (cfg.once) {
   // one request, checked, reported (the harness's pre-flight)
   phase = 'window';
   ws = performance.now();

@@ -162,8 +162,9 @@ class RssSampler(threading.Thread):
     """Samples the summed RSS of a process tree every `interval` seconds.
 
     The tree's membership is refreshed every `refresh` seconds (workers that a
-    gateway forks are picked up). `peak` is the largest sum seen; `series`
-    holds (seconds since start, bytes) pairs.
+    gateway forks are picked up). `peak` is the largest sum seen, `peak_by_pid`
+    the largest RSS of each process; `series` holds (seconds since start,
+    bytes) pairs.
     """
 
     def __init__(self, root, interval=0.2, refresh=1.0, keep_series=False):
@@ -173,13 +174,25 @@ class RssSampler(threading.Thread):
         self.refresh = refresh
         self.keep_series = keep_series
         self.peak = 0
+        self.peak_by_pid = {}
         self.series = []
         self._halt = threading.Event()
         self._pids = []
         self._t0 = time.monotonic()
 
     def sample(self):
-        return sum(rss_bytes(p) for p in self._pids)
+        total = 0
+        for p in self._pids:
+            v = rss_bytes(p)
+            total += v
+            if v > self.peak_by_pid.get(p, 0):
+                self.peak_by_pid[p] = v
+        return total
+
+    def peaks_mib(self):
+        """Each process's peak RSS in MiB, the tree's root first, then by PID."""
+        return [round(self.peak_by_pid[p] / 2 ** 20, 1)
+                for p in sorted(self.peak_by_pid, key=lambda p: (p != self.root, p))]
 
     def run(self):
         last_refresh = 0.0

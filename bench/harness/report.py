@@ -1,7 +1,7 @@
 """The markdown report: machine, versions, setup, then one table per workload
 (or the soak, or the workers scaling run)."""
 
-ORDER = ["direct", "gomodel", "gomodel-pool", "litellm", "portkey"]
+ORDER = ["direct", "gomodel", "gomodel-pool", "gomodel-features", "vllm-router", "litellm", "portkey"]
 
 
 def _ms(v):
@@ -94,6 +94,9 @@ def render(meta, cells, soaks, scaling=()):
         w("- Each cell: %s s warm-up, then a %s s measurement window; %s run(s), up to %s more when noisy "
           "(noise threshold %.0f %% of a core); the median run by req/s is shown (quiet runs preferred)."
           % (meta["warmup_s"], meta["duration_s"], meta["repeats"], meta["max_retries"], 100 * meta["noise_threshold"]))
+        if meta.get("rounds", 1) > 1:
+            w("- %d rounds: the whole list of targets ran %d times in turn, each time a fresh start; each cell shows "
+              "the median run by req/s over all rounds (quiet runs preferred)." % (meta["rounds"], meta["rounds"]))
     w("- Auth: %s." % ("every gateway that has one checks a master key (`Authorization: Bearer …`)"
                         if meta.get("auth") else "off"))
     if bg:
@@ -138,6 +141,47 @@ def render(meta, cells, soaks, scaling=()):
                 row.append("%s (%s)" % (_num(c["rps"]), _delta(add)))
             w("| %s | %s |" % (wl, " | ".join(row)))
         w("")
+
+        frows = features_rows(chosen)
+        if frows:
+            w("## Everything on (`gomodel-features`) against bare (`gomodel`)")
+            w("")
+            w("Bare: master key, one upstream, access log off (metrics and usage ledger at their defaults, on). "
+              "Everything on: one provider of %s replicas (`load` routing), requests made with a managed key that "
+              "has a rate limit, a concurrency limit, a model allowlist and a daily token budget, all far above the "
+              "load (created through `POST /admin/api/v1/auth-keys` before measuring), usage ledger, Prometheus "
+              "metrics and the access log on. Bounds are issue 18's." % meta.get("pool_replicas", "?"))
+            w("")
+            w("| figure | bare | everything on | on / bare | bound | met |")
+            w("| --- | ---: | ---: | ---: | ---: | --- |")
+            for fig, b, f, ratio, bound, met in frows:
+                w("| %s | %s | %s | %s | %s | %s |" % (fig, b, f, _ratio(ratio), bound, met))
+            w("")
+            for name, check in sorted((meta.get("features_check") or {}).items()):
+                w("- %s, read before it stopped: %s usage records for the managed key (written every 5 s, so the "
+                  "last seconds may be missing), `gomodel_requests_total` %s, %s access log lines." % (
+                      name, _num(check.get("usage_records")), _num(check.get("metrics_requests_total")),
+                      _num(check.get("access_log_lines"))))
+            if meta.get("features_check"):
+                w("")
+        vrows = router_rows(chosen)
+        if vrows:
+            w("## Against vllm-router")
+            w("")
+            w("vllm-router (Rust) `--policy %s` over the same mock(s): no keys, no usage, no metrics of ours; the floor "
+              "of what a proxy in front of vLLM costs. Same core, same load. Ratios are gomodel's over "
+              "vllm-router's; issue 18 asks for at least half its chat throughput per core with everything on."
+              % meta.get("vllm_router_policy", "round_robin"))
+            w("")
+            w("| gomodel target | workload | c | req/s | vllm-router req/s | req/s ratio | CPU s/1k | vllm-router CPU s/1k "
+              "| CPU/1k ratio | req/s per core ratio |")
+            w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            for r in vrows:
+                w("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s |" % (
+                    r["target"], r["workload"], r["concurrency"], _num(r["rps"]), _num(r["router_rps"]),
+                    _ratio(r["rps_ratio"]), _num(r["cpu"], "{:.3f}"), _num(r["router_cpu"], "{:.3f}"),
+                    _ratio(r["cpu_ratio"]), _ratio(r["per_core_ratio"])))
+            w("")
 
         for wl in wls:
             rows = sorted([c for c in chosen if c["workload"] == wl],
@@ -284,6 +328,76 @@ def render(meta, cells, soaks, scaling=()):
       "lower bound on the gateway. More in bench/README.md.")
     w("")
     return "\n".join(out)
+
+
+def _cell(by, target, wl, conc):
+    return by.get((target, wl, conc))
+
+
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+def features_rows(chosen):
+    """Everything on against bare, from the chosen cells: (figure, bare, on,
+    on/bare, bound, met) rows, or [] when the run lacks one of the two."""
+    by = {(c["target"], c["workload"], c["concurrency"]): c for c in chosen}
+    concs = sorted({c["concurrency"] for c in chosen})
+    if not any(t == "gomodel-features" for t, _, _ in by) or not any(t == "gomodel" for t, _, _ in by):
+        return []
+    rows = []
+
+    def met(ok):
+        return "–" if ok is None else "yes" if ok else "**no**"
+    for wl, label in (("chat", "CPU s per 1000 chat requests"), ("stream", "CPU s per 1000 streams"),
+                      ("responses", "CPU s per 1000 responses"), ("responses_stream", "CPU s per 1000 Responses streams")):
+        for conc in concs:
+            b, f = _cell(by, "gomodel", wl, conc), _cell(by, "gomodel-features", wl, conc)
+            if not b or not f:
+                continue
+            bc, fc = b.get("gw_cpu_s_per_1k"), f.get("gw_cpu_s_per_1k")
+            ratio = _div(fc, bc)
+            rows.append(("%s, c=%d" % (label, conc), _num(bc, "{:.3f}"), _num(fc, "{:.3f}"), ratio,
+                         "≤ 1.10×" if wl in ("chat", "stream") else "–",
+                         met(None if ratio is None or wl not in ("chat", "stream") else ratio <= 1.10)))
+            bi, fi = b.get("gw_minstr_per_req"), f.get("gw_minstr_per_req")
+            if bi and fi:
+                rows.append(("  user-space Minstr per request, c=%d" % conc, _minstr(bi), _minstr(fi), fi / bi, "–", "–"))
+    d = _cell(by, "direct", "chat", 1)
+    b, f = _cell(by, "gomodel", "chat", 1), _cell(by, "gomodel-features", "chat", 1)
+    if d and b and f and None not in (d.get("lat_p50_ms"), b.get("lat_p50_ms"), f.get("lat_p50_ms")):
+        ba, fa = b["lat_p50_ms"] - d["lat_p50_ms"], f["lat_p50_ms"] - d["lat_p50_ms"]
+        rows.append(("chat p50 added over direct at c=1 (ms)", _ms(ba), _ms(fa), _div(fa, ba), "< 0.50 ms",
+                     met(fa < 0.5)))
+    cmax = max(concs)
+    b, f, pk = (_cell(by, t, "chat", cmax) for t in ("gomodel", "gomodel-features", "portkey"))
+    if b and f:
+        rows.append(("chat req/s at c=%d" % cmax, _num(b["rps"]), _num(f["rps"]), _div(f["rps"], b["rps"]), "–", "–"))
+    if f and pk:
+        ratio = _div(f["rps"], pk["rps"])
+        rows.append(("chat req/s at c=%d over Portkey's (%s)" % (cmax, _num(pk["rps"])),
+                     _ratio(_div(b["rps"], pk["rps"])) if b else "–", _ratio(ratio), None, "≥ 2.50×",
+                     met(None if ratio is None else ratio >= 2.5)))
+    return rows
+
+
+def router_rows(chosen):
+    """gomodel (bare and everything on) against vllm-router, same workload and
+    concurrency, for the chat workloads: dicts with the ratios."""
+    by = {(c["target"], c["workload"], c["concurrency"]): c for c in chosen}
+    out = []
+    for (t, wl, conc), c in sorted(by.items()):
+        r = by.get(("vllm-router", wl, conc))
+        if t not in ("gomodel", "gomodel-features") or r is None or wl not in ("chat", "stream"):
+            continue
+        per = _div(c["rps"], c.get("gw_cpu_util"))
+        rper = _div(r["rps"], r.get("gw_cpu_util"))
+        out.append({"target": t, "workload": wl, "concurrency": conc, "rps": c["rps"], "router_rps": r["rps"],
+                    "rps_ratio": _div(c["rps"], r["rps"]), "cpu": c.get("gw_cpu_s_per_1k"),
+                    "router_cpu": r.get("gw_cpu_s_per_1k"), "cpu_ratio": _div(c.get("gw_cpu_s_per_1k"),
+                                                                            r.get("gw_cpu_s_per_1k")),
+                    "per_core_ratio": _div(per, rper)})
+    return out
 
 
 def _cpus_text(spec):

@@ -1,4 +1,5 @@
-"""The targets of the matrix: direct (no gateway), gomodel, LiteLLM, Portkey.
+"""The targets of the matrix: direct (no gateway), gomodel (bare, with a pool of
+replicas, with everything on), LiteLLM, Portkey, vllm-router.
 
 Each target knows how to install itself (idempotently, outside the repo for
 the peers), start pinned to the gateway CPUs, say when it is ready, which
@@ -102,12 +103,27 @@ class Target:
     def root_pid(self):
         return self.proc.pid if self.proc else None
 
+    def expected_listeners(self):
+        """Processes that each listen on the port once all are up (SO_REUSEPORT workers)."""
+        return 1
+
+    def after_ready(self):
+        """What a started target needs once ready, before it is measured (a managed key)."""
+
     def start(self):
+        self.launch()
+        self.wait_ready()
+        self.after_ready()
+
+    def launch(self):
+        """Spawn the target on a fresh port; returns at once (start() waits until it is ready)."""
         self.port = proc.free_port()
         cmd = self.command()
         with open(self.log, "ab") as f:
             f.write(("\n# %s  %s\n" % (time.strftime("%H:%M:%S"), " ".join(shlex.quote(c) for c in cmd))).encode())
         self.proc = proc.spawn(cmd, self.log, env=self.env(), cpus=self.ctx.gateway_cpus, cwd=self.ctx.run_dir)
+
+    def wait_ready(self):
         deadline = time.monotonic() + self.start_timeout
         last = ""
         while time.monotonic() < deadline:
@@ -147,6 +163,31 @@ def tail(path, n=15):
         return "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", l) for l in lines[-n:])
     except OSError:
         return ""
+
+
+def wait_workers(target, n, timeout=60.0):
+    """Target.start() returns when the primary answers; its workers start after
+    it and listen a second or more later. Wait until N sockets listen on the
+    port (each SO_REUSEPORT process holds its own), then until 10*N readiness
+    checks in a row succeed, each on a new connection (the kernel hands those
+    to any of the N, so a worker that has not loaded its models yet fails one
+    with a chance of about 1/N each). Returns the number of listening sockets."""
+    deadline = time.monotonic() + timeout
+    good, last = 0, ""
+    while time.monotonic() < deadline:
+        if target.proc is None or target.proc.poll() is not None:
+            raise RuntimeError("%s exited while its workers started" % target.name)
+        listening = proc.listening_sockets(target.port)
+        if listening < n:
+            good, last = 0, "%d of %d processes listening" % (listening, n)
+            time.sleep(0.1)
+            continue
+        ok, last = target.ready()
+        good = good + 1 if ok else 0
+        if good >= 10 * n:
+            return listening
+        time.sleep(0.02 if ok else 0.25)
+    raise RuntimeError("%d workers not ready after %.0f s (%s)" % (n, timeout, last))
 
 
 class Direct(Target):
@@ -219,10 +260,17 @@ class GoModel(Target):
         rev = g.stdout.strip() or "no commit"
         return "%s (git %s)" % (v, rev)
 
+    @property
+    def workers(self):
+        # --scaling sets ctx.gomodel_workers per measurement, --protocol for the run
+        return getattr(self.ctx, "gomodel_workers", None) or self.ctx.args.gomodel_workers
+
+    def expected_listeners(self):
+        return self.workers
+
     def command(self):
         tmpl = self.ctx.args.gomodel_cmd or os.environ.get("GOMODEL_CMD") or self.DEFAULT_CMD
-        # --scaling sets ctx.gomodel_workers per measurement
-        workers = getattr(self.ctx, "gomodel_workers", None) or self.ctx.args.gomodel_workers
+        workers = self.workers
         if workers > 1 and "{workers}" not in tmpl:
             tmpl += " --workers {workers}"
         twistd = os.path.join(os.path.dirname(self.python()), "twistd")
@@ -268,8 +316,104 @@ class GoModelPool(GoModel):
         return True, ""
 
 
+class GoModelFeatures(GoModelPool):
+    """gomodel with everything a production deployment turns on: one provider of
+    `--pool-replicas` replicas, requests made with a managed key that has a rate
+    limit, a concurrency limit, a model allowlist and a budget (all far above
+    the load), the usage ledger, Prometheus metrics and the access log on.
+    Compared with the bare `gomodel` target (master key, one upstream, access
+    log off)."""
+    name = "gomodel-features"
+    # limits that the load never reaches: the gate checks them on every request
+    KEY_FIELDS = {"user_path": "/bench/features", "models": ["vllm/"], "rpm": 1_000_000_000,
+                  "tpm": 1_000_000_000_000, "max_concurrency": 100_000,
+                  "budgets": [{"period": "daily", "max_tokens": 10_000_000_000_000}]}
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.key = None
+        self.key_id = None
+
+    def env(self):
+        env = super().env()
+        # a fresh store per start: keys, usage records and the ledger's SQLite file
+        data = os.path.join(self.ctx.run_dir, "%s-data-%s" % (self.name, time.strftime("%H%M%S")))
+        env.update({"GOMODEL_ACCESS_LOG": "true", "METRICS_ENABLED": "true", "USAGE_ENABLED": "true",
+                    "RATE_LIMITS_ENABLED": "true", "BUDGETS_ENABLED": "true", "GOMODEL_DATA_DIR": data})
+        return env
+
+    def master_headers(self):
+        return {"Authorization": "Bearer " + self.ctx.api_key}
+
+    def headers(self):
+        return {"Authorization": "Bearer " + self.key} if self.key else self.master_headers()
+
+    def ready(self):
+        # readiness is the gateway's (master key); the managed key comes after
+        key, self.key = self.key, None
+        try:
+            return super().ready()
+        finally:
+            self.key = key
+
+    def after_ready(self):
+        """Create the managed key (admin API, master key), then wait until a
+        request made with it is answered (every process sees a new key within
+        about a second)."""
+        if not self.ctx.api_key:
+            raise RuntimeError("%s needs a master key (it makes a managed key with it); drop --no-auth" % self.name)
+        body = json.dumps(dict(self.KEY_FIELDS, name="bench-features-%d" % self.port)).encode()
+        req = urllib.request.Request(self.base_url + "/admin/api/v1/auth-keys", data=body, method="POST",
+                                     headers=dict(self.master_headers(), **{"Content-Type": "application/json"}))
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                made = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError("POST /admin/api/v1/auth-keys -> %s %s" % (e.code, e.read()[:200]))
+        self.key, self.key_id = made["value"], made["id"]
+        deadline = time.monotonic() + 15
+        good = 0
+        while good < 10 * self.expected_listeners():
+            ok, why = self.models_listed()
+            good = good + 1 if ok else 0
+            if time.monotonic() > deadline:
+                raise RuntimeError("the managed key is not accepted: %s" % why)
+            time.sleep(0.02 if ok else 0.2)
+
+    def stop(self):
+        super().stop()
+        self.key = None
+
+    def check_features(self):
+        """What shows that every feature was on, read before the target stops:
+        usage records for the managed key, the request counter on /metrics, and
+        access log lines. Returns a dict for the report."""
+        out = {"key_id": self.key_id}
+        st, body = http_get(self.base_url + "/admin/api/v1/usage/keys?days=1", self.master_headers(), timeout=10)
+        try:
+            rows = json.loads(body).get("data", []) if st == 200 else []
+            out["usage_records"] = sum(r.get("requests", 0) for r in rows if r.get("auth_key_id") == self.key_id)
+        except ValueError:
+            out["usage_records"] = None
+        st, body = http_get(self.base_url + "/metrics", self.master_headers(), timeout=10)
+        total = 0.0
+        for line in body.decode("utf-8", "replace").splitlines() if st == 200 else ():
+            if line.startswith("gomodel_requests_total{"):
+                try:
+                    total += float(line.rsplit(" ", 1)[1])
+                except ValueError:
+                    pass
+        out["metrics_requests_total"] = total if st == 200 else None
+        try:
+            with open(self.log, "rb") as f:
+                out["access_log_lines"] = sum(1 for line in f if b"gomodel.access" in line)
+        except OSError:
+            out["access_log_lines"] = None
+        return out
+
+
 class LiteLLM(Target):
-    """LiteLLM proxy: own venv, one worker, no DB, no retries, logging off."""
+    """LiteLLM proxy: own venv, one worker (`--litellm-workers`), no DB, no retries, logging off."""
     name = "litellm"
     start_timeout = 180.0
 
@@ -327,7 +471,8 @@ class LiteLLM(Target):
 
     def command(self):
         return [os.path.join(self.venv, "bin", "litellm"), "--config", self.config_path(),
-                "--host", "127.0.0.1", "--port", str(self.port), "--num_workers", "1"] + \
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--num_workers", str(getattr(self.ctx, "litellm_workers", None) or self.ctx.args.litellm_workers or 1)] + \
             shlex.split(self.ctx.args.litellm_args)
 
     def env(self):
@@ -419,5 +564,68 @@ class Portkey(Target):
         return st == 200, "GET / -> %s" % st
 
 
-TARGETS = {"direct": Direct, "gomodel": GoModel, "gomodel-pool": GoModelPool, "litellm": LiteLLM,
-           "portkey": Portkey}
+class VllmRouter(Target):
+    """The vLLM project's Rust router (`pip install vllm-router`, own venv),
+    `--policy round_robin` (`--vllm-router-policy`) over every mock of the run:
+    a proxy with no keys and no usage, the floor of what a hop in front of vLLM
+    costs. Its Prometheus exporter listens on loopback on a free port."""
+    name = "vllm-router"
+    start_timeout = 60.0
+
+    @property
+    def venv(self):
+        return self.ctx.args.vllm_router_venv
+
+    @property
+    def exe(self):
+        return os.path.join(self.venv, "bin", "vllm-router")
+
+    def install(self):
+        if os.path.exists(self.exe):
+            return
+        if self.ctx.args.no_install:
+            self.unavailable = "%s missing and --no-install was given" % self.exe
+            return
+        log = os.path.join(self.ctx.run_dir, "install-vllm-router.log")
+        try:
+            run_quiet([sys.executable, "-m", "venv", self.venv], log)
+            run_quiet([os.path.join(self.venv, "bin", "pip"), "install", "-q", "vllm-router"], log)
+        except RuntimeError:
+            self.unavailable = "pip install vllm-router failed: %s" % _last_line(log)
+            return
+        if not os.path.exists(self.exe):
+            self.unavailable = "pip install vllm-router installed no %s" % self.exe
+
+    def version(self):
+        r = subprocess.run([os.path.join(self.venv, "bin", "python"), "-c",
+                            "import importlib.metadata as m; print(m.version('vllm-router'))"],
+                           capture_output=True, text=True)
+        return "%s, --policy %s over %d mock(s)" % (r.stdout.strip() or "?", self.ctx.args.vllm_router_policy,
+                                                   len(self.ctx.mock_urls))
+
+    def command(self):
+        return [self.exe, "--host", "127.0.0.1", "--port", str(self.port), "--worker-urls", *self.ctx.mock_urls,
+                "--policy", self.ctx.args.vllm_router_policy, "--log-level", "warning",
+                # its Prometheus exporter listens on 0.0.0.0:29000 by default
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(proc.free_port())] + \
+            shlex.split(self.ctx.args.vllm_router_args)
+
+    def headers(self):
+        return {}  # no keys: it checks none and would pass ours on to vLLM
+
+    def ready(self):
+        st, _ = http_get(self.base_url + "/health")
+        if st != 200:
+            return False, "GET /health -> %s" % st
+        return self.models_listed()
+
+
+def _last_line(path):
+    lines = [line for line in tail(path, 40).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "?"
+
+
+TARGETS = {"direct": Direct, "gomodel": GoModel, "gomodel-pool": GoModelPool, "gomodel-features": GoModelFeatures,
+           "litellm": LiteLLM, "portkey": Portkey, "vllm-router": VllmRouter}
+# targets in front of --pool-replicas mocks
+POOL_TARGETS = ("gomodel-pool", "gomodel-features")

@@ -5,11 +5,16 @@ checked by the Lua response() hook); streaming ones under streamload.mjs
 (every stream read to the end and checked). Around the measurement window the
 harness reads CPU counters from /proc, samples the gateway tree's RSS and
 counts the tree's user-space instructions (perf stat, when available).
+Both tools also run a fixed number of requests (`run_wrk_count`,
+`run_stream(..., extra={"count": N})`), as GoModel's benchmark does.
 """
 
 import json
 import os
+import re
+import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -19,6 +24,11 @@ from .targets import BENCH_DIR, CHAT_MODEL, EMBED_MODEL, PACED_MODEL, http_get
 N_TOKENS = 20
 CHAT_TEXT = "mockchat" + "".join(" t%02d" % i for i in range(1, N_TOKENS))
 RESP_TEXT = "mockresp" + "".join(" t%02d" % i for i in range(1, N_TOKENS))
+MSG_TEXT = "mockmsgs" + "".join(" t%02d" % i for i in range(1, N_TOKENS))
+# the tokens after the first, the same on every route: a gateway that answers
+# Messages through the upstream's chat or Responses route has another first token
+TOKENS_TAIL = "".join(" t%02d" % i for i in range(1, N_TOKENS))
+ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
 PROMPT = [{"role": "user", "content": "Say hello in twenty tokens."}]
 
 
@@ -31,16 +41,22 @@ def embed_value(i):
 
 
 class Workload:
-    def __init__(self, name, runner, path, body, route, markers=(), sse=None, expect=None, usage=False):
+    def __init__(self, name, runner, path, body, route, markers=(), sse=None, expect=None, usage=False,
+                 expect_alt=(), headers=None):
         self.name = name
         self.runner = runner      # "wrk" | "stream"
         self.path = path
         self._body = body         # function(model_name_fn) -> dict
         self.route = route        # the mock's counter for the upstream call
         self.markers = list(markers)
-        self.sse = sse            # "chat" | "responses"
+        self.sse = sse            # "chat" | "responses" | "messages"
         self.expect = expect
+        self.expect_alt = list(expect_alt)  # other texts a stream may carry (a bridged answer)
         self.usage = usage
+        self.headers = dict(headers or {})  # sent with every request, beside the target's own
+
+    def request_headers(self, target):
+        return dict(target.headers(), **self.headers)
 
     def body(self, target):
         return json.dumps(self._body(target.model), separators=(",", ":"))
@@ -74,6 +90,20 @@ WORKLOADS = {
         lambda m: {"model": m(CHAT_MODEL), "input": "Say hello in twenty tokens.", "max_output_tokens": N_TOKENS,
                    "stream": True},
         route="responses_stream", sse="responses", expect=RESP_TEXT),
+    # Anthropic Messages: vLLM serves them itself; a gateway may also answer them
+    # through the upstream's chat or Responses route (LiteLLM does: the text then
+    # starts with "mockchat" or "mockresp"; the report notes the route from the
+    # mock's counters)
+    "messages": Workload(
+        "messages", "wrk", "/v1/messages",
+        lambda m: {"model": m(CHAT_MODEL), "max_tokens": N_TOKENS, "messages": PROMPT},
+        route="messages", headers=ANTHROPIC_HEADERS,
+        markers=[TOKENS_TAIL, '~"type"%s*:%s*"message"', '~"stop_reason"%s*:%s*"']),
+    "messages_stream": Workload(
+        "messages_stream", "stream", "/v1/messages",
+        lambda m: {"model": m(CHAT_MODEL), "max_tokens": N_TOKENS, "messages": PROMPT, "stream": True},
+        route="messages_stream", sse="messages", expect=MSG_TEXT, expect_alt=[CHAT_TEXT, RESP_TEXT], usage=True,
+        headers=ANTHROPIC_HEADERS),
 }
 
 WRK_LUA = os.path.join(BENCH_DIR, "wrk", "post.lua")
@@ -90,12 +120,14 @@ def mock_stats(ctx):
     return total
 
 
-def stream_config(target, wl, conc, warmup, duration, once=False):
-    return {
-        "url": target.base_url + wl.path, "headers": target.headers(), "body": wl.body(target),
-        "kind": wl.sse, "expect_text": wl.expect, "expect_usage": wl.usage,
+def stream_config(target, wl, conc, warmup, duration, once=False, extra=None):
+    cfg = {
+        "url": target.base_url + wl.path, "headers": wl.request_headers(target), "body": wl.body(target),
+        "kind": wl.sse, "expect_text": wl.expect, "expect_text_alt": wl.expect_alt, "expect_usage": wl.usage,
         "concurrency": conc, "warmup_s": warmup, "duration_s": duration, "timeout_s": 30, "once": once,
     }
+    cfg.update(extra or {})
+    return cfg
 
 
 def preflight(ctx, target, wl):
@@ -111,7 +143,7 @@ def preflight(ctx, target, wl):
             return None
         return "; ".join(out["error_samples"]) or "no answer"
     req = urllib.request.Request(target.base_url + wl.path, data=wl.body(target).encode(), method="POST",
-                                 headers=dict(target.headers(), **{"Content-Type": "application/json"}))
+                                 headers=dict(wl.request_headers(target), **{"Content-Type": "application/json"}))
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             status, body = r.status, r.read().decode("utf-8", "replace")
@@ -121,17 +153,31 @@ def preflight(ctx, target, wl):
         return "request failed: %s" % e
     if status != 200:
         return "status %s: %s" % (status, body[:300])
-    missing = [m for m in wl.markers if m not in body]
+    missing = [m for m in wl.markers if not has_marker(body, m)]
     if missing:
         return "answer lacks %s: %s" % (missing, body[:300])
     return None
 
 
-def _wrk_cmd(ctx, target, wl, conc, duration, bodyfile):
-    threads = max(1, min(conc, len(ctx.load_cpu_list)))
+def has_marker(body, marker):
+    """What wrk/post.lua checks: a plain substring, or (a marker starting with
+    "~") a Lua pattern; the patterns used here need only %s translated."""
+    if marker.startswith("~"):
+        return re.search(marker[1:].replace("%s", r"\s"), body) is not None
+    return marker in body
+
+
+def wrk_threads(ctx, conc):
+    return max(1, min(conc, len(ctx.load_cpu_list)))
+
+
+def _wrk_cmd(ctx, target, wl, conc, duration, bodyfile, count=None):
+    threads = wrk_threads(ctx, conc)
     cmd = proc.load_cmd(ctx, ["wrk", "-t%d" % threads, "-c%d" % conc, "-d%ds" % duration, "--timeout", "30s",
                               "-s", WRK_LUA, target.base_url + wl.path, "--", bodyfile, "|||".join(wl.markers)])
-    cmd += ["%s: %s" % kv for kv in target.headers().items()]
+    cmd += ["%s: %s" % kv for kv in wl.request_headers(target).items()]
+    if count is not None:
+        cmd.append("--count=%d" % count)
     return cmd
 
 
@@ -154,6 +200,40 @@ def run_wrk(ctx, target, wl, conc, warmup, duration, on_start, on_end):
     out = p.stdout.read().decode("utf-8", "replace")
     rc, ticks = proc.wait4(p)
     on_end(ticks)
+    return _wrk_result(out, rc)
+
+
+def run_wrk_count(ctx, target, wl, conc, count, max_wall, on_start, on_end):
+    """`count` requests at concurrency `conc` (each wrk thread answers its share,
+    then says so; wrk gets SIGINT once all have), or what was answered within
+    `max_wall` seconds (then `capped` is true). Latency percentiles are wrk's
+    (nearest rank over 1 µs buckets)."""
+    bodyfile = os.path.join(ctx.run_dir, "body-%s-%s.json" % (target.name, wl.name))
+    with open(bodyfile, "w") as f:
+        f.write(wl.body(target))
+    threads = wrk_threads(ctx, conc)
+    quota = -(-count // threads)
+    on_start(None)
+    t0 = time.monotonic()
+    p = subprocess.Popen(_wrk_cmd(ctx, target, wl, conc, max(1, int(round(max_wall))), bodyfile, quota),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines, done = [], 0
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("WRKTHREAD_DONE"):
+            done += 1
+            if done == threads:
+                p.send_signal(signal.SIGINT)  # wrk would otherwise sleep out its -d
+    rc, ticks = proc.wait4(p)
+    wall = time.monotonic() - t0
+    on_end(ticks)
+    res = _wrk_result("".join(lines), rc)
+    res["capped"] = done < threads
+    res["wall_s"] = round(wall, 3)
+    return res
+
+
+def _wrk_result(out, rc):
     r = _parse_prefixed(out, "WRKJSON ")
     if r is None:
         raise RuntimeError("wrk failed (rc %s): %s" % (rc, out[-500:]))
@@ -168,8 +248,10 @@ def run_wrk(ctx, target, wl, conc, warmup, duration, on_start, on_end):
     }
 
 
-def run_stream(ctx, target, wl, conc, warmup, duration, on_start, on_end):
-    cfg = stream_config(target, wl, conc, warmup, duration)
+def run_stream(ctx, target, wl, conc, warmup, duration, on_start, on_end, extra=None):
+    """Streams under streamload.mjs; `extra` adds to its config (e.g. `count`
+    and `max_wall_s` for a fixed-count run)."""
+    cfg = stream_config(target, wl, conc, warmup, duration, extra=extra)
     p = subprocess.Popen(proc.load_cmd(ctx, ["node", STREAMLOAD, json.dumps(cfg)]),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     result, rest = None, []
@@ -194,11 +276,16 @@ def run_stream(ctx, target, wl, conc, warmup, duration, on_start, on_end):
         "errors_outside_window": result["errors_outside_window"],
         "responses_done_marker": result.get("responses_done_marker", 0),
         "responses_without_event_lines": result.get("responses_without_event_lines", 0),
+        "ttfd_p50_ms": result.get("ttfd_p50_ms"), "ttfd_p95_ms": result.get("ttfd_p95_ms"),
+        "ttfd_p99_ms": result.get("ttfd_p99_ms"), "capped": bool(result.get("capped")),
+        "capped_streams": result.get("capped", 0), "alt_texts": result.get("alt_texts", 0),
     }
 
 
-def measure(ctx, target, wl, conc, warmup, duration):
-    """Run one cell once. Returns the cell's figures (see README for each field)."""
+def measure(ctx, target, wl, conc, warmup, duration, runner=None):
+    """Run one cell once. Returns the cell's figures (see README for each field).
+    `runner` replaces the workload's own (run_wrk or run_stream, called with the
+    same arguments), e.g. for a fixed-count run."""
     root = target.root_pid
     sampler = proc.RssSampler(root) if root else None
     if sampler:
@@ -228,7 +315,7 @@ def measure(ctx, target, wl, conc, warmup, duration):
             lg["ticks"] = proc.proc_ticks(lg["pid"]) - lg["start_ticks"]
         snaps["stats1"] = mock_stats(ctx)
 
-    runner = run_wrk if wl.runner == "wrk" else run_stream
+    runner = runner or (run_wrk if wl.runner == "wrk" else run_stream)
     try:
         if instr:
             instr.start()
@@ -300,6 +387,8 @@ def measure(ctx, target, wl, conc, warmup, duration):
                                    for p in sorted(b.tree_pids, key=lambda p: (p != root, p))]
                                   if root and len(b.tree_pids) > 1 else None,
         "gw_peak_rss_mib": round(peak / 2 ** 20, 1) if root else None,
+        # the peak of each process, root first (only when the tree has several)
+        "gw_peak_rss_by_process_mib": sampler.peaks_mib() if root and len(sampler.peak_by_pid) > 1 else None,
         # user-space instructions of the gateway tree per answered request, in
         # millions (perf stat -e instructions:u over the window): unlike CPU
         # seconds it does not move with the host's CPU speed

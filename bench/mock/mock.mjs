@@ -14,6 +14,9 @@
 //   POST /v1/chat/completions   JSON | SSE (role + 20 content + finish + [usage] + [DONE])
 //   POST /v1/embeddings         1024 floats
 //   POST /v1/responses          JSON | typed SSE (response.created ... response.completed)
+//   POST /v1/messages           Anthropic Messages as vLLM's anthropic router writes them: JSON |
+//                               typed SSE (message_start, content_block_start, 20 x content_block_delta,
+//                               content_block_stop, message_delta, message_stop)
 //   GET  /mock/stats            requests counted per route (the harness reads it)
 //   POST /mock/reset            zero the counters
 //
@@ -49,6 +52,7 @@ function tokens(tag) {
 }
 const CHAT_TOKENS = tokens('mockchat');
 const RESP_TOKENS = tokens('mockresp');
+const MSG_TOKENS = tokens('mockmsgs');
 const usageChat = { prompt_tokens: PROMPT_TOKENS, total_tokens: PROMPT_TOKENS + N_TOKENS, completion_tokens: N_TOKENS, prompt_tokens_details: null };
 
 const J = (o) => JSON.stringify(o);
@@ -111,6 +115,32 @@ function respStream(model) {
   return { events, usage: null, done: null, nHead: 4 };
 }
 
+// ---------------------------------------------------------------- messages (Anthropic)
+// vLLM 0.32 (vllm/entrypoints/anthropic) answers Messages itself: a whole
+// message with the None fields dropped, or `event: <type>\ndata: <json>` events
+// (message_start with the prompt's usage, one text block, message_delta with the
+// stop reason and usage, message_stop; no [DONE]). tests/fakes/vllm.py writes
+// the same shapes.
+const MSG_ID = 'chatcmpl-bench00000000000000000000000000';
+function msgJson(model) {
+  return B(J({
+    id: MSG_ID, type: 'message', role: 'assistant', content: [{ type: 'text', text: MSG_TOKENS.join('') }], model,
+    stop_reason: 'max_tokens', usage: { input_tokens: PROMPT_TOKENS, output_tokens: N_TOKENS },
+  }));
+}
+function msgStream(model) {
+  const ev = (o) => B('event: ' + o.type + '\ndata: ' + J(o) + '\n\n');
+  const events = [
+    ev({ type: 'message_start', message: { id: MSG_ID, type: 'message', role: 'assistant', content: [], model, stop_reason: null, stop_sequence: null, usage: { input_tokens: PROMPT_TOKENS, output_tokens: 0 } } }),
+    ev({ type: 'content_block_start', index: 0, content_block: { type: 'text', text: '' } }),
+  ];
+  for (const tok of MSG_TOKENS) events.push(ev({ type: 'content_block_delta', index: 0, delta: { type: 'text_delta', text: tok } }));
+  events.push(ev({ type: 'content_block_stop', index: 0 }));
+  events.push(ev({ type: 'message_delta', delta: { stop_reason: 'max_tokens' }, usage: { input_tokens: PROMPT_TOKENS, output_tokens: N_TOKENS } }));
+  events.push(ev({ type: 'message_stop' }));
+  return { events, usage: null, done: null, nHead: 2 };
+}
+
 // ---------------------------------------------------------------- embeddings
 // Values with at most 4 decimals and never integral, so that a gateway that
 // re-serialises floats (Python repr or JS) writes them exactly as we did.
@@ -140,6 +170,8 @@ const BODIES = {
   chatStream: chatStream(CHAT_MODEL), chatStreamPaced: chatStream(PACED_MODEL),
   resp: respJson(CHAT_MODEL), respPaced: respJson(PACED_MODEL),
   respStream: respStream(CHAT_MODEL), respStreamPaced: respStream(PACED_MODEL),
+  msg: msgJson(CHAT_MODEL), msgPaced: msgJson(PACED_MODEL),
+  msgStream: msgStream(CHAT_MODEL), msgStreamPaced: msgStream(PACED_MODEL),
 };
 
 // ---------------------------------------------------------------- wire
@@ -187,6 +219,8 @@ const R = {
   embed: json(embedJson),
   chatStream: wireStream(BODIES.chatStream), chatStreamPaced: wireStream(BODIES.chatStreamPaced),
   respStream: wireStream(BODIES.respStream), respStreamPaced: wireStream(BODIES.respStreamPaced),
+  msg: json(BODIES.msg), msgPaced: json(BODIES.msgPaced),
+  msgStream: wireStream(BODIES.msgStream), msgStreamPaced: wireStream(BODIES.msgStreamPaced),
 };
 
 const stats = Object.create(null);
@@ -363,6 +397,15 @@ function onConnection(sock) {
       }
       count(isPaced ? 'responses_paced' : 'responses');
       return isPaced ? later(R.respPaced, close) : send(R.resp, close);
+    }
+    if (url === '/v1/messages') {
+      if (stream) {
+        count(isPaced ? 'messages_stream_paced' : 'messages_stream');
+        if (isPaced) return paced(R.msgStreamPaced, false, close);
+        return send(R.msgStream.plain.whole, close);
+      }
+      count(isPaced ? 'messages_paced' : 'messages');
+      return isPaced ? later(R.msgPaced, close) : send(R.msg, close);
     }
     if (url === '/v1/embeddings') { count('embeddings'); return send(R.embed, close); }
     if (url === '/mock/reset') { for (const k in stats) delete stats[k]; return send(R.empty, close); }

@@ -1,9 +1,14 @@
 -- wrk script for the overhead benchmark: POST one JSON body, check every answer.
 --
--- wrk -s post.lua URL -- BODY_FILE MARKERS [HEADER ...]
+-- wrk -s post.lua URL -- BODY_FILE MARKERS [HEADER ...] [--count=N]
 --   BODY_FILE  a file holding the JSON request body
---   MARKERS    strings that every good answer contains, separated by "|||"
+--   MARKERS    strings that every good answer contains, separated by "|||";
+--              a marker starting with "~" is a Lua pattern instead (e.g.
+--              ~"type"%s*:%s*"message" accepts any JSON spacing)
 --   HEADER     extra request headers, "Name: value"
+--   --count=N  each thread stops after N answers and prints "WRKTHREAD_DONE"
+--              (fixed-count runs: the harness sends wrk SIGINT once every
+--              thread has said so, and wrk then reports at once)
 --
 -- A response counts as a failure unless its status is 200 and its body holds
 -- every marker (a fast wrong answer is a failure). done() prints one line,
@@ -34,17 +39,29 @@ function init(args)
   wrk.headers["Content-Type"] = "application/json"
   markers = {}
   if args[2] and #args[2] > 0 then markers = split(args[2], "|||") end
+  quota = nil
   for k = 3, #args do
-    local name, value = string.match(args[k], "^([^:]+):%s*(.*)$")
-    if name then wrk.headers[name] = value end
+    local n = string.match(args[k], "^%-%-count=(%d+)$")
+    if n then
+      quota = tonumber(n)
+    else
+      local name, value = string.match(args[k], "^([^:]+):%s*(.*)$")
+      if name then wrk.headers[name] = value end
+    end
   end
+  answered = 0
   failures = 0
   bad_status = 0
   good = 0
   sample = ""
 end
 
-function response(status, headers, body)
+local function has(body, m)
+  if string.sub(m, 1, 1) == "~" then return string.find(body, string.sub(m, 2)) ~= nil end
+  return string.find(body, m, 1, true) ~= nil
+end
+
+local function check(status, body)
   if status ~= 200 then
     failures = failures + 1
     bad_status = bad_status + 1
@@ -52,13 +69,25 @@ function response(status, headers, body)
     return
   end
   for _, m in ipairs(markers) do
-    if not string.find(body, m, 1, true) then
+    if not has(body, m) then
       failures = failures + 1
       if sample == "" then sample = "missing marker " .. m .. " in: " .. string.sub(body or "", 1, 200) end
       return
     end
   end
   good = good + 1
+end
+
+function response(status, headers, body)
+  check(status, body)
+  if quota then
+    answered = answered + 1
+    if answered == quota then
+      io.write("WRKTHREAD_DONE\n")
+      io.flush()
+      wrk.thread:stop()
+    end
+  end
 end
 
 local function esc(s)
