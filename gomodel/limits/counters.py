@@ -242,8 +242,14 @@ class LocalCounters(_Forms):
         for (bucket, capacity, refill, amount), level in zip(specs, levels):
             if ok:
                 level -= amount
-                buckets[bucket] = [level, now, capacity, refill]
-            out.append(taken(level, capacity, refill, amount, ok))
+                state = buckets.get(bucket)
+                if state is None:
+                    buckets[bucket] = [level, now, capacity, refill]
+                else:
+                    state[0], state[1], state[2], state[3] = level, now, capacity, refill
+                out.append(Taken(True, level, max(0.0, (capacity - level) / refill), 0.0))
+            else:
+                out.append(taken(level, capacity, refill, amount, False))
         lease = None
         if ok and slots:
             held = tuple(bucket for bucket, _ in slots)
@@ -258,11 +264,15 @@ class LocalCounters(_Forms):
         """L{ICounters.finish}, answered at once."""
         now = self._clock.seconds()
         out = []
+        buckets = self._buckets
         for bucket, capacity, refill, delta in specs:
-            state = self._buckets.get(bucket)
-            level = capacity if state is None else min(capacity, state[0] + (now - state[1]) * refill)
-            level = min(capacity, level - delta)
-            self._buckets[bucket] = [level, now, capacity, refill]
+            state = buckets.get(bucket)
+            if state is None:
+                level = min(capacity, capacity - delta)
+                buckets[bucket] = [level, now, capacity, refill]
+            else:
+                level = min(capacity, min(capacity, state[0] + (now - state[1]) * refill) - delta)
+                state[0], state[1], state[2], state[3] = level, now, capacity, refill
             out.append(level)
         for bucket in self._leases.pop(lease, None) or ():
             held = self._inflight[bucket] - 1

@@ -27,7 +27,7 @@ from gomodel.limits.specs import Budget, RateLimit, path_ancestors
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
 
-_MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_MAX_TOKEN_NEEDLES = tuple(b'"%s"' % name for name in (b"max_tokens", b"max_completion_tokens", b"max_output_tokens"))
 
 
 class Gate(Periodic):
@@ -223,10 +223,10 @@ def estimate(body) -> int:
     if not body:
         return 0
     tokens = len(body) // 4
-    for name in _MAX_TOKEN_FIELDS:
-        at = body.find(b'"%s"' % name.encode())
+    for needle in _MAX_TOKEN_NEEDLES:
+        at = body.find(needle)
         if at >= 0:
-            tail = body[at + len(name) + 2:at + len(name) + 24].lstrip(b" :")
+            tail = body[at + len(needle):at + len(needle) + 22].lstrip(b" :")
             digits = tail[:len(tail) - len(tail.lstrip(b"0123456789"))]
             if digits:
                 return tokens + int(digits)
