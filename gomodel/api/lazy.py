@@ -2,9 +2,9 @@
 
 A gateway that serves inference, health checks and the model list (the front
 serves those itself) never imports Klein, werkzeug, the admin, files and
-batches APIs or the dashboard's assets: about 5 MB of every process and a
-fifth of its start. The first request for any other route builds them (a
-one-time pause of about 0.1 s); from then on this resource hands requests
+batches APIs or the dashboard's assets: about 4 MiB of every process and
+0.1 s of its start. The first request for any other route builds them (a
+one-time pause of 0.1-0.2 s); from then on this resource hands requests
 straight to Klein's.
 """
 
