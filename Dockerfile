@@ -10,7 +10,8 @@ COPY twisted ./twisted
 # The otel extra (OTEL_ENABLED=true) is in by default, imported only when on; --build-arg GOMODEL_EXTRAS= leaves it out.
 ARG GOMODEL_EXTRAS=otel
 RUN pip install --no-cache-dir ".${GOMODEL_EXTRAS:+[$GOMODEL_EXTRAS]}" \
-    # Regenerate Twisted's plugin cache now: the non-root user cannot write site-packages later.
+    # The entrypoint never asks Twisted's plugin system; `twistd` in the image does, so write its
+    # plugin cache now: the non-root user cannot write site-packages later.
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && python -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins as p; assert any(x.tapname == 'gomodel' for x in getPlugins(IPlugin, p) if hasattr(x, 'tapname'))" \
     && useradd --create-home --uid 10001 gomodel \
@@ -20,5 +21,6 @@ RUN pip install --no-cache-dir ".${GOMODEL_EXTRAS:+[$GOMODEL_EXTRAS]}" \
 USER gomodel
 WORKDIR /home/gomodel
 EXPOSE 8080
-# -n: foreground, logs to stdout; --pidfile=: no pid file, so a restarted container starts.
-ENTRYPOINT ["twistd", "-n", "--pidfile=", "gomodel"]
+# `twistd -n --pidfile= gomodel` (foreground, logs to stdout, no pid file, so a restarted container
+# starts) without Twisted's plugin scan: see gomodel/cli.py.
+ENTRYPOINT ["gomodel"]

@@ -8,24 +8,17 @@ its listeners. No other module constructs a collaborator of another room.
 
 from twisted.internet.endpoints import serverFromString
 
-from gomodel.accounting.metrics import GatewayMetrics, forget_process
-from gomodel.accounting.tracing import Telemetry
 from gomodel.accounting.usage import UsageLedger
-from gomodel.api.admin import AdminAPI
-from gomodel.api.app import GatewayApp
-from gomodel.api.batches import BatchesAPI
-from gomodel.api.budgets import BudgetsAPI
-from gomodel.api.files import FilesAPI
 from gomodel.api.inference import InferenceRoutes
+from gomodel.api.lazy import LazyRoutes
 from gomodel.api.messages import MessagesRoutes
-from gomodel.api.keys import KeysAPI
-from gomodel.api.passthrough import Passthrough
+from gomodel.api.plain import PlainRoutes
 from gomodel.api.responses import ResponsesRoute
 from gomodel.auth.keys import GatewayAuth, KeyRing
 from gomodel.auth.tenancy import CacheSalts
 from gomodel.batches.runner import BatchRunner
 from gomodel.batches.service import BatchServices
-from gomodel.dashboard import SHELL_PATHS, STATIC_PREFIX, Dashboard
+from gomodel.dashboard import SHELL_PATHS, STATIC_PREFIX
 from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
 from gomodel.http.site import GatewaySite
@@ -43,13 +36,10 @@ from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
 from gomodel.listeners import ListenerService, PoolService, RedisService
 from gomodel.service import GatewayService
-from gomodel.store import SQLiteStore
 from gomodel.store.records import process_owner
 from gomodel.store.sweeps import StoreSweeper
 from gomodel.upstream import build_server
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
-from gomodel.workers import STOP_GRACE, ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
-
 
 def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None,
                   shared_metrics=False) -> GatewayService:
@@ -64,6 +54,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     """
     gateway = GatewayService(config)
     if config.metrics.otel_enabled:  # OpenTelemetry (its SDK imported only now): started before the listeners
+        from gomodel.accounting.tracing import Telemetry
+
         gateway.telemetry = Telemetry(reactor, quiet=(b"/health", b"/health/ready",
                                                       config.metrics.endpoint.encode("ascii")))
         gateway.telemetry.setServiceParent(gateway)
@@ -129,30 +121,27 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
               gateway.batch_runner]
     BatchServices(store, *users).setServiceParent(gateway)
 
-    # Routes.
+    # Routes: the front serves the inference routes and the plain ones (health checks, the model
+    # list); Klein's, every other, are built at the first request for one (gomodel.api.lazy).
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses)
     inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
     messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate)
-    files = FilesAPI(store.files, store.blobs, config.limits.files_max_bytes)
+    plain = PlainRoutes(gateway.registry)
     # The dashboard is a page over the admin API: served only with it.
-    dashboard = Dashboard() if config.auth.admin_ui and config.auth.admin_endpoints else None
-    app = GatewayApp(gateway.registry, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
-                     files=files, batches=BatchesAPI(store.batches, store.files, gateway.batch_runner),
-                     admin=AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage,
-                                    keys=KeysAPI(store.keys, gateway.keys, reactor, book),
-                                    budgets=BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
-                                    if book is not None else None)
-                     if config.auth.admin_endpoints else None,
-                     dashboard=dashboard)
+    dashboard = config.auth.admin_ui and config.auth.admin_endpoints
+    routes = LazyRoutes(lambda: _klein_app(config, reactor, gateway, store, book, plain, responses, exchange,
+                                           dashboard))
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).
     gateway.drain = Drain(reactor, gateway.listeners, config.server.shutdown_timeout)
     sinks, starts, pages, open_paths = [], [gateway.drain.started], {}, []
-    if dashboard is not None:  # its page and assets hold no data: every data call needs the master key
+    if dashboard:  # its page and assets hold no data: every data call needs the master key
         open_paths.extend(SHELL_PATHS)
     if config.metrics.access_log:
         sinks.append(AccessLog())
     if config.metrics.enabled:
+        from gomodel.accounting.metrics import GatewayMetrics
+
         gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.in_flight)
         sinks.append(gateway.metrics)
         starts.append(gateway.metrics.started)
@@ -165,20 +154,22 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if gateway.telemetry is not None:
         sinks.append(gateway.telemetry)
     sinks.append(gateway.drain)
-    front = FrontResource(app.app.resource(), reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
+    front = FrontResource(routes, reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
                           dialects=messages.dialects(),
-                          tracer=gateway.telemetry.trace if gateway.telemetry is not None else None)
+                          tracer=gateway.telemetry.trace if gateway.telemetry is not None else None, plain=plain.find)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
                                                         closed_to_keys=[config.metrics.endpoint],
                                                         open_prefixes=[STATIC_PREFIX] if dashboard else []),
-                               upload_sink=files.upload_sink)
+                               upload_sink=routes.upload_sink)
     gateway.site.noisy = False
     gateway.drain.site = gateway.site
-    app.readiness = Readiness(gateway.drain, gateway.registry, store, shared_counters, pins)
+    plain.readiness = Readiness(gateway.drain, gateway.registry, store, shared_counters, pins)
 
     # Listeners, and the processes that share them.
+    if role != "single":
+        from gomodel.workers import STOP_GRACE, ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
     for description in config.server.listen:
         if role == "single":
             endpoint = serverFromString(reactor, description)
@@ -188,6 +179,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         listener.setServiceParent(gateway)
         gateway.listeners.append(listener)
     if role == "primary" and config.server.workers > 1:
+        from gomodel.accounting.metrics import forget_process
+
         gateway.supervisor = WorkerSupervisor(reactor, config.server.workers, gateway.listeners, worker_argv,
                                               worker_env, grace=config.server.shutdown_timeout + STOP_GRACE,
                                               dead=forget_process if shared_metrics else None)
@@ -197,6 +190,29 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     return gateway
 
 
+def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange, dashboard):
+    """Klein's routes and every API they mount (imported now: at the first request for one of them)."""
+    from gomodel.api.admin import AdminAPI
+    from gomodel.api.app import GatewayApp
+    from gomodel.api.batches import BatchesAPI
+    from gomodel.api.budgets import BudgetsAPI
+    from gomodel.api.files import FilesAPI
+    from gomodel.api.keys import KeysAPI
+    from gomodel.api.passthrough import Passthrough
+    from gomodel.dashboard import Dashboard
+
+    admin = None
+    if config.auth.admin_endpoints:
+        admin = AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage,
+                         keys=KeysAPI(store.keys, gateway.keys, reactor, book),
+                         budgets=BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
+                         if book is not None else None)
+    return GatewayApp(plain, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
+                      files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes),
+                      batches=BatchesAPI(store.batches, store.files, gateway.batch_runner), admin=admin,
+                      dashboard=Dashboard() if dashboard else None)
+
+
 def _store(settings, reactor):
     """The store service of C{STORAGE_TYPE}: SQLite in C{GOMODEL_DATA_DIR} (one host), or PostgreSQL
     (C{POSTGRES_URL}, shared by every host; psycopg is imported only then)."""
@@ -204,6 +220,8 @@ def _store(settings, reactor):
         from gomodel.store.postgresql import PostgreSQLStore
 
         return PostgreSQLStore(settings.postgres_url, reactor, max_conns=settings.postgres_max_conns)
+    from gomodel.store import SQLiteStore
+
     return SQLiteStore(settings.data_dir, reactor)
 
 

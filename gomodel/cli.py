@@ -1,11 +1,78 @@
-"""The C{gomodel} console script: C{twistd -n --pidfile= gomodel} with the given options."""
+"""The C{gomodel} command: C{twistd -n --pidfile= gomodel} with the given options, lean.
 
+It runs twistd's own runner (the same options, logging, signals and exit
+statuses) but hands it gomodel's plugin directly: Twisted's plugin system is
+never asked, so no plugin module of any installed package is imported and no
+plugin cache is read. C{twistd -n gomodel} asks it: with a plugin cache that
+is written, that costs twistd about 1 MB of interfaces it unpickles; with none
+(a fresh C{pip install .}, or a site-packages the process cannot write) it
+imports every plugin module of every installed package, Twisted's own
+loading OpenSSL and SSH (about 12 MB). The gomodel plugin then hands the
+process over to this runner (L{leave_plugin_scan}): same pid, same arguments,
+none of those modules.
+
+Nothing here imports Twisted at module level: the plugin imports this module.
+"""
+
+import os
 import sys
+
+# The command line a process hands itself over with: the original sys.path[0]
+# (the twistd script's directory, or '' for python -c) and argv come along.
+_HANDOVER = ("import sys; first = sys.argv.pop(1); del sys.argv[0]\n"
+             "if not sys.flags.safe_path: sys.path[0] = first\n"
+             "from gomodel.cli import twistd; twistd()")
 
 
 def main(argv=None):
-    from twisted.scripts.twistd import run
+    """The console script: C{gomodel [--listen ...] [--config ...] [--workers N]}."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sys.argv = [sys.argv[0] if sys.argv else "gomodel", "-n", "--pidfile=", "gomodel", *argv]
+    twistd()
 
-    argv = sys.argv[1:] if argv is None else argv
-    sys.argv = ["twistd", "-n", "--pidfile=", "gomodel", *argv]
-    run()
+
+def twistd():
+    """twistd's runner on C{sys.argv}, knowing gomodel's plugin only (no plugin scan, no cache)."""
+    from twisted.application import app
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+    from twisted.plugins.gomodel_plugin import gomodel as maker
+    from twisted.scripts import twistd as script
+
+    class ServerOptions(script.ServerOptions):
+        @staticmethod
+        def _getPlugins(interface, package=None):
+            return [maker] if interface is IServiceMaker else getPlugins(interface, package)
+
+    app.run(script.runApp, ServerOptions)
+
+
+def leave_plugin_scan():
+    """Under twistd, when it had to import every plugin module to find gomodel's: become the
+    C{gomodel} runner (L{twistd}) with the same arguments, in the same process (C{exec}).
+
+    Nothing has happened yet that the new program would miss: twistd calls
+    this while it parses its options, before a pid file, a log or a reactor.
+    Returns (and twistd goes on) when the plugin cache was used.
+    """
+    if os.name != "posix" or not sys.executable or not scanned_every_plugin():
+        return
+    import subprocess
+
+    first = "" if sys.flags.safe_path else sys.path[0]
+    argv = [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", _HANDOVER, first, *sys.argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+def scanned_every_plugin() -> bool:
+    """Whether plugin modules that make no twistd service were imported: twistd read no plugin
+    cache (with one, it imports only the modules of the services it lists)."""
+    from twisted.application.service import IServiceMaker
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("twisted.plugins.") and module is not None:
+            if not any(IServiceMaker.providedBy(value) for value in list(vars(module).values())):
+                return True
+    return False

@@ -9,10 +9,10 @@ made it no longer knows it (vLLM restarted, or its store is off).
 
 import os
 
-from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gomodel.periodic import Repeating
 from gomodel.store.sweeps import claimed
 
 MAX_CHAIN = 1000  # turns followed back through previous_response_id
@@ -84,7 +84,7 @@ async def conversation(store, record) -> list:
     return items
 
 
-class ResponseRetention(TimerService):
+class ResponseRetention(Repeating):
     """Deletes stored responses older than the retention, at start and then every C{interval} seconds.
 
     A claimed job (C{"sweep:responses"}): of several processes on one store,

@@ -8,7 +8,6 @@ import sys
 from twisted.python import usage
 
 from gomodel.config import ConfigError, load_config
-from gomodel.workers import parse_tcp
 
 
 class Options(usage.Options):
@@ -54,6 +53,8 @@ class Options(usage.Options):
         if not any(p.base_url.startswith("https:") for p in config.upstreams.providers):
             _keep_openssl_out()
         if config.server.workers > 1 or self["worker-child"]:
+            from gomodel.workers import parse_tcp
+
             for description in config.server.listen:
                 try:
                     parse_tcp(description)
@@ -84,12 +85,13 @@ def makeService(options):
         _share_metrics(reactor)  # before prometheus_client is imported: it reads the directory then
 
     from gomodel.build import build_gateway
-    from gomodel.workers import worker_argv
 
     reactor.callWhenRunning(_freeze_startup_objects)
     if options["worker-child"]:  # the primary's metrics directory came down in the environment
         return build_gateway(config, reactor, role="worker", shared_metrics="PROMETHEUS_MULTIPROC_DIR" in os.environ)
     if primary:
+        from gomodel.workers import worker_argv
+
         return build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv),
                              worker_env=os.environ, shared_metrics=config.metrics.enabled)
     return build_gateway(config, reactor)

@@ -193,7 +193,8 @@ class ParentWatch(Service):
 
 
 def worker_argv(options_argv):
-    """The command line of a worker: this twistd, as a worker, without the primary's --listen/--workers."""
+    """The command line of a worker: the C{gomodel} runner (L{gomodel.cli}), as a worker, without the
+    primary's --listen/--workers."""
     kept = []
     skip = False
     for arg in options_argv:
@@ -206,5 +207,5 @@ def worker_argv(options_argv):
         if arg.startswith(("--listen=", "--workers=")):
             continue
         kept.append(arg)
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+    return [sys.executable, "-c", "from gomodel.cli import twistd; twistd()",
             "-n", "--pidfile=", "gomodel", "--worker-child", *kept]

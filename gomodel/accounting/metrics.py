@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from gomodel.accounting.tokens import TOKEN_TYPES, tokens_by_type
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
 
 # Seconds: from a millisecond relay to a ten-minute generation.
@@ -109,35 +110,9 @@ class GatewayMetrics:
                 tuple(self._tokens.labels(*names, kind) for kind in TOKEN_TYPES))
 
 
-TOKEN_TYPES = ("input", "output", "cached", "reasoning")
-
-
 def _names(ctx):
     return (ctx.provider_type or "-", ctx.provider or "-",
             f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else "-")
-
-
-def tokens_by_type(usage: dict) -> tuple:
-    """The counts of L{TOKEN_TYPES} in a usage object (chat's, the Responses API's or Anthropic's
-    naming); 0 where unknown.
-
-    Anthropic's C{input_tokens} leaves out the prompt tokens read from or written to its
-    cache (C{cache_read_input_tokens}, C{cache_creation_input_tokens}): they are added to
-    the input, and the cache reads are the cached tokens, as in the other namings.
-    """
-    details_in = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
-    details_out = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
-    cache_read = _count(usage.get("cache_read_input_tokens"))
-    cache_written = _count(usage.get("cache_creation_input_tokens"))
-    cached = _count(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0
-    return (_count(usage.get("prompt_tokens", usage.get("input_tokens"))) + cache_read + cache_written,
-            _count(usage.get("completion_tokens", usage.get("output_tokens"))),
-            cached or cache_read,
-            _count(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0)
-
-
-def _count(value) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 class ReplicaCollector:

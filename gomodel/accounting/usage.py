@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gomodel.accounting.metrics import tokens_by_type
+from gomodel.accounting.tokens import tokens_by_type
 from gomodel.logs import log_failure
 from gomodel.store.sweeps import claimed
 

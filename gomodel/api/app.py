@@ -1,21 +1,18 @@
-"""The gateway's Klein routes: everything but the inference routes (see L{gomodel.api.inference}).
+"""The gateway's Klein routes: everything but the inference routes (see L{gomodel.api.inference}) and the
+front's plain routes (L{gomodel.api.plain}).
 
 Every collaborator is built by the composition root (L{gomodel.build}) and
-handed in; nothing is wired here.
+handed in; nothing is wired here. The composition root builds this app, and
+imports Klein, at the first request that needs it.
 """
 
 from klein import Klein
 from twisted.logger import Logger
 
-from gomodel import errors, jsonutil
-from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
+from gomodel import errors
 from gomodel.api.passthrough import PASSTHROUGH_METHODS
-from gomodel.http import render
 from gomodel.errors import InvalidRequest
-from gomodel.http.bodies import json_answer
 from gomodel.http.render import install as install_error_handlers
-
-_HEALTH = jsonutil.dumps({"status": "ok"})
 
 
 class GatewayApp:
@@ -26,8 +23,9 @@ class GatewayApp:
     app.url_map.merge_slashes = False  # /p/ endpoints are checked and normalised by us
     log = Logger()
 
-    def __init__(self, registry, responses, passthrough, *, files=None, batches=None, admin=None, dashboard=None):
+    def __init__(self, plain, responses, passthrough, *, files=None, batches=None, admin=None, dashboard=None):
         """
+        @param plain: the L{gomodel.api.plain.PlainRoutes} (health checks and the model list).
         @param responses: the L{gomodel.api.responses.ResponsesRoute} (its lifecycle routes).
         @param passthrough: the L{gomodel.api.passthrough.Passthrough}.
         @param files: an object with a Klein C{.app} serving C{/v1/files*}, or None.
@@ -36,59 +34,33 @@ class GatewayApp:
         @param dashboard: the L{gomodel.dashboard.Dashboard} (C{/admin/dashboard}, C{/admin/static/*}), or None.
         """
         self._dashboard = dashboard
-        self._registry = registry
+        self._plain = plain
         self._responses = responses
         self._passthrough = passthrough
-        self._files = files
+        self.files = files
         self._batches = batches
         self._admin = admin
+        self.resource = self.app.resource()
 
     # -- routes ----------------------------------------------------------------
 
+    # The front serves these itself (L{gomodel.api.plain}); here are their other spellings.
+
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request):
-        return json_answer(request, _HEALTH)
-
-    readiness = None  # a gomodel.lifecycle.Readiness, set by the composition root
+        return self._plain.health(request)
 
     @app.route("/health/ready", methods=["GET", "HEAD"])
     def ready(self, request):
-        """200 when the gateway should get traffic (C{degraded}, naming what is down, when the database or
-        Redis is); 503 with the reasons while it should not."""
-        reasons = self.readiness.reasons() if self.readiness is not None else []
-        down = self.readiness.down() if self.readiness is not None else {}
-        if reasons:
-            request.setResponseCode(503)
-            body = {"status": "not_ready", "reasons": reasons}
-            return json_answer(request, dict(body, down=down) if down else body)
-        return json_answer(request, {"status": "degraded", "down": down} if down else {"status": "ready"})
+        return self._plain.ready(request)
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request):
-        """OpenAI's model list (Anthropic's, paged, for a client that sends C{anthropic-version});
-        a key limited to some models sees only those."""
-        principal = request.context.principal
-        models = None
-        if principal is not None and principal.models is not None:
-            models = [model for model in self._registry.models() if _may_use(principal, model)]
-        if wants_anthropic(request):
-            request.context.dialect = render.ANTHROPIC
-            return json_answer(request, anthropic_models_page(request, models if models is not None
-                                                              else self._registry.models()))
-        if models is None:
-            return json_answer(request, self._registry.models_body())
-        return json_answer(request, {"object": "list", "data": models})
+        return self._plain.list_models(request)
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     def retrieve_model(self, request, model_id):
-        anthropic = wants_anthropic(request)
-        if anthropic:
-            request.context.dialect = render.ANTHROPIC
-        model = self._registry.model(model_id)
-        principal = request.context.principal
-        if model is None or (principal is not None and not _may_use(principal, model)):
-            raise errors.ModelNotFound(model_id)  # a model the key may not use is not named to it
-        return json_answer(request, anthropic_model(model) if anthropic else model)
+        return self._plain.retrieve_model(request, model_id)
 
     @app.route("/v1/responses/<response_id>", methods=["GET"])
     async def retrieve_response(self, request, response_id):
@@ -119,7 +91,7 @@ class GatewayApp:
 
     @app.route("/v1/files", branch=True, strict_slashes=False)
     def files(self, request):
-        return self._mounted(self._files, request)
+        return self._mounted(self.files, request)
 
     @app.route("/v1/batches", branch=True, strict_slashes=False)
     def batches(self, request):
@@ -152,11 +124,3 @@ class GatewayApp:
 
     install_error_handlers(app)
 
-
-def _may_use(principal, model) -> bool:
-    """Whether C{principal} may use a listed model (by its qualified id, or its id at its provider)."""
-    model_id = model["id"]
-    provider = model.get("owned_by")
-    if provider and model_id.startswith(provider + "/"):
-        return principal.allows(model_id, model_id[len(provider) + 1:])
-    return principal.allows(model_id)

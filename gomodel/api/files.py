@@ -10,7 +10,7 @@ from klein import Klein
 from gomodel.http.bodies import json_answer, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
-from gomodel.api.uploads import UploadSink
+from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.store.records import new_file_id
@@ -19,7 +19,6 @@ from gomodel.store.records import new_file_id
 UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "user_data", "vision", "evals")
 LIST_LIMIT_MAX = 10000
 BUFFERED_CHUNK = 64 * 1024
-_UPLOAD_PATHS = (b"/v1/files", b"/v1/files/")
 
 
 def file_object(record) -> dict:
@@ -52,7 +51,7 @@ class FilesAPI:
 
         Called when the request's headers are in and accepted; the body has not been read.
         """
-        if method != b"POST" or path not in _UPLOAD_PATHS:
+        if method != b"POST" or path not in UPLOAD_PATHS:
             return None
         sink = self._new_sink(request, length)
         # However the request ends (answered, refused, client gone mid-upload),

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from gomodel.errors import InvalidRequest, RequestTooLarge, StorageUnavailable
 
+UPLOAD_PATHS = (b"/v1/files", b"/v1/files/")  # where C{POST} is an upload
 FIELD_LIMIT = 64 * 1024  # bytes of one non-file field
 OVERHEAD = 1024 * 1024  # bytes of multipart framing and fields allowed besides the file
 MAX_PARTS = 32

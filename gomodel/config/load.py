@@ -14,8 +14,6 @@ import dataclasses
 import re
 from typing import Mapping, Optional, Sequence
 
-import yaml
-
 from gomodel.config.errors import ConfigError
 from gomodel.config.providers import load_providers
 from gomodel.config.virtual import load_failover_rules, load_virtual_models
@@ -112,6 +110,8 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def _read_yaml(path, env) -> dict:
     """Read the YAML file, expanding C{${VAR}} and C{${VAR:-default}} from C{env}."""
+    import yaml  # only with a file: a gateway configured by its environment never loads PyYAML
+
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -2,13 +2,15 @@
 
 It makes the request's L{RequestContext} (named by X-Request-Id), answers
 the refusals the site decided when the head came in (401, 413), serves the
-inference routes itself (by exact path, no per-request routing machinery)
-and hands every other request to Klein. Whatever the route, failures end in
+inference routes (by exact path, no per-request routing machinery) and the
+plain routes (health checks, model list) itself, and hands every other
+request to Klein. Whatever the route, failures end in
 L{gomodel.http.render.fail} and the context completes once, when the
 response is over.
 """
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -23,9 +25,12 @@ class FrontResource(Resource):
     isLeaf = True
 
     def __init__(self, routes, clock, *, body_limit=None, sinks=(), starts=(), exact=None, pages=None,
-                 dialects=None, tracer=None):
+                 dialects=None, tracer=None, plain=None):
         """
         @param routes: the resource serving every other route (Klein's).
+        @param plain: a function of a request returning the handler of one of the routes served
+            without Klein (L{gomodel.api.plain.PlainRoutes.find}: a function of the request
+            returning the body), or None for any other request.
         @param sinks: callables of a completed L{RequestContext} (the access log, metrics, ...).
         @param starts: callables of a new L{RequestContext} (metrics' requests in flight).
         @param pages: exact path -> function of a GET request returning its body (C{/metrics}).
@@ -47,6 +52,7 @@ class FrontResource(Resource):
         self._dialects = dialects or {}
         self._body_limit = body_limit
         self._tracer = tracer
+        self._plain = plain
 
     def render(self, request):
         request_id = request_id_for(request)
@@ -69,7 +75,15 @@ class FrontResource(Resource):
                 ctx.endpoint = request.path.decode("ascii")
                 return page(request)
             if handler is None:
-                return self._routes.render(request)
+                plain = self._plain(request) if self._plain is not None else None
+                if plain is None:
+                    return self._routes.render(request)
+                try:
+                    body = plain(request)
+                except Exception:
+                    body = render.fail(request, Failure())
+                write_answer(body, request)
+                return NOT_DONE_YET
             return render.render(request, errors.MethodNotAllowed(
                 f"Method {request.method.decode('ascii', 'replace')} is not allowed on "
                 f"{request.path.decode('ascii')} (allowed: POST).", headers={"Allow": "POST"}), ctx.dialect)

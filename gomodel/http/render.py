@@ -14,8 +14,6 @@ C{/v1/messages}.
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
-from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
-from werkzeug.routing import RequestRedirect
 
 from gomodel import errors, jsonutil
 
@@ -122,6 +120,8 @@ def _abort(request, failure):
 
 def install(app):
     """Route every failure of a Klein C{app}'s handlers (class-based or not) through L{fail}."""
+    from werkzeug.exceptions import HTTPException  # with Klein, which needs it anyway
+
     app.handle_errors(HTTPException)(_http_exception)
     app.handle_errors(Exception)(_failed)
 
@@ -138,6 +138,9 @@ def _failed(*args):
 
 def _http_exception(*args):
     """Werkzeug's routing answers (404, 405, redirects) as gateway errors."""
+    from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+    from werkzeug.routing import RequestRedirect
+
     request, failure = _args(args)
     exc = failure.value
     method = request.method.decode("ascii", "replace")

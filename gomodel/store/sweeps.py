@@ -8,9 +8,10 @@ away from an upload another process is still receiving and from contents
 whose record is about to be written.
 """
 
-from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from gomodel.periodic import Repeating
 
 log = Logger(namespace="gomodel.store.sweeps")
 
@@ -37,7 +38,7 @@ async def claimed(claims, name, owner, lease, work):
             log.failure("releasing the claim {name} failed", name=name)
 
 
-class StoreSweeper(TimerService):
+class StoreSweeper(Repeating):
     """Removes leftovers of the blob store at start and then every C{interval} seconds, under a claim."""
 
     log = log

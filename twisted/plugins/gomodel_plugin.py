@@ -1,8 +1,23 @@
-# No project imports here: twistd imports every plugin before it installs the
-# reactor, and gomodel's modules import Klein, which installs one.
+# No project imports at module level: twistd imports every plugin before it
+# installs the reactor, and gomodel's modules import Twisted's web server, which
+# installs one. gomodel.cli, imported when gomodel is the service asked for,
+# imports nothing of Twisted's.
 from twisted.application.service import ServiceMaker
 
-gomodel = ServiceMaker(
+
+class GatewayMaker(ServiceMaker):
+    """gomodel's twistd service. When twistd found it by importing every plugin module
+    (no plugin cache), the process becomes the C{gomodel} runner first (L{gomodel.cli})."""
+
+    @property
+    def options(self):
+        from gomodel.cli import leave_plugin_scan
+
+        leave_plugin_scan()
+        return super().options
+
+
+gomodel = GatewayMaker(
     "gomodel",
     "gomodel.tap",
     "OpenAI-compatible AI gateway in front of vLLM and other providers",

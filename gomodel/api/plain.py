@@ -1,0 +1,96 @@
+"""The routes every deployment polls, served by the front without Klein: the health checks and the model list.
+
+C{GET}/C{HEAD} of C{/health}, C{/health/ready}, C{/v1/models} and
+C{/v1/models/<id>}. Load balancers, orchestrators and clients ask for them
+from the first second; served here, they never load Klein, which a gateway
+then imports only for its other routes (L{gomodel.api.app.GatewayApp}, whose
+routes for these paths call the same handlers, and answer the paths' other
+spellings: a trailing slash, another method).
+"""
+
+from gomodel import errors, jsonutil
+from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
+from gomodel.http import render
+from gomodel.http.bodies import json_answer
+
+_HEALTH = jsonutil.dumps({"status": "ok"})
+_MODEL_PREFIX = b"/v1/models/"
+
+
+class PlainRoutes:
+    """The handlers of the health checks and the model list, over the model registry."""
+
+    readiness = None  # a gomodel.lifecycle.Readiness, set by the composition root
+
+    def __init__(self, registry):
+        self._registry = registry
+        self._exact = {b"/health": self.health, b"/health/ready": self.ready, b"/v1/models": self.list_models}
+
+    def find(self, request):
+        """The handler of C{request} (a function of it returning the body), or None when it is not
+        a C{GET} or C{HEAD} of one of these routes, spelled as here."""
+        if request.method not in (b"GET", b"HEAD"):
+            return None
+        path = request.path
+        handler = self._exact.get(path)
+        if handler is not None:
+            return handler
+        if path.startswith(_MODEL_PREFIX):
+            model_id = path[len(_MODEL_PREFIX):]
+            # Klein's routing decides anything unusual (escapes, empty segments, bytes that are not UTF-8).
+            if model_id and not model_id.endswith(b"/") and b"%" not in model_id and b"//" not in model_id:
+                try:
+                    model_id = model_id.decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+                return lambda request: self.retrieve_model(request, model_id)
+        return None
+
+    def health(self, request) -> bytes:
+        return json_answer(request, _HEALTH)
+
+    def ready(self, request) -> bytes:
+        """200 when the gateway should get traffic (C{degraded}, naming what is down, when the database or
+        Redis is); 503 with the reasons while it should not."""
+        reasons = self.readiness.reasons() if self.readiness is not None else []
+        down = self.readiness.down() if self.readiness is not None else {}
+        if reasons:
+            request.setResponseCode(503)
+            body = {"status": "not_ready", "reasons": reasons}
+            return json_answer(request, dict(body, down=down) if down else body)
+        return json_answer(request, {"status": "degraded", "down": down} if down else {"status": "ready"})
+
+    def list_models(self, request) -> bytes:
+        """OpenAI's model list (Anthropic's, paged, for a client that sends C{anthropic-version});
+        a key limited to some models sees only those."""
+        principal = request.context.principal
+        models = None
+        if principal is not None and principal.models is not None:
+            models = [model for model in self._registry.models() if _may_use(principal, model)]
+        if wants_anthropic(request):
+            request.context.dialect = render.ANTHROPIC
+            return json_answer(request, anthropic_models_page(request, models if models is not None
+                                                              else self._registry.models()))
+        if models is None:
+            return json_answer(request, self._registry.models_body())
+        return json_answer(request, {"object": "list", "data": models})
+
+    def retrieve_model(self, request, model_id: str) -> bytes:
+        """One model; L{errors.ModelNotFound} for one that is not listed, or that the key may not use."""
+        anthropic = wants_anthropic(request)
+        if anthropic:
+            request.context.dialect = render.ANTHROPIC
+        model = self._registry.model(model_id)
+        principal = request.context.principal
+        if model is None or (principal is not None and not _may_use(principal, model)):
+            raise errors.ModelNotFound(model_id)  # a model the key may not use is not named to it
+        return json_answer(request, anthropic_model(model) if anthropic else model)
+
+
+def _may_use(principal, model) -> bool:
+    """Whether C{principal} may use a listed model (by its qualified id, or its id at its provider)."""
+    model_id = model["id"]
+    provider = model.get("owned_by")
+    if provider and model_id.startswith(provider + "/"):
+        return principal.allows(model_id, model_id[len(provider) + 1:])
+    return principal.allows(model_id)

@@ -1,0 +1,211 @@
+"""A lean process: what a gateway loads at start, and what twistd's plugin scan leaves behind.
+
+Each check runs a real process and reads its C{sys.modules}, command line or
+memory map: no timing, nothing that depends on the machine's speed.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import pytest_twisted
+from twisted.web.test.requesthelper import DummyRequest
+
+from gomodel.api.lazy import LazyRoutes
+from gomodel.periodic import Repeating
+from tests.fakes.vllm import CHAT_MODEL
+from tests.rawclient import connect
+from tests.support import with_timeout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAIN_UPSTREAM = {"VLLM_BASE_URL": "http://127.0.0.1:9/v1"}
+_OURS = ("VLLM_", "OPENAI_", "GROQ_", "OPENROUTER_", "XAI_", "DEEPSEEK_", "OLLAMA_", "GOMODEL_", "OTEL_", "REDIS_",
+         "STORAGE_", "POSTGRES_", "METRICS_", "USAGE_", "ADMIN_")
+
+
+def _env(tmp_path, env, pythonpath=REPO):
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
+    run_env.update(env, PYTHONPATH=pythonpath, GOMODEL_DATA_DIR=str(tmp_path / "data"))
+    return run_env
+
+
+def _loaded_once_built(tmp_path, env, *args):
+    """The modules a process has loaded once it built the gateway as twistd does (not started)."""
+    code = ("import json, sys\n"
+            "from gomodel.tap import Options, makeService\n"
+            "options = Options()\n"
+            "options.parseOptions(sys.argv[1:])\n"
+            "makeService(options)\n"
+            "print(json.dumps(sorted(name for name, module in sys.modules.items() if module is not None)))")
+    result = subprocess.run([sys.executable, "-c", code, "--listen", "tcp:0:interface=127.0.0.1", *args],
+                            capture_output=True, text=True, env=_env(tmp_path, env), timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_a_default_gateway_loads_nothing_it_does_not_use(tmp_path):
+    loaded = _loaded_once_built(tmp_path, PLAIN_UPSTREAM)
+    unused = {"klein", "werkzeug", "yaml", "psycopg", "psycopg_pool", "redis", "opentelemetry", "OpenSSL",
+              "cryptography", "twisted.application.internet", "automat", "twisted.trial",
+              "gomodel.api.app", "gomodel.api.admin", "gomodel.api.files", "gomodel.api.batches",
+              "gomodel.accounting.tracing", "gomodel.store.postgresql", "gomodel.workers"}
+    assert not {name for name in loaded if name in unused or name.split(".")[0] in unused}
+    # what it does use (the default is everything on: metrics, usage in SQLite)
+    assert {"prometheus_client", "sqlite3", "gomodel.api.plain", "gomodel.api.inference"} <= loaded
+
+
+def test_what_is_configured_is_what_is_loaded(tmp_path):
+    config = tmp_path / "gomodel.yaml"
+    config.write_text("server:\n  master_key: k\n")
+    loaded = _loaded_once_built(tmp_path, dict(PLAIN_UPSTREAM, METRICS_ENABLED="false"), "--config", str(config))
+    assert "yaml" in loaded
+    assert "prometheus_client" not in loaded
+
+
+def test_the_gomodel_command_asks_twisted_for_no_plugin(tmp_path):
+    code = ("import atexit, json, sys\n"
+            "import twisted.plugin\n"
+            "asked = []\n"
+            "scan = twisted.plugin.getCache\n"
+            "twisted.plugin.getCache = lambda package: asked.append(package.__name__) or scan(package)\n"
+            "atexit.register(lambda: print(json.dumps({'asked': asked, 'plugins': sorted(\n"
+            "    name for name in sys.modules if name.startswith('twisted.plugins.'))})))\n"
+            "from gomodel.cli import main\n"
+            "main(['--help'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=_env(tmp_path, PLAIN_UPSTREAM), timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--listen" in result.stdout  # gomodel's own options
+    assert json.loads(result.stdout.splitlines()[-1]) == {"asked": [], "plugins": ["twisted.plugins.gomodel_plugin"]}
+
+
+def _running_twistd(tmp_path, pythonpath):
+    """C{(command line, memory map)} of a C{twistd -n gomodel} process once it listens (then it is stopped)."""
+    log_path = tmp_path / "gw.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                                 "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=_env(tmp_path, PLAIN_UPSTREAM, pythonpath), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode()
+        with open(f"/proc/{proc.pid}/maps") as f:
+            return cmdline, f.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_twistd_hands_over_to_the_gomodel_runner_after_a_plugin_scan(tmp_path):
+    # A plugin directory with no cache yet: twistd imports every module in it to find the
+    # plugins, as on a fresh install, where Twisted's own load OpenSSL.
+    plugins = tmp_path / "site" / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "lean_probe.py").write_text("import OpenSSL  # what Twisted's own plugins load on a scan\n")
+    pythonpath = os.pathsep.join([str(tmp_path / "site"), REPO])
+
+    cmdline, maps = _running_twistd(tmp_path, pythonpath)
+    assert "gomodel.cli" in cmdline  # the same process, now the gomodel runner
+    assert "cryptography" not in maps  # what the scan loaded is gone
+    assert (plugins / "dropin.cache").exists()  # and twistd wrote the cache for next time
+
+    warm = subprocess.run([sys.executable, "-c", "from twisted.plugin import IPlugin, getPlugins; "
+                           "import twisted.plugins as p; list(getPlugins(IPlugin)); "
+                           "import os; print(all(os.path.exists(os.path.join(d, 'dropin.cache')) for d in p.__path__ "
+                           "if os.path.isdir(d) and any(n.endswith('.py') and n != '__init__.py' for n in os.listdir(d))))"],
+                          capture_output=True, text=True, env=_env(tmp_path, {}, pythonpath), timeout=60)
+    if warm.stdout.strip() != "True":
+        pytest.skip("a plugin directory here cannot hold a cache: every twistd start scans")
+    cmdline, _ = _running_twistd(tmp_path, pythonpath)
+    assert "gomodel.cli" not in cmdline  # with a cache, twistd runs the gateway itself
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_routes_answer_as_kleins_routes_do_and_load_no_klein(reactor, gateway):
+    routes = gateway.service.site.resource._routes
+
+    async def answer(head):
+        client = await connect(reactor, gateway.port, head + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await with_timeout(reactor, client.lost, 10)
+        lines = bytes(client.received).split(b"\r\n")
+        return [line for line in lines if not line.lower().startswith((b"date:", b"x-request-id:"))]
+
+    model = f"vllm/{CHAT_MODEL}"
+    plain = [await answer(b"GET /health"), await answer(b"HEAD /health"), await answer(b"GET /health/ready"),
+             await answer(b"GET /v1/models"), await answer(f"GET /v1/models/{model}".encode()),
+             await answer(b"GET /v1/models/vllm/nope")]
+    assert routes._app is None  # none of them needed Klein
+    assert plain[0][0] == b"HTTP/1.1 200 OK" and plain[5][0] == b"HTTP/1.1 404 Not Found"
+    # Other spellings of the same routes go to Klein: the answers are the same.
+    klein = [await answer(b"GET /health/"), await answer(b"HEAD /health/"), await answer(b"GET /health/ready/"),
+             await answer(b"GET /v1/models/"), await answer(f"GET /v1/models/{model.replace('/', '%2F')}".encode()),
+             await answer(b"GET /v1/models/vllm%2Fnope")]
+    assert routes._app is not None
+    assert plain == klein
+
+
+def test_klein_routes_that_cannot_be_built_answer_500_and_are_tried_again(logged_errors):
+    attempts = []
+
+    def make():
+        attempts.append(1)
+        raise OSError("the dashboard's assets are missing")
+
+    routes = LazyRoutes(make)
+    for _ in range(2):
+        request = DummyRequest([b"admin"])
+        request.path = b"/admin"
+        body = routes.render(request)
+        assert request.responseCode == 500 and b"internal_error" in body
+    assert len(attempts) == 2
+    assert logged_errors.flush(OSError) == 2
+    assert routes.upload_sink(DummyRequest([b""]), b"GET", b"/v1/files", 0) is None  # builds nothing
+
+
+def test_repeating_stops_after_the_call_in_progress(reactor):
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    clock, calls = Clock(), []
+
+    def call():
+        calls.append(Deferred())
+        return calls[-1]
+
+    service = Repeating(10, call, clock)
+    service.startService()
+    assert len(calls) == 1  # at start
+    stopped = service.stopService()
+    assert not stopped.called and service.running  # the call in progress is waited for
+    calls[0].callback(None)
+    assert stopped.called and not service.running
+    clock.advance(60)
+    assert len(calls) == 1
+
+
+def test_a_failing_repeating_call_is_logged_and_not_repeated(logged_errors):
+    from twisted.internet.task import Clock
+
+    clock, calls = Clock(), []
+
+    def call():
+        calls.append(1)
+        raise RuntimeError("broken")
+
+    service = Repeating(10, call, clock)
+    service.startService()
+    clock.advance(30)
+    assert len(calls) == 1
+    assert logged_errors.flush(RuntimeError) == 1
+    assert service.stopService().called
