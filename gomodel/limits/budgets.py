@@ -42,7 +42,7 @@ class BudgetBook:
         self._seeded = {}  # bucket -> its expiry (None for total)
         self._seeding = {}  # bucket -> Deferreds waiting for its seed
         self._windows = {}  # period -> (start, end) of the period last asked for
-        self._currents = {}  # id(scopes) -> (scopes, from, until, what _current answered)
+        self._currents = {}  # id(scopes) -> its _Current (which holds scopes: the id is not reused)
 
     def _window(self, period, now):
         """L{period_window}, computed once per period (a calendar computation otherwise on every request)."""
@@ -52,25 +52,31 @@ class BudgetBook:
         return window
 
     def _current(self, scopes, now):
-        """C{(scope, budget, bucket, start, end)} for every budget of C{scopes}, in the period holding C{now}.
+        """The L{_Current} periods of C{scopes} at C{now}.
 
         Kept per C{scopes} object (a key's are the same list on every request) while its periods last.
         """
         cached = self._currents.get(id(scopes))
-        if cached is not None and cached[0] is scopes and cached[1] <= now < cached[2]:
-            return cached[3]
-        out = []
-        first, last = -INF, INF
+        if cached is not None and cached.scopes is scopes and cached.first <= now < cached.last:
+            return cached
+        rows = []
         for scope, budgets in scopes:
             for budget in budgets:
                 start, end = self._window(budget.period, now)
-                out.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
-                first = max(first, start)
-                last = last if end is None else min(last, end)
+                rows.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
         if len(self._currents) > 10000:
             self._currents.clear()
-        self._currents[id(scopes)] = (scopes, first, last, out)  # holding scopes keeps its id from being reused
-        return out
+        current = self._currents[id(scopes)] = _Current(scopes, rows, self._margin)
+        return current
+
+    def _unseeded(self, current) -> bool:
+        """Whether a period of C{current} still needs its sum read from the usage ledger."""
+        if current.seeded:
+            return False
+        if self._seed is not None and any(bucket not in self._seeded for bucket in current.buckets):
+            return True
+        current.seeded = True  # a seeded bucket stays seeded for as long as its period lasts
+        return False
 
     def check(self, scopes):
         """Refuse when a budget of C{scopes} is spent for its current period.
@@ -85,11 +91,11 @@ class BudgetBook:
             return succeed(None)
         now = self._clock.seconds()
         current = self._current(scopes, now)
-        if not current:
+        if not current.rows:
             return succeed(None)
-        if self._seed is not None and any(bucket not in self._seeded for _, _, bucket, _, _ in current):
+        if self._unseeded(current):
             return ensureDeferred(self._check_seeded(current, now))
-        d = self._counters.spent_all([bucket for _, _, bucket, _, _ in current])
+        d = self._counters.spent_all(current.buckets)
         return d.addCallback(self._judge, current, now)
 
     def check_now(self, scopes) -> bool:
@@ -102,21 +108,20 @@ class BudgetBook:
             return False
         now = self._clock.seconds()
         current = self._current(scopes, now)
-        if self._seed is not None and any(bucket not in self._seeded for _, _, bucket, _, _ in current):
+        if self._unseeded(current):
             return False
-        self._judge(self._counters.spent_all_now([bucket for _, _, bucket, _, _ in current]), current, now)
+        self._judge(self._counters.spent_all_now(current.buckets), current, now)
         return True
 
     async def _check_seeded(self, current, now):
         await self._seed_all(current)
-        sums = await self._counters.spent_all([bucket for _, _, bucket, _, _ in current])
-        self._judge(sums, current, now)
+        self._judge(await self._counters.spent_all(current.buckets), current, now)
 
     @staticmethod
     def _judge(sums, current, now):
         """None, or raise L{BudgetExceeded} for the spent budget whose period ends last."""
         worst = None
-        for (scope, budget, _, _, end), (tokens, cost) in zip(current, sums):
+        for (scope, budget, _, _, end), (tokens, cost) in zip(current.rows, sums):
             if budget.max_tokens is not None and tokens >= budget.max_tokens:
                 what, limit = "token", budget.max_tokens
             elif budget.max_cost is not None and cost >= budget.max_cost:
@@ -137,7 +142,7 @@ class BudgetBook:
         current = self._current([(scope, (budget,)) for scope, budget in pairs], self._clock.seconds())
         if self._seed is not None:
             await self._seed_all(current)
-        return list(await self._counters.spent_all([bucket for _, _, bucket, _, _ in current]))
+        return list(await self._counters.spent_all(current.buckets))
 
     def record(self, scopes, tokens: int, cost):
         """Add a finished request's C{tokens} and C{cost} (None: unknown, counts 0) to every scope's periods.
@@ -148,7 +153,7 @@ class BudgetBook:
         if not scopes:
             return None
         current = self._current(scopes, self._clock.seconds())
-        if self._seed is not None and any(bucket not in self._seeded for _, _, bucket, _, _ in current):
+        if self._unseeded(current):
             return ensureDeferred(self._record_seeded(current, tokens, cost))
         return self._spend(current, tokens, cost)
 
@@ -159,21 +164,17 @@ class BudgetBook:
             await spending
 
     def _spend(self, current, tokens, cost):
-        items, seen = [], set()
-        for _, _, bucket, _, end in current:
-            if bucket not in seen:
-                seen.add(bucket)
-                items.append((bucket, int(tokens or 0), float(cost or 0.0),
-                              None if end is None else end + self._margin))
-        if not items:
+        if not current.sums:
             return None
+        tokens, cost = int(tokens or 0), float(cost or 0.0)
+        items = [(bucket, tokens, cost, expires) for bucket, expires in current.sums]
         if self._counters.immediate:
             self._counters.spend_all_now(items)
             return None
         return self._counters.spend_all(items)
 
     async def _seed_all(self, current):
-        for scope, _, bucket, start, end in current:
+        for scope, _, bucket, start, end in current.rows:
             if bucket in self._seeded:
                 continue
             waiting = self._seeding.get(bucket)
@@ -207,3 +208,25 @@ class BudgetBook:
         if len(self._seeded) > 4096:
             now = self._clock.seconds()
             self._seeded = {b: e for b, e in self._seeded.items() if e is None or e > now}
+
+
+class _Current:
+    """The budget periods of one C{scopes} list at one time: what L{BudgetBook} works out once per period.
+
+    @ivar rows: C{(scope, budget, bucket, start, end)} for every budget, in order.
+    @ivar buckets: each row's bucket.
+    @ivar sums: C{(bucket, expires_at)} once per bucket (a scope's budgets of one period share a sum).
+    @ivar first: when the latest-starting period began; C{last}: when the first of them ends.
+    @ivar seeded: every bucket's sum was read from the usage ledger (or needs none).
+    """
+
+    __slots__ = ("scopes", "rows", "buckets", "sums", "first", "last", "seeded")
+
+    def __init__(self, scopes, rows, margin):
+        self.scopes = scopes
+        self.rows = rows
+        self.buckets = [bucket for _, _, bucket, _, _ in rows]
+        self.sums = list({bucket: None if end is None else end + margin for _, _, bucket, _, end in rows}.items())
+        self.first = max((start for _, _, _, start, _ in rows), default=-INF)
+        self.last = min((end for _, _, _, _, end in rows if end is not None), default=INF)
+        self.seeded = False

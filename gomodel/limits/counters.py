@@ -91,6 +91,10 @@ class Slots(NamedTuple):
     refused: int
 
 
+# Makes a named tuple from a tuple without its Python-level __new__ (the counters' hot path).
+_new_tuple = tuple.__new__
+
+
 def taken(level, capacity, refill, amount, took) -> Taken:
     """The L{Taken} of a bucket at C{level} (after the take when C{took})."""
     if took:
@@ -223,12 +227,17 @@ class LocalCounters(_Forms):
         """L{ICounters.admit}, answered at once."""
         now = self._clock.seconds()
         buckets = self._buckets
-        levels = []
+        states = []
         ok = True
         for bucket, capacity, refill, amount in specs:
             state = buckets.get(bucket)
-            level = capacity if state is None else min(capacity, state[0] + (now - state[1]) * refill)
-            levels.append(level)
+            if state is None:
+                level = capacity
+            else:
+                level = state[0] + (now - state[1]) * refill
+                if level > capacity:
+                    level = capacity
+            states.append((state, level))
             if level < amount:
                 ok = False
         refused = -1
@@ -239,15 +248,15 @@ class LocalCounters(_Forms):
                     ok, refused = False, i
                     break
         out = []
-        for (bucket, capacity, refill, amount), level in zip(specs, levels):
+        for (bucket, capacity, refill, amount), (state, level) in zip(specs, states):
             if ok:
                 level -= amount
-                state = buckets.get(bucket)
                 if state is None:
                     buckets[bucket] = [level, now, capacity, refill]
                 else:
                     state[0], state[1], state[2], state[3] = level, now, capacity, refill
-                out.append(Taken(True, level, max(0.0, (capacity - level) / refill), 0.0))
+                reset = (capacity - level) / refill
+                out.append(_new_tuple(Taken, (True, level, reset if reset > 0.0 else 0.0, 0.0)))
             else:
                 out.append(taken(level, capacity, refill, amount, False))
         lease = None
@@ -257,8 +266,10 @@ class LocalCounters(_Forms):
                 inflight[bucket] = inflight.get(bucket, 0) + 1
             lease = next(self._ids)
             self._leases[lease] = held
-        self._tick(now)
-        return Admitted(ok, out, lease, refused)
+        self._ops += 1
+        if self._ops % self._sweep_every == 0:
+            self._sweep(now)
+        return _new_tuple(Admitted, (ok, out, lease, refused))
 
     def finish_now(self, specs, lease) -> list:
         """L{ICounters.finish}, answered at once."""
@@ -310,8 +321,11 @@ class LocalCounters(_Forms):
     def _tick(self, now):
         self._ops += 1
         if self._ops % self._sweep_every == 0:
-            self._buckets = {b: s for b, s in self._buckets.items() if s[0] + (now - s[1]) * s[3] < s[2]}
-            self._sums = {b: s for b, s in self._sums.items() if s[2] is None or s[2] > now}
+            self._sweep(now)
+
+    def _sweep(self, now):
+        self._buckets = {b: s for b, s in self._buckets.items() if s[0] + (now - s[1]) * s[3] < s[2]}
+        self._sums = {b: s for b, s in self._sums.items() if s[2] is None or s[2] > now}
 
     def level(self, bucket):
         """The stored level of C{bucket} and when it was stored, or None (full); for tests and views."""

@@ -58,6 +58,9 @@ class Gate(Periodic):
         # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes, own).
         self._plans = {}
         self._targets = {}  # (provider, model) -> its limit scopes (the configuration is fixed)
+        # (id(key's limits), id(target's)) -> (both, the one list of both): the same list on every
+        # request, as the limiter keeps what it works out per list.
+        self._combined = {}
 
     def refresh(self):
         """Re-read the budgets set through the admin API.
@@ -154,7 +157,14 @@ class Gate(Periodic):
         if principal is None or principal.master:
             return targets, None
         _, _, limits, own = self._plan(principal)
-        return (limits + targets if targets else limits), own
+        if not targets:
+            return limits, own
+        combined = self._combined.get((id(limits), id(targets)))
+        if combined is None or combined[0] is not limits or combined[1] is not targets:
+            if len(self._combined) > 10000:
+                self._combined.clear()
+            combined = self._combined[id(limits), id(targets)] = (limits, targets, limits + targets)
+        return combined[2], own
 
     def _target_scopes(self, provider, model):
         scopes = self._targets.get((provider, model))

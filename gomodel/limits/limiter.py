@@ -75,6 +75,7 @@ class Limiter:
         self.immediate = counters.immediate  # whether admit_now and Admission.finish_now may be used
         self._clock = clock
         self._plans = {}
+        self._prepared = {}  # id(scopes) -> (scopes, buckets, slot buckets, slot scopes)
         self._seen = {}  # bucket name -> (level, at)
         self._inflight = {}  # scope -> this process's requests holding a slot
         self._full_until = {}  # scope -> until when its slots were last seen all taken (by any process)
@@ -113,16 +114,26 @@ class Limiter:
         return self._admitted(self._counters.admit_now(plan[0], plan[2]), plan, tokens, headers_for)
 
     def _prepare(self, scopes, tokens):
-        """C{(specs, buckets, slots, slot scopes)} of one request, or None when nothing limits it."""
-        buckets, slots, slot_scopes = [], [], []
-        for scope, limit in scopes:
-            if not limit:
-                continue
-            _, planned, slot = self._plan_of(scope, limit)
-            buckets.extend(planned)
-            if slot is not None:
-                slots.append((slot, limit.concurrent))
-                slot_scopes.append(scope)
+        """C{(specs, buckets, slots, slot scopes)} of one request, or None when nothing limits it.
+
+        What does not depend on C{tokens} is kept per C{scopes} object (a key's are the same
+        list on every request; a changed limit comes in a new list).
+        """
+        cached = self._prepared.get(id(scopes))
+        if cached is None or cached[0] is not scopes:
+            buckets, slots, slot_scopes = [], [], []
+            for scope, limit in scopes:
+                if not limit:
+                    continue
+                _, planned, slot = self._plan_of(scope, limit)
+                buckets.extend(planned)
+                if slot is not None:
+                    slots.append((slot, limit.concurrent))
+                    slot_scopes.append(scope)
+            if len(self._prepared) > 10000:
+                self._prepared.clear()
+            cached = self._prepared[id(scopes)] = (scopes, buckets, slots, slot_scopes)  # holds scopes: its id
+        _, buckets, slots, slot_scopes = cached
         if not buckets and not slots:
             return None
         specs = [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in buckets]
