@@ -27,16 +27,21 @@ def request_line(request):
     return getattr(channel, "_command", None), getattr(channel, "_path", None)
 
 
+def header_name(name: str) -> bytes:
+    """C{name} as L{Headers} keeps it (for L{set_plain_headers})."""
+    return _nameEncoder.encode(name)
+
+
 def set_plain_headers(headers, items):
     """Set each C{(name, value)} of C{items} on C{headers} (a L{Headers}), replacing what it held.
 
-    For names and values the gateway makes itself (ASCII tokens, digits,
-    durations): C{setRawHeaders} checks and re-encodes every value, a
+    For names (made with L{header_name}) and values (bytes) the gateway makes
+    itself: C{setRawHeaders} checks and re-encodes every name and value, a
     measurable cost for the six C{x-ratelimit-*} headers of every request.
     """
     raw = headers._rawHeaders
     for name, value in items:
-        raw[_nameEncoder.encode(name)] = [value.encode("ascii")]
+        raw[name] = [value]
 
 
 def use_pool_factory(pool, factory):

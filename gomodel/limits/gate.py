@@ -219,7 +219,7 @@ class Gate(Periodic):
 def _admitted(admission, request, ctx):
     """Keep C{admission} on C{ctx}; its C{x-ratelimit-*} headers go on C{request}'s answer."""
     ctx.admission = admission
-    set_plain_headers(request.responseHeaders, admission.headers.items())
+    set_plain_headers(request.responseHeaders, admission.raw_headers())
 
 
 def key_budgets(items) -> tuple:

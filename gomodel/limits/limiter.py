@@ -24,6 +24,7 @@ import math
 
 from twisted.internet.defer import succeed
 
+from gomodel._twistedcompat import header_name
 from gomodel.errors import RateLimitExceeded
 from gomodel.limits.counters import INF
 
@@ -41,13 +42,14 @@ def _window_name(seconds, tokens) -> str:
 class _Bucket:
     """One bucket of a scope's plan: where, how big, how fast, and what it counts."""
 
-    __slots__ = ("name", "capacity", "capacity_text", "refill", "tokens", "seconds", "scope")
+    __slots__ = ("name", "capacity", "capacity_text", "capacity_raw", "refill", "tokens", "seconds", "scope")
 
     def __init__(self, scope, seconds, capacity, tokens):
         self.scope = scope
         self.seconds = seconds
         self.capacity = capacity
         self.capacity_text = str(capacity)
+        self.capacity_raw = self.capacity_text.encode("ascii")
         self.refill = capacity / seconds
         self.tokens = tokens
         self.name = f"{scope}|{'t' if tokens else 'r'}{seconds}"
@@ -248,6 +250,18 @@ class Admission:
             self._headers = _headers(self._buckets, self._results, self._headers_for)
         return self._headers
 
+    def raw_headers(self) -> list:
+        """L{headers} as C{(canonical name, value)} bytes, for L{gomodel._twistedcompat.set_plain_headers}."""
+        if self._headers_for is None:
+            return []
+        out = []
+        for tokens, b, r in _header_buckets(self._buckets, self._results, self._headers_for):
+            limit, remaining, reset = _RAW_HEADER_NAMES[tokens]
+            out.append((limit, b.capacity_raw))
+            out.append((remaining, b"%d" % max(0, math.floor(r.remaining))))
+            out.append((reset, duration(r.reset_after).encode("ascii")))
+        return out
+
     def settle(self, actual_tokens):
         """Charge the token buckets C{actual_tokens} instead of the reservation.
 
@@ -300,19 +314,26 @@ NO_ADMISSION = Admission(None, (), (), 0, None, (), None)
 
 _HEADER_NAMES = {tokens: tuple(f"x-ratelimit-{what}-{suffix}" for what in ("limit", "remaining", "reset"))
                  for tokens, suffix in ((False, "requests"), (True, "tokens"))}
+_RAW_HEADER_NAMES = {tokens: tuple(header_name(name) for name in names) for tokens, names in _HEADER_NAMES.items()}
+
+
+def _header_buckets(buckets, results, scope):
+    """C{[(tokens, bucket, taken)]}: what C{scope}'s C{x-ratelimit-*} headers show, for its requests and
+    its tokens windows (of several, the one with the fewest remaining)."""
+    best = {}
+    for b, r in zip(buckets, results):
+        if b.scope == scope:
+            current = best.get(b.tokens)
+            if current is None or r.remaining < current[2].remaining:
+                best[b.tokens] = (b.tokens, b, r)
+    return best.values()
 
 
 def _headers(buckets, results, scope) -> dict:
     if scope is None:
         return {}
-    best = {}
-    for b, r in zip(buckets, results):
-        if b.scope == scope:
-            current = best.get(b.tokens)
-            if current is None or r.remaining < current[1].remaining:
-                best[b.tokens] = (b, r)
     out = {}
-    for tokens, (b, r) in best.items():
+    for tokens, b, r in _header_buckets(buckets, results, scope):
         limit, remaining, reset = _HEADER_NAMES[tokens]
         out[limit] = b.capacity_text
         out[remaining] = str(max(0, math.floor(r.remaining)))
