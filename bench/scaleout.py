@@ -10,7 +10,9 @@ processes. Writes bench/results/<date>-scaleout.md and .jsonl.
 1. Hot path: chat requests/s and latency through one gateway, SQLite store vs PostgreSQL store,
    with the master key and with a managed key (usage on, key ring and budgets refreshed from the store).
 2. Batches: B batches of N lines (each line answered after fake_delay) run by 1 gateway, then by 2
-   gateways on one PostgreSQL (batches are claimed whole: any host takes any batch).
+   gateways on one PostgreSQL, created round-robin (a load balancer) and all on the first (sticky
+   clients). Batches are claimed whole: any host takes any batch, the least busy first; the gateways'
+   logs ("claimed batch ...") say how many each host ran.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import datetime
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -61,9 +64,19 @@ def start_fake():
     return proc, proc.stdout.readline().decode().strip()
 
 
+def log_path(workdir, port):
+    return os.path.join(workdir, f"gw-{port}.log")
+
+
+def claimed(workdir, port):
+    """The batches a gateway claimed (its log's "claimed batch ..." lines)."""
+    with open(log_path(workdir, port), errors="replace") as f:
+        return set(re.findall(r"claimed batch (batch_\w+)", f.read()))
+
+
 def start_gateway(env, workdir):
     port = free_port()
-    log = open(os.path.join(workdir, f"gw-{port}.log"), "wb")
+    log = open(log_path(workdir, port), "wb")
     proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                              "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
                             env=env_with(**env), cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
@@ -175,14 +188,19 @@ def _xacts(database):
                           (database,))[0][0]
 
 
+SCENARIOS = ((1, "the host"), (2, "round-robin"), (2, "the first host"))
+
+
 def batches(base_url, args, workdir):
     rows = []
-    for hosts in (1, 2):
+    for hosts, created_on in SCENARIOS:
         database = postgres.create_database()
         env = {"VLLM_BASE_URL": base_url, "GOMODEL_MASTER_KEY": MASTER, "STORAGE_TYPE": "postgresql",
                "POSTGRES_URL": postgres.url(database), "GOMODEL_ACCESS_LOG": "false",
                "BATCH_CONCURRENCY_PER_PROVIDER": str(args.batch_concurrency),
                "GOMODEL_DATA_DIR": tempfile.mkdtemp(dir=workdir)}
+        if args.max_claimed:
+            env["BATCH_MAX_CLAIMED"] = str(args.max_claimed)
         gateways = [start_gateway(env, workdir) for _ in range(hosts)]
         try:
             port = gateways[0][1]
@@ -205,10 +223,11 @@ def batches(base_url, args, workdir):
                 ids.append(uploaded["id"])
             start = time.perf_counter()
             batch_ids = []
-            # Created round-robin, as a load balancer spreads them: a host claims the batches it creates
-            # (and any left free); files uploaded on the first host are read by the others.
+            # Created round-robin, as a load balancer spreads them, or all on the first host, as sticky
+            # clients do; files uploaded on the first host are read by the others.
             for n, file_id in enumerate(ids):
-                status, payload = call(gateways[n % hosts][1], "POST", "/v1/batches", {
+                target = gateways[n % hosts if created_on == "round-robin" else 0][1]
+                status, payload = call(target, "POST", "/v1/batches", {
                     "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
                 assert status == 200, payload
                 batch_ids.append(json.loads(payload)["id"])
@@ -222,8 +241,9 @@ def batches(base_url, args, workdir):
             took = time.perf_counter() - start
             owners = postgres.query(database, "SELECT count(*) FROM batch_results")
             total = args.batches * args.lines
-            row = {"hosts": hosts, "batches": args.batches, "lines": total, "seconds": round(took, 2),
-                   "lines_per_s": round(total / took, 1), "results": owners[0][0]}
+            row = {"hosts": hosts, "created_on": created_on, "batches": args.batches, "lines": total,
+                   "seconds": round(took, 2), "lines_per_s": round(total / took, 1), "results": owners[0][0],
+                   "batches_per_host": [len(claimed(workdir, port) & set(batch_ids)) for _, port in gateways]}
             rows.append(row)
             print(f"batches   {row}", flush=True)
         finally:
@@ -242,6 +262,7 @@ def main():
     p.add_argument("--delay", type=float, default=0.05, help="seconds the fake takes per batch line")
     p.add_argument("--skip-hot-path", action="store_true")
     p.add_argument("--batch-concurrency", type=int, default=8, help="BATCH_CONCURRENCY_PER_PROVIDER per host")
+    p.add_argument("--max-claimed", type=int, default=None, help="BATCH_MAX_CLAIMED per host (default: its own)")
     args = p.parse_args()
     reason = postgres.unreachable()
     if reason:
@@ -272,9 +293,11 @@ def main():
                     f"{row['errors']} | {row.get('db_xacts_per_request', '-')} |\n")
         f.write(f"\n## Batches on one PostgreSQL ({args.batches} batches x {args.lines} lines, {args.delay}s "
                 f"per line upstream, BATCH_CONCURRENCY_PER_PROVIDER={args.batch_concurrency} per host)\n\n"
-                "| hosts | lines | seconds | lines/s |\n|---|---|---|---|\n")
+                "| hosts | batches created on | lines | seconds | lines/s | batches run by each host |\n"
+                "|---|---|---|---|---|---|\n")
         for row in batch:
-            f.write(f"| {row['hosts']} | {row['lines']} | {row['seconds']} | {row['lines_per_s']} |\n")
+            f.write(f"| {row['hosts']} | {row['created_on']} | {row['lines']} | {row['seconds']} | "
+                    f"{row['lines_per_s']} | {' / '.join(map(str, row['batches_per_host']))} |\n")
     print("wrote", out + ".md")
 
 

@@ -765,3 +765,84 @@ async def test_a_transient_status_on_the_last_attempt_goes_to_the_error_file(rea
     assert error["response"]["body"]["error"]["message"] == "fake failure 1"
     assert output["custom_id"] == "fine"
     assert fake.marker_counts == {"busy": 1, "fine": 1}  # one attempt allowed: no retry
+
+
+# -- batches spread over the processes (hosts) sharing a store --------------------------------------
+
+
+async def looked(runner):
+    """Wait until the runner's look for free batches (started by the clock) is over."""
+    for _ in range(400):
+        if runner._claims._scanning is None:
+            return
+        await deferLater(reactor_(), 0.005, lambda: None)
+    raise AssertionError("the look never ended")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_made_on_a_busy_process_is_run_by_an_idle_one(bench):
+    """Two processes on one store (two hosts, or --workers): the second batch made on A runs on idle B."""
+    a, b = bench.runner(), bench.runner()
+    first = await bench.batch(a, 1)  # A holds none: it runs the batch at once
+    await bench.provider.wait_sent(1)
+    assert a.held == {first["id"]}
+    bench.clock.advance(0.5)
+    second = await bench.batch(a, 1)  # A is busy: the batch is left free, for whoever holds least
+    assert a.held == {first["id"]} and b.held == frozenset()
+    bench.clock.advance(0.5)  # both look; A would take it only once it has been free for 1 s
+    sent = await bench.provider.wait_sent(2)
+    assert sent.request_id == f"{second['id']}-1".encode()
+    await looked(a)
+    assert (a.held, b.held) == ({first["id"]}, {second["id"]})
+    for s in bench.provider.sent:
+        s.answer.callback(StubResponse(200, ok_body(0)))
+    await a.settled(first["id"])
+    await b.settled(second["id"])
+    for created in (first, second):
+        assert (await bench.store.batches.get(created["id"]))["status"] == "completed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_alone_runs_a_batch_left_free_once_it_waited_its_turn(bench):
+    a = bench.runner()
+    first = await bench.batch(a, 1)
+    await bench.provider.wait_sent(1)
+    bench.clock.advance(0.5)
+    second = await bench.batch(a, 1)
+    bench.clock.advance(0.5)  # A looks: the batch has been free for 0.5 s, A holds 1 (it waits 1 s)
+    await looked(a)
+    assert a.held == {first["id"]}
+    bench.clock.advance(1)  # free for 1.5 s: nobody idler took it, A does
+    sent = await bench.provider.wait_sent(2)
+    assert sent.request_id == f"{second['id']}-1".encode()
+    assert a.held == {first["id"], second["id"]}
+    for s in bench.provider.sent:
+        s.answer.callback(StubResponse(200, ok_body(0)))
+    await a.settled(first["id"])
+    await a.settled(second["id"])
+    assert (await bench.store.batches.get(second["id"]))["status"] == "completed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_holds_at_most_max_claimed_batches_and_takes_the_next_as_one_ends(bench):
+    a = bench.runner(max_claimed=1)
+    first = await bench.batch(a, 1)
+    line = await bench.provider.wait_sent(1)
+    second = await bench.batch(a, 1)
+    bench.clock.advance(5)  # five looks: the second batch is free long enough, but A has no room
+    await looked(a)
+    assert a.held == {first["id"]} and len(bench.provider.sent) == 1
+    third = await bench.batch(a, 1)
+    assert (await a.cancel(third["id"]))["status"] == "cancelling"  # a cancellation is taken whatever A holds
+    await a.settled(third["id"])
+    assert (await bench.store.batches.get(third["id"]))["status"] == "cancelled"
+    line.answer.callback(StubResponse(200, ok_body(0)))
+    await a.settled(first["id"])
+    sent = await bench.provider.wait_sent(2)  # the first batch ended: A looked at once, no poll needed
+    assert sent.request_id == f"{second['id']}-1".encode()
+    assert a.held == {second["id"]}
+    sent.answer.callback(StubResponse(200, ok_body(1)))
+    await a.settled(second["id"])
+    for created in (first, second):
+        assert (await bench.store.batches.get(created["id"]))["status"] == "completed"
+    assert len(bench.provider.sent) == 2

@@ -397,6 +397,41 @@ async def test_a_batch_finishes_on_b_after_a_is_killed_mid_batch(reactor, http, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_batches_all_made_on_a_are_run_by_a_and_b(reactor, http, fake, pg_database, tmp_path, processes):
+    """Sticky clients: every batch is made on A; B, idle, takes those A is too busy to start at once."""
+    other = await start_fake(reactor)  # B's upstream: which fake got a line says which host sent it
+    try:
+        a = Process(env_for(pg_database, fake.base_url, tmp_path), tmp_path, "a")
+        b = Process(env_for(pg_database, other.base_url, tmp_path), tmp_path, "b")
+        processes.extend([a, b])
+        await a.ready(reactor, http)
+        await b.ready(reactor, http)
+        inputs = [[chat_line(f"s{n}-{i}", fake_delay=0.5) for i in range(8)] for n in range(4)]
+        sdk = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+        try:
+            files = [await in_thread(sdk.files.create, file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+                     for lines in inputs]
+            made = [await in_thread(sdk.batches.create, input_file_id=f.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h") for f in files]
+            for created, lines in zip(made, inputs):
+                _, batch = await batch_done(reactor, sdk, created.id, limit=30)
+                assert batch.status == "completed", (a.log(), b.log())
+                assert batch.request_counts.model_dump() == {"total": 8, "completed": 8, "failed": 0}
+                output = await output_of(sdk, batch)
+                assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]
+        finally:
+            sdk.close()
+    finally:
+        await other.stop()
+    by_a, by_b = fake.marker_counts, other.marker_counts
+    assert not set(by_a) & set(by_b) and set(by_a) | set(by_b) == {line["custom_id"] for x in inputs for line in x}
+    assert set(by_a.values()) | set(by_b.values()) == {1}  # every line sent once, by one host
+    ran_on_b = {custom_id.split("-")[0] for custom_id in by_b}
+    assert "s0" not in ran_on_b  # A, idle, started the first batch it made
+    assert ran_on_b, "B ran none of the batches made on A"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_paused_host_loses_its_batch_to_another_and_its_late_writes_are_fenced(
         reactor, http, fake, pg_database, tmp_path, processes):
     """Three gateways: A is paused (alive, so only its lease can tell), B or C takes over, A resumes fenced."""

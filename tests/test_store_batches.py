@@ -105,3 +105,31 @@ async def test_leases_of_owners_known_to_be_gone_are_taken_at_once(store):
     assert await batches.claim_next("me", 30) is None
     record, taken = await batches.claim_next("me", 30, gone=("crashed",))
     assert (record["id"], taken > token) == ("batch_a", True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_claimer_takes_only_batches_free_for_long_enough(store):
+    """C{free_for}: how long a batch has been free counts from its creation, its release or its lease's end."""
+    batches, clock = store.batches, store.clock
+    await batches.add(batch("batch_a"))  # free since 1000
+    assert await batches.claim_next("busy", 30, free_for=5) is None  # fresh: left to idler claimers
+    clock.advance(4.5)
+    assert await batches.claim_next("busy", 30, free_for=5) is None
+    clock.advance(0.5)
+    record, first = await batches.claim_next("busy", 30, free_for=5)
+    assert record["id"] == "batch_a"
+    await batches.release("batch_a", "busy", first)  # free since 1005
+    assert await batches.claim_next("busy", 30, free_for=2) is None
+    record, second = await batches.claim_next("idle", 30)  # an idle claimer takes it at once
+    assert (record["id"], second > first) == ("batch_a", True)
+    clock.advance(31)  # idle's lease ran out at 1035: free since then
+    assert await batches.claim_next("busy", 30, free_for=2) is None
+    assert (await batches.claim_next("busy", 30, free_for=2, gone=("idle",)))[0]["id"] == "batch_a"  # gone: at once
+    await batches.add(batch("batch_b"))
+    await batches.release("batch_a", "busy", second + 1, delay=3)  # a backoff: free from 1039
+    clock.advance(3)
+    assert await batches.claim_next("p", 30, free_for=1, exclude=("batch_b",)) is None
+    clock.advance(1)
+    assert (await batches.claim_next("p", 30, free_for=1))[0]["id"] == "batch_a"  # the oldest first
+    assert (await batches.claim_next("p", 30, free_for=1))[0]["id"] == "batch_b"  # added at 1036
+    assert await batches.holders() == {"p"}

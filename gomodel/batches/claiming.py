@@ -5,16 +5,24 @@ lease is free or expired (their process died, or one of this host's
 processes is known to be gone), passes on cancellations other processes
 stored for the batches it holds, and renews their leases every third of
 the lease; a batch whose claim was taken over is stopped at once.
+
+Batches spread over the processes sharing a store, wherever they were
+created: a process holds at most C{max_claimed} batches, and one that
+holds C{k} takes a free batch only once it has been free for C{k} poll
+intervals, so that a process holding fewer (an idle one: at once) takes it
+first. A process creating a batch runs it at once only when it holds none;
+otherwise the batch waits, unclaimed, for the first process to take it. A
+process looks again as soon as one of its batches ends.
 """
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gomodel.errors import StorageUnavailable
 from gomodel.store.records import owner_is_gone
 
-CLAIMS_PER_POLL = 16
+MAX_CLAIMED = 8  # batches one process holds at most (BATCH_MAX_CLAIMED)
 
 
 class ClaimLoop:
@@ -22,11 +30,12 @@ class ClaimLoop:
 
     log = Logger()
 
-    def __init__(self, batches, clock, owner, lease, poll_interval, jobs, start):
+    def __init__(self, batches, clock, owner, lease, poll_interval, jobs, start, max_claimed=MAX_CLAIMED):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param jobs: the runner's batches in progress (batch id -> L{gomodel.batches.lines.Job}), read only.
         @param start: called with C{(record, token)} for each batch claimed.
+        @param max_claimed: how many batches this runner holds at most (a cancellation may add one).
         """
         self._batches = batches
         self._clock = clock
@@ -35,10 +44,13 @@ class ClaimLoop:
         self._poll_interval = poll_interval
         self._jobs = jobs
         self._start = start
+        self._max_claimed = max_claimed
         self._running = False
         self._poll = None
         self._beat = None
         self._scanning = None
+        self._again = False  # a look was asked for while one was under way
+        self._claiming = DeferredLock()  # one claim pass at a time: the cap holds
 
     def start(self):
         """Start the heartbeat."""
@@ -64,22 +76,50 @@ class ClaimLoop:
         loop.start(interval, now=False)
         return loop
 
-    async def claim_free(self):
-        """Claim and start unfinished batches nobody holds (or whose holder is gone)."""
-        gone = tuple(o for o in await self._batches.holders() if owner_is_gone(o))
-        for _ in range(CLAIMS_PER_POLL):
-            if not self._running:
-                return
-            got = await self._batches.claim_next(self._owner, self._lease, exclude=tuple(self._jobs), gone=gone)
-            if got is None:
-                return
-            record, token = got
-            self.log.info("claimed batch {batch_id} ({status})", batch_id=record["id"], status=record["status"])
-            self._start(record, token)
+    def _patience(self, held):
+        """Seconds a batch must have been free before a runner holding C{held} batches takes it."""
+        return held * self._poll_interval
 
-    def _scan(self):
+    async def claim_free(self):
+        """Claim and start unfinished batches nobody holds (or whose holder is gone), while there is room."""
+        await self._claiming.acquire()
+        try:
+            gone = tuple(o for o in await self._batches.holders() if owner_is_gone(o))
+            while self._running and len(self._jobs) < self._max_claimed:
+                got = await self._batches.claim_next(self._owner, self._lease, exclude=tuple(self._jobs), gone=gone,
+                                                     free_for=self._patience(len(self._jobs)))
+                if got is None:
+                    return
+                record, token = got
+                self.log.info("claimed batch {batch_id} ({status})", batch_id=record["id"], status=record["status"])
+                self._start(record, token)
+        finally:
+            self._claiming.release()
+
+    async def claim_new(self, batch_id):
+        """Claim and start a batch created here, when this runner holds none (else another may take it first)."""
+        await self._claiming.acquire()
+        try:
+            held = len(self._jobs)
+            if not self._running or batch_id in self._jobs or held >= self._max_claimed or self._patience(held):
+                return
+            got = await self._batches.claim(batch_id, self._owner, self._lease)
+            if got is not None:
+                self.log.info("claimed batch {batch_id} (made here)", batch_id=batch_id)
+                self._start(*got)
+        finally:
+            self._claiming.release()
+
+    def look(self):
+        """Look for cancellations and free batches now (once more after the look under way, if any)."""
+        if self._running:
+            self._scan(again=True)
+
+    def _scan(self, again=False):
         if self._scanning is not None:
+            self._again = self._again or again
             return
+        self._again = False
         self._scanning = Deferred.fromCoroutine(self._look())
 
         def failed(failure):
@@ -88,6 +128,8 @@ class ClaimLoop:
 
         def done(_):
             self._scanning = None
+            if self._again and self._running:
+                self._scan()
 
         self._scanning.addErrback(failed)
         self._scanning.addBoth(done)

@@ -22,9 +22,12 @@ or repeating an answer:
 Any process may run any batch: the runner I{claims} it in the store (an
 owner, a lease of C{lease} seconds renewed as a heartbeat, a fencing token
 incremented per claim) and releases it when done. Every
-C{poll_interval} seconds it claims unfinished batches whose lease is free or
-expired (a process that died), resuming them where the recorded results
-end, and passes on cancellations stored by other processes. Results are
+C{poll_interval} seconds, and as soon as one of its batches ends, it claims
+unfinished batches whose lease is free or expired (a process that died),
+resuming them where the recorded results end, and passes on cancellations
+stored by other processes. It holds at most C{max_claimed} batches, and
+leaves fresh ones to idler processes first (L{gomodel.batches.claiming}):
+batches spread over the hosts wherever they were created. Results are
 written with the token: a runner that lost its lease records nothing, so no
 line is ever recorded twice. A batch whose results cannot be written (a full
 disk) is released with a backoff (exponential, capped) instead of being
@@ -41,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import jsonutil
-from gomodel.batches.claiming import ClaimLoop
+from gomodel.batches.claiming import MAX_CLAIMED, ClaimLoop
 from gomodel.batches.concluding import conclude
 from gomodel.batches.lines import Job, error_line, output_line
 from gomodel.batches.validating import validate
@@ -87,14 +90,16 @@ class BatchRunner(Service):
 
     def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
-                 owner=None, usage=None, keys=None, salts=None, gate=None):
+                 max_claimed=MAX_CLAIMED, owner=None, usage=None, keys=None, salts=None, gate=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param usage: the L{gomodel.accounting.usage.UsageLedger} each answered line is recorded in, or None.
         @param exchange: the L{gomodel.proxy.exchange.Exchange} that sends each line.
         @param blobs: the L{gomodel.store.interfaces.IBlobStore} holding input and output contents.
         @param lease: seconds a claim lasts; renewed every third of it while working.
-        @param poll_interval: seconds between looks for batches to claim (0: never).
+        @param poll_interval: seconds between looks for batches to claim (0: never); a runner holding
+            C{k} batches takes a free one only once it has been free for C{k} of them.
+        @param max_claimed: how many batches this runner holds at most.
         @param owner: this process's owner id for claims (default: a new unique one).
         @param keys: the L{gomodel.auth.keys.KeyRing}: a batch made with a managed key runs as
             that key (its model access, its tenant's cache salt, its usage).
@@ -121,7 +126,8 @@ class BatchRunner(Service):
         self._jobs = {}
         self._parked = {}  # batch id -> how many times in a row it could not be recorded
         self._resuming = None
-        self._claims = ClaimLoop(batches, clock, self.owner, lease, poll_interval, self._jobs, self._start)
+        self._claims = ClaimLoop(batches, clock, self.owner, lease, poll_interval, self._jobs, self._start,
+                                 max_claimed)
 
     # -- service ----------------------------------------------------------------
 
@@ -172,6 +178,11 @@ class BatchRunner(Service):
 
     # -- what the API asks ------------------------------------------------------
 
+    @property
+    def held(self) -> frozenset:
+        """The ids of the batches this runner holds now."""
+        return frozenset(self._jobs)
+
     def semaphore(self, provider_name) -> DeferredSemaphore:
         """The per-provider limit on requests in flight, shared by every batch."""
         sem = self._semaphores.get(provider_name)
@@ -181,7 +192,10 @@ class BatchRunner(Service):
 
     async def create(self, endpoint, input_file_id, window_text, window_seconds, metadata, *, tenant=None,
                      auth_key_id=None):
-        """Store a new batch (C{validating}), claim it and start it; returns its record.
+        """Store a new batch (C{validating}); returns its record.
+
+        It starts here at once when this runner holds no batch; otherwise it
+        waits, unclaimed, for the first runner (on any host) with room to take it.
 
         @param tenant: who owns it and its output (see L{gomodel.auth.tenancy}).
         @param auth_key_id: the managed key that made it (its lines are that key's usage).
@@ -193,11 +207,11 @@ class BatchRunner(Service):
             "expires_at": now + max(1, round(window_seconds)), "metadata": metadata, "tenant": tenant,
             "auth_key_id": auth_key_id,
         })
-        await self._claim(record["id"])
+        await self._claims.claim_new(record["id"])
         return record
 
     async def _claim(self, batch_id):
-        """Claim C{batch_id} and start it, unless it is ours already or held elsewhere."""
+        """Claim C{batch_id} and start it, unless it is ours already or held elsewhere (whatever we hold)."""
         if not self.running or batch_id in self._jobs:
             return
         got = await self._batches.claim(batch_id, self.owner, self._lease)
@@ -296,6 +310,8 @@ class BatchRunner(Service):
         watchers, job.watchers = job.watchers, []
         for d in watchers:
             d.callback(None)
+        if self.running and self._resuming is not None and self._resuming.called:
+            self._claims.look()  # room for another batch (after the start's resumption: models are known)
 
     async def settled(self, batch_id):
         """Wait until nothing works on C{batch_id} here (after batches were resumed at start)."""

@@ -207,6 +207,9 @@ class LimitsConfig:
     # A host running a batch renews its lease every third of this; another host takes the
     # batch over once it lapsed (the host died, or lost the database).
     batch_lease_timeout: float = setting("BATCH_LEASE_TIMEOUT", parsers.positive_duration, 30.0)
+    # How many batches one process runs at once at most; the others wait, unclaimed, for a
+    # process (on any host) with room, and fresh ones go to the least busy process first.
+    batch_max_claimed: int = setting("BATCH_MAX_CLAIMED", parsers.count, 8)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ class IBatchStore(Interface):
     """Batches, their validated requests and their results; claimed by the process that runs them."""
 
     def add(batch):
-        """Insert a new batch record (unclaimed).
+        """Insert a new batch record (unclaimed, free since now: see L{claim_next}'s C{free_for}).
 
         @return: a Deferred firing with the stored record.
         """
@@ -159,11 +159,15 @@ class IBatchStore(Interface):
             elsewhere, finished, or no such batch).
         """
 
-    def claim_next(owner, lease, exclude=(), gone=()):
+    def claim_next(owner, lease, exclude=(), gone=(), free_for=0):
         """Like L{claim}, for the oldest unfinished batch whose lease is free or expired, not in C{exclude}.
 
         @param gone: owners known to be dead (see L{gomodel.store.records.owner_is_gone}):
             their leases count as expired.
+        @param free_for: only a batch nobody has held for at least this many
+            seconds (since it was added, released or its lease ran out; a
+            gone owner's batch at once): a busy process leaves fresh batches
+            to idler ones.
         @return: a Deferred firing with C{(record, token)}, or None when there is none.
         """
 
@@ -177,7 +181,7 @@ class IBatchStore(Interface):
         """
 
     def release(batch_id, owner, token, delay=0):
-        """Give a claim up; nobody may claim the batch for C{delay} seconds (a backoff).
+        """Give a claim up; nobody may claim the batch for C{delay} seconds (a backoff), then it is free.
 
         @return: a Deferred firing with None (also when the claim was already lost).
         """

@@ -7,7 +7,10 @@ Fenced writes (results, requests, status changes) lock the batch row and
 check the token in the same transaction as the write, so a host that lost
 its lease (paused, partitioned, presumed dead) records nothing once
 another host claimed the batch; the results' primary key makes each line's
-result exactly-once whatever happens around a takeover.
+result exactly-once whatever happens around a takeover. A batch nobody
+holds keeps in C{lease_until} when it became free (added, released, or its
+lease ran out): a busy claimer takes only batches free for long enough
+(C{free_for}), leaving fresh ones to idler hosts.
 """
 
 from psycopg.rows import dict_row
@@ -26,8 +29,8 @@ BATCH_COLUMNS = (
 _JSON = ("errors", "metadata")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
 _UNFINISHED = list(UNFINISHED)
-# A lease anyone may take: none, or expired (a NULL owner with a future lease_until is a backoff).
-_FREE = "(lease_until IS NULL OR lease_until < %s)"
+# A lease anyone may take: none, or over by %s (a NULL owner with a future lease_until is a backoff).
+_FREE = "(lease_until IS NULL OR lease_until <= %s)"
 
 
 @implementer(IBatchStore)
@@ -40,11 +43,11 @@ class PostgreSQLBatchStore:
     # -- records ----------------------------------------------------------------
 
     def add(self, batch):
-        return self._db.run(self._add, dict(batch))
+        return self._db.run(self._add, dict(batch), self._db.now())
 
     @staticmethod
-    def _add(conn, batch):
-        values = _encode(batch)
+    def _add(conn, batch, now):
+        values = dict(_encode(batch), lease_until=now)  # unclaimed, free since now
         conn.execute(f"INSERT INTO batches ({', '.join(values)}) VALUES ({', '.join('%s' for _ in values)})",
                      tuple(values.values()))
         return _get(conn, batch["id"])
@@ -92,10 +95,10 @@ class PostgreSQLBatchStore:
     # -- claims -------------------------------------------------------------------
 
     def claim(self, batch_id, owner, lease):
-        return self._db.run(self._claim, batch_id, owner, self._db.now(), lease, [], [])
+        return self._db.run(self._claim, batch_id, owner, self._db.now(), lease, [], [], 0)
 
-    def claim_next(self, owner, lease, exclude=(), gone=()):
-        return self._db.run(self._claim, None, owner, self._db.now(), lease, list(exclude), list(gone))
+    def claim_next(self, owner, lease, exclude=(), gone=(), free_for=0):
+        return self._db.run(self._claim, None, owner, self._db.now(), lease, list(exclude), list(gone), free_for)
 
     def holders(self):
         return self._db.run(self._holders, self._db.now())
@@ -103,24 +106,25 @@ class PostgreSQLBatchStore:
     @staticmethod
     def _holders(conn, now):
         return {r[0] for r in conn.execute(
-            "SELECT DISTINCT owner FROM batches WHERE status = ANY(%s) AND owner IS NOT NULL AND lease_until >= %s",
+            "SELECT DISTINCT owner FROM batches WHERE status = ANY(%s) AND owner IS NOT NULL AND lease_until > %s",
             (_UNFINISHED, now))}
 
     @staticmethod
-    def _claim(conn, batch_id, owner, now, lease, exclude, gone):
+    def _claim(conn, batch_id, owner, now, lease, exclude, gone, free_for):
         free = f"({_FREE} OR owner = ANY(%s))"
+        since = now - free_for
         with conn.transaction():
             if batch_id is None:
                 row = conn.execute(
                     f"SELECT id FROM batches WHERE status = ANY(%s) AND {free} AND NOT (id = ANY(%s)) "
-                    "ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED", (_UNFINISHED, now, gone, exclude)).fetchone()
+                    "ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED", (_UNFINISHED, since, gone, exclude)).fetchone()
                 if row is None:
                     return None
                 batch_id = row[0]
             row = conn.execute(
                 "UPDATE batches SET owner = %s, lease_until = %s, claim_token = claim_token + 1 "
                 f"WHERE id = %s AND status = ANY(%s) AND ({free} OR owner = %s) RETURNING claim_token",
-                (owner, now + lease, batch_id, _UNFINISHED, now, gone, owner)).fetchone()
+                (owner, now + lease, batch_id, _UNFINISHED, since, gone, owner)).fetchone()
             if row is None:
                 return None
             return _get(conn, batch_id), row[0]
@@ -134,7 +138,7 @@ class PostgreSQLBatchStore:
                             (until, batch_id, owner, token)).rowcount > 0
 
     def release(self, batch_id, owner, token, delay=0):
-        until = self._db.now() + delay if delay > 0 else None
+        until = self._db.now() + max(0, delay)  # free from then
         return self._db.run(self._release, batch_id, owner, token, until)
 
     @staticmethod

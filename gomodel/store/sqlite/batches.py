@@ -2,6 +2,9 @@
 
 A batch is claimed by the process that runs it: C{owner}, C{lease_until}
 (seconds on the store's clock) and C{claim_token}, incremented per claim.
+A batch nobody holds keeps in C{lease_until} when it became free (added,
+released, or its lease ran out): a busy claimer takes only batches free
+for long enough (C{free_for}), leaving fresh ones to idler processes.
 Writes by the runner carry the token and change nothing once it is stale
 (a fencing token), so a process that lost its lease (paused, partitioned)
 can never record a result after another one took the batch over.
@@ -26,8 +29,8 @@ BATCH_COLUMNS = (
 )
 _JSON = ("errors", "metadata")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
-# A lease anyone may take: none, or expired (a NULL owner with a future lease_until is a backoff).
-_FREE = "(lease_until IS NULL OR lease_until < ?)"
+# A lease anyone may take: none, or over by ? (a NULL owner with a future lease_until is a backoff).
+_FREE = "(lease_until IS NULL OR lease_until <= ?)"
 
 
 @implementer(IBatchStore)
@@ -40,10 +43,10 @@ class SQLiteBatchStore:
     # -- records ----------------------------------------------------------------
 
     def add(self, batch):
-        return self._db.run(self._add, dict(batch))
+        return self._db.run(self._add, dict(batch), self._db.now())
 
-    def _add(self, batch):
-        values = _encode(batch)
+    def _add(self, batch, now):
+        values = dict(_encode(batch), lease_until=now)  # unclaimed, free since now
         with self._db.transaction() as conn:
             conn.execute(f"INSERT INTO batches ({', '.join(values)}) VALUES ({marks(values)})",
                          tuple(values.values()))
@@ -95,10 +98,10 @@ class SQLiteBatchStore:
     # -- claims -------------------------------------------------------------------
 
     def claim(self, batch_id, owner, lease):
-        return self._db.run(self._claim, batch_id, owner, self._db.now(), lease, (), ())
+        return self._db.run(self._claim, batch_id, owner, self._db.now(), lease, (), (), 0)
 
-    def claim_next(self, owner, lease, exclude=(), gone=()):
-        return self._db.run(self._claim, None, owner, self._db.now(), lease, tuple(exclude), tuple(gone))
+    def claim_next(self, owner, lease, exclude=(), gone=(), free_for=0):
+        return self._db.run(self._claim, None, owner, self._db.now(), lease, tuple(exclude), tuple(gone), free_for)
 
     def holders(self):
         return self._db.run(self._holders, self._db.now())
@@ -106,10 +109,10 @@ class SQLiteBatchStore:
     def _holders(self, now):
         return {r[0] for r in self._db.conn().execute(
             f"SELECT DISTINCT owner FROM batches WHERE status IN ({marks(UNFINISHED)}) AND owner IS NOT NULL "
-            "AND lease_until >= ?", (*UNFINISHED, now))}
+            "AND lease_until > ?", (*UNFINISHED, now))}
 
-    def _claim(self, batch_id, owner, now, lease, exclude, gone):
-        free, free_args = _FREE, [now]
+    def _claim(self, batch_id, owner, now, lease, exclude, gone, free_for):
+        free, free_args = _FREE, [now - free_for]
         if gone:
             free = f"({_FREE} OR owner IN ({marks(gone)}))"
             free_args.extend(gone)
@@ -143,7 +146,7 @@ class SQLiteBatchStore:
                                 (until, batch_id, owner, token)).rowcount > 0
 
     def release(self, batch_id, owner, token, delay=0):
-        until = self._db.now() + delay if delay > 0 else None
+        until = self._db.now() + max(0, delay)  # free from then
         return self._db.run(self._release, batch_id, owner, token, until)
 
     def _release(self, batch_id, owner, token, until):
