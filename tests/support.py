@@ -61,7 +61,22 @@ async def start_gateway(reactor, env, yaml_path=None, wait_ready=True) -> Gatewa
     gateway = Gateway(service, port.getHost().port)
     if wait_ready:
         await with_timeout(reactor, gateway.registry.ready(), 5)
+        await every_replica_checked(reactor, gateway.registry)
     return gateway
+
+
+async def every_replica_checked(reactor, registry, timeout=5.0):
+    """Wait until every replica of every provider answered or failed its first checks.
+
+    C{registry.ready()} fires once one replica of each provider is ready: a test that
+    expects the others to serve (or to fail over to them) must wait for them too. A
+    replica that never answers (a hanging fake) is left after C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not all(r.checked for pool in registry.providers for r in pool.replicas):
+        if time.monotonic() >= deadline:
+            return
+        await deferLater(reactor, 0.01, lambda: None)
 
 
 _SCRATCH = []
