@@ -18,6 +18,7 @@ from gomodel.limits.budgets import BudgetBook
 from gomodel.limits.counters import _ADMIT, RedisCounters
 from gomodel.limits.limiter import Limiter
 from gomodel.limits.specs import Budget, RateLimit, Window, period_window
+from tests.redis_server import redis_client
 
 redis = pytest.importorskip("redis")
 
@@ -26,12 +27,7 @@ HOST, PORT = "127.0.0.1", 6379
 
 @pytest.fixture
 def client():
-    c = redis.Redis(host=HOST, port=PORT, socket_timeout=2, socket_connect_timeout=1)
-    try:
-        c.ping()
-    except redis.RedisError as e:
-        c.close()
-        pytest.skip(f"Redis is not reachable at {HOST}:{PORT} ({e}); these tests need a real Redis")
+    c = redis_client()
     yield c
     c.close()
 

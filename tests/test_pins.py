@@ -29,6 +29,7 @@ from gomodel.routing.pins import KEY_PREFIX, PIN_TTL, SharedPins
 from gomodel.routing.pool import READY, Replica, ReplicaPool
 from gomodel.routing.vllm_metrics import LoadSample
 from tests.fakes.fleet import FakeFleet
+from tests.redis_server import redis_client
 from tests.support import start_gateway, with_timeout
 from tests.test_routing import MODEL, chat, post, served_by, who_got
 
@@ -41,12 +42,7 @@ PROVIDER = "vllm"
 
 @pytest.fixture
 def client():
-    c = redis.Redis(host=HOST, port=PORT, socket_timeout=2, socket_connect_timeout=1)
-    try:
-        c.ping()
-    except redis.RedisError as e:
-        c.close()
-        pytest.skip(f"Redis is not reachable at {HOST}:{PORT} ({e}); these tests need a real Redis")
+    c = redis_client()
     yield c
     c.close()
 
