@@ -1,6 +1,8 @@
 """The real Redis the tests that need one use (C{GOMODEL_TEST_REDIS_URL}, default 127.0.0.1:6379, db 0)."""
 
 import os
+import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -18,3 +20,15 @@ def redis_client():
         client.close()
         pytest.skip(f"Redis is not reachable at {REDIS_URL} ({e}); these tests need a real Redis")
     return client
+
+
+@contextmanager
+def fresh_prefix(client):
+    """A key prefix no other test uses (C{gomodel-test:<hex>}); every key under it is deleted at the end."""
+    name = f"gomodel-test:{uuid.uuid4().hex}"
+    try:
+        yield name
+    finally:
+        keys = list(client.scan_iter(match=name + "*"))
+        if keys:
+            client.delete(*keys)

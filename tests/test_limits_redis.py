@@ -6,7 +6,6 @@ clock is real, so the few waits here are real and short.
 
 import socket
 import threading
-import uuid
 
 import pytest
 import pytest_twisted
@@ -18,7 +17,7 @@ from gomodel.limits.budgets import BudgetBook
 from gomodel.limits.counters import _ADMIT, RedisCounters
 from gomodel.limits.limiter import Limiter
 from gomodel.limits.specs import Budget, RateLimit, Window, period_window
-from tests.redis_server import redis_client
+from tests.redis_server import fresh_prefix, redis_client
 
 redis = pytest.importorskip("redis")
 
@@ -34,11 +33,8 @@ def client():
 
 @pytest.fixture
 def prefix(client):
-    p = f"gomodel-test:{uuid.uuid4().hex}:"
-    yield p
-    keys = list(client.scan_iter(match=p + "*"))
-    if keys:
-        client.delete(*keys)
+    with fresh_prefix(client) as name:
+        yield name + ":"
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from gomodel.routing.pins import KEY_PREFIX, PIN_TTL, SharedPins
 from gomodel.routing.pool import READY, Replica, ReplicaPool
 from gomodel.routing.vllm_metrics import LoadSample
 from tests.fakes.fleet import FakeFleet
-from tests.redis_server import redis_client
+from tests.redis_server import fresh_prefix, redis_client
 from tests.support import start_gateway, with_timeout
 from tests.test_routing import MODEL, chat, post, served_by, who_got
 
@@ -303,11 +303,8 @@ def test_a_pool_remembers_when_it_last_had_to_forget_a_pin(monkeypatch):
 @pytest.fixture
 def channel(client):
     """A fresh channel and key prefix; the keys are deleted afterwards."""
-    name = f"gomodel-test:{uuid.uuid4().hex}"
-    yield name
-    keys = list(client.scan_iter(match=name + ":*"))
-    if keys:
-        client.delete(*keys)
+    with fresh_prefix(client) as name:
+        yield name
 
 
 @pytest.fixture
