@@ -517,6 +517,17 @@ def scaling_summary(ctx, records):
     }
 
 
+
+def stop_everything(ctx, targets):
+    """Stop every target and the mocks (after a run, an interruption or a failure)."""
+    for t in targets:
+        try:
+            t.stop()
+        except Exception:
+            pass
+    for m in getattr(ctx, "mock_procs", None) or ([ctx.mock_proc] if ctx.mock_proc is not None else []):
+        proc.stop_tree(m)
+
 def main(argv):
     a = parse_args(argv)
     ctx = Ctx()
@@ -677,13 +688,7 @@ def main(argv):
         meta["notes"].append("interrupted (Ctrl-C): the report is partial")
         log("interrupted; writing what was measured")
     finally:
-        for t in targets:
-            try:
-                t.stop()
-            except Exception:
-                pass
-        for m in getattr(ctx, "mock_procs", None) or ([ctx.mock_proc] if ctx.mock_proc is not None else []):
-            proc.stop_tree(m)
+        stop_everything(ctx, targets)
 
     if a.rounds > 1:
         # every round's runs of a cell together: the median by req/s, quiet runs preferred
@@ -754,13 +759,7 @@ def run_protocol(ctx, a, meta, base, argv):
         meta["notes"].append("interrupted (Ctrl-C): the report is partial")
         log("interrupted; writing what was measured")
     finally:
-        for t in targets:
-            try:
-                t.stop()
-            except Exception:
-                pass
-        for m in getattr(ctx, "mock_procs", None) or ([ctx.mock_proc] if ctx.mock_proc is not None else []):
-            proc.stop_tree(m)
+        stop_everything(ctx, targets)
     meta["finished"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     meta["run_dir"] = ctx.run_dir
     with open(base + ".jsonl", "w") as f:
