@@ -19,7 +19,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from gomodel import jsonutil
-from gomodel.routing.pool import DOWN, READY, Replica
+from gomodel.routing.pool import DOWN, PACE_SAMPLES, READY, Replica, ReplicaPool
 from gomodel.routing.vllm_metrics import LoadSample
 from tests import rawclient
 from tests.fakes.fleet import FakeFleet
@@ -329,6 +329,112 @@ def test_a_replica_whose_batch_the_gateway_fills_counts_as_queued():
     assert replica.queued(clock.seconds(), 6.0)
 
 
+# -- 4b. speed: each replica's pace, learned from its answers (a pool on a task.Clock) --------
+
+class _Server:
+    name = "vllm"
+    hidden = ()
+
+
+def paced_pool(clock, n=4):
+    """A ready pool of C{n} replicas, choosing by load."""
+    replicas = [Replica(i, _Server(), f"http://r{i}/v1", clock) for i in range(n)]
+    for replica in replicas:
+        replica.models, replica.state = None, READY
+    return ReplicaPool("vllm", "vllm", replicas, clock)
+
+
+def run_load(pool, clock, service, count, every=0.07):
+    """Send C{count} requests, one every C{every} seconds; each holds its replica for
+    C{service[index]} seconds, then ends (timing it). The requests each replica got."""
+    got = [0] * len(pool.replicas)
+    for _ in range(count):
+        replica = pool.take(None)
+        got[replica.index] += 1
+        took = service[replica.index]
+        clock.callLater(took, pool.release, replica, took)
+        clock.advance(every)
+    clock.advance(max(service))  # every request ends
+    return got
+
+
+def test_a_replica_three_times_slower_gets_proportionally_fewer_requests():
+    clock = Clock()
+    pool = paced_pool(clock)
+    got = run_load(pool, clock, [1.0, 1.0, 1.0, 3.0], 600)
+    assert [round(r.pace, 3) for r in pool.replicas] == [1.0, 1.0, 1.0, 3.0]
+    *fast, slow = got
+    # Each request it holds counts three: it holds a third as many, each three times as long.
+    assert 0 < slow <= min(fast) / 3, got
+    assert max(fast) - min(fast) <= 0.1 * min(fast), got
+
+
+def test_a_slow_replica_that_becomes_fast_regains_its_share():
+    clock = Clock()
+    pool = paced_pool(clock)
+    service = [1.0, 1.0, 1.0, 3.0]
+    *fast, slow = run_load(pool, clock, service, 300)
+    assert slow <= min(fast) / 3
+    service[3] = 1.0  # its GPU is no longer shared, say: an idle replica scores 0, so it still gets work
+    run_load(pool, clock, service, 300)  # ... and learns its new pace
+    assert pool.replicas[3].pace < 1.2
+    *fast, slow = run_load(pool, clock, service, 300)
+    assert slow >= 0.8 * min(fast), (fast, slow)
+
+
+def _full(pool, in_flight, paces, slots=8):
+    for replica, n, pace in zip(pool.replicas, in_flight, paces):
+        replica.slots, replica.in_flight, replica.pace = slots, n, pace
+        replica.timed = 0 if pace is None else PACE_SAMPLES
+
+
+def test_when_every_replica_queues_the_request_goes_where_the_wait_is_shortest():
+    clock = Clock()
+    pool = paced_pool(clock, 3)
+    # A slot frees every pace / 8 s: the slow replica's first place waits 3/8 s, a fast one's second 2/8 s.
+    _full(pool, [9, 9, 8], [1.0, 1.0, 3.0])
+    assert pool.take(None).index in (0, 1)
+    _full(pool, [11, 11, 8], [1.0, 1.0, 3.0])  # fourth place on a fast one: 4/8 s
+    assert pool.take(None).index == 2
+    # No warm cache is worth a longer wait.
+    pool.release(pool.take(None, exclude=[pool.replicas[2]], affinity="p:app"))
+    _full(pool, [11, 11, 8], [1.0, 1.0, 3.0])
+    assert pool.take(None, affinity="p:app").index == 2
+    # Paces unknown: places over batch sizes alone.
+    _full(pool, [10, 9, 12], [None, None, None])
+    assert pool.take(None).index == 1
+    _full(pool, [10, 10, 12], [None, None, None])
+    assert {pool.take(None).index, pool.take(None).index} == {0, 1}
+
+
+def test_a_replica_that_has_not_shown_its_batch_size_is_taken_to_have_its_pools():
+    clock = Clock()
+    pool = paced_pool(clock, 3)
+    _full(pool, [8, 8, 4], [1.0, 1.0, 3.0])
+    first, second, slow = pool.replicas
+    second.slots = None  # it never queued yet: it is taken to run 8 at once, as the first was seen to
+    # The slow one scores 12, the second 8; but the second would queue, and the slow one would not.
+    assert pool.take(None) is slow
+    slow.slots, slow.in_flight, second.in_flight = None, 8, 9
+    assert pool.take(None) is first  # every one would queue: the shortest wait (1/8 s, 2/8 s, 3/8 s)
+
+
+def test_a_pin_stays_when_its_request_overflows_to_a_slower_replica():
+    clock = Clock()
+    for slow_pace, pinned_after in ((3.0, 0), (1.2, 1)):
+        pool = paced_pool(clock, 2)
+        warm, other = pool.replicas
+        _full(pool, [0, 0], [1.0, slow_pace], slots=2)
+        pool.release(pool.take(None, affinity="s:1"))
+        assert pool.take(None, affinity="s:1") is warm
+        warm.in_flight = 2  # full: the next one overflows to the other
+        overflow = pool.take(None, affinity="s:1")
+        assert overflow is other
+        warm.in_flight = 0
+        # A clearly slower replica (over SLOWER times the pace) does not take the pin; a similar one does.
+        assert pool.take(None, affinity="s:1").index == pinned_after
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_long_shared_prompt_prefix_sticks(cluster, http):
     fleet, gw = await cluster(3)
@@ -453,6 +559,8 @@ async def test_one_attempt_only_relays_the_failure(cluster, http):
         codes.append(response.code)
         assert len(who_got(fleet, f"m{i}")) == 1
     assert codes.count(200) == 3 and len([c for c in codes if c >= 500]) == 3, codes
+    failing, answering = gw.registry.providers[0].replicas
+    assert failing.pace is None and answering.pace is not None  # only successful answers time a replica
 
 
 async def _stream_until(reactor, gw, marker, chunks=40):
@@ -660,7 +768,7 @@ async def test_providers_status_shape(cluster, http):
     for replica in provider["replicas"]:
         assert set(replica) >= {"index", "base_url", "state", "in_flight", "waiting", "running", "kv_cache_usage",
                                 "models", "served", "weight", "max_concurrency", "consecutive_failures",
-                                "last_error", "load_age_s", "last_state_change"}
+                                "last_error", "load_age_s", "last_state_change", "batch_size", "pace_s"}
         assert replica["state"] == "ready"
         assert replica["in_flight"] == 0
         assert replica["models"] == [CHAT_MODEL]
@@ -669,6 +777,7 @@ async def test_providers_status_shape(cluster, http):
     assert sorted(served) == [0, 1]
     answered = provider["replicas"][served.index(1)]
     assert answered["waiting"] == 0 and answered["kv_cache_usage"] is not None
+    assert answered["pace_s"] is not None and provider["replicas"][served.index(0)]["pace_s"] is None
 
     response = await http.post(gw.url + "/admin/api/v1/runtime/refresh")
     assert response.code == 200

@@ -210,6 +210,7 @@ def _replica(replica, now) -> dict:
         "running": None if load is None else load.running,
         "kv_cache_usage": None if load is None else load.kv_cache_usage,
         "load_age_s": None if replica.load_at is None else round(now - replica.load_at, 3),
+        "batch_size": replica.slots, "pace_s": None if replica.pace is None else round(replica.pace, 3),
         "models": sorted(replica.models) if replica.models is not None else None,
         "consecutive_failures": replica.failures, "last_error": replica.last_error,
         "last_state_change": replica.changed_at,

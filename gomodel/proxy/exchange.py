@@ -13,7 +13,8 @@ itself: Responses lifecycle, batch lines). Both go through the same steps:
   3. map every failure to a L{gomodel.errors.GatewayError},
   4. relay: a whole JSON body byte for byte (its usage noted), an event
      stream with backpressure through an observer, or a raw passthrough,
-  5. release: the replica's lease ends with the answer; a body nobody
+  5. release: the replica's lease ends with the answer (a successful one
+     tells the pool how long it took: the replica's pace); a body nobody
      relays is read and dropped or its connection closed; the request's
      context gets replica, usage, time to first byte and outcome.
 
@@ -140,13 +141,18 @@ class Exchange:
                     await admitting
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:
-                response, replica, upstream, model = await self._send(ctx.request_id, pool, call, broken, trace)
+                response, replica, upstream, model, sent = await self._send(ctx.request_id, pool, call, broken,
+                                                                            trace)
+                took = None  # seconds the answer took, once it succeeded (the replica's pace)
                 try:
                     if model != ctx.upstream_model or upstream.name != ctx.provider:
                         ctx.route(upstream, ctx.model, model)  # a fallback target served it
                     ctx.replica = replica.index
                     request.setHeader(b"x-gomodel-replica", b"%d" % replica.index)
-                    return await self._answer(request, ctx, upstream, response, call)
+                    answer = await self._answer(request, ctx, upstream, response, call)
+                    if response.code < 300 and ctx.outcome is None:
+                        took = self._clock.seconds() - sent
+                    return answer
                 except _BrokeOff as e:  # nothing went to the client yet: another replica may answer
                     if trace is not None:
                         trace.failed(e.error.code)
@@ -161,7 +167,7 @@ class Exchange:
                         trace.failed(_error_type(e))
                     raise
                 finally:
-                    upstream.release(replica)
+                    upstream.release(replica, took)
                     if trace is not None:
                         trace.finished(ctx)
         finally:
@@ -203,16 +209,20 @@ class Exchange:
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again).
         """
-        response, replica, upstream, _ = await self._send(request_id, upstream, call, (), trace)
+        response, replica, upstream, _, sent = await self._send(request_id, upstream, call, (), trace)
+        took = None
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
-            return response, await self.read(upstream, response, limit)
+            body = await self.read(upstream, response, limit)
+            if response.code < 300:
+                took = self._clock.seconds() - sent
+            return response, body
         except BaseException as e:
             if trace is not None:
                 trace.failed(_error_type(e))
             raise
         finally:
-            upstream.release(replica)
+            upstream.release(replica, took)
             if trace is not None:
                 trace.finished()
 
@@ -225,9 +235,11 @@ class Exchange:
         virtual model's other targets, failover candidates), each with the
         body made for its model; at most C{max_attempts} sends in all.
 
-        @return: C{(response, replica, pool, model)}: the L{IResponse} (any
-            status), the L{gomodel.routing.pool.Replica} that gave it (whose
-            lease the caller releases), its pool and the upstream model sent.
+        @return: C{(response, replica, pool, model, sent)}: the L{IResponse}
+            (any status), the L{gomodel.routing.pool.Replica} that gave it
+            (whose lease the caller releases, with the seconds since C{sent}
+            when the answer succeeded), its pool, the upstream model sent, and
+            when it was sent.
         @param exclude: replicas of C{pool} not to use (they broke off an answer).
         @param trace: the request's L{gomodel.accounting.tracing.RequestTrace}, or None:
             each send is an attempt; the one returned is still open.
@@ -262,6 +274,7 @@ class Exchange:
                 try:
                     if trace is not None:
                         headers = trace.attempt(pool, replica, model, call)
+                    sent = self._clock.seconds()
                     response = await server.send(call.method, url, body, request_id, headers, call.content_type)
                 except (UpstreamUnreachable, UpstreamTimeout) as e:
                     if trace is not None:
@@ -303,7 +316,7 @@ class Exchange:
                         if again == "replica":
                             continue
                         break
-                return response, replica, pool, model
+                return response, replica, pool, model, sent
 
     def _again(self, pool, model, call, tried, attempts, more, why):
         """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None."""

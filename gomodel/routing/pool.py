@@ -13,17 +13,32 @@ queue, running count and KV-cache use the replica last reported (its
 answers' load header, or the background C{/metrics} scrape) while that
 report is fresh. With several gateway processes each one counts only its own
 requests in flight, but the replica's reports count everyone's: the score
-takes the larger of the two. A session (or a shared prompt prefix) stays on
-the replica that served it last while that replica's score is within
-C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's. With
+takes the larger of the two. Each replica's pace is learned from what the
+gateway sees: a moving mean of the seconds its successful requests took,
+send to end. A replica clearly slower than the fastest candidate (over
+L{SLOWER} times its pace) counts each request it holds as many times as it
+is slower: three times slower, it holds a third as many requests as a fast
+one, each three times as long (about a ninth of a fast one's requests), and
+keeps room in its batch, since a request there takes three times as long to
+its first token and to its end. Replicas alike differ in pace by chance, and
+count alike. An idle replica scores 0 whatever its pace, so a slow one still
+gets work and its pace is learned again (one that became fast regains its
+share). A session (or a shared prompt prefix) stays on the replica that
+served it last while that replica's score is within C{affinity_max_ratio}
+times (plus C{affinity_slack}) the best one's; a request of it that
+overflows to a clearly slower replica does not move its pin there. With
 shared pins (L{gomodel.routing.pins}, when C{REDIS_URL} is set) every pin
 this pool makes or changes is shared with the other processes and hosts,
 whose pins it takes in turn; its choice still reads only its own table.
 Before scoring, replicas where a request would wait in vLLM's queue (the
 replica reports requests waiting, or the gateway alone has as many in flight
-as the replica was seen to run at once: its batch size, learned) are left
-out while another has room in its batch: a warm prefix cache is not worth a
-wait in the queue, and that wait is the tail of the first tokens.
+as the replica was seen to run at once: its batch size, learned; until a
+replica has shown its own, the largest one seen in its pool) are left out
+while another has room in its batch: a warm prefix cache is not worth a
+wait in the queue, and that wait is the tail of the first tokens. When
+every candidate would queue, the request goes where it would wait least
+(its place in the queue times the replica's slowness over its batch size),
+whatever its affinity.
 
 Admission: a replica may have a concurrency limit; when every candidate is
 full the request waits in the pool's queue up to C{queue_timeout}, then gets
@@ -41,6 +56,9 @@ from gomodel.errors import InvalidRequest, NoReadyReplica, ReplicasBusy
 LOADING, READY, DOWN, STALLED = "loading", "ready", "down", "stalled"
 RETRY_AFTER = 1  # seconds a client is told to wait for a busy or not-ready pool
 KV_FULL = 0.95  # KV-cache use past which a replica counts as queueing
+PACE_SAMPLES = 10  # a replica's pace is the plain mean of its first requests' durations, then a moving mean
+PACE_WEIGHT = 1 / PACE_SAMPLES  # weight of one request's duration in that moving mean
+SLOWER = 1.5  # pace ratio past which a replica is clearly slower than another (a pin does not move to it)
 AFFINITY_ENTRIES = 10000  # sessions and prefixes remembered per pool
 
 
@@ -74,6 +92,8 @@ class Replica:
         self.load_at = None
         self.start_time = None
         self.slots = None  # how many requests it runs at once, learned: its running count while it queued
+        self.pace = None  # seconds its requests take, learned: a moving mean of those that succeeded
+        self.timed = 0  # requests in that mean, up to PACE_SAMPLES
         self.checked = False  # its first discovery and health check have answered (or failed)
         self.on_change = None  # called with the replica after every change of state
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
@@ -91,16 +111,18 @@ class Replica:
     def has_room(self) -> bool:
         return not self.max_concurrency or self.in_flight < self.max_concurrency
 
-    def queued(self, now, max_age) -> bool:
+    def queued(self, now, max_age, batch=None) -> bool:
         """Whether a request sent now would wait in its queue: its last fresh load report says
-        requests wait, or the gateway alone has as many in flight as it was seen to run at once."""
-        if self.slots is not None and self.in_flight >= self.slots:
+        requests wait, or the gateway alone has as many in flight as it was seen to run at once
+        (C{batch}, the largest batch size seen on its pool, until it has shown its own)."""
+        slots = self.slots or batch
+        if slots and self.in_flight >= slots:
             return True
         load = self.load
         return bool(load is not None and load.waiting and now - self.load_at <= max_age)
 
-    def score(self, now, max_age) -> float:
-        """Its load per unit of weight: requests in flight or running, plus queued ones."""
+    def busy(self, now, max_age) -> float:
+        """Requests it holds: in flight or running, plus queued ones (with a full KV cache, more)."""
         busy = float(self.in_flight)
         load = self.load
         if load is not None and now - self.load_at <= max_age:
@@ -110,7 +132,35 @@ class Replica:
                 busy += load.waiting
             if load.kv_cache_usage is not None and load.kv_cache_usage >= KV_FULL:
                 busy += 1 + busy  # a full KV cache queues whatever comes next
-        return busy / self.weight
+        return busy
+
+    def score(self, now, max_age, fastest=None) -> float:
+        """Its load per unit of weight: what it holds, each request counted L{slowness} times."""
+        return self.busy(now, max_age) * self.slowness(fastest) / self.weight
+
+    def wait(self, now, max_age, batch, fastest) -> float:
+        """How long a request sent now would wait in its queue, in paces of C{fastest}: its place in
+        the queue times its L{slowness} over its batch size (else C{batch}, the largest seen in its
+        pool): one of its slots frees every pace / slots seconds."""
+        slots = self.slots or batch or 1
+        place = max(1.0, self.busy(now, max_age) + 1 - slots)
+        return place * self.slowness(fastest) / slots / self.weight
+
+    @property
+    def paced(self) -> bool:
+        """Whether its pace is learned from enough requests to compare it with others'."""
+        return self.timed == PACE_SAMPLES
+
+    def slowness(self, fastest) -> float:
+        """How many times slower than the pace C{fastest} it is when clearly so (by L{SLOWER}), else 1:
+        replicas alike differ by chance, and count alike."""
+        if fastest and self.paced and self.pace > SLOWER * fastest:
+            return self.pace / fastest
+        return 1.0
+
+    def slower_than(self, other) -> bool:
+        """Whether it is clearly slower than C{other} (both paced)."""
+        return other.paced and self.slowness(other.pace) > 1.0
 
     # -- what happens to it ------------------------------------------------------
 
@@ -141,6 +191,14 @@ class Replica:
             if not probe and self.state == READY and self.others_ready is not None and not self.others_ready(self):
                 return
             self.set_state(DOWN, why)
+
+    def took(self, seconds):
+        """A request it served succeeded after C{seconds} (from send to its answer's end)."""
+        if self.timed < PACE_SAMPLES:  # a plain mean at first: one odd request (a new connection) weighs little
+            self.timed += 1
+            self.pace = seconds if self.pace is None else self.pace + (seconds - self.pace) / self.timed
+        else:
+            self.pace += PACE_WEIGHT * (seconds - self.pace)
 
     def reported(self, sample):
         """A scrape's load report arrived (while requests wait, its running count is its batch size)."""
@@ -270,9 +328,11 @@ class ReplicaPool:
         """Whether another ready replica than those in C{exclude} serves C{model}."""
         return bool(self._candidates(model, exclude))
 
-    def release(self, replica):
-        """A request that L{acquire} counted has ended."""
+    def release(self, replica, took=None):
+        """A request that L{acquire} counted has ended (C{took}: the seconds it took, if it succeeded)."""
         replica.in_flight -= 1
+        if took is not None:
+            replica.took(took)
         self._serve_queue()
 
     def _pinned(self, index):
@@ -297,6 +357,8 @@ class ReplicaPool:
             if known is not None and known[0] == replica.index and (
                     pins is None or self._clock.seconds() - known[1] < pins.refresh_after):
                 table.move_to_end(affinity)
+            elif known is not None and replica.slower_than(self.replicas[known[0]]):
+                table.move_to_end(affinity)  # an overflow to a slower replica: the pin stays where it was
             else:  # a new or changed pin (or, shared, one to write again before it expires)
                 self._remember(affinity, replica.index)
                 if pins is not None:
@@ -352,12 +414,25 @@ class ReplicaPool:
         if strategy == "least_requests":
             scores = {r: r.in_flight / r.weight for r in free}
         else:
+            max_age = self._load_max_age
+            batch = 0  # the largest batch size learned: assumed for a replica that has not shown its own
+            for r in self.replicas:
+                if r.slots is not None and r.slots > batch:
+                    batch = r.slots
             # A request that would wait in a replica's queue goes where it would start at once, if
             # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
-            starting = [r for r in free if not r.queued(now, self._load_max_age)]
+            starting = [r for r in free if not r.queued(now, max_age, batch)]
             if starting and len(starting) < len(free):
                 free = starting
-            scores = {r: r.score(now, self._load_max_age) for r in free}
+            fastest = None  # the fastest paced candidate's pace: a clearly slower one counts its requests more
+            for r in free:
+                if r.paced and (fastest is None or r.pace < fastest):
+                    fastest = r.pace
+            if starting:
+                scores = {r: r.score(now, max_age, fastest) for r in free}
+            else:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
+                scores = {r: r.wait(now, max_age, batch, fastest) for r in free}
+                affinity = None
         best = min(scores.values())
         if affinity is not None:
             known = self._affinity.get(affinity)
