@@ -518,6 +518,19 @@ def scaling_summary(ctx, records):
 
 
 
+
+def installed_target(name, ctx, meta):
+    """Target C{name}, installed (or marked C{unavailable}, with why, in the log); its version in C{meta}."""
+    t = TARGETS[name](ctx)
+    try:
+        t.install()
+    except RuntimeError as e:
+        t.unavailable = str(e)
+    meta["versions"][name] = t.version() if not t.unavailable else "unavailable"
+    if t.unavailable:
+        log("%s unavailable: %s" % (name, t.unavailable))
+    return t
+
 def stop_everything(ctx, targets):
     """Stop every target and the mocks (after a run, an interruption or a failure)."""
     for t in targets:
@@ -603,15 +616,7 @@ def main(argv):
                 "; %d more for gomodel-pool: %s" % (len(ctx.mock_urls) - 1, " ".join(ctx.mock_urls[1:])))
                 if len(ctx.mock_urls) > 1 else ""))
         for name in a.targets:
-            t = TARGETS[name](ctx)
-            try:
-                t.install()
-            except RuntimeError as e:
-                t.unavailable = str(e)
-            meta["versions"][name] = t.version() if not t.unavailable else "unavailable"
-            if t.unavailable:
-                log("%s unavailable: %s" % (name, t.unavailable))
-            targets.append(t)
+            targets.append(installed_target(name, ctx, meta))
         meta["background"] = background(ctx)
         log("background load: %s" % meta["background"])
 
@@ -737,14 +742,8 @@ def run_protocol(ctx, a, meta, base, argv):
         start_mock(ctx)
         log("mock on %s (pid %d, CPUs %s)" % (ctx.mock_url, ctx.mock_pid, ctx.load_cpus))
         for name in a.targets:
-            t = TARGETS[name](ctx)
-            try:
-                t.install()
-            except RuntimeError as e:
-                t.unavailable = str(e)
-            meta["versions"][name] = t.version() if not t.unavailable else "unavailable"
+            t = installed_target(name, ctx, meta)
             if t.unavailable:
-                log("%s unavailable: %s" % (name, t.unavailable))
                 records.append({"type": "protocol", "run_id": ctx.run_id, "kind": "trial", "target": name,
                                 "status": "skipped", "error": t.unavailable})
                 meta["notes"].append("%s skipped: %s" % (name, t.unavailable))
