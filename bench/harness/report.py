@@ -127,7 +127,7 @@ def render(meta, cells, soaks, scaling=()):
             for t in targets:
                 c = by.get((wl, cmax, t))
                 if c is None:
-                    f = next((x for x in failed if x["target"] == t and x["workload"] == wl), None)
+                    f = next((x for x in failed if x["target"] == t and x.get("workload", wl) == wl), None)
                     row.append("failed" if f else "–")
                     continue
                 d = direct.get((wl, cmax))
