@@ -595,11 +595,13 @@ def test_claude_code_session_and_metadata_user_id_are_affinity_keys():
     assert "sess-1" not in session  # a hash: no session id or user leaves the process (shared pins)
     user = affinity_key(Request(), body)
     assert user == affinity_key(Request(), {"user": "user_abc_session_1"}) != session
-    # Without a session, a long system prompt is the shared prefix.
+    # Without a session, a long conversation's opening: its system prompt and first user message.
     system = [{"type": "text", "text": "You are Claude Code. " * 40}]
     one = affinity_key(Request(), {"system": system, "messages": HELLO})
-    two = affinity_key(Request(), {"system": system, "messages": [{"role": "user", "content": "Other."}]})
-    assert one == two and one.startswith("p:")
+    later = HELLO + [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "More."}]
+    assert affinity_key(Request(), {"system": system, "messages": later}) == one and one.startswith("p:")
+    other = affinity_key(Request(), {"system": system, "messages": [{"role": "user", "content": "Other."}]})
+    assert other.startswith("p:") and other != one
 
 
 @pytest_twisted.ensureDeferred

@@ -18,8 +18,11 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from twisted.web.http_headers import Headers
+
 from gomodel import jsonutil
-from gomodel.routing.pool import DOWN, PACE_SAMPLES, READY, Replica, ReplicaPool
+from gomodel.routing.affinity import PREFIX_CHARS, affinity_key
+from gomodel.routing.pool import DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, Replica, ReplicaPool
 from gomodel.routing.vllm_metrics import LoadSample
 from tests import rawclient
 from tests.fakes.fleet import FakeFleet
@@ -358,14 +361,15 @@ def run_load(pool, clock, service, count, every=0.07):
     return got
 
 
-def test_a_replica_three_times_slower_gets_proportionally_fewer_requests():
+def test_a_replica_three_times_slower_takes_only_what_the_others_cannot_start():
     clock = Clock()
     pool = paced_pool(clock)
     got = run_load(pool, clock, [1.0, 1.0, 1.0, 3.0], 600)
     assert [round(r.pace, 3) for r in pool.replicas] == [1.0, 1.0, 1.0, 3.0]
     *fast, slow = got
-    # Each request it holds counts three: it holds a third as many, each three times as long.
-    assert 0 < slow <= min(fast) / 3, got
+    # Its first requests (those sent before ten of them ended) learn its pace; then, with room on the
+    # fast ones, it gets nothing but a request each PACE_REFRESH seconds (the run lasts 42 s).
+    assert PACE_SAMPLES <= slow <= 2 * PACE_SAMPLES, got
     assert max(fast) - min(fast) <= 0.1 * min(fast), got
 
 
@@ -373,13 +377,32 @@ def test_a_slow_replica_that_becomes_fast_regains_its_share():
     clock = Clock()
     pool = paced_pool(clock)
     service = [1.0, 1.0, 1.0, 3.0]
-    *fast, slow = run_load(pool, clock, service, 300)
-    assert slow <= min(fast) / 3
-    service[3] = 1.0  # its GPU is no longer shared, say: an idle replica scores 0, so it still gets work
-    run_load(pool, clock, service, 300)  # ... and learns its new pace
-    assert pool.replicas[3].pace < 1.2
+    run_load(pool, clock, service, 300)
+    service[3] = 1.0  # its GPU is no longer shared, say: idle, it gets a request every PACE_REFRESH s ...
+    run_load(pool, clock, service, int(4 * PACE_REFRESH / 0.07))
+    assert pool.replicas[3].pace < SLOWER  # ... each weighing RARE_WEIGHT, so it learns its new pace soon
     *fast, slow = run_load(pool, clock, service, 300)
     assert slow >= 0.8 * min(fast), (fast, slow)
+
+
+def test_a_slow_replica_takes_overflow_only():
+    clock = Clock()
+    pool = paced_pool(clock, 3)
+    _full(pool, [7, 6, 0], [1.0, 1.0, 3.0])
+    pool.replicas[2].timed_at = clock.seconds()
+    assert pool.take(None).index == 1  # idle, the slow one would score 0; but the fast ones can start it
+    _full(pool, [8, 8, 0], [1.0, 1.0, 3.0])
+    assert pool.take(None).index == 2  # both would queue: the slow one starts it at once
+    _full(pool, [8, 8, 8], [1.0, 1.0, 3.0])
+    assert pool.take(None).index in (0, 1)  # every one would queue: a fast one's first place waits least
+    # Idle and its pace not learned for PACE_REFRESH seconds, it gets the next request.
+    _full(pool, [7, 6, 0], [1.0, 1.0, 3.0])
+    clock.advance(PACE_REFRESH)
+    slow = pool.take(None)
+    assert slow.index == 2 and slow.rare
+    pool.release(slow, 1.0)  # its duration weighs RARE_WEIGHT
+    assert pool.replicas[2].pace == 3.0 + RARE_WEIGHT * (1.0 - 3.0)
+    assert pool.take(None).index == 1
 
 
 def _full(pool, in_flight, paces, slots=8):
@@ -410,13 +433,14 @@ def test_when_every_replica_queues_the_request_goes_where_the_wait_is_shortest()
 def test_a_replica_that_has_not_shown_its_batch_size_is_taken_to_have_its_pools():
     clock = Clock()
     pool = paced_pool(clock, 3)
-    _full(pool, [8, 8, 4], [1.0, 1.0, 3.0])
-    first, second, slow = pool.replicas
+    _full(pool, [8, 8, 5], [1.0, 1.0, 1.0])
+    first, second, small = pool.replicas
+    small.weight = 0.5  # a smaller GPU, say
     second.slots = None  # it never queued yet: it is taken to run 8 at once, as the first was seen to
-    # The slow one scores 12, the second 8; but the second would queue, and the slow one would not.
-    assert pool.take(None) is slow
-    slow.slots, slow.in_flight, second.in_flight = None, 8, 9
-    assert pool.take(None) is first  # every one would queue: the shortest wait (1/8 s, 2/8 s, 3/8 s)
+    # The small one scores 10, the second 8; but the second would queue, and the small one would not.
+    assert pool.take(None) is small
+    small.slots, small.in_flight, second.in_flight = None, 8, 9
+    assert pool.take(None) is first  # every one would queue: the shortest wait (1/8 s, 2/8 s, 2/8 s)
 
 
 def test_a_pin_stays_when_its_request_overflows_to_a_slower_replica():
@@ -436,20 +460,48 @@ def test_a_pin_stays_when_its_request_overflows_to_a_slower_replica():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_long_shared_prompt_prefix_sticks(cluster, http):
+async def test_the_turns_of_a_long_conversation_stick_and_conversations_spread(cluster, http):
     fleet, gw = await cluster(3)
     system = "You are a careful assistant. " * 25  # > 512 characters
     assert len(system) >= 512
     seen = set()
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "first question"}]
+    for i in range(6):
+        response, _ = await post(http, gw, {"model": MODEL, "messages": messages})
+        seen.add(served_by(response))
+        messages += [{"role": "assistant", "content": f"answer {i}"}, {"role": "user", "content": f"then {i}?"}]
+    assert len(seen) == 1
+    # Conversations that share only the system prompt spread (each replica soon caches it) ...
+    opened = set()
     for i in range(6):
         body = {"model": MODEL, "messages": [{"role": "system", "content": system},
                                              {"role": "user", "content": f"question {i}"}]}
-        response, _ = await post(http, gw, body)
-        seen.add(served_by(response))
-    assert len(seen) == 1
-    # A short prompt has no prefix key: those spread.
+        opened.add(served_by((await post(http, gw, body))[0]))
+    assert len(opened) >= 2
+    # ... and so do short prompts, which have no key.
     short = {served_by((await post(http, gw, chat(f"q{i}")))[0]) for i in range(6)}
     assert len(short) >= 2
+
+
+def test_a_conversation_is_keyed_by_its_opening_once_its_prompt_is_long():
+    class Request:
+        requestHeaders = Headers()
+
+    def key(**body):
+        return affinity_key(Request(), body)
+
+    system = {"role": "developer", "content": "Be brief."}
+    opening = [system, {"role": "user", "content": "Tell me about caches."}]
+    assert key(messages=opening) is None  # short: nothing worth a replica's cache
+    turn = opening + [{"role": "assistant", "content": "x" * PREFIX_CHARS}, {"role": "user", "content": "And?"}]
+    first = key(messages=turn)
+    assert first.startswith("p:")
+    assert key(messages=turn + [{"role": "assistant", "content": "y"}, {"role": "user", "content": "Go on."}]) == first
+    assert key(messages=[system, {"role": "user", "content": "Other."}] + turn[2:]) != first
+    assert key(input=turn) == first  # the Responses API's input list reads alike
+    long = "z" * PREFIX_CHARS
+    assert key(prompt=long) == key(input=long) == key(prompt=long + "more")  # a completion's first characters
+    assert key(prompt="short") is None
 
 
 @pytest_twisted.ensureDeferred

@@ -5,9 +5,15 @@ are best served by the replica that served them last: its prefix cache
 still holds their prompt. The key is read the way GoModel's session keeping
 reads it: the headers C{X-Session-Id}, C{X-Claude-Code-Session-Id} (Claude
 Code's) and C{Session-Id}, then the body's C{prompt_cache_key}, C{session_id},
-C{metadata.user_id} (Anthropic's Messages) and C{user}; failing those, a hash
-of the first L{PREFIX_CHARS} characters of the prompt (a Messages request's
-C{system} first) when it is at least that long. Keys are short hashes
+C{metadata.user_id} (Anthropic's Messages) and C{user}; failing those, the
+conversation's opening: a hash of its system prompt and first user message
+(their first L{PREFIX_CHARS} characters each; a Messages request's C{system}
+first; a completion's prompt, its first L{PREFIX_CHARS} characters), when
+the whole prompt is at least L{PREFIX_CHARS} long. Every turn of a
+conversation opens alike, so its turns stay where its history is cached,
+while conversations that share only a system prompt spread: each replica
+soon caches a hot system prompt, and one replica never takes an app's
+whole traffic. Keys are short hashes
 (C{"s:<hex>"}, C{"p:<hex>"}): bounded in memory, and with shared pins
 (L{gomodel.routing.pins}) no session id or user name is sent to Redis.
 """
@@ -51,26 +57,35 @@ def _digest(text):
 
 
 def _prompt_prefix(body):
-    """The first L{PREFIX_CHARS} characters of the prompt, or None when it is shorter."""
+    """The opening of a long prompt (see the module's docstring), or None when the prompt is shorter
+    than L{PREFIX_CHARS}."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        text = prompt
-    else:
-        parts = []
-        size = 0
-        system = _text(body.get("system"))  # Anthropic's Messages: the system prompt comes first
-        if system:
-            parts.append(system)
-            size += len(system)
-        for message in () if size >= PREFIX_CHARS else body.get("messages") or body.get("input") or ():
-            content = _text(message.get("content")) if isinstance(message, dict) else None
-            if content:
-                parts.append(content)
-                size += len(content)
-                if size >= PREFIX_CHARS:
-                    break
-        text = "\n".join(parts)
-    return text[:PREFIX_CHARS] if len(text) >= PREFIX_CHARS else None
+        return prompt[:PREFIX_CHARS] if len(prompt) >= PREFIX_CHARS else None
+    messages = body.get("messages")
+    if messages is None:
+        messages = body.get("input")  # the Responses API's
+    if isinstance(messages, str):
+        return messages[:PREFIX_CHARS] if len(messages) >= PREFIX_CHARS else None
+    opening = []
+    system = _text(body.get("system"))  # Anthropic's Messages: the system prompt comes first
+    size = len(system) if system else 0
+    if system:
+        opening.append(system[:PREFIX_CHARS])
+    user = False  # the first user message is in the opening
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        content = _text(message.get("content"))
+        if not content:
+            continue
+        size += len(content)
+        if not user:
+            opening.append(content[:PREFIX_CHARS])
+            user = message.get("role") == "user"
+        if user and size >= PREFIX_CHARS:
+            break
+    return "\n".join(opening) if size >= PREFIX_CHARS else None
 
 
 def _text(content):

@@ -16,16 +16,19 @@ requests in flight, but the replica's reports count everyone's: the score
 takes the larger of the two. Each replica's pace is learned from what the
 gateway sees: a moving mean of the seconds its successful requests took,
 send to end. A replica clearly slower than the fastest candidate (over
-L{SLOWER} times its pace) counts each request it holds as many times as it
-is slower: three times slower, it holds a third as many requests as a fast
-one, each three times as long (about a ninth of a fast one's requests), and
-keeps room in its batch, since a request there takes three times as long to
-its first token and to its end. Replicas alike differ in pace by chance, and
-count alike. An idle replica scores 0 whatever its pace, so a slow one still
-gets work and its pace is learned again (one that became fast regains its
-share). A session (or a shared prompt prefix) stays on the replica that
-served it last while that replica's score is within C{affinity_max_ratio}
-times (plus C{affinity_slack}) the best one's; a request of it that
+L{SLOWER} times its pace) takes only overflow: requests that no faster
+replica could start at once (each would wait in its queue, see below).
+With vLLM's batching a fast replica with a few more requests running still
+finishes each far sooner than a slow one would, and requests sent to a slow
+one make the tail of the latencies; a request in a fast replica's queue,
+though, makes the tail of the first tokens, so overflow goes to the slow
+one's free slots. Idle for L{PACE_REFRESH} seconds, a slow replica gets the
+next request, so its pace is learned again (its durations weigh
+L{RARE_WEIGHT} each) and one that became fast regains its
+share. Replicas alike differ in pace by chance, and count alike. A session
+(or a conversation, by its opening) stays on the replica that served it last
+while that replica's score is within C{affinity_max_ratio} times (plus
+C{affinity_slack}) the best one's; a request of it that
 overflows to a clearly slower replica does not move its pin there. With
 shared pins (L{gomodel.routing.pins}, when C{REDIS_URL} is set) every pin
 this pool makes or changes is shared with the other processes and hosts,
@@ -58,7 +61,9 @@ RETRY_AFTER = 1  # seconds a client is told to wait for a busy or not-ready pool
 KV_FULL = 0.95  # KV-cache use past which a replica counts as queueing
 PACE_SAMPLES = 10  # a replica's pace is the plain mean of its first requests' durations, then a moving mean
 PACE_WEIGHT = 1 / PACE_SAMPLES  # weight of one request's duration in that moving mean
-SLOWER = 1.5  # pace ratio past which a replica is clearly slower than another (a pin does not move to it)
+RARE_WEIGHT = 0.5  # its weight on a clearly slower replica: it gets few requests, and each says much
+SLOWER = 1.5  # pace ratio past which a replica is clearly slower than another (it takes only overflow)
+PACE_REFRESH = 30.0  # seconds after which an idle, clearly slower replica gets a request to learn its pace again
 AFFINITY_ENTRIES = 10000  # sessions and prefixes remembered per pool
 
 
@@ -94,6 +99,8 @@ class Replica:
         self.slots = None  # how many requests it runs at once, learned: its running count while it queued
         self.pace = None  # seconds its requests take, learned: a moving mean of those that succeeded
         self.timed = 0  # requests in that mean, up to PACE_SAMPLES
+        self.timed_at = None  # when the last of them ended
+        self.rare = False  # it was chosen while clearly slower: its next duration weighs RARE_WEIGHT
         self.checked = False  # its first discovery and health check have answered (or failed)
         self.on_change = None  # called with the replica after every change of state
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
@@ -158,6 +165,13 @@ class Replica:
             return self.pace / fastest
         return 1.0
 
+    def prompt(self, now, fastest) -> bool:
+        """Whether it should start requests as soon as it has room: it is not clearly slower than
+        C{fastest}, or, idle, its pace has not been learned again for L{PACE_REFRESH} seconds."""
+        if self.slowness(fastest) == 1.0:
+            return True
+        return not self.in_flight and (self.timed_at is None or now - self.timed_at >= PACE_REFRESH)
+
     def slower_than(self, other) -> bool:
         """Whether it is clearly slower than C{other} (both paced)."""
         return other.paced and self.slowness(other.pace) > 1.0
@@ -198,7 +212,9 @@ class Replica:
             self.timed += 1
             self.pace = seconds if self.pace is None else self.pace + (seconds - self.pace) / self.timed
         else:
-            self.pace += PACE_WEIGHT * (seconds - self.pace)
+            self.pace += (RARE_WEIGHT if self.rare else PACE_WEIGHT) * (seconds - self.pace)
+        self.rare = False
+        self.timed_at = self._clock.seconds()
 
     def reported(self, sample):
         """A scrape's load report arrived (while requests wait, its running count is its batch size)."""
@@ -419,20 +435,32 @@ class ReplicaPool:
             for r in self.replicas:
                 if r.slots is not None and r.slots > batch:
                     batch = r.slots
-            # A request that would wait in a replica's queue goes where it would start at once, if
-            # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
-            starting = [r for r in free if not r.queued(now, max_age, batch)]
-            if starting and len(starting) < len(free):
-                free = starting
-            fastest = None  # the fastest paced candidate's pace: a clearly slower one counts its requests more
+            fastest = None  # the fastest paced candidate's pace: a clearly slower one takes only overflow
             for r in free:
                 if r.paced and (fastest is None or r.pace < fastest):
                     fastest = r.pace
+            # A request that would wait in a replica's queue goes where it would start at once, if
+            # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
+            # A clearly slower replica takes only what no faster one could start at once.
+            starting = [r for r in free if not r.queued(now, max_age, batch)]
+            prompt = [r for r in starting if r.prompt(now, fastest)]
+            if prompt:
+                starting = prompt
+            if starting and len(starting) < len(free):
+                free = starting
             if starting:
                 scores = {r: r.score(now, max_age, fastest) for r in free}
             else:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
                 scores = {r: r.wait(now, max_age, batch, fastest) for r in free}
                 affinity = None
+            replica = self._lowest(free, scores, affinity)
+            if replica.slowness(fastest) > 1.0:
+                replica.rare = True
+            return replica
+        return self._lowest(free, scores, affinity)
+
+    def _lowest(self, free, scores, affinity):
+        """The replica of C{free} with the lowest score, or the warm one of C{affinity} within the guard."""
         best = min(scores.values())
         if affinity is not None:
             known = self._affinity.get(affinity)
