@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from gomodel.http.context import CLIENT_GONE, OK, STREAM_BROKEN, RequestContext
 from tests.rawclient import chat_request, connect
@@ -63,6 +63,9 @@ async def test_plain_answer_logs_its_usage(reactor, gateway, access):
     assert (event["status"], event["outcome"], event["provider"], event["model"]) == (200, OK, "vllm", MODEL)
     assert (event["prompt_tokens"], event["completion_tokens"]) == (18, 3)
     assert event["replica"] == 0 and event["stream"] is False and event["ttfb_ms"] is not None
+    text = formatEvent(event)  # the line a text observer writes
+    assert text.startswith("POST /v1/chat/completions 200 ") and text.endswith(
+        f"ms request_id={event['request_id']} provider=vllm model={MODEL}")
 
 
 @pytest_twisted.ensureDeferred
