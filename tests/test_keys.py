@@ -183,6 +183,21 @@ def test_the_key_ring_refuses_a_key_once_it_expires():
     assert ring.by_id("key_1").id == "key_1"
 
 
+def test_the_key_ring_remembers_only_known_secrets_and_follows_their_record():
+    ring = KeyRing(store=None, clock=Clock())
+    record = {"id": "key_1", "hash": hash_secret("sk_gom_x"), "name": "n", "deactivated_at": None, "updated_at": 1.0}
+    ring.merge([record])
+    assert ring.find(b"sk_gom_x").id == "key_1"
+    for i in range(100):
+        assert ring.find(b"sk_gom_guess_%d" % i) is None
+    assert list(ring._digests) == [b"sk_gom_x"]  # a wrong secret is hashed again, never kept
+    ring.merge([{**record, "deactivated_at": 2.0, "updated_at": 2.0}])
+    assert ring.find(b"sk_gom_x") is None  # the remembered hash still reads the current record
+    ring.merge([{**record, "hash": hash_secret("sk_gom_z"), "updated_at": 3.0}])  # the secret was rotated
+    assert ring.find(b"sk_gom_x") is None
+    assert ring.find(b"sk_gom_z").id == "key_1"
+
+
 # -- model allowlists ----------------------------------------------------------------------
 
 

@@ -110,11 +110,19 @@ class KeyRing(Periodic):
         self._store = store
         self._by_hash = {}
         self._hash_of = {}  # key id -> hash
+        self._digests = {}  # secret -> its hash, for secrets of known keys (a hash is the same forever)
         self._seen = float("-inf")  # the newest updated_at merged
 
     def find(self, secret: bytes):
         """The active principal whose secret is C{secret}, or None (unknown, deactivated or expired)."""
-        principal = self._by_hash.get(hashlib.sha256(secret).hexdigest())
+        digest = self._digests.get(secret)
+        if digest is None:
+            digest = hashlib.sha256(secret).hexdigest()
+            if digest in self._by_hash:
+                if len(self._digests) >= 10000:
+                    self._digests.clear()
+                self._digests[secret] = digest
+        principal = self._by_hash.get(digest)
         if principal is None or not principal.active:
             return None
         if principal.expires_at is not None and self._clock.seconds() >= principal.expires_at:

@@ -108,7 +108,7 @@ class BudgetBook:
             return False
         now = self._clock.seconds()
         current = self._current(scopes, now)
-        if self._unseeded(current):
+        if not current.seeded and self._unseeded(current):
             return False
         self._judge(self._counters.spent_all_now(current.buckets), current, now)
         return True
@@ -153,7 +153,7 @@ class BudgetBook:
         if not scopes:
             return None
         current = self._current(scopes, self._clock.seconds())
-        if self._unseeded(current):
+        if not current.seeded and self._unseeded(current):
             return ensureDeferred(self._record_seeded(current, tokens, cost))
         return self._spend(current, tokens, cost)
 

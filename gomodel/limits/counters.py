@@ -259,17 +259,47 @@ class LocalCounters(_Forms):
                 out.append(_new_tuple(Taken, (True, level, reset if reset > 0.0 else 0.0, 0.0)))
             else:
                 out.append(taken(level, capacity, refill, amount, False))
-        lease = None
-        if ok and slots:
-            held = tuple(bucket for bucket, _ in slots)
-            for bucket in held:
-                inflight[bucket] = inflight.get(bucket, 0) + 1
-            lease = next(self._ids)
-            self._leases[lease] = held
-        self._ops += 1
-        if self._ops % self._sweep_every == 0:
-            self._sweep(now)
+        lease = self._hold(slots) if ok and slots else None
+        self._tick(now)
         return _new_tuple(Admitted, (ok, out, lease, refused))
+
+    def take_now(self, buckets, tokens, slots):
+        """L{admit_now} for a request of C{tokens} when everything fits, without specs or L{Taken}s.
+
+        @param buckets: objects with C{name}, C{capacity}, C{refill} and C{tokens} (whether the
+            bucket takes C{tokens}, else 1).
+        @param slots: as L{admit_now}'s.
+        @return: C{(each bucket's level after the take, lease or None)}; None when something
+            refused, nothing taken (L{admit_now} says what).
+        """
+        now = self._clock.seconds()
+        store = self._buckets
+        states, levels = [], []
+        for b in buckets:
+            state = store.get(b.name)
+            amount = tokens if b.tokens else 1
+            if state is None:
+                level = b.capacity
+            else:
+                level = state[0] + (now - state[1]) * b.refill
+                if level > b.capacity:
+                    level = b.capacity
+            if level < amount:
+                return None
+            states.append(state)
+            levels.append(level - amount)
+        inflight = self._inflight
+        for bucket, limit in slots:
+            if inflight.get(bucket, 0) >= limit:
+                return None
+        for b, state, level in zip(buckets, states, levels):
+            if state is None:
+                store[b.name] = [level, now, b.capacity, b.refill]
+            else:
+                state[0], state[1], state[2], state[3] = level, now, b.capacity, b.refill
+        lease = self._hold(slots) if slots else None
+        self._tick(now)
+        return levels, lease
 
     def finish_now(self, specs, lease) -> list:
         """L{ICounters.finish}, answered at once."""
@@ -277,21 +307,47 @@ class LocalCounters(_Forms):
         out = []
         buckets = self._buckets
         for bucket, capacity, refill, delta in specs:
-            state = buckets.get(bucket)
-            if state is None:
-                level = min(capacity, capacity - delta)
-                buckets[bucket] = [level, now, capacity, refill]
-            else:
-                level = min(capacity, min(capacity, state[0] + (now - state[1]) * refill) - delta)
-                state[0], state[1], state[2], state[3] = level, now, capacity, refill
-            out.append(level)
+            out.append(self._adjusted(buckets, bucket, capacity, refill, delta, now))
+        self._free(lease)
+        return out
+
+    def settle_now(self, buckets, delta, lease) -> list:
+        """L{finish_now} of C{delta} on each of C{buckets} (objects with C{name}, C{capacity} and C{refill})."""
+        now = self._clock.seconds()
+        store = self._buckets
+        out = [self._adjusted(store, b.name, b.capacity, b.refill, delta, now) for b in buckets]
+        self._free(lease)
+        return out
+
+    @staticmethod
+    def _adjusted(store, bucket, capacity, refill, delta, now):
+        """Consume C{delta} more from C{bucket} (below zero if need be, never above C{capacity}): its new level."""
+        state = store.get(bucket)
+        if state is None:
+            level = min(capacity, capacity - delta)
+            store[bucket] = [level, now, capacity, refill]
+        else:
+            level = min(capacity, min(capacity, state[0] + (now - state[1]) * refill) - delta)
+            state[0], state[1], state[2], state[3] = level, now, capacity, refill
+        return level
+
+    def _hold(self, slots):
+        """A new lease holding one slot in each of C{slots}' buckets."""
+        held = tuple(bucket for bucket, _ in slots)
+        inflight = self._inflight
+        for bucket in held:
+            inflight[bucket] = inflight.get(bucket, 0) + 1
+        lease = next(self._ids)
+        self._leases[lease] = held
+        return lease
+
+    def _free(self, lease):
         for bucket in self._leases.pop(lease, None) or ():
             held = self._inflight[bucket] - 1
             if held:
                 self._inflight[bucket] = held
             else:
                 del self._inflight[bucket]
-        return out
 
     def spend_all_now(self, items):
         """L{ICounters.spend_all}, done at once."""

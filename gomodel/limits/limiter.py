@@ -42,17 +42,51 @@ def _window_name(seconds, tokens) -> str:
 class _Bucket:
     """One bucket of a scope's plan: where, how big, how fast, and what it counts."""
 
-    __slots__ = ("name", "capacity", "capacity_text", "capacity_raw", "refill", "tokens", "seconds", "scope")
+    __slots__ = ("name", "capacity", "capacity_raw", "refill", "tokens", "seconds", "scope")
 
     def __init__(self, scope, seconds, capacity, tokens):
         self.scope = scope
         self.seconds = seconds
         self.capacity = capacity
-        self.capacity_text = str(capacity)
-        self.capacity_raw = self.capacity_text.encode("ascii")
+        self.capacity_raw = str(capacity).encode("ascii")
         self.refill = capacity / seconds
         self.tokens = tokens
         self.name = f"{scope}|{'t' if tokens else 'r'}{seconds}"
+
+
+class _Prepared:
+    """What one C{scopes} list asks of the counters, worked out once (everything but the request's tokens).
+
+    @ivar buckets: the L{_Bucket}s of every scope, in order; C{token_buckets}: those counting tokens.
+    @ivar slots: C{(slot bucket, limit)} of every scope with C{concurrent}; C{slot_scopes}: those scopes.
+    """
+
+    __slots__ = ("scopes", "buckets", "token_buckets", "slots", "slot_scopes", "_header_plans")
+
+    def __init__(self, scopes, buckets, slots, slot_scopes):
+        self.scopes = scopes  # held: the limiter keys this by id(scopes)
+        self.buckets = buckets
+        self.token_buckets = [b for b in buckets if b.tokens]
+        self.slots = slots
+        self.slot_scopes = slot_scopes
+        self._header_plans = {}
+
+    def specs(self, tokens):
+        """C{(bucket, capacity, refill, amount)} of every bucket for a request of C{tokens}."""
+        return [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in self.buckets]
+
+    def header_plan(self, scope):
+        """What C{scope}'s C{x-ratelimit-*} headers show: C{((raw names, bucket indices), ...)}, its requests
+        and its tokens windows in the order its buckets come (of several, the fewest remaining is shown)."""
+        plan = self._header_plans.get(scope)
+        if plan is None:
+            kinds = {}
+            for i, b in enumerate(self.buckets):
+                if b.scope == scope:
+                    kinds.setdefault(b.tokens, []).append(i)
+            plan = self._header_plans[scope] = tuple((_RAW_HEADER_NAMES[tokens], tuple(indices))
+                                                     for tokens, indices in kinds.items())
+        return plan
 
 
 def _plan(scope, limit):
@@ -99,10 +133,11 @@ class Limiter:
         @raise RateLimitExceeded: a limit refused; nothing was taken. Its
             C{scope} names the scope that refused.
         """
-        plan = self._prepare(scopes, tokens)
-        if plan is None:
+        prepared = self._prepare(scopes)
+        if prepared is None:
             return NO_ADMISSION
-        return self._admitted(await self._counters.admit(plan[0], plan[2]), plan, tokens, headers_for)
+        return self._admitted(await self._counters.admit(prepared.specs(tokens), prepared.slots), prepared, tokens,
+                              headers_for)
 
     def admit_now(self, scopes, tokens: int, headers_for=None):
         """L{admit} at once, on counters that answer at once (C{immediate}): no Deferred, no coroutine.
@@ -110,19 +145,27 @@ class Limiter:
         @return: an L{Admission}.
         @raise RateLimitExceeded: as L{admit}.
         """
-        plan = self._prepare(scopes, tokens)
-        if plan is None:
+        prepared = self._prepare(scopes)
+        if prepared is None:
             return NO_ADMISSION
-        return self._admitted(self._counters.admit_now(plan[0], plan[2]), plan, tokens, headers_for)
+        counters = self._counters
+        got = counters.take_now(prepared.buckets, tokens, prepared.slots)
+        if got is None:  # something refused: the counters' full answer says what (nothing was taken)
+            return self._admitted(counters.admit_now(prepared.specs(tokens), prepared.slots), prepared, tokens,
+                                  headers_for)
+        levels, lease = got
+        self._taken(prepared, levels)
+        return Admission(self, prepared, levels, tokens, lease,
+                         prepared.header_plan(headers_for) if headers_for is not None else ())
 
-    def _prepare(self, scopes, tokens):
-        """C{(specs, buckets, slots, slot scopes)} of one request, or None when nothing limits it.
+    def _prepare(self, scopes):
+        """The L{_Prepared} of C{scopes}, or None when nothing limits it.
 
-        What does not depend on C{tokens} is kept per C{scopes} object (a key's are the same
-        list on every request; a changed limit comes in a new list).
+        Kept per C{scopes} object (a key's are the same list on every request; a changed
+        limit comes in a new list).
         """
-        cached = self._prepared.get(id(scopes))
-        if cached is None or cached[0] is not scopes:
+        prepared = self._prepared.get(id(scopes))
+        if prepared is None or prepared.scopes is not scopes:
             buckets, slots, slot_scopes = [], [], []
             for scope, limit in scopes:
                 if not limit:
@@ -134,38 +177,45 @@ class Limiter:
                     slot_scopes.append(scope)
             if len(self._prepared) > 10000:
                 self._prepared.clear()
-            cached = self._prepared[id(scopes)] = (scopes, buckets, slots, slot_scopes)  # holds scopes: its id
-        _, buckets, slots, slot_scopes = cached
-        if not buckets and not slots:
+            prepared = self._prepared[id(scopes)] = _Prepared(scopes, buckets, slots, slot_scopes)
+        if not prepared.buckets and not prepared.slots:
             return None
-        specs = [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in buckets]
-        return specs, buckets, slots, slot_scopes
+        return prepared
 
-    def _admitted(self, got, plan, tokens, headers_for):
-        """The L{Admission} of what the counters answered, or raise L{RateLimitExceeded}."""
-        _, buckets, slots, slot_scopes = plan
+    def _taken(self, prepared, levels):
+        """Note what an admission took: the buckets' levels (this process's view) and its slots."""
+        now = self._clock.seconds()
+        seen = self._seen
+        for b, level in zip(prepared.buckets, levels):
+            seen[b.name] = (level, now)
+        for scope in prepared.slot_scopes:
+            self._inflight[scope] = self._inflight.get(scope, 0) + 1
+
+    def _admitted(self, got, prepared, tokens, headers_for):
+        """The L{Admission} of what the counters answered (an L{Admitted}), or raise L{RateLimitExceeded}."""
+        buckets = prepared.buckets
         results = got.taken
-        if results:
-            now = self._clock.seconds()
-            seen = self._seen
-            for b, r in zip(buckets, results):
-                seen[b.name] = (r.remaining, now)
+        levels = [r.remaining for r in results]
+        header_plan = prepared.header_plan(headers_for) if headers_for is not None else ()
         if not got.ok:
-            headers = _headers(buckets, results, headers_for)
+            if results:
+                now = self._clock.seconds()
+                for b, level in zip(buckets, levels):
+                    self._seen[b.name] = (level, now)
+            headers = _header_dict(_raw_headers(header_plan, buckets, levels))
             if got.refused < 0:
                 # The refusal that lasts longest says when a retry can pass.
                 b, r = max(((b, r) for b, r in zip(buckets, results) if not r.allowed),
                            key=lambda pair: pair[1].retry_after)
                 raise self._refused(b, r, tokens, headers)
-            scope = slot_scopes[got.refused]
+            scope = prepared.slot_scopes[got.refused]
             self._full_until[scope] = self._clock.seconds() + 1
             raise RateLimitExceeded(
-                f"Rate limit reached for {scope} on concurrent requests: Limit {slots[got.refused][1]}. "
+                f"Rate limit reached for {scope} on concurrent requests: Limit {prepared.slots[got.refused][1]}. "
                 "Please try again when a request of this scope has finished.",
                 scope=scope, retry_after=1, headers=headers)
-        for scope in slot_scopes:
-            self._inflight[scope] = self._inflight.get(scope, 0) + 1
-        return Admission(self, buckets, results, tokens, got.lease, slot_scopes, headers_for)
+        self._taken(prepared, levels)
+        return Admission(self, prepared, levels, tokens, got.lease, header_plan)
 
     def _refused(self, bucket, result, tokens, headers):
         amount = tokens if bucket.tokens else 1
@@ -222,45 +272,33 @@ class Limiter:
 class Admission:
     """A request admitted by L{Limiter.admit}; settle it once, release it once (both idempotent).
 
-    Settling and releasing are idempotent.
-
     @ivar headers: OpenAI's C{x-ratelimit-*} headers for the scope named by
         C{headers_for} (empty without one): limit, remaining and reset (OpenAI's
         duration format) of its requests and tokens windows; where it has
         several, the one with the fewest remaining.
     """
 
-    __slots__ = ("_limiter", "_buckets", "_results", "_tokens", "_lease", "_slot_scopes", "_headers_for",
-                 "_headers", "_settled")
+    __slots__ = ("_limiter", "_prepared", "_levels", "_tokens", "_lease", "_header_plan", "_headers", "_settled")
 
-    def __init__(self, limiter, buckets, results, tokens, lease, slot_scopes, headers_for):
+    def __init__(self, limiter, prepared, levels, tokens, lease, header_plan):
         self._limiter = limiter
-        self._buckets = buckets
-        self._results = results
+        self._prepared = prepared
+        self._levels = levels  # each bucket's level after the take
         self._tokens = tokens
         self._lease = lease
-        self._slot_scopes = slot_scopes
-        self._headers_for = headers_for
+        self._header_plan = header_plan
         self._headers = None
         self._settled = False
 
     @property
     def headers(self) -> dict:
         if self._headers is None:
-            self._headers = _headers(self._buckets, self._results, self._headers_for)
+            self._headers = _header_dict(self.raw_headers())
         return self._headers
 
     def raw_headers(self) -> list:
         """L{headers} as C{(canonical name, value)} bytes, for L{gomodel._twistedcompat.set_plain_headers}."""
-        if self._headers_for is None:
-            return []
-        out = []
-        for tokens, b, r in _header_buckets(self._buckets, self._results, self._headers_for):
-            limit, remaining, reset = _RAW_HEADER_NAMES[tokens]
-            out.append((limit, b.capacity_raw))
-            out.append((remaining, b"%d" % max(0, math.floor(r.remaining))))
-            out.append((reset, duration(r.reset_after).encode("ascii")))
-        return out
+        return _raw_headers(self._header_plan, self._prepared.buckets, self._levels)
 
     def settle(self, actual_tokens):
         """Charge the token buckets C{actual_tokens} instead of the reservation.
@@ -279,66 +317,65 @@ class Admission:
 
     def finish_now(self, actual_tokens):
         """L{finish} at once, on counters that answer at once (C{immediate})."""
-        specs, lease = self._closing(actual_tokens, True)
-        if specs or lease is not None:
-            self._finished(self._limiter._counters.finish_now(specs, lease), specs)
+        buckets, delta, lease = self._closing(actual_tokens, True)
+        if buckets or lease is not None:
+            self._finished(self._limiter._counters.settle_now(buckets, delta, lease), buckets)
 
     def _finish(self, actual_tokens, release):
-        specs, lease = self._closing(actual_tokens, release)
-        if not specs and lease is None:
+        buckets, delta, lease = self._closing(actual_tokens, release)
+        if not buckets and lease is None:
             return succeed(None)
-        return self._limiter._counters.finish(specs, lease).addCallback(self._finished, specs)
+        specs = [(b.name, b.capacity, b.refill, delta) for b in buckets]
+        return self._limiter._counters.finish(specs, lease).addCallback(self._finished, buckets)
 
     def _closing(self, actual_tokens, release):
-        """C{(specs, lease)}: what settling with C{actual_tokens} (None: not now) and releasing give back."""
-        specs = ()
+        """C{(token buckets, delta, lease)}: what settling with C{actual_tokens} (None: not now) and releasing
+        give back; no buckets when there is nothing to settle."""
+        buckets, delta = (), 0
         if actual_tokens is not None and not self._settled:
             self._settled = True
             delta = actual_tokens - self._tokens
             if delta:
-                specs = [(b.name, b.capacity, b.refill, delta) for b in self._buckets if b.tokens]
+                buckets = self._prepared.token_buckets
         lease = None
         if release and self._lease is not None:
             lease, self._lease = self._lease, None
-            self._limiter._released(self._slot_scopes)
-        return specs, lease
+            self._limiter._released(self._prepared.slot_scopes)
+        return buckets, delta, lease
 
-    def _finished(self, levels, specs):
+    def _finished(self, levels, buckets):
         seen, now = self._limiter._seen, self._limiter._clock.seconds()
-        for (name, _, _, _), level in zip(specs, levels):
-            seen[name] = (level, now)
+        for b, level in zip(buckets, levels):
+            seen[b.name] = (level, now)
 
 
-NO_ADMISSION = Admission(None, (), (), 0, None, (), None)
+NO_ADMISSION = Admission(None, _Prepared((), [], [], []), [], 0, None, ())
 
 
 _HEADER_NAMES = {tokens: tuple(f"x-ratelimit-{what}-{suffix}" for what in ("limit", "remaining", "reset"))
                  for tokens, suffix in ((False, "requests"), (True, "tokens"))}
 _RAW_HEADER_NAMES = {tokens: tuple(header_name(name) for name in names) for tokens, names in _HEADER_NAMES.items()}
+_HEADER_TEXT = {raw: name for tokens in _HEADER_NAMES
+                for raw, name in zip(_RAW_HEADER_NAMES[tokens], _HEADER_NAMES[tokens])}
 
 
-def _header_buckets(buckets, results, scope):
-    """C{[(tokens, bucket, taken)]}: what C{scope}'s C{x-ratelimit-*} headers show, for its requests and
-    its tokens windows (of several, the one with the fewest remaining)."""
-    best = {}
-    for b, r in zip(buckets, results):
-        if b.scope == scope:
-            current = best.get(b.tokens)
-            if current is None or r.remaining < current[2].remaining:
-                best[b.tokens] = (b.tokens, b, r)
-    return best.values()
-
-
-def _headers(buckets, results, scope) -> dict:
-    if scope is None:
-        return {}
-    out = {}
-    for tokens, b, r in _header_buckets(buckets, results, scope):
-        limit, remaining, reset = _HEADER_NAMES[tokens]
-        out[limit] = b.capacity_text
-        out[remaining] = str(max(0, math.floor(r.remaining)))
-        out[reset] = duration(r.reset_after)
+def _raw_headers(plan, buckets, levels) -> list:
+    """The C{(raw name, value)} headers of a L{_Prepared.header_plan} over the buckets' C{levels}."""
+    out = []
+    for (limit, remaining, reset), indices in plan:
+        i = indices[0] if len(indices) == 1 else min(indices, key=levels.__getitem__)  # the first of the fewest
+        b, level = buckets[i], levels[i]
+        out.append((limit, b.capacity_raw))
+        out.append((remaining, b"%d" % level if level >= 1 else b"0"))  # floored, never below 0
+        reset_ms = math.ceil((b.capacity - level) / b.refill * 1000 - 1e-6)  # as duration() rounds
+        out.append((reset, b"%dms" % reset_ms if 0 < reset_ms < 1000 else
+                    duration((b.capacity - level) / b.refill).encode("ascii")))
     return out
+
+
+def _header_dict(raw) -> dict:
+    """C{raw} headers (L{_raw_headers}) by their lower-case names, as text."""
+    return {_HEADER_TEXT[name]: value.decode("ascii") for name, value in raw}
 
 
 def duration(seconds) -> str:
