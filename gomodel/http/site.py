@@ -13,6 +13,7 @@ import re
 
 from twisted.python import failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
@@ -153,6 +154,19 @@ class GatewayChannel(http.HTTPChannel):
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    def writeHeaders(self, version, code, reason, headers):
+        """Write the status line and C{headers} as one piece: Twisted hands the transport four pieces
+        per header, each checked in Python (a managed key's six C{x-ratelimit-*} headers alone are 24)."""
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))
 
 
 CLIENT_IDLE_TIMEOUT = 120

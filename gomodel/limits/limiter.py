@@ -102,8 +102,9 @@ def _plan(scope, limit):
 class Limiter:
     """Admits requests under their scopes' L{RateLimit}s, on C{counters} (an L{ICounters}).
 
-    It keeps a local view of every bucket it touched (level and when) and of
-    its own slots in flight, for L{saturated}.
+    It keeps a local view of its own slots in flight and, on shared counters,
+    of every bucket it touched (level and when), for L{saturated}; local
+    counters (C{immediate}) hold every bucket's level themselves.
     """
 
     def __init__(self, counters, clock):
@@ -112,7 +113,8 @@ class Limiter:
         self._clock = clock
         self._plans = {}
         self._prepared = {}  # id(scopes) -> (scopes, buckets, slot buckets, slot scopes)
-        self._seen = {}  # bucket name -> (level, at)
+        # bucket name -> (level, at), this process's view of shared counters' buckets (local ones have it)
+        self._seen = None if counters.immediate else {}
         self._inflight = {}  # scope -> this process's requests holding a slot
         self._full_until = {}  # scope -> until when its slots were last seen all taken (by any process)
 
@@ -184,10 +186,11 @@ class Limiter:
 
     def _taken(self, prepared, levels):
         """Note what an admission took: the buckets' levels (this process's view) and its slots."""
-        now = self._clock.seconds()
         seen = self._seen
-        for b, level in zip(prepared.buckets, levels):
-            seen[b.name] = (level, now)
+        if seen is not None:
+            now = self._clock.seconds()
+            for b, level in zip(prepared.buckets, levels):
+                seen[b.name] = (level, now)
         for scope in prepared.slot_scopes:
             self._inflight[scope] = self._inflight.get(scope, 0) + 1
 
@@ -198,7 +201,7 @@ class Limiter:
         levels = [r.remaining for r in results]
         header_plan = prepared.header_plan(headers_for) if headers_for is not None else ()
         if not got.ok:
-            if results:
+            if results and self._seen is not None:
                 now = self._clock.seconds()
                 for b, level in zip(buckets, levels):
                     self._seen[b.name] = (level, now)
@@ -261,7 +264,7 @@ class Limiter:
         _, buckets, _ = self._plan_of(scope_name, limit)
         now = self._clock.seconds()
         for b in buckets:
-            seen = self._seen.get(b.name)
+            seen = self._counters.level(b.name) if self._seen is None else self._seen.get(b.name)
             if seen is not None:
                 level = min(b.capacity, seen[0] + (now - seen[1]) * b.refill)
                 if level <= 0 if b.tokens else level < 1:
@@ -344,7 +347,10 @@ class Admission:
         return buckets, delta, lease
 
     def _finished(self, levels, buckets):
-        seen, now = self._limiter._seen, self._limiter._clock.seconds()
+        seen = self._limiter._seen
+        if seen is None:
+            return
+        now = self._limiter._clock.seconds()
         for b, level in zip(buckets, levels):
             seen[b.name] = (level, now)
 
