@@ -41,7 +41,7 @@ TARGET_ORDER = ["direct", "gomodel", "gomodel-pool", "gomodel-features", "vllm-r
 # the matrix's default workloads (messages and messages_stream when asked for)
 ALL_WORKLOADS = ["chat", "stream", "stream_paced", "embeddings", "responses", "responses_stream"]
 # --variant features: everything on against bare, vllm-router and Portkey
-FEATURES_VARIANT = {"targets": ["direct", "gomodel", "gomodel-features", "vllm-router", "portkey"],
+FEATURES_VARIANT = {"targets": ["direct", "gomodel", "gomodel-key", "gomodel-features", "vllm-router", "portkey"],
                     "workloads": ["chat", "stream"], "concurrency": [1, 64]}
 
 

@@ -150,6 +150,20 @@ def test_features_rows_against_bare():
     assert report.features_rows([c for c in chosen if c["target"] != "gomodel-features"]) == []
 
 
+def test_key_rows_against_the_master_key():
+    chosen = [_cell("gomodel", "chat", 64, 5000, 0.200), _cell("gomodel-key", "chat", 64, 4600, 0.215),
+              _cell("gomodel", "stream", 64, 3000, 0.300), _cell("gomodel-key", "stream", 64, 2600, 0.350),
+              _cell("gomodel-key", "embeddings", 64, 1, 1)]
+    rows = report.key_rows(chosen)
+    assert [r[0] for r in rows] == ["chat req/s, c=64", "  CPU s per 1000, c=64",
+                                    "stream req/s, c=64", "  CPU s per 1000, c=64"]
+    chat, stream = rows[:2], rows[2:]
+    assert chat[0][1:3] == ("5,000", "4,600") and abs(chat[0][3] - 0.92) < 1e-9 and chat[0][5] == "yes"
+    assert abs(chat[1][3] - 1.075) < 1e-9 and chat[1][5] == "yes"
+    assert stream[0][5] == "**no**" and stream[1][5] == "**no**"
+    assert report.key_rows([c for c in chosen if c["target"] != "gomodel-key"]) == []
+
+
 def test_router_rows_ratio_per_core():
     chosen = [_cell("gomodel-features", "chat", 64, 3600, 0.28, util=1.0),
               _cell("vllm-router", "chat", 64, 16000, 0.06, util=0.8), _cell("gomodel", "embeddings", 64, 1, 1)]

@@ -1,7 +1,7 @@
 """The markdown report: machine, versions, setup, then one table per workload
 (or the soak, or the workers scaling run)."""
 
-ORDER = ["direct", "gomodel", "gomodel-pool", "gomodel-features", "vllm-router", "litellm", "portkey"]
+ORDER = ["direct", "gomodel", "gomodel-key", "gomodel-pool", "gomodel-features", "vllm-router", "litellm", "portkey"]
 
 
 def _ms(v):
@@ -164,6 +164,19 @@ def render(meta, cells, soaks, scaling=()):
                       _num(check.get("access_log_lines"))))
             if meta.get("features_check"):
                 w("")
+        krows = key_rows(chosen)
+        if krows:
+            w("## A managed key (`gomodel-key`) against the master key (`gomodel`)")
+            w("")
+            w("Both bare (one upstream, access log off); `gomodel-key`'s requests are made with a managed key "
+              "that has a rate limit (requests and tokens a minute) and a daily token budget, far above the load. "
+              "Bound: issue 14's (the chat figures within 10 %).")
+            w("")
+            w("| figure | master key | managed key | managed / master | bound | met |")
+            w("| --- | ---: | ---: | ---: | ---: | --- |")
+            for fig, b, f, ratio, bound, met in krows:
+                w("| %s | %s | %s | %s | %s | %s |" % (fig, b, f, _ratio(ratio), bound, met))
+            w("")
         vrows = router_rows(chosen)
         if vrows:
             w("## Against vllm-router")
@@ -378,6 +391,25 @@ def features_rows(chosen):
         rows.append(("chat req/s at c=%d over Portkey's (%s)" % (cmax, _num(pk["rps"])),
                      _ratio(_div(b["rps"], pk["rps"])) if b else "–", _ratio(ratio), None, "≥ 2.50×",
                      met(None if ratio is None else ratio >= 2.5)))
+    return rows
+
+
+def key_rows(chosen):
+    """The managed key against the master key, from the chosen cells: (figure, master, managed,
+    managed/master, bound, met) rows for chat and stream, or [] when the run lacks one of the two."""
+    by = {(c["target"], c["workload"], c["concurrency"]): c for c in chosen}
+    rows = []
+    for (t, wl, conc), k in sorted(by.items()):
+        m = by.get(("gomodel", wl, conc))
+        if t != "gomodel-key" or m is None or wl not in ("chat", "stream"):
+            continue
+        ratio = _div(k["rps"], m["rps"])
+        rows.append(("%s req/s, c=%d" % (wl, conc), _num(m["rps"]), _num(k["rps"]), ratio, "≥ 0.90×",
+                     "–" if ratio is None else "yes" if ratio >= 0.9 else "**no**"))
+        ratio = _div(k.get("gw_cpu_s_per_1k"), m.get("gw_cpu_s_per_1k"))
+        rows.append(("  CPU s per 1000, c=%d" % conc, _num(m.get("gw_cpu_s_per_1k"), "{:.3f}"),
+                     _num(k.get("gw_cpu_s_per_1k"), "{:.3f}"), ratio, "≤ 1.10×",
+                     "–" if ratio is None else "yes" if ratio <= 1.1 else "**no**"))
     return rows
 
 
