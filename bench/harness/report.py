@@ -152,11 +152,7 @@ def render(meta, cells, soaks, scaling=()):
               "load (created through `POST /admin/api/v1/auth-keys` before measuring), usage ledger, Prometheus "
               "metrics and the access log on. Bounds are issue 18's." % meta.get("pool_replicas", "?"))
             w("")
-            w("| figure | bare | everything on | on / bare | bound | met |")
-            w("| --- | ---: | ---: | ---: | ---: | --- |")
-            for fig, b, f, ratio, bound, met in frows:
-                w("| %s | %s | %s | %s | %s | %s |" % (fig, b, f, _ratio(ratio), bound, met))
-            w("")
+            _bound_table(w, ("bare", "everything on", "on / bare"), frows)
             for name, check in sorted((meta.get("features_check") or {}).items()):
                 w("- %s, read before it stopped: %s usage records for the managed key (written every 5 s, so the "
                   "last seconds may be missing), `gomodel_requests_total` %s, %s access log lines." % (
@@ -172,11 +168,7 @@ def render(meta, cells, soaks, scaling=()):
               "that has a rate limit (requests and tokens a minute) and a daily token budget, far above the load. "
               "Bound: issue 14's (the chat figures within 10 %).")
             w("")
-            w("| figure | master key | managed key | managed / master | bound | met |")
-            w("| --- | ---: | ---: | ---: | ---: | --- |")
-            for fig, b, f, ratio, bound, met in krows:
-                w("| %s | %s | %s | %s | %s | %s |" % (fig, b, f, _ratio(ratio), bound, met))
-            w("")
+            _bound_table(w, ("master key", "managed key", "managed / master"), krows)
         vrows = router_rows(chosen)
         if vrows:
             w("## Against vllm-router")
@@ -392,6 +384,15 @@ def features_rows(chosen):
                      _ratio(_div(b["rps"], pk["rps"])) if b else "–", _ratio(ratio), None, "≥ 2.50×",
                      met(None if ratio is None else ratio >= 2.5)))
     return rows
+
+
+def _bound_table(w, columns, rows):
+    """Write C{rows} (figure, a, b, b/a, bound, met) as a table whose middle columns are C{columns}."""
+    w("| figure | %s | %s | %s | bound | met |" % columns)
+    w("| --- | ---: | ---: | ---: | ---: | --- |")
+    for fig, a, b, ratio, bound, met in rows:
+        w("| %s | %s | %s | %s | %s | %s |" % (fig, a, b, _ratio(ratio), bound, met))
+    w("")
 
 
 def key_rows(chosen):

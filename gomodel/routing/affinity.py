@@ -1,6 +1,6 @@
-"""Which requests belong together: a session, or a long shared prompt prefix.
+"""Which requests belong together: a session, or a long conversation by its opening.
 
-Requests of one session, and requests that start with the same long prompt,
+Requests of one session, and the turns of one long conversation,
 are best served by the replica that served them last: its prefix cache
 still holds their prompt. The key is read the way GoModel's session keeping
 reads it: the headers C{X-Session-Id}, C{X-Claude-Code-Session-Id} (Claude
@@ -26,7 +26,7 @@ PREFIX_CHARS = 512
 
 
 def affinity_key(request, body: dict):
-    """The session or prompt-prefix key of a request, or None."""
+    """The session or conversation key of a request, or None."""
     headers = request.requestHeaders
     for name in SESSION_HEADERS:
         values = headers.getRawHeaders(name)

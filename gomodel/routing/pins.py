@@ -1,6 +1,6 @@
 """Session affinity pins shared by every gateway process through one Redis (C{REDIS_URL}).
 
-Each provider's pool keeps its pins (a session or prompt-prefix key, the
+Each provider's pool keeps its pins (a session or conversation key, the
 replica that serves it) in memory and chooses from them alone: a request
 never waits on Redis for a pin its process knows. L{SharedPins} keeps those
 tables alike across processes and hosts:
@@ -24,7 +24,7 @@ tables alike across processes and hosts:
     holds L{gomodel.routing.pool.AFFINITY_ENTRIES}). Otherwise every stored
     pin was also published to this process and is still in its table: a key
     it does not know is a new session, chosen at once. While a lookup is
-    slower than its wait, no other waits for Redis. Prompt-prefix keys are
+    slower than its wait, no other waits for Redis. Conversation keys are
     never looked up: most are new, and a miss would cost every such request a
     round trip.
 

@@ -24,12 +24,12 @@ one make the tail of the latencies; a request in a fast replica's queue,
 though, makes the tail of the first tokens, so overflow goes to the slow
 one's free slots. Idle for L{PACE_REFRESH} seconds, a slow replica gets the
 next request, so its pace is learned again (its durations weigh
-L{RARE_WEIGHT} each) and one that became fast regains its
-share. Replicas alike differ in pace by chance, and count alike. A session
-(or a conversation, by its opening) stays on the replica that served it last
-while that replica's score is within C{affinity_max_ratio} times (plus
-C{affinity_slack}) the best one's; a request of it that
-overflows to a clearly slower replica does not move its pin there. With
+L{RARE_WEIGHT} each) and one that became fast regains its share. Replicas
+alike differ in pace by chance, and count alike. A session (or a
+conversation, by its opening) stays on the replica that served it last while
+that replica's score is within C{affinity_max_ratio} times (plus
+C{affinity_slack}) the best one's; a request of it that overflows to a
+clearly slower replica does not move its pin there. With
 shared pins (L{gomodel.routing.pins}, when C{REDIS_URL} is set) every pin
 this pool makes or changes is shared with the other processes and hosts,
 whose pins it takes in turn; its choice still reads only its own table.
