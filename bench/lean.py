@@ -32,7 +32,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,10 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness.proc import descendants, free_port, listening_sockets  # noqa: E402
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 KEY = "lean-bench-key"
@@ -79,12 +82,6 @@ class _Mock(BaseHTTPRequestHandler):
         self._send(ANSWER)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def status(pid):
     """VmRSS and VmHWM of a process, MiB."""
     out = {}
@@ -103,37 +100,6 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def listening(port):
-    """TCP sockets listening on C{port} (one per process sharing it with SO_REUSEPORT)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    count += 1
-    return count
-
-
-def tree(pid):
-    """C{pid} and its descendants."""
-    children = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            children.setdefault(int(data[data.rindex(b")") + 2:].split()[1]), []).append(int(name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, ()))
-    return out
 
 
 def request(conn, method, path, body=None):
@@ -192,7 +158,7 @@ def one_run(command, args, upstream):
         cpu = cpu_seconds(proc.pid)
         chat, first = wait_for(port, "POST", "/v1/chat/completions", CHAT, deadline, proc)
         if args.workers > 1:  # every worker listening, then 10 x N chats in a row answered on new connections
-            while listening(port) < args.workers:
+            while listening_sockets(port) < args.workers:
                 if time.perf_counter() > deadline:
                     raise RuntimeError("the workers did not all listen in time")
                 time.sleep(0.01)
@@ -203,7 +169,7 @@ def one_run(command, args, upstream):
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 in_a_row = in_a_row + 1 if request(conn, "POST", "/v1/chat/completions", CHAT) == 200 else 0
                 conn.close()
-        pids = tree(proc.pid)
+        pids = descendants(proc.pid)
         rss_start = [round(status(p).get("VmRSS", 0), 1) for p in pids]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         times = []
