@@ -113,7 +113,8 @@ class ICounters(Interface):
 
     shared = Attribute("True when other processes see the same counters (Redis).")
     immediate = Attribute("True when the four operations also exist answering at once, without a Deferred "
-                          "(C{admit_now}, C{finish_now}, C{spend_all_now}, C{spent_all_now}): local counters.")
+                          "(C{admit_now}, C{finish_now}, C{spend_all_now}, C{spent_all_now}; with C{take_now}, "
+                          "C{settle_now} and C{level}): local counters.")
     failures = Attribute("How many operations were answered open because the backend failed.")
 
     def admit(specs, slots):
@@ -384,7 +385,7 @@ class LocalCounters(_Forms):
         self._sums = {b: s for b, s in self._sums.items() if s[2] is None or s[2] > now}
 
     def level(self, bucket):
-        """The stored level of C{bucket} and when it was stored, or None (full); for tests and views."""
+        """The stored level of C{bucket} and when it was stored, or None (full): the limiter's view of it."""
         state = self._buckets.get(bucket)
         return None if state is None else (state[0], state[1])
 

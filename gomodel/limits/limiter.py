@@ -112,7 +112,7 @@ class Limiter:
         self.immediate = counters.immediate  # whether admit_now and Admission.finish_now may be used
         self._clock = clock
         self._plans = {}
-        self._prepared = {}  # id(scopes) -> (scopes, buckets, slot buckets, slot scopes)
+        self._prepared = {}  # id(scopes) -> its _Prepared
         # bucket name -> (level, at), this process's view of shared counters' buckets (local ones have it)
         self._seen = None if counters.immediate else {}
         self._inflight = {}  # scope -> this process's requests holding a slot
@@ -186,13 +186,17 @@ class Limiter:
 
     def _taken(self, prepared, levels):
         """Note what an admission took: the buckets' levels (this process's view) and its slots."""
-        seen = self._seen
-        if seen is not None:
-            now = self._clock.seconds()
-            for b, level in zip(prepared.buckets, levels):
-                seen[b.name] = (level, now)
+        if self._seen is not None:
+            self._saw(prepared.buckets, levels)
         for scope in prepared.slot_scopes:
             self._inflight[scope] = self._inflight.get(scope, 0) + 1
+
+    def _saw(self, buckets, levels):
+        """Note the C{levels} shared counters answered for C{buckets} (this process's view, for L{saturated})."""
+        now = self._clock.seconds()
+        seen = self._seen
+        for b, level in zip(buckets, levels):
+            seen[b.name] = (level, now)
 
     def _admitted(self, got, prepared, tokens, headers_for):
         """The L{Admission} of what the counters answered (an L{Admitted}), or raise L{RateLimitExceeded}."""
@@ -201,10 +205,8 @@ class Limiter:
         levels = [r.remaining for r in results]
         header_plan = prepared.header_plan(headers_for) if headers_for is not None else ()
         if not got.ok:
-            if results and self._seen is not None:
-                now = self._clock.seconds()
-                for b, level in zip(buckets, levels):
-                    self._seen[b.name] = (level, now)
+            if self._seen is not None:
+                self._saw(buckets, levels)
             headers = _header_dict(_raw_headers(header_plan, buckets, levels))
             if got.refused < 0:
                 # The refusal that lasts longest says when a retry can pass.
@@ -347,12 +349,8 @@ class Admission:
         return buckets, delta, lease
 
     def _finished(self, levels, buckets):
-        seen = self._limiter._seen
-        if seen is None:
-            return
-        now = self._limiter._clock.seconds()
-        for b, level in zip(buckets, levels):
-            seen[b.name] = (level, now)
+        if self._limiter._seen is not None:
+            self._limiter._saw(buckets, levels)
 
 
 NO_ADMISSION = Admission(None, _Prepared((), [], [], []), [], 0, None, ())
