@@ -28,20 +28,18 @@ def request_line(request):
 
 
 def header_name(name: str) -> bytes:
-    """C{name} as L{Headers} keeps it (for L{set_plain_headers})."""
+    """C{name} as L{Headers} keeps it (for L{plain_headers})."""
     return _nameEncoder.encode(name)
 
 
-def set_plain_headers(headers, items):
-    """Set each C{(name, value)} of C{items} on C{headers} (a L{Headers}), replacing what it held.
+def plain_headers(headers) -> dict:
+    """The dict C{headers} (a L{Headers}) keeps: name (made with L{header_name}) -> list of values.
 
-    For names (made with L{header_name}) and values (bytes) the gateway makes
-    itself: C{setRawHeaders} checks and re-encodes every name and value, a
-    measurable cost for the six C{x-ratelimit-*} headers of every request.
+    C{plain[name] = [value]} sets a header the gateway makes itself (bytes), replacing what it
+    held: C{setRawHeaders} checks and re-encodes every name and value, a measurable cost for the
+    six C{x-ratelimit-*} headers of every request.
     """
-    raw = headers._rawHeaders
-    for name, value in items:
-        raw[name] = [value]
+    return headers._rawHeaders
 
 
 def use_pool_factory(pool, factory):

@@ -8,6 +8,7 @@ its listeners. No other module constructs a collaborator of another room.
 
 from twisted.internet.endpoints import serverFromString
 
+from gomodel.accounting.tokens import Pricing
 from gomodel.accounting.usage import UsageLedger
 from gomodel.api.inference import InferenceRoutes
 from gomodel.api.lazy import LazyRoutes
@@ -98,7 +99,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     else:
         counters = LocalCounters(reactor)
     book = BudgetBook(counters, reactor, seed=store.usage.spent) if config.quotas.budgets_enabled else None
-    gateway.gate = Gate(Limiter(counters, reactor), book, config.quotas, gateway.keys, store.budgets, reactor)
+    pricing = Pricing(config.usage.pricing)
+    gateway.gate = Gate(Limiter(counters, reactor), book, config.quotas, store.budgets, reactor, pricing=pricing)
     exchange.admit = gateway.gate.admit
 
     # The store, then its users (stopped in reverse, one after the other). Any process
@@ -106,8 +108,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     usage = config.usage
     if usage.enabled:  # stopped after the others: what they record is written
         gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,
-                                    retention=usage.retention_days * 86400.0, pricing=usage.pricing,
-                                    spend=gateway.gate.spend)
+                                    retention=usage.retention_days * 86400.0, pricing=pricing)
     salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,

@@ -245,7 +245,7 @@ def test_saturated_is_this_process_view(limiter, clock):
     assert limiter.saturated("model:vllm/x", model)
     fired(a.release())
     assert not limiter.saturated("model:vllm/x", model)
-    other = Limiter(limiter._counters, clock)  # another limiter on the same counters: as another process
+    other = Limiter(limiter.counters, clock)  # another limiter on the same counters: as another process
     c = fired(other.admit([("model:vllm/x", model)], 10))
     assert not other.saturated("model:vllm/x", model)  # it holds one slot of two
     refused(other, [("model:vllm/x", model)])
@@ -291,7 +291,7 @@ def test_errors_render_in_both_dialects(limiter):
     from gomodel.http import render
     from gomodel.limits.counters import ICounters
 
-    assert verifyObject(ICounters, limiter._counters)
+    assert verifyObject(ICounters, limiter.counters)
     error = refused(limiter, [("key:k", RateLimit(tpm=1))], 2, headers_for="key:k")
     request = DummyRequest([b""])
     body = orjson.loads(render.render(request, error))
@@ -671,3 +671,109 @@ def test_user_paths_are_normalised_like_gomodels():
     assert normalize_user_path("") == "/"
     with pytest.raises(ValueError, match="':'"):
         normalize_user_path("/a:b")
+
+
+# --- the gate on local counters: a key's lane and the general path ---------------------------------------
+
+
+class _Call:
+    model = "m"
+
+    def __init__(self, max_tokens):
+        self.body = b'{"model":"vllm/m","messages":[],"max_tokens":%d}' % max_tokens  # 11 + max_tokens (< 10)
+
+
+class _Upstream:
+    name = "vllm"
+
+
+def _gate(counters, clock, quotas=None):
+    from gomodel.limits.gate import Gate
+
+    return Gate(Limiter(counters, clock), BudgetBook(counters, clock), quotas or LimitsConfig(), clock=clock)
+
+
+def _request(gate, principal, max_tokens=8, used=None):
+    """Admit one request of C{principal} and, with C{used}, complete it: its C{(ctx, headers)}."""
+    from types import SimpleNamespace
+
+    from twisted.web.http_headers import Headers
+
+    ctx = SimpleNamespace(principal=principal, admission=None, usage=None, replica=0, provider="vllm",
+                          upstream_model="m")
+    request = SimpleNamespace(responseHeaders=Headers())
+    fired(gate.admit(request, ctx, _Upstream(), _Call(max_tokens)))
+    if used is not None:
+        ctx.usage = {"prompt_tokens": used - 1, "completion_tokens": 1, "total_tokens": used}
+        gate.completed(ctx)
+    headers = {name.decode().lower(): values[0].decode() for name, values in request.responseHeaders.getAllRawHeaders()}
+    return ctx, headers
+
+
+def _key(**fields):
+    from gomodel.auth.keys import Principal
+
+    fields.setdefault("budgets", [{"period": "daily", "max_tokens": 100}])
+    return Principal("k_1", "team", user_path="/team", **fields)
+
+
+def test_a_keys_lane_takes_settles_and_charges_as_the_general_path_does(clock, counters):
+    gate, key = _gate(counters, clock), _key(rpm=3, tpm=1000)
+    ctx, headers = _request(gate, key, max_tokens=8)
+    assert ctx.admission._lane is not None  # admitted by the lane
+    assert counters.level("key:k_1|r60")[0] == 2 and counters.level("key:k_1|t60")[0] == 1000 - 19
+    assert headers == {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "2",
+                       "x-ratelimit-reset-requests": "20s", "x-ratelimit-limit-tokens": "1000",
+                       "x-ratelimit-remaining-tokens": "981", "x-ratelimit-reset-tokens": "1.14s"}
+    ctx.usage = {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+    gate.completed(ctx)
+    assert counters.level("key:k_1|t60")[0] == 995  # settled: the 19 reserved became the 5 used
+    assert fired(gate._book.spent([("key:k_1", Budget("daily", max_tokens=100))])) == [(5, 0.0)]
+    gate.completed(ctx)  # once only
+    assert counters.level("key:k_1|t60")[0] == 995
+    # The general path (a fresh limiter on other counters) gives the same headers for the same state.
+    other = LocalCounters(clock)
+    expected = Limiter(other, clock).admit_now([("key:k_1", RateLimit(rpm=3, tpm=1000))], 19, headers_for="key:k_1")
+    assert expected.headers == headers
+
+
+def test_a_lane_refusal_is_the_general_paths_answer(clock, counters):
+    gate, key = _gate(counters, clock), _key(rpm=1, budgets=[{"period": "daily", "max_tokens": 10}])
+    _request(gate, key, used=4)
+    with pytest.raises(RateLimitExceeded) as info:
+        _request(gate, key)
+    assert info.value.scope == "key:k_1" and info.value.headers["x-ratelimit-remaining-requests"] == "0"
+    clock.advance(60)
+    _request(gate, key, used=6)  # the budget's 10 are spent now
+    clock.advance(60)
+    with pytest.raises(BudgetExceeded):
+        _request(gate, key)
+    assert counters.level("key:k_1|r60") == (0, T0 + 60)  # nothing was taken by the refusals
+
+
+def test_a_lane_made_before_a_sweep_or_a_periods_end_is_not_used_after(clock):
+    counters = LocalCounters(clock, sweep_every=2)
+    gate, key = _gate(counters, clock), _key(tpm=1000)
+    first, _ = _request(gate, key, max_tokens=8)  # 19 reserved
+    epoch = counters.epoch
+    _request(gate, key, max_tokens=8, used=5)  # the counters sweep: cells handed out before may be gone
+    assert counters.epoch > epoch
+    first.usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    gate.completed(first)  # settled by bucket name, charged by the book
+    assert counters.level("key:k_1|t60")[0] == pytest.approx(1000 - 2 - 5)
+    spent = [("key:k_1", Budget("daily", max_tokens=100))]
+    assert fired(gate._book.spent(spent)) == [(7, 0.0)]
+    clock.advance(86400)  # a new day: the budget's sum starts again
+    _request(gate, key, used=3)
+    assert fired(gate._book.spent(spent)) == [(3, 0.0)]
+
+
+def test_budgets_are_charged_without_a_rate_limit_or_the_usage_ledger(clock, counters):
+    gate, key = _gate(counters, clock), _key()
+    ctx, headers = _request(gate, key, used=60)
+    assert not headers and ctx.admission._lane is not None
+    _request(gate, key, used=60)  # admitted at 60: a request in flight is never cut
+    with pytest.raises(BudgetExceeded):
+        _request(gate, key)
+    master, _ = _request(gate, None, used=1000)
+    assert master.admission is None

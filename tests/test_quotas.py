@@ -184,12 +184,14 @@ async def test_a_token_budget_refuses_the_next_request_once_spent(http, gw):
         client.close()
 
 
+@pytest.mark.parametrize("usage_enabled", ["true", "false"])  # budgets count without the usage ledger too
 @pytest_twisted.ensureDeferred
-async def test_a_cost_budget_by_user_path_set_through_the_admin_api(reactor, http, fake, tmp_path):
+async def test_a_cost_budget_by_user_path_set_through_the_admin_api(reactor, http, fake, tmp_path, usage_enabled):
     pricing = tmp_path / "gomodel.yaml"
     pricing.write_text(f"pricing:\n  {MODEL}: {{input_per_mtok: 1000000, output_per_mtok: 1000000}}\n")
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
-                                       "GOMODEL_DATA_DIR": str(tmp_path)}, yaml_path=str(pricing))
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "USAGE_ENABLED": usage_enabled},
+                             yaml_path=str(pricing))
     try:
         code, budget = await admin(http, gw, "PUT", "/admin/api/v1/budgets",
                                    {"user_path": "/team", "period": "monthly", "amount": 30})

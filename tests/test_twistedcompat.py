@@ -99,11 +99,12 @@ def test_the_reactor_notes_the_signal_that_stopped_it_where_twistd_reads_it():
 def test_plain_headers_are_set_as_setRawHeaders_would():
     from twisted.web.http_headers import Headers
 
-    from gomodel._twistedcompat import header_name, set_plain_headers
+    from gomodel._twistedcompat import header_name, plain_headers
 
     ours, theirs = Headers({b"x-ratelimit-limit-requests": [b"1"]}), Headers()
-    set_plain_headers(ours, [(header_name("x-ratelimit-limit-requests"), b"600"),
-                             (header_name("X-RateLimit-Reset-Tokens"), b"6m0s")])
+    raw = plain_headers(ours)
+    raw[header_name("x-ratelimit-limit-requests")] = [b"600"]
+    raw[header_name("X-RateLimit-Reset-Tokens")] = [b"6m0s"]
     theirs.setRawHeaders("x-ratelimit-limit-requests", ["600"])
     theirs.setRawHeaders("X-RateLimit-Reset-Tokens", ["6m0s"])
     assert ours == theirs

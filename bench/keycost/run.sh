@@ -4,11 +4,13 @@
 # machine does), less what the idle gateway runs in the same wall time (its timers run about 50x
 # more often per request under valgrind).
 #
-#   bash bench/keycost/run.sh [N=400]      # needs valgrind (apt install valgrind) and node (the mock)
+#   [PAIRS=2] bash bench/keycost/run.sh [N=400]   # needs valgrind (apt install valgrind) and node (the mock)
 #
-# One gateway (this checkout, on PYTHON or the python on PATH), the bench's Node mock, N sequential
-# keep-alive chat requests per window: master, managed, master, managed. Prints a line per window
-# and the ratio managed / master (the smaller of each pair).
+# One gateway (this checkout, on PYTHON or the python on PATH), access log off as in the main
+# benchmark's `gomodel` and `gomodel-key` targets, the bench's Node mock, N sequential keep-alive chat
+# requests per window: master, managed, PAIRS times. Prints a line per window and the ratio
+# managed / master (the smaller of each kind; the windows still differ by the usage ledger's and key
+# ring's background work that falls in them, so N=1000 with PAIRS=3 is steadier).
 set -euo pipefail
 N=${1:-400}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -17,7 +19,7 @@ W=$(mktemp -d /tmp/gomodel-keycost-XXXXXX)
 port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 MPORT=$(port); GPORT=$(port)
 node "$ROOT/bench/mock/mock.mjs" --port "$MPORT" > "$W/mock.log" 2>&1 & MPID=$!
-env PYTHONPATH="$ROOT" VLLM_BASE_URL="http://127.0.0.1:$MPORT/v1" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/data" \
+env PYTHONPATH="$ROOT" VLLM_BASE_URL="http://127.0.0.1:$MPORT/v1" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/data" GOMODEL_ACCESS_LOG=false \
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/cg.out" \
   "$PY" -m gomodel --listen "tcp:$GPORT:interface=127.0.0.1" > "$W/gw.log" 2>&1 & GPID=$!
 trap 'kill $GPID $MPID 2>/dev/null || true' EXIT
@@ -36,7 +38,7 @@ window() { # name command...
 }
 "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" mk 100; "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" 100
 window idle sleep 10
-for _ in 1 2; do
+for _ in $(seq "${PAIRS:-2}"); do
   window master "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" mk "$N"
   window managed "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N"
 done

@@ -24,3 +24,31 @@ def tokens_by_type(usage: dict) -> tuple:
 
 def _count(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def total_tokens(usage: dict, tokens: tuple) -> int:
+    """A usage object's C{total_tokens}, else the input and output of its L{tokens_by_type} C{tokens}."""
+    total = usage.get("total_tokens")
+    return total if isinstance(total, int) else tokens[0] + tokens[1]
+
+
+class Pricing:
+    """The pricing table: qualified model (C{provider/model}) -> C{{input_per_mtok, output_per_mtok,
+    cached_input_per_mtok}}, in the table's currency per million tokens. False when empty."""
+
+    def __init__(self, table=None):
+        self._table = dict(table or {})
+
+    def __bool__(self):
+        return bool(self._table)
+
+    def costs(self, model, tokens) -> tuple:
+        """C{(input_cost, output_cost, total_cost)} of L{tokens_by_type} C{tokens} on C{model}, or Nones
+        where the model has no price or the tokens are unknown (C{tokens[0]} None)."""
+        price = self._table.get(model)
+        if price is None or tokens[0] is None:
+            return None, None, None
+        uncached = price.get("input_per_mtok", 0)
+        input_cost = ((tokens[0] - tokens[2]) * uncached + tokens[2] * price.get("cached_input_per_mtok", uncached)) / 1e6
+        output_cost = tokens[1] * price.get("output_per_mtok", 0) / 1e6
+        return input_cost, output_cost, input_cost + output_cost

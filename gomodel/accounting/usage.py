@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gomodel.accounting.tokens import tokens_by_type
+from gomodel.accounting.tokens import Pricing, tokens_by_type, total_tokens
 from gomodel.logs import log_failure
 from gomodel.store.sweeps import claimed
 
@@ -28,14 +28,11 @@ class UsageLedger(Service):
 
     log = Logger()
 
-    def __init__(self, usage, claims, clock, owner, *, flush_interval=5.0, retention=90 * 86400.0, pricing=None,
-                 spend=None):
+    def __init__(self, usage, claims, clock, owner, *, flush_interval=5.0, retention=90 * 86400.0, pricing=None):
         """
         @param usage: the L{gomodel.store.interfaces.IUsageStore}.
         @param claims: the L{gomodel.store.interfaces.IClaims} the retention job is claimed in.
-        @param pricing: qualified model -> C{{input_per_mtok, output_per_mtok, cached_input_per_mtok}}.
-        @param spend: C{spend(auth_key_id, user_path, tokens, cost)}, told of every record of a
-            managed key or user path (the budgets, L{gomodel.limits.gate.Gate.spend}).
+        @param pricing: the L{Pricing} (or its table).
         """
         self._usage = usage
         self._claims = claims
@@ -43,8 +40,7 @@ class UsageLedger(Service):
         self._owner = owner
         self._flush_interval = flush_interval
         self._retention = retention
-        self._pricing = dict(pricing or {})
-        self.spend = spend
+        self._pricing = pricing if isinstance(pricing, Pricing) else Pricing(pricing)
         self._buffer = []
         self._writing = DeferredLock()  # one write at a time, in order
         self._loops = []
@@ -68,28 +64,15 @@ class UsageLedger(Service):
         """
         if usage:
             tokens = tokens_by_type(usage)
-            total = usage.get("total_tokens")
-            total = total if isinstance(total, int) else tokens[0] + tokens[1]
+            total = total_tokens(usage, tokens)
         else:
             tokens, total = (None, None, None, None), None
-        costs = self._costs(model, tokens) if self._pricing else (None, None, None)
-        if self.spend is not None and (auth_key_id or user_path) and total:
-            self.spend(auth_key_id, user_path, total, costs[2])
+        costs = self._pricing.costs(model, tokens) if self._pricing else (None, None, None)
         self._buffer.append((request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code,
                              stream, tokens[0], tokens[1], total, tokens[2], tokens[3], *costs, user_path,
                              auth_key_id, duration_ms, ttft_ms, client_gone, estimated))
         if len(self._buffer) > MAX_BUFFER:
             del self._buffer[:len(self._buffer) - MAX_BUFFER]
-
-    def _costs(self, model, tokens):
-        """C{(input_cost, output_cost, total_cost)} of a record, or Nones without a price."""
-        price = self._pricing.get(model)
-        if price is None or tokens[0] is None:
-            return None, None, None
-        uncached = price.get("input_per_mtok", 0)
-        input_cost = ((tokens[0] - tokens[2]) * uncached + tokens[2] * price.get("cached_input_per_mtok", uncached)) / 1e6
-        output_cost = tokens[1] * price.get("output_per_mtok", 0) / 1e6
-        return input_cost, output_cost, input_cost + output_cost
 
     # -- writing ------------------------------------------------------------------------
 

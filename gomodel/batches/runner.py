@@ -428,19 +428,23 @@ class BatchRunner(Service):
             outcome = _NoAnswer("internal_error", "The gateway failed to process this request.")
         finally:
             job.upstream.discard(upstream)
-        if self._usage is not None and isinstance(outcome, _Answer):
+        if isinstance(outcome, _Answer):
             self._account(job, path, route, outcome, f"{job.batch_id}-{line}")
         ok, data = self._result(custom_id, outcome)
         await self._record(job, line, custom_id, ok, data)
 
     def _account(self, job, path, route, answer, request_id):
-        """Keep the usage record of one answered line (batch lines count as requests do)."""
+        """Keep the usage record of one answered line and charge it to its key's budgets (batch lines
+        count as requests do)."""
         pool, principal = route.provider, job.principal
-        self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, None,
-                         f"{pool.name}/{route.upstream_model}", "/v1" + path, answer.status, False,
-                         usage_of(answer.body) if answer.status < 400 else None,
-                         auth_key_id=None if principal is None else principal.id,
-                         user_path=None if principal is None else principal.user_path)
+        model = f"{pool.name}/{route.upstream_model}"
+        usage = usage_of(answer.body) if answer.status < 400 else None
+        if self._usage is not None:
+            self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, None, model, "/v1" + path,
+                             answer.status, False, usage, auth_key_id=None if principal is None else principal.id,
+                             user_path=None if principal is None else principal.user_path)
+        if self._gate is not None:
+            self._gate.charge(principal, model, usage)
 
     def _record(self, job, line, custom_id, ok, data):
         return self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)

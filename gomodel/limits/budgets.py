@@ -104,14 +104,25 @@ class BudgetBook:
         @return: True when judged (the budgets have room); False when L{check} must be used.
         @raise BudgetExceeded: as L{check}.
         """
-        if not self._counters.immediate:
+        current = self.current_now(scopes)
+        if current is None:
             return False
-        now = self._clock.seconds()
-        current = self._current(scopes, now)
-        if not current.seeded and self._unseeded(current):
-            return False
-        self._judge(self._counters.spent_all_now(current.buckets), current, now)
+        if current.spent():
+            self._judge(self._counters.spent_all_now(current.buckets), current, self._clock.seconds())
         return True
+
+    def current_now(self, scopes):
+        """The L{_Current} periods of C{scopes} now, their sums' cells live (L{_Current.spent} and
+        L{_Current.charge} answer at once), on counters that answer at once with every period seeded;
+        else None (L{check} and L{record} seed first)."""
+        if not self._counters.immediate:
+            return None
+        current = self._current(scopes, self._clock.seconds())
+        if not current.seeded and self._unseeded(current):
+            return None
+        if current.epoch != self._counters.epoch:
+            current.resolve(self._counters)
+        return current
 
     async def _check_seeded(self, current, now):
         await self._seed_all(current)
@@ -151,6 +162,10 @@ class BudgetBook:
             request), else a Deferred firing with None once the counters have it.
         """
         if not scopes:
+            return None
+        current = self.current_now(scopes)
+        if current is not None:
+            current.charge(int(tokens or 0), float(cost or 0.0))
             return None
         current = self._current(scopes, self._clock.seconds())
         if not current.seeded and self._unseeded(current):
@@ -218,9 +233,10 @@ class _Current:
     @ivar sums: C{(bucket, expires_at)} once per bucket (a scope's budgets of one period share a sum).
     @ivar first: when the latest-starting period began; C{last}: when the first of them ends.
     @ivar seeded: every bucket's sum was read from the usage ledger (or needs none).
+    @ivar epoch: the local counters' epoch its sums' cells were taken in (L{resolve}), else None.
     """
 
-    __slots__ = ("scopes", "rows", "buckets", "sums", "first", "last", "seeded")
+    __slots__ = ("scopes", "rows", "buckets", "sums", "first", "last", "seeded", "epoch", "_limits", "_cells")
 
     def __init__(self, scopes, rows, margin):
         self.scopes = scopes
@@ -230,3 +246,25 @@ class _Current:
         self.first = max((start for _, _, _, start, _ in rows), default=-INF)
         self.last = min((end for _, _, _, _, end in rows if end is not None), default=INF)
         self.seeded = False
+        self.epoch = None
+        self._limits = self._cells = ()
+
+    def resolve(self, counters):
+        """Take the live cells of its sums from C{counters} (L{gomodel.limits.counters.LocalCounters})."""
+        cells = {bucket: counters.sum_cell(bucket, expires) for bucket, expires in self.sums}
+        self._limits = [(cells[bucket], budget.max_tokens, budget.max_cost) for _, budget, bucket, _, _ in self.rows]
+        self._cells = list(cells.values())
+        self.epoch = counters.epoch
+
+    def spent(self) -> bool:
+        """Whether a budget is spent (its cells resolved and live)."""
+        for cell, max_tokens, max_cost in self._limits:
+            if (max_tokens is not None and cell[0] >= max_tokens) or (max_cost is not None and cell[1] >= max_cost):
+                return True
+        return False
+
+    def charge(self, tokens: int, cost: float):
+        """Add C{tokens} and C{cost} to every sum (its cells resolved and live)."""
+        for cell in self._cells:
+            cell[0] += tokens
+            cell[1] += cost

@@ -113,8 +113,8 @@ class ICounters(Interface):
 
     shared = Attribute("True when other processes see the same counters (Redis).")
     immediate = Attribute("True when the four operations also exist answering at once, without a Deferred "
-                          "(C{admit_now}, C{finish_now}, C{spend_all_now}, C{spent_all_now}; with C{take_now}, "
-                          "C{settle_now} and C{level}): local counters.")
+                          "(C{admit_now}, C{finish_now}, C{spend_all_now}, C{spent_all_now}; with C{settle_now}, "
+                          "C{level} and the live cells of L{LocalCounters}): local counters.")
     failures = Attribute("How many operations were answered open because the backend failed.")
 
     def admit(specs, slots):
@@ -210,6 +210,7 @@ class LocalCounters(_Forms):
         self._ids = itertools.count(1)
         self._sweep_every = sweep_every
         self._ops = 0
+        self.epoch = 0  # bumped by every sweep: cells handed out before it may be gone
 
     def admit(self, specs, slots):
         return succeed(self.admit_now(specs, slots))
@@ -260,47 +261,30 @@ class LocalCounters(_Forms):
                 out.append(_new_tuple(Taken, (True, level, reset if reset > 0.0 else 0.0, 0.0)))
             else:
                 out.append(taken(level, capacity, refill, amount, False))
-        lease = self._hold(slots) if ok and slots else None
-        self._tick(now)
+        lease = self.hold(slots) if ok and slots else None
+        self.tick(now)
         return _new_tuple(Admitted, (ok, out, lease, refused))
 
-    def take_now(self, buckets, tokens, slots):
-        """L{admit_now} for a request of C{tokens} when everything fits, without specs or L{Taken}s.
+    def cell(self, bucket, capacity, refill) -> list:
+        """The live state of token bucket C{bucket}, C{[level, at, capacity, refill]} (made full when absent).
 
-        @param buckets: objects with C{name}, C{capacity}, C{refill} and C{tokens} (whether the
-            bucket takes C{tokens}, else 1).
-        @param slots: as L{admit_now}'s.
-        @return: C{(each bucket's level after the take, lease or None)}; None when something
-            refused, nothing taken (L{admit_now} says what).
+        A holder may read and write it in place (L{gomodel.limits.lanes.Lane}) until L{epoch} changes: a
+        sweep drops full buckets, and a bucket asked for again after it gets a new state.
         """
-        now = self._clock.seconds()
-        store = self._buckets
-        states, levels = [], []
-        for b in buckets:
-            state = store.get(b.name)
-            amount = tokens if b.tokens else 1
-            if state is None:
-                level = b.capacity
-            else:
-                level = state[0] + (now - state[1]) * b.refill
-                if level > b.capacity:
-                    level = b.capacity
-            if level < amount:
-                return None
-            states.append(state)
-            levels.append(level - amount)
-        inflight = self._inflight
-        for bucket, limit in slots:
-            if inflight.get(bucket, 0) >= limit:
-                return None
-        for b, state, level in zip(buckets, states, levels):
-            if state is None:
-                store[b.name] = [level, now, b.capacity, b.refill]
-            else:
-                state[0], state[1], state[2], state[3] = level, now, b.capacity, b.refill
-        lease = self._hold(slots) if slots else None
-        self._tick(now)
-        return levels, lease
+        state = self._buckets.get(bucket)
+        if state is None:
+            state = self._buckets[bucket] = [capacity, 0.0, capacity, refill]
+        return state
+
+    def sum_cell(self, bucket, expires_at) -> list:
+        """The live state of budget sum C{bucket}, C{[tokens, cost, expires_at]} (made empty when absent or
+        ended), for holders as L{cell}'s."""
+        state = self._sums.get(bucket)
+        if state is None:
+            state = self._sums[bucket] = [0, 0.0, expires_at]
+        elif state[2] is not None and state[2] <= self._clock.seconds():
+            state[0], state[1], state[2] = 0, 0.0, expires_at
+        return state
 
     def finish_now(self, specs, lease) -> list:
         """L{ICounters.finish}, answered at once."""
@@ -309,7 +293,7 @@ class LocalCounters(_Forms):
         buckets = self._buckets
         for bucket, capacity, refill, delta in specs:
             out.append(self._adjusted(buckets, bucket, capacity, refill, delta, now))
-        self._free(lease)
+        self.free(lease)
         return out
 
     def settle_now(self, buckets, delta, lease) -> list:
@@ -317,7 +301,7 @@ class LocalCounters(_Forms):
         now = self._clock.seconds()
         store = self._buckets
         out = [self._adjusted(store, b.name, b.capacity, b.refill, delta, now) for b in buckets]
-        self._free(lease)
+        self.free(lease)
         return out
 
     @staticmethod
@@ -332,7 +316,7 @@ class LocalCounters(_Forms):
             state[0], state[1], state[2], state[3] = level, now, capacity, refill
         return level
 
-    def _hold(self, slots):
+    def hold(self, slots):
         """A new lease holding one slot in each of C{slots}' buckets."""
         held = tuple(bucket for bucket, _ in slots)
         inflight = self._inflight
@@ -342,7 +326,16 @@ class LocalCounters(_Forms):
         self._leases[lease] = held
         return lease
 
-    def _free(self, lease):
+    def try_hold(self, slots):
+        """L{hold}, or None (nothing held) when a bucket of C{slots} is at its limit."""
+        inflight = self._inflight
+        for bucket, limit in slots:
+            if inflight.get(bucket, 0) >= limit:
+                return None
+        return self.hold(slots)
+
+    def free(self, lease):
+        """Free the slots of C{lease} (again, or None: nothing)."""
         for bucket in self._leases.pop(lease, None) or ():
             held = self._inflight[bucket] - 1
             if held:
@@ -355,13 +348,15 @@ class LocalCounters(_Forms):
         now = self._clock.seconds()
         for bucket, tokens, cost, expires_at in items:
             state = self._sums.get(bucket)
-            if state is None or (state[2] is not None and state[2] <= now):
+            if state is None:
                 self._sums[bucket] = [tokens, cost, expires_at]
+            elif state[2] is not None and state[2] <= now:  # in place: a holder of its cell sees it
+                state[0], state[1], state[2] = tokens, cost, expires_at
             else:
                 state[0] += tokens
                 state[1] += cost
                 state[2] = expires_at
-        self._tick(now)
+        self.tick(now)
 
     def spent_all_now(self, buckets) -> list:
         """L{ICounters.spent_all}, answered at once."""
@@ -375,12 +370,14 @@ class LocalCounters(_Forms):
                 out.append((state[0], state[1]))
         return out
 
-    def _tick(self, now):
+    def tick(self, now):
+        """Count an operation; every C{sweep_every} operations, sweep (a new L{epoch})."""
         self._ops += 1
         if self._ops % self._sweep_every == 0:
             self._sweep(now)
 
     def _sweep(self, now):
+        self.epoch += 1
         self._buckets = {b: s for b, s in self._buckets.items() if s[0] + (now - s[1]) * s[3] < s[2]}
         self._sums = {b: s for b, s in self._sums.items() if s[2] is None or s[2] > now}
 

@@ -15,19 +15,24 @@ nothing reaches the upstream. Scopes, each with its own counters:
 Tokens are reserved up front (the request body's size / 4 as the prompt
 estimate, plus its C{max_tokens}) and settled with the real usage when the
 request completes (L{Gate.completed}, a request-context sink). Budgets are
-checked before a request and charged from the usage ledger's records
-(L{Gate.spend}), so batch lines and passthrough count like any request.
+checked before a request and charged with its usage when it completes (the
+same sink), batch lines by the batch runner (L{Gate.charge}), so batch lines
+and passthrough count like any request, with or without the usage ledger.
 """
+
+import re
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from gomodel._twistedcompat import set_plain_headers
+from gomodel._twistedcompat import plain_headers
+from gomodel.accounting.tokens import Pricing, tokens_by_type, total_tokens
+from gomodel.limits.lanes import Lane
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
 
-_MAX_TOKEN_NEEDLES = tuple(b'"%s"' % name for name in (b"max_tokens", b"max_completion_tokens", b"max_output_tokens"))
+_MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d{1,18})')
 
 
 class Gate(Periodic):
@@ -39,20 +44,20 @@ class Gate(Periodic):
 
     log = Logger()
 
-    def __init__(self, limiter, book, quotas, keys=None, budgets=None, clock=None, interval=1.0):
+    def __init__(self, limiter, book, quotas, budgets=None, clock=None, interval=1.0, pricing=None):
         """
         @param limiter: the L{gomodel.limits.limiter.Limiter}.
         @param book: the L{gomodel.limits.budgets.BudgetBook}, or None (no budgets).
         @param quotas: the configured L{gomodel.limits.specs.LimitsConfig}.
-        @param keys: the L{gomodel.auth.keys.KeyRing} (a usage record names its key by id).
         @param budgets: the L{gomodel.store.interfaces.IBudgetStore}, or None.
+        @param pricing: the L{gomodel.accounting.tokens.Pricing} cost budgets count by, or None.
         """
         super().__init__(clock, interval)
         self._limiter = limiter
         self._book = book
         self._quotas = quotas
-        self._keys = keys
         self._store = budgets
+        self._pricing = pricing or Pricing()
         self._path_budgets = {}  # user path -> (Budget, ...) set through the admin API
         # What a key's requests pass, worked out once per key version (the key ring makes a new
         # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes, own).
@@ -61,6 +66,8 @@ class Gate(Periodic):
         # (id(key's limits), id(target's)) -> (both, the one list of both): the same list on every
         # request, as the limiter keeps what it works out per list.
         self._combined = {}
+        self._lanes = {}  # id(scopes) -> its Lane (local counters)
+        self._any_targets = bool(quotas.providers or quotas.models)
 
     def refresh(self):
         """Re-read the budgets set through the admin API.
@@ -129,7 +136,7 @@ class Gate(Periodic):
         The admission is kept on C{ctx} (settled when the request completes);
         a managed key's C{x-ratelimit-*} headers are set on C{request}. On
         counters that answer at once (local ones) this runs to its end without
-        a Deferred.
+        a Deferred, in one call of the scopes' L{Lane} unless something refuses.
 
         @return: None once admitted, or a Deferred firing with None once admitted.
         @raise gomodel.errors.BudgetExceeded: a budget of the request's scopes is
@@ -138,17 +145,52 @@ class Gate(Periodic):
             taken (or the Deferred fails with it).
         """
         principal = ctx.principal
-        targets = self._target_scopes(upstream.name, call.model)
+        targets = self._target_scopes(upstream.name, call.model) if self._any_targets else ()
         if principal is None or principal.master:
+            if not targets:
+                return None
             budgets, scopes, own = (), targets, None
         else:
-            _, budgets, limits, own = self._plan(principal)
-            scopes = self._with_targets(limits, targets)
-        if not self._limiter.immediate or (budgets and not self._book.check_now(budgets)):
+            plan = self._plans.get(principal.id)
+            if plan is None or plan[0] is not principal:
+                plan = self._plan(principal)
+            _, budgets, limits, own = plan
+            scopes = self._with_targets(limits, targets) if targets else limits
+            if not scopes and not budgets:
+                return None
+        if not self._limiter.immediate:
+            return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
+        tokens = estimate(call.body)
+        now = self._limiter.clock.seconds()
+        lane = self._lanes.get(id(scopes))
+        if lane is None or lane.scopes is not scopes or not lane.live(now):
+            lane = self._lane(scopes, budgets, own)
+        if lane is not None:
+            admission = lane.admit(tokens, now, plain_headers(request.responseHeaders))
+            if admission is not None:
+                ctx.admission = admission
+                return None
+        # Something refuses (the general path's answer says what and until when), or periods to seed.
+        if budgets and not self._book.check_now(budgets):
             return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
         if scopes:
-            _admitted(self._limiter.admit_now(scopes, estimate(call.body), headers_for=own), request, ctx)
+            _admitted(self._limiter.admit_now(scopes, tokens, headers_for=own), request, ctx)
         return None
+
+    def _lane(self, scopes, budgets, own):
+        """A new L{Lane} of C{scopes} and C{budgets} (kept by the id of C{scopes}), or None while a
+        budget period is still to be seeded."""
+        current = None
+        if budgets:
+            current = self._book.current_now(budgets)
+            if current is None:
+                return None
+        prepared = self._limiter.prepare(scopes)
+        header_plan = prepared.header_plan(own) if prepared is not None and own is not None else ()
+        if len(self._lanes) > 10000:
+            self._lanes.clear()
+        lane = self._lanes[id(scopes)] = Lane(scopes, self._limiter, prepared, current, header_plan)
+        return lane
 
     async def _admit(self, request, ctx, budgets, scopes, own, call):
         if budgets:
@@ -180,30 +222,41 @@ class Gate(Periodic):
         return any(self._limiter.saturated(scope, limit) for scope, limit in self._target_scopes(upstream.name, model))
 
     def completed(self, ctx):
-        """A request-context sink: settle its reservation with the real usage and free its slots."""
+        """A request-context sink: settle its reservation with the real usage and free its slots, and
+        charge what a managed key's request that reached an upstream used to its budgets."""
         admission = ctx.admission
-        if admission is None:
+        principal = ctx.principal
+        charged = (self._book is not None and ctx.replica is not None and principal is not None
+                   and not principal.master)
+        if admission is None and not charged:
             return
-        used = 0
-        if ctx.usage:
-            prompt, completion = ctx.tokens
-            used = (prompt or 0) + (completion or 0)
-        if self._limiter.immediate:
-            admission.finish_now(used)
-        else:
-            admission.finish(used).addErrback(lambda f: self.log.failure("settling a rate-limit admission", f))
+        usage = ctx.usage
+        used = _used(usage) if usage else 0
+        if admission is not None:
+            if self._limiter.immediate:
+                admission.finish_now(used)
+            else:
+                admission.finish(used).addErrback(lambda f: self.log.failure("settling a rate-limit admission", f))
+        if charged and used:
+            model = f"{ctx.provider}/{ctx.upstream_model}" if self._pricing and ctx.upstream_model else None
+            self._charge(principal, model, usage, used, admission)
 
-    def spend(self, auth_key_id, user_path, tokens, cost):
-        """Charge a usage record (a request or a batch line) to its key's and user path's budgets."""
-        if self._book is None:
+    def charge(self, principal, model, usage):
+        """Charge an answer's C{usage} (the upstream's usage object, or None) on C{model} (qualified, for
+        its price) to the budgets of C{principal} (a managed key's; others have none): a batch line."""
+        if self._book is None or not usage or principal is None or principal.master:
             return
-        principal = self._keys.by_id(auth_key_id) if auth_key_id and self._keys is not None else None
-        if principal is not None:
-            scopes = self.budget_scopes(principal)
-        else:  # a key no longer known: its path's budgets still count
-            scopes = self._budget_scopes(None, (), user_path)
+        used = _used(usage)
+        if used:
+            self._charge(principal, model, usage, used, None)
+
+    def _charge(self, principal, model, usage, used, admission):
+        cost = self._pricing.costs(model, tokens_by_type(usage))[2] if self._pricing else None
+        if admission is not None and admission.charge_now(used, cost):
+            return  # at once, by the lane that admitted it
+        scopes = self.budget_scopes(principal)
         if scopes:
-            recording = self._book.record(scopes, tokens, cost)
+            recording = self._book.record(scopes, used, cost)
             if recording is not None:
                 recording.addErrback(lambda f: self.log.failure("charging a budget", f))
 
@@ -220,7 +273,13 @@ class Gate(Periodic):
 def _admitted(admission, request, ctx):
     """Keep C{admission} on C{ctx}; its C{x-ratelimit-*} headers go on C{request}'s answer."""
     ctx.admission = admission
-    set_plain_headers(request.responseHeaders, admission.raw_headers())
+    admission.put_headers(plain_headers(request.responseHeaders))
+
+
+def _used(usage) -> int:
+    """The tokens a usage object counts (as the usage ledger's C{total_tokens})."""
+    used = usage.get("total_tokens")
+    return used if isinstance(used, int) else total_tokens(usage, tokens_by_type(usage))
 
 
 def key_budgets(items) -> tuple:
@@ -230,17 +289,9 @@ def key_budgets(items) -> tuple:
 
 
 def estimate(body) -> int:
-    """Tokens to reserve for a request body: its bytes / 4 (the prompt) plus its C{max_tokens}."""
+    """Tokens to reserve for a request body: its bytes / 4 (the prompt) plus its C{max_tokens}
+    (or C{max_completion_tokens}, C{max_output_tokens}: the first one sent)."""
     if not body:
         return 0
-    tokens = len(body) // 4
-    if b'"max_' not in body:  # the start of every needle: one scan where none is sent
-        return tokens
-    for needle in _MAX_TOKEN_NEEDLES:
-        at = body.find(needle)
-        if at >= 0:
-            tail = body[at + len(needle):at + len(needle) + 22].lstrip(b" :")
-            digits = tail[:len(tail) - len(tail.lstrip(b"0123456789"))]
-            if digits:
-                return tokens + int(digits)
-    return tokens
+    found = _MAX_TOKENS.search(body)
+    return len(body) // 4 + int(found[1]) if found is not None else len(body) // 4

@@ -108,9 +108,9 @@ class Limiter:
     """
 
     def __init__(self, counters, clock):
-        self._counters = counters
+        self.counters = counters  # the L{ICounters}
         self.immediate = counters.immediate  # whether admit_now and Admission.finish_now may be used
-        self._clock = clock
+        self.clock = clock
         self._plans = {}
         self._prepared = {}  # id(scopes) -> its _Prepared
         # bucket name -> (level, at), this process's view of shared counters' buckets (local ones have it)
@@ -135,10 +135,10 @@ class Limiter:
         @raise RateLimitExceeded: a limit refused; nothing was taken. Its
             C{scope} names the scope that refused.
         """
-        prepared = self._prepare(scopes)
+        prepared = self.prepare(scopes)
         if prepared is None:
             return NO_ADMISSION
-        return self._admitted(await self._counters.admit(prepared.specs(tokens), prepared.slots), prepared, tokens,
+        return self._admitted(await self.counters.admit(prepared.specs(tokens), prepared.slots), prepared, tokens,
                               headers_for)
 
     def admit_now(self, scopes, tokens: int, headers_for=None):
@@ -147,20 +147,13 @@ class Limiter:
         @return: an L{Admission}.
         @raise RateLimitExceeded: as L{admit}.
         """
-        prepared = self._prepare(scopes)
+        prepared = self.prepare(scopes)
         if prepared is None:
             return NO_ADMISSION
-        counters = self._counters
-        got = counters.take_now(prepared.buckets, tokens, prepared.slots)
-        if got is None:  # something refused: the counters' full answer says what (nothing was taken)
-            return self._admitted(counters.admit_now(prepared.specs(tokens), prepared.slots), prepared, tokens,
-                                  headers_for)
-        levels, lease = got
-        self._taken(prepared, levels)
-        return Admission(self, prepared, levels, tokens, lease,
-                         prepared.header_plan(headers_for) if headers_for is not None else ())
+        return self._admitted(self.counters.admit_now(prepared.specs(tokens), prepared.slots), prepared, tokens,
+                              headers_for)
 
-    def _prepare(self, scopes):
+    def prepare(self, scopes):
         """The L{_Prepared} of C{scopes}, or None when nothing limits it.
 
         Kept per C{scopes} object (a key's are the same list on every request; a changed
@@ -188,12 +181,16 @@ class Limiter:
         """Note what an admission took: the buckets' levels (this process's view) and its slots."""
         if self._seen is not None:
             self._saw(prepared.buckets, levels)
-        for scope in prepared.slot_scopes:
+        self.holding(prepared.slot_scopes)
+
+    def holding(self, slot_scopes):
+        """Note one more request of this process holding a slot of each of C{slot_scopes}."""
+        for scope in slot_scopes:
             self._inflight[scope] = self._inflight.get(scope, 0) + 1
 
     def _saw(self, buckets, levels):
         """Note the C{levels} shared counters answered for C{buckets} (this process's view, for L{saturated})."""
-        now = self._clock.seconds()
+        now = self.clock.seconds()
         seen = self._seen
         for b, level in zip(buckets, levels):
             seen[b.name] = (level, now)
@@ -207,14 +204,14 @@ class Limiter:
         if not got.ok:
             if self._seen is not None:
                 self._saw(buckets, levels)
-            headers = _header_dict(_raw_headers(header_plan, buckets, levels))
+            headers = _header_dict(header_plan, buckets, levels)
             if got.refused < 0:
                 # The refusal that lasts longest says when a retry can pass.
                 b, r = max(((b, r) for b, r in zip(buckets, results) if not r.allowed),
                            key=lambda pair: pair[1].retry_after)
                 raise self._refused(b, r, tokens, headers)
             scope = prepared.slot_scopes[got.refused]
-            self._full_until[scope] = self._clock.seconds() + 1
+            self._full_until[scope] = self.clock.seconds() + 1
             raise RateLimitExceeded(
                 f"Rate limit reached for {scope} on concurrent requests: Limit {prepared.slots[got.refused][1]}. "
                 "Please try again when a request of this scope has finished.",
@@ -260,13 +257,13 @@ class Limiter:
                 return True
             until = self._full_until.get(scope_name)
             if until is not None:
-                if self._clock.seconds() < until:
+                if self.clock.seconds() < until:
                     return True
                 del self._full_until[scope_name]
         _, buckets, _ = self._plan_of(scope_name, limit)
-        now = self._clock.seconds()
+        now = self.clock.seconds()
         for b in buckets:
-            seen = self._counters.level(b.name) if self._seen is None else self._seen.get(b.name)
+            seen = self.counters.level(b.name) if self._seen is None else self._seen.get(b.name)
             if seen is not None:
                 level = min(b.capacity, seen[0] + (now - seen[1]) * b.refill)
                 if level <= 0 if b.tokens else level < 1:
@@ -283,9 +280,13 @@ class Admission:
         several, the one with the fewest remaining.
     """
 
-    __slots__ = ("_limiter", "_prepared", "_levels", "_tokens", "_lease", "_header_plan", "_headers", "_settled")
+    __slots__ = ("_limiter", "_prepared", "_levels", "_tokens", "_lease", "_header_plan", "_headers", "_settled",
+                 "_lane")
 
-    def __init__(self, limiter, prepared, levels, tokens, lease, header_plan):
+    def __init__(self, limiter, prepared, levels, tokens, lease, header_plan, lane=None):
+        """
+        @param lane: the L{gomodel.limits.lanes.Lane} that admitted it, which settles it while it can.
+        """
         self._limiter = limiter
         self._prepared = prepared
         self._levels = levels  # each bucket's level after the take
@@ -294,16 +295,17 @@ class Admission:
         self._header_plan = header_plan
         self._headers = None
         self._settled = False
+        self._lane = lane
 
     @property
     def headers(self) -> dict:
         if self._headers is None:
-            self._headers = _header_dict(self.raw_headers())
+            self._headers = _header_dict(self._header_plan, self._prepared.buckets, self._levels)
         return self._headers
 
-    def raw_headers(self) -> list:
-        """L{headers} as C{(canonical name, value)} bytes, for L{gomodel._twistedcompat.set_plain_headers}."""
-        return _raw_headers(self._header_plan, self._prepared.buckets, self._levels)
+    def put_headers(self, raw):
+        """Set L{headers} in C{raw}, the raw header dict of an answer (L{gomodel._twistedcompat.plain_headers})."""
+        put_headers(self._header_plan, self._prepared.buckets, self._levels, raw)
 
     def settle(self, actual_tokens):
         """Charge the token buckets C{actual_tokens} instead of the reservation.
@@ -323,15 +325,27 @@ class Admission:
     def finish_now(self, actual_tokens):
         """L{finish} at once, on counters that answer at once (C{immediate})."""
         buckets, delta, lease = self._closing(actual_tokens, True)
-        if buckets or lease is not None:
-            self._finished(self._limiter._counters.settle_now(buckets, delta, lease), buckets)
+        if not buckets and lease is None:
+            return
+        counters = self._limiter.counters
+        if self._lane is not None and self._lane.settle(delta if buckets else 0):
+            counters.free(lease)
+        else:
+            self._finished(counters.settle_now(buckets, delta, lease), buckets)
+
+    def charge_now(self, tokens, cost) -> bool:
+        """Charge C{tokens} and C{cost} (None: unknown) to the budgets of the lane that admitted it, at once.
+
+        @return: False, nothing done, without a lane or once its cells or budget periods have passed.
+        """
+        return self._lane is not None and self._lane.charge(tokens, cost)
 
     def _finish(self, actual_tokens, release):
         buckets, delta, lease = self._closing(actual_tokens, release)
         if not buckets and lease is None:
             return succeed(None)
         specs = [(b.name, b.capacity, b.refill, delta) for b in buckets]
-        return self._limiter._counters.finish(specs, lease).addCallback(self._finished, buckets)
+        return self._limiter.counters.finish(specs, lease).addCallback(self._finished, buckets)
 
     def _closing(self, actual_tokens, release):
         """C{(token buckets, delta, lease)}: what settling with C{actual_tokens} (None: not now) and releasing
@@ -353,7 +367,8 @@ class Admission:
             self._limiter._saw(buckets, levels)
 
 
-NO_ADMISSION = Admission(None, _Prepared((), [], [], []), [], 0, None, ())
+NOTHING = _Prepared((), [], [], [])  # what a scopes list without limits asks
+NO_ADMISSION = Admission(None, NOTHING, [], 0, None, ())
 
 
 _HEADER_NAMES = {tokens: tuple(f"x-ratelimit-{what}-{suffix}" for what in ("limit", "remaining", "reset"))
@@ -363,23 +378,24 @@ _HEADER_TEXT = {raw: name for tokens in _HEADER_NAMES
                 for raw, name in zip(_RAW_HEADER_NAMES[tokens], _HEADER_NAMES[tokens])}
 
 
-def _raw_headers(plan, buckets, levels) -> list:
-    """The C{(raw name, value)} headers of a L{_Prepared.header_plan} over the buckets' C{levels}."""
-    out = []
+def put_headers(plan, buckets, levels, raw):
+    """Set the headers of a L{_Prepared.header_plan} over the buckets' C{levels} in C{raw}, a dict of
+    raw name -> C{[value]} (as L{gomodel._twistedcompat.plain_headers} gives)."""
     for (limit, remaining, reset), indices in plan:
         i = indices[0] if len(indices) == 1 else min(indices, key=levels.__getitem__)  # the first of the fewest
         b, level = buckets[i], levels[i]
-        out.append((limit, b.capacity_raw))
-        out.append((remaining, b"%d" % level if level >= 1 else b"0"))  # floored, never below 0
-        reset_ms = math.ceil((b.capacity - level) / b.refill * 1000 - 1e-6)  # as duration() rounds
-        out.append((reset, b"%dms" % reset_ms if 0 < reset_ms < 1000 else
-                    duration((b.capacity - level) / b.refill).encode("ascii")))
-    return out
+        raw[limit] = [b.capacity_raw]
+        raw[remaining] = [b"%d" % level if level >= 1 else b"0"]  # floored, never below 0
+        wait = (b.capacity - level) / b.refill
+        reset_ms = math.ceil(wait * 1000 - 1e-6)  # as duration() rounds
+        raw[reset] = [b"%dms" % reset_ms if 0 < reset_ms < 1000 else duration(wait).encode("ascii")]
 
 
-def _header_dict(raw) -> dict:
-    """C{raw} headers (L{_raw_headers}) by their lower-case names, as text."""
-    return {_HEADER_TEXT[name]: value.decode("ascii") for name, value in raw}
+def _header_dict(plan, buckets, levels) -> dict:
+    """The headers of a L{_Prepared.header_plan} over the buckets' C{levels} by their lower-case names, as text."""
+    raw = {}
+    put_headers(plan, buckets, levels, raw)
+    return {_HEADER_TEXT[name]: values[0].decode("ascii") for name, values in raw.items()}
 
 
 def duration(seconds) -> str:

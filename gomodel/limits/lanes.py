@@ -1,0 +1,118 @@
+"""One scopes list's requests on local counters, each way in one call: the gate's fast path.
+
+What a request of a managed key passes is the same on every request but for
+the clock and the levels: the same buckets, slots, budget sums and
+C{x-ratelimit-*} header plan. A L{Lane} holds the local counters' own cells
+of its buckets (L{gomodel.limits.counters.LocalCounters.cell}) and the
+budgets' L{gomodel.limits.budgets._Current}, and admits and settles by
+reading and writing those cells: no bucket looked up by name, no spec, no
+Deferred.
+
+A lane answers only what it answers exactly. A refusal (whose answer says
+which scope and when to retry) goes down the general path
+(L{gomodel.limits.limiter.Limiter.admit_now},
+L{gomodel.limits.budgets.BudgetBook.check_now}), which gives it; so does a
+request after the counters swept (their epoch changed: a cell may be gone)
+or after a budget period ended, until the gate makes a new lane.
+"""
+
+from gomodel.limits.counters import INF
+from gomodel.limits.limiter import NOTHING, Admission, put_headers
+
+
+class Lane:
+    """The buckets and budgets of one C{scopes} list as live cells (see the module).
+
+    @ivar scopes: the scopes list it was made for (the gate keeps lanes by its id).
+    """
+
+    __slots__ = ("scopes", "_clock", "_counters", "_limiter", "_epoch", "_first", "_until", "_prepared", "_buckets",
+                 "_token_buckets", "_slots", "_slot_scopes", "_current", "_header_plan")
+
+    def __init__(self, scopes, limiter, prepared, current, header_plan):
+        """
+        @param limiter: the L{gomodel.limits.limiter.Limiter}, on local counters.
+        @param prepared: the limiter's L{gomodel.limits.limiter._Prepared} of C{scopes}, or None.
+        @param current: the budgets' L{gomodel.limits.budgets._Current}, its cells resolved, or None.
+        @param header_plan: C{prepared}'s header plan of the scope the headers show, or C{()}.
+        """
+        self.scopes = scopes
+        self._clock = limiter.clock
+        self._counters = counters = limiter.counters
+        self._limiter = limiter
+        self._epoch = counters.epoch
+        self._prepared = prepared = prepared if prepared is not None else NOTHING
+        buckets = prepared.buckets
+        self._buckets = [(counters.cell(b.name, b.capacity, b.refill), b.capacity, b.refill, b.tokens)
+                         for b in buckets]
+        self._token_buckets = [(cell, capacity, refill) for cell, capacity, refill, tokens in self._buckets if tokens]
+        self._slots = prepared.slots
+        self._slot_scopes = prepared.slot_scopes
+        self._current = current
+        self._first, self._until = (current.first, current.last) if current is not None else (-INF, INF)
+        self._header_plan = header_plan
+
+    def live(self, now) -> bool:
+        """Whether its cells are still the counters' own and its budget periods still run at C{now}."""
+        return self._epoch == self._counters.epoch and self._first <= now < self._until
+
+    def admit(self, tokens: int, now, headers):
+        """Admit a request costing C{tokens} at C{now} (the lane L{live}), setting its C{x-ratelimit-*}
+        C{headers} (the answer's raw header dict, L{gomodel._twistedcompat.plain_headers}).
+
+        @return: an L{gomodel.limits.limiter.Admission}, or None when a budget is spent or a limit
+            refuses (nothing was taken: the general path says why).
+        """
+        current = self._current
+        if current is not None and current.spent():
+            return None
+        levels = []
+        for cell, capacity, refill, by_tokens in self._buckets:
+            amount = tokens if by_tokens else 1
+            level = cell[0] + (now - cell[1]) * refill
+            if level > capacity:
+                level = capacity
+            if level < amount:
+                return None
+            levels.append(level - amount)
+        lease = None
+        if self._slots:
+            lease = self._counters.try_hold(self._slots)
+            if lease is None:
+                return None
+            self._limiter.holding(self._slot_scopes)
+        for (cell, capacity, refill, _), level in zip(self._buckets, levels):
+            cell[0], cell[1], cell[2], cell[3] = level, now, capacity, refill
+        self._counters.tick(now)
+        if self._header_plan:
+            put_headers(self._header_plan, self._prepared.buckets, levels, headers)
+        return Admission(self._limiter, self._prepared, levels, tokens, lease, self._header_plan, self)
+
+    def settle(self, delta) -> bool:
+        """Consume C{delta} more tokens from its token buckets (negative gives back).
+
+        @return: False, nothing done, when its cells are no longer the counters' own.
+        """
+        if self._epoch != self._counters.epoch:
+            return False
+        if not delta:
+            return True
+        now = self._clock.seconds()
+        for cell, capacity, refill in self._token_buckets:
+            level = cell[0] + (now - cell[1]) * refill
+            if level > capacity:
+                level = capacity
+            level -= delta
+            cell[0], cell[1] = (level if level < capacity else capacity), now
+        return True
+
+    def charge(self, tokens, cost) -> bool:
+        """Add C{tokens} and C{cost} (None: unknown, counts 0) to its budgets' sums.
+
+        @return: False, nothing done, without budgets or once the lane is no longer L{live}.
+        """
+        current = self._current
+        if current is None or not self.live(self._clock.seconds()):
+            return False
+        current.charge(int(tokens), float(cost or 0.0))
+        return True
