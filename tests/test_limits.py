@@ -777,3 +777,16 @@ def test_budgets_are_charged_without_a_rate_limit_or_the_usage_ledger(clock, cou
         _request(gate, key)
     master, _ = _request(gate, None, used=1000)
     assert master.admission is None
+
+
+@pytest.mark.parametrize("capacity, seconds", [(10, 60), (600, 60), (1000, 10), (100_000, 3600), (7, 86400)])
+def test_reset_headers_are_openais_duration_of_the_wait(capacity, seconds):
+    from gomodel.limits.limiter import _Bucket, put_headers
+
+    bucket = _Bucket("key:k", seconds, capacity, True)
+    plan = (((b"limit", b"remaining", b"reset"), (0,)),)
+    for level in [capacity, capacity - 1e-9, capacity * 0.999, capacity / 2, 1, 0.5, 0, -capacity, -7 * capacity]:
+        raw = {}
+        put_headers(plan, [bucket], [level], raw)
+        assert raw[b"reset"] == [duration((capacity - level) / bucket.refill).encode()]
+        assert raw[b"remaining"] == [b"%d" % level if level >= 1 else b"0"]

@@ -386,9 +386,14 @@ def put_headers(plan, buckets, levels, raw):
         b, level = buckets[i], levels[i]
         raw[limit] = [b.capacity_raw]
         raw[remaining] = [b"%d" % level if level >= 1 else b"0"]  # floored, never below 0
-        wait = (b.capacity - level) / b.refill
-        reset_ms = math.ceil(wait * 1000 - 1e-6)  # as duration() rounds
-        raw[reset] = [b"%dms" % reset_ms if 0 < reset_ms < 1000 else duration(wait).encode("ascii")]
+        reset_ms = math.ceil((b.capacity - level) / b.refill * 1000 - 1e-6)  # as duration() rounds
+        if 0 < reset_ms < 1000:
+            raw[reset] = [b"%dms" % reset_ms]
+        elif 1000 <= reset_ms < 60_000:  # seconds with up to 3 decimals, as duration() writes them
+            raw[reset] = [b"%ds" % (reset_ms // 1000) if reset_ms % 1000 == 0 else
+                          (b"%d.%03d" % divmod(reset_ms, 1000)).rstrip(b"0") + b"s"]
+        else:
+            raw[reset] = [duration(reset_ms / 1000).encode("ascii")]
 
 
 def _header_dict(plan, buckets, levels) -> dict:
