@@ -1,6 +1,8 @@
 """The markdown report: machine, versions, setup, then one table per workload
 (or the soak, or the workers scaling run)."""
 
+import statistics
+
 ORDER = ["direct", "gomodel", "gomodel-key", "gomodel-pool", "gomodel-features", "vllm-router", "litellm", "portkey"]
 
 
@@ -160,7 +162,7 @@ def render(meta, cells, soaks, scaling=()):
                       _num(check.get("access_log_lines"))))
             if meta.get("features_check"):
                 w("")
-        krows = key_rows(chosen)
+        krows = key_rows(chosen, cells)
         if krows:
             w("## A managed key (`gomodel-key`) against the master key (`gomodel`)")
             w("")
@@ -395,23 +397,55 @@ def _bound_table(w, columns, rows):
     w("")
 
 
-def key_rows(chosen):
+def key_rows(chosen, cells=()):
     """The managed key against the master key, from the chosen cells: (figure, master, managed,
-    managed/master, bound, met) rows for chat and stream, or [] when the run lacks one of the two."""
+    managed/master, bound, met) rows for chat and stream, or [] when the run lacks one of the two.
+
+    With C{cells} of several rounds, each figure gets a second row: the median over the rounds of
+    each round's managed / master (the two ran one after the other), steadier than the ratio of
+    two medians when the machine's speed drifts between rounds."""
     by = {(c["target"], c["workload"], c["concurrency"]): c for c in chosen}
     rows = []
     for (t, wl, conc), k in sorted(by.items()):
         m = by.get(("gomodel", wl, conc))
         if t != "gomodel-key" or m is None or wl not in ("chat", "stream"):
             continue
-        ratio = _div(k["rps"], m["rps"])
-        rows.append(("%s req/s, c=%d" % (wl, conc), _num(m["rps"]), _num(k["rps"]), ratio, "≥ 0.90×",
-                     "–" if ratio is None else "yes" if ratio >= 0.9 else "**no**"))
-        ratio = _div(k.get("gw_cpu_s_per_1k"), m.get("gw_cpu_s_per_1k"))
-        rows.append(("  CPU s per 1000, c=%d" % conc, _num(m.get("gw_cpu_s_per_1k"), "{:.3f}"),
-                     _num(k.get("gw_cpu_s_per_1k"), "{:.3f}"), ratio, "≤ 1.10×",
-                     "–" if ratio is None else "yes" if ratio <= 1.1 else "**no**"))
+        for field, figure, fmt, bound, fits in (
+                ("rps", "%s req/s, c=%d" % (wl, conc), "{:,.0f}", "≥ 0.90×", lambda r: r >= 0.9),
+                ("gw_cpu_s_per_1k", "  CPU s per 1000, c=%d" % conc, "{:.3f}", "≤ 1.10×", lambda r: r <= 1.1)):
+            ratio = _div(k.get(field), m.get(field))
+            rows.append((figure, _num(m.get(field), fmt), _num(k.get(field), fmt), ratio, bound,
+                         "–" if ratio is None else "yes" if fits(ratio) else "**no**"))
+            paired = paired_ratios(cells, "gomodel-key", "gomodel", wl, conc, field)
+            if len(paired) > 1:
+                ratio = statistics.median(paired)
+                rows.append(("    the same, paired by round (median of %d)" % len(paired), "–", "–", ratio, bound,
+                             "yes" if fits(ratio) else "**no**"))
     return rows
+
+
+def paired_ratios(cells, target, base, workload, concurrency, field) -> list:
+    """C{target}'s C{field} over C{base}'s in each round both were measured in (of a round's runs,
+    the quiet ones, and of those the median by req/s)."""
+    runs = {}
+    for c in cells:
+        if c.get("workload") == workload and c.get("concurrency") == concurrency and c.get("round") \
+                and c.get("status", "ok") == "ok" and c.get(field) is not None and c.get("target") in (target, base):
+            runs.setdefault((c["target"], c["round"]), []).append(c)
+    ratios = []
+    for (t, rnd), mine in sorted(runs.items()):
+        other = runs.get((base, rnd))
+        if t != target or not other:
+            continue
+        ratio = _div(_round_run(mine)[field], _round_run(other)[field])
+        if ratio is not None:
+            ratios.append(ratio)
+    return ratios
+
+
+def _round_run(runs):
+    quiet = [c for c in runs if not c.get("noisy")] or runs
+    return sorted(quiet, key=lambda c: c["rps"])[(len(quiet) - 1) // 2]
 
 
 def router_rows(chosen):
