@@ -67,8 +67,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="warm-up before each window, s (default 3; quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="runs per cell (default 1); rounds of the scaling run (default 3)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="run the whole list of targets this many times in turn, each a fresh start, and show for "
-                        "each cell the median of all its runs (A/B in turn on a host whose speed drifts; default 1)")
+                   help="run the whole list of targets this many times in turn (every other round in the reverse "
+                        "order), each a fresh start, and show for each cell the median of all its runs (A/B in turn "
+                        "on a host whose speed drifts; default 1)")
     p.add_argument("--max-retries", type=int, default=None,
                    help="extra runs of a cell (or scaling measurement) while every run so far was noisy "
                         "(default 2; quick 0)")
@@ -633,7 +634,9 @@ def main(argv):
         for rnd in range(1, (1 if a.scaling or a.soak else a.rounds) + 1):
             if a.rounds > 1 and not a.soak:
                 log("round %d of %d" % (rnd, a.rounds))
-            for t in ([] if a.scaling else targets):
+            # Every other round in the reverse order: a host that slows down (or speeds up) under a
+            # sustained load favours neither the first target of a round nor the last.
+            for t in ([] if a.scaling else targets if rnd % 2 else targets[::-1]):
                 if a.soak and t.name == "direct":
                     continue
                 if t.unavailable:

@@ -97,8 +97,9 @@ def render(meta, cells, soaks, scaling=()):
           "(noise threshold %.0f %% of a core); the median run by req/s is shown (quiet runs preferred)."
           % (meta["warmup_s"], meta["duration_s"], meta["repeats"], meta["max_retries"], 100 * meta["noise_threshold"]))
         if meta.get("rounds", 1) > 1:
-            w("- %d rounds: the whole list of targets ran %d times in turn, each time a fresh start; each cell shows "
-              "the median run by req/s over all rounds (quiet runs preferred)." % (meta["rounds"], meta["rounds"]))
+            w("- %d rounds: the whole list of targets ran %d times in turn (every other round in the reverse order), "
+              "each time a fresh start; each cell shows the median run by req/s over all rounds (quiet runs "
+              "preferred)." % (meta["rounds"], meta["rounds"]))
     w("- Auth: %s." % ("every gateway that has one checks a master key (`Authorization: Bearer …`)"
                         if meta.get("auth") else "off"))
     if bg:
