@@ -4,9 +4,9 @@ What a request of a managed key passes is the same on every request but for
 the clock and the levels: the same buckets, slots, budget sums and
 C{x-ratelimit-*} header plan. A L{Lane} holds the local counters' own cells
 of its buckets (L{gomodel.limits.counters.LocalCounters.cell}) and the
-budgets' L{gomodel.limits.budgets._Current}, and admits and settles by
-reading and writing those cells: no bucket looked up by name, no spec, no
-Deferred.
+budgets' L{gomodel.limits.budgets._Current}, and admits, settles and
+charges by reading and writing those cells: no bucket looked up by name, no
+spec, no Deferred.
 
 A lane answers only what it answers exactly. A refusal (whose answer says
 which scope and when to retry) goes down the general path
