@@ -26,10 +26,15 @@ def _count(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def total_tokens(usage: dict, tokens: tuple) -> int:
-    """A usage object's C{total_tokens}, else the input and output of its L{tokens_by_type} C{tokens}."""
+def total_tokens(usage: dict, tokens: tuple = None) -> int:
+    """A usage object's C{total_tokens}, else the input and output of its L{tokens_by_type} C{tokens}
+    (worked out here when not given)."""
     total = usage.get("total_tokens")
-    return total if isinstance(total, int) else tokens[0] + tokens[1]
+    if isinstance(total, int):
+        return total
+    if tokens is None:
+        tokens = tokens_by_type(usage)
+    return tokens[0] + tokens[1]
 
 
 class Pricing:

@@ -32,7 +32,7 @@ class UsageLedger(Service):
         """
         @param usage: the L{gomodel.store.interfaces.IUsageStore}.
         @param claims: the L{gomodel.store.interfaces.IClaims} the retention job is claimed in.
-        @param pricing: the L{Pricing} (or its table).
+        @param pricing: the L{Pricing}, or None (no prices).
         """
         self._usage = usage
         self._claims = claims
@@ -40,7 +40,7 @@ class UsageLedger(Service):
         self._owner = owner
         self._flush_interval = flush_interval
         self._retention = retention
-        self._pricing = pricing if isinstance(pricing, Pricing) else Pricing(pricing)
+        self._pricing = pricing or Pricing()
         self._buffer = []
         self._writing = DeferredLock()  # one write at a time, in order
         self._loops = []

@@ -151,10 +151,7 @@ class Gate(Periodic):
                 return None
             budgets, scopes, own = (), targets, None
         else:
-            plan = self._plans.get(principal.id)
-            if plan is None or plan[0] is not principal:
-                plan = self._plan(principal)
-            _, budgets, limits, own = plan
+            _, budgets, limits, own = self._plan(principal)
             scopes = self._with_targets(limits, targets) if targets else limits
             if not scopes and not budgets:
                 return None
@@ -231,7 +228,7 @@ class Gate(Periodic):
         if admission is None and not charged:
             return
         usage = ctx.usage
-        used = _used(usage) if usage else 0
+        used = total_tokens(usage) if usage else 0
         if admission is not None:
             if self._limiter.immediate:
                 admission.finish_now(used)
@@ -246,7 +243,7 @@ class Gate(Periodic):
         its price) to the budgets of C{principal} (a managed key's; others have none): a batch line."""
         if self._book is None or not usage or principal is None or principal.master:
             return
-        used = _used(usage)
+        used = total_tokens(usage)
         if used:
             self._charge(principal, model, usage, used, None)
 
@@ -274,12 +271,6 @@ def _admitted(admission, request, ctx):
     """Keep C{admission} on C{ctx}; its C{x-ratelimit-*} headers go on C{request}'s answer."""
     ctx.admission = admission
     admission.put_headers(plain_headers(request.responseHeaders))
-
-
-def _used(usage) -> int:
-    """The tokens a usage object counts (as the usage ledger's C{total_tokens})."""
-    used = usage.get("total_tokens")
-    return used if isinstance(used, int) else total_tokens(usage, tokens_by_type(usage))
 
 
 def key_budgets(items) -> tuple:
