@@ -387,13 +387,7 @@ def put_headers(plan, buckets, levels, raw):
         raw[limit] = [b.capacity_raw]
         raw[remaining] = [b"%d" % level if level >= 1 else b"0"]  # floored, never below 0
         reset_ms = math.ceil((b.capacity - level) / b.refill * 1000 - 1e-6)  # as duration() rounds
-        if 0 < reset_ms < 1000:
-            raw[reset] = [b"%dms" % reset_ms]
-        elif 1000 <= reset_ms < 60_000:  # seconds with up to 3 decimals, as duration() writes them
-            raw[reset] = [b"%ds" % (reset_ms // 1000) if reset_ms % 1000 == 0 else
-                          (b"%d.%03d" % divmod(reset_ms, 1000)).rstrip(b"0") + b"s"]
-        else:
-            raw[reset] = [duration(reset_ms / 1000).encode("ascii")]
+        raw[reset] = [b"%dms" % reset_ms if 0 < reset_ms < 1000 else _duration_ms(reset_ms).encode("ascii")]
 
 
 def _header_dict(plan, buckets, levels) -> dict:
@@ -405,8 +399,12 @@ def _header_dict(plan, buckets, levels) -> dict:
 
 def duration(seconds) -> str:
     """OpenAI's (Go's) duration format, to the millisecond: C{"20ms"}, C{"1s"}, C{"6m0s"}, C{"1h0m12.5s"}."""
-    ms = math.ceil(seconds * 1000 - 1e-6) if seconds > 0 else 0
-    if ms == 0:
+    return _duration_ms(math.ceil(seconds * 1000 - 1e-6) if seconds > 0 else 0)
+
+
+def _duration_ms(ms: int) -> str:
+    """L{duration} of C{ms} whole milliseconds (0 or more)."""
+    if ms <= 0:
         return "0s"
     if ms < 1000:
         return f"{ms}ms"
