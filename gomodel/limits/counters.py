@@ -311,10 +311,8 @@ class LocalCounters(_Forms):
         if state is None:
             level = min(capacity, capacity - delta)
             store[bucket] = [level, now, capacity, refill]
-        else:
-            level = min(capacity, min(capacity, state[0] + (now - state[1]) * refill) - delta)
-            state[0], state[1], state[2], state[3] = level, now, capacity, refill
-        return level
+            return level
+        return adjust_cell(state, capacity, refill, delta, now)
 
     def hold(self, slots):
         """A new lease holding one slot in each of C{slots}' buckets."""
@@ -385,6 +383,14 @@ class LocalCounters(_Forms):
         """The stored level of C{bucket} and when it was stored, or None (full): the limiter's view of it."""
         state = self._buckets.get(bucket)
         return None if state is None else (state[0], state[1])
+
+
+def adjust_cell(cell, capacity, refill, delta, now) -> float:
+    """Consume C{delta} more from a token bucket's live state C{cell} (L{LocalCounters.cell}) at C{now},
+    below zero if need be, never above C{capacity}: its new level."""
+    level = min(capacity, min(capacity, cell[0] + (now - cell[1]) * refill) - delta)
+    cell[0], cell[1], cell[2], cell[3] = level, now, capacity, refill
+    return level
 
 
 # Redis scripts. Levels travel as strings (%.17g): a Lua number in a reply is truncated to an integer.

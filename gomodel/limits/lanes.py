@@ -16,7 +16,7 @@ request after the counters swept (their epoch changed: a cell may be gone)
 or after a budget period ended, until the gate makes a new lane.
 """
 
-from gomodel.limits.counters import INF
+from gomodel.limits.counters import INF, adjust_cell
 from gomodel.limits.limiter import NOTHING, Admission, put_headers
 
 
@@ -99,11 +99,7 @@ class Lane:
             return True
         now = self._clock.seconds()
         for cell, capacity, refill in self._token_buckets:
-            level = cell[0] + (now - cell[1]) * refill
-            if level > capacity:
-                level = capacity
-            level -= delta
-            cell[0], cell[1] = (level if level < capacity else capacity), now
+            adjust_cell(cell, capacity, refill, delta, now)
         return True
 
     def charge(self, tokens, cost) -> bool:
