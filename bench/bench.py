@@ -302,14 +302,6 @@ def start_mock(ctx):
             ctx.mock_urls.append("http://127.0.0.1:%d" % int(ready.split()[1]))
 
 
-def pick(runs):
-    """The median run by req/s, among quiet runs when there are any."""
-    quiet = [r for r in runs if not r["noisy"]]
-    pool = quiet or runs
-    order = sorted(pool, key=lambda r: r["rps"])
-    return order[(len(order) - 1) // 2]
-
-
 def run_cell(ctx, target, wl, conc):
     a = ctx.args
     runs = []
@@ -330,7 +322,7 @@ def run_cell(ctx, target, wl, conc):
                 100 * nz["gw_core_foreign"], 100 * nz["load_core_foreign"], " NOISY" if r["noisy"] else "",
                 " LOAD-BOUND" if r["load_bound"] and target.root_pid else ""))
         runs.append(r)
-    pick(runs)["chosen"] = True
+    report.pick(runs)["chosen"] = True
     return runs
 
 
@@ -478,7 +470,7 @@ def run_scaling(ctx, target, out):
                 if rec["status"] != "ok" or not rec["noisy"]:
                     break
             ok = [r for r in tries if r["status"] == "ok"]
-            (pick(ok) if ok else tries[-1])["chosen"] = True
+            (report.pick(ok) if ok else tries[-1])["chosen"] = True
 
 
 def scaling_summary(ctx, records):
@@ -706,7 +698,7 @@ def main(argv):
                 c["chosen"] = False
                 pooled.setdefault((c["target"], c["workload"], c["concurrency"]), []).append(c)
         for runs in pooled.values():
-            pick(runs)["chosen"] = True
+            report.pick(runs)["chosen"] = True
     cap = next((c for c in cells if c.get("chosen") and c["target"] == "direct" and c["workload"] == "chat"
                 and c["concurrency"] == max(a.concurrency)), None)
     if cap and cap["mock_cpu_s_per_1k"]:

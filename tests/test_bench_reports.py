@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from harness import protocol, protocol_report, published, report  # noqa: E402
 from harness.workloads import TOKENS_TAIL, WORKLOADS, has_marker  # noqa: E402
@@ -162,6 +164,25 @@ def test_key_rows_against_the_master_key():
     assert abs(chat[1][3] - 1.075) < 1e-9 and chat[1][5] == "yes"
     assert stream[0][5] == "**no**" and stream[1][5] == "**no**"
     assert report.key_rows([c for c in chosen if c["target"] != "gomodel-key"]) == []
+
+
+def test_key_rows_paired_by_round():
+    def run(target, rnd, rps, cpu, noisy=False):
+        return dict(_cell(target, "chat", 64, rps, cpu), round=rnd, noisy=noisy, status="ok", chosen=False)
+
+    cells = [run("gomodel", 1, 5000, 0.20), run("gomodel-key", 1, 4600, 0.22),
+             run("gomodel", 2, 3000, 0.30), run("gomodel-key", 2, 2900, 0.31),
+             run("gomodel-key", 2, 9000, 0.10, noisy=True),  # a noisy retry: the quiet run counts
+             run("gomodel", 3, 4000, 0.25), run("gomodel-key", 3, 3800, 0.26)]
+    assert report.paired_ratios(cells, "gomodel-key", "gomodel", "chat", 64, "gw_cpu_s_per_1k") == \
+        pytest.approx([1.1, 0.31 / 0.30, 1.04])
+    chosen = [_cell("gomodel", "chat", 64, 4000, 0.25), _cell("gomodel-key", "chat", 64, 3800, 0.26)]
+    rows = report.key_rows(chosen, cells)
+    assert [r[0] for r in rows] == ["chat req/s, c=64", "    the same, paired by round (median of 3)",
+                                    "  CPU s per 1000, c=64", "    the same, paired by round (median of 3)"]
+    assert rows[3][3] == pytest.approx(1.04) and rows[3][5] == "yes"
+    assert rows[1][3] == pytest.approx(0.95) and rows[1][5] == "yes"
+    assert report.key_rows(chosen) == [rows[0], rows[2]]  # one round: no paired rows
 
 
 def test_router_rows_ratio_per_core():

@@ -438,15 +438,18 @@ def paired_ratios(cells, target, base, workload, concurrency, field) -> list:
         other = runs.get((base, rnd))
         if t != target or not other:
             continue
-        ratio = _div(_round_run(mine)[field], _round_run(other)[field])
+        ratio = _div(pick(mine)[field], pick(other)[field])
         if ratio is not None:
             ratios.append(ratio)
     return ratios
 
 
-def _round_run(runs):
-    quiet = [c for c in runs if not c.get("noisy")] or runs
-    return sorted(quiet, key=lambda c: c["rps"])[(len(quiet) - 1) // 2]
+def pick(runs):
+    """The median run by req/s, among quiet runs when there are any."""
+    quiet = [r for r in runs if not r["noisy"]]
+    pool = quiet or runs
+    order = sorted(pool, key=lambda r: r["rps"])
+    return order[(len(order) - 1) // 2]
 
 
 def router_rows(chosen):
