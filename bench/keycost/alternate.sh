@@ -13,15 +13,9 @@ PY=${PYTHON:-python3}; C=${C:-64}; D=${D:-8}; N=${N:-6}
 W=$(mktemp -d /tmp/gomodel-keycpu-XXXXXX)
 DEFAULT_KEY='{"name":"bench","user_path":"/bench/key","rpm":1000000000,"tpm":1000000000000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}'
 KEYBODY=${KEYBODY:-$DEFAULT_KEY}
-port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-MPORT=$(port); GPORT=$(port)
-taskset -c 1 node $ROOT/bench/mock/mock.mjs --port $MPORT > $W/mock.log 2>&1 & MPID=$!
-env PYTHONPATH=$ROOT VLLM_BASE_URL=http://127.0.0.1:$MPORT/v1 GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR=$W/data GOMODEL_ACCESS_LOG=false \
-  taskset -c 0 $PY -m gomodel --listen tcp:$GPORT:interface=127.0.0.1 > $W/gw.log 2>&1 & GPID=$!
-trap 'kill $GPID $MPID 2>/dev/null || true' EXIT
-for _ in $(seq 300); do curl -sf http://127.0.0.1:$GPORT/v1/models -H 'Authorization: Bearer mk' >/dev/null && break; sleep 0.2; done
-KEY=$(curl -sf -X POST http://127.0.0.1:$GPORT/admin/api/v1/auth-keys -H 'Authorization: Bearer mk' \
-  -d "$KEYBODY" | $PY -c 'import json,sys;print(json.load(sys.stdin)["value"])')
+. "$ROOT/bench/keycost/common.sh"
+start "taskset -c 1" taskset -c 0
+KEY=$(managed_key "$KEYBODY")
 echo '{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct","max_tokens":16,"messages":[{"role":"user","content":"Say hello in one short sentence."}]}' > $W/body.json
 cpu() { awk "{print \$14 * 100000 + \$15}" /proc/$GPID/stat; }
 load() { taskset -c 1 wrk -t1 -c$C -d${D}s -s $ROOT/bench/wrk/post.lua http://127.0.0.1:$GPORT/v1/chat/completions -- $W/body.json 'choices' "Authorization: Bearer $1" "Content-Type: application/json" 2>&1 | grep -o '"requests":[0-9]*' | head -1 | cut -d: -f2; }

@@ -16,17 +16,9 @@ N=${1:-400}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-python3}
 W=$(mktemp -d /tmp/gomodel-keycost-XXXXXX)
-port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-MPORT=$(port); GPORT=$(port)
-node "$ROOT/bench/mock/mock.mjs" --port "$MPORT" > "$W/mock.log" 2>&1 & MPID=$!
-env PYTHONPATH="$ROOT" VLLM_BASE_URL="http://127.0.0.1:$MPORT/v1" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/data" GOMODEL_ACCESS_LOG=false \
-  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/cg.out" \
-  "$PY" -m gomodel --listen "tcp:$GPORT:interface=127.0.0.1" > "$W/gw.log" 2>&1 & GPID=$!
-trap 'kill $GPID $MPID 2>/dev/null || true' EXIT
-for _ in $(seq 300); do curl -sf "http://127.0.0.1:$GPORT/v1/models" -H 'Authorization: Bearer mk' >/dev/null && break; sleep 0.5; done
-KEY=$(curl -sf -X POST "http://127.0.0.1:$GPORT/admin/api/v1/auth-keys" -H 'Authorization: Bearer mk' \
-  -d '{"name":"bench","user_path":"/team/a","rpm":100000000,"tpm":100000000000,"budgets":[{"period":"daily","max_tokens":100000000000}]}' \
-  | "$PY" -c 'import json,sys;print(json.load(sys.stdin)["value"])')
+. "$ROOT/bench/keycost/common.sh"
+start "" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/cg.out"
+KEY=$(managed_key '{"name":"bench","user_path":"/team/a","rpm":100000000,"tpm":100000000000,"budgets":[{"period":"daily","max_tokens":100000000000}]}')
 total() { callgrind_annotate "$1" 2>/dev/null | grep -m1 'PROGRAM TOTALS' | awk '{print $1}' | tr -d ,; }
 window() { # name command...
   local name=$1; shift
