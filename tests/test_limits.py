@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 from gomodel.errors import BudgetExceeded, RateLimitExceeded, whole_seconds
 from gomodel.limits.budgets import BudgetBook
 from gomodel.limits.counters import LocalCounters
+from gomodel.limits.lanes import Ticket
 from gomodel.limits.limiter import NO_ADMISSION, Limiter, duration
 from gomodel.limits.specs import (
     Budget, LimitsConfig, RateLimit, Window, env_path, limits_from_env, limits_from_yaml, normalize_user_path,
@@ -720,7 +721,7 @@ def _key(**fields):
 def test_a_keys_lane_takes_settles_and_charges_as_the_general_path_does(clock, counters):
     gate, key = _gate(counters, clock), _key(rpm=3, tpm=1000)
     ctx, headers = _request(gate, key, max_tokens=8)
-    assert ctx.admission._lane is not None  # admitted by the lane
+    assert ctx.admission.__class__ is Ticket  # admitted by the lane
     assert counters.level("key:k_1|r60")[0] == 2 and counters.level("key:k_1|t60")[0] == 1000 - 19
     assert headers == {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "2",
                        "x-ratelimit-reset-requests": "20s", "x-ratelimit-limit-tokens": "1000",
@@ -729,8 +730,9 @@ def test_a_keys_lane_takes_settles_and_charges_as_the_general_path_does(clock, c
     gate.completed(ctx)
     assert counters.level("key:k_1|t60")[0] == 995  # settled: the 19 reserved became the 5 used
     assert fired(gate._book.spent([("key:k_1", Budget("daily", max_tokens=100))])) == [(5, 0.0)]
-    gate.completed(ctx)  # once only
+    gate.completed(ctx)  # once only: neither settled nor charged again
     assert counters.level("key:k_1|t60")[0] == 995
+    assert fired(gate._book.spent([("key:k_1", Budget("daily", max_tokens=100))])) == [(5, 0.0)]
     # The general path (a fresh limiter on other counters) gives the same headers for the same state.
     other = LocalCounters(clock)
     expected = Limiter(other, clock).admit_now([("key:k_1", RateLimit(rpm=3, tpm=1000))], 19, headers_for="key:k_1")
@@ -771,7 +773,7 @@ def test_a_lane_made_before_a_sweep_or_a_periods_end_is_not_used_after(clock):
 def test_budgets_are_charged_without_a_rate_limit_or_the_usage_ledger(clock, counters):
     gate, key = _gate(counters, clock), _key()
     ctx, headers = _request(gate, key, used=60)
-    assert not headers and ctx.admission._lane is not None
+    assert not headers and ctx.admission.__class__ is Ticket
     _request(gate, key, used=60)  # admitted at 60: a request in flight is never cut
     with pytest.raises(BudgetExceeded):
         _request(gate, key)

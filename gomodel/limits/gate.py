@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from gomodel._twistedcompat import plain_headers
 from gomodel.accounting.tokens import Pricing, tokens_by_type, total_tokens
-from gomodel.limits.lanes import Lane
+from gomodel.limits.lanes import Lane, Ticket
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
@@ -229,14 +229,20 @@ class Gate(Periodic):
             return
         usage = ctx.usage
         used = total_tokens(usage) if usage else 0
-        if admission is not None:
+        charged = charged and used > 0
+        cost = None
+        if charged and self._pricing and ctx.upstream_model:
+            cost = self._pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", tokens_by_type(usage))[2]
+        if admission.__class__ is Ticket:
+            if admission.lane.finish(admission, used, charged, cost):
+                return  # settled and charged at once, by the lane that admitted it
+        elif admission is not None:
             if self._limiter.immediate:
                 admission.finish_now(used)
             else:
                 admission.finish(used).addErrback(lambda f: self.log.failure("settling a rate-limit admission", f))
-        if charged and used:
-            model = f"{ctx.provider}/{ctx.upstream_model}" if self._pricing and ctx.upstream_model else None
-            self._charge(principal, model, usage, used, admission)
+        if charged:
+            self._record(principal, used, cost)
 
     def charge(self, principal, model, usage):
         """Charge an answer's C{usage} (the upstream's usage object, or None) on C{model} (qualified, for
@@ -245,12 +251,10 @@ class Gate(Periodic):
             return
         used = total_tokens(usage)
         if used:
-            self._charge(principal, model, usage, used, None)
+            cost = self._pricing.costs(model, tokens_by_type(usage))[2] if self._pricing and model else None
+            self._record(principal, used, cost)
 
-    def _charge(self, principal, model, usage, used, admission):
-        cost = self._pricing.costs(model, tokens_by_type(usage))[2] if self._pricing else None
-        if admission is not None and admission.charge_now(used, cost):
-            return  # at once, by the lane that admitted it
+    def _record(self, principal, used, cost):
         scopes = self.budget_scopes(principal)
         if scopes:
             recording = self._book.record(scopes, used, cost)

@@ -17,7 +17,7 @@ or after a budget period ended, until the gate makes a new lane.
 """
 
 from gomodel.limits.counters import INF, adjust_cell
-from gomodel.limits.limiter import NOTHING, Admission, put_headers
+from gomodel.limits.limiter import NOTHING, put_headers
 
 
 class Lane:
@@ -60,21 +60,21 @@ class Lane:
         """Admit a request costing C{tokens} at C{now} (the lane L{live}), setting its C{x-ratelimit-*}
         C{headers} (the answer's raw header dict, L{gomodel._twistedcompat.plain_headers}).
 
-        @return: an L{gomodel.limits.limiter.Admission}, or None when a budget is spent or a limit
-            refuses (nothing was taken: the general path says why).
+        @return: a L{Ticket}, or None when a budget is spent or a limit refuses (nothing was taken: the
+            general path says why).
         """
         current = self._current
         if current is not None and current.spent():
             return None
         levels = []
         for cell, capacity, refill, by_tokens in self._buckets:
-            amount = tokens if by_tokens else 1
             level = cell[0] + (now - cell[1]) * refill
             if level > capacity:
                 level = capacity
-            if level < amount:
+            level -= tokens if by_tokens else 1
+            if level < 0:
                 return None
-            levels.append(level - amount)
+            levels.append(level)
         lease = None
         if self._slots:
             lease = self._counters.try_hold(self._slots)
@@ -86,29 +86,52 @@ class Lane:
         self._counters.tick(now)
         if self._header_plan:
             put_headers(self._header_plan, self._prepared.buckets, levels, headers)
-        return Admission(self._limiter, self._prepared, levels, tokens, lease, self._header_plan, self)
+        return Ticket(self, tokens, lease)
 
-    def settle(self, delta) -> bool:
-        """Consume C{delta} more tokens from its token buckets (negative gives back).
+    def finish(self, ticket, used: int, charge: bool, cost) -> bool:
+        """Settle C{ticket}'s reservation with the C{used} tokens, free its slots and, with C{charge}, add
+        C{used} and C{cost} (None: unknown, counts 0) to its budgets' sums. Once per ticket; again does
+        nothing.
 
-        @return: False, nothing done, when its cells are no longer the counters' own.
+        While its cells are the counters' own this writes them in place; after a sweep it settles by
+        bucket name (L{gomodel.limits.counters.LocalCounters.settle_now}).
+
+        @return: whether the budgets were charged (or C{charge} was not asked); False when its budget
+            periods have passed, or it has none: the caller charges through the budget book.
         """
-        if self._epoch != self._counters.epoch:
-            return False
-        if not delta:
+        if ticket.done:
             return True
+        ticket.done = True
+        counters = self._counters
         now = self._clock.seconds()
-        for cell, capacity, refill in self._token_buckets:
-            adjust_cell(cell, capacity, refill, delta, now)
-        return True
-
-    def charge(self, tokens, cost) -> bool:
-        """Add C{tokens} and C{cost} (None: unknown, counts 0) to its budgets' sums.
-
-        @return: False, nothing done, without budgets or once the lane is no longer L{live}.
-        """
+        delta = used - ticket.tokens
+        lease = ticket.lease
+        if self._epoch == counters.epoch:
+            if delta:
+                for cell, capacity, refill in self._token_buckets:
+                    adjust_cell(cell, capacity, refill, delta, now)
+            if lease is not None:
+                counters.free(lease)
+        else:
+            counters.settle_now(self._prepared.token_buckets if delta else (), delta, lease)
+        if lease is not None:
+            self._limiter.released(self._slot_scopes)
+        if not charge:
+            return True
         current = self._current
-        if current is None or not self.live(self._clock.seconds()):
+        if current is None or not self.live(now):
             return False
-        current.charge(int(tokens), float(cost or 0.0))
+        current.charge(int(used), float(cost or 0.0))
         return True
+
+
+class Ticket:
+    """A request a L{Lane} admitted: what it reserved and the slots it holds, until L{Lane.finish}."""
+
+    __slots__ = ("lane", "tokens", "lease", "done")
+
+    def __init__(self, lane, tokens, lease):
+        self.lane = lane
+        self.tokens = tokens  # reserved
+        self.lease = lease  # the concurrency slots' lease, or None
+        self.done = False

@@ -233,7 +233,8 @@ class Limiter:
             f"Requested {amount}. Please try again in {duration(result.retry_after)}.",
             scope=bucket.scope, tokens=bucket.tokens, retry_after=result.retry_after, headers=headers)
 
-    def _released(self, slot_scopes):
+    def released(self, slot_scopes):
+        """Note one request fewer of this process holding a slot of each of C{slot_scopes}."""
         for scope in slot_scopes:
             held = self._inflight[scope] - 1
             if held:
@@ -280,13 +281,9 @@ class Admission:
         several, the one with the fewest remaining.
     """
 
-    __slots__ = ("_limiter", "_prepared", "_levels", "_tokens", "_lease", "_header_plan", "_headers", "_settled",
-                 "_lane")
+    __slots__ = ("_limiter", "_prepared", "_levels", "_tokens", "_lease", "_header_plan", "_headers", "_settled")
 
-    def __init__(self, limiter, prepared, levels, tokens, lease, header_plan, lane=None):
-        """
-        @param lane: the L{gomodel.limits.lanes.Lane} that admitted it, which settles it while it can.
-        """
+    def __init__(self, limiter, prepared, levels, tokens, lease, header_plan):
         self._limiter = limiter
         self._prepared = prepared
         self._levels = levels  # each bucket's level after the take
@@ -295,7 +292,6 @@ class Admission:
         self._header_plan = header_plan
         self._headers = None
         self._settled = False
-        self._lane = lane
 
     @property
     def headers(self) -> dict:
@@ -325,20 +321,8 @@ class Admission:
     def finish_now(self, actual_tokens):
         """L{finish} at once, on counters that answer at once (C{immediate})."""
         buckets, delta, lease = self._closing(actual_tokens, True)
-        if not buckets and lease is None:
-            return
-        counters = self._limiter.counters
-        if self._lane is not None and self._lane.settle(delta if buckets else 0):
-            counters.free(lease)
-        else:
-            self._finished(counters.settle_now(buckets, delta, lease), buckets)
-
-    def charge_now(self, tokens, cost) -> bool:
-        """Charge C{tokens} and C{cost} (None: unknown) to the budgets of the lane that admitted it, at once.
-
-        @return: False, nothing done, without a lane or once its cells or budget periods have passed.
-        """
-        return self._lane is not None and self._lane.charge(tokens, cost)
+        if buckets or lease is not None:
+            self._finished(self._limiter.counters.settle_now(buckets, delta, lease), buckets)
 
     def _finish(self, actual_tokens, release):
         buckets, delta, lease = self._closing(actual_tokens, release)
@@ -359,7 +343,7 @@ class Admission:
         lease = None
         if release and self._lease is not None:
             lease, self._lease = self._lease, None
-            self._limiter._released(self._prepared.slot_scopes)
+            self._limiter.released(self._prepared.slot_scopes)
         return buckets, delta, lease
 
     def _finished(self, levels, buckets):
