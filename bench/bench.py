@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,11 @@ def parse_args(argv):
                    help="run the whole list of targets this many times in turn (every other round in the reverse "
                         "order), each a fresh start, and show for each cell the median of all its runs (A/B in turn "
                         "on a host whose speed drifts; default 1)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run the two --targets at once, both on --gateway-cpus, each cell's load on both at the same "
+                        "time (the first started swaps every round): they share the host's drift, so each round's "
+                        "ratio of their CPU per request is steady on a noisy host; each gets about half the CPU, "
+                        "so their req/s are not the solo figures. Use with --rounds")
     p.add_argument("--max-retries", type=int, default=None,
                    help="extra runs of a cell (or scaling measurement) while every run so far was noisy "
                         "(default 2; quick 0)")
@@ -170,6 +176,11 @@ def parse_args(argv):
     for wl in a.workloads:
         if wl not in WORKLOADS:
             p.error("unknown workload %r (known: %s)" % (wl, ", ".join(WORKLOADS)))
+    if a.side_by_side:
+        if a.protocol or a.soak or a.scaling:
+            p.error("--side-by-side measures cells; drop --protocol, --soak and --scaling")
+        if len(set(a.targets)) != 2 or "direct" in a.targets:
+            p.error("--side-by-side takes two gateway targets (e.g. --targets gomodel,gomodel-key)")
     if a.scaling:
         if a.variant:
             p.error("--scaling measures gomodel alone; drop --variant")
@@ -324,6 +335,67 @@ def run_cell(ctx, target, wl, conc):
         runs.append(r)
     report.pick(runs)["chosen"] = True
     return runs
+
+
+def run_side_by_side(ctx, pair, rnd, cells):
+    """One round of --side-by-side: start both targets of C{pair} (in that order), then load each cell
+    on both at once (a thread per target, each running L{measure}); their cells go to C{cells} with
+    C{round} set and C{side_by_side} true. Both gateways share the gateway CPUs, so each counts the
+    other as foreign load: such a cell is noisy only when the host's steal passes the threshold."""
+    a = ctx.args
+    started = []
+    try:
+        for t in pair:
+            if t.unavailable:
+                raise RuntimeError("%s: %s" % (t.name, t.unavailable))
+            log("starting %s" % t.name)
+            t.start()
+            started.append(t)
+        for wln in a.workloads:
+            wl = WORKLOADS[wln]
+            errs = [(t.name, preflight(ctx, t, wl)) for t in pair]
+            if any(err for _, err in errs):
+                for name, err in errs:
+                    if err:
+                        log("%s %s pre-flight failed: %s" % (name, wln, err))
+                        cells.append({"type": "cell", "run_id": ctx.run_id, "target": name, "workload": wln,
+                                      "status": "failed", "error": "pre-flight: " + err, "round": rnd})
+                continue
+            for c in a.concurrency:
+                got = [None, None]
+
+                def one(i, wl=wl, c=c):
+                    try:
+                        got[i] = measure(ctx, pair[i], wl, c, a.warmup, a.duration)
+                    except Exception as e:  # reported below, with the other side's cell
+                        got[i] = e
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+                for t, r in zip(pair, got):
+                    if isinstance(r, Exception):
+                        log("%s %s c=%d failed: %s" % (t.name, wln, c, r))
+                        cells.append({"type": "cell", "run_id": ctx.run_id, "target": t.name, "workload": wln,
+                                      "concurrency": c, "status": "failed", "error": str(r)[:500], "round": rnd})
+                        continue
+                    r["noisy"] = r["noise"]["steal"] > a.noise_threshold
+                    # the mock served both: its counts are not this target's
+                    r["upstream"], r["upstream_per_request"], r["upstream_extra"] = None, None, 0
+                    r.update({"type": "cell", "run_id": ctx.run_id, "target": t.name, "workload": wln,
+                              "concurrency": c, "run": 1, "status": "ok", "chosen": False, "round": rnd,
+                              "side_by_side": True})
+                    log("%-16s %-8s c=%-3d %8.1f req/s  p50 %.2f ms  gwCPU %s s/1k  (side by side)" % (
+                        t.name, wln, c, r["rps"] or 0, r["lat_p50_ms"] or 0, r["gw_cpu_s_per_1k"]))
+                    cells.append(r)
+    except RuntimeError as e:
+        log("side by side, round %d: %s" % (rnd, e))
+        cells.append({"type": "cell", "run_id": ctx.run_id, "target": "+".join(t.name for t in pair),
+                      "status": "failed", "error": str(e), "round": rnd})
+    finally:
+        for t in started:
+            t.stop()
 
 
 def run_soak(ctx, target):
@@ -581,11 +653,17 @@ def main(argv):
             "command": "bash bench/run.sh " + " ".join(shlex.quote(x) for x in argv),
             "targets": a.targets, "workloads": a.workloads, "concurrency": a.concurrency,
             "duration_s": a.duration, "warmup_s": a.warmup, "repeats": a.repeats, "max_retries": a.max_retries,
-            "rounds": a.rounds,
+            "rounds": a.rounds, "side_by_side": a.side_by_side,
             "noise_threshold": a.noise_threshold, "gateway_cpus": a.gateway_cpus, "load_cpus": a.load_cpus,
             "gomodel_workers": a.gomodel_workers, "auth": not a.no_auth, "machine": machine(),
             "pool_replicas": a.pool_replicas, "vllm_router_policy": a.vllm_router_policy, "variant": a.variant,
             "versions": {}, "notes": []}
+    if a.side_by_side:
+        meta["notes"].append(
+            "Side by side (`--side-by-side`): %s ran at the same time, both on gateway CPU(s) %s, each cell's load "
+            "on both at once, the first started swapping every round. Each had about half the CPU, so req/s and "
+            "latency are not the solo figures; the ratios of CPU per request, round by round, are the measure "
+            "(both gateways see the same host drift)." % (" and ".join("`%s`" % t for t in a.targets), a.gateway_cpus))
     why = proc.perf_probe()
     meta["perf"] = {"event": proc.PERF_EVENT, "available": why is None, "error": why, "version": proc.perf_version()}
     if why:
@@ -628,6 +706,9 @@ def main(argv):
                 log("round %d of %d" % (rnd, a.rounds))
             # Every other round in the reverse order: a host that slows down (or speeds up) under a
             # sustained load favours neither the first target of a round nor the last.
+            if a.side_by_side:
+                run_side_by_side(ctx, targets if rnd % 2 else targets[::-1], rnd, cells)
+                continue
             for t in ([] if a.scaling else targets if rnd % 2 else targets[::-1]):
                 if a.soak and t.name == "direct":
                     continue
@@ -690,7 +771,7 @@ def main(argv):
     finally:
         stop_everything(ctx, targets)
 
-    if a.rounds > 1:
+    if a.rounds > 1 or a.side_by_side:
         # every round's runs of a cell together: the median by req/s, quiet runs preferred
         pooled = {}
         for c in cells:

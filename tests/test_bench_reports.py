@@ -185,6 +185,24 @@ def test_key_rows_paired_by_round():
     assert report.key_rows(chosen) == [rows[0], rows[2]]  # one round: no paired rows
 
 
+def test_side_by_side_takes_two_gateways_and_says_so_in_the_key_section():
+    import bench
+
+    a = bench.parse_args(["--targets", "gomodel-key,gomodel", "--side-by-side", "--rounds", "4"])
+    assert a.side_by_side and a.targets == ["gomodel", "gomodel-key"] and a.rounds == 4
+    for wrong in (["--targets", "gomodel"], ["--targets", "direct,gomodel"], ["--targets", "gomodel,gomodel-key",
+                                                                              "--soak", "60"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(wrong + ["--side-by-side"])
+    chosen = [_cell("gomodel", "chat", 64, 1400, 0.35), _cell("gomodel-key", "chat", 64, 1300, 0.37)]
+    out = []
+    report.key_section(out.append, {"side_by_side": True}, chosen, chosen)
+    assert out[0].startswith("## A managed key") and any(line.startswith("Measured side by side") for line in out)
+    out = []
+    report.key_section(out.append, {}, chosen, chosen)
+    assert out and not any(line.startswith("Measured side by side") for line in out)
+
+
 def test_router_rows_ratio_per_core():
     chosen = [_cell("gomodel-features", "chat", 64, 3600, 0.28, util=1.0),
               _cell("vllm-router", "chat", 64, 16000, 0.06, util=0.8), _cell("gomodel", "embeddings", 64, 1, 1)]

@@ -163,15 +163,7 @@ def render(meta, cells, soaks, scaling=()):
                       _num(check.get("access_log_lines"))))
             if meta.get("features_check"):
                 w("")
-        krows = key_rows(chosen, cells)
-        if krows:
-            w("## A managed key (`gomodel-key`) against the master key (`gomodel`)")
-            w("")
-            w("Both bare (one upstream, access log off); `gomodel-key`'s requests are made with a managed key "
-              "that has a rate limit (requests and tokens a minute) and a daily token budget, far above the load. "
-              "Bound: issue 14's (the chat figures within 10 %).")
-            w("")
-            _bound_table(w, ("master key", "managed key", "managed / master"), krows)
+        key_section(w, meta, chosen, cells)
         vrows = router_rows(chosen)
         if vrows:
             w("## Against vllm-router")
@@ -396,6 +388,25 @@ def _bound_table(w, columns, rows):
     for fig, a, b, ratio, bound, met in rows:
         w("| %s | %s | %s | %s | %s | %s |" % (fig, a, b, _ratio(ratio), bound, met))
     w("")
+
+
+def key_section(w, meta, chosen, cells):
+    """Write the managed key's section (L{key_rows}) with C{w}, when the run has both keys' cells."""
+    krows = key_rows(chosen, cells)
+    if not krows:
+        return
+    w("## A managed key (`gomodel-key`) against the master key (`gomodel`)")
+    w("")
+    w("Both bare (one upstream, access log off); `gomodel-key`'s requests are made with a managed key "
+      "that has a rate limit (requests and tokens a minute) and a daily token budget, far above the load. "
+      "Bound: issue 14's (the chat figures within 10 %).")
+    if meta.get("side_by_side"):
+        w("")
+        w("Measured side by side (`--side-by-side`): both gateways at once on the same CPU, each under its "
+          "own copy of the cell's load, so each had about half the CPU (req/s are not solo figures) and "
+          "both met the same host drift; the rows paired by round are the measure.")
+    w("")
+    _bound_table(w, ("master key", "managed key", "managed / master"), krows)
 
 
 def key_rows(chosen, cells=()):

@@ -1,20 +1,34 @@
-# Sourced by run.sh and alternate.sh (with ROOT, PY and W set): the bench's Node mock and one gateway
-# of this checkout, access log off as in the main benchmark's `gomodel` and `gomodel-key` targets, on
-# free ports, stopped at exit; then a managed key made through the admin API with the master key `mk`.
+# Sourced by run.sh, alternate.sh and sidebyside.sh (with ROOT, PY and W set): the bench's Node mock
+# and gateways of this checkout, access log off as in the main benchmark's `gomodel` and `gomodel-key`
+# targets, on free ports, stopped at exit; managed keys made through the admin API with the master key
+# `mk`.
 #
-#   start MOCK_PREFIX GATEWAY_PREFIX...   the commands each runs under ("" or "taskset -c 1"; "valgrind ...")
-#   KEY=$(managed_key BODY)               the new key's secret
+#   start MOCK_PREFIX GATEWAY_PREFIX...   the mock and one gateway (GPORT, GPID); the prefixes are the
+#                                         commands each runs under ("", "taskset -c 1", "valgrind ...")
+#   start_mock PREFIX                     the mock alone (MPORT, MPID)
+#   start_gateway NAME PREFIX...          one more gateway on the mock, data in $W/NAME (GPORT, GPID)
+#   KEY=$(managed_key BODY [PORT])        a new key's secret, made on GPORT or PORT
+PIDS=""
+trap 'kill $PIDS 2>/dev/null || true' EXIT
 port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-start() {
-  local mock_prefix=$1; shift
-  MPORT=$(port); GPORT=$(port)
-  $mock_prefix node "$ROOT/bench/mock/mock.mjs" --port "$MPORT" > "$W/mock.log" 2>&1 & MPID=$!
-  env PYTHONPATH="$ROOT" VLLM_BASE_URL="http://127.0.0.1:$MPORT/v1" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/data" \
-    GOMODEL_ACCESS_LOG=false "$@" "$PY" -m gomodel --listen "tcp:$GPORT:interface=127.0.0.1" > "$W/gw.log" 2>&1 & GPID=$!
-  trap 'kill $GPID $MPID 2>/dev/null || true' EXIT
+start_mock() {
+  MPORT=$(port)
+  $1 node "$ROOT/bench/mock/mock.mjs" --port "$MPORT" > "$W/mock.log" 2>&1 & MPID=$!
+  PIDS="$PIDS $MPID"
+}
+start_gateway() {
+  local name=$1; shift
+  GPORT=$(port)
+  env PYTHONPATH="$ROOT" VLLM_BASE_URL="http://127.0.0.1:$MPORT/v1" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/$name" \
+    GOMODEL_ACCESS_LOG=false "$@" "$PY" -m gomodel --listen "tcp:$GPORT:interface=127.0.0.1" > "$W/$name.log" 2>&1 & GPID=$!
+  PIDS="$PIDS $GPID"
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$GPORT/v1/models" -H 'Authorization: Bearer mk' >/dev/null && break; sleep 0.5; done
 }
+start() {
+  start_mock "$1"; shift
+  start_gateway data "$@"
+}
 managed_key() {
-  curl -sf -X POST "http://127.0.0.1:$GPORT/admin/api/v1/auth-keys" -H 'Authorization: Bearer mk' -d "$1" \
+  curl -sf -X POST "http://127.0.0.1:${2:-$GPORT}/admin/api/v1/auth-keys" -H 'Authorization: Bearer mk' -d "$1" \
     | "$PY" -c 'import json,sys;print(json.load(sys.stdin)["value"])'
 }
