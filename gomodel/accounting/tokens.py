@@ -1,4 +1,9 @@
-"""Token counts by type, read from a usage object in any of the namings the gateway relays."""
+"""Token counts by type, read from a usage object in any of the namings the gateway relays, and the
+output a request body asks for."""
+
+import re
+
+_MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d{1,18})')
 
 TOKEN_TYPES = ("input", "output", "cached", "reasoning")
 
@@ -57,3 +62,11 @@ class Pricing:
         input_cost = ((tokens[0] - tokens[2]) * uncached + tokens[2] * price.get("cached_input_per_mtok", uncached)) / 1e6
         output_cost = tokens[1] * price.get("output_per_mtok", 0) / 1e6
         return input_cost, output_cost, input_cost + output_cost
+
+
+def requested_tokens(body):
+    """The output tokens a JSON request C{body} (bytes) asks for at most: the first C{max_tokens},
+    C{max_completion_tokens} or C{max_output_tokens} in it, or None when it sends none. Read
+    without parsing the body."""
+    found = _MAX_TOKENS.search(body) if body else None
+    return int(found[1]) if found is not None else None

@@ -20,19 +20,15 @@ same sink), batch lines by the batch runner (L{Gate.charge}), so batch lines
 and passthrough count like any request, with or without the usage ledger.
 """
 
-import re
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from gomodel._twistedcompat import plain_headers
-from gomodel.accounting.tokens import Pricing, tokens_by_type, total_tokens
+from gomodel.accounting.tokens import Pricing, requested_tokens, tokens_by_type, total_tokens
 from gomodel.limits.lanes import Lane, Ticket
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
-
-_MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d{1,18})')
 
 
 class Gate(Periodic):
@@ -288,5 +284,5 @@ def estimate(body) -> int:
     (or C{max_completion_tokens}, C{max_output_tokens}: the first one sent)."""
     if not body:
         return 0
-    found = _MAX_TOKENS.search(body)
-    return len(body) // 4 + int(found[1]) if found is not None else len(body) // 4
+    asked = requested_tokens(body)
+    return len(body) // 4 + asked if asked is not None else len(body) // 4

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel import jsonutil
+from gomodel.accounting.tokens import requested_tokens
 from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamTimeout,
                             UpstreamUnreachable)
 from gomodel.http.headers import copy_response_headers, is_event_stream
@@ -250,6 +251,8 @@ class Exchange:
             more = number + 1 < len(targets)
             body = call.body if number == 0 else call.rebody(model)
             tried = list(exclude) if number == 0 else []
+            # what the request asks for at most: on a pool, a long answer is kept off clearly slower replicas
+            size = requested_tokens(body) if len(pool.replicas) > 1 else None
             if call.affinity is not None and call.pin is None:
                 recalling = pool.recall(call.affinity)  # a session this process has not seen: its shared pin
                 if recalling is not None:
@@ -257,11 +260,11 @@ class Exchange:
             while True:
                 prefer = call.prefer if number == 0 else None
                 replica = None if call.pin is not None else pool.take(model, exclude=tried, prefer=prefer,
-                                                                      affinity=call.affinity)
+                                                                      affinity=call.affinity, size=size)
                 try:
                     if replica is None:  # pinned, or nothing free now: wait, or learn why not
                         replica = await pool.acquire(model, exclude=tried, pin=call.pin, affinity=call.affinity,
-                                                     prefer=prefer)
+                                                     prefer=prefer, size=size)
                 except (NoReadyReplica, ReplicasBusy):
                     if more:
                         break  # this target cannot take it now: the next one

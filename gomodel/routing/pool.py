@@ -65,6 +65,7 @@ RARE_WEIGHT = 0.5  # its weight on a clearly slower replica: it gets few request
 SLOWER = 1.5  # pace ratio past which a replica is clearly slower than another (it takes only overflow)
 PACE_REFRESH = 30.0  # seconds after which an idle, clearly slower replica gets a request to learn its pace again
 AFFINITY_ENTRIES = 10000  # sessions and prefixes remembered per pool
+SIZE_WEIGHT = 0.02  # weight of one request's max_tokens in its pool's moving mean of them
 
 
 class Replica:
@@ -232,12 +233,13 @@ class Replica:
 
 
 class _Waiter:
-    __slots__ = ("model", "exclude", "affinity", "deferred", "timer")
+    __slots__ = ("model", "exclude", "affinity", "long", "deferred", "timer")
 
-    def __init__(self, model, exclude, affinity, deferred):
+    def __init__(self, model, exclude, affinity, long, deferred):
         self.model = model
         self.exclude = exclude
         self.affinity = affinity
+        self.long = long
         self.deferred = deferred
         self.timer = None
 
@@ -270,6 +272,7 @@ class ReplicaPool:
         self._affinity_slack = affinity_slack
         self._rng = rng or random.Random()
         self._next = 0  # round robin
+        self._size_mean = None  # a moving mean of the max_tokens requests asked for (L{take}'s C{size})
         self._queue = deque()
         self._affinity = OrderedDict()  # session or prefix key -> (replica index, when it was last shared)
         self._by_url = {r.base_url: r.index for r in self.replicas}
@@ -304,14 +307,18 @@ class ReplicaPool:
 
     # -- choosing ----------------------------------------------------------------------
 
-    def take(self, model, *, exclude=(), prefer=None, affinity=None):
+    def take(self, model, *, exclude=(), prefer=None, affinity=None, size=None):
         """A ready replica with room for a request for C{model} now, counted in flight until
         L{release}; or None (then L{acquire} waits, or says why not).
 
         @param exclude: replicas already tried for this request.
         @param prefer: a replica index to use while it is ready and has room.
         @param affinity: a session or prefix key, or None.
+        @param size: the output tokens the request asks for at most (its C{max_tokens}), or None.
         """
+        return self._take(model, exclude, prefer, affinity, self._long(size) if len(self.replicas) > 1 else False)
+
+    def _take(self, model, exclude, prefer, affinity, long):
         if len(self.replicas) == 1:  # one server: nothing to choose
             replica = self.replicas[0]
             if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
@@ -320,10 +327,19 @@ class ReplicaPool:
         free = [r for r in self._candidates(model, exclude) if r.has_room()]
         if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
             return self._lease(self.replicas[prefer], affinity)
-        replica = self._choose(free, affinity)
+        replica = self._choose(free, affinity, long)
         return None if replica is None else self._lease(replica, affinity)
 
-    def acquire(self, model, *, exclude=(), pin=None, prefer=None, affinity=None) -> Deferred:
+    def _long(self, size) -> bool:
+        """Whether a request asking for C{size} output tokens (None: unknown) asks for more than the
+        pool's requests do on average (a moving mean, which it joins)."""
+        if size is None:
+            return False
+        mean = self._size_mean
+        self._size_mean = size if mean is None else mean + SIZE_WEIGHT * (size - mean)
+        return mean is not None and size > mean
+
+    def acquire(self, model, *, exclude=(), pin=None, prefer=None, affinity=None, size=None) -> Deferred:
         """Like L{take}, waiting for room when every candidate is full.
 
         @param pin: a replica index that must serve it, whatever its state (diagnostics).
@@ -333,12 +349,13 @@ class ReplicaPool:
         """
         if pin is not None:
             return self._pinned(pin)
-        replica = self.take(model, exclude=exclude, prefer=prefer, affinity=affinity)
+        long = self._long(size)
+        replica = self._take(model, exclude, prefer, affinity, long)
         if replica is not None:
             return succeed(replica)
         if not self._candidates(model, exclude):
             return fail(NoReadyReplica(self.name, model or "(any)", RETRY_AFTER))
-        return self._wait(model, exclude, affinity)
+        return self._wait(model, exclude, affinity, long)
 
     def has_alternative(self, model, exclude) -> bool:
         """Whether another ready replica than those in C{exclude} serves C{model}."""
@@ -413,8 +430,12 @@ class ReplicaPool:
     def _others_ready(self, replica) -> bool:
         return any(r.ready for r in self.replicas if r is not replica)
 
-    def _choose(self, free, affinity):
-        """The replica to use among C{free} (all ready, all with room), or None."""
+    def _choose(self, free, affinity, long=False):
+        """The replica to use among C{free} (all ready, all with room), or None.
+
+        @param long: the request asks for more output than the pool's requests do on average: with
+            the C{load} strategy a clearly slower replica takes it only when no faster one is free.
+        """
         if not free:
             return None
         if len(free) == 1:
@@ -446,6 +467,12 @@ class ReplicaPool:
             prompt = [r for r in starting if r.prompt(now, fastest)]
             if prompt:
                 starting = prompt
+            elif long:
+                # Only a clearly slower replica could start it: a long answer there is the tail of
+                # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
+                faster = [r for r in free if r.slowness(fastest) == 1.0]
+                if faster:
+                    free, starting = faster, []
             if starting and len(starting) < len(free):
                 free = starting
             if starting:
@@ -478,8 +505,8 @@ class ReplicaPool:
 
     # -- the queue -------------------------------------------------------------------
 
-    def _wait(self, model, exclude, affinity):
-        waiter = _Waiter(model, tuple(exclude), affinity, None)
+    def _wait(self, model, exclude, affinity, long):
+        waiter = _Waiter(model, tuple(exclude), affinity, long, None)
         d = Deferred(lambda _: self._drop(waiter))
         waiter.deferred = d
         self._queue.append(waiter)
@@ -506,7 +533,7 @@ class ReplicaPool:
                 self._drop(waiter)
                 waiter.deferred.errback(NoReadyReplica(self.name, waiter.model or "(any)", RETRY_AFTER))
                 continue
-            replica = self._choose([r for r in candidates if r.has_room()], waiter.affinity)
+            replica = self._choose([r for r in candidates if r.has_room()], waiter.affinity, waiter.long)
             if replica is None:
                 return
             self._queue.popleft()
