@@ -408,20 +408,28 @@ def test_a_slow_replica_takes_overflow_only():
 def test_a_slow_replica_takes_only_short_answers_when_it_would_get_overflow():
     clock = Clock()
     pool = paced_pool(clock, 3)
-    for size in (32, 96) * 10:  # the pool's requests ask for 64 tokens on average
-        pool.release(pool.take(None, size=size))
-    _full(pool, [8, 8, 0], [1.0, 1.0, 3.0])
+    asked = []
+
+    def take(tokens):
+        return pool.take(None, size=lambda: asked.append(tokens) or tokens)
+
+    _full(pool, [7, 6, 0], [1.0, 1.0, 3.0])
     pool.replicas[2].timed_at = clock.seconds()
-    assert pool.take(None, size=40).index == 2  # short: the slow one starts it at once
+    assert take(96).index == 1 and not asked  # a fast one can start it: its size is not even read
+    for tokens in (32, 96) * 10:  # requests the slow one could take ask for 64 tokens on average
+        _full(pool, [8, 8, 0], [1.0, 1.0, 3.0])
+        take(tokens)
+    assert asked == [32, 96] * 10
     _full(pool, [8, 8, 0], [1.0, 1.0, 3.0])
-    long = pool.take(None, size=90)
-    assert long.index in (0, 1)  # long: it waits for a fast one (three times longer there is the latency tail)
+    assert take(40).index == 2  # short: the slow one starts it at once
     _full(pool, [8, 8, 0], [1.0, 1.0, 3.0])
-    assert pool.take(None).index == 2  # no max_tokens: overflow as before
+    assert take(90).index in (0, 1)  # long: it waits for a fast one (three times longer there is the latency tail)
+    _full(pool, [8, 8, 0], [1.0, 1.0, 3.0])
+    assert pool.take(None, size=lambda: None).index == 2  # no max_tokens: overflow as before
     _full(pool, [8, 8, 0], [1.0, 3.0, 3.0])
-    assert pool.take(None, size=90).index == 0  # a fast one, even if it queues longer
+    assert take(90).index == 0  # a fast one, even if it queues longer
     _full(pool, [8, 8, 0], [1.0, 1.0, 1.0])
-    assert pool.take(None, size=90).index == 2  # replicas alike: anything starts where it can
+    assert take(90).index == 2  # replicas alike: anything starts where it can
 
 
 def _full(pool, in_flight, paces, slots=8):

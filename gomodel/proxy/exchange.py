@@ -24,6 +24,8 @@ span; its C{traceparent} goes upstream), given up or finished; with tracing
 off the cost is a None check at each of those points.
 """
 
+from functools import partial
+
 from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -251,8 +253,7 @@ class Exchange:
             more = number + 1 < len(targets)
             body = call.body if number == 0 else call.rebody(model)
             tried = list(exclude) if number == 0 else []
-            # what the request asks for at most: on a pool, a long answer is kept off clearly slower replicas
-            size = requested_tokens(body) if len(pool.replicas) > 1 else None
+            size = partial(requested_tokens, body)  # a long answer is kept off clearly slower replicas
             if call.affinity is not None and call.pin is None:
                 recalling = pool.recall(call.affinity)  # a session this process has not seen: its shared pin
                 if recalling is not None:

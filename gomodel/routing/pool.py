@@ -65,7 +65,7 @@ RARE_WEIGHT = 0.5  # its weight on a clearly slower replica: it gets few request
 SLOWER = 1.5  # pace ratio past which a replica is clearly slower than another (it takes only overflow)
 PACE_REFRESH = 30.0  # seconds after which an idle, clearly slower replica gets a request to learn its pace again
 AFFINITY_ENTRIES = 10000  # sessions and prefixes remembered per pool
-SIZE_WEIGHT = 0.02  # weight of one request's max_tokens in its pool's moving mean of them
+SIZE_SAMPLES = 50  # a pool's mean max_tokens is the plain mean of the first ones it weighed, then a moving mean
 
 
 class Replica:
@@ -233,13 +233,13 @@ class Replica:
 
 
 class _Waiter:
-    __slots__ = ("model", "exclude", "affinity", "long", "deferred", "timer")
+    __slots__ = ("model", "exclude", "affinity", "size", "deferred", "timer")
 
-    def __init__(self, model, exclude, affinity, long, deferred):
+    def __init__(self, model, exclude, affinity, size, deferred):
         self.model = model
         self.exclude = exclude
         self.affinity = affinity
-        self.long = long
+        self.size = size
         self.deferred = deferred
         self.timer = None
 
@@ -272,7 +272,8 @@ class ReplicaPool:
         self._affinity_slack = affinity_slack
         self._rng = rng or random.Random()
         self._next = 0  # round robin
-        self._size_mean = None  # a moving mean of the max_tokens requests asked for (L{take}'s C{size})
+        self._size_mean = None  # the mean max_tokens of requests it weighed for a clearly slower replica
+        self._sizes = 0  # how many, up to SIZE_SAMPLES
         self._queue = deque()
         self._affinity = OrderedDict()  # session or prefix key -> (replica index, when it was last shared)
         self._by_url = {r.base_url: r.index for r in self.replicas}
@@ -314,11 +315,13 @@ class ReplicaPool:
         @param exclude: replicas already tried for this request.
         @param prefer: a replica index to use while it is ready and has room.
         @param affinity: a session or prefix key, or None.
-        @param size: the output tokens the request asks for at most (its C{max_tokens}), or None.
+        @param size: a function returning the output tokens the request asks for at most (its
+            C{max_tokens}) or None, called only when a clearly slower replica is the one that could
+            start it at once; or None.
         """
-        return self._take(model, exclude, prefer, affinity, self._long(size) if len(self.replicas) > 1 else False)
+        return self._take(model, exclude, prefer, affinity, size)
 
-    def _take(self, model, exclude, prefer, affinity, long):
+    def _take(self, model, exclude, prefer, affinity, size):
         if len(self.replicas) == 1:  # one server: nothing to choose
             replica = self.replicas[0]
             if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
@@ -327,16 +330,20 @@ class ReplicaPool:
         free = [r for r in self._candidates(model, exclude) if r.has_room()]
         if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
             return self._lease(self.replicas[prefer], affinity)
-        replica = self._choose(free, affinity, long)
+        replica = self._choose(free, affinity, size)
         return None if replica is None else self._lease(replica, affinity)
 
     def _long(self, size) -> bool:
         """Whether a request asking for C{size} output tokens (None: unknown) asks for more than the
-        pool's requests do on average (a moving mean, which it joins)."""
+        requests weighed before it did on average (the mean, which it joins)."""
         if size is None:
             return False
         mean = self._size_mean
-        self._size_mean = size if mean is None else mean + SIZE_WEIGHT * (size - mean)
+        if self._sizes < SIZE_SAMPLES:
+            self._sizes += 1
+            self._size_mean = size if mean is None else mean + (size - mean) / self._sizes
+        else:
+            self._size_mean = mean + (size - mean) / SIZE_SAMPLES
         return mean is not None and size > mean
 
     def acquire(self, model, *, exclude=(), pin=None, prefer=None, affinity=None, size=None) -> Deferred:
@@ -349,13 +356,12 @@ class ReplicaPool:
         """
         if pin is not None:
             return self._pinned(pin)
-        long = self._long(size)
-        replica = self._take(model, exclude, prefer, affinity, long)
+        replica = self._take(model, exclude, prefer, affinity, size)
         if replica is not None:
             return succeed(replica)
         if not self._candidates(model, exclude):
             return fail(NoReadyReplica(self.name, model or "(any)", RETRY_AFTER))
-        return self._wait(model, exclude, affinity, long)
+        return self._wait(model, exclude, affinity, size)
 
     def has_alternative(self, model, exclude) -> bool:
         """Whether another ready replica than those in C{exclude} serves C{model}."""
@@ -430,11 +436,12 @@ class ReplicaPool:
     def _others_ready(self, replica) -> bool:
         return any(r.ready for r in self.replicas if r is not replica)
 
-    def _choose(self, free, affinity, long=False):
+    def _choose(self, free, affinity, size=None):
         """The replica to use among C{free} (all ready, all with room), or None.
 
-        @param long: the request asks for more output than the pool's requests do on average: with
-            the C{load} strategy a clearly slower replica takes it only when no faster one is free.
+        @param size: L{take}'s. With the C{load} strategy, a request that asks for more output than
+            the pool's requests do on average goes to a clearly slower replica only when no faster one
+            is free (it queues on a faster one instead).
         """
         if not free:
             return None
@@ -467,7 +474,7 @@ class ReplicaPool:
             prompt = [r for r in starting if r.prompt(now, fastest)]
             if prompt:
                 starting = prompt
-            elif long:
+            elif size is not None and self._long(size()):
                 # Only a clearly slower replica could start it: a long answer there is the tail of
                 # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
                 faster = [r for r in free if r.slowness(fastest) == 1.0]
@@ -505,8 +512,8 @@ class ReplicaPool:
 
     # -- the queue -------------------------------------------------------------------
 
-    def _wait(self, model, exclude, affinity, long):
-        waiter = _Waiter(model, tuple(exclude), affinity, long, None)
+    def _wait(self, model, exclude, affinity, size):
+        waiter = _Waiter(model, tuple(exclude), affinity, size, None)
         d = Deferred(lambda _: self._drop(waiter))
         waiter.deferred = d
         self._queue.append(waiter)
@@ -533,7 +540,7 @@ class ReplicaPool:
                 self._drop(waiter)
                 waiter.deferred.errback(NoReadyReplica(self.name, waiter.model or "(any)", RETRY_AFTER))
                 continue
-            replica = self._choose([r for r in candidates if r.has_room()], waiter.affinity, waiter.long)
+            replica = self._choose([r for r in candidates if r.has_room()], waiter.affinity, waiter.size)
             if replica is None:
                 return
             self._queue.popleft()
