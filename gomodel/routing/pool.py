@@ -142,17 +142,18 @@ class Replica:
                 busy += 1 + busy  # a full KV cache queues whatever comes next
         return busy
 
-    def score(self, now, max_age, fastest=None) -> float:
-        """Its load per unit of weight: what it holds, each request counted L{slowness} times."""
-        return self.busy(now, max_age) * self.slowness(fastest) / self.weight
+    def score(self, now, max_age, slowness=1.0) -> float:
+        """Its load per unit of weight: what it holds, each request counted C{slowness} times (its
+        L{slowness} against the fastest candidate's pace)."""
+        return self.busy(now, max_age) * slowness / self.weight
 
-    def wait(self, now, max_age, batch, fastest) -> float:
-        """How long a request sent now would wait in its queue, in paces of C{fastest}: its place in
-        the queue times its L{slowness} over its batch size (else C{batch}, the largest seen in its
-        pool): one of its slots frees every pace / slots seconds."""
+    def wait(self, now, max_age, batch, slowness=1.0) -> float:
+        """How long a request sent now would wait in its queue, in paces of the fastest candidate: its
+        place in the queue times its C{slowness} over its batch size (else C{batch}, the largest seen
+        in its pool): one of its slots frees every pace / slots seconds."""
         slots = self.slots or batch or 1
         place = max(1.0, self.busy(now, max_age) + 1 - slots)
-        return place * self.slowness(fastest) / slots / self.weight
+        return place * slowness / slots / self.weight
 
     @property
     def paced(self) -> bool:
@@ -166,11 +167,9 @@ class Replica:
             return self.pace / fastest
         return 1.0
 
-    def prompt(self, now, fastest) -> bool:
-        """Whether it should start requests as soon as it has room: it is not clearly slower than
-        C{fastest}, or, idle, its pace has not been learned again for L{PACE_REFRESH} seconds."""
-        if self.slowness(fastest) == 1.0:
-            return True
+    def due(self, now) -> bool:
+        """Whether, clearly slower than another, it should still start the next request: idle, its pace
+        has not been learned again for L{PACE_REFRESH} seconds."""
         return not self.in_flight and (self.timed_at is None or now - self.timed_at >= PACE_REFRESH)
 
     def slower_than(self, other) -> bool:
@@ -463,32 +462,42 @@ class ReplicaPool:
             for r in self.replicas:
                 if r.slots is not None and r.slots > batch:
                     batch = r.slots
-            fastest = None  # the fastest paced candidate's pace: a clearly slower one takes only overflow
+            fastest = slowest = None  # paced candidates' paces: a clearly slower one takes only overflow
             for r in free:
-                if r.paced and (fastest is None or r.pace < fastest):
-                    fastest = r.pace
+                if r.paced:
+                    if fastest is None or r.pace < fastest:
+                        fastest = r.pace
+                    if slowest is None or r.pace > slowest:
+                        slowest = r.pace
+            slower = {}  # each clearly slower candidate: how many times slower (none where all are alike)
+            if fastest is not None and slowest > SLOWER * fastest:
+                for r in free:
+                    times = r.slowness(fastest)
+                    if times > 1.0:
+                        slower[r] = times
             # A request that would wait in a replica's queue goes where it would start at once, if
             # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
-            # A clearly slower replica takes only what no faster one could start at once.
             starting = [r for r in free if not r.queued(now, max_age, batch)]
-            prompt = [r for r in starting if r.prompt(now, fastest)]
-            if prompt:
-                starting = prompt
-            elif size is not None and self._long(size()):
-                # Only a clearly slower replica could start it: a long answer there is the tail of
-                # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
-                faster = [r for r in free if r.slowness(fastest) == 1.0]
-                if faster:
-                    free, starting = faster, []
+            if slower:
+                # A clearly slower replica takes only what no faster one could start at once.
+                prompt = [r for r in starting if r not in slower or r.due(now)]
+                if prompt:
+                    starting = prompt
+                elif size is not None and self._long(size()):
+                    # Only a clearly slower replica could start it: a long answer there is the tail of
+                    # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
+                    faster = [r for r in free if r not in slower]
+                    if faster:
+                        free, starting = faster, []
             if starting and len(starting) < len(free):
                 free = starting
             if starting:
-                scores = {r: r.score(now, max_age, fastest) for r in free}
+                scores = {r: r.score(now, max_age, slower.get(r, 1.0)) for r in free}
             else:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
-                scores = {r: r.wait(now, max_age, batch, fastest) for r in free}
+                scores = {r: r.wait(now, max_age, batch, slower.get(r, 1.0)) for r in free}
                 affinity = None
             replica = self._lowest(free, scores, affinity)
-            if replica.slowness(fastest) > 1.0:
+            if replica in slower:
                 replica.rare = True
             return replica
         return self._lowest(free, scores, affinity)
