@@ -11,12 +11,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-python3}; C=${C:-64}; D=${D:-8}; N=${N:-6}
 W=$(mktemp -d /tmp/gomodel-keycpu-XXXXXX)
-DEFAULT_KEY='{"name":"bench","user_path":"/bench/key","rpm":1000000000,"tpm":1000000000000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}'
-KEYBODY=${KEYBODY:-$DEFAULT_KEY}
 . "$ROOT/bench/keycost/common.sh"
 start "taskset -c 1" taskset -c 0
 KEY=$(managed_key "$KEYBODY")
-echo '{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct","max_tokens":16,"messages":[{"role":"user","content":"Say hello in one short sentence."}]}' > $W/body.json
 cpu() { awk "{print \$14 * 100000 + \$15}" /proc/$GPID/stat; }
 load() { taskset -c 1 wrk -t1 -c$C -d${D}s -s $ROOT/bench/wrk/post.lua http://127.0.0.1:$GPORT/v1/chat/completions -- $W/body.json 'choices' "Authorization: Bearer $1" "Content-Type: application/json" 2>&1 | grep -o '"requests":[0-9]*' | head -1 | cut -d: -f2; }
 load mk >/dev/null; load $KEY > /dev/null

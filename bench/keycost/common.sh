@@ -8,7 +8,12 @@
 #   start_mock PREFIX                     the mock alone (MPORT, MPID)
 #   start_gateway NAME PREFIX...          one more gateway on the mock, data in $W/NAME (GPORT, GPID)
 #   KEY=$(managed_key BODY [PORT])        a new key's secret, made on GPORT or PORT
+#   KEYBODY                               the managed key of the CPU scripts: the environment's, else an
+#                                         rpm, a tpm and a daily token budget far above the load
+#   $W/body.json                          the bench's chat body, for wrk
 PIDS=""
+KEYBODY=${KEYBODY:-'{"name":"bench","user_path":"/bench/key","rpm":1000000000,"tpm":1000000000000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}'}
+echo '{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct","max_tokens":16,"messages":[{"role":"user","content":"Say hello in one short sentence."}]}' > "$W/body.json"
 trap 'kill $PIDS 2>/dev/null || true' EXIT
 port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 start_mock() {

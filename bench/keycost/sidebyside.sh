@@ -13,13 +13,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-python3}; C=${C:-64}; D=${D:-6}; N=${N:-8}
 W=$(mktemp -d /tmp/gomodel-keyside-XXXXXX)
-DEFAULT_KEY='{"name":"bench","user_path":"/bench/key","rpm":1000000000,"tpm":1000000000000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}'
-KEYBODY=${KEYBODY:-$DEFAULT_KEY}
 . "$ROOT/bench/keycost/common.sh"
 start_mock "taskset -c 1"
 start_gateway a taskset -c 0; APORT=$GPORT; APID=$GPID; AKEY=$(managed_key "$KEYBODY")
 start_gateway b taskset -c 0; BPORT=$GPORT; BPID=$GPID; BKEY=$(managed_key "$KEYBODY")
-echo '{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct","max_tokens":16,"messages":[{"role":"user","content":"Say hello in one short sentence."}]}' > "$W/body.json"
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # clock ticks
 load() { # PORT KEY OUT
   taskset -c 1 wrk -t1 -c"$C" -d"${D}s" -s "$ROOT/bench/wrk/post.lua" "http://127.0.0.1:$1/v1/chat/completions" -- \

@@ -318,9 +318,6 @@ class ReplicaPool:
             C{max_tokens}) or None, called only when a clearly slower replica is the one that could
             start it at once; or None.
         """
-        return self._take(model, exclude, prefer, affinity, size)
-
-    def _take(self, model, exclude, prefer, affinity, size):
         if len(self.replicas) == 1:  # one server: nothing to choose
             replica = self.replicas[0]
             if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
@@ -355,7 +352,7 @@ class ReplicaPool:
         """
         if pin is not None:
             return self._pinned(pin)
-        replica = self._take(model, exclude, prefer, affinity, size)
+        replica = self.take(model, exclude=exclude, prefer=prefer, affinity=affinity, size=size)
         if replica is not None:
             return succeed(replica)
         if not self._candidates(model, exclude):
