@@ -284,5 +284,4 @@ def estimate(body) -> int:
     (or C{max_completion_tokens}, C{max_output_tokens}: the first one sent)."""
     if not body:
         return 0
-    asked = requested_tokens(body)
-    return len(body) // 4 + asked if asked is not None else len(body) // 4
+    return len(body) // 4 + (requested_tokens(body) or 0)

@@ -253,7 +253,8 @@ class Exchange:
             more = number + 1 < len(targets)
             body = call.body if number == 0 else call.rebody(model)
             tried = list(exclude) if number == 0 else []
-            size = partial(requested_tokens, body)  # a long answer is kept off clearly slower replicas
+            # a long answer is kept off clearly slower replicas (one replica: nothing to choose)
+            size = partial(requested_tokens, body) if len(pool.replicas) > 1 else None
             if call.affinity is not None and call.pin is None:
                 recalling = pool.recall(call.affinity)  # a session this process has not seen: its shared pin
                 if recalling is not None:
