@@ -54,6 +54,10 @@ def _streamed(client, model):
         return kinds, stream.get_final_message()
 
 
+def _message_events(kinds):
+    return [k for k in kinds if k.startswith("message_")]
+
+
 def test_create_equals_vllms_own(via, direct):
     mine = via.messages.create(model=MODEL, system=SYSTEM, messages=MESSAGES, **SAMPLING)
     theirs = direct.messages.create(model=CHAT_MODEL, system=SYSTEM, messages=MESSAGES, **SAMPLING)
@@ -66,8 +70,10 @@ def test_stream_equals_vllms_own(via, direct):
     kinds, final = _streamed(via, MODEL)
     their_kinds, their_final = _streamed(direct, CHAT_MODEL)
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-    assert [k for k in kinds if not k.startswith("content_block")] == \
-        [k for k in their_kinds if not k.startswith("content_block")]
+    # How many deltas carry the text is vLLM's choice per run (its output
+    # handler merges tokens that queue up), so only the message-level events
+    # and the final message must agree.
+    assert _message_events(kinds) == _message_events(their_kinds)
     assert _shape(final) == _shape(their_final)
 
 
