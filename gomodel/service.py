@@ -28,15 +28,18 @@ class GatewayService(MultiService):
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
         self.drain = self.supervisor = self.usage = self.keys = self.telemetry = self.pins = None
         self.listeners = []
+        self.stdout_log = False  # twistd writes its log to standard output (see L{setServiceParent})
 
     def setServiceParent(self, parent):
-        """Under twistd's application: hand it the log observer C{LOG_FORMAT}/C{LOG_LEVEL} ask for.
+        """Under twistd's application: hand it the log observer C{LOG_FORMAT}/C{LOG_LEVEL} ask for, or,
+        where twistd would write its own text lines to standard output (L{stdout_log}), gomodel's.
 
         twistd asks its application for an L{ILogObserver} component when it
         starts logging, which is after the service was built and attached.
         """
         super().setServiceParent(parent)
-        observer = log_observer(self.config.metrics.log_format, self.config.metrics.log_level)
+        observer = log_observer(self.config.metrics.log_format, self.config.metrics.log_level,
+                                classic=self.stdout_log)
         if observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, observer)
 

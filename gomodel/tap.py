@@ -61,6 +61,16 @@ class Options(usage.Options):
                 except ValueError as e:
                     raise usage.UsageError(str(e)) from None
         self.gateway_config = config
+        self.stdout_log = _twistd_logs_to_stdout(getattr(self, "parent", None))
+
+
+def _twistd_logs_to_stdout(twistd) -> bool:
+    """Whether twistd's options (C{twistd}, or None outside twistd) have it write its text lines to
+    standard output: in the foreground, with no C{--logfile} (or C{-}), C{--syslog} or C{--logger}."""
+    if twistd is None or "logger" not in twistd:
+        return False
+    return (twistd.get("logger") is None and not twistd.get("syslog") and bool(twistd.get("nodaemon"))
+            and twistd.get("logfile") in (None, "", "-"))
 
 
 def _keep_openssl_out():
@@ -88,13 +98,17 @@ def makeService(options):
 
     reactor.callWhenRunning(_freeze_startup_objects)
     if options["worker-child"]:  # the primary's metrics directory came down in the environment
-        return build_gateway(config, reactor, role="worker", shared_metrics="PROMETHEUS_MULTIPROC_DIR" in os.environ)
-    if primary:
+        gateway = build_gateway(config, reactor, role="worker",
+                                shared_metrics="PROMETHEUS_MULTIPROC_DIR" in os.environ)
+    elif primary:
         from gomodel.workers import worker_argv
 
-        return build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv),
-                             worker_env=os.environ, shared_metrics=config.metrics.enabled)
-    return build_gateway(config, reactor)
+        gateway = build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv),
+                                worker_env=os.environ, shared_metrics=config.metrics.enabled)
+    else:
+        gateway = build_gateway(config, reactor)
+    gateway.stdout_log = options.stdout_log
+    return gateway
 
 
 def _share_metrics(reactor):

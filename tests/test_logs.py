@@ -1,17 +1,22 @@
-"""LOG_FORMAT=json and LOG_LEVEL on a real twistd process."""
+"""Log lines: LOG_FORMAT=json and LOG_LEVEL on a real twistd process, and the classic text lines of
+the gomodel runner, the same as Twisted's."""
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 
-import socket
-
+import pytest
 import pytest_twisted
 from twisted.internet import error as net_error
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText
+from twisted.python.failure import Failure
 
+from gomodel.logs import LINE_FORMAT, ClassicText, JSONLineObserver
 from tests.rawclient import chat_request, connect
 from tests.support import with_timeout
 
@@ -24,15 +29,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-async def _run(reactor, fake, tmp_path, **env):
-    """Start twistd gomodel with C{env}, send one chat, stop it; its output's lines."""
+TWISTD = "from twisted.scripts.twistd import run; run()"
+GOMODEL_RUNNER = "from gomodel.cli import twistd; twistd()"  # what the gomodel command and its workers run
+
+
+async def _run(reactor, fake, tmp_path, runner=TWISTD, twistd_options=(), **env):
+    """Start twistd gomodel (or C{runner} with twistd's options) with C{env}, send one chat, stop it;
+    its output's lines."""
     log_path = tmp_path / "out.log"
     port = _free_port()  # the "listening on" line may be filtered out
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_", "LOG_"))}
     run_env.update(env, PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), VLLM_BASE_URL=fake.base_url)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                                 "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        proc = subprocess.Popen([sys.executable, "-c", runner, "-n", "--pidfile=", *twistd_options,
+                                 "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env)
     try:
         for _ in range(400):
@@ -75,3 +85,87 @@ async def test_log_level_drops_what_is_below_it(reactor, fake, tmp_path):
     lines = await _run(reactor, fake, tmp_path, LOG_LEVEL="warn")
     assert not any("gomodel.access" in line for line in lines)  # info lines are gone
     assert any("GOMODEL_MASTER_KEY is not set" in line for line in lines)  # a warning stays
+
+
+CLASSIC_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[gomodel\.access#info\] "
+                          r"POST /v1/chat/completions 200 \d+\.\dms request_id=\w+ provider=vllm "
+                          r"model=vllm/meta-llama/Llama-3\.1-8B-Instruct$")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_log_is_twisteds_classic_lines_on_stdout(reactor, fake, tmp_path):
+    lines = await _run(reactor, fake, tmp_path)
+    assert any(CLASSIC_LINE.match(line) for line in lines), lines
+    assert any("[gomodel.service.GatewayService#warn] GOMODEL_MASTER_KEY is not set" in line for line in lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistds_logfile_option_still_decides_where_lines_go(reactor, fake, tmp_path):
+    logfile = tmp_path / "gateway.log"
+    stdout = await _run(reactor, fake, tmp_path, runner=GOMODEL_RUNNER, twistd_options=[f"--logfile={logfile}"])
+    lines = logfile.read_text().splitlines()
+    assert any(CLASSIC_LINE.match(line) for line in lines), lines
+    assert not any("gomodel.access" in line for line in stdout)
+
+
+def _events():
+    """Events of every shape an observer meets: the access log's line, a formatted message, a
+    failure, a legacy event's system, a line break in a line, no time, an empty line."""
+    logger = Logger(namespace="gomodel.access")
+    base = {"log_logger": logger, "log_level": LogLevel.info, "log_namespace": "gomodel.access",
+            "log_source": None, "log_time": 1764662925.75}
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    return [
+        {**base, "log_format": LINE_FORMAT, "log_line": "POST /v1/chat/completions 200 3.1ms", "status": 200},
+        {**base, "log_format": "provider {name} ({type})", "name": "vllm", "type": "vllm"},
+        {**base, "log_format": "claim {what}", "what": "x", "log_failure": failure, "log_level": LogLevel.critical},
+        {**base, "log_format": LINE_FORMAT, "log_line": "a legacy line", "log_system": "-"},
+        {**base, "log_format": LINE_FORMAT, "log_line": "POST /v1/chat 400 model=a\nFAKE [gomodel.access#info] b"},
+        {**base, "log_format": LINE_FORMAT, "log_line": "no time", "log_time": None},
+        {**base, "log_format": LINE_FORMAT, "log_line": ""},
+        {**base, "log_format": LINE_FORMAT, "log_line": "level unknown", "log_level": None},
+    ]
+
+
+@pytest.mark.parametrize("event", _events(), ids=lambda event: str(event.get("log_line", event["log_format"]))[:20])
+def test_classic_text_is_twisteds_text(event):
+    text = ClassicText()
+    assert text(event) == formatEventAsClassicLogText(event)
+    assert text(dict(event, log_time=event["log_time"] and event["log_time"] + 0.2)) == \
+        formatEventAsClassicLogText(dict(event, log_time=event["log_time"] and event["log_time"] + 0.2))
+
+
+def test_a_line_break_in_a_logged_value_never_makes_a_second_line():
+    event = _events()[4]
+    assert ClassicText()(event).count("\n") == 2 and "\n\tFAKE" in ClassicText()(event)
+
+
+def test_json_lines_carry_the_access_line_as_their_message(tmp_path):
+    with open(tmp_path / "out", "w") as out:
+        observer = JSONLineObserver(out)
+        for event in _events()[:2]:
+            observer(event)
+    first, second = [json.loads(line) for line in (tmp_path / "out").read_text().splitlines()]
+    assert first["message"] == "POST /v1/chat/completions 200 3.1ms" and first["status"] == 200
+    assert first["time"] == "2025-12-02T08:08:45Z" and first["level"] == "info"
+    assert second["message"] == "provider vllm (vllm)"
+
+
+FOREGROUND = {"logger": None, "syslog": False, "nodaemon": True, "logfile": None}
+
+
+@pytest.mark.parametrize("twistd, ours", [
+    (FOREGROUND, True), (dict(FOREGROUND, logfile="-"), True), (dict(FOREGROUND, logfile="gateway.log"), False),
+    (dict(FOREGROUND, syslog=True), False), (dict(FOREGROUND, logger="a.factory"), False),
+    (dict(FOREGROUND, nodaemon=False), False), (None, False)])
+def test_gomodel_writes_the_text_lines_only_where_twistd_would_write_them_to_stdout(twistd, ours, tmp_path):
+    from gomodel.logs import log_observer
+    from gomodel.tap import _twistd_logs_to_stdout
+
+    assert _twistd_logs_to_stdout(twistd) is ours
+    with open(tmp_path / "out", "w") as out:
+        observer = log_observer(None, None, out, classic=_twistd_logs_to_stdout(twistd))
+        assert (observer is not None and isinstance(observer.formatEvent, ClassicText)) is ours

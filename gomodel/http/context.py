@@ -8,7 +8,11 @@ relays), and goes to every sink: the access log, metrics, the usage ledger,
 the drain's count. Nothing is read back through callback order.
 """
 
-from twisted.logger import Logger
+from time import time
+
+from twisted.logger import Logger, LogLevel
+
+from gomodel.logs import LINE_FORMAT
 
 # Outcomes a finished request can have.
 OK = "ok"
@@ -147,21 +151,24 @@ class RequestContext:
     def completed(self) -> bool:
         return self._completed
 
-
-
     @property
     def tokens(self):
         """C{(input, output)} tokens from L{usage}, any naming; None where unknown.
 
         Anthropic's cache reads and writes count as input (its C{input_tokens} leaves them out).
         """
-        usage = self.usage or {}
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-        if isinstance(prompt, int):
-            for name in ("cache_read_input_tokens", "cache_creation_input_tokens"):
-                extra = usage.get(name)
-                prompt += extra if isinstance(extra, int) else 0
-        return prompt, usage.get("completion_tokens", usage.get("output_tokens"))
+        usage = self.usage
+        if not usage:
+            return None, None
+        prompt = usage.get("prompt_tokens")
+        if prompt is None:
+            prompt = usage.get("input_tokens")
+            if isinstance(prompt, int):
+                for name in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+                    extra = usage.get(name)
+                    prompt += extra if isinstance(extra, int) else 0
+        completion = usage.get("completion_tokens")
+        return prompt, (completion if completion is not None else usage.get("output_tokens"))
 
 
 def reads_usage(sinks) -> bool:
@@ -173,8 +180,10 @@ class AccessLog:
     """The access log: one structured line per completed request (namespace C{gomodel.access}).
 
     The line's text is made here in one f-string and handed to observers as the event's
-    C{log_line}, its format C{"{log_line}"}: Twisted's general formatter, fed the seven fields,
-    cost as much as all else the line takes. The fields stay in the event for structured observers.
+    C{log_line}, its format C{"{log_line}"} (L{gomodel.logs.LINE_FORMAT}), which gomodel's
+    observers write as it is; the fields stay in the event for structured observers. The event
+    goes to the logger's observer directly, as L{Logger.emit} would send it (the same keys),
+    without its check of a level that is always C{info}.
     """
 
     def __init__(self, logger=None):
@@ -188,24 +197,30 @@ class AccessLog:
         request_id = ctx.request_id.decode("ascii")
         provider = ctx.provider or "-"
         model = ctx.model or "-"
-        self._log.info(
-            "{log_line}",
-            log_line=f"{method} {path} {ctx.status} {duration_ms:.1f}ms request_id={request_id} "
-                     f"provider={provider} model={model}",
-            method=method,
-            path=path,
-            status=ctx.status,
-            duration_ms=duration_ms,
-            request_id=request_id,
-            provider=provider,
-            model=model,
-            replica=ctx.replica,
-            key=ctx.key,
-            stream=ctx.stream,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            ttfb_ms=None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3),
-            outcome=ctx.outcome,
-            error=ctx.error,
-            client_gone=ctx.client_gone,
-        )
+        log = self._log
+        log.observer({
+            "log_line": f"{method} {path} {ctx.status} {duration_ms:.1f}ms request_id={request_id} "
+                        f"provider={provider} model={model}",
+            "method": method,
+            "path": path,
+            "status": ctx.status,
+            "duration_ms": duration_ms,
+            "request_id": request_id,
+            "provider": provider,
+            "model": model,
+            "replica": ctx.replica,
+            "key": ctx.key,
+            "stream": ctx.stream,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "ttfb_ms": None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3),
+            "outcome": ctx.outcome,
+            "error": ctx.error,
+            "client_gone": ctx.client_gone,
+            "log_logger": log,
+            "log_level": LogLevel.info,
+            "log_namespace": log.namespace,
+            "log_source": log.source,
+            "log_format": LINE_FORMAT,
+            "log_time": time(),
+        })

@@ -205,7 +205,7 @@ class LocalCounters(_Forms):
         self._clock = clock
         self._buckets = {}  # bucket -> [level, at, capacity, refill]
         self._inflight = {}  # bucket -> slots held
-        self._leases = {}  # lease -> buckets
+        self._leases = {}  # lease -> its (bucket, limit) slots
         self._sums = {}  # bucket -> [tokens, cost, expires_at]
         self._ids = itertools.count(1)
         self._sweep_every = sweep_every
@@ -315,13 +315,13 @@ class LocalCounters(_Forms):
         return adjust_cell(state, capacity, refill, delta, now)
 
     def hold(self, slots):
-        """A new lease holding one slot in each of C{slots}' buckets."""
-        held = tuple(bucket for bucket, _ in slots)
+        """A new lease holding one slot in each of C{slots}' buckets (C{(bucket, limit)} pairs, kept by
+        the lease: not to be changed after)."""
         inflight = self._inflight
-        for bucket in held:
+        for bucket, _ in slots:
             inflight[bucket] = inflight.get(bucket, 0) + 1
         lease = next(self._ids)
-        self._leases[lease] = held
+        self._leases[lease] = slots
         return lease
 
     def try_hold(self, slots):
@@ -334,7 +334,7 @@ class LocalCounters(_Forms):
 
     def free(self, lease):
         """Free the slots of C{lease} (again, or None: nothing)."""
-        for bucket in self._leases.pop(lease, None) or ():
+        for bucket, _ in self._leases.pop(lease, None) or ():
             held = self._inflight[bucket] - 1
             if held:
                 self._inflight[bucket] = held

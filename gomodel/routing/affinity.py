@@ -20,28 +20,33 @@ whole traffic. Keys are short hashes
 
 import hashlib
 
-SESSION_HEADERS = (b"x-session-id", b"x-claude-code-session-id", b"session-id")
+from gomodel._twistedcompat import header_name, plain_headers
+
+SESSION_HEADERS = tuple(header_name(name) for name in ("x-session-id", "x-claude-code-session-id", "session-id"))
 SESSION_FIELDS = ("prompt_cache_key", "session_id")
+# Every body field a session key is read from: most requests have none, checked at once.
+_SESSION_NAMES = frozenset(SESSION_FIELDS + ("metadata", "user"))
 PREFIX_CHARS = 512
 
 
 def affinity_key(request, body: dict):
     """The session or conversation key of a request, or None."""
-    headers = request.requestHeaders
+    headers = plain_headers(request.requestHeaders)
     for name in SESSION_HEADERS:
-        values = headers.getRawHeaders(name)
+        values = headers.get(name)
         if values:
             return _session(values[0].decode("latin-1"))  # the same key as the body's fields
-    for name in SESSION_FIELDS:
-        value = body.get(name)
-        if isinstance(value, str) and value:
-            return _session(value)
-    metadata = body.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
-        return _session(metadata["user_id"])
-    user = body.get("user")
-    if isinstance(user, str) and user:
-        return _session(user)
+    if not _SESSION_NAMES.isdisjoint(body):
+        for name in SESSION_FIELDS:
+            value = body.get(name)
+            if isinstance(value, str) and value:
+                return _session(value)
+        metadata = body.get("metadata")
+        if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
+            return _session(metadata["user_id"])
+        user = body.get("user")
+        if isinstance(user, str) and user:
+            return _session(user)
     prefix = _prompt_prefix(body)
     if prefix is None:
         return None

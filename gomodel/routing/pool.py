@@ -119,40 +119,41 @@ class Replica:
     def has_room(self) -> bool:
         return not self.max_concurrency or self.in_flight < self.max_concurrency
 
-    def queued(self, now, max_age, batch=None) -> bool:
-        """Whether a request sent now would wait in its queue: its last fresh load report says
-        requests wait, or the gateway alone has as many in flight as it was seen to run at once
-        (C{batch}, the largest batch size seen on its pool, until it has shown its own)."""
+    def standing(self, now, max_age, batch=None):
+        """C{(busy, queued)}: the requests it holds, and whether one sent now would wait in its queue.
+
+        Busy: in flight or running, plus queued ones (with a full KV cache, more). Queued: its last
+        fresh load report says requests wait, or the gateway alone has as many in flight as it was
+        seen to run at once (C{batch}, the largest batch size seen on its pool, until it has shown its
+        own). A load report older than C{max_age} seconds is not read.
+        """
+        in_flight = self.in_flight
         slots = self.slots or batch
-        if slots and self.in_flight >= slots:
-            return True
+        queued = bool(slots and in_flight >= slots)
         load = self.load
-        return bool(load is not None and load.waiting and now - self.load_at <= max_age)
+        if load is None or now - self.load_at > max_age:
+            return float(in_flight), queued
+        busy = float(in_flight)
+        if load.running is not None and load.running > busy:
+            busy = float(load.running)
+        if load.waiting:
+            busy += load.waiting
+            queued = True
+        if load.kv_cache_usage is not None and load.kv_cache_usage >= KV_FULL:
+            busy += 1 + busy  # a full KV cache queues whatever comes next
+        return busy, queued
 
-    def busy(self, now, max_age) -> float:
-        """Requests it holds: in flight or running, plus queued ones (with a full KV cache, more)."""
-        busy = float(self.in_flight)
-        load = self.load
-        if load is not None and now - self.load_at <= max_age:
-            if load.running is not None:
-                busy = max(busy, load.running)
-            if load.waiting is not None:
-                busy += load.waiting
-            if load.kv_cache_usage is not None and load.kv_cache_usage >= KV_FULL:
-                busy += 1 + busy  # a full KV cache queues whatever comes next
-        return busy
+    def queued(self, now, max_age, batch=None) -> bool:
+        """Whether a request sent now would wait in its queue (see L{standing})."""
+        return self.standing(now, max_age, batch)[1]
 
-    def score(self, now, max_age, slowness=1.0) -> float:
-        """Its load per unit of weight: what it holds, each request counted C{slowness} times (its
-        L{slowness} against the fastest candidate's pace)."""
-        return self.busy(now, max_age) * slowness / self.weight
-
-    def wait(self, now, max_age, batch, slowness=1.0) -> float:
-        """How long a request sent now would wait in its queue, in paces of the fastest candidate: its
-        place in the queue times its C{slowness} over its batch size (else C{batch}, the largest seen
-        in its pool): one of its slots frees every pace / slots seconds."""
+    def wait(self, busy, batch, slowness=1.0) -> float:
+        """How long a request sent now would wait in its queue, holding C{busy} requests (L{standing}),
+        in paces of the fastest candidate: its place in the queue times its C{slowness} over its batch
+        size (else C{batch}, the largest seen in its pool): one of its slots frees every pace / slots
+        seconds."""
         slots = self.slots or batch or 1
-        place = max(1.0, self.busy(now, max_age) + 1 - slots)
+        place = max(1.0, busy + 1 - slots)
         return place * slowness / slots / self.weight
 
     @property
@@ -276,6 +277,7 @@ class ReplicaPool:
         self._queue = deque()
         self._affinity = OrderedDict()  # session or prefix key -> (replica index, when it was last shared)
         self._by_url = {r.base_url: r.index for r in self.replicas}
+        self._capped = any(r.max_concurrency for r in self.replicas)  # a replica can be full
         self.pins = pins
         self.forgotten = 0.0  # when the newest pin this pool had to forget was last shared
         for replica in self.replicas:
@@ -323,7 +325,9 @@ class ReplicaPool:
             if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
                 return self._lease(replica, None)
             return None
-        free = [r for r in self._candidates(model, exclude) if r.has_room()]
+        free = [r for r in self.replicas if r.state == READY and r.serves(model) and r not in exclude]
+        if self._capped:
+            free = [r for r in free if r.has_room()]
         if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
             return self._lease(self.replicas[prefer], affinity)
         replica = self._choose(free, affinity, size)
@@ -450,57 +454,58 @@ class ReplicaPool:
             return replica
         if strategy == "random":
             return self._rng.choices(free, weights=[r.weight for r in free])[0]
-        now = self._clock.seconds()
         if strategy == "least_requests":
-            scores = {r: r.in_flight / r.weight for r in free}
-        else:
-            max_age = self._load_max_age
-            batch = 0  # the largest batch size learned: assumed for a replica that has not shown its own
-            for r in self.replicas:
-                if r.slots is not None and r.slots > batch:
-                    batch = r.slots
-            fastest = slowest = None  # paced candidates' paces: a clearly slower one takes only overflow
-            for r in free:
-                if r.paced:
-                    if fastest is None or r.pace < fastest:
-                        fastest = r.pace
-                    if slowest is None or r.pace > slowest:
-                        slowest = r.pace
-            slower = {}  # each clearly slower candidate: how many times slower (none where all are alike)
-            if fastest is not None and slowest > SLOWER * fastest:
-                for r in free:
-                    times = r.slowness(fastest)
-                    if times > 1.0:
-                        slower[r] = times
-            # A request that would wait in a replica's queue goes where it would start at once, if
-            # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
-            starting = [r for r in free if not r.queued(now, max_age, batch)]
-            if slower:
-                # A clearly slower replica takes only what no faster one could start at once.
-                prompt = [r for r in starting if r not in slower or r.due(now)]
-                if prompt:
-                    starting = prompt
-                elif size is not None and self._long(size()):
-                    # Only a clearly slower replica could start it: a long answer there is the tail of
-                    # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
-                    faster = [r for r in free if r not in slower]
-                    if faster:
-                        free, starting = faster, []
-            if starting and len(starting) < len(free):
-                free = starting
-            if starting:
-                scores = {r: r.score(now, max_age, slower.get(r, 1.0)) for r in free}
-            else:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
-                scores = {r: r.wait(now, max_age, batch, slower.get(r, 1.0)) for r in free}
-                affinity = None
-            replica = self._lowest(free, scores, affinity)
-            if replica in slower:
-                replica.rare = True
-            return replica
-        return self._lowest(free, scores, affinity)
+            return self._lowest({r: r.in_flight / r.weight for r in free}, affinity)
+        now = self._clock.seconds()
+        max_age = self._load_max_age
+        batch = 0  # the largest batch size learned: assumed for a replica that has not shown its own
+        for r in self.replicas:
+            if r.slots is not None and r.slots > batch:
+                batch = r.slots
+        # A request that would wait in a replica's queue goes where it would start at once, if
+        # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
+        # Those are scored by their load per unit of weight.
+        scores = {}
+        for r in free:
+            busy, queued = r.standing(now, max_age, batch)
+            if not queued:
+                scores[r] = busy / r.weight
+        slower = self._slower(free)
+        if slower:
+            # A clearly slower replica takes only what no faster one could start at once, and each of
+            # its requests counts as many times as it is slower.
+            prompt = {r: score for r, score in scores.items() if r not in slower or r.due(now)}
+            if prompt:
+                scores = prompt
+            elif size is not None and self._long(size()):
+                # Only a clearly slower replica could start it: a long answer there is the tail of
+                # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
+                faster = [r for r in free if r not in slower]
+                if faster:
+                    free, scores = faster, {}
+            scores = {r: score * slower.get(r, 1.0) for r, score in scores.items()}
+        if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
+            scores = {r: r.wait(r.standing(now, max_age, batch)[0], batch, slower.get(r, 1.0)) for r in free}
+            affinity = None
+        replica = self._lowest(scores, affinity)
+        if replica in slower:
+            replica.rare = True
+        return replica
 
-    def _lowest(self, free, scores, affinity):
-        """The replica of C{free} with the lowest score, or the warm one of C{affinity} within the guard."""
+    def _slower(self, free) -> dict:
+        """Each clearly slower replica of C{free} (by its pace against the fastest's): how many times
+        slower. Empty where all are alike, or too few are paced."""
+        paces = [r.pace for r in free if r.paced]
+        if not paces:
+            return {}
+        fastest = min(paces)
+        if max(paces) <= SLOWER * fastest:
+            return {}
+        return {r: times for r in free if (times := r.slowness(fastest)) > 1.0}
+
+    def _lowest(self, scores, affinity):
+        """The replica of C{scores} (replica -> score) with the lowest, or the warm one of C{affinity}
+        within the guard."""
         best = min(scores.values())
         if affinity is not None:
             known = self._affinity.get(affinity)
@@ -508,7 +513,7 @@ class ReplicaPool:
                 warm = self.replicas[known[0]]
                 if warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack:
                     return warm
-        lowest = [r for r in free if scores[r] == best]
+        lowest = [r for r, score in scores.items() if score == best]
         if len(lowest) == 1:
             return lowest[0]
         # Ties (an idle pool): take turns, so that equal replicas share the work.
@@ -546,7 +551,8 @@ class ReplicaPool:
                 self._drop(waiter)
                 waiter.deferred.errback(NoReadyReplica(self.name, waiter.model or "(any)", RETRY_AFTER))
                 continue
-            replica = self._choose([r for r in candidates if r.has_room()], waiter.affinity, waiter.size)
+            replica = self._choose([r for r in candidates if r.has_room()] if self._capped else candidates,
+                                   waiter.affinity, waiter.size)
             if replica is None:
                 return
             self._queue.popleft()
