@@ -323,13 +323,13 @@ def test_requests_alone_never_take_down_the_last_ready_replica():
 def test_a_replica_whose_batch_the_gateway_fills_counts_as_queued():
     clock = Clock()
     replica = Replica(0, None, "http://r0/v1", clock)
-    assert not replica.queued(clock.seconds(), 6.0)
+    assert not replica.standing(clock.seconds(), 6.0)[1]
     replica.reported(LoadSample(waiting=2, running=3))  # it runs 3 at once
-    assert replica.slots == 3 and replica.queued(clock.seconds(), 6.0)
+    assert replica.slots == 3 and replica.standing(clock.seconds(), 6.0)[1]
     replica.reported(LoadSample(waiting=0, running=1))
-    assert not replica.queued(clock.seconds(), 6.0)
+    assert not replica.standing(clock.seconds(), 6.0)[1]
     replica.in_flight = 3  # the gateway alone fills its batch: the next one would wait
-    assert replica.queued(clock.seconds(), 6.0)
+    assert replica.standing(clock.seconds(), 6.0)[1]
 
 
 # -- 4b. speed: each replica's pace, learned from its answers (a pool on a task.Clock) --------

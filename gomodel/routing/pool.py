@@ -143,10 +143,6 @@ class Replica:
             busy += 1 + busy  # a full KV cache queues whatever comes next
         return busy, queued
 
-    def queued(self, now, max_age, batch=None) -> bool:
-        """Whether a request sent now would wait in its queue (see L{standing})."""
-        return self.standing(now, max_age, batch)[1]
-
     def wait(self, busy, batch, slowness=1.0) -> float:
         """How long a request sent now would wait in its queue, holding C{busy} requests (L{standing}),
         in paces of the fastest candidate: its place in the queue times its C{slowness} over its batch
