@@ -347,6 +347,31 @@ def paced_pool(clock, n=4):
     return ReplicaPool("vllm", "vllm", replicas, clock)
 
 
+def test_the_candidates_follow_each_replicas_state_and_model_list():
+    """The pool remembers which ready replicas serve a model until a state or a model list changes."""
+    clock = Clock()
+    pool = paced_pool(clock, n=2)
+    pool.replicas[0].models, pool.replicas[1].models = {"a": {}}, {"b": {}}
+
+    def chosen(model, **kw):
+        """The replicas four requests for C{model} went to, one after another."""
+        indices = set()
+        for _ in range(4):
+            replica = pool.take(model, **kw)
+            if replica is not None:
+                indices.add(replica.index)
+                pool.release(replica)
+        return indices
+
+    assert chosen("a") == {0}
+    pool.replicas[1].models = {"a": {}, "b": {}}  # discovery found "a" on replica 1 too
+    assert chosen("a") == {0, 1}
+    pool.replicas[0].set_state(DOWN, "refused")
+    assert chosen("a") == {1} and chosen("a", exclude=[pool.replicas[1]]) == set()
+    pool.replicas[0].set_state(READY)
+    assert chosen("a") == {0, 1}
+
+
 def run_load(pool, clock, service, count, every=0.07):
     """Send C{count} requests, one every C{every} seconds; each holds its replica for
     C{service[index]} seconds, then ends (timing it). The requests each replica got."""

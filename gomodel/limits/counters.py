@@ -324,6 +324,10 @@ class LocalCounters(_Forms):
         self._leases[lease] = slots
         return lease
 
+    def held(self, bucket) -> int:
+        """How many slots of C{bucket} are held."""
+        return self._inflight.get(bucket, 0)
+
     def try_hold(self, slots):
         """L{hold}, or None (nothing held) when a bucket of C{slots} is at its limit."""
         inflight = self._inflight

@@ -26,8 +26,8 @@ class Lane:
     @ivar scopes: the scopes list it was made for (the gate keeps lanes by its id).
     """
 
-    __slots__ = ("scopes", "_clock", "_counters", "_limiter", "_epoch", "_first", "_until", "_prepared", "_buckets",
-                 "_token_buckets", "_slots", "_slot_scopes", "_current", "_header_plan")
+    __slots__ = ("scopes", "_clock", "_counters", "_epoch", "_first", "_until", "_prepared", "_buckets",
+                 "_token_buckets", "_slots", "_current", "_header_plan")
 
     def __init__(self, scopes, limiter, prepared, current, header_plan):
         """
@@ -39,7 +39,6 @@ class Lane:
         self.scopes = scopes
         self._clock = limiter.clock
         self._counters = counters = limiter.counters
-        self._limiter = limiter
         self._epoch = counters.epoch
         self._prepared = prepared = prepared if prepared is not None else NOTHING
         buckets = prepared.buckets
@@ -47,7 +46,6 @@ class Lane:
                          for b in buckets]
         self._token_buckets = [(cell, capacity, refill) for cell, capacity, refill, tokens in self._buckets if tokens]
         self._slots = prepared.slots
-        self._slot_scopes = prepared.slot_scopes
         self._current = current
         self._first, self._until = (current.first, current.last) if current is not None else (-INF, INF)
         self._header_plan = header_plan
@@ -77,10 +75,9 @@ class Lane:
             levels.append(level)
         lease = None
         if self._slots:
-            lease = self._counters.try_hold(self._slots)
+            lease = self._counters.try_hold(self._slots)  # the counters count this process's slots
             if lease is None:
                 return None
-            self._limiter.holding(self._slot_scopes)
         for (cell, capacity, refill, _), level in zip(self._buckets, levels):
             cell[0], cell[1], cell[2], cell[3] = level, now, capacity, refill
         self._counters.tick(now)
@@ -114,8 +111,6 @@ class Lane:
                 counters.free(lease)
         else:
             counters.settle_now(self._prepared.token_buckets if delta else (), delta, lease)
-        if lease is not None:
-            self._limiter.released(self._slot_scopes)
         if not charge:
             return True
         current = self._current

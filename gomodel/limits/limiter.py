@@ -115,7 +115,8 @@ class Limiter:
         self._prepared = {}  # id(scopes) -> its _Prepared
         # bucket name -> (level, at), this process's view of shared counters' buckets (local ones have it)
         self._seen = None if counters.immediate else {}
-        self._inflight = {}  # scope -> this process's requests holding a slot
+        # scope -> this process's requests holding a slot (on shared counters: local ones count them themselves)
+        self._inflight = {}
         self._full_until = {}  # scope -> until when its slots were last seen all taken (by any process)
 
     def _plan_of(self, scope, limit):
@@ -184,7 +185,10 @@ class Limiter:
         self.holding(prepared.slot_scopes)
 
     def holding(self, slot_scopes):
-        """Note one more request of this process holding a slot of each of C{slot_scopes}."""
+        """Note one more request of this process holding a slot of each of C{slot_scopes} (on shared
+        counters; local ones count them)."""
+        if self.immediate:
+            return
         for scope in slot_scopes:
             self._inflight[scope] = self._inflight.get(scope, 0) + 1
 
@@ -234,7 +238,9 @@ class Limiter:
             scope=bucket.scope, tokens=bucket.tokens, retry_after=result.retry_after, headers=headers)
 
     def released(self, slot_scopes):
-        """Note one request fewer of this process holding a slot of each of C{slot_scopes}."""
+        """Note one request fewer of this process holding a slot of each of C{slot_scopes} (as L{holding})."""
+        if self.immediate:
+            return
         for scope in slot_scopes:
             held = self._inflight[scope] - 1
             if held:
@@ -249,19 +255,20 @@ class Limiter:
         (below one request, or at or below zero tokens), when this process
         alone holds all its C{concurrent} slots, or when its slots were all
         taken at an admission of the last second (other processes' too, with
-        Redis). Cheap; never asks the counters.
+        Redis). Cheap; never waits on the counters (local ones are read in place).
         """
         if not limit:
             return False
+        _, buckets, slot = self._plan_of(scope_name, limit)
         if limit.concurrent is not None:
-            if self._inflight.get(scope_name, 0) >= limit.concurrent:
+            held = self.counters.held(slot) if self.immediate else self._inflight.get(scope_name, 0)
+            if held >= limit.concurrent:
                 return True
             until = self._full_until.get(scope_name)
             if until is not None:
                 if self.clock.seconds() < until:
                     return True
                 del self._full_until[scope_name]
-        _, buckets, _ = self._plan_of(scope_name, limit)
         now = self.clock.seconds()
         for b in buckets:
             seen = self.counters.level(b.name) if self._seen is None else self._seen.get(b.name)

@@ -93,7 +93,7 @@ class Replica:
         self.served = 0
         self.failures = 0
         self.last_error = None
-        self.models = None
+        self._models = None
         self.load = None
         self.load_at = None
         self.start_time = None
@@ -104,10 +104,21 @@ class Replica:
         self.rare = False  # it was chosen while clearly slower: its next duration weighs RARE_WEIGHT
         self.checked = False  # its first discovery and health check have answered (or failed)
         self.on_change = None  # called with the replica after every change of state
+        self.on_listed = None  # called with the replica after its model list changed
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
 
     def __repr__(self):
         return f"<Replica {self.server.name}#{self.index} {self.state}>"
+
+    @property
+    def models(self):
+        return self._models
+
+    @models.setter
+    def models(self, models):
+        self._models = models
+        if self.on_listed is not None:
+            self.on_listed(self)
 
     @property
     def ready(self) -> bool:
@@ -276,8 +287,11 @@ class ReplicaPool:
         self._capped = any(r.max_concurrency for r in self.replicas)  # a replica can be full
         self.pins = pins
         self.forgotten = 0.0  # when the newest pin this pool had to forget was last shared
+        # model -> its ready replicas that serve it (a list never changed), until a state or a model list changes
+        self._serving = {}
         for replica in self.replicas:
             replica.on_change = self._changed
+            replica.on_listed = self._relisted
             replica.others_ready = self._others_ready
 
     def __repr__(self):
@@ -321,7 +335,7 @@ class ReplicaPool:
             if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
                 return self._lease(replica, None)
             return None
-        free = [r for r in self.replicas if r.state == READY and r.serves(model) and r not in exclude]
+        free = self._candidates(model, exclude)
         if self._capped:
             free = [r for r in free if r.has_room()]
         if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
@@ -380,7 +394,16 @@ class ReplicaPool:
         return succeed(replica)
 
     def _candidates(self, model, exclude):
-        return [r for r in self.replicas if r.state == READY and r.serves(model) and r not in exclude]
+        """The ready replicas that serve C{model}, but those in C{exclude} (a list not to be changed)."""
+        serving = self._serving.get(model)
+        if serving is None:
+            if len(self._serving) > 1000:
+                self._serving.clear()
+            serving = self._serving[model] = [r for r in self.replicas if r.state == READY and r.serves(model)]
+        return [r for r in serving if r not in exclude] if exclude else serving
+
+    def _relisted(self, replica):
+        self._serving.clear()
 
     def _lease(self, replica, affinity):
         replica.in_flight += 1
@@ -556,6 +579,7 @@ class ReplicaPool:
             waiter.deferred.callback(self._lease(replica, waiter.affinity))
 
     def _changed(self, replica):
+        self._serving.clear()
         self.log.info("provider {provider} replica {index}: {state}{why}", provider=self.name,
                       index=replica.index, state=replica.state,
                       why=f" ({replica.last_error})" if replica.state != READY and replica.last_error else "")
