@@ -31,6 +31,19 @@ def message(event) -> str:
     return formatEvent(event)
 
 
+def _per_second(make):
+    """A function of a time in seconds giving C{make(second)} of its whole second, made once per second."""
+    last = [None, None]  # the second, and what was made of it
+
+    def made(when):
+        second = int(when)
+        if second != last[0]:
+            last[0], last[1] = second, make(second)
+        return last[1]
+
+    return made
+
+
 class ClassicText:
     """Formats an event as Twisted's L{formatEventAsClassicLogText} does with its default (RFC 3339)
     time format, the same text at a third of the cost for an access line.
@@ -41,17 +54,11 @@ class ClassicText:
     """
 
     def __init__(self):
-        self._second = None
-        self._stamp = "-"
+        self._stamp = _per_second(formatTime)
 
     def time(self, when) -> str:
         """C{when} (seconds since the epoch, or None) as Twisted's classic line shows it."""
-        if when is None:
-            return "-"
-        second = int(when)
-        if second != self._second:
-            self._stamp, self._second = formatTime(second), second
-        return self._stamp
+        return "-" if when is None else self._stamp(when)
 
     def __call__(self, event):
         if (event.get("log_format") != LINE_FORMAT or "log_line" not in event or "log_failure" in event
@@ -77,18 +84,12 @@ class JSONLineObserver:
 
     def __init__(self, out):
         self._out = out
-        self._second = None
-        self._stamp = None
-
-    def _time(self, when) -> str:
-        """C{when} in UTC, to the second (made once per second)."""
-        second = int(when if when is not None else time.time())
-        if second != self._second:
-            self._stamp, self._second = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)), second
-        return self._stamp
+        self._time = _per_second(lambda second: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
 
     def __call__(self, event):
-        record = {"time": self._time(event.get("log_time")), "level": getattr(event.get("log_level"), "name", "info"),
+        when = event.get("log_time")
+        record = {"time": self._time(when if when is not None else time.time()),
+                  "level": getattr(event.get("log_level"), "name", "info"),
                   "namespace": event.get("log_namespace", "-"), "message": message(event)}
         for key, value in event.items():
             if not key.startswith("log_") and key not in record and isinstance(value, _SCALARS):

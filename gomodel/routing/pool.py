@@ -335,9 +335,7 @@ class ReplicaPool:
             if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
                 return self._lease(replica, None)
             return None
-        free = self._candidates(model, exclude)
-        if self._capped:
-            free = [r for r in free if r.has_room()]
+        free = self._with_room(self._candidates(model, exclude))
         if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
             return self._lease(self.replicas[prefer], affinity)
         replica = self._choose(free, affinity, size)
@@ -401,6 +399,10 @@ class ReplicaPool:
                 self._serving.clear()
             serving = self._serving[model] = [r for r in self.replicas if r.state == READY and r.serves(model)]
         return [r for r in serving if r not in exclude] if exclude else serving
+
+    def _with_room(self, replicas):
+        """Those of C{replicas} with room for one more request (all of them where none has a limit)."""
+        return [r for r in replicas if r.has_room()] if self._capped else replicas
 
     def _relisted(self, replica):
         self._serving.clear()
@@ -484,10 +486,12 @@ class ReplicaPool:
         # A request that would wait in a replica's queue goes where it would start at once, if
         # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
         # Those are scored by their load per unit of weight.
-        scores = {}
+        scores, queued = {}, {}  # queued: what each replica that would queue it holds
         for r in free:
-            busy, queued = r.standing(now, max_age, batch)
-            if not queued:
+            busy, queues = r.standing(now, max_age, batch)
+            if queues:
+                queued[r] = busy
+            else:
                 scores[r] = busy / r.weight
         slower = self._slower(free)
         if slower:
@@ -504,7 +508,7 @@ class ReplicaPool:
                     free, scores = faster, {}
             scores = {r: score * slower.get(r, 1.0) for r, score in scores.items()}
         if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
-            scores = {r: r.wait(r.standing(now, max_age, batch)[0], batch, slower.get(r, 1.0)) for r in free}
+            scores = {r: r.wait(queued[r], batch, slower.get(r, 1.0)) for r in free}
             affinity = None
         replica = self._lowest(scores, affinity)
         if replica in slower:
@@ -570,8 +574,7 @@ class ReplicaPool:
                 self._drop(waiter)
                 waiter.deferred.errback(NoReadyReplica(self.name, waiter.model or "(any)", RETRY_AFTER))
                 continue
-            replica = self._choose([r for r in candidates if r.has_room()] if self._capped else candidates,
-                                   waiter.affinity, waiter.size)
+            replica = self._choose(self._with_room(candidates), waiter.affinity, waiter.size)
             if replica is None:
                 return
             self._queue.popleft()
