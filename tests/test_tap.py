@@ -62,6 +62,7 @@ providers:
     # the reactor runs already: the startup objects were frozen out of later GC passes at once,
     # and the youngest objects are collected less often
     assert gc.get_freeze_count() > frozen_before and gc.get_threshold()[0] == tap.GC_YOUNG
+    assert gc.isenabled()  # off while the gateway was built, on again once the reactor ran
     gc.unfreeze()
     gc.set_threshold(*threshold)
     service.startService()

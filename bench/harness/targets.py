@@ -228,6 +228,12 @@ class GoModel(Target):
             # twistd start import every Twisted plugin (OpenSSL included, +12 MiB RSS).
             subprocess.run([self.python(), "-c", "from twisted.plugin import IPlugin, getPlugins; "
                             "list(getPlugins(IPlugin))"], capture_output=True)
+            # As pip does for an installed package: the checkout's bytecode, compiled once. Without
+            # it (PYTHONDONTWRITEBYTECODE, set on these machines and in the image) every start
+            # compiles gomodel again: about 0.15 s of each cold start.
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            subprocess.run([self.python(), "-m", "compileall", "-q", "gomodel", "twisted/plugins"],
+                           cwd=REPO_DIR, env=env, capture_output=True)
 
     def _install(self):
         ok, err = self._importable()

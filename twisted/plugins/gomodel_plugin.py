@@ -11,9 +11,14 @@ class GatewayMaker(ServiceMaker):
 
     @property
     def options(self):
+        import gc
+
         from gomodel.cli import leave_plugin_scan
 
         leave_plugin_scan()
+        # No collections while gomodel is imported and built: gomodel.tap's makeService and
+        # _freeze_startup_objects say why, and the latter turns them back on.
+        gc.disable()
         return super().options
 
 
