@@ -5,6 +5,7 @@ completions for an OpenAI-compatible provider and for a vLLM without the
 Messages API.
 """
 
+import io
 import json
 import time
 
@@ -586,21 +587,25 @@ async def test_usage_with_cache_reads_reaches_metrics(http, gw, client):
 
 def test_claude_code_session_and_metadata_user_id_are_affinity_keys():
     class Request:
-        def __init__(self, **values):
+        def __init__(self, body, **values):
             self.requestHeaders = Headers({k.replace("_", "-"): [v] for k, v in values.items()})
+            self.content = io.BytesIO(json.dumps(body).encode())
+
+    def key(body, **headers):
+        return affinity_key(Request(body, **headers), body)
 
     body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "metadata": {"user_id": "user_abc_session_1"}}
-    session = affinity_key(Request(x_claude_code_session_id="sess-1"), body)
-    assert session == affinity_key(Request(), {"session_id": "sess-1"}) and session.startswith("s:")
+    session = key(body, x_claude_code_session_id="sess-1")
+    assert session == key({"session_id": "sess-1"}) and session.startswith("s:")
     assert "sess-1" not in session  # a hash: no session id or user leaves the process (shared pins)
-    user = affinity_key(Request(), body)
-    assert user == affinity_key(Request(), {"user": "user_abc_session_1"}) != session
+    user = key(body)
+    assert user == key({"user": "user_abc_session_1"}) != session
     # Without a session, a long conversation's opening: its system prompt and first user message.
     system = [{"type": "text", "text": "You are Claude Code. " * 40}]
-    one = affinity_key(Request(), {"system": system, "messages": HELLO})
+    one = key({"system": system, "messages": HELLO})
     later = HELLO + [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "More."}]
-    assert affinity_key(Request(), {"system": system, "messages": later}) == one and one.startswith("p:")
-    other = affinity_key(Request(), {"system": system, "messages": [{"role": "user", "content": "Other."}]})
+    assert key({"system": system, "messages": later}) == one and one.startswith("p:")
+    other = key({"system": system, "messages": [{"role": "user", "content": "Other."}]})
     assert other.startswith("p:") and other != one
 
 

@@ -10,6 +10,7 @@ Nothing waits a fixed time: what another host or thread does is polled for in
 bounded L{deferLater} steps.
 """
 
+import io
 import socket
 import threading
 import time
@@ -200,7 +201,8 @@ async def test_a_host_started_later_finds_the_sessions_pin_in_redis(reactor, htt
     # A prompt-prefix key is never looked up: it is chosen by load at once.
     system = "You are a careful assistant. " * 25
     body = {"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": "q"}]}
-    assert c_pool.recall(affinity_key(type("R", (), {"requestHeaders": Headers()})(), body)) is None
+    request = type("R", (), {"requestHeaders": Headers(), "content": io.BytesIO(jsonutil.dumps(body))})()
+    assert c_pool.recall(affinity_key(request, body)) is None
 
 
 @pytest_twisted.ensureDeferred

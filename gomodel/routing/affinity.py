@@ -47,6 +47,10 @@ def affinity_key(request, body: dict):
         user = body.get("user")
         if isinstance(user, str) and user:
             return _session(user)
+    # A body shorter than PREFIX_CHARS bytes holds no prompt that long (JSON takes at least a byte
+    # a character): most short requests end here, without walking their messages.
+    if request.content.seek(0, 2) < PREFIX_CHARS:
+        return None
     prefix = _prompt_prefix(body)
     if prefix is None:
         return None
