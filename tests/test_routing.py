@@ -8,6 +8,7 @@ timings; where a behaviour is time-driven (probes, scrapes, stall detection)
 the test polls in bounded steps of L{deferLater}.
 """
 
+import io
 import json
 import time
 
@@ -398,6 +399,18 @@ def test_a_replica_three_times_slower_takes_only_what_the_others_cannot_start():
     assert max(fast) - min(fast) <= 0.1 * min(fast), got
 
 
+def test_replicas_that_answer_in_milliseconds_count_alike_whatever_the_ratio_of_their_paces():
+    """Within PACE_NOISE seconds, a pace three times another's is the gateway's and the network's
+    jitter, not a slower GPU: every replica keeps its share."""
+    clock = Clock()
+    pool = paced_pool(clock)
+    got = run_load(pool, clock, [0.002, 0.002, 0.002, 0.006], 600, every=0.002)
+    assert [round(r.pace, 4) for r in pool.replicas] == [0.002, 0.002, 0.002, 0.006]
+    # the one with more in flight gets less, by load; counted clearly slower it would get its first
+    # PACE_SAMPLES requests and nothing more
+    assert min(got) >= 100, got
+
+
 def test_a_slow_replica_that_becomes_fast_regains_its_share():
     clock = Clock()
     pool = paced_pool(clock)
@@ -539,8 +552,11 @@ def test_a_conversation_is_keyed_by_its_opening_once_its_prompt_is_long():
     class Request:
         requestHeaders = Headers()
 
+        def __init__(self, body):
+            self.content = io.BytesIO(json.dumps(body).encode())
+
     def key(**body):
-        return affinity_key(Request(), body)
+        return affinity_key(Request(body), body)
 
     system = {"role": "developer", "content": "Be brief."}
     opening = [system, {"role": "user", "content": "Tell me about caches."}]

@@ -16,7 +16,8 @@ requests in flight, but the replica's reports count everyone's: the score
 takes the larger of the two. Each replica's pace is learned from what the
 gateway sees: a moving mean of the seconds its successful requests took,
 send to end. A replica clearly slower than the fastest candidate (over
-L{SLOWER} times its pace) takes only overflow: requests that no faster
+L{SLOWER} times its pace, and by more than L{PACE_NOISE} seconds) takes only
+overflow: requests that no faster
 replica could start at once (each would wait in its queue, see below).
 With vLLM's batching a fast replica with a few more requests running still
 finishes each far sooner than a slow one would, and requests sent to a slow
@@ -63,6 +64,11 @@ PACE_SAMPLES = 10  # a replica's pace is the plain mean of its first requests' d
 PACE_WEIGHT = 1 / PACE_SAMPLES  # weight of one request's duration in that moving mean
 RARE_WEIGHT = 0.5  # its weight on a clearly slower replica: it gets few requests, and each says much
 SLOWER = 1.5  # pace ratio past which a replica is clearly slower than another (it takes only overflow)
+# Seconds of pace between two replicas that are noise, whatever their ratio: every duration the gateway
+# measures holds its own event loop's delays (a collection, a burst of other requests) and the network's,
+# and with answers of a millisecond or two those alone make one replica of a pool look twice as slow
+# as its identical siblings for a while, which would leave it idle (its load still counts, as for all).
+PACE_NOISE = 0.05
 PACE_REFRESH = 30.0  # seconds after which an idle, clearly slower replica gets a request to learn its pace again
 AFFINITY_ENTRIES = 10000  # sessions and prefixes remembered per pool
 SIZE_SAMPLES = 50  # a pool's mean max_tokens is the plain mean of the first ones it weighed, then a moving mean
@@ -169,9 +175,9 @@ class Replica:
         return self.timed == PACE_SAMPLES
 
     def slowness(self, fastest) -> float:
-        """How many times slower than the pace C{fastest} it is when clearly so (by L{SLOWER}), else 1:
-        replicas alike differ by chance, and count alike."""
-        if fastest and self.paced and self.pace > SLOWER * fastest:
+        """How many times slower than the pace C{fastest} it is when clearly so (by L{SLOWER} and
+        L{PACE_NOISE}), else 1: replicas alike differ by chance, and count alike."""
+        if fastest and self.paced and self.pace > SLOWER * fastest and self.pace - fastest > PACE_NOISE:
             return self.pace / fastest
         return 1.0
 
@@ -521,8 +527,8 @@ class ReplicaPool:
         paces = [r.pace for r in free if r.paced]
         if not paces:
             return {}
-        fastest = min(paces)
-        if max(paces) <= SLOWER * fastest:
+        fastest, slowest = min(paces), max(paces)
+        if slowest <= SLOWER * fastest or slowest - fastest <= PACE_NOISE:
             return {}
         return {r: times for r in free if (times := r.slowness(fastest)) > 1.0}
 
