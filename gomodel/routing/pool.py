@@ -17,30 +17,29 @@ takes the larger of the two. Each replica's pace is learned from what the
 gateway sees: a moving mean of the seconds its successful requests took,
 send to end. A replica clearly slower than the fastest candidate (over
 L{SLOWER} times its pace, and by more than L{PACE_NOISE} seconds) takes only
-overflow: requests that no faster
-replica could start at once (each would wait in its queue, see below).
-With vLLM's batching a fast replica with a few more requests running still
-finishes each far sooner than a slow one would, and requests sent to a slow
-one make the tail of the latencies; a request in a fast replica's queue,
-though, makes the tail of the first tokens, so overflow goes to the slow
-one's free slots. Idle for L{PACE_REFRESH} seconds, a slow replica gets the
-next request, so its pace is learned again (its durations weigh
-L{RARE_WEIGHT} each) and one that became fast regains its share. Replicas
-alike differ in pace by chance, and count alike. A session (or a
-conversation, by its opening) stays on the replica that served it last while
-that replica's score is within C{affinity_max_ratio} times (plus
-C{affinity_slack}) the best one's; a request of it that overflows to a
-clearly slower replica does not move its pin there. With
-shared pins (L{gomodel.routing.pins}, when C{REDIS_URL} is set) every pin
-this pool makes or changes is shared with the other processes and hosts,
-whose pins it takes in turn; its choice still reads only its own table.
-Before scoring, replicas where a request would wait in vLLM's queue (the
-replica reports requests waiting, or the gateway alone has as many in flight
-as the replica was seen to run at once: its batch size, learned; until a
-replica has shown its own, the largest one seen in its pool) are left out
-while another has room in its batch: a warm prefix cache is not worth a
-wait in the queue, and that wait is the tail of the first tokens. When
-every candidate would queue, the request goes where it would wait least
+overflow: requests that no faster replica could start at once (each would
+wait in its queue, see below). With vLLM's batching a fast replica with a
+few more requests running still finishes each far sooner than a slow one
+would, and requests sent to a slow one make the tail of the latencies; a
+request in a fast replica's queue, though, makes the tail of the first
+tokens, so overflow goes to the slow one's free slots. Idle for
+L{PACE_REFRESH} seconds, a slow replica gets the next request, so its pace
+is learned again (its durations weigh L{RARE_WEIGHT} each) and one that
+became fast regains its share. Replicas alike differ in pace by chance, and
+count alike. A session (or a conversation, by its opening) stays on the
+replica that served it last while that replica's score is within
+C{affinity_max_ratio} times (plus C{affinity_slack}) the best one's; a
+request of it that overflows to a clearly slower replica does not move its
+pin there. With shared pins (L{gomodel.routing.pins}, when C{REDIS_URL} is
+set) every pin this pool makes or changes is shared with the other processes
+and hosts, whose pins it takes in turn; its choice still reads only its own
+table. Before scoring, replicas where a request would wait in vLLM's queue
+(the replica reports requests waiting, or the gateway alone has as many in
+flight as the replica was seen to run at once: its batch size, learned;
+until a replica has shown its own, the largest one seen in its pool) are
+left out while another has room in its batch: a warm prefix cache is not
+worth a wait in the queue, and that wait is the tail of the first tokens.
+When every candidate would queue, the request goes where it would wait least
 (its place in the queue times the replica's slowness over its batch size),
 whatever its affinity.
 
