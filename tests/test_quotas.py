@@ -81,6 +81,27 @@ async def test_rpm_refuses_with_openai_headers_and_retry_after(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_limited_keys_headers_are_its_own_not_the_upstreams(http, gw):
+    """An OpenAI-compatible provider's own x-ratelimit-* headers describe the gateway's account
+    with it, shared by every tenant: a limited key sees its limits; the master key sees the
+    provider's, as they came."""
+    upstream = {"x-ratelimit-limit-requests": "5000", "x-ratelimit-remaining-requests": "4999",
+                "x-ratelimit-reset-requests": "12ms"}
+    key = await new_key(http, gw, rpm=2)
+    client, master = openai_client(gw, key["value"]), openai_client(gw, MASTER)
+    try:
+        answer = await in_thread(raw_chat, client, extra_body={"fake_headers": upstream})
+        assert answer.headers.get_list("x-ratelimit-limit-requests") == ["2"]
+        assert answer.headers.get_list("x-ratelimit-remaining-requests") == ["1"]
+        assert answer.headers["x-ratelimit-reset-requests"] != "12ms"
+        answer = await in_thread(raw_chat, master, extra_body={"fake_headers": upstream})
+        assert answer.headers["x-ratelimit-remaining-requests"] == "4999"
+    finally:
+        client.close()
+        master.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_tpm_reserves_max_tokens_and_settles_with_the_real_usage(http, gw):
     key = await new_key(http, gw, tpm=200)
     client = openai_client(gw, key["value"])

@@ -9,6 +9,11 @@ HOP_BY_HOP = frozenset((
 # Never copied from an upstream answer: Date/Server and the request id are
 # ours, cookies stay upstream. Content-Length only where the bytes pass unchanged.
 _NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"x-request-id"}
+# A limited key's own limits (OpenAI's names), set before the upstream answers: an OpenAI-compatible
+# provider's headers of these names describe the gateway's account with it, shared by every tenant,
+# and never replace them (they pass where the gateway set none: the master key, a key without limits).
+_OURS_WHEN_SET = frozenset(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset")
+                           for unit in (b"requests", b"tokens"))
 
 
 def connection_tokens(headers) -> set:
@@ -30,7 +35,8 @@ def copy_response_headers(upstream_response, request, keep_length=False):
     target = request.responseHeaders
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
-        if lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length):
+        if (lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length)
+                or (lower in _OURS_WHEN_SET and target.hasHeader(lower))):
             continue
         target.setRawHeaders(name, values)
 

@@ -17,6 +17,8 @@ gateway forwards untouched:
   - C{fake_hang}: never answer (the connection stays open)
   - C{fake_flood}: stream that many bytes of events as fast as the client allows
   - C{fake_status} / C{fake_body}: answer with that status and raw body
+  - C{fake_headers}: C{{name: value}} headers a chat answer carries (an
+    OpenAI-compatible provider's own C{x-ratelimit-*}, say)
 
 Anthropic's Messages API (C{/v1/messages}, C{/v1/messages/count_tokens}) is
 answered as vLLM 0.32's C{vllm/entrypoints/anthropic} writes it (typed events,
@@ -460,6 +462,8 @@ class FakeVLLM(Resource):
         if "fake_status" in body:
             raw = body.get("fake_body", "")
             return self._json(request, body["fake_status"], raw.encode() if isinstance(raw, str) else raw)
+        for name, value in body.get("fake_headers", {}).items():
+            request.setHeader(name, value)
         model = body.get("model")
         if model not in self.models:
             return self._json(request, 404, {"error": {
