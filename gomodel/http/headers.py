@@ -1,5 +1,7 @@
 """Which headers cross the gateway, in either direction."""
 
+from gomodel.limits.limiter import RATE_LIMIT_HEADERS
+
 # RFC 9110 7.6.1 connection-specific headers, plus the old proxy ones.
 HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
@@ -9,11 +11,6 @@ HOP_BY_HOP = frozenset((
 # Never copied from an upstream answer: Date/Server and the request id are
 # ours, cookies stay upstream. Content-Length only where the bytes pass unchanged.
 _NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"x-request-id"}
-# A limited key's own limits (OpenAI's names), set before the upstream answers: an OpenAI-compatible
-# provider's headers of these names describe the gateway's account with it, shared by every tenant,
-# and never replace them (they pass where the gateway set none: the master key, a key without limits).
-_OURS_WHEN_SET = frozenset(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset")
-                           for unit in (b"requests", b"tokens"))
 
 
 def connection_tokens(headers) -> set:
@@ -35,8 +32,11 @@ def copy_response_headers(upstream_response, request, keep_length=False):
     target = request.responseHeaders
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
+        # A limited key's own x-ratelimit-* headers, set before the upstream answered, are never replaced
+        # by an OpenAI-compatible provider's: those describe the gateway's account with it, shared by every
+        # tenant (they pass where the gateway set none: the master key, a key without limits).
         if (lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length)
-                or (lower in _OURS_WHEN_SET and target.hasHeader(lower))):
+                or (lower in RATE_LIMIT_HEADERS and target.hasHeader(lower))):
             continue
         target.setRawHeaders(name, values)
 

@@ -367,6 +367,8 @@ _HEADER_NAMES = {tokens: tuple(f"x-ratelimit-{what}-{suffix}" for what in ("limi
 _RAW_HEADER_NAMES = {tokens: tuple(header_name(name) for name in names) for tokens, names in _HEADER_NAMES.items()}
 _HEADER_TEXT = {raw: name for tokens in _HEADER_NAMES
                 for raw, name in zip(_RAW_HEADER_NAMES[tokens], _HEADER_NAMES[tokens])}
+# The six names a limited key's answers carry, lower-case bytes (as an upstream's are compared).
+RATE_LIMIT_HEADERS = frozenset(name.encode("ascii") for names in _HEADER_NAMES.values() for name in names)
 
 
 def put_headers(plan, buckets, levels, raw):
