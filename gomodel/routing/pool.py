@@ -73,6 +73,12 @@ AFFINITY_ENTRIES = 10000  # sessions and prefixes remembered per pool
 SIZE_SAMPLES = 50  # a pool's mean max_tokens is the plain mean of the first ones it weighed, then a moving mean
 
 
+def clearly_slower(pace, fastest) -> bool:
+    """Whether C{pace} is clearly slower than the pace C{fastest}: over L{SLOWER} times it, and by more
+    than L{PACE_NOISE} seconds."""
+    return pace > SLOWER * fastest and pace - fastest > PACE_NOISE
+
+
 class Replica:
     """One server of a provider and what the gateway knows of it.
 
@@ -174,9 +180,9 @@ class Replica:
         return self.timed == PACE_SAMPLES
 
     def slowness(self, fastest) -> float:
-        """How many times slower than the pace C{fastest} it is when clearly so (by L{SLOWER} and
-        L{PACE_NOISE}), else 1: replicas alike differ by chance, and count alike."""
-        if fastest and self.paced and self.pace > SLOWER * fastest and self.pace - fastest > PACE_NOISE:
+        """How many times slower than the pace C{fastest} it is when clearly so (L{clearly_slower}), else
+        1: replicas alike differ by chance, and count alike."""
+        if fastest and self.paced and clearly_slower(self.pace, fastest):
             return self.pace / fastest
         return 1.0
 
@@ -526,8 +532,8 @@ class ReplicaPool:
         paces = [r.pace for r in free if r.paced]
         if not paces:
             return {}
-        fastest, slowest = min(paces), max(paces)
-        if slowest <= SLOWER * fastest or slowest - fastest <= PACE_NOISE:
+        fastest = min(paces)
+        if not clearly_slower(max(paces), fastest):
             return {}
         return {r: times for r in free if (times := r.slowness(fastest)) > 1.0}
 
