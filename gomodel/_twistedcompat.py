@@ -8,8 +8,11 @@ C{tests/test_twistedcompat.py}, which fails loudly on a Twisted that changed
 it; C{setup.py} caps Twisted below the next major version for the same reason.
 """
 
+from twisted.internet import tcp
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import succeed
 from twisted.web import resource
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http_headers import _nameEncoder
 
@@ -28,17 +31,14 @@ def request_line(request):
 
 
 def header_name(name: str) -> bytes:
-    """C{name} as L{Headers} keeps it (for L{plain_headers})."""
+    """C{name} as L{Headers} keeps and writes it (for L{plain_headers}, and header lines the gateway
+    formats itself)."""
     return _nameEncoder.encode(name)
 
 
 def plain_headers(headers) -> dict:
-    """The dict C{headers} (a L{Headers}) keeps: name (made with L{header_name}) -> list of values.
-
-    C{plain[name] = [value]} sets a header the gateway makes itself (bytes), replacing what it
-    held: C{setRawHeaders} checks and re-encodes every name and value, a measurable cost for the
-    six C{x-ratelimit-*} headers of every request.
-    """
+    """The dict C{headers} (a L{Headers}) keeps: name (made with L{header_name}) -> list of values,
+    read without C{getRawHeaders}' re-encoding of the name asked for."""
     return headers._rawHeaders
 
 
@@ -47,10 +47,22 @@ def use_pool_factory(pool, factory):
     pool._factory = factory
 
 
+class PromptClientProtocol(HTTP11ClientProtocol):
+    """Twisted's HTTP/1.1 client protocol on a L{prompt} connection."""
+
+    def makeConnection(self, transport):
+        prompt(transport)
+        super().makeConnection(transport)
+
+
 class QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory, without a log line per connection opened and closed."""
+    """The pool's connection factory: L{PromptClientProtocol}s, without a log line per connection
+    opened and closed."""
 
     noisy = False
+
+    def buildProtocol(self, addr):
+        return PromptClientProtocol(self._quiescentCallback)
 
 
 class PreparedRequest:
@@ -108,16 +120,102 @@ def exit_cleanly(reactor):
 def send_now(transport):
     """Hand what C{transport} holds to the kernel now.
 
-    A TCP transport buffers every write until the reactor next finds its
-    socket writable: one more reactor turn (a poll, its dispatch) between a
-    finished answer and the network. This does that write at once, exactly as
-    the reactor would (C{doWrite}); what the socket does not take stays
-    buffered for the reactor. Transports without C{doWrite} (TLS), closing
-    ones and ones whose producer is paused (a full buffer) keep their own pace.
+    A TCP transport buffers a write it could not hand over at once (see
+    L{prompt}) until the reactor next finds its socket writable: one more
+    reactor turn (a poll, its dispatch) between a finished answer and the
+    network. This does that write at once, exactly as the reactor would
+    (C{doWrite}); what the socket does not take stays buffered for the
+    reactor. Transports without C{doWrite} (TLS), closing ones, ones whose
+    producer is paused (a full buffer) and ones holding nothing are left alone.
     """
     do_write = getattr(transport, "doWrite", None)
-    if (do_write is not None and transport.connected and not transport.disconnecting
-            and not transport.producerPaused):
+    if (do_write is not None and (transport.dataBuffer or transport._tempDataBuffer) and transport.connected
+            and not transport.disconnecting and not transport.producerPaused):
         # A failed write leaves the transport registered for writing: the
         # reactor meets the error on its next turn and closes it as usual.
         do_write()
+
+
+# A write up to this size goes to the socket from write() itself (a larger one is buffered, as Twisted
+# does, rather than copied after a partial send).
+PROMPT_WRITE_LIMIT = FileDescriptor.SEND_LIMIT
+
+
+class _Prompt:
+    """A plain TCP connection that writes at once and pauses reading lazily (see L{prompt}).
+
+    Twisted's connection buffers every write and registers its socket for
+    writing (an C{epoll_ctl}), writes on the reactor's next turn, then
+    unregisters it (another); pausing and resuming reading are two more. A
+    gateway request crosses two connections and pays six such calls, each
+    with its reactor bookkeeping in Python.
+
+      - C{write}: when nothing is buffered before it, the data goes to the
+        socket at once; only what the socket does not take is buffered, and
+        then the reactor writes it as usual. A socket error buffers the data
+        too: the reactor meets the error on its next turn and closes the
+        connection as it always does.
+      - C{pauseProducing}: nothing changes until the reactor finds data to
+        read while paused; only then is reading really stopped. A pause
+        resumed before that (an HTTP client pauses between an answer's head
+        and its body, which have usually come in one read) costs nothing.
+    """
+
+    _pause_pending = False
+
+    def write(self, data):
+        if (not data or self.dataBuffer or self._tempDataBuffer or not self.connected or self.disconnecting
+                or self._aborting or self._writeDisconnected or self.TLS or len(data) > PROMPT_WRITE_LIMIT):
+            super().write(data)
+            return
+        try:
+            sent = self.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent < len(data):
+            super().write(data[sent:] if sent else data)
+
+    def writeSequence(self, iovec):
+        self.write(b"".join(iovec))
+
+    def pauseProducing(self):
+        self._pause_pending = True
+
+    def resumeProducing(self):
+        if self._pause_pending:
+            self._pause_pending = False  # still reading: nothing to undo
+        else:
+            super().resumeProducing()
+
+    def stopReading(self):
+        self._pause_pending = False
+        super().stopReading()
+
+    def doRead(self):
+        if self._pause_pending:  # paused: data waits in the kernel until resumeProducing
+            self.stopReading()
+            return None
+        return super().doRead()
+
+
+class _PromptServer(_Prompt, tcp.Server):
+    pass
+
+
+class _PromptClient(_Prompt, tcp.Client):
+    pass
+
+
+_PROMPT_CLASSES = {tcp.Server: _PromptServer, tcp.Client: _PromptClient}
+
+
+def prompt(transport):
+    """Make C{transport}, when it is one of Twisted's plain TCP connections, a prompt one (L{_Prompt}).
+
+    Called by a protocol's C{makeConnection}, before anything was written or
+    paused. Other transports (TLS, UNIX sockets, test transports) are left
+    as they are.
+    """
+    cls = _PROMPT_CLASSES.get(transport.__class__)
+    if cls is not None:
+        transport.__class__ = cls

@@ -696,17 +696,20 @@ def _request(gate, principal, max_tokens=8, used=None):
     """Admit one request of C{principal} and, with C{used}, complete it: its C{(ctx, headers)}."""
     from types import SimpleNamespace
 
-    from twisted.web.http_headers import Headers
+    from gomodel.http.headers import AnswerHeaders
 
     ctx = SimpleNamespace(principal=principal, admission=None, usage=None, replica=0, provider="vllm",
                           upstream_model="m")
-    request = SimpleNamespace(responseHeaders=Headers())
+    request = SimpleNamespace(responseHeaders=AnswerHeaders())
     fired(gate.admit(request, ctx, _Upstream(), _Call(max_tokens)))
     if used is not None:
         ctx.usage = {"prompt_tokens": used - 1, "completion_tokens": 1, "total_tokens": used}
         gate.completed(ctx)
-    headers = {name.decode().lower(): values[0].decode() for name, values in request.responseHeaders.getAllRawHeaders()}
-    return ctx, headers
+    answer = request.responseHeaders
+    assert not list(answer.getAllRawHeaders())  # the x-ratelimit-* headers are the answer's lines
+    lines = [line.split(b": ", 1) for line in answer.lines.split(b"\r\n") if line]
+    assert answer.lines in (b"", b"\r\n".join(b": ".join(pair) for pair in lines) + b"\r\n")
+    return ctx, {name.decode().lower(): value.decode() for name, value in lines}
 
 
 def _key(**fields):
@@ -781,12 +784,12 @@ def test_budgets_are_charged_without_a_rate_limit_or_the_usage_ledger(clock, cou
 
 @pytest.mark.parametrize("capacity, seconds", [(10, 60), (600, 60), (1000, 10), (100_000, 3600), (7, 86400)])
 def test_reset_headers_are_openais_duration_of_the_wait(capacity, seconds):
-    from gomodel.limits.limiter import _Bucket, put_headers
+    from gomodel.limits.limiter import _Bucket, header_lines
 
     bucket = _Bucket("key:k", seconds, capacity, True)
-    plan = (((b"limit", b"remaining", b"reset"), (0,)),)
+    plan = (((b"limit: ", b"remaining: ", b"reset: "), (0,)),)
     for level in [capacity, capacity - 1e-9, capacity * 0.999, capacity / 2, 1, 0.5, 0, -capacity, -7 * capacity]:
-        raw = {}
-        put_headers(plan, [bucket], [level], raw)
-        assert raw[b"reset"] == [duration((capacity - level) / bucket.refill).encode()]
-        assert raw[b"remaining"] == [b"%d" % level if level >= 1 else b"0"]
+        raw = dict(line.split(b": ") for line in header_lines(plan, [bucket], [level]).split(b"\r\n") if line)
+        assert raw[b"limit"] == b"%d" % capacity
+        assert raw[b"reset"] == duration((capacity - level) / bucket.refill).encode()
+        assert raw[b"remaining"] == (b"%d" % level if level >= 1 else b"0")

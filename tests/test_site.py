@@ -1,6 +1,7 @@
 """The listening side checks the key when a request's head is in, before any body is stored (D1)."""
 
 import os
+import re
 
 import pytest_twisted
 from twisted.internet.task import deferLater
@@ -76,3 +77,20 @@ async def test_accepted_upload_is_still_invited_and_stored(reactor, keyed):
     await with_timeout(reactor, client.wait_for(b'"status":"processed"'), 10)
     assert bytes(client.received).split(b"\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 200 ")
     client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_answers_keep_their_order_and_a_bodiless_answer_its_head(reactor, keyed):
+    # The channel holds an answer's head until its first body bytes; a HEAD answer has none, so its head
+    # leaves when the request is done, before the next pipelined answer's.
+    requests = (b"HEAD /health HTTP/1.1\r\nHost: gateway\r\n\r\n"
+                b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n"
+                b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+    client = await connect(reactor, keyed.port, requests)
+    await with_timeout(reactor, client.lost, 10)
+    received = bytes(client.received)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
+    assert statuses == [b"200", b"200", b"401"]
+    head_answer, rest = received.split(b"\r\n\r\n", 1)
+    assert b"content-length" in head_answer.lower()
+    assert rest.startswith(b"HTTP/1.1 200 ")  # nothing between the HEAD answer's head and the next answer

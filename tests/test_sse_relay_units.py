@@ -106,9 +106,11 @@ class _Transport:
     connected = True
     disconnecting = False
     producerPaused = False
+    dataBuffer = b""
 
     def __init__(self):
         self.flushes = 0
+        self._tempDataBuffer = [b"held"]
 
     def doWrite(self):
         self.flushes += 1
@@ -121,6 +123,9 @@ def test_send_now_writes_a_tcp_transport_at_once_and_leaves_others_alone():
     transport.producerPaused = True  # a full buffer: the reactor drains it
     send_now(transport)
     transport.producerPaused, transport.disconnecting = False, True  # closing: the reactor finishes it
+    send_now(transport)
+    assert transport.flushes == 1
+    transport.disconnecting, transport._tempDataBuffer = False, []  # nothing held: no empty write
     send_now(transport)
     assert transport.flushes == 1
     send_now(StringTransport())  # no doWrite (like TLS): nothing to do

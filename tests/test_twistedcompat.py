@@ -6,7 +6,10 @@ L{gomodel._twistedcompat} relies on: fix that module, not the callers.
 
 import inspect
 
+import pytest_twisted
 from twisted.internet import abstract, tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.web import _newclient, client, http, resource, server
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
@@ -65,9 +68,12 @@ def test_request_process_internals_exist():
 def test_send_now_relies_on_the_tcp_transport_attributes():
     for name in ("doWrite", "connected", "disconnecting", "producerPaused"):
         assert hasattr(tcp.Connection, name) or hasattr(abstract.FileDescriptor, name), name
+    held = abstract.FileDescriptor()
+    assert held.dataBuffer == b"" and held._tempDataBuffer == []
 
     class Idle:
         connected, disconnecting, producerPaused = 1, False, False
+        dataBuffer, _tempDataBuffer = b"", [b"held"]
         writes = 0
 
         def doWrite(self):
@@ -96,17 +102,160 @@ def test_the_reactor_notes_the_signal_that_stopped_it_where_twistd_reads_it():
     assert reactor._exitSignal is None
 
 
-def test_plain_headers_are_set_as_setRawHeaders_would():
+def test_header_names_are_written_as_Headers_writes_them():
+    from twisted.web.http_headers import Headers
+
+    from gomodel._twistedcompat import header_name
+
+    headers = Headers()
+    headers.setRawHeaders("x-ratelimit-limit-requests", ["600"])
+    headers.setRawHeaders("X-RateLimit-Reset-Tokens", ["6m0s"])
+    assert sorted(name for name, _ in headers.getAllRawHeaders()) == sorted(
+        [header_name("x-ratelimit-limit-requests"), header_name("X-RateLimit-Reset-Tokens")])
+
+
+def test_plain_headers_are_what_getRawHeaders_reads():
     from twisted.web.http_headers import Headers
 
     from gomodel._twistedcompat import header_name, plain_headers
 
-    ours, theirs = Headers({b"x-ratelimit-limit-requests": [b"1"]}), Headers()
-    raw = plain_headers(ours)
-    raw[header_name("x-ratelimit-limit-requests")] = [b"600"]
-    raw[header_name("X-RateLimit-Reset-Tokens")] = [b"6m0s"]
-    theirs.setRawHeaders("x-ratelimit-limit-requests", ["600"])
-    theirs.setRawHeaders("X-RateLimit-Reset-Tokens", ["6m0s"])
-    assert ours == theirs
-    assert ours.getRawHeaders(b"X-RATELIMIT-LIMIT-REQUESTS") == [b"600"]
-    assert sorted(ours.getAllRawHeaders()) == sorted(theirs.getAllRawHeaders())
+    headers = Headers({b"X-Session-Id": [b"abc"]})
+    assert plain_headers(headers)[header_name("x-session-id")] == headers.getRawHeaders(b"x-session-id") == [b"abc"]
+
+
+# -- prompt connections, on real loopback sockets --------------------------------------------------
+
+class _Collect(Protocol):
+    def __init__(self):
+        self.received = bytearray()
+        self.made = Deferred()
+
+    def makeConnection(self, transport):
+        _twistedcompat.prompt(transport)
+        super().makeConnection(transport)
+
+    def connectionMade(self):
+        self.made.callback(self)
+
+    def dataReceived(self, data):
+        self.received += data
+
+
+async def _pair(reactor):
+    """A prompt server connection and the client's plain non-blocking socket: (protocol, socket, port)."""
+    import socket
+
+    from twisted.internet.protocol import Factory
+
+    server = _Collect()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+    sock.setblocking(False)
+    await server.made
+    return server, sock, port
+
+
+async def _turns(reactor, n=5):
+    for _ in range(n):
+        await deferLater(reactor, 0, lambda: None)
+
+
+def _recv_all(sock):
+    got = bytearray()
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(got)
+        if not data:
+            return bytes(got)
+        got += data
+
+
+async def _close(reactor, server, sock, port):
+    sock.close()
+    server.transport.abortConnection()
+    await port.stopListening()
+    await _turns(reactor, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prompt_connection_writes_at_once_without_registering_for_writing(reactor):
+    server, sock, port = await _pair(reactor)
+    transport = server.transport
+    assert type(transport).__name__ == "_PromptServer" and isinstance(transport, tcp.Server)
+    transport.write(b"head ")
+    transport.writeSequence([b"and ", b"body"])
+    # in the kernel already: no reactor turn between the write and the peer
+    assert _recv_all(sock) == b"head and body"
+    assert transport not in reactor.getWriters()
+    assert not transport.dataBuffer and not transport._tempDataBuffer
+    await _close(reactor, server, sock, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prompt_connection_buffers_what_the_socket_does_not_take(reactor):
+    import socket
+
+    server, sock, port = await _pair(reactor)
+    transport = server.transport
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = bytes(range(256)) * 400  # 100 kB: more than the socket takes at once
+    transport.write(data)
+    transport.write(b"|after")  # queued behind what is buffered, never before it
+    assert transport._tempDataBuffer  # the rest waits for the reactor
+    assert transport in reactor.getWriters()
+    got = bytearray()
+    for _ in range(2000):
+        got += _recv_all(sock)
+        if len(got) >= len(data) + 6:
+            break
+        await deferLater(reactor, 0.001, lambda: None)
+    assert bytes(got) == data + b"|after"
+    assert transport not in reactor.getWriters()  # drained: unregistered as Twisted does
+    await _close(reactor, server, sock, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prompt_connection_pauses_reading_only_when_data_comes_while_paused(reactor):
+    server, sock, port = await _pair(reactor)
+    transport = server.transport
+    transport.pauseProducing()
+    transport.resumeProducing()  # a pause resumed at once changes nothing
+    assert transport in reactor.getReaders()
+    transport.pauseProducing()
+    sock.sendall(b"while paused")
+    await _turns(reactor)
+    assert server.received == b""  # not delivered while paused
+    assert transport not in reactor.getReaders()  # reading stopped once data came
+    transport.resumeProducing()
+    assert transport in reactor.getReaders()
+    await _turns(reactor)
+    assert server.received == b"while paused"
+    await _close(reactor, server, sock, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_written_after_an_abort_reaches_the_peer(reactor):
+    server, sock, port = await _pair(reactor)
+    server.transport.write(b"before")
+    assert _recv_all(sock) == b"before"
+    server.transport.abortConnection()
+    server.transport.write(b"after")  # dropped with the buffer, as Twisted drops it
+    await _turns(reactor)
+    try:
+        after = _recv_all(sock)
+    except ConnectionResetError:  # the abort's RST
+        after = b""
+    assert after == b""
+    await _close(reactor, server, sock, port)
+
+
+def test_other_transports_are_left_as_they_are():
+    transport = StringTransport()
+    _twistedcompat.prompt(transport)
+    assert type(transport) is StringTransport
+    protocol = _twistedcompat.QuietClientFactory(None, None).buildProtocol(None)
+    assert isinstance(protocol, _newclient.HTTP11ClientProtocol)
+    protocol.makeConnection(transport)
+    assert type(transport) is StringTransport

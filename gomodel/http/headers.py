@@ -1,4 +1,6 @@
-"""Which headers cross the gateway, in either direction."""
+"""Which headers cross the gateway, in either direction, and the header set of the gateway's answers."""
+
+from twisted.web.http_headers import Headers
 
 from gomodel.limits.limiter import RATE_LIMIT_HEADERS
 
@@ -11,6 +13,25 @@ HOP_BY_HOP = frozenset((
 # Never copied from an upstream answer: Date/Server and the request id are
 # ours, cookies stay upstream. Content-Length only where the bytes pass unchanged.
 _NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"x-request-id"}
+
+
+class AnswerHeaders(Headers):
+    """The headers of an answer (C{request.responseHeaders}), plus header lines the gateway formatted
+    whole: a limited key's six C{x-ratelimit-*} headers
+    (L{gomodel.limits.limiter.header_lines}), which the channel writes after the others.
+
+    @ivar lines: those lines, C{b"Name: value\\r\\n"} each; empty for most answers.
+    """
+
+    __slots__ = ("lines",)
+
+    def __init__(self):
+        super().__init__()
+        self.lines = b""
+
+    def has_line(self, name: bytes) -> bool:
+        """Whether L{lines} hold the header C{name} (lower-case)."""
+        return bool(self.lines) and name + b": " in self.lines.lower()
 
 
 def connection_tokens(headers) -> set:
@@ -36,9 +57,13 @@ def copy_response_headers(upstream_response, request, keep_length=False):
         # by an OpenAI-compatible provider's: those describe the gateway's account with it, shared by every
         # tenant (they pass where the gateway set none: the master key, a key without limits).
         if (lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length)
-                or (lower in RATE_LIMIT_HEADERS and target.hasHeader(lower))):
+                or (lower in RATE_LIMIT_HEADERS and (target.hasHeader(lower) or _has_line(target, lower)))):
             continue
         target.setRawHeaders(name, values)
+
+
+def _has_line(headers, name) -> bool:
+    return isinstance(headers, AnswerHeaders) and headers.has_line(name)
 
 
 def is_event_stream(upstream_response) -> bool:

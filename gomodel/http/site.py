@@ -17,6 +17,7 @@ from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
+from gomodel.http.headers import AnswerHeaders
 
 
 class _Discard(io.BytesIO):
@@ -55,6 +56,10 @@ class GatewayRequest(server.Request):
     identity = None
     refusal = None
     context = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.responseHeaders = AnswerHeaders()
 
     def process(self):
         """Twisted's C{server.Request.process}, with our Server header, a Date
@@ -126,22 +131,29 @@ class GatewayRequest(server.Request):
 
 
 class GatewayChannel(http.HTTPChannel):
-    """Twisted's HTTP/1.1 channel, with the connection's addresses looked up once.
+    """Twisted's HTTP/1.1 channel on a prompt connection, with the connection's addresses looked up once
+    and an answer's head written with its first bytes.
 
     Twisted's Site wraps each channel in a protocol that can negotiate HTTP/2;
     the gateway speaks HTTP/1.1 only, so it serves this channel directly. Each
     request asks its channel for both addresses (a getsockname call and two
-    address objects per request otherwise).
+    address objects per request otherwise). The connection writes at once
+    (L{gomodel._twistedcompat.prompt}), so the status line and headers wait
+    for the body's first bytes, or the end of the request, to leave with them
+    in one write.
     """
 
     _peer = None
     _host = None
+    _head = None  # the answer's status line and headers, not yet written
 
     def connectionMade(self):
+        _twistedcompat.prompt(self.transport)
         super().connectionMade()
         self.site.channels.add(self)
 
     def connectionLost(self, reason):
+        self._head = None
         self.site.channels.discard(self)
         super().connectionLost(reason)
 
@@ -156,8 +168,9 @@ class GatewayChannel(http.HTTPChannel):
         return self._host
 
     def writeHeaders(self, version, code, reason, headers):
-        """Write the status line and C{headers} as one piece: Twisted hands the transport four pieces
-        per header, each checked in Python (a managed key's six C{x-ratelimit-*} headers alone are 24)."""
+        """Make the status line and C{headers} one piece, written with the body's first bytes
+        (L{write}) or when the request is done: Twisted hands the transport four pieces per header,
+        each checked in Python (a managed key's six C{x-ratelimit-*} headers alone are 24)."""
         if not isinstance(headers, Headers):
             super().writeHeaders(version, code, reason, headers)
             return
@@ -165,8 +178,42 @@ class GatewayChannel(http.HTTPChannel):
         for name, values in headers.getAllRawHeaders():
             for value in values:
                 head += (name, b": ", value, b"\r\n")
+        head.append(getattr(headers, "lines", b""))  # an AnswerHeaders' own lines
         head.append(b"\r\n")
-        self.transport.write(b"".join(head))
+        self._head = b"".join(head)
+
+    def write(self, data):
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        self.transport.write(data)
+
+    def writeSequence(self, iovec):
+        head = self._head
+        if head is not None:
+            self._head = None
+            iovec = [head, *iovec]
+        self.transport.writeSequence(iovec)
+
+    def _write_head(self):
+        """Write an answer's head still held (an answer without a body, or a producer's before it writes)."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.write(head)
+
+    def requestDone(self, request):
+        self._write_head()
+        super().requestDone(request)
+
+    def registerProducer(self, producer, streaming):
+        self._write_head()
+        super().registerProducer(producer, streaming)
+
+    def loseConnection(self):
+        self._write_head()
+        return super().loseConnection()
 
 
 CLIENT_IDLE_TIMEOUT = 120

@@ -23,7 +23,6 @@ and passthrough count like any request, with or without the usage ledger.
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from gomodel._twistedcompat import plain_headers
 from gomodel.accounting.tokens import Pricing, requested_tokens, tokens_by_type, total_tokens
 from gomodel.limits.lanes import Lane, Ticket
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
@@ -130,7 +129,7 @@ class Gate(Periodic):
         """Check budgets, then take what the request costs from every scope's limits.
 
         The admission is kept on C{ctx} (settled when the request completes);
-        a managed key's C{x-ratelimit-*} headers are set on C{request}. On
+        a managed key's C{x-ratelimit-*} headers are set on C{request}'s answer. On
         counters that answer at once (local ones) this runs to its end without
         a Deferred, in one call of the scopes' L{Lane} unless something refuses.
 
@@ -159,7 +158,7 @@ class Gate(Periodic):
         if lane is None or lane.scopes is not scopes or not lane.live(now):
             lane = self._lane(scopes, budgets, own)
         if lane is not None:
-            admission = lane.admit(tokens, now, plain_headers(request.responseHeaders))
+            admission = lane.admit(tokens, now, request.responseHeaders)
             if admission is not None:
                 ctx.admission = admission
                 return None
@@ -268,9 +267,10 @@ class Gate(Periodic):
 
 
 def _admitted(admission, request, ctx):
-    """Keep C{admission} on C{ctx}; its C{x-ratelimit-*} headers go on C{request}'s answer."""
+    """Keep C{admission} on C{ctx}; its C{x-ratelimit-*} headers go on C{request}'s answer (the C{lines}
+    of its L{gomodel.http.headers.AnswerHeaders})."""
     ctx.admission = admission
-    admission.put_headers(plain_headers(request.responseHeaders))
+    request.responseHeaders.lines = admission.header_lines()
 
 
 def key_budgets(items) -> tuple:

@@ -17,7 +17,7 @@ or after a budget period ended, until the gate makes a new lane.
 """
 
 from gomodel.limits.counters import INF, adjust_cell
-from gomodel.limits.limiter import NOTHING, put_headers
+from gomodel.limits.limiter import NOTHING, header_lines
 
 
 class Lane:
@@ -56,7 +56,7 @@ class Lane:
 
     def admit(self, tokens: int, now, headers):
         """Admit a request costing C{tokens} at C{now} (the lane L{live}), setting its C{x-ratelimit-*}
-        C{headers} (the answer's raw header dict, L{gomodel._twistedcompat.plain_headers}).
+        headers as the C{lines} of C{headers} (the answer's L{gomodel.http.headers.AnswerHeaders}).
 
         @return: a L{Ticket}, or None when a budget is spent or a limit refuses (nothing was taken: the
             general path says why).
@@ -82,7 +82,7 @@ class Lane:
             cell[0], cell[1], cell[2], cell[3] = level, now, capacity, refill
         self._counters.tick(now)
         if self._header_plan:
-            put_headers(self._header_plan, self._prepared.buckets, levels, headers)
+            headers.lines = header_lines(self._header_plan, self._prepared.buckets, levels)
         return Ticket(self, tokens, lease)
 
     def finish(self, ticket, used: int, charge: bool, cost) -> bool:

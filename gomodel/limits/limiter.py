@@ -76,15 +76,16 @@ class _Prepared:
         return [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in self.buckets]
 
     def header_plan(self, scope):
-        """What C{scope}'s C{x-ratelimit-*} headers show: C{((raw names, bucket indices), ...)}, its requests
-        and its tokens windows in the order its buckets come (of several, the fewest remaining is shown)."""
+        """What C{scope}'s C{x-ratelimit-*} headers show: C{((line prefixes, bucket indices), ...)}, its
+        requests and its tokens windows in the order its buckets come (of several, the fewest remaining is
+        shown); a line prefix is a header's name as Twisted writes it and C{": "}."""
         plan = self._header_plans.get(scope)
         if plan is None:
             kinds = {}
             for i, b in enumerate(self.buckets):
                 if b.scope == scope:
                     kinds.setdefault(b.tokens, []).append(i)
-            plan = self._header_plans[scope] = tuple((_RAW_HEADER_NAMES[tokens], tuple(indices))
+            plan = self._header_plans[scope] = tuple((_LINE_PREFIXES[tokens], tuple(indices))
                                                      for tokens, indices in kinds.items())
         return plan
 
@@ -306,9 +307,9 @@ class Admission:
             self._headers = _header_dict(self._header_plan, self._prepared.buckets, self._levels)
         return self._headers
 
-    def put_headers(self, raw):
-        """Set L{headers} in C{raw}, the raw header dict of an answer (L{gomodel._twistedcompat.plain_headers})."""
-        put_headers(self._header_plan, self._prepared.buckets, self._levels, raw)
+    def header_lines(self) -> bytes:
+        """L{headers} as an answer's header lines (L{header_lines})."""
+        return header_lines(self._header_plan, self._prepared.buckets, self._levels)
 
     def settle(self, actual_tokens):
         """Charge the token buckets C{actual_tokens} instead of the reservation.
@@ -365,29 +366,33 @@ NO_ADMISSION = Admission(None, NOTHING, [], 0, None, ())
 _HEADER_NAMES = {tokens: tuple(f"x-ratelimit-{what}-{suffix}" for what in ("limit", "remaining", "reset"))
                  for tokens, suffix in ((False, "requests"), (True, "tokens"))}
 _RAW_HEADER_NAMES = {tokens: tuple(header_name(name) for name in names) for tokens, names in _HEADER_NAMES.items()}
+_LINE_PREFIXES = {tokens: tuple(raw + b": " for raw in names) for tokens, names in _RAW_HEADER_NAMES.items()}
 _HEADER_TEXT = {raw: name for tokens in _HEADER_NAMES
                 for raw, name in zip(_RAW_HEADER_NAMES[tokens], _HEADER_NAMES[tokens])}
 # The six names a limited key's answers carry, lower-case bytes (as an upstream's are compared).
 RATE_LIMIT_HEADERS = frozenset(name.encode("ascii") for names in _HEADER_NAMES.values() for name in names)
 
 
-def put_headers(plan, buckets, levels, raw):
-    """Set the headers of a L{_Prepared.header_plan} over the buckets' C{levels} in C{raw}, a dict of
-    raw name -> C{[value]} (as L{gomodel._twistedcompat.plain_headers} gives)."""
+def header_lines(plan, buckets, levels) -> bytes:
+    """The headers of a L{_Prepared.header_plan} over the buckets' C{levels}, as the lines of an answer's
+    head (C{b"Name: value\\r\\n"} each, names as Twisted writes them): formatted in one piece, where six
+    header entries would each be set, checked and written on their own."""
+    lines = b""
     for (limit, remaining, reset), indices in plan:
         i = indices[0] if len(indices) == 1 else min(indices, key=levels.__getitem__)  # the first of the fewest
         b, level = buckets[i], levels[i]
-        raw[limit] = [b.capacity_raw]
-        raw[remaining] = [b"%d" % level if level >= 1 else b"0"]  # floored, never below 0
         reset_ms = math.ceil((b.capacity - level) / b.refill * 1000 - 1e-6)  # as duration() rounds
-        raw[reset] = [b"%dms" % reset_ms if 0 < reset_ms < 1000 else _duration_ms(reset_ms).encode("ascii")]
+        lines += b"%s%s\r\n%s%d\r\n%s%s\r\n" % (
+            limit, b.capacity_raw,
+            remaining, level if level >= 1 else 0,  # floored, never below 0
+            reset, b"%dms" % reset_ms if 0 < reset_ms < 1000 else _duration_ms(reset_ms).encode("ascii"))
+    return lines
 
 
 def _header_dict(plan, buckets, levels) -> dict:
     """The headers of a L{_Prepared.header_plan} over the buckets' C{levels} by their lower-case names, as text."""
-    raw = {}
-    put_headers(plan, buckets, levels, raw)
-    return {_HEADER_TEXT[name]: values[0].decode("ascii") for name, values in raw.items()}
+    lines = header_lines(plan, buckets, levels).split(b"\r\n")
+    return {_HEADER_TEXT[name]: value.decode("ascii") for name, value in (line.split(b": ", 1) for line in lines if line)}
 
 
 def duration(seconds) -> str:
