@@ -22,8 +22,9 @@ from gomodel.batches.service import BatchServices
 from gomodel.dashboard import SHELL_PATHS, STATIC_PREFIX
 from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
-from gomodel.http.site import GatewaySite
+from gomodel.http.site import IDLE_SWEEP, GatewaySite
 from gomodel.lifecycle import Drain, Readiness
+from gomodel.periodic import Repeating
 from gomodel.limits.budgets import BudgetBook
 from gomodel.limits.counters import LocalCounters, RedisCounters
 from gomodel.limits.gate import Gate
@@ -164,8 +165,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
                                                         closed_to_keys=[config.metrics.endpoint],
                                                         open_prefixes=[STATIC_PREFIX] if dashboard else []),
-                               upload_sink=routes.upload_sink)
+                               upload_sink=routes.upload_sink, reactor=reactor)
     gateway.site.noisy = False
+    Repeating(IDLE_SWEEP, gateway.site.sweep_idle, clock=reactor).setServiceParent(gateway)
     gateway.drain.site = gateway.site
     plain.readiness = Readiness(gateway.drain, gateway.registry, store, shared_counters, pins)
 

@@ -94,3 +94,53 @@ async def test_pipelined_answers_keep_their_order_and_a_bodiless_answer_its_head
     head_answer, rest = received.split(b"\r\n\r\n", 1)
     assert b"content-length" in head_answer.lower()
     assert rest.startswith(b"HTTP/1.1 200 ")  # nothing between the HEAD answer's head and the next answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_client_connections_are_closed_by_the_sweep_and_busy_ones_kept(reactor):
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET
+
+    from gomodel.http.site import GatewaySite
+
+    held = []
+
+    class Root(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            if request.path == b"/hold":
+                held.append(request)
+                return NOT_DONE_YET
+            return b"ok"
+
+    clock = Clock()
+    site = GatewaySite(Root(), 1024, idle_timeout=120, reactor=clock)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        idle = await connect(reactor, port.getHost().port, b"GET /quick HTTP/1.1\r\nHost: g\r\n\r\n")
+        busy = await connect(reactor, port.getHost().port, b"GET /hold HTTP/1.1\r\nHost: g\r\n\r\n")
+        await with_timeout(reactor, idle.wait_for(b"ok"), 5)
+        while not held:
+            await deferLater(reactor, 0, lambda: None)
+        site.sweep_idle()  # both seen: the idle one counts as idle from now
+        clock.advance(119)
+        site.sweep_idle()
+        assert not idle.lost.called  # 119 s idle: kept
+        clock.advance(1)
+        site.sweep_idle()
+        await with_timeout(reactor, idle.lost, 5)  # 120 s: closed
+        clock.advance(1000)
+        site.sweep_idle()
+        assert not busy.lost.called and len(site.channels) == 1  # a request in progress is never cut
+        held[0].write(b"done")
+        held[0].finish()
+        await with_timeout(reactor, busy.wait_for(b"done"), 5)
+        site.sweep_idle()  # done: idle from this sweep on
+        clock.advance(120)
+        site.sweep_idle()
+        await with_timeout(reactor, busy.lost, 5)
+        assert not site.channels
+    finally:
+        await port.stopListening()

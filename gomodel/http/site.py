@@ -146,11 +146,17 @@ class GatewayChannel(http.HTTPChannel):
     _peer = None
     _host = None
     _head = None  # the answer's status line and headers, not yet written
+    active = True  # something came in or went out since the site's last idle sweep
+    idle_since = None  # when a sweep last found it active (GatewaySite.sweep_idle)
 
     def connectionMade(self):
         _twistedcompat.prompt(self.transport)
         super().connectionMade()
         self.site.channels.add(self)
+
+    def dataReceived(self, data):
+        self.active = True
+        super().dataReceived(data)
 
     def connectionLost(self, reason):
         self._head = None
@@ -205,6 +211,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def requestDone(self, request):
         self._write_head()
+        self.active = True
         super().requestDone(request)
 
     def registerProducer(self, producer, streaming):
@@ -217,34 +224,57 @@ class GatewayChannel(http.HTTPChannel):
 
 
 CLIENT_IDLE_TIMEOUT = 120
+IDLE_SWEEP = 5  # seconds between two sweeps of idle client connections
 
 
 class GatewaySite(server.Site):
-    """Site for the gateway: our channel and request classes, and our own structured access log."""
+    """Site for the gateway: our channel and request classes, and our own structured access log.
+
+    Idle keep-alive client connections are closed after C{idle_timeout} seconds
+    (Twisted's default is 12 hours) by L{sweep_idle}, which the gateway calls
+    every L{IDLE_SWEEP} seconds: Twisted's own idle timeout is one timer per
+    connection, cancelled when each request comes in and made anew when it is
+    done, two timer operations per request.
+    """
 
     protocol = GatewayChannel
 
-    def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, **kwargs):
+    def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, idle_timeout=CLIENT_IDLE_TIMEOUT,
+                 **kwargs):
         """
         @param authenticate: C{authenticate(request, path) -> identity}, called
             when a request's head is in; it raises a
             L{gomodel.errors.GatewayError} to refuse the request.
         @param upload_sink: C{upload_sink(request, method, path, length)} ->
             a file-like sink for an upload's body, or None.
+        @param idle_timeout: seconds after which L{sweep_idle} closes a connection that has no request
+            in progress and received nothing (a request in progress is never cut by it).
         """
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit,
             "authenticate": staticmethod(authenticate) if authenticate else None,
             "upload_sink": staticmethod(upload_sink) if upload_sink else None})
-        # Idle keep-alive client connections are closed after this long (Twisted's
-        # default is 12 hours); a request in progress is never cut by it.
-        kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
+        kwargs["timeout"] = None  # no timer per connection: sweep_idle
         # Form decoding is never needed here: it costs a MIME parse of every
         # POST's Content-Type and would read a whole multipart body into memory.
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(root, requestFactory=request_class, **kwargs)
         self._date = (None, b"")
         self.channels = set()  # the open client connections (GatewayChannel keeps it)
+        self.idle_timeout = idle_timeout
+
+    def sweep_idle(self):
+        """Close the client connections idle for C{idle_timeout} seconds or more, as Twisted's idle timeout
+        does (C{timeoutConnection}: closed, aborted if the client does not let go); a connection counts as
+        idle from the first sweep that finds it without a request in progress and with nothing received
+        since the sweep before."""
+        now = self.reactor.seconds()
+        for channel in list(self.channels):
+            if channel.active or channel._handlingRequest or channel.idle_since is None:
+                channel.active = False
+                channel.idle_since = now
+            elif now - channel.idle_since >= self.idle_timeout:
+                channel.timeoutConnection()
 
     def abort_connections(self):
         """Close every client connection at once (the end of a drain)."""
