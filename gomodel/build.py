@@ -40,6 +40,7 @@ from gomodel.listeners import ListenerService, PoolService, RedisService
 from gomodel.service import GatewayService
 from gomodel.store.records import process_owner
 from gomodel.store.sweeps import StoreSweeper
+from gomodel.timers import Timers
 from gomodel.upstream import build_server
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
 
@@ -62,7 +63,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                                       config.metrics.endpoint.encode("ascii")))
         gateway.telemetry.setServiceParent(gateway)
 
-    # Upstreams: one pool (closed last), the relay client, treq for our own calls.
+    # Upstreams: one pool (closed last), the relay client, treq for our own calls, and the timer
+    # their timeouts share.
+    timers = Timers(reactor)
+    timers.setServiceParent(gateway)
     pool = make_pool(reactor, config.upstreams.pool_max_per_host, config.upstreams.pool_idle_timeout)
     PoolService(pool).setServiceParent(gateway)
     endpoints = CachingEndpointFactory(reactor, config.upstreams.timeouts.connect)
@@ -74,7 +78,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if config.store.redis_url:
         redis = connect_redis(config.store.redis_url)
         gateway.pins = pins = SharedPins(redis, reactor)
-    pools = [_pool(p, routing, relay_client, http, reactor, config.upstreams.timeouts, pins)
+    pools = [_pool(p, routing, relay_client, http, reactor, timers, config.upstreams.timeouts, pins)
              for p in config.upstreams.providers]
     if pins is not None:
         pins.attach([p for p in pools if p.pins is not None])
@@ -87,7 +91,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         refresh_interval=config.upstreams.models_refresh_interval, health_interval=routing.health_interval,
         metrics_interval=routing.metrics_interval, stall_timeout=routing.stall_timeout)
     gateway.monitor.setServiceParent(gateway)
-    exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts)
+    exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts, timers=timers)
     owner = process_owner()
     gateway.store = store = _store(config.store, reactor)
 
@@ -229,12 +233,13 @@ def _store(settings, reactor):
     return SQLiteStore(settings.data_dir, reactor)
 
 
-def _pool(provider, routing, relay_client, http, clock, timeouts, pins) -> ReplicaPool:
-    """A provider's pool: a client and a state per replica, and the routing settings."""
+def _pool(provider, routing, relay_client, http, clock, timers, timeouts, pins) -> ReplicaPool:
+    """A provider's pool: a client and a state per replica (its timeouts on C{timers}), and the routing
+    settings."""
     replicas = []
     for index, replica in enumerate(provider.replica_configs):
         limit = routing.max_concurrency if replica.max_concurrency is None else replica.max_concurrency
-        server = build_server(provider, replica, relay_client, http, clock, timeouts)
+        server = build_server(provider, replica, relay_client, http, timers, timeouts)
         replicas.append(Replica(index, server, replica.base_url, clock, weight=replica.weight, max_concurrency=limit,
                                 failure_threshold=routing.failure_threshold))
     # A load report is fresh for three scrapes (or six seconds without scraping).

@@ -111,13 +111,16 @@ class Exchange:
 
     log = Logger()
 
-    def __init__(self, clock, timeouts, *, max_attempts=3, admit=None):
+    def __init__(self, clock, timeouts, *, max_attempts=3, admit=None, timers=None):
         """
         @param admit: C{admit(request, ctx, upstream, call)}, returning None or a Deferred, run before a
             relayed call is sent (the limits and budgets, L{gomodel.limits.gate.Gate.admit});
             what it raises is the answer.
+        @param timers: what the response-header timeout of a body being read runs on (the gateway's
+            L{gomodel.timers.Timers}); C{clock} when None.
         """
         self._clock = clock
+        self._timers = timers if timers is not None else clock
         self._timeouts = timeouts
         self._max_attempts = max_attempts
         self.admit = admit
@@ -344,7 +347,7 @@ class Exchange:
             C{response_too_large}); or L{gomodel.errors.UpstreamTimeout}; or
             L{gomodel.errors.UpstreamUnreachable} when it broke off.
         """
-        reading = deadline(read_body(response, limit), self._timeouts.response_header, self._clock)
+        reading = deadline(read_body(response, limit), self._timeouts.response_header, self._timers)
         try:
             return await reading
         except CancelledError:

@@ -31,6 +31,7 @@ class OpenAICompatibleProvider:
         """
         @param config: the provider's L{gomodel.config.ProviderConfig}.
         @param replica: the L{gomodel.config.ReplicaConfig} of this server.
+        @param clock: what its timeouts run on: a reactor, or the gateway's L{gomodel.timers.Timers}.
         """
         self.config = config
         self.name = config.name

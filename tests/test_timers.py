@@ -1,0 +1,83 @@
+"""Timeouts on one reactor timer (gomodel.timers), on a fake clock."""
+
+import pytest
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.task import Clock
+
+from gomodel.timers import Timers
+from gomodel.upstream.client import deadline
+
+
+def test_each_timeout_fires_at_its_time_on_one_clock_timer():
+    clock = Clock()
+    timers = Timers(clock)
+    fired = []
+    timers.callLater(10, fired.append, "ten")
+    timers.callLater(5, fired.append, "five")  # earlier: the one timer moves to it
+    timers.callLater(10, fired.append, "ten again")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(4.9)
+    assert fired == []
+    clock.advance(0.1)
+    assert fired == ["five"]
+    clock.advance(5)
+    assert fired == ["five", "ten", "ten again"]
+    assert not clock.getDelayedCalls()  # nothing pending: nothing set
+
+
+def test_a_cancelled_timeout_never_fires_and_the_timer_moves_on_to_the_next():
+    clock = Clock()
+    timers = Timers(clock)
+    fired = []
+    first = timers.callLater(1, fired.append, 1)
+    second = timers.callLater(3, fired.append, 3)
+    assert first.active() and second.active()
+    first.cancel()
+    first.cancel()  # again: nothing
+    assert not first.active()
+    clock.advance(1)  # the timer set for the first finds nothing due, and is set for the second
+    assert fired == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(2)
+    assert fired == [3] and not second.active()
+    second.cancel()  # after it fired: nothing
+
+
+def test_a_failing_call_is_logged_and_the_others_still_run(logged_errors):
+    clock = Clock()
+    timers = Timers(clock)
+    fired = []
+    timers.callLater(1, lambda: 1 / 0)
+    timers.callLater(1, fired.append, "after")
+    clock.advance(1)
+    assert fired == ["after"]
+    assert logged_errors.flush(ZeroDivisionError) == 1
+
+
+def test_stopping_drops_what_is_pending():
+    clock = Clock()
+    timers = Timers(clock)
+    timers.startService()
+    fired = []
+    pending = timers.callLater(1, fired.append, 1)
+    timers.stopService()
+    assert not clock.getDelayedCalls() and not pending.active()
+    clock.advance(5)
+    assert fired == []
+
+
+def test_a_deadline_on_timers_times_out_or_settles():
+    clock = Clock()
+    timers = Timers(clock)
+    slow = deadline(Deferred(), 30, timers)
+    clock.advance(29.999)
+    assert not slow.called
+    clock.advance(0.001)
+    with pytest.raises(DeferredTimeout):
+        slow.result.raiseException()
+    slow.addErrback(lambda _: None)
+    quick = Deferred()
+    answered = deadline(quick, 30, timers)
+    quick.callback("answer")
+    assert answered.result == "answer"
+    clock.advance(60)
+    assert not clock.getDelayedCalls()
