@@ -13,7 +13,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import succeed
 from twisted.web import resource
 from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import _nameEncoder
 
 
@@ -40,6 +40,45 @@ def plain_headers(headers) -> dict:
     """The dict C{headers} (a L{Headers}) keeps: name (made with L{header_name}) -> list of values,
     read without C{getRawHeaders}' re-encoding of the name asked for."""
     return headers._rawHeaders
+
+
+class _IdleSince:
+    """What L{SweptPool} keeps where Twisted's pool keeps a cached connection's timer: when it went idle.
+    Twisted cancels it when the connection is taken again or closed; nothing is scheduled."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at):
+        self.at = at
+
+    def cancel(self):
+        pass
+
+
+class SweptPool(HTTPConnectionPool):
+    """Twisted's connection pool, its idle connections closed by L{close_idle}, a sweep, rather than a
+    timer each: Twisted's arms one (C{callLater}) for every connection put back and cancels it when the
+    connection is taken again, two timer operations per upstream request."""
+
+    def _putConnection(self, key, connection):
+        if connection.state != "QUIESCENT":
+            super()._putConnection(key, connection)  # Twisted logs that bug and keeps nothing
+            return
+        connections = self._connections.setdefault(key, [])
+        if len(connections) == self.maxPersistentPerHost:
+            dropped = connections.pop(0)
+            dropped.transport.loseConnection()
+            del self._timeouts[dropped]
+        connections.append(connection)
+        self._timeouts[connection] = _IdleSince(self._reactor.seconds())
+
+    def close_idle(self, early=0.0):
+        """Close the cached connections idle for C{cachedConnectionTimeout} less C{early} seconds or more
+        (a sweep every C{early} seconds closes each within the timeout, never after it)."""
+        limit = self._reactor.seconds() - self.cachedConnectionTimeout + early
+        for key, connections in list(self._connections.items()):
+            for connection in [c for c in connections if self._timeouts[c].at <= limit]:
+                self._removeConnection(key, connection)
 
 
 def use_pool_factory(pool, factory):

@@ -42,7 +42,8 @@ from gomodel.store.records import process_owner
 from gomodel.store.sweeps import StoreSweeper
 from gomodel.timers import Timers
 from gomodel.upstream import build_server
-from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_agent, make_http_client, make_pool
+from gomodel.upstream.client import (POOL_SWEEP, CachingEndpointFactory, RelayClient, make_agent, make_http_client,
+                                     make_pool)
 
 def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None,
                   shared_metrics=False) -> GatewayService:
@@ -68,7 +69,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     timers = Timers(reactor)
     timers.setServiceParent(gateway)
     pool = make_pool(reactor, config.upstreams.pool_max_per_host, config.upstreams.pool_idle_timeout)
-    PoolService(pool).setServiceParent(gateway)
+    PoolService(pool, POOL_SWEEP, reactor).setServiceParent(gateway)
     endpoints = CachingEndpointFactory(reactor, config.upstreams.timeouts.connect)
     relay_client = RelayClient(pool, endpoints)
     http = make_http_client(make_agent(reactor, pool, endpoints))

@@ -259,3 +259,50 @@ def test_other_transports_are_left_as_they_are():
     assert isinstance(protocol, _newclient.HTTP11ClientProtocol)
     protocol.makeConnection(transport)
     assert type(transport) is StringTransport
+
+
+# -- the swept pool ----------------------------------------------------------------------------------
+
+class _Cached:
+    """A pooled connection as the pool sees one."""
+
+    state = "QUIESCENT"
+
+    def __init__(self):
+        self.closed = False
+        self.transport = self
+
+    def loseConnection(self):
+        self.closed = True
+
+    def abort(self):
+        self.closed = True
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+
+def test_a_swept_pool_keeps_no_timer_and_closes_idle_connections_within_the_timeout():
+    from twisted.internet.task import Clock
+
+    for name in ("_putConnection", "_removeConnection", "getConnection", "closeCachedConnections"):
+        assert name in vars(client.HTTPConnectionPool), name
+    clock = Clock()
+    pool = _twistedcompat.SweptPool(clock)
+    pool.cachedConnectionTimeout, pool.retryAutomatically = 4, False  # as make_pool sets them
+    old, new = _Cached(), _Cached()
+    pool._putConnection("k", old)
+    clock.advance(2)
+    pool._putConnection("k", new)
+    assert not clock.getDelayedCalls()  # no timer per connection
+    clock.advance(1.4)
+    pool.close_idle(0.5)  # idle 3.4 s and 1.4 s: kept
+    assert not old.closed and not new.closed
+    clock.advance(0.1)
+    pool.close_idle(0.5)  # the older one is idle 3.5 s: a sweep 0.5 s later would be too late
+    assert old.closed and not new.closed
+    taken = pool.getConnection("k", None).result  # Twisted's own getConnection takes it back
+    assert taken is new and pool._connections["k"] == [] and not pool._timeouts
+    pool._putConnection("k", new)
+    pool.closeCachedConnections()
+    assert new.closed and not pool._timeouts

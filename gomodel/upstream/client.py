@@ -14,12 +14,12 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError as Def
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from gomodel._twistedcompat import PreparedRequest, QuietClientFactory, send_now, use_pool_factory
+from gomodel._twistedcompat import PreparedRequest, QuietClientFactory, SweptPool, send_now, use_pool_factory
 
 
 @implementer(IBodyProducer)
@@ -44,15 +44,21 @@ class BytesProducer:
         pass
 
 
-def make_pool(reactor, max_per_host: int, idle_timeout: float) -> HTTPConnectionPool:
+POOL_SWEEP = 0.5  # seconds between two sweeps of the pool's idle connections
+
+
+def make_pool(reactor, max_per_host: int, idle_timeout: float) -> SweptPool:
     """One persistent pool for every upstream, sized for the expected concurrency.
 
     Idle connections are closed before uvicorn's 5 s keep-alive would close
-    them under us. The pool's own retry wrapper is off: it only ever retries
-    bodiless idempotent requests, and the providers retry a request that
-    found its pooled connection closed themselves.
+    them under us: within C{idle_timeout} seconds, by the pool's C{close_idle}
+    (L{gomodel._twistedcompat.SweptPool}), which the gateway's L{PoolService
+    <gomodel.listeners.PoolService>} calls every L{POOL_SWEEP} seconds. The
+    pool's own retry wrapper is off: it only ever retries bodiless idempotent
+    requests, and the providers retry a request that found its pooled
+    connection closed themselves.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = SweptPool(reactor, persistent=True)
     pool.retryAutomatically = False
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = idle_timeout
