@@ -72,6 +72,17 @@ class SweptPool(HTTPConnectionPool):
         connections.append(connection)
         self._timeouts[connection] = _IdleSince(self._reactor.seconds())
 
+    def cached(self, key):
+        """A cached connection of C{key}, taken from the pool as C{getConnection} would take it (the
+        oldest ready one), or None: without the Deferred C{getConnection} wraps it in."""
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop(0)
+            del self._timeouts[connection]
+            if connection.state == "QUIESCENT":
+                return connection
+        return None
+
     def close_idle(self, early=0.0):
         """Close the cached connections idle for C{cachedConnectionTimeout} less C{early} seconds or more
         (a sweep every C{early} seconds closes each within the timeout, never after it)."""

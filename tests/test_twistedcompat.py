@@ -304,5 +304,13 @@ def test_a_swept_pool_keeps_no_timer_and_closes_idle_connections_within_the_time
     taken = pool.getConnection("k", None).result  # Twisted's own getConnection takes it back
     assert taken is new and pool._connections["k"] == [] and not pool._timeouts
     pool._putConnection("k", new)
+    assert pool.cached("k") is new and pool.cached("k") is None  # as getConnection takes it, without a Deferred
+    gone = _Cached()
+    gone.state = "CONNECTION_LOST"
+    pool._putConnection("k", new)
+    pool._connections["k"].insert(0, gone)  # lost while cached: skipped, as getConnection skips it
+    pool._timeouts[gone] = pool._timeouts[new]
+    assert pool.cached("k") is new and not pool._timeouts
+    pool._putConnection("k", new)
     pool.closeCachedConnections()
     assert new.closed and not pool._timeouts

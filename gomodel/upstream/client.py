@@ -151,10 +151,12 @@ class RelayClient:
             length = b"Content-Length: 0\r\n"
         else:
             length = b""
-        data = b"".join((method, b" ", target, b" HTTP/1.1\r\n", origin.host_line, header_lines, length, b"\r\n",
-                         body or b""))
-        d = self._pool.getConnection(origin.key, origin.endpoint)
-        return d.addCallback(_send, PreparedRequest(method, data))
+        request = PreparedRequest(method, b"".join((method, b" ", target, b" HTTP/1.1\r\n", origin.host_line,
+                                                    header_lines, length, b"\r\n", body or b"")))
+        protocol = self._pool.cached(origin.key)
+        if protocol is not None:
+            return _send(protocol, request)
+        return self._pool.getConnection(origin.key, origin.endpoint).addCallback(_send, request)
 
     def _origin(self, match):
         uri = URI.fromBytes(match.group(0) + b"/")
