@@ -11,7 +11,7 @@ it; C{setup.py} caps Twisted below the next major version for the same reason.
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import succeed
-from twisted.web import resource
+from twisted.web import resource, server
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import _nameEncoder
@@ -140,6 +140,31 @@ class PreparedRequest:
 
     def stopWriting(self):
         pass  # writeTo's Deferred has fired already: nothing is being written
+
+
+class EndingRequest(server.Request):
+    """A request that calls its C{ending} once, when it ends, as the Deferreds of C{notifyFinish} would
+    fire: with None once the answer is finished, with the failure when the connection was lost first.
+    Without a Deferred: C{_cleanup} and C{connectionLost} are where Twisted fires those.
+
+    @ivar ending: a function of that result, or None.
+    """
+
+    ending = None
+
+    def _cleanup(self):
+        super()._cleanup()
+        self._ended(None)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self._ended(reason)
+
+    def _ended(self, result):
+        ending = self.ending
+        if ending is not None:
+            self.ending = None
+            ending(result)
 
 
 def render_found(request, found):

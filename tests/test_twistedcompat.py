@@ -314,3 +314,23 @@ def test_a_swept_pool_keeps_no_timer_and_closes_idle_connections_within_the_time
     pool._putConnection("k", new)
     pool.closeCachedConnections()
     assert new.closed and not pool._timeouts
+
+
+def test_an_ending_request_ends_once_as_notifyFinish_fires():
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyChannel
+
+    for finished_first in (True, False):
+        request = _twistedcompat.EndingRequest(DummyChannel())
+        request.method, request.clientproto = b"GET", b"HTTP/1.1"
+        seen, notified = [], []
+        request.ending = seen.append
+        request.notifyFinish().addBoth(notified.append)
+        if finished_first:
+            request.finish()
+            assert seen == [None] and notified == [None]
+        else:
+            request.connectionLost(Failure(ConnectionLost()))
+            assert seen[0].check(ConnectionLost) and notified[0].check(ConnectionLost)
+        assert len(seen) == 1 and request.ending is None

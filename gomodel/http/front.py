@@ -9,6 +9,8 @@ L{gomodel.http.render.fail} and the context completes once, when the
 response is over.
 """
 
+from functools import partial
+
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -67,7 +69,7 @@ class FrontResource(Resource):
         refusal = self._refusal(request)
         handler = self._exact.get(request.path) if refusal is None else None
         if handler is None or request.method != b"POST":
-            request.notifyFinish().addBoth(_ended, request, ctx)
+            request.ending = partial(_ended, request=request, ctx=ctx)
             if refusal is not None:
                 return render.render(request, refusal, ctx.dialect)
             page = self._pages.get(request.path)
@@ -90,9 +92,8 @@ class FrontResource(Resource):
         ctx.endpoint = request.path.decode("ascii")
         d = Deferred.fromCoroutine(handler(request, ctx))
         # A client that leaves cancels the handler, which closes the upstream connection.
-        request.notifyFinish().addBoth(_ended, request, ctx, d)
-        d.addErrback(lambda failure: render.fail(request, failure))
-        d.addCallback(write_answer, request)
+        request.ending = partial(_ended, request=request, ctx=ctx, handler=d)
+        d.addBoth(_answer, request)
         return NOT_DONE_YET
 
     def _refusal(self, request):
@@ -105,9 +106,14 @@ class FrontResource(Resource):
         return None
 
 
+def _answer(result, request):
+    """Write what a route's handler gave: its body, or what its failure renders."""
+    write_answer(render.fail(request, result) if isinstance(result, Failure) else result, request)
+
+
 def _ended(result, request, ctx, handler=None):
-    # notifyFinish fails when the connection was lost before the response was finished:
-    # the handler still running is cancelled (which closes its upstream connection).
+    # The request ends with a failure when the connection was lost before the response was finished
+    # (GatewayRequest.ending): the handler still running is cancelled (which closes its upstream connection).
     ctx.ended(request.code, client_gone=result is not None)
     if result is not None and handler is not None:
         handler.cancel()

@@ -27,7 +27,7 @@ class _Discard(io.BytesIO):
         return len(data)
 
 
-class GatewayRequest(server.Request):
+class GatewayRequest(_twistedcompat.EndingRequest):
     """A request checked when its head is in, whose body is kept only within limits.
 
     Twisted keeps whole bodies (in memory, or a temporary file past 100 kB)
