@@ -44,7 +44,7 @@ class Timers(Service):
     """C{callLater} for timeouts, on C{clock}: exact to the clock, one reactor timer for all (see the module).
 
     Its C{seconds} and C{callLater} are the clock's that timeouts use (what
-    L{gomodel.upstream.client.deadline} asks of a clock). Stopping it (the
+    L{gomodel.upstream.client.within} asks of a clock). Stopping it (the
     gateway's last step, after the drain) cancels what is pending.
     """
 

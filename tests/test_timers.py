@@ -5,7 +5,7 @@ from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.task import Clock
 
 from gomodel.timers import Timers
-from gomodel.upstream.client import deadline
+from gomodel.upstream.client import within
 
 
 def test_each_timeout_fires_at_its_time_on_one_clock_timer():
@@ -65,10 +65,10 @@ def test_stopping_drops_what_is_pending():
     assert fired == []
 
 
-def test_a_deadline_on_timers_times_out_or_settles():
+def test_a_timeout_on_timers_times_out_or_settles():
     clock = Clock()
     timers = Timers(clock)
-    slow = deadline(Deferred(), 30, timers)
+    slow = Deferred.fromCoroutine(within(Deferred(), 30, timers))
     clock.advance(29.999)
     assert not slow.called
     clock.advance(0.001)
@@ -76,7 +76,7 @@ def test_a_deadline_on_timers_times_out_or_settles():
         slow.result.raiseException()
     slow.addErrback(lambda _: None)
     quick = Deferred()
-    answered = deadline(quick, 30, timers)
+    answered = Deferred.fromCoroutine(within(quick, 30, timers))
     quick.callback("answer")
     assert answered.result == "answer"
     clock.advance(60)

@@ -39,7 +39,7 @@ from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.routing.vllm_metrics import parse_load_header
-from gomodel.upstream.client import BodyTooLarge, deadline, discard, read_body
+from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
 from gomodel.upstream.errors import upstream_error
 
 ERROR_BODY_LIMIT = 1024 * 1024
@@ -347,9 +347,8 @@ class Exchange:
             C{response_too_large}); or L{gomodel.errors.UpstreamTimeout}; or
             L{gomodel.errors.UpstreamUnreachable} when it broke off.
         """
-        reading = deadline(read_body(response, limit), self._timeouts.response_header, self._timers)
         try:
-            return await reading
+            return await within(read_body(response, limit), self._timeouts.response_header, self._timers)
         except CancelledError:
             raise
         except BodyTooLarge:

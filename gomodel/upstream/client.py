@@ -12,7 +12,6 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, succeed
 from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -241,12 +240,13 @@ def discard(response, limit: int = 1024 * 1024):
     read_body(response, limit).addErrback(lambda _: None)
 
 
-def deadline(d: Deferred, seconds: float, clock) -> Deferred:
-    """C{d}, cancelled after C{seconds}; it then fails with L{DeferredTimeout}.
+async def within(d: Deferred, seconds: float, clock):
+    """Await C{d}, cancelled after C{seconds} on C{clock} (a reactor, or L{gomodel.timers.Timers}).
 
-    Unlike C{Deferred.addTimeout} this also recognises the
-    C{ResponseNeverReceived([CancelledError])} that cancelling an Agent
-    request produces.
+    @return: what C{d} fires with.
+    @raise DeferredTimeout: C{seconds} passed first. Unlike C{Deferred.addTimeout} this also recognises
+        the C{ResponseNeverReceived([CancelledError])} that cancelling an Agent request produces.
+    @raise Exception: what C{d} fails with.
     """
     timed_out = []
 
@@ -255,15 +255,15 @@ def deadline(d: Deferred, seconds: float, clock) -> Deferred:
         d.cancel()
 
     call = clock.callLater(seconds, expire)
-
-    def settled(result):
+    try:
+        return await d
+    except Exception as e:
+        if timed_out and was_cancelled(e):
+            raise DeferredTimeout(seconds) from None
+        raise
+    finally:
         if call.active():
             call.cancel()
-        if timed_out and isinstance(result, Failure) and was_cancelled(result.value):
-            raise DeferredTimeout(seconds)
-        return result
-
-    return d.addBoth(settled)
 
 
 def was_cancelled(exc) -> bool:

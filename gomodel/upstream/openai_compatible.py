@@ -10,7 +10,7 @@ from zope.interface import implementer
 from gomodel import jsonutil
 from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from gomodel.interfaces import IUpstream
-from gomodel.upstream.client import BodyTooLarge, deadline, read_body, was_cancelled
+from gomodel.upstream.client import BodyTooLarge, read_body, was_cancelled, within
 from gomodel.upstream.errors import upstream_error
 
 # A failure of these kinds means no response byte came back: on a pooled
@@ -90,7 +90,7 @@ class OpenAICompatibleProvider:
         for attempt in (1, 2):
             try:
                 d = self._relay.request(method, url, lines, body)
-                return await deadline(d, self._timeouts.response_header, self._clock)
+                return await within(d, self._timeouts.response_header, self._clock)
             except _TIMEOUTS:
                 raise UpstreamTimeout(f"The upstream provider '{self.name}' did not answer in time.") from None
             except _STALE_CONNECTION as e:
@@ -144,8 +144,8 @@ class OpenAICompatibleProvider:
                                unbuffered=True, allow_redirects=False)
         timeout = min(timeout, self._timeouts.response_header)
         try:
-            response = await deadline(d, timeout, self._clock)
-            return response, await deadline(read_body(response, limit), timeout, self._clock)
+            response = await within(d, timeout, self._clock)
+            return response, await within(read_body(response, limit), timeout, self._clock)
         except CancelledError:
             raise
         except _STALE_CONNECTION as e:
