@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from gomodel.accounting.tokens import TOKEN_TYPES, tokens_by_type
+from gomodel.accounting.tokens import TOKEN_TYPES
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
 
 # Seconds: from a millisecond relay to a ten-minute generation.
@@ -92,7 +92,7 @@ class GatewayMetrics:
         if ctx.stream and ctx.first_byte is not None:
             ttft.observe(ctx.first_byte)
         if ctx.usage:
-            for child, count in zip(tokens, tokens_by_type(ctx.usage)):
+            for child, count in zip(tokens, ctx.token_counts):
                 if count:
                     child.inc(count)
         if ctx.outcome == CLIENT_GONE:

@@ -53,17 +53,19 @@ class UsageLedger(Service):
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
                   ctx.stream, ctx.usage, round(ctx.duration * 1000, 3),
                   None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3), ctx.client_gone,
-                  ctx.estimated, *_who(ctx.principal))
+                  ctx.estimated, *_who(ctx.principal), tokens=ctx.token_counts)
 
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
              usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, auth_key_id=None,
-             user_path=None):
+             user_path=None, tokens=None):
         """Buffer one record (a row in L{gomodel.store.records.USAGE_FIELDS} order) for the next flush.
 
         @param usage: the upstream's usage object, or None.
+        @param tokens: its L{tokens_by_type}, when worked out already.
         """
         if usage:
-            tokens = tokens_by_type(usage)
+            if tokens is None:
+                tokens = tokens_by_type(usage)
             total = total_tokens(usage, tokens)
         else:
             tokens, total = (None, None, None, None), None

@@ -12,6 +12,7 @@ from time import time
 
 from twisted.logger import Logger, LogLevel
 
+from gomodel.accounting.tokens import tokens_by_type
 from gomodel.logs import LINE_FORMAT
 
 # Outcomes a finished request can have.
@@ -48,7 +49,8 @@ class RequestContext:
     __slots__ = ("request_id", "method", "path", "started", "key", "dialect", "endpoint", "provider",
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
-                 "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace")
+                 "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace",
+                 "_token_counts")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, principal=None,
                  dialect=None, recorded=None):
@@ -75,6 +77,7 @@ class RequestContext:
         self.upstream_model = None
         self.stream = False
         self.usage = None
+        self._token_counts = None
         self.estimated = False  # usage counted by the gateway (a stream cut before its usage came)
         self.first_byte = None
         self.status = None
@@ -150,6 +153,15 @@ class RequestContext:
     @property
     def completed(self) -> bool:
         return self._completed
+
+    @property
+    def token_counts(self):
+        """L{tokens_by_type} of L{usage}, worked out once (the usage ledger and the metrics both count
+        them); None without usage."""
+        counts = self._token_counts
+        if counts is None and self.usage:
+            counts = self._token_counts = tokens_by_type(self.usage)
+        return counts
 
     @property
     def tokens(self):

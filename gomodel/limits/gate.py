@@ -227,7 +227,7 @@ class Gate(Periodic):
         charged = charged and used > 0
         cost = None
         if charged and self._pricing and ctx.upstream_model:
-            cost = self._pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", tokens_by_type(usage))[2]
+            cost = self._pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", ctx.token_counts)[2]
         if admission.__class__ is Ticket:
             if admission.lane.finish(admission, used, charged, cost):
                 return  # settled and charged at once, by the lane that admitted it
