@@ -148,9 +148,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if config.metrics.access_log:
         sinks.append(AccessLog())
     if config.metrics.enabled:
-        from gomodel.accounting.metrics import GatewayMetrics
+        from gomodel.accounting.metrics import GatewayMetrics, MetricsFlush
 
         gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.in_flight)
+        MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)
         sinks.append(gateway.metrics)
         starts.append(gateway.metrics.started)
         pages[config.metrics.endpoint.encode("ascii")] = gateway.metrics.page

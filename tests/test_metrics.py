@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -114,3 +115,38 @@ def test_a_dead_workers_live_gauges_are_forgotten(tmp_path, monkeypatch):
     forget_process(4242)
     # The live gauge of 4242 is gone; counters stay (what it counted still counts).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4242.db", "gauge_livesum_4343.db"]
+
+
+def test_requests_counted_between_flushes_give_the_series_observe_gives():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from gomodel.accounting.metrics import DURATION_BUCKETS, GatewayMetrics
+
+    durations = [0.0001, 0.005, 0.0051, 0.3, 0.3, 7.5, 600, 601, 10_000]
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    metrics = GatewayMetrics()
+    for i, duration in enumerate(durations):
+        metrics(SimpleNamespace(provider_type="vllm", provider="vllm", upstream_model="m", endpoint="/v1/chat/completions",
+                                status=200, stream=bool(i % 2), duration=duration, first_byte=duration / 2,
+                                usage=usage, token_counts=(7, 3, 0, 0), outcome="ok", error=None))
+    assert not [s for s in samples(generate_latest(metrics.registry).decode()) if s[0] == "gomodel_requests_total"]
+    metrics.flush()  # (and every scrape flushes first)
+    found = samples(generate_latest(metrics.registry).decode())
+    reference = CollectorRegistry()
+    expected = Histogram("gomodel_request_duration_seconds", "x", ("provider", "provider_name", "model", "endpoint"),
+                         buckets=DURATION_BUCKETS, registry=reference).labels("vllm", "vllm", "vllm/m",
+                                                                                 "/v1/chat/completions")
+    for duration in durations:
+        expected.observe(duration)
+    wanted = {k: v for k, v in samples(generate_latest(reference).decode()).items() if not k[0].endswith("_created")}
+    assert wanted and {k: found.get(k) for k in wanted} == pytest.approx(wanted)  # sums: rounding aside
+    assert value(found, "gomodel_requests_total") == len(durations)
+    assert value(found, "gomodel_requests_total", stream="true") == 4
+    assert value(found, "gomodel_time_to_first_token_seconds_count") == 4
+    assert value(found, "gomodel_time_to_first_token_seconds_sum") == sum(d / 2 for d in durations[1::2])
+    assert value(found, "gomodel_tokens_total", type="input") == 7 * len(durations)
+    assert value(found, "gomodel_tokens_total", type="output") == 3 * len(durations)
+    metrics.flush()  # nothing new: nothing added twice
+    assert samples(generate_latest(metrics.registry).decode()) == found

@@ -131,6 +131,8 @@ def test_a_scrape_sums_the_metrics_of_every_worker(tmp_path):
                        if s.name == "gomodel_requests_total" and s.labels.get("status_code") == "200"
                        and s.labels.get("endpoint") == "other")
 
+        # Each process flushes what its requests added every second (and before answering a scrape).
+        wait_until(lambda: models_requests() == 20.0, what="every process's requests counted")
         assert {models_requests() for _ in range(6)} == {20.0}  # whichever process answers, all are counted
     finally:
         primary.send_signal(signal.SIGTERM)

@@ -7,11 +7,18 @@ disconnects, and each replica's state, in-flight count and last reported
 vLLM load. Labels stay bounded: provider type and name, the model as routed
 (C{provider/upstream-model}, never what a client typed), the gateway route.
 
-With C{--workers}, every process writes its series to one directory
-(prometheus_client's multiprocess mode, C{PROMETHEUS_MULTIPROC_DIR}, set by
-L{gomodel.tap}) and a scrape, whichever process answers it, sums them all;
-the replica series are those of the process that answers.
+A completed request adds to plain counters of its series (L{_Pending}); they
+reach the Prometheus series on every scrape and every L{FLUSH_INTERVAL}
+seconds (L{MetricsFlush}): a counter's C{inc} or a histogram's C{observe}
+takes a lock and, for the histogram, walks its buckets in Python, several
+hundred bytecodes a request. With C{--workers}, every process writes its
+series to one directory (prometheus_client's multiprocess mode,
+C{PROMETHEUS_MULTIPROC_DIR}, set by L{gomodel.tap}) and a scrape, whichever
+process answers it, sums them all, each other process's requests within a
+flush interval; the replica series are those of the process that answers.
 """
+
+from bisect import bisect_left
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -19,11 +26,13 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from gomodel.accounting.tokens import TOKEN_TYPES
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
+from gomodel.periodic import Repeating
 
 # Seconds: from a millisecond relay to a ten-minute generation.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _REQUEST = ("provider", "provider_name", "model", "endpoint")
+FLUSH_INTERVAL = 1.0  # seconds between two flushes of what requests added (L{GatewayMetrics.flush})
 _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_upstream_response",
                               "stream_incomplete", "no_ready_replica", "replicas_busy"))
 
@@ -50,6 +59,7 @@ class GatewayMetrics:
         if not self.counted:
             self._in_flight.set_function(in_flight)
         self._children = {}  # label values -> the series they name (labels() costs a lock and a check each)
+        self._pending = {}  # label values -> what requests added to those series since the last flush
         self._ttft = Histogram("gomodel_time_to_first_token_seconds",
                                "Time from a streamed request's head to its first byte to the client.",
                                ("provider", "provider_name", "model"), buckets=TTFT_BUCKETS, registry=r)
@@ -68,6 +78,7 @@ class GatewayMetrics:
 
     def page(self, request) -> bytes:
         """The text exposition of every series (the C{METRICS_ENDPOINT} route)."""
+        self.flush()
         body = generate_latest(self._exposed)
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"content-length", b"%d" % len(body))
@@ -83,23 +94,41 @@ class GatewayMetrics:
         if self.counted:
             self._in_flight.dec()
         key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status, ctx.stream)
-        series = self._children.get(key)
-        if series is None:
-            series = self._children[key] = self._series(*key)
-        requests, duration, ttft, tokens = series
-        requests.inc()
-        duration.observe(ctx.duration)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending()
+        pending.requests += 1
+        duration = ctx.duration
+        pending.durations[bisect_left(DURATION_BUCKETS, duration)] += 1  # as observe() finds its bucket
+        pending.duration_sum += duration
         if ctx.stream and ctx.first_byte is not None:
-            ttft.observe(ctx.first_byte)
+            pending.ttfts[bisect_left(TTFT_BUCKETS, ctx.first_byte)] += 1
+            pending.ttft_sum += ctx.first_byte
         if ctx.usage:
-            for child, count in zip(tokens, ctx.token_counts):
-                if count:
-                    child.inc(count)
+            tokens, counts = pending.tokens, ctx.token_counts
+            for i in range(len(TOKEN_TYPES)):
+                tokens[i] += counts[i]
         if ctx.outcome == CLIENT_GONE:
             self._gone.labels(*_names(ctx), ctx.endpoint or "other").inc()
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS or ctx.outcome == STREAM_BROKEN
                                          or (ctx.status >= 500 and ctx.error is None)):
             self._errors.labels(*_names(ctx), ctx.error or f"http_{ctx.status}").inc()
+
+    def flush(self):
+        """Add what requests added since the last flush to their series."""
+        pending, self._pending = self._pending, {}
+        for key, added in pending.items():
+            series = self._children.get(key)
+            if series is None:
+                series = self._children[key] = self._series(*key)
+            requests, duration, ttft, tokens = series
+            requests.inc(added.requests)
+            _observed(duration, added.durations, added.duration_sum)
+            if added.ttft_sum or any(added.ttfts):
+                _observed(ttft, added.ttfts, added.ttft_sum)
+            for child, count in zip(tokens, added.tokens):
+                if count:
+                    child.inc(count)
 
     def _series(self, provider_type, provider, upstream_model, endpoint, status, stream):
         """The series one kind of request feeds: requests, duration, time to first token, tokens by type."""
@@ -108,6 +137,43 @@ class GatewayMetrics:
         return (self._requests.labels(*names, endpoint, str(status), "true" if stream else "false"),
                 self._duration.labels(*names, endpoint), self._ttft.labels(*names),
                 tuple(self._tokens.labels(*names, kind) for kind in TOKEN_TYPES))
+
+
+class _Pending:
+    """What one kind of request added to its series since the last flush: requests, their durations and
+    times to first token by bucket (the last one +Inf) and summed, and tokens by type."""
+
+    __slots__ = ("requests", "durations", "duration_sum", "ttfts", "ttft_sum", "tokens")
+
+    def __init__(self):
+        self.requests = 0
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.ttfts = [0] * (len(TTFT_BUCKETS) + 1)
+        self.ttft_sum = 0.0
+        self.tokens = [0] * len(TOKEN_TYPES)
+
+
+def _observed(histogram, counts, total):
+    """Add to a histogram's series (a labelled child) observations counted by bucket and summed: what
+    C{observe} does for each, at once. prometheus_client keeps a child's per-bucket counts (the last one
+    +Inf) in C{_buckets} and their sum in C{_sum} (checked by C{tests/test_metrics.py})."""
+    histogram._sum.inc(total)
+    for bucket, count in zip(histogram._buckets, counts):
+        if count:
+            bucket.inc(count)
+
+
+class MetricsFlush(Repeating):
+    """Flushes the gateway's metrics (L{GatewayMetrics.flush}) every L{FLUSH_INTERVAL} seconds while it
+    runs, and once more when it stops (after the drain: nothing a request added is left behind)."""
+
+    def __init__(self, metrics, clock):
+        super().__init__(FLUSH_INTERVAL, metrics.flush, clock)
+
+    def stopService(self):
+        self.call()
+        return super().stopService()
 
 
 def _names(ctx):
