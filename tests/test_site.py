@@ -144,3 +144,24 @@ async def test_idle_client_connections_are_closed_by_the_sweep_and_busy_ones_kep
         assert not site.channels
     finally:
         await port.stopListening()
+
+
+def test_answer_headers_put_is_setRawHeaders_and_cookies_are_parsed_when_asked_for():
+    from twisted.web.http_headers import Headers
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from gomodel.http.headers import CONTENT_LENGTH, X_REQUEST_ID, AnswerHeaders
+    from gomodel.http.site import GatewayRequest
+
+    ours, theirs = AnswerHeaders(), Headers()
+    ours.put(X_REQUEST_ID, b"abc")
+    ours.put(CONTENT_LENGTH, b"1")
+    ours.put(CONTENT_LENGTH, b"12")  # replaces
+    theirs.setRawHeaders(b"x-request-id", [b"abc"])
+    theirs.setRawHeaders(b"content-length", [b"12"])
+    assert sorted(ours.getAllRawHeaders()) == sorted(theirs.getAllRawHeaders())
+    request = GatewayRequest(DummyChannel())
+    request.requestHeaders.setRawHeaders(b"cookie", [b"a=1; b=2"])
+    request.parseCookies()  # what Twisted calls for every request: nothing yet
+    assert request.received_cookies == {}
+    assert request.getCookie(b"b") == b"2" and request.received_cookies == {b"a": b"1", b"b": b"2"}

@@ -20,6 +20,7 @@ from gomodel import errors
 from gomodel._twistedcompat import send_now
 from gomodel.http import render
 from gomodel.http.context import STREAM_BROKEN, RequestContext, reads_usage
+from gomodel.http.headers import X_REQUEST_ID
 from gomodel.http.site import request_id_for
 
 
@@ -58,7 +59,7 @@ class FrontResource(Resource):
 
     def render(self, request):
         request_id = request_id_for(request)
-        request.setHeader(b"x-request-id", request_id)
+        request.responseHeaders.put(X_REQUEST_ID, request_id)
         ctx = request.context = RequestContext(
             request_id, request.method, request.path, self._clock, self._sinks, principal=request.identity,
             dialect=self._dialects.get(request.path, render.OPENAI), recorded=self._recorded)

@@ -2,6 +2,7 @@
 
 from twisted.web.http_headers import Headers
 
+from gomodel._twistedcompat import header_name, plain_headers
 from gomodel.limits.limiter import RATE_LIMIT_HEADERS
 
 # RFC 9110 7.6.1 connection-specific headers, plus the old proxy ones.
@@ -29,9 +30,24 @@ class AnswerHeaders(Headers):
         super().__init__()
         self.lines = b""
 
+    def put(self, name: bytes, value: bytes):
+        """Set the header C{name} (made with L{header_name}) to C{value}, a value the gateway made (no CR or
+        LF), replacing what it held: C{setHeader} checks and re-encodes the name and the value, a
+        measurable cost for the headers every answer carries."""
+        plain_headers(self)[name] = [value]
+
     def has_line(self, name: bytes) -> bool:
         """Whether L{lines} hold the header C{name} (lower-case)."""
         return bool(self.lines) and name + b": " in self.lines.lower()
+
+
+# Names of the headers the gateway sets on its answers with AnswerHeaders.put.
+SERVER = header_name("server")
+DATE = header_name("date")
+X_REQUEST_ID = header_name("x-request-id")
+X_GOMODEL_REPLICA = header_name("x-gomodel-replica")
+CONTENT_TYPE = header_name("content-type")
+CONTENT_LENGTH = header_name("content-length")
 
 
 def connection_tokens(headers) -> set:

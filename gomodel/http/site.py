@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
-from gomodel.http.headers import AnswerHeaders
+from gomodel.http.headers import DATE, SERVER, AnswerHeaders
 
 
 class _Discard(io.BytesIO):
@@ -56,10 +56,21 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     identity = None
     refusal = None
     context = None
+    _cookies_parsed = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.responseHeaders = AnswerHeaders()
+
+    def parseCookies(self):
+        """Nothing: cookies are parsed when first asked for (L{getCookie}), not on every request (the gateway
+        reads none)."""
+
+    def getCookie(self, key):
+        if not self._cookies_parsed:
+            self._cookies_parsed = True
+            super().parseCookies()
+        return super().getCookie(key)
 
     def process(self):
         """Twisted's C{server.Request.process}, with our Server header, a Date
@@ -67,8 +78,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         has nothing to unquote."""
         self.site = site = self.channel.site
         headers = self.responseHeaders
-        headers.setRawHeaders(b"server", [b"gomodel"])
-        headers.setRawHeaders(b"date", [site.http_date()])
+        headers.put(SERVER, b"gomodel")
+        headers.put(DATE, site.http_date())
         self.prepath = []
         path = self.path
         segments = path[1:].split(b"/")

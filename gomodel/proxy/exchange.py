@@ -34,7 +34,8 @@ from gomodel import jsonutil
 from gomodel.accounting.tokens import requested_tokens
 from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamTimeout,
                             UpstreamUnreachable)
-from gomodel.http.headers import copy_response_headers, is_event_stream
+from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, X_GOMODEL_REPLICA, copy_response_headers,
+                                  is_event_stream)
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import StreamIncomplete
@@ -154,7 +155,7 @@ class Exchange:
                     if model != ctx.upstream_model or upstream.name != ctx.provider:
                         ctx.route(upstream, ctx.model, model)  # a fallback target served it
                     ctx.replica = replica.index
-                    request.setHeader(b"x-gomodel-replica", b"%d" % replica.index)
+                    request.responseHeaders.put(X_GOMODEL_REPLICA, b"%d" % replica.index)
                     answer = await self._answer(request, ctx, upstream, response, call)
                     if response.code < 300 and ctx.outcome is None:
                         took = self._clock.seconds() - sent
@@ -381,8 +382,8 @@ class Exchange:
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise BadUpstreamResponse(
                     f"The answer of the upstream provider '{upstream.name}' could not be read.") from None
-            request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(body))
+            request.responseHeaders.put(CONTENT_TYPE, b"application/json")
+        request.responseHeaders.put(CONTENT_LENGTH, b"%d" % len(body))
         ctx.first_byte_written()
         return body
 
