@@ -146,11 +146,11 @@ async def test_idle_client_connections_are_closed_by_the_sweep_and_busy_ones_kep
         await port.stopListening()
 
 
-def test_answer_headers_put_is_setRawHeaders_and_cookies_are_parsed_when_asked_for():
+def test_answer_headers_put_and_request_header_are_Twisteds_and_cookies_are_parsed_when_asked_for():
     from twisted.web.http_headers import Headers
     from twisted.web.test.requesthelper import DummyChannel
 
-    from gomodel.http.headers import CONTENT_LENGTH, X_REQUEST_ID, AnswerHeaders
+    from gomodel.http.headers import AUTHORIZATION, CONTENT_LENGTH, X_REQUEST_ID, AnswerHeaders, request_header
     from gomodel.http.site import GatewayRequest
 
     ours, theirs = AnswerHeaders(), Headers()
@@ -161,6 +161,10 @@ def test_answer_headers_put_is_setRawHeaders_and_cookies_are_parsed_when_asked_f
     theirs.setRawHeaders(b"content-length", [b"12"])
     assert sorted(ours.getAllRawHeaders()) == sorted(theirs.getAllRawHeaders())
     request = GatewayRequest(DummyChannel())
+    request.requestHeaders.addRawHeader(b"X-REQUEST-ID", b"first")
+    request.requestHeaders.addRawHeader(b"x-request-id", b"last")
+    assert request_header(request, X_REQUEST_ID) == request.getHeader(b"x-request-id") == b"last"
+    assert request_header(request, AUTHORIZATION) is None
     request.requestHeaders.setRawHeaders(b"cookie", [b"a=1; b=2"])
     request.parseCookies()  # what Twisted calls for every request: nothing yet
     assert request.received_cookies == {}

@@ -21,6 +21,7 @@ import re
 from twisted.logger import Logger
 
 from gomodel.errors import AuthenticationFailed, Forbidden
+from gomodel.http.headers import AUTHORIZATION, X_API_KEY, request_header
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
 
@@ -216,11 +217,11 @@ def presented_key(request, required=True) -> bytes:
 
     @raise AuthenticationFailed: none was sent (when C{required}), or the header is malformed.
     """
-    header = request.getHeader(b"authorization")
+    header = request_header(request, AUTHORIZATION)
     if not header:
-        key = request.getHeader(b"x-api-key")
+        key = request_header(request, X_API_KEY)
         if key and key.strip():
-            return key.strip() if isinstance(key, bytes) else key.strip().encode("latin-1")
+            return key.strip()
         if not required:
             return b""
         raise AuthenticationFailed("Missing API key: send the gateway key as 'Authorization: Bearer <key>' "

@@ -41,7 +41,19 @@ class AnswerHeaders(Headers):
         return bool(self.lines) and name + b": " in self.lines.lower()
 
 
-# Names of the headers the gateway sets on its answers with AnswerHeaders.put.
+def request_header(request, name: bytes):
+    """The last value of the request header C{name} (made with L{header_name}), or None: C{getHeader}
+    without re-encoding the name on every request."""
+    values = plain_headers(request.requestHeaders).get(name)
+    return values[-1] if values else None
+
+
+# Names of the headers the gateway reads on every request or upstream answer.
+AUTHORIZATION = header_name("authorization")
+X_API_KEY = header_name("x-api-key")
+CONNECTION = header_name("connection")
+ENDPOINT_LOAD_METRICS = header_name("endpoint-load-metrics")
+# Names of the headers the gateway sets on its answers with AnswerHeaders.put (X-Request-Id is read too).
 SERVER = header_name("server")
 DATE = header_name("date")
 X_REQUEST_ID = header_name("x-request-id")
@@ -52,7 +64,7 @@ CONTENT_LENGTH = header_name("content-length")
 
 def connection_tokens(headers) -> set:
     tokens = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in plain_headers(headers).get(CONNECTION, ()):
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
 
@@ -84,5 +96,5 @@ def _has_line(headers, name) -> bool:
 
 def is_event_stream(upstream_response) -> bool:
     """Whether the upstream answered with server-sent events."""
-    value = upstream_response.headers.getRawHeaders(b"content-type", [b""])[0]
+    value = plain_headers(upstream_response.headers).get(CONTENT_TYPE, (b"",))[0]
     return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"

@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
-from gomodel.http.headers import DATE, SERVER, AnswerHeaders
+from gomodel.http.headers import DATE, SERVER, X_REQUEST_ID, AnswerHeaders, request_header
 
 
 class _Discard(io.BytesIO):
@@ -309,9 +309,8 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 def request_id_for(request) -> bytes:
     """The client's C{X-Request-Id} when it is sane, else a new one."""
-    given = request.getHeader(b"x-request-id")
+    given = request_header(request, X_REQUEST_ID)
     if given is not None:
-        given = given.encode("latin-1") if isinstance(given, str) else given
         if _REQUEST_ID.fullmatch(given):
             return given
     return os.urandom(16).hex().encode("ascii")

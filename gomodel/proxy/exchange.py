@@ -31,11 +31,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel import jsonutil
+from gomodel._twistedcompat import plain_headers
 from gomodel.accounting.tokens import requested_tokens
 from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamTimeout,
                             UpstreamUnreachable)
-from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, X_GOMODEL_REPLICA, copy_response_headers,
-                                  is_event_stream)
+from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, X_GOMODEL_REPLICA,
+                                  copy_response_headers, is_event_stream)
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import StreamIncomplete
@@ -305,7 +306,7 @@ class Exchange:
                     raise
                 if trace is not None:
                     trace.answered(response.code)
-                report = response.headers.getRawHeaders(b"endpoint-load-metrics")
+                report = plain_headers(response.headers).get(ENDPOINT_LOAD_METRICS)
                 if report is not None:
                     replica.answered(parse_load_header(report[0]))
                 if response.code >= 500:
