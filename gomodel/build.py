@@ -6,6 +6,8 @@ registry), stores and batch work, the exchange and the routes, the site and
 its listeners. No other module constructs a collaborator of another room.
 """
 
+from functools import partial
+
 from twisted.internet.endpoints import serverFromString
 
 from gomodel.accounting.tokens import Pricing
@@ -24,11 +26,11 @@ from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
 from gomodel.http.site import IDLE_SWEEP, GatewaySite
 from gomodel.lifecycle import Drain, Readiness
-from gomodel.periodic import Repeating
 from gomodel.limits.budgets import BudgetBook
 from gomodel.limits.counters import LocalCounters, RedisCounters
 from gomodel.limits.gate import Gate
 from gomodel.limits.limiter import Limiter
+from gomodel.periodic import Repeating
 from gomodel.proxy.exchange import Exchange
 from gomodel.redis_client import connect as connect_redis
 from gomodel.responses_history import ResponseRetention
@@ -69,7 +71,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     timers = Timers(reactor)
     timers.setServiceParent(gateway)
     pool = make_pool(reactor, config.upstreams.pool_max_per_host, config.upstreams.pool_idle_timeout)
-    PoolService(pool, POOL_SWEEP, reactor).setServiceParent(gateway)
+    PoolService(pool).setServiceParent(gateway)
+    Repeating(POOL_SWEEP, partial(pool.close_idle, POOL_SWEEP), clock=reactor).setServiceParent(gateway)
     endpoints = CachingEndpointFactory(reactor, config.upstreams.timeouts.connect)
     relay_client = RelayClient(pool, endpoints)
     http = make_http_client(make_agent(reactor, pool, endpoints))

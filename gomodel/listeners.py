@@ -12,7 +12,6 @@ gateway that runs without a port.
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 
@@ -33,25 +32,13 @@ class ListenFailed(SystemExit):
 
 
 class PoolService(Service):
-    """Owns the upstream connection pool: sweeps its idle connections every C{step} seconds
-    (C{close_idle}) while it runs, and closes it last on the way down."""
+    """Owns the upstream connection pool; closes it last on the way down."""
 
-    def __init__(self, pool, step, clock):
+    def __init__(self, pool):
         self.pool = pool
-        self._step = step
-        self._clock = clock
-        self._sweep = None
-
-    def startService(self):
-        super().startService()
-        self._sweep = LoopingCall(self.pool.close_idle, self._step)
-        self._sweep.clock = self._clock
-        self._sweep.start(self._step, now=False)
 
     def stopService(self):
         super().stopService()
-        if self._sweep is not None and self._sweep.running:
-            self._sweep.stop()
         return self.pool.closeCachedConnections()
 
 

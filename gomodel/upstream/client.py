@@ -51,11 +51,10 @@ def make_pool(reactor, max_per_host: int, idle_timeout: float) -> SweptPool:
 
     Idle connections are closed before uvicorn's 5 s keep-alive would close
     them under us: within C{idle_timeout} seconds, by the pool's C{close_idle}
-    (L{gomodel._twistedcompat.SweptPool}), which the gateway's L{PoolService
-    <gomodel.listeners.PoolService>} calls every L{POOL_SWEEP} seconds. The
-    pool's own retry wrapper is off: it only ever retries bodiless idempotent
-    requests, and the providers retry a request that found its pooled
-    connection closed themselves.
+    (L{gomodel._twistedcompat.SweptPool}), which the gateway calls every
+    L{POOL_SWEEP} seconds. The pool's own retry wrapper is off: it only ever
+    retries bodiless idempotent requests, and the providers retry a request
+    that found its pooled connection closed themselves.
     """
     pool = SweptPool(reactor, persistent=True)
     pool.retryAutomatically = False
