@@ -1,8 +1,9 @@
-"""Every use of Twisted's private names, in one place.
+"""Every use of Twisted's private names, in one place (but the state of HTTPChannel's that the client
+connection, L{gomodel.http.channel}, keeps as Twisted does).
 
 The gateway reaches below Twisted's public API where the public one costs
 measurable time per request (the relay client, the request's C{process}, the
-early write) or cannot say what we need (the request line before the body).
+early write).
 Each touch is here, named for what it does, and each is checked by
 C{tests/test_twistedcompat.py}, which fails loudly on a Twisted that changed
 it; C{setup.py} caps Twisted below the next major version for the same reason.
@@ -15,19 +16,6 @@ from twisted.web import resource, server
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import _nameEncoder
-
-
-def request_line(request):
-    """The method and target of a request whose body is still arriving.
-
-    C{Request.method} and C{.uri} are set only once the whole body is in
-    (C{requestReceived}); until then the channel holds the request line.
-
-    @return: C{(method, target)} as bytes, or C{(None, None)} when the channel
-        does not hold them.
-    """
-    channel = request.channel
-    return getattr(channel, "_command", None), getattr(channel, "_path", None)
 
 
 def header_name(name: str) -> bytes:

@@ -17,19 +17,15 @@ from twisted.internet.testing import StringTransport
 from gomodel import _twistedcompat
 
 
-def test_channel_holds_the_request_line_until_the_body_is_in():
+def test_the_channel_state_the_gateways_channel_keeps_is_HTTPChannels():
+    # gomodel.http.channel.GatewayChannel parses with llhttp and keeps Twisted's state for the rest.
     channel = http.HTTPChannel()
     channel.makeConnection(StringTransport())
-    seen = []
-
-    class Probe(http.Request):
-        def gotLength(self, length):
-            seen.append(_twistedcompat.request_line(self))
-            super().gotLength(length)
-
-    channel.requestFactory = Probe
-    channel.dataReceived(b"POST /v1/files?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n")
-    assert seen == [(b"POST", b"/v1/files?x=1")]
+    assert channel.requests == [] and channel._dataBuffer == [] and channel._handlingRequest is False
+    assert channel._waitingForTransport is False and channel._optimisticEagerReadSize == 0x4000
+    assert channel._networkProducer is not None and channel.maxHeaders == 500 and channel.totalHeadersSize == 16384
+    channel._send100Continue()
+    assert channel.transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
     channel.connectionLost(None)
 
 

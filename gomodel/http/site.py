@@ -13,10 +13,10 @@ import re
 
 from twisted.python import failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
+from gomodel.http.channel import GatewayChannel
 from gomodel.http.headers import DATE, SERVER, X_REQUEST_ID, AnswerHeaders, request_header
 
 
@@ -42,6 +42,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     @ivar refusal: the L{gomodel.errors.GatewayError} to answer instead of
         the route, or None.
     @ivar context: the L{gomodel.http.context.RequestContext}, made by the front.
+    @ivar keep_alive: whether the connection takes another request after this one (the channel sets it
+        from the head; a refusal clears it).
     """
 
     body_limit = 10 * 1024 * 1024
@@ -56,6 +58,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     identity = None
     refusal = None
     context = None
+    keep_alive = True
     _cookies_parsed = False
 
     def __init__(self, *args, **kwargs):
@@ -93,10 +96,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             self.processingFailed(failure.Failure())
 
     def gotLength(self, length):
-        # Only the request line and headers are known here: self.method and
-        # self.uri are set later, the channel holds the request line meanwhile.
-        method, target = _twistedcompat.request_line(self)
-        path = (target or b"").split(b"?", 1)[0]
+        # Only the request line and headers are known here (the channel set self.method and self.uri).
+        method = self.method
+        path = self.uri.split(b"?", 1)[0]
         if self.authenticate is not None:
             try:
                 self.identity = self.authenticate(self, path)
@@ -122,7 +124,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         # No "100 Continue" for a body we will not read: a client that waits
         # for it gets the refusal instead of sending the body first.
         self.requestHeaders.removeHeader(b"expect")
-        self.channel.persistent = False
+        self.keep_alive = False
         # Said in the answer, so that a client's pool does not send its next request on this connection.
         self.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
@@ -139,99 +141,6 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             self.content = _Discard()
             return
         super().handleContentChunk(data)
-
-
-class GatewayChannel(http.HTTPChannel):
-    """Twisted's HTTP/1.1 channel on a prompt connection, with the connection's addresses looked up once
-    and an answer's head written with its first bytes.
-
-    Twisted's Site wraps each channel in a protocol that can negotiate HTTP/2;
-    the gateway speaks HTTP/1.1 only, so it serves this channel directly. Each
-    request asks its channel for both addresses (a getsockname call and two
-    address objects per request otherwise). The connection writes at once
-    (L{gomodel._twistedcompat.prompt}), so the status line and headers wait
-    for the body's first bytes, or the end of the request, to leave with them
-    in one write.
-    """
-
-    _peer = None
-    _host = None
-    _head = None  # the answer's status line and headers, not yet written
-    active = True  # something came in or went out since the site's last idle sweep
-    idle_since = None  # when a sweep last found it active (GatewaySite.sweep_idle)
-
-    def connectionMade(self):
-        _twistedcompat.prompt(self.transport)
-        super().connectionMade()
-        self.site.channels.add(self)
-
-    def dataReceived(self, data):
-        self.active = True
-        super().dataReceived(data)
-
-    def connectionLost(self, reason):
-        self._head = None
-        self.site.channels.discard(self)
-        super().connectionLost(reason)
-
-    def getPeer(self):
-        if self._peer is None:
-            self._peer = super().getPeer()
-        return self._peer
-
-    def getHost(self):
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    def writeHeaders(self, version, code, reason, headers):
-        """Make the status line and C{headers} one piece, written with the body's first bytes
-        (L{write}) or when the request is done: Twisted hands the transport four pieces per header,
-        each checked in Python (a managed key's six C{x-ratelimit-*} headers alone are 24)."""
-        if not isinstance(headers, Headers):
-            super().writeHeaders(version, code, reason, headers)
-            return
-        head = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                head += (name, b": ", value, b"\r\n")
-        head.append(getattr(headers, "lines", b""))  # an AnswerHeaders' own lines
-        head.append(b"\r\n")
-        self._head = b"".join(head)
-
-    def write(self, data):
-        head = self._head
-        if head is not None:
-            self._head = None
-            data = head + data
-        self.transport.write(data)
-
-    def writeSequence(self, iovec):
-        head = self._head
-        if head is not None:
-            self._head = None
-            iovec = [head, *iovec]
-        self.transport.writeSequence(iovec)
-
-    def _write_head(self):
-        """Write an answer's head still held (an answer without a body, or a producer's before it writes)."""
-        head = self._head
-        if head is not None:
-            self._head = None
-            self.transport.write(head)
-
-    def requestDone(self, request):
-        self._write_head()
-        self.active = True
-        super().requestDone(request)
-
-    def registerProducer(self, producer, streaming):
-        self._write_head()
-        super().registerProducer(producer, streaming)
-
-    def loseConnection(self):
-        self._write_head()
-        return super().loseConnection()
 
 
 CLIENT_IDLE_TIMEOUT = 120

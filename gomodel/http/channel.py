@@ -1,0 +1,389 @@
+"""The client connection: HTTP/1.1 requests parsed by llhttp (httptools), answered by Twisted's Request.
+
+Twisted's channel parses a request in Python, a line at a time (its line
+receiver, the request line, each header's name and value checked and
+re-encoded): about a third of the bytecodes a relayed chat request costs the
+gateway. Here Node.js's parser, llhttp (through httptools, which uvicorn
+uses too), reads the bytes in C and calls back once for the target, once per
+header, once per piece of body and once at the end; it is also the stricter
+parser (no bare LF, no whitespace before a colon, one Content-Length, no
+Content-Length beside Transfer-Encoding: what request smuggling relies on).
+
+What Twisted's channel does around the parsing stays as it was: one request
+answered at a time, in order; what a client sends while an answer is in
+progress is held (16 kB, then reading stops) until it is done; the request's
+head is checked (C{gotLength}) before its body is read; C{100 Continue} is
+sent when the client asks for it; a request that ends the connection
+(C{Connection: close}, HTTP/1.0, a refusal) is the last one read. The
+channel builds on C{HTTPChannel}'s names for that state (C{requests},
+C{_handlingRequest}, C{_dataBuffer}, C{_networkProducer},
+C{_waitingForTransport}), which C{tests/test_twistedcompat.py} checks.
+"""
+
+import httptools
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.http_headers import Headers
+
+from gomodel import _twistedcompat
+from gomodel._twistedcompat import header_name
+from gomodel.http.headers import CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING
+
+_log = Logger()
+
+# The HTTP versions the channel speaks (httptools gives the version as text), as the status line writes them.
+_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+# Requests read ahead of their turn from one read (pipelining): the last one read closes the connection.
+PIPELINE_DEPTH = 16
+_NAMES_KEPT = 1000  # header names whose Header-Case spelling is remembered (a client can make up any number)
+_BAD_REQUEST = (b'{"error": {"message": "The request is not valid HTTP/1.1: %s.", "type": "invalid_request_error", '
+                b'"param": null, "code": "bad_request"}}')
+
+
+class _BadRequest(Exception):
+    """A request the channel answers with 400: over a limit of its head, or in an HTTP version it does not speak."""
+
+
+class _Stopped(Exception):
+    """Raised from a parser callback to stop reading: the connection takes no more requests."""
+
+
+class GatewayChannel(http.HTTPChannel):
+    """An HTTP/1.1 connection of the gateway's: requests parsed by llhttp, on a prompt connection, with the
+    connection's addresses looked up once and an answer's head written with its first bytes.
+
+    Twisted's Site wraps each channel in a protocol that can negotiate HTTP/2; the gateway speaks HTTP/1.1
+    only, so it serves this channel directly. Each request asks its channel for both addresses (a
+    getsockname call and two address objects per request otherwise). The connection writes at once
+    (L{gomodel._twistedcompat.prompt}), so the status line and headers wait for the body's first bytes, or
+    the end of the request, to leave with them in one write.
+
+    @ivar maxHeaders: the most headers a request may have (Twisted's 500).
+    @ivar totalHeadersSize: the most bytes a request's target and headers may take (Twisted's 16 kB).
+    """
+
+    _parser = None  # None once the connection takes no more requests
+    _receiving = None  # the request whose head or body is being read
+    _busy = False  # in _receive: a request answered meanwhile leaves the next to it
+    _peer = None
+    _host = None
+    _head = None  # the answer's status line and headers, not yet written
+    active = True  # something came in or went out since the site's last idle sweep
+    idle_since = None  # when a sweep last found it active (GatewaySite.sweep_idle)
+
+    def connectionMade(self):
+        _twistedcompat.prompt(self.transport)
+        super().connectionMade()
+        self._parser = httptools.HttpRequestParser(self)
+        self._received = []  # requests read whole, waiting for the ones before them to be answered
+        self.site.channels.add(self)
+
+    def dataReceived(self, data):
+        self.active = True
+        if self._handlingRequest or self._busy:
+            # Held until the answer in progress is done, as Twisted holds it: past 16 kB, reading stops.
+            self._dataBuffer.append(data)
+            if not self._waitingForTransport and sum(map(len, self._dataBuffer)) > self._optimisticEagerReadSize:
+                self._networkProducer.pauseProducing()
+            return
+        self._receive(data)
+
+    def _receive(self, data):
+        """Parse C{data} and what was held, starting each request read whole in order, one at a time."""
+        self._busy = True
+        try:
+            while True:
+                self._parse(data)
+                received = self._received
+                while received and not self._handlingRequest:
+                    request = received.pop(0)
+                    self._handlingRequest = True
+                    request.requestReceived(request.method, request.uri, request.clientproto)
+                if self._handlingRequest or not self._dataBuffer:
+                    return
+                data = b"".join(self._dataBuffer)
+                self._dataBuffer = []
+        finally:
+            self._busy = False
+
+    def _parse(self, data):
+        parser = self._parser
+        if parser is None or not data:
+            return  # after the last request the connection takes, the client's bytes are dropped, as Twisted does
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(data[upgrade.args[0]:])
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _BadRequest):
+                self._bad_request(str(cause))
+            elif not isinstance(cause, _Stopped):
+                raise cause from None  # a defect of the gateway's, not of the request: the reactor logs it
+        except httptools.HttpParserError as e:
+            self._bad_request(str(e))
+        else:
+            if self._head_open:
+                # A head still arriving (llhttp holds a header until its end): it may take the read it began
+                # in, then totalHeadersSize bytes more.
+                if self._head_read < 0:
+                    self._head_read = 0
+                else:
+                    self._head_read += len(data)
+                    if self._head_read > self.totalHeadersSize:
+                        self._bad_request("its headers are too large")
+
+    # llhttp's callbacks (httptools calls them by these names).
+
+    def on_message_begin(self):
+        requests = self.requests
+        if requests:
+            last = requests[-1]
+            if len(requests) >= PIPELINE_DEPTH and last.keep_alive:
+                last.keep_alive = False  # its answer closes the connection; a pipelining client sends the rest again
+                last.responseHeaders.put(CONNECTION, b"close")
+            if not last.keep_alive:
+                self._parser = None
+                raise _Stopped()
+        request = self.requestFactory(self)
+        requests.append(request)
+        self._receiving = request
+        self._pairs = []  # each header's name and value, as llhttp gives them
+        self._target = b""
+        self._head_open = True
+        self._head_read = -1  # bytes read for the head after the read it began in (_parse)
+
+    def on_url(self, piece):
+        self._target += piece
+        if len(self._target) > self.totalHeadersSize:
+            raise _BadRequest("its target is too long")
+
+    def on_header(self, name, value):
+        # Kept as they come (their number and size are checked once the head is in; until then _parse
+        # bounds what a head may take): on_headers_complete makes them the request's headers at once.
+        self._pairs += (name, value)
+
+    def on_headers_complete(self):
+        parser = self._parser
+        request = self._receiving
+        self._head_open = False
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            raise _BadRequest("the gateway speaks HTTP/1.1 and HTTP/1.0")
+        target = self._target
+        pairs = self._pairs
+        if len(pairs) > 2 * self.maxHeaders:
+            raise _BadRequest("it has too many headers")
+        if len(target) + sum(map(len, pairs)) + 2 * len(pairs) > self.totalHeadersSize:
+            raise _BadRequest("its headers are too large")
+        headers = _twistedcompat.plain_headers(request.requestHeaders)
+        _keep_headers(headers, pairs)
+        method = parser.get_method()
+        # Twisted sets these once the body is in (requestReceived sets them again); the head's check needs them.
+        request.method, request.uri, request.clientproto = method, target, version
+        length = headers.get(CONTENT_LENGTH)
+        if length is not None:
+            length = int(length[0])  # llhttp let only one, all digits, through
+        elif TRANSFER_ENCODING in headers:
+            length = None  # llhttp let only a chunked body through
+        else:
+            length = 0
+        # HTTP/1.0 connections are not kept (an answer without Content-Length ends with the connection).
+        request.keep_alive = version == b"HTTP/1.1" and parser.should_keep_alive()
+        if not request.keep_alive and version == b"HTTP/1.1":
+            request.responseHeaders.put(CONNECTION, b"close")
+        if parser.should_upgrade():
+            # The gateway answers a request asking to switch protocols as any other (RFC 9110 7.8), and
+            # after a CONNECT, whose tunnel it does not serve, it closes; llhttp stops after the head either way.
+            if method == b"CONNECT":
+                request.keep_alive = False
+            elif length is None:
+                self._framing_after_upgrade = b"Transfer-Encoding: chunked"
+            elif length:
+                self._framing_after_upgrade = b"Content-Length: %d" % length
+        request.gotLength(length)
+        if length != 0 and version == b"HTTP/1.1" and self.requests[0] is request:
+            expect = headers.get(EXPECT)  # gotLength drops it from a refused request's
+            if expect and expect[0].lower() == b"100-continue":
+                self._send100Continue()
+
+    def on_body(self, data):
+        self._receiving.handleContentChunk(data)
+
+    def on_message_complete(self):
+        if self._framing_after_upgrade is not None:
+            return  # llhttp stopped after an Upgrade head: the body comes after that (_upgraded)
+        self._received.append(self._receiving)
+        self._receiving = None
+
+    _framing_after_upgrade = None  # how a body llhttp left behind an Upgrade head is framed (its header line)
+
+    def _upgraded(self, rest):
+        """Go on reading after a request that asked to switch protocols: its body, or the next request.
+
+        llhttp stops after such a request's head, its body not read; a new parser is put in the body's
+        place with a made-up head (L{_AfterUpgrade}) and reads the rest as it follows.
+        """
+        if not self.requests[-1].keep_alive:
+            self._parser = None
+            return
+        framing, self._framing_after_upgrade = self._framing_after_upgrade, None
+        if framing is None:
+            self._parser = httptools.HttpRequestParser(self)
+        else:
+            self._parser = httptools.HttpRequestParser(_AfterUpgrade(self))
+            self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+        self._parse(rest)
+
+    def _bad_request(self, reason):
+        """Answer 400 and close; requests read whole before the bad bytes are answered first."""
+        self._parser = None
+        received = self._received
+        if received:
+            last = received[-1]
+            last.keep_alive = False
+            last.responseHeaders.put(CONNECTION, b"close")
+            return
+        _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
+        body = _BAD_REQUEST % reason.encode("ascii", "replace").replace(b'"', b"'")
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (len(body), body))
+        self.loseConnection()
+
+    def requestDone(self, request):
+        """The answer to C{request}, the first in line, is done: start the next, or close the connection."""
+        self._write_head()
+        self.active = True
+        if request is not self.requests[0]:
+            raise TypeError(request)
+        del self.requests[0]
+        self._handlingRequest = False
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        if not request.keep_alive:
+            self._parser = None
+            self._received = []
+            self._dataBuffer = []
+            self.loseConnection()
+            return
+        if not self._busy and (self._received or self._dataBuffer):
+            self._receive(b"")
+
+    def connectionLost(self, reason):
+        self._head = None
+        self._parser = None
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+    def getHost(self):
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def writeHeaders(self, version, code, reason, headers):
+        """Make the status line and C{headers} one piece, written with the body's first bytes
+        (L{write}) or when the request is done: Twisted hands the transport four pieces per header,
+        each checked in Python (a managed key's six C{x-ratelimit-*} headers alone are 24)."""
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(getattr(headers, "lines", b""))  # an AnswerHeaders' own lines
+        head.append(b"\r\n")
+        self._head = b"".join(head)
+
+    def write(self, data):
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        self.transport.write(data)
+
+    def writeSequence(self, iovec):
+        head = self._head
+        if head is not None:
+            self._head = None
+            iovec = [head, *iovec]
+        self.transport.writeSequence(iovec)
+
+    def _write_head(self):
+        """Write an answer's head still held (an answer without a body, or a producer's before it writes)."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.write(head)
+
+    def registerProducer(self, producer, streaming):
+        self._write_head()
+        super().registerProducer(producer, streaming)
+
+    def loseConnection(self):
+        self._write_head()
+        return super().loseConnection()
+
+
+class _AfterUpgrade:
+    """A parser's callbacks that pass everything on to the channel but the first head: the made-up one
+    that puts a new parser where llhttp left a body behind an Upgrade head (L{GatewayChannel._upgraded})."""
+
+    def __init__(self, channel):
+        self._channel = channel
+        self._made_up = True
+
+    def on_message_begin(self):
+        if not self._made_up:
+            self._channel.on_message_begin()
+
+    def on_url(self, piece):
+        if not self._made_up:
+            self._channel.on_url(piece)
+
+    def on_header(self, name, value):
+        if not self._made_up:
+            self._channel.on_header(name, value)
+
+    def on_headers_complete(self):
+        if self._made_up:
+            self._made_up = False
+        else:
+            self._channel.on_headers_complete()
+
+    def on_body(self, data):
+        self._channel.on_body(data)
+
+    def on_message_complete(self):
+        self._channel.on_message_complete()
+
+
+def _keep_headers(headers: dict, pairs: list):
+    """Put the headers in C{pairs} (name, value, name, value...) into C{headers}, a L{Headers}' dict, as
+    Twisted's channel would: names in Header-Case, each one's values in order, trailing whitespace
+    stripped (llhttp strips the leading)."""
+    names = pairs[::2]
+    canonical = list(map(_NAMES.get, names))
+    if None in canonical:
+        canonical = [known or _name(name) for known, name in zip(canonical, names)]
+    values = list(map(bytes.rstrip, pairs[1::2]))  # llhttp let no CR, LF or other control through
+    headers.update(zip(canonical, map(list, zip(values))))
+    if len(headers) < len(canonical):  # a name more than once: its values in order
+        headers.clear()
+        for name, value in zip(canonical, values):
+            headers.setdefault(name, []).append(value)
+
+
+_NAMES = {}  # a header name as sent -> as Headers keeps it
+
+
+def _name(name: bytes) -> bytes:
+    canonical = header_name(name)  # llhttp let only a token through
+    if len(_NAMES) < _NAMES_KEPT:
+        _NAMES[name] = canonical
+    return canonical

@@ -1,0 +1,187 @@
+"""The client connection parses requests with llhttp and keeps Twisted's channel behaviour around it."""
+
+import json
+import re
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from gomodel.http.channel import PIPELINE_DEPTH
+from gomodel.http.site import GatewaySite
+from tests.rawclient import connect
+from tests.support import with_timeout
+
+
+class Echo(Resource):
+    """Answers each request with what the channel read of it, as JSON; C{/hold} waits for the test."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.held = []
+        self.holding = Deferred()
+
+    def render(self, request):
+        if request.path == b"/hold":
+            self.held.append(request)
+            self.holding.callback(request)
+            return NOT_DONE_YET
+        return json.dumps({
+            "method": request.method.decode(), "uri": request.uri.decode(), "version": request.clientproto.decode(),
+            "headers": [[name.decode(), [v.decode() for v in values]]
+                        for name, values in request.requestHeaders.getAllRawHeaders()],
+            "body": request.content.read().decode()}).encode()
+
+
+@pytest.fixture
+def echo(reactor):
+    resource = Echo()
+    port = reactor.listenTCP(0, GatewaySite(resource, 1024 * 1024, reactor=reactor), interface="127.0.0.1")
+    resource.port = port.getHost().port
+    yield resource
+    port.stopListening()
+
+
+def answers(received: bytes) -> list:
+    """The status and JSON body of each answer in C{received}."""
+    found = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        found.append((status, json.loads(rest[:length]) if length else None))
+        received = rest[length:]
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_is_read_as_twisted_read_it(reactor, echo):
+    client = await connect(reactor, echo.port, b"POST /v1/x?a=1 HTTP/1.1\r\nHost: g\r\nX-Twice: one \r\n"
+                                               b"x-twice:  two\r\ncontent-length: 5\r\n\r\nhel")
+    client.transport.write(b"lo")
+    await with_timeout(reactor, client.wait_for(b"hello"), 5)
+    [(status, seen)] = answers(bytes(client.received))
+    assert status == 200
+    assert seen == {"method": "POST", "uri": "/v1/x?a=1", "version": "HTTP/1.1", "body": "hello", "headers": [
+        ["Host", ["g"]], ["X-Twice", ["one", "two"]], ["Content-Length", ["5"]]]}
+    # A chunked body, and a head that comes in pieces, on the same connection.
+    client.transport.write(b"POST /c HTTP/1.1\r\nHost: g\r\nTransfer-Enc")
+    client.transport.write(b"oding: chunked\r\n\r\n3\r\nabc\r\n")
+    client.transport.write(b"2\r\nde\r\n0\r\n\r\n")
+    await with_timeout(reactor, client.wait_for(b"abcde"), 5)
+    assert answers(bytes(client.received))[1][1]["body"] == "abcde"
+    client.transport.loseConnection()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\nHost: g\n\n",  # bare LF
+    b"GET / HTTP/1.1\r\nHost : g\r\n\r\n",  # whitespace before the colon
+    b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # smuggling's pair
+    b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a bad chunk size
+    b"GET / HTTP/2.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX-A: a\x00b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX-Big: " + b"x" * 17000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 501 + b"\r\n",
+    b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n",
+])
+@pytest_twisted.ensureDeferred
+async def test_a_request_that_is_not_valid_http_gets_400_in_openais_envelope_and_the_connection_closes(
+        reactor, echo, request_bytes):
+    client = await connect(reactor, echo.port, request_bytes)
+    await with_timeout(reactor, client.lost, 5)
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close" in head
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("The request is not valid HTTP/1.1: ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_that_never_ends_is_refused_before_it_is_all_read(reactor, echo):
+    client = await connect(reactor, echo.port, b"GET / HTTP/1.1\r\nX-Endless: ")
+    for _ in range(40):  # 40 kB of one header, 1 kB a write: llhttp holds a header until its end
+        if client.lost.called:
+            break
+        client.transport.write(b"x" * 1024)
+        await with_timeout(reactor, _turn(reactor), 5)
+    await with_timeout(reactor, client.lost, 5)
+    assert bytes(client.received).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+def _turn(reactor):
+    d = Deferred()
+    reactor.callLater(0.01, d.callback, None)
+    return d
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_are_answered_in_order_and_the_last_one_read_ahead_closes(reactor, echo):
+    requests = b"".join(b"GET /%d HTTP/1.1\r\nHost: g\r\n\r\n" % i for i in range(PIPELINE_DEPTH + 4))
+    client = await connect(reactor, echo.port, requests)
+    await with_timeout(reactor, client.lost, 5)
+    received = bytes(client.received)
+    assert [seen["uri"] for _, seen in answers(received)] == ["/%d" % i for i in range(PIPELINE_DEPTH)]
+    assert received.count(b"Connection: close") == 1  # the last answer's: the client sends the rest again
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_comes_while_an_answer_is_in_progress_waits_for_it(reactor, echo):
+    client = await connect(reactor, echo.port, b"GET /hold HTTP/1.1\r\nHost: g\r\n\r\n")
+    held = await with_timeout(reactor, echo.holding, 5)
+    client.transport.write(b"POST /next HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\n\r\nnext")
+    await with_timeout(reactor, _turn(reactor), 5)
+    assert client.received == b""  # held, not answered before the first
+    held.write(b"first")
+    held.finish()
+    await with_timeout(reactor, client.wait_for(b'"body": "next"'), 5)
+    assert bytes(client.received).index(b"first") < bytes(client.received).index(b"/next")
+    client.transport.loseConnection()
+
+
+@pytest.mark.parametrize("framing,body", [
+    (b"Content-Length: 3", b"abc"),
+    (b"Transfer-Encoding: chunked", b"3\r\nabc\r\n0\r\n\r\n"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_request_asking_to_switch_protocols_is_answered_as_any_other_with_its_body(
+        reactor, echo, framing, body):
+    # curl --http2 on an http:// address asks for h2c this way; llhttp stops after such a head.
+    client = await connect(reactor, echo.port, b"POST /up HTTP/1.1\r\nHost: g\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                                               b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n" + framing
+                                               + b"\r\n\r\n" + body + b"GET /after HTTP/1.1\r\nHost: g\r\n\r\n")
+    await with_timeout(reactor, client.wait_for(b'"/after"'), 5)
+    (status, up), (_, after) = answers(bytes(client.received))
+    assert status == 200 and up["uri"] == "/up" and up["body"] == "abc" and after["method"] == "GET"
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_is_answered_and_closes_the_connection(reactor, echo):
+    client = await connect(reactor, echo.port, b"CONNECT upstream:443 HTTP/1.1\r\nHost: upstream:443\r\n\r\n"
+                                               b"\x16\x03\x01 tunnel bytes")
+    await with_timeout(reactor, client.lost, 5)
+    [(status, seen)] = answers(bytes(client.received))
+    assert seen["method"] == "CONNECT" and seen["body"] == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_1_0_is_answered_and_its_connection_closed(reactor, echo):
+    client = await connect(reactor, echo.port, b"GET /old HTTP/1.0\r\n\r\nGET /never HTTP/1.0\r\n\r\n")
+    await with_timeout(reactor, client.lost, 5)
+    received = bytes(client.received)
+    assert received.startswith(b"HTTP/1.0 200 ") and b"/never" not in received
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_expects_100_continue_is_invited_once_the_head_is_in(reactor, echo):
+    client = await connect(reactor, echo.port, b"POST /e HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\n"
+                                               b"Content-Length: 2\r\n\r\n")
+    await with_timeout(reactor, client.wait_for(b"HTTP/1.1 100 Continue\r\n\r\n"), 5)
+    client.transport.write(b"ok")
+    await with_timeout(reactor, client.wait_for(b'"body": "ok"'), 5)
+    client.transport.loseConnection()
