@@ -9,13 +9,18 @@ C{tests/test_twistedcompat.py}, which fails loudly on a Twisted that changed
 it; C{setup.py} caps Twisted below the next major version for the same reason.
 """
 
+import httptools
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import succeed
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import (HTTP11ClientProtocol, HTTPParser, Response, ResponseFailed,
+                                     ResponseNeverReceived)
+from twisted.web.http import PotentialDataLoss, _DataLoss
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.http_headers import _nameEncoder
+from twisted.web.http_headers import Headers, _nameEncoder
 
 
 def header_name(name: str) -> bytes:
@@ -86,11 +91,127 @@ def use_pool_factory(pool, factory):
 
 
 class PromptClientProtocol(HTTP11ClientProtocol):
-    """Twisted's HTTP/1.1 client protocol on a L{prompt} connection."""
+    """Twisted's HTTP/1.1 client protocol on a L{prompt} connection, its answers parsed by llhttp
+    (L{AnswerParser}) but a HEAD's."""
 
     def makeConnection(self, transport):
         prompt(transport)
         super().makeConnection(transport)
+
+    def request(self, request):
+        answered = super().request(request)
+        parser = self._parser
+        # Twisted made its parser and chained its Deferred to the one returned; the parser is swapped for
+        # one that fires that same Deferred. llhttp cannot be told that an answer has no body, as a HEAD's.
+        if parser is not None and request.method != b"HEAD" and not parser._everReceivedData:
+            self._parser = AnswerParser(request, self._finishResponse, parser._responseDeferred)
+            self._parser.makeConnection(self._transportProxy)
+        return answered
+
+
+_CONTROL_HEADERS = frozenset(_nameEncoder.encode(name) for name in HTTPParser.CONNECTION_CONTROL_HEADERS)
+_HTTP_VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
+
+
+class AnswerParser(Protocol):
+    """Twisted's C{HTTPClientParser} on llhttp (httptools): an upstream's answer read in C, one callback
+    per header and per piece of body instead of Twisted's line-by-line parsing in Python.
+
+    It does for C{HTTP11ClientProtocol} what Twisted's parser does: fires C{answered} with a
+    L{Response} once the head is in (informational 1xx answers skipped), its connection headers apart
+    (C{connHeaders}) and the connection paused until the body is asked for; delivers the body; calls
+    C{finisher} when the answer is whole; and, when the connection is lost first, fails the answer as
+    Twisted's would (C{ResponseNeverReceived}, C{ResponseFailed}; C{PotentialDataLoss} for a body that
+    ends with the connection). A parse error raises from L{dataReceived}, and the protocol then closes
+    the connection and fails the answer. Bytes after a whole answer (an upstream answering twice) close
+    the connection too (Twisted drops them).
+    """
+
+    response = None
+    _received = False  # any byte of the answer came
+    _in_body = False  # the head was read; the body's end has not been delivered
+    _complete = False  # llhttp read the whole answer
+    _until_close = False  # the body ends with the connection (neither Content-Length nor chunked)
+
+    def __init__(self, request, finisher, answered):
+        self.request = request
+        self.finisher = finisher
+        self._responseDeferred = answered
+        self.connHeaders = Headers()
+        self._parser = httptools.HttpResponseParser(self)
+        self._pairs = []
+        self._reason = b""
+
+    def dataReceived(self, data):
+        self._received = True
+        self._parser.feed_data(data)
+
+    def on_message_begin(self):
+        if self._complete:
+            raise ValueError("the upstream sent bytes after its whole answer")
+        self._pairs = []
+        self._reason = b""
+
+    def on_status(self, piece):
+        self._reason += piece
+
+    def on_header(self, name, value):
+        self._pairs += (name, value)  # the trailers of a chunked body come here too, and are dropped
+
+    def on_headers_complete(self):
+        parser = self._parser
+        code = parser.get_status_code()
+        if code < 200:
+            return  # 100 Continue and the like: the answer follows
+        headers = Headers()
+        plain, control = headers._rawHeaders, self.connHeaders._rawHeaders
+        pairs = self._pairs
+        for name, value in zip(pairs[::2], pairs[1::2]):
+            name = _nameEncoder.encode(name)
+            (control if name in _CONTROL_HEADERS else plain).setdefault(name, []).append(value.rstrip())
+        self.response = response = Response._construct(
+            _HTTP_VERSIONS.get(parser.get_http_version(), (b"HTTP", 1, 1)), code, self._reason, headers,
+            self.transport, self.request)
+        length = control.get(b"Content-Length")
+        if length is not None:
+            response.length = int(length[0])  # llhttp let only one, all digits, through
+        if code == 204 or code == 304:
+            response.length = 0
+        elif length != [b"0"]:
+            self._until_close = length is None and b"Transfer-Encoding" not in control
+            self.transport.pauseProducing()  # the body waits for deliverBody, as with Twisted's parser
+        self._in_body = True
+        answered, self._responseDeferred = self._responseDeferred, None
+        answered.callback(response)
+
+    def on_body(self, data):
+        self.response._bodyDataReceived(data)
+
+    def on_message_complete(self):
+        if self.response is None:
+            return  # the end of a 1xx answer
+        self._complete = True
+        self.finisher(b"")  # the connection goes back to its pool (or closes), then the body ends
+        self._end_body(None)
+
+    def connectionLost(self, reason=None):
+        if self._in_body:
+            self._end_body(reason)
+        elif self._responseDeferred is not None:
+            answered, self._responseDeferred = self._responseDeferred, None
+            answered.errback(Failure((ResponseFailed if self._received else ResponseNeverReceived)([reason])))
+
+    def _end_body(self, reason):
+        if not self._in_body:
+            return
+        self._in_body = False
+        response = self.response
+        if self._complete:
+            response._bodyDataFinished()
+        elif self._until_close:
+            response._bodyDataFinished(Failure(PotentialDataLoss()))
+        else:
+            response._bodyDataFinished(Failure(ResponseFailed([reason, Failure(_DataLoss())], response)))
 
 
 class QuietClientFactory(_HTTP11ClientFactory):

@@ -6,6 +6,8 @@ L{gomodel._twistedcompat} relies on: fix that module, not the callers.
 
 import inspect
 
+import pytest
+
 import pytest_twisted
 from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred
@@ -330,3 +332,81 @@ def test_an_ending_request_ends_once_as_notifyFinish_fires():
             request.connectionLost(Failure(ConnectionLost()))
             assert seen[0].check(ConnectionLost) and notified[0].check(ConnectionLost)
         assert len(seen) == 1 and request.ending is None
+
+
+def _answer(protocol_class, method, chunks, lose=False):
+    """What a client protocol makes of an upstream's answer in C{chunks}: the response's fields, its body,
+    how the body ended, whether the connection went back to its pool, whether it was closed."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    pooled = []
+    protocol = protocol_class(pooled.append)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    answer = protocol.request(_twistedcompat.PreparedRequest(method, method + b" / HTTP/1.1\r\nHost: h\r\n\r\n"))
+    seen, body, ended = {}, [], []
+
+    class Collect(Protocol):
+        def dataReceived(self, data):
+            body.append(data)
+
+        def connectionLost(self, reason):
+            ended.append(reason.type.__name__)
+
+    def got(response):
+        seen.update(code=response.code, phrase=response.phrase, version=response.version, length=response.length,
+                    headers=sorted(response.headers.getAllRawHeaders()))
+        response.deliverBody(Collect())
+
+    answer.addCallbacks(got, lambda failure: seen.update(failed=failure.type.__name__))
+    for chunk in chunks:
+        protocol.dataReceived(chunk)
+    if lose:
+        protocol.connectionLost(Failure(ConnectionDone()))
+    return seen, b"".join(body), ended, bool(pooled), transport.disconnecting
+
+
+_ANSWERS = [
+    (b"POST", [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Twice: a\r\nX-Twice: b \r\nContent-Len",
+               b"gth: 12\r\n\r\n{\"ok\":", b" true}"], False),
+    (b"POST", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"],
+     False),
+    (b"POST", [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"], False),
+    (b"DELETE", [b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n"], False),
+    (b"POST", [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], False),
+    (b"POST", [b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbad"], False),
+    (b"POST", [b"HTTP/1.0 200 OK\r\n\r\nuntil the ", b"connection closes"], True),
+    (b"POST", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"], True),
+    (b"POST", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"], True),
+    (b"POST", [b"HTTP/1.1 200 O"], True),
+    (b"POST", [], True),
+    (b"HEAD", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"], False),
+]
+
+
+@pytest.mark.parametrize("method,chunks,lose", _ANSWERS)
+def test_an_answer_parsed_by_llhttp_is_what_twisteds_parser_makes_of_it(method, chunks, lose):
+    assert _answer(_twistedcompat.PromptClientProtocol, method, chunks, lose) == _answer(
+        _newclient.HTTP11ClientProtocol, method, chunks, lose)
+
+
+def test_a_malformed_answer_fails_and_closes_the_connection_as_with_twisteds_parser():
+    for protocol_class in (_twistedcompat.PromptClientProtocol, _newclient.HTTP11ClientProtocol):
+        seen, body, ended, pooled, closed = _answer(
+            protocol_class, b"POST", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"])
+        assert (body, ended, pooled, closed) == (b"", ["ResponseFailed"], False, True)
+    # An answer after the whole answer: llhttp's parser closes the connection (Twisted's drops the bytes).
+    seen, body, ended, pooled, closed = _answer(_twistedcompat.PromptClientProtocol, b"POST", [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n"])
+    assert body == b"ok" and ended == ["ResponseDone"] and closed
+
+
+def test_the_llhttp_parser_reads_every_answer_but_a_heads():
+    protocol = _twistedcompat.PromptClientProtocol()
+    protocol.makeConnection(StringTransport())
+    protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
+    assert isinstance(protocol._parser, _twistedcompat.AnswerParser)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    protocol.request(_twistedcompat.PreparedRequest(b"HEAD", b"HEAD / HTTP/1.1\r\n\r\n"))
+    assert isinstance(protocol._parser, _newclient.HTTPClientParser)
