@@ -1,0 +1,54 @@
+#!/bin/bash
+# Instructions per relayed chat request, counted by valgrind's callgrind: the same figure for the same
+# code whatever else the machine does (wall and CPU time on these shared 2-core machines drift by tens
+# of percent within a minute). Each checkout's gateway runs under callgrind with instrumentation off,
+# takes 200 warm-up requests, then N sequential chat requests (bench/keycost/nreq.py, one keep-alive
+# connection) with instrumentation on; user-space instructions of the whole process (Python, its C
+# extensions, libc; not the kernel) divided by N. Replica health probes and metrics scrapes are off:
+# under callgrind a run takes about a minute, and their work would count in proportion to that time.
+#
+#   [N=300] [FEAT=1] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
+#
+# FEAT=1: everything on (four mock replicas, the access log, a managed key with limits and a daily
+# budget); otherwise one replica, the master key, access log off. Needs valgrind, node and curl, and a
+# Python with the gateway's requirements (PYTHON, default python3); each CHECKOUT goes on PYTHONPATH.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}; N=${N:-300}; FEAT=${FEAT:-0}
+W=$(mktemp -d /tmp/gomodel-instr-XXXXXX)
+PIDS=""
+trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT
+port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+URLS=""; REPLICAS=1; [ "$FEAT" = 1 ] && REPLICAS=4
+for i in $(seq $REPLICAS); do
+  P=$(port); node "$ROOT/bench/mock/mock.mjs" --port "$P" > "$W/mock$i.log" 2>&1 & PIDS="$PIDS $!"
+  URLS="$URLS${URLS:+,}http://127.0.0.1:$P/v1"
+done
+BODY='{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"hello"}]}'
+for checkout in "$@"; do
+  checkout=$(cd "$checkout" && pwd); name=$(basename "$checkout"); GPORT=$(port); LOG=false; [ "$FEAT" = 1 ] && LOG=true
+  # twistd in this process (python -m gomodel execs it, and callgrind would lose the gateway).
+  (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="$URLS" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/$name.d" \
+    GOMODEL_ACCESS_LOG=$LOG REPLICA_HEALTH_INTERVAL=1h REPLICA_METRICS_INTERVAL=0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/$name.cg" \
+    "$PY" -c 'import sys; from twisted.scripts.twistd import run; sys.argv[1:1] = ["-n", "--pidfile=", "gomodel"]; run()' \
+    --listen "tcp:$GPORT:interface=127.0.0.1" > "$W/$name.log" 2>&1) & GPID=$!; PIDS="$PIDS $GPID"
+  for _ in $(seq 300); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GPORT/v1/chat/completions" -H 'Authorization: Bearer mk' \
+         -H 'Content-Type: application/json' -d "$BODY")" = 200 ] && break; sleep 1
+  done
+  KEY=mk
+  if [ "$FEAT" = 1 ]; then
+    KEY=$(curl -sf "http://127.0.0.1:$GPORT/admin/api/v1/auth-keys" -H 'Authorization: Bearer mk' -H 'Content-Type: application/json' \
+      -d '{"name":"bench","user_path":"/bench/key","rpm":1000000000,"tpm":1000000000000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}' \
+      | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d.get("value") or d.get("key") or d.get("secret"))')
+  fi
+  "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" 200
+  callgrind_control -i on "$GPID" > /dev/null
+  "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N"
+  callgrind_control -i off "$GPID" > /dev/null
+  callgrind_control -d "$GPID" > /dev/null
+  for _ in $(seq 20); do grep -qh "^totals:" "$W/$name.cg"* 2>/dev/null && break; sleep 0.5; done
+  total=$(grep -h "^totals:" "$W/$name.cg"* | awk '{s += $2} END {print s}')
+  echo "INSTR $name FEAT=$FEAT requests=$N instructions_per_request=$((total / N))"
+  kill "$GPID" 2>/dev/null || true
+done
