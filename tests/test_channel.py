@@ -185,3 +185,13 @@ async def test_a_client_that_expects_100_continue_is_invited_once_the_head_is_in
     client.transport.write(b"ok")
     await with_timeout(reactor, client.wait_for(b'"body": "ok"'), 5)
     client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_line_before_a_request_is_skipped_even_alone(reactor, echo):
+    client = await connect(reactor, echo.port, b"\r\n")
+    await with_timeout(reactor, _turn(reactor), 5)
+    client.transport.write(b"GET /after-blank HTTP/1.1\r\nHost: g\r\n\r\n")
+    await with_timeout(reactor, client.wait_for(b"/after-blank"), 5)
+    assert bytes(client.received).startswith(b"HTTP/1.1 200 ")
+    client.transport.loseConnection()

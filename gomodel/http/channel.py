@@ -65,6 +65,7 @@ class GatewayChannel(http.HTTPChannel):
     _parser = None  # None once the connection takes no more requests
     _receiving = None  # the request whose head or body is being read
     _busy = False  # in _receive: a request answered meanwhile leaves the next to it
+    _head_open = False  # a request's head is being read
     _peer = None
     _host = None
     _head = None  # the answer's status line and headers, not yet written
@@ -262,7 +263,7 @@ class GatewayChannel(http.HTTPChannel):
             self._networkProducer.resumeProducing()
         if not request.keep_alive:
             self._parser = None
-            self._received = []
+            self._received.clear()  # _receive may be going through it
             self._dataBuffer = []
             self.loseConnection()
             return
