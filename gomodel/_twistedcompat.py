@@ -9,15 +9,19 @@ C{tests/test_twistedcompat.py}, which fails loudly on a Twisted that changed
 it; C{setup.py} caps Twisted below the next major version for the same reason.
 """
 
+import errno
+from types import MethodType
+
 import httptools
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
+from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web._newclient import (HTTP11ClientProtocol, HTTPParser, Response, ResponseFailed,
-                                     ResponseNeverReceived)
+from twisted.web._newclient import (HTTP11ClientProtocol, HTTPParser, RequestNotSent, Response, ResponseDone,
+                                     ResponseFailed, ResponseNeverReceived, TransportProxyProducer)
 from twisted.web.http import PotentialDataLoss, _DataLoss
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers, _nameEncoder
@@ -27,6 +31,34 @@ def header_name(name: str) -> bytes:
     """C{name} as L{Headers} keeps and writes it (for L{plain_headers}, and header lines the gateway
     formats itself)."""
     return _nameEncoder.encode(name)
+
+
+def keep_headers(headers: dict, pairs: list):
+    """Put the headers in C{pairs} (name, value, name, value... as llhttp gives them) into C{headers}, a
+    L{Headers}' dict (L{plain_headers}), as Twisted's parsers would: names in Header-Case, each one's values
+    in order, trailing whitespace stripped (llhttp strips the leading, and lets no CR, LF or other control
+    character through). In C but for names not seen before and names given twice."""
+    names = pairs[::2]
+    canonical = list(map(_NAMES.get, names))
+    if None in canonical:
+        canonical = [known or _name(name) for known, name in zip(canonical, names)]
+    values = list(map(bytes.rstrip, pairs[1::2]))
+    headers.update(zip(canonical, map(list, zip(values))))
+    if len(headers) < len(canonical):  # a name more than once: its values in order
+        headers.clear()
+        for name, value in zip(canonical, values):
+            headers.setdefault(name, []).append(value)
+
+
+_NAMES = {}  # a header name as sent -> as Headers keeps it
+_NAMES_KEPT = 1000  # names remembered (a peer can make up any number)
+
+
+def _name(name: bytes) -> bytes:
+    canonical = _nameEncoder.encode(name)
+    if len(_NAMES) < _NAMES_KEPT:
+        _NAMES[name] = canonical
+    return canonical
 
 
 def plain_headers(headers) -> dict:
@@ -99,16 +131,42 @@ class PromptClientProtocol(HTTP11ClientProtocol):
         super().makeConnection(transport)
 
     def request(self, request):
-        answered = super().request(request)
-        parser = self._parser
-        # Twisted made its parser and chained its Deferred to the one returned; the parser is swapped for
-        # one that fires that same Deferred. llhttp cannot be told that an answer has no body, as a HEAD's.
-        if parser is not None and request.method != b"HEAD" and not parser._everReceivedData:
-            self._parser = AnswerParser(request, self._finishResponse, parser._responseDeferred)
-            self._parser.makeConnection(self._transportProxy)
+        """Send C{request} and return a Deferred firing with its answer, as Twisted's C{request} does.
+
+        A L{PreparedRequest} leaves in one write, and its answer is read by an L{AnswerParser} firing the
+        Deferred returned: one Deferred per request, where Twisted makes three (the request's, the
+        written body's, its parser's, chained). Other requests (an Agent's) go through Twisted's
+        C{request}, their answers read by llhttp too; a HEAD's answer by Twisted's parser (llhttp cannot be
+        told that an answer has no body).
+        """
+        if type(request) is not PreparedRequest or request.method == b"HEAD":
+            answered = super().request(request)
+            parser = self._parser
+            # Twisted made its parser and chained its Deferred to the one returned: another parser fires it.
+            if parser is not None and request.method != b"HEAD" and not parser._everReceivedData:
+                self._parser = AnswerParser(request, self._finishResponse, parser._responseDeferred)
+                self._parser.makeConnection(self._transportProxy)
+            return answered
+        if self._state != "QUIESCENT":
+            return fail(RequestNotSent())
+        self._state = "WAITING"  # written whole: what Twisted's state is once writeTo's Deferred fired
+        self.transport.write(request._data)
+        self._finishedRequest = self._responseDeferred = answered = Deferred(self._cancel_waiting)
+        self._currentRequest = request
+        self._transportProxy = TransportProxyProducer(self.transport)
+        self._parser = AnswerParser(request, self._finishResponse, answered)
+        self._parser.makeConnection(self._transportProxy)
         return answered
 
+    def _cancel_waiting(self, answered):
+        """Cancelling a request sent whole: as Twisted's (closes the connection; the answer fails with
+        C{ResponseNeverReceived([CancelledError])}, or its body with C{ResponseFailed})."""
+        self.transport.abortConnection()
+        self._disconnectParser(Failure(CancelledError()))
 
+
+# How every whole body ends, made once: a Failure works out its exception's class names when made.
+_BODY_DONE = Failure(ResponseDone("Response body fully received"))
 _CONTROL_HEADERS = frozenset(_nameEncoder.encode(name) for name in HTTPParser.CONNECTION_CONTROL_HEADERS)
 _HTTP_VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 
@@ -165,10 +223,9 @@ class AnswerParser(Protocol):
             return  # 100 Continue and the like: the answer follows
         headers = Headers()
         plain, control = headers._rawHeaders, self.connHeaders._rawHeaders
-        pairs = self._pairs
-        for name, value in zip(pairs[::2], pairs[1::2]):
-            name = _nameEncoder.encode(name)
-            (control if name in _CONTROL_HEADERS else plain).setdefault(name, []).append(value.rstrip())
+        keep_headers(plain, self._pairs)
+        for name in _CONTROL_HEADERS.intersection(plain):
+            control[name] = plain.pop(name)
         self.response = response = Response._construct(
             _HTTP_VERSIONS.get(parser.get_http_version(), (b"HTTP", 1, 1)), code, self._reason, headers,
             self.transport, self.request)
@@ -207,7 +264,7 @@ class AnswerParser(Protocol):
         self._in_body = False
         response = self.response
         if self._complete:
-            response._bodyDataFinished()
+            response._bodyDataFinished(_BODY_DONE)
         elif self._until_close:
             response._bodyDataFinished(Failure(PotentialDataLoss()))
         else:
@@ -403,3 +460,49 @@ def prompt(transport):
     cls = _PROMPT_CLASSES.get(transport.__class__)
     if cls is not None:
         transport.__class__ = cls
+
+
+def dispatch_plainly(reactor) -> bool:
+    """Make an epoll C{reactor} hand each event to its connection directly (L{_plain_poll}).
+
+    Twisted's C{doPoll} calls each connection through C{log.callWithLogger}, which asks it for its log
+    prefix and runs the call in a copy of the legacy log context ({"system": prefix}): about 120
+    bytecodes per event, two or three events per relayed request, for the "system" field of legacy
+    (C{twisted.python.log}) events logged meanwhile. The gateway logs with C{twisted.logger}, whose
+    events name their own namespace; a legacy event logged while a connection handles an event (an
+    error Twisted logs with C{log.err}) shows "-" as its system instead of the connection's prefix.
+
+    @return: whether C{reactor} is an epoll reactor, and now dispatches plainly.
+    """
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # no epoll here (not Linux)
+        return False
+    if type(reactor).doIteration is not EPollReactor.doPoll:
+        return False
+    reactor.doIteration = MethodType(_plain_poll, reactor)
+    return True
+
+
+def _plain_poll(self, timeout):
+    """C{EPollReactor.doPoll}, each event handed to C{_doReadOrWrite} without the legacy log context (it
+    logs what a connection raises, as C{callWithLogger} would)."""
+    if timeout is None:
+        timeout = -1  # wait until something happens
+    try:
+        events = self._poller.poll(timeout, len(self._selectables))
+    except OSError as err:
+        if err.errno == errno.EINTR:
+            return
+        raise
+    selectables = self._selectables
+    dispatch = self._doReadOrWrite
+    for fd, event in events:
+        selectable = selectables.get(fd)
+        if selectable is not None:
+            try:
+                dispatch(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.err(None, "Unhandled error handling an event")

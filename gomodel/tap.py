@@ -96,6 +96,9 @@ def makeService(options):
 
     gc.disable()  # the plugin did already (gomodel_plugin); again for a caller without it
     reactor.callWhenRunning(_freeze_startup_objects)
+    from gomodel._twistedcompat import dispatch_plainly
+
+    dispatch_plainly(reactor)  # each socket event without the legacy log context
 
     from gomodel.build import build_gateway
 

@@ -410,3 +410,87 @@ def test_the_llhttp_parser_reads_every_answer_but_a_heads():
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     protocol.request(_twistedcompat.PreparedRequest(b"HEAD", b"HEAD / HTTP/1.1\r\n\r\n"))
     assert isinstance(protocol._parser, _newclient.HTTPClientParser)
+
+
+def test_a_plainly_dispatching_epoll_reactor_hands_events_over_and_logs_what_a_connection_raises(logged_errors):
+    import socket
+
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.selectreactor import SelectReactor
+
+    assert not _twistedcompat.dispatch_plainly(SelectReactor())
+    reactor = EPollReactor()
+    assert _twistedcompat.dispatch_plainly(reactor)
+    ours, theirs = socket.socketpair()
+    seen, lost = [], []
+
+    class Reader:
+        def fileno(self):
+            return ours.fileno()
+
+        def logPrefix(self):
+            return "Reader"
+
+        def doRead(self):
+            data = ours.recv(100)
+            seen.append(data)
+            if data == b"boom":
+                raise RuntimeError("boom")
+
+        def connectionLost(self, reason):
+            lost.append(reason.type)
+
+    try:
+        reader = Reader()
+        reactor.addReader(reader)
+        theirs.send(b"hello")
+        reactor.doIteration(1)
+        assert seen == [b"hello"]
+        theirs.send(b"boom")
+        reactor.doIteration(1)  # Twisted's _doReadOrWrite logs it and disconnects the reader
+        assert seen == [b"hello", b"boom"] and lost == [RuntimeError]
+        # Logged as Twisted's _doReadOrWrite logs it: a legacy event (its system "-" here, not "Reader").
+        [event] = logged_errors
+        assert event["failure"].check(RuntimeError) and event["log_system"] == "-"
+        logged_errors.clear()
+        assert reader not in reactor.getReaders()
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+def test_a_prepared_request_cancelled_before_its_answer_fails_as_twisteds_and_closes():
+    from twisted.internet.defer import CancelledError
+
+    for protocol_class in (_twistedcompat.PromptClientProtocol, _newclient.HTTP11ClientProtocol):
+        protocol = protocol_class()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
+        busy = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
+        assert busy.result.check(_newclient.RequestNotSent)
+        busy.addErrback(lambda _: None)
+        failures = []
+        answer.addErrback(failures.append)
+        answer.cancel()
+        [failure] = failures
+        assert failure.check(_newclient.ResponseNeverReceived)
+        assert failure.value.reasons[0].check(CancelledError)
+        assert transport.disconnecting or getattr(transport, "aborting", False) or transport.disconnected
+
+
+def test_an_agents_request_is_answered_through_the_llhttp_parser_too():
+    from twisted.web.http_headers import Headers
+
+    protocol = _twistedcompat.PromptClientProtocol()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    request = _newclient.Request._construct(b"GET", b"/v1/models", Headers({b"host": [b"h"]}), None, persistent=True)
+    answer = protocol.request(request)
+    assert isinstance(protocol._parser, _twistedcompat.AnswerParser)
+    assert transport.value().startswith(b"GET /v1/models HTTP/1.1\r\n")
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    body = []
+    answer.result.deliverBody(type("P", (Protocol,), {"dataReceived": lambda self, d: body.append(d)})())
+    assert answer.result.code == 200 and body == [b"{}"] and protocol.state == "QUIESCENT"

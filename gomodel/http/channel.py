@@ -26,7 +26,6 @@ from twisted.web import http
 from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
-from gomodel._twistedcompat import header_name
 from gomodel.http.headers import CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING
 
 _log = Logger()
@@ -35,7 +34,6 @@ _log = Logger()
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 # Requests read ahead of their turn from one read (pipelining): the last one read closes the connection.
 PIPELINE_DEPTH = 16
-_NAMES_KEPT = 1000  # header names whose Header-Case spelling is remembered (a client can make up any number)
 _BAD_REQUEST = (b'{"error": {"message": "The request is not valid HTTP/1.1: %s.", "type": "invalid_request_error", '
                 b'"param": null, "code": "bad_request"}}')
 
@@ -178,7 +176,7 @@ class GatewayChannel(http.HTTPChannel):
         if len(target) + sum(map(len, pairs)) + 2 * len(pairs) > self.totalHeadersSize:
             raise _BadRequest("its headers are too large")
         headers = _twistedcompat.plain_headers(request.requestHeaders)
-        _keep_headers(headers, pairs)
+        _twistedcompat.keep_headers(headers, pairs)
         method = parser.get_method()
         # Twisted sets these once the body is in (requestReceived sets them again); the head's check needs them.
         request.method, request.uri, request.clientproto = method, target, version
@@ -362,29 +360,3 @@ class _AfterUpgrade:
 
     def on_message_complete(self):
         self._channel.on_message_complete()
-
-
-def _keep_headers(headers: dict, pairs: list):
-    """Put the headers in C{pairs} (name, value, name, value...) into C{headers}, a L{Headers}' dict, as
-    Twisted's channel would: names in Header-Case, each one's values in order, trailing whitespace
-    stripped (llhttp strips the leading)."""
-    names = pairs[::2]
-    canonical = list(map(_NAMES.get, names))
-    if None in canonical:
-        canonical = [known or _name(name) for known, name in zip(canonical, names)]
-    values = list(map(bytes.rstrip, pairs[1::2]))  # llhttp let no CR, LF or other control through
-    headers.update(zip(canonical, map(list, zip(values))))
-    if len(headers) < len(canonical):  # a name more than once: its values in order
-        headers.clear()
-        for name, value in zip(canonical, values):
-            headers.setdefault(name, []).append(value)
-
-
-_NAMES = {}  # a header name as sent -> as Headers keeps it
-
-
-def _name(name: bytes) -> bytes:
-    canonical = header_name(name)  # llhttp let only a token through
-    if len(_NAMES) < _NAMES_KEPT:
-        _NAMES[name] = canonical
-    return canonical
