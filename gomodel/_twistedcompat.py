@@ -176,7 +176,8 @@ class AnswerParser(Protocol):
     per header and per piece of body instead of Twisted's line-by-line parsing in Python.
 
     It does for C{HTTP11ClientProtocol} what Twisted's parser does: fires C{answered} with a
-    L{Response} once the head is in (informational 1xx answers skipped), its connection headers apart
+    L{Response} once the head is in (once the read that brought it is parsed: with its body when the
+    body came in the same read; informational 1xx answers skipped), its connection headers apart
     (C{connHeaders}) and the connection paused until the body is asked for; delivers the body; calls
     C{finisher} when the answer is whole; and, when the connection is lost first, fails the answer as
     Twisted's would (C{ResponseNeverReceived}, C{ResponseFailed}; C{PotentialDataLoss} for a body that
@@ -202,7 +203,15 @@ class AnswerParser(Protocol):
 
     def dataReceived(self, data):
         self._received = True
-        self._parser.feed_data(data)
+        try:
+            self._parser.feed_data(data)
+        finally:
+            # The answer's Deferred fires once what came in this read is parsed: an answer that came
+            # whole is whole when its Deferred fires (its body can be taken at once: whole_body).
+            answered = self._responseDeferred
+            if answered is not None and self.response is not None:
+                self._responseDeferred = None
+                answered.callback(self.response)
 
     def on_message_begin(self):
         if self._complete:
@@ -238,8 +247,6 @@ class AnswerParser(Protocol):
             self._until_close = length is None and b"Transfer-Encoding" not in control
             self.transport.pauseProducing()  # the body waits for deliverBody, as with Twisted's parser
         self._in_body = True
-        answered, self._responseDeferred = self._responseDeferred, None
-        answered.callback(response)
 
     def on_body(self, data):
         self.response._bodyDataReceived(data)
@@ -254,7 +261,7 @@ class AnswerParser(Protocol):
     def connectionLost(self, reason=None):
         if self._in_body:
             self._end_body(reason)
-        elif self._responseDeferred is not None:
+        elif self._responseDeferred is not None and self.response is None:
             answered, self._responseDeferred = self._responseDeferred, None
             answered.errback(Failure((ResponseFailed if self._received else ResponseNeverReceived)([reason])))
 
@@ -331,6 +338,18 @@ class EndingRequest(server.Request):
         if ending is not None:
             self.ending = None
             ending(result)
+
+
+def whole_body(response):
+    """The body of C{response} when it has all come and nothing read it yet (an L{AnswerParser}'s answer
+    that came in one read, as small answers do), taken as C{deliverBody} would take it; else None (then
+    read it with C{deliverBody}). Without the protocol, Deferred and timer that reading costs."""
+    if getattr(response, "_state", None) == "DEFERRED_CLOSE" and response._reason is _BODY_DONE:
+        body = b"".join(response._bodyBuffer)
+        response._bodyBuffer = None
+        response._state = "FINISHED"
+        return body
+    return None
 
 
 def render_found(request, found):

@@ -494,3 +494,27 @@ def test_an_agents_request_is_answered_through_the_llhttp_parser_too():
     body = []
     answer.result.deliverBody(type("P", (Protocol,), {"dataReceived": lambda self, d: body.append(d)})())
     assert answer.result.code == 200 and body == [b"{}"] and protocol.state == "QUIESCENT"
+
+
+def test_an_answer_that_came_in_one_read_is_whole_when_its_deferred_fires():
+    protocol = _twistedcompat.PromptClientProtocol()
+    protocol.makeConnection(StringTransport())
+    answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}")
+    response = answer.result
+    assert protocol.state == "QUIESCENT"  # back to its pool before the answer's Deferred fired
+    assert _twistedcompat.whole_body(response) == b'{"a":1}'
+    assert _twistedcompat.whole_body(response) is None  # taken: as after deliverBody
+    # A body that comes after its head is read as it comes.
+    answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\"")
+    response = answer.result
+    assert _twistedcompat.whole_body(response) is None
+    body = []
+    response.deliverBody(type("P", (Protocol,), {"dataReceived": lambda self, d: body.append(d)})())
+    protocol.dataReceived(b":2}")
+    assert b"".join(body) == b'{"a":2}'
+    # Twisted's parser's answers (a HEAD's) are read with deliverBody.
+    answer = protocol.request(_twistedcompat.PreparedRequest(b"HEAD", b"HEAD / HTTP/1.1\r\n\r\n"))
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n")
+    assert _twistedcompat.whole_body(answer.result) is None

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel import jsonutil
-from gomodel._twistedcompat import plain_headers
+from gomodel._twistedcompat import plain_headers, whole_body
 from gomodel.accounting.tokens import requested_tokens
 from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamTimeout,
                             UpstreamUnreachable)
@@ -349,8 +349,13 @@ class Exchange:
             C{response_too_large}); or L{gomodel.errors.UpstreamTimeout}; or
             L{gomodel.errors.UpstreamUnreachable} when it broke off.
         """
+        body = whole_body(response)  # it came with the head: no wait
         try:
-            return await within(read_body(response, limit), self._timeouts.response_header, self._timers)
+            if body is None:
+                return await within(read_body(response, limit), self._timeouts.response_header, self._timers)
+            if len(body) > limit:
+                raise BodyTooLarge(limit)
+            return body
         except CancelledError:
             raise
         except BodyTooLarge:
