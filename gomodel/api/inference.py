@@ -10,6 +10,7 @@ to the exchange.
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, ModelAccessDenied
 from gomodel.http.bodies import json_body
+from gomodel.http.headers import X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
@@ -125,7 +126,7 @@ class InferenceRoutes:
         if principal is not None and principal.priority is not None:
             body["priority"] = principal.priority
             return
-        value = request.getHeader(b"x-request-priority")
+        value = request_header(request, X_REQUEST_PRIORITY)
         if value is None:
             return
         try:

@@ -20,6 +20,8 @@ C{_handlingRequest}, C{_dataBuffer}, C{_networkProducer},
 C{_waitingForTransport}), which C{tests/test_twistedcompat.py} checks.
 """
 
+from operator import itemgetter
+
 import httptools
 from twisted.logger import Logger
 from twisted.web import http
@@ -36,6 +38,9 @@ _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 PIPELINE_DEPTH = 16
 _BAD_REQUEST = (b'{"error": {"message": "The request is not valid HTTP/1.1: %s.", "type": "invalid_request_error", '
                 b'"param": null, "code": "bad_request"}}')
+
+
+_first = itemgetter(0)
 
 
 class _BadRequest(Exception):
@@ -291,13 +296,13 @@ class GatewayChannel(http.HTTPChannel):
         if not isinstance(headers, Headers):
             super().writeHeaders(version, code, reason, headers)
             return
-        head = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                head += (name, b": ", value, b"\r\n")
-        head.append(getattr(headers, "lines", b""))  # an AnswerHeaders' own lines
-        head.append(b"\r\n")
-        self._head = b"".join(head)
+        plain = _twistedcompat.plain_headers(headers)
+        if len(plain) == sum(map(len, plain.values())):  # one value each (else a line per value)
+            lines = b"\r\n".join(map(b": ".join, zip(plain, map(_first, plain.values()))))
+        else:
+            lines = b"\r\n".join(name + b": " + value for name, values in plain.items() for value in values)
+        self._head = b"".join((version, b" ", code, b" ", reason, b"\r\n", lines, b"\r\n" if lines else b"",
+                               getattr(headers, "lines", b""), b"\r\n"))  # and an AnswerHeaders' own lines
 
     def write(self, data):
         head = self._head

@@ -60,6 +60,7 @@ SERVER = header_name("server")
 DATE = header_name("date")
 X_REQUEST_ID = header_name("x-request-id")
 X_GOMODEL_REPLICA = header_name("x-gomodel-replica")
+X_REQUEST_PRIORITY = header_name("x-request-priority")
 CONTENT_TYPE = header_name("content-type")
 CONTENT_LENGTH = header_name("content-length")
 
@@ -81,15 +82,17 @@ def copy_response_headers(upstream_response, request, keep_length=False):
     headers = upstream_response.headers
     named = connection_tokens(headers)
     target = request.responseHeaders
-    for name, values in headers.getAllRawHeaders():
+    kept = plain_headers(target)
+    for name, values in plain_headers(headers).items():
         lower = name.lower()
         # A limited key's own x-ratelimit-* headers, set before the upstream answered, are never replaced
         # by an OpenAI-compatible provider's: those describe the gateway's account with it, shared by every
         # tenant (they pass where the gateway set none: the master key, a key without limits).
         if (lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length)
-                or (lower in RATE_LIMIT_HEADERS and (target.hasHeader(lower) or _has_line(target, lower)))):
+                or (lower in RATE_LIMIT_HEADERS and (name in kept or _has_line(target, lower)))):
             continue
-        target.setRawHeaders(name, values)
+        # Names as Headers keeps them, values a parser let through (no CR or LF): copied as they are.
+        kept[name] = list(values)
 
 
 def _has_line(headers, name) -> bool:

@@ -17,7 +17,8 @@ from twisted.web import http, server
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
 from gomodel.http.channel import GatewayChannel
-from gomodel.http.headers import DATE, SERVER, X_REQUEST_ID, AnswerHeaders, request_header
+from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING, X_REQUEST_ID,
+                                   AnswerHeaders, request_header)
 
 
 class _Discard(io.BytesIO):
@@ -25,6 +26,10 @@ class _Discard(io.BytesIO):
 
     def write(self, data):
         return len(data)
+
+
+def _nothing(data):
+    pass
 
 
 class GatewayRequest(_twistedcompat.EndingRequest):
@@ -74,6 +79,38 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             self._cookies_parsed = True
             super().parseCookies()
         return super().getCookie(key)
+
+    def write(self, data):
+        """Twisted's C{write} (C{server.Request}'s, then C{http.Request}'s), its first write's header checks
+        made on the header dict: Twisted asks for Content-Type and Content-Length twice, each name
+        re-encoded. Anything but a plain first write (an encoder, a fake HEAD, cookies, an ETag or
+        Last-Modified to add, a finished or lost request) is Twisted's."""
+        if (self.startedWriting or self._encoder or self._inFakeHead or self.finished or self._disconnected
+                or self.cookies or self.etag is not None or self.lastModified is not None):
+            super().write(data)
+            return
+        self.startedWriting = 1
+        headers = _twistedcompat.plain_headers(self.responseHeaders)
+        code = self.code
+        length = headers.get(CONTENT_LENGTH)
+        if (code != http.NOT_MODIFIED and code != http.NO_CONTENT and CONTENT_TYPE not in headers
+                and self.defaultContentType is not None and (length is None or length[0] != b"0")):
+            headers[CONTENT_TYPE] = [self.defaultContentType]
+        version = self.clientproto
+        bodiless = self.method == b"HEAD" or code in http.NO_BODY_CODES
+        if version == b"HTTP/1.1" and length is None and not bodiless:
+            headers[TRANSFER_ENCODING] = [b"chunked"]
+            self.chunked = 1
+        self.channel.writeHeaders(version, b"%d" % code, self.code_message, self.responseHeaders)
+        if bodiless:
+            self.write = _nothing  # as Twisted does: no body for a HEAD or a 204/304
+            return
+        self.sentLength += len(data)
+        if data:
+            if self.chunked:
+                self.channel.writeSequence(http.toChunk(data))
+            else:
+                self.channel.write(data)
 
     def process(self):
         """Twisted's C{server.Request.process}, with our Server header, a Date
