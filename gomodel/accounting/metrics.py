@@ -19,6 +19,7 @@ flush interval; the replica series are those of the process that answers.
 """
 
 from bisect import bisect_left
+from operator import add
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -105,9 +106,7 @@ class GatewayMetrics:
             pending.ttfts[bisect_left(TTFT_BUCKETS, ctx.first_byte)] += 1
             pending.ttft_sum += ctx.first_byte
         if ctx.usage:
-            tokens, counts = pending.tokens, ctx.token_counts
-            for i in range(len(TOKEN_TYPES)):
-                tokens[i] += counts[i]
+            pending.tokens = list(map(add, pending.tokens, ctx.token_counts))
         if ctx.outcome == CLIENT_GONE:
             self._gone.labels(*_names(ctx), ctx.endpoint or "other").inc()
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS or ctx.outcome == STREAM_BROKEN
