@@ -195,3 +195,25 @@ async def test_an_empty_line_before_a_request_is_skipped_even_alone(reactor, ech
     await with_timeout(reactor, client.wait_for(b"/after-blank"), 5)
     assert bytes(client.received).startswith(b"HTTP/1.1 200 ")
     client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requests_path_and_arguments_are_split_as_twisted_splits_them(reactor):
+    class Args(Resource):
+        isLeaf = True
+
+        def render(self, request):
+            return json.dumps({"path": request.path.decode(), "args": {
+                k.decode(): [v.decode() for v in vs] for k, vs in request.args.items()}}).encode()
+
+    port = reactor.listenTCP(0, GatewaySite(Args(), 1024, reactor=reactor), interface="127.0.0.1")
+    try:
+        client = await connect(reactor, port.getHost().port,
+                               b"GET /v1/files?limit=2&after=a%20b&empty=&limit=3 HTTP/1.1\r\nHost: g\r\n\r\n"
+                               b"GET /plain HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+        await with_timeout(reactor, client.lost, 5)
+        (_, first), (_, second) = answers(bytes(client.received))
+        assert first == {"path": "/v1/files", "args": {"limit": ["2", "3"], "after": ["a b"], "empty": [""]}}
+        assert second == {"path": "/plain", "args": {}}
+    finally:
+        await port.stopListening()

@@ -177,7 +177,19 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             self.content.close()
             self.content = _Discard()
             return
-        super().handleContentChunk(data)
+        self.content.write(data)  # what Twisted's handleContentChunk does
+
+    def requestReceived(self, command, path, version):
+        """Twisted's C{requestReceived} without its form decoding, which the gateway turns off
+        (C{parsePOSTFormSubmission}): it still looked up the request's Content-Type each time."""
+        if self._parsePOSTFormSubmission:
+            super().requestReceived(command, path, version)
+            return
+        self.content.seek(0, 0)
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, query, arguments = path.partition(b"?")
+        self.args = http.parse_qs(arguments, 1) if query else {}
+        self.process()
 
 
 CLIENT_IDLE_TIMEOUT = 120
