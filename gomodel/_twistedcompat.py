@@ -278,6 +278,18 @@ class AnswerParser(Protocol):
             response._bodyDataFinished(Failure(ResponseFailed([reason, Failure(_DataLoss())], response)))
 
 
+def whole_body(response):
+    """The body of C{response} when it has all come and nothing read it yet (an L{AnswerParser}'s answer
+    that came in one read, as small answers do), taken as C{deliverBody} would take it; else None (then
+    read it with C{deliverBody}). Without the protocol, Deferred and timer that reading costs."""
+    if getattr(response, "_state", None) == "DEFERRED_CLOSE" and response._reason is _BODY_DONE:
+        body = b"".join(response._bodyBuffer)
+        response._bodyBuffer = None
+        response._state = "FINISHED"
+        return body
+    return None
+
+
 class QuietClientFactory(_HTTP11ClientFactory):
     """The pool's connection factory: L{PromptClientProtocol}s, without a log line per connection
     opened and closed."""
@@ -338,18 +350,6 @@ class EndingRequest(server.Request):
         if ending is not None:
             self.ending = None
             ending(result)
-
-
-def whole_body(response):
-    """The body of C{response} when it has all come and nothing read it yet (an L{AnswerParser}'s answer
-    that came in one read, as small answers do), taken as C{deliverBody} would take it; else None (then
-    read it with C{deliverBody}). Without the protocol, Deferred and timer that reading costs."""
-    if getattr(response, "_state", None) == "DEFERRED_CLOSE" and response._reason is _BODY_DONE:
-        body = b"".join(response._bodyBuffer)
-        response._bodyBuffer = None
-        response._state = "FINISHED"
-        return body
-    return None
 
 
 def render_found(request, found):
