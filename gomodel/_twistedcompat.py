@@ -206,6 +206,8 @@ class AnswerParser(Protocol):
         try:
             self._parser.feed_data(data)
         finally:
+            if self._complete:
+                self._parser = None  # it holds this parser's methods: a cycle only the gc would free
             # The answer's Deferred fires once what came in this read is parsed: an answer that came
             # whole is whole when its Deferred fires (its body can be taken at once: whole_body).
             answered = self._responseDeferred
@@ -259,6 +261,7 @@ class AnswerParser(Protocol):
         self._end_body(None)
 
     def connectionLost(self, reason=None):
+        self._parser = None  # (see dataReceived)
         if self._in_body:
             self._end_body(reason)
         elif self._responseDeferred is not None and self.response is None:

@@ -518,3 +518,29 @@ def test_an_answer_that_came_in_one_read_is_whole_when_its_deferred_fires():
     answer = protocol.request(_twistedcompat.PreparedRequest(b"HEAD", b"HEAD / HTTP/1.1\r\n\r\n"))
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n")
     assert _twistedcompat.whole_body(answer.result) is None
+
+
+def test_an_answer_parser_is_freed_without_the_garbage_collector():
+    # httptools' parser holds the protocol's bound methods: the protocol lets it go once the answer is in
+    # (a cycle per upstream request would otherwise wait for the gc, memory growing with the load).
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        protocol = _twistedcompat.PromptClientProtocol()
+        protocol.makeConnection(StringTransport())
+        answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
+        parser = weakref.ref(protocol._parser)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        assert _twistedcompat.whole_body(answer.result) == b"ok"
+        del answer
+        assert parser() is None
+        answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
+        parser = weakref.ref(protocol._parser)
+        answer.addErrback(lambda _: None)
+        answer.cancel()  # lost before its answer
+        del answer
+        assert parser() is None
+    finally:
+        gc.enable()
