@@ -7,6 +7,7 @@ import json
 import pytest_twisted
 
 from tests.rawclient import chat_request, connect
+from tests.stores import sqlite_store  # noqa: F401 (a fixture)
 from tests.support import start_gateway, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
@@ -128,3 +129,22 @@ async def test_buffered_records_are_written_at_stop(reactor, http, fake, tmp_pat
         assert len(records) == 1 and records[0]["status_code"] == 200
     finally:
         await again.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_buffer_is_written_before_the_next_tick(reactor, sqlite_store):
+    from twisted.internet.task import Clock
+
+    from gomodel.accounting.usage import FLUSH_AT, UsageLedger
+
+    clock = Clock()
+    ledger = UsageLedger(sqlite_store.usage, sqlite_store.claims, clock, "test", flush_interval=5.0)
+    for i in range(FLUSH_AT - 1):
+        ledger.keep(f"r{i}", 100.0, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", 200, False, None)
+    assert not clock.getDelayedCalls()  # below the mark: the tick writes them
+    ledger.keep("last", 100.0, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", 200, False, None)
+    [write] = clock.getDelayedCalls()
+    assert write.getTime() == clock.seconds()  # at once, on the next turn
+    clock.advance(0)
+    await ledger.flush()  # behind the write that started
+    assert (await sqlite_store.usage.summary(0, 1e9))["requests"] == FLUSH_AT

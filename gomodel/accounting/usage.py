@@ -5,8 +5,8 @@ C{response.completed}; for a stream the client left before its usage came,
 the output tokens are counted from the content events sent (C{estimated}).
 Costs come from the optional pricing table (per million tokens, keyed by the
 model as routed, C{provider/upstream-model}); a model without a price has no
-cost. Records are buffered and written every C{USAGE_FLUSH_INTERVAL}, and at
-stop; records older than C{USAGE_RETENTION_DAYS} are deleted by a claimed
+cost. Records are buffered and written every C{USAGE_FLUSH_INTERVAL}, as soon
+as L{FLUSH_AT} are waiting, and at stop; records older than C{USAGE_RETENTION_DAYS} are deleted by a claimed
 job, once a day, by one process at a time.
 """
 
@@ -21,6 +21,9 @@ from gomodel.store.sweeps import claimed
 
 RETENTION_INTERVAL = 86400.0
 MAX_BUFFER = 100000  # records kept while the store cannot take them; the oldest go first
+# Records waiting that start a write at once, before the next tick: under load the buffer would otherwise
+# hold USAGE_FLUSH_INTERVAL's worth (about 330 bytes each: 3 MiB at 2,000 requests a second over 5 s).
+FLUSH_AT = 1000
 
 
 class UsageLedger(Service):
@@ -73,8 +76,11 @@ class UsageLedger(Service):
         self._buffer.append((request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code,
                              stream, tokens[0], tokens[1], total, tokens[2], tokens[3], *costs, user_path,
                              auth_key_id, duration_ms, ttft_ms, client_gone, estimated))
-        if len(self._buffer) > MAX_BUFFER:
-            del self._buffer[:len(self._buffer) - MAX_BUFFER]
+        waiting = len(self._buffer)
+        if waiting == FLUSH_AT:
+            self._clock.callLater(0, self.flush)  # on the reactor's next turn, not in this request's end
+        elif waiting > MAX_BUFFER:
+            del self._buffer[:waiting - MAX_BUFFER]
 
     # -- writing ------------------------------------------------------------------------
 
