@@ -39,9 +39,9 @@ def keep_headers(headers: dict, pairs: list):
     in order, trailing whitespace stripped (llhttp strips the leading, and lets no CR, LF or other control
     character through). In C but for names not seen before and names given twice."""
     names = pairs[::2]
-    canonical = list(map(_NAMES.get, names))
+    canonical = list(map(_CANONICAL_NAMES.get, names))
     if None in canonical:
-        canonical = [known or _name(name) for known, name in zip(canonical, names)]
+        canonical = [known or _nameEncoder.encode(name) for known, name in zip(canonical, names)]
     values = list(map(bytes.rstrip, pairs[1::2]))
     headers.update(zip(canonical, map(list, zip(values))))
     if len(headers) < len(canonical):  # a name more than once: its values in order
@@ -50,15 +50,8 @@ def keep_headers(headers: dict, pairs: list):
             headers.setdefault(name, []).append(value)
 
 
-_NAMES = {}  # a header name as sent -> as Headers keeps it
-_NAMES_KEPT = 1000  # names remembered (a peer can make up any number)
-
-
-def _name(name: bytes) -> bytes:
-    canonical = _nameEncoder.encode(name)
-    if len(_NAMES) < _NAMES_KEPT:
-        _NAMES[name] = canonical
-    return canonical
+# A header name as given -> as Headers keeps it: the cache Twisted's name encoder fills (up to 10,000).
+_CANONICAL_NAMES = _nameEncoder._canonicalHeaderCache
 
 
 def plain_headers(headers) -> dict:

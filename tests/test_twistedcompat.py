@@ -544,3 +544,14 @@ def test_an_answer_parser_is_freed_without_the_garbage_collector():
         assert parser() is None
     finally:
         gc.enable()
+
+
+def test_the_header_name_cache_keep_headers_reads_is_the_one_twisteds_encoder_fills():
+    from twisted.web.http_headers import Headers
+
+    Headers().addRawHeader(b"x-gomodel-cache-probe", b"1")
+    assert _twistedcompat._CANONICAL_NAMES[b"x-gomodel-cache-probe"] == b"X-Gomodel-Cache-Probe"
+    headers = {}
+    _twistedcompat.keep_headers(headers, [b"x-gomodel-cache-probe", b"a ", b"x-Unseen-Name", b"b",
+                                          b"X-GOMODEL-cache-probe", b"c"])
+    assert headers == {b"X-Gomodel-Cache-Probe": [b"a", b"c"], b"X-Unseen-Name": [b"b"]}

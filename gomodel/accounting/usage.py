@@ -6,8 +6,9 @@ the output tokens are counted from the content events sent (C{estimated}).
 Costs come from the optional pricing table (per million tokens, keyed by the
 model as routed, C{provider/upstream-model}); a model without a price has no
 cost. Records are buffered and written every C{USAGE_FLUSH_INTERVAL}, as soon
-as L{FLUSH_AT} are waiting, and at stop; records older than C{USAGE_RETENTION_DAYS} are deleted by a claimed
-job, once a day, by one process at a time.
+as L{FLUSH_AT} are waiting, and at stop; records older than
+C{USAGE_RETENTION_DAYS} are deleted by a claimed job, once a day, by one
+process at a time.
 """
 
 from twisted.application.service import Service

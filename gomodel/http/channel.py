@@ -28,7 +28,8 @@ from twisted.web import http
 from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
-from gomodel.http.headers import CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING
+from gomodel.errors import InvalidRequest
+from gomodel.http.headers import CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING
 
 _log = Logger()
 
@@ -36,8 +37,6 @@ _log = Logger()
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 # Requests read ahead of their turn from one read (pipelining): the last one read closes the connection.
 PIPELINE_DEPTH = 16
-_BAD_REQUEST = (b'{"error": {"message": "The request is not valid HTTP/1.1: %s.", "type": "invalid_request_error", '
-                b'"param": null, "code": "bad_request"}}')
 _first = itemgetter(0)
 
 
@@ -142,8 +141,7 @@ class GatewayChannel(http.HTTPChannel):
         if requests:
             last = requests[-1]
             if len(requests) >= PIPELINE_DEPTH and last.keep_alive:
-                last.keep_alive = False  # its answer closes the connection; a pipelining client sends the rest again
-                last.responseHeaders.put(CONNECTION, b"close")
+                last.close_after()  # a pipelining client sends the rest again
             if not last.keep_alive:
                 self._parser = None
                 raise _Stopped()
@@ -191,9 +189,10 @@ class GatewayChannel(http.HTTPChannel):
         else:
             length = 0
         # HTTP/1.0 connections are not kept (an answer without Content-Length ends with the connection).
-        request.keep_alive = version == b"HTTP/1.1" and parser.should_keep_alive()
-        if not request.keep_alive and version == b"HTTP/1.1":
-            request.responseHeaders.put(CONNECTION, b"close")
+        if version != b"HTTP/1.1":
+            request.keep_alive = False
+        elif not parser.should_keep_alive():
+            request.close_after()
         if parser.should_upgrade():
             # The gateway answers a request asking to switch protocols as any other (RFC 9110 7.8), and
             # after a CONNECT, whose tunnel it does not serve, it closes; llhttp stops after the head either way.
@@ -240,14 +239,11 @@ class GatewayChannel(http.HTTPChannel):
     def _bad_request(self, reason):
         """Answer 400 and close; requests read whole before the bad bytes are answered first."""
         self._parser = None
-        received = self._received
-        if received:
-            last = received[-1]
-            last.keep_alive = False
-            last.responseHeaders.put(CONNECTION, b"close")
+        if self._received:
+            self._received[-1].close_after()
             return
         _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
-        body = _BAD_REQUEST % reason.encode("ascii", "replace").replace(b'"', b"'")
+        body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code="bad_request").body()
         self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                              b"Connection: close\r\n\r\n%s" % (len(body), body))
         self.loseConnection()

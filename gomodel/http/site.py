@@ -17,8 +17,8 @@ from twisted.web import http, server
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
 from gomodel.http.channel import GatewayChannel
-from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING, X_REQUEST_ID,
-                                   AnswerHeaders, request_header)
+from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING,
+                                   X_REQUEST_ID, AnswerHeaders, request_header)
 
 
 class _Discard(io.BytesIO):
@@ -92,12 +92,13 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.startedWriting = 1
         headers = _twistedcompat.plain_headers(self.responseHeaders)
         code = self.code
+        no_body = code in http.NO_BODY_CODES  # 204 and 304: neither a body nor a Content-Type
         length = headers.get(CONTENT_LENGTH)
-        if (code != http.NOT_MODIFIED and code != http.NO_CONTENT and CONTENT_TYPE not in headers
-                and self.defaultContentType is not None and (length is None or length[0] != b"0")):
+        if (not no_body and CONTENT_TYPE not in headers and self.defaultContentType is not None
+                and (length is None or length[0] != b"0")):
             headers[CONTENT_TYPE] = [self.defaultContentType]
         version = self.clientproto
-        bodiless = self.method == b"HEAD" or code in http.NO_BODY_CODES
+        bodiless = no_body or self.method == b"HEAD"
         if version == b"HTTP/1.1" and length is None and not bodiless:
             headers[TRANSFER_ENCODING] = [b"chunked"]
             self.chunked = 1
@@ -161,9 +162,13 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         # No "100 Continue" for a body we will not read: a client that waits
         # for it gets the refusal instead of sending the body first.
         self.requestHeaders.removeHeader(b"expect")
+        self.close_after()
+
+    def close_after(self):
+        """Make this the last request its connection takes, and say so in the answer (C{Connection: close}),
+        so that a client's pool does not send its next request on this connection."""
         self.keep_alive = False
-        # Said in the answer, so that a client's pool does not send its next request on this connection.
-        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.responseHeaders.put(CONNECTION, b"close")
 
     def handleContentChunk(self, data):
         if self.streamed:
@@ -187,8 +192,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             return
         self.content.seek(0, 0)
         self.method, self.uri, self.clientproto = command, path, version
-        self.path, query, arguments = path.partition(b"?")
-        self.args = http.parse_qs(arguments, 1) if query else {}
+        self.path, mark, arguments = path.partition(b"?")
+        self.args = http.parse_qs(arguments, 1) if mark else {}
         self.process()
 
 
