@@ -75,7 +75,7 @@ gateway() {  # label pythonpath
 for r in $(seq "$rounds"); do
   measure direct "$mock" "$work/direct.json"
   gateway other "$other"
-  gateway this ""
+  gateway this "$(cd "$here/.." && pwd)"  # on PYTHONPATH too: an editable install does not expose the twistd plugin
 done | tee "$work/lines"
 python3 - "$work/lines" <<'PY'
 import re, statistics, sys
