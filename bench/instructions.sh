@@ -7,14 +7,18 @@
 # extensions, libc; not the kernel) divided by N. Replica health probes and metrics scrapes are off:
 # under callgrind a run takes about a minute, and their work would count in proportion to that time.
 #
-#   [N=300] [FEAT=1] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
+#   [N=300] [FEAT=1] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
+#
+# COUNT=bytecodes counts Python bytecodes instead (bench/bytecodes.py, no valgrind needed), and leaves
+# the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name).
 #
 # FEAT=1: everything on (four mock replicas, the access log, a managed key with limits and a daily
-# budget); otherwise one replica, the master key, access log off. Needs valgrind, node and curl, and a
+# budget); otherwise one replica, the master key, access log off; ACCESS_LOG=true/false overrides the
+# access log either way. Needs valgrind, node and curl, and a
 # Python with the gateway's requirements (PYTHON, default python3); each CHECKOUT goes on PYTHONPATH.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python3}; N=${N:-300}; FEAT=${FEAT:-0}
+PY=${PYTHON:-python3}; N=${N:-300}; FEAT=${FEAT:-0}; COUNT=${COUNT:-instructions}
 W=$(mktemp -d /tmp/gomodel-instr-XXXXXX)
 PIDS=""
 trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT
@@ -26,11 +30,17 @@ for i in $(seq $REPLICAS); do
 done
 BODY='{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"hello"}]}'
 for checkout in "$@"; do
-  checkout=$(cd "$checkout" && pwd); name=$(basename "$checkout"); GPORT=$(port); LOG=false; [ "$FEAT" = 1 ] && LOG=true
-  # twistd in this process (python -m gomodel execs it, and callgrind would lose the gateway).
+  checkout=$(cd "$checkout" && pwd); name=$(basename "$checkout"); GPORT=$(port); LOG=false; [ "$FEAT" = 1 ] && LOG=true; LOG=${ACCESS_LOG:-$LOG}
+  # The gomodel command's runner in this process: twistd would exec it when it has no plugin cache.
+  if [ "$COUNT" = bytecodes ]; then
+    rm -f "/tmp/gomodel-bytecodes-$name.json"; COUNTER=("$PY" "${COUNTER_SCRIPT:-$ROOT/bench/bytecodes.py}" "/tmp/gomodel-bytecodes-$name.json")
+  else
+    COUNTER=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/$name.cg" "$PY" -c
+      'from gomodel.cli import main; main()')
+  fi
   (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="$URLS" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/$name.d" \
-    GOMODEL_ACCESS_LOG=$LOG REPLICA_HEALTH_INTERVAL=1h REPLICA_METRICS_INTERVAL=0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/$name.cg" \
-    "$PY" -c 'import sys; from twisted.scripts.twistd import run; sys.argv[1:1] = ["-n", "--pidfile=", "gomodel"]; run()' \
+    GOMODEL_ACCESS_LOG=$LOG REPLICA_HEALTH_INTERVAL=1h REPLICA_METRICS_INTERVAL=0 \
+    "${COUNTER[@]}" \
     --listen "tcp:$GPORT:interface=127.0.0.1" > "$W/$name.log" 2>&1) & GPID=$!; PIDS="$PIDS $GPID"
   for _ in $(seq 300); do
     [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GPORT/v1/chat/completions" -H 'Authorization: Bearer mk' \
@@ -43,6 +53,15 @@ for checkout in "$@"; do
       | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d.get("value") or d.get("key") or d.get("secret"))')
   fi
   "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" 200
+  if [ "$COUNT" = bytecodes ]; then
+    kill -USR1 "$GPID"; "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N"; kill -USR2 "$GPID"
+    for _ in $(seq 20); do [ -s "/tmp/gomodel-bytecodes-$name.json" ] && break; sleep 0.5; done
+    "$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); n = int(sys.argv[3])
+print("BYTECODES %s FEAT=%s requests=%d bytecodes_per_request=%d" % (sys.argv[2], sys.argv[4], n, d["total"] // n))' \
+      "/tmp/gomodel-bytecodes-$name.json" "$name" "$N" "$FEAT"
+    kill "$GPID" 2>/dev/null || true
+    continue
+  fi
   callgrind_control -i on "$GPID" > /dev/null
   "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N"
   callgrind_control -i off "$GPID" > /dev/null

@@ -1,0 +1,65 @@
+"""Run the gateway (the C{gomodel} command with ARGS) counting the Python bytecodes it executes, by function.
+
+    python bench/bytecodes.py OUT.json [gateway args...]
+
+Counting starts on SIGUSR1 and stops on SIGUSR2, which also writes OUT.json:
+C{{"total": N, "functions": {"file:line name": n, ...}}}. Counting uses
+C{sys.settrace} with C{f_trace_opcodes} on every frame started while it is on
+(a frame already running when it starts is counted from its next call), so
+the process runs 20-50 times slower: a figure for comparing two checkouts'
+work per request, not a time. Used by C{COUNT=bytecodes bash bench/instructions.sh}.
+"""
+
+import json
+import os
+import signal
+import sys
+from collections import Counter
+
+OUT = sys.argv.pop(1)
+counts = Counter()
+names = {}
+
+
+def _trace(frame, event, arg):
+    code = frame.f_code
+    if code not in names:
+        names[code] = "%s:%d %s" % (code.co_filename, code.co_firstlineno, code.co_qualname)
+    frame.f_trace_opcodes = True
+    frame.f_trace_lines = False
+
+    def opcode(frame, event, arg, code=code):
+        if event == "opcode":
+            counts[code] += 1
+        return opcode
+    return opcode
+
+
+def _start(*_):
+    counts.clear()
+    sys.settrace(_trace)
+    import threading
+    threading.settrace(_trace)
+
+
+def _stop(*_):
+    sys.settrace(None)
+    by_name = Counter()
+    for code, n in counts.items():
+        by_name[names[code]] += n
+    with open(OUT + ".part", "w") as f:
+        json.dump({"total": sum(by_name.values()), "functions": dict(by_name.most_common())}, f, indent=0)
+    os.replace(OUT + ".part", OUT)
+
+
+def _install():
+    signal.signal(signal.SIGUSR1, _start)
+    signal.signal(signal.SIGUSR2, _stop)
+
+
+from twisted.internet import reactor  # noqa: E402
+
+from gomodel.cli import main  # noqa: E402
+
+reactor.callWhenRunning(_install)
+main()
