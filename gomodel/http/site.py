@@ -13,6 +13,7 @@ import re
 
 from twisted.python import failure
 from twisted.web import http, server
+from twisted.web.http import NO_BODY_CODES  # once: twisted.web.http's attributes are read through a deprecation proxy
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
@@ -92,7 +93,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.startedWriting = 1
         headers = _twistedcompat.plain_headers(self.responseHeaders)
         code = self.code
-        no_body = code in http.NO_BODY_CODES  # 204 and 304: neither a body nor a Content-Type
+        no_body = code in NO_BODY_CODES  # 204 and 304: neither a body nor a Content-Type
         length = headers.get(CONTENT_LENGTH)
         if (not no_body and CONTENT_TYPE not in headers and self.defaultContentType is not None
                 and (length is None or length[0] != b"0")):
