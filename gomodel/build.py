@@ -58,7 +58,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     @param shared_metrics: the processes share prometheus_client's multiprocess
         directory (set up by L{gomodel.tap}): every scrape sums them.
     """
-    gateway = GatewayService(config)
+    gateway = GatewayService(config, reactor)
     if config.metrics.otel_enabled:  # OpenTelemetry (its SDK imported only now): started before the listeners
         from gomodel.accounting.tracing import Telemetry
 

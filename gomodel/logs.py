@@ -10,7 +10,7 @@ C{status}, C{provider}, C{request_id}), for log shippers. C{LOG_LEVEL}
 import sys
 import time
 
-from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
+from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
                             formatEvent, formatEventAsClassicLogText, formatTime)
 from zope.interface import implementer
 
@@ -22,6 +22,10 @@ LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
 _SCALARS = (str, int, float, bool, type(None))
 # The format of an event that carries its whole text as C{log_line} (the access log's).
 LINE_FORMAT = "{log_line}"
+# How long the text observer holds the access log's lines to write them together, and how many bytes
+# of them at most (what a pipe writes in one piece, PIPE_BUF on Linux); see TextObserver.
+LINE_DELAY = 0.1
+LINE_BYTES = 4096
 
 
 def message(event) -> str:
@@ -68,14 +72,73 @@ class ClassicText:
         if not line:
             return None  # as Twisted writes nothing for an empty message
         level = event.get("log_level")
+        return self.line(event.get("log_time"), event.get("log_namespace", "-"),
+                         "-" if level is None else level.name, line)
+
+    def line(self, when, namespace: str, level: str, line: str) -> str:
+        """The text of a line event (L{LINE_FORMAT}) of C{line} (not empty), with the level's name."""
         # As Twisted does, a line break inside a message is indented: one event is never two lines.
-        return (f"{self.time(event.get('log_time'))} [{event.get('log_namespace', '-')}#"
-                f"{'-' if level is None else level.name}] " + line.replace("\n", "\n\t") + "\n")
+        return f"{self.time(when)} [{namespace}#{level}] " + line.replace("\n", "\n\t") + "\n"
 
 
-def text_observer(out) -> FileLogObserver:
-    """An observer writing Twisted's classic text lines (L{ClassicText}) to C{out}."""
-    return FileLogObserver(out, ClassicText())
+@implementer(ILogObserver)
+class TextObserver:
+    """Writes each event as Twisted's classic text line (L{ClassicText}) to C{out}, flushed at once, as
+    C{FileLogObserver(out, ClassicText())} does; L{write_line} takes a line event's text directly.
+
+    With a C{clock}, the lines L{write_line} takes (the access log's) are held for up to
+    L{LINE_DELAY} seconds and written together, one C{write(2)} for up to L{LINE_BYTES} bytes
+    of whole lines: a pipe takes that much in one piece, so the lines of processes sharing it
+    (C{--workers}) never mix. Every other event first writes what is held, so lines keep their
+    order. L{flush} writes what is held (the gateway calls it once the reactor has stopped).
+    """
+
+    def __init__(self, out, clock=None):
+        self._out = out
+        self._clock = clock
+        self._held = []  # texts of lines not yet written
+        self._held_bytes = 0
+        self._timer = None
+        self.format = ClassicText()
+
+    def __call__(self, event):
+        text = self.format(event)
+        if text:
+            if self._held:
+                self.flush()
+            self._out.write(text)
+            self._out.flush()
+
+    def write_line(self, when, namespace: str, level: str, line: str):
+        """Write what a line event (L{LINE_FORMAT}) of C{line} (not empty) at C{when} would be written as."""
+        text = self.format.line(when, namespace, level, line)
+        if self._clock is None:
+            self._out.write(text)
+            self._out.flush()
+            return
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        if self._held_bytes + size > LINE_BYTES:
+            self.flush()
+        self._held.append(text)
+        self._held_bytes += size
+        if self._timer is None:
+            self._timer = self._clock.callLater(LINE_DELAY, self.flush)
+
+    def flush(self):
+        """Write the lines held (if any) in one piece."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self._held:
+            held, self._held, self._held_bytes = self._held, [], 0
+            self._out.write("".join(held))
+            self._out.flush()
+
+
+def text_observer(out, clock=None) -> TextObserver:
+    """An observer writing Twisted's classic text lines (L{ClassicText}) to C{out} (see L{TextObserver})."""
+    return TextObserver(out, clock)
 
 
 @implementer(ILogObserver)
@@ -101,12 +164,13 @@ class JSONLineObserver:
         self._out.flush()
 
 
-def log_observer(log_format, level, out=None, classic=False):
+def log_observer(log_format, level, out=None, classic=False, clock=None):
     """The observer for C{LOG_FORMAT} and C{LOG_LEVEL}; with neither, with C{classic} (twistd would write its
-    own text lines to C{out}), an observer writing the same lines (L{ClassicText}); else None to keep twistd's."""
+    own text lines to C{out}), an observer writing the same lines (L{TextObserver}, holding the access log's
+    lines on C{clock} if given); else None to keep twistd's."""
     out = out if out is not None else sys.stdout
     if log_format is None and level is None:
-        return text_observer(out) if classic else None
+        return text_observer(out, clock) if classic else None
     observer = JSONLineObserver(out) if log_format == "json" else text_observer(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level or "info"])
     return FilteringLogObserver(observer, [predicate])

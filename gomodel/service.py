@@ -4,7 +4,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
-from gomodel.logs import log_observer
+from gomodel.logs import TextObserver, log_observer
 
 
 class GatewayService(MultiService):
@@ -22,9 +22,10 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config):
+    def __init__(self, config, reactor=None):
         super().__init__()
         self.config = config
+        self.reactor = reactor
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
         self.drain = self.supervisor = self.usage = self.keys = self.telemetry = self.pins = None
         self.listeners = []
@@ -35,13 +36,17 @@ class GatewayService(MultiService):
         where twistd would write its own text lines to standard output (L{stdout_log}), gomodel's.
 
         twistd asks its application for an L{ILogObserver} component when it
-        starts logging, which is after the service was built and attached.
+        starts logging, which is after the service was built and attached. gomodel's text observer
+        holds access lines for a moment (L{gomodel.logs.TextObserver}): what it holds is written
+        once the reactor has stopped.
         """
         super().setServiceParent(parent)
         observer = log_observer(self.config.metrics.log_format, self.config.metrics.log_level,
-                                classic=self.stdout_log)
+                                classic=self.stdout_log, clock=self.reactor)
         if observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, observer)
+            if isinstance(observer, TextObserver) and self.reactor is not None:
+                self.reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
 
     def startService(self):
         for warning in self.config.warnings:

@@ -12,11 +12,12 @@ import sys
 import pytest
 import pytest_twisted
 from twisted.internet import error as net_error
-from twisted.internet.task import deferLater
-from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, Logger, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
-from gomodel.logs import LINE_FORMAT, ClassicText, JSONLineObserver
+from gomodel.http.context import AccessLog, RequestContext
+from gomodel.logs import LINE_BYTES, LINE_DELAY, LINE_FORMAT, ClassicText, JSONLineObserver, TextObserver
 from tests.rawclient import chat_request, connect
 from tests.support import with_timeout
 
@@ -168,4 +169,83 @@ def test_gomodel_writes_the_text_lines_only_where_twistd_would_write_them_to_std
     assert _twistd_logs_to_stdout(twistd) is ours
     with open(tmp_path / "out", "w") as out:
         observer = log_observer(None, None, out, classic=_twistd_logs_to_stdout(twistd))
-        assert (observer is not None and isinstance(observer.formatEvent, ClassicText)) is ours
+        assert isinstance(observer, TextObserver) is ours
+
+
+class Out:
+    """A file whose every flush is one write: what reaches the file descriptor, in order."""
+
+    def __init__(self):
+        self.pending, self.writes = "", []
+
+    def write(self, text):
+        self.pending += text
+
+    def flush(self):
+        if self.pending:
+            self.writes.append(self.pending)
+            self.pending = ""
+
+
+@pytest.mark.parametrize("event", [e for e in _events() if "log_system" not in e and e["log_format"] == LINE_FORMAT
+                                   and e["log_line"] and e["log_level"]], ids=lambda event: event["log_line"][:20])
+def test_a_line_written_directly_is_the_line_of_its_event(event):
+    by_event, direct = Out(), Out()
+    TextObserver(by_event)(event)
+    TextObserver(direct).write_line(event["log_time"], event["log_namespace"], event["log_level"].name,
+                                    event["log_line"])
+    assert direct.writes == by_event.writes and len(direct.writes) == 1
+
+
+def test_with_a_clock_lines_wait_and_go_out_together_in_order():
+    clock, out = Clock(), Out()
+    observer = TextObserver(out, clock)
+    observer.write_line(1764662925.75, "gomodel.access", "info", "first")
+    observer.write_line(1764662925.8, "gomodel.access", "info", "second")
+    assert out.writes == []
+    clock.advance(LINE_DELAY)
+    assert len(out.writes) == 1 and out.writes[0].splitlines()[0].endswith("] first")
+    assert out.writes[0].count("\n") == 2
+    observer.write_line(1764662926.0, "gomodel.access", "info", "third")
+    observer({"log_level": LogLevel.warn, "log_namespace": "x", "log_format": "a warning", "log_time": 1764662926.1})
+    assert out.writes[1].endswith("] third\n") and out.writes[2].endswith("] a warning\n")  # held lines first
+    clock.advance(LINE_DELAY)
+    assert len(out.writes) == 3 and not clock.getDelayedCalls()
+
+
+def test_held_lines_go_out_in_writes_a_pipe_keeps_whole():
+    clock, out = Clock(), Out()
+    observer = TextObserver(out, clock)
+    for i in range(200):
+        observer.write_line(1764662925.75, "gomodel.access", "info", f"POST /v1/chat {i} model=\u00e9t\u00e9")
+    observer.write_line(1764662925.75, "gomodel.access", "info", "x" * (LINE_BYTES + 10))  # one line, too long
+    observer.flush()
+    sizes = [len(write.encode("utf-8")) for write in out.writes]
+    assert len(out.writes) > 2 and all(size <= LINE_BYTES for size in sizes[:-1]) and sizes[-1] > LINE_BYTES
+    lines = "".join(out.writes).splitlines()
+    assert [line.split(" ")[4] for line in lines[:200]] == [str(i) for i in range(200)]
+    assert all(write.endswith("\n") for write in out.writes)
+    assert not clock.getDelayedCalls()
+
+
+def _completed(clock):
+    ctx = RequestContext(b"req1", b"POST", b"/v1/chat/completions", clock)
+    ctx.provider, ctx.model, ctx.status = "vllm", "vllm/m\nFAKE", 200
+    ctx.duration = 0.0031
+    return ctx
+
+
+def test_the_access_log_writes_its_line_directly_to_a_text_observer_alone():
+    clock, direct, by_event = Clock(), Out(), Out()
+    publisher = LogPublisher(TextObserver(direct, clock))
+    AccessLog(Logger(namespace="gomodel.access", observer=publisher))(_completed(clock))
+    assert direct.writes == []  # held by the text observer
+    collected = []
+    publisher.addObserver(TextObserver(by_event))
+    publisher.addObserver(collected.append)  # another observer: events again, to every observer
+    AccessLog(Logger(namespace="gomodel.access", observer=publisher))(_completed(clock))
+    assert len(collected) == 1 and collected[0]["status"] == 200 and collected[0]["model"] == "vllm/m\nFAKE"
+    assert len(direct.writes) == 2  # the held line, then the event's line
+    first, second = direct.writes[0], direct.writes[1]
+    assert first.split(" ", 1)[1] == second.split(" ", 1)[1] == by_event.writes[0].split(" ", 1)[1]
+    assert first.endswith("ms request_id=req1 provider=vllm model=vllm/m\n\tFAKE\n")

@@ -10,10 +10,10 @@ the drain's count. Nothing is read back through callback order.
 
 from time import time
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, LogPublisher
 
 from gomodel.accounting.tokens import tokens_by_type
-from gomodel.logs import LINE_FORMAT
+from gomodel.logs import LINE_FORMAT, TextObserver
 
 # Outcomes a finished request can have.
 OK = "ok"
@@ -196,23 +196,39 @@ class AccessLog:
     observers write as it is; the fields stay in the event for structured observers. The event
     goes to the logger's observer directly, as L{Logger.emit} would send it (the same keys),
     without its check of a level that is always C{info}.
+
+    While the only observer of that publisher is gomodel's text observer (the default under
+    C{twistd -n}: Twisted's classic lines on standard output), no event is made: the line is
+    written as that observer would write the event (L{TextObserver.write_line}). Any other
+    observer added (C{LOG_FORMAT=json}, C{LOG_LEVEL}, twistd's C{--logfile}, a test's) gets
+    events again from its next line on.
     """
 
     def __init__(self, logger=None):
-        self._log = logger if logger is not None else Logger(namespace="gomodel.access")
+        self._log = log = logger if logger is not None else Logger(namespace="gomodel.access")
+        # A LogPublisher's observers: a list it changes in place as observers come and go.
+        self._observers = log.observer._observers if log.observer.__class__ is LogPublisher else ()
 
     def __call__(self, ctx: RequestContext):
-        prompt_tokens, completion_tokens = ctx.tokens
         method = ctx.method.decode("ascii", "replace")
         path = ctx.path.decode("ascii", "replace")
         duration_ms = ctx.duration * 1000
         request_id = ctx.request_id.decode("ascii")
         provider = ctx.provider or "-"
         model = ctx.model or "-"
+        line = (f"{method} {path} {ctx.status} {duration_ms:.1f}ms request_id={request_id} "
+                f"provider={provider} model={model}")
         log = self._log
+        observers = self._observers
+        if len(observers) == 1 and observers[0].__class__ is TextObserver:
+            try:
+                observers[0].write_line(time(), log.namespace, "info", line)
+                return
+            except Exception:
+                pass  # the event says so: the publisher logs an observer that fails
+        prompt_tokens, completion_tokens = ctx.tokens
         log.observer({
-            "log_line": f"{method} {path} {ctx.status} {duration_ms:.1f}ms request_id={request_id} "
-                        f"provider={provider} model={model}",
+            "log_line": line,
             "method": method,
             "path": path,
             "status": ctx.status,
