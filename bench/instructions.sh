@@ -10,7 +10,8 @@
 #   [N=300] [FEAT=1] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
 #
 # COUNT=bytecodes counts Python bytecodes instead (bench/bytecodes.py, no valgrind needed), and leaves
-# the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name).
+# the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name);
+# COUNTER_SCRIPT names another counter script taking the same arguments.
 #
 # FEAT=1: everything on (four mock replicas, the access log, a managed key with limits and a daily
 # budget); otherwise one replica, the master key, access log off; ACCESS_LOG=true/false overrides the

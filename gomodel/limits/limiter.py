@@ -76,17 +76,21 @@ class _Prepared:
         return [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in self.buckets]
 
     def header_plan(self, scope):
-        """What C{scope}'s C{x-ratelimit-*} headers show: C{((line prefixes, bucket indices), ...)}, its
-        requests and its tokens windows in the order its buckets come (of several, the fewest remaining is
-        shown); a line prefix is a header's name as Twisted writes it and C{": "}."""
+        """What C{scope}'s C{x-ratelimit-*} headers show: its requests and its tokens windows in the order
+        its buckets come (of several, the fewest remaining is shown), each as C{(reset line prefix, bucket
+        indices, {index: its limit line and remaining line prefix})}; a line prefix is a header's name as
+        Twisted writes it and C{": "}."""
         plan = self._header_plans.get(scope)
         if plan is None:
             kinds = {}
             for i, b in enumerate(self.buckets):
                 if b.scope == scope:
                     kinds.setdefault(b.tokens, []).append(i)
-            plan = self._header_plans[scope] = tuple((_LINE_PREFIXES[tokens], tuple(indices))
-                                                     for tokens, indices in kinds.items())
+            plan = self._header_plans[scope] = tuple(
+                (_LINE_PREFIXES[tokens][2], tuple(indices),
+                 {i: b"%s%s\r\n%s" % (_LINE_PREFIXES[tokens][0], self.buckets[i].capacity_raw,
+                                      _LINE_PREFIXES[tokens][1]) for i in indices})
+                for tokens, indices in kinds.items())
         return plan
 
 
@@ -378,14 +382,14 @@ def header_lines(plan, buckets, levels) -> bytes:
     head (C{b"Name: value\\r\\n"} each, names as Twisted writes them): formatted in one piece, where six
     header entries would each be set, checked and written on their own."""
     lines = b""
-    for (limit, remaining, reset), indices in plan:
+    for reset, indices, heads in plan:
         i = indices[0] if len(indices) == 1 else min(indices, key=levels.__getitem__)  # the first of the fewest
         b, level = buckets[i], levels[i]
         reset_ms = math.ceil((b.capacity - level) / b.refill * 1000 - 1e-6)  # as duration() rounds
-        lines += b"%s%s\r\n%s%d\r\n%s%s\r\n" % (
-            limit, b.capacity_raw,
-            remaining, level if level >= 1 else 0,  # floored, never below 0
-            reset, b"%dms" % reset_ms if 0 < reset_ms < 1000 else _duration_ms(reset_ms).encode("ascii"))
+        lines += b"%s%d\r\n%s%s\r\n" % (
+            heads[i], level if level >= 1 else 0,  # floored, never below 0
+            reset, b"%dms" % reset_ms if 0 < reset_ms < 1000 else b"0s" if reset_ms <= 0
+            else _duration_ms(reset_ms).encode("ascii"))
     return lines
 
 

@@ -529,7 +529,7 @@ class ReplicaPool:
     def _slower(self, free) -> dict:
         """Each clearly slower replica of C{free} (by its pace against the fastest's): how many times
         slower. Empty where all are alike, or too few are paced."""
-        paces = [r.pace for r in free if r.paced]
+        paces = [r.pace for r in free if r.timed == PACE_SAMPLES]  # the paced ones' (L{Replica.paced})
         if not paces:
             return {}
         fastest = min(paces)
@@ -540,18 +540,20 @@ class ReplicaPool:
     def _lowest(self, scores, affinity):
         """The replica of C{scores} (replica -> score) with the lowest, or the warm one of C{affinity}
         within the guard."""
-        best = min(scores.values())
+        values = list(scores.values())
+        best = min(values)
         if affinity is not None:
             known = self._affinity.get(affinity)
             if known is not None:
                 warm = self.replicas[known[0]]
                 if warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack:
                     return warm
-        lowest = [r for r, score in scores.items() if score == best]
-        if len(lowest) == 1:
-            return lowest[0]
+        ties = values.count(best)
+        if ties == 1:
+            return list(scores)[values.index(best)]
         # Ties (an idle pool): take turns, so that equal replicas share the work.
-        replica = lowest[self._next % len(lowest)]
+        lowest = list(scores) if ties == len(values) else [r for r, score in scores.items() if score == best]
+        replica = lowest[self._next % ties]
         self._next += 1
         return replica
 
