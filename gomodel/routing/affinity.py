@@ -23,6 +23,7 @@ import hashlib
 from gomodel._twistedcompat import header_name, plain_headers
 
 SESSION_HEADERS = tuple(header_name(name) for name in ("x-session-id", "x-claude-code-session-id", "session-id"))
+_SESSION_HEADER_NAMES = frozenset(SESSION_HEADERS)  # most requests have none, checked at once
 SESSION_FIELDS = ("prompt_cache_key", "session_id")
 # Every body field a session key is read from: most requests have none, checked at once.
 _SESSION_NAMES = frozenset(SESSION_FIELDS + ("metadata", "user"))
@@ -32,10 +33,11 @@ PREFIX_CHARS = 512
 def affinity_key(request, body: dict):
     """The session or conversation key of a request, or None."""
     headers = plain_headers(request.requestHeaders)
-    for name in SESSION_HEADERS:
-        values = headers.get(name)
-        if values:
-            return _session(values[0].decode("latin-1"))  # the same key as the body's fields
+    if not _SESSION_HEADER_NAMES.isdisjoint(headers):
+        for name in SESSION_HEADERS:
+            values = headers.get(name)
+            if values:
+                return _session(values[0].decode("latin-1"))  # the same key as the body's fields
     if not _SESSION_NAMES.isdisjoint(body):
         for name in SESSION_FIELDS:
             value = body.get(name)
