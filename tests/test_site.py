@@ -169,3 +169,30 @@ def test_answer_headers_put_and_request_header_are_Twisteds_and_cookies_are_pars
     request.parseCookies()  # what Twisted calls for every request: nothing yet
     assert request.received_cookies == {}
     assert request.getCookie(b"b") == b"2" and request.received_cookies == {b"a": b"1", b"b": b"2"}
+
+
+def test_a_request_id_is_the_clients_when_sane_else_new_random_hex_also_in_a_forked_child():
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from gomodel.http.site import GatewayRequest, request_id_for
+
+    def request(given=None):
+        r = GatewayRequest(DummyChannel())
+        if given is not None:
+            r.requestHeaders.setRawHeaders(b"x-request-id", [given])
+        return r
+
+    assert request_id_for(request(b"trace-1.2:3")) == b"trace-1.2:3"
+    made = [request_id_for(request(given)) for given in (None, b"", b"no spaces allowed", b"x" * 129)]
+    assert all(re.fullmatch(rb"[0-9a-f]{32}", made_id) for made_id in made)
+    assert len(set(made)) == len(made)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's generator is seeded afresh: not the parent's next id
+        os.write(write, request_id_for(request()))
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert re.fullmatch(rb"[0-9a-f]{32}", child) and child != request_id_for(request())

@@ -8,8 +8,8 @@ buffered up to the limit.
 """
 
 import io
-import os
 import re
+from random import getrandbits
 
 from twisted.python import failure
 from twisted.web import http, server
@@ -272,10 +272,15 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
 def request_id_for(request) -> bytes:
-    """The client's C{X-Request-Id} when it is sane, else a new one."""
+    """The client's C{X-Request-Id} when it is sane, else a new one: 128 random bits in hex.
+
+    The bits come from the C{random} module's generator (seeded from the system's entropy at start,
+    and again in a forked child) rather than C{os.urandom}: an id needs to be unique, not secret,
+    and this spares a system call per request.
+    """
     given = request_header(request, X_REQUEST_ID)
     if given is not None:
         if _REQUEST_ID.fullmatch(given):
             return given
-    return os.urandom(16).hex().encode("ascii")
+    return b"%032x" % getrandbits(128)
 
