@@ -7,7 +7,9 @@
 # extensions, libc; not the kernel) divided by N. Replica health probes and metrics scrapes are off:
 # under callgrind a run takes about a minute, and their work would count in proportion to that time.
 #
-#   [N=300] [FEAT=1] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
+#   [N=300] [FEAT=1] [STREAM=1] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
+#
+# STREAM=1 sends streamed chat requests instead (the mock's 24-event stream, read to its end).
 #
 # COUNT=bytecodes counts Python bytecodes instead (bench/bytecodes.py, no valgrind needed), and leaves
 # the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name);
@@ -20,6 +22,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}; N=${N:-300}; FEAT=${FEAT:-0}; COUNT=${COUNT:-instructions}
+STREAM_ARG=(); [ "${STREAM:-0}" = 1 ] && STREAM_ARG=(stream)
 W=$(mktemp -d /tmp/gomodel-instr-XXXXXX)
 PIDS=""
 trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT
@@ -53,22 +56,22 @@ for checkout in "$@"; do
       -d '{"name":"bench","user_path":"/bench/key","rpm":1000000000,"tpm":1000000000000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}' \
       | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d.get("value") or d.get("key") or d.get("secret"))')
   fi
-  "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" 200
+  "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" 200 "${STREAM_ARG[@]}"
   if [ "$COUNT" = bytecodes ]; then
-    kill -USR1 "$GPID"; "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N"; kill -USR2 "$GPID"
+    kill -USR1 "$GPID"; "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N" "${STREAM_ARG[@]}"; kill -USR2 "$GPID"
     for _ in $(seq 20); do [ -s "/tmp/gomodel-bytecodes-$name.json" ] && break; sleep 0.5; done
     "$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); n = int(sys.argv[3])
-print("BYTECODES %s FEAT=%s requests=%d bytecodes_per_request=%d" % (sys.argv[2], sys.argv[4], n, d["total"] // n))' \
-      "/tmp/gomodel-bytecodes-$name.json" "$name" "$N" "$FEAT"
+print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d" % (sys.argv[2], sys.argv[4], sys.argv[5], n, d["total"] // n))' \
+      "/tmp/gomodel-bytecodes-$name.json" "$name" "$N" "$FEAT" "${STREAM:-0}"
     kill "$GPID" 2>/dev/null || true
     continue
   fi
   callgrind_control -i on "$GPID" > /dev/null
-  "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N"
+  "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N" "${STREAM_ARG[@]}"
   callgrind_control -i off "$GPID" > /dev/null
   callgrind_control -d "$GPID" > /dev/null
   for _ in $(seq 20); do grep -qh "^totals:" "$W/$name.cg"* 2>/dev/null && break; sleep 0.5; done
   total=$(grep -h "^totals:" "$W/$name.cg"* | awk '{s += $2} END {print s}')
-  echo "INSTR $name FEAT=$FEAT requests=$N instructions_per_request=$((total / N))"
+  echo "INSTR $name FEAT=$FEAT STREAM=${STREAM:-0} requests=$N instructions_per_request=$((total / N))"
   kill "$GPID" 2>/dev/null || true
 done

@@ -48,6 +48,30 @@ def test_observer_strips_only_the_forced_usage_chunk():
     assert keeping.usage["completion_tokens"] == 2
 
 
+def test_observer_looks_into_a_read_of_many_events_only_where_a_watched_word_is():
+    from gomodel.proxy.sse import ResponsesStreamObserver, mentions
+
+    assert mentions(b"abc [DONE]", (b'"usage"', b"[DONE]")) and not mentions(b"abc", (b"[DONE]",))
+    observer = ChatStreamObserver(strip_usage=True)
+    plain = CHUNK * 3
+    assert observer.feed(plain) == plain and observer.events == 3 and not observer.done
+    # the usage chunk amid others is dropped, the rest keep their order; the end is seen
+    assert observer.feed(CHUNK + USAGE + CHUNK + b"data: [DONE]\n\n") == CHUNK + CHUNK + b"data: [DONE]\n\n"
+    assert observer.usage["prompt_tokens"] == 1 and observer.done
+    # a watched word split between two reads is looked for once its event is whole
+    observer = ChatStreamObserver(strip_usage=False)
+    assert observer.feed(CHUNK + b"data: [DO") == CHUNK and not observer.done
+    assert observer.feed(b"NE]\n\n") == b"data: [DONE]\n\n" and observer.done
+
+    responses = ResponsesStreamObserver()
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n'
+    end = (b'event: response.completed\ndata: {"type":"response.completed","response":'
+           b'{"id":"r","usage":{"input_tokens":1,"output_tokens":2}}}\n\n')
+    assert responses.feed(delta * 2) == delta * 2 and not responses.done
+    assert responses.feed(delta + end) == delta + end and responses.done
+    assert responses.usage == {"input_tokens": 1, "output_tokens": 2}
+
+
 def test_observer_finish_requires_done_and_whole_events():
     observer = ChatStreamObserver(strip_usage=False)
     observer.feed(CHUNK)

@@ -24,7 +24,7 @@ from gomodel import jsonutil
 from gomodel.errors import InvalidRequest
 from gomodel.http.render import AnthropicDialect
 from gomodel.interfaces import IStreamObserver
-from gomodel.proxy.sse import SSEFramer, event_data, event_object, require_end
+from gomodel.proxy.sse import SSEFramer, event_data, event_object, mentions, require_end
 
 # Claude Code's first system block carries a per-request hash; dropping it keeps
 # the prompt prefix stable for the upstream's prefix cache (vLLM does the same).
@@ -827,9 +827,9 @@ class MessagesStreamObserver:
         events = self._framer.feed(data)
         for event in events:
             head = event[:64]
-            if b"content_block_delta" in head:
+            if head.find(b"content_block_delta") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
                 self.events += 1
-            elif any(kind in head for kind in _NATIVE_WATCHED):
+            elif mentions(head, _NATIVE_WATCHED):
                 self._observe(event)
         return b"".join(events)
 

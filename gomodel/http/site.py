@@ -125,7 +125,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.prepath = []
         path = self.path
         segments = path[1:].split(b"/")
-        self.postpath = list(map(http.unquote, segments)) if b"%" in path else segments
+        # path.find, not `in`: see gomodel.proxy.sse.mentions
+        self.postpath = list(map(http.unquote, segments)) if path.find(b"%") >= 0 else segments
         if path == b"*":
             _twistedcompat.handle_star(self)
             return

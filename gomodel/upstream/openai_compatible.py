@@ -60,7 +60,7 @@ class OpenAICompatibleProvider:
 
     def _header_lines(self, request_id: bytes, extra, content_type) -> bytes:
         """L{headers} as request head lines (C{extra}, name -> values, goes through L{Headers}, which sanitises)."""
-        if b"\r" in request_id or b"\n" in request_id:
+        if request_id.find(b"\r") >= 0 or request_id.find(b"\n") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
             raise ValueError("a request id must not hold CR or LF")
         lines = []
         if extra:
