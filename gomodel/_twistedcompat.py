@@ -244,7 +244,15 @@ class AnswerParser(Protocol):
         self._in_body = True
 
     def on_body(self, data):
-        self.response._bodyDataReceived(data)
+        # Response._bodyDataReceived's two states that take data, without its dispatcher (per chunk)
+        response = self.response
+        state = response._state
+        if state == "CONNECTED":
+            response._bodyProtocol.dataReceived(data)
+        elif state == "INITIAL":
+            response._bodyBuffer.append(data)
+        else:
+            response._bodyDataReceived(data)  # raises, as Twisted's parser would have it
 
     def on_message_complete(self):
         if self.response is None:

@@ -334,9 +334,10 @@ def test_an_ending_request_ends_once_as_notifyFinish_fires():
         assert len(seen) == 1 and request.ending is None
 
 
-def _answer(protocol_class, method, chunks, lose=False):
+def _answer(protocol_class, method, chunks, lose=False, late=False):
     """What a client protocol makes of an upstream's answer in C{chunks}: the response's fields, its body,
-    how the body ended, whether the connection went back to its pool, whether it was closed."""
+    how the body ended, whether the connection went back to its pool, whether it was closed. With
+    C{late}, the body is asked for only once every chunk has arrived (the response buffers it)."""
     from twisted.internet.error import ConnectionDone
     from twisted.python.failure import Failure
 
@@ -345,7 +346,7 @@ def _answer(protocol_class, method, chunks, lose=False):
     transport = StringTransport()
     protocol.makeConnection(transport)
     answer = protocol.request(_twistedcompat.PreparedRequest(method, method + b" / HTTP/1.1\r\nHost: h\r\n\r\n"))
-    seen, body, ended = {}, [], []
+    seen, body, ended, responses = {}, [], [], []
 
     class Collect(Protocol):
         def dataReceived(self, data):
@@ -357,13 +358,18 @@ def _answer(protocol_class, method, chunks, lose=False):
     def got(response):
         seen.update(code=response.code, phrase=response.phrase, version=response.version, length=response.length,
                     headers=sorted(response.headers.getAllRawHeaders()))
-        response.deliverBody(Collect())
+        responses.append(response)
+        if not late:
+            response.deliverBody(Collect())
 
     answer.addCallbacks(got, lambda failure: seen.update(failed=failure.type.__name__))
     for chunk in chunks:
         protocol.dataReceived(chunk)
     if lose:
         protocol.connectionLost(Failure(ConnectionDone()))
+    if late:
+        for response in responses:
+            response.deliverBody(Collect())
     return seen, b"".join(body), ended, bool(pooled), transport.disconnecting
 
 
@@ -385,10 +391,11 @@ _ANSWERS = [
 ]
 
 
+@pytest.mark.parametrize("late", [False, True])
 @pytest.mark.parametrize("method,chunks,lose", _ANSWERS)
-def test_an_answer_parsed_by_llhttp_is_what_twisteds_parser_makes_of_it(method, chunks, lose):
-    assert _answer(_twistedcompat.PromptClientProtocol, method, chunks, lose) == _answer(
-        _newclient.HTTP11ClientProtocol, method, chunks, lose)
+def test_an_answer_parsed_by_llhttp_is_what_twisteds_parser_makes_of_it(method, chunks, lose, late):
+    assert _answer(_twistedcompat.PromptClientProtocol, method, chunks, lose, late) == _answer(
+        _newclient.HTTP11ClientProtocol, method, chunks, lose, late)
 
 
 def test_a_malformed_answer_fails_and_closes_the_connection_as_with_twisteds_parser():
