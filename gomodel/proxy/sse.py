@@ -122,7 +122,21 @@ class ChatStreamObserver:
         # words are looked for inline (see mentions): this runs for every event of a stream.
         if joined.find(b'"usage"') < 0 and joined.find(b'"error"') < 0 and joined.find(b"[DONE]") < 0:
             return joined
-        out = []
+        if len(events) > 1:
+            # The events before the first one holding a word go as they are (a read that holds a
+            # stream's end often holds its last tokens too).
+            first = len(joined)
+            for word in (b'"usage"', b'"error"', b"[DONE]"):
+                at = joined.find(word)
+                if 0 <= at < first:
+                    first = at
+            i, end = 0, len(events[0])
+            while end <= first:
+                i += 1
+                end += len(events[i])
+            out, events = events[:i], events[i:]
+        else:
+            out = []
         for event in events:
             if (event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0) \
                     and not self._observe(event):
