@@ -28,8 +28,8 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
         row("r2", 86500.0, provider_name="vllm-b", model="vllm-b/m", stream=True, total_cost=0.5,
             auth_key_id="k_1", user_path="/team/a"),
         row("r3", 86600.0, status_code=503, input_tokens=None, output_tokens=None, total_tokens=None,
-            auth_key_id="k_1", user_path="/team/a/x", client_gone=True, total_cost=0.25),
-        row("other-4", 90000.0, user_path="/team/ab", estimated=True),
+            auth_key_id="k_1", user_path="/team/a/x", client_gone=1, total_cost=0.25),  # flags as the ledger's 0/1
+        row("other-4", 90000.0, user_path="/team/ab", stream=0, estimated=1),
     ]) == 4
     totals = await usage.summary(0, 1e9)
     assert totals == {"requests": 4, "input_tokens": 30, "output_tokens": 15, "total_tokens": 45,

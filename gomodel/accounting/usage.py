@@ -62,7 +62,8 @@ class UsageLedger(Service):
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
              usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, auth_key_id=None,
              user_path=None, tokens=None):
-        """Buffer one record (a row in L{gomodel.store.records.USAGE_FIELDS} order) for the next flush.
+        """Buffer one record (a row in L{gomodel.store.records.USAGE_FIELDS} order, its flags as 0 and 1:
+        Python's sqlite3 binds an int at once, a bool through its adapter protocol) for the next flush.
 
         @param usage: the upstream's usage object, or None.
         @param tokens: its L{tokens_by_type}, when worked out already.
@@ -75,8 +76,8 @@ class UsageLedger(Service):
             tokens, total = (None, None, None, None), None
         costs = self._pricing.costs(model, tokens) if self._pricing else (None, None, None)
         self._buffer.append((request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code,
-                             stream, tokens[0], tokens[1], total, tokens[2], tokens[3], *costs, user_path,
-                             auth_key_id, duration_ms, ttft_ms, client_gone, estimated))
+                             1 if stream else 0, tokens[0], tokens[1], total, tokens[2], tokens[3], *costs, user_path,
+                             auth_key_id, duration_ms, ttft_ms, 1 if client_gone else 0, 1 if estimated else 0))
         waiting = len(self._buffer)
         if waiting == FLUSH_AT:
             self._clock.callLater(0, self.flush)  # on the reactor's next turn, not in this request's end

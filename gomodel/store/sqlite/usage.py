@@ -23,7 +23,7 @@ class SQLiteUsageStore:
 
     def _add(self, rows):
         with self._db.transaction() as conn:
-            conn.executemany(_INSERT, rows)  # sqlite stores booleans as 0 and 1
+            conn.executemany(_INSERT, rows)  # the flags as 0 and 1 (UsageLedger.keep), as sqlite stores them
         return len(rows)
 
     def summary(self, start, end):
