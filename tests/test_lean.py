@@ -209,3 +209,19 @@ def test_a_failing_repeating_call_is_logged_and_not_repeated(logged_errors):
     assert len(calls) == 1
     assert logged_errors.flush(RuntimeError) == 1
     assert service.stopService().called
+
+
+def test_the_request_paths_functions_make_no_closure_cell_per_call():
+    """A comprehension, generator or lambda over a function's local makes that local a cell, made on
+    every call (and read through it): the functions every relayed request runs keep to plain locals."""
+    from gomodel.api.inference import InferenceRoutes, plan_model
+    from gomodel.limits.gate import Gate
+    from gomodel.proxy.relay import StreamRelay
+    from gomodel.routing.pool import ReplicaPool
+    from gomodel.upstream.openai_compatible import OpenAICompatibleProvider
+    from gomodel.upstream.vllm import VLLMProvider
+
+    hot = [ReplicaPool._choose, ReplicaPool._lowest, ReplicaPool._slower, ReplicaPool._candidates,
+           InferenceRoutes._completions, plan_model, StreamRelay.__init__, Gate.admit, Gate.completed,
+           VLLMProvider.url, OpenAICompatibleProvider._header_lines]
+    assert {f.__qualname__: f.__code__.co_cellvars for f in hot if f.__code__.co_cellvars} == {}

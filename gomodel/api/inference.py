@@ -7,6 +7,8 @@ reads the body, resolves the model, builds an L{UpstreamCall} and hands it
 to the exchange.
 """
 
+from functools import partial
+
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, ModelAccessDenied
 from gomodel.http.bodies import json_body
@@ -51,7 +53,7 @@ class InferenceRoutes:
     async def _completions(self, request, ctx, path):
         """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
         body = json_body(request)
-        upstream, fallbacks = self.route(ctx, body, lambda: affinity_key(request, body))
+        upstream, fallbacks = self.route(ctx, body, partial(affinity_key, request, body))
         # The session or prompt prefix matters only where there is a replica to choose.
         affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
         self.prioritise(request, ctx, upstream, body)
@@ -165,7 +167,11 @@ def plan_model(registry, body, affinity_of=None, principal=None):
         return routes
     if not principal.allows(qualified(routes[0])):
         raise ModelAccessDenied(name)
-    return [route for route in routes if principal.allows(qualified(route))]
+    allowed = []
+    for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
+        if principal.allows(qualified(route)):
+            allowed.append(route)
+    return allowed
 
 
 def resolve_model(registry, body, principal=None):

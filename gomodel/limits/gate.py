@@ -235,9 +235,12 @@ class Gate(Periodic):
             if self._limiter.immediate:
                 admission.finish_now(used)
             else:
-                admission.finish(used).addErrback(lambda f: self.log.failure("settling a rate-limit admission", f))
+                admission.finish(used).addErrback(self._failed, "settling a rate-limit admission")
         if charged:
             self._record(principal, used, cost)
+
+    def _failed(self, failure, what):
+        self.log.failure(what, failure)
 
     def charge(self, principal, model, usage):
         """Charge an answer's C{usage} (the upstream's usage object, or None) on C{model} (qualified, for
@@ -254,7 +257,7 @@ class Gate(Periodic):
         if scopes:
             recording = self._book.record(scopes, used, cost)
             if recording is not None:
-                recording.addErrback(lambda f: self.log.failure("charging a budget", f))
+                recording.addErrback(self._failed, "charging a budget")
 
     async def check_budgets(self, principal):
         """Refuse when a budget of C{principal} is spent (a batch line about to be sent).

@@ -92,7 +92,7 @@ class StreamRelay(Protocol):
         self.client_gone = False
         self.upstream_done = False
         self.end_written = False
-        self.finished = Deferred(lambda d: self.abort_upstream())
+        self.finished = Deferred(self._cancelled)
         self._idle_call = None
         self._stall_call = None
         self._inbox = []
@@ -207,6 +207,9 @@ class StreamRelay(Protocol):
         self.abort_upstream()
 
     # -- ending ----------------------------------------------------------------
+
+    def _cancelled(self, finished):
+        self.abort_upstream()
 
     def abort_upstream(self):
         """Close the upstream connection (idempotent) so the upstream stops generating."""

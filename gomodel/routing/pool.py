@@ -50,6 +50,7 @@ full the request waits in the pool's queue up to C{queue_timeout}, then gets
 
 import random
 from collections import OrderedDict, deque
+from itertools import filterfalse
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
@@ -77,6 +78,12 @@ def clearly_slower(pace, fastest) -> bool:
     """Whether C{pace} is clearly slower than the pace C{fastest}: over L{SLOWER} times it, and by more
     than L{PACE_NOISE} seconds."""
     return pace > SLOWER * fastest and pace - fastest > PACE_NOISE
+
+
+def _waits(free, queued, batch, slower) -> dict:
+    """Where every one of C{free} would queue a request: each one's wait (L{Replica.wait}) by
+    what it holds (C{queued}), for L{ReplicaPool._choose}."""
+    return {r: r.wait(queued[r], batch, slower.get(r, 1.0)) for r in free}
 
 
 class Replica:
@@ -406,10 +413,14 @@ class ReplicaPool:
         """The ready replicas that serve C{model}, but those in C{exclude} (a list not to be changed)."""
         serving = self._serving.get(model)
         if serving is None:
-            if len(self._serving) > 1000:
-                self._serving.clear()
-            serving = self._serving[model] = [r for r in self.replicas if r.state == READY and r.serves(model)]
-        return [r for r in serving if r not in exclude] if exclude else serving
+            serving = self._serving_now(model)
+        return list(filterfalse(exclude.__contains__, serving)) if exclude else serving
+
+    def _serving_now(self, model):
+        if len(self._serving) > 1000:
+            self._serving.clear()
+        serving = self._serving[model] = [r for r in self.replicas if r.state == READY and r.serves(model)]
+        return serving
 
     def _with_room(self, replicas):
         """Those of C{replicas} with room for one more request (all of them where none has a limit)."""
@@ -506,25 +517,29 @@ class ReplicaPool:
                 scores[r] = busy / r.weight
         slower = self._slower(free)
         if slower:
-            # A clearly slower replica takes only what no faster one could start at once, and each of
-            # its requests counts as many times as it is slower.
-            prompt = {r: score for r, score in scores.items() if r not in slower or r.due(now)}
-            if prompt:
-                scores = prompt
-            elif size is not None and self._long(size()):
-                # Only a clearly slower replica could start it: a long answer there is the tail of
-                # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
-                faster = [r for r in free if r not in slower]
-                if faster:
-                    free, scores = faster, {}
-            scores = {r: score * slower.get(r, 1.0) for r, score in scores.items()}
+            free, scores = self._paced(free, scores, slower, now, size)
         if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
-            scores = {r: r.wait(queued[r], batch, slower.get(r, 1.0)) for r in free}
+            scores = _waits(free, queued, batch, slower)
             affinity = None
         replica = self._lowest(scores, affinity)
         if replica in slower:
             replica.rare = True
         return replica
+
+    def _paced(self, free, scores, slower, now, size):
+        """C{(free, scores)} for L{_choose} with clearly slower replicas (C{slower}, L{_slower}): one takes
+        only what no faster one could start at once, and each of its requests counts as many times as it
+        is slower."""
+        prompt = {r: score for r, score in scores.items() if r not in slower or r.due(now)}
+        if prompt:
+            scores = prompt
+        elif size is not None and self._long(size()):
+            # Only a clearly slower replica could start it: a long answer there is the tail of
+            # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
+            faster = [r for r in free if r not in slower]
+            if faster:
+                free, scores = faster, {}
+        return free, {r: score * slower.get(r, 1.0) for r, score in scores.items()}
 
     def _slower(self, free) -> dict:
         """Each clearly slower replica of C{free} (by its pace against the fastest's): how many times
@@ -535,7 +550,12 @@ class ReplicaPool:
         fastest = min(paces)
         if not clearly_slower(max(paces), fastest):
             return {}
-        return {r: times for r in free if (times := r.slowness(fastest)) > 1.0}
+        slower = {}
+        for r in free:  # (a loop: a comprehension here would make a closure cell on every call)
+            times = r.slowness(fastest)
+            if times > 1.0:
+                slower[r] = times
+        return slower
 
     def _lowest(self, scores, affinity):
         """The replica of C{scores} (replica -> score) with the lowest, or the warm one of C{affinity}
@@ -552,7 +572,13 @@ class ReplicaPool:
         if ties == 1:
             return list(scores)[values.index(best)]
         # Ties (an idle pool): take turns, so that equal replicas share the work.
-        lowest = list(scores) if ties == len(values) else [r for r, score in scores.items() if score == best]
+        if ties == len(values):
+            lowest = list(scores)
+        else:
+            lowest = []
+            for r, score in scores.items():
+                if score == best:
+                    lowest.append(r)
         replica = lowest[self._next % ties]
         self._next += 1
         return replica

@@ -69,7 +69,8 @@ class OpenAICompatibleProvider:
                 if lower in (b"x-request-id", b"authorization") or (
                         lower == b"content-type" and content_type is not None):
                     continue
-                lines.extend(name + b": " + v + b"\r\n" for v in values)
+                for value in values:  # (a loop: a generator would make name a closure cell on every call)
+                    lines.append(name + b": " + value + b"\r\n")
         if content_type is not None:
             lines.append(b"Content-Type: " + content_type + b"\r\n")
         lines.append(b"X-Request-Id: " + request_id + b"\r\n")

@@ -31,8 +31,9 @@ class VLLMProvider(OpenAICompatibleProvider):
         if not native:
             return self.base_url + path
         path = _strip_v1(path)
-        if any(path == r or path.startswith(r + "/") or path.startswith(r + "?") for r in _V1_ROUTES):
-            return self.base_url + "/" + path
+        for r in _V1_ROUTES:  # (a loop: a generator would make path a closure cell on every call)
+            if path == r or path.startswith(r + "/") or path.startswith(r + "?"):
+                return self.base_url + "/" + path
         return self.root_url + "/" + path
 
     def health(self) -> Deferred:
