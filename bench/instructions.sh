@@ -6,6 +6,10 @@
 # connection) with instrumentation on; user-space instructions of the whole process (Python, its C
 # extensions, libc; not the kernel) divided by N. Replica health probes and metrics scrapes are off:
 # under callgrind a run takes about a minute, and their work would count in proportion to that time.
+# So are the usage ledger's timed writes (USAGE_FLUSH_INTERVAL=1h): one write of the rows buffered so far
+# fell inside the window in some runs and not in others (about 80 k instructions per request apart); the
+# ledger writes 1,000 rows at once, so with N up to 799 none is written. A row costs about 56 k
+# instructions to write on SQLite (bench/results/2026-12-03-lean-features.md), not in the figure.
 #
 #   [N=300] [FEAT=1] [STREAM=1] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
 #
@@ -43,7 +47,7 @@ for checkout in "$@"; do
       'from gomodel.cli import main; main()')
   fi
   (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="$URLS" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/$name.d" \
-    GOMODEL_ACCESS_LOG=$LOG REPLICA_HEALTH_INTERVAL=1h REPLICA_METRICS_INTERVAL=0 \
+    GOMODEL_ACCESS_LOG=$LOG REPLICA_HEALTH_INTERVAL=1h REPLICA_METRICS_INTERVAL=0 USAGE_FLUSH_INTERVAL=1h \
     "${COUNTER[@]}" \
     --listen "tcp:$GPORT:interface=127.0.0.1" > "$W/$name.log" 2>&1) & GPID=$!; PIDS="$PIDS $GPID"
   for _ in $(seq 300); do
