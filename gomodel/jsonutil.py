@@ -1,6 +1,7 @@
 """JSON in and out: orjson on the hot path, the standard library where orjson would change a value."""
 
 import json
+import re
 
 import orjson
 
@@ -10,10 +11,12 @@ import orjson
 # 19 digits (-9223372036854775809 is past -2**63). The scan runs on every body
 # parsed: digits are mapped to "0" and 19 of them searched for in C (a regular
 # expression for a digit run costs ten times as much per byte: it has no
-# literal to look for); only the rare runs it finds are looked at in Python.
+# literal to look for); only the rare runs it finds are looked at in Python (each one's end found by a
+# search for the next byte that is not a digit, in C).
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _RUN = 19
 _LONG_RUN = b"0" * _RUN
+_NOT_DIGIT = re.compile(b"[^0]")
 _BEFORE_NUMBER = frozenset(b":[,")
 _SPACE = frozenset(b" \t\r\n")
 
@@ -32,9 +35,8 @@ def _has_huge_integer(data: bytes) -> bool:
     zeroed = data.translate(_DIGITS_AS_ZERO)
     start = zeroed.find(_LONG_RUN)
     while start != -1:
-        end = start + _RUN
-        while end < len(zeroed) and zeroed[end] == 0x30:  # to the end of this run
-            end += 1
+        past = _NOT_DIGIT.search(zeroed, start + _RUN)  # the end of this run
+        end = len(zeroed) if past is None else past.start()
         i = start - 1
         negative = i >= 0 and data[i] == 0x2D  # a minus sign
         if negative or end - start > _RUN:

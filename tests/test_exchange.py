@@ -29,6 +29,9 @@ def test_usage_of_reads_the_top_level_usage_without_the_rest():
     assert usage_of(b'{"usage":null,"x":{"a":1}}') is None
     assert usage_of(b'{"choices":[]}') is None
     assert usage_of(b'{"usage":{"broken"') is None
+    # braces that balance only further on: nested details, and a brace inside a string
+    assert usage_of(b'{"usage":{"a":{"b":{"c":1}},"d":2}}') == {"a": {"b": {"c": 1}}, "d": 2}
+    assert usage_of(b'{"usage":{"note":"}{","n":1}}') == {"note": "}{", "n": 1}
 
 
 class _GoneRequest:

@@ -534,10 +534,15 @@ def usage_of(body: bytes):
         return None  # null, or not an object
     end = body.find(b"}", start)
     while end >= 0:
-        try:
-            usage = jsonutil.loads(body[start:end + 1])
-        except jsonutil.JSONError:
-            end = body.find(b"}", end + 1)  # a nested object (token details): take the next brace
-            continue
-        return usage if isinstance(usage, dict) else None
+        part = body[start:end + 1]
+        # Where its braces balance (else a nested object, token details, ends here: the next brace);
+        # parsed only then, since a failed parse costs an exception.
+        if part.count(b"{") == part.count(b"}"):
+            try:
+                usage = jsonutil.loads(part)
+            except jsonutil.JSONError:
+                pass  # a brace inside a string: the next one
+            else:
+                return usage if isinstance(usage, dict) else None
+        end = body.find(b"}", end + 1)
     return None
