@@ -155,7 +155,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             self.too_large = True
             self.content = _Discard()
             return
-        super().gotLength(length)
+        # twisted.web.http's, as server.Request's comes to for a site without getContentFile (it looks
+        # that up, and makes and drops an AttributeError for every request)
+        http.Request.gotLength(self, length)
 
     def _refuse(self, error):
         """Answer C{error} once the request is in; drop its body, do not invite it, close after."""
