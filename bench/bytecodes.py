@@ -3,7 +3,10 @@
     python bench/bytecodes.py OUT.json [gateway args...]
 
 Counting starts on SIGUSR1 and stops on SIGUSR2, which also writes OUT.json:
-C{{"total": N, "functions": {"file:line name": n, ...}}}. Counting uses
+C{{"total": N, "functions": {"file:line name": n, ...}, "exceptions": {"file:line name Type": n, ...}}}:
+the exceptions are those raised in Python code (or reaching it) and caught, but StopIteration and
+GeneratorExit (coroutines and generators ending): on a request path each is a cost to look at (made,
+its traceback built, dropped). Counting uses
 C{sys.settrace} with C{f_trace_opcodes} on every frame started while it is on
 (a frame already running when it starts is counted from its next call), so
 the process runs 20-50 times slower: a figure for comparing two checkouts'
@@ -19,6 +22,7 @@ from collections import Counter
 OUT = sys.argv.pop(1)
 counts = Counter()
 names = {}
+raised = Counter()
 
 
 def _trace(frame, event, arg):
@@ -31,12 +35,15 @@ def _trace(frame, event, arg):
     def opcode(frame, event, arg, code=code):
         if event == "opcode":
             counts[code] += 1
+        elif event == "exception" and arg[0] is not StopIteration and arg[0] is not GeneratorExit:
+            raised["%s:%d %s %s" % (code.co_filename, frame.f_lineno, code.co_qualname, arg[0].__name__)] += 1
         return opcode
     return opcode
 
 
 def _start(*_):
     counts.clear()
+    raised.clear()
     sys.settrace(_trace)
     import threading
     threading.settrace(_trace)
@@ -48,7 +55,8 @@ def _stop(*_):
     for code, n in counts.items():
         by_name[names[code]] += n
     with open(OUT + ".part", "w") as f:
-        json.dump({"total": sum(by_name.values()), "functions": dict(by_name.most_common())}, f, indent=0)
+        json.dump({"total": sum(by_name.values()), "functions": dict(by_name.most_common()),
+                   "exceptions": dict(raised.most_common())}, f, indent=0)
     os.replace(OUT + ".part", OUT)
 
 

@@ -65,7 +65,8 @@ for checkout in "$@"; do
     kill -USR1 "$GPID"; "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N" "${STREAM_ARG[@]}"; kill -USR2 "$GPID"
     for _ in $(seq 20); do [ -s "/tmp/gomodel-bytecodes-$name.json" ] && break; sleep 0.5; done
     "$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); n = int(sys.argv[3])
-print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d" % (sys.argv[2], sys.argv[4], sys.argv[5], n, d["total"] // n))' \
+print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d exceptions_per_request=%.2f" % (
+    sys.argv[2], sys.argv[4], sys.argv[5], n, d["total"] // n, sum(d.get("exceptions", {}).values()) / n))' \
       "/tmp/gomodel-bytecodes-$name.json" "$name" "$N" "$FEAT" "${STREAM:-0}"
     kill "$GPID" 2>/dev/null || true
     continue
