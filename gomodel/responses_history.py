@@ -7,11 +7,11 @@ conversation can be sent again as explicit input when the instance that
 made it no longer knows it (vLLM restarted, or its store is off).
 """
 
-import os
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gomodel.ids import new_id
 from gomodel.periodic import Repeating
 from gomodel.store.sweeps import claimed
 
@@ -37,7 +37,7 @@ def normalise_input(value) -> list:
                 kind = "output_text" if item["role"] == "assistant" else "input_text"
                 item["content"] = [{"type": kind, "text": content}]
         if "id" not in item:
-            item["id"] = f"{_PREFIX.get(item['type'], 'item')}_{os.urandom(16).hex()}"
+            item["id"] = new_id(_PREFIX.get(item["type"], "item"))
         items.append(item)
     return items
 

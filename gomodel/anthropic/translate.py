@@ -16,13 +16,13 @@ Stream events are framed as Anthropic frames them, byte for byte:
 C{event: <type>\\ndata: <compact JSON>\\n\\n}, the JSON's C{type} first.
 """
 
-import uuid
 
 from zope.interface import implementer
 
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest
 from gomodel.http.render import AnthropicDialect
+from gomodel.ids import new_id, random_hex
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.sse import SSEFramer, event_data, event_object, mentions, require_end
 
@@ -38,18 +38,14 @@ _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "function_cal
                  "content_filter": "refusal"}
 
 
-def _new_id(prefix):
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
 def message_id(chat_id) -> str:
     """The Messages id (C{msg_...}) for a chat completion's id (C{chatcmpl-...}); a new one without it."""
     if not isinstance(chat_id, str) or not chat_id:
-        return _new_id("msg")
+        return new_id("msg")
     if chat_id.startswith("msg_"):
         return chat_id
     core = chat_id[len("chatcmpl-"):] if chat_id.startswith("chatcmpl-") else chat_id
-    return "msg_" + (core or uuid.uuid4().hex)
+    return "msg_" + (core or random_hex())
 
 
 # -- request --------------------------------------------------------------------
@@ -298,7 +294,7 @@ def _assistant_message(content, where) -> dict:
             call_input = block.get("input")
             if call_input is None:
                 call_input = {}
-            calls.append({"id": block.get("id") or _new_id("toolu"), "type": "function",
+            calls.append({"id": block.get("id") or new_id("toolu"), "type": "function",
                           "function": {"name": name, "arguments": jsonutil.dumps(call_input).decode()}})
         elif kind == "thinking":
             if isinstance(block.get("thinking"), str):
@@ -511,7 +507,7 @@ def chat_to_message(chat: dict, model: str) -> dict:
     calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
     for call in calls:
         function = call.get("function") or {}
-        content.append({"type": "tool_use", "id": call.get("id") or _new_id("toolu"),
+        content.append({"type": "tool_use", "id": call.get("id") or new_id("toolu"),
                         "name": function.get("name") or "", "input": _tool_input(function.get("arguments"))})
     if not content:
         # Anthropic's shape for an empty answer is one empty text block (vLLM's too).
@@ -720,7 +716,7 @@ class ChatToMessagesStream:
         arguments = function.get("arguments") if isinstance(function.get("arguments"), str) else ""
         call = self._calls.get(key)
         if call is None:
-            call = self._calls[key] = _ToolCall(delta.get("id") or _new_id("toolu"), name)
+            call = self._calls[key] = _ToolCall(delta.get("id") or new_id("toolu"), name)
         elif call.name is None and name:
             call.name = name
         if arguments:

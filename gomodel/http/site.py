@@ -9,7 +9,6 @@ buffered up to the limit.
 
 import io
 import re
-from random import getrandbits
 
 from twisted.python import failure
 from twisted.web import http, server
@@ -20,6 +19,7 @@ from gomodel.errors import GatewayError
 from gomodel.http.channel import GatewayChannel
 from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING,
                                    X_REQUEST_ID, AnswerHeaders, request_header)
+from gomodel.ids import random_hex_bytes
 
 
 class _Discard(io.BytesIO):
@@ -275,15 +275,10 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
 def request_id_for(request) -> bytes:
-    """The client's C{X-Request-Id} when it is sane, else a new one: 128 random bits in hex.
-
-    The bits come from the C{random} module's generator (seeded from the system's entropy at start,
-    and again in a forked child) rather than C{os.urandom}: an id needs to be unique, not secret,
-    and this spares a system call per request.
-    """
+    """The client's C{X-Request-Id} when it is sane, else a new one (L{gomodel.ids.random_hex_bytes})."""
     given = request_header(request, X_REQUEST_ID)
     if given is not None:
         if _REQUEST_ID.fullmatch(given):
             return given
-    return b"%032x" % getrandbits(128)
+    return random_hex_bytes()
 

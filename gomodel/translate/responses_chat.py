@@ -5,10 +5,10 @@ so that a Responses client (C{client.responses.create} / C{.stream}) works
 against any upstream.
 """
 
-import uuid
 
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, NotFound
+from gomodel.ids import new_id
 from gomodel.proxy.sse import SSEFramer, StreamIncomplete, event_data, require_end
 
 # Responses request fields with no chat-completions meaning; everything else
@@ -17,10 +17,6 @@ _RESPONSES_ONLY = {"input", "instructions", "max_output_tokens", "tools", "tool_
                    "store", "previous_response_id", "background", "include", "truncation", "prompt",
                    "prompt_cache_key", "safety_identifier", "service_tier", "stream_options", "conversation",
                    "metadata", "max_tool_calls", "top_logprobs"}
-
-
-def _new_id(prefix):
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 # -- request --------------------------------------------------------------------
@@ -78,7 +74,7 @@ def _messages(items):
             role = "system" if role == "developer" else role
             messages.append({"role": role, "content": _content(item.get("content"), index)})
         elif kind == "function_call":
-            call = {"id": item.get("call_id") or item.get("id") or _new_id("call"), "type": "function",
+            call = {"id": item.get("call_id") or item.get("id") or new_id("call"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""}}
             last = messages[-1] if messages else None
             if last and last["role"] == "assistant" and last.get("tool_calls") and last.get("content") is None:
@@ -194,20 +190,20 @@ def chat_to_response(chat_body: bytes, request: dict, now: int) -> bytes:
     output = []
     reasoning = message.get("reasoning") or message.get("reasoning_content")
     if reasoning:
-        output.append({"type": "reasoning", "id": _new_id("rs"), "summary": [],
+        output.append({"type": "reasoning", "id": new_id("rs"), "summary": [],
                        "content": [{"type": "reasoning_text", "text": reasoning}]})
     if message.get("content"):
-        output.append({"type": "message", "id": _new_id("msg"), "status": "completed", "role": "assistant",
+        output.append({"type": "message", "id": new_id("msg"), "status": "completed", "role": "assistant",
                        "content": [{"type": "output_text", "text": message["content"], "annotations": [],
                                     "logprobs": []}]})
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
-        output.append({"type": "function_call", "id": _new_id("fc"), "call_id": call.get("id") or _new_id("call"),
+        output.append({"type": "function_call", "id": new_id("fc"), "call_id": call.get("id") or new_id("call"),
                        "name": function.get("name"), "arguments": function.get("arguments") or "",
                        "status": "completed"})
     finish = choice.get("finish_reason")
     return jsonutil.dumps(response_object(
-        request, _new_id("resp"), now, chat.get("model"),
+        request, new_id("resp"), now, chat.get("model"),
         _status(finish), output, _usage(chat.get("usage")), finish))
 
 
@@ -225,7 +221,7 @@ class ChatToResponsesStream:
         self._request = request
         self._framer = SSEFramer()
         self._sequence = 0
-        self._id = _new_id("resp")
+        self._id = new_id("resp")
         self._created = int(clock.seconds())
         self._model = None
         self._started = False
@@ -280,7 +276,7 @@ class ChatToResponsesStream:
         text = delta.get("content")
         if text:
             if self._message is None:
-                item = {"type": "message", "id": _new_id("msg"), "status": "in_progress", "role": "assistant",
+                item = {"type": "message", "id": new_id("msg"), "status": "in_progress", "role": "assistant",
                         "content": []}
                 self._items.append(item)
                 self._message = (len(self._items) - 1, item)
@@ -297,7 +293,7 @@ class ChatToResponsesStream:
             key = call.get("index", 0)
             function = call.get("function") or {}
             if key not in self._calls:
-                item = {"type": "function_call", "id": _new_id("fc"), "call_id": call.get("id") or _new_id("call"),
+                item = {"type": "function_call", "id": new_id("fc"), "call_id": call.get("id") or new_id("call"),
                         "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
                 self._items.append(item)
                 self._calls[key] = (len(self._items) - 1, item)
