@@ -9,6 +9,7 @@ import threading
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent
 from zope.interface.verify import verifyObject
 
 from gomodel.errors import StorageUnavailable
@@ -112,6 +113,21 @@ async def test_database_work_never_runs_on_the_reactor_thread(store):
     assert isinstance(d, Deferred)
     await d
     assert seen == [False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_nobody_waits_for_runs_in_order_and_a_failure_is_logged(store, logged_errors):
+    db, ran = store._db, []
+
+    def fail():
+        ran.append("failed")
+        raise ValueError("boom")
+
+    assert db.call(fail, what="a test write") and db.call(ran.append, "after")
+    await db.run(ran.append, "waited")  # the store thread takes its work in order
+    assert ran == ["failed", "after", "waited"]
+    # logged on the reactor thread, called from the store thread before the answer above was
+    assert "a test write failed" in formatEvent(logged_errors[0]) and logged_errors.flush(ValueError) == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -74,15 +74,14 @@ class Database:
         """
         if self._pool.joined:
             return False
-
-        def logged():
-            try:
-                f(*args)
-            except Exception:
-                self._reactor.callFromThread(self.log.failure, "{what} failed", Failure(), what=what)
-
-        self._pool.callInThread(logged)
+        self._pool.callInThread(self._logged, f, args, what)  # (a method: no closure made per call)
         return True
+
+    def _logged(self, f, args, what):
+        try:
+            f(*args)
+        except Exception:
+            self._reactor.callFromThread(self.log.failure, "{what} failed", Failure(), what=what)
 
     # -- in the store thread ------------------------------------------------------
 
