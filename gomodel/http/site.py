@@ -11,8 +11,9 @@ import io
 import re
 
 from twisted.python import failure
-from twisted.web import http, server
-from twisted.web.http import NO_BODY_CODES  # once: twisted.web.http's attributes are read through a deprecation proxy
+from twisted.web import server
+# Read once: twisted.web.http's attributes are read through a deprecation proxy (tens of steps a read).
+from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk, unquote
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
@@ -110,7 +111,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.sentLength += len(data)
         if data:
             if self.chunked:
-                self.channel.writeSequence(http.toChunk(data))
+                self.channel.writeSequence(toChunk(data))
             else:
                 self.channel.write(data)
 
@@ -126,7 +127,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         path = self.path
         segments = path[1:].split(b"/")
         # path.find, not `in`: see gomodel.proxy.sse.mentions
-        self.postpath = list(map(http.unquote, segments)) if path.find(b"%") >= 0 else segments
+        self.postpath = list(map(unquote, segments)) if path.find(b"%") >= 0 else segments
         if path == b"*":
             _twistedcompat.handle_star(self)
             return
@@ -157,7 +158,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             return
         # twisted.web.http's, as server.Request's comes to for a site without getContentFile (it looks
         # that up, and makes and drops an AttributeError for every request)
-        http.Request.gotLength(self, length)
+        HTTPRequest.gotLength(self, length)
 
     def _refuse(self, error):
         """Answer C{error} once the request is in; drop its body, do not invite it, close after."""
@@ -197,7 +198,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.content.seek(0, 0)
         self.method, self.uri, self.clientproto = command, path, version
         self.path, mark, arguments = path.partition(b"?")
-        self.args = http.parse_qs(arguments, 1) if mark else {}
+        self.args = parse_qs(arguments, 1) if mark else {}
         self.process()
 
 
@@ -264,7 +265,7 @@ class GatewaySite(server.Site):
         """The Date header's value for now, formatted once per second."""
         now = int(self.reactor.seconds())
         if self._date[0] != now:
-            self._date = (now, http.datetimeToString(now))
+            self._date = (now, datetimeToString(now))
         return self._date[1]
 
     def log(self, request):
