@@ -193,7 +193,7 @@ class ResponsesStreamObserver:
     def feed(self, data: bytes) -> bytes:
         events = self._framer.feed(data)
         joined = b"".join(events)
-        if mentions(joined, _RESPONSES_WATCHED):  # most reads hold none (see SSERelay.feed)
+        if mentions(joined, _RESPONSES_WATCHED):  # most reads hold none (see ChatStreamObserver.feed)
             for event in events:
                 if mentions(event, _RESPONSES_WATCHED):
                     self._observe(event)

@@ -417,6 +417,7 @@ class ReplicaPool:
         return list(filterfalse(exclude.__contains__, serving)) if exclude else serving
 
     def _serving_now(self, model):
+        """The ready replicas that serve C{model}, worked out and kept until the replicas change."""
         if len(self._serving) > 1000:
             self._serving.clear()
         serving = self._serving[model] = [r for r in self.replicas if r.state == READY and r.serves(model)]
