@@ -27,6 +27,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}; N=${N:-300}; FEAT=${FEAT:-0}; COUNT=${COUNT:-instructions}
 STREAM_ARG=(); [ "${STREAM:-0}" = 1 ] && STREAM_ARG=(stream)
+send() { "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$1" "${STREAM_ARG[@]}"; }  # N requests, one by one
 W=$(mktemp -d /tmp/gomodel-instr-XXXXXX)
 PIDS=""
 trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT
@@ -60,9 +61,9 @@ for checkout in "$@"; do
       -d '{"name":"bench","user_path":"/bench/key","rpm":1000000000,"tpm":1000000000000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}' \
       | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d.get("value") or d.get("key") or d.get("secret"))')
   fi
-  "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" 200 "${STREAM_ARG[@]}"
+  send 200
   if [ "$COUNT" = bytecodes ]; then
-    kill -USR1 "$GPID"; "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N" "${STREAM_ARG[@]}"; kill -USR2 "$GPID"
+    kill -USR1 "$GPID"; send "$N"; kill -USR2 "$GPID"
     for _ in $(seq 20); do [ -s "/tmp/gomodel-bytecodes-$name.json" ] && break; sleep 0.5; done
     "$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); n = int(sys.argv[3])
 print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d exceptions_per_request=%.2f" % (
@@ -72,7 +73,7 @@ print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d excep
     continue
   fi
   callgrind_control -i on "$GPID" > /dev/null
-  "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$N" "${STREAM_ARG[@]}"
+  send "$N"
   callgrind_control -i off "$GPID" > /dev/null
   callgrind_control -d "$GPID" > /dev/null
   for _ in $(seq 20); do grep -qh "^totals:" "$W/$name.cg"* 2>/dev/null && break; sleep 0.5; done

@@ -7,7 +7,6 @@ conversation can be sent again as explicit input when the instance that
 made it no longer knows it (vLLM restarted, or its store is off).
 """
 
-
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 

@@ -16,7 +16,6 @@ Stream events are framed as Anthropic frames them, byte for byte:
 C{event: <type>\\ndata: <compact JSON>\\n\\n}, the JSON's C{type} first.
 """
 
-
 from zope.interface import implementer
 
 from gomodel import jsonutil

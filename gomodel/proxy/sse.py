@@ -14,6 +14,7 @@ from gomodel.interfaces import IStreamObserver
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 _TERMINATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_CHAT_WATCHED = (b'"usage"', b'"error"', b"[DONE]")  # what a chat or completions event is looked into for
 
 
 def mentions(data: bytes, words) -> bool:
@@ -119,14 +120,14 @@ class ChatStreamObserver:
         joined = b"".join(events)
         # Only events that can carry usage, an error or the end are looked into: most reads hold none,
         # and a word found in the joined events is within one of them (none holds a line break). The
-        # words are looked for inline (see mentions): this runs for every event of a stream.
+        # words of _CHAT_WATCHED are looked for inline here (see mentions): this runs for every event.
         if joined.find(b'"usage"') < 0 and joined.find(b'"error"') < 0 and joined.find(b"[DONE]") < 0:
             return joined
         if len(events) > 1:
             # The events before the first one holding a word go as they are (a read that holds a
             # stream's end often holds its last tokens too).
             first = len(joined)
-            for word in (b'"usage"', b'"error"', b"[DONE]"):
+            for word in _CHAT_WATCHED:
                 at = joined.find(word)
                 if 0 <= at < first:
                     first = at

@@ -545,7 +545,7 @@ class ReplicaPool:
     def _slower(self, free) -> dict:
         """Each clearly slower replica of C{free} (by its pace against the fastest's): how many times
         slower. Empty where all are alike, or too few are paced."""
-        paces = [r.pace for r in free if r.timed == PACE_SAMPLES]  # the paced ones' (L{Replica.paced})
+        paces = [r.pace for r in free if r.paced]
         if not paces:
             return {}
         fastest = min(paces)
