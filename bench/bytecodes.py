@@ -3,7 +3,7 @@
     python bench/bytecodes.py OUT.json [gateway args...]
 
 Counting starts on SIGUSR1 and stops on SIGUSR2, which also writes OUT.json:
-C{{"total": N, "functions": {"file:line name": n, ...}, "exceptions": {"file:line name Type": n, ...}}}:
+C{{"total": N, "functions": {"file:line name": n, ...}, "calls": {"file:line name": n, ...}, "exceptions": {"file:line name Type": n, ...}}}:
 the exceptions are those raised in Python code (or reaching it) and caught, but StopIteration and
 GeneratorExit (coroutines and generators ending): on a request path each is a cost to look at (made,
 its traceback built, dropped). Counting uses
@@ -21,6 +21,7 @@ from collections import Counter
 
 OUT = sys.argv.pop(1)
 counts = Counter()
+calls = Counter()
 names = {}
 raised = Counter()
 
@@ -29,6 +30,7 @@ def _trace(frame, event, arg):
     code = frame.f_code
     if code not in names:
         names[code] = "%s:%d %s" % (code.co_filename, code.co_firstlineno, code.co_qualname)
+    calls[code] += 1
     frame.f_trace_opcodes = True
     frame.f_trace_lines = False
 
@@ -43,6 +45,7 @@ def _trace(frame, event, arg):
 
 def _start(*_):
     counts.clear()
+    calls.clear()
     raised.clear()
     sys.settrace(_trace)
     import threading
@@ -51,11 +54,14 @@ def _start(*_):
 
 def _stop(*_):
     sys.settrace(None)
-    by_name = Counter()
+    by_name, calls_by_name = Counter(), Counter()
     for code, n in counts.items():
         by_name[names[code]] += n
+    for code, n in calls.items():
+        calls_by_name[names[code]] += n
     with open(OUT + ".part", "w") as f:
         json.dump({"total": sum(by_name.values()), "functions": dict(by_name.most_common()),
+                   "calls": dict(calls_by_name.most_common()),
                    "exceptions": dict(raised.most_common())}, f, indent=0)
     os.replace(OUT + ".part", OUT)
 

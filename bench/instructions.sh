@@ -11,9 +11,14 @@
 # ledger writes 1,000 rows at once, so with N up to 799 none is written. A row costs about 56 k
 # instructions to write on SQLite (bench/results/2026-12-03-lean-features.md), not in the figure.
 #
-#   [N=300] [FEAT=1] [STREAM=1] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
+#   [N=300] [FEAT=1] [STREAM=1] [CONC=64] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
+#
+# CONC=K sends them on K connections at once (bench/keycost/nreq.py), the warm-up too: the work per
+# request with K in flight (under callgrind the gateway is the slow side, so all K wait on it).
 #
 # STREAM=1 sends streamed chat requests instead (the mock's 24-event stream, read to its end).
+#
+# KEEP=DIR keeps callgrind's output files there (for callgrind_annotate).
 #
 # COUNT=bytecodes counts Python bytecodes instead (bench/bytecodes.py, no valgrind needed), and leaves
 # the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name);
@@ -78,6 +83,7 @@ print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d excep
   callgrind_control -d "$GPID" > /dev/null
   for _ in $(seq 20); do grep -qh "^totals:" "$W/$name.cg"* 2>/dev/null && break; sleep 0.5; done
   total=$(grep -h "^totals:" "$W/$name.cg"* | awk '{s += $2} END {print s}')
+  [ -n "${KEEP:-}" ] && cp "$W/$name.cg"* "$KEEP/"
   echo "INSTR $name FEAT=$FEAT STREAM=${STREAM:-0} requests=$N instructions_per_request=$((total / N))"
   kill "$GPID" 2>/dev/null || true
 done
