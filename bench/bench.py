@@ -263,7 +263,8 @@ def machine():
         pass
     wrk = sh(["wrk", "-v"]).splitlines()
     return {"cpu_model": model, "cpus": os.cpu_count(), "hypervisor": hyper, "mem_gib": round(mem, 1),
-            "kernel": platform.release(), "os": osname, "python": platform.python_version(),
+            "kernel": platform.release(), "os": osname, "python": "%s (%s)" % (
+                platform.python_version(), os.path.realpath(getattr(sys, "_base_executable", sys.executable))),
             "node": sh(["node", "--version"]), "wrk": (wrk[0].split()[1] if wrk and len(wrk[0].split()) > 1 else "?")}
 
 

@@ -1,7 +1,7 @@
 """The overhead benchmark's pure parts (bench/harness): GoModel's aggregation of the
 `--protocol gomodel` run, its report beside GoModel's published figures, the
 everything-on-against-bare and vllm-router comparisons of the matrix report,
-the answer checks and the protocol's settings.
+the answer checks and the protocol's settings, and which interpreter a Python target's venv was made from.
 
 Nothing here starts a process or opens a socket: records in, figures and text out.
 """
@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from harness import protocol, protocol_report, published, report  # noqa: E402
+from harness.targets import made_from_this_python  # noqa: E402
 from harness.workloads import TOKENS_TAIL, WORKLOADS, has_marker  # noqa: E402
 
 
@@ -231,3 +232,16 @@ def test_protocol_settings_quick_and_overrides():
     s = protocol.settings(args)
     assert s["n"] == 123 and s["trials"] == published.METHOD["trials"] and s["max_wall_s"] == 10
     assert protocol.DEFAULTS["sweep"] == published.METHOD["sweep"]
+
+
+def test_a_venv_made_from_another_interpreter_is_made_again(tmp_path):
+    """LiteLLM's venv is reused only when made from the interpreter the harness runs on (the run's one CPython)."""
+    this = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    for name, executable in (("same", this), ("other", "/opt/some-other/bin/python3.11")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pyvenv.cfg").write_text(
+            "home = %s\ninclude-system-site-packages = false\nversion = 3.11.2\nexecutable = %s\n"
+            % (os.path.dirname(executable), executable))
+    assert made_from_this_python(str(tmp_path / "same"))
+    assert not made_from_this_python(str(tmp_path / "other"))
+    assert not made_from_this_python(str(tmp_path / "missing"))

@@ -156,6 +156,18 @@ class Target:
         return True, ""
 
 
+def made_from_this_python(venv) -> bool:
+    """Whether the venv at C{venv} was made from the interpreter this harness runs on (its base), so that
+    the Python targets of one run share one CPython build (bench/run.sh picks it)."""
+    try:
+        with open(os.path.join(venv, "pyvenv.cfg")) as f:
+            cfg = {k.strip(): v.strip() for k, v in (line.split("=", 1) for line in f if "=" in line)}
+    except OSError:
+        return False
+    made_from = cfg.get("executable") or os.path.join(cfg.get("home", ""), "python3")
+    return os.path.realpath(made_from) == os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
 def tail(path, n=15):
     try:
         with open(path, "rb") as f:
@@ -448,13 +460,13 @@ class LiteLLM(Target):
 
     def install(self):
         exe = os.path.join(self.venv, "bin", "litellm")
-        if os.path.exists(exe):
+        if os.path.exists(exe) and made_from_this_python(self.venv):
             return
         if self.ctx.args.no_install:
             self.unavailable = "%s missing and --no-install was given" % exe
             return
         log = os.path.join(self.ctx.run_dir, "install-litellm.log")
-        run_quiet([sys.executable, "-m", "venv", self.venv], log)
+        run_quiet([sys.executable, "-m", "venv", "--clear", self.venv], log)
         run_quiet([os.path.join(self.venv, "bin", "pip"), "install", "-q", "-U", "pip"], log)
         run_quiet([os.path.join(self.venv, "bin", "pip"), "install", "-q", self.ctx.args.litellm_spec], log)
 
