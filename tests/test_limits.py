@@ -8,9 +8,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from gomodel.accounting.tokens import requested_tokens
 from gomodel.errors import BudgetExceeded, RateLimitExceeded, whole_seconds
 from gomodel.limits.budgets import BudgetBook
 from gomodel.limits.counters import LocalCounters
+from gomodel.limits.gate import estimate
 from gomodel.limits.lanes import Ticket
 from gomodel.limits.limiter import NO_ADMISSION, Limiter, duration
 from gomodel.limits.specs import (
@@ -209,6 +211,15 @@ def test_headers_show_the_key_scope_in_openai_form(limiter, clock):
     # No headers_for, or a scope without limits: none.
     assert fired(limiter.admit([key], 1)).headers == {}
     assert fired(limiter.admit([], 1)) is NO_ADMISSION and NO_ADMISSION.headers == {}
+
+
+def test_a_reset_under_a_second_is_written_in_milliseconds(limiter):
+    # 6,000 a minute refill one request in 10 ms; 60,000 tokens a minute refill 12 in 12 ms
+    scope = ("key:k_ms", RateLimit(rpm=6000, tpm=60000))
+    headers = fired(limiter.admit([scope], 12, headers_for="key:k_ms")).headers
+    assert headers["x-ratelimit-reset-requests"] == "10ms"
+    assert headers["x-ratelimit-reset-tokens"] == "12ms"
+    assert fired(limiter.admit([scope], 988, headers_for="key:k_ms")).headers["x-ratelimit-reset-tokens"] == "1s"
 
 
 def test_headers_pick_the_fewest_remaining_window():
@@ -793,3 +804,17 @@ def test_reset_headers_are_openais_duration_of_the_wait(capacity, seconds):
         assert raw[b"limit"] == b"%d" % capacity
         assert raw[b"reset"] == duration((capacity - level) / bucket.refill).encode()
         assert raw[b"remaining"] == (b"%d" % level if level >= 1 else b"0")
+
+
+def test_what_a_request_reserves_is_its_prompt_bytes_over_four_and_the_output_it_asks_for():
+    assert requested_tokens(b'{"model":"m","messages":[]}') is None
+    assert requested_tokens(b"") is None and requested_tokens(None) is None
+    assert requested_tokens(b'{"max_tokens": 64}') == 64
+    assert requested_tokens(b'{"max_completion_tokens":7,"max_tokens":9}') == 7  # the first one sent
+    assert requested_tokens(b'{"max_output_tokens" :\n 12}') == 12
+    # another "max_..." field first, or one without a number: the next that has one
+    assert requested_tokens(b'{"max_retries":3,"max_tokens":null,"max_completion_tokens":5}') == 5
+    assert requested_tokens(b'{"metadata":{"max_":1}}') is None
+    body = b'{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hello"}]}'
+    assert estimate(body) == len(body) // 4 + 100
+    assert estimate(b"") == 0

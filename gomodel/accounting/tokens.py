@@ -68,5 +68,8 @@ def requested_tokens(body):
     """The output tokens a JSON request C{body} (bytes) asks for at most: the first C{max_tokens},
     C{max_completion_tokens} or C{max_output_tokens} in it, or None when it sends none. Read
     without parsing the body."""
-    found = _MAX_TOKENS.search(body) if body else None
+    start = body.find(b'"max_') if body else -1  # most bodies send none: one scan in C, not the regex's
+    if start < 0:
+        return None
+    found = _MAX_TOKENS.search(body, start)
     return int(found[1]) if found is not None else None

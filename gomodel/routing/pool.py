@@ -545,11 +545,15 @@ class ReplicaPool:
     def _slower(self, free) -> dict:
         """Each clearly slower replica of C{free} (by its pace against the fastest's): how many times
         slower. Empty where all are alike, or too few are paced."""
-        paces = [r.pace for r in free if r.paced]
-        if not paces:
-            return {}
-        fastest = min(paces)
-        if not clearly_slower(max(paces), fastest):
+        fastest = slowest = None
+        for r in free:  # (not min() and max() of a list: a list, a comprehension's frame and two calls)
+            if r.paced:
+                pace = r.pace
+                if fastest is None or pace < fastest:
+                    fastest = pace
+                if slowest is None or pace > slowest:
+                    slowest = pace
+        if fastest is None or not clearly_slower(slowest, fastest):
             return {}
         slower = {}
         for r in free:  # (a loop: a comprehension here would make a closure cell on every call)
