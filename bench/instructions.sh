@@ -18,6 +18,8 @@
 #
 # STREAM=1 sends streamed chat requests instead (the mock's 24-event stream, read to its end).
 #
+# WORKLOAD=responses sends Responses requests (/v1/responses, stored as by default) instead of chat.
+#
 # KEEP=DIR keeps callgrind's output files there (for callgrind_annotate).
 #
 # COUNT=bytecodes counts Python bytecodes instead (bench/bytecodes.py, no valgrind needed), and leaves
@@ -84,6 +86,6 @@ print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d excep
   for _ in $(seq 20); do grep -qh "^totals:" "$W/$name.cg"* 2>/dev/null && break; sleep 0.5; done
   total=$(grep -h "^totals:" "$W/$name.cg"* | awk '{s += $2} END {print s}')
   [ -n "${KEEP:-}" ] && cp "$W/$name.cg"* "$KEEP/"
-  echo "INSTR $name FEAT=$FEAT STREAM=${STREAM:-0} requests=$N instructions_per_request=$((total / N))"
+  echo "INSTR $name FEAT=$FEAT STREAM=${STREAM:-0} WORKLOAD=${WORKLOAD:-chat} requests=$N instructions_per_request=$((total / N))"
   kill "$GPID" 2>/dev/null || true
 done

@@ -154,3 +154,17 @@ def test_an_owner_is_gone_only_when_its_process_on_this_host_is():
     assert owner_is_gone(f"{host}:{child.pid}:abcd")
     assert not owner_is_gone(f"another-host:{child.pid}:abcd")  # its lease runs out by itself
     assert not owner_is_gone("not-an-owner-id")
+
+
+def test_sqlite_binds_none_and_bytes_as_they_are_through_the_adapters_gomodel_registers():
+    """The adapters (found at once, where sqlite3 would look up __adapt__ and __conform__ and fail) change
+    nothing that is stored: None is NULL, bytes a BLOB, and a str or an int as before (gomodel.store,
+    imported here, registers them)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (a, b, c, d)")
+        conn.execute("INSERT INTO t VALUES (?, ?, ?, ?)", (None, b"\x00\xff", "x", 7))
+        assert conn.execute("SELECT a, b, c, d, typeof(a), typeof(b) FROM t").fetchone() == (
+            None, b"\x00\xff", "x", 7, "null", "blob")
+    finally:
+        conn.close()

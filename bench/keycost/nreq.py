@@ -1,6 +1,7 @@
 """Send N chat requests on keep-alive connections: nreq.py PORT KEY N [stream]
 (each must be a 200; with C{stream}, streamed chat requests, each read to its end). One connection,
-one request after another; with C{CONC=K} in the environment, K connections at once (N/K each)."""
+one request after another; with C{CONC=K} in the environment, K connections at once (N/K each);
+with C{WORKLOAD=responses}, Responses requests (C{/v1/responses}, stored as by default) instead."""
 
 import http.client
 import os
@@ -10,7 +11,10 @@ import threading
 port, key, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 stream = sys.argv[4:] == ["stream"]
 conc = int(os.environ.get("CONC", "1"))
-body = b'{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"hello"}]%s}' % (
+responses = os.environ.get("WORKLOAD", "chat") == "responses"
+path = "/v1/responses" if responses else "/v1/chat/completions"
+body = b'{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct",%s%s}' % (
+    b'"input":"hello"' if responses else b'"messages":[{"role":"user","content":"hello"}]',
     b',"stream":true' if stream else b"")
 failed = []
 
@@ -19,7 +23,7 @@ def send(count):
     connection = http.client.HTTPConnection("127.0.0.1", port)
     try:
         for _ in range(count):
-            connection.request("POST", "/v1/chat/completions", body,
+            connection.request("POST", path, body,
                                {"Authorization": "Bearer " + key, "Content-Type": "application/json"})
             response = connection.getresponse()
             answer = response.read()

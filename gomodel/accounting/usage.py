@@ -55,8 +55,8 @@ class UsageLedger(Service):
             return
         self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, ctx.replica,
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
-                  ctx.stream, ctx.usage, round(ctx.duration * 1000, 3),
-                  None if ctx.first_byte is None else round(ctx.first_byte * 1000, 3), ctx.client_gone,
+                  ctx.stream, ctx.usage, _ms(ctx.duration),
+                  None if ctx.first_byte is None else _ms(ctx.first_byte), ctx.client_gone,
                   ctx.estimated, *_who(ctx.principal), tokens=ctx.token_counts)
 
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
@@ -135,3 +135,9 @@ def _who(principal):
     if principal is None or principal.master:
         return None, None
     return principal.id, principal.user_path
+
+
+def _ms(seconds) -> float:
+    """C{seconds} in milliseconds, to the microsecond (round(x, 3) formats the number to round it: about
+    2,000 instructions, against a hundred for this)."""
+    return round(seconds * 1e6) / 1000

@@ -536,8 +536,8 @@ def usage_of(body: bytes):
     while end >= 0:
         part = body[start:end + 1]
         # Where its braces balance (else a nested object, token details, ends here: the next brace);
-        # parsed only then, since a failed parse costs an exception.
-        if part.count(b"{") == part.count(b"}"):
+        # parsed only then, since a failed parse costs an exception. Most are flat: one search says so.
+        if part.find(b"{", 1) < 0 or part.count(b"{") == part.count(b"}"):
             try:
                 usage = jsonutil.loads(part)
             except jsonutil.JSONError:
