@@ -5,7 +5,6 @@ so that a Responses client (C{client.responses.create} / C{.stream}) works
 against any upstream.
 """
 
-
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.ids import new_id
