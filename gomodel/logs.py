@@ -78,7 +78,8 @@ class ClassicText:
     def line(self, when, namespace: str, level: str, line: str) -> str:
         """The text of a line event (L{LINE_FORMAT}) of C{line} (not empty), with the level's name."""
         # As Twisted does, a line break inside a message is indented: one event is never two lines.
-        return f"{self.time(when)} [{namespace}#{level}] " + line.replace("\n", "\n\t") + "\n"
+        stamp = "-" if when is None else self._stamp(when)  # (L{time}, a call less per access line)
+        return f"{stamp} [{namespace}#{level}] " + line.replace("\n", "\n\t") + "\n"
 
 
 @implementer(ILogObserver)

@@ -221,7 +221,7 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
     from gomodel.upstream.openai_compatible import OpenAICompatibleProvider
     from gomodel.upstream.vllm import VLLMProvider
 
-    hot = [ReplicaPool._choose, ReplicaPool._lowest, ReplicaPool._slower, ReplicaPool._candidates,
+    hot = [ReplicaPool._choose, ReplicaPool._pick, ReplicaPool._lowest, ReplicaPool._slower, ReplicaPool._candidates,
            InferenceRoutes._completions, plan_model, StreamRelay.__init__, Gate.admit, Gate.completed,
            VLLMProvider.url, OpenAICompatibleProvider._header_lines]
     assert {f.__qualname__: f.__code__.co_cellvars for f in hot if f.__code__.co_cellvars} == {}

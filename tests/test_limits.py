@@ -782,6 +782,31 @@ def test_a_lane_made_before_a_sweep_or_a_periods_end_is_not_used_after(clock):
     assert fired(gate._book.spent(spent)) == [(3, 0.0)]
 
 
+@pytest.mark.parametrize("limit", [RateLimit(rpm=4, tpm=40), RateLimit(tpm=36), RateLimit(rpm=4, rph=5, tpm=60, tph=70)],
+                         ids=["rpm-tpm", "tpm", "two-windows"])
+def test_a_lanes_header_lines_are_the_general_paths_for_every_level(clock, limit):
+    """The lane writes a key's headers as it stores each level (one window of each kind shown), or through
+    the general plan (several windows of a kind: the fewest remaining shows): the same lines either way, down
+    to a level under 1 and resets of over a second, as the general path writes them."""
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.limits.lanes import Lane
+
+    scopes = [("key:k", limit), ("path:/team", RateLimit(rpm=100))]
+    ours, theirs = LocalCounters(clock), LocalCounters(clock)
+    limiter, general = Limiter(ours, clock), Limiter(theirs, clock)
+    prepared = limiter.prepare(scopes)
+    lane = Lane(scopes, limiter, prepared, None, prepared.header_plan("key:k"))
+    for tokens in (9, 9, 17, 1):  # down to a level under 1 (shown as 0)
+        clock.advance(0.25)
+        headers = AnswerHeaders()
+        ticket = lane.admit(tokens, clock.seconds(), headers)
+        expected = general.admit_now(scopes, tokens, headers_for="key:k")
+        assert ticket is not None
+        assert headers.lines == expected.header_lines()
+    assert lane.admit(80, clock.seconds(), AnswerHeaders()) is None  # refused: nothing taken
+    assert ours.level("key:k|t60") == theirs.level("key:k|t60")
+
+
 def test_budgets_are_charged_without_a_rate_limit_or_the_usage_ledger(clock, counters):
     gate, key = _gate(counters, clock), _key()
     ctx, headers = _request(gate, key, used=60)

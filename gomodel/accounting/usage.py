@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gomodel.accounting.tokens import Pricing, tokens_by_type, total_tokens
+from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.logs import log_failure
 from gomodel.store.sweeps import claimed
 
@@ -44,7 +44,7 @@ class UsageLedger(Service):
         self._owner = owner
         self._flush_interval = flush_interval
         self._retention = retention
-        self._pricing = pricing or Pricing()
+        self._pricing = pricing or None  # None: no prices (tested once here, not per request)
         self._buffer = []
         self._writing = DeferredLock()  # one write at a time, in order
         self._loops = []

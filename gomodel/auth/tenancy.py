@@ -70,4 +70,5 @@ class CacheSalts:
             return
         if principal.own_cache_salt and "cache_salt" in body:
             return
-        body["cache_salt"] = self.salt(principal.tenant)
+        tenant = principal.tenant
+        body["cache_salt"] = self._salts.get(tenant) or self.salt(tenant)

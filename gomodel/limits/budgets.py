@@ -236,7 +236,7 @@ class _Current:
     @ivar epoch: the local counters' epoch its sums' cells were taken in (L{resolve}), else None.
     """
 
-    __slots__ = ("scopes", "rows", "buckets", "sums", "first", "last", "seeded", "epoch", "_limits", "_cells")
+    __slots__ = ("scopes", "rows", "buckets", "sums", "first", "last", "seeded", "epoch", "limits", "cells")
 
     def __init__(self, scopes, rows, margin):
         self.scopes = scopes
@@ -247,24 +247,27 @@ class _Current:
         self.last = min((end for _, _, _, _, end in rows if end is not None), default=INF)
         self.seeded = False
         self.epoch = None
-        self._limits = self._cells = ()
+        # Once resolved: C{(sum cell, max tokens, max cost)} of each budget (INF where it sets none), and
+        # every sum's cell (C{[tokens, cost, expires_at]}), for L{spent}, L{charge} and a lane's own checks.
+        self.limits = self.cells = ()
 
     def resolve(self, counters):
         """Take the live cells of its sums from C{counters} (L{gomodel.limits.counters.LocalCounters})."""
         cells = {bucket: counters.sum_cell(bucket, expires) for bucket, expires in self.sums}
-        self._limits = [(cells[bucket], budget.max_tokens, budget.max_cost) for _, budget, bucket, _, _ in self.rows]
-        self._cells = list(cells.values())
+        self.limits = [(cells[bucket], INF if budget.max_tokens is None else budget.max_tokens,
+                        INF if budget.max_cost is None else budget.max_cost) for _, budget, bucket, _, _ in self.rows]
+        self.cells = list(cells.values())
         self.epoch = counters.epoch
 
     def spent(self) -> bool:
         """Whether a budget is spent (its cells resolved and live)."""
-        for cell, max_tokens, max_cost in self._limits:
-            if (max_tokens is not None and cell[0] >= max_tokens) or (max_cost is not None and cell[1] >= max_cost):
+        for cell, max_tokens, max_cost in self.limits:
+            if cell[0] >= max_tokens or cell[1] >= max_cost:
                 return True
         return False
 
     def charge(self, tokens: int, cost: float):
         """Add C{tokens} and C{cost} to every sum (its cells resolved and live)."""
-        for cell in self._cells:
+        for cell in self.cells:
             cell[0] += tokens
             cell[1] += cost

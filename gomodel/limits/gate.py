@@ -23,7 +23,7 @@ and passthrough count like any request, with or without the usage ledger.
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from gomodel.accounting.tokens import Pricing, requested_tokens, tokens_by_type, total_tokens
+from gomodel.accounting.tokens import requested_tokens, tokens_by_type, total_tokens
 from gomodel.limits.lanes import Lane, Ticket
 from gomodel.limits.specs import Budget, RateLimit, path_ancestors
 from gomodel.logs import log_failure
@@ -52,7 +52,7 @@ class Gate(Periodic):
         self._book = book
         self._quotas = quotas
         self._store = budgets
-        self._pricing = pricing or Pricing()
+        self._pricing = pricing or None  # None: no prices (tested once here, not per request)
         self._path_budgets = {}  # user path -> (Budget, ...) set through the admin API
         # What a key's requests pass, worked out once per key version (the key ring makes a new
         # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes, own).
@@ -152,13 +152,17 @@ class Gate(Periodic):
                 return None
         if not self._limiter.immediate:
             return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
-        tokens = estimate(call.body)
+        body = call.body
+        tokens = len(body) // 4 + (requested_tokens(body) or 0) if body else 0  # (L{estimate})
         now = self._limiter.clock.seconds()
         lane = self._lanes.get(id(scopes))
-        if lane is None or lane.scopes is not scopes or not lane.live(now):
+        if lane is None or lane.scopes is not scopes:
             lane = self._lane(scopes, budgets, own)
         if lane is not None:
             admission = lane.admit(tokens, now, request.responseHeaders)
+            if admission is None and not lane.live(now):  # a sweep, or a period's end: a new lane, once
+                lane = self._lane(scopes, budgets, own)
+                admission = None if lane is None else lane.admit(tokens, now, request.responseHeaders)
             if admission is not None:
                 ctx.admission = admission
                 return None

@@ -3,10 +3,10 @@
 What a request of a managed key passes is the same on every request but for
 the clock and the levels: the same buckets, slots, budget sums and
 C{x-ratelimit-*} header plan. A L{Lane} holds the local counters' own cells
-of its buckets (L{gomodel.limits.counters.LocalCounters.cell}) and the
-budgets' L{gomodel.limits.budgets._Current}, and admits, settles and
-charges by reading and writing those cells: no bucket looked up by name, no
-spec, no Deferred.
+of its buckets (L{gomodel.limits.counters.LocalCounters.cell}) and of the
+budgets' sums (L{gomodel.limits.budgets._Current.limits}), and admits,
+settles and charges by reading and writing those cells: no bucket looked up
+by name, no spec, no Deferred, and no call per bucket or budget.
 
 A lane answers only what it answers exactly. A refusal (whose answer says
 which scope and when to retry) goes down the general path
@@ -16,8 +16,10 @@ request after the counters swept (their epoch changed: a cell may be gone)
 or after a budget period ended, until the gate makes a new lane.
 """
 
+from math import ceil
+
 from gomodel.limits.counters import INF, adjust_cell
-from gomodel.limits.limiter import NOTHING, header_lines
+from gomodel.limits.limiter import NOTHING, RESETS_MS, header_lines, reset_text
 
 
 class Lane:
@@ -27,7 +29,7 @@ class Lane:
     """
 
     __slots__ = ("scopes", "_clock", "_counters", "_epoch", "_first", "_until", "_prepared", "_buckets",
-                 "_token_buckets", "_slots", "_current", "_header_plan")
+                 "_token_buckets", "_slots", "_budgets", "_sums", "_header_plan")
 
     def __init__(self, scopes, limiter, prepared, current, header_plan):
         """
@@ -41,31 +43,44 @@ class Lane:
         self._counters = counters = limiter.counters
         self._epoch = counters.epoch
         self._prepared = prepared = prepared if prepared is not None else NOTHING
-        buckets = prepared.buckets
-        self._buckets = [(counters.cell(b.name, b.capacity, b.refill), b.capacity, b.refill, b.tokens)
-                         for b in buckets]
-        self._token_buckets = [(cell, capacity, refill) for cell, capacity, refill, tokens in self._buckets if tokens]
-        self._slots = prepared.slots
-        self._current = current
-        self._first, self._until = (current.first, current.last) if current is not None else (-INF, INF)
+        # Where the headers show one bucket of each kind (a key's own rpm and tpm), each shown bucket
+        # carries its two header lines' beginnings and its lines are written as its level is stored;
+        # otherwise (several windows of a kind: the fewest remaining shows) the plan's general form.
+        shown = {}
+        if all(len(indices) == 1 for _, indices, _ in header_plan):
+            shown = {indices[0]: (heads[indices[0]], reset) for reset, indices, heads in header_plan}
+            header_plan = ()
         self._header_plan = header_plan
+        self._buckets = []
+        for i, b in enumerate(prepared.buckets):
+            cell = counters.cell(b.name, b.capacity, b.refill)
+            cell[2], cell[3] = b.capacity, b.refill  # (its level and time are written per request)
+            self._buckets.append((cell, b.capacity, b.refill, b.tokens, shown.get(i)))
+        self._token_buckets = [(cell, capacity, refill) for cell, capacity, refill, tokens, _ in self._buckets
+                               if tokens]
+        self._slots = prepared.slots
+        self._budgets = current.limits if current is not None else ()
+        self._sums = current.cells if current is not None else None
+        self._first, self._until = (current.first, current.last) if current is not None else (-INF, INF)
 
     def live(self, now) -> bool:
         """Whether its cells are still the counters' own and its budget periods still run at C{now}."""
         return self._epoch == self._counters.epoch and self._first <= now < self._until
 
     def admit(self, tokens: int, now, headers):
-        """Admit a request costing C{tokens} at C{now} (the lane L{live}), setting its C{x-ratelimit-*}
+        """Admit a request costing C{tokens} at C{now}, setting its C{x-ratelimit-*}
         headers as the C{lines} of C{headers} (the answer's L{gomodel.http.headers.AnswerHeaders}).
 
-        @return: a L{Ticket}, or None when a budget is spent or a limit refuses (nothing was taken: the
-            general path says why).
+        @return: a L{Ticket}, or None when a budget is spent, a limit refuses (nothing was taken: the
+            general path says why) or the lane is no longer L{live} at C{now}.
         """
-        current = self._current
-        if current is not None and current.spent():
+        if self._epoch != self._counters.epoch or not self._first <= now < self._until:  # (not L{live})
             return None
+        for cell, max_tokens, max_cost in self._budgets:  # (L{gomodel.limits.budgets._Current.spent})
+            if cell[0] >= max_tokens or cell[1] >= max_cost:
+                return None
         levels = []
-        for cell, capacity, refill, by_tokens in self._buckets:
+        for cell, capacity, refill, by_tokens, _ in self._buckets:
             level = cell[0] + (now - cell[1]) * refill
             if level > capacity:
                 level = capacity
@@ -78,11 +93,19 @@ class Lane:
             lease = self._counters.try_hold(self._slots)  # the counters count this process's slots
             if lease is None:
                 return None
-        for (cell, capacity, refill, _), level in zip(self._buckets, levels):
-            cell[0], cell[1], cell[2], cell[3] = level, now, capacity, refill
+        lines = b""
+        for (cell, capacity, refill, _, shown), level in zip(self._buckets, levels):
+            cell[0] = level
+            cell[1] = now
+            if shown is not None:  # as L{header_lines} writes them
+                reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
+                lines += b"%s%d\r\n%s%s\r\n" % (shown[0], level if level >= 1 else 0, shown[1],
+                                                   RESETS_MS[reset_ms] if 0 < reset_ms < 1000 else reset_text(reset_ms))
         self._counters.tick(now)
         if self._header_plan:
-            headers.lines = header_lines(self._header_plan, self._prepared.buckets, levels)
+            lines = header_lines(self._header_plan, self._prepared.buckets, levels)
+        if lines:
+            headers.lines = lines
         return Ticket(self, tokens, lease)
 
     def finish(self, ticket, used: int, charge: bool, cost) -> bool:
@@ -111,12 +134,17 @@ class Lane:
                 counters.free(lease)
         else:
             counters.settle_now(self._prepared.token_buckets if delta else (), delta, lease)
+            if charge:
+                return False
         if not charge:
             return True
-        current = self._current
-        if current is None or not self.live(now):
+        sums = self._sums
+        if sums is None or not self._first <= now < self._until:
             return False
-        current.charge(int(used), float(cost or 0.0))
+        cost = cost or 0.0
+        for cell in sums:  # (L{gomodel.limits.budgets._Current.charge})
+            cell[0] += used
+            cell[1] += cost
         return True
 
 

@@ -115,7 +115,7 @@ class Replica:
         self.load = None
         self.load_at = None
         self.start_time = None
-        self.slots = None  # how many requests it runs at once, learned: its running count while it queued
+        self._slots = None  # L{slots}
         self.pace = None  # seconds its requests take, learned: a moving mean of those that succeeded
         self.timed = 0  # requests in that mean, up to PACE_SAMPLES
         self.timed_at = None  # when the last of them ended
@@ -123,6 +123,7 @@ class Replica:
         self.checked = False  # its first discovery and health check have answered (or failed)
         self.on_change = None  # called with the replica after every change of state
         self.on_listed = None  # called with the replica after its model list changed
+        self.on_slots = None  # called with the replica after its batch size (L{slots}) changed
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
 
     def __repr__(self):
@@ -137,6 +138,17 @@ class Replica:
         self._models = models
         if self.on_listed is not None:
             self.on_listed(self)
+
+    @property
+    def slots(self):
+        """How many requests it runs at once, learned (its running count while it queued), or None."""
+        return self._slots
+
+    @slots.setter
+    def slots(self, slots):
+        self._slots = slots
+        if self.on_slots is not None:
+            self.on_slots(self)
 
     @property
     def ready(self) -> bool:
@@ -157,7 +169,7 @@ class Replica:
         own). A load report older than C{max_age} seconds is not read.
         """
         in_flight = self.in_flight
-        slots = self.slots or batch
+        slots = self._slots or batch
         queued = bool(slots and in_flight >= slots)
         load = self.load
         if load is None or now - self.load_at > max_age:
@@ -177,7 +189,7 @@ class Replica:
         in paces of the fastest candidate: its place in the queue times its C{slowness} over its batch
         size (else C{batch}, the largest seen in its pool): one of its slots frees every pace / slots
         seconds."""
-        slots = self.slots or batch or 1
+        slots = self._slots or batch or 1
         place = max(1.0, busy + 1 - slots)
         return place * slowness / slots / self.weight
 
@@ -246,7 +258,7 @@ class Replica:
         """A scrape's load report arrived (while requests wait, its running count is its batch size)."""
         self.load = sample
         self.load_at = self._clock.seconds()
-        if sample.waiting and sample.running and (self.slots is None or sample.running > self.slots):
+        if sample.waiting and sample.running and (self._slots is None or sample.running > self._slots):
             self.slots = int(sample.running)
 
     def answered(self, sample):
@@ -310,7 +322,9 @@ class ReplicaPool:
         for replica in self.replicas:
             replica.on_change = self._changed
             replica.on_listed = self._relisted
+            replica.on_slots = self._resized
             replica.others_ready = self._others_ready
+        self._resized(None)
 
     def __repr__(self):
         return f"<ReplicaPool {self.name} ({len(self.replicas)} replicas)>"
@@ -430,6 +444,11 @@ class ReplicaPool:
     def _relisted(self, replica):
         self._serving.clear()
 
+    def _resized(self, replica):
+        """Keep the largest batch size learned (L{Replica.slots}) of its replicas, or 0: one a replica
+        that has not shown its own is taken to run."""
+        self._batch = max([r.slots for r in self.replicas if r.slots is not None], default=0)
+
     def _lease(self, replica, affinity):
         replica.in_flight += 1
         replica.served += 1
@@ -502,35 +521,46 @@ class ReplicaPool:
             return self._lowest({r: r.in_flight / r.weight for r in free}, affinity)
         now = self._clock.seconds()
         max_age = self._load_max_age
-        batch = 0  # the largest batch size learned: assumed for a replica that has not shown its own
-        for r in self.replicas:
-            if r.slots is not None and r.slots > batch:
-                batch = r.slots
+        batch = self._batch
         # A request that would wait in a replica's queue goes where it would start at once, if
         # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
-        # Those are scored by their load per unit of weight.
+        # Those are scored by their load per unit of weight. One pass over the candidates (each step
+        # a call less: this runs for every request) scores them, finds the lowest score and how many
+        # share it, and the fastest and slowest learned paces.
         scores, queued = {}, {}  # queued: what each replica that would queue it holds
+        best = lowest = fastest = slowest = None
+        ties = 0
         for r in free:
-            busy, queues = r.standing(now, max_age, batch)
+            if r.load is None:  # no load report: L{Replica.standing} is its own count
+                busy = r.in_flight
+                slots = r._slots or batch
+                queues = slots and busy >= slots
+            else:
+                busy, queues = r.standing(now, max_age, batch)
             if queues:
                 queued[r] = busy
             else:
-                scores[r] = busy / r.weight
-        slower = self._slower(free)
-        if slower:
-            free, scores = self._paced(free, scores, slower, now, size)
+                score = scores[r] = busy / r.weight
+                if best is None or score < best:
+                    best, lowest, ties = score, r, 1
+                elif score == best:
+                    ties += 1
+            if r.timed == PACE_SAMPLES:  # (L{Replica.paced})
+                pace = r.pace
+                if fastest is None or pace < fastest:
+                    fastest = pace
+                if slowest is None or pace > slowest:
+                    slowest = pace
+        if fastest is not None and clearly_slower(slowest, fastest):
+            return self._choose_paced(free, scores, queued, batch, self._slower(free, fastest), now,
+                                      affinity, size)
         if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
-            scores = _waits(free, queued, batch, slower)
-            affinity = None
-        replica = self._lowest(scores, affinity)
-        if replica in slower:
-            replica.rare = True
-        return replica
+            return self._lowest(_waits(free, queued, batch, {}), None)
+        return self._pick(scores, affinity, best, ties, lowest)
 
-    def _paced(self, free, scores, slower, now, size):
-        """C{(free, scores)} for L{_choose} with clearly slower replicas (C{slower}, L{_slower}): one takes
-        only what no faster one could start at once, and each of its requests counts as many times as it
-        is slower."""
+    def _choose_paced(self, free, scores, queued, batch, slower, now, affinity, size):
+        """L{_choose} where some replicas are clearly slower (C{slower}, L{_slower}): one takes only what no
+        faster one could start at once, and each of its requests counts as many times as it is slower."""
         prompt = {r: score for r, score in scores.items() if r not in slower or r.due(now)}
         if prompt:
             scores = prompt
@@ -540,21 +570,17 @@ class ReplicaPool:
             faster = [r for r in free if r not in slower]
             if faster:
                 free, scores = faster, {}
-        return free, {r: score * slower.get(r, 1.0) for r, score in scores.items()}
+        scores = {r: score * slower.get(r, 1.0) for r, score in scores.items()}
+        if not scores:
+            scores = _waits(free, queued, batch, slower)
+            affinity = None
+        replica = self._lowest(scores, affinity)
+        if replica in slower:
+            replica.rare = True
+        return replica
 
-    def _slower(self, free) -> dict:
-        """Each clearly slower replica of C{free} (by its pace against the fastest's): how many times
-        slower. Empty where all are alike, or too few are paced."""
-        fastest = slowest = None
-        for r in free:  # (not min() and max() of a list: a list, a comprehension's frame and two calls)
-            if r.paced:
-                pace = r.pace
-                if fastest is None or pace < fastest:
-                    fastest = pace
-                if slowest is None or pace > slowest:
-                    slowest = pace
-        if fastest is None or not clearly_slower(slowest, fastest):
-            return {}
+    def _slower(self, free, fastest) -> dict:
+        """Each clearly slower replica of C{free} than the pace C{fastest}: how many times slower."""
         slower = {}
         for r in free:  # (a loop: a comprehension here would make a closure cell on every call)
             times = r.slowness(fastest)
@@ -567,17 +593,21 @@ class ReplicaPool:
         within the guard."""
         values = list(scores.values())
         best = min(values)
+        ties = values.count(best)
+        return self._pick(scores, affinity, best, ties, list(scores)[values.index(best)] if ties == 1 else None)
+
+    def _pick(self, scores, affinity, best, ties, lowest):
+        """L{_lowest} of C{scores} whose lowest score C{best} C{ties} replicas share (C{lowest}, when one)."""
         if affinity is not None:
             known = self._affinity.get(affinity)
             if known is not None:
                 warm = self.replicas[known[0]]
                 if warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack:
                     return warm
-        ties = values.count(best)
         if ties == 1:
-            return list(scores)[values.index(best)]
+            return lowest
         # Ties (an idle pool): take turns, so that equal replicas share the work.
-        if ties == len(values):
+        if ties == len(scores):
             lowest = list(scores)
         else:
             lowest = []
