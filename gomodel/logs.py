@@ -58,11 +58,17 @@ class ClassicText:
     """
 
     def __init__(self):
-        self._stamp = _per_second(formatTime)
+        self._second = None  # the whole second whose time text is kept
+        self._stamp = None
 
     def time(self, when) -> str:
         """C{when} (seconds since the epoch, or None) as Twisted's classic line shows it."""
-        return "-" if when is None else self._stamp(when)
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second, self._stamp = second, formatTime(second)
+        return self._stamp
 
     def __call__(self, event):
         if (event.get("log_format") != LINE_FORMAT or "log_line" not in event or "log_failure" in event
@@ -77,9 +83,11 @@ class ClassicText:
 
     def line(self, when, namespace: str, level: str, line: str) -> str:
         """The text of a line event (L{LINE_FORMAT}) of C{line} (not empty), with the level's name."""
-        # As Twisted does, a line break inside a message is indented: one event is never two lines.
-        stamp = "-" if when is None else self._stamp(when)  # (L{time}, a call less per access line)
-        return f"{stamp} [{namespace}#{level}] " + line.replace("\n", "\n\t") + "\n"
+        if "\n" in line:  # as Twisted does, a line break inside a message is indented: one event is one line
+            line = line.replace("\n", "\n\t")
+        if when is None or int(when) != self._second:
+            return f"{self.time(when)} [{namespace}#{level}] {line}\n"
+        return f"{self._stamp} [{namespace}#{level}] {line}\n"  # (L{time}: a call less per access line)
 
 
 @implementer(ILogObserver)

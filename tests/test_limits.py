@@ -803,8 +803,37 @@ def test_a_lanes_header_lines_are_the_general_paths_for_every_level(clock, limit
         expected = general.admit_now(scopes, tokens, headers_for="key:k")
         assert ticket is not None
         assert headers.lines == expected.header_lines()
+    clock.advance(60)  # the request buckets refilled: the token bucket refuses what they let through
     assert lane.admit(80, clock.seconds(), AnswerHeaders()) is None  # refused: nothing taken
     assert ours.level("key:k|t60") == theirs.level("key:k|t60")
+    for bucket in prepared.buckets:  # not of the buckets before the one that refused either
+        assert _level_now(ours, bucket, clock) == pytest.approx(_level_now(theirs, bucket, clock))
+
+
+def test_a_lane_refused_a_concurrency_slot_gives_back_what_its_buckets_gave(clock, counters):
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.limits.lanes import Lane
+
+    scopes = [("key:k", RateLimit(rpm=10, tpm=100, concurrent=1))]
+    limiter = Limiter(counters, clock)
+    prepared = limiter.prepare(scopes)
+    lane = Lane(scopes, limiter, prepared, None, prepared.header_plan("key:k"))
+    first = lane.admit(7, clock.seconds(), AnswerHeaders())
+    levels = [_level_now(counters, bucket, clock) for bucket in prepared.buckets]
+    assert levels == [9, 93]
+    assert lane.admit(7, clock.seconds(), AnswerHeaders()) is None  # its one slot is held
+    assert [_level_now(counters, bucket, clock) for bucket in prepared.buckets] == levels
+    lane.finish(first, 7, False, None)
+    assert lane.admit(7, clock.seconds(), AnswerHeaders()) is not None
+
+
+def _level_now(counters, bucket, clock):
+    """A bucket's level at the clock's time, from what C{counters} stored of it."""
+    stored = counters.level(bucket.name)
+    if stored is None:
+        return bucket.capacity
+    level, when = stored
+    return min(bucket.capacity, level + (clock.seconds() - when) * bucket.refill)
 
 
 def test_budgets_are_charged_without_a_rate_limit_or_the_usage_ledger(clock, counters):

@@ -399,6 +399,18 @@ def test_a_replica_three_times_slower_takes_only_what_the_others_cannot_start():
     assert max(fast) - min(fast) <= 0.1 * min(fast), got
 
 
+def test_a_replica_that_slows_down_once_its_pace_is_learned_then_takes_only_what_the_others_cannot_start():
+    """Alike, the pool scores its replicas by their own counts alone; a pace that moves clearly apart
+    is seen at the request that moved it."""
+    clock = Clock()
+    pool = paced_pool(clock, 3)
+    assert min(run_load(pool, clock, [1.0, 1.0, 1.0], 300)) >= 90
+    *fast, slow = run_load(pool, clock, [1.0, 1.0, 4.0], 600)
+    assert pool.replicas[2].pace > SLOWER * pool.replicas[0].pace
+    assert slow <= PACE_SAMPLES, (fast, slow)
+    assert max(fast) - min(fast) <= 0.1 * min(fast), (fast, slow)
+
+
 def test_replicas_that_answer_in_milliseconds_count_alike_whatever_the_ratio_of_their_paces():
     """Within PACE_NOISE seconds, a pace three times another's is the gateway's and the network's
     jitter, not a slower GPU: every replica keeps its share."""

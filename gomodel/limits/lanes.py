@@ -18,7 +18,7 @@ or after a budget period ended, until the gate makes a new lane.
 
 from math import ceil
 
-from gomodel.limits.counters import INF, adjust_cell
+from gomodel.limits.counters import INF
 from gomodel.limits.limiter import NOTHING, RESETS_MS, header_lines, reset_text
 
 
@@ -79,34 +79,41 @@ class Lane:
         for cell, max_tokens, max_cost in self._budgets:  # (L{gomodel.limits.budgets._Current.spent})
             if cell[0] >= max_tokens or cell[1] >= max_cost:
                 return None
-        levels = []
-        for cell, capacity, refill, by_tokens, _ in self._buckets:
+        lines = b""
+        for cell, capacity, refill, by_tokens, shown in self._buckets:  # each taken from as it is looked at
             level = cell[0] + (now - cell[1]) * refill
             if level > capacity:
                 level = capacity
             level -= tokens if by_tokens else 1
             if level < 0:
+                self._give_back(cell, tokens)
                 return None
-            levels.append(level)
+            cell[0] = level
+            cell[1] = now
+            if shown is not None:  # as L{header_lines} writes them (%d floors a level, here never below 0)
+                reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
+                lines += b"%s%d\r\n%s%s\r\n" % (shown[0], level, shown[1],
+                                                   RESETS_MS[reset_ms] if reset_ms < 1000 else reset_text(reset_ms))
         lease = None
         if self._slots:
             lease = self._counters.try_hold(self._slots)  # the counters count this process's slots
             if lease is None:
+                self._give_back(None, tokens)
                 return None
-        lines = b""
-        for (cell, capacity, refill, _, shown), level in zip(self._buckets, levels):
-            cell[0] = level
-            cell[1] = now
-            if shown is not None:  # as L{header_lines} writes them
-                reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
-                lines += b"%s%d\r\n%s%s\r\n" % (shown[0], level if level >= 1 else 0, shown[1],
-                                                   RESETS_MS[reset_ms] if 0 < reset_ms < 1000 else reset_text(reset_ms))
         self._counters.tick(now)
         if self._header_plan:
-            lines = header_lines(self._header_plan, self._prepared.buckets, levels)
+            lines = header_lines(self._header_plan, self._prepared.buckets, [b[0][0] for b in self._buckets])
         if lines:
             headers.lines = lines
         return Ticket(self, tokens, lease)
+
+    def _give_back(self, refused, tokens):
+        """A refused admission: give back what it took of the buckets before C{refused} (the
+        cell that refused; None: all), as they were when it came (their refill to then stays)."""
+        for cell, _, _, by_tokens, _ in self._buckets:
+            if cell is refused:
+                return
+            cell[0] += tokens if by_tokens else 1
 
     def finish(self, ticket, used: int, charge: bool, cost) -> bool:
         """Settle C{ticket}'s reservation with the C{used} tokens, free its slots and, with C{charge}, add
@@ -128,8 +135,13 @@ class Lane:
         lease = ticket.lease
         if self._epoch == counters.epoch:
             if delta:
-                for cell, capacity, refill in self._token_buckets:
-                    adjust_cell(cell, capacity, refill, delta, now)
+                for cell, capacity, refill in self._token_buckets:  # (L{gomodel.limits.counters.adjust_cell})
+                    level = cell[0] + (now - cell[1]) * refill
+                    if level > capacity:
+                        level = capacity
+                    level -= delta
+                    cell[0] = capacity if level > capacity else level
+                    cell[1] = now
             if lease is not None:
                 counters.free(lease)
         else:

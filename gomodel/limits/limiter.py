@@ -388,18 +388,18 @@ def header_lines(plan, buckets, levels) -> bytes:
         reset_ms = math.ceil((b.capacity - level) / b.refill * 1000 - 1e-6)  # as duration() rounds
         lines += b"%s%d\r\n%s%s\r\n" % (
             heads[i], level if level >= 1 else 0,  # floored, never below 0
-            reset, RESETS_MS[reset_ms] if 0 < reset_ms < 1000 else reset_text(reset_ms))
+            reset, RESETS_MS[reset_ms] if 0 <= reset_ms < 1000 else reset_text(reset_ms))
     return lines
 
 
 def reset_text(ms: int) -> bytes:
     """A C{x-ratelimit-reset-*} value of C{ms} milliseconds (rounded up as L{duration} does), as written."""
-    return RESETS_MS[ms] if 0 < ms < 1000 else b"0s" if ms <= 0 else _duration_ms(ms).encode("ascii")
+    return RESETS_MS[ms] if 0 <= ms < 1000 else b"0s" if ms < 0 else _duration_ms(ms).encode("ascii")
 
 
-# A reset under a second as it is written, by its milliseconds (a limit far above the load refills a
-# request's worth in one or two): an index where formatting costs about 400 instructions.
-RESETS_MS = tuple(b"%dms" % ms for ms in range(1000))
+# A reset under a second as it is written, by its milliseconds (0: "0s"; a limit far above the load
+# refills a request's worth in one or two): an index where formatting costs about 400 instructions.
+RESETS_MS = (b"0s",) + tuple(b"%dms" % ms for ms in range(1, 1000))
 
 
 def _header_dict(plan, buckets, levels) -> dict:

@@ -51,6 +51,7 @@ full the request waits in the pool's queue up to C{queue_timeout}, then gets
 import random
 from collections import OrderedDict, deque
 from itertools import filterfalse
+from math import inf
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
@@ -123,7 +124,7 @@ class Replica:
         self.checked = False  # its first discovery and health check have answered (or failed)
         self.on_change = None  # called with the replica after every change of state
         self.on_listed = None  # called with the replica after its model list changed
-        self.on_slots = None  # called with the replica after its batch size (L{slots}) changed
+        self.on_learned = None  # called with the replica after its batch size (L{slots}) or its first load report
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
 
     def __repr__(self):
@@ -147,8 +148,8 @@ class Replica:
     @slots.setter
     def slots(self, slots):
         self._slots = slots
-        if self.on_slots is not None:
-            self.on_slots(self)
+        if self.on_learned is not None:
+            self.on_learned(self)
 
     @property
     def ready(self) -> bool:
@@ -256,10 +257,13 @@ class Replica:
 
     def reported(self, sample):
         """A scrape's load report arrived (while requests wait, its running count is its batch size)."""
+        first = self.load is None
         self.load = sample
         self.load_at = self._clock.seconds()
         if sample.waiting and sample.running and (self._slots is None or sample.running > self._slots):
             self.slots = int(sample.running)
+        elif first and self.on_learned is not None:
+            self.on_learned(self)
 
     def answered(self, sample):
         """An answer's load report arrived: its queue and KV use, fresher than the last scrape's."""
@@ -315,6 +319,11 @@ class ReplicaPool:
         self._affinity = OrderedDict()  # session or prefix key -> (replica index, when it was last shared)
         self._by_url = {r.base_url: r.index for r in self.replicas}
         self._capped = any(r.max_concurrency for r in self.replicas)  # a replica can be full
+        # What its load choice needs of its replicas, kept as they learn it (L{_learned}): the largest batch
+        # size learned (0: none), whether any reports its load, and the lowest and highest learned pace
+        # (an envelope: L{release} only widens it, L{_paces_alike} makes it tight) with whether those are
+        # alike (none clearly slower).
+        self._batch, self._reported, self._pace_low, self._pace_high, self._alike = 0, False, inf, -inf, True
         self.pins = pins
         self.forgotten = 0.0  # when the newest pin this pool had to forget was last shared
         # model -> its ready replicas that serve it (a list never changed), until a state or a model list changes
@@ -322,9 +331,9 @@ class ReplicaPool:
         for replica in self.replicas:
             replica.on_change = self._changed
             replica.on_listed = self._relisted
-            replica.on_slots = self._resized
+            replica.on_learned = self._learned
             replica.others_ready = self._others_ready
-        self._resized(None)
+        self._learned(None)
 
     def __repr__(self):
         return f"<ReplicaPool {self.name} ({len(self.replicas)} replicas)>"
@@ -412,6 +421,8 @@ class ReplicaPool:
         replica.in_flight -= 1
         if took is not None:
             replica.took(took)
+            if replica.timed == PACE_SAMPLES and not self._pace_low <= replica.pace <= self._pace_high:
+                self._widen(replica.pace)
         self._serve_queue()
 
     def _pinned(self, index):
@@ -444,10 +455,33 @@ class ReplicaPool:
     def _relisted(self, replica):
         self._serving.clear()
 
-    def _resized(self, replica):
-        """Keep the largest batch size learned (L{Replica.slots}) of its replicas, or 0: one a replica
-        that has not shown its own is taken to run."""
-        self._batch = max([r.slots for r in self.replicas if r.slots is not None], default=0)
+    def _learned(self, replica):
+        """A replica learned its batch size or its first load report (None: look at all): work out again
+        what L{_choose} needs of them all, the envelope of their paces made tight."""
+        replicas = self.replicas
+        # the largest batch size learned (L{Replica.slots}), or 0: one a replica that has not shown its own is taken to run
+        self._batch = max([r.slots for r in replicas if r.slots is not None], default=0)
+        self._reported = any(r.load is not None for r in replicas)
+        paces = [r.pace for r in replicas if r.paced]
+        if paces:
+            self._pace_low, self._pace_high = min(paces), max(paces)
+            self._alike = not clearly_slower(self._pace_high, self._pace_low)
+        else:
+            self._pace_low, self._pace_high, self._alike = inf, -inf, True
+
+    def _widen(self, pace):
+        """A replica's learned pace moved outside the envelope: widen it to C{pace}."""
+        if pace < self._pace_low:
+            self._pace_low = pace
+        if pace > self._pace_high:
+            self._pace_high = pace
+        self._alike = not clearly_slower(self._pace_high, self._pace_low)
+
+    def _paces_alike(self) -> bool:
+        """Whether none of its replicas is clearly slower than another, their paces looked at again (the
+        envelope, only widened as they change, may hold a pace since gone)."""
+        self._learned(None)
+        return self._alike
 
     def _lease(self, replica, affinity):
         replica.in_flight += 1
@@ -517,7 +551,11 @@ class ReplicaPool:
             return replica
         if strategy == "random":
             return self._rng.choices(free, weights=[r.weight for r in free])[0]
-        if strategy == "least_requests":
+        # With the load strategy, where none would queue it (no batch size learned), none reports its load
+        # and none is clearly slower (their paces' envelope alike, else looked at again), each is scored
+        # by its own count per unit of weight, as least_requests scores them.
+        if strategy == "least_requests" or (not self._batch and not self._reported
+                                            and (self._alike or self._paces_alike())):
             return self._lowest({r: r.in_flight / r.weight for r in free}, affinity)
         now = self._clock.seconds()
         max_age = self._load_max_age
