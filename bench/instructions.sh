@@ -26,10 +26,11 @@
 # the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name);
 # COUNTER_SCRIPT names another counter script taking the same arguments.
 #
-# FEAT=1: everything on (four mock replicas, the access log, a managed key with limits and a daily
-# budget); otherwise one replica, the master key, access log off; ACCESS_LOG=true/false overrides the
-# access log either way. Needs valgrind, node and curl, and a
-# Python with the gateway's requirements (PYTHON, default python3); each CHECKOUT goes on PYTHONPATH.
+# FEAT=1: everything on (four mock replicas, the access log, a managed key with a rate limit, a
+# concurrency limit, a model allowlist and a daily budget: bench/run.sh's gomodel-features key);
+# otherwise one replica, the master key, access log off; ACCESS_LOG=true/false overrides the access
+# log either way. Needs valgrind, node and curl, and a Python with the gateway's requirements
+# (PYTHON, default python3); each CHECKOUT goes on PYTHONPATH.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}; N=${N:-300}; FEAT=${FEAT:-0}; COUNT=${COUNT:-instructions}
@@ -65,7 +66,7 @@ for checkout in "$@"; do
   KEY=mk
   if [ "$FEAT" = 1 ]; then
     KEY=$(curl -sf "http://127.0.0.1:$GPORT/admin/api/v1/auth-keys" -H 'Authorization: Bearer mk' -H 'Content-Type: application/json' \
-      -d '{"name":"bench","user_path":"/bench/key","rpm":1000000000,"tpm":1000000000000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}' \
+      -d '{"name":"bench","user_path":"/bench/features","models":["vllm/"],"rpm":1000000000,"tpm":1000000000000,"max_concurrency":100000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}' \
       | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d.get("value") or d.get("key") or d.get("secret"))')
   fi
   send 200

@@ -385,3 +385,22 @@ async def test_usage_records_name_the_key_and_its_user_path(http, gw):
                          ("user_path=/tea", 0), ("user_path=/team/alpha/x", 0)):
         code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log?" + query)
         assert len(log["data"]) == count, query
+
+
+@pytest.mark.parametrize("models, names, allowed", [
+    (None, ("anything",), True),
+    (["/"], ("vllm/m",), True),
+    (["vllm/"], ("vllm/meta-llama/X",), True),
+    (["vllm/"], ("vllm/",), True),
+    (["vllm/"], ("openai/gpt", "vllm/x"), True),
+    (["vllm/"], ("vllmx/m", "m"), False),
+    (["vllm/meta-llama/X"], ("vllm/meta-llama/X",), True),
+    (["vllm/meta-llama/X"], ("vllm/meta-llama/X2",), False),
+    (["small", "vllm/"], ("small",), True),
+    (["small"], ("smaller",), False),
+])
+def test_a_keys_model_selectors(models, names, allowed):
+    """A selector is C{/} (everything), a provider (C{vllm/}: its models), or a model named exactly."""
+    from gomodel.auth.keys import Principal
+
+    assert Principal("k", "k", models=models).allows(*names) is allowed

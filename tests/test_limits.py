@@ -827,6 +827,32 @@ def test_a_lane_refused_a_concurrency_slot_gives_back_what_its_buckets_gave(cloc
     assert lane.admit(7, clock.seconds(), AnswerHeaders()) is not None
 
 
+def test_a_lanes_slot_held_across_a_sweep_is_freed_where_every_path_counts_it(clock):
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.limits.lanes import Lane
+
+    counters = LocalCounters(clock, sweep_every=2)
+    scopes = [("key:k", RateLimit(concurrent=1))]
+    limiter = Limiter(counters, clock)
+    prepared = limiter.prepare(scopes)
+    (bucket, _), = prepared.slots
+    lane = Lane(scopes, limiter, prepared, None, prepared.header_plan("key:k"))
+    ticket = lane.admit(5, clock.seconds(), AnswerHeaders())
+    epoch = counters.epoch
+    while counters.epoch == epoch:  # the counters sweep while it is held
+        counters.tick(clock.seconds())
+    assert counters.held(bucket) == 1 and counters.try_hold(prepared.slots) is None
+    lane.finish(ticket, 5, False, None)
+    assert counters.held(bucket) == 0
+    lease = counters.try_hold(prepared.slots)  # the general path takes the freed slot
+    assert lease is not None and lane.admit(5, clock.seconds(), AnswerHeaders()) is None  # (a lane of old cells is not used)
+    counters.free(lease)
+    counters.tick(clock.seconds())
+    counters.tick(clock.seconds())  # a sweep drops the cell of none held
+    fresh = Lane(scopes, limiter, prepared, None, prepared.header_plan("key:k"))
+    assert fresh.admit(5, clock.seconds(), AnswerHeaders()) is not None and counters.held(bucket) == 1
+
+
 def _level_now(counters, bucket, clock):
     """A bucket's level at the clock's time, from what C{counters} stored of it."""
     stored = counters.level(bucket.name)

@@ -48,7 +48,7 @@ class Principal:
     """
 
     __slots__ = ("id", "name", "user_path", "tenant", "models", "expires_at", "active", "rpm", "tpm",
-                 "max_concurrency", "budgets", "priority", "own_cache_salt", "master")
+                 "max_concurrency", "budgets", "priority", "own_cache_salt", "master", "_exact", "_prefixes")
 
     def __init__(self, id, name, *, user_path=None, models=None, expires_at=None, active=True, rpm=None, tpm=None,
                  max_concurrency=None, budgets=(), priority=None, own_cache_salt=False, master=False):
@@ -58,6 +58,10 @@ class Principal:
         self.master = master
         self.tenant = None if master else (f"path:{user_path}" if user_path else f"key:{id}")
         self.models = tuple(models) if models else None
+        # L{allows}' selectors: every name where one is C{/}, else exact names and prefixes (those ending in /)
+        selectors = self.models or ()
+        self._exact = frozenset(m for m in selectors if not m.endswith("/"))
+        self._prefixes = ("",) if "/" in selectors else tuple(m for m in selectors if m.endswith("/"))
         self.expires_at = expires_at
         self.active = active
         self.rpm = rpm
@@ -85,12 +89,9 @@ class Principal:
         """
         if self.models is None:
             return True
-        for selector in self.models:
-            if selector == "/":
+        for name in names:
+            if name in self._exact or name.startswith(self._prefixes):
                 return True
-            for name in names:
-                if name == selector or (selector.endswith("/") and name.startswith(selector)):
-                    return True
         return False
 
     def allows_provider(self, provider: str) -> bool:

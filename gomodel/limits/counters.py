@@ -204,7 +204,7 @@ class LocalCounters(_Forms):
     def __init__(self, clock, sweep_every=4096):
         self._clock = clock
         self._buckets = {}  # bucket -> [level, at, capacity, refill]
-        self._inflight = {}  # bucket -> slots held
+        self._inflight = {}  # bucket -> [slots held] (a cell: L{slot_cell})
         self._leases = {}  # lease -> its (bucket, limit) slots
         self._sums = {}  # bucket -> [tokens, cost, expires_at]
         self._ids = itertools.count(1)
@@ -246,7 +246,8 @@ class LocalCounters(_Forms):
         if ok:
             inflight = self._inflight
             for i, (bucket, limit) in enumerate(slots):
-                if inflight.get(bucket, 0) >= limit:
+                cell = inflight.get(bucket)
+                if cell is not None and cell[0] >= limit:
                     ok, refused = False, i
                     break
         out = []
@@ -275,6 +276,14 @@ class LocalCounters(_Forms):
         if state is None:
             state = self._buckets[bucket] = [capacity, 0.0, capacity, refill]
         return state
+
+    def slot_cell(self, bucket) -> list:
+        """The live count of concurrency slot C{bucket}'s slots held, C{[held]}, for holders as L{cell}'s.
+        A held slot's cell is never swept: one held when the epoch changed is still the live one."""
+        cell = self._inflight.get(bucket)
+        if cell is None:
+            cell = self._inflight[bucket] = [0]
+        return cell
 
     def sum_cell(self, bucket, expires_at) -> list:
         """The live state of budget sum C{bucket}, C{[tokens, cost, expires_at]} (made empty when absent or
@@ -317,33 +326,30 @@ class LocalCounters(_Forms):
     def hold(self, slots):
         """A new lease holding one slot in each of C{slots}' buckets (C{(bucket, limit)} pairs, kept by
         the lease: not to be changed after)."""
-        inflight = self._inflight
         for bucket, _ in slots:
-            inflight[bucket] = inflight.get(bucket, 0) + 1
+            self.slot_cell(bucket)[0] += 1
         lease = next(self._ids)
         self._leases[lease] = slots
         return lease
 
     def held(self, bucket) -> int:
         """How many slots of C{bucket} are held."""
-        return self._inflight.get(bucket, 0)
+        cell = self._inflight.get(bucket)
+        return 0 if cell is None else cell[0]
 
     def try_hold(self, slots):
         """L{hold}, or None (nothing held) when a bucket of C{slots} is at its limit."""
         inflight = self._inflight
         for bucket, limit in slots:
-            if inflight.get(bucket, 0) >= limit:
+            cell = inflight.get(bucket)
+            if cell is not None and cell[0] >= limit:
                 return None
         return self.hold(slots)
 
     def free(self, lease):
         """Free the slots of C{lease} (again, or None: nothing)."""
         for bucket, _ in self._leases.pop(lease, None) or ():
-            held = self._inflight[bucket] - 1
-            if held:
-                self._inflight[bucket] = held
-            else:
-                del self._inflight[bucket]
+            self._inflight[bucket][0] -= 1  # (held: not swept; a cell of none held goes at the next sweep)
 
     def spend_all_now(self, items):
         """L{ICounters.spend_all}, done at once."""
@@ -382,6 +388,7 @@ class LocalCounters(_Forms):
         self.epoch += 1
         self._buckets = {b: s for b, s in self._buckets.items() if s[0] + (now - s[1]) * s[3] < s[2]}
         self._sums = {b: s for b, s in self._sums.items() if s[2] is None or s[2] > now}
+        self._inflight = {b: cell for b, cell in self._inflight.items() if cell[0]}
 
     def level(self, bucket):
         """The stored level of C{bucket} and when it was stored, or None (full): the limiter's view of it."""

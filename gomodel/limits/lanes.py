@@ -58,7 +58,9 @@ class Lane:
             self._buckets.append((cell, b.capacity, b.refill, b.tokens, shown.get(i)))
         self._token_buckets = [(cell, capacity, refill) for cell, capacity, refill, tokens, _ in self._buckets
                                if tokens]
-        self._slots = prepared.slots
+        # its concurrency slots' cells and limits (L{gomodel.limits.counters.LocalCounters.slot_cell}):
+        # a request's lease is this list, freed by L{finish} in place
+        self._slots = [(counters.slot_cell(bucket), limit) for bucket, limit in prepared.slots] or None
         self._budgets = current.limits if current is not None else ()
         self._sums = current.cells if current is not None else None
         self._first, self._until = (current.first, current.last) if current is not None else (-INF, INF)
@@ -94,12 +96,14 @@ class Lane:
                 reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
                 lines += b"%s%d\r\n%s%s\r\n" % (shown[0], level, shown[1],
                                                    RESETS_MS[reset_ms] if reset_ms < 1000 else reset_text(reset_ms))
-        lease = None
-        if self._slots:
-            lease = self._counters.try_hold(self._slots)  # the counters count this process's slots
-            if lease is None:
-                self._give_back(None, tokens)
-                return None
+        lease = self._slots  # the counters count this process's slots
+        if lease is not None:
+            for cell, limit in lease:
+                if cell[0] >= limit:
+                    self._give_back(None, tokens)
+                    return None
+            for cell, _ in lease:
+                cell[0] += 1
         self._counters.tick(now)
         if self._header_plan:
             lines = header_lines(self._header_plan, self._prepared.buckets, [b[0][0] for b in self._buckets])
@@ -120,8 +124,9 @@ class Lane:
         C{used} and C{cost} (None: unknown, counts 0) to its budgets' sums. Once per ticket; again does
         nothing.
 
-        While its cells are the counters' own this writes them in place; after a sweep it settles by
-        bucket name (L{gomodel.limits.counters.LocalCounters.settle_now}).
+        While its cells are the counters' own this writes them in place; after a sweep it settles its
+        token buckets by name (L{gomodel.limits.counters.LocalCounters.settle_now}); its slots' cells,
+        held, are still the live ones.
 
         @return: whether the budgets were charged (or C{charge} was not asked); False when its budget
             periods have passed, or it has none: the caller charges through the budget book.
@@ -133,6 +138,9 @@ class Lane:
         now = self._clock.seconds()
         delta = used - ticket.tokens
         lease = ticket.lease
+        if lease is not None:  # its slots' cells (a held one is never swept)
+            for cell, _ in lease:
+                cell[0] -= 1
         if self._epoch == counters.epoch:
             if delta:
                 for cell, capacity, refill in self._token_buckets:  # (L{gomodel.limits.counters.adjust_cell})
@@ -142,10 +150,8 @@ class Lane:
                     level -= delta
                     cell[0] = capacity if level > capacity else level
                     cell[1] = now
-            if lease is not None:
-                counters.free(lease)
         else:
-            counters.settle_now(self._prepared.token_buckets if delta else (), delta, lease)
+            counters.settle_now(self._prepared.token_buckets if delta else (), delta, None)
             if charge:
                 return False
         if not charge:
@@ -168,5 +174,5 @@ class Ticket:
     def __init__(self, lane, tokens, lease):
         self.lane = lane
         self.tokens = tokens  # reserved
-        self.lease = lease  # the concurrency slots' lease, or None
+        self.lease = lease  # the concurrency slots it holds (their cells and limits, L{Lane}), or None
         self.done = False

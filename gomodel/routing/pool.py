@@ -41,7 +41,10 @@ left out while another has room in its batch: a warm prefix cache is not
 worth a wait in the queue, and that wait is the tail of the first tokens.
 When every candidate would queue, the request goes where it would wait least
 (its place in the queue times the replica's slowness over its batch size),
-whatever its affinity.
+whatever its affinity. While no replica of the pool reports its load or has
+shown a batch size and none is clearly slower (the pool keeps these as its
+replicas learn them), the score is the gateway's own count, as with
+C{least_requests}, worked out in one comprehension.
 
 Admission: a replica may have a concurrency limit; when every candidate is
 full the request waits in the pool's queue up to C{queue_timeout}, then gets
