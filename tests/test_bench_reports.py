@@ -129,16 +129,17 @@ def test_protocol_report_renders_every_section():
     assert "80.0 (41.0 + 39.0)" in text
 
 
-def _cell(target, wl, conc, rps, cpu, p50=1.0, util=1.0, minstr=None):
+def _cell(target, wl, conc, rps, cpu, p50=1.0, util=1.0, minstr=None, sys=None):
     return {"target": target, "workload": wl, "concurrency": conc, "rps": rps, "gw_cpu_s_per_1k": cpu,
-            "lat_p50_ms": p50, "gw_cpu_util": util, "gw_minstr_per_req": minstr, "chosen": True}
+            "lat_p50_ms": p50, "gw_cpu_util": util, "gw_minstr_per_req": minstr, "gw_sys_s_per_1k": sys,
+            "chosen": True}
 
 
 def test_features_rows_against_bare():
     chosen = [_cell("direct", "chat", 1, 9000, None, p50=0.10), _cell("gomodel", "chat", 1, 2000, 0.30, p50=0.35),
               _cell("gomodel-features", "chat", 1, 1900, 0.32, p50=0.50),
-              _cell("gomodel", "chat", 64, 4000, 0.25, minstr=1.0),
-              _cell("gomodel-features", "chat", 64, 3600, 0.28, minstr=1.2),
+              _cell("gomodel", "chat", 64, 4000, 0.25, minstr=1.0, sys=0.05),
+              _cell("gomodel-features", "chat", 64, 3600, 0.28, minstr=1.2, sys=0.06),
               _cell("portkey", "chat", 64, 1400, 0.7), _cell("gomodel", "stream", 64, 3000, 0.33),
               _cell("gomodel-features", "stream", 64, 2900, 0.35)]
     rows = {r[0].strip(): r for r in report.features_rows(chosen)}
@@ -146,6 +147,9 @@ def test_features_rows_against_bare():
     assert fig[1:3] == ("0.250", "0.280") and abs(fig[3] - 1.12) < 1e-9 and fig[5] == "**no**"
     assert rows["CPU s per 1000 streams, c=64"][5] == "yes"
     assert abs(rows["user-space Minstr per request, c=64"][3] - 1.2) < 1e-9
+    kernel = rows["of which in the kernel, c=64"]
+    assert kernel[1:3] == ("0.050", "0.060") and abs(kernel[3] - 1.2) < 1e-9
+    assert "of which in the kernel, c=1" not in rows  # (not measured there)
     added = rows["chat p50 added over direct at c=1 (ms)"]
     assert added[1:3] == ("0.25", "0.40") and added[5] == "yes"
     portkey = rows["chat req/s at c=64 over Portkey's (1,400)"]

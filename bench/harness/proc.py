@@ -80,6 +80,14 @@ def proc_ticks(pid):
     return int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
 
 
+def proc_sys_ticks(pid):
+    """stime+cstime of one process (children it reaped included): its kernel share of L{proc_ticks}."""
+    f = _stat_fields(pid)
+    if f is None:
+        return 0
+    return int(f[12]) + int(f[14])
+
+
 def ppid_map():
     """pid -> parent pid, for every process visible in /proc."""
     out = {}
@@ -154,6 +162,7 @@ class Snapshot:
         # per process of the tree (the split over workers), and the sum
         self.tree_pids = {p: proc_ticks(p) for p in descendants(tree_root)} if tree_root else {}
         self.tree = sum(self.tree_pids.values())
+        self.tree_sys = sum(proc_sys_ticks(p) for p in self.tree_pids)  # the kernel's part of it
         self.extra = {p: proc_ticks(p) for p in extra_pids if p}
         self.self_ = self_ticks()
 

@@ -360,6 +360,10 @@ def features_rows(chosen):
             rows.append(("%s, c=%d" % (label, conc), _num(bc, "{:.3f}"), _num(fc, "{:.3f}"), ratio,
                          "≤ 1.10×" if wl in ("chat", "stream") else "–",
                          met(None if ratio is None or wl not in ("chat", "stream") else ratio <= 1.10)))
+            bs, fs = b.get("gw_sys_s_per_1k"), f.get("gw_sys_s_per_1k")
+            if bs is not None and fs is not None:
+                rows.append(("  of which in the kernel, c=%d" % conc, _num(bs, "{:.3f}"), _num(fs, "{:.3f}"),
+                             _div(fs, bs), "–", "–"))
             bi, fi = b.get("gw_minstr_per_req"), f.get("gw_minstr_per_req")
             if bi and fi:
                 rows.append(("  user-space Minstr per request, c=%d" % conc, _minstr(bi), _minstr(fi), fi / bi, "–", "–"))

@@ -381,6 +381,8 @@ def measure(ctx, target, wl, conc, warmup, duration, runner=None):
     res.update({
         "gw_cpu_s": round(gw_ticks / proc.CLK_TCK, 3) if root else None,
         "gw_cpu_s_per_1k": round(gw_ticks / proc.CLK_TCK / req * 1000, 4) if root and done else None,
+        # of which in the kernel (system time: sockets, epoll, writes)
+        "gw_sys_s_per_1k": round((b.tree_sys - a.tree_sys) / proc.CLK_TCK / req * 1000, 4) if root and done else None,
         "gw_cpu_util": round(gw_ticks / win_ticks, 3) if root else None,
         # the same per process of the tree, primary first (shows how --workers spread the load)
         "gw_cpu_util_by_process": [round((b.tree_pids[p] - a.tree_pids.get(p, 0)) / win_ticks, 3)
