@@ -73,19 +73,17 @@ def _stat_fields(pid):
 
 def proc_ticks(pid):
     """utime+stime+cutime+cstime of one process (children it reaped included)."""
+    return proc_times(pid)[0]
+
+
+def proc_times(pid):
+    """(L{proc_ticks}, its kernel share: stime+cstime) of one process, from one read of its stat."""
     f = _stat_fields(pid)
     if f is None:
-        return 0
+        return 0, 0
     # fields 14..17 of stat; f[0] is field 3 (state)
-    return int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-
-
-def proc_sys_ticks(pid):
-    """stime+cstime of one process (children it reaped included): its kernel share of L{proc_ticks}."""
-    f = _stat_fields(pid)
-    if f is None:
-        return 0
-    return int(f[12]) + int(f[14])
+    kernel = int(f[12]) + int(f[14])
+    return int(f[11]) + int(f[13]) + kernel, kernel
 
 
 def ppid_map():
@@ -160,9 +158,10 @@ class Snapshot:
         self.t = time.monotonic()
         self.cpus = cpu_stat()
         # per process of the tree (the split over workers), and the sum
-        self.tree_pids = {p: proc_ticks(p) for p in descendants(tree_root)} if tree_root else {}
+        times = {p: proc_times(p) for p in descendants(tree_root)} if tree_root else {}
+        self.tree_pids = {p: total for p, (total, _) in times.items()}
         self.tree = sum(self.tree_pids.values())
-        self.tree_sys = sum(proc_sys_ticks(p) for p in self.tree_pids)  # the kernel's part of it
+        self.tree_sys = sum(kernel for _, kernel in times.values())  # the kernel's part of it
         self.extra = {p: proc_ticks(p) for p in extra_pids if p}
         self.self_ = self_ticks()
 
