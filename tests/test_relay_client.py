@@ -4,8 +4,10 @@ import pytest
 import pytest_twisted
 import treq
 
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+
 from gomodel.upstream import client
-from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_pool
+from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_pool, tcp_endpoint
 from tests.support import start_fake
 
 
@@ -47,3 +49,33 @@ def test_the_urls_kept_are_bounded(reactor, monkeypatch):
     for i in range(5):
         relay._check(b"http://127.0.0.1:9/v1/models?page=%d" % i)
     assert len(relay._urls) <= 3
+
+
+@pytest.mark.parametrize("host,kind,address", [
+    (b"127.0.0.1", TCP4ClientEndpoint, "127.0.0.1"),
+    (b"[::1]", TCP6ClientEndpoint, "::1"),
+    (b"localhost", HostnameEndpoint, None),
+    (b"vllm-0.vllm.svc", HostnameEndpoint, None),
+    (b"[not-an-address]", HostnameEndpoint, None),
+])
+def test_an_ip_address_is_connected_to_directly_and_a_name_looked_up(reactor, host, kind, address):
+    endpoint = tcp_endpoint(reactor, host, 8000, 5.0)
+    assert type(endpoint) is kind
+    if address is not None:
+        assert (endpoint._host, endpoint._port, endpoint._timeout) == (address, 8000, 5.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_named_or_given_by_address_is_served_on_new_connections(reactor):
+    fake = await start_fake(reactor)
+    pool = make_pool(reactor, 4, 30.0)
+    relay = RelayClient(pool, CachingEndpointFactory(reactor, 5.0))
+    try:
+        for base in (fake.base_url, fake.base_url.replace("127.0.0.1", "localhost")):
+            await pool.closeCachedConnections()  # each request on a connection of its own endpoint
+            response = await relay.request(b"GET", (base + "/models").encode("ascii"), b"", None)
+            assert response.code == 200 and b'"object":"list"' in await treq.content(response)
+        assert len(fake.requests) == 2
+    finally:
+        await pool.closeCachedConnections()
+        await fake.stop()
