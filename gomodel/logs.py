@@ -83,19 +83,25 @@ class ClassicText:
 
     def line(self, when, namespace: str, level: str, line: str) -> str:
         """The text of a line event (L{LINE_FORMAT}) of C{line} (not empty), with the level's name."""
-        if "\n" in line:  # as Twisted does, a line break inside a message is indented: one event is one line
-            line = line.replace("\n", "\n\t")
-        if when is None or int(when) != self._second:
-            return f"{self.time(when)} [{namespace}#{level}] {line}\n"
-        return f"{self._stamp} [{namespace}#{level}] {line}\n"  # (L{time}: a call less per access line)
+        return f"{self.head(when, namespace, level)}{indented(line)}\n"
+
+    def head(self, when, namespace: str, level: str) -> str:
+        """What the text of an event at C{when} begins with, before its message: time, namespace, level."""
+        return f"{self.time(when)} [{namespace}#{level}] "
+
+
+def indented(line: str) -> str:
+    """C{line} with each line break inside it indented, as Twisted does: one event is one line."""
+    return line.replace("\n", "\n\t") if "\n" in line else line
 
 
 @implementer(ILogObserver)
 class TextObserver:
     """Writes each event as Twisted's classic text line (L{ClassicText}) to C{out}, flushed at once, as
-    C{FileLogObserver(out, ClassicText())} does; L{write_line} takes a line event's text directly.
+    C{FileLogObserver(out, ClassicText())} does; L{write_line} takes a line event's text directly
+    and L{hold} the text it is written as.
 
-    With a C{clock}, the lines L{write_line} takes (the access log's) are held for up to
+    With a C{clock}, the lines L{hold} takes (the access log's) are held for up to
     L{LINE_DELAY} seconds and written together, one C{write(2)} for up to L{LINE_BYTES} bytes
     of whole lines: a pipe takes that much in one piece, so the lines of processes sharing it
     (C{--workers}) never mix. Every other event first writes what is held, so lines keep their
@@ -120,7 +126,10 @@ class TextObserver:
 
     def write_line(self, when, namespace: str, level: str, line: str):
         """Write what a line event (L{LINE_FORMAT}) of C{line} (not empty) at C{when} would be written as."""
-        text = self.format.line(when, namespace, level, line)
+        self.hold(self.format.line(when, namespace, level, line))
+
+    def hold(self, text: str):
+        """Write C{text}, the whole text of a line event (L{ClassicText.line}), with the lines held."""
         if self._clock is None:
             self._out.write(text)
             self._out.flush()

@@ -13,7 +13,7 @@ from time import time
 from twisted.logger import Logger, LogLevel, LogPublisher
 
 from gomodel.accounting.tokens import tokens_by_type
-from gomodel.logs import LINE_FORMAT, TextObserver
+from gomodel.logs import LINE_FORMAT, TextObserver, indented
 
 # Outcomes a finished request can have.
 OK = "ok"
@@ -198,16 +198,19 @@ class AccessLog:
     without its check of a level that is always C{info}.
 
     While the only observer of that publisher is gomodel's text observer (the default under
-    C{twistd -n}: Twisted's classic lines on standard output), no event is made: the line is
-    written as that observer would write the event (L{TextObserver.write_line}). Any other
-    observer added (C{LOG_FORMAT=json}, C{LOG_LEVEL}, twistd's C{--logfile}, a test's) gets
-    events again from its next line on.
+    C{twistd -n}: Twisted's classic lines on standard output), no event is made: the text is
+    made here as that observer would make it of the event (L{ClassicText.line}; its beginning,
+    the time, namespace and level, once a second) and handed to it (L{TextObserver.hold}). Any
+    other observer added (C{LOG_FORMAT=json}, C{LOG_LEVEL}, twistd's C{--logfile}, a test's)
+    gets events again from its next line on.
     """
 
     def __init__(self, logger=None):
         self._log = log = logger if logger is not None else Logger(namespace="gomodel.access")
         # A LogPublisher's observers: a list it changes in place as observers come and go.
         self._observers = log.observer._observers if log.observer.__class__ is LogPublisher else ()
+        self._second = None  # the whole second of the text's beginning kept
+        self._head = None
 
     def __call__(self, ctx: RequestContext):
         method = ctx.method.decode("ascii", "replace")
@@ -222,7 +225,11 @@ class AccessLog:
         observers = self._observers
         if len(observers) == 1 and observers[0].__class__ is TextObserver:
             try:
-                observers[0].write_line(time(), log.namespace, "info", line)
+                now = time()
+                if int(now) != self._second:
+                    self._second, self._head = int(now), observers[0].format.head(now, log.namespace, "info")
+                text = indented(line) if "\n" in line else line
+                observers[0].hold(f"{self._head}{text}\n")
                 return
             except Exception:
                 pass  # the event says so: the publisher logs an observer that fails

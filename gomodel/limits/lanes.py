@@ -44,11 +44,13 @@ class Lane:
         self._epoch = counters.epoch
         self._prepared = prepared = prepared if prepared is not None else NOTHING
         # Where the headers show one bucket of each kind (a key's own rpm and tpm), each shown bucket
-        # carries its two header lines' beginnings and its lines are written as its level is stored;
-        # otherwise (several windows of a kind: the fewest remaining shows) the plan's general form.
+        # carries the format of its two header lines (as L{header_lines} writes them: its remaining
+        # level, then its reset) and they are written as its level is stored; otherwise (several
+        # windows of a kind: the fewest remaining shows) the plan's general form.
         shown = {}
         if all(len(indices) == 1 for _, indices, _ in header_plan):
-            shown = {indices[0]: (heads[indices[0]], reset) for reset, indices, heads in header_plan}
+            shown = {indices[0]: heads[indices[0]].replace(b"%", b"%%") + b"%d\r\n" + reset.replace(b"%", b"%%")
+                     + b"%s\r\n" for reset, indices, heads in header_plan}
             header_plan = ()
         self._header_plan = header_plan
         self._buckets = []
@@ -94,8 +96,7 @@ class Lane:
             cell[1] = now
             if shown is not None:  # as L{header_lines} writes them (%d floors a level, here never below 0)
                 reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
-                lines += b"%s%d\r\n%s%s\r\n" % (shown[0], level, shown[1],
-                                                   RESETS_MS[reset_ms] if reset_ms < 1000 else reset_text(reset_ms))
+                lines += shown % (level, RESETS_MS[reset_ms] if reset_ms < 1000 else reset_text(reset_ms))
         lease = self._slots  # the counters count this process's slots
         if lease is not None:
             for cell, limit in lease:
