@@ -58,17 +58,11 @@ class ClassicText:
     """
 
     def __init__(self):
-        self._second = None  # the whole second whose time text is kept
-        self._stamp = None
+        self._stamp = _per_second(formatTime)
 
     def time(self, when) -> str:
         """C{when} (seconds since the epoch, or None) as Twisted's classic line shows it."""
-        if when is None:
-            return "-"
-        second = int(when)
-        if second != self._second:
-            self._second, self._stamp = second, formatTime(second)
-        return self._stamp
+        return "-" if when is None else self._stamp(when)
 
     def __call__(self, event):
         if (event.get("log_format") != LINE_FORMAT or "log_line" not in event or "log_failure" in event

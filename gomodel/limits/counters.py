@@ -244,10 +244,8 @@ class LocalCounters(_Forms):
                 ok = False
         refused = -1
         if ok:
-            inflight = self._inflight
             for i, (bucket, limit) in enumerate(slots):
-                cell = inflight.get(bucket)
-                if cell is not None and cell[0] >= limit:
+                if self.held(bucket) >= limit:
                     ok, refused = False, i
                     break
         out = []
@@ -339,10 +337,8 @@ class LocalCounters(_Forms):
 
     def try_hold(self, slots):
         """L{hold}, or None (nothing held) when a bucket of C{slots} is at its limit."""
-        inflight = self._inflight
         for bucket, limit in slots:
-            cell = inflight.get(bucket)
-            if cell is not None and cell[0] >= limit:
+            if self.held(bucket) >= limit:
                 return None
         return self.hold(slots)
 
