@@ -8,17 +8,28 @@
 # under callgrind a run takes about a minute, and their work would count in proportion to that time.
 # So are the usage ledger's timed writes (USAGE_FLUSH_INTERVAL=1h): one write of the rows buffered so far
 # fell inside the window in some runs and not in others (about 80 k instructions per request apart); the
-# ledger writes 1,000 rows at once, so with N up to 799 none is written. A row costs about 56 k
+# ledger writes 1,000 rows at once, so with N up to 799 none is written. Idle upstream connections are
+# kept (HTTP_POOL_IDLE_TIMEOUT=1h), so that the pause between warm-up and window (2 s, and callgrind's
+# own start of counting) can never let the pool's sweep close them: a new connection inside the window
+# costs about 460 k instructions. A row costs about 56 k
 # instructions to write on SQLite (bench/results/2026-12-03-lean-features.md), not in the figure.
 #
 #   [N=300] [FEAT=1] [STREAM=1] [CONC=64] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
 #
 # CONC=K sends them on K connections at once (bench/keycost/nreq.py), the warm-up too: the work per
-# request with K in flight (under callgrind the gateway is the slow side, so all K wait on it).
+# request with K in flight (under callgrind the gateway is the slow side, so all K wait on it). The
+# warm-up is then 20 K requests (WARMUP overrides it; 200 one by one otherwise): with 200, the upstream
+# pool was still growing inside the window (at 64, some 30 new connections in 640 requests, ~460 k
+# instructions each), which a steady load never pays.
 #
 # STREAM=1 sends streamed chat requests instead (the mock's 24-event stream, read to its end).
 #
 # WORKLOAD=responses sends Responses requests (/v1/responses, stored as by default) instead of chat.
+#
+# CACHE=1 turns on callgrind's cache and branch simulation (--cache-sim=yes --branch-sim=yes) and also
+# prints, per request, the first-level instruction and data misses, the last-level data misses and the
+# mispredicted conditional and indirect branches: the part of a CPU-time gap that instruction counts
+# do not show.
 #
 # KEEP=DIR keeps callgrind's output files there (for callgrind_annotate).
 #
@@ -33,7 +44,7 @@
 # (PYTHON, default python3); each CHECKOUT goes on PYTHONPATH.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python3}; N=${N:-300}; FEAT=${FEAT:-0}; COUNT=${COUNT:-instructions}
+PY=${PYTHON:-python3}; N=${N:-300}; WARMUP=${WARMUP:-$(( ${CONC:-1} > 1 ? 20 * ${CONC:-1} : 200 ))}; FEAT=${FEAT:-0}; COUNT=${COUNT:-instructions}
 STREAM_ARG=(); [ "${STREAM:-0}" = 1 ] && STREAM_ARG=(stream)
 send() { "$PY" "$ROOT/bench/keycost/nreq.py" "$GPORT" "$KEY" "$1" "${STREAM_ARG[@]}"; }  # N requests, one by one
 W=$(mktemp -d /tmp/gomodel-instr-XXXXXX)
@@ -52,11 +63,12 @@ for checkout in "$@"; do
   if [ "$COUNT" = bytecodes ]; then
     rm -f "/tmp/gomodel-bytecodes-$name.json"; COUNTER=("$PY" "${COUNTER_SCRIPT:-$ROOT/bench/bytecodes.py}" "/tmp/gomodel-bytecodes-$name.json")
   else
-    COUNTER=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/$name.cg" "$PY" -c
+    SIM=(); [ "${CACHE:-0}" = 1 ] && SIM=(--cache-sim=yes --branch-sim=yes)
+    COUNTER=(valgrind --tool=callgrind "${SIM[@]}" --instr-atstart=no --callgrind-out-file="$W/$name.cg" "$PY" -c
       'from gomodel.cli import main; main()')
   fi
   (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="$URLS" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/$name.d" \
-    GOMODEL_ACCESS_LOG=$LOG REPLICA_HEALTH_INTERVAL=1h REPLICA_METRICS_INTERVAL=0 USAGE_FLUSH_INTERVAL=1h \
+    GOMODEL_ACCESS_LOG=$LOG REPLICA_HEALTH_INTERVAL=1h REPLICA_METRICS_INTERVAL=0 USAGE_FLUSH_INTERVAL=1h HTTP_POOL_IDLE_TIMEOUT=1h \
     "${COUNTER[@]}" \
     --listen "tcp:$GPORT:interface=127.0.0.1" > "$W/$name.log" 2>&1) & GPID=$!; PIDS="$PIDS $GPID"
   for _ in $(seq 300); do
@@ -69,7 +81,7 @@ for checkout in "$@"; do
       -d '{"name":"bench","user_path":"/bench/features","models":["vllm/"],"rpm":1000000000,"tpm":1000000000000,"max_concurrency":100000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}' \
       | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d.get("value") or d.get("key") or d.get("secret"))')
   fi
-  send 200
+  send "$WARMUP"
   sleep 2  # the metrics' first flush of the warm-up (every second) makes their series: outside the window
   if [ "$COUNT" = bytecodes ]; then
     kill -USR1 "$GPID"; send "$N"; kill -USR2 "$GPID"
@@ -89,5 +101,10 @@ print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d excep
   total=$(grep -h "^totals:" "$W/$name.cg"* | awk '{s += $2} END {print s}')
   [ -n "${KEEP:-}" ] && cp "$W/$name.cg"* "$KEEP/"
   echo "INSTR $name FEAT=$FEAT STREAM=${STREAM:-0} WORKLOAD=${WORKLOAD:-chat} requests=$N instructions_per_request=$((total / N))"
+  if [ "${CACHE:-0}" = 1 ]; then  # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim
+    grep -h "^totals:" "$W/$name.cg"* | awk -v n="$N" -v name="$name" '{for (i = 2; i <= 14; i++) t[i] += $i}
+      END {printf "CACHE %s I1_misses=%d D1_misses=%d LL_data_misses=%d branches=%d mispredicted=%d indirect=%d mispredicted_indirect=%d (per request)\n",
+        name, t[5] / n, (t[6] + t[7]) / n, (t[9] + t[10]) / n, (t[11] + t[13]) / n, t[12] / n, t[13] / n, t[14] / n}'
+  fi
   kill "$GPID" 2>/dev/null || true
 done
