@@ -29,7 +29,8 @@
 # CACHE=1 turns on callgrind's cache and branch simulation (--cache-sim=yes --branch-sim=yes) and also
 # prints, per request, the first-level instruction and data misses, the last-level data misses and the
 # mispredicted conditional and indirect branches: the part of a CPU-time gap that instruction counts
-# do not show.
+# do not show. valgrind models two levels, its last one the host's last-level cache; CACHE_LL=SIZE,WAYS,LINE
+# (e.g. 1048576,8,64, this host's L2) models that level instead.
 #
 # KEEP=DIR keeps callgrind's output files there (for callgrind_annotate).
 #
@@ -63,7 +64,7 @@ for checkout in "$@"; do
   if [ "$COUNT" = bytecodes ]; then
     rm -f "/tmp/gomodel-bytecodes-$name.json"; COUNTER=("$PY" "${COUNTER_SCRIPT:-$ROOT/bench/bytecodes.py}" "/tmp/gomodel-bytecodes-$name.json")
   else
-    SIM=(); [ "${CACHE:-0}" = 1 ] && SIM=(--cache-sim=yes --branch-sim=yes)
+    SIM=(); [ "${CACHE:-0}" = 1 ] && SIM=(--cache-sim=yes --branch-sim=yes ${CACHE_LL:+--LL=$CACHE_LL})
     COUNTER=(valgrind --tool=callgrind "${SIM[@]}" --instr-atstart=no --callgrind-out-file="$W/$name.cg" "$PY" -c
       'from gomodel.cli import main; main()')
   fi
