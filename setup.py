@@ -21,11 +21,10 @@ setup(
     # The admin dashboard's page and assets (HTML, ES modules, CSS, the vendored Chart.js and its licence).
     package_data={"gomodel.dashboard": ["static/*", "static/pages/*", "static/vendor/*"]},
     install_requires=[
-        # Ceilings: the code touches private Twisted, klein and treq names; raise
+        # Ceilings: the code touches private Twisted and klein names; raise
         # one only after the test suite passes on the new release.
         "twisted[tls]>=24.7,<27",
         "klein>=24.8,<25",
-        "treq>=24.9,<27",
         "pyyaml>=6.0",
         "hyperlink>=21.0",
         # orjson parses and writes request bodies several times faster than the
@@ -62,6 +61,9 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            # The tests' own HTTP client. The gateway sends every upstream request, its own model
+            # lists and probes included, through its relay client (gomodel/upstream/client.py).
+            "treq>=24.9,<27",
             "openai>=1.40",
             # The official Anthropic SDK reads the /v1/messages answers and event streams in the tests.
             "anthropic>=0.40",

@@ -44,8 +44,7 @@ from gomodel.store.records import process_owner
 from gomodel.store.sweeps import StoreSweeper
 from gomodel.timers import Timers
 from gomodel.upstream import build_server
-from gomodel.upstream.client import (POOL_SWEEP, CachingEndpointFactory, RelayClient, make_agent, make_http_client,
-                                     make_pool)
+from gomodel.upstream.client import POOL_SWEEP, CachingEndpointFactory, RelayClient, make_pool
 
 def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None,
                   shared_metrics=False) -> GatewayService:
@@ -66,8 +65,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                                       config.metrics.endpoint.encode("ascii")))
         gateway.telemetry.setServiceParent(gateway)
 
-    # Upstreams: one pool (closed last), the relay client, treq for our own calls, and the timer
-    # their timeouts share.
+    # Upstreams: one pool (closed last), the relay client (relayed requests and our own calls), and
+    # the timer their timeouts share.
     timers = Timers(reactor)
     timers.setServiceParent(gateway)
     pool = make_pool(reactor, config.upstreams.pool_max_per_host, config.upstreams.pool_idle_timeout)
@@ -75,14 +74,13 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     Repeating(POOL_SWEEP, partial(pool.close_idle, POOL_SWEEP), clock=reactor).setServiceParent(gateway)
     endpoints = CachingEndpointFactory(reactor, config.upstreams.timeouts.connect)
     relay_client = RelayClient(pool, endpoints)
-    http = make_http_client(make_agent(reactor, pool, endpoints))
     routing = config.routing
     # Redis (REDIS_URL), one client: shared session pins here, shared limit counters below.
     redis = pins = None
     if config.store.redis_url:
         redis = connect_redis(config.store.redis_url)
         gateway.pins = pins = SharedPins(redis, reactor)
-    pools = [_pool(p, routing, relay_client, http, reactor, timers, config.upstreams.timeouts, pins)
+    pools = [_pool(p, routing, relay_client, reactor, timers, config.upstreams.timeouts, pins)
              for p in config.upstreams.providers]
     if pins is not None:
         pins.attach([p for p in pools if p.pins is not None])
@@ -238,13 +236,13 @@ def _store(settings, reactor):
     return SQLiteStore(settings.data_dir, reactor)
 
 
-def _pool(provider, routing, relay_client, http, clock, timers, timeouts, pins) -> ReplicaPool:
+def _pool(provider, routing, relay_client, clock, timers, timeouts, pins) -> ReplicaPool:
     """A provider's pool: a client and a state per replica (its timeouts on C{timers}), and the routing
     settings."""
     replicas = []
     for index, replica in enumerate(provider.replica_configs):
         limit = routing.max_concurrency if replica.max_concurrency is None else replica.max_concurrency
-        server = build_server(provider, replica, relay_client, http, timers, timeouts)
+        server = build_server(provider, replica, relay_client, timers, timeouts)
         replicas.append(Replica(index, server, replica.base_url, clock, weight=replica.weight, max_concurrency=limit,
                                 failure_threshold=routing.failure_threshold))
     # A load report is fresh for three scrapes (or six seconds without scraping).

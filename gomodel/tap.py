@@ -76,11 +76,11 @@ def _twistd_logs_to_stdout(twistd) -> bool:
 def _keep_openssl_out():
     """With no https upstream, stop Twisted from loading OpenSSL (about 12 MB of every process).
 
-    treq requires Twisted's TLS extra, and Twisted's TCP module imports
-    pyOpenSSL whenever it is installed; a None in C{sys.modules} makes that
-    import fail, which Twisted handles by leaving TLS out. twistd loads this
-    module before the reactor (and so before the TCP module); if something
-    loaded OpenSSL earlier, nothing changes.
+    gomodel requires Twisted's TLS extra (for https upstreams), and Twisted's
+    TCP module imports pyOpenSSL whenever it is installed; a None in
+    C{sys.modules} makes that import fail, which Twisted handles by leaving
+    TLS out. twistd loads this module before the reactor (and so before the
+    TCP module); if something loaded OpenSSL earlier, nothing changes.
     """
     sys.modules.setdefault("OpenSSL", None)
 

@@ -1,14 +1,15 @@
-"""The relay client's request line: each URL and method is checked once, then kept for the next request."""
+"""The relay client: each URL and method is checked once, then kept for the next request; upstreams given by
+IPv4 address, IPv6 address or name."""
 
 import pytest
 import pytest_twisted
 import treq
 
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 
 from gomodel.upstream import client
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_pool, tcp_endpoint
-from tests.support import start_fake
+from tests.support import in_thread, openai_client, start_fake, start_gateway
 
 
 @pytest_twisted.ensureDeferred
@@ -53,12 +54,13 @@ def test_the_urls_kept_are_bounded(reactor, monkeypatch):
 
 @pytest.mark.parametrize("host,kind,address", [
     (b"127.0.0.1", TCP4ClientEndpoint, "127.0.0.1"),
-    (b"[::1]", HostnameEndpoint, None),
+    (b"::1", TCP6ClientEndpoint, "::1"),  # (a URI's host: http://[::1]:8000)
+    (b"fd00::5", TCP6ClientEndpoint, "fd00::5"),
     (b"localhost", HostnameEndpoint, None),
     (b"vllm-0.vllm.svc", HostnameEndpoint, None),
-    (b"[not-an-address]", HostnameEndpoint, None),
+    (b"not:an:address", HostnameEndpoint, None),
 ])
-def test_an_ipv4_address_is_connected_to_directly_and_a_name_looked_up(reactor, host, kind, address):
+def test_an_ip_address_is_connected_to_directly_and_a_name_looked_up(reactor, host, kind, address):
     endpoint = tcp_endpoint(reactor, host, 8000, 5.0)
     assert type(endpoint) is kind
     if address is not None:
@@ -78,4 +80,37 @@ async def test_an_upstream_named_or_given_by_address_is_served_on_new_connection
         assert len(fake.requests) == 2
     finally:
         await pool.closeCachedConnections()
+        await fake.stop()
+
+
+@pytest.mark.parametrize("url,host_line", [
+    (b"http://[::1]:8000/v1/models", b"Host: [::1]:8000\r\n"),
+    (b"http://[fd00::5]/v1/models", b"Host: [fd00::5]\r\n"),
+    (b"http://10.0.0.5:8000/v1/models", b"Host: 10.0.0.5:8000\r\n"),
+    (b"http://vllm-0.vllm.svc/v1/models", b"Host: vllm-0.vllm.svc\r\n"),
+])
+def test_the_host_line_names_an_ipv6_address_in_brackets(reactor, url, host_line):
+    relay = RelayClient(None, CachingEndpointFactory(reactor, 5.0))
+    origin, target = relay._check(url)
+    assert (origin.host_line, target) == (host_line, b"/v1/models")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_given_by_ipv6_address_is_discovered_probed_and_relayed_to(reactor):
+    fake = await start_fake(reactor, interface="::1")
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k"})
+    sdk = openai_client(gateway, api_key="k")
+    try:
+        assert fake.base_url.startswith("http://[::1]:")
+        completion = await in_thread(sdk.chat.completions.create, model="vllm/meta-llama/Llama-3.1-8B-Instruct",
+                                     messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        assert completion.choices[0].message.content == "héhéhé"
+        # its model list and health were asked for (the gateway's own calls) and the chat relayed, each
+        # with the address in brackets in its Host header
+        paths = {r.path for r in fake.requests}
+        assert {b"/v1/models", b"/health", b"/v1/chat/completions"} <= paths
+        assert {r.header(b"host") for r in fake.requests} == {fake.root_url.removeprefix("http://")}
+    finally:
+        sdk.close()
+        await gateway.service.stopService()
         await fake.stop()

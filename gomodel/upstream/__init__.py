@@ -7,9 +7,9 @@ from gomodel.upstream.vllm import VLLMProvider
 _BY_TYPE = {"vllm": VLLMProvider}
 
 
-def build_server(config, replica, relay, http, clock, timeouts) -> IUpstream:
+def build_server(config, replica, relay, clock, timeouts) -> IUpstream:
     """The client of one server (C{replica}, a L{gomodel.config.ReplicaConfig}) of a provider (C{config})."""
-    return _BY_TYPE.get(config.type, OpenAICompatibleProvider)(config, replica, relay, http, clock, timeouts)
+    return _BY_TYPE.get(config.type, OpenAICompatibleProvider)(config, replica, relay, clock, timeouts)
 
 
 __all__ = ["IUpstream", "OpenAICompatibleProvider", "VLLMProvider", "build_server"]

@@ -1,47 +1,24 @@
-"""The upstream HTTP client: one shared pool, a relay client for relayed requests, treq for our own calls.
+"""The upstream HTTP client: one shared pool, and a relay client for every request to an upstream.
 
-Relayed requests skip treq and Agent (see L{RelayClient}): their per-request
-URL parsing, header copies, cookie and content-decoding wrappers and
-producer machinery cost measurable time on the hot path, and without gzip
-decoding the upstream's bytes reach the client as they were.
+Requests skip treq and Agent (see L{RelayClient}): their per-request URL
+parsing, header copies, cookie and content-decoding wrappers and producer
+machinery cost measurable time on the hot path, and without gzip decoding
+the upstream's bytes reach the client as they were. The gateway's own calls
+(model lists, health probes, metrics scrapes) take the same way.
 """
 
 import re
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.protocol import Protocol
-from twisted.internet.abstract import isIPAddress
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from gomodel._twistedcompat import PreparedRequest, QuietClientFactory, SweptPool, send_now, use_pool_factory
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one call (no cooperator round trip)."""
-
-    def __init__(self, data: bytes):
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer):
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
 
 
 POOL_SWEEP = 0.5  # seconds between two sweeps of the pool's idle connections
@@ -96,21 +73,14 @@ class CachingEndpointFactory:
 
 
 def tcp_endpoint(reactor, host: bytes, port: int, timeout: float):
-    """A TCP endpoint to C{host} (a URI's) and C{port}: an IPv4 address's straight to it, a name's
-    through the reactor's resolver on each connection.
-
-    (An IPv6 address, C{[::1]}, goes to L{HostnameEndpoint} as before: the gateway's own calls to
-    such an upstream fail earlier, in treq's URL handling, hyperlink issue #188.)
-    """
+    """A TCP endpoint to C{host} (a URI's: C{::1} for C{http://[::1]:8000}) and C{port}: an IP address's
+    straight to it, a name's through the reactor's resolver on each connection."""
     text = host.decode("ascii", "replace")
     if isIPAddress(text):
         return TCP4ClientEndpoint(reactor, text, port, timeout=timeout)
+    if isIPv6Address(text):
+        return TCP6ClientEndpoint(reactor, text, port, timeout=timeout)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
-
-
-def make_agent(reactor, pool, endpoints) -> Agent:
-    """The Agent for the gateway's own calls (the shared pool and endpoints)."""
-    return Agent.usingEndpointFactory(reactor, endpoints, pool)
 
 
 URLS_KEPT = 1000  # URLs (and methods) a RelayClient keeps checked
@@ -131,7 +101,8 @@ class _Origin:
 
 
 class RelayClient:
-    """Sends relayed requests over the shared pool, one layer below Agent.
+    """Sends requests to upstreams (relayed ones, and the gateway's own) over the shared pool, one layer
+    below Agent.
 
     Agent parses the URL, copies the headers and streams the body through a
     producer on every request. Here each origin (scheme, host, port) is parsed
@@ -206,7 +177,8 @@ class RelayClient:
     def _origin(self, match):
         uri = URI.fromBytes(match.group(0) + b"/")
         default_port = (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443))
-        host = uri.host if default_port else b"%s:%d" % (uri.host, uri.port)
+        host = b"[%s]" % uri.host if isIPv6Address(uri.host.decode("ascii", "replace")) else uri.host  # as Agent's
+        host = host if default_port else b"%s:%d" % (host, uri.port)
         origin = _Origin((uri.scheme, uri.host, uri.port), self._endpoints.endpointForURI(uri),
                          b"Host: " + host + b"\r\n")
         self._origins[match.group(0)] = origin
@@ -218,15 +190,6 @@ def _send(protocol, request):
     answer = protocol.request(request)
     send_now(protocol.transport)
     return answer
-
-
-def make_http_client(agent) -> HTTPClient:
-    """A treq client over C{agent} for the gateway's own calls; it keeps no cookies."""
-    return HTTPClient(
-        agent,
-        cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
-        data_to_body_producer=BytesProducer,
-    )
 
 
 class BodyTooLarge(Exception):

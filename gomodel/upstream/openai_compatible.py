@@ -27,7 +27,7 @@ class OpenAICompatibleProvider:
 
     log = Logger()
 
-    def __init__(self, config, replica, relay, http, clock, timeouts):
+    def __init__(self, config, replica, relay, clock, timeouts):
         """
         @param config: the provider's L{gomodel.config.ProviderConfig}.
         @param replica: the L{gomodel.config.ReplicaConfig} of this server.
@@ -39,8 +39,7 @@ class OpenAICompatibleProvider:
         self.configured_models = tuple(config.models)
         self.base_url = replica.base_url
         self.root_url = replica.root_url
-        self._relay = relay  # relayed requests (a RelayClient)
-        self._http = http  # our own calls (model discovery, probes)
+        self._relay = relay  # relayed requests and our own calls (model discovery, probes): a RelayClient
         self._clock = clock
         self._timeouts = timeouts
         self.hidden = tuple(h for h in (replica.base_url, replica.root_url, replica.host) if h)
@@ -51,15 +50,9 @@ class OpenAICompatibleProvider:
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
 
-    def headers(self, request_id: bytes) -> Headers:
-        """The headers of the gateway's own calls: our request id, and the provider's key when configured."""
-        headers = Headers({b"x-request-id": [request_id]})
-        if self._authorization is not None:
-            headers.setRawHeaders(b"authorization", [self._authorization])
-        return headers
-
     def _header_lines(self, request_id: bytes, extra, content_type) -> bytes:
-        """L{headers} as request head lines (C{extra}, name -> values, goes through L{Headers}, which sanitises)."""
+        """A request's head lines: C{extra} (name -> values, through L{Headers}, which sanitises), C{content_type},
+        our request id, and the provider's key when configured."""
         if request_id.find(b"\r") >= 0 or request_id.find(b"\n") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
             raise ValueError("a request id must not hold CR or LF")
         lines = []
@@ -141,11 +134,10 @@ class OpenAICompatibleProvider:
 
         @raise gomodel.errors.GatewayError: unreachable, too slow or too large.
         """
-        d = self._http.request("GET", url, headers=self.headers(b"gomodel-" + what.split()[-1].encode()),
-                               unbuffered=True, allow_redirects=False)
+        lines = self._header_lines(b"gomodel-" + what.split()[-1].encode(), None, None)
         timeout = min(timeout, self._timeouts.response_header)
         try:
-            response = await within(d, timeout, self._clock)
+            response = await within(self._relay.request(b"GET", url.encode("ascii"), lines, None), timeout, self._clock)
             return response, await within(read_body(response, limit), timeout, self._clock)
         except CancelledError:
             raise

@@ -48,7 +48,7 @@ C{marker_answers}) and, on any route:
 import time
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -135,8 +135,9 @@ class FakeVLLM(Resource):
     isLeaf = True
 
     def __init__(self, reactor, *, api_key=None, models=(CHAT_MODEL,), max_model_len=2048, responses=True,
-                 messages=True):
+                 messages=True, interface="127.0.0.1"):
         super().__init__()
+        self.interface = interface  # an IPv6 address ("::1") listens on IPv6
         self.native_messages = messages  # False: FastAPI's 404; "unsupported": vLLM's 501
         self.steer = {}  # fields every request gets unless its body sets them
         self.native_responses = responses  # False: /v1/responses is FastAPI's 404, as on an older server
@@ -157,10 +158,11 @@ class FakeVLLM(Resource):
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> Deferred:
-        """Listen on 127.0.0.1:0; fires with self."""
+        """Listen on a free port of its interface (127.0.0.1); fires with self."""
         site = server.Site(self)
         site.noisy = False
-        d = TCP4ServerEndpoint(self._reactor, 0, interface="127.0.0.1").listen(site)
+        endpoint = TCP6ServerEndpoint if ":" in self.interface else TCP4ServerEndpoint
+        d = endpoint(self._reactor, 0, interface=self.interface).listen(site)
 
         def listening(port):
             self.port = port
@@ -174,7 +176,8 @@ class FakeVLLM(Resource):
 
     @property
     def root_url(self):
-        return f"http://127.0.0.1:{self.port.getHost().port}"
+        host = f"[{self.interface}]" if ":" in self.interface else self.interface
+        return f"http://{host}:{self.port.getHost().port}"
 
     @property
     def base_url(self):
