@@ -229,8 +229,7 @@ class AccessLog:
                 now = time()
                 if int(now) != self._second:
                     self._second, self._head = int(now), observers[0].format.head(now, log.namespace, "info")
-                text = indented(line) if "\n" in line else line
-                observers[0].hold(f"{self._head}{text}\n")
+                observers[0].hold(f"{self._head}{indented(line)}\n")
                 return
             except Exception:
                 pass  # the event says so: the publisher logs an observer that fails

@@ -46,10 +46,10 @@ def make_pool(reactor, max_per_host: int, idle_timeout: float) -> SweptPool:
 class CachingEndpointFactory:
     """TCP (and TLS for https) endpoints, built once per upstream host rather than per request.
 
-    An IPv4 address (C{http://10.0.0.5:8000}) is connected to directly: Twisted's
-    L{HostnameEndpoint} would look it up again on every new connection (a thread pool's
-    C{getaddrinfo}, and a class made per call), about three times the CPU of the connection itself.
-    A name is looked up on each new connection, so a changed DNS record is followed.
+    An IP address (C{http://10.0.0.5:8000}, C{http://[fd00::5]:8000}) is connected to directly
+    (L{tcp_endpoint}): Twisted's L{HostnameEndpoint} would look it up again on every new connection
+    (a thread pool's C{getaddrinfo}, and a class made per call), about three times the CPU of the
+    connection itself. A name is looked up on each new connection, so a changed DNS record is followed.
     """
 
     def __init__(self, reactor, connect_timeout: float):
