@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness.proc import descendants, free_port, listening_sockets  # noqa: E402
+from harness.proc import descendants, free_port, serving_processes  # noqa: E402
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 KEY = "lean-bench-key"
@@ -157,10 +157,10 @@ def one_run(command, args, upstream):
         health, _ = wait_for(port, "GET", "/health", None, deadline, proc)
         cpu = cpu_seconds(proc.pid)
         chat, first = wait_for(port, "POST", "/v1/chat/completions", CHAT, deadline, proc)
-        if args.workers > 1:  # every worker listening, then 10 x N chats in a row answered on new connections
-            while listening_sockets(port) < args.workers:
+        if args.workers > 1:  # every worker taking connections, then 10 x N chats in a row on new connections
+            while serving_processes(log.name) < args.workers:
                 if time.perf_counter() > deadline:
-                    raise RuntimeError("the workers did not all listen in time")
+                    raise RuntimeError("the workers did not all take connections in time")
                 time.sleep(0.01)
             in_a_row = 0
             while in_a_row < 10 * args.workers:

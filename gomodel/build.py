@@ -50,10 +50,11 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                   shared_metrics=False) -> GatewayService:
     """The whole gateway for C{config}, not started.
 
-    @param role: C{"single"} (one process), C{"primary"} (listens with
-        SO_REUSEPORT and supervises C{config.server.workers - 1} workers started
-        with C{worker_argv} in the environment C{worker_env}) or C{"worker"}
-        (started by a primary).
+    @param role: C{"single"} (one process), C{"primary"} (listens, deals its
+        connections round robin to itself and the C{config.server.workers - 1}
+        workers it supervises, started with C{worker_argv} in the environment
+        C{worker_env}) or C{"worker"} (started by a primary; serves the
+        connections it passes on).
     @param shared_metrics: the processes share prometheus_client's multiprocess
         directory (set up by L{gomodel.tap}): every scrape sums them.
     """
@@ -179,25 +180,38 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     plain.readiness = Readiness(gateway.drain, gateway.registry, store, shared_counters, pins)
 
     # Listeners, and the processes that share them.
-    if role != "single":
-        from gomodel.workers import STOP_GRACE, ParentWatch, ReusePortEndpoint, WorkerSupervisor, parse_tcp
+    if role == "worker":  # its connections come from the primary
+        from gomodel.workers import HandedConnections, ParentWatch
+
+        handed = HandedConnections(reactor, gateway.site)
+        handed.setServiceParent(gateway)
+        gateway.listeners.append(handed)
+        ParentWatch(reactor).setServiceParent(gateway)
+        return gateway
+    handoff = None
+    if role == "primary" and config.server.workers > 1:
+        from twisted.internet.endpoints import TCP4ServerEndpoint  # an IPv6 interface listens as IPv6
+
+        from gomodel.workers import Handoff, parse_tcp
+
+        handoff = Handoff(gateway.site)
     for description in config.server.listen:
-        if role == "single":
+        if handoff is None:
             endpoint = serverFromString(reactor, description)
-        else:
-            endpoint = ReusePortEndpoint(reactor, *parse_tcp(description))
-        listener = ListenerService(endpoint, gateway.site, description)
+        else:  # the one process accepting for all of them: 511 waiting connections unless said otherwise
+            port, interface, backlog = parse_tcp(description)
+            endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
+        listener = ListenerService(endpoint, handoff or gateway.site, description)
         listener.setServiceParent(gateway)
         gateway.listeners.append(listener)
-    if role == "primary" and config.server.workers > 1:
+    if handoff is not None:
         from gomodel.accounting.metrics import forget_process
+        from gomodel.workers import STOP_GRACE, WorkerSupervisor
 
-        gateway.supervisor = WorkerSupervisor(reactor, config.server.workers, gateway.listeners, worker_argv,
+        gateway.supervisor = WorkerSupervisor(reactor, config.server.workers, handoff, worker_argv,
                                               worker_env, grace=config.server.shutdown_timeout + STOP_GRACE,
                                               dead=forget_process if shared_metrics else None)
         gateway.supervisor.setServiceParent(gateway)
-    elif role == "worker":
-        ParentWatch(reactor).setServiceParent(gateway)
     return gateway
 
 

@@ -92,7 +92,7 @@ def makeService(options):
     config = options.gateway_config
     primary = config.server.workers > 1 and not options["worker-child"]
     if primary and config.metrics.enabled:
-        _share_metrics(reactor)  # before prometheus_client is imported: it reads the directory then
+        _share_metrics(reactor, _runs_as(options))  # before prometheus_client is imported: it reads it then
 
     gc.disable()  # the plugin did already (gomodel_plugin); again for a caller without it
     reactor.callWhenRunning(_freeze_startup_objects)
@@ -116,17 +116,32 @@ def makeService(options):
     return gateway
 
 
-def _share_metrics(reactor):
+def _runs_as(options):
+    """The C{(uid, gid)} twistd switches to once it listens (C{--uid}, C{--gid}; -1 for a gid not
+    given), or None."""
+    twistd = getattr(options, "parent", None)
+    if twistd is None or twistd.get("uid") is None:
+        return None
+    gid = twistd.get("gid")
+    return twistd["uid"], -1 if gid is None else gid
+
+
+def _share_metrics(reactor, owner=None):
     """With several processes, every one writes its metrics to one directory, and any scrape sums them.
 
     prometheus_client's multiprocess mode reads C{PROMETHEUS_MULTIPROC_DIR}
     when its metrics are made; the workers inherit it. The directory is
     removed when the first process ends.
+
+    @param owner: C{(uid, gid)} to give the directory to: the user twistd
+        switches to (C{--uid}), whom the workers run as.
     """
     import shutil
     import tempfile
 
     path = tempfile.mkdtemp(prefix="gomodel-metrics-")
+    if owner is not None:
+        os.chown(path, *owner)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, path, True)
 

@@ -1,14 +1,17 @@
 """Several gateway processes on one port: C{twistd -n gomodel --workers N}.
 
-The first process (the primary) listens with C{SO_REUSEPORT} and starts N-1
-worker processes that listen on the same port the same way, so the kernel
-spreads new connections across all of them; each is a whole gateway with its
-own reactor, pool and model registry, pinned to no core in particular. The
-primary restarts a worker that dies, stops them all when it stops, and a
-worker stops by itself when the primary is gone (its stdin, a pipe from the
-primary, closes).
+The first process (the primary) listens and starts N-1 worker processes; it
+deals the connections it accepts round robin to itself and to each worker
+ready for them, passing a worker the connection's descriptor down a UNIX
+socket (L{Handoff}), as Node's cluster module does. Each process is a whole
+gateway with its own reactor, pool and model registry, pinned to no core in
+particular, and serves its connections from then on: the primary only
+accepts, once per connection. It restarts a worker that dies, stops them
+all when it stops, and a worker stops by itself when the primary is gone
+(its stdin, a pipe from the primary, closes).
 """
 
+import os
 import re
 import signal
 import socket
@@ -16,10 +19,9 @@ import sys
 
 from twisted.application.service import Service
 from twisted.internet import protocol, stdio
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
-from zope.interface import implementer
 
 RESTART_DELAY = 1.0
 STOP_GRACE = 10.0
@@ -43,30 +45,197 @@ def parse_tcp(description: str):
     return int(match.group("port")), options.get("interface", ""), int(options.get("backlog", 511))
 
 
-@implementer(IStreamServerEndpoint)
-class ReusePortEndpoint:
-    """A TCP server endpoint whose socket has C{SO_REUSEPORT}, so several processes can share the port."""
+HANDOFF_FD = 3  # a worker's end of its channel to the primary
+_READY = b"r"  # a worker to the primary: hand me connections
+_FAMILIES = {b"4": socket.AF_INET, b"6": socket.AF_INET6}
 
-    def __init__(self, reactor, port: int, interface: str = "", backlog: int = 511):
+
+class Handoff(protocol.ServerFactory):
+    """The primary's listening factory: each accepted connection goes, in turn, to the primary itself
+    (the site) or to one of the workers ready for connections (L{WorkerChannel}).
+
+    Round robin gives each process the same share of new connections however few they are (a
+    load balancer's keep-alive pool, a benchmark's ten); C{SO_REUSEPORT}'s hash of each
+    connection's addresses can give one process most of them. A connection that cannot be
+    passed on (the worker's channel is full or gone) is served here.
+    """
+
+    noisy = False
+
+    def __init__(self, site):
+        self.site = site
+        self.ready = []  # the WorkerChannels taking connections, in turn
+        self._turn = 0
+
+    def doStart(self):
+        self.site.doStart()
+
+    def doStop(self):
+        self.site.doStop()
+
+    def buildProtocol(self, addr):
+        """The site's protocol on the primary's turn, else a L{_PassOn} to the next worker."""
+        turn = self._turn
+        self._turn = turn + 1 if turn < len(self.ready) else 0
+        if turn == 0 or turn > len(self.ready):
+            return self.site.buildProtocol(addr)
+        return _PassOn(self, self.ready[turn - 1])
+
+    def serve_here(self, transport):
+        """Serve a connection the primary had meant to pass on."""
+        served = self.site.buildProtocol(transport.getPeer())
+        transport.protocol = served
+        served.makeConnection(transport)
+
+
+class _PassOn(protocol.Protocol):
+    """An accepted connection on its way to a worker: its descriptor goes down the worker's channel
+    before anything is read from it, and the primary lets go of it without shutting it down."""
+
+    def __init__(self, handoff, worker):
+        self._handoff = handoff
+        self._worker = worker
+
+    def makeConnection(self, transport):
+        transport.stopReading()
+        sock = transport.getHandle()
+        if self._worker.send(sock.fileno(), b"6" if sock.family == socket.AF_INET6 else b"4"):
+            os.close(sock.detach())  # the worker has it now; Twisted never sees this socket again
+        else:
+            transport.startReading()
+            self._handoff.serve_here(transport)
+
+
+class WorkerChannel:
+    """The primary's end of a worker's channel (a C{SOCK_SEQPACKET} socket pair): one message a
+    connection, its descriptor and its address family. The worker joins the rotation when it says it
+    is ready and leaves it when the channel closes (it exited) or cannot take a connection."""
+
+    log = Logger()
+
+    def __init__(self, reactor, handoff, sock, number):
         self._reactor = reactor
-        self._port = port
-        self._interface = interface
-        self._backlog = backlog
+        self._handoff = handoff
+        self._sock = sock
+        self.number = number
+        sock.setblocking(False)
+        reactor.addReader(self)
 
-    def listen(self, factory):
-        """Fires with the L{IListeningPort}."""
-        family = socket.AF_INET6 if ":" in self._interface else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    def fileno(self):
+        return self._sock.fileno()
+
+    def logPrefix(self):
+        return f"worker {self.number}"
+
+    def doRead(self):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self._interface, self._port))
-            sock.listen(self._backlog)
-            sock.setblocking(False)
-            port = self._reactor.adoptStreamPort(sock.fileno(), family, factory)
-        finally:
-            sock.close()  # the reactor holds its own duplicate
-        return succeed(port)
+            said = self._sock.recv(16)
+        except BlockingIOError:
+            return None
+        except OSError:
+            said = b""
+        if not said:
+            return CONNECTION_DONE  # the worker is gone: the reactor calls connectionLost
+        if _READY in said and self not in self._handoff.ready:
+            self._handoff.ready.append(self)
+            self.log.info("worker {number} ready for connections", number=self.number)
+        return None
+
+    def send(self, fd, family) -> bool:
+        """Pass a connection's descriptor on: True once it is in the channel; False when the channel is full
+        (the worker is busy: the primary serves it) or broken (the worker left the rotation)."""
+        try:
+            socket.send_fds(self._sock, [family], [fd])
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            self.log.warn("worker {number} takes no more connections: {error}", number=self.number, error=e)
+            self.close()
+            return False
+
+    def connectionLost(self, reason):
+        self.close()
+
+    def close(self):
+        """Out of the rotation, the channel closed (connections still in it are closed with it)."""
+        if self in self._handoff.ready:
+            self._handoff.ready.remove(self)
+        if self._sock.fileno() != -1:
+            self._reactor.removeReader(self)
+            self._sock.close()
+
+
+class HandedConnections(Service):
+    """In a worker: take the connections the primary passes down the channel on L{HANDOFF_FD}.
+
+    Started, it tells the primary it is ready. L{stopListening} (a drain) takes what is already in
+    the channel, then closes it: the primary serves new connections itself from then on.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, factory, fd=HANDOFF_FD):
+        self._reactor = reactor
+        self._factory = factory
+        self._fd = fd
+        self._sock = None
+
+    def startService(self):
+        super().startService()
+        self._sock = socket.socket(fileno=self._fd)
+        self._sock.setblocking(False)
+        try:
+            self._sock.send(_READY)
+        except OSError as e:  # the primary is gone (ParentWatch stops the worker)
+            self.log.warn("cannot reach the primary: {error}", error=e)
+            self._sock.close()
+            return
+        self._reactor.addReader(self)
+        self.log.info("taking connections from the primary")
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def logPrefix(self):
+        return "handed connections"
+
+    def doRead(self):
+        for _ in range(64):  # then the reactor's other sockets get a turn
+            try:
+                data, fds, _, _ = socket.recv_fds(self._sock, 1, 1)
+            except BlockingIOError:
+                return None
+            except OSError:
+                return CONNECTION_DONE
+            if not data:
+                return CONNECTION_DONE  # the primary is gone (ParentWatch stops the worker)
+            for fd in fds:
+                try:
+                    self._reactor.adoptStreamConnection(fd, _FAMILIES.get(data, socket.AF_INET), self._factory)
+                except OSError as e:  # the client left meanwhile
+                    self.log.debug("a handed connection was gone: {error}", error=e)
+                finally:
+                    os.close(fd)
+        return None
+
+    def connectionLost(self, reason):
+        self._close()
+
+    def stopListening(self):
+        """Take the connections already handed over, then close the channel; returns None."""
+        if self._sock is not None and self._sock.fileno() != -1:
+            self.doRead()
+            self._close()
+
+    def stopService(self):
+        super().stopService()
+        self.stopListening()
+
+    def _close(self):
+        if self._sock is not None and self._sock.fileno() != -1:
+            self._reactor.removeReader(self)
+            self._sock.close()
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -74,6 +243,7 @@ class _Worker(protocol.ProcessProtocol):
         self.supervisor = supervisor
         self.number = number
         self.pid = None
+        self.channel = None  # its WorkerChannel
         self.exited = Deferred()
 
     def processEnded(self, reason):
@@ -82,15 +252,14 @@ class _Worker(protocol.ProcessProtocol):
 
 
 class WorkerSupervisor(Service):
-    """Starts and keeps N-1 worker processes listening where the primary listens."""
+    """Starts and keeps N-1 worker processes, each with its channel for the connections the primary passes on."""
 
     log = Logger()
 
-    def __init__(self, reactor, count: int, listeners, argv, env, grace=STOP_GRACE, dead=None):
+    def __init__(self, reactor, count: int, handoff, argv, env, grace=STOP_GRACE, dead=None):
         """
-        @param listeners: the primary's L{gomodel.listeners.ListenerService}s, with
-            their descriptions, to learn the ports (port 0 becomes the real one).
-        @param argv: the worker command line, without its C{--listen} options.
+        @param handoff: the primary's L{Handoff} (its listening factory): each worker joins its rotation.
+        @param argv: the worker command line (L{worker_argv}).
         @param env: the workers' environment (twistd's own, handed down from
             L{gomodel.tap}: only the process edge reads C{os.environ}).
         @param grace: seconds a stopping worker gets (its drain) before it is killed.
@@ -101,25 +270,14 @@ class WorkerSupervisor(Service):
         self._grace = grace
         self._dead = dead
         self._count = count
-        self._listeners = listeners
+        self._handoff = handoff
         self._argv = argv
         self._env = dict(env)
         self._workers = {}
         self._restarts = {}
-        self._listen_args = None
 
     def startService(self):
         super().startService()
-        waiting = [listener.whenListening() for listener in self._listeners]
-        DeferredList(waiting, fireOnOneErrback=True, consumeErrors=True).addCallback(self._spawn_all)
-
-    def _spawn_all(self, results):
-        self._listen_args = []
-        for (_, port), listener in zip(results, self._listeners):
-            _, interface, backlog = parse_tcp(listener.description)
-            interface = interface.replace(":", "\\:")
-            description = f"tcp:{port.getHost().port}" + (f":interface={interface}" if interface else "")
-            self._listen_args += ["--listen", description + f":backlog={backlog}"]
         for number in range(1, self._count):
             self._spawn(number)
 
@@ -127,15 +285,24 @@ class WorkerSupervisor(Service):
         if not self.running:
             return
         worker = _Worker(self, number)
-        argv = self._argv + self._listen_args
-        # stdin is a pipe from us: the worker stops when it closes (we are gone).
-        self._reactor.spawnProcess(worker, argv[0], argv, env=self._env, childFDs={0: "w", 1: 1, 2: 2})
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # stdin is a pipe from us: the worker stops when it closes (we are gone).
+            self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=self._env,
+                                       childFDs={0: "w", 1: 1, 2: 2, HANDOFF_FD: theirs.fileno()})
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker.channel = WorkerChannel(self._reactor, self._handoff, ours, number)
         self._workers[number] = worker
         worker.pid = worker.transport.pid
         self.log.info("worker {number} started (pid {pid})", number=number, pid=worker.transport.pid)
 
     def ended(self, worker, reason):
         self._workers.pop(worker.number, None)
+        worker.channel.close()
         if self._dead is not None and worker.pid is not None:
             try:
                 self._dead(worker.pid)
@@ -194,7 +361,7 @@ class ParentWatch(Service):
 
 def worker_argv(options_argv):
     """The command line of a worker: the C{gomodel} runner (L{gomodel.cli}), as a worker, without the
-    primary's --listen/--workers."""
+    primary's --listen/--workers (it listens nowhere: its connections come from the primary)."""
     kept = []
     skip = False
     for arg in options_argv:

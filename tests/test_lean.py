@@ -246,16 +246,20 @@ async def test_a_relayed_chat_and_stream_raise_no_exception_on_the_way(reactor, 
     raised = []
 
     def ours(frame):
+        """The innermost gomodel frame on the stack (where the gateway called what raised), or None."""
         while frame is not None:
             if f"{os.sep}gomodel{os.sep}" in frame.f_code.co_filename:
-                return True
+                return f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_qualname}"
             frame = frame.f_back
-        return False
+        return None
 
     def trace(frame, event, arg):
         frame.f_trace_lines = False
-        if event == "exception" and arg[0] not in (StopIteration, GeneratorExit, BlockingIOError) and ours(frame):
-            raised.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_qualname} {arg[0].__name__}")
+        if event == "exception" and arg[0] not in (StopIteration, GeneratorExit, BlockingIOError):
+            caller = ours(frame)
+            if caller is not None:
+                raised.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_qualname} "
+                              f"{arg[0].__name__} (from {caller})")
         return trace
 
     await chat()

@@ -12,7 +12,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 
 from gomodel.listeners import ListenerService, ListenFailed
-from gomodel.workers import ReusePortEndpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,10 +45,19 @@ def test_start_service_raises_when_the_port_is_busy(reactor, busy_port, logged_e
     listener.stopService()
 
 
+class _BindingEndpoint:
+    """An endpoint whose listen() raises itself rather than failing its Deferred."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def listen(self, factory):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", self.port))
+
+
 def test_a_synchronous_endpoint_error_fails_too(reactor, busy_port):
-    # ReusePortEndpoint (--workers) raises from listen() itself; the listener in
-    # the way has no SO_REUSEPORT, so the bind fails.
-    listener = ListenerService(ReusePortEndpoint(reactor, busy_port, "127.0.0.1"), Factory.forProtocol(Protocol))
+    listener = ListenerService(_BindingEndpoint(busy_port), Factory.forProtocol(Protocol))
     with pytest.raises(ListenFailed, match="in use"):
         listener.privilegedStartService()
 

@@ -116,3 +116,33 @@ def test_openssl_is_loaded_only_for_https_upstreams(tmp_path):
     assert "cryptography" not in plain and "OpenSSL" not in plain
     tls = _maps_of_a_running_gateway(tmp_path, {"VLLM_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk"})
     assert "cryptography" in tls
+
+
+class _Twistd(dict):
+    """twistd's own options, as the gomodel options' parent."""
+
+
+class _GatewayOptions:
+    def __init__(self, **twistd):
+        self.parent = _Twistd({"uid": None, "gid": None, **twistd})
+
+
+def test_the_user_twistd_switches_to_is_known_before_it_switches():
+    assert tap._runs_as(_GatewayOptions()) is None
+    assert tap._runs_as(_GatewayOptions(uid=65534, gid=65533)) == (65534, 65533)
+    assert tap._runs_as(_GatewayOptions(uid=65534)) == (65534, -1)  # twistd then takes the user's group
+    assert tap._runs_as(object()) is None  # outside twistd
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a directory away needs root")
+def test_the_shared_metrics_directory_belongs_to_the_user_the_workers_run_as(monkeypatch, reactor):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    triggers = []
+    monkeypatch.setattr(reactor, "addSystemEventTrigger", lambda *args: triggers.append(args))
+    tap._share_metrics(reactor, (65534, -1))
+    path = os.environ.pop("PROMETHEUS_MULTIPROC_DIR")
+    try:
+        assert os.stat(path).st_uid == 65534
+    finally:
+        os.rmdir(path)
+    assert triggers and triggers[0][:2] == ("after", "shutdown")

@@ -1,15 +1,21 @@
-"""--workers: several processes on one port (SO_REUSEPORT), supervised by the first."""
+"""--workers: several processes on one port, the first dealing its connections to the others."""
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 
-from gomodel.workers import parse_tcp, worker_argv
+from gomodel.workers import Handoff, HandedConnections, WorkerChannel, parse_tcp, worker_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +32,120 @@ def test_parse_tcp_descriptions():
 def test_worker_command_line_drops_the_primarys_listen_and_workers():
     argv = worker_argv(["--workers", "3", "--listen", "tcp:80", "--config=g.yaml", "--listen=tcp:81", "-w", "2"])
     assert argv[-3:] == ["gomodel", "--worker-child", "--config=g.yaml"]
+
+
+class _Tag(Protocol):
+    """Answers each connection with who served it and the client's port it sees, then closes."""
+
+    def connectionMade(self):
+        self.transport.write(b"%s %d" % (self.factory.tag, self.transport.getPeer().port))
+        self.transport.loseConnection()
+
+
+def _tagging(tag):
+    factory = Factory.forProtocol(_Tag)
+    factory.tag = tag
+    return factory
+
+
+class _Read(Protocol):
+    def __init__(self):
+        self.done = Deferred()
+        self.data = b""
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.data)
+
+
+async def _served_by(reactor, port):
+    """Who served a new connection to C{port}; checks that it saw the client's own address."""
+    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), _Read())
+    local = client.transport.getHost().port
+    tag, seen = (await client.done).rsplit(b" ", 1)
+    assert int(seen) == local
+    return tag.decode()
+
+
+async def _eventually(reactor, predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+class _Dealing:
+    """A primary's Handoff listening on 127.0.0.1:0 and N workers' ends in this one process."""
+
+    def __init__(self, reactor, workers):
+        self.handoff = Handoff(_tagging(b"primary"))
+        self.channels, self.workers = [], []
+        for number in range(1, workers + 1):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.channels.append(WorkerChannel(reactor, self.handoff, ours, number))
+            worker = HandedConnections(reactor, _tagging(b"worker %d" % number), fd=theirs.detach())
+            worker.startService()
+            self.workers.append(worker)
+        self.port = reactor.listenTCP(0, self.handoff, interface="127.0.0.1")
+
+    async def close(self):
+        for worker in self.workers:
+            if worker.running:
+                worker.stopService()
+        for channel in self.channels:
+            channel.close()
+        await self.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_are_dealt_in_turn_to_the_primary_and_each_ready_worker(reactor):
+    dealing = _Dealing(reactor, 2)
+    try:
+        await _eventually(reactor, lambda: len(dealing.handoff.ready) == 2)
+        number = dealing.port.getHost().port
+        served = [await _served_by(reactor, number) for _ in range(6)]
+        assert sorted(served[:3]) == ["primary", "worker 1", "worker 2"]
+        assert served[3:] == served[:3]  # the same turn again
+    finally:
+        await dealing.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_that_is_gone_leaves_the_turn_and_the_primary_serves_its_share(reactor):
+    dealing = _Dealing(reactor, 1)
+    try:
+        await _eventually(reactor, lambda: dealing.handoff.ready)
+        number = dealing.port.getHost().port
+        # The primary has not yet read the channel's end when it passes the next connection on.
+        reactor.removeReader(dealing.channels[0])
+        dealing.workers[0].stopService()
+        served = {await _served_by(reactor, number) for _ in range(3)}
+        assert served == {"primary"}
+        assert dealing.handoff.ready == []
+    finally:
+        await dealing.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_draining_worker_serves_what_was_already_passed_to_it_then_takes_no_more(reactor):
+    dealing = _Dealing(reactor, 1)
+    try:
+        await _eventually(reactor, lambda: dealing.handoff.ready)
+        number = dealing.port.getHost().port
+        assert await _served_by(reactor, number) == "primary"
+        worker = dealing.workers[0]
+        reactor.removeReader(worker)  # busy: the next connection waits in its channel
+        waiting = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number), _Read())
+        client = await waiting
+        await _eventually(reactor, lambda: dealing.handoff._turn == 0)  # accepted and passed on
+        worker.stopListening()  # the drain
+        assert (await client.done).startswith(b"worker 1 ")
+        await _eventually(reactor, lambda: not dealing.handoff.ready)
+        assert {await _served_by(reactor, number) for _ in range(2)} == {"primary"}
+    finally:
+        await dealing.close()
 
 
 def listening_pids(port):
@@ -79,19 +199,63 @@ def start_primary(tmp_path):
     return primary, log_path, port
 
 
+def serving_pid(port, client_port):
+    """The PID holding the server end of the connection from C{client_port} to C{port} (from /proc)."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if (int(fields[1].rsplit(":", 1)[1], 16) == port and int(fields[2].rsplit(":", 1)[1], 16) == client_port
+                    and fields[3] == "01"):
+                inodes.add(fields[9])
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] in inodes:
+                    return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def serve_on_new_connections(port, count):
+    """The PIDs that answered C{count} connections open at once, each with one 200 to GET /v1/models."""
+    import http.client
+
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(count)]
+    try:
+        pids = []
+        for conn in connections:
+            conn.request("GET", "/v1/models")
+            response = conn.getresponse()
+            assert response.status == 200
+            response.read()
+            pids.append(serving_pid(port, conn.sock.getsockname()[1]))
+        return pids
+    finally:
+        for conn in connections:
+            conn.close()
+
+
+def ready_workers(log_path):
+    return len(re.findall(r"worker \d+ ready for connections", log_path.read_text()))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_two_workers_share_the_port_and_follow_the_primary(tmp_path):
+def test_the_primary_deals_its_connections_to_a_worker_in_turn_and_restarts_it(tmp_path):
     primary, log_path, port = start_primary(tmp_path)
     try:
-        pids = wait_until(lambda: (lambda p: p if len(p) == 2 else None)(listening_pids(port)),
-                          what="two processes listening")
-        assert primary.pid in pids
-        [worker] = pids - {primary.pid}
+        wait_until(lambda: ready_workers(log_path) == 1, what="the worker to take connections")
+        assert listening_pids(port) == {primary.pid}  # only the primary listens
+        pids = serve_on_new_connections(port, 4)
+        assert pids.count(primary.pid) == 2 and len(set(pids)) == 2  # in turn: 2 each
+        [worker] = set(pids) - {primary.pid}
 
-        os.kill(worker, signal.SIGKILL)  # a worker that dies is replaced
-        replaced = wait_until(lambda: (lambda p: p if len(p) == 2 and worker not in p else None)(listening_pids(port)),
-                              what="the worker to be restarted")
-        [worker] = replaced - {primary.pid}
+        os.kill(worker, signal.SIGKILL)  # a worker that dies is replaced, and takes its turn again
+        wait_until(lambda: ready_workers(log_path) == 2, what="the worker to be restarted")
+        pids = serve_on_new_connections(port, 2)
+        assert primary.pid in pids and worker not in pids and len(set(pids)) == 2
+        [worker] = set(pids) - {primary.pid}
 
         primary.send_signal(signal.SIGTERM)  # the primary's stop takes the workers down
         assert primary.wait(timeout=20) == 0  # drained: a clean exit, not the signal's status
@@ -101,7 +265,7 @@ def test_two_workers_share_the_port_and_follow_the_primary(tmp_path):
             primary.kill()
             primary.wait()
     text = log_path.read_text()
-    assert "worker 1 started" in text and "restarting it" in text
+    assert "worker 1 started" in text and "restarting it" in text and "taking connections from the primary" in text
     assert "Server Shut Down" in text
 
 
@@ -119,10 +283,10 @@ def test_a_scrape_sums_the_metrics_of_every_worker(tmp_path):
 
     from tests.integration.support import request
 
-    primary, _, port = start_primary(tmp_path)
+    primary, log_path, port = start_primary(tmp_path)
     try:
-        wait_until(lambda: len(listening_pids(port)) == 2, what="two processes listening")
-        for _ in range(20):  # new connections: the kernel spreads them over both processes
+        wait_until(lambda: ready_workers(log_path) == 1, what="the worker to take connections")
+        for _ in range(20):  # new connections: the primary deals them to both processes
             assert request("GET", f"http://127.0.0.1:{port}/v1/models").status == 200
 
         def models_requests():

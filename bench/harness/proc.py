@@ -28,22 +28,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def listening_sockets(port):
-    """TCP sockets in LISTEN state on `port` (any address), from /proc/net/tcp{,6}.
-    Processes sharing a port with SO_REUSEPORT each hold their own, so this
-    counts the processes that accept connections there."""
-    n = 0
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 3 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        n += 1
-        except OSError:
-            pass
-    return n
+_WORKER_READY = re.compile(rb"worker \d+ ready for connections")
+
+
+def serving_processes(log_path, offset=0):
+    """gomodel processes taking connections: the primary (which listens and deals connections
+    round robin) and each worker whose readiness it logged, from byte `offset` of its log on
+    (where this start's lines begin)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            return 1 + len(_WORKER_READY.findall(f.read()))
+    except OSError:
+        return 0
 
 
 def parse_cpus(spec):

@@ -180,7 +180,7 @@ def cold_start(ctx, target, keep):
         n = target.expected_listeners()
         if n > 1:
             deadline = time.monotonic() + 60
-            while proc.listening_sockets(target.port) < n and time.monotonic() < deadline:
+            while target.serving() < n and time.monotonic() < deadline:
                 time.sleep(0.01)
             rec["all_listening_s"] = round(time.monotonic() - t0, 3)
         rec["rss_mib"] = round(proc.tree_rss(target.root_pid) / 2 ** 20, 1)
@@ -206,7 +206,7 @@ def capacity_pass(ctx, target, s, out, log):
                 runs.append(cold_start(ctx, target, keep))
                 log("protocol cold start %s #%d: first 200 after %.3f s%s" % (
                     target.name, i + 1, runs[-1]["first_200_s"], "" if "all_listening_s" not in runs[-1] else
-                    ", all %d processes listening after %.3f s" % (target.expected_listeners(),
+                    ", all %d processes taking connections after %.3f s" % (target.expected_listeners(),
                                                                   runs[-1]["all_listening_s"])))
                 if not keep:
                     time.sleep(min(1.0, s["rest_s"]))

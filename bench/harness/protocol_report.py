@@ -368,7 +368,7 @@ def render(meta, records):
     if cold or res:
         w("## Start and footprint")
         w("")
-        w("| target | cold start median s (min–max, n) | all processes listening s | idle RSS MiB | peak RSS under "
+        w("| target | cold start median s (min–max, n) | all processes taking connections s | idle RSS MiB | peak RSS under "
           "load MiB: all (each process) | peak RSS, latency pass MiB | avg CPU under load % | req/s in that window "
           "| req/s per CPU % | published: cold s / peak MiB / CPU % / req/s |")
         w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

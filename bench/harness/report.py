@@ -515,7 +515,7 @@ def _scaling_setup(w, meta, sc):
             w("- Mock and wrk run at normal priority (`--scaling-load-priority normal`): they compete with the "
               "workers as equals for the shared cores.")
     w("- chat (non-streaming) through gomodel at c=%d; each measurement starts a fresh mock and a fresh gateway "
-      "(all %d processes listening and ready), sends one checked pre-flight request, then %s s of warm-up and a %s s window; the "
+      "(all %d processes taking connections and ready), sends one checked pre-flight request, then %s s of warm-up and a %s s window; the "
       "gateway and mock are stopped by PID afterwards. %d round(s), each 1 worker then %d workers; a noisy "
       "measurement is repeated up to %s more time(s) (noise threshold %.0f %% of the cores)." % (
           sc["concurrency"], n, meta["warmup_s"], meta["duration_s"], meta["repeats"], n, meta["max_retries"],

@@ -104,8 +104,12 @@ class Target:
         return self.proc.pid if self.proc else None
 
     def expected_listeners(self):
-        """Processes that each listen on the port once all are up (SO_REUSEPORT workers)."""
+        """Processes that take connections once all are up (gomodel's --workers)."""
         return 1
+
+    def serving(self):
+        """Processes taking connections now (of expected_listeners())."""
+        return 1 if self.proc is not None and self.proc.poll() is None else 0
 
     def after_ready(self):
         """What a started target needs once ready, before it is measured (a managed key)."""
@@ -121,6 +125,7 @@ class Target:
         cmd = self.command()
         with open(self.log, "ab") as f:
             f.write(("\n# %s  %s\n" % (time.strftime("%H:%M:%S"), " ".join(shlex.quote(c) for c in cmd))).encode())
+            self.log_offset = f.tell()  # where this start's lines begin
         self.proc = proc.spawn(cmd, self.log, env=self.env(), cpus=self.ctx.gateway_cpus, cwd=self.ctx.run_dir)
 
     def wait_ready(self):
@@ -179,25 +184,25 @@ def tail(path, n=15):
 
 def wait_workers(target, n, timeout=60.0):
     """Target.start() returns when the primary answers; its workers start after
-    it and listen a second or more later. Wait until N sockets listen on the
-    port (each SO_REUSEPORT process holds its own), then until 10*N readiness
-    checks in a row succeed, each on a new connection (the kernel hands those
-    to any of the N, so a worker that has not loaded its models yet fails one
-    with a chance of about 1/N each). Returns the number of listening sockets."""
+    it and take connections a second or more later. Wait until N processes take
+    connections, then until 10*N readiness checks in a row succeed, each on a new
+    connection (dealt to each of the N in turn, so each process answers 10 of
+    them: a worker that has not loaded its models yet fails one). Returns the
+    number of processes taking connections."""
     deadline = time.monotonic() + timeout
     good, last = 0, ""
     while time.monotonic() < deadline:
         if target.proc is None or target.proc.poll() is not None:
             raise RuntimeError("%s exited while its workers started" % target.name)
-        listening = proc.listening_sockets(target.port)
-        if listening < n:
-            good, last = 0, "%d of %d processes listening" % (listening, n)
+        serving = target.serving()
+        if serving < n:
+            good, last = 0, "%d of %d processes taking connections" % (serving, n)
             time.sleep(0.1)
             continue
         ok, last = target.ready()
         good = good + 1 if ok else 0
         if good >= 10 * n:
-            return listening
+            return serving
         time.sleep(0.02 if ok else 0.25)
     raise RuntimeError("%d workers not ready after %.0f s (%s)" % (n, timeout, last))
 
@@ -285,6 +290,9 @@ class GoModel(Target):
 
     def expected_listeners(self):
         return self.workers
+
+    def serving(self):
+        return proc.serving_processes(self.log, self.log_offset)
 
     def command(self):
         tmpl = self.ctx.args.gomodel_cmd or os.environ.get("GOMODEL_CMD") or self.DEFAULT_CMD
