@@ -140,7 +140,7 @@ def _share_metrics(reactor, owner=None):
     import tempfile
 
     path = tempfile.mkdtemp(prefix="gomodel-metrics-")
-    if owner is not None:
+    if owner is not None and os.geteuid() == 0:  # (only root can switch to another user)
         os.chown(path, *owner)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, path, True)

@@ -11,7 +11,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
@@ -60,9 +60,10 @@ class _Read(Protocol):
         self.done.callback(self.data)
 
 
-async def _served_by(reactor, port):
+async def _served_by(reactor, port, host="127.0.0.1"):
     """Who served a new connection to C{port}; checks that it saw the client's own address."""
-    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), _Read())
+    endpoint = (TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint)(reactor, host, port)
+    client = await connectProtocol(endpoint, _Read())
     local = client.transport.getHost().port
     tag, seen = (await client.done).rsplit(b" ", 1)
     assert int(seen) == local
@@ -77,9 +78,11 @@ async def _eventually(reactor, predicate, timeout=5.0):
 
 
 class _Dealing:
-    """A primary's Handoff listening on 127.0.0.1:0 and N workers' ends in this one process."""
+    """A primary's Handoff listening on 127.0.0.1:0 and N workers' ends in this one process; as an
+    async context manager, entered once every worker is ready, closed on the way out."""
 
-    def __init__(self, reactor, workers):
+    def __init__(self, reactor, workers, interface="127.0.0.1"):
+        self._reactor = reactor
         self.handoff = Handoff(_tagging(b"primary"))
         self.channels, self.workers = [], []
         for number in range(1, workers + 1):
@@ -88,9 +91,14 @@ class _Dealing:
             worker = HandedConnections(reactor, _tagging(b"worker %d" % number), fd=theirs.detach())
             worker.startService()
             self.workers.append(worker)
-        self.port = reactor.listenTCP(0, self.handoff, interface="127.0.0.1")
+        self.port = reactor.listenTCP(0, self.handoff, interface=interface)
+        self.number = self.port.getHost().port
 
-    async def close(self):
+    async def __aenter__(self):
+        await _eventually(self._reactor, lambda: len(self.handoff.ready) == len(self.workers))
+        return self
+
+    async def __aexit__(self, *exc_info):
         for worker in self.workers:
             if worker.running:
                 worker.stopService()
@@ -99,53 +107,38 @@ class _Dealing:
         await self.port.stopListening()
 
 
+@pytest.mark.parametrize("interface", ["127.0.0.1", "::1"])
 @pytest_twisted.ensureDeferred
-async def test_connections_are_dealt_in_turn_to_the_primary_and_each_ready_worker(reactor):
-    dealing = _Dealing(reactor, 2)
-    try:
-        await _eventually(reactor, lambda: len(dealing.handoff.ready) == 2)
-        number = dealing.port.getHost().port
-        served = [await _served_by(reactor, number) for _ in range(6)]
+async def test_connections_are_dealt_in_turn_to_the_primary_and_each_ready_worker(reactor, interface):
+    async with _Dealing(reactor, 2, interface) as dealing:
+        served = [await _served_by(reactor, dealing.number, interface) for _ in range(6)]
         assert sorted(served[:3]) == ["primary", "worker 1", "worker 2"]
         assert served[3:] == served[:3]  # the same turn again
-    finally:
-        await dealing.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_worker_that_is_gone_leaves_the_turn_and_the_primary_serves_its_share(reactor):
-    dealing = _Dealing(reactor, 1)
-    try:
-        await _eventually(reactor, lambda: dealing.handoff.ready)
-        number = dealing.port.getHost().port
+    async with _Dealing(reactor, 1) as dealing:
         # The primary has not yet read the channel's end when it passes the next connection on.
         reactor.removeReader(dealing.channels[0])
         dealing.workers[0].stopService()
-        served = {await _served_by(reactor, number) for _ in range(3)}
+        served = {await _served_by(reactor, dealing.number) for _ in range(3)}
         assert served == {"primary"}
         assert dealing.handoff.ready == []
-    finally:
-        await dealing.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_draining_worker_serves_what_was_already_passed_to_it_then_takes_no_more(reactor):
-    dealing = _Dealing(reactor, 1)
-    try:
-        await _eventually(reactor, lambda: dealing.handoff.ready)
-        number = dealing.port.getHost().port
-        assert await _served_by(reactor, number) == "primary"
+    async with _Dealing(reactor, 1) as dealing:
+        assert await _served_by(reactor, dealing.number) == "primary"
         worker = dealing.workers[0]
         reactor.removeReader(worker)  # busy: the next connection waits in its channel
-        waiting = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number), _Read())
-        client = await waiting
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", dealing.number), _Read())
         await _eventually(reactor, lambda: dealing.handoff._turn == 0)  # accepted and passed on
         worker.stopListening()  # the drain
         assert (await client.done).startswith(b"worker 1 ")
         await _eventually(reactor, lambda: not dealing.handoff.ready)
-        assert {await _served_by(reactor, number) for _ in range(2)} == {"primary"}
-    finally:
-        await dealing.close()
+        assert {await _served_by(reactor, dealing.number) for _ in range(2)} == {"primary"}
 
 
 def listening_pids(port):
