@@ -8,8 +8,6 @@ its listeners. No other module constructs a collaborator of another room.
 
 from functools import partial
 
-from twisted.internet.endpoints import serverFromString
-
 from gomodel.accounting.tokens import Pricing
 from gomodel.accounting.usage import UsageLedger
 from gomodel.api.inference import InferenceRoutes
@@ -38,7 +36,7 @@ from gomodel.routing.health import ReplicaMonitor
 from gomodel.routing.pins import SharedPins
 from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
-from gomodel.listeners import ListenerService, PoolService, RedisService
+from gomodel.listeners import ListenerService, PoolService, RedisService, listen_endpoint
 from gomodel.service import GatewayService
 from gomodel.store.records import process_owner
 from gomodel.store.sweeps import StoreSweeper
@@ -190,18 +188,11 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         return gateway
     handoff = None
     if role == "primary" and config.server.workers > 1:
-        from twisted.internet.endpoints import TCP4ServerEndpoint  # an IPv6 interface listens as IPv6
-
-        from gomodel.workers import Handoff, parse_tcp
+        from gomodel.workers import Handoff
 
         handoff = Handoff(gateway.site)
     for description in config.server.listen:
-        if handoff is None:
-            endpoint = serverFromString(reactor, description)
-        else:  # the one process accepting for all of them: 511 waiting connections unless said otherwise
-            port, interface, backlog = parse_tcp(description)
-            endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
-        listener = ListenerService(endpoint, handoff or gateway.site, description)
+        listener = ListenerService(listen_endpoint(reactor, description), handoff or gateway.site, description)
         listener.setServiceParent(gateway)
         gateway.listeners.append(listener)
     if handoff is not None:

@@ -9,10 +9,43 @@ for a running pidfile) ends twistd before its reactor runs, rather than a
 gateway that runs without a port.
 """
 
+import re
+
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+
+BACKLOG = 511  # connections waiting to be accepted, as nginx's default (Twisted's own is 50)
+_TCP = re.compile(r"tcp:(?:port=)?(?P<port>\d+)(?P<options>(?::[a-z]+=(?:\\.|[^:\\])*)*)$")
+
+
+def parse_tcp(description: str):
+    """C{(port, interface, backlog)} of a C{tcp:PORT[:interface=X][:backlog=N]} description.
+
+    @raise ValueError: anything else.
+    """
+    match = _TCP.match(description)
+    if match is None:
+        raise ValueError(f"not a tcp:PORT[:interface=ADDRESS][:backlog=N] listen description: {description!r}")
+    options = {}
+    for option in re.findall(r":([a-z]+)=((?:\\.|[^:\\])*)", match.group("options")):
+        options[option[0]] = re.sub(r"\\(.)", r"\1", option[1])
+    unknown = set(options) - {"interface", "backlog"}
+    if unknown:
+        raise ValueError(f"unsupported listen option(s) {', '.join(sorted(unknown))} in {description!r}")
+    return int(match.group("port")), options.get("interface", ""), int(options.get("backlog", BACKLOG))
+
+
+def listen_endpoint(reactor, description: str):
+    """The server endpoint of a listen description: Twisted's strports, except that a C{tcp:} one waits
+    for L{BACKLOG} connections unless it says otherwise (an IPv6 interface listens as IPv6)."""
+    try:
+        port, interface, backlog = parse_tcp(description)
+    except ValueError:
+        return serverFromString(reactor, description)
+    return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
 
 
 class ListenFailed(SystemExit):

@@ -53,13 +53,13 @@ class Options(usage.Options):
         if not any(p.base_url.startswith("https:") for p in config.upstreams.providers):
             _keep_openssl_out()
         if config.server.workers > 1 or self["worker-child"]:
-            from gomodel.workers import parse_tcp
+            from gomodel.listeners import parse_tcp
 
             for description in config.server.listen:
                 try:
                     parse_tcp(description)
                 except ValueError as e:
-                    raise usage.UsageError(str(e)) from None
+                    raise usage.UsageError(f"--workers shares TCP ports only: {e}") from None
         self.gateway_config = config
         self.stdout_log = _twistd_logs_to_stdout(getattr(self, "parent", None))
 

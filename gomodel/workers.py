@@ -12,7 +12,6 @@ all when it stops, and a worker stops by itself when the primary is gone
 """
 
 import os
-import re
 import signal
 import socket
 import sys
@@ -25,26 +24,6 @@ from twisted.logger import Logger
 
 RESTART_DELAY = 1.0
 STOP_GRACE = 10.0
-_TCP = re.compile(r"tcp:(?:port=)?(?P<port>\d+)(?P<options>(?::[a-z]+=(?:\\.|[^:\\])*)*)$")
-
-
-def parse_tcp(description: str):
-    """C{(port, interface, backlog)} of a C{tcp:PORT[:interface=X][:backlog=N]} description.
-
-    @raise ValueError: anything else (workers share TCP ports only).
-    """
-    match = _TCP.match(description)
-    if match is None:
-        raise ValueError(f"--workers needs tcp:PORT[:interface=ADDRESS] listen descriptions, not {description!r}")
-    options = {}
-    for option in re.findall(r":([a-z]+)=((?:\\.|[^:\\])*)", match.group("options")):
-        options[option[0]] = re.sub(r"\\(.)", r"\1", option[1])
-    unknown = set(options) - {"interface", "backlog"}
-    if unknown:
-        raise ValueError(f"--workers: unsupported listen option(s) {', '.join(sorted(unknown))} in {description!r}")
-    return int(match.group("port")), options.get("interface", ""), int(options.get("backlog", 511))
-
-
 HANDOFF_FD = 3  # a worker's end of its channel to the primary
 _READY = b"r"  # a worker to the primary: hand me connections
 _FAMILIES = {b"4": socket.AF_INET, b"6": socket.AF_INET6}

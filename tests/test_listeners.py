@@ -8,10 +8,10 @@ import sys
 import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 
-from gomodel.listeners import ListenerService, ListenFailed
+from gomodel.listeners import ListenerService, ListenFailed, listen_endpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,3 +114,17 @@ def test_twistd_exits_with_one_line_when_the_port_is_busy(tmp_path, busy_port):
     assert len(naming) == 1, output
     assert f"cannot listen on tcp:{busy_port}:interface=127.0.0.1: " in naming[0] and "in use" in naming[0]
     assert "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tcp_description_waits_for_511_connections_unless_it_says_otherwise(reactor, tmp_path):
+    for description, backlog in (("tcp:0:interface=127.0.0.1", 511), ("tcp:port=0:interface=127.0.0.1:backlog=64", 64),
+                                 (r"tcp:0:interface=\:\:1", 511)):
+        port = await listen_endpoint(reactor, description).listen(Factory.forProtocol(Protocol))
+        try:
+            assert port.backlog == backlog  # what the socket's listen() was given (Twisted's default is 50)
+            assert port.getHost().host == description.split("interface=")[1].split(":backlog")[0].replace("\\", "")
+        finally:
+            await port.stopListening()
+    # anything else is Twisted's strports as it is
+    assert isinstance(listen_endpoint(reactor, f"unix:{tmp_path}/s"), UNIXServerEndpoint)

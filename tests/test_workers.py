@@ -15,7 +15,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, c
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from gomodel.workers import Handoff, HandedConnections, WorkerChannel, parse_tcp, worker_argv
+from gomodel.listeners import parse_tcp
+from gomodel.workers import Handoff, HandedConnections, WorkerChannel, worker_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
