@@ -144,6 +144,15 @@ def write_buffer(transport) -> int:
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
+async def until(reactor, predicate, limit=10.0, interval=0.01, what="condition"):
+    """A bounded poll, for what only a real socket or thread can tell: C{predicate()} every C{interval}
+    seconds until it is true; fails naming C{what} after C{limit} seconds."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} never happened"
+        await deferLater(reactor, interval, lambda: None)
+
+
 async def settled(reactor, read, interval=0.05, quiet=4, limit=15.0):
     """Wait until C{read()} stops changing for C{quiet} checks in a row."""
     last, same, deadline = read(), 0, time.monotonic() + limit

@@ -26,7 +26,7 @@ from gomodel.errors import ModelNotFound, StorageUnavailable, UpstreamUnreachabl
 from gomodel.routing.registry import Route
 from gomodel.store import SQLiteStore, new_file_id
 from tests.stores import put_blob
-from tests.support import in_thread, ready_pool, start_gateway, with_timeout
+from tests.support import in_thread, ready_pool, start_gateway, until, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -47,14 +47,6 @@ def jsonl(lines) -> bytes:
 
 def parse_jsonl(data: bytes):
     return [json.loads(line) for line in data.splitlines() if line.strip()]
-
-
-async def until(reactor, predicate, limit=10.0, interval=0.01):
-    """A bounded poll, for what only a real socket can tell."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never met"
-        await deferLater(reactor, interval, lambda: None)
 
 
 @pytest_twisted.async_yield_fixture()

@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from functools import partial
 
 import pytest
 import pytest_twisted
@@ -14,6 +15,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
 from tests.fakes.fleet import FakeFleet, FakeReplica, orca_header
 from tests.fakes.vllm import CHAT_MODEL
+from tests.support import until
 
 @pytest_twisted.async_yield_fixture()
 async def client(reactor):
@@ -50,11 +52,7 @@ def post(client, replica, path="/chat/completions", body=None, headers=None):
                              headers={"content-type": ["application/json"], **(headers or {})})
 
 
-async def wait_until(reactor, predicate, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await deferLater(reactor, 0.01, lambda: None)
+wait_until = partial(until, limit=3.0)
 
 
 def parse_metrics(page):

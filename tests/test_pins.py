@@ -15,11 +15,12 @@ import socket
 import threading
 import time
 import uuid
+from functools import partial
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.web.http_headers import Headers
 
@@ -31,6 +32,7 @@ from gomodel.routing.pool import READY, Replica, ReplicaPool
 from gomodel.routing.vllm_metrics import LoadSample
 from tests.fakes.fleet import FakeFleet
 from tests.redis_server import fresh_prefix, redis_client
+from tests import support
 from tests.support import start_gateway, with_timeout
 from tests.test_routing import MODEL, chat, post, served_by, who_got
 
@@ -75,11 +77,7 @@ def subscriber_threads():
     return [t for t in threading.enumerate() if t.name.startswith("gomodel-pins")]
 
 
-async def until(reactor, predicate, limit=5.0, step=0.02, what="condition"):
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} never happened"
-        await deferLater(reactor, step, lambda: None)
+until = partial(support.until, limit=5.0, interval=0.02)
 
 
 class Hosts:

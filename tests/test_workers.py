@@ -13,10 +13,10 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 
 from gomodel.listeners import parse_tcp
 from gomodel.workers import Handoff, HandedConnections, WorkerChannel, worker_argv
+from tests.support import until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,13 +71,6 @@ async def _served_by(reactor, port, host="127.0.0.1"):
     return tag.decode()
 
 
-async def _eventually(reactor, predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await deferLater(reactor, 0.01, lambda: None)
-
-
 class _Dealing:
     """A primary's Handoff listening on 127.0.0.1:0 and N workers' ends in this one process; as an
     async context manager, entered once every worker is ready, closed on the way out."""
@@ -96,7 +89,7 @@ class _Dealing:
         self.number = self.port.getHost().port
 
     async def __aenter__(self):
-        await _eventually(self._reactor, lambda: len(self.handoff.ready) == len(self.workers))
+        await until(self._reactor, lambda: len(self.handoff.ready) == len(self.workers), limit=5.0)
         return self
 
     async def __aexit__(self, *exc_info):
@@ -135,10 +128,10 @@ async def test_a_draining_worker_serves_what_was_already_passed_to_it_then_takes
         worker = dealing.workers[0]
         reactor.removeReader(worker)  # busy: the next connection waits in its channel
         client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", dealing.number), _Read())
-        await _eventually(reactor, lambda: dealing.handoff._turn == 0)  # accepted and passed on
+        await until(reactor, lambda: dealing.handoff._turn == 0, limit=5.0)  # accepted and passed on
         worker.stopListening()  # the drain
         assert (await client.done).startswith(b"worker 1 ")
-        await _eventually(reactor, lambda: not dealing.handoff.ready)
+        await until(reactor, lambda: not dealing.handoff.ready, limit=5.0)
         assert {await _served_by(reactor, dealing.number) for _ in range(2)} == {"primary"}
 
 
