@@ -215,6 +215,8 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
     """A comprehension, generator or lambda over a function's local makes that local a cell, made on
     every call (and read through it): the functions every relayed request runs keep to plain locals."""
     from gomodel.api.inference import InferenceRoutes, plan_model
+    from gomodel.http.front import FrontResource
+    from gomodel.http.handling import Handling
     from gomodel.limits.gate import Gate
     from gomodel.proxy.relay import StreamRelay
     from gomodel.routing.pool import ReplicaPool
@@ -223,7 +225,7 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
 
     hot = [ReplicaPool._choose, ReplicaPool._pick, ReplicaPool._lowest, ReplicaPool._slower, ReplicaPool._candidates,
            InferenceRoutes._completions, plan_model, StreamRelay.__init__, Gate.admit, Gate.completed,
-           VLLMProvider.url, OpenAICompatibleProvider._header_lines]
+           VLLMProvider.url, OpenAICompatibleProvider._header_lines, FrontResource.render, Handling._resume]
     assert {f.__qualname__: f.__code__.co_cellvars for f in hot if f.__code__.co_cellvars} == {}
 
 

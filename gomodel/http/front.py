@@ -11,7 +11,6 @@ response is over.
 
 from functools import partial
 
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -20,6 +19,7 @@ from gomodel import errors
 from gomodel._twistedcompat import send_now
 from gomodel.http import render
 from gomodel.http.context import STREAM_BROKEN, RequestContext, reads_usage
+from gomodel.http.handling import Handling
 from gomodel.http.headers import X_REQUEST_ID
 from gomodel.http.site import request_id_for
 
@@ -91,10 +91,10 @@ class FrontResource(Resource):
                 f"Method {request.method.decode('ascii', 'replace')} is not allowed on "
                 f"{request.path.decode('ascii')} (allowed: POST).", headers={"Allow": "POST"}), ctx.dialect)
         ctx.endpoint = request.path.decode("ascii")
-        d = Deferred.fromCoroutine(handler(request, ctx))
+        handling = Handling(_answer, request)
         # A client that leaves cancels the handler, which closes the upstream connection.
-        request.ending = partial(_ended, request=request, ctx=ctx, handler=d)
-        d.addBoth(_answer, request)
+        request.ending = partial(_ended, request=request, ctx=ctx, handler=handling)
+        handling.start(handler(request, ctx))
         return NOT_DONE_YET
 
     def _refusal(self, request):
