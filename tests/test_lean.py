@@ -220,12 +220,14 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
     from gomodel.limits.gate import Gate
     from gomodel.proxy.relay import StreamRelay
     from gomodel.routing.pool import ReplicaPool
+    from gomodel.upstream.client import within
     from gomodel.upstream.openai_compatible import OpenAICompatibleProvider
     from gomodel.upstream.vllm import VLLMProvider
 
     hot = [ReplicaPool._choose, ReplicaPool._pick, ReplicaPool._lowest, ReplicaPool._slower, ReplicaPool._candidates,
            InferenceRoutes._completions, plan_model, StreamRelay.__init__, Gate.admit, Gate.completed,
-           VLLMProvider.url, OpenAICompatibleProvider._header_lines, FrontResource.render, Handling._resume]
+           VLLMProvider.url, OpenAICompatibleProvider._header_lines, FrontResource.render, Handling._resume,
+           OpenAICompatibleProvider.send, within]
     assert {f.__qualname__: f.__code__.co_cellvars for f in hot if f.__code__.co_cellvars} == {}
 
 

@@ -1,7 +1,7 @@
 """Timeouts on one reactor timer (gomodel.timers), on a fake clock."""
 
 import pytest
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.task import Clock
 
 from gomodel.timers import Timers
@@ -80,4 +80,26 @@ def test_a_timeout_on_timers_times_out_or_settles():
     quick.callback("answer")
     assert answered.result == "answer"
     clock.advance(60)
+    assert not clock.getDelayedCalls()
+
+
+@pytest.mark.parametrize("kind", ["clock", "timers"])
+def test_within_tells_its_timeout_from_a_cancellation_by_the_caller_on_either_clock(kind):
+    """It knows it timed out by its timer having fired (a DelayedCall called, a Timers' timeout
+    inactive): a cancellation from outside before then stays a CancelledError, and nothing is left."""
+    clock = Clock()
+    on = clock if kind == "clock" else Timers(clock)
+    upstream = Deferred()
+    waiting = Deferred.fromCoroutine(within(upstream, 30, on))
+    waiting.cancel()  # the client left: what it waits on is cancelled
+    with pytest.raises(CancelledError):
+        waiting.result.raiseException()
+    waiting.addErrback(lambda _: None)
+    clock.advance(30)  # its timeout was dropped: nothing fires, nothing is set again
+    assert not clock.getDelayedCalls()
+    cancelled_by_timer = Deferred.fromCoroutine(within(Deferred(), 30, on))
+    clock.advance(30)
+    with pytest.raises(DeferredTimeout):
+        cancelled_by_timer.result.raiseException()
+    cancelled_by_timer.addErrback(lambda _: None)
     assert not clock.getDelayedCalls()

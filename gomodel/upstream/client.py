@@ -257,17 +257,13 @@ async def within(d: Deferred, seconds: float, clock):
         the C{ResponseNeverReceived([CancelledError])} that cancelling an Agent request produces.
     @raise Exception: what C{d} fails with.
     """
-    timed_out = []
-
-    def expire():
-        timed_out.append(True)
-        d.cancel()
-
-    call = clock.callLater(seconds, expire)
+    # No closure (its cells and function are made on every call): the timer's own state says whether it
+    # fired, which a clock marks before it calls (a DelayedCall is called, a Timers' timeout inactive).
+    call = clock.callLater(seconds, d.cancel)
     try:
         return await d
     except Exception as e:
-        if timed_out and was_cancelled(e):
+        if not call.active() and was_cancelled(e):
             raise DeferredTimeout(seconds) from None
         raise
     finally:
