@@ -70,9 +70,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     _cookies_parsed = False
 
     def __init__(self, channel, queued=False):
-        """What C{server.Request}'s and C{http.Request}'s C{__init__} set (Twisted 26; the test of this
-        module checks that nothing else is set), in one frame where theirs take three, and the answer's
-        headers made once as L{AnswerHeaders}."""
+        """What C{server.Request}'s and C{http.Request}'s C{__init__} set (Twisted 26: tests/test_site.py
+        checks that the two set the same), in one frame where theirs take three, and the answer's
+        headers made once, as L{AnswerHeaders}."""
         self.notifications = []
         self.channel = channel
         self.client = channel.getPeer()
