@@ -16,7 +16,9 @@ import httptools
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -147,9 +149,30 @@ class PromptClientProtocol(HTTP11ClientProtocol):
         self._finishedRequest = self._responseDeferred = answered = Deferred(self._cancel_waiting)
         self._currentRequest = request
         self._transportProxy = TransportProxyProducer(self.transport)
-        self._parser = AnswerParser(request, self._finishResponse, answered)
+        self._parser = AnswerParser(request, self._finish_whole, answered)
         self._parser.makeConnection(self._transportProxy)
         return answered
+
+    def _finish_whole(self, rest):
+        """Twisted's C{_finishResponse_WAITING} for a request sent whole, whose state is C{WAITING} until
+        its answer is whole: the same steps (the connection back to its pool, or closed), without the
+        dispatch on the state, the connection header's name encoded, a log context around the pool's
+        callback and a C{ConnectionDone} made for each answer."""
+        if self._state != "WAITING" or self._parser is None:
+            self._finishResponse(rest)  # (not what a request sent whole comes to: Twisted's steps)
+            return
+        self._state = "QUIESCENT"
+        if b"close" in self._parser.connHeaders._rawHeaders.get(b"Connection", ()) or \
+                not self._currentRequest.persistent:
+            self._giveUp(Failure(ConnectionDone("synthetic!")))
+            return
+        self.transport.resumeProducing()  # in case it was paused: before it is quiescent again
+        try:
+            self._quiescentCallback(self)  # back to the pool before the request finishes
+        except Exception:
+            _log.failure("while invoking the connection pool's quiescent callback")
+            self.transport.loseConnection()  # keeping it is an optimisation
+        self._disconnectParser(_SYNTHETIC_DONE)
 
     def _cancel_waiting(self, answered):
         """Cancelling a request sent whole: as Twisted's (closes the connection; the answer fails with
@@ -158,6 +181,9 @@ class PromptClientProtocol(HTTP11ClientProtocol):
         self._disconnectParser(Failure(CancelledError()))
 
 
+_log = Logger()
+# What a connection kept for the next request tells the answer's parser (Twisted makes one per answer).
+_SYNTHETIC_DONE = ConnectionDone("synthetic!")
 # How every whole body ends, made once: a Failure works out its exception's class names when made.
 _BODY_DONE = Failure(ResponseDone("Response body fully received"))
 _CONTROL_HEADERS = frozenset(_nameEncoder.encode(name) for name in HTTPParser.CONNECTION_CONTROL_HEADERS)

@@ -382,6 +382,8 @@ _ANSWERS = [
     (b"DELETE", [b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n"], False),
     (b"POST", [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], False),
     (b"POST", [b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbad"], False),
+    (b"POST", [b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok"], False),
+    (b"POST", [b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"], False),
     (b"POST", [b"HTTP/1.0 200 OK\r\n\r\nuntil the ", b"connection closes"], True),
     (b"POST", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"], True),
     (b"POST", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"], True),
@@ -396,6 +398,33 @@ _ANSWERS = [
 def test_an_answer_parsed_by_llhttp_is_what_twisteds_parser_makes_of_it(method, chunks, lose, late):
     assert _answer(_twistedcompat.PromptClientProtocol, method, chunks, lose, late) == _answer(
         _newclient.HTTP11ClientProtocol, method, chunks, lose, late)
+
+
+def test_a_pool_that_fails_to_take_a_connection_back_closes_it_as_with_twisteds_and_logs_why(logged_errors):
+    """The pool's quiescent callback raising: the connection closes, the answer's body still ends whole,
+    and the failure is logged, as Twisted's own finishing step does it."""
+    outcomes = []
+    for protocol_class in (_twistedcompat.PromptClientProtocol, _newclient.HTTP11ClientProtocol):
+        def refuse(protocol):
+            raise RuntimeError("the pool is gone")
+
+        protocol = protocol_class(refuse)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\nHost: h\r\n\r\n"))
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        body, ended = [], []
+
+        class Collect(Protocol):
+            def dataReceived(self, data):
+                body.append(data)
+
+            def connectionLost(self, reason):
+                ended.append(reason.type.__name__)
+
+        answer.addCallback(lambda response: response.deliverBody(Collect()))
+        outcomes.append((body, ended, transport.disconnecting, logged_errors.flush(RuntimeError)))
+    assert outcomes[0] == outcomes[1] == ([b"ok"], ["ResponseDone"], True, 1)
 
 
 def test_a_malformed_answer_fails_and_closes_the_connection_as_with_twisteds_parser():
