@@ -171,27 +171,6 @@ def test_answer_headers_put_and_request_header_are_Twisteds_and_cookies_are_pars
     assert request.getCookie(b"b") == b"2" and request.received_cookies == {b"a": b"1", b"b": b"2"}
 
 
-def test_a_gateway_request_starts_with_what_twisteds_request_starts_with():
-    """GatewayRequest sets in one __init__ what Twisted's server and HTTP requests set in theirs: the
-    same attributes, with equal values (the answer's headers as AnswerHeaders). A Twisted that sets
-    another fails this test, not a request."""
-    from twisted.web.server import Request
-    from twisted.web.test.requesthelper import DummyChannel
-
-    from gomodel.http.headers import AnswerHeaders
-    from gomodel.http.site import GatewayRequest
-
-    channel = DummyChannel()
-    ours, theirs = vars(GatewayRequest(channel)), vars(Request(channel))
-    assert sorted(ours) == sorted(theirs)
-    assert ours["responseHeaders"].__class__ is AnswerHeaders
-    for name, value in theirs.items():
-        if name not in ("requestHeaders", "responseHeaders"):
-            assert ours[name] == value, name
-    assert list(ours["requestHeaders"].getAllRawHeaders()) == list(ours["responseHeaders"].getAllRawHeaders()) == []
-    assert vars(GatewayRequest(channel, queued=True))["queued"] is True
-
-
 def test_a_request_id_is_the_clients_when_sane_else_new_random_hex_also_in_a_forked_child():
     from twisted.web.test.requesthelper import DummyChannel
 

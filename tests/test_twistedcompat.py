@@ -13,6 +13,7 @@ from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.web import _newclient, client, http, resource, server
+from twisted.web.http_headers import Headers
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 
@@ -312,6 +313,28 @@ def test_a_swept_pool_keeps_no_timer_and_closes_idle_connections_within_the_time
     pool._putConnection("k", new)
     pool.closeCachedConnections()
     assert new.closed and not pool._timeouts
+
+
+@pytest.mark.parametrize("kind", ["EndingRequest", "GatewayRequest"])
+def test_a_request_starts_with_what_twisteds_request_starts_with(kind):
+    """EndingRequest (and so GatewayRequest) sets in one __init__ what Twisted's server and HTTP requests
+    set in theirs: the same attributes, with equal values, the answer's headers made by its
+    answer_headers. A Twisted that sets another fails this test, not a request."""
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.http.site import GatewayRequest
+
+    cls = GatewayRequest if kind == "GatewayRequest" else _twistedcompat.EndingRequest
+    channel = DummyChannel()
+    ours, theirs = vars(cls(channel)), vars(server.Request(channel))
+    assert sorted(ours) == sorted(theirs)
+    assert ours["responseHeaders"].__class__ is (AnswerHeaders if cls is GatewayRequest else Headers)
+    for name, value in theirs.items():
+        if name not in ("requestHeaders", "responseHeaders"):
+            assert ours[name] == value, name
+    assert list(ours["requestHeaders"].getAllRawHeaders()) == list(ours["responseHeaders"].getAllRawHeaders()) == []
+    assert vars(cls(channel, queued=True))["queued"] is True
 
 
 def test_an_ending_request_ends_once_as_notifyFinish_fires():

@@ -12,7 +12,6 @@ import re
 
 from twisted.python import failure
 from twisted.web import server
-from twisted.web.http_headers import Headers
 # Read once: twisted.web.http's attributes are read through a deprecation proxy (tens of steps a read).
 from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk, unquote
 
@@ -68,23 +67,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     context = None
     keep_alive = True
     _cookies_parsed = False
-
-    def __init__(self, channel, queued=False):
-        """What C{server.Request}'s and C{http.Request}'s C{__init__} set (Twisted 26: tests/test_site.py
-        checks that the two set the same), in one frame where theirs take three, and the answer's
-        headers made once, as L{AnswerHeaders}."""
-        self.notifications = []
-        self.channel = channel
-        self.client = channel.getPeer()
-        self.host = channel.getHost()
-        self.requestHeaders = Headers()
-        self.received_cookies = {}
-        self.responseHeaders = AnswerHeaders()
-        self.cookies = []
-        self.transport = channel.transport
-        self.queued = queued
-        self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
-        self._adapterCache = {}  # (components.Componentized's)
+    answer_headers = AnswerHeaders
 
     def parseCookies(self):
         """Nothing: cookies are parsed when first asked for (L{getCookie}), not on every request (the gateway
