@@ -360,7 +360,8 @@ class PreparedRequest:
 class EndingRequest(server.Request):
     """A request that calls its C{ending} once, when it ends, as the Deferreds of C{notifyFinish} would
     fire: with None once the answer is finished, with the failure when the connection was lost first.
-    Without a Deferred: C{_cleanup} and C{connectionLost} are where Twisted fires those.
+    Without a Deferred: C{_cleanup} and C{connectionLost} are where Twisted fires those. It is set up
+    in one C{__init__} (Twisted's request classes take three).
 
     @ivar ending: a function of that result, or None.
     """
