@@ -357,15 +357,22 @@ def test_an_ending_request_ends_once_as_notifyFinish_fires():
         assert len(seen) == 1 and request.ending is None
 
 
-def _answer(protocol_class, method, chunks, lose=False, late=False):
+def _answer(protocol_class, method, chunks, lose=False, late=False, refuse=False):
     """What a client protocol makes of an upstream's answer in C{chunks}: the response's fields, its body,
     how the body ended, whether the connection went back to its pool, whether it was closed. With
-    C{late}, the body is asked for only once every chunk has arrived (the response buffers it)."""
+    C{late}, the body is asked for only once every chunk has arrived (the response buffers it); with
+    C{refuse}, the pool's callback raises a RuntimeError when the connection comes back."""
     from twisted.internet.error import ConnectionDone
     from twisted.python.failure import Failure
 
     pooled = []
-    protocol = protocol_class(pooled.append)
+
+    def quiescent(protocol):
+        pooled.append(protocol)
+        if refuse:
+            raise RuntimeError("the pool is gone")
+
+    protocol = protocol_class(quiescent)
     transport = StringTransport()
     protocol.makeConnection(transport)
     answer = protocol.request(_twistedcompat.PreparedRequest(method, method + b" / HTTP/1.1\r\nHost: h\r\n\r\n"))
@@ -426,28 +433,14 @@ def test_an_answer_parsed_by_llhttp_is_what_twisteds_parser_makes_of_it(method, 
 def test_a_pool_that_fails_to_take_a_connection_back_closes_it_as_with_twisteds_and_logs_why(logged_errors):
     """The pool's quiescent callback raising: the connection closes, the answer's body still ends whole,
     and the failure is logged, as Twisted's own finishing step does it."""
-    outcomes = []
-    for protocol_class in (_twistedcompat.PromptClientProtocol, _newclient.HTTP11ClientProtocol):
-        def refuse(protocol):
-            raise RuntimeError("the pool is gone")
-
-        protocol = protocol_class(refuse)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\nHost: h\r\n\r\n"))
-        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        body, ended = [], []
-
-        class Collect(Protocol):
-            def dataReceived(self, data):
-                body.append(data)
-
-            def connectionLost(self, reason):
-                ended.append(reason.type.__name__)
-
-        answer.addCallback(lambda response: response.deliverBody(Collect()))
-        outcomes.append((body, ended, transport.disconnecting, logged_errors.flush(RuntimeError)))
-    assert outcomes[0] == outcomes[1] == ([b"ok"], ["ResponseDone"], True, 1)
+    chunks = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    ours = _answer(_twistedcompat.PromptClientProtocol, b"POST", chunks, refuse=True)
+    assert logged_errors.flush(RuntimeError) == 1
+    theirs = _answer(_newclient.HTTP11ClientProtocol, b"POST", chunks, refuse=True)
+    assert logged_errors.flush(RuntimeError) == 1
+    assert ours == theirs
+    _, body, ended, _, closed = ours
+    assert (body, ended, closed) == (b"ok", ["ResponseDone"], True)
 
 
 def test_a_malformed_answer_fails_and_closes_the_connection_as_with_twisteds_parser():
