@@ -9,12 +9,14 @@ import threading
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from zope.interface.verify import verifyObject
 
 from gomodel.errors import StorageUnavailable
 from gomodel.store import IStoreService, SQLiteStore
 from gomodel.store.sqlite import MIGRATIONS
+from gomodel.store.sqlite.responses import KEEP_DELAY
 from tests.stores import add_file, batch
 
 
@@ -139,6 +141,42 @@ async def test_a_stopped_store_answers_storage_unavailable(reactor, tmp_path):
         with pytest.raises(StorageUnavailable):
             await call
     assert store.responses.keep({"id": "r"}) is None  # logged as a warning, nothing queued
+
+
+def _response(response_id, **extra):
+    return {"id": response_id, "provider": "vllm", "created_at": 100, "previous_response_id": None,
+            "status": "completed", "input_items": [], "response": {"id": response_id}, **extra}
+
+
+def _stored_ids(path):
+    """The ids in the responses table, read by a connection of its own (what is committed)."""
+    with sqlite3.connect(path / "gomodel.db") as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM responses ORDER BY id")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_responses_are_written_together_after_a_short_wait_and_at_stop(reactor, tmp_path, logged_errors):
+    clock = Clock()
+    store = await opened(reactor, tmp_path, clock=clock)
+    try:
+        store.responses.keep(_response("resp_a"))
+        broken = _response("resp_broken")
+        del broken["provider"]
+        store.responses.keep(broken)
+        store.responses.keep(_response("resp_b"))
+        assert _stored_ids(tmp_path) == []  # held, one timer for all three
+        assert [call.getTime() for call in clock.getDelayedCalls()] == [KEEP_DELAY]
+        clock.advance(KEEP_DELAY)
+        await store.started()  # a job queued after theirs: done
+        # The one transaction failed on the broken record: each was written alone, the broken one logged.
+        assert _stored_ids(tmp_path) == ["resp_a", "resp_b"]
+        assert logged_errors.flush(KeyError) == 1
+        store.responses.keep(_response("resp_c"))
+        store.responses.keep(_response("resp_d"))
+    finally:
+        await store.stopService()
+    assert _stored_ids(tmp_path) == ["resp_a", "resp_b", "resp_c", "resp_d"]  # written before the close
+    assert clock.getDelayedCalls() == []
 
 
 def test_an_owner_is_gone_only_when_its_process_on_this_host_is():

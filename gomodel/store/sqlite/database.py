@@ -62,6 +62,11 @@ class Database:
         self._threads.stop(shutting_down)
 
     @property
+    def stopped(self) -> bool:
+        """Whether the thread was stopped (L{run} fails and L{call} refuses from then on)."""
+        return self._pool.joined
+
+    @property
     def problem(self):
         """Why the database could not be opened, or None."""
         return self._broken
@@ -87,10 +92,11 @@ class Database:
         """
         if self._pool.joined:
             return False
-        self._pool.callInThread(self._logged, f, args, what)  # (a method: no closure made per call)
+        self._pool.callInThread(self.logged, f, args, what)  # (a method: no closure made per call)
         return True
 
-    def _logged(self, f, args, what):
+    def logged(self, f, args, what):
+        """In the store thread: C{f(*args)}, a failure logged (on the reactor thread) as C{what} failed."""
         try:
             f(*args)
         except Exception:

@@ -11,39 +11,85 @@ from gomodel.store.interfaces import IResponseStore
 _COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant"
 
 
+_PUT = (f"INSERT INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
+        "created_at = excluded.created_at, "
+        "previous_response_id = excluded.previous_response_id, status = excluded.status, "
+        "input_items = excluded.input_items, response = excluded.response")
+
+
+# How long a kept response waits to be written with the others kept meanwhile: one transaction (and
+# one wake-up of the store thread) for all of them, where each took its own. A read or write asked
+# for sooner writes them first.
+KEEP_DELAY = 0.02
+
+
 @implementer(IResponseStore)
 class SQLiteResponseStore:
-    """Stored responses in the C{responses} table."""
+    """Stored responses in the C{responses} table.
+
+    L{keep} holds a record for up to L{KEEP_DELAY} seconds and writes the
+    records held then in one transaction. Every other operation first queues
+    the write of those held ({L{flush}): the store thread runs its jobs in
+    order, so it sees them.
+    """
 
     log = Logger()
 
-    def __init__(self, db):
+    def __init__(self, db, clock):
+        """
+        @param clock: an C{IReactorTime}: when the records kept are written.
+        """
         self._db = db
+        self._clock = clock
+        self._kept = []  # records kept and not yet handed to the store thread
+        self._timer = None
 
     def put(self, record):
+        self.flush()
         return self._db.run(self._put, dict(record))
 
     def keep(self, record):
         # No Deferred: nothing wakes the reactor for a write nobody waits for.
-        if not self._db.call(self._put, dict(record), what=f"storing response {record['id']}"):
+        if self._db.stopped:
             self.log.warn("response {id} not stored: the gateway is stopping", id=record["id"])
+            return
+        self._kept.append(dict(record))
+        if self._timer is None:
+            self._timer = self._clock.callLater(KEEP_DELAY, self.flush)
+
+    def flush(self):
+        """Hand the records kept so far to the store thread (the gateway's stop calls this too)."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if not self._kept:
+            return
+        records, self._kept = self._kept, []
+        if not self._db.call(self._write, records, what="storing responses"):
+            for record in records:
+                self.log.warn("response {id} not stored: the gateway is stopping", id=record["id"])
+
+    def _write(self, records):
+        """In the store thread: write C{records} in one transaction (one by one, each failure logged,
+        when that fails: one bad record loses no other)."""
+        if len(records) > 1:
+            try:
+                with self._db.transaction() as conn:
+                    conn.executemany(_PUT, [_row(record) for record in records])
+                return
+            except Exception:
+                pass
+        for record in records:
+            self._db.logged(self._put, (record,), f"storing response {record['id']}")
 
     def _put(self, record):
-        raw = record.get("response_json")
-        values = (record["id"], record["provider"], record.get("replica"), record["created_at"],
-                  record.get("previous_response_id"),
-                  record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
-                  raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"),
-                  record.get("tenant"))
         with self._db.transaction() as conn:
-            conn.execute(
-                f"INSERT INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
-                "created_at = excluded.created_at, "
-                "previous_response_id = excluded.previous_response_id, status = excluded.status, "
-                "input_items = excluded.input_items, response = excluded.response", values)
+            conn.execute(_PUT, _row(record))
 
     def get(self, response_id):
+        self.flush()
         return self._db.run(self._get, response_id)
 
     def _get(self, response_id):
@@ -56,6 +102,7 @@ class SQLiteResponseStore:
         return record
 
     def delete(self, response_id):
+        self.flush()
         return self._db.run(self._delete, response_id)
 
     def _delete(self, response_id):
@@ -63,8 +110,19 @@ class SQLiteResponseStore:
             return conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
     def delete_before(self, created_at):
+        self.flush()
         return self._db.run(self._delete_before, created_at)
 
     def _delete_before(self, created_at):
         with self._db.transaction() as conn:
             return conn.execute("DELETE FROM responses WHERE created_at < ?", (created_at,)).rowcount
+
+
+def _row(record) -> tuple:
+    """The C{responses} row of a record (its C{response_json} stored as it is, when given)."""
+    raw = record.get("response_json")
+    return (record["id"], record["provider"], record.get("replica"), record["created_at"],
+            record.get("previous_response_id"),
+            record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
+            raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"),
+            record.get("tenant"))
