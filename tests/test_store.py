@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 from gomodel.errors import StorageUnavailable
 from gomodel.store import IStoreService, SQLiteStore
 from gomodel.store.sqlite import MIGRATIONS
-from gomodel.store.sqlite.responses import KEEP_DELAY
+from gomodel.store.interfaces import KEEP_DELAY
 from tests.stores import add_file, batch
 
 

@@ -102,6 +102,30 @@ async def test_a_statement_cut_by_the_server_is_a_503_and_the_store_recovers(rea
         await store.stopService()
 
 
+def _response(response_id):
+    return {"id": response_id, "provider": "vllm", "created_at": 100, "previous_response_id": None,
+            "status": "completed", "input_items": [], "response": {"id": response_id}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_responses_are_written_together_soon_and_before_the_stop(reactor, pg_database):
+    host_a, host_b = opened(reactor, pg_database, max_conns=2), opened(reactor, pg_database, max_conns=2)
+    try:
+        await gatherResults([host_a.started(), host_b.started()])
+        for n in range(3):
+            host_a.responses.keep(_response(f"resp_{n}"))
+        assert postgres.query(pg_database, "SELECT count(*) FROM responses") == [(0,)]  # held
+        await host_a.responses.written()  # (what its timer does within KEEP_DELAY)
+        # in one transaction: the three rows share its id
+        assert postgres.query(pg_database, "SELECT count(DISTINCT xmin::text), count(*) FROM responses") == [(1, 3)]
+        assert (await host_b.responses.get("resp_2"))["id"] == "resp_2"  # another host reads it
+        host_a.responses.keep(_response("resp_held"))
+    finally:
+        await host_a.stopService()
+        await host_b.stopService()
+    assert postgres.query(pg_database, "SELECT id FROM responses WHERE id = 'resp_held'") == [("resp_held",)]
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_unreachable_server_is_storage_unavailable_at_once(reactor):
     from gomodel.store.postgresql import PostgreSQLStore

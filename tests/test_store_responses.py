@@ -38,5 +38,7 @@ async def test_kept_responses_are_seen_by_the_next_read_and_failures_are_logged(
     broken = dict(kept, id="resp_broken")
     del broken["provider"]
     store.responses.keep(broken)
-    await store.responses.get("resp_k")  # answered after the failed write logged its failure
+    store.responses.keep(dict(kept, id="resp_after"))  # written with it: the broken one loses it nothing
+    assert (await store.responses.get("resp_after"))["id"] == "resp_after"  # after the failure was logged
+    assert await store.responses.get("resp_broken") is None
     assert logged_errors.flush(KeyError) == 1

@@ -2,6 +2,11 @@
 
 import json
 
+from gomodel import jsonutil
+
+# A stored response's columns, in the order of L{response_row}.
+RESPONSE_COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant"
+
 
 def encode_record(record: dict, columns, json_columns) -> dict:
     """The column values of C{record} (a dict of some of C{columns}), JSON columns as text.
@@ -24,3 +29,17 @@ def decode_json(record: dict, json_columns) -> dict:
         if record[key] is not None:
             record[key] = json.loads(record[key])
     return record
+
+
+def response_row(record) -> tuple:
+    """The values of a stored response's row (L{RESPONSE_COLUMNS}), its C{response_json} (the upstream's
+    bytes), when given, stored as it is.
+
+    @raise KeyError: C{record} lacks a required field.
+    """
+    raw = record.get("response_json")
+    return (record["id"], record["provider"], record.get("replica"), record["created_at"],
+            record.get("previous_response_id"),
+            record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
+            raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"),
+            record.get("tenant"))

@@ -233,6 +233,11 @@ class IBatchStore(Interface):
         """
 
 
+# How long a kept response may wait to be written with those kept meanwhile (L{IResponseStore.keep}):
+# one transaction, and one job of a store thread, for all of them, where each took its own.
+KEEP_DELAY = 0.02
+
+
 class IResponseStore(Interface):
     """Responses created through the gateway (see L{gomodel.responses_history})."""
 
@@ -249,7 +254,8 @@ class IResponseStore(Interface):
     def keep(record):
         """L{put} without waiting for it: returns None, a failure is logged.
 
-        Reads and writes asked for after it (in this process) see it.
+        The record may wait up to L{KEEP_DELAY} seconds to be written with
+        others. Reads and writes asked for after it (in this process) see it.
         C{record["response_json"]}, when given, is the response's JSON as
         bytes (stored as it is).
         """

@@ -2,26 +2,34 @@
 
 Any host finds a stored response and the replica that made it, so a
 C{previous_response_id} follow-up reaches that replica whichever host it
-lands on. A response is kept without waiting for the write (L{keep}), so
-a client may send its follow-up to another host before the write is
-committed: a read that finds nothing looks again a few times within
-C{MISS_GRACE} seconds (on the reactor's clock, holding no connection).
+lands on. A response is kept without waiting for the write (L{keep}): it waits up
+to L{KEEP_DELAY} seconds for others, and those kept meanwhile are written
+in one transaction. So a client may send its follow-up to another host
+before the write is committed: a read that finds nothing looks again a few
+times within C{MISS_GRACE} seconds (on the reactor's clock, holding no
+connection). In this process, reads and writes asked for after a keep wait
+for its write.
 """
 
 import json
 
+from psycopg import InterfaceError, OperationalError
 from psycopg.rows import dict_row
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gomodel import jsonutil
 from gomodel.errors import StorageUnavailable
-from gomodel.store.interfaces import IResponseStore
+from gomodel.store.codec import RESPONSE_COLUMNS, response_row
+from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
 MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
-_COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant"
+_PUT = (f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
+        "created_at = excluded.created_at, previous_response_id = excluded.previous_response_id, "
+        "status = excluded.status, input_items = excluded.input_items, response = excluded.response")
 
 
 @implementer(IResponseStore)
@@ -32,14 +40,18 @@ class PostgreSQLResponseStore:
 
     def __init__(self, db, clock):
         """
-        @param clock: an C{IReactorTime} for the waits of a read that found nothing.
+        @param clock: an C{IReactorTime}: when kept responses are written, and the waits of a read
+            that found nothing.
         """
         self._db = db
         self._clock = clock
-        self._keeping = set()  # writes of keep() in flight: later reads and writes wait for them
+        self._kept = []  # records kept and not yet handed to a store thread
+        self._timer = None
+        self._keeping = set()  # writes of kept records in flight: later reads and writes wait for them
 
     def _after_keeps(self, f, *args):
         """Run C{f(conn, *args)} once the kept writes asked for before are done (as SQLite's one thread does)."""
+        self.flush()
         if not self._keeping:
             return self._db.run(f, *args)
         d = DeferredList(list(self._keeping), consumeErrors=True)
@@ -50,31 +62,75 @@ class PostgreSQLResponseStore:
         return self._after_keeps(self._put, dict(record))
 
     def keep(self, record):
-        d = self._db.run(self._put, dict(record))
-        self._keeping.add(d)
+        self._kept.append(dict(record))
+        if self._timer is None:
+            self._timer = self._clock.callLater(KEEP_DELAY, self.flush)
 
-        def failed(failure):
+    def flush(self):
+        """Hand the records kept so far to a store thread, to be written in one transaction."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if not self._kept:
+            return
+        records, self._kept = self._kept, []
+        d = self._db.run(self._put_all, records)
+        self._keeping.add(d)
+        d.addCallbacks(self._written, self._not_written, errbackArgs=(records,))
+        d.addBoth(lambda _: self._keeping.discard(d))
+
+    def written(self):
+        """Hand over the records kept so far (L{flush}).
+
+        @return: a Deferred firing with None once every write of kept records is done (it never fails).
+        """
+        self.flush()
+        d = DeferredList(list(self._keeping), consumeErrors=True)
+        d.addCallback(lambda _: None)
+        return d
+
+    def _written(self, failures):
+        for response_id, failure in failures:
+            self.log.failure("storing response {id} failed", failure, id=response_id)
+
+    def _not_written(self, failure, records):
+        for record in records:
             if failure.check(StorageUnavailable):
                 self.log.warn("response {id} not stored: {error}", id=record["id"], error=failure.value.message)
             else:
                 self.log.failure("storing response {id} failed", failure, id=record["id"])
 
-        d.addErrback(failed)
-        d.addBoth(lambda _: self._keeping.discard(d))
+    @classmethod
+    def _put_all(cls, conn, records):
+        """In a store thread: write C{records} in one transaction; when that fails, each in its own.
+
+        @return: C{[(id, Failure)]} of the records that could not be written.
+        @raise psycopg.OperationalError: the server could not be reached (nothing more is tried).
+        """
+        if len(records) > 1:
+            try:
+                rows = [response_row(record) for record in records]
+                with conn.transaction():
+                    conn.cursor().executemany(_PUT, rows)
+                return []
+            except (OperationalError, InterfaceError):
+                raise
+            except Exception:
+                pass  # one by one: one bad record loses no other
+        failed = []
+        for record in records:
+            try:
+                cls._put(conn, record)
+            except (OperationalError, InterfaceError):
+                raise
+            except Exception:
+                failed.append((record["id"], Failure()))
+        return failed
 
     @staticmethod
     def _put(conn, record):
-        raw = record.get("response_json")
-        values = (record["id"], record["provider"], record.get("replica"), record["created_at"],
-                  record.get("previous_response_id"),
-                  record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
-                  raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"),
-                  record.get("tenant"))
-        conn.execute(
-            f"INSERT INTO responses ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
-            "created_at = excluded.created_at, previous_response_id = excluded.previous_response_id, "
-            "status = excluded.status, input_items = excluded.input_items, response = excluded.response", values)
+        conn.execute(_PUT, response_row(record))
 
     def get(self, response_id):
         return Deferred.fromCoroutine(self._get_or_wait(response_id))
@@ -91,7 +147,7 @@ class PostgreSQLResponseStore:
     @staticmethod
     def _get(conn, response_id):
         record = conn.cursor(row_factory=dict_row).execute(
-            f"SELECT {_COLUMNS} FROM responses WHERE id = %s", (response_id,)).fetchone()
+            f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = %s", (response_id,)).fetchone()
         if record is None:
             return None
         record["input_items"] = json.loads(record["input_items"])

@@ -65,7 +65,9 @@ class PostgreSQLStore(Service):
 
     def stopService(self):
         super().stopService()
-        return self._db.stop()
+        d = self.responses.written()  # the responses kept, before the pool closes
+        d.addCallback(lambda _: self._db.stop())
+        return d
 
     def started(self):
         if not self.running:

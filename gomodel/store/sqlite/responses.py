@@ -5,23 +5,14 @@ import json
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gomodel import jsonutil
-from gomodel.store.interfaces import IResponseStore
+from gomodel.store.codec import RESPONSE_COLUMNS, response_row
+from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
-_COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant"
-
-
-_PUT = (f"INSERT INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+_PUT = (f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
         "created_at = excluded.created_at, "
         "previous_response_id = excluded.previous_response_id, status = excluded.status, "
         "input_items = excluded.input_items, response = excluded.response")
-
-
-# How long a kept response waits to be written with the others kept meanwhile: one transaction (and
-# one wake-up of the store thread) for all of them, where each took its own. A read or write asked
-# for sooner writes them first.
-KEEP_DELAY = 0.02
 
 
 @implementer(IResponseStore)
@@ -30,7 +21,7 @@ class SQLiteResponseStore:
 
     L{keep} holds a record for up to L{KEEP_DELAY} seconds and writes the
     records held then in one transaction. Every other operation first queues
-    the write of those held ({L{flush}): the store thread runs its jobs in
+    the write of those held (L{flush}): the store thread runs its jobs in
     order, so it sees them.
     """
 
@@ -77,7 +68,7 @@ class SQLiteResponseStore:
         if len(records) > 1:
             try:
                 with self._db.transaction() as conn:
-                    conn.executemany(_PUT, [_row(record) for record in records])
+                    conn.executemany(_PUT, [response_row(record) for record in records])
                 return
             except Exception:
                 pass
@@ -86,14 +77,14 @@ class SQLiteResponseStore:
 
     def _put(self, record):
         with self._db.transaction() as conn:
-            conn.execute(_PUT, _row(record))
+            conn.execute(_PUT, response_row(record))
 
     def get(self, response_id):
         self.flush()
         return self._db.run(self._get, response_id)
 
     def _get(self, response_id):
-        row = self._db.conn().execute(f"SELECT {_COLUMNS} FROM responses WHERE id = ?", (response_id,)).fetchone()
+        row = self._db.conn().execute(f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?", (response_id,)).fetchone()
         if row is None:
             return None
         record = dict(row)
@@ -116,13 +107,3 @@ class SQLiteResponseStore:
     def _delete_before(self, created_at):
         with self._db.transaction() as conn:
             return conn.execute("DELETE FROM responses WHERE created_at < ?", (created_at,)).rowcount
-
-
-def _row(record) -> tuple:
-    """The C{responses} row of a record (its C{response_json} stored as it is, when given)."""
-    raw = record.get("response_json")
-    return (record["id"], record["provider"], record.get("replica"), record["created_at"],
-            record.get("previous_response_id"),
-            record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
-            raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"),
-            record.get("tenant"))
