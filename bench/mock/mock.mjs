@@ -20,6 +20,8 @@
 //   GET  /mock/stats            requests counted per route (the harness reads it)
 //   POST /mock/reset            zero the counters
 //
+// Ids are shaped as vLLM makes them: a prefix and 32 hex digits (uuid4().hex), fixed here.
+//
 // Usage: node mock.mjs [--port N] [--host 127.0.0.1] [--pace-ms 25] [--keepalive-timeout-s 5]
 // Prints "LISTENING <port>" on stdout once it accepts connections.
 
@@ -61,7 +63,7 @@ const B = (s) => Buffer.from(s, 'latin1');
 // ---------------------------------------------------------------- chat
 function chatJson(model) {
   return B(J({
-    id: 'chatcmpl-bench00000000000000000000000000', object: 'chat.completion', created: CREATED, model,
+    id: 'chatcmpl-9f86d081884c4d659a2feaa0c55ad015', object: 'chat.completion', created: CREATED, model,
     choices: [{ index: 0, message: { role: 'assistant', content: CHAT_TOKENS.join(''), refusal: null, annotations: null, audio: null, function_call: null, tool_calls: [], reasoning: null }, logprobs: null, finish_reason: 'length', stop_reason: null, token_ids: null }],
     service_tier: null, system_fingerprint: 'vllm-0.32.0-mock', prompt_logprobs: null, prompt_token_ids: null, kv_transfer_params: null,
     usage: usageChat,
@@ -70,7 +72,7 @@ function chatJson(model) {
 
 // Returns the list of SSE events (Buffers); the usage event is kept apart.
 function chatStream(model) {
-  const base = { id: 'chatcmpl-bench00000000000000000000000000', object: 'chat.completion.chunk', created: CREATED, model };
+  const base = { id: 'chatcmpl-9f86d081884c4d659a2feaa0c55ad015', object: 'chat.completion.chunk', created: CREATED, model };
   const ev = (o) => B('data: ' + J(Object.assign({}, base, o)) + '\n\n');
   const events = [ev({ choices: [{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }], prompt_token_ids: null })];
   for (const tok of CHAT_TOKENS) events.push(ev({ choices: [{ index: 0, delta: { content: tok }, logprobs: null, finish_reason: null, token_ids: null }] }));
@@ -84,9 +86,9 @@ function chatStream(model) {
 function respObject(model, status, withOutput) {
   const text = RESP_TOKENS.join('');
   return {
-    id: 'resp_bench000000000000000000000000', created_at: CREATED, incomplete_details: null, instructions: null, metadata: null, model,
+    id: 'resp_a3c65c2974a24b4fa8f3e2c1d7b90e6f', created_at: CREATED, incomplete_details: null, instructions: null, metadata: null, model,
     object: 'response',
-    output: withOutput ? [{ id: 'msg_bench000000000000000000000000', content: [{ annotations: [], text, type: 'output_text', logprobs: null }], role: 'assistant', status: 'completed', type: 'message' }] : [],
+    output: withOutput ? [{ id: 'msg_5d41402abc4b4a76b9719d911017c592', content: [{ annotations: [], text, type: 'output_text', logprobs: null }], role: 'assistant', status: 'completed', type: 'message' }] : [],
     parallel_tool_calls: true, temperature: 1.0, tool_choice: 'auto', tools: [], top_p: 1.0, background: false, max_output_tokens: N_TOKENS,
     max_tool_calls: null, previous_response_id: null, prompt: null, reasoning: null, service_tier: 'auto', status, text: null, top_logprobs: null,
     truncation: 'disabled',
@@ -98,7 +100,7 @@ function respJson(model) { return B(J(respObject(model, 'completed', true))); }
 function respStream(model) {
   let seq = 0;
   const ev = (type, o) => B('event: ' + type + '\ndata: ' + J(Object.assign(o, { sequence_number: seq++, type })) + '\n\n');
-  const itemId = 'msg_bench000000000000000000000000';
+  const itemId = 'msg_5d41402abc4b4a76b9719d911017c592';
   const text = RESP_TOKENS.join('');
   const part = (t) => ({ annotations: [], text: t, type: 'output_text', logprobs: null });
   const events = [
@@ -121,7 +123,7 @@ function respStream(model) {
 // (message_start with the prompt's usage, one text block, message_delta with the
 // stop reason and usage, message_stop; no [DONE]). tests/fakes/vllm.py writes
 // the same shapes.
-const MSG_ID = 'chatcmpl-bench00000000000000000000000000';
+const MSG_ID = 'chatcmpl-9f86d081884c4d659a2feaa0c55ad015';
 function msgJson(model) {
   return B(J({
     id: MSG_ID, type: 'message', role: 'assistant', content: [{ type: 'text', text: MSG_TOKENS.join('') }], model,
@@ -151,7 +153,7 @@ function embedValue(i) {
 }
 const EMBEDDING = Array.from({ length: EMBED_DIM }, (_, i) => embedValue(i));
 const embedJson = B(J({
-  id: 'embd-bench00000000000000000000000000', object: 'list', created: CREATED, model: EMBED_MODEL,
+  id: 'embd-7d793037a0764186a5a8f2b5c1e4d3f9', object: 'list', created: CREATED, model: EMBED_MODEL,
   data: [{ index: 0, object: 'embedding', embedding: EMBEDDING }],
   usage: { prompt_tokens: 10, total_tokens: 10, completion_tokens: 0, prompt_tokens_details: null },
 }));
