@@ -1,5 +1,5 @@
 """Send N chat requests on keep-alive connections: nreq.py PORT KEY N [stream]
-(each must be a 200; with C{stream}, streamed chat requests, each read to its end). One connection,
+(each must be a 200; with C{stream}, streamed requests, each read to its end). One connection,
 one request after another; with C{CONC=K} in the environment, K connections at once (N/K each);
 with C{WORKLOAD=responses}, Responses requests (C{/v1/responses}, stored as by default) instead."""
 
@@ -16,6 +16,8 @@ path = "/v1/responses" if responses else "/v1/chat/completions"
 body = b'{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct",%s%s}' % (
     b'"input":"hello"' if responses else b'"messages":[{"role":"user","content":"hello"}]',
     b',"stream":true' if stream else b"")
+# how a whole stream ends: chat's [DONE], or the Responses API's last event
+END = b'"type":"response.completed"}\n\n' if responses else b"data: [DONE]\n\n"
 failed = []
 
 
@@ -28,7 +30,7 @@ def send(count):
             response = connection.getresponse()
             answer = response.read()
             assert response.status == 200, (response.status, answer[:200])
-            assert not stream or answer.endswith(b"data: [DONE]\n\n"), answer[-200:]
+            assert not stream or answer.endswith(END), answer[-200:]
     except BaseException as e:
         failed.append(e)
         raise

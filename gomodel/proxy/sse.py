@@ -29,6 +29,24 @@ def mentions(data: bytes, words) -> bool:
     return False
 
 
+def first_holding(events: list, joined: bytes, words) -> int:
+    """The index of the first of C{events} (whose join is C{joined}) that holds one of C{words}, or
+    C{len(events)} when none does; each word is looked for once, in C{joined} (no event holds a line
+    break, so a word found there is within one event)."""
+    first = len(joined)
+    for word in words:
+        at = joined.find(word)
+        if 0 <= at < first:
+            first = at
+    if first == len(joined):
+        return len(events)
+    i, end = 0, len(events[0])
+    while end <= first:
+        i += 1
+        end += len(events[i])
+    return i
+
+
 class StreamIncomplete(Exception):
     """The upstream's stream ended without its proper end."""
 
@@ -126,15 +144,7 @@ class ChatStreamObserver:
         if len(events) > 1:
             # The events before the first one holding a word go as they are (a read that holds a
             # stream's end often holds its last tokens too).
-            first = len(joined)
-            for word in _CHAT_WATCHED:
-                at = joined.find(word)
-                if 0 <= at < first:
-                    first = at
-            i, end = 0, len(events[0])
-            while end <= first:
-                i += 1
-                end += len(events[i])
+            i = first_holding(events, joined, _CHAT_WATCHED)
             out, events = events[:i], events[i:]
         else:
             out = []
@@ -194,10 +204,10 @@ class ResponsesStreamObserver:
     def feed(self, data: bytes) -> bytes:
         events = self._framer.feed(data)
         joined = b"".join(events)
-        if mentions(joined, _RESPONSES_WATCHED):  # most reads hold none (see ChatStreamObserver.feed)
-            for event in events:
-                if mentions(event, _RESPONSES_WATCHED):
-                    self._observe(event)
+        # Most reads hold none of the words; one that does holds them late (the end), after the tokens.
+        for i in range(first_holding(events, joined, _RESPONSES_WATCHED), len(events)):
+            if mentions(events[i], _RESPONSES_WATCHED):
+                self._observe(events[i])
         return joined
 
     def _observe(self, event):
