@@ -216,6 +216,11 @@ class AnswerParser(Protocol):
         self.finisher = finisher
         self._responseDeferred = answered
         self.connHeaders = Headers()
+        # llhttp hands each piece of body (one per chunk: an SSE stream's read holds one per event) to
+        # this list's append, in C, no Python call each; they go to the response together once the
+        # read is parsed (L{_deliver}). (httptools looks on_body up when the parser is made.)
+        self._pieces = []
+        self.on_body = self._pieces.append
         self._parser = httptools.HttpResponseParser(self)
         self._pairs = []
         self._reason = b""
@@ -225,6 +230,8 @@ class AnswerParser(Protocol):
         try:
             self._parser.feed_data(data)
         finally:
+            if self._pieces:
+                self._deliver()
             if self._complete:
                 self._parser = None  # it holds this parser's methods: a cycle only the gc would free
             # The answer's Deferred fires once what came in this read is parsed: an answer that came
@@ -269,8 +276,12 @@ class AnswerParser(Protocol):
             self.transport.pauseProducing()  # the body waits for deliverBody, as with Twisted's parser
         self._in_body = True
 
-    def on_body(self, data):
-        # Response._bodyDataReceived's two states that take data, without its dispatcher (per chunk)
+    def _deliver(self):
+        """Hand the body pieces parsed so far to the response in one piece: C{Response._bodyDataReceived}'s
+        two states that take data, without its dispatcher."""
+        pieces = self._pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
         response = self.response
         state = response._state
         if state == "CONNECTED":
@@ -283,6 +294,8 @@ class AnswerParser(Protocol):
     def on_message_complete(self):
         if self.response is None:
             return  # the end of a 1xx answer
+        if self._pieces:
+            self._deliver()  # the body's last pieces, before its end
         self._complete = True
         self.finisher(b"")  # the connection goes back to its pool (or closes), then the body ends
         self._end_body(None)
