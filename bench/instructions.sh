@@ -22,7 +22,9 @@
 # pool was still growing inside the window (at 64, some 30 new connections in 640 requests, ~460 k
 # instructions each), which a steady load never pays.
 #
-# STREAM=1 sends streamed chat requests instead (the mock's 24-event stream, read to its end).
+# STREAM=1 sends streamed chat requests instead (the mock's 24-event stream, read to its end); with
+# MODEL=paced, the mock's paced model (an event every 25 ms, each its own upstream read, as a model
+# generates them; about 0.5 s a stream, so use a smaller N).
 #
 # WORKLOAD=responses sends Responses requests (/v1/responses, stored as by default) instead of chat.
 #

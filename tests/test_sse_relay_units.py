@@ -205,6 +205,22 @@ def test_idle_timer_does_not_count_our_own_pauses():
     assert failures[0].check(UpstreamIdle)
 
 
+def test_the_idle_timeout_counts_from_the_upstreams_last_bytes():
+    h = Harness(idle_timeout=5)
+    h.relay.dataReceived(CHUNK)  # past the first token
+    for _ in range(4):
+        h.clock.advance(3)
+        h.relay.dataReceived(b"data: 1\n\n")  # t = 3, 6, 9, 12: never 5 s of silence
+        assert len(h.clock.getDelayedCalls()) <= 2  # the idle timer (and a drain): not one per read
+    h.clock.advance(4.9)
+    assert not h.relay.finished.called
+    h.clock.advance(0.1)  # 5 s after the last bytes
+    failures = []
+    h.relay.finished.addErrback(failures.append)
+    assert failures[0].check(UpstreamIdle)
+    assert h.upstream.producerState == "stopped"
+
+
 def test_stalled_client_and_overall_cap():
     h = Harness(stall_timeout=3)
     h.relay.pauseProducing()

@@ -1,7 +1,8 @@
 """Send N chat requests on keep-alive connections: nreq.py PORT KEY N [stream]
 (each must be a 200; with C{stream}, streamed requests, each read to its end). One connection,
 one request after another; with C{CONC=K} in the environment, K connections at once (N/K each);
-with C{WORKLOAD=responses}, Responses requests (C{/v1/responses}, stored as by default) instead."""
+with C{WORKLOAD=responses}, Responses requests (C{/v1/responses}, stored as by default) instead; C{MODEL=paced},
+the mock's paced model (25 ms between a stream's events: one upstream read each, as a model generates)."""
 
 import http.client
 import os
@@ -13,7 +14,8 @@ stream = sys.argv[4:] == ["stream"]
 conc = int(os.environ.get("CONC", "1"))
 responses = os.environ.get("WORKLOAD", "chat") == "responses"
 path = "/v1/responses" if responses else "/v1/chat/completions"
-body = b'{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct",%s%s}' % (
+model = os.environ.get("MODEL", "meta-llama/Llama-3.1-8B-Instruct").encode()
+body = b'{"model":"vllm/%s",%s%s}' % (model,
     b'"input":"hello"' if responses else b'"messages":[{"role":"user","content":"hello"}]',
     b',"stream":true' if stream else b"")
 # how a whole stream ends: chat's [DONE], or the Responses API's last event

@@ -94,6 +94,7 @@ class StreamRelay(Protocol):
         self.end_written = False
         self.finished = Deferred(self._cancelled)
         self._idle_call = None
+        self._heard = 0.0  # when the upstream last sent bytes (the idle timer looks at it when it fires)
         self._stall_call = None
         self._inbox = []
         self._drain_call = None
@@ -104,21 +105,22 @@ class StreamRelay(Protocol):
     # -- upstream side (IProtocol) -------------------------------------------
 
     def connectionMade(self):
-        self._arm_idle()
+        self._heard = self._clock.seconds()
+        self._arm_idle(self._idle_timeout)
 
     def dataReceived(self, data):
         if self.finished.called:
             return
+        self._heard = now = self._clock.seconds()
         if self._eager:
             self._eager -= 1
-            self._last_delivery = self._clock.seconds()
+            self._last_delivery = now
             out = self._relay(data)
             if out and _TOKEN.search(out) is not None:
                 self._eager = 0
                 send_now(self._request.transport)
             return
         if self._drain_call is None:
-            now = self._clock.seconds()
             gap, self._last_delivery = now - self._last_delivery, now
             if gap >= READ_GAP:
                 # The first delivery of a new upstream read: out at once.
@@ -141,7 +143,6 @@ class StreamRelay(Protocol):
 
     def _relay(self, data):
         """Pass C{data} through the observer to the client; return what was written."""
-        self._arm_idle()
         try:
             out = self.observer.feed(data)
         except Exception as e:
@@ -199,7 +200,8 @@ class StreamRelay(Protocol):
         if self.transport is not None:
             self.transport.resumeProducing()
         if not self.upstream_done:
-            self._arm_idle()
+            self._heard = self._clock.seconds()  # our own pause was no upstream silence
+            self._arm_idle(self._idle_timeout)
 
     def stopProducing(self):
         """The client connection is gone."""
@@ -225,13 +227,18 @@ class StreamRelay(Protocol):
         self.abort_upstream()
         self.finished.errback(exc)
 
-    def _arm_idle(self):
-        if not self._idle_timeout or self.paused:
-            return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(self._idle_timeout)
+    def _arm_idle(self, seconds):
+        """Look at the upstream's silence in C{seconds} (L{_idle_check}): one timer, never reset as bytes come."""
+        if self._idle_timeout and not self.paused:
+            self._idle_call = self._clock.callLater(seconds, self._idle_check)
+
+    def _idle_check(self):
+        self._idle_call = None
+        silent = self._clock.seconds() - self._heard
+        if silent < self._idle_timeout:
+            self._arm_idle(self._idle_timeout - silent)  # bytes came meanwhile: look again when it would run out
         else:
-            self._idle_call = self._clock.callLater(self._idle_timeout, self._fail, UpstreamIdle())
+            self._fail(UpstreamIdle())
 
     @staticmethod
     def _cancel(call):
