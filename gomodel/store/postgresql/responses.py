@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from gomodel.errors import StorageUnavailable
 from gomodel.store.codec import RESPONSE_COLUMNS, response_row
+from gomodel.store.held import Held
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
 MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
@@ -45,8 +46,7 @@ class PostgreSQLResponseStore:
         """
         self._db = db
         self._clock = clock
-        self._kept = []  # records kept and not yet handed to a store thread
-        self._timer = None
+        self._kept = Held(clock, KEEP_DELAY, self._hand_over)
         self._keeping = set()  # writes of kept records in flight: later reads and writes wait for them
 
     def _after_keeps(self, f, *args):
@@ -62,19 +62,13 @@ class PostgreSQLResponseStore:
         return self._after_keeps(self._put, dict(record))
 
     def keep(self, record):
-        self._kept.append(dict(record))
-        if self._timer is None:
-            self._timer = self._clock.callLater(KEEP_DELAY, self.flush)
+        self._kept.add(dict(record))
 
     def flush(self):
         """Hand the records kept so far to a store thread, to be written in one transaction."""
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        if not self._kept:
-            return
-        records, self._kept = self._kept, []
+        self._kept.flush()
+
+    def _hand_over(self, records):
         d = self._db.run(self._put_all, records)
         self._keeping.add(d)
         d.addCallbacks(self._written, self._not_written, errbackArgs=(records,))

@@ -6,6 +6,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel.store.codec import RESPONSE_COLUMNS, response_row
+from gomodel.store.held import Held
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
 _PUT = (f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -32,9 +33,7 @@ class SQLiteResponseStore:
         @param clock: an C{IReactorTime}: when the records kept are written.
         """
         self._db = db
-        self._clock = clock
-        self._kept = []  # records kept and not yet handed to the store thread
-        self._timer = None
+        self._kept = Held(clock, KEEP_DELAY, self._hand_over)
 
     def put(self, record):
         self.flush()
@@ -45,19 +44,13 @@ class SQLiteResponseStore:
         if self._db.stopped:
             self.log.warn("response {id} not stored: the gateway is stopping", id=record["id"])
             return
-        self._kept.append(dict(record))
-        if self._timer is None:
-            self._timer = self._clock.callLater(KEEP_DELAY, self.flush)
+        self._kept.add(dict(record))
 
     def flush(self):
         """Hand the records kept so far to the store thread (the gateway's stop calls this too)."""
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        if not self._kept:
-            return
-        records, self._kept = self._kept, []
+        self._kept.flush()
+
+    def _hand_over(self, records):
         if not self._db.call(self._write, records, what="storing responses"):
             for record in records:
                 self.log.warn("response {id} not stored: the gateway is stopping", id=record["id"])
