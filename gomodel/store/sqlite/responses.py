@@ -77,7 +77,8 @@ class SQLiteResponseStore:
         return self._db.run(self._get, response_id)
 
     def _get(self, response_id):
-        row = self._db.conn().execute(f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?", (response_id,)).fetchone()
+        row = self._db.conn().execute(f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?",
+                                      (response_id,)).fetchone()
         if row is None:
             return None
         record = dict(row)
