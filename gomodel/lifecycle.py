@@ -9,7 +9,7 @@ at the next start), and the process exits with status 0, not twistd's
 signal status.
 """
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from gomodel import _twistedcompat
@@ -55,16 +55,20 @@ class Drain:
         if self.draining:
             return succeed(None)
         self.draining = True
-        for listener in self._listeners:
-            listener.stopListening()
-        self.log.info("draining: {count} requests in flight, waiting up to {timeout:g}s",
-                      count=self.in_flight, timeout=self._timeout)
+        closing = [d for d in (listener.stopListening() for listener in self._listeners) if d is not None]
+        # Said once the ports are closed (Twisted closes a port's socket on the reactor's next turn: until
+        # then the kernel still completes new connections), so that the line means what it says.
+        DeferredList(closing, consumeErrors=True).addCallback(self._closed)
         _twistedcompat.exit_cleanly(self._reactor)
         if self.in_flight == 0:
             return succeed(None)
         self._idle = Deferred()
         self._idle.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)
         return self._idle
+
+    def _closed(self, _):
+        self.log.info("draining: new connections are refused; {count} requests in flight, waiting up to "
+                      "{timeout:g}s", count=self.in_flight, timeout=self._timeout)
 
     def _cut(self, result, timeout):
         self._idle = None

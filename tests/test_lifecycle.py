@@ -9,9 +9,13 @@ import sys
 
 import pytest_twisted
 from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger
+
+from gomodel.lifecycle import Drain
 
 from tests.rawclient import chat_request, connect
 from tests.support import start_gateway, with_timeout
@@ -33,6 +37,25 @@ async def test_ready_once_discovered_and_open_without_a_key(reactor, http, fake)
         gw.service.drain.draining = False
     finally:
         await gw.service.stopService()
+
+
+def test_a_drain_says_it_is_draining_once_its_ports_refuse_connections():
+    """Twisted closes a port's socket a reactor turn after stopListening: until then the kernel still
+    completes new connections, so the line waits for the port's Deferred."""
+    closed = Deferred()
+
+    class Listener:
+        def stopListening(self):
+            return closed
+
+    events = []
+    drain = Drain(Clock(), [Listener()], 5)
+    drain.log = Logger(observer=events.append)
+    assert drain.drain().called  # nothing in flight
+    assert drain.draining and events == []
+    closed.callback(None)
+    assert [e["log_format"].split(":")[0] for e in events] == ["draining"]
+    assert events[0]["count"] == 0
 
 
 async def _wait_for(reactor, predicate, what, steps=400):
