@@ -30,6 +30,16 @@ def test_framer_cuts_on_bytes_across_reads():
     assert framer.pending == b""
 
 
+def test_framer_hands_a_read_of_one_whole_event_on_as_it_is():
+    framer = SSEFramer()
+    assert framer.feed(b"d") == [] and framer.pending == b"d"  # one byte: no event yet
+    assert framer.feed(b"ata: 1\n\n") == [b"data: 1\n\n"] and framer.pending == b""
+    read = b"data: 2\n\n"
+    assert framer.feed(read)[0] is read  # a model's read of one token: no copy
+    assert framer.feed(b"data: 3\n\n\n") == [b"data: 3\n\n"] and framer.pending == b"\n"
+    assert framer.feed(b"\ndata: 4\n\n") == [b"\n\n", b"data: 4\n\n"]
+
+
 def test_framer_bounds_an_unterminated_event():
     framer = SSEFramer(max_event_bytes=100)
     with pytest.raises(StreamIncomplete):

@@ -71,7 +71,10 @@ class SSEFramer:
                 events.append(buffer[start:match.end()])
                 start = match.end()
             self._buffer = buffer[start:]
-        else:  # the common case: LF only, cut in C
+        elif buffer.find(b"\n\n") == len(buffer) - 2 >= 0:  # one whole event: a model's read of one token
+            self._buffer = b""
+            return [buffer]
+        else:  # LF only, cut in C
             parts = buffer.split(b"\n\n")
             self._buffer = parts.pop()
             events = [part + b"\n\n" for part in parts]
