@@ -15,8 +15,8 @@ from zope.interface.verify import verifyObject
 
 from gomodel.errors import StorageUnavailable
 from gomodel.store import IStoreService, SQLiteStore
-from gomodel.store.sqlite import MIGRATIONS
 from gomodel.store.interfaces import KEEP_DELAY
+from gomodel.store.sqlite import MIGRATIONS
 from tests.stores import add_file, batch
 
 
@@ -150,8 +150,11 @@ def _response(response_id, **extra):
 
 def _stored_ids(path):
     """The ids in the responses table, read by a connection of its own (what is committed)."""
-    with sqlite3.connect(path / "gomodel.db") as conn:
+    conn = sqlite3.connect(path / "gomodel.db")
+    try:
         return [row[0] for row in conn.execute("SELECT id FROM responses ORDER BY id")]
+    finally:
+        conn.close()
 
 
 @pytest_twisted.ensureDeferred
