@@ -182,6 +182,20 @@ async def test_kept_responses_are_written_together_after_a_short_wait_and_at_sto
     assert clock.getDelayedCalls() == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_another_process_on_the_file_finds_a_response_kept_a_moment_ago(reactor, tmp_path):
+    """As two gateway processes of --workers: B reads what A still holds (up to KEEP_DELAY) by looking again."""
+    a, b = await opened(reactor, tmp_path), await opened(reactor, tmp_path)
+    try:
+        a.responses.keep(_response("resp_x"))
+        assert _stored_ids(tmp_path) == []  # held by A
+        assert (await b.responses.get("resp_x"))["id"] == "resp_x"
+        assert await b.responses.get("resp_unknown") is None  # after looking again, within MISS_GRACE
+    finally:
+        await a.stopService()
+        await b.stopService()
+
+
 def test_an_owner_is_gone_only_when_its_process_on_this_host_is():
     import subprocess
     import sys

@@ -1,4 +1,7 @@
-"""Records held for a moment and handed over together: one write for all those of that moment."""
+"""Records held for a moment and handed over together: one write for all those of that moment; and
+a read that looks again for what another process may still hold."""
+
+from twisted.internet.task import deferLater
 
 
 class Held:
@@ -31,3 +34,15 @@ class Held:
         if self._records:
             records, self._records = self._records, []
             self._hand_over(records)
+
+
+async def looked_again(found, read, clock, waits):
+    """C{found}, or, while it is None, what C{read()} (a Deferred) finds after each of C{waits}
+    (seconds, in turn, on C{clock}): another process may hold the record for a moment (L{Held}), or
+    be committing it. Fires with None when it never turns up."""
+    for wait in waits:
+        if found is not None:
+            break
+        await deferLater(clock, wait, lambda: None)
+        found = await read()
+    return found

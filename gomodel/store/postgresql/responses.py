@@ -16,14 +16,13 @@ import json
 from psycopg import InterfaceError, OperationalError
 from psycopg.rows import dict_row
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gomodel.errors import StorageUnavailable
 from gomodel.store.codec import RESPONSE_COLUMNS, response_row
-from gomodel.store.held import Held
+from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
 MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
@@ -130,13 +129,8 @@ class PostgreSQLResponseStore:
         return Deferred.fromCoroutine(self._get_or_wait(response_id))
 
     async def _get_or_wait(self, response_id):
-        record = await self._after_keeps(self._get, response_id)
-        for wait in MISS_GRACE:
-            if record is not None:
-                break
-            await deferLater(self._clock, wait, lambda: None)  # another host may be committing it
-            record = await self._db.run(self._get, response_id)
-        return record
+        return await looked_again(await self._after_keeps(self._get, response_id),
+                                  lambda: self._db.run(self._get, response_id), self._clock, MISS_GRACE)
 
     @staticmethod
     def _get(conn, response_id):

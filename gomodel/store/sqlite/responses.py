@@ -2,13 +2,17 @@
 
 import json
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel.store.codec import RESPONSE_COLUMNS, response_row
-from gomodel.store.held import Held
+from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
+# Waits before a response not found is looked up again: another gateway process on the same file
+# (--workers) may hold it for up to KEEP_DELAY before its store thread writes it.
+MISS_GRACE = (0.025, 0.05)
 _PUT = (f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
         "created_at = excluded.created_at, "
@@ -23,17 +27,20 @@ class SQLiteResponseStore:
     L{keep} holds a record for up to L{KEEP_DELAY} seconds and writes the
     records held then in one transaction. Every other operation first queues
     the write of those held (L{flush}): the store thread runs its jobs in
-    order, so it sees them.
+    order, so it sees them. Another process on the same file sees them once
+    written: a read that finds nothing looks again within L{MISS_GRACE}.
     """
 
     log = Logger()
 
-    def __init__(self, db, clock):
+    def __init__(self, db, clock, waits=None):
         """
         @param clock: an C{IReactorTime}: when the records kept are written.
+        @param waits: an C{IReactorTime} for the waits of a read that found nothing (default: C{clock}).
         """
         self._db = db
         self._kept = Held(clock, KEEP_DELAY, self._hand_over)
+        self._waits = waits if waits is not None else clock
 
     def put(self, record):
         self.flush()
@@ -74,7 +81,11 @@ class SQLiteResponseStore:
 
     def get(self, response_id):
         self.flush()
-        return self._db.run(self._get, response_id)
+        return Deferred.fromCoroutine(self._get_or_wait(response_id))
+
+    async def _get_or_wait(self, response_id):
+        return await looked_again(await self._db.run(self._get, response_id),
+                                  lambda: self._db.run(self._get, response_id), self._waits, MISS_GRACE)
 
     def _get(self, response_id):
         row = self._db.conn().execute(f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?",

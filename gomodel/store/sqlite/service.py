@@ -53,7 +53,7 @@ class SQLiteStore(Service):
         self.blobs = LocalBlobStore(os.path.join(self.data_dir, "files"), reactor, threads=blob_threads)
         self.files = SQLiteFileStore(self._db)
         self.batches = SQLiteBatchStore(self._db)
-        self.responses = SQLiteResponseStore(self._db, clock if clock is not None else reactor)
+        self.responses = SQLiteResponseStore(self._db, clock if clock is not None else reactor, waits=reactor)
         self.claims = SQLiteClaims(self._db)
         self.usage = SQLiteUsageStore(self._db)
         self.keys = SQLiteKeyStore(self._db)
