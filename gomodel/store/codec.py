@@ -6,6 +6,15 @@ from gomodel import jsonutil
 
 # A stored response's columns, in the order of L{response_row}.
 RESPONSE_COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant"
+# Those a response written again replaces (not its id, nor who owns it).
+_RESPONSE_REPLACED = ("provider", "replica", "created_at", "previous_response_id", "status", "input_items", "response")
+
+
+def response_upsert(mark: str) -> str:
+    """The statement that stores a response (L{response_row}'s values) or replaces the stored one, each
+    value written as C{mark}, the driver's placeholder (C{?} for SQLite, C{%s} for psycopg)."""
+    return (f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES ({', '.join([mark] * 9)}) "
+            "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _RESPONSE_REPLACED))
 
 
 def encode_record(record: dict, columns, json_columns) -> dict:

@@ -21,15 +21,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gomodel.errors import StorageUnavailable
-from gomodel.store.codec import RESPONSE_COLUMNS, response_row
+from gomodel.store.codec import RESPONSE_COLUMNS, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
 MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
-_PUT = (f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-        "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
-        "created_at = excluded.created_at, previous_response_id = excluded.previous_response_id, "
-        "status = excluded.status, input_items = excluded.input_items, response = excluded.response")
+_PUT = response_upsert("%s")
 
 
 @implementer(IResponseStore)

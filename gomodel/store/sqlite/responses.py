@@ -6,18 +6,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gomodel.store.codec import RESPONSE_COLUMNS, response_row
+from gomodel.store.codec import RESPONSE_COLUMNS, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
 # Waits before a response not found is looked up again: another gateway process on the same file
 # (--workers) may hold it for up to KEEP_DELAY before its store thread writes it.
 MISS_GRACE = (0.025, 0.05)
-_PUT = (f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, replica = excluded.replica, "
-        "created_at = excluded.created_at, "
-        "previous_response_id = excluded.previous_response_id, status = excluded.status, "
-        "input_items = excluded.input_items, response = excluded.response")
+_PUT = response_upsert("?")
 
 
 @implementer(IResponseStore)
@@ -84,8 +80,10 @@ class SQLiteResponseStore:
         return Deferred.fromCoroutine(self._get_or_wait(response_id))
 
     async def _get_or_wait(self, response_id):
-        return await looked_again(await self._db.run(self._get, response_id),
-                                  lambda: self._db.run(self._get, response_id), self._waits, MISS_GRACE)
+        def read():
+            return self._db.run(self._get, response_id)
+
+        return await looked_again(await read(), read, self._waits, MISS_GRACE)
 
     def _get(self, response_id):
         row = self._db.conn().execute(f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?",
