@@ -116,6 +116,32 @@ async def test_a_stream_whose_done_was_written_is_complete_however_its_body_ends
 
 
 @pytest_twisted.ensureDeferred
+async def test_responses_record_their_usage_stored_or_not(reactor, http, fake, tmp_path):
+    # A stored response's usage is taken from the answer the gateway parses to keep it; one not
+    # stored is not parsed whole, its usage read from its bytes: the same figures either way.
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env)
+    try:
+        ask = {"model": MODEL, "input": "hi"}
+        ids = []
+        for body in (ask, dict(ask, store=False)):
+            response, answer = await _post(http, gw, "/v1/responses", body)
+            assert response.code == 200 and json.loads(answer)["usage"]["input_tokens"] == 19
+            ids.append(json.loads(answer)["id"])
+        kept = [(await http.get(f"{gw.url}/v1/responses/{i}", headers=KEY)).code for i in ids]
+        assert kept == [200, 404]
+        for _ in range(100):
+            await gw.service.usage.flush()
+            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
+            if len(records) == 2:
+                break
+        assert [(r["endpoint"], r["input_tokens"], r["output_tokens"]) for r in records] == [
+            ("/v1/responses", 19, 3)] * 2
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_buffered_records_are_written_at_stop(reactor, http, fake, tmp_path):
     env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path / "d"), "USAGE_FLUSH_INTERVAL": "1h"}
     gw = await start_gateway(reactor, env)

@@ -89,7 +89,7 @@ class ResponsesRoute:
             return result
         now = int(self._clock.seconds())
         call = UpstreamCall("/chat/completions", chat, model=route.upstream_model, prefer=prefer,
-                            transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now)))
+                            transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now), False))
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _with_history(self, body, previous):
@@ -110,8 +110,8 @@ class ResponsesRoute:
                                                      model=body["model"], prefer=prefer))
             turn.keep(observer.response)
             return result
-        call = UpstreamCall("/responses", jsonutil.dumps(body), transform=turn.keep_body, vet=vet,
-                            model=body["model"], prefer=prefer)
+        call = UpstreamCall("/responses", jsonutil.dumps(body), transform=turn.keep_body if turn.stored else None,
+                            vet=vet, model=body["model"], prefer=prefer)
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _not_found(self, provider, upstream, body):
@@ -283,11 +283,19 @@ class _Turn:
         self._route.keep(self._body, self._provider, self._ctx.replica, response, self._previous, response_json,
                          tenant_of(self._ctx.principal))
 
-    def keep_body(self, answer: bytes) -> bytes:
+    def keep_body(self, answer: bytes, relayed=True) -> bytes:
+        """Keep the response C{answer} (its JSON bytes, returned as they are). With C{relayed} (the
+        upstream's own answer), its usage, parsed here anyway, is noted on the request context (see
+        L{gomodel.proxy.exchange.UpstreamCall.transform})."""
         try:
-            self.keep(jsonutil.loads(answer), answer)
+            response = jsonutil.loads(answer)
         except jsonutil.JSONError:
-            pass
+            return answer
+        if relayed and response.__class__ is dict:
+            usage = response.get("usage")
+            if usage.__class__ is dict:
+                self._ctx.usage = usage
+        self.keep(response, answer)
         return answer
 
 

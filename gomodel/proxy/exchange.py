@@ -61,7 +61,9 @@ class UpstreamCall:
     @ivar headers: extra request headers, name -> list of values.
     @ivar content_type: the body's type, or None to send none of ours.
     @ivar observer: for event streams, an L{gomodel.interfaces.IStreamObserver}.
-    @ivar transform: for whole bodies, bytes -> the bytes to send instead.
+    @ivar transform: for whole bodies, bytes -> the bytes to send instead. One that parses the
+        upstream's answer anyway may note its C{usage} object on the request context
+        (C{ctx.usage}); otherwise the exchange reads it from the answer's bytes (L{usage_of}).
     @ivar raw: relay any status and body as they come (passthrough).
     @ivar vet: an async function of the upstream's L{IResponse}, run before
         anything is relayed; it may raise (and then reads or drops the body itself).
@@ -379,16 +381,20 @@ class Exchange:
     def _whole(self, request, ctx, upstream, response, call, body):
         """A whole answer for the client: usage noted (where something records it), transformed
         if asked, headers copied."""
-        if ctx.recorded:
-            ctx.usage = usage_of(body)
         copy_response_headers(response, request)
         if call.transform is not None:
+            answer = body
             try:
-                body = call.transform(body)
+                body = call.transform(answer)
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise BadUpstreamResponse(
                     f"The answer of the upstream provider '{upstream.name}' could not be read.") from None
+            finally:
+                if ctx.recorded and ctx.usage is None:  # (not noted by the transform, which parsed it)
+                    ctx.usage = usage_of(answer)
             request.responseHeaders.put(CONTENT_TYPE, b"application/json")
+        elif ctx.recorded:
+            ctx.usage = usage_of(body)
         request.responseHeaders.put(CONTENT_LENGTH, b"%d" % len(body))
         ctx.first_byte_written()
         return body
