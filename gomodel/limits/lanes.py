@@ -57,8 +57,12 @@ class Lane:
         for i, b in enumerate(prepared.buckets):
             cell = counters.cell(b.name, b.capacity, b.refill)
             cell[2], cell[3] = b.capacity, b.refill  # (its level and time are written per request)
-            self._buckets.append((cell, b.capacity, b.refill, b.tokens, shown.get(i)))
-        self._token_buckets = [(cell, capacity, refill) for cell, capacity, refill, tokens, _ in self._buckets
+            # Its capacity as a float, as the levels are: comparing a float with an integer of two
+            # digits or more (a tpm of a billion and up) converts the integer every time. A shown
+            # bucket's last level and its two lines: a level as the last (a bucket full before each
+            # request, as limits far above the load keep it) is written as they were.
+            self._buckets.append((cell, float(b.capacity), b.refill, b.tokens, shown.get(i), [None, b""]))
+        self._token_buckets = [(cell, capacity, refill) for cell, capacity, refill, tokens, _, _ in self._buckets
                                if tokens]
         # its concurrency slots' cells and limits (L{gomodel.limits.counters.LocalCounters.slot_cell}):
         # a request's lease is this list, freed by L{finish} in place
@@ -84,7 +88,7 @@ class Lane:
             if cell[0] >= max_tokens or cell[1] >= max_cost:
                 return None
         lines = b""
-        for cell, capacity, refill, by_tokens, shown in self._buckets:  # each taken from as it is looked at
+        for cell, capacity, refill, by_tokens, shown, last in self._buckets:  # each taken from as it is looked at
             level = cell[0] + (now - cell[1]) * refill
             if level > capacity:
                 level = capacity
@@ -95,8 +99,11 @@ class Lane:
             cell[0] = level
             cell[1] = now
             if shown is not None:  # as L{header_lines} writes them (%d floors a level, here never below 0)
-                reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
-                lines += shown % (level, RESETS_MS[reset_ms] if reset_ms < 1000 else reset_text(reset_ms))
+                if level != last[0]:
+                    reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
+                    last[0] = level
+                    last[1] = shown % (level, RESETS_MS[reset_ms] if reset_ms < 1000 else reset_text(reset_ms))
+                lines += last[1]
         lease = self._slots  # the counters count this process's slots
         if lease is not None:
             for cell, limit in lease:
@@ -115,7 +122,7 @@ class Lane:
     def _give_back(self, refused, tokens):
         """A refused admission: give back what it took of the buckets before C{refused} (the
         cell that refused; None: all), as they were when it came (their refill to then stays)."""
-        for cell, _, _, by_tokens, _ in self._buckets:
+        for cell, _, _, by_tokens, _, _ in self._buckets:
             if cell is refused:
                 return
             cell[0] += tokens if by_tokens else 1
