@@ -751,6 +751,28 @@ def test_a_keys_lane_takes_settles_and_charges_as_the_general_path_does(clock, c
     assert expected.headers == headers
 
 
+def test_a_lanes_header_lines_follow_its_levels(clock, counters):
+    # The lines of a level as the last are written again; any other level's are made anew, as the
+    # general path makes them for the same state.
+    gate, key = _gate(counters, clock), _key(rpm=600, tpm=100000)
+    buckets = {"key:k_1|r60": (600, 10), "key:k_1|t60": (100000, 100000 / 60)}  # capacity, refill per second
+    seen = []
+    for wait in (0, 60, 0, 0.05, 60):  # full, full again, lower, lower still, refilled
+        clock.advance(wait)
+        other = LocalCounters(clock)  # the general path's, in the same state
+        for bucket, (capacity, refill) in buckets.items():
+            if counters.level(bucket) is not None:
+                other.cell(bucket, capacity, refill)[:2] = counters.level(bucket)
+        expected = Limiter(other, clock).admit_now([("key:k_1", RateLimit(rpm=600, tpm=100000))], 19,
+                                                   headers_for="key:k_1")
+        ctx, headers = _request(gate, key, max_tokens=8)
+        assert ctx.admission.__class__ is Ticket and headers == expected.headers
+        seen.append(headers["x-ratelimit-remaining-requests"])
+        ctx.usage = {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19}
+        gate.completed(ctx)
+    assert seen == ["599", "599", "598", "597", "599"]
+
+
 def test_a_lane_refusal_is_the_general_paths_answer(clock, counters):
     gate, key = _gate(counters, clock), _key(rpm=1, budgets=[{"period": "daily", "max_tokens": 10}])
     _request(gate, key, used=4)
