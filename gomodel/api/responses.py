@@ -287,6 +287,8 @@ class _Turn:
         """Keep the response C{answer} (its JSON bytes, returned as they are). With C{relayed} (the
         upstream's own answer), its usage, parsed here anyway, is noted on the request context (see
         L{gomodel.proxy.exchange.UpstreamCall.transform})."""
+        if not self.stored:
+            return answer
         try:
             response = jsonutil.loads(answer)
         except jsonutil.JSONError:
