@@ -284,9 +284,9 @@ class _Turn:
                          tenant_of(self._ctx.principal))
 
     def keep_body(self, answer: bytes, relayed=True) -> bytes:
-        """Keep the response C{answer} (its JSON bytes, returned as they are). With C{relayed} (the
-        upstream's own answer), its usage, parsed here anyway, is noted on the request context (see
-        L{gomodel.proxy.exchange.UpstreamCall.transform})."""
+        """Keep the response C{answer} (its JSON bytes, returned as they are) when it is to be stored.
+        With C{relayed} (the upstream's own answer), its usage, parsed here anyway, is noted on the
+        request context (see L{gomodel.proxy.exchange.UpstreamCall.transform})."""
         if not self.stored:
             return answer
         try:

@@ -57,8 +57,8 @@ class Lane:
         for i, b in enumerate(prepared.buckets):
             cell = counters.cell(b.name, b.capacity, b.refill)
             cell[2], cell[3] = b.capacity, b.refill  # (its level and time are written per request)
-            # Its capacity as a float, as the levels are: comparing a float with an integer of two
-            # digits or more (a tpm of a billion and up) converts the integer every time. A shown
+            # Its capacity as a float, as the levels are: comparing a float with an integer of 2**30
+            # or more (a tpm above about a billion) converts the integer every time. A shown
             # bucket's last level and its two lines: a level as the last (a bucket full before each
             # request, as limits far above the load keep it) is written as they were.
             self._buckets.append((cell, float(b.capacity), b.refill, b.tokens, shown.get(i), [None, b""]))

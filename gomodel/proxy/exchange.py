@@ -390,7 +390,7 @@ class Exchange:
                 raise BadUpstreamResponse(
                     f"The answer of the upstream provider '{upstream.name}' could not be read.") from None
             finally:
-                if ctx.recorded and ctx.usage is None:  # (not noted by the transform, which parsed it)
+                if ctx.recorded and ctx.usage is None:  # (unless the transform, which parsed it, noted it)
                     ctx.usage = usage_of(answer)
             request.responseHeaders.put(CONTENT_TYPE, b"application/json")
         elif ctx.recorded:
