@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel._twistedcompat import send_now
-from gomodel.proxy.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data
+from gomodel.proxy.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data, first_holding
 
 USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
 CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"\xc3\xa9"}}]}\n\n'
@@ -80,6 +80,17 @@ def test_observer_looks_into_a_read_of_many_events_only_where_a_watched_word_is(
     assert responses.feed(delta * 2) == delta * 2 and not responses.done
     assert responses.feed(delta + end) == delta + end and responses.done
     assert responses.usage == {"input_tokens": 1, "output_tokens": 2}
+
+
+def test_first_holding_is_the_first_event_that_holds_a_word():
+    words = (b'"usage"', b"[DONE]", b"data: b")  # (the last at an event's first byte)
+    events = [b"data: a\n\n", b"data: usage\n\n", b'data: {"usage":1}\n\n', b"data: b\n\n",
+              b"data: [DONE]\n\n"]
+    for lo in range(len(events)):
+        for hi in range(lo + 1, len(events) + 1):
+            some = events[lo:hi]
+            expected = next((i for i, e in enumerate(some) if any(e.find(w) >= 0 for w in words)), len(some))
+            assert first_holding(some, b"".join(some), words) == expected, (lo, hi)
 
 
 def test_observer_finish_requires_done_and_whole_events():

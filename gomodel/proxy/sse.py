@@ -40,10 +40,13 @@ def first_holding(events: list, joined: bytes, words) -> int:
             first = at
     if first == len(joined):
         return len(events)
-    i, end = 0, len(events[0])
-    while end <= first:
-        i += 1
-        end += len(events[i])
+    # The event it is in, counted from the last: the words are a stream's end, its usage or an
+    # error, most often in the last events of a read that holds many.
+    i = len(events) - 1
+    start = len(joined) - len(events[i])
+    while start > first:
+        i -= 1
+        start -= len(events[i])
     return i
 
 
