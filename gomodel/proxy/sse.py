@@ -14,7 +14,6 @@ from gomodel.interfaces import IStreamObserver
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 _TERMINATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_CHAT_WATCHED = (b'"usage"', b'"error"', b"[DONE]")  # what a chat or completions event is looked into for
 
 
 def mentions(data: bytes, words) -> bool:
@@ -38,13 +37,21 @@ def first_holding(events: list, joined: bytes, words) -> int:
         at = joined.find(word)
         if 0 <= at < first:
             first = at
-    if first == len(joined):
+    return event_at(events, joined, first)
+
+
+def event_at(events: list, joined: bytes, offset: int) -> int:
+    """The index of the one of C{events} (whose join is C{joined}) that holds the byte at C{offset},
+    or C{len(events)} for C{len(joined)}.
+
+    Counted from the last: the words looked for (a stream's end, its usage or an error) are most
+    often in the last events of a read that holds many.
+    """
+    if offset == len(joined):
         return len(events)
-    # The event it is in, counted from the last: the words are a stream's end, its usage or an
-    # error, most often in the last events of a read that holds many.
     i = len(events) - 1
     start = len(joined) - len(events[i])
-    while start > first:
+    while start > offset:
         i -= 1
         start -= len(events[i])
     return i
@@ -144,13 +151,19 @@ class ChatStreamObserver:
         joined = b"".join(events)
         # Only events that can carry usage, an error or the end are looked into: most reads hold none,
         # and a word found in the joined events is within one of them (none holds a line break). The
-        # words of _CHAT_WATCHED are looked for inline here (see mentions): this runs for every event.
-        if joined.find(b'"usage"') < 0 and joined.find(b'"error"') < 0 and joined.find(b"[DONE]") < 0:
+        # words (C{"usage"}, C{"error"}, C{[DONE]}) are looked for inline here (see mentions): this runs
+        # for every event.
+        usage_at, error_at, done_at = joined.find(b'"usage"'), joined.find(b'"error"'), joined.find(b"[DONE]")
+        if usage_at < 0 and error_at < 0 and done_at < 0:
             return joined
         if len(events) > 1:
             # The events before the first one holding a word go as they are (a read that holds a
-            # stream's end often holds its last tokens too).
-            i = first_holding(events, joined, _CHAT_WATCHED)
+            # stream's end often holds its last tokens too): L{first_holding}, with the words' places.
+            first = len(joined)
+            for at in (usage_at, error_at, done_at):
+                if 0 <= at < first:
+                    first = at
+            i = event_at(events, joined, first)
             out, events = events[:i], events[i:]
         else:
             out = []
