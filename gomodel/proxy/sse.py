@@ -32,12 +32,16 @@ def first_holding(events: list, joined: bytes, words) -> int:
     """The index of the first of C{events} (whose join is C{joined}) that holds one of C{words}, or
     C{len(events)} when none does; each word is looked for once, in C{joined} (no event holds a line
     break, so a word found there is within one event)."""
-    first = len(joined)
-    for word in words:
-        at = joined.find(word)
+    return event_at(events, joined, earliest([joined.find(word) for word in words], len(joined)))
+
+
+def earliest(places, none: int) -> int:
+    """The smallest of C{places} (C{bytes.find} results) that is not negative, or C{none} when all are."""
+    first = none
+    for at in places:
         if 0 <= at < first:
             first = at
-    return event_at(events, joined, first)
+    return first
 
 
 def event_at(events: list, joined: bytes, offset: int) -> int:
@@ -159,11 +163,7 @@ class ChatStreamObserver:
         if len(events) > 1:
             # The events before the first one holding a word go as they are (a read that holds a
             # stream's end often holds its last tokens too): L{first_holding}, with the words' places.
-            first = len(joined)
-            for at in (usage_at, error_at, done_at):
-                if 0 <= at < first:
-                    first = at
-            i = event_at(events, joined, first)
+            i = event_at(events, joined, earliest((usage_at, error_at, done_at), len(joined)))
             out, events = events[:i], events[i:]
         else:
             out = []
