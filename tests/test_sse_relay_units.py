@@ -13,7 +13,8 @@ from zope.interface.verify import verifyObject
 
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel._twistedcompat import send_now
-from gomodel.proxy.sse import ChatStreamObserver, SSEFramer, StreamIncomplete, event_data, first_holding
+from gomodel.proxy.sse import (ChatStreamObserver, ResponsesStreamObserver, SSEFramer, StreamIncomplete, earliest,
+                               event_at, event_data)
 
 USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
 CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"\xc3\xa9"}}]}\n\n'
@@ -59,7 +60,7 @@ def test_observer_strips_only_the_forced_usage_chunk():
 
 
 def test_observer_looks_into_a_read_of_many_events_only_where_a_watched_word_is():
-    from gomodel.proxy.sse import ResponsesStreamObserver, mentions
+    from gomodel.proxy.sse import mentions
 
     assert mentions(b"abc [DONE]", (b'"usage"', b"[DONE]")) and not mentions(b"abc", (b"[DONE]",))
     observer = ChatStreamObserver(strip_usage=True)
@@ -82,15 +83,56 @@ def test_observer_looks_into_a_read_of_many_events_only_where_a_watched_word_is(
     assert responses.usage == {"input_tokens": 1, "output_tokens": 2}
 
 
-def test_first_holding_is_the_first_event_that_holds_a_word():
+def test_event_at_the_earliest_word_is_the_first_event_that_holds_one():
     words = (b'"usage"', b"[DONE]", b"data: b")  # (the last at an event's first byte)
     events = [b"data: a\n\n", b"data: usage\n\n", b'data: {"usage":1}\n\n', b"data: b\n\n",
               b"data: [DONE]\n\n"]
     for lo in range(len(events)):
         for hi in range(lo + 1, len(events) + 1):
             some = events[lo:hi]
+            joined = b"".join(some)
             expected = next((i for i, e in enumerate(some) if any(e.find(w) >= 0 for w in words)), len(some))
-            assert first_holding(some, b"".join(some), words) == expected, (lo, hi)
+            assert event_at(some, joined, earliest([joined.find(w) for w in words], len(joined))) == expected
+
+
+def test_framer_hands_whole_events_on_joined_without_cutting_them():
+    framer = SSEFramer()
+    assert framer.feed_joined(b"data: 1\n\ndata: 2\n\nda") == (b"data: 1\n\ndata: 2\n\n", None)
+    assert framer.pending == b"da"
+    assert framer.feed_joined(b"ta: 3") == (b"", None) and framer.pending == b"data: 3"
+    read = b"\n\n"
+    assert framer.feed_joined(read) == (b"data: 3\n\n", None) and framer.pending == b""
+    read = b"data: 4\n\n"
+    assert framer.feed_joined(read)[0] is read  # a read of whole events: no copy
+    # CR line breaks: the events are cut, as feed cuts them
+    assert framer.feed_joined(b"data: 5\r\n\r\ndata: 6\r\n") == (b"data: 5\r\n\r\n", [b"data: 5\r\n\r\n"])
+    assert framer.feed_joined(b"\r\n") == (b"data: 6\r\n\r\n", [b"data: 6\r\n\r\n"])
+    with pytest.raises(StreamIncomplete):
+        SSEFramer(max_event_bytes=100).feed_joined(b"data: 7\n\ndata: " + b"x" * 200)
+
+
+def test_responses_observer_reads_each_event_holding_a_watched_word_in_any_reads():
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n'
+    created = (b'event: response.created\ndata: {"type":"response.created","response":{"id":"r","error":null,'
+               b'"status":"in_progress"}}\n\n')
+    error = b'event: error\ndata: {"type":"error","code":"boom","message":"no"}\n\n'
+    end = (b'event: response.completed\ndata: {"type":"response.completed","response":'
+           b'{"id":"r","status":"completed","usage":{"input_tokens":1,"output_tokens":2}}}\n\n')
+    for stream, done, erred in ((created + delta * 3 + b"\n" + end, True, False),
+                                (created + delta + error, True, True), (created + delta * 2, False, False)):
+        for crlf in (False, True):
+            whole = stream.replace(b"\n", b"\r\n") if crlf else stream
+            for size in (1, 7, 64, len(whole)):  # one read of it all, and the watched words cut across reads
+                observer = ResponsesStreamObserver()
+                out = b"".join(observer.feed(whole[i:i + size]) for i in range(0, len(whole), size))
+                assert out == whole and observer.done is done, (crlf, size)
+                assert (observer.error is not None) is erred
+                if done and not erred:
+                    assert observer.usage == {"input_tokens": 1, "output_tokens": 2}
+                    assert observer.response["status"] == "completed"
+                    observer.finish()
+                else:
+                    assert observer.usage is None
 
 
 def test_observer_finish_requires_done_and_whole_events():

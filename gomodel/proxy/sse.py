@@ -28,13 +28,6 @@ def mentions(data: bytes, words) -> bool:
     return False
 
 
-def first_holding(events: list, joined: bytes, words) -> int:
-    """The index of the first of C{events} (whose join is C{joined}) that holds one of C{words}, or
-    C{len(events)} when none does; each word is looked for once, in C{joined} (no event holds a line
-    break, so a word found there is within one event)."""
-    return event_at(events, joined, earliest([joined.find(word) for word in words], len(joined)))
-
-
 def earliest(places, none: int) -> int:
     """The smallest of C{places} (C{bytes.find} results) that is not negative, or C{none} when all are."""
     first = none
@@ -61,6 +54,13 @@ def event_at(events: list, joined: bytes, offset: int) -> int:
     return i
 
 
+def event_bounds(joined: bytes, at: int):
+    """C{(start, end)} of the event of C{joined} (whole events, each ending at a blank line:
+    L{SSEFramer.feed_joined}) that holds the byte at C{at}, not a line break."""
+    start = joined.rfind(b"\n\n", 0, at)
+    return 0 if start < 0 else start + 2, joined.find(b"\n\n", at) + 2
+
+
 class StreamIncomplete(Exception):
     """The upstream's stream ended without its proper end."""
 
@@ -76,15 +76,7 @@ class SSEFramer:
         """Add C{data}; return the events it completed."""
         buffer = self._buffer + data if self._buffer else data
         if buffer.find(b"\r") >= 0:  # (not `in`: see mentions)
-            events = []
-            start = 0
-            while True:
-                match = _TERMINATOR.search(buffer, start)
-                if match is None:
-                    break
-                events.append(buffer[start:match.end()])
-                start = match.end()
-            self._buffer = buffer[start:]
+            events = self._cut(buffer)
         elif buffer.find(b"\n\n") == len(buffer) - 2 >= 0:  # one whole event: a model's read of one token
             self._buffer = b""
             return [buffer]
@@ -92,9 +84,47 @@ class SSEFramer:
             parts = buffer.split(b"\n\n")
             self._buffer = parts.pop()
             events = [part + b"\n\n" for part in parts]
+        self._bound()
+        return events
+
+    def feed_joined(self, data: bytes):
+        """Add C{data}; return C{(joined, events)}: the events it completed as one bytes, and as a list
+        only where the stream has CR line breaks (else None: every event ends at a blank line, so an
+        event in C{joined} is found by its C{\\n\\n}, L{event_around}, and the read is never cut
+        into events)."""
+        buffer = self._buffer + data if self._buffer else data
+        if buffer.find(b"\r") >= 0:
+            events = self._cut(buffer)
+            self._bound()
+            return b"".join(events), events
+        end = buffer.rfind(b"\n\n") + 2  # (the last event's end: found at once, a read ends with it)
+        if end < 2:
+            self._buffer = buffer
+            joined = b""
+        elif end == len(buffer):
+            self._buffer = b""
+            joined = buffer
+        else:
+            self._buffer, joined = buffer[end:], buffer[:end]
+        self._bound()
+        return joined, None
+
+    def _cut(self, buffer: bytes) -> list:
+        """The whole events of C{buffer} (which has CR line breaks), keeping the rest."""
+        events = []
+        start = 0
+        while True:
+            match = _TERMINATOR.search(buffer, start)
+            if match is None:
+                break
+            events.append(buffer[start:match.end()])
+            start = match.end()
+        self._buffer = buffer[start:]
+        return events
+
+    def _bound(self):
         if len(self._buffer) > self._max:
             raise StreamIncomplete("an upstream event exceeded %d bytes" % self._max)
-        return events
 
     @property
     def pending(self) -> bytes:
@@ -162,7 +192,7 @@ class ChatStreamObserver:
             return joined
         if len(events) > 1:
             # The events before the first one holding a word go as they are (a read that holds a
-            # stream's end often holds its last tokens too): L{first_holding}, with the words' places.
+            # stream's end often holds its last tokens too): L{event_at} the earliest word's place.
             i = event_at(events, joined, earliest((usage_at, error_at, done_at), len(joined)))
             out, events = events[:i], events[i:]
         else:
@@ -221,12 +251,20 @@ class ResponsesStreamObserver:
         self.error = None
 
     def feed(self, data: bytes) -> bytes:
-        events = self._framer.feed(data)
-        joined = b"".join(events)
+        joined, events = self._framer.feed_joined(data)
+        if events is not None:  # CR line breaks: event by event
+            for event in events:
+                if mentions(event, _RESPONSES_WATCHED):
+                    self._observe(event)
+            return joined
         # Most reads hold none of the words; one that does holds them late (the end), after the tokens.
-        for i in range(first_holding(events, joined, _RESPONSES_WATCHED), len(events)):
-            if mentions(events[i], _RESPONSES_WATCHED):
-                self._observe(events[i])
+        # The events holding one are looked into, found in the read as it is (never cut into events).
+        end = len(joined)
+        at = earliest([joined.find(word) for word in _RESPONSES_WATCHED], end)
+        while at < end:
+            start, at = event_bounds(joined, at)
+            self._observe(joined[start:at])
+            at = earliest([joined.find(word, at) for word in _RESPONSES_WATCHED], end)
         return joined
 
     def _observe(self, event):
