@@ -308,3 +308,18 @@ def test_upstream_failure_fails_finished():
     h.relay.finished.addErrback(failures.append)
     assert failures[0].check(ResponseFailed)
     assert h.clock.getDelayedCalls() == []
+
+
+def test_holds_token_finds_a_token_anywhere_in_a_long_read():
+    from gomodel.proxy.relay import TOKEN_TAIL, holds_token
+
+    token = b'data: {"delta":{"reasoning_content":"x"}}\n\n'
+    filler = b'data: {"type":"response.created","id":"r","content":""}\n\n'  # quotes, an empty content: no token
+    pad = filler * (3 * TOKEN_TAIL // len(filler))
+    assert not holds_token(pad) and not holds_token(filler)
+    assert holds_token(token) and holds_token(filler + token)
+    # the token before the tail, across its start and in it: found each time
+    for at in range(len(pad) - TOKEN_TAIL - 64, len(pad) - TOKEN_TAIL + 64):
+        read = pad[:at] + token + pad[at:]
+        assert holds_token(read), at
+    assert holds_token(token + pad) and holds_token(pad + token)

@@ -43,10 +43,27 @@ class StreamTooLong(Exception):
 # An SSE event carrying generated text: chat/completions content or text,
 # reasoning, tool-call arguments, a Responses API delta.
 _TOKEN = re.compile(rb'"(?:content|text|delta|reasoning_content|reasoning|arguments)":"[^"]')
+# Where a read is longer, its last this many bytes are looked at first (see holds_token).
+TOKEN_TAIL = 2048
 # Deliveries relayed one by one at most, waiting for the first token.
 EAGER_DELIVERIES = 8
 # A delivery this long after the previous one starts a new upstream read.
 READ_GAP = 0.001
+
+
+def holds_token(out: bytes) -> bool:
+    """Whether C{out} (whole events) holds an event carrying generated text.
+
+    A read holding many events is looked at from its last L{TOKEN_TAIL} bytes first: its tokens, if
+    any, are mostly there, while its first events may be long objects of many quoted strings (a
+    Responses stream opens with two response objects, 2.5 KB), each quote a place the expression is
+    tried at.
+    """
+    start = len(out) - TOKEN_TAIL
+    if start <= 0:
+        return _TOKEN.search(out) is not None
+    # the rest: any match beginning before C{start} (ending within 32 bytes of it: the longest is 22)
+    return _TOKEN.search(out, start) is not None or _TOKEN.search(out, 0, start + 32) is not None
 
 
 @implementer(IStreamObserver)
@@ -116,7 +133,7 @@ class StreamRelay(Protocol):
             self._eager -= 1
             self._last_delivery = now
             out = self._relay(data)
-            if out and _TOKEN.search(out) is not None:
+            if out and holds_token(out):
                 self._eager = 0
                 send_now(self._request.transport)
             return
