@@ -323,3 +323,17 @@ def test_holds_token_finds_a_token_anywhere_in_a_long_read():
         read = pad[:at] + token + pad[at:]
         assert holds_token(read), at
     assert holds_token(token + pad) and holds_token(pad + token)
+
+
+def test_event_data_joins_every_data_line_whatever_the_events_shape():
+    def by_lines(event):  # the field as the SSE format defines it (one space after the colon dropped)
+        values = [line[5:] for line in event.splitlines() if line.startswith(b"data:")]
+        return b"\n".join(v[1:] if v.startswith(b" ") else v for v in values)
+
+    events = [b"data: {}\n\n", b"data:{}\n\n", b"data:  two spaces\n\n", b"data:\n\n", b"data: x", b"data",
+              b"event: response.completed\ndata: {\"a\":1}\n\n", b"id: 1\ndata: a\ndata: b\n\n",
+              b": data: a comment\ndata: real\n\n", b"event: data: x\n\n", b"event: x\n\n", b"",
+              b"data: a\r\ndata: b\r\n\r\n", b"data: a\r\r", b"retry: 1\ndata: a\n\nid: 2\n", b"xdata: no\n\n",
+              b"data: \xc3\xa9\n\n", b"data: [DONE]\n\n"]
+    for event in events:
+        assert event_data(event) == by_lines(event), event
