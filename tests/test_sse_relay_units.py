@@ -337,3 +337,14 @@ def test_event_data_joins_every_data_line_whatever_the_events_shape():
               b"data: \xc3\xa9\n\n", b"data: [DONE]\n\n"]
     for event in events:
         assert event_data(event) == by_lines(event), event
+
+
+def test_first_place_is_where_the_earliest_word_begins():
+    from gomodel.proxy.sse import first_place
+
+    words = (b"completed", b"failed", b'"error"', b"ed")
+    for data in (b"", b"x", b"..failed..completed", b'a"error"completed', b"completed", b"abc ed failed",
+                 b"complete failed", b"failedcompleted"):
+        for start in range(len(data) + 1):
+            places = [at for at in (data.find(w, start) for w in words) if at >= 0]
+            assert first_place(data, words, start) == min(places, default=len(data)), (data, start)

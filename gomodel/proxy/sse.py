@@ -37,6 +37,17 @@ def earliest(places, none: int) -> int:
     return first
 
 
+def first_place(data: bytes, words, start: int) -> int:
+    """The first place in C{data} from C{start} where one of C{words} is, or C{len(data)} when none is.
+    Each word is looked for only as far as the earliest found so far."""
+    first = len(data)
+    for word in words:
+        at = data.find(word, start, first + len(word))
+        if at >= 0:
+            first = at
+    return first
+
+
 def event_at(events: list, joined: bytes, offset: int) -> int:
     """The index of the one of C{events} (whose join is C{joined}) that holds the byte at C{offset},
     or C{len(events)} for C{len(joined)}.
@@ -268,12 +279,11 @@ class ResponsesStreamObserver:
             return joined
         # Most reads hold none of the words; one that does holds them late (the end), after the tokens.
         # The events holding one are looked into, found in the read as it is (never cut into events).
-        end = len(joined)
-        at = earliest([joined.find(word) for word in _RESPONSES_WATCHED], end)
-        while at < end:
+        at = first_place(joined, _RESPONSES_WATCHED, 0)
+        while at < len(joined):
             start, at = event_bounds(joined, at)
             self._observe(joined[start:at])
-            at = earliest([joined.find(word, at) for word in _RESPONSES_WATCHED], end)
+            at = first_place(joined, _RESPONSES_WATCHED, at)
         return joined
 
     def _observe(self, event):
