@@ -101,7 +101,7 @@ class SSEFramer:
     def feed_joined(self, data: bytes):
         """Add C{data}; return C{(joined, events)}: the events it completed as one bytes, and as a list
         only where the stream has CR line breaks (else None: every event ends at a blank line, so an
-        event in C{joined} is found by its C{\\n\\n}, L{event_around}, and the read is never cut
+        event in C{joined} is found by its C{\\n\\n}, L{event_bounds}, and the read is never cut
         into events)."""
         buffer = self._buffer + data if self._buffer else data
         if buffer.find(b"\r") >= 0:
