@@ -174,3 +174,26 @@ async def test_a_full_buffer_is_written_before_the_next_tick(reactor, sqlite_sto
     clock.advance(0)
     await ledger.flush()  # behind the write that started
     assert (await sqlite_store.usage.summary(0, 1e9))["requests"] == FLUSH_AT
+
+
+def test_token_counts_by_type_in_every_naming():
+    from gomodel.accounting.tokens import tokens_by_type, total_tokens
+
+    chat = {"prompt_tokens": 18, "completion_tokens": 20, "total_tokens": 38,
+            "prompt_tokens_details": {"cached_tokens": 16}, "completion_tokens_details": {"reasoning_tokens": 5}}
+    responses = {"input_tokens": 19, "output_tokens": 3, "total_tokens": 22,
+                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 2}}
+    anthropic = {"input_tokens": 4, "output_tokens": 7, "cache_read_input_tokens": 100,
+                 "cache_creation_input_tokens": 20}
+    assert tokens_by_type(chat) == (18, 20, 16, 5)
+    assert tokens_by_type(responses) == (19, 3, 0, 2)
+    assert tokens_by_type(anthropic) == (124, 7, 100, 0)  # the cache's tokens are input too
+    assert tokens_by_type({"input_tokens": 4, "cache_creation_input_tokens": 20}) == (24, 0, 0, 0)
+    # vLLM's nulls, and what is no count (bools, negatives, strings, floats): 0
+    assert tokens_by_type({"prompt_tokens": 9, "completion_tokens": 1, "prompt_tokens_details": None,
+                           "completion_tokens_details": None}) == (9, 1, 0, 0)
+    assert tokens_by_type({"prompt_tokens": True, "completion_tokens": -3, "cache_read_input_tokens": "5",
+                           "prompt_tokens_details": {"cached_tokens": 2.0}}) == (0, 0, 0, 0)
+    assert tokens_by_type({"prompt_tokens": None, "input_tokens": 6}) == (6, 0, 0, 0)
+    assert tokens_by_type({}) == (0, 0, 0, 0)
+    assert total_tokens(chat) == 38 and total_tokens(anthropic) == 131

@@ -16,19 +16,29 @@ def tokens_by_type(usage: dict) -> tuple:
     cache (C{cache_read_input_tokens}, C{cache_creation_input_tokens}): they are added to
     the input, and the cache reads are the cached tokens, as in the other namings.
     """
-    details_in = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
-    details_out = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
-    cache_read = _count(usage.get("cache_read_input_tokens"))
-    cache_written = _count(usage.get("cache_creation_input_tokens"))
-    cached = _count(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0
-    return (_count(usage.get("prompt_tokens", usage.get("input_tokens"))) + cache_read + cache_written,
-            _count(usage.get("completion_tokens", usage.get("output_tokens"))),
-            cached or cache_read,
-            _count(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0)
+    # (inline: this runs for every request; a count is an int above 0, never a bool, else 0)
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
+        prompt = usage.get("input_tokens")
+    prompt = prompt if prompt.__class__ is int and prompt > 0 else 0
+    completion = usage.get("completion_tokens")
+    if completion is None:
+        completion = usage.get("output_tokens")
+    completion = completion if completion.__class__ is int and completion > 0 else 0
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cached = _count(details.get("cached_tokens")) if details.__class__ is dict else 0
+    details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+    reasoning = _count(details.get("reasoning_tokens")) if details.__class__ is dict else 0
+    cache_read, cache_written = usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")
+    if cache_read is not None or cache_written is not None:  # Anthropic's naming
+        cache_read = _count(cache_read)
+        prompt += cache_read + _count(cache_written)
+        cached = cached or cache_read
+    return prompt, completion, cached, reasoning
 
 
 def _count(value) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return value if value.__class__ is int and value > 0 else 0
 
 
 def total_tokens(usage: dict, tokens: tuple = None) -> int:
