@@ -83,6 +83,54 @@ def test_observer_looks_into_a_read_of_many_events_only_where_a_watched_word_is(
     assert responses.usage == {"input_tokens": 1, "output_tokens": 2}
 
 
+def test_chat_observer_reads_a_long_read_as_event_by_event():
+    from gomodel import jsonutil
+    from gomodel.proxy.sse import LONG_READ
+
+    padding = CHUNK * (LONG_READ // len(CHUNK) + 1)
+    usage_too = b'data: {"id":"c","choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":3}}\n\n'
+    error = b'data: {"error":{"message":"boom","code":500}}\n\n'
+    mention = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"say \\"usage\\" [DONE]"}}]}\n\n'
+    done = b"data: [DONE]\n\n"
+    streams = [padding + USAGE + done, padding + mention + CHUNK + USAGE + done, padding + error,
+               padding + usage_too + CHUNK + done, padding + done, USAGE + padding + done, padding,
+               CHUNK + error + padding + USAGE + done]
+
+    def by_events(stream, strip):  # every event looked at in turn
+        seen = {"usage": None, "error": None, "done": False, "out": b"", "events": 0}
+        for event in stream.split(b"\n\n")[:-1]:
+            event += b"\n\n"
+            seen["events"] += 1
+            data = event[6:-2]
+            if data == b"[DONE]":
+                seen["done"] = True
+            elif event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0:
+                chunk = jsonutil.loads(data)
+                if isinstance(chunk.get("error"), dict):
+                    seen["error"] = chunk["error"]
+                if isinstance(chunk.get("usage"), dict):
+                    seen["usage"] = chunk["usage"]
+                    if strip and chunk["choices"] == []:
+                        continue
+            seen["out"] += event
+        return seen
+
+    for stream in streams:
+        for strip in (True, False):
+            for crlf in (False, True):
+                whole = stream.replace(b"\n", b"\r\n") if crlf else stream
+                last = whole.rfind(b"data:")
+                for reads in ([whole], [whole[:50], whole[50:]], [whole[:last], whole[last:]]):
+                    observer = ChatStreamObserver(strip_usage=strip)
+                    out = b"".join(observer.feed(read) for read in reads)
+                    expected = by_events(stream, strip)
+                    assert out == (expected["out"].replace(b"\n", b"\r\n") if crlf else expected["out"])
+                    assert (observer.usage, observer.error, observer.done) == (
+                        expected["usage"], expected["error"], expected["done"])
+                    if observer.usage is None:  # the events stand in for a usage: every one counted
+                        assert observer.events == expected["events"]
+
+
 def test_event_at_the_earliest_word_is_the_first_event_that_holds_one():
     words = (b'"usage"', b"[DONE]", b"data: b")  # (the last at an event's first byte)
     events = [b"data: a\n\n", b"data: usage\n\n", b'data: {"usage":1}\n\n', b"data: b\n\n",
@@ -133,6 +181,51 @@ def test_responses_observer_reads_each_event_holding_a_watched_word_in_any_reads
                     observer.finish()
                 else:
                     assert observer.usage is None
+
+
+def test_responses_observer_reads_a_long_read_from_its_last_event_as_event_by_event():
+    from gomodel import jsonutil
+    from gomodel.proxy.sse import LONG_READ
+
+    def event(kind, **fields):
+        return b"event: %s\ndata: %s\n\n" % (kind.encode(), jsonutil.dumps(dict(fields, type=kind)))
+
+    delta = event("response.output_text.delta", delta="x" * 300)
+    created = event("response.created", response={"id": "r", "status": "in_progress"})
+    error = event("error", code="boom", message="no")
+    ends = [event(kind, response={"id": "r", "status": kind[9:], "usage": {"input_tokens": 1, "output_tokens": n}})
+            for n, kind in enumerate(("response.completed", "response.incomplete", "response.failed"))]
+    mention = event("response.output_text.delta", delta='the words response.completed and "error"')
+    garbled = b"event: response.completed\ndata: {not json\n\n"
+    padding = delta * (LONG_READ // len(delta) + 1)
+    streams = [created + padding + end for end in ends] + [
+        created + error + padding + ends[0],  # an error before the end, in the same read
+        created + padding + ends[0] + mention,  # the end, then an event that only mentions it
+        created + padding + ends[1] + garbled,  # the last event holds the word but is no JSON
+        created + padding + mention, created + padding + error, created + padding]
+
+    def by_events(stream):  # every event holding a watched word observed in turn
+        seen = {"done": False, "error": None, "usage": None, "response": None}
+        for one in stream.split(b"\n\n")[:-1]:
+            try:
+                payload = jsonutil.loads(one[one.index(b"data: ") + 6:])
+            except jsonutil.JSONError:
+                continue
+            if payload["type"] == "error":
+                seen.update(error=payload, done=True)
+            elif payload["type"] in ("response.completed", "response.incomplete", "response.failed"):
+                seen.update(done=True, response=payload["response"], usage=payload["response"]["usage"])
+        return seen
+
+    for stream in streams:
+        assert len(stream) > LONG_READ
+        last = stream.rfind(b"event:")
+        for reads in ([stream], [stream[:100], stream[100:]], [stream[:last], stream[last:]]):
+            observer = ResponsesStreamObserver()
+            assert b"".join(observer.feed(read) for read in reads) == stream
+            seen = {"done": observer.done, "error": observer.error, "usage": observer.usage,
+                    "response": observer.response}
+            assert seen == by_events(stream), (stream[-120:], [len(read) for read in reads])
 
 
 def test_observer_finish_requires_done_and_whole_events():
@@ -348,3 +441,6 @@ def test_first_place_is_where_the_earliest_word_begins():
         for start in range(len(data) + 1):
             places = [at for at in (data.find(w, start) for w in words) if at >= 0]
             assert first_place(data, words, start) == min(places, default=len(data)), (data, start)
+            for stop in range(start, len(data) + 1):  # a word beginning before stop, or stop
+                places = [at for at in (data.find(w, start) for w in words) if 0 <= at < stop]
+                assert first_place(data, words, start, stop) == min(places, default=stop), (data, start, stop)

@@ -14,6 +14,9 @@ from gomodel.interfaces import IStreamObserver
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 _TERMINATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# A read longer than this (many events: a stream's tail read at once; a model's read of one event is
+# shorter) is observed without cutting it into events where it can be.
+LONG_READ = 2048
 
 
 def mentions(data: bytes, words) -> bool:
@@ -37,10 +40,11 @@ def earliest(places, none: int) -> int:
     return first
 
 
-def first_place(data: bytes, words, start: int) -> int:
-    """The first place in C{data} from C{start} where one of C{words} is, or C{len(data)} when none is.
-    Each word is looked for only as far as the earliest found so far."""
-    first = len(data)
+def first_place(data: bytes, words, start: int, stop: int = -1) -> int:
+    """The first place in C{data} from C{start} where one of C{words} begins, before C{stop} (default: the
+    end), or C{stop} (C{len(data)}) when none does. Each word is looked for only as far as the earliest
+    found so far."""
+    first = len(data) if stop < 0 else stop
     for word in words:
         at = data.find(word, start, first + len(word))
         if at >= 0:
@@ -196,11 +200,16 @@ class ChatStreamObserver:
         self.usage = None
         self.done = False
         self.error = None
-        self.events = 0  # events relayed: about one generated token each, for an estimate
+        self.events = 0  # events relayed while no usage is known: about one generated token each, for an estimate
 
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the bytes to send the client now (whole events)."""
-        events = self._framer.feed(data)
+        if len(data) > LONG_READ:
+            joined, events = self._framer.feed_joined(data)
+            if events is None:
+                return self._feed_joined(joined)
+        else:
+            events = self._framer.feed(data)
         self.events += len(events)
         joined = b"".join(events)
         # Only events that can carry usage, an error or the end are looked into: most reads hold none,
@@ -222,6 +231,25 @@ class ChatStreamObserver:
                     and not self._observe(event):
                 continue
             out.append(event)
+        return b"".join(out)
+
+    def _feed_joined(self, joined: bytes) -> bytes:
+        """L{feed} for a long read (many events: a stream's tail read at once), its whole events joined:
+        only the events from the first one holding a word on are cut apart."""
+        first = earliest((joined.find(b'"usage"'), joined.find(b'"error"'), joined.find(b"[DONE]")), len(joined))
+        start = event_bounds(joined, first)[0] if first < len(joined) else first
+        out = [joined[:start]]
+        events = joined[start:].split(b"\n\n")
+        events.pop()  # (after the last event's end)
+        for event in events:
+            event += b"\n\n"
+            if (event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0) \
+                    and not self._observe(event):
+                continue
+            out.append(event)
+        self.events += len(events)
+        if self.usage is None:  # (once it is known, the count is not needed)
+            self.events += joined.count(b"\n\n", 0, start)
         return b"".join(out)
 
     def _observe(self, event: bytes) -> bool:
@@ -251,7 +279,8 @@ class ChatStreamObserver:
 
 
 _RESPONSE_END_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
-_RESPONSES_WATCHED = _RESPONSE_END_EVENTS + (b'"error"',)
+_ERROR_WORD = (b'"error"',)
+_RESPONSES_WATCHED = _RESPONSE_END_EVENTS + _ERROR_WORD
 
 
 @implementer(IStreamObserver)
@@ -279,17 +308,25 @@ class ResponsesStreamObserver:
             return joined
         # Most reads hold none of the words; one that does holds them late (the end), after the tokens.
         # The events holding one are looked into, found in the read as it is (never cut into events).
-        at = first_place(joined, _RESPONSES_WATCHED, 0)
-        while at < len(joined):
+        words, stop = _RESPONSES_WATCHED, len(joined)
+        if stop > LONG_READ:
+            # Many events (a stream's tail read at once): when the last one ends the stream, only an
+            # error is looked for before it (an end is a stream's last event), each word once, not four.
+            last = joined.rfind(b"\n\n", 0, stop - 2) + 2  # (1: one event)
+            if last > 1 and first_place(joined, _RESPONSE_END_EVENTS, last) < stop and self._observe(joined[last:]):
+                words, stop = _ERROR_WORD, last
+        at = first_place(joined, words, 0, stop)
+        while at < stop:
             start, at = event_bounds(joined, at)
             self._observe(joined[start:at])
-            at = first_place(joined, _RESPONSES_WATCHED, at)
+            at = first_place(joined, words, at, stop)
         return joined
 
-    def _observe(self, event):
+    def _observe(self, event) -> bool:
+        """Record what C{event} says; return whether it ends the stream as a response's end."""
         payload = event_object(event)
         if payload is None:
-            return
+            return False
         kind = payload.get("type")
         if kind == "error":
             self.error = payload
@@ -299,6 +336,8 @@ class ResponsesStreamObserver:
             self.response = payload.get("response")
             if isinstance(self.response, dict):
                 self.usage = self.response.get("usage")
+            return True
+        return False
 
     def finish(self):
         require_end(self._framer, self.done, "before response.completed")
