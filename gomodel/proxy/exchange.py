@@ -421,8 +421,6 @@ class Exchange:
             response.deliverBody(relay)
             relay.stopProducing()
             return None
-        request_closed = request.notifyFinish()
-        request_closed.addErrback(lambda _: None)
         request.registerProducer(relay, True)
         response.deliverBody(relay)
         if relay.paused and relay.transport is not None:
@@ -438,8 +436,12 @@ class Exchange:
             elif isinstance(e, CancelledError):
                 raise
             else:
+                # Taken now, not for every stream: a Deferred made, fired and run per request. Its
+                # connection is still open here (it would never fire for one already closed).
+                closed = request.notifyFinish() if request.channel is not None else None
                 abort = self._broken(request, ctx, relay, e, events)
-                await request_closed
+                if closed is not None:
+                    await closed.addErrback(lambda _: None)
                 if abort is not None and abort.active():
                     abort.cancel()
                 return None
