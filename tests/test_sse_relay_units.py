@@ -94,7 +94,7 @@ def test_chat_observer_reads_a_long_read_as_event_by_event():
     done = b"data: [DONE]\n\n"
     streams = [padding + USAGE + done, padding + mention + CHUNK + USAGE + done, padding + error,
                padding + usage_too + CHUNK + done, padding + done, USAGE + padding + done, padding,
-               CHUNK + error + padding + USAGE + done]
+               CHUNK + error + padding + USAGE + done, padding + done + mention]
 
     def by_events(stream, strip):  # every event looked at in turn
         seen = {"usage": None, "error": None, "done": False, "out": b"", "events": 0}

@@ -236,7 +236,10 @@ class ChatStreamObserver:
     def _feed_joined(self, joined: bytes) -> bytes:
         """L{feed} for a long read (many events: a stream's tail read at once), its whole events joined:
         only the events from the first one holding a word on are cut apart."""
-        first = earliest((joined.find(b'"usage"'), joined.find(b'"error"'), joined.find(b"[DONE]")), len(joined))
+        # (A read ending the stream ends with its [DONE]: the places of any before it change nothing, an
+        # earlier [DONE] event would end it just the same, and one only mentioned in a token is no event.)
+        done_at = len(joined) - 8 if joined.endswith(b"\n\ndata: [DONE]\n\n") else joined.find(b"[DONE]")
+        first = earliest((joined.find(b'"usage"'), joined.find(b'"error"'), done_at), len(joined))
         start = event_bounds(joined, first)[0] if first < len(joined) else first
         out = [joined[:start]]
         events = joined[start:].split(b"\n\n")
