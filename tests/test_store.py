@@ -223,3 +223,39 @@ def test_sqlite_binds_none_and_bytes_as_they_are_through_the_adapters_gomodel_re
             None, b"\x00\xff", "x", 7, "null", "blob")
     finally:
         conn.close()
+
+
+def test_insert_rows_writes_any_number_of_rows_in_few_statements_of_few_shapes():
+    """Each row as executemany would write it (values, order, a conflict clause for a row met again in the
+    same call), ROWS_PER_INSERT rows a statement, then the rest in halves; never more values a statement
+    than the library allows."""
+    from gomodel.store.sqlite.database import ROWS_PER_INSERT, insert_rows
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, a, b, c)")
+        statements = []
+        conn.set_trace_callback(lambda sql: statements.append(sql) if sql.startswith("INSERT") else None)
+        insert = "INSERT INTO t (k, a, b, c) VALUES"
+        upsert = "ON CONFLICT (k) DO UPDATE SET a = excluded.a, b = excluded.b, c = excluded.c"
+        written = 0
+        for count in (0, 1, 2, 3, ROWS_PER_INSERT - 1, ROWS_PER_INSERT, ROWS_PER_INSERT + 1, 1000):
+            rows = [(written + i, None if i % 3 else b"\x00", f"é{i}", i * 0.5) for i in range(count)]
+            statements.clear()
+            insert_rows(conn, insert, rows)
+            assert conn.execute("SELECT * FROM t WHERE k >= ? ORDER BY k", (written,)).fetchall() == rows
+            # as few statements as halving allows: full ones, then one per bit of what was left
+            full, rest = divmod(count, ROWS_PER_INSERT)
+            assert len(statements) == full + bin(rest).count("1"), count
+            written += count
+        # a row met again in one call: the later values, as executemany left them
+        insert_rows(conn, insert, [(1, "x", "y", 1.0), (2, "p", "q", 2.0), (1, "z", "w", 3.0)], upsert)
+        assert conn.execute("SELECT * FROM t WHERE k < 3 ORDER BY k").fetchall() == [
+            (0, b"\x00", "é0", 0.0), (1, "z", "w", 3.0), (2, "p", "q", 2.0)]
+        # a library allowing 9 values a statement: two rows of four each
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 9)
+        statements.clear()
+        insert_rows(conn, insert, [(10000 + i, i, i, i) for i in range(5)])
+        assert len(statements) == 3 and conn.execute("SELECT COUNT(*) FROM t WHERE k >= 10000").fetchone() == (5,)
+    finally:
+        conn.close()

@@ -73,6 +73,19 @@ def series_row(timestamp, *, status=200, tokens=(10, 5), duration=None, ttft=Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_flush_of_many_rows_writes_each_as_it_is(store):
+    rows = [row(f"r{i}", 1000.0 + i, input_tokens=i, total_cost=None if i % 2 else i / 4, user_path="/t" if i % 3 else None,
+                ttft_ms=i / 8, stream=i % 2) for i in range(1003)]
+    assert await store.usage.add(rows) == 1003
+    records, more = await store.usage.log(0, 1e9, 2000)
+    assert more is None and len(records) == 1003
+    for record, expected in zip(reversed(records), rows):  # (newest first)
+        assert tuple(record[name] for name in USAGE_FIELDS) == tuple(
+            bool(value) if name in ("stream", "client_gone", "estimated") else value
+            for name, value in zip(USAGE_FIELDS, expected))
+
+
+@pytest_twisted.ensureDeferred
 async def test_timeseries_buckets_totals_and_nearest_rank_percentiles(store):
     verifyObject(IUsageStore, store.usage)
     # Bucket 0 (1000..1060): 20 requests, durations 1..20 ms, ttft on the even ones; one error.

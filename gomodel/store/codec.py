@@ -10,11 +10,16 @@ RESPONSE_COLUMNS = "id, provider, replica, created_at, previous_response_id, sta
 _RESPONSE_REPLACED = ("provider", "replica", "created_at", "previous_response_id", "status", "input_items", "response")
 
 
+# The statement that stores responses, before its rows of values, and after them: a response stored
+# again replaces the stored one.
+RESPONSE_INSERT = f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES"
+RESPONSE_CONFLICT = "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _RESPONSE_REPLACED)
+
+
 def response_upsert(mark: str) -> str:
     """The statement that stores a response (L{response_row}'s values) or replaces the stored one, each
     value written as C{mark}, the driver's placeholder (C{?} for SQLite, C{%s} for psycopg)."""
-    return (f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES ({', '.join([mark] * 9)}) "
-            "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _RESPONSE_REPLACED))
+    return f"{RESPONSE_INSERT} ({', '.join([mark] * 9)}) {RESPONSE_CONFLICT}"
 
 
 def encode_record(record: dict, columns, json_columns) -> dict:

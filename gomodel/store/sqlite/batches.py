@@ -19,7 +19,7 @@ from zope.interface import implementer
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.records import UNFINISHED, LeaseLost
-from gomodel.store.sqlite.database import marks
+from gomodel.store.sqlite.database import insert_rows, marks
 from gomodel.store.sqlite.files import insert_file
 
 BATCH_COLUMNS = (
@@ -162,10 +162,9 @@ class SQLiteBatchStore:
     def _add_requests(self, batch_id, requests, token):
         with self._db.transaction() as conn:
             _fence(conn, batch_id, token)
-            conn.executemany("INSERT INTO batch_requests (batch_id, line, custom_id, body) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (batch_id, line) DO UPDATE SET custom_id = excluded.custom_id, "
-                             "body = excluded.body",
-                             [(batch_id, line, cid, body) for line, cid, body in requests])
+            insert_rows(conn, "INSERT INTO batch_requests (batch_id, line, custom_id, body) VALUES",
+                        [(batch_id, line, cid, body) for line, cid, body in requests],
+                        "ON CONFLICT (batch_id, line) DO UPDATE SET custom_id = excluded.custom_id, body = excluded.body")
 
     def clear_requests(self, batch_id, token=None):
         return self._db.run(self._clear_requests, batch_id, token)

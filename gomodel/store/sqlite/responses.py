@@ -6,9 +6,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gomodel.store.codec import RESPONSE_COLUMNS, response_row, response_upsert
+from gomodel.store.codec import RESPONSE_COLUMNS, RESPONSE_CONFLICT, RESPONSE_INSERT, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
+from gomodel.store.sqlite.database import insert_rows
 
 # Waits before a response not found is looked up again: another gateway process on the same file
 # (--workers) may hold it for up to KEEP_DELAY before its store thread writes it.
@@ -64,7 +65,7 @@ class SQLiteResponseStore:
         if len(records) > 1:
             try:
                 with self._db.transaction() as conn:
-                    conn.executemany(_PUT, [response_row(record) for record in records])
+                    insert_rows(conn, RESPONSE_INSERT, [response_row(record) for record in records], RESPONSE_CONFLICT)
                 return
             except Exception:
                 pass

@@ -4,8 +4,10 @@ from zope.interface import implementer
 
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS
+from gomodel.store.sqlite.database import insert_rows
+
 _BOOLEANS = ("stream", "client_gone", "estimated")
-_INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+_INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES"
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
             "search": "request_id LIKE ?", "key": "auth_key_id = ?",
             "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
@@ -23,7 +25,7 @@ class SQLiteUsageStore:
 
     def _add(self, rows):
         with self._db.transaction() as conn:
-            conn.executemany(_INSERT, rows)  # the flags as 0 and 1 (UsageLedger.keep), as sqlite stores them
+            insert_rows(conn, _INSERT, rows)  # the flags as 0 and 1 (UsageLedger.keep), as sqlite stores them
         return len(rows)
 
     def summary(self, start, end):

@@ -1,0 +1,81 @@
+#!/bin/bash
+# CPU per request of each thread of one gateway process under closed-loop load (wrk, 10 connections),
+# beside its req/s and latency: the reactor's thread apart from the store's (SQLite's writes of the
+# usage ledger and of stored responses). Instruction counts (bench/instructions.sh) leave those writes out
+# and see neither thread's waits for the interpreter lock nor the switches between them; this sees
+# what each thread took, kernel time included, as /proc counts it (ticks, 10 ms each: hence 8 s windows).
+#
+#   [WINDOW=8] [ROUNDS=2] [WORKLOAD=chat|responses-stream] [PYTHON=python3] \
+#     bash bench/threadcpu.sh NAME=CHECKOUT[:ENV=VALUE,...] [NAME=CHECKOUT...]
+#
+# e.g. git worktree add /tmp/gomodel-ref <rev>
+#      bash bench/threadcpu.sh ref=/tmp/gomodel-ref here=. here-no-usage=.:USAGE_ENABLED=false
+#
+# Each round starts every configuration in turn afresh (one process, its own data directory; the
+# CHECKOUT on PYTHONPATH; master key, one mock replica, access log off), sends 2 s of warm-up, then
+# WINDOW seconds of load, and prints one line per configuration. The mock (bench/mock/mock.mjs) and wrk share
+# the machine with the gateway, unpinned. Needs node, wrk and curl, and a Python with the gateway's
+# requirements.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}; SECS=${WINDOW:-8}; ROUNDS=${ROUNDS:-2}; WORKLOAD=${WORKLOAD:-chat}
+[ "$#" -gt 0 ] || { sed -n 2,18p "$0"; exit 2; }
+W=$(mktemp -d /tmp/gomodel-threadcpu-XXXXXX)
+PIDS=""
+trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT
+port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+MOCK_PORT=$(port)
+node "$ROOT/bench/mock/mock.mjs" --port "$MOCK_PORT" > "$W/mock.log" 2>&1 & PIDS="$PIDS $!"
+MODEL=vllm/meta-llama/Llama-3.1-8B-Instruct
+if [ "$WORKLOAD" = responses-stream ]; then
+  URLPATH=/v1/responses; MARKER=response.completed
+  printf '{"model":"%s","input":"Say hello.","stream":true,"max_output_tokens":20}' "$MODEL" > "$W/body.json"
+else
+  URLPATH=/v1/chat/completions; MARKER=mockchat
+  printf '{"model":"%s","messages":[{"role":"user","content":"Say hello."}],"max_tokens":20}' "$MODEL" > "$W/body.json"
+fi
+TICK=$(getconf CLK_TCK)
+ticks() {  # "tid ticks" for each thread of process $1
+  for t in /proc/"$1"/task/*; do echo "$(basename "$t") $(awk '{print $14 + $15}' "$t/stat")"; done
+}
+load() {  # port seconds -> wrk's WRKJSON line
+  wrk -t2 -c10 -d"$2"s -s "$ROOT/bench/wrk/post.lua" "http://127.0.0.1:$1$URLPATH" -- "$W/body.json" "$MARKER" \
+    "Authorization: Bearer mk" 2>&1 | grep WRKJSON || true
+}
+for round in $(seq "$ROUNDS"); do
+  for spec in "$@"; do
+    name=${spec%%=*}; rest=${spec#*=}; checkout=${rest%%:*}; envs=(); [ "$rest" != "$checkout" ] && IFS=, read -ra envs <<< "${rest#*:}"
+    checkout=$(cd "$checkout" && pwd); gport=$(port); data="$W/data-$name-$round"
+    (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" GOMODEL_MASTER_KEY=mk \
+      GOMODEL_DATA_DIR="$data" GOMODEL_ACCESS_LOG=false "${envs[@]}" \
+      "$PY" -c 'from gomodel.cli import main; main()' --listen "tcp:$gport:interface=127.0.0.1" > "$W/$name-$round.log" 2>&1) &
+    gpid=$!; PIDS="$PIDS $gpid"
+    for _ in $(seq 300); do
+      [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gport/health")" = 200 ] && break; sleep 0.1
+    done
+    load "$gport" 2 > /dev/null
+    before=$(ticks "$gpid")
+    result=$(load "$gport" "$SECS")
+    after=$(ticks "$gpid")
+    kill "$gpid"; wait "$gpid" 2>/dev/null || true
+    "$PY" - "$name" "$round" "$gpid" "$TICK" "$SECS" "$before" "$after" "$result" <<'PY'
+import json, sys
+name, round_, pid, tick, secs, before, after, result = sys.argv[1:]
+if not result:
+    sys.exit(f"{name}: no answer from wrk")
+run = json.loads(result.split(" ", 1)[1])
+if run["failures"] or not run["good"]:
+    sys.exit(f"{name}: {run['failures']} of {run['requests']} answers were wrong")
+start = dict(line.split() for line in before.splitlines())
+threads = []
+for line in after.splitlines():
+    tid, ticks = line.split()
+    used = int(ticks) - int(start.get(tid, 0))
+    if used:
+        label = "reactor" if tid == pid else f"thread {tid}"
+        threads.append(f"{label} {used / int(tick) / run['good'] * 1e6:.1f}")
+print(f"{name} round {round_}: {run['good'] / float(secs):,.0f} req/s, p50 {run['lat_p50_us'] / 1000:.2f} ms, "
+      f"p99 {run['lat_p99_us'] / 1000:.2f} ms; CPU us per request: " + ", ".join(threads))
+PY
+  done
+done
