@@ -1,6 +1,6 @@
 #!/bin/bash
 # CPU per request of each thread of one gateway process under closed-loop load (wrk, 10 connections),
-# beside its req/s and latency: the reactor's thread apart from the store's (SQLite's writes of the
+# beside its req/s, latency and peak RSS: the reactor's thread apart from the store's (SQLite's writes of the
 # usage ledger and of stored responses). Instruction counts (bench/instructions.sh) leave those writes out
 # and see neither thread's waits for the interpreter lock nor the switches between them; this sees
 # what each thread took, kernel time included, as /proc counts it (ticks, 10 ms each: hence 8 s windows).
@@ -57,10 +57,11 @@ for round in $(seq "$ROUNDS"); do
     before=$(ticks "$gpid")
     result=$(load "$gport" "$SECS")
     after=$(ticks "$gpid")
+    peak=$(awk '/^VmHWM/ {print $2}' /proc/"$gpid"/status)
     kill "$gpid"; wait "$gpid" 2>/dev/null || true
-    "$PY" - "$name" "$round" "$gpid" "$TICK" "$SECS" "$before" "$after" "$result" <<'PY'
+    "$PY" - "$name" "$round" "$gpid" "$TICK" "$SECS" "$before" "$after" "$result" "$peak" <<'PY'
 import json, sys
-name, round_, pid, tick, secs, before, after, result = sys.argv[1:]
+name, round_, pid, tick, secs, before, after, result, peak = sys.argv[1:]
 if not result:
     sys.exit(f"{name}: no answer from wrk")
 run = json.loads(result.split(" ", 1)[1])
@@ -75,7 +76,8 @@ for line in after.splitlines():
         label = "reactor" if tid == pid else f"thread {tid}"
         threads.append(f"{label} {used / int(tick) / run['good'] * 1e6:.1f}")
 print(f"{name} round {round_}: {run['good'] / float(secs):,.0f} req/s, p50 {run['lat_p50_us'] / 1000:.2f} ms, "
-      f"p99 {run['lat_p99_us'] / 1000:.2f} ms; CPU us per request: " + ", ".join(threads))
+      f"p99 {run['lat_p99_us'] / 1000:.2f} ms, peak RSS {int(peak) / 1024:.1f} MiB; CPU us per request: "
+      + ", ".join(threads))
 PY
   done
 done
