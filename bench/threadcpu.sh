@@ -5,7 +5,7 @@
 # and see neither thread's waits for the interpreter lock nor the switches between them; this sees
 # what each thread took, kernel time included, as /proc counts it (ticks, 10 ms each: hence 8 s windows).
 #
-#   [WINDOW=8] [ROUNDS=2] [WORKLOAD=chat|responses-stream] [PYTHON=python3] \
+#   [WINDOW=8] [ROUNDS=2] [WORKLOAD=chat|responses-stream] [WORKERS=N] [PYTHON=python3] \
 #     bash bench/threadcpu.sh NAME=CHECKOUT[:ENV=VALUE,...] [NAME=CHECKOUT...]
 #
 # e.g. git worktree add /tmp/gomodel-ref <rev>
@@ -13,7 +13,8 @@
 #
 # Each round starts every configuration in turn afresh (one process, its own data directory; the
 # CHECKOUT on PYTHONPATH; master key, one mock replica, access log off), sends 2 s of warm-up, then
-# WINDOW seconds of load, and prints one line per configuration. The mock (bench/mock/mock.mjs) and wrk share
+# WINDOW seconds of load, and prints one line per configuration (WORKERS=N: the gateway with --workers N,
+# its processes' threads summed by kind; the peak RSS is the largest process's). The mock (bench/mock/mock.mjs) and wrk share
 # the machine with the gateway, unpinned. Needs node, wrk and curl, and a Python with the gateway's
 # requirements.
 set -euo pipefail
@@ -35,8 +36,10 @@ else
   printf '{"model":"%s","messages":[{"role":"user","content":"Say hello."}],"max_tokens":20}' "$MODEL" > "$W/body.json"
 fi
 TICK=$(getconf CLK_TCK)
-ticks() {  # "tid ticks" for each thread of process $1
-  for t in /proc/"$1"/task/*; do echo "$(basename "$t") $(awk '{print $14 + $15}' "$t/stat")"; done
+ticks() {  # "pid tid ticks" for each thread of process $1 and of its children (--workers)
+  for p in "$1" $(pgrep -P "$1" || true); do
+    for t in /proc/"$p"/task/*; do echo "$p $(basename "$t") $(awk '{print $14 + $15}' "$t/stat")"; done
+  done
 }
 load() {  # port seconds -> wrk's WRKJSON line
   wrk -t2 -c10 -d"$2"s -s "$ROOT/bench/wrk/post.lua" "http://127.0.0.1:$1$URLPATH" -- "$W/body.json" "$MARKER" \
@@ -48,7 +51,8 @@ for round in $(seq "$ROUNDS"); do
     checkout=$(cd "$checkout" && pwd); gport=$(port); data="$W/data-$name-$round"
     (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" GOMODEL_MASTER_KEY=mk \
       GOMODEL_DATA_DIR="$data" GOMODEL_ACCESS_LOG=false "${envs[@]}" \
-      "$PY" -c 'from gomodel.cli import main; main()' --listen "tcp:$gport:interface=127.0.0.1" > "$W/$name-$round.log" 2>&1) &
+      "$PY" -c 'from gomodel.cli import main; main()' --listen "tcp:$gport:interface=127.0.0.1" \
+      ${WORKERS:+--workers "$WORKERS"} > "$W/$name-$round.log" 2>&1) &
     gpid=$!; PIDS="$PIDS $gpid"
     for _ in $(seq 300); do
       [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gport/health")" = 200 ] && break; sleep 0.1
@@ -57,7 +61,7 @@ for round in $(seq "$ROUNDS"); do
     before=$(ticks "$gpid")
     result=$(load "$gport" "$SECS")
     after=$(ticks "$gpid")
-    peak=$(awk '/^VmHWM/ {print $2}' /proc/"$gpid"/status)
+    peak=$(for p in "$gpid" $(pgrep -P "$gpid" || true); do awk '/^VmHWM/ {print $2}' /proc/"$p"/status; done | sort -n | tail -1)
     kill "$gpid"; wait "$gpid" 2>/dev/null || true
     "$PY" - "$name" "$round" "$gpid" "$TICK" "$SECS" "$before" "$after" "$result" "$peak" <<'PY'
 import json, sys
@@ -67,14 +71,14 @@ if not result:
 run = json.loads(result.split(" ", 1)[1])
 if run["failures"] or not run["good"]:
     sys.exit(f"{name}: {run['failures']} of {run['requests']} answers were wrong")
-start = dict(line.split() for line in before.splitlines())
-threads = []
+start = {tuple(line.split()[:2]): int(line.split()[2]) for line in before.splitlines()}
+used = {}  # per kind of thread, over the processes: the reactors' threads, the others'
 for line in after.splitlines():
-    tid, ticks = line.split()
-    used = int(ticks) - int(start.get(tid, 0))
-    if used:
-        label = "reactor" if tid == pid else f"thread {tid}"
-        threads.append(f"{label} {used / int(tick) / run['good'] * 1e6:.1f}")
+    process, tid, ticks = line.split()
+    kind = "reactor" if tid == process else "other threads"
+    used[kind] = used.get(kind, 0) + int(ticks) - start.get((process, tid), 0)
+used["all"] = sum(used.values())
+threads = [f"{kind} {n / int(tick) / run['good'] * 1e6:.1f}" for kind, n in used.items() if n]
 print(f"{name} round {round_}: {run['good'] / float(secs):,.0f} req/s, p50 {run['lat_p50_us'] / 1000:.2f} ms, "
       f"p99 {run['lat_p99_us'] / 1000:.2f} ms, peak RSS {int(peak) / 1024:.1f} MiB; CPU us per request: "
       + ", ".join(threads))
