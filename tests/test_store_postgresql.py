@@ -114,10 +114,12 @@ async def test_kept_responses_are_written_together_soon_and_before_the_stop(reac
         await gatherResults([host_a.started(), host_b.started()])
         for n in range(3):
             host_a.responses.keep(_response(f"resp_{n}"))
+        host_a.responses.keep(dict(_response("resp_1"), status="incomplete"))  # again, in the same write
         assert postgres.query(pg_database, "SELECT count(*) FROM responses") == [(0,)]  # held
         await host_a.responses.written()  # (what its timer does within KEEP_DELAY)
-        # in one transaction: the three rows share its id
+        # in one transaction (one statement may not write a row twice: the later resp_1 only): one id
         assert postgres.query(pg_database, "SELECT count(DISTINCT xmin::text), count(*) FROM responses") == [(1, 3)]
+        assert postgres.query(pg_database, "SELECT status FROM responses WHERE id = 'resp_1'") == [("incomplete",)]
         assert (await host_b.responses.get("resp_2"))["id"] == "resp_2"  # another host reads it
         host_a.responses.keep(_response("resp_held"))
     finally:

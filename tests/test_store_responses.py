@@ -47,9 +47,12 @@ async def test_kept_responses_are_seen_by_the_next_read_and_failures_are_logged(
 @pytest_twisted.ensureDeferred
 async def test_responses_kept_together_are_all_written_and_the_last_of_an_id_stays(store):
     for i in range(300):
-        store.responses.keep(record(id=f"resp_{i}", response={"id": f"resp_{i}", "n": i}))
-    store.responses.keep(record(id="resp_7", status="completed", response={"id": "resp_7", "n": "again"}))
+        store.responses.keep(record(id=f"resp_{i}", response={"id": f"resp_{i}", "n": i}, tenant="key:a"))
+    store.responses.keep(record(id="resp_7", status="completed", response={"id": "resp_7", "n": "again"},
+                                tenant="key:b"))
     for i in (0, 7, 128, 299):
         kept = await store.responses.get(f"resp_{i}")
         assert kept["response"]["n"] == ("again" if i == 7 else i)
-    assert (await store.responses.get("resp_7"))["status"] == "completed"
+    again = await store.responses.get("resp_7")
+    # as if written in turn: the later values, the first one's owner (a response written again keeps it)
+    assert again["status"] == "completed" and again["tenant"] == "key:a"
