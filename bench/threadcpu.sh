@@ -1,9 +1,10 @@
 #!/bin/bash
 # CPU per request of each thread of one gateway process under closed-loop load (wrk, 10 connections),
-# beside its req/s, latency and peak RSS: the reactor's thread apart from the store's (SQLite's writes of the
-# usage ledger and of stored responses). Instruction counts (bench/instructions.sh) leave those writes out
-# and see neither thread's waits for the interpreter lock nor the switches between them; this sees
-# what each thread took, kernel time included, as /proc counts it (ticks, 10 ms each: hence 8 s windows).
+# beside its req/s, latency and peak RSS: the reactor's thread apart from the others (the store's:
+# SQLite's writes of the usage ledger and of stored responses). Instruction counts (bench/instructions.sh)
+# leave those writes out and see neither thread's waits for the interpreter lock nor the switches between
+# them; this sees what each thread took, kernel time included, as /proc counts it (ticks, 10 ms each:
+# hence 8 s windows).
 #
 #   [WINDOW=8] [ROUNDS=2] [WORKLOAD=chat|responses-stream] [WORKERS=N] [PYTHON=python3] \
 #     bash bench/threadcpu.sh NAME=CHECKOUT[:ENV=VALUE,...] [NAME=CHECKOUT...]
@@ -13,14 +14,14 @@
 #
 # Each round starts every configuration in turn afresh (one process, its own data directory; the
 # CHECKOUT on PYTHONPATH; master key, one mock replica, access log off), sends 2 s of warm-up, then
-# WINDOW seconds of load, and prints one line per configuration (WORKERS=N: the gateway with --workers N,
-# its processes' threads summed by kind; the peak RSS is the largest process's). The mock (bench/mock/mock.mjs) and wrk share
-# the machine with the gateway, unpinned. Needs node, wrk and curl, and a Python with the gateway's
-# requirements.
+# WINDOW seconds of load, and prints one line per configuration. WORKERS=N runs the gateway with
+# --workers N: its processes' threads are summed by kind, and the peak RSS is the largest process's.
+# The mock (bench/mock/mock.mjs) and wrk share the machine with the gateway, unpinned. Needs node, wrk
+# and curl, and a Python with the gateway's requirements.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}; SECS=${WINDOW:-8}; ROUNDS=${ROUNDS:-2}; WORKLOAD=${WORKLOAD:-chat}
-[ "$#" -gt 0 ] || { sed -n 2,18p "$0"; exit 2; }
+[ "$#" -gt 0 ] || { sed -n 2,20p "$0"; exit 2; }
 W=$(mktemp -d /tmp/gomodel-threadcpu-XXXXXX)
 PIDS=""
 trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT

@@ -55,8 +55,8 @@ class PostgreSQLUsageStore:
                 row[index] = bool(row[index])
             values.append(row)
         # COPY, not executemany: the rows go as one stream, written by psycopg's C code. executemany's
-        # statement per row cost the database threads about 35 us of CPU per request and the reactor's
-        # thread 15-30 more under load (bench/results/2026-12-04-session38.md).
+        # statement per row cost the database threads about 35 us of CPU per request under load, COPY
+        # 5-7 (bench/results/2026-12-04-session38.md).
         with conn.transaction(), conn.cursor() as cursor, cursor.copy(_COPY) as copy:
             for row in values:
                 copy.write_row(row)

@@ -168,7 +168,7 @@ def insert_rows(conn, insert: str, rows: list, conflict: str = ""):
     row (a usage flush of 1,000 rows cost the store thread about 30 us of CPU a request, and the reactor's
     thread about 20 more: bench/results/2026-12-04-session38.md). Here the rows of a statement are
     bound in one call and it runs once: L{ROWS_PER_INSERT} rows a statement (fewer where the library
-    allows fewer values one), then what is left in halves (64, 32, ... 1 rows), so that a few shapes of
+    allows fewer values in one), then what is left in halves (64, 32, ... 1 rows), so that a few shapes of
     statement, each compiled once and kept in the connection's cache, write any number of rows.
     """
     if not rows:
