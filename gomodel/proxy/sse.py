@@ -226,12 +226,7 @@ class ChatStreamObserver:
             out, events = events[:i], events[i:]
         else:
             out = []
-        for event in events:
-            if (event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0) \
-                    and not self._observe(event):
-                continue
-            out.append(event)
-        return b"".join(out)
+        return self._passed(out, events)
 
     def _feed_joined(self, joined: bytes) -> bytes:
         """L{feed} for a long read (many events: a stream's tail read at once), its whole events joined:
@@ -241,18 +236,20 @@ class ChatStreamObserver:
         done_at = len(joined) - 8 if joined.endswith(b"\n\ndata: [DONE]\n\n") else joined.find(b"[DONE]")
         first = earliest((joined.find(b'"usage"'), joined.find(b'"error"'), done_at), len(joined))
         start = event_bounds(joined, first)[0] if first < len(joined) else first
-        out = [joined[:start]]
-        events = joined[start:].split(b"\n\n")
-        events.pop()  # (after the last event's end)
+        events = [event + b"\n\n" for event in joined[start:].split(b"\n\n")[:-1]]  # (none after the last end)
+        out = self._passed([joined[:start]], events)
+        self.events += len(events)
+        if self.usage is None:  # (once it is known, the count is not needed)
+            self.events += joined.count(b"\n\n", 0, start)
+        return out
+
+    def _passed(self, out: list, events) -> bytes:
+        """C{out} and those of C{events} the client gets, joined; each holding a watched word is observed."""
         for event in events:
-            event += b"\n\n"
             if (event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0) \
                     and not self._observe(event):
                 continue
             out.append(event)
-        self.events += len(events)
-        if self.usage is None:  # (once it is known, the count is not needed)
-            self.events += joined.count(b"\n\n", 0, start)
         return b"".join(out)
 
     def _observe(self, event: bytes) -> bool:
