@@ -174,8 +174,8 @@ def insert_rows(conn, insert: str, rows: list, conflict: str = ""):
     if not rows:
         return
     width = len(rows[0])
-    size = ROWS_PER_INSERT
-    while size > 1 and size * width > conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER):
+    size, most = ROWS_PER_INSERT, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    while size > 1 and size * width > most:
         size //= 2
     start = 0
     while start < len(rows):
