@@ -142,6 +142,32 @@ async def test_responses_record_their_usage_stored_or_not(reactor, http, fake, t
 
 
 @pytest_twisted.ensureDeferred
+async def test_counts_no_request_could_have_are_unknown_and_the_ledger_goes_on(reactor, http, fake, tmp_path):
+    # An upstream's count past 64 bits (or past a trillion) would fail every write of the rows buffered with
+    # it, and those rows are kept for the next write: the ledger would stop for good.
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env)
+    try:
+        huge = {"prompt_tokens": 2**70, "completion_tokens": 10**12 + 1, "total_tokens": 2**64 + 7,
+                "prompt_tokens_details": {"cached_tokens": 2**63}}
+        answer = {"id": "chatcmpl-1", "object": "chat.completion", "model": "meta-llama/Llama-3.1-8B-Instruct",
+                  "choices": [], "usage": huge}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        response, body = await _post(http, gw, "/v1/chat/completions",
+                                     dict(chat, fake_status=200, fake_body=json.dumps(answer)))
+        assert response.code == 200 and json.loads(body)["usage"] == huge  # relayed as it came
+        response, _ = await _post(http, gw, "/v1/chat/completions", chat)
+        assert response.code == 200
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        normal, odd = records  # newest first
+        assert (odd["input_tokens"], odd["output_tokens"], odd["total_tokens"], odd["cached_tokens"]) == (0, 0, 0, 0)
+        assert normal["input_tokens"] > 0 and normal["total_tokens"] > 0
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_buffered_records_are_written_at_stop(reactor, http, fake, tmp_path):
     env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path / "d"), "USAGE_FLUSH_INTERVAL": "1h"}
     gw = await start_gateway(reactor, env)
@@ -197,3 +223,9 @@ def test_token_counts_by_type_in_every_naming():
     assert tokens_by_type({"prompt_tokens": None, "input_tokens": 6}) == (6, 0, 0, 0)
     assert tokens_by_type({}) == (0, 0, 0, 0)
     assert total_tokens(chat) == 38 and total_tokens(anthropic) == 131
+    # no count past MAX_COUNT (an upstream's error): such a total is worked out from the counts
+    assert tokens_by_type({"prompt_tokens": 10**12, "completion_tokens": 10**12 + 1,
+                           "cache_read_input_tokens": 2**64}) == (10**12, 0, 0, 0)
+    for odd in (-1, True, 10**12 + 1, 2**64, 3.0):
+        assert total_tokens({"total_tokens": odd, "prompt_tokens": 2, "completion_tokens": 3}) == 5
+    assert total_tokens({"total_tokens": 0, "prompt_tokens": 2}) == 0

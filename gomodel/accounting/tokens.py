@@ -6,6 +6,10 @@ import re
 _MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d{1,18})')
 
 TOKEN_TYPES = ("input", "output", "cached", "reasoning")
+# The most tokens a count may say: no request's count comes near a trillion. A larger one (an upstream's
+# error) is no count: past 64 bits it could be written in no store's column, and the rows buffered with it
+# would fail every write; below that it would still overflow the sums of usage and budgets.
+MAX_COUNT = 10**12
 
 
 def tokens_by_type(usage: dict) -> tuple:
@@ -16,15 +20,15 @@ def tokens_by_type(usage: dict) -> tuple:
     cache (C{cache_read_input_tokens}, C{cache_creation_input_tokens}): they are added to
     the input, and the cache reads are the cached tokens, as in the other namings.
     """
-    # (inline: this runs for every request; a count is an int above 0, never a bool, else 0)
+    # (inline: this runs for every request; a count is an int from 1 to MAX_COUNT, never a bool, else 0)
     prompt = usage.get("prompt_tokens")
     if prompt is None:
         prompt = usage.get("input_tokens")
-    prompt = prompt if prompt.__class__ is int and prompt > 0 else 0
+    prompt = prompt if prompt.__class__ is int and 0 < prompt <= MAX_COUNT else 0
     completion = usage.get("completion_tokens")
     if completion is None:
         completion = usage.get("output_tokens")
-    completion = completion if completion.__class__ is int and completion > 0 else 0
+    completion = completion if completion.__class__ is int and 0 < completion <= MAX_COUNT else 0
     details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     cached = _count(details.get("cached_tokens")) if details.__class__ is dict else 0
     details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
@@ -38,14 +42,14 @@ def tokens_by_type(usage: dict) -> tuple:
 
 
 def _count(value) -> int:
-    return value if value.__class__ is int and value > 0 else 0
+    return value if value.__class__ is int and 0 < value <= MAX_COUNT else 0
 
 
 def total_tokens(usage: dict, tokens: tuple = None) -> int:
-    """A usage object's C{total_tokens}, else the input and output of its L{tokens_by_type} C{tokens}
-    (worked out here when not given)."""
+    """A usage object's C{total_tokens} (an int from 0 to L{MAX_COUNT}), else the input and output of its
+    L{tokens_by_type} C{tokens} (worked out here when not given)."""
     total = usage.get("total_tokens")
-    if isinstance(total, int):
+    if total.__class__ is int and 0 <= total <= MAX_COUNT:
         return total
     if tokens is None:
         tokens = tokens_by_type(usage)
