@@ -86,6 +86,21 @@ async def test_a_flush_of_many_rows_writes_each_as_it_is(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_texts_and_numbers_at_their_edges_are_written_as_they_are(store):
+    rows = [row("r-\t\\N\n", 1000.1 + 1e-9, model="vllm-a/é\u2028\\.\r", user_path="", auth_key_id="k\x7f",
+                input_tokens=2**63 - 1, total_tokens=0, replica=2**31 - 1, duration_ms=1e-300, ttft_ms=0.1 + 0.2,
+                total_cost=1 / 3, stream=1, client_gone=1, estimated=0),
+            row("r-none", 1000.2, model=None, endpoint="", input_tokens=None, output_tokens=None, total_tokens=None,
+                cached_tokens=None, reasoning_tokens=None, duration_ms=None, status_code=None)]
+    assert await store.usage.add(rows) == 2
+    records, _ = await store.usage.log(0, 1e9, 10)
+    for record, expected in zip(reversed(records), rows):
+        assert tuple(record[name] for name in USAGE_FIELDS) == tuple(
+            bool(value) if name in ("stream", "client_gone", "estimated") else value
+            for name, value in zip(USAGE_FIELDS, expected))
+
+
+@pytest_twisted.ensureDeferred
 async def test_timeseries_buckets_totals_and_nearest_rank_percentiles(store):
     verifyObject(IUsageStore, store.usage)
     # Bucket 0 (1000..1060): 20 requests, durations 1..20 ms, ttft on the even ones; one error.
