@@ -11,6 +11,12 @@
 #
 # e.g. git worktree add /tmp/gomodel-ref <rev>
 #      bash bench/threadcpu.sh ref=/tmp/gomodel-ref here=. here-no-usage=.:USAGE_ENABLED=false
+#      bash bench/threadcpu.sh bare=. features=.:FEATURES=1
+#
+# FEATURES=1 (a setting of this script, not the gateway's) runs that configuration with everything on,
+# as bench/run.sh's gomodel-features target: four replicas (four mocks), the access log (to a file), and
+# the load sent with a managed key that has a rate limit, a concurrency limit, a model allowlist and a
+# daily budget, all far above the load.
 #
 # Each round starts every configuration in turn afresh (one process, its own data directory; the
 # CHECKOUT on PYTHONPATH; master key, one mock replica, access log off), sends 2 s of warm-up, then
@@ -26,8 +32,14 @@ W=$(mktemp -d /tmp/gomodel-threadcpu-XXXXXX)
 PIDS=""
 trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT
 port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-MOCK_PORT=$(port)
-node "$ROOT/bench/mock/mock.mjs" --port "$MOCK_PORT" > "$W/mock.log" 2>&1 & PIDS="$PIDS $!"
+MOCK_URLS=()  # the first one's for every configuration; FEATURES=1 adds three
+for i in 1 2 3 4; do
+  [ "$i" = 1 ] || [[ " $* " == *FEATURES=1* ]] || break
+  mport=$(port); MOCK_URLS+=("http://127.0.0.1:$mport/v1")
+  node "$ROOT/bench/mock/mock.mjs" --port "$mport" > "$W/mock$i.log" 2>&1 & PIDS="$PIDS $!"
+done
+KEY_BODY='{"name":"bench","user_path":"/bench/features","models":["vllm/"],"rpm":1000000000,"tpm":1000000000000,
+  "max_concurrency":100000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}'
 MODEL=vllm/meta-llama/Llama-3.1-8B-Instruct
 if [ "$WORKLOAD" = responses-stream ]; then
   URLPATH=/v1/responses; MARKER=response.completed
@@ -42,25 +54,36 @@ ticks() {  # "pid tid ticks" for each thread of process $1 and of its children (
     for t in /proc/"$p"/task/*; do echo "$p $(basename "$t") $(awk '{print $14 + $15}' "$t/stat")"; done
   done
 }
-load() {  # port seconds -> wrk's WRKJSON line
+load() {  # port seconds key -> wrk's WRKJSON line
   wrk -t2 -c10 -d"$2"s -s "$ROOT/bench/wrk/post.lua" "http://127.0.0.1:$1$URLPATH" -- "$W/body.json" "$MARKER" \
-    "Authorization: Bearer mk" 2>&1 | grep WRKJSON || true
+    "Authorization: Bearer $3" 2>&1 | grep WRKJSON || true
 }
 for round in $(seq "$ROUNDS"); do
   for spec in "$@"; do
     name=${spec%%=*}; rest=${spec#*=}; checkout=${rest%%:*}; envs=(); [ "$rest" != "$checkout" ] && IFS=, read -ra envs <<< "${rest#*:}"
     checkout=$(cd "$checkout" && pwd); gport=$(port); data="$W/data-$name-$round"
-    (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" GOMODEL_MASTER_KEY=mk \
-      GOMODEL_DATA_DIR="$data" GOMODEL_ACCESS_LOG=false "${envs[@]}" \
+    upstreams=${MOCK_URLS[0]}; access=false; features=0
+    for e in "${envs[@]}"; do [ "$e" = FEATURES=1 ] && features=1; done
+    if [ "$features" = 1 ]; then
+      upstreams=$(IFS=,; echo "${MOCK_URLS[*]}"); access=true
+      envs=("${envs[@]/FEATURES=1/METRICS_ENABLED=true}")
+    fi
+    (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="$upstreams" GOMODEL_MASTER_KEY=mk \
+      GOMODEL_DATA_DIR="$data" GOMODEL_ACCESS_LOG=$access "${envs[@]}" \
       "$PY" -c 'from gomodel.cli import main; main()' --listen "tcp:$gport:interface=127.0.0.1" \
       ${WORKERS:+--workers "$WORKERS"} > "$W/$name-$round.log" 2>&1) &
     gpid=$!; PIDS="$PIDS $gpid"
     for _ in $(seq 300); do
       [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gport/health")" = 200 ] && break; sleep 0.1
     done
-    load "$gport" 2 > /dev/null
+    key=mk
+    if [ "$features" = 1 ]; then
+      key=$(curl -sf "http://127.0.0.1:$gport/admin/api/v1/auth-keys" -H 'Authorization: Bearer mk' \
+        -H 'Content-Type: application/json' -d "$KEY_BODY" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["value"])')
+    fi
+    load "$gport" 2 "$key" > /dev/null
     before=$(ticks "$gpid")
-    result=$(load "$gport" "$SECS")
+    result=$(load "$gport" "$SECS" "$key")
     after=$(ticks "$gpid")
     peak=$(for p in "$gpid" $(pgrep -P "$gpid" || true); do awk '/^VmHWM/ {print $2}' /proc/"$p"/status; done | sort -n | tail -1)
     kill "$gpid"; wait "$gpid" 2>/dev/null || true
