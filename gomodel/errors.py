@@ -107,6 +107,12 @@ class StorageUnavailable(GatewayError):
     code = "storage_unavailable"
 
 
+class RowsRejected(Exception):
+    """A store cannot write a row it was given, however often it tries (a value its columns cannot hold):
+    none of the rows given with it was written. Never an answer to a client: the store's caller drops
+    that row (L{gomodel.accounting.usage.UsageLedger})."""
+
+
 class NotSupported(GatewayError):
     """The provider cannot do what the route asks (no tokenizer to count with); retrying will not help."""
 

@@ -1,9 +1,11 @@
 """IUsageStore contract (every backend): rows in, totals, groupings, the log's filters and cursor, spent, and the
 time series with its percentiles."""
 
+import pytest
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
+from gomodel.errors import RowsRejected
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS
 from tests.stores import backend, store  # noqa: F401 (fixtures)
@@ -98,6 +100,15 @@ async def test_texts_and_numbers_at_their_edges_are_written_as_they_are(store):
         assert tuple(record[name] for name in USAGE_FIELDS) == tuple(
             bool(value) if name in ("stream", "client_gone", "estimated") else value
             for name, value in zip(USAGE_FIELDS, expected))
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_with_a_value_no_column_can_hold_are_rejected_and_none_is_written(store):
+    for request_id, odd in (("odd", {"model": "vllm-a/\ud800"}), ("odd", {"input_tokens": 2**63}), (None, {})):
+        with pytest.raises(RowsRejected):
+            await store.usage.add([row("good", 1000.0), row(request_id, 1000.5, **odd)])
+    assert (await store.usage.summary(0, 1e9))["requests"] == 0
+    assert await store.usage.add([row("good", 1000.0)]) == 1  # the store goes on
 
 
 @pytest_twisted.ensureDeferred

@@ -202,6 +202,28 @@ async def test_a_full_buffer_is_written_before_the_next_tick(reactor, sqlite_sto
     assert (await sqlite_store.usage.summary(0, 1e9))["requests"] == FLUSH_AT
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_record_the_store_cannot_write_is_dropped_alone(reactor, sqlite_store):
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, Logger
+
+    from gomodel.accounting.usage import UsageLedger
+
+    ledger = UsageLedger(sqlite_store.usage, sqlite_store.claims, Clock(), "test", flush_interval=5.0)
+    events = []
+    ledger.log = Logger(observer=events.append)
+    for i in range(11):  # one record no column can hold (a text that is no Unicode), among ten
+        ledger.keep(f"r{i}", 100.0 + i, "vllm", "vllm", 0, "vllm/\udc80" if i == 6 else "vllm/m",
+                    "/v1/chat/completions", 200, False, None)
+    await ledger.flush()
+    records, _ = await sqlite_store.usage.log(0, 1e9, 20)
+    assert sorted(r["request_id"] for r in records) == sorted(f"r{i}" for i in range(11) if i != 6)
+    [dropped] = [e for e in events if e.get("log_level") == LogLevel.error]
+    assert dropped["request_id"] == "r6" and "dropped" in dropped["log_format"]
+    await ledger.flush()  # nothing is kept to try again
+    assert len((await sqlite_store.usage.log(0, 1e9, 20))[0]) == 10
+
+
 def test_token_counts_by_type_in_every_naming():
     from gomodel.accounting.tokens import tokens_by_type, total_tokens
 

@@ -17,6 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
+from gomodel.errors import RowsRejected
 from gomodel.logs import log_failure
 from gomodel.store.sweeps import claimed
 
@@ -90,7 +91,8 @@ class UsageLedger(Service):
         """Write what is buffered (after a write under way, if any).
 
         @return: a Deferred firing once written; a failure is logged and the
-            records are kept for the next flush.
+            records are kept for the next flush, but for a record the store
+            can never write (L{RowsRejected}): that one is logged and dropped.
         """
         return self._writing.run(self._write)
 
@@ -98,11 +100,24 @@ class UsageLedger(Service):
         if not self._buffer:
             return succeed(None)
         records, self._buffer = self._buffer, []
+        return self._add(records)
+
+    def _add(self, records):
+        """Write C{records}; where the store rejects one of them, write them in halves until that one is
+        alone (a few more writes for each such record), and drop it: kept, it would fail every write of
+        the records buffered with it."""
 
         def failed(failure):
-            log_failure(self.log, failure, "writing {count} usage records failed; kept for the next flush",
-                        count=len(records))
-            self._buffer[:0] = records
+            if not failure.check(RowsRejected):
+                log_failure(self.log, failure, "writing {count} usage records failed; kept for the next flush",
+                            count=len(records))
+                self._buffer[:0] = records
+            elif len(records) == 1:
+                self.log.error("usage record {request_id} cannot be written ({reason}); dropped",
+                               request_id=records[0][0], reason=failure.getErrorMessage())
+            else:
+                half = len(records) // 2
+                return self._add(records[:half]).addCallback(lambda _: self._add(records[half:]))
 
         return self._usage.add(records).addErrback(failed)
 

@@ -306,7 +306,9 @@ class IUsageStore(Interface):
     def add(rows):
         """Store C{rows} (tuples in C{USAGE_FIELDS} order) in one transaction.
 
-        @return: a Deferred firing with how many were stored.
+        @return: a Deferred firing with how many were stored; it fails with
+            L{gomodel.errors.RowsRejected} (none stored) when a row holds a value
+            the table cannot (a text that is not Unicode, a number past its column).
         """
 
     def summary(start, end):

@@ -1,8 +1,10 @@
 """L{IUsageStore} on PostgreSQL: one row per request that reached an upstream (and per batch line), from every host."""
 
+import psycopg
 from psycopg.rows import dict_row
 from zope.interface import implementer
 
+from gomodel.errors import RowsRejected
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS
 
@@ -59,10 +61,13 @@ class PostgreSQLUsageStore:
         # costs less than half the CPU of text COPY's (no number written as text), and that CPU is the
         # interpreter lock the reactor's thread waits for while a flush runs (its requests' p99).
         # The flags are rows' 0 and 1: psycopg's binary bool takes any value by its truth.
-        with conn.transaction(), conn.cursor() as cursor, cursor.copy(_COPY) as copy:
-            copy.set_types(_COPY_TYPES)
-            for row in rows:
-                copy.write_row(row)
+        try:
+            with conn.transaction(), conn.cursor() as cursor, cursor.copy(_COPY) as copy:
+                copy.set_types(_COPY_TYPES)
+                for row in rows:
+                    copy.write_row(row)
+        except (psycopg.DataError, psycopg.IntegrityError, OverflowError, UnicodeEncodeError) as e:  # a value
+            raise RowsRejected(str(e)) from e
         return len(rows)
 
     def summary(self, start, end):

@@ -1,7 +1,10 @@
 """L{IUsageStore} on SQLite: one row per request that reached an upstream (and per batch line)."""
 
+import sqlite3
+
 from zope.interface import implementer
 
+from gomodel.errors import RowsRejected
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS
 from gomodel.store.sqlite.database import insert_rows
@@ -24,8 +27,11 @@ class SQLiteUsageStore:
         return self._db.run(self._add, rows)
 
     def _add(self, rows):
-        with self._db.transaction() as conn:
-            insert_rows(conn, _INSERT, rows)  # the flags as 0 and 1 (UsageLedger.keep), as sqlite stores them
+        try:
+            with self._db.transaction() as conn:
+                insert_rows(conn, _INSERT, rows)  # the flags as 0 and 1 (UsageLedger.keep), as sqlite stores them
+        except (OverflowError, UnicodeEncodeError, sqlite3.IntegrityError) as e:  # a value, not the store
+            raise RowsRejected(str(e)) from e
         return len(rows)
 
     def summary(self, start, end):
