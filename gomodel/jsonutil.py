@@ -59,7 +59,14 @@ def loads(data: bytes):
     try:
         if not _has_huge_integer(data):
             return orjson.loads(data)
-        return json.loads(data)
+        value = json.loads(data)
+        # orjson refuses a lone surrogate (an escape such as \ud800 with no pair); the standard library
+        # reads it into a str that cannot be written as UTF-8 again (to an upstream, to a store): refused
+        # the same here.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raise JSONError("a string holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair)") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise JSONError(str(e)) from None
 

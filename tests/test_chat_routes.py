@@ -147,6 +147,9 @@ async def test_bad_requests_get_openai_errors(http, gateway, fake):
         (b"{not json", 400, "invalid_json"),
         (b"[1, 2]", 400, "invalid_json"),
         (b"", 400, "invalid_json"),
+        # a lone surrogate, beside an integer past 64 bits (the standard library's parser reads those)
+        (b'{"model": "vllm/m", "seed": 123456789012345678901234, "messages": [{"role": "user", "content": "\\ud800"}]}',
+         400, "invalid_json"),
         (json.dumps({"messages": []}).encode(), 400, "missing_required_parameter"),
         (json.dumps({"model": 5}).encode(), 400, "missing_required_parameter"),
         (json.dumps({"model": "vllm/unknown-model"}).encode(), 404, "model_not_found"),
