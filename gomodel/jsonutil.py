@@ -59,7 +59,7 @@ def loads(data: bytes):
     try:
         if not _has_huge_integer(data):
             return orjson.loads(data)
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_not_json)  # NaN, Infinity: orjson refuses them too
         # orjson refuses a lone surrogate (an escape such as \ud800 with no pair); the standard library
         # reads it into a str that cannot be written as UTF-8 again (to an upstream, to a store): refused
         # the same here.
@@ -69,6 +69,10 @@ def loads(data: bytes):
         raise JSONError("a string holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair)") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise JSONError(str(e)) from None
+
+
+def _not_json(name):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def dumps(value) -> bytes:

@@ -18,7 +18,8 @@ def test_values_come_back_exactly(text, value):
 
 
 def test_invalid_documents_raise_json_error():
-    for text in (b"", b"{", b'{"a": 1} 2', b"\xff"):
+    for text in (b"", b"{", b'{"a": 1} 2', b"\xff", b"NaN",
+                 b'{"n": 123456789012345678901234, "a": NaN}', b'[123456789012345678901234, -Infinity]'):
         with pytest.raises(jsonutil.JSONError):
             jsonutil.loads(text)
 
