@@ -444,3 +444,29 @@ def test_first_place_is_where_the_earliest_word_begins():
             for stop in range(start, len(data) + 1):  # a word beginning before stop, or stop
                 places = [at for at in (data.find(w, start) for w in words) if 0 <= at < stop]
                 assert first_place(data, words, start, stop) == min(places, default=stop), (data, start, stop)
+
+
+def test_a_usage_that_is_no_object_is_no_usage_and_the_stream_still_ends():
+    # The request's sinks (usage ledger, metrics, access log) read a usage object: anything else an upstream
+    # sends there is no usage, not a sink's failure; a count that is no count is 0, not a cut stream.
+    from twisted.internet.task import Clock
+
+    from gomodel.translate.responses_chat import ChatToResponsesStream
+
+    for usage in (b"5", b"[]", b'"x"', b"null"):
+        observer = ResponsesStreamObserver()
+        end = b'data: {"type":"response.completed","response":{"id":"r","usage":' + usage + b"}}\n\n"
+        assert observer.feed(end) == end and observer.done and observer.usage is None
+        observer.finish()
+
+    translated = ChatToResponsesStream({"model": "m", "input": "hi"}, Clock())
+    chunk = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+             b'"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n')
+    odd = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":'
+           b'{"prompt_tokens":"x","completion_tokens":3,"total_tokens":[1],"completion_tokens_details":5}}\n\n')
+    translated.feed(chunk + odd + b"data: [DONE]\n\n")
+    translated.finish()
+    assert translated.done and translated.response["status"] == "completed"
+    assert translated.response["usage"] == {"input_tokens": 0, "output_tokens": 3, "total_tokens": 3,
+                                            "input_tokens_details": {"cached_tokens": 0},
+                                            "output_tokens_details": {"reasoning_tokens": 0}}

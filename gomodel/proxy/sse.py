@@ -335,7 +335,9 @@ class ResponsesStreamObserver:
             self.done = True
             self.response = payload.get("response")
             if isinstance(self.response, dict):
-                self.usage = self.response.get("usage")
+                usage = self.response.get("usage")
+                if usage.__class__ is dict:  # (anything else is no usage: the request's sinks read a dict)
+                    self.usage = usage
             return True
         return False
 

@@ -6,6 +6,7 @@ against any upstream.
 """
 
 from gomodel import jsonutil
+from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.ids import new_id
 from gomodel.proxy.sse import SSEFramer, StreamIncomplete, event_data, require_end
@@ -143,16 +144,14 @@ def _tool_choice(choice):
 
 
 def _usage(usage):
+    """The Responses API's usage object for a chat usage object (None for none); a count that is no count
+    (a string, a negative, an object where a number goes) is 0, as the usage ledger reads it."""
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    details = usage.get("prompt_tokens_details") or {}
-    out_details = usage.get("completion_tokens_details") or {}
-    return {"input_tokens": prompt, "output_tokens": completion,
-            "total_tokens": usage.get("total_tokens") or prompt + completion,
-            "input_tokens_details": {"cached_tokens": details.get("cached_tokens") or 0},
-            "output_tokens_details": {"reasoning_tokens": out_details.get("reasoning_tokens") or 0}}
+    prompt, completion, cached, reasoning = tokens = tokens_by_type(usage)
+    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": total_tokens(usage, tokens),
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 def response_object(request: dict, response_id, created_at, model, status, output, usage=None,
