@@ -214,6 +214,9 @@ async def test_a_cost_budget_by_user_path_set_through_the_admin_api(reactor, htt
                                        "GOMODEL_DATA_DIR": str(tmp_path), "USAGE_ENABLED": usage_enabled},
                              yaml_path=str(pricing))
     try:
+        code, error = await admin(http, gw, "PUT", "/admin/api/v1/budgets",
+                                  {"user_path": "/team", "period": "monthly", "max_tokens": 2**63})
+        assert (code, error["error"]["param"]) == (400, "max_tokens")  # past a BIGINT: a store's 500 before
         code, budget = await admin(http, gw, "PUT", "/admin/api/v1/budgets",
                                    {"user_path": "/team", "period": "monthly", "amount": 30})
         assert code == 200 and budget["amount"] == 30

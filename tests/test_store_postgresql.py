@@ -144,3 +144,32 @@ async def test_an_unreachable_server_is_storage_unavailable_at_once(reactor):
         assert store.problem is not None and "s3cret" not in store.problem
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_value_postgresql_cannot_hold_is_the_requests_400(reactor, http, fake, pg_database):
+    # A text with a NUL character (SQLite keeps it; PostgreSQL refuses it in a parameter), in a path, a filter,
+    # a body: each was a 500 from the store.
+    import json
+
+    from tests.support import start_gateway
+
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(pg_database)})
+    try:
+        for method, path, body in (
+                ("GET", "/v1/files/file-a%00", None), ("GET", "/v1/batches/batch_a%00", None),
+                ("GET", "/v1/responses/resp_a%00", None), ("GET", "/v1/files?after=a%00", None),
+                ("POST", "/v1/responses", {"model": "vllm/meta-llama/Llama-3.1-8B-Instruct", "input": "x",
+                                           "previous_response_id": "resp_a\u0000"}),
+                ("POST", "/admin/api/v1/auth-keys", {"name": "a\u0000b"}),
+                ("GET", "/admin/api/v1/usage/log?model=a%00", None)):
+            response = await http.request(method, gw.url + path, headers={"Authorization": "Bearer k1"},
+                                          data=json.dumps(body).encode() if body else None)
+            error = json.loads(await response.content())["error"]
+            assert (response.code, error["code"]) == (400, "invalid_value"), (method, path, error)
+        response = await http.get(gw.url + "/v1/files", headers={"Authorization": "Bearer k1"})
+        assert response.code == 200  # the store goes on
+        await response.content()
+    finally:
+        await gw.service.stopService()

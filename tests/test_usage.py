@@ -78,8 +78,9 @@ async def test_records_for_every_request_that_reached_an_upstream(reactor, http,
         assert models["data"][0]["total_cost"] > 0
         hourly = await http.get(gw.url + "/admin/api/v1/usage/daily?interval=hour&format=csv", headers=KEY)
         assert (await hourly.content()).decode().startswith("period,requests,")
-        bad = await http.get(gw.url + "/admin/api/v1/usage/summary?start_date=yesterday", headers=KEY)
-        assert bad.code == 400 and json.loads(await bad.content())["error"]["code"] == "invalid_window"
+        for query in ("start_date=yesterday", "days=800000", "days=99999999999"):  # (the last two: before year 1)
+            bad = await http.get(gw.url + "/admin/api/v1/usage/summary?" + query, headers=KEY)
+            assert bad.code == 400 and json.loads(await bad.content())["error"]["code"] == "invalid_window"
     finally:
         await gw.service.stopService()
 

@@ -180,7 +180,7 @@ class AdminAPI:
                 if days < 1:
                     raise ValueError
                 start = end - timedelta(days=days - 1)
-        except ValueError:
+        except (ValueError, OverflowError):  # (days before the year 1)
             raise InvalidRequest("Give start_date/end_date as YYYY-MM-DD, or days as a whole number "
                                  "of 1 or more.", code="invalid_window") from None
         if start > end:

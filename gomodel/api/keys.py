@@ -20,7 +20,12 @@ from gomodel.limits.gate import key_budgets
 from gomodel.limits.specs import period_window
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
-_INTEGER_LIMITS = ("rpm", "tpm", "max_concurrency")
+# The largest numbers the stores' columns hold (PostgreSQL's BIGINT and INTEGER), and the last second an
+# ISO 8601 date can say: a key's numbers past them are a 400, not a store's failure.
+BIGINT_MAX = 2**63 - 1
+_INT_MAX = 2**31 - 1
+_LATEST = 253402300799  # 9999-12-31T23:59:59Z
+_INTEGER_LIMITS = {"rpm": BIGINT_MAX, "tpm": BIGINT_MAX, "max_concurrency": _INT_MAX}
 _USER_PATH = re.compile(r"(/[A-Za-z0-9_\-@+~]+)+|/")
 
 
@@ -150,17 +155,18 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
     for name in ("models", "allowed_models"):
         if name in body:
             fields["models"] = _selectors(body[name], name)
-    for name in _INTEGER_LIMITS:
+    for name, most in _INTEGER_LIMITS.items():
         if name in body:
             value = body[name]
-            if value is not None and (not _is_int(value) or value < 1):
-                raise _bad(name, "must be a whole number of 1 or more, or null")
+            if value is not None and (not _is_int(value) or not 1 <= value <= most):
+                raise _bad(name, f"must be a whole number from 1 to {most}, or null")
             fields[name] = value
     if "budgets" in body:
         fields["budgets"] = budgets(body["budgets"])
     if "priority" in body:
-        if body["priority"] is not None and not _is_int(body["priority"]):
-            raise _bad("priority", "must be an integer, or null")
+        if body["priority"] is not None and (not _is_int(body["priority"])
+                                             or not -_INT_MAX - 1 <= body["priority"] <= _INT_MAX):
+            raise _bad("priority", f"must be an integer from {-_INT_MAX - 1} to {_INT_MAX}, or null")
         fields["priority"] = body["priority"]
     if "metadata" in body:
         metadata = body["metadata"]
@@ -208,6 +214,8 @@ def expiry(value, now: float):
         raise _bad("expires_at", "must be ISO 8601 (2027-01-31T00:00:00Z) or Unix seconds")
     if seconds <= now:
         raise _bad("expires_at", "is in the past")
+    if seconds > _LATEST:
+        raise _bad("expires_at", "must be before the year 10000")
     return seconds
 
 
@@ -230,8 +238,8 @@ def budgets(value) -> list:
             raise _bad("budgets", f"the period {item['period']} is given twice")
         periods.add(item["period"])
         if "max_tokens" in item:
-            if not _is_int(item["max_tokens"]) or item["max_tokens"] < 1:
-                raise _bad("budgets", "max_tokens must be a whole number of 1 or more")
+            if not _is_int(item["max_tokens"]) or not 1 <= item["max_tokens"] <= BIGINT_MAX:
+                raise _bad("budgets", f"max_tokens must be a whole number from 1 to {BIGINT_MAX}")
         elif isinstance(item["max_cost"], bool) or not isinstance(item["max_cost"], (int, float)) \
                 or item["max_cost"] <= 0:
             raise _bad("budgets", "max_cost must be a number above 0")

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gomodel.errors import StorageUnavailable
+from gomodel.errors import InvalidRequest, StorageUnavailable
 from gomodel.store.postgresql.errors import NotMigrated
 from gomodel.store.postgresql.migrations import migrate
 from gomodel.store.threads import OwnedThreads
@@ -207,6 +207,12 @@ class Database:
                 self._reactor.callFromThread(self.log.warn, "PostgreSQL store unavailable: {reason}", reason=reason)
             self.problem = reason
             raise StorageUnavailable(f"The gateway's storage is unavailable ({reason}).") from e
+        except psycopg.DataError as e:
+            # A value PostgreSQL cannot hold, from a request: a text with a NUL character (an id in a path, a
+            # filter, a key's name: SQLite keeps those), a number past its column. The request's error.
+            raise InvalidRequest("A value of the request cannot be kept or looked up by the gateway's store "
+                                 "(a text holding a NUL character, or a number out of range).",
+                                 code="invalid_value") from e
         if self.problem is not None and self._opened:
             self.problem = None
             self._reactor.callFromThread(self.log.info, "PostgreSQL store available again")
