@@ -170,6 +170,7 @@ async def test_bad_input_file_fails_validation_naming_the_lines(sdk, gw, fake):
         dict(chat_line("get"), method="GET"),
         {"method": "POST", "url": "/v1/chat/completions", "body": {"model": MODEL}},
         dict(chat_line("no-body"), body=[1]),
+        chat_line("nul\u0000"),  # (PostgreSQL cannot keep it: the batch would fail to start, again and again)
     ]
     batch = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
     assert batch.status == "failed"
@@ -186,6 +187,7 @@ async def test_bad_input_file_fails_validation_naming_the_lines(sdk, gw, fake):
         (8, "invalid_method", "method"),
         (9, "missing_custom_id", "custom_id"),
         (10, "invalid_body", "body"),
+        (11, "invalid_custom_id", "custom_id"),
     ]
     assert all(e.message for e in batch.errors.data)
     assert not [r for r in fake.requests if r.method == b"POST"]  # nothing was sent

@@ -43,6 +43,8 @@ def check_line(raw, number: int, endpoint: str):
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return LineError("missing_custom_id", "Each line needs a non-empty string 'custom_id'.", "custom_id", number)
+    if "\x00" in custom_id:  # (PostgreSQL cannot keep it: the batch would fail to start again and again)
+        return LineError("invalid_custom_id", "A 'custom_id' cannot hold a NUL character.", "custom_id", number)
     if item.get("method") != "POST":
         return LineError("invalid_method", "The 'method' of each line must be 'POST'.", "method", number)
     url = item.get("url")
