@@ -103,15 +103,16 @@ async def test_create_list_get_patch_deactivate(http, gw):
     ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 5, "max_cost": 1}]}, "budgets"),
     ({"name": "x", "budgets": [{"period": "daily", "max_cost": -1}]}, "budgets"),
     ({"name": "x", "secret": "mine"}, "secret"),
-    # numbers past what the stores' columns hold (a 500 from the store before)
+    # numbers past what the stores' columns hold (a 500 from the store before), or a float holds exactly
     ({"name": "x", "rpm": 2**63}, "rpm"),
+    ({"name": "x", "tpm": 2**53}, "tpm"),
     ({"name": "x", "tpm": 2**70}, "tpm"),
     ({"name": "x", "max_concurrency": 2**31}, "max_concurrency"),
     ({"name": "x", "priority": 2**31}, "priority"),
     ({"name": "x", "priority": -2**31 - 1}, "priority"),
     ({"name": "x", "expires_at": 1e300}, "expires_at"),
     ({"name": "x", "expires_at": "10000-01-01T00:00:00Z"}, "expires_at"),
-    ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 2**63}]}, "budgets"),
+    ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 2**53}]}, "budgets"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_key_bodies_are_400s_naming_the_field(http, gw, body, param):

@@ -12,7 +12,7 @@ process sees an edit within about a second. Key budgets live on the keys
 
 from klein import Klein
 
-from gomodel.api.keys import BIGINT_MAX, PERIODS, iso, user_path
+from gomodel.api.keys import COUNT_MAX, PERIODS, iso, user_path
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
@@ -87,8 +87,8 @@ class BudgetsAPI:
                                  code="invalid_value")
         (name, value), = amounts.items()
         if name == "max_tokens":
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= BIGINT_MAX:
-                raise InvalidRequest(f"max_tokens must be a whole number from 1 to {BIGINT_MAX}.", param="max_tokens",
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= COUNT_MAX:
+                raise InvalidRequest(f"max_tokens must be a whole number from 1 to {COUNT_MAX}.", param="max_tokens",
                                      code="invalid_value")
             record = await self._store.put(path, period, value, None)
         else:

@@ -20,12 +20,14 @@ from gomodel.limits.gate import key_budgets
 from gomodel.limits.specs import period_window
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
-# The largest numbers the stores' columns hold (PostgreSQL's BIGINT and INTEGER), and the last second an
-# ISO 8601 date can say: a key's numbers past them are a 400, not a store's failure.
-BIGINT_MAX = 2**63 - 1
+# The largest token and request counts a limit or budget may say: a bucket's level is a float, and the
+# dashboard's numbers are JavaScript's, both exact to 2**53 (past it a level shows more than its limit);
+# the largest number PostgreSQL's INTEGER columns hold (max_concurrency, priority); the last second an ISO
+# 8601 date can say. A key's numbers past them are a 400, not a store's failure (BIGINT past 2**63).
+COUNT_MAX = 2**53 - 1
 _INT_MAX = 2**31 - 1
 _LATEST = 253402300799  # 9999-12-31T23:59:59Z
-_INTEGER_LIMITS = {"rpm": BIGINT_MAX, "tpm": BIGINT_MAX, "max_concurrency": _INT_MAX}
+_INTEGER_LIMITS = {"rpm": COUNT_MAX, "tpm": COUNT_MAX, "max_concurrency": _INT_MAX}
 _USER_PATH = re.compile(r"(/[A-Za-z0-9_\-@+~]+)+|/")
 
 
@@ -238,8 +240,8 @@ def budgets(value) -> list:
             raise _bad("budgets", f"the period {item['period']} is given twice")
         periods.add(item["period"])
         if "max_tokens" in item:
-            if not _is_int(item["max_tokens"]) or not 1 <= item["max_tokens"] <= BIGINT_MAX:
-                raise _bad("budgets", f"max_tokens must be a whole number from 1 to {BIGINT_MAX}")
+            if not _is_int(item["max_tokens"]) or not 1 <= item["max_tokens"] <= COUNT_MAX:
+                raise _bad("budgets", f"max_tokens must be a whole number from 1 to {COUNT_MAX}")
         elif isinstance(item["max_cost"], bool) or not isinstance(item["max_cost"], (int, float)) \
                 or item["max_cost"] <= 0:
             raise _bad("budgets", "max_cost must be a number above 0")
