@@ -162,7 +162,9 @@ class Database:
 
         @return: a Deferred firing with its result; it fails with
             L{StorageUnavailable} when the server cannot be reached (or the
-            store is stopped), else with what C{f} raised.
+            store is stopped), with L{InvalidRequest} when a value cannot be
+            held (psycopg's C{DataError}: a text with a NUL character, a number
+            past its column), else with what C{f} raised.
         """
         if self._pool is None or self._fatal is not None:
             return fail(self._unavailable())
