@@ -727,6 +727,70 @@ async def test_a_line_recorded_before_a_storage_failure_is_never_sent_again(benc
     assert [s.body["i"] for s in bench.provider.sent] == [0, 1, 1]
 
 
+class RejectedResults(UnwritableResults):
+    """The real batch store, except that one line's result is a value it cannot hold (no wait mends it)."""
+
+    def __init__(self, batches, custom_id):
+        super().__init__(batches)
+        self.custom_id = custom_id
+
+    def record_results(self, batch_id, results, token):
+        if any(custom_id == self.custom_id for _, custom_id, _, _ in results):
+            return fail(ValueError("a value the store cannot hold"))
+        return self._batches.record_results(batch_id, results, token)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_that_keeps_failing_unexpectedly_ends_failed_with_what_was_answered(bench, logged_errors):
+    # Before, it was released with a backoff and tried again for as long as the gateway ran.
+    runner = bench.runner(batches=RejectedResults(bench.store.batches, "r1"), concurrency=1, max_attempts=2)
+    created = await bench.batch(runner, 2)
+    first = await bench.provider.wait_sent(1)
+    first.answer.callback(StubResponse(200, ok_body(0)))  # r0 recorded
+    second = await bench.provider.wait_sent(2)
+    second.answer.callback(StubResponse(200, ok_body(1)))  # r1 cannot be: stopped once, released for 1 s
+    await runner.settled(created["id"])
+    assert (await bench.store.batches.get(created["id"]))["status"] == "in_progress"
+    bench.clock.advance(1)
+    third = await bench.provider.wait_sent(3)  # tried again: only the line not recorded
+    assert third.body["i"] == 1
+    third.answer.callback(StubResponse(200, ok_body(1)))  # stopped twice in a row: BATCH_MAX_ATTEMPTS
+    await until_status(bench.store, created["id"], "failed")
+    batch = await bench.store.batches.get(created["id"])
+    [error] = batch["errors"]
+    assert error["code"] == "internal_error" and "2 times in a row" in error["message"]
+    assert (batch["completed"], batch["failed"], batch["failed_at"]) == (1, 0, int(bench.clock.seconds()))
+    [line] = await lines_of(bench.store, batch["output_file_id"])
+    assert line["custom_id"] == "r0" and batch["error_file_id"] is None
+    for _ in range(5):  # never claimed again
+        bench.clock.advance(60)
+        await deferLater(reactor_(), 0.002, lambda: None)
+    assert len(bench.provider.sent) == 3 and runner.held == frozenset()
+    assert logged_errors.flush(ValueError) == 2  # each stop's traceback
+
+
+class RejectedRequests(UnwritableResults):
+    """The real batch store, except that a batch's requests are values it cannot hold."""
+
+    def add_requests(self, batch_id, requests, token):
+        return fail(ValueError("a value the store cannot hold"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_whose_validation_keeps_failing_unexpectedly_ends_failed(bench, logged_errors):
+    runner = bench.runner(batches=RejectedRequests(bench.store.batches), max_attempts=2)
+    created = await bench.batch(runner, 2)
+    await runner.settled(created["id"])
+    assert (await bench.store.batches.get(created["id"]))["status"] == "validating"  # released for 1 s
+    bench.clock.advance(1)
+    await until_status(bench.store, created["id"], "failed")
+    batch = await bench.store.batches.get(created["id"])
+    assert [e["code"] for e in batch["errors"]] == ["internal_error"]
+    assert (batch["output_file_id"], batch["error_file_id"]) == (None, None) and not bench.provider.sent
+    assert await bench.store.batches.pending(created["id"], 0, 10) == []
+    assert logged_errors.flush(ValueError) == 2
+
+
 async def until_status(store, batch_id, status):
     for _ in range(400):
         if (await store.batches.get(batch_id))["status"] == status:

@@ -114,3 +114,29 @@ async def discard_files(blobs, files):
                 await blobs.delete(written[0])
             except Exception:
                 log.failure("removing an unregistered batch file {file_id} failed", file_id=written[0])
+
+
+async def give_up(batches, blobs, job, count, now):
+    """End a batch that stopped with an unexpected error C{count} times in a row: C{failed} with an
+    C{internal_error} (C{cancelled}, if it was being cancelled), with the files of the lines answered;
+    the lines not answered are in neither file, as after a failed validation.
+
+    @param now: a function returning the current time in seconds.
+    @return: None; store failures propagate (the batch stays as it was).
+    """
+    batch = await batches.get(job.batch_id)
+    status = None if batch is None else batch["status"]
+    if status == "cancelling":
+        await _finalize(batches, blobs, job, {"status": "cancelled", "cancelled_at": now()}, ("cancelling",))
+        return
+    if status not in ("validating", "in_progress", "finalizing"):
+        return  # it ended meanwhile
+    if status == "validating":
+        await batches.clear_requests(job.batch_id, job.token)
+    error = {"code": "internal_error", "param": None, "line": None,
+             "message": f"The gateway stopped running this batch after it failed with an unexpected error "
+                        f"{count} times in a row; the lines answered before are in its output and error files."}
+    done = await _finalize(batches, blobs, job, {"status": "failed", "failed_at": now(), "errors": [error]},
+                           (status,))
+    if done is None:  # cancelled meanwhile
+        await give_up(batches, blobs, job, count, now)

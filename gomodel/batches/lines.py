@@ -31,6 +31,7 @@ class Job:
         self.token = token  # the fencing token of our claim
         self.stop = None  # None, "cancel", "expire", "shutdown", "lost" (the claim) or "park" (cannot record)
         self.failed = False  # a store write failed: released with a backoff, whatever stopped it
+        self.broken = False  # it failed with an error that no wait mends (not the store being unavailable)
         self.upstream = set()  # Deferreds of requests in flight (cancelled to halt)
         self.lines = set()  # Deferreds of lines not yet recorded
         self.waiting = None  # a semaphore acquisition in progress

@@ -31,8 +31,11 @@ batches spread over the hosts wherever they were created. Results are
 written with the token: a runner that lost its lease records nothing, so no
 line is ever recorded twice. A batch whose results cannot be written (a full
 disk) is released with a backoff (exponential, capped) instead of being
-driven again at once. At stop, requests in flight are cancelled, answers
-already read are recorded, and the claims are released.
+driven again at once. A batch that stops with an unexpected error (not the
+store being unavailable) C{BATCH_MAX_ATTEMPTS} times in a row on one process
+ends C{failed}, with an C{internal_error} and the files of what was answered,
+instead of being tried forever. At stop, requests in flight are cancelled,
+answers already read are recorded, and the claims are released.
 """
 
 import uuid
@@ -45,7 +48,7 @@ from twisted.python.failure import Failure
 
 from gomodel import jsonutil
 from gomodel.batches.claiming import MAX_CLAIMED, ClaimLoop
-from gomodel.batches.concluding import conclude
+from gomodel.batches.concluding import conclude, give_up
 from gomodel.batches.lines import Job, error_line, output_line
 from gomodel.batches.validating import validate
 from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
@@ -125,6 +128,7 @@ class BatchRunner(Service):
         self._semaphores = {}
         self._jobs = {}
         self._parked = {}  # batch id -> how many times in a row it could not be recorded
+        self._broken = {}  # batch id -> how many times in a row it stopped with an unexpected error
         self._resuming = None
         self._claims = ClaimLoop(batches, clock, self.owner, lease, poll_interval, self._jobs, self._start,
                                  max_claimed)
@@ -270,7 +274,9 @@ class BatchRunner(Service):
             self._job_failed(Failure(), job)
         if job.stop == "lost":
             return
-        if job.stop == "park" or job.failed:
+        if job.broken and await self._broke(job):
+            delay = 0
+        elif job.stop == "park" or job.failed:
             count = self._parked.get(job.batch_id, 0)
             self._parked[job.batch_id] = count + 1
             delay = min(self._backoff_start * 2 ** count, self._backoff_max)
@@ -280,11 +286,29 @@ class BatchRunner(Service):
             delay = 0
             if job.stop != "shutdown":
                 self._parked.pop(job.batch_id, None)
+                self._broken.pop(job.batch_id, None)
         try:
             await self._batches.release(job.batch_id, self.owner, job.token, delay)
         except Exception as e:  # the lease runs out by itself
             self.log.warn("batch {batch_id}: releasing its claim failed ({error})", batch_id=job.batch_id,
                           error=getattr(e, "message", None) or repr(e))
+
+    async def _broke(self, job):
+        """Count a stop of C{job} with an unexpected error; the C{max_attempts}-th in a row ends its batch
+        C{failed} (L{give_up}). Whether it did: else it is released with a backoff, to be tried again."""
+        count = self._broken[job.batch_id] = self._broken.get(job.batch_id, 0) + 1
+        if count < self._max_attempts:
+            return False
+        try:
+            await give_up(self._batches, self._blobs, job, count, self._now)
+        except Exception:
+            self.log.failure("batch {batch_id}: ending it failed; it is tried again later", batch_id=job.batch_id)
+            return False
+        self._broken.pop(job.batch_id, None)
+        self._parked.pop(job.batch_id, None)
+        self.log.error("batch {batch_id} failed: it stopped with an unexpected error {count} times in a row",
+                       batch_id=job.batch_id, count=count)
+        return True
 
     def _job_failed(self, failure, job):
         if failure.check(LeaseLost):
@@ -299,6 +323,7 @@ class BatchRunner(Service):
         if failure.check(StorageUnavailable):
             self.log.warn("batch {batch_id} paused: {error}", batch_id=job.batch_id, error=failure.value.message)
         else:
+            job.broken = True
             self.log.failure("batch {batch_id} stopped unexpectedly; it is tried again later", failure,
                              batch_id=job.batch_id)
 
@@ -411,6 +436,7 @@ class BatchRunner(Service):
                 job.halt("park")
             else:
                 self.log.failure("batch {batch_id}: recording a line failed", failure, batch_id=job.batch_id)
+                job.broken = True
                 job.halt("park")
 
         d.addErrback(failed)
