@@ -4,7 +4,7 @@
 # SQLite's writes of the usage ledger and of stored responses). Instruction counts (bench/instructions.sh)
 # leave those writes out and see neither thread's waits for the interpreter lock nor the switches between
 # them; this sees what each thread took, kernel time included, as /proc counts it (ticks, 10 ms each:
-# hence 8 s windows).
+# hence 8 s windows); all threads' user and system time are also given apart.
 #
 #   [WINDOW=8] [ROUNDS=2] [WORKLOAD=chat|responses-stream] [WORKERS=N] [PYTHON=python3] \
 #     bash bench/threadcpu.sh NAME=CHECKOUT[:ENV=VALUE,...] [NAME=CHECKOUT...]
@@ -49,9 +49,9 @@ else
   printf '{"model":"%s","messages":[{"role":"user","content":"Say hello."}],"max_tokens":20}' "$MODEL" > "$W/body.json"
 fi
 TICK=$(getconf CLK_TCK)
-ticks() {  # "pid tid ticks" for each thread of process $1 and of its children (--workers)
+ticks() {  # "pid tid user-ticks system-ticks" for each thread of process $1 and of its children (--workers)
   for p in "$1" $(pgrep -P "$1" || true); do
-    for t in /proc/"$p"/task/*; do echo "$p $(basename "$t") $(awk '{print $14 + $15}' "$t/stat")"; done
+    for t in /proc/"$p"/task/*; do echo "$p $(basename "$t") $(awk '{print $14, $15}' "$t/stat")"; done
   done
 }
 load() {  # port seconds key -> wrk's WRKJSON line
@@ -95,14 +95,20 @@ if not result:
 run = json.loads(result.split(" ", 1)[1])
 if run["failures"] or not run["good"]:
     sys.exit(f"{name}: {run['failures']} of {run['requests']} answers were wrong")
-start = {tuple(line.split()[:2]): int(line.split()[2]) for line in before.splitlines()}
+start = {tuple(line.split()[:2]): tuple(map(int, line.split()[2:])) for line in before.splitlines()}
 used = {}  # per kind of thread, over the processes: the reactors' threads, the others'
+modes = [0, 0]  # all threads' user and system ticks
 for line in after.splitlines():
-    process, tid, ticks = line.split()
+    process, tid, user, system = line.split()
     kind = "reactor" if tid == process else "other threads"
-    used[kind] = used.get(kind, 0) + int(ticks) - start.get((process, tid), 0)
+    user0, system0 = start.get((process, tid), (0, 0))
+    modes[0] += int(user) - user0
+    modes[1] += int(system) - system0
+    used[kind] = used.get(kind, 0) + int(user) - user0 + int(system) - system0
 used["all"] = sum(used.values())
-threads = [f"{kind} {n / int(tick) / run['good'] * 1e6:.1f}" for kind, n in used.items() if n]
+per = lambda n: f"{n / int(tick) / run['good'] * 1e6:.1f}"
+threads = [f"{kind} {per(n)}" for kind, n in used.items() if n]
+threads[-1] += f" (user {per(modes[0])}, system {per(modes[1])})"
 print(f"{name} round {round_}: {run['good'] / float(secs):,.0f} req/s, p50 {run['lat_p50_us'] / 1000:.2f} ms, "
       f"p99 {run['lat_p99_us'] / 1000:.2f} ms, peak RSS {int(peak) / 1024:.1f} MiB; CPU us per request: "
       + ", ".join(threads))
