@@ -119,7 +119,7 @@ async def discard_files(blobs, files):
 async def give_up(batches, blobs, job, count, now):
     """End a batch that stopped with an unexpected error C{count} times in a row: C{failed} with an
     C{internal_error} (C{cancelled}, if it was being cancelled), with the files of the lines answered;
-    the lines not answered are in neither file, as after a failed validation.
+    the lines not answered are in neither file, and its requests are dropped, as after a failed validation.
 
     @param now: a function returning the current time in seconds.
     @return: None; store failures propagate (the batch stays as it was).
@@ -131,8 +131,6 @@ async def give_up(batches, blobs, job, count, now):
         return
     if status not in ("validating", "in_progress", "finalizing"):
         return  # it ended meanwhile
-    if status == "validating":
-        await batches.clear_requests(job.batch_id, job.token)
     error = {"code": "internal_error", "param": None, "line": None,
              "message": f"The gateway stopped running this batch after it failed with an unexpected error "
                         f"{count} times in a row; the lines answered before are in its output and error files."}
