@@ -29,10 +29,10 @@
 # WORKLOAD=responses sends Responses requests (/v1/responses, stored as by default) instead of chat.
 #
 # CACHE=1 turns on callgrind's cache and branch simulation (--cache-sim=yes --branch-sim=yes) and also
-# prints, per request, the first-level instruction and data misses, the last-level data misses and the
-# mispredicted conditional and indirect branches: the part of a CPU-time gap that instruction counts
-# do not show. valgrind models two levels, its last one the host's last-level cache; CACHE_LL=SIZE,WAYS,LINE
-# (e.g. 1048576,8,64, this host's L2) models that level instead.
+# prints, per request, the first-level instruction and data misses, the last-level instruction and data
+# misses and the mispredicted conditional and indirect branches: the part of a CPU-time gap that
+# instruction counts do not show. valgrind models two levels, its last one the host's last-level cache;
+# CACHE_LL=SIZE,WAYS,LINE (e.g. 1048576,8,64, this host's L2) models that level instead.
 #
 # KEEP=DIR keeps callgrind's output files there (for callgrind_annotate).
 #
@@ -106,8 +106,8 @@ print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d excep
   echo "INSTR $name FEAT=$FEAT STREAM=${STREAM:-0} WORKLOAD=${WORKLOAD:-chat} requests=$N instructions_per_request=$((total / N))"
   if [ "${CACHE:-0}" = 1 ]; then  # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim
     grep -h "^totals:" "$W/$name.cg"* | awk -v n="$N" -v name="$name" '{for (i = 2; i <= 14; i++) t[i] += $i}
-      END {printf "CACHE %s I1_misses=%d D1_misses=%d LL_data_misses=%d branches=%d mispredicted=%d indirect=%d mispredicted_indirect=%d (per request)\n",
-        name, t[5] / n, (t[6] + t[7]) / n, (t[9] + t[10]) / n, (t[11] + t[13]) / n, t[12] / n, t[13] / n, t[14] / n}'
+      END {printf "CACHE %s I1_misses=%d D1_misses=%d LL_instruction_misses=%d LL_data_misses=%d branches=%d mispredicted=%d indirect=%d mispredicted_indirect=%d (per request)\n",
+        name, t[5] / n, (t[6] + t[7]) / n, t[8] / n, (t[9] + t[10]) / n, (t[11] + t[13]) / n, t[12] / n, t[13] / n, t[14] / n}'
   fi
   kill "$GPID" 2>/dev/null || true
 done

@@ -16,14 +16,17 @@
 # FEATURES=1 (a setting of this script, not the gateway's) runs that configuration with everything on,
 # as bench/run.sh's gomodel-features target: four replicas (four mocks), the access log (to a file), and
 # the load sent with a managed key that has a rate limit, a concurrency limit, a model allowlist and a
-# daily budget, all far above the load.
+# daily budget, all far above the load. With it, ONE_REPLICA=1 keeps one replica, MASTER_KEY=1 sends the
+# load with the master key (no managed key, no limits) and GOMODEL_ACCESS_LOG=false turns the access log
+# off: each feature's cost, apart (features=.:FEATURES=1,MASTER_KEY=1 is everything on but the key).
 #
 # Each round starts every configuration in turn afresh (one process, its own data directory; the
 # CHECKOUT on PYTHONPATH; master key, one mock replica, access log off), sends 2 s of warm-up, then
 # WINDOW seconds of load, and prints one line per configuration. WORKERS=N runs the gateway with
 # --workers N: its processes' threads are summed by kind, and the peak RSS is the largest process's.
-# The mock (bench/mock/mock.mjs) and wrk share the machine with the gateway, unpinned. Needs node, wrk
-# and curl, and a Python with the gateway's requirements.
+# The mock (bench/mock/mock.mjs) and wrk share the machine with the gateway, unpinned; PIN=1 runs the
+# gateway on CPU 1 and the mocks and wrk on CPU 0 (less spread between rounds). Needs node, wrk, curl,
+# taskset with PIN=1, and a Python with the gateway's requirements.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}; SECS=${WINDOW:-8}; ROUNDS=${ROUNDS:-2}; WORKLOAD=${WORKLOAD:-chat}
@@ -36,7 +39,7 @@ MOCK_URLS=()  # the first one's for every configuration; FEATURES=1 adds three
 for i in 1 2 3 4; do
   [ "$i" = 1 ] || [[ " $* " == *FEATURES=1* ]] || break
   mport=$(port); MOCK_URLS+=("http://127.0.0.1:$mport/v1")
-  node "$ROOT/bench/mock/mock.mjs" --port "$mport" > "$W/mock$i.log" 2>&1 & PIDS="$PIDS $!"
+  ${PIN:+taskset -c 0} node "$ROOT/bench/mock/mock.mjs" --port "$mport" > "$W/mock$i.log" 2>&1 & PIDS="$PIDS $!"
 done
 KEY_BODY='{"name":"bench","user_path":"/bench/features","models":["vllm/"],"rpm":1000000000,"tpm":1000000000000,
   "max_concurrency":100000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}'
@@ -55,29 +58,32 @@ ticks() {  # "pid tid user-ticks system-ticks" for each thread of process $1 and
   done
 }
 load() {  # port seconds key -> wrk's WRKJSON line
-  wrk -t2 -c10 -d"$2"s -s "$ROOT/bench/wrk/post.lua" "http://127.0.0.1:$1$URLPATH" -- "$W/body.json" "$MARKER" \
+  ${PIN:+taskset -c 0} wrk -t2 -c10 -d"$2"s -s "$ROOT/bench/wrk/post.lua" "http://127.0.0.1:$1$URLPATH" -- "$W/body.json" "$MARKER" \
     "Authorization: Bearer $3" 2>&1 | grep WRKJSON || true
 }
 for round in $(seq "$ROUNDS"); do
   for spec in "$@"; do
     name=${spec%%=*}; rest=${spec#*=}; checkout=${rest%%:*}; envs=(); [ "$rest" != "$checkout" ] && IFS=, read -ra envs <<< "${rest#*:}"
     checkout=$(cd "$checkout" && pwd); gport=$(port); data="$W/data-$name-$round"
-    upstreams=${MOCK_URLS[0]}; access=false; features=0
-    for e in "${envs[@]}"; do [ "$e" = FEATURES=1 ] && features=1; done
+    upstreams=${MOCK_URLS[0]}; access=false; features=0; one=0; master=0; settings=()
+    for e in "${envs[@]}"; do
+      case "$e" in FEATURES=1) features=1;; ONE_REPLICA=1) one=1;; MASTER_KEY=1) master=1;; *) settings+=("$e");; esac
+    done
+    envs=("${settings[@]}")
     if [ "$features" = 1 ]; then
-      upstreams=$(IFS=,; echo "${MOCK_URLS[*]}"); access=true
-      envs=("${envs[@]/FEATURES=1/METRICS_ENABLED=true}")
+      access=true; envs=(METRICS_ENABLED=true "${envs[@]}")
+      [ "$one" = 1 ] || upstreams=$(IFS=,; echo "${MOCK_URLS[*]}")
     fi
     (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="$upstreams" GOMODEL_MASTER_KEY=mk \
       GOMODEL_DATA_DIR="$data" GOMODEL_ACCESS_LOG=$access "${envs[@]}" \
-      "$PY" -c 'from gomodel.cli import main; main()' --listen "tcp:$gport:interface=127.0.0.1" \
+      ${PIN:+taskset -c 1} "$PY" -c 'from gomodel.cli import main; main()' --listen "tcp:$gport:interface=127.0.0.1" \
       ${WORKERS:+--workers "$WORKERS"} > "$W/$name-$round.log" 2>&1) &
     gpid=$!; PIDS="$PIDS $gpid"
     for _ in $(seq 300); do
       [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gport/health")" = 200 ] && break; sleep 0.1
     done
     key=mk
-    if [ "$features" = 1 ]; then
+    if [ "$features" = 1 ] && [ "$master" = 0 ]; then
       key=$(curl -sf "http://127.0.0.1:$gport/admin/api/v1/auth-keys" -H 'Authorization: Bearer mk' \
         -H 'Content-Type: application/json' -d "$KEY_BODY" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["value"])')
     fi
