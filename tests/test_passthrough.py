@@ -127,6 +127,20 @@ async def test_passthrough_refusals(reactor, http, two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_path_or_host_that_is_no_utf8_is_a_400_envelope_on_every_klein_route(reactor, two):
+    # Klein answered such a request with a text/html 400 and logged a traceback of the client's bytes.
+    gw, plain, guarded = two
+    for target, host in ((b"/p/vllm/%ff%fe", b"x"), (b"/v1/files/%C0", b"x"), (b"/v1/files", b"\xff")):
+        client = await connect(reactor, gw.port, b"GET " + target + b" HTTP/1.1\r\nHost: " + host
+                               + b"\r\nAuthorization: Bearer gw-key\r\nConnection: close\r\n\r\n")
+        await with_timeout(reactor, client.lost, 10)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"Content-Type: application/json" in head
+        assert jsonutil.loads(body)["error"]["code"] == "invalid_url"
+    assert [r.path for r in plain.requests if r.path not in (b"/health", b"/v1/models", b"/version", b"/metrics")] == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_passthrough_to_a_provider_never_up_is_a_503_envelope(reactor, http):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": await dead_base_url(reactor), "VLLM_MODELS": "m"})
     try:

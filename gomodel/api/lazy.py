@@ -11,6 +11,7 @@ straight to Klein's.
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+from gomodel import errors
 from gomodel.api.uploads import UPLOAD_PATHS
 from gomodel.http import render
 
@@ -37,6 +38,9 @@ class LazyRoutes(Resource):
         return self._app
 
     def render(self, request):
+        if not _utf8(request):
+            return render.fail(request, Failure(errors.InvalidRequest(
+                "The request's path and Host header must be UTF-8 once percent-decoded.", code="invalid_url")))
         try:
             app = self.app
         except Exception:  # logged; a 500, and the next request tries again
@@ -49,3 +53,15 @@ class LazyRoutes(Resource):
         if method != b"POST" or path not in UPLOAD_PATHS:
             return None
         return self.app.files.upload_sink(request, method, path, length)
+
+
+def _utf8(request) -> bool:
+    """Whether Klein can decode C{request}'s path segments (percent-decoded by Twisted) and Host as UTF-8:
+    it answers any other request with a text 400 and logs a traceback of the client's bytes."""
+    try:
+        for segment in request.postpath:
+            segment.decode("utf-8")
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
