@@ -43,7 +43,8 @@
 # FEAT=1: everything on (four mock replicas, the access log, a managed key with a rate limit, a
 # concurrency limit, a model allowlist and a daily budget: bench/run.sh's gomodel-features key);
 # otherwise one replica, the master key, access log off; ACCESS_LOG=true/false overrides the access
-# log either way. Needs valgrind, node and curl, and a Python with the gateway's requirements
+# log either way, REPLICAS=N the number of mock replicas, MANAGED_KEY=1/0 whether the load is sent with
+# that managed key or the master key. Needs valgrind, node and curl, and a Python with the gateway's requirements
 # (PYTHON, default python3); each CHECKOUT goes on PYTHONPATH.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -54,7 +55,7 @@ W=$(mktemp -d /tmp/gomodel-instr-XXXXXX)
 PIDS=""
 trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT
 port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-URLS=""; REPLICAS=1; [ "$FEAT" = 1 ] && REPLICAS=4
+URLS=""; REPLICAS=${REPLICAS:-$([ "$FEAT" = 1 ] && echo 4 || echo 1)}; MANAGED_KEY=${MANAGED_KEY:-$FEAT}
 for i in $(seq $REPLICAS); do
   P=$(port); node "$ROOT/bench/mock/mock.mjs" --port "$P" > "$W/mock$i.log" 2>&1 & PIDS="$PIDS $!"
   URLS="$URLS${URLS:+,}http://127.0.0.1:$P/v1"
@@ -79,7 +80,7 @@ for checkout in "$@"; do
          -H 'Content-Type: application/json' -d "$BODY")" = 200 ] && break; sleep 1
   done
   KEY=mk
-  if [ "$FEAT" = 1 ]; then
+  if [ "$MANAGED_KEY" = 1 ]; then
     KEY=$(curl -sf "http://127.0.0.1:$GPORT/admin/api/v1/auth-keys" -H 'Authorization: Bearer mk' -H 'Content-Type: application/json' \
       -d '{"name":"bench","user_path":"/bench/features","models":["vllm/"],"rpm":1000000000,"tpm":1000000000000,"max_concurrency":100000,"budgets":[{"period":"daily","max_tokens":10000000000000}]}' \
       | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d.get("value") or d.get("key") or d.get("secret"))')
