@@ -35,8 +35,9 @@ def normalise_input(value) -> list:
             if isinstance(content, str):
                 kind = "output_text" if item["role"] == "assistant" else "input_text"
                 item["content"] = [{"type": kind, "text": content}]
-        if "id" not in item:
-            item["id"] = new_id(_PREFIX.get(item["type"], "item"))
+        if "id" not in item:  # (a type that is no string, which the upstream took, is an item's too)
+            kind = item["type"]
+            item["id"] = new_id(_PREFIX.get(kind, "item") if isinstance(kind, str) else "item")
         items.append(item)
     return items
 

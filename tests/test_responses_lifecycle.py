@@ -79,6 +79,18 @@ async def test_input_items_are_paginated(http, gateway):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_input_item_of_an_odd_type_the_upstream_takes_is_kept_as_it_came(http, gateway):
+    body = {"model": MODEL, "input": [{"type": ["x"]}, {"type": {"a": 1}}, {"role": "user", "content": "a"}]}
+    response = await http.post(gateway.url + "/v1/responses", data=json.dumps(body).encode())
+    assert response.code == 200  # the fake upstream takes any input (it was a 502 blamed on the upstream)
+    response_id = jsonutil.loads(await treq.content(response))["id"]
+    items = jsonutil.loads(await treq.content(await http.get(
+        gateway.url + f"/v1/responses/{response_id}/input_items?order=asc")))["data"]
+    assert [item["type"] for item in items] == [["x"], {"a": 1}, "message"]
+    assert [item["id"].split("_")[0] for item in items] == ["item", "item", "msg"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(reactor):
     a = await start_fake(reactor)
     b = await start_fake(reactor)
@@ -180,6 +192,10 @@ async def test_background_responses_are_refreshed_and_cancelled_at_their_instanc
     assert cancelled.status == "cancelled"
     assert fake.requests[-1].path == f"/v1/responses/{created.id}/cancel".encode()
     assert (await in_thread(client.responses.retrieve, created.id)).status == "cancelled"
+    sent = len(fake.requests)
+    with pytest.raises(openai.BadRequestError) as refused:  # over: a 400 as vLLM answers, without asking it
+        await in_thread(client.responses.cancel, created.id)
+    assert refused.value.body["code"] == "response_not_cancellable" and len(fake.requests) == sent
 
 
 @pytest_twisted.ensureDeferred

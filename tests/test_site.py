@@ -79,6 +79,48 @@ async def test_accepted_upload_is_still_invited_and_stored(reactor, keyed):
     client.transport.loseConnection()
 
 
+async def _answer(reactor, port, request: bytes) -> bytes:
+    client = await connect(reactor, port, request)
+    await with_timeout(reactor, client.lost, 10)
+    return bytes(client.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_key_is_refused_on_a_master_route_however_its_path_is_encoded(reactor, keyed):
+    body = b'{"name":"tenant"}'
+    created = await _answer(reactor, keyed.port, b"POST /admin/api/v1/auth-keys HTTP/1.1\r\nHost: g\r\n"
+                            b"Authorization: Bearer k1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    key = re.search(rb'"value":"([^"]+)"', created).group(1)
+    for path in (b"/%61dmin/api/v1/auth-keys", b"/admin%2Fapi/v1/auth-keys", b"/%61dmin/api/v1/usage/log",
+                 b"/%6Detrics"):
+        answer = await _answer(reactor, keyed.port, b"GET %s HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\n"
+                               b"Connection: close\r\n\r\n" % (path, key))
+        assert answer.startswith(b"HTTP/1.1 403 ") and b'"master_key_required"' in answer, path
+        assert b'"value"' not in answer
+    # the master key's request on such a path is routed as the decoded path
+    answer = await _answer(reactor, keyed.port, b"GET /%61dmin/api/v1/auth-keys HTTP/1.1\r\nHost: g\r\n"
+                           b"Authorization: Bearer k1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"name":"tenant"' in answer
+
+
+def chat_head(length) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer k1\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % length)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_announced_past_the_limit_is_not_invited_and_is_answered_413(reactor, keyed):
+    client = await connect(reactor, keyed.port, chat_head(100 * 1024 ** 3))
+    await deferLater(reactor, 0.2, lambda: None)
+    assert b"100 Continue" not in bytes(client.received)
+    client.transport.loseConnection()
+    size = 11 * 1024 * 1024  # past the default limit of 10 MiB
+    answer = await _answer(reactor, keyed.port, chat_head(size) + b" " * size)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in answer
+    assert b"100 Continue" not in answer and b"connection: close" in answer.lower()
+
+
 @pytest_twisted.ensureDeferred
 async def test_pipelined_answers_keep_their_order_and_a_bodiless_answer_its_head(reactor, keyed):
     # The channel holds an answer's head until its first body bytes; a HEAD answer has none, so its head

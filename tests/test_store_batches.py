@@ -133,3 +133,11 @@ async def test_a_busy_claimer_takes_only_batches_free_for_long_enough(store):
     assert (await batches.claim_next("p", 30, free_for=1))[0]["id"] == "batch_a"  # the oldest first
     assert (await batches.claim_next("p", 30, free_for=1))[0]["id"] == "batch_b"  # added at 1036
     assert await batches.holders() == {"p"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tenants_listing_takes_only_its_own_batches_as_cursor(store):
+    for batch_id, tenant in (("batch_a", "path:/a"), ("batch_b", "path:/b")):
+        await store.batches.add(batch(batch_id, tenant=tenant))
+    assert await store.batches.list(after="batch_b", tenant="path:/a") == ([], False)  # as an unknown id
+    assert [r["id"] for r in (await store.batches.list(after="batch_b"))[0]] == ["batch_a"]

@@ -4,7 +4,7 @@ import pytest_twisted
 from zope.interface.verify import verifyObject
 
 from gomodel.store import IFileStore
-from tests.stores import add_file, backend, store  # noqa: F401 (fixtures)
+from tests.stores import add_file, backend, put_blob, store  # noqa: F401 (fixtures)
 
 
 @pytest_twisted.ensureDeferred
@@ -34,3 +34,15 @@ async def test_files_are_listed_paged_and_deleted(store):
     assert await files.delete(b["id"]) is True
     assert await files.delete(b["id"]) is False
     assert await files.get(b["id"]) is None
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tenants_listing_takes_only_its_own_files_as_cursor(store):
+    async def add(file_id, tenant):
+        size = await put_blob(store.blobs, file_id, b"x\n")
+        return await store.files.add(file_id, size, "f.jsonl", "batch", tenant)
+
+    mine, theirs = await add("file-a", "path:/a"), await add("file-b", "path:/b")
+    assert await store.files.list(after=theirs["id"], tenant="path:/a") == ([], False)  # as an unknown id
+    assert [r["id"] for r in (await store.files.list(after=theirs["id"]))[0]] == [mine["id"]]

@@ -141,9 +141,11 @@ class ResponsesRoute:
         raise upstream_error(404, answer, provider.name, provider.hidden)
 
     async def _previous(self, body, principal):
-        """The stored record of C{previous_response_id}, or None (the upstream may still know it).
+        """The stored record of C{previous_response_id}, or None (the upstream may still know it: a response
+        the master key continues that was not made through the gateway, or not stored, or deleted).
 
-        @raise gomodel.errors.NotFound: it belongs to another tenant.
+        @raise gomodel.errors.NotFound: it belongs to another tenant, or a managed key names a response the
+            gateway does not hold (the upstream may still hold another tenant's: deleted, or not stored).
         """
         previous_id = body.get("previous_response_id")
         if not previous_id or self._store is None:
@@ -151,7 +153,11 @@ class ResponsesRoute:
         if not isinstance(previous_id, str):
             raise errors.InvalidRequest("previous_response_id must be a string.", param="previous_response_id")
         record = await self._store.get(previous_id)
-        if record is not None and not visible(principal, record):
+        if record is None:
+            if principal is not None and not principal.master:
+                raise _unknown(previous_id)
+            return None
+        if not visible(principal, record):
             raise _unknown(previous_id)
         return record
 
@@ -221,8 +227,12 @@ class ResponsesRoute:
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
     async def cancel(self, request, response_id):
-        """Forward a cancel to the instance running the (background) response; its answer is relayed."""
+        """Forward a cancel to the instance running the (background) response; its answer is relayed. A
+        response that is over (as vLLM answers for it, without asking it) is a 400."""
         record = await self._record(request, response_id)
+        if record["response"].get("status") not in _UNFINISHED:
+            raise errors.InvalidRequest("Cannot cancel a synchronous response.", param="response_id",
+                                        code="response_not_cancellable")
         provider = self._registry.provider(record["provider"])
         if provider is None:
             raise errors.NotFound(f"The provider '{record['provider']}' that made response '{response_id}' "

@@ -137,6 +137,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         # Only the request line and headers are known here (the channel set self.method and self.uri).
         method = self.method
         path = self.uri.split(b"?", 1)[0]
+        if path.find(b"%") >= 0:  # the path the routes see (L{process}): /%61dmin/ is /admin/
+            path = unquote(path)
         if self.authenticate is not None:
             try:
                 self.identity = self.authenticate(self, path)
@@ -152,6 +154,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         if length is not None and length > self.body_limit:
             self.too_large = True
             self.content = _Discard()
+            self.requestHeaders.removeHeader(b"expect")  # as L{_refuse}: no "100 Continue" for it
+            self.close_after()
             return
         # twisted.web.http's, as server.Request's comes to for a site without getContentFile (it looks
         # that up, and makes and drops an AttributeError for every request)

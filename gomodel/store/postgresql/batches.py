@@ -65,7 +65,9 @@ class PostgreSQLBatchStore:
             where.append("tenant = %s")
             args.append(tenant)
         if after is not None:
-            row = conn.execute("SELECT seq FROM batches WHERE id = %s", (after,)).fetchone()
+            # (an item of this listing: another tenant's id is as unknown)
+            row = conn.execute(f"SELECT seq FROM batches WHERE {' AND '.join(['id = %s', *where])}",
+                               (after, *args)).fetchone()
             if row is None:
                 return [], False
             where.append("seq < %s")

@@ -52,7 +52,9 @@ class PostgreSQLFileStore:
             where.append("purpose = %s")
             args.append(purpose)
         if after is not None:
-            row = conn.execute("SELECT seq FROM files WHERE id = %s", (after,)).fetchone()
+            # (an item of this listing: another tenant's id is as unknown)
+            row = conn.execute(f"SELECT seq FROM files WHERE {' AND '.join(['id = %s', *where])}",
+                               (after, *args)).fetchone()
             if row is None:
                 return [], False
             where.append("seq < %s" if order == "desc" else "seq > %s")

@@ -69,7 +69,9 @@ class SQLiteBatchStore:
             where.append("tenant = ?")
             args.append(tenant)
         if after is not None:
-            row = conn.execute("SELECT seq FROM batches WHERE id = ?", (after,)).fetchone()
+            # (an item of this listing: another tenant's id is as unknown)
+            row = conn.execute(f"SELECT seq FROM batches WHERE {' AND '.join(['id = ?', *where])}",
+                               (after, *args)).fetchone()
             if row is None:
                 return [], False
             where.append("seq < ?")

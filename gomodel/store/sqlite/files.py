@@ -50,7 +50,9 @@ class SQLiteFileStore:
             where.append("purpose = ?")
             args.append(purpose)
         if after is not None:
-            row = conn.execute("SELECT seq FROM files WHERE id = ?", (after,)).fetchone()
+            # (an item of this listing: another tenant's id is as unknown)
+            row = conn.execute(f"SELECT seq FROM files WHERE {' AND '.join(['id = ?', *where])}",
+                               (after, *args)).fetchone()
             if row is None:
                 return [], False
             where.append("seq < ?" if order == "desc" else "seq > ?")
