@@ -1,12 +1,24 @@
-"""The admin API's model list, and ADMIN_ENDPOINTS_ENABLED."""
+"""The admin API's model list, ADMIN_ENDPOINTS_ENABLED, the usage log's query and budgets' numbers."""
 
 import json
+import sys
 
+import pytest
 import pytest_twisted
 
+from tests import postgres
 from tests.support import start_gateway
 
 KEY = {"Authorization": "Bearer k1"}
+MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode()
+
+
+async def admin(http, gw, method, path, body=None):
+    """C{(status, parsed answer)} of an admin call; C{body} is JSON text as it is, or a value to write as JSON."""
+    data = body.encode() if isinstance(body, str) else None if body is None else json.dumps(body).encode()
+    response = await http.request(method, gw.url + path, headers=KEY, data=data)
+    return response.code, json.loads(await response.content())
 
 
 @pytest_twisted.ensureDeferred
@@ -35,5 +47,91 @@ async def test_admin_endpoints_can_be_turned_off(reactor, http, fake):
         response = await http.get(gw.url + "/admin/api/v1/providers/status", headers=KEY)
         assert response.code == 404
         assert json.loads(await response.content())["error"]["code"] == "not_found"
+    finally:
+        await gw.service.stopService()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request):
+    """The gateway's settings for each store (a fresh PostgreSQL database, dropped after the test)."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    postgres.require()
+    name = postgres.create_database()
+    yield {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(name)}
+    postgres.drop_database(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_log_numbers_out_of_range_are_400s_and_search_is_literal(reactor, http, fake, storage):
+    gw = await start_gateway(reactor, dict({"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"}, **storage))
+    try:
+        for request_id in ("run_1", "run-2"):
+            response = await http.post(gw.url + "/v1/chat/completions", data=CHAT,
+                                       headers=dict(KEY, **{"X-Request-Id": request_id}))
+            assert response.code == 200
+            await response.content()
+        await gw.service.usage.flush()
+        for query, param in (("after=99999999999999999999", "after"), ("after=9223372036854775808", "after"),
+                             ("after=-1", "after"), ("after=x", "after"), ("status=99999999999999999999", "status"),
+                             ("status=99", "status"), ("status=600", "status"), ("status=ok", "status"),
+                             ("limit=99999999999999999999", "limit"), ("days=99999999999999999999", None)):
+            response = await http.get(gw.url + "/admin/api/v1/usage/log?" + query, headers=KEY)
+            error = json.loads(await response.content())["error"]
+            assert (response.code, error["param"]) == (400, param), (query, error)
+            assert error["code"] in ("invalid_value", "invalid_window"), (query, error)
+        for query, found in (("after=9223372036854775807", ["run-2", "run_1"]), ("status=599", []),
+                             ("status=200", ["run-2", "run_1"]), ("search=_", ["run_1"]), ("search=%25", []),
+                             ("search=n_", ["run_1"]), ("search=n%25", []), ("search=run", ["run-2", "run_1"])):
+            response = await http.get(gw.url + "/admin/api/v1/usage/log?" + query, headers=KEY)
+            assert response.code == 200, query
+            assert [r["request_id"] for r in json.loads(await response.content())["data"]] == found, query
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_budgets_refuse_costs_past_a_float_and_unknown_fields(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        for body, param in (
+                ({"user_path": "/team", "period": "daily", "amount": 10**400}, "amount"),
+                ({"user_path": "/team", "period": "daily", "max_cost": 10**400}, "max_cost"),
+                ({"user_path": "/team", "period": "daily", "max_tokens": 10**400}, "max_tokens"),
+                ({"user_path": "/team", "period": "daily", "amount": 1, "x": 1}, "x"),
+                ('{"user_path": "/team", "period": "daily", "amount": 1e400}', None),  # (not JSON's: no infinity)
+                ('{"user_path": "/team", "period": "daily", "amount": 1e400, "x": 100000000000000000000}', "x")):
+            code, error = await admin(http, gw, "PUT", "/admin/api/v1/budgets", body)
+            assert (code, error["error"]["param"]) == (400, param), (body, error)
+        code, error = await admin(http, gw, "PUT", "/admin/api/v1/budgets/team/daily", {"amount": 10**400})
+        assert (code, error["error"]["param"], error["error"]["code"]) == (400, "amount", "invalid_value")
+        code, error = await admin(http, gw, "PUT", "/admin/api/v1/budgets/team/daily", {"amount": 1, "y": None})
+        assert (code, error["error"]["message"], error["error"]["code"]) == (
+            400, "'y' is not a field of a budget.", "invalid_value")
+        code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+        assert (code, listed["data"]) == (200, [])
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_costs_past_a_float_stored_before_they_were_refused_cap_nothing(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        code, key = await admin(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "k", "user_path": "/team"})
+        assert code == 201
+        await gw.service.store.keys.update(key["id"], {"budgets": [{"period": "daily", "max_cost": 10**400}]})
+        await gw.service.keys.refresh()
+        await gw.service.store.budgets.put("/team", "daily", None, float("inf"))
+        await gw.service.gate.refresh()  # (a logged error fails the test)
+        code, got = await admin(http, gw, "GET", f"/admin/api/v1/auth-keys/{key['id']}")
+        assert code == 200 and got["budgets"][0]["spent_cost"] == 0
+        code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+        assert code == 200 and listed["data"][0]["amount"] == sys.float_info.max
+        response = await http.post(gw.url + "/v1/chat/completions", data=CHAT,
+                                   headers={"Authorization": f"Bearer {key['value']}"})
+        assert response.code == 200
+        await response.content()
     finally:
         await gw.service.stopService()

@@ -113,12 +113,36 @@ async def test_create_list_get_patch_deactivate(http, gw):
     ({"name": "x", "expires_at": 1e300}, "expires_at"),
     ({"name": "x", "expires_at": "10000-01-01T00:00:00Z"}, "expires_at"),
     ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 2**53}]}, "budgets"),
+    ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 10**400}]}, "budgets"),
+    ({"name": "x", "budgets": [{"period": "daily", "max_cost": 10**400}]}, "budgets"),  # past a float: a 500 later
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_key_bodies_are_400s_naming_the_field(http, gw, body, param):
     code, error = await admin(http, gw, "POST", KEYS, body)
     assert code == 400, error
     assert error["error"]["param"] == param
+
+
+# 1e400 parses as infinity where the body holds an integer of 20 digits or more (the standard library's parser).
+HUGE = ', "metadata": {"z": 100000000000000000000}}'
+
+
+@pytest.mark.parametrize("text, param", [
+    ('{"budgets": [{"period": "daily", "max_cost": 1e400}]' + HUGE, "budgets"),
+    ('{"budgets": [{"period": "daily", "max_cost": %d}]}' % 10**400, "budgets"),
+    ('{"expires_at": 1e400' + HUGE, "expires_at"),
+    ('{"expires_at": -1e400' + HUGE, "expires_at"),
+], ids=["max_cost-infinity", "max_cost-400-digits", "expires_at-infinity", "expires_at-minus-infinity"])
+@pytest_twisted.ensureDeferred
+async def test_numbers_past_a_float_are_400s_on_create_and_update(http, gw, text, param):
+    key = await new_key(http, gw)
+    for method, path, body in (("POST", KEYS, '{"name": "x", ' + text[1:]), ("PATCH", f"{KEYS}/{key['id']}", text)):
+        response = await http.request(method, gw.url + path, data=body.encode(), headers=ADMIN)
+        error = json.loads(await treq.content(response))
+        assert response.code == 400, error
+        assert (error["error"]["param"], error["error"]["code"]) == (param, "invalid_value")
+    code, listed = await admin(http, gw, "GET", KEYS)
+    assert code == 200 and [k["id"] for k in listed["data"]] == [key["id"]]
 
 
 @pytest_twisted.ensureDeferred
@@ -291,6 +315,13 @@ async def test_files_batches_and_responses_belong_to_their_tenant(http, gw):
             await in_thread(clients["beta"].responses.create, model=MODEL, input="more",
                             previous_response_id=response.id)
         assert (await in_thread(clients["master"].responses.retrieve, response.id)).id == response.id
+        # Nor one the gateway does not hold, which the upstream may still hold: not stored, or deleted.
+        unstored = await in_thread(clients["alpha1"].responses.create, model=MODEL, input="hi", store=False)
+        await in_thread(clients["alpha1"].responses.delete, response.id)
+        for gone in (unstored.id, response.id):
+            with pytest.raises(openai.NotFoundError) as refused:
+                await in_thread(clients["beta"].responses.create, model=MODEL, input="more", previous_response_id=gone)
+            assert refused.value.body["code"] == "response_not_found"
     finally:
         for client in clients.values():
             client.close()

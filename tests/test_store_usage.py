@@ -65,6 +65,26 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert (await usage.summary(0, 1e9))["requests"] == 2
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_log_search_matches_its_text_literally(store):
+    """C{%}, C{_} and the escape character are no LIKE wildcards: a search finds the ids holding its text
+    (in any case)."""
+    assert await store.usage.add([row(request_id, 100.0 + i) for i, request_id in
+                                  enumerate(("a_b", "axb", "a%b", "a\\b", "a\\%b", "ab"))]) == 6
+
+    async def found(text):
+        return sorted(r["request_id"] for r in (await store.usage.log(0, 1e9, 10, filters={"search": text}))[0])
+
+    assert await found("_") == ["a_b"]
+    assert await found("%") == ["a%b", "a\\%b"]
+    assert await found("\\") == ["a\\%b", "a\\b"]
+    assert await found("\\%") == ["a\\%b"]
+    assert await found("a_b") == ["a_b"]
+    assert await found("a%") == ["a%b"]
+    assert await found("b") == ["a%b", "a\\%b", "a\\b", "a_b", "ab", "axb"]
+    assert await found("A_B") == ["a_b"]  # regardless of case, on every store (SQLite's LIKE, PostgreSQL's ILIKE)
+
+
 def series_row(timestamp, *, status=200, tokens=(10, 5), duration=None, ttft=None, request_id="r"):
     values = dict.fromkeys(USAGE_FIELDS)
     values.update(request_id=request_id, timestamp=timestamp, provider="vllm", provider_name="vllm",

@@ -18,6 +18,8 @@ from gomodel.store.records import USAGE_FIELDS
 DAY = 86400.0
 # usage/timeseries windows: (bucket seconds, buckets)
 TIMESERIES = {"hour": (60.0, 60), "day": (3600.0, 24), "month": (DAY, 30)}
+# The largest usage/log cursor (a record's id): a BIGINT's, past which SQLite fails and PostgreSQL finds none.
+CURSOR_MAX = 2**63 - 1
 
 
 class AdminAPI:
@@ -146,15 +148,11 @@ class AdminAPI:
                    for name in ("model", "provider", "status", "search", "key", "user_path")}
         filters = {name: value for name, value in filters.items() if value is not None}
         if "status" in filters:
-            try:
-                filters["status"] = int(filters["status"])
-            except ValueError:
-                raise InvalidRequest("status must be an HTTP status code.", param="status") from None
+            filters["status"] = _integer(filters["status"], 100, 599, "status",
+                                         "status must be an HTTP status code (100 to 599).")
         after = query_arg(request, b"after")
-        try:
-            after = int(after) if after is not None else None
-        except ValueError:
-            raise InvalidRequest("after must be the 'next' of a previous page.", param="after") from None
+        if after is not None:
+            after = _integer(after, 0, CURSOR_MAX, "after", "after must be the 'next' of a previous page.")
         records, cursor = await self._usage_store().log(start, end, query_limit(request, 100, 1000), after, filters)
         for record in records:
             record["timestamp"] = _iso(record["timestamp"])
@@ -220,6 +218,17 @@ def _replica(replica, now) -> dict:
 def _empty_bucket(period) -> dict:
     return {"period": period, "requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "errors": 0,
             "duration_ms_p50": None, "duration_ms_p95": None, "ttft_ms_p50": None, "ttft_ms_p95": None}
+
+
+def _integer(text, low, high, param, message) -> int:
+    """C{text} as an integer from C{low} to C{high}; L{InvalidRequest} naming C{param} otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise InvalidRequest(message, param=param, code="invalid_value")
+    return value
 
 
 def _date(text):

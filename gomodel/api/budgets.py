@@ -16,7 +16,9 @@ from gomodel.api.keys import COUNT_MAX, PERIODS, iso, user_path
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
-from gomodel.limits.specs import Budget, period_window
+from gomodel.limits.specs import Budget, is_cost, period_window
+
+_FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
 
 
 class BudgetsAPI:
@@ -77,6 +79,10 @@ class BudgetsAPI:
         return await self._delete(request, *_split(target))
 
     async def _put(self, request, path, period, body):
+        unknown = set(body) - _FIELDS
+        if unknown:
+            field = sorted(unknown)[0]
+            raise InvalidRequest(f"'{field}' is not a field of a budget.", param=field, code="invalid_value")
         path, period = _target(path, period)
         if path in (self._quotas.budgets or {}):
             raise InvalidRequest(f"The budgets of {path} come from the configuration (SET_BUDGET_* or YAML); "
@@ -92,8 +98,9 @@ class BudgetsAPI:
                                      code="invalid_value")
             record = await self._store.put(path, period, value, None)
         else:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise InvalidRequest(f"{name} must be a number above 0.", param=name, code="invalid_value")
+            if not is_cost(value):
+                raise InvalidRequest(f"{name} must be a number above 0 and below 1.8e308.", param=name,
+                                     code="invalid_value")
             record = await self._store.put(path, period, None, float(value))
         await self._gate.refresh()
         return json_answer(request, {"user_path": record["user_path"], "period": record["period"],

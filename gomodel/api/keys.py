@@ -6,6 +6,7 @@ strings, as GoModel answers; C{expires_at} is accepted as ISO 8601 or Unix
 seconds.
 """
 
+import math
 import re
 import uuid
 from datetime import datetime, timezone
@@ -17,7 +18,7 @@ from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
-from gomodel.limits.specs import period_window
+from gomodel.limits.specs import is_cost, period_window
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 # The largest token and request counts a limit or budget may say: a bucket's level is a float, and the
@@ -202,7 +203,7 @@ def expiry(value, now: float):
     """
     if value is None:
         return None
-    if _is_int(value) or isinstance(value, float):
+    if _is_int(value) or (isinstance(value, float) and math.isfinite(value)):  # (not infinity, NaN)
         seconds = int(value)
     elif isinstance(value, str):
         try:
@@ -242,9 +243,8 @@ def budgets(value) -> list:
         if "max_tokens" in item:
             if not _is_int(item["max_tokens"]) or not 1 <= item["max_tokens"] <= COUNT_MAX:
                 raise _bad("budgets", f"max_tokens must be a whole number from 1 to {COUNT_MAX}")
-        elif isinstance(item["max_cost"], bool) or not isinstance(item["max_cost"], (int, float)) \
-                or item["max_cost"] <= 0:
-            raise _bad("budgets", "max_cost must be a number above 0")
+        elif not is_cost(item["max_cost"]):
+            raise _bad("budgets", "max_cost must be a number above 0 and below 1.8e308")
         out.append(dict(item))
     return out
 

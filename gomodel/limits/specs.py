@@ -35,6 +35,7 @@ Every parser raises L{ValueError} with a message naming the setting.
 import calendar
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Mapping, Optional
@@ -54,6 +55,8 @@ _PERIOD_ALIASES = {"hour": "hourly", "hours": "hourly", "hourly": "hourly", "day
                    "month": "monthly", "months": "monthly", "monthly": "monthly", "total": "total"}
 # GoModel stores its standard budget periods as these seconds (monthly still resets on the calendar).
 _PERIOD_SECONDS = {3600: "hourly", 86400: "daily", 604800: "weekly", 2592000: "monthly"}
+# The largest cost a budget says: a float's (a cost in the budget sums, a REAL or DOUBLE PRECISION column).
+COST_MAX = sys.float_info.max
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,10 @@ class Budget:
     """A cap on a scope's tokens and/or cost (pricing-table currency) per C{period}.
 
     C{period} is one of L{PERIODS} or C{"<N>s"} (a fixed window of N seconds
-    aligned to the Unix epoch, GoModel's C{period_seconds}).
+    aligned to the Unix epoch, GoModel's C{period_seconds}). A C{max_cost}
+    past L{COST_MAX} (infinity, a 400-digit integer: a store may hold one from
+    before the admin API refused them) is L{COST_MAX}, a cap no spend reaches,
+    not an error on every request and listing.
     """
 
     period: str
@@ -130,9 +136,14 @@ class Budget:
             raise ValueError(f"a {self.period} budget's max_tokens must be a whole number greater than 0")
         if self.max_cost is not None:
             if isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float)) \
-                    or not math.isfinite(self.max_cost) or self.max_cost <= 0:
-                raise ValueError(f"a {self.period} budget's amount must be a finite number greater than 0")
-            object.__setattr__(self, "max_cost", float(self.max_cost))
+                    or not self.max_cost > 0:  # (NaN too)
+                raise ValueError(f"a {self.period} budget's amount must be a number greater than 0")
+            object.__setattr__(self, "max_cost", float(min(self.max_cost, COST_MAX)))
+
+
+def is_cost(value) -> bool:
+    """Whether C{value} is a cost a budget may say: a number above 0, at most L{COST_MAX} (no OverflowError)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= COST_MAX
 
 
 def parse_period(value) -> str:
@@ -325,8 +336,7 @@ def budgets_from_rules(rules, where="budget") -> tuple:
             raise ValueError(f"{at}: amount and max_cost are the same setting; give one")
         cost = rule.get("amount", rule.get("max_cost"))
         tokens = rule.get("max_tokens")
-        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float))
-                                 or not math.isfinite(cost) or cost <= 0):
+        if cost is not None and not is_cost(cost):
             raise ValueError(f"{at}.amount must be a finite number greater than 0")
         try:
             period = parse_period(rule["period_seconds"] if rule.get("period_seconds") is not None

@@ -57,3 +57,9 @@ def response_row(record) -> tuple:
             record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
             raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"),
             record.get("tenant"))
+
+
+def like_pattern(text: str) -> str:
+    """A C{LIKE ... ESCAPE '\\'} pattern matching the values that hold C{text} as it is (its C{%}, C{_} and
+    backslashes too)."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

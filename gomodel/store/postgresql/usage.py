@@ -5,6 +5,7 @@ from psycopg.rows import dict_row
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
+from gomodel.store.codec import like_pattern
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS
 
@@ -17,7 +18,7 @@ _COPY_TYPES = [_TYPES.get(name, "text") for name in COLUMNS]
 _COPY = f"COPY usage ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everything under it
 _FILTERS = {"model": "model = %s", "provider": "(provider = %s OR provider_name = %s)", "status": "status_code = %s",
-            "search": "request_id LIKE %s", "key": "auth_key_id = %s", "user_path": _BELOW}
+            "search": "request_id ILIKE %s ESCAPE '\\'", "key": "auth_key_id = %s", "user_path": _BELOW}
 _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model", "auth_key_id": "auth_key_id",
            "user_path": "user_path"}
 # Sums of BIGINT columns are NUMERIC in PostgreSQL: cast back to integers.
@@ -105,7 +106,7 @@ class PostgreSQLUsageStore:
             elif name == "user_path":
                 args += [value, value.rstrip("/") + "/"]
             elif name == "search":
-                args.append("%" + value.replace("%", "") + "%")
+                args.append(like_pattern(value))
             else:
                 args.append(value)
         rows = conn.cursor(row_factory=dict_row).execute(

@@ -5,6 +5,7 @@ import sqlite3
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
+from gomodel.store.codec import like_pattern
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS
 from gomodel.store.sqlite.database import insert_rows
@@ -12,7 +13,7 @@ from gomodel.store.sqlite.database import insert_rows
 _BOOLEANS = ("stream", "client_gone", "estimated")
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES"
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
-            "search": "request_id LIKE ?", "key": "auth_key_id = ?",
+            "search": "request_id LIKE ? ESCAPE '\\'", "key": "auth_key_id = ?",
             "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
 
 
@@ -69,7 +70,7 @@ class SQLiteUsageStore:
                 below = value.rstrip("/") + "/"
                 args += [value, len(below), below]
             elif name == "search":
-                args.append("%" + value.replace("%", "") + "%")
+                args.append(like_pattern(value))
             else:
                 args.append(value)
         rows = self._db.conn().execute(
