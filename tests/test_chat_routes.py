@@ -169,6 +169,10 @@ async def test_bad_requests_get_openai_errors(http, gateway, fake):
     assert response.code == 405
     assert response.headers.getRawHeaders("allow") == ["POST"]
     error_of(await treq.content(response))
+    for path in ("/v1/files", "/v1/files/", "/v1/batches", "/admin/api/v1/auth-keys"):  # a route group's collection
+        response = await http.put(gateway.url + path, data=b"{}")
+        assert response.code == 405, path
+        assert error_of(await treq.content(response))["code"] == "method_not_allowed"
 
 
 def inference_requests(fake):

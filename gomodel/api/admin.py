@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from klein import Klein
 
 from gomodel.errors import InvalidRequest, NotFound
-from gomodel.http.bodies import json_answer, query_arg, query_limit
+from gomodel.http.bodies import json_answer, mounted, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.store.records import USAGE_FIELDS
 
@@ -46,11 +46,11 @@ class AdminAPI:
 
     @app.route("/auth-keys", branch=True)
     def auth_keys(self, request):
-        return _mounted(self._keys, request)
+        return mounted(self._keys, request)
 
     @app.route("/budgets", branch=True)
     def budgets(self, request):
-        return _mounted(self._budgets, request)
+        return mounted(self._budgets, request)
 
     @app.route("/providers/status", methods=["GET"])
     def providers_status(self, request):
@@ -190,12 +190,6 @@ class AdminAPI:
         return {"name": pool.name, "type": pool.type, "models": sorted(inventory or ()),
                 "ready_replicas": sum(1 for r in pool.replicas if r.ready),
                 "replicas": [_replica(r, now) for r in pool.replicas]}
-
-
-def _mounted(api, request):
-    if api is None:
-        raise NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()}.")
-    return api.app.resource()
 
 
 def _replica(replica, now) -> dict:

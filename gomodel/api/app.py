@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from gomodel import errors
 from gomodel.api.passthrough import PASSTHROUGH_METHODS
 from gomodel.errors import InvalidRequest
+from gomodel.http.bodies import mounted
 from gomodel.http.render import install as install_error_handlers
 
 
@@ -91,15 +92,15 @@ class GatewayApp:
 
     @app.route("/v1/files", branch=True, strict_slashes=False)
     def files(self, request):
-        return self._mounted(self.files, request)
+        return mounted(self.files, request)
 
     @app.route("/v1/batches", branch=True, strict_slashes=False)
     def batches(self, request):
-        return self._mounted(self._batches, request)
+        return mounted(self._batches, request)
 
     @app.route("/admin/api/v1", branch=True, strict_slashes=False)
     def admin(self, request):
-        return self._mounted(self._admin, request)
+        return mounted(self._admin, request)
 
     # -- the admin dashboard (a page over the admin API; no data without the master key) --
 
@@ -116,11 +117,6 @@ class GatewayApp:
             raise errors.NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()} "
                                   "(the dashboard is off: ADMIN_UI_ENABLED).")
         return self._dashboard
-
-    def _mounted(self, api, request):
-        if api is None:
-            raise errors.NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()}.")
-        return api.app.resource()
 
     install_error_handlers(app)
 

@@ -1,7 +1,7 @@
 """Reading requests and writing JSON answers: the small helpers every route group shares."""
 
 from gomodel import jsonutil
-from gomodel.errors import InvalidRequest
+from gomodel.errors import InvalidRequest, NotFound
 
 
 def json_answer(request, value) -> bytes:
@@ -51,3 +51,15 @@ def query_limit(request, default: int, maximum: int) -> int:
         raise InvalidRequest(f"'limit' must be an integer between 1 and {maximum}.", param="limit",
                              code="invalid_value")
     return limit
+
+
+def mounted(api, request):
+    """The Klein resource of C{api} (a route group with an C{app}, or None: not configured, a 404) for
+    C{request}, which a branch route took. Its collection (C{/v1/files}) is its C{/} with or without the
+    slash: werkzeug matched an empty path for some methods only, and answered the others 404, not 405.
+    """
+    if api is None:
+        raise NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()}.")
+    if not request.postpath:
+        request.postpath = [b""]
+    return api.app.resource()
