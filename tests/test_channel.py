@@ -88,6 +88,9 @@ async def test_a_request_is_read_as_twisted_read_it(reactor, echo):
     b"GET / HTTP/1.1\r\nX-Big: " + b"x" * 17000 + b"\r\n\r\n",
     b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 501 + b"\r\n",
     b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host (RFC 9112 3.2)
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
 ])
 @pytest_twisted.ensureDeferred
 async def test_a_request_that_is_not_valid_http_gets_400_in_openais_envelope_and_the_connection_closes(
@@ -99,6 +102,26 @@ async def test_a_request_that_is_not_valid_http_gets_400_in_openais_envelope_and
     error = json.loads(body)["error"]
     assert error["code"] == "bad_request" and error["type"] == "invalid_request_error"
     assert error["message"].startswith("The request is not valid HTTP/1.1: ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transfer_coding_but_chunked_is_501_and_the_connection_closes(reactor, echo):
+    client = await connect(reactor, echo.port, b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: gzip, chunked\r\n"
+                                               b"\r\n3\r\nabc\r\n0\r\n\r\n")
+    await with_timeout(reactor, client.lost, 5)
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 Not Implemented\r\n") and b"Connection: close" in head
+    assert json.loads(body)["error"]["code"] == "not_implemented"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_absolute_form_target_is_read_as_its_path_and_its_authority_as_host(reactor, echo):
+    client = await connect(reactor, echo.port, b"GET http://Other.Example:8080/v1/x?a=1 HTTP/1.1\r\nHost: g\r\n\r\n"
+                                               b"GET HTTPS://h?b=2 HTTP/1.0\r\n\r\n")
+    await with_timeout(reactor, client.lost, 5)
+    (_, first), (_, second) = answers(bytes(client.received))
+    assert first["uri"] == "/v1/x?a=1" and ["Host", ["Other.Example:8080"]] in first["headers"]
+    assert second["uri"] == "/?b=2" and ["Host", ["h"]] in second["headers"]
 
 
 @pytest_twisted.ensureDeferred

@@ -29,7 +29,7 @@ from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
 from gomodel.errors import InvalidRequest
-from gomodel.http.headers import CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING
+from gomodel.http.headers import CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING
 
 _log = Logger()
 
@@ -41,7 +41,16 @@ _first = itemgetter(0)
 
 
 class _BadRequest(Exception):
-    """A request the channel answers with 400: over a limit of its head, or in an HTTP version it does not speak."""
+    """A request the channel answers with 400 (or C{status}): over a limit of its head, in an HTTP version it
+    does not speak, or not valid HTTP/1.1 in a way llhttp lets through."""
+
+    status = b"400 Bad Request"
+
+
+class _NotImplemented(_BadRequest):
+    """A request framed in a way the gateway does not implement (a transfer coding but chunked): 501."""
+
+    status = b"501 Not Implemented"
 
 
 class _Stopped(Exception):
@@ -118,7 +127,7 @@ class GatewayChannel(http.HTTPChannel):
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, _BadRequest):
-                self._bad_request(str(cause))
+                self._bad_request(str(cause), cause.status)
             elif not isinstance(cause, _Stopped):
                 raise cause from None  # a defect of the gateway's, not of the request: the reactor logs it
         except httptools.HttpParserError as e:
@@ -178,6 +187,11 @@ class GatewayChannel(http.HTTPChannel):
             raise _BadRequest("its headers are too large")
         headers = _twistedcompat.plain_headers(request.requestHeaders)
         _twistedcompat.keep_headers(headers, pairs)
+        hosts = headers.get(HOST)
+        if hosts is None and version == b"HTTP/1.1" or hosts is not None and len(hosts) != 1:
+            raise _BadRequest("it needs one Host header")  # RFC 9112 3.2
+        if target[:1] != b"/" and target[:8].lower().startswith((b"http://", b"https://")):
+            target = _origin_form(target, headers)
         method = parser.get_method()
         # Twisted sets these once the body is in (requestReceived sets them again); the head's check needs them.
         request.method, request.uri, request.clientproto = method, target, version
@@ -185,7 +199,9 @@ class GatewayChannel(http.HTTPChannel):
         if length is not None:
             length = int(length[0])  # llhttp let only one, all digits, through
         elif TRANSFER_ENCODING in headers:
-            length = None  # llhttp let only a chunked body through
+            length = None  # llhttp let only a body ending with chunked through
+            if headers[TRANSFER_ENCODING][0].lower() != b"chunked":  # (gzip, chunked: RFC 9112 6.1)
+                raise _NotImplemented("it has a transfer coding the gateway does not implement; send chunked only")
         else:
             length = 0
         # HTTP/1.0 connections are not kept (an answer without Content-Length ends with the connection).
@@ -236,16 +252,17 @@ class GatewayChannel(http.HTTPChannel):
             self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
         self._parse(rest)
 
-    def _bad_request(self, reason):
-        """Answer 400 and close; requests read whole before the bad bytes are answered first."""
+    def _bad_request(self, reason, status=_BadRequest.status):
+        """Answer 400 (or C{status}) and close; requests read whole before the bad bytes are answered first."""
         self._parser = None
         if self._received:
             self._received[-1].close_after()
             return
         _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
-        body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code="bad_request").body()
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n%s" % (len(body), body))
+        code = "bad_request" if status == _BadRequest.status else "not_implemented"
+        body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code=code).body()
+        self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (status, len(body), body))
         self.loseConnection()
 
     def requestDone(self, request):
@@ -359,3 +376,18 @@ class _AfterUpgrade:
 
     def on_message_complete(self):
         self._channel.on_message_complete()
+
+
+def _origin_form(target: bytes, headers: dict) -> bytes:
+    """An absolute-form target (C{http://host/path?query}, which a server must accept: RFC 9112 3.2.2) as
+    the origin-form the routes read; its authority becomes the request's Host (in C{headers}, a
+    L{Headers}' dict), as the RFC says."""
+    rest = target.split(b"//", 1)[1]
+    end = len(rest)
+    for mark in (b"/", b"?"):
+        at = rest.find(mark)
+        if 0 <= at < end:
+            end = at
+    headers[HOST] = [rest[:end]]
+    path = rest[end:]
+    return path if path[:1] == b"/" else b"/" + path

@@ -53,6 +53,7 @@ AUTHORIZATION = header_name("authorization")
 X_API_KEY = header_name("x-api-key")
 CONNECTION = header_name("connection")
 EXPECT = header_name("expect")
+HOST = header_name("host")
 TRANSFER_ENCODING = header_name("transfer-encoding")
 ENDPOINT_LOAD_METRICS = header_name("endpoint-load-metrics")
 # Names of the headers the gateway sets on its answers with AnswerHeaders.put (X-Request-Id is read too).
