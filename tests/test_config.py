@@ -205,6 +205,8 @@ SAMPLES = {
     parsers.directory: ("/srv/x", "/srv/x"),
     parsers.listen_port: ("9001", ("tcp:9001",)),
     parsers.count: ("5", 5),
+    parsers.workers: ("5", 5),
+    parsers.days: ("5", 5),
     parsers.routing_strategy: ("round_robin", "round_robin"),
     parsers.limit: ("7", 7),
     parsers.ratio: ("2.5", 2.5),
@@ -347,3 +349,209 @@ def test_listen_replaces_port_but_port_is_still_checked():
     assert load_config({"PORT": "9000"}, listen=["tcp:1", "tcp:2"]).server.listen == ("tcp:1", "tcp:2")
     with pytest.raises(ConfigError, match="PORT"):
         load_config({"PORT": "70000"}, listen=["tcp:1"])
+
+
+# Placeholders: substituted in the parsed YAML, never into its text.
+
+@pytest.mark.parametrize("value", ["abc #s3cr3t", "s3cr3t: value", "*s3cr3tkey", "a\nmetrics: {enabled: false}",
+                                   "'quoted\" s3cr3t", "{s3cr3t}", "- s3cr3t"])
+def test_a_placeholder_is_exactly_the_variables_text(tmp_path, value):
+    path = tmp_path / "g.yaml"
+    path.write_text("server:\n  master_key: ${GATEWAY_KEY}\nauth: {cache_salt_secret: 'salt-${GATEWAY_KEY}'}\n")
+    if "\n" in value:  # a line break is no key a client can send: refused, never shown
+        with pytest.raises(ConfigError) as raised:
+            load_config({"GATEWAY_KEY": value}, str(path))
+        assert "master_key" in str(raised.value) and value not in str(raised.value)
+        return
+    config = load_config({"GATEWAY_KEY": value}, str(path))
+    assert config.auth.master_key == value
+    assert config.auth.cache_salt_secret == "salt-" + value
+    assert config.metrics.enabled is True
+
+
+def test_placeholders_in_typed_keys_lists_and_defaults(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("""
+server: {port: "${PORT}", workers: "${WORKERS:-3}"}
+upstreams:
+  connect_timeout: ${CONNECT}
+  passthrough_enabled: ${PASSTHROUGH}
+  passthrough_types: ["${TYPE}", openai]
+providers:
+  ${NAME}: {type: "${TYPE}", base_url: "http://${HOST}:8000"}
+pricing:
+  a/m: {input_per_mtok: "${PRICE}"}
+rate_limits:
+  providers: [{name: a, limits: [{period: minute, max_requests: "${RPM}"}]}]
+budgets:
+  enabled: ${BUDGETS}
+  user_paths: [{path: /team, limits: [{period: daily, amount: "${DAILY}"}]}]
+""")
+    config = load_config({"PORT": "8081", "CONNECT": "2s", "PASSTHROUGH": "false", "TYPE": "vllm", "NAME": "a",
+                          "HOST": "gpu-a", "PRICE": "1.5", "RPM": "60", "BUDGETS": "true", "DAILY": "10"},
+                         str(path))
+    assert config.server.listen == ("tcp:8081",) and config.server.workers == 3
+    assert config.upstreams.timeouts.connect == 2
+    assert config.upstreams.passthrough.enabled is False
+    assert config.upstreams.passthrough.types == ("vllm", "openai")
+    assert [(p.name, p.type, p.base_url) for p in config.upstreams.providers] == [("a", "vllm", "http://gpu-a:8000/v1")]
+    assert config.usage.pricing == {"a/m": {"input_per_mtok": 1.5}}
+    assert config.quotas.providers["a"].rpm == 60
+    assert config.quotas.budgets_enabled is True and config.quotas.budgets["/team"][0].max_cost == 10
+
+
+def test_an_unset_placeholder_stays_as_written(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("providers: {a: {type: vllm, base_url: 'http://h:1', api_key: '${UNSET_VAR}'}}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config({}, str(path))
+    assert "providers.a.api_key" in str(raised.value) and "placeholder" in str(raised.value)
+    path.write_text("auth: {master_key: 'k-${UNSET_VAR}'}\n")  # a secret is refused so too (see below)
+    with pytest.raises(ConfigError, match="placeholder"):
+        load_config({}, str(path))
+
+
+def test_yaml_errors_show_the_place_never_the_text(tmp_path):
+    path = tmp_path / "g.yaml"
+    for text in ("server:\n  master_key: s3cr3t: x\n", "server:\n  master_key: *s3cr3t\n",
+                 "server: {master_key: \"s3cr3t\n", "server:\n\tmaster_key: s3cr3t\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as raised:
+            load_config({}, str(path))
+        assert "not valid YAML" in str(raised.value) and "s3cr3t" not in str(raised.value)
+        assert "line 2" in str(raised.value) or "line 1" in str(raised.value)
+
+
+# NaN, infinity and huge numbers: refused everywhere, naming the setting.
+
+@pytest.mark.parametrize("text, named", [
+    ("upstreams: {stream_idle_timeout: .nan}", "upstreams.stream_idle_timeout"),
+    ("upstreams: {connect_timeout: .nan}", "upstreams.connect_timeout"),
+    ("upstreams: {connect_timeout: .inf}", "upstreams.connect_timeout"),
+    ("server: {shutdown_timeout: .nan}", "server.shutdown_timeout"),
+    ("server: {shutdown_timeout: -.inf}", "server.shutdown_timeout"),
+    ("store: {responses_retention: 1e300}", "store.responses_retention"),
+    ("store: {responses_retention: 100000000000000000000000000000000000000000000}", "store.responses_retention"),
+    ("routing: {affinity_max_ratio: .inf}", "routing.affinity_max_ratio"),
+    ("routing: {affinity_max_ratio: .nan}", "routing.affinity_max_ratio"),
+    ("pricing: {m: {input_per_mtok: .nan}}", "pricing.m.input_per_mtok"),
+    ("pricing: {m: {output_per_mtok: .inf}}", "pricing.m.output_per_mtok"),
+    ("pricing: {m: {output_per_mtok: 1e300}}", "pricing.m.output_per_mtok"),
+    ("server: {workers: 1000000000000000000000}", "server.workers"),
+])
+def test_nan_infinity_and_huge_numbers_in_yaml_are_refused(tmp_path, text, named):
+    path = tmp_path / "g.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config({}, str(path))
+    assert named in str(raised.value)
+
+
+@pytest.mark.parametrize("var, value", [
+    ("ROUTING_AFFINITY_MAX_RATIO", "inf"), ("ROUTING_AFFINITY_MAX_RATIO", "1e308"),
+    ("ROUTING_AFFINITY_MAX_RATIO", "nan"), ("HTTP_CONNECT_TIMEOUT", "9" * 400),
+    ("RESPONSES_RETENTION", "1000000000000000000000000000000"), ("RESPONSES_RETENTION", "36600d"),
+    ("SHUTDOWN_TIMEOUT", "876001h"), ("GOMODEL_WORKERS", "1000000000000000000000"), ("GOMODEL_WORKERS", "257"),
+    ("USAGE_RETENTION_DAYS", "36501"), ("HTTP_POOL_MAX_PER_HOST", "1000000000000"),
+    ("POSTGRES_MAX_CONNS", "1000000000000"), ("REPLICA_MAX_CONCURRENCY", "1" + "0" * 30),
+    ("BATCH_MAX_CLAIMED", "1" + "0" * 30),
+])
+def test_nan_infinity_and_huge_numbers_in_the_environment_are_refused(var, value):
+    with pytest.raises(ConfigError) as raised:
+        load_config({var: value})
+    assert var in str(raised.value)
+
+
+def test_the_largest_values_still_pass():
+    from gomodel.config import MAX_WORKERS
+
+    config = load_config({"RESPONSES_RETENTION": "36500d", "GOMODEL_WORKERS": str(MAX_WORKERS),
+                          "ROUTING_AFFINITY_MAX_RATIO": "1000", "USAGE_RETENTION_DAYS": "36500"})
+    assert config.store.responses_retention == 36500 * 86400.0
+    assert config.server.workers == MAX_WORKERS == 256
+    assert config.routing.affinity_max_ratio == 1000.0
+    assert config.usage.retention_days == 36500
+
+
+# Wrongly typed YAML: a configuration error naming the place, never a traceback.
+
+@pytest.mark.parametrize("text, named", [
+    ("server: {1: 2}", "unknown key(s) under server: 1"),
+    ("1: 2", "unknown top-level key(s): 1"),
+    ("null: 2\nsever: 1", "unknown top-level key(s): None, sever"),
+    ("providers: {a: {type: vllm, 1: 2}}", "providers.a: unknown key(s) 1"),
+    ("providers: {a: {type: [vllm]}}", "providers.a.type"),
+    ("providers: {a: {type: {vllm: 1}}}", "providers.a.type"),
+    ("providers: {1: {type: vllm}}", "providers: the provider name 1"),
+    ("providers: {a: {type: vllm, api_key: [k]}}", "providers.a.api_key"),
+    ("providers: {a: {type: vllm, base_url: {h: 1}}}", "providers.a.base_url"),
+    ("providers: {a: {type: vllm, replicas: [{base_url: 'http://h:1', 2: 3}]}}", "providers.a.replicas[0]"),
+    ("providers: {a: {type: vllm, replicas: [{base_url: ['http://h:1']}]}}", "providers.a.replicas[0].base_url"),
+    ("auth: {master_key: [k]}", "auth.master_key"),
+    ("auth: {master_key: 0123}", "auth.master_key"),
+    ("pricing: {m: {1: 2}}", "pricing.m"),
+    ("pricing: {m: {input_per_mtok: [1]}}", "pricing.m.input_per_mtok"),
+    ("virtual_models: [{source: v, target: a/m, 1: 2}]", "virtual_models[0]: unknown key(s) 1"),
+    ("virtual_models: [{source: v, target: a/m, strategy: [round_robin]}]", "virtual_models[0].strategy"),
+    ("virtual_models: [{source: v, target: a/m, enabled: [x]}]", "virtual_models[0].enabled"),
+    ("failover_rules: [a]", "failover_rules"),
+])
+def test_wrongly_typed_yaml_is_a_configuration_error(tmp_path, text, named):
+    path = tmp_path / "g.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config({}, str(path))
+    assert named in str(raised.value) and str(path) in str(raised.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_configuration_error(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_bytes("server: {master_key: 's3cr\xe9t'}\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as raised:
+        load_config({}, str(path))
+    assert str(path) in str(raised.value) and "UTF-8" in str(raised.value)
+    assert "s3cr" not in str(raised.value)
+
+
+# Master keys and provider names.
+
+@pytest.mark.parametrize("key", ["   ", "mk ", " mk", "a\nb", "a\tb", "a\x7fb", "\x00"])
+def test_a_master_key_no_client_can_send_is_refused(key):
+    with pytest.raises(ConfigError) as raised:
+        load_config({"GOMODEL_MASTER_KEY": key})
+    assert "GOMODEL_MASTER_KEY" in str(raised.value)
+    assert repr(key) not in str(raised.value) and (key.strip() or "   ") not in str(raised.value)
+
+
+def test_a_master_key_left_an_unset_placeholder_is_refused(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("server:\n  master_key: ${GATEWAY_KEY}\n")
+    with pytest.raises(ConfigError) as raised:  # else the key would be the text anyone reads in the file
+        load_config({}, str(path))
+    assert "master_key" in str(raised.value) and "placeholder" in str(raised.value)
+    assert load_config({"GATEWAY_KEY": "s3cr3t"}, str(path)).auth.master_key == "s3cr3t"
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "/a", "a b", "a?b", "-a", "a--b", "ä"])
+def test_provider_names_that_cannot_be_routed_are_refused(tmp_path, name):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"providers: {{{name!r}: {{type: vllm, base_url: 'http://h:1'}}}}\n".replace("\\", "\\\\"))
+    with pytest.raises(ConfigError) as raised:
+        load_config({}, str(path))
+    assert "providers" in str(raised.value) and "name" in str(raised.value)
+
+
+def test_provider_names_like_the_variables_are_accepted(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("providers: {gpu-a: {type: vllm, base_url: 'http://a:1'}, "
+                    "GPU_B2: {type: vllm, base_url: 'http://b:1'}}\n")
+    assert names(load_config({}, str(path))) == [("GPU_B2", "vllm"), ("gpu-a", "vllm")]
+
+
+def test_only_secrets_are_hidden_in_errors():
+    with pytest.raises(ConfigError) as raised:
+        load_config({"METRICS_REQUIRE_KEY": "perhaps"})
+    assert "'perhaps'" in str(raised.value) and "METRICS_REQUIRE_KEY" in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        load_config({"REDIS_URL": "http://user:s3cret@h"})
+    assert "REDIS_URL" in str(raised.value) and "s3cret" not in str(raised.value)

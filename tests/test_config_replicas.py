@@ -323,3 +323,48 @@ providers:
         if gw is not None:
             await gw.service.stopService()
         await fleet.stop()
+
+
+# -- URLs that can never work ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, why", [
+    ("http://user:secretpw@127.0.0.1:8000/v1", "user"),
+    ("http://secretpw@127.0.0.1:8000/v1", "user"),
+    ("http://a b:80/v1", "space"),
+    ("http://exa mple.com", "space"),
+    ("http://a%20b:80/v1", "host"),
+    ("http://127.0.0.1:1/v 1", "space"),
+    ("http://127.0.0.1:0/v1", "port"),
+    ("http://127.0.0.1:8000/v\t1", "control"),
+    ("http://127.0.0.1:8000/v1\x00", "control"),
+    ("http://h\n:8000/v1", "control"),
+    ("http://ex\u00e4mple.com/v1", "host"),
+    ("http://[::1:8000/v1", "URL"),
+    ("http://[not-an-address]:8000/v1", "URL"),
+])
+def test_urls_that_can_never_work_are_refused_without_their_password(tmp_path, url, why):
+    message = fails({"VLLM_BASE_URL": url})
+    assert "VLLM_BASE_URL" in message and why in message and "secretpw" not in message
+    path = write(tmp_path, f"providers:\n  pool:\n    type: vllm\n    replicas: [{{base_url: {json.dumps(url)}}}]\n")
+    message = fails({}, path)
+    assert "providers.pool.replicas[0].base_url" in message and why in message and "secretpw" not in message
+
+
+def test_ip_addresses_and_names_with_underscores_are_fine():
+    config = load_config({"VLLM_BASE_URL": "http://[fd00::5]:8000,http://10.0.0.1:8000,http://gpu_a.local:8000"})
+    assert [r.root_url for r in provider(config).replica_configs] == [
+        "http://[fd00::5]:8000", "http://10.0.0.1:8000", "http://gpu_a.local:8000"]
+
+
+@pytest.mark.parametrize("weight", [".nan", ".inf", "1e300", "'nan'", "'inf'"])
+def test_replica_weights_are_finite(tmp_path, weight):
+    path = write(tmp_path, f"providers:\n  pool:\n    type: vllm\n"
+                           f"    replicas: [{{base_url: http://a:1, weight: {weight}}}]\n")
+    assert "providers.pool.replicas[0].weight" in fails({}, path)
+
+
+def test_replica_settings_from_placeholders(tmp_path):
+    path = write(tmp_path, "providers:\n  pool:\n    type: vllm\n"
+                           "    replicas: [{base_url: '${URL}', weight: '${W}', max_concurrency: '${N}'}]\n")
+    [replica] = provider(load_config({"URL": "http://a:1", "W": "2.5", "N": "8"}, path), "pool").replica_configs
+    assert (replica.base_url, replica.weight, replica.max_concurrency) == ("http://a:1/v1", 2.5, 8)

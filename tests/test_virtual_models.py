@@ -93,3 +93,29 @@ async def test_failover_rules_try_the_candidates_in_order(reactor, http):
         await gw.service.stopService()
         await a.stop()
         await b.stop()
+
+
+import pytest  # noqa: E402
+
+from gomodel.config import ConfigError, load_config  # noqa: E402
+
+
+@pytest.mark.parametrize("weight", ["NaN", "Infinity", "-Infinity", "1e300", "0", '"x"', "true"])
+def test_target_weights_are_finite_numbers_above_zero(weight):
+    virtual = '[{"source": "v", "targets": [{"model": "a/m", "weight": %s}]}]' % weight
+    with pytest.raises(ConfigError) as raised:
+        load_config({"VIRTUAL_MODELS": virtual})
+    assert "VIRTUAL_MODELS[0].targets[0].weight" in str(raised.value)
+
+
+def test_yaml_virtual_models_read_placeholders_and_switches(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("virtual_models:\n"
+                    "  - {source: v, targets: [{model: a/m, weight: '${W}'}], session_affinity: '${AFFINITY}'}\n"
+                    "  - {source: unused, target: a/m, enabled: 'false'}\n")
+    [vm] = load_config({"W": "2.5", "AFFINITY": "false"}, str(path)).routing.virtual_models
+    assert (vm.source, vm.targets, vm.session_affinity) == ("v", (("a/m", 2.5),), False)
+    path.write_text("virtual_models: [{source: v, targets: [{model: a/m, weight: .nan}]}]\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config({}, str(path))
+    assert "virtual_models[0].targets[0].weight" in str(raised.value)

@@ -9,6 +9,7 @@ C{<TYPE>_*} variables; L{catalog} the known provider types.
 from gomodel.config.catalog import MODELS_MODES, PROVIDER_TYPES, ProviderType
 from gomodel.config.errors import ConfigError
 from gomodel.config.load import load_config
+from gomodel.config.parsers import MAX_WORKERS
 from gomodel.config.sections import (
     SECTIONS,
     AuthConfig,
@@ -28,8 +29,8 @@ from gomodel.config.sections import (
 )
 
 __all__ = [
-    "MODELS_MODES", "PROVIDER_TYPES", "ProviderType", "ConfigError", "load_config", "SECTIONS", "AuthConfig",
-    "Config", "LimitsConfig", "MetricsConfig", "PassthroughConfig", "ProviderConfig", "ReplicaConfig",
+    "MODELS_MODES", "PROVIDER_TYPES", "ProviderType", "ConfigError", "load_config", "MAX_WORKERS", "SECTIONS",
+    "AuthConfig", "Config", "LimitsConfig", "MetricsConfig", "PassthroughConfig", "ProviderConfig", "ReplicaConfig",
     "RoutingConfig", "ServerConfig", "Setting",
     "StoreConfig", "Timeouts", "UpstreamsConfig", "settings_of",
 ]

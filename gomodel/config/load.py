@@ -14,6 +14,7 @@ import dataclasses
 import re
 from typing import Mapping, Optional, Sequence
 
+from gomodel.config import parsers
 from gomodel.config.errors import ConfigError
 from gomodel.config.providers import load_providers
 from gomodel.config.virtual import load_failover_rules, load_virtual_models
@@ -45,11 +46,11 @@ def load_config(
         known = {key for _, key, _, _ in settings_of(Config if name == _LEGACY else cls)}
         unknown = set(blocks[name]) - known
         if unknown:
-            raise ConfigError(f"{yaml_path}: unknown key(s) under {name}: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{yaml_path}: unknown key(s) under {name}: {_keys(unknown)}")
     unknown = set(document) - set(SECTIONS) - {"providers", "virtual_models", "failover_rules", "pricing",
                                                "rate_limits", "budgets"}
     if unknown:
-        raise ConfigError(f"{yaml_path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{yaml_path}: unknown top-level key(s): {_keys(unknown)}")
 
     sections = {name: _build(cls, name, blocks, env, yaml_path) for name, cls in SECTIONS.items()}
     store = sections["store"]
@@ -65,10 +66,15 @@ def load_config(
     if listen:
         sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))
     try:
-        quotas = limits_from_env(env, limits_from_yaml(document))
-    except ValueError as e:
+        quotas = limits_from_env(env, limits_from_yaml(_typed_limits(document)))
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"{yaml_path}: {e}" if yaml_path else str(e)) from None
     return Config(**sections, quotas=quotas, warnings=tuple(warnings))
+
+
+def _keys(keys) -> str:
+    """Mapping keys for a message, whatever their YAML types."""
+    return ", ".join(sorted(map(str, keys)))
 
 
 def _build(cls, name, blocks, env, yaml_path):
@@ -101,7 +107,7 @@ def _parsed(setting, value, where):
     try:
         return setting.parse(value)
     except (TypeError, ValueError) as e:
-        shown = "(hidden)" if setting.secret or "KEY" in where.upper() else repr(value)
+        shown = "(hidden)" if setting.secret else repr(value)
         raise ConfigError(f"{where}: invalid value {shown}: {e}") from None
 
 
@@ -109,7 +115,13 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _read_yaml(path, env) -> dict:
-    """Read the YAML file, expanding C{${VAR}} and C{${VAR:-default}} from C{env}."""
+    """Read the YAML file, then expand C{${VAR}} and C{${VAR:-default}} from C{env} in its texts.
+
+    A placeholder is replaced in the parsed document (L{_expand}), so a value
+    is always exactly the variable's text and never changes the structure; an
+    unset variable without a default stays as written. Errors name the place
+    in the file, never its text (it may hold secrets).
+    """
     import yaml  # only with a file: a gateway configured by its environment never loads PyYAML
 
     try:
@@ -117,20 +129,54 @@ def _read_yaml(path, env) -> dict:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    text = _PLACEHOLDER.sub(lambda m: env.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text (byte {e.start})") from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        if mark is not None:
+            at = f" at line {mark.line + 1}, column {mark.column + 1}"
+        else:
+            at = f" at character {e.position + 1}" if isinstance(getattr(e, "position", None), int) else ""
+        raise ConfigError(f"{path}: not valid YAML{at}") from None
     if document is None:
         return {}
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return document
+    return _expand(document, env, path, {})
+
+
+def _expand(node, env, path, done):
+    """C{node} with the placeholders in its texts (mapping keys too) replaced from C{env}.
+
+    C{done} maps each mapping or list already seen (by id) to its copy: YAML
+    aliases share one, and a recursive one is copied once.
+    """
+    if isinstance(node, str):
+        return _PLACEHOLDER.sub(lambda m: env.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)),
+                                node)
+    if not isinstance(node, (dict, list)):
+        return node
+    if id(node) in done:
+        return done[id(node)]
+    if isinstance(node, list):
+        copy = done[id(node)] = []
+        copy.extend(_expand(item, env, path, done) for item in node)
+        return copy
+    copy = done[id(node)] = {}
+    for key, value in node.items():
+        expanded = _expand(key, env, path, done)
+        if expanded in copy:
+            raise ConfigError(f"{path}: two keys are the same once their placeholders are expanded")
+        copy[expanded] = _expand(value, env, path, done)
+    return copy
 
 
 def _mapping(document, name, yaml_path) -> dict:
-    value = document.get(name) or {}
+    value = document.get(name)
+    if value is None:
+        return {}
     if not isinstance(value, dict):
         raise ConfigError(f"{yaml_path}: the config key {name!r} must be a mapping")
     return value
@@ -150,8 +196,45 @@ def _pricing(value, yaml_path) -> dict:
         where = f"{yaml_path}: pricing.{model}"
         if not isinstance(prices, dict) or not prices or set(prices) - set(_PRICES):
             raise ConfigError(f"{where} must be a mapping of {', '.join(_PRICES)}")
+        amounts = {}
         for name, amount in prices.items():
-            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
-                raise ConfigError(f"{where}.{name} must be a number of 0 or more")
-        pricing[str(model)] = {name: float(amount) for name, amount in prices.items()}
+            try:
+                amounts[name] = parsers.price(amount)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{name}: invalid value {amount!r}: {e}") from None
+        pricing[str(model)] = amounts
     return pricing
+
+
+# The rate_limits: and budgets: keys whose values are numbers or switches: the type each is read as.
+_LIMIT_VALUES = {"period_seconds": int, "max_requests": int, "max_tokens": int, "amount": float, "max_cost": float,
+                 "enabled": bool}
+
+
+def _typed_limits(document) -> dict:
+    """C{rate_limits:} and C{budgets:} with their numbers and switches given as text (a placeholder's) read.
+
+    L{limits_from_yaml} wants YAML's own numbers and booleans; a text that is
+    not one is left as it is, for it to refuse.
+    """
+    def typed(node):
+        if isinstance(node, list):
+            return [typed(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        result = {}
+        for key, value in node.items():
+            kind = _LIMIT_VALUES.get(key) if isinstance(key, str) and isinstance(value, str) else None
+            if kind is not None:
+                text = value.strip()
+                try:
+                    if kind is bool:
+                        value = parsers.boolean(text)
+                    elif re.fullmatch(r"[+-]?\d+(\.\d+)?([eE][+-]?\d+)?", text):
+                        value = int(text) if kind is int and text.lstrip("+-").isdigit() else float(text)
+                except ValueError:
+                    pass
+            result[key] = typed(value)
+        return result
+
+    return {name: typed(document[name]) for name in ("rate_limits", "budgets") if name in document}

@@ -5,23 +5,47 @@ the parsed value, or raises C{ValueError} (or C{TypeError}) with a short
 reason; the loader adds the name of the variable or YAML key at fault.
 """
 
+import math
 import re
 
 from gomodel.config.catalog import MODELS_MODES, PROVIDER_TYPES
 
 __all__ = ["duration", "positive_duration", "size", "file_size", "directory", "port", "listen_port", "count",
-           "models_mode", "boolean", "names", "provider_types", "secret"]
+           "workers", "days", "limit", "ratio", "weight", "price", "models_mode", "boolean", "names",
+           "provider_types", "secret", "MAX_DURATION", "MAX_COUNT", "MAX_WORKERS", "MAX_DAYS", "MAX_RATIO",
+           "MAX_WEIGHT", "MAX_PRICE"]
+
+MAX_DURATION = 100 * 365 * 86400.0  # 100 years: a duration past it is a mistake (and overflows stores' integers)
+MAX_DAYS = 100 * 365
+MAX_COUNT = 1_000_000  # the largest count or limit: far past any real one, within every integer type used
+MAX_WORKERS = 256  # the most processes GOMODEL_WORKERS (and --workers) may start
+MAX_RATIO = 1000.0
+MAX_WEIGHT = 1_000_000.0  # weights are relative: a larger one means nothing more
+MAX_PRICE = 1_000_000.0  # per million tokens: a unit each
+
+
+def _number(value) -> float:
+    """A finite float from an int, a float or a text (C{"1.5"}, C{"2e3"}); YAML booleans are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("not a number")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    return number
 
 
 def duration(value) -> float:
     """Seconds from C{30}, C{"30"}, C{"1.5s"}, C{"500ms"}, C{"5m"}, C{"1h30m"}, C{"30d"}; 0 allowed.
 
-    @raise ValueError: not a duration, or negative.
+    @raise ValueError: not a duration, negative, or over L{MAX_DURATION} (NaN and infinity too).
     """
     if isinstance(value, bool):
         raise ValueError("not a duration")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = value  # (an int too large for a float is compared exactly, then refused)
     else:
         text = str(value).strip().lower()
         if re.fullmatch(r"\d+(\.\d+)?", text):
@@ -32,9 +56,11 @@ def duration(value) -> float:
                 raise ValueError("not a duration (use e.g. 30, 30s, 500ms, 5m, 1h, 30d)")
             scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
             seconds = sum(float(n) * scale[u] for n, u in parts)
-    if seconds < 0:
-        raise ValueError("must not be negative")
-    return seconds
+    if not seconds >= 0:
+        raise ValueError("must not be negative" if seconds < 0 else "not a duration")
+    if seconds > MAX_DURATION:
+        raise ValueError("must be at most 100 years (36500d)")
+    return float(seconds)
 
 
 def positive_duration(value) -> float:
@@ -93,12 +119,29 @@ def listen_port(value) -> tuple:
     return (f"tcp:{port(value)}",)
 
 
-def count(value) -> int:
-    """A whole number, at least 1."""
-    number = int(str(value).strip())
-    if number < 1:
-        raise ValueError("must be at least 1")
+def _whole(value) -> int:
+    """A whole number from an int or a text; YAML booleans and floats are refused."""
+    if isinstance(value, (bool, float)):
+        raise ValueError("not a whole number")
+    return int(str(value).strip())
+
+
+def count(value, maximum=MAX_COUNT) -> int:
+    """A whole number, from 1 to C{maximum} (L{MAX_COUNT})."""
+    number = _whole(value)
+    if not 1 <= number <= maximum:
+        raise ValueError(f"must be at least 1 and at most {maximum}")
     return number
+
+
+def workers(value) -> int:
+    """Like L{count}, up to L{MAX_WORKERS} processes."""
+    return count(value, MAX_WORKERS)
+
+
+def days(value) -> int:
+    """Like L{count}, up to L{MAX_DAYS} (100 years)."""
+    return count(value, MAX_DAYS)
 
 
 def _one_of(value, choices, shown=None) -> str:
@@ -128,18 +171,34 @@ def routing_strategy(value) -> str:
 
 
 def limit(value) -> int:
-    """A whole number from 0 up; 0 means "no limit"."""
-    number = int(str(value).strip())
-    if number < 0:
-        raise ValueError("must be 0 (no limit) or more")
+    """A whole number from 0 (no limit) to L{MAX_COUNT}."""
+    number = _whole(value)
+    if not 0 <= number <= MAX_COUNT:
+        raise ValueError(f"must be 0 (no limit) or more, at most {MAX_COUNT}")
     return number
 
 
 def ratio(value) -> float:
-    """A number above 1, e.g. C{1.5} (one thing may be that many times another)."""
-    number = float(str(value).strip())
-    if not number > 1:
-        raise ValueError("must be greater than 1")
+    """A number above 1 and at most L{MAX_RATIO}, e.g. C{1.5} (one thing may be that many times another)."""
+    number = _number(value)
+    if not 1 < number <= MAX_RATIO:
+        raise ValueError(f"must be greater than 1 and at most {MAX_RATIO:g}")
+    return number
+
+
+def weight(value) -> float:
+    """A number above 0 and at most L{MAX_WEIGHT}, e.g. C{2.5} (a share relative to its siblings')."""
+    number = _number(value)
+    if not 0 < number <= MAX_WEIGHT:
+        raise ValueError(f"must be greater than 0 and at most {MAX_WEIGHT:.0f}")
+    return number
+
+
+def price(value) -> float:
+    """An amount from 0 to L{MAX_PRICE}, e.g. C{0.15} (per million tokens)."""
+    number = _number(value)
+    if not 0 <= number <= MAX_PRICE:
+        raise ValueError(f"must be 0 or more, at most {MAX_PRICE:.0f}")
     return number
 
 
@@ -190,8 +249,20 @@ def provider_types(value) -> tuple:
 
 
 def secret(value) -> str:
-    """Any text (the loader never shows it in a message)."""
-    return str(value)
+    """A text a client can send as a header: no control characters, no whitespace around it.
+
+    The loader never shows it in a message; YAML must give it as text (C{0123} or C{1e3} unquoted are numbers).
+    """
+    if not isinstance(value, str):
+        raise ValueError("must be text (quote it in YAML)")
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
+        raise ValueError("must not contain control characters (line breaks included)")
+    if value != value.strip():
+        raise ValueError("must not be blank nor start or end with whitespace")
+    if "${" in value:  # a YAML ${VAR} whose variable is unset: a key anyone can read in the file
+        raise ValueError("looks like an unresolved ${...} placeholder (is its variable set?)")
+    return value
+
 
 
 def storage_type(value) -> str:

@@ -6,6 +6,7 @@ C{replicas:} a list of C{{base_url, api_key?, weight?, max_concurrency?}}.
 The provider's key is sent to every replica that has none of its own.
 """
 
+import ipaddress
 import re
 from typing import Optional
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ from gomodel.config.sections import ProviderConfig, ReplicaConfig
 
 _PROVIDER_FIELDS = ("BASE_URL", "API_KEY", "MODELS", "PRIORITY_SCHEDULING")
 _SUFFIX = re.compile(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*")
+_NAME = re.compile(r"[A-Za-z0-9]+([-_][A-Za-z0-9]+)*")  # a YAML provider's: the suffixes' rule, hyphens too
+_HOST = re.compile(r"[A-Za-z0-9_.-]+")  # a DNS name (ASCII: punycode) or an IPv4 address
 _YAML_PROVIDER_KEYS = {"type", "base_url", "api_key", "models", "replicas", "priority_scheduling"}
 _YAML_REPLICA_KEYS = {"base_url", "api_key", "weight", "max_concurrency"}
 
@@ -28,18 +31,21 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
         if not isinstance(yaml_providers, dict):
             raise ConfigError(f"{yaml_path}: providers must be a mapping of name -> settings")
         for name, block in yaml_providers.items():
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise ConfigError(f"{yaml_path}: providers: the provider name {name!r} must be letters and digits "
+                                  "separated by single hyphens or underscores (it starts the models' ids)")
             where = f"{yaml_path}: providers.{name}"
             if not isinstance(block, dict):
                 raise ConfigError(f"{where} must be a mapping")
             unknown = set(block) - _YAML_PROVIDER_KEYS
             if unknown:
-                raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+                raise ConfigError(f"{where}: unknown key(s) {_keys(unknown)}")
             type_ = block.get("type")
-            if type_ not in PROVIDER_TYPES:
+            if not isinstance(type_, str) or type_ not in PROVIDER_TYPES:
                 raise ConfigError(f"{where}.type must be one of: {', '.join(PROVIDER_TYPES)}")
             if block.get("replicas") is not None and block.get("base_url") is not None:
                 raise ConfigError(f"{where}: give base_url or replicas, not both")
-            entries[str(name)] = {
+            entries[name] = {
                 "type": type_,
                 "base_url": (block.get("base_url"), f"{where}.base_url"),
                 "api_key": (block.get("api_key"), f"{where}.api_key"),
@@ -150,10 +156,16 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
                           priority_scheduling=priority_scheduling)
 
 
+def _keys(keys) -> str:
+    """Mapping keys for a message, whatever their YAML types."""
+    return ", ".join(sorted(map(str, keys)))
+
+
 def _api_key(api_key, where):
     if api_key is None:
         return None
-    api_key = str(api_key)
+    if not isinstance(api_key, str):
+        raise ConfigError(f"{where}: must be text (quote it in YAML)")
     if "${" in api_key:
         raise ConfigError(f"{where}: looks like an unresolved ${{...}} placeholder")
     if any(ord(c) < 0x20 or ord(c) == 0x7f for c in api_key):
@@ -163,8 +175,10 @@ def _api_key(api_key, where):
 
 def _urls(value, where) -> list:
     """One URL, several separated by commas, or (YAML) a list of them."""
-    items = value if isinstance(value, list) else str(value).split(",")
-    urls = [str(u).strip() for u in items if str(u).strip()]
+    if not isinstance(value, (str, list)) or not all(isinstance(u, str) for u in value):
+        raise ConfigError(f"{where}: must be a URL, several separated by commas, or a list of them")
+    items = value if isinstance(value, list) else value.split(",")
+    urls = [u.strip() for u in items if u.strip()]
     if not urls:
         raise ConfigError(f"{where}: no URL given")
     return urls
@@ -180,9 +194,9 @@ def _yaml_replicas(replicas, where, type_name) -> tuple:
             raise ConfigError(f"{at} must be a mapping with a base_url")
         unknown = set(item) - _YAML_REPLICA_KEYS
         if unknown:
-            raise ConfigError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{at}: unknown key(s) {_keys(unknown)}")
         base_url, root_url = _normalise_base_url(item["base_url"], type_name, f"{at}.base_url")
-        weight = _parsed(_weight, item.get("weight", 1), f"{at}.weight")
+        weight = _parsed(parsers.weight, item.get("weight", 1), f"{at}.weight")
         limit = item.get("max_concurrency")
         limit = None if limit is None else _parsed(parsers.limit, limit, f"{at}.max_concurrency")
         built.append(ReplicaConfig(base_url, root_url, _api_key(item.get("api_key"), f"{at}.api_key"),
@@ -190,15 +204,6 @@ def _yaml_replicas(replicas, where, type_name) -> tuple:
     if len({r.base_url for r in built}) != len(built):
         raise ConfigError(f"{where}: the same base_url is listed twice")
     return tuple(built)
-
-
-def _weight(value) -> float:
-    if isinstance(value, bool):
-        raise ValueError("not a number")
-    weight = float(value)
-    if not weight > 0:
-        raise ValueError("must be greater than 0")
-    return weight
 
 
 def _parsed(parse, value, where):
@@ -209,15 +214,32 @@ def _parsed(parse, value, where):
 
 
 def _normalise_base_url(url, type_name, where):
-    """Return (API base ending in /v1 where the server has one, server root)."""
-    url = str(url).strip()
+    """Return (API base ending in /v1 where the server has one, server root).
+
+    Refused, without showing the URL: no http(s) scheme or host, a user name or
+    password, a host that is neither a name nor an address, port 0, a query or
+    fragment, and whitespace or control characters anywhere.
+    """
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: must be a URL (text)")
+    url = url.strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+        raise ConfigError(f"{where}: must not contain control characters (tabs and line breaks included)")
+    if any(c.isspace() for c in url):
+        raise ConfigError(f"{where}: must not contain a space")
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        port = parts.port  # raises ValueError on a bad port
     except ValueError:
         raise ConfigError(f"{where}: not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: must be an http:// or https:// URL with a host")
+    if "@" in parts.netloc:
+        raise ConfigError(f"{where}: must not contain a user name or password (give the key as the API key)")
+    if not _valid_host(parts.netloc, parts.hostname):
+        raise ConfigError(f"{where}: the host must be a name, an IPv4 address or an IPv6 address in brackets")
+    if port == 0:
+        raise ConfigError(f"{where}: port 0 is no server's port")
     if parts.query or parts.fragment:
         raise ConfigError(f"{where}: must not have a query or fragment")
     url = url.rstrip("/")
@@ -227,3 +249,13 @@ def _normalise_base_url(url, type_name, where):
     if type_name in ROOT_SERVERS or not path:
         return url + "/v1", url
     return url, url
+
+
+def _valid_host(netloc, hostname) -> bool:
+    if netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(hostname)
+        except ValueError:
+            return False
+        return True
+    return bool(_HOST.fullmatch(hostname))

@@ -145,7 +145,8 @@ class ServerConfig:
 
     # PORT (or server.port) gives ("tcp:PORT",); --listen replaces it.
     listen: tuple = setting("PORT", parsers.listen_port, ("tcp:8080",), yaml="port")
-    workers: int = setting("GOMODEL_WORKERS", parsers.count, 1)  # processes sharing the listening port(s)
+    # processes sharing the listening port(s), at most parsers.MAX_WORKERS (--workers too)
+    workers: int = setting("GOMODEL_WORKERS", parsers.workers, 1)
     # On SIGTERM/SIGINT, how long requests and streams in flight may go on before they are cut.
     shutdown_timeout: float = setting("SHUTDOWN_TIMEOUT", parsers.duration, 30.0)
 
@@ -235,7 +236,7 @@ class UsageConfig:
     enabled: bool = setting("USAGE_ENABLED", parsers.boolean, True, yaml="usage_enabled")
     flush_interval: float = setting("USAGE_FLUSH_INTERVAL", parsers.positive_duration, 5.0,
                                     yaml="usage_flush_interval")
-    retention_days: int = setting("USAGE_RETENTION_DAYS", parsers.count, 90, yaml="usage_retention_days")
+    retention_days: int = setting("USAGE_RETENTION_DAYS", parsers.days, 90, yaml="usage_retention_days")
     # Filled by the loader from the top-level YAML pricing: (per million tokens, by model as routed).
     pricing: dict = field(default_factory=dict)
 

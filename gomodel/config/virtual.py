@@ -19,6 +19,7 @@ The environment wins over YAML.
 import json
 from dataclasses import dataclass
 
+from gomodel.config import parsers
 from gomodel.config.errors import ConfigError
 
 STRATEGIES = ("round_robin",)
@@ -49,7 +50,7 @@ def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
             raise ConfigError(f"{at} must be a mapping")
         unknown = set(item) - _KEYS
         if unknown:
-            raise ConfigError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{at}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
         source = item.get("source")
         if not isinstance(source, str) or not source.strip():
             raise ConfigError(f"{at}.source must be a model name")
@@ -59,11 +60,20 @@ def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
         strategy = item.get("strategy", "round_robin")
         if strategy not in STRATEGIES:
             raise ConfigError(f"{at}.strategy must be one of: {', '.join(STRATEGIES)}")
-        if item.get("enabled", True) is False:
+        if not _switch(item, "enabled", at):
             continue
         models.append(VirtualModel(source.strip(), _targets(item, at), strategy,
-                                   bool(item.get("session_affinity", True))))
+                                   _switch(item, "session_affinity", at)))
     return tuple(models)
+
+
+def _switch(item, key, at) -> bool:
+    """C{item[key]} (default true) read as L{parsers.boolean} reads it."""
+    value = item.get(key, True)
+    try:
+        return parsers.boolean(value)
+    except ValueError as e:
+        raise ConfigError(f"{at}.{key}: invalid value {value!r}: {e}") from None
 
 
 def _targets(item, at) -> tuple:
@@ -80,9 +90,11 @@ def _targets(item, at) -> tuple:
         weight = target.get("weight", 1) if isinstance(target, dict) else None
         if not isinstance(model, str) or not model.strip():
             raise ConfigError(f"{at}.targets[{j}].model must be a model selector")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            raise ConfigError(f"{at}.targets[{j}].weight must be a number above 0")
-        targets.append((model.strip(), float(weight)))
+        try:
+            weight = parsers.weight(weight)
+        except ValueError as e:
+            raise ConfigError(f"{at}.targets[{j}].weight: invalid value {weight!r}: {e}") from None
+        targets.append((model.strip(), weight))
     return tuple(targets)
 
 
