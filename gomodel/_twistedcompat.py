@@ -10,6 +10,8 @@ it; C{setup.py} caps Twisted below the next major version for the same reason.
 """
 
 import errno
+import signal
+from functools import partial
 from types import MethodType
 
 import httptools
@@ -438,6 +440,44 @@ def exit_cleanly(reactor):
     """
     if getattr(reactor, "_exitSignal", None) is not None:
         reactor._exitSignal = None
+
+
+def stop_once_on_signals(reactor):
+    """Make SIGTERM and SIGINT stop C{reactor} once: one that comes while it stops already (a second
+    Ctrl-C, or SIGTERM sent to the whole process group and then again by the primary of C{--workers}) is
+    logged once and changes nothing (L{_StopOnce}).
+
+    Twisted's handlers stop the reactor at every signal: the second stop raises ReactorNotRunning
+    (logged as critical), and the signal is noted again after L{exit_cleanly} cleared it, so twistd
+    exits with the signal's status. Twisted binds the reactor's C{sigInt} and C{sigTerm} when it starts
+    running (C{_signalsFactory}): called before that (as twistd's C{makeService} is), this replaces them.
+    """
+    once = _StopOnce(reactor)
+    reactor.sigInt = partial(once, type(reactor).sigInt)
+    reactor.sigTerm = partial(once, type(reactor).sigTerm)
+
+
+class _StopOnce:
+    """The reactor's signal handlers: Twisted's for the first signal, nothing for those after it."""
+
+    log = Logger()
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._stopping = False  # a signal asked for the stop (it runs on the reactor's next turn)
+        self._told = False
+
+    def __call__(self, handler, number, frame=None):
+        """Handle signal C{number} with Twisted's C{handler} (an unbound reactor method), unless the reactor stops
+        already (a signal asked, or something called C{reactor.stop})."""
+        reactor = self._reactor
+        if not self._stopping and not reactor._stopped:
+            self._stopping = True
+            handler(reactor, number, frame)  # logs, notes the signal, stops the reactor on its next turn
+        elif not self._told:
+            self._told = True
+            self.log.warn("received {signal} while already draining: ignored (the drain goes on)",
+                          signal=signal.Signals(number).name)
 
 
 def send_now(transport):

@@ -3,16 +3,23 @@
 On SIGTERM or SIGINT the gateway drains: its listeners close (new
 connections are refused), C{/health/ready} answers 503 on connections still
 open, requests and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
-what is left then is cut (its upstream connections close, so vLLM aborts).
+what is left then is cut (its upstream connections close, so vLLM aborts),
+and recorded as the gateway's cut (L{CUT}), not as a client that left.
 Only then do the services stop (usage flushed, batch work released to resume
 at the next start), and the process exits with status 0, not twistd's
-signal status.
+signal status; another signal meanwhile changes nothing
+(L{gomodel._twistedcompat.stop_once_on_signals}).
 """
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from gomodel import _twistedcompat
+
+# The error code of a request the drain cut when its time ran out (SHUTDOWN_TIMEOUT).
+CUT = "shutdown_timeout"
+# The status recorded for one whose answer had not started.
+CUT_STATUS = 503
 
 
 class Drain:
@@ -75,8 +82,23 @@ class Drain:
         self.log.warn("drain: {count} requests still in flight after {timeout:g}s; closing them",
                       count=self.in_flight, timeout=timeout)
         if self.site is not None:
+            for channel in list(self.site.channels):
+                for request in channel.requests:
+                    _record_cut(request)
             self.site.abort_connections()
         return None
+
+
+def _record_cut(request):
+    """Record C{request}, cut at the end of the drain, as the gateway's cut: the status it sent (L{CUT_STATUS}
+    when its answer had not started), outcome C{stream_broken}, error L{CUT}; its connection is then closed,
+    which would otherwise record a client that left (499)."""
+    ctx = getattr(request, "context", None)
+    if ctx is None or ctx.outcome is not None:  # not handled yet (no record), or recorded already
+        return
+    if not request.startedWriting:
+        request.setResponseCode(CUT_STATUS)  # never sent: what the record says
+    ctx.broken(CUT)
 
 
 class Readiness:

@@ -35,7 +35,31 @@ def parse_tcp(description: str):
     unknown = set(options) - {"interface", "backlog"}
     if unknown:
         raise ValueError(f"unsupported listen option(s) {', '.join(sorted(unknown))} in {description!r}")
-    return int(match.group("port")), options.get("interface", ""), int(options.get("backlog", BACKLOG))
+    backlog = options.get("backlog", BACKLOG)
+    if not str(backlog).isdigit():
+        raise ValueError(f"backlog={backlog} is not a whole number in {description!r}")
+    return int(match.group("port")), options.get("interface", ""), int(backlog)
+
+
+def check_listen(description: str):
+    """Check a listen description without listening: a C{tcp:} one as L{parse_tcp} reads it (its port 0 to
+    65535), any other as Twisted's strports read it (an C{ssl:} one loads its key and certificate).
+
+    @raise ValueError: what is wrong with it (one line).
+    """
+    if description.startswith("tcp:"):
+        port = parse_tcp(description)[0]
+        if port > 65535:
+            raise ValueError(f"port {port} is not a TCP port (0 to 65535)")
+        return
+    try:
+        serverFromString(None, description)  # makes the endpoint (the reactor is only kept), binds nothing
+    except ImportError as e:
+        raise ValueError(f"cannot be used here: {e}") from None
+    except IndexError:  # systemd:...:index=N with fewer descriptors passed down
+        raise ValueError("no listening socket with that index was passed down (systemd's LISTEN_FDS)") from None
+    except Exception as e:  # ValueError, TypeError, KeyError, OSError: strports say what they found in their words
+        raise ValueError(str(e) or type(e).__name__) from None
 
 
 def listen_endpoint(reactor, description: str):

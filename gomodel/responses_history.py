@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gomodel.ids import new_id
+from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
 from gomodel.store.sweeps import claimed
 
@@ -112,7 +113,7 @@ class ResponseRetention(Repeating):
         d = Deferred.fromCoroutine(claimed(self._claims, "sweep:responses", self._owner, self._lease, self._delete))
         d.addCallback(lambda count: count and self.log.info("{count} stored responses past their retention deleted",
                                                             count=count))
-        d.addErrback(lambda f: self.log.failure("sweeping stored responses failed", f))
+        d.addErrback(lambda f: log_failure(self.log, f, "sweeping stored responses failed"))
         return d
 
     def _delete(self):

@@ -7,7 +7,7 @@ import sys
 
 from twisted.python import usage
 
-from gomodel.config import ConfigError, load_config
+from gomodel.config import MAX_WORKERS, ConfigError, load_config
 
 
 class Options(usage.Options):
@@ -47,14 +47,20 @@ class Options(usage.Options):
             except ConfigError as e:
                 raise usage.UsageError(f"configuration error: {e}") from None
         if self["workers"] is not None:
-            if self["workers"] < 1:
-                raise usage.UsageError("--workers must be at least 1")
+            if not 1 <= self["workers"] <= MAX_WORKERS:
+                raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
             config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=self["workers"]))
-        if not any(p.base_url.startswith("https:") for p in config.upstreams.providers):
+        if not any(p.base_url.startswith("https:") for p in config.upstreams.providers) and not any(
+                d.startswith("ssl:") for d in config.server.listen):
             _keep_openssl_out()
-        if config.server.workers > 1 or self["worker-child"]:
-            from gomodel.listeners import parse_tcp
+        from gomodel.listeners import check_listen, parse_tcp
 
+        for description in config.server.listen:
+            try:
+                check_listen(description)
+            except ValueError as e:
+                raise usage.UsageError(f"--listen {description!r}: {e}") from None
+        if config.server.workers > 1 or self["worker-child"]:
             for description in config.server.listen:
                 try:
                     parse_tcp(description)
@@ -96,9 +102,10 @@ def makeService(options):
 
     gc.disable()  # the plugin did already (gomodel_plugin); again for a caller without it
     reactor.callWhenRunning(_freeze_startup_objects)
-    from gomodel._twistedcompat import dispatch_plainly
+    from gomodel._twistedcompat import dispatch_plainly, stop_once_on_signals
 
     dispatch_plainly(reactor)  # each socket event without the legacy log context
+    stop_once_on_signals(reactor)  # a signal during the drain changes nothing (exit status 0 after it)
 
     from gomodel.build import build_gateway
 

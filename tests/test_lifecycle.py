@@ -13,8 +13,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 
+from gomodel import _twistedcompat
 from gomodel.lifecycle import Drain
 
 from tests.rawclient import chat_request, connect
@@ -58,6 +59,60 @@ def test_a_drain_says_it_is_draining_once_its_ports_refuse_connections():
     assert events[0]["count"] == 0
 
 
+class _SignalledReactor:
+    """What Twisted's signal handlers touch of a reactor: C{ReactorBase.sigTerm} notes the signal and stops
+    the reactor on its next turn (here: counts the stops)."""
+
+    _stopped = False  # running, not stopping
+    _exitSignal = None
+
+    def __init__(self):
+        self.stops = 0
+
+    def sigTerm(self, number, frame=None):
+        self._exitSignal = number
+        self.stops += 1
+
+    sigInt = sigTerm
+
+
+def test_a_signal_while_the_reactor_stops_is_logged_once_and_changes_nothing(monkeypatch):
+    events = []
+    monkeypatch.setattr(_twistedcompat._StopOnce, "log", Logger(observer=events.append))
+    reactor = _SignalledReactor()
+    _twistedcompat.stop_once_on_signals(reactor)
+    reactor.sigTerm(signal.SIGTERM)
+    assert reactor.stops == 1 and reactor._exitSignal == signal.SIGTERM
+    reactor.sigTerm(signal.SIGTERM)  # before the reactor's next turn: the stop is asked for already
+    assert reactor.stops == 1 and events[0]["signal"] == "SIGTERM"
+    reactor._stopped = True
+    _twistedcompat.exit_cleanly(reactor)  # the drain
+    reactor.sigInt(signal.SIGINT)
+    reactor.sigTerm(signal.SIGTERM)
+    assert reactor.stops == 1 and reactor._exitSignal is None  # twistd exits with status 0
+    assert len(events) == 1 and "already draining" in events[0]["log_format"]
+
+
+def test_a_signal_after_the_reactor_was_stopped_otherwise_changes_nothing():
+    reactor = _SignalledReactor()
+    reactor._stopped = True  # e.g. a worker whose primary is gone (gomodel.workers.ParentWatch)
+    _twistedcompat.stop_once_on_signals(reactor)
+    reactor.sigTerm(signal.SIGTERM)
+    assert reactor.stops == 0 and reactor._exitSignal is None
+
+
+def test_twisted_installs_the_signal_handlers_the_reactor_holds_when_it_starts_running(reactor, monkeypatch):
+    """stop_once_on_signals replaces the handlers before twistd runs the reactor."""
+    from twisted.internet.base import ReactorBase
+
+    handlers = {name: object() for name in ("sigInt", "sigTerm")}
+    for name, handler in handlers.items():
+        monkeypatch.setattr(reactor, name, handler, raising=False)
+    installed = ReactorBase._signalsFactory(reactor)
+    assert installed._sigInt is handlers["sigInt"] and installed._sigTerm is handlers["sigTerm"]
+    assert reactor._stopped is False  # running; True once stopped (ReactorBase.stop)
+
+
 async def _wait_for(reactor, predicate, what, steps=400):
     for _ in range(steps):
         if predicate():
@@ -66,8 +121,11 @@ async def _wait_for(reactor, predicate, what, steps=400):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest_twisted.ensureDeferred
-async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(reactor, fake, tmp_path):
+READY = b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _twistd_gateway(tmp_path, fake):
+    """C{twistd -n gomodel} in front of C{fake} on a free loopback port: (process, its log's path)."""
     log_path = tmp_path / "gw.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))}
     env.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), VLLM_BASE_URL=fake.base_url,
@@ -76,19 +134,30 @@ async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(react
         proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                                  "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return proc, log_path
+
+
+async def _ready_port(reactor, log_path):
+    """The port of the gateway logging to C{log_path}, once it listens and is ready."""
+    await _wait_for(reactor, lambda: re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()),
+                    "the gateway to listen")
+    port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
+    for _ in range(200):  # discovery is asynchronous
+        probe = await connect(reactor, port, READY)
+        await with_timeout(reactor, probe.wait_for(b"\r\n\r\n{"), 10)
+        probe.transport.loseConnection()
+        if b" 200 " in bytes(probe.received).split(b"\r\n", 1)[0]:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    return port
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(reactor, fake, tmp_path):
+    proc, log_path = _twistd_gateway(tmp_path, fake)
     try:
-        await _wait_for(reactor, lambda: re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()),
-                        "the gateway to listen")
-        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
-        ready = b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
-        for _ in range(200):  # discovery is asynchronous
-            probe = await connect(reactor, port, ready)
-            await with_timeout(reactor, probe.wait_for(b"\r\n\r\n{"), 10)
-            probe.transport.loseConnection()
-            if b" 200 " in bytes(probe.received).split(b"\r\n", 1)[0]:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
-        idle = await connect(reactor, port, ready)  # a keep-alive connection open before the stop
+        port = await _ready_port(reactor, log_path)
+        idle = await connect(reactor, port, READY)  # a keep-alive connection open before the stop
         await with_timeout(reactor, idle.wait_for(b'"ready"}'), 10)
         stream = await connect(reactor, port, chat_request(
             {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
@@ -103,7 +172,7 @@ async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(react
             refused = None
         assert refused is None, "a new connection was accepted while draining"
         before = len(idle.received)
-        idle.transport.write(ready)  # on a connection still open: not ready any more
+        idle.transport.write(READY)  # on a connection still open: not ready any more
         await with_timeout(reactor, idle.wait_for(b"draining"), 10)
         assert b" 503 " in bytes(idle.received[before:]).split(b"\r\n", 1)[0]
         idle.transport.loseConnection()
@@ -120,6 +189,38 @@ async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(react
 
 
 @pytest_twisted.ensureDeferred
+async def test_another_sigterm_or_sigint_while_draining_is_logged_once_and_the_exit_is_still_0(reactor, fake,
+                                                                                               tmp_path):
+    """As a second Ctrl-C, or SIGTERM sent to the whole process group (systemd, timeout) and then by the primary
+    of --workers to its workers: the drain goes on, the stream finishes and twistd exits with status 0."""
+    proc, log_path = _twistd_gateway(tmp_path, fake)
+    try:
+        port = await _ready_port(reactor, log_path)
+        stream = await connect(reactor, port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+             "fake_chunks": 10, "fake_pace": 0.1}))
+        await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+        proc.send_signal(signal.SIGTERM)
+        await _wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
+        for again in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+            proc.send_signal(again)
+        await with_timeout(reactor, stream.lost, 20)
+        received = bytes(stream.received)
+        assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
+        await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
+        text = log_path.read_text()
+        assert proc.returncode == 0, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert "ReactorNotRunning" not in text and "Traceback" not in text and "#critical]" not in text, text
+    assert text.count("Received SIGTERM, shutting down.") == 1  # Twisted's line, for the first one only
+    [again] = [line for line in text.splitlines() if "already draining" in line]
+    assert "#warn]" in again and ("SIGTERM" in again or "SIGINT" in again)  # (the kernel may merge the two SIGTERMs)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_drain_that_runs_out_of_time_cuts_what_is_left_and_closes_the_upstream(reactor, fake):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
     recorded = fake.next_request()
@@ -133,3 +234,36 @@ async def test_a_drain_that_runs_out_of_time_cuts_what_is_left_and_closes_the_up
     assert not bytes(client.received).endswith(b"0\r\n\r\n")  # cut, never made to look finished
     how, _ = await with_timeout(reactor, record.closed, 10)
     assert how == "lost"  # the upstream connection was closed: vLLM aborts the generation
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_as_a_client_gone(reactor, fake):
+    """A stream cut at the end of the drain keeps the status it sent; a request whose answer had not started
+    is a 503; both say the gateway cut them (stream_broken, shutdown_timeout), neither is a 499 client_gone."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    access = {}
+
+    def observe(event):
+        if event.get("log_namespace") == "gomodel.access":
+            access[event["request_id"]] = event
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        stream = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+             "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}))
+        await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+        recorded = fake.next_request()
+        waiting = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
+            {"X-Request-Id": "req-waiting"}))
+        await with_timeout(reactor, recorded, 10)  # upstream, its answer not started
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        await with_timeout(reactor, stream.lost, 10)
+        await with_timeout(reactor, waiting.lost, 10)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert waiting.received == b""  # closed without an answer, as before
+    cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
+    assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
+                   "req-waiting": (503, "stream_broken", "shutdown_timeout", False)}

@@ -520,3 +520,30 @@ async def _wait_for(reactor, predicate, what, steps=400):
             return
         await deferLater(reactor, 0.05, lambda: None)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- a collector that is down holds the stop up for FLUSH_TIMEOUT at most ------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_the_flush_at_stop_gives_up_after_its_bound_when_no_collector_answers(reactor, otel_env, fake, http,
+                                                                                   monkeypatch):
+    """Before: the SDK's exporters retried for their whole timeout (10 s each, traces then metrics), ~21 s."""
+    import time
+
+    from gomodel.accounting import tracing
+    from tests.support import dead_base_url
+
+    monkeypatch.setattr(tracing, "FLUSH_TIMEOUT", 1.0)
+    nowhere = (await dead_base_url(reactor)).removesuffix("/v1")  # connections are refused
+    otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", nowhere)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "OTEL_ENABLED": "true"})
+    events = []
+    gw.service.telemetry.log = tracing.Logger(observer=events.append)
+    response = await http.post(gw.url + "/v1/chat/completions", json=chat())
+    assert response.code == 200
+    await treq.content(response)  # a span and the GenAI metrics to export
+    started = time.monotonic()
+    await with_timeout(reactor, gw.service.stopService(), 30)
+    assert time.monotonic() - started < tracing.FLUSH_TIMEOUT + 1.5
+    [gave_up] = [e for e in events if "dropped" in e["log_format"]]
+    assert gave_up["log_level"].name == "warn" and gave_up["timeout"] == 1.0

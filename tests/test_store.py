@@ -10,13 +10,14 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent
+from twisted.logger import Logger, formatEvent
 from zope.interface.verify import verifyObject
 
 from gomodel.errors import StorageUnavailable
 from gomodel.store import IStoreService, SQLiteStore
 from gomodel.store.interfaces import KEEP_DELAY
 from gomodel.store.sqlite import MIGRATIONS
+from gomodel.store.sqlite.service import DataDirUnusable
 from tests.stores import add_file, batch
 
 
@@ -141,6 +142,58 @@ async def test_a_stopped_store_answers_storage_unavailable(reactor, tmp_path):
         with pytest.raises(StorageUnavailable):
             await call
     assert store.responses.keep({"id": "r"}) is None  # logged as a warning, nothing queued
+
+
+def _critical_lines(events):
+    return [formatEvent(e) for e in events if e.get("log_level") is not None and e["log_level"].name == "critical"]
+
+
+@pytest.mark.parametrize("what", ["a regular file", "/dev/null"])
+def test_a_data_dir_that_is_not_a_directory_stops_the_start_before_the_ports_are_bound(reactor, tmp_path, what,
+                                                                                       monkeypatch):
+    """The store's privilegedStartService runs before the listeners' (they are started after it)."""
+    path = tmp_path / "data" if what == "a regular file" else "/dev/null"
+    if what == "a regular file":
+        path.write_text("not a directory")
+    events = []
+    monkeypatch.setattr(SQLiteStore, "log", Logger(observer=events.append))
+    store = SQLiteStore(str(path), reactor)
+    with pytest.raises(DataDirUnusable) as raised:
+        store.privilegedStartService()
+    assert raised.value.code == 1  # twistd exits with status 1, as for a port it cannot have
+    assert str(raised.value) == f"cannot use GOMODEL_DATA_DIR {path}: it is not a directory"
+    assert _critical_lines(events) == [str(raised.value)]
+
+
+@pytest.mark.parametrize("root", [True, False])
+@pytest.mark.parametrize("where", ["under a regular file", "/proc"])
+def test_a_data_dir_that_cannot_be_made_stops_the_start(reactor, tmp_path, where, root, monkeypatch):
+    """Made before the ports are bound, or, by root, once twistd switched to the user it runs as (--uid)."""
+    if where == "/proc":
+        path = "/proc/gomodel-nope"
+    else:
+        (tmp_path / "file").write_text("")
+        path = str(tmp_path / "file" / "data")
+    events = []
+    monkeypatch.setattr(SQLiteStore, "log", Logger(observer=events.append))
+    monkeypatch.setattr("os.geteuid", lambda: 0 if root else 1000)
+    store = SQLiteStore(path, reactor)
+    with pytest.raises(DataDirUnusable) as raised:
+        store.privilegedStartService()  # as root, nothing is made yet
+        assert root and not events
+        store.startService()
+    assert str(raised.value).startswith(f"cannot use GOMODEL_DATA_DIR {path}: cannot create it: ")
+    assert _critical_lines(events) == [str(raised.value)]
+    assert not store._db._threads.running  # nothing was started
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_data_dir_is_made_at_start(reactor, tmp_path):
+    store = await opened(reactor, tmp_path / "new" / "data")
+    try:
+        assert (tmp_path / "new" / "data" / "gomodel.db").is_file()
+    finally:
+        await store.stopService()
 
 
 def _response(response_id, **extra):

@@ -3,8 +3,11 @@
 import time
 
 import pytest_twisted
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
 
+from gomodel.errors import StorageUnavailable
 from gomodel.store.sweeps import StoreSweeper
 from tests.stores import add_file, age, backend, put_blob, store, write_exists  # noqa: F401 (fixtures)
 
@@ -38,3 +41,19 @@ async def test_sweep_removes_old_leftovers_only_and_one_process_at_a_time(store)
     assert write_exists(store, receiving) and not write_exists(store, crashed)
     assert await receiving.commit("file-received") == len(b"first chunksecond chunk")
     assert await first.sweep() == (0, 0)  # the claim was released: any process may sweep next
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_while_the_store_is_unavailable_is_a_one_line_warning(logged_errors):
+    class Unavailable:
+        def claim(self, name, owner, lease):
+            return fail(StorageUnavailable("The gateway's storage is unavailable (database is down)."))
+
+    events = []
+    sweeper = StoreSweeper(None, None, Unavailable(), Clock(), "process-1")
+    sweeper.log = Logger(observer=events.append)
+    assert await sweeper.sweep() is None
+    [event] = events
+    assert event["log_level"] == LogLevel.warn and "log_failure" not in event
+    assert formatEvent(event) == ("sweeping the files' leftovers failed: "
+                                  "The gateway's storage is unavailable (database is down).")

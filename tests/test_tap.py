@@ -62,6 +62,8 @@ providers:
     # after this one get it back as it was (with gomodel's poll under every call, test_lean's check of the
     # exceptions raised on a request's way took the test's own client for the gateway)
     monkeypatch.setattr(reactor, "doIteration", reactor.doIteration)
+    for handler in ("sigInt", "sigTerm"):  # and its signal handlers (gomodel._twistedcompat.stop_once_on_signals)
+        monkeypatch.setattr(reactor, handler, getattr(reactor, handler))
     service = tap.makeService(options)
     # the reactor runs already: the startup objects were frozen out of later GC passes at once,
     # and the youngest objects are collected less often
@@ -146,3 +148,125 @@ def test_the_shared_metrics_directory_belongs_to_the_user_the_workers_run_as(mon
     finally:
         os.rmdir(path)
     assert triggers and triggers[0][:2] == ("after", "shutdown")
+
+
+BAD_LISTEN = ["garbage", "tcp:abc", "", "tcp:0:interface=127.0.0.1:backlog=abc", "tcp:0:interface=127.0.0.1:bogus=1",
+              "tcp:65536", "unix:/tmp/gomodel.sock:mode=abc", "ssl:0:privateKey=/nonexistent/key.pem"]
+
+
+@pytest.mark.parametrize("description", BAD_LISTEN)
+def test_options_refuse_a_bad_listen_description_naming_it(description, tmp_path, monkeypatch):
+    monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
+    with pytest.raises(usage.UsageError) as raised:
+        tap.Options().parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--listen", description])
+    assert str(raised.value).startswith(f"--listen {description!r}: ")
+    assert "\n" not in str(raised.value)
+
+
+def test_options_take_good_listen_descriptions(tmp_path, monkeypatch):
+    monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
+    good = ["tcp:0", "tcp:port=8080:interface=127.0.0.1:backlog=64", r"tcp:9000:interface=\:\:1",
+            "tcp6:0:interface=\\:\\:1", f"unix:{tmp_path}/gomodel.sock:mode=600"]
+    options = tap.Options()
+    options.parseOptions([arg for description in good for arg in ("--listen", description)])
+    assert options.gateway_config.server.listen == tuple(good)
+
+
+def test_twistd_refuses_a_bad_listen_description_in_one_line(tmp_path):
+    """Before: a traceback from makeService (ssl: with no https upstream: 'import of OpenSSL halted')."""
+    for description in ("garbage", "tcp:abc", "ssl:0"):
+        result = twistd("-n", "--pidfile=", "gomodel", "--listen", description,
+                        env={"GOMODEL_DATA_DIR": str(tmp_path / "data")})
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "Traceback" not in output
+        [line] = [line for line in output.splitlines() if f"--listen {description!r}: " in line]
+    assert "server.pem" in line  # ssl:'s default key file, which is not there
+
+
+def _self_signed(tmp_path):
+    """A key and a self-signed certificate for localhost, in one PEM file."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    path = tmp_path / "server.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_twistd_listens_with_tls_without_an_https_upstream(tmp_path):
+    """An ssl: description keeps OpenSSL (which the gateway otherwise leaves out with plain-HTTP upstreams)."""
+    import http.client
+    import re
+    import signal
+    import ssl
+    import time
+
+    pem = _self_signed(tmp_path)
+    log_path = tmp_path / "gw.log"
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))}
+    run_env.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), VLLM_BASE_URL="http://127.0.0.1:9/v1")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                                 "--pidfile=", "gomodel", "--listen", f"ssl:0:interface=127.0.0.1:privateKey={pem}"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env)
+    try:
+        deadline = time.monotonic() + 30
+        while not re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
+        context = ssl.create_default_context(cafile=str(pem))
+        conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+        try:
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            assert response.status == 200 and response.read() == b'{"status":"ok"}'
+        finally:
+            conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "257", "1000000000000000000000"])
+def test_options_refuse_workers_out_of_range(workers, tmp_path, monkeypatch):
+    monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
+    with pytest.raises(usage.UsageError) as raised:
+        tap.Options().parseOptions(["--workers", workers, "--listen", "tcp:0:interface=127.0.0.1"])
+    assert str(raised.value) == f"--workers must be from 1 to {tap.MAX_WORKERS}"
+    assert tap.MAX_WORKERS == 256
+
+
+def test_options_take_the_most_workers(tmp_path, monkeypatch):
+    monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
+    options = tap.Options()
+    options.parseOptions(["--workers", "256", "--listen", "tcp:0:interface=127.0.0.1"])
+    assert options.gateway_config.server.workers == 256  # nothing is started before makeService
+
+
+@pytest.mark.parametrize("data_dir", ["a regular file", "/dev/null", "/proc/gomodel-nope"])
+def test_twistd_refuses_an_unusable_data_dir_in_one_line(tmp_path, data_dir):
+    if data_dir == "a regular file":
+        data_dir = str(tmp_path / "data")
+        (tmp_path / "data").write_text("")
+    result = twistd("-n", "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1",
+                    env={"GOMODEL_DATA_DIR": data_dir, "VLLM_BASE_URL": "http://127.0.0.1:9/v1"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    [line] = [line for line in output.splitlines() if "GOMODEL_DATA_DIR" in line]
+    assert f"cannot use GOMODEL_DATA_DIR {data_dir}: " in line
+    assert "Traceback" not in output and "StoreSweeper" not in output and "ResponseRetention" not in output
+    if not data_dir.startswith("/proc/"):  # no directory there: found before the ports are bound
+        assert "listening on" not in output

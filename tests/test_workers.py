@@ -166,8 +166,11 @@ def wait_until(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_primary(tmp_path):
-    """C{twistd -n gomodel --workers 2} on a free loopback port: (process, log path, port)."""
+def start_primary(tmp_path, own_group=False):
+    """C{twistd -n gomodel --workers 2} on a free loopback port: (process, log path, port).
+
+    @param own_group: start it in a process group of its own (as systemd does), which a test may signal whole.
+    """
     log_path = tmp_path / "gateway.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "PROMETHEUS_"))}
     env.update({"PYTHONPATH": REPO, "GOMODEL_DATA_DIR": str(tmp_path / "data")})
@@ -175,7 +178,8 @@ def start_primary(tmp_path):
         primary = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
              "gomodel", "--workers", "2", "--listen", "tcp:0:interface=127.0.0.1"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(tmp_path))
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(tmp_path),
+            start_new_session=own_group)
     try:
         port = int(wait_until(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()),
                               what="the primary to listen").group(1))
@@ -254,6 +258,24 @@ def test_the_primary_deals_its_connections_to_a_worker_in_turn_and_restarts_it(t
     text = log_path.read_text()
     assert "worker 1 started" in text and "restarting it" in text and "taking connections from the primary" in text
     assert "Server Shut Down" in text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_the_whole_process_group_stops_every_process_cleanly(tmp_path):
+    """As systemd's control-group mode and timeout(1) do: each worker gets SIGTERM from the signal and again
+    from the primary; the second changes nothing."""
+    primary, log_path, port = start_primary(tmp_path, own_group=True)
+    try:
+        wait_until(lambda: ready_workers(log_path) == 1, what="the worker to take connections")
+        os.killpg(primary.pid, signal.SIGTERM)
+        assert primary.wait(timeout=30) == 0
+    finally:
+        if primary.poll() is None:
+            os.killpg(primary.pid, signal.SIGKILL)
+            primary.wait()
+    wait_until(lambda: log_path.read_text().count("Server Shut Down") == 2, what="the worker to exit too")
+    text = log_path.read_text()
+    assert "Traceback" not in text and "ReactorNotRunning" not in text and "#critical]" not in text, text
 
 
 def _zombie(pid):

@@ -32,24 +32,31 @@ C{gen_ai.operation.name}, C{gen_ai.provider.name}, C{gen_ai.request.model},
 C{gen_ai.response.model}, C{gomodel.provider} and C{error.type}.
 
 The SDK exports from its own threads; the stop flushes and shuts both
-providers down off the reactor thread, after the drain, so nothing is lost.
+providers down off the reactor thread, after the drain, so nothing is lost,
+for L{FLUSH_TIMEOUT} seconds at most: a collector that is down or slow does
+not hold the stop up longer (its exporters would retry for their whole
+timeout, traces then metrics), and what it did not take is dropped.
 """
 
 import importlib.util
 import os
+import threading
 import uuid
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gomodel.config.errors import ConfigError
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
 
 INSTRUMENTATION = "gomodel"
-SHUTDOWN_TIMEOUT_MS = 10_000
+# The most seconds the stop's flush waits for the collector (after the drain): then the stop goes on and what
+# was not exported is dropped.
+FLUSH_TIMEOUT = 5.0
 
 # The gateway route -> gen_ai.operation.name (the conventions' names; ours where they have none).
 OPERATIONS = {
@@ -107,6 +114,7 @@ class Telemetry(Service):
         self._reactor = reactor
         self._quiet = frozenset(quiet)
         self._tracer = self._tracers = self._meters = None
+        self._exporters = ()
         self._otel = None
         self._hosts = {}  # replica base URL -> (server.address, server.port)
 
@@ -128,10 +136,11 @@ class Telemetry(Service):
 
         resource = _resource()
         # Not the global providers: whoever else runs in this process keeps its own.
+        self._exporters = spans, metrics = OTLPSpanExporter(), OTLPMetricExporter()
         self._tracers = TracerProvider(resource=resource, shutdown_on_exit=False)
-        self._tracers.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        self._tracers.add_span_processor(BatchSpanProcessor(spans))
         self._meters = MeterProvider(resource=resource, shutdown_on_exit=False,
-                                     metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+                                     metric_readers=[PeriodicExportingMetricReader(metrics)])
         self._tracer = self._tracers.get_tracer(INSTRUMENTATION, __version__)
         meter = self._meters.get_meter(INSTRUMENTATION, __version__)
         self._otel = _Kit(api, TraceContextTextMapPropagator())
@@ -148,23 +157,53 @@ class Telemetry(Service):
         self.log.info("OpenTelemetry on: traces and GenAI metrics over OTLP/HTTP")
 
     def stopService(self):
-        """Flush and shut both providers down, off the reactor thread.
+        """Flush and shut both providers down, off the reactor thread, for L{FLUSH_TIMEOUT} seconds at most.
 
         One reactor turn first, so that requests cut at the end of the drain
         complete (and end their spans) before the flush.
 
-        @return: a Deferred firing with None once both are shut down (it does not fail).
+        @return: a Deferred firing with None once both are shut down, or once L{FLUSH_TIMEOUT} has passed
+            (it does not fail).
         """
         super().stopService()
-        tracers, meters = self._tracers, self._meters
+        tracers, meters, exporters = self._tracers, self._meters, self._exporters
         self._tracer = self._tracers = self._meters = None
+        self._exporters = ()
         if tracers is None:
             return None
         d = deferLater(self._reactor, 0, lambda: None)
-        d.addCallback(lambda _: deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
-                                                  _shut_down, tracers, meters))
+        d.addCallback(lambda _: self._flush(tracers, meters, exporters))
         d.addErrback(lambda f: self.log.failure("flushing OpenTelemetry failed", f))
         return d
+
+    def _flush(self, tracers, meters, exporters) -> Deferred:
+        """L{_shut_down} in a thread of its own (a daemon: the process may exit while it still waits for the
+        collector; the reactor's pool would be joined at exit).
+
+        @return: a Deferred firing with None once it is done, or after L{FLUSH_TIMEOUT} seconds: then the
+            exporters are shut down (they stop retrying) and what they held is dropped.
+        """
+        done = Deferred()
+        reactor = self._reactor
+
+        def flush():
+            try:
+                _shut_down(tracers, meters, FLUSH_TIMEOUT)
+            except BaseException:
+                reactor.callFromThread(done.errback, Failure())
+            else:
+                reactor.callFromThread(done.callback, None)
+
+        def gave_up(result, timeout):
+            self.log.warn("OpenTelemetry: the collector took more than {timeout:g}s at stop; the spans and "
+                          "metrics it has not taken are dropped", timeout=timeout)
+            for exporter in exporters:
+                exporter.shutdown()
+            return None
+
+        threading.Thread(target=flush, name="gomodel-otel-flush", daemon=True).start()
+        # (once timed out, the thread's own answer is ignored: a cancelled Deferred takes one more result)
+        return done.addTimeout(FLUSH_TIMEOUT, reactor, onTimeoutCancel=gave_up)
 
     # -- the request path -----------------------------------------------------------------
 
@@ -416,11 +455,12 @@ def _resource():
     return resource.merge(Resource(ours))
 
 
-def _shut_down(tracers, meters):
-    """Flush then shut down (in a thread: exporting blocks)."""
+def _shut_down(tracers, meters, timeout):
+    """Flush then shut down (in a thread: exporting blocks), giving the SDK C{timeout} seconds where it takes one."""
+    millis = timeout * 1000
     try:
-        tracers.force_flush(SHUTDOWN_TIMEOUT_MS)
-        meters.force_flush(SHUTDOWN_TIMEOUT_MS)
+        tracers.force_flush(millis)
+        meters.force_flush(millis)
     finally:
         tracers.shutdown()
-        meters.shutdown(SHUTDOWN_TIMEOUT_MS)
+        meters.shutdown(millis)

@@ -11,6 +11,7 @@ whose record is about to be written.
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
 
 log = Logger(namespace="gomodel.store.sweeps")
@@ -58,9 +59,10 @@ class StoreSweeper(Repeating):
         self._owner, self._grace, self._lease = owner, grace, lease
 
     def sweep(self):
-        """One sweep; a Deferred firing with C{(discarded writes, deleted blobs)}, or None (claimed elsewhere)."""
+        """One sweep; a Deferred firing with C{(discarded writes, deleted blobs)}, or None (claimed elsewhere, or
+        failed: logged, the store being unavailable as a one-line warning)."""
         d = Deferred.fromCoroutine(claimed(self._claims, "sweep:files", self._owner, self._lease, self._work))
-        d.addErrback(lambda f: self.log.failure("sweeping the files' leftovers failed", f))
+        d.addErrback(lambda f: log_failure(self.log, f, "sweeping the files' leftovers failed"))
         return d
 
     async def _work(self):

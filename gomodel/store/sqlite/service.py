@@ -25,6 +25,23 @@ from gomodel.store.sqlite.usage import SQLiteUsageStore
 DB_NAME = "gomodel.db"
 
 
+class DataDirUnusable(SystemExit):
+    """C{GOMODEL_DATA_DIR} cannot hold the store; twistd exits with status 1 (as for a port it cannot have,
+    L{gomodel.listeners.ListenFailed}).
+
+    @ivar path: the directory.
+    @ivar reason: why, e.g. C{it is not a directory}.
+    """
+
+    def __init__(self, path, reason):
+        super().__init__(1)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self):
+        return f"cannot use GOMODEL_DATA_DIR {self.path}: {self.reason}"
+
+
 @implementer(IStoreService)
 class SQLiteStore(Service):
     """Opens and migrates the database at start, closes it at stop; the aggregates are attributes.
@@ -69,7 +86,27 @@ class SQLiteStore(Service):
     def db_path(self):
         return self._db.path
 
+    def privilegedStartService(self):
+        """Check the data directory before twistd binds the ports: made where it is missing, unless this
+        process runs as root (twistd may then switch to another user, C{--uid}, who makes it at
+        L{startService}), and a directory where it exists.
+
+        @raise DataDirUnusable: it is a file or a device, or cannot be made or written in (logged).
+        """
+        super().privilegedStartService()
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            if os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
+                self._unusable("it is not a directory")
+        else:
+            self._make_data_dir()
+
     def startService(self):
+        """Make the data directory where it is missing (as the user twistd runs as), then open the database
+        in the store thread (L{started} fires once it is).
+
+        @raise DataDirUnusable: the directory cannot be made or written in (logged); nothing was started.
+        """
+        self._make_data_dir()
         super().startService()
         self._db.start()
         self.blobs.start()
@@ -80,6 +117,22 @@ class SQLiteStore(Service):
                              failure, data_dir=self.data_dir)
 
         self._started.addErrback(failed)
+
+    def _make_data_dir(self):
+        path = self.data_dir
+        if os.path.exists(path) and not os.path.isdir(path):
+            self._unusable("it is not a directory")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            self._unusable(f"cannot create it: {e.strerror or e}")
+        if not os.access(path, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            self._unusable("the gateway's user cannot write in it")
+
+    def _unusable(self, reason):
+        error = DataDirUnusable(self.data_dir, reason)
+        self.log.critical("{error}", error=str(error))
+        raise error
 
     def stopService(self):
         super().stopService()
