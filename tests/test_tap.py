@@ -1,9 +1,13 @@
 """The twistd plugin and service: discovery, makeService from a YAML file, clean stop."""
 
+import contextlib
 import gc
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import pytest_twisted
@@ -87,29 +91,33 @@ providers:
     assert not service.running
 
 
-def _maps_of_a_running_gateway(tmp_path, env):
-    """The memory map of a twistd gomodel process once it listens (then it is stopped)."""
-    import re
-    import signal
-    import time
-
+@contextlib.contextmanager
+def running_gateway(tmp_path, env, listen="tcp:0:interface=127.0.0.1"):
+    """A twistd gomodel process listening on C{listen} (with C{env}), for the with block: its port; then it
+    is stopped with SIGTERM and must exit with status 0."""
     log_path = tmp_path / "gw.log"
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))}
     run_env.update(env, PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                                 "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
+                                 "--pidfile=", "gomodel", "--listen", listen],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env)
     try:
         deadline = time.monotonic() + 30
-        while not re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()):
+        while not (listening := re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())):
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.05)
-        with open(f"/proc/{proc.pid}/maps") as f:
-            return f.read()
+        yield proc, int(listening.group(1))
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+
+
+def _maps_of_a_running_gateway(tmp_path, env):
+    """The memory map of a twistd gomodel process once it listens (then it is stopped)."""
+    with running_gateway(tmp_path, env) as (proc, _):
+        with open(f"/proc/{proc.pid}/maps") as f:
+            return f.read()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -208,25 +216,11 @@ def _self_signed(tmp_path):
 def test_twistd_listens_with_tls_without_an_https_upstream(tmp_path):
     """An ssl: description keeps OpenSSL (which the gateway otherwise leaves out with plain-HTTP upstreams)."""
     import http.client
-    import re
-    import signal
     import ssl
-    import time
 
     pem = _self_signed(tmp_path)
-    log_path = tmp_path / "gw.log"
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))}
-    run_env.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), VLLM_BASE_URL="http://127.0.0.1:9/v1")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                                 "--pidfile=", "gomodel", "--listen", f"ssl:0:interface=127.0.0.1:privateKey={pem}"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env)
-    try:
-        deadline = time.monotonic() + 30
-        while not re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
+    with running_gateway(tmp_path, {"VLLM_BASE_URL": "http://127.0.0.1:9/v1"},
+                         f"ssl:0:interface=127.0.0.1:privateKey={pem}") as (_, port):
         context = ssl.create_default_context(cafile=str(pem))
         conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
         try:
@@ -235,9 +229,6 @@ def test_twistd_listens_with_tls_without_an_https_upstream(tmp_path):
             assert response.status == 200 and response.read() == b'{"status":"ok"}'
         finally:
             conn.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0, log_path.read_text()
 
 
 @pytest.mark.parametrize("workers", ["0", "-1", "257", "1000000000000000000000"])
