@@ -76,6 +76,7 @@ async def test_usage_log_numbers_out_of_range_are_400s_and_search_is_literal(rea
         for query, param in (("after=99999999999999999999", "after"), ("after=9223372036854775808", "after"),
                              ("after=-1", "after"), ("after=x", "after"), ("status=99999999999999999999", "status"),
                              ("status=99", "status"), ("status=600", "status"), ("status=ok", "status"),
+                             ("status=%2B200", "status"), ("status=2_00", "status"), ("after=%201", "after"),
                              ("limit=99999999999999999999", "limit"), ("days=99999999999999999999", None)):
             response = await http.get(gw.url + "/admin/api/v1/usage/log?" + query, headers=KEY)
             error = json.loads(await response.content())["error"]
@@ -109,6 +110,8 @@ async def test_budgets_refuse_costs_past_a_float_and_unknown_fields(reactor, htt
         code, error = await admin(http, gw, "PUT", "/admin/api/v1/budgets/team/daily", {"amount": 1, "y": None})
         assert (code, error["error"]["message"], error["error"]["code"]) == (
             400, "'y' is not a field of a budget.", "invalid_value")
+        code, error = await admin(http, gw, "DELETE", "/admin/api/v1/budgets", {"user_path": "/team", "x": 1})
+        assert (code, error["error"]["param"]) == (400, "x")  # a DELETE's body as a PUT's
         code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
         assert (code, listed["data"]) == (200, [])
     finally:

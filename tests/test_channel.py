@@ -104,10 +104,13 @@ async def test_a_request_that_is_not_valid_http_gets_400_in_openais_envelope_and
     assert error["message"].startswith("The request is not valid HTTP/1.1: ")
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"FOOBAR / HTTP/1.1\r\nHost: g\r\n\r\n",  # a method no one knows (RFC 9110 15.6.2)
+])
 @pytest_twisted.ensureDeferred
-async def test_a_transfer_coding_but_chunked_is_501_and_the_connection_closes(reactor, echo):
-    client = await connect(reactor, echo.port, b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: gzip, chunked\r\n"
-                                               b"\r\n3\r\nabc\r\n0\r\n\r\n")
+async def test_what_the_gateway_does_not_implement_is_501_and_the_connection_closes(reactor, echo, request_bytes):
+    client = await connect(reactor, echo.port, request_bytes)
     await with_timeout(reactor, client.lost, 5)
     head, _, body = bytes(client.received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 501 Not Implemented\r\n") and b"Connection: close" in head

@@ -216,10 +216,7 @@ def _empty_bucket(period) -> dict:
 
 def _integer(text, low, high, param, message) -> int:
     """C{text} as an integer from C{low} to C{high}; L{InvalidRequest} naming C{param} otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
+    value = int(text) if text.isascii() and text.isdigit() else None  # (not int()'s " +5", "5_0")
     if value is None or not low <= value <= high:
         raise InvalidRequest(message, param=param, code="invalid_value")
     return value

@@ -71,6 +71,7 @@ class BudgetsAPI:
     @app.route("/", methods=["DELETE"])
     async def delete(self, request):
         body = json_body(request) if request.content.seek(0, 2) else {}
+        _known(body, {"user_path", "period"})
         return await self._delete(request, query_arg(request, b"user_path", body.get("user_path")),
                                   query_arg(request, b"period", body.get("period")))
 
@@ -79,10 +80,7 @@ class BudgetsAPI:
         return await self._delete(request, *_split(target))
 
     async def _put(self, request, path, period, body):
-        unknown = set(body) - _FIELDS
-        if unknown:
-            field = sorted(unknown)[0]
-            raise InvalidRequest(f"'{field}' is not a field of a budget.", param=field, code="invalid_value")
+        _known(body, _FIELDS)
         path, period = _target(path, period)
         if path in (self._quotas.budgets or {}):
             raise InvalidRequest(f"The budgets of {path} come from the configuration (SET_BUDGET_* or YAML); "
@@ -114,6 +112,14 @@ class BudgetsAPI:
                            code="budget_not_found")
         await self._gate.refresh()
         return json_answer(request, {"user_path": path, "period": period, "deleted": True})
+
+
+def _known(body, fields):
+    """Refuse a body with a field not in C{fields}, as the keys API does."""
+    unknown = set(body) - fields
+    if unknown:
+        field = sorted(unknown)[0]
+        raise InvalidRequest(f"'{field}' is not a field of a budget.", param=field, code="invalid_value")
 
 
 def _split(target):

@@ -48,7 +48,7 @@ class _BadRequest(Exception):
 
 
 class _NotImplemented(_BadRequest):
-    """A request framed in a way the gateway does not implement (a transfer coding but chunked): 501."""
+    """A request the gateway does not implement (a transfer coding but chunked, a method no one knows): 501."""
 
     status = b"501 Not Implemented"
 
@@ -130,6 +130,8 @@ class GatewayChannel(http.HTTPChannel):
                 self._bad_request(str(cause), cause.status)
             elif not isinstance(cause, _Stopped):
                 raise cause from None  # a defect of the gateway's, not of the request: the reactor logs it
+        except httptools.HttpParserInvalidMethodError as e:  # a method llhttp does not know: RFC 9110 15.6.2
+            self._bad_request(str(e), _NotImplemented.status)
         except httptools.HttpParserError as e:
             self._bad_request(str(e))
         else:
