@@ -15,7 +15,7 @@ import re
 from typing import Mapping, Optional, Sequence
 
 from gomodel.config import parsers
-from gomodel.config.errors import ConfigError
+from gomodel.config.errors import ConfigError, listed
 from gomodel.config.providers import load_providers
 from gomodel.config.virtual import load_failover_rules, load_virtual_models
 from gomodel.limits.specs import limits_from_env, limits_from_yaml
@@ -46,11 +46,11 @@ def load_config(
         known = {key for _, key, _, _ in settings_of(Config if name == _LEGACY else cls)}
         unknown = set(blocks[name]) - known
         if unknown:
-            raise ConfigError(f"{yaml_path}: unknown key(s) under {name}: {_keys(unknown)}")
+            raise ConfigError(f"{yaml_path}: unknown key(s) under {name}: {listed(unknown)}")
     unknown = set(document) - set(SECTIONS) - {"providers", "virtual_models", "failover_rules", "pricing",
                                                "rate_limits", "budgets"}
     if unknown:
-        raise ConfigError(f"{yaml_path}: unknown top-level key(s): {_keys(unknown)}")
+        raise ConfigError(f"{yaml_path}: unknown top-level key(s): {listed(unknown)}")
 
     sections = {name: _build(cls, name, blocks, env, yaml_path) for name, cls in SECTIONS.items()}
     store = sections["store"]
@@ -70,11 +70,6 @@ def load_config(
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{yaml_path}: {e}" if yaml_path else str(e)) from None
     return Config(**sections, quotas=quotas, warnings=tuple(warnings))
-
-
-def _keys(keys) -> str:
-    """Mapping keys for a message, whatever their YAML types."""
-    return ", ".join(sorted(map(str, keys)))
 
 
 def _build(cls, name, blocks, env, yaml_path):

@@ -12,7 +12,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from gomodel.config.catalog import PROVIDER_TYPES, ROOT_SERVERS
-from gomodel.config.errors import ConfigError
+from gomodel.config.errors import ConfigError, listed
 from gomodel.config import parsers
 from gomodel.config.sections import ProviderConfig, ReplicaConfig
 
@@ -39,7 +39,7 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
                 raise ConfigError(f"{where} must be a mapping")
             unknown = set(block) - _YAML_PROVIDER_KEYS
             if unknown:
-                raise ConfigError(f"{where}: unknown key(s) {_keys(unknown)}")
+                raise ConfigError(f"{where}: unknown key(s) {listed(unknown)}")
             type_ = block.get("type")
             if not isinstance(type_, str) or type_ not in PROVIDER_TYPES:
                 raise ConfigError(f"{where}.type must be one of: {', '.join(PROVIDER_TYPES)}")
@@ -156,11 +156,6 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
                           priority_scheduling=priority_scheduling)
 
 
-def _keys(keys) -> str:
-    """Mapping keys for a message, whatever their YAML types."""
-    return ", ".join(sorted(map(str, keys)))
-
-
 def _api_key(api_key, where):
     if api_key is None:
         return None
@@ -194,7 +189,7 @@ def _yaml_replicas(replicas, where, type_name) -> tuple:
             raise ConfigError(f"{at} must be a mapping with a base_url")
         unknown = set(item) - _YAML_REPLICA_KEYS
         if unknown:
-            raise ConfigError(f"{at}: unknown key(s) {_keys(unknown)}")
+            raise ConfigError(f"{at}: unknown key(s) {listed(unknown)}")
         base_url, root_url = _normalise_base_url(item["base_url"], type_name, f"{at}.base_url")
         weight = _parsed(parsers.weight, item.get("weight", 1), f"{at}.weight")
         limit = item.get("max_concurrency")

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 
 from gomodel.config import parsers
-from gomodel.config.errors import ConfigError
+from gomodel.config.errors import ConfigError, listed
 
 STRATEGIES = ("round_robin",)
 _KEYS = {"source", "target", "targets", "strategy", "session_affinity", "enabled", "user_paths"}
@@ -50,7 +50,7 @@ def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
             raise ConfigError(f"{at} must be a mapping")
         unknown = set(item) - _KEYS
         if unknown:
-            raise ConfigError(f"{at}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+            raise ConfigError(f"{at}: unknown key(s) {listed(unknown)}")
         source = item.get("source")
         if not isinstance(source, str) or not source.strip():
             raise ConfigError(f"{at}.source must be a model name")
