@@ -89,21 +89,14 @@ def _value(setting, key, name, blocks, env, yaml_path):
     """The setting's value from the environment, else YAML, else C{_UNSET} (the default)."""
     for var in (setting.env, *setting.aliases):
         if var in env:
-            return _parsed(setting, env[var], var)
+            return parsers.checked(setting.parse, env[var], var, setting.secret)
     places = [place for place in dict.fromkeys((name, _LEGACY)) if blocks[place].get(key) is not None]
     if len(places) > 1:
         raise ConfigError(f"{yaml_path}: {key} is set under both {name}: and {_LEGACY}:; keep one")
     if places:
-        return _parsed(setting, blocks[places[0]][key], f"{yaml_path}: {places[0]}.{key}")
+        return parsers.checked(setting.parse, blocks[places[0]][key], f"{yaml_path}: {places[0]}.{key}",
+                               setting.secret)
     return _UNSET
-
-
-def _parsed(setting, value, where):
-    try:
-        return setting.parse(value)
-    except (TypeError, ValueError) as e:
-        shown = "(hidden)" if setting.secret else repr(value)
-        raise ConfigError(f"{where}: invalid value {shown}: {e}") from None
 
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -191,13 +184,8 @@ def _pricing(value, yaml_path) -> dict:
         where = f"{yaml_path}: pricing.{model}"
         if not isinstance(prices, dict) or not prices or set(prices) - set(_PRICES):
             raise ConfigError(f"{where} must be a mapping of {', '.join(_PRICES)}")
-        amounts = {}
-        for name, amount in prices.items():
-            try:
-                amounts[name] = parsers.price(amount)
-            except ValueError as e:
-                raise ConfigError(f"{where}.{name}: invalid value {amount!r}: {e}") from None
-        pricing[str(model)] = amounts
+        pricing[str(model)] = {name: parsers.checked(parsers.price, amount, f"{where}.{name}")
+                               for name, amount in prices.items()}
     return pricing
 
 

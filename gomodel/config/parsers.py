@@ -9,11 +9,12 @@ import math
 import re
 
 from gomodel.config.catalog import MODELS_MODES, PROVIDER_TYPES
+from gomodel.config.errors import ConfigError
 
-__all__ = ["duration", "positive_duration", "size", "file_size", "directory", "port", "listen_port", "count",
-           "workers", "days", "limit", "ratio", "weight", "price", "models_mode", "boolean", "names",
-           "provider_types", "secret", "MAX_DURATION", "MAX_COUNT", "MAX_WORKERS", "MAX_DAYS", "MAX_RATIO",
-           "MAX_WEIGHT", "MAX_PRICE"]
+__all__ = ["checked", "has_control", "duration", "positive_duration", "size", "file_size", "directory", "port",
+           "listen_port", "count", "workers", "days", "limit", "ratio", "weight", "price", "models_mode",
+           "boolean", "names", "provider_types", "secret", "MAX_DURATION", "MAX_COUNT", "MAX_WORKERS", "MAX_DAYS",
+           "MAX_RATIO", "MAX_WEIGHT", "MAX_PRICE"]
 
 MAX_DURATION = 100 * 365 * 86400.0  # 100 years: a duration past it is a mistake (and overflows stores' integers)
 MAX_DAYS = 100 * 365
@@ -22,6 +23,21 @@ MAX_WORKERS = 256  # the most processes GOMODEL_WORKERS (and --workers) may star
 MAX_RATIO = 1000.0
 MAX_WEIGHT = 1_000_000.0  # weights are relative: a larger one means nothing more
 MAX_PRICE = 1_000_000.0  # per million tokens: a unit each
+
+
+def checked(parse, value, where: str, secret=False):
+    """C{parse(value)}, or L{ConfigError} naming C{where} (a variable, or a place in the YAML file) and the
+    value (C{(hidden)} when C{secret}) with the parser's reason."""
+    try:
+        return parse(value)
+    except (TypeError, ValueError) as e:
+        shown = "(hidden)" if secret else repr(value)
+        raise ConfigError(f"{where}: invalid value {shown}: {e}") from None
+
+
+def has_control(text: str) -> bool:
+    """Whether C{text} holds a control character (a line break, a tab, DEL...): no header or URL may."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7f for c in text)
 
 
 def _number(value) -> float:
@@ -255,14 +271,13 @@ def secret(value) -> str:
     """
     if not isinstance(value, str):
         raise ValueError("must be text (quote it in YAML)")
-    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
+    if has_control(value):
         raise ValueError("must not contain control characters (line breaks included)")
     if value != value.strip():
         raise ValueError("must not be blank nor start or end with whitespace")
     if "${" in value:  # a YAML ${VAR} whose variable is unset: a key anyone can read in the file
         raise ValueError("looks like an unresolved ${...} placeholder (is its variable set?)")
     return value
-
 
 
 def storage_type(value) -> str:

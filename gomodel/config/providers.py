@@ -51,7 +51,7 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
                 "api_key": (block.get("api_key"), f"{where}.api_key"),
                 "models": (_yaml_models(block.get("models"), where), f"{where}.models"),
                 "replicas": (block.get("replicas"), f"{where}.replicas"),
-                "priority_scheduling": (_parsed(parsers.boolean, block.get("priority_scheduling", False),
+                "priority_scheduling": (parsers.checked(parsers.boolean, block.get("priority_scheduling", False),
                                                 f"{where}.priority_scheduling"), None),
             }
 
@@ -79,7 +79,7 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
             if field_name == "base_url":
                 entry.pop("replicas", None)  # the variable's URLs replace the YAML's replicas
             if field_name == "priority_scheduling":
-                value = _parsed(parsers.boolean, value, var)
+                value = parsers.checked(parsers.boolean, value, var)
             entry[field_name] = (value, var)
 
     providers = []
@@ -163,7 +163,7 @@ def _api_key(api_key, where):
         raise ConfigError(f"{where}: must be text (quote it in YAML)")
     if "${" in api_key:
         raise ConfigError(f"{where}: looks like an unresolved ${{...}} placeholder")
-    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in api_key):
+    if parsers.has_control(api_key):
         raise ConfigError(f"{where}: must not contain control characters (line breaks included)")
     return api_key or None
 
@@ -191,21 +191,14 @@ def _yaml_replicas(replicas, where, type_name) -> tuple:
         if unknown:
             raise ConfigError(f"{at}: unknown key(s) {listed(unknown)}")
         base_url, root_url = _normalise_base_url(item["base_url"], type_name, f"{at}.base_url")
-        weight = _parsed(parsers.weight, item.get("weight", 1), f"{at}.weight")
+        weight = parsers.checked(parsers.weight, item.get("weight", 1), f"{at}.weight")
         limit = item.get("max_concurrency")
-        limit = None if limit is None else _parsed(parsers.limit, limit, f"{at}.max_concurrency")
+        limit = None if limit is None else parsers.checked(parsers.limit, limit, f"{at}.max_concurrency")
         built.append(ReplicaConfig(base_url, root_url, _api_key(item.get("api_key"), f"{at}.api_key"),
                                    weight, limit))
     if len({r.base_url for r in built}) != len(built):
         raise ConfigError(f"{where}: the same base_url is listed twice")
     return tuple(built)
-
-
-def _parsed(parse, value, where):
-    try:
-        return parse(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: invalid value {value!r}: {e}") from None
 
 
 def _normalise_base_url(url, type_name, where):
@@ -218,7 +211,7 @@ def _normalise_base_url(url, type_name, where):
     if not isinstance(url, str):
         raise ConfigError(f"{where}: must be a URL (text)")
     url = url.strip()
-    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+    if parsers.has_control(url):
         raise ConfigError(f"{where}: must not contain control characters (tabs and line breaks included)")
     if any(c.isspace() for c in url):
         raise ConfigError(f"{where}: must not contain a space")

@@ -69,11 +69,7 @@ def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
 
 def _switch(item, key, at) -> bool:
     """C{item[key]} (default true) read as L{parsers.boolean} reads it."""
-    value = item.get(key, True)
-    try:
-        return parsers.boolean(value)
-    except ValueError as e:
-        raise ConfigError(f"{at}.{key}: invalid value {value!r}: {e}") from None
+    return parsers.checked(parsers.boolean, item.get(key, True), f"{at}.{key}")
 
 
 def _targets(item, at) -> tuple:
@@ -90,11 +86,7 @@ def _targets(item, at) -> tuple:
         weight = target.get("weight", 1) if isinstance(target, dict) else None
         if not isinstance(model, str) or not model.strip():
             raise ConfigError(f"{at}.targets[{j}].model must be a model selector")
-        try:
-            weight = parsers.weight(weight)
-        except ValueError as e:
-            raise ConfigError(f"{at}.targets[{j}].weight: invalid value {weight!r}: {e}") from None
-        targets.append((model.strip(), weight))
+        targets.append((model.strip(), parsers.checked(parsers.weight, weight, f"{at}.targets[{j}].weight")))
     return tuple(targets)
 
 
