@@ -94,7 +94,8 @@ providers:
 @contextlib.contextmanager
 def running_gateway(tmp_path, env, listen="tcp:0:interface=127.0.0.1"):
     """A twistd gomodel process listening on C{listen} (with C{env}), for the with block: its port; then it
-    is stopped with SIGTERM and must exit with status 0."""
+    is stopped with SIGTERM and must exit with status 0. It listens before its reactor runs and handles
+    signals: the block waits for an answer before it ends."""
     log_path = tmp_path / "gw.log"
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))}
     run_env.update(env, PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"))
@@ -114,8 +115,16 @@ def running_gateway(tmp_path, env, listen="tcp:0:interface=127.0.0.1"):
 
 
 def _maps_of_a_running_gateway(tmp_path, env):
-    """The memory map of a twistd gomodel process once it listens (then it is stopped)."""
-    with running_gateway(tmp_path, env) as (proc, _):
+    """The memory map of a twistd gomodel process once it answers (then it is stopped)."""
+    import http.client
+
+    with running_gateway(tmp_path, env) as (proc, port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/health")  # answered: the reactor runs (and handles the SIGTERM that stops it)
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
         with open(f"/proc/{proc.pid}/maps") as f:
             return f.read()
 
