@@ -1,7 +1,8 @@
 #!/bin/bash
 # CPU per request of each thread of one gateway process under closed-loop load (wrk, 10 connections),
 # beside its req/s, latency and peak RSS: the reactor's thread apart from the others (the store's:
-# SQLite's writes of the usage ledger and of stored responses). Instruction counts (bench/instructions.sh)
+# SQLite's writes of stored responses) and from the store's writer process (the usage ledger's rows, a
+# child of each gateway process, gomodel/store/sqlite/writer.py). Instruction counts (bench/instructions.sh)
 # leave those writes out and see neither thread's waits for the interpreter lock nor the switches between
 # them; this sees what each thread took, kernel time included, as /proc counts it (ticks, 10 ms each:
 # hence 8 s windows); all threads' user and system time are also given apart.
@@ -52,9 +53,14 @@ else
   printf '{"model":"%s","messages":[{"role":"user","content":"Say hello."}],"max_tokens":20}' "$MODEL" > "$W/body.json"
 fi
 TICK=$(getconf CLK_TCK)
-ticks() {  # "pid tid user-ticks system-ticks" for each thread of process $1 and of its children (--workers)
-  for p in "$1" $(pgrep -P "$1" || true); do
-    for t in /proc/"$p"/task/*; do echo "$p $(basename "$t") $(awk '{print $14, $15}' "$t/stat")"; done
+tree() {  # process $1 and every process below it (--workers' workers, each one's store writer)
+  echo "$1"
+  for c in $(pgrep -P "$1" || true); do tree "$c"; done
+}
+ticks() {  # "pid tid user-ticks system-ticks role" for each thread of process $1 and below; role: gateway, writer
+  for p in $(tree "$1"); do
+    role=gateway; grep -q "store/sqlite/rows.py" /proc/"$p"/cmdline 2>/dev/null && role=writer
+    for t in /proc/"$p"/task/*; do echo "$p $(basename "$t") $(awk '{print $14, $15}' "$t/stat") $role"; done
   done
 }
 load() {  # port seconds key -> wrk's WRKJSON line
@@ -91,7 +97,7 @@ for round in $(seq "$ROUNDS"); do
     before=$(ticks "$gpid")
     result=$(load "$gport" "$SECS" "$key")
     after=$(ticks "$gpid")
-    peak=$(for p in "$gpid" $(pgrep -P "$gpid" || true); do awk '/^VmHWM/ {print $2}' /proc/"$p"/status; done | sort -n | tail -1)
+    peak=$(for p in $(tree "$gpid"); do awk '/^VmHWM/ {print $2}' /proc/"$p"/status; done | sort -n | tail -1)
     kill "$gpid"; wait "$gpid" 2>/dev/null || true
     "$PY" - "$name" "$round" "$gpid" "$TICK" "$SECS" "$before" "$after" "$result" "$peak" <<'PY'
 import json, sys
@@ -101,12 +107,12 @@ if not result:
 run = json.loads(result.split(" ", 1)[1])
 if run["failures"] or not run["good"]:
     sys.exit(f"{name}: {run['failures']} of {run['requests']} answers were wrong")
-start = {tuple(line.split()[:2]): tuple(map(int, line.split()[2:])) for line in before.splitlines()}
-used = {}  # per kind of thread, over the processes: the reactors' threads, the others'
+start = {tuple(line.split()[:2]): tuple(map(int, line.split()[2:4])) for line in before.splitlines()}
+used = {}  # per kind of thread, over the processes: the reactors' threads, the others', the store writers'
 modes = [0, 0]  # all threads' user and system ticks
 for line in after.splitlines():
-    process, tid, user, system = line.split()
-    kind = "reactor" if tid == process else "other threads"
+    process, tid, user, system, role = line.split()
+    kind = "writer process" if role == "writer" else "reactor" if tid == process else "other threads"
     user0, system0 = start.get((process, tid), (0, 0))
     modes[0] += int(user) - user0
     modes[1] += int(system) - system0

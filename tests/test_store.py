@@ -282,7 +282,7 @@ def test_insert_rows_writes_any_number_of_rows_in_few_statements_of_few_shapes()
     """Each row as executemany would write it (values, order, a conflict clause for a row met again in the
     same call), ROWS_PER_INSERT rows a statement, then the rest in halves; never more values a statement
     than the library allows."""
-    from gomodel.store.sqlite.database import ROWS_PER_INSERT, insert_rows
+    from gomodel.store.sqlite.rows import ROWS_PER_INSERT, insert_rows
 
     conn = sqlite3.connect(":memory:", isolation_level=None)
     try:

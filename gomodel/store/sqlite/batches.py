@@ -19,7 +19,7 @@ from zope.interface import implementer
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.records import UNFINISHED, LeaseLost
-from gomodel.store.sqlite.database import insert_rows, marks
+from gomodel.store.sqlite.rows import insert_rows, marks
 from gomodel.store.sqlite.files import insert_file
 
 BATCH_COLUMNS = (

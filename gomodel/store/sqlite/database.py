@@ -11,29 +11,15 @@ L{Database.run}.
 import os
 import sqlite3
 from contextlib import contextmanager
-from functools import cache
-from itertools import chain
 
 from twisted.internet.defer import fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel.errors import StorageUnavailable
+from gomodel.store.sqlite import rows  # noqa: F401 (its adapters, for this process's connections)
 from gomodel.store.sqlite.migrations import migrate
 from gomodel.store.threads import OwnedThreads
-
-
-def _null(value):
-    return None
-
-
-# Python's sqlite3 binds an exact int, float or str at once, but sends None and bytes through its
-# adapter protocol: two failed attribute lookups (on its PrepareProtocol type, then on the value),
-# one of them formatting an AttributeError's message, about 1,600 instructions a value; a usage row
-# holds five Nones or more. An adapter that is found at once binds them as they are (NULL, a BLOB:
-# bytes(b) is b). Per process, for every SQLite connection in it; none adapts these types otherwise.
-sqlite3.register_adapter(type(None), _null)
-sqlite3.register_adapter(bytes, bytes)
 
 
 class Database:
@@ -130,6 +116,12 @@ class Database:
         if conn is not None:
             conn.close()
 
+    @property
+    def opened(self) -> bool:
+        """Whether the database is open and its tables made (read on the reactor's thread, it may lag behind
+        the store's thread by a moment)."""
+        return self._conn is not None
+
     def conn(self):
         """The open connection; raises L{StorageUnavailable} when the store is not open."""
         if self._conn is None:
@@ -148,44 +140,3 @@ class Database:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-
-
-def marks(values) -> str:
-    """C{?, ?, ...} for C{values}."""
-    return ", ".join("?" for _ in values)
-
-
-# The most rows one INSERT of L{insert_rows} writes.
-ROWS_PER_INSERT = 128
-
-
-def insert_rows(conn, insert: str, rows: list, conflict: str = ""):
-    """Run C{insert} (C{"INSERT INTO t (a, b) VALUES"}), then C{conflict} (an C{ON CONFLICT} clause, or
-    nothing), for each of C{rows} (tuples of one length), many rows a statement.
-
-    C{executemany} runs its statement once per row, and around each run gives up the interpreter lock
-    and takes it back: while the reactor's thread is busy, a wait for it and a switch away from it, per
-    row (a usage flush of 1,000 rows cost the store thread about 30 us of CPU a request, and the reactor's
-    thread about 20 more: bench/results/2026-12-04-session38.md). Here the rows of a statement are
-    bound in one call and it runs once: L{ROWS_PER_INSERT} rows a statement (fewer where the library
-    allows fewer values in one), then what is left in halves (64, 32, ... 1 rows), so that a few shapes of
-    statement, each compiled once and kept in the connection's cache, write any number of rows.
-    """
-    if not rows:
-        return
-    width = len(rows[0])
-    size, most = ROWS_PER_INSERT, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    while size > 1 and size * width > most:
-        size //= 2
-    start = 0
-    while start < len(rows):
-        while start + size > len(rows):
-            size //= 2
-        conn.execute(_insert(insert, width, size, conflict), list(chain.from_iterable(rows[start:start + size])))
-        start += size
-
-
-@cache
-def _insert(insert: str, width: int, rows: int, conflict: str) -> str:
-    row = f"({marks(range(width))})"
-    return f"{insert} {', '.join([row] * rows)} {conflict}"

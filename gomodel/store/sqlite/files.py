@@ -3,7 +3,7 @@
 from zope.interface import implementer
 
 from gomodel.store.interfaces import IFileStore
-from gomodel.store.sqlite.database import marks
+from gomodel.store.sqlite.rows import marks
 
 FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "tenant")
 _SELECT = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"

@@ -9,7 +9,7 @@ from zope.interface import implementer
 from gomodel.store.codec import RESPONSE_COLUMNS, RESPONSE_CONFLICT, RESPONSE_INSERT, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
-from gomodel.store.sqlite.database import insert_rows
+from gomodel.store.sqlite.rows import insert_rows
 
 # Waits before a response not found is looked up again: another gateway process on the same file
 # (--workers) may hold it for up to KEEP_DELAY before its store thread writes it.

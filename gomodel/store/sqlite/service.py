@@ -21,6 +21,7 @@ from gomodel.store.sqlite.files import SQLiteFileStore
 from gomodel.store.sqlite.keys import SQLiteBudgetStore, SQLiteKeyStore
 from gomodel.store.sqlite.responses import SQLiteResponseStore
 from gomodel.store.sqlite.usage import SQLiteUsageStore
+from gomodel.store.sqlite.writer import RowWriter
 
 DB_NAME = "gomodel.db"
 
@@ -72,7 +73,8 @@ class SQLiteStore(Service):
         self.batches = SQLiteBatchStore(self._db)
         self.responses = SQLiteResponseStore(self._db, clock if clock is not None else reactor, waits=reactor)
         self.claims = SQLiteClaims(self._db)
-        self.usage = SQLiteUsageStore(self._db)
+        self._writer = RowWriter(reactor, self._db.path)
+        self.usage = SQLiteUsageStore(self._db, self._writer)
         self.keys = SQLiteKeyStore(self._db)
         self.budgets = SQLiteBudgetStore(self._db)
         self._started = None
@@ -137,7 +139,8 @@ class SQLiteStore(Service):
     def stopService(self):
         super().stopService()
         self.responses.flush()  # queued before the close
-        d = self._db.run(self._db.close)
+        d = self._writer.stop()  # what it was given is written first
+        d.addCallback(lambda _: self._db.run(self._db.close))
         d.addErrback(lambda f: self.log.failure("closing the store", f))
 
         def stopped(_):

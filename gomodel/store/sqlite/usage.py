@@ -1,14 +1,11 @@
-"""L{IUsageStore} on SQLite: one row per request that reached an upstream (and per batch line)."""
-
-import sqlite3
+"""L{IUsageStore} on SQLite: one row per request that reached an upstream (and per batch line), written by the
+store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thread."""
 
 from zope.interface import implementer
 
-from gomodel.errors import RowsRejected
 from gomodel.store.codec import like_pattern
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS
-from gomodel.store.sqlite.database import insert_rows
 
 _BOOLEANS = ("stream", "client_gone", "estimated")
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES"
@@ -21,19 +18,19 @@ _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = 
 class SQLiteUsageStore:
     """Usage records in the C{usage} table."""
 
-    def __init__(self, db):
+    def __init__(self, db, writer):
+        """
+        @param writer: the L{gomodel.store.sqlite.writer.RowWriter} that adds the rows.
+        """
         self._db = db
+        self._writer = writer
 
     def add(self, rows):
-        return self._db.run(self._add, rows)
-
-    def _add(self, rows):
-        try:
-            with self._db.transaction() as conn:
-                insert_rows(conn, _INSERT, rows)  # the flags as 0 and 1 (UsageLedger.keep), as sqlite stores them
-        except (OverflowError, UnicodeEncodeError, sqlite3.IntegrityError) as e:  # a value, not the store
-            raise RowsRejected(str(e)) from e
-        return len(rows)
+        # The flags as 0 and 1 (UsageLedger.keep), as sqlite stores them.
+        if self._db.opened:
+            return self._writer.write(_INSERT, rows)
+        # The tables are made once the store thread has opened the database: after that job.
+        return self._db.run(self._db.conn).addCallback(lambda _: self._writer.write(_INSERT, rows))
 
     def summary(self, start, end):
         return self._db.run(self._grouped, start, end, (), None).addCallback(

@@ -1,0 +1,155 @@
+"""Rows written by a child process: the SQLite inserts that would otherwise hold the gateway's interpreter lock.
+
+Python's sqlite3 binds a statement's values holding the interpreter lock: in
+the store's thread, a usage flush of 1,000 rows took it from the reactor's
+thread for about 150 us a statement, eight statements a flush, and doubled
+chat's p99 at c=10 on two workers (bench/results/2026-12-05-session42.md).
+Here the reactor's thread only encodes the rows (orjson, about 0.14 us a row)
+and writes them to a pipe; L{gomodel.store.sqlite.rows}, run as a script (no
+gomodel, no Twisted: a few MiB), binds and commits them.
+"""
+
+import os
+import struct
+import sys
+from collections import deque
+
+import orjson
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from gomodel.errors import RowsRejected, StorageUnavailable
+from gomodel.store.sqlite import rows as script
+
+# How long a stop waits for the child to write what it was given before it is killed.
+STOP_TIMEOUT = 30.0
+
+
+class RowWriter:
+    """Writes batches of rows into one SQLite database through one child process, in the order given.
+
+    The child starts at the first batch and again after it exited; a stop
+    lets it finish what it was given.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, path, *, python=sys.executable, stop_timeout=STOP_TIMEOUT):
+        """
+        @param reactor: an C{IReactorProcess} and C{IReactorTime}.
+        @param path: the database file, its tables made already.
+        @param python: the interpreter the child runs on.
+        """
+        self._reactor = reactor
+        self._argv = [python, "-I", script.__file__, path]  # isolated: no PYTHON* variables, no gomodel on its path
+        self._stop_timeout = stop_timeout
+        self._child = None
+        self._stopped = False
+
+    def write(self, insert, rows, conflict=""):
+        """Write C{rows} (tuples of one length) with C{insert} and C{conflict}, as
+        L{gomodel.store.sqlite.rows.insert_rows} takes them, in one transaction.
+
+        @return: a Deferred firing with the number of rows once they are
+            committed; it fails with L{RowsRejected} when one of them holds a
+            value the table cannot (an integer beyond 64 bits, a lone
+            surrogate, a constraint: none was written), with
+            L{StorageUnavailable} when the database cannot be written now or
+            the child exited (the next batch starts another).
+        """
+        if self._stopped:
+            return fail(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
+        try:
+            data = orjson.dumps((insert, conflict, rows))
+        except orjson.JSONEncodeError as e:  # an integer beyond 64 bits, a lone surrogate, another type
+            return fail(RowsRejected(str(e)))
+        if self._child is None:
+            self._child = _Child(self)
+            try:
+                self._reactor.spawnProcess(self._child, self._argv[0], self._argv, env=os.environ,
+                                           childFDs={0: "w", 1: "r", 2: "r"})
+            except OSError as e:
+                self._child = None
+                return fail(StorageUnavailable(f"The gateway's storage is unavailable (its writer: {e})."))
+        return self._child.send(data)
+
+    def stop(self):
+        """Close the child's input: it writes the batches it was given, then exits.
+
+        @return: a Deferred firing once it has exited (at once when none
+            runs); one that takes longer than the stop timeout is killed.
+        """
+        self._stopped = True
+        child = self._child
+        if child is None:
+            return succeed(None)
+        child.transport.closeStdin()
+        killer = self._reactor.callLater(self._stop_timeout, child.kill)
+        stopped = Deferred()
+
+        def ended(_):
+            if killer.active():
+                killer.cancel()
+            stopped.callback(None)
+
+        child.ended.addCallback(ended)
+        return stopped
+
+    def _ended(self, child, status):
+        if self._child is child:
+            self._child = None
+        if status and not self._stopped:
+            self.log.error("the store's writer process exited ({status}); another starts with the next write",
+                           status=status)
+
+
+class _Child(ProcessProtocol):
+    """One writer process: batches sent, answers read back in order."""
+
+    def __init__(self, writer):
+        self._writer = writer
+        self._waiting = deque()
+        self._out = b""
+        self._err = b""
+        self.ended = Deferred()
+
+    def send(self, data):
+        d = Deferred()
+        self._waiting.append(d)
+        self.transport.writeSequence([struct.pack(">I", len(data)), data])
+        return d
+
+    def outReceived(self, data):
+        *lines, self._out = (self._out + data).split(b"\n")
+        for line in lines:
+            word, _, rest = line.partition(b" ")
+            d = self._waiting.popleft()
+            if word == b"ok":
+                d.callback(int(rest))
+            elif word == b"rejected":
+                d.errback(RowsRejected(rest.decode("utf-8", "replace")))
+            else:
+                d.errback(StorageUnavailable(f"The gateway's storage is unavailable ({rest.decode('utf-8', 'replace')})."))
+
+    def errReceived(self, data):
+        *lines, self._err = (self._err + data).split(b"\n")
+        for line in lines:
+            self._writer.log.error("the store's writer process: {line}", line=line.decode("utf-8", "replace"))
+
+    def kill(self):
+        try:
+            self.transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+
+    def processEnded(self, reason):
+        if self._err:
+            self.errReceived(b"\n")
+        status = reason.value.exitCode if reason.value.exitCode is not None else f"signal {reason.value.signal}"
+        self._writer._ended(self, status)
+        waiting, self._waiting = self._waiting, deque()
+        for d in waiting:
+            d.errback(StorageUnavailable(f"The gateway's storage is unavailable (its writer exited: {status})."))
+        self.ended.callback(None)
