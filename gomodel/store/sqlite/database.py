@@ -1,9 +1,10 @@
 """The SQLite connection and the one thread that uses it.
 
-All database work runs in one dedicated thread (a L{ThreadPool} of one), so
-the reactor never waits on the disk and the database sees one writer per
-process; several processes on one file are serialised by SQLite's lock
-(C{BEGIN IMMEDIATE}, C{busy_timeout}). The aggregate modules
+All database work of the process runs in one dedicated thread (a
+L{ThreadPool} of one), so the reactor never waits on the disk, but for the
+usage ledger's inserts, which its writer process makes
+(L{gomodel.store.sqlite.writer}); several connections on one file are
+serialised by SQLite's lock (C{BEGIN IMMEDIATE}, C{busy_timeout}). The aggregate modules
 (L{gomodel.store.sqlite.files} and its siblings) hand their statements to
 L{Database.run}.
 """

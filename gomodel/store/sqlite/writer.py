@@ -1,12 +1,13 @@
 """Rows written by a child process: the SQLite inserts that would otherwise hold the gateway's interpreter lock.
 
-Python's sqlite3 binds a statement's values holding the interpreter lock: in
-the store's thread, a usage flush of 1,000 rows took it from the reactor's
-thread for about 150 us a statement, eight statements a flush, and doubled
-chat's p99 at c=10 on two workers (bench/results/2026-12-05-session42.md).
-Here the reactor's thread only encodes the rows (orjson, about 0.14 us a row)
-and writes them to a pipe; L{gomodel.store.sqlite.rows}, run as a script (no
-gomodel, no Twisted: a few MiB), binds and commits them.
+Python's sqlite3 binds a statement's values holding the interpreter lock, and
+a usage flush of 1,000 rows is about 5 ms of CPU at once: in the store's
+thread it took the lock from the reactor's thread about 150 us a statement,
+and it was half of chat's p99 at c=10 on two workers
+(bench/results/2026-12-04-session42.md). Here the reactor's thread only
+encodes the rows (orjson, about 0.14 us a row) and writes them to a pipe;
+L{gomodel.store.sqlite.rows}, run as a script (no gomodel, no Twisted: about
+18 MiB), binds and commits them, pausing between statements.
 """
 
 import os
