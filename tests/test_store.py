@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from zope.interface.verify import verifyObject
 
-from gomodel.errors import StorageUnavailable
+from gomodel.errors import RowsRejected, StorageUnavailable
 from gomodel.store import IStoreService, SQLiteStore
 from gomodel.store.interfaces import KEEP_DELAY
 from gomodel.store.sqlite import MIGRATIONS
@@ -223,8 +223,8 @@ async def test_kept_responses_are_written_together_after_a_short_wait_and_at_sto
         assert _stored_ids(tmp_path) == []  # held, one timer for all three
         assert [call.getTime() for call in clock.getDelayedCalls()] == [KEEP_DELAY]
         clock.advance(KEEP_DELAY)
-        await store.started()  # a job queued after theirs: done
-        # The one transaction failed on the broken record: each was written alone, the broken one logged.
+        assert (await store.responses.get("resp_b"))["id"] == "resp_b"  # a read waits for the writes under way
+        # The broken record is logged and left out; the others are written (by the store's writer process).
         assert _stored_ids(tmp_path) == ["resp_a", "resp_b"]
         assert logged_errors.flush(KeyError) == 1
         store.responses.keep(_response("resp_c"))
@@ -233,6 +233,20 @@ async def test_kept_responses_are_written_together_after_a_short_wait_and_at_sto
         await store.stopService()
     assert _stored_ids(tmp_path) == ["resp_a", "resp_b", "resp_c", "resp_d"]  # written before the close
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_response_no_column_can_hold_is_logged_and_loses_no_other(reactor, tmp_path, logged_errors):
+    store = await opened(reactor, tmp_path)
+    try:
+        for record in (_response("resp_a"), _response("resp_big", created_at=2**63), _response("resp_b")):
+            store.responses.keep(record)
+        store.responses.flush()  # one batch: rejected whole, then each record alone
+        assert await store.responses.get("resp_big") is None
+        assert _stored_ids(tmp_path) == ["resp_a", "resp_b"]
+        assert logged_errors.flush(RowsRejected) == 1
+    finally:
+        await store.stopService()
 
 
 @pytest_twisted.ensureDeferred

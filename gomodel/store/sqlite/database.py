@@ -2,8 +2,8 @@
 
 All database work of the process runs in one dedicated thread (a
 L{ThreadPool} of one), so the reactor never waits on the disk, but for the
-usage ledger's inserts, which its writer process makes
-(L{gomodel.store.sqlite.writer}); several connections on one file are
+inserts of the usage ledger and of the responses kept, which its writer
+process makes (L{gomodel.store.sqlite.writer}); several connections on one file are
 serialised by SQLite's lock (C{BEGIN IMMEDIATE}, C{busy_timeout}). The aggregate modules
 (L{gomodel.store.sqlite.files} and its siblings) hand their statements to
 L{Database.run}.
@@ -13,7 +13,7 @@ import os
 import sqlite3
 from contextlib import contextmanager
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -117,11 +117,12 @@ class Database:
         if conn is not None:
             conn.close()
 
-    @property
-    def opened(self) -> bool:
-        """Whether the database is open and its tables made (read on the reactor's thread, it may lag behind
-        the store's thread by a moment)."""
-        return self._conn is not None
+    def when_open(self):
+        """A Deferred firing with None once the database is open and its tables made (at once when they
+        are); it fails with L{StorageUnavailable} when it cannot be opened, or the store is stopped."""
+        if self._conn is not None:  # (set in the store thread: read here, it may lag by a moment)
+            return succeed(None)
+        return self.run(self.conn).addCallback(lambda _: None)  # queued behind the opening job
 
     def conn(self):
         """The open connection; raises L{StorageUnavailable} when the store is not open."""

@@ -2,17 +2,16 @@
 
 import json
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel.store.codec import RESPONSE_COLUMNS, RESPONSE_CONFLICT, RESPONSE_INSERT, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
-from gomodel.store.sqlite.rows import insert_rows
 
 # Waits before a response not found is looked up again: another gateway process on the same file
-# (--workers) may hold it for up to KEEP_DELAY before its store thread writes it.
+# (--workers) may hold it for up to KEEP_DELAY before its writer writes it.
 MISS_GRACE = (0.025, 0.05)
 _PUT = response_upsert("?")
 
@@ -21,27 +20,30 @@ _PUT = response_upsert("?")
 class SQLiteResponseStore:
     """Stored responses in the C{responses} table.
 
-    L{keep} holds a record for up to L{KEEP_DELAY} seconds and writes the
-    records held then in one transaction. Every other operation first queues
-    the write of those held (L{flush}): the store thread runs its jobs in
-    order, so it sees them. Another process on the same file sees them once
-    written: a read that finds nothing looks again within L{MISS_GRACE}.
+    L{keep} holds a record for up to L{KEEP_DELAY} seconds, then hands the
+    records held to the store's writer process (L{gomodel.store.sqlite.writer}),
+    in one transaction. Every other operation first hands over those held
+    (L{flush}) and waits for the writes under way: it sees them. Another
+    process on the same file sees them once written: a read that finds
+    nothing looks again within L{MISS_GRACE}.
     """
 
     log = Logger()
 
-    def __init__(self, db, clock, waits=None):
+    def __init__(self, db, clock, writer, waits=None):
         """
         @param clock: an C{IReactorTime}: when the records kept are written.
+        @param writer: the L{gomodel.store.sqlite.writer.RowWriter} that writes the records kept.
         @param waits: an C{IReactorTime} for the waits of a read that found nothing (default: C{clock}).
         """
         self._db = db
+        self._writer = writer
         self._kept = Held(clock, KEEP_DELAY, self._hand_over)
         self._waits = waits if waits is not None else clock
+        self._writing = set()  # the writes under way: Deferreds that never fail
 
     def put(self, record):
-        self.flush()
-        return self._db.run(self._put, dict(record))
+        return self._after_writes(self._put, dict(record))
 
     def keep(self, record):
         # No Deferred: nothing wakes the reactor for a write nobody waits for.
@@ -51,38 +53,58 @@ class SQLiteResponseStore:
         self._kept.add(dict(record))
 
     def flush(self):
-        """Hand the records kept so far to the store thread (the gateway's stop calls this too)."""
+        """Hand the records kept so far to the writer (the gateway's stop calls this too)."""
         self._kept.flush()
 
     def _hand_over(self, records):
-        if not self._db.call(self._write, records, what="storing responses"):
+        if self._writer.stopped:
             for record in records:
                 self.log.warn("response {id} not stored: the gateway is stopping", id=record["id"])
-
-    def _write(self, records):
-        """In the store thread: write C{records} in one transaction (one by one, each failure logged,
-        when that fails: one bad record loses no other)."""
-        if len(records) > 1:
-            try:
-                with self._db.transaction() as conn:
-                    insert_rows(conn, RESPONSE_INSERT, [response_row(record) for record in records], RESPONSE_CONFLICT)
-                return
-            except Exception:
-                pass
+            return
+        rows = []
         for record in records:
-            self._db.logged(self._put, (record,), f"storing response {record['id']}")
+            try:
+                rows.append(response_row(record))
+            except (KeyError, UnicodeDecodeError, TypeError, ValueError):
+                self.log.failure("storing response {id} failed", id=record.get("id"))
+        if rows:
+            self._track(self._write(rows, record_ids=[row[0] for row in rows]))
+
+    def _write(self, rows, record_ids):
+        """Write C{rows} in one transaction; when that fails, each alone (each failure logged: one bad record
+        loses no other). A Deferred firing with None once done."""
+        d = self._db.when_open().addCallback(lambda _: self._writer.write(RESPONSE_INSERT, rows, RESPONSE_CONFLICT))
+
+        def failed(failure):
+            if len(rows) > 1:
+                return gatherResults([self._write([row], [response_id]) for row, response_id in zip(rows, record_ids)])
+            self.log.failure("storing response {id} failed", failure, id=record_ids[0])
+
+        return d.addCallbacks(lambda _: None, failed)
+
+    def _track(self, d):
+        self._writing.add(d)
+        d.addBoth(lambda _: self._writing.discard(d))
+
+    def _after_writes(self, f, *args):
+        """Run C{f(*args)} in the store thread once the records kept so far are written.
+
+        @return: a Deferred firing with its result."""
+        self.flush()
+        if not self._writing:
+            return self._db.run(f, *args)
+        return gatherResults(list(self._writing)).addCallback(lambda _: self._db.run(f, *args))
 
     def _put(self, record):
         with self._db.transaction() as conn:
             conn.execute(_PUT, response_row(record))
 
     def get(self, response_id):
-        self.flush()
         return Deferred.fromCoroutine(self._get_or_wait(response_id))
 
     async def _get_or_wait(self, response_id):
         def read():
-            return self._db.run(self._get, response_id)
+            return self._after_writes(self._get, response_id)
 
         return await looked_again(await read(), read, self._waits, MISS_GRACE)
 
@@ -97,16 +119,14 @@ class SQLiteResponseStore:
         return record
 
     def delete(self, response_id):
-        self.flush()
-        return self._db.run(self._delete, response_id)
+        return self._after_writes(self._delete, response_id)
 
     def _delete(self, response_id):
         with self._db.transaction() as conn:
             return conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
     def delete_before(self, created_at):
-        self.flush()
-        return self._db.run(self._delete_before, created_at)
+        return self._after_writes(self._delete_before, created_at)
 
     def _delete_before(self, created_at):
         with self._db.transaction() as conn:

@@ -71,9 +71,10 @@ class SQLiteStore(Service):
         self.blobs = LocalBlobStore(os.path.join(self.data_dir, "files"), reactor, threads=blob_threads)
         self.files = SQLiteFileStore(self._db)
         self.batches = SQLiteBatchStore(self._db)
-        self.responses = SQLiteResponseStore(self._db, clock if clock is not None else reactor, waits=reactor)
-        self.claims = SQLiteClaims(self._db)
         self._writer = RowWriter(reactor, self._db.path)
+        self.responses = SQLiteResponseStore(self._db, clock if clock is not None else reactor, self._writer,
+                                             waits=reactor)
+        self.claims = SQLiteClaims(self._db)
         self.usage = SQLiteUsageStore(self._db, self._writer)
         self.keys = SQLiteKeyStore(self._db)
         self.budgets = SQLiteBudgetStore(self._db)

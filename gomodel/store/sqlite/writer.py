@@ -4,7 +4,8 @@ Python's sqlite3 binds a statement's values holding the interpreter lock, and
 a usage flush of 1,000 rows is about 5 ms of CPU at once: in the store's
 thread it took the lock from the reactor's thread about 150 us a statement,
 and it was half of chat's p99 at c=10 on two workers
-(bench/results/2026-12-04-session42.md). Here the reactor's thread only
+(bench/results/2026-12-04-session42.md); the responses kept cost the same
+thread 10 us a streamed Responses request. Here the reactor's thread only
 encodes the rows (orjson, about 0.14 us a row) and writes them to a pipe;
 L{gomodel.store.sqlite.rows}, run as a script (no gomodel, no Twisted: about
 18 MiB), binds and commits them, pausing between statements.
@@ -48,6 +49,11 @@ class RowWriter:
         self._stop_timeout = stop_timeout
         self._child = None
         self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """Whether L{stop} was called (every write fails from then on)."""
+        return self._stopped
 
     def write(self, insert, rows, conflict=""):
         """Write C{rows} (tuples of one length) with C{insert} and C{conflict}, as
