@@ -48,7 +48,7 @@ ROWS_PER_INSERT = 128
 
 # The writer process's pause between two statements of a batch (about 0.4 ms of CPU each, 128 usage
 # rows): a batch of a thousand rows is eight short runs, not one of 4-5 ms that takes a core from the
-# gateway's processes at once (at c=10 on two cores, chat's p99 at two workers went from 3.9 to 2.8 ms:
+# gateway's processes at once (at c=10 on two cores, chat's p99 at two workers went from 3.9 to 2.7 ms:
 # bench/results/2026-12-04-session42.md).
 PAUSE = 0.0005
 
