@@ -236,6 +236,17 @@ async def test_kept_responses_are_written_together_after_a_short_wait_and_at_sto
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_writer_process_starts_with_the_store_and_ends_with_its_stop(reactor, tmp_path):
+    store = await opened(reactor, tmp_path)
+    try:
+        child = store._writer._child  # started before any write: its start lands before the load
+        assert child is not None and child.transport.pid
+    finally:
+        await store.stopService()
+    assert child.ended.called and store._writer._child is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_kept_response_no_column_can_hold_is_logged_and_loses_no_other(reactor, tmp_path, logged_errors):
     store = await opened(reactor, tmp_path)
     try:

@@ -105,7 +105,7 @@ class SQLiteStore(Service):
 
     def startService(self):
         """Make the data directory where it is missing (as the user twistd runs as), then open the database
-        in the store thread (L{started} fires once it is).
+        in the store thread (L{started} fires once it is) and start the writer process.
 
         @raise DataDirUnusable: the directory cannot be made or written in (logged); nothing was started.
         """
@@ -114,6 +114,7 @@ class SQLiteStore(Service):
         self._db.start()
         self.blobs.start()
         self._started = self._db.run(self._db.open)
+        self._started.addCallback(lambda _: self._writer.start())  # before the load, not in it
 
         def failed(failure):
             self.log.failure("cannot open the store in {data_dir}: files and batches are unavailable",

@@ -32,8 +32,8 @@ STOP_TIMEOUT = 30.0
 class RowWriter:
     """Writes batches of rows into one SQLite database through one child process, in the order given.
 
-    The child starts at the first batch and again after it exited; a stop
-    lets it finish what it was given.
+    The child starts at L{start}, or at the first batch, and again after it
+    exited; a stop lets it finish what it was given.
     """
 
     log = Logger()
@@ -49,6 +49,16 @@ class RowWriter:
         self._stop_timeout = stop_timeout
         self._child = None
         self._stopped = False
+
+    def start(self):
+        """Start the child now (unless it runs, or L{stop} was called), rather than at the first batch: its
+        start (about 30 ms of CPU) then lands before the load, not in it. A child that cannot start is logged;
+        the first batch tries again."""
+        if self._child is None and not self._stopped:
+            try:
+                self._spawn()
+            except OSError:
+                self.log.failure("cannot start the store's writer process")
 
     @property
     def stopped(self) -> bool:
@@ -73,14 +83,16 @@ class RowWriter:
         except orjson.JSONEncodeError as e:  # an integer beyond 64 bits, a lone surrogate, another type
             return fail(RowsRejected(str(e)))
         if self._child is None:
-            self._child = _Child(self)
             try:
-                self._reactor.spawnProcess(self._child, self._argv[0], self._argv, env=os.environ,
-                                           childFDs={0: "w", 1: "r", 2: "r"})
+                self._spawn()
             except OSError as e:
-                self._child = None
                 return fail(StorageUnavailable(f"The gateway's storage is unavailable (its writer: {e})."))
         return self._child.send(data)
+
+    def _spawn(self):
+        child = _Child(self)
+        self._reactor.spawnProcess(child, self._argv[0], self._argv, env=os.environ, childFDs={0: "w", 1: "r", 2: "r"})
+        self._child = child
 
     def stop(self):
         """Close the child's input: it writes the batches it was given, then exits.
