@@ -140,7 +140,7 @@ class SQLiteStore(Service):
 
     def stopService(self):
         super().stopService()
-        self.responses.flush()  # queued before the close
+        self.responses.flush()  # handed to the writer before it stops
         d = self._writer.stop()  # what it was given is written first
         d.addCallback(lambda _: self._db.run(self._db.close))
         d.addErrback(lambda f: self.log.failure("closing the store", f))
