@@ -106,6 +106,11 @@ class StorageUnavailable(GatewayError):
     type = "server_error"
     code = "storage_unavailable"
 
+    @classmethod
+    def because(cls, reason: str) -> "StorageUnavailable":
+        """The store cannot be used, and why (C{the gateway is stopping}, the database's own error)."""
+        return cls(f"The gateway's storage is unavailable ({reason}).")
+
 
 class RowsRejected(Exception):
     """A store cannot write a row it was given, however often it tries (a value its columns cannot hold):

@@ -85,7 +85,7 @@ class Database:
             self._retry.cancel()
         waiting, self._waiting = self._waiting, []
         for d, _, _ in waiting:
-            d.errback(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
+            d.errback(StorageUnavailable.because("the gateway is stopping"))
         pool, self._pool = self._pool, None
         if pool is None:
             self._threads.stop()
@@ -131,7 +131,7 @@ class Database:
 
         pool = self._pool
         if pool is None:
-            raise StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping).")
+            raise StorageUnavailable.because("the gateway is stopping")
         # Its own connection: a refused one fails now, not after the pool's timeout.
         with psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
             migrate(conn)
@@ -191,14 +191,14 @@ class Database:
 
     def _unavailable(self):
         reason = self._fatal or self.problem or "the gateway is stopping"
-        return StorageUnavailable(f"The gateway's storage is unavailable ({reason}).")
+        return StorageUnavailable.because(reason)
 
     def _job(self, f, args):
         import psycopg
 
         pool = self._pool
         if pool is None:
-            raise StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping).")
+            raise StorageUnavailable.because("the gateway is stopping")
         try:
             # Known down: fail fast instead of queueing every request for the pool's whole timeout.
             with pool.connection(timeout=POOL_TIMEOUT if self.problem is None else DOWN_TIMEOUT) as conn:
@@ -208,7 +208,7 @@ class Database:
             if self.problem is None:
                 self._reactor.callFromThread(self.log.warn, "PostgreSQL store unavailable: {reason}", reason=reason)
             self.problem = reason
-            raise StorageUnavailable(f"The gateway's storage is unavailable ({reason}).") from e
+            raise StorageUnavailable.because(reason) from e
         except psycopg.DataError as e:
             # A value PostgreSQL cannot hold, from a request: a text with a NUL character (an id in a path, a
             # filter, a key's name: SQLite keeps those), a number past its column. The request's error.

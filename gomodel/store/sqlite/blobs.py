@@ -51,7 +51,7 @@ class LocalBlobStore:
     def run(self, f, *args):
         """Run C{f(*args)} in the blob threads; an C{OSError} becomes L{StorageUnavailable}."""
         if not self._threads.running:
-            return fail(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
+            return fail(StorageUnavailable.because("the gateway is stopping"))
         return self._threads.run(_disk, f, *args)
 
     def path(self, blob_id):

@@ -71,7 +71,7 @@ class Database:
             L{StorageUnavailable} once the store is stopped.
         """
         if self._pool.joined:  # stopped: a late caller gets an answer, not an exception
-            return fail(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
+            return fail(StorageUnavailable.because("the gateway is stopping"))
         return self._threads.run(f, *args)
 
     def call(self, f, *args, what="a background write"):
@@ -128,7 +128,7 @@ class Database:
         """The open connection; raises L{StorageUnavailable} when the store is not open."""
         if self._conn is None:
             reason = self._broken or "the store is not open"
-            raise StorageUnavailable(f"The gateway's storage is unavailable ({reason}).")
+            raise StorageUnavailable.because(reason)
         return self._conn
 
     @contextmanager

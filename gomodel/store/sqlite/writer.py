@@ -77,7 +77,7 @@ class RowWriter:
             the child exited (the next batch starts another).
         """
         if self._stopped:
-            return fail(StorageUnavailable("The gateway's storage is unavailable (the gateway is stopping)."))
+            return fail(StorageUnavailable.because("the gateway is stopping"))
         try:
             data = orjson.dumps((insert, conflict, rows))
         except orjson.JSONEncodeError as e:  # an integer beyond 64 bits, a lone surrogate, another type
@@ -86,7 +86,7 @@ class RowWriter:
             try:
                 self._spawn()
             except OSError as e:
-                return fail(StorageUnavailable(f"The gateway's storage is unavailable (its writer: {e})."))
+                return fail(StorageUnavailable.because(f"its writer: {e}"))
         return self._child.send(data)
 
     def _spawn(self):
@@ -150,7 +150,7 @@ class _Child(ProcessProtocol):
             elif word == b"rejected":
                 d.errback(RowsRejected(rest.decode("utf-8", "replace")))
             else:
-                d.errback(StorageUnavailable(f"The gateway's storage is unavailable ({rest.decode('utf-8', 'replace')})."))
+                d.errback(StorageUnavailable.because(rest.decode("utf-8", "replace")))
 
     def errReceived(self, data):
         *lines, self._err = (self._err + data).split(b"\n")
@@ -170,5 +170,5 @@ class _Child(ProcessProtocol):
         self._writer._ended(self, status)
         waiting, self._waiting = self._waiting, deque()
         for d in waiting:
-            d.errback(StorageUnavailable(f"The gateway's storage is unavailable (its writer exited: {status})."))
+            d.errback(StorageUnavailable.because(f"its writer exited: {status}"))
         self.ended.callback(None)
