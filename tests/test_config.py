@@ -122,15 +122,20 @@ def test_secrets_never_appear_in_errors():
     assert "s3cret" not in str(raised.value)
 
 
+def yaml_error(tmp_path, text) -> str:
+    """The ConfigError's message for a YAML file (C{g.yaml} in C{tmp_path}) holding C{text}."""
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config({}, str(path))
+    return str(raised.value)
+
+
 def test_bad_yaml(tmp_path):
-    path = tmp_path / "bad.yaml"
     for text, expected in [("providers: [1]", "providers"), ("server: {nope: 1}", "nope"),
                            ("providers: {a: {type: nope}}", "providers.a.type"), (":\n  - [", "YAML"),
                            ("providers: {a: {type: vllm, base_url: 'http://h', extra: 1}}", "extra")]:
-        path.write_text(text)
-        with pytest.raises(ConfigError) as raised:
-            load_config({}, str(path))
-        assert expected in str(raised.value)
+        assert expected in yaml_error(tmp_path, text)
     with pytest.raises(ConfigError):
         load_config({}, str(tmp_path / "missing.yaml"))
 
@@ -324,7 +329,6 @@ providers:
 
 
 def test_section_yaml_errors_name_the_key(tmp_path):
-    path = tmp_path / "g.yaml"
     for text, expected in [
         ("store: {master_key: k}", "unknown key(s) under store: master_key"),  # another section's key
         ("upstreams: {timeouts: {connect: 1}}", "unknown key(s) under upstreams: timeouts"),
@@ -334,10 +338,7 @@ def test_section_yaml_errors_name_the_key(tmp_path):
         ("upstreams:\n  providers: {}", "unknown key(s) under upstreams: providers"),  # providers: is top-level
         ("sever: {port: 1}", "unknown top-level key(s): sever"),
     ]:
-        path.write_text(text)
-        with pytest.raises(ConfigError) as raised:
-            load_config({}, str(path))
-        assert expected in str(raised.value)
+        assert expected in yaml_error(tmp_path, text)
 
 
 def test_refresh_interval_prefers_its_own_name_over_the_alias():
@@ -412,14 +413,11 @@ def test_an_unset_placeholder_stays_as_written(tmp_path):
 
 
 def test_yaml_errors_show_the_place_never_the_text(tmp_path):
-    path = tmp_path / "g.yaml"
     for text in ("server:\n  master_key: s3cr3t: x\n", "server:\n  master_key: *s3cr3t\n",
                  "server: {master_key: \"s3cr3t\n", "server:\n\tmaster_key: s3cr3t\n"):
-        path.write_text(text)
-        with pytest.raises(ConfigError) as raised:
-            load_config({}, str(path))
-        assert "not valid YAML" in str(raised.value) and "s3cr3t" not in str(raised.value)
-        assert "line 2" in str(raised.value) or "line 1" in str(raised.value)
+        error = yaml_error(tmp_path, text)
+        assert "not valid YAML" in error and "s3cr3t" not in error
+        assert "line 2" in error or "line 1" in error
 
 
 # NaN, infinity and huge numbers: refused everywhere, naming the setting.
@@ -440,11 +438,7 @@ def test_yaml_errors_show_the_place_never_the_text(tmp_path):
     ("server: {workers: 1000000000000000000000}", "server.workers"),
 ])
 def test_nan_infinity_and_huge_numbers_in_yaml_are_refused(tmp_path, text, named):
-    path = tmp_path / "g.yaml"
-    path.write_text(text + "\n")
-    with pytest.raises(ConfigError) as raised:
-        load_config({}, str(path))
-    assert named in str(raised.value)
+    assert named in yaml_error(tmp_path, text + "\n")
 
 
 @pytest.mark.parametrize("var, value", [
@@ -497,11 +491,8 @@ def test_the_largest_values_still_pass():
     ("failover_rules: [a]", "failover_rules"),
 ])
 def test_wrongly_typed_yaml_is_a_configuration_error(tmp_path, text, named):
-    path = tmp_path / "g.yaml"
-    path.write_text(text + "\n")
-    with pytest.raises(ConfigError) as raised:
-        load_config({}, str(path))
-    assert named in str(raised.value) and str(path) in str(raised.value)
+    error = yaml_error(tmp_path, text + "\n")
+    assert named in error and str(tmp_path / "g.yaml") in error
 
 
 def test_a_config_file_that_is_not_utf8_is_a_configuration_error(tmp_path):
