@@ -64,5 +64,6 @@ def test_two_replicas_serve_and_a_stopped_one_costs_no_request(gateway, vllm):
     # Nothing failed: requests that met the stopping replica went to the other one before their first byte.
     assert outcomes and all(status == 200 for status, _ in outcomes), [s for s, _ in outcomes if s != 200]
     assert replicas(gateway)[1]["consecutive_failures"] == 0 and replicas(gateway)[1]["last_error"]
+    wait_for(lambda: idle(gateway), 60, what="both replicas to be idle again")  # (as before the first eight)
     after = [chat(gateway) for _ in range(8)]
     assert "1" in {replica for _, replica in after}  # it came back by itself
