@@ -276,6 +276,7 @@ async def test_a_relayed_chat_and_stream_raise_no_exception_on_the_way(reactor, 
 
     await chat()
     await chat(stream=True)  # warm: first calls (imports, caches) are not the request path
+    await gateway.service.store.started()  # and the store's start (its writer process spawned) is done
     sys.settrace(trace)
     try:
         await chat()
