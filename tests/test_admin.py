@@ -118,13 +118,16 @@ async def test_budgets_refuse_costs_past_a_float_and_unknown_fields(reactor, htt
         await gw.service.stopService()
 
 
+# A key budget's cost as stored before the admin API refused costs past a float: a 400-digit integer, or
+# infinity, which the JSON encoder wrote as null (the budget then says neither tokens nor cost).
+@pytest.mark.parametrize("stored", [10**400, None], ids=["400-digits", "infinity-written-as-null"])
 @pytest_twisted.ensureDeferred
-async def test_costs_past_a_float_stored_before_they_were_refused_cap_nothing(reactor, http, fake):
+async def test_costs_past_a_float_stored_before_they_were_refused_cap_nothing(reactor, http, fake, stored):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
     try:
         code, key = await admin(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "k", "user_path": "/team"})
         assert code == 201
-        await gw.service.store.keys.update(key["id"], {"budgets": [{"period": "daily", "max_cost": 10**400}]})
+        await gw.service.store.keys.update(key["id"], {"budgets": [{"period": "daily", "max_cost": stored}]})
         await gw.service.keys.refresh()
         await gw.service.store.budgets.put("/team", "daily", None, float("inf"))
         await gw.service.gate.refresh()  # (a logged error fails the test)

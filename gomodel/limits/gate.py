@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from gomodel.accounting.tokens import requested_tokens, tokens_by_type, total_tokens
 from gomodel.limits.lanes import Lane, Ticket
-from gomodel.limits.specs import Budget, RateLimit, path_ancestors
+from gomodel.limits.specs import COST_MAX, Budget, RateLimit, path_ancestors
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
 
@@ -281,8 +281,14 @@ def _admitted(admission, request, ctx):
 
 
 def key_budgets(items) -> tuple:
-    """A key's C{budgets} field as L{Budget}s."""
-    return tuple(Budget(item["period"], max_tokens=item.get("max_tokens"), max_cost=item.get("max_cost"))
+    """A key's C{budgets} field as L{Budget}s.
+
+    An item with neither C{max_tokens} nor C{max_cost} is a cost of infinity stored before the admin API
+    refused one (the JSON encoder wrote it as null): a cap no spend reaches, L{COST_MAX}, as L{Budget}
+    takes any cost past it."""
+    return tuple(Budget(item["period"], max_tokens=item.get("max_tokens"),
+                        max_cost=COST_MAX if item.get("max_tokens") is None and item.get("max_cost") is None
+                        else item.get("max_cost"))
                  for item in items)
 
 
