@@ -497,7 +497,8 @@ def test_compact_rate_limits():
     ("rpm", "must use name=value"),
     ("rps=3", "must be one of rpm, tpm, rph, tph, rpd, tpd, concurrent"),
     ("rpm=ten", "not a valid integer"),
-    ("rpm=0", "greater than 0"),
+    ("rpm=0", r"from 1 to 9007199254740991, not 0"),
+    ("tpm=9007199254740992", r"from 1 to 9007199254740991"),  # past what a bucket's float level holds exactly
     ("rpm=1,rpm=2", "given twice"),
     ('[{"period": "week", "max_requests": 1}]', "period must be one of minute, hour, day, concurrent"),
     ('[{"period": "concurrent", "max_tokens": 1}]', "max_tokens is not valid for the concurrent period"),
@@ -660,7 +661,24 @@ def test_scopes_by_path_subtree_provider_and_model():
     ({"rate_limits": {"providers": [{"name": "a/b", "limits": [{"period": "minute", "max_requests": 1}]}]}},
      "without|no slashes"),
     ({"rate_limits": {"models": [{"model": "m", "limits": [{"period": "minute", "max_requests": 0}]}]}},
-     r"rate_limits.models\[0\].limits\[0\].max_requests must be a whole number greater than 0"),
+     r"rate_limits.models\[0\].limits\[0\].max_requests must be a whole number from 1 to 9007199254740991"),
+    ({"rate_limits": {"models": [{"model": "m", "limits": [{"period": "minute", "max_tokens": 10**400}]}]}},
+     r"rate_limits.models\[0\].limits\[0\].max_tokens must be a whole number from 1 to"),
+    # a window or budget period past ten years would overflow the expiries of Redis and the stores
+    ({"rate_limits": {"models": [{"model": "m", "limits": [{"period_seconds": 10**26, "max_requests": 1}]}]}},
+     r"rate_limits.models\[0\].limits\[0\].period_seconds must be 0 \(concurrent\) or a whole number of "
+     r"seconds up to 315360000"),
+    ({"budgets": {"user_paths": [{"path": "/", "limits": [{"period_seconds": 10**26, "amount": 1}]}]}},
+     r"budgets.user_paths\[0\].limits\[0\]: budget period_seconds must be from 1 to 315360000"),
+    ({"budgets": {"user_paths": [{"path": "/", "limits": [{"period": "daily", "max_tokens": 2**53}]}]}},
+     r"budgets.user_paths\[0\].limits\[0\]: a daily budget's max_tokens must be a whole number from 1 to"),
+    # a subject is text: a list or mapping is no path, provider or model (it was made text before)
+    ({"rate_limits": {"user_paths": [{"path": ["/a"], "limits": [{"period": "minute", "max_requests": 1}]}]}},
+     r"rate_limits.user_paths\[0\].path must be text, not list"),
+    ({"rate_limits": {"models": [{"model": {"m": 1}, "limits": [{"period": "minute", "max_requests": 1}]}]}},
+     r"rate_limits.models\[0\].model must be text, not dict"),
+    ({"budgets": {"user_paths": [{"path": True, "limits": [{"period": "daily", "amount": 1}]}]}},
+     r"budgets.user_paths\[0\].path must be text, not bool"),
     ({"rate_limits": {"user_paths": [{"path": "/a", "limits": [{"period": "minute", "max_requests": 1}]},
                                      {"path": "a/", "limits": [{"period": "minute", "max_requests": 2}]}]}},
      "configured twice"),
@@ -674,6 +692,12 @@ def test_scopes_by_path_subtree_provider_and_model():
 def test_bad_yaml_says_where(document, message):
     with pytest.raises(ValueError, match=message):
         limits_from_yaml(document)
+
+
+def test_a_number_in_yaml_is_a_name_and_the_largest_bounds_are_taken():
+    config = limits_from_yaml({"rate_limits": {"models": [{"model": 7, "limits": [
+        {"period_seconds": 315360000, "max_tokens": 2**53 - 1}]}]}})
+    assert config.models == {"7": RateLimit(custom=(Window(315360000, None, 2**53 - 1),))}
 
 
 def test_user_paths_are_normalised_like_gomodels():

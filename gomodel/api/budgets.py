@@ -12,11 +12,11 @@ process sees an edit within about a second. Key budgets live on the keys
 
 from klein import Klein
 
-from gomodel.api.keys import COUNT_MAX, PERIODS, iso, user_path
+from gomodel.api.keys import PERIODS, iso, user_path
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
-from gomodel.limits.specs import Budget, is_cost, period_window
+from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, period_window
 
 _FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
 

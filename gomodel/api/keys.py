@@ -18,14 +18,12 @@ from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
-from gomodel.limits.specs import is_cost, period_window
+from gomodel.limits.specs import COUNT_MAX, is_cost, period_window
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
-# The largest token and request counts a limit or budget may say: a bucket's level is a float, and the
-# dashboard's numbers are JavaScript's, both exact to 2**53 (past it a level shows more than its limit);
-# the largest number PostgreSQL's INTEGER columns hold (max_concurrency, priority); the last second an ISO
-# 8601 date can say. A key's numbers past them are a 400, not a store's failure (BIGINT past 2**63).
-COUNT_MAX = 2**53 - 1
+# The largest token and request counts a limit or budget may say (L{COUNT_MAX}); the largest number
+# PostgreSQL's INTEGER columns hold (max_concurrency, priority); the last second an ISO 8601 date can say.
+# A key's numbers past them are a 400, not a store's failure (BIGINT past 2**63).
 _INT_MAX = 2**31 - 1
 _LATEST = 253402300799  # 9999-12-31T23:59:59Z
 _INTEGER_LIMITS = {"rpm": COUNT_MAX, "tpm": COUNT_MAX, "max_concurrency": _INT_MAX}

@@ -57,6 +57,12 @@ _PERIOD_ALIASES = {"hour": "hourly", "hours": "hourly", "hourly": "hourly", "day
 _PERIOD_SECONDS = {3600: "hourly", 86400: "daily", 604800: "weekly", 2592000: "monthly"}
 # The largest cost a budget says: a float's (a cost in the budget sums, a REAL or DOUBLE PRECISION column).
 COST_MAX = sys.float_info.max
+# The largest token and request count a limit or budget says: a bucket's level is a float, and the
+# dashboard's numbers are JavaScript's, both exact to 2**53 (past it a level shows more than its limit).
+COUNT_MAX = 2**53 - 1
+# The longest window or budget period in seconds: ten years (a longer one is no period: C{total} is a
+# budget without one); past it a window's expiry overflows what Redis and the stores hold.
+PERIOD_SECONDS_MAX = 10 * 365 * DAY
 
 
 @dataclass(frozen=True)
@@ -88,20 +94,24 @@ class RateLimit:
     def __post_init__(self):
         for name in ("rpm", "tpm", "concurrent", "rph", "tph", "rpd", "tpd"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a whole number greater than 0, not {value!r}")
+            if value is not None and not _is_count(value):
+                raise ValueError(f"{name} must be a whole number from 1 to {COUNT_MAX}, not {value!r}")
         by_seconds = {}
         for seconds, requests, tokens in ((MINUTE, self.rpm, self.tpm), (HOUR, self.rph, self.tph),
                                           (DAY, self.rpd, self.tpd)):
             if requests is not None or tokens is not None:
                 by_seconds[seconds] = Window(seconds, requests, tokens)
         for window in self.custom:
-            if window.seconds <= 0:
-                raise ValueError(f"a custom window needs period_seconds greater than 0, not {window.seconds}")
+            if not 0 < window.seconds <= PERIOD_SECONDS_MAX:
+                raise ValueError(f"a custom window needs period_seconds from 1 to {PERIOD_SECONDS_MAX}, "
+                                 f"not {window.seconds}")
             if window.seconds in by_seconds:
                 raise ValueError(f"two rate limits for the same period of {window.seconds} seconds")
             if window.max_requests is None and window.max_tokens is None:
                 raise ValueError("a rate limit window needs max_requests or max_tokens")
+            if not all(v is None or _is_count(v) for v in (window.max_requests, window.max_tokens)):
+                raise ValueError(f"a rate limit window's max_requests and max_tokens must be whole numbers "
+                                 f"from 1 to {COUNT_MAX}")
             by_seconds[window.seconds] = window
         object.__setattr__(self, "windows", tuple(by_seconds[s] for s in sorted(by_seconds)))
 
@@ -131,14 +141,18 @@ class Budget:
         object.__setattr__(self, "period", parse_period(self.period))
         if self.max_tokens is None and self.max_cost is None:
             raise ValueError(f"a {self.period} budget needs max_tokens or max_cost")
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens <= 0):
-            raise ValueError(f"a {self.period} budget's max_tokens must be a whole number greater than 0")
+        if self.max_tokens is not None and not _is_count(self.max_tokens):
+            raise ValueError(f"a {self.period} budget's max_tokens must be a whole number from 1 to {COUNT_MAX}")
         if self.max_cost is not None:
             if isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float)) \
                     or not self.max_cost > 0:  # (NaN too)
                 raise ValueError(f"a {self.period} budget's amount must be a number greater than 0")
             object.__setattr__(self, "max_cost", float(min(self.max_cost, COST_MAX)))
+
+
+def _is_count(value) -> bool:
+    """Whether C{value} is a count a limit or budget may say: a whole number from 1 to L{COUNT_MAX}."""
+    return not isinstance(value, bool) and isinstance(value, int) and 0 < value <= COUNT_MAX
 
 
 def is_cost(value) -> bool:
@@ -160,8 +174,9 @@ def parse_period(value) -> str:
 
 
 def _seconds_period(seconds: int) -> str:
-    if seconds <= 0:
-        raise ValueError(f"budget period_seconds must be greater than 0, not {seconds}")
+    if not 0 < seconds <= PERIOD_SECONDS_MAX:
+        raise ValueError(f"budget period_seconds must be from 1 to {PERIOD_SECONDS_MAX} (total: no period), "
+                         f"not {seconds}")
     return _PERIOD_SECONDS.get(seconds) or f"{seconds}s"
 
 
@@ -263,8 +278,9 @@ def rate_limit_from_rules(rules, where="rate limit") -> RateLimit:
             raise ValueError(f"{at}: per_child templates are not supported")
         if rule.get("period_seconds") is not None:
             seconds = rule["period_seconds"]
-            if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 0:
-                raise ValueError(f"{at}.period_seconds must be 0 (concurrent) or a whole number of seconds")
+            if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= PERIOD_SECONDS_MAX:
+                raise ValueError(f"{at}.period_seconds must be 0 (concurrent) or a whole number of seconds "
+                                 f"up to {PERIOD_SECONDS_MAX}")
         else:
             name = str(rule.get("period", "")).strip().lower()
             if name not in _WINDOW_NAMES:
@@ -495,16 +511,16 @@ def _positive_int(text, what) -> int:
         value = int(text)
     except ValueError:
         raise ValueError(f"{what} value {text!r} is not a valid integer") from None
-    if value <= 0:
-        raise ValueError(f"{what} must be greater than 0, not {value}")
+    if not 0 < value <= COUNT_MAX:
+        raise ValueError(f"{what} must be from 1 to {COUNT_MAX}, not {value}")
     return value
 
 
 def _optional_positive(value, where):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{where} must be a whole number greater than 0")
+    if not _is_count(value):
+        raise ValueError(f"{where} must be a whole number from 1 to {COUNT_MAX}")
     return value
 
 
@@ -531,6 +547,8 @@ def _subject(entry, key, where, normalize):
         raise ValueError(f"{where}: per_child templates are not supported")
     if not str(entry.get(key) or "").strip():
         raise ValueError(f"{where}.{key} is required")
+    if isinstance(entry[key], (bool, list, Mapping)):  # (a number is a name: C{model: 7} is the model "7")
+        raise ValueError(f"{where}.{key} must be text, not {type(entry[key]).__name__}")
     try:
         return normalize(entry[key])
     except ValueError as e:
