@@ -146,6 +146,29 @@ async def test_numbers_past_a_float_are_400s_on_create_and_update(http, gw, text
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_key_list_pages_with_limit_and_after(http, gw):
+    made = [(await new_key(http, gw, name=f"k{i}"))["id"] for i in range(5)]
+    code, listed = await admin(http, gw, "GET", KEYS)  # without limit: every key, oldest first
+    assert code == 200 and [k["id"] for k in listed["data"]] == made and listed["has_more"] is False
+    assert (listed["first_id"], listed["last_id"]) == (made[0], made[-1])
+    seen, after = [], ""
+    while True:
+        code, listed = await admin(http, gw, "GET", f"{KEYS}?limit=2{after}")
+        assert code == 200 and len(listed["data"]) <= 2
+        seen += [k["id"] for k in listed["data"]]
+        if not listed["has_more"]:
+            break
+        after = f"&after={listed['last_id']}"
+    assert seen == made
+    code, listed = await admin(http, gw, "GET", f"{KEYS}?after={made[-1]}")
+    assert code == 200 and listed["data"] == [] and listed["has_more"] is False and listed["first_id"] is None
+    for query, param in (("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
+                         ("after=key_nope", "after")):
+        code, error = await admin(http, gw, "GET", f"{KEYS}?{query}")
+        assert (code, error["error"]["param"], error["error"]["code"]) == (400, param, "invalid_value"), query
+
+
+@pytest_twisted.ensureDeferred
 async def test_expires_at_takes_unix_seconds(http, gw):
     key = await new_key(http, gw, expires_at=32503680000)
     assert key["expires_at"] == "3000-01-01T00:00:00Z"

@@ -9,9 +9,8 @@ has finished it answers 409.
 
 from klein import Klein
 
-from gomodel.http.bodies import json_answer, json_body, query_arg, query_limit
+from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
-from gomodel.api.files import page
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window

@@ -7,7 +7,7 @@ sits in memory. Contents are sent back in chunks at the pace the client reads.
 
 from klein import Klein
 
-from gomodel.http.bodies import json_answer, query_arg, query_limit
+from gomodel.http.bodies import json_answer, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
@@ -150,9 +150,3 @@ class FilesAPI:
 
 def _no_file(file_id):
     return NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
-
-
-def page(data, has_more) -> dict:
-    """An OpenAI list page."""
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": has_more}

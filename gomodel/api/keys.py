@@ -15,7 +15,7 @@ from klein import Klein
 
 from gomodel.auth.keys import hash_secret, new_secret, redact
 from gomodel.errors import InvalidRequest, NotFound
-from gomodel.http.bodies import json_answer, json_body
+from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
 from gomodel.limits.specs import COUNT_MAX, is_cost, period_window
@@ -26,6 +26,7 @@ PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 # A key's numbers past them are a 400, not a store's failure (BIGINT past 2**63).
 _INT_MAX = 2**31 - 1
 _LATEST = 253402300799  # 9999-12-31T23:59:59Z
+LIST_LIMIT_MAX = 1000  # keys on one page of the list, when it asks for pages (C{limit})
 _INTEGER_LIMITS = {"rpm": COUNT_MAX, "tpm": COUNT_MAX, "max_concurrency": _INT_MAX}
 _USER_PATH = re.compile(r"(/[A-Za-z0-9_\-@+~]+)+|/")
 
@@ -61,7 +62,19 @@ class KeysAPI:
 
     @app.route("/", methods=["GET"])
     async def list(self, request):
-        return json_answer(request, {"object": "list", "data": await self._views(await self._store.list())})
+        """Every key, oldest first; with C{limit} (1 to L{LIST_LIMIT_MAX}) a page of them, after the key
+        C{after} names (the last page's C{last_id}), as OpenAI's lists page."""
+        records = await self._store.list()
+        after = query_arg(request, b"after")
+        if after is not None:
+            at = next((i for i, record in enumerate(records) if record["id"] == after), None)
+            if at is None:
+                raise InvalidRequest(f"No key with id {after!r} to list after.", param="after",
+                                     code="invalid_value")
+            records = records[at + 1:]
+        limit = query_limit(request, None, LIST_LIMIT_MAX)  # (None: every key)
+        shown = records if limit is None else records[:limit]
+        return json_answer(request, page(await self._views(shown), len(records) > len(shown)))
 
     @app.route("/<key_id>", methods=["GET"])
     async def get(self, request, key_id):

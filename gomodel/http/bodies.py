@@ -39,7 +39,7 @@ def query_arg(request, name: bytes, default=None):
 
 
 def query_limit(request, default: int, maximum: int) -> int:
-    """The C{limit} query parameter, an integer from 1 to C{maximum}."""
+    """The C{limit} query parameter, an integer from 1 to C{maximum}; C{default} when it is not given."""
     text = query_arg(request, b"limit")
     if text is None:
         return default
@@ -51,6 +51,12 @@ def query_limit(request, default: int, maximum: int) -> int:
         raise InvalidRequest(f"'limit' must be an integer between 1 and {maximum}.", param="limit",
                              code="invalid_value")
     return limit
+
+
+def page(data, has_more) -> dict:
+    """An OpenAI list page of C{data} (objects with an C{id})."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
 
 def mounted(api, request):
