@@ -90,15 +90,17 @@ class Drain:
 
 
 def _record_cut(request):
-    """Record C{request}, cut at the end of the drain, as the gateway's cut: the status it sent (L{CUT_STATUS}
-    when its answer had not started), outcome C{stream_broken}, error L{CUT}; its connection is then closed,
-    which would otherwise record a client that left (499)."""
+    """Record C{request}, cut at the end of the drain, as the gateway's cut, error L{CUT}: a stream as broken
+    (outcome C{stream_broken}, the status it sent), an answer not started as an error of L{CUT_STATUS}
+    (outcome C{error}); its connection is then closed, which would otherwise record a client that left (499)."""
     ctx = getattr(request, "context", None)
     if ctx is None or ctx.outcome is not None:  # not handled yet (no record), or recorded already
         return
-    if not request.startedWriting:
+    if request.startedWriting:
+        ctx.broken(CUT)
+    else:
         request.setResponseCode(CUT_STATUS)  # never sent: what the record says
-    ctx.broken(CUT)
+        ctx.cut(CUT)
 
 
 class Readiness:

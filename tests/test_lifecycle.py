@@ -239,7 +239,7 @@ async def test_a_drain_that_runs_out_of_time_cuts_what_is_left_and_closes_the_up
 @pytest_twisted.ensureDeferred
 async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_as_a_client_gone(reactor, fake):
     """A stream cut at the end of the drain keeps the status it sent; a request whose answer had not started
-    is a 503; both say the gateway cut them (stream_broken, shutdown_timeout), neither is a 499 client_gone."""
+    is a 503 error; both say the gateway cut them (shutdown_timeout), neither is a 499 client_gone."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
     access = {}
 
@@ -266,4 +266,4 @@ async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_a
     assert waiting.received == b""  # closed without an answer, as before
     cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
     assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
-                   "req-waiting": (503, "stream_broken", "shutdown_timeout", False)}
+                   "req-waiting": (503, "error", "shutdown_timeout", False)}

@@ -113,6 +113,12 @@ class RequestContext:
         self.outcome = STREAM_BROKEN
         self.error = error_code
 
+    def cut(self, error_code):
+        """The gateway closes the connection before the answer started (a drain out of time): an error
+        of the status set on the request, not a client that left when the connection is lost."""
+        self.outcome = ERROR
+        self.error = error_code
+
     # -- the end -----------------------------------------------------------------
 
     def hold(self):
@@ -129,8 +135,8 @@ class RequestContext:
             return
         self._ended = True
         self.duration = self._clock.seconds() - self.started
-        if self.outcome == STREAM_BROKEN:
-            self.status = status  # we closed it ourselves, after an error event
+        if self.outcome == STREAM_BROKEN or self.outcome == ERROR:
+            self.status = status  # we closed it ourselves (L{broken}, L{cut})
         elif client_gone and not self._end_written:
             self.client_gone = True
             self.outcome = CLIENT_GONE
