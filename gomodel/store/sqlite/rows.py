@@ -1,11 +1,11 @@
 """Many rows a statement, and the process that writes them.
 
-Run as a script (C{python -I rows.py DATABASE}, as L{gomodel.store.sqlite.writer.RowWriter} does:
-the standard library and orjson, no gomodel, no Twisted), it is the gateway's row writer: it reads
-batches on its standard input and writes each in one transaction, so that binding thousands of
-values never holds the gateway's interpreter lock. Each batch is a 4-byte big-endian length, then
-that many bytes of JSON, C{[insert, conflict, rows]} (as L{insert_rows} takes them); for each, in
-order, it writes one line on its standard output:
+Run as a script (C{python -I -S rows.py DATABASE}, as L{gomodel.store.sqlite.writer.RowWriter} does:
+the standard library only, no site-packages, no gomodel, no Twisted), it is the gateway's row writer:
+it reads batches on its standard input and writes each in one transaction, so that binding thousands
+of values never holds the gateway's interpreter lock. Each batch is a 4-byte big-endian length, then
+that many bytes of C{marshal}, C{(insert, conflict, rows)} (as L{insert_rows} takes them; the gateway
+runs the same interpreter); for each, in order, it writes one line on its standard output:
 
     ok N               the N rows are committed
     rejected MESSAGE   a value cannot be written (nothing of the batch was)
@@ -114,11 +114,7 @@ def serve(path, source, sink, between=None):
     """Write each batch read from C{source} (a binary file) into the database at C{path}, answering each
     on C{sink}, until C{source} ends; C{between} is called between two statements of a batch."""
     import struct
-
-    try:
-        from orjson import loads  # the gateway's own (4x the standard library's here)
-    except ImportError:
-        from json import loads
+    from marshal import loads
 
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous=NORMAL")  # as the gateway's own connection (WAL: set in the file)
