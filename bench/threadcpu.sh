@@ -21,7 +21,8 @@
 # load with the master key (no managed key, no limits) and GOMODEL_ACCESS_LOG=false turns the access log
 # off: each feature's cost, apart (features=.:FEATURES=1,MASTER_KEY=1 is everything on but the key).
 #
-# Each round starts every configuration in turn afresh (one process, its own data directory; the
+# Each round starts every configuration in turn afresh (every other round in the reverse order, so that
+# none always runs first or last; one process, its own data directory; the
 # CHECKOUT on PYTHONPATH; master key, one mock replica, access log off), sends 2 s of warm-up, then
 # WINDOW seconds of load, and prints one line per configuration. WORKERS=N runs the gateway with
 # --workers N: its processes' threads are summed by kind, and the peak RSS is the largest process's.
@@ -68,7 +69,11 @@ load() {  # port seconds key -> wrk's WRKJSON line
     "Authorization: Bearer $3" 2>&1 | grep WRKJSON || true
 }
 for round in $(seq "$ROUNDS"); do
-  for spec in "$@"; do
+  specs=("$@")
+  if [ $((round % 2)) = 0 ]; then  # every other round in the reverse order: no configuration always runs first
+    specs=(); for ((i = $#; i >= 1; i--)); do specs+=("${!i}"); done
+  fi
+  for spec in "${specs[@]}"; do
     name=${spec%%=*}; rest=${spec#*=}; checkout=${rest%%:*}; envs=(); [ "$rest" != "$checkout" ] && IFS=, read -ra envs <<< "${rest#*:}"
     checkout=$(cd "$checkout" && pwd); gport=$(port); data="$W/data-$name-$round"
     upstreams=${MOCK_URLS[0]}; access=false; features=0; one=0; master=0; settings=()
