@@ -44,7 +44,7 @@ class RowWriter:
         """
         @param reactor: an C{IReactorProcess} and C{IReactorTime}.
         @param path: the database file, its tables made already.
-        @param python: the interpreter the child runs on.
+        @param python: the interpreter the child runs on: this one's version (batches go as marshal).
         """
         self._reactor = reactor
         # isolated (no PYTHON* variables, no gomodel on its path) and without site (no site-packages, .pth files)
