@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import globalLogPublisher
 
 from gomodel.errors import RowsRejected, StorageUnavailable
@@ -67,6 +67,26 @@ async def test_a_value_no_column_can_hold_rejects_its_batch_and_the_next_is_writ
             await with_timeout(reactor, writer.write(INSERT, [("good", 1), row]), 10)
     assert await writer.write(INSERT, [("good", 2)]) == 1
     assert rows_in(db[1]) == [("good", 2)]  # nothing of a rejected batch
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_write_waits_for_the_database_to_open_and_fails_when_it_cannot(reactor, db):
+    opening = []
+    w = RowWriter(reactor, db[0], opened=lambda: opening.append(Deferred()) or opening[-1])
+    try:
+        first, second = w.write(INSERT, [("a", 1)]), w.write(INSERT, [("b", 2)])
+        assert w._child is None and not first.called  # nothing sent before the database is open
+        for d in opening:
+            d.callback(None)
+        assert await with_timeout(reactor, DeferredList([first, second], fireOnOneErrback=True), 10) == [
+            (True, 1), (True, 1)]
+        assert rows_in(db[1]) == [("a", 1), ("b", 2)]
+        failed = w.write(INSERT, [("c", 3)])
+        opening[-1].errback(StorageUnavailable.because("cannot open it"))
+        with pytest.raises(StorageUnavailable, match="cannot open it"):
+            await failed
+    finally:
+        await with_timeout(reactor, w.stop(), 10)
 
 
 @pytest_twisted.ensureDeferred

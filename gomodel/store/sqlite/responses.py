@@ -73,7 +73,7 @@ class SQLiteResponseStore:
     def _write(self, rows, record_ids):
         """Write C{rows} in one transaction; when that fails, each alone (each failure logged: one bad record
         loses no other). A Deferred firing with None once done."""
-        d = self._db.when_open().addCallback(lambda _: self._writer.write(RESPONSE_INSERT, rows, RESPONSE_CONFLICT))
+        d = self._writer.write(RESPONSE_INSERT, rows, RESPONSE_CONFLICT)
 
         def failed(failure):
             if len(rows) > 1:

@@ -71,7 +71,7 @@ class SQLiteStore(Service):
         self.blobs = LocalBlobStore(os.path.join(self.data_dir, "files"), reactor, threads=blob_threads)
         self.files = SQLiteFileStore(self._db)
         self.batches = SQLiteBatchStore(self._db)
-        self._writer = RowWriter(reactor, self._db.path)
+        self._writer = RowWriter(reactor, self._db.path, opened=self._db.when_open)
         self.responses = SQLiteResponseStore(self._db, clock if clock is not None else reactor, self._writer,
                                              waits=reactor)
         self.claims = SQLiteClaims(self._db)

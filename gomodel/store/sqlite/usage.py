@@ -27,7 +27,7 @@ class SQLiteUsageStore:
 
     def add(self, rows):
         # The flags as 0 and 1 (UsageLedger.keep), as sqlite stores them.
-        return self._db.when_open().addCallback(lambda _: self._writer.write(_INSERT, rows))
+        return self._writer.write(_INSERT, rows)
 
     def summary(self, start, end):
         return self._db.run(self._grouped, start, end, (), None).addCallback(

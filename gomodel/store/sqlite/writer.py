@@ -40,16 +40,19 @@ class RowWriter:
 
     log = Logger()
 
-    def __init__(self, reactor, path, *, python=sys.executable, stop_timeout=STOP_TIMEOUT):
+    def __init__(self, reactor, path, *, opened=None, python=sys.executable, stop_timeout=STOP_TIMEOUT):
         """
         @param reactor: an C{IReactorProcess} and C{IReactorTime}.
-        @param path: the database file, its tables made already.
+        @param path: the database file, its tables made already (or once C{opened} fires).
+        @param opened: None, or a callable returning a Deferred that fires once the database is open and its
+            tables made (L{gomodel.store.sqlite.database.Database.when_open}): each write waits for it.
         @param python: the interpreter the child runs on: this one's version (batches go as marshal).
         """
         self._reactor = reactor
         # isolated (no PYTHON* variables, no gomodel on its path) and without site (no site-packages, .pth files)
         self._argv = [python, "-I", "-S", script.__file__, path]
         self._stop_timeout = stop_timeout
+        self._opened = opened
         self._child = None
         self._stopped = False
 
@@ -77,8 +80,13 @@ class RowWriter:
             value the table cannot (an integer beyond 64 bits, a lone
             surrogate, a constraint: none was written), with
             L{StorageUnavailable} when the database cannot be written now or
-            the child exited (the next batch starts another).
+            the child exited (the next batch starts another), or cannot be opened.
         """
+        if self._opened is not None:
+            return self._opened().addCallback(lambda _: self._write(insert, rows, conflict))
+        return self._write(insert, rows, conflict)
+
+    def _write(self, insert, rows, conflict):
         if self._stopped:
             return fail(StorageUnavailable.because("the gateway is stopping"))
         try:
