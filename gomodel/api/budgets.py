@@ -16,7 +16,7 @@ from gomodel.api.keys import PERIODS, iso, user_path
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
-from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, period_window
+from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, is_count, period_window
 
 _FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
 
@@ -91,7 +91,7 @@ class BudgetsAPI:
                                  code="invalid_value")
         (name, value), = amounts.items()
         if name == "max_tokens":
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= COUNT_MAX:
+            if not is_count(value):
                 raise InvalidRequest(f"max_tokens must be a whole number from 1 to {COUNT_MAX}.", param="max_tokens",
                                      code="invalid_value")
             record = await self._store.put(path, period, value, None)

@@ -18,7 +18,7 @@ from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
-from gomodel.limits.specs import COUNT_MAX, is_cost, period_window
+from gomodel.limits.specs import COUNT_MAX, is_cost, is_count, period_window
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 # The largest token and request counts a limit or budget may say (L{COUNT_MAX}); the largest number
@@ -252,7 +252,7 @@ def budgets(value) -> list:
             raise _bad("budgets", f"the period {item['period']} is given twice")
         periods.add(item["period"])
         if "max_tokens" in item:
-            if not _is_int(item["max_tokens"]) or not 1 <= item["max_tokens"] <= COUNT_MAX:
+            if not is_count(item["max_tokens"]):
                 raise _bad("budgets", f"max_tokens must be a whole number from 1 to {COUNT_MAX}")
         elif not is_cost(item["max_cost"]):
             raise _bad("budgets", "max_cost must be a number above 0 and below 1.8e308")

@@ -94,7 +94,7 @@ class RateLimit:
     def __post_init__(self):
         for name in ("rpm", "tpm", "concurrent", "rph", "tph", "rpd", "tpd"):
             value = getattr(self, name)
-            if value is not None and not _is_count(value):
+            if value is not None and not is_count(value):
                 raise ValueError(f"{name} must be a whole number from 1 to {COUNT_MAX}, not {value!r}")
         by_seconds = {}
         for seconds, requests, tokens in ((MINUTE, self.rpm, self.tpm), (HOUR, self.rph, self.tph),
@@ -109,7 +109,7 @@ class RateLimit:
                 raise ValueError(f"two rate limits for the same period of {window.seconds} seconds")
             if window.max_requests is None and window.max_tokens is None:
                 raise ValueError("a rate limit window needs max_requests or max_tokens")
-            if not all(v is None or _is_count(v) for v in (window.max_requests, window.max_tokens)):
+            if not all(v is None or is_count(v) for v in (window.max_requests, window.max_tokens)):
                 raise ValueError(f"a rate limit window's max_requests and max_tokens must be whole numbers "
                                  f"from 1 to {COUNT_MAX}")
             by_seconds[window.seconds] = window
@@ -141,7 +141,7 @@ class Budget:
         object.__setattr__(self, "period", parse_period(self.period))
         if self.max_tokens is None and self.max_cost is None:
             raise ValueError(f"a {self.period} budget needs max_tokens or max_cost")
-        if self.max_tokens is not None and not _is_count(self.max_tokens):
+        if self.max_tokens is not None and not is_count(self.max_tokens):
             raise ValueError(f"a {self.period} budget's max_tokens must be a whole number from 1 to {COUNT_MAX}")
         if self.max_cost is not None:
             if isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float)) \
@@ -150,7 +150,7 @@ class Budget:
             object.__setattr__(self, "max_cost", float(min(self.max_cost, COST_MAX)))
 
 
-def _is_count(value) -> bool:
+def is_count(value) -> bool:
     """Whether C{value} is a count a limit or budget may say: a whole number from 1 to L{COUNT_MAX}."""
     return not isinstance(value, bool) and isinstance(value, int) and 0 < value <= COUNT_MAX
 
@@ -519,7 +519,7 @@ def _positive_int(text, what) -> int:
 def _optional_positive(value, where):
     if value is None:
         return None
-    if not _is_count(value):
+    if not is_count(value):
         raise ValueError(f"{where} must be a whole number from 1 to {COUNT_MAX}")
     return value
 
