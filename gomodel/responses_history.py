@@ -19,12 +19,14 @@ MAX_CHAIN = 1000  # turns followed back through previous_response_id
 
 
 def normalise_input(value) -> list:
-    """The input items of a create request, each with a C{type} and an C{id}."""
+    """The input items of a create request, each with a C{type} and an C{id} of its own (a client's id
+    that is no string, empty, or an earlier item's too is replaced: the items are listed, and paged, by id)."""
     if value is None:
         return []
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     items = []
+    ids = set()
     for item in value if isinstance(value, list) else []:
         if not isinstance(item, dict):
             continue
@@ -36,9 +38,11 @@ def normalise_input(value) -> list:
             if isinstance(content, str):
                 kind = "output_text" if item["role"] == "assistant" else "input_text"
                 item["content"] = [{"type": kind, "text": content}]
-        if "id" not in item:  # (a type that is no string, which the upstream took, is an item's too)
-            kind = item["type"]
+        given = item.get("id")
+        if not isinstance(given, str) or not given or given in ids:
+            kind = item["type"]  # (a type that is no string, which the upstream took, is an item's too)
             item["id"] = new_id(_PREFIX.get(kind, "item") if isinstance(kind, str) else "item")
+        ids.add(item["id"])
         items.append(item)
     return items
 
@@ -51,8 +55,9 @@ def as_input(item) -> dict | None:
     kind = item.get("type", "message")
     if kind == "message":
         content = item.get("content")
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in
-                                             ("input_text", "output_text", "text") for p in content):
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("input_text", "output_text",
+                                                                                       "text")
+                                             and isinstance(p.get("text", ""), str) for p in content):
             content = "".join(p.get("text", "") for p in content)
         return {"role": item.get("role", "user"), "content": content}
     if kind == "function_call":

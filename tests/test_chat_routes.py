@@ -221,6 +221,23 @@ async def test_upstream_errors_keep_status_and_get_the_envelope(http, gateway, f
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_flag_that_is_no_boolean_is_refused_before_the_upstream(http, gateway, fake):
+    before = len(fake.requests)
+    for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": []}),
+                       ("/v1/completions", {"model": MODEL, "prompt": "a"}),
+                       ("/v1/responses", {"model": MODEL, "input": "a"})):
+        for flag in (1, "yes", 0, "false", []):
+            response, content = await post(http, gateway, dict(body, stream=flag), path=path)
+            assert response.code == 400, (path, flag)
+            assert error_of(content) == {"message": "'stream' must be a boolean (true or false).",
+                                         "type": "invalid_request_error", "param": "stream", "code": "invalid_type"}
+        for flag in (None, False):
+            response, _ = await post(http, gateway, dict(body, stream=flag), path=path)
+            assert response.code == 200, (path, flag)
+    assert len(fake.requests) == before + 6
+
+
+@pytest_twisted.ensureDeferred
 async def test_upstream_never_up_is_503_no_ready_replica_without_its_address(reactor, http):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": await dead_base_url(reactor),
                                        "VLLM_MODELS": "meta-llama/Llama-3.1-8B-Instruct"})

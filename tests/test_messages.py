@@ -245,6 +245,19 @@ async def test_translated_errors_are_anthropic_shaped(http, openai_gw, fake):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_flag_that_is_no_boolean_is_refused_in_anthropics_shape(http, gw, fake):
+    before = len(fake.requests)
+    for flag in (1, "yes", "true", [], {}):
+        response, content = await post(http, gw.url + "/v1/messages",
+                                       {"model": MODEL, "max_tokens": 8, "messages": HELLO, "stream": flag})
+        assert response.code == 400, flag
+        error = json.loads(content)
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert "stream" in error["error"]["message"]
+    assert len(fake.requests) == before  # nothing was sent: vLLM would have streamed 1 and "yes"
+
+
+@pytest_twisted.ensureDeferred
 async def test_vllm_without_messages_is_translated_and_remembered(reactor, http):
     fake = await start_fake(reactor, messages=False)  # FastAPI's 404: a server without the router
     gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url})

@@ -9,6 +9,7 @@ from twisted.internet.defer import succeed
 import treq
 
 from gomodel import jsonutil
+from gomodel.responses_history import as_input
 from tests.support import in_thread, openai_client, start_fake, start_gateway
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
@@ -88,6 +89,41 @@ async def test_an_input_item_of_an_odd_type_the_upstream_takes_is_kept_as_it_cam
         gateway.url + f"/v1/responses/{response_id}/input_items?order=asc")))["data"]
     assert [item["type"] for item in items] == [["x"], {"a": 1}, "message"]
     assert [item["id"].split("_")[0] for item in items] == ["item", "item", "msg"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_input_items_with_client_ids_that_repeat_or_are_no_text_each_get_an_id_of_their_own(http, gateway):
+    def message(text, **given):
+        return dict(given, role="user", content=text)
+
+    body = {"model": MODEL, "input": [message("a", id="m1"), message("b", id="m1"), message("c", id=None),
+                                      message("d", id={"x": 1}), message("e", id=""), message("f", id="m2")]}
+    response = await http.post(gateway.url + "/v1/responses", data=json.dumps(body).encode())
+    response_id = jsonutil.loads(await treq.content(response))["id"]
+    seen, after = [], ""
+    while True:
+        page = jsonutil.loads(await treq.content(await http.get(
+            gateway.url + f"/v1/responses/{response_id}/input_items?order=asc&limit=2{after}")))
+        seen += page["data"]
+        if not page["has_more"]:
+            break
+        after = f"&after={page['last_id']}"
+    assert [item["content"][0]["text"] for item in seen] == ["a", "b", "c", "d", "e", "f"]
+    ids = [item["id"] for item in seen]
+    assert len(set(ids)) == 6 and all(isinstance(i, str) and i for i in ids)
+    assert ids[0] == "m1" and ids[5] == "m2"  # a client's own unique ids are kept
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_previous_response_id_that_is_no_id_is_refused_before_the_upstream(http, gateway, fake):
+    before = len(fake.requests)
+    for given, code in (("", "invalid_value"), (0, "invalid_type"), (False, "invalid_type"), ([], "invalid_type"),
+                        ({"id": "resp_1"}, "invalid_type")):
+        response = await http.post(gateway.url + "/v1/responses", data=json.dumps(
+            {"model": MODEL, "input": "hi", "previous_response_id": given}).encode())
+        error = jsonutil.loads(await treq.content(response))["error"]
+        assert response.code == 400 and (error["param"], error["code"]) == ("previous_response_id", code), given
+    assert len(fake.requests) == before
 
 
 @pytest_twisted.ensureDeferred
@@ -180,6 +216,36 @@ async def test_translated_provider_gets_the_stored_conversation(reactor):
         client.close()
         await gw.service.stopService()
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_request_with_text_or_tools_of_the_wrong_type_is_a_400(reactor, http):
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        cases = [
+            ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input"),
+            ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ["a"]}]}]}, "input"),
+            ({"input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": {}}]}]}, "input"),
+            ({"input": "hi", "tools": 5}, "tools"),
+            ({"input": "hi", "tools": {"type": "function"}}, "tools"),
+        ]
+        for extra, param in cases:
+            response = await http.post(gw.url + "/v1/responses", data=json.dumps(dict(extra, model=MODEL)).encode())
+            error = jsonutil.loads(await treq.content(response))["error"]
+            assert response.code == 400 and error["param"] == param and error["code"] == "invalid_type", extra
+        assert not [r for r in fake.requests if r.path == b"/v1/chat/completions"]
+    finally:
+        await gw.service.stopService()
+        await fake.stop()
+
+
+def test_a_stored_message_whose_text_is_no_string_is_replayed_as_it_was_stored():
+    odd = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": 5}]}
+    assert as_input(odd) == {"role": "user", "content": [{"type": "input_text", "text": 5}]}
+    plain = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                             {"type": "output_text", "text": "b"}]}
+    assert as_input(plain) == {"role": "user", "content": "ab"}
 
 
 @pytest_twisted.ensureDeferred

@@ -11,7 +11,7 @@ from functools import partial
 
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, ModelAccessDenied
-from gomodel.http.bodies import json_body
+from gomodel.http.bodies import json_body, streams
 from gomodel.http.headers import X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
@@ -60,7 +60,7 @@ class InferenceRoutes:
         if self._salts is not None:
             self._salts.apply(ctx.principal, upstream, body)
         observer = None
-        if body.get("stream") is True:
+        if streams(body):
             strip_usage = False
             options = body.get("stream_options")
             if options is None or isinstance(options, dict):

@@ -42,7 +42,7 @@ from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObs
                                          openai_error_to_anthropic)
 from gomodel.api.inference import InferenceRoutes, plan_model, unsaturated
 from gomodel.http import render
-from gomodel.http.bodies import json_body, query_arg, query_limit
+from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall
 from gomodel.routing.affinity import affinity_key
 from gomodel.upstream.errors import upstream_error
@@ -98,6 +98,7 @@ class MessagesRoutes:
         @raise gomodel.errors.GatewayError: before anything was sent to the client.
         """
         body = json_body(request)
+        stream = streams(body)
         model = body.get("model")
         routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
                                               ctx.principal))
@@ -111,8 +112,7 @@ class MessagesRoutes:
             try:
                 if native:
                     return await self._native(request, ctx, upstream, "/messages", body, fallbacks, affinity,
-                                              headers, MessagesStreamObserver() if body.get("stream") is True
-                                              else None)
+                                              headers, MessagesStreamObserver() if stream else None)
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity)
             except _NoNative:
                 self._remember(ctx)

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from gomodel import errors, jsonutil
 from gomodel.api.inference import resolve_model
 from gomodel.auth.tenancy import tenant_of, visible
-from gomodel.http.bodies import json_answer, query_arg, query_limit
+from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ResponsesStreamObserver
 from gomodel.responses_history import conversation, normalise_input
@@ -49,6 +49,7 @@ class ResponsesRoute:
 
     async def create(self, request, ctx, body):
         """Answer a Responses API create request; see L{Exchange.relay} for what this returns."""
+        stream = streams(body)
         previous = await self._previous(body, ctx.principal)
         route = resolve_model(self._registry, body, ctx.principal)
         provider = route.provider
@@ -63,7 +64,7 @@ class ResponsesRoute:
         turn = _Turn(self, ctx, body, provider, previous)
         if self._no_native.get(provider.name, 0) <= self._clock.seconds():
             try:
-                return await self._native(request, ctx, provider, body, turn, prefer)
+                return await self._native(request, ctx, provider, body, stream, turn, prefer)
             except _NotKnownUpstream:
                 if previous is None:  # stored meanwhile (another host's write was not committed yet)
                     previous = await self._previous(body, ctx.principal)
@@ -72,7 +73,7 @@ class ResponsesRoute:
                 explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
-                return await self._native(request, ctx, provider, explicit, turn, None)
+                return await self._native(request, ctx, provider, explicit, stream, turn, None)
             except _NoNativeRoute:
                 self._no_native[provider.name] = self._clock.seconds() + NO_NATIVE_TTL
                 self.log.info("provider {provider} has no native Responses API; translating to chat completions",
@@ -81,7 +82,7 @@ class ResponsesRoute:
         if previous is not None:
             body = await self._with_history(body, previous)
         chat = jsonutil.dumps(request_to_chat(body))
-        if body.get("stream") is True:
+        if stream:
             observer = ChatToResponsesStream(echo, self._clock)
             result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
                 "/chat/completions", chat, observer=observer, model=route.upstream_model, prefer=prefer))
@@ -98,12 +99,12 @@ class ResponsesRoute:
         del explicit["previous_response_id"]
         return explicit
 
-    async def _native(self, request, ctx, provider, body, turn, prefer):
+    async def _native(self, request, ctx, provider, body, stream, turn, prefer):
         async def vet(upstream):
             if upstream.code in (404, 405, 501):
                 await self._not_found(provider, upstream, body)
 
-        if body.get("stream") is True:
+        if stream:
             observer = ResponsesStreamObserver()
             result = await self._exchange.relay(
                 request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet,
@@ -144,14 +145,19 @@ class ResponsesRoute:
         """The stored record of C{previous_response_id}, or None (the upstream may still know it: a response
         the master key continues that was not made through the gateway, or not stored, or deleted).
 
+        @raise gomodel.errors.InvalidRequest: it is no string, or empty.
         @raise gomodel.errors.NotFound: it belongs to another tenant, or a managed key names a response the
             gateway does not hold (the upstream may still hold another tenant's: deleted, or not stored).
         """
         previous_id = body.get("previous_response_id")
-        if not previous_id or self._store is None:
+        if previous_id is None:
             return None
-        if not isinstance(previous_id, str):
-            raise errors.InvalidRequest("previous_response_id must be a string.", param="previous_response_id")
+        if not isinstance(previous_id, str) or not previous_id:
+            raise errors.InvalidRequest("previous_response_id must be a response id (a non-empty string) or null.",
+                                        param="previous_response_id",
+                                        code="invalid_value" if previous_id == "" else "invalid_type")
+        if self._store is None:
+            return None
         record = await self._store.get(previous_id)
         if record is None:
             if principal is not None and not principal.master:
@@ -221,10 +227,7 @@ class ResponsesRoute:
                 raise errors.InvalidRequest(f"No input item '{after}' in this response.", param="after")
             items = items[ids.index(after) + 1:]
         limit = query_limit(request, 20, 100)
-        page = items[:limit]
-        return json_answer(request, {
-            "object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+        return json_answer(request, page(items[:limit], len(items) > limit))
 
     async def cancel(self, request, response_id):
         """Forward a cancel to the instance running the (background) response; its answer is relayed. A

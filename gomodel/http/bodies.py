@@ -27,6 +27,20 @@ def json_body(request) -> dict:
     return body
 
 
+def streams(body) -> bool:
+    """Whether the JSON request C{body} asks for a stream: C{stream} is true (absent, null or false: not).
+
+    @raise InvalidRequest: C{stream} is anything else (vLLM would read C{1} or C{"yes"} as true, and stream).
+    """
+    stream = body.get("stream")
+    if stream is True:
+        return True
+    if stream is None or stream is False:
+        return False
+    raise InvalidRequest("'stream' must be a boolean (true or false).", param="stream",
+                         code="invalid_type")
+
+
 def query_arg(request, name: bytes, default=None):
     """The first value of query parameter C{name} as text (empty counts as absent)."""
     values = request.args.get(name)

@@ -37,6 +37,8 @@ def request_to_chat(body: dict) -> dict:
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     if body.get("tools"):
+        if not isinstance(body["tools"], list):
+            raise InvalidRequest("tools must be a list of tools.", param="tools", code="invalid_type")
         chat["tools"] = [_tool(t, i) for i, t in enumerate(body["tools"])]
     if "tool_choice" in body:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
@@ -105,16 +107,19 @@ def _content(content, index):
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text"):
-            parts.append({"type": "text", "text": part.get("text", "")})
+        if kind in ("input_text", "output_text", "text", "refusal"):
+            field = "refusal" if kind == "refusal" else "text"
+            text = part.get(field, "")
+            if not isinstance(text, str):
+                raise InvalidRequest(f"invalid input item at index {index}: the {field} of a {kind} part must be "
+                                     "a string.", param="input", code="invalid_type")
+            parts.append({"type": "text", "text": text})
         elif kind == "input_image":
             url = part.get("image_url") or part.get("url")
             image = {"url": url}
             if part.get("detail"):
                 image["detail"] = part["detail"]
             parts.append({"type": "image_url", "image_url": image})
-        elif kind == "refusal":
-            parts.append({"type": "text", "text": part.get("refusal", "")})
         else:
             raise InvalidRequest(f"invalid input item at index {index}: content part {kind!r} is not supported "
                                  "by this provider.", param="input")
