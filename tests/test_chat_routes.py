@@ -238,6 +238,23 @@ async def test_a_stream_flag_that_is_no_boolean_is_refused_before_the_upstream(h
 
 
 @pytest_twisted.ensureDeferred
+async def test_upstream_errors_never_show_its_host_and_port_in_any_field(http, gateway, fake):
+    netloc = fake.base_url.split("/")[2]  # 127.0.0.1:port
+    port = netloc.rpartition(":")[2]
+    bodies = [
+        {"error": {"message": f"cannot reach {netloc} now", "type": "BadRequestError", "param": None, "code": 400}},
+        {"error": {"message": "bad", "type": f"Error at {netloc}", "param": f"{netloc}/x", "code": f"c {netloc}"}},
+        {"object": "error", "message": f"flat {netloc}", "type": netloc, "param": netloc, "code": netloc},
+    ]
+    for body in bodies:
+        response, content = await post(http, gateway, {"model": MODEL, "fake_status": 400,
+                                                       "fake_body": json.dumps(body)})
+        assert response.code == 400
+        assert "127.0.0.1" not in content.decode() and port not in content.decode(), content
+        assert error_of(content)["message"].startswith(("cannot reach vllm now", "bad", "flat vllm"))
+
+
+@pytest_twisted.ensureDeferred
 async def test_upstream_never_up_is_503_no_ready_replica_without_its_address(reactor, http):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": await dead_base_url(reactor),
                                        "VLLM_MODELS": "meta-llama/Llama-3.1-8B-Instruct"})

@@ -25,6 +25,7 @@ from gomodel import jsonutil
 from gomodel.routing.affinity import PREFIX_CHARS, affinity_key
 from gomodel.routing.pool import DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, Replica, ReplicaPool
 from gomodel.routing.vllm_metrics import LoadSample
+from gomodel.upstream.errors import upstream_error
 from tests import rawclient
 from tests.fakes.fleet import FakeFleet
 from tests.fakes.vllm import CHAT_MODEL
@@ -953,3 +954,18 @@ async def test_request_priority_header_is_ignored_elsewhere(cluster, http):
     bodies = {r.body["fake_marker"]: r.body for r in fleet[0].inference_requests}
     assert "priority" not in bodies["a"]
     assert bodies["b"]["priority"] == 3
+
+
+def test_a_pool_hides_each_replica_address_longest_first():
+    """Replicas on one host and two ports: the host alone must not be replaced before a host and port."""
+    class Server:
+        name = "vllm"
+
+        def __init__(self, port):
+            self.hidden = (f"http://10.0.0.1:{port}/v1", f"http://10.0.0.1:{port}", f"10.0.0.1:{port}", "10.0.0.1")
+
+    clock = Clock()
+    replicas = [Replica(i, Server(8000 + i), f"http://10.0.0.1:{8000 + i}/v1", clock) for i in range(2)]
+    pool = ReplicaPool("vllm", "vllm", replicas, clock)
+    error = upstream_error(400, b'{"error": {"message": "10.0.0.1:8001 is busy"}}', pool.name, pool.hidden)
+    assert b"vllm is busy" in error.body() and b"8001" not in error.body()

@@ -90,6 +90,11 @@ class ReplicaConfig:
         """The server's host name: never shown to clients."""
         return urlsplit(self.base_url).hostname or ""
 
+    @property
+    def netloc(self) -> str:
+        """The server's host and port as its URL spells them: never shown to clients."""
+        return urlsplit(self.base_url).netloc
+
 
 @dataclass(frozen=True)
 class ProviderConfig:

@@ -307,7 +307,9 @@ class ReplicaPool:
         self.replicas = list(replicas)
         self.configured_models = tuple(configured_models)
         self.priority_scheduling = priority_scheduling
-        self.hidden = tuple(dict.fromkeys(h for r in self.replicas for h in r.server.hidden))
+        # Longest first: one replica's host must not be replaced inside another's host and port.
+        self.hidden = tuple(sorted(dict.fromkeys(h for r in self.replicas for h in r.server.hidden), key=len,
+                                   reverse=True))
         self._clock = clock
         self._strategy = strategy
         self._queue_timeout = queue_timeout

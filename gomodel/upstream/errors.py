@@ -31,8 +31,8 @@ def default_type(status: int) -> str:
 def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> UpstreamError:
     """Build the L{UpstreamError} for an upstream answer with C{status} >= 400.
 
-    @param hide: strings (the upstream's host and URL) that must not reach the
-        client; each is replaced by the provider's name.
+    @param hide: strings (the upstream's URLs, host and port, host) that must not
+        reach the client, longest first; each is replaced by the provider's name.
     """
     parsed = _parse(body)
     error = parsed.get("error") if isinstance(parsed, dict) else None
@@ -40,8 +40,8 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
         message = error["message"]
         if not any(h and h.encode() in body for h in hide):
             return UpstreamError(status, body, message)
-        return _wrapped(status, _hidden(message, hide, provider_name), error.get("type"),
-                        error.get("param"), error.get("code"))
+        return _wrapped(status, _hidden(message, hide, provider_name), *(
+            _hidden(error.get(field), hide, provider_name) for field in ("type", "param", "code")))
     if isinstance(parsed, dict) and isinstance(error, str):
         message = error
         if status in (401, 403):
@@ -53,8 +53,8 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
         message = detail if isinstance(detail, str) else jsonutil.dumps(detail).decode()
         return _wrapped(status, _hidden(message, hide, provider_name))
     if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-        return _wrapped(status, _hidden(parsed["message"], hide, provider_name),
-                        parsed.get("type"), parsed.get("param"), parsed.get("code"))
+        return _wrapped(status, _hidden(parsed["message"], hide, provider_name), *(
+            _hidden(parsed.get(field), hide, provider_name) for field in ("type", "param", "code")))
     return _wrapped(status, f"The upstream provider '{provider_name}' answered HTTP {status}.")
 
 
@@ -65,7 +65,10 @@ def _parse(body: bytes):
         return None
 
 
-def _hidden(message: str, hide, provider_name: str) -> str:
+def _hidden(message, hide, provider_name: str):
+    """C{message} with every string of C{hide} replaced by C{provider_name} (a value that is no string as it is)."""
+    if not isinstance(message, str):
+        return message
     for h in hide:
         if h:
             message = message.replace(h, provider_name)

@@ -42,7 +42,8 @@ class OpenAICompatibleProvider:
         self._relay = relay  # relayed requests and our own calls (model discovery, probes): a RelayClient
         self._clock = clock
         self._timeouts = timeouts
-        self.hidden = tuple(h for h in (replica.base_url, replica.root_url, replica.host) if h)
+        self.hidden = tuple(h for h in (replica.base_url, replica.root_url, replica.netloc,
+                                        replica.host) if h)
         api_key = replica.api_key or config.api_key
         self._authorization = (b"Bearer " + api_key.encode("latin-1")) if api_key else None
         self._key_line = b"Authorization: " + self._authorization + b"\r\n" if self._authorization else b""
