@@ -104,17 +104,20 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         RedisService(redis, counters, pins).setServiceParent(gateway)
     else:
         counters = LocalCounters(reactor)
-    book = BudgetBook(counters, reactor, seed=store.usage.spent) if config.quotas.budgets_enabled else None
     pricing = Pricing(config.usage.pricing)
+    usage = config.usage
+    if usage.enabled:
+        gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,
+                                    retention=usage.retention_days * 86400.0, pricing=pricing)
+    # A budget's sums start from the ledger: what it wrote, and what it holds still.
+    book = BudgetBook(counters, reactor, seed=(store.usage if gateway.usage is None else gateway.usage).spent,
+                      seed_counts_kept=gateway.usage is not None) if config.quotas.budgets_enabled else None
     gateway.gate = Gate(Limiter(counters, reactor), book, config.quotas, store.budgets, reactor, pricing=pricing)
     exchange.admit = gateway.gate.admit
 
-    # The store, then its users (stopped in reverse, one after the other). Any process
-    # on a data directory may run any batch or sweep: each is claimed in the store.
-    usage = config.usage
-    if usage.enabled:  # stopped after the others: what they record is written
-        gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,
-                                    retention=usage.retention_days * 86400.0, pricing=pricing)
+    # The store, then its users (stopped in reverse, one after the other; the usage ledger after the
+    # others: what they record is written). Any process on a data directory may run any batch or sweep:
+    # each is claimed in the store.
     salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,

@@ -458,6 +458,24 @@ def test_seeding_resumes_from_the_ledger_once_per_scope_and_period(counters, clo
     assert len(calls) == 3
 
 
+def test_a_seed_that_counts_kept_requests_is_left_those_recorded_before_it(counters, clock):
+    clock.rightNow = utc(2026, 3, 18, 12)
+    kept = []  # the usage ledger: what it wrote and holds
+
+    async def seed(scope, since):
+        return sum(kept), 0.0
+
+    book = BudgetBook(counters, clock, seed=seed, seed_counts_kept=True)
+    daily, monthly = Budget("daily", max_tokens=100), Budget("monthly", max_tokens=100)
+    fired(book.check([("key:k", [daily])]))  # the day is seeded: nothing kept yet
+    kept.append(60)
+    assert book.record([("key:k", [daily, monthly])], 60, None) is None  # the month is left to its seed
+    assert fired(book.spent([("key:k", daily), ("key:k", monthly)])) == [(60, 0.0), (60, 0.0)]
+    kept.append(50)
+    fired(book.record([("key:k", [daily, monthly])], 50, None))  # both seeded now: both charged
+    assert fired(book.spent([("key:k", daily), ("key:k", monthly)])) == [(110, 0.0), (110, 0.0)]
+
+
 def test_a_failing_seed_is_retried_and_a_pending_one_is_waited_for(counters, clock, logged_errors):
     pending = []
 

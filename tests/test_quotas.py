@@ -245,6 +245,33 @@ async def test_a_cost_budget_by_user_path_set_through_the_admin_api(reactor, htt
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_budget_added_counts_the_requests_the_usage_ledger_has_not_written_yet(reactor, http, fake, tmp_path):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "USAGE_FLUSH_INTERVAL": "1h"})
+    try:
+        key = await new_key(http, gw, user_path="/team/alpha")
+        client = openai_client(gw, key["value"])
+        try:
+            await in_thread(raw_chat, client)  # 21 tokens, kept by the ledger and not written
+            code, _ = await admin(http, gw, "PUT", "/admin/api/v1/budgets",
+                                  {"user_path": "/team", "period": "monthly", "max_tokens": 40})
+            assert code == 200
+            await in_thread(raw_chat, client)  # 42: the seed counted the first, unwritten
+            code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+            assert [row["spent_tokens"] for row in listed["data"]] == [42]
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(raw_chat, client)
+            assert refused.value.code == "budget_exceeded"
+            await gw.service.usage.flush()
+            code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+            assert [row["spent_tokens"] for row in listed["data"]] == [42]  # written, not counted twice
+        finally:
+            client.close()
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_passthrough_and_batch_lines_count_against_budgets(http, gw, fake):
     key = await new_key(http, gw, budgets=[{"period": "total", "max_tokens": 20}])
     response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(

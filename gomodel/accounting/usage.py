@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.errors import RowsRejected
 from gomodel.logs import log_failure
+from gomodel.store.records import USAGE_FIELDS
 from gomodel.store.sweeps import claimed
 
 RETENTION_INTERVAL = 86400.0
@@ -85,6 +86,33 @@ class UsageLedger(Service):
         elif waiting > MAX_BUFFER:
             del self._buffer[:waiting - MAX_BUFFER]
 
+    def spent(self, scope, since):
+        """What a budget scope spent since C{since} (see L{gomodel.store.interfaces.IUsageStore.spent}): the
+        store's records and those kept here not yet written. No write runs meanwhile, so none is counted twice
+        or missed (a budget's seed: L{gomodel.limits.budgets.BudgetBook}).
+
+        @return: a Deferred firing with C{(total tokens, total cost)}; it fails as the store's read does.
+        """
+        return self._writing.run(self._spent, scope, since)
+
+    def _spent(self, scope, since):
+        kind, _, name = scope.partition(":")
+        column = _KEY if kind == "key" else _PATH if kind == "path" else None
+        below = name.rstrip("/") + "/" if kind == "path" else None
+
+        def add(stored):
+            if column is None:
+                return stored
+            tokens, cost = stored
+            for row in self._buffer:
+                value = row[column]
+                if row[1] >= since and value is not None and (value == name or below and value.startswith(below)):
+                    tokens += row[_TOKENS] or 0
+                    cost += row[_COST] or 0.0
+            return tokens, cost
+
+        return self._usage.spent(scope, since).addCallback(add)
+
     # -- writing ------------------------------------------------------------------------
 
     def flush(self):
@@ -143,6 +171,10 @@ class UsageLedger(Service):
         d = Deferred.fromCoroutine(claimed(self._claims, "sweep:usage", self._owner, 600.0,
                                            lambda: self._usage.delete_before(before)))
         return d.addErrback(lambda f: log_failure(self.log, f, "usage retention failed"))
+
+
+_TOKENS, _COST, _PATH, _KEY = (USAGE_FIELDS.index(field) for field in ("total_tokens", "total_cost", "user_path",
+                                                                        "auth_key_id"))
 
 
 def _who(principal):

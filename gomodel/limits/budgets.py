@@ -16,7 +16,11 @@ With counters that are not shared (L{LocalCounters}) a restarted process
 would start every sum at zero; C{seed}, an async function C{(scope_name,
 since) -> (tokens, cost)} reading the usage ledger, is then called once per
 scope and period before its first use. Shared counters (Redis) keep the
-sums and are never seeded.
+sums and are never seeded. A seed that counts every request already kept,
+those the ledger has not written yet too (C{seed_counts_kept}: the
+L{gomodel.accounting.usage.UsageLedger}'s), counts a request recorded
+before its period was seeded, so L{BudgetBook.record} leaves it to the seed
+(a budget added while the ledger holds a key's last requests counts them).
 """
 
 import inspect
@@ -34,10 +38,11 @@ class BudgetBook:
 
     log = Logger()
 
-    def __init__(self, counters, clock, seed=None, margin=3600.0):
+    def __init__(self, counters, clock, seed=None, margin=3600.0, seed_counts_kept=False):
         self._counters = counters
         self._clock = clock
         self._seed = None if counters.shared else seed
+        self._seed_counts_kept = seed_counts_kept
         self._margin = margin
         self._seeded = {}  # bucket -> its expiry (None for total)
         self._seeding = {}  # bucket -> Deferreds waiting for its seed
@@ -169,6 +174,8 @@ class BudgetBook:
             return None
         current = self._current(scopes, self._clock.seconds())
         if not current.seeded and self._unseeded(current):
+            if self._seed_counts_kept:  # the seed of the others will count this request
+                return self._spend(current, tokens, cost, [item for item in current.sums if item[0] in self._seeded])
             return ensureDeferred(self._record_seeded(current, tokens, cost))
         return self._spend(current, tokens, cost)
 
@@ -178,11 +185,13 @@ class BudgetBook:
         if spending is not None:
             await spending
 
-    def _spend(self, current, tokens, cost):
-        if not current.sums:
+    def _spend(self, current, tokens, cost, sums=None):
+        """Add C{tokens} and C{cost} to C{sums} (C{(bucket, expires_at)} pairs; all of C{current}'s by default)."""
+        sums = current.sums if sums is None else sums
+        if not sums:
             return None
         tokens, cost = int(tokens or 0), float(cost or 0.0)
-        items = [(bucket, tokens, cost, expires) for bucket, expires in current.sums]
+        items = [(bucket, tokens, cost, expires) for bucket, expires in sums]
         if self._counters.immediate:
             self._counters.spend_all_now(items)
             return None
