@@ -1,11 +1,15 @@
 """The admin API's model list, ADMIN_ENDPOINTS_ENABLED, the usage log's query and budgets' numbers."""
 
+import csv
+import io
 import json
 import sys
+import time
 
 import pytest
 import pytest_twisted
 
+from gomodel.store.records import USAGE_FIELDS
 from tests import postgres
 from tests.support import start_gateway
 
@@ -141,3 +145,60 @@ async def test_costs_past_a_float_stored_before_they_were_refused_cap_nothing(re
         await response.content()
     finally:
         await gw.service.stopService()
+
+
+# -- the usage API's CSV and query parameters --------------------------------------------------
+
+@pytest_twisted.async_yield_fixture()
+async def ledger(reactor, fake):
+    """A gateway on SQLite with its usage API; the test adds its records with L{record}."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    yield gw
+    await gw.service.stopService()
+
+
+async def record(gw, *rows):
+    """Store usage records of now: each C{(request_id, {field: value})} over a plain chat's."""
+    now = time.time()
+    base = dict.fromkeys(USAGE_FIELDS)
+    base.update(timestamp=now, provider="vllm", provider_name="vllm", replica=0, model=MODEL,
+                endpoint="/v1/chat/completions", status_code=200, stream=False, input_tokens=3, output_tokens=2,
+                total_tokens=5, client_gone=False, estimated=False)
+    await gw.service.store.usage.add([tuple(dict(base, request_id=request_id, **values)[name]
+                                            for name in USAGE_FIELDS) for request_id, values in rows])
+
+
+async def get(http, gw, path):
+    """C{(response, body)} of a GET with the master key."""
+    response = await http.get(gw.url + path, headers=KEY)
+    return response, await response.content()
+
+
+def csv_rows(body):
+    return list(csv.reader(io.StringIO(body.decode(), newline="")))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_usage_log_as_csv_pages_as_its_json_does(http, ledger):
+    await record(ledger, *((f"r{i}", {}) for i in range(5)))
+    _, body = await get(http, ledger, "/admin/api/v1/usage/log?limit=2")
+    first = json.loads(body)
+    seen, after = [], ""
+    while True:
+        response, body = await get(http, ledger, "/admin/api/v1/usage/log?format=csv&limit=2" + after)
+        assert response.code == 200
+        rows = list(csv.DictReader(io.StringIO(body.decode(), newline="")))
+        assert 1 <= len(rows) <= 2
+        seen += [row["request_id"] for row in rows]
+        more = response.headers.getRawHeaders("x-has-more")
+        following = response.headers.getRawHeaders("x-next")
+        if not seen[2:]:  # the first page: the JSON page's cursor
+            assert (more, following) == (["true"], [str(first["next"])])
+        if more == ["false"]:
+            assert following is None
+            break
+        assert more == ["true"]
+        after = f"&after={following[0]}"
+    assert seen == ["r4", "r3", "r2", "r1", "r0"]
+    response, body = await get(http, ledger, "/admin/api/v1/usage/log?format=csv")  # (the default page: 100)
+    assert len(csv_rows(body)) == 6 and response.headers.getRawHeaders("x-has-more") == ["false"]

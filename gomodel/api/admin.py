@@ -142,7 +142,8 @@ class AdminAPI:
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
         """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
-        C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}."""
+        C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}: the same page,
+        its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
         start, end = self._window(request)
         filters = {name: query_arg(request, name.encode())
                    for name in ("model", "provider", "status", "search", "key", "user_path")}
@@ -157,6 +158,9 @@ class AdminAPI:
         for record in records:
             record["timestamp"] = _iso(record["timestamp"])
         if query_arg(request, b"format") == "csv":
+            request.setHeader(b"x-has-more", b"false" if cursor is None else b"true")
+            if cursor is not None:
+                request.setHeader(b"x-next", b"%d" % cursor)
             return _csv(request, records, ("id",) + USAGE_FIELDS)
         return json_answer(request, {"object": "list", "data": records, "next": cursor, "has_more": cursor is not None})
 
