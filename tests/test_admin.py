@@ -202,3 +202,19 @@ async def test_the_usage_log_as_csv_pages_as_its_json_does(http, ledger):
     assert seen == ["r4", "r3", "r2", "r1", "r0"]
     response, body = await get(http, ledger, "/admin/api/v1/usage/log?format=csv")  # (the default page: 100)
     assert len(csv_rows(body)) == 6 and response.headers.getRawHeaders("x-has-more") == ["false"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_csv_text_a_spreadsheet_would_run_is_quoted_and_numbers_stay_numbers(http, ledger):
+    texts = ["=1+1", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "'quoted", "plain-1"]
+    await record(ledger, *((text, {"model": text, "total_cost": -1.5}) for text in texts))
+    _, body = await get(http, ledger, "/admin/api/v1/usage/log?format=csv")
+    rows = list(csv.DictReader(io.StringIO(body.decode(), newline="")))
+    quoted = ["'=1+1", "'+1", "'-2+3", "'@SUM(A1)", "'\tx", "'\rx", "'quoted", "plain-1"]
+    assert [row["request_id"] for row in reversed(rows)] == quoted
+    assert [row["model"] for row in reversed(rows)] == quoted
+    assert {row["total_cost"] for row in rows} == {"-1.5"}
+    _, body = await get(http, ledger, "/admin/api/v1/usage/models?format=csv")
+    rows = list(csv.DictReader(io.StringIO(body.decode(), newline="")))
+    assert sorted(row["model"] for row in rows) == sorted(quoted)
+    assert {row["total_cost"] for row in rows} == {"-1.5"}

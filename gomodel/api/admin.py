@@ -20,6 +20,8 @@ DAY = 86400.0
 TIMESERIES = {"hour": (60.0, 60), "day": (3600.0, 24), "month": (DAY, 30)}
 # The largest usage/log cursor (a record's id): a BIGINT's, past which SQLite fails and PostgreSQL finds none.
 CURSOR_MAX = 2**63 - 1
+# What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class AdminAPI:
@@ -249,11 +251,17 @@ def _rows(request, rows):
     return json_answer(request, {"object": "list", "data": rows})
 
 
+def _cell(value):
+    """A CSV cell: text a spreadsheet would run as a formula starts with C{'} (OWASP's advice); numbers stay."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def _csv(request, records, fields) -> bytes:
+    """C{records} as RFC 4180 CSV (CRLF lines: a cell holding a line break is quoted), C{fields} in order."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
+    writer = csv.writer(out)
+    writer.writerow(fields)
+    writer.writerows([_cell(record[name]) for name in fields] for record in records)
     body = out.getvalue().encode("utf-8")
     request.setHeader(b"content-type", b"text/csv; charset=utf-8")
     request.setHeader(b"content-disposition", b'attachment; filename="usage.csv"')
