@@ -218,3 +218,19 @@ async def test_csv_text_a_spreadsheet_would_run_is_quoted_and_numbers_stay_numbe
     rows = list(csv.DictReader(io.StringIO(body.decode(), newline="")))
     assert sorted(row["model"] for row in rows) == sorted(quoted)
     assert {row["total_cost"] for row in rows} == {"-1.5"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_csv_grouping_has_the_columns_of_a_full_one(http, ledger):
+    routes = ("daily", "daily?interval=hour", "models", "keys", "user-paths")
+    empty = {}
+    for route in routes:
+        response, body = await get(http, ledger, f"/admin/api/v1/usage/{route}{'&' if '?' in route else '?'}format=csv")
+        assert response.code == 200
+        empty[route] = csv_rows(body)
+    await record(ledger, ("r1", {"auth_key_id": "key_1", "user_path": "/team"}))
+    for route in routes:
+        _, body = await get(http, ledger, f"/admin/api/v1/usage/{route}{'&' if '?' in route else '?'}format=csv")
+        header, row = csv_rows(body)
+        assert empty[route] == [header], route
+        assert "requests" in header and "total_cost" in header

@@ -13,7 +13,7 @@ from klein import Klein
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
-from gomodel.store.records import USAGE_FIELDS
+from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
 
 DAY = 86400.0
 # usage/timeseries windows: (bucket seconds, buckets)
@@ -99,25 +99,28 @@ class AdminAPI:
         rows = await self._usage_store().grouped(start, end, bucket=DAY if interval == "day" else 3600)
         for row in rows:
             row["period"] = _iso(row["period"]) if interval == "hour" else _day(row["period"])
-        return _rows(request, rows)
+        return _rows(request, rows, ("period",))
 
     @app.route("/usage/models", methods=["GET"])
     async def usage_models(self, request):
         """Totals per provider and model of a window; C{format=csv}."""
         start, end = self._window(request)
-        return _rows(request, await self._usage_store().grouped(start, end, by=("provider", "provider_name", "model")))
+        by = ("provider", "provider_name", "model")
+        return _rows(request, await self._usage_store().grouped(start, end, by=by), by)
 
     @app.route("/usage/keys", methods=["GET"])
     async def usage_keys(self, request):
         """Totals per managed key (C{auth_key_id}; null: the master key's) of a window; C{format=csv}."""
         start, end = self._window(request)
-        return _rows(request, await self._usage_store().grouped(start, end, by=("auth_key_id",)))
+        by = ("auth_key_id",)
+        return _rows(request, await self._usage_store().grouped(start, end, by=by), by)
 
     @app.route("/usage/user-paths", methods=["GET"])
     async def usage_user_paths(self, request):
         """Totals per user path of a window; C{format=csv}."""
         start, end = self._window(request)
-        return _rows(request, await self._usage_store().grouped(start, end, by=("user_path",)))
+        by = ("user_path",)
+        return _rows(request, await self._usage_store().grouped(start, end, by=by), by)
 
     @app.route("/usage/timeseries", methods=["GET"])
     async def usage_timeseries(self, request):
@@ -244,10 +247,10 @@ def _iso(seconds) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _rows(request, rows):
-    """A grouping's rows as JSON, or CSV with C{format=csv}."""
+def _rows(request, rows, keys):
+    """A grouping's rows (its C{keys}, then the totals) as JSON, or CSV with C{format=csv}."""
     if query_arg(request, b"format") == "csv":
-        return _csv(request, rows, tuple(rows[0]) if rows else ("requests",))
+        return _csv(request, rows, keys + USAGE_TOTALS)
     return json_answer(request, {"object": "list", "data": rows})
 
 

@@ -7,7 +7,7 @@ from zope.interface import implementer
 from gomodel.errors import RowsRejected
 from gomodel.store.codec import like_pattern
 from gomodel.store.interfaces import IUsageStore
-from gomodel.store.records import USAGE_FIELDS as COLUMNS
+from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
 # The rows go by binary COPY, each column written as its type in the table (a text column otherwise).
 _TYPES = {"timestamp": "float8", "replica": "int4", "status_code": "int4", "stream": "bool", "input_tokens": "int8",
@@ -158,5 +158,4 @@ class PostgreSQLUsageStore:
 
 
 def _totals(row) -> dict:
-    return {"requests": row[0], "input_tokens": row[1], "output_tokens": row[2], "total_tokens": row[3],
-            "cached_tokens": row[4], "reasoning_tokens": row[5], "total_cost": row[6], "errors": row[7]}
+    return dict(zip(USAGE_TOTALS, row))

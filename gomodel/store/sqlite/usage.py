@@ -5,7 +5,7 @@ from zope.interface import implementer
 
 from gomodel.store.codec import like_pattern
 from gomodel.store.interfaces import IUsageStore
-from gomodel.store.records import USAGE_FIELDS as COLUMNS
+from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
 _BOOLEANS = ("stream", "client_gone", "estimated")
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES"
@@ -141,8 +141,7 @@ _PERCENTILES = ("SELECT k, rn, n, v FROM (SELECT k, v, ROW_NUMBER() OVER (PARTIT
 
 
 def _totals(row) -> dict:
-    return {"requests": row[0], "input_tokens": row[1], "output_tokens": row[2], "total_tokens": row[3],
-            "cached_tokens": row[4], "reasoning_tokens": row[5], "total_cost": row[6], "errors": row[7]}
+    return dict(zip(USAGE_TOTALS, row))
 
 
 def _record(row) -> dict:
