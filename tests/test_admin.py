@@ -234,3 +234,12 @@ async def test_an_empty_csv_grouping_has_the_columns_of_a_full_one(http, ledger)
         header, row = csv_rows(body)
         assert empty[route] == [header], route
         assert "requests" in header and "total_cost" in header
+
+
+@pytest_twisted.ensureDeferred
+async def test_dates_before_the_year_1000_have_four_digit_years(http, ledger):
+    _, body = await get(http, ledger, "/admin/api/v1/usage/summary?start_date=0999-01-01&end_date=0999-01-02")
+    summary = json.loads(body)
+    assert (summary["start"], summary["end"], summary["requests"]) == ("0999-01-01", "0999-01-02", 0)
+    _, body = await get(http, ledger, "/admin/api/v1/usage/summary?start_date=0001-01-01&end_date=0001-01-01")
+    assert json.loads(body)["start"] == "0001-01-01"

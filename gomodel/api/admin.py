@@ -240,7 +240,7 @@ def _seconds(date) -> float:
 
 
 def _day(seconds) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(seconds, timezone.utc).date().isoformat()  # (strftime: "999-01-01")
 
 
 def _iso(seconds) -> str:
