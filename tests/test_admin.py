@@ -81,7 +81,7 @@ async def test_usage_log_numbers_out_of_range_are_400s_and_search_is_literal(rea
                              ("after=-1", "after"), ("after=x", "after"), ("status=99999999999999999999", "status"),
                              ("status=99", "status"), ("status=600", "status"), ("status=ok", "status"),
                              ("status=%2B200", "status"), ("status=2_00", "status"), ("after=%201", "after"),
-                             ("limit=99999999999999999999", "limit"), ("days=99999999999999999999", None)):
+                             ("limit=99999999999999999999", "limit"), ("days=99999999999999999999", "days")):
             response = await http.get(gw.url + "/admin/api/v1/usage/log?" + query, headers=KEY)
             error = json.loads(await response.content())["error"]
             assert (response.code, error["param"]) == (400, param), (query, error)
@@ -243,3 +243,25 @@ async def test_dates_before_the_year_1000_have_four_digit_years(http, ledger):
     assert (summary["start"], summary["end"], summary["requests"]) == ("0999-01-01", "0999-01-02", 0)
     _, body = await get(http, ledger, "/admin/api/v1/usage/summary?start_date=0001-01-01&end_date=0001-01-01")
     assert json.loads(body)["start"] == "0001-01-01"
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_numbers_and_dates_are_ascii_digits(http, ledger):
+    for query, param in (("summary?days=%EF%BC%93", "days"), ("summary?days=%D9%A3", "days"),
+                         ("summary?days=%2B3", "days"), ("summary?days=3_0", "days"), ("summary?days=0", "days"),
+                         ("summary?days=" + "9" * 5000, "days"), ("summary?days=36501", "days"),
+                         ("summary?start_date=2025-01-1%EF%BC%90", "start_date"),
+                         ("summary?end_date=2025-13-01", "end_date"),
+                         ("summary?end_date=0001-01-01&days=2", "days"),
+                         ("summary?start_date=2025-02-01&end_date=2025-01-01", "start_date"),
+                         ("log?limit=%EF%BC%93", "limit"), ("log?limit=" + "1" * 5000, "limit"),
+                         ("log?status=%EF%BC%92%EF%BC%90%EF%BC%90", "status"), ("log?after=%EF%BC%91", "after"),
+                         ("log?after=" + "1" * 5000, "after"), ("auth-keys?limit=%EF%BC%93", "limit")):
+        response, body = await get(http, ledger, "/admin/api/v1/" + ("" if query.startswith("auth") else "usage/")
+                                   + query)
+        error = json.loads(body)["error"]
+        assert (response.code, error["type"], error["param"]) == (400, "invalid_request_error", param), query
+        assert error["code"] in ("invalid_value", "invalid_window"), query
+    for query in ("summary?days=36500", "summary?days=003", "log?limit=0010", "log?after=00"):
+        response, _ = await get(http, ledger, "/admin/api/v1/usage/" + query)
+        assert response.code == 200, query

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from klein import Klein
 
 from gomodel.errors import InvalidRequest, NotFound
-from gomodel.http.bodies import json_answer, mounted, query_arg, query_limit
+from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
 
@@ -20,6 +20,10 @@ DAY = 86400.0
 TIMESERIES = {"hour": (60.0, 60), "day": (3600.0, 24), "month": (DAY, 30)}
 # The largest usage/log cursor (a record's id): a BIGINT's, past which SQLite fails and PostgreSQL finds none.
 CURSOR_MAX = 2**63 - 1
+# usage/log's filters given as text (C{status}: a number).
+TEXT_FILTERS = ("model", "provider", "search", "key", "user_path")
+# The longest C{days} window: the longest usage retention (USAGE_RETENTION_DAYS).
+DAYS_MAX = 36500
 # What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -150,15 +154,12 @@ class AdminAPI:
         C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}: the same page,
         its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
         start, end = self._window(request)
-        filters = {name: query_arg(request, name.encode())
-                   for name in ("model", "provider", "status", "search", "key", "user_path")}
+        filters = {name: query_arg(request, name.encode()) for name in TEXT_FILTERS}
         filters = {name: value for name, value in filters.items() if value is not None}
-        if "status" in filters:
-            filters["status"] = _integer(filters["status"], 100, 599, "status",
-                                         "status must be an HTTP status code (100 to 599).")
-        after = query_arg(request, b"after")
-        if after is not None:
-            after = _integer(after, 0, CURSOR_MAX, "after", "after must be the 'next' of a previous page.")
+        status = query_int(request, b"status", 100, 599, message="status must be an HTTP status code (100 to 599).")
+        if status is not None:
+            filters["status"] = status
+        after = query_int(request, b"after", 0, CURSOR_MAX, message="after must be the 'next' of a previous page.")
         records, cursor = await self._usage_store().log(start, end, query_limit(request, 100, 1000), after, filters)
         for record in records:
             record["timestamp"] = _iso(record["timestamp"])
@@ -176,22 +177,17 @@ class AdminAPI:
 
     def _window(self, request):
         """C{(start, end)} in seconds: whole UTC days, the end day included."""
-        start_date, end_date = query_arg(request, b"start_date"), query_arg(request, b"end_date")
-        today = datetime.fromtimestamp(self._clock.seconds(), timezone.utc).date()
-        try:
-            end = _date(end_date) if end_date else today
-            if start_date:
-                start = _date(start_date)
-            else:
-                days = int(query_arg(request, b"days", "30"))
-                if days < 1:
-                    raise ValueError
+        end = _date(request, b"end_date") or datetime.fromtimestamp(self._clock.seconds(), timezone.utc).date()
+        start = _date(request, b"start_date")
+        if start is None:
+            days = query_int(request, b"days", 1, DAYS_MAX, 30, code="invalid_window",
+                             message=f"days must be a whole number from 1 to {DAYS_MAX}.")
+            try:
                 start = end - timedelta(days=days - 1)
-        except (ValueError, OverflowError):  # (days before the year 1)
-            raise InvalidRequest("Give start_date/end_date as YYYY-MM-DD, or days as a whole number "
-                                 "of 1 or more.", code="invalid_window") from None
+            except OverflowError:
+                raise InvalidRequest("days reaches before the year 1.", param="days", code="invalid_window") from None
         if start > end:
-            raise InvalidRequest("start_date is after end_date.", code="invalid_window")
+            raise InvalidRequest("start_date is after end_date.", param="start_date", code="invalid_window")
         return _seconds(start), _seconds(end) + DAY
 
     def _provider(self, pool, now):
@@ -223,16 +219,18 @@ def _empty_bucket(period) -> dict:
             "duration_ms_p50": None, "duration_ms_p95": None, "ttft_ms_p50": None, "ttft_ms_p95": None}
 
 
-def _integer(text, low, high, param, message) -> int:
-    """C{text} as an integer from C{low} to C{high}; L{InvalidRequest} naming C{param} otherwise."""
-    value = int(text) if text.isascii() and text.isdigit() else None  # (not int()'s " +5", "5_0")
-    if value is None or not low <= value <= high:
-        raise InvalidRequest(message, param=param, code="invalid_value")
-    return value
-
-
-def _date(text):
-    return datetime.strptime(text, "%Y-%m-%d").date()
+def _date(request, name: bytes):
+    """The date of query parameter C{name} (C{YYYY-MM-DD}, ASCII digits), or None."""
+    text = query_arg(request, name)
+    if text is None:
+        return None
+    try:
+        if text.isascii():  # (strptime reads other digits in some places: "2025-01-1０")
+            return datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        pass
+    param = name.decode()
+    raise InvalidRequest(f"{param} must be a date as YYYY-MM-DD.", param=param, code="invalid_window")
 
 
 def _seconds(date) -> float:

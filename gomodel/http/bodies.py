@@ -52,19 +52,32 @@ def query_arg(request, name: bytes, default=None):
         raise InvalidRequest(f"'{name.decode()}' is not valid UTF-8.", param=name.decode()) from None
 
 
-def query_limit(request, default: int, maximum: int) -> int:
-    """The C{limit} query parameter, an integer from 1 to C{maximum}; C{default} when it is not given."""
-    text = query_arg(request, b"limit")
+def query_int(request, name: bytes, low: int, high: int, default=None, *, message=None, code="invalid_value"):
+    """Query parameter C{name} as a whole number from C{low} to C{high} in ASCII digits (not int()'s
+    "３", " +5" or "5_0"); C{default} when it is not given.
+
+    @raise InvalidRequest: anything else, naming the parameter, with C{message} and C{code}.
+    """
+    text = query_arg(request, name)
     if text is None:
         return default
-    try:
-        limit = int(text)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= maximum:
-        raise InvalidRequest(f"'limit' must be an integer between 1 and {maximum}.", param="limit",
-                             code="invalid_value")
-    return limit
+    value = None
+    if text.isascii() and text.isdigit():
+        try:
+            value = int(text)
+        except ValueError:  # more digits than int() reads
+            pass
+    if value is None or not low <= value <= high:
+        param = name.decode()
+        raise InvalidRequest(message or f"'{param}' must be a whole number from {low} to {high}.", param=param,
+                             code=code)
+    return value
+
+
+def query_limit(request, default: int, maximum: int) -> int:
+    """The C{limit} query parameter, an integer from 1 to C{maximum}; C{default} when it is not given."""
+    return query_int(request, b"limit", 1, maximum, default,
+                     message=f"'limit' must be an integer between 1 and {maximum}.")
 
 
 def page(data, has_more) -> dict:
