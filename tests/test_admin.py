@@ -265,3 +265,12 @@ async def test_usage_numbers_and_dates_are_ascii_digits(http, ledger):
     for query in ("summary?days=36500", "summary?days=003", "log?limit=0010", "log?after=00"):
         response, _ = await get(http, ledger, "/admin/api/v1/usage/" + query)
         assert response.code == 200, query
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_query_errors_name_their_parameter_and_code(http, ledger):
+    for query, param in (("daily?interval=week", "interval"), ("log?model=%FF", "model"),
+                         ("summary?days=%FF", "days"), ("log?format=xml", "format"), ("models?format=CSV", "format")):
+        response, body = await get(http, ledger, "/admin/api/v1/usage/" + query)
+        error = json.loads(body)["error"]
+        assert (response.code, error["param"], error["code"]) == (400, param, "invalid_value"), (query, error)

@@ -99,7 +99,7 @@ class AdminAPI:
         start, end = self._window(request)
         interval = query_arg(request, b"interval", "day")
         if interval not in ("day", "hour"):
-            raise InvalidRequest("interval must be day or hour.", param="interval")
+            raise InvalidRequest("interval must be day or hour.", param="interval", code="invalid_value")
         rows = await self._usage_store().grouped(start, end, bucket=DAY if interval == "day" else 3600)
         for row in rows:
             row["period"] = _iso(row["period"]) if interval == "hour" else _day(row["period"])
@@ -154,6 +154,7 @@ class AdminAPI:
         C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}: the same page,
         its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
         start, end = self._window(request)
+        wants_csv = _wants_csv(request)
         filters = {name: query_arg(request, name.encode()) for name in TEXT_FILTERS}
         filters = {name: value for name, value in filters.items() if value is not None}
         status = query_int(request, b"status", 100, 599, message="status must be an HTTP status code (100 to 599).")
@@ -163,7 +164,7 @@ class AdminAPI:
         records, cursor = await self._usage_store().log(start, end, query_limit(request, 100, 1000), after, filters)
         for record in records:
             record["timestamp"] = _iso(record["timestamp"])
-        if query_arg(request, b"format") == "csv":
+        if wants_csv:
             request.setHeader(b"x-has-more", b"false" if cursor is None else b"true")
             if cursor is not None:
                 request.setHeader(b"x-next", b"%d" % cursor)
@@ -245,9 +246,17 @@ def _iso(seconds) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _wants_csv(request) -> bool:
+    """Whether C{format} is C{csv} (absent or C{json}: JSON)."""
+    answer = query_arg(request, b"format", "json")
+    if answer not in ("json", "csv"):
+        raise InvalidRequest("format must be json or csv.", param="format", code="invalid_value")
+    return answer == "csv"
+
+
 def _rows(request, rows, keys):
     """A grouping's rows (its C{keys}, then the totals) as JSON, or CSV with C{format=csv}."""
-    if query_arg(request, b"format") == "csv":
+    if _wants_csv(request):
         return _csv(request, rows, keys + USAGE_TOTALS)
     return json_answer(request, {"object": "list", "data": rows})
 

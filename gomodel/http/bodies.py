@@ -49,7 +49,8 @@ def query_arg(request, name: bytes, default=None):
     try:
         return values[0].decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidRequest(f"'{name.decode()}' is not valid UTF-8.", param=name.decode()) from None
+        raise InvalidRequest(f"'{name.decode()}' is not valid UTF-8.", param=name.decode(),
+                             code="invalid_value") from None
 
 
 def query_int(request, name: bytes, low: int, high: int, default=None, *, message=None, code="invalid_value"):
