@@ -115,12 +115,32 @@ async def test_create_list_get_patch_deactivate(http, gw):
     ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 2**53}]}, "budgets"),
     ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 10**400}]}, "budgets"),
     ({"name": "x", "budgets": [{"period": "daily", "max_cost": 10**400}]}, "budgets"),  # past a float: a 500 later
+    # models and metadata past their caps (metadata: OpenAI's 16 string pairs, keys to 64, values to 512)
+    ({"name": "x", "models": ["vllm/"] * 1001}, "models"),
+    ({"name": "x", "allowed_models": ["m" * 257]}, "allowed_models"),
+    ({"name": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"name": "x", "metadata": {"k" * 65: "v"}}, "metadata"),
+    ({"name": "x", "metadata": {"k": "v" * 513}}, "metadata"),
+    ({"name": "x", "metadata": {"k": 1}}, "metadata"),
+    ({"name": "x", "metadata": ["k"]}, "metadata"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_key_bodies_are_400s_naming_the_field(http, gw, body, param):
     code, error = await admin(http, gw, "POST", KEYS, body)
     assert code == 400, error
     assert error["error"]["param"] == param
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_and_metadata_up_to_their_caps_are_kept(http, gw):
+    models = [f"vllm/{i:03d}" + "m" * 248 for i in range(1000)]
+    metadata = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
+    key = await new_key(http, gw, models=models, metadata=metadata)
+    assert (key["models"], key["metadata"]) == (models, metadata)
+    code, error = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"models": models + ["vllm/"]})
+    assert (code, error["error"]["param"], error["error"]["code"]) == (400, "models", "invalid_value")
+    code, got = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"metadata": None, "models": None})
+    assert code == 200 and (got["metadata"], got["models"]) == (None, None)
 
 
 # 1e400 parses as infinity where the body holds an integer of 20 digits or more (the standard library's parser).

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from klein import Klein
 
 from gomodel.auth.keys import hash_secret, new_secret, redact
+from gomodel.batches.validation import check_metadata
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
@@ -27,6 +28,7 @@ PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 _INT_MAX = 2**31 - 1
 _LATEST = 253402300799  # 9999-12-31T23:59:59Z
 LIST_LIMIT_MAX = 1000  # keys on one page of the list, when it asks for pages (C{limit})
+MODELS_MAX, MODEL_CHARS_MAX = 1000, 256  # a key's model selectors, and the characters of one
 _INTEGER_LIMITS = {"rpm": COUNT_MAX, "tpm": COUNT_MAX, "max_concurrency": _INT_MAX}
 _USER_PATH = re.compile(r"(/[A-Za-z0-9_\-@+~]+)+|/")
 
@@ -183,10 +185,10 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
             raise _bad("priority", f"must be an integer from {-_INT_MAX - 1} to {_INT_MAX}, or null")
         fields["priority"] = body["priority"]
     if "metadata" in body:
-        metadata = body["metadata"]
-        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 64):
-            raise _bad("metadata", "must be a JSON object of at most 64 entries, or null")
-        fields["metadata"] = metadata
+        try:
+            fields["metadata"] = check_metadata(body["metadata"])  # (OpenAI's rule)
+        except ValueError as e:
+            raise _bad("metadata", f"{e}, or null") from None
     if "own_cache_salt" in body:
         if not isinstance(body["own_cache_salt"], bool):
             raise _bad("own_cache_salt", "must be true or false")
@@ -270,8 +272,10 @@ def iso(seconds):
 def _selectors(value, name):
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(s, str) and s.strip() for s in value):
-        raise _bad(name, "must be a list of model selectors ('provider/', 'provider/model', a model or alias)")
+    if not isinstance(value, list) or len(value) > MODELS_MAX or not all(
+            isinstance(s, str) and 0 < len(s.strip()) <= MODEL_CHARS_MAX for s in value):
+        raise _bad(name, f"must be a list of at most {MODELS_MAX} model selectors ('provider/', 'provider/model', "
+                         f"a model or alias) of at most {MODEL_CHARS_MAX} characters")
     return [s.strip() for s in value]
 
 
