@@ -879,7 +879,8 @@ async def test_passthrough_pins_the_named_replica(cluster, http):
                                 headers={"X-Gomodel-Replica": ["2"]})
     assert response.code == 200 and served_by(response) == 2
 
-    for bad, code in (("3", "unknown_replica"), ("-1", "unknown_replica"), ("x", "invalid_replica")):
+    for bad, code in (("3", "unknown_replica"), ("-1", "invalid_replica"), ("x", "invalid_replica"),
+                      ("+1", "invalid_replica"), ("1_0", "invalid_replica"), ("１", "invalid_replica")):
         response = await http.get(gw.url + "/p/vllm/version", headers={"X-Gomodel-Replica": [bad]})
         assert response.code == 400, bad
         assert error_of(jsonutil.loads(await treq.content(response)))["code"] == code
@@ -942,8 +943,11 @@ async def test_request_priority_header_on_a_priority_scheduling_provider(cluster
     assert bodies["b"]["priority"] == -2
     assert bodies["c"]["priority"] == 7
     assert not fleet[0].requests_with_header(b"x-request-priority")
-    response, body = await post(http, gw, chat(), headers={"X-Request-Priority": ["high"]})
-    assert response.code == 400 and error_of(body)["code"] == "invalid_priority"
+    await post(http, gw, chat(fake_marker="d"), headers={"X-Request-Priority": ["-2147483648"]})
+    assert fleet[0].inference_requests[-1].body["priority"] == -2**31
+    for bad in ("high", "+5", "5_0", "2147483648", "--1", "５"):
+        response, body = await post(http, gw, chat(), headers={"X-Request-Priority": [bad]})
+        assert response.code == 400 and error_of(body)["code"] == "invalid_priority", bad
 
 
 @pytest_twisted.ensureDeferred

@@ -11,11 +11,13 @@ from functools import partial
 
 from gomodel import jsonutil
 from gomodel.errors import InvalidRequest, ModelAccessDenied
-from gomodel.http.bodies import json_body, streams
+from gomodel.http.bodies import json_body, streams, whole_number
 from gomodel.http.headers import X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
+
+PRIORITY_MIN, PRIORITY_MAX = -2**31, 2**31 - 1  # X-Request-Priority's range: a managed key's priority's
 
 
 class InferenceRoutes:
@@ -131,10 +133,11 @@ class InferenceRoutes:
         value = request_header(request, X_REQUEST_PRIORITY)
         if value is None:
             return
-        try:
-            body["priority"] = int(value)
-        except ValueError:
-            raise InvalidRequest("X-Request-Priority must be an integer.", code="invalid_priority") from None
+        priority = whole_number(value, PRIORITY_MIN, PRIORITY_MAX)
+        if priority is None:
+            raise InvalidRequest(f"X-Request-Priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}.",
+                                 code="invalid_priority")
+        body["priority"] = priority
 
 
 def unsaturated(gate, route, fallbacks):

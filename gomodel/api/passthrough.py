@@ -10,6 +10,7 @@ backpressure. vLLM's operational routes are refused unless allowed in config.
 from urllib.parse import quote, unquote
 
 from gomodel import errors
+from gomodel.http.bodies import whole_number
 from gomodel.http.headers import HOP_BY_HOP, connection_tokens
 from gomodel.proxy.exchange import UpstreamCall
 
@@ -82,11 +83,10 @@ def _pinned_replica(request):
     value = request.getHeader(b"x-gomodel-replica")
     if value is None:
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise errors.InvalidRequest("X-Gomodel-Replica must be a replica index (0, 1, ...).",
-                                    code="invalid_replica") from None
+    index = whole_number(value, 0, 2**31 - 1)  # (an index past the pool: unknown_replica)
+    if index is None:
+        raise errors.InvalidRequest("X-Gomodel-Replica must be a replica index (0, 1, ...).", code="invalid_replica")
+    return index
 
 
 def _upstream_headers(request) -> dict:

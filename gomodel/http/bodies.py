@@ -62,17 +62,24 @@ def query_int(request, name: bytes, low: int, high: int, default=None, *, messag
     text = query_arg(request, name)
     if text is None:
         return default
-    value = None
-    if text.isascii() and text.isdigit():
-        try:
-            value = int(text)
-        except ValueError:  # more digits than int() reads
-            pass
-    if value is None or not low <= value <= high:
+    value = whole_number(text, low, high)
+    if value is None:
         param = name.decode()
         raise InvalidRequest(message or f"'{param}' must be a whole number from {low} to {high}.", param=param,
                              code=code)
     return value
+
+
+def whole_number(text, low: int, high: int):
+    """C{text} (str, or bytes: a header's value) as a whole number from C{low} to C{high} in ASCII digits, a
+    minus first where C{low} is negative (not int()'s "３", " +5" or "5_0"); None when it is anything else."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    digits = text[1:] if low < 0 and text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 30:
+        return None
+    value = int(text)
+    return value if low <= value <= high else None
 
 
 def query_limit(request, default: int, maximum: int) -> int:
