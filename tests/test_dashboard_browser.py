@@ -541,6 +541,14 @@ async def test_usage_tables_csv_and_the_request_log(env):
         b.fill("#log-search", "dash-find-me")
         b.one("#log-search").submit()
         b.wait(lambda d: len(b.texts("#log-table .request-id")) == 6, "six records")
+        b.click("#log-csv")
+        found = sorted(row["request_id"] for row in csv.DictReader(io.StringIO(b.downloaded("usage-log.csv"))))
+        assert len(found) == 6 and all(r.startswith("dash-find-me") for r in found)
+        # Every page of the log, followed by its X-Next: the same records, one header.
+        b.js("import('/admin/static/api.js').then((api) => api.downloadPages("
+             "'/admin/api/v1/usage/log?search=dash-find-me&limit=4&format=csv', 'usage-log-paged.csv'))")
+        paged = b.downloaded("usage-log-paged.csv")
+        assert sorted(row["request_id"] for row in csv.DictReader(io.StringIO(paged))) == found
         b.click("button[data-group='model']")
         b.wait(lambda d: any(MODEL in t for t in b.texts("#usage-table td")), "the model's row again")
         b.shot("usage.png")

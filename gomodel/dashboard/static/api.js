@@ -78,8 +78,26 @@ export function admin(path, options) {
 
 // Download an answer as a file: fetched with the key in a header, saved from a Blob (no key in a URL).
 export async function download(path, filename) {
-  const response = await api(path, {raw: true});
-  const blob = await response.blob();
+  return save(await (await api(path, {raw: true})).blob(), filename);
+}
+
+// Download every page of a paged CSV answer (its X-Next header names the next page's `after`) as one file:
+// the first page's header line, then each page's rows.
+export async function downloadPages(path, filename) {
+  const parts = [];
+  let after = null;
+  do {
+    const separator = path.includes("?") ? "&" : "?";
+    const response = await api(after === null ? path : `${path}${separator}after=${encodeURIComponent(after)}`,
+      {raw: true});
+    const text = await response.text();
+    parts.push(parts.length ? text.slice(text.indexOf("\r\n") + 2) : text);
+    after = response.headers.get("X-Next");
+  } while (after !== null);
+  return save(new Blob(parts, {type: "text/csv"}), filename);
+}
+
+function save(blob, filename) {
   const url = URL.createObjectURL(blob);
   const link = document.createElement("a");
   link.href = url;

@@ -1,6 +1,6 @@
 // Usage: totals by model, provider, key and user path for a window (table, chart, CSV), and the request log.
 
-import {admin, download, query} from "../api.js";
+import {admin, download, downloadPages, query} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
 import {badge, button, cost, errorNote, h, int, ms, replace, table, when} from "../dom.js";
 
@@ -62,6 +62,16 @@ export function mount(el) {
     }
   });
   csv.id = "usage-csv";
+  // Every record of the window and filters, a page of 1,000 at a time.
+  const logCsv = button("Log as CSV", async () => {
+    try {
+      await downloadPages(`/admin/api/v1/usage/log${query({...windowParams(), ...logParams(), limit: 1000,
+        format: "csv"})}`, "usage-log.csv");
+    } catch (error) {
+      replace(messages, errorNote(error));
+    }
+  });
+  logCsv.id = "log-csv";
   const groupTable = h("div", {id: "usage-table"});
   const chartBox = h("div", {class: "chart-box chart-box-tall", id: "chart-usage"});
 
@@ -97,15 +107,7 @@ export function mount(el) {
       h("div", {class: "panel-head"}, tabs, csv),
       h("div", {class: "split"}, groupTable, chartBox)),
     h("section", {class: "panel"},
-      h("div", {class: "panel-head"}, h("h2", {text: "Request log"}),
-        button("Log as CSV", async () => {
-          try {
-            await download(`/admin/api/v1/usage/log${query({...windowParams(), ...logParams(), limit: 1000,
-              format: "csv"})}`, "usage-log.csv");
-          } catch (error) {
-            replace(messages, errorNote(error));
-          }
-        })),
+      h("div", {class: "panel-head"}, h("h2", {text: "Request log"}), logCsv),
       filters, logTable, pager));
   const groupChart = chart(chartBox, {type: "bar", horizontal: true, series: [
     {label: "requests", color: COLORS.blue}, {label: "errors", color: COLORS.red}]});
