@@ -67,6 +67,10 @@ class _Routes:
         await deferLater(reactor, 0.05, lambda: None)  # page 1 reaches the client
         raise errors.StorageUnavailable("the store failed on page 2")
 
+    @app.route("/a/b")  # this map merges slashes (werkzeug's default): /a//b is a redirect to werkzeug
+    def merged(self, request):
+        return b"merged"
+
     render.install(app)
 
 
@@ -103,5 +107,20 @@ async def test_exact_route_failing_after_its_first_write_is_cut_not_completed(re
         received = bytes(client.received)
         assert b"partial" in received and b"bad_upstream_response" not in received
         assert not received.endswith(b"0\r\n\r\n")
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_werkzeug_redirect_is_a_404_that_names_no_host(reactor):
+    port = await _serve(reactor)
+    try:
+        client = await connect(reactor, port.getHost().port,
+                               b"GET /a//b HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+        await with_timeout(reactor, client.lost, 10)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 404 ") and b"location:" not in head.lower()
+        assert json.loads(body)["error"] == {"message": "Unknown route: GET /a//b.", "type": "invalid_request_error",
+                                             "param": None, "code": "not_found"}
     finally:
         await port.stopListening()

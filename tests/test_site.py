@@ -1,5 +1,6 @@
 """The listening side checks the key when a request's head is in, before any body is stored (D1)."""
 
+import json
 import os
 import re
 
@@ -238,3 +239,21 @@ def test_a_request_id_is_the_clients_when_sane_else_new_random_hex_also_in_a_for
     os.close(read)
     os.waitpid(pid, 0)
     assert re.fullmatch(rb"[0-9a-f]{32}", child) and child != request_id_for(request())
+
+
+def _not_found(answer: bytes) -> bool:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return (head.startswith(b"HTTP/1.1 404 ") and b"\r\nlocation:" not in head.lower()
+            and json.loads(body)["error"]["type"] == "invalid_request_error"
+            and json.loads(body)["error"]["code"] == "not_found")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_doubled_slash_is_a_404_never_a_redirect_built_from_the_clients_host(reactor, keyed):
+    for path in (b"/admin/api/v1/usage//log", b"/admin/api/v1/providers//status", b"/admin/api/v1/usage/log//",
+                 b"/admin/api/v1/auth-keys//x", b"/admin/api/v1/budgets//x", b"/admin//api/v1/usage",
+                 b"/v1/files//x", b"/v1/batches//x/cancel"):
+        answer = await _answer(reactor, keyed.port, b"GET %s HTTP/1.1\r\nHost: evil.example\r\n"
+                               b"Authorization: Bearer k1\r\nConnection: close\r\n\r\n" % path)
+        assert _not_found(answer), (path, answer)
+        assert b"evil.example" not in answer

@@ -34,6 +34,7 @@ class AdminAPI:
 
     app = Klein()
     app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
 
     def __init__(self, registry, monitor, clock, usage=None, *, keys=None, budgets=None):
         """

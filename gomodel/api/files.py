@@ -33,6 +33,7 @@ class FilesAPI:
 
     app = Klein()
     app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
 
     def __init__(self, files, blobs, max_bytes: int):
         """

@@ -38,6 +38,7 @@ class KeysAPI:
 
     app = Klein()
     app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
 
     def __init__(self, store, ring, clock, book=None):
         """

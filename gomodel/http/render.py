@@ -137,7 +137,7 @@ def _failed(*args):
 
 
 def _http_exception(*args):
-    """Werkzeug's routing answers (404, 405, redirects) as gateway errors."""
+    """Werkzeug's routing answers (404, 405; a redirect is a 404) as gateway errors."""
     from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
     from werkzeug.routing import RequestRedirect
 
@@ -149,10 +149,9 @@ def _http_exception(*args):
         allowed = ", ".join(sorted(exc.valid_methods or ()))
         error = errors.MethodNotAllowed(f"Method {method} is not allowed on {path} (allowed: {allowed}).",
                                         headers={"Allow": allowed})
-    elif isinstance(exc, RequestRedirect):
-        error = errors.GatewayError(f"This route lives at {exc.new_url}.", status=exc.code,
-                                    headers={"Location": exc.new_url})
-    elif exc.code == 404:
+    elif exc.code == 404 or isinstance(exc, RequestRedirect):
+        # A redirect (a doubled slash, were a map to merge them) names an absolute URL werkzeug built from
+        # the client's Host: never sent; the path as asked for is not a route.
         error = errors.NotFound(f"Unknown route: {method} {path}.")
     else:
         error = errors.InvalidRequest(exc.description or "Bad request.", status=exc.code)
