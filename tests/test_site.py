@@ -257,3 +257,26 @@ async def test_a_doubled_slash_is_a_404_never_a_redirect_built_from_the_clients_
                                b"Authorization: Bearer k1\r\nConnection: close\r\n\r\n" % path)
         assert _not_found(answer), (path, answer)
         assert b"evil.example" not in answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_path_that_begins_with_two_slashes_is_a_404_however_it_is_encoded(reactor, keyed):
+    # Klein joined the path's segments anew and lost one of two leading slashes: //admin/... (the key check
+    # saw no /admin/ there) was routed as /admin/..., where a managed key read and made keys.
+    body = b'{"name":"tenant"}'
+    created = await _answer(reactor, keyed.port, b"POST /admin/api/v1/auth-keys HTTP/1.1\r\nHost: g\r\n"
+                            b"Authorization: Bearer k1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    key = re.search(rb'"value":"([^"]+)"', created).group(1)
+    for secret in (key, b"k1"):
+        for method, path in ((b"GET", b"/%2Fadmin/api/v1/auth-keys"), (b"POST", b"/%2Fadmin/api/v1/auth-keys"),
+                             (b"GET", b"/%2fadmin/api/v1/usage/summary"), (b"GET", b"//admin/api/v1/auth-keys"),
+                             (b"GET", b"//admin/dashboard"), (b"GET", b"//v1/models"), (b"GET", b"/%2Fv1/models"),
+                             (b"GET", b"//health")):
+            answer = await _answer(reactor, keyed.port, b"%s %s HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\n"
+                                   b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n"
+                                   b"\r\n%s" % (method, path, secret, len(body), body))
+            assert _not_found(answer), (method, path, secret, answer)
+    listed = await _answer(reactor, keyed.port, b"GET /admin/api/v1/auth-keys HTTP/1.1\r\nHost: g\r\n"
+                           b"Authorization: Bearer k1\r\nConnection: close\r\n\r\n")
+    assert listed.count(b'"object":"auth_key"') == 1  # none was made on the way

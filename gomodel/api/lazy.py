@@ -41,6 +41,10 @@ class LazyRoutes(Resource):
         if not _utf8(request):
             return render.fail(request, Failure(errors.InvalidRequest(
                 "The request's path and Host header must be UTF-8 once percent-decoded.", code="invalid_url")))
+        if _two_slashes_first(request.postpath):
+            return render.fail(request, Failure(errors.NotFound(
+                f"Unknown route: {request.method.decode('ascii', 'replace')} "
+                f"{request.path.decode('utf-8', 'replace')}.")))
         try:
             app = self.app
         except Exception:  # logged; a 500, and the next request tries again
@@ -65,3 +69,11 @@ def _utf8(request) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _two_slashes_first(segments) -> bool:
+    """Whether the percent-decoded path of these segments (a request's C{postpath}) begins with C{//}
+    (C{//admin/...}, C{/%2Fadmin/...}): Klein joins the segments anew, and its path would then be one
+    slash short, C{/admin/...}, not the path the key was checked on (L{gomodel.auth.keys.GatewayAuth})."""
+    first = segments[0] if segments else b""
+    return first.startswith(b"/") or (not first and len(segments) > 1)
