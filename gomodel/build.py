@@ -146,6 +146,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # record before a drain can end).
     gateway.drain = Drain(reactor, gateway.listeners, config.server.shutdown_timeout)
     sinks, starts, pages, open_paths = [], [gateway.drain.started], {}, []
+    # The scrape's path, with a trailing slash too, as every Klein route (/health/, /v1/models/).
+    scrape = config.metrics.endpoint
+    metrics_paths = [scrape, scrape + "/"] if scrape != "/" else [scrape]
     if dashboard:  # its page and assets hold no data: every data call needs the master key
         open_paths.extend(SHELL_PATHS)
     if config.metrics.access_log:
@@ -157,9 +160,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)
         sinks.append(gateway.metrics)
         starts.append(gateway.metrics.started)
-        pages[config.metrics.endpoint.encode("ascii")] = gateway.metrics.page
+        for path in metrics_paths:
+            pages[path.encode("ascii")] = gateway.metrics.page
         if not config.metrics.require_key:
-            open_paths.append(config.metrics.endpoint)
+            open_paths.extend(metrics_paths)
     if gateway.usage is not None:
         sinks.append(gateway.usage)
     sinks.append(gateway.gate.completed)
@@ -172,7 +176,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                           tracer=gateway.telemetry.trace if gateway.telemetry is not None else None, plain=plain.find)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
-                                                        closed_to_keys=[config.metrics.endpoint],
+                                                        closed_to_keys=metrics_paths,
                                                         open_prefixes=[STATIC_PREFIX] if dashboard else []),
                                upload_sink=routes.upload_sink, reactor=reactor)
     gateway.site.noisy = False

@@ -221,7 +221,7 @@ async def test_a_managed_key_works_by_bearer_and_x_api_key_until_deactivated(htt
 @pytest_twisted.ensureDeferred
 async def test_a_managed_key_never_reaches_admin_or_metrics(http, gw):
     key = await new_key(http, gw)
-    for path in (KEYS, "/admin/api/v1/providers/status", "/metrics"):
+    for path in (KEYS, "/admin/api/v1/providers/status", "/metrics", "/metrics/"):
         response = await http.get(gw.url + path, headers={"authorization": f"Bearer {key['value']}"})
         assert response.code == 403, path
         assert json.loads(await treq.content(response))["error"]["code"] == "master_key_required"

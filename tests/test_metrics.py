@@ -98,6 +98,9 @@ async def test_metrics_need_the_key_unless_told_otherwise_and_can_be_off(reactor
         page = await http.get(gw.url + "/stats")  # no key
         assert page.code == 200
         assert value(samples((await page.content()).decode()), "gomodel_requests_in_flight") == 1
+        slashed = await http.get(gw.url + "/stats/")  # the same page, open too, as /health/ is
+        assert slashed.code == 200 and value(samples((await slashed.content()).decode()),
+                                             "gomodel_requests_in_flight") == 1
         assert (await http.get(gw.url + "/v1/models")).code == 401  # only the metrics path is open
     finally:
         await gw.service.stopService()

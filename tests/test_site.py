@@ -280,3 +280,17 @@ async def test_a_path_that_begins_with_two_slashes_is_a_404_however_it_is_encode
     listed = await _answer(reactor, keyed.port, b"GET /admin/api/v1/auth-keys HTTP/1.1\r\nHost: g\r\n"
                            b"Authorization: Bearer k1\r\nConnection: close\r\n\r\n")
     assert listed.count(b'"object":"auth_key"') == 1  # none was made on the way
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_health_checks_with_a_trailing_slash_are_open_and_answer_the_same(reactor, keyed):
+    async def answer(head):
+        received = await _answer(reactor, keyed.port, head + b" HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+        lines = received.split(b"\r\n")
+        return [line for line in lines if not line.lower().startswith((b"date:", b"x-request-id:"))]
+
+    for path in (b"/health", b"/health/ready"):
+        for method in (b"GET", b"HEAD"):
+            exact = await answer(b"%s %s" % (method, path))
+            assert exact[0] == b"HTTP/1.1 200 OK"
+            assert await answer(b"%s %s/" % (method, path)) == exact, (method, path)

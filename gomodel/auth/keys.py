@@ -25,8 +25,8 @@ from gomodel.http.headers import AUTHORIZATION, X_API_KEY, request_header
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
 
-# Paths that need no key: liveness and readiness checks.
-OPEN_PATHS = frozenset((b"/health", b"/health/ready"))
+# Paths that need no key: liveness and readiness checks, with a trailing slash too (the same routes).
+OPEN_PATHS = frozenset((b"/health", b"/health/", b"/health/ready", b"/health/ready/"))
 # What may follow an open prefix: plain names and folders (no "..", no "%", no empty segment).
 _PLAIN_TAIL = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*")
 SECRET_PREFIX = "sk_gom_"
