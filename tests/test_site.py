@@ -294,3 +294,30 @@ async def test_the_health_checks_with_a_trailing_slash_are_open_and_answer_the_s
             exact = await answer(b"%s %s" % (method, path))
             assert exact[0] == b"HTTP/1.1 200 OK"
             assert await answer(b"%s %s/" % (method, path)) == exact, (method, path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_header_sent_twice_with_different_values_is_refused_in_the_routes_dialect(reactor, keyed,
+                                                                                              gateway):
+    async def answer(port, path, *lines):
+        head, _, body = (await _answer(reactor, port, b"GET %s HTTP/1.1\r\nHost: g\r\n%s\r\nConnection: close\r\n\r\n"
+                                       % (path, b"\r\n".join(lines)))).partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), json.loads(body)
+
+    twice = ((b"Authorization: Bearer k1", b"Authorization: Bearer other"),
+             (b"Authorization: Bearer other", b"Authorization: Bearer k1"),
+             (b"x-api-key: k1", b"X-Api-Key: other"), (b"x-api-key: other", b"x-api-key: k1"))
+    for lines in twice:
+        for port in (keyed.port, gateway.port):  # with a master key, and an open gateway
+            status, error = await answer(port, b"/v1/models", *lines)
+            assert status == 400 and error["error"]["type"] == "invalid_request_error", (lines, error)
+            assert error["error"]["code"] == "duplicate_header"
+        status, error = await answer(keyed.port, b"/v1/messages", *lines)
+        assert status == 400 and error["type"] == "error"
+        assert error["error"]["type"] == "invalid_request_error" and "more than once" in error["error"]["message"]
+    # the same key twice is one key; a health check reads none
+    for lines in ((b"Authorization: Bearer k1", b"Authorization: Bearer k1"), (b"x-api-key: k1", b"x-api-key: k1")):
+        status, models = await answer(keyed.port, b"/v1/models", *lines)
+        assert status == 200 and models["object"] == "list"
+    status, _ = await answer(keyed.port, b"/health", *twice[0])
+    assert status == 200

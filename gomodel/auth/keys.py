@@ -20,8 +20,9 @@ import re
 
 from twisted.logger import Logger
 
-from gomodel.errors import AuthenticationFailed, Forbidden
-from gomodel.http.headers import AUTHORIZATION, X_API_KEY, request_header
+from gomodel._twistedcompat import plain_headers
+from gomodel.errors import AuthenticationFailed, Forbidden, InvalidRequest
+from gomodel.http.headers import AUTHORIZATION, X_API_KEY
 from gomodel.logs import log_failure
 from gomodel.periodic import Periodic
 
@@ -217,10 +218,15 @@ def presented_key(request, required=True) -> bytes:
     """The key a client sent (C{Authorization: Bearer} or C{x-api-key}), as bytes.
 
     @raise AuthenticationFailed: none was sent (when C{required}), or the header is malformed.
+    @raise InvalidRequest: the header read was sent more than once, with different values
+        (C{duplicate_header}): which one counts would be a guess.
     """
-    header = request_header(request, AUTHORIZATION)
+    headers = plain_headers(request.requestHeaders)
+    values = headers.get(AUTHORIZATION)
+    header = (values[0] if len(values) == 1 else _one(values, "Authorization")) if values else None
     if not header:
-        key = request_header(request, X_API_KEY)
+        values = headers.get(X_API_KEY)
+        key = (values[0] if len(values) == 1 else _one(values, "x-api-key")) if values else None
         if key and key.strip():
             return key.strip()
         if not required:
@@ -231,6 +237,14 @@ def presented_key(request, required=True) -> bytes:
     if scheme.lower() != b"bearer" or not token.strip():
         raise AuthenticationFailed("Invalid authorization header: expected 'Authorization: Bearer <key>'.")
     return token.strip()
+
+
+def _one(values, name) -> bytes:
+    """The one value of a header sent more than once; L{InvalidRequest} when its values differ."""
+    if any(value != values[0] for value in values):
+        raise InvalidRequest(f"The '{name}' header was sent more than once, with different values: "
+                             "send the key once.", code="duplicate_header")
+    return values[0]
 
 
 def new_secret() -> str:
