@@ -641,3 +641,33 @@ async def test_models_in_anthropics_shape_for_anthropic_clients(http, gw, client
     # Without anthropic-version, OpenAI's list as before.
     response = await http.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert json.loads(await treq.content(response))["object"] == "list"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_paths_under_messages_and_wrong_methods_answer_in_anthropics_shape(http, gw, client):
+    # Message Batches are not the gateway's: the SDK gets Anthropic's not_found_error, not OpenAI's envelope.
+    for call, args in ((client.messages.batches.retrieve, ("msgbatch_1",)), (client.messages.batches.list, ()),
+                       (client.messages.batches.cancel, ("msgbatch_1",)), (client.messages.batches.results,
+                                                                            ("msgbatch_1",))):
+        with pytest.raises(anthropic.NotFoundError) as raised:
+            await in_thread(call, *args)
+        assert raised.value.body["type"] == "error" and raised.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        await in_thread(client.messages.batches.create, requests=[
+            {"custom_id": "a", "params": {"model": MODEL, "max_tokens": 8, "messages": HELLO}}])
+    assert raised.value.body["error"] == {"type": "not_found_error",
+                                          "message": "Unknown route: POST /v1/messages/batches."}
+
+    async def answer(method, path, with_headers=None):
+        response = await http.request(method, gw.url + path, headers=with_headers or headers(), data=b"{}")
+        return response.code, json.loads(await treq.content(response))
+
+    for method, path in (("GET", "/v1/messages/"), ("POST", "/v1/messages/"), ("DELETE", "/v1/messages/x/y")):
+        assert await answer(method, path) == (404, {"type": "error", "error": {
+            "type": "not_found_error", "message": f"Unknown route: {method} {path}."}})
+    for method, path in (("GET", "/v1/messages"), ("DELETE", "/v1/messages/count_tokens")):
+        code, error = await answer(method, path)
+        assert code == 405 and error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    # refused before routing (no key), still Anthropic's shape
+    code, error = await answer("GET", "/v1/messages/batches", Headers({"anthropic-version": ["2023-06-01"]}))
+    assert code == 401 and error["type"] == "error" and error["error"]["type"] == "authentication_error"

@@ -89,6 +89,12 @@ class MessagesRoutes:
         """Exact request path -> the error dialect of its answers (Anthropic's, even for a 401 or 413)."""
         return {path: render.ANTHROPIC for path in self.routes()}
 
+    @staticmethod
+    def dialect_prefixes() -> tuple:
+        """(prefix, dialect) for every other path under C{/v1/messages/}: Anthropic's (Message Batches, which
+        the gateway does not serve, are its 404 C{not_found_error}; a 401 is its C{authentication_error})."""
+        return ((MESSAGES + b"/", render.ANTHROPIC),)
+
     # -- the routes ------------------------------------------------------------------
 
     async def create(self, request, ctx):

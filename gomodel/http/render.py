@@ -96,8 +96,13 @@ def fail(request, failure):
     else:
         log.failure("unexpected error handling {path}", failure, path=request.path.decode("utf-8", "replace"))
         error = errors.InternalError()
+    return render(request, error, dialect_of(request))
+
+
+def dialect_of(request):
+    """The error dialect of C{request}'s route (its context's; OpenAI's without one)."""
     ctx = getattr(request, "context", None)
-    return render(request, error, ctx.dialect if ctx is not None and ctx.dialect is not None else OPENAI)
+    return ctx.dialect if ctx is not None and ctx.dialect is not None else OPENAI
 
 
 def _abort(request, failure):
@@ -155,4 +160,4 @@ def _http_exception(*args):
         error = errors.NotFound(f"Unknown route: {method} {path}.")
     else:
         error = errors.InvalidRequest(exc.description or "Bad request.", status=exc.code)
-    return render(request, error)
+    return render(request, error, dialect_of(request))
