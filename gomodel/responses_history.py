@@ -23,8 +23,9 @@ def normalise_input(value) -> list:
     that is no string, empty, or an earlier item's too is replaced: the items are listed, and paged, by id)."""
     if value is None:
         return []
-    if isinstance(value, str):
-        value = [{"role": "user", "content": value}]
+    if value.__class__ is str:  # (most requests: what the loop makes of it, at a tenth of the cost)
+        return [{"role": "user", "content": [{"type": "input_text", "text": value}], "type": "message",
+                 "id": new_id("msg")}]
     items = []
     ids = set()
     for item in value if isinstance(value, list) else []:

@@ -171,20 +171,20 @@ class ResponsesRoute:
         """Whether a response created for C{body} is kept by the gateway."""
         return self._store is not None and body.get("store") is not False
 
-    def keep(self, body, provider, replica, response, previous, response_json=None, tenant=None):
-        """Store C{response} (created for C{body} by C{provider}'s C{replica}) unless the client said store: false.
+    def keep(self, body, provider, replica, response, previous_id, response_json=None, tenant=None):
+        """Store C{response} (created for C{body}, which L{stores}, by C{provider}'s C{replica}, following
+        C{previous_id} or None).
 
         @param response_json: C{response} as the upstream's JSON bytes, when at hand.
         @param tenant: who owns it (see L{gomodel.auth.tenancy}).
         """
-        if not self.stores(body) or not isinstance(response, dict):
+        if response.__class__ is not dict:
             return
         response_id = response.get("id")
-        if not isinstance(response_id, str):
+        if response_id.__class__ is not str:
             return
         record = {"id": response_id, "provider": provider.name, "replica": replica,
-                  "created_at": int(self._clock.seconds()),
-                  "previous_response_id": body.get("previous_response_id") or (previous or {}).get("id"),
+                  "created_at": int(self._clock.seconds()), "previous_response_id": previous_id,
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
                   "response": response, "tenant": tenant}
         if response_json is not None:
@@ -288,13 +288,14 @@ class _Turn:
         self._ctx = ctx
         self._body = body
         self._provider = provider
-        self._previous = previous
         self.stored = route.stores(body)
         self.previous_id = body.get("previous_response_id") or (previous or {}).get("id")
 
     def keep(self, response, response_json=None):
-        self._route.keep(self._body, self._provider, self._ctx.replica, response, self._previous, response_json,
-                         tenant_of(self._ctx.principal))
+        """Store C{response} when it is to be stored."""
+        if self.stored:
+            self._route.keep(self._body, self._provider, self._ctx.replica, response, self.previous_id,
+                             response_json, tenant_of(self._ctx.principal))
 
     def keep_body(self, answer: bytes, relayed=True) -> bytes:
         """Keep the response C{answer} (its JSON bytes, returned as they are) when it is to be stored.
