@@ -213,6 +213,24 @@ def test_output_config_becomes_a_response_format():
         {"type": "tool_use", "id": "t", "input": {}}]}]}, "messages.0.content.0.name", "Field required"),
     ({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}], "stop_sequences": "END"},
      "stop_sequences", "list"),
+    ({"model": MODEL, "max_tokens": 0, "messages": [{"role": "user", "content": "Hi"}]}, "max_tokens",
+     "greater than or equal to 1"),
+    ({"model": MODEL, "max_tokens": -5, "messages": [{"role": "user", "content": "Hi"}]}, "max_tokens",
+     "greater than or equal to 1"),
+    ({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text", "valid string"),
+    ({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant",
+     "content": [{"type": "text", "text": ["x"]}]}]}, "messages.1.content.0.text", "valid string"),
+    ({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": 5}]}]}]},
+     "messages.0.content.0.content.0.text", "valid string"),
+    ({"model": MODEL, "max_tokens": 8, "messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": 5, "name": "f", "input": {}}]}]}, "messages.0.content.0.id", "valid string"),
+    ({"model": MODEL, "max_tokens": 8, "messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": "x"}]}]}, "messages.0.content.0.input", "object"),
+    ({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": 5, "data": "x"}}]}]},
+     "messages.0.content.0", "media_type"),
 ])
 def test_malformed_requests_are_refused_clearly(body, param, words):
     with pytest.raises(InvalidRequest) as caught:

@@ -245,6 +245,26 @@ async def test_translated_errors_are_anthropic_shaped(http, openai_gw, fake):
 
 
 @pytest_twisted.ensureDeferred
+async def test_blocks_of_the_wrong_types_are_400s_not_500s_when_translating(http, openai_gw, fake):
+    before = len(fake.requests)
+    for content, param in (
+            ([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": 5}]}],
+             "messages.0.content.0.content.0.text"),
+            ([{"type": "text", "text": {"a": 1}}], "messages.0.content.0.text")):
+        response, body = await post(http, openai_gw.url + "/v1/messages",
+                                    {"model": OPENAI_MODEL, "max_tokens": 8,
+                                     "messages": [{"role": "user", "content": content}]})
+        assert response.code == 400
+        error = json.loads(body)
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert error["error"]["message"].startswith(param)
+    response, body = await post(http, openai_gw.url + "/v1/messages",
+                                {"model": OPENAI_MODEL, "max_tokens": 0, "messages": HELLO})
+    assert response.code == 400 and "max_tokens" in json.loads(body)["error"]["message"]
+    assert len(fake.requests) == before
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_flag_that_is_no_boolean_is_refused_in_anthropics_shape(http, gw, fake):
     before = len(fake.requests)
     for flag in (1, "yes", "true", [], {}):

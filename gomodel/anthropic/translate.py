@@ -64,6 +64,8 @@ def messages_to_chat(body: dict) -> dict:
         raise InvalidRequest("max_tokens: Field required", param="max_tokens")
     if not _is_int(max_tokens):
         raise InvalidRequest("max_tokens: Input should be a valid integer", param="max_tokens")
+    if max_tokens < 1:
+        raise InvalidRequest("max_tokens: Input should be greater than or equal to 1", param="max_tokens")
     chat = {"model": body.get("model"), "messages": _chat_messages(body), "max_tokens": max_tokens}
     stop = body.get("stop_sequences")
     if stop is not None:
@@ -177,6 +179,17 @@ def _system_texts(system, where) -> list:
     return texts
 
 
+def _text(block, where) -> str:
+    """A block's C{text} (C{""} when absent).
+
+    @raise InvalidRequest: it is not a string.
+    """
+    text = block.get("text", "")
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{where}.text: Input should be a valid string", param=f"{where}.text")
+    return text
+
+
 def _blocks(content, where) -> list:
     """C{content} as a list of block objects (a string is one text block)."""
     if isinstance(content, str):
@@ -196,6 +209,8 @@ def _image_url(block, where) -> dict:
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64" and isinstance(source.get("data"), str):
         media = source.get("media_type") or "image/jpeg"
+        if not isinstance(media, str):
+            raise InvalidRequest(f"{where}: image source media_type should be a string", param=where)
         return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{source['data']}"}}
     if kind == "url" and isinstance(source.get("url"), str):
         return {"type": "image_url", "image_url": {"url": source["url"]}}
@@ -227,7 +242,7 @@ def _user_messages(content, where) -> list:
         at = f"{where}.content.{i}"
         kind = block["type"]
         if kind == "text":
-            parts.append({"type": "text", "text": block.get("text") or ""})
+            parts.append({"type": "text", "text": _text(block, at)})
         elif kind == "image":
             parts.append(_image_url(block, at))
         elif kind == "document":
@@ -260,7 +275,7 @@ def _tool_result(block, where):
             at = f"{where}.content.{i}"
             kind = item.get("type") if isinstance(item, dict) else None
             if kind == "text":
-                texts.append(item.get("text") or "")
+                texts.append(_text(item, at))
             elif kind == "image":
                 images.append(_image_url(item, at))
             elif kind == "document":
@@ -284,16 +299,22 @@ def _assistant_message(content, where) -> dict:
         at = f"{where}.content.{i}"
         kind = block["type"]
         if kind == "text":
-            if block.get("text"):
-                parts.append({"type": "text", "text": block["text"]})
+            text = _text(block, at)
+            if text:
+                parts.append({"type": "text", "text": text})
         elif kind == "tool_use":
             name = block.get("name")
             if not isinstance(name, str) or not name:
                 raise InvalidRequest(f"{at}.name: Field required", param=f"{at}.name")
+            call_id = block.get("id") or new_id("toolu")
+            if not isinstance(call_id, str):
+                raise InvalidRequest(f"{at}.id: Input should be a valid string", param=f"{at}.id")
             call_input = block.get("input")
             if call_input is None:
                 call_input = {}
-            calls.append({"id": block.get("id") or new_id("toolu"), "type": "function",
+            if not isinstance(call_input, dict):
+                raise InvalidRequest(f"{at}.input: Input should be an object", param=f"{at}.input")
+            calls.append({"id": call_id, "type": "function",
                           "function": {"name": name, "arguments": jsonutil.dumps(call_input).decode()}})
         elif kind == "thinking":
             if isinstance(block.get("thinking"), str):
