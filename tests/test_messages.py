@@ -265,6 +265,32 @@ async def test_blocks_of_the_wrong_types_are_400s_not_500s_when_translating(http
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_whole_chat_answer_to_a_translated_stream_becomes_its_event_stream(http, openai_gw, fake):
+    chat = {"id": "chatcmpl-w1", "object": "chat.completion", "model": CHAT_MODEL, "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "Checking.", "reasoning_content": "Paris.",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": WEATHER_CALL}]}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}
+    fake.steer = {"fake_status": 200, "fake_body": json.dumps(chat)}  # an upstream that ignores "stream"
+    response, raw = await post(http, openai_gw.url + "/v1/messages",
+                               {"model": OPENAI_MODEL, "max_tokens": 64, "messages": HELLO, "stream": True})
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/event-stream")
+    assert [kind for kind, _ in events_of(raw)][0] == "message_start"
+    client = sdk(openai_gw)
+    try:
+        seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=64,
+                                                                      messages=HELLO))
+    finally:
+        client.close()
+    assert seen[-1].type == "message_stop"
+    assert [block.type for block in final.content] == ["thinking", "text", "tool_use"]
+    assert final.content[0].thinking == "Paris." and final.content[1].text == "Checking."
+    assert (final.content[2].id, final.content[2].input) == ("call_1", {"city": "Paris"})
+    assert final.stop_reason == "tool_use" and final.id == "msg_w1"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (12, 7)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_flag_that_is_no_boolean_is_refused_in_anthropics_shape(http, gw, fake):
     before = len(fake.requests)
     for flag in (1, "yes", "true", [], {}):

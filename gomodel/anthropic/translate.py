@@ -548,6 +548,37 @@ def chat_to_message_bytes(body: bytes, model: str) -> bytes:
     return jsonutil.dumps(chat_to_message(jsonutil.loads(body), model))
 
 
+def message_events(message: dict) -> bytes:
+    """Anthropic's event stream for a whole Messages answer (an upstream that answered a stream whole)."""
+    usage = message["usage"]
+    out = [_event("message_start", {"message": dict(message, content=[], stop_reason=None, stop_sequence=None,
+                                                   usage=dict(usage, output_tokens=0))})]
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        if kind == "text":
+            start, delta = dict(block, text=""), {"type": "text_delta", "text": block["text"]}
+        elif kind == "thinking":
+            start, delta = dict(block, thinking=""), {"type": "thinking_delta", "thinking": block["thinking"]}
+        else:
+            start = dict(block, input={})
+            delta = {"type": "input_json_delta", "partial_json": jsonutil.dumps(block["input"]).decode()}
+        out.append(_event("content_block_start", {"index": index, "content_block": start}))
+        out.append(_event("content_block_delta", {"index": index, "delta": delta}))
+        if kind == "thinking":
+            out.append(_event("content_block_delta", {"index": index, "delta": {"type": "signature_delta",
+                                                                                "signature": ""}}))
+        out.append(_event("content_block_stop", {"index": index}))
+    out.append(_event("message_delta", {"delta": {"stop_reason": message["stop_reason"],
+                                                  "stop_sequence": message["stop_sequence"]}, "usage": usage}))
+    out.append(_event("message_stop", {}))
+    return b"".join(out)
+
+
+def chat_to_events_bytes(body: bytes, model: str) -> bytes:
+    """L{message_events} of L{chat_to_message} on JSON bytes (raises as L{chat_to_message_bytes})."""
+    return message_events(chat_to_message(jsonutil.loads(body), model))
+
+
 # -- errors ---------------------------------------------------------------------
 
 

@@ -37,8 +37,8 @@ from datetime import datetime, timezone
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_message_bytes,
-                                         count_tokens_answer, count_tokens_request, messages_to_chat,
+from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
+                                         chat_to_message_bytes, count_tokens_answer, count_tokens_request, messages_to_chat,
                                          openai_error_to_anthropic)
 from gomodel.api.inference import InferenceRoutes, plan_model, unsaturated
 from gomodel.http import render
@@ -58,6 +58,7 @@ FORWARDED_HEADERS = (b"anthropic-version", b"anthropic-beta")
 # What a server without the Messages API answers: no such route, or vLLM's "does not support".
 _NO_ROUTE_STATUSES = (404, 405, 501)
 _MAYBE_UNSUPPORTED = (400, 404, 405, 501)
+_EVENT_STREAM = b"text/event-stream; charset=utf-8"
 
 
 class _NoNative(Exception):
@@ -206,19 +207,19 @@ class MessagesRoutes:
         if self._salts is not None:
             self._salts.apply(ctx.principal, upstream, chat)
         chat["model"] = ctx.upstream_model
-        if stream:
-            call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
-                                observer=ChatToMessagesStream(ctx.upstream_model), affinity=affinity,
-                                fallbacks=fallbacks, rebody=_rebody(chat) if fallbacks else None)
-        else:
-            call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
-                                transform=lambda answer: chat_to_message_bytes(answer, ctx.upstream_model),
-                                affinity=affinity, fallbacks=fallbacks,
-                                rebody=_rebody(chat) if fallbacks else None)
+        # An upstream that answers a stream whole (it ignored "stream") still gives the client its events.
+        whole = chat_to_events_bytes if stream else chat_to_message_bytes
+        call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
+                            observer=ChatToMessagesStream(ctx.upstream_model) if stream else None,
+                            transform=lambda answer: whole(answer, ctx.upstream_model), affinity=affinity,
+                            fallbacks=fallbacks, rebody=_rebody(chat) if fallbacks else None)
         try:
-            return await self._exchange.relay(request, ctx, upstream, call)
+            answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
             raise anthropic_error(e) from None
+        if stream and answer is not None:
+            request.responseHeaders.setRawHeaders(b"content-type", [_EVENT_STREAM])
+        return answer
 
     async def _tokenize(self, request, ctx, upstream, body, fallbacks):
         """Count with vLLM's C{/tokenize} (at its root), given the chat messages the request becomes."""
