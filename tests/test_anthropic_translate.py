@@ -325,6 +325,22 @@ def test_unparsable_tool_arguments_become_an_empty_input():
     assert [b["input"] for b in message["content"]] == [{}, {}, {}]
 
 
+def test_answers_of_other_chat_shapes_keep_their_content():
+    # Text as content parts, arguments as an object, ids and names of other types (lenient upstreams).
+    message = chat_to_message(chat_answer({"content": [{"type": "text", "text": "Bon"}, {"type": "image_url"},
+                                                       {"type": "text", "text": "jour"}],
+                                           "tool_calls": [{"id": 7, "type": "function",
+                                                           "function": {"name": "f", "arguments": {"a": 1}}},
+                                                          {"id": "c2", "function": "broken"}]},
+                                          finish="tool_calls"), MODEL)
+    text, first, second = message["content"]
+    assert text == {"type": "text", "text": "Bonjour"}
+    assert first["input"] == {"a": 1} and first["name"] == "f" and first["id"].startswith("toolu_")
+    assert second == {"type": "tool_use", "id": "c2", "name": "", "input": {}}
+    assert message["stop_reason"] == "tool_use"
+    anthropic.types.Message.model_validate(message)
+
+
 @pytest.mark.parametrize("finish, matched, calls, reason, sequence", [
     ("stop", None, [], "end_turn", None),
     ("stop", 151645, [], "end_turn", None),  # a stop token id is no stop sequence
@@ -628,6 +644,16 @@ def test_an_empty_stream_is_still_a_message():
     translator, out = translate(DONE)
     assert [k for k, _ in events_of(out)] == ["message_start", "message_delta", "message_stop"]
     assert events_of(out)[0][1]["message"]["id"].startswith("msg_")
+
+
+def test_tool_call_deltas_with_odd_indexes_and_ids_are_still_translated():
+    stream = [chunk({"tool_calls": [{"index": [0], "id": 5, "function": {"name": "f", "arguments": "{}"}}]}),
+              chunk({"content": ""}, finish="tool_calls"), DONE]
+    events = events_of(translate(b"".join(stream))[1])
+    start = [p for kind, p in events if kind == "content_block_start"][0]["content_block"]
+    assert start["type"] == "tool_use" and start["id"].startswith("toolu_") and start["name"] == "f"
+    for _, payload in events:
+        EVENT.validate_python(payload)
 
 
 def test_it_is_a_stream_observer():

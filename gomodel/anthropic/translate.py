@@ -459,6 +459,8 @@ def _tool_input(arguments) -> dict:
     C{max_tokens}) become C{{}}: the client sees the call and can answer it
     with an error, rather than the whole answer failing.
     """
+    if isinstance(arguments, dict):  # (an object already, from a lenient upstream)
+        return arguments
     if not isinstance(arguments, str) or not arguments.strip():
         return {}
     try:
@@ -471,8 +473,13 @@ def _tool_input(arguments) -> dict:
 def _is_json_object(text) -> bool:
     try:
         return isinstance(jsonutil.loads(text.encode()), dict)
-    except jsonutil.JSONError:
+    except (jsonutil.JSONError, AttributeError):
         return False
+
+
+def _string(value) -> str:
+    """C{value} if it is a string, else C{""}."""
+    return value if isinstance(value, str) else ""
 
 
 def stop_reason(finish_reason, matched, tool_used, tools_complete):
@@ -520,19 +527,23 @@ def chat_to_message(chat: dict, model: str) -> dict:
         # field is required); a client sends the block back as it came.
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     text = message.get("content")
+    if isinstance(text, list):  # content parts (some OpenAI-compatible servers)
+        text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
     elif isinstance(message.get("refusal"), str) and message["refusal"]:
         content.append({"type": "text", "text": message["refusal"]})
     calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    complete = True
     for call in calls:
-        function = call.get("function") or {}
-        content.append({"type": "tool_use", "id": call.get("id") or new_id("toolu"),
-                        "name": function.get("name") or "", "input": _tool_input(function.get("arguments"))})
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        complete = complete and (isinstance(arguments, dict) or _is_json_object(arguments or "{}"))
+        content.append({"type": "tool_use", "id": _string(call.get("id")) or new_id("toolu"),
+                        "name": _string(function.get("name")), "input": _tool_input(arguments)})
     if not content:
         # Anthropic's shape for an empty answer is one empty text block (vLLM's too).
         content.append({"type": "text", "text": ""})
-    complete = all(_is_json_object((c.get("function") or {}).get("arguments") or "{}") for c in calls)
     reason, sequence = stop_reason(choice.get("finish_reason"), choice.get("stop_reason"), bool(calls), complete)
     return {"id": message_id(chat.get("id")), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": reason, "stop_sequence": sequence,
@@ -762,12 +773,14 @@ class ChatToMessagesStream:
 
     def _tool_call(self, delta, out):
         key = delta.get("index", 0)
+        if not _is_int(key):
+            key = 0
         function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
         name = function.get("name") if isinstance(function.get("name"), str) and function["name"] else None
         arguments = function.get("arguments") if isinstance(function.get("arguments"), str) else ""
         call = self._calls.get(key)
         if call is None:
-            call = self._calls[key] = _ToolCall(delta.get("id") or new_id("toolu"), name)
+            call = self._calls[key] = _ToolCall(_string(delta.get("id")) or new_id("toolu"), name)
         elif call.name is None and name:
             call.name = name
         if arguments:
