@@ -156,6 +156,15 @@ def test_tools_and_tool_choice():
     assert chat["tool_choice"] == "required" and chat["parallel_tool_calls"] is False
 
 
+def test_an_auto_or_none_tool_choice_without_tools_is_left_out():
+    # Chat upstreams (vLLM among them) refuse a tool_choice without tools; Anthropic takes it.
+    for kind in ("auto", "none"):
+        chat = messages_to_chat(request(tool_choice={"type": kind, "disable_parallel_tool_use": True}))
+        assert "tool_choice" not in chat and "parallel_tool_calls" not in chat
+        assert "tool_choice" not in messages_to_chat(request(tools=[], tool_choice={"type": kind}))
+    assert messages_to_chat(request(tool_choice={"type": "any"}))["tool_choice"] == "required"
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0"),
     ({"tools": [{"name": "f"}]}, "tools.0.input_schema"),

@@ -83,7 +83,9 @@ def messages_to_chat(body: dict) -> dict:
     if tools:
         chat["tools"] = tools
     if body.get("tool_choice") is not None:
-        chat.update(_tool_choice(body["tool_choice"]))
+        fields = _tool_choice(body["tool_choice"])
+        if tools or fields["tool_choice"] not in ("auto", "none"):  # chat upstreams refuse it without tools
+            chat.update(fields)
     kwargs = _template_kwargs(body, max_tokens)
     if kwargs:
         chat["chat_template_kwargs"] = kwargs
