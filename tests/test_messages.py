@@ -291,6 +291,17 @@ async def test_a_whole_chat_answer_to_a_translated_stream_becomes_its_event_stre
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_chat_stream_to_a_translated_plain_request_still_comes_in_anthropics_events(http, openai_gw, fake):
+    fake.steer = {"stream": True}  # an upstream that streams unasked
+    response, raw = await post(http, openai_gw.url + "/v1/messages",
+                               {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO})
+    assert response.code == 200 and b"chat.completion.chunk" not in raw
+    events = events_of(raw)
+    assert [kind for kind, _ in events][0] == "message_start" and events[-1][0] == "message_stop"
+    assert "".join(e["delta"]["text"] for kind, e in events if kind == "content_block_delta") == "héhéhé"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_flag_that_is_no_boolean_is_refused_in_anthropics_shape(http, gw, fake):
     before = len(fake.requests)
     for flag in (1, "yes", "true", [], {}):

@@ -207,10 +207,11 @@ class MessagesRoutes:
         if self._salts is not None:
             self._salts.apply(ctx.principal, upstream, chat)
         chat["model"] = ctx.upstream_model
-        # An upstream that answers a stream whole (it ignored "stream") still gives the client its events.
+        # An upstream that ignores "stream" still gives the client Anthropic's shape: events made from
+        # a whole answer to a stream, events (not its chat chunks) from a stream nobody asked for.
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
         call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
-                            observer=ChatToMessagesStream(ctx.upstream_model) if stream else None,
+                            observer=ChatToMessagesStream(ctx.upstream_model),
                             transform=lambda answer: whole(answer, ctx.upstream_model), affinity=affinity,
                             fallbacks=fallbacks, rebody=_rebody(chat) if fallbacks else None)
         try:
