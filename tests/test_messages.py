@@ -516,6 +516,20 @@ async def test_upstream_error_is_relayed_as_vllm_sent_it(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_400_that_only_mentions_support_and_messages_keeps_the_provider_native(http, gw, fake):
+    # A chat template's own refusal, not vLLM's "does not support Messages API".
+    vllm_400 = {"type": "error", "error": {"type": "BadRequestError",
+                                           "message": "This model does not support system messages."}}
+    body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "fake_status": 400, "fake_body": json.dumps(vllm_400)}
+    before = len(fake.requests)
+    response, content = await post(http, gw.url + "/v1/messages", body)
+    assert response.code == 400 and content == json.dumps(vllm_400).encode()
+    assert [r.path for r in fake.requests[before:]] == [b"/v1/messages"]  # not retried translated
+    response, _ = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO})
+    assert response.code == 200 and fake.requests[-1].path == b"/v1/messages"  # still asked natively
+
+
+@pytest_twisted.ensureDeferred
 async def test_too_large_and_wrong_method_in_anthropics_shape(reactor, http, fake):
     gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "BODY_SIZE_LIMIT": "2KB"})
     try:

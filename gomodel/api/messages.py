@@ -189,8 +189,8 @@ class MessagesRoutes:
             parsed = None
         error = parsed.get("error") if isinstance(parsed, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
-        if isinstance(message, str) and "support" in message.lower() and "messages" in message.lower():
-            raise _NoNative()
+        if isinstance(message, str) and "support" in message.lower() and "messages api" in message.lower():
+            raise _NoNative()  # (not any 400 about "messages": a chat template's refusal is the client's)
         if response.code in _NO_ROUTE_STATUSES and not (isinstance(parsed, dict) and parsed.get("type") == "error"):
             raise _NoNative()
         raise upstream_error(response.code, answer, upstream.name, upstream.hidden)
