@@ -380,6 +380,25 @@ async def test_vllm_saying_it_does_not_support_messages_counts_with_tokenize(rea
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_vllm_without_count_tokens_keeps_serving_messages_natively(reactor, http):
+    fake = await start_fake(reactor, messages="no_count")  # /v1/messages, but count_tokens is FastAPI's 404
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = sdk(gw)
+    try:
+        for _ in range(2):
+            counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=HELLO)
+            assert counted.input_tokens == 4 + len("Say hello.")
+            message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+            assert message.content[0].text == "héhéhé"
+        assert [r.path for r in fake.requests if r.method == b"POST"] == [
+            b"/v1/messages/count_tokens", b"/tokenize", b"/v1/messages", b"/tokenize", b"/v1/messages"]
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_virtual_model_reaches_each_target_its_own_way(reactor, fake):
     """One target serves Messages (asked natively), the other does not (translated)."""
     other = await start_fake(reactor)

@@ -62,7 +62,12 @@ _EVENT_STREAM = b"text/event-stream; charset=utf-8"
 
 
 class _NoNative(Exception):
-    """The upstream has no Messages API (for this model)."""
+    """The upstream has no Messages API (for this model), or (C{api} False) no such route: for
+    C{count_tokens}, which a server with C{/v1/messages} may lack, only that route is missing."""
+
+    def __init__(self, api: bool):
+        super().__init__()
+        self.api = api
 
 
 class MessagesRoutes:
@@ -80,7 +85,7 @@ class MessagesRoutes:
         self._clock = clock
         self._salts = salts
         self._gate = gate
-        self._no_native = {}  # (provider name, upstream model) -> time until which we translate
+        self._no_native = {}  # (provider name, upstream model, path) -> time until which we translate
 
     def routes(self) -> dict:
         """Exact request path -> coroutine function of the request and its context (POST only)."""
@@ -122,7 +127,7 @@ class MessagesRoutes:
                                               headers, MessagesStreamObserver() if stream else None)
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity)
             except _NoNative:
-                self._remember(ctx)
+                self._remember(ctx, MESSAGES)
 
     async def count_tokens(self, request, ctx):
         """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
@@ -141,7 +146,7 @@ class MessagesRoutes:
                 f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
                 f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
         while True:
-            first, fallbacks, native = self._targets(routes)
+            first, fallbacks, native = self._targets(routes, counting=True)
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
             if not native:
@@ -149,8 +154,8 @@ class MessagesRoutes:
             try:
                 return await self._native(request, ctx, upstream, "/messages/count_tokens", body, fallbacks,
                                           None, _forwarded(request), None)
-            except _NoNative:
-                self._remember(ctx)
+            except _NoNative as e:
+                self._remember(ctx, MESSAGES if e.api else COUNT_TOKENS)
 
     # -- the ways upstream -----------------------------------------------------------
 
@@ -190,9 +195,9 @@ class MessagesRoutes:
         error = parsed.get("error") if isinstance(parsed, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         if isinstance(message, str) and "support" in message.lower() and "messages api" in message.lower():
-            raise _NoNative()  # (not any 400 about "messages": a chat template's refusal is the client's)
+            raise _NoNative(True)  # (not any 400 about "messages": a chat template's refusal is the client's)
         if response.code in _NO_ROUTE_STATUSES and not (isinstance(parsed, dict) and parsed.get("type") == "error"):
-            raise _NoNative()
+            raise _NoNative(False)
         raise upstream_error(response.code, answer, upstream.name, upstream.hidden)
 
     async def _translated(self, request, ctx, upstream, body, fallbacks, affinity):
@@ -245,24 +250,28 @@ class MessagesRoutes:
             return [first, *others]
         return routes
 
-    def _native_for(self, route) -> bool:
-        """Whether C{route}'s provider is asked natively for its model now."""
-        return (route.provider.type in NATIVE_TYPES
-                and self._no_native.get((route.provider.name, route.upstream_model), 0) <= self._clock.seconds())
+    def _native_for(self, route, counting) -> bool:
+        """Whether C{route}'s provider is asked natively for its model now (for C{count_tokens} if C{counting})."""
+        if route.provider.type not in NATIVE_TYPES:
+            return False
+        key, now = (route.provider.name, route.upstream_model, MESSAGES), self._clock.seconds()
+        if self._no_native.get(key, 0) > now:
+            return False
+        return not counting or self._no_native.get(key[:2] + (COUNT_TOKENS,), 0) <= now
 
-    def _targets(self, routes):
+    def _targets(self, routes, counting=False):
         """C{(first, fallbacks, native)}: the first route, those to fall back on that are
         reached the same way (natively, or translated), and which way that is."""
         first, *others = routes
-        native = self._native_for(first)
-        return first, [route for route in others if self._native_for(route) == native], native
+        native = self._native_for(first, counting)
+        return first, [route for route in others if self._native_for(route, counting) == native], native
 
-    def _remember(self, ctx):
-        """The provider that answered C{ctx} has no Messages API for its model: translate for a while."""
-        self._no_native[(ctx.provider, ctx.upstream_model)] = self._clock.seconds() + NO_NATIVE_TTL
-        self.log.info("provider {provider} has no native Messages API for {model}; translating to chat "
-                      "completions for {ttl:.0f}s", provider=ctx.provider, model=ctx.upstream_model,
-                      ttl=NO_NATIVE_TTL)
+    def _remember(self, ctx, path):
+        """The provider that answered C{ctx} has no native C{path} (L{MESSAGES}: no Messages API at all)
+        for its model: translate (or tokenize) for a while."""
+        self._no_native[(ctx.provider, ctx.upstream_model, path)] = self._clock.seconds() + NO_NATIVE_TTL
+        self.log.info("provider {provider} has no native {path} for {model}; translating for {ttl:.0f}s",
+                      provider=ctx.provider, path=path.decode(), model=ctx.upstream_model, ttl=NO_NATIVE_TTL)
 
 
 def anthropic_error(error: errors.UpstreamError) -> errors.UpstreamError:

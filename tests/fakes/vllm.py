@@ -24,7 +24,8 @@ Anthropic's Messages API (C{/v1/messages}, C{/v1/messages/count_tokens}) is
 answered as vLLM 0.32's C{vllm/entrypoints/anthropic} writes it (typed events,
 C{message_start} usage, a signature closing a thinking block); C{messages=False}
 makes it FastAPI's 404 (a server without the router), C{messages="unsupported"}
-vLLM's 501 "does not support Messages API". Chat and Messages also take:
+vLLM's 501 "does not support Messages API", C{messages="no_count"} a server with
+Messages but no C{count_tokens} route (FastAPI's 404 there). Chat and Messages also take:
 
   - C{fake_reasoning}: reasoning text before the content (a thinking block)
   - C{fake_tool}: C{{"name", "arguments"}}: the answer is that tool call
@@ -138,7 +139,7 @@ class FakeVLLM(Resource):
                  messages=True, interface="127.0.0.1"):
         super().__init__()
         self.interface = interface  # an IPv6 address ("::1") listens on IPv6
-        self.native_messages = messages  # False: FastAPI's 404; "unsupported": vLLM's 501
+        self.native_messages = messages  # False: FastAPI's 404; "unsupported": vLLM's 501; "no_count"
         self.steer = {}  # fields every request gets unless its body sets them
         self.native_responses = responses  # False: /v1/responses is FastAPI's 404, as on an older server
         self.stored_responses = {}  # vLLM's in-memory Responses store; clear() it to play a restart
@@ -412,6 +413,8 @@ class FakeVLLM(Resource):
         if self.native_messages == "unsupported":
             return self._json(request, 501, _anthropic_error("NotImplementedError",
                                                              "The model does not support Messages API"))
+        if count and self.native_messages == "no_count":
+            return self._json(request, 404, {"detail": "Not Found"})
         body = record.body
         if not isinstance(body, dict):
             return self._json(request, 400, _anthropic_error("BadRequestError", "JSON decode error"))
