@@ -665,6 +665,23 @@ def test_tool_call_deltas_with_odd_indexes_and_ids_are_still_translated():
         EVENT.validate_python(payload)
 
 
+def test_whole_tool_calls_without_an_index_stay_apart():
+    # Servers that send each call whole in one chunk and leave "index" out (Gemini's OpenAI compatibility).
+    def whole(call_id, name, arguments):
+        return {"tool_calls": [{"id": call_id, "type": "function",
+                                "function": {"name": name, "arguments": arguments}}]}
+    stream = [chunk(whole("call_a", "weather", '{"city": "Paris"}')),
+              chunk(whole("call_b", "time", '{"zone": "CET"}')),
+              chunk({"tool_calls": [{"function": {"arguments": ""}}]}),  # a fragment with neither: the last call's
+              chunk({"content": ""}, finish="tool_calls"), DONE]
+    events = events_of(translate(b"".join(stream))[1])
+    starts = [p["content_block"] for kind, p in events if kind == "content_block_start"]
+    assert [(b["id"], b["name"]) for b in starts] == [("call_a", "weather"), ("call_b", "time")]
+    deltas = [(p["index"], p["delta"]["partial_json"]) for kind, p in events if kind == "content_block_delta"]
+    assert deltas == [(0, '{"city": "Paris"}'), (1, '{"zone": "CET"}')]
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
 def test_it_is_a_stream_observer():
     assert verifyObject(IStreamObserver, ChatToMessagesStream(MODEL))
     assert verifyObject(IStreamObserver, MessagesStreamObserver())

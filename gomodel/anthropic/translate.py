@@ -677,7 +677,9 @@ class ChatToMessagesStream:
     Tool-call argument fragments are relayed as they come (C{input_json_delta});
     a fragment for an earlier call whose block already ended (chat streams
     send calls one after another, so only a misbehaving upstream does this)
-    still goes to that call's block index.
+    still goes to that call's block index. A delta without an C{index}
+    (servers that send each call whole) starts a call when it brings an id,
+    else continues the last one.
 
     @ivar usage: Anthropic's usage dict once the upstream reported usage, else None.
     @ivar done: C{[DONE]} or an error chunk arrived.
@@ -692,7 +694,8 @@ class ChatToMessagesStream:
         self._started = False
         self._next = 0  # index of the next block
         self._open = None  # kind of the open block: "thinking", "text" or "tool_use"
-        self._calls = {}  # chat tool-call index -> _ToolCall
+        self._calls = {}  # chat tool-call index (or ("id", id) for a call without one) -> _ToolCall
+        self._last_call = 0  # the key of the call the last tool-call delta went to
         self._held = []  # text that came while a tool_use block was open
         self._finish = None
         self._matched = None
@@ -774,9 +777,12 @@ class ChatToMessagesStream:
             self._matched = choice.get("stop_reason")
 
     def _tool_call(self, delta, out):
-        key = delta.get("index", 0)
+        key = delta.get("index")
         if not _is_int(key):
-            key = 0
+            # No index (servers that send each call whole): a new id is a new call, else the last one goes on.
+            call_id = delta.get("id")
+            key = ("id", call_id) if isinstance(call_id, str) and call_id else self._last_call
+        self._last_call = key
         function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
         name = function.get("name") if isinstance(function.get("name"), str) and function["name"] else None
         arguments = function.get("arguments") if isinstance(function.get("arguments"), str) else ""
