@@ -14,9 +14,9 @@ from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from gomodel import jsonutil
-from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_message,
-                                         chat_to_message_bytes, count_tokens_answer, count_tokens_request,
-                                         messages_to_chat, openai_error_to_anthropic)
+from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
+                                         chat_to_message, chat_to_message_bytes, count_tokens_answer,
+                                         count_tokens_request, messages_to_chat, openai_error_to_anthropic)
 from gomodel.errors import InvalidRequest
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.sse import StreamIncomplete
@@ -680,6 +680,24 @@ def test_whole_tool_calls_without_an_index_stay_apart():
     deltas = [(p["index"], p["delta"]["partial_json"]) for kind, p in events if kind == "content_block_delta"]
     assert deltas == [(0, '{"city": "Paris"}'), (1, '{"zone": "CET"}')]
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_a_whole_answer_as_events():
+    chat = chat_answer({"reasoning": "Hm.", "content": "Voilà", "tool_calls": [call("c1", "f", '{"a": 1}')]},
+                       finish="tool_calls")
+    events = events_of(chat_to_events_bytes(jsonutil.dumps(chat), MODEL))
+    for _, payload in events:
+        EVENT.validate_python(payload)
+    assert [kind for kind, _ in events] == ["message_start"] + [
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert events[0][1]["message"]["content"] == [] and events[0][1]["message"]["usage"]["output_tokens"] == 0
+    assert events[-2][1] == {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                             "usage": {"input_tokens": 12, "output_tokens": 5}}
+    assert events[9][1]["delta"] == {"type": "input_json_delta", "partial_json": '{"a":1}'}
+    empty = events_of(chat_to_events_bytes(jsonutil.dumps(chat_answer({"content": ""})), MODEL))
+    assert [kind for kind, _ in empty][1:4] == ["content_block_start", "content_block_delta", "content_block_stop"]
 
 
 def test_it_is_a_stream_observer():
