@@ -17,7 +17,7 @@ from gomodel import jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
                                          chat_to_message, chat_to_message_bytes, count_tokens_answer,
                                          count_tokens_request, messages_to_chat, openai_error_to_anthropic)
-from gomodel.errors import InvalidRequest
+from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.sse import StreamIncomplete
 from tests.support import in_thread
@@ -361,11 +361,24 @@ def test_answers_of_other_chat_shapes_keep_their_content():
     ("stop", "###", [call("c", "f", '{"a": 1}')], "tool_use", None),
     ("stop", "###", [call("c", "f", '{"a": ')], "stop_sequence", "###"),  # the stop string cut the call short
     ("content_filter", None, [], "refusal", None),
-    ("abort", None, [], "end_turn", None),
 ])
 def test_every_stop_reason(finish, matched, calls, reason, sequence):
     message = chat_to_message(chat_answer({"content": "x", "tool_calls": calls}, finish, matched), MODEL)
     assert (message["stop_reason"], message["stop_sequence"]) == (reason, sequence)
+
+
+@pytest.mark.parametrize("finish", ["abort", "error"])
+def test_an_aborted_generation_is_an_error_never_a_finished_message(finish):
+    with pytest.raises(BadUpstreamResponse, match=finish):
+        chat_to_message(chat_answer({"content": "x"}, finish), MODEL)
+    stream = ChatToMessagesStream(MODEL)
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+    end = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+    out = stream.feed(b"".join(b"data: " + jsonutil.dumps(c) + b"\n\n" for c in (chunk, end))
+                      + b"data: [DONE]\n\n")
+    kinds = [line.split(b": ", 1)[1] for line in out.split(b"\n") if line.startswith(b"event: ")]
+    assert kinds[-1] == b"error" and b"message_stop" not in kinds and b"message_delta" not in kinds
+    assert stream.done and stream.error is not None
 
 
 def test_an_empty_answer_has_one_empty_text_block_and_a_refusal_is_text():

@@ -315,6 +315,19 @@ async def test_a_stream_flag_that_is_no_boolean_is_refused_in_anthropics_shape(h
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_translated_answer_the_upstream_aborted_is_a_502_not_a_finished_message(http, openai_gw, fake):
+    aborted = {"id": "c", "object": "chat.completion", "model": CHAT_MODEL, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "half"}, "finish_reason": "abort"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+    fake.steer = {"fake_status": 200, "fake_body": json.dumps(aborted)}
+    response, content = await post(http, openai_gw.url + "/v1/messages",
+                                   {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO})
+    assert response.code == 502
+    error = json.loads(content)
+    assert error["type"] == "error" and "abort" in error["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_vllm_without_messages_is_translated_and_remembered(reactor, http):
     fake = await start_fake(reactor, messages=False)  # FastAPI's 404: a server without the router
     gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url})

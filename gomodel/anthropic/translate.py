@@ -19,7 +19,7 @@ C{event: <type>\\ndata: <compact JSON>\\n\\n}, the JSON's C{type} first.
 from zope.interface import implementer
 
 from gomodel import jsonutil
-from gomodel.errors import InvalidRequest
+from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.http.render import AnthropicDialect
 from gomodel.ids import new_id, random_hex
 from gomodel.interfaces import IStreamObserver
@@ -33,6 +33,8 @@ _BILLING_HEADER = "x-anthropic-billing-header"
 _SYSTEM_JOINER = "\n\n"
 
 # finish_reason -> stop_reason, where no stop string or tool call decides it.
+# vLLM's finish reasons of a generation it did not finish (aborted, or failed in the engine).
+ABORTED = ("abort", "error")
 _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                  "content_filter": "refusal"}
 
@@ -484,6 +486,10 @@ def _string(value) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _aborted(finish_reason) -> str:
+    return f"The upstream ended the generation with finish_reason '{finish_reason}': the answer is not whole."
+
+
 def stop_reason(finish_reason, matched, tool_used, tools_complete):
     """Anthropic's C{(stop_reason, stop_sequence)} for a chat choice's end (vLLM's rule).
 
@@ -512,6 +518,7 @@ def chat_to_message(chat: dict, model: str) -> dict:
 
     @raise ValueError: C{chat} has no choice.
     @raise TypeError: C{chat} is not shaped as a chat completion.
+    @raise BadUpstreamResponse: the generation was aborted (L{ABORTED}): no stop reason would say it is not whole.
     """
     if not isinstance(chat, dict):
         raise TypeError("a chat completion must be a JSON object")
@@ -546,6 +553,8 @@ def chat_to_message(chat: dict, model: str) -> dict:
     if not content:
         # Anthropic's shape for an empty answer is one empty text block (vLLM's too).
         content.append({"type": "text", "text": ""})
+    if choice.get("finish_reason") in ABORTED:
+        raise BadUpstreamResponse(_aborted(choice["finish_reason"]))
     reason, sequence = stop_reason(choice.get("finish_reason"), choice.get("stop_reason"), bool(calls), complete)
     return {"id": message_id(chat.get("id")), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": reason, "stop_sequence": sequence,
@@ -845,6 +854,9 @@ class ChatToMessagesStream:
         self._open = None
 
     def _end(self, out):
+        if self._finish in ABORTED:  # no stop_reason says so: the client gets an error, not a finished message
+            self._fail({"message": _aborted(self._finish)}, out)
+            return
         self.done = True
         if not self._started:
             self._start({}, out)
