@@ -86,13 +86,18 @@ async def _answer(reactor, port, request: bytes) -> bytes:
     return bytes(client.received)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_managed_key_is_refused_on_a_master_route_however_its_path_is_encoded(reactor, keyed):
+async def _managed_key(reactor, keyed) -> bytes:
+    """A new managed key's secret, made with the master key (k1) over a raw connection."""
     body = b'{"name":"tenant"}'
     created = await _answer(reactor, keyed.port, b"POST /admin/api/v1/auth-keys HTTP/1.1\r\nHost: g\r\n"
                             b"Authorization: Bearer k1\r\nContent-Type: application/json\r\nConnection: close\r\n"
                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    key = re.search(rb'"value":"([^"]+)"', created).group(1)
+    return re.search(rb'"value":"([^"]+)"', created).group(1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_key_is_refused_on_a_master_route_however_its_path_is_encoded(reactor, keyed):
+    key = await _managed_key(reactor, keyed)
     for path in (b"/%61dmin/api/v1/auth-keys", b"/admin%2Fapi/v1/auth-keys", b"/%61dmin/api/v1/usage/log",
                  b"/%6Detrics"):
         answer = await _answer(reactor, keyed.port, b"GET %s HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\n"
@@ -263,11 +268,8 @@ async def test_a_doubled_slash_is_a_404_never_a_redirect_built_from_the_clients_
 async def test_a_path_that_begins_with_two_slashes_is_a_404_however_it_is_encoded(reactor, keyed):
     # Klein joined the path's segments anew and lost one of two leading slashes: //admin/... (the key check
     # saw no /admin/ there) was routed as /admin/..., where a managed key read and made keys.
+    key = await _managed_key(reactor, keyed)
     body = b'{"name":"tenant"}'
-    created = await _answer(reactor, keyed.port, b"POST /admin/api/v1/auth-keys HTTP/1.1\r\nHost: g\r\n"
-                            b"Authorization: Bearer k1\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    key = re.search(rb'"value":"([^"]+)"', created).group(1)
     for secret in (key, b"k1"):
         for method, path in ((b"GET", b"/%2Fadmin/api/v1/auth-keys"), (b"POST", b"/%2Fadmin/api/v1/auth-keys"),
                              (b"GET", b"/%2fadmin/api/v1/usage/summary"), (b"GET", b"//admin/api/v1/auth-keys"),
