@@ -209,6 +209,11 @@ async def test_batch_requests_that_cannot_be_created(sdk, gw, http):
         ({"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "completion_window": "soon"}, 400,
          "completion_window"),
         ({"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "metadata": {"k": 1}}, 400, "metadata"),
+        # Only ASCII digits, with nothing around them (else echoed back as sent).
+        ({"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "completion_window": "\uff12\uff14h"},
+         400, "completion_window"),
+        ({"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "completion_window": " 24H "}, 400,
+         "completion_window"),
     ]
     for body, status, param in cases:
         response = await http.post(gw.url + "/v1/batches", data=json.dumps(body).encode(), headers=AUTH)

@@ -1,5 +1,6 @@
 """What a batch input line must be: pure checks, no I/O."""
 
+import re
 from typing import NamedTuple, Optional
 
 from gomodel import jsonutil
@@ -66,7 +67,7 @@ def check_line(raw, number: int, endpoint: str):
 
 def completion_window(value) -> float:
     """Seconds for C{"24h"} (OpenAI's only value) or, as our extension, any duration such as C{"1h"}."""
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-z.]+", value):  # (ASCII: the window is echoed)
         raise ValueError("must be a duration string such as '24h'")
     seconds = positive_duration(value)
     if seconds < 1 or seconds > MAX_WINDOW:
