@@ -192,6 +192,12 @@ async def test_bad_input_file_fails_validation_naming_the_lines(sdk, gw, fake):
     assert all(e.message for e in batch.errors.data)
     assert not [r for r in fake.requests if r.method == b"POST"]  # nothing was sent
 
+    # A UTF-8 byte order mark before the first line is no content; before another, it is.
+    bom = b"\xef\xbb\xbf"
+    marked = await finished(gw, sdk, (await start_batch(sdk, [bom + json.dumps(chat_line("m1")).encode(),
+                                                              bom + json.dumps(chat_line("m2")).encode()])).id)
+    assert [(e.line, e.code) for e in marked.errors.data] == [(2, "invalid_json_line")]
+
     empty = await finished(gw, sdk, (await start_batch(sdk, [b"", b""])).id)
     assert empty.status == "failed"
     assert [e.code for e in empty.errors.data] == ["empty_file"]
