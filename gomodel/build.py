@@ -124,7 +124,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
                                        lease=config.limits.batch_lease_timeout,
                                        max_claimed=config.limits.batch_max_claimed,
-                                       usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate)
+                                       usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate,
+                                       responses=store.responses)
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),

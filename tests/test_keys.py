@@ -488,3 +488,31 @@ def test_a_keys_model_selectors(models, names, allowed):
     from gomodel.auth.keys import Principal
 
     assert Principal("k", "k", models=models).allows(*names) is allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_line_cannot_continue_another_tenants_response(http, gw, two):
+    alpha, beta = await new_key(http, gw, user_path="/team/alpha"), await new_key(http, gw)
+    clients = {"alpha": openai_client(gw, alpha["value"]), "beta": openai_client(gw, beta["value"])}
+    try:
+        secret = await in_thread(clients["alpha"].responses.create, model=MODEL, input="alpha's secret")
+        await gw.service.store.responses.get(secret.id)  # queued behind the write: stored now
+        lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/responses",
+                  "body": {"model": MODEL, "input": "more", "previous_response_id": previous}}
+                 for custom_id, previous in (("theirs", secret.id), ("unknown", "resp_nope"))]
+        data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        uploaded = await in_thread(clients["beta"].files.create, file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        batch = await in_thread(clients["beta"].batches.create, input_file_id=uploaded.id,
+                                endpoint="/v1/responses", completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        done = await in_thread(clients["beta"].batches.retrieve, batch.id)
+        assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 0, 2)
+        errors = [json.loads(line) for line in (await in_thread(clients["beta"].files.content,
+                                                                 done.error_file_id)).content.splitlines()]
+        assert {e["custom_id"]: e["error"]["code"] for e in errors} == {"theirs": "response_not_found",
+                                                                        "unknown": "response_not_found"}
+        previous = [r.body.get("previous_response_id") for r in two[0].requests if r.path == b"/v1/responses"]
+        assert previous == [None]  # only alpha's own request went upstream
+    finally:
+        for client in clients.values():
+            client.close()

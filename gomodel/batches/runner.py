@@ -54,6 +54,7 @@ from gomodel.batches.validating import validate
 from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
                             UpstreamUnreachable)
 from gomodel.api.inference import resolve_model
+from gomodel.auth.tenancy import visible
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
@@ -93,7 +94,8 @@ class BatchRunner(Service):
 
     def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
-                 max_claimed=MAX_CLAIMED, owner=None, usage=None, keys=None, salts=None, gate=None):
+                 max_claimed=MAX_CLAIMED, owner=None, usage=None, keys=None, salts=None, gate=None,
+                 responses=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param usage: the L{gomodel.accounting.usage.UsageLedger} each answered line is recorded in, or None.
@@ -109,6 +111,8 @@ class BatchRunner(Service):
         @param salts: the L{gomodel.auth.tenancy.CacheSalts}, or None.
         @param gate: the L{gomodel.limits.gate.Gate}: a line whose key or user path spent its
             budget fails with C{budget_exceeded} instead of being sent.
+        @param responses: the L{gomodel.store.interfaces.IResponseStore}: a managed key's C{/v1/responses}
+            line continues only a stored response of its tenant (None: no such line is checked).
         """
         self._batches = batches
         self._blobs = blobs
@@ -119,6 +123,7 @@ class BatchRunner(Service):
         self._keys = keys
         self._salts = salts
         self._gate = gate
+        self._responses = responses
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
@@ -389,8 +394,12 @@ class BatchRunner(Service):
         try:
             payload = jsonutil.loads(body)
             route = resolve_model(self._registry, payload, job.principal)
+            if path == "/responses":
+                await self._check_previous(payload, job.principal)
             if self._gate is not None:
                 await self._gate.check_budgets(job.principal)
+        except StorageUnavailable:
+            raise  # the line stays pending: the job backs off
         except GatewayError as e:
             self._track(job, self._record(job, line, custom_id, False,
                                           error_line(custom_id, e.code or "invalid_request", e.message)))
@@ -416,6 +425,22 @@ class BatchRunner(Service):
             return result
 
         self._track(job, d.addBoth(release))
+
+    async def _check_previous(self, payload, principal):
+        """Like an online request, a managed key's line continues no response but its tenant's stored ones
+        (the upstream may hold another tenant's).
+
+        @raise NotFound: C{previous_response_id} names a response the key may not continue.
+        """
+        previous_id = payload.get("previous_response_id")
+        if previous_id is None or self._responses is None or principal is None or principal.master:
+            return
+        record = None
+        if isinstance(previous_id, str) and "\x00" not in previous_id:
+            record = await self._responses.get(previous_id)
+        if record is None or not visible(principal, record):
+            raise NotFound(f"No response '{previous_id}' is stored by the gateway.", param="previous_response_id",
+                           code="response_not_found")
 
     def _track(self, job, d):
         job.lines.add(d)
