@@ -106,12 +106,17 @@ async def test_uploads_are_refused_with_openai_errors(reactor, http, gw):
         (multipart({"purpose": "batch_output"}), 400, "purpose"),
         (multipart({"purpose": "nonsense"}), 400, "purpose"),
         (multipart({"purpose": "batch"}, content=None), 400, "file"),
+        (multipart({"purpose": "x" * 70000}), 400, "purpose"),
+        (multipart({"purpose": "NOT-UTF-8"}), 400, "purpose"),  # (sent as the byte FF)
+        (multipart({"purpose": "batch", "file": "x"}), 400, "file"),  # two 'file' parts
     ]
     for (body, content_type), status, param in cases:
+        body = body.replace(b"NOT-UTF-8", b"\xff")
         response, error = await post_upload(http, gw, body, content_type)
         assert response.code == status, error
         assert set(error["error"]) == {"message", "type", "param", "code"}
         assert error["error"]["param"] == param
+        assert error["error"]["code"], error  # every 4xx names its code
     response, error = await post_upload(http, gw, b'{"purpose":"batch"}', "application/json")
     assert response.code == 400
     assert error["error"]["code"] == "invalid_content_type"

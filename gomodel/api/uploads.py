@@ -120,7 +120,7 @@ class UploadSink:
         if segment.name == "file":
             self._files += 1
             if self._files > 1:
-                self._fail(InvalidRequest("Send exactly one 'file' part.", param="file"))
+                self._fail(InvalidRequest("Send exactly one 'file' part.", param="file", code="invalid_multipart"))
                 return
             self.filename = os.path.basename((segment.filename or "").replace("\\", "/")) or "file"
             self._has_file = True
@@ -141,7 +141,7 @@ class UploadSink:
             self._field += chunk
             if len(self._field) > FIELD_LIMIT:
                 self._fail(InvalidRequest(f"The form field '{self._segment.name}' is too long.",
-                                          param=self._segment.name))
+                                          param=self._segment.name, code="string_above_max_length"))
 
     def _end_part(self):
         segment, self._segment = self._segment, None
@@ -153,7 +153,7 @@ class UploadSink:
                 self.fields.setdefault(segment.name, value.decode(segment.charset or "utf-8"))
             except (UnicodeDecodeError, LookupError):
                 self._fail(InvalidRequest(f"The form field '{segment.name}' is not valid UTF-8.",
-                                          param=segment.name))
+                                          param=segment.name, code="invalid_value"))
 
     # -- writing, with backpressure ----------------------------------------------------
 
