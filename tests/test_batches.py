@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
+from gomodel.auth.keys import KeyRing
 from gomodel.batches.runner import BatchRunner
 from gomodel.proxy.exchange import Exchange
 from gomodel.config import Timeouts
@@ -492,13 +493,13 @@ async def bench(reactor, tmp_path):
         bench.runners.append(r)
         return r
 
-    async def batch(r, count, window=3600.0):
+    async def batch(r, count, window=3600.0, **kwargs):
         content = jsonl({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {"model": "stub/m", "messages": [], "i": i}} for i in range(count))
         file_id = new_file_id()
         size = await put_blob(store.blobs, file_id, content)
         record = await store.files.add(file_id, size, "input.jsonl", "batch")
-        return await r.create("/v1/chat/completions", record["id"], "1h", window, None)
+        return await r.create("/v1/chat/completions", record["id"], "1h", window, None, **kwargs)
 
     bench.runner, bench.batch = runner, batch
     yield bench
@@ -512,6 +513,23 @@ async def lines_of(store, file_id):
         return []
     size = await store.blobs.size(file_id)
     return parse_jsonl(await store.blobs.read(file_id, 0, size))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_of_a_key_made_since_the_last_key_refresh_runs_as_that_key(bench, reactor):
+    # The key (allowed another model only) was made on another process after this one last read the keys.
+    keys = KeyRing(bench.store.keys, bench.clock)
+    await bench.store.keys.add({"id": "k_new", "hash": "h-new", "redacted": "sk-...w", "name": "new",
+                                "user_path": None, "created_at": 1000, "models": ["stub/other"],
+                                "own_cache_salt": False})
+    runner = bench.runner(keys=keys)
+    created = await bench.batch(runner, 1, tenant="k:k_new", auth_key_id="k_new")
+    await with_timeout(reactor, Deferred.fromCoroutine(runner.settled(created["id"])), 5)  # (a line sent: never)
+    batch = await bench.store.batches.get(created["id"])
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 0, 1)
+    [line] = await lines_of(bench.store, batch["error_file_id"])
+    assert line["error"]["code"] == "model_access_denied"
+    assert bench.provider.sent == []
 
 
 @pytest_twisted.ensureDeferred

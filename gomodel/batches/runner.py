@@ -375,7 +375,7 @@ class BatchRunner(Service):
     async def _dispatch(self, job, batch):
         path = batch["endpoint"][len("/v1"):]
         if batch.get("auth_key_id") and self._keys is not None:
-            job.principal = self._keys.by_id(batch["auth_key_id"])
+            job.principal = await self._principal(batch["auth_key_id"])
         after = 0
         while job.stop is None:
             rows = await self._batches.pending(job.batch_id, after, PAGE)
@@ -388,6 +388,20 @@ class BatchRunner(Service):
                 await self._launch(job, path, line, custom_id, body)
         while job.lines:
             await DeferredList(list(job.lines))
+
+    async def _principal(self, key_id):
+        """The managed key a batch runs as, read again when this process has not seen it yet (made on
+        another process since the last refresh): never None, which would run the lines unrestricted.
+
+        @raise StorageUnavailable: the key cannot be read now (keys are never deleted); the job backs off.
+        """
+        principal = self._keys.by_id(key_id)
+        if principal is None:
+            await self._keys.refresh()
+            principal = self._keys.by_id(key_id)
+        if principal is None:
+            raise StorageUnavailable(f"The key {key_id} that made the batch cannot be read yet.")
+        return principal
 
     async def _launch(self, job, path, line, custom_id, body):
         """Send one line once its provider has room (the line then runs on its own)."""
