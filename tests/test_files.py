@@ -96,6 +96,25 @@ async def test_sdk_files_create_list_retrieve_content_delete(sdk, gw):
     assert spooled(gw) == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_upload_may_expire_as_openai_bounds_it(sdk, http, gw):
+    created = await in_thread(sdk.files.create, file=("brief.jsonl", b"{}\n"), purpose="batch",
+                              expires_after={"anchor": "created_at", "seconds": 3600})
+    assert created.expires_at == created.created_at + 3600
+    assert (await in_thread(sdk.files.retrieve, created.id)).expires_at == created.expires_at
+    for fields in ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "3599"},
+                   {"expires_after[anchor]": "created_at", "expires_after[seconds]": str(30 * 86400 + 1)},
+                   {"expires_after[anchor]": "created_at", "expires_after[seconds]": "1_0000"},
+                   {"expires_after[anchor]": "created_at"},
+                   {"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"},
+                   {"expires_after[seconds]": "3600"}):
+        body, content_type = multipart({"purpose": "batch", **fields})
+        response, answer = await post_upload(http, gw, body, content_type)
+        assert response.code == 400, fields
+        assert (answer["error"]["param"], answer["error"]["code"]) == ("expires_after", "invalid_value")
+    assert spooled(gw) == []
+
+
 # -- refused uploads -------------------------------------------------------------------
 
 

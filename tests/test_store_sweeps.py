@@ -57,3 +57,22 @@ async def test_a_sweep_while_the_store_is_unavailable_is_a_one_line_warning(logg
     assert event["log_level"] == LogLevel.warn and "log_failure" not in event
     assert formatEvent(event) == ("sweeping the files' leftovers failed: "
                                   "The gateway's storage is unavailable (database is down).")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_file_is_gone_at_once_and_swept_with_its_contents(store):
+    await put_blob(store.blobs, "file-brief", b"an hour")
+    brief = await store.files.add("file-brief", 7, "brief.jsonl", "batch", None, 3600)
+    kept = await add_file(store, b"for good")
+    assert brief["expires_at"] == brief["created_at"] + 3600 and kept["expires_at"] is None
+    store.clock.advance(3599)
+    assert (await store.files.get("file-brief"))["id"] == "file-brief"
+    store.clock.advance(1)
+    assert await store.files.get("file-brief") is None  # expired: no reader sees it before the sweep
+    records, _ = await store.files.list()
+    assert [r["id"] for r in records] == [kept["id"]]
+    assert await store.files.expired() == ["file-brief"]
+    sweeper = StoreSweeper(store.files, store.blobs, store.claims, store.clock, "process-1", grace=3600)
+    await sweeper.sweep()
+    assert await store.files.expired() == [] and await store.files.known(["file-brief"]) == set()
+    assert await store.blobs.size("file-brief") is None and await store.blobs.size(kept["id"]) is not None

@@ -7,7 +7,7 @@ sits in memory. Contents are sent back in chunks at the pace the client reads.
 
 from klein import Klein
 
-from gomodel.http.bodies import json_answer, page, query_arg, query_limit
+from gomodel.http.bodies import json_answer, page, query_arg, query_limit, whole_number
 from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
@@ -18,6 +18,7 @@ from gomodel.store.records import new_file_id
 # What a client may upload (OpenAI's list); "batch_output" is ours to write.
 UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "user_data", "vision", "evals")
 LIST_LIMIT_MAX = 10000
+EXPIRES_AFTER = (3600, 30 * 86400)  # an upload's expires_after[seconds], as OpenAI bounds it
 BUFFERED_CHUNK = 64 * 1024
 
 
@@ -94,11 +95,12 @@ class FilesAPI:
             if purpose not in UPLOAD_PURPOSES:
                 raise InvalidRequest(f"'{purpose}' is not a valid purpose; use one of: {', '.join(UPLOAD_PURPOSES)}.",
                                      param="purpose", code="invalid_value")
+            expires_after = _expires_after(sink.fields)
             file_id = new_file_id()
             size = await sink.commit(file_id)
             try:
                 record = await self._files.add(file_id, size, sink.filename, purpose,
-                                               tenant_of(request.context.principal))
+                                               tenant_of(request.context.principal), expires_after)
             except BaseException:
                 await self._blobs.delete(file_id)
                 raise
@@ -147,6 +149,26 @@ class FilesAPI:
         return record
 
     install_error_handlers(app)
+
+
+def _expires_after(fields):
+    """The seconds of an upload's C{expires_after} (OpenAI's form fields C{expires_after[anchor]}, which must
+    be C{created_at}, and C{expires_after[seconds]}, from an hour to 30 days), or None when it has none.
+
+    @raise InvalidRequest: one of them is missing or out of bounds.
+    """
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequest("expires_after[anchor] must be 'created_at'.", param="expires_after",
+                             code="invalid_value")
+    value = whole_number(seconds or "", *EXPIRES_AFTER)
+    if value is None:
+        raise InvalidRequest(f"expires_after[seconds] must be a whole number from {EXPIRES_AFTER[0]} to "
+                             f"{EXPIRES_AFTER[1]} (an hour to 30 days).", param="expires_after",
+                             code="invalid_value")
+    return value
 
 
 def _no_file(file_id):

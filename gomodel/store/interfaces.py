@@ -25,18 +25,19 @@ from gomodel.store.records import TERMINAL, UNFINISHED  # noqa: F401 (re-exporte
 class IFileStore(Interface):
     """File metadata (the contents live in an L{IBlobStore}, under the file's id)."""
 
-    def add(file_id, size, filename, purpose):
+    def add(file_id, size, filename, purpose, tenant=None, expires_after=None):
         """Register a file whose contents were committed as blob C{file_id}.
 
+        @param expires_after: seconds from its creation until it expires (C{expires_at}), or None: never.
         @return: a Deferred firing with the new file record; it fails with the
             backend's integrity error when C{file_id} exists already.
         """
 
     def get(file_id):
-        """@return: a Deferred firing with the file's record, or None."""
+        """@return: a Deferred firing with the file's record, or None (none, or expired)."""
 
     def list(purpose=None, after=None, limit=10000, order="desc"):
-        """List files, newest first for C{order="desc"}, oldest first for C{"asc"}.
+        """List files (not those expired), newest first for C{order="desc"}, oldest first for C{"asc"}.
 
         @param after: a file id: only files after it in that order are listed
             (an unknown id lists nothing).
@@ -51,6 +52,9 @@ class IFileStore(Interface):
 
     def known(file_ids):
         """@return: a Deferred firing with the set of those C{file_ids} that have a record."""
+
+    def expired(limit=1000):
+        """@return: a Deferred firing with the ids of up to C{limit} files past their C{expires_at}."""
 
 
 class IBlobWriter(Interface):

@@ -1,7 +1,8 @@
 """Claimed jobs: singleton duties any process may do, one at a time, under a lease (L{IClaims}).
 
 L{claimed} runs one duty under a claim; L{StoreSweeper} is the files
-sweep (uploads cut short by a crash, contents no file record names).
+sweep (files past their C{expires_at}, uploads cut short by a crash,
+contents no file record names).
 Several processes on one data directory (C{--workers}) may all run it: the
 claim lets one sweep at a time, and the age rule (C{grace}) keeps a sweep
 away from an upload another process is still receiving and from contents
@@ -66,6 +67,13 @@ class StoreSweeper(Repeating):
         return d
 
     async def _work(self):
+        expired = 0
+        for file_id in await self._files.expired():  # (the next sweep takes those past the first 1,000)
+            if await self._files.delete(file_id):
+                await self._blobs.delete(file_id)
+                expired += 1
+        if expired:
+            self.log.info("deleted {expired} expired files", expired=expired)
         cutoff = self.clock.seconds() - self._grace
         discarded = await self._blobs.discard_writes(cutoff)
         stale = await self._blobs.stale(cutoff)

@@ -9,15 +9,20 @@ FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "e
 _SELECT = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
 
 
-def insert_file(conn, file_id, size, now, filename, purpose, tenant=None):
+# A file past its expires_at is gone for every reader before the sweep deletes it.
+_LIVE = "(expires_at IS NULL OR expires_at > %s)"
+
+
+def insert_file(conn, file_id, size, now, filename, purpose, tenant=None, expires_at=None):
     """Insert one file record (also used by a batch's finalize, in its transaction)."""
-    conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose, tenant) VALUES (%s, %s, %s, %s, %s, %s)",
-                 (file_id, size, now, filename, purpose, tenant))
+    conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose, tenant, expires_at) "
+                 "VALUES (%s, %s, %s, %s, %s, %s, %s)", (file_id, size, now, filename, purpose, tenant, expires_at))
 
 
-def get_file(conn, file_id):
-    """The record of C{file_id}, or None."""
-    return conn.cursor(row_factory=dict_row).execute(f"{_SELECT} WHERE id = %s", (file_id,)).fetchone()
+def get_file(conn, file_id, now):
+    """The record of C{file_id} (unless it expired by C{now}), or None."""
+    return conn.cursor(row_factory=dict_row).execute(f"{_SELECT} WHERE id = %s AND {_LIVE}",
+                                                     (file_id, now)).fetchone()
 
 
 @implementer(IFileStore)
@@ -27,24 +32,26 @@ class PostgreSQLFileStore:
     def __init__(self, db):
         self._db = db
 
-    def add(self, file_id, size, filename, purpose, tenant=None):
-        return self._db.run(self._add, file_id, size, filename, purpose, int(self._db.now()), tenant)
+    def add(self, file_id, size, filename, purpose, tenant=None, expires_after=None):
+        now = int(self._db.now())
+        return self._db.run(self._add, file_id, size, filename, purpose, now, tenant,
+                            None if expires_after is None else now + expires_after)
 
     @staticmethod
-    def _add(conn, file_id, size, filename, purpose, now, tenant):
+    def _add(conn, file_id, size, filename, purpose, now, tenant, expires_at):
         with conn.transaction():
-            insert_file(conn, file_id, size, now, filename, purpose, tenant)
-        return get_file(conn, file_id)
+            insert_file(conn, file_id, size, now, filename, purpose, tenant, expires_at)
+        return get_file(conn, file_id, now)
 
     def get(self, file_id):
-        return self._db.run(get_file, file_id)
+        return self._db.run(get_file, file_id, int(self._db.now()))
 
     def list(self, purpose=None, after=None, limit=10000, order="desc", tenant=None):
-        return self._db.run(self._list, purpose, after, limit, order, tenant)
+        return self._db.run(self._list, purpose, after, limit, order, tenant, int(self._db.now()))
 
     @staticmethod
-    def _list(conn, purpose, after, limit, order, tenant):
-        where, args = [], []
+    def _list(conn, purpose, after, limit, order, tenant, now):
+        where, args = [_LIVE], [now]
         if tenant is not None:
             where.append("tenant = %s")
             args.append(tenant)
@@ -70,6 +77,13 @@ class PostgreSQLFileStore:
     @staticmethod
     def _delete(conn, file_id):
         return conn.execute("DELETE FROM files WHERE id = %s", (file_id,)).rowcount > 0
+
+    def expired(self, limit=1000):
+        return self._db.run(self._expired, int(self._db.now()), limit)
+
+    @staticmethod
+    def _expired(conn, now, limit):
+        return [r[0] for r in conn.execute("SELECT id FROM files WHERE expires_at <= %s LIMIT %s", (now, limit))]
 
     def known(self, file_ids):
         return self._db.run(self._known, list(file_ids))

@@ -9,10 +9,14 @@ FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "e
 _SELECT = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
 
 
-def insert_file(conn, file_id, size, now, filename, purpose, tenant=None):
+# A file past its expires_at is gone for every reader before the sweep deletes it.
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+
+
+def insert_file(conn, file_id, size, now, filename, purpose, tenant=None, expires_at=None):
     """Insert one file record (also used by a batch's finalize, in its transaction)."""
-    conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose, tenant) VALUES (?, ?, ?, ?, ?, ?)",
-                 (file_id, size, now, filename, purpose, tenant))
+    conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose, tenant, expires_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)", (file_id, size, now, filename, purpose, tenant, expires_at))
 
 
 @implementer(IFileStore)
@@ -22,27 +26,29 @@ class SQLiteFileStore:
     def __init__(self, db):
         self._db = db
 
-    def add(self, file_id, size, filename, purpose, tenant=None):
-        return self._db.run(self._add, file_id, size, filename, purpose, int(self._db.now()), tenant)
+    def add(self, file_id, size, filename, purpose, tenant=None, expires_after=None):
+        now = int(self._db.now())
+        return self._db.run(self._add, file_id, size, filename, purpose, now, tenant,
+                            None if expires_after is None else now + expires_after)
 
-    def _add(self, file_id, size, filename, purpose, now, tenant):
+    def _add(self, file_id, size, filename, purpose, now, tenant, expires_at):
         with self._db.transaction() as conn:
-            insert_file(conn, file_id, size, now, filename, purpose, tenant)
-        return self._get(file_id)
+            insert_file(conn, file_id, size, now, filename, purpose, tenant, expires_at)
+        return self._get(file_id, now)
 
     def get(self, file_id):
-        return self._db.run(self._get, file_id)
+        return self._db.run(self._get, file_id, int(self._db.now()))
 
-    def _get(self, file_id):
-        row = self._db.conn().execute(f"{_SELECT} WHERE id = ?", (file_id,)).fetchone()
+    def _get(self, file_id, now):
+        row = self._db.conn().execute(f"{_SELECT} WHERE id = ? AND {_LIVE}", (file_id, now)).fetchone()
         return dict(row) if row is not None else None
 
     def list(self, purpose=None, after=None, limit=10000, order="desc", tenant=None):
-        return self._db.run(self._list, purpose, after, limit, order, tenant)
+        return self._db.run(self._list, purpose, after, limit, order, tenant, int(self._db.now()))
 
-    def _list(self, purpose, after, limit, order, tenant):
+    def _list(self, purpose, after, limit, order, tenant, now):
         conn = self._db.conn()
-        where, args = [], []
+        where, args = [_LIVE], [now]
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
@@ -68,6 +74,13 @@ class SQLiteFileStore:
     def _delete(self, file_id):
         with self._db.transaction() as conn:
             return conn.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+
+    def expired(self, limit=1000):
+        return self._db.run(self._expired, int(self._db.now()), limit)
+
+    def _expired(self, now, limit):
+        rows = self._db.conn().execute("SELECT id FROM files WHERE expires_at <= ? LIMIT ?", (now, limit))
+        return [row[0] for row in rows]
 
     def known(self, file_ids):
         return self._db.run(self._known, list(file_ids))
