@@ -170,3 +170,15 @@ async def test_slow_client_on_a_passthrough_stream(reactor, gateway, fake):
     client.transport.abortConnection()
     how, _ = await with_timeout(reactor, record.closed, 2)
     assert how == "lost"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_cookies_never_reach_the_client(http, two):
+    gw, plain, guarded = two
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+            "fake_headers": {"Set-Cookie": "s=1", "Set-Cookie2": "s=2", "X-Kept": "yes"}}
+    response, content = await call(http, gw, "POST", "/p/vllm/v1/chat/completions", body)
+    assert response.code == 200
+    headers = response.headers
+    assert headers.getRawHeaders("x-kept") == ["yes"]
+    assert headers.getRawHeaders("set-cookie") is None and headers.getRawHeaders("set-cookie2") is None

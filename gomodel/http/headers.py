@@ -13,7 +13,7 @@ HOP_BY_HOP = frozenset((
 
 # Never copied from an upstream answer: Date/Server and the request id are
 # ours, cookies stay upstream. Content-Length only where the bytes pass unchanged.
-_NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"x-request-id"}
+_NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"set-cookie2", b"x-request-id"}
 
 
 class AnswerHeaders(Headers):
