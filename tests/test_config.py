@@ -150,6 +150,16 @@ def test_durations_and_sizes():
     assert load_config({"CACHE_REFRESH_INTERVAL": "10m"}).upstreams.models_refresh_interval == 600
 
 
+@pytest.mark.parametrize("var, value", [
+    ("HTTP_CONNECT_TIMEOUT", "٣٠s"), ("HTTP_CONNECT_TIMEOUT", "３０"), ("BODY_SIZE_LIMIT", "５１２KB"),
+    ("PORT", "８０８０"), ("PORT", "80_80"), ("HTTP_POOL_MAX_PER_HOST", "1_000"), ("HTTP_POOL_MAX_PER_HOST", "٣"),
+])
+def test_numbers_take_ascii_digits_only(var, value):
+    with pytest.raises(ConfigError) as raised:
+        load_config({var: value})
+    assert var in str(raised.value)
+
+
 def test_data_dir_default_env_and_yaml(tmp_path):
     assert load_config({}).store.data_dir == "./data"
     assert load_config({"GOMODEL_DATA_DIR": "/var/lib/gomodel"}).store.data_dir == "/var/lib/gomodel"

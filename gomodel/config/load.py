@@ -213,7 +213,7 @@ def _typed_limits(document) -> dict:
                 try:
                     if kind is bool:
                         value = parsers.boolean(text)
-                    elif re.fullmatch(r"[+-]?\d+(\.\d+)?([eE][+-]?\d+)?", text):
+                    elif re.fullmatch(r"[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?", text):
                         value = int(text) if kind is int and text.lstrip("+-").isdigit() else float(text)
                 except ValueError:
                     pass

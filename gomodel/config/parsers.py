@@ -64,10 +64,10 @@ def duration(value) -> float:
         seconds = value  # (an int too large for a float is compared exactly, then refused)
     else:
         text = str(value).strip().lower()
-        if re.fullmatch(r"\d+(\.\d+)?", text):
+        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):  # (ASCII digits: \d takes "٣٠" too)
             seconds = float(text)
         else:
-            parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text)
+            parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)", text)
             if not parts or "".join(n + u for n, u in parts) != text:
                 raise ValueError("not a duration (use e.g. 30, 30s, 500ms, 5m, 1h, 30d)")
             scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -100,7 +100,7 @@ def size(value, maximum=1024**3) -> int:
     """
     if isinstance(value, bool):
         raise ValueError("not a size")
-    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError("not a size (use e.g. 10M, 500KB or a byte count)")
     result = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
@@ -124,7 +124,7 @@ def directory(value) -> str:
 
 def port(value) -> int:
     """A TCP port number, 0 to 65535."""
-    number = int(str(value).strip())
+    number = _whole(value)
     if not 0 <= number <= 65535:
         raise ValueError("not a TCP port")
     return number
@@ -136,10 +136,16 @@ def listen_port(value) -> tuple:
 
 
 def _whole(value) -> int:
-    """A whole number from an int or a text; YAML booleans and floats are refused."""
+    """A whole number from an int or a text of ASCII digits (not int()'s "٣٠" or "1_000"); YAML booleans and
+    floats are refused."""
     if isinstance(value, (bool, float)):
         raise ValueError("not a whole number")
-    return int(str(value).strip())
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if not re.fullmatch(r"-?[0-9]{1,30}", text):
+        raise ValueError("not a whole number")
+    return int(text)
 
 
 def count(value, maximum=MAX_COUNT) -> int:
