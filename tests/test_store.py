@@ -107,9 +107,9 @@ async def test_database_work_never_runs_on_the_reactor_thread(store):
     seen = []
     original = store.files._get
 
-    def spy(file_id):
+    def spy(*args):
         seen.append(threading.current_thread() is threading.main_thread())
-        return original(file_id)
+        return original(*args)
 
     store.files._get = spy
     d = store.files.get("file-x")
