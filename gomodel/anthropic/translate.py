@@ -32,9 +32,9 @@ _BILLING_HEADER = "x-anthropic-billing-header"
 # System text blocks are joined with a blank line between them.
 _SYSTEM_JOINER = "\n\n"
 
-# finish_reason -> stop_reason, where no stop string or tool call decides it.
 # vLLM's finish reasons of a generation it did not finish (aborted, or failed in the engine).
 ABORTED = ("abort", "error")
+# finish_reason -> stop_reason, where no stop string or tool call decides it.
 _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                  "content_filter": "refusal"}
 
