@@ -526,9 +526,8 @@ async def test_a_batch_of_a_key_made_since_the_last_key_refresh_runs_as_that_key
     created = await bench.batch(runner, 1, tenant="k:k_new", auth_key_id="k_new")
     await with_timeout(reactor, Deferred.fromCoroutine(runner.settled(created["id"])), 5)  # (a line sent: never)
     batch = await bench.store.batches.get(created["id"])
-    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 0, 1)
-    [line] = await lines_of(bench.store, batch["error_file_id"])
-    assert line["error"]["code"] == "model_access_denied"
+    assert batch["status"] == "failed"  # validated as the key: its model is not allowed
+    assert [(e["code"], e["line"]) for e in batch["errors"]] == [("model_access_denied", 1)]
     assert bench.provider.sent == []
 
 

@@ -359,6 +359,8 @@ class BatchRunner(Service):
         batch = await self._batches.get(job.batch_id)
         if batch is None:
             return
+        if batch.get("auth_key_id") and self._keys is not None:
+            job.principal = await self._principal(batch["auth_key_id"])
         if batch["status"] == "validating":
             if not await validate(self._batches, self._blobs, self._registry, job, batch, self._now):
                 return
@@ -374,8 +376,6 @@ class BatchRunner(Service):
 
     async def _dispatch(self, job, batch):
         path = batch["endpoint"][len("/v1"):]
-        if batch.get("auth_key_id") and self._keys is not None:
-            job.principal = await self._principal(batch["auth_key_id"])
         after = 0
         while job.stop is None:
             rows = await self._batches.pending(job.batch_id, after, PAGE)

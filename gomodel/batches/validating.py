@@ -1,5 +1,6 @@
 """The C{validating} step of a batch: read the input file in slices, check each line, store the requests."""
 
+from gomodel.api.inference import resolve_model
 from gomodel.batches.validation import LineError, Request, check_line
 from gomodel.errors import GatewayError
 
@@ -9,7 +10,8 @@ MAX_ERRORS = 1000  # validation errors reported (the batch fails either way)
 
 
 async def validate(batches, blobs, registry, job, batch, now):
-    """Check every input line of C{batch} and store its requests (fenced by C{job.token}).
+    """Check every input line of C{batch} (its models resolved for C{job.principal}, the key that made it)
+    and store its requests (fenced by C{job.token}).
 
     @param now: a function returning the current time in seconds.
     @return: False when the batch failed (or moved on), else True; store
@@ -41,7 +43,7 @@ async def validate(batches, blobs, registry, job, batch, now):
                                         "custom_id", number)
                 else:
                     seen.add(checked.custom_id)
-                    problem = _model_problem(registry, checked.model, resolved)
+                    problem = _model_problem(registry, checked.model, resolved, job.principal)
                     if problem is not None:
                         checked = LineError(problem.code or "invalid_model", problem.message, "body.model", number)
             if isinstance(checked, LineError):
@@ -68,10 +70,11 @@ async def validate(batches, blobs, registry, job, batch, now):
                                           "total": count}, only_if_status=("validating",), token=job.token)
     return True
 
-def _model_problem(registry, model, resolved):
+def _model_problem(registry, model, resolved, principal):
+    """None when C{model} resolves and the batch's key (C{principal}) may use it, else the error saying why."""
     if model not in resolved:
         try:
-            registry.resolve(model)
+            resolve_model(registry, {"model": model}, principal)
             resolved[model] = None
         except GatewayError as e:
             resolved[model] = e
