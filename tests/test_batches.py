@@ -198,6 +198,9 @@ async def test_bad_input_file_fails_validation_naming_the_lines(sdk, gw, fake):
     marked = await finished(gw, sdk, (await start_batch(sdk, [bom + json.dumps(chat_line("m1")).encode(),
                                                               bom + json.dumps(chat_line("m2")).encode()])).id)
     assert [(e.line, e.code) for e in marked.errors.data] == [(2, "invalid_json_line")]
+    blank = await finished(gw, sdk, (await start_batch(sdk, [bom, json.dumps(chat_line("m1")).encode(),
+                                                             bom + b"  "])).id)
+    assert [(e.line, e.code) for e in blank.errors.data] == [(3, "invalid_json_line")]  # a mark alone: blank
 
     empty = await finished(gw, sdk, (await start_batch(sdk, [b"", b""])).id)
     assert empty.status == "failed"

@@ -7,6 +7,7 @@ from gomodel.errors import GatewayError
 LINES_PER_READ = 1000  # input lines validated at a time
 MAX_LINE_BYTES = 64 * 1024 * 1024
 MAX_ERRORS = 1000  # validation errors reported (the batch fails either way)
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 
 async def validate(batches, blobs, registry, job, batch, now):
@@ -33,6 +34,8 @@ async def validate(batches, blobs, registry, job, batch, now):
         rows = []
         for raw in lines:
             number += 1
+            if number == 1 and raw is not None and raw.startswith(BOM):  # (Windows editors write one): no content
+                raw = raw[len(BOM):]
             if raw is not None and not raw.strip():
                 continue
             checked = check_line(raw, number, endpoint)

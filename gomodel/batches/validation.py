@@ -35,8 +35,6 @@ def check_line(raw, number: int, endpoint: str):
     """A L{Request} for one input line (1-based C{number}), or a L{LineError}."""
     if raw is None:
         return LineError("line_too_long", "The line is too long.", None, number)
-    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors) is no content
-        raw = raw[3:]
     try:
         item = jsonutil.loads(raw)
     except jsonutil.JSONError:
