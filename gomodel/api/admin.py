@@ -6,6 +6,7 @@ path but C{/health}). Names follow GoModel's admin API where it has them.
 
 import csv
 import io
+import re
 from datetime import datetime, timedelta, timezone
 
 from klein import Klein
@@ -25,6 +26,7 @@ TEXT_FILTERS = ("model", "provider", "search", "key", "user_path")
 # The longest C{days} window: the longest usage retention (USAGE_RETENTION_DAYS).
 DAYS_MAX = 36500
 # What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
+_DATE = re.compile("[0-9]{4}-[0-9]{2}-[0-9]{2}")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -227,7 +229,7 @@ def _date(request, name: bytes):
     if text is None:
         return None
     try:
-        if text.isascii():  # (strptime reads other digits in some places: "2025-01-1０")
+        if _DATE.fullmatch(text):  # (strptime reads "2025-1-1", and other digits in some places: "2025-01-1０")
             return datetime.strptime(text, "%Y-%m-%d").date()
     except ValueError:
         pass
