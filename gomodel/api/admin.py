@@ -100,34 +100,35 @@ class AdminAPI:
     async def usage_daily(self, request):
         """Totals per UTC day (C{interval=hour}: per hour) of a window; C{format=csv}."""
         start, end = self._window(request)
+        wants_csv = _wants_csv(request)
         interval = query_arg(request, b"interval", "day")
         if interval not in ("day", "hour"):
             raise InvalidRequest("interval must be day or hour.", param="interval", code="invalid_value")
         rows = await self._usage_store().grouped(start, end, bucket=DAY if interval == "day" else 3600)
         for row in rows:
             row["period"] = _iso(row["period"]) if interval == "hour" else _day(row["period"])
-        return _rows(request, rows, ("period",))
+        return _rows(request, wants_csv, rows, ("period",))
 
     @app.route("/usage/models", methods=["GET"])
     async def usage_models(self, request):
         """Totals per provider and model of a window; C{format=csv}."""
-        start, end = self._window(request)
-        by = ("provider", "provider_name", "model")
-        return _rows(request, await self._usage_store().grouped(start, end, by=by), by)
+        return await self._grouped(request, ("provider", "provider_name", "model"))
 
     @app.route("/usage/keys", methods=["GET"])
     async def usage_keys(self, request):
         """Totals per managed key (C{auth_key_id}; null: the master key's) of a window; C{format=csv}."""
-        start, end = self._window(request)
-        by = ("auth_key_id",)
-        return _rows(request, await self._usage_store().grouped(start, end, by=by), by)
+        return await self._grouped(request, ("auth_key_id",))
 
     @app.route("/usage/user-paths", methods=["GET"])
     async def usage_user_paths(self, request):
         """Totals per user path of a window; C{format=csv}."""
+        return await self._grouped(request, ("user_path",))
+
+    async def _grouped(self, request, by):
+        """The totals of a window grouped C{by} those columns, as L{_rows} answers them."""
         start, end = self._window(request)
-        by = ("user_path",)
-        return _rows(request, await self._usage_store().grouped(start, end, by=by), by)
+        wants_csv = _wants_csv(request)  # (a bad format is refused before the query runs)
+        return _rows(request, wants_csv, await self._usage_store().grouped(start, end, by=by), by)
 
     @app.route("/usage/timeseries", methods=["GET"])
     async def usage_timeseries(self, request):
@@ -257,9 +258,9 @@ def _wants_csv(request) -> bool:
     return answer == "csv"
 
 
-def _rows(request, rows, keys):
-    """A grouping's rows (its C{keys}, then the totals) as JSON, or CSV with C{format=csv}."""
-    if _wants_csv(request):
+def _rows(request, wants_csv, rows, keys):
+    """A grouping's rows (its C{keys}, then the totals) as JSON, or CSV when C{wants_csv} (L{_wants_csv})."""
+    if wants_csv:
         return _csv(request, rows, keys + USAGE_TOTALS)
     return json_answer(request, {"object": "list", "data": rows})
 
