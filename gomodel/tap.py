@@ -8,6 +8,7 @@ import sys
 from twisted.python import usage
 
 from gomodel.config import MAX_WORKERS, ConfigError, load_config
+from gomodel.config.parsers import checked, whole
 
 
 class Options(usage.Options):
@@ -16,7 +17,7 @@ class Options(usage.Options):
                 "(VLLM_BASE_URL, VLLM_<NAME>_BASE_URL, ...) and the YAML file; the environment wins.")
     optParameters = [
         ["config", "c", None, "YAML config file (default: $GOMODEL_CONFIG)."],
-        ["workers", "w", None, "Processes sharing the listening port(s) (default: $GOMODEL_WORKERS or 1).", int],
+        ["workers", "w", None, "Processes sharing the listening port(s) (default: $GOMODEL_WORKERS or 1)."],
     ]
     optFlags = [
         ["worker-child", None, "Internal: run as a worker started by a primary gomodel process."],
@@ -47,9 +48,13 @@ class Options(usage.Options):
             except ConfigError as e:
                 raise usage.UsageError(f"configuration error: {e}") from None
         if self["workers"] is not None:
-            if not 1 <= self["workers"] <= MAX_WORKERS:
+            try:  # ASCII digits, as GOMODEL_WORKERS (int() would take "1_0" or "\u0662")
+                workers = checked(whole, self["workers"], "--workers")
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+            if not 1 <= workers <= MAX_WORKERS:
                 raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
-            config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=self["workers"]))
+            config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=workers))
         if not any(p.base_url.startswith("https:") for p in config.upstreams.providers) and not any(
                 d.startswith("ssl:") for d in config.server.listen):
             _keep_openssl_out()

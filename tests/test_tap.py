@@ -249,6 +249,16 @@ def test_options_refuse_workers_out_of_range(workers, tmp_path, monkeypatch):
     assert tap.MAX_WORKERS == 256
 
 
+@pytest.mark.parametrize("workers", ["abc", "2.5", "1_0", "\u0662", ""])
+def test_twistd_refuses_workers_that_are_no_number_naming_the_option(workers, tmp_path):
+    result = twistd("-n", "--pidfile=", "gomodel", "--workers", workers, "--listen", "tcp:0:interface=127.0.0.1",
+                    env={"GOMODEL_DATA_DIR": str(tmp_path)})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"--workers: invalid value {workers!r}: not a whole number" in output
+    assert "Traceback" not in output and "int()" not in output
+
+
 def test_options_take_the_most_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
     options = tap.Options()

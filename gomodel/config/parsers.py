@@ -124,7 +124,7 @@ def directory(value) -> str:
 
 def port(value) -> int:
     """A TCP port number, 0 to 65535."""
-    number = _whole(value)
+    number = whole(value)
     if not 0 <= number <= 65535:
         raise ValueError("not a TCP port")
     return number
@@ -135,7 +135,7 @@ def listen_port(value) -> tuple:
     return (f"tcp:{port(value)}",)
 
 
-def _whole(value) -> int:
+def whole(value) -> int:
     """A whole number from an int or a text of ASCII digits (not int()'s "٣٠" or "1_000"); YAML booleans and
     floats are refused."""
     if isinstance(value, (bool, float)):
@@ -150,7 +150,7 @@ def _whole(value) -> int:
 
 def count(value, maximum=MAX_COUNT) -> int:
     """A whole number, from 1 to C{maximum} (L{MAX_COUNT})."""
-    number = _whole(value)
+    number = whole(value)
     if not 1 <= number <= maximum:
         raise ValueError(f"must be at least 1 and at most {maximum}")
     return number
@@ -194,7 +194,7 @@ def routing_strategy(value) -> str:
 
 def limit(value) -> int:
     """A whole number from 0 (no limit) to L{MAX_COUNT}."""
-    number = _whole(value)
+    number = whole(value)
     if not 0 <= number <= MAX_COUNT:
         raise ValueError(f"must be 0 (no limit) or more, at most {MAX_COUNT}")
     return number
