@@ -151,7 +151,10 @@ async def test_bad_requests_get_openai_errors(http, gateway, fake):
         (b'{"model": "vllm/m", "seed": 123456789012345678901234, "messages": [{"role": "user", "content": "\\ud800"}]}',
          400, "invalid_json"),
         (json.dumps({"messages": []}).encode(), 400, "missing_required_parameter"),
-        (json.dumps({"model": 5}).encode(), 400, "missing_required_parameter"),
+        (json.dumps({"model": "  "}).encode(), 400, "missing_required_parameter"),
+        (json.dumps({"model": 5}).encode(), 400, "invalid_type"),
+        (json.dumps({"model": ["vllm/m"]}).encode(), 400, "invalid_type"),
+        (json.dumps({"model": None}).encode(), 400, "missing_required_parameter"),
         (json.dumps({"model": "vllm/unknown-model"}).encode(), 404, "model_not_found"),
         (json.dumps({"model": "nobody/serves-this"}).encode(), 404, "model_not_found"),
     ]
@@ -173,6 +176,23 @@ async def test_bad_requests_get_openai_errors(http, gateway, fake):
         response = await http.put(gateway.url + path, data=b"{}")
         assert response.code == 405, path
         assert error_of(await treq.content(response))["code"] == "method_not_allowed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_model_that_is_no_text_is_invalid_type_on_every_route(http, gateway, fake):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/score",
+                 "/v1/classify", "/v1/responses", "/v1/messages"):
+        for model, shown in ((7, "a number"), (True, "a boolean"), (["x"], "an array"), ({"id": MODEL}, "an object")):
+            response, content = await post(http, gateway, {"model": model, "input": "hi"}, path=path)
+            assert response.code == 400, (path, model)
+            payload = jsonutil.loads(content)
+            error = payload["error"]
+            if path == "/v1/messages":
+                assert payload["type"] == "error" and error["type"] == "invalid_request_error"
+            else:
+                assert error_of(content)["code"] == "invalid_type" and error["param"] == "model"
+            assert error["message"].startswith(f"'model' must be a string (e.g. '{MODEL}'), not {shown}"), error
+    assert not inference_requests(fake)
 
 
 def inference_requests(fake):

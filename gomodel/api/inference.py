@@ -160,7 +160,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     """The routes to try for C{body["model"]}, first choice first (see L{gomodel.routing.registry.ModelRegistry.plan}),
     those C{principal} may not use left out.
 
-    @raise InvalidRequest: no model named.
+    @raise InvalidRequest: no model named (or not a string).
     @raise gomodel.errors.ModelNotFound: nobody serves it.
     @raise ModelAccessDenied: the key may not use it.
     """
@@ -180,7 +180,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
 def resolve_model(registry, body, principal=None):
     """The L{gomodel.routing.registry.Route} for C{body["model"]}.
 
-    @raise InvalidRequest: no model named.
+    @raise InvalidRequest: no model named (or not a string).
     @raise gomodel.errors.ModelNotFound: nobody serves it.
     @raise ModelAccessDenied: the key may not use it.
     """
@@ -196,9 +196,18 @@ def qualified(route) -> str:
     return f"{route.provider.name}/{route.upstream_model}"
 
 
+_EXAMPLE_MODEL = "'vllm/meta-llama/Llama-3.1-8B-Instruct'"
+# JSON's name for what a 'model' that is not a string is
+_JSON_TYPES = ((bool, "a boolean"), ((int, float), "a number"), (list, "an array"), (dict, "an object"))
+
+
 def _model_of(body) -> str:
     model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest("The request needs a 'model' (e.g. 'vllm/meta-llama/Llama-3.1-8B-Instruct').",
-                             param="model", code="missing_required_parameter")
-    return model
+    if isinstance(model, str) and model.strip():
+        return model
+    if model is not None and not isinstance(model, str):
+        shown = next(name for kind, name in _JSON_TYPES if isinstance(model, kind))
+        raise InvalidRequest(f"'model' must be a string (e.g. {_EXAMPLE_MODEL}), not {shown}.",
+                             param="model", code="invalid_type")
+    raise InvalidRequest(f"The request needs a 'model' (e.g. {_EXAMPLE_MODEL}).",
+                         param="model", code="missing_required_parameter")
