@@ -303,6 +303,23 @@ async def test_a_key_uses_and_lists_only_its_models(http, gw):
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_key_of_a_bare_model_uses_what_it_lists(http, gw):
+    """A bare selector admits the model at whichever provider serves it: each id it lists works."""
+    key = await new_key(http, gw, models=["meta-llama/Llama-3.1-8B-Instruct"])
+    client = openai_client(gw, key["value"])
+    try:
+        listed = await in_thread(client.models.list)
+        assert sorted(m.id for m in listed.data) == sorted([MODEL, OTHER])
+        for model in (MODEL, OTHER):
+            await in_thread(client.models.retrieve, model)
+            await chat(client, model)
+        answer = await in_thread(client.responses.create, model=MODEL, input="hi", max_output_tokens=5)
+        assert answer.status == "completed"
+    finally:
+        client.close()
+
+
 # -- tenants -------------------------------------------------------------------------------
 
 

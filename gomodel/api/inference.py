@@ -158,7 +158,8 @@ def _rebody(body):
 
 def plan_model(registry, body, affinity_of=None, principal=None):
     """The routes to try for C{body["model"]}, first choice first (see L{gomodel.routing.registry.ModelRegistry.plan}),
-    those C{principal} may not use left out.
+    those C{principal} may not use (by the name sent, the qualified id or the id at the provider, as
+    C{/v1/models} lists them) left out.
 
     @raise InvalidRequest: no model named (or not a string).
     @raise gomodel.errors.ModelNotFound: nobody serves it.
@@ -168,11 +169,11 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     routes = registry.plan(name, affinity_of)
     if principal is None or principal.models is None or principal.allows(name):
         return routes
-    if not principal.allows(qualified(routes[0])):
+    if not principal.allows(qualified(routes[0]), routes[0].upstream_model):
         raise ModelAccessDenied(name)
     allowed = []
     for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
-        if principal.allows(qualified(route)):
+        if principal.allows(qualified(route), route.upstream_model):
             allowed.append(route)
     return allowed
 
@@ -186,7 +187,7 @@ def resolve_model(registry, body, principal=None):
     """
     name = _model_of(body)
     route = registry.resolve(name)
-    if principal is not None and not principal.allows(name, qualified(route)):
+    if principal is not None and not principal.allows(name, qualified(route), route.upstream_model):
         raise ModelAccessDenied(name)
     return route
 
