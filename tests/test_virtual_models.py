@@ -119,3 +119,26 @@ def test_yaml_virtual_models_read_placeholders_and_switches(tmp_path):
     with pytest.raises(ConfigError) as raised:
         load_config({}, str(path))
     assert "virtual_models[0].targets[0].weight" in str(raised.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_allowed_one_target_uses_and_sees_the_virtual_model(reactor, http):
+    """A key may use a virtual model through the targets it is allowed: never a 403 by the draw."""
+    virtual = [{"source": "llama", "targets": [{"model": f"vllm-a/{UPSTREAM}", "weight": 1},
+                                               {"model": f"vllm-b/{UPSTREAM}", "weight": 3}]}]
+    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual), GOMODEL_MASTER_KEY="master-k")
+    try:
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "a", "models": ["vllm-a/"]}).encode(),
+                                   headers={"authorization": "Bearer master-k", "content-type": "application/json"})
+        auth = {"authorization": "Bearer " + json.loads(await response.content())["value"]}
+        for _ in range(4):
+            response, body = await _chat(http, gw, "llama", auth)
+            assert response.code == 200, body
+        assert (len(a.inference_requests), len(b.inference_requests)) == (4, 0)
+        listed = json.loads(await (await http.get(gw.url + "/v1/models", headers=auth)).content())
+        assert sorted(m["id"] for m in listed["data"]) == sorted(["llama", f"vllm-a/{UPSTREAM}"])
+        assert (await http.get(gw.url + "/v1/models/llama", headers=auth)).code == 200
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()

@@ -88,9 +88,10 @@ class PlainRoutes:
 
 
 def _may_use(principal, model) -> bool:
-    """Whether C{principal} may use a listed model (by its qualified id, or its id at its provider)."""
+    """Whether C{principal} may use a listed model (by its qualified id, or its id at its provider; a
+    virtual model by its name, or through one of its targets)."""
     model_id = model["id"]
     provider = model.get("owned_by")
     if provider and model_id.startswith(provider + "/"):
         return principal.allows(model_id, model_id[len(provider) + 1:])
-    return principal.allows(model_id)
+    return principal.allows(model_id, *(target["model"] for target in model.get("targets", ())))
