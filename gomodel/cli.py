@@ -28,11 +28,16 @@ def main(argv=None):
     """The console script: C{gomodel [--listen ...] [--config ...] [--workers N]}."""
     argv = sys.argv[1:] if argv is None else list(argv)
     sys.argv = [sys.argv[0] if sys.argv else "gomodel", "-n", "--pidfile=", "gomodel", *argv]
-    twistd()
+    twistd(command="gomodel")
 
 
-def twistd():
-    """twistd's runner on C{sys.argv}, knowing gomodel's plugin only (no plugin scan, no cache)."""
+def twistd(command=None):
+    """twistd's runner on C{sys.argv}, knowing gomodel's plugin only (no plugin scan, no cache).
+
+    @param command: the name a bad option is reported under, alone on one line of stderr (exit
+        status 1), as C{gomodel: <problem>}; None for twistd's way (its whole usage text, then
+        the problem after the first two arguments).
+    """
     from twisted.application import app
     from twisted.application.service import IServiceMaker
     from twisted.plugin import getPlugins
@@ -44,7 +49,16 @@ def twistd():
         def _getPlugins(interface, package=None):
             return [maker] if interface is IServiceMaker else getPlugins(interface, package)
 
-    app.run(script.runApp, ServerOptions)
+    if command is None:
+        return app.run(script.runApp, ServerOptions)
+    from twisted.python import usage
+
+    config = ServerOptions()
+    try:
+        config.parseOptions()
+    except usage.error as e:
+        sys.exit(f"{command}: {e}")
+    script.runApp(config)
 
 
 def leave_plugin_scan():

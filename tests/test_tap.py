@@ -259,6 +259,20 @@ def test_twistd_refuses_workers_that_are_no_number_naming_the_option(workers, tm
     assert "Traceback" not in output and "int()" not in output
 
 
+@pytest.mark.parametrize("args, problem", [
+    (["--workers", "0"], "--workers must be from 1 to 256"),
+    (["--listen", "nonsense:1"], "--listen 'nonsense:1': Unknown endpoint type: 'nonsense'"),
+    (["--config", "/nonexistent/gomodel.yaml"], "configuration error: cannot read config file /nonexistent/gomodel.yaml"),
+])
+def test_the_gomodel_command_refuses_bad_options_in_one_line(args, problem, tmp_path):
+    run_env = dict(os.environ, GOMODEL_DATA_DIR=str(tmp_path), PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-c", "from gomodel.cli import main; main()", *args],
+                            capture_output=True, text=True, env=run_env, timeout=60, cwd=REPO)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""  # not twistd's whole usage text
+    assert result.stderr.startswith(f"gomodel: {problem}") and result.stderr.count("\n") == 1, result.stderr
+
+
 def test_options_take_the_most_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
     options = tap.Options()
