@@ -126,7 +126,9 @@ async def test_a_key_allowed_one_target_uses_and_sees_the_virtual_model(reactor,
     """A key may use a virtual model through the targets it is allowed: never a 403 by the draw."""
     virtual = [{"source": "llama", "targets": [{"model": f"vllm-a/{UPSTREAM}", "weight": 1},
                                                {"model": f"vllm-b/{UPSTREAM}", "weight": 3}]}]
-    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual), GOMODEL_MASTER_KEY="master-k")
+    rules = {f"vllm-b/{UPSTREAM}": [f"vllm-a/{UPSTREAM}"]}
+    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual), FAILOVER_RULES_JSON=json.dumps(rules),
+                          GOMODEL_MASTER_KEY="master-k")
     try:
         response = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "a", "models": ["vllm-a/"]}).encode(),
                                    headers={"authorization": "Bearer master-k", "content-type": "application/json"})
@@ -134,7 +136,12 @@ async def test_a_key_allowed_one_target_uses_and_sees_the_virtual_model(reactor,
         for _ in range(4):
             response, body = await _chat(http, gw, "llama", auth)
             assert response.code == 200, body
-        assert (len(a.inference_requests), len(b.inference_requests)) == (4, 0)
+            response = await http.post(gw.url + "/v1/responses", headers=auth,
+                                       data=json.dumps({"model": "llama", "input": "hi"}).encode())
+            assert response.code == 200, await response.content()
+        assert (len(a.inference_requests), len(b.inference_requests)) == (8, 0)
+        response, body = await _chat(http, gw, f"vllm-b/{UPSTREAM}", auth)  # its failover candidate is no way in
+        assert response.code == 403 and body["error"]["code"] == "model_access_denied"
         listed = json.loads(await (await http.get(gw.url + "/v1/models", headers=auth)).content())
         assert sorted(m["id"] for m in listed["data"]) == sorted(["llama", f"vllm-a/{UPSTREAM}"])
         assert (await http.get(gw.url + "/v1/models/llama", headers=auth)).code == 200

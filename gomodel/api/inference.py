@@ -169,12 +169,11 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     routes = registry.plan(name, affinity_of)
     if principal is None or principal.models is None or principal.allows(name):
         return routes
+    _allowed_target(registry, name, principal)
     allowed = []
     for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
         if principal.allows(qualified(route), route.upstream_model):
             allowed.append(route)
-    if not allowed:  # (a virtual model's draw may pick a target the key may not use: its others remain)
-        raise ModelAccessDenied(name)
     return allowed
 
 
@@ -187,9 +186,21 @@ def resolve_model(registry, body, principal=None):
     """
     name = _model_of(body)
     route = registry.resolve(name)
-    if principal is not None and not principal.allows(name, qualified(route), route.upstream_model):
-        raise ModelAccessDenied(name)
-    return route
+    if principal is None or principal.allows(name, qualified(route), route.upstream_model):
+        return route
+    return _allowed_target(registry, name, principal)
+
+
+def _allowed_target(registry, name, principal):
+    """A route C{name} itself names that C{principal} may use: a virtual model's draw may have picked a
+    target the key may not use while others remain; a failover candidate is no way in.
+
+    @raise ModelAccessDenied: there is none.
+    """
+    for route in registry.targets(name):
+        if principal.allows(qualified(route), route.upstream_model):
+            return route
+    raise ModelAccessDenied(name)
 
 
 def qualified(route) -> str:

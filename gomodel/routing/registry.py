@@ -154,6 +154,24 @@ class ModelRegistry:
                 routes.append(route)
         return routes
 
+    def targets(self, selector: str) -> list:
+        """The routes C{selector} itself names, in no order: a virtual model's targets (those served),
+        another selector's one route; never its failover candidates.
+
+        @raise ModelNotFound: nobody serves it.
+        @raise InvalidRequest: several providers serve the bare id.
+        """
+        virtual = self._virtual.get(selector)
+        if virtual is None:
+            return [self._real(selector)]
+        routes = []
+        for target, _ in virtual.targets:
+            try:
+                routes.append(self._real(target))
+            except (ModelNotFound, InvalidRequest):
+                continue
+        return routes
+
     def resolve(self, selector: str) -> Route:
         """Name the provider and upstream model for C{selector}.
 
