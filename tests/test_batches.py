@@ -466,6 +466,9 @@ class StubRegistry:
             raise ModelNotFound(model)
         return Route(self.provider, model[len("stub/"):])
 
+    def targets(self, model):
+        return [self.resolve(model)]
+
     def ready(self):
         return succeed(None)
 
