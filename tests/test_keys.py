@@ -320,6 +320,21 @@ async def test_a_key_of_a_bare_model_uses_what_it_lists(http, gw):
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_provider_selector_never_matches_inside_a_models_own_id(http, gw):
+    """'meta-llama/' names a provider (none here): it is no prefix of the id a model has at its provider,
+    else a key of provider A would reach provider B's 'A/...' models."""
+    key = await new_key(http, gw, models=["meta-llama/"])
+    client = openai_client(gw, key["value"])
+    try:
+        assert (await in_thread(client.models.list)).data == []
+        for model in (MODEL, OTHER):
+            with pytest.raises(openai.PermissionDeniedError):
+                await chat(client, model)
+    finally:
+        client.close()
+
+
 # -- tenants -------------------------------------------------------------------------------
 
 

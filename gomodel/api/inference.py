@@ -172,7 +172,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     _allowed_target(registry, name, principal)
     allowed = []
     for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
-        if principal.allows(qualified(route), route.upstream_model):
+        if principal.allows(qualified(route)) or principal.names(route.upstream_model):
             allowed.append(route)
     return allowed
 
@@ -186,7 +186,7 @@ def resolve_model(registry, body, principal=None):
     """
     name = _model_of(body)
     route = registry.resolve(name)
-    if principal is None or principal.allows(name, qualified(route), route.upstream_model):
+    if principal is None or principal.allows(name, qualified(route)) or principal.names(route.upstream_model):
         return route
     return _allowed_target(registry, name, principal)
 
@@ -198,7 +198,7 @@ def _allowed_target(registry, name, principal):
     @raise ModelAccessDenied: there is none.
     """
     for route in registry.targets(name):
-        if principal.allows(qualified(route), route.upstream_model):
+        if principal.allows(qualified(route)) or principal.names(route.upstream_model):
             return route
     raise ModelAccessDenied(name)
 

@@ -93,5 +93,5 @@ def _may_use(principal, model) -> bool:
     model_id = model["id"]
     provider = model.get("owned_by")
     if provider and model_id.startswith(provider + "/"):
-        return principal.allows(model_id, model_id[len(provider) + 1:])
+        return principal.allows(model_id) or principal.names(model_id[len(provider) + 1:])
     return principal.allows(model_id, *(target["model"] for target in model.get("targets", ())))

@@ -95,6 +95,11 @@ class Principal:
                 return True
         return False
 
+    def names(self, model_id: str) -> bool:
+        """Whether the key's selectors name C{model_id}, a model's id at its provider, as it is: a bare
+        selector, never a provider prefix (C{a/} is provider C{a}, not the C{a/x} another provider serves)."""
+        return self.models is None or model_id in self._exact
+
     def allows_provider(self, provider: str) -> bool:
         """Whether the key may use something of C{provider} (a passthrough has no model to check)."""
         return self.models is None or any(s == "/" or s.startswith(provider + "/") for s in self.models)
