@@ -38,6 +38,11 @@ def envelope(message, type_, param=None, code=None) -> bytes:
     )
 
 
+def shown(text, limit=256) -> str:
+    """A client's C{text} as an error message quotes it: its first C{limit} characters, then an ellipsis."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
@@ -59,7 +64,7 @@ class ModelAccessDenied(Forbidden):
     code = "model_access_denied"
 
     def __init__(self, model):
-        super().__init__(f"This API key may not use the model '{model}'.", param="model")
+        super().__init__(f"This API key may not use the model '{shown(model)}'.", param="model")
 
 
 class NotFound(GatewayError):
@@ -73,7 +78,7 @@ class ModelNotFound(NotFound):
 
     def __init__(self, model):
         super().__init__(
-            f"The model '{model}' does not exist or is not served by any configured provider. "
+            f"The model '{shown(model)}' does not exist or is not served by any configured provider. "
             "GET /v1/models lists the available ids.",
             param="model",
         )

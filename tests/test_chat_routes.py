@@ -164,6 +164,9 @@ async def test_bad_requests_get_openai_errors(http, gateway, fake):
         assert error_of(content)["code"] == code
         assert response.headers.getRawHeaders("content-type") == ["application/json"]
     assert not inference_requests(fake)  # none of them went upstream
+    response, content = await post(http, gateway, {"model": "vllm/" + "x" * 10000, "messages": []})
+    message = error_of(content)["message"]
+    assert response.code == 404 and "x" * 251 + "…'" in message and len(message) < 400  # quoted, not echoed whole
 
     response = await http.get(gateway.url + "/v1/nothing/here")
     assert response.code == 404
