@@ -114,6 +114,12 @@ class SweptPool(HTTPConnectionPool):
                 self._removeConnection(key, connection)
 
 
+def unix_socket_path(endpoint):
+    """The path of a C{unix:} strports server endpoint (C{UNIXServerEndpoint}), or None for another kind."""
+    path = getattr(endpoint, "_address", None) if type(endpoint).__name__ == "UNIXServerEndpoint" else None
+    return path if isinstance(path, str) else None
+
+
 def use_pool_factory(pool, factory):
     """Make C{pool} build its connections with C{factory} (a subclass of L{ClientFactory})."""
     pool._factory = factory

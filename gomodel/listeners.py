@@ -9,6 +9,7 @@ for a running pidfile) ends twistd before its reactor runs, rather than a
 gateway that runs without a port.
 """
 
+import os
 import re
 
 from twisted.application.service import Service
@@ -17,8 +18,10 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from gomodel._twistedcompat import unix_socket_path
+
 BACKLOG = 511  # connections waiting to be accepted, as nginx's default (Twisted's own is 50)
-_TCP = re.compile(r"tcp:(?:port=)?(?P<port>\d+)(?P<options>(?::[a-z]+=(?:\\.|[^:\\])*)*)$")
+_TCP = re.compile(r"tcp:(?:port=)?(?P<port>[0-9]+)(?P<options>(?::[a-z]+=(?:\\.|[^:\\])*)*)$")
 
 
 def parse_tcp(description: str):
@@ -36,7 +39,7 @@ def parse_tcp(description: str):
     if unknown:
         raise ValueError(f"unsupported listen option(s) {', '.join(sorted(unknown))} in {description!r}")
     backlog = options.get("backlog", BACKLOG)
-    if not str(backlog).isdigit():
+    if not (str(backlog).isascii() and str(backlog).isdigit()):
         raise ValueError(f"backlog={backlog} is not a whole number in {description!r}")
     return int(match.group("port")), options.get("interface", ""), int(backlog)
 
@@ -53,13 +56,16 @@ def check_listen(description: str):
             raise ValueError(f"port {port} is not a TCP port (0 to 65535)")
         return
     try:
-        serverFromString(None, description)  # makes the endpoint (the reactor is only kept), binds nothing
+        endpoint = serverFromString(None, description)  # makes the endpoint (the reactor is only kept), binds nothing
     except ImportError as e:
         raise ValueError(f"cannot be used here: {e}") from None
     except IndexError:  # systemd:...:index=N with fewer descriptors passed down
         raise ValueError("no listening socket with that index was passed down (systemd's LISTEN_FDS)") from None
     except Exception as e:  # ValueError, TypeError, KeyError, OSError: strports say what they found in their words
         raise ValueError(str(e) or type(e).__name__) from None
+    path = unix_socket_path(endpoint)
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"the directory of the socket {path!r} does not exist")
 
 
 def listen_endpoint(reactor, description: str):

@@ -168,7 +168,8 @@ def test_the_shared_metrics_directory_belongs_to_the_user_the_workers_run_as(mon
 
 
 BAD_LISTEN = ["garbage", "tcp:abc", "", "tcp:0:interface=127.0.0.1:backlog=abc", "tcp:0:interface=127.0.0.1:bogus=1",
-              "tcp:65536", "unix:/tmp/gomodel.sock:mode=abc", "ssl:0:privateKey=/nonexistent/key.pem"]
+              "tcp:65536", "unix:/tmp/gomodel.sock:mode=abc", "ssl:0:privateKey=/nonexistent/key.pem",
+              "unix:/nonexistent/dir/gomodel.sock", "tcp:８０８０", "tcp:0:interface=127.0.0.1:backlog=６４"]
 
 
 @pytest.mark.parametrize("description", BAD_LISTEN)

@@ -607,3 +607,10 @@ def test_the_header_name_cache_keep_headers_reads_is_the_one_twisteds_encoder_fi
     _twistedcompat.keep_headers(headers, [b"x-gomodel-cache-probe", b"a ", b"x-Unseen-Name", b"b",
                                           b"X-GOMODEL-cache-probe", b"c"])
     assert headers == {b"X-Gomodel-Cache-Probe": [b"a", b"c"], b"X-Unseen-Name": [b"b"]}
+
+
+def test_a_unix_endpoints_path_is_where_strports_keeps_it():
+    from twisted.internet.endpoints import serverFromString
+
+    assert _twistedcompat.unix_socket_path(serverFromString(None, "unix:/run/gomodel.sock:mode=660")) == "/run/gomodel.sock"
+    assert _twistedcompat.unix_socket_path(serverFromString(None, "tcp:8080")) is None
