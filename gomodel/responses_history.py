@@ -10,6 +10,8 @@ made it no longer knows it (vLLM restarted, or its store is off).
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gomodel.auth.tenancy import visible
+from gomodel.errors import NotFound
 from gomodel.ids import new_id
 from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
@@ -67,6 +69,29 @@ def as_input(item) -> dict | None:
     if kind == "function_call_output":
         return {"type": "function_call_output", "call_id": item.get("call_id"), "output": item.get("output")}
     return None  # reasoning and the like are not replayed
+
+
+def unknown_response(response_id) -> NotFound:
+    """The 404 of a response the gateway does not hold for whoever asks (none, or another tenant's)."""
+    return NotFound(f"No response '{response_id}' is stored by the gateway.", param="response_id",
+                    code="response_not_found")
+
+
+async def continued(store, previous_id: str, principal):
+    """The stored record of C{previous_id} that C{principal} may continue, or None: a master key's unknown id
+    goes upstream as it is (the upstream may still hold it: made there directly, not stored, or deleted).
+
+    @raise NotFound: it belongs to another tenant, or a managed key names a response the gateway does not
+        hold (the upstream may still hold another tenant's).
+    """
+    record = await store.get(previous_id)
+    if record is None:
+        if principal is not None and not principal.master:
+            raise unknown_response(previous_id)
+        return None
+    if not visible(principal, record):
+        raise unknown_response(previous_id)
+    return record
 
 
 async def conversation(store, record) -> list:

@@ -17,7 +17,7 @@ from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ResponsesStreamObserver
-from gomodel.responses_history import conversation, normalise_input
+from gomodel.responses_history import continued, conversation, normalise_input, unknown_response
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error
@@ -69,7 +69,7 @@ class ResponsesRoute:
                 if previous is None:  # stored meanwhile (another host's write was not committed yet)
                     previous = await self._previous(body, ctx.principal)
                     if previous is None:
-                        raise _unknown(body["previous_response_id"]) from None
+                        raise unknown_response(body["previous_response_id"]) from None
                 explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
@@ -158,14 +158,7 @@ class ResponsesRoute:
                                         code="invalid_value" if previous_id == "" else "invalid_type")
         if self._store is None:
             return None
-        record = await self._store.get(previous_id)
-        if record is None:
-            if principal is not None and not principal.master:
-                raise _unknown(previous_id)
-            return None
-        if not visible(principal, record):
-            raise _unknown(previous_id)
-        return record
+        return await continued(self._store, previous_id, principal)
 
     def stores(self, body) -> bool:
         """Whether a response created for C{body} is kept by the gateway."""
@@ -208,7 +201,7 @@ class ResponsesRoute:
     async def delete(self, request, response_id):
         await self._record(request, response_id)
         if not await self._store.delete(response_id):
-            raise _unknown(response_id)
+            raise unknown_response(response_id)
         return json_answer(request, {"id": response_id, "object": "response", "deleted": True})
 
     async def input_items(self, request, response_id):
@@ -257,7 +250,7 @@ class ResponsesRoute:
         """The stored response the request's key may see; L{gomodel.errors.NotFound} otherwise."""
         record = await self._store.get(response_id) if self._store is not None else None
         if record is None or not visible(request.context.principal, record):
-            raise _unknown(response_id)
+            raise unknown_response(response_id)
         return record
 
     def _update(self, record, response):
@@ -323,7 +316,4 @@ def _as_list(value):
     return list(value)
 
 
-def _unknown(response_id):
-    return errors.NotFound(f"No response '{response_id}' is stored by the gateway.", param="response_id",
-                           code="response_not_found")
 

@@ -54,8 +54,8 @@ from gomodel.batches.validating import validate
 from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
                             UpstreamUnreachable)
 from gomodel.api.inference import resolve_model
-from gomodel.auth.tenancy import visible
 from gomodel.proxy.exchange import UpstreamCall, usage_of
+from gomodel.responses_history import continued, unknown_response
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
@@ -449,12 +449,9 @@ class BatchRunner(Service):
         previous_id = payload.get("previous_response_id")
         if previous_id is None or self._responses is None or principal is None or principal.master:
             return
-        record = None
-        if isinstance(previous_id, str) and "\x00" not in previous_id:
-            record = await self._responses.get(previous_id)
-        if record is None or not visible(principal, record):
-            raise NotFound(f"No response '{previous_id}' is stored by the gateway.", param="previous_response_id",
-                           code="response_not_found")
+        if not isinstance(previous_id, str) or "\x00" in previous_id:  # (no store holds such an id)
+            raise unknown_response(previous_id)
+        await continued(self._responses, previous_id, principal)
 
     def _track(self, job, d):
         job.lines.add(d)
