@@ -25,8 +25,9 @@ CURSOR_MAX = 2**63 - 1
 TEXT_FILTERS = ("model", "provider", "search", "key", "user_path")
 # The longest C{days} window: the longest usage retention (USAGE_RETENTION_DAYS).
 DAYS_MAX = 36500
-# What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
+# A window's dates: YYYY-MM-DD in ASCII digits.
 _DATE = re.compile("[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
