@@ -3,6 +3,7 @@
 import contextlib
 import gc
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -135,6 +136,26 @@ def test_openssl_is_loaded_only_for_https_upstreams(tmp_path):
     assert "cryptography" not in plain and "OpenSSL" not in plain
     tls = _maps_of_a_running_gateway(tmp_path, {"VLLM_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk"})
     assert "cryptography" in tls
+
+
+_FREED_HEAP = """
+from gomodel.tap import release_freed_heap
+def resident_pages():
+    return int(open("/proc/self/statm").read().split()[1])
+blocks = [bytes(4000) for _ in range(20000)]  # about 80 MB of the C heap (over pymalloc's 512 bytes)
+kept = blocks[::100]  # one in a hundred stays: the heap's top is in use, so glibc cannot shrink it itself
+del blocks
+before = resident_pages()
+print(release_freed_heap(), before - resident_pages())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_the_heap_startup_freed_goes_back_to_the_system():
+    out = subprocess.run([sys.executable, "-c", _FREED_HEAP], capture_output=True, text=True, timeout=60,
+                         cwd=REPO, check=True).stdout.split()
+    assert out[0] == "True"
+    assert int(out[1]) * os.sysconf("SC_PAGE_SIZE") > 40 * 2 ** 20  # of the 79 MB freed in holes
 
 
 class _Twistd(dict):
