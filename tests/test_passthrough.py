@@ -92,7 +92,7 @@ async def test_admin_routes_are_refused_unless_allowed(http, two):
         assert response.code == 403, path
         assert jsonutil.loads(content)["error"]["type"] == "permission_error"
     response, content = await call(http, gw, "POST", "/p/vllm/v1/../sleep", {})
-    assert response.code == 400
+    assert response.code == 400 and jsonutil.loads(content)["error"]["code"] == "invalid_endpoint"
     response, content = await call(http, gw, "POST", "/p/vllm//collective_rpc", {})
     assert response.code == 404  # an empty first segment matches no route
     assert len(plain.requests) == before

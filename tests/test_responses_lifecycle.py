@@ -77,6 +77,10 @@ async def test_input_items_are_paginated(http, gateway):
     bad = await http.get(gateway.url + f"/v1/responses/{response_id}/input_items?limit=0")
     assert bad.code == 400
     await treq.content(bad)
+    for query, param in (("order=up", "order"), ("after=item_nope", "after")):
+        bad = await http.get(gateway.url + f"/v1/responses/{response_id}/input_items?{query}")
+        error = jsonutil.loads(await treq.content(bad))["error"]
+        assert bad.code == 400 and (error["param"], error["code"]) == (param, "invalid_value")
 
 
 @pytest_twisted.ensureDeferred
@@ -234,6 +238,30 @@ async def test_a_translated_request_with_text_or_tools_of_the_wrong_type_is_a_40
             response = await http.post(gw.url + "/v1/responses", data=json.dumps(dict(extra, model=MODEL)).encode())
             error = jsonutil.loads(await treq.content(response))["error"]
             assert response.code == 400 and error["param"] == param and error["code"] == "invalid_type", extra
+        assert not [r for r in fake.requests if r.path == b"/v1/chat/completions"]
+    finally:
+        await gw.service.stopService()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_refused_translated_request_names_its_param_and_a_code(reactor, http):
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        cases = [
+            ({"input": 5}, "input", "invalid_type"),
+            ({"input": ["hi"]}, "input", "invalid_type"),
+            ({"input": [{"role": "user", "content": 5}]}, "input", "invalid_type"),
+            ({"input": [{"type": "function_call_output", "output": "x"}]}, "input", "missing_required_parameter"),
+            ({"input": [{"type": "web_search_call"}]}, "input", "unsupported_value"),
+            ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input", "unsupported_value"),
+            ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]", "unsupported_value"),
+        ]
+        for extra, param, code in cases:
+            response = await http.post(gw.url + "/v1/responses", data=json.dumps(dict(extra, model=MODEL)).encode())
+            error = jsonutil.loads(await treq.content(response))["error"]
+            assert response.code == 400 and (error["param"], error["code"]) == (param, code), extra
         assert not [r for r in fake.requests if r.path == b"/v1/chat/completions"]
     finally:
         await gw.service.stopService()

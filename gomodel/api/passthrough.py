@@ -64,7 +64,8 @@ class Passthrough:
         decoded = unquote(raw.decode("latin-1"))
         segments = decoded.split("/")
         if any(s in (".", "..") for s in segments) or "\x00" in decoded:
-            raise errors.InvalidRequest("The passthrough endpoint must not contain '.' or '..' segments.")
+            raise errors.InvalidRequest("The passthrough endpoint must not contain '.' or '..' segments.",
+                                        code="invalid_endpoint")
         endpoint = "/".join(s for s in segments if s)
         if not endpoint:
             raise errors.InvalidRequest("A provider passthrough needs an endpoint: /p/{provider}/{endpoint}.",

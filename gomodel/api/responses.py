@@ -210,14 +210,15 @@ class ResponsesRoute:
         items = list(record["input_items"])
         order = query_arg(request, b"order", "desc")
         if order not in ("asc", "desc"):
-            raise errors.InvalidRequest("order must be asc or desc.", param="order")
+            raise errors.InvalidRequest("order must be asc or desc.", param="order", code="invalid_value")
         if order == "desc":
             items.reverse()
         after = query_arg(request, b"after")
         if after is not None:
             ids = [item.get("id") for item in items]
             if after not in ids:
-                raise errors.InvalidRequest(f"No input item '{after}' in this response.", param="after")
+                raise errors.InvalidRequest(f"No input item '{after}' in this response.", param="after",
+                                            code="invalid_value")
             items = items[ids.index(after) + 1:]
         limit = query_limit(request, 20, 100)
         return json_answer(request, page(items[:limit], len(items) > limit))

@@ -65,11 +65,12 @@ def _messages(items):
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     if not isinstance(items, list):
-        raise InvalidRequest("input must be a string or a list of items.", param="input")
+        raise InvalidRequest("input must be a string or a list of items.", param="input", code="invalid_type")
     messages = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise InvalidRequest(f"invalid input item at index {index}: expected an object.", param="input")
+            raise InvalidRequest(f"invalid input item at index {index}: expected an object.", param="input",
+                                 code="invalid_type")
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role", "user")
@@ -86,7 +87,7 @@ def _messages(items):
         elif kind == "function_call_output":
             if not item.get("call_id"):
                 raise InvalidRequest(f"invalid input item at index {index}: function_call_output needs call_id.",
-                                     param="input")
+                                     param="input", code="missing_required_parameter")
             output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": output if isinstance(output, str) else jsonutil.dumps(output).decode()})
@@ -94,7 +95,7 @@ def _messages(items):
             continue
         else:
             raise InvalidRequest(f"invalid input item at index {index}: type {kind!r} is not supported "
-                                 "by this provider.", param="input")
+                                 "by this provider.", param="input", code="unsupported_value")
     return messages
 
 
@@ -103,7 +104,7 @@ def _content(content, index):
         return content or ""
     if not isinstance(content, list):
         raise InvalidRequest(f"invalid input item at index {index}: content must be a string or a list.",
-                             param="input")
+                             param="input", code="invalid_type")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -122,7 +123,7 @@ def _content(content, index):
             parts.append({"type": "image_url", "image_url": image})
         else:
             raise InvalidRequest(f"invalid input item at index {index}: content part {kind!r} is not supported "
-                                 "by this provider.", param="input")
+                                 "by this provider.", param="input", code="unsupported_value")
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
@@ -132,7 +133,7 @@ def _tool(tool, index):
     if not isinstance(tool, dict) or tool.get("type") != "function":
         kind = tool.get("type") if isinstance(tool, dict) else None
         raise InvalidRequest(f"tools[{index}]: tool type {kind!r} is not supported by this provider.",
-                             param=f"tools[{index}]")
+                             param=f"tools[{index}]", code="unsupported_value")
     if "function" in tool:  # already chat-shaped
         return tool
     function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
