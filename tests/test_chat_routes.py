@@ -1,5 +1,6 @@
 """POST /v1/chat/completions and /v1/models over real sockets, against the fake vLLM."""
 
+import gzip
 import json
 import time
 from email.utils import parsedate_to_datetime
@@ -179,6 +180,28 @@ async def test_bad_requests_get_openai_errors(http, gateway, fake):
         response = await http.put(gateway.url + path, data=b"{}")
         assert response.code == 405, path
         assert error_of(await treq.content(response))["code"] == "method_not_allowed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compressed_body_is_a_415_that_says_so(http, gateway, fake):
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/responses"):
+        for encoding in ("gzip", "br", "identity, deflate"):
+            response, content = await post(http, gateway, gzip.compress(body), {"content-encoding": encoding},
+                                           path=path)
+            error = error_of(content)
+            assert response.code == 415 and error["code"] == "unsupported_content_encoding", (path, encoding)
+            assert f"'{encoding}'" in error["message"]
+    response, content = await post(http, gateway, b"{not json", {"content-encoding": "identity"})
+    assert response.code == 400 and error_of(content)["code"] == "invalid_json"  # not compressed: JSON's error
+    response, content = await post(http, gateway, body, {"content-encoding": "identity"})
+    assert response.code == 200
+    response, content = await post(http, gateway, gzip.compress(body), {"content-encoding": "gzip",
+                                                                        "anthropic-version": "2023-06-01"},
+                                   path="/v1/messages")
+    assert response.code == 415
+    assert jsonutil.loads(content)["type"] == "error"  # in Anthropic's envelope
+    assert len(inference_requests(fake)) == 1
 
 
 @pytest_twisted.ensureDeferred
