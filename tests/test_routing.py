@@ -973,3 +973,35 @@ def test_a_pool_hides_each_replica_address_longest_first():
     pool = ReplicaPool("vllm", "vllm", replicas, clock)
     error = upstream_error(400, b'{"error": {"message": "10.0.0.1:8001 is busy"}}', pool.name, pool.hidden)
     assert b"vllm is busy" in error.body() and b"8001" not in error.body()
+
+
+def test_a_replica_whose_metrics_scrape_fails_is_logged_once_a_streak():
+    from twisted.internet.defer import fail, succeed
+    from twisted.internet.task import Clock
+    from twisted.logger import Logger
+
+    from gomodel.errors import UpstreamUnreachable
+    from gomodel.routing.health import ReplicaMonitor
+    from gomodel.routing.registry import ModelRegistry
+    from tests.test_registry import StubProvider
+
+    server = StubProvider("vllm", models=["m"])
+    pages = [False] * 5 + [True] * 2 + [False] * 3  # whether each scrape answers
+    server.scrape = lambda: succeed(b"") if pages.pop(0) else fail(UpstreamUnreachable("no /metrics"))
+    clock = Clock()
+    registry = ModelRegistry([ReplicaPool("vllm", "vllm", [Replica(0, server, "http://h/v1", clock)], clock)], clock)
+    monitor = ReplicaMonitor(registry, clock, refresh_interval=300, health_interval=3600, metrics_interval=2)
+    events = []
+    monitor.log = Logger(observer=events.append)
+    monitor.startService()
+    try:
+        clock.advance(0)
+        for _ in range(10):
+            clock.advance(2)
+    finally:
+        monitor.stopService()
+    scrapes = [(e["log_level"].name, e["log_format"].split(":")[1].strip()) for e in events
+               if "metrics scrape" in e["log_format"]]
+    assert scrapes == [("warn", "metrics scrape failed"), ("info", "metrics scrape answers again"),
+                       ("warn", "metrics scrape failed")]
+    assert not pages

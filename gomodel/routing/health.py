@@ -35,7 +35,7 @@ class _Watch:
     """What the monitor keeps per replica."""
 
     __slots__ = ("pool", "replica", "discovery", "in_discovery", "backoff", "healthy", "probed", "discovered_once",
-                 "loops", "tokens", "progress_at", "pending")
+                 "loops", "tokens", "progress_at", "pending", "scrape_failing")
 
     def __init__(self, pool, replica):
         self.pool = pool
@@ -50,6 +50,7 @@ class _Watch:
         self.tokens = None
         self.progress_at = None
         self.pending = set()  # probes and scrapes under way, cancelled when the monitor stops
+        self.scrape_failing = False  # its metrics scrapes fail (logged once, until one answers again)
 
 
 def _pending(watch, d):
@@ -233,6 +234,10 @@ class ReplicaMonitor(Service):
     def _scraped(self, page, watch):
         if page is None:
             return
+        if watch.scrape_failing:
+            watch.scrape_failing = False
+            self.log.info("provider {provider} replica {index}: metrics scrape answers again",
+                          provider=watch.pool.name, index=watch.replica.index)
         sample = parse_metrics(page)
         replica = watch.replica
         if sample.start_time is not None and replica.start_time is not None and sample.start_time != replica.start_time:
@@ -246,9 +251,13 @@ class ReplicaMonitor(Service):
         self._check_progress(watch, sample)
 
     def _scrape_failed(self, failure, watch):
-        if not failure.check(CancelledError):
-            self.log.debug("provider {provider} replica {index}: metrics scrape failed: {error}",
-                           provider=watch.pool.name, index=watch.replica.index, error=failure.getErrorMessage())
+        """Log the first failure of a streak (a server without C{/metrics} fails every scrape: one line, not
+        one every interval); the replica's load is then its own count of requests (L{Replica.standing})."""
+        if not failure.check(CancelledError) and not watch.scrape_failing:
+            watch.scrape_failing = True
+            self.log.warn("provider {provider} replica {index}: metrics scrape failed: {error} (logged again "
+                          "only after one answers; its load is counted by the gateway meanwhile)",
+                          provider=watch.pool.name, index=watch.replica.index, error=failure.getErrorMessage())
         return None
 
     def _check_progress(self, watch, sample):
