@@ -194,6 +194,61 @@ async def test_idle_client_connections_are_closed_by_the_sweep_and_busy_ones_kep
         await port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_head_that_trickles_in_is_answered_408_and_a_complete_one_never(reactor):
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET
+
+    from gomodel.http.site import GatewaySite
+
+    held = []
+
+    class Root(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            held.append(request)
+            return NOT_DONE_YET
+
+    clock = Clock()
+    site = GatewaySite(Root(), 1024, idle_timeout=120, head_timeout=60, reactor=clock)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        slow = await connect(reactor, port.getHost().port, b"GET /a HTTP/1.1\r\nHost: g\r\n")
+        # the next request's head arrives (part of it) while the first answer is in progress: not counted
+        busy = await connect(reactor, port.getHost().port, b"GET /b HTTP/1.1\r\nHost: g\r\n\r\nGET /c HTTP/1.1\r\n")
+        while not held:
+            await deferLater(reactor, 0, lambda: None)
+        while len(site.channels) < 2:
+            await deferLater(reactor, 0, lambda: None)
+        site.sweep_idle()  # the slow head seen arriving
+        for _ in range(11):  # a byte every 5 s keeps it from ever being idle
+            clock.advance(5)
+            slow.transport.write(b"X")
+            await deferLater(reactor, 0.01, lambda: None)
+            site.sweep_idle()
+            assert not slow.lost.called
+        clock.advance(5)
+        site.sweep_idle()  # 60 s since the first sweep saw it
+        await with_timeout(reactor, slow.lost, 5)
+        answer = bytes(slow.received)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
+        assert not busy.lost.called  # its answer is in progress: its pipelined head waits, and is not timed
+        held[0].finish()
+        await deferLater(reactor, 0.05, lambda: None)
+        site.sweep_idle()  # /c's head, open from now on with no answer in progress
+        clock.advance(59)
+        site.sweep_idle()
+        assert not busy.lost.called
+        clock.advance(1)
+        site.sweep_idle()
+        await with_timeout(reactor, busy.lost, 5)
+        assert b"HTTP/1.1 408 " in bytes(busy.received)
+    finally:
+        await port.stopListening()
+
+
 def test_answer_headers_put_and_request_header_are_Twisteds_and_cookies_are_parsed_when_asked_for():
     from twisted.web.http_headers import Headers
     from twisted.web.test.requesthelper import DummyChannel

@@ -53,6 +53,11 @@ class _NotImplemented(_BadRequest):
     status = b"501 Not Implemented"
 
 
+_TIMED_OUT = b"408 Request Timeout"
+# The error code of each status a refused request is answered with.
+_CODES = {_BadRequest.status: "bad_request", _NotImplemented.status: "not_implemented", _TIMED_OUT: "request_timeout"}
+
+
 class _Stopped(Exception):
     """Raised from a parser callback to stop reading: the connection takes no more requests."""
 
@@ -80,6 +85,8 @@ class GatewayChannel(http.HTTPChannel):
     _head = None  # the answer's status line and headers, not yet written
     active = True  # something came in or went out since the site's last idle sweep
     idle_since = None  # when a sweep last found it active (GatewaySite.sweep_idle)
+    head_watched = None  # the request whose head a sweep saw arriving, and since when (GatewaySite.sweep_idle)
+    head_since = None
 
     def connectionMade(self):
         _twistedcompat.prompt(self.transport)
@@ -254,6 +261,11 @@ class GatewayChannel(http.HTTPChannel):
             self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
         self._parse(rest)
 
+    def head_timed_out(self):
+        """The head of the request being read has taken too long to arrive (L{GatewaySite.sweep_idle}):
+        answer 408 and close."""
+        self._bad_request("its head took too long to arrive", _TIMED_OUT)
+
     def _bad_request(self, reason, status=_BadRequest.status):
         """Answer 400 (or C{status}) and close; requests read whole before the bad bytes are answered first."""
         self._parser = None
@@ -261,7 +273,7 @@ class GatewayChannel(http.HTTPChannel):
             self._received[-1].close_after()
             return
         _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
-        code = "bad_request" if status == _BadRequest.status else "not_implemented"
+        code = _CODES[status]
         body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code=code).body()
         self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                              b"Connection: close\r\n\r\n%s" % (status, len(body), body))

@@ -204,6 +204,10 @@ class GatewayRequest(_twistedcompat.EndingRequest):
 
 
 CLIENT_IDLE_TIMEOUT = 120
+# Seconds a request's head (its request line and headers) may take to arrive, as nginx's
+# client_header_timeout (60 s) and Go's ReadHeaderTimeout bound it: a client that trickles a
+# header a byte at a time would otherwise hold its connection for ever (it is never idle).
+HEAD_TIMEOUT = 60
 IDLE_SWEEP = 5  # seconds between two sweeps of idle client connections
 
 
@@ -220,7 +224,7 @@ class GatewaySite(server.Site):
     protocol = GatewayChannel
 
     def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, idle_timeout=CLIENT_IDLE_TIMEOUT,
-                 **kwargs):
+                 head_timeout=HEAD_TIMEOUT, **kwargs):
         """
         @param authenticate: C{authenticate(request, path) -> identity}, called
             when a request's head is in; it raises a
@@ -229,6 +233,8 @@ class GatewaySite(server.Site):
             a file-like sink for an upload's body, or None.
         @param idle_timeout: seconds after which L{sweep_idle} closes a connection that has no request
             in progress and received nothing (a request in progress is never cut by it).
+        @param head_timeout: seconds after which L{sweep_idle} answers 408 and closes a connection whose
+            request's head is still arriving (counted from the first sweep that saw it arriving).
         """
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit,
@@ -242,14 +248,25 @@ class GatewaySite(server.Site):
         self._date = (None, b"")
         self.channels = set()  # the open client connections (GatewayChannel keeps it)
         self.idle_timeout = idle_timeout
+        self.head_timeout = head_timeout
 
     def sweep_idle(self):
         """Close the client connections idle for C{idle_timeout} seconds or more, as Twisted's idle timeout
         does (C{timeoutConnection}: closed, aborted if the client does not let go); a connection counts as
         idle from the first sweep that finds it without a request in progress and with nothing received
-        since the sweep before."""
+        since the sweep before. A request whose head has been arriving for C{head_timeout} seconds, from
+        the first sweep that saw it arriving with no answer in progress (the sweep keeps which request
+        that was: the request path pays nothing for it), is answered 408 and its connection closed."""
         now = self.reactor.seconds()
         for channel in list(self.channels):
+            if channel._head_open:
+                if channel._handlingRequest or channel.head_watched is not channel._receiving:
+                    channel.head_watched, channel.head_since = channel._receiving, now
+                elif now - channel.head_since >= self.head_timeout:
+                    channel.head_timed_out()
+                    continue
+            elif channel.head_watched is not None:
+                channel.head_watched = None  # (its body may be large: not kept past its head)
             if channel.active or channel._handlingRequest or channel.idle_since is None:
                 channel.active = False
                 channel.idle_since = now
