@@ -175,6 +175,19 @@ async def test_a_chat_request_is_a_server_span_continuing_the_clients_trace_with
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_probes_and_the_scrape_get_no_span_with_or_without_a_trailing_slash(otel, http):
+    await otel.start(single=True)
+    auth = {"Authorization": f"Bearer {MASTER_KEY}"}
+    for path in ("/health", "/health/", "/health/ready", "/health/ready/", "/metrics", "/metrics/", "/v1/models"):
+        response = await http.get(otel.gateway.url + path, headers=auth)
+        await treq.content(response)
+        assert response.code == 200, path
+    await otel.stop_gateway()
+    served = [s.attributes["url.path"] for s in otel.receiver.spans() if s.kind == SPAN_KIND_SERVER]
+    assert served == ["/v1/models"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failover_is_two_client_spans_the_first_with_the_error(otel, http):
     await otel.start()
     otel.fleet[0].fail_status = 503

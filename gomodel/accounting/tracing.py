@@ -108,11 +108,12 @@ class Telemetry(Service):
     def __init__(self, reactor, quiet=()):
         """
         @param reactor: the reactor: its clock, and its thread pool for the flush at stop.
-        @param quiet: paths (bytes) that get no span: the probes and the metrics scrape.
+        @param quiet: paths (bytes) that get no span: the probes and the metrics scrape (each also with a
+            trailing slash, which the gateway serves as the same path).
         """
         check_installed()
         self._reactor = reactor
-        self._quiet = frozenset(quiet)
+        self._quiet = frozenset(quiet) | {path + b"/" for path in quiet}
         self._tracer = self._tracers = self._meters = None
         self._exporters = ()
         self._otel = None
