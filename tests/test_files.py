@@ -15,8 +15,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from gomodel import jsonutil
+from tests import postgres
 from tests.rawclient import connect
-from tests.support import in_thread, settled, start_gateway, track_connections, with_timeout, write_buffer
+from tests.support import (in_thread, openai_client, settled, start_gateway, track_connections, with_timeout,
+                           write_buffer)
 
 KEY = "files-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -27,6 +29,27 @@ async def gw(reactor, fake, tmp_path):
     gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
                                             "GOMODEL_DATA_DIR": str(tmp_path)})
     gateway.data_dir = tmp_path
+    yield gateway
+    await gateway.service.stopService()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request):
+    """The gateway's settings for each store (a fresh PostgreSQL database, dropped after the test)."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    postgres.require()
+    name = postgres.create_database()
+    yield {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(name)}
+    postgres.drop_database(name)
+
+
+@pytest_twisted.async_yield_fixture()
+async def stored_gw(reactor, fake, tmp_path, storage):
+    """The gateway of L{gw} on each store."""
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                            "GOMODEL_DATA_DIR": str(tmp_path), **storage})
     yield gateway
     await gateway.service.stopService()
 
@@ -113,6 +136,52 @@ async def test_an_upload_may_expire_as_openai_bounds_it(sdk, http, gw):
         assert response.code == 400, fields
         assert (answer["error"]["param"], answer["error"]["code"]) == ("expires_after", "invalid_value")
     assert spooled(gw) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listing_cursor_of_another_purpose_starts_the_page_at_its_place(http, stored_gw):
+    """C{after} is a place in the order, as OpenAI's cursor: a file of another purpose is one too (it
+    listed nothing). An unknown id, and another tenant's, list nothing: the same empty page."""
+    gw = stored_gw
+
+    async def upload(purpose, headers=AUTH):
+        body, content_type = multipart({"purpose": purpose})
+        response, created = await post_upload(http, gw, body, content_type, headers)
+        assert response.code == 200, created
+        return created["id"]
+
+    async def listed(query, headers=AUTH):
+        response = await http.get(f"{gw.url}/v1/files?{query}", headers=headers)
+        answer = jsonutil.loads(await treq.content(response))
+        assert response.code == 200, answer
+        return [f["id"] for f in answer["data"]], answer["has_more"]
+
+    b1, u2, b3, u4, b5 = [await upload(p) for p in ("batch", "user_data", "batch", "user_data", "batch")]
+    assert await listed(f"purpose=batch&after={u4}") == ([b3, b1], False)
+    assert await listed(f"purpose=batch&after={u2}&order=asc") == ([b3, b5], False)
+    assert await listed(f"purpose=batch&after={u4}&limit=1") == ([b3], True)
+    assert await listed(f"purpose=user_data&after={b5}") == ([u4, u2], False)
+    assert await listed("purpose=batch&after=file-nope") == ([], False)
+    # The SDK follows the cursor page by page.
+    sdk = openai_client(gw, KEY)
+    try:
+        pages = await in_thread(lambda: [f.id for f in sdk.files.list(purpose="batch", limit=1)])
+    finally:
+        sdk.close()
+    assert pages == [b5, b3, b1]
+
+    # Another tenant's file is no cursor for a managed key (nothing tells it the id exists).
+    response = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "other"}).encode(),
+                               headers=AUTH)
+    key = jsonutil.loads(await treq.content(response))
+    assert response.code == 201, key
+    other = {"authorization": f"Bearer {key['value']}"}
+    mine = await upload("batch", other)
+    assert await listed(f"purpose=batch&after={u4}", other) == ([], False)
+    assert await listed("purpose=batch&after=file-nope", other) == ([], False)
+    assert await listed(f"purpose=batch&after={b3}", other) == ([], False)
+    assert await listed("purpose=batch", other) == ([mine], False)
+    assert await listed(f"purpose=batch&after={mine}") == ([b5, b3, b1], False)  # the master key sees all
 
 
 # -- refused uploads -------------------------------------------------------------------

@@ -46,3 +46,37 @@ async def test_a_tenants_listing_takes_only_its_own_files_as_cursor(store):
     mine, theirs = await add("file-a", "path:/a"), await add("file-b", "path:/b")
     assert await store.files.list(after=theirs["id"], tenant="path:/a") == ([], False)  # as an unknown id
     assert [r["id"] for r in (await store.files.list(after=theirs["id"]))[0]] == [mine["id"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cursor_of_another_purpose_places_the_page_where_that_file_is(store):
+    """OpenAI's cursor: C{after} is a place in the order, whatever the purpose of its file; an unknown id,
+    another tenant's or an expired one lists nothing (none is a place to start from)."""
+    async def add(file_id, purpose, tenant="path:/a", expires_after=None):
+        size = await put_blob(store.blobs, file_id, b"x\n")
+        return (await store.files.add(file_id, size, "f.jsonl", purpose, tenant, expires_after))["id"]
+
+    b1 = await add("file-1", "batch")
+    u2 = await add("file-2", "user_data")
+    b3 = await add("file-3", "batch")
+    u4 = await add("file-4", "user_data")
+    b5 = await add("file-5", "batch")
+    theirs = await add("file-6", "user_data", tenant="path:/b")
+    brief = await add("file-7", "user_data", expires_after=3600)
+
+    async def ids(**kwargs):
+        records, has_more = await store.files.list(tenant="path:/a", **kwargs)
+        return [r["id"] for r in records], has_more
+
+    assert await ids(purpose="batch", after=u4) == ([b3, b1], False)
+    assert await ids(purpose="batch", after=u2, order="asc") == ([b3, b5], False)
+    assert await ids(purpose="batch", after=u4, limit=1) == ([b3], True)
+    assert await ids(purpose="user_data", after=b3) == ([u2], False)
+    assert await ids(purpose="user_data", after=b5, order="asc") == ([brief], False)
+    assert await ids(purpose="batch", after=b5) == ([b3, b1], False)  # a cursor of its own purpose, as before
+    assert await ids(purpose="batch", after=theirs) == ([], False)  # another tenant's: as unknown
+    assert await ids(purpose="batch", after="file-nope") == ([], False)
+    assert [r["id"] for r in (await store.files.list(purpose="batch", after=theirs))[0]] == [b5, b3, b1]
+    store.clock.advance(3600)  # the brief one expires: no longer a cursor either
+    assert await ids(purpose="batch", after=brief, order="asc") == ([], False)
+    assert await ids(purpose="batch", after=u4) == ([b3, b1], False)

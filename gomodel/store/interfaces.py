@@ -39,8 +39,8 @@ class IFileStore(Interface):
     def list(purpose=None, after=None, limit=10000, order="desc"):
         """List files (not those expired), newest first for C{order="desc"}, oldest first for C{"asc"}.
 
-        @param after: a file id: only files after it in that order are listed
-            (an unknown id lists nothing).
+        @param after: a file id: only files after it in that order are listed, whatever its
+            purpose (an unknown id, one expired or another tenant's, lists nothing).
         @return: a Deferred firing with C{(records, has_more)}.
         """
 

@@ -55,17 +55,18 @@ class PostgreSQLFileStore:
         if tenant is not None:
             where.append("tenant = %s")
             args.append(tenant)
-        if purpose is not None:
-            where.append("purpose = %s")
-            args.append(purpose)
         if after is not None:
-            # (an item of this listing: another tenant's id is as unknown)
+            # The cursor is a file this key may see, of any purpose: its place in the order is where the
+            # page starts (OpenAI's cursor). Another tenant's id, or an expired one, is as unknown.
             row = conn.execute(f"SELECT seq FROM files WHERE {' AND '.join(['id = %s', *where])}",
                                (after, *args)).fetchone()
             if row is None:
                 return [], False
             where.append("seq < %s" if order == "desc" else "seq > %s")
             args.append(row[0])
+        if purpose is not None:
+            where.append("purpose = %s")
+            args.append(purpose)
         direction = "DESC" if order == "desc" else "ASC"
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq {direction} LIMIT %s"
         rows = conn.cursor(row_factory=dict_row).execute(sql, (*args, limit + 1)).fetchall()

@@ -52,17 +52,18 @@ class SQLiteFileStore:
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
-        if purpose is not None:
-            where.append("purpose = ?")
-            args.append(purpose)
         if after is not None:
-            # (an item of this listing: another tenant's id is as unknown)
+            # The cursor is a file this key may see, of any purpose: its place in the order is where the
+            # page starts (OpenAI's cursor). Another tenant's id, or an expired one, is as unknown.
             row = conn.execute(f"SELECT seq FROM files WHERE {' AND '.join(['id = ?', *where])}",
                                (after, *args)).fetchone()
             if row is None:
                 return [], False
             where.append("seq < ?" if order == "desc" else "seq > ?")
             args.append(row[0])
+        if purpose is not None:
+            where.append("purpose = ?")
+            args.append(purpose)
         direction = "DESC" if order == "desc" else "ASC"
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq {direction} LIMIT ?"
         rows = conn.execute(sql, (*args, limit + 1)).fetchall()
