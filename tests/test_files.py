@@ -184,6 +184,53 @@ async def test_a_listing_cursor_of_another_purpose_starts_the_page_at_its_place(
     assert await listed(f"purpose=batch&after={mine}") == ([b5, b3, b1], False)  # the master key sees all
 
 
+async def exchange(reactor, gw, method, path):
+    """One request on its own connection, as sent on the wire: (status line, {lowercase name: [values]}, body)."""
+    request = (f"{method} {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {KEY}\r\n"
+               "Accept-Encoding: gzip, deflate\r\nConnection: close\r\n\r\n").encode()
+    client = await connect(reactor, gw.port, request)
+    await with_timeout(reactor, client.lost, 5)
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return status, headers, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_answers_the_headers_of_get_without_a_body(reactor, http, stored_gw):
+    """HEAD of a file's contents (and of the file, and of one unknown) has GET's status and headers, on the
+    wire, and no body; neither has a Content-Encoding (the contents are sent as stored).
+
+    (treq's client shows a C{Content-Encoding: ''} on every answer without one: Twisted's
+    C{ContentDecoderAgent} puts back the empty name it split from the absent header. The wire has none.)
+    """
+    gw = stored_gw
+    data = b'{"custom_id":"a"}\n' * 100
+    body, content_type = multipart({"purpose": "batch"}, content=data)
+    _, created = await post_upload(http, gw, body, content_type)
+    empty_body, content_type = multipart({"purpose": "batch"}, content=b"")
+    _, empty = await post_upload(http, gw, empty_body, content_type)
+    for path, status, length in ((f"/v1/files/{created['id']}/content", b"HTTP/1.1 200 OK", len(data)),
+                                 (f"/v1/files/{empty['id']}/content", b"HTTP/1.1 200 OK", 0),
+                                 (f"/v1/files/{created['id']}", b"HTTP/1.1 200 OK", None),
+                                 ("/v1/files/file-nope/content", b"HTTP/1.1 404 Not Found", None)):
+        got_status, got, got_body = await exchange(reactor, gw, "GET", path)
+        head_status, head, head_body = await exchange(reactor, gw, "HEAD", path)
+        assert (head_status, got_status) == (status, status), path
+        assert head_body == b"", path
+        assert b"content-encoding" not in got and b"content-encoding" not in head, path
+        for per_request in (b"date", b"x-request-id"):
+            got.pop(per_request), head.pop(per_request)
+        assert head == got, path
+        assert got[b"content-length"] == [b"%d" % len(got_body)], path
+        if length is not None:
+            assert got_body == (data if length else b""), path
+            assert got[b"content-type"] == [b"application/octet-stream"], path
+
+
 # -- refused uploads -------------------------------------------------------------------
 
 
