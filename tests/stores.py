@@ -59,6 +59,18 @@ def backend(request):
     return BACKENDS[request.param]
 
 
+@pytest.fixture(params=sorted(BACKENDS))
+def storage(request):
+    """A gateway's settings for each store (C{STORAGE_TYPE}; a fresh PostgreSQL database, dropped after)."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    postgres.require()
+    name = postgres.create_database()
+    yield {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(name)}
+    postgres.drop_database(name)
+
+
 @pytest_twisted.async_yield_fixture()
 async def store(reactor, tmp_path, backend):
     """A started store on a L{Clock} (at 1000 s), stopped after the test; C{store.clock} advances it."""

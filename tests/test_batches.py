@@ -23,11 +23,12 @@ from gomodel.auth.keys import KeyRing
 from gomodel.batches.runner import BatchRunner
 from gomodel.proxy.exchange import Exchange
 from gomodel.config import Timeouts
-from gomodel.errors import ModelNotFound, StorageUnavailable, UpstreamUnreachable
+from gomodel.errors import Conflict, ModelNotFound, NotFound, StorageUnavailable, UpstreamUnreachable
 from gomodel.routing.registry import Route
 from gomodel.store import SQLiteStore, new_file_id
-from tests.stores import put_blob
-from tests.support import in_thread, ready_pool, start_gateway, until, with_timeout
+from tests.stores import backend, storage, store  # noqa: F401 (fixtures)
+from tests.stores import batch as batch_record, put_blob
+from tests.support import in_thread, openai_client, ready_pool, start_gateway, until, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -273,6 +274,53 @@ async def test_cancel_keeps_the_partial_output_and_aborts_requests_in_flight(rea
     assert (await in_thread(sdk.batches.cancel, created.id)).status == "cancelled"  # idempotent
 
 
+@pytest_twisted.ensureDeferred
+async def test_cancelling_an_ended_batch_is_409_and_a_cancelled_one_is_idempotent(reactor, http, fake, tmp_path,
+                                                                                 storage):
+    """Through the gateway, on each store: a batch C{completed}, C{failed} or C{expired} answers 409
+    C{batch_not_cancellable} in OpenAI's envelope (the SDK's C{ConflictError}) and is left as it was;
+    one C{cancelled} answers 200 with the batch, as it is, however often it is asked."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), **storage})
+    sdk = openai_client(gw, KEY)
+    try:
+        done = await finished(gw, sdk, (await start_batch(sdk, [chat_line("a")])).id)
+        assert done.status == "completed"
+        batches = gw.service.store.batches
+
+        async def cancel():
+            response = await http.post(f"{gw.url}/v1/batches/{done.id}/cancel", headers=AUTH)
+            return response.code, json.loads(await treq.content(response))
+
+        for status in ("completed", "failed", "expired"):
+            if status != "completed":  # (an end the runner never takes up again)
+                await batches.update(done.id, {"status": status})
+            before = await batches.get(done.id)
+            code, answer = await cancel()
+            assert code == 409, answer
+            assert answer == {"error": {
+                "message": f"Cannot cancel the batch {done.id}: its status is '{status}', and only a batch "
+                           "'validating' or 'in_progress' can be cancelled.",
+                "type": "invalid_request_error", "param": None, "code": "batch_not_cancellable"}}
+            with pytest.raises(openai.ConflictError) as refused:
+                await in_thread(sdk.batches.cancel, done.id)
+            assert refused.value.body["code"] == "batch_not_cancellable"
+            assert await batches.get(done.id) == before
+
+        await batches.update(done.id, {"status": "cancelled", "cancelling_at": 5, "cancelled_at": 6})
+        response = await http.get(f"{gw.url}/v1/batches/{done.id}", headers=AUTH)
+        retrieved = json.loads(await treq.content(response))
+        for _ in range(2):
+            code, answer = await cancel()
+            assert code == 200, answer
+            assert (answer["status"], answer["cancelling_at"], answer["cancelled_at"]) == ("cancelled", 5, 6)
+            assert answer == retrieved
+            assert (await in_thread(sdk.batches.cancel, done.id)).status == "cancelled"
+    finally:
+        sdk.close()
+        await gw.service.stopService()
+
+
 # -- durability -----------------------------------------------------------------------------
 
 
@@ -512,6 +560,33 @@ async def bench(reactor, tmp_path):
     for r in bench.runners:
         await r.stopService()
     await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_leaves_a_cancelling_or_cancelled_batch_and_refuses_every_other_end(store):
+    """L{BatchRunner.cancel} on each store: C{cancelling} and C{cancelled} come back as they are (idempotent);
+    C{finalizing}, C{completed}, C{failed} and C{expired} raise L{Conflict} (409, C{batch_not_cancellable})
+    and change nothing; an unknown batch is C{batch_not_found}."""
+    runner = BatchRunner(store.batches, store.blobs, StubRegistry(ready_pool(StubProvider(), store.clock)),
+                         store.clock, Exchange(store.clock, Timeouts()), poll_interval=0)
+    for status in ("cancelling", "cancelled"):
+        added = await store.batches.add(batch_record(f"batch_{status}", status, cancelling_at=500,
+                                                     cancelled_at=600 if status == "cancelled" else None))
+        for _ in range(2):
+            assert await runner.cancel(added["id"]) == added
+        assert await store.batches.get(added["id"]) == added
+    for status in ("finalizing", "completed", "failed", "expired"):
+        added = await store.batches.add(batch_record(f"batch_{status}", status))
+        with pytest.raises(Conflict) as refused:
+            await runner.cancel(added["id"])
+        error = refused.value
+        assert (error.status, error.type, error.code, error.param) == (409, "invalid_request_error",
+                                                                       "batch_not_cancellable", None)
+        assert f"batch_{status}" in error.message and f"'{status}'" in error.message
+        assert await store.batches.get(added["id"]) == added
+    with pytest.raises(NotFound) as unknown:
+        await runner.cancel("batch_nope")
+    assert (unknown.value.status, unknown.value.code) == (404, "batch_not_found")
 
 
 async def lines_of(store, file_id):

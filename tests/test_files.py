@@ -15,8 +15,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from gomodel import jsonutil
-from tests import postgres
 from tests.rawclient import connect
+from tests.stores import storage  # noqa: F401 (a fixture)
 from tests.support import (in_thread, openai_client, settled, start_gateway, track_connections, with_timeout,
                            write_buffer)
 
@@ -31,18 +31,6 @@ async def gw(reactor, fake, tmp_path):
     gateway.data_dir = tmp_path
     yield gateway
     await gateway.service.stopService()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage(request):
-    """The gateway's settings for each store (a fresh PostgreSQL database, dropped after the test)."""
-    if request.param == "sqlite":
-        yield {}
-        return
-    postgres.require()
-    name = postgres.create_database()
-    yield {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(name)}
-    postgres.drop_database(name)
 
 
 @pytest_twisted.async_yield_fixture()

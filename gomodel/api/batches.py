@@ -104,6 +104,10 @@ class BatchesAPI:
 
     @app.route("/<batch_id>/cancel", methods=["POST"])
     async def cancel(self, request, batch_id):
+        """OpenAI's cancel: 200 with the batch, C{cancelling} (or already C{cancelling} or C{cancelled}: a
+        cancellation is idempotent); 409 C{batch_not_cancellable} for a batch C{finalizing}, C{completed},
+        C{failed} or C{expired} (L{gomodel.batches.runner.BatchRunner.cancel}); 404 for one this key
+        may not see."""
         await self._get(request, batch_id)
         return json_answer(request, batch_object(await self._runner.cancel(batch_id)))
 

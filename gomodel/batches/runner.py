@@ -66,6 +66,8 @@ PAGE = 256  # requests read from the store at a time
 READY_WAIT = 30.0  # at start, how long resumed batches wait for model discovery
 POLL_INTERVAL = 1.0  # how often a runner looks for batches to claim and for cancellations
 LEASE = 30.0  # how long a claim on a batch lasts without a heartbeat
+CANCELLABLE = ("validating", "in_progress")  # what a cancellation moves to cancelling
+CANCELLED = ("cancelling", "cancelled")  # what a cancellation leaves as it is (idempotent)
 SALTED_PATHS = frozenset(("/chat/completions", "/completions"))  # where vLLM takes a cache_salt
 
 
@@ -228,18 +230,26 @@ class BatchRunner(Service):
             self._start(*got)
 
     async def cancel(self, batch_id):
-        """Ask a batch to stop; returns its record (C{cancelling}, or already cancelled).
+        """Ask a batch to stop (C{POST /v1/batches/{id}/cancel}); returns its record.
 
-        The process holding its claim sees the cancellation at its next poll.
+        As OpenAI's: a C{validating} or C{in_progress} batch moves to C{cancelling} (its C{cancelling_at}
+        set), then to C{cancelled} once the process holding its claim has stopped it (at its next poll),
+        keeping what was answered. Cancelling is idempotent: a batch already C{cancelling} or C{cancelled}
+        is returned as it is (200). Any other has nothing left to stop and is refused with L{Conflict}
+        (409, code C{batch_not_cancellable}): one C{finalizing} (every line answered, its files being
+        written: it ends C{completed}) and the other ends, C{completed}, C{failed} and C{expired}.
+
+        @raise NotFound: no such batch (C{batch_not_found}).
+        @raise Conflict: the batch cannot be cancelled (C{batch_not_cancellable}).
         """
         batch = await self._batches.get(batch_id)
         if batch is None:
             raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
         status = batch["status"]
-        if status in ("validating", "in_progress"):
+        if status in CANCELLABLE:
             updated = await self._batches.update(
                 batch_id, {"status": "cancelling", "cancelling_at": int(self._clock.seconds())},
-                only_if_status=("validating", "in_progress"))
+                only_if_status=CANCELLABLE)
             if updated is None:  # it moved on meanwhile: answer from where it is now
                 return await self.cancel(batch_id)
             job = self._jobs.get(batch_id)
@@ -248,9 +258,10 @@ class BatchRunner(Service):
             else:
                 await self._claim(batch_id)
             return updated
-        if status in ("cancelling", "cancelled"):
+        if status in CANCELLED:
             return batch
-        raise Conflict(f"Cannot cancel a batch with status '{status}'.", code="batch_not_cancellable")
+        raise Conflict(f"Cannot cancel the batch {batch_id}: its status is '{status}', and only a batch "
+                       "'validating' or 'in_progress' can be cancelled.", code="batch_not_cancellable")
 
     # -- one batch ----------------------------------------------------------------
 
