@@ -367,3 +367,61 @@ async def test_ambiguous_bare_model_names_the_choices(reactor, http):
         await gw.service.stopService()
         await a.stop()
         await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_model_is_retrieved_by_each_name_a_chat_request_may_give_it(reactor, http, fake):
+    """GET /v1/models/{id} finds what a chat request's 'model' finds (the bare id, the provider type's prefix),
+    for a key that may use it; a key that may not gets the 404 of a model it is not shown."""
+    gw = await start_gateway(reactor, {"VLLM_TEST_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "master-k"})
+    master = {"authorization": "Bearer master-k"}
+    listed = "vllm-test/meta-llama/Llama-3.1-8B-Instruct"
+    try:
+        keys = {}
+        for name, models in (("provider", ["vllm-test/"]), ("bare", ["meta-llama/Llama-3.1-8B-Instruct"]),
+                             ("other", ["openai/"])):
+            response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=master,
+                                       data=json.dumps({"name": name, "models": models}).encode())
+            keys[name] = {"authorization": "Bearer " + jsonutil.loads(await treq.content(response))["value"]}
+        for model in (listed, "vllm/meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"):
+            for headers in (master, keys["provider"], keys["bare"]):
+                response, content = await post(http, gw, {"model": model, "messages": []}, headers)
+                assert response.code == 200, (model, content)
+                one = await http.get(gw.url + "/v1/models/" + model, headers=headers)
+                assert one.code == 200, model
+                assert jsonutil.loads(await treq.content(one))["id"] == listed
+            response, content = await post(http, gw, {"model": model, "messages": []}, keys["other"])
+            assert response.code == 403 and error_of(content)["code"] == "model_access_denied"
+            hidden = await http.get(gw.url + "/v1/models/" + model, headers=keys["other"])
+            assert hidden.code == 404 and error_of(await treq.content(hidden))["code"] == "model_not_found"
+        one = await http.get(gw.url + "/v1/models/meta-llama/Llama-3.1-8B-Instruct",
+                             headers={**keys["bare"], "anthropic-version": "2023-06-01"})
+        assert jsonutil.loads(await treq.content(one))["id"] == listed
+        for missing in ("meta-llama/nope", "vllm/nope", "nope"):
+            response = await http.get(gw.url + "/v1/models/" + missing, headers=master)
+            assert response.code == 404 and error_of(await treq.content(response))["code"] == "model_not_found"
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ambiguous_bare_id_is_retrieved_as_chat_answers_it_unless_a_key_would_see_the_choices(reactor, http):
+    a = await start_fake(reactor)
+    b = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url,
+                                       "GOMODEL_MASTER_KEY": "master-k"})
+    master = {"authorization": "Bearer master-k"}
+    try:
+        response = await http.get(gw.url + "/v1/models/meta-llama/Llama-3.1-8B-Instruct", headers=master)
+        assert response.code == 400 and error_of(await treq.content(response))["code"] == "ambiguous_model"
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=master,
+                                   data=json.dumps({"name": "a", "models": ["vllm/"]}).encode())
+        key = {"authorization": "Bearer " + jsonutil.loads(await treq.content(response))["value"]}
+        response = await http.get(gw.url + "/v1/models/meta-llama/Llama-3.1-8B-Instruct", headers=key)
+        content = await treq.content(response)
+        assert response.code == 404 and error_of(content)["code"] == "model_not_found"
+        assert b"vllm-b" not in content
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()

@@ -90,6 +90,21 @@ def test_discovery_and_resolution():
     monitor.stopService()
 
 
+def test_one_model_by_its_listed_id_or_as_a_request_names_it():
+    a = StubProvider("vllm", models=["meta-llama/X", "shared"])
+    b = StubProvider("vllm-b", models=["Qwen/Y", "shared"])
+    later = StubProvider("vllm-later", models=None)
+    clock, registry, monitor = started(a, b, later)
+    for selector, listed in (("vllm/meta-llama/X", "vllm/meta-llama/X"), ("meta-llama/X", "vllm/meta-llama/X"),
+                             ("vllm/Qwen/Y", "vllm-b/Qwen/Y"), ("Qwen/Y", "vllm-b/Qwen/Y")):
+        assert registry.model(selector)["id"] == listed, selector
+    for missing in ("nope", "meta-llama/nope", "vllm-b/meta-llama/X", "vllm-later/anything"):
+        assert registry.model(missing) is None, missing  # (a provider whose models are not known lists none)
+    with pytest.raises(InvalidRequest):
+        registry.model("shared")
+    monitor.stopService()
+
+
 def test_provider_down_at_start_is_retried_with_backoff_then_refreshed():
     p = StubProvider("vllm", models=None)
     clock, registry, monitor = started(p)

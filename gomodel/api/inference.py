@@ -10,7 +10,7 @@ to the exchange.
 from functools import partial
 
 from gomodel import jsonutil
-from gomodel.errors import InvalidRequest, ModelAccessDenied
+from gomodel.errors import InvalidRequest, ModelAccessDenied, ModelNotFound
 from gomodel.http.bodies import json_body, streams, whole_number
 from gomodel.http.headers import X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall
@@ -189,6 +189,21 @@ def resolve_model(registry, body, principal=None):
     if principal is None or principal.allows(name, qualified(route)) or principal.names(route.upstream_model):
         return route
     return _allowed_target(registry, name, principal)
+
+
+def admitted(registry, name, principal) -> bool:
+    """Whether L{plan_model} would admit C{principal} to C{name}: by the name itself, or to one of the routes
+    it names (L{_allowed_target}). What C{/v1/models} lists to a key and shows it (never on a request's way).
+
+    @raise InvalidRequest: several providers serve the bare id (as L{plan_model} would).
+    """
+    if principal is None or principal.models is None or principal.allows(name):
+        return True
+    try:
+        _allowed_target(registry, name, principal)
+    except (ModelNotFound, ModelAccessDenied):
+        return False
+    return True
 
 
 def _allowed_target(registry, name, principal):

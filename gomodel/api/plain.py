@@ -9,6 +9,7 @@ spellings: a trailing slash, another method).
 """
 
 from gomodel import errors, jsonutil
+from gomodel.api.inference import admitted
 from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
 from gomodel.http import render
 from gomodel.http.bodies import json_answer
@@ -76,13 +77,19 @@ class PlainRoutes:
         return json_answer(request, {"object": "list", "data": models})
 
     def retrieve_model(self, request, model_id: str) -> bytes:
-        """One model; L{errors.ModelNotFound} for one that is not listed, or that the key may not use."""
+        """One model, by its listed id or by what a request's C{model} may name (a bare id: the model it
+        resolves to); L{errors.ModelNotFound} for one that is not listed, or that the key may not use."""
         anthropic = wants_anthropic(request)
         if anthropic:
             request.context.dialect = render.ANTHROPIC
-        model = self._registry.model(model_id)
         principal = request.context.principal
-        if model is None or (principal is not None and not _may_use(principal, model)):
+        try:
+            model = self._registry.model(model_id)
+        except errors.InvalidRequest:  # served by several providers: the choices may name models the key may not use
+            if principal is not None and principal.models is not None:
+                raise errors.ModelNotFound(model_id) from None
+            raise
+        if model is None or not admitted(self._registry, model_id, principal):
             raise errors.ModelNotFound(model_id)  # a model the key may not use is not named to it
         return json_answer(request, anthropic_model(model) if anthropic else model)
 

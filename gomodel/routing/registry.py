@@ -124,10 +124,23 @@ class ModelRegistry:
             self._models_body = jsonutil.dumps({"object": "list", "data": self.models()})
         return self._models_body
 
-    def model(self, qualified_id: str) -> Optional[dict]:
-        """One model object by its qualified id, or None."""
-        for entry in self.models():
-            if entry["id"] == qualified_id:
+    def model(self, selector: str) -> Optional[dict]:
+        """One model object of L{models}: by its id (qualified, or a virtual model's name), else the one
+        C{selector} resolves to as a request's model does (a bare id, a provider type's prefix); or None.
+
+        @raise InvalidRequest: several providers serve the bare id.
+        """
+        models = self.models()
+        for entry in reversed(models):  # a virtual model (listed last) first, as in L{plan}
+            if entry["id"] == selector:
+                return entry
+        try:
+            route = self._real(selector)
+        except ModelNotFound:
+            return None
+        wanted = qualified(route.provider.name, route.upstream_model)
+        for entry in models:  # absent while its provider's models are not known yet
+            if entry["id"] == wanted:
                 return entry
         return None
 
