@@ -149,3 +149,35 @@ async def test_a_key_allowed_one_target_uses_and_sees_the_virtual_model(reactor,
         await gw.service.stopService()
         await a.stop()
         await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_virtual_model_is_listed_to_a_key_exactly_when_chat_admits_the_key_to_a_target(reactor, http):
+    """Its targets are selectors, resolved as a request's model: a bare one reaches the provider that serves it,
+    and a provider type's prefix the instance, which a key's allowlist names (or not) by its own name."""
+    a = FakeReplica(reactor, name="a", models=(UPSTREAM,))
+    b = FakeReplica(reactor, name="b", models=("only-b",))
+    await a.start()
+    await b.start()
+    virtual = [{"source": "bare", "targets": [UPSTREAM]}, {"source": "typed", "targets": [f"vllm/{UPSTREAM}"]},
+               {"source": "both", "targets": [UPSTREAM, "only-b"]}]
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url,
+                                       "VIRTUAL_MODELS": json.dumps(virtual), "GOMODEL_MASTER_KEY": "master-k"})
+    try:
+        for models, usable in ((["vllm-a/"], {"bare", "typed", "both"}), (["vllm-b/"], {"both"}),
+                               (["vllm/"], set()), ([UPSTREAM], {"bare", "typed", "both"})):
+            response = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps(
+                {"name": "k", "models": models}).encode(), headers={"authorization": "Bearer master-k"})
+            auth = {"authorization": "Bearer " + json.loads(await response.content())["value"]}
+            listed = json.loads(await (await http.get(gw.url + "/v1/models", headers=auth)).content())
+            assert {m["id"] for m in listed["data"]} & {"bare", "typed", "both"} == usable, models
+            for source in ("bare", "typed", "both"):
+                response, body = await _chat(http, gw, source, auth)
+                assert response.code == (200 if source in usable else 403), (models, source, body)
+                one = await http.get(gw.url + "/v1/models/" + source, headers=auth)
+                assert one.code == (200 if source in usable else 404), (models, source)
+                await one.content()
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()

@@ -67,7 +67,7 @@ class PlainRoutes:
         principal = request.context.principal
         models = None
         if principal is not None and principal.models is not None:
-            models = [model for model in self._registry.models() if _may_use(principal, model)]
+            models = [model for model in self._registry.models() if _may_use(self._registry, principal, model)]
         if wants_anthropic(request):
             request.context.dialect = render.ANTHROPIC
             return json_answer(request, anthropic_models_page(request, models if models is not None
@@ -94,11 +94,11 @@ class PlainRoutes:
         return json_answer(request, anthropic_model(model) if anthropic else model)
 
 
-def _may_use(principal, model) -> bool:
-    """Whether C{principal} may use a listed model (by its qualified id, or its id at its provider; a
-    virtual model by its name, or through one of its targets)."""
+def _may_use(registry, principal, model) -> bool:
+    """Whether C{principal} may use a listed model as a request naming its id may (L{admitted}): a provider's
+    by its qualified id or its id at its provider; a virtual model by its name, or through a target it may use."""
     model_id = model["id"]
     provider = model.get("owned_by")
     if provider and model_id.startswith(provider + "/"):
         return principal.allows(model_id) or principal.names(model_id[len(provider) + 1:])
-    return principal.allows(model_id, *(target["model"] for target in model.get("targets", ())))
+    return admitted(registry, model_id, principal)
