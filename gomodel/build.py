@@ -173,7 +173,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     sinks.append(gateway.drain)
     front = FrontResource(routes, reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
-                          dialects=messages.dialects(), dialect_prefixes=messages.dialect_prefixes(),
+                          dialects=messages.dialects(), dialect_below=messages.dialect_below,
                           tracer=gateway.telemetry.trace if gateway.telemetry is not None else None, plain=plain.find)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,

@@ -774,3 +774,31 @@ async def test_unknown_paths_under_messages_and_wrong_methods_answer_in_anthropi
     # refused before routing (no key), still Anthropic's shape
     code, error = await answer("GET", "/v1/messages/batches", Headers({"anthropic-version": ["2023-06-01"]}))
     assert code == 401 and error["type"] == "error" and error["error"]["type"] == "authentication_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_fails_before_a_models_handler_is_in_anthropics_shape_for_anthropic_clients(reactor, gw):
+    """The model routes answer an Anthropic client (anthropic-version) in its shape: so do a path that is no
+    UTF-8 once percent-decoded (refused before any route reads it) and a refused key; others get OpenAI's."""
+    async def answer(target, *lines):
+        client = await connect(reactor, gw.port, b"GET " + target + b" HTTP/1.1\r\nHost: g\r\n"
+                               + b"".join(line + b"\r\n" for line in lines) + b"Connection: close\r\n\r\n")
+        await with_timeout(reactor, client.lost, 10)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), json.loads(body)
+
+    key, version = b"x-api-key: " + KEY.encode(), b"anthropic-version: 2023-06-01"
+    for target in (b"/v1/models/%ff", b"/v1/models/vllm/%C0x", b"/v1/messages/%ff"):
+        code, error = await answer(target, key, version)
+        assert (code, error["type"], error["error"]["type"]) == (400, "error", "invalid_request_error"), target
+        assert "UTF-8" in error["error"]["message"]
+    for target in (b"/v1/models/%ff", b"/v1/models/vllm/%C0x"):
+        code, error = await answer(target, key)  # an OpenAI client's
+        assert code == 400 and error["error"]["code"] == "invalid_url"
+    for target in (b"/v1/models", b"/v1/models/" + MODEL.encode(), b"/v1/models/%ff"):
+        code, error = await answer(target, b"x-api-key: wrong", version)
+        assert (code, error["type"], error["error"]["type"]) == (401, "error", "authentication_error"), target
+        code, error = await answer(target, b"x-api-key: wrong")
+        assert code == 401 and error["error"]["code"] == "invalid_api_key", target
+    code, error = await answer(b"/v1/modelsx", key, version)  # not the model list's
+    assert code == 404 and error["error"]["code"] == "not_found"

@@ -49,6 +49,8 @@ from gomodel.upstream.errors import upstream_error
 
 MESSAGES = b"/v1/messages"
 COUNT_TOKENS = b"/v1/messages/count_tokens"
+MODELS = b"/v1/models"  # the model list, and each model below it: Anthropic's shape for an Anthropic client
+_BELOW_MESSAGES, _BELOW_MODELS = MESSAGES + b"/", MODELS + b"/"
 # Provider types whose servers answer /v1/messages themselves.
 NATIVE_TYPES = frozenset(("vllm",))
 # How long a provider's model that answered "no Messages API here" is translated without asking again.
@@ -96,10 +98,20 @@ class MessagesRoutes:
         return {path: render.ANTHROPIC for path in self.routes()}
 
     @staticmethod
-    def dialect_prefixes() -> tuple:
-        """(prefix, dialect) for every other path under C{/v1/messages/}: Anthropic's (Message Batches, which
-        the gateway does not serve, are its 404 C{not_found_error}; a 401 is its C{authentication_error})."""
-        return ((MESSAGES + b"/", render.ANTHROPIC),)
+    def dialect_below(request):
+        """The error dialect of a request to none of L{routes}' paths, or None (OpenAI's).
+
+        Anthropic's for every other path under C{/v1/messages/} (Message Batches, which the gateway does
+        not serve, are its 404 C{not_found_error}; a 401 is its C{authentication_error}); and on the model
+        list's paths for an Anthropic client (L{wants_anthropic}), as their handlers answer it, so that what
+        fails before a handler does (a 401, a path that is no UTF-8 once percent-decoded) has its shape too.
+        """
+        path = request.path
+        if path.startswith(_BELOW_MESSAGES):
+            return render.ANTHROPIC
+        if (path == MODELS or path.startswith(_BELOW_MODELS)) and wants_anthropic(request):
+            return render.ANTHROPIC
+        return None
 
     # -- the routes ------------------------------------------------------------------
 

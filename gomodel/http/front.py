@@ -28,7 +28,7 @@ class FrontResource(Resource):
     isLeaf = True
 
     def __init__(self, routes, clock, *, body_limit=None, sinks=(), starts=(), exact=None, pages=None,
-                 dialects=None, dialect_prefixes=(), tracer=None, plain=None):
+                 dialects=None, dialect_below=None, tracer=None, plain=None):
         """
         @param routes: the resource serving every other route (Klein's).
         @param plain: a function of a request returning the handler of one of the routes served
@@ -40,9 +40,11 @@ class FrontResource(Resource):
         @param exact: exact path -> coroutine function C{(request, ctx)}, for POSTs;
             it returns the body to write, or None once it wrote the answer.
         @param dialects: exact path -> error dialect (OpenAI's unless named).
-        @param dialect_prefixes: (path prefix, error dialect) pairs for the paths below a family's routes
-            that no exact path names (C{/v1/messages/batches}: Anthropic's 404): read only for a refusal
-            and for Klein's routes, never on the exact routes' way.
+        @param dialect_below: a function of a request to a path no exact path names, giving its error
+            dialect or None (OpenAI's): the paths below a family's routes (C{/v1/messages/batches}:
+            Anthropic's 404), a family's routes that answer a marked client in its dialect
+            (L{gomodel.api.messages.MessagesRoutes.dialect_below}). Called only for a refusal and for
+            Klein's routes, never on the exact routes' or the plain routes' way.
         @param tracer: a callable of C{(request, ctx)} returning the context's
             C{trace} (L{gomodel.accounting.tracing.Telemetry.trace}: it reads the
             request's C{traceparent}), or None when tracing is off.
@@ -56,7 +58,7 @@ class FrontResource(Resource):
         self._exact = exact or {}
         self._pages = pages or {}
         self._dialects = dialects or {}
-        self._dialect_prefixes = tuple(dialect_prefixes)
+        self._dialect_of = dialect_below
         self._body_limit = body_limit
         self._tracer = tracer
         self._plain = plain
@@ -76,7 +78,7 @@ class FrontResource(Resource):
         if handler is None or request.method != b"POST":
             request.ending = partial(_ended, request=request, ctx=ctx)
             if refusal is not None:
-                self._dialect_below(ctx)
+                self._dialect_below(request, ctx)
                 return render.render(request, refusal, ctx.dialect)
             page = self._pages.get(request.path)
             if page is not None and request.method in (b"GET", b"HEAD"):
@@ -85,7 +87,7 @@ class FrontResource(Resource):
             if handler is None:
                 plain = self._plain(request) if self._plain is not None else None
                 if plain is None:
-                    self._dialect_below(ctx)
+                    self._dialect_below(request, ctx)
                     return self._routes.render(request)
                 try:
                     body = plain(request)
@@ -103,12 +105,11 @@ class FrontResource(Resource):
         handling.start(handler(request, ctx))
         return NOT_DONE_YET
 
-    def _dialect_below(self, ctx):
-        """Give C{ctx} the dialect of the prefix its path is below, if any (an exact path's stays)."""
-        for prefix, dialect in self._dialect_prefixes:
-            if ctx.path.startswith(prefix):
-                ctx.dialect = dialect
-                return
+    def _dialect_below(self, request, ctx):
+        """Give C{ctx} the dialect that C{dialect_below} names for C{request}, if any (else its exact path's stays)."""
+        dialect = self._dialect_of(request) if self._dialect_of is not None else None
+        if dialect is not None:
+            ctx.dialect = dialect
 
     def _refusal(self, request):
         """The error the site decided when the head came in (401, 413), or None."""
