@@ -335,6 +335,34 @@ async def test_a_provider_selector_never_matches_inside_a_models_own_id(http, gw
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_provider_selector_never_admits_the_bare_id_it_begins(reactor, http, tmp_path):
+    """With one provider serving 'meta-llama/X', the bare id is routable; a key of 'meta-llama/' (a provider
+    no one configured) still may not use it, by chat or by retrieving it, as it is not listed to it."""
+    fake = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                            "GOMODEL_DATA_DIR": str(tmp_path)})
+    bare = MODEL.split("/", 1)[1]
+    prefixed, provider = (await new_key(http, gateway, models=["meta-llama/"]),
+                          await new_key(http, gateway, models=["vllm/"]))
+    clients = [openai_client(gateway, key["value"]) for key in (prefixed, provider)]
+    try:
+        assert (await in_thread(clients[0].models.list)).data == []
+        for model in (bare, MODEL):
+            with pytest.raises(openai.PermissionDeniedError):
+                await chat(clients[0], model)
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(clients[0].models.retrieve, bare)
+        # the provider's own selector admits the bare id it routes to
+        assert (await chat(clients[1], bare)).choices
+        assert (await in_thread(clients[1].models.retrieve, bare)).id == MODEL
+    finally:
+        for client in clients:
+            client.close()
+        await gateway.service.stopService()
+        await fake.stop()
+
+
 # -- tenants -------------------------------------------------------------------------------
 
 

@@ -167,7 +167,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     """
     name = _model_of(body)
     routes = registry.plan(name, affinity_of)
-    if principal is None or principal.models is None or principal.allows(name):
+    if principal is None or principal.models is None or routes and _as_sent(principal, name, routes[0]):
         return routes
     _allowed_target(registry, name, principal)
     allowed = []
@@ -186,7 +186,8 @@ def resolve_model(registry, body, principal=None):
     """
     name = _model_of(body)
     route = registry.resolve(name)
-    if principal is None or principal.allows(name, qualified(route)) or principal.names(route.upstream_model):
+    if (principal is None or principal.allows(qualified(route)) or _as_sent(principal, name, route)
+            or principal.names(route.upstream_model)):
         return route
     return _allowed_target(registry, name, principal)
 
@@ -197,13 +198,23 @@ def admitted(registry, name, principal) -> bool:
 
     @raise InvalidRequest: several providers serve the bare id (as L{plan_model} would).
     """
-    if principal is None or principal.models is None or principal.allows(name):
+    if principal is None or principal.models is None or principal.names(name):
         return True
     try:
+        if any(_as_sent(principal, name, route) for route in registry.targets(name)):
+            return True
         _allowed_target(registry, name, principal)
     except (ModelNotFound, ModelAccessDenied):
         return False
     return True
+
+
+def _as_sent(principal, name, route) -> bool:
+    """Whether C{principal}'s selectors admit C{name} as the request sent it, routed to C{route}: by name, or
+    by a provider selector where C{name} begins with C{route}'s provider (its instance's or its type's name);
+    never by one that matches inside a bare id (C{meta-llama/} is a provider C{meta-llama}, not the
+    C{meta-llama/X} that provider C{vllm} serves: see L{gomodel.auth.keys.Principal.names})."""
+    return principal.allows(name) if name.startswith(route.provider.named_by) else principal.names(name)
 
 
 def _allowed_target(registry, name, principal):

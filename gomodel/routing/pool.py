@@ -304,6 +304,8 @@ class ReplicaPool:
         """
         self.name = name
         self.type = type_
+        # how a model name a request sends begins when it names this provider (by instance or by type)
+        self.named_by = (name + "/", type_ + "/")
         self.replicas = list(replicas)
         self.configured_models = tuple(configured_models)
         self.priority_scheduling = priority_scheduling
