@@ -147,6 +147,52 @@ async def test_an_unreachable_server_is_storage_unavailable_at_once(reactor):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_unreachable_server_is_not_named_to_clients_or_in_readiness(reactor, http, fake):
+    # The reason reaches every client's 503 and the unauthenticated /health/ready: libpq's 'connection to server
+    # at "host", port N failed' named the database's address there.
+    import json
+
+    from tests.integration.support import free_port
+    from tests.support import start_gateway
+
+    port = free_port()
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "STORAGE_TYPE": "postgresql",
+                                       "POSTGRES_URL": f"postgresql://postgres:s3cret@127.0.0.1:{port}/nowhere"})
+    try:
+        response = await http.get(gw.url + "/v1/files", headers={"Authorization": "Bearer k1"})
+        error = json.loads(await response.content())["error"]
+        assert (response.code, error["code"]) == (503, "storage_unavailable")
+        response = await http.get(gw.url + "/health/ready")
+        down = json.loads(await response.content())["down"]["database"]
+        for text in (error["message"], down):
+            assert "Connection refused" in text, text  # still says why
+            assert "127.0.0.1" not in text and str(port) not in text and "s3cret" not in text, text
+    finally:
+        await gw.service.stopService()
+
+
+def test_a_reason_leaves_out_every_way_libpq_names_the_server():
+    import psycopg
+
+    from gomodel.store.postgresql.database import _reason
+
+    for message, reason in (
+            ('connection failed: connection to server at "db.internal" (10.1.2.3), port 5433 failed: Connection '
+             'refused\n\tIs the server running on that host and accepting TCP/IP connections?',
+             "OperationalError: connection failed: Connection refused"),
+            ('connection failed: connection to server at "::1", port 5999 failed: FATAL:  database "x" does not '
+             'exist', 'OperationalError: connection failed: FATAL:  database "x" does not exist'),
+            ('connection is bad: connection to server on socket "/run/pg/.s.PGSQL.5432" failed: No such file',
+             "OperationalError: connection is bad: No such file"),
+            ("failed to resolve host 'db.internal': [Errno -2] Name or service not known",
+             "OperationalError: failed to resolve host: [Errno -2] Name or service not known"),
+            ('could not translate host name "db.internal" to address: Name or service not known',
+             "OperationalError: could not translate host name to address: Name or service not known")):
+        assert _reason(psycopg.OperationalError(message)) == reason
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_value_postgresql_cannot_hold_is_the_requests_400(reactor, http, fake, pg_database):
     # A text with a NUL character (SQLite keeps it; PostgreSQL refuses it in a parameter), in a path, a filter,
     # a body: each was a 500 from the store.

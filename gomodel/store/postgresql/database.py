@@ -16,6 +16,8 @@ reached the opening is retried with a backoff, so a gateway started before
 its database comes up by itself.
 """
 
+import re
+
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -30,6 +32,10 @@ DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
 PROBE_INTERVAL = 2.0
 OPEN_BACKOFF = (0.5, 10.0)  # the first and the longest wait between attempts to open
+# Where libpq and psycopg name the server: 'connection to server at "h" (ip), port 5432 failed: ', 'on socket
+# "/path" failed: ', "failed to resolve host 'h'"; a reason leaves them out (it reaches clients and /health/ready).
+_SERVER = re.compile(r'connection to server (?:at "[^"]*"(?: \([^)]*\))?, port \d+|on socket "[^"]*") failed: ')
+_HOST = re.compile(r"""\b(host(?: name)?) (?:'[^']*'|"[^"]*")""")
 
 
 class Database:
@@ -239,5 +245,7 @@ def _reason(error) -> str:
         return text[0] if text else name
     if name in ("PoolTimeout",):
         return "no database connection could be had in time"
-    # libpq's and the server's messages name the host and user, never a password
-    return f"{name}: {text[0]}" if text else name
+    if not text:
+        return name
+    # libpq's and the server's messages name the host (and the user), never a password: the host goes
+    return f"{name}: " + _HOST.sub(r"\1", _SERVER.sub("", text[0]))
