@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel.errors import StorageUnavailable
+from gomodel.logs import log_failure
 from gomodel.store.interfaces import IBlobStore, IBlobWriter
 
 CHUNK_SIZE = 1024 * 1024  # the largest row; a bigger write is split
@@ -165,7 +166,8 @@ class _ChunkWriter:
             return succeed(None)
         self._over = True  # an abort runs even after a failed write
         d = self._queued(self._abort)
-        d.addErrback(lambda f: self._store.log.failure("discarding a blob write failed", f))
+        # The store down (its writes failed for that too): a warning; the sweep of leftovers takes the rest later
+        d.addErrback(lambda f: log_failure(self._store.log, f, "discarding a blob write failed"))
         return d
 
     def _queued(self, f, *args):
