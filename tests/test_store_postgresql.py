@@ -240,3 +240,19 @@ async def test_an_upload_cut_by_the_database_going_down_is_discarded_without_an_
     finally:
         postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS true")
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_connection_notices_a_server_gone_silent(reactor, pg_database):
+    # A server whose host lost its network sends no reset: without TCP keepalives and a user timeout, a
+    # statement on a pooled connection waited for ever (for a read), holding a store thread and its client.
+    stores = [opened(reactor, pg_database), opened(reactor, pg_database + "?keepalives_idle=7")]
+    try:
+        for store, idle in zip(stores, ("5", "7")):
+            await store.started()
+            parameters = await store._db.run(lambda conn: conn.info.get_parameters())
+            assert (parameters["keepalives"], parameters["keepalives_idle"], parameters["keepalives_interval"],
+                    parameters["keepalives_count"], parameters["tcp_user_timeout"]) == ("1", idle, "2", "3", "15000")
+    finally:
+        for store in stores:
+            await store.stopService()

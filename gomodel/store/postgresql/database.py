@@ -31,6 +31,12 @@ POOL_TIMEOUT = 5.0  # how long a job waits for a connection before it is a 503
 DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
 PROBE_INTERVAL = 2.0
+# A server that vanished without a word (its host lost its network, powered off, a firewall dropping the
+# connection) sends no reset: without these a statement on such a connection waits for the kernel's own
+# limits (about 15 minutes for a write, for ever for a read), holding a store thread and its request. Probes
+# after 5 s idle, every 2 s, 3 unanswered: dead; data sent and unacknowledged for 15 s: dead.
+CONN_OPTIONS = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
+                "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 15000}
 OPEN_BACKOFF = (0.5, 10.0)  # the first and the longest wait between attempts to open
 # Where libpq and psycopg name the server: 'connection to server at "h" (ip), port 5432 failed: ', 'on socket
 # "/path" failed: ', "failed to resolve host 'h'"; a reason leaves them out (it reaches clients and /health/ready).
@@ -51,6 +57,7 @@ class Database:
         @param max_conns: the most connections (and threads) used at once.
         """
         self._url = url
+        self._options = _options(url)
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self.max_conns = max_conns
@@ -73,7 +80,7 @@ class Database:
         self._threads.start()
         self._pool = ConnectionPool(
             self._url, min_size=min(2, self.max_conns), max_size=self.max_conns, open=False,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}, check=ConnectionPool.check_connection,
+            kwargs={"autocommit": True, **self._options}, check=ConnectionPool.check_connection,
             timeout=POOL_TIMEOUT, name="gomodel", reconnect_timeout=float("inf"))
         self._probe = LoopingCall(self._check)
         self._probe.clock = self._reactor
@@ -139,7 +146,7 @@ class Database:
         if pool is None:
             raise StorageUnavailable.because("the gateway is stopping")
         # Its own connection: a refused one fails now, not after the pool's timeout.
-        with psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+        with psycopg.connect(self._url, autocommit=True, **self._options) as conn:
             migrate(conn)
         pool.open(wait=False)
 
@@ -225,6 +232,17 @@ class Database:
             self.problem = None
             self._reactor.callFromThread(self.log.info, "PostgreSQL store available again")
         return result
+
+
+def _options(url) -> dict:
+    """L{CONN_OPTIONS} less those the URL sets itself (its own win)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        own = conninfo_to_dict(url)
+    except Exception:  # a malformed URL: connecting says why
+        own = {}
+    return {name: value for name, value in CONN_OPTIONS.items() if name not in own}
 
 
 def _ping(conn):
