@@ -1,5 +1,11 @@
 """The gateway's one Redis client (C{REDIS_URL}), shared by the limit counters and the session pins."""
 
+import re
+
+# redis-py names the server in its errors ("Error 111 connecting to 10.0.0.5:6379.", "Timeout reading from
+# redis.internal:6379", "connecting to unix socket: /run/redis.sock."); a reason the gateway logs does not.
+_SERVER = re.compile(r"\b(to|from)(?: unix socket:)? \S+?(?=\.?(?:\s|$))")
+
 
 def connect(url, timeout=1.0):
     """A C{redis.Redis} for C{url} (C{redis://[:password@]host:port/db}, C{rediss://}, C{unix://}).
@@ -12,3 +18,11 @@ def connect(url, timeout=1.0):
 
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                 health_check_interval=30)
+
+
+def reason(error) -> str:
+    """C{error} (a redis-py error) in one line, naming neither the server's host nor its port."""
+    text = str(error).strip().splitlines()
+    if not text:
+        return type(error).__name__
+    return type(error).__name__ + ": " + _SERVER.sub(r"\1 the server", text[0])

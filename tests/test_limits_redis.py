@@ -298,3 +298,7 @@ async def test_an_unreachable_redis_fails_open_and_says_so(reactor):
         counters._redis.close()
     warnings = [e for e in seen if "limits are not enforced" in e.get("log_format", "")]
     assert len(warnings) == 1  # once, not per request
+    from twisted.logger import formatEvent
+
+    said = formatEvent(warnings[0])  # why, without where: redis-py's "connecting to 127.0.0.1:PORT" is left out
+    assert "Connection refused" in said and f"{HOST}:{port}" not in said and str(port) not in said, said

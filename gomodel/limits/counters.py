@@ -45,7 +45,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from gomodel.redis_client import connect
+from gomodel.redis_client import connect, reason
 from gomodel.store.threads import OwnedThreads
 
 INF = float("inf")
@@ -593,7 +593,7 @@ class RedisCounters(_Forms):
         if self._warned_at is None or now - self._warned_at >= self._warn_every:
             self._warned_at = now
             self.log.warn("Redis limits counters unreachable, limits are not enforced for {retry}s: {error}",
-                          retry=self._retry_after, error=f"{type(failure.value).__name__}: {failure.value}")
+                          retry=self._retry_after, error=reason(failure.value))
         return open_answer
 
     def admit(self, specs, slots):

@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import jsonutil
+from gomodel.redis_client import reason
 from gomodel.store.threads import OwnedThreads
 
 CHANNEL = "gomodel:pins"
@@ -283,7 +284,7 @@ class SharedPins:
 
     def _lost(self, error):
         self._subscribed_at = None  # pins published from now on are missed: look sessions up again
-        self._down(f"{type(error).__name__}: {error}")
+        self._down(reason(error))
 
     def _received(self, data):
         """Apply a message's pins (a JSON list of C{[provider, key, replica URL]}); anything else is ignored."""
@@ -309,7 +310,7 @@ class SharedPins:
 
         failure.trap(redis.RedisError)
         self.failures += 1
-        self._down(f"{type(failure.value).__name__}: {failure.value}")
+        self._down(reason(failure.value))
 
     def _down(self, error):
         now = self._reactor.seconds()
