@@ -256,3 +256,24 @@ async def test_every_connection_notices_a_server_gone_silent(reactor, pg_databas
     finally:
         for store in stores:
             await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_pools_own_warnings_of_a_server_gone_are_not_logged(reactor, pg_database, caplog):
+    # psycopg_pool warned "error connecting in 'gomodel': connection to server at "127.0.0.1", port 5432
+    # failed" on every reconnection attempt (twistd logged each as an error), naming the database's address.
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    store = opened(reactor, pg_database, max_conns=2)
+    try:
+        await store.started()
+        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS false")
+        postgres.kill_connections(pg_database)
+        with pytest.raises(StorageUnavailable):
+            await store.files.get("file-x")
+        await deferLater(reactor, 2.5, lambda: None)  # the pool's reconnection attempts
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []
+    finally:
+        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS true")
+        await store.stopService()

@@ -16,6 +16,7 @@ reached the opening is retried with a backoff, so a gateway started before
 its database comes up by itself.
 """
 
+import logging
 import re
 
 from twisted.internet.defer import Deferred, fail
@@ -77,6 +78,10 @@ class Database:
         """Start the threads, open the pool and migrate (retried until the server answers)."""
         from psycopg_pool import ConnectionPool
 
+        # The pool warns through the standard logging of every failed reconnection (each second or so while
+        # the server is down), naming its host and port, which twistd writes to its log as errors; this
+        # store says once, without them, that the database is unavailable and when it is back.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self._threads.start()
         self._pool = ConnectionPool(
             self._url, min_size=min(2, self.max_conns), max_size=self.max_conns, open=False,
