@@ -20,6 +20,19 @@ def connect(url, timeout=1.0):
                                 health_check_interval=30)
 
 
+def check(url):
+    """Refuse a URL redis-py cannot read (a port not a number or out of range, an option not its type), as a
+    setting's C{ValueError} naming no part of it; else that error came at start as a traceback.
+    """
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL with a port of 1-65535 and options "
+                         "redis-py reads (db, socket_timeout, ...)") from None
+
+
 def reason(error) -> str:
     """C{error} (a redis-py error) in one line, naming neither the server's host nor its port."""
     text = str(error).strip().splitlines()

@@ -556,3 +556,10 @@ def test_only_secrets_are_hidden_in_errors():
     with pytest.raises(ConfigError) as raised:
         load_config({"REDIS_URL": "http://user:s3cret@h"})
     assert "REDIS_URL" in str(raised.value) and "s3cret" not in str(raised.value)
+    # a URL redis-py cannot read was a ValueError traceback from the start of the gateway, not the setting's error
+    for url in ("redis://:s3cret@h:notaport/0", "redis://:s3cret@h:99999/0", "rediss://:s3cret@h/0?socket_timeout=x",
+                "unix:///run/redis.sock?db=s3cret"):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"REDIS_URL": url})
+        assert "REDIS_URL" in str(raised.value) and "port" in str(raised.value), str(raised.value)
+        assert "s3cret" not in str(raised.value) and "notaport" not in str(raised.value)

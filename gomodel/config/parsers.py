@@ -304,4 +304,7 @@ def redis_url(value) -> str:
     text = str(value).strip()
     if not text.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    from gomodel.redis_client import check
+
+    check(text)
     return text
