@@ -16,7 +16,8 @@ from zope.interface.verify import verifyObject
 from gomodel import jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
                                          chat_to_message, chat_to_message_bytes, count_tokens_answer,
-                                         count_tokens_request, messages_to_chat, openai_error_to_anthropic)
+                                         count_tokens_request, messages_to_chat, openai_error_to_anthropic,
+                                         vllm_fields)
 from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.sse import StreamIncomplete
@@ -36,12 +37,15 @@ def request(**fields):
 
 
 def test_plain_request_maps_sampling_and_metadata():
-    chat = messages_to_chat(request(system="Be brief.", stop_sequences=["END", "###"], temperature=0.2, top_p=0.9,
-                                    top_k=20, metadata={"user_id": "u-1"}, service_tier="auto"))
+    body = request(system="Be brief.", stop_sequences=["END", "###"], temperature=0.2, top_p=0.9,
+                   top_k=20, metadata={"user_id": "u-1"}, service_tier="auto")
+    chat = messages_to_chat(body)
+    # top_k is vLLM's extra: an OpenAI-compatible upstream goes without it (OpenAI refuses unknown fields).
     assert chat == {"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
                                                  {"role": "user", "content": "Hi"}],
-                    "max_tokens": 64, "stop": ["END", "###"], "temperature": 0.2, "top_p": 0.9, "top_k": 20,
-                    "user": "u-1"}
+                    "max_tokens": 64, "stop": ["END", "###"], "temperature": 0.2, "top_p": 0.9, "user": "u-1"}
+    assert messages_to_chat(body, vllm=True) == dict(chat, top_k=20)
+    assert vllm_fields(body, chat["messages"]) == {"top_k": 20}
 
 
 def test_stream_asks_for_usage():

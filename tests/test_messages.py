@@ -16,6 +16,7 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.web.http_headers import Headers
 
+from gomodel.api.messages import _rebody_chat
 from gomodel.routing.affinity import affinity_key
 from tests.fakes.vllm import CHAT_MODEL
 from tests.rawclient import connect
@@ -226,6 +227,38 @@ async def test_translated_tool_use_and_thinking(openai_gw, fake):
         assert chat[2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "Sunny"}
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_top_k_reaches_only_a_vllm_upstream_when_translating(reactor, openai_gw, fake):
+    client = sdk(openai_gw)
+    try:
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, extra_body={"top_k": 5}, messages=HELLO)
+        assert "top_k" not in fake.requests[-1].body  # OpenAI refuses parameters it does not know
+    finally:
+        client.close()
+    vllm = await start_fake(reactor, messages=False)  # a vLLM translated to chat completions
+    gw = await start(reactor, {"VLLM_BASE_URL": vllm.base_url})
+    client = sdk(gw)
+    try:
+        await in_thread(client.messages.create, model=MODEL, max_tokens=8, extra_body={"top_k": 5}, messages=HELLO)
+        assert vllm.requests[-1].path == b"/v1/chat/completions" and vllm.requests[-1].body["top_k"] == 5
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await vllm.stop()
+
+
+def test_a_fallbacks_translated_body_has_vllms_fields_only_for_a_vllm():
+    class Provider:
+        def __init__(self, type_):
+            self.type = type_
+
+    rebody = _rebody_chat({"model": "m", "messages": [], "top_k": 5}, {"top_k": 5})
+    assert json.loads(rebody("n", Provider("openai"))) == {"model": "n", "messages": []}
+    assert json.loads(rebody("n", Provider("vllm"))) == {"model": "n", "messages": [], "top_k": 5}
+    rebody = _rebody_chat({"model": "m", "messages": []}, {"top_k": 5})
+    assert json.loads(rebody("n", Provider("vllm")))["top_k"] == 5
 
 
 @pytest_twisted.ensureDeferred

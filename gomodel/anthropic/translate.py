@@ -52,8 +52,11 @@ def message_id(chat_id) -> str:
 # -- request --------------------------------------------------------------------
 
 
-def messages_to_chat(body: dict) -> dict:
+def messages_to_chat(body: dict, vllm: bool = False) -> dict:
     """The chat-completions request for a Messages request C{body} (its C{model} kept as given).
+
+    @param vllm: the upstream is vLLM: L{vllm_fields} are added (an OpenAI-compatible
+        server refuses or misreads them, so they are left out for any other).
 
     @raise InvalidRequest: C{body} is not a valid Messages request (no
         C{messages} list, no C{max_tokens}, an unknown block type...), or
@@ -75,7 +78,7 @@ def messages_to_chat(body: dict) -> dict:
             raise InvalidRequest("stop_sequences: Input should be a list of strings", param="stop_sequences")
         if stop:
             chat["stop"] = stop
-    for name in ("temperature", "top_p", "top_k"):  # top_k: vLLM's sampling extra
+    for name in ("temperature", "top_p"):
         if body.get(name) is not None:
             chat[name] = body[name]
     metadata = body.get("metadata")
@@ -95,7 +98,23 @@ def messages_to_chat(body: dict) -> dict:
     if body.get("stream") is True:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
+    if vllm:
+        chat.update(vllm_fields(body, chat["messages"]))
     return chat
+
+
+def vllm_fields(body: dict, messages: list) -> dict:
+    """The chat fields of a Messages request C{body} that only a vLLM upstream is sent.
+
+    C{top_k} is a vLLM sampling extra: OpenAI refuses unknown parameters, so
+    any other upstream goes without it (the request is not refused).
+
+    @param messages: the chat messages C{body} became (L{messages_to_chat}).
+    """
+    fields = {}
+    if body.get("top_k") is not None:
+        fields["top_k"] = body["top_k"]
+    return fields
 
 
 def count_tokens_request(body: dict) -> dict:

@@ -153,7 +153,7 @@ def unsaturated(gate, route, fallbacks):
 
 def _rebody(body):
     """The body for another target: the same but its C{model}."""
-    return lambda model: jsonutil.dumps(dict(body, model=model))
+    return lambda model, provider=None: jsonutil.dumps(dict(body, model=model))
 
 
 def plan_model(registry, body, affinity_of=None, principal=None):

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
                                          chat_to_message_bytes, count_tokens_answer, count_tokens_request, messages_to_chat,
-                                         openai_error_to_anthropic)
+                                         openai_error_to_anthropic, vllm_fields)
 from gomodel.api.inference import InferenceRoutes, plan_model, unsaturated
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -53,6 +53,8 @@ MODELS = b"/v1/models"  # the model list, and each model below it: Anthropic's s
 _BELOW_MESSAGES, _BELOW_MODELS = MESSAGES + b"/", MODELS + b"/"
 # Provider types whose servers answer /v1/messages themselves.
 NATIVE_TYPES = frozenset(("vllm",))
+# Provider types whose chat completions take vLLM's extras (translate.vllm_fields: top_k, prefill).
+VLLM_CHAT_TYPES = frozenset(("vllm",))
 # How long a provider's model that answered "no Messages API here" is translated without asking again.
 NO_NATIVE_TTL = 600.0
 # Client headers passed on to a native Messages upstream (never a credential).
@@ -213,8 +215,14 @@ class MessagesRoutes:
         raise upstream_error(response.code, answer, upstream.name, upstream.hidden)
 
     async def _translated(self, request, ctx, upstream, body, fallbacks, affinity):
-        """Send C{body} as a chat completion; the answer (or stream) comes back in Messages' shape."""
+        """Send C{body} as a chat completion; the answer (or stream) comes back in Messages' shape.
+
+        vLLM's extras (L{vllm_fields}) go to a vLLM upstream only, a fallback's body included.
+        """
         chat = messages_to_chat(body)
+        extras = vllm_fields(body, chat["messages"])
+        if upstream.type in VLLM_CHAT_TYPES:
+            chat.update(extras)
         stream = body.get("stream") is True
         if stream:
             chat["stream"] = True
@@ -230,7 +238,7 @@ class MessagesRoutes:
         call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
                             observer=ChatToMessagesStream(ctx.upstream_model),
                             transform=lambda answer: whole(answer, ctx.upstream_model), affinity=affinity,
-                            fallbacks=fallbacks, rebody=_rebody(chat) if fallbacks else None)
+                            fallbacks=fallbacks, rebody=_rebody_chat(chat, extras) if fallbacks else None)
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -312,7 +320,20 @@ def _forwarded(request) -> dict:
 
 def _rebody(body):
     """The body for another target: the same but its C{model}."""
-    return lambda model: jsonutil.dumps(dict(body, model=model))
+    return lambda model, provider=None: jsonutil.dumps(dict(body, model=model))
+
+
+def _rebody_chat(chat, extras):
+    """A translated C{chat}'s body for another target: its C{model}, and vLLM's C{extras} only for a vLLM."""
+    def rebody(model, provider=None):
+        body = dict(chat, model=model)
+        if provider is not None and provider.type in VLLM_CHAT_TYPES:
+            body.update(extras)
+        else:
+            for name in extras:
+                body.pop(name, None)
+        return jsonutil.dumps(body)
+    return rebody
 
 
 # -- GET /v1/models for Anthropic's clients ----------------------------------------------

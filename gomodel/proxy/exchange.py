@@ -74,7 +74,8 @@ class UpstreamCall:
     @ivar pin: the index of the only replica to use (C{X-Gomodel-Replica}), or None.
     @ivar fallbacks: L{gomodel.routing.registry.Route}s tried, in order, when
         every replica of the first failed before the first byte.
-    @ivar rebody: upstream model -> the body for that model (with C{fallbacks}).
+    @ivar rebody: C{(upstream model, provider)} -> the body for that model at that
+        provider (with C{fallbacks}).
     """
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
@@ -258,7 +259,7 @@ class Exchange:
         attempts = 0
         for number, (pool, model) in enumerate(targets):
             more = number + 1 < len(targets)
-            body = call.body if number == 0 else call.rebody(model)
+            body = call.body if number == 0 else call.rebody(model, pool)
             tried = list(exclude) if number == 0 else []
             # a long answer is kept off clearly slower replicas (one replica: nothing to choose)
             size = partial(requested_tokens, body) if len(pool.replicas) > 1 else None
