@@ -264,6 +264,39 @@ def test_assistant_history_with_only_thinking_keeps_an_empty_content():
     assert chat["messages"][1] == {"role": "assistant", "content": "", "reasoning_content": "hm"}
 
 
+PREFILL = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+
+
+def test_a_final_assistant_message_is_continued_on_vllm_only():
+    chat = messages_to_chat(request(messages=PREFILL), vllm=True)
+    assert chat["messages"][-1] == {"role": "assistant", "content": "The colour is"}
+    assert chat["continue_final_message"] is True and chat["add_generation_prompt"] is False
+    # Any other upstream: chat completions have no such field, the prefill goes as a finished turn.
+    plain = messages_to_chat(request(messages=PREFILL))
+    assert "continue_final_message" not in plain and "add_generation_prompt" not in plain
+    assert plain["messages"] == chat["messages"]
+    # Blocks too; and a conversation that ends with the user is not continued.
+    blocks = [PREFILL[0], {"role": "assistant", "content": [{"type": "text", "text": "The colour is"}]}]
+    assert messages_to_chat(request(messages=blocks), vllm=True)["continue_final_message"] is True
+    assert "continue_final_message" not in messages_to_chat(request(), vllm=True)
+    counted = count_tokens_request(request(messages=PREFILL))
+    assert counted["continue_final_message"] is True and counted["add_generation_prompt"] is False
+
+
+@pytest.mark.parametrize("content", ["The colour is ", "The colour is\n",
+                                     [{"type": "text", "text": "a"}, {"type": "text", "text": "b\t"}]])
+def test_a_final_assistant_message_ending_in_whitespace_is_refused_as_anthropic_does(content):
+    body = request(messages=[PREFILL[0], {"role": "assistant", "content": content}])
+    for translate_it in (messages_to_chat, count_tokens_request):
+        with pytest.raises(InvalidRequest) as caught:
+            translate_it(body)
+        assert caught.value.status == 400
+        assert str(caught.value.message) == "messages: final assistant content cannot end with trailing whitespace"
+    # Only the final one: earlier assistant turns may end as they like.
+    messages_to_chat(request(messages=[PREFILL[0], {"role": "assistant", "content": content},
+                                       {"role": "user", "content": "Go on."}]))
+
+
 # -- count_tokens ---------------------------------------------------------------
 
 

@@ -261,6 +261,48 @@ def test_a_fallbacks_translated_body_has_vllms_fields_only_for_a_vllm():
     assert json.loads(rebody("n", Provider("vllm")))["top_k"] == 5
 
 
+PREFILL = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Bonjour,"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prefill_is_continued_by_a_translated_vllm_and_kept_as_a_turn_elsewhere(reactor, openai_gw, fake):
+    vllm = await start_fake(reactor, messages=False)  # a vLLM translated to chat completions
+    gw = await start(reactor, {"VLLM_BASE_URL": vllm.base_url})
+    client = sdk(gw)
+    try:
+        message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=PREFILL)
+        sent = vllm.requests[-1].body
+        assert sent["messages"][-1] == {"role": "assistant", "content": "Bonjour,"}
+        assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+        # The answer is the continuation alone, as Anthropic's is (vLLM does not echo the prefill).
+        assert [block.text for block in message.content] == ["héhéhé"]
+        seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=PREFILL))
+        assert vllm.requests[-1].body["continue_final_message"] is True
+        assert final.content[0].text == "héhéhé"
+        # Anthropic's rule for a prefill, in Anthropic's envelope, before anything goes upstream.
+        before = len(vllm.requests)
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8,
+                            messages=[PREFILL[0], {"role": "assistant", "content": "Bonjour, "}])
+        assert caught.value.status_code == 400 and caught.value.body["error"] == {
+            "type": "invalid_request_error",
+            "message": "messages: final assistant content cannot end with trailing whitespace"}
+        assert len(vllm.requests) == before
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await vllm.stop()
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=PREFILL)
+        sent = fake.requests[-1].body
+        assert sent["messages"][-1] == {"role": "assistant", "content": "Bonjour,"}
+        assert "continue_final_message" not in sent and "add_generation_prompt" not in sent
+        assert message.content[0].text == "héhéhé"
+    finally:
+        client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_translated_errors_are_anthropic_shaped(http, openai_gw, fake):
     openai_404 = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "param": "model",

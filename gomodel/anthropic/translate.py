@@ -107,14 +107,30 @@ def vllm_fields(body: dict, messages: list) -> dict:
     """The chat fields of a Messages request C{body} that only a vLLM upstream is sent.
 
     C{top_k} is a vLLM sampling extra: OpenAI refuses unknown parameters, so
-    any other upstream goes without it (the request is not refused).
+    any other upstream goes without it (the request is not refused). A final
+    assistant message (a prefill) is continued, not closed as a finished
+    turn: C{continue_final_message} (and no generation prompt, which vLLM
+    refuses with it); the answer is then the continuation alone, as
+    Anthropic's is. Chat completions have no such field elsewhere: another
+    upstream gets the prefill as a finished assistant turn.
 
     @param messages: the chat messages C{body} became (L{messages_to_chat}).
     """
     fields = {}
     if body.get("top_k") is not None:
         fields["top_k"] = body["top_k"]
+    if _prefilled(messages):
+        fields.update(_CONTINUE)
     return fields
+
+
+# vLLM's chat-template extras that continue the final (assistant) message instead of opening a new turn.
+_CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
+
+
+def _prefilled(messages) -> bool:
+    """Whether the chat C{messages} end with the assistant's (Anthropic's "prefill": the answer continues it)."""
+    return bool(messages) and messages[-1]["role"] == "assistant"
 
 
 def count_tokens_request(body: dict) -> dict:
@@ -130,7 +146,10 @@ def count_tokens_request(body: dict) -> dict:
     kwargs = _template_kwargs(body)
     if kwargs:
         tokenize["chat_template_kwargs"] = kwargs
-    tokenize["add_generation_prompt"] = True
+    if _prefilled(tokenize["messages"]):  # counted as the generation will see it (see vllm_fields)
+        tokenize.update(_CONTINUE)
+    else:
+        tokenize["add_generation_prompt"] = True
     return tokenize
 
 
@@ -181,9 +200,25 @@ def _chat_messages(body) -> list:
             chat.append(_assistant_message(content, where))
         else:
             raise InvalidRequest(f"{where}.role: Input should be 'user' or 'assistant'", param=f"{where}.role")
+    _check_prefill(messages[-1])
     if system:
         chat.insert(0, {"role": "system", "content": _SYSTEM_JOINER.join(system)})
     return chat
+
+
+def _check_prefill(message):
+    """Anthropic's rule for a final assistant message (a prefill): its text does not end with whitespace.
+
+    @raise InvalidRequest: it does (Anthropic's own 400, word for word).
+    """
+    if message.get("role") != "assistant":
+        return
+    content = message.get("content")
+    if isinstance(content, list) and content and isinstance(content[-1], dict) and content[-1].get("type") == "text":
+        content = content[-1].get("text")
+    if isinstance(content, str) and content and content[-1].isspace():
+        raise InvalidRequest("messages: final assistant content cannot end with trailing whitespace",
+                             param="messages")
 
 
 def _system_texts(system, where) -> list:

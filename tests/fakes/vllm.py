@@ -475,6 +475,10 @@ class FakeVLLM(Resource):
             return self._json(request, 404, {"error": {
                 "message": f"The model `{model}` does not exist.", "type": "NotFoundError",
                 "param": "model", "code": 404}})
+        if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+            return self._json(request, 400, {"error": {  # vLLM's own check
+                "message": "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                "type": "BadRequestError", "param": None, "code": 400}})
         if body.get("fake_hang"):
             return server.NOT_DONE_YET
         if body.get("stream"):
