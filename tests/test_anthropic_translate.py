@@ -87,6 +87,46 @@ def test_user_blocks_text_and_images():
     assert one["messages"] == [{"role": "user", "content": "solo"}]
 
 
+PNG = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+
+
+def test_documents_of_custom_content_become_text_and_image_parts():
+    document = {"type": "document", "title": "Notes", "source": {"type": "content", "content": [
+        {"type": "text", "text": "Page one."}, {"type": "image", "source": PNG},
+        {"type": "text", "text": "Page two."}]}}
+    chat = messages_to_chat(request(messages=[{"role": "user", "content": [document, {"type": "text", "text": "?"}]}]))
+    assert chat["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "Page one."},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "text", "text": "Page two."}, {"type": "text", "text": "?"}]}]
+    text_only = {"type": "document", "source": {"type": "content", "content": "Just text."}}
+    chat = messages_to_chat(request(messages=[{"role": "user", "content": [text_only]}]))
+    assert chat["messages"] == [{"role": "user", "content": "Just text."}]
+    # In a tool result: its text joins the tool message, its images go in the user message after it.
+    chat = messages_to_chat(request(messages=[
+        {"role": "user", "content": "Read it."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [document]}]}]))
+    assert chat["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "t1", "content": "Page one.\nPage two."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
+
+
+@pytest.mark.parametrize("content, param", [
+    ([{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}}],
+     "messages.0.content.0.source.content.0"),
+    ([{"type": "text", "text": "a"}, {"type": "image", "source": {"type": "file", "file_id": "f1"}}],
+     "messages.0.content.0.source.content.1"),
+    ([{"type": "text", "text": 5}], "messages.0.content.0.source.content.0.text"),
+    ({"type": "text", "text": "a"}, "messages.0.content.0.source.content"),
+])
+def test_custom_content_documents_that_cannot_be_sent_are_refused(content, param):
+    block = {"type": "document", "source": {"type": "content", "content": content}}
+    with pytest.raises(InvalidRequest) as caught:
+        messages_to_chat(request(messages=[{"role": "user", "content": [block]}]))
+    assert caught.value.status == 400 and caught.value.param == param
+
+
 @pytest.mark.parametrize("block", [
     {"type": "image", "source": {"type": "file", "file_id": "f1"}},
     {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},

@@ -340,6 +340,34 @@ async def test_blocks_of_the_wrong_types_are_400s_not_500s_when_translating(http
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_custom_content_document_is_translated_and_a_pdf_refused_in_anthropics_shape(openai_gw, fake):
+    png = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    document = {"type": "document", "title": "Scan", "source": {"type": "content", "content": [
+        {"type": "text", "text": "Figure 1:"}, {"type": "image", "source": png}]}}
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=[
+            {"role": "user", "content": [document, {"type": "text", "text": "Describe it."}]}])
+        assert message.content[0].text == "héhéhé"
+        assert fake.requests[-1].body["messages"] == [{"role": "user", "content": [
+            {"type": "text", "text": "Figure 1:"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "text", "text": "Describe it."}]}]
+        before = len(fake.requests)
+        pdf = {"type": "document", "source": {"type": "content", "content": [
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}}]}}
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
+                            messages=[{"role": "user", "content": [pdf]}])
+        assert caught.value.body["type"] == "error"
+        assert caught.value.body["error"]["type"] == "invalid_request_error"
+        assert caught.value.body["error"]["message"].startswith("messages.0.content.0.source.content.0")
+        assert len(fake.requests) == before
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_whole_chat_answer_to_a_translated_stream_becomes_its_event_stream(http, openai_gw, fake):
     chat = {"id": "chatcmpl-w1", "object": "chat.completion", "model": CHAT_MODEL, "choices": [
         {"index": 0, "finish_reason": "tool_calls", "message": {

@@ -276,13 +276,36 @@ def _image_url(block, where) -> dict:
                          "(use 'base64' or 'url')", param=where)
 
 
-def _document_text(block, where) -> dict:
+def _document_parts(block, where) -> list:
+    """The chat parts of a document: its text (a C{text} source), or the text and image parts of its
+    blocks (a C{content} source, Anthropic's custom content: a string, or text and image blocks).
+
+    @raise InvalidRequest: another source (a PDF, a file), or a block of another type in its content.
+    """
     source = block.get("source")
-    if isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str):
-        return {"type": "text", "text": source["data"]}
     kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "text" and isinstance(source.get("data"), str):
+        return [{"type": "text", "text": source["data"]}]
+    if kind == "content":
+        content = source.get("content")
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        at = f"{where}.source.content"
+        if not isinstance(content, list):
+            raise InvalidRequest(f"{at}: Input should be a string or a list of text and image blocks", param=at)
+        parts = []
+        for i, item in enumerate(content):
+            item_kind = item.get("type") if isinstance(item, dict) else None
+            if item_kind == "text":
+                parts.append({"type": "text", "text": _text(item, f"{at}.{i}")})
+            elif item_kind == "image":
+                parts.append(_image_url(item, f"{at}.{i}"))
+            else:
+                raise InvalidRequest(f"{at}.{i}: a document's content holds text and image blocks, "
+                                     f"not {item_kind!r}", param=f"{at}.{i}")
+        return parts
     raise InvalidRequest(f"{where}: document source type {kind!r} is not supported by this provider "
-                         "(only plain-text documents are)", param=where)
+                         "(only plain-text and content documents are)", param=where)
 
 
 def _parts_content(parts):
@@ -304,7 +327,7 @@ def _user_messages(content, where) -> list:
         elif kind == "image":
             parts.append(_image_url(block, at))
         elif kind == "document":
-            parts.append(_document_text(block, at))
+            parts.extend(_document_parts(block, at))
         elif kind == "tool_result":
             message, images = _tool_result(block, at)
             tools.append(message)
@@ -337,7 +360,11 @@ def _tool_result(block, where):
             elif kind == "image":
                 images.append(_image_url(item, at))
             elif kind == "document":
-                texts.append(_document_text(item, at)["text"])
+                for part in _document_parts(item, at):  # a tool message holds text: images go with the others
+                    if part["type"] == "text":
+                        texts.append(part["text"])
+                    else:
+                        images.append(part)
             else:
                 raise InvalidRequest(f"{at}: content block type {kind!r} is not supported in a tool result",
                                      param=at)
