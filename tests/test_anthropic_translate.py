@@ -606,8 +606,9 @@ def test_full_stream_event_sequence():
         ("content_block_delta", 1, "text_delta"), ("content_block_stop", 1, None),
         ("content_block_start", 2, "tool_use"), ("content_block_delta", 2, "input_json_delta"),
         ("content_block_delta", 2, "input_json_delta"), ("content_block_stop", 2, None),
+        # The second call's fragments are held while the first call's block is open (it might get more): whole.
         ("content_block_start", 3, "tool_use"), ("content_block_delta", 3, "input_json_delta"),
-        ("content_block_delta", 3, "input_json_delta"), ("content_block_stop", 3, None),
+        ("content_block_stop", 3, None),
         ("message_delta", None, None), ("message_stop", None, None)]
     payloads = [p for _, p in events]
     for payload in payloads:
@@ -620,7 +621,7 @@ def test_full_stream_event_sequence():
     assert payloads[6]["content_block"] == {"type": "text", "text": ""}
     assert payloads[10]["content_block"] == {"type": "tool_use", "id": "chatcmpl-tool-a1", "name": "weather",
                                              "input": {}}
-    assert "".join(p["delta"]["partial_json"] for p in payloads[15:17]) == '{"city": "Tromsø", "note": "é"}'
+    assert payloads[15]["delta"]["partial_json"] == '{"city": "Tromsø", "note": "é"}'
     assert payloads[-2] == {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
                             "usage": {"input_tokens": 8, "output_tokens": 18, "cache_read_input_tokens": 32}}
     assert payloads[-1] == {"type": "message_stop"}
@@ -729,6 +730,56 @@ def test_text_during_a_tool_call_comes_after_it():
         ("content_block_start", 2, "tool_use"), ("content_block_delta", 2, "input_json_delta"),
         ("content_block_stop", 2, None), ("message_delta", None, None), ("message_stop", None, None)]
     assert events[6][1]["delta"]["text"] == "aside more"
+
+
+def assert_one_block_at_a_time(events):
+    """Anthropic's block order: a start only when no block is open, deltas and the stop to the open one."""
+    open_block, seen = None, 0
+    for kind, payload in events:
+        if kind == "content_block_start":
+            assert open_block is None and payload["index"] == seen, (kind, payload)
+            open_block, seen = payload["index"], seen + 1
+        elif kind in ("content_block_delta", "content_block_stop"):
+            assert payload["index"] == open_block, (kind, payload)  # never after its block's stop
+            if kind == "content_block_stop":
+                open_block = None
+    assert open_block is None
+
+
+def test_interleaved_tool_call_fragments_never_follow_their_blocks_stop():
+    # An upstream that interleaves two calls' argument fragments, with reasoning and text among them.
+    stream = b"".join([
+        chunk({"role": "assistant", "content": ""}), chunk({"content": "Looking."}),
+        chunk(tool_delta(0, "c1", "weather", "")), chunk(tool_delta(1, "c2", "time", "")),
+        chunk(tool_delta(0, arguments='{"city": ')), chunk(tool_delta(1, arguments='{"zone": ')),
+        chunk({"reasoning": "hm"}), chunk({"content": "aside"}),
+        chunk(tool_delta(0, arguments='"Paris"}')), chunk(tool_delta(1, arguments='"CET"}')),
+        chunk({}, finish="tool_calls"), chunk(choices=False, usage=USAGE), DONE])
+    for step in (None, 5):
+        translator, out = translate(stream, step=step)
+        translator.finish()
+        events = events_of(out)
+        for _, payload in events:
+            EVENT.validate_python(payload)
+        assert_one_block_at_a_time(events)
+        blocks = {}
+        for kind, payload in events:
+            if kind == "content_block_start":
+                blocks[payload["index"]] = [payload["content_block"], ""]
+            elif kind == "content_block_delta":
+                delta = payload["delta"]
+                blocks[payload["index"]][1] += delta.get("partial_json") or delta.get("text") or \
+                    delta.get("thinking") or ""
+        assert [(block["type"], block.get("name"), text) for block, text in blocks.values()] == [
+            ("text", None, "Looking."),
+            ("tool_use", "weather", '{"city": "Paris"}'),  # streamed live, open to the end
+            ("thinking", None, "hm"), ("text", None, "aside"),  # held while it was open
+            ("tool_use", "time", '{"zone": "CET"}')]  # held, then whole
+        assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_the_full_stream_opens_one_block_at_a_time():
+    assert_one_block_at_a_time(events_of(translate(b"".join(FULL))[1]))
 
 
 def test_a_tool_call_whose_name_comes_late():

@@ -394,6 +394,39 @@ async def test_a_whole_chat_answer_to_a_translated_stream_becomes_its_event_stre
 
 
 @pytest_twisted.ensureDeferred
+async def test_interleaved_tool_call_fragments_stream_in_anthropics_block_order(http, openai_gw, fake):
+    def fragment(index, arguments, call_id=None, name=None):
+        call = {"index": index, "function": {"arguments": arguments}}
+        if call_id:
+            call.update(id=call_id, type="function")
+            call["function"]["name"] = name
+        return {"tool_calls": [call]}
+
+    fake.steer = {"fake_finish": "tool_calls", "fake_deltas": [
+        fragment(0, "", "call_1", "get_weather"), fragment(1, "", "call_2", "get_weather"),
+        fragment(0, '{"city": '), fragment(1, '{"city": '), fragment(0, '"Paris"}'), fragment(1, '"Oslo"}')]}
+    body = {"model": OPENAI_MODEL, "max_tokens": 64, "tools": [WEATHER_TOOL], "messages": HELLO, "stream": True}
+    response, raw = await post(http, openai_gw.url + "/v1/messages", body)
+    open_block = None
+    for kind, payload in events_of(raw):  # one block at a time, never a delta after its block's stop
+        if kind == "content_block_start":
+            assert open_block is None
+            open_block = payload["index"]
+        elif kind in ("content_block_delta", "content_block_stop"):
+            assert payload["index"] == open_block, (kind, payload)
+            open_block = None if kind == "content_block_stop" else open_block
+    client = sdk(openai_gw)
+    try:
+        seen, final = await in_thread(collect, client.messages.stream(
+            model=OPENAI_MODEL, max_tokens=64, tools=[WEATHER_TOOL], messages=HELLO))
+    finally:
+        client.close()
+    assert [(block.id, block.input) for block in final.content] == [("call_1", {"city": "Paris"}),
+                                                                     ("call_2", {"city": "Oslo"})]
+    assert final.stop_reason == "tool_use"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_chat_stream_to_a_translated_plain_request_still_comes_in_anthropics_events(http, openai_gw, fake):
     fake.steer = {"stream": True}  # an upstream that streams unasked
     response, raw = await post(http, openai_gw.url + "/v1/messages",

@@ -742,7 +742,7 @@ class _ToolCall:
         self.id = call_id
         self.name = name
         self.block = None  # its block index once started
-        self.arguments = []  # fragments (held until the block starts, when no name came yet)
+        self.arguments = []  # every fragment (those before the block starts are sent when it does)
 
 
 @implementer(IStreamObserver)
@@ -757,19 +757,24 @@ class ChatToMessagesStream:
     streams report usage at the end), then blocks in order, each
     C{content_block_start} / C{content_block_delta}... / C{content_block_stop}
     (a thinking block ends with an empty C{signature_delta}: no upstream
-    signs its reasoning), and at C{[DONE]} C{message_delta} (stop reason,
-    and the usage of the usage chunk that C{include_usage} brings before
-    C{[DONE]}) and C{message_stop}. A block ends when the kind of delta
-    changes; text that arrives while a tool call streams is held and sent as
-    a text block after it (vLLM's rule). An in-band C{{"error": ...}} chunk
-    becomes an C{error} event and ends the stream (no C{message_stop}).
+    signs its reasoning), one block open at a time, never a delta after its
+    block's stop; and at C{[DONE]} C{message_delta} (stop reason, and the
+    usage of the usage chunk that C{include_usage} brings before C{[DONE]})
+    and C{message_stop}. A block ends when the kind of delta changes. An
+    in-band C{{"error": ...}} chunk becomes an C{error} event and ends the
+    stream (no C{message_stop}).
 
-    Tool-call argument fragments are relayed as they come (C{input_json_delta});
-    a fragment for an earlier call whose block already ended (chat streams
-    send calls one after another, so only a misbehaving upstream does this)
-    still goes to that call's block index. A delta without an C{index}
-    (servers that send each call whole) starts a call when it brings an id,
-    else continues the last one.
+    The first tool call streams live: its block opens when its name comes
+    and its argument fragments are relayed as they come (C{input_json_delta}).
+    As a chat stream may yet send a fragment of any call (one after another
+    is the rule, but upstreams that interleave calls exist), that block stays
+    open to the end of the stream; the other calls' fragments are held, and
+    each of them is sent whole after it, in the order the calls began. Text
+    and reasoning that arrive while the tool_use block is open are held too,
+    and sent after it (vLLM's rule), before the held calls: reasoning as a
+    thinking block, then text as a text block. Text before any tool call is
+    never held. A delta without an C{index} (servers that send each call
+    whole) starts a call when it brings an id, else continues the last one.
 
     @ivar usage: Anthropic's usage dict once the upstream reported usage, else None.
     @ivar done: C{[DONE]} or an error chunk arrived.
@@ -786,7 +791,8 @@ class ChatToMessagesStream:
         self._open = None  # kind of the open block: "thinking", "text" or "tool_use"
         self._calls = {}  # chat tool-call index (or ("id", id) for a call without one) -> _ToolCall
         self._last_call = 0  # the key of the call the last tool-call delta went to
-        self._held = []  # text that came while a tool_use block was open
+        self._held = []  # text that came while the tool_use block was open
+        self._held_reasoning = []  # reasoning that came while the tool_use block was open
         self._finish = None
         self._matched = None
         self.usage = None
@@ -851,8 +857,11 @@ class ChatToMessagesStream:
         if (isinstance(reasoning, str) and reasoning) or (isinstance(text, str) and text) or calls:
             self.events += 1
         if isinstance(reasoning, str) and reasoning:
-            self._switch("thinking", out)
-            self._delta({"type": "thinking_delta", "thinking": reasoning}, out)
+            if self._open == "tool_use":
+                self._held_reasoning.append(reasoning)
+            else:
+                self._switch("thinking", out)
+                self._delta({"type": "thinking_delta", "thinking": reasoning}, out)
         if isinstance(text, str) and text:
             if self._open == "tool_use":
                 self._held.append(text)
@@ -883,33 +892,26 @@ class ChatToMessagesStream:
             call.name = name
         if arguments:
             call.arguments.append(arguments)
-        if call.block is None:
-            if call.name is not None:
-                self._start_tool(call, out)
-        elif arguments:
-            self._delta({"type": "input_json_delta", "partial_json": arguments}, out, call.block)
+        if call.block is not None:  # the open tool_use block: only the first call's is started before the end
+            if arguments:
+                self._delta({"type": "input_json_delta", "partial_json": arguments}, out, call.block)
+        elif call.name is not None and self._open != "tool_use":
+            self._start_tool(call, out)
+        # else held: a call while another's block is open, or one with no name yet
 
     def _start_tool(self, call, out):
         self._switch("tool_use", out)
         call.block = self._begin({"type": "tool_use", "id": call.id, "name": call.name or "", "input": {}}, out)
         self._open = "tool_use"
-        if call.arguments:  # fragments held while the call had no name yet (usually none)
+        if call.arguments:  # fragments held before the block started
             self._delta({"type": "input_json_delta", "partial_json": "".join(call.arguments)}, out, call.block)
 
     def _switch(self, kind, out):
-        """End the open block unless it is of C{kind} (a tool_use block always ends), then open one of
-        C{kind} (the caller opens a tool_use block itself); held text goes out in between."""
-        if self._open == kind and kind != "tool_use":
+        """End the open block unless it is of C{kind}, then open one of C{kind} (the caller opens
+        a tool_use block itself)."""
+        if self._open == kind:
             return
         self._stop(out)
-        if self._held:
-            self._begin({"type": "text", "text": ""}, out)
-            self._open = "text"
-            self._delta({"type": "text_delta", "text": "".join(self._held)}, out)
-            self._held = []
-            if kind == "text":
-                return
-            self._stop(out)
         if kind == "text":
             self._begin({"type": "text", "text": ""}, out)
         elif kind == "thinking":
@@ -941,10 +943,17 @@ class ChatToMessagesStream:
         self.done = True
         if not self._started:
             self._start({}, out)
+        self._switch(None, out)  # the open block (the streamed tool call's, if any) ends
+        if self._held_reasoning:
+            self._switch("thinking", out)
+            self._delta({"type": "thinking_delta", "thinking": "".join(self._held_reasoning)}, out)
+        if self._held:
+            self._switch("text", out)
+            self._delta({"type": "text_delta", "text": "".join(self._held)}, out)
         for call in self._calls.values():
-            if call.block is None:  # a call whose name never came: it is still told
+            if call.block is None:  # held calls (a name that never came too: the call is still told), whole
                 self._start_tool(call, out)
-        self._switch(None, out)
+                self._switch(None, out)
         complete = all(_is_json_object("".join(c.arguments) or "{}") for c in self._calls.values())
         reason, sequence = stop_reason(self._finish or "stop", self._matched, bool(self._calls), complete)
         usage = dict(self.usage) if self.usage else {"output_tokens": 0}

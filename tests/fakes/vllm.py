@@ -30,6 +30,8 @@ Messages but no C{count_tokens} route (FastAPI's 404 there). Chat and Messages a
   - C{fake_reasoning}: reasoning text before the content (a thinking block)
   - C{fake_tool}: C{{"name", "arguments"}}: the answer is that tool call
   - C{fake_cached}: prompt tokens read from the prefix cache (in the usage)
+  - C{fake_deltas}: a stream is these chat C{delta} objects, one chunk each (after
+    the role's), the last with C{finish_reason} C{fake_finish} (default "stop")
 
 C{steer} holds fields applied to every request the body does not set itself
 (for requests the gateway rewrites, e.g. Messages translated to chat).
@@ -520,6 +522,11 @@ class FakeVLLM(Resource):
                                                "function": {"name": tool["name"], "arguments": ""}}]}),
                        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": first}}]}),
                        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": second}}]}, "tool_calls")]
+            n = 0
+        deltas = body.get("fake_deltas")
+        if deltas:
+            events += [_chunk(d, body.get("fake_finish", "stop") if i == len(deltas) - 1 else None)
+                       for i, d in enumerate(deltas)]
             n = 0
         for i in range(n):
             events.append(_chunk({"content": text}, "length" if i == n - 1 else None))
