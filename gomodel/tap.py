@@ -192,7 +192,7 @@ def release_freed_heap() -> bool:
     What startup allocated and freed (source read, code compiled or
     unmarshalled, the plugin's option parsing) stays in the process's heap as
     free chunks between live ones: glibc returns only the heap's free top by
-    itself. Trimmed once startup is over, a gateway process holds about 1 MiB
+    itself. Trimmed once startup is over, a gateway process holds about 0.85 MiB
     less under load (bench/results/2026-12-05-session45.md); the chunks are
     reused as before. Elsewhere than glibc (musl, macOS) nothing happens.
     """
