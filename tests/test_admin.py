@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 
 from gomodel.store.records import USAGE_FIELDS
-from tests import postgres
+from tests.stores import storage  # noqa: F401 (a fixture)
 from tests.support import start_gateway
 
 KEY = {"Authorization": "Bearer k1"}
@@ -53,18 +53,6 @@ async def test_admin_endpoints_can_be_turned_off(reactor, http, fake):
         assert json.loads(await response.content())["error"]["code"] == "not_found"
     finally:
         await gw.service.stopService()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage(request):
-    """The gateway's settings for each store (a fresh PostgreSQL database, dropped after the test)."""
-    if request.param == "sqlite":
-        yield {}
-        return
-    postgres.require()
-    name = postgres.create_database()
-    yield {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(name)}
-    postgres.drop_database(name)
 
 
 @pytest_twisted.ensureDeferred
