@@ -222,42 +222,12 @@ async def test_translated_provider_gets_the_stored_conversation(reactor):
         await fake.stop()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_translated_request_with_text_or_tools_of_the_wrong_type_is_a_400(reactor, http):
+async def refused_when_translated(reactor, http, cases):
+    """Send each C{(extra body fields, param, code)} of C{cases} to a gateway translating Responses to chat;
+    each must be a 400 naming that param and code, and none may reach the upstream."""
     fake = await start_fake(reactor, responses=False)
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
     try:
-        cases = [
-            ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input"),
-            ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ["a"]}]}]}, "input"),
-            ({"input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": {}}]}]}, "input"),
-            ({"input": "hi", "tools": 5}, "tools"),
-            ({"input": "hi", "tools": {"type": "function"}}, "tools"),
-        ]
-        for extra, param in cases:
-            response = await http.post(gw.url + "/v1/responses", data=json.dumps(dict(extra, model=MODEL)).encode())
-            error = jsonutil.loads(await treq.content(response))["error"]
-            assert response.code == 400 and error["param"] == param and error["code"] == "invalid_type", extra
-        assert not [r for r in fake.requests if r.path == b"/v1/chat/completions"]
-    finally:
-        await gw.service.stopService()
-        await fake.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_each_refused_translated_request_names_its_param_and_a_code(reactor, http):
-    fake = await start_fake(reactor, responses=False)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
-    try:
-        cases = [
-            ({"input": 5}, "input", "invalid_type"),
-            ({"input": ["hi"]}, "input", "invalid_type"),
-            ({"input": [{"role": "user", "content": 5}]}, "input", "invalid_type"),
-            ({"input": [{"type": "function_call_output", "output": "x"}]}, "input", "missing_required_parameter"),
-            ({"input": [{"type": "web_search_call"}]}, "input", "unsupported_value"),
-            ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input", "unsupported_value"),
-            ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]", "unsupported_value"),
-        ]
         for extra, param, code in cases:
             response = await http.post(gw.url + "/v1/responses", data=json.dumps(dict(extra, model=MODEL)).encode())
             error = jsonutil.loads(await treq.content(response))["error"]
@@ -266,6 +236,30 @@ async def test_each_refused_translated_request_names_its_param_and_a_code(reacto
     finally:
         await gw.service.stopService()
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_request_with_text_or_tools_of_the_wrong_type_is_a_400(reactor, http):
+    await refused_when_translated(reactor, http, [
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input", "invalid_type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ["a"]}]}]}, "input", "invalid_type"),
+        ({"input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": {}}]}]}, "input", "invalid_type"),
+        ({"input": "hi", "tools": 5}, "tools", "invalid_type"),
+        ({"input": "hi", "tools": {"type": "function"}}, "tools", "invalid_type"),
+    ])
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_refused_translated_request_names_its_param_and_a_code(reactor, http):
+    await refused_when_translated(reactor, http, [
+        ({"input": 5}, "input", "invalid_type"),
+        ({"input": ["hi"]}, "input", "invalid_type"),
+        ({"input": [{"role": "user", "content": 5}]}, "input", "invalid_type"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input", "missing_required_parameter"),
+        ({"input": [{"type": "web_search_call"}]}, "input", "unsupported_value"),
+        ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input", "unsupported_value"),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]", "unsupported_value"),
+    ])
 
 
 def test_a_stored_message_whose_text_is_no_string_is_replayed_as_it_was_stored():
