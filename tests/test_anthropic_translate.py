@@ -44,7 +44,7 @@ def test_plain_request_maps_sampling_and_metadata():
     assert chat == {"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
                                                  {"role": "user", "content": "Hi"}],
                     "max_tokens": 64, "stop": ["END", "###"], "temperature": 0.2, "top_p": 0.9, "user": "u-1"}
-    assert messages_to_chat(body, vllm=True) == dict(chat, top_k=20)
+    assert dict(chat, **vllm_fields(body, chat["messages"])) == dict(chat, top_k=20)  # what a vLLM is sent
     assert vllm_fields(body, chat["messages"]) == {"top_k": 20}
 
 
@@ -307,8 +307,15 @@ def test_assistant_history_with_only_thinking_keeps_an_empty_content():
 PREFILL = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
 
 
+def for_vllm(body):
+    """The chat request a vLLM upstream is sent for C{body}, as the Messages route makes it."""
+    chat = messages_to_chat(body)
+    chat.update(vllm_fields(body, chat["messages"]))
+    return chat
+
+
 def test_a_final_assistant_message_is_continued_on_vllm_only():
-    chat = messages_to_chat(request(messages=PREFILL), vllm=True)
+    chat = for_vllm(request(messages=PREFILL))
     assert chat["messages"][-1] == {"role": "assistant", "content": "The colour is"}
     assert chat["continue_final_message"] is True and chat["add_generation_prompt"] is False
     # Any other upstream: chat completions have no such field, the prefill goes as a finished turn.
@@ -317,8 +324,8 @@ def test_a_final_assistant_message_is_continued_on_vllm_only():
     assert plain["messages"] == chat["messages"]
     # Blocks too; and a conversation that ends with the user is not continued.
     blocks = [PREFILL[0], {"role": "assistant", "content": [{"type": "text", "text": "The colour is"}]}]
-    assert messages_to_chat(request(messages=blocks), vllm=True)["continue_final_message"] is True
-    assert "continue_final_message" not in messages_to_chat(request(), vllm=True)
+    assert for_vllm(request(messages=blocks))["continue_final_message"] is True
+    assert "continue_final_message" not in for_vllm(request())
     counted = count_tokens_request(request(messages=PREFILL))
     assert counted["continue_final_message"] is True and counted["add_generation_prompt"] is False
 

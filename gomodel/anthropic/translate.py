@@ -52,11 +52,9 @@ def message_id(chat_id) -> str:
 # -- request --------------------------------------------------------------------
 
 
-def messages_to_chat(body: dict, vllm: bool = False) -> dict:
-    """The chat-completions request for a Messages request C{body} (its C{model} kept as given).
-
-    @param vllm: the upstream is vLLM: L{vllm_fields} are added (an OpenAI-compatible
-        server refuses or misreads them, so they are left out for any other).
+def messages_to_chat(body: dict) -> dict:
+    """The chat-completions request for a Messages request C{body} (its C{model} kept as given), for any
+    upstream: a vLLM's also takes L{vllm_fields} (an OpenAI-compatible server refuses or misreads them).
 
     @raise InvalidRequest: C{body} is not a valid Messages request (no
         C{messages} list, no C{max_tokens}, an unknown block type...), or
@@ -98,8 +96,6 @@ def messages_to_chat(body: dict, vllm: bool = False) -> dict:
     if body.get("stream") is True:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
-    if vllm:
-        chat.update(vllm_fields(body, chat["messages"]))
     return chat
 
 

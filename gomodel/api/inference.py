@@ -74,7 +74,7 @@ class InferenceRoutes:
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, model=ctx.upstream_model,
-                            affinity=affinity, fallbacks=fallbacks, rebody=_rebody(body) if fallbacks else None)
+                            affinity=affinity, fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def embeddings(self, request, ctx):
@@ -95,7 +95,7 @@ class InferenceRoutes:
         body = json_body(request)
         upstream, fallbacks = self.route(ctx, body)
         call = UpstreamCall(path, jsonutil.dumps(body), native=native, model=ctx.upstream_model,
-                            fallbacks=fallbacks, rebody=_rebody(body) if fallbacks else None)
+                            fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def responses(self, request, ctx):
@@ -151,8 +151,8 @@ def unsaturated(gate, route, fallbacks):
     return route, fallbacks
 
 
-def _rebody(body):
-    """The body for another target: the same but its C{model}."""
+def rebody(body):
+    """The body for another target: the same but its C{model} (L{UpstreamCall}'s C{rebody})."""
     return lambda model, provider=None: jsonutil.dumps(dict(body, model=model))
 
 

@@ -40,7 +40,7 @@ from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
                                          chat_to_message_bytes, count_tokens_answer, count_tokens_request, messages_to_chat,
                                          openai_error_to_anthropic, vllm_fields)
-from gomodel.api.inference import InferenceRoutes, plan_model, unsaturated
+from gomodel.api.inference import InferenceRoutes, plan_model, rebody, unsaturated
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall
@@ -187,7 +187,7 @@ class MessagesRoutes:
             self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer,
                             vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
-                            fallbacks=fallbacks, rebody=_rebody(body) if fallbacks else None)
+                            fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
         try:
             return await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -255,7 +255,7 @@ class MessagesRoutes:
             return jsonutil.dumps(count_tokens_answer(jsonutil.loads(raw)))
 
         call = UpstreamCall("tokenize", jsonutil.dumps(tokenize), native=True, model=ctx.upstream_model,
-                            transform=answer, fallbacks=fallbacks, rebody=_rebody(tokenize) if fallbacks else None)
+                            transform=answer, fallbacks=fallbacks, rebody=rebody(tokenize) if fallbacks else None)
         try:
             return await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -318,14 +318,9 @@ def _forwarded(request) -> dict:
     return headers or None
 
 
-def _rebody(body):
-    """The body for another target: the same but its C{model}."""
-    return lambda model, provider=None: jsonutil.dumps(dict(body, model=model))
-
-
 def _rebody_chat(chat, extras):
     """A translated C{chat}'s body for another target: its C{model}, and vLLM's C{extras} only for a vLLM."""
-    def rebody(model, provider=None):
+    def body_for(model, provider=None):
         body = dict(chat, model=model)
         if provider is not None and provider.type in VLLM_CHAT_TYPES:
             body.update(extras)
@@ -333,7 +328,7 @@ def _rebody_chat(chat, extras):
             for name in extras:
                 body.pop(name, None)
         return jsonutil.dumps(body)
-    return rebody
+    return body_for
 
 
 # -- GET /v1/models for Anthropic's clients ----------------------------------------------

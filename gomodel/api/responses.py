@@ -315,6 +315,3 @@ def _as_list(value):
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     return list(value)
-
-
-
