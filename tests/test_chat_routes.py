@@ -192,6 +192,8 @@ async def test_a_compressed_body_is_a_415_that_says_so(http, gateway, fake):
             error = error_of(content)
             assert response.code == 415 and error["code"] == "unsupported_content_encoding", (path, encoding)
             assert f"'{encoding}'" in error["message"]
+    response, content = await post(http, gateway, b"\x1f\x8b", {"content-encoding": "gzip, " + "x" * 100})
+    assert response.code == 415 and "'gzip, " + "x" * 58 + "…'" in error_of(content)["message"]  # quoted, not whole
     response, content = await post(http, gateway, b"{not json", {"content-encoding": "identity"})
     assert response.code == 400 and error_of(content)["code"] == "invalid_json"  # not compressed: JSON's error
     response, content = await post(http, gateway, body, {"content-encoding": "identity"})

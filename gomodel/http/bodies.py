@@ -1,7 +1,7 @@
 """Reading requests and writing JSON answers: the small helpers every route group shares."""
 
 from gomodel import jsonutil
-from gomodel.errors import InvalidRequest, NotFound
+from gomodel.errors import InvalidRequest, NotFound, shown
 
 
 def json_answer(request, value) -> bytes:
@@ -34,8 +34,8 @@ def _encoded(request):
     parse: a request the gateway reads pays nothing for it.)"""
     encoding = request.requestHeaders.getRawHeaders(b"content-encoding")
     if encoding and any(value.strip().lower() not in (b"", b"identity") for value in encoding):
-        shown = b", ".join(encoding).decode("latin-1")[:64]
-        raise InvalidRequest(f"Content-Encoding '{shown}' is not supported: send the JSON body uncompressed.",
+        named = shown(b", ".join(encoding).decode("latin-1"), 64)
+        raise InvalidRequest(f"Content-Encoding '{named}' is not supported: send the JSON body uncompressed.",
                              code="unsupported_content_encoding", status=415)
 
 
