@@ -48,6 +48,17 @@ class InvalidRequest(GatewayError):
     type = "invalid_request_error"
 
 
+class AmbiguousModel(InvalidRequest):
+    """A bare model id several providers serve; C{choices}: their qualified ids, in the order configured."""
+
+    code = "ambiguous_model"
+
+    def __init__(self, model, choices):
+        super().__init__(f"The model '{model}' is served by several providers; name one: {', '.join(choices)}.",
+                         param="model")
+        self.model = model
+
+
 class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"

@@ -12,6 +12,7 @@ from gomodel import jsonutil
 from tests.support import dead_base_url, start_fake, start_gateway
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
+BARE = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 async def post(http, gateway, body, headers=None, path="/v1/chat/completions"):
@@ -407,23 +408,50 @@ async def test_a_model_is_retrieved_by_each_name_a_chat_request_may_give_it(reac
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_ambiguous_bare_id_is_retrieved_as_chat_answers_it_unless_a_key_would_see_the_choices(reactor, http):
-    a = await start_fake(reactor)
-    b = await start_fake(reactor)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url,
-                                       "GOMODEL_MASTER_KEY": "master-k"})
+async def test_a_bare_id_several_providers_serve_names_to_a_key_only_the_providers_it_may_use(reactor, http):
+    """Chat and GET /v1/models/{id} answer an ambiguous bare id alike: the master key gets the choices; a key
+    that may use one of the providers gets that one; a key that may use several is told of those only; a key
+    that may use none is refused (chat) or not shown it (retrieve), never told who serves it."""
+    fakes = [await start_fake(reactor) for _ in range(3)]
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fakes[0].base_url, "VLLM_B_BASE_URL": fakes[1].base_url,
+                                       "VLLM_C_BASE_URL": fakes[2].base_url, "GOBARE_MASTER_KEY": "master-k"})
     master = {"authorization": "Bearer master-k"}
     try:
-        response = await http.get(gw.url + "/v1/models/meta-llama/Llama-3.1-8B-Instruct", headers=master)
+        response = await http.get(gw.url + "/v1/models/" + BARE, headers=master)
         assert response.code == 400 and error_of(await treq.content(response))["code"] == "ambiguous_model"
-        response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=master,
-                                   data=json.dumps({"name": "a", "models": ["vllm/"]}).encode())
-        key = {"authorization": "Bearer " + jsonutil.loads(await treq.content(response))["value"]}
-        response = await http.get(gw.url + "/v1/models/meta-llama/Llama-3.1-8B-Instruct", headers=key)
+        keys = {}
+        for name, models in (("one", ["vllm-b/"]), ("two", ["vllm/", "vllm-c/"]), ("none", ["openai/"]),
+                             ("bare", [BARE])):
+            response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=master,
+                                       data=json.dumps({"name": name, "models": models}).encode())
+            keys[name] = {"authorization": "Bearer " + jsonutil.loads(await treq.content(response))["value"]}
+
+        response, content = await post(http, gw, {"model": BARE, "messages": []}, keys["one"])
+        chats = [r for fake in fakes for r in fake.requests if r.path == b"/v1/chat/completions"]
+        assert response.code == 200 and chats == [fakes[1].requests[-1]] and chats[0].body["model"] == BARE
+        response = await http.get(gw.url + "/v1/models/" + BARE, headers=keys["one"])
+        assert response.code == 200 and jsonutil.loads(await treq.content(response))["id"] == "vllm-b/" + BARE
+
+        for ask in (lambda: post(http, gw, {"model": BARE, "messages": []}, keys["two"]),
+                    lambda: post(http, gw, {"model": BARE, "input": "hi"}, keys["two"], path="/v1/responses")):
+            response, content = await ask()
+            error = error_of(content)
+            assert response.code == 400 and error["code"] == "ambiguous_model", content
+            assert f"vllm/{BARE}" in error["message"] and f"vllm-c/{BARE}" in error["message"]
+            assert b"vllm-b" not in content
+
+        response, content = await post(http, gw, {"model": BARE, "messages": []}, keys["none"])
+        assert response.code == 403 and error_of(content)["code"] == "model_access_denied"
+        assert b"vllm" not in content
+        response = await http.get(gw.url + "/v1/models/" + BARE, headers=keys["none"])
         content = await treq.content(response)
-        assert response.code == 404 and error_of(content)["code"] == "model_not_found"
-        assert b"vllm-b" not in content
+        assert response.code == 404 and error_of(content)["code"] == "model_not_found" and b"vllm" not in content
+
+        response, content = await post(http, gw, {"model": BARE, "messages": []}, keys["bare"])  # may use all three
+        assert response.code == 400 and all(f"{p}/{BARE}" in error_of(content)["message"]
+                                            for p in ("vllm", "vllm-b", "vllm-c"))
+        assert [r for fake in fakes for r in fake.requests if r.path.startswith(b"/v1/c")] == chats  # no other went up
     finally:
         await gw.service.stopService()
-        await a.stop()
-        await b.stop()
+        for fake in fakes:
+            await fake.stop()

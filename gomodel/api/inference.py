@@ -10,7 +10,7 @@ to the exchange.
 from functools import partial
 
 from gomodel import jsonutil
-from gomodel.errors import InvalidRequest, ModelAccessDenied, ModelNotFound
+from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound
 from gomodel.http.bodies import json_body, streams, whole_number
 from gomodel.http.headers import X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall
@@ -163,10 +163,14 @@ def plan_model(registry, body, affinity_of=None, principal=None):
 
     @raise InvalidRequest: no model named (or not a string).
     @raise gomodel.errors.ModelNotFound: nobody serves it.
+    @raise AmbiguousModel: several providers the key may use serve the bare id.
     @raise ModelAccessDenied: the key may not use it.
     """
     name = _model_of(body)
-    routes = registry.plan(name, affinity_of)
+    try:
+        routes = registry.plan(name, affinity_of)
+    except AmbiguousModel as ambiguous:
+        return [unambiguous(registry, ambiguous, principal)]
     if principal is None or principal.models is None or routes and _as_sent(principal, name, routes[0]):
         return routes
     _allowed_target(registry, name, principal)
@@ -182,21 +186,44 @@ def resolve_model(registry, body, principal=None):
 
     @raise InvalidRequest: no model named (or not a string).
     @raise gomodel.errors.ModelNotFound: nobody serves it.
+    @raise AmbiguousModel: several providers the key may use serve the bare id.
     @raise ModelAccessDenied: the key may not use it.
     """
     name = _model_of(body)
-    route = registry.resolve(name)
+    try:
+        route = registry.resolve(name)
+    except AmbiguousModel as ambiguous:
+        return unambiguous(registry, ambiguous, principal)
     if (principal is None or principal.allows(qualified(route)) or _as_sent(principal, name, route)
             or principal.names(route.upstream_model)):
         return route
     return _allowed_target(registry, name, principal)
 
 
+def unambiguous(registry, ambiguous, principal):
+    """The route for a bare id several providers serve (C{ambiguous}, the L{AmbiguousModel} raised) when
+    C{principal} may use only one of them: a key is never told of providers it may not use.
+
+    @raise AmbiguousModel: C{ambiguous} for the master key; else, naming only those the key may use, when
+        that is several.
+    @raise ModelAccessDenied: the key may use none of them.
+    """
+    if principal is None or principal.models is None:
+        raise ambiguous
+    usable = [route for route in registry.serving(ambiguous.model)
+              if principal.allows(qualified(route)) or principal.names(route.upstream_model)]
+    if len(usable) == 1:
+        return usable[0]
+    if usable:
+        raise AmbiguousModel(ambiguous.model, [qualified(route) for route in usable]) from None
+    raise ModelAccessDenied(ambiguous.model) from None
+
+
 def admitted(registry, name, principal) -> bool:
     """Whether L{plan_model} would admit C{principal} to C{name}: by the name itself, or to one of the routes
     it names (L{_allowed_target}). What C{/v1/models} lists to a key and shows it (never on a request's way).
 
-    @raise InvalidRequest: several providers serve the bare id (as L{plan_model} would).
+    @raise AmbiguousModel: several providers serve the bare id (as L{plan_model} would).
     """
     if principal is None or principal.models is None or principal.names(name):
         return True

@@ -9,7 +9,7 @@ spellings: a trailing slash, another method).
 """
 
 from gomodel import errors, jsonutil
-from gomodel.api.inference import admitted
+from gomodel.api.inference import admitted, qualified, unambiguous
 from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
 from gomodel.http import render
 from gomodel.http.bodies import json_answer
@@ -85,12 +85,16 @@ class PlainRoutes:
         principal = request.context.principal
         try:
             model = self._registry.model(model_id)
-        except errors.InvalidRequest:  # served by several providers: the choices may name models the key may not use
-            if principal is not None and principal.models is not None:
+        except errors.AmbiguousModel as ambiguous:  # served by several providers: the one the key may use, if one
+            try:
+                model = self._registry.model(qualified(unambiguous(self._registry, ambiguous, principal)))
+            except errors.ModelAccessDenied:
                 raise errors.ModelNotFound(model_id) from None
-            raise
-        if model is None or not admitted(self._registry, model_id, principal):
-            raise errors.ModelNotFound(model_id)  # a model the key may not use is not named to it
+        else:
+            if model is not None and not admitted(self._registry, model_id, principal):
+                model = None  # a model the key may not use is not named to it
+        if model is None:
+            raise errors.ModelNotFound(model_id)
         return json_answer(request, anthropic_model(model) if anthropic else model)
 
 

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gomodel import jsonutil
-from gomodel.errors import InvalidRequest, ModelNotFound
+from gomodel.errors import AmbiguousModel, InvalidRequest, ModelNotFound
 from gomodel.routing.selectors import parse_selector, qualified
 from gomodel.routing.virtual import VirtualModel
 
@@ -128,7 +128,7 @@ class ModelRegistry:
         """One model object of L{models}: by its id (qualified, or a virtual model's name), else the one
         C{selector} resolves to as a request's model does (a bare id, a provider type's prefix); or None.
 
-        @raise InvalidRequest: several providers serve the bare id.
+        @raise AmbiguousModel: several providers serve the bare id.
         """
         models = self.models()
         for entry in reversed(models):  # a virtual model (listed last) first, as in L{plan}
@@ -151,7 +151,7 @@ class ModelRegistry:
         @param affinity_of: a function giving the request's session key, or None.
 
         @raise ModelNotFound: nobody serves it.
-        @raise InvalidRequest: several providers serve the bare id.
+        @raise AmbiguousModel: several providers serve the bare id.
         """
         virtual = self._virtual.get(selector)
         if virtual is not None:
@@ -172,7 +172,7 @@ class ModelRegistry:
         another selector's one route; never its failover candidates.
 
         @raise ModelNotFound: nobody serves it.
-        @raise InvalidRequest: several providers serve the bare id.
+        @raise AmbiguousModel: several providers serve the bare id.
         """
         virtual = self._virtual.get(selector)
         if virtual is None:
@@ -194,7 +194,7 @@ class ModelRegistry:
         selector is an upstream model id, looked up across all providers.
 
         @raise ModelNotFound: nobody serves it.
-        @raise InvalidRequest: several providers serve the bare id.
+        @raise AmbiguousModel: several providers serve the bare id.
         """
         virtual = self._virtual.get(selector)
         if virtual is not None:
@@ -226,15 +226,17 @@ class ModelRegistry:
                     return Route(pool, parsed.rest)
             if candidates:
                 raise ModelNotFound(selector)
-        matches = [pool for pool in self._pools if selector in (self.inventory(pool) or ())]
+        matches = self.serving(selector)
         if len(matches) == 1:
-            return Route(matches[0], selector)
+            return matches[0]
         if matches:
-            choices = ", ".join(qualified(pool.name, selector) for pool in matches)
-            raise InvalidRequest(
-                f"The model '{selector}' is served by several providers; name one: {choices}.",
-                param="model", code="ambiguous_model")
+            raise AmbiguousModel(selector, [qualified(route.provider.name, selector) for route in matches])
         raise ModelNotFound(selector)
+
+    def serving(self, model_id: str) -> list:
+        """A route to each provider whose models (those known) include the bare id C{model_id}, in the order
+        configured."""
+        return [Route(pool, model_id) for pool in self._pools if model_id in (self.inventory(pool) or ())]
 
 
 def _live(route) -> bool:
