@@ -17,7 +17,7 @@ from gomodel import jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
                                          chat_to_message, chat_to_message_bytes, count_tokens_answer,
                                          count_tokens_request, messages_to_chat, openai_error_to_anthropic,
-                                         vllm_fields)
+                                         vllm_fields, without_vllm_fields)
 from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.sse import StreamIncomplete
@@ -302,6 +302,22 @@ def test_assistant_history_with_only_thinking_keeps_an_empty_content():
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": ""}]}]))
     assert chat["messages"][1] == {"role": "assistant", "content": "", "reasoning_content": "hm"}
+
+
+def test_an_upstream_other_than_vllm_gets_neither_the_template_switch_nor_past_thinking():
+    chat = messages_to_chat(request(max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}, messages=[
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": ""},
+                                          {"type": "text", "text": "Hello."}]},
+        {"role": "user", "content": "Again"}]))
+    other = without_vllm_fields(chat)
+    assert "chat_template_kwargs" not in other
+    assert other["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                 {"role": "user", "content": "Again"}]
+    assert chat["chat_template_kwargs"] == {"enable_thinking": True}  # (a copy: the vLLM form is kept)
+    assert chat["messages"][1]["reasoning_content"] == "hm"
+    plain = messages_to_chat(request())
+    assert without_vllm_fields(plain) == plain and without_vllm_fields(plain)["messages"] is plain["messages"]
 
 
 PREFILL = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]

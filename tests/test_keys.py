@@ -466,6 +466,60 @@ async def test_cache_salt_per_tenant_as_vllm_receives_it(http, gw, two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_fallback_gets_what_its_own_provider_takes(reactor, http, tmp_path):
+    """A fallback of another provider type is sent its own provider's fields, not the first target's: a vLLM
+    (scheduling by priority) gets the key's cache_salt and priority, an OpenAI-compatible one neither; a
+    translated Messages request's vLLM fields (top_k, thinking's chat_template_kwargs, past thinking) too."""
+    import anthropic
+
+    vllm, other = await start_fake(reactor, messages=False), await start_fake(reactor)
+    bare = "meta-llama/Llama-3.1-8B-Instruct"
+    rules = {f"vllm/{bare}": [f"openai-other/{bare}"], f"openai-other/{bare}": [f"vllm/{bare}"]}
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": vllm.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "OPENAI_OTHER_BASE_URL": other.base_url,
+        "OPENAI_OTHER_API_KEY": "sk-up", "FAILOVER_RULES_JSON": json.dumps(rules), "REPLICA_FAILURE_THRESHOLD": "100",
+        "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    key = (await new_key(http, gw, priority=4))["value"]
+    client = openai_client(gw, key)
+    messages = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=10)
+    thinking = [{"role": "user", "content": "Hi."},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
+                                                  {"type": "text", "text": "Hello."}]},
+                {"role": "user", "content": "Again."}]
+    vllm_only = ("cache_salt", "priority", "top_k", "chat_template_kwargs")
+
+    def chats(fake):
+        return [r for r in fake.requests if r.path == b"/v1/chat/completions"]
+
+    try:
+        vllm.steer = {"fake_status": 503}  # the vLLM fails: its fallback answers
+        await chat(client, MODEL)
+        await in_thread(messages.messages.create, model=MODEL, max_tokens=2000, messages=thinking, extra_body={"top_k": 5},
+                        thinking={"type": "enabled", "budget_tokens": 1024})
+        for sent in chats(other)[-2:]:
+            assert not set(vllm_only) & set(sent.body), sent.body
+            assert all("reasoning_content" not in message for message in sent.body["messages"])
+        assert [r.body.get("priority") for r in chats(vllm)] == [4, 4]  # (the first target's own)
+
+        vllm.steer, other.steer = {}, {"fake_status": 503}  # the other way round
+        await chat(client, OTHER)
+        await in_thread(messages.messages.create, model=OTHER, max_tokens=2000, messages=thinking, extra_body={"top_k": 5},
+                        thinking={"type": "enabled", "budget_tokens": 1024})
+        first, second = chats(vllm)[-2:]
+        for sent in (first, second):
+            assert sent.body["priority"] == 4 and len(sent.body["cache_salt"]) == 32, sent.body
+        assert second.body["top_k"] == 5 and second.body["chat_template_kwargs"] == {"enable_thinking": True}
+        assert second.body["messages"][1]["reasoning_content"] == "hm"
+        assert len(chats(other)) == 4 and not set(vllm_only) & set(chats(other)[-1].body)
+    finally:
+        client.close()
+        messages.close()
+        await gw.service.stopService()
+        await vllm.stop()
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cache_salt_mode_off(reactor, http, fake):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
                                        "CACHE_SALT_MODE": "off"})

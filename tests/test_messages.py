@@ -16,7 +16,6 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.web.http_headers import Headers
 
-from gomodel.api.messages import _rebody_chat
 from gomodel.routing.affinity import affinity_key
 from tests.fakes.vllm import CHAT_MODEL
 from tests.rawclient import connect
@@ -26,6 +25,9 @@ KEY = "anthropic-test-key"
 MODEL = f"vllm/{CHAT_MODEL}"
 OPENAI_MODEL = f"openai/{CHAT_MODEL}"
 HELLO = [{"role": "user", "content": "Say hello."}]
+THOUGHT = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": [
+    {"type": "thinking", "thinking": "hm", "signature": "s"}, {"type": "text", "text": "Hello."}]},
+    {"role": "user", "content": "Again."}]
 WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city.",
                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                                  "required": ["city"]}}
@@ -230,35 +232,30 @@ async def test_translated_tool_use_and_thinking(openai_gw, fake):
 
 
 @pytest_twisted.ensureDeferred
-async def test_top_k_reaches_only_a_vllm_upstream_when_translating(reactor, openai_gw, fake):
+async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor, openai_gw, fake):
     client = sdk(openai_gw)
     try:
-        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, extra_body={"top_k": 5}, messages=HELLO)
-        assert "top_k" not in fake.requests[-1].body  # OpenAI refuses parameters it does not know
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=2000, extra_body={"top_k": 5},
+                        messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
+        sent = fake.requests[-1].body  # OpenAI refuses parameters it does not know
+        assert "top_k" not in sent and "chat_template_kwargs" not in sent
+        assert sent["messages"][1] == {"role": "assistant", "content": "Hello."}  # its thinking is vLLM's
     finally:
         client.close()
     vllm = await start_fake(reactor, messages=False)  # a vLLM translated to chat completions
     gw = await start(reactor, {"VLLM_BASE_URL": vllm.base_url})
     client = sdk(gw)
     try:
-        await in_thread(client.messages.create, model=MODEL, max_tokens=8, extra_body={"top_k": 5}, messages=HELLO)
-        assert vllm.requests[-1].path == b"/v1/chat/completions" and vllm.requests[-1].body["top_k"] == 5
+        await in_thread(client.messages.create, model=MODEL, max_tokens=2000, extra_body={"top_k": 5},
+                        messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
+        sent = vllm.requests[-1].body
+        assert vllm.requests[-1].path == b"/v1/chat/completions" and sent["top_k"] == 5
+        assert sent["chat_template_kwargs"] == {"enable_thinking": True}
+        assert sent["messages"][1] == {"role": "assistant", "content": "Hello.", "reasoning_content": "hm"}
     finally:
         client.close()
         await gw.service.stopService()
         await vllm.stop()
-
-
-def test_a_fallbacks_translated_body_has_vllms_fields_only_for_a_vllm():
-    class Provider:
-        def __init__(self, type_):
-            self.type = type_
-
-    rebody = _rebody_chat({"model": "m", "messages": [], "top_k": 5}, {"top_k": 5})
-    assert json.loads(rebody("n", Provider("openai"))) == {"model": "n", "messages": []}
-    assert json.loads(rebody("n", Provider("vllm"))) == {"model": "n", "messages": [], "top_k": 5}
-    rebody = _rebody_chat({"model": "m", "messages": []}, {"top_k": 5})
-    assert json.loads(rebody("n", Provider("vllm")))["top_k"] == 5
 
 
 PREFILL = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Bonjour,"}]

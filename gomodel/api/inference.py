@@ -58,9 +58,6 @@ class InferenceRoutes:
         upstream, fallbacks = self.route(ctx, body, partial(affinity_key, request, body))
         # The session or prompt prefix matters only where there is a replica to choose.
         affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
-        self.prioritise(request, ctx, upstream, body)
-        if self._salts is not None:
-            self._salts.apply(ctx.principal, upstream, body)
         observer = None
         if streams(body):
             strip_usage = False
@@ -73,8 +70,15 @@ class InferenceRoutes:
                     strip_usage = True
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
+        again = None
+        if fallbacks:  # from the body as the request made it, before the first target's own fields
+            made = dict(body)
+            again = retargeted(request, ctx, self._salts, lambda provider: dict(made))
+        self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
+        if self._salts is not None:
+            self._salts.apply(ctx.principal, upstream, body)
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, model=ctx.upstream_model,
-                            affinity=affinity, fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
+                            affinity=affinity, fallbacks=fallbacks, rebody=again)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def embeddings(self, request, ctx):
@@ -154,6 +158,33 @@ def unsaturated(gate, route, fallbacks):
 def rebody(body):
     """The body for another target: the same but its C{model} (L{UpstreamCall}'s C{rebody})."""
     return lambda model, provider=None: jsonutil.dumps(dict(body, model=model))
+
+
+def target(request, ctx, salts, upstream, body):
+    """Set on C{body} what C{upstream}'s provider takes of the request's key and headers: C{priority} where it
+    schedules by it (L{InferenceRoutes.prioritise}), a managed key's C{cache_salt} for vLLM (C{salts}, a
+    L{gomodel.auth.tenancy.CacheSalts}, or None).
+
+    @raise InvalidRequest: C{X-Request-Priority} is not a priority (looked at only where it is taken).
+    """
+    InferenceRoutes.prioritise(request, ctx, upstream, body)
+    if salts is not None:
+        salts.apply(ctx.principal, upstream, body)
+
+
+def retargeted(request, ctx, salts, made):
+    """L{UpstreamCall}'s C{rebody} for a body whose fields depend on the provider: C{made()}, a fresh copy
+    of the body as the client's request made it (before any target's own fields), with the target's
+    C{model} and what its provider takes (L{target}); never the first target's C{priority} or C{cache_salt}.
+
+    @param made: C{(provider)} -> a new dict: the body for a target of that provider, its model not yet set.
+    """
+    def body_for(model, provider):
+        body = made(provider)
+        body["model"] = model
+        target(request, ctx, salts, provider, body)
+        return jsonutil.dumps(body)
+    return body_for
 
 
 def plan_model(registry, body, affinity_of=None, principal=None):

@@ -39,8 +39,8 @@ from twisted.logger import Logger
 from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
                                          chat_to_message_bytes, count_tokens_answer, count_tokens_request, messages_to_chat,
-                                         openai_error_to_anthropic, vllm_fields)
-from gomodel.api.inference import InferenceRoutes, plan_model, rebody, unsaturated
+                                         openai_error_to_anthropic, vllm_fields, without_vllm_fields)
+from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall
@@ -53,7 +53,8 @@ MODELS = b"/v1/models"  # the model list, and each model below it: Anthropic's s
 _BELOW_MESSAGES, _BELOW_MODELS = MESSAGES + b"/", MODELS + b"/"
 # Provider types whose servers answer /v1/messages themselves.
 NATIVE_TYPES = frozenset(("vllm",))
-# Provider types whose chat completions take vLLM's extras (translate.vllm_fields: top_k, prefill).
+# Provider types whose chat completions take vLLM's fields (translate.vllm_fields: top_k, prefill; and
+# chat_template_kwargs, past thinking: those translate.without_vllm_fields leaves out for the others).
 VLLM_CHAT_TYPES = frozenset(("vllm",))
 # How long a provider's model that answered "no Messages API here" is translated without asking again.
 NO_NATIVE_TTL = 600.0
@@ -217,28 +218,32 @@ class MessagesRoutes:
     async def _translated(self, request, ctx, upstream, body, fallbacks, affinity):
         """Send C{body} as a chat completion; the answer (or stream) comes back in Messages' shape.
 
-        vLLM's extras (L{vllm_fields}) go to a vLLM upstream only, a fallback's body included.
+        vLLM's fields (L{vllm_fields}, and those L{without_vllm_fields} leaves out) go to a vLLM upstream
+        only; each target gets what its own provider takes (L{target}), a fallback's body included.
         """
         chat = messages_to_chat(body)
         extras = vllm_fields(body, chat["messages"])
-        if upstream.type in VLLM_CHAT_TYPES:
-            chat.update(extras)
         stream = body.get("stream") is True
         if stream:
             chat["stream"] = True
             options = chat.get("stream_options")
             chat["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
-        InferenceRoutes.prioritise(request, ctx, upstream, chat)
-        if self._salts is not None:
-            self._salts.apply(ctx.principal, upstream, chat)
-        chat["model"] = ctx.upstream_model
+
+        def made(provider):
+            """The body for C{provider}: with vLLM's fields for a vLLM, else without them."""
+            return dict(chat, **extras) if provider.type in VLLM_CHAT_TYPES else without_vllm_fields(chat)
+
+        sent = made(upstream)
+        sent["model"] = ctx.upstream_model
+        target(request, ctx, self._salts, upstream, sent)
         # An upstream that ignores "stream" still gives the client Anthropic's shape: events made from
         # a whole answer to a stream, events (not its chat chunks) from a stream nobody asked for.
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
-        call = UpstreamCall("/chat/completions", jsonutil.dumps(chat), model=ctx.upstream_model,
+        call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model,
                             observer=ChatToMessagesStream(ctx.upstream_model),
                             transform=lambda answer: whole(answer, ctx.upstream_model), affinity=affinity,
-                            fallbacks=fallbacks, rebody=_rebody_chat(chat, extras) if fallbacks else None)
+                            fallbacks=fallbacks,
+                            rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None)
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -316,19 +321,6 @@ def _forwarded(request) -> dict:
         if values:
             headers[name] = values
     return headers or None
-
-
-def _rebody_chat(chat, extras):
-    """A translated C{chat}'s body for another target: its C{model}, and vLLM's C{extras} only for a vLLM."""
-    def body_for(model, provider=None):
-        body = dict(chat, model=model)
-        if provider is not None and provider.type in VLLM_CHAT_TYPES:
-            body.update(extras)
-        else:
-            for name in extras:
-                body.pop(name, None)
-        return jsonutil.dumps(body)
-    return body_for
 
 
 # -- GET /v1/models for Anthropic's clients ----------------------------------------------
