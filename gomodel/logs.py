@@ -195,3 +195,39 @@ def log_failure(log, failure, what, **fields):
         log.warn(what + ": {reason}", reason=failure.value.message, **fields)
     else:
         log.failure(what, failure, **fields)
+
+
+class FailureStreak:
+    """A job repeated every second or so (a refresh from the store), its failures logged as L{log_failure}
+    logs them but once a streak while the store is unavailable: a warning at the first, an info line when
+    it succeeds again; any other failure in full every time. (A database down for an hour is one line, not
+    3,600 per job.)"""
+
+    __slots__ = ("_owner", "_what", "_recovered", "failing")
+
+    def __init__(self, owner, what: str, recovered: str):
+        """
+        @param owner: what runs the job: its C{log} (a L{Logger}) logs.
+        @param what: the warning's text (C{"refreshing the managed keys failed"}), followed by the reason.
+        @param recovered: the info line's text once the job succeeds again.
+        """
+        self._owner = owner
+        self._what = what
+        self._recovered = recovered
+        self.failing = False
+
+    def failed(self, failure):
+        """The job failed with C{failure}: log it (see the class); returns None."""
+        if not failure.check(StorageUnavailable):
+            self._owner.log.failure(self._what, failure)
+        elif not self.failing:
+            self.failing = True
+            self._owner.log.warn(self._what + ": {reason} (logged again once it succeeds)",
+                                 reason=failure.value.message)
+
+    def succeeded(self, result=None):
+        """The job succeeded: say so if it had been failing; returns C{result}."""
+        if self.failing:
+            self.failing = False
+            self._owner.log.info(self._recovered)
+        return result

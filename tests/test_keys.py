@@ -7,9 +7,12 @@ import openai
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from gomodel.auth.keys import KeyRing, hash_secret
+from gomodel.errors import StorageUnavailable
 from tests.support import in_thread, openai_client, start_fake, start_gateway
 
 MASTER = "master-k"
@@ -258,6 +261,39 @@ def test_the_key_ring_refuses_a_key_once_it_expires():
     clock.advance(10)
     assert ring.find(b"sk_gom_x") is None
     assert ring.by_id("key_1").id == "key_1"
+
+
+def test_the_key_ring_logs_a_store_outage_once_and_its_end():
+    """Refreshed every second, the key ring says once that the store is unavailable (not every second) and
+    once that it answers again; another failure is logged in full every time."""
+    class Keys:
+        answer = None  # an exception to fail with, or None
+
+        def changed_since(self, since):
+            return fail(self.answer) if self.answer is not None else succeed([])
+
+    events, keys = [], Keys()
+    ring = KeyRing(store=keys, clock=Clock())
+    ring.log = Logger(observer=events.append)
+    keys.answer = StorageUnavailable("The gateway's storage is unavailable (database is down).")
+    for _ in range(5):
+        ring.refresh()
+    [warning] = events
+    assert warning["log_level"] == LogLevel.warn and "log_failure" not in warning
+    assert formatEvent(warning) == ("refreshing the managed keys failed: The gateway's storage is unavailable "
+                                    "(database is down). (logged again once it succeeds)")
+    keys.answer = None
+    ring.refresh()
+    ring.refresh()
+    assert [(e["log_level"], formatEvent(e)) for e in events[1:]] == [
+        (LogLevel.info, "the managed keys are refreshed from the store again")]
+    keys.answer = StorageUnavailable("The gateway's storage is unavailable (database is down).")
+    ring.refresh()
+    assert len(events) == 3 and events[2]["log_level"] == LogLevel.warn  # a new streak
+    keys.answer = ValueError("a bug")
+    ring.refresh()
+    ring.refresh()
+    assert [e["log_failure"].type for e in events[3:]] == [ValueError, ValueError]
 
 
 def test_the_key_ring_remembers_only_known_secrets_and_follows_their_record():

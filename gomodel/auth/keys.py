@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from gomodel._twistedcompat import plain_headers
 from gomodel.errors import AuthenticationFailed, Forbidden, InvalidRequest
 from gomodel.http.headers import AUTHORIZATION, X_API_KEY
-from gomodel.logs import log_failure
+from gomodel.logs import FailureStreak
 from gomodel.periodic import Periodic
 
 # Paths that need no key: liveness and readiness checks, with a trailing slash too (the same routes).
@@ -120,6 +120,8 @@ class KeyRing(Periodic):
         self._hash_of = {}  # key id -> hash
         self._digests = {}  # secret -> its hash, for secrets of known keys (a hash is the same forever)
         self._seen = float("-inf")  # the newest updated_at merged
+        self._streak = FailureStreak(self, "refreshing the managed keys failed",
+                                     "the managed keys are refreshed from the store again")
 
     def find(self, secret: bytes):
         """The active principal whose secret is C{secret}, or None (unknown, deactivated or expired)."""
@@ -159,7 +161,7 @@ class KeyRing(Periodic):
         """
         d = self._store.changed_since(self._seen - REFRESH_OVERLAP)
         d.addCallback(self.merge)
-        d.addErrback(lambda f: log_failure(self.log, f, "refreshing the managed keys failed"))
+        d.addCallbacks(self._streak.succeeded, self._streak.failed)
         return d
 
 

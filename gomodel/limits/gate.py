@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from gomodel.accounting.tokens import requested_tokens, tokens_by_type, total_tokens
 from gomodel.limits.lanes import Lane, Ticket
 from gomodel.limits.specs import COST_MAX, Budget, RateLimit, path_ancestors
-from gomodel.logs import log_failure
+from gomodel.logs import FailureStreak
 from gomodel.periodic import Periodic
 
 
@@ -63,6 +63,7 @@ class Gate(Periodic):
         self._combined = {}
         self._lanes = {}  # id(scopes) -> its Lane (local counters)
         self._any_targets = bool(quotas.providers or quotas.models)
+        self._streak = FailureStreak(self, "reading the budgets failed", "the budgets are read from the store again")
 
     def refresh(self):
         """Re-read the budgets set through the admin API.
@@ -73,7 +74,7 @@ class Gate(Periodic):
             return succeed(None)
         d = self._store.list()
         d.addCallback(self.set_path_budgets)
-        d.addErrback(lambda f: log_failure(self.log, f, "reading the budgets failed"))
+        d.addCallbacks(self._streak.succeeded, self._streak.failed)
         return d
 
     # -- configuration ---------------------------------------------------------------------
