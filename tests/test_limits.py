@@ -450,12 +450,7 @@ def test_seeding_resumes_from_the_ledger_once_per_scope_and_period(counters, clo
     assert len(calls) == 2
     clock.rightNow = utc(2026, 3, 19, 0, 0, 1)
     fired(book.check(scopes))  # a new day: the ledger is read again for it, not for the month
-    assert calls[2:] == [("key:k", utc(2026, 3, 19))]
-    # Shared counters keep the sums: never seeded.
-    shared = LocalCounters(clock)
-    shared.shared = True
-    fired(BudgetBook(shared, clock, seed=seed).check(scopes))
-    assert len(calls) == 3
+    assert calls[2:] == [("key:k", utc(2026, 3, 19))]  # (shared counters: tests/test_limits_redis.py)
 
 
 def test_a_seed_that_counts_kept_requests_is_left_those_recorded_before_it(counters, clock):

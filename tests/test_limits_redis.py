@@ -250,8 +250,7 @@ async def test_budgets_across_a_period_boundary_shared_by_two_processes(reactor,
     # boundary that is not a day's.
     tomorrow, _ = period_window("daily", reactor.seconds() + 86400)
     clock.rightNow = tomorrow + 12 * 3600 + 59 * 60 + 30
-    books = [BudgetBook(make(), clock, seed=lambda scope, since: pytest.fail("shared counters are never seeded")),
-             BudgetBook(make(), clock)]
+    books = [BudgetBook(make(), clock, seed=lambda scope, since: (0, 0.0)), BudgetBook(make(), clock)]
     scopes = [("path:/team", [Budget("hourly", max_cost=1.0), Budget("total", max_tokens=10_000)]),
               ("key:k", [Budget("daily", max_tokens=300)])]
     await books[0].check(scopes)
@@ -267,6 +266,56 @@ async def test_budgets_across_a_period_boundary_shared_by_two_processes(reactor,
     with pytest.raises(BudgetExceeded) as info:
         await books[0].check(scopes)
     assert info.value.scope == "key:k" and info.value.headers["Retry-After"] == str(11 * 3600)
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_budget_sums_start_from_the_ledger_once_and_again_when_redis_loses_them(
+        reactor, make, client, prefix):
+    """Two processes: the first to check a budget sets its sum from the usage ledger (a budget added
+    mid-period counts what was spent), the other's seed changes nothing (not counted twice); a sum Redis
+    lost is read from the ledger again at the next check; a sum Redis kept from before seeds were marked
+    (an upgrade) keeps the larger figure."""
+    ledger = {"key:k": (250, 0.5)}  # what the usage ledger holds for the scope this period
+    reads = []
+
+    def seed(scope, since):
+        reads.append(scope)
+        return ledger.get(scope, (0, 0.0))
+
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    books = [BudgetBook(make(), clock, seed=seed), BudgetBook(make(), clock, seed=seed)]
+    scopes = [("key:k", [Budget("daily", max_tokens=400)])]
+    pairs = [("key:k", Budget("daily", max_tokens=400))]
+    await books[0].check(scopes)
+    await books[1].check(scopes)
+    assert await books[1].spent(pairs) == [(250, 0.5)] and reads == ["key:k", "key:k"]  # once each, added once
+    await books[0].record(scopes, 100, 0.25)
+    await books[1].check(scopes)  # 350 of 400
+    await books[1].record(scopes, 100, 0.25)
+    with pytest.raises(BudgetExceeded):
+        await books[0].check(scopes)
+    assert len(reads) == 2  # seeded: no more reads
+
+    [bucket] = client.keys(prefix + "budget|*")
+    client.delete(bucket)  # Redis restarted without its data; the ledger has written every request since
+    ledger["key:k"] = (450, 1.0)
+    with pytest.raises(BudgetExceeded):
+        await books[1].check(scopes)
+    assert len(reads) == 3 and await books[0].spent(pairs) == [(450, 1.0)]
+
+    client.delete(bucket)  # again, and a request is recorded before the next check: in the ledger too
+    await books[0].record(scopes, 10, 0.0)
+    ledger["key:k"] = (460, 1.0)
+    with pytest.raises(BudgetExceeded):
+        await books[0].check(scopes)
+    assert len(reads) == 4 and await books[1].spent(pairs) == [(460, 1.0)]  # the larger figure: not 470
+
+    client.hdel(bucket, "s")  # a sum kept from before the mark existed (an upgrade), above the ledger's
+    ledger["key:k"] = (300, 0.5)
+    with pytest.raises(BudgetExceeded):
+        await books[1].check(scopes)
+    assert len(reads) == 5 and await books[0].spent(pairs) == [(460, 1.0)]  # not 760
 
 
 @pytest_twisted.ensureDeferred
@@ -292,6 +341,11 @@ async def test_an_unreachable_redis_fails_open_and_says_so(reactor):
         await counters.spend("b", 1, 1.0, None)
         assert counters.failures == 4  # two admissions, a read and a write; nothing to settle or free
         assert admission.headers["x-ratelimit-remaining-requests"] == "1"
+        book = BudgetBook(counters, reactor, seed=lambda scope, since: (500, 0.5))
+        scopes = [("key:k", [Budget("daily", max_tokens=400)])]
+        await book.check(scopes)  # open: not enforced
+        await book.record(scopes, 10, 0.0)
+        assert await book.spent([("key:k", Budget("daily", max_tokens=400))]) == [(500, 0.5)]  # the ledger's, not 0
     finally:
         globalLogPublisher.removeObserver(observer)
         counters.stop()

@@ -226,6 +226,69 @@ async def test_rpm_limits_with_redis_hold_across_both_gateways(reactor, http, fa
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_budget_with_redis_counts_what_the_ledger_holds_and_survives_redis_losing_it(
+        reactor, http, fake, pg_database, tmp_path):
+    """A budget given to a key mid-period counts the tokens its key spent already (read from the usage
+    ledger, once, by whichever gateway checks first); Redis losing the sum (a restart without persistence)
+    does not reset it."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        client.close()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=REDIS_URL)
+    a = await start_gateway(reactor, env)
+    b = await start_gateway(reactor, env)
+    sdks, key = [], {"id": "none"}
+    try:
+        code, key = await admin(http, a.url, "POST", KEYS, {"name": "team"})
+        assert code == 201
+        await b.service.keys.refresh()  # what its loop does every second
+        sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
+        for i in range(3):
+            await in_thread(sdks[i % 2].chat.completions.create, model=MODEL,
+                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+
+        async def written():
+            code, page = await admin(http, a.url, "GET", "/admin/api/v1/usage/keys?days=1")
+            rows = [row for row in page["data"] if row["auth_key_id"] == key["id"]]
+            return rows and rows[0]["requests"] == 3 and rows[0]
+
+        await until(reactor, written, what="the usage written")
+        spent = (await written())["total_tokens"]
+        code, _ = await admin(http, a.url, "PATCH", f"{KEYS}/{key['id']}",
+                              {"budgets": [{"period": "daily", "max_tokens": spent}]})
+        assert code == 200
+        for gateway in (a, b):
+            await gateway.service.keys.refresh()
+        code, shown = await admin(http, b.url, "GET", f"{KEYS}/{key['id']}")
+        assert shown["budgets"][0]["spent_tokens"] == spent
+        for sdk in sdks:
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(sdk.chat.completions.create, model=MODEL,
+                                messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+            assert refused.value.body["code"] == "budget_exceeded"
+        sums = client.keys(f"gomodel:limits:budget|key:{key['id']}|*")
+        assert len(sums) == 1
+        client.delete(*sums)  # Redis restarted empty
+        with pytest.raises(openai.RateLimitError):
+            await in_thread(sdks[1].chat.completions.create, model=MODEL,
+                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    finally:
+        for sdk in sdks:
+            sdk.close()
+        made = client.keys(f"gomodel:limits:*key:{key['id']}*")  # (a day's sum would outlive the test)
+        if made:
+            client.delete(*made)
+        client.close()
+        await a.service.stopService()
+        await b.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_without_the_database_chat_flows_and_the_rest_is_a_503_until_it_is_back(
         reactor, http, pair, pg_database, logged_errors):
     a, _ = pair

@@ -12,15 +12,25 @@ whose cost is unknown (no pricing for the model: cost None) adds 0 cost, so
 cost budgets do not see it (GoModel's rule); token budgets still do. Streams
 in flight are not cut: the next request is refused.
 
-With counters that are not shared (L{LocalCounters}) a restarted process
-would start every sum at zero; C{seed}, an async function C{(scope_name,
-since) -> (tokens, cost)} reading the usage ledger, is then called once per
-scope and period before its first use. Shared counters (Redis) keep the
-sums and are never seeded. A seed that counts every request already kept,
-those the ledger has not written yet too (C{seed_counts_kept}: the
+A sum starts from the usage ledger: C{seed}, an async function
+C{(scope_name, since) -> (tokens, cost)} reading it, is called once per
+scope and period before the sum's first use, so that a restarted process,
+or a budget added in the middle of its period, counts what was spent
+already. With counters that are not shared (L{LocalCounters}) each process
+seeds its own sums. A seed that counts every request already kept, those
+the ledger has not written yet too (C{seed_counts_kept}: the
 L{gomodel.accounting.usage.UsageLedger}'s), counts a request recorded
 before its period was seeded, so L{BudgetBook.record} leaves it to the seed
 (a budget added while the ledger holds a key's last requests counts them).
+
+Shared counters (Redis) keep one sum for every process: the first process
+to seed it sets it (L{gomodel.limits.counters.RedisCounters.seed_all}: the
+larger of the ledger's figure and what the sum holds, then marked seeded),
+and the others' seeds change nothing. Every check reads the mark with the
+sums: a sum that Redis lost (a restart without persistence, a flush) is
+seeded again from the ledger, which then holds the truth but for the
+requests other hosts have not written yet (at most C{USAGE_FLUSH_INTERVAL}
+of them); nothing is counted twice.
 """
 
 import inspect
@@ -41,7 +51,7 @@ class BudgetBook:
     def __init__(self, counters, clock, seed=None, margin=3600.0, seed_counts_kept=False):
         self._counters = counters
         self._clock = clock
-        self._seed = None if counters.shared else seed
+        self._seed = seed
         self._seed_counts_kept = seed_counts_kept
         self._margin = margin
         self._seeded = {}  # bucket -> its expiry (None for total)
@@ -100,8 +110,20 @@ class BudgetBook:
             return succeed(None)
         if self._unseeded(current):
             return ensureDeferred(self._check_seeded(current, now))
+        if self._seed is not None and self._counters.shared:
+            return self._counters.spent_seeded(current.buckets).addCallback(self._judge_shared, current, now)
         d = self._counters.spent_all(current.buckets)
         return d.addCallback(self._judge, current, now)
+
+    def _judge_shared(self, answer, current, now):
+        """L{_judge} the sums of shared counters, after seeding again those they lost (see the module)."""
+        sums, lost = answer
+        if not lost:
+            return self._judge(sums, current, now)
+        for bucket in lost:
+            self._seeded.pop(bucket, None)
+        current.seeded = False
+        return ensureDeferred(self._check_seeded(current, now))
 
     def check_now(self, scopes) -> bool:
         """L{check} at once where it can be: on counters that answer at once, every period seeded.
@@ -153,12 +175,26 @@ class BudgetBook:
     async def spent(self, pairs):
         """What each C{(scope name, Budget)} of C{pairs} spent in its current period.
 
+        While shared counters cannot be reached (the limits fail open), the figures are the usage ledger's:
+        what it wrote and what this process holds still, not zeros.
+
         @return: a list of C{(tokens, cost)}, in order.
         """
         current = self._current([(scope, (budget,)) for scope, budget in pairs], self._clock.seconds())
-        if self._seed is not None:
+        if self._seed is None:
+            return list(await self._counters.spent_all(current.buckets))
+        await self._seed_all(current)
+        if not self._counters.shared:
+            return list(await self._counters.spent_all(current.buckets))
+        sums, lost = await self._counters.spent_seeded(current.buckets)
+        if lost:  # lost by Redis: seeded again, as a check would
+            for bucket in lost:
+                self._seeded.pop(bucket, None)
             await self._seed_all(current)
-        return list(await self._counters.spent_all(current.buckets))
+            sums, _ = await self._counters.spent_seeded(current.buckets)
+        if self._counters.unreachable:
+            return [await self._ledger(scope, start) for scope, _, _, start, _ in current.rows]
+        return sums
 
     def record(self, scopes, tokens: int, cost):
         """Add a finished request's C{tokens} and C{cost} (None: unknown, counts 0) to every scope's periods.
@@ -174,7 +210,7 @@ class BudgetBook:
             return None
         current = self._current(scopes, self._clock.seconds())
         if not current.seeded and self._unseeded(current):
-            if self._seed_counts_kept:  # the seed of the others will count this request
+            if self._seed_counts_kept and not self._counters.shared:  # the seed of the others will count it
                 return self._spend(current, tokens, cost, [item for item in current.sums if item[0] in self._seeded])
             return ensureDeferred(self._record_seeded(current, tokens, cost))
         return self._spend(current, tokens, cost)
@@ -215,18 +251,24 @@ class BudgetBook:
                 for d in self._seeding.pop(bucket):
                     d.callback(None)
 
+    async def _ledger(self, scope, start):
+        """What C{scope} spent since C{start} by the usage ledger (C{seed}): C{(tokens, cost)}; fails as it does."""
+        result = self._seed(scope, start)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
     async def _seed_one(self, scope, bucket, start, expires):
         try:
-            result = self._seed(scope, start)
-            if inspect.isawaitable(result):
-                result = await result
-            tokens, cost = result
+            tokens, cost = await self._ledger(scope, start)
         except Exception as e:
             # Not marked seeded: the next request tries again.
             self.log.warn("Could not read what {scope} spent since {since}; its budget counts from zero for now: "
                           "{error}", scope=scope, since=start, error=f"{type(e).__name__}: {e}")
             return
-        if tokens or cost:
+        if self._counters.shared:  # set by the first process to seed it (see the module)
+            await self._counters.seed_all([(bucket, int(tokens or 0), float(cost or 0.0), expires)])
+        elif tokens or cost:
             await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
         self._seeded[bucket] = expires
         if len(self._seeded) > 4096:

@@ -511,6 +511,27 @@ end
 return 0
 """
 
+# A budget sum read from the usage ledger, once: KEYS the sums; ARGV per key: tokens, cost, expires_at or ''.
+# A sum not marked seeded (its field 's') becomes the larger of what it holds and the ledger's figure (the
+# requests recorded since a Redis that lost its data came back are also in the ledger once written: never
+# counted twice), and is marked; a sum already marked is left as it is. Returns how many it seeded.
+_SEED = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('HSETNX', KEYS[i], 's', 1) == 1 then
+    n = n + 1
+    if tonumber(ARGV[3 * i - 2]) > tonumber(redis.call('HGET', KEYS[i], 't') or '0') then
+      redis.call('HSET', KEYS[i], 't', ARGV[3 * i - 2])
+    end
+    if tonumber(ARGV[3 * i - 1]) > tonumber(redis.call('HGET', KEYS[i], 'c') or '0') then
+      redis.call('HSET', KEYS[i], 'c', ARGV[3 * i - 1])
+    end
+  end
+  if ARGV[3 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[3 * i]) end
+end
+return n
+"""
+
 
 class _OpenLease:
     """The lease handed out while Redis is unreachable: it holds nothing."""
@@ -555,6 +576,7 @@ class RedisCounters(_Forms):
         self._finish = redis.register_script(_FINISH)
         self._renew_script = redis.register_script(_RENEW)
         self._spend = redis.register_script(_SPEND_ALL)
+        self._seed = redis.register_script(_SEED)
 
     @classmethod
     def from_url(cls, url, reactor, prefix="gomodel:limits:", timeout=1.0, **kwargs):
@@ -664,3 +686,30 @@ class RedisCounters(_Forms):
         for key in keys:
             pipe.hmget(key, "t", "c")
         return [(int(t or 0), float(c or 0.0)) for t, c in pipe.execute()]
+
+    def seed_all(self, items):
+        """Set budget sums read from the usage ledger, each once for as long as Redis keeps it (see L{_SEED}).
+
+        @param items: C{(bucket, tokens, cost, expires_at)}, as L{spend_all}'s.
+        @return: a Deferred firing with how many it seeded (0 for sums seeded already, or Redis unreachable).
+        """
+        keys = [self._prefix + bucket for bucket, _, _, _ in items]
+        args = [x for _, tokens, cost, expires in items
+                for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
+        return self._run(0, self._seed, keys, args)
+
+    def spent_seeded(self, buckets):
+        """L{spent_all}, and which of C{buckets} are not marked seeded (L{seed_all}): sums that Redis lost
+        (restarted empty, flushed, evicted) since they were, or never seeded.
+
+        @return: a Deferred firing with C{(sums, unseeded buckets)}; while Redis is unreachable, zeros and none.
+        """
+        return self._run(([(0, 0.0)] * len(buckets), []), self._spent_seeded_sync, buckets)
+
+    def _spent_seeded_sync(self, buckets):
+        pipe = self._redis.pipeline(transaction=False)
+        for bucket in buckets:
+            pipe.hmget(self._prefix + bucket, "t", "c", "s")
+        replies = pipe.execute()
+        return ([(int(t or 0), float(c or 0.0)) for t, c, _ in replies],
+                [bucket for bucket, (_, _, seeded) in zip(buckets, replies) if seeded is None])
