@@ -250,6 +250,32 @@ async def test_a_deactivation_reaches_another_process_on_its_next_refresh(reacto
         await other.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_raised_rpm_lets_the_next_request_through_at_once(http, gw):
+    """A key at its limit whose rpm is raised gets the added headroom at once (what was used stays used),
+    not one request more as the bucket refills at the new rate."""
+    key = await new_key(http, gw, rpm=2, tpm=100_000)
+    client = openai_client(gw, key["value"])
+    try:
+        await chat(client)
+        await chat(client)
+        with pytest.raises(openai.RateLimitError):
+            await chat(client)
+        code, _ = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"rpm": 10})
+        assert code == 200
+        await gw.service.keys.refresh()  # what its loop does every second
+        answer = await in_thread(client.chat.completions.with_raw_response.create, model=MODEL,
+                                 messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        assert answer.headers["x-ratelimit-limit-requests"] == "10"
+        assert answer.headers["x-ratelimit-remaining-requests"] == "7"  # 10, 3 used
+        code, _ = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"rpm": 3})
+        await gw.service.keys.refresh()
+        with pytest.raises(openai.RateLimitError):  # lowered below what was used: it waits
+            await chat(client)
+    finally:
+        client.close()
+
+
 def test_the_key_ring_refuses_a_key_once_it_expires():
     clock = Clock()
     clock.advance(1000)

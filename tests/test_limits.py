@@ -84,6 +84,20 @@ def test_rpm_refuses_past_the_limit_and_refills(limiter, clock):
     refused(limiter, scopes)
 
 
+def test_a_changed_limit_keeps_what_was_used_used(limiter, counters, clock):
+    for _ in range(2):
+        fired(limiter.admit([("key:k", RateLimit(rpm=2))], 0))
+    refused(limiter, [("key:k", RateLimit(rpm=2))])
+    admission = fired(limiter.admit([("key:k", RateLimit(rpm=10))], 0, headers_for="key:k"))  # raised: at once
+    assert admission.headers["x-ratelimit-remaining-requests"] == "7"
+    refused(limiter, [("key:k", RateLimit(rpm=3))])  # lowered below what was used
+    clock.advance(20)  # a request back at 3 a minute
+    fired(limiter.admit([("key:k", RateLimit(rpm=3))], 0))
+    [bucket] = [name for name in counters._buckets]
+    cell = counters.cell(bucket, 100.0, 100 / 60)  # a lane made for a limit of 100 sees it under 100
+    assert cell[0] == 97 and cell[2] == 100
+
+
 def test_tpm_refuses_a_request_that_does_not_fit_and_says_when_it_will(limiter, clock):
     scopes = [("key:k_1", RateLimit(tpm=600))]
     fired(limiter.admit(scopes, 500))

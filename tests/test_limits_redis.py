@@ -88,6 +88,22 @@ async def test_rpm_refuses_past_the_limit_with_headers_and_refills(reactor, make
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_changed_limit_keeps_what_was_used_used(reactor, make):
+    """Raised, a limit's headroom is there at once (not as the bucket refills at the new rate); lowered, a
+    client that used more than the new limit waits."""
+    limiter = Limiter(make(), reactor)
+    for _ in range(2):
+        await limiter.admit([("key:k", RateLimit(rpm=2, tpm=1000))], 100)
+    await refused(limiter, [("key:k", RateLimit(rpm=2, tpm=1000))], 100)
+    raised = [("key:k", RateLimit(rpm=10, tpm=5000))]
+    admission = await limiter.admit(raised, 100, headers_for="key:k")
+    assert admission.headers["x-ratelimit-remaining-requests"] == "7"  # 10, 3 used
+    assert int(admission.headers["x-ratelimit-remaining-tokens"]) in range(4700, 4705)
+    lowered = [("key:k", RateLimit(rpm=3, tpm=5000))]
+    assert (await refused(limiter, lowered, 100)).type == "requests"  # 3 used of 3
+
+
+@pytest_twisted.ensureDeferred
 async def test_tpm_and_settle_up_and_down(reactor, make, client, prefix):
     limiter = Limiter(make(), reactor)
     scopes = [("key:k_1", RateLimit(tpm=600))]

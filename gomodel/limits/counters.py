@@ -237,6 +237,8 @@ class LocalCounters(_Forms):
                 level = capacity
             else:
                 level = state[0] + (now - state[1]) * refill
+                if state[2] != capacity:  # the limit changed (L{moved})
+                    level = moved(state, level, capacity)
                 if level > capacity:
                     level = capacity
             states.append((state, level))
@@ -273,6 +275,10 @@ class LocalCounters(_Forms):
         state = self._buckets.get(bucket)
         if state is None:
             state = self._buckets[bucket] = [capacity, 0.0, capacity, refill]
+        elif state[2] != capacity or state[3] != refill:  # the limit changed (L{moved}): its level now, under it
+            now = self._clock.seconds()
+            level = moved(state, state[0] + (now - state[1]) * state[3], capacity)
+            state[0], state[1], state[2], state[3] = min(level, capacity), now, capacity, refill
         return state
 
     def slot_cell(self, bucket) -> list:
@@ -396,6 +402,8 @@ def adjust_cell(cell, capacity, refill, delta, now) -> float:
     """Consume C{delta} more from a token bucket's live state C{cell} (L{LocalCounters.cell}) at C{now},
     below zero if need be, never above C{capacity}: its new level."""
     level = cell[0] + (now - cell[1]) * refill
+    if cell[2] != capacity:  # the limit changed
+        level = moved(cell, level, capacity)
     if level > capacity:  # (comparisons: min() of two numbers costs about 900 instructions)
         level = capacity
     level -= delta
@@ -403,6 +411,15 @@ def adjust_cell(cell, capacity, refill, delta, now) -> float:
         level = capacity
     cell[0], cell[1], cell[2], cell[3] = level, now, capacity, refill
     return level
+
+
+def moved(state, level, capacity) -> float:
+    """A token bucket's C{level} (refilled up to now, not yet capped) under C{capacity}, its limit changed
+    since its C{state} was stored (then C{state[2]}): what was used stays used. A raised limit gives its
+    headroom at once (10 a minute, all used, raised to 100: 90 may go now, not as the bucket refills); a
+    lowered one keeps a client that used more than the new limit waiting."""
+    old = state[2]
+    return (old if level > old else level) + capacity - old
 
 
 # Redis scripts. Levels travel as strings (%.17g): a Lua number in a reply is truncated to an integer.
@@ -419,10 +436,14 @@ local ok = 1
 for i = 1, nb do
   local cap = tonumber(ARGV[3 * i + 1])
   local rate = tonumber(ARGV[3 * i + 2])
-  local s = redis.call('HMGET', KEYS[i], 'v', 't')
+  local s = redis.call('HMGET', KEYS[i], 'v', 't', 'k')
   local level = cap
   if s[1] then
-    level = math.min(cap, tonumber(s[1]) + (now - tonumber(s[2])) * rate)
+    level = tonumber(s[1]) + (now - tonumber(s[2])) * rate
+    if s[3] then  -- the capacity it was stored under: a changed limit moves the level as much
+      level = math.min(tonumber(s[3]), level) + cap - tonumber(s[3])
+    end
+    level = math.min(cap, level)
   end
   levels[i] = level
   if level < tonumber(ARGV[3 * i + 3]) then ok = 0 end
@@ -448,7 +469,8 @@ for i = 1, nb do
     if level >= cap then
       redis.call('DEL', KEYS[i])
     else
-      redis.call('HSET', KEYS[i], 'v', string.format('%.17g', level), 't', string.format('%.17g', now))
+      redis.call('HSET', KEYS[i], 'v', string.format('%.17g', level), 't', string.format('%.17g', now),
+                 'k', ARGV[3 * i + 1])
       redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) / tonumber(ARGV[3 * i + 2]) * 1000) + 1)
     end
   end
@@ -471,16 +493,21 @@ local out = {}
 for i = 1, nb do
   local cap = tonumber(ARGV[3 * i])
   local rate = tonumber(ARGV[3 * i + 1])
-  local s = redis.call('HMGET', KEYS[i], 'v', 't')
+  local s = redis.call('HMGET', KEYS[i], 'v', 't', 'k')
   local level = cap
   if s[1] then
-    level = math.min(cap, tonumber(s[1]) + (now - tonumber(s[2])) * rate)
+    level = tonumber(s[1]) + (now - tonumber(s[2])) * rate
+    if s[3] then
+      level = math.min(tonumber(s[3]), level) + cap - tonumber(s[3])
+    end
+    level = math.min(cap, level)
   end
   level = math.min(cap, level - tonumber(ARGV[3 * i + 2]))
   if level >= cap then
     redis.call('DEL', KEYS[i])
   else
-    redis.call('HSET', KEYS[i], 'v', string.format('%.17g', level), 't', string.format('%.17g', now))
+    redis.call('HSET', KEYS[i], 'v', string.format('%.17g', level), 't', string.format('%.17g', now),
+               'k', ARGV[3 * i])
     redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) / rate * 1000) + 1)
   end
   out[i] = string.format('%.17g', level)

@@ -55,15 +55,13 @@ class Lane:
         self._header_plan = header_plan
         self._buckets = []
         for i, b in enumerate(prepared.buckets):
-            cell = counters.cell(b.name, b.capacity, b.refill)
-            cell[2], cell[3] = b.capacity, b.refill  # (its level and time are written per request)
+            cell = counters.cell(b.name, b.capacity, b.refill)  # (under this capacity: see its L{moved})
             # Its capacity as a float, as the levels are: comparing a float with an integer of 2**30
             # or more (a tpm above about a billion) converts the integer every time. A shown
             # bucket's last level and its two lines: a level as the last (a bucket full before each
             # request, as limits far above the load keep it) is written as they were.
             self._buckets.append((cell, float(b.capacity), b.refill, b.tokens, shown.get(i), [None, b""]))
-        self._token_buckets = [(cell, capacity, refill) for cell, capacity, refill, tokens, _, _ in self._buckets
-                               if tokens]
+        self._token_buckets = [(cell, refill) for cell, _, refill, tokens, _, _ in self._buckets if tokens]
         # its concurrency slots' cells and limits (L{gomodel.limits.counters.LocalCounters.slot_cell}):
         # a request's lease is this list, freed by L{finish} in place
         self._slots = [(counters.slot_cell(bucket), limit) for bucket, limit in prepared.slots] or None
@@ -151,7 +149,8 @@ class Lane:
                 cell[0] -= 1
         if self._epoch == counters.epoch:
             if delta:
-                for cell, capacity, refill in self._token_buckets:  # (L{gomodel.limits.counters.adjust_cell})
+                for cell, refill in self._token_buckets:  # (L{gomodel.limits.counters.adjust_cell})
+                    capacity = cell[2]  # (the cell's: a lane made since may have changed it, L{moved})
                     level = cell[0] + (now - cell[1]) * refill
                     if level > capacity:
                         level = capacity
