@@ -340,6 +340,21 @@ async def test_a_path_that_begins_with_two_slashes_is_a_404_however_it_is_encode
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_id_with_a_control_character_is_an_unknown_route(reactor, keyed):
+    """No id, name or path a route takes holds a control character (PostgreSQL's text cannot hold a NUL:
+    its lookup failed as a 400 there, a 404 on SQLite): such a path is an unknown route (the PostgreSQL
+    store: tests/test_store_postgresql.py)."""
+    for method, path in ((b"GET", b"/v1/files/file-a%00"), (b"GET", b"/v1/files/file-a%00/content"),
+                         (b"DELETE", b"/v1/files/file-a%00"), (b"GET", b"/v1/batches/batch_a%0A"),
+                         (b"POST", b"/v1/batches/batch_a%00/cancel"), (b"GET", b"/v1/responses/resp_a%7F"),
+                         (b"DELETE", b"/v1/responses/resp_a%1b"), (b"GET", b"/admin/api/v1/auth-keys/key_a%00"),
+                         (b"GET", b"/p/vllm/tokenize%00")):
+        answer = await _answer(reactor, keyed.port, b"%s %s HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer k1\r\n"
+                               b"Content-Length: 0\r\nConnection: close\r\n\r\n" % (method, path))
+        assert _not_found(answer) and b"\\u0000" not in answer, (method, path, answer)
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_health_checks_with_a_trailing_slash_are_open_and_answer_the_same(reactor, keyed):
     async def answer(head):
         received = await _answer(reactor, keyed.port, head + b" HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")

@@ -8,6 +8,8 @@ one-time pause of 0.1-0.2 s); from then on this resource hands requests
 straight to Klein's.
 """
 
+import re
+
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
@@ -41,7 +43,7 @@ class LazyRoutes(Resource):
         if not _utf8(request):
             return render.fail(request, Failure(errors.InvalidRequest(
                 "The request's path and Host header must be UTF-8 once percent-decoded.", code="invalid_url")))
-        if _two_slashes_first(request.postpath):
+        if _two_slashes_first(request.postpath) or any(map(_CONTROL.search, request.postpath)):
             return render.fail(request, Failure(errors.NotFound(
                 f"Unknown route: {request.method.decode('ascii', 'replace')} "
                 f"{request.path.decode('utf-8', 'replace')}.")))
@@ -69,6 +71,11 @@ def _utf8(request) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+# A control character (percent-decoded: C{%00}, C{%0A}, ...) in a path segment: no id, name or path the
+# routes take holds one, and PostgreSQL's text cannot (a NUL in a lookup would be its error, not a 404).
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def _two_slashes_first(segments) -> bool:
