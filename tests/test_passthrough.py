@@ -91,8 +91,9 @@ async def test_admin_routes_are_refused_unless_allowed(http, two):
         response, content = await call(http, gw, "POST", path, {})
         assert response.code == 403, path
         assert jsonutil.loads(content)["error"]["type"] == "permission_error"
-    response, content = await call(http, gw, "POST", "/p/vllm/v1/../sleep", {})
-    assert response.code == 400 and jsonutil.loads(content)["error"]["code"] == "invalid_endpoint"
+    for path in ("/p/vllm/v1/../sleep", "/p/vllm/v1%2F..%2Fsleep", "/p/vllm/x%2F..%2F..%2Fadmin", "/p/vllm/%2E%2E/sleep"):
+        response, content = await call(http, gw, "POST", path, {})  # decoded or not, no way out of the endpoint
+        assert response.code == 400 and jsonutil.loads(content)["error"]["code"] == "invalid_endpoint", path
     response, content = await call(http, gw, "POST", "/p/vllm//collective_rpc", {})
     assert response.code == 404  # an empty first segment matches no route
     assert len(plain.requests) == before
