@@ -140,6 +140,18 @@ async def test_sdk_batch_runs_to_completion(sdk, gw, fake, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_output_expires_after_gives_the_output_and_error_files_their_expiry(sdk, gw):
+    lines = [chat_line("a"), chat_line("bad", fake_status=400, fake_body="{}")]
+    created = await start_batch(sdk, lines, output_expires_after={"anchor": "created_at", "seconds": 7200})
+    batch = await finished(gw, sdk, created.id)
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        written = await in_thread(sdk.files.retrieve, file_id)
+        assert written.expires_at == written.created_at + 7200
+    kept = await finished(gw, sdk, (await start_batch(sdk, lines)).id)  # none given: kept
+    assert (await in_thread(sdk.files.retrieve, kept.output_file_id)).expires_at is None
+
+
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("endpoint, body, path, kind", [
     ("/v1/embeddings", {"input": ["a", "b"]}, b"/v1/embeddings", "list"),
     ("/v1/completions", {"prompt": "Hello"}, b"/v1/completions", "text_completion"),
@@ -225,7 +237,12 @@ async def test_batch_requests_that_cannot_be_created(sdk, gw, http):
          400, "completion_window"),
         ({"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "completion_window": " 24H "}, 400,
          "completion_window"),
-    ]
+    ] + [({"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "output_expires_after": policy}, 400,
+          "output_expires_after")
+         for policy in ({"anchor": "completed_at", "seconds": 3600}, {"anchor": "created_at", "seconds": 3599},
+                        {"anchor": "created_at", "seconds": 2592001}, {"anchor": "created_at", "seconds": "3600"},
+                        {"anchor": "created_at", "seconds": 3600.5}, {"anchor": "created_at", "seconds": True},
+                        {"anchor": "created_at"}, {"seconds": 3600}, 3600, "1h")]
     for body, status, param in cases:
         response = await http.post(gw.url + "/v1/batches", data=json.dumps(body).encode(), headers=AUTH)
         error = json.loads(await treq.content(response))["error"]

@@ -63,6 +63,20 @@ async def test_each_line_is_recorded_and_counted_exactly_once(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batchs_output_files_expire_as_its_output_expires_after_says(store):
+    for batch_id, expiry in (("batch_1", 7200), ("batch_2", None)):
+        await store.batches.add(batch(batch_id, status="finalizing", output_expires_after=expiry))
+        await put_blob(store.blobs, f"file-out-{batch_id}", b'{"ok":1}\n')
+        await put_blob(store.blobs, f"file-err-{batch_id}", b'{"e":1}\n')
+        await store.batches.finalize(batch_id, {"status": "completed"}, {
+            "output": (f"file-out-{batch_id}", 9), "error": (f"file-err-{batch_id}", 8)})
+        for file_id in (f"file-out-{batch_id}", f"file-err-{batch_id}"):
+            written = await store.files.get(file_id)
+            assert written["expires_at"] == (None if expiry is None else written["created_at"] + expiry)
+    assert (await store.batches.get("batch_1"))["output_expires_after"] == 7200
+
+
+@pytest_twisted.ensureDeferred
 async def test_claims_lease_fence_and_take_over(store):
     batches = store.batches
     await batches.add(batch("batch_a", status="validating"))

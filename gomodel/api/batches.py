@@ -11,6 +11,7 @@ from klein import Klein
 
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
+from gomodel.api.files import expiry_seconds
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window
@@ -77,6 +78,14 @@ class BatchesAPI:
             metadata = check_metadata(body.get("metadata"))
         except ValueError as e:
             raise InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
+        policy = body.get("output_expires_after")
+        if policy is None:
+            output_expiry = None
+        elif isinstance(policy, dict):
+            output_expiry = expiry_seconds(policy.get("anchor"), policy.get("seconds"), "output_expires_after")
+        else:
+            raise InvalidRequest("'output_expires_after' must be an object: {\"anchor\": \"created_at\", "
+                                 "\"seconds\": N}.", param="output_expires_after", code="invalid_type")
         principal = request.context.principal
         input_file = await self._files.get(input_file_id)
         if input_file is None or not visible(principal, input_file):
@@ -86,7 +95,7 @@ class BatchesAPI:
                                  "a batch needs a file uploaded with purpose 'batch'.", param="input_file_id",
                                  code="invalid_file")
         record = await self._runner.create(endpoint, input_file_id, window, seconds, metadata,
-                                           tenant=tenant_of(principal),
+                                           output_expiry=output_expiry, tenant=tenant_of(principal),
                                            auth_key_id=None if principal is None or principal.master
                                            else principal.id)
         return json_answer(request, batch_object(record))

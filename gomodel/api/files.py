@@ -18,7 +18,7 @@ from gomodel.store.records import new_file_id
 # What a client may upload (OpenAI's list); "batch_output" is ours to write.
 UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "user_data", "vision", "evals")
 LIST_LIMIT_MAX = 10000
-EXPIRES_AFTER = (3600, 30 * 86400)  # an upload's expires_after[seconds], as OpenAI bounds it
+EXPIRES_AFTER = (3600, 30 * 86400)  # an expiry policy's seconds (an upload's, a batch's output), as OpenAI bounds them
 BUFFERED_CHUNK = 64 * 1024
 
 
@@ -152,23 +152,29 @@ class FilesAPI:
 
 
 def _expires_after(fields):
-    """The seconds of an upload's C{expires_after} (OpenAI's form fields C{expires_after[anchor]}, which must
-    be C{created_at}, and C{expires_after[seconds]}, from an hour to 30 days), or None when it has none.
+    """The seconds of an upload's C{expires_after} (OpenAI's form fields C{expires_after[anchor]} and
+    C{expires_after[seconds]}: L{expiry_seconds}), or None when it has none.
 
     @raise InvalidRequest: one of them is missing or out of bounds.
     """
     anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
     if anchor is None and seconds is None:
         return None
+    return expiry_seconds(anchor, whole_number(seconds or "", 0, 2**53), "expires_after")
+
+
+def expiry_seconds(anchor, seconds, param: str) -> int:
+    """The seconds of an expiry policy: a file's C{expires_after}, a batch's C{output_expires_after}. Its
+    C{anchor} must be C{created_at}; its C{seconds} an integer from an hour to 30 days.
+
+    @raise InvalidRequest: either is missing or not so (C{param} named).
+    """
     if anchor != "created_at":
-        raise InvalidRequest("expires_after[anchor] must be 'created_at'.", param="expires_after",
-                             code="invalid_value")
-    value = whole_number(seconds or "", *EXPIRES_AFTER)
-    if value is None:
-        raise InvalidRequest(f"expires_after[seconds] must be a whole number from {EXPIRES_AFTER[0]} to "
-                             f"{EXPIRES_AFTER[1]} (an hour to 30 days).", param="expires_after",
-                             code="invalid_value")
-    return value
+        raise InvalidRequest(f"{param}[anchor] must be 'created_at'.", param=param, code="invalid_value")
+    if type(seconds) is not int or not EXPIRES_AFTER[0] <= seconds <= EXPIRES_AFTER[1]:
+        raise InvalidRequest(f"{param}[seconds] must be a whole number from {EXPIRES_AFTER[0]} to "
+                             f"{EXPIRES_AFTER[1]} (an hour to 30 days).", param=param, code="invalid_value")
+    return seconds
 
 
 def _no_file(file_id):

@@ -201,13 +201,15 @@ class BatchRunner(Service):
             sem = self._semaphores[provider_name] = DeferredSemaphore(self._concurrency)
         return sem
 
-    async def create(self, endpoint, input_file_id, window_text, window_seconds, metadata, *, tenant=None,
-                     auth_key_id=None):
+    async def create(self, endpoint, input_file_id, window_text, window_seconds, metadata, *, output_expiry=None,
+                     tenant=None, auth_key_id=None):
         """Store a new batch (C{validating}); returns its record.
 
         It starts here at once when this runner holds no batch; otherwise it
         waits, unclaimed, for the first runner (on any host) with room to take it.
 
+        @param output_expiry: the seconds after which its output and error files expire once written
+            (C{output_expires_after}), or None: they are kept.
         @param tenant: who owns it and its output (see L{gomodel.auth.tenancy}).
         @param auth_key_id: the managed key that made it (its lines are that key's usage).
         """
@@ -216,7 +218,7 @@ class BatchRunner(Service):
             "id": "batch_" + uuid.uuid4().hex, "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window_text, "status": "validating", "created_at": now,
             "expires_at": now + max(1, round(window_seconds)), "metadata": metadata, "tenant": tenant,
-            "auth_key_id": auth_key_id,
+            "auth_key_id": auth_key_id, "output_expires_after": output_expiry,
         })
         await self._claims.claim_new(record["id"])
         return record

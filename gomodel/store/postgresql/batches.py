@@ -25,6 +25,7 @@ BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
     "cancelling_at", "cancelled_at", "total", "completed", "failed", "errors", "metadata", "tenant", "auth_key_id",
+    "output_expires_after",
 )
 _JSON = ("errors", "metadata")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
@@ -231,11 +232,12 @@ class PostgreSQLBatchStore:
             if not _apply(conn, batch_id, dict(changes, output_file_id=ids["output"], error_file_id=ids["error"]),
                           only_if_status, token):
                 return None
-            tenant = conn.execute("SELECT tenant FROM batches WHERE id = %s", (batch_id,)).fetchone()[0]
+            tenant, expiry = conn.execute("SELECT tenant, output_expires_after FROM batches WHERE id = %s", (batch_id,)).fetchone()
             for kind in ("output", "error"):  # the batch's tenant owns its output
                 if files.get(kind) is not None:
                     file_id, size = files[kind]
-                    insert_file(conn, file_id, size, now, f"{batch_id}_{kind}.jsonl", "batch_output", tenant)
+                    insert_file(conn, file_id, size, now, f"{batch_id}_{kind}.jsonl", "batch_output", tenant,
+                                None if expiry is None else now + expiry)
             conn.execute("DELETE FROM batch_requests WHERE batch_id = %s", (batch_id,))
         return _get(conn, batch_id)
 

@@ -172,6 +172,10 @@ MIGRATIONS = (
             PRIMARY KEY (user_path, period)
         )""",
     )),
+    (2, (
+        # A batch's output_expires_after[seconds]: its output and error files expire that long after written.
+        "ALTER TABLE batches ADD COLUMN output_expires_after BIGINT",
+    )),
 )
 
 

@@ -163,6 +163,10 @@ MIGRATIONS = (
         "CREATE INDEX usage_key ON usage (auth_key_id, timestamp)",
         "CREATE INDEX usage_path ON usage (user_path, timestamp)",
     )),
+    (7, (
+        # A batch's output_expires_after[seconds]: its output and error files expire that long after written.
+        "ALTER TABLE batches ADD COLUMN output_expires_after INTEGER",
+    )),
 )
 
 
