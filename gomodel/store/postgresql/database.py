@@ -29,6 +29,10 @@ from gomodel.store.postgresql.migrations import migrate
 from gomodel.store.threads import OwnedThreads
 
 POOL_TIMEOUT = 5.0  # how long a job waits for a connection before it is a 503
+# How long a store job may take before its caller gets a 503: a server that hangs with its connections
+# alive (stopped, its disk stalled, a lock never released) answers no probe and no keepalive. The same
+# bound goes to the server as each connection's statement_timeout, unless POSTGRES_URL sets `options`.
+JOB_TIMEOUT = 30.0
 DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
 PROBE_INTERVAL = 2.0
@@ -50,15 +54,17 @@ class Database:
 
     log = Logger()
 
-    def __init__(self, url, reactor, clock=None, *, max_conns=10):
+    def __init__(self, url, reactor, clock=None, *, max_conns=10, job_timeout=JOB_TIMEOUT):
         """
         @param url: a libpq connection string or C{postgresql://} URL (its password is never logged).
         @param reactor: runs the threads' results back on the reactor thread.
         @param clock: an C{IReactorTime} for timestamps and leases (default: C{reactor}).
         @param max_conns: the most connections (and threads) used at once.
+        @param job_timeout: the seconds a job may take (L{JOB_TIMEOUT}).
         """
         self._url = url
-        self._options = _options(url)
+        self._options = _options(url, job_timeout)
+        self._job_timeout = job_timeout
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self.max_conns = max_conns
@@ -192,7 +198,17 @@ class Database:
             d = Deferred()
             self._waiting.append((d, f, args))
             return d
-        return self._threads.run(self._job, f, args)
+        d = self._threads.run(self._job, f, args)
+        return d.addTimeout(self._job_timeout, self._reactor, onTimeoutCancel=self._timed_out)
+
+    def _timed_out(self, result, timeout):
+        """A job past its time limit: a 503 for its caller (its thread is left to finish; the store is marked
+        down until a statement succeeds again, and probed meanwhile)."""
+        reason = f"the database did not answer within {timeout:g}s"
+        if self.problem is None:
+            self.log.warn("PostgreSQL store unavailable: {reason}", reason=reason)
+            self.problem = reason
+        raise StorageUnavailable.because(reason)
 
     def call(self, f, *args, what="a background write"):
         """Run C{f(conn, *args)} without waiting for it; a failure is logged.
@@ -239,15 +255,17 @@ class Database:
         return result
 
 
-def _options(url) -> dict:
-    """L{CONN_OPTIONS} less those the URL sets itself (its own win)."""
+def _options(url, job_timeout=JOB_TIMEOUT) -> dict:
+    """L{CONN_OPTIONS} and a C{statement_timeout} of C{job_timeout}, less those the URL sets itself (its own
+    win)."""
     from psycopg.conninfo import conninfo_to_dict
 
     try:
         own = conninfo_to_dict(url)
     except Exception:  # a malformed URL: connecting says why
         own = {}
-    return {name: value for name, value in CONN_OPTIONS.items() if name not in own}
+    options = dict(CONN_OPTIONS, options=f"-c statement_timeout={max(1, round(job_timeout * 1000))}")
+    return {name: value for name, value in options.items() if name not in own}
 
 
 def _ping(conn):

@@ -14,7 +14,7 @@ from gomodel.store.interfaces import IStoreService
 from gomodel.store.postgresql.batches import PostgreSQLBatchStore
 from gomodel.store.postgresql.blobs import PostgreSQLBlobStore
 from gomodel.store.postgresql.claims import PostgreSQLClaims
-from gomodel.store.postgresql.database import Database
+from gomodel.store.postgresql.database import Database, JOB_TIMEOUT
 from gomodel.store.postgresql.files import PostgreSQLFileStore
 from gomodel.store.postgresql.keys import PostgreSQLBudgetStore, PostgreSQLKeyStore
 from gomodel.store.postgresql.responses import PostgreSQLResponseStore
@@ -37,14 +37,15 @@ class PostgreSQLStore(Service):
 
     log = Logger()
 
-    def __init__(self, url, reactor, clock=None, *, max_conns=10):
+    def __init__(self, url, reactor, clock=None, *, max_conns=10, job_timeout=JOB_TIMEOUT):
         """
         @param url: the database (C{POSTGRES_URL}).
         @param reactor: the reactor the store's threads report back to.
         @param clock: an C{IReactorTime} for timestamps and leases (default: C{reactor}).
         @param max_conns: connections (and threads) at most (C{POSTGRES_MAX_CONNS}).
+        @param job_timeout: the seconds a store job may take before its caller gets a 503 (L{Database}).
         """
-        self._db = Database(url, reactor, clock, max_conns=max_conns)
+        self._db = Database(url, reactor, clock, max_conns=max_conns, job_timeout=job_timeout)
         self.files = PostgreSQLFileStore(self._db)
         self.blobs = PostgreSQLBlobStore(self._db, reactor)
         self.batches = PostgreSQLBatchStore(self._db)
