@@ -306,6 +306,19 @@ def test_postgresql_storage_needs_its_url_and_never_shows_it():
     with pytest.raises(ConfigError) as raised:
         load_config({"POSTGRES_URL": "mysql://db/g"})
     assert "POSTGRES_URL" in str(raised.value)
+    # A URL no server could be reached by fails the start (it was retried for ever), naming no part of it.
+    for url, words in (("postgresql://gw:s3cret@db:99999/g", "port"), ("postgresql://gw:s3cret@db:5432x/g", "port"),
+                       ("postgresql://gw:s3cret@db:5432,db2:0/g", "port"),
+                       ("postgresql://gw:s3cret@db/g?sslmode=requir", "sslmode"),
+                       ("postgresql://gw:s3cret@db/g?sslmod=require", "libpq reads"),
+                       ("postgresql://gw:s3cret@db/g?connect_timeout=5&s3cret", "libpq reads")):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"STORAGE_TYPE": "postgresql", "POSTGRES_URL": url})
+        assert "POSTGRES_URL" in str(raised.value) and words in str(raised.value), (url, str(raised.value))
+        assert "s3cret" not in str(raised.value) and "requir" not in str(raised.value).replace("require,", "")
+    for url in ("postgresql://gw:s3cret@db1:5432,db2:5433/g?sslmode=verify-full&target_session_attrs=read-write",
+                "postgres://gw@[::1]/g", "postgresql:///g?host=/run/postgresql"):
+        assert load_config({"STORAGE_TYPE": "postgresql", "POSTGRES_URL": url}).store.postgres_url == url
 
 
 def test_section_yaml_keys(tmp_path):

@@ -291,11 +291,28 @@ def storage_type(value) -> str:
     return _one_of(value, ("sqlite", "postgresql"))
 
 
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def postgres_url(value) -> str:
-    """A PostgreSQL URL: C{postgresql://} or C{postgres://} (libpq's form, with any of its parameters)."""
+    """A PostgreSQL URL: C{postgresql://} or C{postgres://} (libpq's form, with any of its parameters), read
+    as libpq reads it: a URL no server could ever be reached by (a parameter libpq does not know, a port
+    that is not one, an C{sslmode} libpq has not) fails the start, where it would be retried for ever. (The
+    errors name no part of the URL: it may hold a password.)"""
+    from psycopg.conninfo import conninfo_to_dict
+
     text = str(value).strip()
     if not text.startswith(("postgresql://", "postgres://")):
         raise ValueError("must be a postgresql:// URL")
+    try:
+        parts = conninfo_to_dict(text)
+    except Exception:
+        raise ValueError("is not a URL libpq reads (a misspelt parameter, a stray character?)") from None
+    for port in str(parts.get("port") or "").split(","):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError("has a port that is not a number from 1 to 65535")
+    if parts.get("sslmode", "prefer") not in _SSLMODES:
+        raise ValueError(f"has an sslmode that is not one of {', '.join(_SSLMODES)}")
     return text
 
 
