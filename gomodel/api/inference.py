@@ -70,10 +70,8 @@ class InferenceRoutes:
                     strip_usage = True
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
-        again = None
-        if fallbacks:  # from the body as the request made it, before the first target's own fields
-            made = dict(body)
-            again = retargeted(request, ctx, self._salts, lambda provider: dict(made))
+        # (a fallback's body from this one as the request made it, before the first target's own fields)
+        again = retargeted(request, ctx, self._salts, copies(body)) if fallbacks else None
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
         if self._salts is not None:
             self._salts.apply(ctx.principal, upstream, body)
@@ -172,9 +170,15 @@ def target(request, ctx, salts, upstream, body):
         salts.apply(ctx.principal, upstream, body)
 
 
+def copies(body):
+    """C{(provider)} -> a new copy of C{body} as it is now (L{retargeted}'s C{made}, for any provider)."""
+    made = dict(body)
+    return lambda provider: dict(made)
+
+
 def retargeted(request, ctx, salts, made):
-    """L{UpstreamCall}'s C{rebody} for a body whose fields depend on the provider: C{made()}, a fresh copy
-    of the body as the client's request made it (before any target's own fields), with the target's
+    """L{UpstreamCall}'s C{rebody} for a body whose fields depend on the provider: C{made(provider)}, a fresh
+    copy of the body as the client's request made it (before any target's own fields), with the target's
     C{model} and what its provider takes (L{target}); never the first target's C{priority} or C{cache_salt}.
 
     @param made: C{(provider)} -> a new dict: the body for a target of that provider, its model not yet set.

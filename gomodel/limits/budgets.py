@@ -120,10 +120,14 @@ class BudgetBook:
         sums, lost = answer
         if not lost:
             return self._judge(sums, current, now)
+        self._forget(lost, current)
+        return ensureDeferred(self._check_seeded(current, now))
+
+    def _forget(self, lost, current):
+        """Sums of C{current} that shared counters lost: seeded again before their next use."""
         for bucket in lost:
             self._seeded.pop(bucket, None)
         current.seeded = False
-        return ensureDeferred(self._check_seeded(current, now))
 
     def check_now(self, scopes) -> bool:
         """L{check} at once where it can be: on counters that answer at once, every period seeded.
@@ -188,8 +192,7 @@ class BudgetBook:
             return list(await self._counters.spent_all(current.buckets))
         sums, lost = await self._counters.spent_seeded(current.buckets)
         if lost:  # lost by Redis: seeded again, as a check would
-            for bucket in lost:
-                self._seeded.pop(bucket, None)
+            self._forget(lost, current)
             await self._seed_all(current)
             sums, _ = await self._counters.spent_seeded(current.buckets)
         if self._counters.unreachable:
