@@ -446,6 +446,38 @@ def test_every_scope_of_a_request_is_charged(counters, clock):
     assert info.value.scope == "path:/t"
 
 
+def test_a_ledger_that_cannot_be_read_is_asked_again_only_after_a_while_and_said_once(counters, clock):
+    """While the store is down a seed's read fails fast or waits for a connection: it is not tried on every
+    request (each would wait), and it is logged once, not per request."""
+    from twisted.logger import Logger, LogLevel
+
+    from gomodel.errors import StorageUnavailable
+    from gomodel.limits.budgets import SEED_RETRY
+
+    clock.rightNow = utc(2026, 3, 18, 12)
+    calls, events, ledger = [], [], {"down": True}
+
+    def seed(scope, since):
+        calls.append(scope)
+        if ledger["down"]:
+            raise StorageUnavailable("The gateway's storage is unavailable (database is down).")
+        return 150, 0.0
+
+    book = BudgetBook(counters, clock, seed=seed)
+    book.log = Logger(observer=events.append)
+    scopes = [("key:k", [Budget("daily", max_tokens=100)])]
+    for _ in range(5):
+        fired(book.check(scopes))  # counted from what the sum holds meanwhile
+        fired(book.record(scopes, 10, None))
+    assert calls == ["key:k"] and [e["log_level"] for e in events] == [LogLevel.warn]
+    assert "database is down" in events[0]["error"] and "Error" not in events[0]["error"]
+    clock.advance(SEED_RETRY)
+    ledger["down"] = False
+    with pytest.raises(BudgetExceeded):  # read now: 150 of 100
+        fired(book.check(scopes))
+    assert calls == ["key:k", "key:k"] and [e["log_level"] for e in events] == [LogLevel.warn, LogLevel.info]
+
+
 def test_seeding_resumes_from_the_ledger_once_per_scope_and_period(counters, clock):
     clock.rightNow = utc(2026, 3, 18, 12)
     calls = []

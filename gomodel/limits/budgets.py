@@ -38,9 +38,13 @@ import inspect
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
-from gomodel.errors import BudgetExceeded
+from gomodel.errors import BudgetExceeded, GatewayError
 from gomodel.limits.counters import INF
 from gomodel.limits.specs import period_window
+
+
+# Seconds between reads of the usage ledger for a budget's seed while they fail.
+SEED_RETRY = 5.0
 
 
 class BudgetBook:
@@ -58,6 +62,7 @@ class BudgetBook:
         self._seeding = {}  # bucket -> Deferreds waiting for its seed
         self._windows = {}  # period -> (start, end) of the period last asked for
         self._currents = {}  # id(scopes) -> its _Current (which holds scopes: the id is not reused)
+        self._seed_failed_at = None  # when the last read of the ledger failed, while reads fail
 
     def _window(self, period, now):
         """L{period_window}, computed once per period (a calendar computation otherwise on every request)."""
@@ -237,6 +242,9 @@ class BudgetBook:
         return self._counters.spend_all(items)
 
     async def _seed_all(self, current):
+        failed = self._seed_failed_at
+        if failed is not None and self._clock.seconds() - failed < SEED_RETRY:
+            return  # the ledger could not be read a moment ago: the sums count as they stand meanwhile
         for scope, _, bucket, start, end in current.rows:
             if bucket in self._seeded:
                 continue
@@ -265,10 +273,17 @@ class BudgetBook:
         try:
             tokens, cost = await self._ledger(scope, start)
         except Exception as e:
-            # Not marked seeded: the next request tries again.
-            self.log.warn("Could not read what {scope} spent since {since}; its budget counts from zero for now: "
-                          "{error}", scope=scope, since=start, error=f"{type(e).__name__}: {e}")
+            # Not marked seeded: tried again after SEED_RETRY seconds (the store may be down: a read per
+            # request would be a wait per request), said once until a read succeeds.
+            if self._seed_failed_at is None:
+                self.log.warn("Could not read what {scope} spent since {since}; budgets count from what their sums "
+                              "hold until the usage ledger can be read: {error}", scope=scope, since=start,
+                              error=e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}")
+            self._seed_failed_at = self._clock.seconds()
             return
+        if self._seed_failed_at is not None:
+            self._seed_failed_at = None
+            self.log.info("the usage ledger can be read again: budgets start from it")
         if self._counters.shared:  # set by the first process to seed it (see the module)
             await self._counters.seed_all([(bucket, int(tokens or 0), float(cost or 0.0), expires)])
         elif tokens or cost:
