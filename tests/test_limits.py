@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 
 from gomodel.accounting.tokens import requested_tokens
 from gomodel.errors import BudgetExceeded, RateLimitExceeded, whole_seconds
-from gomodel.limits.budgets import BudgetBook
+from gomodel.limits.budgets import SEED_RETRY, BudgetBook
 from gomodel.limits.counters import LocalCounters
 from gomodel.limits.gate import estimate
 from gomodel.limits.lanes import Ticket
@@ -452,7 +452,6 @@ def test_a_ledger_that_cannot_be_read_is_asked_again_only_after_a_while_and_said
     from twisted.logger import Logger, LogLevel
 
     from gomodel.errors import StorageUnavailable
-    from gomodel.limits.budgets import SEED_RETRY
 
     clock.rightNow = utc(2026, 3, 18, 12)
     calls, events, ledger = [], [], {"down": True}
@@ -532,7 +531,10 @@ def test_a_failing_seed_is_retried_and_a_pending_one_is_waited_for(counters, clo
     assert len(pending) == 1 and not first.called and not second.called
     pending[0].errback(RuntimeError("ledger down"))
     assert first.called and second.called
-    third = book.check(scopes)  # tried again
+    fired(book.check(scopes))  # not read again at once...
+    assert len(pending) == 1
+    clock.advance(SEED_RETRY)
+    third = book.check(scopes)  # ...but after a while
     assert len(pending) == 2
     pending[1].callback((100, 0.0))
     with pytest.raises(BudgetExceeded):
