@@ -30,8 +30,10 @@ from gomodel.store.threads import OwnedThreads
 
 POOL_TIMEOUT = 5.0  # how long a job waits for a connection before it is a 503
 # How long a store job may take before its caller gets a 503: a server that hangs with its connections
-# alive (stopped, its disk stalled, a lock never released) answers no probe and no keepalive. The same
-# bound goes to the server as each connection's statement_timeout, unless POSTGRES_URL sets `options`.
+# alive (stopped, its disk stalled, a lock never released) answers no probe and no keepalive. (Nothing is
+# sent to the server for it: a startup `options` parameter is refused by PgBouncer, and a SET would outlive
+# the session behind a transaction pooler; POSTGRES_URL's own `options=-c statement_timeout=...` may add
+# one on the server.)
 JOB_TIMEOUT = 30.0
 DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
@@ -63,7 +65,7 @@ class Database:
         @param job_timeout: the seconds a job may take (L{JOB_TIMEOUT}).
         """
         self._url = url
-        self._options = _options(url, job_timeout)
+        self._options = _options(url)
         self._job_timeout = job_timeout
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -255,17 +257,15 @@ class Database:
         return result
 
 
-def _options(url, job_timeout=JOB_TIMEOUT) -> dict:
-    """L{CONN_OPTIONS} and a C{statement_timeout} of C{job_timeout}, less those the URL sets itself (its own
-    win)."""
+def _options(url) -> dict:
+    """L{CONN_OPTIONS} less those the URL sets itself (its own win)."""
     from psycopg.conninfo import conninfo_to_dict
 
     try:
         own = conninfo_to_dict(url)
     except Exception:  # a malformed URL: connecting says why
         own = {}
-    options = dict(CONN_OPTIONS, options=f"-c statement_timeout={max(1, round(job_timeout * 1000))}")
-    return {name: value for name, value in options.items() if name not in own}
+    return {name: value for name, value in CONN_OPTIONS.items() if name not in own}
 
 
 def _ping(conn):
