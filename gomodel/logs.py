@@ -222,7 +222,7 @@ class FailureStreak:
             self._owner.log.failure(self._what, failure)
         elif not self.failing:
             self.failing = True
-            self._owner.log.warn(self._what + ": {reason} (logged again once it succeeds)",
+            self._owner.log.warn(self._what + ": {reason} (not repeated until it succeeds again)",
                                  reason=failure.value.message)
 
     def succeeded(self, result=None):

@@ -307,7 +307,7 @@ def test_the_key_ring_logs_a_store_outage_once_and_its_end():
     [warning] = events
     assert warning["log_level"] == LogLevel.warn and "log_failure" not in warning
     assert formatEvent(warning) == ("refreshing the managed keys failed: The gateway's storage is unavailable "
-                                    "(database is down). (logged again once it succeeds)")
+                                    "(database is down). (not repeated until it succeeds again)")
     keys.answer = None
     ring.refresh()
     ring.refresh()
