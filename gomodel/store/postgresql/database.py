@@ -187,10 +187,11 @@ class Database:
         """Run C{f(conn, *args)} in a store thread with a pooled connection.
 
         @return: a Deferred firing with its result; it fails with
-            L{StorageUnavailable} when the server cannot be reached (or the
-            store is stopped), with L{InvalidRequest} when a value cannot be
-            held (psycopg's C{DataError}: a text with a NUL character, a number
-            past its column), else with what C{f} raised.
+            L{StorageUnavailable} when the server cannot be reached, does not
+            answer within the job's time limit (L{JOB_TIMEOUT}), or the store
+            is stopped; with L{InvalidRequest} when a value cannot be held
+            (psycopg's C{DataError}: a text with a NUL character, a number
+            past its column); else with what C{f} raised.
         """
         if self._pool is None or self._fatal is not None:
             return fail(self._unavailable())
