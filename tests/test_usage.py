@@ -252,3 +252,45 @@ def test_token_counts_by_type_in_every_naming():
     for odd in (-1, True, 10**12 + 1, 2**64, 3.0):
         assert total_tokens({"total_tokens": odd, "prompt_tokens": 2, "completion_tokens": 3}) == 5
     assert total_tokens({"total_tokens": 0, "prompt_tokens": 2}) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_down_is_logged_once_a_streak_of_failed_flushes(reactor, tmp_path):
+    import socket
+
+    import pytest
+
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, Logger
+
+    from gomodel.accounting.usage import UsageLedger
+    from gomodel.store.postgresql import PostgreSQLStore
+    from tests import postgres
+    from tests.stores import postgresql_backend
+
+    postgres.require()
+    with socket.socket() as s:  # a port nothing listens on: the server refuses, as a database down does
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = PostgreSQLStore(f"postgresql://gomodel@127.0.0.1:{port}/none?connect_timeout=2", reactor, clock=Clock())
+    down.startService()
+    up = await postgresql_backend(reactor, tmp_path, Clock())
+    try:
+        with pytest.raises(Exception):
+            await down.started()
+        ledger = UsageLedger(down.usage, down.claims, Clock(), "test", flush_interval=5.0)
+        events = []
+        ledger.log = Logger(observer=events.append)
+        for i in range(3):
+            ledger.keep(f"r{i}", 100.0 + i, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", 200, False, None)
+            await ledger.flush()
+        assert [e["log_level"] for e in events] == [LogLevel.warn]  # not one a flush
+        ledger._usage = up.usage  # the database is back
+        await ledger.flush()
+        await ledger.flush()
+        assert [e["log_level"] for e in events] == [LogLevel.warn, LogLevel.info]
+        assert len((await up.usage.log(0, 1e9, 10))[0]) == 3  # nothing was lost
+    finally:
+        await down.stopService()
+        await up.stopService()
+        await up.cleanup()

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.errors import RowsRejected
-from gomodel.logs import log_failure
+from gomodel.logs import FailureStreak, log_failure
 from gomodel.store.records import USAGE_FIELDS
 from gomodel.store.sweeps import claimed
 
@@ -50,6 +50,9 @@ class UsageLedger(Service):
         self._buffer = []
         self._writing = DeferredLock()  # one write at a time, in order
         self._loops = []
+        # A store down fails every flush: one warning a streak (the records are kept), an info line at its end.
+        self._flushes = FailureStreak(self, "writing usage records failed; they are kept for the next flush",
+                                      "usage records are written again")
 
     def __call__(self, ctx):
         """A request is over: keep its record if it reached an upstream."""
@@ -137,8 +140,7 @@ class UsageLedger(Service):
 
         def failed(failure):
             if not failure.check(RowsRejected):
-                log_failure(self.log, failure, "writing {count} usage records failed; kept for the next flush",
-                            count=len(records))
+                self._flushes.failed(failure)
                 self._buffer[:0] = records
             elif len(records) == 1:
                 self.log.error("usage record {request_id} cannot be written ({reason}); dropped",
@@ -147,7 +149,7 @@ class UsageLedger(Service):
                 half = len(records) // 2
                 return self._add(records[:half]).addCallback(lambda _: self._add(records[half:]))
 
-        return self._usage.add(records).addErrback(failed)
+        return self._usage.add(records).addCallbacks(self._flushes.succeeded, failed)
 
     def startService(self):
         super().startService()
