@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from gomodel.errors import StorageUnavailable
 from gomodel.store import SQLiteStore
 from tests import postgres
 
@@ -45,6 +46,27 @@ async def postgresql_backend(reactor, path, clock):
         await cleanup()
         raise
     return store
+
+
+async def down_postgresql(reactor):
+    """A started PostgreSQL store whose server refuses (a port of 127.0.0.1 nothing listens on, as a database
+    down): every job fails with L{StorageUnavailable}. Stop it after."""
+    import socket
+
+    from gomodel.store.postgresql import PostgreSQLStore
+
+    postgres.require()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = PostgreSQLStore(f"postgresql://gomodel@127.0.0.1:{port}/none?connect_timeout=2", reactor, clock=Clock())
+    store.startService()
+    try:
+        await store.started()
+    except StorageUnavailable:
+        return store
+    await store.stopService()
+    raise AssertionError("a store with no server opened")
 
 
 async def _nothing():

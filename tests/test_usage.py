@@ -256,28 +256,15 @@ def test_token_counts_by_type_in_every_naming():
 
 @pytest_twisted.ensureDeferred
 async def test_a_store_down_is_logged_once_a_streak_of_failed_flushes(reactor, tmp_path):
-    import socket
-
-    import pytest
-
     from twisted.internet.task import Clock
     from twisted.logger import LogLevel, Logger
 
     from gomodel.accounting.usage import UsageLedger
-    from gomodel.store.postgresql import PostgreSQLStore
-    from tests import postgres
-    from tests.stores import postgresql_backend
+    from tests.stores import down_postgresql, postgresql_backend
 
-    postgres.require()
-    with socket.socket() as s:  # a port nothing listens on: the server refuses, as a database down does
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    down = PostgreSQLStore(f"postgresql://gomodel@127.0.0.1:{port}/none?connect_timeout=2", reactor, clock=Clock())
-    down.startService()
+    down = await down_postgresql(reactor)
     up = await postgresql_backend(reactor, tmp_path, Clock())
     try:
-        with pytest.raises(Exception):
-            await down.started()
         ledger = UsageLedger(down.usage, down.claims, Clock(), "test", flush_interval=5.0)
         events = []
         ledger.log = Logger(observer=events.append)
