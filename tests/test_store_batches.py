@@ -155,3 +155,28 @@ async def test_a_tenants_listing_takes_only_its_own_batches_as_cursor(store):
         await store.batches.add(batch(batch_id, tenant=tenant))
     assert await store.batches.list(after="batch_b", tenant="path:/a") == ([], False)  # as an unknown id
     assert [r["id"] for r in (await store.batches.list(after="batch_b"))[0]] == ["batch_a"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_down_is_logged_once_a_streak_of_failed_claim_renewals(reactor):
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, Logger
+
+    from gomodel.batches.claiming import ClaimLoop
+    from tests.stores import down_postgresql
+
+    down = await down_postgresql(reactor)
+    try:
+        jobs = {f"batch_{i}": SimpleNamespace(batch_id=f"batch_{i}", token="t", stop=None) for i in range(2)}
+        loop = ClaimLoop(down.batches, Clock(), "host:1", 30.0, 0, jobs, None)
+        events = []
+        loop.log = Logger(observer=events.append)
+        for _ in range(3):  # three heartbeats of two batches each: six renewals failed
+            await loop._heartbeat()
+        [warning] = events
+        assert warning["log_level"] == LogLevel.warn and "not repeated" in warning["log_format"]
+        assert "127.0.0.1" not in str(warning)  # no host in a log line
+    finally:
+        await down.stopService()

@@ -15,11 +15,12 @@ otherwise the batch waits, unclaimed, for the first process to take it. A
 process looks again as soon as one of its batches ends.
 """
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gomodel.errors import StorageUnavailable
+from gomodel.logs import FailureStreak
 from gomodel.store.records import owner_is_gone
 
 MAX_CLAIMED = 8  # batches one process holds at most (BATCH_MAX_CLAIMED)
@@ -51,6 +52,8 @@ class ClaimLoop:
         self._scanning = None
         self._again = False  # a look was asked for while one was under way
         self._claiming = DeferredLock()  # one claim pass at a time: the cap holds
+        # A store down fails every renewal of every batch held: one warning a streak, an info line at its end.
+        self._renewals = FailureStreak(self, "renewing the batch claims failed", "the batch claims are renewed again")
 
     def start(self):
         """Start the heartbeat."""
@@ -143,15 +146,22 @@ class ClaimLoop:
         await self.claim_free()
 
     def _heartbeat(self):
+        """Renew the claim of each batch held.
+
+        @return: a Deferred firing with None once every renewal answered (a failure is logged, see
+            C{_renewals}).
+        """
+        renewals = []
         for job in list(self._jobs.values()):
             if job.stop in ("lost", "shutdown"):
                 continue
             d = self._batches.renew(job.batch_id, self._owner, job.token, self._lease)
 
             def renewed(held, job=job):
+                self._renewals.succeeded()
                 if not held and job.stop != "lost":
                     self.log.warn("batch {batch_id}: our claim was taken over; stopping", batch_id=job.batch_id)
                     job.halt("lost")
 
-            d.addCallbacks(renewed, lambda f: self.log.warn("renewing a batch claim failed: {error}",
-                                                            error=f.getErrorMessage()))
+            renewals.append(d.addCallbacks(renewed, self._renewals.failed))
+        return DeferredList(renewals).addCallback(lambda _: None)
