@@ -292,6 +292,14 @@ def storage_type(value) -> str:
 
 
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq's other parameters that take one of a few words, and those that take a whole number: a value it
+# refuses fails every connection, so the start.
+_CHOICES = {"sslmode": _SSLMODES, "gssencmode": ("disable", "prefer", "require"),
+            "channel_binding": ("disable", "prefer", "require"), "load_balance_hosts": ("disable", "random"),
+            "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+            "sslnegotiation": ("postgres", "direct")}
+_INTEGERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+             "tcp_user_timeout")
 
 
 def postgres_url(value) -> str:
@@ -311,8 +319,13 @@ def postgres_url(value) -> str:
     for port in str(parts.get("port") or "").split(","):
         if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError("has a port that is not a number from 1 to 65535")
-    if parts.get("sslmode", "prefer") not in _SSLMODES:
-        raise ValueError(f"has an sslmode that is not one of {', '.join(_SSLMODES)}")
+    for name, choices in _CHOICES.items():
+        if parts.get(name) and parts[name] not in choices:  # (an empty value is libpq's default)
+            raise ValueError(f"has an {name} that is not one of {', '.join(choices)}" if name == "sslmode" else
+                             f"has a {name} that is not one of {', '.join(choices)}")
+    for name in _INTEGERS:
+        if parts.get(name) and not re.fullmatch(r"\s*[-+]?[0-9]+\s*", str(parts[name])):
+            raise ValueError(f"has a {name} that is not a whole number")
     return text
 
 
