@@ -300,3 +300,25 @@ async def test_the_pools_own_warnings_of_a_server_gone_are_not_logged(reactor, p
     finally:
         postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS true")
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_cannot_open_says_so_once_while_it_tries_again(reactor):
+    from twisted.logger import LogLevel, Logger
+
+    from tests.stores import down_postgresql
+
+    down = await down_postgresql(reactor)  # its first attempt failed
+    events = []
+    down._db.log = Logger(observer=events.append)
+    try:
+        for _ in range(3):  # the next attempts (as its timer would make them)
+            down._db._retry.cancel()
+            await down._db._open()
+        assert [e["log_level"] for e in events] == [LogLevel.debug] * 3  # the first attempt's warning said it
+        down._db.problem = "another reason"
+        down._db._retry.cancel()
+        await down._db._open()
+        assert events[-1]["log_level"] == LogLevel.warn and "127.0.0.1" not in str(events[-1])
+    finally:
+        await down.stopService()

@@ -140,9 +140,12 @@ class Database:
                 self._fatal = self.problem = reason
                 self.log.error("cannot use the PostgreSQL store: {reason}", reason=reason)
             else:
-                self.problem = reason
-                self.log.warn("cannot open the PostgreSQL store ({reason}); trying again in {delay:g}s",
-                              reason=reason, delay=self._delay)
+                # Said once a streak (and when the reason changes): the attempts go on every 10 s.
+                said, self.problem = self.problem == reason, reason
+                (self.log.debug if said else self.log.warn)(
+                    "cannot open the PostgreSQL store ({reason}); trying again in {delay:g}s, then every "
+                    "{longest:g}s at most (not logged again until it opens or the reason changes)",
+                    reason=reason, delay=self._delay, longest=OPEN_BACKOFF[1])
                 self._retry = self._reactor.callLater(self._delay, self._open)
                 self._delay = min(self._delay * 2, OPEN_BACKOFF[1])
             waiting, self._waiting = self._waiting, []
