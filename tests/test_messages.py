@@ -580,6 +580,32 @@ async def test_a_virtual_model_reaches_each_target_its_own_way(reactor, fake):
         await other.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_translated_answer_names_the_model_of_the_target_that_gave_it(reactor):
+    """A fallback that answers a translated request is the model the answer names, streamed or not (a
+    stream's message_start named the first target's model, which had failed)."""
+    first, second = await start_fake(reactor, models=("model-a",)), await start_fake(reactor, models=("model-b",))
+    rules = {"openai/model-a": ["openai-other/model-b"]}
+    gw = await start(reactor, {"OPENAI_BASE_URL": first.base_url, "OPENAI_API_KEY": "sk-upstream",
+                               "OPENAI_OTHER_BASE_URL": second.base_url, "OPENAI_OTHER_API_KEY": "sk-upstream",
+                               "FAILOVER_RULES_JSON": json.dumps(rules), "REPLICA_FAILURE_THRESHOLD": "100"})
+    first.steer = {"fake_status": 503}
+    client = sdk(gw)
+    try:
+        message = await in_thread(client.messages.create, model="openai/model-a", max_tokens=8, messages=HELLO)
+        assert message.model == "model-b"
+        seen, final = await in_thread(collect, client.messages.stream(model="openai/model-a", max_tokens=8,
+                                                                      messages=HELLO))
+        assert seen[0].type == "message_start" and seen[0].message.model == "model-b"
+        assert final.model == "model-b" and final.content[0].text == "héhéhé"
+        assert [r.body["model"] for r in second.requests if r.path == b"/v1/chat/completions"] == ["model-b"] * 2
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await first.stop()
+        await second.stop()
+
+
 # -- count_tokens --------------------------------------------------------------------------
 
 

@@ -608,7 +608,7 @@ def stop_reason(finish_reason, matched, tool_used, tools_complete):
 
 
 def chat_to_message(chat: dict, model: str) -> dict:
-    """The Messages answer for a chat-completions answer C{chat}, naming C{model} (the client's name for it).
+    """The Messages answer for a chat-completions answer C{chat}, naming C{model} (the model that gave it).
 
     @raise ValueError: C{chat} has no choice.
     @raise TypeError: C{chat} is not shaped as a chat completion.
@@ -795,7 +795,11 @@ class ChatToMessagesStream:
     @ivar events: upstream chunks with content (about one token each), for an estimate.
     """
 
-    def __init__(self, model: str, message_id: str | None = None):
+    def __init__(self, model, message_id: str | None = None):
+        """
+        @param model: the model C{message_start} names: a string, or a function giving it when the stream
+            starts (the target that answered, a fallback's maybe, is known only then).
+        """
         self._framer = SSEFramer()
         self._model = model
         self._id = message_id
@@ -853,11 +857,12 @@ class ChatToMessagesStream:
         self._started = True
         if self._id is None:
             self._id = message_id(chunk.get("id"))
+        model = self._model() if callable(self._model) else self._model
         usage = {"input_tokens": 0, "output_tokens": 0}
         if self.usage:
             usage.update({k: v for k, v in self.usage.items() if k != "output_tokens"})
         out.append(_event("message_start", {"message": {
-            "id": self._id, "type": "message", "role": "assistant", "model": self._model, "content": [],
+            "id": self._id, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": usage}}))
 
     def _choice(self, choice, out):

@@ -240,7 +240,7 @@ class MessagesRoutes:
         # a whole answer to a stream, events (not its chat chunks) from a stream nobody asked for.
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
         call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model,
-                            observer=ChatToMessagesStream(ctx.upstream_model),
+                            observer=ChatToMessagesStream(lambda: ctx.upstream_model),  # (the target that answers)
                             transform=lambda answer: whole(answer, ctx.upstream_model), affinity=affinity,
                             fallbacks=fallbacks,
                             rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None)
