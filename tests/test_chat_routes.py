@@ -414,11 +414,14 @@ async def test_a_bare_id_several_providers_serve_names_to_a_key_only_the_provide
     that may use none is refused (chat) or not shown it (retrieve), never told who serves it."""
     fakes = [await start_fake(reactor) for _ in range(3)]
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fakes[0].base_url, "VLLM_B_BASE_URL": fakes[1].base_url,
-                                       "VLLM_C_BASE_URL": fakes[2].base_url, "GOBARE_MASTER_KEY": "master-k"})
+                                       "VLLM_C_BASE_URL": fakes[2].base_url, "GOMODEL_MASTER_KEY": "master-k"})
     master = {"authorization": "Bearer master-k"}
     try:
         response = await http.get(gw.url + "/v1/models/" + BARE, headers=master)
         assert response.code == 400 and error_of(await treq.content(response))["code"] == "ambiguous_model"
+        response, content = await post(http, gw, {"model": BARE, "messages": []}, master)
+        assert response.code == 400 and error_of(content)["code"] == "ambiguous_model"
+        assert all(f"{p}/{BARE}" in error_of(content)["message"] for p in ("vllm", "vllm-b", "vllm-c"))
         keys = {}
         for name, models in (("one", ["vllm-b/"]), ("two", ["vllm/", "vllm-c/"]), ("none", ["openai/"]),
                              ("bare", [BARE])):
