@@ -144,7 +144,14 @@ async def test_a_key_allowed_one_target_uses_and_sees_the_virtual_model(reactor,
         assert response.code == 403 and body["error"]["code"] == "model_access_denied"
         listed = json.loads(await (await http.get(gw.url + "/v1/models", headers=auth)).content())
         assert sorted(m["id"] for m in listed["data"]) == sorted(["llama", f"vllm-a/{UPSTREAM}"])
-        assert (await http.get(gw.url + "/v1/models/llama", headers=auth)).code == 200
+        # The virtual model's targets it is shown are those it may use: never the provider it may not.
+        shown = [m for m in listed["data"] if m["id"] == "llama"][0]["targets"]
+        assert shown == [{"model": f"vllm-a/{UPSTREAM}", "weight": 1}]
+        response = await http.get(gw.url + "/v1/models/llama", headers=auth)
+        assert response.code == 200 and json.loads(await response.content())["targets"] == shown
+        response = await http.get(gw.url + "/v1/models/llama", headers={"authorization": "Bearer master-k"})
+        assert [t["model"] for t in json.loads(await response.content())["targets"]] == [
+            f"vllm-a/{UPSTREAM}", f"vllm-b/{UPSTREAM}"]
     finally:
         await gw.service.stopService()
         await a.stop()

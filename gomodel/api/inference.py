@@ -271,6 +271,25 @@ def admitted(registry, name, principal) -> bool:
     return True
 
 
+def shown_targets(registry, name, targets, principal):
+    """Which of virtual model C{name}'s C{targets} (selectors) C{principal} is shown (C{/v1/models}): those whose
+    route it may use (L{plan_model} takes no other for it); None for all of them (the master key, a key
+    unrestricted, or one that may use the virtual model by its name: every target is then its way)."""
+    if principal is None or principal.models is None or principal.names(name):
+        return None
+    shown = set()
+    for target in targets:
+        try:
+            route = registry.resolve(target)
+        except (ModelNotFound, InvalidRequest):
+            continue
+        if _as_sent(principal, name, route):
+            return None
+        if principal.allows(qualified(route)) or principal.names(route.upstream_model):
+            shown.add(target)
+    return shown
+
+
 def _as_sent(principal, name, route) -> bool:
     """Whether C{principal}'s selectors admit C{name} as the request sent it, routed to C{route}: by name, or
     by a provider selector where C{name} begins with C{route}'s provider (its instance's or its type's name);

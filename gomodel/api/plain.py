@@ -9,7 +9,7 @@ spellings: a trailing slash, another method).
 """
 
 from gomodel import errors, jsonutil
-from gomodel.api.inference import admitted, qualified, unambiguous
+from gomodel.api.inference import admitted, qualified, shown_targets, unambiguous
 from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
 from gomodel.http import render
 from gomodel.http.bodies import json_answer
@@ -67,7 +67,8 @@ class PlainRoutes:
         principal = request.context.principal
         models = None
         if principal is not None and principal.models is not None:
-            models = [model for model in self._registry.models() if _may_use(self._registry, principal, model)]
+            models = [_shown(self._registry, principal, model) for model in self._registry.models()
+                      if _may_use(self._registry, principal, model)]
         if wants_anthropic(request):
             request.context.dialect = render.ANTHROPIC
             return json_answer(request, anthropic_models_page(request, models if models is not None
@@ -93,9 +94,23 @@ class PlainRoutes:
         else:
             if model is not None and not admitted(self._registry, model_id, principal):
                 model = None  # a model the key may not use is not named to it
+            elif model is not None:
+                model = _shown(self._registry, principal, model)
         if model is None:
             raise errors.ModelNotFound(model_id)
         return json_answer(request, anthropic_model(model) if anthropic else model)
+
+
+def _shown(registry, principal, model) -> dict:
+    """C{model} (one it may use) as C{principal} is shown it: a virtual model with only the targets it may use
+    (L{shown_targets}): a key is never told of providers it may not use."""
+    targets = model.get("targets")
+    if model.get("owned_by") != "gomodel" or not isinstance(targets, list):  # (a provider's: its upstream's fields)
+        return model
+    shown = shown_targets(registry, model["id"], [target["model"] for target in targets], principal)
+    if shown is None:
+        return model
+    return dict(model, targets=[target for target in targets if target["model"] in shown])
 
 
 def _may_use(registry, principal, model) -> bool:
