@@ -211,7 +211,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     _allowed_target(registry, name, principal)
     allowed = []
     for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
-        if principal.allows(qualified(route)) or principal.names(route.upstream_model):
+        if _may_route(principal, route):
             allowed.append(route)
     return allowed
 
@@ -229,8 +229,8 @@ def resolve_model(registry, body, principal=None):
         route = registry.resolve(name)
     except AmbiguousModel as ambiguous:
         return unambiguous(registry, ambiguous, principal)
-    if (principal is None or principal.allows(qualified(route)) or _as_sent(principal, name, route)
-            or principal.names(route.upstream_model)):
+    if (principal is None or principal.models is None or _may_route(principal, route)
+            or _as_sent(principal, name, route)):
         return route
     return _allowed_target(registry, name, principal)
 
@@ -246,7 +246,7 @@ def unambiguous(registry, ambiguous, principal):
     if principal is None or principal.models is None:
         raise ambiguous
     usable = [route for route in registry.serving(ambiguous.model)
-              if principal.allows(qualified(route)) or principal.names(route.upstream_model)]
+              if _may_route(principal, route)]
     if len(usable) == 1:
         return usable[0]
     if usable:
@@ -285,7 +285,7 @@ def shown_targets(registry, name, targets, principal):
             continue
         if _as_sent(principal, name, route):
             return None
-        if principal.allows(qualified(route)) or principal.names(route.upstream_model):
+        if _may_route(principal, route):
             shown.add(target)
     return shown
 
@@ -298,6 +298,12 @@ def _as_sent(principal, name, route) -> bool:
     return principal.allows(name) if name.startswith(route.provider.named_by) else principal.names(name)
 
 
+def _may_route(principal, route) -> bool:
+    """Whether C{principal}'s selectors admit C{route}: by its qualified id, or by its model's id at its
+    provider (as C{/v1/models} lists it)."""
+    return principal.allows(qualified(route)) or principal.names(route.upstream_model)
+
+
 def _allowed_target(registry, name, principal):
     """A route C{name} itself names that C{principal} may use: a virtual model's draw may have picked a
     target the key may not use while others remain; a failover candidate is no way in.
@@ -305,7 +311,7 @@ def _allowed_target(registry, name, principal):
     @raise ModelAccessDenied: there is none.
     """
     for route in registry.targets(name):
-        if principal.allows(qualified(route)) or principal.names(route.upstream_model):
+        if _may_route(principal, route):
             return route
     raise ModelAccessDenied(name)
 

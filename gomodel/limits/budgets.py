@@ -190,10 +190,9 @@ class BudgetBook:
         @return: a list of C{(tokens, cost)}, in order.
         """
         current = self._current([(scope, (budget,)) for scope, budget in pairs], self._clock.seconds())
-        if self._seed is None:
-            return list(await self._counters.spent_all(current.buckets))
-        await self._seed_all(current)
-        if not self._counters.shared:
+        if self._seed is not None:
+            await self._seed_all(current)
+        if self._seed is None or not self._counters.shared:
             return list(await self._counters.spent_all(current.buckets))
         sums, lost = await self._counters.spent_seeded(current.buckets)
         if lost:  # lost by Redis: seeded again, as a check would

@@ -232,7 +232,8 @@ class SQLiteBatchStore:
             if not _apply(conn, batch_id, dict(changes, output_file_id=ids["output"], error_file_id=ids["error"]),
                           only_if_status, token):
                 return None
-            tenant, expiry = conn.execute("SELECT tenant, output_expires_after FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            tenant, expiry = conn.execute("SELECT tenant, output_expires_after FROM batches WHERE id = ?",
+                                          (batch_id,)).fetchone()
             for kind in ("output", "error"):  # the batch's tenant owns its output
                 if files.get(kind) is not None:
                     file_id, size = files[kind]
