@@ -582,6 +582,40 @@ async def test_a_fallback_gets_what_its_own_provider_takes(reactor, http, tmp_pa
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_bad_priority_header_is_refused_whichever_target_answers(reactor, http, tmp_path):
+    """A malformed X-Request-Priority is refused when a fallback would take it, also while the first target
+    (which does not) is up: before, the answer was 200 or 400 depending on the first target's health."""
+    import anthropic
+
+    other, vllm = await start_fake(reactor), await start_fake(reactor, messages=False)
+    bare = "meta-llama/Llama-3.1-8B-Instruct"
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": vllm.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "OPENAI_OTHER_BASE_URL": other.base_url,
+        "OPENAI_OTHER_API_KEY": "sk-up", "FAILOVER_RULES_JSON": json.dumps({OTHER: [f"vllm/{bare}"]}),
+        "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    client = openai_client(gw, MASTER)
+    messages = anthropic.Anthropic(base_url=gw.url, api_key=MASTER, max_retries=0, timeout=10)
+    try:
+        for healthy in (True, False):
+            other.steer = {} if healthy else {"fake_status": 503}
+            with pytest.raises(openai.BadRequestError) as refused:
+                await chat(client, OTHER, extra_headers={"X-Request-Priority": "high"})
+            assert refused.value.code == "invalid_priority"
+            with pytest.raises(anthropic.BadRequestError):
+                await in_thread(messages.messages.create, model=OTHER, max_tokens=8, extra_headers={
+                    "X-Request-Priority": "high"}, messages=[{"role": "user", "content": "hi"}])
+        assert not [r for r in vllm.requests if r.method == b"POST"]
+        await chat(client, OTHER, extra_headers={"X-Request-Priority": "3"})  # (the first target down)
+        assert vllm.requests[-1].body["priority"] == 3
+    finally:
+        client.close()
+        messages.close()
+        await gw.service.stopService()
+        await vllm.stop()
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cache_salt_mode_off(reactor, http, fake):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
                                        "CACHE_SALT_MODE": "off"})

@@ -606,6 +606,46 @@ async def test_a_translated_answer_names_the_model_of_the_target_that_gave_it(re
         await second.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_target_that_fails_falls_back_to_one_reached_the_other_way(reactor):
+    """A native vLLM that is down falls back to an OpenAI provider's chat (translated), and an OpenAI provider
+    that is down to a vLLM's own Messages: before, only the targets reached the same way were tried."""
+    vllm, openai = await start_fake(reactor, models=("model-a",)), await start_fake(reactor, models=("model-b",))
+    rules = {"vllm/model-a": ["openai/model-b"], "openai/model-b": ["vllm/model-a"]}
+    gw = await start(reactor, {"VLLM_BASE_URL": vllm.base_url, "OPENAI_BASE_URL": openai.base_url,
+                               "OPENAI_API_KEY": "sk-upstream", "FAILOVER_RULES_JSON": json.dumps(rules),
+                               "REPLICA_FAILURE_THRESHOLD": "100"})
+    client = sdk(gw)
+    try:
+        vllm.steer = {"fake_status": 503}
+        message = await in_thread(client.messages.create, model="vllm/model-a", max_tokens=8, messages=HELLO)
+        assert message.model == "model-b" and message.content[0].text == "héhéhé"
+        seen, final = await in_thread(collect, client.messages.stream(model="vllm/model-a", max_tokens=8,
+                                                                      messages=HELLO))
+        assert seen[0].message.model == "model-b" and final.content[0].text == "héhéhé"
+        assert [r.path for r in vllm.requests if r.method == b"POST"] == [b"/v1/messages"] * 2
+        assert [(r.path, r.body["model"]) for r in openai.requests if r.method == b"POST"] == [
+            (b"/v1/chat/completions", "model-b")] * 2
+
+        vllm.steer, openai.steer = {}, {"fake_status": 503}
+        message = await in_thread(client.messages.create, model="openai/model-b", max_tokens=8, messages=HELLO)
+        assert message.model == "model-a"
+        assert [(r.path, r.body["model"]) for r in vllm.requests if r.method == b"POST"][-1] == (
+            b"/v1/messages", "model-a")
+
+        # The upstream's answer to a bad request is the client's: no other target is asked.
+        openai.steer = {"fake_status": 400, "fake_body": json.dumps({"error": {"message": "bad", "type": "x"}})}
+        asked = len(vllm.requests)
+        with pytest.raises(anthropic.BadRequestError):
+            await in_thread(client.messages.create, model="openai/model-b", max_tokens=8, messages=HELLO)
+        assert len(vllm.requests) == asked
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await vllm.stop()
+        await openai.stop()
+
+
 # -- count_tokens --------------------------------------------------------------------------
 
 

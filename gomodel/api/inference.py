@@ -71,7 +71,10 @@ class InferenceRoutes:
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
         # (a fallback's body from this one as the request made it, before the first target's own fields)
-        again = retargeted(request, ctx, self._salts, copies(body)) if fallbacks else None
+        again = None
+        if fallbacks:
+            vet_priority(request, ctx, fallbacks)
+            again = retargeted(request, ctx, self._salts, copies(body))
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
         if self._salts is not None:
             self._salts.apply(ctx.principal, upstream, body)
@@ -132,14 +135,40 @@ class InferenceRoutes:
         if principal is not None and principal.priority is not None:
             body["priority"] = principal.priority
             return
-        value = request_header(request, X_REQUEST_PRIORITY)
-        if value is None:
+        priority = header_priority(request)
+        if priority is not None:
+            body["priority"] = priority
+
+
+def header_priority(request):
+    """The request's C{X-Request-Priority}, an int, or None without one.
+
+    @raise InvalidRequest: it is not an integer in C{PRIORITY_MIN..PRIORITY_MAX}.
+    """
+    value = request_header(request, X_REQUEST_PRIORITY)
+    if value is None:
+        return None
+    priority = whole_number(value, PRIORITY_MIN, PRIORITY_MAX)
+    if priority is None:
+        raise InvalidRequest(f"X-Request-Priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}.",
+                             code="invalid_priority")
+    return priority
+
+
+def vet_priority(request, ctx, routes):
+    """Refuse now a malformed C{X-Request-Priority} that one of C{routes} (L{gomodel.routing.registry.Route}s,
+    fallbacks among them) would take: whether the request is refused must not depend on which target
+    answers (a fallback is reached only when those before it fail).
+
+    @raise InvalidRequest: see L{header_priority}.
+    """
+    principal = ctx.principal
+    if principal is not None and principal.priority is not None:
+        return
+    for route in routes:
+        if route.provider.priority_scheduling:
+            header_priority(request)
             return
-        priority = whole_number(value, PRIORITY_MIN, PRIORITY_MAX)
-        if priority is None:
-            raise InvalidRequest(f"X-Request-Priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}.",
-                                 code="invalid_priority")
-        body["priority"] = priority
 
 
 def unsaturated(gate, route, fallbacks):

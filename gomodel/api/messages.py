@@ -7,7 +7,8 @@ relayed byte for byte, a stream through L{MessagesStreamObserver} (which only
 notes usage and the end). Any other provider, and a vLLM whose server answers
 that it has no Messages API, gets it translated to chat completions and back
 (L{gomodel.anthropic.translate}); the gateway then remembers, per provider
-and model, not to ask natively for L{NO_NATIVE_TTL} seconds.
+and model, not to ask natively for L{NO_NATIVE_TTL} seconds. Fallbacks are tried among the targets
+reached the same way as the first, then among the others (L{MessagesRoutes._other_way}).
 
 The client's credentials never go upstream: the exchange sends only the
 provider's own key (C{Authorization: Bearer}), as on every route; vLLM
@@ -40,10 +41,10 @@ from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
                                          chat_to_message_bytes, count_tokens_answer, count_tokens_request, messages_to_chat,
                                          openai_error_to_anthropic, vllm_fields, without_vllm_fields)
-from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated
+from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
-from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall
+from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
 from gomodel.routing.affinity import affinity_key
 from gomodel.upstream.errors import upstream_error
 
@@ -129,6 +130,7 @@ class MessagesRoutes:
         model = body.get("model")
         routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
                                               ctx.principal))
+        vet_priority(request, ctx, routes)  # (a translated target takes it, whichever answers)
         headers = _forwarded(request)
         while True:
             first, fallbacks, native = self._targets(routes)
@@ -143,6 +145,8 @@ class MessagesRoutes:
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity)
             except _NoNative:
                 self._remember(ctx, MESSAGES)
+            except errors.GatewayError as failed:
+                routes = self._other_way(routes, first, fallbacks, native, failed)
 
     async def count_tokens(self, request, ctx):
         """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
@@ -164,13 +168,15 @@ class MessagesRoutes:
             first, fallbacks, native = self._targets(routes, counting=True)
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
-            if not native:
-                return await self._tokenize(request, ctx, upstream, body, fallbacks)
             try:
+                if not native:
+                    return await self._tokenize(request, ctx, upstream, body, fallbacks)
                 return await self._native(request, ctx, upstream, "/messages/count_tokens", body, fallbacks,
                                           None, _forwarded(request), None)
             except _NoNative as e:
                 self._remember(ctx, MESSAGES if e.api else COUNT_TOKENS)
+            except errors.GatewayError as failed:
+                routes = self._other_way(routes, first, fallbacks, native, failed)
 
     # -- the ways upstream -----------------------------------------------------------
 
@@ -290,6 +296,21 @@ class MessagesRoutes:
         first, *others = routes
         native = self._native_for(first, counting)
         return first, [route for route in others if self._native_for(route, counting) == native], native
+
+    def _other_way(self, routes, first, fallbacks, native, failed):
+        """The routes left to try once C{first} and C{fallbacks}, those reached one way (natively, or
+        translated), failed with C{failed}: those reached the other way (a native vLLM that is down falls
+        back to an OpenAI target of the same virtual model, and the other way round).
+
+        @raise failed: it is no failure another target may answer (L{fails_over}), or none is left.
+        """
+        rest = [route for route in routes if route is not first and route not in fallbacks]
+        if not rest or not fails_over(failed):
+            raise failed
+        self.log.info("{model} failed on the targets asked {way} ({why}); trying those asked the other way",
+                      model=first.upstream_model, way="natively" if native else "translated",
+                      why=failed.code or failed.status)
+        return rest
 
     def _remember(self, ctx, path):
         """The provider that answered C{ctx} has no native C{path} (L{MESSAGES}: no Messages API at all)

@@ -33,8 +33,8 @@ from zope.interface import implementer
 from gomodel import jsonutil
 from gomodel._twistedcompat import plain_headers, whole_body
 from gomodel.accounting.tokens import requested_tokens
-from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamTimeout,
-                            UpstreamUnreachable)
+from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamError,
+                            UpstreamTimeout, UpstreamUnreachable)
 from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, X_GOMODEL_REPLICA,
                                   copy_response_headers, is_event_stream)
 from gomodel.interfaces import IStreamObserver
@@ -50,6 +50,15 @@ ABORT_GRACE = 10.0  # seconds a broken stream's error event gets to reach the cl
 # Answers that send a request to another replica, when there is one and nothing went to the client:
 # vLLM's 500 is its engine failing (a replica shutting down answers it too), the others are overload.
 FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504))
+
+
+def fails_over(error) -> bool:
+    """Whether a call that failed with C{error} (what L{Exchange.relay} raised) may be sent to another target:
+    its upstreams could not be reached, timed out, were not ready or busy, or answered a L{FAILOVER_STATUSES}
+    status; never the gateway's own refusal (a limit, a budget) or the upstream's answer to a bad request."""
+    if isinstance(error, UpstreamError):
+        return error.status in FAILOVER_STATUSES
+    return isinstance(error, (UpstreamUnreachable, UpstreamTimeout, NoReadyReplica, ReplicasBusy))
 
 
 class UpstreamCall:
