@@ -458,3 +458,38 @@ async def test_a_bare_id_several_providers_serve_names_to_a_key_only_the_provide
         await gw.service.stopService()
         for fake in fakes:
             await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_reaches_a_model_by_its_provider_type_at_the_instance_it_may_use(reactor, http):
+    """C{vllm/X}, served by instances C{vllm} and C{vllm-b}, reaches vllm-b's X for a key that may use only
+    C{vllm-b/} (before: 403, as the type's first instance took it); and a bare id narrowed to the one provider
+    a key may use keeps its failover rules (before: none were tried)."""
+    fakes = [await start_fake(reactor), await start_fake(reactor), await start_fake(reactor, models=("other-model",))]
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": fakes[0].base_url, "VLLM_B_BASE_URL": fakes[1].base_url,
+        "VLLM_C_BASE_URL": fakes[2].base_url, "GOMODEL_MASTER_KEY": "master-k", "REPLICA_FAILURE_THRESHOLD": "100",
+        "FAILOVER_RULES_JSON": json.dumps({BARE: ["vllm-c/other-model"]})})
+    master = {"authorization": "Bearer master-k"}
+    try:
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=master,
+                                   data=json.dumps({"name": "b", "models": ["vllm-b/", "vllm-c/"]}).encode())
+        key = {"authorization": "Bearer " + jsonutil.loads(await treq.content(response))["value"]}
+        for path, body in (("/v1/chat/completions", {"messages": []}), ("/v1/responses", {"input": "hi"})):
+            response, content = await post(http, gw, dict(body, model="vllm/" + BARE), key, path=path)
+            assert response.code == 200, content
+            assert fakes[1].requests[-1].path == path.encode() and fakes[1].requests[-1].body["model"] == BARE
+        response = await http.get(gw.url + "/v1/models/vllm/" + BARE, headers=key)
+        assert response.code == 200 and jsonutil.loads(await treq.content(response))["id"] == "vllm-b/" + BARE
+        response, content = await post(http, gw, {"model": "vllm/" + BARE, "messages": []}, master)
+        assert response.code == 200 and fakes[0].requests[-1].path == b"/v1/chat/completions"  # (the first)
+
+        fakes[1].steer = {"fake_status": 503}
+        response, content = await post(http, gw, {"model": BARE, "messages": []}, key)
+        assert response.code == 200, content
+        assert fakes[2].requests[-1].body["model"] == "other-model"
+        assert not [r for r in fakes[0].requests if r.path == b"/v1/chat/completions"][1:]
+    finally:
+        await gw.service.stopService()
+        for fake in fakes:
+            await fake.stop()

@@ -234,14 +234,22 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     try:
         routes = registry.plan(name, affinity_of)
     except AmbiguousModel as ambiguous:
-        return [unambiguous(registry, ambiguous, principal)]
-    if principal is None or principal.models is None or routes and _as_sent(principal, name, routes[0]):
-        return routes
-    _allowed_target(registry, name, principal)
+        # the one provider the key may use, then the bare id's failover candidates
+        first = unambiguous(registry, ambiguous, principal)
+        routes = [first]
+        for route in registry.failover(name):
+            if route != first:
+                routes.append(route)
+    else:
+        if principal is None or principal.models is None or _as_sent(principal, name, routes[0]):
+            return routes
+        first = _allowed_target(registry, name, principal)
     allowed = []
     for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
         if _may_route(principal, route):
             allowed.append(route)
+    if first not in allowed:  # (a provider type's model at another instance of that type)
+        allowed.insert(0, first)
     return allowed
 
 

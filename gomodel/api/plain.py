@@ -9,7 +9,7 @@ spellings: a trailing slash, another method).
 """
 
 from gomodel import errors, jsonutil
-from gomodel.api.inference import admitted, qualified, shown_targets, unambiguous
+from gomodel.api.inference import admitted, qualified, resolve_model, shown_targets, unambiguous
 from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
 from gomodel.http import render
 from gomodel.http.bodies import json_answer
@@ -94,6 +94,9 @@ class PlainRoutes:
         else:
             if model is not None and not admitted(self._registry, model_id, principal):
                 model = None  # a model the key may not use is not named to it
+            elif model is not None and principal is not None and not _may_use(self._registry, principal, model):
+                # admitted elsewhere: a provider type's model at the instance the key may use
+                model = self._registry.model(qualified(resolve_model(self._registry, {"model": model_id}, principal)))
             elif model is not None:
                 model = _shown(self._registry, principal, model)
         if model is None:

@@ -158,17 +158,24 @@ class ModelRegistry:
             routes = virtual.order(self._real, _live, affinity_of)
         else:
             routes = [self._real(selector)]
-        for candidate in self._failover.get(selector, ()):
-            try:
-                route = self._real(candidate)
-            except (ModelNotFound, InvalidRequest):
-                continue
+        for route in self.failover(selector):
             if route not in routes:
                 routes.append(route)
         return routes
 
+    def failover(self, selector: str) -> list:
+        """The routes of C{selector}'s failover candidates that are served, in order."""
+        routes = []
+        for candidate in self._failover.get(selector, ()):
+            try:
+                routes.append(self._real(candidate))
+            except (ModelNotFound, InvalidRequest):
+                continue
+        return routes
+
     def targets(self, selector: str) -> list:
-        """The routes C{selector} itself names, in no order: a virtual model's targets (those served),
+        """The routes C{selector} itself names, in no order: a virtual model's targets (those served), a
+        provider type's model at each instance of that type that serves it (L{resolve} takes the first),
         another selector's one route; never its failover candidates.
 
         @raise ModelNotFound: nobody serves it.
@@ -176,7 +183,12 @@ class ModelRegistry:
         """
         virtual = self._virtual.get(selector)
         if virtual is None:
-            return [self._real(selector)]
+            route = self._real(selector)
+            parsed = parse_selector(selector)
+            if parsed.prefix is None:
+                return [route]
+            return [route] + [Route(pool, parsed.rest) for pool in self._pools if pool is not route.provider
+                              and pool.type == parsed.prefix and parsed.rest in (self.inventory(pool) or ())]
         routes = []
         for target, _ in virtual.targets:
             try:
