@@ -528,6 +528,40 @@ async def test_cache_salt_per_tenant_as_vllm_receives_it(http, gw, two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_messages_cache_salt_translated_for_a_vllm_is_kept_as_on_chat(reactor, http, tmp_path):
+    """A Messages request translated to a vLLM's chat (one without the Messages API) carries the client's own
+    cache_salt where its key may choose one, and the master key's, as natively; before, it was dropped and
+    the key got its tenant's salt. Another key's is replaced; a provider that is not vLLM gets none."""
+    import anthropic
+
+    vllm, other = await start_fake(reactor, messages=False), await start_fake(reactor)
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": vllm.base_url, "OPENAI_OTHER_BASE_URL": other.base_url, "OPENAI_OTHER_API_KEY": "sk-up",
+        "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    own, theirs = (await new_key(http, gw, own_cache_salt=True))["value"], (await new_key(http, gw))["value"]
+
+    async def salt_of(secret, model=MODEL, fake=vllm):
+        client = anthropic.Anthropic(base_url=gw.url, api_key=secret, max_retries=0, timeout=10)
+        try:
+            await in_thread(client.messages.create, model=model, max_tokens=8, extra_body={"cache_salt": "mine"},
+                            messages=[{"role": "user", "content": "hi"}])
+        finally:
+            client.close()
+        [sent] = [r for r in fake.requests if r.path == b"/v1/chat/completions"][-1:]
+        return sent.body.get("cache_salt", "-")
+
+    try:
+        assert await salt_of(own) == "mine"
+        assert await salt_of(MASTER) == "mine"
+        assert len(await salt_of(theirs)) == 32 and await salt_of(theirs) != "mine"
+        assert await salt_of(own, OTHER, other) == "-"
+    finally:
+        await gw.service.stopService()
+        await vllm.stop()
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_fallback_gets_what_its_own_provider_takes(reactor, http, tmp_path):
     """A fallback of another provider type is sent its own provider's fields, not the first target's: a vLLM
     (scheduling by priority) gets the key's cache_salt and priority, an OpenAI-compatible one neither; a

@@ -108,13 +108,17 @@ def vllm_fields(body: dict, messages: list) -> dict:
     turn: C{continue_final_message} (and no generation prompt, which vLLM
     refuses with it); the answer is then the continuation alone, as
     Anthropic's is. Chat completions have no such field elsewhere: another
-    upstream gets the prefill as a finished assistant turn.
+    upstream gets the prefill as a finished assistant turn. The client's own
+    C{cache_salt} (vLLM's Messages take it natively) stays the request's, for
+    the gateway's tenancy to keep or replace as on the chat route.
 
     @param messages: the chat messages C{body} became (L{messages_to_chat}).
     """
     fields = {}
     if body.get("top_k") is not None:
         fields["top_k"] = body["top_k"]
+    if body.get("cache_salt") is not None:
+        fields["cache_salt"] = body["cache_salt"]
     if _prefilled(messages):
         fields.update(_CONTINUE)
     return fields
