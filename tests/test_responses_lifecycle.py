@@ -150,6 +150,53 @@ async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(re
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_target_that_fails_falls_back_with_the_stored_conversation(reactor):
+    """A failover rule's candidate answers a create whose target failed before anything was sent, streamed or
+    not (before: Responses had no fallbacks); a follow-up's conversation goes to it as explicit input, and
+    the response it made is kept and continued there. An upstream's 400 is the client's: no fallback."""
+    a = await start_fake(reactor, models=("model-a",))
+    b = await start_fake(reactor, models=("model-b",), responses=False)  # (translated to chat)
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": a.base_url, "OPENAI_BASE_URL": b.base_url, "OPENAI_API_KEY": "sk-up",
+        "FAILOVER_RULES_JSON": json.dumps({"vllm/model-a": ["openai/model-b"]}), "REPLICA_FAILURE_THRESHOLD": "100"})
+    client = openai_client(gw)
+
+    def stream(**kwargs):
+        with client.responses.stream(**kwargs) as events:
+            for _ in events:
+                pass
+            return events.get_final_response()
+
+    try:
+        first = await in_thread(client.responses.create, model="vllm/model-a", input="my name is Ada")
+        a.steer = {"fake_status": 503}
+        second = await in_thread(client.responses.create, model="vllm/model-a", input="who am I?",
+                                 previous_response_id=first.id)
+        chat = b.requests[-1]
+        assert chat.path == b"/v1/chat/completions" and chat.body["model"] == "model-b"
+        assert chat.body["messages"] == [{"role": "user", "content": "my name is Ada"},
+                                         {"role": "assistant", "content": "héhéhé"},
+                                         {"role": "user", "content": "who am I?"}]
+        assert second.model == "model-b" and second.previous_response_id == first.id
+        assert (await in_thread(client.responses.retrieve, second.id)).output_text == second.output_text
+        streamed = await in_thread(stream, model="vllm/model-a", input="again", previous_response_id=second.id)
+        assert streamed.output_text == "héhéhé" and b.requests[-1].body["stream"] is True
+        assert b.requests[-1].body["messages"][-1] == {"role": "user", "content": "again"}
+        assert len(b.requests[-1].body["messages"]) == 5
+
+        a.steer = {"fake_status": 400, "fake_body": json.dumps({"error": {"message": "no", "type": "x"}})}
+        asked = len(b.requests)
+        with pytest.raises(openai.BadRequestError):
+            await in_thread(client.responses.create, model="vllm/model-a", input="x")
+        assert len(b.requests) == asked
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_conversation_survives_an_upstream_restart(client, fake):
     first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
     second = await in_thread(client.responses.create, model=MODEL, input="and I like tea",

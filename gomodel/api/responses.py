@@ -12,10 +12,10 @@ input instead.
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.api.inference import resolve_model
+from gomodel.api.inference import plan_model
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
-from gomodel.proxy.exchange import UpstreamCall
+from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver
 from gomodel.responses_history import continued, conversation, normalise_input, unknown_response
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
@@ -48,17 +48,36 @@ class ResponsesRoute:
     # -- create ----------------------------------------------------------------
 
     async def create(self, request, ctx, body):
-        """Answer a Responses API create request; see L{Exchange.relay} for what this returns."""
+        """Answer a Responses API create request; see L{Exchange.relay} for what this returns.
+
+        A virtual model's other targets and failover candidates are tried, in order, when a target fails
+        before anything was sent (L{fails_over}); a follow-up's stored conversation goes to them as
+        explicit input, as they do not hold it.
+        """
         stream = streams(body)
         previous = await self._previous(body, ctx.principal)
-        route = resolve_model(self._registry, body, ctx.principal)
-        provider = route.provider
+        first, *fallbacks = plan_model(self._registry, body, principal=ctx.principal)
+        provider = first.provider
         if previous is not None:
             same = self._registry.provider(previous["provider"])
             if same is not None and same.type == provider.type:
                 provider = same  # the instance that holds the conversation
-        ctx.route(provider, body["model"], route.upstream_model)
-        body["model"] = route.upstream_model
+        while True:
+            try:
+                return await self._create_at(request, ctx, body["model"], dict(body, model=first.upstream_model),
+                                             provider, stream, previous)
+            except errors.GatewayError as failed:
+                if not fallbacks or not fails_over(failed):
+                    raise
+                self.log.info("{model} failed at {provider} ({why}); trying its next target",
+                              model=first.upstream_model, provider=provider.name, why=failed.code or failed.status)
+                first, *fallbacks = fallbacks
+                provider = first.provider
+
+    async def _create_at(self, request, ctx, model, body, provider, stream, previous):
+        """Create the response at C{provider} for C{body} (its C{model} the upstream's; C{model}, the client's
+        name for it): natively, or translated to chat completions for a provider without C{/responses}."""
+        ctx.route(provider, model, body["model"])
         # A follow-up goes to the replica that made the previous response (vLLM keeps it in memory).
         prefer = previous.get("replica") if previous is not None and previous["provider"] == provider.name else None
         turn = _Turn(self, ctx, body, provider, previous)
@@ -85,11 +104,11 @@ class ResponsesRoute:
         if stream:
             observer = ChatToResponsesStream(echo, self._clock)
             result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
-                "/chat/completions", chat, observer=observer, model=route.upstream_model, prefer=prefer))
+                "/chat/completions", chat, observer=observer, model=body["model"], prefer=prefer))
             turn.keep(observer.response)
             return result
         now = int(self._clock.seconds())
-        call = UpstreamCall("/chat/completions", chat, model=route.upstream_model, prefer=prefer,
+        call = UpstreamCall("/chat/completions", chat, model=body["model"], prefer=prefer,
                             transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now), False))
         return await self._exchange.relay(request, ctx, provider, call)
 
