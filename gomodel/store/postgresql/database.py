@@ -18,6 +18,7 @@ its database comes up by itself.
 
 import logging
 import re
+from threading import Lock
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import LoopingCall
@@ -30,11 +31,13 @@ from gomodel.store.threads import OwnedThreads
 
 POOL_TIMEOUT = 5.0  # how long a job waits for a connection before it is a 503
 # How long a store job may take before its caller gets a 503: a server that hangs with its connections
-# alive (stopped, its disk stalled, a lock never released) answers no probe and no keepalive. (Nothing is
-# sent to the server for it: a startup `options` parameter is refused by PgBouncer, and a SET would outlive
-# the session behind a transaction pooler; POSTGRES_URL's own `options=-c statement_timeout=...` may add
-# one on the server.)
+# alive (stopped, its disk stalled, a lock never released) answers no probe and no keepalive. Its statement
+# is then cancelled as psql's Ctrl-C does (libpq's cancel request, on a connection of its own), which frees
+# its thread and connection where the server still runs. (No limit is set on the server: a startup
+# `options` parameter is refused by PgBouncer, and a SET would outlive the session behind a transaction
+# pooler; POSTGRES_URL's own `options=-c statement_timeout=...` may add one.)
 JOB_TIMEOUT = 30.0
+CANCEL_TIMEOUT = 10.0  # seconds a cancel request may take (a stopped server answers none)
 DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
 PROBE_INTERVAL = 2.0
@@ -71,6 +74,8 @@ class Database:
         self._clock = clock if clock is not None else reactor
         self.max_conns = max_conns
         self._threads = OwnedThreads(reactor, "gomodel-postgres", max_conns)
+        # (their own: the store's threads are those the statements to cancel hold)
+        self._cancels = OwnedThreads(reactor, "gomodel-postgres-cancel", 2)
         self._pool = None
         self._opened = False
         self._fatal = None  # a reason the store will never open (a newer schema)
@@ -91,6 +96,7 @@ class Database:
         # store says once, without them, that the database is unavailable and when it is back.
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self._threads.start()
+        self._cancels.start()
         self._pool = ConnectionPool(
             self._url, min_size=min(2, self.max_conns), max_size=self.max_conns, open=False,
             kwargs={"autocommit": True, **self._options}, check=ConnectionPool.check_connection,
@@ -113,6 +119,7 @@ class Database:
         for d, _, _ in waiting:
             d.errback(StorageUnavailable.because("the gateway is stopping"))
         pool, self._pool = self._pool, None
+        self._cancels.stop()
         if pool is None:
             self._threads.stop()
             return Deferred.fromCoroutine(_nothing())
@@ -130,7 +137,7 @@ class Database:
             self.log.info("PostgreSQL store open ({conns} connections at most)", conns=self.max_conns)
             waiting, self._waiting = self._waiting, []
             for waiter, f, args in waiting:
-                self._threads.run(self._job, f, args).chainDeferred(waiter)
+                self._threads.run(self._job, f, args, _Job()).chainDeferred(waiter)
 
         def failed(failure):
             if self._pool is None:
@@ -204,16 +211,25 @@ class Database:
             d = Deferred()
             self._waiting.append((d, f, args))
             return d
-        d = self._threads.run(self._job, f, args)
-        return d.addTimeout(self._job_timeout, self._reactor, onTimeoutCancel=self._timed_out)
+        job = _Job()
+        d = self._threads.run(self._job, f, args, job)
+        return d.addTimeout(self._job_timeout, self._reactor, onTimeoutCancel=job.timed_out(self))
 
-    def _timed_out(self, result, timeout):
-        """A job past its time limit: a 503 for its caller (its thread is left to finish; the store is marked
-        down until a statement succeeds again, and probed meanwhile)."""
+    def _timed_out(self, job, timeout):
+        """C{job} went past its time limit: its statement is cancelled (L{JOB_TIMEOUT}); the store is marked
+        down until a statement succeeds again, and probed meanwhile.
+
+        @raise StorageUnavailable: always, for the job's caller (a 503).
+        """
         reason = f"the database did not answer within {timeout:g}s"
         if self.problem is None:
             self.log.warn("PostgreSQL store unavailable: {reason}", reason=reason)
             self.problem = reason
+        if job.conn is not None and self._cancels.running:
+            job.cancelled = True
+            self._cancels.run(job.cancel).addErrback(
+                lambda f: self.log.debug("cancelling a PostgreSQL statement failed: {reason}",
+                                         reason=_reason(f.value)))
         raise StorageUnavailable.because(reason)
 
     def call(self, f, *args, what="a background write"):
@@ -233,7 +249,7 @@ class Database:
         reason = self._fatal or self.problem or "the gateway is stopping"
         return StorageUnavailable.because(reason)
 
-    def _job(self, f, args):
+    def _job(self, f, args, job):
         import psycopg
 
         pool = self._pool
@@ -242,8 +258,15 @@ class Database:
         try:
             # Known down: fail fast instead of queueing every request for the pool's whole timeout.
             with pool.connection(timeout=POOL_TIMEOUT if self.problem is None else DOWN_TIMEOUT) as conn:
-                result = f(conn, *args)
+                job.conn = conn
+                try:
+                    result = f(conn, *args)
+                finally:
+                    with job.lock:  # (a cancel under way ends first: the connection may go to another job)
+                        job.conn = None
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            if job.cancelled:  # (its caller had its 503; the store stays down until a statement succeeds)
+                raise StorageUnavailable.because("cancelled past the time limit") from e
             reason = _reason(e)
             if self.problem is None:
                 self._reactor.callFromThread(self.log.warn, "PostgreSQL store unavailable: {reason}", reason=reason)
@@ -259,6 +282,27 @@ class Database:
             self.problem = None
             self._reactor.callFromThread(self.log.info, "PostgreSQL store available again")
         return result
+
+
+class _Job:
+    """One job's connection while its statement runs (its thread sets it), for a cancel past its time limit."""
+
+    __slots__ = ("conn", "cancelled", "lock")
+
+    def __init__(self):
+        self.conn = None
+        self.cancelled = False
+        self.lock = Lock()
+
+    def cancel(self):
+        """Cancel the job's statement if it still runs (in a thread: libpq's cancel request blocks)."""
+        with self.lock:
+            if self.conn is not None:
+                self.conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+
+    def timed_out(self, database):
+        """The C{onTimeoutCancel} of the job's Deferred (L{Database._timed_out})."""
+        return lambda result, timeout: database._timed_out(self, timeout)
 
 
 def _options(url) -> dict:
