@@ -528,6 +528,46 @@ async def test_cache_salt_per_tenant_as_vllm_receives_it(http, gw, two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_responses_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm(reactor, http, tmp_path):
+    """vLLM's Responses API takes cache_salt and priority as its chat does: a managed key's Responses request
+    (online, translated to a vLLM's chat, or a batch line) carries its tenant's salt and its priority; before,
+    neither, so tenants shared vLLM's prefix cache through Responses. Another provider gets neither."""
+    vllm, chat_only, other = await start_fake(reactor), await start_fake(reactor, responses=False), await start_fake(reactor)
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": vllm.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "VLLM_OLD_BASE_URL": chat_only.base_url,
+        "OPENAI_OTHER_BASE_URL": other.base_url, "OPENAI_OTHER_API_KEY": "sk-up", "GOMODEL_MASTER_KEY": MASTER,
+        "GOMODEL_DATA_DIR": str(tmp_path)})
+    key = await new_key(http, gw, priority=3)
+    client = openai_client(gw, key["value"])
+
+    def sent(fake, path=b"/v1/responses"):
+        return [r for r in fake.requests if r.path == path][-1].body
+
+    try:
+        await in_thread(client.responses.create, model=MODEL, input="hi", extra_body={"cache_salt": "mine"})
+        salt = sent(vllm)["cache_salt"]
+        assert len(salt) == 32 and sent(vllm)["priority"] == 3
+        await in_thread(client.responses.create, model="vllm-old/meta-llama/Llama-3.1-8B-Instruct", input="hi")
+        assert sent(chat_only, b"/v1/chat/completions")["cache_salt"] == salt  # translated: the same tenant's
+        assert "priority" not in sent(chat_only, b"/v1/chat/completions")  # (no priority scheduling there)
+        await in_thread(client.responses.create, model=OTHER, input="hi")
+        assert not {"cache_salt", "priority"} & set(sent(other))
+
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {"model": MODEL, "input": "x"}}
+        uploaded = await in_thread(client.files.create, file=("in.jsonl", io.BytesIO(json.dumps(line).encode())),
+                                   purpose="batch")
+        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/responses",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        assert sent(vllm)["input"] == "x" and sent(vllm)["cache_salt"] == salt
+    finally:
+        client.close()
+        await gw.service.stopService()
+        for fake in (vllm, chat_only, other):
+            await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_messages_cache_salt_translated_for_a_vllm_is_kept_as_on_chat(reactor, http, tmp_path):
     """A Messages request translated to a vLLM's chat (one without the Messages API) carries the client's own
     cache_salt where its key may choose one, and the master key's, as natively; before, it was dropped and

@@ -12,7 +12,7 @@ input instead.
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.api.inference import plan_model
+from gomodel.api.inference import plan_model, target, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
 from gomodel.proxy.exchange import UpstreamCall, fails_over
@@ -38,11 +38,16 @@ class ResponsesRoute:
 
     log = Logger()
 
-    def __init__(self, exchange, clock, registry, store=None):
+    def __init__(self, exchange, clock, registry, store=None, salts=None):
+        """
+        @param store: an C{IResponseStore}, or None: nothing is kept.
+        @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
+        """
         self._exchange = exchange
         self._clock = clock
         self._registry = registry
-        self._store = store  # an IResponseStore, or None: nothing is kept
+        self._store = store
+        self._salts = salts
         self._no_native = {}  # provider name -> time until which we translate without asking
 
     # -- create ----------------------------------------------------------------
@@ -52,11 +57,14 @@ class ResponsesRoute:
 
         A virtual model's other targets and failover candidates are tried, in order, when a target fails
         before anything was sent (L{fails_over}); a follow-up's stored conversation goes to them as
-        explicit input, as they do not hold it.
+        explicit input, as they do not hold it. Each target gets what its provider takes of the key and
+        headers (L{target}: a vLLM's Responses and chat take C{cache_salt} and C{priority}).
         """
         stream = streams(body)
         previous = await self._previous(body, ctx.principal)
         first, *fallbacks = plan_model(self._registry, body, principal=ctx.principal)
+        if fallbacks:
+            vet_priority(request, ctx, fallbacks)
         provider = first.provider
         if previous is not None:
             same = self._registry.provider(previous["provider"])
@@ -78,6 +86,7 @@ class ResponsesRoute:
         """Create the response at C{provider} for C{body} (its C{model} the upstream's; C{model}, the client's
         name for it): natively, or translated to chat completions for a provider without C{/responses}."""
         ctx.route(provider, model, body["model"])
+        target(request, ctx, self._salts, provider, body)
         # A follow-up goes to the replica that made the previous response (vLLM keeps it in memory).
         prefer = previous.get("replica") if previous is not None and previous["provider"] == provider.name else None
         turn = _Turn(self, ctx, body, provider, previous)

@@ -68,7 +68,7 @@ POLL_INTERVAL = 1.0  # how often a runner looks for batches to claim and for can
 LEASE = 30.0  # how long a claim on a batch lasts without a heartbeat
 CANCELLABLE = ("validating", "in_progress")  # what a cancellation moves to cancelling
 CANCELLED = ("cancelling", "cancelled")  # what a cancellation leaves as it is (idempotent)
-SALTED_PATHS = frozenset(("/chat/completions", "/completions"))  # where vLLM takes a cache_salt
+SALTED_PATHS = frozenset(("/chat/completions", "/completions", "/responses"))  # where vLLM takes a cache_salt
 
 
 class _Answer:
