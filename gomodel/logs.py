@@ -203,31 +203,37 @@ class FailureStreak:
     it succeeds again; any other failure in full every time. (A database down for an hour is one line, not
     3,600 per job.)"""
 
-    __slots__ = ("_owner", "_what", "_recovered", "failing")
+    __slots__ = ("_owner", "_what", "_recovered", "failing", "lost")
 
     def __init__(self, owner, what: str, recovered: str):
         """
         @param owner: what runs the job: its C{log} (a L{Logger}) logs.
         @param what: the warning's text (C{"refreshing the managed keys failed"}), followed by the reason.
-        @param recovered: the info line's text once the job succeeds again.
+        @param recovered: the info line's text once the job succeeds again; C{{lost}} in it is the number of
+            items the streak's failures lost (L{failed}'s C{lost}).
         """
         self._owner = owner
         self._what = what
         self._recovered = recovered
         self.failing = False
+        self.lost = 0
 
-    def failed(self, failure):
-        """The job failed with C{failure}: log it (see the class); returns None."""
+    def failed(self, failure, lost=0):
+        """The job failed with C{failure}, losing C{lost} items (counted for the line that ends the streak): log
+        it (see the class); returns None."""
         if not failure.check(StorageUnavailable):
             self._owner.log.failure(self._what, failure)
         elif not self.failing:
             self.failing = True
             self._owner.log.warn(self._what + ": {reason} (not repeated until it succeeds again)",
                                  reason=failure.value.message)
+        if self.failing:
+            self.lost += lost
 
     def succeeded(self, result=None):
         """The job succeeded: say so if it had been failing; returns C{result}."""
         if self.failing:
             self.failing = False
-            self._owner.log.info(self._recovered)
+            self._owner.log.info(self._recovered, lost=self.lost)
+            self.lost = 0
         return result

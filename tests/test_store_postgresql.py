@@ -325,3 +325,37 @@ async def test_a_store_that_cannot_open_says_so_once_while_it_tries_again(reacto
         assert events[-1]["log_level"] == LogLevel.warn and "127.0.0.1" not in str(events[-1])
     finally:
         await down.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_lost_while_the_database_is_down_are_one_warning_and_a_count(reactor, tmp_path):
+    """While the database is down, the responses not stored are one warning (each id at debug), and their
+    number is said when responses are stored again; before, one warning per response."""
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, Logger
+
+    from tests.stores import down_postgresql, postgresql_backend
+
+    down = await down_postgresql(reactor)
+    up = await postgresql_backend(reactor, tmp_path, Clock())
+    responses = down.responses
+    events = []
+    responses.log = Logger(observer=events.append)
+    try:
+        for n in range(3):
+            responses.keep(_response(f"resp_{n}"))
+            responses.keep(_response(f"resp_{n}b"))
+            await responses.written()
+        assert [e["log_level"] for e in events if e["log_level"] > LogLevel.debug] == [LogLevel.warn]
+        assert len([e for e in events if e["log_level"] == LogLevel.debug]) == 6
+        responses._db = up.responses._db  # the database is back
+        responses.keep(_response("resp_back"))
+        await responses.written()
+        told = [e for e in events if e["log_level"] > LogLevel.debug]
+        assert [e["log_level"] for e in told] == [LogLevel.warn, LogLevel.info] and told[1]["lost"] == 6
+        assert (await up.responses.get("resp_back"))["id"] == "resp_back"
+    finally:
+        del responses.log
+        await down.stopService()
+        await up.stopService()
+        await up.cleanup()

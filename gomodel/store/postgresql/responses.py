@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gomodel.errors import StorageUnavailable
+from gomodel.logs import FailureStreak
 from gomodel.store.codec import RESPONSE_COLUMNS, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
@@ -44,6 +45,8 @@ class PostgreSQLResponseStore:
         self._clock = clock
         self._kept = Held(clock, KEEP_DELAY, self._hand_over)
         self._keeping = set()  # writes of kept records in flight: later reads and writes wait for them
+        self._outage = FailureStreak(self, "storing responses failed; they are not kept",
+                                     "responses are stored again ({lost} were not stored meanwhile)")
 
     def _after_keeps(self, f, *args):
         """Run C{f(conn, *args)} once the kept writes asked for before are done (as SQLite's one thread does)."""
@@ -81,15 +84,20 @@ class PostgreSQLResponseStore:
         return d
 
     def _written(self, failures):
+        self._outage.succeeded()
         for response_id, failure in failures:
             self.log.failure("storing response {id} failed", failure, id=response_id)
 
     def _not_written(self, failure, records):
-        for record in records:
-            if failure.check(StorageUnavailable):
-                self.log.warn("response {id} not stored: {error}", id=record["id"], error=failure.value.message)
-            else:
+        """The write of C{records} failed: while the database is unavailable, a warning once an outage (with
+        the number lost when it ends; each id at debug), else each record's failure in full."""
+        if not failure.check(StorageUnavailable):
+            for record in records:
                 self.log.failure("storing response {id} failed", failure, id=record["id"])
+            return
+        self._outage.failed(failure, len(records))
+        for record in records:
+            self.log.debug("response {id} not stored: {error}", id=record["id"], error=failure.value.message)
 
     @classmethod
     def _put_all(cls, conn, records):
