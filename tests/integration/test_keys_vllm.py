@@ -1,4 +1,5 @@
-"""A managed key on real vLLM: chat, stream and embeddings, its rate-limit headers, and cache_salt accepted by vLLM."""
+"""A managed key on real vLLM: chat, stream, Responses and embeddings, its rate-limit headers, and cache_salt accepted
+by vLLM."""
 
 import json
 
@@ -32,6 +33,12 @@ def test_a_managed_key_on_real_vllm(gateway):
     assert answer.status == 200
     events = sse_events(answer.body)
     assert events[-1] == "[DONE]" and any(json.loads(e)["choices"] for e in events[:-1])
+
+    # Responses: vLLM's Responses API takes the tenant's cache_salt as its chat does.
+    answer = request("POST", gateway.url + "/responses", headers=auth,
+                     body={"model": CHAT, "input": "Count to three.", "max_output_tokens": 4, "store": False})
+    assert answer.status == 200, answer.body
+    assert json.loads(answer.body)["status"] in ("completed", "incomplete")
 
     answer = request("POST", gateway.url + "/embeddings", headers=auth,
                      body={"model": f"vllm-embed/{EMBED_MODEL}", "input": "hello there"})
