@@ -568,6 +568,48 @@ async def test_responses_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm
 
 
 @pytest_twisted.ensureDeferred
+async def test_pooling_requests_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm(reactor, http, tmp_path):
+    """vLLM's pooling requests (embeddings, rerank, score, classify) take cache_salt and priority as its
+    generation does: a managed key's carry its tenant's salt and its priority, batch lines too; before,
+    neither. A provider that is not vLLM gets neither."""
+    vllm, other = await start_fake(reactor), await start_fake(reactor)
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": vllm.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "OPENAI_OTHER_BASE_URL": other.base_url,
+        "OPENAI_OTHER_API_KEY": "sk-up", "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    key = await new_key(http, gw, priority=2)
+    auth = {"authorization": ["Bearer " + key["value"]], "content-type": ["application/json"]}
+    bodies = {"/v1/embeddings": {"input": "a"}, "/v1/rerank": {"query": "q", "documents": ["a", "b"]},
+              "/v1/score": {"text_1": "a", "text_2": "b"}, "/v1/classify": {"input": "a"}}
+    try:
+        for path, body in bodies.items():
+            response = await http.post(gw.url + path, data=json.dumps(dict(body, model=MODEL)).encode(), headers=auth)
+            assert response.code == 200, (path, await treq.content(response))
+            await treq.content(response)
+            sent = vllm.requests[-1].body
+            assert len(sent["cache_salt"]) == 32 and sent["priority"] == 2, path
+        response = await http.post(gw.url + "/v1/embeddings", headers=auth,
+                                   data=json.dumps({"input": "a", "model": OTHER}).encode())
+        assert response.code == 200 and not {"cache_salt", "priority"} & set(other.requests[-1].body)
+        await treq.content(response)
+
+        client = openai_client(gw, key["value"])
+        try:
+            line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "x"}}
+            uploaded = await in_thread(client.files.create, file=("in.jsonl", io.BytesIO(json.dumps(line).encode())),
+                                       purpose="batch")
+            batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/embeddings",
+                                    completion_window="24h")
+            await gw.service.batch_runner.settled(batch.id)
+        finally:
+            client.close()
+        assert vllm.requests[-1].body["input"] == "x" and len(vllm.requests[-1].body["cache_salt"]) == 32
+    finally:
+        await gw.service.stopService()
+        await vllm.stop()
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_messages_cache_salt_translated_for_a_vllm_is_kept_as_on_chat(reactor, http, tmp_path):
     """A Messages request translated to a vLLM's chat (one without the Messages API) carries the client's own
     cache_salt where its key may choose one, and the master key's, as natively; before, it was dropped and

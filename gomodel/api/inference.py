@@ -96,11 +96,18 @@ class InferenceRoutes:
         return await self._model_routed(request, ctx, "classify", native=True)
 
     async def _model_routed(self, request, ctx, path, native=False):
-        """A JSON POST routed by its C{model}, relayed as the upstream answers (streams included)."""
+        """A JSON POST routed by its C{model}, relayed as the upstream answers (streams included); each target
+        gets what its provider takes of the key and headers (L{target}: vLLM's pooling requests take a
+        C{cache_salt} and a C{priority}, as its generation does)."""
         body = json_body(request)
         upstream, fallbacks = self.route(ctx, body)
+        again = None
+        if fallbacks:
+            vet_priority(request, ctx, fallbacks)
+            again = retargeted(request, ctx, self._salts, copies(body))
+        target(request, ctx, self._salts, upstream, body)
         call = UpstreamCall(path, jsonutil.dumps(body), native=native, model=ctx.upstream_model,
-                            fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
+                            fallbacks=fallbacks, rebody=again)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def responses(self, request, ctx):

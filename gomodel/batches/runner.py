@@ -68,7 +68,6 @@ POLL_INTERVAL = 1.0  # how often a runner looks for batches to claim and for can
 LEASE = 30.0  # how long a claim on a batch lasts without a heartbeat
 CANCELLABLE = ("validating", "in_progress")  # what a cancellation moves to cancelling
 CANCELLED = ("cancelling", "cancelled")  # what a cancellation leaves as it is (idempotent)
-SALTED_PATHS = frozenset(("/chat/completions", "/completions", "/responses"))  # where vLLM takes a cache_salt
 
 
 class _Answer:
@@ -443,7 +442,7 @@ class BatchRunner(Service):
             sem.release()
             return
         payload["model"] = route.upstream_model
-        if self._salts is not None and path in SALTED_PATHS:
+        if self._salts is not None:  # (every endpoint of a batch takes it at vLLM: generation and pooling)
             self._salts.apply(job.principal, route.provider, payload)
         d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, jsonutil.dumps(payload), route))
 

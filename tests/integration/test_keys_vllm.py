@@ -3,7 +3,7 @@ by vLLM."""
 
 import json
 
-from tests.integration.support import CHAT_MODEL, EMBED_MODEL, bearer, request, sse_events
+from tests.integration.support import CHAT_MODEL, EMBED_MODEL, RERANK_MODEL, bearer, request, sse_events
 
 CHAT = f"vllm/{CHAT_MODEL}"
 MESSAGES = [{"role": "user", "content": "Count to three."}]
@@ -17,7 +17,7 @@ def _key(gateway, **fields):
 
 
 def test_a_managed_key_on_real_vllm(gateway):
-    key = _key(gateway, user_path="/it/team", rpm=1000, tpm=1000000, models=["vllm/", "vllm-embed/"],
+    key = _key(gateway, user_path="/it/team", rpm=1000, tpm=1000000, models=["vllm/", "vllm-embed/", "vllm-rerank/"],
                budgets=[{"period": "daily", "max_tokens": 1000000}])
     auth = bearer(key["value"])
 
@@ -43,6 +43,10 @@ def test_a_managed_key_on_real_vllm(gateway):
     answer = request("POST", gateway.url + "/embeddings", headers=auth,
                      body={"model": f"vllm-embed/{EMBED_MODEL}", "input": "hello there"})
     assert answer.status == 200 and json.loads(answer.body)["data"][0]["embedding"]
+    # Pooling requests take the tenant's cache_salt too (rerank and score are vLLM's pooling as well).
+    answer = request("POST", gateway.url + "/rerank", headers=auth,
+                     body={"model": f"vllm-rerank/{RERANK_MODEL}", "query": "cats", "documents": ["a cat", "a car"]})
+    assert answer.status == 200 and len(json.loads(answer.body)["results"]) == 2, answer.body
 
     # Outside its allowlist, and deactivated.
     answer = request("POST", gateway.url + "/chat/completions", headers=auth,
