@@ -602,7 +602,8 @@ async def test_pooling_requests_carry_the_tenants_cache_salt_and_the_priority_to
             await gw.service.batch_runner.settled(batch.id)
         finally:
             client.close()
-        assert vllm.requests[-1].body["input"] == "x" and len(vllm.requests[-1].body["cache_salt"]) == 32
+        sent = vllm.requests[-1].body
+        assert sent["input"] == "x" and len(sent["cache_salt"]) == 32 and sent["priority"] == 2
     finally:
         await gw.service.stopService()
         await vllm.stop()

@@ -444,6 +444,8 @@ class BatchRunner(Service):
         payload["model"] = route.upstream_model
         if self._salts is not None:  # (every endpoint of a batch takes it at vLLM: generation and pooling)
             self._salts.apply(job.principal, route.provider, payload)
+        if job.principal is not None and job.principal.priority is not None and route.provider.priority_scheduling:
+            payload["priority"] = job.principal.priority  # (as online: the key's wins over the line's)
         d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, jsonutil.dumps(payload), route))
 
         def release(result):
