@@ -86,7 +86,9 @@ class ResponsesRoute:
         """Create the response at C{provider} for C{body} (its C{model} the upstream's; C{model}, the client's
         name for it): natively, or translated to chat completions for a provider without C{/responses}."""
         ctx.route(provider, model, body["model"])
-        target(request, ctx, self._salts, provider, body)
+        principal = ctx.principal
+        if provider.priority_scheduling or principal is not None and not principal.master:  # (the master key's
+            target(request, ctx, self._salts, provider, body)  # requests take nothing else where nothing schedules)
         # A follow-up goes to the replica that made the previous response (vLLM keeps it in memory).
         prefer = previous.get("replica") if previous is not None and previous["provider"] == provider.name else None
         turn = _Turn(self, ctx, body, provider, previous)

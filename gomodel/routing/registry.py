@@ -158,9 +158,10 @@ class ModelRegistry:
             routes = virtual.order(self._real, _live, affinity_of)
         else:
             routes = [self._real(selector)]
-        for route in self.failover(selector):
-            if route not in routes:
-                routes.append(route)
+        if selector in self._failover:
+            for route in self.failover(selector):
+                if route not in routes:
+                    routes.append(route)
         return routes
 
     def failover(self, selector: str) -> list:
