@@ -135,7 +135,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
 
     # Routes: the front serves the inference routes and the plain ones (health checks, the model
     # list); Klein's, every other, are built at the first request for one (gomodel.api.lazy).
-    responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts)
+    responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate)
     inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
     messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate)
     plain = PlainRoutes(gateway.registry)

@@ -167,6 +167,7 @@ async def test_user_path_and_provider_limits_from_the_environment(reactor, http,
 
 @pytest_twisted.ensureDeferred
 async def test_a_provider_at_its_limit_is_routed_around(reactor, http, tmp_path):
+    """On chat and Responses (before, Responses went to the target drawn and was refused at its limit)."""
     first, second = await start_fake(reactor), await start_fake(reactor)
     virtual = [{"source": "llama", "targets": [{"model": MODEL}, {"model": "vllm-b/meta-llama/Llama-3.1-8B-Instruct"}],
                 "strategy": "round_robin"}]
@@ -180,6 +181,9 @@ async def test_a_provider_at_its_limit_is_routed_around(reactor, http, tmp_path)
                             messages=[{"role": "user", "content": "hi"}], max_tokens=5)
         chats = [[r for r in fake.requests if r.path == b"/v1/chat/completions"] for fake in (first, second)]
         assert (len(chats[0]), len(chats[1])) == (1, 3)
+        for _ in range(3):
+            await in_thread(client.responses.create, model="llama", input="hi")
+        assert [len([r for r in fake.requests if r.path == b"/v1/responses"]) for fake in (first, second)] == [0, 3]
     finally:
         client.close()
         await gw.service.stopService()

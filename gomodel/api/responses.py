@@ -12,7 +12,7 @@ input instead.
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.api.inference import plan_model, target, vet_priority
+from gomodel.api.inference import plan_model, target, unsaturated, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
 from gomodel.proxy.exchange import UpstreamCall, fails_over
@@ -38,16 +38,18 @@ class ResponsesRoute:
 
     log = Logger()
 
-    def __init__(self, exchange, clock, registry, store=None, salts=None):
+    def __init__(self, exchange, clock, registry, store=None, salts=None, gate=None):
         """
         @param store: an C{IResponseStore}, or None: nothing is kept.
         @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
+        @param gate: the L{gomodel.limits.gate.Gate} (a target at its limit is routed around), or None.
         """
         self._exchange = exchange
         self._clock = clock
         self._registry = registry
         self._store = store
         self._salts = salts
+        self._gate = gate
         self._no_native = {}  # provider name -> time until which we translate without asking
 
     # -- create ----------------------------------------------------------------
@@ -65,6 +67,8 @@ class ResponsesRoute:
         first, *fallbacks = plan_model(self._registry, body, principal=ctx.principal)
         if fallbacks:
             vet_priority(request, ctx, fallbacks)
+            if self._gate is not None:
+                first, fallbacks = unsaturated(self._gate, first, fallbacks)
         provider = first.provider
         if previous is not None:
             same = self._registry.provider(previous["provider"])
