@@ -594,6 +594,27 @@ async def test_prompt_cache_key_and_body_session_fields_stick(cluster, http):
         assert len(seen) == 1, field
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_responses_session_sticks_to_its_replica(cluster, http):
+    """Codex's stateless Responses turns (prompt_cache_key, or a session header; no previous_response_id) stay on
+    the replica that has their prefix cached, as chat's do; before, Responses had no affinity at all."""
+    fleet, gw = await cluster(3)
+    for how in ({"body": {"prompt_cache_key": "conv-1"}}, {"headers": {"X-Session-Id": ["conv-2"]}}):
+        seen = set()
+        for turn in range(4):
+            body = dict({"model": MODEL, "input": f"turn {turn}", "store": False}, **how.get("body", {}))
+            response, _ = await post(http, gw, body, headers=how.get("headers"), path="/v1/responses")
+            assert response.code == 200
+            seen.add(served_by(response))
+        assert len(seen) == 1, how
+    spread = set()
+    for i in range(6):
+        response, _ = await post(http, gw, {"model": MODEL, "input": "hi", "prompt_cache_key": f"other-{i}"},
+                                 path="/v1/responses")
+        spread.add(served_by(response))
+    assert len(spread) >= 2
+
+
 # -- 5. admission --------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -9,6 +9,8 @@ restarted; its store is off), carries the stored conversation as explicit
 input instead.
 """
 
+from functools import partial
+
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
@@ -18,6 +20,7 @@ from gomodel.http.bodies import json_answer, page, query_arg, query_limit, strea
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver
 from gomodel.responses_history import continued, conversation, normalise_input, unknown_response
+from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error
@@ -64,7 +67,7 @@ class ResponsesRoute:
         """
         stream = streams(body)
         previous = await self._previous(body, ctx.principal)
-        first, *fallbacks = plan_model(self._registry, body, principal=ctx.principal)
+        first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:
             vet_priority(request, ctx, fallbacks)
             if self._gate is not None:
@@ -93,12 +96,14 @@ class ResponsesRoute:
         principal = ctx.principal
         if provider.priority_scheduling or principal is not None and not principal.master:  # (the master key's
             target(request, ctx, self._salts, provider, body)  # requests take nothing else where nothing schedules)
-        # A follow-up goes to the replica that made the previous response (vLLM keeps it in memory).
+        # A follow-up goes to the replica that made the previous response (vLLM keeps it in memory); a session
+        # or conversation (Codex's prompt_cache_key, a long prompt's opening) to the one that has its prefix.
         prefer = previous.get("replica") if previous is not None and previous["provider"] == provider.name else None
+        affinity = affinity_key(request, body) if len(provider.replicas) > 1 else None
         turn = _Turn(self, ctx, body, provider, previous)
         if self._no_native.get(provider.name, 0) <= self._clock.seconds():
             try:
-                return await self._native(request, ctx, provider, body, stream, turn, prefer)
+                return await self._native(request, ctx, provider, body, stream, turn, prefer, affinity)
             except _NotKnownUpstream:
                 if previous is None:  # stored meanwhile (another host's write was not committed yet)
                     previous = await self._previous(body, ctx.principal)
@@ -107,7 +112,7 @@ class ResponsesRoute:
                 explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
-                return await self._native(request, ctx, provider, explicit, stream, turn, None)
+                return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity)
             except _NoNativeRoute:
                 self._no_native[provider.name] = self._clock.seconds() + NO_NATIVE_TTL
                 self.log.info("provider {provider} has no native Responses API; translating to chat completions",
@@ -119,11 +124,11 @@ class ResponsesRoute:
         if stream:
             observer = ChatToResponsesStream(echo, self._clock)
             result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
-                "/chat/completions", chat, observer=observer, model=body["model"], prefer=prefer))
+                "/chat/completions", chat, observer=observer, model=body["model"], prefer=prefer, affinity=affinity))
             turn.keep(observer.response)
             return result
         now = int(self._clock.seconds())
-        call = UpstreamCall("/chat/completions", chat, model=body["model"], prefer=prefer,
+        call = UpstreamCall("/chat/completions", chat, model=body["model"], prefer=prefer, affinity=affinity,
                             transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now), False))
         return await self._exchange.relay(request, ctx, provider, call)
 
@@ -133,7 +138,7 @@ class ResponsesRoute:
         del explicit["previous_response_id"]
         return explicit
 
-    async def _native(self, request, ctx, provider, body, stream, turn, prefer):
+    async def _native(self, request, ctx, provider, body, stream, turn, prefer, affinity):
         async def vet(upstream):
             if upstream.code in (404, 405, 501):
                 await self._not_found(provider, upstream, body)
@@ -142,11 +147,11 @@ class ResponsesRoute:
             observer = ResponsesStreamObserver()
             result = await self._exchange.relay(
                 request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet,
-                                                     model=body["model"], prefer=prefer))
+                                                     model=body["model"], prefer=prefer, affinity=affinity))
             turn.keep(observer.response)
             return result
         call = UpstreamCall("/responses", jsonutil.dumps(body), transform=turn.keep_body if turn.stored else None,
-                            vet=vet, model=body["model"], prefer=prefer)
+                            vet=vet, model=body["model"], prefer=prefer, affinity=affinity)
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _not_found(self, provider, upstream, body):
