@@ -41,6 +41,27 @@ async def gw(reactor, two, tmp_path):
     await gateway.service.stopService()
 
 
+@pytest_twisted.async_yield_fixture()
+async def mixed(reactor, tmp_path):
+    """C{start(env=None, **vllm_options)} -> C{(gateway, vllm, other)}: a gateway (master key L{MASTER}) in front of
+    a fake vLLM (provider C{vllm}, made with C{vllm_options}) and an OpenAI-compatible fake (C{openai-other}),
+    C{env} added; all stopped after the test."""
+    started = []
+
+    async def start(env=None, **vllm_options):
+        vllm, other = await start_fake(reactor, **vllm_options), await start_fake(reactor)
+        started.extend((vllm.stop, other.stop))
+        gateway = await start_gateway(reactor, {
+            "VLLM_BASE_URL": vllm.base_url, "OPENAI_OTHER_BASE_URL": other.base_url, "OPENAI_OTHER_API_KEY": "sk-up",
+            "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path), **(env or {})})
+        started.insert(0, gateway.service.stopService)
+        return gateway, vllm, other
+
+    yield start
+    for stop in started:
+        await stop()
+
+
 async def admin(http, gw, method, path, body=None):
     data = json.dumps(body).encode() if body is not None else None
     response = await http.request(method, gw.url + path, data=data, headers=ADMIN)
@@ -51,6 +72,15 @@ async def new_key(http, gw, **fields):
     code, key = await admin(http, gw, "POST", KEYS, dict({"name": "team"}, **fields))
     assert code == 201, key
     return key
+
+
+async def one_line_batch(gw, client, url, body):
+    """Run a batch of one line (C{body} to C{url}) with C{client}'s key, to its end."""
+    line = {"custom_id": "a", "method": "POST", "url": url, "body": body}
+    uploaded = await in_thread(client.files.create, file=("in.jsonl", io.BytesIO(json.dumps(line).encode())),
+                               purpose="batch")
+    batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint=url, completion_window="24h")
+    await gw.service.batch_runner.settled(batch.id)
 
 
 async def chat(client, model=MODEL, **extra):
@@ -532,7 +562,7 @@ async def test_responses_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm
     """vLLM's Responses API takes cache_salt and priority as its chat does: a managed key's Responses request
     (online, translated to a vLLM's chat, or a batch line) carries its tenant's salt and its priority; before,
     neither, so tenants shared vLLM's prefix cache through Responses. Another provider gets neither."""
-    vllm, chat_only, other = await start_fake(reactor), await start_fake(reactor, responses=False), await start_fake(reactor)
+    vllm, chat_only, other = [await start_fake(reactor, **options) for options in ({}, {"responses": False}, {})]
     gw = await start_gateway(reactor, {
         "VLLM_BASE_URL": vllm.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "VLLM_OLD_BASE_URL": chat_only.base_url,
         "OPENAI_OTHER_BASE_URL": other.base_url, "OPENAI_OTHER_API_KEY": "sk-up", "GOMODEL_MASTER_KEY": MASTER,
@@ -553,12 +583,7 @@ async def test_responses_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm
         await in_thread(client.responses.create, model=OTHER, input="hi")
         assert not {"cache_salt", "priority"} & set(sent(other))
 
-        line = {"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {"model": MODEL, "input": "x"}}
-        uploaded = await in_thread(client.files.create, file=("in.jsonl", io.BytesIO(json.dumps(line).encode())),
-                                   purpose="batch")
-        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/responses",
-                                completion_window="24h")
-        await gw.service.batch_runner.settled(batch.id)
+        await one_line_batch(gw, client, "/v1/responses", {"model": MODEL, "input": "x"})
         assert sent(vllm)["input"] == "x" and sent(vllm)["cache_salt"] == salt
     finally:
         client.close()
@@ -568,59 +593,43 @@ async def test_responses_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm
 
 
 @pytest_twisted.ensureDeferred
-async def test_pooling_requests_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm(reactor, http, tmp_path):
+async def test_pooling_requests_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm(http, mixed):
     """vLLM's pooling requests (embeddings, rerank, score, classify) take cache_salt and priority as its
     generation does: a managed key's carry its tenant's salt and its priority, batch lines too; before,
     neither. A provider that is not vLLM gets neither."""
-    vllm, other = await start_fake(reactor), await start_fake(reactor)
-    gw = await start_gateway(reactor, {
-        "VLLM_BASE_URL": vllm.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "OPENAI_OTHER_BASE_URL": other.base_url,
-        "OPENAI_OTHER_API_KEY": "sk-up", "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    gw, vllm, other = await mixed({"VLLM_PRIORITY_SCHEDULING": "true"})
     key = await new_key(http, gw, priority=2)
     auth = {"authorization": ["Bearer " + key["value"]], "content-type": ["application/json"]}
     bodies = {"/v1/embeddings": {"input": "a"}, "/v1/rerank": {"query": "q", "documents": ["a", "b"]},
               "/v1/score": {"text_1": "a", "text_2": "b"}, "/v1/classify": {"input": "a"}}
-    try:
-        for path, body in bodies.items():
-            response = await http.post(gw.url + path, data=json.dumps(dict(body, model=MODEL)).encode(), headers=auth)
-            assert response.code == 200, (path, await treq.content(response))
-            await treq.content(response)
-            sent = vllm.requests[-1].body
-            assert len(sent["cache_salt"]) == 32 and sent["priority"] == 2, path
-        response = await http.post(gw.url + "/v1/embeddings", headers=auth,
-                                   data=json.dumps({"input": "a", "model": OTHER}).encode())
-        assert response.code == 200 and not {"cache_salt", "priority"} & set(other.requests[-1].body)
+    for path, body in bodies.items():
+        response = await http.post(gw.url + path, data=json.dumps(dict(body, model=MODEL)).encode(), headers=auth)
+        assert response.code == 200, (path, await treq.content(response))
         await treq.content(response)
-
-        client = openai_client(gw, key["value"])
-        try:
-            line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "x"}}
-            uploaded = await in_thread(client.files.create, file=("in.jsonl", io.BytesIO(json.dumps(line).encode())),
-                                       purpose="batch")
-            batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/embeddings",
-                                    completion_window="24h")
-            await gw.service.batch_runner.settled(batch.id)
-        finally:
-            client.close()
         sent = vllm.requests[-1].body
-        assert sent["input"] == "x" and len(sent["cache_salt"]) == 32 and sent["priority"] == 2
+        assert len(sent["cache_salt"]) == 32 and sent["priority"] == 2, path
+    response = await http.post(gw.url + "/v1/embeddings", headers=auth,
+                               data=json.dumps({"input": "a", "model": OTHER}).encode())
+    assert response.code == 200 and not {"cache_salt", "priority"} & set(other.requests[-1].body)
+    await treq.content(response)
+
+    client = openai_client(gw, key["value"])
+    try:
+        await one_line_batch(gw, client, "/v1/embeddings", {"model": MODEL, "input": "x"})
     finally:
-        await gw.service.stopService()
-        await vllm.stop()
-        await other.stop()
+        client.close()
+    sent = vllm.requests[-1].body
+    assert sent["input"] == "x" and len(sent["cache_salt"]) == 32 and sent["priority"] == 2
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_messages_cache_salt_translated_for_a_vllm_is_kept_as_on_chat(reactor, http, tmp_path):
+async def test_a_messages_cache_salt_translated_for_a_vllm_is_kept_as_on_chat(http, mixed):
     """A Messages request translated to a vLLM's chat (one without the Messages API) carries the client's own
     cache_salt where its key may choose one, and the master key's, as natively; before, it was dropped and
     the key got its tenant's salt. Another key's is replaced; a provider that is not vLLM gets none."""
     import anthropic
 
-    vllm, other = await start_fake(reactor, messages=False), await start_fake(reactor)
-    gw = await start_gateway(reactor, {
-        "VLLM_BASE_URL": vllm.base_url, "OPENAI_OTHER_BASE_URL": other.base_url, "OPENAI_OTHER_API_KEY": "sk-up",
-        "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    gw, vllm, other = await mixed(messages=False)
     own, theirs = (await new_key(http, gw, own_cache_salt=True))["value"], (await new_key(http, gw))["value"]
 
     async def salt_of(secret, model=MODEL, fake=vllm):
@@ -633,15 +642,10 @@ async def test_a_messages_cache_salt_translated_for_a_vllm_is_kept_as_on_chat(re
         [sent] = [r for r in fake.requests if r.path == b"/v1/chat/completions"][-1:]
         return sent.body.get("cache_salt", "-")
 
-    try:
-        assert await salt_of(own) == "mine"
-        assert await salt_of(MASTER) == "mine"
-        assert len(await salt_of(theirs)) == 32 and await salt_of(theirs) != "mine"
-        assert await salt_of(own, OTHER, other) == "-"
-    finally:
-        await gw.service.stopService()
-        await vllm.stop()
-        await other.stop()
+    assert await salt_of(own) == "mine"
+    assert await salt_of(MASTER) == "mine"
+    assert len(await salt_of(theirs)) == 32 and await salt_of(theirs) != "mine"
+    assert await salt_of(own, OTHER, other) == "-"
 
 
 @pytest_twisted.ensureDeferred
@@ -699,17 +703,13 @@ async def test_a_fallback_gets_what_its_own_provider_takes(reactor, http, tmp_pa
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_bad_priority_header_is_refused_whichever_target_answers(reactor, http, tmp_path):
+async def test_a_bad_priority_header_is_refused_whichever_target_answers(mixed):
     """A malformed X-Request-Priority is refused when a fallback would take it, also while the first target
     (which does not) is up: before, the answer was 200 or 400 depending on the first target's health."""
     import anthropic
 
-    other, vllm = await start_fake(reactor), await start_fake(reactor, messages=False)
-    bare = "meta-llama/Llama-3.1-8B-Instruct"
-    gw = await start_gateway(reactor, {
-        "VLLM_BASE_URL": vllm.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "OPENAI_OTHER_BASE_URL": other.base_url,
-        "OPENAI_OTHER_API_KEY": "sk-up", "FAILOVER_RULES_JSON": json.dumps({OTHER: [f"vllm/{bare}"]}),
-        "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    rules = json.dumps({OTHER: [MODEL]})
+    gw, vllm, other = await mixed({"VLLM_PRIORITY_SCHEDULING": "true", "FAILOVER_RULES_JSON": rules}, messages=False)
     client = openai_client(gw, MASTER)
     messages = anthropic.Anthropic(base_url=gw.url, api_key=MASTER, max_retries=0, timeout=10)
     try:
@@ -727,9 +727,6 @@ async def test_a_bad_priority_header_is_refused_whichever_target_answers(reactor
     finally:
         client.close()
         messages.close()
-        await gw.service.stopService()
-        await vllm.stop()
-        await other.stop()
 
 
 @pytest_twisted.ensureDeferred
