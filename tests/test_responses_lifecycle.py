@@ -134,7 +134,8 @@ async def test_a_previous_response_id_that_is_no_id_is_refused_before_the_upstre
 async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(reactor):
     a = await start_fake(reactor)
     b = await start_fake(reactor)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url})
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url,
+                                       "REPLICA_FAILURE_THRESHOLD": "100"})
     client = openai_client(gw)
     try:
         first = await in_thread(client.responses.create, model="vllm-b/" + UPSTREAM, input="one")
@@ -142,6 +143,12 @@ async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(re
         assert b.requests[-1].body["previous_response_id"] == first.id
         assert not [r for r in a.requests if r.path == b"/v1/responses"]
         assert follow.previous_response_id == first.id
+        # That instance down: the route's own provider answers, given the stored conversation.
+        b.steer = {"fake_status": 503}
+        again = await in_thread(client.responses.create, model=MODEL, input="three", previous_response_id=follow.id)
+        sent = [r.body for r in a.requests if r.path == b"/v1/responses"][-1]
+        assert [item["content"] for item in sent["input"]] == ["one", "héhéhé", "two", "héhéhé", "three"]
+        assert (await in_thread(client.responses.retrieve, again.id)).id == again.id
     finally:
         client.close()
         await gw.service.stopService()

@@ -82,12 +82,18 @@ class ResponsesRoute:
                 return await self._create_at(request, ctx, body["model"], dict(body, model=first.upstream_model),
                                              provider, stream, previous)
             except errors.GatewayError as failed:
-                if not fallbacks or not fails_over(failed):
+                if not fails_over(failed):
+                    raise
+                failing = provider
+                if provider is not first.provider:  # the instance that holds the conversation: the route's own next
+                    provider = first.provider
+                elif fallbacks:
+                    first, *fallbacks = fallbacks
+                    provider = first.provider
+                else:
                     raise
                 self.log.info("{model} failed at {provider} ({why}); trying its next target",
-                              model=first.upstream_model, provider=provider.name, why=failed.code or failed.status)
-                first, *fallbacks = fallbacks
-                provider = first.provider
+                              model=first.upstream_model, provider=failing.name, why=failed.code or failed.status)
 
     async def _create_at(self, request, ctx, model, body, provider, stream, previous):
         """Create the response at C{provider} for C{body} (its C{model} the upstream's; C{model}, the client's
