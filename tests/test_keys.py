@@ -593,6 +593,33 @@ async def test_responses_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_follow_up_goes_to_the_conversations_instance_only_where_the_key_may_use_it(reactor, http, tmp_path):
+    """A team's conversation made at vllm-b is continued by a teammate's key that may use only vllm: at vllm,
+    with the stored conversation; before, at vllm-b, a provider outside that key's allowlist."""
+    a, b = await start_fake(reactor), await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url,
+                                       "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    team = "/team/alpha"
+    clients = [openai_client(gw, (await new_key(http, gw, user_path=team, models=[models]))["value"])
+               for models in ("vllm-b/", "vllm/")]
+    try:
+        made = await in_thread(clients[0].responses.create, model="vllm-b/meta-llama/Llama-3.1-8B-Instruct",
+                               input="my name is Ada")
+        await gw.service.store.responses.get(made.id)  # (written)
+        asked = len(b.requests)
+        await in_thread(clients[1].responses.create, model=MODEL, input="who am I?", previous_response_id=made.id)
+        assert len(b.requests) == asked
+        [sent] = [r.body for r in a.requests if r.path == b"/v1/responses"]  # (not asked for an id it cannot know)
+        assert [item["content"] for item in sent["input"]] == ["my name is Ada", "héhéhé", "who am I?"]
+    finally:
+        for client in clients:
+            client.close()
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_pooling_requests_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm(http, mixed):
     """vLLM's pooling requests (embeddings, rerank, score, classify) take cache_salt and priority as its
     generation does: a managed key's carry its tenant's salt and its priority, batch lines too; before,

@@ -253,7 +253,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
         first = _allowed_target(registry, name, principal)
     allowed = []
     for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
-        if _may_route(principal, route):
+        if may_route(principal, route):
             allowed.append(route)
     if first not in allowed:  # (a provider type's model at another instance of that type)
         allowed.insert(0, first)
@@ -273,7 +273,7 @@ def resolve_model(registry, body, principal=None):
         route = registry.resolve(name)
     except AmbiguousModel as ambiguous:
         return unambiguous(registry, ambiguous, principal)
-    if (principal is None or principal.models is None or _may_route(principal, route)
+    if (principal is None or principal.models is None or may_route(principal, route)
             or _as_sent(principal, name, route)):
         return route
     return _allowed_target(registry, name, principal)
@@ -290,7 +290,7 @@ def unambiguous(registry, ambiguous, principal):
     if principal is None or principal.models is None:
         raise ambiguous
     usable = [route for route in registry.serving(ambiguous.model)
-              if _may_route(principal, route)]
+              if may_route(principal, route)]
     if len(usable) == 1:
         return usable[0]
     if usable:
@@ -329,7 +329,7 @@ def shown_targets(registry, name, targets, principal):
             continue
         if _as_sent(principal, name, route):
             return None
-        if _may_route(principal, route):
+        if may_route(principal, route):
             shown.add(target)
     return shown
 
@@ -342,7 +342,7 @@ def _as_sent(principal, name, route) -> bool:
     return principal.allows(name) if name.startswith(route.provider.named_by) else principal.names(name)
 
 
-def _may_route(principal, route) -> bool:
+def may_route(principal, route) -> bool:
     """Whether C{principal}'s selectors admit C{route}: by its qualified id, or by its model's id at its
     provider (as C{/v1/models} lists it)."""
     return principal.allows(qualified(route)) or principal.names(route.upstream_model)
@@ -355,7 +355,7 @@ def _allowed_target(registry, name, principal):
     @raise ModelAccessDenied: there is none.
     """
     for route in registry.targets(name):
-        if _may_route(principal, route):
+        if may_route(principal, route):
             return route
     raise ModelAccessDenied(name)
 

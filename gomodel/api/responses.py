@@ -14,7 +14,7 @@ from functools import partial
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.api.inference import plan_model, target, unsaturated, vet_priority
+from gomodel.api.inference import may_route, plan_model, target, unsaturated, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
 from gomodel.proxy.exchange import UpstreamCall, fails_over
@@ -75,8 +75,9 @@ class ResponsesRoute:
         provider = first.provider
         if previous is not None:
             same = self._registry.provider(previous["provider"])
-            if same is not None and same.type == provider.type:
-                provider = same  # the instance that holds the conversation
+            held = None if same is None else first._replace(provider=same)
+            if held is not None and same.type == provider.type and _may_use(ctx.principal, held):
+                provider = same  # the instance that holds the conversation (where the key may use it)
         while True:
             try:
                 return await self._create_at(request, ctx, body["model"], dict(body, model=first.upstream_model),
@@ -109,6 +110,9 @@ class ResponsesRoute:
         turn = _Turn(self, ctx, body, provider, previous)
         if self._no_native.get(provider.name, 0) <= self._clock.seconds():
             try:
+                if previous is not None and previous["provider"] != provider.name:  # (vLLM keeps a response in the
+                    explicit = await self._with_history(body, previous)  # memory of the instance that made it)
+                    return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity)
                 return await self._native(request, ctx, provider, body, stream, turn, prefer, affinity)
             except _NotKnownUpstream:
                 if previous is None:  # stored meanwhile (another host's write was not committed yet)
@@ -352,6 +356,11 @@ class _Turn:
                 self._ctx.usage = usage
         self.keep(response, answer)
         return answer
+
+
+def _may_use(principal, route) -> bool:
+    """Whether C{principal} (None: an open path's) may use C{route}."""
+    return principal is None or principal.models is None or may_route(principal, route)
 
 
 def _as_list(value):
