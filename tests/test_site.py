@@ -4,11 +4,12 @@ import json
 import os
 import re
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import deferLater
 
 from tests.rawclient import connect
-from tests.support import start_gateway, with_timeout
+from tests.support import start_gateway, until, with_timeout
 
 BOUNDARY = b"gomodelboundary"
 
@@ -245,6 +246,181 @@ async def test_a_head_that_trickles_in_is_answered_408_and_a_complete_one_never(
         site.sweep_idle()
         await with_timeout(reactor, busy.lost, 5)
         assert b"HTTP/1.1 408 " in bytes(busy.received)
+    finally:
+        await port.stopListening()
+
+
+class _CountingSink:
+    """An upload sink that counts what it is sent (as the files API's does: its position is its count)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def write(self, data):
+        self.count += len(data)
+
+    def tell(self):
+        return self.count
+
+    def seek(self, *args):
+        return 0
+
+    def close(self):
+        pass
+
+
+def _body_site(reactor):
+    """A GatewaySite on 127.0.0.1:0 with the default head and body deadlines, its sweep's clock a Clock:
+    POST /hold is held (appended to the list returned), /echo answers its body's size, /upload streams to a
+    L{_CountingSink} and answers its count, /refused is refused when its head is in (answered 401)."""
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET
+
+    from gomodel.errors import AuthenticationFailed
+    from gomodel.http.site import GatewaySite
+
+    held = []
+
+    class Root(Resource):
+        isLeaf = True
+
+        def render_POST(self, request):
+            if request.refusal is not None:
+                request.setResponseCode(401)
+                return b"refused"
+            if request.path == b"/hold":
+                held.append(request)
+                return NOT_DONE_YET
+            size = request.content.tell() if request.streamed else len(request.content.read())
+            return b"got %d" % size
+
+    def authenticate(request, path):
+        if path == b"/refused":
+            raise AuthenticationFailed("no key")
+
+    def upload_sink(request, method, path, length):
+        return _CountingSink() if path == b"/upload" else None
+
+    clock = Clock()
+    site = GatewaySite(Root(), 1024 * 1024, authenticate=authenticate, upload_sink=upload_sink, reactor=clock)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    return site, port, clock, held
+
+
+def _post_head(path, length) -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n" % (path, length)
+
+
+def _body_read(site, client):
+    """The bytes of the body being read on C{client}'s connection so far (None: no body being read)."""
+    port = client.transport.getHost().port
+    for channel in list(site.channels):
+        if channel.getPeer().port == port:
+            request = channel._receiving
+            if request is None or channel._head_open:
+                return None
+            return request.content.tell() if request.streamed else request._received
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_trickles_in_below_the_minimum_rate_is_answered_408_and_closed(reactor):
+    from gomodel.http.site import BODY_MIN_RATE, BODY_TIMEOUT
+
+    assert (BODY_TIMEOUT, BODY_MIN_RATE) == (60, 500)  # the numbers below
+    site, port, clock, held = _body_site(reactor)
+    try:
+        # a head that takes 55 s of its 60: the body's time starts when its own does
+        head = _post_head(b"/echo", 100000)
+        client = await connect(reactor, port.getHost().port, head[:20])
+        await until(reactor, lambda: site.channels, limit=5, what="the connection")
+        site.sweep_idle()
+        for at in range(21, 32):
+            clock.advance(5)
+            client.transport.write(head[at - 1:at])
+            await deferLater(reactor, 0.01, lambda: None)
+            site.sweep_idle()
+        client.transport.write(head[31:] + b"x" * 100)
+        await until(reactor, lambda: _body_read(site, client) == 100, limit=5, what="the body's start")
+        site.sweep_idle()  # the body seen arriving: it may take 60 s, and 1 s more for every 500 bytes
+        for second in range(5, 65, 5):  # 100 bytes every 5 s (20 bytes a second): never idle
+            clock.advance(5)
+            client.transport.write(b"x" * 100)
+            await until(reactor, lambda: _body_read(site, client) == 100 + 20 * second, limit=5, what="the bytes")
+            site.sweep_idle()
+            assert not client.lost.called  # at 60 s, 1300 bytes in: its deadline is 62.6 s
+        clock.advance(5)
+        site.sweep_idle()
+        await with_timeout(reactor, client.lost, 5)
+        answer = bytes(client.received)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+        assert "its body arrived too slowly" in error["message"]
+        assert not held
+        await until(reactor, lambda: not site.channels, limit=5, what="the connection's end")
+    finally:
+        await port.stopListening()
+
+
+@pytest.mark.parametrize("path", [b"/echo", b"/upload", b"/refused"])
+@pytest_twisted.ensureDeferred
+async def test_a_slow_body_above_the_minimum_rate_is_never_cut_and_gets_its_answer(reactor, path):
+    site, port, clock, held = _body_site(reactor)
+    step = 5000  # every 5 s: 1000 bytes a second, twice the minimum, for twice BODY_TIMEOUT
+    try:
+        client = await connect(reactor, port.getHost().port, _post_head(path, 25 * step) + b"x" * step)
+        # beside it, the same body at 100 bytes every 5 s: cut at the sweeps that keep the other
+        slow = await connect(reactor, port.getHost().port, _post_head(path, 25 * step) + b"x" * 100)
+        await until(reactor, lambda: _body_read(site, client) == step and _body_read(site, slow) == 100, limit=5,
+                    what="the bodies' start")
+        site.sweep_idle()
+        for n in range(2, 26):
+            clock.advance(5)
+            client.transport.write(b"x" * step)
+            if not slow.lost.called:
+                slow.transport.write(b"x" * 100)
+            if n < 25:
+                await until(reactor, lambda: _body_read(site, client) == n * step, limit=5, what="the bytes")
+                await until(reactor, lambda: slow.lost.called or _body_read(site, slow) == n * 100, limit=5,
+                            what="the slow bytes")
+                site.sweep_idle()
+                assert not client.lost.called
+        expected = b"refused" if path == b"/refused" else b"got %d" % (25 * step)
+        await with_timeout(reactor, client.wait_for(expected), 5)
+        assert bytes(client.received).startswith(b"HTTP/1.1 401 " if path == b"/refused" else b"HTTP/1.1 200 ")
+        assert slow.lost.called and bytes(slow.received).startswith(b"HTTP/1.1 408 ")
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_read_whole_is_never_cut_and_a_body_held_behind_its_answer_is_timed_after_it(reactor):
+    site, port, clock, held = _body_site(reactor)
+    try:
+        # /hold's body is complete and its answer held; the next request's body, half sent, waits behind it
+        client = await connect(reactor, port.getHost().port,
+                               _post_head(b"/hold", 4) + b"done" + _post_head(b"/echo", 20) + b"x" * 10)
+        await until(reactor, lambda: held, limit=5, what="the held answer")
+        site.sweep_idle()
+        for _ in range(200):  # 1000 s of an answer in progress
+            clock.advance(5)
+            site.sweep_idle()
+        assert not client.lost.called
+        held[0].write(b"answered")
+        held[0].finish()
+        await with_timeout(reactor, client.wait_for(b"answered"), 5)
+        await until(reactor, lambda: _body_read(site, client) == 10, limit=5, what="the next body read")
+        site.sweep_idle()  # the next body, read from now on with no answer in progress: timed from here
+        clock.advance(60)
+        site.sweep_idle()
+        assert not client.lost.called  # its deadline: 60 s and 10 / 500
+        clock.advance(5)
+        site.sweep_idle()
+        await with_timeout(reactor, client.lost, 5)
+        answers = re.findall(rb"HTTP/1\.1 (\d{3}) ", bytes(client.received))
+        assert answers == [b"200", b"408"]
     finally:
         await port.stopListening()
 

@@ -85,8 +85,10 @@ class GatewayChannel(http.HTTPChannel):
     _head = None  # the answer's status line and headers, not yet written
     active = True  # something came in or went out since the site's last idle sweep
     idle_since = None  # when a sweep last found it active (GatewaySite.sweep_idle)
-    head_watched = None  # the request whose head a sweep saw arriving, and since when (GatewaySite.sweep_idle)
-    head_since = None
+    # The request whose head or body (watched_head) a sweep saw arriving, and since when (GatewaySite.sweep_idle).
+    watched = None
+    watched_head = False
+    watched_since = None
 
     def connectionMade(self):
         _twistedcompat.prompt(self.transport)
@@ -266,9 +268,15 @@ class GatewayChannel(http.HTTPChannel):
         answer 408 and close."""
         self._bad_request("its head took too long to arrive", _TIMED_OUT)
 
+    def body_timed_out(self):
+        """The body of the request being read arrives too slowly (L{GatewaySite.sweep_idle}): answer 408 and
+        close."""
+        self._bad_request("its body arrived too slowly", _TIMED_OUT)
+
     def _bad_request(self, reason, status=_BadRequest.status):
         """Answer 400 (or C{status}) and close; requests read whole before the bad bytes are answered first."""
         self._parser = None
+        self._receiving = None  # read no further: no sweep times it (and answers it again)
         if self._received:
             self._received[-1].close_after()
             return

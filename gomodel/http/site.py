@@ -180,9 +180,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         if self.streamed:
             self.content.write(data)  # the sink applies its own limit
             return
+        self._received += len(data)  # also a dropped body's: its deadline counts it (GatewaySite.sweep_idle)
         if self.too_large or self.refusal is not None:
             return
-        self._received += len(data)
         if self._received > self.body_limit:
             self.too_large = True
             self.content.close()
@@ -208,6 +208,12 @@ CLIENT_IDLE_TIMEOUT = 120
 # client_header_timeout (60 s) and Go's ReadHeaderTimeout bound it: a client that trickles a
 # header a byte at a time would otherwise hold its connection for ever (it is never idle).
 HEAD_TIMEOUT = 60
+# A request's body may take BODY_TIMEOUT seconds plus one for every BODY_MIN_RATE bytes received, as Apache's
+# mod_reqtimeout bounds it (body=20,MinRate=500): a body trickled a byte at a time is cut after about a minute
+# (timing only the gap between two reads, as nginx's client_body_timeout does, would never cut it), and an upload
+# of any size that averages 500 bytes a second (4 kbit/s) is never cut.
+BODY_TIMEOUT = 60
+BODY_MIN_RATE = 500
 IDLE_SWEEP = 5  # seconds between two sweeps of idle client connections
 
 
@@ -224,7 +230,7 @@ class GatewaySite(server.Site):
     protocol = GatewayChannel
 
     def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, idle_timeout=CLIENT_IDLE_TIMEOUT,
-                 head_timeout=HEAD_TIMEOUT, **kwargs):
+                 head_timeout=HEAD_TIMEOUT, body_timeout=BODY_TIMEOUT, body_min_rate=BODY_MIN_RATE, **kwargs):
         """
         @param authenticate: C{authenticate(request, path) -> identity}, called
             when a request's head is in; it raises a
@@ -235,6 +241,10 @@ class GatewaySite(server.Site):
             in progress and received nothing (a request in progress is never cut by it).
         @param head_timeout: seconds after which L{sweep_idle} answers 408 and closes a connection whose
             request's head is still arriving (counted from the first sweep that saw it arriving).
+        @param body_timeout: seconds of grace for a request's body (counted from the first sweep that saw it
+            arriving); past them and C{body_min_rate}'s due, L{sweep_idle} answers 408 and closes.
+        @param body_min_rate: bytes a second a body must average: each adds C{1 / body_min_rate} seconds to
+            C{body_timeout}.
         """
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit,
@@ -249,24 +259,35 @@ class GatewaySite(server.Site):
         self.channels = set()  # the open client connections (GatewayChannel keeps it)
         self.idle_timeout = idle_timeout
         self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
 
     def sweep_idle(self):
         """Close the client connections idle for C{idle_timeout} seconds or more, as Twisted's idle timeout
         does (C{timeoutConnection}: closed, aborted if the client does not let go); a connection counts as
         idle from the first sweep that finds it without a request in progress and with nothing received
-        since the sweep before. A request whose head has been arriving for C{head_timeout} seconds, from
-        the first sweep that saw it arriving with no answer in progress (the sweep keeps which request
-        that was: the request path pays nothing for it), is answered 408 and its connection closed."""
+        since the sweep before.
+
+        A request being read is timed from the first sweep that saw its head, then its body, arriving with
+        no answer in progress (the sweep keeps which request and part that was: the request path pays
+        nothing for it; what arrives during an answer is held, not read, and not timed). Its head may take
+        C{head_timeout} seconds; its body C{body_timeout} seconds plus one for every C{body_min_rate} bytes
+        received. Past that it is answered 408 and its connection closed. A request read whole is never cut."""
         now = self.reactor.seconds()
         for channel in list(self.channels):
-            if channel._head_open:
-                if channel._handlingRequest or channel.head_watched is not channel._receiving:
-                    channel.head_watched, channel.head_since = channel._receiving, now
-                elif now - channel.head_since >= self.head_timeout:
+            receiving = channel._receiving
+            if receiving is None:
+                channel.watched = None  # (its body may be large: not kept past its reading)
+            elif (channel._handlingRequest or channel.watched is not receiving
+                  or channel.watched_head != channel._head_open):
+                channel.watched, channel.watched_head, channel.watched_since = receiving, channel._head_open, now
+            elif channel._head_open:
+                if now - channel.watched_since >= self.head_timeout:
                     channel.head_timed_out()
                     continue
-            elif channel.head_watched is not None:
-                channel.head_watched = None  # (its body may be large: not kept past its head)
+            elif now - channel.watched_since >= self.body_timeout + _body_received(receiving) / self.body_min_rate:
+                channel.body_timed_out()
+                continue
             if channel.active or channel._handlingRequest or channel.idle_since is None:
                 channel.active = False
                 channel.idle_since = now
@@ -288,6 +309,12 @@ class GatewaySite(server.Site):
 
     def log(self, request):
         """Each request's context logs it when it completes (L{gomodel.http.context.AccessLog})."""
+
+
+def _body_received(request) -> int:
+    """The bytes of C{request}'s body received so far: its upload sink's count (a file's position), or
+    the count kept for the body limit (a refused or too large body's too)."""
+    return request.content.tell() if request.streamed else request._received
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
