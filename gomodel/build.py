@@ -158,6 +158,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         from gomodel.accounting.metrics import GatewayMetrics, MetricsFlush
 
         gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.in_flight)
+        exchange.retried = gateway.metrics.retried
         MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)
         sinks.append(gateway.metrics)
         starts.append(gateway.metrics.started)

@@ -86,6 +86,37 @@ async def test_metrics_count_requests_tokens_ttft_errors_and_replicas(reactor, h
 
 
 @pytest_twisted.ensureDeferred
+async def test_retries_to_another_replica_and_to_another_target_are_counted(reactor, http):
+    """A replica that answers 503 sends the request to the provider's other replica (C{to="replica"}); a provider
+    that fails sends it to its failover candidate (C{to="target"}), on chat and on Responses alike."""
+    from tests.support import start_fake
+
+    down, up, other = await start_fake(reactor), await start_fake(reactor), await start_fake(reactor)
+    down.steer = {"fake_status": 503}
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": f"{down.base_url},{up.base_url}", "VLLM_B_BASE_URL": down.base_url,
+        "VLLM_C_BASE_URL": other.base_url, "GOMODEL_MASTER_KEY": "k1", "REPLICA_FAILURE_THRESHOLD": "100",
+        "ROUTING_STRATEGY": "round_robin", "FAILOVER_RULES_JSON": json.dumps({
+            "vllm-b/meta-llama/Llama-3.1-8B-Instruct": ["vllm-c/meta-llama/Llama-3.1-8B-Instruct"]})})
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/responses", {"input": "hi"})):
+            for model in (MODEL, MODEL, "vllm-b/meta-llama/Llama-3.1-8B-Instruct"):
+                response = await http.post(gw.url + path, data=json.dumps(dict(body, model=model)).encode(),
+                                           headers=dict(KEY, **{"Content-Type": "application/json"}))
+                assert response.code == 200, (path, model)
+                await response.content()
+        found = await scrape(http, gw)
+        # round robin: one of each two requests to vllm went first to the replica that fails
+        assert value(found, "gomodel_upstream_retries_total", provider_name="vllm", to="replica") == 2
+        assert value(found, "gomodel_upstream_retries_total", provider_name="vllm-b", to="target") == 2
+    finally:
+        await gw.service.stopService()
+        for fake in (down, up, other):
+            await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_need_the_key_unless_told_otherwise_and_can_be_off(reactor, http, fake):
     base = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"}
     gw = await start_gateway(reactor, base)

@@ -2,8 +2,8 @@
 
 GoModel's three series with its names and labels (C{gomodel_requests_total},
 C{gomodel_request_duration_seconds}, C{gomodel_requests_in_flight}), and
-what it lacks: time to first token, tokens by type, upstream errors, client
-disconnects, and each replica's state, in-flight count and last reported
+what it lacks: time to first token, tokens by type, upstream errors, retries
+(failovers before the first byte), client disconnects, and each replica's state, in-flight count and last reported
 vLLM load. Labels stay bounded: provider type and name, the model as routed
 (C{provider/upstream-model}, never what a client typed), the gateway route.
 
@@ -70,6 +70,10 @@ class GatewayMetrics:
                                ("provider", "provider_name", "model", "code"), registry=r)
         self._gone = Counter("gomodel_client_disconnects_total", "Requests whose client left before the end.",
                              _REQUEST, registry=r)
+        self._retries = Counter("gomodel_upstream_retries_total",
+                                "Sends that failed before the first byte and were sent again: to another replica "
+                                "of the provider, or to another target.", ("provider", "provider_name", "to"),
+                                registry=r)
         self._exposed = self.registry
         if shared:  # --workers: a scrape reads every process's files
             self._exposed = CollectorRegistry()
@@ -112,6 +116,11 @@ class GatewayMetrics:
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS or ctx.outcome == STREAM_BROKEN
                                          or (ctx.status >= 500 and ctx.error is None)):
             self._errors.labels(*_names(ctx), ctx.error or f"http_{ctx.status}").inc()
+
+    def retried(self, pool, to):
+        """A send to C{pool} failed before the first byte and goes again to another C{to} (C{"replica"} of it,
+        or C{"target"}: L{gomodel.proxy.exchange.Exchange.failed_over})."""
+        self._retries.labels(pool.type, pool.name, to).inc()
 
     def flush(self):
         """Add what requests added since the last flush to their series."""

@@ -146,7 +146,7 @@ class MessagesRoutes:
             except _NoNative:
                 self._remember(ctx, MESSAGES)
             except errors.GatewayError as failed:
-                routes = self._other_way(routes, first, fallbacks, native, failed)
+                routes = self._other_way(ctx, routes, first, fallbacks, native, failed)
 
     async def count_tokens(self, request, ctx):
         """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
@@ -176,7 +176,7 @@ class MessagesRoutes:
             except _NoNative as e:
                 self._remember(ctx, MESSAGES if e.api else COUNT_TOKENS)
             except errors.GatewayError as failed:
-                routes = self._other_way(routes, first, fallbacks, native, failed)
+                routes = self._other_way(ctx, routes, first, fallbacks, native, failed)
 
     # -- the ways upstream -----------------------------------------------------------
 
@@ -297,19 +297,19 @@ class MessagesRoutes:
         native = self._native_for(first, counting)
         return first, [route for route in others if self._native_for(route, counting) == native], native
 
-    def _other_way(self, routes, first, fallbacks, native, failed):
+    def _other_way(self, ctx, routes, first, fallbacks, native, failed):
         """The routes left to try once C{first} and C{fallbacks}, those reached one way (natively, or
-        translated), failed with C{failed}: those reached the other way (a native vLLM that is down falls
-        back to an OpenAI target of the same virtual model, and the other way round).
+        translated), failed with C{failed} (the last at C{ctx}'s provider): those reached the other way (a
+        native vLLM that is down falls back to an OpenAI target of the same virtual model, and back).
 
         @raise failed: it is no failure another target may answer (L{fails_over}), or none is left.
         """
         rest = [route for route in routes if route is not first and route not in fallbacks]
         if not rest or not fails_over(failed):
             raise failed
-        self.log.info("{model} failed on the targets asked {way} ({why}); trying those asked the other way",
-                      model=first.upstream_model, way="natively" if native else "translated",
-                      why=failed.code or failed.status)
+        way = "natively" if native else "translated"
+        self._exchange.failed_over(self._registry.provider(ctx.provider), "target",
+                                   f"{failed.code or f'HTTP {failed.status}'}, asked {way}")
         return rest
 
     def _remember(self, ctx, path):

@@ -93,8 +93,7 @@ class ResponsesRoute:
                     provider = first.provider
                 else:
                     raise
-                self.log.info("{model} failed at {provider} ({why}); trying its next target",
-                              model=first.upstream_model, provider=failing.name, why=failed.code or failed.status)
+                self._exchange.failed_over(failing, "target", failed.code or f"HTTP {failed.status}")
 
     async def _create_at(self, request, ctx, model, body, provider, stream, previous):
         """Create the response at C{provider} for C{body} (its C{model} the upstream's; C{model}, the client's

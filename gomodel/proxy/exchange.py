@@ -125,19 +125,22 @@ class Exchange:
 
     log = Logger()
 
-    def __init__(self, clock, timeouts, *, max_attempts=3, admit=None, timers=None):
+    def __init__(self, clock, timeouts, *, max_attempts=3, admit=None, timers=None, retried=None):
         """
         @param admit: C{admit(request, ctx, upstream, call)}, returning None or a Deferred, run before a
             relayed call is sent (the limits and budgets, L{gomodel.limits.gate.Gate.admit});
             what it raises is the answer.
         @param timers: what the response-header timeout of a body being read runs on (the gateway's
             L{gomodel.timers.Timers}); C{clock} when None.
+        @param retried: C{retried(pool, to)}, told of each send that goes again (L{failed_over}; the
+            metrics' L{gomodel.accounting.metrics.GatewayMetrics.retried}), or None.
         """
         self._clock = clock
         self._timers = timers if timers is not None else clock
         self._timeouts = timeouts
         self._max_attempts = max_attempts
         self.admit = admit
+        self.retried = retried
 
     # -- the two entry points ------------------------------------------------------
 
@@ -350,9 +353,17 @@ class Exchange:
             where = "target"
         else:
             return None
-        self.log.info("provider {provider} replica {index} failed ({why}); trying another {where}",
-                      provider=pool.name, index=tried[-1].index, why=why, where=where)
+        self.failed_over(pool, where, why, tried[-1].index)
         return where
+
+    def failed_over(self, pool, where, why, index=None):
+        """Log and count (C{retried}) that a send to C{pool} (its replica C{index}, when known) failed before the
+        first byte, C{why}, and goes again to another C{where}: C{"replica"} of it, or C{"target"} (as the
+        Responses and Messages routes also do when a target fails)."""
+        self.log.info("provider {provider} replica {index} failed ({why}); trying another {where}",
+                      provider=pool.name, index="-" if index is None else index, why=why, where=where)
+        if self.retried is not None:
+            self.retried(pool, where)
 
     async def read(self, upstream, response, limit):
         """The whole body of C{response}, within C{limit} bytes and the response-header timeout.
