@@ -28,7 +28,7 @@ from gomodel.routing.registry import Route
 from gomodel.store import SQLiteStore, new_file_id
 from tests.stores import backend, storage, store  # noqa: F401 (fixtures)
 from tests.stores import batch as batch_record, put_blob
-from tests.support import in_thread, openai_client, ready_pool, start_gateway, until, with_timeout
+from tests.support import dead_base_url, in_thread, openai_client, ready_pool, start_gateway, until, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -169,6 +169,70 @@ async def test_batch_endpoints_reach_the_matching_vllm_route(sdk, gw, fake, endp
     [sent] = [r for r in fake.requests if r.method == b"POST"]
     assert sent.path == path
     assert sent.body == dict(line["body"], model=UPSTREAM_MODEL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lines_whose_drawn_target_went_down_complete_from_the_other_target(reactor, tmp_path):
+    """A virtual model's line drawn to a target that has no ready replica by the time it is sent (it went down
+    while the line waited for room at its provider) is answered by the other target instead of waiting for the
+    first to come back."""
+    from tests.fakes.fleet import FakeReplica
+
+    a, b = FakeReplica(reactor, name="a"), FakeReplica(reactor, name="b")
+    await a.start()
+    await b.start()
+    virtual = [{"source": "llama", "targets": [{"model": f"vllm-a/{UPSTREAM_MODEL}", "weight": 99},
+                                               {"model": f"vllm-b/{UPSTREAM_MODEL}", "weight": 1}]}]
+    gw = await start_gateway(reactor, {
+        "VLLM_A_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url, "VIRTUAL_MODELS": json.dumps(virtual),
+        "BATCH_CONCURRENCY_PER_PROVIDER": "1", "REPLICA_HEALTH_INTERVAL": "50ms", "GOMODEL_MASTER_KEY": KEY,
+        "GOMODEL_DATA_DIR": str(tmp_path)})
+    sdk = openai_client(gw, KEY)
+    [replica] = gw.registry.provider("vllm-a").replicas
+    try:
+        a.hang = True  # the first line stays in flight at a: the next one drawn to a waits for room there
+        lines = [{"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "llama", "messages": [{"role": "user", "content": c}], "max_tokens": 5}}
+                 for c in ("first", "second", "third")]
+        created = await start_batch(sdk, lines)
+        waiting = gw.service.batch_runner.semaphore("vllm-a").waiting
+        await until(reactor, lambda: a.inference_requests and waiting, what="a line waiting for vllm-a")
+        a.health_status = 503  # a goes down
+        await until(reactor, lambda: not replica.ready, what="vllm-a not ready")
+        a.hang = False
+        await with_timeout(reactor, Deferred.fromCoroutine(gw.service.batch_runner.settled(created.id)), 10)
+        batch = await in_thread(sdk.batches.retrieve, created.id)
+        assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 3, 0)
+        assert [r.body["messages"][0]["content"] for r in a.inference_requests] == ["first"]
+        assert sorted(r.body["messages"][0]["content"] for r in b.inference_requests) == ["second", "third"]
+        assert all(r.body["model"] == UPSTREAM_MODEL for r in b.inference_requests)
+    finally:
+        sdk.close()
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lines_whose_first_target_has_no_ready_replica_go_to_its_failover_candidate(reactor, tmp_path, fake):
+    """A line for a model whose provider never came up (nothing listens at its base URL) is answered by the
+    model's failover candidate instead of waiting for a ready replica."""
+    rules = {f"vllm-dead/{UPSTREAM_MODEL}": [f"vllm-live/{UPSTREAM_MODEL}"]}
+    gw = await start_gateway(reactor, {
+        "VLLM_DEAD_BASE_URL": await dead_base_url(reactor), "VLLM_DEAD_MODELS": UPSTREAM_MODEL,
+        "VLLM_LIVE_BASE_URL": fake.base_url, "FAILOVER_RULES_JSON": json.dumps(rules), "GOMODEL_MASTER_KEY": KEY,
+        "GOMODEL_DATA_DIR": str(tmp_path)})
+    sdk = openai_client(gw, KEY)
+    try:
+        lines = [chat_line(c, model=f"vllm-dead/{UPSTREAM_MODEL}") for c in ("a", "b")]
+        created = await start_batch(sdk, lines)
+        await with_timeout(reactor, Deferred.fromCoroutine(gw.service.batch_runner.settled(created.id)), 10)
+        batch = await in_thread(sdk.batches.retrieve, created.id)
+        assert (batch.status, batch.request_counts.completed) == ("completed", 2)
+        assert sorted(r.body["fake_marker"] for r in fake.requests if r.method == b"POST") == ["a", "b"]
+    finally:
+        sdk.close()
+        await gw.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -530,6 +594,9 @@ class StubRegistry:
         if not model.startswith("stub/"):
             raise ModelNotFound(model)
         return Route(self.provider, model[len("stub/"):])
+
+    def plan(self, model, affinity_of=None):
+        return [self.resolve(model)]
 
     def targets(self, model):
         return [self.resolve(model)]

@@ -139,7 +139,8 @@ def test_fetch_reads_the_whole_answer_of_any_status():
     clock = Clock()
     pool = ready_pool(Upstream(), clock)
     d = Deferred.fromCoroutine(Exchange(clock, Timeouts()).fetch(b"id", pool, UpstreamCall("/x")))
-    response, body = d.result
-    assert (response.code, body) == (503, b'{"error":"busy"}')
+    fetched = d.result
+    assert (fetched.response.code, fetched.body) == (503, b'{"error":"busy"}')
+    assert (fetched.upstream, fetched.model) == (pool, None)
     assert pool.replicas[0].in_flight == 0  # the lease ended with the read
     assert not clock.getDelayedCalls()

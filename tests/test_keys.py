@@ -83,6 +83,17 @@ async def one_line_batch(gw, client, url, body):
     await gw.service.batch_runner.settled(batch.id)
 
 
+async def batch_of(gw, client, url, bodies):
+    """Run a batch of C{bodies} to C{url} (custom ids C{"0"}, C{"1"}, ...) with C{client}'s key; its record once
+    it ended."""
+    lines = b"".join(json.dumps({"custom_id": str(i), "method": "POST", "url": url, "body": body}).encode() + b"\n"
+                     for i, body in enumerate(bodies))
+    uploaded = await in_thread(client.files.create, file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+    batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint=url, completion_window="24h")
+    await gw.service.batch_runner.settled(batch.id)
+    return await in_thread(client.batches.retrieve, batch.id)
+
+
 async def chat(client, model=MODEL, **extra):
     return await in_thread(client.chat.completions.create, model=model,
                            messages=[{"role": "user", "content": "hi"}], max_tokens=5, **extra)
@@ -727,6 +738,80 @@ async def test_a_fallback_gets_what_its_own_provider_takes(reactor, http, tmp_pa
         await gw.service.stopService()
         await vllm.stop()
         await other.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_lines_fall_back_with_what_their_own_provider_takes(reactor, http, tmp_path):
+    """A batch line falls back as an online request does: while its model's first target (a vLLM scheduling by
+    priority) answers 503, every line is answered by the failover candidate (an OpenAI-compatible provider),
+    which gets neither the key's cache_salt nor its priority, and the usage records name the provider that
+    answered. Before, each line was retried at the vLLM only, and ended in the error file."""
+    vllm, other = await start_fake(reactor), await start_fake(reactor)
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": vllm.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "OPENAI_OTHER_BASE_URL": other.base_url,
+        "OPENAI_OTHER_API_KEY": "sk-up", "FAILOVER_RULES_JSON": json.dumps({MODEL: [OTHER]}),
+        "REPLICA_FAILURE_THRESHOLD": "100", "BATCH_MAX_ATTEMPTS": "1", "GOMODEL_MASTER_KEY": MASTER,
+        "GOMODEL_DATA_DIR": str(tmp_path)})
+    key = await new_key(http, gw, priority=4)
+    client = openai_client(gw, key["value"])
+    bare = MODEL[len("vllm/"):]
+
+    def chats(fake):
+        return [r for r in fake.requests if r.path == b"/v1/chat/completions"]
+
+    try:
+        vllm.steer = {"fake_status": 503}
+        bodies = [{"model": MODEL, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 5}
+                  for i in range(3)]
+        batch = await batch_of(gw, client, "/v1/chat/completions", bodies)
+        assert batch.status == "completed"
+        assert batch.request_counts.model_dump() == {"total": 3, "completed": 3, "failed": 0}
+        output = [json.loads(line) for line in
+                  (await in_thread(client.files.content, batch.output_file_id)).content.splitlines()]
+        assert sorted(line["custom_id"] for line in output) == ["0", "1", "2"]
+        assert all(line["response"]["status_code"] == 200 for line in output)
+
+        assert sorted(r.body["messages"][0]["content"] for r in chats(other)) == ["hi 0", "hi 1", "hi 2"]
+        for sent in chats(other):
+            assert sent.body["model"] == bare and not {"cache_salt", "priority"} & set(sent.body), sent.body
+        assert len(chats(vllm)) == 3  # tried first, with its own fields
+        for sent in chats(vllm):
+            assert sent.body["priority"] == 4 and len(sent.body["cache_salt"]) == 32, sent.body
+
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        assert code == 200
+        records = [r for r in log["data"] if r["request_id"].startswith(batch.id)]
+        assert len(records) == 3
+        for record in records:
+            assert (record["provider_name"], record["provider"], record["model"], record["status_code"],
+                    record["auth_key_id"]) == ("openai-other", "openai", OTHER, 200, key["id"]), record
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await vllm.stop()
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_responses_follow_up_stays_at_its_target(mixed):
+    """A Responses line that continues a response is not sent to a fallback, which does not hold the
+    conversation (it would refuse it for good): it is retried at its own target; a new one falls back."""
+    gw, vllm, other = await mixed({"FAILOVER_RULES_JSON": json.dumps({MODEL: [OTHER]}),
+                                   "REPLICA_FAILURE_THRESHOLD": "100", "BATCH_MAX_ATTEMPTS": "1"})
+    client = openai_client(gw, MASTER)
+    try:
+        vllm.steer = {"fake_status": 503}
+        bodies = [{"model": MODEL, "input": "Hi"},
+                  {"model": MODEL, "input": "Again", "previous_response_id": "resp_abc"}]
+        batch = await batch_of(gw, client, "/v1/responses", bodies)
+        assert batch.request_counts.model_dump() == {"total": 2, "completed": 1, "failed": 1}
+        [error] = [json.loads(line) for line in
+                   (await in_thread(client.files.content, batch.error_file_id)).content.splitlines()]
+        assert (error["custom_id"], error["response"]["status_code"]) == ("1", 503)
+        assert [r.body["input"] for r in other.requests if r.path == b"/v1/responses"] == ["Hi"]
+    finally:
+        client.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -310,10 +310,9 @@ class ResponsesRoute:
     async def _upstream_json(self, request, provider, path, replica):
         """The JSON answer of C{provider} (its C{replica}) to C{GET path}, or None when it has none to give."""
         try:
-            upstream, body = await self._exchange.fetch(request.context.request_id, provider,
-                                                        UpstreamCall(path, method=b"GET", pin=replica),
-                                                        request.context.trace)
-            return jsonutil.loads(body) if upstream.code == 200 else None
+            fetched = await self._exchange.fetch(request.context.request_id, provider,
+                                                 UpstreamCall(path, method=b"GET", pin=replica), request.context.trace)
+            return jsonutil.loads(fetched.body) if fetched.response.code == 200 else None
         except (errors.GatewayError, jsonutil.JSONError):
             return None
 

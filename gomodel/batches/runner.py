@@ -8,10 +8,13 @@ or repeating an answer:
     as the batch's requests (a failed validation stores the errors with their
     line numbers and ends in C{failed}).
   - C{in_progress}: lines without a result are sent upstream, at most
-    C{BATCH_CONCURRENCY_PER_PROVIDER} at a time per provider; each answer is
-    recorded (keyed by batch and line, exactly once) as soon as it is read.
-    Transient failures (unreachable upstream, 429, 502, 503, 504, an answer
-    that broke off) are retried with backoff up to C{BATCH_MAX_ATTEMPTS}.
+    C{BATCH_CONCURRENCY_PER_PROVIDER} at a time per provider (their first
+    target's); each answer is recorded (keyed by batch and line, exactly once)
+    as soon as it is read. A line falls back as an online request does (a
+    virtual model's other targets, failover candidates: see
+    L{gomodel.proxy.exchange.Exchange}); transient failures of every target
+    (unreachable upstream, 429, 502, 503, 504, an answer that broke off) are
+    retried from the first with backoff up to C{BATCH_MAX_ATTEMPTS}.
   - C{finalizing} -> C{completed}: the output and error files are written
     from the recorded results.
   - Past C{expires_at}: the lines not answered get C{batch_expired} errors and
@@ -39,6 +42,7 @@ answers already read are recorded, and the claims are released.
 """
 
 import uuid
+from functools import partial
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
@@ -53,7 +57,7 @@ from gomodel.batches.lines import Job, error_line, output_line
 from gomodel.batches.validating import validate
 from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
                             UpstreamUnreachable)
-from gomodel.api.inference import resolve_model
+from gomodel.api.inference import plan_model
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.responses_history import continued, unknown_response
 from gomodel.store.records import LeaseLost, process_owner
@@ -71,13 +75,15 @@ CANCELLED = ("cancelling", "cancelled")  # what a cancellation leaves as it is (
 
 
 class _Answer:
-    """What the upstream said to one request."""
+    """What the upstream said to one request: C{provider} and C{model}, the target that answered (the line's
+    first, or a fallback) and its upstream model."""
 
-    def __init__(self, status, request_id, body, provider):
+    def __init__(self, status, request_id, body, provider, model):
         self.status = status
         self.request_id = request_id
         self.body = body
         self.provider = provider
+        self.model = model
 
 
 class _NoAnswer:
@@ -416,12 +422,13 @@ class BatchRunner(Service):
         return principal
 
     async def _launch(self, job, path, line, custom_id, body):
-        """Send one line once its provider has room (the line then runs on its own)."""
+        """Send one line once its first target's provider has room (the line then runs on its own)."""
         try:
             payload = jsonutil.loads(body)
-            route = resolve_model(self._registry, payload, job.principal)
-            if path == "/responses":
+            route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
+            if path == "/responses" and payload.get("previous_response_id") is not None:
                 await self._check_previous(payload, job.principal)
+                fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
             if self._gate is not None:
                 await self._gate.check_budgets(job.principal)
         except StorageUnavailable:
@@ -441,18 +448,28 @@ class BatchRunner(Service):
         if job.stop is not None:
             sem.release()
             return
-        payload["model"] = route.upstream_model
-        if self._salts is not None:  # (every endpoint of a batch takes it at vLLM: generation and pooling)
-            self._salts.apply(job.principal, route.provider, payload)
-        if job.principal is not None and job.principal.priority is not None and route.provider.priority_scheduling:
-            payload["priority"] = job.principal.priority  # (as online: the key's wins over the line's)
-        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, jsonutil.dumps(payload), route))
+        rebody = partial(self._body_for, job.principal, payload)
+        call = UpstreamCall(path, rebody(route.upstream_model, route.provider), model=route.upstream_model,
+                            fallbacks=fallbacks, rebody=rebody if fallbacks else None)
+        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call))
 
         def release(result):
             sem.release()
             return result
 
         self._track(job, d.addBoth(release))
+
+    def _body_for(self, principal, payload, model, provider) -> bytes:
+        """The body of a line (C{payload}, as the client wrote it) for C{model} at C{provider}, with what
+        that provider takes of the batch's key: its tenant's C{cache_salt} (every endpoint of a batch takes
+        it at vLLM: generation and pooling) and, where it schedules by priority, the key's C{priority} (as
+        online: the key's wins over the line's); never another target's."""
+        body = dict(payload, model=model)
+        if self._salts is not None:
+            self._salts.apply(principal, provider, body)
+        if principal is not None and principal.priority is not None and provider.priority_scheduling:
+            body["priority"] = principal.priority
+        return jsonutil.dumps(body)
 
     async def _check_previous(self, payload, principal):
         """Like an online request, a managed key's line continues no response but its tenant's stored ones
@@ -492,8 +509,8 @@ class BatchRunner(Service):
         d.addErrback(failed)
         d.addBoth(done)
 
-    async def _line(self, job, path, line, custom_id, payload, route):
-        upstream = Deferred.fromCoroutine(self._call(route, path, payload, f"{job.batch_id}-{line}"))
+    async def _line(self, job, path, line, custom_id, provider, call):
+        upstream = Deferred.fromCoroutine(self._call(provider, call, f"{job.batch_id}-{line}"))
         job.upstream.add(upstream)
         try:
             outcome = await upstream
@@ -505,15 +522,15 @@ class BatchRunner(Service):
         finally:
             job.upstream.discard(upstream)
         if isinstance(outcome, _Answer):
-            self._account(job, path, route, outcome, f"{job.batch_id}-{line}")
+            self._account(job, path, outcome, f"{job.batch_id}-{line}")
         ok, data = self._result(custom_id, outcome)
         await self._record(job, line, custom_id, ok, data)
 
-    def _account(self, job, path, route, answer, request_id):
+    def _account(self, job, path, answer, request_id):
         """Keep the usage record of one answered line and charge it to its key's budgets (batch lines
-        count as requests do)."""
-        pool, principal = route.provider, job.principal
-        model = f"{pool.name}/{route.upstream_model}"
+        count as requests do), under the target that answered."""
+        pool, principal = answer.provider, job.principal
+        model = f"{pool.name}/{answer.model}"
         usage = usage_of(answer.body) if answer.status < 400 else None
         if self._usage is not None:
             self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, None, model, "/v1" + path,
@@ -525,17 +542,17 @@ class BatchRunner(Service):
     def _record(self, job, line, custom_id, ok, data):
         return self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)
 
-    async def _call(self, route, path, payload, request_id):
-        """Send one request through the exchange, retrying transient failures; an L{_Answer} or a L{_NoAnswer}."""
-        provider = route.provider
-        call = UpstreamCall(path, payload, model=route.upstream_model)
+    async def _call(self, provider, call, request_id):
+        """Send C{call} to C{provider}, then to its fallbacks (L{gomodel.proxy.exchange.Exchange.fetch}),
+        retrying transient failures from the first target; fires with an L{_Answer} (naming the target that
+        answered) or a L{_NoAnswer}."""
         delay = self._backoff_start
         attempt = 0
         while True:
             attempt += 1
             last = attempt >= self._max_attempts
             try:
-                response, body = await self._exchange.fetch(request_id.encode("ascii"), provider, call)
+                fetched = await self._exchange.fetch(request_id.encode("ascii"), provider, call)
             except (NoReadyReplica, ReplicasBusy):  # no replica can take it now: wait, it is no attempt
                 attempt -= 1
                 await self._sleep(delay)
@@ -549,12 +566,14 @@ class BatchRunner(Service):
                 continue
             except GatewayError as e:  # a timeout (the upstream may still be working on it), too large
                 return _NoAnswer(e.code or "upstream_error", e.message)
+            response = fetched.response
             if response.code in TRANSIENT_STATUSES and not last:
                 await self._sleep(max(delay, min(_retry_after(response), self._backoff_max)))
                 delay = min(delay * 2, self._backoff_max)
                 continue
             upstream_id = response.headers.getRawHeaders(b"x-request-id", [request_id.encode("ascii")])[0]
-            return _Answer(response.code, upstream_id.decode("latin-1"), body, provider)
+            return _Answer(response.code, upstream_id.decode("latin-1"), fetched.body, fetched.upstream,
+                           fetched.model)
 
     def _sleep(self, seconds):
         return deferLater(self._clock, seconds, lambda: None)

@@ -112,6 +112,24 @@ class UpstreamCall:
         self.rebody = rebody
 
 
+class Fetched:
+    """A whole answer read by L{Exchange.fetch}, and who gave it.
+
+    @ivar response: the L{IResponse} (its status and headers).
+    @ivar body: its body (at most L{RESPONSE_BODY_LIMIT} bytes for a success, L{ERROR_BODY_LIMIT} for an error).
+    @ivar upstream: the pool that answered: the call's, or one of its C{fallbacks}' providers.
+    @ivar model: the upstream model sent to it.
+    """
+
+    __slots__ = ("response", "body", "upstream", "model")
+
+    def __init__(self, response, body, upstream, model):
+        self.response = response
+        self.body = body
+        self.upstream = upstream
+        self.model = model
+
+
 class _BrokeOff(Exception):
     """A whole answer broke off before any of it went to the client (C{error}: what to tell it)."""
 
@@ -221,25 +239,24 @@ class Exchange:
         return self._whole(request, ctx, upstream, response, call, body)
 
     async def fetch(self, request_id: bytes, upstream, call: UpstreamCall, trace=None):
-        """Send C{call} to C{upstream} and read the whole answer, whatever its status.
+        """Send C{call} to C{upstream} (failing over to the call's C{fallbacks} as L{relay} does) and read
+        the whole answer, whatever its status.
 
         @param trace: the request's L{gomodel.accounting.tracing.RequestTrace}, or None.
 
-        @return: C{(response, body)}: the L{IResponse} (its status and
-            headers) and its body (at most L{RESPONSE_BODY_LIMIT} bytes for a
-            success, L{ERROR_BODY_LIMIT} for an error).
+        @return: (awaited) a L{Fetched}: the answer, its body, and the pool and upstream model that gave it.
         @raise gomodel.errors.GatewayError: no whole answer could be had
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again).
         """
-        response, replica, upstream, _, sent = await self._send(request_id, upstream, call, (), trace)
+        response, replica, upstream, model, sent = await self._send(request_id, upstream, call, (), trace)
         took = None
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
             body = await self.read(upstream, response, limit)
             if response.code < 300:
                 took = self._clock.seconds() - sent
-            return response, body
+            return Fetched(response, body, upstream, model)
         except BaseException as e:
             if trace is not None:
                 trace.failed(_error_type(e))
