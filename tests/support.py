@@ -103,6 +103,15 @@ async def dead_base_url(reactor) -> str:
     return url
 
 
+async def stop_all(gateway, *fakes, clients=()):
+    """A test's teardown: close the SDK C{clients}, stop C{gateway}'s service, then the C{fakes}."""
+    for client in clients:
+        client.close()
+    await gateway.service.stopService()
+    for fake in fakes:
+        await fake.stop()
+
+
 def with_timeout(reactor, d: Deferred, seconds: float) -> Deferred:
     d.addTimeout(seconds, reactor)
     return d

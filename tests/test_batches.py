@@ -28,7 +28,8 @@ from gomodel.routing.registry import Route
 from gomodel.store import SQLiteStore, new_file_id
 from tests.stores import backend, storage, store  # noqa: F401 (fixtures)
 from tests.stores import batch as batch_record, put_blob
-from tests.support import dead_base_url, in_thread, openai_client, ready_pool, start_gateway, until, with_timeout
+from tests.support import (dead_base_url, in_thread, openai_client, ready_pool, start_gateway, stop_all, until,
+                           with_timeout)
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -207,10 +208,7 @@ async def test_lines_whose_drawn_target_went_down_complete_from_the_other_target
         assert sorted(r.body["messages"][0]["content"] for r in b.inference_requests) == ["second", "third"]
         assert all(r.body["model"] == UPSTREAM_MODEL for r in b.inference_requests)
     finally:
-        sdk.close()
-        await gw.service.stopService()
-        await a.stop()
-        await b.stop()
+        await stop_all(gw, a, b, clients=(sdk,))
 
 
 @pytest_twisted.ensureDeferred

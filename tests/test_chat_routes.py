@@ -9,7 +9,7 @@ import pytest_twisted
 import treq
 
 from gomodel import jsonutil
-from tests.support import dead_base_url, start_fake, start_gateway
+from tests.support import dead_base_url, start_fake, start_gateway, stop_all
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 BARE = "meta-llama/Llama-3.1-8B-Instruct"
@@ -490,6 +490,4 @@ async def test_a_key_reaches_a_model_by_its_provider_type_at_the_instance_it_may
         assert fakes[2].requests[-1].body["model"] == "other-model"
         assert not [r for r in fakes[0].requests if r.path == b"/v1/chat/completions"][1:]
     finally:
-        await gw.service.stopService()
-        for fake in fakes:
-            await fake.stop()
+        await stop_all(gw, *fakes)

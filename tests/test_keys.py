@@ -13,7 +13,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 
 from gomodel.auth.keys import KeyRing, hash_secret
 from gomodel.errors import StorageUnavailable
-from tests.support import in_thread, openai_client, start_fake, start_gateway
+from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
 
 MASTER = "master-k"
 ADMIN = {"authorization": f"Bearer {MASTER}", "content-type": "application/json"}
@@ -597,10 +597,7 @@ async def test_responses_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm
         await one_line_batch(gw, client, "/v1/responses", {"model": MODEL, "input": "x"})
         assert sent(vllm)["input"] == "x" and sent(vllm)["cache_salt"] == salt
     finally:
-        client.close()
-        await gw.service.stopService()
-        for fake in (vllm, chat_only, other):
-            await fake.stop()
+        await stop_all(gw, vllm, chat_only, other, clients=(client,))
 
 
 @pytest_twisted.ensureDeferred
@@ -623,11 +620,7 @@ async def test_a_follow_up_goes_to_the_conversations_instance_only_where_the_key
         [sent] = [r.body for r in a.requests if r.path == b"/v1/responses"]  # (not asked for an id it cannot know)
         assert [item["content"] for item in sent["input"]] == ["my name is Ada", "héhéhé", "who am I?"]
     finally:
-        for client in clients:
-            client.close()
-        await gw.service.stopService()
-        await a.stop()
-        await b.stop()
+        await stop_all(gw, a, b, clients=clients)
 
 
 @pytest_twisted.ensureDeferred
@@ -787,10 +780,7 @@ async def test_batch_lines_fall_back_with_what_their_own_provider_takes(reactor,
             assert (record["provider_name"], record["provider"], record["model"], record["status_code"],
                     record["auth_key_id"]) == ("openai-other", "openai", OTHER, 200, key["id"]), record
     finally:
-        client.close()
-        await gw.service.stopService()
-        await vllm.stop()
-        await other.stop()
+        await stop_all(gw, vllm, other, clients=(client,))
 
 
 @pytest_twisted.ensureDeferred

@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from gomodel.routing.affinity import affinity_key
 from tests.fakes.vllm import CHAT_MODEL
 from tests.rawclient import connect
-from tests.support import dead_base_url, in_thread, start_fake, start_gateway, with_timeout
+from tests.support import dead_base_url, in_thread, start_fake, start_gateway, stop_all, with_timeout
 
 KEY = "anthropic-test-key"
 MODEL = f"vllm/{CHAT_MODEL}"
@@ -640,10 +640,7 @@ async def test_a_target_that_fails_falls_back_to_one_reached_the_other_way(react
             await in_thread(client.messages.create, model="openai/model-b", max_tokens=8, messages=HELLO)
         assert len(vllm.requests) == asked
     finally:
-        client.close()
-        await gw.service.stopService()
-        await vllm.stop()
-        await openai.stop()
+        await stop_all(gw, vllm, openai, clients=(client,))
 
 
 # -- count_tokens --------------------------------------------------------------------------

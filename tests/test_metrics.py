@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gomodel.accounting.metrics import forget_process
 from tests.rawclient import chat_request, connect
-from tests.support import start_gateway, with_timeout
+from tests.support import start_fake, start_gateway, stop_all, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 KEY = {"Authorization": "Bearer k1"}
@@ -89,8 +89,6 @@ async def test_metrics_count_requests_tokens_ttft_errors_and_replicas(reactor, h
 async def test_retries_to_another_replica_and_to_another_target_are_counted(reactor, http):
     """A replica that answers 503 sends the request to the provider's other replica (C{to="replica"}); a provider
     that fails sends it to its failover candidate (C{to="target"}), on chat and on Responses alike."""
-    from tests.support import start_fake
-
     down, up, other = await start_fake(reactor), await start_fake(reactor), await start_fake(reactor)
     down.steer = {"fake_status": 503}
     gw = await start_gateway(reactor, {
@@ -111,9 +109,7 @@ async def test_retries_to_another_replica_and_to_another_target_are_counted(reac
         assert value(found, "gomodel_upstream_retries_total", provider_name="vllm", to="replica") == 2
         assert value(found, "gomodel_upstream_retries_total", provider_name="vllm-b", to="target") == 2
     finally:
-        await gw.service.stopService()
-        for fake in (down, up, other):
-            await fake.stop()
+        await stop_all(gw, down, up, other)
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,7 @@ import treq
 
 from gomodel import jsonutil
 from gomodel.responses_history import as_input
-from tests.support import in_thread, openai_client, start_fake, start_gateway
+from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
@@ -150,10 +150,7 @@ async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(re
         assert [item["content"] for item in sent["input"]] == ["one", "héhéhé", "two", "héhéhé", "three"]
         assert (await in_thread(client.responses.retrieve, again.id)).id == again.id
     finally:
-        client.close()
-        await gw.service.stopService()
-        await a.stop()
-        await b.stop()
+        await stop_all(gw, a, b, clients=(client,))
 
 
 @pytest_twisted.ensureDeferred
@@ -197,10 +194,7 @@ async def test_a_target_that_fails_falls_back_with_the_stored_conversation(react
             await in_thread(client.responses.create, model="vllm/model-a", input="x")
         assert len(b.requests) == asked
     finally:
-        client.close()
-        await gw.service.stopService()
-        await a.stop()
-        await b.stop()
+        await stop_all(gw, a, b, clients=(client,))
 
 
 @pytest_twisted.ensureDeferred
