@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gomodel.accounting.metrics import forget_process
 from tests.rawclient import chat_request, connect
-from tests.support import start_fake, start_gateway, stop_all, with_timeout
+from tests.support import dead_base_url, start_fake, start_gateway, stop_all, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 KEY = {"Authorization": "Bearer k1"}
@@ -88,18 +88,23 @@ async def test_metrics_count_requests_tokens_ttft_errors_and_replicas(reactor, h
 @pytest_twisted.ensureDeferred
 async def test_retries_to_another_replica_and_to_another_target_are_counted(reactor, http):
     """A replica that answers 503 sends the request to the provider's other replica (C{to="replica"}); a provider
-    that fails sends it to its failover candidate (C{to="target"}), on chat and on Responses alike."""
+    that fails, or has no ready replica, sends it to its failover candidate (C{to="target"}), on chat and on
+    Responses alike."""
     down, up, other = await start_fake(reactor), await start_fake(reactor), await start_fake(reactor)
     down.steer = {"fake_status": 503}
+    rules = {f"vllm-{name}/meta-llama/Llama-3.1-8B-Instruct": ["vllm-c/meta-llama/Llama-3.1-8B-Instruct"]
+             for name in "bd"}
     gw = await start_gateway(reactor, {
         "VLLM_BASE_URL": f"{down.base_url},{up.base_url}", "VLLM_B_BASE_URL": down.base_url,
-        "VLLM_C_BASE_URL": other.base_url, "GOMODEL_MASTER_KEY": "k1", "REPLICA_FAILURE_THRESHOLD": "100",
-        "ROUTING_STRATEGY": "round_robin", "FAILOVER_RULES_JSON": json.dumps({
-            "vllm-b/meta-llama/Llama-3.1-8B-Instruct": ["vllm-c/meta-llama/Llama-3.1-8B-Instruct"]})})
+        "VLLM_C_BASE_URL": other.base_url, "VLLM_D_BASE_URL": await dead_base_url(reactor),
+        "VLLM_D_MODELS": "meta-llama/Llama-3.1-8B-Instruct", "GOMODEL_MASTER_KEY": "k1",
+        "REPLICA_FAILURE_THRESHOLD": "100", "ROUTING_STRATEGY": "round_robin",
+        "FAILOVER_RULES_JSON": json.dumps(rules)})
     try:
         for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                            ("/v1/responses", {"input": "hi"})):
-            for model in (MODEL, MODEL, "vllm-b/meta-llama/Llama-3.1-8B-Instruct"):
+            for model in (MODEL, MODEL, "vllm-b/meta-llama/Llama-3.1-8B-Instruct",
+                          "vllm-d/meta-llama/Llama-3.1-8B-Instruct"):
                 response = await http.post(gw.url + path, data=json.dumps(dict(body, model=model)).encode(),
                                            headers=dict(KEY, **{"Content-Type": "application/json"}))
                 assert response.code == 200, (path, model)
@@ -108,6 +113,7 @@ async def test_retries_to_another_replica_and_to_another_target_are_counted(reac
         # round robin: one of each two requests to vllm went first to the replica that fails
         assert value(found, "gomodel_upstream_retries_total", provider_name="vllm", to="replica") == 2
         assert value(found, "gomodel_upstream_retries_total", provider_name="vllm-b", to="target") == 2
+        assert value(found, "gomodel_upstream_retries_total", provider_name="vllm-d", to="target") == 2
     finally:
         await stop_all(gw, down, up, other)
 

@@ -71,9 +71,9 @@ class GatewayMetrics:
         self._gone = Counter("gomodel_client_disconnects_total", "Requests whose client left before the end.",
                              _REQUEST, registry=r)
         self._retries = Counter("gomodel_upstream_retries_total",
-                                "Sends that failed before the first byte and were sent again: to another replica "
-                                "of the provider, or to another target.", ("provider", "provider_name", "to"),
-                                registry=r)
+                                "Requests that went on, before their first byte, to another replica of the provider "
+                                "or to another target: their send failed, or the provider could not take them.",
+                                ("provider", "provider_name", "to"), registry=r)
         self._exposed = self.registry
         if shared:  # --workers: a scrape reads every process's files
             self._exposed = CollectorRegistry()
@@ -118,8 +118,8 @@ class GatewayMetrics:
             self._errors.labels(*_names(ctx), ctx.error or f"http_{ctx.status}").inc()
 
     def retried(self, pool, to):
-        """A send to C{pool} failed before the first byte and goes again to another C{to} (C{"replica"} of it,
-        or C{"target"}: L{gomodel.proxy.exchange.Exchange.failed_over})."""
+        """A request goes on from C{pool} to another C{to} (C{"replica"} of it, or C{"target"}) before its first
+        byte (L{gomodel.proxy.exchange.Exchange.failed_over})."""
         self._retries.labels(pool.type, pool.name, to).inc()
 
     def flush(self):

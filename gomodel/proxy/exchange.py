@@ -304,9 +304,10 @@ class Exchange:
                     if replica is None:  # pinned, or nothing free now: wait, or learn why not
                         replica = await pool.acquire(model, exclude=tried, pin=call.pin, affinity=call.affinity,
                                                      prefer=prefer, size=size)
-                except (NoReadyReplica, ReplicasBusy):
+                except (NoReadyReplica, ReplicasBusy) as e:
                     if more:
-                        break  # this target cannot take it now: the next one
+                        self.failed_over(pool, "target", e.code)  # this target cannot take it now: the next one
+                        break
                     raise
                 server = replica.server
                 url = server.url(call.path, call.native)
@@ -374,11 +375,16 @@ class Exchange:
         return where
 
     def failed_over(self, pool, where, why, index=None):
-        """Log and count (C{retried}) that a send to C{pool} (its replica C{index}, when known) failed before the
-        first byte, C{why}, and goes again to another C{where}: C{"replica"} of it, or C{"target"} (as the
-        Responses and Messages routes also do when a target fails)."""
-        self.log.info("provider {provider} replica {index} failed ({why}); trying another {where}",
-                      provider=pool.name, index="-" if index is None else index, why=why, where=where)
+        """Log and count (C{retried}) that a request goes on to another C{where} before its first byte:
+        C{"replica"} of C{pool}, or C{"target"} (as the Responses and Messages routes also do when a target
+        fails), because its send to C{pool} (its replica C{index}, when known) failed or C{pool} could not
+        take it (C{why})."""
+        if index is None:
+            self.log.info("provider {provider} failed ({why}); trying another {where}",
+                          provider=pool.name, why=why, where=where)
+        else:
+            self.log.info("provider {provider} replica {index} failed ({why}); trying another {where}",
+                          provider=pool.name, index=index, why=why, where=where)
         if self.retried is not None:
             self.retried(pool, where)
 
