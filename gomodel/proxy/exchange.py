@@ -50,6 +50,7 @@ ABORT_GRACE = 10.0  # seconds a broken stream's error event gets to reach the cl
 # Answers that send a request to another replica, when there is one and nothing went to the client:
 # vLLM's 500 is its engine failing (a replica shutting down answers it too), the others are overload.
 FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504))
+_NOT_TAKEN = (NoReadyReplica.code, ReplicasBusy.code)  # a provider that could not take a request (no send failed)
 
 
 def fails_over(error) -> bool:
@@ -378,10 +379,11 @@ class Exchange:
         """Log and count (C{retried}) that a request goes on to another C{where} before its first byte:
         C{"replica"} of C{pool}, or C{"target"} (as the Responses and Messages routes also do when a target
         fails), because its send to C{pool} (its replica C{index}, when known) failed or C{pool} could not
-        take it (C{why})."""
+        take it (C{why}: at debug level when it had no ready or free replica, which its replicas' own checks
+        log, once a state change, where this is once a request)."""
         if index is None:
-            self.log.info("provider {provider} failed ({why}); trying another {where}",
-                          provider=pool.name, why=why, where=where)
+            (self.log.debug if why.startswith(_NOT_TAKEN) else self.log.info)(
+                "provider {provider} failed ({why}); trying another {where}", provider=pool.name, why=why, where=where)
         else:
             self.log.info("provider {provider} replica {index} failed ({why}); trying another {where}",
                           provider=pool.name, index=index, why=why, where=where)
