@@ -3,8 +3,8 @@
 GoModel's three series with its names and labels (C{gomodel_requests_total},
 C{gomodel_request_duration_seconds}, C{gomodel_requests_in_flight}), and
 what it lacks: time to first token, tokens by type, upstream errors, retries
-(failovers before the first byte), client disconnects, and each replica's state, in-flight count and last reported
-vLLM load. Labels stay bounded: provider type and name, the model as routed
+(failovers before the first byte), client disconnects, and each replica's
+state, in-flight count and last reported vLLM load. Labels stay bounded: provider type and name, the model as routed
 (C{provider/upstream-model}, never what a client typed), the gateway route.
 
 A completed request adds to plain counters of its series (L{_Pending}); they

@@ -151,8 +151,8 @@ class Exchange:
             what it raises is the answer.
         @param timers: what the response-header timeout of a body being read runs on (the gateway's
             L{gomodel.timers.Timers}); C{clock} when None.
-        @param retried: C{retried(pool, to)}, told of each send that goes again (L{failed_over}; the
-            metrics' L{gomodel.accounting.metrics.GatewayMetrics.retried}), or None.
+        @param retried: C{retried(pool, to)}, told of each request that goes on to another replica or target
+            (L{failed_over}; the metrics' L{gomodel.accounting.metrics.GatewayMetrics.retried}), or None.
         """
         self._clock = clock
         self._timers = timers if timers is not None else clock
