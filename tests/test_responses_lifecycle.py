@@ -198,6 +198,28 @@ async def test_a_target_that_fails_falls_back_with_the_stored_conversation(react
 
 
 @pytest_twisted.ensureDeferred
+async def test_at_most_routing_max_attempts_targets_are_asked(reactor):
+    """Four targets that all fail: ROUTING_MAX_ATTEMPTS (3) of them are asked, as chat asks at most that many;
+    before, every one."""
+    fakes = [await start_fake(reactor, models=("m",)) for _ in range(4)]
+    for fake in fakes:
+        fake.steer = {"fake_status": 503}
+    env = {"REPLICA_FAILURE_THRESHOLD": "100", "FAILOVER_RULES_JSON": json.dumps({"vllm/m": [
+        f"vllm-{name}/m" for name in "bcd"]})}
+    env.update({("VLLM_BASE_URL" if i == 0 else f"VLLM_{'_BCD'[i]}_BASE_URL"): fake.base_url
+                for i, fake in enumerate(fakes)})
+    gw = await start_gateway(reactor, env)
+    client = openai_client(gw)
+    try:
+        with pytest.raises(openai.InternalServerError):
+            await in_thread(client.responses.create, model="vllm/m", input="hi")
+        asked = [len([r for r in fake.requests if r.path == b"/v1/responses"]) for fake in fakes]
+        assert asked == [1, 1, 1, 0]
+    finally:
+        await stop_all(gw, *fakes, clients=(client,))
+
+
+@pytest_twisted.ensureDeferred
 async def test_conversation_survives_an_upstream_restart(client, fake):
     first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
     second = await in_thread(client.responses.create, model=MODEL, input="and I like tea",

@@ -78,12 +78,14 @@ class ResponsesRoute:
             held = None if same is None else first._replace(provider=same)
             if held is not None and same.type == provider.type and _may_use(ctx.principal, held):
                 provider = same  # the instance that holds the conversation (where the key may use it)
+        tried = 0  # targets (each a relay of up to max_attempts sends among its replicas), at most max_attempts
         while True:
+            tried += 1
             try:
                 return await self._create_at(request, ctx, body["model"], dict(body, model=first.upstream_model),
                                              provider, stream, previous)
             except errors.GatewayError as failed:
-                if not fails_over(failed):
+                if not fails_over(failed) or tried >= self._exchange.max_attempts:
                     raise
                 failing = provider
                 if provider is not first.provider:  # the instance that holds the conversation: the route's own next

@@ -157,7 +157,7 @@ class Exchange:
         self._clock = clock
         self._timers = timers if timers is not None else clock
         self._timeouts = timeouts
-        self._max_attempts = max_attempts
+        self.max_attempts = max_attempts  # (ROUTING_MAX_ATTEMPTS: the routes that relay once a target bound by it too)
         self.admit = admit
         self.retried = retried
 
@@ -364,7 +364,7 @@ class Exchange:
 
     def _again(self, pool, model, call, tried, attempts, more, why):
         """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None."""
-        if call.pin is not None or attempts >= self._max_attempts:
+        if call.pin is not None or attempts >= self.max_attempts:
             return None
         if pool.has_alternative(model, tried):
             where = "replica"
