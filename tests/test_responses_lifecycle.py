@@ -143,6 +143,17 @@ async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(re
         assert b.requests[-1].body["previous_response_id"] == first.id
         assert not [r for r in a.requests if r.path == b"/v1/responses"]
         assert follow.previous_response_id == first.id
+        # A batch line that continues it goes there too (before: to the route's first instance, which
+        # answered 404 for an id it never held).
+        line = {"custom_id": "x", "method": "POST", "url": "/v1/responses",
+                "body": {"model": MODEL, "input": "batched", "previous_response_id": follow.id}}
+        uploaded = await in_thread(client.files.create, file=("in.jsonl", json.dumps(line).encode()), purpose="batch")
+        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/responses",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        assert (await in_thread(client.batches.retrieve, batch.id)).request_counts.completed == 1
+        assert b.requests[-1].body["previous_response_id"] == follow.id
+        assert not [r for r in a.requests if r.path == b"/v1/responses"]
         # That instance down: the route's own provider answers, given the stored conversation.
         b.steer = {"fake_status": 503}
         again = await in_thread(client.responses.create, model=MODEL, input="three", previous_response_id=follow.id)

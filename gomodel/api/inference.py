@@ -342,6 +342,19 @@ def _as_sent(principal, name, route) -> bool:
     return principal.allows(name) if name.startswith(route.provider.named_by) else principal.names(name)
 
 
+def held(registry, route, previous, principal):
+    """C{route} at the provider instance that made C{previous} (a stored response's record: vLLM keeps a
+    response in the memory of the process that made it), when that is of C{route}'s provider's type and
+    C{principal} (None: an open path's) may use it there; else C{route} itself."""
+    instance = registry.provider(previous["provider"])
+    if instance is None or instance is route.provider or instance.type != route.provider.type:
+        return route
+    there = route._replace(provider=instance)
+    if principal is None or principal.models is None or may_route(principal, there):
+        return there
+    return route
+
+
 def may_route(principal, route) -> bool:
     """Whether C{principal}'s selectors admit C{route}: by its qualified id, or by its model's id at its
     provider (as C{/v1/models} lists it)."""

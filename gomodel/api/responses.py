@@ -14,7 +14,7 @@ from functools import partial
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.api.inference import may_route, plan_model, target, unsaturated, vet_priority
+from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
 from gomodel.proxy.exchange import UpstreamCall, fails_over
@@ -72,12 +72,8 @@ class ResponsesRoute:
             vet_priority(request, ctx, fallbacks)
             if self._gate is not None:
                 first, fallbacks = unsaturated(self._gate, first, fallbacks)
-        provider = first.provider
-        if previous is not None:
-            same = self._registry.provider(previous["provider"])
-            held = None if same is None else first._replace(provider=same)
-            if held is not None and same.type == provider.type and _may_use(ctx.principal, held):
-                provider = same  # the instance that holds the conversation (where the key may use it)
+        # the instance that holds the conversation, where the key may use it
+        provider = first.provider if previous is None else held(self._registry, first, previous, ctx.principal).provider
         tried = 0  # targets (each a relay of up to max_attempts sends among its replicas), at most max_attempts
         while True:
             tried += 1
@@ -356,11 +352,6 @@ class _Turn:
                 self._ctx.usage = usage
         self.keep(response, answer)
         return answer
-
-
-def _may_use(principal, route) -> bool:
-    """Whether C{principal} (None: an open path's) may use C{route}."""
-    return principal is None or principal.models is None or may_route(principal, route)
 
 
 def _as_list(value):

@@ -57,7 +57,7 @@ from gomodel.batches.lines import Job, error_line, output_line
 from gomodel.batches.validating import validate
 from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
                             UpstreamUnreachable)
-from gomodel.api.inference import plan_model
+from gomodel.api.inference import held, plan_model
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.responses_history import continued, unknown_response
 from gomodel.store.records import LeaseLost, process_owner
@@ -426,9 +426,13 @@ class BatchRunner(Service):
         try:
             payload = jsonutil.loads(body)
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
+            prefer = None
             if path == "/responses" and payload.get("previous_response_id") is not None:
-                await self._check_previous(payload, job.principal)
+                previous = await self._previous(payload, job.principal)
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
+                if previous is not None:  # to that instance and replica, as online (where the key may use it)
+                    route = held(self._registry, route, previous, job.principal)
+                    prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
             if self._gate is not None:
                 await self._gate.check_budgets(job.principal)
         except StorageUnavailable:
@@ -450,7 +454,7 @@ class BatchRunner(Service):
             return
         rebody = partial(self._body_for, job.principal, payload)
         call = UpstreamCall(path, rebody(route.upstream_model, route.provider), model=route.upstream_model,
-                            fallbacks=fallbacks, rebody=rebody if fallbacks else None)
+                            prefer=prefer, fallbacks=fallbacks, rebody=rebody if fallbacks else None)
         d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call))
 
         def release(result):
@@ -471,18 +475,21 @@ class BatchRunner(Service):
             body["priority"] = principal.priority
         return jsonutil.dumps(body)
 
-    async def _check_previous(self, payload, principal):
-        """Like an online request, a managed key's line continues no response but its tenant's stored ones
-        (the upstream may hold another tenant's).
+    async def _previous(self, payload, principal):
+        """The stored record of the response a line continues, or None (a master key's id the gateway does not
+        hold goes upstream as it is). Like an online request, a managed key's line continues no response but
+        its tenant's stored ones (the upstream may hold another tenant's).
 
         @raise NotFound: C{previous_response_id} names a response the key may not continue.
         """
         previous_id = payload.get("previous_response_id")
-        if previous_id is None or self._responses is None or principal is None or principal.master:
-            return
+        if previous_id is None or self._responses is None:
+            return None
         if not isinstance(previous_id, str) or "\x00" in previous_id:  # (no store holds such an id)
+            if principal is None or principal.master:
+                return None
             raise unknown_response(previous_id)
-        await continued(self._responses, previous_id, principal)
+        return await continued(self._responses, previous_id, principal)
 
     def _track(self, job, d):
         job.lines.add(d)
