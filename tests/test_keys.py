@@ -805,6 +805,33 @@ async def test_a_batch_responses_follow_up_stays_at_its_target(mixed):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_messages_request_with_a_priority_reaches_a_priority_scheduling_vllm_translated(http, mixed):
+    """vLLM's Messages API has no priority (its own translation to chat drops it): a key's priority, or
+    X-Request-Priority, reaches a vLLM that schedules by priority through gomodel's translation to its chat;
+    before, natively, without it. A request without one stays native."""
+    import anthropic
+
+    gw, vllm, other = await mixed({"VLLM_PRIORITY_SCHEDULING": "true"})
+    key = (await new_key(http, gw, priority=3))["value"]
+
+    async def ask(secret, **headers):
+        client = anthropic.Anthropic(base_url=gw.url, api_key=secret, max_retries=0, timeout=10)
+        try:
+            message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, extra_headers=headers,
+                                      messages=[{"role": "user", "content": "hi"}])
+        finally:
+            client.close()
+        assert message.content[0].text == "héhéhé"
+        return vllm.requests[-1]
+
+    sent = await ask(key)
+    assert sent.path == b"/v1/chat/completions" and sent.body["priority"] == 3
+    sent = await ask(MASTER, **{"X-Request-Priority": "-7"})
+    assert sent.path == b"/v1/chat/completions" and sent.body["priority"] == -7
+    assert (await ask(MASTER)).path == b"/v1/messages"  # (nothing to carry: natively, byte for byte)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_bad_priority_header_is_refused_whichever_target_answers(mixed):
     """A malformed X-Request-Priority is refused when a fallback would take it, also while the first target
     (which does not) is up: before, the answer was 200 or 400 depending on the first target's health."""

@@ -162,20 +162,19 @@ def header_priority(request):
     return priority
 
 
-def vet_priority(request, ctx, routes):
+def vet_priority(request, ctx, routes) -> bool:
     """Refuse now a malformed C{X-Request-Priority} that one of C{routes} (L{gomodel.routing.registry.Route}s,
     fallbacks among them) would take: whether the request is refused must not depend on which target
     answers (a fallback is reached only when those before it fail).
 
+    @return: whether one of C{routes} schedules by priority and the request has one (its key's, or the header's).
     @raise InvalidRequest: see L{header_priority}.
     """
-    principal = ctx.principal
-    if principal is not None and principal.priority is not None:
-        return
     for route in routes:
         if route.provider.priority_scheduling:
-            header_priority(request)
-            return
+            principal = ctx.principal
+            return principal is not None and principal.priority is not None or header_priority(request) is not None
+    return False
 
 
 def unsaturated(gate, route, fallbacks):

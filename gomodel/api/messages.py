@@ -20,7 +20,8 @@ Managed keys apply as on the chat route: a key's model allowlist (403
 C{permission_error}), its tenant's C{cache_salt} for vLLM (natively too:
 vLLM's Messages take it); a priority (the key's, or C{X-Request-Priority})
 reaches vLLM only through the translation, vLLM's Messages API has no
-C{priority} field.
+C{priority} field: a request with one goes translated to a vLLM that
+schedules by priority.
 
 C{count_tokens} is exact or refused, never guessed: vLLM's own
 C{/v1/messages/count_tokens}, else vLLM's C{/tokenize} with the chat
@@ -130,10 +131,12 @@ class MessagesRoutes:
         model = body.get("model")
         routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
                                               ctx.principal))
-        vet_priority(request, ctx, routes)  # (a translated target takes it, whichever answers)
+        # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
+        # Messages API has no priority field (its own translation to chat drops it).
+        prioritised = vet_priority(request, ctx, routes)
         headers = _forwarded(request)
         while True:
-            first, fallbacks, native = self._targets(routes)
+            first, fallbacks, native = self._targets(routes, prioritised=prioritised)
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
             # The session or prompt prefix matters only where there is a replica to choose.
@@ -281,21 +284,22 @@ class MessagesRoutes:
             return [first, *others]
         return routes
 
-    def _native_for(self, route, counting) -> bool:
-        """Whether C{route}'s provider is asked natively for its model now (for C{count_tokens} if C{counting})."""
-        if route.provider.type not in NATIVE_TYPES:
+    def _native_for(self, route, counting, prioritised=False) -> bool:
+        """Whether C{route}'s provider is asked natively for its model now (for C{count_tokens} if C{counting};
+        never, with C{prioritised}, where it schedules by priority: see L{create})."""
+        if route.provider.type not in NATIVE_TYPES or prioritised and route.provider.priority_scheduling:
             return False
         key, now = (route.provider.name, route.upstream_model, MESSAGES), self._clock.seconds()
         if self._no_native.get(key, 0) > now:
             return False
         return not counting or self._no_native.get(key[:2] + (COUNT_TOKENS,), 0) <= now
 
-    def _targets(self, routes, counting=False):
+    def _targets(self, routes, counting=False, prioritised=False):
         """C{(first, fallbacks, native)}: the first route, those to fall back on that are
         reached the same way (natively, or translated), and which way that is."""
         first, *others = routes
-        native = self._native_for(first, counting)
-        return first, [route for route in others if self._native_for(route, counting) == native], native
+        native = self._native_for(first, counting, prioritised)
+        return first, [route for route in others if self._native_for(route, counting, prioritised) == native], native
 
     def _other_way(self, ctx, routes, first, fallbacks, native, failed):
         """The routes left to try once C{first} and C{fallbacks}, those reached one way (natively, or
