@@ -176,6 +176,7 @@ def gateway(vllm, tmp_path_factory):
         "VLLM_BASE_URL": vllm.chat_url,
         "VLLM_TEST_BASE_URL": vllm.chat_key_url,
         "VLLM_TEST_API_KEY": vllm.chat_key,
+        "VLLM_TEST_PRIORITY_SCHEDULING": "true",  # (that server runs with --scheduling-policy priority)
         "VLLM_EMBED_BASE_URL": vllm.embed_url,
         "VLLM_RERANK_BASE_URL": vllm.rerank_url,
         # The two chat servers as two replicas of one provider (the keyless one ignores the key).

@@ -56,3 +56,21 @@ def test_a_managed_key_on_real_vllm(gateway):
     answer = request("POST", gateway.url + "/chat/completions", headers=auth,
                      body={"model": CHAT, "messages": MESSAGES, "max_tokens": 4})
     assert answer.status == 401
+
+
+def test_priorities_reach_a_vllm_that_schedules_by_priority(gateway):
+    """vllm-test runs with --scheduling-policy priority (any other vLLM refuses a priority but 0): a key's
+    priority and X-Request-Priority reach it on chat and Responses, and on Messages translated (vLLM's
+    Messages API has no priority field)."""
+    key = _key(gateway, priority=-3, models=["vllm-test/"])
+    model = f"vllm-test/{CHAT_MODEL}"
+    for auth in (bearer(key["value"]), dict(gateway.auth, **{"X-Request-Priority": "7"})):
+        answer = request("POST", gateway.url + "/chat/completions", headers=auth,
+                         body={"model": model, "messages": MESSAGES, "max_tokens": 4})
+        assert answer.status == 200, answer.body
+        answer = request("POST", gateway.url + "/responses", headers=auth,
+                         body={"model": model, "input": "Count to three.", "max_output_tokens": 4, "store": False})
+        assert answer.status == 200, answer.body
+        answer = request("POST", gateway.url + "/messages", headers=dict(auth, **{"anthropic-version": "2023-06-01"}),
+                         body={"model": model, "messages": MESSAGES, "max_tokens": 4})
+        assert answer.status == 200 and json.loads(answer.body)["type"] == "message", answer.body

@@ -7,7 +7,8 @@
 # vLLM OpenAI servers on free loopback ports:
 #
 #   chat      tiny-llama served as meta-llama/Llama-3.1-8B-Instruct (tools: llama3_json)
-#   chat-key  the same, guarded with --api-key <random token>
+#   chat-key  the same, guarded with --api-key <random token>, scheduling by priority
+#             (--scheduling-policy priority: the gateway's priorities reach a real scheduler)
 #   embed     tiny-bert-embed  (--runner pooling) as BAAI/bge-small-en-v1.5
 #   rerank    tiny-bert-rerank (--runner pooling) as BAAI/bge-reranker-base
 #
@@ -209,6 +210,7 @@ launch() { # name port [api-key] -> starts the server in its own session (proces
   esac
   args+=(--host 127.0.0.1 --port "$port" --enforce-eager --disable-uvicorn-access-log)
   [[ -n "$key" ]] && args+=(--api-key "$key")
+  [[ "$name" == chat-key ]] && args+=(--scheduling-policy priority)
   local env_extra=()
   # Named/required tool_choice: without this, vLLM 0.32 constrains the llama3_json
   # call with xgrammar's builtin structural tag, whose JSON allows any whitespace
