@@ -600,10 +600,7 @@ async def test_a_translated_answer_names_the_model_of_the_target_that_gave_it(re
         assert final.model == "model-b" and final.content[0].text == "héhéhé"
         assert [r.body["model"] for r in second.requests if r.path == b"/v1/chat/completions"] == ["model-b"] * 2
     finally:
-        client.close()
-        await gw.service.stopService()
-        await first.stop()
-        await second.stop()
+        await stop_all(gw, first, second, clients=(client,))
 
 
 @pytest_twisted.ensureDeferred

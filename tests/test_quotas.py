@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 import treq
 
-from tests.support import in_thread, openai_client, start_fake, start_gateway, with_timeout
+from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
 
 MASTER = "master-k"
 ADMIN = {"authorization": f"Bearer {MASTER}", "content-type": "application/json"}
@@ -185,10 +185,7 @@ async def test_a_provider_at_its_limit_is_routed_around(reactor, http, tmp_path)
             await in_thread(client.responses.create, model="llama", input="hi")
         assert [len([r for r in fake.requests if r.path == b"/v1/responses"]) for fake in (first, second)] == [0, 3]
     finally:
-        client.close()
-        await gw.service.stopService()
-        await first.stop()
-        await second.stop()
+        await stop_all(gw, first, second, clients=(client,))
 
 
 # -- budgets -----------------------------------------------------------------------------------
