@@ -71,10 +71,7 @@ class InferenceRoutes:
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
         # (a fallback's body from this one as the request made it, before the first target's own fields)
-        again = None
-        if fallbacks:
-            vet_priority(request, ctx, fallbacks)
-            again = retargeted(request, ctx, self._salts, copies(body))
+        again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
         if self._salts is not None:
             self._salts.apply(ctx.principal, upstream, body)
@@ -101,10 +98,7 @@ class InferenceRoutes:
         C{cache_salt} and a C{priority}, as its generation does)."""
         body = json_body(request)
         upstream, fallbacks = self.route(ctx, body)
-        again = None
-        if fallbacks:
-            vet_priority(request, ctx, fallbacks)
-            again = retargeted(request, ctx, self._salts, copies(body))
+        again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         target(request, ctx, self._salts, upstream, body)
         call = UpstreamCall(path, jsonutil.dumps(body), native=native, model=ctx.upstream_model,
                             fallbacks=fallbacks, rebody=again)
@@ -224,6 +218,17 @@ def retargeted(request, ctx, salts, made):
         target(request, ctx, salts, provider, body)
         return jsonutil.dumps(body)
     return body_for
+
+
+def fallback_bodies(request, ctx, salts, body, fallbacks):
+    """L{UpstreamCall}'s C{rebody} for C{fallbacks} (L{retargeted}), each made from C{body} as it is now (before
+    the first target's own fields); a malformed C{X-Request-Priority} one of them would take is refused now
+    (L{vet_priority}).
+
+    @raise InvalidRequest: see L{header_priority}.
+    """
+    vet_priority(request, ctx, fallbacks)
+    return retargeted(request, ctx, salts, copies(body))
 
 
 def plan_model(registry, body, affinity_of=None, principal=None):
