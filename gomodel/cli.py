@@ -27,8 +27,18 @@ _HANDOVER = ("import sys; first = sys.argv.pop(1); del sys.argv[0]\n"
 def main(argv=None):
     """The console script: C{gomodel [--listen ...] [--config ...] [--workers N]}."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if sys.flags.optimize > 1 and "--help" in argv:
+        _help_with_docstrings(argv)
     sys.argv = [sys.argv[0] if sys.argv else "gomodel", "-n", "--pidfile=", "gomodel", *argv]
     twistd(command="gomodel")
+
+
+def _help_with_docstrings(argv):
+    """Under C{-OO} (the image's C{PYTHONOPTIMIZE=2}) docstrings are gone, and with them the help texts
+    of twistd's options: answer C{--help} from an interpreter that keeps them (C{exec}, same pid)."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONOPTIMIZE"}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "gomodel", *argv], env)
 
 
 def twistd(command=None):

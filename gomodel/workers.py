@@ -14,6 +14,7 @@ all when it stops, and a worker stops by itself when the primary is gone
 import os
 import signal
 import socket
+import subprocess
 import sys
 
 from twisted.application.service import Service
@@ -340,7 +341,8 @@ class ParentWatch(Service):
 
 def worker_argv(options_argv):
     """The command line of a worker: the C{gomodel} runner (L{gomodel.cli}), as a worker, without the
-    primary's --listen/--workers (it listens nowhere: its connections come from the primary)."""
+    primary's --listen/--workers (it listens nowhere: its connections come from the primary), under the
+    primary's interpreter options (C{-OO}, C{-X ...}: a worker runs as the primary does)."""
     kept = []
     skip = False
     for arg in options_argv:
@@ -353,5 +355,5 @@ def worker_argv(options_argv):
         if arg.startswith(("--listen=", "--workers=")):
             continue
         kept.append(arg)
-    return [sys.executable, "-c", "from gomodel.cli import twistd; twistd()",
-            "-n", "--pidfile=", "gomodel", "--worker-child", *kept]
+    return [sys.executable, *subprocess._args_from_interpreter_flags(), "-c",
+            "from gomodel.cli import twistd; twistd()", "-n", "--pidfile=", "gomodel", "--worker-child", *kept]

@@ -248,9 +248,15 @@ class GoModel(Target):
             # As pip does for an installed package: the checkout's bytecode, compiled once. Without
             # it (PYTHONDONTWRITEBYTECODE, set on these machines and in the image) every start
             # compiles gomodel again: about 0.15 s of each cold start.
+            # It runs as the image runs it (PYTHONOPTIMIZE=2, L{env}), whose bytecode without docstrings the
+            # image compiles at build: so here, for the checkout and the packages (once; then up to date).
             env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-            subprocess.run([self.python(), "-m", "compileall", "-q", "gomodel", "twisted/plugins"],
-                           cwd=REPO_DIR, env=env, capture_output=True)
+            compile_all = [self.python(), "-m", "compileall", "-q", "-o", "0", "-o", "2"]
+            subprocess.run(compile_all + ["gomodel", "twisted/plugins"], cwd=REPO_DIR, env=env, capture_output=True)
+            packages = subprocess.run([self.python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                      capture_output=True, text=True).stdout.strip()
+            if packages:
+                subprocess.run(compile_all + ["-x", "/(test|tests)/", packages], env=env, capture_output=True)
 
     def _install(self):
         ok, err = self._importable()
@@ -306,8 +312,9 @@ class GoModel(Target):
                                        mock=self.ctx.mock_url))
 
     def env(self):
-        # Access log off, as LiteLLM's logging is: the same footing for every gateway.
-        extra = {"VLLM_BASE_URL": self.ctx.mock_url + "/v1", "GOMODEL_ACCESS_LOG": "false"}
+        # Access log off, as LiteLLM's logging is: the same footing for every gateway. Optimised, as the
+        # image runs it (Dockerfile: 2.6 MiB less per process, no docstrings).
+        extra = {"VLLM_BASE_URL": self.ctx.mock_url + "/v1", "GOMODEL_ACCESS_LOG": "false", "PYTHONOPTIMIZE": "2"}
         if self.ctx.api_key:
             extra["GOMODEL_MASTER_KEY"] = self.ctx.api_key
         return clean_env(extra)
