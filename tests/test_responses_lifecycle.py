@@ -247,8 +247,27 @@ async def test_conversation_survives_an_upstream_restart(client, fake):
         {"role": "user", "content": "what is my name?"}]
     kept = await in_thread(client.responses.retrieve, third.id)
     assert kept.id == third.id
+    # The answer names the response it follows, as the client asked (vLLM's own, sent none, says null)
+    assert third.previous_response_id == kept.previous_response_id == second.id
     chain = await in_thread(client.responses.input_items.list, third.id)
     assert [i.content[0].text for i in chain.data] == ["what is my name?"]  # this turn's own input
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_follow_up_sent_explicitly_names_the_response_it_follows(client, fake):
+    """Streamed, every event's response object names it, as the response kept does (before: null)."""
+    first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+    fake.stored_responses.clear()  # vLLM restarted: the conversation goes explicitly
+
+    def stream():
+        with client.responses.stream(model=MODEL, input="who am I?", previous_response_id=first.id) as events:
+            links = [event.response.previous_response_id for event in events if hasattr(event, "response")]
+            return links, events.get_final_response()
+
+    links, final = await in_thread(stream)
+    assert "previous_response_id" not in fake.requests[-1].body
+    assert links == [first.id, first.id] and final.previous_response_id == first.id
+    assert (await in_thread(client.responses.retrieve, final.id)).previous_response_id == first.id
 
 
 @pytest_twisted.ensureDeferred

@@ -9,6 +9,7 @@ restarted; its store is off), carries the stored conversation as explicit
 input instead.
 """
 
+import re
 from functools import partial
 
 from twisted.logger import Logger
@@ -109,7 +110,7 @@ class ResponsesRoute:
             try:
                 if previous is not None and previous["provider"] != provider.name:  # (vLLM keeps a response in the
                     explicit = await self._with_history(body, previous)  # memory of the instance that made it)
-                    return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity)
+                    return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity, True)
                 return await self._native(request, ctx, provider, body, stream, turn, prefer, affinity)
             except _NotKnownUpstream:
                 if previous is None:  # stored meanwhile (another host's write was not committed yet)
@@ -119,7 +120,7 @@ class ResponsesRoute:
                 explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
-                return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity)
+                return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity, True)
             except _NoNativeRoute:
                 self._no_native[provider.name] = self._clock.seconds() + NO_NATIVE_TTL
                 self.log.info("provider {provider} has no native Responses API; translating to chat completions",
@@ -145,19 +146,27 @@ class ResponsesRoute:
         del explicit["previous_response_id"]
         return explicit
 
-    async def _native(self, request, ctx, provider, body, stream, turn, prefer, affinity):
+    async def _native(self, request, ctx, provider, body, stream, turn, prefer, affinity, explicit=False):
+        """Create the response at C{provider}'s C{/responses}; see L{Exchange.relay} for what this returns.
+
+        @param explicit: C{body} carries the stored conversation (L{_with_history}): the answer names the
+            response it follows (C{turn.previous_id}) where the upstream's, sent none, says null.
+        """
         async def vet(upstream):
             if upstream.code in (404, 405, 501):
                 await self._not_found(provider, upstream, body)
 
         if stream:
-            observer = ResponsesStreamObserver()
+            observer = _Relinked(turn.previous_id) if explicit else ResponsesStreamObserver()
             result = await self._exchange.relay(
                 request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet,
                                                      model=body["model"], prefer=prefer, affinity=affinity))
             turn.keep(observer.response)
             return result
-        call = UpstreamCall("/responses", jsonutil.dumps(body), transform=turn.keep_body if turn.stored else None,
+        transform = turn.keep_body if turn.stored else None
+        if explicit:
+            transform = partial(_relink, turn.previous_id, transform)
+        call = UpstreamCall("/responses", jsonutil.dumps(body), transform=transform,
                             vet=vet, model=body["model"], prefer=prefer, affinity=affinity)
         return await self._exchange.relay(request, ctx, provider, call)
 
@@ -352,6 +361,36 @@ class _Turn:
                 self._ctx.usage = usage
         self.keep(response, answer)
         return answer
+
+
+# A response object's link to the response it follows, as the upstream writes it when it was sent none.
+_UNLINKED = re.compile(rb'"previous_response_id":\s*null')
+
+
+def _relink(previous_id, then, answer: bytes) -> bytes:
+    """C{answer} (a response object's JSON, or whole events carrying one) naming C{previous_id} where it says
+    null, passed on to C{then} (or None). In a model's text the name's quotes are escaped: never matched."""
+    link = b'"previous_response_id":' + jsonutil.dumps(previous_id)
+    answer = _UNLINKED.sub(lambda _: link, answer)
+    return answer if then is None else then(answer)
+
+
+class _Relinked(ResponsesStreamObserver):
+    """A native Responses stream for a conversation sent explicitly, relayed naming the response it follows
+    (L{_relink}), and its final response object, kept, too."""
+
+    def __init__(self, previous_id):
+        super().__init__()
+        self._previous_id = previous_id
+
+    def feed(self, data: bytes) -> bytes:
+        return _relink(self._previous_id, None, super().feed(data))
+
+    def _observe(self, event) -> bool:
+        ended = super()._observe(event)
+        if ended and self.response.__class__ is dict and self.response.get("previous_response_id") is None:
+            self.response["previous_response_id"] = self._previous_id
+        return ended
 
 
 def _as_list(value):
