@@ -6,6 +6,7 @@ import re
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 
 from tests.rawclient import connect
@@ -269,10 +270,11 @@ class _CountingSink:
         pass
 
 
-def _body_site(reactor):
-    """A GatewaySite on 127.0.0.1:0 with the default head and body deadlines, its sweep's clock a Clock:
-    POST /hold is held (appended to the list returned), /echo answers its body's size, /upload streams to a
-    L{_CountingSink} and answers its count, /refused is refused when its head is in (answered 401)."""
+def _body_site(reactor, upload_sink=None, **settings):
+    """A GatewaySite on 127.0.0.1:0 with the default head and body deadlines (or C{settings}'), its sweep's
+    clock a Clock: POST /hold is held (appended to the list returned), /echo answers its body's size, /upload
+    streams to a L{_CountingSink} (or where C{upload_sink} says) and answers its count, /refused is refused
+    when its head is in (answered 401)."""
     from twisted.internet.task import Clock
     from twisted.web.resource import Resource
     from twisted.web.server import NOT_DONE_YET
@@ -299,11 +301,12 @@ def _body_site(reactor):
         if path == b"/refused":
             raise AuthenticationFailed("no key")
 
-    def upload_sink(request, method, path, length):
+    def counting_sink(request, method, path, length):
         return _CountingSink() if path == b"/upload" else None
 
     clock = Clock()
-    site = GatewaySite(Root(), 1024 * 1024, authenticate=authenticate, upload_sink=upload_sink, reactor=clock)
+    site = GatewaySite(Root(), 1024 * 1024, authenticate=authenticate, upload_sink=upload_sink or counting_sink,
+                       reactor=clock, **settings)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     return site, port, clock, held
 
@@ -312,16 +315,26 @@ def _post_head(path, length) -> bytes:
     return b"POST %s HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n" % (path, length)
 
 
-def _body_read(site, client):
-    """The bytes of the body being read on C{client}'s connection so far (None: no body being read)."""
+def _channel_of(site, client):
+    """The gateway's side of C{client}'s connection (None: gone)."""
+    if client.lost.called:
+        return None
     port = client.transport.getHost().port
     for channel in list(site.channels):
         if channel.getPeer().port == port:
-            request = channel._receiving
-            if request is None or channel._head_open:
-                return None
-            return request.content.tell() if request.streamed else request._received
+            return channel
     return None
+
+
+def _body_read(site, client):
+    """The bytes of the body being read on C{client}'s connection so far (None: no body being read)."""
+    channel = _channel_of(site, client)
+    if channel is None:
+        return None
+    request = channel._receiving
+    if request is None or channel._head_open:
+        return None
+    return request.content.tell() if request.streamed else request._received
 
 
 @pytest_twisted.ensureDeferred
@@ -421,6 +434,115 @@ async def test_a_request_read_whole_is_never_cut_and_a_body_held_behind_its_answ
         await with_timeout(reactor, client.lost, 5)
         answers = re.findall(rb"HTTP/1\.1 (\d{3}) ", bytes(client.received))
         assert answers == [b"200", b"408"]
+    finally:
+        await port.stopListening()
+
+
+class _LaggingDisk:
+    """A blob store whose disk lags until the test lets it catch up (each write's Deferred is held until then)."""
+
+    def __init__(self):
+        self.held = []
+        self.lagging = True
+
+    def create(self):
+        return self
+
+    def write(self, data):
+        if not self.lagging:
+            return succeed(None)
+        d = Deferred()
+        self.held.append(d)
+        return d
+
+    def catch_up(self):
+        self.lagging = False
+        held, self.held = self.held, []
+        for d in held:
+            d.callback(None)
+
+    def abort(self):
+        return succeed(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_time_a_lagging_disk_pauses_an_upload_is_not_counted_against_its_body_deadline(reactor):
+    from gomodel.api.files import FilesAPI
+
+    disk = _LaggingDisk()
+    rate = 100000  # bytes a second a body must average: 1 MiB in is 10.5 s of credit
+    site, port, clock, held = _body_site(reactor, upload_sink=FilesAPI(None, disk, 64 * 1024 * 1024).upload_sink,
+                                         body_min_rate=rate)
+    body = upload_body(2 * 1024 * 1024)
+    first = 1024 * 1024
+    try:
+        # two uploads send their first MiB at once; the disk lags, so the gateway pauses reading each of them
+        honest = await connect(reactor, port.getHost().port, upload_head(len(body)) + body[:first])
+        trickler = await connect(reactor, port.getHost().port, upload_head(len(body)) + body[:first])
+        clients = (honest, trickler)
+        # past WRITE_BOUND (256 kB) waiting for the disk, the gateway stops reading them
+        await until(reactor, lambda: len(site.channels) == 2 and not set(reactor.getReaders()) & {
+            channel.transport for channel in site.channels}, limit=5, what="the uploads paused")
+        assert disk.held and all(_body_read(site, c) < first for c in clients)  # the rest waits in the sockets
+        site.sweep_idle()  # their bodies seen arriving
+        for _ in range(40):  # 200 s of a paused upload: not the client's time (60 s and 1 s per 100 kB otherwise)
+            clock.advance(5)
+            site.sweep_idle()
+            assert all(_body_read(site, c) is not None for c in clients)
+        await deferLater(reactor, 0.05, lambda: None)
+        assert not honest.lost.called and not trickler.lost.called
+        disk.catch_up()  # reading again: the rest of the first MiB comes in
+        await until(reactor, lambda: all(_body_read(site, c) == first for c in clients), limit=5,
+                    what="the first MiB read")
+        honest.transport.write(body[first:])  # the honest client sends the rest at once
+        await with_timeout(reactor, honest.wait_for(b"got %d" % len(body)), 5)
+        assert bytes(honest.received).startswith(b"HTTP/1.1 200 ")
+        # the trickler, timed again from the disk's catching up: 60 s and 1 s per 100 kB received
+        for n in range(1, 15):
+            clock.advance(5)
+            trickler.transport.write(body[first + 100 * (n - 1):first + 100 * n])
+            await until(reactor, lambda: _body_read(site, trickler) == first + 100 * n, limit=5, what="the bytes")
+            site.sweep_idle()
+            assert not trickler.lost.called  # at 70 s: 60 s and 10.5 s due
+        clock.advance(5)
+        site.sweep_idle()
+        await with_timeout(reactor, trickler.lost, 5)
+        assert bytes(trickler.received).startswith(b"HTTP/1.1 408 ")
+        assert not held and not disk.held
+    finally:
+        await port.stopListening()
+
+
+@pytest.mark.parametrize("path", [b"/echo", b"/upload"])
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_body_s_framing_counts_towards_its_minimum_rate(reactor, path):
+    site, port, clock, held = _body_site(reactor)
+    head = b"POST %s HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n" % path
+    # every 5 s, 500 chunks of a byte each: 3000 bytes sent, 600 a second, 500 of them the body's (100 a second)
+    fast = b"1\r\nx\r\n" * 500
+    slow = b"1\r\nx\r\n" * 100  # 120 bytes a second sent: cut
+    try:
+        client = await connect(reactor, port.getHost().port, head + fast)
+        trickler = await connect(reactor, port.getHost().port, head + slow)
+        await until(reactor, lambda: _body_read(site, client) == 500 and _body_read(site, trickler) == 100, limit=5,
+                    what="the bodies' start")
+        site.sweep_idle()
+        for n in range(2, 26):  # 120 s
+            clock.advance(5)
+            client.transport.write(fast)
+            if not trickler.lost.called:
+                trickler.transport.write(slow)
+            await until(reactor, lambda: client.lost.called or _body_read(site, client) == n * 500, limit=5,
+                        what="the bytes")
+            await until(reactor, lambda: trickler.lost.called or _body_read(site, trickler) in (n * 100, None),
+                        limit=5, what="the slow bytes")
+            assert not client.lost.called  # counted only the body's bytes, cut at 80 s
+            site.sweep_idle()
+        client.transport.write(b"0\r\n\r\n")
+        await with_timeout(reactor, client.wait_for(b"got %d" % (25 * 500)), 5)
+        assert bytes(client.received).startswith(b"HTTP/1.1 200 ")
+        await with_timeout(reactor, trickler.lost, 5)
+        assert bytes(trickler.received).startswith(b"HTTP/1.1 408 ")
     finally:
         await port.stopListening()
 

@@ -21,15 +21,17 @@ def body(content: bytes) -> bytes:
 
 
 class Transport:
+    """The sink's reader (a GatewayChannel's pause_reading and resume_reading)."""
+
     def __init__(self):
         self.events = []
         self.paused = False
 
-    def pauseProducing(self):
+    def pause_reading(self):
         self.events.append("pause")
         self.paused = True
 
-    def resumeProducing(self):
+    def resume_reading(self):
         self.events.append("resume")
         self.paused = False
 
@@ -68,7 +70,7 @@ def feed(sink, data, transport=None, size=16 * 1024):
 @pytest_twisted.ensureDeferred
 async def test_a_slow_disk_pauses_the_transport_until_the_writes_drain():
     blobs, transport = SlowBlobs(), Transport()
-    sink = UploadSink(blobs, 10 * 1024 * 1024, CONTENT_TYPE, transport=transport)
+    sink = UploadSink(blobs, 10 * 1024 * 1024, CONTENT_TYPE, reader=transport)
     content = bytes(range(256)) * (16 * WRITE_CHUNK // 256)
     rest = feed(sink, body(content), transport)  # the disk answers nothing
     assert transport.events == ["pause"] and rest  # paused once past the bound, not per chunk
@@ -89,7 +91,7 @@ async def test_a_slow_disk_pauses_the_transport_until_the_writes_drain():
 @pytest_twisted.ensureDeferred
 async def test_finish_waits_for_the_last_write():
     blobs = SlowBlobs()
-    sink = UploadSink(blobs, 10 * 1024 * 1024, CONTENT_TYPE, transport=Transport())
+    sink = UploadSink(blobs, 10 * 1024 * 1024, CONTENT_TYPE, reader=Transport())
     feed(sink, body(b"z" * 10))
     finished = Deferred.fromCoroutine(sink.finish())
     assert not finished.called
@@ -100,7 +102,7 @@ async def test_finish_waits_for_the_last_write():
 @pytest_twisted.ensureDeferred
 async def test_a_failed_write_answers_503_and_lets_the_rest_of_the_body_through():
     blobs, transport = SlowBlobs(), Transport()
-    sink = UploadSink(blobs, 10 * 1024 * 1024, CONTENT_TYPE, transport=transport)
+    sink = UploadSink(blobs, 10 * 1024 * 1024, CONTENT_TYPE, reader=transport)
     rest = feed(sink, body(b"x" * (6 * WRITE_CHUNK)), transport)
     assert transport.paused
     blobs.writes[0][1].errback(StorageUnavailable("The gateway's storage failed (No space left on device)."))
@@ -125,7 +127,7 @@ async def test_upload_writes_never_run_on_the_reactor_thread(store, monkeypatch)
         return original(self, *args)
 
     monkeypatch.setattr(writer_class, "_write", spy)
-    sink = UploadSink(store.blobs, 10 * 1024 * 1024, CONTENT_TYPE, transport=Transport())
+    sink = UploadSink(store.blobs, 10 * 1024 * 1024, CONTENT_TYPE, reader=Transport())
     feed(sink, body(b"y" * (3 * WRITE_CHUNK + 5)))
     await sink.finish()
     assert await sink.commit("file-up") == 3 * WRITE_CHUNK + 5

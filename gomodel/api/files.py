@@ -8,6 +8,7 @@ sits in memory. Contents are sent back in chunks at the pace the client reads.
 from klein import Klein
 
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, whole_number
+from gomodel.http.channel import GatewayChannel
 from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
@@ -62,9 +63,11 @@ class FilesAPI:
         return sink
 
     def _new_sink(self, request, length):
+        # The gateway's connection pauses its reading while the disk lags (a body already buffered, read by
+        # another channel, needs no pause).
         channel = request.channel
-        transport = channel.transport if channel is not None else None
-        return UploadSink(self._blobs, self._max_bytes, request.getHeader(b"content-type"), length, transport)
+        reader = channel if isinstance(channel, GatewayChannel) else None
+        return UploadSink(self._blobs, self._max_bytes, request.getHeader(b"content-type"), length, reader)
 
     def _sink_for(self, request):
         content = request.content

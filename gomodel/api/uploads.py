@@ -6,8 +6,10 @@ as it is received, a streaming multipart parser (the C{multipart} package's
 L{PushMultipartParser}) splits the parts, the file part goes to an
 L{IBlobWriter} in chunks of about C{WRITE_CHUNK} bytes and the small fields
 are kept. The writes run off the reactor (the blob store's threads); while
-more than C{WRITE_BOUND} bytes wait for the disk, the connection's transport
-is paused, so a slow disk slows the client instead of filling memory.
+more than C{WRITE_BOUND} bytes wait for the disk, the connection's reading
+is paused, so a slow disk slows the client instead of filling memory (and
+the time paused is not counted against the body's deadline: it is the
+gateway's, not the client's; L{gomodel.http.site.GatewaySite.sweep_idle}).
 Nothing ever holds the whole body: not Twisted (no temporary copy, no form
 parsing) and not us.
 """
@@ -24,7 +26,7 @@ FIELD_LIMIT = 64 * 1024  # bytes of one non-file field
 OVERHEAD = 1024 * 1024  # bytes of multipart framing and fields allowed besides the file
 MAX_PARTS = 32
 WRITE_CHUNK = 64 * 1024  # bytes handed to the blob writer at a time
-WRITE_BOUND = 4 * WRITE_CHUNK  # bytes waiting for the disk before the transport is paused
+WRITE_BOUND = 4 * WRITE_CHUNK  # bytes waiting for the disk before reading is paused
 
 
 class UploadSink:
@@ -37,17 +39,19 @@ class UploadSink:
     they were committed.
     """
 
-    def __init__(self, blobs, max_file_bytes: int, content_type, content_length=None, transport=None):
+    def __init__(self, blobs, max_file_bytes: int, content_type, content_length=None, reader=None):
         """
         @param blobs: the L{gomodel.store.interfaces.IBlobStore} the file part goes to.
-        @param transport: the connection's transport, paused while the disk lags (None: no backpressure).
+        @param reader: what reads the body, paused (C{pause_reading()}) while the disk lags and resumed
+            (C{resume_reading()}): the connection, a L{gomodel.http.channel.GatewayChannel}, which does not
+            count the time paused against the body's deadline (None: no backpressure).
         """
         self.fields = {}
         self.filename = None
         self.size = 0
         self.error = None
         self._blobs = blobs
-        self._transport = transport
+        self._reader = reader
         self._paused = False
         self._max_file_bytes = max_file_bytes
         self._max_body = max_file_bytes + OVERHEAD
@@ -163,16 +167,16 @@ class UploadSink:
         data, self._buffer = bytes(self._buffer), bytearray()
         self._outstanding += len(data)
         d = self._writer.write(data)
-        if self._outstanding > WRITE_BOUND and self._transport is not None and not self._paused:
+        if self._outstanding > WRITE_BOUND and self._reader is not None and not self._paused:
             self._paused = True
-            self._transport.pauseProducing()
+            self._reader.pause_reading()
         d.addCallbacks(self._written, self._write_failed, callbackArgs=(len(data),), errbackArgs=(len(data),))
 
     def _written(self, _, size):
         self._outstanding -= size
         if self._paused and self._outstanding <= WRITE_BOUND // 2:
             self._paused = False
-            self._transport.resumeProducing()
+            self._reader.resume_reading()
         if self._outstanding == 0:
             drained, self._drained = self._drained, []
             for d in drained:
@@ -233,7 +237,7 @@ class UploadSink:
         writer, self._writer = self._writer, None
         if self._paused:  # the rest of the body is read and dropped
             self._paused = False
-            self._transport.resumeProducing()
+            self._reader.resume_reading()
         if writer is not None:
             self._discarding = writer.abort()
         return self._discarding

@@ -89,6 +89,10 @@ class GatewayChannel(http.HTTPChannel):
     watched = None
     watched_head = False
     watched_since = None
+    # The gateway's own hold on the client (pause_reading: an upload's disk lags), which is not the client's time
+    # (GatewaySite.sweep_idle): seconds held that no sweep counted yet, and since when it holds it now (None: not).
+    held_for = 0.0
+    held_since = None
 
     def connectionMade(self):
         _twistedcompat.prompt(self.transport)
@@ -238,6 +242,11 @@ class GatewayChannel(http.HTTPChannel):
     def on_body(self, data):
         self._receiving.handleContentChunk(data)
 
+    def on_chunk_header(self):
+        # A chunked body's framing is bytes the client sent: its deadline counts them (GatewaySite.sweep_idle).
+        # llhttp calls this for a chunked body's chunks only: a body with a Content-Length pays nothing for it.
+        self._receiving.chunks += 1
+
     def on_message_complete(self):
         if self._framing_after_upgrade is not None:
             return  # llhttp stopped after an Upgrade head: the body comes after that (_upgraded)
@@ -272,6 +281,32 @@ class GatewayChannel(http.HTTPChannel):
         """The body of the request being read arrives too slowly (L{GatewaySite.sweep_idle}): answer 408 and
         close."""
         self._bad_request("its body arrived too slowly", _TIMED_OUT)
+
+    def pause_reading(self):
+        """Stop reading the client's bytes for the gateway's own sake (an upload's disk lags, L{gomodel.api.uploads}):
+        until L{resume_reading}, the client cannot send, and the body being read is not timed
+        (L{GatewaySite.sweep_idle}). Rare: kept out of the request path."""
+        if self.held_since is None and self.transport is not None:
+            self.held_since = self.site.reactor.seconds()
+            self.transport.pauseProducing()
+
+    def resume_reading(self):
+        """Read the client's bytes again after L{pause_reading}."""
+        since = self.held_since
+        if since is not None:
+            self.held_since = None
+            self.held_for += self.site.reactor.seconds() - since
+            self.transport.resumeProducing()
+
+    def take_held(self, now) -> float:
+        """The seconds L{pause_reading} held the client back, up to C{now}, that no call before counted
+        (L{GatewaySite.sweep_idle}'s)."""
+        held, self.held_for = self.held_for, 0.0
+        since = self.held_since
+        if since is not None:
+            held += now - since
+            self.held_since = now
+        return held
 
     def _bad_request(self, reason, status=_BadRequest.status):
         """Answer 400 (or C{status}) and close; requests read whole before the bad bytes are answered first."""
@@ -395,6 +430,9 @@ class _AfterUpgrade:
 
     def on_body(self, data):
         self._channel.on_body(data)
+
+    def on_chunk_header(self):
+        self._channel.on_chunk_header()
 
     def on_message_complete(self):
         self._channel.on_message_complete()

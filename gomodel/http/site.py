@@ -56,6 +56,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     body_limit = 10 * 1024 * 1024
     too_large = False
     _received = 0
+    chunks = 0  # the chunks of a chunked body read so far (GatewayChannel.on_chunk_header): their framing's count
     # authenticate(request, path) -> identity; raises GatewayError to refuse.
     authenticate = None
     # upload_sink(request, method, path, length) -> a sink for the body, or
@@ -211,7 +212,10 @@ HEAD_TIMEOUT = 60
 # A request's body may take BODY_TIMEOUT seconds plus one for every BODY_MIN_RATE bytes received, as Apache's
 # mod_reqtimeout bounds it (body=20,MinRate=500): a body trickled a byte at a time is cut after about a minute
 # (timing only the gap between two reads, as nginx's client_body_timeout does, would never cut it), and an upload
-# of any size that averages 500 bytes a second (4 kbit/s) is never cut.
+# of any size that averages 500 bytes a second (4 kbit/s) is never cut. As mod_reqtimeout counts the bytes read
+# from the connection, a chunked body's framing counts too (CHUNK_FRAMING bytes a chunk: a client sending tiny
+# chunks is progressing); and the time the gateway itself stops reading the body (an upload's disk lags:
+# GatewayChannel.pause_reading) is not counted, since the client cannot send then.
 BODY_TIMEOUT = 60
 BODY_MIN_RATE = 500
 IDLE_SWEEP = 5  # seconds between two sweeps of idle client connections
@@ -238,13 +242,14 @@ class GatewaySite(server.Site):
         @param upload_sink: C{upload_sink(request, method, path, length)} ->
             a file-like sink for an upload's body, or None.
         @param idle_timeout: seconds after which L{sweep_idle} closes a connection that has no request
-            in progress and received nothing (a request in progress is never cut by it).
+            in progress and received nothing (a request in progress is never cut by it, nor a connection the
+            gateway holds back: C{GatewayChannel.pause_reading}).
         @param head_timeout: seconds after which L{sweep_idle} answers 408 and closes a connection whose
             request's head is still arriving (counted from the first sweep that saw it arriving).
         @param body_timeout: seconds of grace for a request's body (counted from the first sweep that saw it
             arriving); past them and C{body_min_rate}'s due, L{sweep_idle} answers 408 and closes.
         @param body_min_rate: bytes a second a body must average: each adds C{1 / body_min_rate} seconds to
-            C{body_timeout}.
+            C{body_timeout} (a chunked body's framing counted; the time the gateway pauses reading it not).
         """
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit,
@@ -272,7 +277,14 @@ class GatewaySite(server.Site):
         no answer in progress (the sweep keeps which request and part that was: the request path pays
         nothing for it; what arrives during an answer is held, not read, and not timed). Its head may take
         C{head_timeout} seconds; its body C{body_timeout} seconds plus one for every C{body_min_rate} bytes
-        received. Past that it is answered 408 and its connection closed. A request read whole is never cut."""
+        received (with a chunked body's framing: L{_body_received}). Past that it is answered 408 and its
+        connection closed. A request read whole is never cut.
+
+        The time the gateway itself held the client back while its body was read (the channel's
+        C{pause_reading}: an upload's disk lags) is not the client's: the sweep moves the body's start on by
+        it (the channel keeps it at pause and resume; the request path pays nothing), and a connection held
+        back is not idle either. The channel's own pause while an answer is in progress needs no such care:
+        a body held behind an answer is not timed."""
         now = self.reactor.seconds()
         for channel in list(self.channels):
             receiving = channel._receiving
@@ -281,14 +293,21 @@ class GatewaySite(server.Site):
             elif (channel._handlingRequest or channel.watched is not receiving
                   or channel.watched_head != channel._head_open):
                 channel.watched, channel.watched_head, channel.watched_since = receiving, channel._head_open, now
+                if channel.held_for or channel.held_since is not None:
+                    channel.take_held(now)  # a hold before this watch is not in its time either
             elif channel._head_open:
                 if now - channel.watched_since >= self.head_timeout:
                     channel.head_timed_out()
                     continue
-            elif now - channel.watched_since >= self.body_timeout + _body_received(receiving) / self.body_min_rate:
-                channel.body_timed_out()
-                continue
-            if channel.active or channel._handlingRequest or channel.idle_since is None:
+            else:
+                if channel.held_for or channel.held_since is not None:
+                    channel.watched_since += channel.take_held(now)  # the gateway's hold is not the client's time
+                if now - channel.watched_since >= self.body_timeout + _body_received(receiving) / self.body_min_rate:
+                    channel.body_timed_out()
+                    continue
+            # (a connection the gateway holds back is not idle: the client cannot send)
+            if (channel.active or channel._handlingRequest or channel.held_since is not None
+                    or channel.idle_since is None):
                 channel.active = False
                 channel.idle_since = now
             elif now - channel.idle_since >= self.idle_timeout:
@@ -311,10 +330,18 @@ class GatewaySite(server.Site):
         """Each request's context logs it when it completes (L{gomodel.http.context.AccessLog})."""
 
 
+# The framing bytes a chunk takes at least: one hex digit and two CRLFs (C{1\r\nx\r\n}; the last: C{0\r\n\r\n}).
+CHUNK_FRAMING = 5
+
+
 def _body_received(request) -> int:
     """The bytes of C{request}'s body received so far: its upload sink's count (a file's position), or
-    the count kept for the body limit (a refused or too large body's too)."""
-    return request.content.tell() if request.streamed else request._received
+    the count kept for the body limit (a refused or too large body's too); and for a chunked body, its chunks'
+    framing, L{CHUNK_FRAMING} bytes a chunk: exact for a chunk under 16 bytes (tiny chunks are where framing
+    matters), short by a hex digit or more for a larger one (under a tenth of its size), and not counting chunk
+    extensions or trailers (llhttp says a chunk began, not how long its header was)."""
+    received = request.content.tell() if request.streamed else request._received
+    return received + CHUNK_FRAMING * request.chunks
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
