@@ -10,6 +10,7 @@ from functools import partial
 
 from gomodel.accounting.tokens import Pricing
 from gomodel.accounting.usage import UsageLedger
+from gomodel.anthropic.batch_lines import MessagesLines
 from gomodel.api.inference import InferenceRoutes
 from gomodel.api.lazy import LazyRoutes
 from gomodel.api.messages import MessagesRoutes
@@ -119,13 +120,14 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # others: what they record is written). Any process on a data directory may run any batch or sweep:
     # each is claimed in the store.
     salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
+    messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
                                        lease=config.limits.batch_lease_timeout,
                                        max_claimed=config.limits.batch_max_claimed,
                                        usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate,
-                                       responses=store.responses)
+                                       responses=store.responses, messages=MessagesLines(messages))
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
@@ -137,7 +139,6 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # list); Klein's, every other, are built at the first request for one (gomodel.api.lazy).
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate)
     inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
-    messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate)
     plain = PlainRoutes(gateway.registry)
     # The dashboard is a page over the admin API: served only with it.
     dashboard = config.auth.admin_ui and config.auth.admin_endpoints
@@ -222,6 +223,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     from gomodel.api.batches import BatchesAPI
     from gomodel.api.budgets import BudgetsAPI
     from gomodel.api.files import FilesAPI
+    from gomodel.anthropic.batches import MessageBatchesAPI
     from gomodel.api.keys import KeysAPI
     from gomodel.api.passthrough import Passthrough
     from gomodel.dashboard import Dashboard
@@ -235,6 +237,8 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     return GatewayApp(plain, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
                       files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes),
                       batches=BatchesAPI(store.batches, store.files, gateway.batch_runner), admin=admin,
+                      message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,
+                                                        gateway.batch_runner, gateway.registry),
                       dashboard=Dashboard() if dashboard else None)
 
 

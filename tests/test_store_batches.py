@@ -180,3 +180,29 @@ async def test_a_store_down_is_logged_once_a_streak_of_failed_claim_renewals(rea
         assert "127.0.0.1" not in str(warning)  # no host in a log line
     finally:
         await down.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listing_of_one_endpoint_and_an_ended_batch_forgotten(store):
+    """Message batches are listed apart (the endpoint), and deleted once ended with their requests and results
+    (Anthropic's Message Batches API: gomodel.anthropic.batches)."""
+    batches = store.batches
+    for batch_id, endpoint in (("batch_1", "/v1/messages"), ("batch_2", "/v1/chat/completions"),
+                               ("batch_3", "/v1/messages")):
+        await batches.add(batch(batch_id, endpoint=endpoint, tenant="t"))
+    page = await batches.list(endpoint="/v1/messages")
+    assert [b["id"] for b in page[0]] == ["batch_3", "batch_1"]
+    assert [b["id"] for b in (await batches.list(endpoint="/v1/messages", after="batch_3", tenant="t"))[0]] == [
+        "batch_1"]
+    assert (await batches.list(endpoint="/v1/messages", tenant="u"))[0] == []
+    _, token = await batches.claim("batch_1", "me", 30)
+    await batches.add_requests("batch_1", [(1, "c1", b"{}"), (2, "c2", b"{}")], token)
+    await batches.record_results("batch_1", [(1, "c1", True, b'{"ok":1}')], token)
+    assert await batches.delete("batch_1", ("completed",)) is None  # still in progress: kept
+    await batches.update("batch_1", {"status": "completed"})
+    deleted = await batches.delete("batch_1", ("completed", "cancelled"))
+    assert (deleted["id"], deleted["input_file_id"]) == ("batch_1", "file-x")
+    assert await batches.get("batch_1") is None
+    assert await batches.read_results("batch_1", -1, 10) == [] and await batches.pending("batch_1", 0, 10) == []
+    assert await batches.delete("batch_1", ("completed",)) is None
+    assert [b["id"] for b in (await batches.list())[0]] == ["batch_3", "batch_2"]

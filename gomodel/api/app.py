@@ -24,13 +24,15 @@ class GatewayApp:
     app.url_map.merge_slashes = False  # /p/ endpoints are checked and normalised by us
     log = Logger()
 
-    def __init__(self, plain, responses, passthrough, *, files=None, batches=None, admin=None, dashboard=None):
+    def __init__(self, plain, responses, passthrough, *, files=None, batches=None, admin=None, dashboard=None,
+                 message_batches=None):
         """
         @param plain: the L{gomodel.api.plain.PlainRoutes} (health checks and the model list).
         @param responses: the L{gomodel.api.responses.ResponsesRoute} (its lifecycle routes).
         @param passthrough: the L{gomodel.api.passthrough.Passthrough}.
         @param files: an object with a Klein C{.app} serving C{/v1/files*}, or None.
         @param batches: the same for C{/v1/batches*}.
+        @param message_batches: the same for C{/v1/messages/batches*} (Anthropic's Message Batches).
         @param admin: the same for C{/admin/api/v1/*}.
         @param dashboard: the L{gomodel.dashboard.Dashboard} (C{/admin/dashboard}, C{/admin/static/*}), or None.
         """
@@ -40,6 +42,7 @@ class GatewayApp:
         self._passthrough = passthrough
         self.files = files
         self._batches = batches
+        self._message_batches = message_batches
         self._admin = admin
         self.resource = self.app.resource()
 
@@ -97,6 +100,10 @@ class GatewayApp:
     @app.route("/v1/batches", branch=True, strict_slashes=False)
     def batches(self, request):
         return mounted(self._batches, request)
+
+    @app.route("/v1/messages/batches", branch=True, strict_slashes=False)
+    def message_batches(self, request):
+        return mounted(self._message_batches, request)
 
     @app.route("/admin/api/v1", branch=True, strict_slashes=False)
     def admin(self, request):

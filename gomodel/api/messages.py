@@ -106,9 +106,9 @@ class MessagesRoutes:
     def dialect_below(request):
         """The error dialect of a request to none of L{routes}' paths, or None (OpenAI's).
 
-        Anthropic's for every other path under C{/v1/messages/} (Message Batches, which the gateway does
-        not serve, are its 404 C{not_found_error}; a 401 is its C{authentication_error}); and on the model
-        list's paths for an Anthropic client (L{wants_anthropic}), as their handlers answer it, so that what
+        Anthropic's for every other path under C{/v1/messages/} (Message Batches, L{gomodel.anthropic.batches};
+        a path the gateway does not serve is its 404 C{not_found_error}, a 401 its C{authentication_error});
+        and on the model list's paths for an Anthropic client (L{wants_anthropic}), as their handlers answer it, so that what
         fails before a handler does (a 401, a path that is no UTF-8 once percent-decoded) has its shape too.
         """
         path = request.path
@@ -284,9 +284,10 @@ class MessagesRoutes:
             return [first, *others]
         return routes
 
-    def _native_for(self, route, counting, prioritised=False) -> bool:
+    def native_for(self, route, counting=False, prioritised=False) -> bool:
         """Whether C{route}'s provider is asked natively for its model now (for C{count_tokens} if C{counting};
-        never, with C{prioritised}, where it schedules by priority: see L{create})."""
+        never, with C{prioritised}, where it schedules by priority: see L{create}); message batches' lines
+        go as this says too (L{gomodel.anthropic.batches.MessagesLines})."""
         if route.provider.type not in NATIVE_TYPES or prioritised and route.provider.priority_scheduling:
             return False
         key, now = (route.provider.name, route.upstream_model, MESSAGES), self._clock.seconds()
@@ -298,8 +299,8 @@ class MessagesRoutes:
         """C{(first, fallbacks, native)}: the first route, those to fall back on that are
         reached the same way (natively, or translated), and which way that is."""
         first, *others = routes
-        native = self._native_for(first, counting, prioritised)
-        return first, [route for route in others if self._native_for(route, counting, prioritised) == native], native
+        native = self.native_for(first, counting, prioritised)
+        return first, [route for route in others if self.native_for(route, counting, prioritised) == native], native
 
     def _other_way(self, ctx, routes, first, fallbacks, native, failed):
         """The routes left to try once C{first} and C{fallbacks}, those reached one way (natively, or

@@ -8,6 +8,11 @@ from gomodel.store.records import new_file_id
 log = Logger(namespace="gomodel.batches")
 PAGE = 256  # pending requests read at a time
 RESULTS_PAGE = 500  # results written to a file at a time
+EXPIRED_CODE = "batch_expired"  # the error of a line not run before its batch expired
+CANCELLED_CODE = "batch_cancelled"  # of a message batch's line not run before it was cancelled
+# Batches whose lines not run when they are cancelled are recorded so (Anthropic's results name each
+# request, canceled ones too; OpenAI's leave them out).
+EVERY_LINE_ENDPOINTS = ("/v1/messages",)
 
 
 async def conclude(batches, blobs, job, now):
@@ -19,9 +24,10 @@ async def conclude(batches, blobs, job, now):
     if job.stop in ("shutdown", "lost", "park"):
         return
     batch_id = job.batch_id
-    status = (await batches.get(batch_id))["status"]
+    batch = await batches.get(batch_id)
+    status = batch["status"]
     if status == "cancelling":
-        await _finalize(batches, blobs, job, {"status": "cancelled", "cancelled_at": now()}, ("cancelling",))
+        await _cancel(batches, blobs, job, batch, now)
         return
     if status == "validating":
         if job.stop == "expire":
@@ -32,7 +38,8 @@ async def conclude(batches, blobs, job, now):
     if status == "in_progress":
         if await batches.pending(batch_id, 0, 1):
             if job.stop == "expire":
-                await _expire_rest(batches, job)
+                await _end_rest(batches, job, EXPIRED_CODE, "This request could not be executed before the "
+                                "batch's completion window expired.")
                 done = await _finalize(batches, blobs, job, {"status": "expired", "expired_at": now()},
                                             ("in_progress",))
                 if done is None:  # cancelled meanwhile
@@ -65,15 +72,23 @@ async def _finalize(batches, blobs, job, changes, only_if_status):
         await discard_files(blobs, files)
     return done
 
-async def _expire_rest(batches, job):
-    message = "This request could not be executed before the batch's completion window expired."
+async def _cancel(batches, blobs, job, batch, now):
+    """End a C{cancelling} C{batch} C{cancelled}, with what was answered (and, for L{EVERY_LINE_ENDPOINTS},
+    each line not run recorded as cancelled)."""
+    if batch["endpoint"] in EVERY_LINE_ENDPOINTS:
+        await _end_rest(batches, job, CANCELLED_CODE, "The batch was cancelled before this request was executed.")
+    await _finalize(batches, blobs, job, {"status": "cancelled", "cancelled_at": now()}, ("cancelling",))
+
+
+async def _end_rest(batches, job, code, message):
+    """Record each line of the batch with no result yet as the error C{code}."""
     after = 0
     while True:
         rows = await batches.pending(job.batch_id, after, PAGE)
         if not rows:
             return
         await batches.record_results(job.batch_id, [
-            (line, custom_id, False, error_line(custom_id, "batch_expired", message))
+            (line, custom_id, False, error_line(custom_id, code, message))
             for line, custom_id, _ in rows], job.token)
         after = rows[-1][0]
 
@@ -127,7 +142,7 @@ async def give_up(batches, blobs, job, count, now):
     batch = await batches.get(job.batch_id)
     status = None if batch is None else batch["status"]
     if status == "cancelling":
-        await _finalize(batches, blobs, job, {"status": "cancelled", "cancelled_at": now()}, ("cancelling",))
+        await _cancel(batches, blobs, job, batch, now)
         return
     if status not in ("validating", "in_progress", "finalizing"):
         return  # it ended meanwhile

@@ -102,7 +102,7 @@ class BatchRunner(Service):
     def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
                  max_claimed=MAX_CLAIMED, owner=None, usage=None, keys=None, salts=None, gate=None,
-                 responses=None):
+                 responses=None, messages=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param usage: the L{gomodel.accounting.usage.UsageLedger} each answered line is recorded in, or None.
@@ -120,6 +120,8 @@ class BatchRunner(Service):
             budget fails with C{budget_exceeded} instead of being sent.
         @param responses: the L{gomodel.store.interfaces.IResponseStore}: a managed key's C{/v1/responses}
             line continues only a stored response of its tenant (None: no such line is checked).
+        @param messages: the L{gomodel.anthropic.batches.MessagesLines}: how a C{/v1/messages} line goes
+            upstream, natively or translated (None: natively).
         """
         self._batches = batches
         self._blobs = blobs
@@ -131,6 +133,7 @@ class BatchRunner(Service):
         self._salts = salts
         self._gate = gate
         self._responses = responses
+        self._messages = messages
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
@@ -435,6 +438,13 @@ class BatchRunner(Service):
                     prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
             if self._gate is not None:
                 await self._gate.check_budgets(job.principal)
+            answer = None  # what makes a successful answer the line's (None: it is, as it came)
+            if path == "/messages" and self._messages is not None:  # natively, or translated to chat
+                sent, first, fallbacks, rebody, answer = self._messages.plan(
+                    payload, route, fallbacks, job.principal, self._body_for)
+            else:
+                sent, rebody = path, partial(self._body_for, job.principal, payload)
+                first = rebody(route.upstream_model, route.provider)
         except StorageUnavailable:
             raise  # the line stays pending: the job backs off
         except GatewayError as e:
@@ -452,10 +462,9 @@ class BatchRunner(Service):
         if job.stop is not None:
             sem.release()
             return
-        rebody = partial(self._body_for, job.principal, payload)
-        call = UpstreamCall(path, rebody(route.upstream_model, route.provider), model=route.upstream_model,
-                            prefer=prefer, fallbacks=fallbacks, rebody=rebody if fallbacks else None)
-        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call))
+        call = UpstreamCall(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
+                            rebody=rebody if fallbacks else None)
+        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, answer))
 
         def release(result):
             sem.release()
@@ -516,7 +525,9 @@ class BatchRunner(Service):
         d.addErrback(failed)
         d.addBoth(done)
 
-    async def _line(self, job, path, line, custom_id, provider, call):
+    async def _line(self, job, path, line, custom_id, provider, call, answer=None):
+        """Send one line (C{call}) and record its result; C{answer(body, model)} makes a successful answer
+        the line's (a translated message batch line's chat completion, a message)."""
         upstream = Deferred.fromCoroutine(self._call(provider, call, f"{job.batch_id}-{line}"))
         job.upstream.add(upstream)
         try:
@@ -530,6 +541,14 @@ class BatchRunner(Service):
             job.upstream.discard(upstream)
         if isinstance(outcome, _Answer):
             self._account(job, path, outcome, f"{job.batch_id}-{line}")
+            if answer is not None and 200 <= outcome.status < 300:
+                try:
+                    outcome.body = answer(outcome.body, outcome.model)
+                except GatewayError as e:  # (a generation the upstream aborted)
+                    outcome = _NoAnswer(e.code, e.message)
+                except (ValueError, TypeError):
+                    outcome = _NoAnswer("bad_upstream_response", f"The upstream provider '{outcome.provider.name}' "
+                                        "answered with something that is not a chat completion.")
         ok, data = self._result(custom_id, outcome)
         await self._record(job, line, custom_id, ok, data)
 

@@ -6,9 +6,10 @@ from typing import NamedTuple, Optional
 from gomodel import jsonutil
 from gomodel.config.parsers import positive_duration
 
-# Endpoints a batch may target (OpenAI's, plus vLLM's rerank and score).
+# Endpoints a batch may target (OpenAI's, vLLM's rerank and score, and Anthropic's Messages: the endpoint of
+# the Message Batches API's batches, gomodel.anthropic.batches).
 ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses", "/v1/rerank",
-             "/v1/score")
+             "/v1/score", "/v1/messages")
 MAX_WINDOW = 30 * 24 * 3600.0
 MAX_METADATA = 16
 

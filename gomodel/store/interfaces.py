@@ -138,8 +138,15 @@ class IBatchStore(Interface):
     def get(batch_id):
         """@return: a Deferred firing with the batch record, or None."""
 
-    def list(after=None, limit=20):
-        """@return: a Deferred firing with C{(records, has_more)}, newest first; C{after} is a batch id."""
+    def list(after=None, limit=20, tenant=None, endpoint=None):
+        """@return: a Deferred firing with C{(records, has_more)}, newest first; C{after} is a batch id; only
+        C{tenant}'s and only those of C{endpoint} when given."""
+
+    def delete(batch_id, only_if_status):
+        """Forget a batch whose status is one of C{only_if_status}, with its requests and results (not its files).
+
+        @return: a Deferred firing with the record as it was, or None (no such batch, or in another status).
+        """
 
     def update(batch_id, changes, only_if_status=None, token=None):
         """Apply C{changes} (column -> value).

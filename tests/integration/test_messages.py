@@ -11,6 +11,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 
 import anthropic
 import pytest
@@ -190,3 +191,28 @@ def test_translated_create_and_stream_equal_vllms_own(translating, direct):
         count(model=model, messages=MESSAGES)
     assert raised.value.status_code == 501
 
+
+
+def _batch_results(client, model, timeout=240):
+    """A message batch of two greedy requests for C{model}, run to its end: its results by custom_id."""
+    batch = client.messages.batches.create(requests=[
+        {"custom_id": f"q{i}", "params": {"model": model, "system": SYSTEM, "messages": MESSAGES, "max_tokens": 6,
+                                          "temperature": 0.0}} for i in range(2)])
+    deadline = time.monotonic() + timeout
+    while batch.processing_status != "ended":
+        assert time.monotonic() < deadline, f"message batch still {batch.processing_status}: {batch}"
+        time.sleep(0.5)
+        batch = client.messages.batches.retrieve(batch.id)
+    assert batch.request_counts.succeeded == 2, batch
+    return {r.custom_id: r.result for r in client.messages.batches.results(batch.id)}
+
+
+def test_a_message_batch_natively_and_translated_answers_as_vllm_does(via, translating, direct):
+    """Anthropic's Message Batches: each request answered as vLLM's own Messages API answers it, natively
+    (relayed to vLLM's /v1/messages) and translated (to its chat completions, by the second gateway)."""
+    theirs = direct.messages.create(model=CHAT_MODEL, system=SYSTEM, messages=MESSAGES, **SAMPLING)
+    for client, model in ((via, MODEL), (translating, f"openai/{CHAT_MODEL}")):
+        results = _batch_results(client, model)
+        assert set(results) == {"q0", "q1"}
+        for result in results.values():
+            assert result.type == "succeeded" and _shape(result.message) == _shape(theirs)

@@ -56,15 +56,16 @@ class PostgreSQLBatchStore:
     def get(self, batch_id):
         return self._db.run(_get, batch_id)
 
-    def list(self, after=None, limit=20, tenant=None):
-        return self._db.run(self._list, after, limit, tenant)
+    def list(self, after=None, limit=20, tenant=None, endpoint=None):
+        return self._db.run(self._list, after, limit, tenant, endpoint)
 
     @staticmethod
-    def _list(conn, after, limit, tenant):
+    def _list(conn, after, limit, tenant, endpoint):
         where, args = [], []
-        if tenant is not None:
-            where.append("tenant = %s")
-            args.append(tenant)
+        for column, value in (("tenant", tenant), ("endpoint", endpoint)):
+            if value is not None:
+                where.append(f"{column} = %s")
+                args.append(value)
         if after is not None:
             # (an item of this listing: another tenant's id is as unknown)
             row = conn.execute(f"SELECT seq FROM batches WHERE {' AND '.join(['id = %s', *where])}",
@@ -76,6 +77,20 @@ class PostgreSQLBatchStore:
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq DESC LIMIT %s"
         rows = conn.cursor(row_factory=dict_row).execute(sql, (*args, limit + 1)).fetchall()
         return [_decode(r) for r in rows[:limit]], len(rows) > limit
+
+    def delete(self, batch_id, only_if_status):
+        return self._db.run(self._delete, batch_id, list(only_if_status))
+
+    @staticmethod
+    def _delete(conn, batch_id, only_if_status):
+        row = conn.cursor(row_factory=dict_row).execute(
+            f"DELETE FROM batches WHERE id = %s AND status = ANY(%s) RETURNING {', '.join(BATCH_COLUMNS)}",
+            (batch_id, only_if_status)).fetchone()
+        if row is None:
+            return None
+        for table in ("batch_results", "batch_requests"):
+            conn.execute(f"DELETE FROM {table} WHERE batch_id = %s", (batch_id,))
+        return _decode(row)
 
     def update(self, batch_id, changes, only_if_status=None, token=None):
         return self._db.run(self._update, batch_id, dict(changes), only_if_status, token)

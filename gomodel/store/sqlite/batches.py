@@ -60,15 +60,16 @@ class SQLiteBatchStore:
         row = self._db.conn().execute(f"{_SELECT} WHERE id = ?", (batch_id,)).fetchone()
         return _decode(row) if row is not None else None
 
-    def list(self, after=None, limit=20, tenant=None):
-        return self._db.run(self._list, after, limit, tenant)
+    def list(self, after=None, limit=20, tenant=None, endpoint=None):
+        return self._db.run(self._list, after, limit, tenant, endpoint)
 
-    def _list(self, after, limit, tenant):
+    def _list(self, after, limit, tenant, endpoint):
         conn = self._db.conn()
         where, args = [], []
-        if tenant is not None:
-            where.append("tenant = ?")
-            args.append(tenant)
+        for column, value in (("tenant", tenant), ("endpoint", endpoint)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
         if after is not None:
             # (an item of this listing: another tenant's id is as unknown)
             row = conn.execute(f"SELECT seq FROM batches WHERE {' AND '.join(['id = ?', *where])}",
@@ -80,6 +81,20 @@ class SQLiteBatchStore:
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq DESC LIMIT ?"
         rows = conn.execute(sql, (*args, limit + 1)).fetchall()
         return [_decode(r) for r in rows[:limit]], len(rows) > limit
+
+    def delete(self, batch_id, only_if_status):
+        return self._db.run(self._delete, batch_id, tuple(only_if_status))
+
+    def _delete(self, batch_id, only_if_status):
+        with self._db.transaction() as conn:
+            row = conn.execute(f"{_SELECT} WHERE id = ? AND status IN ({marks(only_if_status)})",
+                               (batch_id, *only_if_status)).fetchone()
+            if row is None:
+                return None
+            for table in ("batch_results", "batch_requests"):
+                conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", (batch_id,))
+            conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+        return _decode(row)
 
     def update(self, batch_id, changes, only_if_status=None, token=None):
         return self._db.run(self._update, batch_id, dict(changes), only_if_status, token)

@@ -1,0 +1,43 @@
+"""How the lines of a message batch (L{gomodel.anthropic.batches}) go upstream: natively or translated."""
+
+from gomodel.anthropic.translate import chat_to_message_bytes, messages_to_chat, vllm_fields, without_vllm_fields
+from gomodel.api.messages import VLLM_CHAT_TYPES
+
+
+class MessagesLines:
+    """How the lines of a message batch go upstream, as an online Messages request would (L{plan})."""
+
+    def __init__(self, messages):
+        """@param messages: the L{gomodel.api.messages.MessagesRoutes}, which knows which providers take
+        Messages natively now (a vLLM that answered it has no Messages API is translated for a while)."""
+        self._messages = messages
+
+    def plan(self, payload, route, fallbacks, principal, body_for):
+        """C{(path, body, fallbacks, rebody, answer)} for a line whose body is C{payload} going to C{route}.
+
+        Natively (C{/messages}, a vLLM: its Messages take C{cache_salt}), or translated to C{/chat/completions}
+        (any other provider, and a vLLM that schedules by priority where the line has one: vLLM's Messages have
+        no C{priority}); the fallbacks are those reached the same way.
+
+        @param body_for: C{body_for(principal, payload, model, provider)} -> the body for C{model} at
+            C{provider}, with what that provider takes of C{principal} (the batch runner's).
+        @return: C{answer(body, model)} -> a successful answer as a message (None: natively, it is one).
+        @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated (the line's error).
+        """
+        prioritised = principal is not None and principal.priority is not None
+        native = self._messages.native_for(route, prioritised=prioritised)
+        fallbacks = [r for r in fallbacks if self._messages.native_for(r, prioritised=prioritised) == native]
+        if native:
+            def rebody(model, provider):
+                return body_for(principal, payload, model, provider)
+
+            return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, None
+        chat = messages_to_chat(payload)
+        extras = vllm_fields(payload, chat["messages"])
+
+        def rebody(model, provider):
+            made = dict(chat, **extras) if provider.type in VLLM_CHAT_TYPES else without_vllm_fields(chat)
+            return body_for(principal, made, model, provider)
+
+        return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, \
+            chat_to_message_bytes

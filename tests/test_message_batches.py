@@ -1,0 +1,234 @@
+"""Anthropic's Message Batches API (/v1/messages/batches): the official anthropic SDK against the gateway, in
+front of a fake vLLM (its own Messages API) and an OpenAI-compatible fake (translated to chat)."""
+
+import json
+
+import anthropic
+import pytest
+import pytest_twisted
+import treq
+
+from gomodel.anthropic.batches import result_line
+from tests.fakes.vllm import CHAT_MODEL
+from tests.support import in_thread, start_fake, start_gateway, stop_all, until
+
+KEY = "message-batches-key"
+NATIVE = f"vllm/{CHAT_MODEL}"
+TRANSLATED = f"openai/{CHAT_MODEL}"
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def request(custom_id, model=NATIVE, **params):
+    return {"custom_id": custom_id, "params": {"model": model, "max_tokens": 16, "messages": HELLO,
+                                               "fake_marker": custom_id, **params}}
+
+
+@pytest_twisted.async_yield_fixture()
+async def setup(reactor, tmp_path):
+    vllm = await start_fake(reactor)
+    openai = await start_fake(reactor, messages=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "OPENAI_BASE_URL": openai.base_url,
+                                       "OPENAI_API_KEY": "sk-upstream", "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "2"})
+    client = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=10)
+    yield gw, client, vllm, openai
+    await stop_all(gw, vllm, openai, clients=(client,))
+
+
+async def ended(gw, client, batch_id):
+    await gw.service.batch_runner.settled(batch_id)
+    return await in_thread(client.messages.batches.retrieve, batch_id)
+
+
+async def results(client, batch_id):
+    return await in_thread(lambda: {r.custom_id: r.result for r in client.messages.batches.results(batch_id)})
+
+
+async def test_a_message_batch_runs_natively_and_translated_and_gives_anthropics_results(setup):
+    gw, client, vllm, openai = setup
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("native-1"), request("native-2", system="Be brief."), request("translated", model=TRANSLATED),
+        request("refused", fake_status=400, fake_body=json.dumps(
+            {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens is too large"}}))])
+    assert made.type == "message_batch" and made.processing_status == "in_progress"
+    assert made.request_counts.processing == 4 and made.cancel_initiated_at is None
+    assert made.results_url is None and made.expires_at > made.created_at
+    batch = await ended(gw, client, made.id)
+    assert batch.processing_status == "ended" and batch.ended_at is not None
+    assert batch.request_counts.model_dump() == {"processing": 0, "succeeded": 3, "errored": 1, "canceled": 0,
+                                                 "expired": 0}
+    assert batch.results_url == f"/v1/messages/batches/{made.id}/results"
+    got = await results(client, made.id)
+    assert set(got) == {"native-1", "native-2", "translated", "refused"}
+    for custom_id in ("native-1", "native-2", "translated"):
+        assert got[custom_id].type == "succeeded"
+        message = got[custom_id].message
+        assert message.type == "message" and message.role == "assistant" and message.content[0].type == "text"
+        assert message.usage.output_tokens > 0
+    assert got["refused"].type == "errored"
+    assert got["refused"].error.error.type == "invalid_request_error"
+    assert got["refused"].error.error.message == "max_tokens is too large"
+    # Natively to the vLLM's own Messages API (its model and the system prompt as sent), translated to the
+    # OpenAI-compatible provider's chat completions; neither got the client's key.
+    native = {r.body["fake_marker"]: r for r in vllm.requests if r.path == b"/v1/messages"}
+    assert set(native) == {"native-1", "native-2", "refused"}
+    assert native["native-2"].body["model"] == CHAT_MODEL and native["native-2"].body["system"] == "Be brief."
+    [chat] = [r for r in openai.requests if r.path == b"/v1/chat/completions"]
+    assert chat.body["model"] == CHAT_MODEL and chat.body["messages"] == [{"role": "user", "content": "Say hello."}]
+    assert all(KEY not in (r.header(b"authorization") or "") for r in vllm.requests + openai.requests)
+    # The same batch through OpenAI's routes.
+    response = await treq.get(gw.url + f"/v1/batches/{made.id}", headers={"authorization": f"Bearer {KEY}"})
+    seen = await response.json()
+    assert seen["endpoint"] == "/v1/messages" and seen["status"] == "completed"
+    assert seen["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+
+
+async def test_a_translated_providers_errors_and_garbled_answers_are_errored_results(setup):
+    gw, client, _, openai = setup
+    outcomes = {}
+    for name, steer in (("refused", {"fake_status": 400, "fake_body": json.dumps({"error": {
+            "message": "bad temperature", "type": "invalid_request_error", "param": None, "code": None}})}),
+                        ("garbled", {"fake_status": 200, "fake_body": '{"not": "a chat completion"}'})):
+        openai.steer = steer
+        made = await in_thread(client.messages.batches.create, requests=[request(name, model=TRANSLATED)])
+        await ended(gw, client, made.id)
+        outcomes[name] = (await results(client, made.id))[name]
+    refused, garbled = outcomes["refused"], outcomes["garbled"]
+    assert refused.type == "errored" and refused.error.type == "error"
+    assert (refused.error.error.type, refused.error.error.message) == ("invalid_request_error", "bad temperature")
+    assert garbled.type == "errored" and garbled.error.error.type == "api_error"
+    assert "answered with something that is not a chat completion" in garbled.error.error.message
+
+
+async def test_bad_requests_are_refused_in_anthropics_shape_naming_the_request(setup):
+    gw, client, vllm, _ = setup
+    for requests, problem in (
+            ([], "requests: a list of at least one request is required."),
+            ([{"custom_id": "a b", "params": {}}], "requests.0.custom_id: 1 to 64 letters"),
+            ([request("a"), request("a")], "requests.1.custom_id: 'a' is used by an earlier request"),
+            ([request("a"), {"custom_id": "b"}], "requests.1.params: an object of Messages API parameters"),
+            ([request("a", max_tokens=0)], "requests.0.params.max_tokens: a positive integer is required."),
+            ([request("a", stream=True)], "requests.0.params.stream: batch requests cannot stream."),
+            ([request("a", messages="hi")], "requests.0.params.messages: a list of messages is required.")):
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await in_thread(client.messages.batches.create, requests=requests)
+        assert raised.value.body["type"] == "error"
+        assert raised.value.body["error"]["type"] == "invalid_request_error"
+        assert raised.value.body["error"]["message"].startswith(problem)
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        await in_thread(client.messages.batches.create, requests=[request("a"), request("b", model="vllm/nobody")])
+    assert raised.value.body["error"]["message"].startswith("requests.1.params.model: ")
+    assert not [r for r in vllm.requests if r.path == b"/v1/messages"]  # nothing ran
+    page = await in_thread(client.messages.batches.list)
+    assert page.data == []
+
+
+async def test_a_cancelled_batch_ends_with_its_requests_not_run_canceled(reactor, setup):
+    gw, client, vllm, _ = setup
+    made = await in_thread(client.messages.batches.create, requests=[
+        request(f"r{i}", fake_hold=True) for i in range(5)])
+    await until(reactor, lambda: sum(vllm.marker_counts.values()) == 2,
+                what="two requests held")  # (2 at a time per provider)
+    cancelling = await in_thread(client.messages.batches.cancel, made.id)
+    assert cancelling.processing_status == "canceling" and cancelling.cancel_initiated_at is not None
+    batch = await ended(gw, client, made.id)
+    assert batch.processing_status == "ended"
+    assert batch.request_counts.canceled == 5 and batch.request_counts.succeeded == 0
+    got = await results(client, made.id)
+    assert {custom_id: r.type for custom_id, r in got.items()} == {f"r{i}": "canceled" for i in range(5)}
+    again = await in_thread(client.messages.batches.cancel, made.id)  # nothing left to stop: as it is
+    assert again.processing_status == "ended"
+
+
+async def test_results_wait_for_the_end_and_an_ended_batch_can_be_deleted(setup):
+    gw, client, vllm, _ = setup
+    made = await in_thread(client.messages.batches.create, requests=[request("held", fake_hold=True)])
+    with pytest.raises(anthropic.AnthropicError):  # (the SDK: no results_url yet)
+        await results(client, made.id)
+    raw = await treq.get(gw.url + f"/v1/messages/batches/{made.id}/results", headers={"x-api-key": KEY})
+    assert raw.code == 400 and (await raw.json())["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError):
+        await in_thread(client.messages.batches.delete, made.id)
+    vllm.release_holds()
+    await ended(gw, client, made.id)
+    raw = await treq.get(gw.url + f"/v1/messages/batches/{made.id}/results", headers={"x-api-key": KEY})
+    assert raw.code == 200 and raw.headers.getRawHeaders(b"content-type") == [b"application/x-jsonl"]
+    files = await gw.service.store.files.list(limit=100)
+    assert len(files[0]) == 2  # its requests and its output
+    deleted = await in_thread(client.messages.batches.delete, made.id)
+    assert deleted.id == made.id and deleted.type == "message_batch_deleted"
+    with pytest.raises(anthropic.NotFoundError):
+        await in_thread(client.messages.batches.retrieve, made.id)
+    assert (await gw.service.store.files.list(limit=100))[0] == []
+
+
+async def test_the_list_pages_newest_first_and_shows_message_batches_only(setup):
+    gw, client, _, _ = setup
+    made = [(await in_thread(client.messages.batches.create, requests=[request(f"b{i}")])).id for i in range(5)]
+    for batch_id in made:
+        await ended(gw, client, batch_id)
+    # an OpenAI batch of the same key is not a message batch
+    upload = await treq.post(gw.url + "/v1/files", headers={"authorization": f"Bearer {KEY}"},
+                             files={"file": ("in.jsonl", b'{"custom_id":"x","method":"POST","url":'
+                                             b'"/v1/chat/completions","body":{"model":"' + NATIVE.encode()
+                                             + b'","messages":[]}}\n')}, data={"purpose": "batch"})
+    openai_batch = await treq.post(gw.url + "/v1/batches", headers={"authorization": f"Bearer {KEY}"}, json={
+        "input_file_id": (await upload.json())["id"], "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"})
+    openai_id = (await openai_batch.json())["id"]
+    first = await in_thread(client.messages.batches.list, limit=2)
+    assert [b.id for b in first.data] == made[::-1][:2] and first.has_more
+    assert first.first_id == made[4] and first.last_id == made[3]
+    after = await in_thread(lambda: client.messages.batches.list(limit=2, after_id=made[3]).data)
+    assert [b.id for b in after] == [made[2], made[1]]
+    before = await in_thread(lambda: client.messages.batches.list(limit=2, before_id=made[1]).data)
+    assert [b.id for b in before] == [made[3], made[2]]
+    everything = await in_thread(lambda: [b.id for b in client.messages.batches.list(limit=3)])  # (auto-paging)
+    assert everything == made[::-1]
+    with pytest.raises(anthropic.NotFoundError):
+        await in_thread(client.messages.batches.retrieve, openai_id)
+    with pytest.raises(anthropic.NotFoundError):
+        await in_thread(lambda: client.messages.batches.list(after_id="batch_nobody"))
+
+
+async def test_another_tenants_key_sees_none_of_a_teams_message_batches(setup):
+    gw, client, _, _ = setup
+    keys = []
+    for user_path in ("/team-a", "/team-b"):
+        made = await treq.post(gw.url + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {KEY}"},
+                               json={"name": user_path[1:], "user_path": user_path})
+        keys.append((await made.json())["value"])
+    team_a, team_b = (anthropic.Anthropic(base_url=gw.url, api_key=k, max_retries=0, timeout=10) for k in keys)
+    try:
+        made = await in_thread(team_a.messages.batches.create, requests=[request("mine")])
+        await ended(gw, team_a, made.id)
+        assert [b.id for b in (await in_thread(team_a.messages.batches.list)).data] == [made.id]
+        assert (await in_thread(team_b.messages.batches.list)).data == []
+        for call in (team_b.messages.batches.retrieve, team_b.messages.batches.cancel, team_b.messages.batches.delete):
+            with pytest.raises(anthropic.NotFoundError):
+                await in_thread(call, made.id)
+        raw = await treq.get(gw.url + f"/v1/messages/batches/{made.id}/results", headers={"x-api-key": keys[1]})
+        assert raw.code == 404
+        assert (await results(team_a, made.id))["mine"].type == "succeeded"
+    finally:
+        team_a.close()
+        team_b.close()
+
+
+def test_each_way_a_request_ends_is_one_result_line():
+    def line(data):
+        return json.loads(result_line((1, "c", False, json.dumps(data).encode())))
+
+    assert line({"custom_id": "c", "response": None, "error": {"code": "batch_expired", "message": "late"}}) == {
+        "custom_id": "c", "result": {"type": "expired"}}
+    assert line({"custom_id": "c", "response": None, "error": {"code": "batch_cancelled", "message": "x"}}) == {
+        "custom_id": "c", "result": {"type": "canceled"}}
+    assert line({"custom_id": "c", "response": None, "error": {"code": "budget_exceeded", "message": "spent"}}) == {
+        "custom_id": "c", "result": {"type": "errored", "error": {"type": "error", "error": {
+            "type": "rate_limit_error", "message": "spent"}}}}
+    # an OpenAI-compatible upstream's error envelope, in Anthropic's shape
+    converted = line({"custom_id": "c", "response": {"status_code": 404, "request_id": "r", "body": {
+        "error": {"message": "no such model", "type": "invalid_request_error", "param": None, "code": None}}}})
+    assert converted["result"]["type"] == "errored"
+    assert converted["result"]["error"]["type"] == "error"
+    assert converted["result"]["error"]["error"] == {"type": "not_found_error", "message": "no such model"}
