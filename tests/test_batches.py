@@ -233,6 +233,104 @@ async def test_lines_whose_first_target_has_no_ready_replica_go_to_its_failover_
         await gw.service.stopService()
 
 
+async def _falling_back(reactor, tmp_path):
+    """A gateway (C{BATCH_CONCURRENCY_PER_PROVIDER} 2) whose vllm-a answers 503 and fails over to vllm-b,
+    which holds every request (C{hang}); C{peak[0]}: the most requests vllm-b had open at once."""
+    from tests.fakes.fleet import FakeReplica
+
+    a, b = FakeReplica(reactor, name="a"), FakeReplica(reactor, name="b")
+    await a.start()
+    await b.start()
+    a.fail_status = 503
+    b.hang = True
+    peak = [0]
+
+    def arrived(record):  # (fired as the request arrives, before it is served)
+        if record.is_inference:
+            peak[0] = max(peak[0], sum(1 for r in b.inference_requests if r.outcome is None))
+        b.next_request().addCallback(arrived)
+
+    b.next_request().addCallback(arrived)
+    rules = {f"vllm-a/{UPSTREAM_MODEL}": [f"vllm-b/{UPSTREAM_MODEL}"]}
+    gw = await start_gateway(reactor, {
+        "VLLM_A_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url, "FAILOVER_RULES_JSON": json.dumps(rules),
+        "BATCH_CONCURRENCY_PER_PROVIDER": "2", "GOMODEL_MASTER_KEY": KEY, "GOMODEL_DATA_DIR": str(tmp_path)})
+    return gw, a, b, peak
+
+
+def _line_to(provider, custom_id):
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": f"{provider}/{UPSTREAM_MODEL}", "messages": [{"role": "user", "content": custom_id}],
+                     "max_tokens": 5}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_lines_falling_back_hold_the_slots_of_the_provider_they_reach(reactor, tmp_path):
+    """A line that falls back to another provider holds a slot of that provider there, no longer its first
+    target's: vllm-b never has more than BATCH_CONCURRENCY_PER_PROVIDER batch requests in flight, its own
+    lines and those falling back to it together, and vllm-a's slots stay free while its lines wait for
+    vllm-b's; every line is answered, by vllm-b."""
+    gw, a, b, peak = await _falling_back(reactor, tmp_path)
+    sdk = openai_client(gw, KEY)
+    runner = gw.service.batch_runner
+    try:
+        lines = [_line_to("vllm-b", f"b{i}") for i in range(2)] + [_line_to("vllm-a", f"a{i}") for i in range(4)]
+        created = await start_batch(sdk, lines)
+        slots_a, slots_b = runner.semaphore("vllm-a"), runner.semaphore("vllm-b")
+        # b0 and b1 are held at vllm-b; each a-line is refused by vllm-a, then waits for room at vllm-b
+        await until(reactor, lambda: len(slots_b.waiting) == 4 or peak[0] > 2, what="the a-lines waiting at vllm-b")
+        assert peak[0] == 2
+        assert sorted(r.body["messages"][0]["content"] for r in b.inference_requests) == ["b0", "b1"]
+        assert sorted(r.body["messages"][0]["content"] for r in a.inference_requests) == ["a0", "a1", "a2", "a3"]
+        assert (slots_a.tokens, slots_a.waiting) == (2, [])
+        b.hang = False
+        await with_timeout(reactor, Deferred.fromCoroutine(runner.settled(created.id)), 10)
+        batch = await in_thread(sdk.batches.retrieve, created.id)
+        assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 6, 0)
+        output = await file_lines(sdk, batch.output_file_id)
+        assert sorted(line["custom_id"] for line in output) == ["a0", "a1", "a2", "a3", "b0", "b1"]
+        assert all(line["response"]["status_code"] == 200 for line in output)
+        assert sorted(r.body["messages"][0]["content"] for r in b.inference_requests) == [
+            "a0", "a1", "a2", "a3", "b0", "b1"]
+        assert all(r.body["model"] == UPSTREAM_MODEL for r in b.inference_requests)
+        assert peak[0] == 2
+        assert (slots_a.tokens, slots_b.tokens, slots_a.waiting, slots_b.waiting) == (2, 2, [], [])
+    finally:
+        await stop_all(gw, a, b, clients=(sdk,))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_cancelled_while_lines_wait_for_a_fallbacks_slot_ends_cleanly(reactor, tmp_path):
+    """Cancelled while its lines wait for room at the provider they fall back to, a batch ends C{cancelled}:
+    the waits are dropped (nothing sent there), the requests in flight aborted, and every slot given back
+    once, none taken by a wait that never got it."""
+    gw, a, b, peak = await _falling_back(reactor, tmp_path)
+    sdk = openai_client(gw, KEY)
+    runner = gw.service.batch_runner
+    try:
+        lines = [_line_to("vllm-b", f"b{i}") for i in range(2)] + [_line_to("vllm-a", f"a{i}") for i in range(3)]
+        created = await start_batch(sdk, lines)
+        slots_a, slots_b = runner.semaphore("vllm-a"), runner.semaphore("vllm-b")
+        await until(reactor, lambda: len(slots_b.waiting) == 3 or peak[0] > 2, what="the a-lines waiting at vllm-b")
+        assert peak[0] == 2
+        await in_thread(sdk.batches.cancel, created.id)
+        await with_timeout(reactor, Deferred.fromCoroutine(runner.settled(created.id)), 10)
+        batch = await in_thread(sdk.batches.retrieve, created.id)
+        assert batch.status == "cancelled"
+        assert batch.request_counts.model_dump() == {"total": 5, "completed": 0, "failed": 0}
+        assert (batch.output_file_id, batch.error_file_id) == (None, None)
+        assert (slots_a.tokens, slots_b.tokens, slots_a.waiting, slots_b.waiting) == (2, 2, [], [])
+        held = b.inference_requests
+        assert sorted(r.body["messages"][0]["content"] for r in held) == ["b0", "b1"]
+        for record in held:  # aborted
+            how, _ = await with_timeout(reactor, record.closed, 2)
+            assert how == "lost"
+        assert len(a.inference_requests) == 3
+    finally:
+        b.hang = False
+        await stop_all(gw, a, b, clients=(sdk,))
+
+
 @pytest_twisted.ensureDeferred
 async def test_bad_input_file_fails_validation_naming_the_lines(sdk, gw, fake):
     lines = [
@@ -723,6 +821,52 @@ async def test_transient_failures_are_retried_with_backoff_then_succeed(bench):
     [line] = await lines_of(bench.store, batch["output_file_id"])
     assert line["response"] == {"status_code": 200, "request_id": "upstream-id",
                                 "body": {"object": "chat.completion", "n": 4}}
+
+
+class FallbackRegistry(StubRegistry):
+    """Every C{stub/} model at the pool C{first}, falling back to the pool C{then}."""
+
+    def __init__(self, first, then):
+        super().__init__(first)
+        self.then = then
+
+    def plan(self, model, affinity_of=None):
+        return [self.resolve(model), Route(self.then, model[len("stub/"):])]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retried_line_holds_the_slot_of_each_target_it_is_sent_to(bench):
+    """Concurrency 1: a line that falls back to b gives a's slot to the next line; once every target failed
+    it backs off holding b's, and its retry (from a) gives b's slot to the line waiting for it."""
+    a, b = StubProvider(), StubProvider()
+    a.name, b.name = "a", "b"
+    registry = FallbackRegistry(ready_pool(a, bench.clock), ready_pool(b, bench.clock))
+    runner = BatchRunner(bench.store.batches, bench.store.blobs, registry, bench.clock,
+                         Exchange(bench.clock, Timeouts()), concurrency=1)
+    runner.startService()
+    bench.runners.append(runner)
+    slots_a, slots_b = runner.semaphore("a"), runner.semaphore("b")
+    created = await bench.batch(runner, 2)
+    (await a.wait_sent(1)).answer.callback(StubResponse(429))  # r0: on to b, a's slot to r1
+    r0_at_b = await b.wait_sent(1)
+    assert len(a.sent) == 2
+    r1_at_a = await a.wait_sent(2)
+    assert (r0_at_b.body["i"], r1_at_a.body["i"]) == (0, 1)
+    r0_at_b.answer.callback(StubResponse(429))  # every target failed: r0 backs off
+    r1_at_a.answer.callback(StubResponse(429))  # r1: on to b, where r0 still holds the slot
+    assert (len(a.sent), len(b.sent)) == (2, 1)
+    assert (slots_a.tokens, slots_b.tokens, len(slots_b.waiting)) == (1, 0, 1)
+    bench.clock.advance(1)  # r0 goes back to a: b's slot goes to r1
+    assert (len(a.sent), len(b.sent)) == (3, 2)
+    r1_at_b, r0_at_a = await b.wait_sent(2), await a.wait_sent(3)
+    assert (r1_at_b.body["i"], r0_at_a.body["i"]) == (1, 0)
+    assert (a.outstanding(), b.outstanding()) == ([r0_at_a], [r1_at_b])
+    r0_at_a.answer.callback(StubResponse(200, ok_body(0)))
+    r1_at_b.answer.callback(StubResponse(200, ok_body(1)))
+    await runner.settled(created["id"])
+    batch = await bench.store.batches.get(created["id"])
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 2, 0)
+    assert (slots_a.tokens, slots_b.tokens, slots_a.waiting, slots_b.waiting) == (1, 1, [], [])
 
 
 @pytest_twisted.ensureDeferred

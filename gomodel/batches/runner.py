@@ -8,13 +8,17 @@ or repeating an answer:
     as the batch's requests (a failed validation stores the errors with their
     line numbers and ends in C{failed}).
   - C{in_progress}: lines without a result are sent upstream, at most
-    C{BATCH_CONCURRENCY_PER_PROVIDER} at a time per provider (their first
-    target's); each answer is recorded (keyed by batch and line, exactly once)
-    as soon as it is read. A line falls back as an online request does (a
-    virtual model's other targets, failover candidates: see
-    L{gomodel.proxy.exchange.Exchange}); transient failures of every target
-    (unreachable upstream, 429, 502, 503, 504, an answer that broke off) are
-    retried from the first with backoff up to C{BATCH_MAX_ATTEMPTS}.
+    C{BATCH_CONCURRENCY_PER_PROVIDER} at a time per provider; each answer is
+    recorded (keyed by batch and line, exactly once) as soon as it is read. A
+    line falls back as an online request does (a virtual model's other
+    targets, failover candidates: see L{gomodel.proxy.exchange.Exchange});
+    transient failures of every target (unreachable upstream, 429, 502, 503,
+    504, an answer that broke off) are retried from the first with backoff up
+    to C{BATCH_MAX_ATTEMPTS}. A line holds one slot of the provider it is at
+    (its first target's, then each fallback's it goes on to, then the first's
+    again for a retry), giving the one it holds up before it waits for the
+    next: fallbacks count at the provider they reach, and no two lines wait
+    on each other's slot.
   - C{finalizing} -> C{completed}: the output and error files are written
     from the recorded results.
   - Past C{expires_at}: the lines not answered get C{batch_expired} errors and
@@ -92,6 +96,45 @@ class _NoAnswer:
     def __init__(self, code, message):
         self.code = code
         self.message = message
+
+
+class _Slot:
+    """The one provider slot (L{BatchRunner.semaphore}) a line of C{job} holds, if any: the provider it is at."""
+
+    __slots__ = ("_job", "_semaphore", "_held")
+
+    def __init__(self, job, semaphore, held):
+        """
+        @param job: the line's L{Job} (halted: a slot that comes sends nothing).
+        @param semaphore: provider name -> its L{DeferredSemaphore}.
+        @param held: the semaphore acquired for the line's first target.
+        """
+        self._job = job
+        self._semaphore = semaphore
+        self._held = held
+
+    async def enter(self, pool):
+        """Hold a slot of C{pool} instead of the one held, given up first (none is held while waiting);
+        fires with None once it holds it (at once when it did already). Cancelled while it waits, it holds
+        none.
+
+        @raise CancelledError: the job was halted by the time the slot came (a slot given back by a line
+            the halt just cancelled): nothing more is sent; the slot is held until the line's L{release}.
+        """
+        semaphore = self._semaphore(pool.name)
+        if semaphore is self._held:
+            return
+        self.release()
+        await semaphore.acquire()
+        self._held = semaphore
+        if self._job.stop is not None:
+            raise CancelledError()
+
+    def release(self):
+        """Give the slot held back (if any)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
 
 
 class BatchRunner(Service):
@@ -425,7 +468,8 @@ class BatchRunner(Service):
         return principal
 
     async def _launch(self, job, path, line, custom_id, body):
-        """Send one line once its first target's provider has room (the line then runs on its own)."""
+        """Send one line once its first target's provider has room (the line then runs on its own, holding
+        the slot of the provider it is at: L{_Slot})."""
         try:
             payload = jsonutil.loads(body)
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
@@ -462,12 +506,13 @@ class BatchRunner(Service):
         if job.stop is not None:
             sem.release()
             return
+        slot = _Slot(job, self.semaphore, sem)
         call = UpstreamCall(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
                             rebody=rebody if fallbacks else None)
-        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, answer))
+        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, slot, answer))
 
         def release(result):
-            sem.release()
+            slot.release()
             return result
 
         self._track(job, d.addBoth(release))
@@ -525,10 +570,10 @@ class BatchRunner(Service):
         d.addErrback(failed)
         d.addBoth(done)
 
-    async def _line(self, job, path, line, custom_id, provider, call, answer=None):
-        """Send one line (C{call}) and record its result; C{answer(body, model)} makes a successful answer
-        the line's (a translated message batch line's chat completion, a message)."""
-        upstream = Deferred.fromCoroutine(self._call(provider, call, f"{job.batch_id}-{line}"))
+    async def _line(self, job, path, line, custom_id, provider, call, slot, answer=None):
+        """Send one line (C{call}, holding C{slot}) and record its result; C{answer(body, model)} makes a
+        successful answer the line's (a translated message batch line's chat completion, a message)."""
+        upstream = Deferred.fromCoroutine(self._call(provider, call, f"{job.batch_id}-{line}", slot))
         job.upstream.add(upstream)
         try:
             outcome = await upstream
@@ -568,17 +613,21 @@ class BatchRunner(Service):
     def _record(self, job, line, custom_id, ok, data):
         return self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)
 
-    async def _call(self, provider, call, request_id):
+    async def _call(self, provider, call, request_id, slot):
         """Send C{call} to C{provider}, then to its fallbacks (L{gomodel.proxy.exchange.Exchange.fetch}),
-        retrying transient failures from the first target; fires with an L{_Answer} (naming the target that
-        answered) or a L{_NoAnswer}."""
+        retrying transient failures from the first target, each send holding C{slot} at its provider (a
+        backoff keeps the last one's); fires with an L{_Answer} (naming the target that answered) or a
+        L{_NoAnswer}."""
+        entering = slot.enter if call.fallbacks else None
         delay = self._backoff_start
         attempt = 0
         while True:
             attempt += 1
             last = attempt >= self._max_attempts
+            await slot.enter(provider)  # (held already unless a fallback was tried)
             try:
-                fetched = await self._exchange.fetch(request_id.encode("ascii"), provider, call)
+                fetched = await self._exchange.fetch(request_id.encode("ascii"), provider, call,
+                                                     entering=entering)
             except (NoReadyReplica, ReplicasBusy):  # no replica can take it now: wait, it is no attempt
                 attempt -= 1
                 await self._sleep(delay)

@@ -239,18 +239,20 @@ class Exchange:
             raise _BrokeOff(e) from None
         return self._whole(request, ctx, upstream, response, call, body)
 
-    async def fetch(self, request_id: bytes, upstream, call: UpstreamCall, trace=None):
+    async def fetch(self, request_id: bytes, upstream, call: UpstreamCall, trace=None, entering=None):
         """Send C{call} to C{upstream} (failing over to the call's C{fallbacks} as L{relay} does) and read
         the whole answer, whatever its status.
 
         @param trace: the request's L{gomodel.accounting.tracing.RequestTrace}, or None.
+        @param entering: C{entering(pool)}, returning an awaitable, awaited before the call goes on to a
+            fallback target's pool (a batch line moves to that provider's slot), or None.
 
         @return: (awaited) a L{Fetched}: the answer, its body, and the pool and upstream model that gave it.
         @raise gomodel.errors.GatewayError: no whole answer could be had
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again).
         """
-        response, replica, upstream, model, sent = await self._send(request_id, upstream, call, (), trace)
+        response, replica, upstream, model, sent = await self._send(request_id, upstream, call, (), trace, entering)
         took = None
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
@@ -269,7 +271,7 @@ class Exchange:
 
     # -- the steps ------------------------------------------------------------------
 
-    async def _send(self, request_id, pool, call, exclude=(), trace=None):
+    async def _send(self, request_id, pool, call, exclude=(), trace=None, entering=None):
         """Choose a replica and send C{call}, failing over before the first byte.
 
         The replicas of C{pool} first, then the call's fallback routes (a
@@ -284,13 +286,21 @@ class Exchange:
         @param exclude: replicas of C{pool} not to use (they broke off an answer).
         @param trace: the request's L{gomodel.accounting.tracing.RequestTrace}, or None:
             each send is an attempt; the one returned is still open.
+        @param entering: what L{fetch} was given (awaited with each fallback target's pool before it is
+            tried), or None.
         """
         targets = [(pool, call.model)] + [(route.provider, route.upstream_model) for route in call.fallbacks]
         attempts = 0
         for number, (pool, model) in enumerate(targets):
             more = number + 1 < len(targets)
-            body = call.body if number == 0 else call.rebody(model, pool)
-            tried = list(exclude) if number == 0 else []
+            if number == 0:
+                body = call.body
+                tried = list(exclude)
+            else:
+                if entering is not None:
+                    await entering(pool)
+                body = call.rebody(model, pool)
+                tried = []
             # a long answer is kept off clearly slower replicas (one replica: nothing to choose)
             size = partial(requested_tokens, body) if len(pool.replicas) > 1 else None
             if call.affinity is not None and call.pin is None:
