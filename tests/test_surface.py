@@ -208,3 +208,43 @@ async def test_responses_unknown_model_is_not_mistaken_for_a_missing_route(http,
     with pytest.raises(Exception):
         # No chat fallback happened for a real 404 from the upstream.
         [r for r in fake.requests if r.path == b"/v1/chat/completions"][0]
+
+
+def chat_chunk(delta, finish=None):
+    """One chat stream chunk's JSON text (for the fake's C{fake_sse})."""
+    return json.dumps({"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": UPSTREAM,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def stream_events(client, **kwargs):
+    """The event types of a Responses stream through the SDK, and what it raised (None if nothing)."""
+    kinds = []
+    try:
+        with client.responses.stream(model=MODEL, input="hi", **kwargs) as events:
+            kinds.extend(e.type for e in events)
+    except Exception as e:  # noqa: BLE001 - what the client saw is the point
+        return kinds, e
+    return kinds, None
+
+
+@pytest.mark.parametrize("finish", ["abort", "error"])
+@pytest_twisted.ensureDeferred
+async def test_a_translated_generation_the_upstream_aborted_is_an_error_never_a_completed_response(translating,
+                                                                                                   finish):
+    import openai
+
+    gw, fake = translating
+    client = openai_client(gw)
+    try:
+        sse = [chat_chunk({"role": "assistant", "content": ""}), chat_chunk({"content": "half"}, finish), "[DONE]"]
+        kinds, raised = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
+        assert isinstance(raised, openai.APIError) and finish in str(raised)
+        assert "response.completed" not in kinds
+        aborted = {"id": "c", "object": "chat.completion", "model": UPSTREAM, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "half"}, "finish_reason": finish}]}
+        with pytest.raises(openai.APIStatusError) as whole:
+            await in_thread(client.responses.create, model=MODEL, input="hi",
+                            extra_body={"fake_status": 200, "fake_body": json.dumps(aborted)})
+        assert whole.value.status_code == 502 and finish in whole.value.message
+    finally:
+        client.close()

@@ -7,7 +7,8 @@ against any upstream.
 
 from gomodel import jsonutil
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
-from gomodel.errors import InvalidRequest, NotFound
+from gomodel.anthropic.translate import ABORTED
+from gomodel.errors import BadUpstreamResponse, InvalidRequest, NotFound
 from gomodel.ids import new_id
 from gomodel.proxy.sse import SSEFramer, StreamIncomplete, event_data, require_end
 
@@ -186,10 +187,19 @@ def _status(finish_reason):
     return "incomplete" if finish_reason == "length" else "completed"
 
 
+def _aborted(finish_reason) -> str:
+    return f"upstream ended the generation with finish_reason '{finish_reason}': the answer is not whole"
+
+
 def chat_to_response(chat_body: bytes, request: dict, now: int) -> bytes:
-    """The Responses answer (JSON bytes) for a chat-completions answer, made at C{now} (Unix seconds)."""
+    """The Responses answer (JSON bytes) for a chat-completions answer, made at C{now} (Unix seconds).
+
+    @raise BadUpstreamResponse: the generation was aborted (L{ABORTED}): no status would say it is not whole.
+    """
     chat = jsonutil.loads(chat_body)
     choice = (chat.get("choices") or [{}])[0]
+    if choice.get("finish_reason") in ABORTED:
+        raise BadUpstreamResponse(f"The {_aborted(choice['finish_reason'])}.")
     message = choice.get("message") or {}
     output = []
     reasoning = message.get("reasoning") or message.get("reasoning_content")
@@ -312,8 +322,15 @@ class ChatToResponsesStream:
         return out
 
     def _complete(self) -> bytes:
+        """The events that end the response at C{[DONE]}.
+
+        @raise StreamIncomplete: the generation was aborted (L{ABORTED}): the client gets an error, never
+            C{response.completed}.
+        """
         if self.done:
             return b""
+        if self._finish in ABORTED:
+            raise StreamIncomplete(f"the {_aborted(self._finish)}")
         self.done = True
         out = []
         if not self._started:

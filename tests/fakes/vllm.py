@@ -17,6 +17,8 @@ gateway forwards untouched:
   - C{fake_hang}: never answer (the connection stays open)
   - C{fake_flood}: stream that many bytes of events as fast as the client allows
   - C{fake_status} / C{fake_body}: answer with that status and raw body
+  - C{fake_sse}: a chat stream of exactly these C{data:} payloads (strings, C{"[DONE]"} too
+    where wanted), then the body's end (or, with C{fake_die_after}, an abort after that many)
   - C{fake_headers}: C{{name: value}} headers a chat answer carries (an
     OpenAI-compatible provider's own C{x-ratelimit-*}, say)
 
@@ -509,6 +511,11 @@ class FakeVLLM(Resource):
             flood = _Flood(request, record, int(body["fake_flood"]), lambda: self._end_stream(request, body))
             request.registerProducer(flood, True)
             flood.resumeProducing()
+            return server.NOT_DONE_YET
+        if "fake_sse" in body:
+            payloads = [b"data: " + p.encode() + b"\n\n" for p in body["fake_sse"]]
+            ended = dict(body, fake_no_done=True, stream_options=None)  # the payloads are the whole stream
+            self._send_events(request, ended, payloads, 0, body.get("fake_die_after"), False, 0)
             return server.NOT_DONE_YET
         events = [_chunk({"role": "assistant", "content": ""})]
         n = int(body.get("fake_chunks", 3))
