@@ -248,3 +248,43 @@ async def test_a_translated_generation_the_upstream_aborted_is_an_error_never_a_
         assert whole.value.status_code == 502 and finish in whole.value.message
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whole_or_unreadable_chat_answer_to_a_translated_responses_request(translating, http):
+    import openai
+
+    gw, fake = translating
+    chat = {"id": "c", "object": "chat.completion", "model": UPSTREAM, "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "Checking.",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}
+    whole = {"fake_status": 200, "fake_body": json.dumps(chat)}  # an upstream that ignores "stream"
+    await post_json(http, gw.url + "/v1/responses", {"model": MODEL, "input": "hi"})  # (no /responses: learnt)
+    response, content = await post_json(http, gw.url + "/v1/responses",
+                                        {"model": MODEL, "input": "hi", "stream": True, **whole})
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/event-stream")
+    assert b"chat.completion" not in content
+    client = openai_client(gw)
+    try:
+        def stream():
+            with client.responses.stream(model=MODEL, input="hi", extra_body=whole) as events:
+                return [e.type for e in events], events.get_final_response()
+
+        kinds, final = await in_thread(stream)
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert final.output_text == "Checking." and final.output[1].call_id == "call_1"
+        assert (final.usage.input_tokens, final.usage.output_tokens) == (12, 7)
+        # What is no chat completion with a choice (a 200 with an error, HTML) is a 502, never a response.
+        for body in (json.dumps({"error": {"message": "overloaded"}}), "<html>oops</html>", ""):
+            for stream_it in (True, False):
+                response, content = await post_json(http, gw.url + "/v1/responses", {
+                    "model": MODEL, "input": "hi", "stream": stream_it, "fake_status": 200, "fake_body": body})
+                assert response.code == 502, (body, stream_it, content)
+                assert jsonutil.loads(content)["error"]["type"] == "provider_error"
+        kinds, raised = await in_thread(stream_events, client,
+                                        extra_body={"fake_status": 200, "fake_body": "<html>oops</html>"})
+        assert isinstance(raised, openai.APIStatusError) and raised.status_code == 502 and not kinds
+    finally:
+        client.close()

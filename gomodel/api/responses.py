@@ -31,6 +31,7 @@ NO_NATIVE_TTL = 600.0
 _UNFINISHED = ("queued", "in_progress")
 # An upstream's 404 body longer than this is no error envelope worth reading.
 NOT_FOUND_BODY_LIMIT = 64 * 1024
+_EVENT_STREAM = b"text/event-stream; charset=utf-8"
 
 
 class _NotKnownUpstream(Exception):
@@ -131,8 +132,12 @@ class ResponsesRoute:
         chat = jsonutil.dumps(request_to_chat(body))
         if stream:
             observer = ChatToResponsesStream(echo, self._clock)
+            # (an upstream that ignores "stream" answers whole: its answer becomes the stream's events)
             result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
-                "/chat/completions", chat, observer=observer, model=body["model"], prefer=prefer, affinity=affinity))
+                "/chat/completions", chat, observer=observer, transform=observer.whole, model=body["model"],
+                prefer=prefer, affinity=affinity))
+            if result is not None:
+                request.responseHeaders.setRawHeaders(b"content-type", [_EVENT_STREAM])
             turn.keep(observer.response)
             return result
         now = int(self._clock.seconds())

@@ -191,15 +191,29 @@ def _aborted(finish_reason) -> str:
     return f"upstream ended the generation with finish_reason '{finish_reason}': the answer is not whole"
 
 
-def chat_to_response(chat_body: bytes, request: dict, now: int) -> bytes:
-    """The Responses answer (JSON bytes) for a chat-completions answer, made at C{now} (Unix seconds).
+def _chat_choice(chat_body: bytes):
+    """C{(chat, choice)}: a whole chat-completions answer and its first choice.
 
+    @raise ValueError: C{chat_body} is no JSON (L{jsonutil.JSONError}), or no chat completion with a choice
+        (an error sent with a 200).
     @raise BadUpstreamResponse: the generation was aborted (L{ABORTED}): no status would say it is not whole.
     """
     chat = jsonutil.loads(chat_body)
-    choice = (chat.get("choices") or [{}])[0]
+    choices = chat.get("choices") if isinstance(chat, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ValueError("the chat completion has no choice")
+    choice = choices[0]
     if choice.get("finish_reason") in ABORTED:
         raise BadUpstreamResponse(f"The {_aborted(choice['finish_reason'])}.")
+    return chat, choice
+
+
+def chat_to_response(chat_body: bytes, request: dict, now: int) -> bytes:
+    """The Responses answer (JSON bytes) for a chat-completions answer, made at C{now} (Unix seconds).
+
+    @raise ValueError: see L{_chat_choice}; or L{BadUpstreamResponse}.
+    """
+    chat, choice = _chat_choice(chat_body)
     message = choice.get("message") or {}
     output = []
     reasoning = message.get("reasoning") or message.get("reasoning_content")
@@ -284,6 +298,20 @@ class ChatToResponsesStream:
                 if choice.get("finish_reason"):
                     self._finish = choice["finish_reason"]
         return b"".join(out)
+
+    def whole(self, chat_body: bytes) -> bytes:
+        """All the events of the stream, for a whole chat answer (an upstream that answered the stream whole).
+
+        @raise ValueError: see L{_chat_choice}; or L{BadUpstreamResponse}.
+        """
+        chat, choice = _chat_choice(chat_body)
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        calls = message.get("tool_calls") or []
+        delta = {"content": message.get("content"),
+                 "tool_calls": [dict(call, index=i) for i, call in enumerate(calls) if isinstance(call, dict)]}
+        chunk = {"model": chat.get("model"), "usage": chat.get("usage"),
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]}
+        return self.feed(b"data: " + jsonutil.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
 
     def _delta(self, delta):
         out = []
