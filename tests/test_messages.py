@@ -990,3 +990,27 @@ async def test_what_fails_before_a_models_handler_is_in_anthropics_shape_for_ant
         assert code == 401 and error["error"]["code"] == "invalid_api_key", target
     code, error = await answer(b"/v1/modelsx", key, version)  # not the model list's
     assert code == 404 and error["error"]["code"] == "not_found"
+
+
+def _chunk_text(delta, finish=None):
+    return json.dumps({"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": CHAT_MODEL,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_stream_with_an_event_that_is_no_chat_chunk_ends_in_an_error(reactor, openai_gw, fake):
+    whole = _chunk_text({"content": "B"})
+    client = sdk(openai_gw)
+    try:
+        for odd in (whole[:30], "[1, 2]", "not json"):  # cut short, no object, no JSON
+            fake.steer = {"fake_sse": [_chunk_text({"role": "assistant", "content": "A"}), odd,
+                                       _chunk_text({"content": "C"}, "stop"), "[DONE]"]}
+            with pytest.raises(anthropic.APIError) as raised:  # never a message that silently lacks "B"
+                await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=8, messages=HELLO))
+            assert "abnormally" in str(raised.value), odd
+            body = {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO, "stream": True}
+            raw = await connect(reactor, openai_gw.port, _raw(body))
+            await with_timeout(reactor, raw.lost, 5)
+            assert b"event: error" in raw.received and b"message_stop" not in raw.received
+    finally:
+        client.close()

@@ -288,3 +288,20 @@ async def test_a_whole_or_unreadable_chat_answer_to_a_translated_responses_reque
         assert isinstance(raised, openai.APIStatusError) and raised.status_code == 502 and not kinds
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_responses_stream_with_an_event_that_is_no_chat_chunk_ends_in_an_error(translating):
+    import openai
+
+    gw, fake = translating
+    client = openai_client(gw)
+    try:
+        for odd in (chat_chunk({"content": "B"})[:30], "[1, 2]", "not json"):  # cut short, no object, no JSON
+            sse = [chat_chunk({"role": "assistant", "content": "A"}), odd, chat_chunk({"content": "C"}, "stop"),
+                   "[DONE]"]
+            kinds, raised = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
+            assert isinstance(raised, openai.APIError) and "no JSON object" in str(raised), (odd, raised)
+            assert "response.completed" not in kinds  # never a response that silently lacks "B"
+    finally:
+        client.close()

@@ -23,7 +23,8 @@ from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.http.render import AnthropicDialect
 from gomodel.ids import new_id, random_hex
 from gomodel.interfaces import IStreamObserver
-from gomodel.proxy.sse import SSEFramer, event_data, event_object, mentions, require_end
+from gomodel.proxy.sse import (NO_OBJECT, SSEFramer, StreamIncomplete, event_data, event_object, mentions,
+                               require_end)
 
 # Claude Code's first system block carries a per-request hash; dropping it keeps
 # the prompt prefix stable for the upstream's prefix cache (vLLM does the same).
@@ -779,7 +780,8 @@ class ChatToMessagesStream:
     usage of the usage chunk that C{include_usage} brings before C{[DONE]})
     and C{message_stop}. A block ends when the kind of delta changes. An
     in-band C{{"error": ...}} chunk becomes an C{error} event and ends the
-    stream (no C{message_stop}).
+    stream (no C{message_stop}); a C{data:} that is no JSON object raises
+    L{StreamIncomplete} (the relay's error event then).
 
     The first tool call streams live: its block opens when its name comes
     and its argument fragments are relayed as they come (C{input_json_delta}).
@@ -836,9 +838,9 @@ class ChatToMessagesStream:
             try:
                 chunk = jsonutil.loads(payload)
             except jsonutil.JSONError:
-                continue
+                chunk = None
             if not isinstance(chunk, dict):
-                continue
+                raise StreamIncomplete(NO_OBJECT)
             if isinstance(chunk.get("error"), (dict, str)):
                 self._fail(chunk["error"], out)
                 continue

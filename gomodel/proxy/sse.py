@@ -80,6 +80,11 @@ class StreamIncomplete(Exception):
     """The upstream's stream ended without its proper end."""
 
 
+# What a translating observer raises (as L{StreamIncomplete}) for a C{data:} that is no JSON object (cut
+# short, say): what it held is lost, so the stream may not end as though it were whole.
+NO_OBJECT = "the upstream sent an event that is no JSON object"
+
+
 class SSEFramer:
     """Splits a byte stream into whole events (each with its terminator)."""
 

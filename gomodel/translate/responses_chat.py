@@ -10,7 +10,7 @@ from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.anthropic.translate import ABORTED
 from gomodel.errors import BadUpstreamResponse, InvalidRequest, NotFound
 from gomodel.ids import new_id
-from gomodel.proxy.sse import SSEFramer, StreamIncomplete, event_data, require_end
+from gomodel.proxy.sse import NO_OBJECT, SSEFramer, StreamIncomplete, event_data, require_end
 
 # Responses request fields with no chat-completions meaning; everything else
 # unknown to us is copied (vLLM extras like top_k survive the translation).
@@ -281,7 +281,9 @@ class ChatToResponsesStream:
             try:
                 chunk = jsonutil.loads(payload)
             except jsonutil.JSONError:
-                continue
+                chunk = None
+            if not isinstance(chunk, dict):
+                raise StreamIncomplete(NO_OBJECT)
             if isinstance(chunk.get("error"), (dict, str)):
                 raise StreamIncomplete(f"the upstream reported an error: {_message_of(chunk['error'])}")
             self._model = self._model or chunk.get("model")
