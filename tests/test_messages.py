@@ -1014,3 +1014,18 @@ async def test_a_translated_stream_with_an_event_that_is_no_chat_chunk_ends_in_a
             assert b"event: error" in raw.received and b"message_stop" not in raw.received
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_in_band_error_of_a_translated_stream_never_shows_the_upstreams_address(reactor, openai_gw, fake):
+    error = {"error": {"message": f"Engine at {fake.base_url}/chat/completions died.", "type": "InternalServerError"}}
+    fake.steer = {"fake_sse": [_chunk_text({"role": "assistant", "content": "A"}), json.dumps(error)]}
+    body = {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO, "stream": True}
+    raw = await connect(reactor, openai_gw.port, _raw(body))
+    await with_timeout(reactor, raw.wait_for(b"event: error\ndata: "), 5)
+    await with_timeout(reactor, raw.wait_for(b"}}\n\n"), 5)
+    raw.transport.loseConnection()
+    received = bytes(raw.received)
+    event = json.loads(received.split(b"event: error\ndata: ", 1)[1].split(b"\n", 1)[0])
+    assert fake.root_url.split("//")[1].encode() not in received  # (host and port)
+    assert event["error"]["message"] == "Engine at openai/chat/completions died."

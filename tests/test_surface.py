@@ -305,3 +305,20 @@ async def test_a_translated_responses_stream_with_an_event_that_is_no_chat_chunk
             assert "response.completed" not in kinds  # never a response that silently lacks "B"
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_in_band_error_of_a_translated_responses_stream_never_shows_the_upstreams_address(translating):
+    import openai
+
+    gw, fake = translating
+    error = {"error": {"message": f"Engine at {fake.base_url}/chat/completions died.", "type": "InternalServerError"}}
+    client = openai_client(gw)
+    try:
+        sse = [chat_chunk({"role": "assistant", "content": "A"}), json.dumps(error)]
+        kinds, raised = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
+    finally:
+        client.close()
+    assert isinstance(raised, openai.APIError) and "response.completed" not in kinds
+    assert "Engine at vllm/chat/completions died" in str(raised)
+    assert fake.root_url.split("//")[1] not in str(raised)  # (host and port)

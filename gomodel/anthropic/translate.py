@@ -801,13 +801,16 @@ class ChatToMessagesStream:
     @ivar events: upstream chunks with content (about one token each), for an estimate.
     """
 
-    def __init__(self, model, message_id: str | None = None):
+    def __init__(self, model, message_id: str | None = None, hide=None):
         """
         @param model: the model C{message_start} names: a string, or a function giving it when the stream
             starts (the target that answered, a fallback's maybe, is known only then).
+        @param hide: a function of an in-band error's message giving it as the client may see it (the
+            upstream's address hidden: L{gomodel.upstream.errors.without_address}), or None.
         """
         self._framer = SSEFramer()
         self._model = model
+        self._hide = hide
         self._id = message_id
         self._started = False
         self._next = 0  # index of the next block
@@ -991,6 +994,8 @@ class ChatToMessagesStream:
         message = error.get("message") if isinstance(error, dict) else error
         if not isinstance(message, str) or not message:
             message = "The upstream failed while streaming."
+        elif self._hide is not None:
+            message = self._hide(message)
         out.append(_event("error", {"error": {"type": "api_error", "message": message}}))
 
 

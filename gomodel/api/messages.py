@@ -47,7 +47,7 @@ from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
 from gomodel.routing.affinity import affinity_key
-from gomodel.upstream.errors import upstream_error
+from gomodel.upstream.errors import upstream_error, without_address
 
 MESSAGES = b"/v1/messages"
 COUNT_TOKENS = b"/v1/messages/count_tokens"
@@ -249,7 +249,8 @@ class MessagesRoutes:
         # a whole answer to a stream, events (not its chat chunks) from a stream nobody asked for.
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
         call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model,
-                            observer=ChatToMessagesStream(lambda: ctx.upstream_model),  # (the target that answers)
+                            observer=ChatToMessagesStream(lambda: ctx.upstream_model,  # (the target that answers)
+                                                          hide=lambda message: self._without_address(ctx, message)),
                             transform=lambda answer: whole(answer, ctx.upstream_model), affinity=affinity,
                             fallbacks=fallbacks,
                             rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None)
@@ -260,6 +261,10 @@ class MessagesRoutes:
         if stream and answer is not None:
             request.responseHeaders.setRawHeaders(b"content-type", [_EVENT_STREAM])
         return answer
+
+    def _without_address(self, ctx, message):
+        """C{message} without the address of the provider that answered C{ctx}."""
+        return without_address(message, self._registry.provider(ctx.provider))
 
     async def _tokenize(self, request, ctx, upstream, body, fallbacks):
         """Count with vLLM's C{/tokenize} (at its root), given the chat messages the request becomes."""

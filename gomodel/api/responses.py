@@ -24,7 +24,7 @@ from gomodel.responses_history import continued, conversation, normalise_input, 
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.upstream.client import discard
-from gomodel.upstream.errors import upstream_error
+from gomodel.upstream.errors import upstream_error, without_address
 
 # How long we remember that a provider has no /responses route before asking again.
 NO_NATIVE_TTL = 600.0
@@ -131,7 +131,7 @@ class ResponsesRoute:
             body = await self._with_history(body, previous)
         chat = jsonutil.dumps(request_to_chat(body))
         if stream:
-            observer = ChatToResponsesStream(echo, self._clock)
+            observer = ChatToResponsesStream(echo, self._clock, partial(without_address, upstream=provider))
             # (an upstream that ignores "stream" answers whole: its answer becomes the stream's events)
             result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
                 "/chat/completions", chat, observer=observer, transform=observer.whole, model=body["model"],

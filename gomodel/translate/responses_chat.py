@@ -245,8 +245,13 @@ class ChatToResponsesStream:
     upstream bytes and returns the events to send.
     """
 
-    def __init__(self, request: dict, clock):
+    def __init__(self, request: dict, clock, hide=None):
+        """
+        @param hide: a function of an in-band error's message giving it as the client may see it (the
+            upstream's address hidden: L{gomodel.upstream.errors.without_address}), or None.
+        """
         self._request = request
+        self._hide = hide
         self._framer = SSEFramer()
         self._sequence = 0
         self._id = new_id("resp")
@@ -285,7 +290,7 @@ class ChatToResponsesStream:
             if not isinstance(chunk, dict):
                 raise StreamIncomplete(NO_OBJECT)
             if isinstance(chunk.get("error"), (dict, str)):
-                raise StreamIncomplete(f"the upstream reported an error: {_message_of(chunk['error'])}")
+                raise StreamIncomplete(f"the upstream reported an error: {self._error_message(chunk['error'])}")
             self._model = self._model or chunk.get("model")
             if not self._started:
                 self._started = True
@@ -314,6 +319,10 @@ class ChatToResponsesStream:
         chunk = {"model": chat.get("model"), "usage": chat.get("usage"),
                  "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]}
         return self.feed(b"data: " + jsonutil.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+
+    def _error_message(self, error) -> str:
+        message = str(_message_of(error)).rstrip(".")  # (the exchange ends the sentence)
+        return message if self._hide is None else self._hide(message)
 
     def _delta(self, delta):
         out = []

@@ -58,6 +58,12 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
     return _wrapped(status, f"The upstream provider '{provider_name}' answered HTTP {status}.")
 
 
+def without_address(message: str, upstream) -> str:
+    """C{message} (the upstream's own, in a stream) with every address of C{upstream}, a provider's pool
+    (its C{hidden}), replaced by the provider's name."""
+    return _hidden(message, upstream.hidden, upstream.name)
+
+
 def _parse(body: bytes):
     try:
         return jsonutil.loads(body)
