@@ -322,3 +322,27 @@ async def test_an_in_band_error_of_a_translated_responses_stream_never_shows_the
     assert isinstance(raised, openai.APIError) and "response.completed" not in kinds
     assert "Engine at vllm/chat/completions died" in str(raised)
     assert fake.root_url.split("//")[1] not in str(raised)  # (host and port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_answer_the_upstream_filtered_is_incomplete_for_its_content(translating, http):
+    gw, fake = translating
+    await post_json(http, gw.url + "/v1/responses", {"model": MODEL, "input": "hi"})  # (no /responses: learnt)
+    client = openai_client(gw)
+    try:
+        filtered = {"id": "c", "object": "chat.completion", "model": UPSTREAM, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "I"}, "finish_reason": "content_filter"}]}
+        response = await in_thread(client.responses.create, model=MODEL, input="hi",
+                                   extra_body={"fake_status": 200, "fake_body": json.dumps(filtered)})
+        assert response.status == "incomplete" and response.incomplete_details.reason == "content_filter"
+
+        def stream():
+            sse = [chat_chunk({"role": "assistant", "content": "I"}), chat_chunk({}, "content_filter"), "[DONE]"]
+            with client.responses.stream(model=MODEL, input="hi", extra_body={"fake_sse": sse}) as events:
+                return [e.type for e in events], events.get_final_response()
+
+        kinds, final = await in_thread(stream)
+        assert kinds[-1] == "response.completed"  # (the event vLLM's own stream ends with, whatever the status)
+        assert final.status == "incomplete" and final.incomplete_details.reason == "content_filter"
+    finally:
+        client.close()

@@ -161,6 +161,10 @@ def _usage(usage):
             "output_tokens_details": {"reasoning_tokens": reasoning}}
 
 
+# A chat finish_reason of an answer cut short -> the Responses API's incomplete_details.reason.
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
 def response_object(request: dict, response_id, created_at, model, status, output, usage=None,
                     finish_reason=None) -> dict:
     """A Responses API response object, echoing the request's settings as OpenAI does.
@@ -168,7 +172,7 @@ def response_object(request: dict, response_id, created_at, model, status, outpu
     C{request["store"]} says whether the gateway keeps it, and
     C{request["previous_response_id"]} which response it follows.
     """
-    incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
+    incomplete = {"reason": _INCOMPLETE[finish_reason]} if finish_reason in _INCOMPLETE else None
     text = request.get("text") if isinstance(request.get("text"), dict) else {"format": {"type": "text"}}
     return {
         "id": response_id, "object": "response", "created_at": created_at, "status": status,
@@ -184,7 +188,7 @@ def response_object(request: dict, response_id, created_at, model, status, outpu
 
 
 def _status(finish_reason):
-    return "incomplete" if finish_reason == "length" else "completed"
+    return "incomplete" if finish_reason in _INCOMPLETE else "completed"
 
 
 def _aborted(finish_reason) -> str:
@@ -389,7 +393,7 @@ class ChatToResponsesStream:
                                        output_index=index, arguments=item["arguments"], name=item["name"]))
             out.append(self._event("response.output_item.done", output_index=index, item=item))
         # Always response.completed (with status "incomplete" where it stopped
-        # at max tokens), as vLLM's own stream does: the openai SDK's stream
+        # at max tokens or was filtered), as vLLM's own stream does: the openai SDK's stream
         # helper needs it to hand out the final response.
         self.response = self._snapshot(_status(self._finish), self.usage)
         out.append(self._event("response.completed", response=self.response))
