@@ -157,3 +157,46 @@ async def test_forced_usage_chunk_reaches_only_clients_that_asked(http, gateway,
     response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(refused).encode())
     assert not any(b'"usage"' in e for e in events_of(await treq.content(response)))
     assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+
+
+async def test_a_stream_an_upstream_answered_whole_reaches_the_client_as_events(gateway, fake):
+    """An OpenAI-compatible upstream that ignores "stream" answers whole: the client still gets the stream's
+    events (before: the JSON as it came, which the SDK read as an empty stream); what is no completion is a 502."""
+    import openai
+
+    from tests.support import in_thread, openai_client
+
+    chat = {"id": "chatcmpl-w", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": {
+            "role": "assistant", "content": "Checking.",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}
+    text = {"id": "cmpl-w", "object": "text_completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "text": "Once upon", "finish_reason": "length", "logprobs": None}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    client = openai_client(gateway)
+    try:
+        def chat_stream(body, **kwargs):
+            chunks = list(client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
+                extra_body={"fake_status": 200, "fake_body": body}, **kwargs))
+            return chunks
+
+        chunks = await in_thread(chat_stream, json.dumps(chat))
+        [chunk] = chunks  # (no usage chunk: the client did not ask for it)
+        assert chunk.object == "chat.completion.chunk" and chunk.choices[0].delta.content == "Checking."
+        assert chunk.choices[0].delta.tool_calls[0].index == 0 and chunk.choices[0].finish_reason == "tool_calls"
+        chunks = await in_thread(chat_stream, json.dumps(chat), stream_options={"include_usage": True})
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+        completions = await in_thread(lambda: list(client.completions.create(
+            model=MODEL, prompt="Tell me", stream=True, extra_body={"fake_status": 200, "fake_body": json.dumps(text)})))
+        assert [(c.choices[0].text, c.choices[0].finish_reason) for c in completions] == [("Once upon", "length")]
+        for garbled in ("<html>oops</html>", json.dumps({"error": {"message": "busy"}})):
+            try:
+                await in_thread(chat_stream, garbled)
+            except openai.APIStatusError as e:
+                assert e.status_code == 502
+            else:
+                raise AssertionError(f"{garbled!r} was a stream")
+    finally:
+        client.close()

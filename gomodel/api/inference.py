@@ -12,7 +12,7 @@ from functools import partial
 from gomodel import jsonutil
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound
 from gomodel.http.bodies import json_body, streams, whole_number
-from gomodel.http.headers import X_REQUEST_PRIORITY, request_header
+from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
@@ -75,9 +75,17 @@ class InferenceRoutes:
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
         if self._salts is not None:
             self._salts.apply(ctx.principal, upstream, body)
-        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, model=ctx.upstream_model,
-                            affinity=affinity, fallbacks=fallbacks, rebody=again)
-        return await self._exchange.relay(request, ctx, upstream, call)
+        if observer is None:
+            call = UpstreamCall(path, jsonutil.dumps(body), model=ctx.upstream_model, affinity=affinity,
+                                fallbacks=fallbacks, rebody=again)
+            return await self._exchange.relay(request, ctx, upstream, call)
+        # (an upstream that ignores "stream" answers whole: the client still gets the stream's events)
+        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=observer.whole,
+                            model=ctx.upstream_model, affinity=affinity, fallbacks=fallbacks, rebody=again)
+        answer = await self._exchange.relay(request, ctx, upstream, call)
+        if answer is not None:
+            request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
+        return answer
 
     async def embeddings(self, request, ctx):
         return await self._model_routed(request, ctx, "/embeddings")

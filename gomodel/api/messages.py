@@ -45,6 +45,7 @@ from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObs
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
+from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
 from gomodel.routing.affinity import affinity_key
 from gomodel.upstream.errors import upstream_error, without_address
@@ -65,7 +66,6 @@ FORWARDED_HEADERS = (b"anthropic-version", b"anthropic-beta")
 # What a server without the Messages API answers: no such route, or vLLM's "does not support".
 _NO_ROUTE_STATUSES = (404, 405, 501)
 _MAYBE_UNSUPPORTED = (400, 404, 405, 501)
-_EVENT_STREAM = b"text/event-stream; charset=utf-8"
 
 
 class _NoNative(Exception):
@@ -259,7 +259,7 @@ class MessagesRoutes:
         except errors.UpstreamError as e:
             raise anthropic_error(e) from None
         if stream and answer is not None:
-            request.responseHeaders.setRawHeaders(b"content-type", [_EVENT_STREAM])
+            request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
         return answer
 
     def _without_address(self, ctx, message):

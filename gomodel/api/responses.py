@@ -18,6 +18,7 @@ from gomodel import errors, jsonutil
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
+from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver
 from gomodel.responses_history import continued, conversation, normalise_input, unknown_response
@@ -31,7 +32,6 @@ NO_NATIVE_TTL = 600.0
 _UNFINISHED = ("queued", "in_progress")
 # An upstream's 404 body longer than this is no error envelope worth reading.
 NOT_FOUND_BODY_LIMIT = 64 * 1024
-_EVENT_STREAM = b"text/event-stream; charset=utf-8"
 
 
 class _NotKnownUpstream(Exception):
@@ -137,7 +137,7 @@ class ResponsesRoute:
                 "/chat/completions", chat, observer=observer, transform=observer.whole, model=body["model"],
                 prefer=prefer, affinity=affinity))
             if result is not None:
-                request.responseHeaders.setRawHeaders(b"content-type", [_EVENT_STREAM])
+                request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
             turn.keep(observer.response)
             return result
         now = int(self._clock.seconds())

@@ -63,6 +63,8 @@ X_REQUEST_ID = header_name("x-request-id")
 X_GOMODEL_REPLICA = header_name("x-gomodel-replica")
 X_REQUEST_PRIORITY = header_name("x-request-priority")
 CONTENT_TYPE = header_name("content-type")
+# The content type of an event stream the gateway makes itself (a whole answer to a stream request, made events).
+EVENT_STREAM = b"text/event-stream; charset=utf-8"
 CONTENT_LENGTH = header_name("content-length")
 
 

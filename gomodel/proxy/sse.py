@@ -282,6 +282,44 @@ class ChatStreamObserver:
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
         require_end(self._framer, self.done, "without [DONE]")
 
+    def whole(self, answer: bytes) -> bytes:
+        """The stream's events for a whole chat or text completion (an upstream that ignored C{stream}):
+        one chunk holding each choice whole, the usage chunk where the client asked for it, C{[DONE]}; for
+        an exchange's C{transform}, which only a whole answer meets.
+
+        @raise ValueError: C{answer} is no JSON (L{jsonutil.JSONError}), or no completion with choices.
+        """
+        completion = jsonutil.loads(answer)
+        choices = completion.get("choices") if isinstance(completion, dict) else None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+            raise ValueError("the answer is no completion with choices")
+        chunk = dict(completion, choices=[_streamed_choice(choice) for choice in choices])
+        if chunk.get("object") == "chat.completion":
+            chunk["object"] = "chat.completion.chunk"
+        usage = chunk.pop("usage", None)
+        events = [chunk]
+        if isinstance(usage, dict):
+            self.usage = usage
+            if not self._strip_usage:
+                events.append(dict(chunk, choices=[], usage=usage))
+        self.done = True
+        return b"".join(b"data: " + jsonutil.dumps(event) + b"\n\n" for event in events) + b"data: [DONE]\n\n"
+
+
+def _streamed_choice(choice: dict) -> dict:
+    """A whole completion's choice as one stream chunk's: a chat message as its delta (each tool call
+    with its index), a text completion's as it is."""
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return choice
+    delta = dict(message)
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        delta["tool_calls"] = [dict(call, index=i) if isinstance(call, dict) else call for i, call in enumerate(calls)]
+    streamed = {key: value for key, value in choice.items() if key != "message"}
+    streamed["delta"] = delta
+    return streamed
+
 
 _RESPONSE_END_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
 _ERROR_WORD = (b'"error"',)
