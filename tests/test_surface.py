@@ -186,6 +186,23 @@ async def test_responses_translated_to_chat_when_the_provider_has_none(translati
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_translated_responses_request_an_upstream_streamed_anyway_gets_responses_events(translating, http):
+    """Not asked to stream, the upstream streams: the client gets the Responses API's events (as Messages'
+    clients get Anthropic's), never chat chunks, and the response is kept (before: the chat chunks went as
+    they came)."""
+    gw, fake = translating
+    await post_json(http, gw.url + "/v1/responses", {"model": MODEL, "input": "hi"})  # (no /responses: learnt)
+    response, content = await post_json(http, gw.url + "/v1/responses",
+                                        {"model": MODEL, "input": "hi", "fake_stream_anyway": True})
+    assert response.code == 200 and b"chat.completion.chunk" not in content
+    kinds = [json.loads(line[6:])["type"] for line in content.split(b"\n") if line.startswith(b"data: ")]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    final = json.loads([line for line in content.split(b"\n") if line.startswith(b"data: ")][-1][6:])["response"]
+    kept = await http.get(gw.url + f"/v1/responses/{final['id']}")
+    assert kept.code == 200 and (await kept.json())["output"] == final["output"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_translated_stream_completes_with_usage(translating, http):
     gw, fake = translating
     response, content = await post_json(http, gw.url + "/v1/responses",

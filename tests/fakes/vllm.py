@@ -19,6 +19,7 @@ gateway forwards untouched:
   - C{fake_status} / C{fake_body}: answer with that status and raw body
   - C{fake_sse}: a chat stream of exactly these C{data:} payloads (strings, C{"[DONE]"} too
     where wanted), then the body's end (or, with C{fake_die_after}, an abort after that many)
+  - C{fake_stream_anyway}: stream a chat answer though the request did not ask for it
   - C{fake_headers}: C{{name: value}} headers a chat answer carries (an
     OpenAI-compatible provider's own C{x-ratelimit-*}, say)
 
@@ -485,7 +486,7 @@ class FakeVLLM(Resource):
                 "type": "BadRequestError", "param": None, "code": 400}})
         if body.get("fake_hang"):
             return server.NOT_DONE_YET
-        if body.get("stream"):
+        if body.get("stream") or body.get("fake_stream_anyway"):
             return self._stream(request, record, body)
         text = "".join(body.get("fake_text", "hé") for _ in range(body.get("fake_chunks", 3)))
         tool = body.get("fake_tool")
