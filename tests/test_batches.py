@@ -264,6 +264,17 @@ def _line_to(provider, custom_id):
                      "max_tokens": 5}}
 
 
+async def _waiting_at_b(reactor, gw, sdk, peak, count):
+    """A batch of two lines for vllm-b and C{count} for vllm-a, started; once b0 and b1 are held at vllm-b and
+    each a-line, refused by vllm-a, waits for room at vllm-b: the batch and the two providers' slots."""
+    lines = [_line_to("vllm-b", f"b{i}") for i in range(2)] + [_line_to("vllm-a", f"a{i}") for i in range(count)]
+    created = await start_batch(sdk, lines)
+    slots_a, slots_b = gw.service.batch_runner.semaphore("vllm-a"), gw.service.batch_runner.semaphore("vllm-b")
+    await until(reactor, lambda: len(slots_b.waiting) == count or peak[0] > 2, what="the a-lines waiting at vllm-b")
+    assert peak[0] == 2
+    return created, slots_a, slots_b
+
+
 @pytest_twisted.ensureDeferred
 async def test_lines_falling_back_hold_the_slots_of_the_provider_they_reach(reactor, tmp_path):
     """A line that falls back to another provider holds a slot of that provider there, no longer its first
@@ -274,12 +285,7 @@ async def test_lines_falling_back_hold_the_slots_of_the_provider_they_reach(reac
     sdk = openai_client(gw, KEY)
     runner = gw.service.batch_runner
     try:
-        lines = [_line_to("vllm-b", f"b{i}") for i in range(2)] + [_line_to("vllm-a", f"a{i}") for i in range(4)]
-        created = await start_batch(sdk, lines)
-        slots_a, slots_b = runner.semaphore("vllm-a"), runner.semaphore("vllm-b")
-        # b0 and b1 are held at vllm-b; each a-line is refused by vllm-a, then waits for room at vllm-b
-        await until(reactor, lambda: len(slots_b.waiting) == 4 or peak[0] > 2, what="the a-lines waiting at vllm-b")
-        assert peak[0] == 2
+        created, slots_a, slots_b = await _waiting_at_b(reactor, gw, sdk, peak, 4)
         assert sorted(r.body["messages"][0]["content"] for r in b.inference_requests) == ["b0", "b1"]
         assert sorted(r.body["messages"][0]["content"] for r in a.inference_requests) == ["a0", "a1", "a2", "a3"]
         assert (slots_a.tokens, slots_a.waiting) == (2, [])
@@ -308,11 +314,7 @@ async def test_a_batch_cancelled_while_lines_wait_for_a_fallbacks_slot_ends_clea
     sdk = openai_client(gw, KEY)
     runner = gw.service.batch_runner
     try:
-        lines = [_line_to("vllm-b", f"b{i}") for i in range(2)] + [_line_to("vllm-a", f"a{i}") for i in range(3)]
-        created = await start_batch(sdk, lines)
-        slots_a, slots_b = runner.semaphore("vllm-a"), runner.semaphore("vllm-b")
-        await until(reactor, lambda: len(slots_b.waiting) == 3 or peak[0] > 2, what="the a-lines waiting at vllm-b")
-        assert peak[0] == 2
+        created, slots_a, slots_b = await _waiting_at_b(reactor, gw, sdk, peak, 3)
         await in_thread(sdk.batches.cancel, created.id)
         await with_timeout(reactor, Deferred.fromCoroutine(runner.settled(created.id)), 10)
         batch = await in_thread(sdk.batches.retrieve, created.id)
