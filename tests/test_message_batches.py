@@ -215,6 +215,31 @@ async def test_another_tenants_key_sees_none_of_a_teams_message_batches(setup):
         team_b.close()
 
 
+@pytest_twisted.async_yield_fixture()
+async def queued(reactor, tmp_path):
+    """A gateway that runs one batch at a time, running one whose request the fake vLLM holds: the next waits,
+    C{validating}."""
+    vllm = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_MAX_CLAIMED": "1"})
+    client = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=10)
+    await in_thread(client.messages.batches.create, requests=[request("held", fake_hold=True)])
+    await until(reactor, lambda: sum(vllm.marker_counts.values()) == 1, what="the first batch's request held")
+    yield gw, client, vllm
+    vllm.release_holds()
+    await stop_all(gw, vllm, clients=(client,))
+
+
+async def test_a_batch_waiting_for_its_turn_counts_its_requests_processing(queued):
+    gw, client, _ = queued
+    made = await in_thread(client.messages.batches.create, requests=[request(f"q{i}") for i in range(3)])
+    assert (await gw.service.store.batches.get(made.id))["status"] == "validating"
+    assert made.request_counts.processing == 3
+    assert (await in_thread(client.messages.batches.retrieve, made.id)).request_counts.processing == 3
+    [listed] = [b for b in (await in_thread(client.messages.batches.list)).data if b.id == made.id]
+    assert listed.request_counts.processing == 3
+
+
 def test_each_way_a_request_ends_is_one_result_line():
     def line(data):
         return json.loads(result_line((1, "c", False, json.dumps(data).encode())))

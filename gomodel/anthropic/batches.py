@@ -201,13 +201,12 @@ class MessageBatchesAPI:
         try:
             record = await self._runner.create(ENDPOINT, file_id, WINDOW, WINDOW_SECONDS, None, tenant=tenant,
                                                auth_key_id=None if principal is None or principal.master
-                                               else principal.id)
+                                               else principal.id, total=contents.count(b"\n"))
         except BaseException:
             await self._files.delete(file_id)
             await self._blobs.delete(file_id)
             raise
-        counts = {"processing": contents.count(b"\n"), "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-        return json_answer(request, message_batch(record, counts))
+        return json_answer(request, message_batch(record, await self._counts(record)))
 
     @app.route("/", methods=["GET"])
     async def list_batches(self, request):

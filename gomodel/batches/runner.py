@@ -253,7 +253,7 @@ class BatchRunner(Service):
         return sem
 
     async def create(self, endpoint, input_file_id, window_text, window_seconds, metadata, *, output_expiry=None,
-                     tenant=None, auth_key_id=None):
+                     tenant=None, auth_key_id=None, total=None):
         """Store a new batch (C{validating}); returns its record.
 
         It starts here at once when this runner holds no batch; otherwise it
@@ -263,14 +263,18 @@ class BatchRunner(Service):
             (C{output_expires_after}), or None: they are kept.
         @param tenant: who owns it and its output (see L{gomodel.auth.tenancy}).
         @param auth_key_id: the managed key that made it (its lines are that key's usage).
+        @param total: how many requests it has, when that is known before its validation (a message batch's).
         """
         now = int(self._clock.seconds())
-        record = await self._batches.add({
+        record = {
             "id": "batch_" + uuid.uuid4().hex, "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window_text, "status": "validating", "created_at": now,
             "expires_at": now + max(1, round(window_seconds)), "metadata": metadata, "tenant": tenant,
             "auth_key_id": auth_key_id, "output_expires_after": output_expiry,
-        })
+        }
+        if total is not None:
+            record["total"] = total
+        record = await self._batches.add(record)
         await self._claims.claim_new(record["id"])
         return record
 
