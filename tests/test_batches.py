@@ -940,6 +940,27 @@ async def test_a_batch_past_its_window_at_start_expires_without_sending(bench, r
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_message_batch_past_its_window_before_it_started_ends_with_each_request_expired(bench):
+    """A message batch (Anthropic's results name every request) that no runner took before its window ended:
+    each request is recorded expired, none is sent."""
+    content = jsonl({"custom_id": f"r{i}", "method": "POST", "url": "/v1/messages",
+                     "body": {"model": "stub/m", "max_tokens": 1, "messages": [], "i": i}} for i in range(3))
+    file_id = new_file_id()
+    await bench.store.files.add(file_id, await put_blob(bench.store.blobs, file_id, content), "in.jsonl", "batch")
+    idle = BatchRunner(bench.store.batches, bench.store.blobs, None, bench.clock, None)  # (not started: it claims none)
+    created = await idle.create("/v1/messages", file_id, "24h", 600, None, total=3)
+    bench.clock.advance(3600)
+    runner = bench.runner()
+    await runner.settled(created["id"])
+    batch = await bench.store.batches.get(created["id"])
+    assert (batch["status"], batch["total"], batch["completed"], batch["failed"]) == ("expired", 3, 0, 3)
+    expired = await lines_of(bench.store, batch["error_file_id"])
+    assert [line["custom_id"] for line in expired] == ["r0", "r1", "r2"]
+    assert {line["error"]["code"] for line in expired} == {"batch_expired"}
+    assert bench.provider.sent == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_cancellation_stored_by_another_process_reaches_the_one_running_the_batch(bench):
     """--workers: any process may store a cancellation; the claim holder sees it at its next poll."""
     owner = bench.runner()

@@ -240,6 +240,19 @@ async def test_a_batch_waiting_for_its_turn_counts_its_requests_processing(queue
     assert listed.request_counts.processing == 3
 
 
+async def test_a_batch_cancelled_before_it_started_ends_with_each_request_canceled(queued):
+    gw, client, vllm = queued
+    made = await in_thread(client.messages.batches.create, requests=[request(f"q{i}") for i in range(3)])
+    cancelling = await in_thread(client.messages.batches.cancel, made.id)
+    assert cancelling.processing_status == "canceling"
+    batch = await ended(gw, client, made.id)
+    assert batch.request_counts.model_dump() == {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 3,
+                                                 "expired": 0}
+    got = await results(client, made.id)
+    assert {custom_id: r.type for custom_id, r in got.items()} == {f"q{i}": "canceled" for i in range(3)}
+    assert [r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"] == ["held"]
+
+
 def test_each_way_a_request_ends_is_one_result_line():
     def line(data):
         return json.loads(result_line((1, "c", False, json.dumps(data).encode())))

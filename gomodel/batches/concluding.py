@@ -3,12 +3,14 @@
 from twisted.logger import Logger
 
 from gomodel.batches.lines import error_line
+from gomodel.batches.validating import store_as_given
 from gomodel.store.records import new_file_id
 
 log = Logger(namespace="gomodel.batches")
 PAGE = 256  # pending requests read at a time
 RESULTS_PAGE = 500  # results written to a file at a time
 EXPIRED_CODE = "batch_expired"  # the error of a line not run before its batch expired
+EXPIRED_MESSAGE = "This request could not be executed before the batch's completion window expired."
 CANCELLED_CODE = "batch_cancelled"  # of a message batch's line not run before it was cancelled
 # Batches whose lines not run when they are cancelled are recorded so (Anthropic's results name each
 # request, canceled ones too; OpenAI's leave them out).
@@ -30,7 +32,10 @@ async def conclude(batches, blobs, job, now):
         await _cancel(batches, blobs, job, batch, now)
         return
     if status == "validating":
-        if job.stop == "expire":
+        if job.stop == "expire" and batch["endpoint"] in EVERY_LINE_ENDPOINTS:  # each request expired
+            await store_as_given(batches, blobs, job, batch)
+            await _expire(batches, blobs, job, now, "validating")
+        elif job.stop == "expire":
             await batches.clear_requests(batch_id, job.token)
             await batches.update(batch_id, {"status": "expired", "expired_at": now()},
                                        only_if_status=("validating",), token=job.token)
@@ -38,12 +43,7 @@ async def conclude(batches, blobs, job, now):
     if status == "in_progress":
         if await batches.pending(batch_id, 0, 1):
             if job.stop == "expire":
-                await _end_rest(batches, job, EXPIRED_CODE, "This request could not be executed before the "
-                                "batch's completion window expired.")
-                done = await _finalize(batches, blobs, job, {"status": "expired", "expired_at": now()},
-                                            ("in_progress",))
-                if done is None:  # cancelled meanwhile
-                    await conclude(batches, blobs, job, now)
+                await _expire(batches, blobs, job, now, "in_progress")
             elif job.stop is None:
                 job.halt("park")  # lines left unanswered: released with a backoff, never re-driven at once
             return
@@ -55,6 +55,14 @@ async def conclude(batches, blobs, job, now):
         status = "finalizing"
     if status == "finalizing":
         await _finalize(batches, blobs, job, {"status": "completed", "completed_at": now()}, ("finalizing",))
+
+async def _expire(batches, blobs, job, now, status):
+    """End the batch C{expired} from C{status}, each line with no result recorded as expired."""
+    await _end_rest(batches, job, EXPIRED_CODE, EXPIRED_MESSAGE)
+    done = await _finalize(batches, blobs, job, {"status": "expired", "expired_at": now()}, (status,))
+    if done is None:  # cancelled meanwhile
+        await conclude(batches, blobs, job, now)
+
 
 async def _finalize(batches, blobs, job, changes, only_if_status):
     """Write the output and error files from the results, then apply C{changes}; the record, or None."""
@@ -76,6 +84,8 @@ async def _cancel(batches, blobs, job, batch, now):
     """End a C{cancelling} C{batch} C{cancelled}, with what was answered (and, for L{EVERY_LINE_ENDPOINTS},
     each line not run recorded as cancelled)."""
     if batch["endpoint"] in EVERY_LINE_ENDPOINTS:
+        if batch["in_progress_at"] is None:  # cancelled before its requests were all stored
+            await store_as_given(batches, blobs, job, batch)
         await _end_rest(batches, job, CANCELLED_CODE, "The batch was cancelled before this request was executed.")
     await _finalize(batches, blobs, job, {"status": "cancelled", "cancelled_at": now()}, ("cancelling",))
 

@@ -82,3 +82,27 @@ def _model_problem(registry, model, resolved, principal):
         except GatewayError as e:
             resolved[model] = e
     return resolved[model]
+
+
+async def store_as_given(batches, blobs, job, batch):
+    """Store every request of C{batch}'s input file as it is, unchecked (it is never sent), fenced by
+    C{job.token}: for a batch that ends before its validation did and records each request
+    (L{gomodel.batches.concluding.EVERY_LINE_ENDPOINTS}, whose requests were checked when it was made).
+
+    @return: None; store failures propagate.
+    """
+    await batches.clear_requests(job.batch_id, job.token)
+    number = offset = 0
+    while offset is not None:
+        got = await blobs.read_lines(batch["input_file_id"], offset, LINES_PER_READ, MAX_LINE_BYTES)
+        if got is None:
+            return
+        lines, offset = got
+        rows = []
+        for raw in lines:
+            number += 1
+            checked = check_line(raw, number, batch["endpoint"])
+            if isinstance(checked, Request):
+                rows.append((number, checked.custom_id, checked.body))
+        if rows:
+            await batches.add_requests(job.batch_id, rows, job.token)
