@@ -2,11 +2,13 @@
 front of a fake vLLM (its own Messages API) and an OpenAI-compatible fake (translated to chat)."""
 
 import json
+import time
 
 import anthropic
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet.task import deferLater
 
 from gomodel.anthropic.batches import result_line
 from tests.fakes.vllm import CHAT_MODEL
@@ -230,6 +232,17 @@ async def queued(reactor, tmp_path):
     await stop_all(gw, vllm, clients=(client,))
 
 
+async def ended_in_turn(reactor, client, batch_id, limit=10.0):
+    """A batch that waited for its turn (L{queued}) once it ended: the runner starts it when it has room."""
+    deadline = time.monotonic() + limit
+    while True:
+        batch = await in_thread(client.messages.batches.retrieve, batch_id)
+        if batch.processing_status == "ended":
+            return batch
+        assert time.monotonic() < deadline, f"{batch_id} never ended"
+        await deferLater(reactor, 0.01, lambda: None)
+
+
 async def test_a_batch_waiting_for_its_turn_counts_its_requests_processing(queued):
     gw, client, _ = queued
     made = await in_thread(client.messages.batches.create, requests=[request(f"q{i}") for i in range(3)])
@@ -251,6 +264,30 @@ async def test_a_batch_cancelled_before_it_started_ends_with_each_request_cancel
     got = await results(client, made.id)
     assert {custom_id: r.type for custom_id, r in got.items()} == {f"q{i}": "canceled" for i in range(3)}
     assert [r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"] == ["held"]
+
+
+async def test_a_model_the_key_may_no_longer_use_when_the_batch_starts_is_an_errored_result(reactor, queued):
+    """As Anthropic's, a request that cannot run is an errored result: the batch runs the others."""
+    gw, client, vllm = queued
+    admin = {"authorization": f"Bearer {KEY}"}
+    made = await treq.post(gw.url + "/admin/api/v1/auth-keys", headers=admin,
+                           json={"name": "team", "models": [NATIVE]})
+    key = await made.json()
+    team = anthropic.Anthropic(base_url=gw.url, api_key=key["value"], max_retries=0, timeout=10)
+    try:
+        batch = await in_thread(team.messages.batches.create, requests=[request("q0"), request("q1"), request("q2")])
+        changed = await treq.patch(gw.url + f"/admin/api/v1/auth-keys/{key['id']}", headers=admin,
+                                   json={"models": ["vllm/another-model"]})
+        assert changed.code == 200
+        vllm.release_holds()
+        ended_batch = await ended_in_turn(reactor, team, batch.id)
+        assert ended_batch.request_counts.model_dump() == {"processing": 0, "succeeded": 0, "errored": 3,
+                                                           "canceled": 0, "expired": 0}
+        got = await results(team, batch.id)
+        assert {custom_id: (r.type, r.error.error.type) for custom_id, r in got.items()} == {
+            f"q{i}": ("errored", "permission_error") for i in range(3)}
+    finally:
+        team.close()
 
 
 def test_each_way_a_request_ends_is_one_result_line():

@@ -4,6 +4,7 @@ from twisted.logger import Logger
 
 from gomodel.batches.lines import error_line
 from gomodel.batches.validating import store_as_given
+from gomodel.batches.validation import EVERY_LINE_ENDPOINTS
 from gomodel.store.records import new_file_id
 
 log = Logger(namespace="gomodel.batches")
@@ -12,9 +13,6 @@ RESULTS_PAGE = 500  # results written to a file at a time
 EXPIRED_CODE = "batch_expired"  # the error of a line not run before its batch expired
 EXPIRED_MESSAGE = "This request could not be executed before the batch's completion window expired."
 CANCELLED_CODE = "batch_cancelled"  # of a message batch's line not run before it was cancelled
-# Batches whose lines not run when they are cancelled are recorded so (Anthropic's results name each
-# request, canceled ones too; OpenAI's leave them out).
-EVERY_LINE_ENDPOINTS = ("/v1/messages",)
 
 
 async def conclude(batches, blobs, job, now):

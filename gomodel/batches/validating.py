@@ -1,7 +1,7 @@
 """The C{validating} step of a batch: read the input file in slices, check each line, store the requests."""
 
 from gomodel.api.inference import resolve_model
-from gomodel.batches.validation import LineError, Request, check_line
+from gomodel.batches.validation import EVERY_LINE_ENDPOINTS, LineError, Request, check_line
 from gomodel.errors import GatewayError
 
 LINES_PER_READ = 1000  # input lines validated at a time
@@ -11,8 +11,8 @@ BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 
 async def validate(batches, blobs, registry, job, batch, now):
-    """Check every input line of C{batch} (its models resolved for C{job.principal}, the key that made it)
-    and store its requests (fenced by C{job.token}).
+    """Check every input line of C{batch} (its models resolved for C{job.principal}, the key that made it,
+    except for L{EVERY_LINE_ENDPOINTS}) and store its requests (fenced by C{job.token}).
 
     @param now: a function returning the current time in seconds.
     @return: False when the batch failed (or moved on), else True; store
@@ -46,7 +46,9 @@ async def validate(batches, blobs, registry, job, batch, now):
                                         "custom_id", number)
                 else:
                     seen.add(checked.custom_id)
-                    problem = _model_problem(registry, checked.model, resolved, job.principal)
+                    # (a message batch's request whose model cannot be used is its errored result: see the runner)
+                    problem = None if endpoint in EVERY_LINE_ENDPOINTS else _model_problem(
+                        registry, checked.model, resolved, job.principal)
                     if problem is not None:
                         checked = LineError(problem.code or "invalid_model", problem.message, "body.model", number)
             if isinstance(checked, LineError):
@@ -87,7 +89,7 @@ def _model_problem(registry, model, resolved, principal):
 async def store_as_given(batches, blobs, job, batch):
     """Store every request of C{batch}'s input file as it is, unchecked (it is never sent), fenced by
     C{job.token}: for a batch that ends before its validation did and records each request
-    (L{gomodel.batches.concluding.EVERY_LINE_ENDPOINTS}, whose requests were checked when it was made).
+    (L{EVERY_LINE_ENDPOINTS}, whose requests were checked when it was made).
 
     @return: None; store failures propagate.
     """

@@ -10,6 +10,10 @@ from gomodel.config.parsers import positive_duration
 # the Message Batches API's batches, gomodel.anthropic.batches).
 ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses", "/v1/rerank",
              "/v1/score", "/v1/messages")
+# Batches each of whose requests ends with a result, those cancelled, expired or whose model the key may no
+# longer use too (Anthropic's results name each request; OpenAI's leave the lines not run out, and a line's
+# model is checked before the batch runs: one it may not use fails the batch).
+EVERY_LINE_ENDPOINTS = ("/v1/messages",)
 MAX_WINDOW = 30 * 24 * 3600.0
 MAX_METADATA = 16
 
