@@ -290,6 +290,28 @@ async def test_a_model_the_key_may_no_longer_use_when_the_batch_starts_is_an_err
         team.close()
 
 
+async def test_a_vllm_without_the_messages_api_answers_the_lines_translated_as_online(reactor, tmp_path):
+    """A vLLM that answers "no such route" for /v1/messages (no Messages API) gets the lines as chat completions,
+    as an online request learns to; before, each line was an errored result (not_found_error)."""
+    vllm = await start_fake(reactor, messages=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "1"})
+    client = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=10)
+    try:
+        made = await in_thread(client.messages.batches.create, requests=[request("r0"), request("r1")])
+        batch = await ended(gw, client, made.id)
+        assert batch.request_counts.succeeded == 2
+        got = await results(client, made.id)
+        assert {custom_id: r.type for custom_id, r in got.items()} == {"r0": "succeeded", "r1": "succeeded"}
+        assert got["r0"].message.type == "message" and got["r0"].message.content[0].type == "text"
+        # each line asked natively at most once (one planned before the first learnt it), then translated
+        native = [r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"]
+        assert native in (["r0"], ["r0", "r1"])
+        assert len([r for r in vllm.requests if r.path == b"/v1/chat/completions"]) == 2
+    finally:
+        await stop_all(gw, vllm, clients=(client,))
+
+
 def test_each_way_a_request_ends_is_one_result_line():
     def line(data):
         return json.loads(result_line((1, "c", False, json.dumps(data).encode())))

@@ -41,3 +41,8 @@ class MessagesLines:
 
         return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, \
             chat_to_message_bytes
+
+    def no_native(self, provider, model, status, body) -> bool:
+        """Whether a line's native answer (C{status}, C{body}) says C{provider} has no Messages API for C{model}:
+        then it is translated for a while (L{plan} says so), as online, and the line is sent again so."""
+        return self._messages.answered_without_messages(provider.name, model, status, body)

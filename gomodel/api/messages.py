@@ -68,6 +68,25 @@ _NO_ROUTE_STATUSES = (404, 405, 501)
 _MAYBE_UNSUPPORTED = (400, 404, 405, 501)
 
 
+def no_messages_api(status, answer):
+    """What an answer C{answer} (bytes) with C{status} to a native Messages request says of the server: True,
+    it has no Messages API (vLLM's "does not support Messages API"); False, no such route (FastAPI's bare
+    404/405, a 501); None, neither (the upstream's own answer)."""
+    if status not in _MAYBE_UNSUPPORTED:
+        return None
+    try:
+        parsed = jsonutil.loads(answer)
+    except jsonutil.JSONError:
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str) and "support" in message.lower() and "messages api" in message.lower():
+        return True  # (not any 400 about "messages": a chat template's refusal is the client's)
+    if status in _NO_ROUTE_STATUSES and not (isinstance(parsed, dict) and parsed.get("type") == "error"):
+        return False
+    return None
+
+
 class _NoNative(Exception):
     """The upstream has no Messages API (for this model), or (C{api} False) no such route: for
     C{count_tokens}, which a server with C{/v1/messages} may lack, only that route is missing."""
@@ -212,16 +231,9 @@ class MessagesRoutes:
         """
         upstream = self._registry.provider(ctx.provider)  # the one that answered (a fallback, maybe)
         answer = await self._exchange.read(upstream, response, ERROR_BODY_LIMIT)
-        try:
-            parsed = jsonutil.loads(answer)
-        except jsonutil.JSONError:
-            parsed = None
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        message = error.get("message") if isinstance(error, dict) else None
-        if isinstance(message, str) and "support" in message.lower() and "messages api" in message.lower():
-            raise _NoNative(True)  # (not any 400 about "messages": a chat template's refusal is the client's)
-        if response.code in _NO_ROUTE_STATUSES and not (isinstance(parsed, dict) and parsed.get("type") == "error"):
-            raise _NoNative(False)
+        missing = no_messages_api(response.code, answer)
+        if missing is not None:
+            raise _NoNative(missing)
         raise upstream_error(response.code, answer, upstream.name, upstream.hidden)
 
     async def _translated(self, request, ctx, upstream, body, fallbacks, affinity):
@@ -325,9 +337,21 @@ class MessagesRoutes:
     def _remember(self, ctx, path):
         """The provider that answered C{ctx} has no native C{path} (L{MESSAGES}: no Messages API at all)
         for its model: translate (or tokenize) for a while."""
-        self._no_native[(ctx.provider, ctx.upstream_model, path)] = self._clock.seconds() + NO_NATIVE_TTL
+        self._translate_for_a_while(ctx.provider, ctx.upstream_model, path)
+
+    def _translate_for_a_while(self, provider, model, path):
+        self._no_native[(provider, model, path)] = self._clock.seconds() + NO_NATIVE_TTL
         self.log.info("provider {provider} has no native {path} for {model}; translating for {ttl:.0f}s",
-                      provider=ctx.provider, path=path.decode(), model=ctx.upstream_model, ttl=NO_NATIVE_TTL)
+                      provider=provider, path=path.decode(), model=model, ttl=NO_NATIVE_TTL)
+
+    def answered_without_messages(self, provider, model, status, answer) -> bool:
+        """Whether C{answer} (its C{status}), what C{provider} answered a native Messages request for C{model}
+        with, says it has no Messages API (no such route, or vLLM's "does not support"); if so, C{model} there
+        is translated for a while, as when an online request learns it (a message batch's line)."""
+        if no_messages_api(status, answer) is None:
+            return False
+        self._translate_for_a_while(provider, model, MESSAGES)
+        return True
 
 
 def anthropic_error(error: errors.UpstreamError) -> errors.UpstreamError:

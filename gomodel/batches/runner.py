@@ -486,10 +486,13 @@ class BatchRunner(Service):
                     prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
             if self._gate is not None:
                 await self._gate.check_budgets(job.principal)
-            answer = None  # what makes a successful answer the line's (None: it is, as it came)
+            answer = again = None  # what makes a successful answer the line's (None: it is, as it came)
             if path == "/messages" and self._messages is not None:  # natively, or translated to chat
+                again = partial(self._translated, payload, route, fallbacks, job.principal)
                 sent, first, fallbacks, rebody, answer = self._messages.plan(
                     payload, route, fallbacks, job.principal, self._body_for)
+                if answer is not None:
+                    again = None  # (translated already)
             else:
                 sent, rebody = path, partial(self._body_for, job.principal, payload)
                 first = rebody(route.upstream_model, route.provider)
@@ -513,7 +516,7 @@ class BatchRunner(Service):
         slot = _Slot(job, self.semaphore, sem)
         call = UpstreamCall(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
                             rebody=rebody if fallbacks else None)
-        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, slot, answer))
+        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, slot, answer, again))
 
         def release(result):
             slot.release()
@@ -574,20 +577,19 @@ class BatchRunner(Service):
         d.addErrback(failed)
         d.addBoth(done)
 
-    async def _line(self, job, path, line, custom_id, provider, call, slot, answer=None):
+    async def _line(self, job, path, line, custom_id, provider, call, slot, answer=None, again=None):
         """Send one line (C{call}, holding C{slot}) and record its result; C{answer(body, model)} makes a
-        successful answer the line's (a translated message batch line's chat completion, a message)."""
-        upstream = Deferred.fromCoroutine(self._call(provider, call, f"{job.batch_id}-{line}", slot))
-        job.upstream.add(upstream)
-        try:
-            outcome = await upstream
-        except CancelledError:
+        successful answer the line's (a translated message batch line's chat completion, a message);
+        C{again(outcome)}, for a message batch's line sent natively, is the C{(call, answer)} to send it with
+        translated instead (L{_translated}), or None."""
+        outcome = await self._outcome(job, line, provider, call, slot)
+        if again is not None and isinstance(outcome, _Answer) and outcome.status >= 400:
+            retried = again(outcome)
+            if retried is not None:
+                call, answer = retried
+                outcome = await self._outcome(job, line, provider, call, slot)
+        if outcome is None:
             return  # halted: the line stays pending
-        except Exception:
-            self.log.failure("batch {batch_id} line {line}: unexpected failure", batch_id=job.batch_id, line=line)
-            outcome = _NoAnswer("internal_error", "The gateway failed to process this request.")
-        finally:
-            job.upstream.discard(upstream)
         if isinstance(outcome, _Answer):
             self._account(job, path, outcome, f"{job.batch_id}-{line}")
             if answer is not None and 200 <= outcome.status < 300:
@@ -600,6 +602,35 @@ class BatchRunner(Service):
                                         "answered with something that is not a chat completion.")
         ok, data = self._result(custom_id, outcome)
         await self._record(job, line, custom_id, ok, data)
+
+    async def _outcome(self, job, line, provider, call, slot):
+        """Send one line's C{call} (L{_call}); fires with its L{_Answer} or L{_NoAnswer}, or None when the job
+        was halted meanwhile."""
+        upstream = Deferred.fromCoroutine(self._call(provider, call, f"{job.batch_id}-{line}", slot))
+        job.upstream.add(upstream)
+        try:
+            return await upstream
+        except CancelledError:
+            return None
+        except Exception:
+            self.log.failure("batch {batch_id} line {line}: unexpected failure", batch_id=job.batch_id, line=line)
+            return _NoAnswer("internal_error", "The gateway failed to process this request.")
+        finally:
+            job.upstream.discard(upstream)
+
+    def _translated(self, payload, route, fallbacks, principal, outcome):
+        """C{(call, answer)} to send a message batch's line (C{payload}, planned for C{route} and C{fallbacks})
+        again translated to chat, when its native C{outcome} says the provider has no Messages API (as an online
+        request is); else None."""
+        if not self._messages.no_native(outcome.provider, outcome.model, outcome.status, outcome.body):
+            return None
+        sent, first, fallbacks, rebody, answer = self._messages.plan(payload, route, fallbacks, principal,
+                                                                     self._body_for)
+        if answer is None:  # (a fallback said so: the first target is still asked natively)
+            return None
+        call = UpstreamCall(sent, first, model=route.upstream_model, fallbacks=fallbacks,
+                            rebody=rebody if fallbacks else None)
+        return call, answer
 
     def _account(self, job, path, answer, request_id):
         """Keep the usage record of one answered line and charge it to its key's budgets (batch lines
