@@ -312,6 +312,28 @@ async def test_a_vllm_without_the_messages_api_answers_the_lines_translated_as_o
         await stop_all(gw, vllm, clients=(client,))
 
 
+async def test_a_line_waiting_for_a_slot_is_refused_by_what_the_lines_before_it_spent(reactor, tmp_path):
+    """A key's budget runs out midway: each line is checked once it may be sent (one slot: one at a time), so
+    no line goes once the budget is spent; before, a line was checked before it waited for its slot, and went
+    though the line before it had spent the budget meanwhile."""
+    vllm = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "1"})
+    made = await treq.post(gw.url + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {KEY}"}, json={
+        "name": "team", "budgets": [{"period": "daily", "max_tokens": 30}]})  # (the fake's answer: 21 tokens)
+    client = anthropic.Anthropic(base_url=gw.url, api_key=(await made.json())["value"], max_retries=0, timeout=10)
+    try:
+        batch = await in_thread(client.messages.batches.create, requests=[request(f"r{i}") for i in range(4)])
+        await ended(gw, client, batch.id)
+        got = await results(client, batch.id)
+        assert [got[f"r{i}"].type for i in range(4)] == ["succeeded", "succeeded", "errored", "errored"]
+        assert got["r2"].error.error.type == "rate_limit_error"
+        assert "budget exceeded" in got["r2"].error.error.message
+        assert [r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"] == ["r0", "r1"]
+    finally:
+        await stop_all(gw, vllm, clients=(client,))
+
+
 def test_each_way_a_request_ends_is_one_result_line():
     def line(data):
         return json.loads(result_line((1, "c", False, json.dumps(data).encode())))

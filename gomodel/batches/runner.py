@@ -484,8 +484,6 @@ class BatchRunner(Service):
                 if previous is not None:  # to that instance and replica, as online (where the key may use it)
                     route = held(self._registry, route, previous, job.principal)
                     prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
-            if self._gate is not None:
-                await self._gate.check_budgets(job.principal)
             answer = again = None  # what makes a successful answer the line's (None: it is, as it came)
             if path == "/messages" and self._messages is not None:  # natively, or translated to chat
                 again = partial(self._translated, payload, route, fallbacks, job.principal)
@@ -513,6 +511,8 @@ class BatchRunner(Service):
         if job.stop is not None:
             sem.release()
             return
+        if self._gate is not None and not await self._within_budgets(job, line, custom_id, sem):
+            return
         slot = _Slot(job, self.semaphore, sem)
         call = UpstreamCall(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
                             rebody=rebody if fallbacks else None)
@@ -523,6 +523,21 @@ class BatchRunner(Service):
             return result
 
         self._track(job, d.addBoth(release))
+
+    async def _within_budgets(self, job, line, custom_id, sem):
+        """Whether the batch's key may still spend, checked once the line holds its slot (C{sem}, given back
+        if not): a line that waited for one is refused by what the lines before it spent meanwhile. A spent
+        budget is the line's error (C{budget_exceeded})."""
+        try:
+            await self._gate.check_budgets(job.principal)
+        except BaseException as e:
+            sem.release()
+            if not isinstance(e, GatewayError) or isinstance(e, StorageUnavailable):
+                raise
+            self._track(job, self._record(job, line, custom_id, False,
+                                          error_line(custom_id, e.code or "invalid_request", e.message)))
+            return False
+        return True
 
     def _body_for(self, principal, payload, model, provider) -> bytes:
         """The body of a line (C{payload}, as the client wrote it) for C{model} at C{provider}, with what
