@@ -191,6 +191,8 @@ async def test_the_list_pages_newest_first_and_shows_message_batches_only(setup)
         await in_thread(client.messages.batches.retrieve, openai_id)
     with pytest.raises(anthropic.NotFoundError):
         await in_thread(lambda: client.messages.batches.list(after_id="batch_nobody"))
+    with pytest.raises(anthropic.BadRequestError):
+        await in_thread(lambda: client.messages.batches.list(after_id=made[3], before_id=made[1]))
 
 
 async def test_another_tenants_key_sees_none_of_a_teams_message_batches(setup):

@@ -213,6 +213,8 @@ class MessageBatchesAPI:
         """Anthropic's page, newest first: C{limit} (1-1000, 20), after C{after_id} or before C{before_id}."""
         limit = query_limit(request, 20, 1000)
         after, before = query_arg(request, b"after_id"), query_arg(request, b"before_id")
+        if after is not None and before is not None:
+            raise InvalidRequest("Give after_id or before_id, not both.", param="before_id")
         tenant = tenant_of(request.context.principal)
         for cursor, name in ((after, "after_id"), (before, "before_id")):
             if cursor is not None:
