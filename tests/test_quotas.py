@@ -306,6 +306,25 @@ async def test_passthrough_and_batch_lines_count_against_budgets(http, gw, fake)
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_stream_without_usage_counts_against_budgets(http, gw, fake):
+    """A chat stream relayed raw that asks for no usage chunk is charged its events, as on /v1 (before, it
+    cost nothing: a key could stream past its budget through /p/)."""
+    key = await new_key(http, gw, budgets=[{"period": "total", "max_tokens": 3}])
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+            "stream": True}
+    headers = {"authorization": f"Bearer {key['value']}", "content-type": "application/json"}
+    response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(body).encode(),
+                               headers=headers)
+    assert response.code == 200 and b'"usage"' not in await treq.content(response)
+    await gw.service.usage.flush()
+    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+    assert [(r["output_tokens"], r["estimated"]) for r in log["data"]] == [(5, True)]  # role, 3 tokens, [DONE]
+    response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(body).encode(),
+                               headers=headers)
+    assert response.code == 429 and b"budget_exceeded" in await treq.content(response)
+
+
 # -- several processes: Redis ----------------------------------------------------------------
 
 

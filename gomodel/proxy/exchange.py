@@ -223,8 +223,8 @@ class Exchange:
         if call.vet is not None:
             await call.vet(response)
         if call.raw:  # a passthrough: its usage is read from the end of what went by
-            return await self._relay_stream(request, ctx, response, UsageTap() if ctx.recorded else None,
-                                            keep_length=True)
+            tap = UsageTap(is_event_stream(response)) if ctx.recorded else None
+            return await self._relay_stream(request, ctx, response, tap, keep_length=True)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -564,14 +564,20 @@ TAP_TAIL = 64 * 1024
 @implementer(IStreamObserver)
 class UsageTap:
     """Relays a body untouched, keeping its last L{TAP_TAIL} bytes to read its usage from at the end
-    (a JSON answer's, or a stream's last usage chunk)."""
+    (a JSON answer's, or a stream's last usage chunk); of an event stream it counts the events too, the
+    estimate of what a stream without a usage chunk made (as L{gomodel.proxy.sse.ChatStreamObserver} does)."""
 
     usage = None
+    events = 0
 
-    def __init__(self):
+    def __init__(self, stream=False):
+        """@param stream: whether the body is an event stream (its events are counted)."""
         self._tail = b""
+        self._stream = stream
 
     def feed(self, data: bytes) -> bytes:
+        if self._stream:
+            self.events += data.count(b"\n\n")
         tail = self._tail + data
         self._tail = tail[-TAP_TAIL:] if len(tail) > TAP_TAIL else tail
         return data
