@@ -407,6 +407,31 @@ async def test_a_key_uses_and_lists_only_its_models(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_key_passes_through_only_to_providers_it_may_use(http, gw, two):
+    """/p/{provider}/ checks no model: a key with models reaches a provider there only where it may use one
+    of its models (before, a key of 'vllm/' reached every provider, and their keys, through /p/)."""
+    body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 5}).encode()
+
+    async def passthrough(key, provider):
+        response = await http.post(f"{gw.url}/p/{provider}/v1/chat/completions", data=body, headers={
+            "authorization": f"Bearer {key['value']}", "content-type": "application/json"})
+        return response.code, json.loads(await treq.content(response))
+
+    provider_key, model_key, bare_key, open_key = [
+        await new_key(http, gw, models=models)
+        for models in (["vllm/"], [OTHER], ["meta-llama/Llama-3.1-8B-Instruct"], None)]
+    sent = [len(fake.requests) for fake in two]
+    for key, provider in ((provider_key, "openai-other"), (provider_key, "openai"), (model_key, "vllm")):
+        code, error = await passthrough(key, provider)
+        assert (code, error["error"]["code"]) == (403, "model_access_denied")
+    assert [len(fake.requests) for fake in two] == sent  # nothing went upstream
+    for key, provider in ((provider_key, "vllm"), (model_key, "openai-other"), (bare_key, "vllm"),
+                          (bare_key, "openai-other"), (open_key, "openai-other")):
+        assert (await passthrough(key, provider))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_key_of_a_bare_model_uses_what_it_lists(http, gw):
     """A bare selector admits the model at whichever provider serves it: each id it lists works."""
     key = await new_key(http, gw, models=["meta-llama/Llama-3.1-8B-Instruct"])

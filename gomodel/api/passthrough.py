@@ -49,6 +49,9 @@ class Passthrough:
         if provider.type not in self._settings.types:
             raise errors.Forbidden(f"Passthrough is not enabled for provider type '{provider.type}' "
                                    "(ENABLED_PASSTHROUGH_PROVIDERS).")
+        if not may_pass(ctx.principal, provider, provider_name):
+            raise errors.Forbidden(f"This API key may not use the provider '{provider.name}'.",
+                                   code="model_access_denied")
         endpoint = self._endpoint(request, provider_name)
         ctx.provider, ctx.provider_type = provider.name, provider.type
         ctx.endpoint = "/p/{provider}/{endpoint}"
@@ -77,6 +80,17 @@ class Passthrough:
             raise errors.Forbidden(f"'/{bare}' is an operational route of the provider and is not reachable "
                                    "through the gateway (PASSTHROUGH_ALLOWED_ADMIN_ROUTES can allow it).")
         return quote(endpoint, safe=_SAFE_PATH)
+
+
+def may_pass(principal, provider, sent) -> bool:
+    """Whether C{principal} may reach C{provider} (a pool), named C{sent} (its instance's or its type's name),
+    through the passthrough, which checks no model: a key with C{models} only where it may use one of that
+    provider's models (by a provider selector, a model qualified there, or a bare id the provider lists)."""
+    if principal is None or principal.models is None or principal.allows_provider(sent) \
+            or principal.allows_provider(provider.name):
+        return True
+    models = provider.models()
+    return models is not None and any(principal.names(model) for model in models)
 
 
 def _pinned_replica(request):
