@@ -325,6 +325,36 @@ async def test_a_passthrough_stream_without_usage_counts_against_budgets(http, g
     assert response.code == 429 and b"budget_exceeded" in await treq.content(response)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_is_priced_by_the_model_its_provider_serves(reactor, http, fake, tmp_path):
+    """A cost budget counts passthrough as it counts /v1 (before, a passthrough had no model, so no price: it
+    spent tokens but never cost); a model the provider does not list names nothing (labels stay bounded)."""
+    pricing = tmp_path / "gomodel.yaml"
+    pricing.write_text(f"pricing:\n  {MODEL}: {{input_per_mtok: 1000000, output_per_mtok: 1000000}}\n")
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)}, yaml_path=str(pricing))
+    try:
+        key = await new_key(http, gw, budgets=[{"period": "daily", "max_cost": 30}])
+        headers = {"authorization": f"Bearer {key['value']}", "content-type": "application/json"}
+
+        async def passthrough(endpoint, **body):
+            response = await http.post(f"{gw.url}/p/vllm/{endpoint}", data=json.dumps(body).encode(), headers=headers)
+            return response.code, await treq.content(response)
+
+        assert (await passthrough("tokenize", model="not-listed", prompt="hi"))[0] == 200
+        chat = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}
+        assert (await passthrough("v1/chat/completions", **chat))[0] == 200  # 21 tokens at 1 each
+        assert (await passthrough("v1/chat/completions", **chat))[0] == 200  # 42: spent
+        code, answer = await passthrough("v1/chat/completions", **chat)
+        assert code == 429 and b"budget_exceeded" in answer
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        assert sorted((r["model"] or "", r["total_cost"] or 0) for r in log["data"]) == [
+            ("", 0), (MODEL, 21), (MODEL, 21)]
+    finally:
+        await gw.service.stopService()
+
+
 # -- several processes: Redis ----------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ backpressure. vLLM's operational routes are refused unless allowed in config.
 
 from urllib.parse import quote, unquote
 
-from gomodel import errors
+from gomodel import errors, jsonutil
 from gomodel.http.bodies import whole_number
 from gomodel.http.headers import HOP_BY_HOP, connection_tokens
 from gomodel.proxy.exchange import UpstreamCall
@@ -56,9 +56,13 @@ class Passthrough:
         ctx.provider, ctx.provider_type = provider.name, provider.type
         ctx.endpoint = "/p/{provider}/{endpoint}"
         request.content.seek(0)
-        call = UpstreamCall(endpoint, request.content.read() or None, method=request.method, native=True,
+        body = request.content.read() or None
+        model = served_model(body, provider)
+        if model is not None:
+            ctx.route(provider, model, model)
+        call = UpstreamCall(endpoint, body, method=request.method, native=True,
                             query=request.uri.partition(b"?")[2], headers=_upstream_headers(request),
-                            content_type=None, raw=True, pin=_pinned_replica(request))
+                            content_type=None, raw=True, model=model, pin=_pinned_replica(request))
         return await self._exchange.relay(request, ctx, provider, call)
 
     def _endpoint(self, request, provider_name):
@@ -91,6 +95,20 @@ def may_pass(principal, provider, sent) -> bool:
         return True
     models = provider.models()
     return models is not None and any(principal.names(model) for model in models)
+
+
+def served_model(body, provider):
+    """The C{model} a raw JSON request C{body} names where C{provider} (a pool) lists it, else None: what its
+    usage is priced, limited and recorded by, as on C{/v1} (a model it does not list names nothing, so the
+    metrics' labels stay bounded)."""
+    if not body or b'"model"' not in body:
+        return None
+    try:
+        model = jsonutil.loads(body).get("model")
+    except (jsonutil.JSONError, AttributeError):  # (not JSON, or no object)
+        return None
+    models = provider.models()
+    return model if model.__class__ is str and models is not None and model in models else None
 
 
 def _pinned_replica(request):
