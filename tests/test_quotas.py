@@ -355,6 +355,29 @@ async def test_a_passthrough_is_priced_by_the_model_its_provider_serves(reactor,
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_background_response_is_charged_when_it_is_read_finished(http, gw, fake):
+    """Its create's answer (queued) has no usage: the read that finds it finished at its instance records and
+    charges what it used, once (before, a background response cost nothing)."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 20}])
+    client = openai_client(gw, key["value"])
+    try:
+        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+        assert created.status == "queued" and created.usage is None
+        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                             "total_tokens": 22})
+        for _ in range(2):  # the first read finds it finished; the second reads the gateway's copy
+            assert (await in_thread(client.responses.retrieve, created.id)).status == "completed"
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        assert sorted((r["model"], r["total_tokens"] or 0) for r in log["data"]) == [(MODEL, 0), (MODEL, 22)]
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert refused.value.code == "budget_exceeded"
+    finally:
+        client.close()
+
+
 # -- several processes: Redis ----------------------------------------------------------------
 
 

@@ -262,6 +262,8 @@ class ResponsesRoute:
             fresh = await self._upstream_json(request, provider, f"/responses/{response_id}", record.get("replica"))
             if fresh is not None:
                 self._update(record, fresh)
+                if fresh.get("status") not in _UNFINISHED:
+                    _finished(request.context, provider, record, fresh)
                 response = fresh
         return json_answer(request, response)
 
@@ -334,6 +336,17 @@ class ResponsesRoute:
             return jsonutil.loads(fetched.body) if fetched.response.code == 200 else None
         except (errors.GatewayError, jsonutil.JSONError):
             return None
+
+
+def _finished(ctx, provider, record, response):
+    """Note background C{response}, found finished at its instance, on the request C{ctx} that read it, as an
+    answer of that instance that used its usage: the usage ledger records it and the key's budgets are
+    charged with it, once (its create's answer, queued, had none)."""
+    usage = response.get("usage")
+    if usage.__class__ is dict:
+        ctx.route(provider, response.get("model"), response.get("model"))
+        ctx.replica = record.get("replica")
+        ctx.usage = usage
 
 
 class _NoNativeRoute(Exception):

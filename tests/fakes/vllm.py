@@ -129,6 +129,11 @@ def _not_found(response_id):
                       "param": "response_id", "code": 404}}
 
 
+# A Responses answer's usage (a background one, queued, has none yet, as vLLM answers).
+_RESPONSE_USAGE = {"input_tokens": 19, "output_tokens": 3, "total_tokens": 22, "input_tokens_details": {"cached_tokens": 0},
+                   "output_tokens_details": {"reasoning_tokens": 0}}
+
+
 def _chunk(delta, finish_reason=None, model=CHAT_MODEL):
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     if finish_reason is not None:
@@ -382,9 +387,7 @@ class FakeVLLM(Resource):
                         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]}],
                     "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
                     "previous_response_id": body.get("previous_response_id"),
-                    "usage": {"input_tokens": 19, "output_tokens": 3, "total_tokens": 22,
-                              "input_tokens_details": {"cached_tokens": 0},
-                              "output_tokens_details": {"reasoning_tokens": 0}}}
+                    "usage": None if status == "queued" else _RESPONSE_USAGE}
         if body.get("store") is not False:
             self.stored_responses[response_id] = response
         if not body.get("stream"):
