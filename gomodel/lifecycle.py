@@ -2,7 +2,8 @@
 
 On SIGTERM or SIGINT the gateway drains: its listeners close (new
 connections are refused), C{/health/ready} answers 503 on connections still
-open, requests and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
+open, each connection still open closes after its answer in progress or its
+next one (which says C{Connection: close}), requests and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
 what is left then is cut (its upstream connections close, so vLLM aborts),
 and recorded as the gateway's cut (L{CUT}), not as a client that left.
 Only then do the services stop (usage flushed, batch work released to resume
@@ -66,6 +67,8 @@ class Drain:
         # Said once the ports are closed (Twisted closes a port's socket on the reactor's next turn: until
         # then the kernel still completes new connections), so that the line means what it says.
         DeferredList(closing, consumeErrors=True).addCallback(self._closed)
+        if self.site is not None:
+            self.site.close_after_answers()  # kept-alive connections move to other hosts
         _twistedcompat.exit_cleanly(self._reactor)
         if self.in_flight == 0:
             return succeed(None)

@@ -267,3 +267,29 @@ async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_a
     cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
     assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
                    "req-waiting": (503, "error", "shutdown_timeout", False)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_makes_every_kept_alive_connection_close_after_its_answer(reactor, fake):
+    """A load balancer's or SDK's kept-alive connections go on sending requests while the gateway drains: each
+    answer from then on says C{Connection: close} and its connection closes after it, so that they move to
+    another host and the drain ends once what is in flight is done, not cut at SHUTDOWN_TIMEOUT. Before, they
+    were served and kept as ever: a busy pool never let the drain see nothing in flight."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "30s"})
+    stream = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+         "fake_chunks": 10, "fake_pace": 0.05}))
+    await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+    idle = await connect(reactor, gw.port, chat_request({"model": MODEL, "messages": [{"role": "user", "content": "a"}]}))
+    await with_timeout(reactor, idle.wait_for(b"chat.completion"), 10)
+    before = len(idle.received)
+    stopping = gw.service.stopService()
+    idle.transport.write(chat_request({"model": MODEL, "messages": [{"role": "user", "content": "b"}]}))
+    await with_timeout(reactor, idle.lost, 10)  # closed after its answer
+    head, _, body = bytes(idle.received[before:]).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head
+    assert json.loads(body)["object"] == "chat.completion"
+    await with_timeout(reactor, stream.lost, 10)  # the stream finished, then its connection closed
+    received = bytes(stream.received)
+    assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")
+    await with_timeout(reactor, stopping, 10)

@@ -9,6 +9,7 @@ buffered up to the limit.
 
 import io
 import re
+from functools import partial
 
 from twisted.python import failure
 from twisted.web import server
@@ -313,6 +314,15 @@ class GatewaySite(server.Site):
             elif now - channel.idle_since >= self.idle_timeout:
                 channel.timeoutConnection()
 
+    def close_after_answers(self):
+        """Make every open connection close after its answer in progress, or after its next request's
+        (a drain): each such answer says so (C{Connection: close}), so that a client's pool or a load
+        balancer sends no more requests on it."""
+        for channel in list(self.channels):
+            if channel.requests:
+                channel.requests[-1].close_after()  # (a pipelined request after it is not taken)
+            channel.requestFactory = partial(_last_request, channel.requestFactory)
+
     def abort_connections(self):
         """Close every client connection at once (the end of a drain)."""
         for channel in list(self.channels):
@@ -332,6 +342,13 @@ class GatewaySite(server.Site):
 
 # The framing bytes a chunk takes at least: one hex digit and two CRLFs (C{1\r\nx\r\n}; the last: C{0\r\n\r\n}).
 CHUNK_FRAMING = 5
+
+
+def _last_request(factory, channel):
+    """A request made by C{factory} for C{channel}, the last its connection takes (L{GatewaySite.close_after_answers})."""
+    request = factory(channel)
+    request.close_after()
+    return request
 
 
 def _body_received(request) -> int:
