@@ -95,6 +95,30 @@ async def test_failover_rules_try_the_candidates_in_order(reactor, http):
         await b.stop()
 
 
+
+@pytest_twisted.ensureDeferred
+async def test_a_failover_candidate_that_is_a_virtual_model_stands_for_its_targets(reactor, http):
+    """Before, a candidate naming a virtual model was skipped without a word: the request failed with the
+    first target's error though the candidate's targets could serve it."""
+    virtual = [{"source": "backup", "targets": [f"vllm-b/{UPSTREAM}"]}]
+    rules = {f"vllm-a/{UPSTREAM}": ["backup"], "backup": [f"vllm-a/{UPSTREAM}"]}  # (a loop: followed one step only)
+    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual), FAILOVER_RULES_JSON=json.dumps(rules),
+                          REPLICA_FAILURE_THRESHOLD="100")
+    try:
+        a.fail_status = 502
+        response, body = await _chat(http, gw, f"vllm-a/{UPSTREAM}")
+        assert response.code == 200 and body["model"] == UPSTREAM
+        assert len(a.inference_requests) == 1 and len(b.inference_requests) == 1
+        b.fail_status = 503
+        response, _ = await _chat(http, gw, "backup")  # its candidate fails too: one send each, no more
+        assert response.code == 502
+        assert len(a.inference_requests) == 2 and len(b.inference_requests) == 2
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
 import pytest  # noqa: E402
 
 from gomodel.config import ConfigError, load_config  # noqa: E402

@@ -12,7 +12,8 @@ YAML C{virtual_models:} (or env C{VIRTUAL_MODELS}, the same list as JSON)::
 C{target: <model>} stands for one target of weight 1. Failover rules (YAML
 C{failover_rules:} or env C{FAILOVER_RULES_JSON}) map a model to the
 candidates tried, in order, when every target of it failed before the
-first byte: C{{"llama": ["vllm-c/meta-llama/X", "openai/gpt-4o-mini"]}}.
+first byte: C{{"llama": ["vllm-c/meta-llama/X", "openai/gpt-4o-mini"]}} (a
+candidate that is a virtual model stands for its targets).
 The environment wins over YAML.
 """
 

@@ -165,13 +165,16 @@ class ModelRegistry:
         return routes
 
     def failover(self, selector: str) -> list:
-        """The routes of C{selector}'s failover candidates that are served, in order."""
+        """The routes of C{selector}'s failover candidates that are served, in order; a candidate that is a
+        virtual model stands for its targets, heaviest first (never for its own failover candidates)."""
         routes = []
         for candidate in self._failover.get(selector, ()):
-            try:
-                routes.append(self._real(candidate))
-            except (ModelNotFound, InvalidRequest):
-                continue
+            virtual = self._virtual.get(candidate)
+            for one in (candidate,) if virtual is None else _by_weight(virtual.targets):
+                try:
+                    routes.append(self._real(one))
+                except (ModelNotFound, InvalidRequest):
+                    continue
         return routes
 
     def targets(self, selector: str) -> list:
@@ -250,6 +253,11 @@ class ModelRegistry:
         """A route to each provider whose models (those known) include the bare id C{model_id}, in the order
         configured."""
         return [Route(pool, model_id) for pool in self._pools if model_id in (self.inventory(pool) or ())]
+
+
+def _by_weight(targets) -> list:
+    """The selectors of a virtual model's C{targets} (C{(selector, weight)} pairs), heaviest first."""
+    return [selector for selector, _ in sorted(targets, key=lambda target: -target[1])]
 
 
 def _live(route) -> bool:
