@@ -7,7 +7,9 @@ import pytest_twisted
 from gomodel.config.virtual import VirtualModel as VirtualModelConfig
 from gomodel.routing.virtual import VirtualModel
 from tests.fakes.fleet import FakeReplica
-from tests.support import start_gateway
+from twisted.internet.defer import Deferred
+
+from tests.support import start_gateway, until, with_timeout
 
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -113,6 +115,30 @@ async def test_a_failover_candidate_that_is_a_virtual_model_stands_for_its_targe
         response, _ = await _chat(http, gw, "backup")  # its candidate fails too: one send each, no more
         assert response.code == 502
         assert len(a.inference_requests) == 2 and len(b.inference_requests) == 2
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_target_is_passed_over_for_one_with_room(reactor, http):
+    """Before, the target chosen by weight was taken though every replica of it was at its concurrency limit:
+    the request waited ROUTING_QUEUE_TIMEOUT in its queue, then went to the other target, idle all along."""
+    virtual = [{"source": "llama", "targets": [f"vllm-a/{UPSTREAM}", f"vllm-b/{UPSTREAM}"]}]
+    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual), REPLICA_MAX_CONCURRENCY="1",
+                          ROUTING_QUEUE_TIMEOUT="60")
+    try:
+        a.hang = True
+        held = Deferred.fromCoroutine(_chat(http, gw, f"vllm-a/{UPSTREAM}"))
+        await until(reactor, lambda: a.in_flight == 1, what="vllm-a's one slot taken")
+        for _ in range(3):
+            response, _ = await with_timeout(reactor, Deferred.fromCoroutine(_chat(http, gw, "llama")), 10)
+            assert response.code == 200
+        assert len(b.inference_requests) == 3 and len(a.inference_requests) == 1
+        a.hang = False
+        await held
     finally:
         await gw.service.stopService()
         await a.stop()

@@ -419,6 +419,14 @@ class ReplicaPool:
             return fail(NoReadyReplica(self.name, model or "(any)", RETRY_AFTER))
         return self._wait(model, exclude, affinity, size)
 
+    def standing_for(self, model) -> int:
+        """2 when a ready replica that serves C{model} has room for another request now, 1 when ready
+        ones serve it but every one is full, 0 when none is ready."""
+        candidates = self._candidates(model, ())
+        if not candidates:
+            return 0
+        return 1 if self._capped and not any(r.has_room() for r in candidates) else 2
+
     def has_alternative(self, model, exclude) -> bool:
         """Whether another ready replica than those in C{exclude} serves C{model}."""
         return bool(self._candidates(model, exclude))

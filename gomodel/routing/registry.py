@@ -260,6 +260,7 @@ def _by_weight(targets) -> list:
     return [selector for selector, _ in sorted(targets, key=lambda target: -target[1])]
 
 
-def _live(route) -> bool:
-    """Whether a ready replica of the route's provider serves its model now."""
-    return route.provider.has_alternative(route.upstream_model, ())
+def _live(route) -> int:
+    """Whether a ready replica of the route's provider serves its model now: 2 with room for another
+    request, 1 all full, 0 none (L{gomodel.routing.pool.ReplicaPool.standing_for})."""
+    return route.provider.standing_for(route.upstream_model)

@@ -3,8 +3,9 @@
 A virtual model's targets are model selectors, each resolved like any
 request's model. For each request the targets are put in order: the one
 chosen by smooth weighted round robin among the targets that have a ready
-replica (or, with C{session_affinity}, the session's target while it has
-one), then the others by weight; then the model's failover candidates. The
+replica with room for it (those with a ready replica when all are full; with
+C{session_affinity}, the session's target while it is one of them), then the
+others by weight; then the model's failover candidates. The
 exchange tries them in that order, before the first byte only.
 """
 
@@ -29,7 +30,8 @@ class VirtualModel:
         """The resolved targets in the order to try them.
 
         @param resolve: selector -> L{gomodel.routing.registry.Route} (raises L{ModelNotFound}).
-        @param live: a function of a route: whether it has a ready replica now.
+        @param live: a function of a route: 2 when a ready replica of it has room for the request now, 1
+            when ready ones are all full, 0 (or false) when none is ready.
         @param affinity_of: a function giving the request's session key, or None.
         """
         affinity = affinity_of() if affinity_of is not None and self.session_affinity else None
@@ -41,7 +43,15 @@ class VirtualModel:
                 continue
         if not routes:
             raise ModelNotFound(self.source)
-        available = [r for r in routes if live(r[1])] or routes
+        # those that can start it now, else those with a ready replica (all full), else all of them
+        available, best = [], 1
+        for route in routes:
+            standing = live(route[1])
+            if standing > best:
+                available, best = [], standing
+            if standing == best:
+                available.append(route)
+        available = available or routes
         first = None
         if affinity is not None:
             pinned = self._sessions.get(affinity)
