@@ -3,7 +3,8 @@
 On SIGTERM or SIGINT the gateway drains: its listeners close (new
 connections are refused), C{/health/ready} answers 503 on connections still
 open, each connection still open closes after its answer in progress or its
-next one (which says C{Connection: close}), requests and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
+next one (which says C{Connection: close}), requests (those whose body is
+still arriving too) and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
 what is left then is cut (its upstream connections close, so vLLM aborts),
 and recorded as the gateway's cut (L{CUT}), not as a client that left.
 Only then do the services stop (usage flushed, batch work released to resume
@@ -69,12 +70,25 @@ class Drain:
         DeferredList(closing, consumeErrors=True).addCallback(self._closed)
         if self.site is not None:
             self.site.close_after_answers()  # kept-alive connections move to other hosts
+            self._count_unread()
         _twistedcompat.exit_cleanly(self._reactor)
         if self.in_flight == 0:
             return succeed(None)
         self._idle = Deferred()
         self._idle.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)
         return self._idle
+
+    def _count_unread(self):
+        """Count the requests whose head is in but not yet their whole body (an upload's arriving), which
+        L{started} has not seen yet: each is in flight until it is answered or its connection is lost."""
+        for channel in list(self.site.channels):
+            for request in channel.requests:
+                if request.context is None and not (channel._head_open and request is channel._receiving):
+                    self.in_flight += 1
+                    request.notifyFinish().addBoth(self._unread_done)
+
+    def _unread_done(self, _):
+        self(None)
 
     def _closed(self, _):
         self.log.info("draining: new connections are refused; {count} requests in flight, waiting up to "

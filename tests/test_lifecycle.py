@@ -19,7 +19,7 @@ from gomodel import _twistedcompat
 from gomodel.lifecycle import Drain
 
 from tests.rawclient import chat_request, connect
-from tests.support import start_gateway, with_timeout
+from tests.support import start_gateway, until, with_timeout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
@@ -292,4 +292,30 @@ async def test_a_drain_makes_every_kept_alive_connection_close_after_its_answer(
     await with_timeout(reactor, stream.lost, 10)  # the stream finished, then its connection closed
     received = bytes(stream.received)
     assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")
+    await with_timeout(reactor, stopping, 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_waits_for_an_upload_whose_body_is_still_arriving(reactor, fake):
+    """Before, a request counted as in flight only once its whole body was in: a drain that began during an
+    upload saw nothing in flight and stopped the store at once, and the upload was lost (a 503
+    storage_unavailable, or a connection closed by the process's exit)."""
+    from tests.test_files import multipart
+
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "30s"})
+    body, content_type = multipart({"purpose": "batch"}, content=b'{"a": 1}\n' * 100000)
+    head = b"POST /v1/files HTTP/1.1\r\nHost: g\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
+        content_type.encode(), len(body))
+    client = await connect(reactor, gw.port, head + body[:len(body) // 2])
+    half = await connect(reactor, gw.port, b"GET /health HTTP/1.1\r\nHo")  # a head still arriving: no request yet
+    await until(reactor, lambda: sum(bool(channel.requests) for channel in gw.service.site.channels) == 2,
+                what="the upload and the head")
+    stopping = gw.service.stopService()
+    assert gw.service.drain.in_flight == 1  # the upload
+    half.transport.abortConnection()
+    client.transport.write(body[len(body) // 2:])
+    await with_timeout(reactor, client.lost, 10)  # (the drain closes it after its answer)
+    head, _, answer = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head + answer
+    assert json.loads(answer)["object"] == "file"
     await with_timeout(reactor, stopping, 10)
