@@ -374,6 +374,28 @@ def test_the_candidates_follow_each_replicas_state_and_model_list():
     assert chosen("a") == {0, 1}
 
 
+def test_a_waiting_request_that_cannot_start_yet_does_not_hold_back_those_behind_it():
+    """Replicas listing different models (LoRA adapters), each at its concurrency limit: a slot freed on a
+    replica that does not serve the first waiting request's model goes to the next one it serves. Before,
+    the queue stopped at its first request, and the others waited for their ROUTING_QUEUE_TIMEOUT (429)."""
+    clock = Clock()
+    replicas = [Replica(i, _Server(), f"http://r{i}/v1", clock, max_concurrency=1) for i in range(2)]
+    for replica in replicas:
+        replica.state = READY
+    pool = ReplicaPool("vllm", "vllm", replicas, clock, queue_timeout=5.0)
+    replicas[0].models, replicas[1].models = {"base": {}, "lora": {}}, {"base": {}}
+    held = [pool.take("base"), pool.take("base")]
+    assert {r.index for r in held} == {0, 1}
+    lora, base = pool.acquire("lora"), pool.acquire("base")  # both wait, the LoRA request first
+    assert not lora.called and not base.called
+    pool.release(replicas[1])  # replica 1 frees: it does not serve "lora", but serves "base"
+    assert base.called and base.result is replicas[1]
+    assert not lora.called
+    pool.release(replicas[0])
+    assert lora.called and lora.result is replicas[0]
+    assert not clock.getDelayedCalls()
+
+
 def run_load(pool, clock, service, count, every=0.07):
     """Send C{count} requests, one every C{every} seconds; each holds its replica for
     C{service[index]} seconds, then ends (timing it). The requests each replica got."""

@@ -48,7 +48,8 @@ C{least_requests}, worked out in one comprehension.
 
 Admission: a replica may have a concurrency limit; when every candidate is
 full the request waits in the pool's queue up to C{queue_timeout}, then gets
-429 C{replicas_busy}.
+429 C{replicas_busy}. Waiting requests start first come first served; one
+whose candidates are still full holds back none behind it.
 """
 
 import random
@@ -693,20 +694,22 @@ class ReplicaPool:
         waiter.deferred.errback(ReplicasBusy(self.name, RETRY_AFTER))
 
     def _serve_queue(self):
-        while self._queue:
-            waiter = self._queue[0]
+        """Start the waiting requests that can start now, first come first served; one that cannot yet (the
+        replicas serving its model, or those it did not try, are full) does not hold back those behind it."""
+        if not self._queue:
+            return
+        for waiter in list(self._queue):
+            if waiter.deferred.called:  # served, failed or gone while an earlier one's callbacks ran
+                continue
             candidates = self._candidates(waiter.model, waiter.exclude)
             if not candidates:
-                self._queue.popleft()
                 self._drop(waiter)
                 waiter.deferred.errback(NoReadyReplica(self.name, waiter.model or "(any)", RETRY_AFTER))
                 continue
             replica = self._choose(self._with_room(candidates), waiter.affinity, waiter.size)
-            if replica is None:
-                return
-            self._queue.popleft()
-            self._drop(waiter)
-            waiter.deferred.callback(self._lease(replica, waiter.affinity))
+            if replica is not None:
+                self._drop(waiter)
+                waiter.deferred.callback(self._lease(replica, waiter.affinity))
 
     def _changed(self, replica):
         self._serving.clear()
