@@ -22,6 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from gomodel import jsonutil
+from gomodel.errors import ReplicasBusy
 from gomodel.routing.affinity import PREFIX_CHARS, affinity_key
 from gomodel.routing.pool import DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, Replica, ReplicaPool
 from gomodel.routing.vllm_metrics import LoadSample
@@ -394,6 +395,26 @@ def test_a_waiting_request_that_cannot_start_yet_does_not_hold_back_those_behind
     pool.release(replicas[0])
     assert lora.called and lora.result is replicas[0]
     assert not clock.getDelayedCalls()
+
+
+def test_a_release_into_a_long_queue_looks_once_when_every_replica_is_full_again(monkeypatch):
+    """The queue is walked past a request that cannot start yet, but not once every replica is full: a slot
+    freed with a hundred requests waiting starts the first and looks at no other (the queue walked whole on
+    every release would cost a choice per waiting request, at saturation, where the CPU matters most)."""
+    clock = Clock()
+    replicas = [Replica(i, _Server(), f"http://r{i}/v1", clock, max_concurrency=1) for i in range(2)]
+    for replica in replicas:
+        replica.state, replica.models = READY, {"m": {}}
+    pool = ReplicaPool("vllm", "vllm", replicas, clock, queue_timeout=5.0)
+    held = [pool.take("m"), pool.take("m")]
+    waiting = [pool.acquire("m") for _ in range(100)]
+    choices = []
+    monkeypatch.setattr(pool, "_choose", lambda free, *args: choices.append(free) or (free[0] if free else None))
+    pool.release(held[0])
+    assert [d.called for d in waiting[:2]] == [True, False] and len(choices) == 1
+    for d in waiting:
+        d.addErrback(lambda f: f.trap(ReplicasBusy))
+    clock.advance(5.0)
 
 
 def run_load(pool, clock, service, count, every=0.07):

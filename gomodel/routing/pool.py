@@ -699,6 +699,8 @@ class ReplicaPool:
         if not self._queue:
             return
         for waiter in list(self._queue):
+            if self._capped and not any(r.has_room() for r in self.replicas):
+                return  # every replica is full: none behind can start either (one look, not one per waiter)
             if waiter.deferred.called:  # served, failed or gone while an earlier one's callbacks ran
                 continue
             candidates = self._candidates(waiter.model, waiter.exclude)
