@@ -363,3 +363,34 @@ async def test_a_translated_answer_the_upstream_filtered_is_incomplete_for_its_c
         assert final.status == "incomplete" and final.incomplete_details.reason == "content_filter"
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_stream_carries_the_models_reasoning_as_the_plain_answer_does(translating, http):
+    """The chat stream's reasoning deltas become a reasoning item with its events, in the final and the kept
+    response, as a plain create's answer has it (before: streamed, the reasoning was dropped)."""
+    gw, fake = translating
+    await post_json(http, gw.url + "/v1/responses", {"model": MODEL, "input": "hi"})  # (no /responses: learnt)
+    client = openai_client(gw)
+    try:
+        def stream(**extra):
+            with client.responses.stream(model=MODEL, input="hi", extra_body=dict(extra, fake_reasoning="deep thought")
+                                         ) as events:
+                return [e.type for e in events], events.get_final_response()
+
+        kinds, final = await in_thread(stream)
+        assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                             "response.content_part.added", "response.reasoning_text.delta"]
+        assert "response.reasoning_text.done" in kinds
+        plain = await in_thread(client.responses.create, model=MODEL, input="hi",
+                                extra_body={"fake_reasoning": "deep thought"})
+        for response in (final, await in_thread(client.responses.retrieve, final.id), plain):
+            assert [item.type for item in response.output] == ["reasoning", "message"]
+            assert response.output[0].content[0].text == "deep thought" and response.output_text == "héhéhé"
+        answer = {"id": "c", "object": "chat.completion", "model": UPSTREAM, "choices": [{"index": 0, "message": {
+            "role": "assistant", "content": "I", "reasoning_content": "deep thought"}, "finish_reason": "stop"}]}
+        _, whole = await in_thread(stream, fake_status=200, fake_body=json.dumps(answer))  # (answered whole)
+        assert [item.type for item in whole.output] == ["reasoning", "message"]
+        assert whole.output[0].content[0].text == "deep thought"
+    finally:
+        client.close()

@@ -220,7 +220,7 @@ def chat_to_response(chat_body: bytes, request: dict, now: int) -> bytes:
     chat, choice = _chat_choice(chat_body)
     message = choice.get("message") or {}
     output = []
-    reasoning = message.get("reasoning") or message.get("reasoning_content")
+    reasoning = _reasoning_of(message)
     if reasoning:
         output.append({"type": "reasoning", "id": new_id("rs"), "summary": [],
                        "content": [{"type": "reasoning_text", "text": reasoning}]})
@@ -263,6 +263,7 @@ class ChatToResponsesStream:
         self._model = None
         self._started = False
         self._items = []  # output items in order, each a dict we keep completing
+        self._reasoning = None  # (index, item) of the reasoning item
         self._message = None  # (index, item) of the open message
         self._calls = {}  # chat tool-call index -> (output index, item)
         self._finish = None
@@ -318,18 +319,39 @@ class ChatToResponsesStream:
         chat, choice = _chat_choice(chat_body)
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         calls = message.get("tool_calls") or []
-        delta = {"content": message.get("content"),
+        delta = {"content": message.get("content"), "reasoning": _reasoning_of(message),
                  "tool_calls": [dict(call, index=i) for i, call in enumerate(calls) if isinstance(call, dict)]}
         chunk = {"model": chat.get("model"), "usage": chat.get("usage"),
                  "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]}
         return self.feed(b"data: " + jsonutil.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+
+    def _think(self, text) -> list:
+        """The events of a reasoning delta C{text}: the reasoning item's, opened at its first."""
+        if text.__class__ is not str:
+            return []
+        out = []
+        if self._reasoning is None:
+            item = {"type": "reasoning", "id": new_id("rs"), "summary": [], "content": [], "status": "in_progress"}
+            self._items.append(item)
+            self._reasoning = (len(self._items) - 1, item)
+            out.append(self._event("response.output_item.added", output_index=self._reasoning[0], item=item))
+            part = {"type": "reasoning_text", "text": ""}
+            out.append(self._event("response.content_part.added", item_id=item["id"],
+                                   output_index=self._reasoning[0], content_index=0, part=part))
+            item["content"].append(dict(part))
+        index, item = self._reasoning
+        item["content"][0]["text"] += text
+        out.append(self._event("response.reasoning_text.delta", item_id=item["id"], output_index=index,
+                               content_index=0, delta=text))
+        return out
 
     def _error_message(self, error) -> str:
         message = str(_message_of(error)).rstrip(".")  # (the exchange ends the sentence)
         return message if self._hide is None else self._hide(message)
 
     def _delta(self, delta):
-        out = []
+        thought = delta.get("reasoning") or delta.get("reasoning_content")
+        out = self._think(thought) if thought else []
         text = delta.get("content")
         if text:
             if self._message is None:
@@ -379,6 +401,13 @@ class ChatToResponsesStream:
         if not self._started:
             self._started = True
             out.append(self._event("response.created", response=self._snapshot("in_progress")))
+        if self._reasoning is not None:
+            index, item = self._reasoning
+            part = item["content"][0]
+            out.append(self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=part["text"]))
+            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                   content_index=0, part=part))
         if self._message is not None:
             index, item = self._message
             part = item["content"][0]
@@ -401,6 +430,11 @@ class ChatToResponsesStream:
 
     def finish(self):
         require_end(self._framer, self.done, "without [DONE]")
+
+
+def _reasoning_of(message):
+    """A chat message's (or delta's) reasoning text: vLLM's C{reasoning}, or the older C{reasoning_content}."""
+    return message.get("reasoning") or message.get("reasoning_content")
 
 
 def _message_of(error):
