@@ -473,3 +473,18 @@ async def test_stored_responses_survive_a_gateway_restart(reactor, fake, tmp_pat
     finally:
         client.close()
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_response_its_instance_forgot_is_failed_not_queued_for_ever(client, fake):
+    """vLLM restarted while running it: the read that finds its instance no longer knows it says it failed,
+    and so does the store from then on (before: queued for ever, a client polling for its end never saw it)."""
+    created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    fake.stored_responses.clear()
+    got = await in_thread(client.responses.retrieve, created.id)
+    assert got.status == "failed" and got.error.code == "server_error" and created.id in got.error.message
+    asked = len(fake.requests)
+    assert (await in_thread(client.responses.retrieve, created.id)).status == "failed"
+    with pytest.raises(openai.BadRequestError):
+        await in_thread(client.responses.cancel, created.id)
+    assert len(fake.requests) == asked  # (over: never asked again)

@@ -259,7 +259,7 @@ class ResponsesRoute:
         response = record["response"]
         provider = self._registry.provider(record["provider"])
         if response.get("status") in _UNFINISHED and provider is not None:
-            fresh = await self._upstream_json(request, provider, f"/responses/{response_id}", record.get("replica"))
+            fresh = await self._refreshed(request, provider, record)
             if fresh is not None:
                 self._update(record, fresh)
                 if fresh.get("status") not in _UNFINISHED:
@@ -328,11 +328,18 @@ class ResponsesRoute:
             self._store.put(dict(record, response=response, status=response.get("status"))).addErrback(
                 lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
 
-    async def _upstream_json(self, request, provider, path, replica):
-        """The JSON answer of C{provider} (its C{replica}) to C{GET path}, or None when it has none to give."""
+    async def _refreshed(self, request, provider, record):
+        """C{record}'s background response as its instance (C{provider}'s replica) has it now, or None when it
+        has none to give (unreachable, an odd answer). One the instance no longer knows (it restarted: vLLM
+        keeps responses in memory) will never finish: it is C{failed}."""
+        response_id = record["id"]
+        call = UpstreamCall(f"/responses/{response_id}", method=b"GET", pin=record.get("replica"))
         try:
-            fetched = await self._exchange.fetch(request.context.request_id, provider,
-                                                 UpstreamCall(path, method=b"GET", pin=replica), request.context.trace)
+            fetched = await self._exchange.fetch(request.context.request_id, provider, call, request.context.trace)
+            if fetched.response.code == 404 and _names(fetched.body, response_id):
+                return dict(record["response"], status="failed", error={
+                    "code": "server_error", "message": f"The instance running response '{response_id}' no longer "
+                    "knows it (it restarted): it will not finish."})
             return jsonutil.loads(fetched.body) if fetched.response.code == 200 else None
         except (errors.GatewayError, jsonutil.JSONError):
             return None
@@ -347,6 +354,15 @@ def _finished(ctx, provider, record, response):
         ctx.route(provider, response.get("model"), response.get("model"))
         ctx.replica = record.get("replica")
         ctx.usage = usage
+
+
+def _names(answer: bytes, response_id) -> bool:
+    """Whether C{answer}, an upstream's error, is one about C{response_id} (vLLM's for an id it does not hold)."""
+    try:
+        error = jsonutil.loads(answer).get("error")
+    except (jsonutil.JSONError, AttributeError):
+        return False
+    return isinstance(error, dict) and response_id in str(error.get("message", ""))
 
 
 class _NoNativeRoute(Exception):
