@@ -488,3 +488,22 @@ async def test_a_background_response_its_instance_forgot_is_failed_not_queued_fo
     with pytest.raises(openai.BadRequestError):
         await in_thread(client.responses.cancel, created.id)
     assert len(fake.requests) == asked  # (over: never asked again)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retrieve_asking_for_the_events_again_is_refused_not_answered_with_the_object(client, http, gateway):
+    """The gateway keeps no events: C{retrieve(stream=True)} is a 400 (before: the response object, which the
+    openai SDK read as a stream of no events, silently empty)."""
+    created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+
+    def events():
+        return list(client.responses.retrieve(created.id, stream=True, starting_after=2))
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        await in_thread(events)
+    assert (refused.value.body["param"], refused.value.body["code"]) == ("stream", "unsupported_value")
+    plain = await http.get(gateway.url + f"/v1/responses/{created.id}?stream=false")
+    assert plain.code == 200 and (await plain.json())["id"] == created.id
+    unknown = await http.get(gateway.url + "/v1/responses/resp_nobody?stream=true")
+    assert unknown.code == 404
+    await treq.content(unknown)

@@ -254,8 +254,13 @@ class ResponsesRoute:
     # -- lifecycle -------------------------------------------------------------
 
     async def retrieve(self, request, response_id):
-        """The stored response; a background one still running is refreshed from its instance."""
+        """The stored response; a background one still running is refreshed from its instance. Its events are
+        not kept: asked to stream them again (C{stream=true}, what the openai SDK's C{retrieve(stream=True)}
+        sends) is a 400, never the object where events were awaited."""
         record = await self._record(request, response_id)
+        if query_arg(request, b"stream", "false") != "false":
+            raise errors.InvalidRequest("Streaming a stored response again is not supported: retrieve it without "
+                                        "stream.", param="stream", code="unsupported_value")
         response = record["response"]
         provider = self._registry.provider(record["provider"])
         if response.get("status") in _UNFINISHED and provider is not None:
