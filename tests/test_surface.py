@@ -394,3 +394,19 @@ async def test_a_translated_stream_carries_the_models_reasoning_as_the_plain_ans
         assert whole.output[0].content[0].text == "deep thought"
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_tool_output_given_as_content_parts_reaches_the_model_as_its_text(translating, http):
+    """A function_call_output's output may be a list of content parts (OpenAI's text, image or file output): its
+    text goes as the tool message's content (before: the parts' JSON, which the model read as the output)."""
+    gw, fake = translating
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    for output, content in (([{"type": "input_text", "text": "sun"}, {"type": "input_text", "text": "ny"}], "sunny"),
+                            ([{"type": "input_image", "image_url": "data:image/png;base64,AA"}],
+                             [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]),
+                            ({"temperature": 20}, '{"temperature":20}'), ("plain", "plain")):
+        body = {"model": MODEL, "input": [call, {"type": "function_call_output", "call_id": "c1", "output": output}]}
+        response, _ = await post_json(http, gw.url + "/v1/responses", body)
+        assert response.code == 200
+        assert fake.requests[-1].body["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": content}

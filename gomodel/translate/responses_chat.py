@@ -90,8 +90,10 @@ def _messages(items):
                 raise InvalidRequest(f"invalid input item at index {index}: function_call_output needs call_id.",
                                      param="input", code="missing_required_parameter")
             output = item.get("output")
+            if isinstance(output, list):  # content parts (input_text, input_image)
+                output = _content(output, index)
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
-                             "content": output if isinstance(output, str) else jsonutil.dumps(output).decode()})
+                             "content": output if isinstance(output, (str, list)) else jsonutil.dumps(output).decode()})
         elif kind == "reasoning":
             continue
         else:
