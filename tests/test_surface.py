@@ -410,3 +410,26 @@ async def test_a_translated_tool_output_given_as_content_parts_reaches_the_model
         response, _ = await post_json(http, gw.url + "/v1/responses", body)
         assert response.code == 200
         assert fake.requests[-1].body["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": content}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_turn_that_said_something_and_called_a_tool_is_one_assistant_message(translating, http):
+    """Its message and function_call items (a stored turn replayed, or a client's history) make one assistant
+    message, as the chat API has a turn (before: two assistant messages in a row, which templates that
+    want the roles to alternate refuse)."""
+    gw, fake = translating
+    body = {"model": MODEL, "input": [
+        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Let me look."},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "function_call_output", "call_id": "c2", "output": "warm"}]}
+    response, _ = await post_json(http, gw.url + "/v1/responses", body)
+    assert response.code == 200
+    assert fake.requests[-1].body["messages"] == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "warm"}]

@@ -81,8 +81,8 @@ def _messages(items):
             call = {"id": item.get("call_id") or item.get("id") or new_id("call"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""}}
             last = messages[-1] if messages else None
-            if last and last["role"] == "assistant" and last.get("tool_calls") and last.get("content") is None:
-                last["tool_calls"].append(call)
+            if last and last["role"] == "assistant":  # (the same turn: its text, or its other calls)
+                last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
