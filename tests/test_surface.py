@@ -433,3 +433,41 @@ async def test_a_translated_turn_that_said_something_and_called_a_tool_is_one_as
             {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
         {"role": "tool", "tool_call_id": "c2", "content": "warm"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_answer_keeps_the_logprobs_it_asked_the_upstream_for(translating, http):
+    """C{top_logprobs} (or C{include} C{message.output_text.logprobs}) asks the chat upstream for logprobs; they
+    are the output text's, plain and streamed (before: asked for, then dropped: always [])."""
+    gw, fake = translating
+    await post_json(http, gw.url + "/v1/responses", {"model": MODEL, "input": "hi"})  # (no /responses: learnt)
+    client = openai_client(gw)
+
+    def logprob(token):
+        return {"token": token, "logprob": -0.5, "bytes": list(token.encode()),
+                "top_logprobs": [{"token": token, "logprob": -0.5, "bytes": list(token.encode())}]}
+
+    try:
+        answer = {"id": "c", "object": "chat.completion", "model": UPSTREAM, "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop",
+            "logprobs": {"content": [logprob("Hi")]}}]}
+        plain = await in_thread(client.responses.create, model=MODEL, input="hi", top_logprobs=1,
+                                extra_body={"fake_status": 200, "fake_body": json.dumps(answer)})
+        assert fake.requests[-1].body["logprobs"] is True and fake.requests[-1].body["top_logprobs"] == 1
+        assert [p.token for p in plain.output[0].content[0].logprobs] == ["Hi"]
+
+        def stream():
+            sse = [json.dumps({"id": "c", "object": "chat.completion.chunk", "model": UPSTREAM, "choices": [{
+                "index": 0, "delta": {"content": token}, "finish_reason": None,
+                "logprobs": {"content": [logprob(token)]}}]}) for token in ("H", "i")] + [
+                chat_chunk({}, "stop"), "[DONE]"]
+            with client.responses.stream(model=MODEL, input="hi", include=["message.output_text.logprobs"],
+                                         extra_body={"fake_sse": sse}) as events:
+                deltas = [[p.token for p in e.logprobs] for e in events if e.type == "response.output_text.delta"]
+                return deltas, events.get_final_response()
+
+        deltas, final = await in_thread(stream)
+        assert fake.requests[-1].body["logprobs"] is True and "top_logprobs" not in fake.requests[-1].body
+        assert deltas == [["H"], ["i"]] and [p.token for p in final.output[0].content[0].logprobs] == ["H", "i"]
+    finally:
+        client.close()

@@ -52,9 +52,11 @@ def request_to_chat(body: dict) -> dict:
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
     if effort:
         chat["reasoning_effort"] = effort
-    if body.get("top_logprobs"):
+    include = body.get("include")
+    if body.get("top_logprobs") or isinstance(include, list) and "message.output_text.logprobs" in include:
         chat["logprobs"] = True
-        chat["top_logprobs"] = body["top_logprobs"]
+        if body.get("top_logprobs"):
+            chat["top_logprobs"] = body["top_logprobs"]
     if body.get("stream") is True:
         chat["stream_options"] = {"include_usage": True}
     return chat
@@ -229,7 +231,7 @@ def chat_to_response(chat_body: bytes, request: dict, now: int) -> bytes:
     if message.get("content"):
         output.append({"type": "message", "id": new_id("msg"), "status": "completed", "role": "assistant",
                        "content": [{"type": "output_text", "text": message["content"], "annotations": [],
-                                    "logprobs": []}]})
+                                    "logprobs": _logprobs(choice.get("logprobs"))}]})
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         output.append({"type": "function_call", "id": new_id("fc"), "call_id": call.get("id") or new_id("call"),
@@ -308,7 +310,7 @@ class ChatToResponsesStream:
             for choice in chunk.get("choices") or []:
                 if choice.get("index", 0) != 0:
                     continue
-                out.extend(self._delta(choice.get("delta") or {}))
+                out.extend(self._delta(choice.get("delta") or {}, choice.get("logprobs")))
                 if choice.get("finish_reason"):
                     self._finish = choice["finish_reason"]
         return b"".join(out)
@@ -324,7 +326,8 @@ class ChatToResponsesStream:
         delta = {"content": message.get("content"), "reasoning": _reasoning_of(message),
                  "tool_calls": [dict(call, index=i) for i, call in enumerate(calls) if isinstance(call, dict)]}
         chunk = {"model": chat.get("model"), "usage": chat.get("usage"),
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]}
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason"),
+                              "logprobs": choice.get("logprobs")}]}
         return self.feed(b"data: " + jsonutil.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
 
     def _think(self, text) -> list:
@@ -351,7 +354,7 @@ class ChatToResponsesStream:
         message = str(_message_of(error)).rstrip(".")  # (the exchange ends the sentence)
         return message if self._hide is None else self._hide(message)
 
-    def _delta(self, delta):
+    def _delta(self, delta, logprobs=None):
         thought = delta.get("reasoning") or delta.get("reasoning_content")
         out = self._think(thought) if thought else []
         text = delta.get("content")
@@ -368,8 +371,10 @@ class ChatToResponsesStream:
                 item["content"].append(dict(part))
             index, item = self._message
             item["content"][0]["text"] += text
+            logprobs = _logprobs(logprobs) if logprobs else []
+            item["content"][0]["logprobs"] += logprobs
             out.append(self._event("response.output_text.delta", item_id=item["id"], output_index=index,
-                                   content_index=0, delta=text, logprobs=[]))
+                                   content_index=0, delta=text, logprobs=logprobs))
         for call in delta.get("tool_calls") or []:
             key = call.get("index", 0)
             function = call.get("function") or {}
@@ -414,7 +419,7 @@ class ChatToResponsesStream:
             index, item = self._message
             part = item["content"][0]
             out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=part["text"], logprobs=[]))
+                                   content_index=0, text=part["text"], logprobs=part["logprobs"]))
             out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                    content_index=0, part=part))
         for index, item in enumerate(self._items):
@@ -432,6 +437,13 @@ class ChatToResponsesStream:
 
     def finish(self):
         require_end(self._framer, self.done, "without [DONE]")
+
+
+def _logprobs(logprobs) -> list:
+    """The Responses API's logprobs of an output text for a chat choice's C{logprobs} (the same entries: token,
+    logprob, bytes, top_logprobs), or none."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return content if isinstance(content, list) else []
 
 
 def _reasoning_of(message):
