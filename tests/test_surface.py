@@ -471,3 +471,17 @@ async def test_a_translated_answer_keeps_the_logprobs_it_asked_the_upstream_for(
         assert deltas == [["H"], ["i"]] and [p.token for p in final.output[0].content[0].logprobs] == ["H", "i"]
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_response_names_the_reasoning_effort_it_was_made_with(translating, http):
+    """The effort asked for goes to the chat upstream as C{reasoning_effort}; the response says it, plain and
+    streamed, as OpenAI's does (before: always null)."""
+    gw, fake = translating
+    await post_json(http, gw.url + "/v1/responses", {"model": MODEL, "input": "hi"})  # (no /responses: learnt)
+    for stream in (False, True):
+        response, content = await post_json(http, gw.url + "/v1/responses", {
+            "model": MODEL, "input": "hi", "stream": stream, "reasoning": {"effort": "high", "summary": "auto"}})
+        final = json.loads(content) if not stream else json.loads(content.rsplit(b"data: ", 1)[1])["response"]
+        assert fake.requests[-1].body["reasoning_effort"] == "high"
+        assert final["reasoning"] == {"effort": "high", "summary": "auto"}

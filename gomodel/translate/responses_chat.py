@@ -178,12 +178,13 @@ def response_object(request: dict, response_id, created_at, model, status, outpu
     """
     incomplete = {"reason": _INCOMPLETE[finish_reason]} if finish_reason in _INCOMPLETE else None
     text = request.get("text") if isinstance(request.get("text"), dict) else {"format": {"type": "text"}}
+    reasoning = request.get("reasoning") if isinstance(request.get("reasoning"), dict) else {}
     return {
         "id": response_id, "object": "response", "created_at": created_at, "status": status,
         "background": False, "error": None, "incomplete_details": incomplete,
         "instructions": request.get("instructions"), "max_output_tokens": request.get("max_output_tokens"),
         "model": model, "output": output, "parallel_tool_calls": request.get("parallel_tool_calls", True),
-        "previous_response_id": request.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+        "previous_response_id": request.get("previous_response_id"), "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         "store": request.get("store") is True, "temperature": request.get("temperature"), "text": text,
         "tool_choice": request.get("tool_choice", "auto"), "tools": request.get("tools") or [],
         "top_p": request.get("top_p"), "truncation": "disabled", "usage": usage,
