@@ -378,6 +378,50 @@ async def test_a_background_response_is_charged_when_it_is_read_finished(http, g
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_reads_of_a_background_response_at_once_charge_it_once(reactor, http, gw, fake, monkeypatch):
+    """Reads that come while one asks its instance share that one's answer: one of them finds it finished and
+    charges it (before: each asked, each found it finished, each charged it)."""
+    from twisted.internet.defer import Deferred
+
+    from gomodel.api.responses import ResponsesRoute
+    from tests.support import until
+
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 100}])
+    client = openai_client(gw, key["value"])
+    try:
+        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                             "total_tokens": 22})
+        reads, gate = [], Deferred()
+        record, refreshed = ResponsesRoute._record, ResponsesRoute._refreshed
+
+        async def counted(route, request, response_id):
+            found = await record(route, request, response_id)
+            reads.append(response_id)  # (the read looks for a refresh under way right after this)
+            return found
+
+        async def held(route, *args):
+            await gate
+            return await refreshed(route, *args)
+
+        monkeypatch.setattr(ResponsesRoute, "_record", counted)
+        monkeypatch.setattr(ResponsesRoute, "_refreshed", held)
+        auth = {"Authorization": f"Bearer {key['value']}"}
+        answers = [http.get(f"{gw.url}/v1/responses/{created.id}", headers=auth) for _ in range(3)]
+        await until(reactor, lambda: len(reads) == 3, what="three reads")
+        gate.callback(None)
+        for answer in answers:
+            response = await answer
+            assert response.code == 200 and (await response.json())["status"] == "completed"
+        assert len([r for r in fake.requests if r.path == f"/v1/responses/{created.id}".encode()]) == 1
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        assert sorted(r["total_tokens"] or 0 for r in log["data"]) == [0, 22]  # (the create, the read that found it)
+    finally:
+        client.close()
+
+
 # -- several processes: Redis ----------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ input instead.
 import re
 from functools import partial
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
@@ -56,6 +57,7 @@ class ResponsesRoute:
         self._salts = salts
         self._gate = gate
         self._no_native = {}  # provider name -> time until which we translate without asking
+        self._refreshing = {}  # response id -> its refresh from its instance (a Deferred), until its answer is stored
 
     # -- create ----------------------------------------------------------------
 
@@ -264,10 +266,15 @@ class ResponsesRoute:
         response = record["response"]
         provider = self._registry.provider(record["provider"])
         if response.get("status") in _UNFINISHED and provider is not None:
-            fresh = await self._refreshed(request, provider, record)
+            refresh = self._refreshing.get(response_id)
+            asked = refresh is None  # (reads of it meanwhile share this one's answer: one finds it finished)
+            if asked:
+                refresh = self._refreshing[response_id] = Deferred.fromCoroutine(
+                    self._refreshed(request, provider, record))
+                refresh.addBoth(self._settle, record)
+            fresh = await _branch(refresh)
             if fresh is not None:
-                self._update(record, fresh)
-                if fresh.get("status") not in _UNFINISHED:
+                if asked and fresh.get("status") not in _UNFINISHED:
                     _finished(request.context, provider, record, fresh)
                 response = fresh
         return json_answer(request, response)
@@ -328,10 +335,17 @@ class ResponsesRoute:
             raise unknown_response(response_id)
         return record
 
-    def _update(self, record, response):
-        if isinstance(response, dict) and response.get("id") == record["id"]:
-            self._store.put(dict(record, response=response, status=response.get("status"))).addErrback(
-                lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
+    def _update(self, record, response) -> Deferred:
+        """Store C{response} as C{record}'s, when it is its; a Deferred firing once done."""
+        if not isinstance(response, dict) or response.get("id") != record["id"]:
+            return succeed(None)
+        return self._store.put(dict(record, response=response, status=response.get("status"))).addErrback(
+            lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
+
+    def _settle(self, fresh, record):
+        """Store C{fresh}, C{record}'s response as its instance has it (None: none), then forget its refresh."""
+        self._update(record, fresh).addBoth(lambda _: self._refreshing.pop(record["id"], None))
+        return fresh
 
     async def _refreshed(self, request, provider, record):
         """C{record}'s background response as its instance (C{provider}'s replica) has it now, or None when it
@@ -359,6 +373,18 @@ def _finished(ctx, provider, record, response):
         ctx.route(provider, response.get("model"), response.get("model"))
         ctx.replica = record.get("replica")
         ctx.usage = usage
+
+
+def _branch(d: Deferred) -> Deferred:
+    """A Deferred firing with C{d}'s result, which C{d} keeps for its other branches."""
+    branch = Deferred()
+
+    def fire(result):
+        branch.callback(result)
+        return result
+
+    d.addBoth(fire)
+    return branch
 
 
 def _names(answer: bytes, response_id) -> bool:
