@@ -466,3 +466,26 @@ async def test_two_gateways_on_redis_share_one_limit_exactly(reactor, http, fake
             redis_client.delete(*new)
         redis_client.close()
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refresh_that_fails_unexpectedly_answers_the_stored_response(http, gw, fake, monkeypatch,
+                                                                             logged_errors):
+    """An unexpected failure asking a background response's instance is logged, and its readers get the
+    stored response, as when the instance cannot be reached (before: a 500, and an unhandled error)."""
+    from gomodel.api.responses import ResponsesRoute
+
+    client = openai_client(gw, MASTER)
+    try:
+        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+
+        async def broken(route, *args):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(ResponsesRoute, "_refreshed", broken)
+        response = await http.get(f"{gw.url}/v1/responses/{created.id}", headers={"Authorization": f"Bearer {MASTER}"})
+        assert response.code == 200 and (await response.json())["status"] == "queued"
+        assert [e["log_failure"].value.args for e in logged_errors] == [("boom",)]
+        logged_errors.clear()
+    finally:
+        client.close()

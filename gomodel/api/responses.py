@@ -14,6 +14,7 @@ from functools import partial
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gomodel import errors, jsonutil
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
@@ -343,9 +344,17 @@ class ResponsesRoute:
             lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
 
     def _settle(self, fresh, record):
-        """Store C{fresh}, C{record}'s response as its instance has it (None: none), then forget its refresh."""
-        self._update(record, fresh).addBoth(lambda _: self._refreshing.pop(record["id"], None))
+        """Store C{fresh}, C{record}'s response as its instance has it (None: none; a refresh that failed
+        unexpectedly is logged and none), then forget its refresh; C{fresh} goes on to its readers."""
+        if isinstance(fresh, Failure):
+            self.log.failure("refreshing response {id} failed", fresh, id=record["id"])
+            fresh = None
+        self._update(record, fresh).addBoth(self._forget, record["id"])
         return fresh
+
+    def _forget(self, _, response_id):
+        """Forget the refresh of C{response_id} (its answer is stored: reads from now on find it there)."""
+        del self._refreshing[response_id]
 
     async def _refreshed(self, request, provider, record):
         """C{record}'s background response as its instance (C{provider}'s replica) has it now, or None when it
