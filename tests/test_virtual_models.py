@@ -9,7 +9,7 @@ from gomodel.routing.virtual import VirtualModel
 from tests.fakes.fleet import FakeReplica
 from twisted.internet.defer import Deferred
 
-from tests.support import start_gateway, until, with_timeout
+from tests.support import start_gateway, stop_all, until, with_timeout
 
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -97,7 +97,6 @@ async def test_failover_rules_try_the_candidates_in_order(reactor, http):
         await b.stop()
 
 
-
 @pytest_twisted.ensureDeferred
 async def test_a_failover_candidate_that_is_a_virtual_model_stands_for_its_targets(reactor, http):
     """Before, a candidate naming a virtual model was skipped without a word: the request failed with the
@@ -116,10 +115,7 @@ async def test_a_failover_candidate_that_is_a_virtual_model_stands_for_its_targe
         assert response.code == 502
         assert len(a.inference_requests) == 2 and len(b.inference_requests) == 2
     finally:
-        await gw.service.stopService()
-        await a.stop()
-        await b.stop()
-
+        await stop_all(gw, a, b)
 
 
 @pytest_twisted.ensureDeferred
@@ -140,9 +136,7 @@ async def test_a_full_target_is_passed_over_for_one_with_room(reactor, http):
         a.hang = False
         await held
     finally:
-        await gw.service.stopService()
-        await a.stop()
-        await b.stop()
+        await stop_all(gw, a, b)
 
 
 import pytest  # noqa: E402
