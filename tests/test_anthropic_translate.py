@@ -168,6 +168,25 @@ def test_a_tool_round_trip():
                                      {"type": "text", "text": "Summarise."}]}]
 
 
+def test_a_tool_search_result_names_the_tools_it_found():
+    # Claude Code's tool search: deferred tools, and a tool_result of tool_reference blocks naming those it found.
+    deferred = {"name": "weather", "defer_loading": True, "input_schema": {"type": "object"}}
+    body = request(tools=[{"name": "ToolSearch", "input_schema": {"type": "object"}}, deferred], messages=[
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ToolSearch",
+                                           "input": {"query": "weather"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "tool_reference", "tool_name": "weather", "cache_control": {"type": "ephemeral"}},
+            {"type": "tool_reference", "tool_name": "forecast"}]}]}])
+    chat = messages_to_chat(body)
+    assert chat["messages"][1] == {"role": "tool", "tool_call_id": "t1", "content": "weather\nforecast"}
+    assert chat["tools"][1] == {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    assert count_tokens_request(body)["messages"][1]["content"] == "weather\nforecast"
+    body["messages"][1]["content"][0]["content"] = [{"type": "tool_reference"}]
+    with pytest.raises(InvalidRequest) as caught:
+        messages_to_chat(body)
+    assert caught.value.param == "messages.1.content.0.content.0.tool_name"
+
+
 def test_tool_results_alone_make_only_tool_messages():
     chat = messages_to_chat(request(messages=[
         {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},

@@ -383,6 +383,8 @@ def _tool_result(block, where):
                         texts.append(part["text"])
                     else:
                         images.append(part)
+            elif kind == "tool_reference":
+                texts.append(_tool_reference(item, at))
             else:
                 raise InvalidRequest(f"{at}: content block type {kind!r} is not supported in a tool result",
                                      param=at)
@@ -394,6 +396,18 @@ def _tool_result(block, where):
         # Chat has no error flag on a tool message: the model reads it in the text.
         text = f"Error: {text}" if text else "Error"
     return {"role": "tool", "tool_call_id": call_id, "content": text}, images
+
+
+def _tool_reference(block, where) -> str:
+    """A C{tool_reference}'s text (what a tool search, Claude Code's, answers): the tool's name.
+
+    Anthropic loads the named tool's definition there; a chat upstream is sent every tool
+    (C{defer_loading} or not), so the name says all.
+    """
+    name = block.get("tool_name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest(f"{where}.tool_name: Field required", param=f"{where}.tool_name")
+    return name
 
 
 def _assistant_message(content, where) -> dict:
