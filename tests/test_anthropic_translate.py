@@ -735,6 +735,14 @@ def test_an_in_band_error_ends_the_stream_without_message_stop():
     assert events_of(out) == [("error", {"type": "error", "error": {"type": "api_error", "message": "boom"}})]
 
 
+@pytest.mark.parametrize("code, kind", [(503, "overloaded_error"), (429, "rate_limit_error"),
+                                         (400, "invalid_request_error"), ("server_error", "api_error"), (None, "api_error")])
+def test_an_in_band_errors_type_follows_its_code(code, kind):
+    error = jsonutil.dumps({"error": {"message": "no", "type": "X", "code": code}})
+    _, out = translate(b"".join(FULL[:4]) + b"data: " + error + b"\n\n")
+    assert events_of(out)[-1] == ("error", {"type": "error", "error": {"type": kind, "message": "no"}})
+
+
 def test_a_matched_stop_string_and_reasoning_content_deltas():
     stream = b"".join([chunk({"reasoning_content": "hm"}), chunk({"content": "1, 2, 3"}),
                        chunk({}, finish="stop", stop_reason="4"), DONE])

@@ -1010,7 +1010,14 @@ class ChatToMessagesStream:
             message = "The upstream failed while streaming."
         elif self._hide is not None:
             message = self._hide(message)
-        out.append(_event("error", {"error": {"type": "api_error", "message": message}}))
+        out.append(_event("error", {"error": {"type": _in_band_type(error), "message": message}}))
+
+
+def _in_band_type(error) -> str:
+    """Anthropic's error type for a chat stream's in-band error: by its C{code} where that is an HTTP
+    status (vLLM's are: an overload is C{overloaded_error}, which clients retry), else C{api_error}."""
+    code = error.get("code") if isinstance(error, dict) else None
+    return AnthropicDialect.error_type(code) if _is_int(code) and 400 <= code < 600 else "api_error"
 
 
 _NATIVE_WATCHED = (b"message_start", b"message_delta", b"message_stop", b"error")
