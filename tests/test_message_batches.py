@@ -77,6 +77,7 @@ async def test_a_message_batch_runs_natively_and_translated_and_gives_anthropics
     assert native["native-2"].body["model"] == CHAT_MODEL and native["native-2"].body["system"] == "Be brief."
     [chat] = [r for r in openai.requests if r.path == b"/v1/chat/completions"]
     assert chat.body["model"] == CHAT_MODEL and chat.body["messages"] == [{"role": "user", "content": "Say hello."}]
+    assert chat.body["max_completion_tokens"] == 16 and "max_tokens" not in chat.body  # as online (OpenAI's name)
     assert all(KEY not in (r.header(b"authorization") or "") for r in vllm.requests + openai.requests)
     # The same batch through OpenAI's routes.
     response = await treq.get(gw.url + f"/v1/batches/{made.id}", headers={"authorization": f"Bearer {KEY}"})

@@ -184,7 +184,9 @@ async def test_translated_create_and_stream_for_an_openai_provider(openai_gw, fa
         assert sent.path == b"/v1/chat/completions"
         assert sent.body["messages"] == [{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": "Say hello."}]
-        assert sent.body["max_tokens"] == 16 and sent.body["model"] == CHAT_MODEL
+        # OpenAI's reasoning models (o-series, GPT-5) refuse max_tokens; all its models take max_completion_tokens.
+        assert sent.body["max_completion_tokens"] == 16 and "max_tokens" not in sent.body
+        assert sent.body["model"] == CHAT_MODEL
         # The provider's own key goes upstream, never the client's.
         assert sent.header(b"authorization") == "Bearer sk-upstream" and sent.header(b"x-api-key") is None
         assert sent.header(b"anthropic-version") is None
@@ -469,6 +471,7 @@ async def test_vllm_without_messages_is_translated_and_remembered(reactor, http)
         message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
         assert message.content[0].text == "héhéhé"
         assert [r.path for r in fake.requests if r.method == b"POST"] == [b"/v1/messages", b"/v1/chat/completions"]
+        assert fake.requests[-1].body["max_tokens"] == 8  # (vLLM's name, as for any model it serves)
         seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO))
         assert final.content[0].text == "héhéhé"
         # Remembered: the second and later requests go straight to chat completions.

@@ -1,7 +1,7 @@
 """How the lines of a message batch (L{gomodel.anthropic.batches}) go upstream: natively or translated."""
 
-from gomodel.anthropic.translate import chat_to_message_bytes, messages_to_chat, vllm_fields, without_vllm_fields
-from gomodel.api.messages import VLLM_CHAT_TYPES
+from gomodel.anthropic.translate import chat_to_message_bytes, messages_to_chat, vllm_fields
+from gomodel.api.messages import chat_for
 
 
 class MessagesLines:
@@ -36,8 +36,7 @@ class MessagesLines:
         extras = vllm_fields(payload, chat["messages"])
 
         def rebody(model, provider):
-            made = dict(chat, **extras) if provider.type in VLLM_CHAT_TYPES else without_vllm_fields(chat)
-            return body_for(principal, made, model, provider)
+            return body_for(principal, chat_for(provider, chat, extras), model, provider)
 
         return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, \
             chat_to_message_bytes

@@ -59,6 +59,9 @@ NATIVE_TYPES = frozenset(("vllm",))
 # Provider types whose chat completions take vLLM's fields (translate.vllm_fields: top_k, prefill; and
 # chat_template_kwargs, past thinking: those translate.without_vllm_fields leaves out for the others).
 VLLM_CHAT_TYPES = frozenset(("vllm",))
+# Provider types whose chat completions bound the answer by max_completion_tokens: OpenAI's reasoning models
+# (o-series, GPT-5) refuse max_tokens, and every OpenAI chat model takes max_completion_tokens.
+MAX_COMPLETION_TYPES = frozenset(("openai",))
 # How long a provider's model that answered "no Messages API here" is translated without asking again.
 NO_NATIVE_TTL = 600.0
 # Client headers passed on to a native Messages upstream (never a credential).
@@ -240,7 +243,7 @@ class MessagesRoutes:
         """Send C{body} as a chat completion; the answer (or stream) comes back in Messages' shape.
 
         vLLM's fields (L{vllm_fields}, and those L{without_vllm_fields} leaves out) go to a vLLM upstream
-        only; each target gets what its own provider takes (L{target}), a fallback's body included.
+        only; each target gets what its own provider takes (L{chat_for}, L{target}), a fallback's body included.
         """
         chat = messages_to_chat(body)
         extras = vllm_fields(body, chat["messages"])
@@ -251,8 +254,7 @@ class MessagesRoutes:
             chat["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
 
         def made(provider):
-            """The body for C{provider}: with vLLM's fields for a vLLM, else without them."""
-            return dict(chat, **extras) if provider.type in VLLM_CHAT_TYPES else without_vllm_fields(chat)
+            return chat_for(provider, chat, extras)
 
         sent = made(upstream)
         sent["model"] = ctx.upstream_model
@@ -352,6 +354,18 @@ class MessagesRoutes:
             return False
         self._translate_for_a_while(provider, model, MESSAGES)
         return True
+
+
+def chat_for(provider, chat: dict, extras: dict) -> dict:
+    """The translated chat body C{chat} (L{messages_to_chat}'s) as C{provider} takes it: with vLLM's fields
+    (C{extras}, L{vllm_fields}) for a vLLM, else without them (L{without_vllm_fields}); its C{max_tokens} as
+    C{max_completion_tokens} for the types of L{MAX_COMPLETION_TYPES}."""
+    if provider.type in VLLM_CHAT_TYPES:
+        return dict(chat, **extras)
+    other = without_vllm_fields(chat)
+    if provider.type in MAX_COMPLETION_TYPES:
+        other["max_completion_tokens"] = other.pop("max_tokens")
+    return other
 
 
 def anthropic_error(error: errors.UpstreamError) -> errors.UpstreamError:
