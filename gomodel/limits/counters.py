@@ -570,6 +570,10 @@ class _OpenLease:
 OPEN_LEASE = _OpenLease()
 
 
+class _Down(Exception):
+    """Redis failed after an operation was queued: it is answered open without trying."""
+
+
 @implementer(ICounters)
 class RedisCounters(_Forms):
     """Counters shared through one Redis (a C{redis.Redis} client), under C{prefix}.
@@ -604,6 +608,9 @@ class RedisCounters(_Forms):
         self._renew_script = redis.register_script(_RENEW)
         self._spend = redis.register_script(_SPEND_ALL)
         self._seed = redis.register_script(_SEED)
+        from redis import RedisError
+
+        self._errors = RedisError
 
     @classmethod
     def from_url(cls, url, reactor, prefix="gomodel:limits:", timeout=1.0, **kwargs):
@@ -630,11 +637,26 @@ class RedisCounters(_Forms):
         if self._reactor.seconds() < self._down_until:
             self.failures += 1
             return succeed(open_answer)
-        return self._threads.run(f, *args).addErrback(self._failed, open_answer)
+        return self._threads.run(self._unless_down, f, *args).addErrback(self._failed, open_answer)
+
+    def _unless_down(self, f, *args):
+        """C{f(*args)}, in a thread; unless Redis failed since it was queued: then L{_Down} at once, so that
+        the operations waiting for a thread when Redis stops answering do not each wait for its timeout (a
+        failure marks Redis down here already, before the next queued operation can start)."""
+        if self._reactor.seconds() < self._down_until:
+            raise _Down()
+        try:
+            return f(*args)
+        except self._errors:
+            self._down_until = self._reactor.seconds() + self._retry_after
+            raise
 
     def _failed(self, failure, open_answer):
         import redis
 
+        if failure.check(_Down):
+            self.failures += 1
+            return open_answer
         failure.trap(redis.RedisError)
         now = self._reactor.seconds()
         self.failures += 1
