@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from klein import Klein
 
 from gomodel import jsonutil
-from gomodel.anthropic.translate import openai_error_to_anthropic
+from gomodel.anthropic.translate import is_anthropic_error, openai_error_to_anthropic
 from gomodel.api.inference import resolve_model
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, visible
@@ -105,7 +105,7 @@ _ERROR_TYPES = (("not_found", "not_found_error"), ("budget", "rate_limit_error")
 
 def _anthropic_error(status, body) -> dict:
     """An upstream's error answer (as recorded) in Anthropic's shape: as it is when it is one already."""
-    if isinstance(body, dict) and body.get("type") == "error" and isinstance(body.get("error"), dict):
+    if is_anthropic_error(body):
         return body
     return jsonutil.loads(openai_error_to_anthropic(status, jsonutil.dumps(body)))
 

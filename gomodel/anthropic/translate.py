@@ -736,6 +736,11 @@ def _error_message(payload):
     return None
 
 
+def is_anthropic_error(value) -> bool:
+    """Whether C{value} (parsed JSON) is an error body in Anthropic's shape, C{{"type": "error", "error": {...}}}."""
+    return isinstance(value, dict) and value.get("type") == "error" and isinstance(value.get("error"), dict)
+
+
 def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
     """Anthropic's error body C{{"type": "error", "error": {"type", "message"}}} for an upstream's error answer.
 
@@ -750,7 +755,7 @@ def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
     except jsonutil.JSONError:
         payload = None
     error_type = AnthropicDialect.error_type(status)
-    if isinstance(payload, dict) and payload.get("type") == "error" and isinstance(payload.get("error"), dict):
+    if is_anthropic_error(payload):
         # vLLM's own endpoint puts its exception's name there ("BadRequestError"): only Anthropic's types stay.
         if payload["error"].get("type") in _ANTHROPIC_ERROR_TYPES:
             error_type = payload["error"]["type"]

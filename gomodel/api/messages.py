@@ -40,8 +40,9 @@ from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
-                                         chat_to_message_bytes, count_tokens_answer, count_tokens_request, messages_to_chat,
-                                         openai_error_to_anthropic, vllm_fields, without_vllm_fields)
+                                         chat_to_message_bytes, count_tokens_answer, count_tokens_request,
+                                         is_anthropic_error, messages_to_chat, openai_error_to_anthropic,
+                                         vllm_fields, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -375,7 +376,7 @@ def anthropic_error(error: errors.UpstreamError) -> errors.UpstreamError:
         parsed = jsonutil.loads(body)
     except jsonutil.JSONError:
         parsed = None
-    if isinstance(parsed, dict) and parsed.get("type") == "error" and isinstance(parsed.get("error"), dict):
+    if is_anthropic_error(parsed):
         return error
     converted = errors.UpstreamError(error.status, openai_error_to_anthropic(error.status, body), error.message)
     converted.headers = dict(error.headers)
