@@ -285,6 +285,38 @@ async def test_every_connection_notices_a_server_gone_silent(reactor, pg_databas
 
 
 @pytest_twisted.ensureDeferred
+async def test_while_the_server_refuses_connections_requests_are_503s_without_waiting_in_turn(reactor, pg_database):
+    """Before: each queued job waited for a connection in its turn, a second each, so with 4 connections the
+    40th of 40 concurrent requests had its 503 after 10 s (14 s for the first burst)."""
+    store = opened(reactor, pg_database, max_conns=2)
+    try:
+        await store.started()
+        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS false")
+        postgres.kill_connections(pg_database)
+        with pytest.raises(StorageUnavailable):
+            await store.files.get("file-x")  # the store finds out (its connection waits up to POOL_TIMEOUT)
+        pool = store._db._pool
+        queued = pool.get_stats().get("requests_queued", 0)
+        results = await DeferredList([store.files.get("file-x") for _ in range(20)], consumeErrors=True)
+        assert all(not ok and failure.check(StorageUnavailable) for ok, failure in results)
+        # None of them waited for a connection the server would not give.
+        assert pool.get_stats().get("requests_queued", 0) == queued
+        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS true")
+        deadline = time.monotonic() + 10  # the probe (every 2 s) asks the pool, which tries again
+        while True:
+            try:
+                await store.files.list()
+                break
+            except StorageUnavailable:
+                assert time.monotonic() < deadline, "the store never answered again"
+                await deferLater(reactor, 0.1, lambda: None)
+        assert store.problem is None
+    finally:
+        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS true")
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_pools_own_warnings_of_a_server_gone_are_not_logged(reactor, pg_database, caplog):
     # psycopg_pool warned "error connecting in 'gomodel': connection to server at "127.0.0.1", port 5432
     # failed" on every reconnection attempt (twistd logged each as an error), naming the database's address.

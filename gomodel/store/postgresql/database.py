@@ -41,6 +41,10 @@ CANCEL_TIMEOUT = 10.0  # seconds a cancel request may take (a stopped server ans
 DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
 PROBE_INTERVAL = 2.0
+# How long the pool retries to make one connection (backing off 1, 2, 4 s...) before it gives up. Left to
+# itself its backoff doubles for ever: after a ten-minute outage its next attempt would be minutes away. Once
+# it gave up, the probe's request for a connection starts it again from a 1 s backoff.
+RECONNECT_TIMEOUT = 8.0
 # A server that vanished without a word (its host lost its network, powered off, a firewall dropping the
 # connection) sends no reset: without these a statement on such a connection waits for the kernel's own
 # limits (about 15 minutes for a write, for ever for a read), holding a store thread and its request. Probes
@@ -84,6 +88,7 @@ class Database:
         self._delay = OPEN_BACKOFF[0]
         self._probe = None
         self.problem = "the store is not open yet"  # None while the database answers
+        self._errors_at_connect = 0  # the pool's failed connection attempts when it last made one
 
     # -- lifetime -----------------------------------------------------------------
 
@@ -100,7 +105,7 @@ class Database:
         self._pool = ConnectionPool(
             self._url, min_size=min(2, self.max_conns), max_size=self.max_conns, open=False,
             kwargs={"autocommit": True, **self._options}, check=ConnectionPool.check_connection,
-            timeout=POOL_TIMEOUT, name="gomodel", reconnect_timeout=float("inf"))
+            timeout=POOL_TIMEOUT, name="gomodel", reconnect_timeout=RECONNECT_TIMEOUT, configure=self._connected)
         self._probe = LoopingCall(self._check)
         self._probe.clock = self._reactor
         self._probe.start(PROBE_INTERVAL, now=False)
@@ -173,10 +178,25 @@ class Database:
             migrate(conn)
         pool.open(wait=False)
 
+    def _connected(self, conn):
+        """The pool made a connection (in its own thread): the server accepts them."""
+        self._errors_at_connect = self._pool.get_stats().get("connections_errors", 0)
+
+    def _refusing(self, pool) -> bool:
+        """Whether, the store being down, the pool has no connection to lend and its last attempt to make
+        one failed (the server refuses or cannot be reached): a job need not wait for one.
+
+        Connections being replaced (a restarted server, killed backends) are made at the first attempt:
+        jobs then wait for them as usual.
+        """
+        stats = pool.get_stats()
+        return stats["pool_available"] == 0 and stats.get("connections_errors", 0) > self._errors_at_connect
+
     def _check(self):
         if not self._opened or self._pool is None or self.problem is None:
             return None
-        return self.run(_ping).addErrback(lambda f: None)
+        # (it waits for a connection even while the server refuses them: its request makes the pool try again)
+        return self._run(_ping, (), _Job(patient=True)).addErrback(lambda f: None)
 
     @property
     def opened(self) -> bool:
@@ -211,7 +231,9 @@ class Database:
             d = Deferred()
             self._waiting.append((d, f, args))
             return d
-        job = _Job()
+        return self._run(f, args, _Job())
+
+    def _run(self, f, args, job):
         d = self._threads.run(self._job, f, args, job)
         return d.addTimeout(self._job_timeout, self._reactor, onTimeoutCancel=job.timed_out(self))
 
@@ -256,6 +278,8 @@ class Database:
         if pool is None:
             raise StorageUnavailable.because("the gateway is stopping")
         try:
+            if self.problem is not None and not job.patient and self._refusing(pool):
+                raise StorageUnavailable.because(self.problem)
             # Known down: fail fast instead of queueing every request for the pool's whole timeout.
             with pool.connection(timeout=POOL_TIMEOUT if self.problem is None else DOWN_TIMEOUT) as conn:
                 job.conn = conn
@@ -287,12 +311,13 @@ class Database:
 class _Job:
     """One job's connection while its statement runs (its thread sets it), for a cancel past its time limit."""
 
-    __slots__ = ("conn", "cancelled", "lock")
+    __slots__ = ("conn", "cancelled", "lock", "patient")
 
-    def __init__(self):
+    def __init__(self, patient=False):
         self.conn = None
         self.cancelled = False
         self.lock = Lock()
+        self.patient = patient  # it waits for a connection even while the server refuses them
 
     def cancel(self):
         """Cancel the job's statement if it still runs (in a thread: libpq's cancel request blocks)."""
