@@ -128,16 +128,17 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                        max_claimed=config.limits.batch_max_claimed,
                                        usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate,
                                        responses=store.responses, messages=MessagesLines(messages))
+    responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate,
+                               gateway.usage)
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
               ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
-              gateway.batch_runner]
+              gateway.batch_runner, responses.watch]
     BatchServices(store, *users).setServiceParent(gateway)
 
     # Routes: the front serves the inference routes and the plain ones (health checks, the model
     # list); Klein's, every other, are built at the first request for one (gomodel.api.lazy).
-    responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate)
     inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
     plain = PlainRoutes(gateway.registry)
     # The dashboard is a page over the admin API: served only with it.

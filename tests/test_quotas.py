@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import time
 
 import openai
 import pytest
@@ -376,6 +377,68 @@ async def test_a_background_response_is_charged_when_it_is_read_finished(http, g
         assert refused.value.code == "budget_exceeded"
     finally:
         client.close()
+
+
+async def _logged(reactor, http, gw, tokens, limit=10.0):
+    """The usage log's total tokens, sorted, once they are C{tokens} (or after C{limit} seconds)."""
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + limit
+    while True:
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        found = sorted(r["total_tokens"] or 0 for r in log["data"])
+        if found == tokens or time.monotonic() > deadline:
+            return found
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_response_nobody_reads_is_charged_once_it_is_over(reactor, http, gw, fake):
+    """The creating process asks its instance until it is over (before: only a read charged it, so a key
+    that never read its background responses spent nothing)."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 20}])
+    client = openai_client(gw, key["value"])
+    try:
+        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+        assert created.status == "queued" and created.usage is None
+        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                             "total_tokens": 22})
+        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        asked = [r for r in fake.requests if r.path == f"/v1/responses/{created.id}".encode()]
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        charged = [r for r in log["data"] if r["total_tokens"]]
+        assert [(r["request_id"], r["auth_key_id"], r["endpoint"]) for r in charged] == [
+            (created._request_id, key["id"], "/v1/responses")]  # (the create's request id)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert refused.value.code == "budget_exceeded"
+        # No longer asked after, and a read now takes the stored answer.
+        assert (await in_thread(client.responses.retrieve, created.id)).status == "completed"
+        assert [r for r in fake.requests if r.path == f"/v1/responses/{created.id}".encode()] == asked
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_response_read_by_the_master_key_is_charged_to_the_key_that_made_it(
+        reactor, http, gw, fake):
+    """Before: the read that found it finished charged the reader, and the master key has no budget."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 20}])
+    client, master = openai_client(gw, key["value"]), openai_client(gw, MASTER)
+    try:
+        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                             "total_tokens": 22})
+        assert (await in_thread(master.responses.retrieve, created.id)).status == "completed"
+        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert refused.value.code == "budget_exceeded"
+    finally:
+        client.close()
+        master.close()
 
 
 @pytest_twisted.ensureDeferred

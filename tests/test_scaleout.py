@@ -113,6 +113,38 @@ async def test_a_file_uploaded_on_a_is_listed_and_read_byte_for_byte_on_b(pair):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_response_read_on_both_hosts_at_once_is_charged_once(reactor, http, fake, pair):
+    """The host that created it charges it; reads never do (before: each host's read that found it finished
+    charged it)."""
+    a, b = pair
+    code, key = await admin(http, a.url, "POST", KEYS, {"name": "team"})
+    clients = [openai_client(a, key["value"]), openai_client(b, key["value"])]
+    try:
+        created = await in_thread(clients[0].responses.create, model=MODEL, input="long job", background=True)
+        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                             "total_tokens": 22})
+        async def known_on_b():
+            response = await http.get(b.url + "/v1/models", headers={"Authorization": f"Bearer {key['value']}"})
+            await treq.content(response)
+            return response.code == 200
+
+        await until(reactor, known_on_b, limit=5.0, what="the key known on B")
+        read = [in_thread(client.responses.retrieve, created.id) for client in clients]
+        assert [(await each).status for each in read] == ["completed", "completed"]
+
+        async def charged():
+            code, log = await admin(http, a.url, "GET", f"/admin/api/v1/usage/log?search={created._request_id}")
+            return sorted(r["total_tokens"] or 0 for r in log["data"]) == [0, 22]
+
+        await until(reactor, charged, limit=10.0, what="the response's usage recorded")
+        await deferLater(reactor, 1.0, lambda: None)  # (any second charge has been flushed: every 0.2 s)
+        assert await charged()
+    finally:
+        for client in clients:
+            client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_key_made_on_a_works_on_b_and_its_deactivation_stops_it_there_within_2s(reactor, http, pair):
     a, b = pair
     code, key = await admin(http, a.url, "POST", KEYS, {"name": "team", "user_path": "/team/x"})

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import errors, jsonutil
+from gomodel.api.background import UNFINISHED, BackgroundWatch
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
@@ -31,7 +32,6 @@ from gomodel.upstream.errors import upstream_error, without_address
 
 # How long we remember that a provider has no /responses route before asking again.
 NO_NATIVE_TTL = 600.0
-_UNFINISHED = ("queued", "in_progress")
 # An upstream's 404 body longer than this is no error envelope worth reading.
 NOT_FOUND_BODY_LIMIT = 64 * 1024
 
@@ -45,11 +45,14 @@ class ResponsesRoute:
 
     log = Logger()
 
-    def __init__(self, exchange, clock, registry, store=None, salts=None, gate=None):
+    def __init__(self, exchange, clock, registry, store=None, salts=None, gate=None, usage=None):
         """
         @param store: an C{IResponseStore}, or None: nothing is kept.
         @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
-        @param gate: the L{gomodel.limits.gate.Gate} (a target at its limit is routed around), or None.
+        @param gate: the L{gomodel.limits.gate.Gate} (a target at its limit is routed around; a background
+            response's usage is charged to its key's budgets), or None.
+        @param usage: the L{gomodel.accounting.usage.UsageLedger} (a background response's usage is recorded
+            once it is over), or None.
         """
         self._exchange = exchange
         self._clock = clock
@@ -59,6 +62,8 @@ class ResponsesRoute:
         self._gate = gate
         self._no_native = {}  # provider name -> time until which we translate without asking
         self._refreshing = {}  # response id -> its refresh from its instance (a Deferred), until its answer is stored
+        # (a service: started and stopped with the store's users)
+        self.watch = BackgroundWatch(clock, store, registry, self.refresh, usage, gate) if store is not None else None
 
     # -- create ----------------------------------------------------------------
 
@@ -234,12 +239,12 @@ class ResponsesRoute:
         """Whether a response created for C{body} is kept by the gateway."""
         return self._store is not None and body.get("store") is not False
 
-    def keep(self, body, provider, replica, response, previous_id, response_json=None, tenant=None):
+    def keep(self, body, provider, replica, response, previous_id, ctx, response_json=None):
         """Store C{response} (created for C{body}, which L{stores}, by C{provider}'s C{replica}, following
-        C{previous_id} or None).
+        C{previous_id} or None, for the request C{ctx}: its key's tenant owns it); one still running (in
+        the background) is watched until it is over (L{BackgroundWatch}).
 
         @param response_json: C{response} as the upstream's JSON bytes, when at hand.
-        @param tenant: who owns it (see L{gomodel.auth.tenancy}).
         """
         if response.__class__ is not dict:
             return
@@ -249,10 +254,12 @@ class ResponsesRoute:
         record = {"id": response_id, "provider": provider.name, "replica": replica,
                   "created_at": int(self._clock.seconds()), "previous_response_id": previous_id,
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
-                  "response": response, "tenant": tenant}
+                  "response": response, "tenant": tenant_of(ctx.principal)}
         if response_json is not None:
             record["response_json"] = response_json
         self._store.keep(record)
+        if record["status"] in UNFINISHED:
+            self.watch.watch(response_id, ctx)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -265,18 +272,9 @@ class ResponsesRoute:
             raise errors.InvalidRequest("Streaming a stored response again is not supported: retrieve it without "
                                         "stream.", param="stream", code="unsupported_value")
         response = record["response"]
-        provider = self._registry.provider(record["provider"])
-        if response.get("status") in _UNFINISHED and provider is not None:
-            refresh = self._refreshing.get(response_id)
-            asked = refresh is None  # (reads of it meanwhile share this one's answer: one finds it finished)
-            if asked:
-                refresh = self._refreshing[response_id] = Deferred.fromCoroutine(
-                    self._refreshed(request, provider, record))
-                refresh.addBoth(self._settle, record)
-            fresh = await _branch(refresh)
+        if response.get("status") in UNFINISHED:
+            fresh = await self.refresh(record, request.context.request_id, request.context.trace)
             if fresh is not None:
-                if asked and fresh.get("status") not in _UNFINISHED:
-                    _finished(request.context, provider, record, fresh)
                 response = fresh
         return json_answer(request, response)
 
@@ -309,7 +307,7 @@ class ResponsesRoute:
         """Forward a cancel to the instance running the (background) response; its answer is relayed. A
         response that is over (as vLLM answers for it, without asking it) is a 400."""
         record = await self._record(request, response_id)
-        if record["response"].get("status") not in _UNFINISHED:
+        if record["response"].get("status") not in UNFINISHED:
             raise errors.InvalidRequest("Cannot cancel a synchronous response.", param="response_id",
                                         code="response_not_cancellable")
         provider = self._registry.provider(record["provider"])
@@ -343,27 +341,50 @@ class ResponsesRoute:
         return self._store.put(dict(record, response=response, status=response.get("status"))).addErrback(
             lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
 
+    def refresh(self, record, request_id, trace=None) -> Deferred:
+        """Ask C{record}'s instance (its provider's replica) for its background response, sharing an ask
+        under way; the answer is stored, and one found over goes to L{BackgroundWatch.over}.
+
+        @param request_id: the asking request's id (sent upstream as C{X-Request-Id}).
+        @param trace: its L{gomodel.accounting.tracing.RequestTrace}, or None.
+        @return: a Deferred firing with the response as its instance has it now, or None when it has none
+            to give (unreachable, an odd answer; its provider no longer configured); never failing.
+        """
+        provider = self._registry.provider(record["provider"])
+        if provider is None:
+            return succeed(None)
+        refresh = self._refreshing.get(record["id"])
+        if refresh is None:
+            refresh = self._refreshing[record["id"]] = Deferred.fromCoroutine(
+                self._refreshed(request_id, trace, provider, record))
+            refresh.addBoth(self._settle, record)
+        return _branch(refresh)
+
     def _settle(self, fresh, record):
         """Store C{fresh}, C{record}'s response as its instance has it (None: none; a refresh that failed
         unexpectedly is logged and none), then forget its refresh; C{fresh} goes on to its readers."""
         if isinstance(fresh, Failure):
             self.log.failure("refreshing response {id} failed", fresh, id=record["id"])
             fresh = None
+        elif fresh.__class__ is not dict or fresh.get("id") != record["id"]:
+            fresh = None  # (not this response)
         self._update(record, fresh).addBoth(self._forget, record["id"])
+        if fresh is not None and fresh.get("status") not in UNFINISHED:
+            self.watch.over(record, fresh)
         return fresh
 
     def _forget(self, _, response_id):
         """Forget the refresh of C{response_id} (its answer is stored: reads from now on find it there)."""
         del self._refreshing[response_id]
 
-    async def _refreshed(self, request, provider, record):
+    async def _refreshed(self, request_id, trace, provider, record):
         """C{record}'s background response as its instance (C{provider}'s replica) has it now, or None when it
         has none to give (unreachable, an odd answer). One the instance no longer knows (it restarted: vLLM
         keeps responses in memory) will never finish: it is C{failed}."""
         response_id = record["id"]
         call = UpstreamCall(f"/responses/{response_id}", method=b"GET", pin=record.get("replica"))
         try:
-            fetched = await self._exchange.fetch(request.context.request_id, provider, call, request.context.trace)
+            fetched = await self._exchange.fetch(request_id, provider, call, trace)
             if fetched.response.code == 404 and _names(fetched.body, response_id):
                 return dict(record["response"], status="failed", error={
                     "code": "server_error", "message": f"The instance running response '{response_id}' no longer "
@@ -371,17 +392,6 @@ class ResponsesRoute:
             return jsonutil.loads(fetched.body) if fetched.response.code == 200 else None
         except (errors.GatewayError, jsonutil.JSONError):
             return None
-
-
-def _finished(ctx, provider, record, response):
-    """Note background C{response}, found finished at its instance, on the request C{ctx} that read it, as an
-    answer of that instance that used its usage: the usage ledger records it and the key's budgets are
-    charged with it, once (its create's answer, queued, had none)."""
-    usage = response.get("usage")
-    if usage.__class__ is dict:
-        ctx.route(provider, response.get("model"), response.get("model"))
-        ctx.replica = record.get("replica")
-        ctx.usage = usage
 
 
 def _branch(d: Deferred) -> Deferred:
@@ -423,8 +433,8 @@ class _Turn:
     def keep(self, response, response_json=None):
         """Store C{response} when it is to be stored."""
         if self.stored:
-            self._route.keep(self._body, self._provider, self._ctx.replica, response, self.previous_id,
-                             response_json, tenant_of(self._ctx.principal))
+            self._route.keep(self._body, self._provider, self._ctx.replica, response, self.previous_id, self._ctx,
+                             response_json)
 
     def keep_body(self, answer: bytes, relayed=True) -> bytes:
         """Keep the response C{answer} (its JSON bytes, returned as they are) when it is to be stored.
