@@ -183,3 +183,22 @@ async def test_upstream_cookies_never_reach_the_client(http, two):
     headers = response.headers
     assert headers.getRawHeaders("x-kept") == ["yes"]
     assert headers.getRawHeaders("set-cookie") is None and headers.getRawHeaders("set-cookie2") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_answer_keeps_the_upstreams_content_length(reactor, two):
+    """Relayed bytes unchanged keep their length (before: every passthrough answer came back chunked, its
+    size unknown to the client until its end)."""
+    gw, plain, _ = two
+    tokenize = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": "Hello"}).encode()
+    for request in (b"GET /p/vllm/v1/models HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer gw-key\r\n"
+                    b"Connection: close\r\n\r\n",
+                    b"POST /p/vllm/tokenize HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer gw-key\r\n"
+                    b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(tokenize), tokenize)):
+        client = await connect(reactor, gw.port, request)
+        await with_timeout(reactor, client.lost, 5)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        assert lines[0] == b"http/1.1 200 ok" and b"transfer-encoding: chunked" not in lines, head
+        assert b"content-length: %d" % len(body) in lines and body.startswith(b"{"), head

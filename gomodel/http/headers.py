@@ -96,6 +96,9 @@ def copy_response_headers(upstream_response, request, keep_length=False):
             continue
         # Names as Headers keeps them, values a parser let through (no CR or LF): copied as they are.
         kept[name] = list(values)
+    # (the HTTP client keeps Content-Length out of the headers, among its connection's: it is the length)
+    if keep_length and upstream_response.length.__class__ is int and upstream_response.code not in (204, 304):
+        kept[CONTENT_LENGTH] = [b"%d" % upstream_response.length]
 
 
 def _has_line(headers, name) -> bool:
