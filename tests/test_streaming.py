@@ -200,3 +200,50 @@ async def test_a_stream_an_upstream_answered_whole_reaches_the_client_as_events(
                 raise AssertionError(f"{garbled!r} was a stream")
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_whose_upstream_dies_before_its_first_event_goes_to_another_replica(reactor):
+    """A vLLM that dies after its answer's head, before the first token (nothing went to the client yet):
+    another replica answers; with none, the client gets a 502 envelope it may retry, not a 200 whose body is
+    an error event (before: the 200 and the error event, though nothing had been relayed)."""
+    import openai
+
+    from tests.support import in_thread, openai_client, start_fake, stop_all
+
+    dying, healthy = await start_fake(reactor), await start_fake(reactor)
+    dying.steer = {"fake_die_after": 0}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"{dying.base_url},{healthy.base_url}",
+                                       "ROUTING_STRATEGY": "round_robin"})
+    client = openai_client(gw, "none")
+    try:
+        for _ in range(4):  # each replica first, in turn
+            chunks = await in_thread(lambda: list(client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "héhéhé"
+        assert len([r for r in dying.requests if r.path == b"/v1/chat/completions"]) >= 1
+        healthy.steer = {"fake_die_after": 0}
+        response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body())
+        body = json.loads(await treq.content(response))
+        assert response.code == 502 and body["error"]["code"] == "upstream_unreachable", body
+        assert "127.0.0.1" not in json.dumps(body)
+        try:
+            await in_thread(lambda: list(client.with_options(max_retries=0).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)))
+            raise AssertionError("no error")
+        except openai.InternalServerError as error:
+            assert error.status_code == 502
+    finally:
+        await stop_all(gw, dying, healthy, clients=[client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_whose_upstream_sends_its_head_then_nothing_is_a_504(reactor, fake):
+    """(before: a 200 whose body was the in-band error event)"""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_STREAM_IDLE_TIMEOUT": "300ms"})
+    try:
+        response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body(fake_die_after=0, fake_hang=True))
+        body = json.loads(await treq.content(response))
+        assert response.code == 504 and body["error"]["code"] == "upstream_timeout", body
+    finally:
+        await gw.service.stopService()

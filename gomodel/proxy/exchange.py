@@ -224,7 +224,7 @@ class Exchange:
             await call.vet(response)
         if call.raw:  # a passthrough: its usage is read from the end of what went by
             tap = UsageTap(is_event_stream(response)) if ctx.recorded else None
-            return await self._relay_stream(request, ctx, response, tap, keep_length=True)
+            return await self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -232,7 +232,7 @@ class Exchange:
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
         if is_event_stream(response):
             ctx.stream = True
-            return await self._relay_stream(request, ctx, response, call.observer)
+            return await self._relay_stream(request, ctx, upstream, response, call.observer)
         try:
             body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
         except UpstreamUnreachable as e:
@@ -455,12 +455,16 @@ class Exchange:
         ctx.first_byte_written()
         return body
 
-    async def _relay_stream(self, request, ctx, response, observer, keep_length=False):
+    async def _relay_stream(self, request, ctx, upstream, response, observer, keep_length=False):
         """Relay a body with flow control as it comes; return None when done.
 
         A stream that breaks after its head went out is never made to look
         finished: an event stream gets an in-band error event in the route's
         dialect, then the connection is closed without the body's end.
+
+        @raise _BrokeOff: the upstream broke off before it sent any of its body, so nothing went to the
+            client (the head goes out with the first bytes): another replica may answer.
+        @raise gomodel.errors.UpstreamTimeout: it sent none of its body for too long.
         """
         copy_response_headers(response, request, keep_length)
         events = is_event_stream(response)
@@ -491,6 +495,13 @@ class Exchange:
                 pass
             elif isinstance(e, CancelledError):
                 raise
+            elif not relay.heard and request.channel is not None and not isinstance(e, StreamTooLong):
+                request.unregisterProducer()
+                if isinstance(e, UpstreamIdle):
+                    raise UpstreamTimeout(f"The upstream provider '{upstream.name}' sent nothing for too long.") \
+                        from None
+                raise _BrokeOff(UpstreamUnreachable(f"The upstream provider '{upstream.name}' broke off its "
+                                                    "answer.")) from None
             else:
                 # Taken now, not for every stream: a Deferred made, fired and run per request. Its
                 # connection is still open here (it would never fire for one already closed).

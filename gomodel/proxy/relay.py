@@ -119,6 +119,11 @@ class StreamRelay(Protocol):
         self._last_delivery = 0.0
         self._max_call = clock.callLater(max_duration, self._fail, StreamTooLong()) if max_duration else None
 
+    @property
+    def heard(self) -> bool:
+        """Whether the upstream sent any of its body (each delivery counts down the eager ones first)."""
+        return self._eager != EAGER_DELIVERIES
+
     # -- upstream side (IProtocol) -------------------------------------------
 
     def connectionMade(self):

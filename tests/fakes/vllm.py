@@ -10,7 +10,8 @@ gateway forwards untouched:
   - C{fake_text}: the content of each chunk (default "hé") — multi-byte UTF-8
   - C{fake_split_utf8}: write each event in two TCP writes, cut inside a UTF-8 character
   - C{fake_pace}: seconds between stream chunks
-  - C{fake_die_after}: abort the connection after that many chunks
+  - C{fake_die_after}: abort the connection after that many chunks (0: after the answer's head, as a
+    server that dies before its first token does; with C{fake_hang}, the head alone, then silence)
   - C{fake_no_done}: end the stream cleanly but without C{[DONE]}
   - C{fake_after_done}: after C{[DONE]}, C{"hold"} the body's end until the client
     leaves, or C{"abort"}: close the connection instead of ending the body
@@ -453,7 +454,11 @@ class FakeVLLM(Resource):
         if request._disconnected:
             return
         if die_after is not None and index >= die_after:
-            request.transport.abortConnection()
+            if index == 0:
+                request.write(b"")  # the head goes out
+                self._reactor.callLater(0.05, request.transport.abortConnection)
+            else:
+                request.transport.abortConnection()
             return
         if index == len(payloads):
             request.finish()
@@ -487,7 +492,7 @@ class FakeVLLM(Resource):
             return self._json(request, 400, {"error": {  # vLLM's own check
                 "message": "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
                 "type": "BadRequestError", "param": None, "code": 400}})
-        if body.get("fake_hang"):
+        if body.get("fake_hang") and body.get("fake_die_after") != 0:
             return server.NOT_DONE_YET
         if body.get("stream") or body.get("fake_stream_anyway"):
             return self._stream(request, record, body)
@@ -552,7 +557,12 @@ class FakeVLLM(Resource):
         if request._disconnected:
             return
         if die_after is not None and index >= die_after:
-            request.transport.abortConnection()
+            if index == 0:
+                request.write(b"")  # the head goes out
+                if not body.get("fake_hang"):
+                    self._reactor.callLater(0.05, request.transport.abortConnection)
+            else:
+                request.transport.abortConnection()
             return
         if index == len(payloads):
             self._end_stream(request, body)
