@@ -387,6 +387,17 @@ async def test_background_responses_are_refreshed_and_cancelled_at_their_instanc
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_response_that_is_not_to_be_stored_is_a_400(client, fake):
+    """It could never be read back (before: a translating provider answered it 200, done, and a vLLM its own
+    400)."""
+    sent = len(fake.requests)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await in_thread(client.responses.create, model=MODEL, input="long job", background=True, store=False)
+    assert refused.value.body["param"] == "background" and refused.value.body["code"] == "invalid_value"
+    assert len(fake.requests) == sent
+
+
+@pytest_twisted.ensureDeferred
 async def test_retention_sweeps_old_responses_periodically_under_a_claim(reactor, tmp_path):
     from twisted.internet.task import Clock
 

@@ -76,6 +76,9 @@ class ResponsesRoute:
         headers (L{target}: a vLLM's Responses and chat take C{cache_salt} and C{priority}).
         """
         stream = streams(body)
+        if body.get("background") is True and body.get("store") is False:  # (as OpenAI and vLLM answer it)
+            raise errors.InvalidRequest("background can only be used when store is true: a background response "
+                                        "is read back later.", param="background", code="invalid_value")
         previous = await self._previous(body, ctx.principal)
         first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:
