@@ -52,6 +52,21 @@ def test_usage_records_equal_vllms_usage(gateway):
     assert record["input_tokens"] == usage["prompt_tokens"] and record["endpoint"] == "/v1/embeddings"
 
 
+def test_a_background_response_nobody_reads_is_recorded_with_vllms_usage(gateway):
+    answer, rid = _call(gateway, "/responses", {"model": CHAT, "input": "Count to three.", "max_output_tokens": 4,
+                                                "background": True})
+    assert answer.status == 200 and json.loads(answer.body)["status"] in ("queued", "in_progress"), answer.body
+
+    def over():  # the gateway asks vLLM after it (never read here): its second record, with the usage
+        page = request("GET", gateway.root + f"/admin/api/v1/usage/log?search={rid}", headers=gateway.auth)
+        charged = [r for r in json.loads(page.body)["data"] if r["output_tokens"]]
+        return charged[0] if charged else None
+
+    record = wait_for(over, 30, what="the background response's usage")
+    assert record["endpoint"] == "/v1/responses" and record["model"] == CHAT and 1 <= record["output_tokens"] <= 4
+    assert record["input_tokens"] > 0
+
+
 def test_metrics_count_the_tokens_vllm_reported(gateway):
     def tokens():
         page = request("GET", gateway.root + "/metrics", headers=gateway.auth).body.decode()
