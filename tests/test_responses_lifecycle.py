@@ -231,6 +231,37 @@ async def test_at_most_routing_max_attempts_targets_are_asked(reactor):
 
 
 @pytest_twisted.ensureDeferred
+async def test_routing_max_attempts_bounds_the_sends_of_every_target_together(reactor):
+    """Three targets of two replicas each, all failing: ROUTING_MAX_ATTEMPTS (3) sends in all, on Responses
+    and Messages as on chat (before: each target's replicas were tried up to that many times, 6 sends)."""
+    import anthropic
+
+    fakes = [await start_fake(reactor, models=("m",)) for _ in range(6)]
+    for fake in fakes:
+        fake.steer = {"fake_status": 503}
+    env = {"REPLICA_FAILURE_THRESHOLD": "100", "FAILOVER_RULES_JSON": json.dumps({"vllm/m": ["vllm-b/m", "vllm-c/m"]}),
+           "VLLM_BASE_URL": f"{fakes[0].base_url},{fakes[1].base_url}",
+           "VLLM_B_BASE_URL": f"{fakes[2].base_url},{fakes[3].base_url}",
+           "VLLM_C_BASE_URL": f"{fakes[4].base_url},{fakes[5].base_url}"}
+    gw = await start_gateway(reactor, env)
+    client = openai_client(gw)
+    messages = anthropic.Anthropic(base_url=gw.url, api_key="none", max_retries=0)
+    try:
+        for path, call in ((b"/v1/responses", lambda: client.responses.create(model="vllm/m", input="hi")),
+                           (b"/v1/messages", lambda: messages.messages.create(
+                               model="vllm/m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]))):
+            try:
+                await in_thread(call)
+                raise AssertionError("answered")
+            except (openai.InternalServerError, anthropic.APIStatusError) as failed:
+                assert failed.status_code == 503
+            assert sum(len([r for r in fake.requests if r.path == path]) for fake in fakes) == 3
+    finally:
+        messages.close()
+        await stop_all(gw, *fakes, clients=(client,))
+
+
+@pytest_twisted.ensureDeferred
 async def test_conversation_survives_an_upstream_restart(client, fake):
     first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
     second = await in_thread(client.responses.create, model=MODEL, input="and I like tea",

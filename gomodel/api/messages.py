@@ -327,10 +327,11 @@ class MessagesRoutes:
         translated), failed with C{failed} (the last at C{ctx}'s provider): those reached the other way (a
         native vLLM that is down falls back to an OpenAI target of the same virtual model, and back).
 
-        @raise failed: it is no failure another target may answer (L{fails_over}), or none is left.
+        @raise failed: it is no failure another target may answer (L{fails_over}), none is left, or the
+            request made its C{ROUTING_MAX_ATTEMPTS} sends (every target's together).
         """
         rest = [route for route in routes if route is not first and route not in fallbacks]
-        if not rest or not fails_over(failed):
+        if not rest or not fails_over(failed) or ctx.attempts >= self._exchange.max_attempts:
             raise failed
         way = "natively" if native else "translated"
         self._exchange.failed_over(self._registry.provider(ctx.provider), "target",

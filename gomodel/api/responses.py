@@ -87,14 +87,12 @@ class ResponsesRoute:
                 first, fallbacks = unsaturated(self._gate, first, fallbacks)
         # the instance that holds the conversation, where the key may use it
         provider = first.provider if previous is None else held(self._registry, first, previous, ctx.principal).provider
-        tried = 0  # targets (each a relay of up to max_attempts sends among its replicas), at most max_attempts
         while True:
-            tried += 1
             try:
                 return await self._create_at(request, ctx, body["model"], dict(body, model=first.upstream_model),
                                              provider, stream, previous)
             except errors.GatewayError as failed:
-                if not fails_over(failed) or tried >= self._exchange.max_attempts:
+                if not fails_over(failed) or ctx.attempts >= self._exchange.max_attempts:  # (every target's sends)
                     raise
                 failing = provider
                 if provider is not first.provider:  # the instance that holds the conversation: the route's own next

@@ -50,7 +50,7 @@ class RequestContext:
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
                  "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace",
-                 "_token_counts")
+                 "_token_counts", "attempts")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, principal=None,
                  dialect=None, recorded=None):
@@ -86,6 +86,7 @@ class RequestContext:
         self.client_gone = False
         self.duration = None
         self.trace = None
+        self.attempts = 0  # its failed sends upstream so far, every target's (bounded by ROUTING_MAX_ATTEMPTS)
         self._holds = 0
         self._ended = False
         self._completed = False

@@ -184,7 +184,7 @@ class Exchange:
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:
                 response, replica, upstream, model, sent = await self._send(ctx.request_id, pool, call, broken,
-                                                                            trace)
+                                                                            trace, None, ctx)
                 took = None  # seconds the answer took, once it succeeded (the replica's pace)
                 try:
                     if model != ctx.upstream_model or upstream.name != ctx.provider:
@@ -200,7 +200,8 @@ class Exchange:
                         trace.failed(e.error.code)
                     replica.failed(e.error.message)
                     broken.append(replica)
-                    if upstream is pool and self._again(pool, model, call, broken, len(broken), False,
+                    ctx.attempts += 1
+                    if upstream is pool and self._again(pool, model, call, broken, ctx.attempts, False,
                                                         e.error.message):
                         continue
                     raise e.error from None
@@ -271,7 +272,7 @@ class Exchange:
 
     # -- the steps ------------------------------------------------------------------
 
-    async def _send(self, request_id, pool, call, exclude=(), trace=None, entering=None):
+    async def _send(self, request_id, pool, call, exclude=(), trace=None, entering=None, ctx=None):
         """Choose a replica and send C{call}, failing over before the first byte.
 
         The replicas of C{pool} first, then the call's fallback routes (a
@@ -288,9 +289,11 @@ class Exchange:
             each send is an attempt; the one returned is still open.
         @param entering: what L{fetch} was given (awaited with each fallback target's pool before it is
             tried), or None.
+        @param ctx: the request's L{gomodel.http.context.RequestContext} (its C{attempts}, the failed sends of
+            every target it was sent to, are counted on), or None (a batch line, a refresh).
         """
         targets = [(pool, call.model)] + [(route.provider, route.upstream_model) for route in call.fallbacks]
-        attempts = 0
+        attempts = 0 if ctx is None else ctx.attempts
         for number, (pool, model) in enumerate(targets):
             more = number + 1 < len(targets)
             if number == 0:
@@ -337,6 +340,8 @@ class Exchange:
                     replica.failed(e.message)
                     tried.append(replica)
                     attempts += 1
+                    if ctx is not None:
+                        ctx.attempts = attempts
                     again = self._again(pool, model, call, tried, attempts, more, e.message)
                     if again == "replica":
                         continue
@@ -359,6 +364,8 @@ class Exchange:
                     replica.succeeded()
                 if response.code in FAILOVER_STATUSES:
                     attempts += 1
+                    if ctx is not None:
+                        ctx.attempts = attempts
                     again = self._again(pool, model, call, tried + [replica], attempts, more,
                                         f"HTTP {response.code}")
                     if again is not None:
