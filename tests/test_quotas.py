@@ -356,17 +356,24 @@ async def test_a_passthrough_is_priced_by_the_model_its_provider_serves(reactor,
         await gw.service.stopService()
 
 
+async def _done_in_background(http, gw, fake, max_tokens=20):
+    """A key with a daily budget of C{max_tokens}, its openai client, and a background response of it, created
+    queued without usage, that its instance now holds completed having used 22 tokens."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": max_tokens}])
+    client = openai_client(gw, key["value"])
+    created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    assert created.status == "queued" and created.usage is None
+    fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                         "total_tokens": 22})
+    return key, client, created
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_is_charged_when_it_is_read_finished(http, gw, fake):
     """Its create's answer (queued) has no usage: the read that finds it finished at its instance records and
     charges what it used, once (before, a background response cost nothing)."""
-    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 20}])
-    client = openai_client(gw, key["value"])
+    key, client, created = await _done_in_background(http, gw, fake)
     try:
-        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
-        assert created.status == "queued" and created.usage is None
-        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
-                                                                             "total_tokens": 22})
         for _ in range(2):  # the first read finds it finished; the second reads the gateway's copy
             assert (await in_thread(client.responses.retrieve, created.id)).status == "completed"
         await gw.service.usage.flush()
@@ -397,13 +404,8 @@ async def _logged(reactor, http, gw, tokens, limit=10.0):
 async def test_a_background_response_nobody_reads_is_charged_once_it_is_over(reactor, http, gw, fake):
     """The creating process asks its instance until it is over (before: only a read charged it, so a key
     that never read its background responses spent nothing)."""
-    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 20}])
-    client = openai_client(gw, key["value"])
+    key, client, created = await _done_in_background(http, gw, fake)
     try:
-        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
-        assert created.status == "queued" and created.usage is None
-        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
-                                                                             "total_tokens": 22})
         assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
         asked = [r for r in fake.requests if r.path == f"/v1/responses/{created.id}".encode()]
         await gw.service.usage.flush()
@@ -425,12 +427,9 @@ async def test_a_background_response_nobody_reads_is_charged_once_it_is_over(rea
 async def test_a_background_response_read_by_the_master_key_is_charged_to_the_key_that_made_it(
         reactor, http, gw, fake):
     """Before: the read that found it finished charged the reader, and the master key has no budget."""
-    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 20}])
-    client, master = openai_client(gw, key["value"]), openai_client(gw, MASTER)
+    key, client, created = await _done_in_background(http, gw, fake)
+    master = openai_client(gw, MASTER)
     try:
-        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
-        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
-                                                                             "total_tokens": 22})
         assert (await in_thread(master.responses.retrieve, created.id)).status == "completed"
         assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
         with pytest.raises(openai.RateLimitError) as refused:
@@ -450,12 +449,8 @@ async def test_reads_of_a_background_response_at_once_charge_it_once(reactor, ht
     from gomodel.api.responses import ResponsesRoute
     from tests.support import until
 
-    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 100}])
-    client = openai_client(gw, key["value"])
+    key, client, created = await _done_in_background(http, gw, fake, max_tokens=100)
     try:
-        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
-        fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
-                                                                             "total_tokens": 22})
         reads, gate = [], Deferred()
         record, refreshed = ResponsesRoute._record, ResponsesRoute._refreshed
 

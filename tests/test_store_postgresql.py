@@ -284,17 +284,23 @@ async def test_every_connection_notices_a_server_gone_silent(reactor, pg_databas
             await store.stopService()
 
 
+async def refused(store, database):
+    """Open C{store}, then make its server refuse connections to C{database}; fires once the store found out
+    (its first request waits up to the pool's timeout for a connection, then is a 503)."""
+    await store.started()
+    postgres.admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+    postgres.kill_connections(database)
+    with pytest.raises(StorageUnavailable):
+        await store.files.get("file-x")
+
+
 @pytest_twisted.ensureDeferred
 async def test_while_the_server_refuses_connections_requests_are_503s_without_waiting_in_turn(reactor, pg_database):
     """Before: each queued job waited for a connection in its turn, a second each, so with 4 connections the
     40th of 40 concurrent requests had its 503 after 10 s (14 s for the first burst)."""
     store = opened(reactor, pg_database, max_conns=2)
     try:
-        await store.started()
-        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS false")
-        postgres.kill_connections(pg_database)
-        with pytest.raises(StorageUnavailable):
-            await store.files.get("file-x")  # the store finds out (its connection waits up to POOL_TIMEOUT)
+        await refused(store, pg_database)
         pool = store._db._pool
         queued = pool.get_stats().get("requests_queued", 0)
         results = await DeferredList([store.files.get("file-x") for _ in range(20)], consumeErrors=True)
@@ -325,11 +331,7 @@ async def test_the_pools_own_warnings_of_a_server_gone_are_not_logged(reactor, p
     caplog.set_level(logging.WARNING)
     store = opened(reactor, pg_database, max_conns=2)
     try:
-        await store.started()
-        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS false")
-        postgres.kill_connections(pg_database)
-        with pytest.raises(StorageUnavailable):
-            await store.files.get("file-x")
+        await refused(store, pg_database)
         await deferLater(reactor, 2.5, lambda: None)  # the pool's reconnection attempts
         assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []
     finally:
