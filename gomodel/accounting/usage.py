@@ -62,7 +62,7 @@ class UsageLedger(Service):
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
                   ctx.stream, ctx.usage, _ms(ctx.duration),
                   None if ctx.first_byte is None else _ms(ctx.first_byte), ctx.client_gone,
-                  ctx.estimated, *_who(ctx.principal), tokens=ctx.token_counts)
+                  ctx.estimated, *recorded_as(ctx.principal), tokens=ctx.token_counts)
 
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
              usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, auth_key_id=None,
@@ -179,7 +179,7 @@ _TOKENS, _COST, _PATH, _KEY = (USAGE_FIELDS.index(field) for field in ("total_to
                                                                         "auth_key_id"))
 
 
-def _who(principal):
+def recorded_as(principal):
     """C{(auth_key_id, user_path)} of a record: a managed key's, else Nones."""
     if principal is None or principal.master:
         return None, None

@@ -14,6 +14,8 @@ creating process stops before it is over is not charged.
 from twisted.application.service import Service
 from twisted.logger import Logger
 
+from gomodel.accounting.usage import recorded_as
+
 UNFINISHED = ("queued", "in_progress")
 WATCH_DELAYS = (1.0, 2.0, 5.0)  # seconds before each ask: the first ones, then the last for ever
 WATCH_LIMIT = 86400.0  # a response still not over after this long is no longer watched (nor charged)
@@ -61,16 +63,14 @@ class BackgroundWatch(Service):
             usage = None
         model = response.get("model")
         qualified = f"{record['provider']}/{model}" if model.__class__ is str else None
-        principal = watched.principal
         if self._usage is not None and usage is not None:
             provider = self._registry.provider(record["provider"])
+            key_id, user_path = recorded_as(watched.principal)
             self._usage.keep(watched.request_id.decode("ascii"), self._clock.seconds(),
                              provider.type if provider is not None else None, record["provider"], record.get("replica"),
-                             qualified, "/v1/responses", 200, False, usage,
-                             auth_key_id=None if principal is None else principal.id,
-                             user_path=None if principal is None else principal.user_path)
+                             qualified, "/v1/responses", 200, False, usage, auth_key_id=key_id, user_path=user_path)
         if self._gate is not None:
-            self._gate.charge(principal, qualified, usage)
+            self._gate.charge(watched.principal, qualified, usage)
 
     def stopService(self):
         """Stop asking (what is over afterwards is not charged)."""
