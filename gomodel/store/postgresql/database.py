@@ -180,7 +180,9 @@ class Database:
 
     def _connected(self, conn):
         """The pool made a connection (in its own thread): the server accepts them."""
-        self._errors_at_connect = self._pool.get_stats().get("connections_errors", 0)
+        pool = self._pool
+        if pool is not None:  # (not stopped meanwhile)
+            self._errors_at_connect = pool.get_stats().get("connections_errors", 0)
 
     def _refusing(self, pool) -> bool:
         """Whether, the store being down, the pool has no connection to lend and its last attempt to make
