@@ -162,6 +162,8 @@ async def test_create_list_get_patch_deactivate(http, gw):
     # models and metadata past their caps (metadata: OpenAI's 16 string pairs, keys to 64, values to 512)
     ({"name": "x", "models": ["vllm/"] * 1001}, "models"),
     ({"name": "x", "allowed_models": ["m" * 257]}, "allowed_models"),
+    ({"name": "x", "models": ["vllm/"], "allowed_models": ["vllm/a"]}, "allowed_models"),  # (one field, two lists)
+    ({"name": "x", "models": None, "allowed_models": ["vllm/a"]}, "allowed_models"),
     ({"name": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
     ({"name": "x", "metadata": {"k" * 65: "v"}}, "metadata"),
     ({"name": "x", "metadata": {"k": "v" * 513}}, "metadata"),
@@ -185,6 +187,16 @@ async def test_models_and_metadata_up_to_their_caps_are_kept(http, gw):
     assert (code, error["error"]["param"], error["error"]["code"]) == (400, "models", "invalid_value")
     code, got = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"metadata": None, "models": None})
     assert code == 200 and (got["metadata"], got["models"]) == (None, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_and_allowed_models_are_one_field(http, gw):
+    key = await new_key(http, gw, models=["vllm/"], allowed_models=[" vllm/"])
+    assert (key["models"], key["allowed_models"]) == (["vllm/"], ["vllm/"])
+    code, error = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"models": ["a/"], "allowed_models": ["b/"]})
+    assert (code, error["error"]["param"], error["error"]["code"]) == (400, "allowed_models", "invalid_value")
+    code, got = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"models": None, "allowed_models": []})
+    assert code == 200 and not got["models"]
 
 
 # 1e400 parses as infinity where the body holds an integer of 20 digits or more (the standard library's parser).

@@ -171,7 +171,10 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
         fields["expires_at"] = expiry(body["expires_at"], now)
     for name in ("models", "allowed_models"):
         if name in body:
-            fields["models"] = _selectors(body[name], name)
+            selectors = _selectors(body[name], name)
+            if "models" in fields and (fields["models"] or None) != (selectors or None):  # (null, []: every model)
+                raise _bad("allowed_models", "differs from 'models' (they are one field: give one)")
+            fields["models"] = selectors
     for name, most in _INTEGER_LIMITS.items():
         if name in body:
             value = body[name]
