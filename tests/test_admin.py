@@ -110,6 +110,28 @@ async def test_budgets_refuse_costs_past_a_float_and_unknown_fields(reactor, htt
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_budget_body_that_contradicts_its_route_or_query_is_a_400_naming_the_field(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        for method, path, body, param in (
+                ("PUT", "/admin/api/v1/budgets/team/daily", {"user_path": "/other", "amount": 1}, "user_path"),
+                ("PUT", "/admin/api/v1/budgets/team/daily", {"period": "monthly", "amount": 1}, "period"),
+                ("DELETE", "/admin/api/v1/budgets/team/daily", {"user_path": "/other"}, "user_path"),
+                ("DELETE", "/admin/api/v1/budgets?user_path=/team&period=daily", {"period": "hourly"}, "period")):
+            code, error = await admin(http, gw, method, path, body)
+            assert (code, error["error"]["param"], error["error"]["code"]) == (400, param, "invalid_value"), path
+        code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+        assert (code, listed["data"]) == (200, [])
+        code, budget = await admin(http, gw, "PUT", "/admin/api/v1/budgets/team/daily",
+                                   {"user_path": "team/", "period": "daily", "amount": 1})  # (the same path)
+        assert (code, budget["user_path"], budget["period"]) == (200, "/team", "daily")
+        code, gone = await admin(http, gw, "DELETE", "/admin/api/v1/budgets/team/daily", {"user_path": "/team"})
+        assert (code, gone["deleted"]) == (200, True)
+    finally:
+        await gw.service.stopService()
+
+
 # A key budget's cost as stored before the admin API refused costs past a float: a 400-digit integer, or
 # infinity, which the JSON encoder wrote as null (the budget then says neither tokens nor cost).
 @pytest.mark.parametrize("stored", [10**400, None], ids=["400-digits", "infinity-written-as-null"])

@@ -67,18 +67,25 @@ class BudgetsAPI:
     @app.route("/<path:target>", methods=["PUT"])
     async def put_at(self, request, target):
         path, period = _split(target)
-        return await self._put(request, path, period, json_body(request))
+        body = json_body(request)
+        _agree(body, path, period, "the route")
+        return await self._put(request, path, period, body)
 
     @app.route("/", methods=["DELETE"])
     async def delete(self, request):
         body = json_body(request) if request.content.seek(0, 2) else {}
         _known(body, {"user_path", "period"})
-        return await self._delete(request, query_arg(request, b"user_path", body.get("user_path")),
-                                  query_arg(request, b"period", body.get("period")))
+        path, period = query_arg(request, b"user_path"), query_arg(request, b"period")
+        _agree(body, path, period, "the query")
+        return await self._delete(request, path or body.get("user_path"), period or body.get("period"))
 
     @app.route("/<path:target>", methods=["DELETE"])
     async def delete_at(self, request, target):
-        return await self._delete(request, *_split(target))
+        path, period = _split(target)
+        body = json_body(request) if request.content.seek(0, 2) else {}
+        _known(body, {"user_path", "period"})
+        _agree(body, path, period, "the route")
+        return await self._delete(request, path, period)
 
     async def _put(self, request, path, period, body):
         _known(body, _FIELDS)
@@ -121,6 +128,17 @@ def _known(body, fields):
     if unknown:
         field = sorted(unknown)[0]
         raise InvalidRequest(f"'{field}' is not a field of a budget.", param=field, code="invalid_value")
+
+
+def _agree(body, path, period, where):
+    """Refuse a body whose C{user_path} or C{period} is not the one C{where} names (C{path}, C{period}: None
+    where it names none)."""
+    if body.get("period") is not None and period is not None and body["period"] != period:
+        raise InvalidRequest(f"The body's period is not {period!r}, which {where} names.", param="period",
+                             code="invalid_value")
+    if body.get("user_path") is not None and path is not None and user_path(body["user_path"]) != user_path(path):
+        raise InvalidRequest(f"The body's user_path is not {user_path(path)!r}, which {where} names.",
+                             param="user_path", code="invalid_value")
 
 
 def _split(target):
