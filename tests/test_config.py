@@ -109,6 +109,10 @@ def test_config_file_from_gomodel_config(tmp_path):
     ({"VLLM_TEST__X_BASE_URL": "http://h"}, "VLLM_TEST__X_BASE_URL"),
     ({"VLLM_API_KEY": "${UNSET}"}, "VLLM_API_KEY"),
     ({"VLLM_BASE_URL": "http://h", "VLLM_API_KEY": "k\r\nX-Injected: 1"}, "VLLM_API_KEY"),
+    # the health checks' paths, which need no key: the metrics there were served to anyone, in place of them
+    ({"METRICS_ENDPOINT": "/health"}, "METRICS_ENDPOINT"),
+    ({"METRICS_ENDPOINT": "/health/"}, "METRICS_ENDPOINT"),
+    ({"METRICS_ENDPOINT": "/health/ready"}, "METRICS_ENDPOINT"),
 ])
 def test_bad_values_name_the_variable(env, named):
     with pytest.raises(ConfigError) as raised:
