@@ -454,6 +454,23 @@ def test_yaml_errors_show_the_place_never_the_text(tmp_path):
         assert "line 2" in error or "line 1" in error
 
 
+@pytest.mark.parametrize("text, line", [
+    ("providers:\n  a: {type: vllm, base_url: 'http://h:1'}\n  a: {type: vllm, base_url: 'http://h:2'}\n", 3),
+    ("server: {port: 1}\nserver: {port: 2}\n", 2),
+    ("server: {master_key: s3cr3t, master_key: other}\n", 1),
+    ("budgets:\n  user_paths:\n    - {path: /t, limits: [{period: daily, amount: 1, amount: 2}]}\n", 3),
+], ids=["provider", "section", "setting", "nested"])
+def test_a_key_given_twice_in_a_mapping_is_refused_naming_its_place(tmp_path, text, line):
+    error = yaml_error(tmp_path, text)  # (PyYAML kept the last one silently)
+    assert "given twice" in error and f"line {line}" in error and "s3cr3t" not in error
+
+
+def test_a_merged_mapping_may_still_be_overridden(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("providers:\n  a: &a {type: vllm, base_url: 'http://h:1'}\n  b: {<<: *a, base_url: 'http://h:2'}\n")
+    assert [p.base_url for p in load_config({}, str(path)).upstreams.providers] == ["http://h:1/v1", "http://h:2/v1"]
+
+
 # NaN, infinity and huge numbers: refused everywhere, naming the setting.
 
 @pytest.mark.parametrize("text, named", [

@@ -112,6 +112,8 @@ def _read_yaml(path, env) -> dict:
     """
     import yaml  # only with a file: a gateway configured by its environment never loads PyYAML
 
+    from gomodel.config import yamlfile
+
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -120,7 +122,7 @@ def _read_yaml(path, env) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"cannot read config file {path}: not UTF-8 text (byte {e.start})") from None
     try:
-        document = yaml.safe_load(text)
+        document = yamlfile.load(text, path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         if mark is not None:
