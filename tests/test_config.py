@@ -604,3 +604,19 @@ def test_only_secrets_are_hidden_in_errors():
             load_config({"REDIS_URL": url})
         assert "REDIS_URL" in str(raised.value) and "port" in str(raised.value), str(raised.value)
         assert "s3cret" not in str(raised.value) and "notaport" not in str(raised.value)
+
+
+@pytest.mark.parametrize("yaml_type, env", [
+    ("openai", {"VLLM_BASE_URL": "http://v:8000"}),
+    ("vllm", {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "http://o:1/v1"}),
+    ("openai", {"VLLM_X_BASE_URL": "http://v:8000"}),
+])
+def test_variables_of_a_type_never_overlay_a_yaml_provider_of_another_type_named_as_they_would(tmp_path, yaml_type,
+                                                                                               env):
+    name = "vllm-x" if "VLLM_X_BASE_URL" in env else "vllm" if yaml_type == "openai" else "openai"
+    path = tmp_path / "g.yaml"
+    path.write_text(f"providers: {{{name}: {{type: {yaml_type}, base_url: 'http://y:1/v1', api_key: k}}}}\n")
+    config = load_config(env, str(path))  # (the unsuffixed ones made the YAML's provider send to their URL)
+    (provider,) = config.upstreams.providers
+    assert (provider.name, provider.type, provider.base_url) == (name, yaml_type, "http://y:1/v1")
+    assert any("ignored" in w and repr(name) in w for w in config.warnings)

@@ -67,11 +67,11 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
             name = same_type[0] if same_type else type_
         else:
             name = f"{type_}-{suffix.lower().replace('_', '-')}"
-            existing = entries.get(name)
-            if existing is not None and existing["type"] != type_:
-                warnings.append(f"{type_.upper()}_{suffix}_* variables ignored: provider {name!r} "
-                                f"is of type {existing['type']} in the YAML file")
-                continue
+        existing = entries.get(name)
+        if existing is not None and existing["type"] != type_:
+            warnings.append(f"{type_.upper()}_{suffix + '_' if suffix else ''}* variables ignored: provider "
+                            f"{name!r} is of type {existing['type']} in the YAML file")
+            continue
         entry = entries.setdefault(name, {"type": type_})
         for field_name, (value, var) in fields.items():
             if field_name == "models":
