@@ -749,6 +749,15 @@ def test_scopes_by_path_subtree_provider_and_model():
     ({"budgets": {"user_paths": [{"path": "/", "limits": [{"period": "daily", "amount": 1, "cap": 2}]}]}},
      "unknown keys: cap"),
     ({"budgets": {"enabled": "yes"}}, "budgets.enabled must be true or false"),
+    # a misspelt or unsupported key: no limit or budget at all was set, silently
+    ({"budgets": {"user_path": [{"path": "/", "limits": [{"period": "daily", "amount": 1}]}]}},
+     r"budgets has unknown keys: user_path \(known: enabled, user_paths\)"),
+    ({"budgets": {"labels": [{"label": "ios", "limits": [{"period": "daily", "amount": 1}]}]}},
+     "budgets has unknown keys: labels"),
+    ({"rate_limits": {"model": [{"model": "m", "limits": [{"period": "minute", "max_requests": 1}]}]}},
+     "rate_limits has unknown keys: model"),
+    ({"rate_limits": {"user_paths": [{"path": "/", "limit": [{"period": "minute", "max_requests": 1}]}]}},
+     r"rate_limits.user_paths\[0\] has unknown keys: limit"),
 ])
 def test_bad_yaml_says_where(document, message):
     with pytest.raises(ValueError, match=message):

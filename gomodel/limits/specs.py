@@ -417,8 +417,8 @@ def limits_from_yaml(mapping, base: Optional[LimitsConfig] = None) -> LimitsConf
     """The C{rate_limits:} and C{budgets:} sections of a YAML document (the whole mapping) over C{base}."""
     base = base or LimitsConfig()
     mapping = mapping or {}
-    rate = _section(mapping, "rate_limits")
-    budgets = _section(mapping, "budgets")
+    rate = _section(mapping, "rate_limits", ("enabled", "user_paths", "providers", "models"))
+    budgets = _section(mapping, "budgets", ("enabled", "user_paths"))
     user_paths, providers, models, paths_budgets = (dict(base.user_paths), dict(base.providers),
                                                     dict(base.models), dict(base.budgets))
     _read_entries(rate, "rate_limits", "user_paths", "path", normalize_user_path, user_paths, base.user_paths,
@@ -438,6 +438,7 @@ def _read_entries(section, section_name, key, subject_key, normalize, into, base
     """Each entry of C{section[key]} into C{into}: its subject (normalised) -> its parsed C{limits}."""
     for i, entry in enumerate(_entries(section, key, section_name)):
         where = f"{section_name}.{key}[{i}]"
+        _known(entry, (subject_key, "limits", "per_child"), where)
         subject = _subject(entry, subject_key, where, normalize)
         _no_duplicate(subject, into, base, where)
         into[subject] = parse(entry.get("limits"), where)
@@ -524,13 +525,22 @@ def _optional_positive(value, where):
     return value
 
 
-def _section(mapping, name):
+def _section(mapping, name, keys):
     value = mapping.get(name)
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise ValueError(f"{name} must be a mapping")
+    _known(value, keys, name)
     return value
+
+
+def _known(mapping, keys, where):
+    """Refuse a key of C{mapping} not among C{keys} (a misspelt C{user_path:} would set no limit at all)."""
+    unknown = set(mapping) - set(keys)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys: {', '.join(sorted(map(str, unknown)))} "
+                         f"(known: {', '.join(keys)})")
 
 
 def _entries(section, key, name):
