@@ -623,3 +623,14 @@ def test_variables_of_a_type_never_overlay_a_yaml_provider_of_another_type_named
     (provider,) = config.upstreams.providers
     assert (provider.name, provider.type, provider.base_url) == (name, yaml_type, "http://y:1/v1")
     assert any("ignored" in w and repr(name) in w for w in config.warnings)
+
+
+def test_a_provider_rate_limit_that_names_no_provider_is_warned_of(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("providers: {gpu_a: {type: vllm, base_url: 'http://a:1'}}\n"
+                    "rate_limits: {providers: [{name: GPU_A, limits: [{period: minute, max_requests: 5}]}]}\n")
+    assert not load_config({}, str(path)).warnings  # (names are matched in any case)
+    # an environment name cannot say gpu_a (SET_PROVIDER_RATE_LIMIT_GPU_A is gpu-a): it was silently no limit
+    config = load_config({"SET_PROVIDER_RATE_LIMIT_GPU_A": "rpm=5"}, str(path))
+    (warning,) = config.warnings
+    assert "'gpu-a'" in warning and "gpu_a" in warning

@@ -69,6 +69,10 @@ def load_config(
         quotas = limits_from_env(env, limits_from_yaml(_typed_limits(document)))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{yaml_path}: {e}" if yaml_path else str(e)) from None
+    named = {p.name.lower() for p in providers}
+    for name in sorted(set(quotas.providers) - named):
+        warnings.append(f"the rate limit of provider {name!r} holds for nothing: no provider has that name "
+                        f"(known: {', '.join(sorted(named)) or 'none'})")
     return Config(**sections, quotas=quotas, warnings=tuple(warnings))
 
 
