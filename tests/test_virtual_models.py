@@ -165,6 +165,16 @@ def test_yaml_virtual_models_read_placeholders_and_switches(tmp_path):
     assert "virtual_models[0].targets[0].weight" in str(raised.value)
 
 
+def test_a_virtual_models_user_paths_is_refused_not_ignored():
+    # GoModel's access policy: it was taken and ignored, so every key could use the model it meant to keep
+    virtual = '[{"source": "v", "targets": ["a/m"], "user_paths": ["/team/a"]}]'
+    with pytest.raises(ConfigError) as raised:
+        load_config({"VIRTUAL_MODELS": virtual})
+    assert "VIRTUAL_MODELS[0].user_paths" in str(raised.value)
+    [vm] = load_config({"VIRTUAL_MODELS": virtual.replace('["/team/a"]', "[]")}).routing.virtual_models
+    assert vm.source == "v"  # (none listed: everyone, as GoModel reads it)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_key_allowed_one_target_uses_and_sees_the_virtual_model(reactor, http):
     """A key may use a virtual model through the targets it is allowed: never a 403 by the draw."""

@@ -58,6 +58,9 @@ def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
         if source in seen:
             raise ConfigError(f"{at}.source {source!r} is defined twice")
         seen.add(source)
+        if item.get("user_paths"):  # (GoModel's access policy: taken and ignored, it let every key in)
+            raise ConfigError(f"{at}.user_paths is not supported: list the model in the models of the keys that "
+                              "may use it")
         strategy = item.get("strategy", "round_robin")
         if strategy not in STRATEGIES:
             raise ConfigError(f"{at}.strategy must be one of: {', '.join(STRATEGIES)}")
