@@ -165,6 +165,12 @@ def test_yaml_virtual_models_read_placeholders_and_switches(tmp_path):
     assert "virtual_models[0].targets[0].weight" in str(raised.value)
 
 
+def test_a_source_given_twice_is_refused_whatever_spaces_surround_it():
+    with pytest.raises(ConfigError) as raised:  # (both were kept, one name for two models)
+        load_config({"VIRTUAL_MODELS": '[{"source": "v", "target": "a/m"}, {"source": " v ", "target": "b/m"}]'})
+    assert "VIRTUAL_MODELS[1].source 'v' is defined twice" in str(raised.value)
+
+
 def test_a_virtual_models_user_paths_is_refused_not_ignored():
     # GoModel's access policy: it was taken and ignored, so every key could use the model it meant to keep
     virtual = '[{"source": "v", "targets": ["a/m"], "user_paths": ["/team/a"]}]'

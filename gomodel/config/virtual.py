@@ -55,6 +55,7 @@ def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
         source = item.get("source")
         if not isinstance(source, str) or not source.strip():
             raise ConfigError(f"{at}.source must be a model name")
+        source = source.strip()
         if source in seen:
             raise ConfigError(f"{at}.source {source!r} is defined twice")
         seen.add(source)
@@ -66,7 +67,7 @@ def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
             raise ConfigError(f"{at}.strategy must be one of: {', '.join(STRATEGIES)}")
         if not _switch(item, "enabled", at):
             continue
-        models.append(VirtualModel(source.strip(), _targets(item, at), strategy,
+        models.append(VirtualModel(source, _targets(item, at), strategy,
                                    _switch(item, "session_affinity", at)))
     return tuple(models)
 
