@@ -231,6 +231,18 @@ async def test_csv_text_a_spreadsheet_would_run_is_quoted_and_numbers_stay_numbe
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_usage_logs_user_path_is_read_as_a_keys_is(http, ledger):
+    await record(ledger, *((path, {"user_path": path}) for path in ("/team", "/team/a", "/team-b")))
+    for query, found in (("/team", ["/team/a", "/team"]), ("team/", ["/team/a", "/team"]),  # (team/: none before)
+                         ("/team//a/", ["/team/a"]), ("/", ["/team-b", "/team/a", "/team"])):
+        _, body = await get(http, ledger, f"/admin/api/v1/usage/log?user_path={query}")
+        assert [r["request_id"] for r in json.loads(body)["data"]] == found, query
+    response, body = await get(http, ledger, "/admin/api/v1/usage/log?user_path=/a/../b")  # (an empty page before)
+    error = json.loads(body)["error"]
+    assert (response.code, error["param"], error["code"]) == (400, "user_path", "invalid_value")
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_empty_csv_grouping_has_the_columns_of_a_full_one(http, ledger):
     routes = ("daily", "daily?interval=hour", "models", "keys", "user-paths")
     empty = {}

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 from klein import Klein
 
+from gomodel.api.keys import user_path
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
 from gomodel.http.render import install as install_error_handlers
@@ -162,6 +163,8 @@ class AdminAPI:
         wants_csv = _wants_csv(request)
         filters = {name: query_arg(request, name.encode()) for name in TEXT_FILTERS}
         filters = {name: value for name, value in filters.items() if value is not None}
+        if "user_path" in filters:  # (as keys have it: "team/" is /team, whose own records it holds too)
+            filters["user_path"] = user_path(filters["user_path"])
         status = query_int(request, b"status", 100, 599, message="status must be an HTTP status code (100 to 599).")
         if status is not None:
             filters["status"] = status
