@@ -56,6 +56,19 @@ async def test_admin_endpoints_can_be_turned_off(reactor, http, fake):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_budgets_routes_say_budgets_are_off(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "BUDGETS_ENABLED": "false"})
+    try:
+        for method, path in (("GET", "/admin/api/v1/budgets"), ("PUT", "/admin/api/v1/budgets/team/daily")):
+            code, error = await admin(http, gw, method, path, {"amount": 1} if method == "PUT" else None)
+            assert (code, error["error"]["code"]) == (404, "budgets_disabled"), path  # ("Unknown route" before)
+            assert "BUDGETS_ENABLED=false" in error["error"]["message"]
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_usage_log_numbers_out_of_range_are_400s_and_search_is_literal(reactor, http, fake, storage):
     gw = await start_gateway(reactor, dict({"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"}, **storage))
     try:

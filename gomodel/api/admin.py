@@ -46,7 +46,8 @@ class AdminAPI:
         @param monitor: the L{gomodel.routing.health.ReplicaMonitor}.
         @param usage: the L{gomodel.store.interfaces.IUsageStore}, or None (C{USAGE_ENABLED=false}).
         @param keys: the L{gomodel.api.keys.KeysAPI} mounted at C{auth-keys}.
-        @param budgets: an API mounted at C{budgets} (see L{gomodel.api.budgets}).
+        @param budgets: an API mounted at C{budgets} (see L{gomodel.api.budgets}), or None
+            (C{BUDGETS_ENABLED=false}).
         """
         self._registry = registry
         self._monitor = monitor
@@ -61,6 +62,8 @@ class AdminAPI:
 
     @app.route("/budgets", branch=True)
     def budgets(self, request):
+        if self._budgets is None:  # (as the usage routes say USAGE_ENABLED=false, not "Unknown route")
+            raise NotFound("Budgets are off (BUDGETS_ENABLED=false).", code="budgets_disabled")
         return mounted(self._budgets, request)
 
     @app.route("/providers/status", methods=["GET"])
