@@ -543,6 +543,9 @@ def test_the_largest_values_still_pass():
     ("virtual_models: [{source: v, target: a/m, strategy: [round_robin]}]", "virtual_models[0].strategy"),
     ("virtual_models: [{source: v, target: a/m, enabled: [x]}]", "virtual_models[0].enabled"),
     ("failover_rules: [a]", "failover_rules"),
+    ("store: {data_dir: [/srv/g]}", "store.data_dir"),  # (the directory "['/srv/g']" before)
+    ("store: {data_dir: {a: 1}}", "store.data_dir"),
+    ("store: {data_dir: true}", "store.data_dir"),
 ])
 def test_wrongly_typed_yaml_is_a_configuration_error(tmp_path, text, named):
     error = yaml_error(tmp_path, text + "\n")

@@ -116,6 +116,8 @@ def file_size(value) -> int:
 
 def directory(value) -> str:
     """A directory path, not blank (it need not exist yet)."""
+    if isinstance(value, (bool, list, dict)):  # (str() made YAML's [a] the directory "['a']")
+        raise ValueError("must be a directory path (text)")
     path = str(value).strip()
     if not path:
         raise ValueError("must be a directory path")
