@@ -78,7 +78,8 @@ async def test_records_for_every_request_that_reached_an_upstream(reactor, http,
         assert models["data"][0]["total_cost"] > 0
         hourly = await http.get(gw.url + "/admin/api/v1/usage/daily?interval=hour&format=csv", headers=KEY)
         assert (await hourly.content()).decode().startswith("period,requests,")
-        for query in ("start_date=yesterday", "days=800000", "days=99999999999"):  # (the last two: before year 1)
+        for query in ("start_date=yesterday", "days=800000", "days=99999999999",  # (those two: before year 1)
+                      "start_date=2026-01-01&days=7"):  # (one window, said twice: days was ignored)
             bad = await http.get(gw.url + "/admin/api/v1/usage/summary?" + query, headers=KEY)
             assert bad.code == 400 and json.loads(await bad.content())["error"]["code"] == "invalid_window"
     finally:

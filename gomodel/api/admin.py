@@ -191,6 +191,8 @@ class AdminAPI:
         """C{(start, end)} in seconds: whole UTC days, the end day included."""
         end = _date(request, b"end_date") or datetime.fromtimestamp(self._clock.seconds(), timezone.utc).date()
         start = _date(request, b"start_date")
+        if start is not None and query_arg(request, b"days") is not None:  # (days was ignored)
+            raise InvalidRequest("Give start_date or days, not both.", param="days", code="invalid_window")
         if start is None:
             days = query_int(request, b"days", 1, DAYS_MAX, 30, code="invalid_window",
                              message=f"days must be a whole number from 1 to {DAYS_MAX}.")
