@@ -44,6 +44,23 @@ async def test_admin_models_name_each_provider_and_virtual_models(reactor, http,
 
 
 @pytest_twisted.ensureDeferred
+async def test_admin_models_tell_virtual_models_from_a_provider_named_gomodel(reactor, http, fake, tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"providers: {{gomodel: {{type: vllm, base_url: '{fake.base_url}'}}}}\n"
+                    "virtual_models: [{source: llama, target: gomodel/meta-llama/Llama-3.1-8B-Instruct}]\n")
+    gw = await start_gateway(reactor, {"GOMODEL_MASTER_KEY": "k1"}, yaml_path=str(path))
+    try:
+        code, answer = await admin(http, gw, "GET", "/admin/api/v1/models")
+        assert code == 200 and answer["data"] == [  # (llama was listed as a vllm model of provider gomodel)
+            {"id": "gomodel/meta-llama/Llama-3.1-8B-Instruct", "provider": "vllm", "provider_name": "gomodel",
+             "ready_replicas": 1},
+            {"id": "llama", "provider": "virtual", "provider_name": None,
+             "targets": [{"model": "gomodel/meta-llama/Llama-3.1-8B-Instruct", "weight": 1.0}]}]
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_admin_endpoints_can_be_turned_off(reactor, http, fake):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
                                        "ADMIN_ENDPOINTS_ENABLED": "false"})

@@ -15,6 +15,7 @@ from gomodel.api.keys import user_path
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
 from gomodel.http.render import install as install_error_handlers
+from gomodel.routing.selectors import qualified
 from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
 
 DAY = 86400.0
@@ -74,16 +75,15 @@ class AdminAPI:
     @app.route("/models", methods=["GET"])
     def models(self, request):
         """What is routable: every model with its provider's type and name (virtual models included)."""
-        by_name = {pool.name: pool for pool in self._registry.providers}
         data = []
-        for model in self._registry.models():
-            pool = by_name.get(model.get("owned_by"))
-            if pool is None:  # a virtual model: its targets say where it goes
-                data.append({"id": model["id"], "provider": "virtual", "provider_name": None,
-                             "targets": model.get("targets")})
-            else:
-                data.append({"id": model["id"], "provider": pool.type, "provider_name": pool.name,
-                             "ready_replicas": sum(1 for r in pool.replicas if r.ready)})
+        for pool in self._registry.providers:
+            ready = sum(1 for r in pool.replicas if r.ready)
+            data.extend({"id": qualified(pool.name, upstream_id), "provider": pool.type, "provider_name": pool.name,
+                         "ready_replicas": ready} for upstream_id in self._registry.inventory(pool) or ())
+        # (a virtual model's targets say where it goes; told apart by the registry, not by its owned_by, which
+        # a provider named "gomodel" shares)
+        data.extend({"id": model["id"], "provider": "virtual", "provider_name": None, "targets": model["targets"]}
+                    for model in self._registry.virtual_models())
         return json_answer(request, {"object": "list", "data": data})
 
     @app.route("/runtime/refresh", methods=["POST"])

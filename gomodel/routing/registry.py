@@ -113,10 +113,15 @@ class ModelRegistry:
                 entry["object"] = "model"
                 entry["owned_by"] = pool.name
                 out.append(entry)
-        for vm in self._virtual.values():
-            out.append({"id": vm.source, "object": "model", "created": 0, "owned_by": "gomodel",
-                        "targets": [{"model": selector, "weight": weight} for selector, weight in vm.targets]})
+        out.extend(self.virtual_models())
         return out
+
+    def virtual_models(self) -> list:
+        """The virtual models' entries of L{models}: C{owned_by} C{gomodel} (as a provider of that name's
+        are too), with their C{targets}."""
+        return [{"id": vm.source, "object": "model", "created": 0, "owned_by": "gomodel",
+                 "targets": [{"model": selector, "weight": weight} for selector, weight in vm.targets]}
+                for vm in self._virtual.values()]
 
     def models_body(self) -> bytes:
         """The C{/v1/models} answer, serialised once per inventory change."""
