@@ -113,6 +113,8 @@ def test_config_file_from_gomodel_config(tmp_path):
     ({"METRICS_ENDPOINT": "/health"}, "METRICS_ENDPOINT"),
     ({"METRICS_ENDPOINT": "/health/"}, "METRICS_ENDPOINT"),
     ({"METRICS_ENDPOINT": "/health/ready"}, "METRICS_ENDPOINT"),
+    ({"METRICS_ENDPOINT": "/métriques"}, "METRICS_ENDPOINT"),  # (a UnicodeEncodeError traceback at start)
+    ({"METRICS_ENDPOINT": "/a\tb"}, "METRICS_ENDPOINT"),
     # an empty query or fragment: kept in the base URL, every request went to /v1 with its route as the query
     ({"VLLM_BASE_URL": "http://h:8000/v1?"}, "VLLM_BASE_URL"),
     ({"VLLM_BASE_URL": "http://h:8000/v1#"}, "VLLM_BASE_URL"),

@@ -229,9 +229,10 @@ def price(value) -> float:
 def route_path(value) -> str:
     """A path the gateway serves, e.g. C{/metrics}."""
     path = str(value).strip()
-    if (not path.startswith("/") or any(c in path for c in "?# ") or path.rstrip("/") == "/health"
+    if (not re.fullmatch(r"/[!-~]*", path) or any(c in path for c in "?#") or path.rstrip("/") == "/health"
             or path.startswith(("/v1/", "/p/", "/admin/", "/health/"))):  # (the health checks need no key)
-        raise ValueError("must be a path such as /metrics (not /health, nor under /v1/, /p/, /admin/ or /health/)")
+        raise ValueError("must be a path such as /metrics, in ASCII (not /health, nor under /v1/, /p/, /admin/ or "
+                         "/health/)")
     return path.rstrip("/") or "/"
 
 
