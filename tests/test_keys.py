@@ -199,6 +199,16 @@ async def test_models_and_allowed_models_are_one_field(http, gw):
     assert code == 200 and not got["models"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_budget_sent_back_as_a_get_shows_it_names_the_read_only_field(http, gw):
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 100}])
+    code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert code == 200 and "spent_tokens" in got["budgets"][0]
+    code, error = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"budgets": got["budgets"]})
+    assert (code, error["error"]["param"]) == (400, "budgets")
+    assert "'period_end' is not a field" in error["error"]["message"]  # (said "exactly one of max_tokens...")
+
+
 # 1e400 parses as infinity where the body holds an integer of 20 digits or more (the standard library's parser).
 HUGE = ', "metadata": {"z": 100000000000000000000}}'
 

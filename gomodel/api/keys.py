@@ -252,7 +252,11 @@ def budgets(value) -> list:
     for item in value:
         if not isinstance(item, dict) or item.get("period") not in PERIODS:
             raise _bad("budgets", f"each needs a period: one of {', '.join(PERIODS)}")
-        if set(item) - {"period", "max_tokens", "max_cost"} or ("max_tokens" in item) == ("max_cost" in item):
+        unknown = set(item) - {"period", "max_tokens", "max_cost"}
+        if unknown:  # (what a GET shows beside them, spent_tokens..., is read-only)
+            raise _bad("budgets", f"each is {{period, max_tokens | max_cost}}: {sorted(unknown)[0]!r} is not a field "
+                                  "of one (what it spent this period is shown, never set)")
+        if ("max_tokens" in item) == ("max_cost" in item):
             raise _bad("budgets", "each sets exactly one of max_tokens and max_cost")
         if item["period"] in periods:
             raise _bad("budgets", f"the period {item['period']} is given twice")
