@@ -118,6 +118,9 @@ def test_config_file_from_gomodel_config(tmp_path):
     # an empty query or fragment: kept in the base URL, every request went to /v1 with its route as the query
     ({"VLLM_BASE_URL": "http://h:8000/v1?"}, "VLLM_BASE_URL"),
     ({"VLLM_BASE_URL": "http://h:8000/v1#"}, "VLLM_BASE_URL"),
+    # two spellings of one instance: the second silently replaced the first's URL (or key)
+    ({"VLLM_GPU_A_BASE_URL": "http://a:1", "VLLM_GPU_a_BASE_URL": "http://b:1"}, "VLLM_GPU_a_*"),
+    ({"VLLM_GPU_A_BASE_URL": "http://a:1", "VLLM_gpu_a_API_KEY": "k"}, "'vllm-gpu-a'"),
 ])
 def test_bad_values_name_the_variable(env, named):
     with pytest.raises(ConfigError) as raised:

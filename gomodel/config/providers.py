@@ -55,6 +55,7 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
                                                 f"{where}.priority_scheduling"), None),
             }
 
+    suffixes = {}  # provider name -> the suffix of the variables that named it
     for (type_, suffix), fields in sorted(_env_providers(env).items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
         if suffix is None:
             same_type = [n for n, e in entries.items() if e["type"] == type_]
@@ -67,6 +68,10 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
             name = same_type[0] if same_type else type_
         else:
             name = f"{type_}-{suffix.lower().replace('_', '-')}"
+            other = suffixes.setdefault(name, suffix)
+            if other != suffix:  # (VLLM_GPU_A_* and VLLM_gpu_a_* are both vllm-gpu-a: one would overlay the other)
+                raise ConfigError(f"{type_.upper()}_{other}_* and {type_.upper()}_{suffix}_* name the same provider "
+                                  f"{name!r}; keep one spelling")
         existing = entries.get(name)
         if existing is not None and existing["type"] != type_:
             warnings.append(f"{type_.upper()}_{suffix + '_' if suffix else ''}* variables ignored: provider "
