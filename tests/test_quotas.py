@@ -203,6 +203,7 @@ async def test_a_token_budget_refuses_the_next_request_once_spent(http, gw):
             await in_thread(raw_chat, client)
         assert refused.value.code == "budget_exceeded"
         assert 1 <= int(refused.value.response.headers["retry-after"]) <= 86400  # until the day ends
+        assert refused.value.response.reason_phrase == "Too Many Requests"  # (Twisted's "Unknown Status" before)
     finally:
         client.close()
 
