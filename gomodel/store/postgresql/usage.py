@@ -84,7 +84,8 @@ class PostgreSQLUsageStore:
         if bucket is not None:
             keys.insert(0, f"(floor(timestamp / {float(bucket)!r}) * {int(bucket)})::bigint")
         select = "".join(f"{key}, " for key in keys)
-        group = f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
+        # (NULLS FIRST: the master key's and pathless rows first, as SQLite orders them)
+        group = f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(k + ' NULLS FIRST' for k in keys)}" if keys else ""
         rows = conn.execute(f"SELECT {select}{_TOTALS} FROM usage WHERE timestamp >= %s AND timestamp < %s{group}",
                             (start, end)).fetchall()
         names = (["period"] if bucket is not None else []) + list(by)
