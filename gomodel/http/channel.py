@@ -20,6 +20,7 @@ C{_handlingRequest}, C{_dataBuffer}, C{_networkProducer},
 C{_waitingForTransport}), which C{tests/test_twistedcompat.py} checks.
 """
 
+from http import HTTPStatus
 from operator import itemgetter
 
 import httptools
@@ -37,6 +38,9 @@ _log = Logger()
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 # Requests read ahead of their turn from one read (pipelining): the last one read closes the connection.
 PIPELINE_DEPTH = 16
+# The reason phrases Twisted has none for, which it writes "Unknown Status" (429 Too Many Requests, 422...).
+_UNKNOWN = b"Unknown Status"
+_PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus if status.value not in http.RESPONSES}
 _first = itemgetter(0)
 
 
@@ -364,6 +368,8 @@ class GatewayChannel(http.HTTPChannel):
         if not isinstance(headers, Headers):
             super().writeHeaders(version, code, reason, headers)
             return
+        if reason == _UNKNOWN:  # (Twisted's for a code it has no phrase for: a 429, a 422)
+            reason = _PHRASES.get(int(code), reason)
         plain = _twistedcompat.plain_headers(headers)
         if len(plain) == sum(map(len, plain.values())):  # one value each (else a line per value)
             lines = b"\r\n".join(map(b": ".join, zip(plain, map(_first, plain.values()))))

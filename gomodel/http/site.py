@@ -10,13 +10,11 @@ buffered up to the limit.
 import io
 import re
 from functools import partial
-from http import HTTPStatus
 
 from twisted.python import failure
 from twisted.web import server
 # Read once: twisted.web.http's attributes are read through a deprecation proxy (tens of steps a read).
-from twisted.web.http import (NO_BODY_CODES, RESPONSES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk,
-                               unquote)
+from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk, unquote
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError
@@ -24,9 +22,6 @@ from gomodel.http.channel import GatewayChannel
 from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING,
                                    X_REQUEST_ID, AnswerHeaders, request_header)
 from gomodel.ids import random_hex_bytes
-
-# The reason phrases Twisted lacks, which it writes as "Unknown Status" (429 Too Many Requests, 422...).
-_PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus if status.value not in RESPONSES}
 
 
 class _Discard(io.BytesIO):
@@ -75,10 +70,6 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     keep_alive = True
     _cookies_parsed = False
     answer_headers = AnswerHeaders
-
-    def setResponseCode(self, code, message=None):
-        """Twisted's, with a standard reason phrase for a code it has none for (a 429's Too Many Requests)."""
-        super().setResponseCode(code, message or _PHRASES.get(code))
 
     def parseCookies(self):
         """Nothing: cookies are parsed when first asked for (L{getCookie}), not on every request (the gateway
