@@ -40,6 +40,26 @@ async def test_ready_once_discovered_and_open_without_a_key(reactor, http, fake)
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_provider_down_at_start_does_not_keep_the_gateway_unready(reactor, http, fake):
+    """Discovery has run once every replica was checked, failing or not (before: a provider whose replicas were
+    all down at start kept /health/ready at 503 for ever, so no load balancer sent the gateway anything,
+    though its other providers answered)."""
+    from tests.support import dead_base_url
+
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "VLLM_B_BASE_URL": await dead_base_url(reactor)},
+                             wait_ready=False)
+    try:
+        await with_timeout(reactor, gw.registry.ready(), 10)
+        response = await http.get(gw.url + "/health/ready")
+        assert response.code == 200 and json.loads(await response.content()) == {"status": "ready"}
+        response = await http.post(gw.url + "/v1/chat/completions", json={
+            "model": "vllm-b/x", "messages": [{"role": "user", "content": "hi"}]})
+        assert response.code == 503 and json.loads(await response.content())["error"]["code"] == "no_ready_replica"
+    finally:
+        await gw.service.stopService()
+
+
 def test_a_drain_says_it_is_draining_once_its_ports_refuse_connections():
     """Twisted closes a port's socket a reactor turn after stopListening: until then the kernel still
     completes new connections, so the line waits for the port's Deferred."""
