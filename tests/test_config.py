@@ -642,3 +642,13 @@ def test_a_provider_rate_limit_that_names_no_provider_is_warned_of(tmp_path):
     config = load_config({"SET_PROVIDER_RATE_LIMIT_GPU_A": "rpm=5"}, str(path))
     (warning,) = config.warnings
     assert "'gpu-a'" in warning and "gpu_a" in warning
+
+
+def test_a_local_provider_without_a_base_url_is_warned_of():
+    """A misspelt base URL variable beside a key (VLLM_GPU_A_BASE_ULR, VLLM_GPU_A_API_KEY) registered the
+    instance at vLLM's default address, localhost:8000, its key sent there, without a word."""
+    config = load_config({"VLLM_GPU_A_BASE_ULR": "http://gpu-a:8000/v1", "VLLM_GPU_A_API_KEY": "k"})
+    (provider,) = config.upstreams.providers
+    assert provider.base_url == "http://localhost:8000/v1"
+    assert any("'vllm-gpu-a'" in w and "no base URL" in w and "localhost:8000" in w for w in config.warnings)
+    assert not load_config({"VLLM_BASE_URL": "http://h:8000/v1"}).warnings

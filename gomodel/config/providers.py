@@ -146,6 +146,9 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
         replicas = _yaml_replicas(replicas, replicas_where, type_.name)
     else:
         where = base_where or "the default base URL"
+        if base_url is None and type_.name in ROOT_SERVERS:  # (a misspelt VLLM_X_BASE_ULR: its key went there)
+            warnings.append(f"provider {name!r} ({type_.name}) has no base URL: it is reached at its default, "
+                            f"{type_.default_base_url}")
         replicas = tuple(ReplicaConfig(*_normalise_base_url(url, type_.name, where))
                          for url in _urls(type_.default_base_url if base_url is None else base_url, where))
         if len({r.base_url for r in replicas}) != len(replicas):
