@@ -202,3 +202,19 @@ async def test_a_passthrough_answer_keeps_the_upstreams_content_length(reactor, 
         lines = head.lower().split(b"\r\n")
         assert lines[0] == b"http/1.1 200 ok" and b"transfer-encoding: chunked" not in lines, head
         assert b"content-length: %d" % len(body) in lines and body.startswith(b"{"), head
+
+
+@pytest_twisted.ensureDeferred
+async def test_vllms_own_metrics_are_the_master_keys_alone(http, two):
+    """They show every tenant's load (before: any managed key read them through /p/)."""
+    gw, plain, _ = two
+    response, content = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "tenant"})
+    key = {"authorization": "Bearer " + jsonutil.loads(content)["value"]}
+    for path in ("/p/vllm/metrics", "/p/vllm/v1/metrics", "/p/vllm/Metrics"):
+        response, content = await call(http, gw, "GET", path, headers=key)
+        assert response.code == 403 and jsonutil.loads(content)["error"]["type"] == "permission_error", content
+    response, content = await call(http, gw, "POST", "/p/vllm/tokenize", {"model": "meta-llama/Llama-3.1-8B-Instruct",
+                                                                          "prompt": "Hello"}, headers=key)
+    assert response.code == 200  # the rest of the passthrough stays open to it
+    response, content = await call(http, gw, "GET", "/p/vllm/metrics")
+    assert response.code == 200 and b"vllm:num_requests_running" in content

@@ -24,6 +24,9 @@ ADMIN_ROUTES = frozenset((
     "init_weight_update_communicator", "inference/v1/abort_requests",
 ))
 
+# vLLM routes about the whole server (every tenant's load, in its metrics): the master key's alone.
+OPERATOR_ROUTES = frozenset(("metrics", "server_info"))
+
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
 _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"cookie", b"host", b"content-length",
                               b"x-request-id", b"forwarded", b"accept-encoding", b"x-gomodel-replica"}
@@ -53,6 +56,11 @@ class Passthrough:
             raise errors.Forbidden(f"This API key may not use the provider '{provider.name}'.",
                                    code="model_access_denied")
         endpoint = self._endpoint(request, provider_name)
+        principal = ctx.principal
+        if (principal is not None and not principal.master
+                and _bare(endpoint).split("/", 1)[0].lower() in OPERATOR_ROUTES):
+            raise errors.Forbidden(f"'/{_bare(endpoint)}' describes the whole provider, every tenant's load: only "
+                                   "the master key reaches it.")
         ctx.provider, ctx.provider_type = provider.name, provider.type
         ctx.endpoint = "/p/{provider}/{endpoint}"
         request.content.seek(0)
@@ -77,13 +85,18 @@ class Passthrough:
         if not endpoint:
             raise errors.InvalidRequest("A provider passthrough needs an endpoint: /p/{provider}/{endpoint}.",
                                         code="missing_endpoint")
-        bare = endpoint[3:] if endpoint.lower().startswith("v1/") else endpoint
+        bare = _bare(endpoint)
         first = bare.split("/", 1)[0].lower()
         allowed = self._settings.admin_allowed
         if (first in ADMIN_ROUTES and first not in allowed) or (bare.lower() in ADMIN_ROUTES and bare.lower() not in allowed):
             raise errors.Forbidden(f"'/{bare}' is an operational route of the provider and is not reachable "
                                    "through the gateway (PASSTHROUGH_ALLOWED_ADMIN_ROUTES can allow it).")
         return quote(endpoint, safe=_SAFE_PATH)
+
+
+def _bare(endpoint) -> str:
+    """C{endpoint} without its C{v1/} (C{/p/{provider}/v1/...} is C{/p/{provider}/...})."""
+    return endpoint[3:] if endpoint.lower().startswith("v1/") else endpoint
 
 
 def may_pass(principal, provider, sent) -> bool:
