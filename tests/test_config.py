@@ -117,6 +117,8 @@ def test_config_file_from_gomodel_config(tmp_path):
     ({"METRICS_ENDPOINT": "/a\tb"}, "METRICS_ENDPOINT"),
     # an empty query or fragment: kept in the base URL, every request went to /v1 with its route as the query
     ({"VLLM_BASE_URL": "http://h:8000/v1?"}, "VLLM_BASE_URL"),
+    ({"VLLM_BASE_URL": "http://h:8000/v1/chat/completions"}, "VLLM_BASE_URL"),  # (an endpoint, not a server)
+    ({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "https://api.example.com/v1/responses/"}, "OPENAI_BASE_URL"),
     ({"VLLM_BASE_URL": "http://h:8000/v1#"}, "VLLM_BASE_URL"),
     # two spellings of one instance: the second silently replaced the first's URL (or key)
     ({"VLLM_GPU_A_BASE_URL": "http://a:1", "VLLM_GPU_a_BASE_URL": "http://b:1"}, "VLLM_GPU_a_*"),

@@ -240,11 +240,18 @@ def _normalise_base_url(url, type_name, where):
         raise ConfigError(f"{where}: must not have a query or fragment")
     url = url.rstrip("/")
     path = urlsplit(url).path
+    if path.lower().endswith(_ENDPOINTS):  # (http://h:8000/v1/chat/completions: every route went under it)
+        raise ConfigError(f"{where}: names an endpoint, not a server: give the base URL, e.g. http://host:8000/v1")
     if path.endswith("/v1"):
         return url, url[: -len("/v1")]
     if type_name in ROOT_SERVERS or not path:
         return url + "/v1", url
     return url, url
+
+
+# The ends of an endpoint's URL (what a base URL copied from a curl line ends in).
+_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages", "/models", "/rerank",
+              "/score")
 
 
 def _valid_host(netloc, hostname) -> bool:
