@@ -53,9 +53,11 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert records[0]["stream"] is True
     filtered = {name: [r["request_id"] for r in (await usage.log(0, 1e9, 10, filters={name: value}))[0]]
                 for name, value in (("model", "vllm-b/m"), ("provider", "vllm-b"), ("provider", "vllm"),
-                                    ("status", 503), ("search", "other"), ("key", "k_1"), ("user_path", "/team/a"))}
+                                    ("status", 503), ("search", "other"), ("key", "k_1"), ("user_path", "/team/a"),
+                                    ("keyless", True))}
     assert filtered == {"model": ["r2"], "provider": ["other-4", "r3", "r2", "r1"], "status": ["r3"],
-                        "search": ["other-4"], "key": ["r3", "r2"], "user_path": ["r3", "r2"]}
+                        "search": ["other-4"], "key": ["r3", "r2"], "user_path": ["r3", "r2"],
+                        "keyless": ["other-4", "r1"]}
 
     assert await usage.spent("key:k_1", 0) == (15, 0.75)
     assert await usage.spent("path:/team/a", 86550) == (0, 0.25)  # the path and below, not /team/ab

@@ -66,6 +66,9 @@ async def test_records_for_every_request_that_reached_an_upstream(reactor, http,
         only = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/log?status=499",
                                                 headers=KEY)).content())
         assert [r["request_id"] for r in only["data"]] == [gone["request_id"]]
+        master = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/log?key=master",
+                                                  headers=KEY)).content())
+        assert len(master["data"]) == 4  # (the master key's, recorded without a key id: before, none found)
         exported = await http.get(gw.url + "/admin/api/v1/usage/log?format=csv", headers=KEY)
         assert exported.headers.getRawHeaders("content-type")[0].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO((await exported.content()).decode())))

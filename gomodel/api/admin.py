@@ -166,6 +166,9 @@ class AdminAPI:
         wants_csv = _wants_csv(request)
         filters = {name: query_arg(request, name.encode()) for name in TEXT_FILTERS}
         filters = {name: value for name, value in filters.items() if value is not None}
+        if filters.get("key") == "master":  # (recorded without a key id, as a managed key's requests are not)
+            del filters["key"]
+            filters["keyless"] = True
         if "user_path" in filters:  # (as keys have it: "team/" is /team, whose own records it holds too)
             filters["user_path"] = user_path(filters["user_path"])
         status = query_int(request, b"status", 100, 599, message="status must be an HTTP status code (100 to 599).")

@@ -342,7 +342,8 @@ class IUsageStore(Interface):
 
         @param before: a record C{id}: only older records (the cursor of the previous page).
         @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id),
-            C{key} (a managed key's id), C{user_path} (that path and those under it).
+            C{key} (a managed key's id), C{keyless} (True: the records of no managed key, the master key's),
+            C{user_path} (that path and those under it).
         @return: a Deferred firing with C{(records, next cursor or None)}.
         """
 

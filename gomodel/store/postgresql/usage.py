@@ -18,7 +18,7 @@ _COPY_TYPES = [_TYPES.get(name, "text") for name in COLUMNS]
 _COPY = f"COPY usage ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everything under it
 _FILTERS = {"model": "model = %s", "provider": "(provider = %s OR provider_name = %s)", "status": "status_code = %s",
-            "search": "request_id ILIKE %s ESCAPE '\\'", "key": "auth_key_id = %s", "user_path": _BELOW}
+            "search": "request_id ILIKE %s ESCAPE '\\'", "key": "auth_key_id = %s", "keyless": "auth_key_id IS NULL", "user_path": _BELOW}
 _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model", "auth_key_id": "auth_key_id",
            "user_path": "user_path"}
 # Sums of BIGINT columns are NUMERIC in PostgreSQL: cast back to integers.
@@ -108,6 +108,8 @@ class PostgreSQLUsageStore:
                 args += [value, value.rstrip("/") + "/"]
             elif name == "search":
                 args.append(like_pattern(value))
+            elif name == "keyless":  # (the master key's, or an open gateway's)
+                pass
             else:
                 args.append(value)
         rows = conn.cursor(row_factory=dict_row).execute(

@@ -10,7 +10,7 @@ from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 _BOOLEANS = ("stream", "client_gone", "estimated")
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES"
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
-            "search": "request_id LIKE ? ESCAPE '\\'", "key": "auth_key_id = ?",
+            "search": "request_id LIKE ? ESCAPE '\\'", "key": "auth_key_id = ?", "keyless": "auth_key_id IS NULL",
             "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
 
 
@@ -65,6 +65,8 @@ class SQLiteUsageStore:
                 args += [value, len(below), below]
             elif name == "search":
                 args.append(like_pattern(value))
+            elif name == "keyless":  # (the master key's, or an open gateway's)
+                pass
             else:
                 args.append(value)
         rows = self._db.conn().execute(
