@@ -53,6 +53,22 @@ async def gw(reactor, fake, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_rate_limits_enabled_false_turns_a_keys_own_limits_off_too(reactor, http, fake, tmp_path):
+    """As BUDGETS_ENABLED=false does its budgets (before: a key's rpm, tpm and max_concurrency still held)."""
+    gateway = await start(reactor, fake, tmp_path, RATE_LIMITS_ENABLED="false")
+    key = await new_key(http, gateway, rpm=1, max_concurrency=1)
+    client = openai_client(gateway, key["value"])
+    try:
+        for _ in range(3):
+            answer = await in_thread(raw_chat, client)
+            assert answer.http_response.status_code == 200
+            assert "x-ratelimit-limit-requests" not in answer.headers
+    finally:
+        client.close()
+        await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_rpm_refuses_with_openai_headers_and_retry_after(http, gw):
     key = await new_key(http, gw, rpm=2)
     client = openai_client(gw, key["value"])

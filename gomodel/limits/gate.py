@@ -101,7 +101,7 @@ class Gate(Periodic):
         if plan is None or plan[0] is not principal:
             limits, own = [], None
             limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
-            if limit:
+            if limit and self._quotas.rate_limits_enabled:  # (RATE_LIMITS_ENABLED=false: every rate limit off)
                 own = f"key:{principal.id}"
                 limits.append((own, limit))
             limits.extend(self._quotas.path_scopes(principal.user_path))
