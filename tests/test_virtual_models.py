@@ -60,6 +60,25 @@ async def test_virtual_model_targets_are_weighted_listed_and_sticky(reactor, htt
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_virtual_model_named_as_a_providers_model_is_listed_once_as_what_the_name_reaches(reactor, http):
+    """(before: /v1/models listed the id twice, the provider's model and the virtual one)"""
+    virtual = [{"source": f"vllm-a/{UPSTREAM}", "targets": [{"model": f"vllm-b/{UPSTREAM}"}]}]
+    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual))
+    try:
+        listed = json.loads(await (await http.get(gw.url + "/v1/models")).content())["data"]
+        named = [m for m in listed if m["id"] == f"vllm-a/{UPSTREAM}"]
+        assert len(named) == 1 and named[0]["targets"] == [{"model": f"vllm-b/{UPSTREAM}", "weight": 1}], named
+        admin = json.loads(await (await http.get(gw.url + "/admin/api/v1/models")).content())["data"]
+        assert [m["provider"] for m in admin if m["id"] == f"vllm-a/{UPSTREAM}"] == ["virtual"]
+        response, body = await _chat(http, gw, f"vllm-a/{UPSTREAM}")
+        assert response.code == 200 and (len(a.inference_requests), len(b.inference_requests)) == (0, 1)
+    finally:
+        await gw.service.stopService()
+        await a.stop()
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failing_target_is_left_for_the_next_before_the_first_byte(reactor, http):
     virtual = [{"source": "llama", "targets": [f"vllm-a/{UPSTREAM}", f"vllm-b/{UPSTREAM}"]}]
     a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual), REPLICA_FAILURE_THRESHOLD="100")

@@ -108,12 +108,15 @@ class ModelRegistry:
     # -- queries --------------------------------------------------------------
 
     def models(self) -> list:
-        """Every known model, ids qualified with their provider, upstream fields kept; then the virtual ones."""
+        """Every known model, ids qualified with their provider, upstream fields kept; then the virtual ones
+        (a virtual model named as a provider's model is what that name reaches: listed once, as virtual)."""
         out = []
         for pool in self._pools:
             for upstream_id, model in (self.inventory(pool) or {}).items():
                 entry = dict(model)
-                entry["id"] = qualified(pool.name, upstream_id)
+                entry["id"] = name = qualified(pool.name, upstream_id)
+                if name in self._virtual:
+                    continue
                 entry["object"] = "model"
                 entry["owned_by"] = pool.name
                 out.append(entry)
