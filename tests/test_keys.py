@@ -204,6 +204,7 @@ async def test_a_budget_sent_back_as_a_get_shows_it_names_the_read_only_field(ht
     key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 100}])
     code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
     assert code == 200 and "spent_tokens" in got["budgets"][0]
+    assert key["budgets"] == got["budgets"]  # (the create's answer shows them as a GET does: it lacked spent_*)
     code, error = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"budgets": got["budgets"]})
     assert (code, error["error"]["param"]) == (400, "budgets")
     assert "'period_end' is not a field" in error["error"]["message"]  # (said "exactly one of max_tokens...")

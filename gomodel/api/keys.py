@@ -61,7 +61,7 @@ class KeysAPI:
             created_at=int(self._clock.seconds())))
         self._ring.merge([record])
         request.setResponseCode(201)
-        return json_answer(request, dict(self._view(record), value=secret))
+        return json_answer(request, dict((await self._views([record]))[0], value=secret))  # (as a GET shows it)
 
     @app.route("/", methods=["GET"])
     async def list(self, request):
