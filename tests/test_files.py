@@ -282,6 +282,28 @@ async def test_file_over_files_max_bytes_gets_413(reactor, http, fake, tmp_path)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_filename_star_names_the_file_as_dotnet_and_rfc_5987_clients_send_it(http, gw):
+    # .NET's HttpClient (the OpenAI .NET SDK's uploads) sends a MIME-encoded filename beside the real one in
+    # filename*; older clients send filename* alone. Either way the file keeps the name the client gave it.
+    cases = [
+        ("name=file; filename=\"=?utf-8?B?csOpc3Vtw6kuanNvbmw=?=\"; filename*=utf-8''r%C3%A9sum%C3%A9.jsonl",
+         "résumé.jsonl"),
+        ("name=file; filename=input.jsonl; filename*=utf-8''input.jsonl", "input.jsonl"),
+        ("name=\"file\"; filename*=UTF-8''%E2%82%AC%20rates.jsonl", "€ rates.jsonl"),
+        ("name=\"file\"; filename*=iso-8859-1'en'caf%E9.jsonl", "café.jsonl"),
+        ("name=\"file\"; filename=\"plain.jsonl\"; filename*=utf-8''bad%FF.jsonl", "plain.jsonl"),  # not UTF-8
+        ("name=\"file\"; filename=\"plain.jsonl\"; filename*=koi8-r''x.jsonl", "plain.jsonl"),  # not RFC 5987's
+        ("name=\"file\"; filename*=utf-8''..%2F..%2Fetc%2Fpasswd", "passwd"),
+    ]
+    for disposition, expected in cases:
+        body = ('--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                f"--b\r\nContent-Disposition: form-data; {disposition}\r\n\r\n{{}}\n\r\n--b--\r\n").encode()
+        response, created = await post_upload(http, gw, body, "multipart/form-data; boundary=b")
+        assert response.code == 200, created
+        assert created["filename"] == expected, disposition
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_list_parameters(http, gw):
     for query in ("limit=0", "limit=10001", "limit=x", "order=sideways"):
         response = await http.get(gw.url + "/v1/files?" + query, headers=AUTH)

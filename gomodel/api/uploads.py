@@ -15,6 +15,8 @@ parsing) and not us.
 """
 
 import os
+import re
+from urllib.parse import unquote
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 from twisted.internet.defer import Deferred, succeed
@@ -27,6 +29,27 @@ OVERHEAD = 1024 * 1024  # bytes of multipart framing and fields allowed besides 
 MAX_PARTS = 32
 WRITE_CHUNK = 64 * 1024  # bytes handed to the blob writer at a time
 WRITE_BOUND = 4 * WRITE_CHUNK  # bytes waiting for the disk before reading is paused
+# A Content-Disposition's filename* (RFC 5987: charset'language'percent-encoded), and the charsets it must take
+_FILENAME_STAR = re.compile(r"""(?:^|;)\s*filename\*\s*=\s*"?([^;"]*)""", re.IGNORECASE)
+_FILENAME_CHARSETS = ("utf-8", "iso-8859-1")
+
+
+def filename_star(segment):
+    """The C{filename*} of a part's Content-Disposition (RFC 5987's C{charset'language'percent-encoded}), or None
+    without one that is UTF-8 or ISO-8859-1. It names the file when present: .NET's HttpClient (the OpenAI .NET
+    SDK's uploads) sends it beside a C{filename} that it MIME-encodes (C{=?utf-8?B?...?=}), older clients alone.
+    """
+    for name, value in segment.headerlist:
+        if name == "Content-Disposition" and "filename*" in value.lower():
+            found = _FILENAME_STAR.search(value)
+            charset, _, rest = found[1].strip().partition("'") if found else ("", "", "")
+            _, quote, encoded = rest.partition("'")
+            if quote and charset.lower() in _FILENAME_CHARSETS:
+                try:
+                    return unquote(encoded, encoding=charset, errors="strict")
+                except UnicodeDecodeError:
+                    return None
+    return None
 
 
 class UploadSink:
@@ -126,7 +149,8 @@ class UploadSink:
             if self._files > 1:
                 self._fail(InvalidRequest("Send exactly one 'file' part.", param="file", code="invalid_multipart"))
                 return
-            self.filename = os.path.basename((segment.filename or "").replace("\\", "/")) or "file"
+            named = filename_star(segment) or segment.filename or ""
+            self.filename = os.path.basename(named.replace("\\", "/")) or "file"
             self._has_file = True
             self._writer = self._blobs.create()
         else:
