@@ -9,6 +9,7 @@ import pytest_twisted
 import treq
 
 from gomodel import jsonutil
+from gomodel.proxy import exchange
 from tests.rawclient import connect
 from tests.support import in_thread, openai_client, start_fake, start_gateway, with_timeout
 
@@ -37,6 +38,30 @@ async def test_embeddings_float_and_base64_kept_as_sent(http, gateway, fake):
     raw = jsonutil.loads(content)["data"][0]["embedding"]
     assert raw == "AACAPwAAAEAAAEBA"
     assert struct.unpack("<3f", base64.b64decode(raw)) == (1.0, 2.0, 3.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_embeddings_answer_too_large_to_hold_is_relayed_as_it_comes(reactor, http, fake, tmp_path,
+                                                                           monkeypatch):
+    # A big batch of inputs (a 4096-dimension model's floats for a few thousand texts pass 256 MiB) is vLLM's
+    # to answer: the gateway relays what it cannot hold, byte for byte, and still records its usage.
+    monkeypatch.setattr(exchange, "RESPONSE_BODY_LIMIT", 64 * 1024)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path)})
+    client = openai_client(gw)
+    try:
+        texts = [f"text {i}" for i in range(3000)]  # about 170 kB of answer
+        answer = await in_thread(client.embeddings.create, model=MODEL, input=texts, encoding_format="float")
+        assert len(answer.data) == 3000 and answer.data[-1].embedding == [0.1, -0.25, 0.5]
+        response, content = await post_json(http, gw.url + "/v1/embeddings", {"model": MODEL, "input": texts})
+        assert response.code == 200 and len(content) > 64 * 1024
+        assert jsonutil.loads(content)["usage"]["prompt_tokens"] == 4
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [(r["endpoint"], r["status_code"], r["input_tokens"]) for r in records] == [
+            ("/v1/embeddings", 200, 4)] * 2
+    finally:
+        client.close()
+        await gw.service.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -11,8 +11,9 @@ itself: Responses lifecycle, batch lines). Both go through the same steps:
      up to C{ROUTING_MAX_ATTEMPTS} in all (the server retries a stale pooled
      connection once by itself),
   3. map every failure to a L{gomodel.errors.GatewayError},
-  4. relay: a whole JSON body byte for byte (its usage noted), an event
-     stream with backpressure through an observer, or a raw passthrough,
+  4. relay: a whole JSON body byte for byte (its usage noted; one past
+     L{RESPONSE_BODY_LIMIT} as it comes), an event stream with
+     backpressure through an observer, or a raw passthrough,
   5. release: the replica's lease ends with the answer (a successful one
      tells the pool how long it took: the replica's pace); a body nobody
      relays is read and dropped or its connection closed; the request's
@@ -28,6 +29,7 @@ from functools import partial
 
 from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
+from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from gomodel import jsonutil
@@ -234,6 +236,11 @@ class Exchange:
         if is_event_stream(response):
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, call.observer)
+        if call.transform is None and response.length is not UNKNOWN_LENGTH and response.length > RESPONSE_BODY_LIMIT:
+            # Too large to hold (a big batch's embeddings), nothing to change in it: relayed as it comes, byte
+            # for byte, its usage read from its end.
+            return await self._relay_stream(request, ctx, upstream, response, UsageTap() if ctx.recorded else None,
+                                            keep_length=True)
         try:
             body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
         except UpstreamUnreachable as e:
