@@ -304,6 +304,20 @@ async def test_a_filename_star_names_the_file_as_dotnet_and_rfc_5987_clients_sen
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_filename_holding_a_nul_is_refused_alike_on_every_store_before_anything_is_stored(http, stored_gw):
+    # PostgreSQL cannot keep a NUL in a text: the name is refused as it arrives, on SQLite too, as the file's.
+    for disposition in ('name="file"; filename="a\x00b.jsonl"', "name=\"file\"; filename*=utf-8''a%00b.jsonl"):
+        body = ('--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                f"--b\r\nContent-Disposition: form-data; {disposition}\r\n\r\n{{}}\n\r\n--b--\r\n").encode()
+        response, error = await post_upload(http, stored_gw, body, "multipart/form-data; boundary=b")
+        assert response.code == 400, error
+        assert (error["error"]["param"], error["error"]["code"]) == ("file", "invalid_value")
+        assert "NUL" in error["error"]["message"]
+    listed = jsonutil.loads(await treq.content(await http.get(stored_gw.url + "/v1/files", headers=AUTH)))
+    assert listed["data"] == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_list_parameters(http, gw):
     for query in ("limit=0", "limit=10001", "limit=x", "order=sideways"):
         response = await http.get(gw.url + "/v1/files?" + query, headers=AUTH)

@@ -150,6 +150,10 @@ class UploadSink:
                 self._fail(InvalidRequest("Send exactly one 'file' part.", param="file", code="invalid_multipart"))
                 return
             named = filename_star(segment) or segment.filename or ""
+            if "\x00" in named:  # (no store could keep it: PostgreSQL's texts hold no NUL)
+                self._fail(InvalidRequest("The file's name must not hold a NUL character.", param="file",
+                                          code="invalid_value"))
+                return
             self.filename = os.path.basename(named.replace("\\", "/")) or "file"
             self._has_file = True
             self._writer = self._blobs.create()
