@@ -173,6 +173,36 @@ async def test_counts_no_request_could_have_are_unknown_and_the_ledger_goes_on(r
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_request_the_upstream_never_answered_is_recorded_with_its_error(reactor, http, fake, tmp_path):
+    # vLLM answers a non-streamed request once it is done: one that times out (504), or whose client leaves
+    # first (499), reached it and kept it busy. Its record says so, as the access log does.
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d"),
+           "HTTP_RESPONSE_HEADER_TIMEOUT": "1s"}
+    gw = await start_gateway(reactor, env)
+    try:
+        response, _ = await _post(http, gw, "/v1/embeddings", {"model": MODEL, "input": "x", "fake_delay": 5})
+        assert response.code == 504
+        arrived = fake.next_request()
+        client = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 5}, headers=KEY))
+        await with_timeout(reactor, arrived, 5)
+        client.transport.abortConnection()
+        await client.lost
+        for _ in range(100):  # the abandoned request's record completes once its upstream side closed
+            await gw.service.usage.flush()
+            records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+            if len(records) == 2:
+                break
+        gone, timed_out = records  # newest first
+        assert (timed_out["endpoint"], timed_out["status_code"], timed_out["provider_name"], timed_out["replica"],
+                timed_out["model"], timed_out["input_tokens"]) == ("/v1/embeddings", 504, "vllm", 0, MODEL, None)
+        assert (gone["endpoint"], gone["status_code"], gone["client_gone"], gone["replica"]) == (
+            "/v1/chat/completions", 499, True, 0)
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_buffered_records_are_written_at_stop(reactor, http, fake, tmp_path):
     env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path / "d"), "USAGE_FLUSH_INTERVAL": "1h"}
     gw = await start_gateway(reactor, env)

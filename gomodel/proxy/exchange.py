@@ -185,8 +185,12 @@ class Exchange:
                     await admitting
             pool, broken = upstream, []  # broken: replicas whose whole answer broke off
             while True:
-                response, replica, upstream, model, sent = await self._send(ctx.request_id, pool, call, broken,
-                                                                            trace, None, ctx)
+                try:
+                    response, replica, upstream, model, sent = await self._send(ctx.request_id, pool, call, broken,
+                                                                                trace, None, ctx)
+                except (UpstreamTimeout, UpstreamUnreachable, CancelledError) as e:
+                    _reached(ctx, getattr(e, "reached", None))
+                    raise
                 took = None  # seconds the answer took, once it succeeded (the replica's pace)
                 try:
                     if model != ctx.upstream_model or upstream.name != ctx.provider:
@@ -298,9 +302,13 @@ class Exchange:
             tried), or None.
         @param ctx: the request's L{gomodel.http.context.RequestContext} (its C{attempts}, the failed sends of
             every target it was sent to, are counted on), or None (a batch line, a refresh).
+        @raise gomodel.errors.GatewayError: no answer; an L{UpstreamTimeout} or L{UpstreamUnreachable} has a
+            C{reached}: C{(pool, replica index, model)} of the last send that timed out (the request reached
+            it), or None; a C{CancelledError} (the client left) while a send waited has the same of that send.
         """
         targets = [(pool, call.model)] + [(route.provider, route.upstream_model) for route in call.fallbacks]
         attempts = 0 if ctx is None else ctx.attempts
+        reached = None  # the last send that timed out: (pool, replica index, model); the request reached it
         for number, (pool, model) in enumerate(targets):
             more = number + 1 < len(targets)
             if number == 0:
@@ -349,16 +357,21 @@ class Exchange:
                     attempts += 1
                     if ctx is not None:
                         ctx.attempts = attempts
+                    if e.__class__ is UpstreamTimeout:
+                        reached = (pool, replica.index, model)
                     again = self._again(pool, model, call, tried, attempts, more, e.message)
                     if again == "replica":
                         continue
                     if again == "target":
                         break
+                    e.reached = reached
                     raise
                 except BaseException as e:
                     if trace is not None:
                         trace.failed(_error_type(e))
                     pool.release(replica)
+                    if isinstance(e, CancelledError):  # (the client left while it waited)
+                        e.reached = (pool, replica.index, model)
                     raise
                 if trace is not None:
                     trace.answered(response.code)
@@ -565,6 +578,16 @@ class Exchange:
         # reads the error event, then an incomplete body, never a clean end.
         transport.loseConnection()
         return self._clock.callLater(ABORT_GRACE, transport.abortConnection)
+
+
+def _reached(ctx, reached):
+    """Note on C{ctx} the replica that a request which got no answer reached (a send's C{reached}: C{(pool,
+    replica index, upstream model)}, or None): it went there (its usage record says so) though none came."""
+    if reached is not None:
+        pool, index, model = reached
+        if model != ctx.upstream_model or pool.name != ctx.provider:
+            ctx.route(pool, ctx.model, model)
+        ctx.replica = index
 
 
 def _error_type(error) -> str:
