@@ -1183,6 +1183,19 @@ async def test_a_transient_status_on_the_last_attempt_goes_to_the_error_file(rea
     assert fake.marker_counts == {"busy": 1, "fine": 1}  # one attempt allowed: no retry
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_success_status_whose_body_is_no_json_is_an_error_line_of_status_502(sdk, gw, fake):
+    # A reader of the error file goes by each line's status_code: a 200 there would send it to a body that is
+    # no answer (an HTML page, a text) the gateway could not relay as one.
+    embed = {"custom_id": "odd", "method": "POST", "url": "/v1/embeddings",
+             "body": {"model": MODEL, "input": "x", "fake_status": 200, "fake_body": "<html>oops</html>"}}
+    batch = await finished(gw, sdk, (await start_batch(sdk, [embed], endpoint="/v1/embeddings")).id)
+    [error] = await file_lines(sdk, batch.error_file_id)
+    assert batch.request_counts.model_dump() == {"total": 1, "completed": 0, "failed": 1}
+    assert (error["custom_id"], error["response"]["status_code"]) == ("odd", 502)
+    assert error["response"]["body"]["error"]["code"] == "bad_upstream_response"
+
+
 # -- batches spread over the processes (hosts) sharing a store --------------------------------------
 
 

@@ -59,8 +59,8 @@ from gomodel.batches.claiming import MAX_CLAIMED, ClaimLoop
 from gomodel.batches.concluding import conclude, give_up
 from gomodel.batches.lines import Job, error_line, output_line
 from gomodel.batches.validating import validate
-from gomodel.errors import (Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy, StorageUnavailable,
-                            UpstreamUnreachable)
+from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy,
+                            StorageUnavailable, UpstreamUnreachable)
 from gomodel.api.inference import held, plan_model
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.responses_history import continued, unknown_response
@@ -715,7 +715,8 @@ class BatchRunner(Service):
                 error_body = jsonutil.dumps({"error": {
                     "message": f"The upstream provider '{provider.name}' answered with something that is not JSON.",
                     "type": "provider_error", "param": None, "code": "bad_upstream_response"}})
-                return False, output_line(custom_id, status, outcome.request_id, error_body)
+                # (the status an online request gets for it: no reader takes this line for an answer)
+                return False, output_line(custom_id, BadUpstreamResponse.status, outcome.request_id, error_body)
             if b"\n" in body or b"\r" in body:  # one line per result in a JSONL file
                 body = jsonutil.dumps(parsed)
             return True, output_line(custom_id, status, outcome.request_id, body)
