@@ -304,6 +304,18 @@ async def test_a_filename_star_names_the_file_as_dotnet_and_rfc_5987_clients_sen
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_filename_sent_in_latin_1_is_read_as_such_and_one_in_utf_8_as_utf_8(http, gw):
+    # RFC 7578 asks for UTF-8; older clients (Java's, a Windows code page) send ISO-8859-1 bytes. Neither is a
+    # reason to refuse the upload.
+    for raw, expected in ((b"caf\xe9 \xbd.jsonl", "café ½.jsonl"), ("café ½ 文件.jsonl".encode(), "café ½ 文件.jsonl")):
+        body = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + raw + b'"\r\n\r\n{}\n\r\n--b--\r\n')
+        response, created = await post_upload(http, gw, body, "multipart/form-data; boundary=b")
+        assert response.code == 200, created
+        assert created["filename"] == expected
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_filename_holding_a_nul_is_refused_alike_on_every_store_before_anything_is_stored(http, stored_gw):
     # PostgreSQL cannot keep a NUL in a text: the name is refused as it arrives, on SQLite too, as the file's.
     for disposition in ('name="file"; filename="a\x00b.jsonl"', "name=\"file\"; filename*=utf-8''a%00b.jsonl"):

@@ -52,6 +52,15 @@ def filename_star(segment):
     return None
 
 
+def _text(header_value: str) -> str:
+    """A part's header value read as ISO-8859-1 (every byte one character), as UTF-8 where its bytes are that
+    (RFC 7578's, what browsers and SDKs send), else as it is (an older client's ISO-8859-1)."""
+    try:
+        return header_value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return header_value
+
+
 class UploadSink:
     """A write-only body sink that parses C{multipart/form-data} as it comes.
 
@@ -100,7 +109,9 @@ class UploadSink:
             self._too_large()
         else:
             try:
-                self._parser = PushMultipartParser(options["boundary"], max_segment_count=MAX_PARTS)
+                # (ISO-8859-1 reads any header bytes: a file name is then read as UTF-8 where it is that, L{_text})
+                self._parser = PushMultipartParser(options["boundary"], max_segment_count=MAX_PARTS,
+                                                   header_charset="latin-1")
             except MultipartError as e:
                 self._fail(InvalidRequest(f"The multipart body cannot be parsed: {e}.", code="invalid_multipart"))
 
@@ -149,7 +160,7 @@ class UploadSink:
             if self._files > 1:
                 self._fail(InvalidRequest("Send exactly one 'file' part.", param="file", code="invalid_multipart"))
                 return
-            named = filename_star(segment) or segment.filename or ""
+            named = filename_star(segment) or _text(segment.filename or "")
             if "\x00" in named:  # (no store could keep it: PostgreSQL's texts hold no NUL)
                 self._fail(InvalidRequest("The file's name must not hold a NUL character.", param="file",
                                           code="invalid_value"))
