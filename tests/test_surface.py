@@ -41,6 +41,31 @@ async def test_embeddings_float_and_base64_kept_as_sent(http, gateway, fake):
 
 
 @pytest_twisted.ensureDeferred
+async def test_binary_embeddings_are_relayed_with_their_metadata_and_their_usage_recorded(reactor, http, fake,
+                                                                                        tmp_path):
+    # vLLM's encoding_format "bytes": the body is the vectors, their places and the usage are in its
+    # "metadata" header.
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        response, content = await post_json(http, gw.url + "/v1/embeddings",
+                                            {"model": MODEL, "input": ["a", "b"], "encoding_format": "bytes"})
+        assert response.code == 200
+        assert response.headers.getRawHeaders("content-type") == ["application/octet-stream"]
+        assert struct.unpack("<6f", content) == (1.0, 2.0, 3.0) * 2
+        metadata = jsonutil.loads(response.headers.getRawHeaders("metadata")[0].encode())
+        assert [item["start"] for item in metadata["data"]] == [0, 12]
+        response, content = await post_json(http, gw.url + "/p/vllm/v1/embeddings",  # the passthrough too
+                                            {"model": UPSTREAM, "input": "a", "encoding_format": "bytes"})
+        assert response.code == 200 and len(content) == 12
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [(r["endpoint"], r["input_tokens"], r["total_tokens"]) for r in records] == [
+            ("/p/{provider}/{endpoint}", 4, 4), ("/v1/embeddings", 4, 4)]
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_embeddings_answer_too_large_to_hold_is_relayed_as_it_comes(reactor, http, fake, tmp_path,
                                                                            monkeypatch):
     # A big batch of inputs (a 4096-dimension model's floats for a few thousand texts pass 256 MiB) is vLLM's

@@ -56,6 +56,7 @@ EXPECT = header_name("expect")
 HOST = header_name("host")
 TRANSFER_ENCODING = header_name("transfer-encoding")
 ENDPOINT_LOAD_METRICS = header_name("endpoint-load-metrics")
+METADATA = header_name("metadata")  # vLLM's binary pooling answers: all but the vectors (their usage too)
 # Names of the headers the gateway sets on its answers with AnswerHeaders.put (X-Request-Id is read too).
 SERVER = header_name("server")
 DATE = header_name("date")

@@ -37,7 +37,7 @@ from gomodel._twistedcompat import plain_headers, whole_body
 from gomodel.accounting.tokens import requested_tokens
 from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamError,
                             UpstreamTimeout, UpstreamUnreachable)
-from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, X_GOMODEL_REPLICA,
+from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, X_GOMODEL_REPLICA,
                                   copy_response_headers, is_event_stream)
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
@@ -229,8 +229,11 @@ class Exchange:
         """
         if call.vet is not None:
             await call.vet(response)
-        if call.raw:  # a passthrough: its usage is read from the end of what went by
-            tap = UsageTap(is_event_stream(response)) if ctx.recorded else None
+        if call.raw:  # a passthrough: its usage is read from the end of what went by (or its metadata)
+            tap = None
+            if ctx.recorded:
+                tap = UsageTap(is_event_stream(response))
+                ctx.usage = metadata_usage(response)
             return await self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
         if response.code >= 400:
             raise await self._error(upstream, response)
@@ -242,9 +245,12 @@ class Exchange:
             return await self._relay_stream(request, ctx, upstream, response, call.observer)
         if call.transform is None and response.length is not UNKNOWN_LENGTH and response.length > RESPONSE_BODY_LIMIT:
             # Too large to hold (a big batch's embeddings), nothing to change in it: relayed as it comes, byte
-            # for byte, its usage read from its end.
-            return await self._relay_stream(request, ctx, upstream, response, UsageTap() if ctx.recorded else None,
-                                            keep_length=True)
+            # for byte, its usage read from its end (or its metadata).
+            tap = None
+            if ctx.recorded:
+                tap = UsageTap()
+                ctx.usage = metadata_usage(response)
+            return await self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
         try:
             body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
         except UpstreamUnreachable as e:
@@ -478,6 +484,8 @@ class Exchange:
             request.responseHeaders.put(CONTENT_TYPE, b"application/json")
         elif ctx.recorded:
             ctx.usage = usage_of(body)
+            if ctx.usage is None:  # (a binary answer's is in its metadata)
+                ctx.usage = metadata_usage(response)
         request.responseHeaders.put(CONTENT_LENGTH, b"%d" % len(body))
         ctx.first_byte_written()
         return body
@@ -633,6 +641,13 @@ class UsageTap:
     def finish(self):
         self.usage = usage_of(self._tail)
         self._tail = b""
+
+
+def metadata_usage(response):
+    """The usage in an answer's C{metadata} header, or None: vLLM's embeddings and pooling with C{encoding_format}
+    C{"bytes"} answer with the vectors alone, everything else (their places, the usage) in that header."""
+    values = plain_headers(response.headers).get(METADATA)
+    return usage_of(values[0]) if values else None
 
 
 def usage_of(body: bytes):

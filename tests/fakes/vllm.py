@@ -40,6 +40,9 @@ Messages but no C{count_tokens} route (FastAPI's 404 there). Chat and Messages a
 C{steer} holds fields applied to every request the body does not set itself
 (for requests the gateway rewrites, e.g. Messages translated to chat).
 
+Embeddings take vLLM's C{encoding_format} C{"base64"} and C{"bytes"} (the vectors as float32 bytes, their
+places and the usage in the C{metadata} header) besides floats.
+
 Batch tests steer it per request with a C{fake_marker} (any string; the fake
 counts requests and finished answers per marker in C{marker_counts} and
 C{marker_answers}) and, on any route:
@@ -330,6 +333,15 @@ class FakeVLLM(Resource):
     def _embeddings(self, request, record, body):
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
+        if body.get("encoding_format") == "bytes":  # vLLM's binary answer: the vectors, the rest in a header
+            vector = b"\x00\x00\x80\x3f\x00\x00\x00\x40\x00\x00\x40\x40"  # float32 [1.0, 2.0, 3.0]
+            items = [{"index": i, "embed_dtype": "float32", "endianness": "little", "start": i * len(vector),
+                      "end": (i + 1) * len(vector), "shape": [3]} for i in range(len(inputs))]
+            metadata = {"id": "embd-fake", "created": 1700000000, "model": body["model"], "data": items,
+                        "usage": {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": 0}}
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"metadata", jsonutil.dumps(metadata))
+            return vector * len(inputs)
         if body.get("encoding_format") == "base64":
             vector = "AACAPwAAAEAAAEBA"  # float32 [1.0, 2.0, 3.0]
         else:
