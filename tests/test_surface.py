@@ -135,6 +135,16 @@ async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
 
         response, content = await post_json(http, gw.url + "/v1/rerank", {"model": "vllm-rerank/nope", "query": "q"})
         assert response.code == 404
+
+        # vLLM's own paths at its root (the Cohere SDK's /v2/rerank and /v2/embed): routed by model as the /v1
+        # forms are (before: 404 Unknown route, the passthrough the only way, with no model routing)
+        for path in ("/rerank", "/v2/rerank", "/score", "/classify", "/pooling", "/v2/embed"):
+            response, content = await post_json(http, gw.url + path, dict(body, input="x"))
+            assert response.code == 200, (path, content)
+            assert rerank.requests[-1].path == path.encode()
+            assert rerank.requests[-1].body["model"] == "BAAI/bge-reranker-base"
+        response, content = await post_json(http, gw.url + "/v2/rerank", dict(body, model="vllm-rerank/nope"))
+        assert response.code == 404 and jsonutil.loads(content)["error"]["code"] == "model_not_found"
     finally:
         await gw.service.stopService()
         await rerank.stop()

@@ -17,6 +17,9 @@ from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
 
+# vLLM's pooling routes at its server root, beside their /v1 forms (a pooling model serves those its task has).
+ROOT_POOLING = ("rerank", "v2/rerank", "score", "classify", "pooling", "v2/embed")
+
 PRIORITY_MIN, PRIORITY_MAX = -2**31, 2**31 - 1  # X-Request-Priority's range: a managed key's priority's
 
 
@@ -44,6 +47,9 @@ class InferenceRoutes:
             b"/v1/rerank": self.rerank,
             b"/v1/score": self.score,
             b"/v1/classify": self.classify,
+            # vLLM's own pooling paths at its root (the Cohere SDK's /v2/rerank and /v2/embed among them), routed
+            # by model as their /v1 forms are
+            **{b"/" + path.encode(): partial(self._model_routed, path=path, native=True) for path in ROOT_POOLING},
         }
 
     async def chat_completions(self, request, ctx):

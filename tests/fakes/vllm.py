@@ -307,7 +307,8 @@ class FakeVLLM(Resource):
 
     _POST_ROUTES = {
         b"/v1/completions": "_completions", b"/v1/embeddings": "_embeddings", b"/v1/rerank": "_rerank",
-        b"/rerank": "_rerank", b"/v1/score": "_score", b"/score": "_score", b"/classify": "_classify",
+        b"/rerank": "_rerank", b"/v2/rerank": "_rerank", b"/v1/score": "_score", b"/score": "_score",
+        b"/classify": "_classify", b"/pooling": "_pooling", b"/v2/embed": "_pooling",
         b"/v1/responses": "_responses", b"/tokenize": "_tokenize", b"/detokenize": "_detokenize",
     }
 
@@ -369,6 +370,13 @@ class FakeVLLM(Resource):
                                          "model": body["model"], "data": [{"index": 0, "label": "LABEL_0",
                                                                             "probs": [0.47], "num_classes": 1}],
                                          "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    def _pooling(self, request, record, body):
+        """vLLM's /pooling (and, here alike, Cohere's /v2/embed): a vector per input."""
+        return self._json(request, 200, {"id": "pool-fake", "object": "list", "created": 1700000000,
+                                         "model": body["model"], "data": [{"index": 0, "object": "pooling",
+                                                                            "data": [0.04]}],
+                                         "usage": {"prompt_tokens": 4, "total_tokens": 4}})
 
     def _tokenize(self, request, record, body):
         count = 3 if "messages" not in body else _count_tokens(None, body["messages"], body.get("tools"))

@@ -83,6 +83,13 @@ def test_rerank_by_qualified_model(gateway):
     score = request("POST", gateway.url + "/score", {"model": f"vllm-rerank/{RERANK_MODEL}", "text_1": "a",
                                                       "text_2": ["b", "c"]}, headers=gateway.auth)
     assert score.status == 200 and len(score.json()["data"]) == 2
+    # vLLM's own paths at its root, routed by model as their /v1 forms (the Cohere SDK's /v2/rerank)
+    for path in ("/rerank", "/v2/rerank"):
+        r = request("POST", gateway.root + path, body, headers=gateway.auth)
+        assert r.status == 200 and [x["index"] for x in r.json()["results"]] == [x["index"] for x in results], r
+    r = request("POST", gateway.root + "/classify", {"model": f"vllm-rerank/{RERANK_MODEL}", "input": ["a", "b"]},
+                headers=gateway.auth)
+    assert r.status == 200 and len(r.json()["data"]) == 2, r
 
 
 def test_passthrough_tokenize_and_guarded_detokenize(gateway, vllm):
