@@ -174,15 +174,21 @@ async def test_slow_client_on_a_passthrough_stream(reactor, gateway, fake):
 
 
 @pytest_twisted.ensureDeferred
-async def test_upstream_cookies_never_reach_the_client(http, two):
+async def test_upstream_cookies_and_account_never_reach_the_client(http, two):
+    """Nor an OpenAI provider's organization and project, the gateway's account's, shown to every tenant
+    (before: relayed)."""
     gw, plain, guarded = two
     body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
-            "fake_headers": {"Set-Cookie": "s=1", "Set-Cookie2": "s=2", "X-Kept": "yes"}}
-    response, content = await call(http, gw, "POST", "/p/vllm/v1/chat/completions", body)
-    assert response.code == 200
-    headers = response.headers
-    assert headers.getRawHeaders("x-kept") == ["yes"]
-    assert headers.getRawHeaders("set-cookie") is None and headers.getRawHeaders("set-cookie2") is None
+            "fake_headers": {"Set-Cookie": "s=1", "Set-Cookie2": "s=2", "X-Kept": "yes",
+                             "OpenAI-Organization": "org-gateway", "OpenAI-Project": "proj_gateway"}}
+    for path in ("/p/vllm/v1/chat/completions", "/v1/chat/completions"):
+        response, content = await call(http, gw, "POST", path, dict(body, model="vllm/" + body["model"])
+                                       if path.startswith("/v1") else body)
+        assert response.code == 200, content
+        headers = response.headers
+        assert headers.getRawHeaders("x-kept") == ["yes"]
+        assert headers.getRawHeaders("set-cookie") is None and headers.getRawHeaders("set-cookie2") is None
+        assert headers.getRawHeaders("openai-organization") is None and headers.getRawHeaders("openai-project") is None
 
 
 @pytest_twisted.ensureDeferred

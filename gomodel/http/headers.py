@@ -12,8 +12,10 @@ HOP_BY_HOP = frozenset((
 ))
 
 # Never copied from an upstream answer: Date/Server and the request id are
-# ours, cookies stay upstream. Content-Length only where the bytes pass unchanged.
-_NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"set-cookie2", b"x-request-id"}
+# ours, cookies stay upstream, and so does the gateway's account with an OpenAI-compatible provider (its
+# organization and project, every tenant's). Content-Length only where the bytes pass unchanged.
+_NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"set-cookie2", b"x-request-id",
+                                   b"openai-organization", b"openai-project"}
 
 
 class AnswerHeaders(Headers):
