@@ -158,6 +158,13 @@ async def test_forced_usage_chunk_reaches_only_clients_that_asked(http, gateway,
     assert not any(b'"usage"' in e for e in events_of(await treq.content(response)))
     assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
 
+    # vLLM's per-chunk usage holds only with include_usage: asked without it, the client asked for none (before:
+    # the forced include_usage turned it on, usage on every chunk)
+    continuous = stream_body(stream_options={"continuous_usage_stats": True})
+    response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(continuous).encode())
+    assert not any(b'"usage"' in e for e in events_of(await treq.content(response)))
+    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+
 
 async def test_a_stream_an_upstream_answered_whole_reaches_the_client_as_events(gateway, fake):
     """An OpenAI-compatible upstream that ignores "stream" answers whole: the client still gets the stream's

@@ -71,8 +71,10 @@ class InferenceRoutes:
             if options is None or isinstance(options, dict):
                 options = dict(options or {})
                 if options.get("include_usage") is not True:
-                    # We always want usage; the client gets it only if it asked.
+                    # We always want usage; the client gets it only if it asked. (vLLM's per-chunk usage holds
+                    # only with include_usage: without it, the client asked for none.)
                     options["include_usage"] = True
+                    options.pop("continuous_usage_stats", None)
                     strip_usage = True
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
