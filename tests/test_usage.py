@@ -19,6 +19,17 @@ async def _post(http, gw, path, body):
     return response, await response.content()
 
 
+async def _recorded(gw, count):
+    """The ledger's records, newest first, once it holds C{count} (flushed; an abandoned request's record
+    completes once its upstream side closed), or as they are after 100 looks."""
+    for _ in range(100):
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 100)
+        if len(records) == count:
+            break
+    return records
+
+
 @pytest_twisted.ensureDeferred
 async def test_records_for_every_request_that_reached_an_upstream(reactor, http, fake, tmp_path):
     config = tmp_path / "g.yaml"
@@ -37,11 +48,7 @@ async def test_records_for_every_request_that_reached_an_upstream(reactor, http,
         await with_timeout(reactor, client.wait_for(b'"content"'), 10)
         client.transport.abortConnection()
         await client.lost
-        for _ in range(100):  # the abandoned stream's record completes once its upstream side closed
-            await gw.service.usage.flush()
-            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
-            if len(records) == 4:
-                break
+        records = await _recorded(gw, 4)  # (the abandoned stream's completes once its upstream side closed)
         assert len(records) == 4
         gone, embedded, streamed, plain = records  # newest first
         assert (plain["endpoint"], plain["status_code"], plain["stream"]) == ("/v1/chat/completions", 200, False)
@@ -188,12 +195,7 @@ async def test_a_request_the_upstream_never_answered_is_recorded_with_its_error(
         await with_timeout(reactor, arrived, 5)
         client.transport.abortConnection()
         await client.lost
-        for _ in range(100):  # the abandoned request's record completes once its upstream side closed
-            await gw.service.usage.flush()
-            records, _ = await gw.service.store.usage.log(0, 2e9, 10)
-            if len(records) == 2:
-                break
-        gone, timed_out = records  # newest first
+        gone, timed_out = await _recorded(gw, 2)  # newest first
         assert (timed_out["endpoint"], timed_out["status_code"], timed_out["provider_name"], timed_out["replica"],
                 timed_out["model"], timed_out["input_tokens"]) == ("/v1/embeddings", 504, "vllm", 0, MODEL, None)
         assert (gone["endpoint"], gone["status_code"], gone["client_gone"], gone["replica"]) == (
