@@ -256,6 +256,8 @@ async def test_upstream_errors_keep_status_and_get_the_envelope(http, gateway, f
          {"message": "old flat", "type": "BadRequestError"}),
         (500, "<html>Internal Server Error at http://127.0.0.1</html>", {"type": "provider_error"}),
         (503, "", {"type": "provider_error"}),
+        # FastAPI's own 404 (vLLM has the route only for a model whose task it is): said so (before: "Not Found")
+        (404, '{"detail":"Not Found"}', {"type": "not_found_error"}),
     ]
     for status, raw, expected in cases:
         response, content = await post(http, gateway, {"model": MODEL, "fake_status": status, "fake_body": raw})
@@ -265,6 +267,8 @@ async def test_upstream_errors_keep_status_and_get_the_envelope(http, gateway, f
             assert error[key] == value, (status, error)
         assert "127.0.0.1" not in content.decode()
         assert fake.root_url not in content.decode()
+        if status == 404:
+            assert "does not serve this endpoint" in error["message"], error
     response, content = await post(http, gateway, {"model": MODEL, "fake_status": 400, "fake_body": json.dumps(vllm_400)})
     assert content == json.dumps(vllm_400).encode()  # OpenAI-shaped: passed through as is
 
