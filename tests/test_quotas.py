@@ -53,6 +53,70 @@ async def gw(reactor, fake, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_x_gomodel_user_path_attributes_the_master_keys_requests_to_a_path(reactor, http, fake, tmp_path):
+    """GoModel's header: a backend holding the master key (or a key without a user path) attributes each
+    request to its user's path: that path's limits apply and the ledger records it under the path (before:
+    ignored, every such request the master key's, unlimited and unattributed)."""
+    gateway = await start(reactor, fake, tmp_path, SET_RATE_LIMIT_TEAM__A="rpm=1", USAGE_FLUSH_INTERVAL="1h")
+    master = openai_client(gateway, MASTER)
+    key = await new_key(http, gateway)  # (no user path of its own)
+    pathless = openai_client(gateway, key["value"])
+    try:
+        team_a = {"X-GoModel-User-Path": "team/a/"}
+        assert (await in_thread(raw_chat, master, extra_headers=team_a)).http_response.status_code == 200
+        with pytest.raises(openai.RateLimitError):  # /team/a's rpm=1
+            await in_thread(raw_chat, master, extra_headers=team_a)
+        with pytest.raises(openai.RateLimitError):  # the same path's limit, whoever attributes to it
+            await in_thread(raw_chat, pathless, extra_headers={"X-GoModel-User-Path": "/team/a/bob"})
+        for _ in range(3):  # unattributed, or another path: no limit
+            await in_thread(raw_chat, master)
+            await in_thread(raw_chat, master, extra_headers={"X-GoModel-User-Path": "/team/b"})
+        with pytest.raises(openai.BadRequestError) as refused:
+            await in_thread(raw_chat, master, extra_headers={"X-GoModel-User-Path": "/team/../x"})
+        assert refused.value.code == "invalid_user_path"
+        await gateway.service.usage.flush()
+        code, log = await admin(http, gateway, "GET", "/admin/api/v1/usage/log?user_path=/team/a")
+        assert [(r["user_path"], r["auth_key_id"]) for r in log["data"]] == [("/team/a", None)]
+        code, log = await admin(http, gateway, "GET", "/admin/api/v1/usage/log?user_path=/team/b")
+        assert len(log["data"]) == 3
+        # A key with a user path of its own keeps it: the header is ignored.
+        bound = await new_key(http, gateway, user_path="/team/c")
+        client = openai_client(gateway, bound["value"])
+        try:
+            for _ in range(2):
+                await in_thread(raw_chat, client, extra_headers=team_a)
+        finally:
+            client.close()
+    finally:
+        master.close()
+        pathless.close()
+        await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_attributed_key_sees_what_it_saw(reactor, http, fake, tmp_path):
+    """The header chooses where a request is recorded and limited, never what its key may see: a key's files
+    stay its own whatever path it names."""
+    gateway = await start(reactor, fake, tmp_path)
+    key = await new_key(http, gateway)
+    client = openai_client(gateway, key["value"])
+    try:
+        made = await in_thread(client.files.create, file=("a.jsonl", b"{}\n"), purpose="batch",
+                               extra_headers={"X-GoModel-User-Path": "/team/x"})
+        listed = await in_thread(client.files.list)
+        assert [f.id for f in listed.data] == [made.id]
+        other = await new_key(http, gateway, user_path="/team/x")
+        stranger = openai_client(gateway, other["value"])
+        try:
+            assert (await in_thread(stranger.files.list)).data == []
+        finally:
+            stranger.close()
+    finally:
+        client.close()
+        await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_rate_limits_enabled_false_turns_a_keys_own_limits_off_too(reactor, http, fake, tmp_path):
     """As BUDGETS_ENABLED=false does its budgets (before: a key's rpm, tpm and max_concurrency still held)."""
     gateway = await start(reactor, fake, tmp_path, RATE_LIMITS_ENABLED="false")

@@ -180,9 +180,12 @@ _TOKENS, _COST, _PATH, _KEY = (USAGE_FIELDS.index(field) for field in ("total_to
 
 
 def recorded_as(principal):
-    """C{(auth_key_id, user_path)} of a record: a managed key's, else Nones."""
-    if principal is None or principal.master:
+    """C{(auth_key_id, user_path)} of a record: a managed key's; the master key's no id, and the user path a
+    request of it is attributed to (C{X-GoModel-User-Path}) or None."""
+    if principal is None:
         return None, None
+    if principal.master:
+        return None, principal.user_path
     return principal.id, principal.user_path
 
 

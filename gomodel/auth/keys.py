@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from gomodel._twistedcompat import plain_headers
 from gomodel.errors import AuthenticationFailed, Forbidden, InvalidRequest
-from gomodel.http.headers import AUTHORIZATION, X_API_KEY
+from gomodel.http.headers import AUTHORIZATION, X_API_KEY, X_GOMODEL_USER_PATH
 from gomodel.logs import FailureStreak
 from gomodel.periodic import Periodic
 
@@ -46,10 +46,13 @@ class Principal:
     @ivar tenant: who owns what this key makes (C{"path:/team/alpha"} or
         C{"key:<id>"}), None for the master key.
     @ivar models: the model selectors it may use, or None for every model.
+    @ivar cache_key: what the gate keeps its limits plan under: its id, or (attributed: L{attributed})
+        its id and user path.
     """
 
     __slots__ = ("id", "name", "user_path", "tenant", "models", "expires_at", "active", "rpm", "tpm",
-                 "max_concurrency", "budgets", "priority", "own_cache_salt", "master", "_exact", "_prefixes")
+                 "max_concurrency", "budgets", "priority", "own_cache_salt", "master", "_exact", "_prefixes",
+                 "cache_key", "base")
 
     def __init__(self, id, name, *, user_path=None, models=None, expires_at=None, active=True, rpm=None, tpm=None,
                  max_concurrency=None, budgets=(), priority=None, own_cache_salt=False, master=False):
@@ -71,6 +74,21 @@ class Principal:
         self.budgets = tuple(budgets or ())
         self.priority = priority
         self.own_cache_salt = own_cache_salt
+        self.cache_key = id
+        self.base = self  # the principal it was attributed from (L{attributed}), else itself
+
+    def attributed(self, user_path):
+        """This principal's requests attributed to C{user_path} (C{X-GoModel-User-Path}, for the master key or a
+        key without a user path of its own): that path's limits and budgets apply and its usage is recorded
+        under it; what it may see and use (its tenant, its models) does not change."""
+        copy = Principal(self.id, self.name, user_path=user_path, models=self.models, expires_at=self.expires_at,
+                         active=self.active, rpm=self.rpm, tpm=self.tpm, max_concurrency=self.max_concurrency,
+                         budgets=self.budgets, priority=self.priority, own_cache_salt=self.own_cache_salt,
+                         master=self.master)
+        copy.tenant = self.tenant  # (the header never changes whose objects it sees)
+        copy.cache_key = f"{self.id} {user_path}"
+        copy.base = self
+        return copy
 
     @classmethod
     def of_record(cls, record):
@@ -188,6 +206,7 @@ class GatewayAuth:
         self._open = OPEN_PATHS | frozenset(p.encode("ascii") for p in open_paths)
         self._open_prefixes = tuple(p.encode("ascii") for p in open_prefixes)
         self._master_only = frozenset(p.encode("ascii") for p in closed_to_keys)
+        self._attributed = {}  # (principal's cache_key, user path) -> its attributed principal
 
     def __call__(self, request, path: bytes):
         """The L{Principal} who sent C{request}: L{MASTER}, a managed key, or None (open path or gateway).
@@ -203,14 +222,43 @@ class GatewayAuth:
         else:
             token = presented_key(request)
             if hmac.compare_digest(token, self._master_key):
-                return MASTER
-            principal = self._keys.find(token) if self._keys is not None else None
-            if principal is None:
-                raise AuthenticationFailed("Invalid API key.")
-        if principal is not None and (path.startswith(b"/admin/") or path in self._master_only):
+                principal = MASTER
+            else:
+                principal = self._keys.find(token) if self._keys is not None else None
+                if principal is None:
+                    raise AuthenticationFailed("Invalid API key.")
+        if (principal is not None and not principal.master
+                and (path.startswith(b"/admin/") or path in self._master_only)):
             raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
                             code="master_key_required")
+        if principal is not None and principal.user_path is None:
+            values = plain_headers(request.requestHeaders).get(X_GOMODEL_USER_PATH)
+            if values:
+                return self._attribute(principal, values)
         return principal
+
+    def _attribute(self, principal, values):
+        """C{principal} attributed to the user path of the C{X-GoModel-User-Path} header's C{values}.
+
+        @raise InvalidRequest: it is no user path (C{invalid_user_path}), or was sent twice, differently.
+        """
+        from gomodel.limits.specs import normalize_user_path
+
+        raw = values[0] if len(values) == 1 else _one(values, "X-GoModel-User-Path")
+        try:
+            user_path = normalize_user_path(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise InvalidRequest(f"X-GoModel-User-Path must be a user path such as /team/alpha: {e}",
+                                 code="invalid_user_path") from None
+        if user_path == "/":
+            return principal  # (everything: attributed to no path)
+        key = (principal.cache_key, user_path)
+        attributed = self._attributed.get(key)
+        if attributed is None or attributed.base is not principal:
+            if len(self._attributed) > 10000:
+                self._attributed.clear()
+            attributed = self._attributed[key] = principal.attributed(user_path)
+        return attributed
 
 
     def _open_below(self, path: bytes) -> bool:

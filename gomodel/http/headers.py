@@ -65,6 +65,7 @@ DATE = header_name("date")
 X_REQUEST_ID = header_name("x-request-id")
 X_GOMODEL_REPLICA = header_name("x-gomodel-replica")
 X_REQUEST_PRIORITY = header_name("x-request-priority")
+X_GOMODEL_USER_PATH = header_name("x-gomodel-user-path")
 CONTENT_TYPE = header_name("content-type")
 # The content type of an event stream the gateway makes itself (a whole answer to a stream request, made events).
 EVENT_STREAM = b"text/event-stream; charset=utf-8"

@@ -91,13 +91,14 @@ class Gate(Periodic):
             self._plans = {}
 
     def budget_scopes(self, principal):
-        """C{[(scope, (Budget, ...))]} that a request of C{principal} spends from."""
-        if principal is None or principal.master:
+        """C{[(scope, (Budget, ...))]} that a request of C{principal} spends from (the master key's only where
+        a request is attributed to a user path: C{X-GoModel-User-Path})."""
+        if principal is None or principal.master and principal.user_path is None:
             return []
         return self._plan(principal)[1]
 
     def _plan(self, principal):
-        plan = self._plans.get(principal.id)
+        plan = self._plans.get(principal.cache_key)
         if plan is None or plan[0] is not principal:
             limits, own = [], None
             limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
@@ -108,7 +109,7 @@ class Gate(Periodic):
             budgets = self._budget_scopes(principal.id, principal.budgets, principal.user_path)
             if len(self._plans) > 100000:
                 self._plans.clear()
-            plan = self._plans[principal.id] = (principal, budgets, limits, own)
+            plan = self._plans[principal.cache_key] = (principal, budgets, limits, own)
         return plan
 
     def _budget_scopes(self, key_id, budgets, path):
@@ -142,7 +143,7 @@ class Gate(Periodic):
         """
         principal = ctx.principal
         targets = self._target_scopes(upstream.name, call.model) if self._any_targets else ()
-        if principal is None or principal.master:
+        if principal is None or principal.master and principal.user_path is None:
             if not targets:
                 return None
             budgets, scopes, own = (), targets, None
@@ -224,7 +225,7 @@ class Gate(Periodic):
         admission = ctx.admission
         principal = ctx.principal
         charged = (self._book is not None and ctx.replica is not None and principal is not None
-                   and not principal.master)
+                   and (not principal.master or principal.user_path is not None))
         if admission is None and not charged:
             return
         usage = ctx.usage
@@ -250,7 +251,7 @@ class Gate(Periodic):
     def charge(self, principal, model, usage):
         """Charge an answer's C{usage} (the upstream's usage object, or None) on C{model} (qualified, for
         its price) to the budgets of C{principal} (a managed key's; others have none): a batch line."""
-        if self._book is None or not usage or principal is None or principal.master:
+        if self._book is None or not usage or principal is None or principal.master and principal.user_path is None:
             return
         used = total_tokens(usage)
         if used:
