@@ -79,6 +79,16 @@ async def test_x_gomodel_user_path_attributes_the_master_keys_requests_to_a_path
         assert [(r["user_path"], r["auth_key_id"]) for r in log["data"]] == [("/team/a", None)]
         code, log = await admin(http, gateway, "GET", "/admin/api/v1/usage/log?user_path=/team/b")
         assert len(log["data"]) == 3
+        # Its budgets too: one request spends /team/d's 20 tokens (21), the next is refused.
+        code, _ = await admin(http, gateway, "PUT", "/admin/api/v1/budgets",
+                              {"user_path": "/team/d", "period": "daily", "max_tokens": 20})
+        assert code == 200
+        team_d = {"X-GoModel-User-Path": "/team/d"}
+        await in_thread(raw_chat, master, extra_headers=team_d)
+        with pytest.raises(openai.RateLimitError) as spent:
+            await in_thread(raw_chat, master, extra_headers=team_d)
+        assert spent.value.code == "budget_exceeded"
+        await in_thread(raw_chat, master)  # (the master key's own requests: no budget)
         # A key with a user path of its own keeps it: the header is ignored.
         bound = await new_key(http, gateway, user_path="/team/c")
         client = openai_client(gateway, bound["value"])
