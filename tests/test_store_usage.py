@@ -28,16 +28,27 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert await usage.add([
         row("r1", 100.0),
         row("r2", 86500.0, provider_name="vllm-b", model="vllm-b/m", stream=True, total_cost=0.5,
-            auth_key_id="k_1", user_path="/team/a"),
+            input_cost=0.125, output_cost=0.375, auth_key_id="k_1", user_path="/team/a"),
         row("r3", 86600.0, status_code=503, input_tokens=None, output_tokens=None, total_tokens=None,
-            auth_key_id="k_1", user_path="/team/a/x", client_gone=1, total_cost=0.25),  # flags as the ledger's 0/1
+            auth_key_id="k_1", user_path="/team/a/x", client_gone=1, total_cost=0.25, input_cost=0.25),  # flags as the ledger's 0/1
         row("other-4", 90000.0, user_path="/team/ab", stream=0, estimated=1),
     ]) == 4
     totals = await usage.summary(0, 1e9)
     assert totals == {"requests": 4, "input_tokens": 30, "output_tokens": 15, "total_tokens": 45,
-                      "cached_tokens": 8, "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1}
+                      "cached_tokens": 8, "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1,
+                      "input_cost": 0.375, "output_cost": 0.375}
     assert (await usage.summary(0, 50))["requests"] == 0
     assert (await usage.summary(0, 50))["total_cost"] is None
+    assert (await usage.summary(0, 50))["input_cost"] is None
+    # The log's filters: a key's records, the master key's, a path and those under it (not /team/ab).
+    assert await usage.summary(0, 1e9, {"key": "k_1"}) == {
+        "requests": 2, "input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cached_tokens": 4,
+        "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1, "input_cost": 0.375, "output_cost": 0.375}
+    assert (await usage.summary(0, 1e9, {"keyless": True}))["requests"] == 2
+    assert (await usage.summary(0, 1e9, {"user_path": "/team/a"}))["requests"] == 2
+    assert (await usage.summary(0, 1e9, {"user_path": "/team"}))["requests"] == 3
+    assert (await usage.summary(86550, 1e9, {"user_path": "/team/a", "key": "k_1"}))["total_tokens"] == 0
+    assert (await usage.summary(0, 1e9, {"user_path": "/nobody"}))["total_cost"] is None
     days = await usage.grouped(0, 1e9, by=("provider_name",), bucket=86400)
     assert [(g["period"], g["provider_name"], g["requests"]) for g in days] == [
         (0, "vllm-a", 1), (86400, "vllm-a", 2), (86400, "vllm-b", 1)]

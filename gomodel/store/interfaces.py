@@ -322,11 +322,13 @@ class IUsageStore(Interface):
             the table cannot (a text that is not Unicode, a number past its column).
         """
 
-    def summary(start, end):
+    def summary(start, end, filters=None):
         """Totals of the records with C{start <= timestamp < end}.
 
+        @param filters: as L{log}'s (C{key}, C{keyless}, C{user_path}: that path and those under it, ...).
         @return: a Deferred firing with C{{requests, input_tokens, output_tokens, total_tokens,
-            cached_tokens, reasoning_tokens, total_cost (None without prices), errors}}.
+            cached_tokens, reasoning_tokens, total_cost (None without prices), errors, input_cost,
+            output_cost (None without prices)}}.
         """
 
     def grouped(start, end, by=(), bucket=None):

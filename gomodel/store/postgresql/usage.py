@@ -26,6 +26,7 @@ _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(outpu
            "COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cached_tokens), 0)::bigint, "
            "COALESCE(SUM(reasoning_tokens), 0)::bigint, SUM(total_cost), "
            "COUNT(*) FILTER (WHERE status_code >= 400)")
+_COSTS = "SUM(input_cost), SUM(output_cost)"  # a summary's too (None without prices)
 
 
 # The time series: a record's bucket is floor((timestamp - start) / bucket); the percentiles are picked in
@@ -71,9 +72,14 @@ class PostgreSQLUsageStore:
             raise RowsRejected(str(e)) from e
         return len(rows)
 
-    def summary(self, start, end):
-        return self._db.run(self._grouped, start, end, (), None).addCallback(
-            lambda groups: groups[0] if groups else _totals((0, 0, 0, 0, 0, 0, None, 0)))
+    def summary(self, start, end, filters=None):
+        return self._db.run(self._summary, start, end, dict(filters or {}))
+
+    @staticmethod
+    def _summary(conn, start, end, filters):
+        where, args = _where(start, end, filters)
+        row = conn.execute(f"SELECT {_TOTALS}, {_COSTS} FROM usage WHERE {' AND '.join(where)}", args).fetchone()
+        return dict(_totals(row[:-2]), input_cost=row[-2], output_cost=row[-1])
 
     def grouped(self, start, end, by=(), bucket=None):
         return self._db.run(self._grouped, start, end, tuple(by), bucket)
@@ -96,22 +102,10 @@ class PostgreSQLUsageStore:
 
     @staticmethod
     def _log(conn, start, end, limit, before, filters):
-        where, args = ["timestamp >= %s", "timestamp < %s"], [start, end]
+        where, args = _where(start, end, filters)
         if before is not None:
             where.append("id < %s")
             args.append(before)
-        for name, value in filters.items():
-            where.append(_FILTERS[name])
-            if name == "provider":
-                args += [value, value]
-            elif name == "user_path":
-                args += [value, value.rstrip("/") + "/"]
-            elif name == "search":
-                args.append(like_pattern(value))
-            elif name == "keyless":  # (the master key's, or an open gateway's)
-                pass
-            else:
-                args.append(value)
         rows = conn.cursor(row_factory=dict_row).execute(
             f"SELECT id, {', '.join(COLUMNS)} FROM usage WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %s",
             (*args, limit + 1)).fetchall()
@@ -158,6 +152,24 @@ class PostgreSQLUsageStore:
     def delete_before(self, timestamp):
         return self._db.run(lambda conn: conn.execute("DELETE FROM usage WHERE timestamp < %s",
                                                       (timestamp,)).rowcount)
+
+
+def _where(start, end, filters):
+    """The C{WHERE} clauses and their arguments of a window and C{filters} (L{IUsageStore.log}'s)."""
+    where, args = ["timestamp >= %s", "timestamp < %s"], [start, end]
+    for name, value in filters.items():
+        where.append(_FILTERS[name])
+        if name == "provider":
+            args += [value, value]
+        elif name == "user_path":
+            args += [value, value.rstrip("/") + "/"]
+        elif name == "search":
+            args.append(like_pattern(value))
+        elif name == "keyless":  # (the master key's, or an open gateway's)
+            pass
+        else:
+            args.append(value)
+    return where, args
 
 
 def _totals(row) -> dict:

@@ -29,9 +29,14 @@ class SQLiteUsageStore:
         # The flags as 0 and 1 (UsageLedger.keep), as sqlite stores them.
         return self._writer.write(_INSERT, rows)
 
-    def summary(self, start, end):
-        return self._db.run(self._grouped, start, end, (), None).addCallback(
-            lambda groups: groups[0] if groups else _totals((0, 0, 0, 0, 0, 0, None, 0)))
+    def summary(self, start, end, filters=None):
+        return self._db.run(self._summary, start, end, dict(filters or {}))
+
+    def _summary(self, start, end, filters):
+        where, args = _where(start, end, filters)
+        row = self._db.conn().execute(f"SELECT {_TOTALS}, {_COSTS} FROM usage WHERE {' AND '.join(where)}",
+                                      args).fetchone()
+        return dict(_totals(row[:-2]), input_cost=row[-2], output_cost=row[-1])
 
     def grouped(self, start, end, by=(), bucket=None):
         return self._db.run(self._grouped, start, end, tuple(by), bucket)
@@ -52,23 +57,10 @@ class SQLiteUsageStore:
         return self._db.run(self._log, start, end, limit, before, dict(filters or {}))
 
     def _log(self, start, end, limit, before, filters):
-        where, args = ["timestamp >= ?", "timestamp < ?"], [start, end]
+        where, args = _where(start, end, filters)
         if before is not None:
             where.append("id < ?")
             args.append(before)
-        for name, value in filters.items():
-            where.append(_FILTERS[name])
-            if name == "provider":
-                args += [value, value]
-            elif name == "user_path":  # the path and everything under it
-                below = value.rstrip("/") + "/"
-                args += [value, len(below), below]
-            elif name == "search":
-                args.append(like_pattern(value))
-            elif name == "keyless":  # (the master key's, or an open gateway's)
-                pass
-            else:
-                args.append(value)
         rows = self._db.conn().execute(
             f"SELECT id, {', '.join(COLUMNS)} FROM usage WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
             (*args, limit + 1)).fetchall()
@@ -126,6 +118,7 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
            "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0)")
+_COSTS = "SUM(input_cost), SUM(output_cost)"  # a summary's too (None without prices)
 
 
 # Portable SQL (SQLite and PostgreSQL): a record's bucket is FLOOR((timestamp - start) / bucket); the
@@ -140,6 +133,25 @@ _PERCENTILES = ("SELECT k, rn, n, v FROM (SELECT k, v, ROW_NUMBER() OVER (PARTIT
                 "COUNT(*) OVER (PARTITION BY k) AS n FROM ("
                 + _BUCKETED.format(columns="{column} AS v") + " AND {column} IS NOT NULL) AS t) AS r "
                 "WHERE rn = (n + 1) / 2 OR rn = (95 * n + 99) / 100")
+
+
+def _where(start, end, filters):
+    """The C{WHERE} clauses and their arguments of a window and C{filters} (L{IUsageStore.log}'s)."""
+    where, args = ["timestamp >= ?", "timestamp < ?"], [start, end]
+    for name, value in filters.items():
+        where.append(_FILTERS[name])
+        if name == "provider":
+            args += [value, value]
+        elif name == "user_path":  # the path and everything under it
+            below = value.rstrip("/") + "/"
+            args += [value, len(below), below]
+        elif name == "search":
+            args.append(like_pattern(value))
+        elif name == "keyless":  # (the master key's, or an open gateway's)
+            pass
+        else:
+            args.append(value)
+    return where, args
 
 
 def _totals(row) -> dict:
