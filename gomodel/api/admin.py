@@ -6,29 +6,24 @@ path but C{/health}). Names follow GoModel's admin API where it has them.
 
 import csv
 import io
-import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from klein import Klein
 
 from gomodel.api.keys import user_path
+from gomodel.api.windows import DAY, day, window
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.routing.selectors import qualified
 from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
 
-DAY = 86400.0
 # usage/timeseries windows: (bucket seconds, buckets)
 TIMESERIES = {"hour": (60.0, 60), "day": (3600.0, 24), "month": (DAY, 30)}
 # The largest usage/log cursor (a record's id): a BIGINT's, past which SQLite fails and PostgreSQL finds none.
 CURSOR_MAX = 2**63 - 1
 # usage/log's filters given as text (C{status}: a number).
 TEXT_FILTERS = ("model", "provider", "search", "key", "user_path")
-# The longest C{days} window: the longest usage retention (USAGE_RETENTION_DAYS).
-DAYS_MAX = 36500
-# A window's dates: YYYY-MM-DD in ASCII digits.
-_DATE = re.compile("[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -100,21 +95,21 @@ class AdminAPI:
     @app.route("/usage/summary", methods=["GET"])
     async def usage_summary(self, request):
         """Totals for a window (C{start_date}/C{end_date}, or C{days}, default 30)."""
-        start, end = self._window(request)
+        start, end = window(request, self._clock)
         summary = await self._usage_store().summary(start, end)
-        return json_answer(request, dict(summary, start=_day(start), end=_day(end - DAY)))
+        return json_answer(request, dict(summary, start=day(start), end=day(end - DAY)))
 
     @app.route("/usage/daily", methods=["GET"])
     async def usage_daily(self, request):
         """Totals per UTC day (C{interval=hour}: per hour) of a window; C{format=csv}."""
-        start, end = self._window(request)
+        start, end = window(request, self._clock)
         wants_csv = _wants_csv(request)
         interval = query_arg(request, b"interval", "day")
         if interval not in ("day", "hour"):
             raise InvalidRequest("interval must be day or hour.", param="interval", code="invalid_value")
         rows = await self._usage_store().grouped(start, end, bucket=DAY if interval == "day" else 3600)
         for row in rows:
-            row["period"] = _iso(row["period"]) if interval == "hour" else _day(row["period"])
+            row["period"] = _iso(row["period"]) if interval == "hour" else day(row["period"])
         return _rows(request, wants_csv, rows, ("period",))
 
     @app.route("/usage/models", methods=["GET"])
@@ -134,7 +129,7 @@ class AdminAPI:
 
     async def _grouped(self, request, by):
         """The totals of a window grouped C{by} those columns, as L{_rows} answers them."""
-        start, end = self._window(request)
+        start, end = window(request, self._clock)
         wants_csv = _wants_csv(request)  # (a bad format is refused before the query runs)
         return _rows(request, wants_csv, await self._usage_store().grouped(start, end, by=by), by)
 
@@ -165,7 +160,7 @@ class AdminAPI:
         """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
         C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}: the same page,
         its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
-        start, end = self._window(request)
+        start, end = window(request, self._clock)
         wants_csv = _wants_csv(request)
         filters = {name: query_arg(request, name.encode()) for name in TEXT_FILTERS}
         filters = {name: value for name, value in filters.items() if value is not None}
@@ -192,23 +187,6 @@ class AdminAPI:
         if self._usage is None:
             raise NotFound("The usage ledger is off (USAGE_ENABLED=false).", code="usage_disabled")
         return self._usage
-
-    def _window(self, request):
-        """C{(start, end)} in seconds: whole UTC days, the end day included."""
-        end = _date(request, b"end_date") or datetime.fromtimestamp(self._clock.seconds(), timezone.utc).date()
-        start = _date(request, b"start_date")
-        if start is not None and query_arg(request, b"days") is not None:  # (days was ignored)
-            raise InvalidRequest("Give start_date or days, not both.", param="days", code="invalid_window")
-        if start is None:
-            days = query_int(request, b"days", 1, DAYS_MAX, 30, code="invalid_window",
-                             message=f"days must be a whole number from 1 to {DAYS_MAX}.")
-            try:
-                start = end - timedelta(days=days - 1)
-            except OverflowError:
-                raise InvalidRequest("days reaches before the year 1.", param="days", code="invalid_window") from None
-        if start > end:
-            raise InvalidRequest("start_date is after end_date.", param="start_date", code="invalid_window")
-        return _seconds(start), _seconds(end) + DAY
 
     def _provider(self, pool, now):
         inventory = self._registry.inventory(pool)
@@ -237,28 +215,6 @@ def _replica(replica, now) -> dict:
 def _empty_bucket(period) -> dict:
     return {"period": period, "requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "errors": 0,
             "duration_ms_p50": None, "duration_ms_p95": None, "ttft_ms_p50": None, "ttft_ms_p95": None}
-
-
-def _date(request, name: bytes):
-    """The date of query parameter C{name} (C{YYYY-MM-DD}, ASCII digits), or None."""
-    text = query_arg(request, name)
-    if text is None:
-        return None
-    try:
-        if _DATE.fullmatch(text):  # (strptime reads "2025-1-1", and other digits in some places: "2025-01-1０")
-            return datetime.strptime(text, "%Y-%m-%d").date()
-    except ValueError:
-        pass
-    param = name.decode()
-    raise InvalidRequest(f"{param} must be a date as YYYY-MM-DD.", param=param, code="invalid_window")
-
-
-def _seconds(date) -> float:
-    return datetime(date.year, date.month, date.day, tzinfo=timezone.utc).timestamp()
-
-
-def _day(seconds) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).date().isoformat()  # (strftime: "999-01-01")
 
 
 def _iso(seconds) -> str:
