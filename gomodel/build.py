@@ -227,6 +227,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     from gomodel.anthropic.batches import MessageBatchesAPI
     from gomodel.api.keys import KeysAPI
     from gomodel.api.passthrough import Passthrough
+    from gomodel.api.self_usage import SelfUsage
     from gomodel.dashboard import Dashboard
 
     admin = None
@@ -240,7 +241,8 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                       batches=BatchesAPI(store.batches, store.files, gateway.batch_runner), admin=admin,
                       message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,
                                                         gateway.batch_runner, gateway.registry),
-                      dashboard=Dashboard() if dashboard else None)
+                      dashboard=Dashboard() if dashboard else None,
+                      self_usage=SelfUsage(store.usage if gateway.usage is not None else None, gateway.gate, reactor))
 
 
 def _store(settings, reactor):

@@ -25,7 +25,7 @@ class GatewayApp:
     log = Logger()
 
     def __init__(self, plain, responses, passthrough, *, files=None, batches=None, admin=None, dashboard=None,
-                 message_batches=None):
+                 message_batches=None, self_usage=None):
         """
         @param plain: the L{gomodel.api.plain.PlainRoutes} (health checks and the model list).
         @param responses: the L{gomodel.api.responses.ResponsesRoute} (its lifecycle routes).
@@ -35,7 +35,9 @@ class GatewayApp:
         @param message_batches: the same for C{/v1/messages/batches*} (Anthropic's Message Batches).
         @param admin: the same for C{/admin/api/v1/*}.
         @param dashboard: the L{gomodel.dashboard.Dashboard} (C{/admin/dashboard}, C{/admin/static/*}), or None.
+        @param self_usage: the L{gomodel.api.self_usage.SelfUsage} (C{GET /v1/usage}), or None.
         """
+        self._self_usage = self_usage
         self._dashboard = dashboard
         self._plain = plain
         self._responses = responses
@@ -81,6 +83,13 @@ class GatewayApp:
     @app.route("/v1/responses/<response_id>/cancel", methods=["POST"])
     async def cancel_response(self, request, response_id):
         return await self._responses.cancel(request, response_id)
+
+    @app.route("/v1/usage", methods=["GET"])
+    async def self_usage(self, request):
+        """The caller's own usage, budgets and rate limits (L{gomodel.api.self_usage})."""
+        if self._self_usage is None:
+            raise errors.NotFound(f"Unknown route: GET {request.path.decode()}.")
+        return await self._self_usage.answer(request)
 
     @app.route("/p/<provider_name>", methods=PASSTHROUGH_METHODS)
     def passthrough_without_endpoint(self, request, provider_name):

@@ -144,6 +144,16 @@ class ICounters(Interface):
     def spent_all(buckets):
         """The sums of C{buckets}: Deferred firing with a list of C{(tokens, cost)}; absent ones are C{(0, 0.0)}."""
 
+    def peek(specs, slots):
+        """Read token buckets and slot buckets as they stand now, changing nothing (a status page's read).
+
+        @param specs: C{(bucket, capacity, refill_per_second)} tuples.
+        @param slots: slot bucket names.
+        @return: Deferred firing with C{(levels, held)}: each bucket's level now (a float; absent: full,
+            C{capacity}) and each slot bucket's slots held (an int); or with None when the counters cannot
+            be read (Redis unreachable: no figures rather than made-up ones).
+        """
+
 
 class _Forms:
     """The other forms, over the four operations."""
@@ -224,6 +234,25 @@ class LocalCounters(_Forms):
 
     def spent_all(self, buckets):
         return succeed(self.spent_all_now(buckets))
+
+    def peek(self, specs, slots):
+        return succeed(self.peek_now(specs, slots))
+
+    def peek_now(self, specs, slots) -> tuple:
+        """L{ICounters.peek}, answered at once."""
+        now = self._clock.seconds()
+        levels = []
+        for bucket, capacity, refill in specs:
+            state = self._buckets.get(bucket)
+            level = capacity
+            if state is not None:
+                level = state[0] + (now - state[1]) * refill
+                if state[2] != capacity:  # the limit changed (L{moved})
+                    level = moved(state, level, capacity)
+                if level > capacity:
+                    level = capacity
+            levels.append(level)
+        return levels, [self.held(bucket) for bucket in slots]
 
     def admit_now(self, specs, slots) -> Admitted:
         """L{ICounters.admit}, answered at once."""
@@ -516,6 +545,30 @@ for i = nb + 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
 return out
 """
 
+# A read of token buckets and slot buckets, changing nothing. KEYS: nb token buckets, then the slot buckets.
+# ARGV: nb, then the capacity and refill of each bucket. Returns the level of each bucket as a string, then
+# the live leases of each slot bucket.
+_PEEK = _NOW + """
+local nb = tonumber(ARGV[1])
+local out = {}
+for i = 1, nb do
+  local cap = tonumber(ARGV[2 * i])
+  local s = redis.call('HMGET', KEYS[i], 'v', 't', 'k')
+  local level = cap
+  if s[1] then
+    level = tonumber(s[1]) + (now - tonumber(s[2])) * tonumber(ARGV[2 * i + 1])
+    if s[3] then
+      level = math.min(tonumber(s[3]), level) + cap - tonumber(s[3])
+    end
+    level = math.min(cap, level)
+  end
+  out[i] = string.format('%.17g', level)
+end
+local ms = math.floor(now * 1000)
+for i = nb + 1, #KEYS do out[i] = redis.call('ZCOUNT', KEYS[i], '(' .. ms, '+inf') end
+return out
+"""
+
 # KEYS: the held slot buckets; ARGV: ttl (ms), then the lease id of each key. Renews only leases still there.
 _RENEW = _NOW + """
 local ms = math.floor(now * 1000)
@@ -608,6 +661,7 @@ class RedisCounters(_Forms):
         self._renew_script = redis.register_script(_RENEW)
         self._spend = redis.register_script(_SPEND_ALL)
         self._seed = redis.register_script(_SEED)
+        self._peek = redis.register_script(_PEEK)
         from redis import RedisError
 
         self._errors = RedisError
@@ -735,6 +789,17 @@ class RedisCounters(_Forms):
         for key in keys:
             pipe.hmget(key, "t", "c")
         return [(int(t or 0), float(c or 0.0)) for t, c in pipe.execute()]
+
+    def peek(self, specs, slots):
+        keys = [self._prefix + bucket for bucket, _, _ in specs] + [self._prefix + bucket for bucket in slots]
+        args = [len(specs)]
+        for _, capacity, refill in specs:
+            args += (repr(float(capacity)), repr(float(refill)))
+        return self._run(None, self._peek_sync, keys, args, len(specs))
+
+    def _peek_sync(self, keys, args, nb):
+        reply = self._peek(keys=keys, args=args)
+        return [float(level) for level in reply[:nb]], [int(held) for held in reply[nb:]]
 
     def seed_all(self, items):
         """Set budget sums read from the usage ledger, each once for as long as Redis keeps it (see L{_SEED}).

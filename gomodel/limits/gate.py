@@ -97,6 +97,29 @@ class Gate(Periodic):
             return []
         return self._plan(principal)[1]
 
+    def covering(self, principal, path):
+        """The budgets and rate limits a status read covers (C{GET /v1/usage}): a managed key's, as its
+        requests pass them (its own, and its user path's and its ancestors'); for the master key (or
+        None: an open gateway) those of user path C{path} and its ancestors.
+
+        @return: C{(budget scopes, limit scopes)}: C{[(scope, (Budget, ...))]} and C{[(scope, RateLimit)]}.
+        """
+        if principal is not None and not principal.master:
+            _, budgets, limits, _ = self._plan(principal)
+            return budgets, limits
+        return self._budget_scopes(None, (), path), self._quotas.path_scopes(path)
+
+    def read_limits(self, scopes):
+        """L{gomodel.limits.limiter.Limiter.read} of C{scopes}: a Deferred."""
+        return self._limiter.read(scopes)
+
+    def spent(self, pairs):
+        """What each C{(scope, Budget)} of C{pairs} spent this period (L{BudgetBook.spent}): a Deferred firing
+        with C{[(tokens, cost)]}; with budgets off (no book) nothing is spent."""
+        if self._book is None:
+            return succeed([(0, 0.0)] * len(pairs))
+        return Deferred.fromCoroutine(self._book.spent(pairs))
+
     def _plan(self, principal):
         plan = self._plans.get(principal.cache_key)
         if plan is None or plan[0] is not principal:

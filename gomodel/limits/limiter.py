@@ -253,6 +253,20 @@ class Limiter:
             else:
                 del self._inflight[scope]
 
+    def read(self, scopes):
+        """What the windows and slots of C{scopes} hold now, changing nothing (the caller's status page).
+
+        @param scopes: C{(scope name, RateLimit)} pairs.
+        @return: a Deferred firing with, per scope in order, C{(levels, held)}: C{levels} maps each
+            window's C{(seconds, counts tokens)} to its bucket's level now (full: its capacity),
+            C{held} is its slots held (None without C{concurrent}); or with None when the counters
+            cannot be read (Redis unreachable).
+        """
+        plans = [self._plan_of(scope, limit) for scope, limit in scopes]
+        specs = [(b.name, b.capacity, b.refill) for _, buckets, _ in plans for b in buckets]
+        slots = [slot for _, _, slot in plans if slot is not None]
+        return self.counters.peek(specs, slots).addCallback(_read, plans)
+
     def saturated(self, scope_name, limit) -> bool:
         """Whether C{scope_name} looks at its limit in this process's view (for routing around it).
 
@@ -282,6 +296,15 @@ class Limiter:
                 if level <= 0 if b.tokens else level < 1:
                     return True
         return False
+
+
+def _read(answer, plans):
+    """L{Limiter.read}'s answer from the counters' C{answer} (L{ICounters.peek}'s) for the scopes' C{plans}."""
+    if answer is None:
+        return None
+    levels, held = iter(answer[0]), iter(answer[1])
+    return [({(b.seconds, b.tokens): next(levels) for b in buckets}, None if slot is None else next(held))
+            for _, buckets, slot in plans]
 
 
 class Admission:
