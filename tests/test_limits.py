@@ -1014,3 +1014,20 @@ def test_what_a_request_reserves_is_its_prompt_bytes_over_four_and_the_output_it
     body = b'{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hello"}]}'
     assert estimate(body) == len(body) // 4 + 100
     assert estimate(b"") == 0
+
+
+def test_read_says_what_windows_and_slots_hold_and_takes_nothing(limiter, counters, clock):
+    """What C{GET /v1/usage} shows: levels refilled to now (a changed limit moved), slots held; nothing changes."""
+    key = ("key:k", RateLimit(rpm=60, tpm=600, concurrent=2))
+    path = ("path:/t", RateLimit(rph=10))
+    assert fired(limiter.read([key, path])) == [({(60, False): 60, (60, True): 600}, 0), ({(3600, False): 10}, None)]
+    admission = fired(limiter.admit([key, path], 100))
+    fired(limiter.admit([key], 50)).finish_now(50)
+    clock.advance(2)  # two requests' worth refilled on the minute, 20 tokens
+    read = fired(limiter.read([key, path]))
+    assert read == [({(60, False): 60.0, (60, True): 470.0}, 1), ({(3600, False): 9 + 2 / 360}, None)]
+    assert fired(limiter.read([key, path])) == read  # reading took nothing
+    admission.finish_now(100)
+    changed = ("key:k", RateLimit(rpm=30, tpm=600, concurrent=2))  # lowered: what was used stays used (as admit)
+    assert fired(limiter.read([changed]))[0] == ({(60, False): 29.0, (60, True): 470.0}, 0)  # (58 + 2 s at 0.5/s - 30)
+    assert fired(limiter.read([])) == []

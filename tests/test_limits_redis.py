@@ -398,3 +398,32 @@ async def test_operations_queued_when_redis_stops_answering_fail_open_without_wa
             counters._redis.close()
     assert len(admissions) == 40 and counters.failures == 40  # all open: none refused
     assert took < 2.0, f"the last admission waited {took:.1f} s"
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_says_what_windows_and_slots_hold_and_takes_nothing(reactor, make, client, prefix):
+    limiter = Limiter(make(), reactor)
+    key = ("key:k", RateLimit(rpm=60, tpm=6000, concurrent=2))
+    assert await limiter.read([key]) == [({(60, False): 60.0, (60, True): 6000.0}, 0)]
+    held = await limiter.admit([key], 600)
+    (levels, slots), = await limiter.read([key])
+    assert 59 <= levels[60, False] < 59.5 and 5400 <= levels[60, True] < 5450 and slots == 1
+    (again, _), = await limiter.read([key])
+    assert again[60, False] < 59.5 and client.zcard(prefix + "key:k|c") == 1  # nothing taken or held
+    await held.finish(100)
+    (levels, slots), = await limiter.read([key])
+    assert 5900 <= levels[60, True] <= 6000 and slots == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_of_an_unreachable_redis_is_none(reactor):
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    counters = RedisCounters(redis.Redis(host=HOST, port=port, socket_connect_timeout=1), "x:", reactor)
+    counters.start()
+    try:
+        assert await Limiter(counters, reactor).read([("key:k", RateLimit(rpm=1, concurrent=1))]) is None
+    finally:
+        counters.stop()
+        counters._redis.close()
