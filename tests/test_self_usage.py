@@ -237,3 +237,58 @@ async def test_cost_budgets_and_costs_in_the_pricing_tables_currency(reactor, ht
         assert budget["period_seconds"] == 604800
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreadable_usage_store_is_a_503(http, gw, monkeypatch):
+    import sqlite3
+
+    from twisted.internet.defer import fail
+
+    from gomodel.store.sqlite.usage import SQLiteUsageStore
+
+    key = await new_key(http, gw, user_path="/team/alpha")
+    monkeypatch.setattr(SQLiteUsageStore, "summary",
+                        lambda store, start, end, filters=None: fail(sqlite3.OperationalError("disk I/O error")))
+    client = usage_client(gw, key["value"])
+    try:
+        response = await in_thread(status, client)
+    finally:
+        client.close()
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == ("usage_status_failed", "server_error")
+    assert "disk I/O error" in error["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_redis_the_counters_are_read_from_redis(reactor, http, fake, tmp_path):
+    from tests.test_quotas import REDIS_URL, _redis_or_skip
+
+    redis_client = _redis_or_skip()
+    before = set(redis_client.keys("gomodel:limits:*"))
+    one = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
+    two = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
+    try:
+        key = await new_key(http, one, rpm=10, max_concurrency=3, budgets=[{"period": "daily", "max_tokens": 1000}])
+        await two.service.keys.refresh()
+        assert (await chat(one, key["value"])).http_response.status_code == 200
+        assert (await chat(two, key["value"])).http_response.status_code == 200
+        client = usage_client(two, key["value"])  # either process sees both requests
+        try:
+            body = await read(client)
+        finally:
+            client.close()
+        rpm = by_scope(body["rate_limits"], f"key:{key['id']}", period_label="minute")
+        assert (rpm["requests_used"], rpm["requests_remaining"]) == (2, 8)
+        slots = by_scope(body["rate_limits"], f"key:{key['id']}", period_label="concurrent")
+        assert slots["in_flight"] == 0
+        (budget,) = body["budgets"]
+        assert budget["spent"] == 42
+    finally:
+        await one.service.stopService()
+        await two.service.stopService()
+        new = set(redis_client.keys("gomodel:limits:*")) - before
+        if new:
+            redis_client.delete(*new)
+        redis_client.close()
