@@ -242,7 +242,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                       message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,
                                                         gateway.batch_runner, gateway.registry),
                       dashboard=Dashboard() if dashboard else None,
-                      self_usage=SelfUsage(store.usage if gateway.usage is not None else None, gateway.gate, reactor))
+                      self_usage=SelfUsage(gateway.usage, gateway.gate, reactor))
 
 
 def _store(settings, reactor):

@@ -116,6 +116,38 @@ class UsageLedger(Service):
 
         return self._usage.spent(scope, since).addCallback(add)
 
+    def summary(self, start, end, filters=None):
+        """The store's totals of a window (L{gomodel.store.interfaces.IUsageStore.summary}) with the records
+        kept here not yet written added, so that a request is counted as soon as it is over.
+
+        @param filters: any of C{key}, C{keyless}, C{user_path} (that path and those under it).
+        @return: a Deferred firing with the totals; it fails as the store's read does.
+        """
+        return self._writing.run(self._summary, start, end, dict(filters or {}))
+
+    def _summary(self, start, end, filters):
+        return self._usage.summary(start, end, filters).addCallback(self._with_buffered, start, end, filters)
+
+    def _with_buffered(self, totals, start, end, filters):
+        """C{totals} plus the buffered records of the window that C{filters} match (as the stores sum them)."""
+        key, path = filters.get("key"), filters.get("user_path")
+        below = None if path is None else path.rstrip("/") + "/"
+        totals = dict(totals)
+        for row in self._buffer:
+            if not start <= row[_TIME] < end or (key is not None and row[_KEY] != key) \
+                    or (filters.get("keyless") and row[_KEY] is not None):
+                continue
+            if path is not None and (row[_PATH] is None or (row[_PATH] != path and not row[_PATH].startswith(below))):
+                continue
+            totals["requests"] += 1
+            totals["errors"] += 1 if (row[_STATUS] or 0) >= 400 else 0
+            for name, index in _SUMS:
+                totals[name] += row[index] or 0
+            for name, index in _COSTS:
+                if row[index] is not None:
+                    totals[name] = (totals[name] or 0.0) + row[index]
+        return totals
+
     # -- writing ------------------------------------------------------------------------
 
     def flush(self):
@@ -175,6 +207,11 @@ class UsageLedger(Service):
         return d.addErrback(lambda f: log_failure(self.log, f, "usage retention failed"))
 
 
+_TIME, _STATUS = USAGE_FIELDS.index("timestamp"), USAGE_FIELDS.index("status_code")
+# A summary's token sums and cost sums (None until a record has a price), by their columns.
+_SUMS = tuple((name, USAGE_FIELDS.index(name))
+              for name in ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens"))
+_COSTS = tuple((name, USAGE_FIELDS.index(name)) for name in ("input_cost", "output_cost", "total_cost"))
 _TOKENS, _COST, _PATH, _KEY = (USAGE_FIELDS.index(field) for field in ("total_tokens", "total_cost", "user_path",
                                                                         "auth_key_id"))
 

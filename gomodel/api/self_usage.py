@@ -42,7 +42,8 @@ class SelfUsage:
 
     def __init__(self, usage, gate, clock):
         """
-        @param usage: the L{gomodel.store.interfaces.IUsageStore}, or None (C{USAGE_ENABLED=false}).
+        @param usage: the L{gomodel.accounting.usage.UsageLedger} (its C{summary}: the store's and what it
+            has not written yet), or None (C{USAGE_ENABLED=false}).
         @param gate: the L{gomodel.limits.gate.Gate}.
         """
         self._usage = usage
