@@ -317,3 +317,31 @@ async def test_a_store_down_is_logged_once_a_streak_of_failed_flushes(reactor, t
         await down.stopService()
         await up.stopService()
         await up.cleanup()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ledgers_summary_adds_what_it_holds_still_as_the_store_sums_it(reactor, sqlite_store):
+    """What C{GET /v1/usage} counts: written records and those not yet written, under the same filters."""
+    from twisted.internet.task import Clock
+
+    from gomodel.accounting.usage import UsageLedger
+
+    ledger = UsageLedger(sqlite_store.usage, sqlite_store.claims, Clock(), "test", flush_interval=5.0)
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+             "prompt_tokens_details": {"cached_tokens": 4}}
+    for i, (status, key, path) in enumerate(((200, "k_1", "/team/a"), (500, "k_2", "/team/a/x"),
+                                             (200, None, None), (200, "k_3", "/team/ab"))):
+        ledger.keep(f"r{i}", 100.0 + i, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", status, False, usage,
+                    auth_key_id=key, user_path=path)
+        if i == 1:
+            await ledger.flush()  # two written, two held
+    ledger.keep("late", 5000.0, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", 200, False, usage)
+    for filters, expected in (({}, (4, 60, 16, 1)), ({"user_path": "/team/a"}, (2, 30, 8, 1)),
+                              ({"user_path": "/team"}, (3, 45, 12, 1)), ({"key": "k_3"}, (1, 15, 4, 0)),
+                              ({"keyless": True}, (1, 15, 4, 0)), ({"user_path": "/nobody"}, (0, 0, 0, 0))):
+        totals = await ledger.summary(0, 1000, filters)
+        assert (totals["requests"], totals["total_tokens"], totals["cached_tokens"], totals["errors"]) == expected
+        assert totals["total_cost"] is None  # (no prices)
+    await ledger.flush()
+    assert await ledger.summary(0, 1000, {"user_path": "/team"}) == await sqlite_store.usage.summary(
+        0, 1000, {"user_path": "/team"})
