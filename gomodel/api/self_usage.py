@@ -21,15 +21,17 @@ import math
 
 from twisted.logger import Logger
 
-from gomodel.api.keys import iso, user_path
+from gomodel._twistedcompat import plain_headers
+from gomodel.api.keys import iso
+from gomodel.auth.keys import header_user_path
 from gomodel.api.windows import DAY, day, window
-from gomodel.errors import GatewayError, InvalidRequest, StorageUnavailable
+from gomodel.errors import GatewayError, StorageUnavailable
 from gomodel.http.bodies import json_answer
+from gomodel.http.headers import X_GOMODEL_USER_PATH
 from gomodel.limits.specs import period_window
 
 # The longest window of C{usage} (GoModel's).
 DAYS_MAX = 365
-USER_PATH_HEADER = b"x-gomodel-user-path"
 # A budget period's C{period_seconds}, as GoModel gives them (2592000: the calendar month); C{total}: null.
 PERIOD_SECONDS = {"hourly": 3600, "daily": 86400, "weekly": 604800, "monthly": 2592000, "total": None}
 WINDOW_LABELS = {60: "minute", 3600: "hour", 86400: "day"}
@@ -58,10 +60,15 @@ class SelfUsage:
         """
         start, end = window(request, self._clock, DAYS_MAX, span_limited=True)
         principal = request.context.principal
-        if principal is None or principal.master:
-            path = _header_path(request)
+        if principal is None:  # (an open gateway: the header names the path asked for)
+            values = plain_headers(request.requestHeaders).get(X_GOMODEL_USER_PATH)
+            path = header_user_path(values) if values else "/"
             filters = {} if path == "/" else {"user_path": path}
-        else:
+        elif principal.master:  # (the header's path, which the request is attributed to: see GatewayAuth)
+            path = principal.user_path or "/"
+            filters = {} if path == "/" else {"user_path": path}
+        else:  # a managed key sees its own, whatever path it attributes its requests to
+            principal = principal.base
             path = principal.user_path
             filters = {"user_path": path} if path else {"key": principal.id}
         now = self._clock.seconds()
@@ -97,22 +104,6 @@ class SelfUsage:
                 if amount is not None:
                     entries.append(_budget(scope, path, budget.period, unit, amount, spent, start, end, now))
         return entries
-
-
-def _header_path(request) -> str:
-    """The user path the master key asks for in C{X-GoModel-User-Path}, normalised; C{/} without one.
-
-    @raise InvalidRequest: not a user path.
-    """
-    raw = request.getHeader(USER_PATH_HEADER)
-    if raw is None or not raw.strip():
-        return "/"
-    try:
-        return user_path(raw.decode("utf-8"))
-    except (UnicodeDecodeError, InvalidRequest):
-        raise InvalidRequest("X-GoModel-User-Path must be a user path like '/team/alpha': '/'-separated "
-                             "segments of letters, digits, '_', '-', '@', '+' or '~'.",
-                             param="X-GoModel-User-Path", code="invalid_user_path") from None
 
 
 def _usage_block(totals, start, end) -> dict:

@@ -242,14 +242,7 @@ class GatewayAuth:
 
         @raise InvalidRequest: it is no user path (C{invalid_user_path}), or was sent twice, differently.
         """
-        from gomodel.limits.specs import normalize_user_path
-
-        raw = values[0] if len(values) == 1 else _one(values, "X-GoModel-User-Path")
-        try:
-            user_path = normalize_user_path(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise InvalidRequest(f"X-GoModel-User-Path must be a user path such as /team/alpha: {e}",
-                                 code="invalid_user_path") from None
+        user_path = header_user_path(values)
         if user_path == "/":
             return principal  # (everything: attributed to no path)
         key = (principal.cache_key, user_path)
@@ -267,6 +260,22 @@ class GatewayAuth:
             if path.startswith(prefix) and _PLAIN_TAIL.fullmatch(path, len(prefix)):
                 return True
         return False
+
+
+def header_user_path(values) -> str:
+    """The user path of the C{X-GoModel-User-Path} header's C{values} (its raw values), normalised as a key's.
+
+    @raise InvalidRequest: it is no user path (C{invalid_user_path}), or was sent twice, differently.
+    """
+    from gomodel.api.keys import user_path  # (a key's rules: the paths it names are keys' paths)
+
+    raw = values[0] if len(values) == 1 else _one(values, "X-GoModel-User-Path")
+    try:
+        return user_path(raw.decode("utf-8"))
+    except (UnicodeDecodeError, InvalidRequest):
+        raise InvalidRequest("X-GoModel-User-Path must be a user path like '/team/alpha': '/'-separated "
+                             "segments of letters, digits, '_', '-', '@', '+' or '~'.",
+                             param="X-GoModel-User-Path", code="invalid_user_path") from None
 
 
 def presented_key(request, required=True) -> bytes:
