@@ -120,6 +120,17 @@ def unix_socket_path(endpoint):
     return path if isinstance(path, str) else None
 
 
+def twistd_log_observer(twistd_options):
+    """The observer twistd makes of its own logging options (C{--logfile}, its C{twistd.log} as a daemon,
+    C{--syslog}), made as twistd makes it (a log file also rotates on SIGUSR1), as a L{twisted.logger}
+    observer: twistd uses the application's observer instead of making its own."""
+    from twisted.logger import ILogObserver, LegacyLogObserverWrapper
+    from twisted.scripts._twistd_unix import UnixAppLogger
+
+    observer = UnixAppLogger(twistd_options)._getLogObserver()
+    return observer if ILogObserver.providedBy(observer) else LegacyLogObserverWrapper(observer)
+
+
 def use_pool_factory(pool, factory):
     """Make C{pool} build its connections with C{factory} (a subclass of L{ClientFactory})."""
     pool._factory = factory

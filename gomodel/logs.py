@@ -176,14 +176,18 @@ class JSONLineObserver:
         self._out.flush()
 
 
-def log_observer(log_format, level, out=None, classic=False, clock=None):
+def log_observer(log_format, level, out=None, classic=False, clock=None, twistd=None):
     """The observer for C{LOG_FORMAT} and C{LOG_LEVEL}; with neither, with C{classic} (twistd would write its
     own text lines to C{out}), an observer writing the same lines (L{TextObserver}, holding the access log's
-    lines on C{clock} if given); else None to keep twistd's."""
+    lines on C{clock} if given); else None to keep twistd's. C{LOG_LEVEL} alone, where twistd writes its lines
+    elsewhere (C{--logfile}, C{--syslog}), filters the observer C{twistd()} makes (twistd's own)."""
     out = out if out is not None else sys.stdout
     if log_format is None and level is None:
         return text_observer(out, clock) if classic else None
-    observer = JSONLineObserver(out) if log_format == "json" else text_observer(out)
+    if log_format is None and not classic and twistd is not None:
+        observer = twistd()
+    else:
+        observer = JSONLineObserver(out) if log_format == "json" else text_observer(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level or "info"])
     return FilteringLogObserver(observer, [predicate])
 

@@ -30,6 +30,7 @@ class GatewayService(MultiService):
         self.drain = self.supervisor = self.usage = self.keys = self.telemetry = self.pins = None
         self.listeners = []
         self.stdout_log = False  # twistd writes its log to standard output (see L{setServiceParent})
+        self.twistd_log = None  # makes the observer twistd would log to, for LOG_LEVEL to filter (or None)
 
     def setServiceParent(self, parent):
         """Under twistd's application: hand it the log observer C{LOG_FORMAT}/C{LOG_LEVEL} ask for, or,
@@ -42,7 +43,7 @@ class GatewayService(MultiService):
         """
         super().setServiceParent(parent)
         observer = log_observer(self.config.metrics.log_format, self.config.metrics.log_level,
-                                classic=self.stdout_log, clock=self.reactor)
+                                classic=self.stdout_log, clock=self.reactor, twistd=self.twistd_log)
         if observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, observer)
             if isinstance(observer, TextObserver) and self.reactor is not None:

@@ -125,6 +125,13 @@ def makeService(options):
     else:
         gateway = build_gateway(config, reactor)
     gateway.stdout_log = options.stdout_log
+    twistd = getattr(options, "parent", None)
+    if twistd is not None and twistd.get("logger") is None:  # (with --logger, twistd ignores gateway's observer)
+        from functools import partial
+
+        from gomodel._twistedcompat import twistd_log_observer
+
+        gateway.twistd_log = partial(twistd_log_observer, twistd)
     return gateway
 
 

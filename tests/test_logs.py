@@ -109,6 +109,17 @@ async def test_twistds_logfile_option_still_decides_where_lines_go(reactor, fake
     assert not any("gomodel.access" in line for line in stdout)
 
 
+@pytest_twisted.ensureDeferred
+async def test_log_level_filters_the_lines_twistds_logfile_option_sends_to_its_file(reactor, fake, tmp_path):
+    logfile = tmp_path / "gateway.log"
+    stdout = await _run(reactor, fake, tmp_path, runner=GOMODEL_RUNNER, twistd_options=[f"--logfile={logfile}"],
+                        LOG_LEVEL="warn")
+    lines = logfile.read_text().splitlines()
+    assert any("[gomodel.service.GatewayService#warn] GOMODEL_MASTER_KEY is not set" in line for line in lines), lines
+    assert not any("gomodel.access" in line for line in lines)  # info lines are gone
+    assert not any("GOMODEL_MASTER_KEY is not set" in line for line in stdout)
+
+
 def _events():
     """Events of every shape an observer meets: the access log's line, a formatted message, a
     failure, a legacy event's system, a line break in a line, no time, an empty line."""

@@ -101,6 +101,21 @@ def test_the_reactor_notes_the_signal_that_stopped_it_where_twistd_reads_it():
     assert reactor._exitSignal is None
 
 
+def test_the_observer_twistd_makes_of_its_logfile_option_writes_its_lines_there(tmp_path):
+    import signal
+
+    from twisted.logger import LogLevel
+
+    rotate = signal.getsignal(signal.SIGUSR1)
+    try:
+        observer = _twistedcompat.twistd_log_observer({"logfile": str(tmp_path / "g.log"), "nodaemon": True})
+    finally:
+        signal.signal(signal.SIGUSR1, rotate)  # (twistd's rotates its log file on SIGUSR1)
+    observer({"log_format": "a {what} line", "what": "warn", "log_level": LogLevel.warn, "log_time": 0.0,
+              "log_namespace": "test"})
+    assert "a warn line" in (tmp_path / "g.log").read_text()
+
+
 def test_header_names_are_written_as_Headers_writes_them():
     from twisted.web.http_headers import Headers
 
