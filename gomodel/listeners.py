@@ -181,8 +181,12 @@ class ListenerService(Service):
     def _listened(self, port):
         self._port = port
         address = port.getHost()
-        self.log.info("listening on {host}:{port}", host=getattr(address, "host", address),
-                      port=getattr(address, "port", ""))
+        if hasattr(address, "port"):
+            self.log.info("listening on {host}:{port}", host=address.host, port=address.port)
+        else:  # a UNIX socket: its path
+            name = getattr(address, "name", address)
+            path = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+            self.log.info("listening on {path}", path=path)
         waiting, self._waiting = self._waiting, []
         for w in waiting:
             w.callback(port)

@@ -128,3 +128,20 @@ async def test_a_tcp_description_waits_for_511_connections_unless_it_says_otherw
             await port.stopListening()
     # anything else is Twisted's strports as it is
     assert isinstance(listen_endpoint(reactor, f"unix:{tmp_path}/s"), UNIXServerEndpoint)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_the_listening_line_names_the_address_as_its_description_would(reactor, tmp_path, kind):
+    from twisted.logger import Logger, formatEvent
+
+    path = str(tmp_path / "gateway.sock")
+    description = "tcp:0:interface=127.0.0.1" if kind == "tcp" else f"unix:{path}"
+    listener = ListenerService(serverFromString(reactor, description), Factory.forProtocol(Protocol), description)
+    events = []
+    listener.log = Logger(observer=events.append)
+    listener.startService()
+    address = (await listener.whenListening()).getHost()
+    await listener.stopService()
+    said = [formatEvent(event) for event in events]
+    assert said == [f"listening on 127.0.0.1:{address.port}" if kind == "tcp" else f"listening on {path}"]
