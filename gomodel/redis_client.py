@@ -21,14 +21,15 @@ def connect(url, timeout=1.0):
 
 
 def check(url):
-    """Refuse a URL redis-py cannot read (a port not a number or out of range, an option not its type), as a
-    setting's C{ValueError} naming no part of it; else that error came at start as a traceback.
+    """Refuse a URL redis-py cannot read (a port not a number or out of range, an option not its type or one it
+    does not know), as a setting's C{ValueError} naming no part of it; else that error came at start as a
+    traceback. Nothing connects: redis-py's connection object connects on first use.
     """
-    from redis.connection import parse_url
+    from redis import ConnectionPool
 
     try:
-        parse_url(url)
-    except ValueError:
+        ConnectionPool.from_url(url).make_connection()
+    except (ValueError, TypeError):
         raise ValueError("must be a redis://, rediss:// or unix:// URL with a port of 1-65535 and options "
                          "redis-py reads (db, socket_timeout, ...)") from None
 

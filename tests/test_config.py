@@ -654,3 +654,15 @@ def test_a_local_provider_without_a_base_url_is_warned_of():
     assert provider.base_url == "http://localhost:8000/v1"
     assert any("'vllm-gpu-a'" in w and "no base URL" in w and "localhost:8000" in w for w in config.warnings)
     assert not load_config({"VLLM_BASE_URL": "http://h:8000/v1"}).warnings
+
+
+def test_a_redis_url_with_an_option_redis_py_does_not_know_is_refused_at_start():
+    # accepted before: the first connection raised a TypeError traceback in the pins' thread, which then died
+    for url in ("redis://:s3cret@h:6379/0?sockettimeout=1", "unix:///run/redis.sock?bogus=s3cret"):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"REDIS_URL": url})
+        assert "REDIS_URL" in str(raised.value) and "options redis-py reads" in str(raised.value), str(raised.value)
+        assert "s3cret" not in str(raised.value) and "sockettimeout" not in str(raised.value)
+    for url in ("redis://h:6379/0?socket_timeout=2&client_name=gw", "rediss://h:6380/0?ssl_cert_reqs=none",
+                "unix:///run/redis.sock?db=1"):
+        assert load_config({"REDIS_URL": url}).store.redis_url == url
