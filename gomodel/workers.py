@@ -339,10 +339,18 @@ class ParentWatch(Service):
             self._reactor.stop()
 
 
+# A worker's program (C{python -c}): the C{gomodel} runner, with the primary's C{sys.path[0]}, the argument after
+# the program (C{-c} alone would put the working directory there, and the worker would import what lies in it).
+_WORKER = ("import sys; first = sys.argv.pop(1)\n"
+           "if not sys.flags.safe_path: sys.path[0] = first\n"
+           "from gomodel.cli import twistd; twistd()")
+
+
 def worker_argv(options_argv):
     """The command line of a worker: the C{gomodel} runner (L{gomodel.cli}), as a worker, without the
     primary's --listen/--workers (it listens nowhere: its connections come from the primary), under the
-    primary's interpreter options (C{-OO}, C{-X ...}: a worker runs as the primary does)."""
+    primary's interpreter options (C{-OO}, C{-X ...}: a worker runs as the primary does), importing from
+    where the primary imports."""
     kept = []
     skip = False
     for arg in options_argv:
@@ -355,5 +363,6 @@ def worker_argv(options_argv):
         if arg.startswith(("--listen=", "--workers=")):
             continue
         kept.append(arg)
-    return [sys.executable, *subprocess._args_from_interpreter_flags(), "-c",
-            "from gomodel.cli import twistd; twistd()", "-n", "--pidfile=", "gomodel", "--worker-child", *kept]
+    first = "" if sys.flags.safe_path else sys.path[0]
+    return [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", _WORKER, first,
+            "-n", "--pidfile=", "gomodel", "--worker-child", *kept]

@@ -35,6 +35,23 @@ def test_worker_command_line_drops_the_primarys_listen_and_workers():
     assert argv[-3:] == ["gomodel", "--worker-child", "--config=g.yaml"]
 
 
+def test_a_worker_imports_from_where_the_primary_imports_not_from_the_working_directory(tmp_path):
+    """The primary's C{sys.path[0]} is its script's directory (C{gomodel}'s, C{twistd}'s): a worker, run with
+    C{python -c}, would have the working directory there instead, and import whatever lies in it."""
+    cwd, bin_dir = tmp_path / "cwd", tmp_path / "bin"
+    (cwd / "twisted").mkdir(parents=True)
+    (cwd / "twisted" / "__init__.py").write_text("raise ImportError('twisted from the working directory')\n")
+    bin_dir.mkdir()
+    (bin_dir / "primary.py").write_text(
+        "import subprocess, sys\n"
+        "from gomodel.workers import worker_argv\n"
+        "sys.exit(subprocess.run(worker_argv([]) + ['--help'], stdout=subprocess.DEVNULL).returncode)\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, str(bin_dir / "primary.py")], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "working directory" not in done.stderr, done.stderr
+
+
 class _Tag(Protocol):
     """Answers each connection with who served it and the client's port it sees, then closes."""
 
