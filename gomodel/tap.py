@@ -150,15 +150,18 @@ def _share_metrics(reactor, owner=None):
 
     prometheus_client's multiprocess mode reads C{PROMETHEUS_MULTIPROC_DIR}
     when its metrics are made; the workers inherit it. The directory is
-    removed when the first process ends.
+    removed when the first process ends: once its reactor has stopped, or at
+    its exit when it never ran (a port that could not be had).
 
     @param owner: C{(uid, gid)} to give the directory to: the user twistd
         switches to (C{--uid}), whom the workers run as.
     """
+    import atexit
     import shutil
     import tempfile
 
     path = tempfile.mkdtemp(prefix="gomodel-metrics-")
+    atexit.register(shutil.rmtree, path, True)
     if owner is not None and os.geteuid() == 0:  # (only root can switch to another user)
         os.chown(path, *owner)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path

@@ -116,6 +116,21 @@ def test_twistd_exits_with_one_line_when_the_port_is_busy(tmp_path, busy_port):
     assert "Traceback" not in output
 
 
+def test_a_primary_that_cannot_listen_leaves_no_shared_metrics_directory_behind(tmp_path, busy_port):
+    # before: the directory was removed only once the reactor had run; a start refused every second (systemd's
+    # Restart=) left one a second in the temporary directory
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_", "PROMETHEUS_"))}
+    env.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), TMPDIR=str(scratch))
+    result = subprocess.run(
+        [sys.executable, "-c", "from gomodel.cli import main; main()", "--workers", "2",
+         "--listen", f"tcp:{busy_port}:interface=127.0.0.1"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=30)
+    assert result.returncode == 1 and "in use" in result.stdout + result.stderr
+    assert os.listdir(scratch) == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_tcp_description_waits_for_511_connections_unless_it_says_otherwise(reactor, tmp_path):
     for description, backlog in (("tcp:0:interface=127.0.0.1", 511), ("tcp:port=0:interface=127.0.0.1:backlog=64", 64),
