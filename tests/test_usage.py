@@ -291,6 +291,32 @@ def test_token_counts_by_type_in_every_naming():
 
 
 @pytest_twisted.ensureDeferred
+async def test_records_a_store_down_at_stop_could_not_take_are_said_to_be_lost(reactor):
+    # before: the stop's flush failed within the streak already warned of ("kept for the next flush"), and the
+    # records went with the process, unsaid
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, Logger, formatEvent
+
+    from gomodel.accounting.usage import UsageLedger
+    from tests.stores import down_postgresql
+
+    down = await down_postgresql(reactor)
+    try:
+        ledger = UsageLedger(down.usage, down.claims, Clock(), "test", flush_interval=5.0)
+        events = []
+        ledger.log = Logger(observer=events.append)
+        ledger.startService()
+        for i in range(2):
+            ledger.keep(f"r{i}", 100.0 + i, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", 200, False, None)
+        await ledger.flush()  # the streak's warning
+        await ledger.stopService()
+        assert [e["log_level"] for e in events] == [LogLevel.warn, LogLevel.error]
+        assert formatEvent(events[-1]).startswith("2 usage records could not be written before the stop")
+    finally:
+        await down.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_store_down_is_logged_once_a_streak_of_failed_flushes(reactor, tmp_path):
     from twisted.internet.task import Clock
     from twisted.logger import LogLevel, Logger

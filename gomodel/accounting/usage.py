@@ -192,13 +192,21 @@ class UsageLedger(Service):
             self._loops.append(loop)
 
     def stopService(self):
-        """Write what is left (nothing is lost at a stop)."""
+        """Write what is left (nothing is lost at a stop, but to a store that is down: said in an error line).
+
+        @return: a Deferred firing with None once written, or once the write failed.
+        """
         super().stopService()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
         self._loops = []
-        return self.flush()
+        return self.flush().addCallback(self._lost)
+
+    def _lost(self, _):
+        if self._buffer:
+            self.log.error("{count} usage records could not be written before the stop (the store is unavailable); "
+                           "they are lost", count=len(self._buffer))
 
     def _sweep(self):
         before = self._clock.seconds() - self._retention
