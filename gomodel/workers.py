@@ -253,6 +253,9 @@ class WorkerSupervisor(Service):
         self._handoff = handoff
         self._argv = argv
         self._env = dict(env)
+        # Workers start where the primary was built, so that they read the relative paths it read (--config,
+        # GOMODEL_DATA_DIR): twistd changes to its --rundir only after it built the gateway.
+        self._cwd = os.getcwd()
         self._workers = {}
         self._restarts = {}
 
@@ -268,7 +271,7 @@ class WorkerSupervisor(Service):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # stdin is a pipe from us: the worker stops when it closes (we are gone).
-            self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=self._env,
+            self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=self._env, path=self._cwd,
                                        childFDs={0: "w", 1: 1, 2: 2, HANDOFF_FD: theirs.fileno()})
         except BaseException:
             ours.close()

@@ -295,6 +295,39 @@ def test_sigterm_to_the_whole_process_group_stops_every_process_cleanly(tmp_path
     assert "Traceback" not in text and "ReactorNotRunning" not in text and "#critical]" not in text, text
 
 
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_workers_read_relative_paths_where_the_primary_read_them_whatever_twistds_rundir(tmp_path, how):
+    """twistd builds the gateway in the directory it started in, then changes to C{--rundir}: a worker started
+    there read C{--config g.yaml} (or C{GOMODEL_CONFIG=g.yaml}) from it, could not, and was restarted every
+    second; and it kept its SQLite store in another C{GOMODEL_DATA_DIR} than the primary's (C{./data})."""
+    (tmp_path / "g.yaml").write_text("server: {body_size_limit: 20M}\n")
+    (tmp_path / "rundir").mkdir()
+    log_path = tmp_path / "gateway.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "PROMETHEUS_"))}
+    env.update({"PYTHONPATH": REPO, "GOMODEL_DATA_DIR": "data"})
+    config = ["--config", "g.yaml"] if how == "option" else []
+    if how == "environment":
+        env["GOMODEL_CONFIG"] = "g.yaml"
+    with open(log_path, "wb") as log:
+        primary = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+             f"--rundir={tmp_path / 'rundir'}", "gomodel", *config, "--workers", "2",
+             "--listen", "tcp:0:interface=127.0.0.1"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(tmp_path))
+    try:
+        wait_until(lambda: ready_workers(log_path) == 1 or "restarting it" in log_path.read_text(),
+                   what="the worker to start")
+        assert ready_workers(log_path) == 1, log_path.read_text()
+        primary.send_signal(signal.SIGTERM)
+        assert primary.wait(timeout=30) == 0
+    finally:
+        if primary.poll() is None:
+            primary.kill()
+            primary.wait()
+    assert "restarting it" not in log_path.read_text()
+    assert (tmp_path / "data" / "gomodel.db").exists() and os.listdir(tmp_path / "rundir") == []
+
+
 def _zombie(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
