@@ -12,7 +12,10 @@ COPY gomodel ./gomodel
 COPY twisted ./twisted
 # The otel extra (OTEL_ENABLED=true) is in by default, imported only when on; --build-arg GOMODEL_EXTRAS= leaves it out.
 ARG GOMODEL_EXTRAS=otel
-RUN pip install --no-cache-dir ".${GOMODEL_EXTRAS:+[$GOMODEL_EXTRAS]}" \
+# tini as PID 1: it forwards SIGTERM to the gateway (which drains) and reaps what a worker that died leaves
+# behind (its store writer, reparented to PID 1), which the gateway as PID 1 would leave a zombie.
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/* \
+    && pip install --no-cache-dir ".${GOMODEL_EXTRAS:+[$GOMODEL_EXTRAS]}" \
     # The entrypoint never asks Twisted's plugin system; `twistd` in the image does, so write its
     # plugin cache now: the non-root user cannot write site-packages later.
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
@@ -30,5 +33,5 @@ ENV PYTHONOPTIMIZE=2
 WORKDIR /home/gomodel
 EXPOSE 8080
 # `twistd -n --pidfile= gomodel` (foreground, logs to stdout, no pid file, so a restarted container
-# starts) without Twisted's plugin scan: see gomodel/cli.py.
-ENTRYPOINT ["gomodel"]
+# starts) without Twisted's plugin scan: see gomodel/cli.py; under tini (see above).
+ENTRYPOINT ["tini", "--", "gomodel"]
