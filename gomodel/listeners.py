@@ -69,13 +69,20 @@ def check_listen(description: str):
 
 
 def listen_endpoint(reactor, description: str):
-    """The server endpoint of a listen description: Twisted's strports, except that a C{tcp:} one waits
-    for L{BACKLOG} connections unless it says otherwise (an IPv6 interface listens as IPv6)."""
+    """The server endpoint of a listen description: Twisted's strports, except that a C{tcp:}, C{tcp6:},
+    C{ssl:} or C{unix:} one waits for L{BACKLOG} connections unless it says otherwise (an IPv6 interface
+    listens as IPv6)."""
     try:
         port, interface, backlog = parse_tcp(description)
     except ValueError:
+        if description.split(":", 1)[0].lower() in _BACKLOGGED and "backlog=" not in description:
+            description += f":backlog={BACKLOG}"
         return serverFromString(reactor, description)
     return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
+
+
+# The other strports kinds that take a backlog (Twisted's default for each: 50).
+_BACKLOGGED = ("tcp6", "ssl", "unix")
 
 
 class ListenFailed(SystemExit):

@@ -132,7 +132,7 @@ def test_a_primary_that_cannot_listen_leaves_no_shared_metrics_directory_behind(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_tcp_description_waits_for_511_connections_unless_it_says_otherwise(reactor, tmp_path):
+async def test_a_listen_description_waits_for_511_connections_unless_it_says_otherwise(reactor, tmp_path):
     for description, backlog in (("tcp:0:interface=127.0.0.1", 511), ("tcp:port=0:interface=127.0.0.1:backlog=64", 64),
                                  (r"tcp:0:interface=\:\:1", 511)):
         port = await listen_endpoint(reactor, description).listen(Factory.forProtocol(Protocol))
@@ -141,7 +141,14 @@ async def test_a_tcp_description_waits_for_511_connections_unless_it_says_otherw
             assert port.getHost().host == description.split("interface=")[1].split(":backlog")[0].replace("\\", "")
         finally:
             await port.stopListening()
-    # anything else is Twisted's strports as it is
+    # the other kinds that take a backlog get ours too unless they say otherwise (before: Twisted's 50)
+    for description, backlog in ((r"tcp6:0:interface=\:\:1", 511), (f"unix:{tmp_path}/s", 511),
+                                 (f"unix:{tmp_path}/t:backlog=7", 7)):
+        port = await listen_endpoint(reactor, description).listen(Factory.forProtocol(Protocol))
+        try:
+            assert port.backlog == backlog, description
+        finally:
+            await port.stopListening()
     assert isinstance(listen_endpoint(reactor, f"unix:{tmp_path}/s"), UNIXServerEndpoint)
 
 
