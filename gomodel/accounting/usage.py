@@ -229,9 +229,7 @@ def recorded_as(principal):
     request of it is attributed to (C{X-GoModel-User-Path}) or None."""
     if principal is None:
         return None, None
-    if principal.master:
-        return None, principal.user_path
-    return principal.id, principal.user_path
+    return None if principal.master else principal.id, principal.user_path
 
 
 def _ms(seconds) -> float:

@@ -48,11 +48,13 @@ class Principal:
     @ivar models: the model selectors it may use, or None for every model.
     @ivar cache_key: what the gate keeps its limits plan under: its id, or (attributed: L{attributed})
         its id and user path.
+    @ivar limited: whether its requests pass limits and budgets: a managed key's, and the master key's
+        attributed to a user path.
     """
 
     __slots__ = ("id", "name", "user_path", "tenant", "models", "expires_at", "active", "rpm", "tpm",
                  "max_concurrency", "budgets", "priority", "own_cache_salt", "master", "_exact", "_prefixes",
-                 "cache_key", "base")
+                 "cache_key", "base", "limited")
 
     def __init__(self, id, name, *, user_path=None, models=None, expires_at=None, active=True, rpm=None, tpm=None,
                  max_concurrency=None, budgets=(), priority=None, own_cache_salt=False, master=False):
@@ -76,6 +78,7 @@ class Principal:
         self.own_cache_salt = own_cache_salt
         self.cache_key = id
         self.base = self  # the principal it was attributed from (L{attributed}), else itself
+        self.limited = not master
 
     def attributed(self, user_path):
         """This principal's requests attributed to C{user_path} (C{X-GoModel-User-Path}, for the master key or a
@@ -88,6 +91,7 @@ class Principal:
         copy.tenant = self.tenant  # (the header never changes whose objects it sees)
         copy.cache_key = f"{self.id} {user_path}"
         copy.base = self
+        copy.limited = True
         return copy
 
     @classmethod
@@ -222,13 +226,12 @@ class GatewayAuth:
         else:
             token = presented_key(request)
             if hmac.compare_digest(token, self._master_key):
-                principal = MASTER
-            else:
-                principal = self._keys.find(token) if self._keys is not None else None
-                if principal is None:
-                    raise AuthenticationFailed("Invalid API key.")
-        if (principal is not None and not principal.master
-                and (path.startswith(b"/admin/") or path in self._master_only)):
+                values = plain_headers(request.requestHeaders).get(X_GOMODEL_USER_PATH)
+                return MASTER if values is None else self._attribute(MASTER, values)
+            principal = self._keys.find(token) if self._keys is not None else None
+            if principal is None:
+                raise AuthenticationFailed("Invalid API key.")
+        if principal is not None and (path.startswith(b"/admin/") or path in self._master_only):
             raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
                             code="master_key_required")
         if principal is not None and principal.user_path is None:

@@ -93,7 +93,7 @@ class Gate(Periodic):
     def budget_scopes(self, principal):
         """C{[(scope, (Budget, ...))]} that a request of C{principal} spends from (the master key's only where
         a request is attributed to a user path: C{X-GoModel-User-Path})."""
-        if principal is None or principal.master and principal.user_path is None:
+        if principal is None or not principal.limited:
             return []
         return self._plan(principal)[1]
 
@@ -166,7 +166,7 @@ class Gate(Periodic):
         """
         principal = ctx.principal
         targets = self._target_scopes(upstream.name, call.model) if self._any_targets else ()
-        if principal is None or principal.master and principal.user_path is None:
+        if principal is None or not principal.limited:
             if not targets:
                 return None
             budgets, scopes, own = (), targets, None
@@ -248,7 +248,7 @@ class Gate(Periodic):
         admission = ctx.admission
         principal = ctx.principal
         charged = (self._book is not None and ctx.replica is not None and principal is not None
-                   and (not principal.master or principal.user_path is not None))
+                   and principal.limited)
         if admission is None and not charged:
             return
         usage = ctx.usage
@@ -274,7 +274,7 @@ class Gate(Periodic):
     def charge(self, principal, model, usage):
         """Charge an answer's C{usage} (the upstream's usage object, or None) on C{model} (qualified, for
         its price) to the budgets of C{principal} (a managed key's; others have none): a batch line."""
-        if self._book is None or not usage or principal is None or principal.master and principal.user_path is None:
+        if self._book is None or not usage or principal is None or not principal.limited:
             return
         used = total_tokens(usage)
         if used:

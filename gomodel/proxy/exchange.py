@@ -243,18 +243,21 @@ class Exchange:
         if is_event_stream(response):
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, call.observer)
-        if call.transform is None and response.length is not UNKNOWN_LENGTH and response.length > RESPONSE_BODY_LIMIT:
-            # Too large to hold (a big batch's embeddings), nothing to change in it: relayed as it comes, byte
-            # for byte, its usage read from its end (or its metadata).
-            tap = None
-            if ctx.recorded:
-                tap = UsageTap()
-                ctx.usage = metadata_usage(response)
-            return await self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
-        try:
-            body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
-        except UpstreamUnreachable as e:
-            raise _BrokeOff(e) from None
+        body = whole_body(response)  # (a small answer came whole with its head: no wait, no read)
+        if body is None:
+            if (call.transform is None and response.length is not UNKNOWN_LENGTH
+                    and response.length > RESPONSE_BODY_LIMIT):
+                # Too large to hold (a big batch's embeddings), nothing to change in it: relayed as it comes,
+                # byte for byte, its usage read from its end (or its metadata).
+                tap = None
+                if ctx.recorded:
+                    tap = UsageTap()
+                    ctx.usage = metadata_usage(response)
+                return await self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
+            try:
+                body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
+            except UpstreamUnreachable as e:
+                raise _BrokeOff(e) from None
         return self._whole(request, ctx, upstream, response, call, body)
 
     async def fetch(self, request_id: bytes, upstream, call: UpstreamCall, trace=None, entering=None):
