@@ -74,7 +74,8 @@ class InferenceRoutes:
                     # We always want usage; the client gets it only if it asked. (vLLM's per-chunk usage holds
                     # only with include_usage: without it, the client asked for none.)
                     options["include_usage"] = True
-                    options.pop("continuous_usage_stats", None)
+                    if "continuous_usage_stats" in options:
+                        del options["continuous_usage_stats"]
                     strip_usage = True
                 body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage)
