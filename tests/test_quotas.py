@@ -638,3 +638,21 @@ async def test_a_refresh_that_fails_unexpectedly_answers_the_stored_response(htt
         logged_errors.clear()
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_response_deleted_while_it_runs_is_charged_once_it_is_over(reactor, http, gw, fake):
+    """A DELETE forgets the gateway's copy, not the run at its instance: the creating process still asks the
+    instance until it is over and charges it (before: deleting it at once, before the first ask, left the
+    run free of the key's budgets whatever it used)."""
+    key, client, created = await _done_in_background(http, gw, fake)
+    try:
+        assert (await in_thread(client.responses.delete, created.id)) is None
+        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert refused.value.code == "budget_exceeded"
+        with pytest.raises(openai.NotFoundError):  # (still forgotten: the asks stored nothing back)
+            await in_thread(client.responses.retrieve, created.id)
+    finally:
+        client.close()

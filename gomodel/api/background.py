@@ -7,8 +7,9 @@ this process share those asks) and, the first time it finds the response over (C
 C{cancelled}, C{incomplete}: found by its own ask, a read here, or another process's read that stored
 it), records its usage in the ledger under the create's request id and charges the creating key's
 budgets with it. Reads never charge: two processes reading at once cannot charge it twice, and the
-master key reading a managed key's response does not keep it from being charged. A response whose
-creating process stops before it is over is not charged.
+master key reading a managed key's response does not keep it from being charged. A response deleted while
+it runs (a DELETE forgets the gateway's copy, not the run) is still asked after, nothing stored back. A
+response whose creating process stops before it is over is not charged.
 """
 
 from twisted.application.service import Service
@@ -29,9 +30,9 @@ class BackgroundWatch(Service):
     def __init__(self, clock, store, registry, refresh, usage=None, gate=None):
         """
         @param store: the C{IResponseStore} the responses are kept in.
-        @param refresh: C{refresh(record, request_id)}, a Deferred firing with the response as its instance
-            has it now, or None (L{gomodel.api.responses.ResponsesRoute.refresh}); it calls L{over} when it
-            finds the response over.
+        @param refresh: C{refresh(record, request_id, keep=True)}, a Deferred firing with the response as its
+            instance has it now, or None, stored unless C{keep} is false
+            (L{gomodel.api.responses.ResponsesRoute.refresh}); it calls L{over} when it finds the response over.
         @param usage: the L{gomodel.accounting.usage.UsageLedger}, or None.
         @param gate: the L{gomodel.limits.gate.Gate} (budgets), or None.
         """
@@ -43,11 +44,14 @@ class BackgroundWatch(Service):
         self._gate = gate
         self._watched = {}  # response id -> _Watched
 
-    def watch(self, response_id, ctx):
-        """Watch C{response_id}, just created by the request C{ctx} (its key is charged)."""
+    def watch(self, record, ctx):
+        """Watch C{record}'s response, just created by the request C{ctx} (its key is charged)."""
+        response_id = record["id"]
         if not self.running or response_id in self._watched:
             return
-        watched = self._watched[response_id] = _Watched(ctx.request_id, ctx.principal, self._clock.seconds())
+        held = {"id": response_id, "provider": record["provider"], "replica": record.get("replica"),
+                "response": record["response"]}  # (what asking its instance needs, once the store's copy is gone)
+        watched = self._watched[response_id] = _Watched(ctx.request_id, ctx.principal, self._clock.seconds(), held)
         watched.call = self._clock.callLater(WATCH_DELAYS[0], self._ask, response_id)
 
     def over(self, record, response):
@@ -93,17 +97,17 @@ class BackgroundWatch(Service):
         return d
 
     def _asked(self, record, response_id, watched):
-        if record is None:  # deleted
-            self._watched.pop(response_id, None)
-            return None
-        if record["response"].get("status") not in UNFINISHED:  # stored over by a read (here or elsewhere)
+        keep = record is not None
+        if not keep:  # deleted: its instance runs it still, asked with the record held here, nothing stored
+            record = watched.record
+        elif record["response"].get("status") not in UNFINISHED:  # stored over by a read (here or elsewhere)
             return self.over(record, record["response"])
         if self._clock.seconds() - watched.since > WATCH_LIMIT:
             self._watched.pop(response_id, None)
             self.log.warn("background response {id} is still not over after {limit:g}s: no longer watched, "
                           "its usage not charged", id=response_id, limit=WATCH_LIMIT)
             return None
-        return self._refresh(record, watched.request_id)
+        return self._refresh(record, watched.request_id, keep=keep)
 
     def _failed(self, failure, response_id):
         self.log.failure("asking after background response {id} failed", failure, id=response_id)
@@ -115,11 +119,12 @@ class BackgroundWatch(Service):
 
 
 class _Watched:
-    __slots__ = ("request_id", "principal", "since", "call", "asks")
+    __slots__ = ("request_id", "principal", "since", "call", "asks", "record")
 
-    def __init__(self, request_id, principal, since):
+    def __init__(self, request_id, principal, since, record):
         self.request_id = request_id  # the create's
         self.principal = principal
         self.since = since
         self.call = None  # the next ask's delayed call, while one is due
         self.asks = 0
+        self.record = record  # its id, provider, replica and response as created

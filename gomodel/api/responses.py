@@ -260,7 +260,7 @@ class ResponsesRoute:
             record["response_json"] = response_json
         self._store.keep(record)
         if record["status"] in UNFINISHED:
-            self.watch.watch(response_id, ctx)
+            self.watch.watch(record, ctx)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -342,9 +342,10 @@ class ResponsesRoute:
         return self._store.put(dict(record, response=response, status=response.get("status"))).addErrback(
             lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
 
-    def refresh(self, record, request_id, trace=None) -> Deferred:
+    def refresh(self, record, request_id, trace=None, keep=True) -> Deferred:
         """Ask C{record}'s instance (its provider's replica) for its background response, sharing an ask
-        under way; the answer is stored, and one found over goes to L{BackgroundWatch.over}.
+        under way; the answer is stored (unless C{keep} is false: one deleted), and one found over goes to
+        L{BackgroundWatch.over}.
 
         @param request_id: the asking request's id (sent upstream as C{X-Request-Id}).
         @param trace: its L{gomodel.accounting.tracing.RequestTrace}, or None.
@@ -358,10 +359,10 @@ class ResponsesRoute:
         if refresh is None:
             refresh = self._refreshing[record["id"]] = Deferred.fromCoroutine(
                 self._refreshed(request_id, trace, provider, record))
-            refresh.addBoth(self._settle, record)
+            refresh.addBoth(self._settle, record, keep)
         return _branch(refresh)
 
-    def _settle(self, fresh, record):
+    def _settle(self, fresh, record, keep=True):
         """Store C{fresh}, C{record}'s response as its instance has it (None: none; a refresh that failed
         unexpectedly is logged and none), then forget its refresh; C{fresh} goes on to its readers."""
         if isinstance(fresh, Failure):
@@ -369,7 +370,7 @@ class ResponsesRoute:
             fresh = None
         elif fresh.__class__ is not dict or fresh.get("id") != record["id"]:
             fresh = None  # (not this response)
-        self._update(record, fresh).addBoth(self._forget, record["id"])
+        (self._update(record, fresh) if keep else succeed(None)).addBoth(self._forget, record["id"])
         if fresh is not None and fresh.get("status") not in UNFINISHED:
             self.watch.over(record, fresh)
         return fresh
