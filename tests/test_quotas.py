@@ -656,3 +656,17 @@ async def test_a_background_response_deleted_while_it_runs_is_charged_once_it_is
             await in_thread(client.responses.retrieve, created.id)
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_x_gomodel_user_path_sent_twice_differently_is_a_400_naming_it(http, gw):
+    """Which of two paths to charge would be a guess: a 400 naming the header (before, its message said to
+    send the key once, and named no param)."""
+    headers = {"Authorization": [f"Bearer {MASTER}"], "X-GoModel-User-Path": ["/team/a", "/team/b"]}
+    response = await http.get(gw.url + "/v1/models", headers=headers)
+    error = json.loads(await treq.content(response))["error"]
+    assert response.code == 400
+    assert (error["code"], error["param"]) == ("duplicate_header", "X-GoModel-User-Path")
+    assert "key" not in error["message"]
+    headers["X-GoModel-User-Path"] = ["/team/a", "/team/a"]  # (the same path twice: that path)
+    assert (await http.get(gw.url + "/v1/models", headers=headers)).code == 200

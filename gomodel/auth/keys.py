@@ -272,7 +272,7 @@ def header_user_path(values) -> str:
     """
     from gomodel.api.keys import user_path  # (a key's rules: the paths it names are keys' paths)
 
-    raw = values[0] if len(values) == 1 else _one(values, "X-GoModel-User-Path")
+    raw = values[0] if len(values) == 1 else _one(values, "X-GoModel-User-Path", "X-GoModel-User-Path")
     try:
         return user_path(raw.decode("utf-8"))
     except (UnicodeDecodeError, InvalidRequest):
@@ -306,11 +306,13 @@ def presented_key(request, required=True) -> bytes:
     return token.strip()
 
 
-def _one(values, name) -> bytes:
-    """The one value of a header sent more than once; L{InvalidRequest} when its values differ."""
+def _one(values, name, param=None) -> bytes:
+    """The one value of a header sent more than once; L{InvalidRequest} (naming C{param}) when its values
+    differ."""
     if any(value != values[0] for value in values):
         raise InvalidRequest(f"The '{name}' header was sent more than once, with different values: "
-                             "send the key once.", code="duplicate_header")
+                             f"send {'the key' if param is None else 'it'} once.", param=param,
+                             code="duplicate_header")
     return values[0]
 
 
