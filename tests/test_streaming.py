@@ -254,3 +254,23 @@ async def test_a_stream_whose_upstream_sends_its_head_then_nothing_is_a_504(reac
         assert response.code == 504 and body["error"]["code"] == "upstream_timeout", body
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_stream_whose_upstream_sent_only_a_comment_before_dying_is_a_502(reactor):
+    """Bytes the translation turns into nothing (an SSE comment, blank lines) are no event for the client:
+    an upstream that dies after them is as one that died before its first event, a 502 the SDK may retry
+    (before: a 200 whose body was the in-band error event, though nothing had been relayed)."""
+    from tests.support import start_fake, stop_all
+
+    fake = await start_fake(reactor, responses=False)  # /v1/responses translated to chat completions
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        for first in (": ping\n\n", "\n\n"):
+            fake.steer = {"fake_die_after": 0, "fake_first": first}
+            response = await treq.post(gw.url + "/v1/responses", json={"model": MODEL, "input": "hi", "stream": True})
+            body = await treq.content(response)
+            assert response.code == 502, (first, response.code, body)
+            assert json.loads(body)["error"]["code"] == "upstream_unreachable"
+    finally:
+        await stop_all(gw, fake)

@@ -500,8 +500,9 @@ class Exchange:
         finished: an event stream gets an in-band error event in the route's
         dialect, then the connection is closed without the body's end.
 
-        @raise _BrokeOff: the upstream broke off before it sent any of its body, so nothing went to the
-            client (the head goes out with the first bytes): another replica may answer.
+        @raise _BrokeOff: the upstream broke off before any of its body went to the client (the head goes out
+            with the first bytes; an SSE comment a translation drops is none) and none of it was refused as
+            malformed: another replica may answer.
         @raise gomodel.errors.UpstreamTimeout: it sent none of its body for too long.
         """
         copy_response_headers(response, request, keep_length)
@@ -533,7 +534,7 @@ class Exchange:
                 pass
             elif isinstance(e, CancelledError):
                 raise
-            elif not relay.heard and request.channel is not None and not isinstance(e, StreamTooLong):
+            elif not (relay.wrote or relay.rejected) and request.channel is not None and not isinstance(e, StreamTooLong):
                 request.unregisterProducer()
                 if isinstance(e, UpstreamIdle):
                     raise UpstreamTimeout(f"The upstream provider '{upstream.name}' sent nothing for too long.") \

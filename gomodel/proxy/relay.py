@@ -109,6 +109,8 @@ class StreamRelay(Protocol):
         self.client_gone = False
         self.upstream_done = False
         self.end_written = False
+        self._wrote = False
+        self.rejected = False  # the observer refused what the upstream sent (an event that is none)
         self.finished = Deferred(self._cancelled)
         self._idle_call = None
         self._heard = 0.0  # when the upstream last sent bytes (the idle timer looks at it when it fires)
@@ -120,9 +122,10 @@ class StreamRelay(Protocol):
         self._max_call = clock.callLater(max_duration, self._fail, StreamTooLong()) if max_duration else None
 
     @property
-    def heard(self) -> bool:
-        """Whether the upstream sent any of its body (each delivery counts down the eager ones first)."""
-        return self._eager != EAGER_DELIVERIES
+    def wrote(self) -> bool:
+        """Whether any of the body went to the client (bytes the observer turned into nothing, an SSE comment
+        of a translated stream, are none): the answer's head goes out with it."""
+        return self._wrote
 
     # -- upstream side (IProtocol) -------------------------------------------
 
@@ -168,12 +171,15 @@ class StreamRelay(Protocol):
         try:
             out = self.observer.feed(data)
         except Exception as e:
+            self.rejected = True
             self._fail(e)
             return None
         if out:
-            if self._first_write is not None:
-                self._first_write()
-                self._first_write = None
+            if not self._wrote:
+                self._wrote = True
+                if self._first_write is not None:
+                    self._first_write()
+                    self._first_write = None
             self._request.write(out)
             if not self.end_written and getattr(self.observer, "done", False):
                 self.end_written = True

@@ -13,6 +13,7 @@ gateway forwards untouched:
   - C{fake_die_after}: abort the connection after that many chunks (0: after the answer's head, as a
     server that dies before its first token does; with C{fake_hang}, the head alone, then silence)
   - C{fake_no_done}: end the stream cleanly but without C{[DONE]}
+  - C{fake_first}: these raw bytes (a comment line, blank lines) right after a chat stream's head
   - C{fake_after_done}: after C{[DONE]}, C{"hold"} the body's end until the client
     leaves, or C{"abort"}: close the connection instead of ending the body
   - C{fake_hang}: never answer (the connection stays open)
@@ -541,6 +542,8 @@ class FakeVLLM(Resource):
             request.registerProducer(flood, True)
             flood.resumeProducing()
             return server.NOT_DONE_YET
+        if "fake_first" in body:
+            request.write(body["fake_first"].encode())
         if "fake_sse" in body:
             payloads = [b"data: " + p.encode() + b"\n\n" for p in body["fake_sse"]]
             ended = dict(body, fake_no_done=True, stream_options=None)  # the payloads are the whole stream
