@@ -274,3 +274,29 @@ async def test_a_translated_stream_whose_upstream_sent_only_a_comment_before_dyi
             assert json.loads(body)["error"]["code"] == "upstream_unreachable"
     finally:
         await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_another_replica_answered_carries_none_of_the_dead_ones_headers(reactor):
+    """The head of the attempt that broke off never went out: its headers are not the answer's (before, they
+    were copied onto it and stayed there, under the replica that answered)."""
+    from tests.support import start_fake, stop_all
+
+    dying, healthy = await start_fake(reactor), await start_fake(reactor)
+    dying.steer = {"fake_die_after": 0, "fake_headers": {"x-dying": "yes"}}
+    healthy.steer = {"fake_die_after": 0, "fake_headers": {"x-dead-too": "yes"}}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"{dying.base_url},{healthy.base_url}",
+                                       "ROUTING_STRATEGY": "round_robin"})
+    try:
+        response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body())
+        await treq.content(response)
+        assert response.code == 502
+        assert not response.headers.hasHeader(b"x-dying") and not response.headers.hasHeader(b"x-dead-too")
+        assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"application/json")
+        healthy.steer = {}
+        for _ in range(2):  # each replica first, in turn
+            response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body())
+            await treq.content(response)
+            assert response.code == 200 and not response.headers.hasHeader(b"x-dying")
+    finally:
+        await stop_all(gw, dying, healthy)

@@ -505,6 +505,7 @@ class Exchange:
             malformed: another replica may answer.
         @raise gomodel.errors.UpstreamTimeout: it sent none of its body for too long.
         """
+        ours = dict(plain_headers(request.responseHeaders))  # (put back if this head never goes out)
         copy_response_headers(response, request, keep_length)
         events = is_event_stream(response)
         if events:
@@ -536,6 +537,9 @@ class Exchange:
                 raise
             elif not (relay.wrote or relay.rejected) and request.channel is not None and not isinstance(e, StreamTooLong):
                 request.unregisterProducer()
+                headers = plain_headers(request.responseHeaders)  # (the head that never went out: not the answer's)
+                headers.clear()
+                headers.update(ours)
                 if isinstance(e, UpstreamIdle):
                     raise UpstreamTimeout(f"The upstream provider '{upstream.name}' sent nothing for too long.") \
                         from None
