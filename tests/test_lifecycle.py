@@ -339,3 +339,16 @@ async def test_a_drain_waits_for_an_upload_whose_body_is_still_arriving(reactor,
     assert head.startswith(b"HTTP/1.1 200 "), head + answer
     assert json.loads(answer)["object"] == "file"
     await with_timeout(reactor, stopping, 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_without_providers_is_ready(reactor, http):
+    """Nothing to discover: discovery has run (before: 503 'model discovery has not finished' for ever, as
+    some provider's models had to be known)."""
+    gw = await start_gateway(reactor, {}, wait_ready=False)
+    try:
+        await with_timeout(reactor, gw.registry.ready(), 10)
+        response = await http.get(gw.url + "/health/ready")
+        assert response.code == 200 and json.loads(await response.content()) == {"status": "ready"}
+    finally:
+        await gw.service.stopService()

@@ -91,7 +91,7 @@ class ModelRegistry:
         """A Deferred that fires (with None) once discovery has run for every provider, and some provider's
         models are known: a provider's models are known and its replicas were checked (one is ready, or each
         answered or failed its first checks), or every replica failed its first checks (a provider down at
-        start keeps no other from being served)."""
+        start keeps no other from being served); at once without providers."""
         d = Deferred()
         self._ready_waiters.append(d)
         self._check_ready()
@@ -100,7 +100,7 @@ class ModelRegistry:
     def _check_ready(self):
         if self._ready_waiters and all(self.inventory(pool) is not None and pool.settled
                                        or all(r.checked for r in pool.replicas) for pool in self._pools) \
-                and any(self.inventory(pool) is not None for pool in self._pools):
+                and (not self._pools or any(self.inventory(pool) is not None for pool in self._pools)):
             waiting, self._ready_waiters = self._ready_waiters, []
             for d in waiting:
                 d.callback(None)
