@@ -224,3 +224,17 @@ async def test_vllms_own_metrics_are_the_master_keys_alone(http, two):
     assert response.code == 200  # the rest of the passthrough stays open to it
     response, content = await call(http, gw, "GET", "/p/vllm/metrics")
     assert response.code == 200 and b"vllm:num_requests_running" in content
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_clients_openai_organization_and_project_never_reach_the_provider(http, two):
+    """The provider's key is the gateway's account: a client does not choose which of its organizations or
+    projects a request is billed to (before: relayed, so any key with the passthrough picked them)."""
+    gw, plain, guarded = two
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}
+    response, content = await call(http, gw, "POST", "/p/vllm/v1/chat/completions", body, headers={
+        "OpenAI-Organization": "org-other", "OpenAI-Project": "proj_other", "X-Kept": "yes"})
+    assert response.code == 200, content
+    sent = plain.requests[-1]
+    assert sent.header(b"x-kept") == "yes"
+    assert sent.header(b"openai-organization") is None and sent.header(b"openai-project") is None
