@@ -238,3 +238,15 @@ async def test_a_clients_openai_organization_and_project_never_reach_the_provide
     sent = plain.requests[-1]
     assert sent.header(b"x-kept") == "yes"
     assert sent.header(b"openai-organization") is None and sent.header(b"openai-project") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_x_gomodel_user_path_is_the_gateways_and_never_reaches_the_provider(http, two):
+    """As X-Gomodel-Replica: the gateway's own header (before: relayed, so a gateway behind this one, holding
+    its master key as this provider's key, took a client's path as the path to charge)."""
+    gw, plain, guarded = two
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}
+    response, content = await call(http, gw, "POST", "/p/vllm/v1/chat/completions", body,
+                                   headers={"X-GoModel-User-Path": "/team/other"})
+    assert response.code == 200, content
+    assert plain.requests[-1].header(b"x-gomodel-user-path") is None

@@ -28,10 +28,11 @@ ADMIN_ROUTES = frozenset((
 OPERATOR_ROUTES = frozenset(("metrics", "server_info"))
 
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
-# (OpenAI-Organization and OpenAI-Project pick within the provider key's account: the gateway's, not a client's)
+# (the gateway's own headers stay here; OpenAI-Organization and OpenAI-Project pick within the provider key's
+# account: the gateway's, not a client's)
 _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"cookie", b"host", b"content-length",
                               b"x-request-id", b"forwarded", b"accept-encoding", b"x-gomodel-replica",
-                              b"openai-organization", b"openai-project"}
+                              b"x-gomodel-user-path", b"openai-organization", b"openai-project"}
 _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 
 
