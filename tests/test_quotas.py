@@ -54,9 +54,9 @@ async def gw(reactor, fake, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_x_gomodel_user_path_attributes_the_master_keys_requests_to_a_path(reactor, http, fake, tmp_path):
-    """GoModel's header: a backend holding the master key (or a key without a user path) attributes each
-    request to its user's path: that path's limits apply and the ledger records it under the path (before:
-    ignored, every such request the master key's, unlimited and unattributed)."""
+    """GoModel's header: a backend holding the master key attributes each request to its user's path: that
+    path's limits apply and the ledger records it under the path (before: ignored, every such request the
+    master key's, unlimited and unattributed)."""
     gateway = await start(reactor, fake, tmp_path, SET_RATE_LIMIT_TEAM__A="rpm=1", USAGE_FLUSH_INTERVAL="1h")
     master = openai_client(gateway, MASTER)
     key = await new_key(http, gateway)  # (no user path of its own)
@@ -66,8 +66,8 @@ async def test_x_gomodel_user_path_attributes_the_master_keys_requests_to_a_path
         assert (await in_thread(raw_chat, master, extra_headers=team_a)).http_response.status_code == 200
         with pytest.raises(openai.RateLimitError):  # /team/a's rpm=1
             await in_thread(raw_chat, master, extra_headers=team_a)
-        with pytest.raises(openai.RateLimitError):  # the same path's limit, whoever attributes to it
-            await in_thread(raw_chat, pathless, extra_headers={"X-GoModel-User-Path": "/team/a/bob"})
+        # A managed key is never attributed: it would spend another team's limits and budgets.
+        assert (await in_thread(raw_chat, pathless, extra_headers=team_a)).http_response.status_code == 200
         for _ in range(3):  # unattributed, or another path: no limit
             await in_thread(raw_chat, master)
             await in_thread(raw_chat, master, extra_headers={"X-GoModel-User-Path": "/team/b"})
@@ -104,9 +104,8 @@ async def test_x_gomodel_user_path_attributes_the_master_keys_requests_to_a_path
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_attributed_key_sees_what_it_saw(reactor, http, fake, tmp_path):
-    """The header chooses where a request is recorded and limited, never what its key may see: a key's files
-    stay its own whatever path it names."""
+async def test_a_managed_key_naming_a_path_sees_what_it_saw(reactor, http, fake, tmp_path):
+    """The header never changes what a key may see: a key's files stay its own whatever path it names."""
     gateway = await start(reactor, fake, tmp_path)
     key = await new_key(http, gateway)
     client = openai_client(gateway, key["value"])

@@ -81,9 +81,9 @@ class Principal:
         self.limited = not master
 
     def attributed(self, user_path):
-        """This principal's requests attributed to C{user_path} (C{X-GoModel-User-Path}, for the master key or a
-        key without a user path of its own): that path's limits and budgets apply and its usage is recorded
-        under it; what it may see and use (its tenant, its models) does not change."""
+        """This principal's requests attributed to C{user_path} (C{X-GoModel-User-Path}, for the master key):
+        that path's limits and budgets apply and its usage is recorded under it; what it may see and use
+        does not change."""
         copy = Principal(self.id, self.name, user_path=user_path, models=self.models, expires_at=self.expires_at,
                          active=self.active, rpm=self.rpm, tpm=self.tpm, max_concurrency=self.max_concurrency,
                          budgets=self.budgets, priority=self.priority, own_cache_salt=self.own_cache_salt,
@@ -234,10 +234,6 @@ class GatewayAuth:
         if principal is not None and (path.startswith(b"/admin/") or path in self._master_only):
             raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
                             code="master_key_required")
-        if principal is not None and principal.user_path is None:
-            values = plain_headers(request.requestHeaders).get(X_GOMODEL_USER_PATH)
-            if values:
-                return self._attribute(principal, values)
         return principal
 
     def _attribute(self, principal, values):

@@ -535,7 +535,8 @@ class Exchange:
                 pass
             elif isinstance(e, CancelledError):
                 raise
-            elif not (relay.wrote or relay.rejected) and request.channel is not None and not isinstance(e, StreamTooLong):
+            elif (not (relay.wrote or relay.rejected) and request.channel is not None
+                  and not isinstance(e, StreamTooLong)):
                 request.unregisterProducer()
                 headers = plain_headers(request.responseHeaders)  # (the head that never went out: not the answer's)
                 headers.clear()
