@@ -361,6 +361,35 @@ async def test_overview_charts_real_traffic_live(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_overview_month_labels_are_utc_days_west_of_utc(env):
+    """The 30-day window's buckets are UTC days: each bar is labelled with its UTC date, in any time zone
+    (in New York, 00:00 UTC is the evening before: each day was labelled with the day before)."""
+    b = env.browser
+    answer = await treq.get(env.root + "/admin/api/v1/usage/timeseries?window=month",
+                            headers={"authorization": f"Bearer {env.master}"})
+    days = [period[5:10] for period in (item["period"] for item in (await answer.json())["data"])]
+
+    def labels():
+        b.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "America/New_York"})
+        try:
+            b.go("overview")
+            b.driver.refresh()
+            b.wait(lambda d: b.all("#page-overview #chart-traffic canvas"), "the overview in New York")
+            assert b.js("return new Date(0).getTimezoneOffset()") == 300
+            b.click("button[data-window='month']")
+            shown = "return Chart.getChart(document.querySelector('#chart-traffic canvas')).data.labels"
+            b.wait(lambda d: len(b.js(shown)) == 30, "the month window, a day each")
+            assert b.js(shown) == days
+            b.click("button[data-window='hour']")
+            b.wait(lambda d: len(b.js(shown)) == 60, "the hour window again")
+            b.assert_clean()
+        finally:
+            b.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
+
+    await in_thread(labels)
+
+
+@pytest_twisted.ensureDeferred
 async def test_providers_page_shows_a_replica_going_down(env):
     b = env.browser
 

@@ -130,9 +130,11 @@ function card(titleText, value, id, detail, kind) {
     detail ? h("div", {class: "card-detail", text: detail}) : null);
 }
 
+// A bucket's label: the month window's buckets are UTC days (their UTC date, whatever the browser's
+// time zone); the others' minutes and hours are the browser's local time.
 function label(period, window) {
   const date = new Date(period);
   const pad = (n) => String(n).padStart(2, "0");
-  if (window === "month") return `${pad(date.getMonth() + 1)}-${pad(date.getDate())}`;
+  if (window === "month") return `${pad(date.getUTCMonth() + 1)}-${pad(date.getUTCDate())}`;
   return `${pad(date.getHours())}:${pad(date.getMinutes())}`;
 }
