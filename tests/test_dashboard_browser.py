@@ -547,6 +547,43 @@ async def test_batches_progress_to_100_percent_download_and_cancel(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_failed_at_validation_says_why(env, reactor):
+    """A batch whose lines fail validation has no file to download: its row names each bad line (the API's
+    errors.data), as text (a line's own text may be HTML)."""
+    b = env.browser
+    client = _sdk(env)
+    good = {"custom_id": "ok", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 4}}
+    lines = [json.dumps(good), XSS] + [json.dumps(dict(good, custom_id=f"c{i}", url="/v1/embeddings"))
+                                       for i in range(4)]
+    try:
+        uploaded = await in_thread(client.files.create, file=("bad.jsonl", io.BytesIO("\n".join(lines).encode())),
+                                   purpose="batch")
+        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+
+        async def failed():
+            return (await in_thread(client.batches.retrieve, batch.id)).status == "failed"
+
+        await _until(reactor, failed, "the batch to fail its validation")
+        answer = await in_thread(client.batches.retrieve, batch.id)
+        assert answer.status == "failed" and len(answer.errors.data) == 5
+
+        def why():
+            b.go("batches")
+            row = f"tr.batch-row:has([data-batch-id='{batch.id}'])"
+            b.wait_text(f"{row} .batch-status", lambda t: t == "failed", "the batch failed")
+            shown = b.wait(lambda d: b.texts(f"{row} .batch-errors li"), "the batch's errors")
+            assert shown == [f"line {e.line}: {e.message}" for e in answer.errors.data[:3]] + ["and 2 more"]
+            b.no_alert()
+            b.assert_clean()
+
+        await in_thread(why)
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_usage_tables_csv_and_the_request_log(env):
     b = env.browser
 

@@ -6,6 +6,7 @@ import {badge, button, errorNote, h, int, note, replace, table, when} from "../d
 export const title = "Batches";
 export const REFRESH_MS = 2000;
 const CANCELLABLE = ["validating", "in_progress"];
+const ERRORS_SHOWN = 3; // a failed batch's bad lines named in its row
 
 export function mount(el) {
   let stopped = false;
@@ -49,7 +50,8 @@ export function mount(el) {
       {title: "Batch", cell: (b) => h("div", {},
         h("code", {class: "wrap batch-id", text: b.id}),
         b.metadata ? h("div", {class: "muted metadata", text: Object.entries(b.metadata)
-          .map(([name, value]) => `${name}=${value}`).join(" · ")}) : null)},
+          .map(([name, value]) => `${name}=${value}`).join(" · ")}) : null,
+        failures(b.errors))},
       {title: "Endpoint", cell: (b) => h("code", {text: b.endpoint})},
       {title: "Status", cell: (b) => badge(b.status), class: "batch-status"},
       {title: "Progress", cell: (b) => progress(b.request_counts), class: "batch-progress"},
@@ -92,6 +94,16 @@ export function mount(el) {
     stopped = true;
     clearInterval(timer);
   };
+}
+
+// Why a batch failed before it ran (its errors.data: the bad lines), the first few of them.
+function failures(errors) {
+  const data = (errors && errors.data) || [];
+  if (!data.length) return null;
+  const shown = data.slice(0, ERRORS_SHOWN).map((e) => h("li", {
+    text: e.line === null || e.line === undefined ? e.message : `line ${e.line}: ${e.message}`}));
+  if (data.length > ERRORS_SHOWN) shown.push(h("li", {class: "muted", text: `and ${data.length - ERRORS_SHOWN} more`}));
+  return h("ul", {class: "batch-errors error-text"}, shown);
 }
 
 // A bar of completed (green) and failed (red) lines out of the total; widths through the CSSOM.
