@@ -624,6 +624,23 @@ async def test_usage_tables_csv_and_the_request_log(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_compact_numbers_round_up_into_the_next_unit(env):
+    """The overview's token cards (dom.js compact()): 999,960 is 1.0M, never "1000.0k"."""
+    b = env.browser
+    expected = {"9999": "9,999", "10000": "10.0k", "999949": "999.9k", "999960": "1.0M", "999999": "1.0M",
+                "1000000": "1.0M", "999960000": "1.0B", "-999960": "-1.0M", "2500000000": "2.5B"}
+
+    def shown():
+        b.go("overview")
+        return b.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "import('/admin/static/dom.js').then((dom) => done(Object.fromEntries("
+            "arguments[0].map((n) => [n, dom.compact(Number(n))]))))", list(expected))
+
+    assert await in_thread(shown) == expected
+
+
+@pytest_twisted.ensureDeferred
 async def test_every_page_fits_a_phone(env):
     b = env.browser
 

@@ -114,10 +114,12 @@ export function when(value) {
   return date.toISOString().replace("T", " ").replace(/\.\d+Z$|Z$/, " UTC");
 }
 
+// 12.3k, 4.5M, 6.7B: a value that would round to 1000.0 of a unit is 1.0 of the next (999,960: 1.0M).
 export function compact(value) {
   if (value === null || value === undefined) return "–";
-  if (Math.abs(value) >= 1e9) return `${(value / 1e9).toFixed(1)}B`;
-  if (Math.abs(value) >= 1e6) return `${(value / 1e6).toFixed(1)}M`;
-  if (Math.abs(value) >= 1e4) return `${(value / 1e3).toFixed(1)}k`;
+  const size = Math.abs(value);
+  if (size >= 999.95e6) return `${(value / 1e9).toFixed(1)}B`;
+  if (size >= 999.95e3) return `${(value / 1e6).toFixed(1)}M`;
+  if (size >= 1e4) return `${(value / 1e3).toFixed(1)}k`;
   return integer.format(value);
 }
