@@ -624,6 +624,32 @@ async def test_usage_tables_csv_and_the_request_log(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_request_log_filters_the_master_keys_requests(env):
+    """The log names the master key's requests "master key"; its key filter offers it (the API's key=master)."""
+    b = env.browser
+    answer = await treq.get(env.root + "/admin/api/v1/usage/log?key=master&days=1&limit=50",
+                            headers={"authorization": f"Bearer {env.master}"})
+    expected = [record["request_id"] for record in (await answer.json())["data"]]
+    assert expected
+
+    def filtered():
+        b.go("usage")
+        b.wait(lambda d: b.all("#log-key option[value='master']"), "the master key in the key filter")
+        b.js("document.querySelector('#usage-days').value = '1';"
+             "document.querySelector('#usage-days').dispatchEvent(new Event('change'))")
+        b.fill("#log-search", "")  # (the filters a test before left)
+        b.js("document.querySelector('#log-key').value = 'master'")
+        b.click("#log-filters button[type=submit]")
+        b.wait(lambda d: b.texts("#log-table .request-id") == expected, "the master key's requests")
+        assert set(b.texts("#log-table .key-name")) == {"master key"}
+        b.click("#log-filters button[type=button]")  # Clear
+        b.wait(lambda d: len(b.texts("#log-table .request-id")) > len(expected), "every key's requests again")
+        b.assert_clean()
+
+    await in_thread(filtered)
+
+
+@pytest_twisted.ensureDeferred
 async def test_compact_numbers_round_up_into_the_next_unit(env):
     """The overview's token cards (dom.js compact()): 999,960 is 1.0M, never "1000.0k"."""
     b = env.browser

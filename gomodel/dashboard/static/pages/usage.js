@@ -82,7 +82,10 @@ export function mount(el) {
   const model = h("input", {id: "log-model", type: "text", placeholder: "model (as routed)", value: f.model,
     "aria-label": "Model", list: "usage-model-list"});
   const modelList = h("datalist", {id: "usage-model-list"});
-  const key = h("select", {id: "log-key", "aria-label": "Key"}, h("option", {value: "", text: "any key"}));
+  // "master": the master key's requests (recorded without a key id; the API's key=master)
+  const anyKey = () => [h("option", {value: "", text: "any key"}),
+    h("option", {value: "master", text: "master key", selected: f.key === "master"})];
+  const key = h("select", {id: "log-key", "aria-label": "Key"}, anyKey());
   const search = h("input", {id: "log-search", type: "search", placeholder: "request id", value: f.search,
     "aria-label": "Request id"});
   const filters = h("form", {class: "filters", id: "log-filters", onsubmit: (event) => {
@@ -121,7 +124,7 @@ export function mount(el) {
     try {
       const answer = await admin("auth-keys");
       for (const k of answer.data) keyNames.set(k.id, k.name);
-      replace(key, h("option", {value: "", text: "any key"}),
+      replace(key, anyKey(),
         answer.data.map((k) => h("option", {value: k.id, text: `${k.name} (${k.redacted_value})`,
           selected: k.id === f.key})));
     } catch (error) {
