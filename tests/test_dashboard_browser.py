@@ -486,6 +486,25 @@ async def test_keys_create_show_once_use_and_deactivate(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_keys_expiry_is_shown_in_the_list(env):
+    """A key that expires says when in its row (before, only its edit form did)."""
+    b = env.browser
+    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
+                             json={"name": "expiring", "expires_at": "2099-01-31T12:30:00Z"})
+    key = await answer.json()
+    assert answer.code == 201, key
+
+    def expiry():
+        b.go("keys")
+        b.driver.refresh()
+        row = f"tr.key-row:has([data-key-id='{key['id']}'])"
+        b.wait_text(f"{row} .key-expires", lambda t: t == "expires 2099-01-31 12:30:00 UTC", "the key's expiry")
+        b.assert_clean()
+
+    await in_thread(expiry)
+
+
+@pytest_twisted.ensureDeferred
 async def test_batches_progress_to_100_percent_download_and_cancel(env):
     b = env.browser
     client = _sdk(env)

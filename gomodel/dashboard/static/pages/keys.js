@@ -41,7 +41,10 @@ export function mount(el) {
       {title: "Models", cell: (k) => k.models ? h("span", {class: "wrap", text: k.models.join(", ")}) : "all"},
       {title: "Limits", cell: (k) => limits(k)},
       {title: "Budgets", cell: (k) => budgets(k.budgets)},
-      {title: "Status", cell: (k) => badge(k.active ? "active" : k.enabled ? "expired" : "deactivated")},
+      {title: "Status", cell: (k) => h("div", {},
+        badge(k.active ? "active" : k.enabled ? "expired" : "deactivated"),
+        k.expires_at ? h("div", {class: "muted key-expires",
+          text: `${k.enabled && !k.active ? "expired" : "expires"} ${when(k.expires_at)}`}) : null)},
       {title: "Created", cell: (k) => when(k.created_at)},
       {title: "", cell: (k) => actions(k), class: "actions"},
     ], keys, {rowClass: (k) => `key-row key-${k.active ? "active" : "inactive"}`});
