@@ -142,14 +142,34 @@ async def test_responses_record_their_usage_stored_or_not(reactor, http, fake, t
             ids.append(json.loads(answer)["id"])
         kept = [(await http.get(f"{gw.url}/v1/responses/{i}", headers=KEY)).code for i in ids]
         assert kept == [200, 404]
-        for _ in range(100):
-            await gw.service.usage.flush()
-            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
-            if len(records) == 2:
-                break
+        records = await _recorded(gw, 2)
         assert [(r["endpoint"], r["input_tokens"], r["output_tokens"]) for r in records] == [
             ("/v1/responses", 19, 3)] * 2
     finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_lines_record_names_its_replica_and_its_duration(reactor, fake, tmp_path):
+    """(before: no replica and no duration, so the log showed neither and the latency figures left batches out)"""
+    from tests.support import in_thread, openai_client
+
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env)
+    client = openai_client(gw, "k1")
+    try:
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}}
+        uploaded = await in_thread(client.files.create, purpose="batch",
+                                   file=("in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")))
+        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        [record] = await _recorded(gw, 1)
+        assert record["endpoint"] == "/v1/chat/completions" and record["replica"] == 0
+        assert record["duration_ms"] is not None and record["duration_ms"] >= 0 and record["total_tokens"] == 21
+    finally:
+        client.close()
         await gw.service.stopService()
 
 

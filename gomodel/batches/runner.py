@@ -80,14 +80,17 @@ CANCELLED = ("cancelling", "cancelled")  # what a cancellation leaves as it is (
 
 class _Answer:
     """What the upstream said to one request: C{provider} and C{model}, the target that answered (the line's
-    first, or a fallback) and its upstream model."""
+    first, or a fallback) and its upstream model, C{replica} the index of its replica that did, in
+    C{seconds}."""
 
-    def __init__(self, status, request_id, body, provider, model):
+    def __init__(self, status, request_id, body, provider, model, replica=None, seconds=None):
         self.status = status
         self.request_id = request_id
         self.body = body
         self.provider = provider
         self.model = model
+        self.replica = replica
+        self.seconds = seconds
 
 
 class _NoAnswer:
@@ -654,8 +657,10 @@ class BatchRunner(Service):
         model = f"{pool.name}/{answer.model}"
         usage = usage_of(answer.body) if answer.status < 400 else None
         if self._usage is not None:
-            self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, None, model, "/v1" + path,
-                             answer.status, False, usage, auth_key_id=None if principal is None else principal.id,
+            duration = None if answer.seconds is None else round(answer.seconds * 1e6) / 1000  # (ms, as the ledger's)
+            self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, answer.replica, model,
+                             "/v1" + path, answer.status, False, usage, duration,
+                             auth_key_id=None if principal is None else principal.id,
                              user_path=None if principal is None else principal.user_path)
         if self._gate is not None:
             self._gate.charge(principal, model, usage)
@@ -698,7 +703,7 @@ class BatchRunner(Service):
                 continue
             upstream_id = response.headers.getRawHeaders(b"x-request-id", [request_id.encode("ascii")])[0]
             return _Answer(response.code, upstream_id.decode("latin-1"), fetched.body, fetched.upstream,
-                           fetched.model)
+                           fetched.model, fetched.replica, fetched.seconds)
 
     def _sleep(self, seconds):
         return deferLater(self._clock, seconds, lambda: None)

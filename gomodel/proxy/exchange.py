@@ -122,15 +122,19 @@ class Fetched:
     @ivar body: its body (at most L{RESPONSE_BODY_LIMIT} bytes for a success, L{ERROR_BODY_LIMIT} for an error).
     @ivar upstream: the pool that answered: the call's, or one of its C{fallbacks}' providers.
     @ivar model: the upstream model sent to it.
+    @ivar replica: the index of the replica of C{upstream} that answered.
+    @ivar seconds: from its send to the whole answer read.
     """
 
-    __slots__ = ("response", "body", "upstream", "model")
+    __slots__ = ("response", "body", "upstream", "model", "replica", "seconds")
 
-    def __init__(self, response, body, upstream, model):
+    def __init__(self, response, body, upstream, model, replica=None, seconds=None):
         self.response = response
         self.body = body
         self.upstream = upstream
         self.model = model
+        self.replica = replica
+        self.seconds = seconds
 
 
 class _BrokeOff(Exception):
@@ -278,9 +282,10 @@ class Exchange:
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
             body = await self.read(upstream, response, limit)
+            seconds = self._clock.seconds() - sent
             if response.code < 300:
-                took = self._clock.seconds() - sent
-            return Fetched(response, body, upstream, model)
+                took = seconds
+            return Fetched(response, body, upstream, model, replica.index, seconds)
         except BaseException as e:
             if trace is not None:
                 trace.failed(_error_type(e))
