@@ -63,3 +63,25 @@ def like_pattern(text: str) -> str:
     """A C{LIKE ... ESCAPE '\\'} pattern matching the values that hold C{text} as it is (its C{%}, C{_} and
     backslashes too)."""
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def usage_where(start, end, filters, clauses, mark, below):
+    """The C{WHERE} clauses and their arguments of a usage window C{[start, end)} and C{filters}
+    (L{gomodel.store.interfaces.IUsageStore.log}'s), in one SQL dialect.
+
+    @param clauses: filter name -> its clause, with the dialect's C{mark} for each argument.
+    @param mark: the dialect's placeholder (C{?}, C{%s}).
+    @param below: C{below(path)}, the arguments of the C{user_path} clause (the path and those under it).
+    """
+    where, args = [f"timestamp >= {mark}", f"timestamp < {mark}"], [start, end]
+    for name, value in filters.items():
+        where.append(clauses[name])
+        if name == "provider":
+            args += [value, value]
+        elif name == "user_path":
+            args += below(value)
+        elif name == "search":
+            args.append(like_pattern(value))
+        elif name != "keyless":  # (the master key's, or an open gateway's: no argument)
+            args.append(value)
+    return where, args

@@ -5,7 +5,7 @@ from psycopg.rows import dict_row
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
-from gomodel.store.codec import like_pattern
+from gomodel.store.codec import usage_where
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -156,20 +156,12 @@ class PostgreSQLUsageStore:
 
 def _where(start, end, filters):
     """The C{WHERE} clauses and their arguments of a window and C{filters} (L{IUsageStore.log}'s)."""
-    where, args = ["timestamp >= %s", "timestamp < %s"], [start, end]
-    for name, value in filters.items():
-        where.append(_FILTERS[name])
-        if name == "provider":
-            args += [value, value]
-        elif name == "user_path":
-            args += [value, value.rstrip("/") + "/"]
-        elif name == "search":
-            args.append(like_pattern(value))
-        elif name == "keyless":  # (the master key's, or an open gateway's)
-            pass
-        else:
-            args.append(value)
-    return where, args
+    return usage_where(start, end, filters, _FILTERS, "%s", _below)
+
+
+def _below(path) -> list:
+    """The arguments of the C{user_path} clause: the path and everything under it."""
+    return [path, path.rstrip("/") + "/"]
 
 
 def _totals(row) -> dict:

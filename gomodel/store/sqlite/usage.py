@@ -3,7 +3,7 @@ store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thr
 
 from zope.interface import implementer
 
-from gomodel.store.codec import like_pattern
+from gomodel.store.codec import usage_where
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -137,21 +137,13 @@ _PERCENTILES = ("SELECT k, rn, n, v FROM (SELECT k, v, ROW_NUMBER() OVER (PARTIT
 
 def _where(start, end, filters):
     """The C{WHERE} clauses and their arguments of a window and C{filters} (L{IUsageStore.log}'s)."""
-    where, args = ["timestamp >= ?", "timestamp < ?"], [start, end]
-    for name, value in filters.items():
-        where.append(_FILTERS[name])
-        if name == "provider":
-            args += [value, value]
-        elif name == "user_path":  # the path and everything under it
-            below = value.rstrip("/") + "/"
-            args += [value, len(below), below]
-        elif name == "search":
-            args.append(like_pattern(value))
-        elif name == "keyless":  # (the master key's, or an open gateway's)
-            pass
-        else:
-            args.append(value)
-    return where, args
+    return usage_where(start, end, filters, _FILTERS, "?", _below)
+
+
+def _below(path) -> list:
+    """The arguments of the C{user_path} clause: the path and everything under it."""
+    below = path.rstrip("/") + "/"
+    return [path, len(below), below]
 
 
 def _totals(row) -> dict:
