@@ -418,6 +418,36 @@ async def test_background_responses_are_refreshed_and_cancelled_at_their_instanc
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_response_deleted_while_a_read_asks_its_instance_stays_deleted(reactor, http, gateway, fake,
+                                                                                monkeypatch):
+    """(before: the read's answer, stored when its instance answered, brought the deleted response back)"""
+    from twisted.internet.defer import Deferred
+
+    from gomodel.api.responses import ResponsesRoute
+
+    created = json.loads(await (await http.post(gateway.url + "/v1/responses", json={
+        "model": MODEL, "input": "long job", "background": True})).content())
+    asked, gate, refreshed = Deferred(), Deferred(), ResponsesRoute._refreshed
+
+    async def held(route, *args):
+        if not asked.called:
+            asked.callback(None)
+        await gate
+        return await refreshed(route, *args)
+
+    monkeypatch.setattr(ResponsesRoute, "_refreshed", held)
+    read = http.get(f"{gateway.url}/v1/responses/{created['id']}")
+    await asked  # the read asks the instance...
+    deleted = await http.delete(f"{gateway.url}/v1/responses/{created['id']}")  # ...and the response is deleted
+    assert deleted.code == 200
+    fake.stored_responses[created["id"]]["status"] = "completed"
+    gate.callback(None)
+    assert (await read).code == 200  # (the read had found it)
+    again = await http.get(f"{gateway.url}/v1/responses/{created['id']}")
+    assert again.code == 404, await again.content()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_background_response_that_is_not_to_be_stored_is_a_400(client, fake):
     """It could never be read back (before: a translating provider answered it 200, done, and a vLLM its own
     400)."""

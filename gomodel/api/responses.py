@@ -62,6 +62,7 @@ class ResponsesRoute:
         self._gate = gate
         self._no_native = {}  # provider name -> time until which we translate without asking
         self._refreshing = {}  # response id -> its refresh from its instance (a Deferred), until its answer is stored
+        self._deleted = set()  # ids deleted while their refresh was under way: its answer is not stored back
         # (a service: started and stopped with the store's users)
         self.watch = BackgroundWatch(clock, store, registry, self.refresh, usage, gate) if store is not None else None
 
@@ -283,6 +284,8 @@ class ResponsesRoute:
         await self._record(request, response_id)
         if not await self._store.delete(response_id):
             raise unknown_response(response_id)
+        if response_id in self._refreshing:
+            self._deleted.add(response_id)
         return json_answer(request, {"id": response_id, "object": "response", "deleted": True})
 
     async def input_items(self, request, response_id):
@@ -370,6 +373,8 @@ class ResponsesRoute:
             fresh = None
         elif fresh.__class__ is not dict or fresh.get("id") != record["id"]:
             fresh = None  # (not this response)
+        if record["id"] in self._deleted:
+            keep = False
         (self._update(record, fresh) if keep else succeed(None)).addBoth(self._forget, record["id"])
         if fresh is not None and fresh.get("status") not in UNFINISHED:
             self.watch.over(record, fresh)
@@ -378,6 +383,7 @@ class ResponsesRoute:
     def _forget(self, _, response_id):
         """Forget the refresh of C{response_id} (its answer is stored: reads from now on find it there)."""
         del self._refreshing[response_id]
+        self._deleted.discard(response_id)
 
     async def _refreshed(self, request_id, trace, provider, record):
         """C{record}'s background response as its instance (C{provider}'s replica) has it now, or None when it
