@@ -1031,3 +1031,31 @@ def test_read_says_what_windows_and_slots_hold_and_takes_nothing(limiter, counte
     changed = ("key:k", RateLimit(rpm=30, tpm=600, concurrent=2))  # lowered: what was used stays used (as admit)
     assert fired(limiter.read([changed]))[0] == ({(60, False): 29.0, (60, True): 470.0}, 0)  # (58 + 2 s at 0.5/s - 30)
     assert fired(limiter.read([])) == []
+
+
+def test_what_the_limiter_and_the_salts_keep_per_key_is_bounded(monkeypatch):
+    """Keys come and go for the life of a process: a deleted key's scope plan, its shared buckets' levels and
+    its tenant's salt were kept for ever (a leak hunt's finding); past a bound they are dropped, made again
+    when asked."""
+    from twisted.internet.task import Clock
+
+    from gomodel.auth import tenancy
+    from gomodel.limits import limiter as limiter_module
+    from gomodel.limits.counters import LocalCounters
+    from gomodel.limits.limiter import Limiter
+    from gomodel.limits.specs import RateLimit
+
+    monkeypatch.setattr(limiter_module, "KEPT", 10)
+    monkeypatch.setattr(tenancy, "SALTS_KEPT", 10)
+    clock = Clock()
+    limiter = Limiter(LocalCounters(clock), clock)
+    limiter._seen = {}  # (as on shared counters)
+    for i in range(100):
+        plan = limiter._plan_of(f"key:k{i}", RateLimit(rpm=10))
+        limiter._saw(plan[1], [5.0] * len(plan[1]))
+    assert len(limiter._plans) <= 11 and len(limiter._seen) <= 11 + len(plan[1])
+    salts = tenancy.CacheSalts("tenant", secret="s")
+    first = salts.salt("key:k0")
+    for i in range(100):
+        salts.salt(f"key:k{i}")
+    assert len(salts._salts) <= 11 and salts.salt("key:k0") == first  # (the same salt, made again)

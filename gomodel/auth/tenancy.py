@@ -20,6 +20,7 @@ import os
 from twisted.logger import Logger
 
 SALTED_PROVIDER_TYPES = frozenset(("vllm",))
+SALTS_KEPT = 100000  # tenants' salts kept (a deleted key's tenant leaves its own behind): past it, made again
 
 
 def tenant_of(principal):
@@ -60,6 +61,8 @@ class CacheSalts:
         """The salt of C{tenant} (stable for the same secret)."""
         salt = self._salts.get(tenant)
         if salt is None:
+            if len(self._salts) > SALTS_KEPT:  # (tenants of keys since deleted: made again when asked)
+                self._salts.clear()
             salt = self._salts[tenant] = hmac.new(self._key, tenant.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
         return salt
 

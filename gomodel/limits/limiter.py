@@ -28,6 +28,9 @@ from gomodel._twistedcompat import header_name
 from gomodel.errors import RateLimitExceeded
 from gomodel.limits.counters import INF
 
+# The most scopes' plans, and shared buckets' levels seen, kept (a key deleted leaves its own behind): past it
+# they are dropped and made again as they are used.
+KEPT = 100000
 _NAMES = {60: "min", 3600: "hour", 86400: "day"}
 _SHORT = {60: "M", 3600: "H", 86400: "D"}
 
@@ -127,6 +130,8 @@ class Limiter:
     def _plan_of(self, scope, limit):
         plan = self._plans.get(scope)
         if plan is None or (plan[0] is not limit and plan[0] != limit):
+            if len(self._plans) > KEPT:  # (scopes of keys since deleted: made again when asked)
+                self._plans.clear()
             plan = self._plans[scope] = _plan(scope, limit)
         return plan
 
@@ -201,6 +206,8 @@ class Limiter:
         """Note the C{levels} shared counters answered for C{buckets} (this process's view, for L{saturated})."""
         now = self.clock.seconds()
         seen = self._seen
+        if len(seen) > KEPT:  # (buckets of keys since deleted; a bucket not seen again reads as unknown)
+            seen.clear()
         for b, level in zip(buckets, levels):
             seen[b.name] = (level, now)
 
