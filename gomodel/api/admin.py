@@ -15,7 +15,6 @@ from gomodel.api.windows import DAY, day, window
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
 from gomodel.http.render import install as install_error_handlers
-from gomodel.routing.selectors import qualified
 from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
 
 # usage/timeseries windows: (bucket seconds, buckets)
@@ -71,17 +70,14 @@ class AdminAPI:
     def models(self, request):
         """What is routable: every model with its provider's type and name (virtual models included)."""
         data = []
-        virtual = self._registry.virtual_models()
-        shadowed = {model["id"] for model in virtual}  # (a provider's model a virtual one is named as)
         for pool in self._registry.providers:
             ready = sum(1 for r in pool.replicas if r.ready)
             data.extend({"id": name, "provider": pool.type, "provider_name": pool.name, "ready_replicas": ready}
-                        for name in (qualified(pool.name, upstream_id)
-                                     for upstream_id in self._registry.inventory(pool) or ()) if name not in shadowed)
+                        for name, _ in self._registry.provider_models(pool))
         # (a virtual model's targets say where it goes; told apart by the registry, not by its owned_by, which
         # a provider named "gomodel" shares)
         data.extend({"id": model["id"], "provider": "virtual", "provider_name": None, "targets": model["targets"]}
-                    for model in virtual)
+                    for model in self._registry.virtual_models())
         return json_answer(request, {"object": "list", "data": data})
 
     @app.route("/runtime/refresh", methods=["POST"])

@@ -98,12 +98,16 @@ class ModelRegistry:
         return d
 
     def _check_ready(self):
-        if self._ready_waiters and all(self.inventory(pool) is not None and pool.settled
-                                       or all(r.checked for r in pool.replicas) for pool in self._pools) \
+        if self._ready_waiters and all(self._discovered(pool) for pool in self._pools) \
                 and (not self._pools or any(self.inventory(pool) is not None for pool in self._pools)):
             waiting, self._ready_waiters = self._ready_waiters, []
             for d in waiting:
                 d.callback(None)
+
+    def _discovered(self, pool) -> bool:
+        """Whether discovery has run for C{pool}: its models are known and its replicas checked
+        (L{gomodel.routing.pool.ReplicaPool.settled}), or every replica failed its first checks."""
+        return self.inventory(pool) is not None and pool.settled or all(r.checked for r in pool.replicas)
 
     # -- queries --------------------------------------------------------------
 
@@ -112,16 +116,22 @@ class ModelRegistry:
         (a virtual model named as a provider's model is what that name reaches: listed once, as virtual)."""
         out = []
         for pool in self._pools:
-            for upstream_id, model in (self.inventory(pool) or {}).items():
+            for name, model in self.provider_models(pool):
                 entry = dict(model)
-                entry["id"] = name = qualified(pool.name, upstream_id)
-                if name in self._virtual:
-                    continue
+                entry["id"] = name
                 entry["object"] = "model"
                 entry["owned_by"] = pool.name
                 out.append(entry)
         out.extend(self.virtual_models())
         return out
+
+    def provider_models(self, pool):
+        """C{(qualified id, model object)} of each model C{pool} serves under its own name: one a virtual model
+        is named as is what that name reaches, the virtual model (listed by L{virtual_models})."""
+        for upstream_id, model in (self.inventory(pool) or {}).items():
+            name = qualified(pool.name, upstream_id)
+            if name not in self._virtual:
+                yield name, model
 
     def virtual_models(self) -> list:
         """The virtual models' entries of L{models}: C{owned_by} C{gomodel} (as a provider of that name's
