@@ -233,12 +233,8 @@ class Exchange:
         """
         if call.vet is not None:
             await call.vet(response)
-        if call.raw:  # a passthrough: its usage is read from the end of what went by (or its metadata)
-            tap = None
-            if ctx.recorded:
-                tap = UsageTap(is_event_stream(response))
-                ctx.usage = metadata_usage(response)
-            return await self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
+        if call.raw:  # a passthrough
+            return await self._relay_raw(request, ctx, upstream, response, is_event_stream(response))
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -251,13 +247,8 @@ class Exchange:
         if body is None:
             if (call.transform is None and response.length is not UNKNOWN_LENGTH
                     and response.length > RESPONSE_BODY_LIMIT):
-                # Too large to hold (a big batch's embeddings), nothing to change in it: relayed as it comes,
-                # byte for byte, its usage read from its end (or its metadata).
-                tap = None
-                if ctx.recorded:
-                    tap = UsageTap()
-                    ctx.usage = metadata_usage(response)
-                return await self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
+                # Too large to hold (a big batch's embeddings), nothing to change in it: relayed as it comes.
+                return await self._relay_raw(request, ctx, upstream, response)
             try:
                 body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
             except UpstreamUnreachable as e:
@@ -497,6 +488,15 @@ class Exchange:
         request.responseHeaders.put(CONTENT_LENGTH, b"%d" % len(body))
         ctx.first_byte_written()
         return body
+
+    def _relay_raw(self, request, ctx, upstream, response, events=False):
+        """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
+        from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer)."""
+        tap = None
+        if ctx.recorded:
+            tap = UsageTap(events)
+            ctx.usage = metadata_usage(response)
+        return self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
 
     async def _relay_stream(self, request, ctx, upstream, response, observer, keep_length=False):
         """Relay a body with flow control as it comes; return None when done.

@@ -109,7 +109,7 @@ class StreamRelay(Protocol):
         self.client_gone = False
         self.upstream_done = False
         self.end_written = False
-        self._wrote = False
+        self.wrote = False  # some of the body went to the client (its head with it; what the observer dropped is none)
         self.rejected = False  # the observer refused what the upstream sent (an event that is none)
         self.finished = Deferred(self._cancelled)
         self._idle_call = None
@@ -120,12 +120,6 @@ class StreamRelay(Protocol):
         self._eager = EAGER_DELIVERIES
         self._last_delivery = 0.0
         self._max_call = clock.callLater(max_duration, self._fail, StreamTooLong()) if max_duration else None
-
-    @property
-    def wrote(self) -> bool:
-        """Whether any of the body went to the client (bytes the observer turned into nothing, an SSE comment
-        of a translated stream, are none): the answer's head goes out with it."""
-        return self._wrote
 
     # -- upstream side (IProtocol) -------------------------------------------
 
@@ -175,8 +169,8 @@ class StreamRelay(Protocol):
             self._fail(e)
             return None
         if out:
-            if not self._wrote:
-                self._wrote = True
+            if not self.wrote:
+                self.wrote = True
                 if self._first_write is not None:
                     self._first_write()
                     self._first_write = None
