@@ -60,17 +60,16 @@ class SelfUsage:
         """
         start, end = window(request, self._clock, DAYS_MAX, span_limited=True)
         principal = request.context.principal
-        if principal is None:  # (an open gateway: the header names the path asked for)
-            values = plain_headers(request.requestHeaders).get(X_GOMODEL_USER_PATH)
-            path = header_user_path(values) if values else "/"
-            filters = {} if path == "/" else {"user_path": path}
-        elif principal.master:  # (the header's path, which the request is attributed to: see GatewayAuth)
-            path = principal.user_path or "/"
-            filters = {} if path == "/" else {"user_path": path}
-        else:  # a managed key sees its own, whatever path it attributes its requests to
-            principal = principal.base
+        if principal is not None and not principal.master:  # a managed key sees its own
             path = principal.user_path
             filters = {"user_path": path} if path else {"key": principal.id}
+        else:
+            if principal is not None:  # the master key: the header's path, its request attributed to (GatewayAuth)
+                path = principal.user_path or "/"
+            else:  # an open gateway: the header names the path asked for
+                values = plain_headers(request.requestHeaders).get(X_GOMODEL_USER_PATH)
+                path = header_user_path(values) if values else "/"
+            filters = {} if path == "/" else {"user_path": path}
         now = self._clock.seconds()
         usage = None
         if self._usage is not None:

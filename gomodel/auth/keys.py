@@ -78,7 +78,7 @@ class Principal:
         self.own_cache_salt = own_cache_salt
         self.cache_key = id
         self.base = self  # the principal it was attributed from (L{attributed}), else itself
-        self.limited = not master
+        self.limited = not master or user_path is not None
 
     def attributed(self, user_path):
         """This principal's requests attributed to C{user_path} (C{X-GoModel-User-Path}, for the master key):
@@ -91,7 +91,6 @@ class Principal:
         copy.tenant = self.tenant  # (the header never changes whose objects it sees)
         copy.cache_key = f"{self.id} {user_path}"
         copy.base = self
-        copy.limited = True
         return copy
 
     @classmethod
