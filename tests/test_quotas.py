@@ -584,36 +584,42 @@ def _redis_or_skip():
     return client
 
 
-@pytest_twisted.ensureDeferred
-async def test_two_gateways_on_redis_share_one_limit_exactly(reactor, http, fake, tmp_path):
+@pytest_twisted.async_yield_fixture()
+async def redis_pair(reactor, fake, tmp_path):
+    """Two gateways sharing Redis's counters (skipped without Redis); the counters they made are deleted after."""
     redis_client = _redis_or_skip()
-    prefix_before = set(redis_client.keys("gomodel:limits:*"))
+    before = set(redis_client.keys("gomodel:limits:*"))
     one = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
     two = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
     try:
-        key = await new_key(http, one, rpm=3, budgets=[{"period": "daily", "max_tokens": 1000}])
-        await two.service.keys.refresh()
-        clients = [openai_client(one, key["value"]), openai_client(two, key["value"])]
-        try:
-            answers = 0
-            for i in range(6):
-                try:
-                    await in_thread(raw_chat, clients[i % 2])
-                    answers += 1
-                except openai.RateLimitError:
-                    pass
-            assert answers == 3  # not 3 per process
-        finally:
-            for client in clients:
-                client.close()
+        yield one, two
     finally:
         await one.service.stopService()
         await two.service.stopService()
-        new = set(redis_client.keys("gomodel:limits:*")) - prefix_before
+        new = set(redis_client.keys("gomodel:limits:*")) - before
         if new:
             redis_client.delete(*new)
         redis_client.close()
 
+
+@pytest_twisted.ensureDeferred
+async def test_two_gateways_on_redis_share_one_limit_exactly(http, redis_pair):
+    one, two = redis_pair
+    key = await new_key(http, one, rpm=3, budgets=[{"period": "daily", "max_tokens": 1000}])
+    await two.service.keys.refresh()
+    clients = [openai_client(one, key["value"]), openai_client(two, key["value"])]
+    try:
+        answers = 0
+        for i in range(6):
+            try:
+                await in_thread(raw_chat, clients[i % 2])
+                answers += 1
+            except openai.RateLimitError:
+                pass
+        assert answers == 3  # not 3 per process
+    finally:
+        for client in clients:
+            client.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 
 from tests.support import in_thread, start_gateway
-from tests.test_quotas import MASTER, admin, new_key, raw_chat, start
+from tests.test_quotas import MASTER, admin, new_key, raw_chat, redis_pair, start  # noqa: F401 (a fixture)
 
 
 def usage_client(gw, key, **headers):
@@ -264,33 +264,20 @@ async def test_an_unreadable_usage_store_is_a_503(http, gw, monkeypatch):
 
 
 @pytest_twisted.ensureDeferred
-async def test_with_redis_the_counters_are_read_from_redis(reactor, http, fake, tmp_path):
-    from tests.test_quotas import REDIS_URL, _redis_or_skip
-
-    redis_client = _redis_or_skip()
-    before = set(redis_client.keys("gomodel:limits:*"))
-    one = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
-    two = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
+async def test_with_redis_the_counters_are_read_from_redis(http, redis_pair):
+    one, two = redis_pair
+    key = await new_key(http, one, rpm=10, max_concurrency=3, budgets=[{"period": "daily", "max_tokens": 1000}])
+    await two.service.keys.refresh()
+    assert (await chat(one, key["value"])).http_response.status_code == 200
+    assert (await chat(two, key["value"])).http_response.status_code == 200
+    client = usage_client(two, key["value"])  # either process sees both requests
     try:
-        key = await new_key(http, one, rpm=10, max_concurrency=3, budgets=[{"period": "daily", "max_tokens": 1000}])
-        await two.service.keys.refresh()
-        assert (await chat(one, key["value"])).http_response.status_code == 200
-        assert (await chat(two, key["value"])).http_response.status_code == 200
-        client = usage_client(two, key["value"])  # either process sees both requests
-        try:
-            body = await read(client)
-        finally:
-            client.close()
-        rpm = by_scope(body["rate_limits"], f"key:{key['id']}", period_label="minute")
-        assert (rpm["requests_used"], rpm["requests_remaining"]) == (2, 8)
-        slots = by_scope(body["rate_limits"], f"key:{key['id']}", period_label="concurrent")
-        assert slots["in_flight"] == 0
-        (budget,) = body["budgets"]
-        assert budget["spent"] == 42
+        body = await read(client)
     finally:
-        await one.service.stopService()
-        await two.service.stopService()
-        new = set(redis_client.keys("gomodel:limits:*")) - before
-        if new:
-            redis_client.delete(*new)
-        redis_client.close()
+        client.close()
+    rpm = by_scope(body["rate_limits"], f"key:{key['id']}", period_label="minute")
+    assert (rpm["requests_used"], rpm["requests_remaining"]) == (2, 8)
+    slots = by_scope(body["rate_limits"], f"key:{key['id']}", period_label="concurrent")
+    assert slots["in_flight"] == 0
+    (budget,) = body["budgets"]
+    assert budget["spent"] == 42
