@@ -62,7 +62,7 @@ class ResponsesRoute:
         self._gate = gate
         self._no_native = {}  # provider name -> time until which we translate without asking
         self._refreshing = {}  # response id -> its refresh from its instance (a Deferred), until its answer is stored
-        self._deleted = set()  # ids deleted while their refresh was under way: its answer is not stored back
+        self._deleted = set()  # ids deleted (while their refresh was under way): its answer is not stored back
         # (a service: started and stopped with the store's users)
         self.watch = BackgroundWatch(clock, store, registry, self.refresh, usage, gate) if store is not None else None
 
@@ -358,14 +358,16 @@ class ResponsesRoute:
         provider = self._registry.provider(record["provider"])
         if provider is None:
             return succeed(None)
+        if not keep:  # (an ask under way, shared, stores nothing back either)
+            self._deleted.add(record["id"])
         refresh = self._refreshing.get(record["id"])
         if refresh is None:
             refresh = self._refreshing[record["id"]] = Deferred.fromCoroutine(
                 self._refreshed(request_id, trace, provider, record))
-            refresh.addBoth(self._settle, record, keep)
+            refresh.addBoth(self._settle, record)
         return _branch(refresh)
 
-    def _settle(self, fresh, record, keep=True):
+    def _settle(self, fresh, record):
         """Store C{fresh}, C{record}'s response as its instance has it (None: none; a refresh that failed
         unexpectedly is logged and none), then forget its refresh; C{fresh} goes on to its readers."""
         if isinstance(fresh, Failure):
@@ -373,9 +375,8 @@ class ResponsesRoute:
             fresh = None
         elif fresh.__class__ is not dict or fresh.get("id") != record["id"]:
             fresh = None  # (not this response)
-        if record["id"] in self._deleted:
-            keep = False
-        (self._update(record, fresh) if keep else succeed(None)).addBoth(self._forget, record["id"])
+        stored = succeed(None) if record["id"] in self._deleted else self._update(record, fresh)
+        stored.addBoth(self._forget, record["id"])
         if fresh is not None and fresh.get("status") not in UNFINISHED:
             self.watch.over(record, fresh)
         return fresh
