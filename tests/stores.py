@@ -141,12 +141,12 @@ async def put_blob(blobs, blob_id, content):
     return await writer.commit(blob_id)
 
 
-async def add_file(store, content=b"x\n", filename="f.jsonl", purpose="batch"):
+async def add_file(store, content=b"x\n", filename="f.jsonl", purpose="batch", tenant=None):
     from gomodel.store import new_file_id
 
     file_id = new_file_id()
     size = await put_blob(store.blobs, file_id, content)
-    return await store.files.add(file_id, size, filename, purpose)
+    return await store.files.add(file_id, size, filename, purpose, tenant)
 
 
 def batch(batch_id, status="in_progress", **extra):

@@ -67,6 +67,20 @@ async def post_upload(http, gw, body, content_type, headers=AUTH):
 
 
 @pytest_twisted.ensureDeferred
+async def test_deleting_the_files_while_the_sdk_pages_through_them_deletes_them_all(stored_gw):
+    """The SDK asks each next page after the last id of the one before, which was deleted meanwhile."""
+    with openai_client(stored_gw, KEY) as sdk:
+        for n in range(5):
+            await in_thread(sdk.files.create, file=(f"{n}.jsonl", b"{}\n"), purpose="batch")
+
+        def delete_each():
+            return [sdk.files.delete(f.id).deleted for f in sdk.files.list(limit=2)]
+
+        assert await in_thread(delete_each) == [True] * 5
+        assert (await in_thread(sdk.files.list)).data == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_sdk_files_create_list_retrieve_content_delete(sdk, gw):
     data = b'{"custom_id":"a","method":"POST"}\n' * 3
     created = await in_thread(sdk.files.create, file=("input.jsonl", io.BytesIO(data)), purpose="batch")

@@ -77,6 +77,29 @@ async def test_a_cursor_of_another_purpose_places_the_page_where_that_file_is(st
     assert await ids(purpose="batch", after=theirs) == ([], False)  # another tenant's: as unknown
     assert await ids(purpose="batch", after="file-nope") == ([], False)
     assert [r["id"] for r in (await store.files.list(purpose="batch", after=theirs))[0]] == [b5, b3, b1]
-    store.clock.advance(3600)  # the brief one expires: no longer a cursor either
-    assert await ids(purpose="batch", after=brief, order="asc") == ([], False)
+    store.clock.advance(3600)  # the brief one expires: not listed, still a place to start from
+    assert await ids(purpose="user_data") == ([u4, u2], False)
+    assert await ids(purpose="batch", after=brief) == ([b5, b3, b1], False)
     assert await ids(purpose="batch", after=u4) == ([b3, b1], False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_files_place_stays_a_cursor_for_a_day(store):
+    """A client deleting the files it pages through passes the deleted last one's id as the next page's
+    cursor: its place is kept (a day), for its own tenant only."""
+    made = [await add_file(store, b"x\n", f"{n}.jsonl", tenant="path:/a") for n in range(5)]
+    files = store.files
+
+    async def ids(**kwargs):
+        records, has_more = await files.list(**kwargs)
+        return [r["id"] for r in records], has_more
+
+    assert await files.delete(made[3]["id"]) is True
+    assert await ids(after=made[3]["id"], tenant="path:/a") == ([made[2]["id"], made[1]["id"], made[0]["id"]],
+                                                               False)
+    assert await ids(after=made[3]["id"], order="asc", limit=1) == ([made[4]["id"]], False)
+    assert await ids(after=made[3]["id"], tenant="path:/b") == ([], False)  # another tenant's: as unknown
+    store.clock.advance(86400 + 1)
+    assert await files.delete(made[0]["id"]) is True  # a delete forgets places kept longer than a day
+    assert await ids(after=made[3]["id"]) == ([], False)
+    assert await ids(after=made[0]["id"], order="asc") == ([made[1]["id"], made[2]["id"], made[4]["id"]], False)

@@ -22,6 +22,10 @@ from zope.interface import Attribute, Interface
 from gomodel.store.records import TERMINAL, UNFINISHED  # noqa: F401 (re-exported)
 
 
+# How long a deleted file's place in the list order stays a cursor (seconds).
+KEEP_DELETED = 86400
+
+
 class IFileStore(Interface):
     """File metadata (the contents live in an L{IBlobStore}, under the file's id)."""
 
@@ -40,7 +44,8 @@ class IFileStore(Interface):
         """List files (not those expired), newest first for C{order="desc"}, oldest first for C{"asc"}.
 
         @param after: a file id: only files after it in that order are listed, whatever its
-            purpose (an unknown id, one expired or another tenant's, lists nothing).
+            purpose, also once it expired or was deleted (up to L{KEEP_DELETED} ago); an unknown id or
+            another tenant's lists nothing.
         @return: a Deferred firing with C{(records, has_more)}.
         """
 

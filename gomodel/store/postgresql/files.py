@@ -3,7 +3,7 @@
 from psycopg.rows import dict_row
 from zope.interface import implementer
 
-from gomodel.store.interfaces import IFileStore
+from gomodel.store.interfaces import KEEP_DELETED, IFileStore
 
 FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "tenant")
 _SELECT = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
@@ -56,10 +56,13 @@ class PostgreSQLFileStore:
             where.append("tenant = %s")
             args.append(tenant)
         if after is not None:
-            # The cursor is a file this key may see, of any purpose: its place in the order is where the
-            # page starts (OpenAI's cursor). Another tenant's id, or an expired one, is as unknown.
-            row = conn.execute(f"SELECT seq FROM files WHERE {' AND '.join(['id = %s', *where])}",
-                               (after, *args)).fetchone()
+            # The cursor is a file this key may see or saw, of any purpose: its place in the order is where
+            # the page starts (OpenAI's cursor), also once it expired or was deleted (a client deleting the
+            # files it pages through). Another tenant's id is as unknown.
+            mine, whose = ("", ()) if tenant is None else (" AND tenant = %s", (tenant,))
+            row = conn.execute(f"SELECT seq FROM files WHERE id = %s{mine} "
+                               f"UNION ALL SELECT seq FROM deleted_files WHERE id = %s{mine}",
+                               (after, *whose, after, *whose)).fetchone()
             if row is None:
                 return [], False
             where.append("seq < %s" if order == "desc" else "seq > %s")
@@ -73,11 +76,19 @@ class PostgreSQLFileStore:
         return rows[:limit], len(rows) > limit
 
     def delete(self, file_id):
-        return self._db.run(self._delete, file_id)
+        return self._db.run(self._delete, file_id, int(self._db.now()))
 
     @staticmethod
-    def _delete(conn, file_id):
-        return conn.execute("DELETE FROM files WHERE id = %s", (file_id,)).rowcount > 0
+    def _delete(conn, file_id, now):
+        with conn.transaction():
+            gone = conn.execute("DELETE FROM files WHERE id = %s RETURNING seq, tenant", (file_id,)).fetchone()
+            if gone is None:
+                return False
+            conn.execute("DELETE FROM deleted_files WHERE deleted_at < %s", (now - KEEP_DELETED,))
+            conn.execute("INSERT INTO deleted_files (id, seq, tenant, deleted_at) VALUES (%s, %s, %s, %s) "
+                         "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, tenant = excluded.tenant, "
+                         "deleted_at = excluded.deleted_at", (file_id, *gone, now))
+        return True
 
     def expired(self, limit=1000):
         return self._db.run(self._expired, int(self._db.now()), limit)

@@ -176,6 +176,16 @@ MIGRATIONS = (
         # A batch's output_expires_after[seconds]: its output and error files expire that long after written.
         "ALTER TABLE batches ADD COLUMN output_expires_after BIGINT",
     )),
+    (8, (
+        # A deleted file's place in the list order, kept a day: a client paging while it deletes the files
+        # it lists passes the last one's id as the next page's cursor.
+        """CREATE TABLE deleted_files (
+            id TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL,
+            tenant TEXT,
+            deleted_at BIGINT NOT NULL
+        )""",
+    )),
 )
 
 

@@ -2,7 +2,7 @@
 
 from zope.interface import implementer
 
-from gomodel.store.interfaces import IFileStore
+from gomodel.store.interfaces import KEEP_DELETED, IFileStore
 from gomodel.store.sqlite.rows import marks
 
 FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "tenant")
@@ -53,10 +53,13 @@ class SQLiteFileStore:
             where.append("tenant = ?")
             args.append(tenant)
         if after is not None:
-            # The cursor is a file this key may see, of any purpose: its place in the order is where the
-            # page starts (OpenAI's cursor). Another tenant's id, or an expired one, is as unknown.
-            row = conn.execute(f"SELECT seq FROM files WHERE {' AND '.join(['id = ?', *where])}",
-                               (after, *args)).fetchone()
+            # The cursor is a file this key may see or saw, of any purpose: its place in the order is where
+            # the page starts (OpenAI's cursor), also once it expired or was deleted (a client deleting the
+            # files it pages through). Another tenant's id is as unknown.
+            mine, whose = ("", ()) if tenant is None else (" AND tenant = ?", (tenant,))
+            row = conn.execute(f"SELECT seq FROM files WHERE id = ?{mine} "
+                               f"UNION ALL SELECT seq FROM deleted_files WHERE id = ?{mine}",
+                               (after, *whose, after, *whose)).fetchone()
             if row is None:
                 return [], False
             where.append("seq < ?" if order == "desc" else "seq > ?")
@@ -70,11 +73,17 @@ class SQLiteFileStore:
         return [dict(r) for r in rows[:limit]], len(rows) > limit
 
     def delete(self, file_id):
-        return self._db.run(self._delete, file_id)
+        return self._db.run(self._delete, file_id, int(self._db.now()))
 
-    def _delete(self, file_id):
+    def _delete(self, file_id, now):
         with self._db.transaction() as conn:
-            return conn.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+            gone = conn.execute("DELETE FROM files WHERE id = ? RETURNING seq, tenant", (file_id,)).fetchone()
+            if gone is None:
+                return False
+            conn.execute("DELETE FROM deleted_files WHERE deleted_at < ?", (now - KEEP_DELETED,))
+            conn.execute("INSERT OR REPLACE INTO deleted_files (id, seq, tenant, deleted_at) VALUES (?, ?, ?, ?)",
+                         (file_id, *gone, now))
+        return True
 
     def expired(self, limit=1000):
         return self._db.run(self._expired, int(self._db.now()), limit)
