@@ -513,6 +513,24 @@ async def test_a_background_response_nobody_reads_is_charged_once_it_is_over(rea
         client.close()
 
 
+@pytest.mark.parametrize("status, usage, recorded", [
+    ("failed", {"input_tokens": 19, "output_tokens": 1, "total_tokens": 20}, (502, 20)),
+    ("cancelled", None, (499, 0)),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_background_response_that_failed_or_was_cancelled_is_recorded_so(reactor, http, gw, fake, status,
+                                                                                  usage, recorded):
+    """Before: recorded as a 200 when it had usage, not at all when it had none."""
+    key, client, created = await _done_in_background(http, gw, fake)
+    fake.stored_responses[created.id].update(status=status, usage=usage)
+    try:
+        assert await _logged(reactor, http, gw, [0, recorded[1]]) == [0, recorded[1]]
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        assert sorted((r["status_code"], r["total_tokens"] or 0) for r in log["data"]) == [(200, 0), recorded]
+    finally:
+        client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_read_by_the_master_key_is_charged_to_the_key_that_made_it(
         reactor, http, gw, fake):

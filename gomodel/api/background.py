@@ -5,8 +5,8 @@ A background create is answered C{queued}, without usage; its instance (vLLM kee
 it. The creating process asks that instance every few seconds (L{WATCH_DELAYS}; reads of the response in
 this process share those asks) and, the first time it finds the response over (C{completed}, C{failed},
 C{cancelled}, C{incomplete}: found by its own ask, a read here, or another process's read that stored
-it), records its usage in the ledger under the create's request id and charges the creating key's
-budgets with it. Reads never charge: two processes reading at once cannot charge it twice, and the
+it), records it in the ledger under the create's request id (a failed one as a 502, a cancelled one as
+a 499, with what usage it has) and charges the creating key's budgets with its usage. Reads never charge: two processes reading at once cannot charge it twice, and the
 master key reading a managed key's response does not keep it from being charged. A response deleted while
 it runs (a DELETE forgets the gateway's copy, not the run) is still asked after, nothing stored back. A
 response whose creating process stops before it is over is not charged.
@@ -18,6 +18,9 @@ from twisted.logger import Logger
 from gomodel.accounting.usage import recorded_as
 
 UNFINISHED = ("queued", "in_progress")
+# The status a response over but not answered is recorded with (as an unanswered request's would be):
+# its instance failed it, or it was cancelled before it ended. Completed and incomplete ones are 200s.
+RECORDED_STATUS = {"failed": 502, "cancelled": 499}
 WATCH_DELAYS = (1.0, 2.0, 5.0)  # seconds before each ask: the first ones, then the last for ever
 WATCH_LIMIT = 86400.0  # a response still not over after this long is no longer watched (nor charged)
 
@@ -67,12 +70,13 @@ class BackgroundWatch(Service):
             usage = None
         model = response.get("model")
         qualified = f"{record['provider']}/{model}" if model.__class__ is str else None
-        if self._usage is not None and usage is not None:
+        if self._usage is not None:
             provider = self._registry.provider(record["provider"])
             key_id, user_path = recorded_as(watched.principal)
             self._usage.keep(watched.request_id.decode("ascii"), self._clock.seconds(),
                              provider.type if provider is not None else None, record["provider"], record.get("replica"),
-                             qualified, "/v1/responses", 200, False, usage, auth_key_id=key_id, user_path=user_path)
+                             qualified, "/v1/responses", RECORDED_STATUS.get(response.get("status"), 200), False,
+                             usage, auth_key_id=key_id, user_path=user_path)
         if self._gate is not None:
             self._gate.charge(watched.principal, qualified, usage)
 
