@@ -46,7 +46,7 @@ from gomodel.upstream import build_server
 from gomodel.upstream.client import POOL_SWEEP, CachingEndpointFactory, RelayClient, make_pool
 
 def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None,
-                  shared_metrics=False) -> GatewayService:
+                  shared_metrics=False, worker_logs=None) -> GatewayService:
     """The whole gateway for C{config}, not started.
 
     @param role: C{"single"} (one process), C{"primary"} (listens, deals its
@@ -56,6 +56,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         connections it passes on).
     @param shared_metrics: the processes share prometheus_client's multiprocess
         directory (set up by L{gomodel.tap}): every scrape sums them.
+    @param worker_logs: a primary's log publisher, which its workers' log events are published in
+        (their C{worker_argv} has them write those for it: L{gomodel.workers.WorkerLog}); or None: the
+        workers write to its standard output.
     """
     gateway = GatewayService(config, reactor)
     if config.metrics.otel_enabled:  # OpenTelemetry (its SDK imported only now): started before the listeners
@@ -212,7 +215,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
 
         gateway.supervisor = WorkerSupervisor(reactor, config.server.workers, handoff, worker_argv,
                                               worker_env, grace=config.server.shutdown_timeout + STOP_GRACE,
-                                              dead=forget_process if shared_metrics else None)
+                                              dead=forget_process if shared_metrics else None,
+                                              publish=worker_logs)
         gateway.supervisor.setServiceParent(gateway)
     return gateway
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
-                            formatEvent, formatEventAsClassicLogText, formatTime)
+                            formatEvent, formatEventAsClassicLogText, formatTime, jsonFileLogObserver)
 from zope.interface import implementer
 
 from gomodel import jsonutil
@@ -190,6 +190,13 @@ def log_observer(log_format, level, out=None, classic=False, clock=None, twistd=
         observer = JSONLineObserver(out) if log_format == "json" else text_observer(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level or "info"])
     return FilteringLogObserver(observer, [predicate])
+
+
+def to_primary():
+    """A worker's log observer (twistd's C{--logger}, named by a primary that logs elsewhere than its standard
+    output): each event as Twisted's JSON line on standard output, a pipe the primary reads, publishing each
+    in its own log (L{gomodel.workers.WorkerLog})."""
+    return jsonFileLogObserver(sys.__stdout__)
 
 
 def log_failure(log, failure, what, **fields):

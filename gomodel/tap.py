@@ -118,10 +118,16 @@ def makeService(options):
         gateway = build_gateway(config, reactor, role="worker",
                                 shared_metrics="PROMETHEUS_MULTIPROC_DIR" in os.environ)
     elif primary:
+        from twisted.logger import globalLogPublisher
+
         from gomodel.workers import worker_argv
 
-        gateway = build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv),
-                                worker_env=os.environ, shared_metrics=config.metrics.enabled)
+        # A primary whose lines go elsewhere than its standard output (twistd's --logfile, --syslog, --logger)
+        # publishes its workers' events in its own log; otherwise they write to that output themselves.
+        forward = getattr(options, "parent", None) is not None and not options.stdout_log
+        gateway = build_gateway(config, reactor, role="primary", worker_argv=worker_argv(options.argv, forward),
+                                worker_env=os.environ, shared_metrics=config.metrics.enabled,
+                                worker_logs=globalLogPublisher if forward else None)
     else:
         gateway = build_gateway(config, reactor)
     gateway.stdout_log = options.stdout_log

@@ -21,13 +21,16 @@ from twisted.application.service import Service
 from twisted.internet import protocol, stdio
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.main import CONNECTION_DONE
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, eventFromJSON
 
 RESTART_DELAY = 1.0
 STOP_GRACE = 10.0
 HANDOFF_FD = 3  # a worker's end of its channel to the primary
 _READY = b"r"  # a worker to the primary: hand me connections
 _FAMILIES = {b"4": socket.AF_INET, b"6": socket.AF_INET6}
+# A worker's logger (twistd's --logger) when its primary logs elsewhere than standard output: see WorkerLog.
+WORKER_LOGGER = "gomodel.logs.to_primary"
+_LINE_LIMIT = 1 << 20  # bytes of a worker's output held waiting for the end of its line
 
 
 class Handoff(protocol.ServerFactory):
@@ -218,15 +221,76 @@ class HandedConnections(Service):
             self._sock.close()
 
 
+class WorkerLog:
+    """What a worker writes, published in the primary's log (which goes where twistd's C{--logfile},
+    C{--syslog} or C{--logger} sends it; a worker's own standard output is the primary's, which such a
+    primary no longer writes to). Its standard output carries its events as Twisted's JSON lines
+    (L{gomodel.logs.to_primary}); anything else on it, or on its standard error (a traceback before its
+    logging began), is published line by line as that worker's text, at C{error} level from standard error.
+    """
+
+    def __init__(self, publish, number, clock):
+        """
+        @param publish: the primary's log publisher (C{globalLogPublisher}), called with each event.
+        @param number: the worker's number (each event gets it as its C{worker} field).
+        @param clock: the time of a line that is not an event.
+        """
+        self._publish = publish
+        self._number = number
+        self._clock = clock
+        self._held = {1: b"", 2: b""}
+
+    def received(self, fd, data):
+        """C{data} came on the worker's descriptor C{fd} (1 or 2): publish each whole line of it."""
+        lines = (self._held[fd] + data).split(b"\n")
+        held = lines.pop()
+        if len(held) > _LINE_LIMIT:  # no line end in sight: published as it is
+            lines.append(held)
+            held = b""
+        self._held[fd] = held
+        for line in lines:
+            self._line(fd, line)
+
+    def ended(self):
+        """The worker is gone: publish what it left without a line end."""
+        for fd, held in self._held.items():
+            if held:
+                self._line(fd, held)
+        self._held = {1: b"", 2: b""}
+
+    def _line(self, fd, line):
+        event = None
+        if fd == 1 and line.startswith(b"\x1e"):
+            try:
+                event = eventFromJSON(line[1:].decode("utf-8"))
+            except ValueError:
+                pass
+        if event is None:
+            text = line.decode("utf-8", "replace").rstrip()
+            if not text:
+                return
+            event = {"log_format": "{line}", "line": text, "log_namespace": "gomodel.workers",
+                     "log_level": LogLevel.error if fd == 2 else LogLevel.info, "log_time": self._clock.seconds()}
+        event["worker"] = self._number
+        self._publish(event)
+
+
 class _Worker(protocol.ProcessProtocol):
-    def __init__(self, supervisor, number):
+    def __init__(self, supervisor, number, log=None):
         self.supervisor = supervisor
         self.number = number
         self.pid = None
         self.channel = None  # its WorkerChannel
         self.exited = Deferred()
+        self.log = log  # its WorkerLog, when its output is read here
+
+    def childDataReceived(self, fd, data):
+        if self.log is not None:
+            self.log.received(fd, data)
 
     def processEnded(self, reason):
+        if self.log is not None:
+            self.log.ended()
         self.exited.callback(None)
         self.supervisor.ended(self, reason)
 
@@ -236,7 +300,7 @@ class WorkerSupervisor(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, count: int, handoff, argv, env, grace=STOP_GRACE, dead=None):
+    def __init__(self, reactor, count: int, handoff, argv, env, grace=STOP_GRACE, dead=None, publish=None):
         """
         @param handoff: the primary's L{Handoff} (its listening factory): each worker joins its rotation.
         @param argv: the worker command line (L{worker_argv}).
@@ -245,10 +309,14 @@ class WorkerSupervisor(Service):
         @param grace: seconds a stopping worker gets (its drain) before it is killed.
         @param dead: called with the pid of each worker that exited (prometheus_client's
             C{mark_process_dead}: its live gauges stop counting it).
+        @param publish: where the workers' log events go (this process's log publisher), read from their
+            standard output and error (L{WorkerLog}; C{argv} then has them write there as
+            L{WORKER_LOGGER} does); or None: they write to this process's standard output themselves.
         """
         self._reactor = reactor
         self._grace = grace
         self._dead = dead
+        self._publish = publish
         self._count = count
         self._handoff = handoff
         self._argv = argv
@@ -267,12 +335,13 @@ class WorkerSupervisor(Service):
     def _spawn(self, number):
         if not self.running:
             return
-        worker = _Worker(self, number)
+        worker = _Worker(self, number, None if self._publish is None else WorkerLog(self._publish, number, self._reactor))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        output = {1: 1, 2: 2} if worker.log is None else {1: "r", 2: "r"}
         try:
             # stdin is a pipe from us: the worker stops when it closes (we are gone).
             self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=self._env, path=self._cwd,
-                                       childFDs={0: "w", 1: 1, 2: 2, HANDOFF_FD: theirs.fileno()})
+                                       childFDs={0: "w", **output, HANDOFF_FD: theirs.fileno()})
         except BaseException:
             ours.close()
             raise
@@ -349,11 +418,12 @@ _WORKER = ("import sys; first = sys.argv.pop(1)\n"
            "from gomodel.cli import twistd; twistd()")
 
 
-def worker_argv(options_argv):
+def worker_argv(options_argv, forward_logs=False):
     """The command line of a worker: the C{gomodel} runner (L{gomodel.cli}), as a worker, without the
     primary's --listen/--workers (it listens nowhere: its connections come from the primary), under the
     primary's interpreter options (C{-OO}, C{-X ...}: a worker runs as the primary does), importing from
-    where the primary imports."""
+    where the primary imports; with C{forward_logs}, writing its log events for the primary to publish
+    (L{WORKER_LOGGER}, see L{WorkerLog})."""
     kept = []
     skip = False
     for arg in options_argv:
@@ -367,5 +437,6 @@ def worker_argv(options_argv):
             continue
         kept.append(arg)
     first = "" if sys.flags.safe_path else sys.path[0]
+    logger = [f"--logger={WORKER_LOGGER}"] if forward_logs else []
     return [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", _WORKER, first,
-            "-n", "--pidfile=", "gomodel", "--worker-child", *kept]
+            "-n", "--pidfile=", *logger, "gomodel", "--worker-child", *kept]

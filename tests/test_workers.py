@@ -183,22 +183,25 @@ def wait_until(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_primary(tmp_path, own_group=False):
+def start_primary(tmp_path, own_group=False, twistd_options=(), log_path=None):
     """C{twistd -n gomodel --workers 2} on a free loopback port: (process, log path, port).
 
     @param own_group: start it in a process group of its own (as systemd does), which a test may signal whole.
+    @param log_path: where its log lines go (C{twistd_options} send them there), if not to its output.
     """
-    log_path = tmp_path / "gateway.log"
+    output = tmp_path / "gateway.log"
+    log_path = log_path or output
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "PROMETHEUS_"))}
     env.update({"PYTHONPATH": REPO, "GOMODEL_DATA_DIR": str(tmp_path / "data")})
-    with open(log_path, "wb") as log:
+    with open(output, "wb") as log:
         primary = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-             "gomodel", "--workers", "2", "--listen", "tcp:0:interface=127.0.0.1"],
+             *twistd_options, "gomodel", "--workers", "2", "--listen", "tcp:0:interface=127.0.0.1"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(tmp_path),
             start_new_session=own_group)
     try:
-        port = int(wait_until(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()),
+        port = int(wait_until(lambda: log_path.exists() and re.search(r"listening on 127\.0\.0\.1:(\d+)",
+                                                                      log_path.read_text()),
                               what="the primary to listen").group(1))
     except BaseException:
         primary.kill()
@@ -275,6 +278,58 @@ def test_the_primary_deals_its_connections_to_a_worker_in_turn_and_restarts_it(t
     text = log_path.read_text()
     assert "worker 1 started" in text and "restarting it" in text and "taking connections from the primary" in text
     assert "Server Shut Down" in text
+
+
+def test_a_workers_output_is_published_as_its_events_and_lines():
+    """Its events (Twisted's JSON lines, split anywhere by the pipe) as they were; any other line on its output,
+    or its standard error (a traceback before its logging began), as its text; what it left unended at its end."""
+    import io
+
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, Logger, formatEvent, jsonFileLogObserver
+
+    from gomodel.workers import WorkerLog
+
+    out = io.StringIO()
+    Logger(namespace="gomodel.access", observer=jsonFileLogObserver(out)).info("GET {path} 200", path="/v1/models")
+    events = []
+    log = WorkerLog(events.append, 3, Clock())
+    data = out.getvalue().encode() + b"plain text\n"
+    log.received(1, data[:7])
+    assert events == []
+    log.received(1, data[7:])
+    log.received(2, b"Traceback (most recent call last):\n  File")
+    log.ended()
+    assert [(e["log_namespace"], e["log_level"], formatEvent(e), e["worker"]) for e in events] == [
+        ("gomodel.access", LogLevel.info, "GET /v1/models 200", 3),
+        ("gomodel.workers", LogLevel.info, "plain text", 3),
+        ("gomodel.workers", LogLevel.error, "Traceback (most recent call last):", 3),
+        ("gomodel.workers", LogLevel.error, "  File", 3)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_workers_lines_go_where_the_primarys_logfile_option_sends_the_primarys(tmp_path):
+    """Before: a worker wrote its lines to the primary's standard output whatever twistd's --logfile said
+    (lost where the primary runs as a daemon)."""
+    logfile = tmp_path / "twistd.log"
+    primary, _, port = start_primary(tmp_path, twistd_options=[f"--logfile={logfile}"], log_path=logfile)
+    try:
+        wait_until(lambda: "taking connections from the primary" in logfile.read_text(),
+                   what="the worker's line in the primary's log file")
+        wait_until(lambda: ready_workers(logfile) == 1, what="the worker to take connections")
+        pids = serve_on_new_connections(port, 4)
+        assert len(set(pids)) == 2
+        primary.send_signal(signal.SIGTERM)
+        assert primary.wait(timeout=20) == 0
+    finally:
+        if primary.poll() is None:
+            primary.kill()
+            primary.wait()
+    lines = logfile.read_text().splitlines()
+    access = [line for line in lines if "[gomodel.access#info] GET /v1/models 200" in line]
+    assert len(access) == 4, lines  # the worker's two as well as the primary's
+    assert sum("Server Shut Down" in line for line in lines) == 2
+    assert (tmp_path / "gateway.log").read_text() == ""  # nothing on the primary's output
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
