@@ -65,7 +65,8 @@ async def test_plain_answer_logs_its_usage(reactor, gateway, access):
     assert event["replica"] == 0 and event["stream"] is False and event["ttfb_ms"] is not None
     text = formatEvent(event)  # the line a text observer writes
     assert text.startswith("POST /v1/chat/completions 200 ") and text.endswith(
-        f"ms request_id={event['request_id']} provider=vllm model={MODEL}")
+        f"ms request_id={event['request_id']} provider=vllm model={MODEL} replica=0 prompt_tokens=18 "
+        "completion_tokens=3")
 
 
 @pytest_twisted.ensureDeferred
@@ -81,6 +82,7 @@ async def test_stream_the_upstream_broke_is_logged_as_broken_with_its_usage(reac
     assert event["status"] == 200 and event["outcome"] == STREAM_BROKEN and event["client_gone"] is False
     assert event["error"] == "stream_incomplete"
     assert event["prompt_tokens"] == 18 and event["stream"] is True
+    assert formatEvent(event).endswith(" outcome=stream_broken error=stream_incomplete")  # in the text line too
 
 
 @pytest_twisted.ensureDeferred
@@ -94,6 +96,7 @@ async def test_client_gone_mid_stream_is_logged_once_as_499(reactor, gateway, fa
     event = await logged
     assert event["status"] == 499 and event["outcome"] == CLIENT_GONE and event["client_gone"] is True
     assert event["ttfb_ms"] is not None
+    assert formatEvent(event).endswith(" replica=0 prompt_tokens=- completion_tokens=1 outcome=client_gone")
     assert len(access.events) == 1
 
 

@@ -90,7 +90,8 @@ async def test_log_level_drops_what_is_below_it(reactor, fake, tmp_path):
 
 CLASSIC_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[gomodel\.access#info\] "
                           r"POST /v1/chat/completions 200 \d+\.\dms request_id=\w+ provider=vllm "
-                          r"model=vllm/meta-llama/Llama-3\.1-8B-Instruct$")
+                          r"model=vllm/meta-llama/Llama-3\.1-8B-Instruct replica=0 prompt_tokens=\d+ "
+                          r"completion_tokens=\d+$")
 
 
 @pytest_twisted.ensureDeferred

@@ -229,6 +229,18 @@ class AccessLog:
         model = ctx.model or "-"
         line = (f"{method} {path} {ctx.status} {duration_ms:.1f}ms request_id={request_id} "
                 f"provider={provider} model={model}")
+        # then what is known of it: its replica, key and tokens; how it ended, unless it went out whole
+        if ctx.replica is not None:
+            line += f" replica={ctx.replica}"
+        if ctx.key is not None:
+            line += f" key={ctx.key}"
+        prompt_tokens, completion_tokens = ctx.tokens
+        if prompt_tokens is not None or completion_tokens is not None:
+            line += (f" prompt_tokens={'-' if prompt_tokens is None else prompt_tokens}"
+                     f" completion_tokens={'-' if completion_tokens is None else completion_tokens}")
+        outcome = ctx.outcome
+        if outcome is not OK and outcome is not None:
+            line += f" outcome={outcome} error={ctx.error}" if ctx.error else f" outcome={outcome}"
         log = self._log
         observers = self._observers
         if len(observers) == 1 and observers[0].__class__ is TextObserver:
@@ -240,7 +252,6 @@ class AccessLog:
                 return
             except Exception:
                 pass  # the event says so: the publisher logs an observer that fails
-        prompt_tokens, completion_tokens = ctx.tokens
         log.observer({
             "log_line": line,
             "method": method,
