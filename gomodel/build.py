@@ -132,7 +132,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                        usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate,
                                        responses=store.responses, messages=MessagesLines(messages))
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate,
-                               gateway.usage)
+                               gateway.usage, store.background, owner, gateway.keys)
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),

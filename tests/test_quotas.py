@@ -532,6 +532,35 @@ async def test_a_background_response_that_failed_or_was_cancelled_is_recorded_so
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_response_whose_process_stopped_is_charged_by_the_one_that_adopts_it(reactor, http,
+                                                                                                  fake, tmp_path):
+    """A process that stops gives its watches up; the next process on the store adopts them at its start, asks
+    after them and charges the key that made them, once (before: a restart while one ran, a deploy, meant
+    it was never charged)."""
+    one = await start(reactor, fake, tmp_path)
+    try:
+        key = await new_key(http, one, budgets=[{"period": "daily", "max_tokens": 20}])
+        with openai_client(one, key["value"]) as client:
+            created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+        assert created.status == "queued"
+    finally:
+        await one.service.stopService()
+    fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                         "total_tokens": 22})
+    two = await start(reactor, fake, tmp_path)
+    try:
+        assert await _logged(reactor, http, two, [0, 22]) == [0, 22]
+        code, log = await admin(http, two, "GET", "/admin/api/v1/usage/log")
+        charged = [r for r in log["data"] if r["total_tokens"]]
+        assert [(r["request_id"], r["auth_key_id"]) for r in charged] == [(created._request_id, key["id"])]
+        with openai_client(two, key["value"]) as client, pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert refused.value.code == "budget_exceeded"
+    finally:
+        await two.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_background_response_read_by_the_master_key_is_charged_to_the_key_that_made_it(
         reactor, http, gw, fake):
     """Before: the read that found it finished charged the reader, and the master key has no budget."""

@@ -8,14 +8,24 @@ C{cancelled}, C{incomplete}: found by its own ask, a read here, or another proce
 it), records it in the ledger under the create's request id (a failed one as a 502, a cancelled one as
 a 499, with what usage it has) and charges the creating key's budgets with its usage. Reads never charge: two processes reading at once cannot charge it twice, and the
 master key reading a managed key's response does not keep it from being charged. A response deleted while
-it runs (a DELETE forgets the gateway's copy, not the run) is still asked after, nothing stored back. A
-response whose creating process stops before it is over is not charged.
+it runs (a DELETE forgets the gateway's copy, not the run) is still asked after, nothing stored back.
+
+Each watch is also kept in the store (L{gomodel.store.interfaces.IBackgroundWatches}) under the watching
+process's lease, renewed every L{RENEW} seconds: a process that stops gives its watches up, one that dies
+lets their lease (L{LEASE}) run out, and another process (or itself restarted) adopts them, asking after
+them as their creator did and charging whom the creator would have. A watch found over is charged by the
+process that takes it out of the store: once, whichever process finds it over first.
 """
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gomodel.accounting.usage import recorded_as
+from gomodel.auth.keys import MASTER
+from gomodel.logs import FailureStreak
 
 UNFINISHED = ("queued", "in_progress")
 # The status a response over but not answered is recorded with (as an unanswered request's would be):
@@ -23,6 +33,8 @@ UNFINISHED = ("queued", "in_progress")
 RECORDED_STATUS = {"failed": 502, "cancelled": 499}
 WATCH_DELAYS = (1.0, 2.0, 5.0)  # seconds before each ask: the first ones, then the last for ever
 WATCH_LIMIT = 86400.0  # a response still not over after this long is no longer watched (nor charged)
+LEASE = 60.0  # seconds a process's watches stay its own without being renewed
+RENEW = 20.0  # seconds between renewals of this process's watches (and adoptions of lapsed ones)
 
 
 class BackgroundWatch(Service):
@@ -30,7 +42,8 @@ class BackgroundWatch(Service):
 
     log = Logger()
 
-    def __init__(self, clock, store, registry, refresh, usage=None, gate=None):
+    def __init__(self, clock, store, registry, refresh, usage=None, gate=None, watches=None, owner=None,
+                 keys=None):
         """
         @param store: the C{IResponseStore} the responses are kept in.
         @param refresh: C{refresh(record, request_id, keep=True)}, a Deferred firing with the response as its
@@ -38,6 +51,9 @@ class BackgroundWatch(Service):
             (L{gomodel.api.responses.ResponsesRoute.refresh}); it calls L{over} when it finds the response over.
         @param usage: the L{gomodel.accounting.usage.UsageLedger}, or None.
         @param gate: the L{gomodel.limits.gate.Gate} (budgets), or None.
+        @param watches: the store's L{gomodel.store.interfaces.IBackgroundWatches}, where the watches are kept
+            under this process's lease as C{owner}; or None: they are this process's alone.
+        @param keys: the L{gomodel.auth.keys.KeyRing} (an adopted watch's managed key), or None.
         """
         self._clock = clock
         self._store = store
@@ -45,7 +61,13 @@ class BackgroundWatch(Service):
         self._refresh = refresh
         self._usage = usage
         self._gate = gate
+        self._watches = watches
+        self._owner = owner
+        self._keys = keys
         self._watched = {}  # response id -> _Watched
+        self._loop = None
+        self._streak = FailureStreak(self, "keeping the background responses' watches failed",
+                                     "the background responses' watches are kept in the store again")
 
     def watch(self, record, ctx):
         """Watch C{record}'s response, just created by the request C{ctx} (its key is charged)."""
@@ -54,17 +76,53 @@ class BackgroundWatch(Service):
             return
         held = {"id": response_id, "provider": record["provider"], "replica": record.get("replica"),
                 "response": record["response"]}  # (what asking its instance needs, once the store's copy is gone)
-        watched = self._watched[response_id] = _Watched(ctx.request_id, ctx.principal, self._clock.seconds(), held)
+        principal = ctx.principal
+        now = self._clock.seconds()
+        watched = self._watched[response_id] = _Watched(ctx.request_id, principal, recorded_as(principal), now, held)
         watched.call = self._clock.callLater(WATCH_DELAYS[0], self._ask, response_id)
+        if self._watches is None:
+            watched.kept.callback(False)
+            return
+        kept = {**held, "request_id": ctx.request_id.decode("ascii"), "since": now,
+                "key_id": principal.id if principal is not None else None,
+                "user_path": principal.user_path if principal is not None else None}
+        d = self._watches.add(kept, self._owner, LEASE)
+        d.addCallback(lambda _: watched.kept.callback(True))
+        d.addErrback(self._not_kept, watched)
+
+    def _not_kept(self, failure, watched):
+        self._streak.failed(failure)
+        watched.kept.callback(False)  # (charged by this process alone)
 
     def over(self, record, response):
         """C{record}'s response, found over (C{response}, as its instance has it): charge it if it is
-        watched here, once."""
+        watched here, once (its watch kept in the store: if this process is the one that takes it out)."""
         watched = self._watched.pop(record["id"], None)
         if watched is None:
             return
         if watched.call is not None and watched.call.active():
             watched.call.cancel()
+        watched.kept.addCallback(self._settle, watched, record, response)
+
+    def _settle(self, kept, watched, record, response):
+        """Charge C{watched}, over: at once if its watch is not C{kept} in the store, else if this process
+        takes it out; returns C{kept} (what C{watched.kept} fires with for a later L{over})."""
+        if not kept:
+            self._charge(watched, record, response)
+            return kept
+        d = self._watches.settle(record["id"])
+        d.addCallback(lambda settled: self._charge(watched, record, response) if settled else None)
+        d.addErrback(self._unsettled, watched, record["id"])
+        return kept
+
+    def _unsettled(self, failure, watched, response_id):
+        """The store could not say whether this process takes it out: watched again, to be found over again."""
+        self._streak.failed(failure)
+        if self.running and response_id not in self._watched:
+            self._watched[response_id] = watched
+            self._again(None, response_id, watched)
+
+    def _charge(self, watched, record, response):
         usage = response.get("usage")
         if usage.__class__ is not dict:
             usage = None
@@ -72,21 +130,78 @@ class BackgroundWatch(Service):
         qualified = f"{record['provider']}/{model}" if model.__class__ is str else None
         if self._usage is not None:
             provider = self._registry.provider(record["provider"])
-            key_id, user_path = recorded_as(watched.principal)
+            key_id, user_path = watched.recorded
             self._usage.keep(watched.request_id.decode("ascii"), self._clock.seconds(),
                              provider.type if provider is not None else None, record["provider"], record.get("replica"),
                              qualified, "/v1/responses", RECORDED_STATUS.get(response.get("status"), 200), False,
                              usage, auth_key_id=key_id, user_path=user_path)
-        if self._gate is not None:
+        if self._gate is not None and watched.principal is not None:
             self._gate.charge(watched.principal, qualified, usage)
 
+    def startService(self):
+        super().startService()
+        if self._watches is not None:
+            self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self._tend()))
+            self._loop.clock = self._clock
+            self._loop.start(RENEW, now=True)
+
     def stopService(self):
-        """Stop asking (what is over afterwards is not charged)."""
+        """Stop asking (what is over afterwards is not charged here) and give this process's watches up, for
+        another process (or this one restarted) to adopt at once.
+
+        @return: a Deferred firing once they are given up (or that failed: their lease runs out), or None.
+        """
         super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
         watched, self._watched = self._watched, {}
         for each in watched.values():
             if each.call is not None and each.call.active():
                 each.call.cancel()
+        if self._watches is None:
+            return None
+        d = self._watches.release(self._owner)
+        d.addErrback(lambda f: self.log.warn("giving the background responses' watches up failed: {reason}; "
+                                             "they are adopted once their lease ran out",
+                                             reason=f.getErrorMessage()))
+        return d
+
+    async def _tend(self):
+        """Renew this process's watches, then adopt those whose lease ran out; never fails."""
+        try:
+            if self._watched:
+                await self._watches.renew(self._owner, LEASE)
+            for kept in await self._watches.adopt(self._owner, LEASE):
+                if self.running and kept["id"] not in self._watched:
+                    await self._adopt(kept)
+        except Exception:
+            self._streak.failed(Failure())
+        else:
+            self._streak.succeeded()
+
+    async def _adopt(self, kept):
+        """Watch C{kept}, a watch whose process stopped or died, charging whom its creator would have."""
+        response_id, key_id, user_path = kept["id"], kept["key_id"], kept["user_path"]
+        if key_id is None:
+            principal = None
+        elif key_id == MASTER.id:
+            principal = MASTER if user_path is None else MASTER.attributed(user_path)
+        else:
+            principal = self._keys.by_id(key_id) if self._keys is not None else None
+            if principal is None and self._keys is not None:  # (made on another process since the last refresh)
+                await self._keys.refresh()
+                principal = self._keys.by_id(key_id)
+        if not self.running or response_id in self._watched:
+            return
+        held = {"id": response_id, "provider": kept["provider"], "replica": kept["replica"],
+                "response": kept["response"]}
+        recorded = (None if key_id == MASTER.id else key_id, user_path)
+        watched = self._watched[response_id] = _Watched(kept["request_id"].encode("ascii"), principal, recorded,
+                                                        kept["since"], held)
+        watched.kept.callback(True)
+        self.log.info("watching background response {id}, whose process stopped before it was over",
+                      id=response_id)
+        watched.call = self._clock.callLater(0, self._ask, response_id)
 
     def _ask(self, response_id):
         watched = self._watched.get(response_id)
@@ -108,6 +223,8 @@ class BackgroundWatch(Service):
             return self.over(record, record["response"])
         if self._clock.seconds() - watched.since > WATCH_LIMIT:
             self._watched.pop(response_id, None)
+            if self._watches is not None:
+                self._watches.settle(response_id).addErrback(self._streak.failed)
             self.log.warn("background response {id} is still not over after {limit:g}s: no longer watched, "
                           "its usage not charged", id=response_id, limit=WATCH_LIMIT)
             return None
@@ -123,12 +240,14 @@ class BackgroundWatch(Service):
 
 
 class _Watched:
-    __slots__ = ("request_id", "principal", "since", "call", "asks", "record")
+    __slots__ = ("request_id", "principal", "recorded", "since", "call", "asks", "record", "kept")
 
-    def __init__(self, request_id, principal, since, record):
+    def __init__(self, request_id, principal, recorded, since, record):
         self.request_id = request_id  # the create's
-        self.principal = principal
+        self.principal = principal  # charged (None: nobody: an open gateway's, or a key no longer known)
+        self.recorded = recorded  # the ledger's (auth_key_id, user_path)
         self.since = since
         self.call = None  # the next ask's delayed call, while one is due
         self.asks = 0
         self.record = record  # its id, provider, replica and response as created
+        self.kept = Deferred()  # fires with whether its watch is kept in the store

@@ -45,7 +45,8 @@ class ResponsesRoute:
 
     log = Logger()
 
-    def __init__(self, exchange, clock, registry, store=None, salts=None, gate=None, usage=None):
+    def __init__(self, exchange, clock, registry, store=None, salts=None, gate=None, usage=None, watches=None,
+                 owner=None, keys=None):
         """
         @param store: an C{IResponseStore}, or None: nothing is kept.
         @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
@@ -53,6 +54,8 @@ class ResponsesRoute:
             response's usage is charged to its key's budgets), or None.
         @param usage: the L{gomodel.accounting.usage.UsageLedger} (a background response's usage is recorded
             once it is over), or None.
+        @param watches: the store's C{IBackgroundWatches}, C{owner} this process's id in it, and C{keys} the
+            L{gomodel.auth.keys.KeyRing}: see L{BackgroundWatch}.
         """
         self._exchange = exchange
         self._clock = clock
@@ -64,7 +67,8 @@ class ResponsesRoute:
         self._refreshing = {}  # response id -> its refresh from its instance (a Deferred), until its answer is stored
         self._deleted = set()  # ids deleted (while their refresh was under way): its answer is not stored back
         # (a service: started and stopped with the store's users)
-        self.watch = BackgroundWatch(clock, store, registry, self.refresh, usage, gate) if store is not None else None
+        self.watch = (BackgroundWatch(clock, store, registry, self.refresh, usage, gate, watches, owner, keys)
+                      if store is not None else None)
 
     # -- create ----------------------------------------------------------------
 

@@ -85,3 +85,40 @@ def usage_where(start, end, filters, clauses, mark, below):
         elif name != "keyless":  # (the master key's, or an open gateway's: no argument)
             args.append(value)
     return where, args
+
+
+# A background response's watch (L{gomodel.store.interfaces.IBackgroundWatches}): its columns as given and
+# taken, then who watches it and until when.
+WATCH_COLUMNS = ("id", "request_id", "key_id", "user_path", "provider", "replica", "response", "since")
+
+
+def watch_statements(mark: str) -> dict:
+    """The statements of L{gomodel.store.interfaces.IBackgroundWatches}, each value written as C{mark}.
+
+    C{adopt}'s outer condition is checked again on the row a concurrent adopter just took (PostgreSQL
+    re-reads it once that one commits): a watch is taken by one process.
+    """
+    columns = ", ".join(WATCH_COLUMNS)
+    return {
+        "add": f"INSERT INTO background_watches ({columns}, owner, lease_until) "
+               f"VALUES ({', '.join([mark] * (len(WATCH_COLUMNS) + 2))}) ON CONFLICT (id) DO NOTHING",
+        "renew": f"UPDATE background_watches SET lease_until = {mark} WHERE owner = {mark}",
+        "adopt": f"UPDATE background_watches SET owner = {mark}, lease_until = {mark} WHERE lease_until < {mark} "
+                 f"AND id IN (SELECT id FROM background_watches WHERE lease_until < {mark} ORDER BY since "
+                 f"LIMIT {mark}) RETURNING {columns}",
+        "release": f"UPDATE background_watches SET owner = NULL, lease_until = 0 WHERE owner = {mark}",
+        "settle": f"DELETE FROM background_watches WHERE id = {mark}",
+    }
+
+
+def watch_row(watch: dict, owner: str, until: float) -> tuple:
+    """The values of C{watch_statements()["add"]}."""
+    return (*(json.dumps(watch[c], ensure_ascii=False) if c == "response" else watch.get(c) for c in WATCH_COLUMNS),
+            owner, until)
+
+
+def watch_of_row(row) -> dict:
+    """A watch from a row of C{WATCH_COLUMNS}."""
+    watch = dict(zip(WATCH_COLUMNS, row))
+    watch["response"] = json.loads(watch["response"])
+    return watch

@@ -289,6 +289,49 @@ class IResponseStore(Interface):
         """
 
 
+class IBackgroundWatches(Interface):
+    """Background responses still to be charged, each watched by one process under a lease (see
+    L{gomodel.api.background}): a process that stops or dies leaves its own to another, or to itself
+    restarted.
+
+    A watch: C{id} (the response's), C{request_id} (its create's), C{key_id} and C{user_path} (whom it is
+    charged to: a managed key's id, C{"master"}, or None; the user path it is attributed to), C{provider},
+    C{replica} and C{response} (a dict: the response as created, what asking its instance needs), and
+    C{since} (seconds: when it was created).
+    """
+
+    def add(watch, owner, lease):
+        """Keep C{watch}, watched by C{owner} for C{lease} seconds (renewed by L{renew}).
+
+        @return: a Deferred firing once it is written.
+        """
+
+    def renew(owner, lease):
+        """Extend every watch of C{owner} by C{lease} seconds from now.
+
+        @return: a Deferred firing once it is written.
+        """
+
+    def adopt(owner, lease, limit=100):
+        """Take up to C{limit} watches whose lease ran out (or was given up), for C{owner}, for C{lease} seconds.
+
+        @return: a Deferred firing with the watches taken.
+        """
+
+    def release(owner):
+        """Give up C{owner}'s watches (a process stopping): any process may L{adopt} them at once.
+
+        @return: a Deferred firing once it is written.
+        """
+
+    def settle(response_id):
+        """Forget the watch of C{response_id}: its response was found over (or watched too long).
+
+        @return: a Deferred firing with True when this call forgot it (so it is charged once, whichever
+            process finds it over first), False when it was no longer kept.
+        """
+
+
 class IClaims(Interface):
     """Named leases for singleton duties (sweeps, retention), shared by every process on the store."""
 
@@ -430,6 +473,7 @@ class IStoreService(Interface):
     batches = Attribute("The L{IBatchStore}.")
     responses = Attribute("The L{IResponseStore}.")
     claims = Attribute("The L{IClaims}.")
+    background = Attribute("The L{IBackgroundWatches}.")
     usage = Attribute("The L{IUsageStore}.")
     keys = Attribute("The L{IKeyStore}.")
     budgets = Attribute("The L{IBudgetStore}.")

@@ -19,6 +19,7 @@ from gomodel.store.postgresql.files import PostgreSQLFileStore
 from gomodel.store.postgresql.keys import PostgreSQLBudgetStore, PostgreSQLKeyStore
 from gomodel.store.postgresql.responses import PostgreSQLResponseStore
 from gomodel.store.postgresql.usage import PostgreSQLUsageStore
+from gomodel.store.postgresql.watches import PostgreSQLBackgroundWatches
 
 
 @implementer(IStoreService)
@@ -30,6 +31,7 @@ class PostgreSQLStore(Service):
     @ivar batches: the L{IBatchStore}.
     @ivar responses: the L{IResponseStore}.
     @ivar claims: the L{IClaims}.
+    @ivar background: the L{IBackgroundWatches}.
     @ivar usage: the L{IUsageStore}.
     @ivar keys: the L{IKeyStore}.
     @ivar budgets: the L{IBudgetStore}.
@@ -51,6 +53,7 @@ class PostgreSQLStore(Service):
         self.batches = PostgreSQLBatchStore(self._db)
         self.responses = PostgreSQLResponseStore(self._db, reactor)
         self.claims = PostgreSQLClaims(self._db)
+        self.background = PostgreSQLBackgroundWatches(self._db)
         self.usage = PostgreSQLUsageStore(self._db)
         self.keys = PostgreSQLKeyStore(self._db)
         self.budgets = PostgreSQLBudgetStore(self._db)

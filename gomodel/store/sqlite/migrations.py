@@ -177,6 +177,22 @@ MIGRATIONS = (
             deleted_at INTEGER NOT NULL
         )""",
     )),
+    (9, (
+        # Background responses still to be charged, each watched by one process under a lease.
+        """CREATE TABLE background_watches (
+            id TEXT PRIMARY KEY,
+            request_id TEXT NOT NULL,
+            key_id TEXT,
+            user_path TEXT,
+            provider TEXT NOT NULL,
+            replica INTEGER,
+            response TEXT NOT NULL,
+            since REAL NOT NULL,
+            owner TEXT,
+            lease_until REAL NOT NULL
+        )""",
+        "CREATE INDEX background_watches_lease ON background_watches (lease_until)",
+    )),
 )
 
 

@@ -21,6 +21,7 @@ from gomodel.store.sqlite.files import SQLiteFileStore
 from gomodel.store.sqlite.keys import SQLiteBudgetStore, SQLiteKeyStore
 from gomodel.store.sqlite.responses import SQLiteResponseStore
 from gomodel.store.sqlite.usage import SQLiteUsageStore
+from gomodel.store.sqlite.watches import SQLiteBackgroundWatches
 from gomodel.store.sqlite.writer import RowWriter
 
 DB_NAME = "gomodel.db"
@@ -52,6 +53,7 @@ class SQLiteStore(Service):
     @ivar batches: the L{IBatchStore}.
     @ivar responses: the L{IResponseStore}.
     @ivar claims: the L{IClaims}.
+    @ivar background: the L{IBackgroundWatches}.
     @ivar usage: the L{IUsageStore}.
     @ivar keys: the L{IKeyStore}.
     @ivar budgets: the L{IBudgetStore}.
@@ -75,6 +77,7 @@ class SQLiteStore(Service):
         self.responses = SQLiteResponseStore(self._db, clock if clock is not None else reactor, self._writer,
                                              waits=reactor)
         self.claims = SQLiteClaims(self._db)
+        self.background = SQLiteBackgroundWatches(self._db)
         self.usage = SQLiteUsageStore(self._db, self._writer)
         self.keys = SQLiteKeyStore(self._db)
         self.budgets = SQLiteBudgetStore(self._db)
