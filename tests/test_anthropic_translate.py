@@ -533,7 +533,7 @@ def test_answer_bytes_for_the_transform_hook():
 @pytest.mark.parametrize("status, kind", [
     (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
     (404, "not_found_error"), (413, "request_too_large"), (429, "rate_limit_error"), (500, "api_error"),
-    (502, "api_error"), (503, "overloaded_error"), (529, "overloaded_error"), (504, "api_error"),
+    (502, "api_error"), (503, "overloaded_error"), (529, "overloaded_error"), (504, "timeout_error"),
 ])
 def test_upstream_errors_in_anthropic_shape(status, kind):
     body = jsonutil.dumps({"error": {"message": "It broke.", "type": "BadRequestError", "param": None,

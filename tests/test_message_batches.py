@@ -348,6 +348,8 @@ def test_each_way_a_request_ends_is_one_result_line():
     assert line({"custom_id": "c", "response": None, "error": {"code": "budget_exceeded", "message": "spent"}}) == {
         "custom_id": "c", "result": {"type": "errored", "error": {"type": "error", "error": {
             "type": "rate_limit_error", "message": "spent"}}}}
+    timed_out = line({"custom_id": "c", "response": None, "error": {"code": "upstream_timeout", "message": "slow"}})
+    assert timed_out["result"]["error"]["error"] == {"type": "timeout_error", "message": "slow"}
     # an OpenAI-compatible upstream's error envelope, in Anthropic's shape
     converted = line({"custom_id": "c", "response": {"status_code": 404, "request_id": "r", "body": {
         "error": {"message": "no such model", "type": "invalid_request_error", "param": None, "code": None}}}})

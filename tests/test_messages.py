@@ -827,6 +827,22 @@ async def test_no_ready_replica_is_503_overloaded_and_unreachable_is_502_api_err
         await replica.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_timeout_is_504_timeout_error(reactor, fake):
+    # Anthropic's 504 is timeout_error (its SDK's GatewayTimeoutErrorObject), not api_error.
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_RESPONSE_HEADER_TIMEOUT": "0.2s"})
+    client = sdk(gw)
+    try:
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                            extra_body={"fake_hang": True})
+        assert raised.value.status_code == 504
+        assert raised.value.body["error"]["type"] == "timeout_error"
+    finally:
+        client.close()
+        await gw.service.stopService()
+
+
 # -- streams that end badly ------------------------------------------------------------------
 
 

@@ -23,7 +23,8 @@ def test_openai_and_anthropic_dialects():
     assert json.loads(render.OPENAI.body(error))["error"]["code"] == "model_not_found"
     assert json.loads(render.ANTHROPIC.body(error)) == {
         "type": "error", "error": {"type": "not_found_error", "message": error.message}}
-    assert json.loads(render.ANTHROPIC.body(errors.UpstreamTimeout("slow")))["error"]["type"] == "api_error"
+    assert json.loads(render.ANTHROPIC.body(errors.UpstreamTimeout("slow")))["error"]["type"] == "timeout_error"
+    assert json.loads(render.ANTHROPIC.body(errors.UpstreamUnreachable("down")))["error"]["type"] == "api_error"
     assert render.ANTHROPIC.stream_event(errors.StreamFailed("broke")).startswith(b"event: error\ndata: {")
     upstream = errors.UpstreamError(400, b'{"type":"error","error":{"type":"invalid_request_error"}}', "m")
     assert render.ANTHROPIC.body(upstream) == upstream.body()  # relayed as the provider sent it
