@@ -1048,3 +1048,19 @@ async def test_an_in_band_error_of_a_translated_stream_never_shows_the_upstreams
     event = json.loads(received.split(b"event: error\ndata: ", 1)[1].split(b"\n", 1)[0])
     assert fake.root_url.split("//")[1].encode() not in received  # (host and port)
     assert event["error"]["message"] == "Engine at openai/chat/completions died."
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_refusal_is_the_messages_text_streamed_as_whole(openai_gw, fake):
+    # OpenAI streams a refusal in delta.refusal (content null): the stream tells it as text, as a whole answer does.
+    fake.steer = {"fake_sse": [_chunk_text({"role": "assistant", "content": None, "refusal": ""}),
+                               _chunk_text({"refusal": "I can't "}), _chunk_text({"refusal": "help with that."}),
+                               _chunk_text({}, "stop"), "[DONE]"]}
+    client = sdk(openai_gw)
+    try:
+        seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=8,
+                                                                      messages=HELLO))
+        assert [(block.type, block.text) for block in final.content] == [("text", "I can't help with that.")]
+        assert final.stop_reason == "end_turn" and seen[-1].type == "message_stop"
+    finally:
+        client.close()

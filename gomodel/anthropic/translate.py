@@ -899,6 +899,8 @@ class ChatToMessagesStream:
         if not isinstance(reasoning, str) or not reasoning:
             reasoning = delta.get("reasoning_content")
         text = delta.get("content")
+        if not isinstance(text, str) or not text:
+            text = delta.get("refusal")  # (OpenAI's, told as text as in a whole answer: chat_to_message)
         calls = delta.get("tool_calls")
         if (isinstance(reasoning, str) and reasoning) or (isinstance(text, str) and text) or calls:
             self.events += 1
