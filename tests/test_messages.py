@@ -1064,3 +1064,22 @@ async def test_an_upstreams_refusal_is_the_messages_text_streamed_as_whole(opena
         assert final.stop_reason == "end_turn" and seen[-1].type == "message_stop"
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_and_thinking_held_behind_a_streamed_tool_call_end_with_their_block_stop(http, openai_gw, fake):
+    # Text (or reasoning) that comes while the tool_use block is open is sent after it: its block too is stopped
+    # before message_delta (a client such as Claude Code takes a block only at its content_block_stop).
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    arguments = {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+    body = {"model": OPENAI_MODEL, "max_tokens": 64, "tools": [WEATHER_TOOL], "messages": HELLO, "stream": True}
+    for late, kind in (({"content": " Done."}, "text"), ({"reasoning_content": "Hm."}, "thinking")):
+        fake.steer = {"fake_finish": "tool_calls", "fake_deltas": [
+            {"content": "Let me look."}, {"tool_calls": [call]}, {"tool_calls": [arguments]}, late]}
+        response, raw = await post(http, openai_gw.url + "/v1/messages", body)
+        events = events_of(raw)
+        starts = [payload for name, payload in events if name == "content_block_start"]
+        assert [start["content_block"]["type"] for start in starts] == ["text", "tool_use", kind]
+        stopped = [payload["index"] for name, payload in events if name == "content_block_stop"]
+        assert [start["index"] for start in starts] == stopped == [0, 1, 2], (kind, [name for name, _ in events])
+        assert [name for name, _ in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]

@@ -998,6 +998,7 @@ class ChatToMessagesStream:
         if self._held:
             self._switch("text", out)
             self._delta({"type": "text_delta", "text": "".join(self._held)}, out)
+        self._switch(None, out)  # (the held reasoning's or text's block)
         for call in self._calls.values():
             if call.block is None:  # held calls (a name that never came too: the call is still told), whole
                 self._start_tool(call, out)
