@@ -137,7 +137,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
               ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
-              gateway.batch_runner, responses.watch]
+              responses.watch, gateway.batch_runner]  # (the runner stopped first: it cuts what is in flight at once)
     BatchServices(store, *users).setServiceParent(gateway)
 
     # Routes: the front serves the inference routes and the plain ones (health checks, the model
