@@ -128,6 +128,17 @@ class StorageUnavailable(GatewayError):
         return cls(f"The gateway's storage is unavailable ({reason}).")
 
 
+class ShuttingDown(GatewayError):
+    """The gateway stopped before it answered: its drain ran out of time (C{SHUTDOWN_TIMEOUT})."""
+
+    status = 503
+    type = "server_error"
+    code = "shutdown_timeout"
+
+    def __init__(self):
+        super().__init__("The gateway is stopping and could not finish this request in time; retry it.")
+
+
 class RowsRejected(Exception):
     """A store cannot write a row it was given, however often it tries (a value its columns cannot hold):
     none of the rows given with it was written. Never an answer to a client: the store's caller drops

@@ -5,8 +5,10 @@ connections are refused), C{/health/ready} answers 503 on connections still
 open, each connection still open closes after its answer in progress or its
 next one (which says C{Connection: close}), requests (those whose body is
 still arriving too) and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
-what is left then is cut (its upstream connections close, so vLLM aborts),
-and recorded as the gateway's cut (L{CUT}), not as a client that left.
+what is left then is cut (its upstream connections close, so vLLM aborts):
+a request whose answer had not started gets a 503 (L{gomodel.errors.ShuttingDown})
+and its connection closes after it, a stream is broken off; both are recorded
+as the gateway's cut (L{CUT}), not as a client that left.
 Only then do the services stop (usage flushed, batch work released to resume
 at the next start), and the process exits with status 0, not twistd's
 signal status; another signal meanwhile changes nothing
@@ -15,13 +17,14 @@ signal status; another signal meanwhile changes nothing
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gomodel import _twistedcompat
+from gomodel.errors import ShuttingDown
+from gomodel.http import render
 
 # The error code of a request the drain cut when its time ran out (SHUTDOWN_TIMEOUT).
-CUT = "shutdown_timeout"
-# The status recorded for one whose answer had not started.
-CUT_STATUS = 503
+CUT = ShuttingDown.code
 
 
 class Drain:
@@ -100,24 +103,34 @@ class Drain:
                       count=self.in_flight, timeout=timeout)
         if self.site is not None:
             for channel in list(self.site.channels):
-                for request in channel.requests:
-                    _record_cut(request)
-            self.site.abort_connections()
+                for request in list(channel.requests):
+                    _cut_request(request)
+            self.site.abort_connections()  # (but those closing after the 503 they were just answered)
         return None
 
 
-def _record_cut(request):
-    """Record C{request}, cut at the end of the drain, as the gateway's cut, error L{CUT}: a stream as broken
-    (outcome C{stream_broken}, the status it sent), an answer not started as an error of L{CUT_STATUS}
-    (outcome C{error}); its connection is then closed, which would otherwise record a client that left (499)."""
+def _cut_request(request):
+    """Cut C{request} at the end of the drain, recorded as the gateway's cut, error L{CUT}: a stream as broken
+    (outcome C{stream_broken}, the status it sent; its connection is then aborted); an answer not started is
+    answered now, a 503 L{ShuttingDown} (outcome C{error}) after which its connection closes, and its handler is
+    cancelled, which closes its upstream connection, as a client that left would. Before, its connection was
+    aborted too: the client saw a reset, not an answer it could retry on."""
     ctx = getattr(request, "context", None)
     if ctx is None or ctx.outcome is not None:  # not handled yet (no record), or recorded already
         return
     if request.startedWriting:
         ctx.broken(CUT)
-    else:
-        request.setResponseCode(CUT_STATUS)  # never sent: what the record says
-        ctx.cut(CUT)
+        return
+    ctx.cut(CUT)
+    error = ShuttingDown()
+    body = render.render(request, error, render.dialect_of(request))
+    request.close_after()
+    request.write(body)
+    ending, request.ending = request.ending, None
+    if ending is not None:  # as a lost connection: recorded (a 503, the cut), its handler cancelled, which
+        ending(Failure(error))  # finishes the answer (L{gomodel.http.front.write_answer} of nothing more)
+    if not request.finished:  # (no handler)
+        request.finish()
 
 
 class Readiness:

@@ -259,7 +259,9 @@ async def test_a_drain_that_runs_out_of_time_cuts_what_is_left_and_closes_the_up
 @pytest_twisted.ensureDeferred
 async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_as_a_client_gone(reactor, fake):
     """A stream cut at the end of the drain keeps the status it sent; a request whose answer had not started
-    is a 503 error; both say the gateway cut them (shutdown_timeout), neither is a 499 client_gone."""
+    is answered a 503 (its connection closed after it, its upstream's too, so vLLM aborts); both say the
+    gateway cut them (shutdown_timeout), neither is a 499 client_gone. Before, the request whose answer had
+    not started got no answer: its connection was reset, which a client cannot tell from a crash."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
     access = {}
 
@@ -277,13 +279,17 @@ async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_a
         waiting = await connect(reactor, gw.port, chat_request(
             {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
             {"X-Request-Id": "req-waiting"}))
-        await with_timeout(reactor, recorded, 10)  # upstream, its answer not started
+        record = await with_timeout(reactor, recorded, 10)  # upstream, its answer not started
         await with_timeout(reactor, gw.service.stopService(), 10)
         await with_timeout(reactor, stream.lost, 10)
         await with_timeout(reactor, waiting.lost, 10)
+        how, _ = await with_timeout(reactor, record.closed, 10)
     finally:
         globalLogPublisher.removeObserver(observe)
-    assert waiting.received == b""  # closed without an answer, as before
+    head, _, body = bytes(waiting.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
+    assert json.loads(body)["error"]["code"] == "shutdown_timeout"
+    assert how == "lost"  # its upstream connection was closed: vLLM aborts the generation
     cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
     assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
                    "req-waiting": (503, "error", "shutdown_timeout", False)}

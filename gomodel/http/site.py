@@ -324,10 +324,12 @@ class GatewaySite(server.Site):
             channel.requestFactory = partial(_last_request, channel.requestFactory)
 
     def abort_connections(self):
-        """Close every client connection at once (the end of a drain)."""
+        """Close every client connection at once (the end of a drain), but those closing already after
+        their last answer (a drain's 503, L{gomodel.lifecycle}), which it would drop."""
         for channel in list(self.channels):
-            if channel.transport is not None:
-                channel.transport.abortConnection()
+            transport = channel.transport
+            if transport is not None and not transport.disconnecting:
+                transport.abortConnection()
 
     def http_date(self) -> bytes:
         """The Date header's value for now, formatted once per second."""
