@@ -740,6 +740,27 @@ async def test_a_replica_answering_503_is_left_for_another(cluster, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_upstreams_retry_after_reaches_the_client_with_its_429_or_503(cluster, http):
+    """Every replica overloaded: the last one's 429 (or 503) is relayed with its C{Retry-After}, which the
+    SDKs wait for before they try again. Before, the header was dropped: clients came back at once."""
+    fleet, gw = await cluster(2, env={"REPLICA_FAILURE_THRESHOLD": "1000"})
+    for status_code, after in ((429, "7"), (503, "9")):
+        for replica in fleet:
+            replica.fail_status, replica.fail_headers = status_code, {"Retry-After": after}
+        response, payload = await post(http, gw, chat())
+        assert response.code == status_code and error_of(payload)["code"] == status_code
+        assert response.headers.getRawHeaders(b"retry-after") == [after.encode()]
+    with openai_client(gw) as client:
+        import openai
+        try:
+            await in_thread(client.chat.completions.create, **chat())
+        except openai.APIStatusError as e:
+            assert e.status_code == 503 and e.response.headers["retry-after"] == "9"
+        else:
+            raise AssertionError("no error")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_replica_refusing_connections_is_left_for_another(cluster, fresh):
     async def broken(replica):
         await replica.refuse()

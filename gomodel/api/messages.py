@@ -49,7 +49,7 @@ from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
 from gomodel.routing.affinity import affinity_key
-from gomodel.upstream.errors import upstream_error, without_address
+from gomodel.upstream.errors import upstream_error, with_retry_after, without_address
 
 MESSAGES = b"/v1/messages"
 COUNT_TOKENS = b"/v1/messages/count_tokens"
@@ -238,7 +238,7 @@ class MessagesRoutes:
         missing = no_messages_api(response.code, answer)
         if missing is not None:
             raise _NoNative(missing)
-        raise upstream_error(response.code, answer, upstream.name, upstream.hidden)
+        raise with_retry_after(upstream_error(response.code, answer, upstream.name, upstream.hidden), response)
 
     async def _translated(self, request, ctx, upstream, body, fallbacks, affinity):
         """Send C{body} as a chat completion; the answer (or stream) comes back in Messages' shape.

@@ -44,7 +44,7 @@ from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, Upstr
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
-from gomodel.upstream.errors import upstream_error
+from gomodel.upstream.errors import upstream_error, with_retry_after
 
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
@@ -464,7 +464,7 @@ class Exchange:
             raise
         except Exception:
             body = b""
-        return upstream_error(response.code, body, upstream.name, upstream.hidden)
+        return with_retry_after(upstream_error(response.code, body, upstream.name, upstream.hidden), response)
 
     def _whole(self, request, ctx, upstream, response, call, body):
         """A whole answer for the client: usage noted (where something records it), transformed

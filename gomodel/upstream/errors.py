@@ -62,6 +62,15 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
     return _wrapped(status, f"The upstream provider '{provider_name}' answered HTTP {status}.")
 
 
+def with_retry_after(error: UpstreamError, response) -> UpstreamError:
+    """C{error}, made of C{response}'s error answer, with that answer's C{Retry-After} (an overloaded vLLM's 429
+    or 503, a proxy's in front of it): the client waits as long as the upstream asked before it tries again."""
+    retry_after = response.headers.getRawHeaders(b"retry-after")
+    if retry_after:
+        error.headers["Retry-After"] = retry_after[0].decode("latin-1")
+    return error
+
+
 def without_address(message: str, upstream) -> str:
     """C{message} (the upstream's own, in a stream) with every address of C{upstream}, a provider's pool
     (its C{hidden}), replaced by the provider's name."""

@@ -22,7 +22,8 @@ Knobs (attributes of L{FakeReplica}, effective immediately):
     engine 0 (other engines show 0), a list gives one value per engine.
     Without overrides the page follows the real state.
   - C{fail_status}: answer every inference request (every POST) at once with
-    that status and a vLLM error body; C{None} (default) to serve
+    that status and a vLLM error body; C{None} (default) to serve; C{fail_headers}:
+    C{{name: value}} headers that answer carries (default none)
   - C{hang}: accept inference requests and never answer them; requests being
     served freeze where they are. C{/health} stays 200, C{/metrics} shows them
     running with C{generation_tokens} frozen; requests whose client left stay
@@ -326,6 +327,7 @@ class FakeReplica(FakeVLLM):
         self.chunks = chunks
         self.metrics = {}
         self.fail_status = None
+        self.fail_headers = {}
         self.health_status = 200
         self.prefix_cache = prefix_cache
         self.prefix_chars = prefix_chars
@@ -595,6 +597,8 @@ class FakeReplica(FakeVLLM):
                 phrase = HTTPStatus(status).phrase
             except ValueError:
                 phrase = "Error"
+            for name, value in self.fail_headers.items():
+                request.setHeader(name, value)
             return self._answer_now(request, record, status, {"error": {
                 "message": f"{phrase} (fake replica {self.name})", "type": phrase, "param": None, "code": status}})
         body = record.body
