@@ -25,6 +25,8 @@ from gomodel.http import render
 
 # The error code of a request the drain cut when its time ran out (SHUTDOWN_TIMEOUT).
 CUT = ShuttingDown.code
+# Seconds the connections cut get to close and their requests to be recorded before the services stop anyway.
+CUT_GRACE = 1.0
 
 
 class Drain:
@@ -106,6 +108,16 @@ class Drain:
                 for request in list(channel.requests):
                     _cut_request(request)
             self.site.abort_connections()  # (but those closing after the 503 they were just answered)
+        if self.in_flight == 0:
+            return None
+        # An aborted connection closes on the reactor's next turn, and its request is recorded then (a stream's
+        # usage, what it had sent): the services (the usage ledger) stop once that is done.
+        self._idle = Deferred()
+        self._idle.addTimeout(CUT_GRACE, self._reactor, onTimeoutCancel=self._stop_anyway)
+        return self._idle
+
+    def _stop_anyway(self, result, timeout):
+        self._idle = None
         return None
 
 

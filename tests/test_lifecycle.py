@@ -296,6 +296,40 @@ async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_a
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_the_drain_cuts_is_recorded_before_the_usage_ledger_stops(reactor, fake):
+    """A cut connection closes on the reactor's next turn, which is when its request is recorded (a stream's
+    usage, what it had sent). Before, the services stopped in the turn of the cut: the stream's usage record
+    reached a ledger already stopped (lost without a word) or one writing its last records (an error line)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    access, at_stop = {}, []
+
+    def observe(event):
+        if event.get("log_namespace") == "gomodel.access":
+            access[event["request_id"]] = event
+
+    ledger = gw.service.usage
+    stop_ledger = ledger.stopService
+
+    def stopping():
+        at_stop.append(set(access))
+        return stop_ledger()
+
+    ledger.stopService = stopping
+    globalLogPublisher.addObserver(observe)
+    try:
+        stream = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+             "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}))
+        await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        await with_timeout(reactor, stream.lost, 10)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert at_stop == [{"req-stream"}]  # recorded (its usage handed to the ledger) before the ledger stopped
+    assert gw.service.drain.in_flight == 0 and ledger._buffer == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_drain_makes_every_kept_alive_connection_close_after_its_answer(reactor, fake):
     """A load balancer's or SDK's kept-alive connections go on sending requests while the gateway drains: each
     answer from then on says C{Connection: close} and its connection closes after it, so that they move to
