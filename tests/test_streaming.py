@@ -257,6 +257,33 @@ async def test_a_stream_whose_upstream_sends_its_head_then_nothing_is_a_504(reac
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_whose_replica_sends_its_head_then_nothing_goes_to_another_replica(reactor):
+    """vLLM sends a stream's head at once, its first event after the prompt's prefill: a hung engine (its
+    /health still 200) or a long queue sends the head and then nothing. Nothing went to the client: as a
+    replica that sends no head in time, it counts as the replica's failure and another replica answers (its
+    connection closed, so vLLM aborts). Before, the client got the 504 though another replica was ready."""
+    from tests.support import start_fake, stop_all
+
+    hung, healthy = await start_fake(reactor), await start_fake(reactor)
+    hung.steer = {"fake_die_after": 0, "fake_hang": True}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"{hung.base_url},{healthy.base_url}",
+                                       "HTTP_STREAM_IDLE_TIMEOUT": "300ms", "REPLICA_FAILURE_THRESHOLD": "1000"})
+    try:
+        for _ in range(2):  # idle replicas take turns: one of the two goes to the hung replica first
+            response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body())
+            body = await treq.content(response)
+            assert response.code == 200 and response.headers.getRawHeaders(b"x-gomodel-replica") == [b"1"], body
+            assert body.endswith(b"data: [DONE]\n\n")
+        [record] = [r for r in hung.requests if r.method == b"POST"]
+        how, _ = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost"
+        [pool] = gw.registry.providers
+        assert pool.replicas[0].failures == 1 and [r.in_flight for r in pool.replicas] == [0, 0]
+    finally:
+        await stop_all(gw, hung, healthy)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_translated_stream_whose_upstream_sent_only_a_comment_before_dying_is_a_502(reactor):
     """Bytes the translation turns into nothing (an SSE comment, blank lines) are no event for the client:
     an upstream that dies after them is as one that died before its first event, a 502 the SDK may retry

@@ -229,7 +229,8 @@ class Exchange:
     async def _answer(self, request, ctx, upstream, response, call):
         """Relay C{response} onto C{request} as C{call} says (see L{relay}).
 
-        @raise _BrokeOff: a whole answer broke off before anything was sent.
+        @raise _BrokeOff: a whole answer or a stream broke off (a stream: or sent nothing for too long)
+            before anything was sent.
         """
         if call.vet is not None:
             await call.vet(response)
@@ -505,10 +506,10 @@ class Exchange:
         finished: an event stream gets an in-band error event in the route's
         dialect, then the connection is closed without the body's end.
 
-        @raise _BrokeOff: the upstream broke off before any of its body went to the client (the head goes out
-            with the first bytes; an SSE comment a translation drops is none) and none of it was refused as
-            malformed: another replica may answer.
-        @raise gomodel.errors.UpstreamTimeout: it sent none of its body for too long.
+        @raise _BrokeOff: the upstream broke off, or sent none of its body for too long (its error then an
+            L{UpstreamTimeout}), before any of its body went to the client (the head goes out with the first
+            bytes; an SSE comment a translation drops is none) and none of it was refused as malformed:
+            another replica may answer.
         """
         ours = dict(plain_headers(request.responseHeaders))  # (put back if this head never goes out)
         copy_response_headers(response, request, keep_length)
@@ -546,9 +547,9 @@ class Exchange:
                 headers = plain_headers(request.responseHeaders)  # (the head that never went out: not the answer's)
                 headers.clear()
                 headers.update(ours)
-                if isinstance(e, UpstreamIdle):
-                    raise UpstreamTimeout(f"The upstream provider '{upstream.name}' sent nothing for too long.") \
-                        from None
+                if isinstance(e, UpstreamIdle):  # (its head came, none of its body: a hung engine, a long queue)
+                    raise _BrokeOff(UpstreamTimeout(f"The upstream provider '{upstream.name}' sent nothing for "
+                                                    "too long.")) from None
                 raise _BrokeOff(UpstreamUnreachable(f"The upstream provider '{upstream.name}' broke off its "
                                                     "answer.")) from None
             else:
