@@ -117,6 +117,35 @@ async def test_failover_rules_try_the_candidates_in_order(reactor, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_target_that_dies_before_its_first_token_is_left_for_the_next_target(reactor, http):
+    """A vLLM dying before its first token (its stream's head sent, none of its body) fails before the first
+    byte as one answering 503 does: a failover rule's candidate, a virtual model's other target answers.
+    Before, only the failed target's other replicas were tried: with none, the client got the 502."""
+    from tests.support import start_fake
+
+    a, b = await start_fake(reactor), await start_fake(reactor)
+    a.steer = {"fake_die_after": 0}
+    rules = {f"vllm-a/{UPSTREAM}": [f"vllm-b/{UPSTREAM}"]}
+    virtual = [{"source": "llama", "targets": [{"model": f"vllm-a/{UPSTREAM}", "weight": 1000},
+                                               {"model": f"vllm-b/{UPSTREAM}", "weight": 1}]}]
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url,
+                                       "FAILOVER_RULES_JSON": json.dumps(rules), "VIRTUAL_MODELS": json.dumps(virtual),
+                                       "REPLICA_FAILURE_THRESHOLD": "100"})
+    try:
+        for model in (f"vllm-a/{UPSTREAM}", "llama"):
+            response = await http.post(gw.url + "/v1/chat/completions", data=json.dumps(
+                {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode())
+            body = await response.content()
+            assert response.code == 200 and body.endswith(b"data: [DONE]\n\n"), (model, response.code, body)
+        posted = [[r for r in fake.requests if r.method == b"POST"] for fake in (a, b)]
+        assert [len(p) for p in posted] == [2, 2]
+        assert [(await r.closed)[0] for r in posted[0]] == ["lost", "lost"]
+        assert [[r.in_flight for r in pool.replicas] for pool in gw.registry.providers] == [[0], [0]]
+    finally:
+        await stop_all(gw, a, b)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failover_candidate_that_is_a_virtual_model_stands_for_its_targets(reactor, http):
     """Before, a candidate naming a virtual model was skipped without a word: the request failed with the
     first target's error though the candidate's targets could serve it."""

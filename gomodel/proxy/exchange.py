@@ -187,11 +187,12 @@ class Exchange:
                 admitting = self.admit(request, ctx, upstream, call)
                 if admitting is not None:
                     await admitting
-            pool, broken = upstream, []  # broken: replicas whose whole answer broke off
+            # broken: replicas whose answer broke off; first: the target (of the call's) to send to first
+            pool, broken, first = upstream, [], 0
             while True:
                 try:
-                    response, replica, upstream, model, sent = await self._send(ctx.request_id, pool, call, broken,
-                                                                                trace, None, ctx)
+                    response, replica, upstream, model, sent, first = await self._send(
+                        ctx.request_id, pool, call, broken, trace, None, ctx, first)
                 except (UpstreamTimeout, UpstreamUnreachable, CancelledError) as e:
                     _reached(ctx, getattr(e, "reached", None))
                     raise
@@ -211,10 +212,13 @@ class Exchange:
                     replica.failed(e.error.message)
                     broken.append(replica)
                     ctx.attempts += 1
-                    if upstream is pool and self._again(pool, model, call, broken, ctx.attempts, False,
-                                                        e.error.message):
-                        continue
-                    raise e.error from None
+                    again = self._again(upstream, model, call, broken, ctx.attempts, first < len(call.fallbacks),
+                                        e.error.message)
+                    if again == "target":  # (a failover rule applies as to a send that failed)
+                        first, broken = first + 1, []
+                    elif again is None:
+                        raise e.error from None
+                    continue
                 except BaseException as e:
                     if trace is not None:
                         trace.failed(_error_type(e))
@@ -269,7 +273,7 @@ class Exchange:
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again).
         """
-        response, replica, upstream, model, sent = await self._send(request_id, upstream, call, (), trace, entering)
+        response, replica, upstream, model, sent, _ = await self._send(request_id, upstream, call, (), trace, entering)
         took = None
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
@@ -289,19 +293,21 @@ class Exchange:
 
     # -- the steps ------------------------------------------------------------------
 
-    async def _send(self, request_id, pool, call, exclude=(), trace=None, entering=None, ctx=None):
+    async def _send(self, request_id, pool, call, exclude=(), trace=None, entering=None, ctx=None, first=0):
         """Choose a replica and send C{call}, failing over before the first byte.
 
         The replicas of C{pool} first, then the call's fallback routes (a
         virtual model's other targets, failover candidates), each with the
         body made for its model; at most C{max_attempts} sends in all.
 
-        @return: C{(response, replica, pool, model, sent)}: the L{IResponse}
+        @return: C{(response, replica, pool, model, sent, target)}: the L{IResponse}
             (any status), the L{gomodel.routing.pool.Replica} that gave it
             (whose lease the caller releases, with the seconds since C{sent}
-            when the answer succeeded), its pool, the upstream model sent, and
-            when it was sent.
-        @param exclude: replicas of C{pool} not to use (they broke off an answer).
+            when the answer succeeded), its pool, the upstream model sent,
+            when it was sent, and which target it was (0: C{pool}, then the
+            call's fallbacks).
+        @param exclude: replicas of the first target tried not to use (they broke off an answer).
+        @param first: the target to begin with (one whose replicas all broke off an answer is passed over).
         @param trace: the request's L{gomodel.accounting.tracing.RequestTrace}, or None:
             each send is an attempt; the one returned is still open.
         @param entering: what L{fetch} was given (awaited with each fallback target's pool before it is
@@ -315,15 +321,14 @@ class Exchange:
         targets = [(pool, call.model)] + [(route.provider, route.upstream_model) for route in call.fallbacks]
         attempts = 0 if ctx is None else ctx.attempts
         reached = None  # the last send that timed out: (pool, replica index, model); the request reached it
-        for number, (pool, model) in enumerate(targets):
+        for number, (pool, model) in enumerate(targets[first:] if first else targets, first):
             more = number + 1 < len(targets)
-            if number == 0:
-                body = call.body
+            body = call.body if number == 0 else call.rebody(model, pool)
+            if number == first:
                 tried = list(exclude)
             else:
                 if entering is not None:
                     await entering(pool)
-                body = call.rebody(model, pool)
                 tried = []
             # a long answer is kept off clearly slower replicas (one replica: nothing to choose)
             size = partial(requested_tokens, body) if len(pool.replicas) > 1 else None
@@ -403,7 +408,7 @@ class Exchange:
                         if again == "replica":
                             continue
                         break
-                return response, replica, pool, model, sent
+                return response, replica, pool, model, sent, number
 
     def _again(self, pool, model, call, tried, attempts, more, why):
         """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None."""
