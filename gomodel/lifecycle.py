@@ -20,8 +20,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import _twistedcompat
-from gomodel.errors import ShuttingDown
+from gomodel.errors import ShuttingDown, StreamFailed
 from gomodel.http import render
+from gomodel.http.headers import CONTENT_TYPE
 
 # The error code of a request the drain cut when its time ran out (SHUTDOWN_TIMEOUT).
 CUT = ShuttingDown.code
@@ -123,26 +124,50 @@ class Drain:
 
 def _cut_request(request):
     """Cut C{request} at the end of the drain, recorded as the gateway's cut, error L{CUT}: a stream as broken
-    (outcome C{stream_broken}, the status it sent; its connection is then aborted); an answer not started is
-    answered now, a 503 L{ShuttingDown} (outcome C{error}) after which its connection closes, and its handler is
-    cancelled, which closes its upstream connection, as a client that left would. Before, its connection was
-    aborted too: the client saw a reset, not an answer it could retry on."""
+    (outcome C{stream_broken}, the status it sent); an answer not started is answered now, a 503
+    L{ShuttingDown} (outcome C{error}) after which its connection closes. Either way its handler is cancelled,
+    which closes its upstream connection, as a client that left would. An event stream ends as one an upstream
+    broke off does (C{stream_incomplete}, L{_end_stream}); any other answer that started has its connection
+    aborted. Before, every connection was aborted: the client saw a reset, not an answer it could retry on,
+    nor a stream's error event."""
     ctx = getattr(request, "context", None)
     if ctx is None or ctx.outcome is not None:  # not handled yet (no record), or recorded already
         return
+    error = ShuttingDown()
     if request.startedWriting:
         ctx.broken(CUT)
+        if _twistedcompat.plain_headers(request.responseHeaders).get(CONTENT_TYPE, (b"",))[0].startswith(
+                b"text/event-stream"):
+            _end_stream(request, error)
         return
     ctx.cut(CUT)
-    error = ShuttingDown()
     body = render.render(request, error, render.dialect_of(request))
     request.close_after()
     request.write(body)
-    ending, request.ending = request.ending, None
-    if ending is not None:  # as a lost connection: recorded (a 503, the cut), its handler cancelled, which
-        ending(Failure(error))  # finishes the answer (L{gomodel.http.front.write_answer} of nothing more)
+    _stop_handler(request, error)  # (which finishes the answer: L{gomodel.http.front.write_answer} of nothing more)
     if not request.finished:  # (no handler)
         request.finish()
+
+
+def _stop_handler(request, error):
+    """Record C{request} as a lost connection is (what it was cut as) and cancel its handler (its relay stops,
+    its upstream connection closes, so vLLM aborts)."""
+    ending, request.ending = request.ending, None
+    if ending is not None:
+        ending(Failure(error))
+
+
+def _end_stream(request, error):
+    """End an event stream the drain cuts as one whose upstream broke off ends (L{gomodel.proxy.exchange}): its
+    relay stopped, an in-band error event in the route's dialect, then its connection closed without the
+    body's end, never made to look finished."""
+    _stop_handler(request, error)
+    if request.channel is None:
+        return
+    request.unregisterProducer()
+    request.write(render.dialect_of(request).stream_event(
+        StreamFailed("The stream ended abnormally: the gateway is stopping.")))
+    request.transport.loseConnection()
 
 
 class Readiness:

@@ -261,7 +261,8 @@ async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_a
     """A stream cut at the end of the drain keeps the status it sent; a request whose answer had not started
     is answered a 503 (its connection closed after it, its upstream's too, so vLLM aborts); both say the
     gateway cut them (shutdown_timeout), neither is a 499 client_gone. Before, the request whose answer had
-    not started got no answer: its connection was reset, which a client cannot tell from a crash."""
+    not started got no answer: its connection was reset, which a client cannot tell from a crash; the stream
+    was reset too, without the error event that ends a stream an upstream broke off."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
     access = {}
 
@@ -286,6 +287,8 @@ async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_a
         how, _ = await with_timeout(reactor, record.closed, 10)
     finally:
         globalLogPublisher.removeObserver(observe)
+    received = bytes(stream.received)  # an event stream ends as one the upstream broke off, never finished
+    assert b'"code":"stream_incomplete"' in received.rpartition(b"data: ")[2] and not received.endswith(b"0\r\n\r\n")
     head, _, body = bytes(waiting.received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
     assert json.loads(body)["error"]["code"] == "shutdown_timeout"
