@@ -907,6 +907,33 @@ async def test_no_ready_replica_is_a_quick_503_with_retry_after(cluster, http, r
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_request_waiting_for_room_gets_the_503_once_every_replica_it_waited_for_is_down(cluster, http,
+                                                                                               reactor):
+    """Every replica full (their requests hung), a request waits for room; then every replica goes down
+    (their checks fail, their hung requests still in flight): it gets 503 no_ready_replica at once, as a
+    request arriving then does. Before, the queue was not looked at while every replica was full: it waited
+    out ROUTING_QUEUE_TIMEOUT and got 429 replicas_busy, as if a replica were about to free."""
+    fleet, gw = await cluster(2, env={"REPLICA_MAX_CONCURRENCY": "1", "ROUTING_QUEUE_TIMEOUT": "60s",
+                                      "REPLICA_FAILURE_THRESHOLD": "1", "REPLICA_HEALTH_INTERVAL": "0.1"})
+    pool = gw.registry.providers[0]
+    for replica in fleet:
+        replica.hang = True
+    held = [send(http, gw, chat()) for _ in range(2)]
+    await wait_for(reactor, lambda: [r.in_flight for r in pool.replicas] == [1, 1])
+    waiting = send(http, gw, chat())
+    await wait_for(reactor, lambda: len(pool._queue) == 1)
+    for replica in fleet:
+        replica.health_status = 503
+    response, body = await with_timeout(reactor, waiting, 10)
+    assert response.code == 503 and error_of(body)["code"] == "no_ready_replica", body
+    assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
+    assert [r.in_flight for r in pool.replicas] == [1, 1]  # (the hung requests are still there)
+    for replica in fleet:
+        replica.health_status, replica.hang = 200, False
+    await with_timeout(reactor, gatherResults(held), 10)
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_ready_replica_with_configured_models(cluster, http):
     async def refuse_all(fleet):
         for replica in fleet:

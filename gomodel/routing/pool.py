@@ -693,13 +693,17 @@ class ReplicaPool:
         self._drop(waiter)
         waiter.deferred.errback(ReplicasBusy(self.name, RETRY_AFTER))
 
-    def _serve_queue(self):
+    def _serve_queue(self, every=False):
         """Start the waiting requests that can start now, first come first served; one that cannot yet (the
-        replicas serving its model, or those it did not try, are full) does not hold back those behind it."""
+        replicas serving its model, or those it did not try, are full) does not hold back those behind it.
+
+        @param every: look at every waiting request even while every replica is full (a replica's state
+            changed): one that no ready replica serves any more fails at once (L{NoReadyReplica}).
+        """
         if not self._queue:
             return
         for waiter in list(self._queue):
-            if self._capped and not any(r.has_room() for r in self.replicas):
+            if not every and self._capped and not any(r.has_room() for r in self.replicas):
                 return  # every replica is full: none behind can start either (one look, not one per waiter)
             if waiter.deferred.called:  # served, failed or gone while an earlier one's callbacks ran
                 continue
@@ -718,7 +722,7 @@ class ReplicaPool:
         self.log.info("provider {provider} replica {index}: {state}{why}", provider=self.name,
                       index=replica.index, state=replica.state,
                       why=f" ({replica.last_error})" if replica.state != READY and replica.last_error else "")
-        self._serve_queue()
+        self._serve_queue(every=True)
 
     def close(self):
         """Fail every waiting request (the gateway is stopping)."""
