@@ -105,10 +105,12 @@ class Drain:
         self.log.warn("drain: {count} requests still in flight after {timeout:g}s; closing them",
                       count=self.in_flight, timeout=timeout)
         if self.site is not None:
+            closing = set()  # those closing after what they were just told (a 503, a stream's error event)
             for channel in list(self.site.channels):
                 for request in list(channel.requests):
-                    _cut_request(request)
-            self.site.abort_connections()  # (but those closing after the 503 they were just answered)
+                    if _cut_request(request):
+                        closing.add(channel)
+            self.site.abort_connections(spare=closing)
         if self.in_flight == 0:
             return None
         # An aborted connection closes on the reactor's next turn, and its request is recorded then (a stream's
@@ -122,24 +124,27 @@ class Drain:
         return None
 
 
-def _cut_request(request):
+def _cut_request(request) -> bool:
     """Cut C{request} at the end of the drain, recorded as the gateway's cut, error L{CUT}: a stream as broken
     (outcome C{stream_broken}, the status it sent); an answer not started is answered now, a 503
     L{ShuttingDown} (outcome C{error}) after which its connection closes. Either way its handler is cancelled,
     which closes its upstream connection, as a client that left would. An event stream ends as one an upstream
     broke off does (C{stream_incomplete}, L{_end_stream}); any other answer that started has its connection
     aborted. Before, every connection was aborted: the client saw a reset, not an answer it could retry on,
-    nor a stream's error event."""
+    nor a stream's error event.
+
+    @return: whether its connection closes by itself (after the 503 or the error event), not to be aborted.
+    """
     ctx = getattr(request, "context", None)
     if ctx is None or ctx.outcome is not None:  # not handled yet (no record), or recorded already
-        return
+        return False
     error = ShuttingDown()
     if request.startedWriting:
         ctx.broken(CUT)
         if _twistedcompat.plain_headers(request.responseHeaders).get(CONTENT_TYPE, (b"",))[0].startswith(
                 b"text/event-stream"):
-            _end_stream(request, error)
-        return
+            return _end_stream(request, error)
+        return False
     ctx.cut(CUT)
     body = render.render(request, error, render.dialect_of(request))
     request.close_after()
@@ -147,6 +152,7 @@ def _cut_request(request):
     _stop_handler(request, error)  # (which finishes the answer: L{gomodel.http.front.write_answer} of nothing more)
     if not request.finished:  # (no handler)
         request.finish()
+    return True
 
 
 def _stop_handler(request, error):
@@ -157,17 +163,21 @@ def _stop_handler(request, error):
         ending(Failure(error))
 
 
-def _end_stream(request, error):
+def _end_stream(request, error) -> bool:
     """End an event stream the drain cuts as one whose upstream broke off ends (L{gomodel.proxy.exchange}): its
     relay stopped, an in-band error event in the route's dialect, then its connection closed without the
-    body's end, never made to look finished."""
+    body's end, never made to look finished.
+
+    @return: whether its connection closes by itself (L{_cut_request}'s).
+    """
     _stop_handler(request, error)
     if request.channel is None:
-        return
+        return False
     request.unregisterProducer()
     request.write(render.dialect_of(request).stream_event(
         StreamFailed("The stream ended abnormally: the gateway is stopping.")))
     request.transport.loseConnection()
+    return True
 
 
 class Readiness:

@@ -323,13 +323,13 @@ class GatewaySite(server.Site):
                 channel.requests[-1].close_after()  # (a pipelined request after it is not taken)
             channel.requestFactory = partial(_last_request, channel.requestFactory)
 
-    def abort_connections(self):
-        """Close every client connection at once (the end of a drain), but those closing already after
-        their last answer (a drain's 503, L{gomodel.lifecycle}), which it would drop."""
+    def abort_connections(self, spare=()):
+        """Close every client connection at once (the end of a drain), but those in C{spare}: closing after
+        what they were just told (a drain's 503, a stream's error event: L{gomodel.lifecycle}), which an
+        abort would drop."""
         for channel in list(self.channels):
-            transport = channel.transport
-            if transport is not None and not transport.disconnecting:
-                transport.abortConnection()
+            if channel.transport is not None and channel not in spare:
+                channel.transport.abortConnection()
 
     def http_date(self) -> bytes:
         """The Date header's value for now, formatted once per second."""
