@@ -7,8 +7,9 @@ next one (which says C{Connection: close}), requests (those whose body is
 still arriving too) and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
 what is left then is cut (its upstream connections close, so vLLM aborts):
 a request whose answer had not started gets a 503 (L{gomodel.errors.ShuttingDown})
-and its connection closes after it, a stream is broken off; both are recorded
-as the gateway's cut (L{CUT}), not as a client that left.
+and its connection closes after it, an event stream ends with its error event,
+as one an upstream broke off does; both are recorded as the gateway's cut
+(L{CUT}), not as a client that left.
 Only then do the services stop (usage flushed, batch work released to resume
 at the next start), and the process exits with status 0, not twistd's
 signal status; another signal meanwhile changes nothing
@@ -127,10 +128,10 @@ class Drain:
 def _cut_request(request) -> bool:
     """Cut C{request} at the end of the drain, recorded as the gateway's cut, error L{CUT}: a stream as broken
     (outcome C{stream_broken}, the status it sent); an answer not started is answered now, a 503
-    L{ShuttingDown} (outcome C{error}) after which its connection closes. Either way its handler is cancelled,
-    which closes its upstream connection, as a client that left would. An event stream ends as one an upstream
-    broke off does (C{stream_incomplete}, L{_end_stream}); any other answer that started has its connection
-    aborted. Before, every connection was aborted: the client saw a reset, not an answer it could retry on,
+    L{ShuttingDown} (outcome C{error}) after which its connection closes. An event stream ends as one an
+    upstream broke off does (C{stream_incomplete}, L{_end_stream}); any other answer that started has its
+    connection aborted. Either way its handler is cancelled (here, or by the abort), which closes its upstream
+    connection, as a client that left would. Before, every connection was aborted: the client saw a reset, not an answer it could retry on,
     nor a stream's error event.
 
     @return: whether its connection closes by itself (after the 503 or the error event), not to be aborted.
