@@ -7,11 +7,11 @@ import openai
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 
-from gomodel.auth.keys import KeyRing, hash_secret
+from gomodel.auth.keys import LOOKUP_TIMEOUT, KeyRing, hash_secret, new_secret
 from gomodel.errors import StorageUnavailable
 from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
 
@@ -399,6 +399,61 @@ def test_the_key_ring_remembers_only_known_secrets_and_follows_their_record():
     ring.merge([{**record, "hash": hash_secret("sk_gom_z"), "updated_at": 3.0}])  # the secret was rotated
     assert ring.find(b"sk_gom_x") is None
     assert ring.find(b"sk_gom_z").id == "key_1"
+
+
+def test_a_secret_the_key_ring_lacks_is_looked_up_once_and_made_up_ones_cost_one_read_at_a_time():
+    """A well-formed secret the snapshot lacks waits for a read of the store begun after it was asked;
+    reads never overlap (those asked during one share the next), a secret the store did not know is
+    refused at once afterwards, and a failed or slow read refuses without remembering."""
+    class Keys:
+        def __init__(self):
+            self.reads = []  # (since, Deferred)
+
+        def changed_since(self, since):
+            d = Deferred()
+            self.reads.append((since, d))
+            return d
+
+    clock, keys = Clock(), Keys()
+    ring = KeyRing(store=keys, clock=clock)
+    new, guessed = new_secret(), new_secret()
+    record = {"id": "key_1", "hash": hash_secret(new), "name": "n", "deactivated_at": None, "updated_at": 7.0}
+    answers = []
+    assert ring.look_up(b"sk_gom_short") is None  # not what new_secret makes: never read for
+    ring.look_up(new.encode()).addCallback(answers.append)
+    ring.look_up(guessed.encode()).addCallback(answers.append)
+    ring.look_up(new.encode()).addCallback(answers.append)
+    assert len(keys.reads) == 1  # one read at a time: the two asked during it wait for the next
+    keys.reads[0][1].callback([record])
+    assert [a.id for a in answers] == ["key_1"] and len(keys.reads) == 2 and keys.reads[1][0] == 7.0 - 5.0
+    keys.reads[1][1].callback([])
+    assert [a.id if a else a for a in answers] == ["key_1", None, "key_1"]
+    assert ring.find(new.encode()).id == "key_1"
+    assert ring.look_up(guessed.encode()) is None  # the store did not know it: refused with no read
+    assert len(keys.reads) == 2
+    # made-up secrets asked while a read is under way share the next read
+    made_up = [new_secret().encode() for _ in range(50)]
+    for secret in made_up:
+        ring.look_up(secret)
+    assert len(keys.reads) == 3
+    keys.reads[2][1].callback([])
+    assert len(keys.reads) == 4  # the 49 asked during the read: one read more, begun after them
+    keys.reads[3][1].callback([])
+    assert len(keys.reads) == 4 and all(ring.look_up(secret) is None for secret in made_up)
+    # a failed read refuses, and remembers nothing: the next ask reads again
+    failing = new_secret().encode()
+    ring.look_up(failing).addCallback(answers.append)
+    keys.reads[4][1].errback(StorageUnavailable("The gateway's storage is unavailable (database is down)."))
+    assert answers[-1] is None
+    ring.look_up(failing)
+    assert len(keys.reads) == 6
+    # a store that does not answer: refused after LOOKUP_TIMEOUT seconds, and the late answer is harmless
+    keys.reads[5][1].callback([])
+    slow = new_secret().encode()
+    ring.look_up(slow).addCallback(answers.append)
+    clock.advance(LOOKUP_TIMEOUT)
+    assert answers[-1] is None and not clock.getDelayedCalls()
+    keys.reads[6][1].callback([])
 
 
 # -- model allowlists ----------------------------------------------------------------------

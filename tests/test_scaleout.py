@@ -21,6 +21,7 @@ import pytest_twisted
 import treq
 from twisted.internet.task import deferLater
 
+from gomodel.auth.keys import new_secret
 from gomodel.errors import StorageUnavailable
 from tests import postgres
 from tests.integration.support import free_port
@@ -170,6 +171,37 @@ async def test_a_key_made_on_a_works_on_b_and_its_deactivation_stops_it_there_wi
         assert await until(reactor, refused, limit=2.0, what="the deactivation reaching B") < 2.0
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_made_on_a_works_on_b_at_its_first_request(reactor, http, pair):
+    """B looks a secret its key ring lacks up in the store (before: a 401 until B's next refresh, up to a
+    second after the key was made); a made-up secret is a 401."""
+    a, b = pair
+    b.service.keys.stopService()  # B's key ring is refreshed no more: only the look-up can find the keys
+    code, key = await admin(http, a.url, "POST", KEYS, {"name": "team", "user_path": "/team/x"})
+    assert code == 201
+    code, uploader = await admin(http, a.url, "POST", KEYS, {"name": "uploader"})
+    assert code == 201
+    clients = [openai_client(b, key["value"]), openai_client(b, uploader["value"]), openai_client(b, new_secret()),
+               openai_client(a, MASTER)]
+    try:
+        answer = await in_thread(clients[0].chat.completions.create, model=MODEL,
+                                 messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        assert answer.choices[0].message.content
+        uploaded = await in_thread(clients[1].files.create, file=("a.jsonl", io.BytesIO(b"{}\n" * 50000)),
+                                   purpose="user_data")  # its first request an upload, streamed as it comes
+        assert (await in_thread(clients[1].files.content, uploaded.id)).content == b"{}\n" * 50000
+        with pytest.raises(openai.AuthenticationError) as refused:  # an upload refused while it comes
+            await in_thread(clients[2].files.create, file=("a.jsonl", io.BytesIO(b"{}\n" * 50000)),
+                            purpose="user_data")
+        assert refused.value.body["code"] == "invalid_api_key", refused.value.body
+        with pytest.raises(openai.AuthenticationError):  # known not to exist now: refused at once
+            await in_thread(clients[2].models.list)
+        assert [f.id for f in (await in_thread(clients[3].files.list)).data] == [uploaded.id]
+    finally:
+        for client in clients:
+            client.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,9 @@ Only a managed key's SHA-256 is stored; every process keeps a snapshot of
 the keys by hash (L{KeyRing}), so a lookup is one hash and one dict read,
 and refreshes it every second from the store: a key deactivated on one
 process stops working on every process within about a second, and one that
-expires stops at once.
+expires stops at once. A well-formed secret the snapshot lacks (a key made on
+another process since the last refresh) is looked up once (L{KeyRing.look_up}):
+its request waits for a read of the store begun after it came in.
 """
 
 import hashlib
@@ -18,11 +20,13 @@ import hmac
 import os
 import re
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gomodel._twistedcompat import plain_headers
 from gomodel.errors import AuthenticationFailed, Forbidden, InvalidRequest
 from gomodel.http.headers import AUTHORIZATION, X_API_KEY, X_GOMODEL_USER_PATH
+from gomodel.http.site import IdentityPending
 from gomodel.logs import FailureStreak
 from gomodel.periodic import Periodic
 
@@ -35,6 +39,12 @@ REFRESH_INTERVAL = 1.0
 # A write committed late by another process can carry an earlier timestamp: every refresh
 # looks this far back again (merging a key twice is harmless).
 REFRESH_OVERLAP = 5.0
+# What new_secret makes: a secret of any other form is never looked up in the store.
+_WELL_FORMED = re.compile(rb"sk_gom_[0-9a-f]{64}")
+# Seconds a request with a secret the key ring lacks waits for the store before it is refused.
+LOOKUP_TIMEOUT = 2.0
+# Well-formed secrets the store did not know, kept (up to this many) so that each is looked up once.
+UNKNOWN_KEPT = 10000
 
 
 class Principal:
@@ -141,6 +151,9 @@ class KeyRing(Periodic):
         self._hash_of = {}  # key id -> hash
         self._digests = {}  # secret -> its hash, for secrets of known keys (a hash is the same forever)
         self._seen = float("-inf")  # the newest updated_at merged
+        self._unknown = set()  # hashes of well-formed secrets a look-up did not find (a secret never comes later)
+        self._asked = []  # (digest, Deferred) waiting for the next look-up
+        self._looking = False  # a look-up's read of the store is under way
         self._streak = FailureStreak(self, "refreshing the managed keys failed",
                                      "the managed keys are refreshed from the store again")
 
@@ -159,6 +172,50 @@ class KeyRing(Periodic):
         if principal.expires_at is not None and self._clock.seconds() >= principal.expires_at:
             return None
         return principal
+
+    def look_up(self, secret: bytes):
+        """A Deferred firing with the active principal whose secret is C{secret} (as L{find}), after a read of
+        the store begun once it was asked: a key made on another process since the last refresh works on its
+        first request here. None at once for a secret of another form than L{new_secret}'s, one the snapshot
+        holds (deactivated, expired) or one looked up before in vain; None after L{LOOKUP_TIMEOUT} seconds or
+        when the store fails.
+
+        One read is under way at a time, for every secret asked meanwhile: secrets made up by a client
+        cost the store at most one read at a time, and each such secret one read only.
+        """
+        if not _WELL_FORMED.fullmatch(secret):
+            return None
+        digest = hashlib.sha256(secret).hexdigest()
+        if digest in self._by_hash or digest in self._unknown:
+            return None
+        d = Deferred()
+        self._asked.append((digest, d))
+        if not self._looking:
+            self._look()
+        d.addTimeout(LOOKUP_TIMEOUT, self._clock, onTimeoutCancel=lambda _, __: None)
+        return d.addCallback(lambda _: self.find(secret))
+
+    def _look(self):
+        """Read what changed in the store for the secrets asked so far; then for those asked meanwhile."""
+        asked, self._asked = self._asked, []
+        self._looking = True
+        d = self._store.changed_since(self._seen - REFRESH_OVERLAP)
+
+        def looked(records):
+            self._looking = False
+            if records is not None:
+                self.merge(records)
+                if len(self._unknown) >= UNKNOWN_KEPT:
+                    self._unknown.clear()
+                self._unknown.update(digest for digest, _ in asked if digest not in self._by_hash)
+            for _, waiting in asked:
+                if not waiting.called:
+                    waiting.callback(None)
+            if self._asked:
+                self._look()
+
+        # (a failed read is told of by the refresh loop; its secrets are refused, not remembered)
+        d.addErrback(lambda _: None).addCallback(looked)
 
     def by_id(self, key_id):
         """The principal of key C{key_id} as last seen (active or not), or None."""
@@ -222,6 +279,8 @@ class GatewayAuth:
         if self._master_key is None:
             token = presented_key(request, required=False)
             principal = self._keys.find(token) if token and self._keys is not None else None
+            if principal is None and token and self._keys is not None:
+                self._look_up(token, path, required=False)
         else:
             token = presented_key(request)
             if hmac.compare_digest(token, self._master_key):
@@ -229,11 +288,31 @@ class GatewayAuth:
                 return MASTER if values is None else self._attribute(MASTER, values)
             principal = self._keys.find(token) if self._keys is not None else None
             if principal is None:
+                if self._keys is not None:
+                    self._look_up(token, path)
                 raise AuthenticationFailed("Invalid API key.")
+        return self._allowed(principal, path)
+
+    def _allowed(self, principal, path):
+        """C{principal}, unless it is a managed key on a route only the master key reaches (L{Forbidden})."""
         if principal is not None and (path.startswith(b"/admin/") or path in self._master_only):
             raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
                             code="master_key_required")
         return principal
+
+    def _look_up(self, token, path, required=True):
+        """Raise L{IdentityPending} while the key ring looks C{token} up in the store (L{KeyRing.look_up});
+        return when it will not."""
+        looking = self._keys.look_up(token)
+        if looking is None:
+            return
+
+        def found(principal):
+            if principal is None and required:
+                raise AuthenticationFailed("Invalid API key.")
+            return self._allowed(principal, path)
+
+        raise IdentityPending(looking.addCallback(found))
 
     def _attribute(self, principal, values):
         """C{principal} attributed to the user path of the C{X-GoModel-User-Path} header's C{values}.

@@ -11,13 +11,14 @@ import io
 import re
 from functools import partial
 
+from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import server
 # Read once: twisted.web.http's attributes are read through a deprecation proxy (tens of steps a read).
 from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk, unquote
 
 from gomodel import _twistedcompat
-from gomodel.errors import GatewayError
+from gomodel.errors import GatewayError, InternalError
 from gomodel.http.channel import GatewayChannel
 from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING,
                                    X_REQUEST_ID, AnswerHeaders, request_header)
@@ -31,8 +32,22 @@ class _Discard(io.BytesIO):
         return len(data)
 
 
+_log = Logger()
+
+
 def _nothing(data):
     pass
+
+
+class IdentityPending(Exception):
+    """Raised by a site's C{authenticate} that must ask before it can say who sent a request (a key made
+    on another process, not yet in this one's key ring): C{identity} is a Deferred firing with who did,
+    or failing with the L{GatewayError} to refuse the request with. The request's body is received
+    meanwhile (dropped as soon as it is refused); the request is served once both are in."""
+
+    def __init__(self, identity):
+        super().__init__(identity)
+        self.identity = identity
 
 
 class GatewayRequest(_twistedcompat.EndingRequest):
@@ -147,6 +162,10 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             except GatewayError as e:
                 self._refuse(e)
                 return
+            except IdentityPending as pending:
+                self._await_identity(pending.identity)
+                if self.refusal is not None:  # (decided at once)
+                    return
         sink = self.upload_sink(self, method, path, length) if self.upload_sink is not None else None
         if sink is not None:
             self.streamed = True
@@ -162,6 +181,27 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         # twisted.web.http's, as server.Request's comes to for a site without getContentFile (it looks
         # that up, and makes and drops an AttributeError for every request)
         HTTPRequest.gotLength(self, length)
+
+    def _await_identity(self, identity):
+        """Hold the request, once its body is in, until C{identity} (a Deferred) says who sent it."""
+        held = []
+        self.requestReceived = lambda *args: held.append(args)  # (an attribute: other requests pay nothing)
+
+        def decided(result):
+            del self.requestReceived
+            if isinstance(result, failure.Failure):
+                if not result.check(GatewayError):
+                    _log.failure("deciding who sent a request failed", result)
+                    result = failure.Failure(InternalError("The gateway could not check the API key."))
+                if self.streamed:  # an upload refused while it comes: its contents are dropped now
+                    self.content.close()
+                self._refuse(result.value)
+            else:
+                self.identity = result
+            if held and not self._disconnected:
+                self.requestReceived(*held[0])
+
+        identity.addBoth(decided)
 
     def _refuse(self, error):
         """Answer C{error} once the request is in; drop its body, do not invite it, close after."""
