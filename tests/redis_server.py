@@ -32,3 +32,52 @@ def fresh_prefix(client):
         keys = list(client.scan_iter(match=name + "*"))
         if keys:
             client.delete(*keys)
+
+
+class RedisServer:
+    """A Redis of one test's own (C{redis-server} on a Unix socket in C{directory}, nothing saved), which the test
+    may pause (as a server that stops answering but keeps its data: a network cut) and resume; the test is skipped
+    where C{redis-server} is not installed."""
+
+    def __init__(self, directory):
+        import shutil
+        import signal
+        import subprocess
+        import time
+
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self._signal = signal
+        socket = os.path.join(str(directory), "redis.sock")
+        self.url = f"unix://{socket}"
+        self.process = subprocess.Popen([binary, "--port", "0", "--unixsocket", socket, "--save", "",
+                                         "--appendonly", "no", "--dir", str(directory)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(unix_socket_path=socket, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    pytest.fail("redis-server did not start")
+                time.sleep(0.02)
+            finally:
+                client.close()
+
+    def pause(self):
+        self.process.send_signal(self._signal.SIGSTOP)
+
+    def resume(self):
+        self.process.send_signal(self._signal.SIGCONT)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.resume()
+            self.process.kill()
+        self.process.wait()

@@ -26,6 +26,7 @@ from gomodel.errors import StorageUnavailable
 from tests import postgres
 from tests.integration.support import free_port
 from tests.postgres import pg_database  # noqa: F401 (fixture)
+from tests.redis_server import RedisServer
 from tests.support import in_thread, openai_client, start_fake, start_gateway
 
 MASTER = "master-scale"
@@ -350,6 +351,56 @@ async def test_a_budget_with_redis_counts_what_the_ledger_holds_and_survives_red
         client.close()
         await a.service.stopService()
         await b.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_budget_counts_what_was_spent_while_redis_could_not_be_reached(reactor, http, fake, pg_database,
+                                                                               tmp_path):
+    """Redis stops answering but keeps its data (a pause, a network cut): the limits fail open, and once it
+    answers again the budget sums count what the keys spent meanwhile, from the usage ledger (before: the
+    sums missed those charges for the rest of the period, and the key spent its budget again)."""
+    server = RedisServer(tmp_path)
+    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=server.url)
+    a = await start_gateway(reactor, env)
+    b = await start_gateway(reactor, env)
+    sdks = []
+    try:
+        code, key = await admin(http, a.url, "POST", KEYS, {
+            "name": "team", "rpm": 1000, "budgets": [{"period": "daily", "max_tokens": 100}]})  # 21 a request
+        assert code == 201
+        sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
+        for i in range(2):
+            await in_thread(sdks[i % 2].chat.completions.create, model=MODEL,
+                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        server.pause()
+        for i in range(3):  # 105 tokens in all, counted by the ledger alone
+            await in_thread(sdks[i % 2].chat.completions.create, model=MODEL,
+                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+
+        async def written():
+            _, summary = await admin(http, a.url, "GET", "/admin/api/v1/usage/summary")
+            return summary["requests"] == 5
+
+        await until(reactor, written, what="the usage written")
+        server.resume()
+
+        async def answering(gateway):
+            response = await http.get(gateway.url + "/v1/usage", headers={"Authorization": f"Bearer {key['value']}"})
+            [window] = json.loads(await treq.content(response))["rate_limits"]
+            return window["requests_used"] is not None  # (null while Redis counts as unreachable)
+
+        for gateway, sdk in zip((a, b), sdks):
+            await until(reactor, lambda: answering(gateway), limit=15.0, what="Redis answering again")
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(sdk.chat.completions.create, model=MODEL,
+                                messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+            assert refused.value.body["code"] == "budget_exceeded"
+    finally:
+        for sdk in sdks:
+            sdk.close()
+        await a.service.stopService()
+        await b.service.stopService()
+        server.stop()
 
 
 @pytest_twisted.ensureDeferred

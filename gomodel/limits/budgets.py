@@ -30,7 +30,10 @@ and the others' seeds change nothing. Every check reads the mark with the
 sums: a sum that Redis lost (a restart without persistence, a flush) is
 seeded again from the ledger, which then holds the truth but for the
 requests other hosts have not written yet (at most C{USAGE_FLUSH_INTERVAL}
-of them); nothing is counted twice.
+of them); nothing is counted twice. A sum that missed this process's charges
+while Redis could not be reached (it kept its data: a pause, a network cut)
+is seeded again, the larger of what it holds and the ledger's figure, at its
+first use once Redis answers again.
 """
 
 import inspect
@@ -63,6 +66,7 @@ class BudgetBook:
         self._windows = {}  # period -> (start, end) of the period last asked for
         self._currents = {}  # id(scopes) -> its _Current (which holds scopes: the id is not reused)
         self._seed_failed_at = None  # when the last read of the ledger failed, while reads fail
+        self._missed = set()  # shared sums that missed a charge (Redis unreachable): seeded again once it answers
 
     def _window(self, period, now):
         """L{period_window}, computed once per period (a calendar computation otherwise on every request)."""
@@ -238,12 +242,26 @@ class BudgetBook:
         if self._counters.immediate:
             self._counters.spend_all_now(items)
             return None
-        return self._counters.spend_all(items)
+        return self._counters.spend_all(items).addCallback(self._spent, sums)
+
+    def _spent(self, _, sums):
+        """After a charge of shared C{sums}: where Redis could not be reached (the charge is lost), they are
+        seeded again from the ledger once it answers."""
+        if not self._counters.shared or not self._counters.unreachable:
+            return
+        missed = [bucket for bucket, _ in sums if bucket not in self._missed]
+        if missed:
+            self._missed.update(missed)
+            for bucket in missed:
+                self._seeded.pop(bucket, None)
+            self._currents.clear()  # (each holds whether its periods are seeded)
 
     async def _seed_all(self, current):
         failed = self._seed_failed_at
         if failed is not None and self._clock.seconds() - failed < SEED_RETRY:
             return  # the ledger could not be read a moment ago: the sums count as they stand meanwhile
+        if self._missed and self._counters.unreachable:
+            return  # (a sum that missed charges is seeded again once Redis answers, not on every request now)
         for scope, _, bucket, start, end in current.rows:
             if bucket in self._seeded:
                 continue
@@ -284,7 +302,12 @@ class BudgetBook:
             self._seed_failed_at = None
             self.log.info("the usage ledger can be read again: budgets start from it")
         if self._counters.shared:  # set by the first process to seed it (see the module)
-            await self._counters.seed_all([(bucket, int(tokens or 0), float(cost or 0.0), expires)])
+            again = bucket in self._missed
+            await self._counters.seed_all([(bucket, int(tokens or 0), float(cost or 0.0), expires)], again=again)
+            if again:
+                if self._counters.unreachable:
+                    return  # (seeded again once Redis answers)
+                self._missed.discard(bucket)
         elif tokens or cost:
             await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
         self._seeded[bucket] = expires

@@ -594,11 +594,13 @@ return 0
 # A budget sum read from the usage ledger, once: KEYS the sums; ARGV per key: tokens, cost, expires_at or ''.
 # A sum not marked seeded (its field 's') becomes the larger of what it holds and the ledger's figure (the
 # requests recorded since a Redis that lost its data came back are also in the ledger once written: never
-# counted twice), and is marked; a sum already marked is left as it is. Returns how many it seeded.
+# counted twice), and is marked; a sum already marked is left as it is, unless the last ARGV is '1' (seeded
+# again: sums that missed charges while Redis could not be reached). Returns how many it seeded.
 _SEED = """
 local n = 0
+local again = ARGV[3 * #KEYS + 1] == '1'
 for i = 1, #KEYS do
-  if redis.call('HSETNX', KEYS[i], 's', 1) == 1 then
+  if redis.call('HSETNX', KEYS[i], 's', 1) == 1 or again then
     n = n + 1
     if tonumber(ARGV[3 * i - 2]) > tonumber(redis.call('HGET', KEYS[i], 't') or '0') then
       redis.call('HSET', KEYS[i], 't', ARGV[3 * i - 2])
@@ -801,8 +803,9 @@ class RedisCounters(_Forms):
         reply = self._peek(keys=keys, args=args)
         return [float(level) for level in reply[:nb]], [int(held) for held in reply[nb:]]
 
-    def seed_all(self, items):
-        """Set budget sums read from the usage ledger, each once for as long as Redis keeps it (see L{_SEED}).
+    def seed_all(self, items, again=False):
+        """Set budget sums read from the usage ledger, each once for as long as Redis keeps it (see L{_SEED});
+        C{again}: seeded sums too (each the larger of what it holds and the ledger's figure).
 
         @param items: C{(bucket, tokens, cost, expires_at)}, as L{spend_all}'s.
         @return: a Deferred firing with how many it seeded (0 for sums seeded already, or Redis unreachable).
@@ -810,6 +813,7 @@ class RedisCounters(_Forms):
         keys = [self._prefix + bucket for bucket, _, _, _ in items]
         args = [x for _, tokens, cost, expires in items
                 for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
+        args.append("1" if again else "")
         return self._run(0, self._seed, keys, args)
 
     def spent_seeded(self, buckets):
