@@ -19,7 +19,9 @@ import openai
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.web.server import NOT_DONE_YET
 
 from gomodel.auth.keys import new_secret
 from gomodel.errors import StorageUnavailable
@@ -144,6 +146,43 @@ async def test_a_background_response_read_on_both_hosts_at_once_is_charged_once(
     finally:
         for client in clients:
             client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_response_deleted_on_b_while_a_asks_its_instance_stays_deleted(reactor, pair, fake):
+    """A asks the instance after a background response (a read); B deletes it meanwhile: A's answer is not
+    stored back (before: A stored it again, and the deleted response was back on every host)."""
+    a, b = pair
+    sdk_a, sdk_b = openai_client(a, MASTER), openai_client(b, MASTER)
+    held, arrived = [], Deferred()
+    lifecycle = fake._response_lifecycle
+
+    def hold(request, rest):  # the instance answers A's ask only once the test lets it
+        held.append((request, rest))
+        if not arrived.called:
+            arrived.callback(None)
+        return NOT_DONE_YET
+
+    try:
+        created = await in_thread(sdk_a.responses.create, model=MODEL, input="long job", background=True)
+        fake.stored_responses[created.id].update(status="completed", usage={
+            "input_tokens": 19, "output_tokens": 3, "total_tokens": 22})
+        fake._response_lifecycle = hold
+        read = in_thread(sdk_a.responses.retrieve, created.id)
+        await arrived
+        await in_thread(sdk_b.responses.delete, created.id)
+        fake._response_lifecycle = lifecycle
+        for request, rest in held:
+            request.write(lifecycle(request, rest))
+            request.finish()
+        assert (await read).status == "completed"  # (the reader has its answer)
+        for sdk in (sdk_a, sdk_b):
+            with pytest.raises(openai.NotFoundError):
+                await in_thread(sdk.responses.retrieve, created.id)
+    finally:
+        fake._response_lifecycle = lifecycle
+        sdk_a.close()
+        sdk_b.close()
 
 
 @pytest_twisted.ensureDeferred

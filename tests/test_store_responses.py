@@ -30,6 +30,19 @@ async def test_responses_are_kept_replaced_and_swept(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_update_replaces_a_stored_response_and_never_stores_a_deleted_one_again(store):
+    responses = store.responses
+    await responses.put(record(tenant="key:a", replica=1))
+    assert await responses.update("resp_1", "completed", {"id": "resp_1", "status": "completed", "t": "é"}) is True
+    updated = await responses.get("resp_1")
+    assert (updated["status"], updated["response"], updated["tenant"], updated["replica"]) == (
+        "completed", {"id": "resp_1", "status": "completed", "t": "é"}, "key:a", 1)
+    assert await responses.delete("resp_1") is True
+    assert await responses.update("resp_1", "completed", {"id": "resp_1", "status": "completed"}) is False
+    assert await responses.get("resp_1") is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_kept_responses_are_seen_by_the_next_read_and_failures_are_logged(store, logged_errors):
     kept = record(id="resp_k", status="completed", response={"id": "resp_k"},
                   response_json=b'{"id":"resp_k","status":"completed","output_text":"\xc3\xa9"}')

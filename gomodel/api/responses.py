@@ -343,10 +343,11 @@ class ResponsesRoute:
         return record
 
     def _update(self, record, response) -> Deferred:
-        """Store C{response} as C{record}'s, when it is its; a Deferred firing once done."""
+        """Store C{response} as C{record}'s, when it is its and C{record} is stored still (one deleted meanwhile,
+        here or by another process, is not stored again); a Deferred firing once done."""
         if not isinstance(response, dict) or response.get("id") != record["id"]:
             return succeed(None)
-        return self._store.put(dict(record, response=response, status=response.get("status"))).addErrback(
+        return self._store.update(record["id"], response.get("status"), response).addErrback(
             lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
 
     def refresh(self, record, request_id, trace=None, keep=True) -> Deferred:

@@ -276,6 +276,13 @@ class IResponseStore(Interface):
         bytes (stored as it is).
         """
 
+    def update(response_id, status, response):
+        """Replace the C{status} and C{response} (a dict) of a stored response; nothing for one not stored (deleted
+        meanwhile, by any process: it is not stored again).
+
+        @return: a Deferred firing with True once replaced, or False when there was no such response.
+        """
+
     def get(response_id):
         """@return: a Deferred firing with the stored response record, or None."""
 

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gomodel import jsonutil
 from gomodel.errors import StorageUnavailable
 from gomodel.logs import FailureStreak
 from gomodel.store.codec import RESPONSE_COLUMNS, response_row, response_upsert
@@ -28,6 +29,7 @@ from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
 MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
 _PUT = response_upsert("%s")
+_UPDATE = "UPDATE responses SET status = %s, response = %s WHERE id = %s"
 
 
 @implementer(IResponseStore)
@@ -146,6 +148,10 @@ class PostgreSQLResponseStore:
         record["input_items"] = json.loads(record["input_items"])
         record["response"] = json.loads(record["response"])
         return record
+
+    def update(self, response_id, status, response):
+        text = jsonutil.dumps(response).decode("utf-8")
+        return self._after_keeps(lambda conn: conn.execute(_UPDATE, (status, text, response_id)).rowcount > 0)
 
     def delete(self, response_id):
         return self._after_keeps(lambda conn: conn.execute("DELETE FROM responses WHERE id = %s",

@@ -6,6 +6,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from gomodel import jsonutil
 from gomodel.store.codec import RESPONSE_COLUMNS, RESPONSE_CONFLICT, RESPONSE_INSERT, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
@@ -117,6 +118,14 @@ class SQLiteResponseStore:
         record["input_items"] = json.loads(record["input_items"])
         record["response"] = json.loads(record["response"])
         return record
+
+    def update(self, response_id, status, response):
+        return self._after_writes(self._update, response_id, status, jsonutil.dumps(response).decode("utf-8"))
+
+    def _update(self, response_id, status, text):
+        with self._db.transaction() as conn:
+            return conn.execute("UPDATE responses SET status = ?, response = ? WHERE id = ?",
+                                (status, text, response_id)).rowcount > 0
 
     def delete(self, response_id):
         return self._after_writes(self._delete, response_id)
