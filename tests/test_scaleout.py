@@ -245,6 +245,47 @@ async def test_a_key_made_on_a_works_on_b_at_its_first_request(reactor, http, pa
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_running_batch_follows_its_key_as_edited_and_deactivated_on_the_other_host(
+        reactor, http, pair, fake, pg_database):
+    """A budget given to a key on B while its batch runs on A refuses A's next lines (budget_exceeded), and a
+    deactivation on B stops them (invalid_api_key); before, the batch ran to its end as the key was when it
+    started."""
+    a, b = pair
+    code, key = await admin(http, a.url, "POST", KEYS, {"name": "team"})
+    assert code == 201
+    sdk, master = openai_client(a, key["value"]), openai_client(a, MASTER)
+
+    async def batch_stopped_by(change, code_wanted):
+        lines = [chat_line(f"{code_wanted}-{i}", fake_delay=0.2) for i in range(12)]
+        created = await start_batch(sdk, lines)
+
+        async def started():
+            return len(committed(pg_database, created.id)) >= 2
+
+        await until(reactor, started, what="A recording lines")
+        code, _ = await admin(http, b.url, *change)
+        assert code == 200
+        await a.service.keys.refresh()  # what A's loop does every second
+        sent = sum(1 for line in lines if line["custom_id"] in fake.marker_counts)
+        _, batch = await batch_done(reactor, master, created.id, limit=20)
+        assert batch.status == "completed"
+        counts = batch.request_counts
+        assert counts.completed <= sent + 2 and counts.failed == 12 - counts.completed, counts  # (2 in flight)
+        errors = (await in_thread(master.files.content, batch.error_file_id)).content
+        assert {json.loads(row)["error"]["code"] for row in errors.splitlines()} == {code_wanted}
+
+    try:
+        await batch_stopped_by(("PATCH", f"{KEYS}/{key['id']}", {"budgets": [{"period": "daily", "max_tokens": 1}]}),
+                               "budget_exceeded")
+        code, _ = await admin(http, a.url, "PATCH", f"{KEYS}/{key['id']}", {"budgets": []})
+        assert code == 200
+        await batch_stopped_by(("POST", f"{KEYS}/{key['id']}/deactivate"), "invalid_api_key")
+    finally:
+        sdk.close()
+        master.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_usage_from_both_gateways_is_in_one_summary(reactor, http, pair, fake):
     a, b = pair
     for gw, count in ((a, 2), (b, 3)):

@@ -476,7 +476,10 @@ class BatchRunner(Service):
 
     async def _launch(self, job, path, line, custom_id, body):
         """Send one line once its first target's provider has room (the line then runs on its own, holding
-        the slot of the provider it is at: L{_Slot})."""
+        the slot of the provider it is at: L{_Slot}). A managed key's line runs as the key is now (L{_key_now});
+        one of a key deactivated or expired since the batch started fails (C{invalid_api_key}) instead of being
+        sent."""
+        self._key_now(job)
         try:
             payload = jsonutil.loads(body)
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
@@ -514,6 +517,12 @@ class BatchRunner(Service):
         if job.stop is not None:
             sem.release()
             return
+        if self._key_now(job) is False:
+            sem.release()
+            self._track(job, self._record(job, line, custom_id, False, error_line(
+                custom_id, "invalid_api_key", "The API key that made the batch was deactivated or has expired: "
+                "its lines are not sent.")))
+            return
         if self._gate is not None and not await self._within_budgets(job, line, custom_id, sem):
             return
         slot = _Slot(job, self.semaphore, sem)
@@ -526,6 +535,15 @@ class BatchRunner(Service):
             return result
 
         self._track(job, d.addBoth(release))
+
+    def _key_now(self, job):
+        """Take the managed key a batch runs as as it is now (its budgets, models and priority as last edited,
+        on any process): whether it is still active (None for a batch of the master key)."""
+        principal = job.principal
+        if principal is None:
+            return None
+        principal = job.principal = self._keys.by_id(principal.id) or principal
+        return principal.active and (principal.expires_at is None or self._clock.seconds() < principal.expires_at)
 
     async def _within_budgets(self, job, line, custom_id, sem):
         """Whether the batch's key may still spend, checked once the line holds its slot (C{sem}, given back
