@@ -117,6 +117,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     book = BudgetBook(counters, reactor, seed=(store.usage if gateway.usage is None else gateway.usage).spent,
                       seed_counts_kept=gateway.usage is not None) if config.quotas.budgets_enabled else None
     gateway.gate = Gate(Limiter(counters, reactor), book, config.quotas, store.budgets, reactor, pricing=pricing)
+    gateway.keys.budgets_changed = gateway.gate.renew
     exchange.admit = gateway.gate.admit
 
     # The store, then its users (stopped in reverse, one after the other; the usage ledger after the

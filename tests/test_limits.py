@@ -446,6 +446,27 @@ def test_every_scope_of_a_request_is_charged(counters, clock):
     assert info.value.scope == "path:/t"
 
 
+def test_a_budget_given_again_counts_from_the_ledger_what_was_spent_while_it_was_gone(counters, clock):
+    """A scope's budget removed and given again (L{BudgetBook.renew}) is seeded again: its sum, which counted
+    nothing meanwhile, becomes what the ledger holds (the requests charged before included once)."""
+    clock.rightNow = utc(2026, 3, 18, 12)
+    ledger = {"tokens": 0}
+    book = BudgetBook(counters, clock, seed=lambda scope, since: (ledger["tokens"], 0.0), seed_counts_kept=True)
+    scopes = [("key:k", [Budget("daily", max_tokens=100)])]
+    fired(book.check(scopes))
+    fired(book.record(scopes, 40, None))
+    ledger["tokens"] += 40
+    book.renew("key:k")  # removed: the key's next requests charge no sum of its
+    ledger["tokens"] += 50
+    book.renew("key:k")  # given again, as it was
+    again = [("key:k", [Budget("daily", max_tokens=100)])]
+    fired(book.check(again))
+    assert book.current_now(again).cells[0][:2] == [90, 0.0]  # (not 40, nor 130)
+    fired(book.record(again, 10, None))
+    with pytest.raises(BudgetExceeded):
+        fired(book.check(again))
+
+
 def test_a_ledger_that_cannot_be_read_is_asked_again_only_after_a_while_and_said_once(counters, clock):
     """While the store is down a seed's read fails fast or waits for a connection: it is not tried on every
     request (each would wait), and it is logged once, not per request."""

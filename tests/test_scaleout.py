@@ -58,6 +58,26 @@ async def pair(reactor, fake, pg_database, tmp_path):
     await b.service.stopService()
 
 
+@pytest.fixture
+def redis_prefix_cleanup():
+    """Key ids whose limit counters in the shared Redis are deleted after the test (skipped without Redis)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        client.close()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    ids = []
+    yield ids
+    for key_id in ids:
+        made = client.keys(f"gomodel:limits:*key:{key_id}*")
+        if made:
+            client.delete(*made)
+    client.close()
+
+
 async def admin(http, gw_url, method, path, body=None):
     data = json.dumps(body).encode() if body is not None else None
     response = await http.request(method, gw_url + path, data=data, headers=ADMIN)
@@ -481,6 +501,54 @@ async def test_a_budget_counts_what_was_spent_while_redis_could_not_be_reached(r
         await a.service.stopService()
         await b.service.stopService()
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_budget_removed_and_given_again_counts_what_was_spent_meanwhile(reactor, http, fake, pg_database,
+                                                                                tmp_path, redis_prefix_cleanup):
+    """A key's budget removed on A, the key busy on A alone meanwhile, and given again on A: both hosts count
+    what the key spent while it had none, from the usage ledger (before: the sum kept in Redis, marked seeded,
+    lacked it for the rest of the period)."""
+    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=REDIS_URL)
+    a = await start_gateway(reactor, env)
+    b = await start_gateway(reactor, env)
+    sdks = []
+    budget = {"budgets": [{"period": "daily", "max_tokens": 100}]}  # 21 tokens a request
+    try:
+        code, key = await admin(http, a.url, "POST", KEYS, {"name": "team", **budget})
+        assert code == 201
+        redis_prefix_cleanup.append(key["id"])
+        sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
+
+        async def chat(sdk):
+            await in_thread(sdk.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                            max_tokens=5)
+
+        for sdk in sdks:
+            await chat(sdk)
+        for change, requests in (({"budgets": []}, 4), (budget, 0)):
+            code, _ = await admin(http, a.url, "PATCH", f"{KEYS}/{key['id']}", change)
+            assert code == 200
+            await b.service.keys.refresh()  # what its loop does every second
+            for _ in range(requests):
+                await chat(sdks[0])
+
+        async def written():
+            _, summary = await admin(http, a.url, "GET", "/admin/api/v1/usage/summary")
+            return summary["requests"] == 6
+
+        await until(reactor, written, what="the usage written")
+        for sdk in sdks:
+            with pytest.raises(openai.RateLimitError) as refused:
+                await chat(sdk)
+            assert refused.value.body["code"] == "budget_exceeded"
+        code, shown = await admin(http, b.url, "GET", f"{KEYS}/{key['id']}")
+        assert shown["budgets"][0]["spent_tokens"] == 6 * 21
+    finally:
+        for sdk in sdks:
+            sdk.close()
+        await a.service.stopService()
+        await b.service.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -143,6 +143,8 @@ class KeyRing(Periodic):
     """Every managed key by its secret's hash, refreshed from the L{gomodel.store.interfaces.IKeyStore}."""
 
     log = Logger()
+    # Called with a key's budget scope (C{key:<id>}) when its budgets changed (L{gomodel.limits.gate.Gate.renew}).
+    budgets_changed = None
 
     def __init__(self, store, clock, interval=REFRESH_INTERVAL):
         super().__init__(clock, interval)
@@ -223,14 +225,18 @@ class KeyRing(Periodic):
         return None if secret_hash is None else self._by_hash.get(secret_hash)
 
     def merge(self, records):
-        """Take new or changed key records (this process's admin edits take effect at once)."""
+        """Take new or changed key records (this process's admin edits take effect at once); a key whose budgets
+        changed is told to L{budgets_changed}, when set."""
         for record in records:
             old = self._hash_of.get(record["id"])
+            before = None if old is None else self._by_hash.get(old)
             if old is not None and old != record["hash"]:
                 self._by_hash.pop(old, None)
             self._hash_of[record["id"]] = record["hash"]
-            self._by_hash[record["hash"]] = Principal.of_record(record)
+            principal = self._by_hash[record["hash"]] = Principal.of_record(record)
             self._seen = max(self._seen, record["updated_at"])
+            if before is not None and before.budgets != principal.budgets and self.budgets_changed is not None:
+                self.budgets_changed(f"key:{record['id']}")
 
     def refresh(self):
         """Merge what changed in the store since the last refresh.

@@ -33,7 +33,10 @@ requests other hosts have not written yet (at most C{USAGE_FLUSH_INTERVAL}
 of them); nothing is counted twice. A sum that missed this process's charges
 while Redis could not be reached (it kept its data: a pause, a network cut)
 is seeded again, the larger of what it holds and the ledger's figure, at its
-first use once Redis answers again.
+first use once Redis answers again. So are the sums of a scope whose budgets
+were set, changed or removed (L{BudgetBook.renew}, on every process): a
+budget removed and given again in its period counts what was spent while it
+was gone, when no sum counted it.
 """
 
 import inspect
@@ -67,6 +70,18 @@ class BudgetBook:
         self._currents = {}  # id(scopes) -> its _Current (which holds scopes: the id is not reused)
         self._seed_failed_at = None  # when the last read of the ledger failed, while reads fail
         self._missed = set()  # shared sums that missed a charge (Redis unreachable): seeded again once it answers
+        self._renewed = set()  # scopes whose budgets changed: their sums are seeded again at their next use
+
+    def renew(self, scope):
+        """The budgets of C{scope} were set, changed or removed: seed its sums again from the usage ledger at
+        their next use (a sum counts nothing while its scope has no budget of its period)."""
+        if len(self._renewed) >= 10000:
+            self._renewed.clear()
+        self._renewed.add(scope)
+        prefix = f"budget|{scope}|"
+        for bucket in [bucket for bucket in self._seeded if bucket.startswith(prefix)]:
+            del self._seeded[bucket]
+        self._currents.clear()  # (each holds whether its periods are seeded)
 
     def _window(self, period, now):
         """L{period_window}, computed once per period (a calendar computation otherwise on every request)."""
@@ -260,7 +275,7 @@ class BudgetBook:
         failed = self._seed_failed_at
         if failed is not None and self._clock.seconds() - failed < SEED_RETRY:
             return  # the ledger could not be read a moment ago: the sums count as they stand meanwhile
-        if self._missed and self._counters.unreachable:
+        if (self._missed or self._renewed) and self._counters.shared and self._counters.unreachable:
             return  # (a sum that missed charges is seeded again once Redis answers, not on every request now)
         for scope, _, bucket, start, end in current.rows:
             if bucket in self._seeded:
@@ -278,6 +293,8 @@ class BudgetBook:
             finally:
                 for d in self._seeding.pop(bucket):
                     d.callback(None)
+        if self._renewed and all(bucket in self._seeded for bucket in current.buckets):
+            self._renewed.difference_update(scope for scope, _, _, _, _ in current.rows)
 
     async def _ledger(self, scope, start):
         """What C{scope} spent since C{start} by the usage ledger (C{seed}): C{(tokens, cost)}; fails as it does."""
@@ -301,15 +318,19 @@ class BudgetBook:
         if self._seed_failed_at is not None:
             self._seed_failed_at = None
             self.log.info("the usage ledger can be read again: budgets start from it")
+        again = bucket in self._missed or scope in self._renewed
         if self._counters.shared:  # set by the first process to seed it (see the module)
-            again = bucket in self._missed
             await self._counters.seed_all([(bucket, int(tokens or 0), float(cost or 0.0), expires)], again=again)
             if again:
                 if self._counters.unreachable:
                     return  # (seeded again once Redis answers)
                 self._missed.discard(bucket)
-        elif tokens or cost:
-            await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
+        else:
+            if again:  # (this process's own sum: the ledger's figure holds what it counted)
+                cell = self._counters.sum_cell(bucket, expires)
+                cell[0], cell[1] = 0, 0.0
+            if tokens or cost:
+                await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
         self._seeded[bucket] = expires
         if len(self._seeded) > 4096:
             now = self._clock.seconds()

@@ -87,8 +87,17 @@ class Gate(Periodic):
                 Budget(record["period"], max_tokens=record["max_tokens"], max_cost=record["max_cost"]))
         budgets = {path: tuple(items) for path, items in budgets.items()}
         if budgets != self._path_budgets:
+            for path in set(budgets) | set(self._path_budgets):
+                if budgets.get(path) != self._path_budgets.get(path):
+                    self.renew(f"path:{path}")
             self._path_budgets = budgets
             self._plans = {}
+
+    def renew(self, scope):
+        """The budgets of C{scope} changed (set, edited or removed, on any process): its sums are seeded again
+        from the usage ledger at their next use (L{gomodel.limits.budgets.BudgetBook.renew})."""
+        if self._book is not None:
+            self._book.renew(scope)
 
     def budget_scopes(self, principal):
         """C{[(scope, (Budget, ...))]} that a request of C{principal} spends from (the master key's only where
