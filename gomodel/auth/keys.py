@@ -279,6 +279,8 @@ class GatewayAuth:
 
         @raise AuthenticationFailed: the key is missing or wrong (or deactivated, or expired).
         @raise Forbidden: a managed key on a route only the master key reaches.
+        @raise IdentityPending: a well-formed secret this process does not hold: its Deferred fires with the
+            principal (or fails as above) once the key ring looked it up (L{KeyRing.look_up}).
         """
         if path in self._open or (self._open_prefixes and self._open_below(path)):
             return None
