@@ -88,8 +88,10 @@ class SelfUsage:
         except Exception as e:
             error = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
             self.log.warn("Reading the usage ledger for /v1/usage failed: {error}", error=error)
-            raise StorageUnavailable(f"The usage ledger could not be read ({error}).",
-                                     code="usage_status_failed") from None
+            # (what failed is the log's: an unexpected error's text may name the database's host)
+            why = e.message if isinstance(e, StorageUnavailable) else "The gateway's log says why."
+            raise StorageUnavailable(f"The usage ledger could not be read. {why}", code="usage_status_failed") \
+                from None
 
     async def _budgets(self, scopes, path, now) -> list:
         """One entry per budget and unit of C{scopes}, with what it spent this period."""
