@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gomodel.auth.tenancy import visible
-from gomodel.errors import NotFound
+from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.ids import new_id
 from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
@@ -77,20 +77,28 @@ def unknown_response(response_id) -> NotFound:
                     code="response_not_found")
 
 
+def unknown_previous(previous_id) -> InvalidRequest:
+    """OpenAI's 400 for a C{previous_response_id} nobody holds for whoever asks (none, another tenant's, deleted,
+    not stored): clients that start the conversation again on its code (C{previous_response_not_found}) rely
+    on it."""
+    return InvalidRequest(f"Previous response with id '{shown(str(previous_id))}' not found.",
+                          param="previous_response_id", code="previous_response_not_found")
+
+
 async def continued(store, previous_id: str, principal):
     """The stored record of C{previous_id} that C{principal} may continue, or None: a master key's unknown id
     goes upstream as it is (the upstream may still hold it: made there directly, not stored, or deleted).
 
-    @raise NotFound: it belongs to another tenant, or a managed key names a response the gateway does not
-        hold (the upstream may still hold another tenant's).
+    @raise InvalidRequest: it belongs to another tenant, or a managed key names a response the gateway does
+        not hold (the upstream may still hold another tenant's): L{unknown_previous}.
     """
     record = await store.get(previous_id)
     if record is None:
         if principal is not None and not principal.master:
-            raise unknown_response(previous_id)
+            raise unknown_previous(previous_id)
         return None
     if not visible(principal, record):
-        raise unknown_response(previous_id)
+        raise unknown_previous(previous_id)
     return record
 
 

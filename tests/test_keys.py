@@ -620,17 +620,19 @@ async def test_files_batches_and_responses_belong_to_their_tenant(http, gw):
             await in_thread(clients["beta"].responses.retrieve, response.id)
         with pytest.raises(openai.NotFoundError):
             await in_thread(clients["beta"].responses.delete, response.id)
-        with pytest.raises(openai.NotFoundError):  # nor continue another tenant's conversation
+        with pytest.raises(openai.BadRequestError) as refused:  # nor continue another tenant's conversation
             await in_thread(clients["beta"].responses.create, model=MODEL, input="more",
                             previous_response_id=response.id)
+        assert (refused.value.body["param"], refused.value.body["code"]) == ("previous_response_id",
+                                                                             "previous_response_not_found")
         assert (await in_thread(clients["master"].responses.retrieve, response.id)).id == response.id
         # Nor one the gateway does not hold, which the upstream may still hold: not stored, or deleted.
         unstored = await in_thread(clients["alpha1"].responses.create, model=MODEL, input="hi", store=False)
         await in_thread(clients["alpha1"].responses.delete, response.id)
         for gone in (unstored.id, response.id):
-            with pytest.raises(openai.NotFoundError) as refused:
+            with pytest.raises(openai.BadRequestError) as refused:
                 await in_thread(clients["beta"].responses.create, model=MODEL, input="more", previous_response_id=gone)
-            assert refused.value.body["code"] == "response_not_found"
+            assert refused.value.body["code"] == "previous_response_not_found"
     finally:
         for client in clients.values():
             client.close()
@@ -1065,8 +1067,8 @@ async def test_a_batch_line_cannot_continue_another_tenants_response(http, gw, t
         assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 0, 2)
         errors = [json.loads(line) for line in (await in_thread(clients["beta"].files.content,
                                                                  done.error_file_id)).content.splitlines()]
-        assert {e["custom_id"]: e["error"]["code"] for e in errors} == {"theirs": "response_not_found",
-                                                                        "unknown": "response_not_found"}
+        assert {e["custom_id"]: e["error"]["code"] for e in errors} == {"theirs": "previous_response_not_found",
+                                                                        "unknown": "previous_response_not_found"}
         previous = [r.body.get("previous_response_id") for r in two[0].requests if r.path == b"/v1/responses"]
         assert previous == [None]  # only alpha's own request went upstream
     finally:

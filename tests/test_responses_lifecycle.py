@@ -1,6 +1,7 @@
 """The Responses lifecycle kept by the gateway: retrieve, input items, delete, cancel, follow-ups."""
 
 import json
+from functools import partial
 
 import openai
 import pytest
@@ -326,10 +327,28 @@ async def test_a_previous_response_stored_only_after_the_create_began_is_replaye
     assert replayed.body["input"][0] == {"role": "user", "content": "my name is Ada"} and again.id
 
 
+def previous_not_found(previous_id) -> dict:
+    """OpenAI's error for a previous_response_id it does not hold (a 400)."""
+    return {"message": f"Previous response with id '{previous_id}' not found.", "type": "invalid_request_error",
+            "param": "previous_response_id", "code": "previous_response_not_found"}
+
+
 @pytest_twisted.ensureDeferred
-async def test_unknown_previous_response_is_the_upstreams_404(client):
-    with pytest.raises(openai.NotFoundError):
-        await in_thread(client.responses.create, model=MODEL, input="x", previous_response_id="resp_nobody")
+async def test_a_previous_response_nobody_holds_is_openais_400_previous_response_not_found(client, fake):
+    """vLLM answers an id it does not hold with a 404 about a C{response_id}; OpenAI with a 400 naming
+    C{previous_response_id}, whose code clients that start the conversation again look for."""
+    unstored = await in_thread(client.responses.create, model=MODEL, input="hi", store=False)
+    fake.stored_responses.clear()  # (vLLM restarted: it holds none either)
+
+    def streamed(**fields):
+        with client.responses.stream(model=MODEL, input="x", **fields) as events:
+            return list(events)
+
+    for create in (partial(client.responses.create, model=MODEL, input="x"), streamed):
+        for gone in ("resp_nobody", unstored.id):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await in_thread(create, previous_response_id=gone)
+            assert refused.value.body == previous_not_found(gone)
 
 
 @pytest_twisted.ensureDeferred
@@ -345,8 +364,9 @@ async def test_translated_provider_gets_the_stored_conversation(reactor):
         assert chat.body["messages"] == [{"role": "user", "content": "my name is Ada"},
                                          {"role": "assistant", "content": "héhéhé"},
                                          {"role": "user", "content": "who am I?"}]
-        with pytest.raises(openai.NotFoundError):
+        with pytest.raises(openai.BadRequestError) as refused:
             await in_thread(client.responses.create, model=MODEL, input="x", previous_response_id="resp_nobody")
+        assert refused.value.body == previous_not_found("resp_nobody")
     finally:
         client.close()
         await gw.service.stopService()

@@ -24,7 +24,7 @@ from gomodel.http.bodies import json_answer, page, query_arg, query_limit, strea
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver
-from gomodel.responses_history import continued, conversation, normalise_input, unknown_response
+from gomodel.responses_history import continued, conversation, normalise_input, unknown_previous, unknown_response
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.upstream.client import discard
@@ -131,7 +131,7 @@ class ResponsesRoute:
                 if previous is None:  # stored meanwhile (another host's write was not committed yet)
                     previous = await self._previous(body, ctx.principal)
                     if previous is None:
-                        raise unknown_response(body["previous_response_id"]) from None
+                        raise unknown_previous(body["previous_response_id"]) from None
                 explicit = await self._with_history(body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
@@ -201,6 +201,8 @@ class ResponsesRoute:
 
         @raise _NoNativeRoute: the provider has no C{/responses}.
         @raise _NotKnownUpstream: it does not know the previous response, which the gateway stored.
+        @raise gomodel.errors.InvalidRequest: it does not know the previous response, which the gateway does not
+            hold either (L{unknown_previous}: OpenAI's 400, where vLLM answers a 404).
         @raise gomodel.errors.GatewayError: the upstream's own 404, or its body could not be read.
         """
         if upstream.code != 404:
@@ -217,9 +219,10 @@ class ResponsesRoute:
         if not isinstance(error, dict):
             raise _NoNativeRoute()  # FastAPI's {"detail": "Not Found"}: no /responses here
         previous_id = body.get("previous_response_id")
-        if previous_id and previous_id in str(error.get("message", "")) and self._store is not None:
-            if await self._store.get(previous_id) is not None:
+        if previous_id and previous_id in str(error.get("message", "")):
+            if self._store is not None and await self._store.get(previous_id) is not None:
                 raise _NotKnownUpstream()
+            raise unknown_previous(previous_id)
         raise upstream_error(404, answer, provider.name, provider.hidden)
 
     async def _previous(self, body, principal):

@@ -63,7 +63,7 @@ from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReady
                             StorageUnavailable, UpstreamUnreachable)
 from gomodel.api.inference import held, plan_model
 from gomodel.proxy.exchange import UpstreamCall, usage_of
-from gomodel.responses_history import continued, unknown_response
+from gomodel.responses_history import continued, unknown_previous
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
@@ -577,7 +577,7 @@ class BatchRunner(Service):
         hold goes upstream as it is). Like an online request, a managed key's line continues no response but
         its tenant's stored ones (the upstream may hold another tenant's).
 
-        @raise NotFound: C{previous_response_id} names a response the key may not continue.
+        @raise InvalidRequest: C{previous_response_id} names a response the key may not continue.
         """
         previous_id = payload.get("previous_response_id")
         if previous_id is None or self._responses is None:
@@ -585,7 +585,7 @@ class BatchRunner(Service):
         if not isinstance(previous_id, str) or "\x00" in previous_id:  # (no store holds such an id)
             if principal is None or principal.master:
                 return None
-            raise unknown_response(previous_id)
+            raise unknown_previous(previous_id)
         return await continued(self._responses, previous_id, principal)
 
     def _track(self, job, d):

@@ -8,9 +8,10 @@ against any upstream.
 from gomodel import jsonutil
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.anthropic.translate import ABORTED
-from gomodel.errors import BadUpstreamResponse, InvalidRequest, NotFound
+from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.ids import new_id
 from gomodel.proxy.sse import NO_OBJECT, SSEFramer, StreamIncomplete, event_data, require_end
+from gomodel.responses_history import unknown_previous
 
 # Responses request fields with no chat-completions meaning; everything else
 # unknown to us is copied (vLLM extras like top_k survive the translation).
@@ -25,10 +26,8 @@ _RESPONSES_ONLY = {"input", "instructions", "max_output_tokens", "tools", "tool_
 
 def request_to_chat(body: dict) -> dict:
     """The chat-completions body for a Responses request C{body} (model already rewritten)."""
-    if body.get("previous_response_id"):
-        raise NotFound(f"The previous response '{body['previous_response_id']}' is not stored by the gateway, "
-                       "and this provider has no native Responses API that could know it.",
-                       param="previous_response_id", code="response_not_found")
+    if body.get("previous_response_id"):  # (not stored by the gateway; this provider has no Responses API to know it)
+        raise unknown_previous(body["previous_response_id"])
     chat = {k: v for k, v in body.items() if k not in _RESPONSES_ONLY}
     messages = []
     if isinstance(body.get("instructions"), str) and body["instructions"]:
