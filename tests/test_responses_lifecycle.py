@@ -438,6 +438,26 @@ async def test_background_responses_are_refreshed_and_cancelled_at_their_instanc
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_follow_up_sent_explicitly_names_the_response_it_follows_when_read_and_cancelled(client,
+                                                                                                         fake):
+    """Its instance, sent the conversation and no previous_response_id, says null in every answer about it; the
+    create's answer names the previous response, and so do its reads and its cancel (before: null once asked)."""
+    first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+    fake.stored_responses.clear()  # vLLM restarted: the conversation goes explicitly
+    created = await in_thread(client.responses.create, model=MODEL, input="who am I?", background=True,
+                              previous_response_id=first.id)
+    assert "previous_response_id" not in fake.requests[-1].body
+    assert created.status == "queued" and created.previous_response_id == first.id
+    fake.stored_responses[created.id]["status"] = "in_progress"
+    got = await in_thread(client.responses.retrieve, created.id)
+    assert (got.status, got.previous_response_id) == ("in_progress", first.id)
+    cancelled = await in_thread(client.responses.cancel, created.id)
+    assert (cancelled.status, cancelled.previous_response_id) == ("cancelled", first.id)
+    got = await in_thread(client.responses.retrieve, created.id)
+    assert (got.status, got.previous_response_id) == ("cancelled", first.id)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_response_deleted_while_a_read_asks_its_instance_stays_deleted(reactor, http, gateway, fake,
                                                                                 monkeypatch):
     """(before: the read's answer, stored when its instance answered, brought the deleted response back)"""

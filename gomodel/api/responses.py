@@ -315,8 +315,9 @@ class ResponsesRoute:
         return json_answer(request, page(items[:limit], len(items) > limit))
 
     async def cancel(self, request, response_id):
-        """Forward a cancel to the instance running the (background) response; its answer is relayed. A
-        response that is over (as vLLM answers for it, without asking it) is a 400."""
+        """Forward a cancel to the instance running the (background) response; its answer is relayed (naming the
+        response it follows, as L{_refreshed} does). A response that is over (as vLLM answers for it, without
+        asking it) is a 400."""
         record = await self._record(request, response_id)
         if record["response"].get("status") not in UNFINISHED:
             raise errors.InvalidRequest("Cannot cancel a synchronous response.", param="response_id",
@@ -327,8 +328,11 @@ class ResponsesRoute:
                                   "is no longer configured.", code="provider_not_found")
         ctx = request.context
         ctx.route(provider, record["response"].get("model"), record["response"].get("model"))
+        previous_id = record.get("previous_response_id")
 
         def kept(answer):
+            if previous_id is not None:  # (its instance, sent the conversation explicitly, says null: L{_relink})
+                answer = _relink(previous_id, None, answer)
             try:
                 self._update(record, jsonutil.loads(answer))
             except jsonutil.JSONError:
@@ -397,7 +401,8 @@ class ResponsesRoute:
     async def _refreshed(self, request_id, trace, provider, record):
         """C{record}'s background response as its instance (C{provider}'s replica) has it now, or None when it
         has none to give (unreachable, an odd answer). One the instance no longer knows (it restarted: vLLM
-        keeps responses in memory) will never finish: it is C{failed}."""
+        keeps responses in memory) will never finish: it is C{failed}. One that follows another names it, as its
+        create's answer did, though its instance was sent the conversation explicitly (L{_relink})."""
         response_id = record["id"]
         call = UpstreamCall(f"/responses/{response_id}", method=b"GET", pin=record.get("replica"))
         try:
@@ -406,7 +411,12 @@ class ResponsesRoute:
                 return dict(record["response"], status="failed", error={
                     "code": "server_error", "message": f"The instance running response '{response_id}' no longer "
                     "knows it (it restarted): it will not finish."})
-            return jsonutil.loads(fetched.body) if fetched.response.code == 200 else None
+            if fetched.response.code != 200:
+                return None
+            previous_id = record.get("previous_response_id")  # (its instance, sent the conversation explicitly,
+            if previous_id is not None:  # says null: L{_relink})
+                return jsonutil.loads(_relink(previous_id, None, fetched.body))
+            return jsonutil.loads(fetched.body)
         except (errors.GatewayError, jsonutil.JSONError):
             return None
 
