@@ -234,7 +234,8 @@ class RateLimitExceeded(GatewayError):
     The type is what OpenAI itself sends with C{rate_limit_exceeded}: C{"requests"}
     or C{"tokens"}, naming the limit that refused. C{Retry-After} (whole seconds,
     at least 1) is left out when no wait would help (a request larger than a
-    token limit). C{scope} names the limited scope (C{"key:k_1"}, C{"provider:vllm"}),
+    token limit): C{x-should-retry: false} then keeps the SDKs from sending it
+    again. C{scope} names the limited scope (C{"key:k_1"}, C{"provider:vllm"}),
     never a secret.
     """
 
@@ -246,6 +247,8 @@ class RateLimitExceeded(GatewayError):
         headers = dict(headers or {})
         if retry_after is not None:
             headers["Retry-After"] = str(whole_seconds(retry_after))
+        else:
+            headers["x-should-retry"] = "false"
         super().__init__(message, headers=headers)
         self.scope = scope
         self.retry_after = retry_after
@@ -257,7 +260,8 @@ class BudgetExceeded(GatewayError):
     """A scope spent its budget for the current period (L{gomodel.limits.budgets}); GoModel's answer.
 
     C{Retry-After} is the seconds until the period ends (at least 1); a
-    C{total} budget has none.
+    C{total} budget has none, and C{x-should-retry: false} instead (the SDKs
+    would send it again).
     """
 
     status = 429
@@ -267,7 +271,8 @@ class BudgetExceeded(GatewayError):
     def __init__(self, scope, period, what, limit, retry_after=None):
         shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
         super().__init__(f"budget exceeded for {scope}: {period} {what} limit of {shown} reached",
-                         headers=None if retry_after is None else {"Retry-After": str(whole_seconds(retry_after))})
+                         headers={"x-should-retry": "false"} if retry_after is None else {
+                             "Retry-After": str(whole_seconds(retry_after))})
         self.scope = scope
         self.period = period
         self.retry_after = retry_after

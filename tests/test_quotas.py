@@ -297,6 +297,31 @@ async def test_a_token_budget_refuses_the_next_request_once_spent(http, gw):
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_no_wait_can_lift_tells_the_sdk_not_to_retry(http, gw, fake):
+    """A request larger than a token limit, a total budget spent: no Retry-After, and C{x-should-retry: false},
+    which the openai SDK obeys (before: it sent each twice more, a second and a half of backoff, for the same
+    429)."""
+    too_large, total = await new_key(http, gw, tpm=10), await new_key(http, gw, budgets=[
+        {"period": "total", "max_tokens": 1}])
+    clients = [openai_client(gw, key["value"]) for key in (too_large, total)]
+    for client in clients:
+        client.max_retries = 2  # (the SDK's default)
+    try:
+        await in_thread(raw_chat, clients[1])  # spends the total budget
+        for client, code in zip(clients, ("rate_limit_exceeded", "budget_exceeded")):
+            sent = len(fake.requests)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(raw_chat, client, max_tokens=100)
+            headers = refused.value.response.headers
+            assert refused.value.code == code and "retry-after" not in headers
+            assert headers["x-should-retry"] == "false" and len(fake.requests) == sent
+            assert refused.value.response.request.headers.get("x-stainless-retry-count") == "0"  # sent once
+    finally:
+        for client in clients:
+            client.close()
+
+
 @pytest.mark.parametrize("usage_enabled", ["true", "false"])  # budgets count without the usage ledger too
 @pytest_twisted.ensureDeferred
 async def test_a_cost_budget_by_user_path_set_through_the_admin_api(reactor, http, fake, tmp_path, usage_enabled):
