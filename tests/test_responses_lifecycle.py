@@ -458,6 +458,28 @@ async def test_a_background_follow_up_sent_explicitly_names_the_response_it_foll
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_stream_that_ends_before_its_response_is_kept_and_read_from_its_instance(client, fake):
+    """vLLM goes on making a background response whose stream ended early (the client left, the connection
+    broke): the gateway keeps it from the stream's first event, so it is read, as OpenAI's guide has a client
+    do then, and watched to its end (before: a 404, nothing kept)."""
+    def stream():
+        seen = []
+        with pytest.raises(openai.APIError):
+            with client.responses.stream(model=MODEL, input="long job", background=True,
+                                         extra_body={"fake_die_after": 2}) as events:
+                seen.extend(events)
+        return seen
+
+    seen = await in_thread(stream)
+    assert [event.type for event in seen] == ["response.created", "response.output_item.added"]
+    response_id = seen[0].response.id
+    assert (await in_thread(client.responses.retrieve, response_id)).status == "queued"  # as its instance says
+    fake.stored_responses[response_id]["status"] = "completed"
+    done = await in_thread(client.responses.retrieve, response_id)
+    assert (done.status, done.output_text) == ("completed", "héhéhé")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_response_deleted_while_a_read_asks_its_instance_stays_deleted(reactor, http, gateway, fake,
                                                                                 monkeypatch):
     """(before: the read's answer, stored when its instance answered, brought the deleted response back)"""

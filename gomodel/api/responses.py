@@ -23,7 +23,7 @@ from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
-from gomodel.proxy.sse import ResponsesStreamObserver
+from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import continued, conversation, normalise_input, unknown_previous, unknown_response
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
@@ -183,12 +183,18 @@ class ResponsesRoute:
                 await self._not_found(provider, upstream, body)
 
         if stream:
-            observer = _Relinked(turn.previous_id) if explicit else ResponsesStreamObserver()
-            result = await self._exchange.relay(
-                request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet,
-                                                     model=body["model"], prefer=prefer, affinity=affinity))
-            turn.keep(observer.response)
-            return result
+            # (a background response goes on at its instance when its stream ends early: kept from its first event)
+            background = body.get("background") is True and turn.stored
+            if explicit or background:
+                observer = _Relinked(turn.previous_id if explicit else None, background)
+            else:
+                observer = ResponsesStreamObserver()
+            try:
+                return await self._exchange.relay(
+                    request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer,
+                                                         vet=vet, model=body["model"], prefer=prefer, affinity=affinity))
+            finally:  # (the client left, the stream broke: a background response is kept as it began, and watched)
+                turn.keep(observer.response if observer.response is not None or not background else observer.started)
         transform = turn.keep_body if turn.stored else None
         if explicit:
             transform = partial(_relink, turn.previous_id, transform)
@@ -495,20 +501,47 @@ def _relink(previous_id, then, answer: bytes) -> bytes:
 
 class _Relinked(ResponsesStreamObserver):
     """A native Responses stream for a conversation sent explicitly, relayed naming the response it follows
-    (L{_relink}), and its final response object, kept, too."""
+    (L{_relink}), and its final response object, kept, too; or (and) one of a background response, whose first
+    response object is kept (L{started}): its instance goes on making it when its stream ends early.
 
-    def __init__(self, previous_id):
+    @ivar started: the response object of the stream's first event that carries one (C{response.created}),
+        or None (none yet, or not a background response's stream).
+    """
+
+    started = None
+
+    def __init__(self, previous_id, background=False):
+        """
+        @param previous_id: the response it follows, or None: not sent explicitly (nothing to relink).
+        @param background: whether it is a background response's stream (L{started} is kept).
+        """
         super().__init__()
         self._previous_id = previous_id
+        self._background = background
 
     def feed(self, data: bytes) -> bytes:
-        return _relink(self._previous_id, None, super().feed(data))
+        out = super().feed(data)
+        if self._previous_id is not None:
+            out = _relink(self._previous_id, None, out)
+        if self._background and self.started is None and out:
+            self.started = _first_response(out)
+        return out
 
     def _observe(self, event) -> bool:
         ended = super()._observe(event)
-        if ended and self.response.__class__ is dict and self.response.get("previous_response_id") is None:
+        if (ended and self._previous_id is not None and self.response.__class__ is dict
+                and self.response.get("previous_response_id") is None):
             self.response["previous_response_id"] = self._previous_id
         return ended
+
+
+def _first_response(events: bytes):
+    """The response object of the first of C{events} (whole SSE events) that carries one, or None."""
+    for event in SSEFramer().feed(events):
+        response = (event_object(event) or {}).get("response")
+        if response.__class__ is dict and response.get("id").__class__ is str:
+            return response
+    return None
 
 
 def _as_list(value):
