@@ -334,11 +334,10 @@ def previous_not_found(previous_id) -> dict:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_previous_response_nobody_holds_is_openais_400_previous_response_not_found(client, fake):
+async def test_a_previous_response_nobody_holds_is_openais_400_previous_response_not_found(client):
     """vLLM answers an id it does not hold with a 404 about a C{response_id}; OpenAI with a 400 naming
     C{previous_response_id}, whose code clients that start the conversation again look for."""
-    unstored = await in_thread(client.responses.create, model=MODEL, input="hi", store=False)
-    fake.stored_responses.clear()  # (vLLM restarted: it holds none either)
+    unstored = await in_thread(client.responses.create, model=MODEL, input="hi", store=False)  # (vLLM holds none)
 
     def streamed(**fields):
         with client.responses.stream(model=MODEL, input="x", **fields) as events:
