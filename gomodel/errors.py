@@ -108,11 +108,17 @@ class RequestTooLarge(GatewayError):
 
 
 class Conflict(GatewayError):
-    """The object is not in a state that allows the request (a batch not finished, not cancellable)."""
+    """The object is not in a state that allows the request (a batch not finished, not cancellable); an
+    SDK's retry of it at once would meet the same state: C{x-should-retry: false} (the openai SDK retries
+    a 409 twice otherwise)."""
 
     status = 409
     type = "invalid_request_error"
     code = "conflict"
+
+    def __init__(self, message, **kwargs):
+        kwargs.setdefault("headers", {"x-should-retry": "false"})
+        super().__init__(message, **kwargs)
 
 
 class StorageUnavailable(GatewayError):
