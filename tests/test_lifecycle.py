@@ -88,6 +88,10 @@ class _SignalledReactor:
 
     def __init__(self):
         self.stops = 0
+        self.when_running = []
+
+    def callWhenRunning(self, f, *args):
+        self.when_running.append((f, args))
 
     def sigTerm(self, number, frame=None):
         self._exitSignal = number
@@ -202,6 +206,30 @@ async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(react
         assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
         await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
         assert proc.returncode == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_drains_as_sigterm_does(reactor, fake, tmp_path):
+    """A terminal closed or C{kill -HUP}: before, SIGHUP's default action ended the process at once, the
+    stream in flight cut and the usage held not written."""
+    proc, log_path = _twistd_gateway(tmp_path, fake)
+    try:
+        port = await _ready_port(reactor, log_path)
+        stream = await connect(reactor, port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+             "fake_chunks": 10, "fake_pace": 0.05}))
+        await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+        proc.send_signal(signal.SIGHUP)
+        await with_timeout(reactor, stream.lost, 20)
+        received = bytes(stream.received)
+        assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
+        await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
+        assert proc.returncode == 0, log_path.read_text()
+        assert "received SIGHUP: stopping as for SIGTERM" in log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
