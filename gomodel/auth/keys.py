@@ -299,10 +299,14 @@ class GatewayAuth:
                 if self._keys is not None:
                     self._look_up(token, path)
                 raise AuthenticationFailed("Invalid API key.")
-        return self._allowed(principal, path)
+        if principal is not None and (path.startswith(b"/admin/") or path in self._master_only):  # (L{_allowed})
+            raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
+                            code="master_key_required")
+        return principal
 
     def _allowed(self, principal, path):
-        """C{principal}, unless it is a managed key on a route only the master key reaches (L{Forbidden})."""
+        """C{principal}, unless it is a managed key on a route only the master key reaches (L{Forbidden}); the
+        same check is inline in L{__call__}, on every request."""
         if principal is not None and (path.startswith(b"/admin/") or path in self._master_only):
             raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
                             code="master_key_required")

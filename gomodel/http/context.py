@@ -234,7 +234,13 @@ class AccessLog:
             line += f" replica={ctx.replica}"
         if ctx.key is not None:
             line += f" key={ctx.key}"
-        prompt_tokens, completion_tokens = ctx.tokens
+        usage = ctx.usage
+        if usage:  # (L{RequestContext.tokens}, its common case inline: the line is written for every request)
+            prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if prompt_tokens is None or completion_tokens is None:
+                prompt_tokens, completion_tokens = ctx.tokens
+        else:
+            prompt_tokens = completion_tokens = None
         if prompt_tokens is not None or completion_tokens is not None:
             line += (f" prompt_tokens={'-' if prompt_tokens is None else prompt_tokens}"
                      f" completion_tokens={'-' if completion_tokens is None else completion_tokens}")
