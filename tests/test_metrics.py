@@ -86,6 +86,27 @@ async def test_metrics_count_requests_tokens_ttft_errors_and_replicas(reactor, h
 
 
 @pytest_twisted.ensureDeferred
+async def test_requests_carry_gomodels_status_type(reactor, http, fake):
+    """GoModel's C{gomodel_requests_total} has C{status_type} (C{success}, C{error}: a status of 400 or above), the
+    label of its error-rate query (C{rate(gomodel_requests_total{status_type="error"}[5m])}); issue 13: "GoModel's
+    three series with its names and labels"."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        for body in (chat, dict(chat, fake_status=500, fake_body='{"error": {"message": "boom"}}'),
+                     dict(chat, model="vllm/nope")):
+            response = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(body).encode())
+            await response.content()
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_requests_total", status_code="200", status_type="success", model=MODEL) == 1
+        assert value(found, "gomodel_requests_total", status_code="500", status_type="error", model=MODEL) == 1
+        assert value(found, "gomodel_requests_total", status_code="404", status_type="error", model="-") == 1
+        assert value(found, "gomodel_requests_total", status_type="error") == 2
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_retries_to_another_replica_and_to_another_target_are_counted(reactor, http):
     """A replica that answers 503 sends the request to the provider's other replica (C{to="replica"}); a provider
     that fails, or has no ready replica, sends it to its failover candidate (C{to="target"}), on chat and on

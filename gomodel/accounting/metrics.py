@@ -51,7 +51,7 @@ class GatewayMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._requests = Counter("gomodel_requests_total", "Requests answered, by provider, model, route, status.",
-                                 _REQUEST + ("status_code", "stream"), registry=r)
+                                 _REQUEST + ("status_code", "status_type", "stream"), registry=r)
         self._duration = Histogram("gomodel_request_duration_seconds", "Time from a request's head to its end.",
                                    _REQUEST, buckets=DURATION_BUCKETS, registry=r)
         self._in_flight = Gauge("gomodel_requests_in_flight", "Requests being served now.", registry=r,
@@ -142,7 +142,8 @@ class GatewayMetrics:
         """The series one kind of request feeds: requests, duration, time to first token, tokens by type."""
         names = (provider_type or "-", provider or "-", f"{provider}/{upstream_model}" if upstream_model else "-")
         endpoint = endpoint or "other"
-        return (self._requests.labels(*names, endpoint, str(status), "true" if stream else "false"),
+        return (self._requests.labels(*names, endpoint, str(status), "error" if status >= 400 else "success",
+                                      "true" if stream else "false"),
                 self._duration.labels(*names, endpoint), self._ttft.labels(*names),
                 tuple(self._tokens.labels(*names, kind) for kind in TOKEN_TYPES))
 
