@@ -55,6 +55,9 @@ async def test_metrics_count_requests_tokens_ttft_errors_and_replicas(reactor, h
         assert value(found, "gomodel_requests_total", status_code="200", stream="true", **labels) == 1
         assert value(found, "gomodel_requests_total", status_code="404", model="-") == 1
         assert value(found, "gomodel_request_duration_seconds_count", **labels) == 3
+        # GoModel's labels, stream too (issue 13: "GoModel's three series with its names and labels")
+        assert value(found, "gomodel_request_duration_seconds_count", stream="false", **labels) == 2
+        assert value(found, "gomodel_request_duration_seconds_count", stream="true", **labels) == 1
         usage = answer["usage"]
         assert value(found, "gomodel_tokens_total", type="input", model=MODEL) == 3 * usage["prompt_tokens"]
         assert value(found, "gomodel_tokens_total", type="output", model=MODEL) == 3 * usage["completion_tokens"]
@@ -192,11 +195,11 @@ def test_requests_counted_between_flushes_give_the_series_observe_gives():
     metrics.flush()  # (and every scrape flushes first)
     found = samples(generate_latest(metrics.registry).decode())
     reference = CollectorRegistry()
-    expected = Histogram("gomodel_request_duration_seconds", "x", ("provider", "provider_name", "model", "endpoint"),
-                         buckets=DURATION_BUCKETS, registry=reference).labels("vllm", "vllm", "vllm/m",
-                                                                                 "/v1/chat/completions")
-    for duration in durations:
-        expected.observe(duration)
+    expected = Histogram("gomodel_request_duration_seconds", "x",
+                         ("provider", "provider_name", "model", "endpoint", "stream"), buckets=DURATION_BUCKETS,
+                         registry=reference)
+    for i, duration in enumerate(durations):
+        expected.labels("vllm", "vllm", "vllm/m", "/v1/chat/completions", "true" if i % 2 else "false").observe(duration)
     wanted = {k: v for k, v in samples(generate_latest(reference).decode()).items() if not k[0].endswith("_created")}
     assert wanted and {k: found.get(k) for k in wanted} == pytest.approx(wanted)  # sums: rounding aside
     assert value(found, "gomodel_requests_total") == len(durations)

@@ -53,7 +53,7 @@ class GatewayMetrics:
         self._requests = Counter("gomodel_requests_total", "Requests answered, by provider, model, route, status.",
                                  _REQUEST + ("status_code", "status_type", "stream"), registry=r)
         self._duration = Histogram("gomodel_request_duration_seconds", "Time from a request's head to its end.",
-                                   _REQUEST, buckets=DURATION_BUCKETS, registry=r)
+                                   _REQUEST + ("stream",), buckets=DURATION_BUCKETS, registry=r)
         self._in_flight = Gauge("gomodel_requests_in_flight", "Requests being served now.", registry=r,
                                 multiprocess_mode="livesum")
         self.counted = shared or in_flight is None  # whether started/__call__ count the requests in flight
@@ -142,9 +142,9 @@ class GatewayMetrics:
         """The series one kind of request feeds: requests, duration, time to first token, tokens by type."""
         names = (provider_type or "-", provider or "-", f"{provider}/{upstream_model}" if upstream_model else "-")
         endpoint = endpoint or "other"
-        return (self._requests.labels(*names, endpoint, str(status), "error" if status >= 400 else "success",
-                                      "true" if stream else "false"),
-                self._duration.labels(*names, endpoint), self._ttft.labels(*names),
+        stream = "true" if stream else "false"
+        return (self._requests.labels(*names, endpoint, str(status), "error" if status >= 400 else "success", stream),
+                self._duration.labels(*names, endpoint, stream), self._ttft.labels(*names),
                 tuple(self._tokens.labels(*names, kind) for kind in TOKEN_TYPES))
 
 
