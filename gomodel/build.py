@@ -165,6 +165,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
 
         gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.in_flight)
         exchange.retried = gateway.metrics.retried
+        gateway.batch_runner.lines_recorded = gateway.metrics.batch_lines
         MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)
         sinks.append(gateway.metrics)
         starts.append(gateway.metrics.started)

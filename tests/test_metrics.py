@@ -8,7 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gomodel.accounting.metrics import forget_process
 from tests.rawclient import chat_request, connect
-from tests.support import dead_base_url, start_fake, start_gateway, stop_all, with_timeout
+from tests.support import (dead_base_url, in_thread, openai_client, start_fake, start_gateway, stop_all,
+                           with_timeout)
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 KEY = {"Authorization": "Bearer k1"}
@@ -106,6 +107,31 @@ async def test_requests_carry_gomodels_status_type(reactor, http, fake):
         assert value(found, "gomodel_requests_total", status_code="404", status_type="error", model="-") == 1
         assert value(found, "gomodel_requests_total", status_type="error") == 2
     finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_lines_are_counted_by_state(reactor, http, fake):
+    """Issue 13 asks for "batch lines by state": C{gomodel_batch_lines_total{state}} counts each line once it has
+    its result, C{completed} (an output) or C{failed} (an error), as the batch's C{request_counts} do."""
+    from tests.test_batches import chat_line, start_batch
+
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    sdk = openai_client(gw, "k1", timeout=20)
+    try:
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_batch_lines_total", state="completed") == 0  # there from the start
+        assert value(found, "gomodel_batch_lines_total", state="failed") == 0
+        created = await start_batch(sdk, [chat_line("a"), chat_line("b"), chat_line(
+            "bad", fake_status=400, fake_body=json.dumps({"error": {"message": "no", "code": 400}}))])
+        await gw.service.batch_runner.settled(created.id)
+        batch = await in_thread(sdk.batches.retrieve, created.id)
+        assert batch.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_batch_lines_total", state="completed") == 2
+        assert value(found, "gomodel_batch_lines_total", state="failed") == 1
+    finally:
+        sdk.close()
         await gw.service.stopService()
 
 

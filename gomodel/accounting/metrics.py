@@ -3,7 +3,7 @@
 GoModel's three series with its names and labels (C{gomodel_requests_total},
 C{gomodel_request_duration_seconds}, C{gomodel_requests_in_flight}), and
 what it lacks: time to first token, tokens by type, upstream errors, retries
-(failovers before the first byte), client disconnects, and each replica's
+(failovers before the first byte), client disconnects, batch lines by state, and each replica's
 state, in-flight count and last reported vLLM load. Labels stay bounded: provider type and name, the model as routed
 (C{provider/upstream-model}, never what a client typed), the gateway route.
 
@@ -74,6 +74,9 @@ class GatewayMetrics:
                                 "Requests that went on, before their first byte, to another replica of the provider "
                                 "or to another target: their send failed, or the provider could not take them.",
                                 ("provider", "provider_name", "to"), registry=r)
+        batch_lines = Counter("gomodel_batch_lines_total", "Batch lines answered, by state: completed or failed.",
+                              ("state",), registry=r)
+        self._batch_lines = {True: batch_lines.labels("completed"), False: batch_lines.labels("failed")}
         self._exposed = self.registry
         if shared:  # --workers: a scrape reads every process's files
             self._exposed = CollectorRegistry()
@@ -121,6 +124,11 @@ class GatewayMetrics:
         """A request goes on from C{pool} to another C{to} (C{"replica"} of it, or C{"target"}) before its first
         byte (L{gomodel.proxy.exchange.Exchange.failed_over})."""
         self._retries.labels(pool.type, pool.name, to).inc()
+
+    def batch_lines(self, ok, count):
+        """C{count} batch lines got their result (L{gomodel.batches.runner.BatchRunner.lines_recorded}): an
+        output (C{ok}) or an error."""
+        self._batch_lines[ok].inc(count)
 
     def flush(self):
         """Add what requests added since the last flush to their series."""

@@ -191,6 +191,7 @@ class BatchRunner(Service):
         self._parked = {}  # batch id -> how many times in a row it could not be recorded
         self._broken = {}  # batch id -> how many times in a row it stopped with an unexpected error
         self._resuming = None
+        self.lines_recorded = None  # lines_recorded(ok, count): the metrics' (GatewayMetrics.batch_lines), or None
         self._claims = ClaimLoop(batches, clock, self.owner, lease, poll_interval, self._jobs, self._start,
                                  max_claimed)
 
@@ -684,7 +685,15 @@ class BatchRunner(Service):
             self._gate.charge(principal, model, usage)
 
     def _record(self, job, line, custom_id, ok, data):
-        return self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)
+        recorded = self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)
+        if self.lines_recorded is not None:  # (the count newly recorded: a line recorded before counts once)
+            recorded.addCallback(self._count_lines, ok)
+        return recorded
+
+    def _count_lines(self, count, ok):
+        if count:
+            self.lines_recorded(ok, count)
+        return count
 
     async def _call(self, provider, call, request_id, slot):
         """Send C{call} to C{provider}, then to its fallbacks (L{gomodel.proxy.exchange.Exchange.fetch}),
