@@ -163,12 +163,11 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if config.metrics.enabled:
         from gomodel.accounting.metrics import GatewayMetrics, MetricsFlush
 
-        gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.in_flight)
+        gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.live)
         exchange.retried = gateway.metrics.retried
         gateway.batch_runner.lines_recorded = gateway.metrics.batch_lines
         MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)
         sinks.append(gateway.metrics)
-        starts.append(gateway.metrics.started)
         for path in metrics_paths:
             pages[path.encode("ascii")] = gateway.metrics.page
         if not config.metrics.require_key:

@@ -50,16 +50,22 @@ class Drain:
         self._reactor = reactor
         self._listeners = listeners
         self._timeout = timeout
-        self.in_flight = 0
+        self.live = set()  # the contexts of the requests in flight (the metrics' gomodel_requests_in_flight)
+        self._unread = 0  # requests a drain found with their body still arriving (L{_count_unread})
         self.draining = False
         self._idle = None
 
+    @property
+    def in_flight(self) -> int:
+        """The requests in flight now."""
+        return len(self.live) + self._unread
+
     def started(self, ctx):
-        self.in_flight += 1
+        self.live.add(ctx)
 
     def __call__(self, ctx):
-        self.in_flight -= 1
-        if self.in_flight == 0 and self._idle is not None:
+        self.live.discard(ctx)
+        if self._idle is not None and not self.live and not self._unread:
             idle, self._idle = self._idle, None
             idle.callback(None)
 
@@ -91,10 +97,11 @@ class Drain:
         for channel in list(self.site.channels):
             for request in channel.requests:
                 if request.context is None and not (channel._head_open and request is channel._receiving):
-                    self.in_flight += 1
+                    self._unread += 1
                     request.notifyFinish().addBoth(self._unread_done)
 
     def _unread_done(self, _):
+        self._unread -= 1
         self(None)
 
     def _closed(self, _):

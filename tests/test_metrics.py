@@ -111,6 +111,34 @@ async def test_requests_carry_gomodels_status_type(reactor, http, fake):
 
 
 @pytest_twisted.ensureDeferred
+async def test_requests_in_flight_carry_gomodels_labels(reactor, http, fake):
+    """GoModel's C{gomodel_requests_in_flight} is by C{provider} (type), C{endpoint} and C{stream} (its dashboard's
+    C{sum(gomodel_requests_in_flight) by (provider)}); issue 13: "GoModel's three series with its names and
+    labels". A stream in flight counts under its labels, and goes back to 0 once over."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "fake_chunks": 40, "fake_pace": 0.05}
+        client = await connect(reactor, gw.port, chat_request(chat, headers=KEY))
+        await with_timeout(reactor, client.wait_for(b"data:"), 10)
+        labels = {"provider": "vllm", "endpoint": "/v1/chat/completions", "stream": "true"}
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_requests_in_flight", **labels) == 1
+        assert value(found, "gomodel_requests_in_flight", provider="-", endpoint="/metrics", stream="false") == 1
+        assert value(found, "gomodel_requests_in_flight") == 2
+        client.transport.abortConnection()
+        await client.lost
+        for _ in range(50):  # (the request completes once the upstream side is closed too)
+            found = await scrape(http, gw)
+            if value(found, "gomodel_requests_in_flight", **labels) == 0:
+                break
+        assert value(found, "gomodel_requests_in_flight", **labels) == 0
+        assert value(found, "gomodel_requests_in_flight") == 1  # the scrape itself
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_batch_lines_are_counted_by_state(reactor, http, fake):
     """Issue 13 asks for "batch lines by state": C{gomodel_batch_lines_total{state}} counts each line once it has
     its result, C{completed} (an output) or C{failed} (an error), as the batch's C{request_counts} do."""

@@ -15,7 +15,8 @@ hundred bytecodes a request. With C{--workers}, every process writes its
 series to one directory (prometheus_client's multiprocess mode,
 C{PROMETHEUS_MULTIPROC_DIR}, set by L{gomodel.tap}) and a scrape, whichever
 process answers it, sums them all, each other process's requests within a
-flush interval; the replica series are those of the process that answers.
+flush interval (the requests in flight too: each process sets its own at each
+flush); the replica series are those of the process that answers.
 """
 
 from bisect import bisect_left
@@ -45,8 +46,8 @@ class GatewayMetrics:
         """
         @param shared: several processes write to prometheus_client's multiprocess
             directory: a scrape sums them all.
-        @param in_flight: a function giving the requests in flight now (read at scrape
-            time, nothing to do per request); without it, or when C{shared}, they are counted.
+        @param in_flight: a function giving the request contexts in flight now (the drain's), read at
+            each flush (nothing to do per request); without it, none are shown.
         """
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -54,11 +55,10 @@ class GatewayMetrics:
                                  _REQUEST + ("status_code", "status_type", "stream"), registry=r)
         self._duration = Histogram("gomodel_request_duration_seconds", "Time from a request's head to its end.",
                                    _REQUEST + ("stream",), buckets=DURATION_BUCKETS, registry=r)
-        self._in_flight = Gauge("gomodel_requests_in_flight", "Requests being served now.", registry=r,
-                                multiprocess_mode="livesum")
-        self.counted = shared or in_flight is None  # whether started/__call__ count the requests in flight
-        if not self.counted:
-            self._in_flight.set_function(in_flight)
+        self._in_flight = Gauge("gomodel_requests_in_flight", "Requests being served now.",
+                                ("provider", "endpoint", "stream"), registry=r, multiprocess_mode="livesum")
+        self._live = in_flight
+        self._in_flight_shown = {}  # label values -> the series, each shown so far (set to 0 once none is left)
         self._children = {}  # label values -> the series they name (labels() costs a lock and a check each)
         self._pending = {}  # label values -> what requests added to those series since the last flush
         self._ttft = Histogram("gomodel_time_to_first_token_seconds",
@@ -92,15 +92,8 @@ class GatewayMetrics:
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
 
-    def started(self, ctx):
-        """A request's head is in."""
-        if self.counted:
-            self._in_flight.inc()
-
     def __call__(self, ctx):
         """A request is over (see L{gomodel.http.context.RequestContext.complete})."""
-        if self.counted:
-            self._in_flight.dec()
         key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status, ctx.stream)
         pending = self._pending.get(key)
         if pending is None:
@@ -131,7 +124,18 @@ class GatewayMetrics:
         self._batch_lines[ok].inc(count)
 
     def flush(self):
-        """Add what requests added since the last flush to their series."""
+        """Add what requests added since the last flush to their series, and count the requests in flight
+        by GoModel's labels: provider (type), endpoint, stream."""
+        if self._live is not None:
+            counts = dict.fromkeys(self._in_flight_shown, 0)
+            for ctx in self._live():
+                key = (ctx.provider_type or "-", ctx.endpoint or "other", "true" if ctx.stream else "false")
+                counts[key] = counts.get(key, 0) + 1
+            for key, count in counts.items():
+                series = self._in_flight_shown.get(key)
+                if series is None:
+                    series = self._in_flight_shown[key] = self._in_flight.labels(*key)
+                series.set(count)
         pending, self._pending = self._pending, {}
         for key, added in pending.items():
             series = self._children.get(key)
