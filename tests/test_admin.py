@@ -261,6 +261,20 @@ async def test_csv_text_a_spreadsheet_would_run_is_quoted_and_numbers_stay_numbe
 
 
 @pytest_twisted.ensureDeferred
+async def test_csv_booleans_read_as_the_jsons(http, ledger):
+    """The log's C{stream}, C{client_gone} and C{estimated} are C{true}/C{false} in CSV as in JSON (not Python's
+    C{True}/C{False})."""
+    await record(ledger, ("s", {"stream": True, "client_gone": True, "estimated": True}), ("p", {}))
+    _, body = await get(http, ledger, "/admin/api/v1/usage/log?format=csv")
+    rows = {row["request_id"]: row for row in csv.DictReader(io.StringIO(body.decode(), newline=""))}
+    _, body = await get(http, ledger, "/admin/api/v1/usage/log")
+    for record_ in json.loads(body)["data"]:
+        for name in ("stream", "client_gone", "estimated"):
+            assert rows[record_["request_id"]][name] == json.dumps(record_[name]), name
+    assert rows["s"]["stream"] == "true" and rows["p"]["stream"] == "false"
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_usage_logs_user_path_is_read_as_a_keys_is(http, ledger):
     await record(ledger, *((path, {"user_path": path}) for path in ("/team", "/team/a", "/team-b")))
     for query, found in (("/team", ["/team/a", "/team"]), ("team/", ["/team/a", "/team"]),  # (team/: none before)

@@ -233,8 +233,13 @@ def _rows(request, wants_csv, rows, keys):
 
 
 def _cell(value):
-    """A CSV cell: text a spreadsheet would run as a formula starts with C{'} (OWASP's advice); numbers stay."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+    """A CSV cell: text a spreadsheet would run as a formula starts with C{'} (OWASP's advice); numbers stay;
+    a boolean is C{true} or C{false}, as in JSON."""
+    if isinstance(value, str):
+        return "'" + value if value.startswith(FORMULA_STARTS) else value
+    if value is True or value is False:
+        return "true" if value else "false"
+    return value
 
 
 def _csv(request, records, fields) -> bytes:
