@@ -97,6 +97,31 @@ async def test_records_for_every_request_that_reached_an_upstream(reactor, http,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_passthrough_stream_is_recorded_and_counted_as_a_stream(reactor, http, fake, tmp_path):
+    """A passthrough's answer that is an event stream is a stream (issue 13: the record's C{stream}, the
+    C{stream} label, time to first token "streams"); its plain JSON answer is not."""
+    from tests.test_metrics import scrape, value
+
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env)
+    try:
+        chat = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}
+        response, _ = await _post(http, gw, "/p/vllm/chat/completions", chat)
+        assert response.code == 200
+        response, body = await _post(http, gw, "/p/vllm/chat/completions", dict(chat, stream=True))
+        assert response.code == 200 and body.rstrip().endswith(b"data: [DONE]")
+        streamed, plain = await _recorded(gw, 2)
+        assert (plain["endpoint"], plain["stream"]) == ("/p/{provider}/{endpoint}", False)
+        assert (streamed["endpoint"], streamed["stream"]) == ("/p/{provider}/{endpoint}", True)
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_requests_total", endpoint="/p/{provider}/{endpoint}", stream="true") == 1
+        assert value(found, "gomodel_requests_total", endpoint="/p/{provider}/{endpoint}", stream="false") == 1
+        assert value(found, "gomodel_time_to_first_token_seconds_count", model=MODEL) == 1
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_whose_done_was_written_is_complete_however_its_body_ends(reactor, fake, tmp_path):
     # SDKs close the connection once they read [DONE], which can be before the upstream's
     # last chunk reaches the gateway; an upstream may also break off just after [DONE].

@@ -239,7 +239,10 @@ class Exchange:
         if call.vet is not None:
             await call.vet(response)
         if call.raw:  # a passthrough
-            return await self._relay_raw(request, ctx, upstream, response, is_event_stream(response))
+            events = is_event_stream(response)
+            if events:
+                ctx.stream = True
+            return await self._relay_raw(request, ctx, upstream, response, events)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
