@@ -275,6 +275,17 @@ async def test_csv_booleans_read_as_the_jsons(http, ledger):
 
 
 @pytest_twisted.ensureDeferred
+async def test_usage_daily_takes_gomodels_interval_daily(http, ledger):
+    """GoModel's C{GET usage/daily} takes C{interval=daily} (its default, which its clients send): the same
+    answer as C{interval=day} or none, not a 400 (issue 13: "Follow GoModel's routes and query names")."""
+    await record(ledger, ("a", {}), ("b", {}))
+    _, plain = await get(http, ledger, "/admin/api/v1/usage/daily")
+    response, daily = await get(http, ledger, "/admin/api/v1/usage/daily?interval=daily")
+    assert response.code == 200 and json.loads(daily) == json.loads(plain)
+    assert json.loads(daily)["data"][0]["requests"] == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_usage_logs_user_path_is_read_as_a_keys_is(http, ledger):
     await record(ledger, *((path, {"user_path": path}) for path in ("/team", "/team/a", "/team-b")))
     for query, found in (("/team", ["/team/a", "/team"]), ("team/", ["/team/a", "/team"]),  # (team/: none before)

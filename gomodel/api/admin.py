@@ -97,10 +97,13 @@ class AdminAPI:
 
     @app.route("/usage/daily", methods=["GET"])
     async def usage_daily(self, request):
-        """Totals per UTC day (C{interval=hour}: per hour) of a window; C{format=csv}."""
+        """Totals per UTC day (C{interval=hour}: per hour; C{daily}, GoModel's word, is C{day}) of a window;
+        C{format=csv}."""
         start, end = window(request, self._clock)
         wants_csv = _wants_csv(request)
         interval = query_arg(request, b"interval", "day")
+        if interval == "daily":
+            interval = "day"
         if interval not in ("day", "hour"):
             raise InvalidRequest("interval must be day or hour.", param="interval", code="invalid_value")
         rows = await self._usage_store().grouped(start, end, bucket=DAY if interval == "day" else 3600)
