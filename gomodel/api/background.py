@@ -38,7 +38,8 @@ RENEW = 20.0  # seconds between renewals of this process's watches (and adoption
 
 
 class BackgroundWatch(Service):
-    """The background responses this process created, each asked after until it is over."""
+    """The background responses this process created (and those it adopted), each asked after until it is
+    over."""
 
     log = Logger()
 
