@@ -148,7 +148,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # The dashboard is a page over the admin API: served only with it.
     dashboard = config.auth.admin_ui and config.auth.admin_endpoints
     routes = LazyRoutes(lambda: _klein_app(config, reactor, gateway, store, book, plain, responses, exchange,
-                                           dashboard))
+                                           dashboard, salts))
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).
     gateway.drain = Drain(reactor, gateway.listeners, config.server.shutdown_timeout)
@@ -222,7 +222,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     return gateway
 
 
-def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange, dashboard):
+def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange, dashboard, salts):
     """Klein's routes and every API they mount (imported now: at the first request for one of them)."""
     from gomodel.api.admin import AdminAPI
     from gomodel.api.app import GatewayApp
@@ -241,7 +241,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                          keys=KeysAPI(store.keys, gateway.keys, reactor, book),
                          budgets=BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
                          if book is not None else None)
-    return GatewayApp(plain, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange),
+    return GatewayApp(plain, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange, salts),
                       files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes),
                       batches=BatchesAPI(store.batches, store.files, gateway.batch_runner), admin=admin,
                       message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,

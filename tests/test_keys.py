@@ -1000,6 +1000,58 @@ async def test_a_key_priority_goes_upstream_only_where_priority_scheduling_is_on
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_passthrough_to_a_vllm_carries_the_keys_cache_salt_and_priority(reactor, http, two):
+    """Issue 14: "for vLLM providers, requests made with a managed key carry a cache_salt" and a key's priority
+    "cannot be given another by its client". A passthrough (C{/p/vllm/...}) is such a request: before, its body
+    went raw, so two tenants passing through shared vLLM's prefix cache (one could time the other's prompts)
+    and a key could claim any priority. Now its JSON body gets the tenant's salt and the key's priority as on
+    C{/v1}; the master key's passes as it is, and a provider that is not vLLM gets neither."""
+    first, second = two
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "OPENAI_OTHER_BASE_URL": second.base_url,
+        "OPENAI_OTHER_API_KEY": "sk-up", "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        alpha = await new_key(http, gw, user_path="/team/alpha", priority=4)
+        beta = await new_key(http, gw)
+        own = await new_key(http, gw, own_cache_salt=True)
+        clients = [openai_client(gw, key["value"]) for key in (alpha, beta, own)]
+
+        async def sent(client, endpoint="chat/completions", provider="vllm", fake=first, **extra):
+            url = f"{gw.url}/p/{provider}/v1/{endpoint}"  # (absolute: the SDK sends it as it is)
+            body = dict({"model": "meta-llama/Llama-3.1-8B-Instruct", "max_tokens": 5}, **extra)
+            body.update({"messages": [{"role": "user", "content": "hi"}]} if endpoint == "chat/completions"
+                        else {"prompt": "hi"} if endpoint == "completions" else {"input": "hi"})
+            await in_thread(client.post, url, body=body, cast_to=object)
+            return fake.requests[-1].body
+
+        try:
+            salted = await sent(clients[0], cache_salt="mine", priority=-100)
+            assert len(salted["cache_salt"]) == 32 and salted["priority"] == 4
+            assert salted["messages"] == [{"role": "user", "content": "hi"}]  # the rest as sent
+            # the same tenant's salt as on /v1, on every model-routed endpoint
+            await chat(clients[0])
+            assert first.requests[-1].body["cache_salt"] == salted["cache_salt"]
+            for endpoint in ("completions", "embeddings"):
+                assert (await sent(clients[0], endpoint))["cache_salt"] == salted["cache_salt"]
+            other = await sent(clients[1], cache_salt="mine")
+            assert len(other["cache_salt"]) == 32 and other["cache_salt"] != salted["cache_salt"]
+            assert (await sent(clients[2], cache_salt="mine"))["cache_salt"] == "mine"  # the key may choose
+            master = openai_client(gw, MASTER)
+            try:  # the master key's passes raw
+                assert "cache_salt" not in await sent(master)
+                assert (await sent(master, cache_salt="x", priority=7))["cache_salt"] == "x"
+            finally:
+                master.close()
+            untouched = await sent(clients[0], provider="openai-other", fake=second)  # not a vLLM
+            assert "cache_salt" not in untouched and "priority" not in untouched
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_usage_records_name_the_key_and_its_user_path(http, gw):
     key = await new_key(http, gw, user_path="/team/alpha")
     client = openai_client(gw, key["value"])

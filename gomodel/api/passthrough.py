@@ -5,11 +5,14 @@ vllm-test) or a type (C{/p/vllm/...}: the first instance of that type). Bodies,
 queries, statuses and headers pass as they are (minus hop-by-hop headers and
 client credentials; the provider's own key is applied), streamed with
 backpressure. vLLM's operational routes are refused unless allowed in config.
+A managed key's JSON body to a vLLM's model-routed route gets what it gets on
+C{/v1}: its tenant's C{cache_salt} and its C{priority}.
 """
 
 from urllib.parse import quote, unquote
 
 from gomodel import errors, jsonutil
+from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES
 from gomodel.http.bodies import whole_number
 from gomodel.http.headers import HOP_BY_HOP, connection_tokens
 from gomodel.proxy.exchange import UpstreamCall
@@ -34,16 +37,24 @@ _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"cookie", b"host"
                               b"x-request-id", b"forwarded", b"accept-encoding", b"x-gomodel-replica",
                               b"x-gomodel-user-path", b"openai-organization", b"openai-project"}
 _SAFE_PATH = "/:@!$&'()*+,;=-._~"
+# vLLM routes (after C{v1/}) that take a C{cache_salt} and a C{priority}, as their C{/v1} routes send them
+# (vLLM's Messages take no priority).
+KEYED_ROUTES = frozenset(("chat/completions", "completions", "responses", "messages", "embeddings", "pooling",
+                          "score", "rerank", "v2/rerank", "classify"))
 
 
 class Passthrough:
     """Relays C{/p/{provider}/{endpoint}} requests."""
 
-    def __init__(self, settings, registry, exchange):
-        """@param settings: the L{gomodel.config.PassthroughConfig}."""
+    def __init__(self, settings, registry, exchange, salts=None):
+        """
+        @param settings: the L{gomodel.config.PassthroughConfig}.
+        @param salts: the L{gomodel.auth.tenancy.CacheSalts}, or None.
+        """
         self._settings = settings
         self._registry = registry
         self._exchange = exchange
+        self._salts = salts
 
     async def relay(self, request, ctx, provider_name):
         """Relay C{request} to the provider; return None once the answer was relayed."""
@@ -68,6 +79,9 @@ class Passthrough:
         ctx.endpoint = "/p/{provider}/{endpoint}"
         request.content.seek(0)
         body = request.content.read() or None
+        if (body is not None and principal is not None and not principal.master
+                and provider.type in SALTED_PROVIDER_TYPES):
+            body = self._keyed(body, principal, provider, _bare(unquote(endpoint)).lower())
         model = served_model(body, provider)
         if model is not None:
             ctx.route(provider, model, model)
@@ -75,6 +89,23 @@ class Passthrough:
                             query=request.uri.partition(b"?")[2], headers=_upstream_headers(request),
                             content_type=None, raw=True, model=model, pin=_pinned_replica(request))
         return await self._exchange.relay(request, ctx, provider, call)
+
+    def _keyed(self, body, principal, provider, route):
+        """C{body} (raw) with a managed key's C{cache_salt} and C{priority} set as on C{/v1}
+        (L{gomodel.api.inference.target}), where C{route} takes them and C{body} is a JSON object; else as it is."""
+        if route not in KEYED_ROUTES:
+            return body
+        try:
+            fields = jsonutil.loads(body)
+        except jsonutil.JSONError:
+            return body
+        if fields.__class__ is not dict:
+            return body
+        if provider.priority_scheduling and principal.priority is not None and route != "messages":
+            fields["priority"] = principal.priority
+        if self._salts is not None:
+            self._salts.apply(principal, provider, fields)
+        return jsonutil.dumps(fields)
 
     def _endpoint(self, request, provider_name):
         """The canonical endpoint path after C{/p/{provider}/}; refuses traversal and admin routes."""
