@@ -1081,6 +1081,44 @@ async def test_usage_records_name_the_key_and_its_user_path(http, gw):
         assert len(log["data"]) == count, query
 
 
+@pytest_twisted.ensureDeferred
+async def test_metrics_name_the_key_by_id_and_name(http, gw):
+    """Issue 14: "The access log, usage records and metrics name the key by id/name, never by secret." Before,
+    no series named a key: an operator could not tell from /metrics which tenant sent what, nor which key
+    was being refused. Now a managed key's requests (by status) and tokens (by type) have series of their own,
+    labelled with its id and name; the master key's requests add to none of them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key = await new_key(http, gw, name="alpha-ci", rpm=1)
+    client = openai_client(gw, key["value"])
+    try:
+        await chat(client)
+        with pytest.raises(openai.RateLimitError):
+            await chat(client)
+    finally:
+        client.close()
+    master = openai_client(gw, MASTER)
+    try:
+        await chat(master)
+    finally:
+        master.close()
+    response = await http.get(gw.url + "/metrics", headers=ADMIN)
+    page = (await treq.content(response)).decode()
+    assert response.code == 200 and key["value"] not in page
+    series = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+              for family in text_string_to_metric_families(page) for sample in family.samples
+              if sample.name.startswith("gomodel_auth_key_") and sample.name.endswith("_total")}
+    named = (("auth_key_id", key["id"]), ("auth_key_name", "alpha-ci"))
+    assert series == {
+        ("gomodel_auth_key_requests_total", named + (("status_code", "200"),)): 1.0,
+        ("gomodel_auth_key_requests_total", named + (("status_code", "429"),)): 1.0,
+        ("gomodel_auth_key_tokens_total", named + (("type", "cached"),)): 0.0,
+        ("gomodel_auth_key_tokens_total", named + (("type", "input"),)): 18.0,
+        ("gomodel_auth_key_tokens_total", named + (("type", "output"),)): 3.0,
+        ("gomodel_auth_key_tokens_total", named + (("type", "reasoning"),)): 0.0,
+    }
+
+
 @pytest.mark.parametrize("models, names, allowed", [
     (None, ("anything",), True),
     (["/"], ("vllm/m",), True),

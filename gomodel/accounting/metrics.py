@@ -5,7 +5,8 @@ C{gomodel_request_duration_seconds}, C{gomodel_requests_in_flight}), and
 what it lacks: time to first token, tokens by type, upstream errors, retries
 (failovers before the first byte), client disconnects, batch lines by state, and each replica's
 state, in-flight count and last reported vLLM load. Labels stay bounded: provider type and name, the model as routed
-(C{provider/upstream-model}, never what a client typed), the gateway route.
+(C{provider/upstream-model}, never what a client typed), the gateway route. A managed key's requests and tokens
+have series of their own, named by the key's id and name (never its secret; keys are made by the admin API).
 
 A completed request adds to plain counters of its series (L{_Pending}); they
 reach the Prometheus series on every scrape and every L{FLUSH_INTERVAL}
@@ -77,6 +78,11 @@ class GatewayMetrics:
         batch_lines = Counter("gomodel_batch_lines_total", "Batch lines answered, by state: completed or failed.",
                               ("state",), registry=r)
         self._batch_lines = {True: batch_lines.labels("completed"), False: batch_lines.labels("failed")}
+        self._key_requests = Counter("gomodel_auth_key_requests_total", "A managed key's requests, by status.",
+                                     ("auth_key_id", "auth_key_name", "status_code"), registry=r)
+        self._key_tokens = Counter("gomodel_auth_key_tokens_total", "A managed key's tokens, by type.",
+                                   ("auth_key_id", "auth_key_name", "type"), registry=r)
+        self._keys_pending = {}  # (key id, name, status) -> [requests, tokens by type] since the last flush
         self._exposed = self.registry
         if shared:  # --workers: a scrape reads every process's files
             self._exposed = CollectorRegistry()
@@ -107,11 +113,23 @@ class GatewayMetrics:
             pending.ttft_sum += ctx.first_byte
         if ctx.usage:
             pending.tokens = list(map(add, pending.tokens, ctx.token_counts))
+        if ctx.key is not None and ctx.key != "master":  # a managed key's
+            self._count_key(ctx)
         if ctx.outcome == CLIENT_GONE:
             self._gone.labels(*_names(ctx), ctx.endpoint or "other").inc()
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS or ctx.outcome == STREAM_BROKEN
                                          or (ctx.status >= 500 and ctx.error is None)):
             self._errors.labels(*_names(ctx), ctx.error or f"http_{ctx.status}").inc()
+
+    def _count_key(self, ctx):
+        """Add a managed key's request and its tokens to its own series (at the next flush)."""
+        named = (ctx.key, ctx.principal.name, ctx.status)
+        pending = self._keys_pending.get(named)
+        if pending is None:
+            pending = self._keys_pending[named] = [0, [0] * len(TOKEN_TYPES)]
+        pending[0] += 1
+        if ctx.usage:
+            pending[1] = list(map(add, pending[1], ctx.token_counts))
 
     def retried(self, pool, to):
         """A request goes on from C{pool} to another C{to} (C{"replica"} of it, or C{"target"}) before its first
@@ -149,6 +167,11 @@ class GatewayMetrics:
             for child, count in zip(tokens, added.tokens):
                 if count:
                     child.inc(count)
+        keys, self._keys_pending = self._keys_pending, {}
+        for (key_id, name, status), (requests, tokens) in keys.items():
+            self._key_requests.labels(key_id, name, str(status)).inc(requests)
+            for kind, count in zip(TOKEN_TYPES, tokens):
+                self._key_tokens.labels(key_id, name, kind).inc(count)
 
     def _series(self, provider_type, provider, upstream_model, endpoint, status, stream):
         """The series one kind of request feeds: requests, duration, time to first token, tokens by type."""
