@@ -171,6 +171,40 @@ async def test_rpm_refuses_with_openai_headers_and_retry_after(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_user_paths_limits_show_in_the_headers_of_the_requests_under_it(reactor, http, fake, tmp_path):
+    """Issue 14: "The same limits by user path, provider and model" as a key's rpm/tpm, whose answers carry
+    OpenAI's x-ratelimit-* headers, a 429 too (GoModel: a user-path breach gets its Retry-After and
+    x-ratelimit-* headers). Before, a request limited only by its path's SET_RATE_LIMIT_* had no such
+    header, not even on its 429: its client could not pace itself. Now its answers show its path's windows
+    (with a key's own: of several, the one with the fewest remaining)."""
+    gw = await start(reactor, fake, tmp_path, SET_RATE_LIMIT_TEAM="rpm=2,tpm=50000")
+    try:
+        pathed = await new_key(http, gw, user_path="/team/alpha")
+        own = await new_key(http, gw, user_path="/team/beta", rpm=10)  # (shares /team's 2 requests)
+        clients = [openai_client(gw, key["value"]) for key in (pathed, own)] + [openai_client(gw, MASTER)]
+        try:
+            first = (await in_thread(raw_chat, clients[0])).headers
+            assert (first["x-ratelimit-limit-requests"], first["x-ratelimit-remaining-requests"]) == ("2", "1")
+            assert first["x-ratelimit-reset-requests"].endswith("s")
+            assert first["x-ratelimit-limit-tokens"] == "50000"
+            second = (await in_thread(raw_chat, clients[1])).headers  # its own 9 left, its path's 0: the path's
+            assert (second["x-ratelimit-limit-requests"], second["x-ratelimit-remaining-requests"]) == ("2", "0")
+            for client, headers in ((clients[0], None), (clients[2], {"X-GoModel-User-Path": "/team/x"})):
+                with pytest.raises(openai.RateLimitError) as refused:
+                    await in_thread(raw_chat, client, extra_headers=headers)
+                answer = refused.value.response.headers
+                assert "path:/team " in refused.value.message and int(answer["retry-after"]) >= 1
+                assert (answer["x-ratelimit-limit-requests"], answer["x-ratelimit-remaining-requests"]) == ("2", "0")
+            unlimited = (await in_thread(raw_chat, clients[2])).headers  # the master key's own: no limit
+            assert "x-ratelimit-limit-requests" not in unlimited
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_limited_keys_headers_are_its_own_not_the_upstreams(http, gw):
     """An OpenAI-compatible provider's own x-ratelimit-* headers describe the gateway's account
     with it, shared by every tenant: a limited key sees its limits; the master key sees the

@@ -55,7 +55,7 @@ class Gate(Periodic):
         self._pricing = pricing or None  # None: no prices (tested once here, not per request)
         self._path_budgets = {}  # user path -> (Budget, ...) set through the admin API
         # What a key's requests pass, worked out once per key version (the key ring makes a new
-        # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes, own).
+        # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes, the scope names its headers show).
         self._plans = {}
         self._targets = {}  # (provider, model) -> its limit scopes (the configuration is fixed)
         # (id(key's limits), id(target's)) -> (both, the one list of both): the same list on every
@@ -132,12 +132,13 @@ class Gate(Periodic):
     def _plan(self, principal):
         plan = self._plans.get(principal.cache_key)
         if plan is None or plan[0] is not principal:
-            limits, own = [], None
+            limits = []
             limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
             if limit and self._quotas.rate_limits_enabled:  # (RATE_LIMITS_ENABLED=false: every rate limit off)
-                own = f"key:{principal.id}"
-                limits.append((own, limit))
+                limits.append((f"key:{principal.id}", limit))
             limits.extend(self._quotas.path_scopes(principal.user_path))
+            # whose windows its x-ratelimit-* headers show: the key's own and its path's (not a provider's)
+            own = tuple(scope for scope, _ in limits) or None
             budgets = self._budget_scopes(principal.id, principal.budgets, principal.user_path)
             if len(self._plans) > 100000:
                 self._plans.clear()

@@ -79,15 +79,17 @@ class _Prepared:
         return [(b.name, b.capacity, b.refill, tokens if b.tokens else 1) for b in self.buckets]
 
     def header_plan(self, scope):
-        """What C{scope}'s C{x-ratelimit-*} headers show: its requests and its tokens windows in the order
-        its buckets come (of several, the fewest remaining is shown), each as C{(reset line prefix, bucket
-        indices, {index: its limit line and remaining line prefix})}; a line prefix is a header's name as
-        Twisted writes it and C{": "}."""
+        """What C{scope}'s C{x-ratelimit-*} headers show (a scope's name, or a tuple of them: a key's own
+        and its user path's): its requests and its tokens windows in the order its buckets come (of
+        several, the fewest remaining is shown), each as C{(reset line prefix, bucket indices, {index: its
+        limit line and remaining line prefix})}; a line prefix is a header's name as Twisted writes it and
+        C{": "}."""
         plan = self._header_plans.get(scope)
         if plan is None:
+            shown = (scope,) if scope.__class__ is str else scope
             kinds = {}
             for i, b in enumerate(self.buckets):
-                if b.scope == scope:
+                if b.scope in shown:
                     kinds.setdefault(b.tokens, []).append(i)
             plan = self._header_plans[scope] = tuple(
                 (_LINE_PREFIXES[tokens][2], tuple(indices),
@@ -140,8 +142,8 @@ class Limiter:
 
         @param scopes: C{(scope name, RateLimit)} pairs; a scope named twice is
             counted twice, so name each once.
-        @param headers_for: the scope whose state the answer's
-            C{x-ratelimit-*} headers show (the key's own), or None.
+        @param headers_for: the scope (or the tuple of scopes) whose state the answer's
+            C{x-ratelimit-*} headers show (the key's own and its path's), or None.
         @return: an L{Admission} (settle it, then release it).
         @raise RateLimitExceeded: a limit refused; nothing was taken. Its
             C{scope} names the scope that refused.
