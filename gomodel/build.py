@@ -108,7 +108,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         RedisService(redis, counters, pins).setServiceParent(gateway)
     else:
         counters = LocalCounters(reactor)
-    pricing = Pricing(config.usage.pricing)
+    pricing = Pricing(config.usage.pricing, config.upstreams.providers)
     usage = config.usage
     if usage.enabled:
         gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,

@@ -396,6 +396,48 @@ async def test_a_cost_budget_by_user_path_set_through_the_admin_api(reactor, htt
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_price_keyed_by_the_provider_type_the_client_sends_prices_its_instances(reactor, http, fake, tmp_path):
+    """Issue 14: "pricing is keyed by the qualified model as clients send it, vllm/meta-llama/X". A client
+    sends a provider type's name (vllm/X reaches X at the first instance of that type), but prices were
+    looked up by the instance's name only: with the vLLM provider named vllm-gpu-a, a price keyed
+    vllm/meta-llama/X priced nothing, so a cost budget never ran out and the ledger's cost was null. Now a
+    price keyed by a provider type (that is no instance's name) prices that model at every instance of
+    the type; one keyed by an instance's own name wins there."""
+    pricing = tmp_path / "gomodel.yaml"
+    pricing.write_text(f"pricing:\n  {MODEL}: {{input_per_mtok: 1000000, output_per_mtok: 1000000}}\n"
+                       "  vllm-gpu-b/meta-llama/Llama-3.1-8B-Instruct: {input_per_mtok: 1000000}\n")
+    other = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_GPU_A_BASE_URL": fake.base_url, "VLLM_GPU_B_BASE_URL": other.base_url,
+                                       "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)},
+                             yaml_path=str(pricing))
+    try:
+        key = await new_key(http, gw, budgets=[{"period": "daily", "max_cost": 30}])
+        client = openai_client(gw, key["value"])
+        try:
+            await in_thread(raw_chat, client)  # (MODEL is vllm/...: the first vLLM) 21 tokens at 1 each: 21 spent
+            await in_thread(raw_chat, client)  # 42
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(raw_chat, client)
+            assert refused.value.code == "budget_exceeded"
+        finally:
+            client.close()
+        master = openai_client(gw, MASTER)
+        try:
+            await in_thread(master.chat.completions.create, model="vllm-gpu-b/meta-llama/Llama-3.1-8B-Instruct",
+                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        finally:
+            master.close()
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        assert [(r["model"], r["total_cost"]) for r in log["data"]] == [
+            ("vllm-gpu-b/meta-llama/Llama-3.1-8B-Instruct", 18.0),  # its own price: the input tokens alone
+            ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 21.0), ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 21.0)]
+    finally:
+        await gw.service.stopService()
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_budget_added_counts_the_requests_the_usage_ledger_has_not_written_yet(reactor, http, fake, tmp_path):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
                                        "GOMODEL_DATA_DIR": str(tmp_path), "USAGE_FLUSH_INTERVAL": "1h"})

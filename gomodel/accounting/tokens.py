@@ -60,8 +60,20 @@ class Pricing:
     """The pricing table: qualified model (C{provider/model}) -> C{{input_per_mtok, output_per_mtok,
     cached_input_per_mtok}}, in the table's currency per million tokens. False when empty."""
 
-    def __init__(self, table=None):
+    def __init__(self, table=None, providers=()):
+        """
+        @param providers: the provider instances' configs (C{name}, C{type}): a price keyed by a provider
+            type that is no instance's name (C{vllm/X}, as clients name X at a type's first instance)
+            prices X at every instance of that type, unless the table keys one by its own name.
+        """
         self._table = dict(table or {})
+        names = {provider.name for provider in providers}
+        for qualified, price in list(self._table.items()):
+            prefix, _, model = qualified.partition("/")
+            if model and prefix not in names:
+                for provider in providers:
+                    if provider.type == prefix:
+                        self._table.setdefault(f"{provider.name}/{model}", price)
 
     def __bool__(self):
         return bool(self._table)
