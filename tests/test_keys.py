@@ -133,6 +133,39 @@ async def test_create_list_get_patch_deactivate(http, gw):
     assert code == 404 and error["error"]["code"] == "auth_key_not_found"
 
 
+@pytest_twisted.ensureDeferred
+async def test_user_paths_are_gomodels_a_dot_or_an_at_sign_in_a_segment_included(http, gw):
+    """Issue 14's user_path is GoModel's (GoModel's: normalised, no '.' or '..' segment and no
+    ':'). A key's user_path and X-GoModel-User-Path took letters, digits and _-@+~ alone: a GoModel user's
+    /users/alice@example.com or /org/acme.com was a 400, on a key and in the header (so such a path's
+    configured limits and budgets could never apply). Now what GoModel accepts is accepted, normalised as it
+    normalises it; a control character is still refused (no store keeps a NUL)."""
+    key = await new_key(http, gw, user_path=" users / alice@example.com/ ")
+    assert key["user_path"] == "/users/alice@example.com"
+    for bad in ("/a/./b", "/a/b:c", "/a\x00b", "/a\nb"):
+        code, error = await admin(http, gw, "POST", KEYS, {"name": "x", "user_path": bad})
+        assert (code, error["error"]["param"]) == (400, "user_path"), bad
+    master = openai_client(gw, MASTER)
+    try:
+        await chat(master, extra_headers={"X-GoModel-User-Path": "org/acme.com/bob smith"})
+        with pytest.raises(openai.BadRequestError) as refused:
+            await chat(master, extra_headers={"X-GoModel-User-Path": "/org/../x"})
+        assert refused.value.code == "invalid_user_path"
+    finally:
+        master.close()
+    client = openai_client(gw, key["value"])
+    try:
+        await chat(client)
+    finally:
+        client.close()
+    await gw.service.usage.flush()
+    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log?user_path=/org/acme.com")
+    assert [record["user_path"] for record in log["data"]] == ["/org/acme.com/bob smith"]
+    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log?user_path=/users")
+    assert [(record["user_path"], record["auth_key_id"]) for record in log["data"]] == [
+        ("/users/alice@example.com", key["id"])]
+
+
 @pytest.mark.parametrize("body, param", [
     ({}, "name"),
     ({"name": ""}, "name"),

@@ -19,7 +19,7 @@ from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
-from gomodel.limits.specs import COUNT_MAX, is_cost, is_count, period_window
+from gomodel.limits.specs import COUNT_MAX, is_cost, is_count, normalize_user_path, period_window
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 # The largest token and request counts a limit or budget may say (L{COUNT_MAX}); the largest number
@@ -30,7 +30,7 @@ _LATEST = 253402300799  # 9999-12-31T23:59:59Z
 LIST_LIMIT_MAX = 1000  # keys on one page of the list, when it asks for pages (C{limit})
 MODELS_MAX, MODEL_CHARS_MAX = 1000, 256  # a key's model selectors, and the characters of one
 _INTEGER_LIMITS = {"rpm": COUNT_MAX, "tpm": COUNT_MAX, "max_concurrency": _INT_MAX}
-_USER_PATH = re.compile(r"(/[A-Za-z0-9_\-@+~]+)+|/")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # (no store keeps a NUL; no header or log line holds a newline)
 
 
 class KeysAPI:
@@ -201,15 +201,20 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
 
 
 def user_path(value) -> str:
-    """A normalised user path (C{/team/alpha}), as GoModel accepts them.
+    """A normalised user path (C{/team/alpha}), as GoModel accepts and normalises them
+    (L{normalize_user_path}), of at most 256 characters, none a control character.
 
-    @raise InvalidRequest: not a string of C{/}-separated plain segments (no C{.}, C{..} or C{:}).
+    @raise InvalidRequest: not a string of C{/}-separated segments (none C{.} or C{..}, no C{:}).
     """
     if not isinstance(value, str):
         raise _bad("user_path", "must be a string like '/team/alpha'")
-    path = "/" + "/".join(segment for segment in value.strip().split("/") if segment)
-    if not _USER_PATH.fullmatch(path) or len(path) > 256:
-        raise _bad("user_path", "must be '/'-separated segments of letters, digits, '_', '-', '@', '+' or '~'")
+    try:
+        path = normalize_user_path(value)
+    except ValueError:
+        path = None
+    if path is None or len(path) > 256 or _CONTROL.search(path):
+        raise _bad("user_path", "must be '/'-separated segments (none '.' or '..', without ':' or a control "
+                                "character) of at most 256 characters")
     return path
 
 

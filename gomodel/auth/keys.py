@@ -363,7 +363,7 @@ def header_user_path(values) -> str:
         return user_path(raw.decode("utf-8"))
     except (UnicodeDecodeError, InvalidRequest):
         raise InvalidRequest("X-GoModel-User-Path must be a user path like '/team/alpha': '/'-separated "
-                             "segments of letters, digits, '_', '-', '@', '+' or '~'.",
+                             "segments, none '.' or '..', without ':'.",
                              param="X-GoModel-User-Path", code="invalid_user_path") from None
 
 
