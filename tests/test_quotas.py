@@ -431,7 +431,8 @@ async def test_a_price_keyed_by_the_provider_type_the_client_sends_prices_its_in
         code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
         assert [(r["model"], r["total_cost"]) for r in log["data"]] == [
             ("vllm-gpu-b/meta-llama/Llama-3.1-8B-Instruct", 18.0),  # its own price: the input tokens alone
-            ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 21.0), ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 21.0)]
+            ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 21.0),
+            ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 21.0)]
     finally:
         await gw.service.stopService()
         await other.stop()

@@ -55,7 +55,8 @@ class Gate(Periodic):
         self._pricing = pricing or None  # None: no prices (tested once here, not per request)
         self._path_budgets = {}  # user path -> (Budget, ...) set through the admin API
         # What a key's requests pass, worked out once per key version (the key ring makes a new
-        # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes, the scope names its headers show).
+        # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes,
+        # the names of those its headers show).
         self._plans = {}
         self._targets = {}  # (provider, model) -> its limit scopes (the configuration is fixed)
         # (id(key's limits), id(target's)) -> (both, the one list of both): the same list on every
