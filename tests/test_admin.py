@@ -162,6 +162,37 @@ async def test_a_budget_body_that_contradicts_its_route_or_query_is_a_400_naming
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_budgets_routes_take_and_answer_gomodels_shapes(reactor, http, fake):
+    """Issue 14: budgets are set through "GET|PUT|DELETE /admin/api/v1/budgets..., GoModel's shapes". GoModel's
+    PUT|DELETE /budgets/{user_path}/{period} takes the user path URL-encoded (%2Fteam%2Falpha) and the period by
+    name or in seconds, and its GET, PUT and DELETE answer {"budgets": [...], "server_time"}, each budget with
+    period_seconds, period_label, amount, spent, remaining, usage_ratio, period_ratio, has_usage. Before, that
+    route was a 404 "Unknown route" and a period in seconds a 400, and the answers had no "budgets" (a GoModel
+    client saw no budget). Now both forms are taken and every answer carries GoModel's list beside ours."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        code, put = await admin(http, gw, "PUT", "/admin/api/v1/budgets/%2Fteam%2Fbeta/86400", {"amount": 5})
+        assert (code, put["user_path"], put["period"], put["amount"]) == (200, "/team/beta", "daily", 5)
+        code, hourly = await admin(http, gw, "PUT", "/admin/api/v1/budgets/%2Fteam%2Fbeta/hourly", {"amount": 1})
+        assert code == 200 and [(b["period_label"], b["amount"]) for b in hourly["budgets"]] == [
+            ("daily", 5), ("hourly", 1)]
+        code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+        assert code == 200 and listed["server_time"].endswith("Z") and len(listed["data"]) == 2
+        daily = listed["budgets"][0]
+        assert {name: daily[name] for name in ("user_path", "period_seconds", "period_label", "amount", "spent",
+                                               "remaining", "usage_ratio", "has_usage", "source")} == {
+            "user_path": "/team/beta", "period_seconds": 86400, "period_label": "daily", "amount": 5, "spent": 0,
+            "remaining": 5, "usage_ratio": 0, "has_usage": False, "source": "admin"}
+        assert 0 <= daily["period_ratio"] <= 1 and daily["period_end"].endswith("T00:00:00Z")
+        code, gone = await admin(http, gw, "DELETE", "/admin/api/v1/budgets/%2Fteam%2Fbeta/3600")
+        assert (code, gone["deleted"], [b["period_label"] for b in gone["budgets"]]) == (200, True, ["daily"])
+        code, error = await admin(http, gw, "PUT", "/admin/api/v1/budgets/%2Fteam/1234", {"amount": 1})
+        assert (code, error["error"]["param"]) == (400, "period")  # (no such calendar period)
+    finally:
+        await gw.service.stopService()
+
+
 # A key budget's cost as stored before the admin API refused costs past a float: a 400-digit integer, or
 # infinity, which the JSON encoder wrote as null (the budget then says neither tokens nor cost).
 @pytest.mark.parametrize("stored", [10**400, None], ids=["400-digits", "infinity-written-as-null"])

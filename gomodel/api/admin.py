@@ -61,6 +61,17 @@ class AdminAPI:
             raise NotFound("Budgets are off (BUDGETS_ENABLED=false).", code="budgets_disabled")
         return mounted(self._budgets, request)
 
+    @app.route("/budgets//<path:rest>", endpoint="budgets_encoded")
+    def budgets_encoded(self, request, rest):
+        """GoModel's C{/budgets/{user_path}/{period}} with the user path URL-encoded, its leading C{/} too
+        (C{%2Fteam%2Falpha}): werkzeug reads C{/budgets//team/alpha/...}, which the branch above does not
+        match. The budgets API gets the rest as C{/budgets/team/alpha/...}. A doubled slash sent as such stays a
+        404."""
+        if request.path.partition(b"/budgets/")[2][:3].lower() != b"%2f":
+            raise NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()}.")
+        request.postpath = [segment.encode("utf-8") for segment in rest.split("/")]
+        return self.budgets(request)
+
     @app.route("/providers/status", methods=["GET"])
     def providers_status(self, request):
         now = self._clock.seconds()

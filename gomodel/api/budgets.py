@@ -8,17 +8,25 @@ C{{user_path, period, amount | max_cost | max_tokens}} (or C{PUT
 way (or with C{user_path} and C{period} in the query) removes it. Every
 process sees an edit within about a second. Key budgets live on the keys
 (C{/auth-keys}).
+
+GoModel's forms are taken and answered too: the route's user path URL-encoded
+(C{/budgets/%2Fteam%2Falpha/daily}), a period in seconds (C{86400}), and every
+answer's C{budgets} (GoModel's entries: C{period_seconds}, C{period_label},
+C{amount}, C{spent}, C{remaining}, C{usage_ratio}, C{period_ratio},
+C{has_usage}, ...) and C{server_time}, beside ours.
 """
 
 from klein import Klein
 
 from gomodel.api.keys import PERIODS, iso, user_path
+from gomodel.api.self_usage import PERIOD_SECONDS, budget_status
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, is_count, period_window
 
 _FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
+_PERIODS_BY_SECONDS = {str(seconds): period for period, seconds in PERIOD_SECONDS.items() if seconds}
 
 
 class BudgetsAPI:
@@ -43,6 +51,19 @@ class BudgetsAPI:
 
     @app.route("/", methods=["GET"])
     async def list(self, request):
+        return json_answer(request, await self._answer(None))
+
+    async def _answer(self, fields) -> dict:
+        """C{fields} (None: our list of every budget, C{object} and C{data}) with GoModel's list of every
+        budget (C{budgets}, C{server_time})."""
+        data, statuses, now = await self._listing()
+        answer = {"object": "list", "data": data} if fields is None else dict(fields)
+        answer.update(budgets=statuses, server_time=iso(now))
+        return answer
+
+    async def _listing(self):
+        """C{(ours, GoModel's, now)}: every budget with what its path spent this period, in our form and in
+        GoModel's (one entry per unit: a budget with a token and a cost cap is two)."""
         now = self._clock.seconds()
         rows = [(path, budget, "config") for path, budgets in sorted((self._quotas.budgets or {}).items())
                 for budget in budgets]
@@ -50,14 +71,20 @@ class BudgetsAPI:
         rows += [(r["user_path"], _budget(r), "admin") for r in stored if r["user_path"] not in
                  (self._quotas.budgets or {})]
         spent = await self._book.spent([(f"path:{path}", budget) for path, budget, _ in rows]) if rows else []
-        data = []
+        data, statuses = [], []
         for (path, budget, source), (tokens, cost) in zip(rows, spent):
             start, end = period_window(budget.period, now)
             data.append({"user_path": path, "period": budget.period, "amount": budget.max_cost,
                          "max_cost": budget.max_cost, "max_tokens": budget.max_tokens, "source": source,
                          "spent_tokens": tokens, "spent_cost": cost, "period_start": iso(start),
                          "period_end": iso(end)})
-        return json_answer(request, {"object": "list", "data": data})
+            for unit, amount, used in (("tokens", budget.max_tokens, tokens), ("cost", budget.max_cost, cost)):
+                if amount is not None:
+                    entry = budget_status(f"path:{path}", path, budget.period, unit, amount, used, start, end, now)
+                    entry.update(source=source, has_usage=bool(tokens or cost),
+                                 period_ratio=None if end is None else min(1.0, (now - start) / (end - start)))
+                    statuses.append(entry)
+        return data, statuses, now
 
     @app.route("/", methods=["PUT", "POST"])
     async def put(self, request):
@@ -109,9 +136,9 @@ class BudgetsAPI:
                                      code="invalid_value")
             record = await self._store.put(path, period, None, float(value))
         await self._gate.refresh()
-        return json_answer(request, {"user_path": record["user_path"], "period": record["period"],
-                                     "amount": record["max_cost"], "max_cost": record["max_cost"],
-                                     "max_tokens": record["max_tokens"], "source": "admin"})
+        return json_answer(request, await self._answer({
+            "user_path": record["user_path"], "period": record["period"], "amount": record["max_cost"],
+            "max_cost": record["max_cost"], "max_tokens": record["max_tokens"], "source": "admin"}))
 
     async def _delete(self, request, path, period):
         path, period = _target(path, period)
@@ -119,7 +146,7 @@ class BudgetsAPI:
             raise NotFound(f"No budget for {path} ({period}) was set through the admin API.",
                            code="budget_not_found")
         await self._gate.refresh()
-        return json_answer(request, {"user_path": path, "period": period, "deleted": True})
+        return json_answer(request, await self._answer({"user_path": path, "period": period, "deleted": True}))
 
 
 def _known(body, fields):
@@ -150,6 +177,7 @@ def _split(target):
 def _target(path, period):
     if path is None:
         raise InvalidRequest("A budget needs a user_path.", param="user_path", code="missing_required_parameter")
+    period = _PERIODS_BY_SECONDS.get(period, period)  # (GoModel's route names it in seconds too)
     if period not in PERIODS:
         raise InvalidRequest(f"period must be one of: {', '.join(PERIODS)}.", param="period", code="invalid_value")
     return user_path(path), period

@@ -103,7 +103,7 @@ class SelfUsage:
             start, end = period_window(budget.period, now)
             for unit, amount, spent in (("tokens", budget.max_tokens, tokens), ("cost", budget.max_cost, cost)):
                 if amount is not None:
-                    entries.append(_budget(scope, path, budget.period, unit, amount, spent, start, end, now))
+                    entries.append(budget_status(scope, path, budget.period, unit, amount, spent, start, end, now))
         return entries
 
 
@@ -125,8 +125,9 @@ def _scope_path(scope, path):
     return name if kind == "path" else path
 
 
-def _budget(scope, path, period, unit, amount, spent, start, end, now) -> dict:
-    """One budget's entry: C{amount}, C{spent} and C{remaining} in its C{unit} (C{tokens} or C{cost})."""
+def budget_status(scope, path, period, unit, amount, spent, start, end, now) -> dict:
+    """One budget's entry (here, and in the admin API's GoModel form): C{amount}, C{spent} and C{remaining} in
+    its C{unit} (C{tokens} or C{cost})."""
     period_seconds = PERIOD_SECONDS.get(period)
     if period_seconds is None and period != "total":  # "<N>s"
         period_seconds = int(period[:-1])
