@@ -193,6 +193,32 @@ async def test_the_budgets_routes_take_and_answer_gomodels_shapes(reactor, http,
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_budget_settings_are_gomodels_reset_anchors_fixed_at_the_utc_calendar(reactor, http, fake):
+    """GoModel's GET|PUT /admin/api/v1/budgets/settings (issue 14: "GET|PUT|DELETE /admin/api/v1/budgets...,
+    GoModel's shapes") give the anchors of its calendar periods. Ours are the UTC calendar, fixed: GET was a
+    405 and PUT a 400 about a period named "settings". Now GET answers GoModel's anchors (daily at 00:00,
+    weekly from Monday 00:00, monthly from the 1st) and PUT takes them as they are, and refuses another
+    anchor naming it. A period named as GoModel names it (day, weeks, ...) is taken too."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        anchors = {"daily_reset_hour": 0, "daily_reset_minute": 0, "weekly_reset_weekday": 1, "weekly_reset_hour": 0,
+                   "weekly_reset_minute": 0, "monthly_reset_day": 1, "monthly_reset_hour": 0, "monthly_reset_minute": 0}
+        code, settings = await admin(http, gw, "GET", "/admin/api/v1/budgets/settings")
+        assert code == 200 and {name: settings[name] for name in anchors} == anchors
+        code, settings = await admin(http, gw, "PUT", "/admin/api/v1/budgets/settings", {"daily_reset_hour": 0})
+        assert code == 200 and {name: settings[name] for name in anchors} == anchors
+        code, error = await admin(http, gw, "PUT", "/admin/api/v1/budgets/settings", {"weekly_reset_weekday": 0})
+        assert (code, error["error"]["param"]) == (400, "weekly_reset_weekday")
+        code, budget = await admin(http, gw, "PUT", "/admin/api/v1/budgets/team/Day", {"amount": 1})
+        assert (code, budget["period"]) == (200, "daily")
+        code, budget = await admin(http, gw, "PUT", "/admin/api/v1/budgets", {"user_path": "/t", "period": "weeks",
+                                                                             "amount": 1})
+        assert (code, budget["period"]) == (200, "weekly")
+    finally:
+        await gw.service.stopService()
+
+
 # A key budget's cost as stored before the admin API refused costs past a float: a 400-digit integer, or
 # infinity, which the JSON encoder wrote as null (the budget then says neither tokens nor cost).
 @pytest.mark.parametrize("stored", [10**400, None], ids=["400-digits", "infinity-written-as-null"])

@@ -26,7 +26,15 @@ from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, is_count, period_window
 
 _FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
-_PERIODS_BY_SECONDS = {str(seconds): period for period, seconds in PERIOD_SECONDS.items() if seconds}
+# A period as GoModel's routes and bodies may name it too: in seconds, or C{day}, C{days}, ... (any case)
+_PERIOD_NAMES = dict({str(seconds): period for period, seconds in PERIOD_SECONDS.items() if seconds},
+                     **{f"{unit}{s}": period for unit, period in (("hour", "hourly"), ("day", "daily"),
+                                                                  ("week", "weekly"), ("month", "monthly"))
+                        for s in ("", "s")})
+# GoModel's budget settings: the anchors of its calendar periods. Ours are the UTC calendar's, fixed: daily at
+# 00:00, weekly from Monday (1, Go's weekday) 00:00, monthly from the 1st at 00:00.
+SETTINGS = {"daily_reset_hour": 0, "daily_reset_minute": 0, "weekly_reset_weekday": 1, "weekly_reset_hour": 0,
+            "weekly_reset_minute": 0, "monthly_reset_day": 1, "monthly_reset_hour": 0, "monthly_reset_minute": 0}
 
 
 class BudgetsAPI:
@@ -85,6 +93,23 @@ class BudgetsAPI:
                                  period_ratio=None if end is None else min(1.0, (now - start) / (end - start)))
                     statuses.append(entry)
         return data, statuses, now
+
+    @app.route("/settings", methods=["GET"])
+    def settings(self, request):
+        """GoModel's budget settings: the anchors of the calendar periods (L{SETTINGS}: fixed)."""
+        return json_answer(request, dict(SETTINGS, updated_at=None))
+
+    @app.route("/settings", methods=["PUT"])
+    def put_settings(self, request):
+        """GoModel's settings update: the anchors as they are are taken; another is refused, naming it."""
+        body = json_body(request)
+        _known(body, set(SETTINGS))
+        for name, value in body.items():
+            if value is not None and value != SETTINGS[name]:
+                raise InvalidRequest(f"Budget periods are the UTC calendar's here: {name} is {SETTINGS[name]} (daily "
+                                     "at 00:00, weekly from Monday 00:00, monthly from the 1st at 00:00).",
+                                     param=name, code="invalid_value")
+        return json_answer(request, dict(SETTINGS, updated_at=None))
 
     @app.route("/", methods=["PUT", "POST"])
     async def put(self, request):
@@ -177,7 +202,8 @@ def _split(target):
 def _target(path, period):
     if path is None:
         raise InvalidRequest("A budget needs a user_path.", param="user_path", code="missing_required_parameter")
-    period = _PERIODS_BY_SECONDS.get(period, period)  # (GoModel's route names it in seconds too)
+    if isinstance(period, str):
+        period = _PERIOD_NAMES.get(period.strip().lower(), period.strip().lower())
     if period not in PERIODS:
         raise InvalidRequest(f"period must be one of: {', '.join(PERIODS)}.", param="period", code="invalid_value")
     return user_path(path), period
