@@ -244,7 +244,8 @@ def test_requests_counted_between_flushes_give_the_series_observe_gives():
     for i, duration in enumerate(durations):
         metrics(SimpleNamespace(provider_type="vllm", provider="vllm", upstream_model="m", endpoint="/v1/chat/completions",
                                 status=200, stream=bool(i % 2), duration=duration, first_byte=duration / 2,
-                                usage=usage, token_counts=(7, 3, 0, 0), outcome="ok", error=None, key=None))
+                                usage=usage, token_counts=(7, 3, 0, 0), outcome="ok", error=None, key=None,
+                                principal=None))
     assert not [s for s in samples(generate_latest(metrics.registry).decode()) if s[0] == "gomodel_requests_total"]
     metrics.flush()  # (and every scrape flushes first)
     found = samples(generate_latest(metrics.registry).decode())

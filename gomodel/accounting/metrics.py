@@ -82,7 +82,6 @@ class GatewayMetrics:
                                      ("auth_key_id", "auth_key_name", "status_code"), registry=r)
         self._key_tokens = Counter("gomodel_auth_key_tokens_total", "A managed key's tokens, by type.",
                                    ("auth_key_id", "auth_key_name", "type"), registry=r)
-        self._keys_pending = {}  # (key id, name, status) -> [requests, tokens by type] since the last flush
         self._exposed = self.registry
         if shared:  # --workers: a scrape reads every process's files
             self._exposed = CollectorRegistry()
@@ -100,7 +99,10 @@ class GatewayMetrics:
 
     def __call__(self, ctx):
         """A request is over (see L{gomodel.http.context.RequestContext.complete})."""
-        key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status, ctx.stream)
+        # (the series' labels, then who sent it: a managed key's requests and tokens are its series' too, summed at
+        # the flush: nothing more per request)
+        key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status, ctx.stream,
+               ctx.principal)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = _Pending()
@@ -113,23 +115,11 @@ class GatewayMetrics:
             pending.ttft_sum += ctx.first_byte
         if ctx.usage:
             pending.tokens = list(map(add, pending.tokens, ctx.token_counts))
-        if ctx.key is not None and ctx.key != "master":  # a managed key's
-            self._count_key(ctx)
         if ctx.outcome == CLIENT_GONE:
             self._gone.labels(*_names(ctx), ctx.endpoint or "other").inc()
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS or ctx.outcome == STREAM_BROKEN
                                          or (ctx.status >= 500 and ctx.error is None)):
             self._errors.labels(*_names(ctx), ctx.error or f"http_{ctx.status}").inc()
-
-    def _count_key(self, ctx):
-        """Add a managed key's request and its tokens to its own series (at the next flush)."""
-        named = (ctx.key, ctx.principal.name, ctx.status)
-        pending = self._keys_pending.get(named)
-        if pending is None:
-            pending = self._keys_pending[named] = [0, [0] * len(TOKEN_TYPES)]
-        pending[0] += 1
-        if ctx.usage:
-            pending[1] = list(map(add, pending[1], ctx.token_counts))
 
     def retried(self, pool, to):
         """A request goes on from C{pool} to another C{to} (C{"replica"} of it, or C{"target"}) before its first
@@ -155,10 +145,12 @@ class GatewayMetrics:
                     series = self._in_flight_shown[key] = self._in_flight.labels(*key)
                 series.set(count)
         pending, self._pending = self._pending, {}
+        keys = {}  # (managed key id, name, status) -> [requests, tokens by type]
         for key, added in pending.items():
-            series = self._children.get(key)
+            labels, principal = key[:6], key[6]
+            series = self._children.get(labels)
             if series is None:
-                series = self._children[key] = self._series(*key)
+                series = self._children[labels] = self._series(*labels)
             requests, duration, ttft, tokens = series
             requests.inc(added.requests)
             _observed(duration, added.durations, added.duration_sum)
@@ -167,7 +159,12 @@ class GatewayMetrics:
             for child, count in zip(tokens, added.tokens):
                 if count:
                     child.inc(count)
-        keys, self._keys_pending = self._keys_pending, {}
+            if principal is not None and not principal.master:
+                named = keys.get((principal.id, principal.name, labels[4]))
+                if named is None:
+                    named = keys[(principal.id, principal.name, labels[4])] = [0, [0] * len(TOKEN_TYPES)]
+                named[0] += added.requests
+                named[1] = list(map(add, named[1], added.tokens))
         for (key_id, name, status), (requests, tokens) in keys.items():
             self._key_requests.labels(key_id, name, str(status)).inc(requests)
             for kind, count in zip(TOKEN_TYPES, tokens):
