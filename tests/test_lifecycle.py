@@ -13,12 +13,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
+from prometheus_client import generate_latest
 from twisted.logger import Logger, globalLogPublisher
 
 from gomodel import _twistedcompat
 from gomodel.lifecycle import Drain
 
 from tests.rawclient import chat_request, connect
+from tests.test_metrics import samples
 from tests.support import start_gateway, until, with_timeout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -324,6 +326,9 @@ async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_a
     cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
     assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
                    "req-waiting": (503, "error", "shutdown_timeout", False)}
+    gw.service.metrics.flush()  # neither is an upstream's error (before: the stream counted as one)
+    assert not [s for s in samples(generate_latest(gw.service.metrics.registry).decode())
+                if s[0] == "gomodel_upstream_errors_total"]
 
 
 @pytest_twisted.ensureDeferred

@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from gomodel.accounting.tokens import TOKEN_TYPES
+from gomodel.errors import ShuttingDown
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
 from gomodel.periodic import Repeating
 
@@ -36,6 +37,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _REQUEST = ("provider", "provider_name", "model", "endpoint")
 FLUSH_INTERVAL = 1.0  # seconds between two flushes of what requests added (L{GatewayMetrics.flush})
+SHUTDOWN_CUT = ShuttingDown.code  # (a stream the drain cut: the gateway's doing, not its upstream's failure)
 _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_upstream_response",
                               "stream_incomplete", "no_ready_replica", "replicas_busy"))
 
@@ -117,8 +119,9 @@ class GatewayMetrics:
             pending.tokens = list(map(add, pending.tokens, ctx.token_counts))
         if ctx.outcome == CLIENT_GONE:
             self._gone.labels(*_names(ctx), ctx.endpoint or "other").inc()
-        if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS or ctx.outcome == STREAM_BROKEN
-                                         or (ctx.status >= 500 and ctx.error is None)):
+        if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS
+                                         or (ctx.outcome == STREAM_BROKEN and ctx.error != SHUTDOWN_CUT)
+                                         or (ctx.status >= 500 and ctx.error is None)):  # (a drain's cut is ours)
             self._errors.labels(*_names(ctx), ctx.error or f"http_{ctx.status}").inc()
 
     def retried(self, pool, to):
