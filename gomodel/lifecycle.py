@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from gomodel import _twistedcompat
 from gomodel.errors import ShuttingDown, StreamFailed
 from gomodel.http import render
-from gomodel.http.headers import CONTENT_TYPE
+from gomodel.http.headers import is_event_stream
 
 # The error code of a request the drain cut when its time ran out (SHUTDOWN_TIMEOUT).
 CUT = ShuttingDown.code
@@ -138,8 +138,8 @@ def _cut_request(request) -> bool:
     L{ShuttingDown} (outcome C{error}) after which its connection closes. An event stream ends as one an
     upstream broke off does (C{stream_incomplete}, L{_end_stream}); any other answer that started has its
     connection aborted. Either way its handler is cancelled (here, or by the abort), which closes its upstream
-    connection, as a client that left would. Before, every connection was aborted: the client saw a reset, not an answer it could retry on,
-    nor a stream's error event.
+    connection, as a client that left would. Before, every connection was aborted: the client saw a reset,
+    not an answer it could retry on, nor a stream's error event.
 
     @return: whether its connection closes by itself (after the 503 or the error event), not to be aborted.
     """
@@ -149,8 +149,7 @@ def _cut_request(request) -> bool:
     error = ShuttingDown()
     if request.startedWriting:
         ctx.broken(CUT)
-        if _twistedcompat.plain_headers(request.responseHeaders).get(CONTENT_TYPE, (b"",))[0].startswith(
-                b"text/event-stream"):
+        if is_event_stream(request.responseHeaders):
             return _end_stream(request, error)
         return False
     ctx.cut(CUT)

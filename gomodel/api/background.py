@@ -6,8 +6,9 @@ it. The creating process asks that instance every few seconds (L{WATCH_DELAYS}; 
 this process share those asks) and, the first time it finds the response over (C{completed}, C{failed},
 C{cancelled}, C{incomplete}: found by its own ask, a read here, or another process's read that stored
 it), records it in the ledger under the create's request id (a failed one as a 502, a cancelled one as
-a 499, with what usage it has) and charges the creating key's budgets with its usage. Reads never charge: two processes reading at once cannot charge it twice, and the
-master key reading a managed key's response does not keep it from being charged. A response deleted while
+a 499, with what usage it has) and charges the creating key's budgets with its usage. Reads never charge:
+two processes reading at once cannot charge it twice, and the master key reading a managed key's response
+does not keep it from being charged. A response deleted while
 it runs (a DELETE forgets the gateway's copy, not the run) is still asked after, nothing stored back.
 
 Each watch is also kept in the store (L{gomodel.store.interfaces.IBackgroundWatches}) under the watching

@@ -109,7 +109,7 @@ def _has_line(headers, name) -> bool:
     return isinstance(headers, AnswerHeaders) and headers.has_line(name)
 
 
-def is_event_stream(upstream_response) -> bool:
-    """Whether the upstream answered with server-sent events."""
-    value = plain_headers(upstream_response.headers).get(CONTENT_TYPE, (b"",))[0]
+def is_event_stream(headers) -> bool:
+    """Whether an answer's C{headers} (an upstream's, or the one going to the client) say server-sent events."""
+    value = plain_headers(headers).get(CONTENT_TYPE, (b"",))[0]
     return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"

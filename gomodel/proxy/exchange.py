@@ -239,7 +239,7 @@ class Exchange:
         if call.vet is not None:
             await call.vet(response)
         if call.raw:  # a passthrough
-            events = is_event_stream(response)
+            events = is_event_stream(response.headers)
             if events:
                 ctx.stream = True
             return await self._relay_raw(request, ctx, upstream, response, events)
@@ -248,7 +248,7 @@ class Exchange:
         if not 200 <= response.code < 300:
             discard(response)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
-        if is_event_stream(response):
+        if is_event_stream(response.headers):
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, call.observer)
         body = whole_body(response)  # (a small answer came whole with its head: no wait, no read)
@@ -521,7 +521,7 @@ class Exchange:
         """
         ours = dict(plain_headers(request.responseHeaders))  # (put back if this head never goes out)
         copy_response_headers(response, request, keep_length)
-        events = is_event_stream(response)
+        events = is_event_stream(response.headers)
         if events:
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")  # no buffering in a proxy in front of us
