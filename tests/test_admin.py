@@ -409,3 +409,27 @@ async def test_usage_query_errors_name_their_parameter_and_code(http, ledger):
         response, body = await get(http, ledger, "/admin/api/v1/usage/" + query)
         error = json.loads(body)["error"]
         assert (response.code, error["param"], error["code"]) == (400, param, "invalid_value"), (query, error)
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_daily_folds_gomodels_weekly_monthly_and_yearly(http, ledger):
+    """GoModel's C{interval=weekly|monthly|yearly} sum the days of each ISO week, month and year, labelled as
+    GoModel labels them (C{2026-W01}, C{2026-01}, C{2026}) in C{period} and GoModel's C{date}."""
+    day_ = 86400
+    # Sunday 2026-01-04, Monday 2026-01-05 and Saturday 2026-01-31, Sunday 2026-02-01, and 2027-03-02
+    stamps = {"sun": 1767484800, "mon": 1767484800 + day_, "jan31": 1769817600, "feb1": 1769817600 + day_,
+              "next": 1803945600}
+    await record(ledger, *((name, {"timestamp": at + 60}) for name, at in stamps.items()))
+    query = "start_date=2026-01-01&end_date=2027-12-31"
+    _, body = await get(http, ledger, f"/admin/api/v1/usage/daily?{query}&interval=weekly")
+    rows = json.loads(body)["data"]
+    assert [(r["period"], r["date"], r["requests"], r["total_tokens"]) for r in rows] == [
+        ("2026-W01", "2026-W01", 1, 5), ("2026-W02", "2026-W02", 1, 5), ("2026-W05", "2026-W05", 2, 10),
+        ("2027-W09", "2027-W09", 1, 5)]
+    _, body = await get(http, ledger, f"/admin/api/v1/usage/daily?{query}&interval=monthly")
+    assert [(r["period"], r["requests"]) for r in json.loads(body)["data"]] == [
+        ("2026-01", 3), ("2026-02", 1), ("2027-03", 1)]
+    _, body = await get(http, ledger, f"/admin/api/v1/usage/daily?{query}&interval=yearly&format=csv")
+    assert [row[:2] for row in csv_rows(body)] == [["period", "requests"], ["2026", "4"], ["2027", "1"]]
+    response, body = await get(http, ledger, "/admin/api/v1/usage/daily?interval=fortnightly")
+    assert (response.code, json.loads(body)["error"]["param"]) == (400, "interval")

@@ -108,18 +108,21 @@ class AdminAPI:
 
     @app.route("/usage/daily", methods=["GET"])
     async def usage_daily(self, request):
-        """Totals per UTC day (C{interval=hour}: per hour; C{daily}, GoModel's word, is C{day}) of a window;
-        C{format=csv}."""
+        """Totals per UTC day of a window; C{interval=hour} per hour, GoModel's C{weekly} (ISO weeks,
+        C{2026-W49}), C{monthly} (C{2026-12}) and C{yearly} (C{2026}) per calendar period (C{daily} is C{day});
+        each row's C{period} is also GoModel's C{date}; C{format=csv}."""
         start, end = window(request, self._clock)
         wants_csv = _wants_csv(request)
         interval = query_arg(request, b"interval", "day")
-        if interval == "daily":
-            interval = "day"
-        if interval not in ("day", "hour"):
-            raise InvalidRequest("interval must be day or hour.", param="interval", code="invalid_value")
-        rows = await self._usage_store().grouped(start, end, bucket=DAY if interval == "day" else 3600)
-        for row in rows:
-            row["period"] = _iso(row["period"]) if interval == "hour" else day(row["period"])
+        label = _INTERVALS.get(interval)
+        if label is None:
+            raise InvalidRequest("interval must be one of: hour, day (daily), weekly, monthly, yearly.",
+                                 param="interval", code="invalid_value")
+        rows = await self._usage_store().grouped(start, end, bucket=3600 if interval == "hour" else DAY)
+        rows = _folded(rows, label)
+        if not wants_csv:
+            for row in rows:
+                row["date"] = row["period"]
         return _rows(request, wants_csv, rows, ("period",))
 
     @app.route("/usage/models", methods=["GET"])
@@ -237,6 +240,41 @@ def _wants_csv(request) -> bool:
     if answer not in ("json", "csv"):
         raise InvalidRequest("format must be json or csv.", param="format", code="invalid_value")
     return answer == "csv"
+
+
+def _week(seconds) -> str:
+    year, week, _ = datetime.fromtimestamp(seconds, timezone.utc).isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def _month(seconds) -> str:
+    return day(seconds)[:7]
+
+
+def _year(seconds) -> str:
+    return day(seconds)[:4]
+
+
+# C{interval} -> the label of a row's bucket (hours and days are the store's buckets; longer periods are
+# folded from days).
+_INTERVALS = {"hour": _iso, "day": day, "daily": day, "week": _week, "weekly": _week,
+              "month": _month, "monthly": _month, "year": _year, "yearly": _year}
+
+
+def _folded(rows, label) -> list:
+    """The store's per-bucket C{rows} (oldest first) summed per C{label} of their start (a cost of None, no
+    prices, stays None unless a row in the period has one)."""
+    folded = {}
+    for row in rows:
+        name = label(row.pop("period"))
+        into = folded.get(name)
+        if into is None:
+            folded[name] = dict(period=name, **row)
+            continue
+        for field in USAGE_TOTALS:
+            if row[field] is not None:
+                into[field] = row[field] if into[field] is None else into[field] + row[field]
+    return list(folded.values())
 
 
 def _rows(request, wants_csv, rows, keys):
