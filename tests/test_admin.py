@@ -404,7 +404,7 @@ async def test_usage_numbers_and_dates_are_ascii_digits(http, ledger):
 
 @pytest_twisted.ensureDeferred
 async def test_usage_query_errors_name_their_parameter_and_code(http, ledger):
-    for query, param in (("daily?interval=week", "interval"), ("log?model=%FF", "model"),
+    for query, param in (("daily?interval=fortnight", "interval"), ("log?model=%FF", "model"),
                          ("summary?days=%FF", "days"), ("log?format=xml", "format"), ("models?format=CSV", "format")):
         response, body = await get(http, ledger, "/admin/api/v1/usage/" + query)
         error = json.loads(body)["error"]

@@ -823,3 +823,76 @@ async def test_x_gomodel_user_path_sent_twice_differently_is_a_400_naming_it(htt
     assert "key" not in error["message"]
     headers["X-GoModel-User-Path"] = ["/team/a", "/team/a"]  # (the same path twice: that path)
     assert (await http.get(gw.url + "/v1/models", headers=headers)).code == 200
+
+
+@pytest.mark.parametrize("redis", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(reactor, http, fake, tmp_path, redis):
+    """GoModel's C{POST /budgets/reset-one} ({user_path, period}) and C{POST /budgets/reset} (every budget by user
+    path, the configuration's too) set what a budget spent back to zero: the next request passes, a second
+    process (sharing the store, and Redis's sums where configured) sees it at its next read of the budgets, and
+    the listing shows C{last_reset_at} (before: both 405)."""
+    config = tmp_path / "gomodel.yaml"
+    config.write_text("budgets:\n  user_paths:\n    - path: /lab\n      limits:\n"
+                      "        - {period: daily, max_tokens: 40}\n")
+    env = {"REDIS_URL": REDIS_URL} if redis else {}
+    redis_client = _redis_or_skip() if redis else None
+    before = set(redis_client.keys("gomodel:limits:*")) if redis else set()
+    gateways = []
+    for _ in range(2):
+        gateways.append(await start_gateway(reactor, dict({
+            "VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)},
+            **env), yaml_path=str(config)))
+    one, two = gateways
+    clients = []
+    try:
+        code, _ = await admin(http, one, "PUT", "/admin/api/v1/budgets",
+                              {"user_path": "/team", "period": "daily", "max_tokens": 40})
+        assert code == 200
+        code, missing = await admin(http, one, "POST", "/admin/api/v1/budgets/reset-one",
+                                    {"user_path": "/team", "period": "weekly"})
+        assert (code, missing["error"]["code"]) == (404, "budget_not_found")
+        for path in ("/team/alpha", "/lab"):
+            key = await new_key(http, one, user_path=path)
+            await two.service.keys.refresh()
+            clients.append((openai_client(one, key["value"]), openai_client(two, key["value"])))
+        await two.service.gate.refresh()
+
+        async def spend(client):
+            await in_thread(raw_chat, client)  # 21 tokens
+            await in_thread(raw_chat, client)  # 42: spent
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(raw_chat, client)
+            assert refused.value.code == "budget_exceeded"
+
+        for first, _ in clients:
+            await spend(first)
+        code, answer = await admin(http, one, "POST", "/admin/api/v1/budgets/reset-one",
+                                   {"user_path": "team", "period": "daily"})
+        assert (code, answer["user_path"], answer["period"], answer["reset"]) == (200, "/team", "daily", 1)
+        await two.service.gate.refresh()  # (every second on its own)
+        await spend(clients[0][1])  # the other process: 42 more before it refuses again
+        with pytest.raises(openai.RateLimitError):  # /lab's was not reset
+            await in_thread(raw_chat, clients[1][0])
+        code, answer = await admin(http, two, "POST", "/admin/api/v1/budgets/reset", {})
+        assert (code, answer["reset"]) == (200, 2)
+        await one.service.gate.refresh()
+        for first, _ in clients:
+            await in_thread(raw_chat, first)
+        code, listed = await admin(http, one, "GET", "/admin/api/v1/budgets")
+        rows = {row["user_path"]: row for row in listed["data"]}
+        assert {path: (row["spent_tokens"], row["source"]) for path, row in rows.items()} == {
+            "/lab": (21, "config"), "/team": (21, "admin")}
+        assert all(row["last_reset_at"] == answer["reset_at"] for row in rows.values())
+        assert all(entry["last_reset_at"] == answer["reset_at"] for entry in listed["budgets"])
+    finally:
+        for pair in clients:
+            for client in pair:
+                client.close()
+        for gateway in gateways:
+            await gateway.service.stopService()
+        if redis:
+            new = set(redis_client.keys("gomodel:limits:*")) - before
+            if new:
+                redis_client.delete(*new)
+            redis_client.close()

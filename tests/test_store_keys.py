@@ -58,3 +58,13 @@ async def test_budgets_are_put_replaced_and_deleted(store):
     assert await budgets.delete("/team/a", "monthly") is True
     assert await budgets.delete("/team/a", "monthly") is False
     assert len(await budgets.list()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_budget_resets_are_kept_per_path_and_period_the_last_one_each(store):
+    budgets = store.budgets
+    assert await budgets.resets() == {}
+    first = await budgets.reset([("/team", "daily"), ("/", "monthly")])
+    assert await budgets.resets() == {("/team", "daily"): first, ("/", "monthly"): first}
+    second = await budgets.reset([("/team", "daily")])
+    assert second >= first and await budgets.resets() == {("/team", "daily"): second, ("/", "monthly"): first}

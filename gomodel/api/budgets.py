@@ -5,8 +5,11 @@ C{GET /budgets} lists every budget, those of the configuration
 what its path spent in the current period. C{PUT /budgets} with
 C{{user_path, period, amount | max_cost | max_tokens}} (or C{PUT
 /budgets/{user_path}/{period}} with the rest) sets one; C{DELETE} the same
-way (or with C{user_path} and C{period} in the query) removes it. Every
-process sees an edit within about a second. Key budgets live on the keys
+way (or with C{user_path} and C{period} in the query) removes it. C{POST
+/budgets/reset-one} with C{{user_path, period}} sets what one spent back to
+zero (its period counts from then), C{POST /budgets/reset} every one's (the
+configuration's too: the reset time is kept in the store). Every process sees
+an edit or a reset within about a second. Key budgets live on the keys
 (C{/auth-keys}).
 
 GoModel's forms are taken and answered too: the route's user path URL-encoded
@@ -17,12 +20,14 @@ C{has_usage}, ...) and C{server_time}, beside ours.
 """
 
 from klein import Klein
+from twisted.logger import Logger
 
 from gomodel.api.keys import PERIODS, iso, user_path
 from gomodel.api.self_usage import PERIOD_SECONDS, budget_status
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
+from gomodel.limits.gate import with_resets
 from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, is_count, period_window
 
 _FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
@@ -40,6 +45,7 @@ SETTINGS = {"daily_reset_hour": 0, "daily_reset_minute": 0, "weekly_reset_weekda
 class BudgetsAPI:
     """C{GET|PUT|DELETE /budgets} and C{PUT|DELETE /budgets/{user_path}/{period}}."""
 
+    log = Logger()
     app = Klein()
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
@@ -72,27 +78,61 @@ class BudgetsAPI:
     async def _listing(self):
         """C{(ours, GoModel's, now)}: every budget with what its path spent this period, in our form and in
         GoModel's (one entry per unit: a budget with a token and a cost cap is two)."""
+        rows, resets = await self._rows()
         now = self._clock.seconds()
-        rows = [(path, budget, "config") for path, budgets in sorted((self._quotas.budgets or {}).items())
-                for budget in budgets]
-        stored = await self._store.list()
-        rows += [(r["user_path"], _budget(r), "admin") for r in stored if r["user_path"] not in
-                 (self._quotas.budgets or {})]
         spent = await self._book.spent([(f"path:{path}", budget) for path, budget, _ in rows]) if rows else []
         data, statuses = [], []
         for (path, budget, source), (tokens, cost) in zip(rows, spent):
             start, end = period_window(budget.period, now)
+            reset_at = resets.get((path, budget.period))
+            reset_at = None if reset_at is None else iso(reset_at)
             data.append({"user_path": path, "period": budget.period, "amount": budget.max_cost,
                          "max_cost": budget.max_cost, "max_tokens": budget.max_tokens, "source": source,
                          "spent_tokens": tokens, "spent_cost": cost, "period_start": iso(start),
-                         "period_end": iso(end)})
+                         "period_end": iso(end), "last_reset_at": reset_at})
             for unit, amount, used in (("tokens", budget.max_tokens, tokens), ("cost", budget.max_cost, cost)):
                 if amount is not None:
                     entry = budget_status(f"path:{path}", path, budget.period, unit, amount, used, start, end, now)
-                    entry.update(source=source, has_usage=bool(tokens or cost),
+                    entry.update(source=source, has_usage=bool(tokens or cost), last_reset_at=reset_at,
                                  period_ratio=None if end is None else min(1.0, (now - start) / (end - start)))
                     statuses.append(entry)
         return data, statuses, now
+
+    async def _rows(self):
+        """C{([(user path, Budget, source)], resets)}: every budget (the configuration's, then those set here),
+        its last reset applied, and C{{(user_path, period): reset_at}}."""
+        resets = await self._store.resets()
+        configured = self._quotas.budgets or {}
+        rows = [(path, budget, "config") for path, budgets in sorted(configured.items())
+                for budget in with_resets(path, budgets, resets)]
+        rows += [(r["user_path"], _budget(r, resets), "admin") for r in await self._store.list()
+                 if r["user_path"] not in configured]
+        return rows, resets
+
+    @app.route("/reset-one", methods=["POST"])
+    async def reset_one(self, request):
+        """GoModel's reset of one budget (C{{user_path, period}}): what it spent this period counts from now."""
+        body = json_body(request)
+        _known(body, {"user_path", "period", "period_seconds"})
+        path, period = _target(body.get("user_path"), body.get("period", body.get("period_seconds")))
+        rows, _ = await self._rows()
+        if not any(p == path and budget.period == period for p, budget, _ in rows):
+            raise NotFound(f"No {period} budget is set for {path}.", code="budget_not_found")
+        return await self._reset(request, [(path, period)], {"user_path": path, "period": period})
+
+    @app.route("/reset", methods=["POST"])
+    async def reset_all(self, request):
+        """GoModel's reset of every budget by user path: what each spent this period counts from now (a
+        key's budgets are the keys')."""
+        rows, _ = await self._rows()
+        return await self._reset(request, sorted({(path, budget.period) for path, budget, _ in rows}), {})
+
+    async def _reset(self, request, targets, fields):
+        """Reset C{targets} (C{(user_path, period)} pairs) and answer C{fields} with every budget after."""
+        at = await self._store.reset(targets) if targets else self._clock.seconds()
+        await self._gate.refresh()
+        self.log.info("budgets reset: {targets}", targets=", ".join(f"{path} ({period})" for path, period in targets))
+        return json_answer(request, await self._answer(dict(fields, reset=len(targets), reset_at=iso(at))))
 
     @app.route("/settings", methods=["GET"])
     def settings(self, request):
@@ -202,6 +242,8 @@ def _split(target):
 def _target(path, period):
     if path is None:
         raise InvalidRequest("A budget needs a user_path.", param="user_path", code="missing_required_parameter")
+    if isinstance(period, int) and not isinstance(period, bool):  # (GoModel's period_seconds)
+        period = str(period)
     if isinstance(period, str):
         period = _PERIOD_NAMES.get(period.strip().lower(), period.strip().lower())
     if period not in PERIODS:
@@ -209,8 +251,9 @@ def _target(path, period):
     return user_path(path), period
 
 
-def _budget(record):
-    return Budget(record["period"], max_tokens=record["max_tokens"], max_cost=record["max_cost"])
+def _budget(record, resets):
+    return Budget(record["period"], max_tokens=record["max_tokens"], max_cost=record["max_cost"],
+                  since=resets.get((record["user_path"], record["period"])))
 
 
 install_error_handlers(BudgetsAPI.app)

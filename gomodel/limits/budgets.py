@@ -4,7 +4,8 @@ A scope is C{(name, [Budget, ...])} (C{"key:k_1"}, C{"path:/team"}). Each
 budget period of a scope has one sum, in a bucket named with the period's
 start (C{"budget|path:/team|daily|1767225600"}), so a new period starts at
 zero; it expires C{margin} seconds after the period ends (a C{total} sum is
-kept for good).
+kept for good). A budget reset in its period (its C{since}) has a new sum,
+named with the reset's time, and counts from then.
 
 L{BudgetBook.check} refuses a request when a current sum has reached its
 budget; L{BudgetBook.record} adds a finished request's usage. A request
@@ -102,7 +103,11 @@ class BudgetBook:
         for scope, budgets in scopes:
             for budget in budgets:
                 start, end = self._window(budget.period, now)
-                rows.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
+                since = budget.since
+                if since is not None and start < since <= now:  # reset in this period: a new sum from then
+                    rows.append((scope, budget, f"budget|{scope}|{budget.period}|{since!r}", since, end))
+                else:
+                    rows.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
         if len(self._currents) > 10000:
             self._currents.clear()
         current = self._currents[id(scopes)] = _Current(scopes, rows, self._margin)

@@ -54,6 +54,7 @@ class Gate(Periodic):
         self._store = budgets
         self._pricing = pricing or None  # None: no prices (tested once here, not per request)
         self._path_budgets = {}  # user path -> (Budget, ...) set through the admin API
+        self._configured = dict(quotas.budgets or {})  # user path -> its configured (Budget, ...), resets applied
         # What a key's requests pass, worked out once per key version (the key ring makes a new
         # Principal on every change): key id -> (principal, budget scopes, key and path limit scopes,
         # the names of those its headers show).
@@ -73,25 +74,33 @@ class Gate(Periodic):
         """
         if self._store is None or self._book is None:
             return succeed(None)
-        d = self._store.list()
-        d.addCallback(self.set_path_budgets)
+        d = Deferred.fromCoroutine(self._refresh())
         d.addCallbacks(self._streak.succeeded, self._streak.failed)
         return d
 
+    async def _refresh(self):
+        self.set_path_budgets(await self._store.list(), await self._store.resets())
+
     # -- configuration ---------------------------------------------------------------------
 
-    def set_path_budgets(self, records):
-        """Take the budgets set through the admin API (C{IBudgetStore} records), replacing the last ones."""
+    def set_path_budgets(self, records, resets=None):
+        """Take the budgets set through the admin API (C{IBudgetStore} records) and when each path budget was
+        last reset (C{{(user_path, period): reset_at}}, the configuration's too), replacing the last ones."""
+        resets = resets or {}
         budgets = {}
         for record in records:
-            budgets.setdefault(record["user_path"], []).append(
-                Budget(record["period"], max_tokens=record["max_tokens"], max_cost=record["max_cost"]))
+            budgets.setdefault(record["user_path"], []).append(Budget(
+                record["period"], max_tokens=record["max_tokens"], max_cost=record["max_cost"],
+                since=resets.get((record["user_path"], record["period"]))))
         budgets = {path: tuple(items) for path, items in budgets.items()}
-        if budgets != self._path_budgets:
-            for path in set(budgets) | set(self._path_budgets):
-                if budgets.get(path) != self._path_budgets.get(path):
+        configured = {path: with_resets(path, items, resets) for path, items in (self._quotas.budgets or {}).items()}
+        if budgets != self._path_budgets or configured != self._configured:
+            for path in set(budgets) | set(self._path_budgets) | set(configured):
+                if budgets.get(path) != self._path_budgets.get(path) or \
+                        configured.get(path) != self._configured.get(path):
                     self.renew(f"path:{path}")
             self._path_budgets = budgets
+            self._configured = configured
             self._plans = {}
 
     def renew(self, scope):
@@ -153,9 +162,10 @@ class Gate(Periodic):
         if budgets:
             scopes.append((f"key:{key_id}", key_budgets(budgets)))
         if path:
-            scopes.extend(self._quotas.budget_scopes(path))
-            configured = self._quotas.budgets or {}
-            scopes.extend((f"path:{p}", self._path_budgets[p]) for p in path_ancestors(path)
+            configured = self._configured
+            ancestors = path_ancestors(path)
+            scopes.extend((f"path:{p}", configured[p]) for p in ancestors if p in configured)
+            scopes.extend((f"path:{p}", self._path_budgets[p]) for p in ancestors
                           if p in self._path_budgets and p not in configured)
         return scopes
 
@@ -314,6 +324,12 @@ def _admitted(admission, request, ctx):
     of its L{gomodel.http.headers.AnswerHeaders})."""
     ctx.admission = admission
     request.responseHeaders.lines = admission.header_lines()
+
+
+def with_resets(path, budgets, resets) -> tuple:
+    """C{budgets} of user C{path} with their last reset (C{resets}: C{{(user_path, period): reset_at}})."""
+    return tuple(Budget(b.period, max_tokens=b.max_tokens, max_cost=b.max_cost, since=resets.get((path, b.period)))
+                 for b in budgets)
 
 
 def key_budgets(items) -> tuple:

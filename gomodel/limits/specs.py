@@ -130,12 +130,14 @@ class Budget:
     aligned to the Unix epoch, GoModel's C{period_seconds}). A C{max_cost}
     past L{COST_MAX} (infinity, a 400-digit integer: a store may hold one from
     before the admin API refused them) is L{COST_MAX}, a cap no spend reaches,
-    not an error on every request and listing.
+    not an error on every request and listing. A C{since} within the current
+    period starts it there (L{gomodel.limits.budgets.BudgetBook}).
     """
 
     period: str
     max_tokens: Optional[int] = None
     max_cost: Optional[float] = None
+    since: Optional[float] = None  # when its spending was last set back to zero (the admin API's reset)
 
     def __post_init__(self):
         object.__setattr__(self, "period", parse_period(self.period))

@@ -471,6 +471,16 @@ class IBudgetStore(Interface):
     def delete(user_path, period):
         """@return: a Deferred firing with True once deleted, or False when there was none."""
 
+    def resets():
+        """@return: a Deferred firing with C{{(user_path, period): reset_at}}: when each budget's spending was
+        last set back to zero (its configuration's or the admin API's budget)."""
+
+    def reset(targets):
+        """Set the spending of each C{(user_path, period)} of C{targets} back to zero, now.
+
+        @return: a Deferred firing with the time of the reset (Unix seconds, the store's clock).
+        """
+
 
 class IStoreService(Interface):
     """A store as one service: the aggregates over one backend, opened and closed together."""

@@ -109,3 +109,19 @@ class PostgreSQLBudgetStore:
     def delete(self, user_path, period):
         return self._db.run(lambda conn: conn.execute("DELETE FROM budgets WHERE user_path = %s AND period = %s",
                                                       (user_path, period)).rowcount > 0)
+
+    def resets(self):
+        return self._db.run(lambda conn: {(path, period): at for path, period, at in conn.execute(
+            "SELECT user_path, period, reset_at FROM budget_resets")})
+
+    def reset(self, targets):
+        return self._db.run(self._reset, list(targets))
+
+    @staticmethod
+    def _reset(conn, targets):
+        now = conn.execute(f"SELECT {NOW}").fetchone()[0]
+        with conn.transaction(), conn.cursor() as cursor:
+            cursor.executemany("INSERT INTO budget_resets (user_path, period, reset_at) VALUES (%s, %s, %s) "
+                               "ON CONFLICT (user_path, period) DO UPDATE SET reset_at = excluded.reset_at",
+                               [(path, period, now) for path, period in targets])
+        return now

@@ -202,6 +202,16 @@ MIGRATIONS = (
         )""",
         "CREATE INDEX background_watches_lease ON background_watches (lease_until)",
     )),
+    (10, (
+        # When a budget's spending was last set back to zero (POST /budgets/reset-one, /budgets/reset): its
+        # period counts from then. A budget of the configuration has one too, so it is not a budgets column.
+        """CREATE TABLE budget_resets (
+            user_path TEXT NOT NULL,
+            period TEXT NOT NULL,
+            reset_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (user_path, period)
+        )""",
+    )),
 )
 
 

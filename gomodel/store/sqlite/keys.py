@@ -103,3 +103,17 @@ class SQLiteBudgetStore:
                 return conn.execute("DELETE FROM budgets WHERE user_path = ? AND period = ?",
                                     (user_path, period)).rowcount > 0
         return self._db.run(delete)
+
+    def resets(self):
+        return self._db.run(lambda: {(path, period): at for path, period, at in self._db.conn().execute(
+            "SELECT user_path, period, reset_at FROM budget_resets")})
+
+    def reset(self, targets):
+        return self._db.run(self._reset, list(targets), self._db.now())
+
+    def _reset(self, targets, now):
+        with self._db.transaction() as conn:
+            conn.executemany("INSERT INTO budget_resets (user_path, period, reset_at) VALUES (?, ?, ?) "
+                             "ON CONFLICT (user_path, period) DO UPDATE SET reset_at = excluded.reset_at",
+                             [(path, period, now) for path, period in targets])
+        return now
