@@ -666,3 +666,100 @@ def test_a_redis_url_with_an_option_redis_py_does_not_know_is_refused_at_start()
     for url in ("redis://h:6379/0?socket_timeout=2&client_name=gw", "rediss://h:6380/0?ssl_cert_reqs=none",
                 "unix:///run/redis.sock?db=1"):
         assert load_config({"REDIS_URL": url}).store.redis_url == url
+
+
+GOMODEL_EXAMPLE = """\
+server:
+  port: "8080"
+  master_key: "your-secret-key"
+  body_size_limit: "10M"
+  pprof_enabled: false
+  enable_passthrough_routes: true
+  allow_passthrough_v1_alias: true
+  enabled_passthrough_providers: ["openai", "anthropic"]
+models:
+  enabled_by_default: true
+  overrides_enabled: true
+cache:
+  model:
+    refresh_interval: 3600
+    local:
+      cache_dir: ".cache"
+storage:
+  type: "sqlite"
+  sqlite:
+    path: "data/gomodel.db"
+  postgresql:
+    url: "postgres://user:pass@localhost/gomodel"
+    max_conns: 10
+logging:
+  enabled: false
+  log_bodies: true
+usage:
+  enabled: true
+  enforce_returning_usage_data: true
+  buffer_size: 1000
+  flush_interval: 5
+  retention_days: 90
+metrics:
+  enabled: false
+  endpoint: "/metrics"
+http:
+  timeout: 600
+  response_header_timeout: 300
+admin:
+  endpoints_enabled: true
+  ui_enabled: false
+workflows:
+  refresh_interval: 1m
+resilience:
+  retry:
+    max_retries: 3
+  circuit_breaker:
+    failure_threshold: 4
+guardrails:
+  enabled: false
+  rules:
+    - name: "safety-prompt"
+      type: "system_prompt"
+fallback:
+  default_mode: "manual"
+providers:
+  vllm:
+    type: vllm
+    base_url: "http://127.0.0.1:8000/v1"
+    api_version: "2024-10-21"
+"""
+
+
+def test_gomodels_config_yaml_starts_the_gateway_its_settings_read_as_ours(tmp_path):
+    """A C{config.yaml} in GoModel's layout (its example's sections) loads: each setting gomodel has moves to
+    gomodel's key, the others are named in a warning, the environment still wins (before: "unknown top-level
+    key(s)" for ten sections, and GoModel's C{metrics: enabled/endpoint} refused)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(GOMODEL_EXAMPLE)
+    config = load_config({}, yaml_path=str(path))
+    assert (config.metrics.enabled, config.metrics.endpoint) == (False, "/metrics")
+    assert (config.store.storage_type, config.store.data_dir.rstrip("/").rsplit("/", 1)[-1]) == ("sqlite", "data")
+    assert (config.usage.enabled, config.usage.flush_interval, config.usage.retention_days) == (True, 5.0, 90)
+    assert config.upstreams.passthrough.enabled is True and config.upstreams.passthrough.types == ("openai",)
+    assert config.upstreams.timeouts.response_header == 300.0 and config.upstreams.models_refresh_interval == 3600
+    assert (config.auth.admin_endpoints, config.auth.admin_ui) == (True, False)
+    assert config.routing.failure_threshold == 4 and config.server.listen and config.auth.master_key
+    warnings = "\n".join(config.warnings)
+    assert "resilience.retry.max_retries" in warnings and "providers.vllm: GoModel's api_version" in warnings
+    assert "anthropic" in warnings and "guardrails" not in warnings and "logging" not in warnings
+    assert load_config({"METRICS_ENABLED": "true"}, yaml_path=str(path)).metrics.enabled is True
+
+
+@pytest.mark.parametrize("text, named", [
+    ("guardrails:\n  enabled: true\n", "guardrails.enabled"),
+    ("models:\n  enabled_by_default: false\n", "models.enabled_by_default"),
+    ("metrics:\n  enabled: true\n  metrics_enabled: false\n", "metrics.enabled and metrics.metrics_enabled"),
+    ("storage:\n  sqlite:\n    path: 7\n", "storage.sqlite.path"),
+])
+def test_gomodel_settings_it_cannot_honour_or_given_twice_are_refused(tmp_path, text, named):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config({}, yaml_path=str(path))

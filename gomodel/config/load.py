@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence
 
 from gomodel.config import parsers
 from gomodel.config.errors import ConfigError, listed
+from gomodel.config.gomodel_layout import read_gomodel_layout
 from gomodel.config.providers import load_providers
 from gomodel.config.virtual import load_failover_rules, load_virtual_models
 from gomodel.limits.specs import limits_from_env, limits_from_yaml
@@ -40,7 +41,8 @@ def load_config(
     """
     env = {k: v for k, v in environ.items() if v != ""}
     yaml_path = yaml_path or env.get("GOMODEL_CONFIG")
-    document = _read_yaml(yaml_path, env) if yaml_path else {}
+    warnings = []
+    document = read_gomodel_layout(_read_yaml(yaml_path, env), yaml_path, warnings) if yaml_path else {}
     blocks = {name: _mapping(document, name, yaml_path) for name in SECTIONS}
     for name, cls in SECTIONS.items():
         known = {key for _, key, _, _ in settings_of(Config if name == _LEGACY else cls)}
@@ -56,7 +58,6 @@ def load_config(
     store = sections["store"]
     if store.storage_type == "postgresql" and not store.postgres_url:
         raise ConfigError("STORAGE_TYPE=postgresql needs POSTGRES_URL (postgresql://user@host:5432/database)")
-    warnings = []
     providers = load_providers(document.get("providers"), yaml_path, env, warnings)
     sections["upstreams"] = dataclasses.replace(sections["upstreams"], providers=providers)
     sections["routing"] = dataclasses.replace(

@@ -21,6 +21,7 @@ _SUFFIX = re.compile(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*")
 _NAME = re.compile(r"[A-Za-z0-9]+([-_][A-Za-z0-9]+)*")  # a YAML provider's: the suffixes' rule, hyphens too
 _HOST = re.compile(r"[A-Za-z0-9_.-]+")  # a DNS name (ASCII: punycode) or an IPv4 address
 _YAML_PROVIDER_KEYS = {"type", "base_url", "api_key", "models", "replicas", "priority_scheduling"}
+_GOMODEL_PROVIDER_KEYS = {"api_version", "resilience"}  # GoModel's (Azure's API version, retries per provider)
 _YAML_REPLICA_KEYS = {"base_url", "api_key", "weight", "max_concurrency"}
 
 
@@ -37,9 +38,12 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
             where = f"{yaml_path}: providers.{name}"
             if not isinstance(block, dict):
                 raise ConfigError(f"{where} must be a mapping")
-            unknown = set(block) - _YAML_PROVIDER_KEYS
+            unknown = set(block) - _YAML_PROVIDER_KEYS - _GOMODEL_PROVIDER_KEYS
             if unknown:
                 raise ConfigError(f"{where}: unknown key(s) {listed(unknown)}")
+            unread = sorted(key for key in _GOMODEL_PROVIDER_KEYS if block.get(key) is not None)
+            if unread:
+                warnings.append(f"{where}: GoModel's {listed(unread)} not read: this gateway has no such setting")
             type_ = block.get("type")
             if not isinstance(type_, str) or type_ not in PROVIDER_TYPES:
                 raise ConfigError(f"{where}.type must be one of: {', '.join(PROVIDER_TYPES)}")

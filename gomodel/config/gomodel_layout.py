@@ -1,0 +1,167 @@
+"""GoModel's C{config.yaml} layout, read as ours.
+
+GoModel nests its settings by feature (C{storage.postgresql.url},
+C{admin.ui_enabled}, C{metrics.enabled}, C{cache.model.refresh_interval},
+...). A file written for GoModel starts this gateway: each of its settings
+that gomodel has is moved to gomodel's key (the environment still wins);
+those gomodel has not are named in one warning at start, unless they hold
+GoModel's default or say "off" (they change nothing then); and two whose
+absence would let clients do more than the file allows are refused:
+guardrails turned on, and models not enabled by default.
+"""
+
+from gomodel.config.catalog import PROVIDER_TYPES
+from gomodel.config.errors import ConfigError, listed
+
+_ANY = object()
+_UNKNOWN = object()
+
+# GoModel's setting (its path of keys) -> (our section, our key).
+_MOVED = {
+    ("server", "enable_passthrough_routes"): ("upstreams", "passthrough_enabled"),
+    ("server", "enabled_passthrough_providers"): ("upstreams", "passthrough_types"),
+    ("usage", "enabled"): ("usage", "usage_enabled"),
+    ("usage", "flush_interval"): ("usage", "usage_flush_interval"),
+    ("usage", "retention_days"): ("usage", "usage_retention_days"),
+    ("metrics", "enabled"): ("metrics", "metrics_enabled"),
+    ("metrics", "endpoint"): ("metrics", "metrics_endpoint"),
+    ("storage", "type"): ("store", "storage_type"),
+    ("storage", "postgresql", "url"): ("store", "postgres_url"),
+    ("storage", "postgresql", "max_conns"): ("store", "postgres_max_conns"),
+    ("http", "response_header_timeout"): ("upstreams", "response_header_timeout"),
+    ("admin", "endpoints_enabled"): ("auth", "admin_endpoints_enabled"),
+    ("admin", "ui_enabled"): ("auth", "admin_ui_enabled"),
+    ("cache", "model", "refresh_interval"): ("upstreams", "models_refresh_interval"),
+    ("resilience", "circuit_breaker", "failure_threshold"): ("routing", "failure_threshold"),
+}
+
+# GoModel's settings that change nothing here while they hold this value (_ANY: whatever they hold).
+_IDLE = {
+    ("server", "swagger_enabled"): False,
+    ("server", "pprof_enabled"): False,
+    ("server", "allow_passthrough_v1_alias"): True,  # (/p/{provider}/v1/... is always taken here)
+    ("usage", "buffer_size"): _ANY,
+    ("usage", "enforce_returning_usage_data"): True,  # (streams always ask for usage here)
+    ("logging", "enabled"): False,
+    **{("logging", key): _ANY for key in ("log_bodies", "log_headers", "buffer_size", "flush_interval",
+                                          "retention_days", "only_model_interactions")},
+    ("http", "timeout"): 600,
+    ("guardrails", "enabled"): False,
+    ("guardrails", "enable_for_batch_processing"): _ANY,
+    ("guardrails", "rules"): _ANY,  # (read only when enabled, which is refused)
+    ("models", "enabled_by_default"): True,
+    ("models", "overrides_enabled"): _ANY,
+    ("models", "keep_only_aliases_at_models_endpoint"): False,
+    ("fallback", "default_mode"): _ANY,  # (manual without rules, GoModel's default, falls back to nothing)
+    ("workflows", "refresh_interval"): _ANY,
+    ("cache", "model", "local", "cache_dir"): _ANY,
+    ("cache", "response", "simple", "enabled"): False,
+    ("cache", "response", "semantic", "enabled"): False,
+    ("storage", "mongodb", "url"): _ANY,  # (read only with type mongodb, which is refused)
+    ("storage", "mongodb", "database"): _ANY,
+}
+
+# Sections of GoModel's layout that are not ours: a file naming one is in GoModel's layout.
+_GOMODEL_SECTIONS = ("models", "cache", "storage", "logging", "http", "admin", "guardrails", "fallback",
+                     "workflows", "resilience")
+# GoModel's keys in the sections it shares with ours (their keys are GoModel's when named so).
+_SHARED_KEYS = {"server": {"swagger_enabled", "pprof_enabled", "enable_passthrough_routes",
+                           "allow_passthrough_v1_alias", "enabled_passthrough_providers"},
+                "usage": {"enabled", "enforce_returning_usage_data", "buffer_size", "flush_interval",
+                          "retention_days"},
+                "metrics": {"enabled", "endpoint"}}
+
+
+def read_gomodel_layout(document: dict, yaml_path, warnings: list) -> dict:
+    """C{document} (a YAML file's mapping) with GoModel's settings moved to gomodel's sections and keys.
+
+    @param warnings: gets one line naming GoModel's settings that are not read here, if any.
+    @raise ConfigError: a setting is given both ways, or one the gateway cannot honour says to restrict.
+    """
+    if not any(name in document for name in _GOMODEL_SECTIONS) and not any(
+            isinstance(document.get(section), dict) and keys & set(document[section])
+            for section, keys in _SHARED_KEYS.items()):
+        return document
+    document = {name: dict(value) if isinstance(value, dict) else value for name, value in document.items()}
+    ignored = []
+    for path, value in _leaves(document, _GOMODEL_SECTIONS, _SHARED_KEYS):
+        where = f"{yaml_path}: {'.'.join(path)}"
+        _refuse(path, value, where)
+        moved = _MOVED.get(path)
+        if path == ("server", "enabled_passthrough_providers") and isinstance(value, list):
+            value = _known_types(value, where, warnings)
+        if moved is not None:
+            section, key = moved
+            block = document.setdefault(section, {})
+            if not isinstance(block, dict):
+                raise ConfigError(f"{yaml_path}: the config key {section!r} must be a mapping")
+            if block.get(key) is not None:
+                raise ConfigError(f"{where} and {section}.{key} are the same setting; keep one")
+            block[key] = value
+        elif path == ("storage", "sqlite", "path"):
+            _sqlite_path(document, value, where, warnings)
+        elif value is not None and _IDLE.get(path, _UNKNOWN) not in (_ANY, value):
+            ignored.append(".".join(path))
+    for name in _GOMODEL_SECTIONS:
+        document.pop(name, None)
+    if ignored:
+        warnings.append(f"{yaml_path}: GoModel's {listed(ignored)} not read: this gateway has no such setting "
+                        "(see README, Configuration)")
+    return document
+
+
+def _leaves(document, sections, shared):
+    """C{(path, value)} of every GoModel setting of C{document}, taken out of the sections it shares with ours."""
+    for name in sections:
+        block = document.get(name)
+        if block is not None:
+            yield from _walk((name,), block)
+    for name, keys in shared.items():
+        block = document.get(name)
+        if isinstance(block, dict):
+            for key in sorted(keys & set(block)):
+                yield (name, key), block.pop(key)
+
+
+def _walk(path, value):
+    if isinstance(value, dict) and not _is_value(path):
+        for key, item in value.items():
+            yield from _walk(path + (str(key),), item)
+    else:
+        yield path, value
+
+
+def _is_value(path) -> bool:
+    """Whether the mapping at C{path} is one setting's value (rules, overrides), not settings."""
+    return path[0] in ("guardrails", "fallback") and len(path) > 1
+
+
+def _refuse(path, value, where):
+    if path == ("guardrails", "enabled") and value is True:
+        raise ConfigError(f"{where}: guardrails are not a feature of this gateway; without them requests would "
+                          "pass unchecked, so it does not start (set enabled: false, or remove guardrails:)")
+    if path == ("models", "enabled_by_default") and value is False:
+        raise ConfigError(f"{where}: this gateway has no model overrides; every configured model would be "
+                          "served, so it does not start (limit a key's models with its models field instead)")
+
+
+def _known_types(types, where, warnings) -> list:
+    """C{types} of providers this gateway has; the others (which it cannot pass through to) in a warning."""
+    unknown = [t for t in types if t not in PROVIDER_TYPES]
+    if unknown:
+        warnings.append(f"{where}: no provider of type {listed(unknown)} here: none is passed through")
+    return [t for t in types if t in PROVIDER_TYPES]
+
+
+def _sqlite_path(document, value, where, warnings):
+    """GoModel's database file: gomodel keeps C{gomodel.db} (and its files' contents) in that directory."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a file path")
+    directory, _, name = value.rstrip("/").rpartition("/")
+    block = document.setdefault("store", {})
+    if block.get("data_dir") is not None:
+        raise ConfigError(f"{where} and store.data_dir name the database's place both; keep one")
+    block["data_dir"] = directory or "."
+    if name != "gomodel.db":
+        warnings.append(f"{where}: the database is {directory or '.'}/gomodel.db here, beside the files' "
+                        f"contents, not {name}")
