@@ -896,3 +896,26 @@ async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(
             if new:
                 redis_client.delete(*new)
             redis_client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_x_gomodel_user_path_attributes_an_open_gateways_requests_to_a_path(reactor, http, fake, tmp_path):
+    """Without a master key, a request without a key naming C{X-GoModel-User-Path} is that path's: its limits
+    apply, the ledger records it under the path (before: ignored, as the found-and-left note said)."""
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path),
+                                            "SET_RATE_LIMIT_TEAM__A": "rpm=1", "USAGE_FLUSH_INTERVAL": "1h"})
+    client = openai_client(gateway, "unused")
+    client.api_key = ""
+    try:
+        team_a = {"X-GoModel-User-Path": "/team/a", "Authorization": ""}
+        assert (await in_thread(raw_chat, client, extra_headers=team_a)).http_response.status_code == 200
+        with pytest.raises(openai.RateLimitError):
+            await in_thread(raw_chat, client, extra_headers=team_a)
+        await in_thread(raw_chat, client, extra_headers={"Authorization": ""})  # no path: no limit
+        await in_thread(raw_chat, client, extra_headers={"Authorization": ""})
+        await gateway.service.usage.flush()
+        response = await http.get(gateway.url + "/admin/api/v1/usage/log?user_path=/team/a")
+        assert [r["user_path"] for r in json.loads(await response.content())["data"]] == ["/team/a"]
+    finally:
+        client.close()
+        await gateway.service.stopService()

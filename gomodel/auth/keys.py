@@ -253,7 +253,9 @@ class GatewayAuth:
     """Decides who sent a request when its head is in (see L{gomodel.http.site.GatewayRequest}).
 
     Without a master key the gateway is open: a request without a key is
-    served as nobody's, one with a managed key as that key's.
+    served as nobody's (attributed to the user path of its
+    C{X-GoModel-User-Path}, as the master key's are), one with a managed key
+    as that key's.
     """
 
     def __init__(self, master_key, keys=None, open_paths=(), closed_to_keys=(), open_prefixes=()):
@@ -287,8 +289,12 @@ class GatewayAuth:
         if self._master_key is None:
             token = presented_key(request, required=False)
             principal = self._keys.find(token) if token and self._keys is not None else None
-            if principal is None and token and self._keys is not None:
-                self._look_up(token, path, required=False)
+            if principal is None:
+                if token and self._keys is not None:
+                    self._look_up(token, path, required=False)
+                values = plain_headers(request.requestHeaders).get(X_GOMODEL_USER_PATH)
+                if values is not None:  # (as the master key's: an open gateway's backend names its user's path)
+                    return self._attribute(MASTER, values)
         else:
             token = presented_key(request)
             if hmac.compare_digest(token, self._master_key):
