@@ -919,3 +919,39 @@ async def test_x_gomodel_user_path_attributes_an_open_gateways_requests_to_a_pat
     finally:
         client.close()
         await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_root_budget_and_limit_hold_for_managed_keys_without_a_path(reactor, http, fake, tmp_path):
+    """A key without a user path is at the root: C{/}'s budget and rate limit hold for it, and a restarted
+    process counts what it spent from the ledger (before: neither held; the master key's own requests still
+    spend nothing)."""
+    env = {"SET_RATE_LIMIT_": "rpm=100"}
+    gateway = await start(reactor, fake, tmp_path, **env)
+    try:
+        code, _ = await admin(http, gateway, "PUT", "/admin/api/v1/budgets",
+                              {"user_path": "/", "period": "daily", "max_tokens": 40})
+        assert code == 200
+        key = await new_key(http, gateway)  # (no user path)
+        client = openai_client(gateway, key["value"])
+        master = openai_client(gateway, MASTER)
+        try:
+            response = await in_thread(raw_chat, client)  # 21 tokens
+            assert response.headers["x-ratelimit-limit-requests"] == "100"
+            for _ in range(3):
+                await in_thread(raw_chat, master)  # the master key's: not the root's
+        finally:
+            master.close()
+    finally:
+        client.close()
+        await gateway.service.stopService()
+    gateway = await start(reactor, fake, tmp_path, **env)  # seeded from the ledger: 21 spent
+    client = openai_client(gateway, key["value"])
+    try:
+        await in_thread(raw_chat, client)  # 42
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert refused.value.code == "budget_exceeded" and "path:/" in refused.value.message
+    finally:
+        client.close()
+        await gateway.service.stopService()

@@ -70,12 +70,16 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
                         "search": ["other-4"], "key": ["r3", "r2"], "user_path": ["r3", "r2"],
                         "keyless": ["other-4", "r1"]}
 
+    await usage.add([row("pathless-5", 90100.0, auth_key_id="k_2", total_tokens=7)])
+    # the root: every path and the keys without one (r1, the master key's own, is not)
+    assert await usage.spent("path:/", 0) == (15 + 15 + 7, 0.75)
+
     assert await usage.spent("key:k_1", 0) == (15, 0.75)
     assert await usage.spent("path:/team/a", 86550) == (0, 0.25)  # the path and below, not /team/ab
     assert await usage.spent("path:/team", 0) == (30, 0.75)
     assert await usage.spent("key:k_none", 0) == (0, 0)
     assert await usage.delete_before(86550) == 2
-    assert (await usage.summary(0, 1e9))["requests"] == 2
+    assert (await usage.summary(0, 1e9))["requests"] == 3
 
 
 @pytest_twisted.ensureDeferred

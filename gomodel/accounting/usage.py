@@ -102,14 +102,15 @@ class UsageLedger(Service):
         kind, _, name = scope.partition(":")
         column = _KEY if kind == "key" else _PATH if kind == "path" else None
         below = name.rstrip("/") + "/" if kind == "path" else None
+        root = scope == "path:/"  # (every path, and the managed keys without one)
 
         def add(stored):
             if column is None:
                 return stored
             tokens, cost = stored
             for row in self._buffer:
-                value = row[column]
-                if row[1] >= since and value is not None and (value == name or below and value.startswith(below)):
+                value = row[_KEY] if root and row[column] is None else row[column]
+                if row[1] >= since and value is not None and (root or value == name or below and value.startswith(below)):
                     tokens += row[_TOKENS] or 0
                     cost += row[_COST] or 0.0
             return tokens, cost

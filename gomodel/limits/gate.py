@@ -146,10 +146,11 @@ class Gate(Periodic):
             limit = RateLimit(rpm=principal.rpm, tpm=principal.tpm, concurrent=principal.max_concurrency)
             if limit and self._quotas.rate_limits_enabled:  # (RATE_LIMITS_ENABLED=false: every rate limit off)
                 limits.append((f"key:{principal.id}", limit))
-            limits.extend(self._quotas.path_scopes(principal.user_path))
+            path = principal.user_path or "/"  # (a managed key without a path is at the root: C{/}'s hold for it)
+            limits.extend(self._quotas.path_scopes(path))
             # whose windows its x-ratelimit-* headers show: the key's own and its path's (not a provider's)
             own = tuple(scope for scope, _ in limits) or None
-            budgets = self._budget_scopes(principal.id, principal.budgets, principal.user_path)
+            budgets = self._budget_scopes(principal.id, principal.budgets, path)
             if len(self._plans) > 100000:
                 self._plans.clear()
             plan = self._plans[principal.cache_key] = (principal, budgets, limits, own)

@@ -423,7 +423,8 @@ class IUsageStore(Interface):
         """@return: a Deferred firing with how many records older than C{timestamp} were deleted."""
 
     def spent(scope, since):
-        """What a budget scope spent since C{since}: C{"key:<id>"}, or C{"path:/p"} (that path and below).
+        """What a budget scope spent since C{since}: C{"key:<id>"}, or C{"path:/p"} (that path and below;
+        C{"path:/"}: every path and the managed keys without one, not the master key's own requests).
 
         @return: a Deferred firing with C{(total tokens, total cost)}.
         """

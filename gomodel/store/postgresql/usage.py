@@ -141,6 +141,8 @@ class PostgreSQLUsageStore:
         kind, _, name = scope.partition(":")
         if kind == "key":
             where, args = "auth_key_id = %s", [name]
+        elif kind == "path" and name == "/":  # (every path, and the managed keys without one: see IUsageStore)
+            where, args = "(user_path IS NOT NULL OR auth_key_id IS NOT NULL)", []
         elif kind == "path":
             where, args = _BELOW, [name, name.rstrip("/") + "/"]
         else:

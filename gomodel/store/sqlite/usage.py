@@ -95,6 +95,8 @@ class SQLiteUsageStore:
         kind, _, name = scope.partition(":")
         if kind == "key":
             where, args = "auth_key_id = ?", [name]
+        elif kind == "path" and name == "/":  # (every path, and the managed keys without one: see IUsageStore)
+            where, args = "(user_path IS NOT NULL OR auth_key_id IS NOT NULL)", []
         elif kind == "path":
             below = name.rstrip("/") + "/"
             where, args = "(user_path = ? OR substr(user_path, 1, ?) = ?)", [name, len(below), below]
