@@ -34,9 +34,14 @@ async def test_admin_models_name_each_provider_and_virtual_models(reactor, http,
         assert (await http.get(gw.url + "/admin/api/v1/models")).code == 401
         response = await http.get(gw.url + "/admin/api/v1/models", headers=KEY)
         data = {m["id"]: m for m in json.loads(await response.content())["data"]}
-        assert data["vllm/meta-llama/Llama-3.1-8B-Instruct"] == {
+        entry = data["vllm/meta-llama/Llama-3.1-8B-Instruct"]
+        model = entry.pop("model")
+        assert entry == {
             "id": "vllm/meta-llama/Llama-3.1-8B-Instruct", "provider": "vllm", "provider_name": "vllm",
-            "ready_replicas": 1}
+            "ready_replicas": 1, "provider_type": "vllm", "selector": "vllm/meta-llama/Llama-3.1-8B-Instruct",
+            "access": {"selector": "vllm/meta-llama/Llama-3.1-8B-Instruct", "default_enabled": True,
+                       "effective_enabled": True}}  # (GoModel's inventory fields beside ours)
+        assert (model["id"], model["object"]) == ("meta-llama/Llama-3.1-8B-Instruct", "model")
         assert data["llama"]["provider"] == "virtual"
         assert data["llama"]["targets"] == [{"model": "vllm/meta-llama/Llama-3.1-8B-Instruct", "weight": 1.0}]
     finally:
@@ -51,7 +56,9 @@ async def test_admin_models_tell_virtual_models_from_a_provider_named_gomodel(re
     gw = await start_gateway(reactor, {"GOMODEL_MASTER_KEY": "k1"}, yaml_path=str(path))
     try:
         code, answer = await admin(http, gw, "GET", "/admin/api/v1/models")
-        assert code == 200 and answer["data"] == [  # (llama was listed as a vllm model of provider gomodel)
+        assert code == 200 and [{k: v for k, v in m.items() if k in ("id", "provider", "provider_name",
+                                                                      "ready_replicas", "targets")}
+                                for m in answer["data"]] == [  # (llama was listed as a vllm model of provider gomodel)
             {"id": "gomodel/meta-llama/Llama-3.1-8B-Instruct", "provider": "vllm", "provider_name": "gomodel",
              "ready_replicas": 1},
             {"id": "llama", "provider": "virtual", "provider_name": None,

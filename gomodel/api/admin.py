@@ -79,12 +79,17 @@ class AdminAPI:
 
     @app.route("/models", methods=["GET"])
     def models(self, request):
-        """What is routable: every model with its provider's type and name (virtual models included)."""
+        """What is routable: every model with its provider's type and name (virtual models included); a
+        provider's models carry GoModel's inventory fields too (C{provider_type}, C{selector}, C{model}: the
+        upstream's model object under its own id, C{access}: every model is enabled here)."""
         data = []
         for pool in self._registry.providers:
             ready = sum(1 for r in pool.replicas if r.ready)
-            data.extend({"id": name, "provider": pool.type, "provider_name": pool.name, "ready_replicas": ready}
-                        for name, _ in self._registry.provider_models(pool))
+            prefix = len(pool.name) + 1
+            data.extend({"id": name, "provider": pool.type, "provider_name": pool.name, "ready_replicas": ready,
+                         "provider_type": pool.type, "selector": name, "model": dict(model, id=name[prefix:]),
+                         "access": {"selector": name, "default_enabled": True, "effective_enabled": True}}
+                        for name, model in self._registry.provider_models(pool))
         # (a virtual model's targets say where it goes; told apart by the registry, not by its owned_by, which
         # a provider named "gomodel" shares)
         data.extend({"id": model["id"], "provider": "virtual", "provider_name": None, "targets": model["targets"]}
