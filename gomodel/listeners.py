@@ -55,6 +55,8 @@ def check_listen(description: str):
         if port > 65535:
             raise ValueError(f"port {port} is not a TCP port (0 to 65535)")
         return
+    if description.split(":", 1)[0].lower() == "ssl":
+        _refuse_encrypted_key(description)
     try:
         endpoint = serverFromString(None, description)  # makes the endpoint (the reactor is only kept), binds nothing
     except ImportError as e:
@@ -66,6 +68,25 @@ def check_listen(description: str):
     path = unix_socket_path(endpoint)
     if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"the directory of the socket {path!r} does not exist")
+
+
+def _refuse_encrypted_key(description: str):
+    """Refuse an C{ssl:} description whose private key is encrypted: OpenSSL would ask for its passphrase on
+    the terminal, and a gateway started by systemd or Docker would wait there for good.
+
+    @raise ValueError: it is.
+    """
+    from twisted.internet.endpoints import _parse  # (strports' own reading of a description)
+
+    try:
+        _, options = _parse(description)
+        with open(options.get("privateKey", "server.pem"), "rb") as f:
+            head = f.read(65536)
+    except Exception:
+        return  # (Twisted's endpoint says what is wrong with it)
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in head or b"Proc-Type: 4,ENCRYPTED" in head:
+        raise ValueError(f"the private key {options.get('privateKey', 'server.pem')!r} is encrypted: give one "
+                         "without a passphrase (openssl pkey -in KEY -out PLAIN), readable by the gateway only")
 
 
 def listen_endpoint(reactor, description: str):

@@ -244,6 +244,23 @@ def _self_signed(tmp_path):
     return path
 
 
+@pytest.mark.parametrize("form", ["PKCS8", "TraditionalOpenSSL"])
+def test_options_refuse_an_encrypted_tls_key_instead_of_asking_for_its_passphrase(tmp_path, monkeypatch, form):
+    """OpenSSL asked for the passphrase on the terminal: a gateway under systemd or Docker waited there."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = tmp_path / "key.pem"
+    path.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, getattr(serialization.PrivateFormat, form),
+        serialization.BestAvailableEncryption(b"secret")))
+    monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
+    description = f"ssl:0:interface=127.0.0.1:privateKey={path}:certKey={_self_signed(tmp_path)}"
+    with pytest.raises(usage.UsageError) as raised:
+        tap.Options().parseOptions(["--listen", description])
+    assert "is encrypted" in str(raised.value) and "secret" not in str(raised.value)
+
+
 def test_twistd_listens_with_tls_without_an_https_upstream(tmp_path):
     """An ssl: description keeps OpenSSL (which the gateway otherwise leaves out with plain-HTTP upstreams)."""
     import http.client
