@@ -763,3 +763,12 @@ def test_gomodel_settings_it_cannot_honour_or_given_twice_are_refused(tmp_path, 
     path.write_text(text)
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config({}, yaml_path=str(path))
+
+
+def test_providers_whose_names_differ_only_in_case_are_refused(tmp_path):
+    """Their rate limits (C{SET_PROVIDER_RATE_LIMIT_VLLM}, YAML by name in any case) were one bucket for both."""
+    path = tmp_path / "config.yaml"
+    path.write_text("providers:\n  vllm: {type: vllm, base_url: 'http://a:8000/v1'}\n"
+                    "  VLLM: {type: vllm, base_url: 'http://b:8000/v1'}\n")
+    with pytest.raises(ConfigError, match="'VLLM' and 'vllm' differ only in case"):
+        load_config({}, yaml_path=str(path))

@@ -91,6 +91,11 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
                 value = parsers.checked(parsers.boolean, value, var)
             entry[field_name] = (value, var)
 
+    folded = {}
+    for name in sorted(entries):
+        other = folded.setdefault(name.lower(), name)
+        if other != name:  # (limits, metrics and the rate-limit variables name a provider in any case)
+            raise ConfigError(f"the providers {other!r} and {name!r} differ only in case; rename one")
     providers = []
     for name in sorted(entries):
         built = _build_provider(name, entries[name], warnings)
