@@ -397,6 +397,35 @@ def test_a_waiting_request_that_cannot_start_yet_does_not_hold_back_those_behind
     assert not clock.getDelayedCalls()
 
 
+def test_a_model_list_change_wakes_the_requests_waiting_for_that_model():
+    """A request waits for room on the one replica that lists its model (a LoRA adapter); another replica,
+    with room, lists it at its next discovery: the request goes there at once. Another waits for a model
+    that its only replica stops listing: it gets 404 model_not_found at once (as a request arriving then
+    does). Before, neither was looked at again until a slot freed or ROUTING_QUEUE_TIMEOUT (429)."""
+    from gomodel.errors import ModelNotFound
+
+    clock = Clock()
+    replicas = [Replica(i, _Server(), f"http://r{i}/v1", clock, max_concurrency=1) for i in range(2)]
+    for replica in replicas:
+        replica.state = READY
+    pool = ReplicaPool("vllm", "vllm", replicas, clock, queue_timeout=60.0)
+    replicas[0].models, replicas[1].models = {"base": {}, "lora": {}, "old": {}}, {"base": {}}
+    held = pool.take("lora")
+    assert held is replicas[0]
+    lora, old = pool.acquire("lora"), pool.acquire("old")
+    assert not lora.called and not old.called
+    replicas[1].models = {"base": {}, "lora": {}}  # replica 1 loaded the adapter
+    assert lora.called and lora.result is replicas[1]
+    assert not old.called
+    replicas[0].models = {"base": {}, "lora": {}}  # replica 0 unloaded "old": no replica lists it
+    assert old.called
+    failure = []
+    old.addErrback(failure.append)
+    assert failure[0].check(ModelNotFound) and failure[0].value.status == 404
+    assert "vllm/old" in failure[0].value.message
+    assert not pool._queue and not clock.getDelayedCalls()
+
+
 def test_a_release_into_a_long_queue_looks_once_when_every_replica_is_full_again(monkeypatch):
     """The queue is walked past a request that cannot start yet, but not once every replica is full: a slot
     freed with a hundred requests waiting starts the first and looks at no other (the queue walked whole on
@@ -931,6 +960,33 @@ async def test_a_request_waiting_for_room_gets_the_503_once_every_replica_it_wai
     for replica in fleet:
         replica.health_status, replica.hang = 200, False
     await with_timeout(reactor, gatherResults(held), 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_waiting_for_room_follow_a_replicas_new_model_list(cluster, http, reactor):
+    """Replica 0 alone lists "lora" and "old", and is full (a hung request); a request for each waits. Replica 1
+    loads "lora" and replica 0 drops "old" (seen at a refresh): the "lora" request goes to replica 1 at once,
+    the "old" one gets 404 model_not_found at once, not 429 replicas_busy at ROUTING_QUEUE_TIMEOUT."""
+    async def lists(fleet):
+        fleet[0].models = [CHAT_MODEL, "lora", "old"]
+    fleet, gw = await cluster(2, prepare=lists, env={"REPLICA_MAX_CONCURRENCY": "1", "ROUTING_QUEUE_TIMEOUT": "60s"})
+    pool = gw.registry.providers[0]
+    fleet[0].hang = True
+    held = send(http, gw, chat(model="vllm/lora"))
+    await wait_for(reactor, lambda: pool.replicas[0].in_flight == 1)
+    lora, old = send(http, gw, chat(model="vllm/lora")), send(http, gw, chat(model="vllm/old"))
+    await wait_for(reactor, lambda: len(pool._queue) == 2)
+    fleet[1].models = [CHAT_MODEL, "lora"]
+    fleet[0].models = [CHAT_MODEL, "lora"]
+    started = time.monotonic()
+    assert (await http.post(gw.url + "/admin/api/v1/runtime/refresh")).code == 200
+    response, body = await with_timeout(reactor, lora, 10)
+    assert response.code == 200 and served_by(response) == 1
+    response, body = await with_timeout(reactor, old, 10)
+    assert response.code == 404 and error_of(body)["code"] == "model_not_found", body
+    assert time.monotonic() - started < 5
+    fleet[0].hang = False
+    await with_timeout(reactor, held, 10)
 
 
 @pytest_twisted.ensureDeferred

@@ -35,8 +35,8 @@ from zope.interface import implementer
 from gomodel import jsonutil
 from gomodel._twistedcompat import plain_headers, whole_body
 from gomodel.accounting.tokens import requested_tokens
-from gomodel.errors import (BadUpstreamResponse, NoReadyReplica, ReplicasBusy, StreamFailed, UpstreamError,
-                            UpstreamTimeout, UpstreamUnreachable)
+from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
+                            UpstreamError, UpstreamTimeout, UpstreamUnreachable)
 from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, X_GOMODEL_REPLICA,
                                   copy_response_headers, is_event_stream)
 from gomodel.interfaces import IStreamObserver
@@ -347,7 +347,7 @@ class Exchange:
                     if replica is None:  # pinned, or nothing free now: wait, or learn why not
                         replica = await pool.acquire(model, exclude=tried, pin=call.pin, affinity=call.affinity,
                                                      prefer=prefer, size=size)
-                except (NoReadyReplica, ReplicasBusy) as e:
+                except (NoReadyReplica, ReplicasBusy, ModelNotFound) as e:  # (the last: its replicas dropped it)
                     if more:
                         self.failed_over(pool, "target", e.code)  # this target cannot take it now: the next one
                         break

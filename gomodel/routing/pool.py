@@ -60,7 +60,8 @@ from math import inf
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
-from gomodel.errors import InvalidRequest, NoReadyReplica, ReplicasBusy
+from gomodel.errors import InvalidRequest, ModelNotFound, NoReadyReplica, ReplicasBusy
+from gomodel.routing.selectors import qualified
 
 LOADING, READY, DOWN, STALLED = "loading", "ready", "down", "stalled"
 RETRY_AFTER = 1  # seconds a client is told to wait for a busy or not-ready pool
@@ -408,8 +409,10 @@ class ReplicaPool:
 
         @param pin: a replica index that must serve it, whatever its state (diagnostics).
         @return: a Deferred firing with the L{Replica}; failing with
-            L{NoReadyReplica} when no ready replica serves C{model}, or with
-            L{ReplicasBusy} when all were full for C{queue_timeout}.
+            L{NoReadyReplica} when no ready replica serves C{model} (L{ModelNotFound}
+            when no replica lists it), or with L{ReplicasBusy} when all were full for
+            C{queue_timeout}; a request waiting for room learns the first two as soon
+            as a replica's state or model list makes them so.
         """
         if pin is not None:
             return self._pinned(pin)
@@ -417,8 +420,15 @@ class ReplicaPool:
         if replica is not None:
             return succeed(replica)
         if not self._candidates(model, exclude):
-            return fail(NoReadyReplica(self.name, model or "(any)", RETRY_AFTER))
+            return fail(self._unavailable(model))
         return self._wait(model, exclude, affinity, size)
+
+    def _unavailable(self, model):
+        """Why no ready replica serves C{model}: none lists it any more (L{ModelNotFound}; a replica that has
+        not listed its models yet may still), or none that does is ready (L{NoReadyReplica})."""
+        if model is not None and not any(r.models is None or model in r.models for r in self.replicas):
+            return ModelNotFound(qualified(self.name, model))
+        return NoReadyReplica(self.name, model or "(any)", RETRY_AFTER)
 
     def standing_for(self, model) -> int:
         """2 when a ready replica that serves C{model} has room for another request now, 1 when ready
@@ -469,7 +479,9 @@ class ReplicaPool:
         return [r for r in replicas if r.has_room()] if self._capped else replicas
 
     def _relisted(self, replica):
+        """A replica's model list was read: the waiting requests may start there, or fail (their model gone)."""
         self._serving.clear()
+        self._serve_queue(every=True)
 
     def _learned(self, replica):
         """A replica learned its batch size or its first load report (None: look at all): work out again
@@ -697,8 +709,8 @@ class ReplicaPool:
         """Start the waiting requests that can start now, first come first served; one that cannot yet (the
         replicas serving its model, or those it did not try, are full) does not hold back those behind it.
 
-        @param every: look at every waiting request even while every replica is full (a replica's state
-            changed): one that no ready replica serves any more fails at once (L{NoReadyReplica}).
+        @param every: look at every waiting request even while every replica is full (a replica's state or
+            model list changed): one that no ready replica serves any more fails at once (L{_unavailable}).
         """
         if not self._queue:
             return
@@ -710,7 +722,7 @@ class ReplicaPool:
             candidates = self._candidates(waiter.model, waiter.exclude)
             if not candidates:
                 self._drop(waiter)
-                waiter.deferred.errback(NoReadyReplica(self.name, waiter.model or "(any)", RETRY_AFTER))
+                waiter.deferred.errback(self._unavailable(waiter.model))
                 continue
             replica = self._choose(self._with_room(candidates), waiter.affinity, waiter.size)
             if replica is not None:
