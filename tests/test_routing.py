@@ -206,6 +206,30 @@ async def test_a_replica_reporting_a_long_queue_gets_few_requests(cluster, http)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_replicas_load_report_is_read_and_never_reaches_the_client(cluster, http):
+    """vLLM's endpoint-load-metrics (asked for on every request) is the gateway's load signal: read, not relayed,
+    on /v1 routes and passthrough alike; a client's own endpoint-load-metrics-format is not sent upstream (the
+    gateway's is the one). An upstream's X-Gomodel-Replica (a gateway behind this one) never replaces ours."""
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0"})  # learnt from answers only
+    fleet.set(metrics={"waiting": 3})
+    pool = gw.registry.providers[0]
+    for path, body in (("/v1/chat/completions", chat()),
+                       ("/p/vllm/v1/chat/completions", chat(model=CHAT_MODEL)),
+                       ("/v1/completions", {"model": MODEL, "prompt": "hi"})):
+        body["fake_headers"] = {"X-Gomodel-Replica": "7"}
+        response, answer = await post(http, gw, body, path=path,
+                                      headers={"endpoint-load-metrics-format": ["text"]})
+        assert response.code == 200, (path, answer)
+        assert not response.headers.hasHeader(b"endpoint-load-metrics"), path
+        index = served_by(response)
+        assert index in (0, 1), path
+        assert pool.replicas[index].load.waiting == 3, path
+    for replica in fleet:
+        assert {tuple(r.headers.getRawHeaders(b"endpoint-load-metrics-format")) for r in replica.inference_requests
+                } <= {(b"json",)}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_queue_seen_by_the_metrics_scrape_alone_is_avoided(cluster, http, reactor):
     fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0.05"}, load_header=False)
     fleet[1].metrics = {"waiting": 50, "running": 8}

@@ -11,11 +11,13 @@ HOP_BY_HOP = frozenset((
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 ))
 
-# Never copied from an upstream answer: Date/Server and the request id are
+# Never copied from an upstream answer: Date/Server, the request id and the replica that answered are
 # ours, cookies stay upstream, and so does the gateway's account with an OpenAI-compatible provider (its
-# organization and project, every tenant's). Content-Length only where the bytes pass unchanged.
+# organization and project, every tenant's) and vLLM's load report (C{endpoint-load-metrics}, the gateway's
+# routing signal: every tenant's load). Content-Length only where the bytes pass unchanged.
 _NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"set-cookie2", b"x-request-id",
-                                   b"openai-organization", b"openai-project"}
+                                   b"x-gomodel-replica", b"openai-organization", b"openai-project",
+                                   b"endpoint-load-metrics"}
 
 
 class AnswerHeaders(Headers):
