@@ -15,14 +15,14 @@ import time
 import pytest_twisted
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResults, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from twisted.web.http_headers import Headers
 
 from gomodel import jsonutil
-from gomodel.errors import ReplicasBusy
+from gomodel.errors import ReplicasBusy, UpstreamUnreachable
 from gomodel.routing.affinity import PREFIX_CHARS, affinity_key
 from gomodel.routing.pool import DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, Replica, ReplicaPool
 from gomodel.routing.vllm_metrics import LoadSample
@@ -345,6 +345,99 @@ def test_requests_alone_never_take_down_the_last_ready_replica():
     for _ in range(3):
         second.failed("unreachable")
     assert second.ready
+
+
+class _Probed:
+    """A replica's server whose /health answers while C{healthy}."""
+
+    name = "vllm"
+    hidden = ()
+
+    def __init__(self):
+        self.healthy = True
+
+    def health(self):
+        return succeed(None) if self.healthy else fail(UpstreamUnreachable("refused"))
+
+    def list_models(self):
+        return succeed([{"id": "m"}])
+
+    def scrape(self):
+        return succeed(None)
+
+
+def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_readmitted_on_one_trial():
+    """/health 200, inference 500: 3 failed requests take replica 1 down. Before, its next passing probe put it
+    back to full traffic (down and up every probe, 3 failed requests each time). Now it is held out for the
+    health interval, doubling each time it fails again (capped), then readmitted on one trial request at a
+    time; the trial's success gives it full traffic, its failure takes it down again for twice as long.
+    A failed probe (it was really down) lifts the hold."""
+    from gomodel.accounting.metrics import ReplicaCollector
+    from gomodel.api.admin import _replica
+    from gomodel.routing.health import ReplicaMonitor
+    from gomodel.routing.pool import HOLD_MAX
+    from gomodel.routing.registry import ModelRegistry
+
+    clock = Clock()
+    servers = [_Probed(), _Probed()]
+    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock, failure_threshold=3) for i in range(2)]
+    pool = ReplicaPool("vllm", "vllm", replicas, clock)
+    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=5.0, metrics_interval=0)
+    monitor.startService()
+    clock.advance(0)
+    one = replicas[1]
+    assert [r.state for r in replicas] == [READY, READY]
+
+    def fails(times=1):
+        for _ in range(times):
+            one.failed("HTTP 500")
+
+    def gauges():
+        families = {f.name: f for f in ReplicaCollector([pool]).collect()}
+        return [[s.value for s in families[name].samples if s.labels["replica"] == "1"][0]
+                for name in ("gomodel_replica_held_seconds", "gomodel_replica_trial")]
+
+    clock.advance(1)
+    fails(3)
+    assert one.state == DOWN and one.held_until == 6.0
+    assert _replica(one, clock.seconds())["held_until"] == 6.0 and gauges() == [5.0, 0.0]
+    clock.advance(4)  # t=5: its probe passes, but it is held out
+    assert one.state == DOWN
+    clock.advance(5)  # t=10: readmitted, on trial: one request at a time
+    assert one.state == READY and one.trial and _replica(one, 10)["trial"] and gauges() == [0.0, 1.0]
+    trial = pool.take("m", prefer=1)
+    assert trial is one and pool.take("m", prefer=1) is replicas[0]  # (the trial is still out)
+    pool.release(replicas[0])
+    clock.advance(5)  # t=15: a passing probe does not end the trial, its request does
+    assert one.trial
+    fails()  # the trial failed: down again, held twice as long
+    pool.release(one)
+    assert one.state == DOWN and not one.trial and one.held_until == 25.0
+    clock.advance(5)  # t=20: held
+    assert one.state == DOWN
+    clock.advance(5)  # t=25: on trial again
+    assert one.state == READY and one.trial
+    trial = pool.take("m", prefer=1)
+    assert trial is one
+    one.succeeded()  # its trial request answered: full traffic
+    assert not one.trial and one.failures == 0
+    assert pool.take("m", prefer=1) is one
+    pool.release(one)
+    pool.release(one)
+    assert one.ready and one.held_until is None and gauges() == [0.0, 0.0]
+
+    fails(3)  # soon after its trial: held for twice as long again
+    assert one.state == DOWN and one.held_until == 25.0 + 20.0
+    for seconds in (1, 2, 3, 4, 5, 6, 7, 8):  # each hold in a row doubles, up to HOLD_MAX
+        one.hold()
+    assert one.held_until == clock.seconds() + HOLD_MAX
+    servers[1].healthy = False
+    clock.advance(5)  # t=30: its probe fails: really down, the hold is lifted
+    assert one.held_until is None
+    servers[1].healthy = True
+    clock.advance(5)  # t=35: back at once, without a trial, as before
+    assert one.state == READY and not one.trial
+    monitor.stopService()
 
 
 def test_a_replica_whose_batch_the_gateway_fills_counts_as_queued():
@@ -875,6 +968,42 @@ async def test_a_refused_replica_goes_down_gets_nothing_and_comes_back(cluster, 
     await wait_state(reactor, http, gw, 1, "ready")
     seen = {served_by((await post(http, gw, chat()))[0]) for _ in range(6)}
     assert 1 in seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_failing_inference_with_health_200_is_held_out_then_tried_once(cluster, http, reactor):
+    """Replica 1 answers /health 200 and every chat 500: down after 3 failed requests (each went on to replica
+    0), then held out past its next passing probes, then one trial request at a time; once it answers again,
+    a trial's success gives it its share back. providers/status shows the hold and the trial."""
+    fleet, gw = await cluster(2, env={"REPLICA_HEALTH_INTERVAL": "0.1", "REPLICA_METRICS_INTERVAL": "0"})
+    pool = gw.registry.providers[0]
+    one = pool.replicas[1]
+    fleet[1].fail_status = 500
+    while one.state == READY:
+        response, _ = await post(http, gw, chat())
+        assert response.code == 200 and served_by(response) == 0
+    assert len(fleet[1].inference_requests) == 3
+    [provider] = (await status(http, gw))["providers"]
+    held = provider["replicas"][1]
+    assert held["state"] == "down" and held["last_error"] == "HTTP 500" and held["held_until"] is not None
+    assert not held["trial"]
+    await wait_for(reactor, lambda: one.trial, timeout=5)
+    [provider] = (await status(http, gw))["providers"]
+    assert provider["replicas"][1]["state"] == "ready" and provider["replicas"][1]["trial"]
+    while one.trial:  # its trial request fails (and goes on to replica 0): down, held longer
+        response, _ = await post(http, gw, chat())
+        assert response.code == 200 and served_by(response) == 0
+    assert one.state == DOWN and len(fleet[1].inference_requests) == 4
+    fleet[1].fail_status = None
+    await wait_for(reactor, lambda: one.trial, timeout=5)
+    seen = set()
+    while one.trial:
+        response, _ = await post(http, gw, chat())
+        assert response.code == 200
+        seen.add(served_by(response))
+    assert 1 in seen and one.ready and one.held_until is None
+    seen = {served_by((await post(http, gw, chat()))[0]) for _ in range(6)}
+    assert seen == {0, 1}
 
 
 @pytest_twisted.ensureDeferred

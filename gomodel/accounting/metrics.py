@@ -245,11 +245,17 @@ class ReplicaCollector:
                                     labels=labels)
         kv = GaugeMetricFamily("gomodel_replica_kv_cache_usage", "vLLM's last reported KV-cache use (0-1).",
                                labels=labels)
+        held = GaugeMetricFamily("gomodel_replica_held_seconds", "Seconds a replica taken down by failed requests "
+                                 "is still held out (0: none).", labels=labels)
+        trial = GaugeMetricFamily("gomodel_replica_trial", "1 while a replica readmitted after a hold is on "
+                                  "trial (one request at a time), else 0.", labels=labels)
         for pool in self._pools:
             for replica in pool.replicas:
                 values = (pool.type, pool.name, str(replica.index))
                 up.add_metric(values, 1.0 if replica.ready else 0.0)
                 state.add_metric(values + (replica.state,), 1.0)
+                held.add_metric(values, replica.held_for())
+                trial.add_metric(values, 1.0 if replica.trial else 0.0)
                 in_flight.add_metric(values, replica.in_flight)
                 load = replica.load
                 if load is not None:
@@ -257,7 +263,7 @@ class ReplicaCollector:
                                           (kv, load.kv_cache_usage)):
                         if value is not None:
                             family.add_metric(values, value)
-        return [up, state, in_flight, waiting, running, kv]
+        return [up, state, in_flight, waiting, running, kv, held, trial]
 
 
 def forget_process(pid):

@@ -226,7 +226,7 @@ def _replica(replica, now) -> dict:
         "batch_size": replica.slots, "pace_s": None if replica.pace is None else round(replica.pace, 3),
         "models": sorted(replica.models) if replica.models is not None else None,
         "consecutive_failures": replica.failures, "last_error": replica.last_error,
-        "last_state_change": replica.changed_at,
+        "last_state_change": replica.changed_at, "held_until": replica.held_until, "trial": replica.trial,
     }
 
 

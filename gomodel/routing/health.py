@@ -10,7 +10,9 @@ For each replica of each provider, on the injected clock:
     C{health_interval}. A replica is ready once it has answered and listed
     its models; C{failure_threshold} failures in a row (probes, or requests
     the exchange reports) put a ready one down, and a successful probe brings
-    it back by itself.
+    it back by itself: at once when its probes had failed too, else (its
+    requests failed, its C{/health} did not) after a hold, on one trial
+    request (L{gomodel.routing.pool.Replica.hold}).
   - B{load}: vLLM's C{/metrics} every C{metrics_interval} (0: never), parsed
     for its queue, running count, KV-cache use, generation tokens and start
     time only.
@@ -79,6 +81,8 @@ class ReplicaMonitor(Service):
         self._metrics_interval = metrics_interval
         self._stall_timeout = stall_timeout
         self._watches = [_Watch(pool, replica) for pool in registry.providers for replica in pool.replicas]
+        for watch in self._watches:
+            watch.replica.hold_base = health_interval
 
     def startService(self):
         super().startService()
@@ -155,8 +159,10 @@ class ReplicaMonitor(Service):
         if before is None or set(before) != set(models):
             self.log.info("provider {provider} replica {index}: {count} models", provider=pool.name,
                           index=replica.index, count=len(models))
-        if replica.state in (LOADING, DOWN) and watch.healthy:
+        if replica.state == LOADING and watch.healthy:
             replica.set_state(READY)  # it answered its health check already
+        elif replica.state == DOWN and watch.healthy:
+            replica.readmit()  # (unless held out)
         self._checked(watch)
         if models != before:  # listings and resolutions are made again only when something changed
             self._registry.models_changed()
@@ -197,16 +203,14 @@ class ReplicaMonitor(Service):
         replica = watch.replica
         was_healthy, watch.healthy = watch.healthy, True
         watch.probed = True
-        replica.succeeded()
+        replica.probe_passed()
         if replica.state == LOADING and replica.models is not None:
             replica.set_state(READY)
         elif replica.state == LOADING and not was_healthy:
             # It has just come up (a loading vLLM answers /health once its engine is ready):
             # list its models now rather than at the end of the discovery backoff (up to 30s).
             self._schedule_discovery(watch, 0)
-        elif replica.state == DOWN:
-            if replica.models is not None:
-                replica.set_state(READY)
+        elif replica.state == DOWN and (replica.models is None or replica.readmit()):  # (else held out)
             self._schedule_discovery(watch, 0)  # it may have come back with other models
         self._checked(watch)
         self._registry.replicas_changed()

@@ -5,7 +5,14 @@ C{loading} until it has answered a health check and listed its models,
 C{ready} while it serves, C{down} after C{failure_threshold} failures in a
 row (connect errors, 5xx, timeouts, failed probes) until a probe succeeds
 again, and C{stalled} while its engine runs requests without generating a
-token. Only ready replicas that list the requested model get requests.
+token. Only ready replicas that list the requested model get requests. One
+taken down by failed requests while its probes passed (C{/health} answers,
+inference fails) is held out: a passing probe readmits it only after
+L{Replica.hold} seconds (its health interval, doubling each time it fails
+again, up to L{HOLD_MAX}), and then on one trial request (half-open: at most
+one in flight) whose success gives it full traffic again and whose failure
+takes it down again; a failed probe meanwhile (it was really down) lifts the
+hold, and its probes alone decide, as before.
 
 The C{load} strategy scores each candidate by what is known of its load,
 freshest first: the gateway's own in-flight count (exact, instant), and the
@@ -78,6 +85,7 @@ PACE_NOISE = 0.05
 PACE_REFRESH = 30.0  # seconds after which an idle, clearly slower replica gets a request to learn its pace again
 AFFINITY_ENTRIES = 10000  # sessions and prefixes remembered per pool
 SIZE_SAMPLES = 50  # a pool's mean max_tokens is the plain mean of the first ones it weighed, then a moving mean
+HOLD_MAX = 60.0  # seconds at most that a replica taken down by failed requests is held out (L{Replica.hold})
 
 
 def clearly_slower(pace, fastest) -> bool:
@@ -101,6 +109,9 @@ class Replica:
     @ivar load: its last load report (L{gomodel.routing.vllm_metrics.LoadSample}
         or anything with C{waiting}, C{running}, C{kv_cache_usage}), C{load_at}
         when it came.
+    @ivar limit: the requests it may have in flight (0: any): its C{max_concurrency}, 1 on L{trial}.
+    @ivar held_until: when a replica taken down by failed requests may be readmitted (L{hold}), or None.
+    @ivar trial: it was readmitted after a hold on one trial request (half-open), not yet answered.
     """
 
     def __init__(self, index, server, base_url, clock, *, weight=1.0, max_concurrency=0, failure_threshold=3):
@@ -110,7 +121,14 @@ class Replica:
         self._clock = clock
         self.weight = weight
         self.max_concurrency = max_concurrency
+        self.limit = max_concurrency
         self.failure_threshold = failure_threshold
+        self.hold_base = 5.0  # seconds of its first hold (its monitor's health interval)
+        self.held_until = None
+        self.holds = 0  # holds in a row: each one doubles the next (L{hold})
+        self.trial = False
+        self.passed_at = None  # when it was last readmitted in full (a trial passed, or no hold)
+        self.requests_failing = False  # its last failure was a request's (L{probe_passed})
         self.state = LOADING
         self.changed_at = clock.seconds()
         self.in_flight = 0
@@ -164,7 +182,7 @@ class Replica:
         return model is None or (self.models is not None and model in self.models)
 
     def has_room(self) -> bool:
-        return not self.max_concurrency or self.in_flight < self.max_concurrency
+        return not self.limit or self.in_flight < self.limit
 
     def standing(self, now, max_age, batch=None):
         """C{(busy, queued)}: the requests it holds, and whether one sent now would wait in its queue.
@@ -225,6 +243,8 @@ class Replica:
     def set_state(self, state, why=None):
         if state == self.state:
             return
+        if self.trial and state != READY:  # (a trial is ready, until it is over)
+            self._end_trial()
         self.state = state
         self.changed_at = self._clock.seconds()
         if why is not None:
@@ -233,8 +253,14 @@ class Replica:
             self.on_change(self)
 
     def succeeded(self):
-        """An answer came (a probe, or a request): failures in a row start again."""
+        """A request's answer came: failures in a row start again."""
         self.failures = 0
+
+    def probe_passed(self):
+        """Its health probe passed: failures in a row start again, unless they are its requests' (a passing
+        C{/health} says nothing of inference: requests that fail one by one, between probes, still count)."""
+        if not self.requests_failing:
+            self.failures = 0
 
     def failed(self, why, probe=False):
         """A request or probe failed; past the threshold a ready replica goes down (a loading one stays loading).
@@ -242,13 +268,60 @@ class Replica:
         Requests alone never take down the last ready replica of a pool: with nowhere
         else to go, its own C{/health} probe decides (C{probe=True}), so that a burst of
         connection errors does not turn into seconds of 503s for a replica that is up.
+        Taken down by requests, it is held out (L{hold}); a failed probe lifts that.
         """
         self.failures += 1
         self.last_error = why
+        self.requests_failing = not probe
+        if probe:
+            self.held_until = None  # really down: its probes decide when it is back
         if self.failures >= self.failure_threshold and self.state in (READY, STALLED):
             if not probe and self.state == READY and self.others_ready is not None and not self.others_ready(self):
                 return
+            if not probe:
+                self.hold()
             self.set_state(DOWN, why)
+
+    def hold(self):
+        """It goes down for failed requests: a passing probe readmits it (L{readmit}) only after
+        C{hold_base} seconds, doubling with each hold in a row (one that served in full for longer than
+        L{HOLD_MAX} since starts again), at most L{HOLD_MAX}."""
+        now = self._clock.seconds()
+        if self.passed_at is not None and now - self.passed_at > HOLD_MAX:
+            self.holds = 0
+        self.held_until = now + min(self.hold_base * 2 ** self.holds, HOLD_MAX)
+        self.holds += 1
+
+    def held_for(self) -> float:
+        """Seconds it is still held out (L{hold}), or 0."""
+        return 0.0 if self.held_until is None else max(0.0, self.held_until - self._clock.seconds())
+
+    def readmit(self) -> bool:
+        """A down replica passed its probe: ready again (on trial after a hold), unless still held."""
+        if self.held_until is not None:
+            if self._clock.seconds() < self.held_until:
+                return False
+            self.held_until = None
+            self.trial, self.limit = True, 1
+            self.failures = self.failure_threshold - 1  # its trial request's failure takes it down again
+            self.requests_failing = True
+            self.succeeded = self._passed  # (its requests' success ends the trial: nothing added for the others)
+        else:
+            self.passed_at = self._clock.seconds()
+        self.set_state(READY)
+        return True
+
+    def _passed(self):
+        """Its trial request succeeded: full traffic again."""
+        self._end_trial()
+        self.failures = 0
+        self.passed_at = self._clock.seconds()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _end_trial(self):
+        del self.succeeded
+        self.trial, self.limit = False, self.max_concurrency
 
     def took(self, seconds):
         """A request it served succeeded after C{seconds} (from send to its answer's end)."""
@@ -327,7 +400,7 @@ class ReplicaPool:
         self._queue = deque()
         self._affinity = OrderedDict()  # session or prefix key -> (replica index, when it was last shared)
         self._by_url = {r.base_url: r.index for r in self.replicas}
-        self._capped = any(r.max_concurrency for r in self.replicas)  # a replica can be full
+        self._capped = any(r.limit for r in self.replicas)  # a replica can be full
         # What its load choice needs of its replicas, kept as they learn it (L{_learned}): the largest batch
         # size learned (0: none), whether any reports its load, and the lowest and highest learned pace
         # (an envelope: L{release} only widens it, L{_paces_alike} makes it tight) with whether those are
@@ -731,9 +804,18 @@ class ReplicaPool:
 
     def _changed(self, replica):
         self._serving.clear()
-        self.log.info("provider {provider} replica {index}: {state}{why}", provider=self.name,
+        self._capped = any(r.limit for r in self.replicas)  # (a replica on trial takes one request at a time)
+        held = replica.held_until
+        if replica.trial:
+            note = " (on trial: one request at a time)"
+        elif held is not None:
+            note = f"; held out for {held - self._clock.seconds():.0f}s, then on trial"
+        else:
+            note = ""
+        self.log.info("provider {provider} replica {index}: {state}{why}{note}", provider=self.name,
                       index=replica.index, state=replica.state,
-                      why=f" ({replica.last_error})" if replica.state != READY and replica.last_error else "")
+                      why=f" ({replica.last_error})" if replica.state != READY and replica.last_error else "",
+                      note=note, held_until=held, trial=replica.trial)
         self._serve_queue(every=True)
 
     def close(self):

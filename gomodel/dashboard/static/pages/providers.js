@@ -67,7 +67,9 @@ function provider(p) {
     table([
       {title: "#", cell: (r) => String(r.index)},
       {title: "Replica", cell: (r) => h("code", {class: "wrap", text: r.base_url})},
-      {title: "State", cell: (r) => badge(r.state), class: "replica-state"},
+      {title: "State", cell: (r) => r.trial ? h("span", {}, badge(r.state), " on trial")
+        : r.held_until ? h("span", {}, badge(r.state), " held out until ", when(r.held_until)) : badge(r.state),
+        class: "replica-state"},
       {title: "In flight", cell: (r) => r.max_concurrency ? `${int(r.in_flight)} / ${int(r.max_concurrency)}`
         : int(r.in_flight)},
       {title: "Queue (vLLM)", cell: (r) => r.waiting === null ? "–" : `${int(r.waiting)} waiting · ${int(r.running)} running`},
