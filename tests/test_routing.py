@@ -541,6 +541,9 @@ def test_a_model_list_change_wakes_the_requests_waiting_for_that_model():
     assert failure[0].check(ModelNotFound) and failure[0].value.status == 404
     assert "vllm/old" in failure[0].value.message
     assert not pool._queue and not clock.getDelayedCalls()
+    # The Responses and Messages routes' own target loop goes on to the next target, as the exchange's does.
+    from gomodel.proxy.exchange import fails_over
+    assert fails_over(failure[0].value)
 
 
 def test_a_release_into_a_long_queue_looks_once_when_every_replica_is_full_again(monkeypatch):

@@ -57,11 +57,12 @@ _NOT_TAKEN = (NoReadyReplica.code, ReplicasBusy.code)  # a provider that could n
 
 def fails_over(error) -> bool:
     """Whether a call that failed with C{error} (what L{Exchange.relay} raised) may be sent to another target:
-    its upstreams could not be reached, timed out, were not ready or busy, or answered a L{FAILOVER_STATUSES}
-    status; never the gateway's own refusal (a limit, a budget) or the upstream's answer to a bad request."""
+    its upstreams could not be reached, timed out, were not ready or busy, no longer list its model (it
+    waited for room meanwhile), or answered a L{FAILOVER_STATUSES} status; never the gateway's own refusal (a
+    limit, a budget) or the upstream's answer to a bad request."""
     if isinstance(error, UpstreamError):
         return error.status in FAILOVER_STATUSES
-    return isinstance(error, (UpstreamUnreachable, UpstreamTimeout, NoReadyReplica, ReplicasBusy))
+    return isinstance(error, (UpstreamUnreachable, UpstreamTimeout, NoReadyReplica, ReplicasBusy, ModelNotFound))
 
 
 class UpstreamCall:
