@@ -233,11 +233,14 @@ async def test_a_clients_openai_organization_and_project_never_reach_the_provide
     gw, plain, guarded = two
     body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}
     response, content = await call(http, gw, "POST", "/p/vllm/v1/chat/completions", body, headers={
-        "OpenAI-Organization": "org-other", "OpenAI-Project": "proj_other", "X-Kept": "yes"})
+        "OpenAI-Organization": "org-other", "OpenAI-Project": "proj_other", "X-Kept": "yes",
+        "Origin": "https://elsewhere.example"})
     assert response.code == 200, content
     sent = plain.requests[-1]
     assert sent.header(b"x-kept") == "yes"
     assert sent.header(b"openai-organization") is None and sent.header(b"openai-project") is None
+    # nor a browser's Origin: vLLM would answer it with its own CORS policy (allow-origin * by default)
+    assert sent.header(b"origin") is None
 
 
 @pytest_twisted.ensureDeferred

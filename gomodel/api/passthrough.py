@@ -32,11 +32,12 @@ OPERATOR_ROUTES = frozenset(("metrics", "server_info"))
 
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
 # (the gateway's own headers stay here; OpenAI-Organization and OpenAI-Project pick within the provider key's
-# account: the gateway's, not a client's; the gateway asks vLLM for its load report itself, and keeps it)
+# account: the gateway's, not a client's; the gateway asks vLLM for its load report itself, and keeps it; a
+# browser's Origin would have vLLM answer its own CORS policy, allow-origin * by default, which no other route has)
 _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"cookie", b"host", b"content-length",
                               b"x-request-id", b"forwarded", b"accept-encoding", b"x-gomodel-replica",
                               b"x-gomodel-user-path", b"openai-organization", b"openai-project",
-                              b"endpoint-load-metrics-format"}
+                              b"endpoint-load-metrics-format", b"origin"}
 _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 # vLLM routes (after C{v1/}) that take a C{cache_salt} and a C{priority}, as their C{/v1} routes send them
 # (vLLM's Messages take no priority).
