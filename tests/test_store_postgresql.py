@@ -393,3 +393,38 @@ async def test_responses_lost_while_the_database_is_down_are_one_warning_and_a_c
         await down.stopService()
         await up.stopService()
         await up.cleanup()
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_rows_whose_commit_answer_was_lost_are_not_written_twice(reactor, pg_database, monkeypatch):
+    """The connection breaks after a write of usage rows committed: the ledger, told it failed, writes them
+    again with the rows buffered since after them; each row is in the table once (before: twice)."""
+    import psycopg
+
+    from gomodel.store.postgresql.usage import PostgreSQLUsageStore
+    from tests.test_store_usage import row
+
+    original = PostgreSQLUsageStore._add
+    lost = []
+
+    def commit_then_break(conn, rows):
+        written = original(conn, rows)
+        if not lost:
+            lost.append(written)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return written
+
+    monkeypatch.setattr(PostgreSQLUsageStore, "_add", staticmethod(commit_then_break))
+    store = opened(reactor, pg_database, max_conns=2)
+    try:
+        await store.started()
+        first = [row(f"a{i}", 100.0 + i) for i in range(3)]
+        with pytest.raises(StorageUnavailable):
+            await store.usage.add(first)
+        assert lost == [3]
+        assert await store.usage.add(first + [row("b0", 200.0)]) == 4  # as the ledger tries again
+        assert await store.usage.add(first) == 3  # (all of them written already: nothing more)
+        assert postgres.query(pg_database, "SELECT request_id, COUNT(*) FROM usage GROUP BY request_id "
+                                           "ORDER BY request_id") == [("a0", 1), ("a1", 1), ("a2", 1), ("b0", 1)]
+    finally:
+        await store.stopService()

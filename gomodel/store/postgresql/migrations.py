@@ -212,6 +212,18 @@ MIGRATIONS = (
             PRIMARY KEY (user_path, period)
         )""",
     )),
+    (11, (
+        # The mark of each write of usage rows: its first row and how many it wrote (a write retried after
+        # its commit's answer was lost is not written twice; see usage.py).
+        """CREATE TABLE usage_writes (
+            request_id TEXT NOT NULL,
+            timestamp DOUBLE PRECISION NOT NULL,
+            rows INTEGER NOT NULL,
+            written_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (request_id, timestamp)
+        )""",
+        "CREATE INDEX usage_writes_at ON usage_writes (written_at)",
+    )),
 )
 
 

@@ -16,6 +16,10 @@ _TYPES = {"timestamp": "float8", "replica": "int4", "status_code": "int4", "stre
           "ttft_ms": "float8", "client_gone": "bool", "estimated": "bool"}
 _COPY_TYPES = [_TYPES.get(name, "text") for name in COLUMNS]
 _COPY = f"COPY usage ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_WRITTEN = "SELECT rows FROM usage_writes WHERE request_id = %s AND timestamp = %s"
+_MARK = ("WITH old AS (DELETE FROM usage_writes WHERE written_at < extract(epoch FROM now()) - 86400) "
+         "INSERT INTO usage_writes (request_id, timestamp, rows, written_at) "
+         "VALUES (%s, %s, %s, extract(epoch FROM now()))")
 _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everything under it
 _FILTERS = {"model": "model = %s", "provider": "(provider = %s OR provider_name = %s)", "status": "status_code = %s",
             "search": "request_id ILIKE %s ESCAPE '\\'", "key": "auth_key_id = %s", "keyless": "auth_key_id IS NULL", "user_path": _BELOW}
@@ -63,14 +67,27 @@ class PostgreSQLUsageStore:
         # costs less than half the CPU of text COPY's (no number written as text), and that CPU is the
         # interpreter lock the reactor's thread waits for while a flush runs (its requests' p99).
         # The flags are rows' 0 and 1: psycopg's binary bool takes any value by its truth.
+        #
+        # Each write leaves a mark in its transaction: its first row's (request_id, timestamp) and how many
+        # rows it wrote. A write whose commit went through but whose answer was lost (the connection broke)
+        # is tried again by the ledger with the same rows first (and newer ones after them): those its mark
+        # counts are not written twice. Marks older than a day are dropped as they are made.
+        count = len(rows)
         try:
-            with conn.transaction(), conn.cursor() as cursor, cursor.copy(_COPY) as copy:
-                copy.set_types(_COPY_TYPES)
-                for row in rows:
-                    copy.write_row(row)
+            with conn.transaction(), conn.cursor() as cursor:
+                done = cursor.execute(_WRITTEN, rows[0][:2]).fetchone()
+                if done is not None:
+                    rows = rows[done[0]:]
+                    if not rows:
+                        return count
+                with cursor.copy(_COPY) as copy:
+                    copy.set_types(_COPY_TYPES)
+                    for row in rows:
+                        copy.write_row(row)
+                cursor.execute(_MARK, (rows[0][0], rows[0][1], len(rows)))
         except (psycopg.DataError, psycopg.IntegrityError, OverflowError, UnicodeEncodeError) as e:  # a value
             raise RowsRejected(str(e)) from e
-        return len(rows)
+        return count
 
     def summary(self, start, end, filters=None):
         return self._db.run(self._summary, start, end, dict(filters or {}))
