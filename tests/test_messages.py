@@ -426,14 +426,31 @@ async def test_interleaved_tool_call_fragments_stream_in_anthropics_block_order(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_chat_stream_to_a_translated_plain_request_still_comes_in_anthropics_events(http, openai_gw, fake):
-    fake.steer = {"stream": True}  # an upstream that streams unasked
+async def test_a_chat_stream_to_a_translated_plain_request_is_one_message(http, openai_gw, fake):
+    """An upstream that streams unasked: the client, which asked for no stream, gets one message (before:
+    Anthropic's events)."""
+    fake.steer = {"stream": True, "fake_tool": WEATHER_CALL}  # an upstream that streams unasked
     response, raw = await post(http, openai_gw.url + "/v1/messages",
-                               {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO})
-    assert response.code == 200 and b"chat.completion.chunk" not in raw
-    events = events_of(raw)
-    assert [kind for kind, _ in events][0] == "message_start" and events[-1][0] == "message_stop"
-    assert "".join(e["delta"]["text"] for kind, e in events if kind == "content_block_delta") == "héhéhé"
+                               {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO, "tools": [WEATHER_TOOL]})
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    message = json.loads(raw)
+    assert message["type"] == "message" and message["stop_reason"] == "tool_use"
+    assert message["content"][-1]["input"] == {"city": "Paris"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_native_messages_stream_to_a_plain_request_is_one_message(http, gw, fake, client):
+    """vLLM's Messages API streaming what was asked whole: the client gets the message its events make,
+    as vLLM would have answered it whole (before: the events went as they came)."""
+    plain = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                            extra_body={"fake_reasoning": "Weather, then.", "fake_tool": WEATHER_CALL})
+    gathered = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                               extra_body={"fake_reasoning": "Weather, then.", "fake_tool": WEATHER_CALL,
+                                           "fake_stream_anyway": True})
+    assert dict(gathered.to_dict(), stop_sequence=None) == dict(plain.to_dict(), stop_sequence=None)
+    response, raw = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO,
+                                                               "fake_stream_anyway": True, "fake_no_stop": True})
+    assert response.code == 502 and json.loads(raw)["type"] == "error"  # never a message that may lack its end
 
 
 @pytest_twisted.ensureDeferred

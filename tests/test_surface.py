@@ -111,6 +111,57 @@ async def test_legacy_completions_plain_and_streamed(gateway, fake):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_the_upstream_sent_unasked_is_one_json_answer(http, gateway, fake):
+    """Not asked to stream, an upstream that streams anyway: the client gets the one chat.completion or
+    text_completion the events make, as JSON (before: the stream's events went as they came)."""
+    client = openai_client(gateway)
+    anyway = {"fake_stream_anyway": True}
+    try:
+        chat = await in_thread(client.chat.completions.create, model=MODEL, max_tokens=3,
+                               messages=[{"role": "user", "content": "hi"}], extra_body=anyway)
+        assert chat.object == "chat.completion" and chat.choices[0].message.content == "héhéhé"
+        assert chat.choices[0].finish_reason == "length" and chat.choices[0].message.role == "assistant"
+        tool = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        called = await in_thread(client.chat.completions.create, model=MODEL,
+                                 messages=[{"role": "user", "content": "hi"}],
+                                 extra_body=dict(anyway, fake_tool=tool, fake_reasoning="Weather."))
+        [call] = called.choices[0].message.tool_calls
+        assert (call.id, call.type, call.function.name, call.function.arguments) == (
+            "chatcmpl-tool-fake1", "function", "get_weather", '{"city": "Paris"}')
+        assert called.choices[0].message.reasoning == "Weather." and called.choices[0].finish_reason == "tool_calls"
+        text = await in_thread(client.completions.create, model=MODEL, prompt="Hello", extra_body=anyway)
+        assert text.object == "text_completion" and text.choices[0].text == "héhéhé"
+        assert text.choices[0].finish_reason == "length"
+    finally:
+        client.close()
+    response, content = await post_json(http, gateway.url + "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False,
+        "stream_options": {"include_usage": True}, **anyway})  # (the fake then ends with a usage chunk)
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    answer = jsonutil.loads(content)
+    assert answer["usage"] == {"prompt_tokens": 18, "total_tokens": 21, "completion_tokens": 3}
+    assert response.length == len(content)
+    # An in-band error is the error it says; a stream that is not whole is a 502, never a partial answer.
+    error = {"error": {"message": "The engine died.", "type": "InternalServerError", "param": None, "code": 500}}
+    cases = [([chat_chunk({"content": "A"}), json.dumps(error)], 500, "The engine died."),
+             ([chat_chunk({"content": "A"}, "stop")], 502, "without [DONE]"),
+             ([chat_chunk({"content": "A"}), "not json", "[DONE]"], 502, "no JSON object")]
+    for sse, status, said in cases:
+        response, content = await post_json(http, gateway.url + "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_sse": sse, **anyway})
+        assert response.code == status and said in jsonutil.loads(content)["error"]["message"], content
+        assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    # A native Responses request: the response object of its last event, kept as the gateway keeps one.
+    response, content = await post_json(http, gateway.url + "/v1/responses",
+                                        {"model": MODEL, "input": "hi", **anyway})
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    made = jsonutil.loads(content)
+    assert made["object"] == "response" and made["status"] == "completed"
+    kept = await http.get(gateway.url + f"/v1/responses/{made['id']}")
+    assert (await kept.json())["output"] == made["output"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
     rerank = await start_fake(reactor, models=("BAAI/bge-reranker-base",))
     gw = await start_gateway(reactor, {"VLLM_RERANK_BASE_URL": rerank.base_url})
@@ -246,18 +297,17 @@ async def test_responses_translated_to_chat_when_the_provider_has_none(translati
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_translated_responses_request_an_upstream_streamed_anyway_gets_responses_events(translating, http):
-    """Not asked to stream, the upstream streams: the client gets the Responses API's events (as Messages'
-    clients get Anthropic's), never chat chunks, and the response is kept (before: the chat chunks went as
-    they came)."""
+async def test_a_translated_responses_request_an_upstream_streamed_anyway_gets_one_response(translating, http):
+    """Not asked to stream, the upstream streams: the client gets the one response object the chat chunks
+    make, as JSON (as Messages' clients get one message), and it is kept (before: the Responses API's
+    events, which the client had not asked for)."""
     gw, fake = translating
     await post_json(http, gw.url + "/v1/responses", {"model": MODEL, "input": "hi"})  # (no /responses: learnt)
     response, content = await post_json(http, gw.url + "/v1/responses",
                                         {"model": MODEL, "input": "hi", "fake_stream_anyway": True})
-    assert response.code == 200 and b"chat.completion.chunk" not in content
-    kinds = [json.loads(line[6:])["type"] for line in content.split(b"\n") if line.startswith(b"data: ")]
-    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
-    final = json.loads([line for line in content.split(b"\n") if line.startswith(b"data: ")][-1][6:])["response"]
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    final = jsonutil.loads(content)
+    assert final["object"] == "response" and final["output"][0]["content"][0]["text"] == "héhéhé"
     kept = await http.get(gw.url + f"/v1/responses/{final['id']}")
     assert kept.code == 200 and (await kept.json())["output"] == final["output"]
 

@@ -261,11 +261,12 @@ class MessagesRoutes:
         sent["model"] = ctx.upstream_model
         target(request, ctx, self._salts, upstream, sent)
         # An upstream that ignores "stream" still gives the client Anthropic's shape: events made from
-        # a whole answer to a stream, events (not its chat chunks) from a stream nobody asked for.
+        # a whole answer to a stream; a stream nobody asked for is gathered into one chat completion
+        # (L{gomodel.proxy.gather}), then made a message.
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
-        call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model,
-                            observer=ChatToMessagesStream(lambda: ctx.upstream_model,  # (the target that answers)
-                                                          hide=lambda message: self._without_address(ctx, message)),
+        observer = ChatToMessagesStream(lambda: ctx.upstream_model,  # (the target that answers)
+                                        hide=lambda message: self._without_address(ctx, message)) if stream else None
+        call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model, observer=observer,
                             transform=lambda answer: whole(answer, ctx.upstream_model), affinity=affinity,
                             fallbacks=fallbacks,
                             rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None)

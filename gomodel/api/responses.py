@@ -155,16 +155,11 @@ class ResponsesRoute:
             turn.keep(observer.response)
             return result
         now = int(self._clock.seconds())
-        # (a stream nobody asked for, from an upstream that streams anyway, goes as the Responses API's events,
-        # never its chat chunks, as Messages does)
-        observer = ChatToResponsesStream(echo, self._clock, partial(without_address, upstream=provider))
+        # (a stream nobody asked for, from an upstream that streams anyway, is gathered into one chat
+        # completion first: L{gomodel.proxy.gather})
         call = UpstreamCall("/chat/completions", chat, model=body["model"], prefer=prefer, affinity=affinity,
-                            observer=observer,
                             transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now), False))
-        result = await self._exchange.relay(request, ctx, provider, call)
-        if result is None:
-            turn.keep(observer.response)
-        return result
+        return await self._exchange.relay(request, ctx, provider, call)
 
     async def _with_history(self, body, previous):
         """C{body} with the stored conversation up to C{previous} as explicit input, and no previous_response_id."""

@@ -40,6 +40,7 @@ from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, 
 from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, X_GOMODEL_REPLICA,
                                   copy_response_headers, is_event_stream)
 from gomodel.interfaces import IStreamObserver
+from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.routing.vllm_metrics import parse_load_header
@@ -250,6 +251,10 @@ class Exchange:
             discard(response)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
         if is_event_stream(response.headers):
+            if call.observer is None:  # (a whole answer was asked for: only an event stream's way looks)
+                gather = gathered.BY_PATH.get(call.path)
+                if gather is not None:
+                    return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, call.observer)
         body = whole_body(response)  # (a small answer came whole with its head: no wait, no read)
@@ -263,6 +268,30 @@ class Exchange:
             except UpstreamUnreachable as e:
                 raise _BrokeOff(e) from None
         return self._whole(request, ctx, upstream, response, call, body)
+
+    async def _gathered(self, request, ctx, upstream, response, call, gather):
+        """The whole answer for a call that did not ask to stream, made of the event stream the upstream sent
+        anyway (L{gomodel.proxy.gather}); then as L{_whole}.
+
+        @raise _BrokeOff: it broke off (nothing went to the client: another replica may answer).
+        @raise gomodel.errors.UpstreamError: the stream carried an error event (its status: the error's own
+            code where it is one, else 502).
+        @raise gomodel.errors.BadUpstreamResponse: it did not end properly, or held what is no event.
+        """
+        try:
+            stream = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
+        except UpstreamUnreachable as e:
+            raise _BrokeOff(e) from None
+        try:
+            body = gather(stream)
+        except gathered.InBandError as e:
+            raise upstream_error(e.status, e.body, upstream.name, upstream.hidden) from None
+        except StreamIncomplete as e:
+            raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' streamed an answer that was asked "
+                                      f"for whole, and {e}.") from None
+        answer = self._whole(request, ctx, upstream, response, call, body)
+        request.responseHeaders.put(CONTENT_TYPE, b"application/json")
+        return answer
 
     async def fetch(self, request_id: bytes, upstream, call: UpstreamCall, trace=None, entering=None):
         """Send C{call} to C{upstream} (failing over to the call's C{fallbacks} as L{relay} does) and read

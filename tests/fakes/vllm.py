@@ -21,7 +21,7 @@ gateway forwards untouched:
   - C{fake_status} / C{fake_body}: answer with that status and raw body
   - C{fake_sse}: a chat stream of exactly these C{data:} payloads (strings, C{"[DONE]"} too
     where wanted), then the body's end (or, with C{fake_die_after}, an abort after that many)
-  - C{fake_stream_anyway}: stream a chat answer though the request did not ask for it
+  - C{fake_stream_anyway}: stream a chat, completions, Messages or Responses answer though the request did not ask for it
   - C{fake_headers}: C{{name: value}} headers a chat answer carries (an
     OpenAI-compatible provider's own C{x-ratelimit-*}, say)
 
@@ -316,7 +316,7 @@ class FakeVLLM(Resource):
     def _completions(self, request, record, body):
         n = int(body.get("fake_chunks", 3))
         text = body.get("fake_text", "hé")
-        if not body.get("stream"):
+        if not body.get("stream") and not body.get("fake_stream_anyway"):
             return self._json(request, 200, {
                 "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
                 "choices": [{"index": 0, "text": text * n, "logprobs": None, "finish_reason": "length",
@@ -412,7 +412,7 @@ class FakeVLLM(Resource):
                     "usage": None if status == "queued" else _RESPONSE_USAGE}
         if body.get("store") is not False:
             self.stored_responses[response_id] = response
-        if not body.get("stream"):
+        if not body.get("stream") and not body.get("fake_stream_anyway"):
             return self._json(request, 200, response)
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
@@ -461,7 +461,7 @@ class FakeVLLM(Resource):
         if body.get("fake_hang"):
             return server.NOT_DONE_YET
         events = _message_events(body, model)
-        if not body.get("stream"):
+        if not body.get("stream") and not body.get("fake_stream_anyway"):
             return self._json(request, 200, _message_of(events))
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
