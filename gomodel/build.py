@@ -21,6 +21,7 @@ from gomodel.auth.tenancy import CacheSalts
 from gomodel.batches.runner import BatchRunner
 from gomodel.batches.service import BatchServices
 from gomodel.dashboard import SHELL_PATHS, STATIC_PREFIX
+from gomodel.http import render
 from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
 from gomodel.http.site import IDLE_SWEEP, GatewaySite
@@ -180,7 +181,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     sinks.append(gateway.drain)
     front = FrontResource(routes, reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
-                          dialects=messages.dialects(), dialect_below=messages.dialect_below,
+                          dialects={**messages.dialects(), b"/v1/responses": render.RESPONSES},
+                          dialect_below=messages.dialect_below,
                           tracer=gateway.telemetry.trace if gateway.telemetry is not None else None, plain=plain.find)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,

@@ -177,12 +177,13 @@ def _end_stream(request, error) -> bool:
 
     @return: whether its connection closes by itself (L{_cut_request}'s).
     """
+    observer = getattr(request.producer, "observer", None)  # (the relay's: a Responses stream's numbering)
     _stop_handler(request, error)
     if request.channel is None:
         return False
     request.unregisterProducer()
     request.write(render.dialect_of(request).stream_event(
-        StreamFailed("The stream ended abnormally: the gateway is stopping.")))
+        StreamFailed("The stream ended abnormally: the gateway is stopping."), observer))
     request.transport.loseConnection()
     return True
 

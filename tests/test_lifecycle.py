@@ -332,6 +332,24 @@ async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_a
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_responses_stream_the_drain_cuts_ends_with_openais_error_event(reactor, fake):
+    """A Responses stream cut at the end of the drain ends with the Responses API's own error event, numbered
+    after the last event it sent (before: a chat stream's C{data: {"error": ...}}, which is no such event)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    request = chat_request({"model": MODEL, "input": "hi", "stream": True, "fake_hang_after": 3})
+    stream = await connect(reactor, gw.port, request.replace(b"/v1/chat/completions", b"/v1/responses"))
+    await with_timeout(reactor, stream.wait_for(b"response.content_part.added"), 10)
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, stream.lost, 10)
+    received = bytes(stream.received)
+    event, _, data = received.rpartition(b"\nevent: ")[2].partition(b"\ndata: ")
+    assert event == b"error" and not received.endswith(b"0\r\n\r\n"), received
+    assert json.loads(data.split(b"\n")[0]) == {
+        "type": "error", "code": "stream_incomplete", "param": None, "sequence_number": 3,
+        "message": "The stream ended abnormally: the gateway is stopping."}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_the_drain_cuts_is_recorded_before_the_usage_ledger_stops(reactor, fake):
     """A cut connection closes on the reactor's next turn, which is when its request is recorded (a stream's
     usage, what it had sent). Before, the services stopped in the turn of the cut: the stream's usage record

@@ -1040,7 +1040,7 @@ async def test_a_translated_stream_with_an_event_that_is_no_chat_chunk_ends_in_a
     try:
         for odd in (whole[:30], "[1, 2]", "not json"):  # cut short, no object, no JSON
             fake.steer = {"fake_sse": [_chunk_text({"role": "assistant", "content": "A"}), odd,
-                                       _chunk_text({"content": "C"}, "stop"), "[DONE]"]}
+                                       _chunk_text({"content": "C"}, "stop"), "[DONE]"], "fake_pace": 0.05}
             with pytest.raises(anthropic.APIError) as raised:  # never a message that silently lacks "B"
                 await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=8, messages=HELLO))
             assert "abnormally" in str(raised.value), odd
@@ -1048,6 +1048,12 @@ async def test_a_translated_stream_with_an_event_that_is_no_chat_chunk_ends_in_a
             raw = await connect(reactor, openai_gw.port, _raw(body))
             await with_timeout(reactor, raw.lost, 5)
             assert b"event: error" in raw.received and b"message_stop" not in raw.received
+            # The first event already odd: nothing went out, so the error is the answer, never a 200 holding it.
+            fake.steer = {"fake_sse": [odd, _chunk_text({"content": "C"}, "stop"), "[DONE]"]}
+            with pytest.raises(anthropic.APIStatusError) as raised:
+                await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=8, messages=HELLO))
+            assert raised.value.status_code == 502 and "abnormally" in str(raised.value), odd
+            assert raised.value.body["type"] == "error"
     finally:
         client.close()
 

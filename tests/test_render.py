@@ -30,6 +30,24 @@ def test_openai_and_anthropic_dialects():
     assert render.ANTHROPIC.body(upstream) == upstream.body()  # relayed as the provider sent it
 
 
+def test_a_responses_streams_error_event_is_openais_numbered_after_the_last_event_sent():
+    from gomodel.proxy.sse import ResponsesStreamObserver
+
+    error = errors.StreamFailed("The stream ended abnormally.")
+    assert render.RESPONSES.body(error) == render.OPENAI.body(error)
+    observer = ResponsesStreamObserver()
+    observer.feed(b'event: response.created\ndata: {"type":"response.created","sequence_number":0}\n\n'
+                  b'event: response.in_progress\ndata: {"type":"response.in_progress","sequence_number": 1}\n\n'
+                  b'event: response.output_item.added\ndata: {"type":"response.output')  # (not whole: not sent)
+    event = render.RESPONSES.stream_event(error, observer)
+    assert event.startswith(b"event: error\ndata: {") and event.endswith(b"}\n\n")
+    assert json.loads(event.split(b"data: ", 1)[1]) == {"type": "error", "code": "stream_incomplete", "param": None,
+                                                      "message": "The stream ended abnormally.", "sequence_number": 2}
+    # (where no event said its number, none is made up)
+    assert "sequence_number" not in json.loads(render.RESPONSES.stream_event(error).split(b"data: ", 1)[1])
+    assert render.OPENAI.stream_event(error, observer) == b"data: " + error.body() + b"\n\n"  # (chat's, as it was)
+
+
 def test_fail_renders_before_the_response_started():
     request = DummyRequest([b""])
     body = render.fail(request, Failure(errors.InvalidRequest("bad")))

@@ -470,7 +470,7 @@ async def test_a_background_stream_that_ends_before_its_response_is_kept_and_rea
         return seen
 
     seen = await in_thread(stream)
-    assert [event.type for event in seen] == ["response.created", "response.output_item.added"]
+    assert [event.type for event in seen] == ["response.created", "response.output_item.added", "error"]
     response_id = seen[0].response.id
     assert (await in_thread(client.responses.retrieve, response_id)).status == "queued"  # as its instance says
     fake.stored_responses[response_id]["status"] = "completed"

@@ -244,6 +244,55 @@ async def test_broken_native_responses_stream_is_reported(http, gateway):
     assert not bytes(client.received).endswith(b"0\r\n\r\n")
 
 
+def created_events(client, **kwargs):
+    """The events of C{responses.create(stream=True)} through the SDK, and what it raised (None if nothing)."""
+    seen = []
+    try:
+        for event in client.responses.create(model=MODEL, input="hi", stream=True, **kwargs):
+            seen.append(event)
+    except Exception as e:  # noqa: BLE001 - what the client saw is the point
+        return seen, e
+    return seen, None
+
+
+def assert_error_event(seen, code, said=""):
+    """C{seen} (SDK events) ends with OpenAI's typed error event, numbered after the event before it."""
+    from openai.types.responses import ResponseErrorEvent
+
+    error = seen[-1]
+    assert isinstance(error, ResponseErrorEvent), seen
+    assert error.type == "error" and error.code == code and said in error.message and error.param is None
+    assert [event.sequence_number for event in seen] == list(range(len(seen)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broken_responses_stream_ends_with_openais_error_event(gateway, fake, reactor):
+    """A Responses stream that breaks ends with OpenAI's C{error} event (C{event: error}, its C{type},
+    C{code}, C{message}, C{param} and the C{sequence_number} after the last one sent); a chat stream keeps
+    its C{data: {"error": ...}}. Before: C{data: {"error": ...}} on every stream, which is no Responses
+    stream event."""
+    import openai
+    from tests.rawclient import chat_request
+
+    client = openai_client(gateway)
+    try:
+        seen, raised = await in_thread(created_events, client, extra_body={"fake_die_after": 3})
+        assert isinstance(raised, openai.APIError) and len(seen) == 4
+        assert_error_event(seen, "stream_incomplete", "the upstream connection broke off")
+    finally:
+        client.close()
+    request = chat_request({"model": MODEL, "input": "hi", "stream": True, "fake_die_after": 2})
+    raw = await connect(reactor, gateway.port, request.replace(b"/v1/chat/completions", b"/v1/responses"))
+    await with_timeout(reactor, raw.lost, 5)
+    last = bytes(raw.received).rpartition(b"\nevent: ")[2]
+    assert last.startswith(b"error\ndata: {"), last
+    assert set(jsonutil.loads(last[12:].split(b"\n")[0])) == {"type", "code", "message", "param", "sequence_number"}
+    chat = await connect(reactor, gateway.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "fake_die_after": 2}))
+    await with_timeout(reactor, chat.lost, 5)
+    assert b'data: {"error":{' in bytes(chat.received) and b"event: error" not in bytes(chat.received)
+
+
 @pytest_twisted.async_yield_fixture()
 async def translating(reactor):
     fake = await start_fake(reactor, responses=False)
@@ -344,14 +393,22 @@ def chat_chunk(delta, finish=None):
 
 
 def stream_events(client, **kwargs):
-    """The event types of a Responses stream through the SDK, and what it raised (None if nothing)."""
-    kinds = []
+    """The event types of a Responses stream through the SDK, what it raised (None if nothing), and what it was
+    told of the error: its in-band C{error} event's message, or the error answer's (None without either)."""
+    import openai
+
+    kinds, said = [], None
     try:
         with client.responses.stream(model=MODEL, input="hi", **kwargs) as events:
-            kinds.extend(e.type for e in events)
+            for event in events:
+                kinds.append(event.type)
+                if event.type == "error":
+                    said = event.message
     except Exception as e:  # noqa: BLE001 - what the client saw is the point
-        return kinds, e
-    return kinds, None
+        if isinstance(e, openai.APIStatusError):  # (nothing went out before the error: a 502, never an event)
+            said = e.message
+        return kinds, e, said
+    return kinds, None, said
 
 
 @pytest.mark.parametrize("finish", ["abort", "error"])
@@ -364,8 +421,8 @@ async def test_a_translated_generation_the_upstream_aborted_is_an_error_never_a_
     client = openai_client(gw)
     try:
         sse = [chat_chunk({"role": "assistant", "content": ""}), chat_chunk({"content": "half"}, finish), "[DONE]"]
-        kinds, raised = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
-        assert isinstance(raised, openai.APIError) and finish in str(raised)
+        kinds, raised, said = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
+        assert isinstance(raised, openai.APIError) and finish in said
         assert "response.completed" not in kinds
         aborted = {"id": "c", "object": "chat.completion", "model": UPSTREAM, "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "half"}, "finish_reason": finish}]}
@@ -410,8 +467,8 @@ async def test_a_whole_or_unreadable_chat_answer_to_a_translated_responses_reque
                     "model": MODEL, "input": "hi", "stream": stream_it, "fake_status": 200, "fake_body": body})
                 assert response.code == 502, (body, stream_it, content)
                 assert jsonutil.loads(content)["error"]["type"] == "provider_error"
-        kinds, raised = await in_thread(stream_events, client,
-                                        extra_body={"fake_status": 200, "fake_body": "<html>oops</html>"})
+        kinds, raised, _ = await in_thread(stream_events, client,
+                                           extra_body={"fake_status": 200, "fake_body": "<html>oops</html>"})
         assert isinstance(raised, openai.APIStatusError) and raised.status_code == 502 and not kinds
     finally:
         client.close()
@@ -427,9 +484,14 @@ async def test_a_translated_responses_stream_with_an_event_that_is_no_chat_chunk
         for odd in (chat_chunk({"content": "B"})[:30], "[1, 2]", "not json"):  # cut short, no object, no JSON
             sse = [chat_chunk({"role": "assistant", "content": "A"}), odd, chat_chunk({"content": "C"}, "stop"),
                    "[DONE]"]
-            kinds, raised = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
-            assert isinstance(raised, openai.APIError) and "no JSON object" in str(raised), (odd, raised)
+            kinds, raised, said = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
+            assert isinstance(raised, openai.APIError) and "no JSON object" in said, (odd, raised)
             assert "response.completed" not in kinds  # never a response that silently lacks "B"
+            # The first event already odd: nothing went out, so the error is the answer (a 502), never a 200
+            # whose only event is an error (which the SDK's stream reads as no response.created).
+            kinds, raised, said = await in_thread(stream_events, client, extra_body={"fake_sse": sse[1:]})
+            assert isinstance(raised, openai.APIStatusError) and raised.status_code == 502 and not kinds, raised
+            assert raised.code == "stream_incomplete" and "no JSON object" in said
     finally:
         client.close()
 
@@ -443,12 +505,14 @@ async def test_an_in_band_error_of_a_translated_responses_stream_never_shows_the
     client = openai_client(gw)
     try:
         sse = [chat_chunk({"role": "assistant", "content": "A"}), json.dumps(error)]
-        kinds, raised = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
+        kinds, raised, said = await in_thread(stream_events, client, extra_body={"fake_sse": sse})
+        seen, _ = await in_thread(created_events, client, extra_body={"fake_sse": sse, "fake_pace": 0.05})
+        assert_error_event(seen, "stream_incomplete", "Engine at vllm/chat/completions died")
     finally:
         client.close()
     assert isinstance(raised, openai.APIError) and "response.completed" not in kinds
-    assert "Engine at vllm/chat/completions died" in str(raised)
-    assert fake.root_url.split("//")[1] not in str(raised)  # (host and port)
+    assert "Engine at vllm/chat/completions died" in said
+    assert fake.root_url.split("//")[1] not in said  # (host and port)
 
 
 @pytest_twisted.ensureDeferred

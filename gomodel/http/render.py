@@ -28,9 +28,23 @@ class OpenAIDialect:
     def body(self, error: errors.GatewayError) -> bytes:
         return error.body()
 
-    def stream_event(self, error: errors.GatewayError) -> bytes:
-        """An in-band error event for a stream that already started."""
+    def stream_event(self, error: errors.GatewayError, observer=None) -> bytes:
+        """An in-band error event for a stream that already started (C{observer}: the stream's, or None)."""
         return b"data: " + error.body() + b"\n\n"
+
+
+class ResponsesDialect(OpenAIDialect):
+    """OpenAI's errors; a Responses stream's in-band error is its typed C{error} event (OpenAI's
+    C{ResponseErrorEvent}), numbered after the last event the stream sent where its observer knows it
+    (C{next_sequence()}; left out where it does not)."""
+
+    def stream_event(self, error: errors.GatewayError, observer=None) -> bytes:
+        event = {"type": "error", "code": error.code, "message": error.message, "param": error.param}
+        number = getattr(observer, "next_sequence", None)
+        number = number() if number is not None else None
+        if number is not None:
+            event["sequence_number"] = number
+        return b"event: error\ndata: " + jsonutil.dumps(event) + b"\n\n"
 
 
 # Anthropic's error type for each status the gateway answers with itself.
@@ -54,13 +68,14 @@ class AnthropicDialect:
     def error_type(status: int) -> str:
         return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
-    def stream_event(self, error: errors.GatewayError) -> bytes:
+    def stream_event(self, error: errors.GatewayError, observer=None) -> bytes:
         payload = jsonutil.dumps({"type": "error", "error": {"type": self.error_type(error.status),
                                                              "message": error.message}})
         return b"event: error\ndata: " + payload + b"\n\n"
 
 
 OPENAI = OpenAIDialect()
+RESPONSES = ResponsesDialect()
 ANTHROPIC = AnthropicDialect()
 
 

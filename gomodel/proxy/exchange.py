@@ -548,6 +548,8 @@ class Exchange:
             L{UpstreamTimeout}), before any of its body went to the client (the head goes out with the first
             bytes; an SSE comment a translation drops is none) and none of it was refused as malformed:
             another replica may answer.
+        @raise StreamFailed: the observer refused what came (malformed, an in-band error) before any of it
+            went to the client.
         """
         ours = dict(plain_headers(request.responseHeaders))  # (put back if this head never goes out)
         copy_response_headers(response, request, keep_length)
@@ -579,12 +581,16 @@ class Exchange:
                 pass
             elif isinstance(e, CancelledError):
                 raise
-            elif (not (relay.wrote or relay.rejected) and request.channel is not None
-                  and not isinstance(e, StreamTooLong)):
+            elif not relay.wrote and request.channel is not None and not isinstance(e, StreamTooLong):
                 request.unregisterProducer()
                 headers = plain_headers(request.responseHeaders)  # (the head that never went out: not the answer's)
                 headers.clear()
                 headers.update(ours)
+                if relay.rejected:  # (malformed, or an in-band error: no other replica is asked, and the client
+                    why = _why(e)   # gets the error whole, never a 200 that holds only an error event)
+                    self.log.warn("stream {request_id} ended abnormally before its first event: {why}",
+                                  request_id=ctx.request_id.decode(), why=why)
+                    raise StreamFailed(f"The stream ended abnormally: {why}.") from None
                 if isinstance(e, UpstreamIdle):  # (its head came, none of its body: a hung engine, a long queue)
                     raise _BrokeOff(UpstreamTimeout(f"The upstream provider '{upstream.name}' sent nothing for "
                                                     "too long.")) from None
@@ -612,16 +618,7 @@ class Exchange:
         @return: the delayed call that aborts the connection if closing it
             cleanly takes too long, or None.
         """
-        if isinstance(reason, ClientStalled):
-            why = "the client stopped reading"
-        elif isinstance(reason, UpstreamIdle):
-            why = "the upstream sent nothing for too long"
-        elif isinstance(reason, StreamTooLong):
-            why = "the stream ran past its maximum duration"
-        elif isinstance(reason, StreamIncomplete):
-            why = str(reason)
-        else:
-            why = "the upstream connection broke off"
+        why = _why(reason)
         self.log.warn("stream {request_id} ended abnormally: {why}", request_id=ctx.request_id.decode(), why=why)
         error = StreamFailed(f"The stream ended abnormally: {why}.")
         _note_usage(ctx, relay.observer)
@@ -634,11 +631,24 @@ class Exchange:
             transport.abortConnection()
             return None
         if events:
-            request.write(ctx.dialect.stream_event(error))
+            request.write(ctx.dialect.stream_event(error, relay.observer))
         # Closing the socket without the chunked body's last chunk: the client
         # reads the error event, then an incomplete body, never a clean end.
         transport.loseConnection()
         return self._clock.callLater(ABORT_GRACE, transport.abortConnection)
+
+
+def _why(reason) -> str:
+    """What a client is told of why its stream ended abnormally (C{reason}: what L{StreamRelay.finished} failed with)."""
+    if isinstance(reason, ClientStalled):
+        return "the client stopped reading"
+    if isinstance(reason, UpstreamIdle):
+        return "the upstream sent nothing for too long"
+    if isinstance(reason, StreamTooLong):
+        return "the stream ran past its maximum duration"
+    if isinstance(reason, StreamIncomplete):
+        return str(reason)
+    return "the upstream connection broke off"
 
 
 def _reached(ctx, reached):

@@ -321,6 +321,7 @@ def _streamed_choice(choice: dict) -> dict:
     return streamed
 
 
+_NUMBER = re.compile(rb"\s*(\d+)")
 _RESPONSE_END_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
 _ERROR_WORD = (b'"error"',)
 _RESPONSES_WATCHED = _RESPONSE_END_EVENTS + _ERROR_WORD
@@ -337,13 +338,24 @@ class ResponsesStreamObserver:
 
     def __init__(self):
         self._framer = SSEFramer()
+        self._last = b""  # the last read that held whole events (L{next_sequence})
         self.done = False
         self.response = None
         self.usage = None
         self.error = None
 
+    def next_sequence(self):
+        """The C{sequence_number} after the last event relayed, or None where none said one."""
+        at = self._last.rfind(b'"sequence_number":')
+        if at < 0:
+            return None
+        digits = _NUMBER.match(self._last, at + 18)
+        return int(digits.group(1)) + 1 if digits is not None else None
+
     def feed(self, data: bytes) -> bytes:
         joined, events = self._framer.feed_joined(data)
+        if joined:
+            self._last = joined
         if events is not None:  # CR line breaks: event by event
             for event in events:
                 if mentions(event, _RESPONSES_WATCHED):

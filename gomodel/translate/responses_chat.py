@@ -262,6 +262,7 @@ class ChatToResponsesStream:
         self._hide = hide
         self._framer = SSEFramer()
         self._sequence = 0
+        self._sent = 0  # the sequence number after the last event feed returned (L{next_sequence})
         self._id = new_id("resp")
         self._created = int(clock.seconds())
         self._model = None
@@ -279,6 +280,10 @@ class ChatToResponsesStream:
         payload = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n"
+
+    def next_sequence(self) -> int:
+        """The C{sequence_number} after the last event relayed."""
+        return self._sent
 
     def _snapshot(self, status, usage=None):
         return response_object(self._request, self._id, self._created, self._model, status,
@@ -313,6 +318,7 @@ class ChatToResponsesStream:
                 out.extend(self._delta(choice.get("delta") or {}, choice.get("logprobs")))
                 if choice.get("finish_reason"):
                     self._finish = choice["finish_reason"]
+        self._sent = self._sequence
         return b"".join(out)
 
     def whole(self, chat_body: bytes) -> bytes:

@@ -17,6 +17,7 @@ gateway forwards untouched:
   - C{fake_after_done}: after C{[DONE]}, C{"hold"} the body's end until the client
     leaves, or C{"abort"}: close the connection instead of ending the body
   - C{fake_hang}: never answer (the connection stays open)
+  - C{fake_hang_after}: a native Responses stream sends that many events, then nothing (held open)
   - C{fake_flood}: stream that many bytes of events as fast as the client allows
   - C{fake_status} / C{fake_body}: answer with that status and raw body
   - C{fake_sse}: a chat stream of exactly these C{data:} payloads (strings, C{"[DONE]"} too
@@ -425,8 +426,10 @@ class FakeVLLM(Resource):
                                                   "delta": text, "logprobs": []}),
                   ("response.output_item.done", {"output_index": 0, "item": response["output"][0]}),
                   ("response.completed", {"response": response})]
-        die_after = body.get("fake_die_after")
+        die_after, hang_after = body.get("fake_die_after"), body.get("fake_hang_after")
         for number, (kind, fields) in enumerate(events):
+            if hang_after is not None and number >= hang_after:
+                return server.NOT_DONE_YET  # (its events so far, then silence)
             if die_after is not None and number >= die_after:
                 # Let what was written reach the gateway before the connection dies.
                 self._reactor.callLater(0.05, request.transport.abortConnection)
@@ -547,7 +550,8 @@ class FakeVLLM(Resource):
         if "fake_sse" in body:
             payloads = [b"data: " + p.encode() + b"\n\n" for p in body["fake_sse"]]
             ended = dict(body, fake_no_done=True, stream_options=None)  # the payloads are the whole stream
-            self._send_events(request, ended, payloads, 0, body.get("fake_die_after"), False, 0)
+            self._send_events(request, ended, payloads, float(body.get("fake_pace", 0)), body.get("fake_die_after"),
+                              False, 0)
             return server.NOT_DONE_YET
         events = [_chunk({"role": "assistant", "content": ""})]
         n = int(body.get("fake_chunks", 3))
