@@ -639,7 +639,7 @@ class Exchange:
 
 
 def _why(reason) -> str:
-    """What a client is told of why its stream ended abnormally (C{reason}: what L{StreamRelay.finished} failed with)."""
+    """Why a stream ended abnormally, as its client is told (C{reason}: what L{StreamRelay.finished} failed with)."""
     if isinstance(reason, ClientStalled):
         return "the client stopped reading"
     if isinstance(reason, UpstreamIdle):
