@@ -346,6 +346,51 @@ async def test_responses_translated_to_chat_when_the_provider_has_none(translati
 
 
 @pytest_twisted.ensureDeferred
+async def test_translated_instructions_given_as_input_items_and_a_chat_refusal(translating, http):
+    """Instructions given as input items reach the chat upstream as its first messages; a chat answer's
+    C{refusal} is the output message's C{refusal} part, plain and streamed (with OpenAI's refusal events).
+    Before, both were dropped: the model never saw the instructions, the client got an empty output."""
+    gw, fake = translating
+    client = openai_client(gw)
+    refusal = "I can't help with that."
+    try:
+        await in_thread(client.responses.create, model=MODEL, input="hi", instructions=[
+            {"role": "developer", "content": "Be brief."},
+            {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "Speak French."}]}])
+        assert fake.requests[-1].path == b"/v1/chat/completions"
+        assert fake.requests[-1].body["messages"] == [{"role": "system", "content": "Be brief."},
+                                                      {"role": "system", "content": "Speak French."},
+                                                      {"role": "user", "content": "hi"}]
+        refused = {"fake_status": 200, "fake_body": json.dumps({
+            "id": "c", "object": "chat.completion", "model": UPSTREAM, "choices": [{
+                "index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": None, "refusal": refusal}}]})}
+        response = await in_thread(client.responses.create, model=MODEL, input="hi", extra_body=refused)
+        [message] = response.output
+        assert [(p.type, p.refusal) for p in message.content] == [("refusal", refusal)]
+
+        def stream(extra):
+            with client.responses.stream(model=MODEL, input="hi", extra_body=extra) as events:
+                return [e.type for e in events], events.get_final_response()
+
+        for extra in ({"fake_deltas": [{"content": "Non. "}, {"refusal": "I can't "}, {"refusal": "help with that."}]},
+                      refused):  # (a stream, and a whole answer made a stream)
+            kinds, final = await in_thread(stream, extra)
+            assert kinds.count("response.refusal.delta") >= 1 and kinds.count("response.refusal.done") == 1
+            parts = final.output[0].content
+            assert (parts[-1].type, parts[-1].refusal) == ("refusal", refusal)
+        assert [p.type for p in parts] == ["refusal"] and final.output_text == ""
+        kinds, final = await in_thread(stream, {"fake_deltas": [{"content": "Non. "}, {"refusal": refusal}]})
+        assert [p.type for p in final.output[0].content] == ["output_text", "refusal"]
+        assert final.output_text == "Non. " and kinds.count("response.content_part.done") == 2
+    finally:
+        client.close()
+    response, content = await post_json(http, gw.url + "/v1/responses",
+                                        {"model": MODEL, "input": "hi", "instructions": [{"type": "web_search"}]})
+    assert response.code == 400 and jsonutil.loads(content)["error"]["param"] == "instructions"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_translated_responses_request_an_upstream_streamed_anyway_gets_one_response(translating, http):
     """Not asked to stream, the upstream streams: the client gets the one response object the chat chunks
     make, as JSON (as Messages' clients get one message), and it is kept (before: the Responses API's

@@ -30,8 +30,15 @@ def request_to_chat(body: dict) -> dict:
         raise unknown_previous(body["previous_response_id"])
     chat = {k: v for k, v in body.items() if k not in _RESPONSES_ONLY}
     messages = []
-    if isinstance(body.get("instructions"), str) and body["instructions"]:
-        messages.append({"role": "system", "content": body["instructions"]})
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        if instructions:
+            messages.append({"role": "system", "content": instructions})
+    elif isinstance(instructions, list):  # (input items: a developer or system message, several)
+        messages.extend(_messages(instructions, "instructions"))
+    elif instructions is not None:
+        raise InvalidRequest("instructions must be a string or a list of input items.", param="instructions",
+                             code="invalid_type")
     messages.extend(_messages(body.get("input")))
     chat["messages"] = messages
     if body.get("max_output_tokens") is not None:
@@ -61,7 +68,8 @@ def request_to_chat(body: dict) -> dict:
     return chat
 
 
-def _messages(items):
+def _messages(items, param="input"):
+    """The chat messages of Responses input C{items} (C{param}: the request field they came in)."""
     if items is None:
         return []
     if isinstance(items, str):
@@ -71,13 +79,13 @@ def _messages(items):
     messages = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise InvalidRequest(f"invalid input item at index {index}: expected an object.", param="input",
+            raise InvalidRequest(f"invalid input item at index {index}: expected an object.", param=param,
                                  code="invalid_type")
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role", "user")
             role = "system" if role == "developer" else role
-            messages.append({"role": role, "content": _content(item.get("content"), index)})
+            messages.append({"role": role, "content": _content(item.get("content"), index, param)})
         elif kind == "function_call":
             call = {"id": item.get("call_id") or item.get("id") or new_id("call"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""}}
@@ -89,26 +97,26 @@ def _messages(items):
         elif kind == "function_call_output":
             if not item.get("call_id"):
                 raise InvalidRequest(f"invalid input item at index {index}: function_call_output needs call_id.",
-                                     param="input", code="missing_required_parameter")
+                                     param=param, code="missing_required_parameter")
             output = item.get("output")
             if isinstance(output, list):  # content parts (input_text, input_image)
-                output = _content(output, index)
+                output = _content(output, index, param)
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": output if isinstance(output, (str, list)) else jsonutil.dumps(output).decode()})
         elif kind == "reasoning":
             continue
         else:
             raise InvalidRequest(f"invalid input item at index {index}: type {kind!r} is not supported "
-                                 "by this provider.", param="input", code="unsupported_value")
+                                 "by this provider.", param=param, code="unsupported_value")
     return messages
 
 
-def _content(content, index):
+def _content(content, index, param="input"):
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise InvalidRequest(f"invalid input item at index {index}: content must be a string or a list.",
-                             param="input", code="invalid_type")
+                             param=param, code="invalid_type")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -117,7 +125,7 @@ def _content(content, index):
             text = part.get(field, "")
             if not isinstance(text, str):
                 raise InvalidRequest(f"invalid input item at index {index}: the {field} of a {kind} part must be "
-                                     "a string.", param="input", code="invalid_type")
+                                     "a string.", param=param, code="invalid_type")
             parts.append({"type": "text", "text": text})
         elif kind == "input_image":
             url = part.get("image_url") or part.get("url")
@@ -127,7 +135,7 @@ def _content(content, index):
             parts.append({"type": "image_url", "image_url": image})
         else:
             raise InvalidRequest(f"invalid input item at index {index}: content part {kind!r} is not supported "
-                                 "by this provider.", param="input", code="unsupported_value")
+                                 "by this provider.", param=param, code="unsupported_value")
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
@@ -228,10 +236,15 @@ def chat_to_response(chat_body: bytes, request: dict, now: int) -> bytes:
     if reasoning:
         output.append({"type": "reasoning", "id": new_id("rs"), "summary": [],
                        "content": [{"type": "reasoning_text", "text": reasoning}]})
+    parts = []
     if message.get("content"):
+        parts.append({"type": "output_text", "text": message["content"], "annotations": [],
+                      "logprobs": _logprobs(choice.get("logprobs"))})
+    if message.get("refusal").__class__ is str and message["refusal"]:  # (the model declined: OpenAI's refusal part)
+        parts.append({"type": "refusal", "refusal": message["refusal"]})
+    if parts:
         output.append({"type": "message", "id": new_id("msg"), "status": "completed", "role": "assistant",
-                       "content": [{"type": "output_text", "text": message["content"], "annotations": [],
-                                    "logprobs": _logprobs(choice.get("logprobs"))}]})
+                       "content": parts})
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         output.append({"type": "function_call", "id": new_id("fc"), "call_id": call.get("id") or new_id("call"),
@@ -270,6 +283,8 @@ class ChatToResponsesStream:
         self._items = []  # output items in order, each a dict we keep completing
         self._reasoning = None  # (index, item) of the reasoning item
         self._message = None  # (index, item) of the open message
+        self._text_at = None  # the content index of its output_text part, once it has one
+        self._refusal_at = None  # the content index of its refusal part, once it has one
         self._calls = {}  # chat tool-call index -> (output index, item)
         self._finish = None
         self.usage = None
@@ -330,6 +345,7 @@ class ChatToResponsesStream:
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         calls = message.get("tool_calls") or []
         delta = {"content": message.get("content"), "reasoning": _reasoning_of(message),
+                 "refusal": message.get("refusal"),
                  "tool_calls": [dict(call, index=i) for i, call in enumerate(calls) if isinstance(call, dict)]}
         chunk = {"model": chat.get("model"), "usage": chat.get("usage"),
                  "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason"),
@@ -365,22 +381,23 @@ class ChatToResponsesStream:
         out = self._think(thought) if thought else []
         text = delta.get("content")
         if text:
-            if self._message is None:
-                item = {"type": "message", "id": new_id("msg"), "status": "in_progress", "role": "assistant",
-                        "content": []}
-                self._items.append(item)
-                self._message = (len(self._items) - 1, item)
-                out.append(self._event("response.output_item.added", output_index=self._message[0], item=item))
-                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-                out.append(self._event("response.content_part.added", item_id=item["id"],
-                                       output_index=self._message[0], content_index=0, part=part))
-                item["content"].append(dict(part))
+            if self._text_at is None:
+                self._text_at = self._part({"type": "output_text", "text": "", "annotations": [], "logprobs": []}, out)
             index, item = self._message
-            item["content"][0]["text"] += text
+            part = item["content"][self._text_at]
+            part["text"] += text
             logprobs = _logprobs(logprobs) if logprobs else []
-            item["content"][0]["logprobs"] += logprobs
+            part["logprobs"] += logprobs
             out.append(self._event("response.output_text.delta", item_id=item["id"], output_index=index,
-                                   content_index=0, delta=text, logprobs=logprobs))
+                                   content_index=self._text_at, delta=text, logprobs=logprobs))
+        refusal = delta.get("refusal")
+        if refusal and refusal.__class__ is str:  # (the model declined: OpenAI's refusal part and events)
+            if self._refusal_at is None:
+                self._refusal_at = self._part({"type": "refusal", "refusal": ""}, out)
+            index, item = self._message
+            item["content"][self._refusal_at]["refusal"] += refusal
+            out.append(self._event("response.refusal.delta", item_id=item["id"], output_index=index,
+                                   content_index=self._refusal_at, delta=refusal))
         for call in delta.get("tool_calls") or []:
             key = call.get("index", 0)
             function = call.get("function") or {}
@@ -398,6 +415,21 @@ class ChatToResponsesStream:
                 out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
                                        output_index=index, delta=function["arguments"]))
         return out
+
+    def _part(self, part, out) -> int:
+        """Add C{part} (empty) to the message item, opening the item at its first part; return its content index."""
+        if self._message is None:
+            item = {"type": "message", "id": new_id("msg"), "status": "in_progress", "role": "assistant",
+                    "content": []}
+            self._items.append(item)
+            self._message = (len(self._items) - 1, item)
+            out.append(self._event("response.output_item.added", output_index=self._message[0], item=item))
+        index, item = self._message
+        at = len(item["content"])
+        out.append(self._event("response.content_part.added", item_id=item["id"], output_index=index,
+                               content_index=at, part=part))
+        item["content"].append(dict(part))
+        return at
 
     def _complete(self) -> bytes:
         """The events that end the response at C{[DONE]}.
@@ -423,11 +455,15 @@ class ChatToResponsesStream:
                                    content_index=0, part=part))
         if self._message is not None:
             index, item = self._message
-            part = item["content"][0]
-            out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=part["text"], logprobs=part["logprobs"]))
-            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                                   content_index=0, part=part))
+            for at, part in enumerate(item["content"]):
+                if part["type"] == "refusal":
+                    out.append(self._event("response.refusal.done", item_id=item["id"], output_index=index,
+                                           content_index=at, refusal=part["refusal"]))
+                else:
+                    out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                           content_index=at, text=part["text"], logprobs=part["logprobs"]))
+                out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                       content_index=at, part=part))
         for index, item in enumerate(self._items):
             item["status"] = "completed"
             if item["type"] == "function_call":
