@@ -10,6 +10,7 @@ made it no longer knows it (vLLM restarted, or its store is off).
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gomodel import jsonutil
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.ids import new_id
@@ -87,19 +88,29 @@ def unknown_previous(previous_id) -> InvalidRequest:
 
 async def continued(store, previous_id: str, principal):
     """The stored record of C{previous_id} that C{principal} may continue, or None: a master key's unknown id
-    goes upstream as it is (the upstream may still hold it: made there directly, not stored, or deleted).
+    goes upstream as it is (the upstream may still hold it: made there directly, or not stored).
 
     @raise InvalidRequest: it belongs to another tenant, or a managed key names a response the gateway does
-        not hold (the upstream may still hold another tenant's): L{unknown_previous}.
+        not hold (the upstream may still hold another tenant's), or it was deleted through the gateway (the
+        upstream may still hold it too): L{unknown_previous}.
     """
     record = await store.get(previous_id)
     if record is None:
-        if principal is not None and not principal.master:
+        if principal is not None and not principal.master or await store.deleted(previous_id):
             raise unknown_previous(previous_id)
         return None
     if not visible(principal, record):
         raise unknown_previous(previous_id)
     return record
+
+
+def names_previous(answer: bytes, previous_id: str) -> bool:
+    """Whether an upstream's error C{answer} (vLLM's 404 for a response it does not hold) names C{previous_id}."""
+    try:
+        error = jsonutil.loads(answer).get("error")
+    except (jsonutil.JSONError, AttributeError):
+        return False
+    return isinstance(error, dict) and previous_id in str(error.get("message", ""))
 
 
 async def conversation(store, record) -> list:

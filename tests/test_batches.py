@@ -173,6 +173,28 @@ async def test_batch_endpoints_reach_the_matching_vllm_route(sdk, gw, fake, endp
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_continuing_a_response_nobody_holds_ends_in_previous_response_not_found(sdk, gw, fake):
+    """The master key's line continuing an id neither the gateway nor its upstream holds, or one deleted through
+    the gateway (its upstream still holds it), ends in OpenAI's C{previous_response_not_found}, as the same
+    request online does (before: vLLM's 404 in the error file; the deleted one continued upstream)."""
+    kept = await in_thread(sdk.responses.create, model=MODEL, input="hi")
+    await in_thread(sdk.responses.delete, kept.id)
+    assert kept.id in fake.stored_responses  # (vLLM still holds it)
+    lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": "more", "previous_response_id": previous}}
+             for custom_id, previous in (("unknown", "resp_nobody"), ("deleted", kept.id))]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 0, 2)
+    errors = await file_lines(sdk, batch.error_file_id)
+    assert {e["custom_id"]: (e["response"], e["error"]["code"]) for e in errors} == {
+        "unknown": (None, "previous_response_not_found"), "deleted": (None, "previous_response_not_found")}
+    assert "resp_nobody" in {e["custom_id"]: e["error"]["message"] for e in errors}["unknown"]
+    continued = [r.body["previous_response_id"] for r in fake.requests if r.path == b"/v1/responses"
+                 and r.body.get("previous_response_id") is not None]
+    assert continued == ["resp_nobody"]  # (asked upstream: the gateway does not know whether it holds it)
+
+
+@pytest_twisted.ensureDeferred
 async def test_lines_whose_drawn_target_went_down_complete_from_the_other_target(reactor, tmp_path):
     """A virtual model's line drawn to a target that has no ready replica by the time it is sent (it went down
     while the line waited for room at its provider) is answered by the other target instead of waiting for the

@@ -351,6 +351,27 @@ async def test_a_previous_response_nobody_holds_is_openais_400_previous_response
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_response_deleted_through_the_gateway_is_not_continued_by_the_master_key(client, fake, gateway):
+    """The master key's follow-up to a response it deleted through the gateway is OpenAI's 400, as a managed
+    key's is, though vLLM still holds it (before: continued there, the deletion undone in effect). An id the
+    gateway never held still goes upstream as it is."""
+    created = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+    await in_thread(client.responses.delete, created.id)
+    assert created.id in fake.stored_responses
+    asked = len(fake.requests)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await in_thread(client.responses.create, model=MODEL, input="who am I?", previous_response_id=created.id,
+                            stream=stream)
+        assert refused.value.body == previous_not_found(created.id)
+    assert len(fake.requests) == asked  # nothing went upstream
+    assert await gateway.service.store.responses.deleted(created.id) is True
+    fake.stored_responses["resp_made_there"] = {"id": "resp_made_there"}
+    again = await in_thread(client.responses.create, model=MODEL, input="x", previous_response_id="resp_made_there")
+    assert again.previous_response_id == "resp_made_there"
+
+
+@pytest_twisted.ensureDeferred
 async def test_translated_provider_gets_the_stored_conversation(reactor):
     fake = await start_fake(reactor, responses=False)
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})

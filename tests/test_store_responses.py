@@ -25,8 +25,21 @@ async def test_responses_are_kept_replaced_and_swept(store):
     assert (await responses.get("resp_2"))["input_items"][0]["content"] == "é"
     assert await responses.delete_before(150) == 1
     assert await responses.get("resp_1") is None
+    assert await responses.deleted("resp_1") is False  # (swept, not deleted)
     assert await responses.delete("resp_2") is True
     assert await responses.delete("resp_2") is False
+    assert await responses.deleted("resp_2") is True and await responses.deleted("resp_nobody") is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_response_is_remembered_until_the_retention_sweeps_past_it(store):
+    responses = store.responses
+    await responses.put(record())
+    assert await responses.delete("resp_1") is True
+    assert await responses.deleted("resp_1") is True
+    assert await responses.delete_before(0) == 0 and await responses.deleted("resp_1") is True
+    assert await responses.delete_before(4_000_000_000) == 0  # (its memory goes; no response counted)
+    assert await responses.deleted("resp_1") is False
 
 
 @pytest_twisted.ensureDeferred

@@ -63,7 +63,7 @@ from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReady
                             StorageUnavailable, UpstreamUnreachable)
 from gomodel.api.inference import held, plan_model
 from gomodel.proxy.exchange import UpstreamCall, usage_of
-from gomodel.responses_history import continued, unknown_previous
+from gomodel.responses_history import continued, names_previous, unknown_previous
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
@@ -484,13 +484,15 @@ class BatchRunner(Service):
         try:
             payload = jsonutil.loads(body)
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
-            prefer = None
+            prefer = unheld = None
             if path == "/responses" and payload.get("previous_response_id") is not None:
                 previous = await self._previous(payload, job.principal)
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
                 if previous is not None:  # to that instance and replica, as online (where the key may use it)
                     route = held(self._registry, route, previous, job.principal)
                     prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
+                else:  # (a master key's id the gateway does not hold: the upstream's 404 for it is OpenAI's 400)
+                    unheld = payload["previous_response_id"]
             answer = again = None  # what makes a successful answer the line's (None: it is, as it came)
             if path == "/messages" and self._messages is not None:  # natively, or translated to chat
                 again = partial(self._translated, payload, route, fallbacks, job.principal)
@@ -529,7 +531,8 @@ class BatchRunner(Service):
         slot = _Slot(job, self.semaphore, sem)
         call = UpstreamCall(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
                             rebody=rebody if fallbacks else None)
-        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, slot, answer, again))
+        d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, slot, answer, again,
+                                              unheld))
 
         def release(result):
             slot.release()
@@ -614,12 +617,18 @@ class BatchRunner(Service):
         d.addErrback(failed)
         d.addBoth(done)
 
-    async def _line(self, job, path, line, custom_id, provider, call, slot, answer=None, again=None):
+    async def _line(self, job, path, line, custom_id, provider, call, slot, answer=None, again=None, unheld=None):
         """Send one line (C{call}, holding C{slot}) and record its result; C{answer(body, model)} makes a
         successful answer the line's (a translated message batch line's chat completion, a message);
         C{again(outcome)}, for a message batch's line sent natively, is the C{(call, answer)} to send it with
-        translated instead (L{_translated}), or None."""
+        translated instead (L{_translated}), or None; C{unheld}: the C{previous_response_id} of a line that
+        continues a response the gateway does not hold (the upstream's 404 naming it is the line's
+        C{previous_response_not_found}, as online), or None."""
         outcome = await self._outcome(job, line, provider, call, slot)
+        if (unheld is not None and isinstance(outcome, _Answer) and outcome.status == 404
+                and names_previous(outcome.body, unheld)):
+            error = unknown_previous(unheld)
+            outcome = _NoAnswer(error.code, error.message)
         if again is not None and isinstance(outcome, _Answer) and outcome.status >= 400:
             retried = again(outcome)
             if retried is not None:

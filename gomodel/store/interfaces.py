@@ -287,12 +287,19 @@ class IResponseStore(Interface):
         """@return: a Deferred firing with the stored response record, or None."""
 
     def delete(response_id):
-        """@return: a Deferred firing with True once deleted, or False when there was no such response."""
+        """Delete a stored response, remembering that it was (L{deleted}).
+
+        @return: a Deferred firing with True once deleted, or False when there was no such response.
+        """
+
+    def deleted(response_id):
+        """@return: a Deferred firing with whether C{response_id} was deleted through L{delete} (and not
+            swept since: L{delete_before})."""
 
     def delete_before(created_at):
-        """Delete responses created before C{created_at} (seconds).
+        """Delete responses created before C{created_at} (seconds), and the memory of those deleted before it.
 
-        @return: a Deferred firing with how many were deleted.
+        @return: a Deferred firing with how many responses were deleted.
         """
 
 

@@ -224,6 +224,15 @@ MIGRATIONS = (
         )""",
         "CREATE INDEX usage_writes_at ON usage_writes (written_at)",
     )),
+    (12, (
+        # A response deleted through the gateway: the upstream (vLLM keeps responses in memory) may still hold
+        # it, and a follow-up must not continue it there. Swept with the responses' retention.
+        """CREATE TABLE deleted_responses (
+            id TEXT PRIMARY KEY,
+            deleted_at BIGINT NOT NULL
+        )""",
+        "CREATE INDEX deleted_responses_at ON deleted_responses (deleted_at)",
+    )),
 )
 
 

@@ -154,9 +154,26 @@ class PostgreSQLResponseStore:
         return self._after_keeps(lambda conn: conn.execute(_UPDATE, (status, text, response_id)).rowcount > 0)
 
     def delete(self, response_id):
-        return self._after_keeps(lambda conn: conn.execute("DELETE FROM responses WHERE id = %s",
-                                                           (response_id,)).rowcount > 0)
+        return self._after_keeps(self._delete, response_id, int(self._clock.seconds()))
+
+    @staticmethod
+    def _delete(conn, response_id, now):
+        with conn.transaction():
+            if conn.execute("DELETE FROM responses WHERE id = %s", (response_id,)).rowcount == 0:
+                return False
+            conn.execute("INSERT INTO deleted_responses (id, deleted_at) VALUES (%s, %s) "
+                         "ON CONFLICT (id) DO UPDATE SET deleted_at = EXCLUDED.deleted_at", (response_id, now))
+            return True
+
+    def deleted(self, response_id):
+        return self._after_keeps(lambda conn: conn.execute("SELECT 1 FROM deleted_responses WHERE id = %s",
+                                                           (response_id,)).fetchone() is not None)
 
     def delete_before(self, created_at):
-        return self._after_keeps(lambda conn: conn.execute("DELETE FROM responses WHERE created_at < %s",
-                                                           (created_at,)).rowcount)
+        return self._after_keeps(self._delete_before, created_at)
+
+    @staticmethod
+    def _delete_before(conn, created_at):
+        with conn.transaction():
+            conn.execute("DELETE FROM deleted_responses WHERE deleted_at < %s", (created_at,))
+            return conn.execute("DELETE FROM responses WHERE created_at < %s", (created_at,)).rowcount

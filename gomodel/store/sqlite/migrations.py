@@ -203,6 +203,15 @@ MIGRATIONS = (
             PRIMARY KEY (user_path, period)
         )""",
     )),
+    (11, (
+        # A response deleted through the gateway: the upstream (vLLM keeps responses in memory) may still hold
+        # it, and a follow-up must not continue it there. Swept with the responses' retention.
+        """CREATE TABLE deleted_responses (
+            id TEXT PRIMARY KEY,
+            deleted_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX deleted_responses_at ON deleted_responses (deleted_at)",
+    )),
 )
 
 

@@ -38,6 +38,7 @@ class SQLiteResponseStore:
         @param waits: an C{IReactorTime} for the waits of a read that found nothing (default: C{clock}).
         """
         self._db = db
+        self._clock = clock
         self._writer = writer
         self._kept = Held(clock, KEEP_DELAY, self._hand_over)
         self._waits = waits if waits is not None else clock
@@ -128,15 +129,26 @@ class SQLiteResponseStore:
                                 (status, text, response_id)).rowcount > 0
 
     def delete(self, response_id):
-        return self._after_writes(self._delete, response_id)
+        return self._after_writes(self._delete, response_id, int(self._clock.seconds()))
 
-    def _delete(self, response_id):
+    def _delete(self, response_id, now):
         with self._db.transaction() as conn:
-            return conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+            if conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount == 0:
+                return False
+            conn.execute("INSERT OR REPLACE INTO deleted_responses (id, deleted_at) VALUES (?, ?)", (response_id, now))
+            return True
+
+    def deleted(self, response_id):
+        return self._after_writes(self._deleted, response_id)
+
+    def _deleted(self, response_id):
+        return self._db.conn().execute("SELECT 1 FROM deleted_responses WHERE id = ?",
+                                       (response_id,)).fetchone() is not None
 
     def delete_before(self, created_at):
         return self._after_writes(self._delete_before, created_at)
 
     def _delete_before(self, created_at):
         with self._db.transaction() as conn:
+            conn.execute("DELETE FROM deleted_responses WHERE deleted_at < ?", (created_at,))
             return conn.execute("DELETE FROM responses WHERE created_at < ?", (created_at,)).rowcount
