@@ -173,6 +173,23 @@ async def test_batch_endpoints_reach_the_matching_vllm_route(sdk, gw, fake, endp
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_an_upstream_answers_with_a_stream_gets_the_one_answer_it_makes(sdk, gw, fake):
+    """A line (which never streams) that an upstream answers with an event stream anyway gets the one
+    chat.completion the stream makes, as an online request does; a stream that does not end properly is the
+    line's error (before: the events were no JSON, the line a bad_upstream_response)."""
+    lines = [chat_line("a", fake_stream_anyway=True),
+             chat_line("cut", fake_stream_anyway=True, fake_sse=['{"id":"c","choices":[]}'])]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+    [output] = await file_lines(sdk, batch.output_file_id)
+    assert output["custom_id"] == "a" and output["response"]["status_code"] == 200
+    answer = output["response"]["body"]
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"] == "héhéhé"
+    [error] = await file_lines(sdk, batch.error_file_id)
+    assert error["custom_id"] == "cut" and error["error"]["code"] == "bad_upstream_response"
+    assert "without [DONE]" in error["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_line_continuing_a_response_nobody_holds_ends_in_previous_response_not_found(sdk, gw, fake):
     """The master key's line continuing an id neither the gateway nor its upstream holds, or one deleted through
     the gateway (its upstream still holds it), ends in OpenAI's C{previous_response_not_found}, as the same

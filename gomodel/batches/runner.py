@@ -62,7 +62,10 @@ from gomodel.batches.validating import validate
 from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy,
                             StorageUnavailable, UpstreamUnreachable)
 from gomodel.api.inference import held, plan_model
+from gomodel.http.headers import is_event_stream
+from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
+from gomodel.proxy.sse import StreamIncomplete
 from gomodel.responses_history import continued, names_previous, unknown_previous
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
@@ -738,7 +741,18 @@ class BatchRunner(Service):
                 delay = min(delay * 2, self._backoff_max)
                 continue
             upstream_id = response.headers.getRawHeaders(b"x-request-id", [request_id.encode("ascii")])[0]
-            return _Answer(response.code, upstream_id.decode("latin-1"), fetched.body, fetched.upstream,
+            status, body = response.code, fetched.body
+            if status < 300 and is_event_stream(response.headers):  # (a line never streams: one answer asked for)
+                gather = gathered.BY_PATH.get(call.path)
+                if gather is not None:
+                    try:
+                        body = gather(body)
+                    except gathered.InBandError as e:
+                        status, body = e.status, e.body
+                    except StreamIncomplete as e:
+                        return _NoAnswer("bad_upstream_response", f"The upstream provider '{fetched.upstream.name}' "
+                                         f"streamed an answer that was asked for whole, and {e}.")
+            return _Answer(status, upstream_id.decode("latin-1"), body, fetched.upstream,
                            fetched.model, fetched.replica, fetched.seconds)
 
     def _sleep(self, seconds):
