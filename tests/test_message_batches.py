@@ -356,3 +356,8 @@ def test_each_way_a_request_ends_is_one_result_line():
     assert converted["result"]["type"] == "errored"
     assert converted["result"]["error"]["type"] == "error"
     assert converted["result"]["error"]["error"] == {"type": "not_found_error", "message": "no such model"}
+    # vLLM's own Messages error names its exception: Anthropic's type for the status
+    vllm = line({"custom_id": "c", "response": {"status_code": 400, "request_id": "r", "body": {
+        "type": "error", "error": {"type": "BadRequestError", "message": "too long"}}}})
+    assert vllm["result"]["error"] == {"type": "error", "error": {"type": "invalid_request_error",
+                                                                  "message": "too long"}}

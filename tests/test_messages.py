@@ -753,11 +753,45 @@ async def test_unknown_model_is_404_not_found_error(gw, client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_upstream_error_is_relayed_as_vllm_sent_it(http, gw):
-    vllm_400 = {"type": "error", "error": {"type": "BadRequestError", "message": "max_tokens must be positive"}}
-    body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "fake_status": 400, "fake_body": json.dumps(vllm_400)}
-    response, content = await post(http, gw.url + "/v1/messages", body)
-    assert response.code == 400 and content == json.dumps(vllm_400).encode()
+async def test_vllms_native_errors_get_anthropics_error_types_by_status(http, gw, fake):
+    """vLLM's Messages errors name its exceptions ("BadRequestError"): the client gets Anthropic's type for the
+    status, the message kept, no upstream address; an error of Anthropic's own type stays byte for byte."""
+    host = fake.root_url.split("//")[1]
+    cases = [(400, "BadRequestError", "invalid_request_error"), (401, "Unauthorized", "authentication_error"),
+             (403, "Forbidden", "permission_error"), (404, "NotFoundError", "not_found_error"),
+             (429, "TooManyRequests", "rate_limit_error"), (500, "InternalServerError", "api_error"),
+             (503, "ServiceUnavailableError", "overloaded_error"), (504, "GatewayTimeout", "timeout_error")]
+    for status, vllm_type, expected in cases:
+        for path, where in (("/v1/messages", host), ("/v1/messages", "vllm"), ("/v1/messages/count_tokens", "vllm")):
+            vllm_error = {"type": "error", "error": {"type": vllm_type, "message": f"failed at {where} ({status})"}}
+            body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "fake_status": status,
+                    "fake_body": json.dumps(vllm_error)}
+            response, content = await post(http, gw.url + path, body)
+            assert response.code == status, (path, status)
+            assert json.loads(content) == {"type": "error", "error": {
+                "type": expected, "message": f"failed at vllm ({status})"}}, (path, status)
+    ours = json.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}})
+    response, content = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO,
+                                                                   "fake_status": 400, "fake_body": ours})
+    assert response.code == 400 and content == ours.encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_native_streams_error_event_gets_anthropics_type_and_no_upstream_address(http, gw, fake):
+    host = fake.root_url.split("//")[1]
+    start = json.dumps({"type": "message_start", "message": {
+        "id": "m", "type": "message", "role": "assistant", "content": [], "model": CHAT_MODEL, "stop_reason": None,
+        "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}})
+    failed = json.dumps({"type": "error", "error": {"type": "internal_error", "message": f"engine died at {host}"}})
+    body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "stream": True,
+            "fake_events": [["message_start", start], ["error", failed]]}
+    _, raw = await post(http, gw.url + "/v1/messages", body)
+    assert events_of(raw) == [("message_start", json.loads(start)), ("error", {
+        "type": "error", "error": {"type": "api_error", "message": "engine died at vllm"}})]
+    ours = json.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
+    _, raw = await post(http, gw.url + "/v1/messages", dict(body, fake_events=[["message_start", start],
+                                                                               ["error", ours]]))
+    assert raw.endswith(b"event: error\ndata: " + ours.encode() + b"\n\n")  # Anthropic's own: as it came
 
 
 @pytest_twisted.ensureDeferred
@@ -768,7 +802,8 @@ async def test_a_400_that_only_mentions_support_and_messages_keeps_the_provider_
     body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "fake_status": 400, "fake_body": json.dumps(vllm_400)}
     before = len(fake.requests)
     response, content = await post(http, gw.url + "/v1/messages", body)
-    assert response.code == 400 and content == json.dumps(vllm_400).encode()
+    assert response.code == 400 and json.loads(content)["error"] == {
+        "type": "invalid_request_error", "message": vllm_400["error"]["message"]}
     assert [r.path for r in fake.requests[before:]] == [b"/v1/messages"]  # not retried translated
     response, _ = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO})
     assert response.code == 200 and fake.requests[-1].path == b"/v1/messages"  # still asked natively

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from klein import Klein
 
 from gomodel import jsonutil
-from gomodel.anthropic.translate import is_anthropic_error, openai_error_to_anthropic
+from gomodel.anthropic.translate import ANTHROPIC_ERROR_TYPES, is_anthropic_error, openai_error_to_anthropic
 from gomodel.api.inference import resolve_model
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, visible
@@ -105,8 +105,9 @@ _ERROR_TYPES = (("not_found", "not_found_error"), ("budget", "rate_limit_error")
 
 
 def _anthropic_error(status, body) -> dict:
-    """An upstream's error answer (as recorded) in Anthropic's shape: as it is when it is one already."""
-    if is_anthropic_error(body):
+    """An upstream's error answer (as recorded) in Anthropic's shape: as it is when it is one already, type
+    included (else, vLLM's exception names, the type follows the status)."""
+    if is_anthropic_error(body) and body["error"].get("type") in ANTHROPIC_ERROR_TYPES:
         return body
     return jsonutil.loads(openai_error_to_anthropic(status, jsonutil.dumps(body)))
 

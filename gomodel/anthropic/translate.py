@@ -717,9 +717,23 @@ def chat_to_events_bytes(body: bytes, model: str) -> bytes:
 # -- errors ---------------------------------------------------------------------
 
 
-_ANTHROPIC_ERROR_TYPES = frozenset({
+ANTHROPIC_ERROR_TYPES = frozenset({
     "invalid_request_error", "authentication_error", "billing_error", "permission_error", "not_found_error",
     "request_too_large", "rate_limit_error", "timeout_error", "api_error", "overloaded_error"})
+
+
+# vLLM's error type names (its exceptions', its stream's) -> Anthropic's, where no status says which.
+_VLLM_ERROR_TYPES = {"BadRequestError": "invalid_request_error", "NotFoundError": "not_found_error",
+                     "UnauthorizedError": "authentication_error", "Unauthorized": "authentication_error",
+                     "ForbiddenError": "permission_error", "RateLimitError": "rate_limit_error",
+                     "ServiceUnavailableError": "overloaded_error", "TimeoutError": "timeout_error"}
+
+
+def stream_error_type(kind) -> str:
+    """Anthropic's type for an error event's C{kind} (an upstream's; in a stream, without a status)."""
+    if kind in ANTHROPIC_ERROR_TYPES:
+        return kind
+    return _VLLM_ERROR_TYPES.get(kind, "api_error") if isinstance(kind, str) else "api_error"
 
 
 def _error_message(payload):
@@ -757,7 +771,7 @@ def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
     error_type = AnthropicDialect.error_type(status)
     if is_anthropic_error(payload):
         # vLLM's own endpoint puts its exception's name there ("BadRequestError"): only Anthropic's types stay.
-        if payload["error"].get("type") in _ANTHROPIC_ERROR_TYPES:
+        if payload["error"].get("type") in ANTHROPIC_ERROR_TYPES:
             error_type = payload["error"]["type"]
     message = _error_message(payload) or f"The upstream answered with HTTP status {status}."
     return jsonutil.dumps({"type": "error", "error": {"type": error_type, "message": message}})
@@ -1035,7 +1049,9 @@ _NATIVE_WATCHED = (b"message_start", b"message_delta", b"message_stop", b"error"
 class MessagesStreamObserver:
     """Watches a native Messages stream (vLLM's C{/v1/messages}); relays it untouched.
 
-    The stream is complete at C{message_stop} or an C{error} event.
+    The stream is complete at C{message_stop} or an C{error} event. An C{error}
+    event is the one event it may rewrite: to Anthropic's type (vLLM names its
+    own, C{internal_error}: L{stream_error_type}) and without the upstream's address.
 
     @ivar usage: Anthropic's usage dict: C{message_start}'s, then each
         C{message_delta}'s (cumulative counts) over it; None before C{message_start}.
@@ -1043,28 +1059,35 @@ class MessagesStreamObserver:
     @ivar events: C{content_block_delta} events seen (about one token each), for an estimate.
     """
 
-    def __init__(self):
+    def __init__(self, hide=None):
+        """
+        @param hide: as L{ChatToMessagesStream}'s: an error event's message as the client may see it, or None.
+        """
         self._framer = SSEFramer()
+        self._hide = hide
         self.usage = None
         self.done = False
         self.error = None
         self.events = 0
 
     def feed(self, data: bytes) -> bytes:
-        """Take upstream bytes; return them as whole events, unchanged."""
+        """Take upstream bytes; return them as whole events, unchanged but an C{error} event (see above)."""
         events = self._framer.feed(data)
-        for event in events:
+        for i, event in enumerate(events):
             head = event[:64]
             if head.find(b"content_block_delta") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
                 self.events += 1
             elif mentions(head, _NATIVE_WATCHED):
-                self._observe(event)
+                fixed = self._observe(event)
+                if fixed is not None:
+                    events[i] = fixed
         return b"".join(events)
 
     def _observe(self, event):
+        """Note C{event}'s usage or end; return what the client gets instead of it, or None (itself)."""
         payload = event_object(event)
         if payload is None:
-            return
+            return None
         kind = payload.get("type")
         if kind == "message_start":
             message = payload.get("message")
@@ -1077,6 +1100,12 @@ class MessagesStreamObserver:
         elif kind == "error":
             self.done = True
             self.error = payload.get("error") if isinstance(payload.get("error"), dict) else payload
+            message = _error_message(payload) or "The upstream failed while streaming."
+            shown = self._hide(message) if self._hide is not None else message
+            kind = self.error.get("type")
+            if kind not in ANTHROPIC_ERROR_TYPES or shown != message:
+                return _event("error", {"error": {"type": stream_error_type(kind), "message": shown}})
+        return None
 
     def _merge(self, usage):
         if not isinstance(usage, dict):

@@ -30,8 +30,9 @@ ask answers 501 (C{x-should-retry: false}).
 
 Errors on these paths are in Anthropic's shape (the front renders the
 gateway's own with L{gomodel.http.render.ANTHROPIC}); an upstream's own error
-is relayed as it came when it is Anthropic-shaped already (vLLM's), and
-converted when it is an OpenAI envelope (a translated provider's).
+is relayed as it came when it is Anthropic's already, type included, else
+converted (an OpenAI envelope, vLLM's with its exception's name as the type:
+Anthropic's type for the status, the message kept, no upstream address).
 """
 
 from datetime import datetime, timezone
@@ -39,10 +40,10 @@ from datetime import datetime, timezone
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
-                                         chat_to_message_bytes, count_tokens_answer, count_tokens_request,
-                                         is_anthropic_error, messages_to_chat, openai_error_to_anthropic,
-                                         vllm_fields, without_vllm_fields)
+from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
+                                         chat_to_events_bytes, chat_to_message_bytes, count_tokens_answer,
+                                         count_tokens_request, is_anthropic_error, messages_to_chat,
+                                         openai_error_to_anthropic, vllm_fields, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -166,8 +167,10 @@ class MessagesRoutes:
             affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
             try:
                 if native:
+                    observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message)) \
+                        if stream else None
                     return await self._native(request, ctx, upstream, "/messages", body, fallbacks, affinity,
-                                              headers, MessagesStreamObserver() if stream else None)
+                                              headers, observer)
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity)
             except _NoNative:
                 self._remember(ctx, MESSAGES)
@@ -372,13 +375,14 @@ def chat_for(provider, chat: dict, extras: dict) -> dict:
 
 
 def anthropic_error(error: errors.UpstreamError) -> errors.UpstreamError:
-    """C{error} with an Anthropic-shaped body: as it came when it is one already, else converted."""
+    """C{error} with an Anthropic-shaped body: as it came when it is one of Anthropic's types already, else
+    converted (vLLM's names its exceptions, C{BadRequestError}: the type then follows the status)."""
     body = error.body()
     try:
         parsed = jsonutil.loads(body)
     except jsonutil.JSONError:
         parsed = None
-    if is_anthropic_error(parsed):
+    if is_anthropic_error(parsed) and parsed["error"].get("type") in ANTHROPIC_ERROR_TYPES:
         return error
     converted = errors.UpstreamError(error.status, openai_error_to_anthropic(error.status, body), error.message)
     converted.headers = dict(error.headers)

@@ -39,6 +39,9 @@ Messages but no C{count_tokens} route (FastAPI's 404 there). Chat and Messages a
   - C{fake_deltas}: a stream is these chat C{delta} objects, one chunk each (after
     the role's), the last with C{finish_reason} C{fake_finish} (default "stop")
 
+Messages alone also take C{fake_events}: a stream of exactly these C{[event, data]} pairs (data a raw
+string); and C{fake_stream_anyway} answers a Messages request that did not ask to stream with its events.
+
 C{steer} holds fields applied to every request the body does not set itself
 (for requests the gateway rewrites, e.g. Messages translated to chat).
 
@@ -464,13 +467,16 @@ class FakeVLLM(Resource):
         if body.get("fake_hang"):
             return server.NOT_DONE_YET
         events = _message_events(body, model)
+        if "fake_events" in body:  # exactly these (event, data) pairs, data as a raw string
+            events = [(kind, data) for kind, data in body["fake_events"]]
         if not body.get("stream") and not body.get("fake_stream_anyway"):
             return self._json(request, 200, _message_of(events))
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         if body.get("fake_no_stop"):
             events = events[:-1]
-        payloads = [b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(data) + b"\n\n" for kind, data in events]
+        payloads = [b"event: " + kind.encode() + b"\ndata: " + (data.encode() if isinstance(data, str) else jsonutil.dumps(data))
+                    + b"\n\n" for kind, data in events]
         self._send_message_events(request, payloads, float(body.get("fake_pace", 0)), body.get("fake_die_after"), 0)
         return server.NOT_DONE_YET
 
