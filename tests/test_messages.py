@@ -500,6 +500,37 @@ async def test_vllm_without_messages_is_translated_and_remembered(reactor, http)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_translated_vllm_streams_message_start_with_the_prompts_tokens(reactor, http, openai_gw, fake):
+    """vLLM's continuous usage puts the prompt's count on its first chunk: message_start carries it (LangChain
+    reads it there); the usage chunk at the end still makes message_delta's. Only a vLLM is asked for it."""
+    vllm = await start_fake(reactor, messages=False)
+    gw = await start(reactor, {"VLLM_BASE_URL": vllm.base_url})
+    try:
+        body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "stream": True}
+        for _ in range(2):  # (the first is asked natively, then translated)
+            response, raw = await post(http, gw.url + "/v1/messages", body)
+        sent = vllm.requests[-1]
+        assert sent.path == b"/v1/chat/completions"
+        assert sent.body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+        events = events_of(raw)
+        assert events[0][0] == "message_start"
+        assert events[0][1]["message"]["usage"] == {"input_tokens": 18, "output_tokens": 0}
+        assert events[-2] == ("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": "max_tokens", "stop_sequence": None}, "usage": {"input_tokens": 18, "output_tokens": 3}})
+        vllm.steer = {"fake_cached": 10}
+        _, raw = await post(http, gw.url + "/v1/messages", body)
+        usage = events_of(raw)[-2][1]["usage"]
+        assert usage == {"input_tokens": 8, "cache_read_input_tokens": 10, "output_tokens": 3}
+    finally:
+        await gw.service.stopService()
+        await vllm.stop()
+    # An OpenAI-compatible provider may refuse continuous_usage_stats: it is not sent one.
+    response, raw = await post(http, openai_gw.url + "/v1/messages", dict(body, model=OPENAI_MODEL))
+    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert events_of(raw)[-2][1]["usage"] == {"input_tokens": 18, "output_tokens": 3}
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_translated_retry_is_admitted_once(reactor, http):
     """A key allowed one request at a time: the native try and the translated one are one request."""
     fake = await start_fake(reactor, messages=False)

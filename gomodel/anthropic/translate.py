@@ -111,7 +111,8 @@ def vllm_fields(body: dict, messages: list) -> dict:
     Anthropic's is. Chat completions have no such field elsewhere: another
     upstream gets the prefill as a finished assistant turn. The client's own
     C{cache_salt} (vLLM's Messages take it natively) stays the request's, for
-    the gateway's tenancy to keep or replace as on the chat route.
+    the gateway's tenancy to keep or replace as on the chat route. A stream
+    asks for C{continuous_usage_stats} (another upstream may refuse it).
 
     @param messages: the chat messages C{body} became (L{messages_to_chat}).
     """
@@ -122,6 +123,9 @@ def vllm_fields(body: dict, messages: list) -> dict:
         fields["cache_salt"] = body["cache_salt"]
     if _prefilled(messages):
         fields.update(_CONTINUE)
+    if body.get("stream") is True:
+        # vLLM's usage on every chunk, the first too: message_start gets the prompt's count without waiting.
+        fields["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     return fields
 
 
@@ -804,8 +808,9 @@ class ChatToMessagesStream:
     upstream's bytes (split anywhere) and returns whole Anthropic events.
 
     The sequence: C{message_start} at the first chunk (its usage has the
-    prompt's tokens only where that chunk carries usage, else 0: chat
-    streams report usage at the end), then blocks in order, each
+    prompt's tokens where that chunk carries usage, as vLLM's do with
+    C{continuous_usage_stats}, the cache reads not told apart yet; else 0:
+    other chat streams report usage at the end), then blocks in order, each
     C{content_block_start} / C{content_block_delta}... / C{content_block_stop}
     (a thinking block ends with an empty C{signature_delta}: no upstream
     signs its reasoning), one block open at a time, never a delta after its
@@ -828,7 +833,6 @@ class ChatToMessagesStream:
     never held. A delta without an C{index} (servers that send each call
     whole) starts a call when it brings an id, else continues the last one.
 
-    @ivar usage: Anthropic's usage dict once the upstream reported usage, else None.
     @ivar done: C{[DONE]} or an error chunk arrived.
     @ivar error: the upstream's in-band error, if any.
     @ivar events: upstream chunks with content (about one token each), for an estimate.
@@ -854,10 +858,15 @@ class ChatToMessagesStream:
         self._held_reasoning = []  # reasoning that came while the tool_use block was open
         self._finish = None
         self._matched = None
-        self.usage = None
+        self._usage = None  # the last chat usage object (with continuous usage, every chunk has one)
         self.done = False
         self.error = None
         self.events = 0
+
+    @property
+    def usage(self):
+        """Anthropic's usage dict once the upstream reported usage, else None."""
+        return usage_from_chat(self._usage)
 
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the Anthropic events to send now (may be C{b""})."""
@@ -880,8 +889,9 @@ class ChatToMessagesStream:
             if isinstance(chunk.get("error"), (dict, str)):
                 self._fail(chunk["error"], out)
                 continue
-            if isinstance(chunk.get("usage"), dict):
-                self.usage = usage_from_chat(chunk["usage"])
+            usage = chunk.get("usage")
+            if usage is not None and isinstance(usage, dict):
+                self._usage = usage
             if not self._started:
                 self._start(chunk, out)
             for choice in chunk.get("choices") or []:
@@ -901,8 +911,9 @@ class ChatToMessagesStream:
             self._id = message_id(chunk.get("id"))
         model = self._model() if callable(self._model) else self._model
         usage = {"input_tokens": 0, "output_tokens": 0}
-        if self.usage:
-            usage.update({k: v for k, v in self.usage.items() if k != "output_tokens"})
+        known = self.usage
+        if known:
+            usage.update({k: v for k, v in known.items() if k != "output_tokens"})
         out.append(_event("message_start", {"message": {
             "id": self._id, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": usage}}))
@@ -1019,7 +1030,7 @@ class ChatToMessagesStream:
                 self._switch(None, out)
         complete = all(_is_json_object("".join(c.arguments) or "{}") for c in self._calls.values())
         reason, sequence = stop_reason(self._finish or "stop", self._matched, bool(self._calls), complete)
-        usage = dict(self.usage) if self.usage else {"output_tokens": 0}
+        usage = self.usage or {"output_tokens": 0}
         out.append(_event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
                                             "usage": usage}))
         out.append(_event("message_stop", {}))

@@ -23,6 +23,7 @@ gateway forwards untouched:
   - C{fake_sse}: a chat stream of exactly these C{data:} payloads (strings, C{"[DONE]"} too
     where wanted), then the body's end (or, with C{fake_die_after}, an abort after that many)
   - C{fake_stream_anyway}: stream a chat, completions, Messages or Responses answer though the request did not ask for it
+  - C{stream_options.continuous_usage_stats} (with C{include_usage}): usage on every chunk, as vLLM sends it
   - C{fake_headers}: C{{name: value}} headers a chat answer carries (an
     OpenAI-compatible provider's own C{x-ratelimit-*}, say)
 
@@ -579,6 +580,10 @@ class FakeVLLM(Resource):
             n = 0
         for i in range(n):
             events.append(_chunk({"content": text}, "length" if i == n - 1 else None))
+        options = body.get("stream_options") or {}
+        if options.get("include_usage") and options.get("continuous_usage_stats"):
+            for generated, event in enumerate(events):  # vLLM's: the prompt's count on every chunk, the first too
+                event["usage"] = {"prompt_tokens": 18, "total_tokens": 18 + generated, "completion_tokens": generated}
         payloads = [b"data: " + jsonutil.dumps(e) + b"\n\n" for e in events]
         pace = float(body.get("fake_pace", 0))
         die_after = body.get("fake_die_after")
