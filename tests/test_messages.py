@@ -454,6 +454,73 @@ async def test_a_native_messages_stream_to_a_plain_request_is_one_message(http, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_chat_stream_to_a_translated_plain_request_comes_as_anthropics_json_message(http, openai_gw, fake):
+    fake.steer = {"stream": True, "stream_options": {"include_usage": True}}  # an upstream that streams unasked
+    body = {"model": OPENAI_MODEL, "max_tokens": 8, "messages": HELLO}
+    response, raw = await post(http, openai_gw.url + "/v1/messages", body)
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    message = json.loads(raw)
+    assert message["type"] == "message" and message["content"] == [{"type": "text", "text": "héhéhé"}]
+    assert message["stop_reason"] == "max_tokens" and message["usage"] == {"input_tokens": 18, "output_tokens": 3}
+    assert message["id"].startswith("msg_") and message["model"] == CHAT_MODEL
+    fake.steer = {"stream": True, "fake_tool": WEATHER_CALL, "fake_reasoning": "Weather."}
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, tools=[WEATHER_TOOL], **body)
+    finally:
+        client.close()
+    assert [block.type for block in message.content] == ["thinking", "tool_use"]
+    assert message.content[1].input == {"city": "Paris"} and message.stop_reason == "tool_use"
+    # An in-band error, or a stream that breaks off: Anthropic's error, as JSON.
+    fake.steer = {"stream": True, "fake_sse": [json.dumps({"error": {"message": "engine overloaded", "code": 503}})]}
+    response, raw = await post(http, openai_gw.url + "/v1/messages", body)
+    assert response.code == 503 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert json.loads(raw) == {"type": "error", "error": {"type": "overloaded_error", "message": "engine overloaded"}}
+    fake.steer = {"stream": True, "fake_die_after": 2}
+    response, raw = await post(http, openai_gw.url + "/v1/messages", body)
+    assert response.code == 502 and json.loads(raw)["error"]["type"] == "api_error"
+    fake.steer = {"stream": True, "fake_sse": ["not json"]}
+    response, raw = await post(http, openai_gw.url + "/v1/messages", body)
+    assert response.code == 502 and json.loads(raw)["error"]["type"] == "api_error"
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_native_stream_to_a_plain_request_comes_as_anthropics_json_message(http, gw, fake, client):
+    """A Messages request that did not ask to stream gets one JSON message however its upstream answers."""
+    body = {"model": MODEL, "max_tokens": 8, "messages": HELLO}
+    _, direct = await post(http, fake.base_url + "/messages", dict(body, model=CHAT_MODEL))
+    response, raw = await post(http, gw.url + "/v1/messages", dict(body, fake_stream_anyway=True))
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert response.length == len(raw)
+    assert json.loads(raw) == dict(json.loads(direct), stop_sequence=None)
+    extra = {"fake_tool": WEATHER_CALL, "fake_reasoning": "The user wants weather.", "fake_stream_anyway": True}
+    message = await in_thread(client.messages.create, tools=[WEATHER_TOOL], extra_body=extra, **body)
+    thinking, tool = message.content
+    assert thinking.thinking == "The user wants weather." and thinking.signature
+    assert tool.input == {"city": "Paris"} and message.stop_reason == "tool_use"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (18, 3)
+    assert response.headers.getRawHeaders("cache-control") is None
+    found = await scrape(http, gw)
+    streams = {dict(ls)["stream"]: v for (n, ls), v in found.items() if n == "gomodel_requests_total"}
+    assert streams == {"false": 2}  # (the direct call went around the gateway)
+    start = json.dumps({"type": "message_start", "message": {
+        "id": "m", "type": "message", "role": "assistant", "content": [], "model": CHAT_MODEL, "stop_reason": None,
+        "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}})
+    for error, status in (({"type": "overloaded_error", "message": "busy"}, 529),  # (Anthropic's status for it)
+                          ({"type": "internal_error", "message": "engine died"}, 502)):
+        events = [["message_start", start], ["error", json.dumps({"type": "error", "error": error})]]
+        response, raw = await post(http, gw.url + "/v1/messages", dict(body, fake_stream_anyway=True,
+                                                                       fake_events=events))
+        assert response.code == status and response.headers.getRawHeaders("content-type") == ["application/json"]
+        assert json.loads(raw) == {"type": "error", "error": {
+            "type": "overloaded_error" if status == 529 else "api_error", "message": error["message"]}}
+    for fault in ({"fake_no_stop": True}, {"fake_die_after": 3}):
+        response, raw = await post(http, gw.url + "/v1/messages", dict(body, fake_stream_anyway=True, **fault))
+        assert response.code == 502 and json.loads(raw)["error"]["type"] == "api_error", fault
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_flag_that_is_no_boolean_is_refused_in_anthropics_shape(http, gw, fake):
     before = len(fake.requests)
     for flag in (1, "yes", "true", [], {}):
