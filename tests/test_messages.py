@@ -146,6 +146,24 @@ async def test_stream_is_relayed_natively_byte_for_byte(http, gw, fake, client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_whole_native_answer_to_a_stream_becomes_its_event_stream(http, gw, client):
+    """An upstream that answers a stream with the whole message (vLLM's JSON, its None fields left out):
+    the client that asked for a stream gets Anthropic's events."""
+    extra = {"fake_whole": True, "fake_tool": WEATHER_CALL, "fake_reasoning": "The user wants weather."}
+    seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=64, tools=[WEATHER_TOOL],
+                                                                  messages=HELLO, extra_body=extra))
+    assert seen[0].type == "message_start" and seen[-1].type == "message_stop"
+    assert [block.type for block in final.content] == ["thinking", "tool_use"]
+    assert final.content[0].thinking == "The user wants weather." and final.content[0].signature
+    assert final.content[1].input == {"city": "Paris"} and final.stop_reason == "tool_use"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (18, 3)
+    response, raw = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO,
+                                                               "stream": True, "fake_whole": True})
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream; charset=utf-8"]
+    assert "".join(e["delta"]["text"] for kind, e in events_of(raw) if kind == "content_block_delta") == "héhéhé"
+
+
+@pytest_twisted.ensureDeferred
 async def test_tool_use_and_thinking_natively(gw, client):
     extra = {"fake_tool": WEATHER_CALL, "fake_reasoning": "The user wants weather."}
     message = await in_thread(client.messages.create, model=MODEL, max_tokens=64, tools=[WEATHER_TOOL],

@@ -697,20 +697,37 @@ def message_events(message: dict) -> bytes:
         if kind == "text":
             start, delta = dict(block, text=""), {"type": "text_delta", "text": block["text"]}
         elif kind == "thinking":
-            start, delta = dict(block, thinking=""), {"type": "thinking_delta", "thinking": block["thinking"]}
+            start = dict(block, thinking="", signature="")
+            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
         else:
             start = dict(block, input={})
             delta = {"type": "input_json_delta", "partial_json": jsonutil.dumps(block["input"]).decode()}
         out.append(_event("content_block_start", {"index": index, "content_block": start}))
         out.append(_event("content_block_delta", {"index": index, "delta": delta}))
         if kind == "thinking":
-            out.append(_event("content_block_delta", {"index": index, "delta": {"type": "signature_delta",
-                                                                                "signature": ""}}))
+            out.append(_event("content_block_delta", {"index": index, "delta": {
+                "type": "signature_delta", "signature": _string(block.get("signature"))}}))
         out.append(_event("content_block_stop", {"index": index}))
     out.append(_event("message_delta", {"delta": {"stop_reason": message["stop_reason"],
                                                   "stop_sequence": message["stop_sequence"]}, "usage": usage}))
     out.append(_event("message_stop", {}))
     return b"".join(out)
+
+
+def message_events_bytes(body: bytes) -> bytes:
+    """L{message_events} of a whole native Messages answer (JSON bytes), for a native upstream that answered
+    a stream whole; vLLM leaves out the fields it has as None (C{stop_sequence}).
+
+    @raise ValueError: C{body} is no JSON message.
+    """
+    message = jsonutil.loads(body)
+    if not isinstance(message, dict) or message.get("type") != "message" or not isinstance(
+            message.get("content"), list):
+        raise ValueError("the answer is no message")
+    usage = message.get("usage")
+    return message_events(dict(message, stop_reason=message.get("stop_reason"),
+                               stop_sequence=message.get("stop_sequence"),
+                               usage=usage if isinstance(usage, dict) else {"input_tokens": 0, "output_tokens": 0}))
 
 
 def chat_to_events_bytes(body: bytes, model: str) -> bytes:

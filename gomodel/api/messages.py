@@ -42,8 +42,9 @@ from twisted.logger import Logger
 from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message_bytes, count_tokens_answer,
-                                         count_tokens_request, is_anthropic_error, messages_to_chat,
-                                         openai_error_to_anthropic, vllm_fields, without_vllm_fields)
+                                         count_tokens_request, is_anthropic_error, message_events_bytes,
+                                         messages_to_chat, openai_error_to_anthropic, vllm_fields,
+                                         without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -170,7 +171,7 @@ class MessagesRoutes:
                     observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message)) \
                         if stream else None
                     return await self._native(request, ctx, upstream, "/messages", body, fallbacks, affinity,
-                                              headers, observer)
+                                              headers, observer, message_events_bytes if stream else None)
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity)
             except _NoNative:
                 self._remember(ctx, MESSAGES)
@@ -209,9 +210,11 @@ class MessagesRoutes:
 
     # -- the ways upstream -----------------------------------------------------------
 
-    async def _native(self, request, ctx, upstream, path, body, fallbacks, affinity, headers, observer):
+    async def _native(self, request, ctx, upstream, path, body, fallbacks, affinity, headers, observer,
+                      whole=None):
         """Relay C{body} to the provider's own Messages API (C{path}), only its C{model} rewritten.
 
+        @param whole: for a stream, what makes its events of a whole answer (an upstream that did not stream).
         @raise _NoNative: the server answered that it has no Messages API.
         """
         async def vet(response):
@@ -221,13 +224,16 @@ class MessagesRoutes:
         body = dict(body, model=ctx.upstream_model)
         if self._salts is not None and path == "/messages":
             self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
-        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer,
+        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=whole,
                             vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
                             fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
         try:
-            return await self._exchange.relay(request, ctx, upstream, call)
+            answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
             raise anthropic_error(e) from None
+        if answer is not None and whole is not None:
+            request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
+        return answer
 
     async def _vet(self, ctx, response):
         """Tell "no Messages API here" from the upstream's own 4xx (raised as it came).

@@ -41,7 +41,8 @@ Messages but no C{count_tokens} route (FastAPI's 404 there). Chat and Messages a
     the role's), the last with C{finish_reason} C{fake_finish} (default "stop")
 
 Messages alone also take C{fake_events}: a stream of exactly these C{[event, data]} pairs (data a raw
-string); and C{fake_stream_anyway} answers a Messages request that did not ask to stream with its events.
+string); C{fake_stream_anyway} answers a Messages request that did not ask to stream with its events, and
+C{fake_whole} one that did with the whole message (JSON).
 
 C{steer} holds fields applied to every request the body does not set itself
 (for requests the gateway rewrites, e.g. Messages translated to chat).
@@ -470,7 +471,7 @@ class FakeVLLM(Resource):
         events = _message_events(body, model)
         if "fake_events" in body:  # exactly these (event, data) pairs, data as a raw string
             events = [(kind, data) for kind, data in body["fake_events"]]
-        if not body.get("stream") and not body.get("fake_stream_anyway"):
+        if (not body.get("stream") or body.get("fake_whole")) and not body.get("fake_stream_anyway"):
             return self._json(request, 200, _message_of(events))
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
