@@ -950,6 +950,14 @@ def test_native_error_event_ends_the_stream():
     assert observer.usage == {"input_tokens": 7, "output_tokens": 0, "cache_read_input_tokens": 16}
 
 
+def test_a_native_error_event_of_vllms_own_type_is_anthropics_without_the_address():
+    observer = MessagesStreamObserver(hide=lambda message: message.replace("10.0.0.7:8000", "vllm"))
+    error = native_event("error", error={"type": "internal_error", "message": "died at 10.0.0.7:8000"})
+    out = b"".join(observer.feed(part) for part in (b"".join(NATIVE[:4]) + error[:9], error[9:]))
+    assert out == b"".join(NATIVE[:4]) + native_event("error", error={"type": "api_error", "message": "died at vllm"})
+    assert observer.done and observer.error["type"] == "internal_error"  # (what the upstream said, for the log)
+
+
 # -- the official SDK reads what the translation makes --------------------------
 
 
