@@ -13,6 +13,7 @@ from urllib.parse import quote, unquote
 
 from gomodel import errors, jsonutil
 from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES
+from gomodel.http import render
 from gomodel.http.bodies import whole_number
 from gomodel.http.headers import HOP_BY_HOP, connection_tokens
 from gomodel.proxy.exchange import UpstreamCall
@@ -79,6 +80,8 @@ class Passthrough:
                                    "the master key reaches it.")
         ctx.provider, ctx.provider_type = provider.name, provider.type
         ctx.endpoint = "/p/{provider}/{endpoint}"
+        if _bare(endpoint).lower().startswith("responses"):
+            ctx.dialect = render.RESPONSES  # (a stream cut here ends with the Responses API's own error event)
         request.content.seek(0)
         body = request.content.read() or None
         if (body is not None and principal is not None and not principal.master
