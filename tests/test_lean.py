@@ -67,6 +67,74 @@ def test_what_is_configured_is_what_is_loaded(tmp_path):
     assert "prometheus_client" not in loaded
 
 
+_TLS_AFTER = """
+import hashlib, hmac, json, sys, urllib.request
+left = sorted(name for name in ("ssl", "_ssl", "_hashlib") if name in sys.modules)
+digest = hashlib.sha256(b"gomodel").hexdigest() + hmac.new(b"k", b"m", hashlib.sha256).hexdigest()
+https_handler = hasattr(urllib.request, "HTTPSHandler")
+import redis.connection  # (rediss://): an importer that needs ssl gets the real one, then
+import ssl
+print(json.dumps({"left": left, "digest": digest, "https_handler": https_handler,
+                  "redis_ssl": redis.connection.SSL_AVAILABLE, "context": type(ssl.create_default_context()).__name__}))
+"""
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_gomodel_command_leaves_the_standard_librarys_tls_out(tmp_path, keep):
+    """The C{gomodel} command leaves out C{ssl}, C{_ssl} and C{_hashlib} (libcrypto and libssl, about 4.5
+    MiB of every process) where the standard library takes them as optional, the metrics on; hashes are the
+    same, and an importer that needs TLS (redis-py for C{rediss://}) gets the real C{ssl} afterwards;
+    C{GOMODEL_STDLIB_TLS=1} keeps them."""
+    code = ("import json, sys\n"
+            "from gomodel.lean import leave_tls_out\n"
+            "assert leave_tls_out() is " + str(not keep) + "\n"
+            "from gomodel.tap import Options, makeService\n"
+            "options = Options()\n"
+            "options.parseOptions(sys.argv[1:])\n"
+            "makeService(options)\n"
+            "assert 'prometheus_client' in sys.modules\n" + _TLS_AFTER)
+    env = _env(tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_STDLIB_TLS="1" if keep else "0"))
+    result = subprocess.run([sys.executable, "-c", code, "--listen", "tcp:0:interface=127.0.0.1"],
+                            capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    import hashlib
+    import hmac
+    assert found == {"left": ["_hashlib", "_ssl", "ssl"] if keep else [], "https_handler": keep,
+                     "digest": hashlib.sha256(b"gomodel").hexdigest() + hmac.new(b"k", b"m", hashlib.sha256).hexdigest(),
+                     "redis_ssl": True, "context": "SSLContext"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_gateway_run_by_the_gomodel_command_maps_no_libcrypto_and_serves_its_metrics(tmp_path):
+    import http.client
+
+    log_path = tmp_path / "gw.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from gomodel.cli import main; main()",
+                                 "--listen", "tcp:0:interface=127.0.0.1"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=_env(tmp_path, dict(PLAIN_UPSTREAM, METRICS_REQUIRE_KEY="false")), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (listening := re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", int(listening.group(1)), timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            assert response.status == 200 and b"gomodel_requests_in_flight" in response.read()
+        finally:
+            conn.close()
+        with open(f"/proc/{proc.pid}/maps") as f:
+            maps = f.read()
+        assert "libcrypto" not in maps and "libssl" not in maps and "_ssl" not in maps
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+
+
 def test_the_gomodel_command_asks_twisted_for_no_plugin(tmp_path):
     code = ("import atexit, json, sys\n"
             "import twisted.plugin\n"

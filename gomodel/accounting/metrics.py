@@ -23,14 +23,16 @@ flush); the replica series are those of the process that answers.
 from bisect import bisect_left
 from operator import add
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-
 from gomodel.accounting.tokens import TOKEN_TYPES
 from gomodel.errors import ShuttingDown
 from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
+from gomodel.lean import tls_stub
 from gomodel.periodic import Repeating
+
+with tls_stub():  # (its TLS exporters' defaults need ssl at import: never used here)
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 # Seconds: from a millisecond relay to a ten-minute generation.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
