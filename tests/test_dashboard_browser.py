@@ -718,3 +718,54 @@ async def test_the_whole_session_logged_no_errors_and_kept_no_key_in_local_stora
 
     console = await in_thread(check)
     assert all("401" in e["message"] for e in console), console
+
+
+# -- on a PostgreSQL store that goes away (a gateway and a browser of their own) -----------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_overview_shows_the_replicas_live_while_the_database_is_down(reactor, tmp_path, logged_errors):
+    """Without the database the overview says why its usage is missing and still shows the replicas, live
+    (before, one failed usage call left the replicas card out, or frozen at what it last showed)."""
+    from gomodel.errors import StorageUnavailable
+    from tests import postgres
+    from tests.support import start_gateway
+
+    postgres.require()
+    database = postgres.create_database()
+    fleet = await FakeFleet(reactor, 2).start()
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    gw = browser = None
+    try:
+        gw = await start_gateway(reactor, {
+            "VLLM_BASE_URL": fleet.env_value, "GOMODEL_MASTER_KEY": master, "STORAGE_TYPE": "postgresql",
+            "POSTGRES_URL": postgres.url(database), "GOMODEL_DATA_DIR": str(tmp_path),
+            "REPLICA_HEALTH_INTERVAL": "300ms", "REPLICA_FAILURE_THRESHOLD": "1"})
+        browser = await in_thread(Browser, gw.url, master, str(tmp_path))
+        await in_thread(browser.sign_in)
+        postgres.admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+        postgres.kill_connections(database)
+
+        def opened():
+            browser.driver.refresh()  # the overview, opened afresh while the database is away
+            browser.wait_text("#overview-messages", lambda t: "storage is unavailable" in t, "the store's error")
+            browser.wait_text("#card-replicas .card-value", lambda t: t == "2 / 2", "the replicas card")
+
+        await in_thread(opened)
+        await fleet[1].refuse()
+        try:
+            await in_thread(browser.wait_text, "#card-replicas .card-value", lambda t: t == "1 / 2",
+                            "the replicas card following a replica down")
+        finally:
+            await fleet[1].accept()
+        entries, violations = await in_thread(browser.logs)
+        assert not violations and all("503" in e["message"] for e in entries), entries
+    finally:
+        postgres.admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+        if browser is not None:
+            await in_thread(browser.close)
+        if gw is not None:
+            await gw.service.stopService()
+        await fleet.stop()
+        postgres.drop_database(database)
+        logged_errors.flush(StorageUnavailable)

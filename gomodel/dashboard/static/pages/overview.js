@@ -50,6 +50,9 @@ export function mount(el) {
   let busy = false;
   let again = false; // asked for while a refresh was on its way (another window, say)
   let stopped = false;
+  let usageCards = []; // the cards last drawn from each answer, kept while its call fails
+  let fleetCard = null;
+  // Usage and the replicas are asked for apart: without the database the replicas stay live.
   async function refresh() {
     if (stopped) return;
     if (busy) {
@@ -59,12 +62,14 @@ export function mount(el) {
     busy = true;
     const shown = state.window;
     try {
-      const [series, fleet] = await Promise.all([
+      const [series, fleet] = await Promise.allSettled([
         admin(`usage/timeseries?window=${shown}`), admin("providers/status")]);
       if (stopped || shown !== state.window) return;
-      draw(series, fleet);
-      status.textContent = `Live · updated ${new Date().toLocaleTimeString("en-GB")}`;
-      status.classList.remove("stale");
+      const failed = [series, fleet].filter((r) => r.status === "rejected").map((r) => r.reason);
+      draw(series.value, fleet.value, failed);
+      status.textContent = failed.length ? "Not updated: see the message"
+        : `Live · updated ${new Date().toLocaleTimeString("en-GB")}`;
+      status.classList.toggle("stale", failed.length > 0);
     } catch (error) {
       if (stopped) return;
       replace(messages, errorNote(error));
@@ -79,35 +84,41 @@ export function mount(el) {
     }
   }
 
-  function draw(series, fleet) {
-    const s = series.summary;
-    const replicas = fleet.providers.flatMap((p) => p.replicas);
-    const ready = fleet.providers.reduce((n, p) => n + p.ready_replicas, 0);
-    replace(cards,
-      card("Requests", int(s.requests), "requests"),
-      card("Errors", int(s.errors), "errors", s.requests ? `${((100 * s.errors) / s.requests).toFixed(1)}% of requests`
-        : null, s.errors ? "bad" : null),
-      card("Input tokens", compact(s.input_tokens), "input-tokens"),
-      card("Output tokens", compact(s.output_tokens), "output-tokens"),
-      card("Latency p50 / p95", msPair(s.duration_ms_p50, s.duration_ms_p95), "latency", "whole request"),
-      card("TTFT p50 / p95", msPair(s.ttft_ms_p50, s.ttft_ms_p95), "ttft", "time to first byte"),
-      card("Replicas ready", `${ready} / ${replicas.length}`, "replicas",
+  // Draw what came (series or fleet undefined: its call failed, in failed, and its cards stay as they were).
+  function draw(series, fleet, failed) {
+    if (series) {
+      const s = series.summary;
+      usageCards = [
+        card("Requests", int(s.requests), "requests"),
+        card("Errors", int(s.errors), "errors", s.requests
+          ? `${((100 * s.errors) / s.requests).toFixed(1)}% of requests` : null, s.errors ? "bad" : null),
+        card("Input tokens", compact(s.input_tokens), "input-tokens"),
+        card("Output tokens", compact(s.output_tokens), "output-tokens"),
+        card("Latency p50 / p95", msPair(s.duration_ms_p50, s.duration_ms_p95), "latency", "whole request"),
+        card("TTFT p50 / p95", msPair(s.ttft_ms_p50, s.ttft_ms_p95), "ttft", "time to first byte")];
+      const labels = series.data.map((b) => label(b.period, series.window));
+      const pick = (name) => series.data.map((b) => b[name]);
+      update(charts.traffic, labels, [pick("requests"), pick("errors")]);
+      update(charts.tokens, labels, [pick("input_tokens"), pick("output_tokens")]);
+      update(charts.latency, labels, [pick("duration_ms_p50"), pick("duration_ms_p95"), pick("ttft_ms_p50"),
+        pick("ttft_ms_p95")]);
+    }
+    if (fleet) {
+      const replicas = fleet.providers.flatMap((p) => p.replicas);
+      const ready = fleet.providers.reduce((n, p) => n + p.ready_replicas, 0);
+      fleetCard = card("Replicas ready", `${ready} / ${replicas.length}`, "replicas",
         `${fleet.providers.length} provider${fleet.providers.length === 1 ? "" : "s"}`,
-        replicas.length && ready < replicas.length ? "bad" : null));
-    const notes = [];
-    if (!fleet.providers.length) notes.push(providerHint());
-    if (!s.requests) {
+        replicas.length && ready < replicas.length ? "bad" : null);
+    }
+    replace(cards, usageCards, fleetCard);
+    const notes = [...new Set(failed.map((error) => (error && error.message) || String(error)))].map(errorNote);
+    if (fleet && !fleet.providers.length) notes.push(providerHint());
+    if (series && !series.summary.requests) {
       notes.push(note("empty", "No requests in this window yet. Point an OpenAI client at ",
         h("code", {text: `${location.origin}/v1`}), " with a gateway key, and the charts fill in within seconds ",
         "(the usage ledger is written every USAGE_FLUSH_INTERVAL)."));
     }
     replace(messages, notes);
-    const labels = series.data.map((b) => label(b.period, series.window));
-    const pick = (name) => series.data.map((b) => b[name]);
-    update(charts.traffic, labels, [pick("requests"), pick("errors")]);
-    update(charts.tokens, labels, [pick("input_tokens"), pick("output_tokens")]);
-    update(charts.latency, labels, [pick("duration_ms_p50"), pick("duration_ms_p95"), pick("ttft_ms_p50"),
-      pick("ttft_ms_p95")]);
   }
 
   refresh();
