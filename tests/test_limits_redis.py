@@ -15,7 +15,7 @@ from twisted.internet.task import Clock, deferLater
 
 from gomodel.errors import BudgetExceeded, RateLimitExceeded
 from gomodel.limits.budgets import BudgetBook
-from gomodel.limits.counters import _ADMIT, RedisCounters
+from gomodel.limits.counters import _ADMIT, OPEN_LEASE, RedisCounters
 from gomodel.limits.limiter import Limiter
 from gomodel.limits.specs import Budget, RateLimit, Window, period_window
 from gomodel.redis_client import connect
@@ -427,3 +427,32 @@ async def test_read_of_an_unreachable_redis_is_none(reactor):
     finally:
         counters.stop()
         counters._redis.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slot_taken_by_redis_after_its_admission_answered_open_is_freed_when_redis_is_back(
+        reactor, tmp_path):
+    """A Redis that stalls (paused, a network cut) and comes back still runs the admission it had read: a slot
+    the gateway answered open for, and so never frees. It is freed once Redis answers again (before, it held
+    the key's concurrency limit until its lease lapsed, 30 s: every request of a key with one slot got 429)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    counters = RedisCounters(connect(server.url, timeout=0.5), "x:", reactor, retry_after=0.2)
+    counters.start()
+    try:
+        await counters.release(await counters.acquire("key:k|c", 1))  # (Redis has the script)
+        server.pause()
+        assert await counters.acquire("key:k|c", 1) is not None  # answered open
+        server.resume()
+        for _ in range(50):
+            lease = await counters.acquire("key:k|c", 1)
+            if lease not in (None, OPEN_LEASE):  # (open again while Redis is left alone after failing)
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert lease not in (None, OPEN_LEASE), "the slot taken late was never freed"
+        await counters.release(lease)
+    finally:
+        counters.stop()
+        counters._redis.close()
+        server.stop()

@@ -31,8 +31,11 @@ debt settled with real usage) and never above C{capacity}.
 Concurrency slots with Redis are leases, a sorted set per bucket of lease ids
 scored by their expiry (C{lease_ttl}, renewed every C{lease_ttl/3} seconds by
 the holder while it runs): a process that dies holding slots loses them
-within C{lease_ttl} seconds. Multi-key scripts need one Redis server (or
-primary), not Redis Cluster.
+within C{lease_ttl} seconds. An admission answered open after Redis failed
+to answer (a timeout) may still be run by a Redis that stalled and comes
+back: its lease is freed once Redis answers again, and at each renewal until
+it would have lapsed. Multi-key scripts need one Redis server (or primary),
+not Redis Cluster.
 """
 
 import itertools
@@ -655,6 +658,9 @@ class RedisCounters(_Forms):
         self._down_until = 0.0
         self._warned_at = None
         self._held = {}  # lease id -> slot keys
+        self._orphans = {}  # lease id -> (slot keys, when it lapses): admissions answered open that Redis may run
+        self._orphans_freed = True  # since the last orphan, a release of them all succeeded
+        self._next_free = None  # the release of the orphans planned for when Redis is tried again
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = reactor
         self.failures = 0
@@ -687,12 +693,16 @@ class RedisCounters(_Forms):
         """Stop renewing (held leases then lapse within C{lease_ttl}) and join the threads."""
         if self._renewal.running:
             self._renewal.stop()
+        if self._next_free is not None and self._next_free.active():
+            self._next_free.cancel()
         self._threads.stop()
 
     def _run(self, open_answer, f, *args):
         if self._reactor.seconds() < self._down_until:
             self.failures += 1
             return succeed(open_answer)
+        if not self._orphans_freed:
+            self._free_orphans()
         return self._threads.run(self._unless_down, f, *args).addErrback(self._failed, open_answer)
 
     def _unless_down(self, f, *args):
@@ -738,7 +748,12 @@ class RedisCounters(_Forms):
             self._admitted, slot_keys)
 
     def _admit_sync(self, keys, args, specs, lease):
-        reply = self._admit(keys=keys, args=args)
+        try:
+            reply = self._admit(keys=keys, args=args)
+        except self._errors:
+            if lease:  # sent, perhaps: a Redis that stalled runs it when it comes back, and nobody frees it
+                self._reactor.callFromThread(self._orphaned, lease, keys[len(specs):])
+            raise
         ok = reply[0] == 1
         out = [taken(float(level), capacity, refill, amount, ok)
                for level, (_, capacity, refill, amount) in zip(reply[2:], specs)]
@@ -764,7 +779,45 @@ class RedisCounters(_Forms):
     def _finish_sync(self, keys, args):
         return [float(level) for level in self._finish(keys=keys, args=args)]
 
+    def _orphaned(self, lease, slot_keys):
+        self._orphans[lease] = (slot_keys, self._reactor.seconds() + self._lease_ttl)
+        self._orphans_freed = False
+        self._free_later()
+
+    def _free_later(self):
+        """Free the orphans when Redis is tried again (C{retry_after}), not at the next request's admission."""
+        if self._threads.running and (self._next_free is None or not self._next_free.active()):
+            self._next_free = self._reactor.callLater(self._retry_after, self._free_orphans)
+
+    def _free_orphans(self):
+        """Free the slots Redis may have given the admissions answered open (at once, and again at each renewal
+        until they would have lapsed: a stalled admission may be run after the release)."""
+        if not self._threads.running:
+            return None
+        now = self._reactor.seconds()
+        for lease, (_, lapses) in list(self._orphans.items()):
+            if lapses <= now:
+                del self._orphans[lease]
+        if not self._orphans:
+            self._orphans_freed = True
+            return None
+        self._orphans_freed = True  # (one release at a time; a failed one asks again)
+        releases = [(slot_keys, [0, lease]) for lease, (slot_keys, _) in self._orphans.items()]
+
+        def free():
+            for keys, args in releases:
+                self._finish(keys=keys, args=args)
+
+        def failed(failure):
+            self._orphans_freed = False
+            self._free_later()
+            return self._failed(failure, None)
+
+        return self._threads.run(self._unless_down, free).addErrback(failed)
+
     def _renew(self):
+        if self._orphans:
+            self._free_orphans()
         if not self._held or not self._threads.running:
             return None
         keys, args = [], [self._lease_ms]
