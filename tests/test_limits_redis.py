@@ -456,3 +456,31 @@ async def test_a_slot_taken_by_redis_after_its_admission_answered_open_is_freed_
         counters.stop()
         counters._redis.close()
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slot_whose_release_failed_while_redis_stalled_is_freed_when_redis_is_back(reactor, tmp_path):
+    """A request that ends while Redis does not answer could not free its slot: it is freed once Redis answers
+    again (before, it held the slot until its lease lapsed, 30 s)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    counters = RedisCounters(connect(server.url, timeout=0.5), "x:", reactor, retry_after=0.2)
+    counters.start()
+    try:
+        held = await counters.acquire("key:k|c", 1)
+        assert held not in (None, OPEN_LEASE)
+        server.pause()
+        await counters.release(held)  # answered open: the slot is still Redis's
+        server.resume()
+        for _ in range(50):
+            lease = await counters.acquire("key:k|c", 1)
+            if lease not in (None, OPEN_LEASE):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert lease not in (None, OPEN_LEASE), "the slot whose release failed was never freed"
+        await counters.release(lease)
+    finally:
+        counters.stop()
+        counters._redis.close()
+        server.stop()

@@ -33,8 +33,9 @@ scored by their expiry (C{lease_ttl}, renewed every C{lease_ttl/3} seconds by
 the holder while it runs): a process that dies holding slots loses them
 within C{lease_ttl} seconds. An admission answered open after Redis failed
 to answer (a timeout) may still be run by a Redis that stalled and comes
-back: its lease is freed once Redis answers again, and at each renewal until
-it would have lapsed. Multi-key scripts need one Redis server (or primary),
+back, and the release of a slot Redis did not answer, leave slots held: they
+are freed once Redis answers again, and at each renewal until they would
+have lapsed. Multi-key scripts need one Redis server (or primary),
 not Redis Cluster.
 """
 
@@ -774,7 +775,20 @@ class RedisCounters(_Forms):
         args = [len(specs), lease if slot_keys else ""]
         for _, capacity, refill, delta in specs:
             args += (repr(float(capacity)), repr(float(refill)), repr(float(delta)))
-        return self._run([capacity for _, capacity, _, _ in specs], self._finish_sync, keys, args)
+        opened = [capacity for _, capacity, _, _ in specs]
+        d = self._run(opened, self._finish_sync, keys, args)
+        if slot_keys:  # an orphan until Redis says the slots are free
+            self._orphans[lease] = (slot_keys, self._reactor.seconds() + self._lease_ttl)
+            d.addCallback(self._released, lease, opened)
+        return d
+
+    def _released(self, levels, lease, opened):
+        if levels is opened:  # answered open: freed when Redis is tried again
+            self._orphans_freed = False
+            self._free_later()
+        else:
+            self._orphans.pop(lease, None)
+        return levels
 
     def _finish_sync(self, keys, args):
         return [float(level) for level in self._finish(keys=keys, args=args)]
