@@ -437,7 +437,7 @@ def test_the_key_ring_remembers_only_known_secrets_and_follows_their_record():
 def test_a_secret_the_key_ring_lacks_is_looked_up_once_and_made_up_ones_cost_one_read_at_a_time():
     """A well-formed secret the snapshot lacks waits for a read of the store begun after it was asked;
     reads never overlap (those asked during one share the next), a secret the store did not know is
-    refused at once afterwards, and a failed or slow read refuses without remembering."""
+    refused at once afterwards, and a failed or slow read cannot check it (503), remembering nothing."""
     class Keys:
         def __init__(self):
             self.reads = []  # (since, Deferred)
@@ -473,19 +473,20 @@ def test_a_secret_the_key_ring_lacks_is_looked_up_once_and_made_up_ones_cost_one
     assert len(keys.reads) == 4  # the 49 asked during the read: one read more, begun after them
     keys.reads[3][1].callback([])
     assert len(keys.reads) == 4 and all(ring.look_up(secret) is None for secret in made_up)
-    # a failed read refuses, and remembers nothing: the next ask reads again
+    # a failed read cannot check the secret (StorageUnavailable: a 503), and remembers nothing: the next ask
+    # reads again
     failing = new_secret().encode()
-    ring.look_up(failing).addCallback(answers.append)
+    ring.look_up(failing).addBoth(answers.append)
     keys.reads[4][1].errback(StorageUnavailable("The gateway's storage is unavailable (database is down)."))
-    assert answers[-1] is None
-    ring.look_up(failing)
+    assert answers[-1].check(StorageUnavailable)
+    ring.look_up(failing).addErrback(lambda _: None)
     assert len(keys.reads) == 6
-    # a store that does not answer: refused after LOOKUP_TIMEOUT seconds, and the late answer is harmless
+    # a store that does not answer: the same after LOOKUP_TIMEOUT seconds, and the late answer is harmless
     keys.reads[5][1].callback([])
     slow = new_secret().encode()
-    ring.look_up(slow).addCallback(answers.append)
+    ring.look_up(slow).addBoth(answers.append)
     clock.advance(LOOKUP_TIMEOUT)
-    assert answers[-1] is None and not clock.getDelayedCalls()
+    assert answers[-1].check(StorageUnavailable) and not clock.getDelayedCalls()
     keys.reads[6][1].callback([])
 
 

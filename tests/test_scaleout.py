@@ -569,6 +569,12 @@ async def test_without_the_database_chat_flows_and_the_rest_is_a_503_until_it_is
         body = json.loads(await treq.content(response))
         assert response.code == 503 and body["error"]["code"] == "storage_unavailable", body
         assert body["error"]["type"] == "server_error"
+        # A key this host does not hold cannot be checked: a 503, not "Invalid API key" (a client drops a key
+        # refused with 401; it retries a 503).
+        response = await http.post(a.url + "/v1/chat/completions", json={"model": MODEL, "messages": []},
+                                   headers={"authorization": f"Bearer {new_secret()}"})
+        body = json.loads(await treq.content(response))
+        assert response.code == 503 and body["error"]["code"] == "storage_unavailable", body
         ready = await http.get(a.url + "/health/ready")
         state = json.loads(await treq.content(ready))
         assert ready.code == 200 and state["status"] == "degraded" and "database" in state["down"], state

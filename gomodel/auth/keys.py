@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gomodel._twistedcompat import plain_headers
-from gomodel.errors import AuthenticationFailed, Forbidden, InvalidRequest
+from gomodel.errors import AuthenticationFailed, Forbidden, InvalidRequest, StorageUnavailable
 from gomodel.http.headers import AUTHORIZATION, X_API_KEY, X_GOMODEL_USER_PATH
 from gomodel.http.site import IdentityPending
 from gomodel.logs import FailureStreak
@@ -139,6 +139,20 @@ class Principal:
 MASTER = Principal("master", "master", master=True)
 
 
+def _unchecked():
+    """Why a secret could not be checked: the store did not answer."""
+    return StorageUnavailable.because("the API key could not be checked")
+
+
+def _timed_out(result, timeout):
+    raise _unchecked()
+
+
+def _nobody(failure):
+    failure.trap(StorageUnavailable)
+    return None
+
+
 class KeyRing(Periodic):
     """Every managed key by its secret's hash, refreshed from the L{gomodel.store.interfaces.IKeyStore}."""
 
@@ -179,8 +193,9 @@ class KeyRing(Periodic):
         """A Deferred firing with the active principal whose secret is C{secret} (as L{find}), after a read of
         the store begun once it was asked: a key made on another process since the last refresh works on its
         first request here. None at once for a secret of another form than L{new_secret}'s, one the snapshot
-        holds (deactivated, expired) or one looked up before in vain; None after L{LOOKUP_TIMEOUT} seconds or
-        when the store fails.
+        holds (deactivated, expired) or one looked up before in vain. It fails with L{StorageUnavailable} when
+        the store fails or does not answer within L{LOOKUP_TIMEOUT} seconds: the key cannot be checked (a 503,
+        which a client retries; not a 401, for which it drops the key).
 
         One read is under way at a time, for every secret asked meanwhile: secrets made up by a client
         cost the store at most one read at a time, and each such secret one read only.
@@ -194,7 +209,7 @@ class KeyRing(Periodic):
         self._asked.append((digest, d))
         if not self._looking:
             self._look()
-        d.addTimeout(LOOKUP_TIMEOUT, self._clock, onTimeoutCancel=lambda _, __: None)
+        d.addTimeout(LOOKUP_TIMEOUT, self._clock, onTimeoutCancel=_timed_out)
         return d.addCallback(lambda _: self.find(secret))
 
     def _look(self):
@@ -212,11 +227,14 @@ class KeyRing(Periodic):
                 self._unknown.update(digest for digest, _ in asked if digest not in self._by_hash)
             for _, waiting in asked:
                 if not waiting.called:
-                    waiting.callback(None)
+                    if records is None:
+                        waiting.errback(_unchecked())
+                    else:
+                        waiting.callback(None)
             if self._asked:
                 self._look()
 
-        # (a failed read is told of by the refresh loop; its secrets are refused, not remembered)
+        # (a failed read is told of by the refresh loop; its secrets are not remembered)
         d.addErrback(lambda _: None).addCallback(looked)
 
     def by_id(self, key_id):
@@ -330,6 +348,8 @@ class GatewayAuth:
                 raise AuthenticationFailed("Invalid API key.")
             return self._allowed(principal, path)
 
+        if not required:  # an open gateway serves a secret it could not check as nobody's, as one it lacks
+            looking.addErrback(_nobody)
         raise IdentityPending(looking.addCallback(found))
 
     def _attribute(self, principal, values):
