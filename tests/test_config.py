@@ -772,3 +772,12 @@ def test_providers_whose_names_differ_only_in_case_are_refused(tmp_path):
                     "  VLLM: {type: vllm, base_url: 'http://b:8000/v1'}\n")
     with pytest.raises(ConfigError, match="'VLLM' and 'vllm' differ only in case"):
         load_config({}, yaml_path=str(path))
+
+
+def test_a_postgres_url_with_the_default_sqlite_storage_is_warned_of():
+    """POSTGRES_URL set without STORAGE_TYPE=postgresql leaves state in this host's SQLite file: said at start
+    (before, silently: hosts meant to share one database each kept their own)."""
+    (warning,) = load_config({"POSTGRES_URL": "postgresql://gw:s3cret@db:5432/g"}).warnings
+    assert "STORAGE_TYPE=postgresql" in warning and "s3cret" not in warning and "db:5432" not in warning
+    assert not load_config({"STORAGE_TYPE": "postgresql", "POSTGRES_URL": "postgresql://gw@db/g"}).warnings
+    assert not load_config({}).warnings

@@ -84,9 +84,13 @@ def read_gomodel_layout(document: dict, yaml_path, warnings: list) -> dict:
         return document
     document = {name: dict(value) if isinstance(value, dict) else value for name, value in document.items()}
     ignored = []
+    storage = document.get("storage")
+    postgresql = isinstance(storage, dict) and storage.get("type") == "postgresql"
     for path, value in _leaves(document, _GOMODEL_SECTIONS, _SHARED_KEYS):
         where = f"{yaml_path}: {'.'.join(path)}"
         _refuse(path, value, where)
+        if path[:2] == ("storage", "postgresql") and not postgresql:
+            continue  # (GoModel reads it only with type postgresql: its example file carries one anyway)
         moved = _MOVED.get(path)
         if path == ("server", "enabled_passthrough_providers") and isinstance(value, list):
             value = _known_types(value, where, warnings)

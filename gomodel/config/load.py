@@ -58,6 +58,10 @@ def load_config(
     store = sections["store"]
     if store.storage_type == "postgresql" and not store.postgres_url:
         raise ConfigError("STORAGE_TYPE=postgresql needs POSTGRES_URL (postgresql://user@host:5432/database)")
+    if store.storage_type == "sqlite" and store.postgres_url:
+        warnings.append("POSTGRES_URL is set but STORAGE_TYPE is sqlite (the default): files, batches, keys and "
+                        "usage stay in this host's SQLite file, shared with no other host; set "
+                        "STORAGE_TYPE=postgresql to use the database")
     providers = load_providers(document.get("providers"), yaml_path, env, warnings)
     sections["upstreams"] = dataclasses.replace(sections["upstreams"], providers=providers)
     sections["routing"] = dataclasses.replace(
