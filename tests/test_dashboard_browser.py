@@ -62,13 +62,13 @@ _CSP_PROBE = ("window.__csp = []; document.addEventListener('securitypolicyviola
 class Browser:
     """The Selenium driver and what the tests ask of it (blocking: call it from a thread)."""
 
-    def __init__(self, root, master, downloads):
+    def __init__(self, root, master, downloads, flags=()):
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
-        for flag in FLAGS:
+        for flag in FLAGS + tuple(flags):
             options.add_argument(flag)
         self.profile = tempfile.mkdtemp(prefix="gomodel-chromium-")
         options.add_argument(f"--user-data-dir={self.profile}")
@@ -718,6 +718,36 @@ async def test_the_whole_session_logged_no_errors_and_kept_no_key_in_local_stora
 
     console = await in_thread(check)
     assert all("401" in e["message"] for e in console), console
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_copy_button_copies_a_new_secret_over_plain_http(env, tmp_path):
+    """A gateway reached by its name over http (no secure context: no navigator.clipboard) still copies the
+    new secret with the Copy button (before, it only selected it and asked for Ctrl+C, which a phone has not)."""
+    port = env.root.rsplit(":", 1)[1]
+    downloads = str(tmp_path)
+    browser = await in_thread(Browser, f"http://gomodel.test:{port}", env.master, downloads,
+                              ("--host-resolver-rules=MAP gomodel.test 127.0.0.1",))
+    try:
+        def copy():
+            browser.sign_in()
+            assert browser.js("return window.isSecureContext") is False
+            browser.go("keys")
+            browser.click("#new-key")
+            browser.fill("#key-form [name=name]", "copied over http")
+            browser.click("#key-submit")
+            secret = browser.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_"), "the new secret")
+            browser.js("window.__copied = null; document.addEventListener('copy', "
+                       "() => { window.__copied = getSelection().toString(); })")
+            browser.click("#key-secret .btn-primary")
+            browser.wait_text("#key-secret .secret-row", lambda t: "Copied" in t, "the copy")
+            assert browser.js("return window.__copied") == secret
+            entries, violations = browser.logs()  # (Chromium ignores, and says so, COOP on an http origin)
+            assert not violations and all("Cross-Origin-Opener-Policy" in e["message"] for e in entries), entries
+
+        await in_thread(copy)
+    finally:
+        await in_thread(browser.close)
 
 
 # -- on a PostgreSQL store that goes away (a gateway and a browser of their own) -----------------

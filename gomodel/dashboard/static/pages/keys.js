@@ -172,16 +172,8 @@ export function mount(el) {
         "and cannot be read again."),
       h("div", {class: "secret-row"}, value,
         button("Copy", async () => {
-          try {
-            await navigator.clipboard.writeText(created.value);
-            status.textContent = "Copied.";
-          } catch (_) {
-            const range = document.createRange();
-            range.selectNodeContents(value);
-            getSelection().removeAllRanges();
-            getSelection().addRange(range);
-            status.textContent = "Selected: press Ctrl+C (the browser refused clipboard access).";
-          }
+          status.textContent = await copy(created.value, value) ? "Copied."
+            : "Selected: press Ctrl+C (the browser refused clipboard access).";
         }, {kind: "primary"}),
         button("Done", () => replace(secretBox)), status)));
   }
@@ -190,6 +182,25 @@ export function mount(el) {
   return () => {
     stopped = true;
   };
+}
+
+// Copy text to the clipboard: with the Clipboard API where the page may use it (https, localhost), else (a
+// gateway reached over plain http) by selecting `node` and the copy command. False: only selected.
+async function copy(text, node) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch (_) {
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    try {
+      return document.execCommand("copy");
+    } catch (__) {
+      return false;
+    }
+  }
 }
 
 function whole(text) {
