@@ -239,7 +239,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
 
     admin = None
     if config.auth.admin_endpoints:
-        admin = AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage,
+        admin = AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage if config.usage.enabled else None,
                          keys=KeysAPI(store.keys, gateway.keys, reactor, book),
                          budgets=BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
                          if book is not None else None)

@@ -146,6 +146,22 @@ async def test_the_dashboard_can_be_turned_off(reactor, http, fake, tmp_path, en
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_with_usage_off_the_usage_routes_say_so(reactor, http, fake, tmp_path):
+    """With C{USAGE_ENABLED=false} the usage routes are a 404 C{usage_disabled}, which the overview shows (before,
+    they read an empty ledger: the overview said the charts fill in once requests come, and they never did)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "USAGE_ENABLED": "false"})
+    try:
+        for path in ("usage/timeseries", "usage/summary", "usage/models", "usage/log"):
+            code, body = await call(http, gw, "GET", "/admin/api/v1/" + path)
+            assert code == 404 and body["error"]["code"] == "usage_disabled", (path, body)
+            assert "USAGE_ENABLED=false" in body["error"]["message"]
+        assert (await call(http, gw, "GET", "/admin/api/v1/providers/status"))[0] == 200
+    finally:
+        await gw.service.stopService()
+
+
 def test_the_scripts_never_write_html_or_use_local_storage():
     """Every name reaches the page through textContent; the key lives in sessionStorage only."""
     for root, _, names in os.walk(STATIC):
