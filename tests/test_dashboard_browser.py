@@ -688,6 +688,10 @@ async def test_compact_numbers_round_up_into_the_next_unit(env):
 @pytest_twisted.ensureDeferred
 async def test_every_page_fits_a_phone(env):
     b = env.browser
+    # a name, user path and metadata with no place to break a line at (before, the keys page was 763 px wide)
+    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
+                             json={"name": "n" * 80, "user_path": "/" + "p" * 90, "metadata": {"m" * 40: "v" * 120}})
+    assert answer.code == 201, await answer.text()
 
     def pages():
         b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
