@@ -33,7 +33,7 @@ from contextlib import contextmanager
 # The modules left out, and the importers that take them as optional.
 _LEFT_OUT = frozenset({"ssl", "_ssl", "_hashlib"})
 _OPTIONAL_FOR = frozenset({"http.client", "urllib.request", "asyncio.base_events", "asyncio.sslproto",
-                           "asyncio.selector_events", "hashlib", "hmac"})
+                           "asyncio.selector_events", "hashlib", "hmac", "werkzeug.serving"})
 
 
 class _LeaveOut:

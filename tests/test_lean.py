@@ -69,6 +69,7 @@ def test_what_is_configured_is_what_is_loaded(tmp_path):
 
 _TLS_AFTER = """
 import hashlib, hmac, json, sys, urllib.request
+import gomodel.api.app, klein, werkzeug  # (what the first admin request loads)
 left = sorted(name for name in ("ssl", "_ssl", "_hashlib") if name in sys.modules)
 digest = hashlib.sha256(b"gomodel").hexdigest() + hmac.new(b"k", b"m", hashlib.sha256).hexdigest()
 https_handler = hasattr(urllib.request, "HTTPSHandler")
