@@ -21,7 +21,7 @@ export function mount(el) {
     refreshButton.disabled = true;
     try {
       await admin("runtime/refresh", {method: "POST"});
-      replace(messages, note("ok", "Re-reading every replica's models; the list updates in a moment."));
+      replace(messages, note("ok", "Re-reading every replica's models from this gateway (other gateways re-read theirs every MODELS_REFRESH_INTERVAL); the list updates in a moment."));
       setTimeout(load, 1000);
     } catch (error) {
       replace(messages, errorNote(error));
