@@ -440,3 +440,13 @@ async def test_usage_daily_folds_gomodels_weekly_monthly_and_yearly(http, ledger
     assert [row[:2] for row in csv_rows(body)] == [["period", "requests"], ["2026", "4"], ["2027", "1"]]
     response, body = await get(http, ledger, "/admin/api/v1/usage/daily?interval=fortnightly")
     assert (response.code, json.loads(body)["error"]["param"]) == (400, "interval")
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_by_provider_sums_its_models(http, ledger):
+    await record(ledger, ("a", {}), ("b", {"model": "vllm/other"}), ("c", {"provider_name": "gpu-b"}))
+    _, body = await get(http, ledger, "/admin/api/v1/usage/providers")
+    assert [(r["provider"], r["provider_name"], r["requests"]) for r in json.loads(body)["data"]] == [
+        ("vllm", "gpu-b", 1), ("vllm", "vllm", 2)]
+    _, body = await get(http, ledger, "/admin/api/v1/usage/providers?format=csv")
+    assert csv_rows(body)[0][:3] == ["provider", "provider_name", "requests"]

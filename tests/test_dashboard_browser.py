@@ -615,6 +615,12 @@ async def test_usage_tables_csv_and_the_request_log(env):
         rows = list(csv.DictReader(io.StringIO(b.downloaded("usage-model.csv"))))
         (row,) = [r for r in rows if r["model"] == MODEL]
         assert row["provider_name"] == "vllm" and int(row["requests"]) >= 10  # 9 + the key's (+ batch lines)
+        # by provider: its own totals and CSV (before, the per-model CSV under the provider's tab)
+        b.click("button[data-group='provider']")
+        b.wait(lambda d: "Provider" in b.texts("#usage-table th"), "the provider's table")
+        b.click("#usage-csv")
+        (row,) = list(csv.DictReader(io.StringIO(b.downloaded("usage-provider.csv"))))
+        assert (row["provider"], row["provider_name"]) == ("vllm", "vllm") and "model" not in row
 
         b.click("button[data-group='key']")
         b.wait(lambda d: XSS in b.texts("#usage-table .key-name"), "the key's row, named as text")

@@ -135,6 +135,11 @@ class AdminAPI:
         """Totals per provider and model of a window; C{format=csv}."""
         return await self._grouped(request, ("provider", "provider_name", "model"))
 
+    @app.route("/usage/providers", methods=["GET"])
+    async def usage_providers(self, request):
+        """Totals per provider (its type and name) of a window; C{format=csv}."""
+        return await self._grouped(request, ("provider", "provider_name"))
+
     @app.route("/usage/keys", methods=["GET"])
     async def usage_keys(self, request):
         """Totals per managed key (C{auth_key_id}; null: the master key's) of a window; C{format=csv}."""

@@ -7,7 +7,7 @@ import {badge, button, cost, errorNote, h, int, ms, replace, table, when} from "
 export const title = "Usage";
 const GROUPS = {
   model: {label: "Model", route: "usage/models"},
-  provider: {label: "Provider", route: "usage/models"},
+  provider: {label: "Provider", route: "usage/providers"},
   key: {label: "Key", route: "usage/keys"},
   path: {label: "User path", route: "usage/user-paths"},
 };
@@ -56,7 +56,7 @@ export function mount(el) {
   const csv = button("Download CSV", async () => {
     try {
       await download(`/admin/api/v1/${GROUPS[state.group].route}${query({...windowParams(), format: "csv"})}`,
-        `usage-${state.group === "provider" ? "model" : state.group}.csv`);
+        `usage-${state.group}.csv`);
     } catch (error) {
       replace(messages, errorNote(error));
     }
@@ -147,7 +147,6 @@ export function mount(el) {
       const answer = await admin(`${GROUPS[group].route}${query(windowParams())}`);
       if (stopped || group !== state.group) return;
       let rows = answer.data;
-      if (group === "provider") rows = byProvider(rows);
       if (group === "model") replace(modelList, rows.map((r) => h("option", {value: r.model})));
       const name = {
         model: (r) => h("span", {}, h("code", {class: "wrap", text: r.model ?? "–"}), " ",
@@ -223,22 +222,6 @@ export function mount(el) {
     stopped = true;
     groupChart.destroy();
   };
-}
-
-function byProvider(rows) {
-  const out = new Map();
-  for (const r of rows) {
-    const name = r.provider_name ?? r.provider ?? "–";
-    const sum = out.get(name) || {provider_name: name, provider: r.provider, requests: 0, errors: 0,
-      input_tokens: 0, output_tokens: 0, total_cost: null};
-    sum.requests += r.requests;
-    sum.errors += r.errors;
-    sum.input_tokens += r.input_tokens;
-    sum.output_tokens += r.output_tokens;
-    if (r.total_cost !== null) sum.total_cost = (sum.total_cost || 0) + r.total_cost;
-    out.set(name, sum);
-  }
-  return [...out.values()];
 }
 
 function card(titleText, value) {
