@@ -104,7 +104,7 @@ async def test_sdk_batch_runs_to_completion(sdk, gw, fake, http):
     assert list(raw) == ["id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status",
                          "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
                          "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
-                         "cancelled_at", "request_counts", "metadata"]
+                         "cancelled_at", "request_counts", "metadata", "usage"]
 
     output = await file_lines(sdk, batch.output_file_id)
     assert [line["custom_id"] for line in output] == ["a", "b"]
@@ -138,6 +138,24 @@ async def test_sdk_batch_runs_to_completion(sdk, gw, fake, http):
     assert response.code == 200
     assert response.headers.getRawHeaders("content-type") == ["application/jsonl"]
     assert [r["custom_id"] for r in parse_jsonl(await treq.content(response))] == ["a", "b", "bad"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_reports_the_tokens_its_answered_lines_used(sdk, gw):
+    """OpenAI's C{usage} of a batch: the tokens of its answered lines, summed, in any endpoint's naming (chat's,
+    the Responses API's); None for a batch that never ran a line."""
+    lines = [chat_line("a"), chat_line("b", fake_cached=4), chat_line("bad", fake_status=400, fake_body="{}")]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+    assert batch.status == "completed"
+    assert batch.usage.model_dump() == {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 4},
+                                        "output_tokens": 6, "output_tokens_details": {"reasoning_tokens": 0},
+                                        "total_tokens": 42}
+    line = {"custom_id": "r", "method": "POST", "url": "/v1/responses", "body": {"model": MODEL, "input": "Hi"}}
+    responses = await finished(gw, sdk, (await start_batch(sdk, [line, dict(line, custom_id="s")],
+                                                           endpoint="/v1/responses")).id)
+    assert (responses.usage.input_tokens, responses.usage.output_tokens, responses.usage.total_tokens) == (38, 6, 44)
+    failed = await finished(gw, sdk, (await start_batch(sdk, [b"{not json"])).id)
+    assert failed.status == "failed" and failed.usage is None
 
 
 @pytest_twisted.ensureDeferred

@@ -2,9 +2,11 @@
 
 from twisted.logger import Logger
 
+from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.batches.lines import error_line
 from gomodel.batches.validating import store_as_given
 from gomodel.batches.validation import EVERY_LINE_ENDPOINTS
+from gomodel.proxy.exchange import usage_of
 from gomodel.store.records import new_file_id
 
 log = Logger(namespace="gomodel.batches")
@@ -63,14 +65,16 @@ async def _expire(batches, blobs, job, now, status):
 
 
 async def _finalize(batches, blobs, job, changes, only_if_status):
-    """Write the output and error files from the results, then apply C{changes}; the record, or None."""
+    """Write the output and error files from the results, then apply C{changes} with the batch's C{usage} (its
+    output lines' tokens summed); the record, or None."""
     if (await batches.get(job.batch_id))["status"] not in only_if_status:
         return None
-    files = {}
+    files, tokens = {}, [0, 0, 0, 0, 0]
     try:
         for ok, kind in ((True, "output"), (False, "error")):
-            files[kind] = await write_results(batches, blobs, job.batch_id, ok)
-        done = await batches.finalize(job.batch_id, changes, files, only_if_status, job.token)
+            files[kind] = await write_results(batches, blobs, job.batch_id, ok, tokens if ok else None)
+        done = await batches.finalize(job.batch_id, dict(changes, token_usage=batch_usage(tokens)), files,
+                                      only_if_status, job.token)
     except BaseException:
         await discard_files(blobs, files)
         raise
@@ -101,9 +105,10 @@ async def _end_rest(batches, job, code, message):
         after = rows[-1][0]
 
 
-async def write_results(batches, blobs, batch_id, ok):
+async def write_results(batches, blobs, batch_id, ok, tokens=None):
     """Write one kind of result lines (outputs for C{ok}, else errors) as a new blob.
 
+    @param tokens: a list the lines' tokens are added to (L{add_tokens}), or None.
     @return: C{(file_id, size)} of the committed blob, or None when there is no
         such line. Store failures propagate (nothing is left behind).
     """
@@ -116,6 +121,9 @@ async def write_results(batches, blobs, batch_id, ok):
                 break
             if writer is None:
                 writer = blobs.create()
+            if tokens is not None:
+                for row in rows:
+                    add_tokens(tokens, row[3])
             await writer.write(b"".join(row[3] + b"\n" for row in rows))
             after = rows[-1][0]
         if writer is None:
@@ -127,6 +135,24 @@ async def write_results(batches, blobs, batch_id, ok):
             await writer.abort()
         raise
     return file_id, size
+
+
+def add_tokens(tokens, line: bytes):
+    """Add the usage of an output C{line} (its answer's, the line's last C{usage}) to C{tokens}: input, output,
+    cached, reasoning and total (L{gomodel.accounting.tokens.tokens_by_type}, in any endpoint's naming)."""
+    usage = usage_of(line)
+    if usage is not None:
+        counts = tokens_by_type(usage)
+        for i, count in enumerate(counts):
+            tokens[i] += count
+        tokens[4] += total_tokens(usage, counts)
+
+
+def batch_usage(tokens) -> dict:
+    """OpenAI's C{usage} of a batch for the L{add_tokens} C{tokens} of its output lines."""
+    return {"input_tokens": tokens[0], "input_tokens_details": {"cached_tokens": tokens[2]},
+            "output_tokens": tokens[1], "output_tokens_details": {"reasoning_tokens": tokens[3]},
+            "total_tokens": tokens[4]}
 
 
 async def discard_files(blobs, files):

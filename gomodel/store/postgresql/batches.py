@@ -25,9 +25,9 @@ BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
     "cancelling_at", "cancelled_at", "total", "completed", "failed", "errors", "metadata", "tenant", "auth_key_id",
-    "output_expires_after",
+    "output_expires_after", "token_usage",
 )
-_JSON = ("errors", "metadata")
+_JSON = ("errors", "metadata", "token_usage")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
 _UNFINISHED = list(UNFINISHED)
 # A lease anyone may take: none, or over by %s (a NULL owner with a future lease_until is a backoff).

@@ -212,6 +212,10 @@ MIGRATIONS = (
         )""",
         "CREATE INDEX deleted_responses_at ON deleted_responses (deleted_at)",
     )),
+    (12, (
+        # A batch's usage (OpenAI's batch object's): the tokens of its answered lines, summed when it ends.
+        "ALTER TABLE batches ADD COLUMN token_usage TEXT",
+    )),
 )
 
 
