@@ -104,7 +104,7 @@ async def test_sdk_batch_runs_to_completion(sdk, gw, fake, http):
     assert list(raw) == ["id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status",
                          "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
                          "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
-                         "cancelled_at", "request_counts", "metadata", "usage"]
+                         "cancelled_at", "request_counts", "metadata", "model", "usage"]
 
     output = await file_lines(sdk, batch.output_file_id)
     assert [line["custom_id"] for line in output] == ["a", "b"]
@@ -156,6 +156,17 @@ async def test_a_batch_reports_the_tokens_its_answered_lines_used(sdk, gw):
     assert (responses.usage.input_tokens, responses.usage.output_tokens, responses.usage.total_tokens) == (38, 6, 44)
     failed = await finished(gw, sdk, (await start_batch(sdk, [b"{not json"])).id)
     assert failed.status == "failed" and failed.usage is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_names_its_model_when_its_lines_name_one(sdk, gw):
+    """OpenAI's C{model} of a batch: the model its lines name, once validated; None while validating and for a
+    batch whose lines name several (ours: OpenAI takes one model per batch)."""
+    created = await start_batch(sdk, [chat_line("a"), chat_line("b")])
+    assert created.model is None
+    assert (await finished(gw, sdk, created.id)).model == MODEL
+    mixed = await finished(gw, sdk, (await start_batch(sdk, [chat_line("a"), chat_line("b", model=UPSTREAM_MODEL)])).id)
+    assert mixed.status == "completed" and mixed.model is None
 
 
 @pytest_twisted.ensureDeferred

@@ -37,7 +37,7 @@ def batch_object(record) -> dict:
         "failed_at": record["failed_at"], "expired_at": record["expired_at"],
         "cancelling_at": record["cancelling_at"], "cancelled_at": record["cancelled_at"],
         "request_counts": {"total": record["total"], "completed": record["completed"], "failed": record["failed"]},
-        "metadata": record["metadata"], "usage": record["token_usage"],
+        "metadata": record["metadata"], "model": record["model"], "usage": record["token_usage"],
     }
 
 

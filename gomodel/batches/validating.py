@@ -12,7 +12,8 @@ BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 async def validate(batches, blobs, registry, job, batch, now):
     """Check every input line of C{batch} (its models resolved for C{job.principal}, the key that made it,
-    except for L{EVERY_LINE_ENDPOINTS}) and store its requests (fenced by C{job.token}).
+    except for L{EVERY_LINE_ENDPOINTS}) and store its requests (fenced by C{job.token}), and its C{model} when
+    its lines name one.
 
     @param now: a function returning the current time in seconds.
     @return: False when the batch failed (or moved on), else True; store
@@ -20,7 +21,7 @@ async def validate(batches, blobs, registry, job, batch, now):
     """
     batch_id, endpoint = job.batch_id, batch["endpoint"]
     await batches.clear_requests(batch_id, job.token)  # a validation cut short starts over
-    seen, resolved, errors = set(), {}, []
+    seen, resolved, errors, models = set(), {}, [], set()
     count = number = offset = 0
     while True:
         if job.stop is not None:
@@ -57,6 +58,8 @@ async def validate(batches, blobs, registry, job, batch, now):
                     break
                 continue
             count += 1
+            if len(models) < 2:  # (one model, or several: which ones is not kept)
+                models.add(checked.model)
             if not errors:
                 rows.append((number, checked.custom_id, checked.body))
         if rows and not errors:
@@ -71,8 +74,9 @@ async def validate(batches, blobs, registry, job, batch, now):
             batch_id, {"status": "failed", "failed_at": now(), "errors": [e.as_dict() for e in errors]},
             only_if_status=("validating",), token=job.token)
         return failed is None  # None: cancelled meanwhile, which _conclude finishes
-    await batches.update(batch_id, {"status": "in_progress", "in_progress_at": now(),
-                                          "total": count}, only_if_status=("validating",), token=job.token)
+    await batches.update(batch_id, {"status": "in_progress", "in_progress_at": now(), "total": count,
+                                    "model": models.pop() if len(models) == 1 else None},
+                         only_if_status=("validating",), token=job.token)
     return True
 
 def _model_problem(registry, model, resolved, principal):

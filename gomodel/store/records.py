@@ -8,7 +8,8 @@ Records are plain dicts:
     finalizing_at, completed_at, failed_at, expired_at, cancelling_at,
     cancelled_at, total, completed, failed, errors (a list or None),
     metadata (a dict or None), tenant, auth_key_id (the managed key that made it, or None),
-    output_expires_after, token_usage (OpenAI's batch C{usage}, a dict, once ended; else None)}
+    output_expires_after, token_usage (OpenAI's batch C{usage}, a dict, once ended; else None), model
+    (the one its lines name, once validated; else None)}
   - a batch request: C{(line, custom_id, body bytes)}
   - a batch result: C{(line, custom_id, ok, data bytes)}: C{data} is one
     output (C{ok}) or error-file line, without its newline.

@@ -236,6 +236,8 @@ MIGRATIONS = (
     (13, (
         # A batch's usage (OpenAI's batch object's): the tokens of its answered lines, summed when it ends.
         "ALTER TABLE batches ADD COLUMN token_usage TEXT",
+        # The model its lines name, once validated (None: they name several).
+        "ALTER TABLE batches ADD COLUMN model TEXT",
     )),
 )
 

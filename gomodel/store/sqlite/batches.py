@@ -26,7 +26,7 @@ BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
     "cancelling_at", "cancelled_at", "total", "completed", "failed", "errors", "metadata", "tenant", "auth_key_id",
-    "output_expires_after", "token_usage",
+    "output_expires_after", "token_usage", "model",
 )
 _JSON = ("errors", "metadata", "token_usage")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
