@@ -511,6 +511,7 @@ async def test_cancel_keeps_the_partial_output_and_aborts_requests_in_flight(rea
     assert batch.status == "cancelled"
     assert batch.cancelled_at >= batch.cancelling_at
     assert batch.request_counts.model_dump() == {"total": 6, "completed": 2, "failed": 0}
+    assert (batch.usage.input_tokens, batch.usage.total_tokens) == (36, 42)  # what was answered
     assert [line["custom_id"] for line in await file_lines(sdk, batch.output_file_id)] == ["c0", "c1"]
     assert batch.error_file_id is None
     held = [r for r in fake.requests if (r.body or {}).get("fake_hold")]
