@@ -104,32 +104,46 @@ def _range(conn, key, size, offset, length):
 def scan_lines(read, offset, size, max_lines, max_line_bytes, block=READ_BLOCK):
     """Lines from byte C{offset} as L{IBlobStore.read_lines} answers them, reading through C{read(at, n)}.
 
-    A line is kept when it fits C{max_line_bytes} (plus its line ending);
+    Reads come a C{block} at a time, a long line's growing with it (so it takes a few, never one per block);
+    what a slice returns is copied once. A line is kept when it fits C{max_line_bytes} (plus its line ending);
     a longer one comes back as None and is skipped without being held whole.
     @return: C{(lines, next offset or None at the end)}.
     """
-    lines, buf, at = [], b"", offset  # buf holds the bytes from at on
+    lines, buf, pos, at = [], bytearray(), 0, offset  # buf[pos:] holds the bytes from at on
     limit = max_line_bytes + 2
     while len(lines) < max_lines:
         if at >= size:
             return lines, None
-        newline = buf.find(b"\n", 0, limit)
-        while newline < 0 and len(buf) < limit and at + len(buf) < size:
-            buf += read(at + len(buf), max(block, limit - len(buf)))
-            newline = buf.find(b"\n", 0, limit)
-        line = buf[:newline + 1] if newline >= 0 else buf[:limit]
-        buf, at = buf[len(line):], at + len(line)
+        newline = buf.find(b"\n", pos, pos + limit)
+        while newline < 0 and len(buf) - pos < limit and at + len(buf) - pos < size:
+            del buf[:pos]  # (the lines taken: dropped once per read, not once per line)
+            pos, searched = 0, len(buf)
+            data = read(at + len(buf), max(block, min(len(buf), limit - len(buf))))
+            if not data:  # (the blob is shorter than it said)
+                size = at + len(buf)
+                break
+            buf += data
+            newline = buf.find(b"\n", searched, limit)
+        end = newline + 1 if newline >= 0 else min(len(buf), pos + limit)
+        line = bytes(buf[pos:end])
+        at, pos = at + end - pos, end
         if not line.endswith(b"\n") and len(line) > max_line_bytes:
+            del buf[:pos]
+            pos = 0
             while True:  # skip the rest of the over-long line
                 if not buf:
                     if at >= size:
                         break
-                    buf = read(at, block)
+                    buf = bytearray(read(at, block))
+                    if not buf:
+                        at = size
+                        break
                 newline = buf.find(b"\n")
                 if newline >= 0:
-                    buf, at = buf[newline + 1:], at + newline + 1
+                    del buf[:newline + 1]
+                    at += newline + 1
                     break
-                at, buf = at + len(buf), b""
+                at, buf = at + len(buf), bytearray()
             lines.append(None)
             continue
         lines.append(line.rstrip(b"\r\n"))
