@@ -170,6 +170,37 @@ async def test_a_batch_names_its_model_when_its_lines_name_one(sdk, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_responses_batch_lines_responses_are_kept_as_online_ones_are(http, gw):
+    """A C{/v1/responses} line's response is kept by the gateway, as an online create's is (unless the line says
+    C{"store": false}): it is retrieved, its input items listed, and a managed key of the batch's tenant continues
+    it online; before, each was a 404, and the follow-up a 400 previous_response_not_found."""
+    clients = []
+    for name in ("team", "other"):
+        made = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=AUTH,
+                               data=json.dumps({"name": name, "user_path": f"/{name}"}).encode())
+        clients.append(openai_client(gw, json.loads(await treq.content(made))["value"]))
+    team, other = clients
+    try:
+        lines = [{"custom_id": c, "method": "POST", "url": "/v1/responses",
+                  "body": {"model": MODEL, "input": f"Hi {c}", **extra}}
+                 for c, extra in (("kept", {}), ("unkept", {"store": False}))]
+        batch = await finished(gw, team, (await start_batch(team, lines, endpoint="/v1/responses")).id)
+        kept, unkept = (line["response"]["body"]["id"] for line in await file_lines(team, batch.output_file_id))
+        assert (await in_thread(team.responses.retrieve, kept)).id == kept
+        items = await in_thread(team.responses.input_items.list, kept)
+        assert [item.content[0].text for item in items.data] == ["Hi kept"]
+        follow_up = await in_thread(team.responses.create, model=MODEL, input="And?", previous_response_id=kept)
+        assert follow_up.previous_response_id == kept
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(team.responses.retrieve, unkept)
+        with pytest.raises(openai.NotFoundError):  # another tenant's
+            await in_thread(other.responses.retrieve, kept)
+    finally:
+        team.close()
+        other.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_output_expires_after_gives_the_output_and_error_files_their_expiry(sdk, gw):
     lines = [chat_line("a"), chat_line("bad", fake_status=400, fake_body="{}")]
     created = await start_batch(sdk, lines, output_expires_after={"anchor": "created_at", "seconds": 7200})

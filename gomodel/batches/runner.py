@@ -65,8 +65,9 @@ from gomodel.api.inference import held, plan_model
 from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
+from gomodel.auth.tenancy import tenant_of
 from gomodel.proxy.sse import StreamIncomplete
-from gomodel.responses_history import continued, names_previous, unknown_previous
+from gomodel.responses_history import continued, names_previous, normalise_input, unknown_previous
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
@@ -534,8 +535,10 @@ class BatchRunner(Service):
         slot = _Slot(job, self.semaphore, sem)
         call = UpstreamCall(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
                             rebody=rebody if fallbacks else None)
+        kept = payload if path == "/responses" and self._responses is not None and payload.get("store") is not False \
+            else None
         d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, slot, answer, again,
-                                              unheld))
+                                              unheld, kept))
 
         def release(result):
             slot.release()
@@ -620,13 +623,15 @@ class BatchRunner(Service):
         d.addErrback(failed)
         d.addBoth(done)
 
-    async def _line(self, job, path, line, custom_id, provider, call, slot, answer=None, again=None, unheld=None):
+    async def _line(self, job, path, line, custom_id, provider, call, slot, answer=None, again=None, unheld=None,
+                    kept=None):
         """Send one line (C{call}, holding C{slot}) and record its result; C{answer(body, model)} makes a
         successful answer the line's (a translated message batch line's chat completion, a message);
         C{again(outcome)}, for a message batch's line sent natively, is the C{(call, answer)} to send it with
         translated instead (L{_translated}), or None; C{unheld}: the C{previous_response_id} of a line that
         continues a response the gateway does not hold (the upstream's 404 naming it is the line's
-        C{previous_response_not_found}, as online), or None."""
+        C{previous_response_not_found}, as online), or None; C{kept}, a C{/v1/responses} line's body whose
+        response the gateway keeps (L{_keep_response}), or None."""
         outcome = await self._outcome(job, line, provider, call, slot)
         if (unheld is not None and isinstance(outcome, _Answer) and outcome.status == 404
                 and names_previous(outcome.body, unheld)):
@@ -641,6 +646,8 @@ class BatchRunner(Service):
             return  # halted: the line stays pending
         if isinstance(outcome, _Answer):
             self._account(job, path, outcome, f"{job.batch_id}-{line}")
+            if kept is not None and 200 <= outcome.status < 300:
+                self._keep_response(job, kept, outcome)
             if answer is not None and 200 <= outcome.status < 300:
                 try:
                     outcome.body = answer(outcome.body, outcome.model)
@@ -695,6 +702,27 @@ class BatchRunner(Service):
                              user_path=None if principal is None else principal.user_path)
         if self._gate is not None:
             self._gate.charge(principal, model, usage)
+
+    def _keep_response(self, job, payload, answer):
+        """Keep the response a C{/v1/responses} line (C{payload}) was C{answer}ed with, as an online create's is
+        (L{gomodel.api.responses.ResponsesRoute.keep}), the batch's tenant its owner: it is retrieved, its input
+        items listed and it is continued as one."""
+        try:
+            response = jsonutil.loads(answer.body)
+        except jsonutil.JSONError:
+            return
+        if response.__class__ is not dict or response.get("id").__class__ is not str:
+            return
+        previous_id = payload.get("previous_response_id")
+        record = {"id": response["id"], "provider": answer.provider.name, "replica": answer.replica,
+                  "created_at": self._now(), "previous_response_id": previous_id, "status": response.get("status"),
+                  "input_items": normalise_input(payload.get("input")), "response": response,
+                  "tenant": tenant_of(job.principal)}
+        if previous_id is not None and response.get("previous_response_id") is None:
+            response["previous_response_id"] = previous_id  # (vLLM's own object, sent none, says null)
+        else:
+            record["response_json"] = answer.body
+        self._responses.keep(record)
 
     def _record(self, job, line, custom_id, ok, data):
         recorded = self._batches.record_results(job.batch_id, [(line, custom_id, ok, data)], job.token)
