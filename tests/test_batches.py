@@ -482,6 +482,21 @@ async def test_bad_input_file_fails_validation_naming_the_lines(sdk, gw, fake):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_responses_line_asking_to_run_in_the_background_fails_validation(sdk, gw, fake):
+    """A C{/v1/responses} line with C{"background": true} is a bad line (its answer would be a response still
+    queued, never its result, and what it went on to generate never charged); before, the batch completed with
+    that stub as the line's output."""
+    lines = [{"custom_id": c, "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": "Hi", **extra}}
+             for c, extra in (("plain", {}), ("off", {"background": False}), ("bg", {"background": True}))]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert batch.status == "failed"
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(3, "background_unsupported",
+                                                                       "body.background")]
+    assert not [r for r in fake.requests if r.method == b"POST"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_batch_requests_that_cannot_be_created(sdk, gw, http):
     uploaded = await in_thread(sdk.files.create, file=("x.jsonl", jsonl([chat_line("a")])), purpose="batch")
     notes = await in_thread(sdk.files.create, file=("notes.txt", b"hello"), purpose="user_data")

@@ -67,6 +67,9 @@ def check_line(raw, number: int, endpoint: str):
     if body.get("stream") not in (None, False):
         return LineError("streaming_unsupported", "Batch requests cannot stream: remove 'stream'.",
                          "body.stream", number)
+    if endpoint == "/v1/responses" and body.get("background") not in (None, False):  # (its answer: a stub, queued)
+        return LineError("background_unsupported", "Batch requests cannot run in the background: remove "
+                         "'background'.", "body.background", number)
     return Request(custom_id, model, jsonutil.dumps(body))
 
 
