@@ -497,6 +497,19 @@ async def test_a_responses_line_asking_to_run_in_the_background_fails_validation
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_embeddings_line_asking_for_vllms_binary_bytes_fails_validation(sdk, gw, fake):
+    """An C{/v1/embeddings} line with vLLM's C{"encoding_format": "bytes"} is a bad line (its answer, raw float32
+    vectors, fits no JSONL line); before, vLLM computed it and it ended in the error file as a 502, uncharged."""
+    lines = [{"custom_id": c, "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": MODEL, "input": ["a"], "encoding_format": fmt}}
+             for c, fmt in (("float", "float"), ("base64", "base64"), ("bytes", "bytes"))]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/embeddings")).id)
+    assert batch.status == "failed"
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(3, "invalid_value", "body.encoding_format")]
+    assert not [r for r in fake.requests if r.method == b"POST"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_batch_requests_that_cannot_be_created(sdk, gw, http):
     uploaded = await in_thread(sdk.files.create, file=("x.jsonl", jsonl([chat_line("a")])), purpose="batch")
     notes = await in_thread(sdk.files.create, file=("notes.txt", b"hello"), purpose="user_data")
