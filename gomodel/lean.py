@@ -34,6 +34,8 @@ from contextlib import contextmanager
 _LEFT_OUT = frozenset({"ssl", "_ssl", "_hashlib"})
 _OPTIONAL_FOR = frozenset({"http.client", "urllib.request", "asyncio.base_events", "asyncio.sslproto",
                            "asyncio.selector_events", "hashlib", "hmac", "werkzeug.serving"})
+_IMPORT_MACHINERY = frozenset({"importlib", "importlib._bootstrap", "importlib._bootstrap_external",
+                               "_frozen_importlib", "_frozen_importlib_external"})
 
 
 class _LeaveOut:
@@ -45,8 +47,8 @@ class _LeaveOut:
         if name not in _LEFT_OUT:
             return None
         frame = sys._getframe(1)
-        while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen_importlib")):
-            frame = frame.f_back
+        while frame is not None and frame.f_globals.get("__name__") in _IMPORT_MACHINERY:
+            frame = frame.f_back  # (to the frame of the module whose import statement asked)
         if frame is not None and frame.f_globals.get("__name__") in _OPTIONAL_FOR:
             raise ModuleNotFoundError(f"{name} is left out of this process (gomodel.lean)", name=name)
         return None
