@@ -7,6 +7,8 @@ conversation can be sent again as explicit input when the instance that
 made it no longer knows it (vLLM restarted, or its store is off).
 """
 
+import re
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -104,6 +106,19 @@ async def continued(store, previous_id: str, principal):
     return record
 
 
+# A response object's link to the response it follows, as the upstream writes it when it was sent none.
+_UNLINKED = re.compile(rb'"previous_response_id":\s*null')
+
+
+def relink(previous_id, then, answer: bytes) -> bytes:
+    """C{answer} (a response object's JSON, or whole events carrying one) naming C{previous_id} where it says
+    null (its instance was sent the conversation explicitly), passed on to C{then} (or None). In a model's text
+    the name's quotes are escaped: never matched."""
+    link = b'"previous_response_id":' + jsonutil.dumps(previous_id)
+    answer = _UNLINKED.sub(lambda _: link, answer)
+    return answer if then is None else then(answer)
+
+
 def names_previous(answer: bytes, previous_id: str) -> bool:
     """Whether an upstream's error C{answer} (vLLM's 404 for a response it does not hold) names C{previous_id}."""
     try:
@@ -111,6 +126,15 @@ def names_previous(answer: bytes, previous_id: str) -> bool:
     except (jsonutil.JSONError, AttributeError):
         return False
     return isinstance(error, dict) and previous_id in str(error.get("message", ""))
+
+
+def as_list(value) -> list:
+    """Responses C{input} as a list of items (a string is one user message)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return list(value)
 
 
 async def conversation(store, record) -> list:

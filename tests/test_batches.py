@@ -272,6 +272,26 @@ async def test_a_line_continuing_a_response_nobody_holds_ends_in_previous_respon
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_continuing_a_response_its_restarted_instance_forgot_sends_the_conversation(sdk, gw, fake):
+    """A line continuing a stored response that vLLM no longer holds (it restarted: its 404 names it) is sent
+    again with the stored conversation as explicit input, as the same request online is; its answer names the
+    response it follows (before: vLLM's 404 in the error file)."""
+    first = await in_thread(sdk.responses.create, model=MODEL, input="Remember 42.")
+    fake.stored_responses.clear()  # vLLM restarted
+    lines = [{"custom_id": "next", "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": "What number?", "previous_response_id": first.id}}]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 1, 0)
+    (out,) = await file_lines(sdk, batch.output_file_id)
+    assert out["response"]["status_code"] == 200 and out["response"]["body"]["previous_response_id"] == first.id
+    replayed = [r.body for r in fake.requests if r.path == b"/v1/responses"][-1]
+    assert "previous_response_id" not in replayed and "Remember 42." in json.dumps(replayed["input"])
+    assert replayed["input"][-1] == {"role": "user", "content": "What number?"}
+    kept = await in_thread(sdk.responses.retrieve, out["response"]["body"]["id"])  # (kept, linked)
+    assert kept.previous_response_id == first.id
+
+
+@pytest_twisted.ensureDeferred
 async def test_lines_whose_drawn_target_went_down_complete_from_the_other_target(reactor, tmp_path):
     """A virtual model's line drawn to a target that has no ready replica by the time it is sent (it went down
     while the line waited for room at its provider) is answered by the other target instead of waiting for the

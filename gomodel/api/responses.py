@@ -9,7 +9,6 @@ restarted; its store is off), carries the stored conversation as explicit
 input instead.
 """
 
-import re
 from functools import partial
 
 from twisted.internet.defer import Deferred, succeed
@@ -24,7 +23,8 @@ from gomodel.http.bodies import json_answer, page, query_arg, query_limit, strea
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import continued, conversation, normalise_input, unknown_previous, unknown_response
+from gomodel.responses_history import (as_list, continued, conversation, normalise_input, relink,
+                                      unknown_previous, unknown_response)
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.upstream.client import discard
@@ -163,7 +163,7 @@ class ResponsesRoute:
 
     async def _with_history(self, body, previous):
         """C{body} with the stored conversation up to C{previous} as explicit input, and no previous_response_id."""
-        explicit = dict(body, input=await conversation(self._store, previous) + _as_list(body.get("input")))
+        explicit = dict(body, input=await conversation(self._store, previous) + as_list(body.get("input")))
         del explicit["previous_response_id"]
         return explicit
 
@@ -192,7 +192,7 @@ class ResponsesRoute:
                 turn.keep(observer.response if observer.response is not None or not background else observer.started)
         transform = turn.keep_body if turn.stored else None
         if explicit:
-            transform = partial(_relink, turn.previous_id, transform)
+            transform = partial(relink, turn.previous_id, transform)
         call = UpstreamCall("/responses", jsonutil.dumps(body), transform=transform,
                             vet=vet, model=body["model"], prefer=prefer, affinity=affinity)
         return await self._exchange.relay(request, ctx, provider, call)
@@ -332,8 +332,8 @@ class ResponsesRoute:
         previous_id = record.get("previous_response_id")
 
         def kept(answer):
-            if previous_id is not None:  # (its instance, sent the conversation explicitly, says null: L{_relink})
-                answer = _relink(previous_id, None, answer)
+            if previous_id is not None:  # (its instance, sent the conversation explicitly, says null: L{relink})
+                answer = relink(previous_id, None, answer)
             try:
                 self._update(record, jsonutil.loads(answer))
             except jsonutil.JSONError:
@@ -403,7 +403,7 @@ class ResponsesRoute:
         """C{record}'s background response as its instance (C{provider}'s replica) has it now, or None when it
         has none to give (unreachable, an odd answer). One the instance no longer knows (it restarted: vLLM
         keeps responses in memory) will never finish: it is C{failed}. One that follows another names it, as its
-        create's answer did, though its instance was sent the conversation explicitly (L{_relink})."""
+        create's answer did, though its instance was sent the conversation explicitly (L{relink})."""
         response_id = record["id"]
         call = UpstreamCall(f"/responses/{response_id}", method=b"GET", pin=record.get("replica"))
         try:
@@ -415,8 +415,8 @@ class ResponsesRoute:
             if fetched.response.code != 200:
                 return None
             previous_id = record.get("previous_response_id")  # (its instance, sent the conversation explicitly,
-            if previous_id is not None:  # says null: L{_relink})
-                return jsonutil.loads(_relink(previous_id, None, fetched.body))
+            if previous_id is not None:  # says null: L{relink})
+                return jsonutil.loads(relink(previous_id, None, fetched.body))
             return jsonutil.loads(fetched.body)
         except (errors.GatewayError, jsonutil.JSONError):
             return None
@@ -482,21 +482,9 @@ class _Turn:
         return answer
 
 
-# A response object's link to the response it follows, as the upstream writes it when it was sent none.
-_UNLINKED = re.compile(rb'"previous_response_id":\s*null')
-
-
-def _relink(previous_id, then, answer: bytes) -> bytes:
-    """C{answer} (a response object's JSON, or whole events carrying one) naming C{previous_id} where it says
-    null, passed on to C{then} (or None). In a model's text the name's quotes are escaped: never matched."""
-    link = b'"previous_response_id":' + jsonutil.dumps(previous_id)
-    answer = _UNLINKED.sub(lambda _: link, answer)
-    return answer if then is None else then(answer)
-
-
 class _Relinked(ResponsesStreamObserver):
     """A native Responses stream for a conversation sent explicitly, relayed naming the response it follows
-    (L{_relink}), and its final response object, kept, too; or (and) one of a background response, whose first
+    (L{relink}), and its final response object, kept, too; or (and) one of a background response, whose first
     response object is kept (L{started}): its instance goes on making it when its stream ends early.
 
     @ivar started: the response object of the stream's first event that carries one (C{response.created}),
@@ -517,7 +505,7 @@ class _Relinked(ResponsesStreamObserver):
     def feed(self, data: bytes) -> bytes:
         out = super().feed(data)
         if self._previous_id is not None:
-            out = _relink(self._previous_id, None, out)
+            out = relink(self._previous_id, None, out)
         if self._background and self.started is None and out:
             self.started = _first_response(out)
         return out
@@ -537,11 +525,3 @@ def _first_response(events: bytes):
         if response.__class__ is dict and response.get("id").__class__ is str:
             return response
     return None
-
-
-def _as_list(value):
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    return list(value)

@@ -47,6 +47,7 @@ answers already read are recorded, and the claims are released.
 
 import uuid
 from functools import partial
+from inspect import isawaitable
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
@@ -67,7 +68,8 @@ from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.auth.tenancy import tenant_of
 from gomodel.proxy.sse import StreamIncomplete
-from gomodel.responses_history import continued, names_previous, normalise_input, unknown_previous
+from gomodel.responses_history import (as_list, continued, conversation, names_previous, normalise_input, relink,
+                                      unknown_previous)
 from gomodel.store.records import LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
@@ -103,6 +105,11 @@ class _NoAnswer:
     def __init__(self, code, message):
         self.code = code
         self.message = message
+
+
+def _relinked(previous_id, answer: bytes, model) -> bytes:
+    """A line's response, sent its conversation explicitly, naming the response it follows (L{relink})."""
+    return relink(previous_id, None, answer)
 
 
 class _Slot:
@@ -488,16 +495,18 @@ class BatchRunner(Service):
         try:
             payload = jsonutil.loads(body)
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
-            prefer = unheld = None
+            prefer = unheld = again = None
             if path == "/responses" and payload.get("previous_response_id") is not None:
                 previous = await self._previous(payload, job.principal)
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
                 if previous is not None:  # to that instance and replica, as online (where the key may use it)
                     route = held(self._registry, route, previous, job.principal)
                     prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
+                    # (an instance that no longer holds it, restarted: sent the conversation explicitly, as online)
+                    again = partial(self._explicitly, payload, previous, route, job.principal)
                 else:  # (a master key's id the gateway does not hold: the upstream's 404 for it is OpenAI's 400)
                     unheld = payload["previous_response_id"]
-            answer = again = None  # what makes a successful answer the line's (None: it is, as it came)
+            answer = None  # what makes a successful answer the line's (None: it is, as it came)
             if path == "/messages" and self._messages is not None:  # natively, or translated to chat
                 again = partial(self._translated, payload, route, fallbacks, job.principal)
                 sent, first, fallbacks, rebody, answer = self._messages.plan(
@@ -628,7 +637,8 @@ class BatchRunner(Service):
         """Send one line (C{call}, holding C{slot}) and record its result; C{answer(body, model)} makes a
         successful answer the line's (a translated message batch line's chat completion, a message);
         C{again(outcome)}, for a message batch's line sent natively, is the C{(call, answer)} to send it with
-        translated instead (L{_translated}), or None; C{unheld}: the C{previous_response_id} of a line that
+        translated instead (L{_translated}), and for a Responses line continuing a stored response, the one to
+        send it with its conversation explicitly (L{_explicitly}, awaited), or None; C{unheld}: the C{previous_response_id} of a line that
         continues a response the gateway does not hold (the upstream's 404 naming it is the line's
         C{previous_response_not_found}, as online), or None; C{kept}, a C{/v1/responses} line's body whose
         response the gateway keeps (L{_keep_response}), or None."""
@@ -639,6 +649,8 @@ class BatchRunner(Service):
             outcome = _NoAnswer(error.code, error.message)
         if again is not None and isinstance(outcome, _Answer) and outcome.status >= 400:
             retried = again(outcome)
+            if isawaitable(retried):
+                retried = await retried
             if retried is not None:
                 call, answer = retried
                 outcome = await self._outcome(job, line, provider, call, slot)
@@ -673,6 +685,20 @@ class BatchRunner(Service):
             return _NoAnswer("internal_error", "The gateway failed to process this request.")
         finally:
             job.upstream.discard(upstream)
+
+    async def _explicitly(self, payload, previous, route, principal, outcome):
+        """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous})
+        again with its stored conversation as explicit input, when its C{outcome} is its instance's 404 for the
+        response it continues (vLLM keeps them in memory: it restarted), as an online follow-up is; the answer
+        then names the response it follows (L{relink}); else None."""
+        previous_id = payload["previous_response_id"]
+        if outcome.status != 404 or not names_previous(outcome.body, previous_id):
+            return None
+        body = dict(payload, input=await conversation(self._responses, previous) + as_list(payload.get("input")))
+        del body["previous_response_id"]
+        call = UpstreamCall("/responses", self._body_for(principal, body, route.upstream_model, route.provider),
+                            model=route.upstream_model)
+        return call, partial(_relinked, previous_id)
 
     def _translated(self, payload, route, fallbacks, principal, outcome):
         """C{(call, answer)} to send a message batch's line (C{payload}, planned for C{route} and C{fallbacks})
