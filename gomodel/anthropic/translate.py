@@ -23,8 +23,7 @@ from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.http.render import AnthropicDialect
 from gomodel.ids import new_id, random_hex
 from gomodel.interfaces import IStreamObserver
-from gomodel.proxy.sse import (NO_OBJECT, SSEFramer, StreamIncomplete, event_data, event_object, mentions,
-                               require_end)
+from gomodel.proxy.sse import SSEFramer, data_object, event_data, event_object, mentions, require_end
 
 # Claude Code's first system block carries a per-request hash; dropping it keeps
 # the prompt prefix stable for the upstream's prefix cache (vLLM does the same).
@@ -897,12 +896,7 @@ class ChatToMessagesStream:
             if payload == b"[DONE]":
                 self._end(out)
                 continue
-            try:
-                chunk = jsonutil.loads(payload)
-            except jsonutil.JSONError:
-                chunk = None
-            if not isinstance(chunk, dict):
-                raise StreamIncomplete(NO_OBJECT)
+            chunk = data_object(payload)
             if isinstance(chunk.get("error"), (dict, str)):
                 self._fail(chunk["error"], out)
                 continue

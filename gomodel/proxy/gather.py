@@ -16,7 +16,7 @@ Each function takes the stream's whole body and returns the JSON bytes.
 """
 
 from gomodel import jsonutil
-from gomodel.proxy.sse import NO_OBJECT, SSEFramer, StreamIncomplete, event_data, require_end
+from gomodel.proxy.sse import RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, data_object, event_data, require_end
 
 
 class InBandError(Exception):
@@ -34,16 +34,6 @@ def _payloads(body: bytes):
     return [data for data in (event_data(event) for event in framer.feed(body)) if data.strip()], framer
 
 
-def _object(data: bytes) -> dict:
-    try:
-        payload = jsonutil.loads(data)
-    except jsonutil.JSONError:
-        payload = None
-    if not isinstance(payload, dict):
-        raise StreamIncomplete(NO_OBJECT)
-    return payload
-
-
 def _status(code) -> int:
     """The HTTP status of an in-band error's C{code} (vLLM's is one), else 502."""
     return code if code.__class__ is int and 400 <= code < 600 else 502
@@ -59,7 +49,7 @@ def whole_completion(body: bytes) -> bytes:
         if data == b"[DONE]":
             done = True
             continue
-        chunk = _object(data)
+        chunk = data_object(data)
         error = chunk.get("error")
         if isinstance(error, (dict, str)):
             raise InBandError(jsonutil.dumps({"error": error}),
@@ -164,7 +154,7 @@ def whole_message(body: bytes) -> bytes:
     payloads, framer = _payloads(body)
     done, whole, blocks, inputs = False, None, {}, {}
     for data in payloads:
-        event = _object(data)
+        event = data_object(data)
         kind = event.get("type")
         if kind == "error":
             error = event.get("error")
@@ -205,22 +195,19 @@ def whole_message(body: bytes) -> bytes:
     return jsonutil.dumps(whole)
 
 
-_RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
-
-
 def whole_response(body: bytes) -> bytes:
     """A Responses API stream as its final response object (its last C{response.completed},
     C{.incomplete} or C{.failed} event's)."""
     payloads, framer = _payloads(body)
     final = None
     for data in payloads:
-        event = _object(data)
+        event = data_object(data)
         kind = event.get("type")
         if kind == "error":
             error = {key: event.get(key) for key in ("message", "code", "param")}
             error["type"] = "provider_error"
             raise InBandError(jsonutil.dumps({"error": error}), 502)
-        if kind in _RESPONSE_ENDS and isinstance(event.get("response"), dict):
+        if kind in RESPONSE_END_TYPES and isinstance(event.get("response"), dict):
             final = event["response"]
     require_end(framer, final is not None, "before response.completed")
     return jsonutil.dumps(final)

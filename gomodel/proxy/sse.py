@@ -180,6 +180,20 @@ def event_object(event: bytes):
     return payload if isinstance(payload, dict) else None
 
 
+def data_object(data: bytes) -> dict:
+    """The JSON object of an event's C{data} payload.
+
+    @raise StreamIncomplete: it is no JSON object (L{NO_OBJECT}).
+    """
+    try:
+        payload = jsonutil.loads(data)
+    except jsonutil.JSONError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise StreamIncomplete(NO_OBJECT)
+    return payload
+
+
 def require_end(framer: SSEFramer, done: bool, end: str):
     """At the end of an upstream body: raise L{StreamIncomplete} unless the stream ended with C{end}.
 
@@ -322,7 +336,9 @@ def _streamed_choice(choice: dict) -> dict:
 
 
 _NUMBER = re.compile(rb"\s*(\d+)")
-_RESPONSE_END_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
+# The event types that end a Responses stream, each carrying its final response object.
+RESPONSE_END_TYPES = ("response.completed", "response.incomplete", "response.failed")
+_RESPONSE_END_EVENTS = tuple(kind.encode() for kind in RESPONSE_END_TYPES)
 _ERROR_WORD = (b'"error"',)
 _RESPONSES_WATCHED = _RESPONSE_END_EVENTS + _ERROR_WORD
 
@@ -386,7 +402,7 @@ class ResponsesStreamObserver:
         if kind == "error":
             self.error = payload
             self.done = True
-        elif isinstance(kind, str) and kind.encode() in _RESPONSE_END_EVENTS:
+        elif kind in RESPONSE_END_TYPES:
             self.done = True
             self.response = payload.get("response")
             if isinstance(self.response, dict):

@@ -10,7 +10,7 @@ from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.anthropic.translate import ABORTED
 from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.ids import new_id
-from gomodel.proxy.sse import NO_OBJECT, SSEFramer, StreamIncomplete, event_data, require_end
+from gomodel.proxy.sse import SSEFramer, StreamIncomplete, data_object, event_data, require_end
 from gomodel.responses_history import unknown_previous
 
 # Responses request fields with no chat-completions meaning; everything else
@@ -312,12 +312,7 @@ class ChatToResponsesStream:
                 if payload == b"[DONE]":
                     out.append(self._complete())
                 continue
-            try:
-                chunk = jsonutil.loads(payload)
-            except jsonutil.JSONError:
-                chunk = None
-            if not isinstance(chunk, dict):
-                raise StreamIncomplete(NO_OBJECT)
+            chunk = data_object(payload)
             if isinstance(chunk.get("error"), (dict, str)):
                 raise StreamIncomplete(f"the upstream reported an error: {self._error_message(chunk['error'])}")
             self._model = self._model or chunk.get("model")
