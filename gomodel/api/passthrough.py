@@ -73,20 +73,21 @@ class Passthrough:
             raise errors.Forbidden(f"This API key may not use the provider '{provider.name}'.",
                                    code="model_access_denied")
         endpoint = self._endpoint(request, provider_name)
+        route = _bare(unquote(endpoint)).lower()  # (what vLLM routes it as: C{chat/completions}, C{metrics})
         principal = ctx.principal
         if (principal is not None and not principal.master
-                and _bare(endpoint).split("/", 1)[0].lower() in OPERATOR_ROUTES):
+                and route.split("/", 1)[0] in OPERATOR_ROUTES):
             raise errors.Forbidden(f"'/{_bare(endpoint)}' describes the whole provider, every tenant's load: only "
                                    "the master key reaches it.")
         ctx.provider, ctx.provider_type = provider.name, provider.type
         ctx.endpoint = "/p/{provider}/{endpoint}"
-        if _bare(endpoint).lower().startswith("responses"):
+        if route.startswith("responses"):
             ctx.dialect = render.RESPONSES  # (a stream cut here ends with the Responses API's own error event)
         request.content.seek(0)
         body = request.content.read() or None
         if (body is not None and principal is not None and not principal.master
                 and provider.type in SALTED_PROVIDER_TYPES):
-            body = self._keyed(body, principal, provider, _bare(unquote(endpoint)).lower())
+            body = self._keyed(body, principal, provider, route)
         model = served_model(body, provider)
         if model is not None:
             ctx.route(provider, model, model)
