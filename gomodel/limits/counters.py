@@ -777,17 +777,13 @@ class RedisCounters(_Forms):
             args += (repr(float(capacity)), repr(float(refill)), repr(float(delta)))
         opened = [capacity for _, capacity, _, _ in specs]
         d = self._run(opened, self._finish_sync, keys, args)
-        if slot_keys:  # an orphan until Redis says the slots are free
-            self._orphans[lease] = (slot_keys, self._reactor.seconds() + self._lease_ttl)
-            d.addCallback(self._released, lease, opened)
+        if slot_keys:
+            d.addCallback(self._released, lease, slot_keys, opened)
         return d
 
-    def _released(self, levels, lease, opened):
-        if levels is opened:  # answered open: freed when Redis is tried again
-            self._orphans_freed = False
-            self._free_later()
-        else:
-            self._orphans.pop(lease, None)
+    def _released(self, levels, lease, slot_keys, opened):
+        if levels is opened:  # answered open (Redis did not answer): an orphan, freed when Redis is tried again
+            self._orphaned(lease, slot_keys)
         return levels
 
     def _finish_sync(self, keys, args):
