@@ -106,6 +106,40 @@ def test_the_gomodel_command_leaves_the_standard_librarys_tls_out(tmp_path, keep
                      "redis_ssl": True, "context": "SSLContext"}
 
 
+_RARE_AFTER = """
+first = {name: type(sys.modules[name]).__name__ for name in ("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes")}
+import decimal, gzip, mimetypes, pdb, pty, getpass  # (an import statement reads the module: a first use)
+used = [str(decimal.Decimal("1.25") * 2), len(gzip.decompress(gzip.compress(b"gomodel"))),
+        mimetypes.guess_type("a.json")[0], callable(pdb.Pdb), callable(pty.openpty), callable(getpass.getuser)]
+print(json.dumps({"first": first, "used": used,
+                  "then": sorted({type(sys.modules[name]).__name__ for name in first})}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first_use(tmp_path, eager):
+    """Modules that twistd, Twisted's web server and prometheus_client import for paths the gateway never
+    takes (a debugger, decimals of Perspective Broker, pseudo-terminals, gzip'd scrapes, mime types) are
+    loaded on first use; used, they are the real modules. C{GOMODEL_EAGER_IMPORTS=1}: loaded at import."""
+    code = ("import json, sys\n"
+            "from gomodel.lean import leave_tls_out, load_rare_modules_on_use\n"
+            "leave_tls_out()\n"
+            "assert load_rare_modules_on_use() is " + str(not eager) + "\n"
+            "import twisted.scripts.twistd\n"  # (the runner: it imports pdb and getpass)
+            "from gomodel.tap import Options, makeService\n"
+            "options = Options()\n"
+            "options.parseOptions(sys.argv[1:])\n"
+            "makeService(options)\n" + _RARE_AFTER)
+    env = _env(tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"))
+    result = subprocess.run([sys.executable, "-c", code, "--listen", "tcp:0:interface=127.0.0.1"],
+                            capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    kind = "module" if eager else "_LazyModule"
+    assert found == {"first": dict.fromkeys(("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes"), kind),
+                     "used": ["2.50", 7, "application/json", True, True, True], "then": ["module"]}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_gateway_run_by_the_gomodel_command_maps_no_libcrypto_and_serves_its_metrics(tmp_path):
     import http.client
