@@ -240,7 +240,7 @@ async def test_a_budget_sent_back_as_a_get_shows_it_names_the_read_only_field(ht
     assert key["budgets"] == got["budgets"]  # (the create's answer shows them as a GET does: it lacked spent_*)
     code, error = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"budgets": got["budgets"]})
     assert (code, error["error"]["param"]) == (400, "budgets")
-    assert "'period_end' is not a field" in error["error"]["message"]  # (said "exactly one of max_tokens...")
+    assert "'last_reset_at' is not a field" in error["error"]["message"]  # (said "exactly one of max_tokens...")
 
 
 # 1e400 parses as infinity where the body holds an integer of 20 digits or more (the standard library's parser).

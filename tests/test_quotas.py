@@ -898,6 +898,77 @@ async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(
             redis_client.close()
 
 
+@pytest.mark.parametrize("redis", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_keys_own_budgets_are_reset_through_the_admin_api_on_every_process(reactor, http, fake, tmp_path,
+                                                                                   redis):
+    """C{POST /auth-keys/{id}/budgets/reset} sets what a managed key's own budgets spent back to zero (C{{period}}:
+    that one only): the next request passes, on a second process too once it reads the keys, the key shows
+    C{last_reset_at}, and an edit of its budgets (the dashboard's save) keeps the reset (before: no route
+    reset a key's own budget; C{/budgets/reset} resets those by user path only)."""
+    env = {"REDIS_URL": REDIS_URL} if redis else {}
+    redis_client = _redis_or_skip() if redis else None
+    before = set(redis_client.keys("gomodel:limits:*")) if redis else set()
+    gateways = [await start(reactor, fake, tmp_path, **env) for _ in range(2)]
+    one, two = gateways
+    key = await new_key(http, one, budgets=[{"period": "daily", "max_tokens": 40},
+                                            {"period": "monthly", "max_tokens": 1000}])
+    await two.service.keys.refresh()
+    clients = [openai_client(one, key["value"]), openai_client(two, key["value"])]
+    reset = f"{KEYS}/{key['id']}/budgets/reset"
+    try:
+        async def spend(client):
+            await in_thread(raw_chat, client)  # 21 tokens
+            await in_thread(raw_chat, client)  # 42: spent
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(raw_chat, client)
+            assert refused.value.code == "budget_exceeded"
+
+        await spend(clients[0])
+        code, missing = await admin(http, one, "POST", reset, {"period": "weekly"})
+        assert (code, missing["error"]["code"], missing["error"]["param"]) == (404, "budget_not_found", "period")
+        code, missing = await admin(http, one, "POST", f"{KEYS}/key_nope/budgets/reset", {})
+        assert (code, missing["error"]["code"]) == (404, "auth_key_not_found")
+        code, bad = await admin(http, one, "POST", reset, {"period": "daily", "user_path": "/x"})
+        assert (code, bad["error"]["param"]) == (400, "user_path")
+        code, answer = await admin(http, one, "POST", reset, {"period": "monthly"})
+        assert code == 200
+        with pytest.raises(openai.RateLimitError):  # (the daily budget is still spent)
+            await in_thread(raw_chat, clients[0])
+        code, answer = await admin(http, one, "POST", reset, {"period": "daily"})
+        assert code == 200 and answer["id"] == key["id"]
+        daily, monthly = answer["budgets"]
+        assert (daily["period"], daily["spent_tokens"], monthly["spent_tokens"]) == ("daily", 0, 0)
+        assert daily["last_reset_at"] is not None and monthly["last_reset_at"] is not None
+        assert "reset_at" not in daily
+        await two.service.keys.refresh()  # (every second on its own)
+        await spend(clients[1])  # the other process: 42 more before it refuses again
+        code, answer = await admin(http, two, "POST", reset)  # (no body: every budget of the key)
+        assert code == 200
+        await one.service.keys.refresh()
+        await in_thread(raw_chat, clients[0])
+        # Saved as the dashboard saves it (the budgets as they are, without what is shown beside them): the reset
+        # stays; a budget of another period starts from the period's start.
+        code, edited = await admin(http, one, "PATCH", f"{KEYS}/{key['id']}", {"budgets": [
+            {"period": "daily", "max_tokens": 50}, {"period": "total", "max_tokens": 10000}]})
+        assert code == 200
+        daily, total = edited["budgets"]
+        assert (daily["spent_tokens"], daily["last_reset_at"]) == (21, answer["budgets"][0]["last_reset_at"])
+        assert total["spent_tokens"] > 21 and total["last_reset_at"] is None
+        code, view = await admin(http, one, "GET", f"{KEYS}/{key['id']}")
+        assert view["budgets"] == edited["budgets"]
+    finally:
+        for client in clients:
+            client.close()
+        for gateway in gateways:
+            await gateway.service.stopService()
+        if redis:
+            new = set(redis_client.keys("gomodel:limits:*")) - before
+            if new:
+                redis_client.delete(*new)
+            redis_client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_x_gomodel_user_path_attributes_an_open_gateways_requests_to_a_path(reactor, http, fake, tmp_path):
     """Without a master key, a request without a key naming C{X-GoModel-User-Path} is that path's: its limits

@@ -34,7 +34,8 @@ _CONTROL = re.compile("[\x00-\x1f\x7f]")  # (no store keeps a NUL; no header or 
 
 
 class KeysAPI:
-    """C{POST|GET /auth-keys}, C{GET|PATCH /auth-keys/{id}}, C{POST /auth-keys/{id}/deactivate}."""
+    """C{POST|GET /auth-keys}, C{GET|PATCH /auth-keys/{id}}, C{POST /auth-keys/{id}/deactivate},
+    C{POST /auth-keys/{id}/budgets/reset}."""
 
     app = Klein()
     app.url_map.strict_slashes = False
@@ -86,6 +87,11 @@ class KeysAPI:
     @app.route("/<key_id>", methods=["PATCH", "PUT"])
     async def update(self, request, key_id):
         changes = key_fields(json_body(request), self._clock.seconds(), creating=False)
+        if changes.get("budgets"):  # a budget of a period the key had keeps its last reset
+            resets = {item["period"]: item["reset_at"] for item in (await self._record(key_id))["budgets"] or ()
+                      if item.get("reset_at") is not None}
+            changes["budgets"] = [dict(item, reset_at=resets[item["period"]]) if item["period"] in resets else item
+                                  for item in changes["budgets"]]
         record = await self._store.update(key_id, changes) if changes else await self._record(key_id)
         if record is None:
             raise _unknown(key_id)
@@ -98,6 +104,30 @@ class KeysAPI:
         if record["deactivated_at"] is None:
             record = await self._store.update(key_id, {"deactivated_at": int(self._clock.seconds())})
             self._ring.merge([record])
+        return json_answer(request, (await self._views([record]))[0])
+
+    @app.route("/<key_id>/budgets/reset", methods=["POST"])
+    async def reset_budgets(self, request, key_id):
+        """Reset the key's own budgets (C{{"period"}}: that one; no body or no period: every one): what each
+        spent in its period counts from now, on every process once it reads the keys (within about a second).
+        404 C{budget_not_found} (C{param} C{period}) when the key has no budget of that period."""
+        body = json_body(request) if request.content.seek(0, 2) else {}
+        unknown = set(body) - {"period"}
+        if unknown:
+            raise _bad(sorted(unknown)[0], "is not a field of a budget reset")
+        period = body.get("period")
+        if period is not None and period not in PERIODS:
+            raise _bad("period", f"must be one of: {', '.join(PERIODS)}")
+        record = await self._record(key_id)
+        items = record["budgets"] or []
+        if period is not None and not any(item["period"] == period for item in items):
+            raise NotFound(f"The key {key_id} has no {period} budget.", param="period", code="budget_not_found")
+        at = self._clock.seconds()
+        record = await self._store.update(key_id, {"budgets": [
+            dict(item, reset_at=at) if period in (None, item["period"]) else item for item in items]})
+        if record is None:
+            raise _unknown(key_id)
+        self._ring.merge([record])
         return json_answer(request, (await self._views([record]))[0])
 
     async def _record(self, key_id):
@@ -113,8 +143,8 @@ class KeysAPI:
         if self._book is None:
             return views
         pairs, items = [], []
-        for view in views:
-            for item, budget in zip(view["budgets"] or (), key_budgets(view["budgets"] or ())):
+        for record, view in zip(records, views):
+            for item, budget in zip(view["budgets"], key_budgets(record["budgets"] or ())):
                 pairs.append((f"key:{view['id']}", budget))
                 items.append(item)
         if pairs:
@@ -134,7 +164,7 @@ class KeysAPI:
             "redacted_value": record["redacted"], "models": record["models"],
             "allowed_models": record["models"], "rpm": record["rpm"], "tpm": record["tpm"],
             "max_concurrency": record["max_concurrency"],
-            "budgets": [dict(item) for item in record["budgets"] or ()],
+            "budgets": [_budget_view(item) for item in record["budgets"] or ()],
             "priority": record["priority"], "metadata": record["metadata"],
             "own_cache_salt": record["own_cache_salt"],
             "enabled": record["deactivated_at"] is None,
@@ -142,6 +172,14 @@ class KeysAPI:
             "created_at": iso(record["created_at"]), "updated_at": iso(record["updated_at"]),
             "expires_at": iso(record["expires_at"]), "deactivated_at": iso(record["deactivated_at"]),
         }
+
+
+def _budget_view(item) -> dict:
+    """What the admin API shows of a key's budget: its C{period}, C{max_tokens} or C{max_cost}, and
+    C{last_reset_at} (ISO 8601, or None: never reset)."""
+    view = {name: value for name, value in item.items() if name != "reset_at"}
+    view["last_reset_at"] = iso(item.get("reset_at"))
+    return view
 
 
 def _unknown(key_id):
@@ -260,7 +298,7 @@ def budgets(value) -> list:
         unknown = set(item) - {"period", "max_tokens", "max_cost"}
         if unknown:  # (what a GET shows beside them, spent_tokens..., is read-only)
             raise _bad("budgets", f"each is {{period, max_tokens | max_cost}}: {sorted(unknown)[0]!r} is not a field "
-                                  "of one (what it spent this period is shown, never set)")
+                                  "of one (what it spent this period and its last reset are shown, never set)")
         if ("max_tokens" in item) == ("max_cost" in item):
             raise _bad("budgets", "each sets exactly one of max_tokens and max_cost")
         if item["period"] in periods:

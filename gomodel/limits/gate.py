@@ -338,10 +338,10 @@ def key_budgets(items) -> tuple:
 
     An item with neither C{max_tokens} nor C{max_cost} is a cost of infinity stored before the admin API
     refused one (the JSON encoder wrote it as null): a cap no spend reaches, L{COST_MAX}, as L{Budget}
-    takes any cost past it."""
+    takes any cost past it. An item's C{reset_at} (the admin API's reset of the key's budget) is its C{since}."""
     return tuple(Budget(item["period"], max_tokens=item.get("max_tokens"),
                         max_cost=COST_MAX if item.get("max_tokens") is None and item.get("max_cost") is None
-                        else item.get("max_cost"))
+                        else item.get("max_cost"), since=item.get("reset_at"))
                  for item in items)
 
 

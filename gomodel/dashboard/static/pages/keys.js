@@ -1,4 +1,5 @@
-// Keys: managed keys (create with the secret shown once, edit limits, models and budgets, deactivate).
+// Keys: managed keys (create with the secret shown once, edit limits, models and budgets, reset what the budgets
+// spent, deactivate).
 
 import {admin} from "../api.js";
 import {badge, button, cost, errorNote, h, int, meter, note, replace, table, when} from "../dom.js";
@@ -68,7 +69,18 @@ export function mount(el) {
         }, {kind: "danger"}),
         button("Cancel", () => replace(box, edit, deactivate)));
     }, {kind: "danger-ghost"});
-    return replace(box, edit, deactivate);
+    if (!(k.budgets || []).length) return replace(box, edit, deactivate);
+    const reset = button("Reset budgets", async () => {
+      try {
+        await admin(`auth-keys/${encodeURIComponent(k.id)}/budgets/reset`, {method: "POST"});
+        replace(messages, note("ok", "Budgets reset: what ", h("strong", {text: k.name}),
+          " spent in each budget's period counts from now, on every process within about a second."));
+        load();
+      } catch (error) {
+        replace(messages, errorNote(error));
+      }
+    }, {kind: "ghost"});
+    return replace(box, edit, reset, deactivate);
   }
 
   function showForm(k) {
