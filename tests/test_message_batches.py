@@ -165,6 +165,38 @@ async def test_results_wait_for_the_end_and_an_ended_batch_can_be_deleted(setup)
     assert (await gw.service.store.files.list(limit=100))[0] == []
 
 
+async def test_a_message_batchs_requests_file_is_the_gateways_own_not_the_files_apis(setup):
+    """A message batch's input file (its requests as batch lines) is internal: C{/v1/files} neither lists,
+    shows, serves nor deletes it, nor does C{/v1/batches} take it as an input, while the batch runs on it and
+    C{DELETE /v1/messages/batches/{id}} removes it; its output file is an OpenAI batch's, which OpenAI lets a
+    client delete (the results stay). Before: listed with purpose C{batch} and deletable by the client, under
+    the running batch."""
+    gw, client, vllm, _ = setup
+    auth = {"authorization": f"Bearer {KEY}"}
+    made = await in_thread(client.messages.batches.create, requests=[request("held", fake_hold=True)])
+    input_id = (await (await treq.get(f"{gw.url}/v1/batches/{made.id}", headers=auth)).json())["input_file_id"]
+    listed = await (await treq.get(f"{gw.url}/v1/files", headers=auth)).json()
+    assert listed["data"] == []
+    assert (await (await treq.get(f"{gw.url}/v1/files?purpose=message_batch", headers=auth)).json())["data"] == []
+    for method, path in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
+        answer = await treq.request(method, f"{gw.url}/v1/files/{input_id}{path}", headers=auth)
+        assert (answer.code, (await answer.json())["error"]["code"]) == (404, "file_not_found"), (method, path)
+    reused = await treq.post(f"{gw.url}/v1/batches", headers=auth, json={
+        "input_file_id": input_id, "endpoint": "/v1/messages", "completion_window": "24h"})
+    assert (reused.code, (await reused.json())["error"]["code"]) == (404, "file_not_found")
+    vllm.release_holds()
+    batch = await ended(gw, client, made.id)
+    assert batch.request_counts.succeeded == 1
+    output_id = (await (await treq.get(f"{gw.url}/v1/batches/{made.id}", headers=auth)).json())["output_file_id"]
+    listed = await (await treq.get(f"{gw.url}/v1/files", headers=auth)).json()
+    assert [(f["id"], f["purpose"]) for f in listed["data"]] == [(output_id, "batch_output")]
+    deleted = await treq.delete(f"{gw.url}/v1/files/{output_id}", headers=auth)
+    assert deleted.code == 200
+    assert (await results(client, made.id))["held"].type == "succeeded"
+    await in_thread(client.messages.batches.delete, made.id)
+    assert (await gw.service.store.files.list(limit=100))[0] == []
+
+
 async def test_the_list_pages_newest_first_and_shows_message_batches_only(setup):
     gw, client, _, _ = setup
     made = [(await in_thread(client.messages.batches.create, requests=[request(f"b{i}")])).id for i in range(5)]

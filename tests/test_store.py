@@ -103,6 +103,35 @@ async def test_a_database_of_the_previous_schema_is_migrated_forward(reactor, tm
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_message_batchs_input_file_written_before_is_made_the_gateways_own(reactor, tmp_path):
+    """Migration 13: a message batch's input file written with purpose C{batch} (before it was internal) gets
+    purpose C{message_batch} (C{/v1/files} does not show it); an OpenAI batch's input file keeps its own."""
+    conn = sqlite3.connect(tmp_path / "gomodel.db", isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (12)")
+        for version, statements in MIGRATIONS:
+            if version <= 12:
+                for statement in statements:
+                    conn.execute(statement)
+        for file_id, endpoint in (("file-m", "/v1/messages"), ("file-o", "/v1/chat/completions")):
+            conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose) VALUES (?, 1, 5, 'in', 'batch')",
+                         (file_id,))
+            conn.execute("INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, created_at) "
+                         "VALUES (?, ?, ?, '24h', 'in_progress', 5)", (f"batch_{file_id}", endpoint, file_id))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    store = await opened(reactor, tmp_path)
+    try:
+        assert (await store.files.get("file-m"))["purpose"] == "message_batch"
+        assert (await store.files.get("file-o"))["purpose"] == "batch"
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_database_work_never_runs_on_the_reactor_thread(store):
     seen = []
     original = store.files._get

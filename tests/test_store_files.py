@@ -38,6 +38,17 @@ async def test_files_are_listed_paged_and_deleted(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_purposes_hidden_are_left_out_of_a_listing_and_its_pages(store):
+    """C{hide}: the purposes a listing leaves out (the gateway's own files), its pages counted without them."""
+    a = await add_file(store, purpose="batch")
+    await add_file(store, purpose="message_batch")
+    c = await add_file(store, purpose="batch_output")
+    page = await store.files.list(limit=2, hide=("message_batch",))
+    assert ([r["id"] for r in page[0]], page[1]) == ([c["id"], a["id"]], False)
+    assert await store.files.list(purpose="message_batch", hide=("message_batch", "x")) == ([], False)
+    assert len((await store.files.list())[0]) == 3
+
+@pytest_twisted.ensureDeferred
 async def test_a_tenants_listing_takes_only_its_own_files_as_cursor(store):
     async def add(file_id, tenant):
         size = await put_blob(store.blobs, file_id, b"x\n")

@@ -2,8 +2,9 @@
 
 A message batch is one of the gateway's batches (L{gomodel.batches.runner})
 whose endpoint is C{/v1/messages}: its requests, given inline, are written as
-its input file (OpenAI's batch lines, purpose C{batch}, owned by the key's
-tenant), and it runs, resumes, expires and is cancelled as every batch does,
+its input file (OpenAI's batch lines, owned by the key's tenant, purpose
+L{gomodel.store.records.MESSAGE_BATCH_PURPOSE}: the gateway's own, which
+C{/v1/files} does not show; deleting the batch removes it), and it runs, resumes, expires and is cancelled as every batch does,
 on whichever host has room. Each request goes to its model's provider as an
 online Messages request would (L{gomodel.anthropic.batch_lines}): natively to
 a vLLM, otherwise translated to chat completions, its answer made a message.
@@ -33,7 +34,7 @@ from gomodel.batches.concluding import CANCELLED_CODE, EXPIRED_CODE
 from gomodel.errors import Conflict, GatewayError, InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
-from gomodel.store.records import new_file_id
+from gomodel.store.records import MESSAGE_BATCH_PURPOSE, new_file_id
 
 ENDPOINT = "/v1/messages"
 MAX_REQUESTS = 100_000  # Anthropic's limit
@@ -196,7 +197,7 @@ class MessageBatchesAPI:
             await writer.abort()
             raise
         try:
-            await self._files.add(file_id, size, "message_batch_requests.jsonl", "batch", tenant, None)
+            await self._files.add(file_id, size, "message_batch_requests.jsonl", MESSAGE_BATCH_PURPOSE, tenant, None)
         except BaseException:
             await self._blobs.delete(file_id)
             raise

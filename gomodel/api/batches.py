@@ -11,7 +11,7 @@ from klein import Klein
 
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
-from gomodel.api.files import expiry_seconds
+from gomodel.api.files import client_file, expiry_seconds
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window
@@ -87,9 +87,7 @@ class BatchesAPI:
             raise InvalidRequest("'output_expires_after' must be an object: {\"anchor\": \"created_at\", "
                                  "\"seconds\": N}.", param="output_expires_after", code="invalid_type")
         principal = request.context.principal
-        input_file = await self._files.get(input_file_id)
-        if input_file is None or not visible(principal, input_file):
-            raise NotFound(f"No such File object: {input_file_id}", param="input_file_id", code="file_not_found")
+        input_file = await client_file(self._files, principal, input_file_id, "input_file_id")
         if input_file["purpose"] != "batch":
             raise InvalidRequest(f"The file {input_file_id} has purpose '{input_file['purpose']}'; "
                                  "a batch needs a file uploaded with purpose 'batch'.", param="input_file_id",

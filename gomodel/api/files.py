@@ -14,10 +14,12 @@ from gomodel.api.producers import send_file
 from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.errors import InvalidRequest, NotFound
-from gomodel.store.records import new_file_id
+from gomodel.store.records import MESSAGE_BATCH_PURPOSE, new_file_id
 
 # What a client may upload (OpenAI's list); "batch_output" is ours to write.
 UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "user_data", "vision", "evals")
+# The gateway's own files, which no route here lists, shows, serves or deletes (a message batch's requests).
+INTERNAL_PURPOSES = (MESSAGE_BATCH_PURPOSE,)
 LIST_LIMIT_MAX = 10000
 EXPIRES_AFTER = (3600, 30 * 86400)  # an expiry policy's seconds (an upload's, a batch's output), as OpenAI bounds them
 BUFFERED_CHUNK = 64 * 1024
@@ -120,7 +122,8 @@ class FilesAPI:
         limit = query_limit(request, LIST_LIMIT_MAX, LIST_LIMIT_MAX)
         records, has_more = await self._files.list(purpose=purpose, after=query_arg(request, b"after"),
                                                   limit=limit, order=order,
-                                                  tenant=tenant_of(request.context.principal))
+                                                  tenant=tenant_of(request.context.principal),
+                                                  hide=INTERNAL_PURPOSES)
         return json_answer(request, page([file_object(r) for r in records], has_more))
 
     @app.route("/<file_id>", methods=["GET"])
@@ -146,12 +149,21 @@ class FilesAPI:
 
     async def _record(self, request, file_id):
         """The record of a file the request's key may see; L{NotFound} otherwise."""
-        record = await self._files.get(file_id)
-        if record is None or not visible(request.context.principal, record):
-            raise _no_file(file_id)
-        return record
+        return await client_file(self._files, request.context.principal, file_id)
 
     install_error_handlers(app)
+
+
+async def client_file(files, principal, file_id, param="file_id"):
+    """The record of file C{file_id} in C{files} (an L{gomodel.store.interfaces.IFileStore}) that C{principal}
+    may see and that is no file of the gateway's own (L{INTERNAL_PURPOSES}).
+
+    @raise NotFound: there is no such file (C{param} named).
+    """
+    record = await files.get(file_id)
+    if record is None or record["purpose"] in INTERNAL_PURPOSES or not visible(principal, record):
+        raise _no_file(file_id, param)
+    return record
 
 
 def _expires_after(fields):
@@ -180,5 +192,5 @@ def expiry_seconds(anchor, seconds, param: str) -> int:
     return seconds
 
 
-def _no_file(file_id):
-    return NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
+def _no_file(file_id, param="file_id"):
+    return NotFound(f"No such File object: {file_id}", param=param, code="file_not_found")

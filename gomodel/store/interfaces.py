@@ -40,8 +40,11 @@ class IFileStore(Interface):
     def get(file_id):
         """@return: a Deferred firing with the file's record, or None (none, or expired)."""
 
-    def list(purpose=None, after=None, limit=10000, order="desc"):
+    def list(purpose=None, after=None, limit=10000, order="desc", tenant=None, hide=()):
         """List files (not those expired), newest first for C{order="desc"}, oldest first for C{"asc"}.
+
+        @param tenant: only that tenant's files (None: everyone's).
+        @param hide: purposes not listed (the gateway's own files: L{gomodel.store.records.MESSAGE_BATCH_PURPOSE}).
 
         @param after: a file id: only files after it in that order are listed, whatever its
             purpose, also once it expired or was deleted (up to L{KEEP_DELETED} ago); an unknown id or

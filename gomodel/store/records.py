@@ -27,6 +27,9 @@ import uuid
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 # Statuses that end a batch.
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+# The purpose of a message batch's input file (its requests as batch lines, L{gomodel.anthropic.batches}): the
+# gateway's own, which C{/v1/files} neither lists, shows, serves nor deletes (its batch removes it).
+MESSAGE_BATCH_PURPOSE = "message_batch"
 
 
 def new_file_id() -> str:

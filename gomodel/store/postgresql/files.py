@@ -46,11 +46,11 @@ class PostgreSQLFileStore:
     def get(self, file_id):
         return self._db.run(get_file, file_id, int(self._db.now()))
 
-    def list(self, purpose=None, after=None, limit=10000, order="desc", tenant=None):
-        return self._db.run(self._list, purpose, after, limit, order, tenant, int(self._db.now()))
+    def list(self, purpose=None, after=None, limit=10000, order="desc", tenant=None, hide=()):
+        return self._db.run(self._list, purpose, after, limit, order, tenant, tuple(hide), int(self._db.now()))
 
     @staticmethod
-    def _list(conn, purpose, after, limit, order, tenant, now):
+    def _list(conn, purpose, after, limit, order, tenant, hide, now):
         where, args = [_LIVE], [now]
         if tenant is not None:
             where.append("tenant = %s")
@@ -70,6 +70,9 @@ class PostgreSQLFileStore:
         if purpose is not None:
             where.append("purpose = %s")
             args.append(purpose)
+        if hide:
+            where.append(f"purpose NOT IN ({', '.join('%s' for _ in hide)})")
+            args.extend(hide)
         direction = "DESC" if order == "desc" else "ASC"
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq {direction} LIMIT %s"
         rows = conn.cursor(row_factory=dict_row).execute(sql, (*args, limit + 1)).fetchall()

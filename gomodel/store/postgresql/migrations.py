@@ -239,6 +239,12 @@ MIGRATIONS = (
         # The model its lines name, once validated (None: they name several).
         "ALTER TABLE batches ADD COLUMN model TEXT",
     )),
+    (14, (
+        # A message batch's input file is the gateway's own (purpose message_batch: /v1/files does not show it);
+        # those made before were written with purpose batch.
+        "UPDATE files SET purpose = 'message_batch' WHERE purpose = 'batch' "
+        "AND id IN (SELECT input_file_id FROM batches WHERE endpoint = '/v1/messages')",
+    )),
 )
 
 

@@ -43,10 +43,10 @@ class SQLiteFileStore:
         row = self._db.conn().execute(f"{_SELECT} WHERE id = ? AND {_LIVE}", (file_id, now)).fetchone()
         return dict(row) if row is not None else None
 
-    def list(self, purpose=None, after=None, limit=10000, order="desc", tenant=None):
-        return self._db.run(self._list, purpose, after, limit, order, tenant, int(self._db.now()))
+    def list(self, purpose=None, after=None, limit=10000, order="desc", tenant=None, hide=()):
+        return self._db.run(self._list, purpose, after, limit, order, tenant, tuple(hide), int(self._db.now()))
 
-    def _list(self, purpose, after, limit, order, tenant, now):
+    def _list(self, purpose, after, limit, order, tenant, hide, now):
         conn = self._db.conn()
         where, args = [_LIVE], [now]
         if tenant is not None:
@@ -67,6 +67,9 @@ class SQLiteFileStore:
         if purpose is not None:
             where.append("purpose = ?")
             args.append(purpose)
+        if hide:
+            where.append(f"purpose NOT IN ({', '.join('?' for _ in hide)})")
+            args.extend(hide)
         direction = "DESC" if order == "desc" else "ASC"
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq {direction} LIMIT ?"
         rows = conn.execute(sql, (*args, limit + 1)).fetchall()
