@@ -159,6 +159,34 @@ async def test_a_batch_reports_the_tokens_its_answered_lines_used(sdk, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_keys_batch_lines_are_its_usage_but_not_its_rpm_or_tpm(gw, http):
+    """Batch lines run beside a key's online traffic, not within its C{rpm} and C{tpm} (OpenAI counts batches
+    against a separate queue limit, not the per-minute ones): a key allowed one request a minute has a batch
+    of three lines answered, and its next online request passes; the lines' tokens are the key's usage
+    (C{GET /v1/usage}, the admin API's usage by key)."""
+    made = await http.post(f"{gw.url}/admin/api/v1/auth-keys", headers=AUTH,
+                           data=json.dumps({"name": "batcher", "rpm": 1, "tpm": 100}).encode())
+    key = json.loads(await treq.content(made))
+    client = openai_client(gw, key["value"], timeout=20)
+    try:
+        created = await start_batch(client, [chat_line(f"l{i}") for i in range(3)])
+        batch = await finished(gw, client, created.id)
+        assert batch.request_counts.completed == 3
+        answer = await in_thread(client.chat.completions.create, model=MODEL, max_tokens=5,
+                                 messages=[{"role": "user", "content": "hi"}])
+        await gw.service.usage.flush()
+        own = await http.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {key['value']}"})
+        usage = json.loads(await treq.content(own))["usage"]
+        assert usage["total_requests"] == 4
+        assert usage["total_tokens"] == batch.usage.total_tokens + answer.usage.total_tokens
+        by_key = json.loads(await treq.content(await http.get(f"{gw.url}/admin/api/v1/usage/keys", headers=AUTH)))
+        [row] = [row for row in by_key["data"] if row["auth_key_id"] == key["id"]]
+        assert (row["requests"], row["total_tokens"]) == (4, usage["total_tokens"])
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_batch_names_its_model_when_its_lines_name_one(sdk, gw):
     """OpenAI's C{model} of a batch: the model its lines name, once validated; None while validating and for a
     batch whose lines name several (ours: OpenAI takes one model per batch)."""
