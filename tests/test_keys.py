@@ -672,6 +672,61 @@ async def test_files_batches_and_responses_belong_to_their_tenant(http, gw):
             client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_key_given_a_user_path_keeps_what_it_made_alone_and_a_moved_key_leaves_its_teams(http, gw):
+    """What a key without a user path made is the key's: given a path later, it still sees, lists and
+    continues it (its new team does not); what it made in a team is the team's: moved to another path, or
+    out of any, it sees none of it, its old team still does. (Before: a key given a path lost what it made
+    alone to everyone but the master key.)"""
+    solo = await new_key(http, gw)
+    member = await new_key(http, gw, user_path="/team/alpha")
+    teammate = await new_key(http, gw, user_path="/team/alpha")
+    clients = {name: openai_client(gw, key["value"]) for name, key in
+               (("solo", solo), ("member", member), ("teammate", teammate))}
+    try:
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}
+
+        async def make(client):
+            uploaded = await in_thread(client.files.create,
+                                       file=("in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")), purpose="batch")
+            batch = await in_thread(client.batches.create, input_file_id=uploaded.id,
+                                    endpoint="/v1/chat/completions", completion_window="24h")
+            await gw.service.batch_runner.settled(batch.id)
+            response = await in_thread(client.responses.create, model=MODEL, input="hi")
+            await gw.service.store.responses.get(response.id)  # queued behind the write: stored now
+            return uploaded.id, batch.id, response.id
+
+        async def sees(client, made):
+            file_id, batch_id, response_id = made
+            listed_files = [f.id for f in (await in_thread(client.files.list)).data]
+            listed_batches = [b.id for b in (await in_thread(client.batches.list)).data]
+            reached = []
+            for call in (lambda: client.files.retrieve(file_id), lambda: client.batches.retrieve(batch_id),
+                         lambda: client.responses.retrieve(response_id),
+                         lambda: client.responses.create(model=MODEL, input="more", previous_response_id=response_id)):
+                try:
+                    await in_thread(call)
+                    reached.append(True)
+                except (openai.NotFoundError, openai.BadRequestError):
+                    reached.append(False)
+            return file_id in listed_files, batch_id in listed_batches, reached
+
+        alone, in_team = await make(clients["solo"]), await make(clients["member"])
+        for key, path in ((solo, "/team/alpha"), (member, "/team/beta")):
+            code, _ = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"user_path": path})
+            assert code == 200
+        assert await sees(clients["solo"], alone) == (True, True, [True] * 4)
+        assert await sees(clients["teammate"], alone) == (False, False, [False] * 4)
+        assert await sees(clients["member"], in_team) == (False, False, [False] * 4)
+        assert await sees(clients["teammate"], in_team) == (True, True, [True] * 4)
+        code, _ = await admin(http, gw, "PATCH", f"{KEYS}/{member['id']}", {"user_path": None})
+        assert await sees(clients["member"], in_team) == (False, False, [False] * 4)
+    finally:
+        for client in clients.values():
+            client.close()
+
+
 # -- cache_salt and priority -------------------------------------------------------------------
 
 

@@ -154,6 +154,12 @@ async def test_a_tenants_listing_takes_only_its_own_batches_as_cursor(store):
     for batch_id, tenant in (("batch_a", "path:/a"), ("batch_b", "path:/b")):
         await store.batches.add(batch(batch_id, tenant=tenant))
     assert await store.batches.list(after="batch_b", tenant="path:/a") == ([], False)  # as an unknown id
+    # Several tenants (a key's team's and its own): theirs, each a cursor.
+    await store.batches.add(batch("batch_c", tenant="key:k"))
+    both = ("path:/a", "key:k")
+    assert [b["id"] for b in (await store.batches.list(tenant=both))[0]] == ["batch_c", "batch_a"]
+    assert [b["id"] for b in (await store.batches.list(after="batch_c", tenant=both))[0]] == ["batch_a"]
+    assert await store.batches.list(after="batch_b", tenant=both) == ([], False)
     assert [r["id"] for r in (await store.batches.list(after="batch_b"))[0]] == ["batch_a"]
 
 

@@ -57,6 +57,12 @@ async def test_a_tenants_listing_takes_only_its_own_files_as_cursor(store):
     mine, theirs = await add("file-a", "path:/a"), await add("file-b", "path:/b")
     assert await store.files.list(after=theirs["id"], tenant="path:/a") == ([], False)  # as an unknown id
     assert [r["id"] for r in (await store.files.list(after=theirs["id"]))[0]] == [mine["id"]]
+    # Several tenants (a key's team's and its own): theirs, each a cursor.
+    own = await add("file-c", "key:k")
+    both = ("path:/a", "key:k")
+    assert [r["id"] for r in (await store.files.list(tenant=both))[0]] == [own["id"], mine["id"]]
+    assert [r["id"] for r in (await store.files.list(after=own["id"], tenant=both))[0]] == [mine["id"]]
+    assert await store.files.list(after=theirs["id"], tenant=both) == ([], False)
 
 
 @pytest_twisted.ensureDeferred

@@ -29,7 +29,7 @@ from gomodel import jsonutil
 from gomodel.anthropic.translate import ANTHROPIC_ERROR_TYPES, is_anthropic_error, openai_error_to_anthropic
 from gomodel.api.inference import resolve_model
 from gomodel.api.producers import send_pages
-from gomodel.auth.tenancy import tenant_of, visible
+from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.batches.concluding import CANCELLED_CODE, EXPIRED_CODE
 from gomodel.errors import Conflict, GatewayError, InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg, query_limit
@@ -218,7 +218,7 @@ class MessageBatchesAPI:
         after, before = query_arg(request, b"after_id"), query_arg(request, b"before_id")
         if after is not None and before is not None:
             raise InvalidRequest("Give after_id or before_id, not both.", param="before_id")
-        tenant = tenant_of(request.context.principal)
+        tenant = tenants_of(request.context.principal)
         for cursor, name in ((after, "after_id"), (before, "before_id")):
             if cursor is not None:
                 await self._get(request, cursor, name)  # (one this key may see, or a 404)

@@ -13,7 +13,7 @@ from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_l
 from gomodel.http.render import install as install_error_handlers
 from gomodel.api.files import client_file, expiry_seconds
 from gomodel.api.producers import send_pages
-from gomodel.auth.tenancy import tenant_of, visible
+from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window
 from gomodel.errors import Conflict, InvalidRequest, NotFound
 
@@ -102,7 +102,7 @@ class BatchesAPI:
     async def list_batches(self, request):
         limit = query_limit(request, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX)
         records, has_more = await self._batches.list(after=query_arg(request, b"after"), limit=limit,
-                                                     tenant=tenant_of(request.context.principal))
+                                                     tenant=tenants_of(request.context.principal))
         return json_answer(request, page([batch_object(r) for r in records], has_more))
 
     @app.route("/<batch_id>", methods=["GET"])

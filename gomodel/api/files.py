@@ -12,7 +12,7 @@ from gomodel.http.channel import GatewayChannel
 from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
-from gomodel.auth.tenancy import tenant_of, visible
+from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE, new_file_id
 
@@ -122,7 +122,7 @@ class FilesAPI:
         limit = query_limit(request, LIST_LIMIT_MAX, LIST_LIMIT_MAX)
         records, has_more = await self._files.list(purpose=purpose, after=query_arg(request, b"after"),
                                                   limit=limit, order=order,
-                                                  tenant=tenant_of(request.context.principal),
+                                                  tenant=tenants_of(request.context.principal),
                                                   hide=INTERNAL_PURPOSES)
         return json_answer(request, page([file_object(r) for r in records], has_more))
 

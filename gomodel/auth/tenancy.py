@@ -3,7 +3,10 @@
 Files, batches (and their output files) and stored responses made with a
 managed key belong to its tenant: its user path when it has one (a team
 shares them), else the key. Another key gets 404 for them and does not see
-them listed; the master key sees everything.
+them listed; the master key sees everything. A key sees its tenant's and what
+it made itself without a user path (given one later, it keeps them: they are
+the key's, not its new team's); moved to another path, it leaves what it made
+in its old team to that team.
 
 vLLM shares its prefix cache between requests: a tenant could time another
 tenant's prompts through it. A request of a managed key sent to a vLLM
@@ -28,9 +31,22 @@ def tenant_of(principal):
     return None if principal is None else principal.tenant
 
 
+def tenants_of(principal):
+    """The tenants whose objects C{principal} sees (a tuple: its tenant, and the key's own where its tenant
+    is its user path's), or None for the master key or nobody (everyone's)."""
+    if principal is None or principal.master:
+        return None
+    own = f"key:{principal.id}"
+    return (principal.tenant,) if principal.tenant == own else (principal.tenant, own)
+
+
 def visible(principal, record) -> bool:
-    """Whether C{principal} may see C{record} (a file, batch or stored response)."""
-    return principal is None or principal.master or record.get("tenant") == principal.tenant
+    """Whether C{principal} may see C{record} (a file, batch or stored response): one of
+    L{tenants_of}'s."""
+    if principal is None or principal.master:
+        return True
+    tenant = record.get("tenant")
+    return tenant == principal.tenant or tenant == f"key:{principal.id}"
 
 
 class CacheSalts:

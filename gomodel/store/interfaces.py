@@ -43,9 +43,8 @@ class IFileStore(Interface):
     def list(purpose=None, after=None, limit=10000, order="desc", tenant=None, hide=()):
         """List files (not those expired), newest first for C{order="desc"}, oldest first for C{"asc"}.
 
-        @param tenant: only that tenant's files (None: everyone's).
+        @param tenant: only that tenant's files, or those tenants' (a sequence); None: everyone's.
         @param hide: purposes not listed (the gateway's own files: L{gomodel.store.records.MESSAGE_BATCH_PURPOSE}).
-
         @param after: a file id: only files after it in that order are listed, whatever its
             purpose, also once it expired or was deleted (up to L{KEEP_DELETED} ago); an unknown id or
             another tenant's lists nothing.
@@ -148,7 +147,7 @@ class IBatchStore(Interface):
 
     def list(after=None, limit=20, tenant=None, endpoint=None):
         """@return: a Deferred firing with C{(records, has_more)}, newest first; C{after} is a batch id; only
-        C{tenant}'s and only those of C{endpoint} when given."""
+        C{tenant}'s (one tenant, or a sequence of them) and only those of C{endpoint} when given."""
 
     def delete(batch_id, only_if_status):
         """Forget a batch whose status is one of C{only_if_status}, with its requests and results (not its files).

@@ -32,6 +32,14 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 MESSAGE_BATCH_PURPOSE = "message_batch"
 
 
+def tenant_list(tenant) -> list:
+    """A listing's C{tenant} argument (one tenant, a sequence of them, or None: everyone's) as a list of
+    tenants (empty: everyone's)."""
+    if tenant is None:
+        return []
+    return [tenant] if isinstance(tenant, str) else list(tenant)
+
+
 def new_file_id() -> str:
     """A fresh file id (also the id of its contents in the blob store)."""
     return "file-" + uuid.uuid4().hex

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.postgresql.files import insert_file
-from gomodel.store.records import UNFINISHED, LeaseLost
+from gomodel.store.records import UNFINISHED, LeaseLost, tenant_list
 
 BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
@@ -62,10 +62,13 @@ class PostgreSQLBatchStore:
     @staticmethod
     def _list(conn, after, limit, tenant, endpoint):
         where, args = [], []
-        for column, value in (("tenant", tenant), ("endpoint", endpoint)):
-            if value is not None:
-                where.append(f"{column} = %s")
-                args.append(value)
+        tenants = tenant_list(tenant)
+        if tenants:
+            where.append("tenant = ANY(%s)")
+            args.append(tenants)
+        if endpoint is not None:
+            where.append("endpoint = %s")
+            args.append(endpoint)
         if after is not None:
             # (an item of this listing: another tenant's id is as unknown)
             row = conn.execute(f"SELECT seq FROM batches WHERE {' AND '.join(['id = %s', *where])}",

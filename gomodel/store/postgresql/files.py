@@ -4,6 +4,7 @@ from psycopg.rows import dict_row
 from zope.interface import implementer
 
 from gomodel.store.interfaces import KEEP_DELETED, IFileStore
+from gomodel.store.records import tenant_list
 
 FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "tenant")
 _SELECT = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
@@ -52,14 +53,15 @@ class PostgreSQLFileStore:
     @staticmethod
     def _list(conn, purpose, after, limit, order, tenant, hide, now):
         where, args = [_LIVE], [now]
-        if tenant is not None:
-            where.append("tenant = %s")
-            args.append(tenant)
+        tenants = tenant_list(tenant)
+        if tenants:
+            where.append("tenant = ANY(%s)")
+            args.append(tenants)
         if after is not None:
             # The cursor is a file this key may see or saw, of any purpose: its place in the order is where
             # the page starts (OpenAI's cursor), also once it expired or was deleted (a client deleting the
             # files it pages through). Another tenant's id is as unknown.
-            mine, whose = ("", ()) if tenant is None else (" AND tenant = %s", (tenant,))
+            mine, whose = ("", ()) if not tenants else (" AND tenant = ANY(%s)", (tenants,))
             row = conn.execute(f"SELECT seq FROM files WHERE id = %s{mine} "
                                f"UNION ALL SELECT seq FROM deleted_files WHERE id = %s{mine}",
                                (after, *whose, after, *whose)).fetchone()
@@ -71,8 +73,8 @@ class PostgreSQLFileStore:
             where.append("purpose = %s")
             args.append(purpose)
         if hide:
-            where.append(f"purpose NOT IN ({', '.join('%s' for _ in hide)})")
-            args.extend(hide)
+            where.append("purpose <> ALL(%s)")
+            args.append(list(hide))
         direction = "DESC" if order == "desc" else "ASC"
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq {direction} LIMIT %s"
         rows = conn.cursor(row_factory=dict_row).execute(sql, (*args, limit + 1)).fetchall()

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
-from gomodel.store.records import UNFINISHED, LeaseLost
+from gomodel.store.records import UNFINISHED, LeaseLost, tenant_list
 from gomodel.store.sqlite.rows import insert_rows, marks
 from gomodel.store.sqlite.files import insert_file
 
@@ -66,10 +66,13 @@ class SQLiteBatchStore:
     def _list(self, after, limit, tenant, endpoint):
         conn = self._db.conn()
         where, args = [], []
-        for column, value in (("tenant", tenant), ("endpoint", endpoint)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
+        tenants = tenant_list(tenant)
+        if tenants:
+            where.append(f"tenant IN ({marks(tenants)})")
+            args.extend(tenants)
+        if endpoint is not None:
+            where.append("endpoint = ?")
+            args.append(endpoint)
         if after is not None:
             # (an item of this listing: another tenant's id is as unknown)
             row = conn.execute(f"SELECT seq FROM batches WHERE {' AND '.join(['id = ?', *where])}",

@@ -3,6 +3,7 @@
 from zope.interface import implementer
 
 from gomodel.store.interfaces import KEEP_DELETED, IFileStore
+from gomodel.store.records import tenant_list
 from gomodel.store.sqlite.rows import marks
 
 FILE_COLUMNS = ("id", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "tenant")
@@ -49,14 +50,15 @@ class SQLiteFileStore:
     def _list(self, purpose, after, limit, order, tenant, hide, now):
         conn = self._db.conn()
         where, args = [_LIVE], [now]
-        if tenant is not None:
-            where.append("tenant = ?")
-            args.append(tenant)
+        tenants = tenant_list(tenant)
+        if tenants:
+            where.append(f"tenant IN ({marks(tenants)})")
+            args.extend(tenants)
         if after is not None:
             # The cursor is a file this key may see or saw, of any purpose: its place in the order is where
             # the page starts (OpenAI's cursor), also once it expired or was deleted (a client deleting the
             # files it pages through). Another tenant's id is as unknown.
-            mine, whose = ("", ()) if tenant is None else (" AND tenant = ?", (tenant,))
+            mine, whose = ("", ()) if not tenants else (f" AND tenant IN ({marks(tenants)})", tenants)
             row = conn.execute(f"SELECT seq FROM files WHERE id = ?{mine} "
                                f"UNION ALL SELECT seq FROM deleted_files WHERE id = ?{mine}",
                                (after, *whose, after, *whose)).fetchone()
@@ -68,7 +70,7 @@ class SQLiteFileStore:
             where.append("purpose = ?")
             args.append(purpose)
         if hide:
-            where.append(f"purpose NOT IN ({', '.join('?' for _ in hide)})")
+            where.append(f"purpose NOT IN ({marks(hide)})")
             args.extend(hide)
         direction = "DESC" if order == "desc" else "ASC"
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq {direction} LIMIT ?"
