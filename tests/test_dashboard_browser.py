@@ -459,7 +459,8 @@ async def test_keys_create_show_once_use_and_deactivate(env):
             row = [r for r in b.all("#keys-list tr.key-row") if XSS in r.text][0]
             row.find_element("xpath", ".//button[text()='Reset budgets']").click()
             b.wait_text("#keys-messages", lambda t: "Budgets reset" in t, "the reset")
-            b.wait_text("#keys-list .budget .meter-label", lambda t: t == "daily: 0 / 100,000 tokens", "the reset budget")
+            b.wait_text("#keys-list .budget .meter-label", lambda t: t == "daily: 0 / 100,000 tokens",
+                        "the reset budget")
             # edit: a bad user path is the API's 400, shown; a good edit is saved
             row = [r for r in b.all("#keys-list tr.key-row") if XSS in r.text][0]
             row.find_element("xpath", ".//button[text()='Edit']").click()

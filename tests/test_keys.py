@@ -688,8 +688,8 @@ async def test_a_key_given_a_user_path_keeps_what_it_made_alone_and_a_moved_key_
                 "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}
 
         async def make(client):
-            uploaded = await in_thread(client.files.create,
-                                       file=("in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")), purpose="batch")
+            contents = io.BytesIO(json.dumps(line).encode() + b"\n")
+            uploaded = await in_thread(client.files.create, file=("in.jsonl", contents), purpose="batch")
             batch = await in_thread(client.batches.create, input_file_id=uploaded.id,
                                     endpoint="/v1/chat/completions", completion_window="24h")
             await gw.service.batch_runner.settled(batch.id)

@@ -4,8 +4,9 @@ A message batch is one of the gateway's batches (L{gomodel.batches.runner})
 whose endpoint is C{/v1/messages}: its requests, given inline, are written as
 its input file (OpenAI's batch lines, owned by the key's tenant, purpose
 L{gomodel.store.records.MESSAGE_BATCH_PURPOSE}: the gateway's own, which
-C{/v1/files} does not show; deleting the batch removes it), and it runs, resumes, expires and is cancelled as every batch does,
-on whichever host has room. Each request goes to its model's provider as an
+C{/v1/files} does not show; deleting the batch removes it), and it runs,
+resumes, expires and is cancelled as every batch does, on whichever host has
+room. Each request goes to its model's provider as an
 online Messages request would (L{gomodel.anthropic.batch_lines}): natively to
 a vLLM, otherwise translated to chat completions, its answer made a message.
 
