@@ -131,11 +131,15 @@ def tls_stub():
     """Import under a stand-in C{ssl} where TLS is left out (L{leave_tls_out}) and not loaded, and with a
     stand-in C{urllib.request.HTTPSHandler} where C{urllib.request} has none (it was imported without
     C{ssl}): the module imported keeps them (for functions the gateway never calls); afterwards C{urllib.request}
-    is as it was, and the next import of C{ssl} gets the real one."""
-    if _LeaveOut not in sys.meta_path or "ssl" in sys.modules:
+    is as it was, and the next import of C{ssl} gets the real one. The handler is needed even where the real
+    C{ssl} was loaded since (redis-py or psycopg, while the configuration was read): C{urllib.request} was not
+    imported again."""
+    if _LeaveOut not in sys.meta_path:
         yield
         return
-    stub = sys.modules["ssl"] = _stub()
+    stub = None if "ssl" in sys.modules else _stub()
+    if stub is not None:
+        sys.modules["ssl"] = stub
     request = sys.modules.get("urllib.request")
     handler = request is not None and not hasattr(request, "HTTPSHandler")
     if handler:
@@ -145,5 +149,5 @@ def tls_stub():
     finally:
         if handler:
             del request.HTTPSHandler
-        if sys.modules.get("ssl") is stub:
+        if stub is not None and sys.modules.get("ssl") is stub:
             del sys.modules["ssl"]

@@ -140,6 +140,28 @@ def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first
                      "used": ["2.50", 7, "application/json", True, True, True], "then": ["module"]}
 
 
+@pytest.mark.parametrize("env", [{"REDIS_URL": "redis://127.0.0.1:6379/0"},
+                                 {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/gomodel"}])
+def test_the_gomodel_command_builds_a_gateway_whose_drivers_load_tls(tmp_path, env):
+    """redis-py and psycopg import the real C{ssl} while the configuration is read, after twistd imported
+    C{urllib.request} without it: prometheus_client, imported next, still finds the C{HTTPSHandler} it
+    imports (before: an ImportError traceback at start, so C{REDIS_URL} or PostgreSQL never started)."""
+    code = ("import sys\n"
+            "from gomodel.lean import leave_tls_out\n"
+            "assert leave_tls_out()\n"
+            "import urllib.request\n"  # (as twistd imports it, before the options are read)
+            "from gomodel.tap import Options, makeService\n"
+            "options = Options()\n"
+            "options.parseOptions(sys.argv[1:])\n"
+            "makeService(options)\n"
+            "print('prometheus_client' in sys.modules, 'ssl' in sys.modules, hasattr(urllib.request, 'HTTPSHandler'))")
+    result = subprocess.run([sys.executable, "-c", code, "--listen", "tcp:0:interface=127.0.0.1"],
+                            capture_output=True, text=True, env=_env(tmp_path, dict(PLAIN_UPSTREAM, **env)),
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "True True False"  # (urllib.request as it was imported: no HTTPS)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_gateway_run_by_the_gomodel_command_maps_no_libcrypto_and_serves_its_metrics(tmp_path):
     import http.client
