@@ -92,7 +92,7 @@ def check_installed():
             found = False
         if not found:
             raise ConfigError(f"OTEL_ENABLED=true needs the OpenTelemetry SDK and its OTLP/HTTP exporter "
-                              f"({name} is not installed): pip install 'gomodel[otel]'.")
+                              f"({name} is not installed): pip install '.[otel]' from gomodel's source tree.")
 
 
 class Telemetry(Service):
