@@ -68,6 +68,7 @@ def twistd(command=None):
     from twisted.python import usage
 
     config = ServerOptions()
+    config.synopsis = "Usage:"  # (its help reads "Usage: gomodel [--listen ...]", not twistd's options)
     try:
         config.parseOptions()
     except usage.error as e:

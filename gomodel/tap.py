@@ -12,7 +12,7 @@ from gomodel.config.parsers import checked, whole
 
 
 class Options(usage.Options):
-    synopsis = "[--listen STRPORT ...] [--config gomodel.yaml]"
+    synopsis = "[--listen STRPORT ...] [--config gomodel.yaml] [--workers N]"
     longdesc = ("OpenAI-compatible AI gateway. Providers come from the environment "
                 "(VLLM_BASE_URL, VLLM_<NAME>_BASE_URL, ...) and the YAML file; the environment wins.")
     optParameters = [

@@ -378,6 +378,19 @@ async def test_the_gateway_serves_as_the_image_runs_it_without_docstrings_or_ass
     assert "Traceback" not in log_path.read_text()
 
 
+def test_help_names_the_command_it_was_asked_of_and_every_option(tmp_path):
+    """C{gomodel --help} reads as that command's usage (not C{twistd [options] gomodel}, which the
+    C{gomodel} command does not take), and both synopses name C{--workers}."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    command = subprocess.run([sys.executable, "-c", "from gomodel.cli import main; main()", "--help"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    plugin = twistd("gomodel", "--help")
+    assert command.returncode == plugin.returncode == 0, command.stderr + plugin.stderr
+    synopsis = "gomodel [--listen STRPORT ...] [--config gomodel.yaml] [--workers N]"
+    assert command.stdout.splitlines()[0] == "Usage: " + synopsis
+    assert plugin.stdout.splitlines()[0] == "Usage: twistd [options] " + synopsis
+
+
 def test_help_keeps_its_texts_under_pythonoptimize(tmp_path):
     """-OO drops docstrings, which are twistd's options' help texts: C{gomodel --help} shows them all."""
     env = dict(os.environ, PYTHONPATH=REPO)
