@@ -130,6 +130,19 @@ def test_bad_values_name_the_variable(env, named):
     assert named in str(raised.value)
 
 
+@pytest.mark.parametrize("url, says", [
+    ("http://fd00::5:8000/v1", "an IPv6 address goes in brackets"),
+    ("http://h:99999/v1", "the port must be a number from 1 to 65535"),
+    ("http://h:80a/v1", "the port must be a number from 1 to 65535"),
+    ("http://[fd00::5:8000/v1", "not a valid URL"),
+])
+def test_a_base_url_whose_port_cannot_be_read_says_why(url, says):
+    """(Before, each was only 'not a valid URL'.)"""
+    with pytest.raises(ConfigError) as raised:
+        load_config({"VLLM_BASE_URL": url})
+    assert str(raised.value).startswith("VLLM_BASE_URL: ") and says in str(raised.value)
+
+
 def test_secrets_never_appear_in_errors():
     with pytest.raises(ConfigError) as raised:
         load_config({"VLLM_BASE_URL": "http://h", "HTTP_POOL_MAX_PER_HOST": "0", "GOMODEL_MASTER_KEY": "s3cret"})

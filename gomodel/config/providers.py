@@ -234,9 +234,16 @@ def _normalise_base_url(url, type_name, where):
         raise ConfigError(f"{where}: must not contain a space")
     try:
         parts = urlsplit(url)
+    except ValueError:  # (an unbalanced bracket)
+        raise ConfigError(f"{where}: not a valid URL") from None
+    try:
         port = parts.port  # raises ValueError on a bad port
     except ValueError:
-        raise ConfigError(f"{where}: not a valid URL") from None
+        host = parts.netloc.rpartition("@")[2]
+        if host.count(":") > 1 and not host.startswith("["):
+            raise ConfigError(f"{where}: not a valid URL: an IPv6 address goes in brackets, "
+                              "http://[fd00::5]:8000") from None
+        raise ConfigError(f"{where}: not a valid URL: the port must be a number from 1 to 65535") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: must be an http:// or https:// URL with a host")
     if "@" in parts.netloc:
