@@ -139,6 +139,8 @@ async def test_the_dashboard_can_be_turned_off(reactor, http, fake, tmp_path, en
             assert response.code == 401  # no longer open
             response, body = await get(http, gw.url + path, ADMIN)
             assert response.code == 404, body
+            [variable] = env  # the setting that turned it off is named (before: ADMIN_UI_ENABLED, whichever it was)
+            assert f"{variable}=false" in json.loads(body)["error"]["message"]
             assert header(response, "content-security-policy") is None
         status = (await get(http, gw.url + "/admin/api/v1/providers/status", ADMIN))[0].code
         assert status == (200 if "ADMIN_UI_ENABLED" in env else 404)

@@ -131,7 +131,7 @@ class GatewayApp:
     def _dashboard_or_404(self, request):
         if self._dashboard is None:
             raise errors.NotFound(f"Unknown route: {request.method.decode()} {request.path.decode()} "
-                                  "(the dashboard is off: ADMIN_UI_ENABLED).")
+                                  "(the dashboard is off: ADMIN_UI_ENABLED=false or ADMIN_ENDPOINTS_ENABLED=false).")
         return self._dashboard
 
     install_error_handlers(app)
