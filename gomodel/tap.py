@@ -27,6 +27,18 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
 
+    def opt_version(self):
+        """Display gomodel's version (and Twisted's and Python's) and exit."""
+        import platform
+
+        from twisted import version
+
+        from gomodel import __version__
+
+        print(f"gomodel {__version__} (Twisted {version.short()}, {platform.python_implementation()} "
+              f"{platform.python_version()})")
+        sys.exit(0)
+
     def opt_listen(self, description):
         """Listen on a strports description, e.g. tcp:8080:interface=0.0.0.0 (repeatable; default tcp:$PORT)."""
         self["listen"].append(description)

@@ -2,6 +2,7 @@
 
 import contextlib
 import gc
+import json
 import os
 import platform
 import re
@@ -391,6 +392,25 @@ def test_help_names_the_command_it_was_asked_of_and_every_option(tmp_path):
     assert plugin.stdout.splitlines()[0] == "Usage: twistd [options] " + synopsis
 
 
+def test_version_is_gomodels(tmp_path):
+    """C{gomodel --version} (and C{twistd gomodel --version}) names gomodel's version, then Twisted's and
+    Python's (before: Twisted's alone)."""
+    import platform
+
+    from twisted import version
+
+    from gomodel import __version__
+
+    env = dict(os.environ, PYTHONPATH=REPO)
+    command = subprocess.run([sys.executable, "-m", "gomodel", "--version"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=60)
+    plugin = twistd("gomodel", "--version")
+    expected = (f"gomodel {__version__} (Twisted {version.short()}, {platform.python_implementation()} "
+                f"{platform.python_version()})")
+    assert command.returncode == plugin.returncode == 0, command.stderr + plugin.stderr
+    assert command.stdout.splitlines() == plugin.stdout.splitlines()[-1:] == [expected]
+
+
 def test_help_keeps_its_texts_under_pythonoptimize(tmp_path):
     """-OO drops docstrings, which are twistd's options' help texts: C{gomodel --help} shows them all."""
     env = dict(os.environ, PYTHONPATH=REPO)
@@ -408,3 +428,32 @@ def test_a_worker_runs_under_the_primarys_interpreter_options(tmp_path):
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=tmp_path,
                           timeout=60, check=True).stdout
     assert "'-OO'" in argv and "'-X', 'dev'" in argv and "'--workers'" not in argv
+
+
+def _image_healthcheck():
+    """The command of the Dockerfile's C{HEALTHCHECK} (its exec form), with this interpreter for C{python}."""
+    with open(os.path.join(REPO, "Dockerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    [line] = [line for line in text.splitlines() if line.startswith("HEALTHCHECK ")]
+    command = json.loads(line[line.index("CMD ") + 4:])
+    assert command[0] == "python"
+    return [sys.executable, *command[1:]]
+
+
+async def test_the_images_healthcheck_passes_on_a_serving_gateway_and_fails_without_one(reactor, gateway):
+    """The image's C{HEALTHCHECK} asks C{GET /health} on C{$PORT}: exit status 0 while the gateway serves,
+    1 where nothing listens (a stopped gateway)."""
+    import socket
+
+    from tests.support import in_thread
+
+    command = _image_healthcheck()
+
+    def check(port):
+        env = dict(os.environ, PORT=str(port))
+        return subprocess.run(command, env=env, capture_output=True, timeout=30).returncode
+
+    assert await in_thread(check, gateway.port) == 0
+    with socket.socket() as closed:  # (a free port: bound, never listening)
+        closed.bind(("127.0.0.1", 0))
+        assert await in_thread(check, closed.getsockname()[1]) == 1
