@@ -947,7 +947,23 @@ def test_native_error_event_ends_the_stream():
     assert observer.feed(b"".join(NATIVE[:4]) + error) == b"".join(NATIVE[:4]) + error
     observer.finish()
     assert observer.done and observer.error == {"type": "overloaded_error", "message": "Overloaded"}
-    assert observer.usage == {"input_tokens": 7, "output_tokens": 0, "cache_read_input_tokens": 16}
+    # (no message_delta said the output: the one delta relayed, estimated)
+    assert observer.usage == {"input_tokens": 7, "output_tokens": 1, "cache_read_input_tokens": 16}
+    assert observer.estimated
+
+
+def test_a_native_stream_cut_before_its_message_delta_counts_its_deltas_as_output():
+    """message_start says 0 output tokens (vLLM; Anthropic 1): before, a stream cut after its text (the client
+    left, the upstream broke off) was recorded and charged with that, nothing for what it made."""
+    observer = MessagesStreamObserver()
+    observer.feed(b"".join(NATIVE[:5]))
+    assert observer.usage == {"input_tokens": 7, "output_tokens": 2, "cache_read_input_tokens": 16}
+    assert observer.estimated
+    observer.feed(b"".join(NATIVE[5:]))  # its message_delta: the upstream's count, not an estimate
+    assert observer.usage["output_tokens"] == 2 and not observer.estimated
+    nothing = MessagesStreamObserver()
+    nothing.feed(NATIVE[0])
+    assert nothing.usage["output_tokens"] == 0 and not nothing.estimated
 
 
 def test_a_native_error_event_of_vllms_own_type_is_anthropics_without_the_address():

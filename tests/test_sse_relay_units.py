@@ -470,3 +470,29 @@ def test_a_usage_that_is_no_object_is_no_usage_and_the_stream_still_ends():
     assert translated.response["usage"] == {"input_tokens": 0, "output_tokens": 3, "total_tokens": 3,
                                             "input_tokens_details": {"cached_tokens": 0},
                                             "output_tokens_details": {"reasoning_tokens": 0}}
+
+
+def test_responses_streams_count_the_deltas_they_relay_for_an_estimate():
+    """What a Responses stream cut before its final response (the client left, the upstream broke off, a drain's
+    cut) made is estimated from its deltas, as a chat or Messages stream's is: before, native and translated
+    Responses streams counted none, so such a stream was recorded and charged with no output at all."""
+    from gomodel.translate.responses_chat import ChatToResponsesStream
+
+    def event(kind, **fields):
+        return (b"event: " + kind.encode() + b'\ndata: {"type":"' + kind.encode() + b'"'
+                + b"".join(b',"%s":"%s"' % (k.encode(), v.encode()) for k, v in fields.items()) + b"}\n\n")
+
+    native = [event("response.created"), event("response.output_text.delta", delta='a \\"quoted.delta\\"'),
+              event("response.reasoning_text.delta", delta="b"), event("response.function_call_arguments.delta",
+                                                                         delta="{"), event("response.output_text.done")]
+    observer = ResponsesStreamObserver()
+    stream = b"".join(native)
+    for i in range(0, len(stream), 7):  # (cut anywhere: counted in whole events)
+        observer.feed(stream[i:i + 7])
+    assert observer.events == 3 and observer.usage is None
+
+    translated = ChatToResponsesStream({"model": "m", "input": "hi"}, Clock())
+    role = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    text = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    translated.feed(role + text + text)
+    assert translated.events == 2 and translated.usage is None

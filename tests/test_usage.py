@@ -8,7 +8,7 @@ import pytest_twisted
 
 from tests.rawclient import chat_request, connect
 from tests.stores import sqlite_store  # noqa: F401 (a fixture)
-from tests.support import start_gateway, with_timeout
+from tests.support import start_fake, start_gateway, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 KEY = {"Authorization": "Bearer k1"}
@@ -416,3 +416,36 @@ async def test_the_ledgers_summary_adds_what_it_holds_still_as_the_store_sums_it
     await ledger.flush()
     assert await ledger.summary(0, 1000, {"user_path": "/team"}) == await sqlite_store.usage.summary(
         0, 1000, {"user_path": "/team"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_responses_or_messages_stream_the_client_left_is_recorded_with_what_it_sent(reactor, fake, tmp_path):
+    """A stream left before its final usage is charged the output its deltas carried (estimated), on every
+    streaming route: before, a Responses stream (native or translated) was recorded with no tokens at all,
+    and a native Messages stream with message_start's 0 output tokens, whatever it had sent."""
+    translating = await start_fake(reactor, responses=False)
+    env = {"VLLM_BASE_URL": fake.base_url, "VLLM_T_BASE_URL": translating.base_url, "GOMODEL_MASTER_KEY": "k1",
+           "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env)
+    native, translated = MODEL, "vllm-t/meta-llama/Llama-3.1-8B-Instruct"
+    try:
+        for path, body, seen in (
+                ("/v1/responses", {"model": native, "input": "hi", "stream": True, "fake_hang_after": 4},
+                 b"response.output_text.delta"),
+                ("/v1/responses", {"model": translated, "input": "hi", "stream": True, "fake_chunks": 50,
+                                   "fake_pace": 0.05}, b"response.output_text.delta"),
+                ("/v1/messages", {"model": native, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+                                  "stream": True, "fake_chunks": 50, "fake_pace": 0.05}, b"text_delta")):
+            request = chat_request(body, headers=KEY).replace(b"/v1/chat/completions", path.encode(), 1)
+            client = await connect(reactor, gw.port, request)
+            await with_timeout(reactor, client.wait_for(seen), 10)
+            client.transport.abortConnection()
+            await client.lost
+        records = await _recorded(gw, 3)
+        assert [(r["endpoint"], r["status_code"], r["client_gone"], r["estimated"]) for r in records] == [
+            ("/v1/messages", 499, True, True), ("/v1/responses", 499, True, True), ("/v1/responses", 499, True, True)]
+        assert all(r["output_tokens"] > 0 for r in records), records
+        assert records[0]["input_tokens"] == 18  # (message_start's, the upstream's own count)
+    finally:
+        await gw.service.stopService()
+        await translating.stop()

@@ -1075,8 +1075,6 @@ class MessagesStreamObserver:
     event is the one event it may rewrite: to Anthropic's type (vLLM names its
     own, C{internal_error}: L{stream_error_type}) and without the upstream's address.
 
-    @ivar usage: Anthropic's usage dict: C{message_start}'s, then each
-        C{message_delta}'s (cumulative counts) over it; None before C{message_start}.
     @ivar error: the C{error} event's C{error} object, if one came.
     @ivar events: C{content_block_delta} events seen (about one token each), for an estimate.
     """
@@ -1087,10 +1085,27 @@ class MessagesStreamObserver:
         """
         self._framer = SSEFramer()
         self._hide = hide
-        self.usage = None
+        self._usage = None  # message_start's usage, then each message_delta's (cumulative counts) over it
+        self._counted = False  # a message_delta's usage came (its output_tokens counts what was generated)
         self.done = False
         self.error = None
         self.events = 0
+
+    @property
+    def usage(self):
+        """Anthropic's usage dict: C{message_start}'s, then each C{message_delta}'s over it; None before
+        C{message_start}. Of a stream cut before its C{message_delta} (whose C{message_start} says 0 or 1
+        output tokens), the output is the deltas relayed (L{estimated})."""
+        usage = self._usage
+        if self.estimated:
+            return dict(usage, output_tokens=self.events)
+        return usage
+
+    @property
+    def estimated(self) -> bool:
+        """Whether L{usage}'s output tokens are counted from the deltas relayed, no C{message_delta} having said them."""
+        return (self._usage is not None and not self._counted
+                and self.events > (self._usage.get("output_tokens") or 0))
 
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return them as whole events, unchanged but an C{error} event (see above)."""
@@ -1116,7 +1131,7 @@ class MessagesStreamObserver:
             usage = message.get("usage") if isinstance(message, dict) else None
             self._merge(usage)
         elif kind == "message_delta":
-            self._merge(payload.get("usage"))
+            self._counted = self._merge(payload.get("usage")) or self._counted
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":
@@ -1129,12 +1144,14 @@ class MessagesStreamObserver:
                 return _event("error", {"error": {"type": stream_error_type(kind), "message": shown}})
         return None
 
-    def _merge(self, usage):
+    def _merge(self, usage) -> bool:
+        """Merge C{usage} (an event's) into the stream's; return whether it was a usage dict."""
         if not isinstance(usage, dict):
-            return
-        merged = dict(self.usage or {})
+            return False
+        merged = dict(self._usage or {})
         merged.update({k: v for k, v in usage.items() if v is not None})
-        self.usage = merged
+        self._usage = merged
+        return True
 
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""

@@ -669,9 +669,10 @@ def _error_type(error) -> str:
 
 
 def _note_usage(ctx, observer):
-    """The stream's usage into C{ctx}; without one, output tokens counted from the events sent (estimated)."""
+    """The stream's usage into C{ctx}; without one, output tokens counted from the events sent (estimated;
+    an observer may estimate them itself, in a usage it has: its C{estimated} says so)."""
     if observer.usage is not None:
-        ctx.usage, ctx.estimated = observer.usage, False
+        ctx.usage, ctx.estimated = observer.usage, getattr(observer, "estimated", False)
     elif ctx.usage is None and getattr(observer, "events", 0):
         ctx.usage, ctx.estimated = {"completion_tokens": observer.events}, True
 

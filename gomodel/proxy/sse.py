@@ -341,6 +341,7 @@ RESPONSE_END_TYPES = ("response.completed", "response.incomplete", "response.fai
 _RESPONSE_END_EVENTS = tuple(kind.encode() for kind in RESPONSE_END_TYPES)
 _ERROR_WORD = (b'"error"',)
 _RESPONSES_WATCHED = _RESPONSE_END_EVENTS + _ERROR_WORD
+_DELTA_TYPE = b'.delta"'  # (the end of a delta event's C{"type"}: C{"response.output_text.delta"})
 
 
 @implementer(IStreamObserver)
@@ -350,6 +351,10 @@ class ResponsesStreamObserver:
     The stream is complete once a C{response.completed}, C{.incomplete} or
     C{.failed} event (or an C{error} event) arrived; its final response
     object and usage are kept.
+
+    @ivar events: the delta events relayed (C{response.output_text.delta}, C{.reasoning_text.delta},
+        C{.function_call_arguments.delta}...: about one generated token each), the estimate of what a
+        stream cut before its final response made.
     """
 
     def __init__(self):
@@ -359,6 +364,7 @@ class ResponsesStreamObserver:
         self.response = None
         self.usage = None
         self.error = None
+        self.events = 0
 
     def next_sequence(self):
         """The C{sequence_number} after the last event relayed, or None where none said one."""
@@ -372,6 +378,8 @@ class ResponsesStreamObserver:
         joined, events = self._framer.feed_joined(data)
         if joined:
             self._last = joined
+            # Each delta event's type ends its name's quoted string (a quote inside a text is escaped).
+            self.events += joined.count(_DELTA_TYPE)
         if events is not None:  # CR line breaks: event by event
             for event in events:
                 if mentions(event, _RESPONSES_WATCHED):

@@ -290,6 +290,7 @@ class ChatToResponsesStream:
         self.usage = None
         self.done = False
         self.response = None  # the final response object, once completed
+        self.events = 0  # upstream chunks with content (about one token each), for an estimate
 
     def _event(self, kind, **fields) -> bytes:
         payload = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -325,7 +326,10 @@ class ChatToResponsesStream:
             for choice in chunk.get("choices") or []:
                 if choice.get("index", 0) != 0:
                     continue
-                out.extend(self._delta(choice.get("delta") or {}, choice.get("logprobs")))
+                told = self._delta(choice.get("delta") or {}, choice.get("logprobs"))
+                if told:
+                    self.events += 1
+                    out.extend(told)
                 if choice.get("finish_reason"):
                     self._finish = choice["finish_reason"]
         self._sent = self._sequence
