@@ -10,7 +10,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.defer import CancelledError, ensureDeferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
 from gomodel.errors import BudgetExceeded, RateLimitExceeded
@@ -480,6 +480,43 @@ async def test_a_slot_whose_release_failed_while_redis_stalled_is_freed_when_red
             await deferLater(reactor, 0.1, lambda: None)
         assert lease not in (None, OPEN_LEASE), "the slot whose release failed was never freed"
         await counters.release(lease)
+    finally:
+        counters.stop()
+        counters._redis.close()
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admission_cancelled_while_redis_answers_gives_back_what_redis_took(reactor, tmp_path):
+    """A request whose client leaves while Redis runs its admission (a slow or stalled Redis) is cancelled there:
+    what Redis then takes is given back once it answers, its slot freed and its tokens unused (before, the answer
+    was dropped, so the slot stayed held until its lease lapsed, 30 s: a key with one slot got 429 meanwhile)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    counters = RedisCounters(connect(server.url, timeout=5), "x:", reactor)
+    counters.start()
+    try:
+        limiter = Limiter(counters, reactor)
+        scopes = [("key:k", RateLimit(tpm=1000, concurrent=1))]
+        (await limiter.admit(scopes, 0)).finish(0)  # (Redis has the script)
+        server.pause()
+        admitting = ensureDeferred(limiter.admit(scopes, 600))
+        await deferLater(reactor, 0.2, lambda: None)  # (sent: Redis runs it once it is back)
+        admitting.cancel()
+        with pytest.raises(CancelledError):
+            await admitting
+        server.resume()
+        for _ in range(50):
+            try:
+                admission = await limiter.admit(scopes, 600)  # the slot, and tokens the cancelled one took
+                break
+            except RateLimitExceeded:
+                await deferLater(reactor, 0.1, lambda: None)
+        else:
+            pytest.fail("what the cancelled admission took was never given back")
+        await admission.finish(0)
+        assert limiter._inflight == {}
     finally:
         counters.stop()
         counters._redis.close()

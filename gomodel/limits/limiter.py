@@ -22,11 +22,13 @@ C{admit} is one round trip and C{finish} another.
 
 import math
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gomodel._twistedcompat import header_name
 from gomodel.errors import RateLimitExceeded
-from gomodel.limits.counters import INF
+from gomodel.limits.counters import INF, Admitted
 
 # The most scopes' plans, and shared buckets' levels seen, kept (a key deleted leaves its own behind): past it
 # they are dropped and made again as they are used.
@@ -117,6 +119,8 @@ class Limiter:
     counters (C{immediate}) hold every bucket's level themselves.
     """
 
+    log = Logger()
+
     def __init__(self, counters, clock):
         self.counters = counters  # the L{ICounters}
         self.immediate = counters.immediate  # whether admit_now and Admission.finish_now may be used
@@ -137,22 +141,47 @@ class Limiter:
             plan = self._plans[scope] = _plan(scope, limit)
         return plan
 
-    async def admit(self, scopes, tokens: int, headers_for=None):
+    def admit(self, scopes, tokens: int, headers_for=None) -> Deferred:
         """Admit one request costing C{tokens} under every scope of C{scopes}, all or nothing.
 
         @param scopes: C{(scope name, RateLimit)} pairs; a scope named twice is
             counted twice, so name each once.
         @param headers_for: the scope (or the tuple of scopes) whose state the answer's
             C{x-ratelimit-*} headers show (the key's own and its path's), or None.
-        @return: an L{Admission} (settle it, then release it).
-        @raise RateLimitExceeded: a limit refused; nothing was taken. Its
-            C{scope} names the scope that refused.
+        @return: a Deferred firing with an L{Admission} (settle it, then release it);
+            cancelled (its request's client left while shared counters answer), what the
+            counters then take is given back as soon as they answer, as a request's that
+            ends without usage (its slots freed, its tokens unused), not held until a
+            slot's lease lapses.
+        @raise RateLimitExceeded: (the Deferred fails with it) a limit refused; nothing was
+            taken. Its C{scope} names the scope that refused.
         """
         prepared = self.prepare(scopes)
         if prepared is None:
-            return NO_ADMISSION
-        return self._admitted(await self.counters.admit(prepared.specs(tokens), prepared.slots), prepared, tokens,
-                              headers_for)
+            return succeed(NO_ADMISSION)
+        admission = Deferred()
+        self.counters.admit(prepared.specs(tokens), prepared.slots).addBoth(
+            self._answered, admission, prepared, tokens, headers_for)
+        return admission
+
+    def _answered(self, got, admission, prepared, tokens, headers_for):
+        """Hand C{admission} what the counters answered (C{got}: an L{Admitted} or a failure); one already
+        cancelled has what they took given back."""
+        if admission.called:  # (cancelled: nobody waits for it)
+            if got.__class__ is Admitted and got.ok:
+                self._admitted(got, prepared, tokens, None).finish(0).addErrback(
+                    lambda failure: self.log.failure("giving back a cancelled admission", failure))
+            return None
+        if isinstance(got, Failure):
+            admission.errback(got)
+            return None
+        try:
+            answer = self._admitted(got, prepared, tokens, headers_for)
+        except RateLimitExceeded:
+            admission.errback()
+        else:
+            admission.callback(answer)
+        return None
 
     def admit_now(self, scopes, tokens: int, headers_for=None):
         """L{admit} at once, on counters that answer at once (C{immediate}): no Deferred, no coroutine.
