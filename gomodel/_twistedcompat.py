@@ -532,6 +532,16 @@ def send_now(transport):
         do_write()
 
 
+def unsent(transport) -> int:
+    """The bytes C{transport} holds, not yet handed to the kernel (of a TLS connection: its socket's), or 0
+    for a transport that does not tell."""
+    while transport is not None and not isinstance(transport, FileDescriptor):
+        transport = getattr(transport, "transport", None)  # (TLS wraps the socket's transport)
+    if transport is None:
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
 # A write up to this size goes to the socket from write() itself (a larger one is buffered, as Twisted
 # does, rather than copied after a partial send).
 PROMPT_WRITE_LIMIT = FileDescriptor.SEND_LIMIT

@@ -150,7 +150,9 @@ def track_connections(gateway):
 
 def write_buffer(transport) -> int:
     """Bytes a Twisted TCP transport holds, not yet handed to the kernel."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    from gomodel._twistedcompat import unsent
+
+    return unsent(transport)
 
 
 async def until(reactor, predicate, limit=10.0, interval=0.01, what="condition"):

@@ -197,6 +197,59 @@ async def test_idle_client_connections_are_closed_by_the_sweep_and_busy_ones_kep
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_client_still_reading_an_answer_written_whole_is_not_idle_and_one_that_stopped_is(reactor):
+    """An answer written whole (a large non-streamed one) is done for the gateway long before a slow client has
+    read it: before, the sweep counted its connection idle from then on and closed it 120 s later (aborted 15 s
+    after), though the client was still reading, so a slow download of a large answer was cut short."""
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+
+    from gomodel.http.site import GatewaySite
+    from tests.support import settled, write_buffer
+
+    big = b"x" * (48 * 1024 * 1024)
+
+    class Root(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return big
+
+    clock = Clock()
+    site = GatewaySite(Root(), 1024, idle_timeout=120, reactor=clock)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        client = await connect(reactor, port.getHost().port, b"GET /big HTTP/1.1\r\nHost: g\r\n\r\n")
+        await with_timeout(reactor, client.wait_for(b"xxx"), 5)
+        client.transport.pauseProducing()
+        [channel] = site.channels
+        await settled(reactor, lambda: write_buffer(channel.transport))
+        assert write_buffer(channel.transport) > 0 and not channel.requests  # done, much of it still to send
+        site.sweep_idle()
+        for _ in range(4):  # 4 minutes of a client reading a little between two sweeps
+            before = len(client.received)
+            client.transport.resumeProducing()
+            await until(reactor, lambda: len(client.received) > before + 1024 * 1024, what="some reading")
+            client.transport.pauseProducing()
+            await deferLater(reactor, 0.05, lambda: None)
+            clock.advance(60)
+            site.sweep_idle()
+            assert not client.lost.called and not channel.transport.disconnecting
+        clock.advance(60)
+        site.sweep_idle()  # (it read nothing since the sweep before: idle from here)
+        clock.advance(120)
+        site.sweep_idle()  # a client that reads nothing of it for 120 s is cut: asked to close, which it does not
+        assert channel.transport.disconnecting and not client.lost.called  # (read), then aborted
+        clock.advance(channel.abortTimeout)
+        await until(reactor, lambda: not site.channels, what="the stalled connection's abort")
+        client.transport.resumeProducing()
+        await with_timeout(reactor, client.lost, 5)
+        assert len(client.received) < len(big)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_head_that_trickles_in_is_answered_408_and_a_complete_one_never(reactor):
     from twisted.internet.task import Clock
     from twisted.web.resource import Resource

@@ -231,6 +231,27 @@ async def test_a_prompt_connection_buffers_what_the_socket_does_not_take(reactor
 
 
 @pytest_twisted.ensureDeferred
+async def test_unsent_is_what_a_transport_holds_not_yet_handed_to_the_kernel(reactor):
+    import socket
+
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    server, sock, port = await _pair(reactor)
+    transport = server.transport
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    assert _twistedcompat.unsent(transport) == 0
+    transport.write(b"x" * 100000)  # (more than the socket takes)
+    transport.write(b"y" * 1000)
+    held = _twistedcompat.unsent(transport)
+    assert 0 < held <= 101000 and held == len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    wrapper = TLSMemoryBIOProtocol.__new__(TLSMemoryBIOProtocol)
+    wrapper.transport = transport  # (a TLS connection: its socket's transport tells)
+    assert _twistedcompat.unsent(wrapper) == held
+    assert _twistedcompat.unsent(object()) == 0 and _twistedcompat.unsent(None) == 0
+    await _close(reactor, server, sock, port)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_prompt_connection_pauses_reading_only_when_data_comes_while_paused(reactor):
     server, sock, port = await _pair(reactor)
     transport = server.transport

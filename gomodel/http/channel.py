@@ -97,6 +97,7 @@ class GatewayChannel(http.HTTPChannel):
     # (GatewaySite.sweep_idle): seconds held that no sweep counted yet, and since when it holds it now (None: not).
     held_for = 0.0
     held_since = None
+    unsent = 0  # bytes of its answers it held to send at the site's last idle sweep (GatewaySite.sweep_idle)
 
     def connectionMade(self):
         _twistedcompat.prompt(self.transport)

@@ -346,13 +346,17 @@ class GatewaySite(server.Site):
                 if now - channel.watched_since >= self.body_timeout + _body_received(receiving) / self.body_min_rate:
                     channel.body_timed_out()
                     continue
-            # (a connection the gateway holds back is not idle: the client cannot send)
+            # (a connection the gateway holds back is not idle: the client cannot send; nor is one whose client
+            # is still reading an answer that was written whole: what it holds to send went down since the sweep
+            # before. One whose client reads nothing of it any more is, and is closed as any idle one)
+            left = _twistedcompat.unsent(channel.transport)
             if (channel.active or channel._handlingRequest or channel.held_since is not None
-                    or channel.idle_since is None):
+                    or channel.idle_since is None or (left and left != channel.unsent)):
                 channel.active = False
                 channel.idle_since = now
             elif now - channel.idle_since >= self.idle_timeout:
                 channel.timeoutConnection()
+            channel.unsent = left
 
     def close_after_answers(self):
         """Make every open connection close after its answer in progress, or after its next request's
