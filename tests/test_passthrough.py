@@ -253,3 +253,37 @@ async def test_x_gomodel_user_path_is_the_gateways_and_never_reaches_the_provide
                                    headers={"X-GoModel-User-Path": "/team/other"})
     assert response.code == 200, content
     assert plain.requests[-1].header(b"x-gomodel-user-path") is None
+
+
+def _passed(path, body):
+    data = json.dumps(body).encode()
+    return (b"POST %s HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (path, len(data))) + data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_stream_that_ends_inside_an_event_is_broken_never_finished(reactor, gateway):
+    """An SSE client drops an event cut off at the end without a word: before, a passthrough stream whose body
+    ended inside one (its upstream's body ended cleanly there, or with its connection, as a body without a length
+    or chunks does) was relayed to a clean end, its outcome ok."""
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_sse": [],
+        "fake_first": 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"h'}))
+    await with_timeout(reactor, client.lost, 5)
+    received = bytes(client.received)
+    assert received.rstrip(b"\r\n").endswith(b'"code":"stream_incomplete"}}'), received[-300:]
+    assert b"ended inside an event" in received and not received.endswith(b"0\r\n\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broken_passthrough_messages_stream_ends_with_anthropics_error_event(reactor, gateway):
+    """As on /v1/messages (before: OpenAI's data-only error, which Anthropic's SDKs skip as an unknown event)."""
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/messages", {
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "max_tokens": 8, "stream": True, "fake_die_after": 4,
+        "messages": [{"role": "user", "content": "hi"}]}))
+    await with_timeout(reactor, client.lost, 5)
+    received = bytes(client.received)
+    assert b"event: message_start" in received and not received.endswith(b"0\r\n\r\n")
+    last = received.rpartition(b"\nevent: ")[2]
+    assert last.startswith(b'error\ndata: {"type":"error","error":{"type":"api_error","message":"The stream ended '
+                           b'abnormally'), received[-300:]

@@ -81,8 +81,11 @@ class Passthrough:
                                    "the master key reaches it.")
         ctx.provider, ctx.provider_type = provider.name, provider.type
         ctx.endpoint = "/p/{provider}/{endpoint}"
+        # (a stream cut here ends with its API's own error event: the Responses API's, Anthropic's)
         if route.startswith("responses"):
-            ctx.dialect = render.RESPONSES  # (a stream cut here ends with the Responses API's own error event)
+            ctx.dialect = render.RESPONSES
+        elif route.startswith("messages"):
+            ctx.dialect = render.ANTHROPIC
         request.content.seek(0)
         body = request.content.read() or None
         if (body is not None and principal is not None and not principal.master

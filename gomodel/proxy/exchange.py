@@ -530,11 +530,13 @@ class Exchange:
 
     def _relay_raw(self, request, ctx, upstream, response, events=False):
         """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
-        from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer)."""
+        from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
+        stream that ends inside an event is broken off, however its body ended."""
         tap = None
-        if ctx.recorded:
+        if ctx.recorded or events:
             tap = UsageTap(events)
-            ctx.usage = metadata_usage(response)
+            if ctx.recorded:
+                ctx.usage = metadata_usage(response)
         return self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
 
     async def _relay_stream(self, request, ctx, upstream, response, observer, keep_length=False):
@@ -679,13 +681,17 @@ def _note_usage(ctx, observer):
 
 _USAGE = b'"usage":'
 TAP_TAIL = 64 * 1024
+_EVENT_ENDS = (b"\n\n", b"\r\r")  # (the last two bytes of a stream whose last event is whole: most streams)
 
 
 @implementer(IStreamObserver)
 class UsageTap:
     """Relays a body untouched, keeping its last L{TAP_TAIL} bytes to read its usage from at the end
     (a JSON answer's, or a stream's last usage chunk); of an event stream it counts the events too, the
-    estimate of what a stream without a usage chunk made (as L{gomodel.proxy.sse.ChatStreamObserver} does)."""
+    estimate of what a stream without a usage chunk made (as L{gomodel.proxy.sse.ChatStreamObserver} does),
+    and an end inside an event is no proper end (L{finish}): a body that ends with the connection (no
+    length, not chunked) says nothing else of being cut short, and an SSE client drops an event cut off at
+    the end without a word."""
 
     usage = None
     events = 0
@@ -703,8 +709,13 @@ class UsageTap:
         return data
 
     def finish(self):
-        self.usage = usage_of(self._tail)
-        self._tail = b""
+        """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event."""
+        tail, self._tail = self._tail, b""
+        self.usage = usage_of(tail)
+        if self._stream and tail and tail[-2:] not in _EVENT_ENDS:
+            ends = [at + len(end) for end in (b"\n\n", b"\r\r", b"\r\n\r\n") for at in (tail.rfind(end),) if at >= 0]
+            if not ends or tail[max(ends):].strip():  # (blank lines or spaces after the last event end no event)
+                raise StreamIncomplete("the upstream stream ended inside an event")
 
 
 def metadata_usage(response):
