@@ -257,6 +257,29 @@ async def test_a_stream_whose_upstream_sends_its_head_then_nothing_is_a_504(reac
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_past_its_maximum_duration_is_a_504_before_its_first_event_and_cut_after(reactor, fake):
+    """HTTP_STREAM_MAX_DURATION: a stream whose time is up before any of it went out (a long queue, a slow
+    prefill) is a 504 the SDK may retry (before: a 200 whose body was only the in-band error event); one whose
+    time is up while it streams ends with its stream_incomplete event, never cleanly; either way its upstream
+    connection is closed, so vLLM aborts."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_STREAM_MAX_DURATION": "300ms"})
+    try:
+        response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body(fake_die_after=0, fake_hang=True))
+        body = json.loads(await treq.content(response))
+        assert response.code == 504 and body["error"]["code"] == "upstream_timeout", body
+        assert "HTTP_STREAM_MAX_DURATION" in body["error"]["message"]
+        how, _ = await with_timeout(reactor, fake.requests[-1].closed, 2)
+        assert how == "lost"
+        received = await broken_stream(reactor, gw, fake_chunks=100, fake_pace=0.05)
+        assert b'"content":"h' in received and b"ran past its maximum duration" in received
+        assert not received.endswith(b"0\r\n\r\n") and b"[DONE]" not in received
+        how, _ = await with_timeout(reactor, fake.requests[-1].closed, 2)
+        assert how == "lost"
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_whose_replica_sends_its_head_then_nothing_goes_to_another_replica(reactor):
     """vLLM sends a stream's head at once, its first event after the prompt's prefill: a hung engine (its
     /health still 200) or a long queue sends the head and then nothing. Nothing went to the client: as a

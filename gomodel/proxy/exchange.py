@@ -552,6 +552,7 @@ class Exchange:
             another replica may answer.
         @raise StreamFailed: the observer refused what came (malformed, an in-band error) before any of it
             went to the client.
+        @raise UpstreamTimeout: the stream ran past its maximum duration before any of it went to the client.
         """
         ours = dict(plain_headers(request.responseHeaders))  # (put back if this head never goes out)
         copy_response_headers(response, request, keep_length)
@@ -583,7 +584,7 @@ class Exchange:
                 pass
             elif isinstance(e, CancelledError):
                 raise
-            elif not relay.wrote and request.channel is not None and not isinstance(e, StreamTooLong):
+            elif not relay.wrote and request.channel is not None:
                 request.unregisterProducer()
                 headers = plain_headers(request.responseHeaders)  # (the head that never went out: not the answer's)
                 headers.clear()
@@ -593,6 +594,9 @@ class Exchange:
                     self.log.warn("stream {request_id} ended abnormally before its first event: {why}",
                                   request_id=ctx.request_id.decode(), why=why)
                     raise StreamFailed(f"The stream ended abnormally: {why}.") from None
+                if isinstance(e, StreamTooLong):  # (its time is up: no other replica is asked)
+                    raise UpstreamTimeout(f"The upstream provider '{upstream.name}' sent nothing within the "
+                                          "stream's maximum duration (HTTP_STREAM_MAX_DURATION).") from None
                 if isinstance(e, UpstreamIdle):  # (its head came, none of its body: a hung engine, a long queue)
                     raise _BrokeOff(UpstreamTimeout(f"The upstream provider '{upstream.name}' sent nothing for "
                                                     "too long.")) from None
