@@ -685,7 +685,8 @@ def _note_usage(ctx, observer):
 
 _USAGE = b'"usage":'
 TAP_TAIL = 64 * 1024
-_EVENT_ENDS = (b"\n\n", b"\r\r")  # (the last two bytes of a stream whose last event is whole: most streams)
+_EVENT_TERMINATORS = (b"\n\n", b"\r\r", b"\r\n\r\n")  # (an SSE event's blank line: L{gomodel.proxy.sse})
+_EVENT_ENDS = _EVENT_TERMINATORS[:2]  # (the last two bytes of a stream whose last event is whole: most streams)
 
 
 @implementer(IStreamObserver)
@@ -717,7 +718,7 @@ class UsageTap:
         tail, self._tail = self._tail, b""
         self.usage = usage_of(tail)
         if self._stream and tail and tail[-2:] not in _EVENT_ENDS:
-            ends = [at + len(end) for end in (b"\n\n", b"\r\r", b"\r\n\r\n") for at in (tail.rfind(end),) if at >= 0]
+            ends = [at + len(end) for end in _EVENT_TERMINATORS if (at := tail.rfind(end)) >= 0]
             if not ends or tail[max(ends):].strip():  # (blank lines or spaces after the last event end no event)
                 raise StreamIncomplete("the upstream stream ended inside an event")
 
