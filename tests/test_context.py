@@ -86,6 +86,37 @@ async def test_stream_the_upstream_broke_is_logged_as_broken_with_its_usage(reac
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_whose_upstream_reported_an_error_in_it_is_logged_and_counted_as_its_error(
+        reactor, http, fake, access):
+    """vLLM's error event inside a stream it then ends ([DONE]): the client gets both, and the access log says
+    outcome=error error=upstream_stream_error, as C{gomodel_upstream_errors_total} counts it (before: ok)."""
+    from tests.support import start_gateway
+    from tests.test_metrics import scrape, value
+
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        logged = access.next(reactor)
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                 "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+        error = {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}}
+        client = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+             "fake_sse": [json.dumps(chunk), json.dumps(error), "[DONE]"]}, headers={"Authorization": "Bearer k1"}))
+        await with_timeout(reactor, client.wait_for(b"0\r\n\r\n"), 10)  # (the stream's proper end)
+        client.transport.loseConnection()
+        await client.lost
+        event = await logged
+        received = bytes(client.received)
+        assert b"engine failed" in received and b"data: [DONE]" in received
+        assert (event["status"], event["outcome"], event["error"]) == (200, "error", "upstream_stream_error")
+        assert formatEvent(event).endswith(" outcome=error error=upstream_stream_error")
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_upstream_errors_total", code="upstream_stream_error", model=MODEL) == 1
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_client_gone_mid_stream_is_logged_once_as_499(reactor, gateway, fake, access):
     logged = access.next(reactor)
     client = await connect(reactor, gateway.port, chat_request(

@@ -114,6 +114,12 @@ class RequestContext:
         self.outcome = STREAM_BROKEN
         self.error = error_code
 
+    def failed_in_band(self, error_code):
+        """The upstream reported an error inside the stream it answered with (an error event), which the
+        client got, then the stream's proper end: an error of the status sent, the answer finished as usual."""
+        self.outcome = ERROR
+        self.error = error_code
+
     def cut(self, error_code):
         """The gateway closes the connection before the answer started (a drain out of time): an error
         of the status set on the request, not a client that left when the connection is lost."""

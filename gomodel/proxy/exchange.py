@@ -614,6 +614,8 @@ class Exchange:
                 return None
         finally:
             _note_usage(ctx, relay.observer)
+        if ctx.outcome is None and getattr(relay.observer, "error", None) is not None:
+            ctx.failed_in_band(IN_STREAM_ERROR)  # (logged and counted as the upstream's error, not as ok)
         if request.channel is not None:
             request.unregisterProducer()
         return None
@@ -683,6 +685,8 @@ def _note_usage(ctx, observer):
         ctx.usage, ctx.estimated = {"completion_tokens": observer.events}, True
 
 
+# The error of a stream whose upstream reported an error in it (an error event the client got) and ended it.
+IN_STREAM_ERROR = "upstream_stream_error"
 _USAGE = b'"usage":'
 TAP_TAIL = 64 * 1024
 _EVENT_TERMINATORS = (b"\n\n", b"\r\r", b"\r\n\r\n")  # (an SSE event's blank line: L{gomodel.proxy.sse})
