@@ -27,6 +27,14 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
 
+    def getUsage(self, width=None):
+        """The options' help, without the internal C{--worker-child} (what a primary starts its workers with)."""
+        shown, self.longOpt = self.longOpt, [opt for opt in self.longOpt if opt != "worker-child"]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = shown
+
     def opt_version(self):
         """Display gomodel's version (and Twisted's and Python's) and exit."""
         import platform

@@ -390,6 +390,7 @@ def test_help_names_the_command_it_was_asked_of_and_every_option(tmp_path):
     synopsis = "gomodel [--listen STRPORT ...] [--config gomodel.yaml] [--workers N]"
     assert command.stdout.splitlines()[0] == "Usage: " + synopsis
     assert plugin.stdout.splitlines()[0] == "Usage: twistd [options] " + synopsis
+    assert "--workers" in command.stdout and "--worker-child" not in command.stdout + plugin.stdout  # (internal)
 
 
 def test_version_is_gomodels(tmp_path):
