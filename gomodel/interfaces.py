@@ -11,7 +11,8 @@ class IUpstream(Interface):
 
     name = Attribute("The instance name used in selectors, e.g. 'vllm-test'.")
     type = Attribute("The provider type, e.g. 'vllm'.")
-    hidden = Attribute("Strings (host, URLs) that must never reach a client.")
+    hidden = Attribute("Strings (host, URLs; its API key, as a gomodel.upstream.errors.Secret) that must never "
+                       "reach a client.")
     configured_models = Attribute("Model ids configured for it (a tuple; may be empty).")
 
     def url(path, native=False):

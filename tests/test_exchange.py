@@ -47,6 +47,12 @@ class _GoneRequest:
         pass
 
 
+class _Pool:
+    """What a relay reads of the provider's pool."""
+
+    name, hidden, hidden_marks = "u", (), ()
+
+
 class _BrokenResponse:
     """An upstream answer whose body breaks off as soon as a protocol takes it."""
 
@@ -74,7 +80,7 @@ def test_client_gone_before_the_relay_started_leaves_no_unhandled_error(logged_e
     clock = Clock()
     exchange = Exchange(clock, Timeouts())
     ctx = RequestContext(b"id", b"POST", b"/v1/chat/completions", clock)
-    d = Deferred.fromCoroutine(exchange._relay_stream(_GoneRequest(), ctx, None, _BrokenResponse(),
+    d = Deferred.fromCoroutine(exchange._relay_stream(_GoneRequest(), ctx, _Pool(), _BrokenResponse(),
                                                       ChatStreamObserver(False)))
     assert d.result is None
     del d

@@ -16,6 +16,7 @@ from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY,
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
+from gomodel.upstream.errors import without_address
 
 # vLLM's pooling routes at its server root, beside their /v1 forms (a pooling model serves those its task has).
 ROOT_POOLING = ("rerank", "v2/rerank", "score", "classify", "pooling", "v2/embed")
@@ -78,7 +79,7 @@ class InferenceRoutes:
                         del options["continuous_usage_stats"]
                     strip_usage = True
                 body["stream_options"] = options
-            observer = ChatStreamObserver(strip_usage)
+            observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx))
         # (a fallback's body from this one as the request made it, before the first target's own fields)
         again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
@@ -248,6 +249,12 @@ def fallback_bodies(request, ctx, salts, body, fallbacks):
     return retargeted(request, ctx, salts, copies(body))
 
 
+def answerer_hidden(registry, ctx, text) -> str:
+    """C{text}, an upstream's (a stream's in-band error), without the address (and key) of the provider that
+    answered C{ctx}'s request: its first target's, or a fallback's."""
+    return without_address(text, registry.provider(ctx.provider))
+
+
 def plan_model(registry, body, affinity_of=None, principal=None):
     """The routes to try for C{body["model"]}, first choice first (see L{gomodel.routing.registry.ModelRegistry.plan}),
     those C{principal} may not use (by the name sent, the qualified id or the id at the provider, as
@@ -269,8 +276,19 @@ def plan_model(registry, body, affinity_of=None, principal=None):
             if route != first:
                 routes.append(route)
     else:
-        if principal is None or principal.models is None or _as_sent(principal, name, routes[0]):
+        if principal is None or principal.models is None:
             return routes
+        if _as_sent(principal, name, routes[0]):
+            if len(routes) == 1:
+                return routes
+            # The name admits its own targets (a virtual model's every one); a failover candidate only where the
+            # key may use it: a rule is no way out to a model (a provider) the key may not use.
+            own = registry.targets(name)
+            kept = []
+            for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
+                if route in own or may_route(principal, route):
+                    kept.append(route)
+            return kept
         first = _allowed_target(registry, name, principal)
     allowed = []
     for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)

@@ -9,9 +9,10 @@ A managed key's JSON body to a vLLM's model-routed route gets what it gets on
 C{/v1}: its tenant's C{cache_salt} and its C{priority}.
 """
 
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from gomodel import errors, jsonutil
+from gomodel.auth.keys import presented_key
 from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES
 from gomodel.http import render
 from gomodel.http.bodies import whole_number
@@ -35,10 +36,14 @@ OPERATOR_ROUTES = frozenset(("metrics", "server_info"))
 # (the gateway's own headers stay here; OpenAI-Organization and OpenAI-Project pick within the provider key's
 # account: the gateway's, not a client's; the gateway asks vLLM for its load report itself, and keeps it; a
 # browser's Origin would have vLLM answer its own CORS policy, allow-origin * by default, which no other route has)
-_NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"cookie", b"host", b"content-length",
-                              b"x-request-id", b"forwarded", b"accept-encoding", b"x-gomodel-replica",
-                              b"x-gomodel-user-path", b"openai-organization", b"openai-project",
-                              b"endpoint-load-metrics-format", b"origin"}
+# (a client's key in any header is its own: api-key is Azure OpenAI's, x-goog-api-key Google's; the provider's
+# key is the gateway's to send)
+_NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key", b"cookie", b"host",
+                              b"content-length", b"x-request-id", b"forwarded", b"accept-encoding",
+                              b"x-gomodel-replica", b"x-gomodel-user-path", b"openai-organization",
+                              b"openai-project", b"endpoint-load-metrics-format", b"origin"}
+# A gateway key at least this long is looked for in every header and query parameter relayed (see _presented).
+_SCANNED_KEY = 8
 _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 # vLLM routes (after C{v1/}) that take a C{cache_salt} and a C{priority}, as their C{/v1} routes send them
 # (vLLM's Messages take no priority).
@@ -94,8 +99,10 @@ class Passthrough:
         model = served_model(body, provider)
         if model is not None:
             ctx.route(provider, model, model)
+        secret = _presented(request)
         call = UpstreamCall(endpoint, body, method=request.method, native=True,
-                            query=request.uri.partition(b"?")[2], headers=_upstream_headers(request),
+                            query=_upstream_query(request.uri.partition(b"?")[2], secret),
+                            headers=_upstream_headers(request, secret),
                             content_type=None, raw=True, model=model, pin=_pinned_replica(request))
         return await self._exchange.relay(request, ctx, provider, call)
 
@@ -178,12 +185,35 @@ def _pinned_replica(request):
     return index
 
 
-def _upstream_headers(request) -> dict:
+def _presented(request):
+    """The gateway key C{request} was sent with (bytes), where it is long enough to look for elsewhere in the
+    request (L{_SCANNED_KEY}), else None."""
+    try:
+        secret = presented_key(request, required=False)
+    except errors.GatewayError:  # (an open gateway's client may send what is no key of ours)
+        return None
+    return secret if len(secret) >= _SCANNED_KEY else None
+
+
+def _upstream_headers(request, secret=None) -> dict:
+    """The request headers relayed: none of L{_NOT_UPSTREAM}, nor one holding C{secret}, the client's gateway key
+    (sent again under another name, a cookie's, ...: the key never goes upstream)."""
     named = connection_tokens(request.requestHeaders)
     headers = {}
     for name, values in request.requestHeaders.getAllRawHeaders():
         lower = name.lower()
         if lower in _NOT_UPSTREAM or lower in named or lower.startswith(b"x-forwarded-"):
             continue
+        if secret is not None and any(value.find(secret) >= 0 for value in values):
+            continue
         headers[name] = values
     return headers
+
+
+def _upstream_query(query: bytes, secret) -> bytes:
+    """The raw C{query} relayed: as it came, but for a parameter holding C{secret}, the client's gateway key
+    (C{?key=...}, C{?api_key=...}), which is left out."""
+    if secret is None or not query or secret not in unquote_to_bytes(query.replace(b"+", b" ")):
+        return query
+    return b"&".join(part for part in query.split(b"&")
+                     if secret not in unquote_to_bytes(part.replace(b"+", b" ")))

@@ -180,10 +180,11 @@ class ResponsesRoute:
         if stream:
             # (a background response goes on at its instance when its stream ends early: kept from its first event)
             background = body.get("background") is True and turn.stored
+            hide = partial(without_address, upstream=provider)
             if explicit or background:
-                observer = _Relinked(turn.previous_id if explicit else None, background)
+                observer = _Relinked(turn.previous_id if explicit else None, background, hide)
             else:
-                observer = ResponsesStreamObserver()
+                observer = ResponsesStreamObserver(hide)
             try:
                 return await self._exchange.relay(
                     request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer,
@@ -493,12 +494,13 @@ class _Relinked(ResponsesStreamObserver):
 
     started = None
 
-    def __init__(self, previous_id, background=False):
+    def __init__(self, previous_id, background=False, hide=None):
         """
         @param previous_id: the response it follows, or None: not sent explicitly (nothing to relink).
         @param background: whether it is a background response's stream (L{started} is kept).
+        @param hide: as L{ResponsesStreamObserver}'s.
         """
-        super().__init__()
+        super().__init__(hide)
         self._previous_id = previous_id
         self._background = background
 

@@ -81,11 +81,14 @@ def connection_tokens(headers) -> set:
     return tokens
 
 
-def copy_response_headers(upstream_response, request, keep_length=False):
+def copy_response_headers(upstream_response, request, keep_length=False, hidden=()):
     """Copy the upstream's status and end-to-end headers onto C{request}.
 
     @param keep_length: keep the upstream's Content-Length (the body will be
         relayed unchanged); otherwise our own framing applies.
+    @param hidden: what a header naming one of the upstream's addresses (a C{Location}, C{Content-Location} or
+        C{Link} to it, a proxy's C{Via}) or its key holds, as bytes (its pool's C{hidden_marks}): such a header
+        stays upstream, as the upstream's address never reaches a client.
     """
     request.setResponseCode(upstream_response.code)
     headers = upstream_response.headers
@@ -98,13 +101,23 @@ def copy_response_headers(upstream_response, request, keep_length=False):
         # by an OpenAI-compatible provider's: those describe the gateway's account with it, shared by every
         # tenant (they pass where the gateway set none: the master key, a key without limits).
         if (lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length)
-                or (lower in RATE_LIMIT_HEADERS and (name in kept or _has_line(target, lower)))):
+                or (lower in RATE_LIMIT_HEADERS and (name in kept or _has_line(target, lower)))
+                or (hidden and _names(values, hidden))):
             continue
         # Names as Headers keeps them, values a parser let through (no CR or LF): copied as they are.
         kept[name] = list(values)
     # (the HTTP client keeps Content-Length out of the headers, among its connection's: it is the length)
     if keep_length and upstream_response.length.__class__ is int and upstream_response.code not in (204, 304):
         kept[CONTENT_LENGTH] = [b"%d" % upstream_response.length]
+
+
+def _names(values, hidden) -> bool:
+    """Whether one of a header's C{values} holds one of C{hidden} (bytes)."""
+    for value in values:
+        for mark in hidden:
+            if value.find(mark) >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
+                return True
+    return False
 
 
 def _has_line(headers, name) -> bool:

@@ -45,7 +45,7 @@ from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, Upstr
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
-from gomodel.upstream.errors import upstream_error, with_retry_after
+from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after
 
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
@@ -244,6 +244,9 @@ class Exchange:
             events = is_event_stream(response.headers)
             if events:
                 ctx.stream = True
+            elif response.code >= 300 and response.code != 304 and upstream.hidden and request.method != b"HEAD" and (
+                    response.length is UNKNOWN_LENGTH or response.length <= ERROR_BODY_LIMIT):
+                return await self._raw_error(request, ctx, upstream, response, call)
             return await self._relay_raw(request, ctx, upstream, response, events)
         if response.code >= 400:
             raise await self._error(upstream, response)
@@ -268,6 +271,19 @@ class Exchange:
             except UpstreamUnreachable as e:
                 raise _BrokeOff(e) from None
         return self._whole(request, ctx, upstream, response, call, body)
+
+    async def _raw_error(self, request, ctx, upstream, response, call):
+        """A passthrough's error answer (or redirect) as the upstream sent it (status, headers, body), but for its
+        addresses (and key): replaced in the body as in any error's message (L{hidden_in}), the headers naming them
+        left out (L{copy_response_headers}). An error is small: it is read whole first.
+
+        @raise _BrokeOff: it broke off before any of it went to the client.
+        """
+        try:
+            body = await self.read(upstream, response, ERROR_BODY_LIMIT)
+        except UpstreamUnreachable as e:
+            raise _BrokeOff(e) from None
+        return self._whole(request, ctx, upstream, response, call, hidden_in(body, upstream))
 
     async def _gathered(self, request, ctx, upstream, response, call, gather):
         """The whole answer for a call that did not ask to stream, made of the event stream the upstream sent
@@ -508,7 +524,7 @@ class Exchange:
     def _whole(self, request, ctx, upstream, response, call, body):
         """A whole answer for the client: usage noted (where something records it), transformed
         if asked, headers copied."""
-        copy_response_headers(response, request)
+        copy_response_headers(response, request, hidden=upstream.hidden_marks)
         if call.transform is not None:
             answer = body
             try:
@@ -555,7 +571,7 @@ class Exchange:
         @raise UpstreamTimeout: the stream ran past its maximum duration before any of it went to the client.
         """
         ours = dict(plain_headers(request.responseHeaders))  # (put back if this head never goes out)
-        copy_response_headers(response, request, keep_length)
+        copy_response_headers(response, request, keep_length, upstream.hidden_marks)
         events = is_event_stream(response.headers)
         if events:
             request.setHeader(b"cache-control", b"no-cache")

@@ -210,12 +210,18 @@ class ChatStreamObserver:
     """Watches a chat/completions stream: usage, C{[DONE]}, in-band errors.
 
     It drops the usage-only chunk that the gateway asked for on the client's
-    behalf (C{strip_usage}); every other byte passes unchanged.
+    behalf (C{strip_usage}); every other byte passes unchanged, but an in-band
+    error that names the upstream's address (C{hide}).
     """
 
-    def __init__(self, strip_usage: bool):
+    def __init__(self, strip_usage: bool, hide=None):
+        """
+        @param hide: a function of one of the upstream's texts (an error's message) giving it as the client may
+            see it, its upstream's address and key hidden (L{gomodel.upstream.errors.without_address}), or None.
+        """
         self._framer = SSEFramer()
         self._strip_usage = strip_usage
+        self._hide = hide
         self.usage = None
         self.done = False
         self.error = None
@@ -265,32 +271,40 @@ class ChatStreamObserver:
     def _passed(self, out: list, events) -> bytes:
         """C{out} and those of C{events} the client gets, joined; each holding a watched word is observed."""
         for event in events:
-            if (event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0) \
-                    and not self._observe(event):
-                continue
+            if event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0:
+                event = self._observe(event)
+                if event is None:
+                    continue
             out.append(event)
         return b"".join(out)
 
-    def _observe(self, event: bytes) -> bool:
-        """Record what C{event} says; return whether the client gets it."""
+    def _observe(self, event: bytes):
+        """Record what C{event} says; return what the client gets of it (itself, or its error without the
+        upstream's address), or None."""
         data = event_data(event)
         if data == b"[DONE]":
             self.done = True
-            return True
+            return event
         if data.find(b'"usage"') >= 0 or data.find(b'"error"') >= 0:
             try:
                 chunk = jsonutil.loads(data)
             except jsonutil.JSONError:
-                return True
+                return event
             if isinstance(chunk, dict):
-                if isinstance(chunk.get("error"), (dict, str)):
-                    self.error = chunk["error"]
+                error = chunk.get("error")
+                if isinstance(error, (dict, str)):
+                    self.error = error
+                    if self._hide is not None:
+                        shown = hidden_strings(error, self._hide)
+                        if shown != error:
+                            self.error = chunk["error"] = shown
+                            event = b"data: " + jsonutil.dumps(chunk) + b"\n\n"
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     self.usage = usage
                     if self._strip_usage and chunk.get("choices") == []:
-                        return False
-        return True
+                        return None
+        return event
 
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
@@ -318,6 +332,17 @@ class ChatStreamObserver:
                 events.append(dict(chunk, choices=[], usage=usage))
         self.done = True
         return b"".join(b"data: " + jsonutil.dumps(event) + b"\n\n" for event in events) + b"data: [DONE]\n\n"
+
+
+def hidden_strings(value, hide):
+    """C{value} (an upstream's error: a JSON value) with C{hide} applied to every string in it, at any depth."""
+    if value.__class__ is str:
+        return hide(value)
+    if value.__class__ is dict:
+        return {key: hidden_strings(item, hide) for key, item in value.items()}
+    if value.__class__ is list:
+        return [hidden_strings(item, hide) for item in value]
+    return value
 
 
 def _streamed_choice(choice: dict) -> dict:
@@ -350,14 +375,20 @@ class ResponsesStreamObserver:
 
     The stream is complete once a C{response.completed}, C{.incomplete} or
     C{.failed} event (or an C{error} event) arrived; its final response
-    object and usage are kept.
+    object and usage are kept. An C{error} event, or a response's C{error},
+    that names the upstream's address is the one thing rewritten (C{hide}).
 
     @ivar events: the delta events relayed (C{response.output_text.delta}, C{.reasoning_text.delta},
         C{.function_call_arguments.delta}...: about one generated token each), the estimate of what a
         stream cut before its final response made.
     """
 
-    def __init__(self):
+    def __init__(self, hide=None):
+        """
+        @param hide: as L{ChatStreamObserver}'s.
+        """
+        self._hide = hide
+        self._shown = None  # what the client gets instead of the event last observed, when it was rewritten
         self._framer = SSEFramer()
         self._last = b""  # the last read that held whole events (L{next_sequence})
         self.done = False
@@ -381,12 +412,16 @@ class ResponsesStreamObserver:
             # Each delta event's type ends its name's quoted string (a quote inside a text is escaped).
             self.events += joined.count(_DELTA_TYPE)
         if events is not None:  # CR line breaks: event by event
-            for event in events:
+            rewritten = False
+            for i, event in enumerate(events):
                 if mentions(event, _RESPONSES_WATCHED):
                     self._observe(event)
-            return joined
+                    if self._shown is not None:
+                        events[i], self._shown, rewritten = self._shown, None, True
+            return b"".join(events) if rewritten else joined
         # Most reads hold none of the words; one that does holds them late (the end), after the tokens.
         # The events holding one are looked into, found in the read as it is (never cut into events).
+        shown = None  # [(start, end, what the client gets instead)] of the events rewritten (an error naming the upstream)
         words, stop = _RESPONSES_WATCHED, len(joined)
         if stop > LONG_READ:
             # Many events (a stream's tail read at once): when the last one ends the stream, only an
@@ -394,19 +429,35 @@ class ResponsesStreamObserver:
             last = joined.rfind(b"\n\n", 0, stop - 2) + 2  # (1: one event)
             if last > 1 and first_place(joined, _RESPONSE_END_EVENTS, last) < stop and self._observe(joined[last:]):
                 words, stop = _ERROR_WORD, last
+                if self._shown is not None:
+                    shown, self._shown = [(last, len(joined), self._shown)], None
         at = first_place(joined, words, 0, stop)
         while at < stop:
             start, at = event_bounds(joined, at)
             self._observe(joined[start:at])
+            if self._shown is not None:
+                shown = (shown or []) + [(start, at, self._shown)]
+                self._shown = None
             at = first_place(joined, words, at, stop)
-        return joined
+        if shown is None:
+            return joined
+        out, at = [], 0
+        for start, end, event in sorted(shown):
+            out += (joined[at:start], event)
+            at = end
+        out.append(joined[at:])
+        return b"".join(out)
 
     def _observe(self, event) -> bool:
-        """Record what C{event} says; return whether it ends the stream as a response's end."""
+        """Record what C{event} says; return whether it ends the stream as a response's end. An error that
+        names the upstream's address is recorded without it, and the event the client gets instead left in
+        L{_shown}."""
         payload = event_object(event)
         if payload is None:
             return False
         kind = payload.get("type")
+        if self._hide is not None and (kind == "error" or kind == "response.failed"):
+            self._hidden(event, payload)
         if kind == "error":
             self.error = payload
             self.done = True
@@ -419,6 +470,25 @@ class ResponsesStreamObserver:
                     self.usage = usage
             return True
         return False
+
+    def _hidden(self, event, payload):
+        """Rewrite C{payload}, C{event}'s object (an C{error} event, a failed response's), in place without the
+        upstream's address where its error names it (never in the response's output: the model's words); the event
+        it makes is left in L{_shown}."""
+        holder = payload.get("response") if payload["type"] == "response.failed" else payload
+        if holder.__class__ is not dict:
+            return
+        before = holder.get("error") if holder is not payload else payload
+        shown = hidden_strings(before, self._hide)
+        if shown == before:
+            return
+        if holder is payload:
+            payload.clear()
+            payload.update(shown)
+        else:
+            payload["response"] = dict(holder, error=shown)
+        data = event.find(b"data:")
+        self._shown = event[:max(data, 0)] + b"data: " + jsonutil.dumps(payload) + b"\n\n"
 
     def finish(self):
         require_end(self._framer, self.done, "before response.completed")

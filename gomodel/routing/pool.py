@@ -366,7 +366,8 @@ class _Waiter:
 class ReplicaPool:
     """A provider: its name and type, its replicas, and the choice of one for each request.
 
-    @ivar hidden: every replica's URLs and host, never to be shown to a client.
+    @ivar hidden: every replica's URLs and host (and key), never to be shown to a client.
+    @ivar hidden_marks: the shortest of them (each replica's host, key), as bytes.
     """
 
     log = Logger()
@@ -387,6 +388,10 @@ class ReplicaPool:
         # Longest first: one replica's host must not be replaced inside another's host and port.
         self.hidden = tuple(sorted(dict.fromkeys(h for r in self.replicas for h in r.server.hidden), key=len,
                                    reverse=True))
+        # The shortest of them, as bytes (every other holds one: a URL its host): what an upstream's header that
+        # names one of its addresses holds (L{gomodel.http.headers.copy_response_headers}).
+        self.hidden_marks = tuple(h.encode() for h in self.hidden
+                                  if not any(other != h and other in h for other in self.hidden))
         self._clock = clock
         self._strategy = strategy
         self._queue_timeout = queue_timeout

@@ -3,7 +3,8 @@
 An OpenAI-shaped error (vLLM's own 400/404/...) passes through byte for byte;
 vLLM's bare C{{"error": "Unauthorized"}}, FastAPI's C{{"detail": ...}}, vLLM's
 old flat C{{"object": "error", ...}} and anything that is not JSON are wrapped.
-The upstream's address never appears in what the client gets.
+The upstream's address never appears in what the client gets, nor the provider's
+own key (an upstream that quotes the key it refused: L{Secret}).
 """
 
 from gomodel import jsonutil
@@ -21,6 +22,17 @@ _TYPE_BY_STATUS = {
 }
 
 
+# What the client sees in place of a provider's key (L{Secret}).
+REDACTED = "***"
+
+
+class Secret(str):
+    """One of a provider's C{hidden} strings that is a credential, its API key: replaced by L{REDACTED} (an
+    address is replaced by the provider's name)."""
+
+    __slots__ = ()
+
+
 def default_type(status: int) -> str:
     """The OpenAI error type for an upstream status that came without one."""
     if status >= 500:
@@ -31,14 +43,14 @@ def default_type(status: int) -> str:
 def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> UpstreamError:
     """Build the L{UpstreamError} for an upstream answer with C{status} >= 400.
 
-    @param hide: strings (the upstream's URLs, host and port, host) that must not
-        reach the client, longest first; each is replaced by the provider's name.
+    @param hide: strings (the upstream's URLs, host and port, host; its key, a L{Secret}) that must not
+        reach the client, longest first; each is replaced by the provider's name (a key by L{REDACTED}).
     """
     parsed = _parse(body)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         message = error["message"]
-        if not any(h and h.encode() in body for h in hide):
+        if not _mentions(body, parsed, hide):
             return UpstreamError(status, body, message)
         return _wrapped(status, _hidden(message, hide, provider_name), *(
             _hidden(error.get(field), hide, provider_name) for field in ("type", "param", "code")))
@@ -77,6 +89,31 @@ def without_address(message: str, upstream) -> str:
     return _hidden(message, upstream.hidden, upstream.name)
 
 
+def hidden_in(body: bytes, upstream) -> bytes:
+    """C{body}, an upstream's raw answer relayed as it is (a passthrough's error), with every string of
+    C{upstream}'s C{hidden} replaced as in an error message (a URL also as JSON may write it, C{http:\\/\\/...})."""
+    for h in upstream.hidden:
+        shown = (REDACTED if h.__class__ is Secret else upstream.name).encode()
+        body = body.replace(h.encode(), shown)
+        if "/" in h:
+            body = body.replace(h.replace("/", "\\/").encode(), shown)
+    return body
+
+
+def _mentions(body: bytes, parsed, hide) -> bool:
+    """Whether an upstream's JSON error answer C{body} (C{parsed}) holds any of C{hide}: in its bytes, or once its
+    strings are decoded (an address written with JSON's escapes, C{\\u0031\\u0032\\u0037...}, is one to a client)."""
+    if not hide:
+        return False
+    for h in hide:
+        if h and body.find(h.encode()) >= 0:
+            return True
+    if body.find(b"\\") < 0:  # (no escape: the decoded strings are the bytes)
+        return False
+    decoded = jsonutil.dumps(parsed)
+    return any(h and decoded.find(h.encode()) >= 0 for h in hide)
+
+
 def _parse(body: bytes):
     try:
         return jsonutil.loads(body)
@@ -85,12 +122,13 @@ def _parse(body: bytes):
 
 
 def _hidden(message, hide, provider_name: str):
-    """C{message} with every string of C{hide} replaced by C{provider_name} (a value that is no string as it is)."""
+    """C{message} with every string of C{hide} replaced by C{provider_name} (a L{Secret} by L{REDACTED}; a value
+    that is no string as it is)."""
     if not isinstance(message, str):
         return message
     for h in hide:
         if h:
-            message = message.replace(h, provider_name)
+            message = message.replace(h, REDACTED if h.__class__ is Secret else provider_name)
     return message
 
 

@@ -11,7 +11,7 @@ from gomodel import jsonutil
 from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from gomodel.interfaces import IUpstream
 from gomodel.upstream.client import BodyTooLarge, read_body, was_cancelled, within
-from gomodel.upstream.errors import upstream_error
+from gomodel.upstream.errors import Secret, upstream_error
 
 # A failure of these kinds means no response byte came back: on a pooled
 # connection the upstream had most likely just closed it, so one retry is safe.
@@ -42,9 +42,11 @@ class OpenAICompatibleProvider:
         self._relay = relay  # relayed requests and our own calls (model discovery, probes): a RelayClient
         self._clock = clock
         self._timeouts = timeouts
-        self.hidden = tuple(h for h in (replica.base_url, replica.root_url, replica.netloc,
-                                        replica.host) if h)
         api_key = replica.api_key or config.api_key
+        # What no client may see: its addresses, and its key (an upstream may quote the key it refused), unless
+        # that is so short (a test's "token") that it would be cut out of every other word of a message.
+        self.hidden = tuple(h for h in (replica.base_url, replica.root_url, replica.netloc,
+                                        replica.host) if h) + ((Secret(api_key),) if len(api_key or "") >= 8 else ())
         self._authorization = (b"Bearer " + api_key.encode("latin-1")) if api_key else None
         self._key_line = b"Authorization: " + self._authorization + b"\r\n" if self._authorization else b""
 

@@ -25,7 +25,7 @@ gateway forwards untouched:
   - C{fake_stream_anyway}: stream a chat, completions, Messages or Responses answer though the request did not ask for it
   - C{stream_options.continuous_usage_stats} (with C{include_usage}): usage on every chunk, as vLLM sends it
   - C{fake_headers}: C{{name: value}} headers a chat answer carries (an
-    OpenAI-compatible provider's own C{x-ratelimit-*}, say)
+    OpenAI-compatible provider's own C{x-ratelimit-*}, say), a C{fake_status} one too
 
 Anthropic's Messages API (C{/v1/messages}, C{/v1/messages/count_tokens}) is
 answered as vLLM 0.32's C{vllm/entrypoints/anthropic} writes it (typed events,
@@ -40,9 +40,9 @@ Messages but no C{count_tokens} route (FastAPI's 404 there). Chat and Messages a
   - C{fake_deltas}: a stream is these chat C{delta} objects, one chunk each (after
     the role's), the last with C{finish_reason} C{fake_finish} (default "stop")
 
-Messages alone also take C{fake_events}: a stream of exactly these C{[event, data]} pairs (data a raw
-string); C{fake_stream_anyway} answers a Messages request that did not ask to stream with its events, and
-C{fake_whole} one that did with the whole message (JSON).
+Messages also take C{fake_events}: a stream of exactly these C{[event, data]} pairs (data a raw
+string; a native Responses stream takes them too); C{fake_stream_anyway} answers a Messages request that did
+not ask to stream with its events, and C{fake_whole} one that did with the whole message (JSON).
 
 C{steer} holds fields applied to every request the body does not set itself
 (for requests the gateway rewrites, e.g. Messages translated to chat).
@@ -431,6 +431,11 @@ class FakeVLLM(Resource):
                                                   "delta": text, "logprobs": []}),
                   ("response.output_item.done", {"output_index": 0, "item": response["output"][0]}),
                   ("response.completed", {"response": response})]
+        if "fake_events" in body:  # exactly these (event, data) pairs, data as a raw string
+            for kind, data in body["fake_events"]:
+                request.write(b"event: " + kind.encode() + b"\ndata: " + data.encode() + b"\n\n")
+            request.finish()
+            return server.NOT_DONE_YET
         die_after, hang_after = body.get("fake_die_after"), body.get("fake_hang_after")
         for number, (kind, fields) in enumerate(events):
             if hang_after is not None and number >= hang_after:
@@ -510,11 +515,11 @@ class FakeVLLM(Resource):
         if not isinstance(body, dict):
             return self._json(request, 400, {"error": {"message": "JSON decode error", "type": "Bad Request",
                                                        "param": "body", "code": 400}})
+        for name, value in body.get("fake_headers", {}).items():
+            request.setHeader(name, value)
         if "fake_status" in body:
             raw = body.get("fake_body", "")
             return self._json(request, body["fake_status"], raw.encode() if isinstance(raw, str) else raw)
-        for name, value in body.get("fake_headers", {}).items():
-            request.setHeader(name, value)
         model = body.get("model")
         if model not in self.models:
             return self._json(request, 404, {"error": {

@@ -1,0 +1,229 @@
+"""Nothing of the gateway's upstreams reaches a client, and nothing of a client's key an upstream: the upstream's
+address (in an error, streamed or not, relayed or passed through, in a header) and its key, the client's key sent
+again under another header or in the query of a passthrough; and a key's model list holds through failover rules."""
+
+import json
+
+import pytest_twisted
+import treq
+
+from tests.support import start_fake, start_gateway, stop_all
+
+MASTER = "master-k"
+PROVIDER_KEY = "sk-provider-0123456789"
+BARE = "meta-llama/Llama-3.1-8B-Instruct"
+MODEL = f"vllm/{BARE}"
+OTHER = f"openai-other/{BARE}"
+
+
+@pytest_twisted.async_yield_fixture()
+async def two(reactor, tmp_path):
+    """A gateway with a master key before a vLLM (with a provider key) and an OpenAI-compatible upstream, the
+    vLLM's model failing over to the other's."""
+    vllm, other = await start_fake(reactor), await start_fake(reactor)
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": vllm.base_url, "VLLM_API_KEY": PROVIDER_KEY, "OPENAI_OTHER_BASE_URL": other.base_url,
+        "OPENAI_OTHER_API_KEY": "sk-up", "FAILOVER_RULES_JSON": json.dumps({MODEL: [OTHER]}),
+        "REPLICA_FAILURE_THRESHOLD": "100", "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    yield gw, vllm, other
+    await stop_all(gw, vllm, other)
+
+
+async def call(http, gw, path, body=None, key=MASTER, method="POST", headers=None):
+    response = await http.request(method, gw.url + path, data=None if body is None else json.dumps(body).encode(),
+                                  headers={"authorization": f"Bearer {key}", **(headers or {})}, allow_redirects=False)
+    return response, await treq.content(response)
+
+
+async def new_key(http, gw, **fields):
+    response, content = await call(http, gw, "/admin/api/v1/auth-keys", {"name": "k", **fields})
+    assert response.code == 201, content
+    return json.loads(content)["value"]
+
+
+def addresses(fake):
+    """What of C{fake}'s address a client must never see."""
+    return fake.base_url, fake.root_url, fake.root_url[len("http://"):], str(fake.port.getHost().port)
+
+
+def shows_none(content: bytes, *hidden) -> bool:
+    return not any(h.encode() in content for h in hidden)
+
+
+def inference(fake):
+    return [r for r in fake.requests if r.path not in (b"/health", b"/v1/models", b"/metrics")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failover_rule_is_no_way_out_to_a_model_the_key_may_not_use(http, two):
+    """A key that may use the vLLM's model alone is never sent to its failover candidate, another provider's model
+    it may not use (its prompt would reach a provider it was kept from); one that may use both, and the master key,
+    are. Before, a failed first target sent every key's request on to the candidate."""
+    gw, vllm, other = two
+    only = await new_key(http, gw, models=[MODEL])
+    both = await new_key(http, gw, models=[MODEL, OTHER])
+    vllm.steer = {"fake_status": 503, "fake_body": json.dumps({"error": {"message": "overloaded", "type": "x"}})}
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/responses", {"input": "hi"}),
+                       ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})):
+        response, content = await call(http, gw, path, dict(body, model=MODEL), key=only)
+        assert response.code == 503, content
+        assert inference(other) == [], path
+        for key in (both, MASTER):
+            response, content = await call(http, gw, path, dict(body, model=MODEL), key=key)
+            assert response.code == 200, content
+        assert len(inference(other)) == 2, path
+        other.requests.clear()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_error_never_shows_the_upstreams_address(http, two):
+    """An in-band error of a chat stream, and a native Responses stream's error event and failed response (kept by
+    the gateway, and read back), are the client's without the upstream's address: the provider's name instead."""
+    gw, vllm, other = two
+    hidden = addresses(vllm)
+    said = f"engine at {vllm.base_url}/chat/completions ({hidden[2]}) failed"
+    response, content = await call(http, gw, "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        "fake_sse": ['{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+                     '"delta":{"content":"hi"},"finish_reason":null}]}',
+                     json.dumps({"error": {"message": said, "type": "internal_error", "param": None, "code": 500}}),
+                     "[DONE]"]})
+    assert response.code == 200 and b'"content":"hi"' in content
+    assert shows_none(content, *hidden), content
+    assert b"engine at vllm/chat/completions (vllm) failed" in content
+
+    failed = {"id": "resp_failed1", "object": "response", "created_at": 1, "status": "failed", "model": BARE,
+              "output": [], "error": {"code": "server_error", "message": said}}
+    response, content = await call(http, gw, "/v1/responses", {
+        "model": MODEL, "input": "hi", "stream": True, "fake_events": [
+            ["response.created", json.dumps({"type": "response.created", "sequence_number": 0,
+                                             "response": dict(failed, status="in_progress", error=None)})],
+            ["error", json.dumps({"type": "error", "code": "server_error", "message": said, "param": None,
+                                  "sequence_number": 1})],
+            ["response.failed", json.dumps({"type": "response.failed", "sequence_number": 2, "response": failed})]]})
+    assert response.code == 200 and b"event: response.failed" in content
+    assert shows_none(content, *hidden), content
+    assert content.count(b"engine at vllm/chat/completions (vllm) failed") == 2
+    response, content = await call(http, gw, "/v1/responses/resp_failed1", method="GET")
+    assert response.code == 200 and json.loads(content)["status"] == "failed"
+    assert shows_none(content, *hidden), content
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_header_naming_its_address_stays_upstream(http, two):
+    """A header of the upstream's answer naming its address (a Location, a Link, a proxy's Via) reaches no client,
+    on a model-routed route or through the passthrough; the others pass as before."""
+    gw, vllm, other = two
+    named = {"Location": vllm.base_url + "/x", "Link": f"<{vllm.root_url}/v1/models>; rel=models",
+             "Via": f"1.1 {addresses(vllm)[2]}", "X-Kept": "as-is"}
+    body = {"model": BARE, "messages": [{"role": "user", "content": "hi"}], "fake_headers": named}
+    for path, model in (("/v1/chat/completions", MODEL), ("/p/vllm/v1/chat/completions", BARE)):
+        response, content = await call(http, gw, path, dict(body, model=model))
+        assert response.code == 200, content
+        assert response.headers.getRawHeaders("x-kept") == ["as-is"]
+        for name in ("location", "link", "via"):
+            assert not response.headers.hasHeader(name), (path, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_error_shows_the_provider_not_its_address(http, two):
+    """The passthrough relays an upstream's error (or redirect) as it came (status, content type, body), but for its
+    address: the provider's name where the body named it, and no header naming it. Before, both went as they came."""
+    gw, vllm, other = two
+    said = {"error": {"message": f"no route {vllm.root_url}/v1/x at {addresses(vllm)[2]}", "type": "NotFoundError",
+                      "param": None, "code": 404}}
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+        "model": BARE, "messages": [], "fake_status": 404, "fake_body": json.dumps(said),
+        "fake_headers": {"Location": vllm.root_url + "/elsewhere"}})
+    assert response.code == 404 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert json.loads(content)["error"] == dict(said["error"], message="no route vllm/x at vllm")  # (its base URL, /v1 too)
+    assert response.length == len(content)
+    assert not response.headers.hasHeader("location")
+    # A redirect to it (a proxy's in front of the upstream) the same way.
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+        "model": BARE, "messages": [], "fake_status": 307, "fake_body": f"moved to {vllm.root_url}/v2",
+        "fake_headers": {"Location": vllm.root_url + "/v2"}})
+    assert response.code == 307 and content == b"moved to vllm/v2" and not response.headers.hasHeader("location")
+    # An error that names nothing hidden comes byte for byte, as before.
+    response, content = await call(http, gw, "/p/vllm/nothing-here", method="GET")
+    assert response.code == 404 and content == b'{"detail":"Not Found"}'
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_written_with_json_escapes_is_hidden_too(http, two):
+    """An upstream error whose JSON writes the address with escapes (C{\\\\u0031...}) names it to every client that
+    reads it: it is shown without it, on the OpenAI routes (before, relayed byte for byte) and on Anthropic's (before,
+    shown decoded)."""
+    gw, vllm, other = two
+    message = f"cannot reach {vllm.base_url}"
+    escaped = '{"error":{"message":"' + "".join("\\u%04x" % ord(c) for c in message) + '","type":"x","param":null}}'
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})):
+        response, content = await call(http, gw, path, dict(body, model=MODEL, fake_status=400, fake_body=escaped))
+        assert response.code == 400
+        shown = json.loads(content)["error"]["message"]
+        assert shown == "cannot reach vllm", (path, content)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_providers_key_an_upstream_quotes_is_never_shown(http, two):
+    """An upstream that quotes the key it was sent (the gateway's, every tenant's) in its error is shown with the
+    key redacted, in an answer and in a batch's error file alike."""
+    gw, vllm, other = two
+    said = json.dumps({"error": {"message": f"Incorrect API key provided: {PROVIDER_KEY}.", "type": "invalid_request_error",
+                                 "param": None, "code": "invalid_api_key"}})
+    for path in ("/v1/chat/completions", "/p/vllm/v1/chat/completions"):
+        response, content = await call(http, gw, path, {"model": MODEL if path.startswith("/v1") else BARE,
+                                                        "messages": [], "fake_status": 401, "fake_body": said})
+        assert response.code == 401
+        assert json.loads(content)["error"]["message"] == "Incorrect API key provided: ***.", path
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_passthrough_never_relays_the_clients_key(http, two):
+    """The client's key goes upstream under no name: neither as Azure's C{api-key} or Google's C{x-goog-api-key},
+    nor in another header or a cookie, nor in the query (C{?key=}); the rest of the headers and the query pass."""
+    gw, vllm, other = two
+    key = await new_key(http, gw)
+    response, content = await call(
+        http, gw, f"/p/vllm/tokenize?key={key}&x=1&api_key=%73{key[1:]}&y=%2F", {"model": BARE, "prompt": "hi"},
+        key=key, headers={"api-key": key, "x-goog-api-key": key, "x-custom-auth": f"Token {key}",
+                          "cookie": f"s={key}", "x-custom": "kept"})
+    assert response.code == 200, content
+    seen = vllm.requests[-1]
+    assert seen.uri == b"/tokenize?x=1&y=%2F"
+    assert seen.header(b"x-custom") == "kept" and seen.header(b"authorization") == f"Bearer {PROVIDER_KEY}"
+    assert all(key.encode() not in b"".join(values) for _, values in seen.headers.getAllRawHeaders())
+
+
+def test_a_responses_stream_read_at_once_is_rewritten_at_its_errors_alone():
+    """A native Responses stream's tail read at once (many events), with LF or CRLF line breaks: its error event
+    and failed response are rewritten in place, every other byte (the model's words naming the host too) as it came."""
+    from gomodel.proxy.sse import ResponsesStreamObserver
+
+    host = "10.0.0.7:8000"
+
+    def event(kind, fields, sep="\n"):
+        return (f"event: {kind}{sep}data: " + json.dumps({"type": kind, **fields}) + sep + sep).encode()
+
+    for sep in ("\n", "\r\n"):
+        deltas = [event("response.output_text.delta", {"sequence_number": i, "delta": f"ask {host} "}, sep)
+                  for i in range(60)]
+        error = event("error", {"code": "server_error", "message": f"lost {host}", "param": None,
+                                "sequence_number": 60}, sep)
+        failed = event("response.failed", {"sequence_number": 61, "response": {
+            "id": "resp_1", "status": "failed", "output": [{"text": f"ask {host}"}],
+            "error": {"code": "server_error", "message": f"lost {host}"}}}, sep)
+        observer = ResponsesStreamObserver(lambda text: text.replace(host, "vllm"))
+        out = observer.feed(b"".join(deltas) + error + failed)
+        assert out.startswith(b"".join(deltas)), sep
+        rest = out[len(b"".join(deltas)):].decode()
+        assert rest.count(host) == 1 and rest.count("lost vllm") == 2 and f"ask {host}" in rest, rest
+        assert observer.done and observer.response["error"]["message"] == "lost vllm"
+        assert observer.response["output"] == [{"text": f"ask {host}"}]
+        # One event a read, as a model streams: the same.
+        observer = ResponsesStreamObserver(lambda text: text.replace(host, "vllm"))
+        out = b"".join(observer.feed(e) for e in deltas[:2] + [error, failed])
+        assert out.startswith(b"".join(deltas[:2])) and out[len(b"".join(deltas[:2])):].count(host.encode()) == 1
