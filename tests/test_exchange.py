@@ -50,7 +50,7 @@ class _GoneRequest:
 class _Pool:
     """What a relay reads of the provider's pool."""
 
-    name, hidden, hidden_marks = "u", (), ()
+    name, hidden, hidden_pattern = "u", (), None
 
 
 class _BrokenResponse:

@@ -1,5 +1,7 @@
 """Which headers cross the gateway, in either direction, and the header set of the gateway's answers."""
 
+from itertools import chain
+
 from twisted.web.http_headers import Headers
 
 from gomodel._twistedcompat import header_name, plain_headers
@@ -81,28 +83,31 @@ def connection_tokens(headers) -> set:
     return tokens
 
 
-def copy_response_headers(upstream_response, request, keep_length=False, hidden=()):
+def copy_response_headers(upstream_response, request, keep_length=False, hidden=None):
     """Copy the upstream's status and end-to-end headers onto C{request}.
 
     @param keep_length: keep the upstream's Content-Length (the body will be
         relayed unchanged); otherwise our own framing applies.
-    @param hidden: what a header naming one of the upstream's addresses (a C{Location}, C{Content-Location} or
-        C{Link} to it, a proxy's C{Via}) or its key holds, as bytes (its pool's C{hidden_marks}): such a header
-        stays upstream, as the upstream's address never reaches a client.
+    @param hidden: a pattern (bytes) of what a header naming one of the upstream's addresses (a C{Location},
+        C{Content-Location} or C{Link} to it, a proxy's C{Via}) or its key holds (its pool's C{hidden_pattern}),
+        or None: such a header stays upstream, as the upstream's address never reaches a client.
     """
     request.setResponseCode(upstream_response.code)
     headers = upstream_response.headers
     named = connection_tokens(headers)
     target = request.responseHeaders
     kept = plain_headers(target)
-    for name, values in plain_headers(headers).items():
+    source = plain_headers(headers)
+    # (one search of all the values for the usual answer, which names none; each header's only where one does)
+    if hidden is not None and hidden.search(b"\n".join(chain.from_iterable(source.values()))) is not None:
+        source = _not_naming(source, hidden)
+    for name, values in source.items():
         lower = name.lower()
         # A limited key's own x-ratelimit-* headers, set before the upstream answered, are never replaced
         # by an OpenAI-compatible provider's: those describe the gateway's account with it, shared by every
         # tenant (they pass where the gateway set none: the master key, a key without limits).
         if (lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length)
-                or (lower in RATE_LIMIT_HEADERS and (name in kept or _has_line(target, lower)))
-                or (hidden and _names(values, hidden))):
+                or (lower in RATE_LIMIT_HEADERS and (name in kept or _has_line(target, lower)))):
             continue
         # Names as Headers keeps them, values a parser let through (no CR or LF): copied as they are.
         kept[name] = list(values)
@@ -111,13 +116,13 @@ def copy_response_headers(upstream_response, request, keep_length=False, hidden=
         kept[CONTENT_LENGTH] = [b"%d" % upstream_response.length]
 
 
-def _names(values, hidden) -> bool:
-    """Whether one of a header's C{values} holds one of C{hidden} (bytes)."""
-    for value in values:
-        for mark in hidden:
-            if value.find(mark) >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
-                return True
-    return False
+def _not_naming(headers, hidden) -> dict:
+    """C{headers} (name -> values) but those with a value that holds what the pattern C{hidden} matches."""
+    kept = {}
+    for name, values in headers.items():
+        if not any(hidden.search(value) is not None for value in values):
+            kept[name] = values
+    return kept
 
 
 def _has_line(headers, name) -> bool:

@@ -524,7 +524,7 @@ class Exchange:
     def _whole(self, request, ctx, upstream, response, call, body):
         """A whole answer for the client: usage noted (where something records it), transformed
         if asked, headers copied."""
-        copy_response_headers(response, request, hidden=upstream.hidden_marks)
+        copy_response_headers(response, request, hidden=upstream.hidden_pattern)
         if call.transform is not None:
             answer = body
             try:
@@ -571,7 +571,7 @@ class Exchange:
         @raise UpstreamTimeout: the stream ran past its maximum duration before any of it went to the client.
         """
         ours = dict(plain_headers(request.responseHeaders))  # (put back if this head never goes out)
-        copy_response_headers(response, request, keep_length, upstream.hidden_marks)
+        copy_response_headers(response, request, keep_length, upstream.hidden_pattern)
         events = is_event_stream(response.headers)
         if events:
             request.setHeader(b"cache-control", b"no-cache")

@@ -60,6 +60,7 @@ whose candidates are still full holds back none behind it.
 """
 
 import random
+import re
 from collections import OrderedDict, deque
 from itertools import filterfalse
 from math import inf
@@ -367,7 +368,7 @@ class ReplicaPool:
     """A provider: its name and type, its replicas, and the choice of one for each request.
 
     @ivar hidden: every replica's URLs and host (and key), never to be shown to a client.
-    @ivar hidden_marks: the shortest of them (each replica's host, key), as bytes.
+    @ivar hidden_pattern: a pattern (bytes) matching any of them (each replica's host, key), or None.
     """
 
     log = Logger()
@@ -388,10 +389,10 @@ class ReplicaPool:
         # Longest first: one replica's host must not be replaced inside another's host and port.
         self.hidden = tuple(sorted(dict.fromkeys(h for r in self.replicas for h in r.server.hidden), key=len,
                                    reverse=True))
-        # The shortest of them, as bytes (every other holds one: a URL its host): what an upstream's header that
-        # names one of its addresses holds (L{gomodel.http.headers.copy_response_headers}).
-        self.hidden_marks = tuple(h.encode() for h in self.hidden
-                                  if not any(other != h and other in h for other in self.hidden))
+        # The shortest of them (every other holds one: a URL its host), as one pattern of bytes: what an upstream's
+        # header that names one of its addresses holds (L{gomodel.http.headers.copy_response_headers}); None: none.
+        marks = [re.escape(h.encode()) for h in self.hidden if not any(o != h and o in h for o in self.hidden)]
+        self.hidden_pattern = re.compile(b"|".join(marks)) if marks else None
         self._clock = clock
         self._strategy = strategy
         self._queue_timeout = queue_timeout
