@@ -169,8 +169,7 @@ class Limiter:
         cancelled has what they took given back."""
         if admission.called:  # (cancelled: nobody waits for it)
             if got.__class__ is Admitted and got.ok:
-                self._admitted(got, prepared, tokens, None).finish(0).addErrback(
-                    lambda failure: self.log.failure("giving back a cancelled admission", failure))
+                self._admitted(got, prepared, tokens, None).finish(0).addErrback(self._not_given_back)
             return None
         if isinstance(got, Failure):
             admission.errback(got)
@@ -182,6 +181,9 @@ class Limiter:
         else:
             admission.callback(answer)
         return None
+
+    def _not_given_back(self, failure):
+        self.log.failure("giving back a cancelled admission", failure)
 
     def admit_now(self, scopes, tokens: int, headers_for=None):
         """L{admit} at once, on counters that answer at once (C{immediate}): no Deferred, no coroutine.
