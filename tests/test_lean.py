@@ -344,6 +344,7 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
     from gomodel.http.handling import Handling
     from gomodel.limits.gate import Gate
     from gomodel.limits.limiter import Limiter
+    from gomodel.proxy.exchange import UsageTap
     from gomodel.proxy.relay import StreamRelay
     from gomodel.routing.pool import ReplicaPool
     from gomodel.upstream.client import within
@@ -353,7 +354,8 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
     hot = [ReplicaPool._choose, ReplicaPool._pick, ReplicaPool._lowest, ReplicaPool._slower, ReplicaPool._candidates,
            InferenceRoutes._completions, plan_model, StreamRelay.__init__, Gate.admit, Gate.completed,
            VLLMProvider.url, OpenAICompatibleProvider._header_lines, FrontResource.render, Handling._resume,
-           OpenAICompatibleProvider.send, within, Limiter.admit, Limiter._answered]
+           OpenAICompatibleProvider.send, within, Limiter.admit, Limiter._answered,
+           UsageTap.feed, UsageTap.finish]
     assert {f.__qualname__: f.__code__.co_cellvars for f in hot if f.__code__.co_cellvars} == {}
 
 

@@ -737,10 +737,21 @@ class UsageTap:
         """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event."""
         tail, self._tail = self._tail, b""
         self.usage = usage_of(tail)
-        if self._stream and tail and tail[-2:] not in _EVENT_ENDS:
-            ends = [at + len(end) for end in _EVENT_TERMINATORS if (at := tail.rfind(end)) >= 0]
-            if not ends or tail[max(ends):].strip():  # (blank lines or spaces after the last event end no event)
-                raise StreamIncomplete("the upstream stream ended inside an event")
+        if self._stream and _inside_event(tail):
+            raise StreamIncomplete("the upstream stream ended inside an event")
+
+
+def _inside_event(tail: bytes) -> bool:
+    """Whether an event stream whose last bytes are C{tail} stops inside an event (blank lines or spaces
+    after the last event's end are no event)."""
+    if not tail or tail[-2:] in _EVENT_ENDS:
+        return False
+    end = 0
+    for terminator in _EVENT_TERMINATORS:
+        at = tail.rfind(terminator)
+        if at >= 0 and at + len(terminator) > end:
+            end = at + len(terminator)
+    return bool(tail[end:].strip())
 
 
 def metadata_usage(response):
