@@ -287,3 +287,30 @@ async def test_a_broken_passthrough_messages_stream_ends_with_anthropics_error_e
     last = received.rpartition(b"\nevent: ")[2]
     assert last.startswith(b'error\ndata: {"type":"error","error":{"type":"api_error","message":"The stream ended '
                            b'abnormally'), received[-300:]
+
+
+def _dechunked(received: bytes) -> bytes:
+    """The body of a chunked answer, as far as it came (no last chunk needed)."""
+    body, rest = b"", received.partition(b"\r\n\r\n")[2]
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        size = int(size, 16)
+        if not size:
+            break
+        body, rest = body + rest[:size], rest[size + 2:]
+    return body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_stream_cut_inside_an_event_ends_with_an_event_of_its_own(reactor, gateway):
+    """The error event that ends a stream cut inside an event is an event of its own, as an SSE client parses
+    it: before, it was written right after the cut bytes, so it became the rest of the cut event's data line
+    (an SSE client saw one event of broken JSON, never the error)."""
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_sse": [],
+        "fake_first": 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"h'}))
+    await with_timeout(reactor, client.lost, 5)
+    events = [event for event in _dechunked(bytes(client.received)).split(b"\n\n") if event.strip()]
+    last = events[-1].strip()
+    assert last.startswith(b"data: "), events
+    assert json.loads(last[len(b"data: "):])["error"]["code"] == "stream_incomplete"

@@ -655,7 +655,9 @@ class Exchange:
             transport.abortConnection()
             return None
         if events:
-            request.write(ctx.dialect.stream_event(error, relay.observer))
+            event = ctx.dialect.stream_event(error, relay.observer)
+            inside = getattr(relay.observer, "inside_event", None)  # (a passthrough's: relayed as it came)
+            request.write(b"\n\n" + event if inside is not None and inside() else event)
         # Closing the socket without the chunked body's last chunk: the client
         # reads the error event, then an incomplete body, never a clean end.
         transport.loseConnection()
@@ -738,7 +740,13 @@ class UsageTap:
         tail, self._tail = self._tail, b""
         self.usage = usage_of(tail)
         if self._stream and _inside_event(tail):
+            self._tail = tail  # (kept for L{inside_event})
             raise StreamIncomplete("the upstream stream ended inside an event")
+
+    def inside_event(self) -> bool:
+        """Whether the event stream relayed so far stops inside an event: an error event written after it
+        must end that one first, or it would be read as the rest of its data."""
+        return self._stream and _inside_event(self._tail)
 
 
 def _inside_event(tail: bytes) -> bool:
