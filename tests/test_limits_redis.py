@@ -521,3 +521,15 @@ async def test_an_admission_cancelled_while_redis_answers_gives_back_what_redis_
         counters.stop()
         counters._redis.close()
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admission_whose_answer_cannot_be_read_fails_rather_than_never_firing(reactor, make):
+    """An error reading what Redis answered (here: headers asked for by a scope that is no name) fails the
+    admission; before, any error but RateLimitExceeded was raised inside the counters' callback, so the
+    admission never fired and its request waited until its client left."""
+    from tests.support import with_timeout
+
+    limiter = Limiter(make(), reactor)
+    with pytest.raises(TypeError):
+        await with_timeout(reactor, limiter.admit([("key:k", RateLimit(rpm=5))], 0, headers_for=5), 5)

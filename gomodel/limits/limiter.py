@@ -176,7 +176,7 @@ class Limiter:
             return None
         try:
             answer = self._admitted(got, prepared, tokens, headers_for)
-        except RateLimitExceeded:
+        except Exception:  # RateLimitExceeded; any other error fails it too, never leaves it unfired
             admission.errback()
         else:
             admission.callback(answer)
