@@ -150,3 +150,29 @@ def test_fetch_reads_the_whole_answer_of_any_status():
     assert (fetched.upstream, fetched.model) == (pool, None)
     assert pool.replicas[0].in_flight == 0  # the lease ended with the read
     assert not clock.getDelayedCalls()
+
+
+def test_the_usage_tap_reads_a_long_streams_last_usage_and_its_cut_end():
+    """A passthrough stream far longer than the tap's tail (it keeps the last 64 KiB, trimmed now and then,
+    never copied whole per read): the usage chunk at its end is read and an end inside an event found,
+    whatever the reads' sizes."""
+    import pytest
+
+    from gomodel.proxy.exchange import TAP_TAIL, UsageTap
+    from gomodel.proxy.sse import StreamIncomplete
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 4000, "total_tokens": 4003}
+    event = b'data: {"choices": [{"delta": {"content": "' + b"x" * 100 + b'"}}]}\n\n'
+    body = event * 4000 + b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n"
+    assert len(body) > 6 * TAP_TAIL
+    for size in (7, 150, 4096, 100_000):
+        tap = UsageTap(stream=True)
+        relayed = b"".join(tap.feed(body[at:at + size]) for at in range(0, len(body), size))
+        tap.finish()
+        assert relayed == body and tap.usage == usage
+        cut = UsageTap(stream=True)
+        for at in range(0, len(body) - 5, size):
+            cut.feed(body[at:min(at + size, len(body) - 5)])
+        with pytest.raises(StreamIncomplete):
+            cut.finish()
+        assert cut.inside_event()

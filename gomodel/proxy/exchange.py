@@ -725,19 +725,21 @@ class UsageTap:
 
     def __init__(self, stream=False):
         """@param stream: whether the body is an event stream (its events are counted)."""
-        self._tail = b""
-        self._stream = stream
+        self._tail = bytearray()  # (appended to; cut back to L{TAP_TAIL} once it holds twice that: each byte
+        self._stream = stream     # is copied about twice, where a new tail made per read copied 64 KiB each)
 
     def feed(self, data: bytes) -> bytes:
         if self._stream:
             self.events += data.count(b"\n\n")
-        tail = self._tail + data
-        self._tail = tail[-TAP_TAIL:] if len(tail) > TAP_TAIL else tail
+        tail = self._tail
+        tail += data
+        if len(tail) > 2 * TAP_TAIL:
+            del tail[:-TAP_TAIL]
         return data
 
     def finish(self):
         """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event."""
-        tail, self._tail = self._tail, b""
+        tail, self._tail = bytes(self._tail[-TAP_TAIL:]), b""
         self.usage = usage_of(tail)
         if self._stream and _inside_event(tail):
             self._tail = tail  # (kept for L{inside_event})
