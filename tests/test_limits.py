@@ -446,6 +446,31 @@ def test_every_scope_of_a_request_is_charged(counters, clock):
     assert info.value.scope == "path:/t"
 
 
+def test_a_reset_stamped_by_a_clock_a_little_ahead_takes_effect_at_once(counters, clock):
+    """A budget reset's time comes from another clock (the store's, or the process that reset a key's budgets):
+    one a little ahead of this process's still starts a new sum at once, and the sum from before stays behind
+    (before: the scopes' periods were worked out with the old sum, kept until the period's end, and the reset
+    was lost here for the rest of the day)."""
+    clock.rightNow = utc(2026, 3, 18, 12)
+    book = BudgetBook(counters, clock)
+    fired(book.record([("key:k", [Budget("daily", max_tokens=10)])], 10, 0))
+    with pytest.raises(BudgetExceeded):
+        fired(book.check([("key:k", [Budget("daily", max_tokens=10)])]))
+    reset = [("key:k", [Budget("daily", max_tokens=10, since=clock.seconds() + 0.05)])]
+    fired(book.check(reset))
+    clock.advance(1)
+    fired(book.check(reset))
+    fired(book.record(reset, 9, 0))
+    fired(book.check(reset))
+    fired(book.record(reset, 1, 0))
+    with pytest.raises(BudgetExceeded):
+        fired(book.check(reset))
+    # A reset stamped in the next period is no reset of this one.
+    ahead = [("key:k", [Budget("daily", max_tokens=10, since=utc(2026, 3, 19, 0, 0, 1))])]
+    with pytest.raises(BudgetExceeded):
+        fired(book.check(ahead))
+
+
 def test_a_budget_given_again_counts_from_the_ledger_what_was_spent_while_it_was_gone(counters, clock):
     """A scope's budget removed and given again (L{BudgetBook.renew}) is seeded again: its sum, which counted
     nothing meanwhile, becomes what the ledger holds (the requests charged before included once)."""

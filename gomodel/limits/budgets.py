@@ -104,7 +104,9 @@ class BudgetBook:
             for budget in budgets:
                 start, end = self._window(budget.period, now)
                 since = budget.since
-                if since is not None and start < since <= now:  # reset in this period: a new sum from then
+                # reset in this period: a new sum from then (a reset stamped by a clock a little ahead of this
+                # one, the store's or another process's, too: not the old sum, kept until the period's end)
+                if since is not None and start < since and (end is None or since < end):
                     rows.append((scope, budget, f"budget|{scope}|{budget.period}|{since!r}", since, end))
                 else:
                     rows.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
