@@ -849,7 +849,7 @@ def _request(gate, principal, max_tokens=8, used=None):
 
     from gomodel.http.headers import AnswerHeaders
 
-    ctx = SimpleNamespace(principal=principal, admission=None, usage=None, replica=0, provider="vllm",
+    ctx = SimpleNamespace(principal=principal, admission=None, budgets=None, usage=None, replica=0, provider="vllm",
                           upstream_model="m")
     request = SimpleNamespace(responseHeaders=AnswerHeaders())
     fired(gate.admit(request, ctx, _Upstream(), _Call(max_tokens)))

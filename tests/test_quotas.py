@@ -969,6 +969,57 @@ async def test_a_keys_own_budgets_are_reset_through_the_admin_api_on_every_proce
             redis_client.close()
 
 
+@pytest.mark.parametrize("redis", [False, True])
+@pytest.mark.parametrize("kind", ["key", "path"])
+@pytest_twisted.ensureDeferred
+async def test_a_request_in_flight_during_a_budget_reset_counts_in_the_period_it_was_admitted_in(
+        reactor, http, fake, tmp_path, redis, kind):
+    """A request admitted before a budget reset and ending after it is charged to the sum it was admitted
+    under, as the usage ledger counts it (by when it started), whichever budget was reset and whatever counts
+    (before: with Redis, a user path's reset counted it in the new period, where a key's did not, nor either
+    without Redis, and the ledger's seed then disagreed with the sum)."""
+    env = {"REDIS_URL": REDIS_URL} if redis else {}
+    redis_client = _redis_or_skip() if redis else None
+    before = set(redis_client.keys("gomodel:limits:*")) if redis else set()
+    gateway = await start(reactor, fake, tmp_path, **env)
+    if kind == "key":
+        key = await new_key(http, gateway, budgets=[{"period": "daily", "max_tokens": 1000}])
+        reset, body = f"{KEYS}/{key['id']}/budgets/reset", None
+    else:
+        code, _ = await admin(http, gateway, "PUT", "/admin/api/v1/budgets",
+                              {"user_path": "/team", "period": "daily", "max_tokens": 1000})
+        key = await new_key(http, gateway, user_path="/team")
+        reset, body = "/admin/api/v1/budgets/reset-one", {"user_path": "/team", "period": "daily"}
+    client = openai_client(gateway, key["value"])
+    fake.holding = True
+    try:
+        await in_thread(raw_chat, client)  # (its period's sum seeded: what follows is the lanes' way, if any)
+        arrived = fake.next_request()
+        held = in_thread(raw_chat, client, extra_body={"fake_hold": True})
+        await with_timeout(reactor, arrived, 10)
+        code, _ = await admin(http, gateway, "POST", reset, body)
+        assert code == 200
+        fake.release_holds()
+        await held  # (21 tokens, charged as it ends: after the reset)
+        await gateway.service.usage.flush()
+        response = await http.get(gateway.url + "/v1/usage", headers={"authorization": f"Bearer {key['value']}"})
+        budgets = json.loads(await treq.content(response))["budgets"]
+        assert [entry["spent"] for entry in budgets] == [0]
+        await in_thread(raw_chat, client)
+        gateway.service.gate.renew(budgets[0]["scope"])  # seeded again from the ledger: it agrees
+        response = await http.get(gateway.url + "/v1/usage", headers={"authorization": f"Bearer {key['value']}"})
+        assert [entry["spent"] for entry in json.loads(await treq.content(response))["budgets"]] == [21]
+    finally:
+        fake.release_holds()
+        client.close()
+        await gateway.service.stopService()
+        if redis:
+            new = set(redis_client.keys("gomodel:limits:*")) - before
+            if new:
+                redis_client.delete(*new)
+            redis_client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_x_gomodel_user_path_attributes_an_open_gateways_requests_to_a_path(reactor, http, fake, tmp_path):
     """Without a master key, a request without a key naming C{X-GoModel-User-Path} is that path's: its limits

@@ -50,7 +50,7 @@ class RequestContext:
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
                  "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace",
-                 "_token_counts", "attempts")
+                 "_token_counts", "attempts", "budgets")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, principal=None,
                  dialect=None, recorded=None):
@@ -68,6 +68,7 @@ class RequestContext:
         self.principal = principal
         self.key = principal.id if principal is not None else None
         self.admission = None  # the limits' admission, settled when the request completes
+        self.budgets = None  # the budget scopes its admission checked off the lanes (charged when it completes)
         self.dialect = dialect
         self.endpoint = None
         self.provider = None

@@ -198,6 +198,7 @@ class Gate(Periodic):
             if not scopes and not budgets:
                 return None
         if not self._limiter.immediate:
+            ctx.budgets = budgets
             return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
         body = call.body
         tokens = len(body) // 4 + (requested_tokens(body) or 0) if body else 0  # (L{estimate})
@@ -214,6 +215,7 @@ class Gate(Periodic):
                 ctx.admission = admission
                 return None
         # Something refuses (the general path's answer says what and until when), or periods to seed.
+        ctx.budgets = budgets
         if budgets and not self._book.check_now(budgets):
             return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
         if scopes:
@@ -288,7 +290,10 @@ class Gate(Periodic):
             else:
                 admission.finish(used).addErrback(self._failed, "settling a rate-limit admission")
         if charged:
-            self._record(principal, used, cost)
+            # The budgets as its admission checked them (a lane's are its own): a reset, or a path's budgets
+            # edited, while it ran leaves it in the sums it was admitted under, as the usage ledger counts it
+            # (by when it started), a key's own budgets too (its principal is the one it came with).
+            self._record(principal, used, cost, ctx.budgets)
 
     def _failed(self, failure, what):
         self.log.failure(what, failure)
@@ -303,8 +308,10 @@ class Gate(Periodic):
             cost = self._pricing.costs(model, tokens_by_type(usage))[2] if self._pricing and model else None
             self._record(principal, used, cost)
 
-    def _record(self, principal, used, cost):
-        scopes = self.budget_scopes(principal)
+    def _record(self, principal, used, cost, scopes=None):
+        """Charge C{used} tokens and C{cost} to C{scopes} (None: C{principal}'s budgets as they are now)."""
+        if scopes is None:
+            scopes = self.budget_scopes(principal)
         if scopes:
             recording = self._book.record(scopes, used, cost)
             if recording is not None:
