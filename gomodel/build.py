@@ -99,7 +99,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     gateway.monitor.setServiceParent(gateway)
     exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts, timers=timers)
     owner = process_owner()
-    gateway.store = store = _store(config.store, reactor)
+    gateway.store = store = _store(config.store, reactor, config.server.workers > 1)
 
     # Limits and budgets: counters in this process, or shared through Redis (REDIS_URL).
     gateway.keys = KeyRing(store.keys, reactor)
@@ -252,16 +252,17 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                       self_usage=SelfUsage(gateway.usage, gateway.gate, reactor))
 
 
-def _store(settings, reactor):
-    """The store service of C{STORAGE_TYPE}: SQLite in C{GOMODEL_DATA_DIR} (one host), or PostgreSQL
-    (C{POSTGRES_URL}, shared by every host; psycopg is imported only then)."""
+def _store(settings, reactor, shared):
+    """The store service of C{STORAGE_TYPE}: SQLite in C{GOMODEL_DATA_DIR} (one host; C{shared} by several
+    processes, C{--workers}), or PostgreSQL (C{POSTGRES_URL}, shared by every host; psycopg is imported only
+    then)."""
     if settings.storage_type == "postgresql":
         from gomodel.store.postgresql import PostgreSQLStore
 
         return PostgreSQLStore(settings.postgres_url, reactor, max_conns=settings.postgres_max_conns)
     from gomodel.store import SQLiteStore
 
-    return SQLiteStore(settings.data_dir, reactor)
+    return SQLiteStore(settings.data_dir, reactor, shared=shared)
 
 
 def _pool(provider, routing, relay_client, clock, timers, timeouts, pins) -> ReplicaPool:

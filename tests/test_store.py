@@ -19,6 +19,7 @@ from gomodel.store.interfaces import KEEP_DELAY
 from gomodel.store.sqlite import MIGRATIONS
 from gomodel.store.sqlite.service import DataDirUnusable
 from tests.stores import add_file, batch
+from tests.support import with_timeout
 
 
 async def opened(reactor, path, **kwargs):
@@ -285,6 +286,25 @@ async def test_a_kept_response_no_column_can_hold_is_logged_and_loses_no_other(r
         assert await store.responses.get("resp_big") is None
         assert _stored_ids(tmp_path) == ["resp_a", "resp_b"]
         assert logged_errors.flush(RowsRejected) == 1
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_missing_from_a_file_no_other_process_uses_is_missing_at_once(reactor, tmp_path):
+    """One process alone on the file (no --workers) finds what it kept, held or written: a miss is answered
+    at once, with no look again (before: 0.375 s later, also for a master key's id that vLLM holds)."""
+    from gomodel.store.sqlite.responses import SQLiteResponseStore
+
+    store = await opened(reactor, tmp_path, shared=False)
+    try:
+        store.responses.keep(_response("resp_x"))
+        assert (await store.responses.get("resp_x"))["id"] == "resp_x"
+        assert store.responses._miss_grace == ()
+        waits = Clock()  # (never advanced: a look again would never come)
+        alone = SQLiteResponseStore(store._db, reactor, store._writer, waits=waits, miss_grace=())
+        assert await with_timeout(reactor, alone.get("resp_unknown"), 10) is None
+        assert not waits.getDelayedCalls()
     finally:
         await store.stopService()
 

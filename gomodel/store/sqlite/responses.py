@@ -28,22 +28,25 @@ class SQLiteResponseStore:
     in one transaction. Every other operation first hands over those held
     (L{flush}) and waits for the writes under way: it sees them. Another
     process on the same file sees them once written: a read that finds
-    nothing looks again within L{MISS_GRACE}.
+    nothing looks again within L{MISS_GRACE} (where other processes use the file).
     """
 
     log = Logger()
 
-    def __init__(self, db, clock, writer, waits=None):
+    def __init__(self, db, clock, writer, waits=None, miss_grace=MISS_GRACE):
         """
         @param clock: an C{IReactorTime}: when the records kept are written.
         @param writer: the L{gomodel.store.sqlite.writer.RowWriter} that writes the records kept.
         @param waits: an C{IReactorTime} for the waits of a read that found nothing (default: C{clock}).
+        @param miss_grace: the waits (seconds) before a read that found nothing looks again: L{MISS_GRACE} where
+            other processes use the file, none where this one alone does (what it keeps, it finds).
         """
         self._db = db
         self._clock = clock
         self._writer = writer
         self._kept = Held(clock, KEEP_DELAY, self._hand_over)
         self._waits = waits if waits is not None else clock
+        self._miss_grace = miss_grace
         self._writing = set()  # the writes under way: Deferreds that never fail
 
     def put(self, record):
@@ -110,7 +113,7 @@ class SQLiteResponseStore:
         def read():
             return self._after_writes(self._get, response_id)
 
-        return await looked_again(await read(), read, self._waits, MISS_GRACE)
+        return await looked_again(await read(), read, self._waits, self._miss_grace)
 
     def _get(self, response_id):
         row = self._db.conn().execute(f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?",

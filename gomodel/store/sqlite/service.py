@@ -19,7 +19,7 @@ from gomodel.store.sqlite.claims import SQLiteClaims
 from gomodel.store.sqlite.database import Database
 from gomodel.store.sqlite.files import SQLiteFileStore
 from gomodel.store.sqlite.keys import SQLiteBudgetStore, SQLiteKeyStore
-from gomodel.store.sqlite.responses import SQLiteResponseStore
+from gomodel.store.sqlite.responses import MISS_GRACE, SQLiteResponseStore
 from gomodel.store.sqlite.usage import SQLiteUsageStore
 from gomodel.store.sqlite.watches import SQLiteBackgroundWatches
 from gomodel.store.sqlite.writer import RowWriter
@@ -61,12 +61,14 @@ class SQLiteStore(Service):
 
     log = Logger()
 
-    def __init__(self, data_dir, reactor, clock=None, *, blob_threads=4):
+    def __init__(self, data_dir, reactor, clock=None, *, blob_threads=4, shared=True):
         """
         @param data_dir: where the database and the contents live.
         @param reactor: the reactor the store's threads report back to.
         @param clock: an C{IReactorTime} for timestamps and leases (default: C{reactor}).
         @param blob_threads: how many disk operations on contents may run at once.
+        @param shared: whether other processes use the file too (C{--workers}): a stored response one of them
+            kept a moment ago may not be written yet (L{SQLiteResponseStore}'s C{miss_grace}).
         """
         self.data_dir = os.path.abspath(data_dir)
         self._db = Database(os.path.join(self.data_dir, DB_NAME), reactor, clock)
@@ -75,7 +77,7 @@ class SQLiteStore(Service):
         self.batches = SQLiteBatchStore(self._db)
         self._writer = RowWriter(reactor, self._db.path, opened=self._db.when_open)
         self.responses = SQLiteResponseStore(self._db, clock if clock is not None else reactor, self._writer,
-                                             waits=reactor)
+                                             waits=reactor, miss_grace=MISS_GRACE if shared else ())
         self.claims = SQLiteClaims(self._db)
         self.background = SQLiteBackgroundWatches(self._db)
         self.usage = SQLiteUsageStore(self._db, self._writer)
