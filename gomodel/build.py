@@ -14,6 +14,7 @@ from gomodel.anthropic.batch_lines import MessagesLines
 from gomodel.api.inference import InferenceRoutes
 from gomodel.api.lazy import LazyRoutes
 from gomodel.api.messages import MessagesRoutes
+from gomodel.api.passthrough import dialect_below as passthrough_dialect
 from gomodel.api.plain import PlainRoutes
 from gomodel.api.responses import ResponsesRoute
 from gomodel.auth.keys import GatewayAuth, KeyRing
@@ -182,7 +183,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     front = FrontResource(routes, reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
                           starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
                           dialects={**messages.dialects(), b"/v1/responses": render.RESPONSES},
-                          dialect_below=messages.dialect_below,
+                          dialect_below=_dialect_below,
                           tracer=gateway.telemetry.trace if gateway.telemetry is not None else None, plain=plain.find)
     gateway.site = GatewaySite(front, config.limits.body_size_limit,
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
@@ -222,6 +223,13 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                               publish=worker_logs)
         gateway.supervisor.setServiceParent(gateway)
     return gateway
+
+
+def _dialect_below(request):
+    """The error dialect of a request no exact path names, or None (OpenAI's): Anthropic's below C{/v1/messages}
+    and on an Anthropic client's model list (L{MessagesRoutes.dialect_below}), a passthrough's API's on
+    C{/p/{provider}/v1/messages} and C{/p/{provider}/v1/responses} (L{gomodel.api.passthrough.dialect_below})."""
+    return MessagesRoutes.dialect_below(request) or passthrough_dialect(request)
 
 
 def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange, dashboard, salts):

@@ -314,3 +314,43 @@ async def test_a_passthrough_stream_cut_inside_an_event_ends_with_an_event_of_it
     last = events[-1].strip()
     assert last.startswith(b"data: "), events
     assert json.loads(last[len(b"data: "):])["error"]["code"] == "stream_incomplete"
+
+
+@pytest_twisted.ensureDeferred
+async def test_passthrough_messages_refusals_are_in_anthropics_envelope(reactor, http, two):
+    """Every error on /p/{provider}/v1/messages is Anthropic's, as on /v1/messages (before: the 401 and the 403s
+    were OpenAI's, though the 429, 502 and 504 were Anthropic's); /p/{provider}/v1/responses' stay OpenAI's."""
+    gw, plain, _ = two
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    response, content = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "other",
+                                                                                 "models": ["vllm-test/meta-llama/Llama-3.1-8B-Instruct"]})
+    other = {"authorization": "Bearer " + jsonutil.loads(content)["value"]}
+    before = len(plain.requests)
+    for path in ("/p/vllm/v1/messages", "/p/vllm/messages", "/p/vllm/v1/messages/count_tokens",
+                 "/p/vllm/V1/Messages"):
+        for headers, status, kind in (({"authorization": ""}, 401, "authentication_error"),
+                                      ({"authorization": "Bearer wrong-key-1234"}, 401, "authentication_error"),
+                                      (other, 403, "permission_error")):
+            response, content = await call(http, gw, "POST", path, body, headers)
+            assert response.code == status, (path, content)
+            answer = jsonutil.loads(content)
+            assert answer["type"] == "error" and answer["error"]["type"] == kind, (path, content)
+            assert set(answer["error"]) == {"type", "message"}, content
+        response, content = await call(http, gw, "POST", path.replace("/vllm/", "/nobody/"), body)
+        assert response.code == 404
+        assert jsonutil.loads(content)["error"]["type"] == "not_found_error", content
+    assert len(plain.requests) == before
+    for path in ("/p/vllm/v1/responses", "/p/vllm/chat/completions"):
+        for headers, status, kind in (({"authorization": ""}, 401, "authentication_error"),
+                                      (other, 403, "permission_error")):
+            response, content = await call(http, gw, "POST", path, body, headers)
+            assert response.code == status and jsonutil.loads(content)["error"]["type"] == kind, (path, content)
+
+    only_openai = await start_gateway(reactor, {"VLLM_BASE_URL": plain.base_url,
+                                                "ENABLED_PASSTHROUGH_PROVIDERS": "openai"})
+    try:
+        response = await http.post(only_openai.url + "/p/vllm/v1/messages", json.dumps(body).encode())
+        assert response.code == 403
+        assert jsonutil.loads(await treq.content(response))["error"]["type"] == "permission_error"
+    finally:
+        await only_openai.service.stopService()

@@ -68,6 +68,7 @@ class Passthrough:
         """Relay C{request} to the provider; return None once the answer was relayed."""
         if not self._settings.enabled:
             raise errors.NotFound("Provider passthrough routes are disabled (ENABLE_PASSTHROUGH_ROUTES).")
+        # (ctx.dialect is the endpoint's API's already, from the front: L{dialect_below})
         provider = self._registry.provider(provider_name)
         if provider is None:
             raise errors.NotFound(f"No provider or provider type named '{provider_name}'.", code="provider_not_found")
@@ -86,11 +87,6 @@ class Passthrough:
                                    "the master key reaches it.")
         ctx.provider, ctx.provider_type = provider.name, provider.type
         ctx.endpoint = "/p/{provider}/{endpoint}"
-        # (a stream cut here ends with its API's own error event: the Responses API's, Anthropic's)
-        if route.startswith("responses"):
-            ctx.dialect = render.RESPONSES
-        elif route.startswith("messages"):
-            ctx.dialect = render.ANTHROPIC
         request.content.seek(0)
         body = request.content.read() or None
         if (body is not None and principal is not None and not principal.master
@@ -142,6 +138,23 @@ class Passthrough:
             raise errors.Forbidden(f"'/{bare}' is an operational route of the provider and is not reachable "
                                    "through the gateway (PASSTHROUGH_ALLOWED_ADMIN_ROUTES can allow it).")
         return quote(endpoint, safe=_SAFE_PATH)
+
+
+def dialect_below(request):
+    """The error dialect of a C{/p/{provider}/{endpoint}} request whose endpoint is an API with errors of its
+    own, or None (OpenAI's): Anthropic's on C{messages} (a client of C{/p/{provider}/v1/messages} is an Anthropic
+    client, as on C{/v1/messages}: its 401, its 403s, a stream cut in the middle), the Responses API's on
+    C{responses}; C{v1/} or not, as L{Passthrough.relay} routes them."""
+    path = request.path
+    if not path.startswith(b"/p/") or path.count(b"/") < 3:
+        return None
+    endpoint = "/".join(s for s in unquote(path.split(b"/", 3)[3].decode("latin-1")).split("/") if s)
+    route = _bare(endpoint).lower()
+    if route.startswith("messages"):
+        return render.ANTHROPIC
+    if route.startswith("responses"):
+        return render.RESPONSES
+    return None
 
 
 def _bare(endpoint) -> str:
