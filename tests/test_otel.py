@@ -291,6 +291,30 @@ async def test_a_broken_stream_is_an_error_on_both_spans(otel, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_with_the_upstreams_error_event_is_an_error_on_both_spans(otel, http):
+    """vLLM's error event inside a stream it then ends ([DONE]): the spans and the duration say
+    upstream_stream_error, as the access log and C{gomodel_upstream_errors_total} do (before: no error.type,
+    spans unset, as for a stream that went well)."""
+    await otel.start(single=True)
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": CHAT_MODEL,
+             "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+    error = {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}}
+    response = await http.post(otel.gateway.url + "/v1/chat/completions",
+                               json=chat(stream=True, fake_sse=[json.dumps(chunk), json.dumps(error), "[DONE]"]),
+                               headers={"authorization": f"Bearer {MASTER_KEY}", "x-request-id": "req-in-band"})
+    content = await treq.content(response)
+    assert response.code == 200 and b"engine failed" in content and content.endswith(b"data: [DONE]\n\n")
+    await otel.stop_gateway()
+    server = otel.server_span("req-in-band")
+    assert server.status == STATUS_ERROR and server.attributes["error.type"] == "upstream_stream_error"
+    assert server.attributes["http.response.status_code"] == 200
+    [attempt] = otel.attempts(server)
+    assert attempt.status == STATUS_ERROR and attempt.attributes["error.type"] == "upstream_stream_error"
+    [duration] = otel.receiver.points("gen_ai.client.operation.duration")
+    assert duration.attributes["error.type"] == "upstream_stream_error"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_client_leaving_mid_stream_is_an_error_on_both_spans(otel, reactor):
     await otel.start(single=True)
     client = await rawclient.connect(reactor, otel.gateway.port, rawclient.chat_request(

@@ -18,7 +18,8 @@ probes C{/health}, C{/health/ready} and the metrics scrape):
     the client's W3C C{traceparent}: the route, status, the GenAI operation,
     the model as named and as served, the provider type and instance, the
     replica, the tokens and the request id; its status is an error for a 5xx,
-    a broken stream and a client that left;
+    a broken stream, a stream the upstream sent an error event in and a
+    client that left;
   - one C{CLIENT} span per upstream attempt, its child (C{chat <model>}): the
     provider, replica, C{server.address}/C{server.port} of that replica, the
     attempt's number and why the attempt before it failed, the status the
@@ -51,7 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel.config.errors import ConfigError
-from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
+from gomodel.http.context import CLIENT_GONE, ERROR, STREAM_BROKEN
 
 INSTRUMENTATION = "gomodel"
 # The most seconds the stop's flush waits for the collector (after the drain): then the stop goes on and what
@@ -375,6 +376,8 @@ class RequestTrace:
                 error = "cancelled"
             elif self._status is not None and self._status >= 400:
                 error = str(self._status)
+            elif ctx is not None and ctx.outcome == ERROR:  # the upstream's error event in a stream it ended
+                error = ctx.error
         if error is not None:
             span.set_attribute("error.type", error)
             span.set_status(self._telemetry._otel.ERROR, error)
@@ -419,8 +422,10 @@ class RequestTrace:
         if error is not None:
             attributes["error.type"] = error
         span.set_attributes(attributes)
-        # The conventions: a server span is an error for a 5xx, not for the client's own 4xx.
-        if ctx.outcome in (STREAM_BROKEN, CLIENT_GONE) or ctx.status >= 500:
+        # The conventions: a server span is an error for a 5xx, not for the client's own 4xx; an answer sent
+        # with a 2xx is one where it failed after all (the upstream's error event in its stream).
+        if ctx.outcome in (STREAM_BROKEN, CLIENT_GONE) or ctx.status >= 500 or (ctx.outcome == ERROR
+                                                                                 and ctx.status < 400):
             span.set_status(self._telemetry._otel.ERROR, error)
         span.end()
 
@@ -433,6 +438,8 @@ def error_type(ctx):
         return ctx.error or "stream_broken"
     if ctx.status is not None and ctx.status >= 400:
         return ctx.error or str(ctx.status)
+    if ctx.outcome == ERROR:  # an answer sent with a 2xx that failed after all (L{RequestContext.failed_in_band})
+        return ctx.error
     return None
 
 
