@@ -193,6 +193,23 @@ def test_priority_scheduling_is_off_by_default_and_named_when_bad():
     assert "VLLM_PRIORITY_SCHEDULING" in fails({"VLLM_BASE_URL": "http://a:1", "VLLM_PRIORITY_SCHEDULING": "2"})
 
 
+
+def test_priority_scheduling_on_a_provider_that_is_no_vllm_is_warned_of(tmp_path):
+    """It stays on (an openai-type provider may be a vLLM), but a start says, once per provider, that only a vLLM
+    with --scheduling-policy priority takes the field (before: silently on, and OpenAI's API refuses the body)."""
+    config = load_config({"OPENAI_API_KEY": "k", "OPENAI_PRIORITY_SCHEDULING": "true"})
+    assert provider(config, "openai").priority_scheduling is True
+    (warning,) = config.warnings
+    assert "'openai'" in warning and "OPENAI_PRIORITY_SCHEDULING" in warning
+    assert "--scheduling-policy priority" in warning
+    path = write(tmp_path, "providers:\n  local: {type: ollama, base_url: 'http://o:11434/v1', priority_scheduling: true}"
+                           "\n  gpu: {type: vllm, base_url: 'http://g:8000/v1', priority_scheduling: true}\n")
+    config = load_config({}, path)
+    (warning,) = config.warnings
+    assert "'local'" in warning and "providers.local.priority_scheduling" in warning and "'gpu'" not in warning
+    assert not load_config({"OPENAI_API_KEY": "k", "OPENAI_PRIORITY_SCHEDULING": "false"}).warnings
+    assert not load_config({"VLLM_BASE_URL": "http://a:1", "VLLM_PRIORITY_SCHEDULING": "true"}).warnings
+
 # -- the routing section -----------------------------------------------------------------------
 
 def test_routing_defaults():

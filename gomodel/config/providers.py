@@ -56,7 +56,7 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
                 "models": (_yaml_models(block.get("models"), where), f"{where}.models"),
                 "replicas": (block.get("replicas"), f"{where}.replicas"),
                 "priority_scheduling": (parsers.checked(parsers.boolean, block.get("priority_scheduling", False),
-                                                f"{where}.priority_scheduling"), None),
+                                                f"{where}.priority_scheduling"), f"{where}.priority_scheduling"),
             }
 
     suffixes = {}  # provider name -> the suffix of the variables that named it
@@ -150,7 +150,7 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
     api_key = _api_key(*entry.get("api_key", (None, None)))
     models, _ = entry.get("models", ((), None))
     replicas, replicas_where = entry.get("replicas", (None, None))
-    priority_scheduling, _ = entry.get("priority_scheduling", (False, None))
+    priority_scheduling, priority_where = entry.get("priority_scheduling", (False, None))
     if replicas is not None:
         replicas = _yaml_replicas(replicas, replicas_where, type_.name)
     else:
@@ -166,6 +166,10 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
         warnings.append(f"provider {name!r} ({type_.name}) skipped: it needs an API key "
                         f"({type_.name.upper()}_API_KEY or api_key in YAML)")
         return None
+    if priority_scheduling and type_.name != "vllm":  # (kept: an openai-type provider may be a vLLM)
+        warnings.append(f"provider {name!r} ({type_.name}) has priority scheduling on ({priority_where}): requests "
+                        "to it carry vLLM's 'priority' field, which only a vLLM started with --scheduling-policy "
+                        "priority takes (other servers refuse or ignore it); turn it off unless it is one")
     first = replicas[0]
     return ProviderConfig(name=name, type=type_.name, base_url=first.base_url, root_url=first.root_url,
                           api_key=api_key, models=tuple(models), replicas=replicas if len(replicas) > 1 or
