@@ -1077,3 +1077,30 @@ async def test_a_root_budget_and_limit_hold_for_managed_keys_without_a_path(reac
     finally:
         client.close()
         await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keys_budget_reset_takes_gomodels_period_forms(http, gw):
+    """C{POST /auth-keys/{id}/budgets/reset} takes a period as C{/budgets/reset-one} does: GoModel's C{day},
+    its seconds (a number or text, or C{period_seconds}), any case (before: only C{hourly|daily|...})."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 40}])
+    reset = f"{KEYS}/{key['id']}/budgets/reset"
+    for body in ({"period": "day"}, {"period": "86400"}, {"period": 86400}, {"period_seconds": 86400},
+                 {"period": " Daily "}):
+        code, answer = await admin(http, gw, "POST", reset, body)
+        assert code == 200 and answer["budgets"][0]["last_reset_at"] is not None, (body, answer)
+    code, bad = await admin(http, gw, "POST", reset, {"period": "fortnight"})
+    assert (code, bad["error"]["param"]) == (400, "period")
+    code, missing = await admin(http, gw, "POST", reset, {"period_seconds": 3600})
+    assert (code, missing["error"]["code"], missing["error"]["param"]) == (404, "budget_not_found", "period")
+
+
+@pytest_twisted.ensureDeferred
+async def test_resetting_the_budgets_of_a_key_without_any_is_budget_not_found(http, gw):
+    """A key with no budgets has none to reset: 404 C{budget_not_found} (C{param} null), as C{reset-one} answers
+    for a path without one (before: 200, and C{[]} written back)."""
+    key = await new_key(http, gw)
+    code, missing = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/budgets/reset")
+    assert (code, missing["error"]["code"], missing["error"]["param"]) == (404, "budget_not_found", None)
+    code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert view["updated_at"] == key["updated_at"]

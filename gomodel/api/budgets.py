@@ -23,19 +23,14 @@ from klein import Klein
 from twisted.logger import Logger
 
 from gomodel.api.keys import PERIODS, iso, user_path
-from gomodel.api.self_usage import PERIOD_SECONDS, budget_status
+from gomodel.api.self_usage import budget_status
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import with_resets
-from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, is_count, period_window
+from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, is_count, named_period, period_window
 
 _FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
-# A period as GoModel's routes and bodies may name it too: in seconds, or C{day}, C{days}, ... (any case)
-_PERIOD_NAMES = dict({str(seconds): period for period, seconds in PERIOD_SECONDS.items() if seconds},
-                     **{f"{unit}{s}": period for unit, period in (("hour", "hourly"), ("day", "daily"),
-                                                                  ("week", "weekly"), ("month", "monthly"))
-                        for s in ("", "s")})
 # GoModel's budget settings: the anchors of its calendar periods. Ours are the UTC calendar's, fixed: daily at
 # 00:00, weekly from Monday (1, Go's weekday) 00:00, monthly from the 1st at 00:00.
 SETTINGS = {"daily_reset_hour": 0, "daily_reset_minute": 0, "weekly_reset_weekday": 1, "weekly_reset_hour": 0,
@@ -242,11 +237,8 @@ def _split(target):
 def _target(path, period):
     if path is None:
         raise InvalidRequest("A budget needs a user_path.", param="user_path", code="missing_required_parameter")
-    if isinstance(period, int) and not isinstance(period, bool):  # (GoModel's period_seconds)
-        period = str(period)
-    if isinstance(period, str):
-        period = _PERIOD_NAMES.get(period.strip().lower(), period.strip().lower())
-    if period not in PERIODS:
+    period = named_period(period)
+    if period is None:
         raise InvalidRequest(f"period must be one of: {', '.join(PERIODS)}.", param="period", code="invalid_value")
     return user_path(path), period
 

@@ -19,7 +19,7 @@ from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
-from gomodel.limits.specs import COUNT_MAX, is_cost, is_count, normalize_user_path, period_window
+from gomodel.limits.specs import COUNT_MAX, is_cost, is_count, named_period, normalize_user_path, period_window
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 # The largest token and request counts a limit or budget may say (L{COUNT_MAX}); the largest number
@@ -112,12 +112,13 @@ class KeysAPI:
         spent in its period counts from now, on every process once it reads the keys (within about a second).
         404 C{budget_not_found} (C{param} C{period}) when the key has no budget of that period."""
         body = json_body(request) if request.content.seek(0, 2) else {}
-        unknown = set(body) - {"period"}
+        unknown = set(body) - {"period", "period_seconds"}
         if unknown:
             raise _bad(sorted(unknown)[0], "is not a field of a budget reset")
-        period = body.get("period")
-        if period is not None and period not in PERIODS:
-            raise _bad("period", f"must be one of: {', '.join(PERIODS)}")
+        period = body.get("period", body.get("period_seconds"))  # (GoModel's forms too: day, 86400, ...)
+        if period is not None and named_period(period) is None:
+            raise _bad("period", f"must be one of: {', '.join(PERIODS)} (or GoModel's: day, 86400, ...)")
+        period = None if period is None else named_period(period)
         record = await self._record(key_id)
         items = record["budgets"] or []
         if period is not None and not any(item["period"] == period for item in items):

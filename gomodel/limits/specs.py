@@ -175,6 +175,19 @@ def parse_period(value) -> str:
                      "(or period_seconds)")
 
 
+def named_period(value):
+    """The L{PERIODS} name the admin API's C{value} says (a name, GoModel's C{day}, C{days}, ... in any case, or
+    its seconds as a number or text: C{86400}), or None (no standard period)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if text.isascii() and text.isdigit():
+        return _PERIOD_SECONDS.get(int(text)) if len(text) < 12 else None
+    return _PERIOD_ALIASES.get(text)
+
+
 def _seconds_period(seconds: int) -> str:
     if not 0 < seconds <= PERIOD_SECONDS_MAX:
         raise ValueError(f"budget period_seconds must be from 1 to {PERIOD_SECONDS_MAX} (total: no period), "
