@@ -110,7 +110,7 @@ class KeysAPI:
     async def reset_budgets(self, request, key_id):
         """Reset the key's own budgets (C{{"period"}}: that one; no body or no period: every one): what each
         spent in its period counts from now, on every process once it reads the keys (within about a second).
-        404 C{budget_not_found} (C{param} C{period}) when the key has no budget of that period."""
+        404 C{budget_not_found} when the key has no budget (C{param} C{period}: none of that period)."""
         body = json_body(request) if request.content.seek(0, 2) else {}
         unknown = set(body) - {"period", "period_seconds"}
         if unknown:
@@ -121,6 +121,8 @@ class KeysAPI:
         period = None if period is None else named_period(period)
         record = await self._record(key_id)
         items = record["budgets"] or []
+        if not items:
+            raise NotFound(f"The key {key_id} has no budgets.", code="budget_not_found")
         if period is not None and not any(item["period"] == period for item in items):
             raise NotFound(f"The key {key_id} has no {period} budget.", param="period", code="budget_not_found")
         at = self._clock.seconds()
