@@ -9,6 +9,8 @@ import openai
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet import defer
+from twisted.internet.defer import gatherResults
 
 from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
 
@@ -1104,3 +1106,19 @@ async def test_resetting_the_budgets_of_a_key_without_any_is_budget_not_found(ht
     assert (code, missing["error"]["code"], missing["error"]["param"]) == (404, "budget_not_found", None)
     code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
     assert view["updated_at"] == key["updated_at"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keys_budget_reset_and_a_patch_of_its_budgets_at_once_lose_neither(http, gw):
+    """A reset of a key's budgets and a PATCH of them sent at once: the key keeps the PATCH's budgets and the
+    reset (before: each read the budgets, then wrote them back, and the later write undid the other's)."""
+    for n in range(8):
+        key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 40}])
+        patched, reset = await gatherResults([
+            defer.ensureDeferred(admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"budgets": [
+                {"period": "daily", "max_tokens": 50 + n}]})),
+            defer.ensureDeferred(admin(http, gw, "POST", f"{KEYS}/{key['id']}/budgets/reset"))])
+        assert (patched[0], reset[0]) == (200, 200)
+        code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+        (daily,) = view["budgets"]
+        assert (daily["max_tokens"], daily["last_reset_at"] is not None) == (50 + n, True), (n, view)

@@ -1,6 +1,8 @@
 """IKeyStore and IBudgetStore contract (every backend)."""
 
+import pytest
 import pytest_twisted
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
@@ -68,3 +70,27 @@ async def test_budget_resets_are_kept_per_path_and_period_the_last_one_each(stor
     assert await budgets.resets() == {("/team", "daily"): first, ("/", "monthly"): first}
     second = await budgets.reset([("/team", "daily")])
     assert second >= first and await budgets.resets() == {("/team", "daily"): second, ("/", "monthly"): first}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_is_edited_on_its_record_as_stored_one_edit_after_the_other(store):
+    """C{edit} reads, changes and writes the record in one transaction: edits made at once each see the one
+    before (a budget reset and a PATCH of the budgets lose neither), and what the change raises is the failure."""
+    keys = store.keys
+    await keys.add(key("k_1", budgets=[]))
+
+    def adding(period):
+        return lambda record: {"budgets": record["budgets"] + [{"period": period, "max_tokens": 1}]}
+
+    periods = ["hourly", "daily", "weekly", "monthly", "total"]
+    edited = await gatherResults([keys.edit("k_1", adding(period)) for period in periods])
+    assert all(record["id"] == "k_1" for record in edited)
+    assert sorted(item["period"] for item in (await keys.get("k_1"))["budgets"]) == sorted(periods)
+    assert await keys.edit("k_none", adding("daily")) is None
+
+    def refusing(record):
+        raise LookupError("no")
+
+    with pytest.raises(LookupError):
+        await keys.edit("k_1", refusing)
+    assert len((await keys.get("k_1"))["budgets"]) == 5

@@ -87,12 +87,11 @@ class KeysAPI:
     @app.route("/<key_id>", methods=["PATCH", "PUT"])
     async def update(self, request, key_id):
         changes = key_fields(json_body(request), self._clock.seconds(), creating=False)
-        if changes.get("budgets"):  # a budget of a period the key had keeps its last reset
-            resets = {item["period"]: item["reset_at"] for item in (await self._record(key_id))["budgets"] or ()
-                      if item.get("reset_at") is not None}
-            changes["budgets"] = [dict(item, reset_at=resets[item["period"]]) if item["period"] in resets else item
-                                  for item in changes["budgets"]]
-        record = await self._store.update(key_id, changes) if changes else await self._record(key_id)
+        if changes.get("budgets"):  # (read and written in one transaction: a reset meanwhile is kept)
+            record = await self._store.edit(key_id, lambda stored: dict(changes, budgets=_kept_resets(
+                changes["budgets"], stored["budgets"] or ())))
+        else:
+            record = await self._store.update(key_id, changes) if changes else await self._record(key_id)
         if record is None:
             raise _unknown(key_id)
         self._ring.merge([record])
@@ -119,15 +118,8 @@ class KeysAPI:
         if period is not None and named_period(period) is None:
             raise _bad("period", f"must be one of: {', '.join(PERIODS)} (or GoModel's: day, 86400, ...)")
         period = None if period is None else named_period(period)
-        record = await self._record(key_id)
-        items = record["budgets"] or []
-        if not items:
-            raise NotFound(f"The key {key_id} has no budgets.", code="budget_not_found")
-        if period is not None and not any(item["period"] == period for item in items):
-            raise NotFound(f"The key {key_id} has no {period} budget.", param="period", code="budget_not_found")
-        at = self._clock.seconds()
-        record = await self._store.update(key_id, {"budgets": [
-            dict(item, reset_at=at) if period in (None, item["period"]) else item for item in items]})
+        # (read and written in one transaction: a PATCH of the budgets meanwhile is kept)
+        record = await self._store.edit(key_id, _resetting(key_id, period, self._clock.seconds()))
         if record is None:
             raise _unknown(key_id)
         self._ring.merge([record])
@@ -183,6 +175,27 @@ def _budget_view(item) -> dict:
     view = {name: value for name, value in item.items() if name != "reset_at"}
     view["last_reset_at"] = iso(item.get("reset_at"))
     return view
+
+
+def _kept_resets(items, stored) -> list:
+    """The budgets C{items} of a PATCH, each of a period the key had (C{stored}) with its last reset."""
+    resets = {item["period"]: item["reset_at"] for item in stored if item.get("reset_at") is not None}
+    return [dict(item, reset_at=resets[item["period"]]) if item["period"] in resets else item for item in items]
+
+
+def _resetting(key_id, period, at):
+    """The change (for C{IKeyStore.edit}) that resets the key's budget of C{period} (None: each) at C{at}.
+
+    @raise NotFound: C{budget_not_found}, the key having no budget (of that period).
+    """
+    def change(record):
+        items = record["budgets"] or []
+        if not items:
+            raise NotFound(f"The key {key_id} has no budgets.", code="budget_not_found")
+        if period is not None and not any(item["period"] == period for item in items):
+            raise NotFound(f"The key {key_id} has no {period} budget.", param="period", code="budget_not_found")
+        return {"budgets": [dict(item, reset_at=at) if period in (None, item["period"]) else item for item in items]}
+    return change
 
 
 def _unknown(key_id):

@@ -460,6 +460,14 @@ class IKeyStore(Interface):
         @return: a Deferred firing with the updated record, or None when there is no such key.
         """
 
+    def edit(key_id, change):
+        """Set the fields C{change(record)} returns (a dict) and C{updated_at}, reading the record and writing it
+        in one transaction: edits made at once apply one after the other, each on what the one before wrote.
+        C{change} runs in the store's thread on the stored record; what it raises fails the edit, nothing written.
+
+        @return: a Deferred firing with the updated record, or None when there is no such key.
+        """
+
     def changed_since(updated_at):
         """@return: a Deferred firing with the records updated after C{updated_at} (float seconds),
         for the processes' key caches."""

@@ -61,6 +61,17 @@ class PostgreSQLKeyStore:
                            [_column(n, changes[n]) for n in names] + [key_id]).fetchone()
         return _record(row) if row is not None else None
 
+    def edit(self, key_id, change):
+        return self._db.run(self._edit, key_id, change)
+
+    @staticmethod
+    def _edit(conn, key_id, change):
+        with conn.transaction():  # (the row locked from the read to the write)
+            row = conn.execute(f"{_SELECT} WHERE id = %s FOR UPDATE", (key_id,)).fetchone()
+            if row is None:
+                return None
+            return PostgreSQLKeyStore._update(conn, key_id, dict(change(_record(row))))
+
     def changed_since(self, updated_at):
         return self._db.run(lambda conn: [_record(r) for r in conn.execute(
             f"{_SELECT} WHERE updated_at > %s ORDER BY updated_at", (updated_at,))])

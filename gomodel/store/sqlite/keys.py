@@ -44,16 +44,32 @@ class SQLiteKeyStore:
         return self._db.run(self._update, key_id, dict(changes), self._db.now())
 
     def _update(self, key_id, changes, now):
-        changes["updated_at"] = now
-        names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "hash", "created_at")]
         with self._db.transaction() as conn:
-            updated = conn.execute(f"UPDATE auth_keys SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
-                                   [_column(n, changes[n]) for n in names] + [key_id]).rowcount
+            updated = _write(conn, key_id, changes, now)
         return self._get(key_id) if updated else None
+
+    def edit(self, key_id, change):
+        return self._db.run(self._edit, key_id, change, self._db.now())
+
+    def _edit(self, key_id, change, now):
+        with self._db.transaction() as conn:  # (BEGIN IMMEDIATE: no other writer between the read and the write)
+            row = conn.execute(f"{_SELECT} WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            _write(conn, key_id, dict(change(_record(row))), now)
+        return self._get(key_id)
 
     def changed_since(self, updated_at):
         return self._db.run(lambda: [_record(r) for r in self._db.conn().execute(
             f"{_SELECT} WHERE updated_at > ? ORDER BY updated_at", (updated_at,))])
+
+
+def _write(conn, key_id, changes, now) -> bool:
+    """Set C{changes} and C{updated_at} on the key; whether there is one."""
+    changes["updated_at"] = now
+    names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "hash", "created_at")]
+    return conn.execute(f"UPDATE auth_keys SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+                        [_column(n, changes[n]) for n in names] + [key_id]).rowcount > 0
 
 
 def _column(name, value):
