@@ -1122,3 +1122,27 @@ async def test_a_keys_budget_reset_and_a_patch_of_its_budgets_at_once_lose_neith
         code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
         (daily,) = view["budgets"]
         assert (daily["max_tokens"], daily["last_reset_at"] is not None) == (50 + n, True), (n, view)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keys_budget_removed_and_set_again_keeps_its_reset(http, gw):
+    """A key's budget reset is kept while its period runs, whatever edits of the budgets come between: one
+    removed and set again counts from its reset, as a path's budget deleted and put again does (before: from
+    its period's start, what was spent before the reset counted again)."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 40}])
+    client = openai_client(gw, key["value"])
+    try:
+        await in_thread(raw_chat, client)  # 21 tokens
+        await gw.service.usage.flush()
+        code, reset = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/budgets/reset")
+        assert code == 200 and reset["budgets"][0]["spent_tokens"] == 0
+        for budgets in ([], [{"period": "monthly", "max_tokens": 100}],
+                        [{"period": "daily", "max_tokens": 50}]):
+            code, edited = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"budgets": budgets})
+            assert code == 200
+        (daily,) = edited["budgets"]
+        assert (daily["spent_tokens"], daily["last_reset_at"]) == (0, reset["budgets"][0]["last_reset_at"])
+        await in_thread(raw_chat, client)
+        await in_thread(raw_chat, client)  # 42 of 50 since the reset: the 21 before it do not count
+    finally:
+        client.close()

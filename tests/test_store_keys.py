@@ -94,3 +94,13 @@ async def test_a_key_is_edited_on_its_record_as_stored_one_edit_after_the_other(
     with pytest.raises(LookupError):
         await keys.edit("k_1", refusing)
     assert len((await keys.get("k_1"))["budgets"]) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keys_budget_resets_are_kept_apart_from_its_budgets(store):
+    """A key's C{budget_resets} (period -> its last reset) is kept whatever its budgets are ({} until one)."""
+    keys = store.keys
+    assert (await keys.add(key("k_1")))["budget_resets"] == {}
+    changed = await keys.update("k_1", {"budgets": [], "budget_resets": {"daily": 1234.5}})
+    assert (changed["budgets"], changed["budget_resets"]) == ([], {"daily": 1234.5})
+    assert (await keys.get("k_1"))["budget_resets"] == {"daily": 1234.5}

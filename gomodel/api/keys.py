@@ -89,7 +89,7 @@ class KeysAPI:
         changes = key_fields(json_body(request), self._clock.seconds(), creating=False)
         if changes.get("budgets"):  # (read and written in one transaction: a reset meanwhile is kept)
             record = await self._store.edit(key_id, lambda stored: dict(changes, budgets=_kept_resets(
-                changes["budgets"], stored["budgets"] or ())))
+                changes["budgets"], stored)))
         else:
             record = await self._store.update(key_id, changes) if changes else await self._record(key_id)
         if record is None:
@@ -177,9 +177,14 @@ def _budget_view(item) -> dict:
     return view
 
 
-def _kept_resets(items, stored) -> list:
-    """The budgets C{items} of a PATCH, each of a period the key had (C{stored}) with its last reset."""
-    resets = {item["period"]: item["reset_at"] for item in stored if item.get("reset_at") is not None}
+def _kept_resets(items, record) -> list:
+    """The budgets C{items} of a PATCH, each with the last reset of its period on the key (C{record}'s
+    C{budget_resets}, or its budget's C{reset_at} where it was reset before they were kept), removed and set
+    again meanwhile or not."""
+    resets = dict(record.get("budget_resets") or {})
+    for item in record["budgets"] or ():
+        if item.get("reset_at") is not None:
+            resets[item["period"]] = max(item["reset_at"], resets.get(item["period"], item["reset_at"]))
     return [dict(item, reset_at=resets[item["period"]]) if item["period"] in resets else item for item in items]
 
 
@@ -194,7 +199,9 @@ def _resetting(key_id, period, at):
             raise NotFound(f"The key {key_id} has no budgets.", code="budget_not_found")
         if period is not None and not any(item["period"] == period for item in items):
             raise NotFound(f"The key {key_id} has no {period} budget.", param="period", code="budget_not_found")
-        return {"budgets": [dict(item, reset_at=at) if period in (None, item["period"]) else item for item in items]}
+        budgets = [dict(item, reset_at=at) if period in (None, item["period"]) else item for item in items]
+        return {"budgets": budgets, "budget_resets": dict(record.get("budget_resets") or {}, **{
+            item["period"]: at for item in budgets if period in (None, item["period"])})}
     return change
 
 

@@ -443,7 +443,8 @@ class IKeyStore(Interface):
     """Managed API keys. A record: C{id, hash (the secret's SHA-256, hex), redacted, name,
     description, user_path, created_at, updated_at, expires_at, deactivated_at, models (a list
     or None), rpm, tpm, max_concurrency, budgets (a list), priority, metadata (a dict or None),
-    own_cache_salt (bool)}. The secret itself is never stored."""
+    own_cache_salt (bool), budget_resets (a dict: period -> when the key's budget of it was last reset, kept
+    while that budget is removed)}. The secret itself is never stored."""
 
     def add(record):
         """@return: a Deferred firing with the stored record (C{updated_at} set)."""

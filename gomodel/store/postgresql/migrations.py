@@ -245,6 +245,11 @@ MIGRATIONS = (
         "UPDATE files SET purpose = 'message_batch' WHERE purpose = 'batch' "
         "AND id IN (SELECT input_file_id FROM batches WHERE endpoint = '/v1/messages')",
     )),
+    (15, (
+        # A managed key's budget resets by period ({"daily": reset_at}, JSON): kept while a budget of that period
+        # is removed and set again (its items' reset_at, what the limits read, is taken from here on each edit).
+        "ALTER TABLE auth_keys ADD COLUMN budget_resets TEXT",
+    )),
 )
 
 

@@ -8,8 +8,8 @@ from gomodel.store.interfaces import IBudgetStore, IKeyStore
 
 KEY_COLUMNS = ("id", "hash", "redacted", "name", "description", "user_path", "created_at", "updated_at",
                "expires_at", "deactivated_at", "models", "rpm", "tpm", "max_concurrency", "budgets", "priority",
-               "metadata", "own_cache_salt")
-_JSON = ("models", "budgets", "metadata")
+               "metadata", "own_cache_salt", "budget_resets")
+_JSON = ("models", "budgets", "metadata", "budget_resets")
 _SELECT = f"SELECT {', '.join(KEY_COLUMNS)} FROM auth_keys"
 
 
@@ -83,6 +83,7 @@ def _column(name, value):
 def _record(row) -> dict:
     record = decode_json(dict(zip(KEY_COLUMNS, row)), _JSON)
     record["budgets"] = record["budgets"] or []
+    record["budget_resets"] = record["budget_resets"] or {}
     record["own_cache_salt"] = bool(record["own_cache_salt"])
     return record
 
