@@ -1146,3 +1146,30 @@ async def test_a_keys_budget_removed_and_set_again_keeps_its_reset(http, gw):
         await in_thread(raw_chat, client)  # 42 of 50 since the reset: the 21 before it do not count
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reset_budgets_period_start_is_its_reset(http, gw):
+    """After a reset, a budget's C{period_start} is the reset's time (C{last_reset_at}), from which what it shows
+    spent counts, as GoModel shows it: a key's and a path's, in the admin views and the key's C{/v1/usage}
+    (before: the calendar period's start, though the spend counted from the reset)."""
+    code, _ = await admin(http, gw, "PUT", "/admin/api/v1/budgets",
+                          {"user_path": "/team", "period": "daily", "max_tokens": 1000})
+    key = await new_key(http, gw, user_path="/team", budgets=[{"period": "monthly", "max_tokens": 40}])
+    code, listing = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+    calendar = listing["data"][0]["period_start"]
+    code, answer = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/budgets/reset")
+    (monthly,) = answer["budgets"]
+    assert monthly["period_start"] == monthly["last_reset_at"] is not None
+    code, answer = await admin(http, gw, "POST", "/admin/api/v1/budgets/reset-one",
+                               {"user_path": "/team", "period": "daily"})
+    assert code == 200
+    code, answer = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+    (ours,) = answer["data"]
+    assert ours["period_start"] == ours["last_reset_at"] is not None and ours["period_start"] >= calendar
+    (gomodels,) = answer["budgets"]
+    assert (gomodels["period_start"], 0 <= gomodels["period_ratio"] <= 1) == (ours["last_reset_at"], True)
+    response = await http.get(gw.url + "/v1/usage", headers={"authorization": f"Bearer {key['value']}"})
+    shown = {entry["period_label"]: entry["period_start"]
+             for entry in json.loads(await treq.content(response))["budgets"]}
+    assert shown == {"monthly": monthly["last_reset_at"], "daily": ours["last_reset_at"]}

@@ -28,7 +28,7 @@ from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import with_resets
-from gomodel.limits.specs import COUNT_MAX, Budget, is_cost, is_count, named_period, period_window
+from gomodel.limits.specs import COUNT_MAX, Budget, counted_window, is_cost, is_count, named_period
 
 _FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
 # GoModel's budget settings: the anchors of its calendar periods. Ours are the UTC calendar's, fixed: daily at
@@ -78,7 +78,7 @@ class BudgetsAPI:
         spent = await self._book.spent([(f"path:{path}", budget) for path, budget, _ in rows]) if rows else []
         data, statuses = [], []
         for (path, budget, source), (tokens, cost) in zip(rows, spent):
-            start, end = period_window(budget.period, now)
+            start, end = counted_window(budget, now)  # (from its reset, if any this period)
             reset_at = resets.get((path, budget.period))
             reset_at = None if reset_at is None else iso(reset_at)
             data.append({"user_path": path, "period": budget.period, "amount": budget.max_cost,
@@ -89,7 +89,7 @@ class BudgetsAPI:
                 if amount is not None:
                     entry = budget_status(f"path:{path}", path, budget.period, unit, amount, used, start, end, now)
                     entry.update(source=source, has_usage=bool(tokens or cost), last_reset_at=reset_at,
-                                 period_ratio=None if end is None else min(1.0, (now - start) / (end - start)))
+                                 period_ratio=None if end is None else max(0.0, min(1.0, (now - start) / (end - start))))
                     statuses.append(entry)
         return data, statuses, now
 

@@ -19,7 +19,7 @@ from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
-from gomodel.limits.specs import COUNT_MAX, is_cost, is_count, named_period, normalize_user_path, period_window
+from gomodel.limits.specs import COUNT_MAX, counted_window, is_cost, is_count, named_period, normalize_user_path
 
 PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 # The largest token and request counts a limit or budget may say (L{COUNT_MAX}); the largest number
@@ -133,7 +133,7 @@ class KeysAPI:
 
     async def _views(self, records) -> list:
         """L{_view}s of C{records}, each budget with what it spent in its current period
-        (C{spent_tokens}, C{spent_cost}, C{period_start}, C{period_end})."""
+        (C{spent_tokens}, C{spent_cost}, C{period_start}: its period's start or its reset, C{period_end})."""
         views = [self._view(record) for record in records]
         if self._book is None:
             return views
@@ -145,7 +145,7 @@ class KeysAPI:
         if pairs:
             now = self._clock.seconds()
             for item, (_, budget), (tokens, cost) in zip(items, pairs, await self._book.spent(pairs)):
-                start, end = period_window(budget.period, now)
+                start, end = counted_window(budget, now)
                 item.update(spent_tokens=tokens, spent_cost=cost, period_start=iso(start), period_end=iso(end))
         return views
 

@@ -28,7 +28,7 @@ from gomodel.api.windows import DAY, day, window
 from gomodel.errors import GatewayError, StorageUnavailable
 from gomodel.http.bodies import json_answer
 from gomodel.http.headers import X_GOMODEL_USER_PATH
-from gomodel.limits.specs import period_window
+from gomodel.limits.specs import counted_window
 
 # The longest window of C{usage} (GoModel's).
 DAYS_MAX = 365
@@ -100,7 +100,7 @@ class SelfUsage:
             return []
         entries = []
         for (scope, budget), (tokens, cost) in zip(pairs, await self._gate.spent(pairs)):
-            start, end = period_window(budget.period, now)
+            start, end = counted_window(budget, now)  # (from its reset, if any this period)
             for unit, amount, spent in (("tokens", budget.max_tokens, tokens), ("cost", budget.max_cost, cost)):
                 if amount is not None:
                     entries.append(budget_status(scope, path, budget.period, unit, amount, spent, start, end, now))

@@ -175,6 +175,16 @@ def parse_period(value) -> str:
                      "(or period_seconds)")
 
 
+def counted_window(budget: Budget, now: float) -> tuple:
+    """What a budget's spend counts over at C{now}: its L{period_window}, from its C{since} where it was reset
+    in that period (as GoModel shows a budget: its C{period_start} the reset's time once later)."""
+    start, end = period_window(budget.period, now)
+    since = budget.since
+    if since is not None and start < since and (end is None or since < end):
+        return since, end
+    return start, end
+
+
 def named_period(value):
     """The L{PERIODS} name the admin API's C{value} says (a name, GoModel's C{day}, C{days}, ... in any case, or
     its seconds as a number or text: C{86400}), or None (no standard period)."""
