@@ -88,8 +88,9 @@ class BudgetsAPI:
             for unit, amount, used in (("tokens", budget.max_tokens, tokens), ("cost", budget.max_cost, cost)):
                 if amount is not None:
                     entry = budget_status(f"path:{path}", path, budget.period, unit, amount, used, start, end, now)
+                    ratio = None if end is None else max(0.0, min(1.0, (now - start) / (end - start)))
                     entry.update(source=source, has_usage=bool(tokens or cost), last_reset_at=reset_at,
-                                 period_ratio=None if end is None else max(0.0, min(1.0, (now - start) / (end - start))))
+                                 period_ratio=ratio)
                     statuses.append(entry)
         return data, statuses, now
 
