@@ -12,6 +12,7 @@ import treq
 from twisted.internet import defer
 from twisted.internet.defer import gatherResults
 
+from tests.rawclient import chat_request, connect
 from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
 
 MASTER = "master-k"
@@ -1173,3 +1174,46 @@ async def test_a_reset_budgets_period_start_is_its_reset(http, gw):
     shown = {entry["period_label"]: entry["period_start"]
              for entry in json.loads(await treq.content(response))["budgets"]}
     assert shown == {"monthly": monthly["last_reset_at"], "daily": ours["last_reset_at"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_left_early_is_charged_an_estimate_of_its_prompt(reactor, http, gw, fake):
+    """A chat or completions stream cut before its usage chunk is charged its prompt, estimated from the
+    request (its text / 4), and the output its events carried (before: those events alone, about one token,
+    though the upstream read the whole prompt: a key could send huge prompts past its budget and tpm limit,
+    leaving after the first event). A stream that ends properly is charged the upstream's usage, exactly."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 10**6}])
+    headers = {"authorization": f"Bearer {key['value']}"}
+    prompt = "lorem ipsum " * 2000  # 24,000 characters: about 6,000 tokens
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True, "fake_chunks": 50,
+            "fake_pace": 0.1}
+    completion = {"model": MODEL, "prompt": prompt, "stream": True, "fake_chunks": 50, "fake_pace": 0.1}
+    for request in (chat_request(chat, headers=headers),
+                    chat_request(completion, headers=headers).replace(b"/v1/chat/completions", b"/v1/completions", 1)):
+        client = await connect(reactor, gw.port, request)
+        await with_timeout(reactor, client.wait_for(b"data:"), 10)
+        client.transport.abortConnection()
+        await client.lost
+    for _ in range(100):  # (an abandoned stream's request completes once its upstream side closed)
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        if len(log["data"]) == 2:
+            break
+    assert [(r["endpoint"], r["estimated"], r["input_tokens"]) for r in log["data"]] == [
+        ("/v1/completions", True, 6000), ("/v1/chat/completions", True, 6000 + 1)]  # (+ "user")
+    assert all(r["output_tokens"] >= 1 for r in log["data"])
+    code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    left = sum(r["total_tokens"] for r in log["data"])
+    assert view["budgets"][0]["spent_tokens"] == left > 12000
+
+    whole = dict(chat, fake_pace=0, stream_options={"include_usage": True})
+    response = await http.post(gw.url + "/v1/chat/completions", data=json.dumps(whole).encode(),
+                               headers=dict(headers, **{"content-type": "application/json"}))
+    events = (await treq.content(response)).split(b"\n\n")
+    usage = json.loads([e for e in events if b'"usage":{' in e][-1][len(b"data: "):])["usage"]
+    await gw.service.usage.flush()
+    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+    assert (log["data"][0]["estimated"], log["data"][0]["input_tokens"], log["data"][0]["output_tokens"]) == (
+        False, usage["prompt_tokens"], usage["completion_tokens"])
+    code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert view["budgets"][0]["spent_tokens"] == left + usage["total_tokens"]

@@ -446,6 +446,8 @@ async def test_a_responses_or_messages_stream_the_client_left_is_recorded_with_w
             ("/v1/messages", 499, True, True), ("/v1/responses", 499, True, True), ("/v1/responses", 499, True, True)]
         assert all(r["output_tokens"] > 0 for r in records), records
         assert records[0]["input_tokens"] == 18  # (message_start's, the upstream's own count)
+        # (the Responses streams': their prompt estimated from the request, the upstream having read it all)
+        assert [r["input_tokens"] for r in records[1:]] == [2, 1]  # ("user" "hi" translated to chat, "hi")
     finally:
         await gw.service.stopService()
         await translating.stop()

@@ -3,6 +3,8 @@ output a request body asks for."""
 
 import re
 
+from gomodel import jsonutil
+
 _MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d{1,18})')
 
 TOKEN_TYPES = ("input", "output", "cached", "reasoning")
@@ -99,3 +101,38 @@ def requested_tokens(body):
         return None
     found = _MAX_TOKENS.search(body, start)
     return int(found[1]) if found is not None else None
+
+
+def prompt_estimate(body) -> int:
+    """Tokens a JSON request C{body} (bytes) sends, estimated (about 4 characters a token) where no usage
+    says them: the text of its C{messages}, C{prompt} or C{input}, with its C{system}, C{instructions} and
+    C{tools} (data URLs left out: an image's bytes are no text), else (a body that is not such JSON) its bytes / 4, the limits' estimate. 0 for no body.
+    Parsed: only a request whose usage is missing (a stream cut before its usage chunk) needs it."""
+    if not body:
+        return 0
+    try:
+        parsed = jsonutil.loads(body)
+    except (jsonutil.JSONError, ValueError, TypeError):
+        return len(body) // 4
+    if parsed.__class__ is not dict:
+        return len(body) // 4
+    for name in ("messages", "prompt", "input"):
+        if name in parsed:
+            sent = (parsed[name], parsed.get("system"), parsed.get("instructions"), parsed.get("tools"))
+            return -(-_text_length(sent) // 4)
+    return len(body) // 4
+
+
+def _text_length(values) -> int:
+    """The characters of the strings in C{values} (nested in lists and objects), data URLs left out."""
+    length, todo = 0, list(values)
+    while todo:
+        item = todo.pop()
+        if item.__class__ is str:
+            if not item.startswith("data:"):
+                length += len(item)
+        elif item.__class__ is list:
+            todo.extend(item)
+        elif item.__class__ is dict:
+            todo.extend(item.values())
+    return length

@@ -2,7 +2,8 @@
 
 Tokens come from the answer's usage, the stream's usage chunk or
 C{response.completed}; for a stream the client left before its usage came,
-the output tokens are counted from the content events sent (C{estimated}).
+the output tokens are counted from the content events sent and the prompt estimated from the request
+(C{estimated}).
 Costs come from the optional pricing table (per million tokens, keyed by the
 model as routed, C{provider/upstream-model}); a model without a price has no
 cost. Records are buffered and written every C{USAGE_FLUSH_INTERVAL}, as soon

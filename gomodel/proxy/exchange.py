@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from gomodel import jsonutil
 from gomodel._twistedcompat import plain_headers, whole_body
-from gomodel.accounting.tokens import requested_tokens
+from gomodel.accounting.tokens import prompt_estimate, requested_tokens
 from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
                             UpstreamError, UpstreamTimeout, UpstreamUnreachable)
 from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, X_GOMODEL_REPLICA,
@@ -247,7 +247,7 @@ class Exchange:
             elif response.code >= 300 and response.code != 304 and upstream.hidden and request.method != b"HEAD" and (
                     response.length is UNKNOWN_LENGTH or response.length <= ERROR_BODY_LIMIT):
                 return await self._raw_error(request, ctx, upstream, response, call)
-            return await self._relay_raw(request, ctx, upstream, response, events)
+            return await self._relay_raw(request, ctx, upstream, response, events, call.body)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -259,7 +259,7 @@ class Exchange:
                 if gather is not None:
                     return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
-            return await self._relay_stream(request, ctx, upstream, response, call.observer)
+            return await self._relay_stream(request, ctx, upstream, response, call.observer, call.body)
         body = whole_body(response)  # (a small answer came whole with its head: no wait, no read)
         if body is None:
             if (call.transform is None and response.length is not UNKNOWN_LENGTH
@@ -544,7 +544,7 @@ class Exchange:
         ctx.first_byte_written()
         return body
 
-    def _relay_raw(self, request, ctx, upstream, response, events=False):
+    def _relay_raw(self, request, ctx, upstream, response, events=False, body=None):
         """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
         from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
         stream that ends inside an event is broken off, however its body ended."""
@@ -553,10 +553,13 @@ class Exchange:
             tap = UsageTap(events)
             if ctx.recorded:
                 ctx.usage = metadata_usage(response)
-        return self._relay_stream(request, ctx, upstream, response, tap, keep_length=True)
+        return self._relay_stream(request, ctx, upstream, response, tap, body, keep_length=True)
 
-    async def _relay_stream(self, request, ctx, upstream, response, observer, keep_length=False):
+    async def _relay_stream(self, request, ctx, upstream, response, observer, body=None, keep_length=False):
         """Relay a body with flow control as it comes; return None when done.
+
+        C{body} is the request's (sent upstream): an event stream that ends without its usage is charged an
+        estimate of its prompt from it (L{_note_usage}).
 
         A stream that breaks after its head went out is never made to look
         finished: an event stream gets an in-band error event in the route's
@@ -622,21 +625,21 @@ class Exchange:
                 # Taken now, not for every stream: a Deferred made, fired and run per request. Its
                 # connection is still open here (it would never fire for one already closed).
                 closed = request.notifyFinish() if request.channel is not None else None
-                abort = self._broken(request, ctx, relay, e, events)
+                abort = self._broken(request, ctx, relay, e, events, body)
                 if closed is not None:
                     await closed.addErrback(lambda _: None)
                 if abort is not None and abort.active():
                     abort.cancel()
                 return None
         finally:
-            _note_usage(ctx, relay.observer)
+            _note_usage(ctx, relay.observer, body)
         if ctx.outcome is None and getattr(relay.observer, "error", None) is not None:
             ctx.failed_in_band(IN_STREAM_ERROR)  # (logged and counted as the upstream's error, not as ok)
         if request.channel is not None:
             request.unregisterProducer()
         return None
 
-    def _broken(self, request, ctx, relay, reason, events):
+    def _broken(self, request, ctx, relay, reason, events, body):
         """End a stream that broke after its head: in-band error event, then no clean end.
 
         @return: the delayed call that aborts the connection if closing it
@@ -645,7 +648,7 @@ class Exchange:
         why = _why(reason)
         self.log.warn("stream {request_id} ended abnormally: {why}", request_id=ctx.request_id.decode(), why=why)
         error = StreamFailed(f"The stream ended abnormally: {why}.")
-        _note_usage(ctx, relay.observer)
+        _note_usage(ctx, relay.observer, body)
         ctx.broken(error.code)
         if request.channel is None:
             return None
@@ -694,13 +697,19 @@ def _error_type(error) -> str:
     return getattr(error, "code", None) or type(error).__name__
 
 
-def _note_usage(ctx, observer):
-    """The stream's usage into C{ctx}; without one, output tokens counted from the events sent (estimated;
-    an observer may estimate them itself, in a usage it has: its C{estimated} says so)."""
+def _note_usage(ctx, observer, body):
+    """The stream's usage into C{ctx}; an event stream without one (cut before its usage came, or a
+    passthrough's that asked for none) is estimated: its prompt from the request C{body}
+    (L{prompt_estimate}: the upstream read it all, whatever was sent back) and its output tokens counted
+    from the events sent (an observer may estimate them itself, in a usage it has: its C{estimated} says
+    so)."""
     if observer.usage is not None:
         ctx.usage, ctx.estimated = observer.usage, getattr(observer, "estimated", False)
-    elif ctx.usage is None and getattr(observer, "events", 0):
-        ctx.usage, ctx.estimated = {"completion_tokens": observer.events}, True
+    elif ctx.stream and (ctx.usage is None or ctx.estimated):  # (or a stream before it that broke off)
+        events = getattr(observer, "events", 0)
+        prompt = prompt_estimate(body)
+        if prompt or events:
+            ctx.usage, ctx.estimated = {"prompt_tokens": prompt, "completion_tokens": events}, True
 
 
 # The error of a stream whose upstream reported an error in it (an error event the client got) and ended it.

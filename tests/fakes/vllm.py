@@ -330,12 +330,11 @@ class FakeVLLM(Resource):
                 "usage": {"prompt_tokens": 5, "total_tokens": 5 + n, "completion_tokens": n}})
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
-        for i in range(n):
-            chunk = {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
-                     "choices": [{"index": 0, "text": text, "logprobs": None,
-                                  "finish_reason": "length" if i == n - 1 else None, "stop_reason": None}]}
-            request.write(b"data: " + jsonutil.dumps(chunk) + b"\n\n")
-        self._end_stream(request, body)
+        payloads = [b"data: " + jsonutil.dumps({
+            "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length" if i == n - 1 else None,
+                         "stop_reason": None}]}) + b"\n\n" for i in range(n)]
+        self._send_events(request, body, payloads, float(body.get("fake_pace", 0)), None, False, 0)
         return server.NOT_DONE_YET
 
     def _embeddings(self, request, record, body):
