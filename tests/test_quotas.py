@@ -1217,3 +1217,27 @@ async def test_a_stream_left_early_is_charged_an_estimate_of_its_prompt(reactor,
         False, usage["prompt_tokens"], usage["completion_tokens"])
     code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
     assert view["budgets"][0]["spent_tokens"] == left + usage["total_tokens"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_left_before_its_answer_is_charged_an_estimate_of_its_prompt(reactor, http, gw, fake):
+    """A request whose client left while the upstream worked on it (a whole answer not come yet, a stream
+    before its head) is charged its prompt, estimated (before: nothing at all, the upstream having read it)."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 10**6}])
+    headers = {"authorization": f"Bearer {key['value']}"}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "lorem ipsum " * 2000}], "fake_hang": True}
+    for body in (chat, dict(chat, stream=True)):
+        arrived = fake.next_request()
+        client = await connect(reactor, gw.port, chat_request(body, headers=headers))
+        await with_timeout(reactor, arrived, 10)
+        client.transport.abortConnection()
+        await client.lost
+    for _ in range(100):
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        if len(log["data"]) == 2:
+            break
+    assert [(r["status_code"], r["estimated"], r["input_tokens"], r["total_tokens"]) for r in log["data"]] == [
+        (499, True, 6001, 6001)] * 2
+    code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert view["budgets"][0]["spent_tokens"] == 2 * 6001

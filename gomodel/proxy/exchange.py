@@ -196,7 +196,10 @@ class Exchange:
                     response, replica, upstream, model, sent, first = await self._send(
                         ctx.request_id, pool, call, broken, trace, None, ctx, first)
                 except (UpstreamTimeout, UpstreamUnreachable, CancelledError) as e:
-                    _reached(ctx, getattr(e, "reached", None))
+                    reached = getattr(e, "reached", None)
+                    _reached(ctx, reached)
+                    if reached is not None and e.__class__ is CancelledError:
+                        _left_early(ctx, call.body)
                     raise
                 took = None  # seconds the answer took, once it succeeded (the replica's pace)
                 try:
@@ -224,6 +227,8 @@ class Exchange:
                 except BaseException as e:
                     if trace is not None:
                         trace.failed(_error_type(e))
+                    if isinstance(e, CancelledError):
+                        _left_early(ctx, call.body)
                     raise
                 finally:
                     upstream.release(replica, took)
@@ -688,6 +693,16 @@ def _reached(ctx, reached):
         if model != ctx.upstream_model or pool.name != ctx.provider:
             ctx.route(pool, ctx.model, model)
         ctx.replica = index
+
+
+def _left_early(ctx, body):
+    """The client of a request sent upstream left before its answer's usage came (none noted on C{ctx}): its
+    prompt, which the upstream read anyway, is its usage, estimated from the request C{body}
+    (L{prompt_estimate})."""
+    if ctx.usage is None:
+        prompt = prompt_estimate(body)
+        if prompt:
+            ctx.usage, ctx.estimated = {"prompt_tokens": prompt}, True
 
 
 def _error_type(error) -> str:
