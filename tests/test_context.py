@@ -127,7 +127,8 @@ async def test_client_gone_mid_stream_is_logged_once_as_499(reactor, gateway, fa
     event = await logged
     assert event["status"] == 499 and event["outcome"] == CLIENT_GONE and event["client_gone"] is True
     assert event["ttfb_ms"] is not None
-    assert formatEvent(event).endswith(" replica=0 prompt_tokens=- completion_tokens=1 outcome=client_gone")
+    # (its prompt estimated from the request: "user" and "hi", 6 characters, 2 tokens; its output, the events sent)
+    assert formatEvent(event).endswith(" replica=0 prompt_tokens=2 completion_tokens=1 outcome=client_gone")
     assert len(access.events) == 1
 
 
