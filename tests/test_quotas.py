@@ -4,6 +4,7 @@ import io
 import json
 import os
 import time
+from contextlib import contextmanager
 
 import openai
 import pytest
@@ -735,22 +736,43 @@ def _redis_or_skip():
     return client
 
 
-@pytest_twisted.async_yield_fixture()
-async def redis_pair(reactor, fake, tmp_path):
-    """Two gateways sharing Redis's counters (skipped without Redis); the counters they made are deleted after."""
+@contextmanager
+def _redis_counters():
+    """C{REDIS_URL} for gateways sharing Redis's counters (skipped without Redis); the counters made meanwhile
+    are deleted after."""
     redis_client = _redis_or_skip()
     before = set(redis_client.keys("gomodel:limits:*"))
-    one = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
-    two = await start(reactor, fake, tmp_path, REDIS_URL=REDIS_URL)
     try:
-        yield one, two
+        yield {"REDIS_URL": REDIS_URL}
     finally:
-        await one.service.stopService()
-        await two.service.stopService()
         new = set(redis_client.keys("gomodel:limits:*")) - before
         if new:
             redis_client.delete(*new)
         redis_client.close()
+
+
+@pytest.fixture
+def redis_env(redis):
+    """The environment of a test's gateways: Redis's counters (L{_redis_counters}) where its C{redis} parameter
+    asks for them, else none."""
+    if not redis:
+        yield {}
+        return
+    with _redis_counters() as env:
+        yield env
+
+
+@pytest_twisted.async_yield_fixture()
+async def redis_pair(reactor, fake, tmp_path):
+    """Two gateways sharing Redis's counters (skipped without Redis); the counters they made are deleted after."""
+    with _redis_counters() as env:
+        one = await start(reactor, fake, tmp_path, **env)
+        two = await start(reactor, fake, tmp_path, **env)
+        try:
+            yield one, two
+        finally:
+            await one.service.stopService()
+            await two.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -830,7 +852,8 @@ async def test_x_gomodel_user_path_sent_twice_differently_is_a_400_naming_it(htt
 
 @pytest.mark.parametrize("redis", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(reactor, http, fake, tmp_path, redis):
+async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(reactor, http, fake, tmp_path, redis,
+                                                                                 redis_env):
     """GoModel's C{POST /budgets/reset-one} ({user_path, period}) and C{POST /budgets/reset} (every budget by user
     path, the configuration's too) set what a budget spent back to zero: the next request passes, a second
     process (sharing the store, and Redis's sums where configured) sees it at its next read of the budgets, and
@@ -838,9 +861,7 @@ async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(
     config = tmp_path / "gomodel.yaml"
     config.write_text("budgets:\n  user_paths:\n    - path: /lab\n      limits:\n"
                       "        - {period: daily, max_tokens: 40}\n")
-    env = {"REDIS_URL": REDIS_URL} if redis else {}
-    redis_client = _redis_or_skip() if redis else None
-    before = set(redis_client.keys("gomodel:limits:*")) if redis else set()
+    env = redis_env
     gateways = []
     for _ in range(2):
         gateways.append(await start_gateway(reactor, dict({
@@ -894,24 +915,17 @@ async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(
                 client.close()
         for gateway in gateways:
             await gateway.service.stopService()
-        if redis:
-            new = set(redis_client.keys("gomodel:limits:*")) - before
-            if new:
-                redis_client.delete(*new)
-            redis_client.close()
 
 
 @pytest.mark.parametrize("redis", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_keys_own_budgets_are_reset_through_the_admin_api_on_every_process(reactor, http, fake, tmp_path,
-                                                                                   redis):
+                                                                                   redis, redis_env):
     """C{POST /auth-keys/{id}/budgets/reset} sets what a managed key's own budgets spent back to zero (C{{period}}:
     that one only): the next request passes, on a second process too once it reads the keys, the key shows
     C{last_reset_at}, and an edit of its budgets (the dashboard's save) keeps the reset (before: no route
     reset a key's own budget; C{/budgets/reset} resets those by user path only)."""
-    env = {"REDIS_URL": REDIS_URL} if redis else {}
-    redis_client = _redis_or_skip() if redis else None
-    before = set(redis_client.keys("gomodel:limits:*")) if redis else set()
+    env = redis_env
     gateways = [await start(reactor, fake, tmp_path, **env) for _ in range(2)]
     one, two = gateways
     key = await new_key(http, one, budgets=[{"period": "daily", "max_tokens": 40},
@@ -965,25 +979,18 @@ async def test_a_keys_own_budgets_are_reset_through_the_admin_api_on_every_proce
             client.close()
         for gateway in gateways:
             await gateway.service.stopService()
-        if redis:
-            new = set(redis_client.keys("gomodel:limits:*")) - before
-            if new:
-                redis_client.delete(*new)
-            redis_client.close()
 
 
 @pytest.mark.parametrize("redis", [False, True])
 @pytest.mark.parametrize("kind", ["key", "path"])
 @pytest_twisted.ensureDeferred
 async def test_a_request_in_flight_during_a_budget_reset_counts_in_the_period_it_was_admitted_in(
-        reactor, http, fake, tmp_path, redis, kind):
+        reactor, http, fake, tmp_path, redis, kind, redis_env):
     """A request admitted before a budget reset and ending after it is charged to the sum it was admitted
     under, as the usage ledger counts it (by when it started), whichever budget was reset and whatever counts
     (before: with Redis, a user path's reset counted it in the new period, where a key's did not, nor either
     without Redis, and the ledger's seed then disagreed with the sum)."""
-    env = {"REDIS_URL": REDIS_URL} if redis else {}
-    redis_client = _redis_or_skip() if redis else None
-    before = set(redis_client.keys("gomodel:limits:*")) if redis else set()
+    env = redis_env
     gateway = await start(reactor, fake, tmp_path, **env)
     if kind == "key":
         key = await new_key(http, gateway, budgets=[{"period": "daily", "max_tokens": 1000}])
@@ -1016,11 +1023,6 @@ async def test_a_request_in_flight_during_a_budget_reset_counts_in_the_period_it
         fake.release_holds()
         client.close()
         await gateway.service.stopService()
-        if redis:
-            new = set(redis_client.keys("gomodel:limits:*")) - before
-            if new:
-                redis_client.delete(*new)
-            redis_client.close()
 
 
 @pytest_twisted.ensureDeferred
