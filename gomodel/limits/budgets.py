@@ -47,7 +47,7 @@ from twisted.logger import Logger
 
 from gomodel.errors import BudgetExceeded, GatewayError
 from gomodel.limits.counters import INF
-from gomodel.limits.specs import period_window
+from gomodel.limits.specs import counted_start, period_window
 
 
 # Seconds between reads of the usage ledger for a budget's seed while they fail.
@@ -103,10 +103,10 @@ class BudgetBook:
         for scope, budgets in scopes:
             for budget in budgets:
                 start, end = self._window(budget.period, now)
-                since = budget.since
+                since = counted_start(budget.since, start, end)
                 # reset in this period: a new sum from then (a reset stamped by a clock a little ahead of this
                 # one, the store's or another process's, too: not the old sum, kept until the period's end)
-                if since is not None and start < since and (end is None or since < end):
+                if since != start:
                     rows.append((scope, budget, f"budget|{scope}|{budget.period}|{since!r}", since, end))
                 else:
                     rows.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))

@@ -175,14 +175,19 @@ def parse_period(value) -> str:
                      "(or period_seconds)")
 
 
-def counted_window(budget: Budget, now: float) -> tuple:
-    """What a budget's spend counts over at C{now}: its L{period_window}, from its C{since} where it was reset
-    in that period (as GoModel shows a budget: its C{period_start} the reset's time once later)."""
-    start, end = period_window(budget.period, now)
-    since = budget.since
+def counted_start(since, start, end):
+    """Where a budget's spend in its period C{[start, end)} counts from: its reset C{since} where that falls in
+    the period (a reset stamped by a clock a little ahead of this one's too), else C{start}."""
     if since is not None and start < since and (end is None or since < end):
-        return since, end
-    return start, end
+        return since
+    return start
+
+
+def counted_window(budget: Budget, now: float) -> tuple:
+    """What a budget's spend counts over at C{now}: its L{period_window}, from its reset in that period
+    (L{counted_start}; as GoModel shows a budget: its C{period_start} the reset's time once later)."""
+    start, end = period_window(budget.period, now)
+    return counted_start(budget.since, start, end), end
 
 
 def named_period(value):
