@@ -34,18 +34,25 @@ def _env(tmp_path, env, pythonpath=REPO):
     return run_env
 
 
-def _loaded_once_built(tmp_path, env, *args):
-    """The modules a process has loaded once it built the gateway as twistd does (not started)."""
-    code = ("import json, sys\n"
+def _built_in_child(tmp_path, env, before, after, *args) -> str:
+    """The last line a child process printed that ran C{before} (code), built the gateway as twistd does (not
+    started) from C{args} and C{env}, then ran C{after}; it must exit with status 0."""
+    code = ("import json, sys\n" + before +
             "from gomodel.tap import Options, makeService\n"
             "options = Options()\n"
             "options.parseOptions(sys.argv[1:])\n"
-            "makeService(options)\n"
-            "print(json.dumps(sorted(name for name, module in sys.modules.items() if module is not None)))")
+            "makeService(options)\n" + after)
     result = subprocess.run([sys.executable, "-c", code, "--listen", "tcp:0:interface=127.0.0.1", *args],
                             capture_output=True, text=True, env=_env(tmp_path, env), timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    return set(json.loads(result.stdout.splitlines()[-1]))
+    return result.stdout.splitlines()[-1]
+
+
+def _loaded_once_built(tmp_path, env, *args):
+    """The modules a process has loaded once it built the gateway as twistd does (not started)."""
+    return set(json.loads(_built_in_child(
+        tmp_path, env, "", "print(json.dumps(sorted(name for name, module in sys.modules.items() "
+                           "if module is not None)))", *args)))
 
 
 def test_a_default_gateway_loads_nothing_it_does_not_use(tmp_path):
@@ -86,19 +93,9 @@ def test_the_gomodel_command_leaves_the_standard_librarys_tls_out(tmp_path, keep
     MiB of every process) where the standard library takes them as optional, the metrics on; hashes are the
     same, and an importer that needs TLS (redis-py for C{rediss://}) gets the real C{ssl} afterwards;
     C{GOMODEL_STDLIB_TLS=1} keeps them."""
-    code = ("import json, sys\n"
-            "from gomodel.lean import leave_tls_out\n"
-            "assert leave_tls_out() is " + str(not keep) + "\n"
-            "from gomodel.tap import Options, makeService\n"
-            "options = Options()\n"
-            "options.parseOptions(sys.argv[1:])\n"
-            "makeService(options)\n"
-            "assert 'prometheus_client' in sys.modules\n" + _TLS_AFTER)
-    env = _env(tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_STDLIB_TLS="1" if keep else "0"))
-    result = subprocess.run([sys.executable, "-c", code, "--listen", "tcp:0:interface=127.0.0.1"],
-                            capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout.splitlines()[-1])
+    before = "from gomodel.lean import leave_tls_out\nassert leave_tls_out() is " + str(not keep) + "\n"
+    found = json.loads(_built_in_child(tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_STDLIB_TLS="1" if keep else "0"), before,
+                                       "assert 'prometheus_client' in sys.modules\n" + _TLS_AFTER))
     import hashlib
     import hmac
     assert found == {"left": ["_hashlib", "_ssl", "ssl"] if keep else [], "https_handler": keep,
@@ -121,20 +118,12 @@ def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first
     """Modules that twistd, Twisted's web server and prometheus_client import for paths the gateway never
     takes (a debugger, decimals of Perspective Broker, pseudo-terminals, gzip'd scrapes, mime types) are
     loaded on first use; used, they are the real modules. C{GOMODEL_EAGER_IMPORTS=1}: loaded at import."""
-    code = ("import json, sys\n"
-            "from gomodel.lean import leave_tls_out, load_rare_modules_on_use\n"
-            "leave_tls_out()\n"
-            "assert load_rare_modules_on_use() is " + str(not eager) + "\n"
-            "import twisted.scripts.twistd\n"  # (the runner: it imports pdb and getpass)
-            "from gomodel.tap import Options, makeService\n"
-            "options = Options()\n"
-            "options.parseOptions(sys.argv[1:])\n"
-            "makeService(options)\n" + _RARE_AFTER)
-    env = _env(tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"))
-    result = subprocess.run([sys.executable, "-c", code, "--listen", "tcp:0:interface=127.0.0.1"],
-                            capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout.splitlines()[-1])
+    before = ("from gomodel.lean import leave_tls_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "assert load_rare_modules_on_use() is " + str(not eager) + "\n"
+              "import twisted.scripts.twistd\n")  # (the runner: it imports pdb and getpass)
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _RARE_AFTER))
     kind = "module" if eager else "_LazyModule"
     assert found == {"first": dict.fromkeys(("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes"), kind),
                      "used": ["2.50", 7, "application/json", True, True, True], "then": ["module"]}
@@ -146,20 +135,12 @@ def test_the_gomodel_command_builds_a_gateway_whose_drivers_load_tls(tmp_path, e
     """redis-py and psycopg import the real C{ssl} while the configuration is read, after twistd imported
     C{urllib.request} without it: prometheus_client, imported next, still finds the C{HTTPSHandler} it
     imports (before: an ImportError traceback at start, so C{REDIS_URL} or PostgreSQL never started)."""
-    code = ("import sys\n"
-            "from gomodel.lean import leave_tls_out\n"
-            "assert leave_tls_out()\n"
-            "import urllib.request\n"  # (as twistd imports it, before the options are read)
-            "from gomodel.tap import Options, makeService\n"
-            "options = Options()\n"
-            "options.parseOptions(sys.argv[1:])\n"
-            "makeService(options)\n"
-            "print('prometheus_client' in sys.modules, 'ssl' in sys.modules, hasattr(urllib.request, 'HTTPSHandler'))")
-    result = subprocess.run([sys.executable, "-c", code, "--listen", "tcp:0:interface=127.0.0.1"],
-                            capture_output=True, text=True, env=_env(tmp_path, dict(PLAIN_UPSTREAM, **env)),
-                            timeout=60, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "True True False"  # (urllib.request as it was imported: no HTTPS)
+    before = ("from gomodel.lean import leave_tls_out\n"
+              "assert leave_tls_out()\n"
+              "import urllib.request\n")  # (as twistd imports it, before the options are read)
+    shown = _built_in_child(tmp_path, dict(PLAIN_UPSTREAM, **env), before, "print('prometheus_client' in sys.modules, "
+                            "'ssl' in sys.modules, hasattr(urllib.request, 'HTTPSHandler'))")
+    assert shown == "True True False"  # (urllib.request as it was imported: no HTTPS)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -445,17 +445,24 @@ async def test_a_slot_taken_by_redis_after_its_admission_answered_open_is_freed_
         server.pause()
         assert await counters.acquire("key:k|c", 1) is not None  # answered open
         server.resume()
-        for _ in range(50):
-            lease = await counters.acquire("key:k|c", 1)
-            if lease not in (None, OPEN_LEASE):  # (open again while Redis is left alone after failing)
-                break
-            await deferLater(reactor, 0.1, lambda: None)
+        lease = await _slot_taken_again(reactor, counters)
         assert lease not in (None, OPEN_LEASE), "the slot taken late was never freed"
         await counters.release(lease)
     finally:
         counters.stop()
         counters._redis.close()
         server.stop()
+
+
+async def _slot_taken_again(reactor, counters):
+    """The lease of key:k|c's one slot, asked for every 0.1 s for up to 5 s (a Redis back after failing is left
+    alone for a moment: admissions are answered open meanwhile); the last answer when none came."""
+    for _ in range(50):
+        lease = await counters.acquire("key:k|c", 1)
+        if lease not in (None, OPEN_LEASE):
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    return lease
 
 
 @pytest_twisted.ensureDeferred
@@ -473,11 +480,7 @@ async def test_a_slot_whose_release_failed_while_redis_stalled_is_freed_when_red
         server.pause()
         await counters.release(held)  # answered open: the slot is still Redis's
         server.resume()
-        for _ in range(50):
-            lease = await counters.acquire("key:k|c", 1)
-            if lease not in (None, OPEN_LEASE):
-                break
-            await deferLater(reactor, 0.1, lambda: None)
+        lease = await _slot_taken_again(reactor, counters)
         assert lease not in (None, OPEN_LEASE), "the slot whose release failed was never freed"
         await counters.release(lease)
     finally:
