@@ -910,6 +910,52 @@ async def test_an_upstreams_retry_after_reaches_the_client_with_its_429_or_503(c
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_replica_that_asks_to_be_left_alone_with_retry_after_is_passed_over_until_then(cluster, http):
+    """Replica 0 answers every chat 429 (then 503) with C{Retry-After: 30}: after its first answer it gets no
+    request while the others can serve (before, every other request went to it first and came back), and
+    C{providers/status} shows until when (C{busy_until}). A 503 with it does not take the replica down either."""
+    for status_code in (429, 503):
+        fleet, gw = await cluster(3)
+        fleet[0].fail_status, fleet[0].fail_headers = status_code, {"Retry-After": "30"}
+        for i in range(12):
+            response, body = await post(http, gw, chat(fake_marker=f"m{i}"))
+            assert response.code == 200 and served_by(response) != 0, body
+        assert len(fleet[0].inference_requests) == 1
+        assert len(finished_answers(fleet)) == 12  # one generation per client request
+        [provider] = (await status(http, gw))["providers"]
+        busy = provider["replicas"][0]
+        assert busy["state"] == "ready" and 25 < busy["busy_until"] - time.time() <= 30
+        assert [r["busy_until"] for r in provider["replicas"][1:]] == [None, None]
+        metrics = await treq.text_content(await http.get(gw.url + "/metrics"))
+        busy_seconds = {line.split('replica="')[1][0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                        if line.startswith("gomodel_replica_busy_seconds{")}
+        assert 25 < busy_seconds["0"] <= 30 and busy_seconds["1"] == busy_seconds["2"] == 0.0
+
+
+def test_a_replica_busy_until_its_retry_after_takes_requests_only_where_no_other_can():
+    clock = Clock()
+    pool = paced_pool(clock, n=2)
+    busy, other = pool.replicas
+    busy.asked_to_wait(b"2")
+    assert [pool.take(None) for _ in range(3)] == [other] * 3  # (each one still in flight)
+    other.max_concurrency = other.limit = 3
+    pool._changed(other)
+    assert pool.take(None) is busy  # the other is full: it is the one that can start it now
+    for replica in (busy, other, other, other):
+        pool.release(replica)
+    clock.advance(2)
+    assert {pool.take(None) for _ in range(2)} == {busy, other}  # its time is over
+    assert busy.busy_until is None
+    for bad in (b"soon", b"-1", b"0"):
+        busy.asked_to_wait(bad)
+        assert busy.busy_until is None
+    busy.asked_to_wait(b"86400")  # at most a minute
+    assert busy.busy_until == clock.seconds() + 60
+    busy.asked_to_wait(b"Wed, 21 Oct 2015 07:28:00 GMT")  # an HTTP date past: nothing more
+    assert busy.busy_until == clock.seconds() + 60
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_replica_refusing_connections_is_left_for_another(cluster, fresh):
     async def broken(replica):
         await replica.refuse()

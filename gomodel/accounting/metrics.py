@@ -251,9 +251,12 @@ class ReplicaCollector:
                                  "is still held out (0: none).", labels=labels)
         trial = GaugeMetricFamily("gomodel_replica_trial", "1 while a replica readmitted after a hold is on "
                                   "trial (one request at a time), else 0.", labels=labels)
+        busy = GaugeMetricFamily("gomodel_replica_busy_seconds", "Seconds a replica that answered with Retry-After "
+                                 "is still passed over while another can serve (0: none).", labels=labels)
         for pool in self._pools:
             for replica in pool.replicas:
                 values = (pool.type, pool.name, str(replica.index))
+                busy.add_metric(values, replica.busy_for())
                 up.add_metric(values, 1.0 if replica.ready else 0.0)
                 state.add_metric(values + (replica.state,), 1.0)
                 held.add_metric(values, replica.held_for())
@@ -265,7 +268,7 @@ class ReplicaCollector:
                                           (kv, load.kv_cache_usage)):
                         if value is not None:
                             family.add_metric(values, value)
-        return [up, state, in_flight, waiting, running, kv, held, trial]
+        return [up, state, in_flight, waiting, running, kv, held, trial, busy]
 
 
 def forget_process(pid):

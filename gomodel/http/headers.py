@@ -63,6 +63,7 @@ HOST = header_name("host")
 TRANSFER_ENCODING = header_name("transfer-encoding")
 ENDPOINT_LOAD_METRICS = header_name("endpoint-load-metrics")
 METADATA = header_name("metadata")  # vLLM's binary pooling answers: all but the vectors (their usage too)
+RETRY_AFTER = header_name("retry-after")  # an upstream's failover status: its replica is left alone that long
 # Names of the headers the gateway sets on its answers with AnswerHeaders.put (X-Request-Id is read too).
 SERVER = header_name("server")
 DATE = header_name("date")

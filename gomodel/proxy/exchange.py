@@ -37,8 +37,8 @@ from gomodel._twistedcompat import plain_headers, whole_body
 from gomodel.accounting.tokens import prompt_estimate, requested_tokens
 from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
                             UpstreamError, UpstreamTimeout, UpstreamUnreachable)
-from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, X_GOMODEL_REPLICA,
-                                  copy_response_headers, is_event_stream)
+from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, RETRY_AFTER,
+                                  X_GOMODEL_REPLICA, copy_response_headers, is_event_stream)
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
@@ -448,6 +448,9 @@ class Exchange:
                 elif response.code != 429:
                     replica.succeeded()
                 if response.code in FAILOVER_STATUSES:
+                    retry_after = plain_headers(response.headers).get(RETRY_AFTER)
+                    if retry_after is not None:
+                        replica.asked_to_wait(retry_after[0])
                     attempts += 1
                     if ctx is not None:
                         ctx.attempts = attempts

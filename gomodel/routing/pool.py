@@ -12,7 +12,9 @@ L{Replica.hold} seconds (its health interval, doubling each time it fails
 again, up to L{HOLD_MAX}), and then on one trial request (half-open: at most
 one in flight) whose success gives it full traffic again and whose failure
 takes it down again; a failed probe meanwhile (it was really down) lifts the
-hold, and its probes alone decide, as before.
+hold, and its probes alone decide, as before. One that answers an error with
+C{Retry-After} stays ready but is passed over until then while another
+replica can start the request (L{Replica.asked_to_wait}).
 
 The C{load} strategy scores each candidate by what is known of its load,
 freshest first: the gateway's own in-flight count (exact, instant), and the
@@ -63,6 +65,7 @@ import random
 import re
 from collections import OrderedDict, deque
 from itertools import filterfalse
+from email.utils import parsedate_to_datetime
 from math import inf
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -113,6 +116,7 @@ class Replica:
     @ivar limit: the requests it may have in flight (0: any): its C{max_concurrency}, 1 on L{trial}.
     @ivar held_until: when a replica taken down by failed requests may be readmitted (L{hold}), or None.
     @ivar trial: it was readmitted after a hold on one trial request (half-open), not yet answered.
+    @ivar busy_until: when the wait it asked for with C{Retry-After} ends (L{asked_to_wait}), or None.
     """
 
     def __init__(self, index, server, base_url, clock, *, weight=1.0, max_concurrency=0, failure_threshold=3):
@@ -128,6 +132,7 @@ class Replica:
         self.held_until = None
         self.holds = 0  # holds in a row: each one doubles the next (L{hold})
         self.trial = False
+        self.busy_until = None
         self.passed_at = None  # when it was last readmitted in full (a trial passed, or no hold)
         self.requests_failing = False  # its last failure was a request's (L{probe_passed})
         self.state = LOADING
@@ -149,6 +154,7 @@ class Replica:
         self.on_change = None  # called with the replica after every change of state
         self.on_listed = None  # called with the replica after its model list changed
         self.on_learned = None  # called with the replica after its batch size (L{slots}) or its first load report
+        self.on_busy = None  # called with the replica when it asks to be left alone (L{asked_to_wait})
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
 
     def __repr__(self):
@@ -297,6 +303,10 @@ class Replica:
         """Seconds it is still held out (L{hold}), or 0."""
         return 0.0 if self.held_until is None else max(0.0, self.held_until - self._clock.seconds())
 
+    def busy_for(self) -> float:
+        """Seconds it is still passed over for its C{Retry-After} (L{asked_to_wait}), or 0."""
+        return 0.0 if self.busy_until is None else max(0.0, self.busy_until - self._clock.seconds())
+
     def readmit(self) -> bool:
         """A down replica passed its probe: ready again (on trial after a hold), unless still held."""
         if self.held_until is not None:
@@ -324,6 +334,19 @@ class Replica:
         del self.succeeded
         self.trial, self.limit = False, self.max_concurrency
 
+    def asked_to_wait(self, retry_after):
+        """It answered a request with an error and C{Retry-After} (C{retry_after}, the header's value: seconds
+        or an HTTP date): its pool passes it over until then while another replica can start the request
+        (L{ReplicaPool.take}), for at most L{HOLD_MAX} seconds. A value that is no time to come changes nothing."""
+        now = self._clock.seconds()
+        seconds = retry_after_seconds(retry_after, now)
+        if seconds is None:
+            return
+        resting = self.busy_until is not None and now < self.busy_until
+        self.busy_until = now + min(seconds, HOLD_MAX)
+        if not resting and self.on_busy is not None:
+            self.on_busy(self)
+
     def took(self, seconds):
         """A request it served succeeded after C{seconds} (from send to its answer's end)."""
         if self.timed < PACE_SAMPLES:  # a plain mean at first: one odd request (a new connection) weighs little
@@ -350,6 +373,20 @@ class Replica:
         if load is not None:
             sample = load._replace(waiting=sample.waiting, kv_cache_usage=sample.kv_cache_usage)
         self.reported(sample)
+
+
+def retry_after_seconds(value, now):
+    """The seconds a C{Retry-After} value (bytes: delta-seconds or an HTTP date) asks to wait from C{now} (Unix
+    time), or None where it is none or no time to come."""
+    value = value.strip()
+    if value.isdigit():
+        seconds = int(value)
+    else:
+        try:
+            seconds = parsedate_to_datetime(value.decode("latin-1")).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return seconds if seconds > 0 else None
 
 
 class _Waiter:
@@ -407,6 +444,7 @@ class ReplicaPool:
         self._affinity = OrderedDict()  # session or prefix key -> (replica index, when it was last shared)
         self._by_url = {r.base_url: r.index for r in self.replicas}
         self._capped = any(r.limit for r in self.replicas)  # a replica can be full
+        self._resting = False  # a replica may still be waiting out its Retry-After (L{_awake})
         # What its load choice needs of its replicas, kept as they learn it (L{_learned}): the largest batch
         # size learned (0: none), whether any reports its load, and the lowest and highest learned pace
         # (an envelope: L{release} only widens it, L{_paces_alike} makes it tight) with whether those are
@@ -421,6 +459,7 @@ class ReplicaPool:
             replica.on_listed = self._relisted
             replica.on_learned = self._learned
             replica.others_ready = self._others_ready
+            replica.on_busy = self._busy
         self._learned(None)
 
     def __repr__(self):
@@ -467,6 +506,8 @@ class ReplicaPool:
         free = self._with_room(self._candidates(model, exclude))
         if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
             return self._lease(self.replicas[prefer], affinity)
+        if self._resting:
+            free = self._awake(free)
         replica = self._choose(free, affinity, size)
         return None if replica is None else self._lease(replica, affinity)
 
@@ -556,6 +597,30 @@ class ReplicaPool:
     def _with_room(self, replicas):
         """Those of C{replicas} with room for one more request (all of them where none has a limit)."""
         return [r for r in replicas if r.has_room()] if self._capped else replicas
+
+    def _awake(self, free):
+        """Those of C{free} not waiting out a C{Retry-After} (L{Replica.asked_to_wait}), or C{free} itself where
+        every one is: a replica that asked to be left alone still takes what no other could start now."""
+        now = self._clock.seconds()
+        awake = []
+        over = False
+        for r in free:
+            until = r.busy_until
+            if until is not None and now >= until:
+                r.busy_until = until = None
+                over = True
+            if until is None:
+                awake.append(r)
+        if over:
+            self._resting = any(r.busy_until is not None for r in self.replicas)
+        return awake or free
+
+    def _busy(self, replica):
+        """A replica asked to be left alone for a while (L{Replica.asked_to_wait})."""
+        self._resting = True
+        self.log.info("provider {provider} replica {index}: asked to wait {seconds:.0f}s (Retry-After); passed over "
+                      "while another replica can serve", provider=self.name, index=replica.index,
+                      seconds=replica.busy_until - self._clock.seconds(), busy_until=replica.busy_until)
 
     def _relisted(self, replica):
         """A replica's model list was read: the waiting requests may start there, or fail (their model gone)."""
@@ -803,7 +868,8 @@ class ReplicaPool:
                 self._drop(waiter)
                 waiter.deferred.errback(self._unavailable(waiter.model))
                 continue
-            replica = self._choose(self._with_room(candidates), waiter.affinity, waiter.size)
+            free = self._with_room(candidates)
+            replica = self._choose(self._awake(free) if self._resting else free, waiter.affinity, waiter.size)
             if replica is not None:
                 self._drop(waiter)
                 waiter.deferred.callback(self._lease(replica, waiter.affinity))
