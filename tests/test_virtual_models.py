@@ -96,6 +96,21 @@ async def test_a_failing_target_is_left_for_the_next_before_the_first_byte(react
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_target_that_asked_to_be_left_alone_with_retry_after_is_passed_over_until_then(reactor, http):
+    """Before, the target chosen by weight was sent every other request, each refused with 429 and sent on."""
+    virtual = [{"source": "llama", "targets": [f"vllm-a/{UPSTREAM}", f"vllm-b/{UPSTREAM}"]}]
+    a, b, gw = await _two(reactor, VIRTUAL_MODELS=json.dumps(virtual))
+    try:
+        a.fail_status, a.fail_headers = 429, {"Retry-After": "30"}
+        for _ in range(6):
+            response, body = await _chat(http, gw, "llama")
+            assert response.code == 200, body
+        assert (len(a.inference_requests), len(b.inference_requests)) == (1, 6)
+    finally:
+        await stop_all(gw, a, b)
+
+
+@pytest_twisted.ensureDeferred
 async def test_failover_rules_try_the_candidates_in_order(reactor, http):
     rules = {f"vllm-a/{UPSTREAM}": [f"vllm-b/{UPSTREAM}"]}
     a, b, gw = await _two(reactor, FAILOVER_RULES_JSON=json.dumps(rules), REPLICA_FAILURE_THRESHOLD="100")

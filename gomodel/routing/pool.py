@@ -507,7 +507,7 @@ class ReplicaPool:
         if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
             return self._lease(self.replicas[prefer], affinity)
         if self._resting:
-            free = self._awake(free)
+            free = self._awake(free) or free  # (one that asked to be left alone takes what no other can start)
         replica = self._choose(free, affinity, size)
         return None if replica is None else self._lease(replica, affinity)
 
@@ -551,12 +551,15 @@ class ReplicaPool:
         return NoReadyReplica(self.name, model or "(any)", RETRY_AFTER)
 
     def standing_for(self, model) -> int:
-        """2 when a ready replica that serves C{model} has room for another request now, 1 when ready
-        ones serve it but every one is full, 0 when none is ready."""
+        """2 when a ready replica that serves C{model} has room for another request now (and is not waiting out
+        a C{Retry-After}: L{Replica.asked_to_wait}), 1 when ready ones serve it but every one is full or waiting
+        that out, 0 when none is ready."""
         candidates = self._candidates(model, ())
         if not candidates:
             return 0
-        return 1 if self._capped and not any(r.has_room() for r in candidates) else 2
+        if self._capped and not any(r.has_room() for r in candidates):
+            return 1
+        return 1 if self._resting and not self._awake(self._with_room(candidates)) else 2
 
     def has_alternative(self, model, exclude) -> bool:
         """Whether another ready replica than those in C{exclude} serves C{model}."""
@@ -599,8 +602,7 @@ class ReplicaPool:
         return [r for r in replicas if r.has_room()] if self._capped else replicas
 
     def _awake(self, free):
-        """Those of C{free} not waiting out a C{Retry-After} (L{Replica.asked_to_wait}), or C{free} itself where
-        every one is: a replica that asked to be left alone still takes what no other could start now."""
+        """Those of C{free} not waiting out a C{Retry-After} (L{Replica.asked_to_wait}) (a new list, maybe empty)."""
         now = self._clock.seconds()
         awake = []
         over = False
@@ -613,7 +615,7 @@ class ReplicaPool:
                 awake.append(r)
         if over:
             self._resting = any(r.busy_until is not None for r in self.replicas)
-        return awake or free
+        return awake
 
     def _busy(self, replica):
         """A replica asked to be left alone for a while (L{Replica.asked_to_wait})."""
@@ -869,7 +871,7 @@ class ReplicaPool:
                 waiter.deferred.errback(self._unavailable(waiter.model))
                 continue
             free = self._with_room(candidates)
-            replica = self._choose(self._awake(free) if self._resting else free, waiter.affinity, waiter.size)
+            replica = self._choose(self._awake(free) or free if self._resting else free, waiter.affinity, waiter.size)
             if replica is not None:
                 self._drop(waiter)
                 waiter.deferred.callback(self._lease(replica, waiter.affinity))
