@@ -350,3 +350,33 @@ async def test_a_stream_another_replica_answered_carries_none_of_the_dead_ones_h
             assert response.code == 200 and not response.headers.hasHeader(b"x-dying")
     finally:
         await stop_all(gw, dying, healthy)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_whose_stream_broke_before_its_body_is_not_sent_back_to_a_replica_that_refused_it(reactor):
+    """Replica 2 refuses connections (still ready: its threshold is far), replica 0 sends a stream's head and
+    dies: a request tried on both goes on to replica 1, the one it has not tried. Before, the replicas whose
+    send had failed were forgotten once a stream broke off: the third send could go back to replica 2 (as
+    round robin's turns make it here), and the client got a 502 though replica 1 was ready all along."""
+    from tests.fakes.fleet import FakeReplica
+    from tests.support import start_fake, stop_all
+    from tests.test_routing import wait_for
+
+    breaking, healthy = await start_fake(reactor), await start_fake(reactor)
+    refusing = await FakeReplica(reactor).start()
+    breaking.steer = {"fake_die_after": 0}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"{breaking.base_url},{healthy.base_url},{refusing.base_url}",
+                                       "ROUTING_STRATEGY": "round_robin", "REPLICA_FAILURE_THRESHOLD": "1000",
+                                       "REPLICA_METRICS_INTERVAL": "0"})
+    try:
+        [pool] = gw.registry.providers
+        await wait_for(reactor, lambda: all(r.ready for r in pool.replicas))
+        await refusing.refuse()  # (its kept-alive connections closed too)
+        for _ in range(12):  # the turns bring up every order of the three
+            response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body())
+            body = await treq.content(response)
+            assert response.code == 200 and response.headers.getRawHeaders(b"x-gomodel-replica") == [b"1"], body
+            assert body.endswith(b"data: [DONE]\n\n")
+        assert [r.in_flight for r in pool.replicas] == [0, 0, 0]
+    finally:
+        await stop_all(gw, breaking, healthy, refusing)

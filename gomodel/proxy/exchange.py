@@ -189,12 +189,13 @@ class Exchange:
                 admitting = self.admit(request, ctx, upstream, call)
                 if admitting is not None:
                     await admitting
-            # broken: replicas whose answer broke off; first: the target (of the call's) to send to first
-            pool, broken, first = upstream, [], 0
+            # tried: the replicas of target `first` (of the call's) this request failed on (their send, or their
+            # answer broke off), kept across sends (L{_send})
+            pool, tried, first = upstream, [], 0
             while True:
                 try:
                     response, replica, upstream, model, sent, first = await self._send(
-                        ctx.request_id, pool, call, broken, trace, None, ctx, first)
+                        ctx.request_id, pool, call, tried, trace, None, ctx, first)
                 except (UpstreamTimeout, UpstreamUnreachable, CancelledError) as e:
                     reached = getattr(e, "reached", None)
                     _reached(ctx, reached)
@@ -215,12 +216,13 @@ class Exchange:
                     if trace is not None:
                         trace.failed(e.error.code)
                     replica.failed(e.error.message)
-                    broken.append(replica)
+                    tried.append(replica)
                     ctx.attempts += 1
-                    again = self._again(upstream, model, call, broken, ctx.attempts, first < len(call.fallbacks),
+                    again = self._again(upstream, model, call, tried, ctx.attempts, first < len(call.fallbacks),
                                         e.error.message)
                     if again == "target":  # (a failover rule applies as to a send that failed)
-                        first, broken = first + 1, []
+                        first = first + 1
+                        tried.clear()
                     elif again is None:
                         raise e.error from None
                     continue
@@ -327,7 +329,7 @@ class Exchange:
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again).
         """
-        response, replica, upstream, model, sent, _ = await self._send(request_id, upstream, call, (), trace, entering)
+        response, replica, upstream, model, sent, _ = await self._send(request_id, upstream, call, [], trace, entering)
         took = None
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
@@ -347,7 +349,7 @@ class Exchange:
 
     # -- the steps ------------------------------------------------------------------
 
-    async def _send(self, request_id, pool, call, exclude=(), trace=None, entering=None, ctx=None, first=0):
+    async def _send(self, request_id, pool, call, tried, trace=None, entering=None, ctx=None, first=0):
         """Choose a replica and send C{call}, failing over before the first byte.
 
         The replicas of C{pool} first, then the call's fallback routes (a
@@ -360,7 +362,10 @@ class Exchange:
             when the answer succeeded), its pool, the upstream model sent,
             when it was sent, and which target it was (0: C{pool}, then the
             call's fallbacks).
-        @param exclude: replicas of the first target tried not to use (they broke off an answer).
+        @param tried: the replicas of target C{first} not to use (this request failed there: an earlier call's
+            send, or an answer that broke off), a list this call keeps: on return it holds those of the target
+            that answered (each replica whose send failed added, emptied for each next target), so that a
+            next call for the same request (L{relay}'s, when the answer broke off) passes over them all.
         @param first: the target to begin with (one whose replicas all broke off an answer is passed over).
         @param trace: the request's L{gomodel.accounting.tracing.RequestTrace}, or None:
             each send is an attempt; the one returned is still open.
@@ -378,12 +383,10 @@ class Exchange:
         for number, (pool, model) in enumerate(targets[first:] if first else targets, first):
             more = number + 1 < len(targets)
             body = call.body if number == 0 else call.rebody(model, pool)
-            if number == first:
-                tried = list(exclude)
-            else:
+            if number != first:
+                tried.clear()
                 if entering is not None:
                     await entering(pool)
-                tried = []
             # a long answer is kept off clearly slower replicas (one replica: nothing to choose)
             size = partial(requested_tokens, body) if len(pool.replicas) > 1 else None
             if call.affinity is not None and call.pin is None:
