@@ -380,3 +380,40 @@ async def test_a_request_whose_stream_broke_before_its_body_is_not_sent_back_to_
         assert [r.in_flight for r in pool.replicas] == [0, 0, 0]
     finally:
         await stop_all(gw, breaking, healthy, refusing)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_whose_streams_break_after_their_first_bytes_is_taken_down_as_one_whose_sends_fail(reactor):
+    """Replica 0 sends every stream's first events, then resets the connection (its /health still 200): three
+    broken streams in a row take it down (held out, as after failed sends), and the next streams go to replica 1.
+    Before, a broken stream counted for nothing, and its head had counted as a success: it kept its share of
+    the streams, every one of them cut."""
+    from twisted.web.client import ResponseFailed
+
+    from tests.support import start_fake, stop_all
+    from tests.test_routing import wait_for
+
+    breaking, healthy = await start_fake(reactor), await start_fake(reactor)
+    breaking.steer = {"fake_die_after": 2}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"{breaking.base_url},{healthy.base_url}",
+                                       "REPLICA_METRICS_INTERVAL": "0"})
+    try:
+        [pool] = gw.registry.providers
+        await wait_for(reactor, lambda: all(r.ready for r in pool.replicas))
+        replicas = []
+        for _ in range(10):
+            response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body())
+            [replica] = response.headers.getRawHeaders(b"x-gomodel-replica")
+            replicas.append(replica)
+            try:
+                body = await treq.content(response)
+            except ResponseFailed:  # (cut: its error event, then no clean end)
+                body = None
+            assert (body is not None and body.endswith(b"data: [DONE]\n\n")) == (replica == b"1"), body
+        assert replicas.count(b"0") == 3 and replicas[-4:] == [b"1"] * 4
+        broken = pool.replicas[0]
+        assert broken.state == "down" and broken.held_until is not None
+        assert broken.last_error == "the upstream connection broke off"
+        assert pool.replicas[1].failures == 0
+    finally:
+        await stop_all(gw, breaking, healthy)

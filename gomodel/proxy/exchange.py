@@ -211,6 +211,7 @@ class Exchange:
                     answer = await self._answer(request, ctx, upstream, response, call)
                     if response.code < 300 and ctx.outcome is None:
                         took = self._clock.seconds() - sent
+                        replica.succeeded()
                     return answer
                 except _BrokeOff as e:  # nothing went to the client yet: another replica may answer
                     if trace is not None:
@@ -337,6 +338,7 @@ class Exchange:
             seconds = self._clock.seconds() - sent
             if response.code < 300:
                 took = seconds
+                replica.succeeded()
             return Fetched(response, body, upstream, model, replica.index, seconds)
         except BaseException as e:
             if trace is not None:
@@ -448,8 +450,8 @@ class Exchange:
                     replica.answered(parse_load_header(report[0]))
                 if response.code >= 500:
                     replica.failed(f"HTTP {response.code}")
-                elif response.code != 429:
-                    replica.succeeded()
+                elif response.code >= 300 and response.code != 429:
+                    replica.succeeded()  # (a success's is its whole answer, L{relay} and L{fetch}: a stream may break)
                 if response.code in FAILOVER_STATUSES:
                     retry_after = plain_headers(response.headers).get(RETRY_AFTER)
                     if retry_after is not None:
@@ -633,6 +635,9 @@ class Exchange:
                 raise _BrokeOff(UpstreamUnreachable(f"The upstream provider '{upstream.name}' broke off its "
                                                     "answer.")) from None
             else:
+                if ctx.replica is not None and not isinstance(e, (ClientStalled, StreamTooLong)):
+                    # the replica's failure (it reset, fell silent, ended without the stream's end), as a send's
+                    upstream.replicas[ctx.replica].failed(_why(e))
                 # Taken now, not for every stream: a Deferred made, fired and run per request. Its
                 # connection is still open here (it would never fire for one already closed).
                 closed = request.notifyFinish() if request.channel is not None else None
