@@ -12,11 +12,13 @@ import io
 import json
 import time
 
+import pytest
 import pytest_twisted
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResults, succeed
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from twisted.web.http_headers import Headers
@@ -31,6 +33,7 @@ from tests import rawclient
 from tests.fakes.fleet import FakeFleet
 from tests.fakes.vllm import CHAT_MODEL
 from tests.support import in_thread, openai_client, start_gateway, with_timeout
+from tests.test_context import AccessRecords
 
 MODEL = "vllm/" + CHAT_MODEL
 STATUS = "/admin/api/v1/providers/status"
@@ -84,6 +87,15 @@ async def fresh(reactor):
     pool = HTTPConnectionPool(reactor, persistent=False)
     yield HTTPClient(Agent(reactor, pool=pool))
     await pool.closeCachedConnections()
+
+
+@pytest.fixture
+def access():
+    """The access log's events, as the gateway emits them (L{AccessRecords})."""
+    records = AccessRecords()
+    globalLogPublisher.addObserver(records)
+    yield records
+    globalLogPublisher.removeObserver(records)
 
 
 def chat(content="hello", **extra):
@@ -953,6 +965,27 @@ def test_a_replica_busy_until_its_retry_after_takes_requests_only_where_no_other
     assert busy.busy_until == clock.seconds() + 60
     busy.asked_to_wait(b"Wed, 21 Oct 2015 07:28:00 GMT")  # an HTTP date past: nothing more
     assert busy.busy_until == clock.seconds() + 60
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_access_log_says_how_many_times_a_request_went_on_to_another_replica(cluster, http, access):
+    """Before, the line named only the replica that answered: a request that had failed on others (and a
+    failure that had been tried on every replica) read as one sent once."""
+    fleet, gw = await cluster(2, env={"REPLICA_FAILURE_THRESHOLD": "1000", "ROUTING_STRATEGY": "round_robin"})
+    fleet[0].fail_status = 503
+    for _ in range(2):  # one of the two goes to replica 0 first
+        response, _ = await post(http, gw, chat())
+        assert response.code == 200
+    fleet[1].fail_status = 503
+    response, _ = await post(http, gw, chat())
+    assert response.code == 503
+    lines = [e for e in access.events if e["path"] == "/v1/chat/completions"]
+    assert sorted((e["status"], e["replica"], e["retries"]) for e in lines[:2]) == [(200, 1, 0), (200, 1, 1)]
+    assert lines[2]["status"] == 503 and lines[2]["retries"] == 1
+    texts = [formatEvent(e) for e in lines]
+    assert sorted(text.endswith(" replica=1 prompt_tokens=1 completion_tokens=3 retries=1") for text in texts[:2]) \
+        == [False, True]
+    assert " retries=1 outcome=error" in texts[2]
 
 
 @pytest_twisted.ensureDeferred

@@ -345,7 +345,7 @@ class MessagesRoutes:
             raise failed
         way = "natively" if native else "translated"
         self._exchange.failed_over(self._registry.provider(ctx.provider), "target",
-                                   f"{failed.code or f'HTTP {failed.status}'}, asked {way}")
+                                   f"{failed.code or f'HTTP {failed.status}'}, asked {way}", None, ctx)
         return rest
 
     def _remember(self, ctx, path):

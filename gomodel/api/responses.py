@@ -107,7 +107,7 @@ class ResponsesRoute:
                     provider = first.provider
                 else:
                     raise
-                self._exchange.failed_over(failing, "target", failed.code or f"HTTP {failed.status}")
+                self._exchange.failed_over(failing, "target", failed.code or f"HTTP {failed.status}", None, ctx)
 
     async def _create_at(self, request, ctx, model, body, provider, stream, previous):
         """Create the response at C{provider} for C{body} (its C{model} the upstream's; C{model}, the client's

@@ -50,7 +50,7 @@ class RequestContext:
                  "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
                  "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace",
-                 "_token_counts", "attempts", "budgets")
+                 "_token_counts", "attempts", "retries", "budgets")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, principal=None,
                  dialect=None, recorded=None):
@@ -88,6 +88,7 @@ class RequestContext:
         self.duration = None
         self.trace = None
         self.attempts = 0  # its failed sends upstream so far, every target's (bounded by ROUTING_MAX_ATTEMPTS)
+        self.retries = 0  # times it went on to another replica or target before its first byte (the access log's)
         self._holds = 0
         self._ended = False
         self._completed = False
@@ -251,6 +252,8 @@ class AccessLog:
         if prompt_tokens is not None or completion_tokens is not None:
             line += (f" prompt_tokens={'-' if prompt_tokens is None else prompt_tokens}"
                      f" completion_tokens={'-' if completion_tokens is None else completion_tokens}")
+        if ctx.retries:
+            line += f" retries={ctx.retries}"
         outcome = ctx.outcome
         if outcome is not OK and outcome is not None:
             line += f" outcome={outcome} error={ctx.error}" if ctx.error else f" outcome={outcome}"
@@ -281,6 +284,7 @@ class AccessLog:
             "completion_tokens": completion_tokens,
             # in ms to the microsecond: an integer over 1000 shows as that decimal (round(x, 3) is slow)
             "ttfb_ms": None if ctx.first_byte is None else round(ctx.first_byte * 1e6) / 1000,
+            "retries": ctx.retries,
             "outcome": ctx.outcome,
             "error": ctx.error,
             "client_gone": ctx.client_gone,

@@ -220,7 +220,7 @@ class Exchange:
                     tried.append(replica)
                     ctx.attempts += 1
                     again = self._again(upstream, model, call, tried, ctx.attempts, first < len(call.fallbacks),
-                                        e.error.message)
+                                        e.error.message, ctx)
                     if again == "target":  # (a failover rule applies as to a send that failed)
                         first = first + 1
                         tried.clear()
@@ -405,7 +405,7 @@ class Exchange:
                                                      prefer=prefer, size=size)
                 except (NoReadyReplica, ReplicasBusy, ModelNotFound) as e:  # (the last: its replicas dropped it)
                     if more:
-                        self.failed_over(pool, "target", e.code)  # this target cannot take it now: the next one
+                        self.failed_over(pool, "target", e.code, None, ctx)  # this target cannot take it now: the next
                         break
                     raise
                 server = replica.server
@@ -429,7 +429,7 @@ class Exchange:
                         ctx.attempts = attempts
                     if e.__class__ is UpstreamTimeout:
                         reached = (pool, replica.index, model)
-                    again = self._again(pool, model, call, tried, attempts, more, e.message)
+                    again = self._again(pool, model, call, tried, attempts, more, e.message, ctx)
                     if again == "replica":
                         continue
                     if again == "target":
@@ -460,7 +460,7 @@ class Exchange:
                     if ctx is not None:
                         ctx.attempts = attempts
                     again = self._again(pool, model, call, tried + [replica], attempts, more,
-                                        f"HTTP {response.code}")
+                                        f"HTTP {response.code}", ctx)
                     if again is not None:
                         if trace is not None:
                             trace.failed(str(response.code))
@@ -472,8 +472,9 @@ class Exchange:
                         break
                 return response, replica, pool, model, sent, number
 
-    def _again(self, pool, model, call, tried, attempts, more, why):
-        """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None."""
+    def _again(self, pool, model, call, tried, attempts, more, why, ctx=None):
+        """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None (C{ctx}:
+        the request's context, or None: L{failed_over}'s)."""
         if call.pin is not None or attempts >= self.max_attempts:
             return None
         if pool.has_alternative(model, tried):
@@ -482,15 +483,16 @@ class Exchange:
             where = "target"
         else:
             return None
-        self.failed_over(pool, where, why, tried[-1].index)
+        self.failed_over(pool, where, why, tried[-1].index, ctx)
         return where
 
-    def failed_over(self, pool, where, why, index=None):
+    def failed_over(self, pool, where, why, index=None, ctx=None):
         """Log and count (C{retried}) that a request goes on to another C{where} before its first byte:
         C{"replica"} of C{pool}, or C{"target"} (as the Responses and Messages routes also do when a target
         fails), because its send to C{pool} (its replica C{index}, when known) failed or C{pool} could not
         take it (C{why}: at debug level when it had no ready or free replica, which its replicas' own checks
-        log, once a state change, where this is once a request)."""
+        log, once a state change, where this is once a request). C{ctx}: the request's context (its C{retries}
+        counted, for the access log), or None."""
         if index is None:
             (self.log.debug if why.startswith(_NOT_TAKEN) else self.log.info)(
                 "provider {provider} failed ({why}); trying another {where}", provider=pool.name, why=why, where=where)
@@ -499,6 +501,8 @@ class Exchange:
                           provider=pool.name, index=index, why=why, where=where)
         if self.retried is not None:
             self.retried(pool, where)
+        if ctx is not None:
+            ctx.retries += 1
 
     async def read(self, upstream, response, limit):
         """The whole body of C{response}, within C{limit} bytes and the response-header timeout.
