@@ -621,7 +621,7 @@ class ReplicaPool:
         """A replica asked to be left alone for a while (L{Replica.asked_to_wait})."""
         self._resting = True
         self.log.info("provider {provider} replica {index}: asked to wait {seconds:.0f}s (Retry-After); passed over "
-                      "while another replica can serve", provider=self.name, index=replica.index,
+                      "meanwhile where another replica or target can take its requests", provider=self.name, index=replica.index,
                       seconds=replica.busy_until - self._clock.seconds(), busy_until=replica.busy_until)
 
     def _relisted(self, replica):
