@@ -64,8 +64,8 @@ whose candidates are still full holds back none behind it.
 import random
 import re
 from collections import OrderedDict, deque
-from itertools import filterfalse
 from email.utils import parsedate_to_datetime
+from itertools import filterfalse
 from math import inf
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
