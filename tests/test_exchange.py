@@ -171,8 +171,30 @@ def test_the_usage_tap_reads_a_long_streams_last_usage_and_its_cut_end():
         tap.finish()
         assert relayed == body and tap.usage == usage
         cut = UsageTap(stream=True)
-        for at in range(0, len(body) - 5, size):
-            cut.feed(body[at:min(at + size, len(body) - 5)])
+        relayed = b"".join(cut.feed(body[at:min(at + size, len(body) - 5)]) for at in range(0, len(body) - 5, size))
         with pytest.raises(StreamIncomplete):
             cut.finish()
-        assert cut.inside_event()
+        assert relayed == body[:-len(b"data: [DONE]\n\n")] and not cut.inside_event()  # (the cut event held back)
+
+
+def test_the_usage_tap_relays_whole_events_only_but_one_too_long_to_hold():
+    """A passthrough event stream's tap, whatever the reads' sizes, relays whole events only (any line breaks); an
+    event longer than HELD_EVENT passes as it comes (a cut inside it: the error event must end it first)."""
+    from gomodel.proxy.exchange import HELD_EVENT, UsageTap
+
+    def fed(body, size, whole=True):
+        tap = UsageTap(stream=True)
+        parts = [tap.feed(body[at:at + size]) for at in range(0, len(body), size)]
+        assert not whole or all(part.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")) for part in parts if part), parts
+        return tap, b"".join(parts)
+
+    token = b'data: {"choices":[{"delta":{"content":"data: [DONE]\\n\\n"}}]}\n\n'
+    for size in (1, 7, 64, 4096):
+        for event in (token, token.replace(b"\n", b"\r\n"), token.replace(b"\n", b"\r")):
+            tap, relayed = fed(event * 3 + event[:-5], size)
+            assert relayed == event * 3 and not tap.inside_event(), (event, size)
+    long = b"data: " + b"x" * (HELD_EVENT + 10)
+    tap, relayed = fed(long + b"\n\n" + token, 64 * 1024, whole=False)
+    assert relayed == long + b"\n\n" + token and not tap.inside_event()
+    tap, relayed = fed(long, 64 * 1024, whole=False)
+    assert len(relayed) > HELD_EVENT and tap.inside_event()  # (what came of it went on: the error must end it)

@@ -7,8 +7,8 @@ import treq
 
 from gomodel import jsonutil
 from tests.rawclient import connect
-from tests.support import (dead_base_url, settled, start_fake, start_gateway, track_connections, with_timeout,
-                           write_buffer)
+from tests.support import (dead_base_url, in_thread, settled, start_fake, start_gateway, track_connections,
+                           with_timeout, write_buffer)
 
 
 @pytest_twisted.async_yield_fixture()
@@ -27,6 +27,7 @@ async def two(reactor):
 
 
 AUTH = {"authorization": "Bearer gw-key"}
+CLOSE = {"connection": "close"}
 
 
 async def call(http, gw, method, path, body=None, headers=None):
@@ -255,10 +256,23 @@ async def test_x_gomodel_user_path_is_the_gateways_and_never_reaches_the_provide
     assert plain.requests[-1].header(b"x-gomodel-user-path") is None
 
 
-def _passed(path, body):
+def _passed(path, body, headers=None):
     data = json.dumps(body).encode()
-    return (b"POST %s HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            % (path, len(data))) + data
+    extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in (headers or {}).items())
+    return (b"POST %s HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+            % (path, len(data), extra)) + data
+
+
+def _raw(body: str, chunked=False, kind="text/event-stream") -> str:
+    """A C{fake_raw} answer: 200 with C{body}, in one chunk and the last (C{chunked}) or ending with the connection."""
+    if chunked:
+        return (f"HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                f"{len(body):x}\r\n{body}\r\n0\r\n\r\n")
+    return f"HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nConnection: close\r\n\r\n{body}"
+
+
+WHOLE = "data: " + json.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": "h"}}]}) + "\n\n"
+CUT = 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"h'
 
 
 @pytest_twisted.ensureDeferred
@@ -266,13 +280,20 @@ async def test_a_passthrough_stream_that_ends_inside_an_event_is_broken_never_fi
     """An SSE client drops an event cut off at the end without a word: before, a passthrough stream whose body
     ended inside one (its upstream's body ended cleanly there, or with its connection, as a body without a length
     or chunks does) was relayed to a clean end, its outcome ok."""
+    for chunked in (True, False):
+        client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
+            "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_raw": _raw(WHOLE + CUT, chunked)}))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert received.rstrip(b"\r\n").endswith(b'"code":"stream_incomplete"}}'), received[-300:]
+        assert b"ended inside an event" in received and not received.endswith(b"0\r\n\r\n")
+    # no whole event: nothing went out, so the client gets the gateway's 502 (another replica may have answered)
     client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
-        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_sse": [],
-        "fake_first": 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"h'}))
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_raw": _raw(CUT)}, CLOSE))
     await with_timeout(reactor, client.lost, 5)
-    received = bytes(client.received)
-    assert received.rstrip(b"\r\n").endswith(b'"code":"stream_incomplete"}}'), received[-300:]
-    assert b"ended inside an event" in received and not received.endswith(b"0\r\n\r\n")
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and b"text/event-stream" not in head, head
+    assert jsonutil.loads(body)["error"]["message"] == "The upstream provider 'vllm' broke off its answer."
 
 
 @pytest_twisted.ensureDeferred
@@ -304,13 +325,14 @@ def _dechunked(received: bytes) -> bytes:
 @pytest_twisted.ensureDeferred
 async def test_a_passthrough_stream_cut_inside_an_event_ends_with_an_event_of_its_own(reactor, gateway):
     """The error event that ends a stream cut inside an event is an event of its own, as an SSE client parses
-    it: before, it was written right after the cut bytes, so it became the rest of the cut event's data line
-    (an SSE client saw one event of broken JSON, never the error)."""
+    it, after the whole events only: before, the cut event's bytes went out as they came (then a blank line
+    and the error), so an SSE client got one event of broken JSON (the openai SDK raised a JSONDecodeError,
+    never the error)."""
     client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
-        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_sse": [],
-        "fake_first": 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"h'}))
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_raw": _raw(WHOLE + CUT)}))
     await with_timeout(reactor, client.lost, 5)
     events = [event for event in _dechunked(bytes(client.received)).split(b"\n\n") if event.strip()]
+    assert [event + b"\n\n" for event in events[:-1]] == [WHOLE.encode()], events
     last = events[-1].strip()
     assert last.startswith(b"data: "), events
     assert json.loads(last[len(b"data: "):])["error"]["code"] == "stream_incomplete"
@@ -354,3 +376,66 @@ async def test_passthrough_messages_refusals_are_in_anthropics_envelope(reactor,
         assert jsonutil.loads(await treq.content(response))["error"]["type"] == "permission_error"
     finally:
         await only_openai.service.stopService()
+
+
+def _events(*pairs) -> str:
+    return "".join(f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in pairs)
+
+
+MESSAGE_START = ("message_start", {"type": "message_start", "message": {
+    "id": "m", "type": "message", "role": "assistant", "content": [], "model": "x", "stop_reason": None,
+    "usage": {"input_tokens": 3, "output_tokens": 0}}})
+BLOCK = ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text",
+                                                                                               "text": ""}})
+DELTA = ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "hi"}})
+
+
+def _sdk_stream(make, read):
+    """What the SDK client C{make()} gives reading its stream with C{read}: C{(items read, error raised)}."""
+    client = make()
+    items = []
+    try:
+        for item in read(client):
+            items.append(item)
+    except Exception as e:  # (what the SDK raised is the point)
+        return items, e
+    finally:
+        client.close()
+    return items, None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sdks_see_a_cut_passthrough_stream_as_an_api_error_after_its_whole_events(gateway):
+    """The official SDKs on /p/vllm: a stream cut inside an event raises the SDK's own APIError with the gateway's
+    message, after every whole event (before: the openai SDK and Anthropic's raised a JSONDecodeError on the cut
+    event's fragment)."""
+    import anthropic
+    import openai
+
+    def openai_sdk():
+        return openai.OpenAI(base_url=gateway.url + "/p/vllm/v1", api_key="unused", max_retries=0, timeout=10)
+
+    def chat(answer):
+        return lambda client: client.chat.completions.create(
+            model="meta-llama/Llama-3.1-8B-Instruct", messages=[{"role": "user", "content": "hi"}], stream=True,
+            extra_body={"fake_raw": _raw(answer)})
+
+    for answer, why in ((WHOLE + CUT, "ended inside an event"),):
+        chunks, error = await in_thread(_sdk_stream, openai_sdk, chat(answer))
+        assert [chunk.choices[0].delta.content for chunk in chunks] == ["h"]
+        assert isinstance(error, openai.APIError) and why in error.message, repr(error)
+
+    def anthropic_sdk():
+        return anthropic.Anthropic(base_url=gateway.url + "/p/vllm", api_key="unused", max_retries=0, timeout=10)
+
+    def messages(answer):
+        return lambda client: client.messages.create(
+            model="meta-llama/Llama-3.1-8B-Instruct", max_tokens=8, messages=[{"role": "user", "content": "hi"}],
+            stream=True, extra_body={"fake_raw": _raw(answer)})
+
+    whole = _events(MESSAGE_START, BLOCK, DELTA)
+    for answer, why in ((whole + "event: content_block_delta\ndata: {\"type\":\"cont", "ended inside an event"),):
+        events, error = await in_thread(_sdk_stream, anthropic_sdk, messages(answer))
+        assert [event.type for event in events] == ["message_start", "content_block_start", "content_block_delta"]
+        assert isinstance(error, anthropic.APIError) and why in error.message, repr(error)

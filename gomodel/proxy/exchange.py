@@ -42,7 +42,7 @@ from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_ME
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.proxy.sse import StreamIncomplete
+from gomodel.proxy.sse import StreamIncomplete, events_end
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
 from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after
@@ -564,7 +564,8 @@ class Exchange:
     def _relay_raw(self, request, ctx, upstream, response, events=False, body=None):
         """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
         from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
-        stream that ends inside an event is broken off, however its body ended."""
+        stream goes event by event (L{UsageTap}), and is broken off where it ends inside an event, however its
+        body ended."""
         tap = None
         if ctx.recorded or events:
             tap = UsageTap(events)
@@ -679,7 +680,7 @@ class Exchange:
             return None
         if events:
             event = ctx.dialect.stream_event(error, relay.observer)
-            inside = getattr(relay.observer, "inside_event", None)  # (a passthrough's: relayed as it came)
+            inside = getattr(relay.observer, "inside_event", None)  # (a passthrough's, cut in a long event)
             request.write(b"\n\n" + event if inside is not None and inside() else event)
         # Closing the socket without the chunked body's last chunk: the client
         # reads the error event, then an incomplete body, never a clean end.
@@ -746,29 +747,39 @@ def _note_usage(ctx, observer, body):
 IN_STREAM_ERROR = "upstream_stream_error"
 _USAGE = b'"usage":'
 TAP_TAIL = 64 * 1024
-_EVENT_TERMINATORS = (b"\n\n", b"\r\r", b"\r\n\r\n")  # (an SSE event's blank line: L{gomodel.proxy.sse})
-_EVENT_ENDS = _EVENT_TERMINATORS[:2]  # (the last two bytes of a stream whose last event is whole: most streams)
+# The longest part of an event a passthrough stream's tap holds back until its end (L{UsageTap}); one longer
+# passes as it comes.
+HELD_EVENT = 1024 * 1024
+_EVENT_ENDS = (b"\n\n", b"\r\r")  # (the last two bytes of a stream whose last event is whole: most reads)
 
 
 @implementer(IStreamObserver)
 class UsageTap:
     """Relays a body untouched, keeping its last L{TAP_TAIL} bytes to read its usage from at the end
-    (a JSON answer's, or a stream's last usage chunk); of an event stream it counts the events too, the
-    estimate of what a stream without a usage chunk made (as L{gomodel.proxy.sse.ChatStreamObserver} does),
-    and an end inside an event is no proper end (L{finish}): a body that ends with the connection (no
-    length, not chunked) says nothing else of being cut short, and an SSE client drops an event cut off at
-    the end without a word."""
+    (a JSON answer's, or a stream's last usage chunk).
+
+    Of an event stream it relays whole events only, the part of an event not yet ended held back until it
+    ends (a client gets no event that a cut leaves broken: the error event comes after whole ones), and counts
+    the events, the estimate of what a stream without a usage chunk made (as
+    L{gomodel.proxy.sse.ChatStreamObserver} does). An end inside an event is no proper end (L{finish}): a body
+    that ends with the connection (no length, not chunked) says nothing else of being cut short.
+    """
 
     usage = None
     events = 0
 
     def __init__(self, stream=False):
-        """@param stream: whether the body is an event stream (its events are counted)."""
+        """@param stream: whether the body is an event stream."""
         self._tail = bytearray()  # (appended to; cut back to L{TAP_TAIL} once it holds twice that: each byte
         self._stream = stream     # is copied about twice, where a new tail made per read copied 64 KiB each)
+        self._held = b""  # the part of an event not relayed yet
+        self._long = False  # relaying an event longer than L{HELD_EVENT} as it comes
 
     def feed(self, data: bytes) -> bytes:
         if self._stream:
+            data = self._whole(data)
+            if not data:
+                return data
             self.events += data.count(b"\n\n")
         tail = self._tail
         tail += data
@@ -776,17 +787,38 @@ class UsageTap:
             del tail[:-TAP_TAIL]
         return data
 
+    def _whole(self, data: bytes) -> bytes:
+        """What came (after what was held) up to the end of its last whole event; the rest held until its event
+        ends, but where it is blank or longer than L{HELD_EVENT} (that event then passes as it comes)."""
+        held = self._held
+        if held:
+            data, self._held = held + data, b""
+        if data[-2:] in _EVENT_ENDS:
+            self._long = False
+            return data
+        end = events_end(data, len(held) - 3 if len(held) > 3 else 0)
+        if end:
+            self._long = False
+        elif self._long:
+            return data
+        rest = data[end:] if end else data
+        if rest.isspace() or len(rest) > HELD_EVENT:
+            self._long = not rest.isspace()
+            return data
+        self._held = rest
+        return data[:end]
+
     def finish(self):
         """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event."""
         tail, self._tail = bytes(self._tail[-TAP_TAIL:]), b""
         self.usage = usage_of(tail)
-        if self._stream and _inside_event(tail):
+        if self._stream and (self._held or _inside_event(tail)):
             self._tail = tail  # (kept for L{inside_event})
             raise StreamIncomplete("the upstream stream ended inside an event")
 
     def inside_event(self) -> bool:
-        """Whether the event stream relayed so far stops inside an event: an error event written after it
-        must end that one first, or it would be read as the rest of its data."""
+        """Whether the event stream relayed so far stops inside an event (one longer than L{HELD_EVENT}): an
+        error event written after it must end that one first, or it would be read as the rest of its data."""
         return self._stream and _inside_event(self._tail)
 
 
@@ -795,12 +827,7 @@ def _inside_event(tail: bytes) -> bool:
     after the last event's end are no event)."""
     if not tail or tail[-2:] in _EVENT_ENDS:
         return False
-    end = 0
-    for terminator in _EVENT_TERMINATORS:
-        at = tail.rfind(terminator)
-        if at >= 0 and at + len(terminator) > end:
-            end = at + len(terminator)
-    return bool(tail[end:].strip())
+    return bool(tail[events_end(tail):].strip())
 
 
 def metadata_usage(response):

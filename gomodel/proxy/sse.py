@@ -76,6 +76,18 @@ def event_bounds(joined: bytes, at: int):
     return 0 if start < 0 else start + 2, joined.find(b"\n\n", at) + 2
 
 
+def events_end(data: bytes, start: int = 0, stop: int = -1) -> int:
+    """The end (after its blank line) of the last whole event of C{data[start:stop]} (C{stop} -1: to the
+    end), or 0 where no event ends there."""
+    stop = len(data) if stop < 0 else stop
+    end = 0
+    for terminator in (b"\n\n", b"\r\r", b"\r\n\r\n"):
+        at = data.rfind(terminator, start, stop)
+        if at >= 0 and at + len(terminator) > end:
+            end = at + len(terminator)
+    return end
+
+
 class StreamIncomplete(Exception):
     """The upstream's stream ended without its proper end."""
 

@@ -55,6 +55,8 @@ counts requests and finished answers per marker in C{marker_counts} and
 C{marker_answers}) and, on any route:
 
   - C{fake_delay}: answer after that many seconds
+  - C{fake_raw}: answer with exactly these bytes (a string: status line, head and body), then close the
+    connection: a body without a length or chunks ends with it, as an HTTP/1.0 server's or a proxy's does
   - C{fake_hold}: hold the request unanswered while C{fake.holding} is true
     (until L{FakeVLLM.release_holds}: held requests still connected are then
     answered, later ones are answered at once)
@@ -243,6 +245,10 @@ class FakeVLLM(Resource):
                 return self._json(request, status, {"error": {"message": f"fake failure {count}",
                                                               "type": "ServiceUnavailableError",
                                                               "param": None, "code": status}})
+        if "fake_raw" in body:
+            request.transport.write(body["fake_raw"].encode())
+            request.transport.loseConnection()
+            return server.NOT_DONE_YET
         if body.get("fake_hold") and self.holding:
             self._held.append((request, record))
             return server.NOT_DONE_YET
