@@ -198,3 +198,21 @@ def test_the_usage_tap_relays_whole_events_only_but_one_too_long_to_hold():
     assert relayed == long + b"\n\n" + token and not tap.inside_event()
     tap, relayed = fed(long, 64 * 1024, whole=False)
     assert len(relayed) > HELD_EVENT and tap.inside_event()  # (what came of it went on: the error must end it)
+
+
+def test_the_usage_tap_notes_a_streams_in_band_error_in_any_dialect():
+    """vLLM's error chunk, Anthropic's and the Responses API's error events, whatever the reads' sizes; a
+    response object's null error, or the word in a token, is none."""
+    from gomodel.proxy.exchange import UsageTap
+
+    token = b'data: {"choices":[{"delta":{"content":"\\"error\\": 1"}}]}\n\n'
+    error = b'data: {"error":{"message":"engine failed","code":500}}\n\n'
+    anthropic = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"busy"}}\n\n'
+    responses = b'event: error\ndata: {"type":"error","code":"server_error","message":"gone","param":null}\r\n\r\n'
+    completed = b'event: response.completed\ndata: {"type":"response.completed","response":{"error":null}}\n\n'
+    for size in (1, 7, 4096):
+        for body, failed in ((token + error + b"data: [DONE]\n\n", "engine failed"), (token + anthropic, "busy"),
+                             (token + responses, "gone"), (token + completed, None), (token, None)):
+            tap = UsageTap(stream=True)
+            assert b"".join(tap.feed(body[at:at + size]) for at in range(0, len(body), size)) == body
+            assert (tap.error or {}).get("message") == failed and tap.done is (failed is not None), (body, size)

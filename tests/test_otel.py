@@ -315,6 +315,23 @@ async def test_a_stream_with_the_upstreams_error_event_is_an_error_on_both_spans
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_passthrough_stream_with_the_upstreams_error_event_is_an_error_on_both_spans(otel, http):
+    """As on /v1: vLLM's error event in a stream relayed through /p/vllm (before: both spans unset)."""
+    await otel.start(single=True)
+    error = {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}}
+    response = await http.post(otel.gateway.url + "/p/vllm/v1/chat/completions",
+                               json={"model": CHAT_MODEL, "stream": True, "fake_sse": [json.dumps(error), "[DONE]"]},
+                               headers={"authorization": f"Bearer {MASTER_KEY}", "x-request-id": "req-passed"})
+    content = await treq.content(response)
+    assert response.code == 200 and b"engine failed" in content and content.endswith(b"data: [DONE]\n\n")
+    await otel.stop_gateway()
+    server = otel.server_span("req-passed")
+    assert server.status == STATUS_ERROR and server.attributes["error.type"] == "upstream_stream_error"
+    [attempt] = otel.attempts(server)
+    assert attempt.status == STATUS_ERROR and attempt.attributes["error.type"] == "upstream_stream_error"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_client_leaving_mid_stream_is_an_error_on_both_spans(otel, reactor):
     await otel.start(single=True)
     client = await rawclient.connect(reactor, otel.gateway.port, rawclient.chat_request(

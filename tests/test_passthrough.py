@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
 import pytest_twisted
 import treq
+from twisted.logger import globalLogPublisher
 
 from gomodel import jsonutil
 from tests.rawclient import connect
+from tests.test_context import AccessRecords
 from tests.support import (dead_base_url, in_thread, settled, start_fake, start_gateway, track_connections,
                            with_timeout, write_buffer)
 
@@ -439,3 +442,50 @@ async def test_the_sdks_see_a_cut_passthrough_stream_as_an_api_error_after_its_w
         events, error = await in_thread(_sdk_stream, anthropic_sdk, messages(answer))
         assert [event.type for event in events] == ["message_start", "content_block_start", "content_block_delta"]
         assert isinstance(error, anthropic.APIError) and why in error.message, repr(error)
+
+
+@pytest.fixture
+def access():
+    """The access log's events, as the gateway emits them."""
+    records = AccessRecords()
+    globalLogPublisher.addObserver(records)
+    yield records
+    globalLogPublisher.removeObserver(records)
+
+
+CHAT_CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "meta-llama/Llama-3.1-8B-Instruct",
+              "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_event_in_a_passthrough_stream_is_logged_and_counted_as_the_upstreams_error(
+        reactor, http, two, access):
+    """vLLM's error event inside a stream it then ends ([DONE]), Anthropic's C{event: error} in a Messages
+    stream: the client gets the stream as it came, and the access log says outcome=error
+    error=upstream_stream_error, as C{gomodel_upstream_errors_total} counts it, as on /v1 (before: ok)."""
+    from tests.test_metrics import scrape, value
+
+    gw, plain, _ = two
+    error = {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}}
+    anthropic_error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    start = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": [],
+                                                  "model": "x", "usage": {"input_tokens": 3, "output_tokens": 0}}}
+    for path, body, said in (
+            (b"/p/vllm/v1/chat/completions", {"model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True,
+                                              "fake_sse": [json.dumps(CHAT_CHUNK), json.dumps(error), "[DONE]"]},
+             b"engine failed"),
+            (b"/p/vllm/v1/messages", {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_tokens": 8, "stream": True,
+                                      "messages": [{"role": "user", "content": "hi"}],
+                                      "fake_events": [["message_start", json.dumps(start)],
+                                                      ["error", json.dumps(anthropic_error)]]},
+             b'"overloaded_error"')):
+        logged = access.next(reactor)
+        client = await connect(reactor, gw.port, _passed(path, body, AUTH))
+        await with_timeout(reactor, client.wait_for(b"0\r\n\r\n"), 10)  # (the stream's proper end)
+        client.transport.loseConnection()
+        await client.lost
+        event = await logged
+        assert said in bytes(client.received)
+        assert (event["status"], event["outcome"], event["error"]) == (200, "error", "upstream_stream_error"), path
+    found = await scrape(http, gw, AUTH)
+    assert value(found, "gomodel_upstream_errors_total", code="upstream_stream_error") == 2

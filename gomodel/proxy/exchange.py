@@ -42,7 +42,7 @@ from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_ME
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.proxy.sse import StreamIncomplete, events_end
+from gomodel.proxy.sse import StreamIncomplete, error_in, events_end
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
 from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after
@@ -564,8 +564,8 @@ class Exchange:
     def _relay_raw(self, request, ctx, upstream, response, events=False, body=None):
         """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
         from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
-        stream goes event by event (L{UsageTap}), and is broken off where it ends inside an event, however its
-        body ended."""
+        stream goes event by event (L{UsageTap}), its in-band error noted, and is broken off where it ends inside
+        an event, however its body ended."""
         tap = None
         if ctx.recorded or events:
             tap = UsageTap(events)
@@ -759,14 +759,18 @@ class UsageTap:
     (a JSON answer's, or a stream's last usage chunk).
 
     Of an event stream it relays whole events only, the part of an event not yet ended held back until it
-    ends (a client gets no event that a cut leaves broken: the error event comes after whole ones), and counts
+    ends (a client gets no event that a cut leaves broken: the error event comes after whole ones); it counts
     the events, the estimate of what a stream without a usage chunk made (as
-    L{gomodel.proxy.sse.ChatStreamObserver} does). An end inside an event is no proper end (L{finish}): a body
-    that ends with the connection (no length, not chunked) says nothing else of being cut short.
+    L{gomodel.proxy.sse.ChatStreamObserver} does), and notes the first in-band error (L{error}: vLLM's error
+    chunk, an C{error} event), the stream's end for its client (L{done}). An end inside an event is no proper
+    end (L{finish}): a body that ends with the connection (no length, not chunked) says nothing else of being
+    cut short.
     """
 
     usage = None
     events = 0
+    error = None
+    done = False
 
     def __init__(self, stream=False):
         """@param stream: whether the body is an event stream."""
@@ -781,6 +785,10 @@ class UsageTap:
             if not data:
                 return data
             self.events += data.count(b"\n\n")
+            if self.error is None and data.find(b'"error"') >= 0:
+                self.error = error_in(data)
+                if self.error is not None:
+                    self.done = True  # (the client has the error: the stream's end, whatever follows)
         tail = self._tail
         tail += data
         if len(tail) > 2 * TAP_TAIL:

@@ -88,6 +88,26 @@ def events_end(data: bytes, start: int = 0, stop: int = -1) -> int:
     return end
 
 
+def error_in(events: bytes):
+    """The error that one of C{events} (whole events of any dialect) reports in band, or None: an OpenAI-style
+    chunk's C{error} (vLLM's C{data: {"error": ...}}), or an event of type C{error} (Anthropic's, the Responses
+    API's): its C{error} object, or the event's own."""
+    if events.find(b'"error"') < 0:
+        return None
+    for event in _TERMINATOR.split(events):
+        if event.find(b'"error"') < 0:
+            continue
+        payload = event_object(event)
+        if payload is None:
+            continue
+        error = payload.get("error")
+        if payload.get("type") == "error":
+            return error if error.__class__ is dict else payload
+        if error.__class__ is dict or error.__class__ is str and error:
+            return error
+    return None
+
+
 class StreamIncomplete(Exception):
     """The upstream's stream ended without its proper end."""
 
