@@ -216,3 +216,35 @@ def test_the_usage_tap_notes_a_streams_in_band_error_in_any_dialect():
             tap = UsageTap(stream=True)
             assert b"".join(tap.feed(body[at:at + size]) for at in range(0, len(body), size)) == body
             assert (tap.error or {}).get("message") == failed and tap.done is (failed is not None), (body, size)
+
+
+def test_the_usage_tap_finds_a_streams_end_where_its_route_has_one():
+    """C{[DONE]}, C{message_stop}, a Responses stream's final event (named by its event line or only in its data),
+    whatever the reads' sizes, and not a mention of it in a token; a stream of a route that has one ends
+    without it only inside an event (or with its error event); one of a route without it may end anywhere."""
+    import pytest
+
+    from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UsageTap
+    from gomodel.proxy.sse import StreamIncomplete
+
+    token = b'data: {"choices":[{"delta":{"content":"data: [DONE]\\n\\nmessage_stop response.completed"}}]}\n\n'
+    error = b'data: {"error":{"message":"engine failed","code":500}}\n\n'
+    stop = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    completed = b'event: response.completed\ndata: {"type":"response.completed","response":{"error":null}}\n\n'
+    bare = b'data: {"response":{"status":"incomplete"},"type":"response.incomplete"}\r\n\r\n'
+    for size in (1, 7, 64, 4096):
+        for body, ends, done in ((token + b"data: [DONE]\n\n", DONE_END, True),
+                                 (token + b"data:[DONE]\r\n\r\n: a comment\r\n\r\n", DONE_END, True),
+                                 (token, DONE_END, False), (token + error, DONE_END, True),
+                                 (token + stop, MESSAGES_END, True), (token, MESSAGES_END, False),
+                                 (token + completed, RESPONSES_END, True), (token + bare, RESPONSES_END, True),
+                                 (token, RESPONSES_END, False), (token, None, False)):
+            tap = UsageTap(stream=True, ends=ends)
+            assert b"".join(tap.feed(body[at:at + size]) for at in range(0, len(body), size)) == body
+            assert tap.done is done, (body, size)
+            if done or ends is None:
+                tap.finish()
+            else:
+                with pytest.raises(StreamIncomplete) as raised:
+                    tap.finish()
+                assert str(raised.value) == "the upstream stream ended " + ends.missing

@@ -392,6 +392,76 @@ BLOCK = ("content_block_start", {"type": "content_block_start", "index": 0, "con
                                                                                                "text": ""}})
 DELTA = ("content_block_delta", {"type": "content_block_delta", "index": 0,
                                  "delta": {"type": "text_delta", "text": "hi"}})
+STOP = ("message_stop", {"type": "message_stop"})
+RESPONSE_DELTA = ("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 3,
+                                                 "item_id": "m", "output_index": 0, "content_index": 0, "delta": "hi"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_stream_cut_between_events_is_broken_where_its_route_has_an_end(
+        reactor, gateway, access):
+    """A body that ends with its connection (no length, no chunks) ends the same whether the upstream finished
+    or was cut between two events: a chat or text completions stream without C{[DONE]}, a Messages stream without
+    C{message_stop}, a Responses stream without its final event is broken off, its client told in its route's
+    dialect, its outcome stream_broken (before: relayed to a clean end, ok); a stream of a route without such an
+    end (vLLM's others) ends with its body, and one that sent its end is whole."""
+    chat = {"model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True}
+    for path, answer, last in (
+            (b"/p/vllm/v1/chat/completions", WHOLE, b'data: {"error":{"message":"The stream ended abnormally: the '
+                                                    b'upstream stream ended without [DONE].'),
+            (b"/p/vllm/completions", WHOLE + WHOLE, b'data: {"error":'),
+            (b"/p/vllm/v1/messages", _events(MESSAGE_START, BLOCK, DELTA),
+             b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"The stream ended abnormally: '
+             b'the upstream stream ended before message_stop."}}'),
+            (b"/p/vllm/v1/responses", _events(RESPONSE_DELTA),
+             b'event: error\ndata: {"type":"error","code":"stream_incomplete","message":"The stream ended abnormally: '
+             b'the upstream stream ended before response.completed.","param":null}')):
+        logged = access.next(reactor)
+        client = await connect(reactor, gateway.port, _passed(path, dict(chat, fake_raw=_raw(answer)), CLOSE))
+        await with_timeout(reactor, client.lost, 5)
+        body = _dechunked(bytes(client.received))
+        assert body.startswith(answer.encode()) and body[len(answer):].startswith(last), (path, body)
+        event = await logged
+        assert (event["status"], event["outcome"], event["error"]) == (200, "stream_broken", "stream_incomplete")
+
+    done = "data: [DONE]\n\n"
+    for path, answer in ((b"/p/vllm/v1/chat/completions", WHOLE + done),
+                         (b"/p/vllm/v1/chat/completions", WHOLE + "data:[DONE]\r\n\r\n: trailing comment\r\n\r\n"),
+                         (b"/p/vllm/v1/messages", _events(MESSAGE_START, DELTA, STOP)),
+                         (b"/p/vllm/v1/responses", _events(RESPONSE_DELTA, ("response.completed", {
+                             "type": "response.completed", "response": {"id": "r", "status": "completed"}}))),
+                         (b"/p/vllm/v1/audio/transcriptions", WHOLE),
+                         (b"/p/vllm/generate", "data: {\"text\": \"hi\"}\n\n")):
+        logged = access.next(reactor)
+        client = await connect(reactor, gateway.port, _passed(path, dict(chat, fake_raw=_raw(answer)), CLOSE))
+        await with_timeout(reactor, client.lost, 5)
+        assert _dechunked(bytes(client.received)) == answer.encode(), path
+        assert bytes(client.received).endswith(b"0\r\n\r\n")
+        event = await logged
+        assert (event["status"], event["outcome"]) == (200, "ok"), path
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_stream_whose_end_went_out_is_whole_whatever_follows(reactor, gateway, access):
+    """As on /v1: once a stream's C{[DONE]} went out, a client that leaves (SDKs leave at C{[DONE]}, before the body's
+    last chunk) is no 499 and an upstream that breaks off is no broken stream, no error event after the end
+    (before: client_gone 499; stream_broken, and an error event after C{[DONE]})."""
+    chat = {"model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True}
+    logged = access.next(reactor)
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions",
+                                                          dict(chat, fake_after_done="hold")))
+    await with_timeout(reactor, client.wait_for(b"data: [DONE]\n\n"), 5)
+    client.transport.abortConnection()
+    event = await logged
+    assert (event["status"], event["outcome"]) == (200, "ok")
+    logged = access.next(reactor)
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions",
+                                                          dict(chat, fake_after_done="abort"), CLOSE))
+    await with_timeout(reactor, client.lost, 5)
+    assert _dechunked(bytes(client.received)).endswith(b"data: [DONE]\n\n")
+    assert bytes(client.received).endswith(b"0\r\n\r\n")  # (its clean end)
+    event = await logged
+    assert (event["status"], event["outcome"]) == (200, "ok")
 
 
 def _sdk_stream(make, read):
@@ -410,9 +480,10 @@ def _sdk_stream(make, read):
 
 @pytest_twisted.ensureDeferred
 async def test_the_sdks_see_a_cut_passthrough_stream_as_an_api_error_after_its_whole_events(gateway):
-    """The official SDKs on /p/vllm: a stream cut inside an event raises the SDK's own APIError with the gateway's
-    message, after every whole event (before: the openai SDK and Anthropic's raised a JSONDecodeError on the cut
-    event's fragment)."""
+    """The official SDKs on /p/vllm: a stream cut inside an event, or between events without its end, raises the
+    SDK's own APIError with the gateway's message, after every whole event (before: the openai SDK and
+    Anthropic's raised a JSONDecodeError on the cut event's fragment or, cut between events, ended as though
+    finished)."""
     import anthropic
     import openai
 
@@ -424,7 +495,7 @@ async def test_the_sdks_see_a_cut_passthrough_stream_as_an_api_error_after_its_w
             model="meta-llama/Llama-3.1-8B-Instruct", messages=[{"role": "user", "content": "hi"}], stream=True,
             extra_body={"fake_raw": _raw(answer)})
 
-    for answer, why in ((WHOLE + CUT, "ended inside an event"),):
+    for answer, why in ((WHOLE + CUT, "ended inside an event"), (WHOLE, "ended without [DONE]")):
         chunks, error = await in_thread(_sdk_stream, openai_sdk, chat(answer))
         assert [chunk.choices[0].delta.content for chunk in chunks] == ["h"]
         assert isinstance(error, openai.APIError) and why in error.message, repr(error)
@@ -438,7 +509,8 @@ async def test_the_sdks_see_a_cut_passthrough_stream_as_an_api_error_after_its_w
             stream=True, extra_body={"fake_raw": _raw(answer)})
 
     whole = _events(MESSAGE_START, BLOCK, DELTA)
-    for answer, why in ((whole + "event: content_block_delta\ndata: {\"type\":\"cont", "ended inside an event"),):
+    for answer, why in ((whole + "event: content_block_delta\ndata: {\"type\":\"cont", "ended inside an event"),
+                        (whole, "ended before message_stop")):
         events, error = await in_thread(_sdk_stream, anthropic_sdk, messages(answer))
         assert [event.type for event in events] == ["message_start", "content_block_start", "content_block_delta"]
         assert isinstance(error, anthropic.APIError) and why in error.message, repr(error)

@@ -17,7 +17,7 @@ from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES
 from gomodel.http import render
 from gomodel.http.bodies import whole_number
 from gomodel.http.headers import HOP_BY_HOP, connection_tokens
-from gomodel.proxy.exchange import UpstreamCall
+from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -49,6 +49,12 @@ _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 # (vLLM's Messages take no priority).
 KEYED_ROUTES = frozenset(("chat/completions", "completions", "responses", "messages", "embeddings", "pooling",
                           "score", "rerank", "v2/rerank", "classify"))
+
+# The routes (after C{v1/}) whose event streams have an end of their own, which a stream cut short lacks (one
+# whose body ends with its connection is otherwise whole to the client); a Responses stream is also read again
+# as C{responses/{id}?stream=true}. Others' streams end with their body.
+STREAM_ENDS = {"chat/completions": DONE_END, "completions": DONE_END, "messages": MESSAGES_END,
+               "responses": RESPONSES_END}
 
 
 class Passthrough:
@@ -99,7 +105,8 @@ class Passthrough:
         call = UpstreamCall(endpoint, body, method=request.method, native=True,
                             query=_upstream_query(request.uri.partition(b"?")[2], secret),
                             headers=_upstream_headers(request, secret),
-                            content_type=None, raw=True, model=model, pin=_pinned_replica(request))
+                            content_type=None, raw=True, ends=_stream_end(route), model=model,
+                            pin=_pinned_replica(request))
         return await self._exchange.relay(request, ctx, provider, call)
 
     def _keyed(self, body, principal, provider, route):
@@ -155,6 +162,14 @@ def dialect_below(request):
     if route.startswith("responses"):
         return render.RESPONSES
     return None
+
+
+def _stream_end(route):
+    """The L{gomodel.proxy.exchange.StreamEnd} of an event stream answered on C{route}, or None."""
+    ends = STREAM_ENDS.get(route)
+    if ends is None and route.startswith("responses/") and route.count("/") == 1:
+        return RESPONSES_END
+    return ends
 
 
 def _bare(endpoint) -> str:

@@ -42,7 +42,7 @@ from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_ME
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.proxy.sse import StreamIncomplete, error_in, events_end
+from gomodel.proxy.sse import RESPONSE_END_TYPES, StreamIncomplete, error_in, event_around, event_kind, events_end
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
 from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after
@@ -79,6 +79,7 @@ class UpstreamCall:
         upstream's answer anyway may note its C{usage} object on the request context
         (C{ctx.usage}); otherwise the exchange reads it from the answer's bytes (L{usage_of}).
     @ivar raw: relay any status and body as they come (passthrough).
+    @ivar ends: with C{raw}, the L{StreamEnd} of an event stream answered (200) to it, or None where it has none.
     @ivar vet: an async function of the upstream's L{IResponse}, run before
         anything is relayed; it may raise (and then reads or drops the body itself).
     @ivar model: the upstream model id (only replicas that list it get the
@@ -93,10 +94,10 @@ class UpstreamCall:
     """
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
-                 "transform", "raw", "vet", "model", "affinity", "prefer", "pin", "fallbacks", "rebody")
+                 "transform", "raw", "ends", "vet", "model", "affinity", "prefer", "pin", "fallbacks", "rebody")
 
     def __init__(self, path, body=None, *, method=b"POST", native=False, query=b"", headers=None,
-                 content_type=b"application/json", observer=None, transform=None, raw=False, vet=None,
+                 content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
                  model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None):
         self.method = method
         self.path = path
@@ -108,6 +109,7 @@ class UpstreamCall:
         self.observer = observer
         self.transform = transform
         self.raw = raw
+        self.ends = ends
         self.vet = vet
         self.model = model
         self.affinity = affinity
@@ -255,7 +257,8 @@ class Exchange:
             elif response.code >= 300 and response.code != 304 and upstream.hidden and request.method != b"HEAD" and (
                     response.length is UNKNOWN_LENGTH or response.length <= ERROR_BODY_LIMIT):
                 return await self._raw_error(request, ctx, upstream, response, call)
-            return await self._relay_raw(request, ctx, upstream, response, events, call.body)
+            ends = call.ends if events and response.code == 200 and request.method != b"HEAD" else None
+            return await self._relay_raw(request, ctx, upstream, response, events, call.body, ends)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -561,14 +564,14 @@ class Exchange:
         ctx.first_byte_written()
         return body
 
-    def _relay_raw(self, request, ctx, upstream, response, events=False, body=None):
+    def _relay_raw(self, request, ctx, upstream, response, events=False, body=None, ends=None):
         """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
         from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
-        stream goes event by event (L{UsageTap}), its in-band error noted, and is broken off where it ends inside
-        an event, however its body ended."""
+        stream goes event by event (L{UsageTap}), its in-band error noted, and is broken off where it ends
+        inside an event or without its end (C{ends}, a L{StreamEnd}, where it has one), however its body ended."""
         tap = None
         if ctx.recorded or events:
-            tap = UsageTap(events)
+            tap = UsageTap(events, ends)
             if ctx.recorded:
                 ctx.usage = metadata_usage(response)
         return self._relay_stream(request, ctx, upstream, response, tap, body, keep_length=True)
@@ -753,6 +756,27 @@ HELD_EVENT = 1024 * 1024
 _EVENT_ENDS = (b"\n\n", b"\r\r")  # (the last two bytes of a stream whose last event is whole: most reads)
 
 
+class StreamEnd:
+    """The proper end of an event stream that has one, as a passthrough's tap looks for it (L{UsageTap}).
+
+    @ivar kinds: the types its last event may have (bytes; C{[DONE]}: the data of OpenAI's last event).
+    @ivar missing: how its error says a stream ended without it (C{"without [DONE]"}).
+    """
+
+    __slots__ = ("kinds", "missing")
+
+    def __init__(self, kinds, missing):
+        self.kinds = kinds
+        self.missing = missing
+
+
+# OpenAI's chat and text completions, Anthropic's Messages, the Responses API (a passthrough's other event streams
+# have no end of their own: they end with their body).
+DONE_END = StreamEnd((b"[DONE]",), "without [DONE]")
+MESSAGES_END = StreamEnd((b"message_stop",), "before message_stop")
+RESPONSES_END = StreamEnd(tuple(kind.encode() for kind in RESPONSE_END_TYPES), "before response.completed")
+
+
 @implementer(IStreamObserver)
 class UsageTap:
     """Relays a body untouched, keeping its last L{TAP_TAIL} bytes to read its usage from at the end
@@ -761,10 +785,10 @@ class UsageTap:
     Of an event stream it relays whole events only, the part of an event not yet ended held back until it
     ends (a client gets no event that a cut leaves broken: the error event comes after whole ones); it counts
     the events, the estimate of what a stream without a usage chunk made (as
-    L{gomodel.proxy.sse.ChatStreamObserver} does), and notes the first in-band error (L{error}: vLLM's error
-    chunk, an C{error} event), the stream's end for its client (L{done}). An end inside an event is no proper
-    end (L{finish}): a body that ends with the connection (no length, not chunked) says nothing else of being
-    cut short.
+    L{gomodel.proxy.sse.ChatStreamObserver} does), notes the first in-band error (L{error}: vLLM's error
+    chunk, an C{error} event) and, where the stream has an end of its own (C{ends}), whether it came
+    (L{done}). An end inside an event, or without that end, is no proper end (L{finish}): a body that ends
+    with the connection (no length, not chunked) says nothing else of being cut short.
     """
 
     usage = None
@@ -772,10 +796,14 @@ class UsageTap:
     error = None
     done = False
 
-    def __init__(self, stream=False):
-        """@param stream: whether the body is an event stream."""
+    def __init__(self, stream=False, ends=None):
+        """
+        @param stream: whether the body is an event stream.
+        @param ends: the event stream's L{StreamEnd}, or None where it has none.
+        """
         self._tail = bytearray()  # (appended to; cut back to L{TAP_TAIL} once it holds twice that: each byte
         self._stream = stream     # is copied about twice, where a new tail made per read copied 64 KiB each)
+        self._ends = ends
         self._held = b""  # the part of an event not relayed yet
         self._long = False  # relaying an event longer than L{HELD_EVENT} as it comes
 
@@ -789,6 +817,11 @@ class UsageTap:
                 self.error = error_in(data)
                 if self.error is not None:
                     self.done = True  # (the client has the error: the stream's end, whatever follows)
+            if self._ends is not None and not self.done:
+                for kind in self._ends.kinds:  # (its last mention: one in a token before its end is none)
+                    at = data.rfind(kind)
+                    if at >= 0 and event_kind(event_around(data, at)) == kind:
+                        self.done = True
         tail = self._tail
         tail += data
         if len(tail) > 2 * TAP_TAIL:
@@ -817,12 +850,17 @@ class UsageTap:
         return data[:end]
 
     def finish(self):
-        """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event."""
+        """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event or,
+        having an end of its own, without it."""
         tail, self._tail = bytes(self._tail[-TAP_TAIL:]), b""
         self.usage = usage_of(tail)
-        if self._stream and (self._held or _inside_event(tail)):
+        if not self._stream:
+            return
+        if self._held or _inside_event(tail):
             self._tail = tail  # (kept for L{inside_event})
             raise StreamIncomplete("the upstream stream ended inside an event")
+        if self._ends is not None and not self.done:
+            raise StreamIncomplete("the upstream stream ended " + self._ends.missing)
 
     def inside_event(self) -> bool:
         """Whether the event stream relayed so far stops inside an event (one longer than L{HELD_EVENT}): an

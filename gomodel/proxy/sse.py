@@ -88,6 +88,27 @@ def events_end(data: bytes, start: int = 0, stop: int = -1) -> int:
     return end
 
 
+def event_around(events: bytes, at: int) -> bytes:
+    """The event of C{events} (whole events, any line breaks) that holds the byte at C{at}."""
+    stop = earliest((events.find(b"\n\n", at), events.find(b"\r\r", at), events.find(b"\r\n\r\n", at)), len(events))
+    return events[events_end(events, 0, at):stop]
+
+
+def event_kind(event: bytes) -> bytes:
+    """The type of one event: its C{event:} field's, else its data's C{type} (C{[DONE]}: that data itself),
+    or b"" where it says none."""
+    at = event.find(b"event:")
+    if at == 0 or at > 0 and event[at - 1] in b"\r\n":
+        end = earliest((event.find(b"\n", at), event.find(b"\r", at)), len(event))
+        return event[at + 6:end].strip()
+    data = event_data(event)
+    if data == b"[DONE]":
+        return data
+    payload = event_object(event)
+    kind = payload.get("type") if payload is not None else None
+    return kind.encode() if kind.__class__ is str else b""
+
+
 def error_in(events: bytes):
     """The error that one of C{events} (whole events of any dialect) reports in band, or None: an OpenAI-style
     chunk's C{error} (vLLM's C{data: {"error": ...}}), or an event of type C{error} (Anthropic's, the Responses
