@@ -561,3 +561,17 @@ async def test_an_error_event_in_a_passthrough_stream_is_logged_and_counted_as_t
         assert (event["status"], event["outcome"], event["error"]) == (200, "error", "upstream_stream_error"), path
     found = await scrape(http, gw, AUTH)
     assert value(found, "gomodel_upstream_errors_total", code="upstream_stream_error") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_answer_without_a_content_type_gets_none(reactor, gateway):
+    """The upstream's body goes with the upstream's headers: before, one it sent without a Content-Type got Twisted's
+    default, text/html (a browser shown an upstream's text, an error's too, read it as a page)."""
+    for answer in ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                   "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello <b>there</b>",
+                   "HTTP/1.1 400 Bad Request\r\nContent-Length: 5\r\n\r\nwrong"):
+        client = await connect(reactor, gateway.port, _passed(b"/p/vllm/custom", {"fake_raw": answer}, CLOSE))
+        await with_timeout(reactor, client.lost, 5)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        assert b"content-type" not in head.lower(), head
+        assert answer.encode().endswith(_dechunked(bytes(client.received)) if b"chunked" in head else body), head

@@ -251,6 +251,8 @@ class Exchange:
         if call.vet is not None:
             await call.vet(response)
         if call.raw:  # a passthrough
+            if CONTENT_TYPE not in plain_headers(response.headers):
+                request.defaultContentType = None  # (Twisted's, text/html: no type the upstream gave its body)
             events = is_event_stream(response.headers)
             if events:
                 ctx.stream = True
