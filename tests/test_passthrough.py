@@ -575,3 +575,21 @@ async def test_a_passthrough_answer_without_a_content_type_gets_none(reactor, ga
         head, _, body = bytes(client.received).partition(b"\r\n\r\n")
         assert b"content-type" not in head.lower(), head
         assert answer.encode().endswith(_dechunked(bytes(client.received)) if b"chunked" in head else body), head
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_error_answered_as_an_event_stream_names_the_provider_not_its_address(
+        reactor, gateway, fake):
+    """An error status is an error's body whatever its type: an upstream's address in it is the provider's name
+    (before: one answered as text/event-stream went as a stream, unread, the address with it)."""
+    where = fake.root_url
+    stream = "Content-Type: text/event-stream\r\n"
+    for answer in (f"HTTP/1.1 500 Oops\r\n{stream}\r\ndata: {{\"error\": \"at {where}\"}}\n\n",
+                   f"HTTP/1.1 503 Busy\r\n{stream}Content-Length: {len(where) + 8}\r\n\r\n"
+                   f"data: {where}\n\n"):
+        client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
+            "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_raw": answer}, CLOSE))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert received.startswith(answer[:12].encode()) and b"data: " in received, received
+        assert where.encode() not in received and b"127.0.0.1" not in received and b"vllm" in received, received

@@ -253,12 +253,12 @@ class Exchange:
         if call.raw:  # a passthrough
             if CONTENT_TYPE not in plain_headers(response.headers):
                 request.defaultContentType = None  # (Twisted's, text/html: no type the upstream gave its body)
+            if response.code >= 300 and response.code != 304 and upstream.hidden and request.method != b"HEAD" and (
+                    response.length is UNKNOWN_LENGTH or response.length <= ERROR_BODY_LIMIT):
+                return await self._raw_error(request, ctx, upstream, response, call)  # (an event stream's too)
             events = is_event_stream(response.headers)
             if events:
                 ctx.stream = True
-            elif response.code >= 300 and response.code != 304 and upstream.hidden and request.method != b"HEAD" and (
-                    response.length is UNKNOWN_LENGTH or response.length <= ERROR_BODY_LIMIT):
-                return await self._raw_error(request, ctx, upstream, response, call)
             ends = call.ends if events and response.code == 200 and request.method != b"HEAD" else None
             return await self._relay_raw(request, ctx, upstream, response, events, call.body, ends)
         if response.code >= 400:
