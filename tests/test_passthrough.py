@@ -593,3 +593,22 @@ async def test_a_passthrough_error_answered_as_an_event_stream_names_the_provide
         received = bytes(client.received)
         assert received.startswith(answer[:12].encode()) and b"data: " in received, received
         assert where.encode() not in received and b"127.0.0.1" not in received and b"vllm" in received, received
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_event_in_a_passthrough_stream_names_the_provider_not_its_address(reactor, gateway, fake):
+    """As on /v1, and as a passthrough's error body: an upstream's error event that names its address names the
+    provider instead (before: relayed as it came); the model's own words are left as they are."""
+    where = fake.root_url
+    said = {"id": "c", "choices": [{"index": 0, "delta": {"content": f"see {where}"}}]}
+    error = {"error": {"message": f"KV transfer to {where} failed", "type": "InternalServerError", "code": 500}}
+    typed = {"type": "error", "error": {"type": "api_error", "message": f"lost {where.replace('/', chr(92) + '/')}"}}
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True,
+        "fake_sse": [json.dumps(said), json.dumps(error), json.dumps(typed, separators=(",", ":")), "[DONE]"]}, CLOSE))
+    await with_timeout(reactor, client.lost, 5)
+    events = [json.loads(event[len(b"data: "):]) for event in _dechunked(bytes(client.received)).split(b"\n\n")
+              if event.startswith(b"data: {")]
+    assert events[:2] == [said, {"error": dict(error["error"], message="KV transfer to vllm failed")}], events
+    assert events[2]["error"]["message"].startswith("lost ") and events[2]["error"]["message"].endswith("vllm")
+    assert "127.0.0.1" not in json.dumps(events[1:]) and len(events) == 3

@@ -25,6 +25,7 @@ span; its C{traceparent} goes upstream), given up or finished; with tracing
 off the cost is a None check at each of those points.
 """
 
+import re
 from functools import partial
 
 from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
@@ -569,14 +570,15 @@ class Exchange:
     def _relay_raw(self, request, ctx, upstream, response, events=False, body=None, ends=None):
         """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
         from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
-        stream goes event by event (L{UsageTap}), its in-band error noted, and is broken off where it ends
-        inside an event or without its end (C{ends}, a L{StreamEnd}, where it has one), however its body ended."""
+        stream goes event by event (L{UsageTap}), its in-band error noted (without the upstream's address: its
+        length is not kept), and is broken off where it ends inside an event or without its end (C{ends}, a
+        L{StreamEnd}, where it has one), however its body ended."""
         tap = None
         if ctx.recorded or events:
-            tap = UsageTap(events, ends)
+            tap = UsageTap(events, ends, upstream if events and upstream.hidden_pattern is not None else None)
             if ctx.recorded:
                 ctx.usage = metadata_usage(response)
-        return self._relay_stream(request, ctx, upstream, response, tap, body, keep_length=True)
+        return self._relay_stream(request, ctx, upstream, response, tap, body, keep_length=not events)
 
     async def _relay_stream(self, request, ctx, upstream, response, observer, body=None, keep_length=False):
         """Relay a body with flow control as it comes; return None when done.
@@ -755,6 +757,7 @@ TAP_TAIL = 64 * 1024
 # The longest part of an event a passthrough stream's tap holds back until its end (L{UsageTap}); one longer
 # passes as it comes.
 HELD_EVENT = 1024 * 1024
+_EVENTS = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")  # (an event's blank line, kept by split)
 _EVENT_ENDS = (b"\n\n", b"\r\r")  # (the last two bytes of a stream whose last event is whole: most reads)
 
 
@@ -798,11 +801,14 @@ class UsageTap:
     error = None
     done = False
 
-    def __init__(self, stream=False, ends=None):
+    def __init__(self, stream=False, ends=None, hide=None):
         """
         @param stream: whether the body is an event stream.
         @param ends: the event stream's L{StreamEnd}, or None where it has none.
+        @param hide: the upstream (a pool) whose addresses and key an error event of the stream must not name
+            (L{gomodel.upstream.errors.hidden_in}: its name instead), or None.
         """
+        self._hide = hide
         self._tail = bytearray()  # (appended to; cut back to L{TAP_TAIL} once it holds twice that: each byte
         self._stream = stream     # is copied about twice, where a new tail made per read copied 64 KiB each)
         self._ends = ends
@@ -815,10 +821,14 @@ class UsageTap:
             if not data:
                 return data
             self.events += data.count(b"\n\n")
-            if self.error is None and data.find(b'"error"') >= 0:
-                self.error = error_in(data)
-                if self.error is not None:
-                    self.done = True  # (the client has the error: the stream's end, whatever follows)
+            if data.find(b'"error"') >= 0:
+                if self.error is None:
+                    self.error = error_in(data)
+                    if self.error is not None:
+                        self.done = True  # (the client has the error: the stream's end, whatever follows)
+                hide = self._hide
+                if hide is not None and hide.hidden_pattern.search(data) is not None:
+                    data = _errors_hidden(data, hide)
             if self._ends is not None and not self.done:
                 for kind in self._ends.kinds:  # (its last mention: one in a token before its end is none)
                     at = data.rfind(kind)
@@ -868,6 +878,17 @@ class UsageTap:
         """Whether the event stream relayed so far stops inside an event (one longer than L{HELD_EVENT}): an
         error event written after it must end that one first, or it would be read as the rest of its data."""
         return self._stream and _inside_event(self._tail)
+
+
+def _errors_hidden(events: bytes, upstream) -> bytes:
+    """C{events} (whole ones) with those reporting an error (L{error_in}) written without C{upstream}'s addresses
+    and key (L{hidden_in}); every other event, the model's words, as it is."""
+    parts = _EVENTS.split(events)  # (events and the blank lines between them, in turn)
+    for i in range(0, len(parts), 2):
+        part = parts[i]
+        if part.find(b'"error"') >= 0 and error_in(part) is not None:
+            parts[i] = hidden_in(part, upstream)
+    return b"".join(parts)
 
 
 def _inside_event(tail: bytes) -> bool:
