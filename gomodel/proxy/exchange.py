@@ -570,9 +570,9 @@ class Exchange:
     def _relay_raw(self, request, ctx, upstream, response, events=False, body=None, ends=None):
         """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
         from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
-        stream goes event by event (L{UsageTap}), its in-band error noted (without the upstream's address: its
-        length is not kept), and is broken off where it ends inside an event or without its end (C{ends}, a
-        L{StreamEnd}, where it has one), however its body ended."""
+        stream goes event by event (L{UsageTap}) without its length, its in-band error noted (and written
+        without the upstream's address), and is broken off where it ends inside an event or without its end
+        (C{ends}, a L{StreamEnd}, where it has one), however its body ended."""
         tap = None
         if ctx.recorded or events:
             tap = UsageTap(events, ends, upstream if events and upstream.hidden_pattern is not None else None)
@@ -784,8 +784,8 @@ RESPONSES_END = StreamEnd(tuple(kind.encode() for kind in RESPONSE_END_TYPES), "
 
 @implementer(IStreamObserver)
 class UsageTap:
-    """Relays a body untouched, keeping its last L{TAP_TAIL} bytes to read its usage from at the end
-    (a JSON answer's, or a stream's last usage chunk).
+    """Relays a body untouched (but for an event stream's error event naming its upstream: C{hide}), keeping its
+    last L{TAP_TAIL} bytes to read its usage from at the end (a JSON answer's, or a stream's last usage chunk).
 
     Of an event stream it relays whole events only, the part of an event not yet ended held back until it
     ends (a client gets no event that a cut leaves broken: the error event comes after whole ones); it counts
