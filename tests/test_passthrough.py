@@ -499,6 +499,12 @@ async def test_the_sdks_see_a_cut_passthrough_stream_as_an_api_error_after_its_w
         chunks, error = await in_thread(_sdk_stream, openai_sdk, chat(answer))
         assert [chunk.choices[0].delta.content for chunk in chunks] == ["h"]
         assert isinstance(error, openai.APIError) and why in error.message, repr(error)
+    chunks, error = await in_thread(_sdk_stream, openai_sdk, lambda client: client.chat.completions.create(
+        model="meta-llama/Llama-3.1-8B-Instruct", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"fake_split_utf8": True}))
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert error is None and text == "hé" * 3
+    assert chunks[-1].usage.completion_tokens == 3  # (a whole stream, its events cut inside a character: whole)
 
     def anthropic_sdk():
         return anthropic.Anthropic(base_url=gateway.url + "/p/vllm", api_key="unused", max_retries=0, timeout=10)
