@@ -79,11 +79,10 @@ async def test_a_message_batch_runs_natively_and_translated_and_gives_anthropics
     assert chat.body["model"] == CHAT_MODEL and chat.body["messages"] == [{"role": "user", "content": "Say hello."}]
     assert chat.body["max_completion_tokens"] == 16 and "max_tokens" not in chat.body  # as online (OpenAI's name)
     assert all(KEY not in (r.header(b"authorization") or "") for r in vllm.requests + openai.requests)
-    # The same batch through OpenAI's routes.
-    response = await treq.get(gw.url + f"/v1/batches/{made.id}", headers={"authorization": f"Bearer {KEY}"})
-    seen = await response.json()
-    assert seen["endpoint"] == "/v1/messages" and seen["status"] == "completed"
-    assert seen["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    # The batch as stored (OpenAI's routes do not show a message batch).
+    stored = await gw.service.store.batches.get(made.id)
+    assert (stored["endpoint"], stored["status"], stored["kind"]) == ("/v1/messages", "completed", "message_batch")
+    assert (stored["total"], stored["completed"], stored["failed"]) == (4, 3, 1)
 
 
 async def test_a_translated_providers_errors_and_garbled_answers_are_errored_results(setup):
@@ -174,7 +173,7 @@ async def test_a_message_batchs_requests_file_is_the_gateways_own_not_the_files_
     gw, client, vllm, _ = setup
     auth = {"authorization": f"Bearer {KEY}"}
     made = await in_thread(client.messages.batches.create, requests=[request("held", fake_hold=True)])
-    input_id = (await (await treq.get(f"{gw.url}/v1/batches/{made.id}", headers=auth)).json())["input_file_id"]
+    input_id = (await gw.service.store.batches.get(made.id))["input_file_id"]
     listed = await (await treq.get(f"{gw.url}/v1/files", headers=auth)).json()
     assert listed["data"] == []
     assert (await (await treq.get(f"{gw.url}/v1/files?purpose=message_batch", headers=auth)).json())["data"] == []
@@ -187,7 +186,7 @@ async def test_a_message_batchs_requests_file_is_the_gateways_own_not_the_files_
     vllm.release_holds()
     batch = await ended(gw, client, made.id)
     assert batch.request_counts.succeeded == 1
-    output_id = (await (await treq.get(f"{gw.url}/v1/batches/{made.id}", headers=auth)).json())["output_file_id"]
+    output_id = (await gw.service.store.batches.get(made.id))["output_file_id"]
     listed = await (await treq.get(f"{gw.url}/v1/files", headers=auth)).json()
     assert [(f["id"], f["purpose"]) for f in listed["data"]] == [(output_id, "batch_output")]
     deleted = await treq.delete(f"{gw.url}/v1/files/{output_id}", headers=auth)
@@ -393,3 +392,62 @@ def test_each_way_a_request_ends_is_one_result_line():
         "type": "error", "error": {"type": "BadRequestError", "message": "too long"}}}})
     assert vllm["result"]["error"] == {"type": "error", "error": {"type": "invalid_request_error",
                                                                   "message": "too long"}}
+
+
+async def test_openais_routes_and_anthropics_each_show_only_their_own_batches(setup):
+    """A message batch is no OpenAI batch (its input file is the gateway's own, which C{/v1/files} 404s) and an
+    OpenAI batch, even one of endpoint C{/v1/messages}, is no message batch: each API lists, pages (its
+    cursors), shows, cancels and serves the results of its own only, for every tenant. Before, C{GET
+    /v1/batches} listed message batches and C{/v1/messages/batches} an OpenAI batch of C{/v1/messages}."""
+    import openai as openai_sdk
+
+    gw, client, vllm, _ = setup
+    made = await treq.post(gw.url + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {KEY}"},
+                           json={"name": "team", "user_path": "/team"})
+    team_key = (await made.json())["value"]
+    sdks = [openai_sdk.OpenAI(base_url=gw.url + "/v1", api_key=k, max_retries=0, timeout=10) for k in (KEY, team_key)]
+    team_anthropic = anthropic.Anthropic(base_url=gw.url, api_key=team_key, max_retries=0, timeout=10)
+    try:
+        ids = {}
+        for who, sdk, messages in (("", sdks[0], client), ("team-", sdks[1], team_anthropic)):
+            line = {"custom_id": "o", "method": "POST", "url": "/v1/messages",
+                    "body": {"model": NATIVE, "max_tokens": 16, "messages": HELLO}}
+            ids[who + "m1"] = (await in_thread(messages.messages.batches.create, requests=[request("m1")])).id
+            uploaded = await in_thread(sdk.files.create, file=("in.jsonl", json.dumps(line).encode() + b"\n"),
+                                       purpose="batch")
+            ids[who + "o1"] = (await in_thread(sdk.batches.create, input_file_id=uploaded.id,
+                                               endpoint="/v1/messages", completion_window="24h")).id
+            ids[who + "m2"] = (await in_thread(messages.messages.batches.create, requests=[request("m2")])).id
+            for name in ("m1", "o1", "m2"):
+                await gw.service.batch_runner.settled(ids[who + name])
+        for who, sdk, messages in (("", sdks[0], client), ("team-", sdks[1], team_anthropic)):
+            mine = [ids[who + "o1"]] + ([ids["team-o1"]] if not who else [])  # (the master key sees every tenant)
+            listed = await in_thread(lambda: [b.id for b in sdk.batches.list(limit=1)])  # (auto-paging: after)
+            assert sorted(listed) == sorted(mine), who
+            page = await in_thread(sdk.batches.list, after=ids[who + "m2"])
+            assert page.data == [] and not page.has_more
+            for call in (sdk.batches.retrieve, sdk.batches.cancel):
+                with pytest.raises(openai_sdk.NotFoundError):
+                    await in_thread(call, ids[who + "m1"])
+            raw = await treq.get(f"{gw.url}/v1/batches/{ids[who + 'm1']}/results",
+                                 headers={"authorization": f"Bearer {sdk.api_key}"})
+            assert (raw.code, (await raw.json())["error"]["code"]) == (404, "batch_not_found")
+            assert (await in_thread(sdk.batches.retrieve, ids[who + "o1"])).endpoint == "/v1/messages"
+            listed = await in_thread(lambda: [b.id for b in messages.messages.batches.list(limit=1)])
+            assert set(listed) == {ids[who + "m1"], ids[who + "m2"]} | (
+                {ids["team-m1"], ids["team-m2"]} if not who else set()), who
+            for call in (messages.messages.batches.retrieve, messages.messages.batches.cancel,
+                         messages.messages.batches.delete):
+                with pytest.raises(anthropic.NotFoundError):
+                    await in_thread(call, ids[who + "o1"])
+            for cursor in ("after_id", "before_id"):
+                with pytest.raises(anthropic.NotFoundError):
+                    await in_thread(lambda: messages.messages.batches.list(**{cursor: ids[who + "o1"]}))
+            raw = await treq.get(f"{gw.url}/v1/messages/batches/{ids[who + 'o1']}/results",
+                                 headers={"x-api-key": sdk.api_key})
+            assert raw.code == 404
+        assert (await in_thread(sdks[0].batches.retrieve, ids["team-o1"])).status == "completed"
+    finally:
+        for sdk in sdks:
+            sdk.close()
+        team_anthropic.close()

@@ -106,7 +106,9 @@ async def test_a_database_of_the_previous_schema_is_migrated_forward(reactor, tm
 @pytest_twisted.ensureDeferred
 async def test_a_message_batchs_input_file_written_before_is_made_the_gateways_own(reactor, tmp_path):
     """Migration 13: a message batch's input file written with purpose C{batch} (before it was internal) gets
-    purpose C{message_batch} (C{/v1/files} does not show it); an OpenAI batch's input file keeps its own."""
+    purpose C{message_batch} (C{/v1/files} does not show it); an OpenAI batch's input file keeps its own.
+    Migration 15: the message batch is of kind C{message_batch} (C{/v1/batches} does not show it), the OpenAI
+    batch of kind C{batch}."""
     conn = sqlite3.connect(tmp_path / "gomodel.db", isolation_level=None)
     try:
         conn.execute("BEGIN")
@@ -128,6 +130,8 @@ async def test_a_message_batchs_input_file_written_before_is_made_the_gateways_o
     try:
         assert (await store.files.get("file-m"))["purpose"] == "message_batch"
         assert (await store.files.get("file-o"))["purpose"] == "batch"
+        assert (await store.batches.get("batch_file-m"))["kind"] == "message_batch"
+        assert (await store.batches.get("batch_file-o"))["kind"] == "batch"
     finally:
         await store.stopService()
 

@@ -189,18 +189,22 @@ async def test_a_store_down_is_logged_once_a_streak_of_failed_claim_renewals(rea
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_listing_of_one_endpoint_and_an_ended_batch_forgotten(store):
-    """Message batches are listed apart (the endpoint), and deleted once ended with their requests and results
-    (Anthropic's Message Batches API: gomodel.anthropic.batches)."""
+async def test_a_listing_of_one_kind_and_an_ended_batch_forgotten(store):
+    """Message batches are listed apart (their kind, not their endpoint: an OpenAI batch may have theirs), and
+    deleted once ended with their requests and results (Anthropic's Message Batches API:
+    gomodel.anthropic.batches)."""
     batches = store.batches
-    for batch_id, endpoint in (("batch_1", "/v1/messages"), ("batch_2", "/v1/chat/completions"),
-                               ("batch_3", "/v1/messages")):
-        await batches.add(batch(batch_id, endpoint=endpoint, tenant="t"))
-    page = await batches.list(endpoint="/v1/messages")
+    for batch_id, kind in (("batch_1", "message_batch"), ("batch_2", None), ("batch_3", "message_batch"),
+                           ("batch_4", "batch")):
+        await batches.add(batch(batch_id, endpoint="/v1/messages", tenant="t", **({"kind": kind} if kind else {})))
+    assert (await batches.get("batch_2"))["kind"] == "batch"  # (the default)
+    page = await batches.list(kind="message_batch")
     assert [b["id"] for b in page[0]] == ["batch_3", "batch_1"]
-    assert [b["id"] for b in (await batches.list(endpoint="/v1/messages", after="batch_3", tenant="t"))[0]] == [
+    assert [b["id"] for b in (await batches.list(kind="message_batch", after="batch_3", tenant="t"))[0]] == [
         "batch_1"]
-    assert (await batches.list(endpoint="/v1/messages", tenant="u"))[0] == []
+    assert (await batches.list(kind="message_batch", after="batch_2"))[0] == []  # (a cursor of another kind)
+    assert [b["id"] for b in (await batches.list(kind="batch", after="batch_4"))[0]] == ["batch_2"]
+    assert (await batches.list(kind="message_batch", tenant="u"))[0] == []
     _, token = await batches.claim("batch_1", "me", 30)
     await batches.add_requests("batch_1", [(1, "c1", b"{}"), (2, "c2", b"{}")], token)
     await batches.record_results("batch_1", [(1, "c1", True, b'{"ok":1}')], token)
@@ -211,4 +215,4 @@ async def test_a_listing_of_one_endpoint_and_an_ended_batch_forgotten(store):
     assert await batches.get("batch_1") is None
     assert await batches.read_results("batch_1", -1, 10) == [] and await batches.pending("batch_1", 0, 10) == []
     assert await batches.delete("batch_1", ("completed",)) is None
-    assert [b["id"] for b in (await batches.list())[0]] == ["batch_3", "batch_2"]
+    assert [b["id"] for b in (await batches.list())[0]] == ["batch_4", "batch_3", "batch_2"]

@@ -16,8 +16,10 @@ C{request_counts}), Anthropic's list pages (C{after_id}, C{before_id},
 C{limit}), and the results as JSONL, one C{{"custom_id", "result"}} per
 request, C{succeeded}, C{errored}, C{canceled} or C{expired}. A request not run
 when its batch was cancelled is recorded as canceled
-(L{gomodel.batches.concluding}). The OpenAI routes (C{/v1/batches}) show the
-same batch in OpenAI's shape.
+(L{gomodel.batches.concluding}). Its kind (L{MESSAGE_BATCH}) keeps it apart:
+these routes show message batches only, and the OpenAI routes
+(C{/v1/batches}) none of them (nor these routes an OpenAI batch of endpoint
+C{/v1/messages}).
 """
 
 import re
@@ -35,7 +37,7 @@ from gomodel.batches.concluding import CANCELLED_CODE, EXPIRED_CODE
 from gomodel.errors import Conflict, GatewayError, InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
-from gomodel.store.records import MESSAGE_BATCH_PURPOSE, new_file_id
+from gomodel.store.records import MESSAGE_BATCH, MESSAGE_BATCH_PURPOSE, new_file_id
 
 ENDPOINT = "/v1/messages"
 MAX_REQUESTS = 100_000  # Anthropic's limit
@@ -205,7 +207,8 @@ class MessageBatchesAPI:
         try:
             record = await self._runner.create(ENDPOINT, file_id, WINDOW, WINDOW_SECONDS, None, tenant=tenant,
                                                auth_key_id=None if principal is None or principal.master
-                                               else principal.id, total=contents.count(b"\n"))
+                                               else principal.id, total=contents.count(b"\n"),
+                                               kind=MESSAGE_BATCH)
         except BaseException:
             await self._files.delete(file_id)
             await self._blobs.delete(file_id)
@@ -224,7 +227,7 @@ class MessageBatchesAPI:
             if cursor is not None:
                 await self._get(request, cursor, name)  # (one this key may see, or a 404)
         if before is None:
-            records, more = await self._batches.list(after=after, limit=limit, tenant=tenant, endpoint=ENDPOINT)
+            records, more = await self._batches.list(after=after, limit=limit, tenant=tenant, kind=MESSAGE_BATCH)
         else:
             records, more = await self._newer(before, limit, tenant)
         data = [message_batch(r, await self._counts(r)) for r in records]
@@ -236,7 +239,7 @@ class MessageBatchesAPI:
         newer ones are left), from the newest pages down to it."""
         newer, after = [], None
         while True:
-            records, more = await self._batches.list(after=after, limit=100, tenant=tenant, endpoint=ENDPOINT)
+            records, more = await self._batches.list(after=after, limit=100, tenant=tenant, kind=MESSAGE_BATCH)
             ids = [r["id"] for r in records]
             if before in ids:
                 newer += records[:ids.index(before)]
@@ -294,7 +297,7 @@ class MessageBatchesAPI:
     async def _get(self, request, batch_id, param="message_batch_id"):
         """The record of a message batch the request's key may see; L{NotFound} otherwise."""
         record = await self._batches.get(batch_id)
-        if record is None or record["endpoint"] != ENDPOINT or not visible(request.context.principal, record):
+        if record is None or record["kind"] != MESSAGE_BATCH or not visible(request.context.principal, record):
             raise NotFound(f"No message batch '{batch_id}'.", param=param)
         return record
 

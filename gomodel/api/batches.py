@@ -5,6 +5,11 @@ result line of a finished batch (C{completed}, C{expired} or C{cancelled}) as
 JSONL (C{application/jsonl}) in input-line order: the lines of the output
 file and of the error file merged, one per answered request. Before the batch
 has finished it answers 409.
+
+These routes show OpenAI batches only: a message batch (C{/v1/messages/batches},
+L{gomodel.anthropic.batches}), whose input file is the gateway's own, is
+neither listed nor shown, cancelled or served here (a 404, as another
+tenant's batch).
 """
 
 from klein import Klein
@@ -16,6 +21,7 @@ from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window
 from gomodel.errors import Conflict, InvalidRequest, NotFound
+from gomodel.store.records import OPENAI_BATCH
 
 LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
@@ -102,7 +108,7 @@ class BatchesAPI:
     async def list_batches(self, request):
         limit = query_limit(request, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX)
         records, has_more = await self._batches.list(after=query_arg(request, b"after"), limit=limit,
-                                                     tenant=tenants_of(request.context.principal))
+                                                     tenant=tenants_of(request.context.principal), kind=OPENAI_BATCH)
         return json_answer(request, page([batch_object(r) for r in records], has_more))
 
     @app.route("/<batch_id>", methods=["GET"])
@@ -132,9 +138,9 @@ class BatchesAPI:
         return await send_pages(request, fetch, lambda row: row[3] + b"\n")
 
     async def _get(self, request, batch_id):
-        """The record of a batch the request's key may see; L{NotFound} otherwise."""
+        """The record of an OpenAI batch the request's key may see; L{NotFound} otherwise."""
         record = await self._batches.get(batch_id)
-        if record is None or not visible(request.context.principal, record):
+        if record is None or record["kind"] != OPENAI_BATCH or not visible(request.context.principal, record):
             raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
         return record
 

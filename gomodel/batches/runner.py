@@ -70,7 +70,7 @@ from gomodel.auth.tenancy import tenant_of
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.responses_history import (as_list, continued, conversation, names_previous, normalise_input, relink,
                                       unknown_previous)
-from gomodel.store.records import LeaseLost, process_owner
+from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
@@ -268,7 +268,7 @@ class BatchRunner(Service):
         return sem
 
     async def create(self, endpoint, input_file_id, window_text, window_seconds, metadata, *, output_expiry=None,
-                     tenant=None, auth_key_id=None, total=None):
+                     tenant=None, auth_key_id=None, total=None, kind=OPENAI_BATCH):
         """Store a new batch (C{validating}); returns its record.
 
         It starts here at once when this runner holds no batch; otherwise it
@@ -279,13 +279,14 @@ class BatchRunner(Service):
         @param tenant: who owns it and its output (see L{gomodel.auth.tenancy}).
         @param auth_key_id: the managed key that made it (its lines are that key's usage).
         @param total: how many requests it has, when that is known before its validation (a message batch's).
+        @param kind: L{OPENAI_BATCH} or L{gomodel.store.records.MESSAGE_BATCH}: the API that shows it.
         """
         now = int(self._clock.seconds())
         record = {
             "id": "batch_" + uuid.uuid4().hex, "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window_text, "status": "validating", "created_at": now,
             "expires_at": now + max(1, round(window_seconds)), "metadata": metadata, "tenant": tenant,
-            "auth_key_id": auth_key_id, "output_expires_after": output_expiry,
+            "auth_key_id": auth_key_id, "output_expires_after": output_expiry, "kind": kind,
         }
         if total is not None:
             record["total"] = total

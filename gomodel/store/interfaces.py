@@ -145,9 +145,10 @@ class IBatchStore(Interface):
     def get(batch_id):
         """@return: a Deferred firing with the batch record, or None."""
 
-    def list(after=None, limit=20, tenant=None, endpoint=None):
-        """@return: a Deferred firing with C{(records, has_more)}, newest first; C{after} is a batch id; only
-        C{tenant}'s (one tenant, or a sequence of them) and only those of C{endpoint} when given."""
+    def list(after=None, limit=20, tenant=None, kind=None):
+        """@return: a Deferred firing with C{(records, has_more)}, newest first; C{after} is a batch id (one of
+        this listing's, or the page is empty); only C{tenant}'s (one tenant, or a sequence of them) and only
+        those of C{kind} when given (L{gomodel.store.records.OPENAI_BATCH} or C{MESSAGE_BATCH})."""
 
     def delete(batch_id, only_if_status):
         """Forget a batch whose status is one of C{only_if_status}, with its requests and results (not its files).

@@ -30,6 +30,10 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 # The purpose of a message batch's input file (its requests as batch lines, L{gomodel.anthropic.batches}): the
 # gateway's own, which C{/v1/files} neither lists, shows, serves nor deletes (its batch removes it).
 MESSAGE_BATCH_PURPOSE = "message_batch"
+# A batch's kind (its C{kind} column): an OpenAI batch (C{/v1/batches}) or a message batch (C{/v1/messages/batches}).
+# Each API shows, pages, cancels and serves the results of its own kind only.
+OPENAI_BATCH = "batch"
+MESSAGE_BATCH = "message_batch"
 
 
 def tenant_list(tenant) -> list:

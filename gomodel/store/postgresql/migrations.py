@@ -250,6 +250,13 @@ MIGRATIONS = (
         # is removed and set again (its items' reset_at, what the limits read, is taken from here on each edit).
         "ALTER TABLE auth_keys ADD COLUMN budget_resets TEXT",
     )),
+    (16, (
+        # A batch's kind: an OpenAI batch (batch) or a message batch (message_batch, /v1/messages/batches), each
+        # shown by its own API only; those made before are told apart by their input file's purpose.
+        "ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'batch'",
+        "UPDATE batches SET kind = 'message_batch' "
+        "WHERE input_file_id IN (SELECT id FROM files WHERE purpose = 'message_batch')",
+    )),
 )
 
 

@@ -26,7 +26,7 @@ BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
     "cancelling_at", "cancelled_at", "total", "completed", "failed", "errors", "metadata", "tenant", "auth_key_id",
-    "output_expires_after", "token_usage", "model",
+    "output_expires_after", "token_usage", "model", "kind",
 )
 _JSON = ("errors", "metadata", "token_usage")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
@@ -60,19 +60,19 @@ class SQLiteBatchStore:
         row = self._db.conn().execute(f"{_SELECT} WHERE id = ?", (batch_id,)).fetchone()
         return _decode(row) if row is not None else None
 
-    def list(self, after=None, limit=20, tenant=None, endpoint=None):
-        return self._db.run(self._list, after, limit, tenant, endpoint)
+    def list(self, after=None, limit=20, tenant=None, kind=None):
+        return self._db.run(self._list, after, limit, tenant, kind)
 
-    def _list(self, after, limit, tenant, endpoint):
+    def _list(self, after, limit, tenant, kind):
         conn = self._db.conn()
         where, args = [], []
         tenants = tenant_list(tenant)
         if tenants:
             where.append(f"tenant IN ({marks(tenants)})")
             args.extend(tenants)
-        if endpoint is not None:
-            where.append("endpoint = ?")
-            args.append(endpoint)
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
         if after is not None:
             # (an item of this listing: another tenant's id is as unknown)
             row = conn.execute(f"SELECT seq FROM batches WHERE {' AND '.join(['id = ?', *where])}",
