@@ -172,9 +172,13 @@ class InternalError(GatewayError):
 
 
 class UpstreamUnreachable(GatewayError):
+    """No answer came: the upstream could not be reached (C{sent} False: it never had the request, which costs
+    nothing) or its connection was lost after the request went out (C{sent} True: it read the prompt)."""
+
     status = 502
     type = "provider_error"
     code = "upstream_unreachable"
+    sent = False
 
 
 class BadUpstreamResponse(GatewayError):
@@ -184,9 +188,13 @@ class BadUpstreamResponse(GatewayError):
 
 
 class UpstreamTimeout(GatewayError):
+    """No answer came in time: C{sent} (most timeouts, waiting for the answer) when the request had gone out,
+    False when the connection to the upstream was never made."""
+
     status = 504
     type = "provider_error"
     code = "upstream_timeout"
+    sent = True
 
 
 class ReplicasBusy(GatewayError):

@@ -12,6 +12,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
 
 from tests.rawclient import chat_request, connect
 from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
@@ -1243,3 +1244,43 @@ async def test_a_request_left_before_its_answer_is_charged_an_estimate_of_its_pr
         (499, True, 6001, 6001)] * 2
     code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
     assert view["budgets"][0]["spent_tokens"] == 2 * 6001
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_its_upstream_never_answered_is_charged_an_estimate_of_its_prompt(reactor, http, fake,
+                                                                                           tmp_path):
+    """A request sent upstream whose answer never came (the upstream timed out, or closed the connection before
+    its answer or in the middle of it) is charged its prompt, estimated, as one whose client left early: the
+    upstream read it (before: nothing, so a key could send huge prompts to a slow upstream past its budget and
+    tpm). One that never reached the upstream (its connection refused) costs nothing."""
+    from tests.fakes.fleet import FakeReplica
+
+    replica = await FakeReplica(reactor).start()
+    gw = await start(reactor, fake, tmp_path, VLLM_B_BASE_URL=replica.base_url, HTTP_RESPONSE_HEADER_TIMEOUT="0.5s")
+    try:
+        key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 10**6}])
+        headers = {"authorization": f"Bearer {key['value']}"}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "lorem ipsum " * 2000}]}
+        cases = ((dict(chat, fake_hang=True), 504), (dict(chat, fake_hang=True, stream=True), 504),
+                 (dict(chat, fake_drop=True), 502), (dict(chat, fake_cut=True), 502))
+        for body, status in cases:
+            answer = await http.post(gw.url + "/v1/chat/completions", json=body, headers=headers)
+            assert answer.code == status, (body, answer.code, await answer.text())
+        await replica.refuse()
+        answer = await http.post(gw.url + "/v1/chat/completions", json=dict(chat, model="vllm-b/" + MODEL[5:]),
+                                 headers=headers)
+        assert (answer.code, (await answer.json())["error"]["code"]) == (502, "upstream_unreachable")
+        for _ in range(100):
+            await gw.service.usage.flush()
+            code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+            if len(log["data"]) == 4:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        # (the refused request reached no upstream: no record, as for any such request)
+        assert [(r["status_code"], r["estimated"], r["input_tokens"]) for r in reversed(log["data"])] == [
+            (504, True, 6001), (504, True, 6001), (502, True, 6001), (502, True, 6001)]
+        code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+        assert view["budgets"][0]["spent_tokens"] == 4 * 6001
+    finally:
+        await gw.service.stopService()
+        await replica.stop()

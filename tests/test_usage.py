@@ -227,7 +227,8 @@ async def test_counts_no_request_could_have_are_unknown_and_the_ledger_goes_on(r
 @pytest_twisted.ensureDeferred
 async def test_a_request_the_upstream_never_answered_is_recorded_with_its_error(reactor, http, fake, tmp_path):
     # vLLM answers a non-streamed request once it is done: one that times out (504), or whose client leaves
-    # first (499), reached it and kept it busy. Its record says so, as the access log does.
+    # first (499), reached it and kept it busy. Its record says so, as the access log does, with its prompt
+    # estimated (the upstream read it).
     env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d"),
            "HTTP_RESPONSE_HEADER_TIMEOUT": "1s"}
     gw = await start_gateway(reactor, env)
@@ -242,7 +243,8 @@ async def test_a_request_the_upstream_never_answered_is_recorded_with_its_error(
         await client.lost
         gone, timed_out = await _recorded(gw, 2)  # newest first
         assert (timed_out["endpoint"], timed_out["status_code"], timed_out["provider_name"], timed_out["replica"],
-                timed_out["model"], timed_out["input_tokens"]) == ("/v1/embeddings", 504, "vllm", 0, MODEL, None)
+                timed_out["model"], timed_out["input_tokens"], timed_out["estimated"]) == (
+            "/v1/embeddings", 504, "vllm", 0, MODEL, 1, True)
         assert (gone["endpoint"], gone["status_code"], gone["client_gone"], gone["replica"]) == (
             "/v1/chat/completions", 499, True, 0)
     finally:

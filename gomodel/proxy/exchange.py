@@ -202,7 +202,7 @@ class Exchange:
                 except (UpstreamTimeout, UpstreamUnreachable, CancelledError) as e:
                     reached = getattr(e, "reached", None)
                     _reached(ctx, reached)
-                    if reached is not None and e.__class__ is CancelledError:
+                    if reached is not None:  # (the client left, or no answer came: the upstream read the prompt)
                         _left_early(ctx, call.body)
                     raise
                 took = None  # seconds the answer took, once it succeeded (the replica's pace)
@@ -228,12 +228,13 @@ class Exchange:
                         first = first + 1
                         tried.clear()
                     elif again is None:
+                        _left_early(ctx, call.body)
                         raise e.error from None
                     continue
                 except BaseException as e:
                     if trace is not None:
                         trace.failed(_error_type(e))
-                    if isinstance(e, CancelledError):
+                    if isinstance(e, (CancelledError, UpstreamTimeout, UpstreamUnreachable)):
                         _left_early(ctx, call.body)
                     raise
                 finally:
@@ -382,12 +383,12 @@ class Exchange:
         @param ctx: the request's L{gomodel.http.context.RequestContext} (its C{attempts}, the failed sends of
             every target it was sent to, are counted on), or None (a batch line, a refresh).
         @raise gomodel.errors.GatewayError: no answer; an L{UpstreamTimeout} or L{UpstreamUnreachable} has a
-            C{reached}: C{(pool, replica index, model)} of the last send that timed out (the request reached
-            it), or None; a C{CancelledError} (the client left) while a send waited has the same of that send.
+            C{reached}: C{(pool, replica index, model)} of the last send that timed out or lost its connection
+            once sent (the request reached it: its C{sent}), or None; a C{CancelledError} (the client left) while a send waited has the same of that send.
         """
         targets = [(pool, call.model)] + [(route.provider, route.upstream_model) for route in call.fallbacks]
         attempts = 0 if ctx is None else ctx.attempts
-        reached = None  # the last send that timed out: (pool, replica index, model); the request reached it
+        reached = None  # the last send that reached its replica: (pool, replica index, model), no answer came
         for number, (pool, model) in enumerate(targets[first:] if first else targets, first):
             more = number + 1 < len(targets)
             body = call.body if number == 0 else call.rebody(model, pool)
@@ -433,7 +434,7 @@ class Exchange:
                     attempts += 1
                     if ctx is not None:
                         ctx.attempts = attempts
-                    if e.__class__ is UpstreamTimeout:
+                    if e.sent:  # (it timed out or was lost once sent; not refused)
                         reached = (pool, replica.index, model)
                     again = self._again(pool, model, call, tried, attempts, more, e.message, ctx)
                     if again == "replica":
@@ -719,7 +720,8 @@ def _reached(ctx, reached):
 
 
 def _left_early(ctx, body):
-    """The client of a request sent upstream left before its answer's usage came (none noted on C{ctx}): its
+    """The client of a request sent upstream left before its answer's usage came (none noted on C{ctx}), or
+    that answer never came (the upstream timed out, or its connection was lost once the request was sent): its
     prompt, which the upstream read anyway, is its usage, estimated from the request C{body}
     (L{prompt_estimate})."""
     if ctx.usage is None:

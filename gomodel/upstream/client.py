@@ -253,7 +253,8 @@ async def within(d: Deferred, seconds: float, clock):
     """Await C{d}, cancelled after C{seconds} on C{clock} (a reactor, or L{gomodel.timers.Timers}).
 
     @return: what C{d} fires with.
-    @raise DeferredTimeout: C{seconds} passed first. Unlike C{Deferred.addTimeout} this also recognises
+    @raise DeferredTimeout: C{seconds} passed first (its C{__cause__}: the failure cancelling C{d} gave, e.g. a
+        request's C{ResponseNeverReceived} once it was sent). Unlike C{Deferred.addTimeout} this also recognises
         the C{ResponseNeverReceived([CancelledError])} that cancelling an Agent request produces.
     @raise Exception: what C{d} fails with.
     """
@@ -264,7 +265,7 @@ async def within(d: Deferred, seconds: float, clock):
         return await d
     except Exception as e:
         if not call.active() and was_cancelled(e):
-            raise DeferredTimeout(seconds) from None
+            raise DeferredTimeout(seconds) from e
         raise
     finally:
         if call.active():

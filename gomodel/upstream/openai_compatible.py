@@ -3,7 +3,7 @@
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, succeed
 from twisted.logger import Logger
-from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -88,22 +88,29 @@ class OpenAICompatibleProvider:
             try:
                 d = self._relay.request(method, url, lines, body)
                 return await within(d, self._timeouts.response_header, self._clock)
-            except _TIMEOUTS:
-                raise UpstreamTimeout(f"The upstream provider '{self.name}' did not answer in time.") from None
+            except _TIMEOUTS as e:
+                error = UpstreamTimeout(f"The upstream provider '{self.name}' did not answer in time.")
+                error.sent = isinstance(e.__cause__, ResponseFailed)  # (not: a connection never made)
+                raise error from None
             except _STALE_CONNECTION as e:
                 if was_cancelled(e):
                     raise CancelledError() from None
                 if attempt == 1:
                     self.log.debug("retrying {provider} once after {error!r}", provider=self.name, error=e)
                     continue
-                raise self._unreachable() from None
+                raise self._unreachable(e) from None
             except CancelledError:
                 raise
-            except Exception:
-                raise self._unreachable() from None
+            except Exception as e:
+                raise self._unreachable(e) from None
 
-    def _unreachable(self):
-        return UpstreamUnreachable(f"The upstream provider '{self.name}' is unreachable.")
+    def _unreachable(self, failure=None):
+        """The L{UpstreamUnreachable} for C{failure}: C{sent} where it came after the request went out (its
+        connection lost before or while its answer came, C{ResponseFailed}), not where it was refused."""
+        error = UpstreamUnreachable(f"The upstream provider '{self.name}' is unreachable.")
+        if isinstance(failure, ResponseFailed):
+            error.sent = True
+        return error
 
     def list_models(self) -> Deferred:
         """See L{IUpstream.list_models}."""

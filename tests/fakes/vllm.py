@@ -17,6 +17,8 @@ gateway forwards untouched:
   - C{fake_after_done}: after C{[DONE]}, C{"hold"} the body's end until the client
     leaves, or C{"abort"}: close the connection instead of ending the body
   - C{fake_hang}: never answer (the connection stays open)
+  - C{fake_drop}: close the connection without answering (the request read: a server that crashed on it)
+  - C{fake_cut}: a whole (non-streamed) chat answer's head and its first bytes, then the connection closed
   - C{fake_hang_after}: a native Responses stream sends that many events, then nothing (held open)
   - C{fake_flood}: stream that many bytes of events as fast as the client allows
   - C{fake_status} / C{fake_body}: answer with that status and raw body
@@ -535,6 +537,15 @@ class FakeVLLM(Resource):
                 "message": "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
                 "type": "BadRequestError", "param": None, "code": 400}})
         if body.get("fake_hang") and body.get("fake_die_after") != 0:
+            return server.NOT_DONE_YET
+        if body.get("fake_drop"):
+            request.transport.abortConnection()
+            return server.NOT_DONE_YET
+        if body.get("fake_cut") and not body.get("stream"):
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"1000")
+            request.write(b'{"id": "chatcmpl-fake", ')
+            self._reactor.callLater(0.05, request.transport.abortConnection)
             return server.NOT_DONE_YET
         if body.get("stream") or body.get("fake_stream_anyway"):
             return self._stream(request, record, body)
