@@ -1102,6 +1102,48 @@ async def test_a_keys_budget_reset_takes_gomodels_period_forms(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_keys_budgets_take_gomodels_period_forms_when_made_and_patched(http, gw):
+    """A key's budgets, when it is made (C{POST /auth-keys}) and patched, take a period in the forms its reset
+    and the path routes take (one parser): GoModel's C{day}, its seconds (a number or text) or
+    C{period_seconds}, any case; each kept as its name (before: only C{hourly|daily|...}, a 400 otherwise)."""
+    key = await new_key(http, gw, budgets=[{"period": "day", "max_tokens": 40}, {"period_seconds": 3600,
+                                                                               "max_cost": 2.5}])
+    assert [(b["period"], b.get("max_tokens"), b.get("max_cost")) for b in key["budgets"]] == [
+        ("daily", 40, None), ("hourly", None, 2.5)]
+    patch = f"{KEYS}/{key['id']}"
+    for given, name in (({"period": "86400"}, "daily"), ({"period": 604800}, "weekly"),
+                        ({"period_seconds": "2592000"}, "monthly"), ({"period": " Weeks "}, "weekly"),
+                        ({"period": "daily", "period_seconds": 86400}, "daily"), ({"period": "total"}, "total")):
+        code, view = await admin(http, gw, "PATCH", patch, {"budgets": [dict(given, max_tokens=7)]})
+        assert code == 200 and [b["period"] for b in view["budgets"]] == [name], (given, view)
+    code, view = await admin(http, gw, "GET", patch)
+    assert [(b["period"], b["max_tokens"]) for b in view["budgets"]] == [("total", 7)]
+    for budgets, problem in (([{"period": "fortnight", "max_tokens": 1}], "its period must be one of"),
+                             ([{"period_seconds": 7200, "max_tokens": 1}], "its period_seconds must be one of"),
+                             ([{"period": "day", "period_seconds": 3600, "max_tokens": 1}],
+                              "its period_seconds names another period"),
+                             ([{"max_tokens": 1}], "each needs a period"),
+                             ([{"period": "day", "max_tokens": 1}, {"period": 86400, "max_tokens": 2}],
+                              "the period daily is given twice")):
+        for method, path in (("PATCH", patch), ("POST", KEYS)):
+            code, bad = await admin(http, gw, method, path, {"name": "x", "budgets": budgets})
+            assert (code, bad["error"]["param"]) == (400, "budgets"), (budgets, bad)
+            assert problem in bad["error"]["message"], (budgets, bad)
+    # The budgets by path take period_seconds as well (the same parser), and its forms agree with the route's.
+    code, put = await admin(http, gw, "PUT", "/admin/api/v1/budgets", {"user_path": "/team", "period_seconds": 86400,
+                                                                        "max_tokens": 9})
+    assert code == 200, put
+    code, put = await admin(http, gw, "PUT", "/admin/api/v1/budgets/team/day", {"period": 86400, "max_tokens": 8})
+    assert code == 200, put
+    code, bad = await admin(http, gw, "PUT", "/admin/api/v1/budgets", {"user_path": "/team", "period_seconds": 7,
+                                                                        "max_tokens": 9})
+    assert (code, bad["error"]["param"]) == (400, "period_seconds")
+    code, deleted = await admin(http, gw, "DELETE", "/admin/api/v1/budgets", {"user_path": "/team",
+                                                                               "period_seconds": 86400})
+    assert code == 200 and deleted["deleted"], deleted
+
+
+@pytest_twisted.ensureDeferred
 async def test_resetting_the_budgets_of_a_key_without_any_is_budget_not_found(http, gw):
     """A key with no budgets has none to reset: 404 C{budget_not_found} (C{param} null), as C{reset-one} answers
     for a path without one (before: 200, and C{[]} written back)."""

@@ -22,15 +22,16 @@ C{has_usage}, ...) and C{server_time}, beside ours.
 from klein import Klein
 from twisted.logger import Logger
 
-from gomodel.api.keys import PERIODS, iso, user_path
+from gomodel.api.keys import iso, user_path
 from gomodel.api.self_usage import budget_status
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import with_resets
-from gomodel.limits.specs import COUNT_MAX, Budget, counted_window, is_cost, is_count, named_period
+from gomodel.limits.specs import (COUNT_MAX, PERIOD_FORMS, BadPeriod, Budget, budget_period, counted_window, is_cost,
+                                  is_count, named_period)
 
-_FIELDS = {"user_path", "period", "amount", "max_cost", "max_tokens"}
+_FIELDS = {"user_path", "period", "period_seconds", "amount", "max_cost", "max_tokens"}
 # GoModel's budget settings: the anchors of its calendar periods. Ours are the UTC calendar's, fixed: daily at
 # 00:00, weekly from Monday (1, Go's weekday) 00:00, monthly from the 1st at 00:00.
 SETTINGS = {"daily_reset_hour": 0, "daily_reset_minute": 0, "weekly_reset_weekday": 1, "weekly_reset_hour": 0,
@@ -110,7 +111,7 @@ class BudgetsAPI:
         """GoModel's reset of one budget (C{{user_path, period}}): what it spent this period counts from now."""
         body = json_body(request)
         _known(body, {"user_path", "period", "period_seconds"})
-        path, period = _target(body.get("user_path"), body.get("period", body.get("period_seconds")))
+        path, period = _target(body.get("user_path"), _period(body))
         rows, _ = await self._rows()
         if not any(p == path and budget.period == period for p, budget, _ in rows):
             raise NotFound(f"No {period} budget is set for {path}.", code="budget_not_found")
@@ -150,7 +151,7 @@ class BudgetsAPI:
     @app.route("/", methods=["PUT", "POST"])
     async def put(self, request):
         body = json_body(request)
-        return await self._put(request, body.get("user_path"), body.get("period"), body)
+        return await self._put(request, body.get("user_path"), _period(body), body)
 
     @app.route("/<path:target>", methods=["PUT"])
     async def put_at(self, request, target):
@@ -162,16 +163,16 @@ class BudgetsAPI:
     @app.route("/", methods=["DELETE"])
     async def delete(self, request):
         body = json_body(request) if request.content.seek(0, 2) else {}
-        _known(body, {"user_path", "period"})
+        _known(body, {"user_path", "period", "period_seconds"})
         path, period = query_arg(request, b"user_path"), query_arg(request, b"period")
         _agree(body, path, period, "the query")
-        return await self._delete(request, path or body.get("user_path"), period or body.get("period"))
+        return await self._delete(request, path or body.get("user_path"), period or _period(body))
 
     @app.route("/<path:target>", methods=["DELETE"])
     async def delete_at(self, request, target):
         path, period = _split(target)
         body = json_body(request) if request.content.seek(0, 2) else {}
-        _known(body, {"user_path", "period"})
+        _known(body, {"user_path", "period", "period_seconds"})
         _agree(body, path, period, "the route")
         return await self._delete(request, path, period)
 
@@ -218,10 +219,21 @@ def _known(body, fields):
         raise InvalidRequest(f"'{field}' is not a field of a budget.", param=field, code="invalid_value")
 
 
+def _period(body):
+    """The period C{body} gives (L{budget_period}: C{period} or C{period_seconds}, GoModel's forms too), or None.
+
+    @raise InvalidRequest: one that names no standard period."""
+    try:
+        return budget_period(body)
+    except BadPeriod as e:
+        raise InvalidRequest(f"{e.field} {e}.", param=e.field, code="invalid_value") from None
+
+
 def _agree(body, path, period, where):
     """Refuse a body whose C{user_path} or C{period} is not the one C{where} names (C{path}, C{period}: None
-    where it names none)."""
-    if body.get("period") is not None and period is not None and body["period"] != period:
+    where it names none; a period in any of its forms: C{day} is C{daily})."""
+    given = _period(body)
+    if given is not None and period is not None and given != named_period(period):
         raise InvalidRequest(f"The body's period is not {period!r}, which {where} names.", param="period",
                              code="invalid_value")
     if body.get("user_path") is not None and path is not None and user_path(body["user_path"]) != user_path(path):
@@ -240,7 +252,7 @@ def _target(path, period):
         raise InvalidRequest("A budget needs a user_path.", param="user_path", code="missing_required_parameter")
     period = named_period(period)
     if period is None:
-        raise InvalidRequest(f"period must be one of: {', '.join(PERIODS)}.", param="period", code="invalid_value")
+        raise InvalidRequest(f"period must be {PERIOD_FORMS}.", param="period", code="invalid_value")
     return user_path(path), period
 
 

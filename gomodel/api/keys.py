@@ -19,9 +19,9 @@ from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
-from gomodel.limits.specs import COUNT_MAX, counted_window, is_cost, is_count, named_period, normalize_user_path
+from gomodel.limits.specs import (COUNT_MAX, PERIOD_FORMS, BadPeriod, budget_period, counted_window, is_cost, is_count,
+                                  normalize_user_path)
 
-PERIODS = ("hourly", "daily", "weekly", "monthly", "total")
 # The largest token and request counts a limit or budget may say (L{COUNT_MAX}); the largest number
 # PostgreSQL's INTEGER columns hold (max_concurrency, priority); the last second an ISO 8601 date can say.
 # A key's numbers past them are a 400, not a store's failure (BIGINT past 2**63).
@@ -114,10 +114,10 @@ class KeysAPI:
         unknown = set(body) - {"period", "period_seconds"}
         if unknown:
             raise _bad(sorted(unknown)[0], "is not a field of a budget reset")
-        period = body.get("period", body.get("period_seconds"))  # (GoModel's forms too: day, 86400, ...)
-        if period is not None and named_period(period) is None:
-            raise _bad("period", f"must be one of: {', '.join(PERIODS)} (or GoModel's: day, 86400, ...)")
-        period = None if period is None else named_period(period)
+        try:
+            period = budget_period(body)  # (GoModel's forms too: day, 86400, period_seconds)
+        except BadPeriod as e:
+            raise _bad(e.field, str(e)) from None
         # (read and written in one transaction: a PATCH of the budgets meanwhile is kept)
         record = await self._store.edit(key_id, _resetting(key_id, period, self._clock.seconds()))
         if record is None:
@@ -306,7 +306,9 @@ def expiry(value, now: float):
 
 
 def budgets(value) -> list:
-    """A key's budgets: C{[{"period", "max_tokens"} | {"period", "max_cost"}]}, one per period.
+    """A key's budgets: C{[{"period", "max_tokens"} | {"period", "max_cost"}]}, one per period, each period
+    in any form the budget routes take (L{budget_period}: C{daily}, C{day}, C{86400}, or C{period_seconds}),
+    kept as its name.
 
     @raise InvalidRequest: malformed.
     """
@@ -316,23 +318,31 @@ def budgets(value) -> list:
         raise _bad("budgets", "must be a list of {period, max_tokens} or {period, max_cost}")
     out, periods = [], set()
     for item in value:
-        if not isinstance(item, dict) or item.get("period") not in PERIODS:
-            raise _bad("budgets", f"each needs a period: one of {', '.join(PERIODS)}")
-        unknown = set(item) - {"period", "max_tokens", "max_cost"}
+        if not isinstance(item, dict):
+            raise _bad("budgets", "each must be an object: {period, max_tokens | max_cost}")
+        try:
+            period = budget_period(item)
+        except BadPeriod as e:
+            raise _bad("budgets", f"each needs a period: its {e.field} {e}") from None
+        if period is None:
+            raise _bad("budgets", f"each needs a period: {PERIOD_FORMS}")
+        unknown = set(item) - {"period", "period_seconds", "max_tokens", "max_cost"}
         if unknown:  # (what a GET shows beside them, spent_tokens..., is read-only)
             raise _bad("budgets", f"each is {{period, max_tokens | max_cost}}: {sorted(unknown)[0]!r} is not a field "
                                   "of one (what it spent this period and its last reset are shown, never set)")
         if ("max_tokens" in item) == ("max_cost" in item):
             raise _bad("budgets", "each sets exactly one of max_tokens and max_cost")
-        if item["period"] in periods:
-            raise _bad("budgets", f"the period {item['period']} is given twice")
-        periods.add(item["period"])
+        if period in periods:
+            raise _bad("budgets", f"the period {period} is given twice")
+        periods.add(period)
         if "max_tokens" in item:
             if not is_count(item["max_tokens"]):
                 raise _bad("budgets", f"max_tokens must be a whole number from 1 to {COUNT_MAX}")
+            out.append({"period": period, "max_tokens": item["max_tokens"]})
         elif not is_cost(item["max_cost"]):
             raise _bad("budgets", "max_cost must be a number above 0 and below 1.8e308")
-        out.append(dict(item))
+        else:
+            out.append({"period": period, "max_cost": item["max_cost"]})
     return out
 
 

@@ -203,6 +203,40 @@ def named_period(value):
     return _PERIOD_ALIASES.get(text)
 
 
+# What L{budget_period} says of a period that is none of L{PERIODS} in any of L{named_period}'s forms.
+PERIOD_FORMS = f"one of: {', '.join(PERIODS)} (or GoModel's: day, 86400, ...)"
+
+
+class BadPeriod(ValueError):
+    """A budget's period (L{budget_period}): C{field} (C{period} or C{period_seconds}) is wrong, as its
+    message says."""
+
+    def __init__(self, name, message):
+        super().__init__(message)
+        self.field = name
+
+
+def budget_period(body):
+    """The L{PERIODS} name a budget, a key's budget or a budget reset (a dict C{body}) gives in C{period} or
+    GoModel's C{period_seconds}, in any of L{named_period}'s forms (C{daily}, C{day}, C{86400}); None where it
+    gives neither. The one parser of the admin API's periods (keys, their resets, budgets by path).
+
+    @raise BadPeriod: one names no standard period, or both are given and name different ones.
+    """
+    found = None
+    for name in ("period", "period_seconds"):
+        value = body.get(name)
+        if value is None:
+            continue
+        period = named_period(value)
+        if period is None:
+            raise BadPeriod(name, f"must be {PERIOD_FORMS}")
+        if found is not None and period != found:
+            raise BadPeriod(name, f"names another period than period ({found})")
+        found = period
+    return found
+
+
 def _seconds_period(seconds: int) -> str:
     if not 0 < seconds <= PERIOD_SECONDS_MAX:
         raise ValueError(f"budget period_seconds must be from 1 to {PERIOD_SECONDS_MAX} (total: no period), "
