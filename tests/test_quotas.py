@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 
+from gomodel.api.keys import iso
 from tests.rawclient import chat_request, connect
 from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
 
@@ -1219,6 +1220,29 @@ async def test_a_reset_budgets_period_start_is_its_reset(http, gw):
     shown = {entry["period_label"]: entry["period_start"]
              for entry in json.loads(await treq.content(response))["budgets"]}
     assert shown == {"monthly": monthly["last_reset_at"], "daily": ours["last_reset_at"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reset_from_a_past_period_is_still_its_last_reset_but_no_longer_its_period_start(http, gw):
+    """C{last_reset_at} is when a budget was last reset, in whichever period, as GoModel's budget keeps and shows
+    its C{last_reset_at}; whether that reset still counts is C{period_start}: the reset's time while it is in the
+    current period, the period's own start once a new period began (the whole period's spend counts again)."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 40}])
+    now = time.time()
+    today = now - now % 86400
+    yesterday = today - 3600  # (a reset made in the last period)
+
+    def reset_yesterday(record):
+        return {"budgets": [dict(item, reset_at=yesterday) for item in record["budgets"]],
+                "budget_resets": {"daily": yesterday}}
+
+    await gw.service.store.keys.edit(key["id"], reset_yesterday)
+    code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    (daily,) = view["budgets"]
+    assert daily["last_reset_at"] == iso(yesterday)
+    # (today's start; a later day's had midnight passed meanwhile: the reset is in a past period either way)
+    assert daily["period_start"] >= iso(today) > daily["last_reset_at"]
+    assert daily["period_start"].endswith("T00:00:00Z")
 
 
 @pytest_twisted.ensureDeferred

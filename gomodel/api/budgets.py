@@ -80,8 +80,8 @@ class BudgetsAPI:
         data, statuses = [], []
         for (path, budget, source), (tokens, cost) in zip(rows, spent):
             start, end = counted_window(budget, now)  # (from its reset, if any this period)
-            reset_at = resets.get((path, budget.period))
-            reset_at = None if reset_at is None else iso(reset_at)
+            reset_at = resets.get((path, budget.period))  # (its last, in any period, as GoModel's last_reset_at:
+            reset_at = None if reset_at is None else iso(reset_at)  # whether it counts now is period_start)
             data.append({"user_path": path, "period": budget.period, "amount": budget.max_cost,
                          "max_cost": budget.max_cost, "max_tokens": budget.max_tokens, "source": source,
                          "spent_tokens": tokens, "spent_cost": cost, "period_start": iso(start),

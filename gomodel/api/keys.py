@@ -171,7 +171,8 @@ class KeysAPI:
 
 def _budget_view(item) -> dict:
     """What the admin API shows of a key's budget: its C{period}, C{max_tokens} or C{max_cost}, and
-    C{last_reset_at} (ISO 8601, or None: never reset)."""
+    C{last_reset_at} (ISO 8601, or None: never reset): its last reset in whichever period, as GoModel shows
+    a budget's (whether it still counts is the view's C{period_start}, L{counted_window})."""
     view = {name: value for name, value in item.items() if name != "reset_at"}
     view["last_reset_at"] = iso(item.get("reset_at"))
     return view
