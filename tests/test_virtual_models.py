@@ -311,3 +311,43 @@ async def test_a_virtual_model_is_listed_to_a_key_exactly_when_chat_admits_the_k
         await gw.service.stopService()
         await a.stop()
         await b.stop()
+
+
+def test_a_target_or_candidate_naming_no_configured_provider_fails_the_start(tmp_path):
+    """A virtual model's target or a failover candidate (or the model of a rule) that names a provider no
+    provider is (by name or type) fails the start, one line naming it (before: accepted, a typo routing
+    nowhere); env JSON and YAML alike. The model part is not checked (a provider's models may be discovered
+    later), nor a two-part bare id (C{meta-llama/X}) or a virtual model's name; an entry with
+    C{enabled: false} is left out unchecked."""
+    env = {"VLLM_A_BASE_URL": "http://127.0.0.1:1/v1"}
+    fine = [{"source": "llama", "targets": [f"vllm-a/{UPSTREAM}", f"vllm/{UPSTREAM}", UPSTREAM, "org/gpt-x",
+                                           "vllm-a/not-discovered-yet/model"]},
+            {"source": "team/a/llama", "target": f"vllm-a/{UPSTREAM}"},
+            {"source": "parked", "target": f"gone/{UPSTREAM}", "enabled": False}]
+    rules = {"llama": [f"vllm-a/{UPSTREAM}", "team/a/llama", "gpt-x"], f"vllm-a/{UPSTREAM}": ["llama"]}
+    config = load_config(dict(env, VIRTUAL_MODELS=json.dumps(fine), FAILOVER_RULES_JSON=json.dumps(rules)))
+    assert [vm.source for vm in config.routing.virtual_models] == ["llama", "team/a/llama"]
+    known = "(known: vllm, vllm-a)"
+    for extra, problem in (
+            ({"VIRTUAL_MODELS": json.dumps([{"source": "v", "targets": [f"vllm-a/{UPSTREAM}", f"vlm-a/{UPSTREAM}"]}])},
+             f"VIRTUAL_MODELS[0].targets[1].model 'vlm-a/{UPSTREAM}' names no configured provider 'vlm-a' {known}"),
+            ({"VIRTUAL_MODELS": json.dumps([{"source": "v", "target": f"vllm-b/{UPSTREAM}"}])},
+             f"VIRTUAL_MODELS[0].targets[0].model 'vllm-b/{UPSTREAM}' names no configured provider 'vllm-b'"),
+            ({"FAILOVER_RULES_JSON": json.dumps({"llama": [f"vllm-a/{UPSTREAM}", f"vllm-c/{UPSTREAM}"]})},
+             f"FAILOVER_RULES_JSON.llama[1] 'vllm-c/{UPSTREAM}' names no configured provider 'vllm-c'"),
+            ({"FAILOVER_RULES_JSON": json.dumps({f"vlm/{UPSTREAM}": [f"vllm-a/{UPSTREAM}"]})},
+             f"FAILOVER_RULES_JSON: the rule for 'vlm/{UPSTREAM}' names no configured provider 'vlm'")):
+        with pytest.raises(ConfigError) as raised:
+            load_config(dict(env, **extra))
+        assert str(raised.value).startswith(problem) and "\n" not in str(raised.value), str(raised.value)
+    path = tmp_path / "g.yaml"
+    path.write_text(f"virtual_models: [{{source: v, target: vlm-a/{UPSTREAM}}}]\n"
+                    f"failover_rules: {{v: [vllm-a/{UPSTREAM}]}}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(env, str(path))
+    assert str(raised.value).startswith(f"{path}: virtual_models[0].targets[0].model 'vlm-a/{UPSTREAM}' names no "
+                                        "configured provider 'vlm-a'")
+    path.write_text(f"failover_rules: {{llama: [vlm-a/{UPSTREAM}]}}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(env, str(path))
+    assert str(raised.value).startswith(f"{path}: failover_rules.llama[0] 'vlm-a/{UPSTREAM}' names no configured")

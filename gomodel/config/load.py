@@ -64,9 +64,11 @@ def load_config(
                         "STORAGE_TYPE=postgresql to use the database")
     providers = load_providers(document.get("providers"), yaml_path, env, warnings)
     sections["upstreams"] = dataclasses.replace(sections["upstreams"], providers=providers)
+    known = {p.name for p in providers} | {p.type for p in providers}  # (what a target's provider part may name)
+    virtual = load_virtual_models(document.get("virtual_models"), yaml_path, env, known)
     sections["routing"] = dataclasses.replace(
-        sections["routing"], virtual_models=load_virtual_models(document.get("virtual_models"), yaml_path, env),
-        failover_rules=load_failover_rules(document.get("failover_rules"), yaml_path, env))
+        sections["routing"], virtual_models=virtual, failover_rules=load_failover_rules(
+            document.get("failover_rules"), yaml_path, env, known, {vm.source for vm in virtual}))
     sections["usage"] = dataclasses.replace(sections["usage"], pricing=_pricing(document.get("pricing"), yaml_path))
     if listen:
         sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))

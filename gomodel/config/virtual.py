@@ -15,6 +15,15 @@ candidates tried, in order, when every target of it failed before the
 first byte: C{{"llama": ["vllm-c/meta-llama/X", "openai/gpt-4o-mini"]}} (a
 candidate that is a virtual model stands for its targets).
 The environment wins over YAML.
+
+A target or candidate of three or more parts (C{vllm-a/meta-llama/X}) names its
+provider first: one that names no configured provider (by name or type) fails
+the start (L{unknown_provider}), as does a failover rule for such a model. A
+provider's models may be discovered only once it is up, so the model part is
+not checked, nor is a selector of two parts whose first names no provider: that
+is a bare model id (C{meta-llama/X}, at whichever provider serves it). An entry
+with C{enabled: false} is checked for its shape but not for its providers (it
+is left out: a way to keep one whose provider is gone for now).
 """
 
 import json
@@ -37,8 +46,35 @@ class VirtualModel:
     session_affinity: bool = True
 
 
-def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
-    """The enabled L{VirtualModel}s from C{VIRTUAL_MODELS} (JSON), else YAML C{virtual_models:}."""
+def unknown_provider(selector, providers, virtual=()):
+    """The provider C{selector} names that is none of C{providers} (the configured names and types), or None.
+
+    A selector of three or more parts names its provider first (C{vllm-a/meta-llama/X}); one of two whose
+    first part names no provider is a bare model id (C{meta-llama/X}), as the routing reads it
+    (L{gomodel.routing.registry.ModelRegistry.resolve}); one of C{virtual} (a virtual model's name) is none.
+    """
+    prefix, _, rest = selector.partition("/")
+    if not prefix or "/" not in rest or prefix in providers or selector in virtual:
+        return None
+    return prefix
+
+
+def _check_provider(selector, providers, at, virtual=()):
+    """@raise ConfigError: C{selector} (at C{at}) names a provider none of C{providers} is."""
+    if providers is None:
+        return
+    prefix = unknown_provider(selector, providers, virtual)
+    if prefix is not None:
+        raise ConfigError(f"{at} {selector!r} names no configured provider {prefix!r} "
+                          f"(known: {', '.join(sorted(providers)) or 'none'})")
+
+
+def load_virtual_models(yaml_value, yaml_path, env, providers=None) -> tuple:
+    """The enabled L{VirtualModel}s from C{VIRTUAL_MODELS} (JSON), else YAML C{virtual_models:}.
+
+    @param providers: the configured providers' names and types (each target's provider is one of them), or
+        None: not checked.
+    """
     where, value = _source(env, "VIRTUAL_MODELS", yaml_value, f"{yaml_path}: virtual_models")
     if value is None:
         return ()
@@ -65,10 +101,13 @@ def load_virtual_models(yaml_value, yaml_path, env) -> tuple:
         strategy = item.get("strategy", "round_robin")
         if strategy not in STRATEGIES:
             raise ConfigError(f"{at}.strategy must be one of: {', '.join(STRATEGIES)}")
+        targets = _targets(item, at)
+        affinity = _switch(item, "session_affinity", at)
         if not _switch(item, "enabled", at):
             continue
-        models.append(VirtualModel(source, _targets(item, at), strategy,
-                                   _switch(item, "session_affinity", at)))
+        for j, (model, _) in enumerate(targets):
+            _check_provider(model, providers, f"{at}.targets[{j}].model")
+        models.append(VirtualModel(source, targets, strategy, affinity))
     return tuple(models)
 
 
@@ -95,8 +134,12 @@ def _targets(item, at) -> tuple:
     return tuple(targets)
 
 
-def load_failover_rules(yaml_value, yaml_path, env) -> dict:
-    """Model -> ordered candidate selectors, from C{FAILOVER_RULES_JSON}, else YAML C{failover_rules:}."""
+def load_failover_rules(yaml_value, yaml_path, env, providers=None, virtual=()) -> dict:
+    """Model -> ordered candidate selectors, from C{FAILOVER_RULES_JSON}, else YAML C{failover_rules:}.
+
+    @param providers: as L{load_virtual_models}'s (the model of a rule and each candidate is checked).
+    @param virtual: the virtual models' names (a rule for one, or a candidate that is one, names no provider).
+    """
     where, value = _source(env, "FAILOVER_RULES_JSON", yaml_value, f"{yaml_path}: failover_rules")
     if value is None:
         return {}
@@ -106,6 +149,9 @@ def load_failover_rules(yaml_value, yaml_path, env) -> dict:
     for source, candidates in value.items():
         if not isinstance(candidates, list) or not all(isinstance(c, str) and c.strip() for c in candidates):
             raise ConfigError(f"{where}.{source} must be a list of model selectors")
+        _check_provider(str(source), providers, f"{where}: the rule for", virtual)
+        for j, candidate in enumerate(candidates):
+            _check_provider(candidate.strip(), providers, f"{where}.{source}[{j}]", virtual)
         rules[str(source)] = tuple(c.strip() for c in candidates)
     return rules
 
