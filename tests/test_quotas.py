@@ -1350,3 +1350,39 @@ async def test_a_request_its_upstream_never_answered_is_charged_an_estimate_of_i
     finally:
         await gw.service.stopService()
         await replica.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_line_its_upstream_never_answered_is_charged_an_estimate_of_its_prompt(reactor, http, fake,
+                                                                                               tmp_path):
+    """A batch line sent upstream whose answer never came (the upstream timed out, or lost the connection once
+    the line was sent, however many times it was retried) is charged its prompt, estimated, once, as an online
+    request is: recorded with its error's status (before: nothing, so a key's batch of large prompts to a slow
+    upstream cost nothing, batch lines being no part of its rate limits either)."""
+    gw = await start(reactor, fake, tmp_path, HTTP_RESPONSE_HEADER_TIMEOUT="0.5s", BATCH_MAX_ATTEMPTS="2")
+    try:
+        key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 10**6}])
+        sdk = openai_client(gw, key["value"])
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "lorem ipsum " * 2000}]}
+        lines = b"".join(json.dumps({"custom_id": name, "method": "POST", "url": "/v1/chat/completions",
+                                     "body": dict(chat, **steer)}).encode() + b"\n"
+                         for name, steer in (("hung", {"fake_hang": True}), ("dropped", {"fake_drop": True})))
+        uploaded = await in_thread(sdk.files.create, file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+        batch = await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        batch = await in_thread(sdk.batches.retrieve, batch.id)
+        sdk.close()
+        assert batch.request_counts.failed == 2
+        for _ in range(100):
+            await gw.service.usage.flush()
+            code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+            if len(log["data"]) == 2:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert sorted((r["status_code"], r["estimated"], r["input_tokens"], r["auth_key_id"]) for r in log["data"]) == [
+            (502, True, 6001, key["id"]), (504, True, 6001, key["id"])]
+        code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+        assert view["budgets"][0]["spent_tokens"] == 2 * 6001
+    finally:
+        await gw.service.stopService()

@@ -56,6 +56,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import jsonutil
+from gomodel.accounting.tokens import prompt_estimate
 from gomodel.batches.claiming import MAX_CLAIMED, ClaimLoop
 from gomodel.batches.concluding import conclude, give_up
 from gomodel.batches.lines import Job, error_line, output_line
@@ -100,11 +101,15 @@ class _Answer:
 
 
 class _NoAnswer:
-    """A request that got no usable answer."""
+    """A request that got no usable answer: C{reached}, where it was sent and no answer came (the upstream
+    timed out, or lost the connection), the C{(pool, replica index, model)} of its last such send (it read the
+    prompt: L{BatchRunner._account_unanswered}), else None; C{status}, its error's."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, reached=None, status=None):
         self.code = code
         self.message = message
+        self.reached = reached
+        self.status = status
 
 
 def _relinked(previous_id, answer: bytes, model) -> bytes:
@@ -657,6 +662,8 @@ class BatchRunner(Service):
                 outcome = await self._outcome(job, line, provider, call, slot)
         if outcome is None:
             return  # halted: the line stays pending
+        if isinstance(outcome, _NoAnswer) and outcome.reached is not None:
+            self._account_unanswered(job, path, outcome, f"{job.batch_id}-{line}", call.body)
         if isinstance(outcome, _Answer):
             self._account(job, path, outcome, f"{job.batch_id}-{line}")
             if kept is not None and 200 <= outcome.status < 300:
@@ -730,6 +737,23 @@ class BatchRunner(Service):
         if self._gate is not None:
             self._gate.charge(principal, model, usage)
 
+    def _account_unanswered(self, job, path, outcome, request_id, body):
+        """Keep the usage record of one line sent upstream whose answer never came (C{outcome}, a L{_NoAnswer}
+        that C{reached} a replica) and charge it to its key's budgets: its prompt, estimated from the C{body} sent
+        (L{prompt_estimate}), which the upstream read, as an online request's is (L{gomodel.proxy.exchange})."""
+        prompt = prompt_estimate(body)
+        if not prompt:
+            return
+        pool, replica, upstream_model = outcome.reached
+        principal, model, usage = job.principal, f"{pool.name}/{upstream_model}", {"prompt_tokens": prompt}
+        if self._usage is not None:
+            self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, replica, model, "/v1" + path,
+                             outcome.status, False, usage, estimated=True,
+                             auth_key_id=None if principal is None else principal.id,
+                             user_path=None if principal is None else principal.user_path)
+        if self._gate is not None:
+            self._gate.charge(principal, model, usage)
+
     def _keep_response(self, job, payload, answer):
         """Keep the response a C{/v1/responses} line (C{payload}) was C{answer}ed with, as an online create's is
         (L{gomodel.api.responses.ResponsesRoute.keep}), the batch's tenant its owner: it is retrieved, its input
@@ -770,6 +794,7 @@ class BatchRunner(Service):
         entering = slot.enter if call.fallbacks else None
         delay = self._backoff_start
         attempt = 0
+        reached = None  # the last send that reached a replica, no answer coming (L{_NoAnswer})
         while True:
             attempt += 1
             last = attempt >= self._max_attempts
@@ -783,13 +808,15 @@ class BatchRunner(Service):
                 delay = min(delay * 2, self._backoff_max)
                 continue
             except UpstreamUnreachable as e:  # not reached, or it broke off its answer
+                reached = getattr(e, "reached", None) or reached
                 if last:
-                    return _NoAnswer(e.code, e.message)
+                    return _NoAnswer(e.code, e.message, reached, e.status)
                 await self._sleep(delay)
                 delay = min(delay * 2, self._backoff_max)
                 continue
             except GatewayError as e:  # a timeout (the upstream may still be working on it), too large
-                return _NoAnswer(e.code or "upstream_error", e.message)
+                return _NoAnswer(e.code or "upstream_error", e.message, getattr(e, "reached", None) or reached,
+                                 e.status)
             response = fetched.response
             if response.code in TRANSIENT_STATUSES and not last:
                 await self._sleep(max(delay, min(_retry_after(response), self._backoff_max)))

@@ -335,7 +335,9 @@ class Exchange:
         @return: (awaited) a L{Fetched}: the answer, its body, and the pool and upstream model that gave it.
         @raise gomodel.errors.GatewayError: no whole answer could be had
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
-            not be reached or broke off: worth trying again).
+            not be reached or broke off: worth trying again); an
+            L{UpstreamTimeout} or L{UpstreamUnreachable} has a C{reached} as
+            L{_send}'s has (the answer's own replica where its body broke off).
         """
         response, replica, upstream, model, sent, _ = await self._send(request_id, upstream, call, [], trace, entering)
         took = None
@@ -350,6 +352,8 @@ class Exchange:
         except BaseException as e:
             if trace is not None:
                 trace.failed(_error_type(e))
+            if isinstance(e, (UpstreamTimeout, UpstreamUnreachable)):
+                e.reached = (upstream, replica.index, model)  # (its answer came, but not whole)
             raise
         finally:
             upstream.release(replica, took)
