@@ -572,6 +572,52 @@ async def test_batches_progress_to_100_percent_download_and_cancel(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_message_batches_are_shown_with_their_results_and_cancel(env):
+    """A message batch (Anthropic's SDK, C{/v1/messages/batches}, which C{/v1/batches} does not list) has its row
+    on the batches page: its lines' progress, its results for download, its cancel (before: not shown at all once
+    each API showed only its own batches)."""
+    import anthropic
+
+    b = env.browser
+    client = anthropic.Anthropic(base_url=env.root, api_key=env.master, max_retries=0, timeout=20)
+    requests = [{"custom_id": f"m-{i}", "params": {"model": MODEL, "max_tokens": 4,
+                                                    "messages": [{"role": "user", "content": f"q{i}"}]}}
+                for i in range(3)]
+    try:
+        batch = await in_thread(client.messages.batches.create, requests=requests)
+
+        def ended():
+            b.go("batches")
+            row = f"tr.batch-row:has([data-batch-id='{batch.id}'])"
+            b.wait(lambda d: b.all(f"{row} [role=progressbar][aria-valuenow='100']"), "the message batch at 100%")
+            b.wait_text(f"{row} .batch-status", lambda t: t == "completed", "the message batch ended")
+            assert "3 completed · 0 failed · 3 total" in b.text_of(f"{row} .progress-label")
+            assert b.text_of(f"{row} td:nth-child(2)") == "/v1/messages"
+            b.click(f"{row} [data-download='results']")
+            return b.downloaded(f"{batch.id}-results.jsonl")
+
+        results = [json.loads(line) for line in (await in_thread(ended)).splitlines()]
+        assert sorted((r["custom_id"], r["result"]["type"]) for r in results) == [
+            (f"m-{i}", "succeeded") for i in range(3)]
+
+        env.fleet.set(latency=30.0)  # the next one waits on its first line: cancel it from the page
+        slow = await in_thread(client.messages.batches.create, requests=requests)
+
+        def cancel():
+            row = f"tr.batch-row:has([data-batch-id='{slow.id}'])"
+            b.wait(lambda d: b.all(f"{row} .row-actions button"), "the cancel button")
+            b.click(f"{row} .row-actions button")
+            b.wait_text(f"{row} .batch-status", lambda t: t in ("cancelling", "cancelled"), "the cancel")
+            b.assert_clean()
+
+        await in_thread(cancel)
+        assert (await in_thread(client.messages.batches.retrieve, slow.id)).processing_status in ("canceling", "ended")
+    finally:
+        env.fleet.set(latency=0.0)
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_batch_failed_at_validation_says_why(env, reactor):
     """A batch whose lines fail validation has no file to download: its row names each bad line (the API's
     errors.data), as text (a line's own text may be HTML)."""

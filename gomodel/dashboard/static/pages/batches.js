@@ -1,4 +1,6 @@
 // Batches: each batch with its status and progress (completed / failed / total lines), cancel, downloads.
+// OpenAI's batches (/v1/batches) and Anthropic's message batches (/v1/messages/batches), each listed by its
+// own API (neither shows the other's), in one table, newest first.
 
 import {api, download, query} from "../api.js";
 import {badge, button, errorNote, h, int, note, replace, table, when} from "../dom.js";
@@ -20,16 +22,12 @@ export function mount(el) {
   async function load() {
     if (stopped) return;
     try {
-      let batches = [];
-      let after = null;
-      let hasMore = false;
-      for (let page = 0; page < shown; page++) {
-        const answer = await api(`/v1/batches${query({limit: 100, after})}`);
-        batches = batches.concat(answer.data);
-        hasMore = answer.has_more;
-        if (!hasMore || !answer.data.length) break;
-        after = answer.data[answer.data.length - 1].id;
-      }
+      const [openai, anthropic] = await Promise.all([pages("/v1/batches", "after"),
+        pages("/v1/messages/batches", "after_id")]);
+      const batches = openai.data.map((b) => Object.assign({route: "/v1/batches"}, b))
+        .concat(anthropic.data.map(fromMessageBatch))
+        .sort((a, b) => b.created_at - a.created_at);
+      const hasMore = openai.hasMore || anthropic.hasMore;
       if (stopped) return;
       if (messages.querySelector(".note-error")) replace(messages);
       const signature = JSON.stringify([batches, hasMore]);
@@ -38,11 +36,26 @@ export function mount(el) {
       replace(list, batches.length ? batchTable(batches) : note("empty",
         "No batches yet. Upload a JSONL file with purpose \"batch\" and create a batch with the OpenAI SDK: ",
         h("code", {text: "client.batches.create(input_file_id=..., endpoint=\"/v1/chat/completions\", " +
-          "completion_window=\"24h\")"}), " against this gateway."));
+          "completion_window=\"24h\")"}), " against this gateway (or a message batch with Anthropic's SDK)."));
       replace(more, hasMore ? button("Load more", () => { shown += 1; shownSignature = null; load(); }) : null);
     } catch (error) {
       if (!stopped) replace(messages, errorNote(error));
     }
+  }
+
+  // The first `shown` pages of 100 of a list route (its cursor parameter named `cursor`).
+  async function pages(path, cursor) {
+    let data = [];
+    let after = null;
+    let hasMore = false;
+    for (let page = 0; page < shown; page++) {
+      const answer = await api(`${path}${query({limit: 100, [cursor]: after})}`);
+      data = data.concat(answer.data);
+      hasMore = answer.has_more;
+      if (!hasMore || !answer.data.length) break;
+      after = answer.data[answer.data.length - 1].id;
+    }
+    return {data, hasMore};
   }
 
   function batchTable(batches) {
@@ -65,23 +78,25 @@ export function mount(el) {
     if (CANCELLABLE.includes(b.status)) {
       box.append(button("Cancel", async () => {
         try {
-          await api(`/v1/batches/${encodeURIComponent(b.id)}/cancel`, {method: "POST"});
+          await api(`${b.route}/${encodeURIComponent(b.id)}/cancel`, {method: "POST"});
           load();
         } catch (error) {
           replace(messages, errorNote(error));
         }
       }, {kind: "danger-ghost"}));
     }
-    for (const [fileId, label, suffix] of [[b.output_file_id, "Output", "output"], [b.error_file_id, "Errors",
-      "errors"]]) {
-      if (!fileId) continue;
+    const files = b.results_url ? [[b.results_url, "Results", "results"]] : [[b.output_file_id, "Output", "output"],
+      [b.error_file_id, "Errors", "errors"]].map(([fileId, label, suffix]) =>
+      [fileId && `/v1/files/${encodeURIComponent(fileId)}/content`, label, suffix]);
+    for (const [path, label, suffix] of files) {
+      if (!path) continue;
       const get = button(label, async () => {
         try {
-          await download(`/v1/files/${encodeURIComponent(fileId)}/content`, `${b.id}-${suffix}.jsonl`);
+          await download(path, `${b.id}-${suffix}.jsonl`);
         } catch (error) {
           replace(messages, errorNote(error));
         }
-      }, {title: `Download ${fileId}`});
+      }, {title: `Download ${b.id}'s ${label.toLowerCase()}`});
       get.dataset.download = suffix;
       box.append(get);
     }
@@ -93,6 +108,21 @@ export function mount(el) {
   return () => {
     stopped = true;
     clearInterval(timer);
+  };
+}
+
+// A message batch (Anthropic's shape) in an OpenAI batch's: its status (canceling is OpenAI's cancelling,
+// ended the batch's end: completed, or cancelled where it was), its lines' counts (succeeded: completed;
+// errored, canceled and expired: failed) and its results (one file of Anthropic's result lines).
+function fromMessageBatch(m) {
+  const c = m.request_counts;
+  const status = m.processing_status === "in_progress" ? "in_progress" : m.processing_status === "canceling"
+    ? "cancelling" : m.cancel_initiated_at ? "cancelled" : "completed";
+  return {
+    id: m.id, endpoint: "/v1/messages", status, route: "/v1/messages/batches", results_url: m.results_url,
+    created_at: Date.parse(m.created_at) / 1000, metadata: null, errors: null,
+    request_counts: {completed: c.succeeded, failed: c.errored + c.canceled + c.expired,
+      total: c.processing + c.succeeded + c.errored + c.canceled + c.expired},
   };
 }
 
