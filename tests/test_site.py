@@ -61,14 +61,32 @@ async def test_unauthenticated_upload_is_refused_without_spooling_a_byte(reactor
 
 
 @pytest_twisted.ensureDeferred
-async def test_refused_request_is_not_invited_to_send_its_body(reactor, keyed):
-    client = await connect(reactor, keyed.port, upload_head(1000, key=b"wrong", expect=True))
+async def test_refused_request_is_not_invited_to_send_its_body_and_is_answered_before_it(reactor, keyed):
+    """A client that waits for C{100 Continue} before its body gets the 401 without sending it (curl sends the
+    body anyway after a second: before, the refusal waited for the whole body, every byte of it dropped), and
+    the connection closes; the next connection is served as ever."""
+    client = await connect(reactor, keyed.port, upload_head(50 * 1024 ** 2, key=b"wrong", expect=True))
+    await with_timeout(reactor, client.lost, 10)  # not a byte of the body sent
+    received = bytes(client.received)
+    assert received.startswith(b"HTTP/1.1 401 ") and b"invalid_api_key" in received
+    assert b"100 Continue" not in received and b"connection: close" in received.lower()
+    assert spooled(keyed) == []
+    answer = await _answer(reactor, keyed.port, b"GET /health HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_request_that_does_not_wait_for_100_continue_is_answered_after_its_body(reactor, keyed):
+    """A client that sends its body without waiting (no Expect) is answered once the body is in, dropped: an
+    answer before it, and the close after, would meet the body still arriving (a reset that can lose the
+    answer)."""
+    body = upload_body(1000)
+    client = await connect(reactor, keyed.port, upload_head(len(body), key=b"wrong") + body[:500])
     await deferLater(reactor, 0.2, lambda: None)
-    assert b"100 Continue" not in bytes(client.received)
-    client.transport.write(upload_body(1000 - len(upload_body(0)))[:1000])
-    await with_timeout(reactor, client.wait_for(b"invalid_api_key"), 10)
-    assert b"100 Continue" not in bytes(client.received)
-    client.transport.loseConnection()
+    assert client.received == b""
+    client.transport.write(body[500:])
+    await with_timeout(reactor, client.lost, 10)
+    assert bytes(client.received).startswith(b"HTTP/1.1 401 ")
 
 
 @pytest_twisted.ensureDeferred
@@ -119,14 +137,16 @@ def chat_head(length) -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_a_body_announced_past_the_limit_is_not_invited_and_is_answered_413(reactor, keyed):
-    client = await connect(reactor, keyed.port, chat_head(100 * 1024 ** 3))
-    await deferLater(reactor, 0.2, lambda: None)
-    assert b"100 Continue" not in bytes(client.received)
-    client.transport.loseConnection()
-    size = 11 * 1024 * 1024  # past the default limit of 10 MiB
-    answer = await _answer(reactor, keyed.port, chat_head(size) + b" " * size)
+    # A client waiting for 100 Continue gets the 413 at once, none of its 100 GiB sent, and the connection closes.
+    answer = await _answer(reactor, keyed.port, chat_head(100 * 1024 ** 3))
     assert answer.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in answer
     assert b"100 Continue" not in answer and b"connection: close" in answer.lower()
+    # One that sends it without asking is answered once it is in (dropped as it comes).
+    size = 11 * 1024 * 1024  # past the default limit of 10 MiB
+    head = chat_head(size).replace(b"Expect: 100-continue\r\n", b"")
+    answer = await _answer(reactor, keyed.port, head + b" " * size)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in answer
+    assert b"connection: close" in answer.lower()
 
 
 @pytest_twisted.ensureDeferred

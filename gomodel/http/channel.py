@@ -13,7 +13,8 @@ What Twisted's channel does around the parsing stays as it was: one request
 answered at a time, in order; what a client sends while an answer is in
 progress is held (16 kB, then reading stops) until it is done; the request's
 head is checked (C{gotLength}) before its body is read; C{100 Continue} is
-sent when the client asks for it; a request that ends the connection
+sent when the client asks for it (one refused at its head is answered at once
+instead, its body never read); a request that ends the connection
 (C{Connection: close}, HTTP/1.0, a refusal) is the last one read. The
 channel builds on C{HTTPChannel}'s names for that state (C{requests},
 C{_handlingRequest}, C{_dataBuffer}, C{_networkProducer},
@@ -238,11 +239,22 @@ class GatewayChannel(http.HTTPChannel):
                 self._framing_after_upgrade = b"Transfer-Encoding: chunked"
             elif length:
                 self._framing_after_upgrade = b"Content-Length: %d" % length
+        expect = headers.get(EXPECT) if length != 0 and version == b"HTTP/1.1" else None
         request.gotLength(length)
-        if length != 0 and version == b"HTTP/1.1" and self.requests[0] is request:
-            expect = headers.get(EXPECT)  # gotLength drops it from a refused request's
-            if expect and expect[0].lower() == b"100-continue":
+        if expect is not None and expect[0].lower() == b"100-continue" and self.requests[0] is request:
+            if EXPECT in headers:
                 self._send100Continue()
+            else:  # gotLength dropped it: refused at its head (401, 413)
+                self._answer_unread(request)
+
+    def _answer_unread(self, request):
+        """Answer C{request}, refused at its head, at once: its client waits for C{100 Continue} before it sends
+        the body (RFC 9110 10.1.1), so the body is never read, and the connection, which the refusal closes
+        after its answer, takes nothing more."""
+        self._parser = None
+        self._receiving = None
+        self._received.append(request)
+        raise _Stopped()
 
     def on_body(self, data):
         self._receiving.handleContentChunk(data)

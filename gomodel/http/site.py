@@ -204,11 +204,13 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         identity.addBoth(decided)
 
     def _refuse(self, error):
-        """Answer C{error} once the request is in; drop its body, do not invite it, close after."""
+        """Answer C{error} once the request is in (at once where its client waits to be invited: the channel's
+        C{_answer_unread}); drop its body, do not invite it, close after."""
         self.refusal = error
         self.content = _Discard()
         # No "100 Continue" for a body we will not read: a client that waits
-        # for it gets the refusal instead of sending the body first.
+        # for it gets the refusal instead of sending the body first (the channel answers a request whose
+        # expectation gotLength dropped without reading its body).
         self.requestHeaders.removeHeader(b"expect")
         self.close_after()
 
