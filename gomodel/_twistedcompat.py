@@ -282,6 +282,9 @@ class AnswerParser(Protocol):
         keep_headers(plain, self._pairs)
         for name in _CONTROL_HEADERS.intersection(plain):
             control[name] = plain.pop(name)
+        connection = control.get(b"Connection")
+        if connection is not None:
+            _set_apart_named(plain, control, connection)
         self.response = response = Response._construct(
             _HTTP_VERSIONS.get(parser.get_http_version(), (b"HTTP", 1, 1)), code, self._reason, headers,
             self.transport, self.request)
@@ -338,6 +341,16 @@ class AnswerParser(Protocol):
             response._bodyDataFinished(Failure(PotentialDataLoss()))
         else:
             response._bodyDataFinished(Failure(ResponseFailed([reason, Failure(_DataLoss())], response)))
+
+
+def _set_apart_named(plain, control, connection):
+    """Move the headers that C{connection} (an answer's C{Connection} values) names from C{plain} to C{control}
+    (L{Headers}' dicts): they are the upstream connection's (RFC 9110 7.6.1), not the answer's, and no client
+    gets them. Twisted's parser keeps them among the answer's; only an answer with C{Connection} pays for it."""
+    named = set(map(bytes.lower, map(bytes.strip, b",".join(connection).split(b","))))
+    for name in list(plain):
+        if name.lower() in named:
+            control[name] = plain.pop(name)
 
 
 def whole_body(response):

@@ -196,6 +196,27 @@ async def test_upstream_cookies_and_account_never_reach_the_client(http, two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_headers_the_upstreams_connection_header_names_never_reach_the_client(http, two):
+    """A header the upstream's answer names in its C{Connection} is that connection's (RFC 9110 7.6.1), not the
+    answer's: it stays upstream, through the passthrough and on the model-routed routes, streamed or not (before,
+    relayed: the client's parser took the upstream's connection's own headers as the gateway's)."""
+    gw, plain, guarded = two
+    upstream = {"Connection": "X-Hop-Secret, Keep-Alive", "X-Hop-Secret": "upstream-internal",
+                "Keep-Alive": "timeout=5", "X-Kept": "yes"}
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+            "fake_headers": upstream}
+    for stream in (False, True):
+        for path in ("/p/vllm/v1/chat/completions", "/v1/chat/completions"):
+            sent = dict(body, stream=stream)
+            response, content = await call(http, gw, "POST", path, dict(sent, model="vllm/" + body["model"])
+                                           if path.startswith("/v1") else sent)
+            assert response.code == 200, content
+            headers = response.headers
+            assert headers.getRawHeaders("x-kept") == ["yes"], (path, stream)
+            assert not headers.hasHeader("x-hop-secret") and not headers.hasHeader("keep-alive"), (path, stream)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_passthrough_answer_keeps_the_upstreams_content_length(reactor, two):
     """Relayed bytes unchanged keep their length (before: every passthrough answer came back chunked, its
     size unknown to the client until its end)."""

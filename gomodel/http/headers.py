@@ -94,8 +94,8 @@ def copy_response_headers(upstream_response, request, keep_length=False, hidden=
         or None: such a header stays upstream, as the upstream's address never reaches a client.
     """
     request.setResponseCode(upstream_response.code)
+    # (without its connection's headers, those its Connection names too: the client's parser set them apart)
     headers = upstream_response.headers
-    named = connection_tokens(headers)
     target = request.responseHeaders
     kept = plain_headers(target)
     source = plain_headers(headers)
@@ -107,7 +107,7 @@ def copy_response_headers(upstream_response, request, keep_length=False, hidden=
         # A limited key's own x-ratelimit-* headers, set before the upstream answered, are never replaced
         # by an OpenAI-compatible provider's: those describe the gateway's account with it, shared by every
         # tenant (they pass where the gateway set none: the master key, a key without limits).
-        if (lower in _NOT_FROM_UPSTREAM or lower in named or (lower == b"content-length" and not keep_length)
+        if (lower in _NOT_FROM_UPSTREAM or (lower == b"content-length" and not keep_length)
                 or (lower in RATE_LIMIT_HEADERS and (name in kept or _has_line(target, lower)))):
             continue
         # Names as Headers keeps them, values a parser let through (no CR or LF): copied as they are.
