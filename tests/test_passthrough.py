@@ -280,6 +280,29 @@ async def test_x_gomodel_user_path_is_the_gateways_and_never_reaches_the_provide
     assert plain.requests[-1].header(b"x-gomodel-user-path") is None
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_clients_hop_by_hop_headers_and_its_expectation_never_reach_the_provider(reactor, two):
+    """Headers of the client's connection (hop-by-hop ones, those its Connection names, even its key header named
+    there) stay at the gateway; so does C{Expect: 100-continue}, which the gateway answered itself: it holds the body
+    and sends it at once (before, relayed: an upstream or a proxy before it that does not take expectations answers
+    417). An end-to-end header passes."""
+    gw, plain, _ = two
+    data = b'{"model":"meta-llama/Llama-3.1-8B-Instruct","prompt":"Hello"}'
+    client = await connect(reactor, gw.port, (
+        b"POST /p/vllm/tokenize HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer gw-key\r\n"
+        b"Connection: keep-alive, X-Hop, x-api-key\r\nX-Hop: named\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
+        b"Proxy-Authorization: Basic cHJveHk6c2VjcmV0\r\nProxy-Connection: keep-alive\r\nUpgrade: websocket\r\n"
+        b"x-api-key: gw-key\r\nExpect: 100-continue\r\nX-Kept: yes\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)))
+    await with_timeout(reactor, client.wait_for(b'"tokens"'), 5)
+    client.transport.loseConnection()
+    sent = plain.requests[-1]
+    assert sent.path == b"/tokenize" and sent.header(b"x-kept") == "yes"
+    for name in (b"connection", b"x-hop", b"keep-alive", b"te", b"proxy-authorization", b"proxy-connection",
+                 b"upgrade", b"x-api-key", b"expect"):
+        assert sent.header(name) is None, name
+
+
 def _passed(path, body, headers=None):
     data = json.dumps(body).encode()
     extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in (headers or {}).items())
