@@ -139,6 +139,44 @@ async def test_a_head_that_never_ends_is_refused_before_it_is_all_read(reactor, 
     assert bytes(client.received).startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
+@pytest.mark.parametrize("endless", [
+    b"0\r\n" + b"X-Trailer: " + b"v" * 1000 + b"\r\n",  # trailers without end
+    b"0\r\nX-Trailer: " + b"v" * 1024,  # one trailer without end (llhttp holds it until its end)
+    b"1;ext=" + b"e" * 1024,  # a chunk's extension without end
+])
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_bodys_framing_that_never_ends_is_refused_before_it_is_all_read(reactor, echo, endless):
+    """Trailers, a chunk's size line and its extensions are held by llhttp (or kept) until their end: bytes that
+    bring no body are bounded as a head is (before, a client sending trailers without end grew the gateway's memory
+    with every one, refused request or not, until the body's deadline)."""
+    client = await connect(reactor, echo.port, b"POST /t HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                               b"3\r\nabc\r\n")
+    first, more = endless.split(b"\r\n", 1) if endless.startswith(b"0") else (endless, b"")
+    client.transport.write(first + (b"\r\n" if more else b""))
+    repeated = more or endless[-1024:]
+    for _ in range(40):  # 40 kB: 1 kB a write
+        if client.lost.called:
+            break
+        client.transport.write(repeated)
+        await with_timeout(reactor, _turn(reactor), 5)
+    await with_timeout(reactor, client.lost, 5)
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), head
+    assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_body_with_extensions_and_trailers_is_read_as_its_data(reactor, echo):
+    client = await connect(reactor, echo.port, b"POST /t HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                               b"3;name=value\r\nabc\r\n2\r\nde\r\n0\r\nX-Checksum: 1\r\n"
+                                               b"X-Other: 2\r\n\r\nGET /next HTTP/1.1\r\nHost: g\r\n\r\n")
+    await with_timeout(reactor, client.wait_for(b'"/next"'), 5)
+    (_, first), (_, second) = answers(bytes(client.received))
+    assert first["body"] == "abcde" and "X-Checksum" not in json.dumps(first["headers"])  # (trailers: dropped)
+    assert second["method"] == "GET"
+    client.transport.loseConnection()
+
+
 def _turn(reactor):
     d = Deferred()
     reactor.callLater(0.01, d.callback, None)

@@ -163,6 +163,24 @@ class GatewayChannel(http.HTTPChannel):
                     self._head_read += len(data)
                     if self._head_read > self.totalHeadersSize:
                         self._bad_request("its headers are too large")
+            elif self._chunked is not None:
+                self._bound_framing(len(data))
+
+    def _bound_framing(self, size):
+        """Bound what a chunked body's reads bring but its data (a chunk's size line and extensions, the
+        trailers: llhttp holds each until its end, and each trailer is kept) as a head is bounded: the read
+        that brought the body's last data, then L{totalHeadersSize} bytes more (C{size}: this read's)."""
+        request = self._chunked
+        if request is not self._receiving:  # (read whole, or refused)
+            self._chunked = None
+            return
+        got = (request.content.tell() if request.streamed else request._received) + request.chunks
+        if got != self._chunked_got:
+            self._chunked_got, self._framing_read = got, 0
+            return
+        self._framing_read += size
+        if self._framing_read > self.totalHeadersSize:
+            self._bad_request("its chunks' framing or trailers are too large")
 
     # llhttp's callbacks (httptools calls them by these names).
 
@@ -223,6 +241,7 @@ class GatewayChannel(http.HTTPChannel):
             length = None  # llhttp let only a body ending with chunked through
             if headers[TRANSFER_ENCODING][0].lower() != b"chunked":  # (gzip, chunked: RFC 9112 6.1)
                 raise _NotImplemented("it has a transfer coding the gateway does not implement; send chunked only")
+            self._chunked, self._chunked_got = request, -1  # (its framing is bounded: _bound_framing)
         else:
             length = 0
         # HTTP/1.0 connections are not kept (an answer without Content-Length ends with the connection).
@@ -271,6 +290,9 @@ class GatewayChannel(http.HTTPChannel):
         self._receiving = None
 
     _framing_after_upgrade = None  # how a body llhttp left behind an Upgrade head is framed (its header line)
+    _chunked = None  # the request whose chunked body is being read (_bound_framing)
+    _chunked_got = -1  # what of its body (data and chunks) had come at the last read that brought any
+    _framing_read = 0  # bytes read since that read
 
     def _upgraded(self, rest):
         """Go on reading after a request that asked to switch protocols: its body, or the next request.
