@@ -1141,6 +1141,37 @@ async def test_a_passthrough_to_a_vllm_carries_the_keys_cache_salt_and_priority(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_passthrough_body_the_gateway_cannot_read_never_reaches_a_vllm_without_the_keys_salt(reactor, http,
+                                                                                                    two):
+    """A managed key's body to a vLLM's model-routed route gets its salt and priority only where the gateway reads
+    it: one that vLLM's parser (Python's json) reads but the gateway's does not (a UTF-8 BOM before it, a NaN, UTF-16)
+    went raw, so the key chose its own priority and shared other tenants' prefix cache. It is refused now (400
+    invalid_json, as on /v1); the master key's passes raw, and so does a key's to a route that takes no salt."""
+    first, second = two
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        key = (await new_key(http, gw, priority=4))["value"]
+        body = b'{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"hi"}],"priority":-9'
+        before = len(first.requests)
+        for unread in (b"\xef\xbb\xbf" + body + b"}", body + b',"x":NaN}', (body + b"}").decode().encode("utf-16")):
+            response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=unread, headers={
+                "authorization": f"Bearer {key}", "content-type": "application/json"})
+            answer = json.loads(await treq.content(response))
+            assert response.code == 400 and answer["error"]["code"] == "invalid_json", answer
+        assert len(first.requests) == before  # none reached the vLLM
+        response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=body + b',"x":NaN}', headers={
+            "authorization": f"Bearer {MASTER}", "content-type": "application/json"})
+        await treq.content(response)
+        assert first.requests[-1].raw_body == body + b',"x":NaN}'  # the master key's, raw
+        response = await http.post(gw.url + "/p/vllm/tokenize", data=b"\xef\xbb\xbf{}", headers={
+            "authorization": f"Bearer {key}", "content-type": "application/json"})
+        await treq.content(response)
+        assert first.requests[-1].raw_body == b"\xef\xbb\xbf{}"  # (no salt there: raw)
+    finally:
+        await gw.service.stopService()
+
+@pytest_twisted.ensureDeferred
 async def test_usage_records_name_the_key_and_its_user_path(http, gw):
     key = await new_key(http, gw, user_path="/team/alpha")
     client = openai_client(gw, key["value"])

@@ -111,13 +111,17 @@ class Passthrough:
 
     def _keyed(self, body, principal, provider, route):
         """C{body} (raw) with a managed key's C{cache_salt} and C{priority} set as on C{/v1}
-        (L{gomodel.api.inference.target}), where C{route} takes them and C{body} is a JSON object; else as it is."""
+        (L{gomodel.api.inference.target}), where C{route} takes them and C{body} is a JSON object; else as it is.
+
+        @raise InvalidRequest: C{route} takes them and C{body} is no JSON the gateway reads (vLLM's parser reads
+            more: a BOM before it, a NaN, UTF-16), which would reach vLLM without them.
+        """
         if route not in KEYED_ROUTES:
             return body
         try:
             fields = jsonutil.loads(body)
-        except jsonutil.JSONError:
-            return body
+        except jsonutil.JSONError as e:
+            raise errors.InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
         if fields.__class__ is not dict:
             return body
         if provider.priority_scheduling and principal.priority is not None and route != "messages":
