@@ -1141,6 +1141,26 @@ async def test_a_passthrough_to_a_vllm_carries_the_keys_cache_salt_and_priority(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_passthrough_to_vllms_sagemaker_route_carries_the_keys_cache_salt_and_priority(reactor, http, two):
+    """vLLM's C{/invocations} (SageMaker's) serves a chat body as chat completions: a managed key's went raw, so it
+    chose its own priority and shared other tenants' prefix cache; it gets the key's now, as C{chat/completions}."""
+    first, second = two
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        key = (await new_key(http, gw, priority=4))["value"]
+        body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+                "priority": -9, "cache_salt": "mine"}
+        response = await http.post(gw.url + "/p/vllm/invocations", data=json.dumps(body).encode(), headers={
+            "authorization": f"Bearer {key}", "content-type": "application/json"})
+        await treq.content(response)
+        sent = first.requests[-1]
+        assert sent.path == b"/invocations"
+        assert sent.body["priority"] == 4 and len(sent.body["cache_salt"]) == 32, sent.body
+    finally:
+        await gw.service.stopService()
+
+@pytest_twisted.ensureDeferred
 async def test_a_passthrough_body_the_gateway_cannot_read_never_reaches_a_vllm_without_the_keys_salt(reactor, http,
                                                                                                     two):
     """A managed key's body to a vLLM's model-routed route gets its salt and priority only where the gateway reads

@@ -46,9 +46,9 @@ _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"api-key", b"x-go
 _SCANNED_KEY = 8
 _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 # vLLM routes (after C{v1/}) that take a C{cache_salt} and a C{priority}, as their C{/v1} routes send them
-# (vLLM's Messages take no priority).
+# (vLLM's Messages take no priority; C{invocations}, SageMaker's, serves a chat body as chat completions).
 KEYED_ROUTES = frozenset(("chat/completions", "completions", "responses", "messages", "embeddings", "pooling",
-                          "score", "rerank", "v2/rerank", "classify"))
+                          "score", "rerank", "v2/rerank", "classify", "invocations"))
 
 # The routes (after C{v1/}) whose event streams have an end of their own, which a stream cut short lacks (one
 # whose body ends with its connection is otherwise whole to the client); a Responses stream is also read again
