@@ -177,6 +177,22 @@ async def test_a_chunked_body_with_extensions_and_trailers_is_read_as_its_data(r
     client.transport.loseConnection()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_asterisk_target_is_options_alone_and_anything_else_a_405_envelope(reactor, echo):
+    """C{OPTIONS *} asks about the server (RFC 9110 9.3.7): 200, no body; any other method on it is a 405 in OpenAI's
+    envelope, as on any route (before, an empty 405 body), and the connection is kept."""
+    client = await connect(reactor, echo.port, b"OPTIONS * HTTP/1.1\r\nHost: g\r\n\r\n"
+                                               b"GET * HTTP/1.1\r\nHost: g\r\n\r\n"
+                                               b"GET /after HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+    await with_timeout(reactor, client.lost, 5)
+    received = bytes(client.received)
+    (options, _), (status, error), (_, after) = answers(received)
+    assert options == 200 and after["uri"] == "/after"
+    assert status == 405 and error["error"]["code"] == "method_not_allowed", error
+    assert error["error"]["type"] == "invalid_request_error" and "OPTIONS" in error["error"]["message"]
+    assert b"\r\nAllow: OPTIONS\r\n" in received
+
+
 def _turn(reactor):
     d = Deferred()
     reactor.callLater(0.01, d.callback, None)

@@ -18,7 +18,8 @@ from twisted.web import server
 from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk, unquote
 
 from gomodel import _twistedcompat
-from gomodel.errors import GatewayError, InternalError
+from gomodel.errors import GatewayError, InternalError, MethodNotAllowed
+from gomodel.http import render
 from gomodel.http.channel import GatewayChannel
 from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING,
                                    X_REQUEST_ID, AnswerHeaders, request_header)
@@ -143,12 +144,24 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         # path.find, not `in`: see gomodel.proxy.sse.mentions
         self.postpath = list(map(unquote, segments)) if path.find(b"%") >= 0 else segments
         if path == b"*":
-            _twistedcompat.handle_star(self)
+            if self.method == b"OPTIONS":
+                _twistedcompat.handle_star(self)
+            else:
+                self._not_star()
             return
         try:
             _twistedcompat.render_found(self, site.getResourceFor(self))
         except BaseException:
             self.processingFailed(failure.Failure())
+
+    def _not_star(self):
+        """Answer a request for C{*} that is no C{OPTIONS} (the one method that target is for: RFC 9110 9.3.7)
+        with a 405 in OpenAI's envelope, as any route answers a method it does not take."""
+        body = render.render(self, MethodNotAllowed(
+            f"Method {self.method.decode('ascii', 'replace')} is not allowed on * (allowed: OPTIONS).",
+            headers={"Allow": "OPTIONS"}))
+        self.write(body)
+        self.finish()
 
     def gotLength(self, length):
         # Only the request line and headers are known here (the channel set self.method and self.uri).
