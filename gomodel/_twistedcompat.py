@@ -209,6 +209,11 @@ _CONTROL_HEADERS = frozenset(_nameEncoder.encode(name) for name in HTTPParser.CO
 _HTTP_VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 
 
+# The most bytes an upstream may send in a row without any of its answer's body (its head; a chunk's size line; its
+# trailers), as Go's client bounds a head (a mebibyte here): past them the answer fails and its connection closes.
+ANSWER_HEAD_LIMIT = 1024 * 1024
+
+
 class AnswerParser(Protocol):
     """Twisted's C{HTTPClientParser} on llhttp (httptools): an upstream's answer read in C, one callback
     per header and per piece of body instead of Twisted's line-by-line parsing in Python.
@@ -221,7 +226,8 @@ class AnswerParser(Protocol):
     Twisted's would (C{ResponseNeverReceived}, C{ResponseFailed}; C{PotentialDataLoss} for a body that
     ends with the connection). A parse error raises from L{dataReceived}, and the protocol then closes
     the connection and fails the answer. Bytes after a whole answer (an upstream answering twice) close
-    the connection too (Twisted drops them).
+    the connection too (Twisted drops them), and so do more than L{ANSWER_HEAD_LIMIT} bytes in a row without
+    any of the body (a head or trailers without end; Twisted's parser bounds a line to 16 kB, not their number).
     """
 
     response = None
@@ -229,6 +235,7 @@ class AnswerParser(Protocol):
     _in_body = False  # the head was read; the body's end has not been delivered
     _complete = False  # llhttp read the whole answer
     _until_close = False  # the body ends with the connection (neither Content-Length nor chunked)
+    _bare = 0  # bytes read since the last read that brought some of the body (ANSWER_HEAD_LIMIT bounds them)
 
     def __init__(self, request, finisher, answered):
         self.request = request
@@ -251,6 +258,11 @@ class AnswerParser(Protocol):
         finally:
             if self._pieces:
                 self._deliver()
+                self._bare = 0
+            else:  # (a read without body: the head, a chunk's framing, the trailers; llhttp holds each header)
+                self._bare += len(data)
+                if self._bare > ANSWER_HEAD_LIMIT:
+                    raise ValueError("the upstream sent more than ANSWER_HEAD_LIMIT bytes without a body")
             if self._complete:
                 self._parser = None  # it holds this parser's methods: a cycle only the gc would free
             # The answer's Deferred fires once what came in this read is parsed: an answer that came

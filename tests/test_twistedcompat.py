@@ -490,6 +490,23 @@ def test_a_malformed_answer_fails_and_closes_the_connection_as_with_twisteds_par
     assert body == b"ok" and ended == ["ResponseDone"] and closed
 
 
+@pytest.mark.parametrize("chunks", [
+    [b"HTTP/1.1 200 OK\r\nX-Endless: "] + [b"a" * 65536] * 17,  # a header without end (llhttp holds it)
+    [b"HTTP/1.1 200 OK\r\n"] + [b"X-Many: " + b"a" * 1000 + b"\r\n"] * 1100,  # headers without end
+    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"]
+    + [b"X-Trailer: " + b"a" * 1000 + b"\r\n"] * 1100,  # trailers without end
+])
+def test_an_answer_whose_head_or_trailers_never_end_fails_and_closes_past_a_mebibyte(chunks):
+    """What an upstream sends that is no body (its head, its trailers) is bounded: past ANSWER_HEAD_LIMIT in a row,
+    the answer fails and its connection closes (before, every byte was kept while it came: an upstream sending
+    headers or trailers without end grew the gateway's memory, its answer never done). Twisted's parser bounds a
+    line to 16 kB, not the lines' number."""
+    assert sum(map(len, chunks)) > _twistedcompat.ANSWER_HEAD_LIMIT
+    seen, body, ended, pooled, closed = _answer(_twistedcompat.PromptClientProtocol, b"POST", chunks)
+    assert closed and not pooled
+    assert seen.get("failed") == "ResponseFailed" or (body == b"ok" and ended == ["ResponseFailed"]), (seen, ended)
+
+
 def test_the_llhttp_parser_reads_every_answer_but_a_heads():
     protocol = _twistedcompat.PromptClientProtocol()
     protocol.makeConnection(StringTransport())
