@@ -285,7 +285,8 @@ async def test_the_clients_hop_by_hop_headers_and_its_expectation_never_reach_th
     """Headers of the client's connection (hop-by-hop ones, those its Connection names, even its key header named
     there) stay at the gateway; so does C{Expect: 100-continue}, which the gateway answered itself: it holds the body
     and sends it at once (before, relayed: an upstream or a proxy before it that does not take expectations answers
-    417). An end-to-end header passes."""
+    417), and so does the client's claim of its own address, in any proxy's header (before, C{X-Real-IP} and
+    C{True-Client-IP} were relayed, which a provider's proxy trusts from the gateway). An end-to-end header passes."""
     gw, plain, _ = two
     data = b'{"model":"meta-llama/Llama-3.1-8B-Instruct","prompt":"Hello"}'
     client = await connect(reactor, gw.port, (
@@ -293,13 +294,14 @@ async def test_the_clients_hop_by_hop_headers_and_its_expectation_never_reach_th
         b"Connection: keep-alive, X-Hop, x-api-key\r\nX-Hop: named\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
         b"Proxy-Authorization: Basic cHJveHk6c2VjcmV0\r\nProxy-Connection: keep-alive\r\nUpgrade: websocket\r\n"
         b"x-api-key: gw-key\r\nExpect: 100-continue\r\nX-Kept: yes\r\nContent-Type: application/json\r\n"
+        b"X-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\nX-Real-IP: 10.0.0.1\r\nTrue-Client-IP: 10.0.0.1\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(data), data)))
     await with_timeout(reactor, client.wait_for(b'"tokens"'), 5)
     client.transport.loseConnection()
     sent = plain.requests[-1]
     assert sent.path == b"/tokenize" and sent.header(b"x-kept") == "yes"
     for name in (b"connection", b"x-hop", b"keep-alive", b"te", b"proxy-authorization", b"proxy-connection",
-                 b"upgrade", b"x-api-key", b"expect"):
+                 b"upgrade", b"x-api-key", b"expect", b"x-forwarded-for", b"forwarded", b"x-real-ip", b"true-client-ip"):
         assert sent.header(name) is None, name
 
 

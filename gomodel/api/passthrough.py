@@ -38,8 +38,11 @@ OPERATOR_ROUTES = frozenset(("metrics", "server_info"))
 # browser's Origin would have vLLM answer its own CORS policy, allow-origin * by default, which no other route has)
 # (a client's key in any header is its own: api-key is Azure OpenAI's, x-goog-api-key Google's; the provider's
 # key is the gateway's to send; a client's Expect is the gateway's to answer: it holds the body, sent at once)
+# (a client's claim of its own address, in any proxy's header (X-Forwarded-*, below, too), which a provider's proxy
+# would trust from the gateway)
 _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key", b"cookie", b"host",
-                              b"content-length", b"expect", b"x-request-id", b"forwarded", b"accept-encoding",
+                              b"content-length", b"expect", b"x-request-id", b"forwarded", b"x-real-ip",
+                              b"true-client-ip", b"accept-encoding",
                               b"x-gomodel-replica", b"x-gomodel-user-path", b"openai-organization",
                               b"openai-project", b"endpoint-load-metrics-format", b"origin"}
 # A gateway key at least this long is looked for in every header and query parameter relayed (see _presented).
