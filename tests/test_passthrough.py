@@ -388,21 +388,6 @@ async def test_a_passthrough_stream_cut_inside_an_event_ends_with_an_event_of_it
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_passthrough_stream_with_a_length_that_ends_inside_an_event_gets_no_byte_past_it(reactor, gateway):
-    """A stream whose upstream gave its length (relayed with it) ends where that length says: the error event the
-    gateway adds to a stream ended inside an event cannot follow it (before, it was written past the announced
-    length, bytes a client reads as the start of its connection's next answer), so the connection just closes."""
-    cut = 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"h'
-    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
-        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_sse": [], "fake_first": cut,
-        "fake_headers": {"Content-Length": str(len(cut))}}))
-    await with_timeout(reactor, client.lost, 5)
-    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
-    assert b"Content-Length: %d\r\n" % len(cut) in head + b"\r\n", head
-    assert body == cut.encode()
-
-
-@pytest_twisted.ensureDeferred
 async def test_passthrough_messages_refusals_are_in_anthropics_envelope(reactor, http, two):
     """Every error on /p/{provider}/v1/messages is Anthropic's, as on /v1/messages (before: the 401 and the 403s
     were OpenAI's, though the 429, 502 and 504 were Anthropic's); /p/{provider}/v1/responses' stay OpenAI's."""

@@ -673,8 +673,7 @@ class Exchange:
         return None
 
     def _broken(self, request, ctx, relay, reason, events, body):
-        """End a stream that broke after its head: in-band error event (but after an answer relayed with its
-        upstream's length), then no clean end.
+        """End a stream that broke after its head: in-band error event, then no clean end.
 
         @return: the delayed call that aborts the connection if closing it
             cleanly takes too long, or None.
@@ -691,8 +690,7 @@ class Exchange:
         if isinstance(reason, ClientStalled):
             transport.abortConnection()
             return None
-        # (an answer relayed with its upstream's length ends there: no byte may follow it, so it just closes)
-        if events and CONTENT_LENGTH not in plain_headers(request.responseHeaders):
+        if events:
             event = ctx.dialect.stream_event(error, relay.observer)
             inside = getattr(relay.observer, "inside_event", None)  # (a passthrough's, cut in a long event)
             request.write(b"\n\n" + event if inside is not None and inside() else event)
