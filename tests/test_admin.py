@@ -450,3 +450,35 @@ async def test_usage_by_provider_sums_its_models(http, ledger):
         ("vllm", "gpu-b", 1), ("vllm", "vllm", 2)]
     _, body = await get(http, ledger, "/admin/api/v1/usage/providers?format=csv")
     assert csv_rows(body)[0][:3] == ["provider", "provider_name", "requests"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_usage_view_takes_the_logs_filters(http, ledger):
+    """The totals, days, groupings and time series of a window take the request log's filters (C{model},
+    C{provider}, C{status}, C{search}, C{key}, C{user_path}), as GoModel's usage views take its C{model},
+    C{provider} and C{user_path}: a filtered view is never the whole ledger's, and its rows add up to its
+    summary."""
+    await record(ledger, ("a-1", {"user_path": "/team/a", "auth_key_id": "key_1"}),
+                 ("a-2", {"user_path": "/team/a/x", "auth_key_id": "key_1", "status_code": 500,
+                          "input_tokens": None, "output_tokens": None, "total_tokens": None}),
+                 ("b-1", {"user_path": "/team/b", "model": "vllm/other"}),
+                 ("c-1", {"provider_name": "gpu-b"}))
+    base = "/admin/api/v1/usage/"
+    for query, requests, tokens, errors in (
+            ("user_path=/team/a", 2, 5, 1), ("user_path=team", 3, 10, 1), ("model=vllm/other", 1, 5, 0),
+            ("provider=gpu-b", 1, 5, 0), ("key=key_1", 2, 5, 1), ("key=master", 2, 10, 0),
+            ("status=500", 1, 0, 1), ("search=a-", 2, 5, 1), ("user_path=/nobody", 0, 0, 0)):
+        _, body = await get(http, ledger, f"{base}summary?{query}")
+        summary = json.loads(body)
+        assert (summary["requests"], summary["total_tokens"], summary["errors"]) == (requests, tokens, errors), query
+        for route in ("daily", "daily?interval=hour", "models", "providers", "keys", "user-paths"):
+            _, body = await get(http, ledger, f"{base}{route}{'&' if '?' in route else '?'}{query}")
+            rows = json.loads(body)["data"]
+            assert sum(r["requests"] for r in rows) == requests, (route, query)
+            assert sum(r["total_tokens"] for r in rows) == tokens, (route, query)
+        _, body = await get(http, ledger, f"{base}timeseries?window=day&{query}")
+        assert json.loads(body)["summary"]["requests"] == requests, query
+    _, body = await get(http, ledger, f"{base}user-paths?user_path=/team/a&format=csv")
+    assert [row[0] for row in csv_rows(body)] == ["user_path", "/team/a", "/team/a/x"]
+    response, body = await get(http, ledger, f"{base}models?status=42")
+    assert (response.code, json.loads(body)["error"]["param"]) == (400, "status")

@@ -54,6 +54,16 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
         (0, "vllm-a", 1), (86400, "vllm-a", 2), (86400, "vllm-b", 1)]
     by_key = await usage.grouped(0, 1e9, by=("auth_key_id",))
     assert [(g["auth_key_id"], g["total_tokens"]) for g in by_key] == [(None, 30), ("k_1", 15)]  # (every store)
+    # the log's filters narrow a grouping and a time series too (a clause each, as the summary's)
+    days = await usage.grouped(0, 1e9, by=("user_path",), bucket=86400, filters={"user_path": "/team", "status": 200})
+    assert [(g["period"], g["user_path"], g["requests"]) for g in days] == [
+        (86400, "/team/a", 1), (86400, "/team/ab", 1)]
+    assert await usage.grouped(0, 1e9, filters={"search": "other", "keyless": True, "model": "vllm-a/m",
+                                                 "provider": "vllm"}) == [dict(
+        requests=1, input_tokens=10, output_tokens=5, total_tokens=15, cached_tokens=2, reasoning_tokens=0,
+        total_cost=None, errors=0)]
+    series = await usage.timeseries(0, 172800, 86400, {"key": "k_1"})
+    assert [(s["period"], s["requests"], s["errors"], s["duration_ms_p50"]) for s in series] == [(86400, 2, 1, 12.5)]
 
     records, cursor = await usage.log(0, 1e9, 2)
     assert [r["request_id"] for r in records] == ["other-4", "r3"]

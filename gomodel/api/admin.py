@@ -106,9 +106,10 @@ class AdminAPI:
 
     @app.route("/usage/summary", methods=["GET"])
     async def usage_summary(self, request):
-        """Totals for a window (C{start_date}/C{end_date}, or C{days}, default 30)."""
+        """Totals for a window (C{start_date}/C{end_date}, or C{days}, default 30); every usage view takes
+        the log's filters (L{_filters})."""
         start, end = window(request, self._clock)
-        summary = await self._usage_store().summary(start, end)
+        summary = await self._usage_store().summary(start, end, _filters(request))
         return json_answer(request, dict(summary, start=day(start), end=day(end - DAY)))
 
     @app.route("/usage/daily", methods=["GET"])
@@ -123,7 +124,8 @@ class AdminAPI:
         if label is None:
             raise InvalidRequest("interval must be one of: hour, day (daily), weekly, monthly, yearly.",
                                  param="interval", code="invalid_value")
-        rows = await self._usage_store().grouped(start, end, bucket=3600 if interval == "hour" else DAY)
+        rows = await self._usage_store().grouped(start, end, bucket=3600 if interval == "hour" else DAY,
+                                                 filters=_filters(request))
         rows = _folded(rows, label)
         if not wants_csv:
             for row in rows:
@@ -154,7 +156,8 @@ class AdminAPI:
         """The totals of a window grouped C{by} those columns, as L{_rows} answers them."""
         start, end = window(request, self._clock)
         wants_csv = _wants_csv(request)  # (a bad format is refused before the query runs)
-        return _rows(request, wants_csv, await self._usage_store().grouped(start, end, by=by), by)
+        rows = await self._usage_store().grouped(start, end, by=by, filters=_filters(request))
+        return _rows(request, wants_csv, rows, by)
 
     @app.route("/usage/timeseries", methods=["GET"])
     async def usage_timeseries(self, request):
@@ -166,9 +169,9 @@ class AdminAPI:
         bucket, count = TIMESERIES[window]
         end = (self._clock.seconds() // bucket + 1) * bucket  # the current bucket is the last one
         start = end - count * bucket
-        store = self._usage_store()
-        found = {row["period"]: row for row in await store.timeseries(start, end, bucket)}
-        whole = await store.timeseries(start, end, end - start)
+        store, filters = self._usage_store(), _filters(request)
+        found = {row["period"]: row for row in await store.timeseries(start, end, bucket, filters)}
+        whole = await store.timeseries(start, end, end - start, filters)
         data = []
         for index in range(count):
             period = start + index * bucket
@@ -185,16 +188,7 @@ class AdminAPI:
         its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
         start, end = window(request, self._clock)
         wants_csv = _wants_csv(request)
-        filters = {name: query_arg(request, name.encode()) for name in TEXT_FILTERS}
-        filters = {name: value for name, value in filters.items() if value is not None}
-        if filters.get("key") == "master":  # (recorded without a key id, as a managed key's requests are not)
-            del filters["key"]
-            filters["keyless"] = True
-        if "user_path" in filters:  # (as keys have it: "team/" is /team, whose own records it holds too)
-            filters["user_path"] = user_path(filters["user_path"])
-        status = query_int(request, b"status", 100, 599, message="status must be an HTTP status code (100 to 599).")
-        if status is not None:
-            filters["status"] = status
+        filters = _filters(request)
         after = query_int(request, b"after", 0, CURSOR_MAX, message="after must be the 'next' of a previous page.")
         records, cursor = await self._usage_store().log(start, end, query_limit(request, 100, 1000), after, filters)
         for record in records:
@@ -234,6 +228,26 @@ def _replica(replica, now) -> dict:
         "last_state_change": replica.changed_at, "held_until": replica.held_until, "trial": replica.trial,
         "busy_until": replica.busy_until if replica.busy_until is not None and replica.busy_until > now else None,
     }
+
+
+def _filters(request) -> dict:
+    """The usage filters of C{request}'s query (L{gomodel.store.interfaces.IUsageStore.log}'s): C{model},
+    C{provider}, C{status}, C{search} (in the request id), C{key} (C{master}: the master key's records),
+    C{user_path} (that path and those under it).
+
+    @raise InvalidRequest: a C{status} that is not one, a malformed C{user_path}.
+    """
+    filters = {name: query_arg(request, name.encode()) for name in TEXT_FILTERS}
+    filters = {name: value for name, value in filters.items() if value is not None}
+    if filters.get("key") == "master":  # (recorded without a key id, as a managed key's requests are not)
+        del filters["key"]
+        filters["keyless"] = True
+    if "user_path" in filters:  # (as keys have it: "team/" is /team, whose own records it holds too)
+        filters["user_path"] = user_path(filters["user_path"])
+    status = query_int(request, b"status", 100, 599, message="status must be an HTTP status code (100 to 599).")
+    if status is not None:
+        filters["status"] = status
+    return filters
 
 
 def _empty_bucket(period) -> dict:

@@ -396,9 +396,10 @@ class IUsageStore(Interface):
             output_cost (None without prices)}}.
         """
 
-    def grouped(start, end, by=(), bucket=None):
+    def grouped(start, end, by=(), bucket=None, filters=None):
         """Totals of the window (as L{summary}'s) per group, in group order.
 
+        @param filters: as L{log}'s: only the records they match.
         @param by: any of C{provider}, C{provider_name}, C{model}, C{auth_key_id}, C{user_path}.
         @param bucket: seconds (86400: per UTC day): also grouped by C{period}, the bucket's start.
         @return: a Deferred firing with a list of dicts: the group's keys, then the totals.
@@ -414,14 +415,14 @@ class IUsageStore(Interface):
         @return: a Deferred firing with C{(records, next cursor or None)}.
         """
 
-    def timeseries(start, end, bucket):
+    def timeseries(start, end, bucket, filters=None):
         """Totals and latency percentiles of the records with C{start <= timestamp < end}, per time bucket.
 
         Buckets are C{bucket} seconds long, counted from C{start}: bucket C{k} holds the records with
         C{start + k * bucket <= timestamp < start + (k + 1) * bucket} (C{bucket = end - start}: the
         whole window in one). Percentiles are nearest-rank: of a bucket's C{n} values in order, the
         one at rank C{ceil(p * n)}; records without a C{duration_ms} (or C{ttft_ms}: only streams
-        have one) are left out of that column's.
+        have one) are left out of that column's. C{filters} (as L{log}'s): only the records they match.
 
         @return: a Deferred firing with one dict per bucket that has records, oldest first:
             C{period} (the bucket's start, seconds), C{requests, input_tokens, output_tokens,

@@ -38,18 +38,18 @@ class SQLiteUsageStore:
                                       args).fetchone()
         return dict(_totals(row[:-2]), input_cost=row[-2], output_cost=row[-1])
 
-    def grouped(self, start, end, by=(), bucket=None):
-        return self._db.run(self._grouped, start, end, tuple(by), bucket)
+    def grouped(self, start, end, by=(), bucket=None, filters=None):
+        return self._db.run(self._grouped, start, end, tuple(by), bucket, dict(filters or {}))
 
-    def _grouped(self, start, end, by, bucket):
+    def _grouped(self, start, end, by, bucket, filters):
         keys = [_GROUPS[name] for name in by]
         if bucket is not None:
             keys.insert(0, f"CAST(timestamp / {float(bucket)!r} AS INTEGER) * {int(bucket)}")
         select = "".join(f"{key}, " for key in keys)
         group = f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
-        rows = self._db.conn().execute(
-            f"SELECT {select}{_TOTALS} FROM usage WHERE timestamp >= ? AND timestamp < ?{group}",
-            (start, end)).fetchall()
+        where, args = _where(start, end, filters)
+        rows = self._db.conn().execute(f"SELECT {select}{_TOTALS} FROM usage WHERE {' AND '.join(where)}{group}",
+                                       args).fetchall()
         names = (["period"] if bucket is not None else []) + list(by)
         return [dict(zip(names, row[:len(keys)]), **_totals(row[len(keys):])) for row in rows]
 
@@ -67,20 +67,22 @@ class SQLiteUsageStore:
         records = [_record(row) for row in rows[:limit]]
         return records, (records[-1]["id"] if len(rows) > limit else None)
 
-    def timeseries(self, start, end, bucket):
-        return self._db.run(self._timeseries, float(start), float(end), float(bucket))
+    def timeseries(self, start, end, bucket, filters=None):
+        return self._db.run(self._timeseries, float(start), float(end), float(bucket), dict(filters or {}))
 
-    def _timeseries(self, start, end, bucket):
+    def _timeseries(self, start, end, bucket, filters):
         conn = self._db.conn()
-        window = (start, bucket, start, end)
+        where, args = _where(start, end, filters)
+        clauses = " AND ".join(where)
+        window, series = (start, bucket, *args), _SERIES.format(where=clauses)
         buckets = {}
-        for k, requests, tokens_in, tokens_out, tokens, errors in conn.execute(_SERIES, window):
+        for k, requests, tokens_in, tokens_out, tokens, errors in conn.execute(series, window):
             buckets[int(k)] = {"period": start + int(k) * bucket, "requests": requests, "input_tokens": tokens_in,
                                "output_tokens": tokens_out, "total_tokens": tokens, "errors": errors,
                                "duration_ms_p50": None, "duration_ms_p95": None,
                                "ttft_ms_p50": None, "ttft_ms_p95": None}
         for column in ("duration_ms", "ttft_ms"):
-            for k, rank, n, value in conn.execute(_PERCENTILES.format(column=column), window):
+            for k, rank, n, value in conn.execute(_PERCENTILES.format(column=column, where=clauses), window):
                 row = buckets[int(k)]
                 if rank == (n + 1) // 2:
                     row[f"{column}_p50"] = value
@@ -126,14 +128,15 @@ _COSTS = "SUM(input_cost), SUM(output_cost)"  # a summary's too (None without pr
 # Portable SQL (SQLite and PostgreSQL): a record's bucket is FLOOR((timestamp - start) / bucket); the
 # percentiles are picked in the database by rank (ROW_NUMBER over each bucket's sorted values), so only
 # two rows a bucket come back: rank ceil(n / 2) = (n + 1) / 2 and ceil(0.95 n) = (95 n + 99) / 100.
-_BUCKETED = "SELECT FLOOR((timestamp - ?) / ?) AS k, {columns} FROM usage WHERE timestamp >= ? AND timestamp < ?"
+_BUCKETED = "SELECT FLOOR((timestamp - ?) / ?) AS k, {columns} FROM usage WHERE {where}"
 _SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END) FROM ("
-           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, status_code")
+           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, status_code", where="{where}")
            + ") AS t GROUP BY k ORDER BY k")
 _PERCENTILES = ("SELECT k, rn, n, v FROM (SELECT k, v, ROW_NUMBER() OVER (PARTITION BY k ORDER BY v) AS rn, "
                 "COUNT(*) OVER (PARTITION BY k) AS n FROM ("
-                + _BUCKETED.format(columns="{column} AS v") + " AND {column} IS NOT NULL) AS t) AS r "
+                + _BUCKETED.format(columns="{column} AS v", where="{where}")
+                + " AND {column} IS NOT NULL) AS t) AS r "
                 "WHERE rn = (n + 1) / 2 OR rn = (95 * n + 99) / 100")
 
 
