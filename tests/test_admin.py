@@ -482,3 +482,29 @@ async def test_every_usage_view_takes_the_logs_filters(http, ledger):
     assert [row[0] for row in csv_rows(body)] == ["user_path", "/team/a", "/team/a/x"]
     response, body = await get(http, ledger, f"{base}models?status=42")
     assert (response.code, json.loads(body)["error"]["param"]) == (400, "status")
+
+
+@pytest_twisted.ensureDeferred
+async def test_resetting_every_budget_takes_gomodels_confirmation(reactor, http, fake):
+    """GoModel's C{POST /budgets/reset} resets every budget only with C{{"confirmation": "reset"}} (or its
+    C{confirm}; any case, spaces around): without it, or with another field, it is a 400 naming the field and
+    nothing is reset (it read no body: C{{}}, a typo or no body at all reset everything)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        code, _ = await admin(http, gw, "PUT", "/admin/api/v1/budgets", {"user_path": "/t", "period": "daily",
+                                                                         "amount": 5})
+        assert code == 200
+        for body, param in ((None, "confirmation"), ({}, "confirmation"), ({"confirmation": "yes"}, "confirmation"),
+                            ({"confirm": ""}, "confirmation"), ({"confirmation": 1}, "confirmation"),
+                            ({"confirmation": "reset", "x": 1}, "x"), ("[]", None)):
+            code, error = await admin(http, gw, "POST", "/admin/api/v1/budgets/reset", body)
+            assert (code, error["error"]["type"], error["error"]["param"]) == (
+                400, "invalid_request_error", param), body
+        _, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+        assert listed["data"][0]["last_reset_at"] is None
+        for body in ({"confirmation": " Reset "}, {"confirm": "RESET"}):
+            code, answer = await admin(http, gw, "POST", "/admin/api/v1/budgets/reset", body)
+            assert (code, answer["status"], answer["reset"]) == (200, "ok", 1)
+            assert answer["budgets"][0]["last_reset_at"] == answer["reset_at"]
+    finally:
+        await gw.service.stopService()

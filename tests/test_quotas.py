@@ -900,7 +900,7 @@ async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(
         await spend(clients[0][1])  # the other process: 42 more before it refuses again
         with pytest.raises(openai.RateLimitError):  # /lab's was not reset
             await in_thread(raw_chat, clients[1][0])
-        code, answer = await admin(http, two, "POST", "/admin/api/v1/budgets/reset", {})
+        code, answer = await admin(http, two, "POST", "/admin/api/v1/budgets/reset", {"confirmation": "reset"})
         assert (code, answer["reset"]) == (200, 2)
         await one.service.gate.refresh()
         for first, _ in clients:

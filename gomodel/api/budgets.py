@@ -120,9 +120,21 @@ class BudgetsAPI:
     @app.route("/reset", methods=["POST"])
     async def reset_all(self, request):
         """GoModel's reset of every budget by user path: what each spent this period counts from now (a
-        key's budgets are the keys')."""
+        key's budgets are the keys'). As GoModel's, only with C{{"confirmation": "reset"}} (or C{confirm}).
+
+        @raise InvalidRequest: no such confirmation (nothing is reset), or another field.
+        """
+        body = json_body(request) if request.content.seek(0, 2) else {}
+        _known(body, {"confirmation", "confirm"})
+        confirmation = body.get("confirmation")
+        if not (isinstance(confirmation, str) and confirmation.strip()):  # (GoModel's: then its confirm)
+            confirmation = body.get("confirm")
+        if not isinstance(confirmation, str) or confirmation.strip().lower() != "reset":
+            raise InvalidRequest('Resetting every budget needs {"confirmation": "reset"}.', param="confirmation",
+                                 code="invalid_value")
         rows, _ = await self._rows()
-        return await self._reset(request, sorted({(path, budget.period) for path, budget, _ in rows}), {})
+        return await self._reset(request, sorted({(path, budget.period) for path, budget, _ in rows}),
+                                 {"status": "ok"})
 
     async def _reset(self, request, targets, fields):
         """Reset C{targets} (C{(user_path, period)} pairs) and answer C{fields} with every budget after."""
