@@ -508,3 +508,52 @@ async def test_resetting_every_budget_takes_gomodels_confirmation(reactor, http,
             assert answer["budgets"][0]["last_reset_at"] == answer["reset_at"]
     finally:
         await gw.service.stopService()
+
+
+async def zoned(http, gw, path, zone):
+    """The parsed answer (and status) of a GET with the master key and GoModel's C{X-GoModel-Timezone}."""
+    response = await http.get(gw.url + path, headers=dict(KEY, **{"X-GoModel-Timezone": zone}))
+    return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_counts_the_days_of_gomodels_time_zone_header(http, ledger):
+    """GoModel's C{X-GoModel-Timezone} (its dashboard sends the browser's) makes a window's dates, its days,
+    weeks and hours those of that zone (a half-hour offset, a 25-hour day of daylight saving time); without it
+    (or C{UTC}) they are UTC's, as before; a name that is no zone is a 400 naming the header."""
+    at = 1767571200  # 2026-01-05T00:00:00Z: 05:30 in Kolkata
+    await record(ledger, ("utc-4-local-4", {"timestamp": at - 6 * 3600}),  # 2026-01-04 23:30 in Kolkata
+                 ("utc-4-local-5", {"timestamp": at - 5 * 3600 - 20 * 60}),  # 00:10 on the 5th in Kolkata
+                 ("utc-5-local-5", {"timestamp": at + 10 * 3600}),
+                 ("utc-5-local-5-last", {"timestamp": at + 18.5 * 3600 - 1}),  # 23:59:59 on the 5th in Kolkata
+                 ("utc-5-local-6", {"timestamp": at + 18.5 * 3600}))  # 00:00 on the 6th in Kolkata
+    days = "/admin/api/v1/usage/daily?start_date=2026-01-04&end_date=2026-01-06"
+    _, utc = await zoned(http, ledger, days, " utc ")
+    assert [(r["date"], r["requests"]) for r in utc["data"]] == [("2026-01-04", 2), ("2026-01-05", 3)]
+    code, kolkata = await zoned(http, ledger, days, "Asia/Kolkata")
+    assert (code, [(r["date"], r["requests"]) for r in kolkata["data"]]) == (
+        200, [("2026-01-04", 1), ("2026-01-05", 3), ("2026-01-06", 1)])
+    code, summary = await zoned(http, ledger, "/admin/api/v1/usage/summary?start_date=2026-01-05&end_date=2026-01-05",
+                                "Asia/Kolkata")
+    assert (code, summary["start"], summary["end"], summary["requests"]) == (200, "2026-01-05", "2026-01-05", 3)
+    _, log = await zoned(http, ledger, "/admin/api/v1/usage/log?start_date=2026-01-06&end_date=2026-01-06",
+                         "Asia/Kolkata")
+    assert [r["request_id"] for r in log["data"]] == ["utc-5-local-6"]
+    _, hours = await zoned(http, ledger, days + "&interval=hour", "Asia/Kolkata")
+    assert [(r["period"], r["requests"]) for r in hours["data"]][:2] == [
+        ("2026-01-04T23:00:00.000+05:30", 1), ("2026-01-05T00:00:00.000+05:30", 1)]
+    _, weeks = await zoned(http, ledger, days + "&interval=weekly", "Asia/Kolkata")  # (Sunday the 4th: week 1)
+    assert [(r["period"], r["requests"]) for r in weeks["data"]] == [("2026-W01", 1), ("2026-W02", 4)]
+
+    # New York's 1 November 2026 is 25 hours long: 23:30 that night is 04:30 on the 2nd in UTC
+    await record(ledger, ("ny-last-hour", {"timestamp": 1793593800}))
+    _, summary = await zoned(http, ledger, "/admin/api/v1/usage/summary?start_date=2026-11-01&end_date=2026-11-01",
+                             "America/New_York")
+    assert (summary["end"], summary["requests"]) == ("2026-11-01", 1)
+    _, summary = await zoned(http, ledger, "/admin/api/v1/usage/summary?start_date=0001-01-01&end_date=9999-12-31",
+                             "Asia/Tokyo")
+    assert (summary["start"], summary["end"], summary["requests"]) == ("0001-01-01", "9999-12-31", 6)
+
+    for zone in ("Mars/Olympus", "America", "../etc/passwd", "/etc/localtime", "x" * 300):
+        code, error = await zoned(http, ledger, "/admin/api/v1/usage/summary", zone)
+        assert (code, error["error"]["param"], error["error"]["code"]) == (400, "X-GoModel-Timezone", "invalid_value")

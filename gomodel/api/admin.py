@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from klein import Klein
 
 from gomodel.api.keys import user_path
-from gomodel.api.windows import DAY, day, window
+from gomodel.api.windows import DAY, day, local, time_zone, window
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
 from gomodel.http.render import install as install_error_handlers
@@ -23,6 +23,9 @@ TIMESERIES = {"hour": (60.0, 60), "day": (3600.0, 24), "month": (DAY, 30)}
 CURSOR_MAX = 2**63 - 1
 # usage/log's filters given as text (C{status}: a number).
 TEXT_FILTERS = ("model", "provider", "search", "key", "user_path")
+# The store's buckets that days of a zone other than UTC are folded from: every zone's offset is whole quarters
+# of an hour (Asia/Kathmandu's +05:45).
+QUARTER = 900
 # What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -107,26 +110,30 @@ class AdminAPI:
     @app.route("/usage/summary", methods=["GET"])
     async def usage_summary(self, request):
         """Totals for a window (C{start_date}/C{end_date}, or C{days}, default 30); every usage view takes
-        the log's filters (L{_filters})."""
-        start, end = window(request, self._clock)
+        the log's filters (L{_filters}), and counts the days of the zone GoModel's C{X-GoModel-Timezone}
+        names (UTC without it)."""
+        zone = time_zone(request)
+        start, end = window(request, self._clock, zone=zone)
         summary = await self._usage_store().summary(start, end, _filters(request))
-        return json_answer(request, dict(summary, start=day(start), end=day(end - DAY)))
+        return json_answer(request, dict(summary, start=day(start, zone), end=day(end - 1, zone)))
 
     @app.route("/usage/daily", methods=["GET"])
     async def usage_daily(self, request):
         """Totals per UTC day of a window; C{interval=hour} per hour, GoModel's C{weekly} (ISO weeks,
         C{2026-W49}), C{monthly} (C{2026-12}) and C{yearly} (C{2026}) per calendar period (C{daily} is C{day});
-        each row's C{period} is also GoModel's C{date}; C{format=csv}."""
-        start, end = window(request, self._clock)
+        each row's C{period} is also GoModel's C{date}; C{format=csv}. In a zone other than UTC
+        (C{X-GoModel-Timezone}) the periods are that zone's, folded from quarter hours."""
+        zone = time_zone(request)
+        start, end = window(request, self._clock, zone=zone)
         wants_csv = _wants_csv(request)
         interval = query_arg(request, b"interval", "day")
         label = _INTERVALS.get(interval)
         if label is None:
             raise InvalidRequest("interval must be one of: hour, day (daily), weekly, monthly, yearly.",
                                  param="interval", code="invalid_value")
-        rows = await self._usage_store().grouped(start, end, bucket=3600 if interval == "hour" else DAY,
-                                                 filters=_filters(request))
-        rows = _folded(rows, label)
+        bucket = QUARTER if zone is not timezone.utc else 3600 if interval == "hour" else DAY
+        rows = await self._usage_store().grouped(start, end, bucket=bucket, filters=_filters(request))
+        rows = _folded(rows, label, zone)
         if not wants_csv:
             for row in rows:
                 row["date"] = row["period"]
@@ -154,7 +161,7 @@ class AdminAPI:
 
     async def _grouped(self, request, by):
         """The totals of a window grouped C{by} those columns, as L{_rows} answers them."""
-        start, end = window(request, self._clock)
+        start, end = window(request, self._clock, zone=time_zone(request))
         wants_csv = _wants_csv(request)  # (a bad format is refused before the query runs)
         rows = await self._usage_store().grouped(start, end, by=by, filters=_filters(request))
         return _rows(request, wants_csv, rows, by)
@@ -186,7 +193,7 @@ class AdminAPI:
         """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
         C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}: the same page,
         its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
-        start, end = window(request, self._clock)
+        start, end = window(request, self._clock, zone=time_zone(request))
         wants_csv = _wants_csv(request)
         filters = _filters(request)
         after = query_int(request, b"after", 0, CURSOR_MAX, message="after must be the 'next' of a previous page.")
@@ -267,31 +274,37 @@ def _wants_csv(request) -> bool:
     return answer == "csv"
 
 
-def _week(seconds) -> str:
-    year, week, _ = datetime.fromtimestamp(seconds, timezone.utc).isocalendar()
+def _hour(seconds, zone) -> str:
+    """The start of the hour of C{zone} holding C{seconds}, ISO 8601 (C{Z} in UTC, else the zone's offset)."""
+    start = local(seconds, zone).replace(minute=0, second=0, microsecond=0)
+    return start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _week(seconds, zone) -> str:
+    year, week, _ = local(seconds, zone).isocalendar()
     return f"{year}-W{week:02d}"
 
 
-def _month(seconds) -> str:
-    return day(seconds)[:7]
+def _month(seconds, zone) -> str:
+    return day(seconds, zone)[:7]
 
 
-def _year(seconds) -> str:
-    return day(seconds)[:4]
+def _year(seconds, zone) -> str:
+    return day(seconds, zone)[:4]
 
 
-# C{interval} -> the label of a row's bucket (hours and days are the store's buckets; longer periods are
-# folded from days).
-_INTERVALS = {"hour": _iso, "day": day, "daily": day, "week": _week, "weekly": _week,
+# C{interval} -> the label of a row's bucket in a zone (in UTC, hours and days are the store's buckets; longer
+# periods, and every period of another zone, are folded from them).
+_INTERVALS = {"hour": _hour, "day": day, "daily": day, "week": _week, "weekly": _week,
               "month": _month, "monthly": _month, "year": _year, "yearly": _year}
 
 
-def _folded(rows, label) -> list:
-    """The store's per-bucket C{rows} (oldest first) summed per C{label} of their start (a cost of None, no
-    prices, stays None unless a row in the period has one)."""
+def _folded(rows, label, zone) -> list:
+    """The store's per-bucket C{rows} (oldest first) summed per C{label} of their start in C{zone} (a cost of
+    None, no prices, stays None unless a row in the period has one)."""
     folded = {}
     for row in rows:
-        name = label(row.pop("period"))
+        name = label(row.pop("period"), zone)
         into = folded.get(name)
         if into is None:
             folded[name] = dict(period=name, **row)
