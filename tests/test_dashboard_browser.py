@@ -726,6 +726,51 @@ async def test_the_request_log_filters_the_master_keys_requests(env):
     await in_thread(filtered)
 
 
+# Holds the page's calls of a 90-day window until window.__release(); the answer of one so released sets
+# window.__stale_done once the page has taken it (a task after its JSON: the page's awaits run before it).
+_HOLD_90_DAYS = """
+const real = window.fetch;
+window.__held = [];
+window.__release = () => window.__held.splice(0).forEach((go) => go());
+window.fetch = (url, options) => {
+  if (!String(url).includes("days=90")) return real(url, options);
+  return new Promise((resolve, reject) => window.__held.push(() => real(url, options).then((response) => {
+    const json = response.json.bind(response);
+    response.json = () => json().then((value) => {
+      setTimeout(() => { window.__stale_done = true; });
+      return value;
+    });
+    resolve(response);
+  }, reject)));
+};
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_for_a_window_left_meanwhile_is_not_shown(env):
+    """The usage page shows the window last chosen: the answer for one chosen before it, coming after the
+    newer one's, is dropped (it replaced the newer window's totals, range and tables)."""
+    b = env.browser
+
+    def switch():
+        b.go("usage")
+        b.wait_text("#usage-range", lambda t: "UTC days" in t, "the window's range")
+        b.js(_HOLD_90_DAYS)
+        b.js("const s = document.querySelector('#usage-days'); s.value = '90'; s.dispatchEvent(new Event('change'))")
+        b.wait(lambda d: b.js("return window.__held.length") == 1, "the 90-day totals, held")
+        b.js("const s = document.querySelector('#usage-days'); s.value = '1'; s.dispatchEvent(new Event('change'))")
+        today = b.wait_text("#usage-range", lambda t: t.split(" (")[0].split(" – ")[0] == t.split(" (")[0]
+                            .split(" – ")[-1], "today's range")
+        b.js("window.__release()")
+        b.wait(lambda d: b.js("return window.__stale_done === true"), "the 90-day totals, taken by the page")
+        assert b.text_of("#usage-range") == today
+        b.js("window.__release()")  # (the tables of the 90 days, where the page still asked for them)
+        assert b.js("return document.querySelector('#usage-days').value") == "1"
+        b.assert_clean()
+
+    await in_thread(switch)
+
+
 @pytest_twisted.ensureDeferred
 async def test_compact_numbers_round_up_into_the_next_unit(env):
     """The overview's token cards (dom.js compact()): 999,960 is 1.0M, never "1000.0k"."""

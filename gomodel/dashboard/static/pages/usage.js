@@ -18,6 +18,13 @@ const state = {days: "7", start: "", end: "", group: "model", filters: {status: 
 
 export function mount(el) {
   let stopped = false;
+  // How many times each part was asked for: an answer is drawn only if no newer one was asked for since
+  // (another window, group, filter or page), whichever comes first.
+  const asked = {totals: 0, groups: 0, log: 0};
+  const ask = (part) => {
+    const mine = ++asked[part];
+    return () => !stopped && asked[part] === mine;
+  };
   const keyNames = new Map();
   const messages = h("div", {class: "messages", id: "usage-messages"});
 
@@ -132,20 +139,31 @@ export function mount(el) {
     }
   }
 
+  // Whether the totals were drawn (false: they failed, or a newer window was asked for meanwhile).
   async function loadTotals() {
-    const s = await admin(`usage/summary${query(windowParams())}`);
+    const current = ask("totals");
+    let s;
+    try {
+      s = await admin(`usage/summary${query(windowParams())}`);
+    } catch (error) {
+      if (current()) replace(messages, errorNote(error));
+      return false;
+    }
+    if (!current()) return false;
     replace(totals,
       card("Requests", int(s.requests)), card("Errors", int(s.errors)),
       card("Input tokens", int(s.input_tokens)), card("Output tokens", int(s.output_tokens)),
       card("Cached tokens", int(s.cached_tokens)), card("Cost", s.total_cost === null ? "no prices" : cost(s.total_cost)));
     range.textContent = `${s.start} – ${s.end} (UTC days)`;
+    return true;
   }
 
   async function loadGroups() {
     const group = state.group;
+    const current = ask("groups");
     try {
       const answer = await admin(`${GROUPS[group].route}${query(windowParams())}`);
-      if (stopped || group !== state.group) return;
+      if (!current()) return;
       let rows = answer.data;
       if (group === "model") replace(modelList, rows.map((r) => h("option", {value: r.model})));
       const name = {
@@ -169,7 +187,7 @@ export function mount(el) {
       const top = [...rows].sort((a, b) => b.requests - a.requests).slice(0, 15);
       update(groupChart, top.map(plain), [top.map((r) => r.requests), top.map((r) => r.errors)]);
     } catch (error) {
-      if (!stopped) replace(messages, errorNote(error));
+      if (current()) replace(messages, errorNote(error));
     }
   }
 
@@ -178,10 +196,11 @@ export function mount(el) {
   }
 
   async function loadLog() {
+    const current = ask("log");
     try {
       const after = cursors[cursors.length - 1];
       const page = await admin(`usage/log${query({...windowParams(), ...logParams(), limit: PAGE_SIZE, after})}`);
-      if (stopped) return;
+      if (!current()) return;
       replace(logTable, table([
         {title: "Time", cell: (r) => when(r.timestamp)},
         {title: "Request id", cell: (r) => h("code", {class: "wrap request-id", text: r.request_id})},
@@ -201,20 +220,14 @@ export function mount(el) {
         h("span", {class: "muted", text: `page ${cursors.length}`}),
         button("Older →", () => { cursors.push(page.next); loadLog(); }, {disabled: !page.has_more}));
     } catch (error) {
-      if (!stopped) replace(messages, errorNote(error));
+      if (current()) replace(messages, errorNote(error));
     }
   }
 
   async function reload() {
     replace(messages);
     cursors = [null];
-    try {
-      await loadTotals();
-    } catch (error) {
-      if (!stopped) replace(messages, errorNote(error));
-      return;
-    }
-    await Promise.all([loadGroups(), loadLog()]);
+    if (await loadTotals()) await Promise.all([loadGroups(), loadLog()]);
   }
 
   loadKeys().then(reload);
