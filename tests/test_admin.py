@@ -557,3 +557,37 @@ async def test_usage_counts_the_days_of_gomodels_time_zone_header(http, ledger):
     for zone in ("Mars/Olympus", "America", "../etc/passwd", "/etc/localtime", "x" * 300):
         code, error = await zoned(http, ledger, "/admin/api/v1/usage/summary", zone)
         assert (code, error["error"]["param"], error["error"]["code"]) == (400, "X-GoModel-Timezone", "invalid_value")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_usage_log_pages_by_gomodels_offset_too(http, ledger):
+    """GoModel's clients page the log with C{offset} (and read C{entries} and C{total}): each page is the next
+    records, not the first page again (C{offset} was ignored); with C{offset} the answer carries GoModel's
+    C{entries}, C{total}, C{limit} and C{offset} beside ours. C{offset} counts from C{after} where both are given."""
+    await record(ledger, *((f"r{i}", {"user_path": "/team"}) for i in range(5)), ("other", {}))
+    seen, offset = [], 0
+    while True:
+        _, body = await get(http, ledger, f"/admin/api/v1/usage/log?user_path=/team&limit=2&offset={offset}")
+        page = json.loads(body)
+        assert (page["total"], page["limit"], page["offset"]) == (5, 2, offset)
+        assert page["entries"] == page["data"]
+        if not page["entries"]:
+            break
+        seen += [r["request_id"] for r in page["entries"]]
+        offset += len(page["entries"])
+    assert seen == ["r4", "r3", "r2", "r1", "r0"]
+    _, body = await get(http, ledger, "/admin/api/v1/usage/log?limit=2&offset=3")
+    page = json.loads(body)
+    assert ([r["request_id"] for r in page["data"]], page["has_more"]) == (["r2", "r1"], True)
+    _, body = await get(http, ledger, "/admin/api/v1/usage/log?limit=2")
+    first = json.loads(body)
+    assert [r["request_id"] for r in first["data"]] == ["other", "r4"]
+    _, body = await get(http, ledger, f"/admin/api/v1/usage/log?limit=2&offset=1&after={first['next']}")
+    assert [r["request_id"] for r in json.loads(body)["data"]] == ["r2", "r1"]
+    _, body = await get(http, ledger, "/admin/api/v1/usage/log?limit=2")
+    assert "entries" not in json.loads(body) and "total" not in json.loads(body)  # (our cursor: no count to make)
+    _, body = await get(http, ledger, "/admin/api/v1/usage/log?offset=2&format=csv")
+    assert [row[1] for row in csv_rows(body)[1:]] == ["r3", "r2", "r1", "r0"]
+    for bad in ("-1", "x", "%EF%BC%91"):
+        response, body = await get(http, ledger, f"/admin/api/v1/usage/log?offset={bad}")
+        assert (response.code, json.loads(body)["error"]["param"]) == (400, "offset")

@@ -72,6 +72,9 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     records, cursor = await usage.log(0, 1e9, 2, before=cursor)
     assert ([r["request_id"] for r in records], cursor) == (["r2", "r1"], None)
     assert records[0]["stream"] is True
+    paged, cursor = await usage.log(0, 1e9, 2, offset=1)  # (GoModel's paging: after the first record)
+    assert [r["request_id"] for r in paged] == ["r3", "r2"] and cursor == paged[1]["id"]
+    assert (await usage.log(0, 1e9, 2, before=cursor, offset=1))[0] == []  # (the offset counts from the cursor)
     filtered = {name: [r["request_id"] for r in (await usage.log(0, 1e9, 10, filters={name: value}))[0]]
                 for name, value in (("model", "vllm-b/m"), ("provider", "vllm-b"), ("provider", "vllm"),
                                     ("status", 503), ("search", "other"), ("key", "k_1"), ("user_path", "/team/a"),

@@ -190,14 +190,17 @@ class AdminAPI:
 
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
-        """Records, newest first: C{limit}, C{after} (the previous page's C{next}), filters C{model},
+        """Records, newest first: C{limit}, C{after} (the previous page's C{next}) or GoModel's C{offset}
+        (its answer: GoModel's C{entries}, C{total}, C{limit} and C{offset} too), filters C{model},
         C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}: the same page,
         its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
         start, end = window(request, self._clock, zone=time_zone(request))
         wants_csv = _wants_csv(request)
         filters = _filters(request)
         after = query_int(request, b"after", 0, CURSOR_MAX, message="after must be the 'next' of a previous page.")
-        records, cursor = await self._usage_store().log(start, end, query_limit(request, 100, 1000), after, filters)
+        offset = query_int(request, b"offset", 0, CURSOR_MAX, message="offset must be a whole number, 0 or more.")
+        limit, store = query_limit(request, 100, 1000), self._usage_store()
+        records, cursor = await store.log(start, end, limit, after, filters, offset or 0)
         for record in records:
             record["timestamp"] = _iso(record["timestamp"])
         if wants_csv:
@@ -205,7 +208,11 @@ class AdminAPI:
             if cursor is not None:
                 request.setHeader(b"x-next", b"%d" % cursor)
             return _csv(request, records, ("id",) + USAGE_FIELDS)
-        return json_answer(request, {"object": "list", "data": records, "next": cursor, "has_more": cursor is not None})
+        answer = {"object": "list", "data": records, "next": cursor, "has_more": cursor is not None}
+        if offset is not None:  # GoModel's page: its records again as entries, and how many match (a count)
+            total = (await store.summary(start, end, filters))["requests"]
+            answer.update(entries=records, total=total, limit=limit, offset=offset)
+        return json_answer(request, answer)
 
     def _usage_store(self):
         if self._usage is None:

@@ -405,10 +405,11 @@ class IUsageStore(Interface):
         @return: a Deferred firing with a list of dicts: the group's keys, then the totals.
         """
 
-    def log(start, end, limit, before=None, filters=None):
+    def log(start, end, limit, before=None, filters=None, offset=0):
         """Records of the window, newest first.
 
         @param before: a record C{id}: only older records (the cursor of the previous page).
+        @param offset: how many of the (older) records to pass over first (GoModel's paging).
         @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id),
             C{key} (a managed key's id), C{keyless} (True: the records of no managed key, the master key's),
             C{user_path} (that path and those under it).

@@ -115,18 +115,19 @@ class PostgreSQLUsageStore:
         names = (["period"] if bucket is not None else []) + list(by)
         return [dict(zip(names, row[:len(keys)]), **_totals(row[len(keys):])) for row in rows]
 
-    def log(self, start, end, limit, before=None, filters=None):
-        return self._db.run(self._log, start, end, limit, before, dict(filters or {}))
+    def log(self, start, end, limit, before=None, filters=None, offset=0):
+        return self._db.run(self._log, start, end, limit, before, dict(filters or {}), offset)
 
     @staticmethod
-    def _log(conn, start, end, limit, before, filters):
+    def _log(conn, start, end, limit, before, filters, offset):
         where, args = _where(start, end, filters)
         if before is not None:
             where.append("id < %s")
             args.append(before)
         rows = conn.cursor(row_factory=dict_row).execute(
-            f"SELECT id, {', '.join(COLUMNS)} FROM usage WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %s",
-            (*args, limit + 1)).fetchall()
+            f"SELECT id, {', '.join(COLUMNS)} FROM usage WHERE {' AND '.join(where)} "
+            f"ORDER BY id DESC LIMIT %s OFFSET %s",
+            (*args, limit + 1, offset)).fetchall()
         records = rows[:limit]
         return records, (records[-1]["id"] if len(rows) > limit else None)
 
