@@ -193,3 +193,15 @@ async def test_timeseries_buckets_totals_and_nearest_rank_percentiles(store):
     (single,) = await store.usage.timeseries(1005, 1006, 1)
     assert (single["duration_ms_p50"], single["duration_ms_p95"]) == (6.0, 6.0)
     assert await store.usage.timeseries(2000, 3000, 60) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_time_to_first_token_is_a_streams_only(store):
+    """A whole answer's first byte is its end: the time series' TTFT percentiles are of streams alone (records
+    kept before the ledger kept a TTFT for streams only have one on whole answers too)."""
+    whole = list(series_row(1010, duration=900.0, ttft=900.0))
+    whole[USAGE_FIELDS.index("stream")] = False
+    assert await store.usage.add([series_row(1000, duration=50.0, ttft=5.0), tuple(whole)]) == 2
+    (bucket,) = await store.usage.timeseries(1000, 1060, 60)
+    assert (bucket["requests"], bucket["duration_ms_p95"], bucket["ttft_ms_p50"], bucket["ttft_ms_p95"]) == (
+        2, 900.0, 5.0, 5.0)

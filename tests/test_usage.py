@@ -59,6 +59,7 @@ async def test_records_for_every_request_that_reached_an_upstream(reactor, http,
         assert plain["total_cost"] == plain["input_cost"] + usage["completion_tokens"] * 10 / 1e6
         assert streamed["stream"] and streamed["output_tokens"] == usage["completion_tokens"]
         assert streamed["ttft_ms"] is not None and not streamed["estimated"]
+        assert plain["ttft_ms"] is None  # (a whole answer's first byte is its end: no time to a first token)
         assert embedded["endpoint"] == "/v1/embeddings" and embedded["input_tokens"] > 0
         assert gone["client_gone"] and gone["estimated"] and gone["output_tokens"] > 0
         assert gone["status_code"] == 499

@@ -62,7 +62,7 @@ class UsageLedger(Service):
         self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, ctx.replica,
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
                   ctx.stream, ctx.usage, _ms(ctx.duration),
-                  None if ctx.first_byte is None else _ms(ctx.first_byte), ctx.client_gone,
+                  None if ctx.first_byte is None or not ctx.stream else _ms(ctx.first_byte), ctx.client_gone,
                   ctx.estimated, *recorded_as(ctx.principal), tokens=ctx.token_counts)
 
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,

@@ -423,7 +423,7 @@ class IUsageStore(Interface):
         C{start + k * bucket <= timestamp < start + (k + 1) * bucket} (C{bucket = end - start}: the
         whole window in one). Percentiles are nearest-rank: of a bucket's C{n} values in order, the
         one at rank C{ceil(p * n)}; records without a C{duration_ms} (or C{ttft_ms}: only streams
-        have one) are left out of that column's. C{filters} (as L{log}'s): only the records they match.
+        have one; a whole answer's kept before is left out too) are left out of that column's. C{filters} (as L{log}'s): only the records they match.
 
         @return: a Deferred firing with one dict per bucket that has records, oldest first:
             C{period} (the bucket's start, seconds), C{requests, input_tokens, output_tokens,

@@ -41,10 +41,13 @@ _SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE
            "COALESCE(SUM(total_tokens), 0)::bigint, COUNT(*) FILTER (WHERE status_code >= 400) FROM ("
            + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, status_code", where="{where}")
            + ") AS t GROUP BY k ORDER BY k")
+# A column's percentiles are of the records that have it, a time to first token's of streams alone (a whole
+# answer's first byte is its end; records kept before the ledger kept it for streams only have one).
+_ONLY = {"ttft_ms": " AND stream"}
 _PERCENTILES = ("SELECT k, rn, n, v FROM (SELECT k, v, row_number() OVER (PARTITION BY k ORDER BY v) AS rn, "
                 "COUNT(*) OVER (PARTITION BY k) AS n FROM ("
                 + _BUCKETED.format(columns="{column} AS v", where="{where}")
-                + " AND {column} IS NOT NULL) AS t) AS r "
+                + " AND {column} IS NOT NULL{only}) AS t) AS r "
                 "WHERE rn = (n + 1) / 2 OR rn = (95 * n + 99) / 100")
 
 
@@ -146,7 +149,8 @@ class PostgreSQLUsageStore:
                                "duration_ms_p50": None, "duration_ms_p95": None,
                                "ttft_ms_p50": None, "ttft_ms_p95": None}
         for column in ("duration_ms", "ttft_ms"):
-            for k, rank, n, value in conn.execute(_PERCENTILES.format(column=column, where=clauses), window).fetchall():
+            percentiles = _PERCENTILES.format(column=column, where=clauses, only=_ONLY.get(column, ""))
+            for k, rank, n, value in conn.execute(percentiles, window).fetchall():
                 row = buckets[int(k)]
                 if rank == (n + 1) // 2:
                     row[f"{column}_p50"] = value
