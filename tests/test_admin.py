@@ -591,3 +591,31 @@ async def test_the_usage_log_pages_by_gomodels_offset_too(http, ledger):
     for bad in ("-1", "x", "%EF%BC%91"):
         response, body = await get(http, ledger, f"/admin/api/v1/usage/log?offset={bad}")
         assert (response.code, json.loads(body)["error"]["param"]) == (400, "offset")
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_views_answer_gomodels_field_names_too(http, ledger):
+    """GoModel's clients read a summary's C{total_requests}, C{total_input_tokens}, ... C{total_cost} and each
+    model's, user path's and period's C{input_cost} and C{output_cost}: they are answered beside ours (the
+    summary had only ours, the groupings no input or output cost)."""
+    await record(ledger, ("a", {"input_cost": 0.25, "output_cost": 0.5, "total_cost": 0.75, "cached_tokens": 1,
+                                "user_path": "/t"}),
+                 ("b", {"input_cost": 0.125, "output_cost": 0.0, "total_cost": 0.125}), ("c", {}))
+    _, body = await get(http, ledger, "/admin/api/v1/usage/summary")
+    summary = json.loads(body)
+    assert {name: summary[name] for name in (
+        "total_requests", "total_input_tokens", "total_output_tokens", "total_tokens", "uncached_input_tokens",
+        "cached_input_tokens", "total_input_cost", "total_output_cost", "total_cost")} == {
+        "total_requests": 3, "total_input_tokens": 9, "total_output_tokens": 6, "total_tokens": 15,
+        "uncached_input_tokens": 8, "cached_input_tokens": 1, "total_input_cost": 0.375, "total_output_cost": 0.5,
+        "total_cost": 0.875}
+    assert summary["requests"] == 3 and summary["input_cost"] == 0.375  # (ours, as before)
+    for route in ("models", "user-paths", "daily", "daily?interval=monthly", "keys", "providers"):
+        _, body = await get(http, ledger, f"/admin/api/v1/usage/{route}")
+        rows = json.loads(body)["data"]
+        assert (sum(r["input_cost"] or 0 for r in rows), sum(r["output_cost"] or 0 for r in rows)) == (0.375, 0.5)
+    _, body = await get(http, ledger, "/admin/api/v1/usage/user-paths")
+    assert [(r["user_path"], r["input_cost"], r["output_cost"]) for r in json.loads(body)["data"]] == [
+        (None, 0.125, 0.0), ("/t", 0.25, 0.5)]
+    _, body = await get(http, ledger, "/admin/api/v1/usage/models?format=csv")
+    assert csv_rows(body)[0][-2:] == ["input_cost", "output_cost"]

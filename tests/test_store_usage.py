@@ -61,7 +61,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert await usage.grouped(0, 1e9, filters={"search": "other", "keyless": True, "model": "vllm-a/m",
                                                  "provider": "vllm"}) == [dict(
         requests=1, input_tokens=10, output_tokens=5, total_tokens=15, cached_tokens=2, reasoning_tokens=0,
-        total_cost=None, errors=0)]
+        total_cost=None, errors=0, input_cost=None, output_cost=None)]
     series = await usage.timeseries(0, 172800, 86400, {"key": "k_1"})
     assert [(s["period"], s["requests"], s["errors"], s["duration_ms_p50"]) for s in series] == [(86400, 2, 1, 12.5)]
 

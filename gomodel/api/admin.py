@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from klein import Klein
 
 from gomodel.api.keys import user_path
+from gomodel.api.self_usage import usage_fields
 from gomodel.api.windows import DAY, day, local, time_zone, window
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
@@ -115,7 +116,8 @@ class AdminAPI:
         zone = time_zone(request)
         start, end = window(request, self._clock, zone=zone)
         summary = await self._usage_store().summary(start, end, _filters(request))
-        return json_answer(request, dict(summary, start=day(start, zone), end=day(end - 1, zone)))
+        return json_answer(request, dict(summary, **usage_fields(summary), start=day(start, zone),
+                                         end=day(end - 1, zone)))
 
     @app.route("/usage/daily", methods=["GET"])
     async def usage_daily(self, request):

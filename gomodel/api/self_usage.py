@@ -109,8 +109,13 @@ class SelfUsage:
 
 def _usage_block(totals, start, end) -> dict:
     """GoModel's C{usage} fields of a store's summary C{totals} of the window C{[start, end)}."""
+    return dict({"start_date": day(start), "end_date": day(end - DAY)}, **usage_fields(totals))
+
+
+def usage_fields(totals) -> dict:
+    """GoModel's names of a store's summary C{totals} (its C{UsageSummary}'s: C{total_requests}, ...)."""
     cached = totals["cached_tokens"] or 0
-    return {"start_date": day(start), "end_date": day(end - DAY), "total_requests": totals["requests"],
+    return {"total_requests": totals["requests"],
             "total_input_tokens": totals["input_tokens"], "total_output_tokens": totals["output_tokens"],
             "total_tokens": totals["total_tokens"],
             "uncached_input_tokens": max(0, (totals["input_tokens"] or 0) - cached),

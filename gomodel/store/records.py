@@ -85,4 +85,4 @@ USAGE_FIELDS = ("request_id", "timestamp", "provider", "provider_name", "replica
                 "duration_ms", "ttft_ms", "client_gone", "estimated")
 # The totals of a window or group of usage records (IUsageStore.summary's and grouped's), in their order.
 USAGE_TOTALS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
-                "total_cost", "errors")
+                "total_cost", "errors", "input_cost", "output_cost")

@@ -29,8 +29,7 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
            "COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cached_tokens), 0)::bigint, "
            "COALESCE(SUM(reasoning_tokens), 0)::bigint, SUM(total_cost), "
-           "COUNT(*) FILTER (WHERE status_code >= 400)")
-_COSTS = "SUM(input_cost), SUM(output_cost)"  # a summary's too (None without prices)
+           "COUNT(*) FILTER (WHERE status_code >= 400), SUM(input_cost), SUM(output_cost)")  # (costs: None unpriced)
 
 
 # The time series: a record's bucket is floor((timestamp - start) / bucket); the percentiles are picked in
@@ -99,8 +98,7 @@ class PostgreSQLUsageStore:
     @staticmethod
     def _summary(conn, start, end, filters):
         where, args = _where(start, end, filters)
-        row = conn.execute(f"SELECT {_TOTALS}, {_COSTS} FROM usage WHERE {' AND '.join(where)}", args).fetchone()
-        return dict(_totals(row[:-2]), input_cost=row[-2], output_cost=row[-1])
+        return _totals(conn.execute(f"SELECT {_TOTALS} FROM usage WHERE {' AND '.join(where)}", args).fetchone())
 
     def grouped(self, start, end, by=(), bucket=None, filters=None):
         return self._db.run(self._grouped, start, end, tuple(by), bucket, dict(filters or {}))

@@ -34,9 +34,8 @@ class SQLiteUsageStore:
 
     def _summary(self, start, end, filters):
         where, args = _where(start, end, filters)
-        row = self._db.conn().execute(f"SELECT {_TOTALS}, {_COSTS} FROM usage WHERE {' AND '.join(where)}",
-                                      args).fetchone()
-        return dict(_totals(row[:-2]), input_cost=row[-2], output_cost=row[-1])
+        return _totals(self._db.conn().execute(f"SELECT {_TOTALS} FROM usage WHERE {' AND '.join(where)}",
+                                               args).fetchone())
 
     def grouped(self, start, end, by=(), bucket=None, filters=None):
         return self._db.run(self._grouped, start, end, tuple(by), bucket, dict(filters or {}))
@@ -123,8 +122,8 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
            "user_path": "user_path"}
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
-           "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0)")
-_COSTS = "SUM(input_cost), SUM(output_cost)"  # a summary's too (None without prices)
+           "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0), "
+           "SUM(input_cost), SUM(output_cost)")  # (the costs: None without prices)
 
 
 # Portable SQL (SQLite and PostgreSQL): a record's bucket is FLOOR((timestamp - start) / bucket); the
