@@ -467,7 +467,7 @@ async def test_every_usage_view_takes_the_logs_filters(http, ledger):
     for query, requests, tokens, errors in (
             ("user_path=/team/a", 2, 5, 1), ("user_path=team", 3, 10, 1), ("model=vllm/other", 1, 5, 0),
             ("provider=gpu-b", 1, 5, 0), ("key=key_1", 2, 5, 1), ("key=master", 2, 10, 0),
-            ("status=500", 1, 0, 1), ("search=a-", 2, 5, 1), ("user_path=/nobody", 0, 0, 0)):
+            ("status=500", 1, 0, 1), ("search=-1", 3, 15, 0), ("user_path=/nobody", 0, 0, 0)):
         _, body = await get(http, ledger, f"{base}summary?{query}")
         summary = json.loads(body)
         assert (summary["requests"], summary["total_tokens"], summary["errors"]) == (requests, tokens, errors), query
@@ -619,3 +619,17 @@ async def test_usage_views_answer_gomodels_field_names_too(http, ledger):
         (None, 0.125, 0.0), ("/t", 0.25, 0.5)]
     _, body = await get(http, ledger, "/admin/api/v1/usage/models?format=csv")
     assert csv_rows(body)[0][-2:] == ["input_cost", "output_cost"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_log_search_finds_models_and_providers_as_gomodels_does(http, ledger):
+    """GoModel's C{search} looks in the model and the provider too, not the request id alone (in any case, its
+    text as it is)."""
+    await record(ledger, ("req-1", {"model": "gpu-b/Qwen3-8B", "provider_name": "gpu-b"}),
+                 ("req-2", {"provider": "openai", "provider_name": "cloud"}), ("qwen-id", {}))
+    for text, found in (("qwen", ["qwen-id", "req-1"]), ("GPU-B", ["req-1"]), ("openai", ["req-2"]),
+                        ("CLOUD", ["req-2"]), ("req-", ["req-2", "req-1"]), ("%", []), ("Qwen3_8B", [])):
+        _, body = await get(http, ledger, f"/admin/api/v1/usage/log?search={text.replace('%', '%25')}")
+        assert [r["request_id"] for r in json.loads(body)["data"]] == found, text
+    _, body = await get(http, ledger, "/admin/api/v1/usage/summary?search=qwen")
+    assert json.loads(body)["requests"] == 2

@@ -193,9 +193,8 @@ class AdminAPI:
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
         """Records, newest first: C{limit}, C{after} (the previous page's C{next}) or GoModel's C{offset}
-        (its answer: GoModel's C{entries}, C{total}, C{limit} and C{offset} too), filters C{model},
-        C{provider}, C{status}, C{search} (request id), C{key}, C{user_path}; C{format=csv}: the same page,
-        its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
+        (its answer: GoModel's C{entries}, C{total}, C{limit} and C{offset} too), filters (L{_filters});
+        C{format=csv}: the same page, its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
         start, end = window(request, self._clock, zone=time_zone(request))
         wants_csv = _wants_csv(request)
         filters = _filters(request)
@@ -248,8 +247,8 @@ def _replica(replica, now) -> dict:
 
 def _filters(request) -> dict:
     """The usage filters of C{request}'s query (L{gomodel.store.interfaces.IUsageStore.log}'s): C{model},
-    C{provider}, C{status}, C{search} (in the request id), C{key} (C{master}: the master key's records),
-    C{user_path} (that path and those under it).
+    C{provider}, C{status}, C{search} (in the request id, model or provider), C{key} (C{master}: the master
+    key's records), C{user_path} (that path and those under it).
 
     @raise InvalidRequest: a C{status} that is not one, a malformed C{user_path}.
     """

@@ -65,6 +65,10 @@ def like_pattern(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+# The columns the usage log's search looks in (GoModel's: the request id, the model and the provider).
+SEARCHED = ("request_id", "model", "provider", "provider_name")
+
+
 def usage_where(start, end, filters, clauses, mark, below):
     """The C{WHERE} clauses and their arguments of a usage window C{[start, end)} and C{filters}
     (L{gomodel.store.interfaces.IUsageStore.log}'s), in one SQL dialect.
@@ -81,7 +85,7 @@ def usage_where(start, end, filters, clauses, mark, below):
         elif name == "user_path":
             args += below(value)
         elif name == "search":
-            args.append(like_pattern(value))
+            args += [like_pattern(value)] * len(SEARCHED)
         elif name != "keyless":  # (the master key's, or an open gateway's: no argument)
             args.append(value)
     return where, args

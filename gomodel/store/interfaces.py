@@ -410,9 +410,9 @@ class IUsageStore(Interface):
 
         @param before: a record C{id}: only older records (the cursor of the previous page).
         @param offset: how many of the (older) records to pass over first (GoModel's paging).
-        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id),
-            C{key} (a managed key's id), C{keyless} (True: the records of no managed key, the master key's),
-            C{user_path} (that path and those under it).
+        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id,
+            the model or the provider), C{key} (a managed key's id), C{keyless} (True: the records of no
+            managed key, the master key's), C{user_path} (that path and those under it).
         @return: a Deferred firing with C{(records, next cursor or None)}.
         """
 
@@ -423,7 +423,8 @@ class IUsageStore(Interface):
         C{start + k * bucket <= timestamp < start + (k + 1) * bucket} (C{bucket = end - start}: the
         whole window in one). Percentiles are nearest-rank: of a bucket's C{n} values in order, the
         one at rank C{ceil(p * n)}; records without a C{duration_ms} (or C{ttft_ms}: only streams
-        have one; a whole answer's kept before is left out too) are left out of that column's. C{filters} (as L{log}'s): only the records they match.
+        have one; a whole answer's kept before is left out too) are left out of that column's.
+        C{filters} (as L{log}'s): only the records they match.
 
         @return: a Deferred firing with one dict per bucket that has records, oldest first:
             C{period} (the bucket's start, seconds), C{requests, input_tokens, output_tokens,

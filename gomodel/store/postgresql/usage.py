@@ -5,7 +5,7 @@ from psycopg.rows import dict_row
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
-from gomodel.store.codec import usage_where
+from gomodel.store.codec import SEARCHED, usage_where
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -21,8 +21,10 @@ _MARK = ("WITH old AS (DELETE FROM usage_writes WHERE written_at < extract(epoch
          "INSERT INTO usage_writes (request_id, timestamp, rows, written_at) "
          "VALUES (%s, %s, %s, extract(epoch FROM now()))")
 _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everything under it
+# The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
+_SEARCH = "(" + " OR ".join(f"{column} ILIKE %s ESCAPE '\\'" for column in SEARCHED) + ")"
 _FILTERS = {"model": "model = %s", "provider": "(provider = %s OR provider_name = %s)", "status": "status_code = %s",
-            "search": "request_id ILIKE %s ESCAPE '\\'", "key": "auth_key_id = %s", "keyless": "auth_key_id IS NULL", "user_path": _BELOW}
+            "search": _SEARCH, "key": "auth_key_id = %s", "keyless": "auth_key_id IS NULL", "user_path": _BELOW}
 _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model", "auth_key_id": "auth_key_id",
            "user_path": "user_path"}
 # Sums of BIGINT columns are NUMERIC in PostgreSQL: cast back to integers.

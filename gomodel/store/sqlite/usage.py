@@ -3,14 +3,16 @@ store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thr
 
 from zope.interface import implementer
 
-from gomodel.store.codec import usage_where
+from gomodel.store.codec import SEARCHED, usage_where
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
 _BOOLEANS = ("stream", "client_gone", "estimated")
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES"
+# The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
+_SEARCH = "(" + " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for column in SEARCHED) + ")"
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
-            "search": "request_id LIKE ? ESCAPE '\\'", "key": "auth_key_id = ?", "keyless": "auth_key_id IS NULL",
+            "search": _SEARCH, "key": "auth_key_id = ?", "keyless": "auth_key_id IS NULL",
             "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
 
 

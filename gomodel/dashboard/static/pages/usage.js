@@ -93,8 +93,8 @@ export function mount(el) {
   const anyKey = () => [h("option", {value: "", text: "any key"}),
     h("option", {value: "master", text: "master key", selected: f.key === "master"})];
   const key = h("select", {id: "log-key", "aria-label": "Key"}, anyKey());
-  const search = h("input", {id: "log-search", type: "search", placeholder: "request id", value: f.search,
-    "aria-label": "Request id"});
+  const search = h("input", {id: "log-search", type: "search", placeholder: "request id, model, provider",
+    value: f.search, "aria-label": "Search: request id, model or provider"});
   const filters = h("form", {class: "filters", id: "log-filters", onsubmit: (event) => {
     event.preventDefault();
     Object.assign(f, {status: status.value.trim(), model: model.value.trim(), key: key.value,
