@@ -7,8 +7,9 @@ C{{user_path, period, amount | max_cost | max_tokens}} (or C{PUT
 /budgets/{user_path}/{period}} with the rest) sets one; C{DELETE} the same
 way (or with C{user_path} and C{period} in the query) removes it. C{POST
 /budgets/reset-one} with C{{user_path, period}} sets what one spent back to
-zero (its period counts from then), C{POST /budgets/reset} every one's (the
-configuration's too: the reset time is kept in the store). Every process sees
+zero (its period counts from then), C{POST /budgets/reset} with GoModel's
+C{{"confirmation": "reset"}} every one's (the configuration's too: the reset
+time is kept in the store). Every process sees
 an edit or a reset within about a second. Key budgets live on the keys
 (C{/auth-keys}).
 
