@@ -1,11 +1,15 @@
 """The relay client: each URL and method is checked once, then kept for the next request; upstreams given by
 IPv4 address, IPv6 address or name."""
 
+import re
+
+import openai
 import pytest
 import pytest_twisted
 import treq
 
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 
 from gomodel.upstream import client
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_pool, tcp_endpoint
@@ -114,3 +118,84 @@ async def test_an_upstream_given_by_ipv6_address_is_discovered_probed_and_relaye
         sdk.close()
         await gateway.service.stopService()
         await fake.stop()
+
+
+class _Dropping(Protocol):
+    """A raw upstream's connection: model lists answered and closed; each chat request answered with keep-alive,
+    or (as the server's C{drops} says, one per request in turn) read whole and dropped without an answer."""
+
+    def connectionMade(self):
+        self._buffer = b""
+
+    def dataReceived(self, data):
+        self._buffer += data
+        head, sep, rest = self._buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)) if b"ength:" in head else 0
+        if len(rest) < length:
+            return
+        self._buffer = rest[length:]
+        if head.startswith(b"GET"):
+            body = b'{"object":"list","data":[{"id":"m","object":"model"}]}'
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.loseConnection()
+            return
+        self.factory.posts.append(self)
+        if self.factory.drops.pop(0):
+            self.transport.loseConnection()
+            return
+        body = b'{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",' \
+               b'"content":"hi"},"finish_reason":"stop"}]}'
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+
+
+async def _dropping_upstream(reactor, drops):
+    factory = Factory.forProtocol(_Dropping)
+    factory.posts, factory.drops = [], list(drops)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": f"http://127.0.0.1:{port.getHost().port}/v1"})
+    return factory, port, gateway
+
+
+def _chat(gateway):
+    client = openai_client(gateway)
+    try:
+        return client.with_options(max_retries=0).chat.completions.create(
+            model="vllm/m", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_dropped_on_a_new_connection_is_not_sent_again(reactor):
+    """An upstream that took a request on a new connection and dropped it without an answer is not sent it
+    again (before: once more at once, as for a pooled connection the upstream had closed, so a model could
+    generate it twice); the client has a 502 and the request was sent once."""
+    factory, port, gateway = await _dropping_upstream(reactor, [True, False])
+    try:
+        with pytest.raises(openai.APIStatusError) as failed:
+            await in_thread(_chat, gateway)
+        assert failed.value.status_code == 502
+        assert len(factory.posts) == 1
+    finally:
+        await gateway.service.stopService()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pooled_connection_the_upstream_closed_is_sent_once_more_on_a_new_one(reactor):
+    """A request on a kept connection that the upstream closed as it came (no byte answered) is sent once more,
+    on a new connection, and answered: what a stale keep-alive connection needs."""
+    factory, port, gateway = await _dropping_upstream(reactor, [False, True, False])
+    try:
+        first = await in_thread(_chat, gateway)
+        again = await in_thread(_chat, gateway)
+        assert first.choices[0].message.content == again.choices[0].message.content == "hi"
+        posts = factory.posts
+        assert len(posts) == 3 and posts[0] is posts[1] and posts[2] is not posts[1]
+    finally:
+        await gateway.service.stopService()
+        await port.stopListening()

@@ -145,7 +145,7 @@ class RelayClient:
         protocol = self._pool.cached(origin.key)
         if protocol is not None:
             return _send(protocol, request)
-        return self._pool.getConnection(origin.key, origin.endpoint).addCallback(_send, request)
+        return self._pool.getConnection(origin.key, origin.endpoint).addCallback(_send, request).addErrback(_fresh)
 
     def _check(self, url):
         """C{(origin, request target)} of C{url}, kept for its next request (three regular expressions
@@ -190,6 +190,14 @@ def _send(protocol, request):
     answer = protocol.request(request)
     send_now(protocol.transport)
     return answer
+
+
+def _fresh(failure):
+    """Mark the failure of a request sent on a new connection (its C{fresh}): the upstream took the connection for
+    it, so a lost answer is no stale pooled connection's (one the upstream closed as it was reused) and is never
+    sent again on that ground (L{gomodel.upstream.openai_compatible.OpenAICompatibleProvider.send})."""
+    failure.value.fresh = True
+    return failure
 
 
 class BodyTooLarge(Exception):

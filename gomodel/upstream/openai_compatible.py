@@ -15,6 +15,8 @@ from gomodel.upstream.errors import Secret, upstream_error
 
 # A failure of these kinds means no response byte came back: on a pooled
 # connection the upstream had most likely just closed it, so one retry is safe.
+# On a new connection (the failure's C{fresh}, L{gomodel.upstream.client}) the
+# upstream took the request and dropped it: sent again, it could run twice.
 _STALE_CONNECTION = (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
 _TIMEOUTS = (DeferredTimeout, net_error.TimeoutError)
 MODELS_LIST_TIMEOUT = 30.0
@@ -95,7 +97,7 @@ class OpenAICompatibleProvider:
             except _STALE_CONNECTION as e:
                 if was_cancelled(e):
                     raise CancelledError() from None
-                if attempt == 1:
+                if attempt == 1 and not getattr(e, "fresh", False):
                     self.log.debug("retrying {provider} once after {error!r}", provider=self.name, error=e)
                     continue
                 raise self._unreachable(e) from None
