@@ -291,6 +291,28 @@ async def test_a_stream_flag_that_is_no_boolean_is_refused_before_the_upstream(h
 
 
 @pytest_twisted.ensureDeferred
+async def test_stream_options_that_are_no_object_or_an_include_usage_no_boolean_are_refused(http, gateway, fake):
+    """vLLM reads include_usage 1 or "yes" as true and sends the usage chunk, which the gateway, forcing it on,
+    then dropped as unasked (before): such a value is a 400, as OpenAI answers it (and as 'stream' is)."""
+    before = len(fake.requests)
+    for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": [], "stream": True}),
+                       ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": True})):
+        for options, param in (("x", "stream_options"), ([], "stream_options"), (7, "stream_options"),
+                               ({"include_usage": "yes"}, "stream_options.include_usage"),
+                               ({"include_usage": 1}, "stream_options.include_usage")):
+            response, content = await post(http, gateway, dict(body, stream_options=options), path=path)
+            assert response.code == 400, (path, options)
+            error = error_of(content)
+            assert (error["param"], error["code"], error["type"]) == (param, "invalid_type", "invalid_request_error")
+        for options in (None, {}, {"include_usage": None}, {"include_usage": False}):
+            response, content = await post(http, gateway, dict(body, stream_options=options), path=path)
+            assert response.code == 200 and b'"usage"' not in content, (path, options)
+        response, content = await post(http, gateway, dict(body, stream_options={"include_usage": True}), path=path)
+        assert response.code == 200 and content.count(b'"usage"') == 1
+    assert len(fake.requests) == before + 10
+
+
+@pytest_twisted.ensureDeferred
 async def test_upstream_errors_never_show_its_host_and_port_in_any_field(http, gateway, fake):
     netloc = fake.base_url.split("/")[2]  # 127.0.0.1:port
     port = netloc.rpartition(":")[2]

@@ -11,7 +11,7 @@ from functools import partial
 
 from gomodel import jsonutil
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound
-from gomodel.http.bodies import json_body, streams, whole_number
+from gomodel.http.bodies import json_body, stream_options, streams, whole_number
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
@@ -68,17 +68,15 @@ class InferenceRoutes:
         observer = None
         if streams(body):
             strip_usage = False
-            options = body.get("stream_options")
-            if options is None or isinstance(options, dict):
-                options = dict(options or {})
-                if options.get("include_usage") is not True:
-                    # We always want usage; the client gets it only if it asked. (vLLM's per-chunk usage holds
-                    # only with include_usage: without it, the client asked for none.)
-                    options["include_usage"] = True
-                    if "continuous_usage_stats" in options:
-                        del options["continuous_usage_stats"]
-                    strip_usage = True
-                body["stream_options"] = options
+            options = stream_options(body)
+            if options.get("include_usage") is not True:
+                # We always want usage; the client gets it only if it asked. (vLLM's per-chunk usage holds
+                # only with include_usage: without it, the client asked for none.)
+                options["include_usage"] = True
+                if "continuous_usage_stats" in options:
+                    del options["continuous_usage_stats"]
+                strip_usage = True
+            body["stream_options"] = options
             observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx))
         # (a fallback's body from this one as the request made it, before the first target's own fields)
         again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None

@@ -53,6 +53,24 @@ def streams(body) -> bool:
                          code="invalid_type")
 
 
+def stream_options(body) -> dict:
+    """A copy of the streaming JSON request C{body}'s C{stream_options} (empty when absent or null).
+
+    @raise InvalidRequest: it is no object, or its C{include_usage} is neither a boolean nor null (vLLM would
+        read C{1} or C{"yes"} as true, and send the usage chunk the client then did not seem to ask for).
+    """
+    options = body.get("stream_options")
+    if options is None:
+        return {}
+    if options.__class__ is not dict:
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options", code="invalid_type")
+    usage = options.get("include_usage")
+    if usage is not None and usage is not True and usage is not False:
+        raise InvalidRequest("'stream_options.include_usage' must be a boolean (true or false).",
+                             param="stream_options.include_usage", code="invalid_type")
+    return dict(options)
+
+
 def query_arg(request, name: bytes, default=None):
     """The first value of query parameter C{name} as text (empty counts as absent)."""
     values = request.args.get(name)
