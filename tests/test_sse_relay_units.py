@@ -96,7 +96,7 @@ def test_chat_observer_reads_a_long_read_as_event_by_event():
                padding + usage_too + CHUNK + done, padding + done, USAGE + padding + done, padding,
                CHUNK + error + padding + USAGE + done, padding + done + mention]
 
-    def by_events(stream, strip):  # every event looked at in turn
+    def by_events(stream, strip, crlf):  # every event looked at in turn
         seen = {"usage": None, "error": None, "done": False, "out": b"", "events": 0}
         for event in stream.split(b"\n\n")[:-1]:
             event += b"\n\n"
@@ -112,7 +112,11 @@ def test_chat_observer_reads_a_long_read_as_event_by_event():
                     seen["usage"] = chunk["usage"]
                     if strip and chunk["choices"] == []:
                         continue
-            seen["out"] += event
+                    if strip:  # the usage beside choices: the chunk without it, written anew
+                        del chunk["usage"]
+                        seen["out"] += b"data: " + jsonutil.dumps(chunk) + b"\n\n"
+                        continue
+            seen["out"] += event.replace(b"\n", b"\r\n") if crlf else event
         return seen
 
     for stream in streams:
@@ -123,8 +127,8 @@ def test_chat_observer_reads_a_long_read_as_event_by_event():
                 for reads in ([whole], [whole[:50], whole[50:]], [whole[:last], whole[last:]]):
                     observer = ChatStreamObserver(strip_usage=strip)
                     out = b"".join(observer.feed(read) for read in reads)
-                    expected = by_events(stream, strip)
-                    assert out == (expected["out"].replace(b"\n", b"\r\n") if crlf else expected["out"])
+                    expected = by_events(stream, strip, crlf)
+                    assert out == expected["out"]
                     assert (observer.usage, observer.error, observer.done) == (
                         expected["usage"], expected["error"], expected["done"])
                     if observer.usage is None:  # the events stand in for a usage: every one counted

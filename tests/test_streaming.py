@@ -166,6 +166,27 @@ async def test_forced_usage_chunk_reaches_only_clients_that_asked(http, gateway,
     assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
 
 
+@pytest_twisted.ensureDeferred
+async def test_forced_usage_on_a_chunk_with_choices_reaches_only_clients_that_asked(http, gateway, fake):
+    """An upstream that puts the usage on its last chunk, beside that chunk's choices (llama.cpp's server does),
+    rather than on a chunk of its own: a client that did not ask for usage gets the chunk without it (before: as
+    it came, the usage it had not asked for in it); one that asked gets it as it came."""
+    usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": "stop"}]}
+    sse = [json.dumps(dict(chunk, choices=[{"index": 0, "delta": {"content": "a"}, "finish_reason": None}])),
+           json.dumps(dict(chunk, usage=usage)), "[DONE]"]
+    response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(stream_body(fake_sse=sse)).encode())
+    events = events_of(await treq.content(response))
+    assert not any(b'"usage"' in e for e in events)
+    assert [jsonutil.loads(e[6:]) for e in events[:-1]] == [json.loads(sse[0]), chunk]
+    assert events[-1] == b"data: [DONE]"
+    asked = stream_body(fake_sse=sse, stream_options={"include_usage": True})
+    response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(asked).encode())
+    events = events_of(await treq.content(response))
+    assert [e[6:] for e in events] == [s.encode() for s in sse]
+
+
 async def test_a_stream_an_upstream_answered_whole_reaches_the_client_as_events(gateway, fake):
     """An OpenAI-compatible upstream that ignores "stream" answers whole: the client still gets the stream's
     events (before: the JSON as it came, which the SDK read as an empty stream); what is no completion is a 502."""

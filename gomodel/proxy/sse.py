@@ -263,8 +263,9 @@ class ChatStreamObserver:
     """Watches a chat/completions stream: usage, C{[DONE]}, in-band errors.
 
     It drops the usage-only chunk that the gateway asked for on the client's
-    behalf (C{strip_usage}); every other byte passes unchanged, but an in-band
-    error that names the upstream's address (C{hide}).
+    behalf (C{strip_usage}), or the usage from the chunk that carries it beside
+    its choices; every other byte passes unchanged, but an in-band error that
+    names the upstream's address (C{hide}).
     """
 
     def __init__(self, strip_usage: bool, hide=None):
@@ -355,8 +356,12 @@ class ChatStreamObserver:
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     self.usage = usage
-                    if self._strip_usage and chunk.get("choices") == []:
-                        return None
+                    if self._strip_usage:
+                        if chunk.get("choices") == []:
+                            return None
+                        # (an upstream that puts the usage on its last chunk, beside its choices: llama.cpp's)
+                        del chunk["usage"]
+                        return b"data: " + jsonutil.dumps(chunk) + b"\n\n"
         return event
 
     def finish(self):
