@@ -422,6 +422,30 @@ async def test_the_ledgers_summary_adds_what_it_holds_still_as_the_store_sums_it
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_prompt_of_token_ids_left_early_is_charged_a_token_each(reactor, fake, tmp_path):
+    """A completions stream whose prompt is token ids (vLLM takes them), left after its first event, is charged
+    its prompt as the upstream read it: a token an id (before: 0, its ids being no text, so a key could send any
+    prompt that way and be charged only the events it read); ids nested in a list of prompts too, and the text of a
+    mixed one as text."""
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env)
+    try:
+        for prompt in (list(range(3000)), [list(range(1000)), list(range(500))], ["abcdefgh", [1, 2, 3]]):
+            body = {"model": MODEL, "prompt": prompt, "stream": True, "fake_chunks": 50, "fake_pace": 0.05}
+            request = chat_request(body, headers=KEY).replace(b"/v1/chat/completions", b"/v1/completions", 1)
+            client = await connect(reactor, gw.port, request)
+            await with_timeout(reactor, client.wait_for(b'"text"'), 10)
+            client.transport.abortConnection()
+            await client.lost
+        records = await _recorded(gw, 3)
+        assert [(r["endpoint"], r["status_code"], r["client_gone"], r["estimated"]) for r in records] == [
+            ("/v1/completions", 499, True, True)] * 3
+        assert [r["input_tokens"] for r in records] == [5, 1500, 3000]  # (newest first; "abcdefgh": 2, and 3 ids)
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_responses_or_messages_stream_the_client_left_is_recorded_with_what_it_sent(reactor, fake, tmp_path):
     """A stream left before its final usage is charged the output its deltas carried (estimated), on every
     streaming route: before, a Responses stream (native or translated) was recorded with no tokens at all,

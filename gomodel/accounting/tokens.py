@@ -106,7 +106,9 @@ def requested_tokens(body):
 def prompt_estimate(body) -> int:
     """Tokens a JSON request C{body} (bytes) sends, estimated (about 4 characters a token) where no usage
     says them: the text of its C{messages}, C{prompt} or C{input}, with its C{system}, C{instructions} and
-    C{tools} (data URLs left out: an image's bytes are no text), else (a body that is not such JSON) its bytes / 4, the limits' estimate. 0 for no body.
+    C{tools} (data URLs left out: an image's bytes are no text), and a token for each token id a C{prompt} or
+    C{input} holds (vLLM takes lists of them), else (a body that is not such JSON) its bytes / 4, the limits'
+    estimate. 0 for no body.
     Parsed: only a request whose usage is missing (a stream cut before its usage chunk) needs it."""
     if not body:
         return 0
@@ -119,8 +121,21 @@ def prompt_estimate(body) -> int:
     for name in ("messages", "prompt", "input"):
         if name in parsed:
             sent = (parsed[name], parsed.get("system"), parsed.get("instructions"), parsed.get("tools"))
-            return -(-_text_length(sent) // 4)
+            text = -(-_text_length(sent) // 4)
+            return text if name == "messages" else text + _token_ids(parsed[name])
     return len(body) // 4
+
+
+def _token_ids(prompt) -> int:
+    """The token ids in a C{prompt} or C{input}: the integers in it and in its lists (not in its objects)."""
+    count, todo = 0, [prompt]
+    while todo:
+        item = todo.pop()
+        if item.__class__ is int:
+            count += 1
+        elif item.__class__ is list:
+            todo.extend(item)
+    return count
 
 
 def _text_length(values) -> int:
