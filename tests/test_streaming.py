@@ -3,6 +3,7 @@
 import json
 import time
 
+import pytest
 import pytest_twisted
 import treq
 
@@ -185,6 +186,68 @@ async def test_forced_usage_on_a_chunk_with_choices_reaches_only_clients_that_as
     response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(asked).encode())
     events = events_of(await treq.content(response))
     assert [e[6:] for e in events] == [s.encode() for s in sse]
+
+
+async def test_a_native_responses_stream_an_upstream_answered_whole_reaches_the_client_as_events(reactor, fake):
+    """An upstream's own /v1/responses that ignores "stream" answers whole: the client still gets the Responses
+    stream's events, made of that response (before: the JSON as it came, which the openai SDK read as an empty
+    stream, without a word); the response is kept and its usage counted; what is no response is a 502."""
+    import openai
+
+    from tests.support import in_thread, openai_client, start_gateway
+
+    whole = {"id": "resp_w1", "object": "response", "created_at": 1, "status": "completed", "model": "m",
+             "output": [{"type": "reasoning", "id": "rs_1", "summary": [], "content": [
+                            {"type": "reasoning_text", "text": "Hm."}]},
+                        {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant", "content": [
+                            {"type": "output_text", "text": "Checking.", "annotations": [], "logprobs": []}]},
+                        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f",
+                         "arguments": "{\"a\":1}", "status": "completed"}],
+             "usage": {"input_tokens": 12, "output_tokens": 7, "total_tokens": 19}, "parallel_tool_calls": True,
+             "tool_choice": "auto", "tools": []}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = openai_client(gw)
+    try:
+        def stream(body):
+            return list(client.responses.create(model=MODEL, input="hi", stream=True,
+                                                extra_body={"fake_status": 200, "fake_body": body}))
+
+        def final(body):
+            with client.responses.stream(model=MODEL, input="hi",
+                                         extra_body={"fake_status": 200, "fake_body": body}) as events:
+                return events.get_final_response()
+
+        events = await in_thread(stream, json.dumps(whole))
+        assert [e.type for e in events] == [
+            "response.created", "response.in_progress",
+            "response.output_item.added", "response.output_item.done",
+            "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+            "response.output_text.done", "response.content_part.done", "response.output_item.done",
+            "response.output_item.added", "response.function_call_arguments.delta",
+            "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert events[6].delta == "Checking." and events[11].delta == '{"a":1}'
+        assert events[0].response.status == "in_progress" and events[0].response.output == []
+        assert events[-1].response.model_dump(exclude_unset=True) == whole
+        assert (await in_thread(final, json.dumps(whole))).output_text == "Checking."
+        raw = await treq.post(gw.url + "/v1/responses", data=json.dumps(
+            {"model": MODEL, "input": "hi", "stream": True, "fake_status": 200, "fake_body": json.dumps(whole)}).encode())
+        assert raw.headers.getRawHeaders("content-type") == ["text/event-stream; charset=utf-8"]
+        assert (await treq.content(raw)).startswith(b'event: response.created\ndata: {"type":"response.created",')
+        kept = await in_thread(client.responses.retrieve, "resp_w1")
+        assert kept.status == "completed" and kept.usage.total_tokens == 19
+        cut = dict(whole, status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+        assert (await in_thread(stream, json.dumps(cut)))[-1].response.status == "incomplete"
+        queued = dict(whole, id="resp_w2", status="queued", output=[], usage=None, background=True)
+        events = await in_thread(stream, json.dumps(queued))
+        assert [(e.type, e.response.status) for e in events] == [("response.created", "queued"),
+                                                                 ("response.queued", "queued")]
+        with pytest.raises(openai.APIStatusError) as raised:
+            await in_thread(stream, json.dumps({"object": "list", "data": []}))
+        assert raised.value.status_code == 502
+    finally:
+        client.close()
+        await gw.service.stopService()
 
 
 async def test_a_stream_an_upstream_answered_whole_reaches_the_client_as_events(gateway, fake):

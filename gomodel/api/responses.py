@@ -27,6 +27,7 @@ from gomodel.responses_history import (as_list, continued, conversation, normali
                                       unknown_previous, unknown_response)
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
+from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error, without_address
 
@@ -185,10 +186,14 @@ class ResponsesRoute:
                 observer = _Relinked(turn.previous_id if explicit else None, background, hide)
             else:
                 observer = ResponsesStreamObserver(hide)
+            # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
+            call = UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
+                                transform=partial(_streamed, observer), prefer=prefer, affinity=affinity)
             try:
-                return await self._exchange.relay(
-                    request, ctx, provider, UpstreamCall("/responses", jsonutil.dumps(body), observer=observer,
-                                                         vet=vet, model=body["model"], prefer=prefer, affinity=affinity))
+                result = await self._exchange.relay(request, ctx, provider, call)
+                if result is not None:
+                    request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
+                return result
             finally:  # (the client left, the stream broke: a background response is kept as it began, and watched)
                 turn.keep(observer.response if observer.response is not None or not background else observer.started)
         transform = turn.keep_body if turn.stored else None
@@ -518,6 +523,15 @@ class _Relinked(ResponsesStreamObserver):
                 and self.response.get("previous_response_id") is None):
             self.response["previous_response_id"] = self._previous_id
         return ended
+
+
+def _streamed(observer, answer: bytes) -> bytes:
+    """The events of a stream made of the whole response C{answer} (L{response_events}), as C{observer} relays
+    them (it keeps the response from their end, as from a stream's own).
+
+    @raise ValueError: C{answer} is no response.
+    """
+    return observer.feed(response_events(answer))
 
 
 def _first_response(events: bytes):
