@@ -500,6 +500,47 @@ async def test_a_background_stream_that_ends_before_its_response_is_kept_and_rea
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_stream_running_is_read_and_cancelled_and_its_end_stores_no_deleted_response(client,
+                                                                                                      fake):
+    """OpenAI's guide polls and cancels a background response while its stream runs: it is kept from the
+    stream's first event (before: a 404 until the stream ended, and nothing kept where the gateway died
+    meanwhile); deleted meanwhile, the stream's end does not store it again."""
+    def stream(hang_after):
+        events = client.responses.create(model=MODEL, input="long job", background=True, stream=True,
+                                         extra_body={} if hang_after is None else {"fake_hang_after": hang_after})
+        return events, iter(events)
+
+    def running():
+        events, each = stream(2)
+        first = next(each)
+        try:
+            read = client.responses.retrieve(first.response.id)
+            cancelled = client.responses.cancel(first.response.id)
+        finally:
+            events.close()
+        return first.response.id, read.status, cancelled.status
+
+    response_id, read, cancelled = await in_thread(running)
+    assert (read, cancelled) == ("queued", "cancelled")  # (as its instance has it)
+    assert (await in_thread(client.responses.retrieve, response_id)).status == "cancelled"
+
+    def deleted():
+        events, each = stream(2)
+        first = next(each)
+        client.responses.delete(first.response.id)
+        return first.response.id, events, each
+
+    response_id, events, each = await in_thread(deleted)
+    fake.finish_hung()
+    try:
+        assert [event.type for event in await in_thread(list, each)][-1] == "response.completed"
+    finally:
+        events.close()
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(client.responses.retrieve, response_id)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_response_deleted_while_a_read_asks_its_instance_stays_deleted(reactor, http, gateway, fake,
                                                                                 monkeypatch):
     """(before: the read's answer, stored when its instance answered, brought the deleted response back)"""

@@ -729,6 +729,38 @@ async def test_a_batch_finishes_on_b_after_a_is_killed_mid_batch(reactor, http, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_stream_on_a_is_read_and_cancelled_on_b_while_it_runs_and_once_a_is_killed(
+        reactor, http, fake, pg_database, tmp_path, processes):
+    """(before: a 404 on every host until the stream ended, and for ever once its host died meanwhile)"""
+    env = env_for(pg_database, fake.base_url, tmp_path)
+    a = Process(env, tmp_path, "a")
+    processes.append(a)
+    await a.ready(reactor, http)
+    b = await start_gateway(reactor, env)
+    sdk_a = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+    sdk_b = openai_client(b, MASTER)
+
+    def started():
+        events = sdk_a.responses.create(model=MODEL, input="long job", background=True, stream=True,
+                                        extra_body={"fake_hang_after": 2})
+        return events, next(iter(events)).response.id
+
+    try:
+        events, response_id = await in_thread(started)
+        assert (await in_thread(sdk_b.responses.retrieve, response_id)).status == "queued"  # (its instance's)
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        await in_thread(events.close)
+        assert (await in_thread(sdk_b.responses.retrieve, response_id)).status == "queued"
+        assert (await in_thread(sdk_b.responses.cancel, response_id)).status == "cancelled"
+        assert (await in_thread(sdk_b.responses.retrieve, response_id)).status == "cancelled"
+    finally:
+        sdk_a.close()
+        sdk_b.close()
+        await b.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_batches_all_made_on_a_are_run_by_a_and_b(reactor, http, fake, pg_database, tmp_path, processes):
     """Sticky clients: every batch is made on A; B, idle, takes those A is too busy to start at once."""
     other = await start_fake(reactor)  # B's upstream: which fake got a line says which host sent it

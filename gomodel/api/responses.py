@@ -179,11 +179,12 @@ class ResponsesRoute:
                 await self._not_found(provider, upstream, body)
 
         if stream:
-            # (a background response goes on at its instance when its stream ends early: kept from its first event)
+            # (a background response is kept from its first event: read, cancelled, deleted while its stream runs,
+            # on any host; it goes on at its instance when its stream ends early)
             background = body.get("background") is True and turn.stored
             hide = partial(without_address, upstream=provider)
             if explicit or background:
-                observer = _Relinked(turn.previous_id if explicit else None, background, hide)
+                observer = _Relinked(turn.previous_id if explicit else None, turn if background else None, hide)
             else:
                 observer = ResponsesStreamObserver(hide)
             # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
@@ -194,8 +195,11 @@ class ResponsesRoute:
                 if result is not None:
                     request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
                 return result
-            finally:  # (the client left, the stream broke: a background response is kept as it began, and watched)
-                turn.keep(observer.response if observer.response is not None or not background else observer.started)
+            finally:  # (the client left, the stream broke: a background response kept as it began is watched)
+                if background:
+                    turn.ended(observer.response)
+                else:
+                    turn.keep(observer.response)
         transform = turn.keep_body if turn.stored else None
         if explicit:
             transform = partial(relink, turn.previous_id, transform)
@@ -255,18 +259,19 @@ class ResponsesRoute:
         """Whether a response created for C{body} is kept by the gateway."""
         return self._store is not None and body.get("store") is not False
 
-    def keep(self, body, provider, replica, response, previous_id, ctx, response_json=None):
+    def keep(self, body, provider, replica, response, previous_id, ctx, response_json=None, watch=True):
         """Store C{response} (created for C{body}, which L{stores}, by C{provider}'s C{replica}, following
         C{previous_id} or None, for the request C{ctx}: its key's tenant owns it); one still running (in
-        the background) is watched until it is over (L{BackgroundWatch}).
+        the background) is watched until it is over (L{BackgroundWatch}), unless C{watch} is false.
 
         @param response_json: C{response} as the upstream's JSON bytes, when at hand.
+        @return: the record stored, or None (C{response} is no response object).
         """
         if response.__class__ is not dict:
-            return
+            return None
         response_id = response.get("id")
         if response_id.__class__ is not str:
-            return
+            return None
         record = {"id": response_id, "provider": provider.name, "replica": replica,
                   "created_at": int(self._clock.seconds()), "previous_response_id": previous_id,
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
@@ -274,8 +279,9 @@ class ResponsesRoute:
         if response_json is not None:
             record["response_json"] = response_json
         self._store.keep(record)
-        if record["status"] in UNFINISHED:
+        if watch and record["status"] in UNFINISHED:
             self.watch.watch(record, ctx)
+        return record
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -454,7 +460,12 @@ class _NoNativeRoute(Exception):
 
 
 class _Turn:
-    """What one create call needs to store its response once it has it."""
+    """What one create call needs to store its response once it has it.
+
+    @ivar began: the record of a background stream's response, kept from its first event (L{begin}), or None.
+    """
+
+    began = None
 
     def __init__(self, route, ctx, body, provider, previous):
         self._route = route
@@ -469,6 +480,24 @@ class _Turn:
         if self.stored:
             self._route.keep(self._body, self._provider, self._ctx.replica, response, self.previous_id, self._ctx,
                              response_json)
+
+    def begin(self, response):
+        """Store C{response}, a background stream's first response object, unwatched (its stream's end charges it,
+        or L{ended} watches it): it is read, cancelled and deleted on any host while its stream runs."""
+        if self.stored and self.began is None:
+            self.began = self._route.keep(self._body, self._provider, self._ctx.replica, response, self.previous_id,
+                                          self._ctx, watch=False)
+
+    def ended(self, response):
+        """A background stream ended: its final C{response} replaces the one kept at its first event, unless
+        that was deleted meanwhile (it is not stored again); without one (the stream ended early: the client
+        left, the connection broke) the one kept is watched until it is over, at its instance."""
+        if self.began is None:
+            self.keep(response)
+        elif response is not None:
+            self._route._update(self.began, response)
+        else:
+            self._route.watch.watch(self.began, self._ctx)
 
     def keep_body(self, answer: bytes, relayed=True) -> bytes:
         """Keep the response C{answer} (its JSON bytes, returned as they are) when it is to be stored.
@@ -491,7 +520,7 @@ class _Turn:
 class _Relinked(ResponsesStreamObserver):
     """A native Responses stream for a conversation sent explicitly, relayed naming the response it follows
     (L{relink}), and its final response object, kept, too; or (and) one of a background response, whose first
-    response object is kept (L{started}): its instance goes on making it when its stream ends early.
+    response object is kept at once (L{_Turn.begin}): its instance goes on making it when its stream ends early.
 
     @ivar started: the response object of the stream's first event that carries one (C{response.created}),
         or None (none yet, or not a background response's stream).
@@ -499,22 +528,24 @@ class _Relinked(ResponsesStreamObserver):
 
     started = None
 
-    def __init__(self, previous_id, background=False, hide=None):
+    def __init__(self, previous_id, turn=None, hide=None):
         """
         @param previous_id: the response it follows, or None: not sent explicitly (nothing to relink).
-        @param background: whether it is a background response's stream (L{started} is kept).
+        @param turn: the L{_Turn} of a background response's stream (its first response object is kept), or None.
         @param hide: as L{ResponsesStreamObserver}'s.
         """
         super().__init__(hide)
         self._previous_id = previous_id
-        self._background = background
+        self._turn = turn
 
     def feed(self, data: bytes) -> bytes:
         out = super().feed(data)
         if self._previous_id is not None:
             out = relink(self._previous_id, None, out)
-        if self._background and self.started is None and out:
+        if self._turn is not None and self.started is None and out:
             self.started = _first_response(out)
+            if self.started is not None:
+                self._turn.begin(self.started)
         return out
 
     def _observe(self, event) -> bool:

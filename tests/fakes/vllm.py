@@ -178,6 +178,7 @@ class FakeVLLM(Resource):
         self.marker_answers = {}  # fake_marker -> answers finished (fully written)
         self.holding = True
         self._held = []
+        self.hung = []  # (request, its events not sent) of each Responses stream fake_hang_after stopped
         self.port = None
         self.models_status = 200  # set to 503 to make /v1/models fail
 
@@ -271,6 +272,16 @@ class FakeVLLM(Resource):
         result = self._route(request, record)
         if result is not server.NOT_DONE_YET:
             request.write(result)
+            request.finish()
+
+    def finish_hung(self):
+        """Send the rest of each Responses stream stopped by C{fake_hang_after}, and end it."""
+        hung, self.hung = self.hung, []
+        for request, rest in hung:
+            if request._disconnected:
+                continue
+            for kind, payload in rest:
+                request.write(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n")
             request.finish()
 
     def release_holds(self):
@@ -445,8 +456,10 @@ class FakeVLLM(Resource):
             return server.NOT_DONE_YET
         die_after, hang_after = body.get("fake_die_after"), body.get("fake_hang_after")
         for number, (kind, fields) in enumerate(events):
-            if hang_after is not None and number >= hang_after:
-                return server.NOT_DONE_YET  # (its events so far, then silence)
+            if hang_after is not None and number >= hang_after:  # (its events so far, then silence: see
+                self.hung.append((request, [(kind, dict(fields, type=kind, sequence_number=n))  # finish_hung)
+                                            for n, (kind, fields) in enumerate(events) if n >= number]))
+                return server.NOT_DONE_YET
             if die_after is not None and number >= die_after:
                 # Let what was written reach the gateway before the connection dies.
                 self._reactor.callLater(0.05, request.transport.abortConnection)
