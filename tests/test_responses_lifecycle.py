@@ -452,8 +452,16 @@ async def test_background_responses_are_refreshed_and_cancelled_at_their_instanc
     assert fake.requests[-1].path == f"/v1/responses/{created.id}/cancel".encode()
     assert (await in_thread(client.responses.retrieve, created.id)).status == "cancelled"
     sent = len(fake.requests)
-    with pytest.raises(openai.BadRequestError) as refused:  # over: a 400 as vLLM answers, without asking it
-        await in_thread(client.responses.cancel, created.id)
+    # cancelled again: OpenAI's "cancelling twice is idempotent", the response as it is, without asking its
+    # instance (before: vLLM's 400 "Cannot cancel a synchronous response.")
+    again = await in_thread(client.responses.cancel, created.id)
+    assert (again.id, again.status) == (created.id, "cancelled") and len(fake.requests) == sent
+    done = await in_thread(client.responses.create, model=MODEL, input="short job", background=True)
+    fake.stored_responses[done.id]["status"] = "completed"
+    assert (await in_thread(client.responses.retrieve, done.id)).status == "completed"
+    sent = len(fake.requests)
+    with pytest.raises(openai.BadRequestError) as refused:  # over otherwise: a 400 as vLLM answers, not asking it
+        await in_thread(client.responses.cancel, done.id)
     assert refused.value.body["code"] == "response_not_cancellable" and len(fake.requests) == sent
 
 

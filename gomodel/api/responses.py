@@ -329,10 +329,14 @@ class ResponsesRoute:
 
     async def cancel(self, request, response_id):
         """Forward a cancel to the instance running the (background) response; its answer is relayed (naming the
-        response it follows, as L{_refreshed} does). A response that is over (as vLLM answers for it, without
-        asking it) is a 400."""
+        response it follows, as L{_refreshed} does). One cancelled already is answered as it is (OpenAI's
+        "cancelling twice is idempotent"); one otherwise over (as vLLM answers for it) is a 400; neither asks
+        its instance."""
         record = await self._record(request, response_id)
-        if record["response"].get("status") not in UNFINISHED:
+        status = record["response"].get("status")
+        if status == "cancelled":
+            return json_answer(request, record["response"])
+        if status not in UNFINISHED:
             raise errors.InvalidRequest("Cannot cancel a synchronous response.", param="response_id",
                                         code="response_not_cancellable")
         provider = self._registry.provider(record["provider"])
