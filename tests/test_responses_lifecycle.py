@@ -694,6 +694,19 @@ async def test_a_background_response_its_instance_forgot_is_failed_not_queued_fo
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_response_its_instance_forgot_is_failed_when_cancelled_not_a_404(client, fake):
+    """(before: vLLM's 404 'Response with id ... not found.' relayed, for a response the gateway answers)"""
+    created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    fake.stored_responses.clear()  # its instance restarted
+    with pytest.raises(openai.BadRequestError) as refused:
+        await in_thread(client.responses.cancel, created.id)
+    assert (refused.value.body["code"], refused.value.body["param"]) == ("response_not_cancellable", "response_id")
+    assert "no longer knows it" in refused.value.body["message"]
+    got = await in_thread(client.responses.retrieve, created.id)
+    assert (got.status, got.error.code) == ("failed", "server_error")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_retrieve_asking_for_the_events_again_is_refused_not_answered_with_the_object(client, http, gateway):
     """The gateway keeps no events: C{retrieve(stream=True)} is a 400 (before: the response object, which the
     openai SDK read as a stream of no events, silently empty)."""

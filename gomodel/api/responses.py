@@ -356,8 +356,30 @@ class ResponsesRoute:
                 pass
             return answer
 
-        call = UpstreamCall(f"/responses/{response_id}/cancel", transform=kept, pin=record.get("replica"))
+        async def vet(upstream):
+            if upstream.code == 404:
+                await self._not_cancelled(provider, upstream, record)
+
+        call = UpstreamCall(f"/responses/{response_id}/cancel", transform=kept, vet=vet, pin=record.get("replica"))
         return await self._exchange.relay(request, ctx, provider, call)
+
+    async def _not_cancelled(self, provider, upstream, record):
+        """Sort out the 404 of a cancel at C{record}'s instance: one about the response is an instance that no
+        longer knows it (it restarted): it will not finish, it is C{failed} (stored, and over for its watch).
+
+        @raise gomodel.errors.InvalidRequest: the response failed so (C{response_not_cancellable}).
+        @raise gomodel.errors.GatewayError: the upstream's own 404, or its body could not be read.
+        """
+        try:
+            answer = await self._exchange.read(provider, upstream, NOT_FOUND_BODY_LIMIT)
+        except errors.BadUpstreamResponse:  # too large to be an error envelope
+            raise upstream_error(404, b"", provider.name, provider.hidden) from None
+        if not _names(answer, record["id"]):
+            raise upstream_error(404, answer, provider.name, provider.hidden)
+        failed = _forgotten(record)
+        await self._update(record, failed)
+        self.watch.over(record, failed)
+        raise errors.InvalidRequest(failed["error"]["message"], param="response_id", code="response_not_cancellable")
 
     async def _record(self, request, response_id):
         """The stored response the request's key may see; L{gomodel.errors.NotFound} otherwise."""
@@ -425,9 +447,7 @@ class ResponsesRoute:
         try:
             fetched = await self._exchange.fetch(request_id, provider, call, trace)
             if fetched.response.code == 404 and _names(fetched.body, response_id):
-                return dict(record["response"], status="failed", error={
-                    "code": "server_error", "message": f"The instance running response '{response_id}' no longer "
-                    "knows it (it restarted): it will not finish."})
+                return _forgotten(record)
             if fetched.response.code != 200:
                 return None
             previous_id = record.get("previous_response_id")  # (its instance, sent the conversation explicitly,
@@ -448,6 +468,13 @@ def _branch(d: Deferred) -> Deferred:
 
     d.addBoth(fire)
     return branch
+
+
+def _forgotten(record) -> dict:
+    """C{record}'s response as failed: the instance running it no longer knows it (it restarted)."""
+    return dict(record["response"], status="failed", error={
+        "code": "server_error", "message": f"The instance running response '{record['id']}' no longer knows it "
+        "(it restarted): it will not finish."})
 
 
 def _names(answer: bytes, response_id) -> bool:
