@@ -169,6 +169,47 @@ async def test_a_background_response_read_on_both_hosts_at_once_is_charged_once(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_stream_its_client_left_is_charged_its_usage_once_not_an_estimate_too(reactor, http,
+                                                                                                 fake, pair):
+    """Its watch charges what its instance made, once over; the stream's own record charges nothing (before:
+    it charged an estimate of its prompt as well: a stream left early, as OpenAI's guide has clients do)."""
+    a, _ = pair
+    code, key = await admin(http, a.url, "POST", KEYS, {"name": "team"})
+    sdk = openai_client(a, key["value"])
+
+    def stream():
+        seen = []
+        with pytest.raises(openai.APIError):
+            with sdk.responses.stream(model=MODEL, input="long job " * 50, background=True,
+                                      extra_body={"fake_die_after": 2}) as events:
+                seen.extend(events)
+        return seen
+
+    def whole():  # (one that ends, read at once: its final event charges it)
+        with sdk.responses.stream(model=MODEL, input="short job", background=True) as events:
+            return [event.type for event in events]
+
+    try:
+        response_id = (await in_thread(stream))[0].response.id
+        assert (await in_thread(whole))[-1] == "response.completed"
+    finally:
+        sdk.close()
+    fake.stored_responses[response_id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                          "total_tokens": 22})
+
+    async def records():
+        code, log = await admin(http, a.url, "GET", "/admin/api/v1/usage/log")
+        return sorted((r["total_tokens"] or 0, bool(r["estimated"])) for r in log["data"]
+                      if r["endpoint"] == "/v1/responses")
+
+    async def charged():
+        return len(await records()) == 3
+
+    await until(reactor, charged, limit=10.0, what="the responses' usage recorded")
+    assert await records() == [(0, False), (22, False), (22, False)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_background_response_deleted_on_b_while_a_asks_its_instance_stays_deleted(reactor, pair, fake):
     """A asks the instance after a background response (a read); B deletes it meanwhile: A's answer is not
     stored back (before: A stored it again, and the deleted response was back on every host)."""

@@ -555,6 +555,8 @@ class _Relinked(ResponsesStreamObserver):
 
     @ivar started: the response object of the stream's first event that carries one (C{response.created}),
         or None (none yet, or not a background response's stream).
+    @ivar usage: as L{ResponsesStreamObserver}'s; a background response's is C{{}} from its first event until its
+        final one (one ended early is charged by its watch: see L{_Turn.ended}).
     """
 
     started = None
@@ -577,6 +579,9 @@ class _Relinked(ResponsesStreamObserver):
             self.started = _first_response(out)
             if self.started is not None:
                 self._turn.begin(self.started)
+                if self.usage is None:  # (what it makes is charged by its final event, read with its first
+                    self.usage = {}  # or later, or by its watch once over where its stream ends early: never an
+                    # estimate of its prompt as well, L{gomodel.proxy.exchange._note_usage})
         return out
 
     def _observe(self, event) -> bool:

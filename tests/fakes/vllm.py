@@ -448,7 +448,8 @@ class FakeVLLM(Resource):
                   ("response.output_text.delta", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
                                                   "delta": text, "logprobs": []}),
                   ("response.output_item.done", {"output_index": 0, "item": response["output"][0]}),
-                  ("response.completed", {"response": response})]
+                  # (a background response's too: its stream runs it to its end)
+                  ("response.completed", {"response": dict(response, status="completed", usage=_RESPONSE_USAGE)})]
         if "fake_events" in body:  # exactly these (event, data) pairs, data as a raw string
             for kind, data in body["fake_events"]:
                 request.write(b"event: " + kind.encode() + b"\ndata: " + data.encode() + b"\n\n")
