@@ -801,6 +801,85 @@ async def test_a_background_stream_on_a_is_read_and_cancelled_on_b_while_it_runs
         await b.service.stopService()
 
 
+async def responses_charged(reactor, http, gw, count):
+    """The (request id, total tokens) of the first C{count} usage records of /v1/responses, sorted."""
+    async def records():
+        code, log = await admin(http, gw.url, "GET", "/admin/api/v1/usage/log")
+        return sorted((r["request_id"], r["total_tokens"] or 0) for r in log["data"]
+                      if r["endpoint"] == "/v1/responses")
+
+    async def recorded():
+        return len(await records()) >= count
+
+    await until(reactor, recorded, limit=10.0, what="the responses' usage recorded")
+    return await records()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_stream_whose_host_died_is_charged_by_the_host_that_adopts_its_watch(
+        reactor, http, fake, pg_database, tmp_path, processes):
+    """Its watch is kept in the store from its first event, for another host to adopt once its lease ran
+    out (before: nothing charged it, as its own record died with its host)."""
+    env = env_for(pg_database, fake.base_url, tmp_path)
+    a = Process(env, tmp_path, "a")
+    processes.append(a)
+    await a.ready(reactor, http)
+    sdk_a = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+
+    def started():
+        events = sdk_a.responses.create(model=MODEL, input="long job", background=True, stream=True,
+                                        extra_body={"fake_hang_after": 2})
+        return events, next(iter(events))
+
+    try:
+        events, first = await in_thread(started)
+        request_id = events.response.headers["x-request-id"]
+
+        async def watched():
+            return postgres.query(pg_database, "SELECT count(*) FROM background_watches")[0][0] == 1
+
+        await until(reactor, watched, limit=5.0, what="its watch kept")
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        await in_thread(events.close)
+    finally:
+        sdk_a.close()
+    postgres.query(pg_database, "UPDATE background_watches SET lease_until = 0")  # (its 60 s lease ran out)
+    fake.stored_responses[first.response.id].update(status="completed", usage={
+        "input_tokens": 19, "output_tokens": 3, "total_tokens": 22})
+    b = await start_gateway(reactor, env)  # (adopts at its start)
+    try:
+        assert await responses_charged(reactor, http, b, 1) == [(request_id, 22)]
+    finally:
+        await b.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_stream_that_ends_is_charged_once_and_its_watch_given_up(reactor, http, fake, pair,
+                                                                                     pg_database):
+    """Its final event charges it; the watch kept from its first event is taken out uncharged."""
+    a, b = pair
+    sdk = openai_client(a, MASTER)
+
+    def streamed():
+        with sdk.responses.stream(model=MODEL, input="job", background=True) as events:
+            return list(events), events
+
+    try:
+        seen, events = await in_thread(streamed)
+    finally:
+        sdk.close()
+    assert seen[-1].type == "response.completed"
+    await a.service.usage.flush()
+    assert await responses_charged(reactor, http, a, 1) == [(events._raw_stream.response.headers["x-request-id"], 22)]
+
+    async def given_up():
+        return postgres.query(pg_database, "SELECT count(*) FROM background_watches")[0][0] == 0
+
+    await until(reactor, given_up, limit=5.0, what="its watch given up")
+    assert (await in_thread(openai_client(b, MASTER).responses.retrieve, seen[-1].response.id)).status == "completed"
+
+
 @pytest_twisted.ensureDeferred
 async def test_batches_all_made_on_a_are_run_by_a_and_b(reactor, http, fake, pg_database, tmp_path, processes):
     """Sticky clients: every batch is made on A; B, idle, takes those A is too busy to start at once."""

@@ -71,26 +71,52 @@ class BackgroundWatch(Service):
         self._streak = FailureStreak(self, "keeping the background responses' watches failed",
                                      "the background responses' watches are kept in the store again")
 
-    def watch(self, record, ctx):
-        """Watch C{record}'s response, just created by the request C{ctx} (its key is charged)."""
+    def watch(self, record, ctx, held=False):
+        """Watch C{record}'s response, just created by the request C{ctx} (its key is charged).
+
+        @param held: its stream runs still (and charges it when it ends): it is kept in the store, for another
+            process to adopt should this one die, but neither asked after nor charged here until L{unhold}.
+        """
         response_id = record["id"]
         if not self.running or response_id in self._watched:
             return
-        held = {"id": response_id, "provider": record["provider"], "replica": record.get("replica"),
-                "response": record["response"]}  # (what asking its instance needs, once the store's copy is gone)
-        principal = ctx.principal
+        kept_record = {"id": response_id, "provider": record["provider"], "replica": record.get("replica"),
+                       "response": record["response"]}  # (what asking its instance needs, once the store's copy
+        principal = ctx.principal  # is gone)
         now = self._clock.seconds()
-        watched = self._watched[response_id] = _Watched(ctx.request_id, principal, recorded_as(principal), now, held)
-        watched.call = self._clock.callLater(WATCH_DELAYS[0], self._ask, response_id)
+        watched = self._watched[response_id] = _Watched(ctx.request_id, principal, recorded_as(principal), now,
+                                                        kept_record)
+        watched.held = held
+        if not held:
+            watched.call = self._clock.callLater(WATCH_DELAYS[0], self._ask, response_id)
         if self._watches is None:
             watched.kept.callback(False)
             return
-        kept = {**held, "request_id": ctx.request_id.decode("ascii"), "since": now,
+        kept = {**kept_record, "request_id": ctx.request_id.decode("ascii"), "since": now,
                 "key_id": principal.id if principal is not None else None,
                 "user_path": principal.user_path if principal is not None else None}
         d = self._watches.add(kept, self._owner, LEASE)
         d.addCallback(lambda _: watched.kept.callback(True))
         d.addErrback(self._not_kept, watched)
+
+    def unhold(self, response_id, charged):
+        """End the hold of C{response_id}'s watch (L{watch}): its stream ended. Where that C{charged} it (its final
+        event came) the watch is given up, uncharged; else it is asked after and charged as any other."""
+        watched = self._watched.get(response_id)
+        if watched is None or not watched.held:
+            return
+        watched.held = False
+        if charged:
+            del self._watched[response_id]
+            watched.kept.addCallback(self._given_up, response_id)
+        else:
+            watched.call = self._clock.callLater(WATCH_DELAYS[0], self._ask, response_id)
+
+    def _given_up(self, kept, response_id):
+        """Take C{response_id}'s watch, charged by its stream, out of the store (if C{kept} there); returns C{kept}."""
+        if kept:
+            self._watches.settle(response_id).addErrback(self._streak.failed)
+        return kept
 
     def _not_kept(self, failure, watched):
         self._streak.failed(failure)
@@ -99,9 +125,10 @@ class BackgroundWatch(Service):
     def over(self, record, response):
         """C{record}'s response, found over (C{response}, as its instance has it): charge it if it is
         watched here, once (its watch kept in the store: if this process is the one that takes it out)."""
-        watched = self._watched.pop(record["id"], None)
-        if watched is None:
+        watched = self._watched.get(record["id"])
+        if watched is None or watched.held:  # (a held one is charged by its stream)
             return
+        del self._watched[record["id"]]
         if watched.call is not None and watched.call.active():
             watched.call.cancel()
         watched.kept.addCallback(self._settle, watched, record, response)
@@ -242,7 +269,7 @@ class BackgroundWatch(Service):
 
 
 class _Watched:
-    __slots__ = ("request_id", "principal", "recorded", "since", "call", "asks", "record", "kept")
+    __slots__ = ("request_id", "principal", "recorded", "since", "call", "asks", "record", "kept", "held")
 
     def __init__(self, request_id, principal, recorded, since, record):
         self.request_id = request_id  # the create's
@@ -253,3 +280,4 @@ class _Watched:
         self.asks = 0
         self.record = record  # its id, provider, replica and response as created
         self.kept = Deferred()  # fires with whether its watch is kept in the store
+        self.held = False  # its stream runs still: neither asked after nor charged here (L{BackgroundWatch.unhold})

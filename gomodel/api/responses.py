@@ -259,10 +259,10 @@ class ResponsesRoute:
         """Whether a response created for C{body} is kept by the gateway."""
         return self._store is not None and body.get("store") is not False
 
-    def keep(self, body, provider, replica, response, previous_id, ctx, response_json=None, watch=True):
+    def keep(self, body, provider, replica, response, previous_id, ctx, response_json=None, held=False):
         """Store C{response} (created for C{body}, which L{stores}, by C{provider}'s C{replica}, following
         C{previous_id} or None, for the request C{ctx}: its key's tenant owns it); one still running (in
-        the background) is watched until it is over (L{BackgroundWatch}), unless C{watch} is false.
+        the background) is watched until it is over (L{BackgroundWatch}), C{held} while its stream runs.
 
         @param response_json: C{response} as the upstream's JSON bytes, when at hand.
         @return: the record stored, or None (C{response} is no response object).
@@ -279,8 +279,8 @@ class ResponsesRoute:
         if response_json is not None:
             record["response_json"] = response_json
         self._store.keep(record)
-        if watch and record["status"] in UNFINISHED:
-            self.watch.watch(record, ctx)
+        if record["status"] in UNFINISHED:
+            self.watch.watch(record, ctx, held)
         return record
 
     # -- lifecycle -------------------------------------------------------------
@@ -513,22 +513,23 @@ class _Turn:
                              response_json)
 
     def begin(self, response):
-        """Store C{response}, a background stream's first response object, unwatched (its stream's end charges it,
-        or L{ended} watches it): it is read, cancelled and deleted on any host while its stream runs."""
+        """Store C{response}, a background stream's first response object, with its watch held (its stream's end
+        charges it, or L{ended} lets its watch ask after it; where this process dies, another adopts it): it is
+        read, cancelled and deleted on any host while its stream runs."""
         if self.stored and self.began is None:
             self.began = self._route.keep(self._body, self._provider, self._ctx.replica, response, self.previous_id,
-                                          self._ctx, watch=False)
+                                          self._ctx, held=True)
 
     def ended(self, response):
         """A background stream ended: its final C{response} replaces the one kept at its first event, unless
-        that was deleted meanwhile (it is not stored again); without one (the stream ended early: the client
-        left, the connection broke) the one kept is watched until it is over, at its instance."""
+        that was deleted meanwhile (it is not stored again), and its watch is given up; without one (the stream
+        ended early: the client left, the connection broke) its watch asks after it until it is over."""
         if self.began is None:
             self.keep(response)
-        elif response is not None:
+            return
+        if response is not None:
             self._route._update(self.began, response)
-        else:
-            self._route.watch.watch(self.began, self._ctx)
+        self._route.watch.unhold(self.began["id"], response is not None)
 
     def keep_body(self, answer: bytes, relayed=True) -> bytes:
         """Keep the response C{answer} (its JSON bytes, returned as they are) when it is to be stored.
