@@ -247,6 +247,38 @@ async def test_a_background_response_deleted_on_b_while_a_asks_its_instance_stay
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_read_after_a_cancel_is_cancelled_while_an_earlier_reads_answer_is_still_being_stored(
+        pair, fake, monkeypatch):
+    """The read that asked the instance before the cancel, and the cancel, have their answers stored late (a busy
+    database): a read after the cancel's answer says cancelled (before: it was given the earlier read's answer,
+    shared until stored)."""
+    a, _ = pair
+    sdk = openai_client(a, MASTER)
+    store = a.service.store.responses
+    update, held = store.update, []
+
+    def slow(response_id, status, response):
+        gate = Deferred()
+        held.append(gate)
+        gate.addCallback(lambda _: update(response_id, status, response))
+        return gate
+
+    try:
+        created = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True)
+        monkeypatch.setattr(store, "update", slow)
+        assert (await in_thread(sdk.responses.retrieve, created.id)).status == "queued"
+        assert (await in_thread(sdk.responses.cancel, created.id)).status == "cancelled"
+        assert (await in_thread(sdk.responses.retrieve, created.id)).status == "cancelled"
+        monkeypatch.setattr(store, "update", update)
+        for gate in held:
+            gate.callback(None)
+            await gate
+        assert (await in_thread(sdk.responses.retrieve, created.id)).status == "cancelled"
+    finally:
+        sdk.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_key_made_on_a_works_on_b_and_its_deactivation_stops_it_there_within_2s(reactor, http, pair):
     a, b = pair
     code, key = await admin(http, a.url, "POST", KEYS, {"name": "team", "user_path": "/team/x"})

@@ -348,6 +348,8 @@ class ResponsesRoute:
         previous_id = record.get("previous_response_id")
 
         def kept(answer):
+            # (a read from now on asks the instance anew: the answer of one under way is from before the cancel)
+            self._refreshing.pop(response_id, None)
             if previous_id is not None:  # (its instance, sent the conversation explicitly, says null: L{relink})
                 answer = relink(previous_id, None, answer)
             try:
@@ -415,27 +417,32 @@ class ResponsesRoute:
         if refresh is None:
             refresh = self._refreshing[record["id"]] = Deferred.fromCoroutine(
                 self._refreshed(request_id, trace, provider, record))
-            refresh.addBoth(self._settle, record)
+            refresh.addBoth(self._settle, record, refresh)
         return _branch(refresh)
 
-    def _settle(self, fresh, record):
+    def _settle(self, fresh, record, refresh):
         """Store C{fresh}, C{record}'s response as its instance has it (None: none; a refresh that failed
-        unexpectedly is logged and none), then forget its refresh; C{fresh} goes on to its readers."""
+        unexpectedly is logged and none), then forget its C{refresh}; C{fresh} goes on to its readers."""
         if isinstance(fresh, Failure):
             self.log.failure("refreshing response {id} failed", fresh, id=record["id"])
             fresh = None
         elif fresh.__class__ is not dict or fresh.get("id") != record["id"]:
             fresh = None  # (not this response)
-        stored = succeed(None) if record["id"] in self._deleted else self._update(record, fresh)
-        stored.addBoth(self._forget, record["id"])
+        # (a refresh a cancel dropped, L{cancel}, has an answer from before it: not stored)
+        stale = record["id"] in self._deleted or self._refreshing.get(record["id"]) is not refresh
+        stored = succeed(None) if stale else self._update(record, fresh)
+        stored.addBoth(self._forget, record["id"], refresh)
         if fresh is not None and fresh.get("status") not in UNFINISHED:
             self.watch.over(record, fresh)
         return fresh
 
-    def _forget(self, _, response_id):
-        """Forget the refresh of C{response_id} (its answer is stored: reads from now on find it there)."""
-        del self._refreshing[response_id]
-        self._deleted.discard(response_id)
+    def _forget(self, _, response_id, refresh):
+        """Forget C{refresh}, of C{response_id} (its answer is stored: reads from now on find it there), unless
+        a cancel dropped it meanwhile (L{cancel}: the refresh of C{response_id} now, if any, is another's)."""
+        if self._refreshing.get(response_id) is refresh:
+            del self._refreshing[response_id]
+        if response_id not in self._refreshing:
+            self._deleted.discard(response_id)
 
     async def _refreshed(self, request_id, trace, provider, record):
         """C{record}'s background response as its instance (C{provider}'s replica) has it now, or None when it
