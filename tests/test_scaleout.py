@@ -715,10 +715,10 @@ class Process:
     async def ready(self, reactor, http):
         async def answering():
             assert self.proc.poll() is None, self.log()
-            try:
+            try:  # (its store open: "degraded" says the database is not, its schema not migrated yet)
                 response = await http.get(self.url + "/health/ready")
-                await treq.content(response)
-                return response.code == 200
+                body = await treq.content(response)
+                return response.code == 200 and json.loads(body)["status"] == "ready"
             except Exception:
                 return False
 
