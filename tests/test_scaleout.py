@@ -279,6 +279,38 @@ async def test_a_read_after_a_cancel_is_cancelled_while_an_earlier_reads_answer_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reads_store_write_cut_by_the_gateways_stop_is_a_warning_not_an_error(reactor, fake, pg_database,
+                                                                                       tmp_path, monkeypatch):
+    """A deploy stops a gateway while a read's answer is being stored: the database is closed to it, a
+    warning without a traceback (before: 'updating response ... failed' logged as an error, with one)."""
+    from twisted.logger import globalLogPublisher
+
+    gw = await start_gateway(reactor, env_for(pg_database, fake.base_url, tmp_path))
+    sdk = openai_client(gw, MASTER)
+    store = gw.service.store.responses
+    update, held, events = store.update, [], []
+
+    def late(response_id, status, response):
+        gate = Deferred()
+        held.append(gate)
+        return gate.addCallback(lambda _: update(response_id, status, response))
+
+    globalLogPublisher.addObserver(events.append)
+    try:
+        created = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True)
+        monkeypatch.setattr(store, "update", late)
+        assert (await in_thread(sdk.responses.retrieve, created.id)).status == "queued"
+    finally:
+        sdk.close()
+        await gw.service.stopService()
+        for gate in held:
+            gate.callback(None)
+        globalLogPublisher.removeObserver(events.append)
+    warned = [e for e in events if e.get("id") == created.id and e.get("log_level").name == "warn"]
+    assert [e["log_format"] for e in warned] == ["response {id} not updated: {error}"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_key_made_on_a_works_on_b_and_its_deactivation_stops_it_there_within_2s(reactor, http, pair):
     a, b = pair
     code, key = await admin(http, a.url, "POST", KEYS, {"name": "team", "user_path": "/team/x"})

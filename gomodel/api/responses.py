@@ -396,7 +396,15 @@ class ResponsesRoute:
         if not isinstance(response, dict) or response.get("id") != record["id"]:
             return succeed(None)
         return self._store.update(record["id"], response.get("status"), response).addErrback(
-            lambda f: self.log.failure("updating response {id} failed", f, id=record["id"]))
+            self._not_updated, record["id"])
+
+    def _not_updated(self, failure, response_id):
+        """Log why C{response_id}'s response could not be stored: the database unavailable (down, or this
+        gateway stopping) is a warning; anything else an error."""
+        if failure.check(errors.StorageUnavailable):
+            self.log.warn("response {id} not updated: {error}", id=response_id, error=failure.value.message)
+        else:
+            self.log.failure("updating response {id} failed", failure, id=response_id)
 
     def refresh(self, record, request_id, trace=None, keep=True) -> Deferred:
         """Ask C{record}'s instance (its provider's replica) for its background response, sharing an ask
