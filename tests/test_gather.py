@@ -42,6 +42,25 @@ def test_a_chat_stream_of_two_choices_with_tool_calls_logprobs_and_usage_is_one_
     assert second["message"]["content"] == "x" and second["finish_reason"] == "tool_calls"
 
 
+def test_tool_calls_sharing_one_index_are_each_their_own_call():
+    # Ollama and Grok stream every call of a turn at index 0: a new id there is a new call (before: glued into one).
+    def call(call_id, arguments):
+        part = {"index": 0, "function": {"arguments": arguments}}
+        if call_id:
+            part.update(id=call_id, type="function")
+            part["function"]["name"] = "f"
+        return chunk(0, {"tool_calls": [part]})
+
+    body = sse(call("a", '{"x": '), call(None, "1}"), call("b", ""), call(None, '{"x": 2}'), call("b", ""))
+    calls = json.loads(gather.whole_completion(body))["choices"][0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [("a", '{"x": 1}'), ("b", '{"x": 2}')]
+    # A fragment that names no function goes on with its call, whatever id a server puts on it.
+    fragment = {"index": 0, "id": "z", "function": {"arguments": "1}"}}
+    body = sse(call("a", '{"x": '), chunk(0, {"tool_calls": [fragment]}))
+    calls = json.loads(gather.whole_completion(body))["choices"][0]["message"]["tool_calls"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("f", '{"x": 1}')]
+
+
 def test_a_text_completion_stream_is_one_text_completion():
     def part(text, finish=None):
         return {"id": "cmpl", "object": "text_completion", "created": 1, "model": "m", "choices": [

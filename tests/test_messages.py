@@ -1257,3 +1257,49 @@ async def test_text_and_thinking_held_behind_a_streamed_tool_call_end_with_their
         stopped = [payload["index"] for name, payload in events if name == "content_block_stop"]
         assert [start["index"] for start in starts] == stopped == [0, 1, 2], (kind, [name for name, _ in events])
         assert [name for name, _ in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_parallel_tool_calls_sharing_one_index_stay_apart_when_translated(http, openai_gw, fake):
+    """Ollama (ollama#15457) and Grok stream every call of a turn at index 0, each with its own id: a new id
+    at an index in use is a new call, never fragments of the first (before: one call, arguments glued into
+    invalid JSON, the second lost). Fragments without an id go on with the last call begun at that index;
+    an id repeated on every fragment (vLLM's way with some parsers) is the same call."""
+    def call(call_id, name, arguments):
+        return {"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                "function": {"name": name, "arguments": arguments}}]}
+
+    def fragment(arguments, call_id=None):
+        part = {"index": 0, "function": {"arguments": arguments}}
+        if call_id:
+            part["id"] = call_id
+        return {"tool_calls": [part]}
+
+    shapes = ([call("call_a", "get_weather", '{"city": "Paris"}'), call("call_b", "get_weather", '{"city": "Oslo"}')],
+              [call("call_a", "get_weather", ""), fragment('{"city": "Paris"}'),
+               call("call_b", "get_weather", ""), fragment('{"city": '), fragment('"Oslo"}')],
+              [call("call_a", "get_weather", ""), fragment('{"city": ', "call_a"), fragment('"Paris"}', "call_a"),
+               call("call_b", "get_weather", ""), fragment('{"city": "Oslo"}', "call_b")],
+              # (a server that puts a fresh id on every fragment: a fragment names no function, so goes on)
+              [call("call_a", "get_weather", ""), fragment('{"city": ', "x1"), fragment('"Paris"}', "x2"),
+               {"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"city": '}}]},
+               {"tool_calls": [{"index": 1, "id": "x3", "function": {"arguments": '"Oslo"}'}}]}])
+    client = sdk(openai_gw)
+    try:
+        for deltas in shapes:
+            fake.steer = {"fake_finish": "tool_calls", "fake_deltas": deltas}
+            seen, final = await in_thread(collect, client.messages.stream(
+                model=OPENAI_MODEL, max_tokens=64, tools=[WEATHER_TOOL], messages=HELLO))
+            assert [(block.type, block.id, block.input) for block in final.content] == [
+                ("tool_use", "call_a", {"city": "Paris"}), ("tool_use", "call_b", {"city": "Oslo"})], deltas
+            assert final.stop_reason == "tool_use"
+            # The same stream sent unasked to a plain request: gathered into one chat completion, then one message.
+            fake.steer["stream"] = True
+            response, raw = await post(http, openai_gw.url + "/v1/messages", {
+                "model": OPENAI_MODEL, "max_tokens": 64, "tools": [WEATHER_TOOL], "messages": HELLO})
+            assert response.code == 200
+            assert [(b["id"], b["input"]) for b in json.loads(raw)["content"]] == [
+                ("call_a", {"city": "Paris"}), ("call_b", {"city": "Oslo"})], deltas
+    finally:
+        client.close()

@@ -807,10 +807,14 @@ def _event(kind: str, payload: dict) -> bytes:
 class _ToolCall:
     """One streamed chat tool call, as it becomes a C{tool_use} block."""
 
-    __slots__ = ("id", "name", "block", "arguments")
+    __slots__ = ("id", "given", "name", "block", "arguments")
 
     def __init__(self, call_id, name):
-        self.id = call_id
+        """
+        @param call_id: the upstream's id for the call, or None (one is made).
+        """
+        self.id = call_id or new_id("toolu")
+        self.given = call_id  # the upstream's id, or None
         self.name = name
         self.block = None  # its block index once started
         self.arguments = []  # every fragment (those before the block starts are sent when it does)
@@ -847,7 +851,10 @@ class ChatToMessagesStream:
     and sent after it (vLLM's rule), before the held calls: reasoning as a
     thinking block, then text as a text block. Text before any tool call is
     never held. A delta without an C{index} (servers that send each call
-    whole) starts a call when it brings an id, else continues the last one.
+    whole) starts a call when it brings an id, else continues the last one;
+    so does a delta that names a function with an id other than that of the
+    call at its C{index} (Ollama and Grok stream every call of a turn at
+    index 0): later fragments at that index go on with it.
 
     @ivar done: C{[DONE]} or an error chunk arrived.
     @ivar error: the upstream's in-band error, if any.
@@ -869,6 +876,7 @@ class ChatToMessagesStream:
         self._next = 0  # index of the next block
         self._open = None  # kind of the open block: "thinking", "text" or "tool_use"
         self._calls = {}  # chat tool-call index (or ("id", id) for a call without one) -> _ToolCall
+        self._at_index = {}  # chat tool-call index -> the key of the last call begun there (see _tool_call)
         self._last_call = 0  # the key of the call the last tool-call delta went to
         self._held = []  # text that came while the tool_use block was open
         self._held_reasoning = []  # reasoning that came while the tool_use block was open
@@ -960,18 +968,25 @@ class ChatToMessagesStream:
             self._matched = choice.get("stop_reason")
 
     def _tool_call(self, delta, out):
-        key = delta.get("index")
-        if not _is_int(key):
-            # No index (servers that send each call whole): a new id is a new call, else the last one goes on.
-            call_id = delta.get("id")
-            key = ("id", call_id) if isinstance(call_id, str) and call_id else self._last_call
-        self._last_call = key
+        index = delta.get("index")
+        call_id = delta.get("id") if isinstance(delta.get("id"), str) and delta["id"] else None
         function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
         name = function.get("name") if isinstance(function.get("name"), str) and function["name"] else None
         arguments = function.get("arguments") if isinstance(function.get("arguments"), str) else ""
+        if not _is_int(index):
+            # No index (servers that send each call whole): a new id is a new call, else the last one goes on.
+            key = ("id", call_id) if call_id is not None else self._last_call
+        else:
+            key = self._at_index.get(index, index)
+            known = self._calls.get(key)
+            if name is not None and call_id is not None and known is not None and known.given not in (None, call_id):
+                # Another call named at an index in use (Ollama, Grok: every call at index 0), not a fragment
+                # (which names no function, whatever id a server puts on it).
+                key = self._at_index[index] = ("id", call_id)
+        self._last_call = key
         call = self._calls.get(key)
         if call is None:
-            call = self._calls[key] = _ToolCall(_string(delta.get("id")) or new_id("toolu"), name)
+            call = self._calls[key] = _ToolCall(call_id, name)
         elif call.name is None and name:
             call.name = name
         if arguments:

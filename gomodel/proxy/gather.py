@@ -125,7 +125,16 @@ def _add_delta(message: dict, delta: dict):
 
 
 def _add_call(calls: dict, fragment: dict):
-    call = calls.setdefault(fragment.get("index", len(calls)), {})
+    """Add a tool-call C{fragment} to C{calls} (index -> the calls begun at that index, in order): a fragment
+    that names a function with an id other than that of the last call at its index begins another one there
+    (Ollama and Grok stream every call of a turn at index 0); the others go on with the last."""
+    begun = calls.setdefault(fragment.get("index", len(calls)), [])
+    known, call_id = begun[-1].get("id") if begun else None, fragment.get("id")
+    function = fragment.get("function")
+    named = isinstance(function, dict) and _an_id(function.get("name"))
+    if not begun or named and _an_id(known) and _an_id(call_id) and call_id != known:
+        begun.append({})
+    call = begun[-1]
     for key, value in fragment.items():
         if key == "index" or value is None:
             continue
@@ -136,15 +145,20 @@ def _add_call(calls: dict, fragment: dict):
                     function["arguments"] = function.get("arguments", "") + part
                 elif part is not None:
                     function[name] = part
-        else:
+        elif key != "id" or not _an_id(call.get("id")):  # (the id its call began with stays)
             call[key] = value
+
+
+def _an_id(value) -> bool:
+    """Whether C{value} is a non-empty string (an id, a name)."""
+    return isinstance(value, str) and value != ""
 
 
 def _finished(choice: dict) -> dict:
     message = choice.get("message")
     if message is not None and isinstance(message.get("tool_calls"), dict):
         calls = message["tool_calls"]
-        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+        message["tool_calls"] = [call for index in sorted(calls) for call in calls[index]]
     return choice
 
 
