@@ -1303,3 +1303,24 @@ async def test_parallel_tool_calls_sharing_one_index_stay_apart_when_translated(
                 ("call_a", {"city": "Paris"}), ("call_b", {"city": "Oslo"})], deltas
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_ends_for_its_client_at_its_last_event_though_the_upstreams_body_does_not(
+        reactor, gw, openai_gw, fake):
+    """The anthropic SDKs read a stream to its body's end, not to message_stop: an upstream that holds its body
+    open after its last event ([DONE], message_stop) is closed soon after it, and the client's answer ends
+    whole (before: the client waited HTTP_STREAM_IDLE_TIMEOUT, 5 minutes, then the SDK timed out)."""
+    for gateway, model in ((openai_gw, OPENAI_MODEL), (gw, MODEL)):  # translated, native
+        fake.steer = {"fake_after_done": "hold"}
+        client = sdk(gateway)
+        try:
+            arrived = fake.next_request()
+            seen, final = await in_thread(collect, client.messages.stream(model=model, max_tokens=8, messages=HELLO))
+            assert seen[-1].type == "message_stop" and final.content[0].text == "héhéhé", model
+            assert (final.usage.input_tokens, final.usage.output_tokens) == (18, 3)
+            how, _ = await with_timeout(reactor, (await arrived).closed, 5)
+            assert how == "lost"  # the held upstream is closed, not left open
+        finally:
+            client.close()
+            fake.steer = {}

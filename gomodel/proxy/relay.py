@@ -40,6 +40,10 @@ class StreamTooLong(Exception):
     """The stream ran past the configured maximum duration."""
 
 
+class UpstreamLingered(Exception):
+    """The upstream's body did not end within L{END_LINGER} of the stream's proper end (the client has it all)."""
+
+
 # An SSE event carrying generated text: chat/completions content or text,
 # reasoning, tool-call arguments, a Responses API delta.
 _TOKEN = re.compile(rb'"(?:content|text|delta|reasoning_content|reasoning|arguments)":"[^"]')
@@ -49,6 +53,10 @@ TOKEN_TAIL = 2048
 EAGER_DELIVERIES = 8
 # A delivery this long after the previous one starts a new upstream read.
 READ_GAP = 0.001
+# Seconds the upstream's body has to end once the stream's proper end went out; then the upstream is
+# closed and the client's answer ends: the anthropic SDKs (and the openai SDK's Responses streams) read to
+# the body's end, not to the last event, and would wait the idle timeout for an upstream that holds it open.
+END_LINGER = 1.0
 
 
 def holds_token(out: bytes) -> bool:
@@ -86,7 +94,9 @@ class StreamRelay(Protocol):
     L{finished} fires with None when the upstream body ended properly, or
     fails with the reason it did not (C{ResponseFailed}, L{UpstreamIdle},
     L{ClientStalled}, L{StreamTooLong}, or what the observer's C{finish}
-    raises). Cancelling it closes the upstream connection.
+    raises; L{UpstreamLingered}, the upstream closed, when its body did not
+    end within L{END_LINGER} of the stream's proper end). Cancelling it
+    closes the upstream connection.
     """
 
     def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
@@ -115,6 +125,7 @@ class StreamRelay(Protocol):
         self._idle_call = None
         self._heard = 0.0  # when the upstream last sent bytes (the idle timer looks at it when it fires)
         self._stall_call = None
+        self._end_call = None  # once the stream's end went out: when the upstream's body must have ended
         self._inbox = []
         self._drain_call = None
         self._eager = EAGER_DELIVERIES
@@ -179,6 +190,8 @@ class StreamRelay(Protocol):
                 self.end_written = True
                 if self._end_written is not None:
                     self._end_written()
+                if not self.upstream_done:
+                    self._end_call = self._clock.callLater(END_LINGER, self._fail, UpstreamLingered())
         return out
 
     def connectionLost(self, reason):
@@ -268,7 +281,7 @@ class StreamRelay(Protocol):
             call.cancel()
 
     def _cancel_timers(self):
-        for call in (self._idle_call, self._stall_call, self._max_call, self._drain_call):
+        for call in (self._idle_call, self._stall_call, self._max_call, self._drain_call, self._end_call):
             self._cancel(call)
-        self._idle_call = self._stall_call = self._max_call = self._drain_call = None
+        self._idle_call = self._stall_call = self._max_call = self._drain_call = self._end_call = None
         self._inbox = []

@@ -15,7 +15,8 @@ gateway forwards untouched:
   - C{fake_no_done}: end the stream cleanly but without C{[DONE]}
   - C{fake_first}: these raw bytes (a comment line, blank lines) right after a chat stream's head
   - C{fake_after_done}: after C{[DONE]}, C{"hold"} the body's end until the client
-    leaves, or C{"abort"}: close the connection instead of ending the body
+    leaves, or C{"abort"}: close the connection instead of ending the body (a Messages
+    stream takes C{"hold"} too: after its C{message_stop})
   - C{fake_hang}: never answer (the connection stays open)
   - C{fake_drop}: close the connection without answering (the request read: a server that crashed on it)
   - C{fake_cut}: a whole (non-streamed) chat answer's head and its first bytes, then the connection closed
@@ -505,10 +506,11 @@ class FakeVLLM(Resource):
             events = events[:-1]
         payloads = [b"event: " + kind.encode() + b"\ndata: " + (data.encode() if isinstance(data, str) else jsonutil.dumps(data))
                     + b"\n\n" for kind, data in events]
-        self._send_message_events(request, payloads, float(body.get("fake_pace", 0)), body.get("fake_die_after"), 0)
+        self._send_message_events(request, payloads, float(body.get("fake_pace", 0)), body.get("fake_die_after"), 0,
+                                  body.get("fake_after_done") == "hold")
         return server.NOT_DONE_YET
 
-    def _send_message_events(self, request, payloads, pace, die_after, index):
+    def _send_message_events(self, request, payloads, pace, die_after, index, hold=False):
         if request._disconnected:
             return
         if die_after is not None and index >= die_after:
@@ -519,10 +521,11 @@ class FakeVLLM(Resource):
                 request.transport.abortConnection()
             return
         if index == len(payloads):
-            request.finish()
+            if not hold:
+                request.finish()
             return
         request.write(payloads[index])
-        self._reactor.callLater(pace, self._send_message_events, request, payloads, pace, die_after, index + 1)
+        self._reactor.callLater(pace, self._send_message_events, request, payloads, pace, die_after, index + 1, hold)
 
     def _json(self, request, status, value):
         body = value if isinstance(value, bytes) else jsonutil.dumps(value)
