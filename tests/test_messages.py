@@ -342,7 +342,11 @@ async def test_blocks_of_the_wrong_types_are_400s_not_500s_when_translating(http
     for content, param in (
             ([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": 5}]}],
              "messages.0.content.0.content.0.text"),
-            ([{"type": "text", "text": {"a": 1}}], "messages.0.content.0.text")):
+            ([{"type": "text", "text": {"a": 1}}], "messages.0.content.0.text"),
+            # A text block without its text, Anthropic's "Field required" (before: sent on as an empty text).
+            ([{"type": "text"}], "messages.0.content.0.text: Field required"),
+            ([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text"}]}],
+             "messages.0.content.0.content.0.text: Field required")):
         response, body = await post(http, openai_gw.url + "/v1/messages",
                                     {"model": OPENAI_MODEL, "max_tokens": 8,
                                      "messages": [{"role": "user", "content": content}]})

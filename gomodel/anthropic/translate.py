@@ -259,11 +259,13 @@ def _system_texts(system, where) -> list:
 
 
 def _text(block, where) -> str:
-    """A block's C{text} (C{""} when absent).
+    """A block's C{text}.
 
-    @raise InvalidRequest: it is not a string.
+    @raise InvalidRequest: it is absent, or not a string.
     """
-    text = block.get("text", "")
+    text = block.get("text")
+    if text is None:
+        raise InvalidRequest(f"{where}.text: Field required", param=f"{where}.text")
     if not isinstance(text, str):
         raise InvalidRequest(f"{where}.text: Input should be a valid string", param=f"{where}.text")
     return text
