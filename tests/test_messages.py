@@ -1328,3 +1328,27 @@ async def test_a_stream_ends_for_its_client_at_its_last_event_though_the_upstrea
         finally:
             client.close()
             fake.steer = {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_claude_codes_ctx_and_msg_roles_are_user_turns_when_translating(http, openai_gw, fake):
+    """Claude Code 2.1.154 and later send messages with the roles "ctx" and "msg" (vllm#44000): user turns, as
+    vLLM's own Messages API takes them (before: a 400 "Input should be 'user' or 'assistant'" on every request);
+    a role that is none of these is still refused."""
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=[
+            {"role": "ctx", "content": "<system-reminder>Today is Monday.</system-reminder>"},
+            {"role": "msg", "content": [{"type": "text", "text": "Say hello."}]}])
+        assert message.content[0].text == "héhéhé"
+        assert fake.requests[-1].body["messages"] == [
+            {"role": "user", "content": "<system-reminder>Today is Monday.</system-reminder>"},
+            {"role": "user", "content": "Say hello."}]
+        before = len(fake.requests)
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
+                            messages=[{"role": "robot", "content": "Hi."}])
+        assert raised.value.body["error"]["message"].startswith("messages.0.role: ")
+        assert len(fake.requests) == before
+    finally:
+        client.close()

@@ -32,6 +32,9 @@ _BILLING_HEADER = "x-anthropic-billing-header"
 # System text blocks are joined with a blank line between them.
 _SYSTEM_JOINER = "\n\n"
 
+# Roles that are not Anthropic's, which Claude Code (2.1.154 and later) sends for user turns (vLLM reads them so).
+_USER_ROLES = ("user", "ctx", "msg")
+
 # vLLM's finish reasons of a generation it did not finish (aborted, or failed in the engine).
 ABORTED = ("abort", "error")
 # finish_reason -> stop_reason, where no stop string or tool call decides it.
@@ -215,7 +218,7 @@ def _chat_messages(body) -> list:
         content = message.get("content")
         if role == "system":  # not Anthropic's, but vLLM takes it: merged into the one system message
             system.extend(_system_texts(content, f"{where}.content"))
-        elif role == "user":
+        elif role in _USER_ROLES:
             chat.extend(_user_messages(content, where))
         elif role == "assistant":
             chat.append(_assistant_message(content, where))
