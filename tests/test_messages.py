@@ -1352,3 +1352,34 @@ async def test_claude_codes_ctx_and_msg_roles_are_user_turns_when_translating(ht
         assert len(fake.requests) == before
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tool_changes_in_a_system_message_are_taken_when_translating(http, openai_gw, fake):
+    """Claude Code announces a tool that comes mid-conversation (an MCP server that connected) with tool_addition
+    and tool_removal blocks in a system message (the mid-conversation-tool-changes beta): a chat upstream gets
+    every tool already, so they change nothing there, and the message's text joins the system prompt (before: a
+    400 on that request and on every later one of the session, which keeps the block in its history). In the
+    request's own system prompt they are still refused, as Anthropic refuses them there."""
+    change = [{"type": "text", "text": "The weather server connected."},
+              {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "get_weather"}},
+              {"type": "tool_removal", "tool": {"type": "tool_reference", "name": "old_tool"}}]
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, system="Be brief.",
+                                  tools=[dict(WEATHER_TOOL, defer_loading=True)],
+                                  messages=[{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                                            {"role": "system", "content": change},
+                                            {"role": "user", "content": "Weather in Paris?"}])
+        assert message.content[0].text == "héhéhé"
+        sent = fake.requests[-1].body
+        assert sent["messages"][0] == {"role": "system", "content": "Be brief.\n\nThe weather server connected."}
+        assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "user"]
+        assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather"]
+        before = len(fake.requests)
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, system=change, messages=HELLO)
+        assert raised.value.body["error"]["message"].startswith("system.1: ")
+        assert len(fake.requests) == before
+    finally:
+        client.close()

@@ -217,7 +217,7 @@ def _chat_messages(body) -> list:
         role = message.get("role")
         content = message.get("content")
         if role == "system":  # not Anthropic's, but vLLM takes it: merged into the one system message
-            system.extend(_system_texts(content, f"{where}.content"))
+            system.extend(_system_texts(content, f"{where}.content", inline=True))
         elif role in _USER_ROLES:
             chat.extend(_user_messages(content, where))
         elif role == "assistant":
@@ -245,7 +245,17 @@ def _check_prefill(message):
                              param="messages")
 
 
-def _system_texts(system, where) -> list:
+# Blocks of a system message in `messages` that add or remove a tool (Anthropic's mid-conversation tool changes,
+# which Claude Code sends when an MCP server connects): a chat upstream is sent every tool, deferred or not.
+_TOOL_CHANGES = ("tool_addition", "tool_removal")
+
+
+def _system_texts(system, where, inline=False) -> list:
+    """The texts of a system prompt (C{inline}: of a system message in C{messages}, whose tool changes are
+    left out), the billing header left out.
+
+    @raise InvalidRequest: it is neither a string nor a list of text blocks (and, inline, tool changes).
+    """
     if system is None:
         return []
     if isinstance(system, str):
@@ -254,6 +264,8 @@ def _system_texts(system, where) -> list:
         raise InvalidRequest(f"{where}: Input should be a string or a list of text blocks", param=where)
     texts = []
     for i, block in enumerate(system):
+        if inline and isinstance(block, dict) and block.get("type") in _TOOL_CHANGES:
+            continue
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
             raise InvalidRequest(f"{where}.{i}: system blocks must be text blocks", param=f"{where}.{i}")
         if block["text"] and not block["text"].startswith(_BILLING_HEADER):
