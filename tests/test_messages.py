@@ -1383,3 +1383,45 @@ async def test_tool_changes_in_a_system_message_are_taken_when_translating(http,
         assert len(fake.requests) == before
     finally:
         client.close()
+
+
+def _aborted_native_events():
+    """vLLM's native Messages events of a generation it aborted (finish_reason "abort" or "error", which its
+    stop_reason map has no entry for): a message_delta whose stop_reason is null, then message_stop."""
+    start = {"type": "message_start", "message": {
+        "id": "m", "type": "message", "role": "assistant", "content": [], "model": CHAT_MODEL, "stop_reason": None,
+        "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}}
+    return [["message_start", start],
+            ["content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}],
+            ["content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Half an ans"}}],
+            ["content_block_stop", {"type": "content_block_stop", "index": 0}],
+            ["message_delta", {"type": "message_delta", "delta": {"stop_reason": None},
+                               "usage": {"input_tokens": 3, "output_tokens": 4}}],
+            ["message_stop", {"type": "message_stop"}]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_generation_vllm_aborted_natively_is_an_error_never_a_finished_message(http, gw, fake, client):
+    """vLLM's own Messages API tells an aborted generation (finish_reason abort or error) by a null stop_reason,
+    then ends as usual: the client gets an error (a 502, or the stream's error event, no message_stop), as when
+    translating (before: a message that looked finished, its answer cut)."""
+    extra = {"fake_events": _aborted_native_events()}
+    with pytest.raises(anthropic.APIStatusError) as raised:  # streamed
+        await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO, extra_body=extra))
+    assert raised.value.body["error"]["type"] == "api_error" and "not whole" in raised.value.body["error"]["message"]
+    _, raw = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO,
+                                                        "stream": True, **extra})
+    assert [kind for kind, _ in events_of(raw)][-2:] == ["content_block_stop", "error"]
+    for whole in ({}, {"stream": True, "fake_whole": True}):  # plain, and a whole answer to a stream
+        response, content = await post(http, gw.url + "/v1/messages",
+                                       {"model": MODEL, "max_tokens": 8, "messages": HELLO, **extra, **whole})
+        assert response.code == 502, whole
+        error = json.loads(content)
+        assert error["type"] == "error" and "not whole" in error["error"]["message"]
+    with pytest.raises(anthropic.InternalServerError):
+        await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO, extra_body=extra)
+    # A finished one is still relayed byte for byte.
+    response, content = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO})
+    assert response.code == 200 and json.loads(content)["stop_reason"] == "max_tokens"

@@ -16,6 +16,8 @@ Stream events are framed as Anthropic frames them, byte for byte:
 C{event: <type>\\ndata: <compact JSON>\\n\\n}, the JSON's C{type} first.
 """
 
+import re
+
 from zope.interface import implementer
 
 from gomodel import jsonutil
@@ -735,15 +737,41 @@ def message_events_bytes(body: bytes) -> bytes:
     a stream whole; vLLM leaves out the fields it has as None (C{stop_sequence}).
 
     @raise ValueError: C{body} is no JSON message.
+    @raise BadUpstreamResponse: it has no stop reason (L{native_message_bytes}).
     """
     message = jsonutil.loads(body)
     if not isinstance(message, dict) or message.get("type") != "message" or not isinstance(
             message.get("content"), list):
         raise ValueError("the answer is no message")
+    if message.get("stop_reason") is None:
+        raise BadUpstreamResponse(NO_STOP_REASON)
     usage = message.get("usage")
     return message_events(dict(message, stop_reason=message.get("stop_reason"),
                                stop_sequence=message.get("stop_sequence"),
                                usage=usage if isinstance(usage, dict) else {"input_tokens": 0, "output_tokens": 0}))
+
+
+# What a native answer without a stop reason is: vLLM's for a generation it aborted (finish_reason "abort" or
+# "error", which its Messages API maps to no stop reason), however it then ends.
+NO_STOP_REASON = "The upstream ended the generation without a stop reason (aborted): the answer is not whole."
+# A stop reason that is a string, as a finished answer's JSON has it (checked without parsing the answer).
+_STOP_REASON_SAID = re.compile(rb'"stop_reason"\s*:\s*"')
+
+
+def native_message_bytes(body: bytes) -> bytes:
+    """C{body}, a native Messages answer (JSON bytes), as it came: unless it is a message without a stop reason.
+
+    @raise BadUpstreamResponse: it is a message whose C{stop_reason} is null or absent (L{NO_STOP_REASON}).
+    """
+    if _STOP_REASON_SAID.search(body) is not None:
+        return body
+    try:
+        message = jsonutil.loads(body)
+    except jsonutil.JSONError:
+        return body
+    if isinstance(message, dict) and message.get("type") == "message" and message.get("stop_reason") is None:
+        raise BadUpstreamResponse(NO_STOP_REASON)
+    return body
 
 
 def chat_to_events_bytes(body: bytes, model: str) -> bytes:
@@ -1104,8 +1132,11 @@ class MessagesStreamObserver:
     """Watches a native Messages stream (vLLM's C{/v1/messages}); relays it untouched.
 
     The stream is complete at C{message_stop} or an C{error} event. An C{error}
-    event is the one event it may rewrite: to Anthropic's type (vLLM names its
+    event is one event it may rewrite: to Anthropic's type (vLLM names its
     own, C{internal_error}: L{stream_error_type}) and without the upstream's address.
+    The other is a C{message_delta} without a stop reason, vLLM's for a
+    generation it aborted: an C{error} event instead (L{NO_STOP_REASON}), and
+    the stream ends there (its C{message_stop} is not relayed).
 
     @ivar error: the C{error} event's C{error} object, if one came.
     @ivar events: C{content_block_delta} events seen (about one token each), for an estimate.
@@ -1119,6 +1150,7 @@ class MessagesStreamObserver:
         self._hide = hide
         self._usage = None  # message_start's usage, then each message_delta's (cumulative counts) over it
         self._counted = False  # a message_delta's usage came (its output_tokens counts what was generated)
+        self._cut = False  # a message_delta without a stop reason became an error event: nothing more goes out
         self.done = False
         self.error = None
         self.events = 0
@@ -1140,9 +1172,13 @@ class MessagesStreamObserver:
                 and self.events > (self._usage.get("output_tokens") or 0))
 
     def feed(self, data: bytes) -> bytes:
-        """Take upstream bytes; return them as whole events, unchanged but an C{error} event (see above)."""
+        """Take upstream bytes; return them as whole events, unchanged but an C{error} event and a C{message_delta}
+        without a stop reason (see above)."""
         events = self._framer.feed(data)
         for i, event in enumerate(events):
+            if self._cut:
+                events[i] = b""
+                continue
             head = event[:64]
             if head.find(b"content_block_delta") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
                 self.events += 1
@@ -1164,6 +1200,11 @@ class MessagesStreamObserver:
             self._merge(usage)
         elif kind == "message_delta":
             self._counted = self._merge(payload.get("usage")) or self._counted
+            delta = payload.get("delta")
+            if isinstance(delta, dict) and "stop_reason" in delta and delta["stop_reason"] is None:
+                self.done = self._cut = True
+                self.error = {"type": "api_error", "message": NO_STOP_REASON}
+                return _event("error", {"error": self.error})
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":

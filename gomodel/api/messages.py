@@ -43,8 +43,8 @@ from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message_bytes, count_tokens_answer,
                                          count_tokens_request, is_anthropic_error, message_events_bytes,
-                                         messages_to_chat, openai_error_to_anthropic, vllm_fields,
-                                         without_vllm_fields)
+                                         messages_to_chat, native_message_bytes, openai_error_to_anthropic,
+                                         vllm_fields, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -171,7 +171,8 @@ class MessagesRoutes:
                     observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message)) \
                         if stream else None
                     return await self._native(request, ctx, upstream, "/messages", body, fallbacks, affinity,
-                                              headers, observer, message_events_bytes if stream else None)
+                                              headers, observer,
+                                              message_events_bytes if stream else native_message_bytes)
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity)
             except _NoNative:
                 self._remember(ctx, MESSAGES)
@@ -214,7 +215,8 @@ class MessagesRoutes:
                       whole=None):
         """Relay C{body} to the provider's own Messages API (C{path}), only its C{model} rewritten.
 
-        @param whole: for a stream, what makes its events of a whole answer (an upstream that did not stream).
+        @param whole: what a whole answer is made into: for a stream, its events (an upstream that did not
+            stream); else the answer checked (a message without a stop reason is a 502), or None as it came.
         @raise _NoNative: the server answered that it has no Messages API.
         """
         async def vet(response):
@@ -231,7 +233,7 @@ class MessagesRoutes:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
             raise anthropic_error(e) from None
-        if answer is not None and whole is not None:
+        if answer is not None and observer is not None:  # (a stream asked for, made of a whole answer)
             request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
         return answer
 
