@@ -102,6 +102,22 @@ async def test_a_translated_providers_errors_and_garbled_answers_are_errored_res
     assert "answered with something that is not a chat completion" in garbled.error.error.message
 
 
+async def test_a_generation_vllm_aborted_is_an_errored_result_not_a_succeeded_one(setup):
+    """vLLM's own Messages API tells an aborted generation only by its null stop_reason: the line is errored, as
+    online (before: succeeded, with a message that looked finished and was cut)."""
+    from tests.test_messages import _aborted_native_events
+
+    gw, client, vllm, _ = setup
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("aborted", fake_events=_aborted_native_events()), request("whole")])
+    batch = await ended(gw, client, made.id)
+    assert (batch.request_counts.succeeded, batch.request_counts.errored) == (1, 1)
+    got = await results(client, made.id)
+    assert got["whole"].type == "succeeded" and got["whole"].message.stop_reason == "max_tokens"
+    assert got["aborted"].type == "errored" and got["aborted"].error.error.type == "api_error"
+    assert "not whole" in got["aborted"].error.error.message
+
+
 async def test_bad_requests_are_refused_in_anthropics_shape_naming_the_request(setup):
     gw, client, vllm, _ = setup
     for requests, problem in (

@@ -1,7 +1,15 @@
 """How the lines of a message batch (L{gomodel.anthropic.batches}) go upstream: natively or translated."""
 
-from gomodel.anthropic.translate import chat_to_message_bytes, messages_to_chat, vllm_fields
+from gomodel.anthropic.translate import chat_to_message_bytes, messages_to_chat, native_message_bytes, vllm_fields
 from gomodel.api.messages import chat_for
+
+
+def native_answer(body: bytes, model) -> bytes:
+    """A line's native answer as it came (L{native_message_bytes}: one without a stop reason is the line's error).
+
+    @raise gomodel.errors.BadUpstreamResponse: it is a message without a stop reason (an aborted generation).
+    """
+    return native_message_bytes(body)
 
 
 class MessagesLines:
@@ -21,7 +29,7 @@ class MessagesLines:
 
         @param body_for: C{body_for(principal, payload, model, provider)} -> the body for C{model} at
             C{provider}, with what that provider takes of C{principal} (the batch runner's).
-        @return: C{answer(body, model)} -> a successful answer as a message (None: natively, it is one).
+        @return: C{answer(body, model)} -> a successful answer as a message (natively, L{native_answer}).
         @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated (the line's error).
         """
         prioritised = principal is not None and principal.priority is not None
@@ -31,7 +39,7 @@ class MessagesLines:
             def rebody(model, provider):
                 return body_for(principal, payload, model, provider)
 
-            return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, None
+            return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, native_answer
         chat = messages_to_chat(payload)
         extras = vllm_fields(payload, chat["messages"])
 

@@ -517,7 +517,7 @@ class BatchRunner(Service):
                 again = partial(self._translated, payload, route, fallbacks, job.principal)
                 sent, first, fallbacks, rebody, answer = self._messages.plan(
                     payload, route, fallbacks, job.principal, self._body_for)
-                if answer is not None:
+                if sent != "/messages":
                     again = None  # (translated already)
             else:
                 sent, rebody = path, partial(self._body_for, job.principal, payload)
@@ -716,7 +716,7 @@ class BatchRunner(Service):
             return None
         sent, first, fallbacks, rebody, answer = self._messages.plan(payload, route, fallbacks, principal,
                                                                      self._body_for)
-        if answer is None:  # (a fallback said so: the first target is still asked natively)
+        if sent == "/messages":  # (a fallback said so: the first target is still asked natively)
             return None
         call = UpstreamCall(sent, first, model=route.upstream_model, fallbacks=fallbacks,
                             rebody=rebody if fallbacks else None)
