@@ -118,6 +118,21 @@ async def test_a_generation_vllm_aborted_is_an_errored_result_not_a_succeeded_on
     assert "not whole" in got["aborted"].error.error.message
 
 
+async def test_a_line_with_stop_sequences_goes_to_a_vllm_translated_as_online(setup):
+    """vLLM's own Messages API does not name the stop sequence that ended an answer: such a line goes translated,
+    as an online request does, and its result says stop_sequence and which one."""
+    gw, client, vllm, _ = setup
+    chat = {"id": "chatcmpl-s", "object": "chat.completion", "created": 1, "model": CHAT_MODEL, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop",
+         "stop_reason": "END"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    vllm.steer = {"fake_status": 200, "fake_body": json.dumps(chat)}  # (a translated line carries no fake_ field)
+    made = await in_thread(client.messages.batches.create, requests=[request("stopped", stop_sequences=["END"])])
+    await ended(gw, client, made.id)
+    message = (await results(client, made.id))["stopped"].message
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "END")
+    assert [r.path for r in vllm.requests if r.method == b"POST"] == [b"/v1/chat/completions"]
+
+
 async def test_bad_requests_are_refused_in_anthropics_shape_naming_the_request(setup):
     gw, client, vllm, _ = setup
     for requests, problem in (

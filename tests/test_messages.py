@@ -1425,3 +1425,31 @@ async def test_a_generation_vllm_aborted_natively_is_an_error_never_a_finished_m
     # A finished one is still relayed byte for byte.
     response, content = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO})
     assert response.code == 200 and json.loads(content)["stop_reason"] == "max_tokens"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_sequences_to_a_vllm_are_reported_as_anthropic_reports_them(http, gw, fake, client):
+    """vLLM's own Messages API says end_turn, and no stop_sequence, when a stop sequence ended the answer (its
+    chat completion names the sequence, its Messages API drops it): a request with stop_sequences goes to a vLLM
+    translated, and its answer says stop_sequence and which one, streamed or not (before: end_turn, null).
+    A request without them stays native."""
+    chat = {"id": "chatcmpl-s", "object": "chat.completion", "created": 1, "model": CHAT_MODEL, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop",
+         "stop_reason": "END"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    fake.steer = {"fake_status": 200, "fake_body": json.dumps(chat)}
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                              stop_sequences=["END"])
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/chat/completions" and sent.body["stop"] == ["END"]
+    assert (message.stop_reason, message.stop_sequence, message.content[0].text) == ("stop_sequence", "END", "Hi")
+    fake.steer = {"fake_sse": [_chunk_text({"role": "assistant", "content": "Hi"}),
+                               json.dumps({"id": "chatcmpl-s", "object": "chat.completion.chunk", "model": CHAT_MODEL,
+                                           "choices": [{"index": 0, "delta": {}, "finish_reason": "stop",
+                                                        "stop_reason": "END"}]}), "[DONE]"]}
+    seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO,
+                                                                  stop_sequences=["END"]))
+    assert fake.requests[-1].path == b"/v1/chat/completions"
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
+    fake.steer = {}
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO, stop_sequences=[])
+    assert fake.requests[-1].path == b"/v1/messages"

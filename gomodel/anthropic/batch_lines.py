@@ -1,7 +1,7 @@
 """How the lines of a message batch (L{gomodel.anthropic.batches}) go upstream: natively or translated."""
 
 from gomodel.anthropic.translate import chat_to_message_bytes, messages_to_chat, native_message_bytes, vllm_fields
-from gomodel.api.messages import chat_for
+from gomodel.api.messages import chat_for, stops
 
 
 def native_answer(body: bytes, model) -> bytes:
@@ -24,8 +24,9 @@ class MessagesLines:
         """C{(path, body, fallbacks, rebody, answer)} for a line whose body is C{payload} going to C{route}.
 
         Natively (C{/messages}, a vLLM: its Messages take C{cache_salt}), or translated to C{/chat/completions}
-        (any other provider, and a vLLM that schedules by priority where the line has one: vLLM's Messages have
-        no C{priority}); the fallbacks are those reached the same way.
+        (any other provider, a vLLM that schedules by priority where the line has one: vLLM's Messages have
+        no C{priority}, and a vLLM where it has stop sequences: L{stops}); the fallbacks are those reached the
+        same way.
 
         @param body_for: C{body_for(principal, payload, model, provider)} -> the body for C{model} at
             C{provider}, with what that provider takes of C{principal} (the batch runner's).
@@ -33,8 +34,10 @@ class MessagesLines:
         @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated (the line's error).
         """
         prioritised = principal is not None and principal.priority is not None
-        native = self._messages.native_for(route, prioritised=prioritised)
-        fallbacks = [r for r in fallbacks if self._messages.native_for(r, prioritised=prioritised) == native]
+        stopping = stops(payload)
+        native = self._messages.native_for(route, prioritised=prioritised, stopping=stopping)
+        fallbacks = [r for r in fallbacks
+                     if self._messages.native_for(r, prioritised=prioritised, stopping=stopping) == native]
         if native:
             def rebody(model, provider):
                 return body_for(principal, payload, model, provider)

@@ -7,7 +7,8 @@ relayed byte for byte, a stream through L{MessagesStreamObserver} (which only
 notes usage and the end). Any other provider, and a vLLM whose server answers
 that it has no Messages API, gets it translated to chat completions and back
 (L{gomodel.anthropic.translate}); the gateway then remembers, per provider
-and model, not to ask natively for L{NO_NATIVE_TTL} seconds. Fallbacks are tried among the targets
+and model, not to ask natively for L{NO_NATIVE_TTL} seconds. A request with
+stop sequences goes to a vLLM translated too (L{stops}). Fallbacks are tried among the targets
 reached the same way as the first, then among the others (L{MessagesRoutes._other_way}).
 
 The client's credentials never go upstream: the exchange sends only the
@@ -159,9 +160,10 @@ class MessagesRoutes:
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
+        stopping = stops(body)
         headers = _forwarded(request)
         while True:
-            first, fallbacks, native = self._targets(routes, prioritised=prioritised)
+            first, fallbacks, native = self._targets(routes, prioritised=prioritised, stopping=stopping)
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
             # The session or prompt prefix matters only where there is a replica to choose.
@@ -316,23 +318,25 @@ class MessagesRoutes:
             return [first, *others]
         return routes
 
-    def native_for(self, route, counting=False, prioritised=False) -> bool:
+    def native_for(self, route, counting=False, prioritised=False, stopping=False) -> bool:
         """Whether C{route}'s provider is asked natively for its model now (for C{count_tokens} if C{counting};
-        never, with C{prioritised}, where it schedules by priority: see L{create}); message batches' lines
-        go as this says too (L{gomodel.anthropic.batches.MessagesLines})."""
-        if route.provider.type not in NATIVE_TYPES or prioritised and route.provider.priority_scheduling:
+        never, with C{prioritised}, where it schedules by priority: see L{create}; never with C{stopping}, a
+        request with stop sequences, L{stops}); message batches' lines go as this says too
+        (L{gomodel.anthropic.batches.MessagesLines})."""
+        if route.provider.type not in NATIVE_TYPES or stopping or prioritised and route.provider.priority_scheduling:
             return False
         key, now = (route.provider.name, route.upstream_model, MESSAGES), self._clock.seconds()
         if self._no_native.get(key, 0) > now:
             return False
         return not counting or self._no_native.get(key[:2] + (COUNT_TOKENS,), 0) <= now
 
-    def _targets(self, routes, counting=False, prioritised=False):
+    def _targets(self, routes, counting=False, prioritised=False, stopping=False):
         """C{(first, fallbacks, native)}: the first route, those to fall back on that are
         reached the same way (natively, or translated), and which way that is."""
         first, *others = routes
-        native = self.native_for(first, counting, prioritised)
-        return first, [route for route in others if self.native_for(route, counting, prioritised) == native], native
+        native = self.native_for(first, counting, prioritised, stopping)
+        return first, [route for route in others
+                       if self.native_for(route, counting, prioritised, stopping) == native], native
 
     def _other_way(self, ctx, routes, first, fallbacks, native, failed):
         """The routes left to try once C{first} and C{fallbacks}, those reached one way (natively, or
@@ -368,6 +372,12 @@ class MessagesRoutes:
             return False
         self._translate_for_a_while(provider, model, MESSAGES)
         return True
+
+
+def stops(body) -> bool:
+    """Whether the Messages request C{body} has stop sequences: then it goes to a vLLM translated, whose chat
+    completion names the sequence that ended the answer (its Messages API says C{end_turn} and drops it)."""
+    return bool(body.get("stop_sequences"))
 
 
 def chat_for(provider, chat: dict, extras: dict) -> dict:
