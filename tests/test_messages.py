@@ -1453,3 +1453,23 @@ async def test_stop_sequences_to_a_vllm_are_reported_as_anthropic_reports_them(h
     fake.steer = {}
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO, stop_sequences=[])
     assert fake.requests[-1].path == b"/v1/messages"
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_thinking_reaches_deepseek_which_requires_it_back(reactor, fake):
+    """DeepSeek's thinking mode refuses a conversation whose assistant turns lack their reasoning_content ("The
+    reasoning_content in the thinking mode must be passed back to the API", a 400 in every tool loop): a deepseek
+    provider gets an assistant message's thinking as its reasoning_content, as a vLLM does, and none of vLLM's
+    other fields (before: the thinking was left out for every provider but vLLM)."""
+    gw = await start(reactor, {"DEEPSEEK_BASE_URL": fake.base_url, "DEEPSEEK_API_KEY": "sk-deepseek"})
+    client = sdk(gw)
+    try:
+        await in_thread(client.messages.create, model=f"deepseek/{CHAT_MODEL}", max_tokens=2000,
+                        extra_body={"top_k": 5}, messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
+        sent = fake.requests[-1].body
+        assert fake.requests[-1].path == b"/v1/chat/completions"
+        assert sent["messages"][1] == {"role": "assistant", "content": "Hello.", "reasoning_content": "hm"}
+        assert "top_k" not in sent and "chat_template_kwargs" not in sent
+    finally:
+        client.close()
+        await gw.service.stopService()

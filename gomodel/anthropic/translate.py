@@ -133,18 +133,20 @@ def vllm_fields(body: dict, messages: list) -> dict:
     return fields
 
 
-def without_vllm_fields(chat: dict) -> dict:
+def without_vllm_fields(chat: dict, reasoning: bool = False) -> dict:
     """A copy of C{chat} (L{messages_to_chat}'s) as an upstream other than vLLM takes it.
 
     C{chat_template_kwargs} (C{thinking}'s C{enable_thinking}) and past turns'
     thinking (an assistant message's C{reasoning_content}) are vLLM's: an
     OpenAI-compatible server may refuse what it does not know, so they are
-    left out (the thinking was the model's, not the conversation's).
+    left out (the thinking was the model's, not the conversation's); but the
+    thinking with C{reasoning}, for an upstream that takes it back (DeepSeek's
+    thinking mode requires it).
     """
     other = dict(chat)
     other.pop("chat_template_kwargs", None)
     messages = other["messages"]
-    if any("reasoning_content" in message for message in messages):
+    if not reasoning and any("reasoning_content" in message for message in messages):
         other["messages"] = [{name: value for name, value in message.items() if name != "reasoning_content"}
                              for message in messages]
     return other

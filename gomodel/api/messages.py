@@ -63,6 +63,9 @@ NATIVE_TYPES = frozenset(("vllm",))
 # Provider types whose chat completions take vLLM's fields (translate.vllm_fields: top_k, prefill; and
 # chat_template_kwargs, past thinking: those translate.without_vllm_fields leaves out for the others).
 VLLM_CHAT_TYPES = frozenset(("vllm",))
+# Provider types, besides vLLM, whose chat completions take past turns' thinking back (an assistant message's
+# reasoning_content): DeepSeek's thinking mode refuses a conversation without it ("must be passed back").
+REASONING_BACK_TYPES = frozenset(("deepseek",))
 # Provider types whose chat completions bound the answer by max_completion_tokens: OpenAI's reasoning models
 # (o-series, GPT-5) refuse max_tokens, and every OpenAI chat model takes max_completion_tokens.
 MAX_COMPLETION_TYPES = frozenset(("openai",))
@@ -382,11 +385,12 @@ def stops(body) -> bool:
 
 def chat_for(provider, chat: dict, extras: dict) -> dict:
     """The translated chat body C{chat} (L{messages_to_chat}'s) as C{provider} takes it: with vLLM's fields
-    (C{extras}, L{vllm_fields}) for a vLLM, else without them (L{without_vllm_fields}); its C{max_tokens} as
-    C{max_completion_tokens} for the types of L{MAX_COMPLETION_TYPES}."""
+    (C{extras}, L{vllm_fields}) for a vLLM, else without them (L{without_vllm_fields}; past thinking kept for
+    the types of L{REASONING_BACK_TYPES}); its C{max_tokens} as C{max_completion_tokens} for the types of
+    L{MAX_COMPLETION_TYPES}."""
     if provider.type in VLLM_CHAT_TYPES:
         return dict(chat, **extras)
-    other = without_vllm_fields(chat)
+    other = without_vllm_fields(chat, reasoning=provider.type in REASONING_BACK_TYPES)
     if provider.type in MAX_COMPLETION_TYPES:
         other["max_completion_tokens"] = other.pop("max_tokens")
     return other
