@@ -1368,7 +1368,8 @@ async def test_tool_changes_in_a_system_message_are_taken_when_translating(http,
     try:
         message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, system="Be brief.",
                                   tools=[dict(WEATHER_TOOL, defer_loading=True)],
-                                  messages=[{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                                  messages=[{"role": "user", "content": "Hi."},
+                                            {"role": "assistant", "content": "Hello."},
                                             {"role": "system", "content": change},
                                             {"role": "user", "content": "Weather in Paris?"}])
         assert message.content[0].text == "héhéhé"
@@ -1473,3 +1474,30 @@ async def test_past_thinking_reaches_deepseek_which_requires_it_back(reactor, fa
     finally:
         client.close()
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tool_changes_in_a_system_message_are_left_out_for_vllms_own_messages_api(gw, fake, client):
+    """vLLM's Messages API refuses tool_addition and tool_removal blocks (its block types have none), which change
+    nothing there (it gives the chat template every tool, deferred or not): natively they are left out, and a system
+    message that held only them goes with them (before: vLLM's 400 on that request and every later one of the
+    Claude Code session)."""
+    added = {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "get_weather"}}
+    removed = {"type": "tool_removal", "tool": {"type": "tool_reference", "name": "old_tool"}}
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                {"role": "system", "content": [{"type": "text", "text": "The weather server connected."}, added]},
+                {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny."},
+                {"role": "system", "content": [removed]}, {"role": "user", "content": "Thanks."}]
+    tools = [dict(WEATHER_TOOL, defer_loading=True)]
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=tools, messages=messages)
+    for counting in (False, True):
+        sent = fake.requests[-1]
+        assert sent.path == (b"/v1/messages/count_tokens" if counting else b"/v1/messages")
+        assert sent.body["messages"] == messages[:2] + [
+            {"role": "system", "content": [{"type": "text", "text": "The weather server connected."}]}] + \
+            messages[3:5] + messages[6:]
+        if not counting:
+            await in_thread(client.messages.count_tokens, model=MODEL, tools=tools, messages=messages)
+    plain = [{"role": "user", "content": "Hi."}]  # (nothing to leave out: the body as it came)
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=plain)
+    assert fake.requests[-1].body["messages"] == plain

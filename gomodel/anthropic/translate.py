@@ -254,6 +254,27 @@ def _check_prefill(message):
 _TOOL_CHANGES = ("tool_addition", "tool_removal")
 
 
+def without_tool_changes(body: dict) -> dict:
+    """C{body}, a Messages request for vLLM's own Messages API, without its system messages' tool changes
+    (L{_TOOL_CHANGES}): vLLM refuses them (its block types have none), and they change nothing there (it gives
+    the chat template every tool, deferred or not); a system message that held only them goes with them.
+    C{body} itself where there are none."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return body
+    changed = None
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and message.get("role") == "system" and isinstance(message.get("content"), list):
+            content = message["content"]
+            kept = [block for block in content if not (isinstance(block, dict) and block.get("type") in _TOOL_CHANGES)]
+            if len(kept) != len(content):
+                changed = changed or list(messages)
+                changed[i] = dict(message, content=kept) if kept else None
+    if changed is None:
+        return body
+    return dict(body, messages=[message for message in changed if message is not None])
+
+
 def _system_texts(system, where, inline=False) -> list:
     """The texts of a system prompt (C{inline}: of a system message in C{messages}, whose tool changes are
     left out), the billing header left out.

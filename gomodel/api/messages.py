@@ -45,7 +45,7 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
                                          chat_to_events_bytes, chat_to_message_bytes, count_tokens_answer,
                                          count_tokens_request, is_anthropic_error, message_events_bytes,
                                          messages_to_chat, native_message_bytes, openai_error_to_anthropic,
-                                         vllm_fields, without_vllm_fields)
+                                         vllm_fields, without_tool_changes, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -218,7 +218,8 @@ class MessagesRoutes:
 
     async def _native(self, request, ctx, upstream, path, body, fallbacks, affinity, headers, observer,
                       whole=None):
-        """Relay C{body} to the provider's own Messages API (C{path}), only its C{model} rewritten.
+        """Relay C{body} to the provider's own Messages API (C{path}), only its C{model} rewritten (and its
+        system messages' tool changes left out, which vLLM refuses: L{without_tool_changes}).
 
         @param whole: what a whole answer is made into: for a stream, its events (an upstream that did not
             stream); else the answer checked (a message without a stop reason is a 502), or None as it came.
@@ -228,7 +229,7 @@ class MessagesRoutes:
             if response.code in _MAYBE_UNSUPPORTED:
                 await self._vet(ctx, response)
 
-        body = dict(body, model=ctx.upstream_model)
+        body = dict(without_tool_changes(body), model=ctx.upstream_model)
         if self._salts is not None and path == "/messages":
             self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=whole,
