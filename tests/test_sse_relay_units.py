@@ -1,5 +1,7 @@
 """The SSE framer/observer and the relay, driven by hand on fake transports and a fake clock."""
 
+import json
+
 import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IPushProducer
@@ -500,3 +502,33 @@ def test_responses_streams_count_the_deltas_they_relay_for_an_estimate():
     text = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
     translated.feed(role + text + text)
     assert translated.events == 2 and translated.usage is None
+
+
+def test_responses_translation_keeps_tool_calls_streamed_at_one_index_apart():
+    """Calls an upstream streams at one index, each with its id (Ollama, Grok: every call of a turn at index 0), are
+    each their own function_call item of a translated Responses stream; fragments naming no function go on with the
+    call begun last at their index, whatever id a server puts on them (before: one call, the arguments of all glued
+    into invalid JSON, the others lost)."""
+    from gomodel.translate.responses_chat import ChatToResponsesStream
+
+    def chunk(*calls, finish=None):
+        return b"data: " + json.dumps({"id": "c", "model": "m", "choices": [
+            {"index": 0, "delta": {"tool_calls": list(calls)}, "finish_reason": finish}]}).encode() + b"\n\n"
+
+    def call(arguments, name=None, call_id=None, index=0):
+        out = {"index": index, "function": {"arguments": arguments}}
+        if name is not None:
+            out["function"]["name"] = name
+        if call_id is not None:
+            out["id"] = call_id
+        return out
+
+    translated = ChatToResponsesStream({"model": "m", "input": "hi"}, Clock())
+    translated.feed(chunk(call('{"city":', "weather", "call_a")) + chunk(call('"Paris"}', call_id="frag-1"))
+                    + chunk(call('{"q":', "search", "call_b")) + chunk(call('"x"}'))
+                    + chunk(call("{}", "time", "call_c", index=1), finish="tool_calls") + b"data: [DONE]\n\n")
+    translated.finish()
+    calls = [(i["call_id"], i["name"], json.loads(i["arguments"])) for i in translated.response["output"]
+             if i["type"] == "function_call"]
+    assert calls == [("call_a", "weather", {"city": "Paris"}), ("call_b", "search", {"q": "x"}),
+                     ("call_c", "time", {})]

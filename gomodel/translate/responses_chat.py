@@ -285,7 +285,9 @@ class ChatToResponsesStream:
         self._message = None  # (index, item) of the open message
         self._text_at = None  # the content index of its output_text part, once it has one
         self._refusal_at = None  # the content index of its refusal part, once it has one
-        self._calls = {}  # chat tool-call index -> (output index, item)
+        self._calls = {}  # chat tool-call index (or ("id", id), L{_at_index}) -> (output index, item)
+        self._at_index = {}  # chat tool-call index -> the key of the last call begun there, where not the index
+        self._given = {}  # the key of a call -> the upstream's id for it, or None
         self._finish = None
         self.usage = None
         self.done = False
@@ -398,13 +400,21 @@ class ChatToResponsesStream:
             out.append(self._event("response.refusal.delta", item_id=item["id"], output_index=index,
                                    content_index=self._refusal_at, delta=refusal))
         for call in delta.get("tool_calls") or []:
-            key = call.get("index", 0)
+            index = call.get("index", 0)
+            key = self._at_index.get(index, index)
             function = call.get("function") or {}
+            given = call.get("id") or None
+            if key in self._calls and given is not None and function.get("name") and \
+                    self._given.get(key) not in (None, given):
+                # another call named at an index in use (Ollama, Grok: every call of a turn at index 0), not a
+                # fragment of the last (which names no function, whatever id a server puts on it)
+                key = self._at_index[index] = ("id", given)
             if key not in self._calls:
-                item = {"type": "function_call", "id": new_id("fc"), "call_id": call.get("id") or new_id("call"),
+                item = {"type": "function_call", "id": new_id("fc"), "call_id": given or new_id("call"),
                         "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
                 self._items.append(item)
                 self._calls[key] = (len(self._items) - 1, item)
+                self._given[key] = given
                 out.append(self._event("response.output_item.added", output_index=len(self._items) - 1, item=item))
             index, item = self._calls[key]
             if function.get("name") and not item["name"]:
