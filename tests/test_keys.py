@@ -1140,6 +1140,29 @@ async def test_a_passthrough_to_a_vllm_carries_the_keys_cache_salt_and_priority(
         await gw.service.stopService()
 
 
+@pytest.mark.parametrize("route", ["v1/chat/completions/batch", "generative_scoring", "v1/systemone",
+                                   "inference/v1/generate", "v2/embed"])
+@pytest_twisted.ensureDeferred
+async def test_vllm_032s_generating_routes_carry_the_keys_cache_salt_and_priority(reactor, http, two, route):
+    """vLLM 0.32's batched chat, generative scoring, structured decisions, token-in generation and Cohere embed take
+    a C{priority} (all but the last a C{cache_salt} too): a managed key's went raw through the passthrough, so it chose
+    its own priority and shared other tenants' prefix cache; it gets the key's now, as on C{chat/completions}."""
+    first, _ = two
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        key = (await new_key(http, gw, priority=4))["value"]
+        body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "priority": -9, "cache_salt": "mine", "texts": ["hi"]}
+        response = await http.post(f"{gw.url}/p/vllm/{route}", data=json.dumps(body).encode(), headers={
+            "authorization": f"Bearer {key}", "content-type": "application/json"})
+        await treq.content(response)
+        sent = first.requests[-1]
+        assert sent.path.endswith(b"/" + route.removeprefix("v1/").encode()), sent.path
+        assert sent.body["priority"] == 4 and len(sent.body["cache_salt"]) == 32, sent.body
+    finally:
+        await gw.service.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_passthrough_to_vllms_sagemaker_route_carries_the_keys_cache_salt_and_priority(reactor, http, two):
     """vLLM's C{/invocations} (SageMaker's) serves a chat body as chat completions: a managed key's went raw, so it

@@ -21,16 +21,21 @@ from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, Upstre
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
-# vLLM routes that change or stop the server for everyone: not for API clients of a shared gateway.
+# vLLM routes that change or stop the server for everyone: not for API clients of a shared gateway (vLLM 0.32's
+# development, sleep, RL weight-update, fault-tolerance and elastic routes; C{abort_requests} without ids aborts every
+# request in flight, every tenant's).
 ADMIN_ROUTES = frozenset((
     "scale_elastic_ep", "is_scaling_elastic_ep", "collective_rpc", "sleep", "wake_up", "is_sleeping",
-    "reset_prefix_cache", "reset_mm_cache", "reset_encoder_cache", "start_profile", "stop_profile",
-    "load_lora_adapter", "unload_lora_adapter", "pause", "resume", "is_paused", "update_weights",
-    "init_weight_update_communicator", "inference/v1/abort_requests",
+    "release_kv_cache_memory", "reset_prefix_cache", "reset_mm_cache", "reset_encoder_cache", "start_profile",
+    "stop_profile", "load_lora_adapter", "unload_lora_adapter", "pause", "resume", "is_paused", "update_weights",
+    "init_weight_update_communicator", "init_weight_transfer_engine", "shutdown_weight_transfer_engine",
+    "start_weight_update", "start_draft_weight_update", "finish_weight_update", "update_weight_version",
+    "weight_checker", "abort_requests", "inference/v1/abort_requests", "fault_tolerance/apply",
 ))
 
-# vLLM routes about the whole server (every tenant's load, in its metrics): the master key's alone.
-OPERATOR_ROUTES = frozenset(("metrics", "server_info"))
+# vLLM routes about the whole server (every tenant's load, in its metrics; its engine's layout and health): the
+# master key's alone.
+OPERATOR_ROUTES = frozenset(("metrics", "server_info", "weight_info", "get_world_size", "fault_tolerance"))
 
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
 # (the gateway's own headers stay here; OpenAI-Organization and OpenAI-Project pick within the provider key's
@@ -49,9 +54,12 @@ _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"api-key", b"x-go
 _SCANNED_KEY = 8
 _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 # vLLM routes (after C{v1/}) that take a C{cache_salt} and a C{priority}, as their C{/v1} routes send them
-# (vLLM's Messages take no priority; C{invocations}, SageMaker's, serves a chat body as chat completions).
+# (vLLM's Messages take no priority; C{invocations}, SageMaker's, serves a chat body as chat completions; vLLM 0.32's
+# batched chat, generative scoring, structured decisions and token-in generation take both, Cohere's embed a
+# priority and no salt, which it ignores).
 KEYED_ROUTES = frozenset(("chat/completions", "completions", "responses", "messages", "embeddings", "pooling",
-                          "score", "rerank", "v2/rerank", "classify", "invocations"))
+                          "score", "rerank", "v2/rerank", "classify", "invocations", "chat/completions/batch",
+                          "generative_scoring", "systemone", "inference/v1/generate", "v2/embed"))
 
 # The routes (after C{v1/}) whose event streams have an end of their own, which a stream cut short lacks (one
 # whose body ends with its connection is otherwise whole to the client); a Responses stream is also read again
