@@ -247,9 +247,10 @@ async def test_vllms_own_metrics_are_the_master_keys_alone(http, two):
     gw, plain, _ = two
     response, content = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "tenant"})
     key = {"authorization": "Bearer " + jsonutil.loads(content)["value"]}
-    # (and vLLM 0.32's engine layout and health: before, relayed to any key)
+    # (and its load count, vLLM 0.32's engine layout and health, its KV event publishers: before, relayed to any key)
     for path in ("/p/vllm/metrics", "/p/vllm/v1/metrics", "/p/vllm/Metrics", "/p/vllm/server_info",
-                 "/p/vllm/weight_info", "/p/vllm/get_world_size", "/p/vllm/fault_tolerance/status"):
+                 "/p/vllm/weight_info", "/p/vllm/get_world_size", "/p/vllm/fault_tolerance/status",
+                 "/p/vllm/load", "/p/vllm/kv_event_sources"):
         response, content = await call(http, gw, "GET", path, headers=key)
         assert response.code == 403 and jsonutil.loads(content)["error"]["type"] == "permission_error", content
     response, content = await call(http, gw, "POST", "/p/vllm/tokenize", {"model": "meta-llama/Llama-3.1-8B-Instruct",

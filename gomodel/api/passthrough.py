@@ -33,9 +33,19 @@ ADMIN_ROUTES = frozenset((
     "weight_checker", "abort_requests", "inference/v1/abort_requests", "fault_tolerance/apply",
 ))
 
-# vLLM routes about the whole server (every tenant's load, in its metrics; its engine's layout and health): the
-# master key's alone.
-OPERATOR_ROUTES = frozenset(("metrics", "server_info", "weight_info", "get_world_size", "fault_tolerance"))
+# vLLM routes about the whole server (every tenant's load, in its metrics and its load count; its engine's layout,
+# health and KV event publishers' addresses): the master key's alone.
+OPERATOR_ROUTES = frozenset(("metrics", "load", "server_info", "weight_info", "get_world_size", "fault_tolerance",
+                             "kv_event_sources"))
+
+# The other routes of vLLM 0.32 (C{v1/} taken off): its clients' own, neither operational nor the whole server's, and
+# not taking a C{cache_salt} (a test reads a real vLLM's routes and finds each in one of these sets).
+CLIENT_ROUTES = frozenset((
+    "health", "ping", "version", "models", "tokenize", "detokenize", "tokenizer_info", "messages/count_tokens",
+    "responses/{response_id}", "responses/{response_id}/cancel", "chat/completions/render", "completions/render",
+    "messages/render", "responses/render", "chat/completions/derender", "completions/derender",
+    "audio/transcriptions", "audio/translations", "realtime",
+))
 
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
 # (the gateway's own headers stay here; OpenAI-Organization and OpenAI-Project pick within the provider key's
