@@ -255,8 +255,11 @@ class AccessLog:
         if ctx.retries:
             line += f" retries={ctx.retries}"
         outcome = ctx.outcome
+        error = ctx.error
         if outcome is not OK and outcome is not None:
-            line += f" outcome={outcome} error={ctx.error}" if ctx.error else f" outcome={outcome}"
+            if error is None and ctx.status >= 500 and ctx.provider is not None:
+                error = f"http_{ctx.status}"  # (the upstream's own, relayed: as gomodel_upstream_errors_total names it)
+            line += f" outcome={outcome} error={error}" if error else f" outcome={outcome}"
         log = self._log
         observers = self._observers
         if len(observers) == 1 and observers[0].__class__ is TextObserver:
@@ -286,7 +289,7 @@ class AccessLog:
             "ttfb_ms": None if ctx.first_byte is None else round(ctx.first_byte * 1e6) / 1000,
             "retries": ctx.retries,
             "outcome": ctx.outcome,
-            "error": ctx.error,
+            "error": error,
             "client_gone": ctx.client_gone,
             "log_logger": log,
             "log_level": LogLevel.info,
