@@ -1183,6 +1183,37 @@ async def test_a_passthrough_to_vllms_sagemaker_route_carries_the_keys_cache_sal
     finally:
         await gw.service.stopService()
 
+@pytest.mark.parametrize("endpoint, body", [
+    ("v1/chat/completions/batch", {"messages": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]],
+                                   "max_tokens": 2}),
+    ("generative_scoring", {"query": "Is it?", "items": ["yes", "no"], "label_token_ids": [5, 6]}),
+    ("v2/embed", {"texts": ["hi"], "input_type": "search_document"}),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_to_vllms_other_generating_routes_carries_the_keys_cache_salt_and_priority(
+        reactor, http, two, endpoint, body):
+    """vLLM 0.32 serves more model-routed routes than the OpenAI ones, by default, and each takes a C{cache_salt} and
+    a C{priority}: C{/v1/chat/completions/batch} (several conversations at once), C{/generative_scoring} and
+    Cohere's C{/v2/embed}. A managed key's body to them went raw, so it chose its own priority (ahead of every
+    other tenant's) and shared other tenants' prefix cache; it gets its tenant's salt and its key's priority now."""
+    first, second = two
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        key = (await new_key(http, gw, priority=4))["value"]
+        sent = dict(body, model="meta-llama/Llama-3.1-8B-Instruct", priority=-9, cache_salt="mine")
+        response = await http.post(f"{gw.url}/p/vllm/{endpoint}", data=json.dumps(sent).encode(), headers={
+            "authorization": f"Bearer {key}", "content-type": "application/json"})
+        answer = json.loads(await treq.content(response))
+        assert response.code == 200, answer
+        upstream = first.requests[-1]
+        assert upstream.path == b"/" + endpoint.encode()
+        assert upstream.body["priority"] == 4 and len(upstream.body["cache_salt"]) == 32, upstream.body
+        assert {k: upstream.body[k] for k in body} == body  # the rest as sent
+    finally:
+        await gw.service.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_passthrough_body_the_gateway_cannot_read_never_reaches_a_vllm_without_the_keys_salt(reactor, http,
                                                                                                     two):

@@ -64,12 +64,13 @@ _NOT_UPSTREAM = HOP_BY_HOP | {b"authorization", b"x-api-key", b"api-key", b"x-go
 _SCANNED_KEY = 8
 _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 # vLLM routes (after C{v1/}) that take a C{cache_salt} and a C{priority}, as their C{/v1} routes send them
-# (vLLM's Messages take no priority; C{invocations}, SageMaker's, serves a chat body as chat completions; vLLM 0.32's
-# batched chat, generative scoring, structured decisions and token-in generation take both, Cohere's embed a
-# priority and no salt, which it ignores).
+# (vLLM's Messages take no priority; C{invocations}, SageMaker's, serves a chat body as chat completions), and
+# vLLM 0.32's other model-routed ones that take both: C{chat/completions/batch} (several conversations),
+# C{generative_scoring}, C{systemone} (structured decisions), Cohere's C{v2/embed} and, with --enable-scale-out,
+# C{inference/v1/generate} (token ids in and out).
 KEYED_ROUTES = frozenset(("chat/completions", "completions", "responses", "messages", "embeddings", "pooling",
                           "score", "rerank", "v2/rerank", "classify", "invocations", "chat/completions/batch",
-                          "generative_scoring", "systemone", "inference/v1/generate", "v2/embed"))
+                          "generative_scoring", "systemone", "v2/embed", "inference/v1/generate"))
 
 # The routes (after C{v1/}) whose event streams have an end of their own, which a stream cut short lacks (one
 # whose body ends with its connection is otherwise whole to the client); a Responses stream is also read again

@@ -337,6 +337,7 @@ class FakeVLLM(Resource):
         b"/rerank": "_rerank", b"/v2/rerank": "_rerank", b"/v1/score": "_score", b"/score": "_score",
         b"/classify": "_classify", b"/pooling": "_pooling", b"/v2/embed": "_pooling",
         b"/v1/responses": "_responses", b"/tokenize": "_tokenize", b"/detokenize": "_detokenize",
+        b"/v1/chat/completions/batch": "_chat_batch", b"/generative_scoring": "_generative_scoring",
     }
 
     def _completions(self, request, record, body):
@@ -396,6 +397,23 @@ class FakeVLLM(Resource):
                                          "model": body["model"], "data": [{"index": 0, "label": "LABEL_0",
                                                                             "probs": [0.47], "num_classes": 1}],
                                          "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    def _chat_batch(self, request, record, body):
+        """vLLM 0.32's /v1/chat/completions/batch: one chat completion, a choice per conversation."""
+        conversations = body.get("messages") or []
+        return self._json(request, 200, {
+            "id": "chatcmpl-batch-fake", "object": "chat.completion", "created": 1700000000, "model": body["model"],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "ok"}, "logprobs": None,
+                         "finish_reason": "length", "stop_reason": None} for i in range(len(conversations))],
+            "usage": {"prompt_tokens": 14 * len(conversations), "completion_tokens": len(conversations),
+                      "total_tokens": 15 * len(conversations)}})
+
+    def _generative_scoring(self, request, record, body):
+        """vLLM 0.32's /generative_scoring: a score per item, the probability of its label tokens."""
+        return self._json(request, 200, {
+            "id": "generative-scoring-fake", "object": "list", "created": 1700000000, "model": body["model"],
+            "data": [{"index": i, "object": "score", "score": 0.5} for i in range(len(body.get("items") or []))],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}})
 
     def _pooling(self, request, record, body):
         """vLLM's /pooling (and, here alike, Cohere's /v2/embed): a vector per input."""

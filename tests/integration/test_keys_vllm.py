@@ -74,3 +74,21 @@ def test_priorities_reach_a_vllm_that_schedules_by_priority(gateway):
         answer = request("POST", gateway.url + "/messages", headers=dict(auth, **{"anthropic-version": "2023-06-01"}),
                          body={"model": model, "messages": MESSAGES, "max_tokens": 4})
         assert answer.status == 200 and json.loads(answer.body)["type"] == "message", answer.body
+
+
+def test_vllms_other_generating_routes_take_a_managed_keys_salt_and_priority(gateway):
+    """vLLM 0.32's C{/v1/chat/completions/batch} and C{/generative_scoring}, through C{/p/}, get a managed key's
+    tenant salt and priority in place of its body's own, and the priority-scheduling vLLM takes them."""
+    key = _key(gateway, models=["vllm-test/"], priority=4)
+    auth = bearer(key["value"])
+    conversations = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "Count to three."}]]
+    answer = request("POST", gateway.root + "/p/vllm-test/v1/chat/completions/batch", headers=auth,
+                     body={"model": CHAT_MODEL, "messages": conversations, "max_tokens": 2, "priority": -9,
+                           "cache_salt": "client-own"})
+    assert answer.status == 200, answer.body
+    assert [c["index"] for c in json.loads(answer.body)["choices"]] == [0, 1]
+    answer = request("POST", gateway.root + "/p/vllm-test/generative_scoring", headers=auth,
+                     body={"model": CHAT_MODEL, "query": "Is it?", "items": ["yes", "no"], "label_token_ids": [5, 6],
+                           "priority": -9})
+    assert answer.status == 200, answer.body
+    assert len(json.loads(answer.body)["data"]) == 2
