@@ -112,6 +112,40 @@ async def test_admin_routes_are_refused_unless_allowed(http, two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_vllm_032s_operational_routes_are_refused_unless_allowed(http, two):
+    """vLLM 0.32's routes that stop, drain or change the server for everyone (served with --enable-scale-out,
+    --enable-fault-tolerance or VLLM_SERVER_DEV_MODE) are refused as its older ones are: before, any key reached
+    them, so a tenant could abort others' requests by id, free the KV cache under them, or start a weight update."""
+    gw, plain, guarded = two
+    before = len(plain.requests)
+    for path in ("/p/vllm/abort_requests", "/p/vllm/release_kv_cache_memory", "/p/vllm/fault_tolerance/apply",
+                 "/p/vllm/fault_tolerance/status", "/p/vllm/init_weight_transfer_engine",
+                 "/p/vllm/shutdown_weight_transfer_engine", "/p/vllm/start_weight_update",
+                 "/p/vllm/start_draft_weight_update", "/p/vllm/finish_weight_update", "/p/vllm/update_weight_version",
+                 "/p/vllm/weight_checker", "/p/vllm/v1/Abort_Requests"):
+        response, content = await call(http, gw, "POST", path, {})
+        assert response.code == 403, path
+        assert jsonutil.loads(content)["error"]["type"] == "permission_error"
+    assert len(plain.requests) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_vllms_kv_event_sources_are_the_master_keys_alone(http, two):
+    """vLLM 0.32's C{/kv_event_sources} (served by default) names where its KV-cache events are published: the
+    block hashes of every tenant's prompts. A managed key read it through /p/; only the master key does now."""
+    gw, plain, _ = two
+    response, content = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "tenant"})
+    key = {"authorization": "Bearer " + jsonutil.loads(content)["value"]}
+    before = len(plain.requests)
+    for path in ("/p/vllm/kv_event_sources", "/p/vllm/v1/kv_event_sources", "/p/vllm/weight_info"):
+        response, content = await call(http, gw, "GET", path, headers=key)
+        assert response.code == 403 and jsonutil.loads(content)["error"]["type"] == "permission_error", content
+    assert len(plain.requests) == before
+    response, content = await call(http, gw, "GET", "/p/vllm/kv_event_sources")
+    assert response.code == 200 and jsonutil.loads(content)["0"]["publisher"] == "zmq"
+
+
+@pytest_twisted.ensureDeferred
 async def test_passthrough_refusals(reactor, http, two):
     gw, plain, guarded = two
     response, content = await call(http, gw, "GET", "/p/nobody/version")

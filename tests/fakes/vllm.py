@@ -323,12 +323,19 @@ class FakeVLLM(Resource):
                     "message": f"The model `{body.get('model')}` does not exist.", "type": "NotFoundError",
                     "param": "model", "code": 404}})
             return getattr(self, self._POST_ROUTES[path])(request, record, body)
+        if request.method == b"GET" and path == b"/kv_event_sources":
+            # vLLM 0.32's KV-event publisher config per DP rank (here, one started with --kv-events-config):
+            # where anyone may subscribe to the block hashes of every tenant's prompts.
+            return self._json(request, 200, {"0": {"enable_kv_cache_events": True, "publisher": "zmq",
+                                                   "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558",
+                                                   "buffer_steps": 10000, "hwm": 100000, "topic": "kv-events"}})
         if request.method == b"GET" and path == b"/version":
             return self._json(request, 200, {"version": "0.32.0"})
         if request.method == b"GET" and path == b"/metrics":
             request.setHeader(b"content-type", b"text/plain; version=0.0.4")
             return b"vllm:num_requests_running 0.0\n"
-        if path in (b"/sleep", b"/wake_up", b"/collective_rpc", b"/reset_prefix_cache"):
+        if path in (b"/sleep", b"/wake_up", b"/collective_rpc", b"/reset_prefix_cache", b"/abort_requests",
+                    b"/release_kv_cache_memory", b"/start_weight_update", b"/fault_tolerance/apply"):
             return self._json(request, 200, {"ok": True})
         return self._json(request, 404, {"detail": "Not Found"})
 

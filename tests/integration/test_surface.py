@@ -4,7 +4,7 @@ import base64
 import struct
 
 from tests.integration.support import (
-    CHAT_MODEL, EMBED_MODEL, RERANK_MODEL, assert_openai_error, request, sse_events, stream_chunks)
+    CHAT_MODEL, EMBED_MODEL, RERANK_MODEL, assert_openai_error, bearer, request, sse_events, stream_chunks)
 
 MODEL = f"vllm/{CHAT_MODEL}"
 
@@ -112,6 +112,20 @@ def test_passthrough_refuses_admin_routes(gateway):
     assert_openai_error(r, 403)
     r = request("POST", gateway.root + "/p/vllm/v1/load_lora_adapter", {"lora_name": "x"}, headers=gateway.auth)
     assert_openai_error(r, 403)
+
+
+def test_passthrough_keeps_vllm_032s_operator_routes_from_a_managed_key(gateway, vllm):
+    """vLLM 0.32 serves C{/kv_event_sources} by default: the master key reads it through /p/, a managed key gets
+    403, and its operational C{abort_requests} is refused to both."""
+    made = request("POST", gateway.root + "/admin/api/v1/auth-keys", {"name": "it-operator"}, headers=gateway.auth)
+    assert made.status == 201, made
+    key = bearer(made.json()["value"])
+    r = request("GET", gateway.root + "/p/vllm/kv_event_sources", headers=gateway.auth)
+    direct = request("GET", vllm.chat_root + "/kv_event_sources")
+    assert r.status == 200 and r.json() == direct.json()
+    assert_openai_error(request("GET", gateway.root + "/p/vllm/kv_event_sources", headers=key), 403)
+    assert_openai_error(request("POST", gateway.root + "/p/vllm/abort_requests", {"request_ids": ["x"]},
+                                headers=gateway.auth), 403)
 
 
 def test_passthrough_streams_sse(gateway):
