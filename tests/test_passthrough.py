@@ -112,6 +112,19 @@ async def test_admin_routes_are_refused_unless_allowed(http, two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_vllms_structured_decisions_are_reached_under_v1(http, two):
+    """vLLM 0.32 serves its structured decisions at C{/v1/systemone} alone (none at its root): the passthrough
+    sent C{/p/vllm/v1/systemone} to the root, a 404 from vLLM, so the route could not be reached at all."""
+    gw, plain, _ = two
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "state": "The sky is blue.",
+            "questions": {"q1": {"type": "choice", "instructions": "Which colour?", "criteria": ["blue", "red"]}}}
+    for path in ("/p/vllm/v1/systemone", "/p/vllm/systemone"):
+        response, content = await call(http, gw, "POST", path, body)
+        assert response.code == 200 and jsonutil.loads(content)["object"] == "structured_decision", content
+        assert plain.requests[-1].path == b"/v1/systemone"
+
+
+@pytest_twisted.ensureDeferred
 async def test_vllm_032s_operational_routes_are_refused_unless_allowed(http, two):
     """vLLM 0.32's routes that stop, drain or change the server for everyone (served with --enable-scale-out,
     --enable-fault-tolerance or VLLM_SERVER_DEV_MODE) are refused as its older ones are: before, any key reached

@@ -11,8 +11,9 @@ METRICS_LIMIT = 16 * 1024 * 1024
 
 # Everything else (tokenize, detokenize, pooling, score, rerank, classify,
 # health, version, load, metrics, ...) is served at the root, not under /v1.
+# (vLLM 0.32's structured decisions, systemone, are under /v1 alone.)
 _V1_ROUTES = ("models", "chat/completions", "completions", "embeddings", "responses",
-              "messages", "audio", "files", "batches")
+              "messages", "audio", "files", "batches", "systemone")
 
 
 class VLLMProvider(OpenAICompatibleProvider):

@@ -345,6 +345,7 @@ class FakeVLLM(Resource):
         b"/classify": "_classify", b"/pooling": "_pooling", b"/v2/embed": "_pooling",
         b"/v1/responses": "_responses", b"/tokenize": "_tokenize", b"/detokenize": "_detokenize",
         b"/v1/chat/completions/batch": "_chat_batch", b"/generative_scoring": "_generative_scoring",
+        b"/v1/systemone": "_structured_decision",
     }
 
     def _completions(self, request, record, body):
@@ -421,6 +422,15 @@ class FakeVLLM(Resource):
             "id": "generative-scoring-fake", "object": "list", "created": 1700000000, "model": body["model"],
             "data": [{"index": i, "object": "score", "score": 0.5} for i in range(len(body.get("items") or []))],
             "usage": {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}})
+
+    def _structured_decision(self, request, record, body):
+        """vLLM 0.32's /v1/systemone (structured decisions; under /v1 alone): an answer per question."""
+        questions = body.get("questions") if isinstance(body.get("questions"), dict) else {}
+        return self._json(request, 200, {
+            "id": "decision-fake", "object": "structured_decision", "created": 1700000000, "model": body["model"],
+            "answers": {q: {"label": "yes"} for q in questions},
+            "usage": {"input_tokens": 12, "output_tokens": len(questions)},
+            "diagnostics": {q: {"label_mass": 0.9, "argmax_is_label": True} for q in questions}})
 
     def _pooling(self, request, record, body):
         """vLLM's /pooling (and, here alike, Cohere's /v2/embed): a vector per input."""

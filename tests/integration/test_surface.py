@@ -128,6 +128,17 @@ def test_passthrough_keeps_vllm_032s_operator_routes_from_a_managed_key(gateway,
                                 headers=gateway.auth), 403)
 
 
+def test_passthrough_reaches_vllms_structured_decisions_under_v1(gateway, vllm):
+    """vLLM 0.32 serves C{/v1/systemone} under /v1 alone: the gateway's answer is vLLM's own (the tiny model
+    has no structured decisions: its 501), not the root's 404."""
+    body = {"model": CHAT_MODEL, "state": "The sky is blue.",
+            "questions": {"q1": {"type": "choice", "instructions": "Which colour?", "criteria": ["blue", "red"]}}}
+    direct = request("POST", vllm.chat_root + "/v1/systemone", body)
+    assert direct.status != 404, direct
+    r = request("POST", gateway.root + "/p/vllm/v1/systemone", body, headers=gateway.auth)
+    assert (r.status, r.json()) == (direct.status, direct.json())
+
+
 def test_passthrough_streams_sse(gateway):
     r = request("POST", gateway.root + "/p/vllm/v1/chat/completions",
                 {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
