@@ -1215,6 +1215,29 @@ async def test_a_passthrough_to_vllms_other_generating_routes_carries_the_keys_c
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_passthrough_to_vllms_cohere_chat_carries_the_keys_priority(reactor, http, two):
+    """vLLM 0.32's Cohere chat (C{/cohere/v2/chat}, served with VLLM_ENABLE_COHERE_API) takes a C{priority} but no
+    C{cache_salt}: a managed key's body went raw, so it chose its own priority, ahead of every other tenant's. It
+    gets its key's priority now, and no salt (vLLM would ignore it); the master key's passes as it is."""
+    first, second = two
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        key = (await new_key(http, gw, priority=4))["value"]
+        body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+                "priority": -9}
+        for secret, priority in ((key, 4), (MASTER, -9)):
+            response = await http.post(gw.url + "/p/vllm/cohere/v2/chat", data=json.dumps(body).encode(), headers={
+                "authorization": f"Bearer {secret}", "content-type": "application/json"})
+            await treq.content(response)
+            sent = first.requests[-1]
+            assert sent.path == b"/cohere/v2/chat"
+            assert sent.body == dict(body, priority=priority), sent.body
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_passthrough_body_the_gateway_cannot_read_never_reaches_a_vllm_without_the_keys_salt(reactor, http,
                                                                                                     two):
     """A managed key's body to a vLLM's model-routed route gets its salt and priority only where the gateway reads

@@ -71,6 +71,8 @@ _SAFE_PATH = "/:@!$&'()*+,;=-._~"
 KEYED_ROUTES = frozenset(("chat/completions", "completions", "responses", "messages", "embeddings", "pooling",
                           "score", "rerank", "v2/rerank", "classify", "invocations", "chat/completions/batch",
                           "generative_scoring", "systemone", "v2/embed", "inference/v1/generate"))
+# vLLM routes that take a C{priority} but no C{cache_salt}: its Cohere chat (VLLM_ENABLE_COHERE_API).
+PRIORITY_ROUTES = frozenset(("cohere/v2/chat",))
 
 # The routes (after C{v1/}) whose event streams have an end of their own, which a stream cut short lacks (one
 # whose body ends with its connection is otherwise whole to the client); a Responses stream is also read again
@@ -133,12 +135,14 @@ class Passthrough:
 
     def _keyed(self, body, principal, provider, route):
         """C{body} (raw) with a managed key's C{cache_salt} and C{priority} set as on C{/v1}
-        (L{gomodel.api.inference.target}), where C{route} takes them and C{body} is a JSON object; else as it is.
+        (L{gomodel.api.inference.target}), where C{route} takes them (on L{PRIORITY_ROUTES}, its priority alone)
+        and C{body} is a JSON object; else as it is.
 
         @raise InvalidRequest: C{route} takes them and C{body} is no JSON the gateway reads (vLLM's parser reads
             more: a BOM before it, a NaN, UTF-16), which would reach vLLM without them.
         """
-        if route not in KEYED_ROUTES:
+        salted = route in KEYED_ROUTES
+        if not salted and route not in PRIORITY_ROUTES:
             return body
         try:
             fields = jsonutil.loads(body)
@@ -148,7 +152,7 @@ class Passthrough:
             return body
         if provider.priority_scheduling and principal.priority is not None and route != "messages":
             fields["priority"] = principal.priority
-        if self._salts is not None:
+        if salted and self._salts is not None:
             self._salts.apply(principal, provider, fields)
         return jsonutil.dumps(fields)
 
