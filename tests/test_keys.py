@@ -1140,13 +1140,13 @@ async def test_a_passthrough_to_a_vllm_carries_the_keys_cache_salt_and_priority(
         await gw.service.stopService()
 
 
-@pytest.mark.parametrize("route", ["v1/chat/completions/batch", "generative_scoring", "v1/systemone",
-                                   "inference/v1/generate", "v2/embed"])
+@pytest.mark.parametrize("route", ["v1/systemone", "inference/v1/generate"])
 @pytest_twisted.ensureDeferred
-async def test_vllm_032s_generating_routes_carry_the_keys_cache_salt_and_priority(reactor, http, two, route):
-    """vLLM 0.32's batched chat, generative scoring, structured decisions, token-in generation and Cohere embed take
-    a C{priority} (all but the last a C{cache_salt} too): a managed key's went raw through the passthrough, so it chose
-    its own priority and shared other tenants' prefix cache; it gets the key's now, as on C{chat/completions}."""
+async def test_vllm_032s_decisions_and_token_generation_carry_the_keys_cache_salt_and_priority(reactor, http, two,
+                                                                                                 route):
+    """vLLM 0.32's structured decisions and (with --enable-scale-out) token-in generation take a C{cache_salt} and a
+    C{priority}, as its batched chat and generative scoring do (below): a managed key's went raw through the
+    passthrough, so it chose its own priority and shared other tenants' prefix cache; it gets the key's now."""
     first, _ = two
     gw = await start_gateway(reactor, {
         "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})

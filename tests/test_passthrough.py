@@ -90,14 +90,8 @@ async def test_upstream_errors_are_relayed_as_the_provider_sent_them(http, two):
 async def test_admin_routes_are_refused_unless_allowed(http, two):
     gw, plain, guarded = two
     before = len(plain.requests)
-    # (and vLLM 0.32's: aborting every request in flight, freeing the KV cache, its RL weight updates, applying a
-    # fault-tolerance action; before, these were relayed to any key)
     for path in ("/p/vllm/sleep", "/p/vllm/%73leep", "/p/vllm/v1/load_lora_adapter", "/p/vllm/collective_rpc/",
-                 "/p/vllm/SLEEP", "/p/vllm/scale_elastic_ep", "/p/vllm/inference/v1/abort_requests",
-                 "/p/vllm/abort_requests", "/p/vllm/release_kv_cache_memory", "/p/vllm/init_weight_transfer_engine",
-                 "/p/vllm/start_weight_update", "/p/vllm/start_draft_weight_update", "/p/vllm/finish_weight_update",
-                 "/p/vllm/update_weight_version", "/p/vllm/shutdown_weight_transfer_engine", "/p/vllm/weight_checker",
-                 "/p/vllm/fault_tolerance/apply"):
+                 "/p/vllm/SLEEP", "/p/vllm/scale_elastic_ep", "/p/vllm/inference/v1/abort_requests"):
         response, content = await call(http, gw, "POST", path, {})
         assert response.code == 403, path
         assert jsonutil.loads(content)["error"]["type"] == "permission_error"
@@ -132,7 +126,7 @@ async def test_vllm_032s_operational_routes_are_refused_unless_allowed(http, two
     gw, plain, guarded = two
     before = len(plain.requests)
     for path in ("/p/vllm/abort_requests", "/p/vllm/release_kv_cache_memory", "/p/vllm/fault_tolerance/apply",
-                 "/p/vllm/fault_tolerance/status", "/p/vllm/init_weight_transfer_engine",
+                 "/p/vllm/init_weight_transfer_engine",
                  "/p/vllm/shutdown_weight_transfer_engine", "/p/vllm/start_weight_update",
                  "/p/vllm/start_draft_weight_update", "/p/vllm/finish_weight_update", "/p/vllm/update_weight_version",
                  "/p/vllm/weight_checker", "/p/vllm/v1/Abort_Requests"):
@@ -294,10 +288,9 @@ async def test_vllms_own_metrics_are_the_master_keys_alone(http, two):
     gw, plain, _ = two
     response, content = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "tenant"})
     key = {"authorization": "Bearer " + jsonutil.loads(content)["value"]}
-    # (and its load count, vLLM 0.32's engine layout and health, its KV event publishers: before, relayed to any key)
-    for path in ("/p/vllm/metrics", "/p/vllm/v1/metrics", "/p/vllm/Metrics", "/p/vllm/server_info",
-                 "/p/vllm/weight_info", "/p/vllm/get_world_size", "/p/vllm/fault_tolerance/status",
-                 "/p/vllm/load", "/p/vllm/kv_event_sources"):
+    # (and its load count, vLLM 0.32's engine layout and fault-tolerance status: before, relayed to any key)
+    for path in ("/p/vllm/metrics", "/p/vllm/v1/metrics", "/p/vllm/Metrics", "/p/vllm/server_info", "/p/vllm/load",
+                 "/p/vllm/get_world_size", "/p/vllm/fault_tolerance/status"):
         response, content = await call(http, gw, "GET", path, headers=key)
         assert response.code == 403 and jsonutil.loads(content)["error"]["type"] == "permission_error", content
     response, content = await call(http, gw, "POST", "/p/vllm/tokenize", {"model": "meta-llama/Llama-3.1-8B-Instruct",

@@ -5,7 +5,7 @@ tenant's requests, and C{kv_event_sources}, which names its publishers' addresse
 
 import pytest
 
-from gomodel.api.passthrough import ADMIN_ROUTES, CLIENT_ROUTES, KEYED_ROUTES, OPERATOR_ROUTES
+from gomodel.api.passthrough import ADMIN_ROUTES, CLIENT_ROUTES, KEYED_ROUTES, OPERATOR_ROUTES, PRIORITY_ROUTES
 from tests.integration.support import request, root_of
 
 
@@ -13,7 +13,7 @@ def _known(path: str) -> bool:
     bare = path.strip("/")
     bare = bare[3:] if bare.startswith("v1/") else bare
     return (bare in ADMIN_ROUTES or bare.split("/", 1)[0] in ADMIN_ROUTES or bare.split("/", 1)[0] in OPERATOR_ROUTES
-            or bare in KEYED_ROUTES or bare in CLIENT_ROUTES)
+            or bare in KEYED_ROUTES or bare in PRIORITY_ROUTES or bare in CLIENT_ROUTES)
 
 
 @pytest.mark.parametrize("server", ["chat_url", "chat_key_url", "embed_url", "rerank_url"])
@@ -22,9 +22,9 @@ def test_every_route_of_a_real_vllm_is_one_the_passthrough_knows(vllm, server):
                    headers={"Authorization": f"Bearer {vllm.chat_key}"}).json()
     unknown = sorted(path for path in spec["paths"] if not _known(path))
     assert not unknown, (f"vLLM serves {unknown}: put each in gomodel.api.passthrough's ADMIN_ROUTES, OPERATOR_ROUTES, "
-                         "KEYED_ROUTES or CLIENT_ROUTES")
+                         "KEYED_ROUTES, PRIORITY_ROUTES or CLIENT_ROUTES")
 
 
 def test_the_sets_name_each_route_once():
-    sets = (ADMIN_ROUTES, OPERATOR_ROUTES, KEYED_ROUTES, CLIENT_ROUTES)
+    sets = (ADMIN_ROUTES, OPERATOR_ROUTES, KEYED_ROUTES, PRIORITY_ROUTES, CLIENT_ROUTES)
     assert all(not a & b for i, a in enumerate(sets) for b in sets[i + 1:])
