@@ -1,5 +1,6 @@
 """The client connection parses requests with llhttp and keeps Twisted's channel behaviour around it."""
 
+import io
 import json
 import re
 
@@ -9,8 +10,10 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from gomodel.errors import AuthenticationFailed
+from gomodel.http import render
 from gomodel.http.channel import PIPELINE_DEPTH
-from gomodel.http.site import GatewaySite
+from gomodel.http.site import GatewaySite, IdentityPending
 from tests.rawclient import connect
 from tests.support import with_timeout
 
@@ -295,5 +298,52 @@ async def test_a_requests_path_and_arguments_are_split_as_twisted_splits_them(re
         (_, first), (_, second) = answers(bytes(client.received))
         assert first == {"path": "/v1/files", "args": {"limit": ["2", "3"], "after": ["a b"], "empty": [""]}}
         assert second == {"path": "/plain", "args": {}}
+    finally:
+        await port.stopListening()
+
+
+class _Sink(io.BytesIO):
+    """An upload's sink (L{GatewaySite}'s C{upload_sink}): it keeps what comes."""
+
+
+class _Refusing(Resource):
+    """Answers a request's C{refusal}, as the gateway's front does."""
+
+    isLeaf = True
+
+    def render(self, request):
+        return render.render(request, request.refusal) if request.refusal is not None else b"{}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_refused_while_its_chunked_body_comes_is_answered_its_refusal(reactor):
+    """A chunked upload whose key is refused once its body is coming (a key looked up in the store): the rest of
+    its body is dropped as it comes, counted as body (not as framing), and the client gets the refusal, a 401
+    (before, its data was counted as no body at all, and a chunk of more than 16 kB was a 400 'framing or
+    trailers too large')."""
+    asked = Deferred()  # fires with [the identity's Deferred] once the head is in
+
+    def authenticate(request, path):
+        identity = Deferred()
+        reactor.callLater(0, asked.callback, [identity])  # (once the head's read is done: the body comes)
+        raise IdentityPending(identity)
+
+    site = GatewaySite(_Refusing(), 1024 * 1024, reactor=reactor, authenticate=authenticate,
+                       upload_sink=lambda request, method, path, length: _Sink())
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        client = await connect(reactor, port.getHost().port, b"POST /up HTTP/1.1\r\nHost: g\r\n"
+                                                             b"Transfer-Encoding: chunked\r\n\r\n"
+                                                             b"8000\r\n" + b"a" * 1024)
+        [identity] = await with_timeout(reactor, asked, 5)
+        identity.errback(AuthenticationFailed("Invalid API key."))  # (decided while the body comes)
+        for _ in range(31):  # the rest of its 32 kB chunk, 1 kB a write
+            client.transport.write(b"a" * 1024)
+            await with_timeout(reactor, _turn(reactor), 5)
+        client.transport.write(b"\r\n0\r\n\r\n")
+        await with_timeout(reactor, client.lost, 5)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401 "), head
+        assert json.loads(body)["error"]["message"] == "Invalid API key."
     finally:
         await port.stopListening()

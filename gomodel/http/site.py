@@ -206,7 +206,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
                 if not result.check(GatewayError):
                     _log.failure("deciding who sent a request failed", result)
                     result = failure.Failure(InternalError("The gateway could not check the API key."))
-                if self.streamed:  # an upload refused while it comes: its contents are dropped now
+                if self.streamed:  # an upload refused while it comes: its contents are dropped now, and what
+                    self._received, self.streamed = self.content.tell(), False  # comes is a dropped body's
                     self.content.close()
                 self._refuse(result.value)
             else:
