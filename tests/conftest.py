@@ -59,7 +59,7 @@ import pytest_twisted  # noqa: E402
 from treq.client import HTTPClient  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
-from tests.support import openai_client, start_fake, start_gateway  # noqa: E402
+from tests.support import AccessRecords, openai_client, start_fake, start_gateway  # noqa: E402
 
 
 @pytest_twisted.async_yield_fixture()
@@ -92,3 +92,12 @@ def sdk(gw):
     client = openai_client(gw, gw.service.config.auth.master_key or "unused", timeout=20)
     yield client
     client.close()
+
+
+@pytest.fixture
+def access():
+    """The access log's events, as the gateway emits them (L{AccessRecords})."""
+    records = AccessRecords()
+    globalLogPublisher.addObserver(records)
+    yield records
+    globalLogPublisher.removeObserver(records)

@@ -174,3 +174,24 @@ async def settled(reactor, read, interval=0.05, quiet=4, limit=15.0):
         same = same + 1 if now == last else 0
         last = now
     return last
+
+
+class AccessRecords:
+    """Access log events, and a Deferred for the next one."""
+
+    def __init__(self):
+        self.events = []
+        self._waiting = []
+
+    def __call__(self, event):
+        if event.get("log_namespace") != "gomodel.access":
+            return
+        self.events.append(event)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(event)
+
+    def next(self, reactor):
+        d = Deferred()
+        self._waiting.append(d)
+        return with_timeout(reactor, d, 10)

@@ -6,46 +6,15 @@ are collected as the gateway emits them.
 
 import json
 
-import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from gomodel.http.context import CLIENT_GONE, OK, STREAM_BROKEN, RequestContext
 from tests.rawclient import chat_request, connect
 from tests.support import openai_client, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
-
-
-class AccessRecords:
-    """Access log events, and a Deferred for the next one."""
-
-    def __init__(self):
-        self.events = []
-        self._waiting = []
-
-    def __call__(self, event):
-        if event.get("log_namespace") != "gomodel.access":
-            return
-        self.events.append(event)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(event)
-
-    def next(self, reactor):
-        d = Deferred()
-        self._waiting.append(d)
-        return with_timeout(reactor, d, 10)
-
-
-@pytest.fixture
-def access():
-    records = AccessRecords()
-    globalLogPublisher.addObserver(records)
-    yield records
-    globalLogPublisher.removeObserver(records)
 
 
 @pytest_twisted.ensureDeferred

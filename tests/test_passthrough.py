@@ -2,14 +2,11 @@
 
 import json
 
-import pytest
 import pytest_twisted
 import treq
-from twisted.logger import globalLogPublisher
 
 from gomodel import jsonutil
 from tests.rawclient import connect
-from tests.test_context import AccessRecords
 from tests.support import (dead_base_url, in_thread, settled, start_fake, start_gateway, track_connections,
                            with_timeout, write_buffer)
 
@@ -616,14 +613,6 @@ async def test_the_sdks_see_a_cut_passthrough_stream_as_an_api_error_after_its_w
         assert [event.type for event in events] == ["message_start", "content_block_start", "content_block_delta"]
         assert isinstance(error, anthropic.APIError) and why in error.message, repr(error)
 
-
-@pytest.fixture
-def access():
-    """The access log's events, as the gateway emits them."""
-    records = AccessRecords()
-    globalLogPublisher.addObserver(records)
-    yield records
-    globalLogPublisher.removeObserver(records)
 
 
 CHAT_CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "meta-llama/Llama-3.1-8B-Instruct",

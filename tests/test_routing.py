@@ -12,13 +12,12 @@ import io
 import json
 import time
 
-import pytest
 import pytest_twisted
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResults, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from twisted.web.http_headers import Headers
@@ -33,7 +32,6 @@ from tests import rawclient
 from tests.fakes.fleet import FakeFleet
 from tests.fakes.vllm import CHAT_MODEL
 from tests.support import in_thread, openai_client, start_gateway, with_timeout
-from tests.test_context import AccessRecords
 
 MODEL = "vllm/" + CHAT_MODEL
 STATUS = "/admin/api/v1/providers/status"
@@ -88,14 +86,6 @@ async def fresh(reactor):
     yield HTTPClient(Agent(reactor, pool=pool))
     await pool.closeCachedConnections()
 
-
-@pytest.fixture
-def access():
-    """The access log's events, as the gateway emits them (L{AccessRecords})."""
-    records = AccessRecords()
-    globalLogPublisher.addObserver(records)
-    yield records
-    globalLogPublisher.removeObserver(records)
 
 
 def chat(content="hello", **extra):
