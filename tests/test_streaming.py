@@ -501,3 +501,35 @@ async def test_a_replica_whose_streams_break_after_their_first_bytes_is_taken_do
         assert pool.replicas[1].failures == 0
     finally:
         await stop_all(gw, breaking, healthy)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_another_replica_answered_whole_after_one_broke_off_is_charged_that_answers_usage(reactor):
+    """Replica 0 sends a stream's head and dies before its body; replica 1 answers the stream whole (it ignores
+    "stream"): the request is charged the usage of the answer it got, as such (before: the estimate of the
+    attempt that broke off, its prompt and no output, kept over it; or the answer's usage marked estimated)."""
+    from tests.support import start_fake, stop_all
+    from tests.test_routing import wait_for
+
+    chat = {"id": "chatcmpl-w", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "logprobs": None, "message": {"role": "assistant", "content": "Hi."}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}
+    breaking, whole = await start_fake(reactor), await start_fake(reactor)
+    breaking.steer = {"fake_die_after": 0}
+    whole.steer = {"fake_status": 200, "fake_body": json.dumps(chat)}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"{breaking.base_url},{whole.base_url}",
+                                       "ROUTING_STRATEGY": "round_robin", "REPLICA_FAILURE_THRESHOLD": "1000",
+                                       "REPLICA_METRICS_INTERVAL": "0"})
+    try:
+        [pool] = gw.registry.providers
+        await wait_for(reactor, lambda: all(r.ready for r in pool.replicas))
+        for options in ({}, {"include_usage": True}) * 2:  # (the turns send two of them to replica 0 first)
+            response = await treq.post(gw.url + "/v1/chat/completions", json=stream_body(stream_options=options))
+            body = await treq.content(response)
+            assert response.code == 200 and response.headers.getRawHeaders(b"x-gomodel-replica") == [b"1"], body
+        assert len([r for r in breaking.requests if r.method == b"POST"]) == 2
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 100)
+        assert [(r["input_tokens"], r["output_tokens"], r["estimated"]) for r in records] == [(12, 7, False)] * 4
+    finally:
+        await stop_all(gw, breaking, whole)

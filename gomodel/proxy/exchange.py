@@ -561,11 +561,13 @@ class Exchange:
                 raise BadUpstreamResponse(
                     f"The answer of the upstream provider '{upstream.name}' could not be read.") from None
             finally:
-                if ctx.recorded and ctx.usage is None:  # (unless the transform, which parsed it, noted it)
-                    ctx.usage = usage_of(answer)
+                # (unless the transform, which parsed it, noted it; an estimate is an earlier attempt's, whose
+                # stream broke off before its body: this answer's usage is the request's)
+                if ctx.recorded and (ctx.usage is None or ctx.estimated):
+                    ctx.usage, ctx.estimated = usage_of(answer), False
             request.responseHeaders.put(CONTENT_TYPE, b"application/json")
         elif ctx.recorded:
-            ctx.usage = usage_of(body)
+            ctx.usage, ctx.estimated = usage_of(body), False
             if ctx.usage is None:  # (a binary answer's is in its metadata)
                 ctx.usage = metadata_usage(response)
         request.responseHeaders.put(CONTENT_LENGTH, b"%d" % len(body))
