@@ -314,20 +314,24 @@ async def test_a_virtual_model_is_listed_to_a_key_exactly_when_chat_admits_the_k
 
 
 def test_a_target_or_candidate_naming_no_configured_provider_fails_the_start(tmp_path):
-    """A virtual model's target or a failover candidate (or the model of a rule) that names a provider no
-    provider is (by name or type) fails the start, one line naming it (before: accepted, a typo routing
-    nowhere); env JSON and YAML alike. The model part is not checked (a provider's models may be discovered
-    later), nor a two-part bare id (C{meta-llama/X}) or a virtual model's name; an entry with
+    """A virtual model's target or a failover candidate (or the model of a rule) whose provider part names no
+    provider (by name or type) but is close to one's name fails the start, one line naming it (before: accepted, a
+    typo routing nowhere); env JSON and YAML alike. One close to none (Ollama's C{hf.co/org/repo:Q4}) is a bare
+    model id, as the routing reads it: the start warns of it. The model part is not checked (a provider's models
+    may be discovered later), nor a two-part bare id (C{meta-llama/X}) or a virtual model's name; an entry with
     C{enabled: false} is left out unchecked."""
     env = {"VLLM_A_BASE_URL": "http://127.0.0.1:1/v1"}
     fine = [{"source": "llama", "targets": [f"vllm-a/{UPSTREAM}", f"vllm/{UPSTREAM}", UPSTREAM, "org/gpt-x",
-                                           "vllm-a/not-discovered-yet/model"]},
+                                           "vllm-a/not-discovered-yet/model", "hf.co/org/repo:Q4"]},
             {"source": "team/a/llama", "target": f"vllm-a/{UPSTREAM}"},
             {"source": "parked", "target": f"gone/{UPSTREAM}", "enabled": False}]
     rules = {"llama": [f"vllm-a/{UPSTREAM}", "team/a/llama", "gpt-x"], f"vllm-a/{UPSTREAM}": ["llama"]}
     config = load_config(dict(env, VIRTUAL_MODELS=json.dumps(fine), FAILOVER_RULES_JSON=json.dumps(rules)))
     assert [vm.source for vm in config.routing.virtual_models] == ["llama", "team/a/llama"]
-    known = "(known: vllm, vllm-a)"
+    assert config.warnings == ("VIRTUAL_MODELS[0].targets[5].model 'hf.co/org/repo:Q4': 'hf.co' is no configured "
+                               "provider, so it is read as a bare model id, served by whichever provider lists it "
+                               "(providers: vllm, vllm-a)",)
+    known = "(known: vllm, vllm-a; did you mean 'vllm-a'?)"
     for extra, problem in (
             ({"VIRTUAL_MODELS": json.dumps([{"source": "v", "targets": [f"vllm-a/{UPSTREAM}", f"vlm-a/{UPSTREAM}"]}])},
              f"VIRTUAL_MODELS[0].targets[1].model 'vlm-a/{UPSTREAM}' names no configured provider 'vlm-a' {known}"),

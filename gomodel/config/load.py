@@ -65,10 +65,10 @@ def load_config(
     providers = load_providers(document.get("providers"), yaml_path, env, warnings)
     sections["upstreams"] = dataclasses.replace(sections["upstreams"], providers=providers)
     known = {p.name for p in providers} | {p.type for p in providers}  # (what a target's provider part may name)
-    virtual = load_virtual_models(document.get("virtual_models"), yaml_path, env, known)
+    virtual = load_virtual_models(document.get("virtual_models"), yaml_path, env, known, warnings)
     sections["routing"] = dataclasses.replace(
         sections["routing"], virtual_models=virtual, failover_rules=load_failover_rules(
-            document.get("failover_rules"), yaml_path, env, known, {vm.source for vm in virtual}))
+            document.get("failover_rules"), yaml_path, env, known, {vm.source for vm in virtual}, warnings))
     sections["usage"] = dataclasses.replace(sections["usage"], pricing=_pricing(document.get("pricing"), yaml_path))
     if listen:
         sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))

@@ -17,15 +17,19 @@ candidate that is a virtual model stands for its targets).
 The environment wins over YAML.
 
 A target or candidate of three or more parts (C{vllm-a/meta-llama/X}) names its
-provider first: one that names no configured provider (by name or type) fails
-the start (L{unknown_provider}), as does a failover rule for such a model. A
-provider's models may be discovered only once it is up, so the model part is
-not checked, nor is a selector of two parts whose first names no provider: that
-is a bare model id (C{meta-llama/X}, at whichever provider serves it). An entry
-with C{enabled: false} is checked for its shape but not for its providers (it
-is left out: a way to keep one whose provider is gone for now).
+provider first: one whose first part names no configured provider (by name or
+type, L{unknown_provider}) but is close to one's name (C{vlm-a}, C{vllm-b} where
+C{vllm-a} is) fails the start as a typo, as does a failover rule for such a
+model; one not close to any (C{hf.co/org/repo:Q4}, an Ollama model's id) is read
+as the routing reads it, a bare model id at whichever provider serves it, and
+the start warns of it. A provider's models may be discovered only once it is
+up, so the model part is not checked, nor is a selector of two parts whose first
+names no provider: that is a bare model id (C{meta-llama/X}). An entry with
+C{enabled: false} is checked for its shape but not for its providers (it is left
+out: a way to keep one whose provider is gone for now).
 """
 
+import difflib
 import json
 from dataclasses import dataclass
 
@@ -59,21 +63,33 @@ def unknown_provider(selector, providers, virtual=()):
     return prefix
 
 
-def _check_provider(selector, providers, at, virtual=()):
-    """@raise ConfigError: C{selector} (at C{at}) names a provider none of C{providers} is."""
+def _check_provider(selector, providers, at, virtual=(), warnings=None):
+    """Check that C{selector} (at C{at}) names one of C{providers} where it names one (see the module); add a
+    warning to C{warnings} where it is read as a bare model id.
+
+    @raise ConfigError: its provider part names none of C{providers} and is close to one's name (a typo).
+    """
     if providers is None:
         return
     prefix = unknown_provider(selector, providers, virtual)
-    if prefix is not None:
+    if prefix is None:
+        return
+    known = ', '.join(sorted(providers)) or 'none'
+    close = difflib.get_close_matches(prefix, sorted(providers), n=1, cutoff=0.6)
+    if close:
         raise ConfigError(f"{at} {selector!r} names no configured provider {prefix!r} "
-                          f"(known: {', '.join(sorted(providers)) or 'none'})")
+                          f"(known: {known}; did you mean {close[0]!r}?)")
+    if warnings is not None:
+        warnings.append(f"{at} {selector!r}: {prefix!r} is no configured provider, so it is read as a bare model id, "
+                        f"served by whichever provider lists it (providers: {known})")
 
 
-def load_virtual_models(yaml_value, yaml_path, env, providers=None) -> tuple:
+def load_virtual_models(yaml_value, yaml_path, env, providers=None, warnings=None) -> tuple:
     """The enabled L{VirtualModel}s from C{VIRTUAL_MODELS} (JSON), else YAML C{virtual_models:}.
 
     @param providers: the configured providers' names and types (each target's provider is one of them), or
         None: not checked.
+    @param warnings: a list the start's warnings are added to (a target read as a bare model id), or None.
     """
     where, value = _source(env, "VIRTUAL_MODELS", yaml_value, f"{yaml_path}: virtual_models")
     if value is None:
@@ -106,7 +122,7 @@ def load_virtual_models(yaml_value, yaml_path, env, providers=None) -> tuple:
         if not _switch(item, "enabled", at):
             continue
         for j, (model, _) in enumerate(targets):
-            _check_provider(model, providers, f"{at}.targets[{j}].model")
+            _check_provider(model, providers, f"{at}.targets[{j}].model", warnings=warnings)
         models.append(VirtualModel(source, targets, strategy, affinity))
     return tuple(models)
 
@@ -134,10 +150,11 @@ def _targets(item, at) -> tuple:
     return tuple(targets)
 
 
-def load_failover_rules(yaml_value, yaml_path, env, providers=None, virtual=()) -> dict:
+def load_failover_rules(yaml_value, yaml_path, env, providers=None, virtual=(), warnings=None) -> dict:
     """Model -> ordered candidate selectors, from C{FAILOVER_RULES_JSON}, else YAML C{failover_rules:}.
 
     @param providers: as L{load_virtual_models}'s (the model of a rule and each candidate is checked).
+    @param warnings: as L{load_virtual_models}'s.
     @param virtual: the virtual models' names (a rule for one, or a candidate that is one, names no provider).
     """
     where, value = _source(env, "FAILOVER_RULES_JSON", yaml_value, f"{yaml_path}: failover_rules")
@@ -149,9 +166,9 @@ def load_failover_rules(yaml_value, yaml_path, env, providers=None, virtual=()) 
     for source, candidates in value.items():
         if not isinstance(candidates, list) or not all(isinstance(c, str) and c.strip() for c in candidates):
             raise ConfigError(f"{where}.{source} must be a list of model selectors")
-        _check_provider(str(source), providers, f"{where}: the rule for", virtual)
+        _check_provider(str(source), providers, f"{where}: the rule for", virtual, warnings)
         for j, candidate in enumerate(candidates):
-            _check_provider(candidate.strip(), providers, f"{where}.{source}[{j}]", virtual)
+            _check_provider(candidate.strip(), providers, f"{where}.{source}[{j}]", virtual, warnings)
         rules[str(source)] = tuple(c.strip() for c in candidates)
     return rules
 
