@@ -84,7 +84,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     redis = pins = None
     if config.store.redis_url:
         redis = connect_redis(config.store.redis_url)
-        gateway.pins = pins = SharedPins(redis, reactor)
+        redis_prefix = config.store.redis_key_prefix
+        gateway.pins = pins = SharedPins(redis, reactor, channel=redis_prefix + "pins",
+                                         key_prefix=redis_prefix + "pins:")
     pools = [_pool(p, routing, relay_client, reactor, timers, config.upstreams.timeouts, pins)
              for p in config.upstreams.providers]
     if pins is not None:
@@ -106,7 +108,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     gateway.keys = KeyRing(store.keys, reactor)
     shared_counters = None
     if redis is not None:
-        counters = shared_counters = RedisCounters(redis, "gomodel:limits:", reactor)
+        counters = shared_counters = RedisCounters(redis, redis_prefix + "limits:", reactor)
         RedisService(redis, counters, pins).setServiceParent(gateway)
     else:
         counters = LocalCounters(reactor)

@@ -262,6 +262,7 @@ SAMPLES = {
     parsers.secret: ("s3cret", "s3cret"),
     parsers.cache_salt_mode: ("OFF", "off"),
     parsers.redis_url: ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    parsers.redis_key_prefix: ("staging:", "staging:"),
     parsers.storage_type: ("PostgreSQL", "postgresql"),
     parsers.postgres_url: ("postgresql://gw@db:5432/gomodel", "postgresql://gw@db:5432/gomodel"),
 }
@@ -289,7 +290,7 @@ def test_the_table_has_every_setting_once():
         "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK", "METRICS_ENABLED", "METRICS_ENDPOINT",
         "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL",
         "ADMIN_ENDPOINTS_ENABLED", "ADMIN_UI_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
-        "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "OTEL_ENABLED",
+        "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "REDIS_KEY_PREFIX", "OTEL_ENABLED",
         "STORAGE_TYPE", "POSTGRES_URL", "POSTGRES_MAX_CONNS", "BATCH_LEASE_TIMEOUT",
         "BATCH_MAX_CLAIMED",
     }
@@ -319,7 +320,7 @@ def test_each_row_drives_env_section_yaml_and_server_yaml(tmp_path, path, key, s
             load_config({setting.env: "-1x"})
         assert setting.env in str(raised.value)
     else:
-        assert setting.parse in (parsers.names, parsers.directory, parsers.secret)
+        assert setting.parse in (parsers.names, parsers.directory, parsers.secret, parsers.redis_key_prefix)
 
 
 def test_postgresql_storage_needs_its_url_and_never_shows_it():
@@ -667,6 +668,15 @@ def test_a_local_provider_without_a_base_url_is_warned_of():
     assert provider.base_url == "http://localhost:8000/v1"
     assert any("'vllm-gpu-a'" in w and "no base URL" in w and "localhost:8000" in w for w in config.warnings)
     assert not load_config({"VLLM_BASE_URL": "http://h:8000/v1"}).warnings
+
+
+def test_a_redis_key_prefix_is_printable_text_without_a_pattern_character():
+    assert load_config({}).store.redis_key_prefix == "gomodel:"
+    assert load_config({"REDIS_KEY_PREFIX": "prod-eu:gomodel:"}).store.redis_key_prefix == "prod-eu:gomodel:"
+    for bad in ("a b", "gw*", "x" * 101, "a\tb", "stagé"):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"REDIS_KEY_PREFIX": bad})
+        assert "REDIS_KEY_PREFIX" in str(raised.value)
 
 
 def test_a_redis_url_with_an_option_redis_py_does_not_know_is_refused_at_start():

@@ -92,10 +92,11 @@ class Hosts:
         self.fleet = await FakeFleet(self.reactor, n).start()
         return self.fleet
 
-    async def gateway(self, urls=None, redis_url=REDIS_URL):
+    async def gateway(self, urls=None, redis_url=REDIS_URL, redis_key_prefix="gomodel:"):
         """A gateway in front of the fleet (C{urls}: its replicas in another order), learning load from answers."""
         gw = await start_gateway(self.reactor, {"VLLM_BASE_URL": ",".join(urls or self.fleet.base_urls),
-                                                "REDIS_URL": redis_url, "REPLICA_METRICS_INTERVAL": "0"},
+                                                "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": redis_key_prefix,
+                                                "REPLICA_METRICS_INTERVAL": "0"},
                                  wait_ready=False)
         self.gateways.append(gw)
         await with_timeout(self.reactor, gw.registry.ready(), 5)
@@ -158,6 +159,28 @@ async def test_a_session_started_on_a_continues_on_b_on_its_replica_whatever_b_w
         assert response.code == 200
         assert fleet_index(fleet, f"t{turn}") == home, turn
         assert served_by(response) == (b_home if gw is b else home)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deployment_with_its_own_redis_key_prefix_neither_learns_nor_looks_up_anothers_pins(
+        reactor, http, hosts, sessions, client):
+    fleet = await hosts.start_fleet(3)
+    with fresh_prefix(client) as staging, fresh_prefix(client) as production:
+        a, a_pool = await hosts.gateway(redis_key_prefix=staging + ":")
+        a2, a2_pool = await hosts.gateway(redis_key_prefix=staging + ":")
+        b, b_pool = await hosts.gateway(redis_key_prefix=production + ":")
+        session = sessions()
+        headers = {"X-Session-Id": [session]}
+        response, _ = await post(http, a, chat(fake_marker="a0"), headers=headers)
+        assert response.code == 200
+        home = fleet_index(fleet, "a0")
+        await until(reactor, lambda: a2_pool.knows(key_of(session)), what="staging's other host learning the pin")
+        assert client.exists(f"{staging}:pins:{PROVIDER}:{key_of(session)}")
+        assert not client.exists(KEY_PREFIX + PROVIDER + ":" + key_of(session))
+        # Production's own view: the replica staging pinned the session to is its busiest; it has no pin.
+        busy(b_pool, home)
+        response, _ = await post(http, b, chat(fake_marker="b0"), headers=headers)
+        assert response.code == 200 and fleet_index(fleet, "b0") != home
 
 
 @pytest_twisted.ensureDeferred

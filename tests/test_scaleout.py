@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import openai
 import pytest
@@ -28,7 +29,7 @@ from gomodel.errors import StorageUnavailable
 from tests import postgres
 from tests.integration.support import free_port
 from tests.postgres import pg_database  # noqa: F401 (fixture)
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, fresh_prefix, redis_client
 from tests.support import in_thread, openai_client, start_fake, start_gateway
 
 MASTER = "master-scale"
@@ -700,6 +701,44 @@ async def test_without_the_database_chat_flows_and_the_rest_is_a_503_until_it_is
     finally:
         client.close()
         logged_errors.flush(StorageUnavailable)  # the key and budget refreshes said so while it was down
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_deployments_on_one_redis_with_their_own_key_prefix_count_apart(reactor, http, fake, pg_database,
+                                                                                 tmp_path):
+    """Staging and production (each its own database) on one Redis: each one's limits are its own."""
+    client = redis_client()
+    other_database = postgres.create_database()
+    provider = f"vllm-s{uuid.uuid4().hex[:12]}"  # (a provider no other test names, whatever the prefix)
+    model = f"{provider}/meta-llama/Llama-3.1-8B-Instruct"
+    gateways = []
+    try:
+        with fresh_prefix(client) as staging, fresh_prefix(client) as production:
+            for database, prefix in ((pg_database, staging), (other_database, production)):
+                env = env_for(database, "", tmp_path / prefix.replace(":", "-"), REDIS_URL=REDIS_URL,
+                              REDIS_KEY_PREFIX=prefix + ":",
+                              **{f"VLLM_{provider[5:].upper()}_BASE_URL": fake.base_url,
+                                 f"SET_PROVIDER_RATE_LIMIT_{provider.upper().replace('-', '_')}": "rpm=2"})
+                del env["VLLM_BASE_URL"]
+                os.makedirs(env["GOMODEL_DATA_DIR"])
+                gateways.append(await start_gateway(reactor, env))
+            answers = []
+            for gw in (gateways[0], gateways[0], gateways[0], gateways[1], gateways[1], gateways[1]):
+                response = await http.post(gw.url + "/v1/chat/completions", headers=ADMIN, data=json.dumps(
+                    {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode())
+                await treq.content(response)
+                answers.append(response.code)
+            assert answers == [200, 200, 429, 200, 200, 429]  # 2 a minute in each deployment, not 2 in both
+            assert client.keys(f"{staging}:limits:*{provider}*") and client.keys(f"{production}:limits:*{provider}*")
+            assert client.keys(f"gomodel:limits:*{provider}*") == []  # nothing under the default prefix
+    finally:
+        for gw in gateways:
+            await gw.service.stopService()
+        stray = client.keys(f"gomodel:limits:*{provider}*")  # (where the prefix was not taken)
+        if stray:
+            client.delete(*stray)
+        client.close()
+        postgres.drop_database(other_database)
 
 
 @pytest_twisted.ensureDeferred

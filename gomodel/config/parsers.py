@@ -290,6 +290,18 @@ def secret(value) -> str:
     return value
 
 
+def redis_key_prefix(value) -> str:
+    """The text every key and channel a deployment uses in Redis starts with (C{gomodel:}): 1 to 100
+    printable ASCII characters, no whitespace, no Redis pattern character (C{* ? [ ] \\})."""
+    if not isinstance(value, str):
+        raise ValueError("must be text (quote it in YAML)")
+    if not 1 <= len(value) <= 100:
+        raise ValueError("must be 1 to 100 characters long")
+    if not all("!" <= c <= "~" for c in value) or any(c in "*?[]\\" for c in value):
+        raise ValueError("must be printable ASCII without whitespace or any of * ? [ ] \\")
+    return value
+
+
 def storage_type(value) -> str:
     """C{sqlite} (one host) or C{postgresql} (several hosts on one database), GoModel's names."""
     return _one_of(value, ("sqlite", "postgresql"))

@@ -185,6 +185,8 @@ class StoreConfig:
     responses_retention: float = setting("RESPONSES_RETENTION", parsers.positive_duration, 30 * 86400.0)
     # Shared rate-limit, concurrency and budget counters and session pins for several processes or hosts.
     redis_url: Optional[str] = setting("REDIS_URL", parsers.redis_url, None, secret=True)
+    # What every Redis key and channel of this deployment starts with: deployments sharing one Redis each set their own.
+    redis_key_prefix: str = setting("REDIS_KEY_PREFIX", parsers.redis_key_prefix, "gomodel:")
 
 
 @dataclass(frozen=True)
