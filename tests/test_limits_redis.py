@@ -359,16 +359,19 @@ async def test_an_unreachable_redis_fails_open_and_says_so(reactor):
         await counters.spend("b", 1, 1.0, None)
         assert counters.failures == 4  # two admissions, a read and a write; nothing to settle or free
         assert admission.headers["x-ratelimit-remaining-requests"] == "1"
-        book = BudgetBook(counters, reactor, seed=lambda scope, since: (500, 0.5))
+        ledger = {"key:k": (500, 0.5), "key:j": (300, 0.0)}
+        book = BudgetBook(counters, reactor, seed=lambda scope, since: ledger[scope])
         scopes = [("key:k", [Budget("daily", max_tokens=400)])]
-        await book.check(scopes)  # open: not enforced
+        with pytest.raises(BudgetExceeded):  # judged by the usage ledger meanwhile, not let through
+            await book.check(scopes)
+        await book.check([("key:j", [Budget("daily", max_tokens=400)])])  # room by the ledger
         await book.record(scopes, 10, 0.0)
         assert await book.spent([("key:k", Budget("daily", max_tokens=400))]) == [(500, 0.5)]  # the ledger's, not 0
     finally:
         globalLogPublisher.removeObserver(observer)
         counters.stop()
         counters._redis.close()
-    warnings = [e for e in seen if "limits are not enforced" in e.get("log_format", "")]
+    warnings = [e for e in seen if "rate and concurrency limits are not enforced" in e.get("log_format", "")]
     assert len(warnings) == 1  # once, not per request
     from twisted.logger import formatEvent
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from unittest.mock import ANY
 
 import openai
 import pytest
@@ -601,6 +602,51 @@ async def test_a_budget_counts_what_was_spent_while_redis_could_not_be_reached(r
                 await in_thread(sdk.chat.completions.create, model=MODEL,
                                 messages=[{"role": "user", "content": "hi"}], max_tokens=5)
             assert refused.value.body["code"] == "budget_exceeded"
+    finally:
+        for sdk in sdks:
+            sdk.close()
+        await a.service.stopService()
+        await b.service.stopService()
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spent_budget_holds_on_every_host_while_redis_cannot_be_reached(reactor, http, fake, pg_database,
+                                                                                tmp_path):
+    """Redis stops answering once a key has spent its budget: the rate limits fail open, the budget does not:
+    each host judges it by the usage ledger meanwhile (before: the key spent without a bound until Redis was
+    back)."""
+    server = RedisServer(tmp_path)
+    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=server.url)
+    a = await start_gateway(reactor, env)
+    b = await start_gateway(reactor, env)
+    sdks = []
+    try:
+        code, key = await admin(http, a.url, "POST", KEYS, {
+            "name": "team", "rpm": 1000, "budgets": [{"period": "daily", "max_tokens": 50}]})  # 21 a request
+        assert code == 201
+        sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
+        for i in range(3):
+            await in_thread(sdks[i % 2].chat.completions.create, model=MODEL,
+                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+
+        async def written():
+            _, summary = await admin(http, a.url, "GET", "/admin/api/v1/usage/summary")
+            return summary["requests"] == 3
+
+        await until(reactor, written, what="the usage written")
+        server.pause()
+        for sdk in sdks + sdks:
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(sdk.chat.completions.create, model=MODEL,
+                                messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+            assert refused.value.body["code"] == "budget_exceeded"
+        sdks.append(openai_client(a, MASTER))
+        answer = await in_thread(sdks[-1].chat.completions.create, model=MODEL,
+                                 messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        assert answer.choices  # (the rest flows)
+        response = await http.get(b.url + "/health/ready")
+        assert json.loads(await treq.content(response))["down"] == {"redis": ANY}
     finally:
         for sdk in sdks:
             sdk.close()

@@ -37,7 +37,9 @@ is seeded again, the larger of what it holds and the ledger's figure, at its
 first use once Redis answers again. So are the sums of a scope whose budgets
 were set, changed or removed (L{BudgetBook.renew}, on every process): a
 budget removed and given again in its period counts what was spent while it
-was gone, when no sum counted it.
+was gone, when no sum counted it. While Redis cannot be reached, a check
+judges the budgets by the ledger's figures instead (read once a second at
+most), so a spent budget stays spent; the rate limits fail open meanwhile.
 """
 
 import inspect
@@ -52,6 +54,8 @@ from gomodel.limits.specs import counted_start, period_window
 
 # Seconds between reads of the usage ledger for a budget's seed while they fail.
 SEED_RETRY = 5.0
+# Seconds a budget's figure read from the usage ledger stands while shared counters cannot be reached.
+LEDGER_FRESH = 1.0
 
 
 class BudgetBook:
@@ -72,6 +76,8 @@ class BudgetBook:
         self._seed_failed_at = None  # when the last read of the ledger failed, while reads fail
         self._missed = set()  # shared sums that missed a charge (Redis unreachable): seeded again once it answers
         self._renewed = set()  # scopes whose budgets changed: their sums are seeded again at their next use
+        self._ledger_read = {}  # bucket -> (when, (tokens, cost)) read from the ledger while Redis is unreachable
+        self._ledger_reading = {}  # bucket -> Deferreds waiting for that read
 
     def renew(self, scope):
         """The budgets of C{scope} were set, changed or removed: seed its sums again from the usage ledger at
@@ -149,6 +155,8 @@ class BudgetBook:
     def _judge_shared(self, answer, current, now):
         """L{_judge} the sums of shared counters, after seeding again those they lost (see the module)."""
         sums, lost = answer
+        if self._counters.unreachable:
+            return ensureDeferred(self._judge_ledger(current, now))
         if not lost:
             return self._judge(sums, current, now)
         self._forget(lost, current)
@@ -188,7 +196,51 @@ class BudgetBook:
 
     async def _check_seeded(self, current, now):
         await self._seed_all(current)
-        self._judge(await self._counters.spent_all(current.buckets), current, now)
+        sums = await self._counters.spent_all(current.buckets)
+        if self._seed is not None and self._counters.shared and self._counters.unreachable:
+            await self._judge_ledger(current, now)
+        else:
+            self._judge(sums, current, now)
+
+    async def _judge_ledger(self, current, now):
+        """L{_judge} by the usage ledger's figures, for shared counters that cannot be reached (their sums answer
+        zeros): a spent budget stays spent while Redis is away. Each figure is read at most once a
+        C{LEDGER_FRESH} seconds (requests meanwhile share it); where the ledger cannot be read either, the
+        budget is not judged (it fails open, as the rate limits do)."""
+        sums = []
+        for scope, _, bucket, start, _ in current.rows:
+            figure = await self._ledger_figure(scope, bucket, start, now)
+            if figure is None:
+                return
+            sums.append(figure)
+        self._judge(sums, current, now)
+
+    async def _ledger_figure(self, scope, bucket, start, now):
+        """What C{scope} spent since C{start} by the ledger, read once a C{LEDGER_FRESH} seconds at most;
+        None where it cannot be read."""
+        kept = self._ledger_read.get(bucket)
+        if kept is not None and now - kept[0] < LEDGER_FRESH:
+            return kept[1]
+        waiting = self._ledger_reading.get(bucket)
+        if waiting is not None:
+            d = Deferred()
+            waiting.append(d)
+            return await d
+        self._ledger_reading[bucket] = []
+        figure = None
+        try:
+            tokens, cost = await self._ledger(scope, start)
+            figure = (int(tokens or 0), float(cost or 0.0))
+            if len(self._ledger_read) > 4096:
+                self._ledger_read.clear()
+            self._ledger_read[bucket] = (self._clock.seconds(), figure)
+        except Exception as e:
+            self.log.debug("Could not read what {scope} spent since {since} from the usage ledger: {error}",
+                           scope=scope, since=start, error=e.message if isinstance(e, GatewayError) else repr(e))
+        finally:
+            for d in self._ledger_reading.pop(bucket):
+                d.callback(figure)
+        return figure
 
     @staticmethod
     def _judge(sums, current, now):

@@ -730,7 +730,8 @@ class RedisCounters(_Forms):
         self._down_until = now + self._retry_after
         if self._warned_at is None or now - self._warned_at >= self._warn_every:
             self._warned_at = now
-            self.log.warn("Redis limits counters unreachable, limits are not enforced for {retry}s: {error}",
+            self.log.warn("Redis limits counters unreachable, rate and concurrency limits are not enforced for "
+                          "{retry}s (budgets are judged by the usage ledger): {error}",
                           retry=self._retry_after, error=reason(failure.value))
         return open_answer
 
