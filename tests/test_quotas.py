@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from gomodel.api.keys import iso
 from tests.rawclient import chat_request, connect
 from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
+from tests.redis_server import fresh_prefix
 
 MASTER = "master-k"
 ADMIN = {"authorization": f"Bearer {MASTER}", "content-type": "application/json"}
@@ -740,16 +741,13 @@ def _redis_or_skip():
 
 @contextmanager
 def _redis_counters():
-    """C{REDIS_URL} for gateways sharing Redis's counters (skipped without Redis); the counters made meanwhile
-    are deleted after."""
+    """C{REDIS_URL} for gateways sharing Redis's counters (skipped without Redis), under a key prefix of the
+    test's own (C{REDIS_KEY_PREFIX}), whose keys are deleted after (never another test's)."""
     redis_client = _redis_or_skip()
-    before = set(redis_client.keys("gomodel:limits:*"))
     try:
-        yield {"REDIS_URL": REDIS_URL}
+        with fresh_prefix(redis_client) as prefix:
+            yield {"REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": prefix + ":"}
     finally:
-        new = set(redis_client.keys("gomodel:limits:*")) - before
-        if new:
-            redis_client.delete(*new)
         redis_client.close()
 
 

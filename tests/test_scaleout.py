@@ -61,23 +61,15 @@ async def pair(reactor, fake, pg_database, tmp_path):
 
 
 @pytest.fixture
-def redis_prefix_cleanup():
-    """Key ids whose limit counters in the shared Redis are deleted after the test (skipped without Redis)."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
+def shared_redis():
+    """C{REDIS_URL} and a C{REDIS_KEY_PREFIX} of the test's own, whose keys are deleted after (skipped without
+    Redis)."""
+    client = redis_client()
     try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
+        with fresh_prefix(client) as prefix:
+            yield {"REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": prefix + ":"}
+    finally:
         client.close()
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    ids = []
-    yield ids
-    for key_id in ids:
-        made = client.keys(f"gomodel:limits:*key:{key_id}*")
-        if made:
-            client.delete(*made)
-    client.close()
 
 
 async def admin(http, gw_url, method, path, body=None):
@@ -461,17 +453,9 @@ async def test_a_follow_up_on_b_reaches_the_replica_that_made_the_response_on_a(
 
 
 @pytest_twisted.ensureDeferred
-async def test_rpm_limits_with_redis_hold_across_both_gateways(reactor, http, fake, pg_database, tmp_path):
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    finally:
-        client.close()
-    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=REDIS_URL)
+async def test_rpm_limits_with_redis_hold_across_both_gateways(reactor, http, fake, pg_database, tmp_path,
+                                                                shared_redis):
+    env = env_for(pg_database, fake.base_url, tmp_path, **shared_redis)
     a = await start_gateway(reactor, env)
     b = await start_gateway(reactor, env)
     try:
@@ -499,19 +483,12 @@ async def test_rpm_limits_with_redis_hold_across_both_gateways(reactor, http, fa
 
 @pytest_twisted.ensureDeferred
 async def test_a_budget_with_redis_counts_what_the_ledger_holds_and_survives_redis_losing_it(
-        reactor, http, fake, pg_database, tmp_path):
+        reactor, http, fake, pg_database, tmp_path, shared_redis):
     """A budget given to a key mid-period counts the tokens its key spent already (read from the usage
     ledger, once, by whichever gateway checks first); Redis losing the sum (a restart without persistence)
     does not reset it."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        client.close()
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=REDIS_URL)
+    client = redis_client()
+    env = env_for(pg_database, fake.base_url, tmp_path, **shared_redis)
     a = await start_gateway(reactor, env)
     b = await start_gateway(reactor, env)
     sdks, key = [], {"id": "none"}
@@ -543,7 +520,7 @@ async def test_a_budget_with_redis_counts_what_the_ledger_holds_and_survives_red
                 await in_thread(sdk.chat.completions.create, model=MODEL,
                                 messages=[{"role": "user", "content": "hi"}], max_tokens=5)
             assert refused.value.body["code"] == "budget_exceeded"
-        sums = client.keys(f"gomodel:limits:budget|key:{key['id']}|*")
+        sums = client.keys(f"{shared_redis['REDIS_KEY_PREFIX']}limits:budget|key:{key['id']}|*")
         assert len(sums) == 1
         client.delete(*sums)  # Redis restarted empty
         with pytest.raises(openai.RateLimitError):
@@ -552,9 +529,6 @@ async def test_a_budget_with_redis_counts_what_the_ledger_holds_and_survives_red
     finally:
         for sdk in sdks:
             sdk.close()
-        made = client.keys(f"gomodel:limits:*key:{key['id']}*")  # (a day's sum would outlive the test)
-        if made:
-            client.delete(*made)
         client.close()
         await a.service.stopService()
         await b.service.stopService()
@@ -657,11 +631,11 @@ async def test_a_spent_budget_holds_on_every_host_while_redis_cannot_be_reached(
 
 @pytest_twisted.ensureDeferred
 async def test_a_budget_removed_and_given_again_counts_what_was_spent_meanwhile(reactor, http, fake, pg_database,
-                                                                                tmp_path, redis_prefix_cleanup):
+                                                                                tmp_path, shared_redis):
     """A key's budget removed on A, the key busy on A alone meanwhile, and given again on A: both hosts count
     what the key spent while it had none, from the usage ledger (before: the sum kept in Redis, marked seeded,
     lacked it for the rest of the period)."""
-    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=REDIS_URL)
+    env = env_for(pg_database, fake.base_url, tmp_path, **shared_redis)
     a = await start_gateway(reactor, env)
     b = await start_gateway(reactor, env)
     sdks = []
@@ -669,7 +643,6 @@ async def test_a_budget_removed_and_given_again_counts_what_was_spent_meanwhile(
     try:
         code, key = await admin(http, a.url, "POST", KEYS, {"name": "team", **budget})
         assert code == 201
-        redis_prefix_cleanup.append(key["id"])
         sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
 
         async def chat(sdk):
