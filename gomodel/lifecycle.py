@@ -234,6 +234,6 @@ class Readiness:
             down["database"] = f"{problem}: files, batches, stored responses, key and budget edits and usage " \
                                "are unavailable (503 storage_unavailable)"
         if any(getattr(shared, "unreachable", False) for shared in (self._counters, self._pins)):
-            down["redis"] = "unreachable: rate limits, concurrency limits and budgets are not enforced across " \
-                            "hosts, and each host keeps its own session pins"
+            down["redis"] = "unreachable: rate and concurrency limits are not enforced, budgets are judged by " \
+                            "the usage ledger, and each host keeps its own session pins"
         return down

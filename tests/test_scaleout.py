@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from unittest.mock import ANY
 
 import openai
 import pytest
@@ -620,7 +619,8 @@ async def test_a_spent_budget_holds_on_every_host_while_redis_cannot_be_reached(
                                  messages=[{"role": "user", "content": "hi"}], max_tokens=5)
         assert answer.choices  # (the rest flows)
         response = await http.get(b.url + "/health/ready")
-        assert json.loads(await treq.content(response))["down"] == {"redis": ANY}
+        [reason] = json.loads(await treq.content(response))["down"].values()
+        assert "budgets are judged by the usage ledger" in reason and "not enforced" in reason
     finally:
         for sdk in sdks:
             sdk.close()
