@@ -4,7 +4,8 @@ import re
 
 # redis-py names the server in its errors ("Error 111 connecting to 10.0.0.5:6379.", "Timeout reading from
 # redis.internal:6379", "connecting to unix socket: /run/redis.sock."); a reason the gateway logs does not.
-_SERVER = re.compile(r"\b(to|from)(?: unix socket:)? \S+?(?=\.?(?:\s|$))")
+# (A server is named host:port or by its socket's path: "hash to the same slot" names none.)
+_SERVER = re.compile(r"\b(to|from)(?: unix socket:)? (?=\S*[:/])\S+?(?=\.?(?:\s|$))")
 
 
 def connect(url, timeout=1.0):

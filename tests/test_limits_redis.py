@@ -18,7 +18,7 @@ from gomodel.limits.budgets import BudgetBook
 from gomodel.limits.counters import _ADMIT, OPEN_LEASE, RedisCounters
 from gomodel.limits.limiter import Limiter
 from gomodel.limits.specs import Budget, RateLimit, Window, period_window
-from gomodel.redis_client import connect
+from gomodel.redis_client import connect, reason
 from tests.redis_server import fresh_prefix, redis_client
 
 redis = pytest.importorskip("redis")
@@ -539,3 +539,20 @@ async def test_an_admission_whose_answer_cannot_be_read_fails_rather_than_never_
     limiter = Limiter(make(), reactor)
     with pytest.raises(TypeError):
         await with_timeout(reactor, limiter.admit([("key:k", RateLimit(rpm=5))], 0, headers_for=5), 5)
+
+
+def test_a_reason_hides_the_server_but_keeps_the_rest_of_redis_words(client):
+    """C{reason} leaves out where the server is, and nothing else: Redis Cluster's refusal of a script over
+    keys of several slots reads as Redis says it (before: "hash to the server same slot")."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    refused = redis.Redis(host=HOST, port=port, socket_connect_timeout=1)
+    with pytest.raises(redis.RedisError) as raised:
+        refused.ping()
+    said = reason(raised.value)
+    assert str(port) not in said and HOST not in said and "the server" in said, said
+    refused.close()
+    with pytest.raises(redis.RedisError) as raised:
+        client.eval("return redis.error_reply(\"CROSSSLOT Keys in request don't hash to the same slot\")", 0)
+    assert reason(raised.value) == "ClusterCrossSlotError: Keys in request don't hash to the same slot"
