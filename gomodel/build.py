@@ -27,7 +27,7 @@ from gomodel.http.context import AccessLog
 from gomodel.http.front import FrontResource
 from gomodel.http.site import IDLE_SWEEP, GatewaySite
 from gomodel.lifecycle import Drain, Readiness
-from gomodel.limits.budgets import BudgetBook
+from gomodel.limits.budgets import LEDGER_FRESH, BudgetBook
 from gomodel.limits.counters import LocalCounters, RedisCounters
 from gomodel.limits.gate import Gate
 from gomodel.limits.limiter import Limiter
@@ -122,6 +122,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                       seed_counts_kept=gateway.usage is not None) if config.quotas.budgets_enabled else None
     gateway.gate = Gate(Limiter(counters, reactor), book, config.quotas, store.budgets, reactor, pricing=pricing)
     gateway.keys.budgets_changed = gateway.gate.renew
+    if book is not None and shared_counters is None and (config.store.storage_type == "postgresql"
+                                                         or config.server.workers > 1):
+        # The ledger is shared with other processes, the counters are not: each follows what the others spent.
+        Repeating(LEDGER_FRESH, gateway.gate.follow_ledger, clock=reactor).setServiceParent(gateway)
     exchange.admit = gateway.gate.admit
 
     # The store, then its users (stopped in reverse, one after the other; the usage ledger after the

@@ -425,6 +425,49 @@ async def test_usage_from_both_gateways_is_in_one_summary(reactor, http, pair, f
 
 
 @pytest_twisted.ensureDeferred
+async def test_without_redis_a_budget_spent_on_a_is_spent_on_b_once_the_ledger_has_it(reactor, http, pair):
+    """Two hosts on PostgreSQL without Redis: each counts a budget in its own sum, raised every second to what
+    the usage ledger says both spent, once it charged that sum (before: B, whose sum was seeded before A
+    spent, counted only its own requests, and let the key spend the budget once more)."""
+    a, b = pair
+    code, key = await admin(http, a.url, "POST", KEYS, {"name": "team",
+                                                         "budgets": [{"period": "daily", "max_tokens": 50}]})
+    assert code == 201
+    await b.service.keys.refresh()  # what its loop does every second
+    sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
+
+    async def chat(sdk):
+        await in_thread(sdk.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                        max_tokens=5)
+
+    async def written(count):
+        _, summary = await admin(http, a.url, "GET", "/admin/api/v1/usage/summary")
+        return summary["requests"] == count
+
+    try:
+        await chat(sdks[1])  # 21 tokens a request: B's sum holds 21
+        await until(reactor, lambda: written(1), what="the usage written")
+        for _ in range(2):
+            await chat(sdks[0])  # A's sum, seeded from the ledger: 63
+        await until(reactor, lambda: written(3), what="the usage written")
+        try:  # B's sum holds 21, unless its loop read the ledger since A spent (B charged it since it did)
+            await chat(sdks[1])
+        except openai.RateLimitError:
+            pass
+        for gateway in (a, b):
+            await gateway.service.gate.follow_ledger()  # what its loop does every second  # what its loop does every second
+        for sdk in sdks:
+            with pytest.raises(openai.RateLimitError) as refused:
+                await chat(sdk)
+            assert refused.value.body["code"] == "budget_exceeded"
+        code, shown = await admin(http, b.url, "GET", f"{KEYS}/{key['id']}")
+        assert shown["budgets"][0]["spent_tokens"] >= 63
+    finally:
+        for sdk in sdks:
+            sdk.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_follow_up_on_b_reaches_the_replica_that_made_the_response_on_a(reactor, http, pg_database,
                                                                                 tmp_path):
     replicas = [await start_fake(reactor), await start_fake(reactor)]

@@ -40,6 +40,11 @@ budget removed and given again in its period counts what was spent while it
 was gone, when no sum counted it. While Redis cannot be reached, a check
 judges the budgets by the ledger's figures instead (read once a second at
 most), so a spent budget stays spent; the rate limits fail open meanwhile.
+
+Local counters where other processes or hosts share the ledger (PostgreSQL,
+C{--workers}) have L{BudgetBook.follow} called every second: each sum this
+process charged since is raised to the ledger's figure, so what the others
+spent counts here too.
 """
 
 import inspect
@@ -78,6 +83,8 @@ class BudgetBook:
         self._renewed = set()  # scopes whose budgets changed: their sums are seeded again at their next use
         self._ledger_read = {}  # bucket -> (when, (tokens, cost)) read from the ledger while Redis is unreachable
         self._ledger_reading = {}  # bucket -> Deferreds waiting for that read
+        self._own = {}  # bucket -> (scope, start, expires) of each sum of local counters seeded here
+        self._followed = {}  # bucket -> its (tokens, cost) when last raised to the ledger's (L{follow})
 
     def renew(self, scope):
         """The budgets of C{scope} were set, changed or removed: seed its sums again from the usage ledger at
@@ -355,6 +362,42 @@ class BudgetBook:
         if self._renewed and all(bucket in self._seeded for bucket in current.buckets):
             self._renewed.difference_update(scope for scope, _, _, _, _ in current.rows)
 
+    def follow(self):
+        """Raise this process's own sums (local counters) to the usage ledger's figures, where the ledger is
+        shared with other processes or hosts (PostgreSQL, C{--workers}): what they spent counts here within
+        a call of this, C{LEDGER_FRESH}, and their C{USAGE_FLUSH_INTERVAL} (without Redis, a budget spent on
+        one host held nowhere else). The sums this process charged since the last call are read, each once
+        (one that it did not charge meanwhile is read once it does: a sum idle here costs no read); none is
+        lowered (each holds what this process counted itself).
+
+        @return: a Deferred firing with None; a read that fails is left for the next call.
+        """
+        if self._seed is None or self._counters.shared or not self._own:
+            return succeed(None)
+        return ensureDeferred(self._follow())
+
+    async def _follow(self):
+        now = self._clock.seconds()
+        for bucket, (scope, start, expires) in list(self._own.items()):
+            if expires is not None and expires <= now or bucket not in self._seeded:
+                del self._own[bucket]  # (its period is over, or it is seeded again, from the ledger)
+                self._followed.pop(bucket, None)
+                continue
+            cell = self._counters.sum_cell(bucket, expires)
+            if self._followed.get(bucket) == (cell[0], cell[1]):
+                continue  # not charged here since it was last read
+            try:
+                tokens, cost = await self._ledger(scope, start)
+            except Exception as e:
+                self.log.debug("Could not read what {scope} spent since {since} from the usage ledger: {error}",
+                               scope=scope, since=start,
+                               error=e.message if isinstance(e, GatewayError) else repr(e))
+                return
+            cell = self._counters.sum_cell(bucket, expires)
+            cell[0] = max(cell[0], int(tokens or 0))
+            cell[1] = max(cell[1], float(cost or 0.0))
+            self._followed[bucket] = (cell[0], cell[1])
+
     async def _ledger(self, scope, start):
         """What C{scope} spent since C{start} by the usage ledger (C{seed}): C{(tokens, cost)}; fails as it does."""
         result = self._seed(scope, start)
@@ -390,6 +433,8 @@ class BudgetBook:
                 cell[0], cell[1] = 0, 0.0
             if tokens or cost:
                 await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
+            self._own[bucket] = (scope, start, expires)
+            self._followed.pop(bucket, None)
         self._seeded[bucket] = expires
         if len(self._seeded) > 4096:
             now = self._clock.seconds()

@@ -103,6 +103,17 @@ class Gate(Periodic):
             self._configured = configured
             self._plans = {}
 
+    def follow_ledger(self):
+        """Raise this process's own budget sums to what the usage ledger says every process spent
+        (L{gomodel.limits.budgets.BudgetBook.follow}; run every second where processes share the ledger
+        but not Redis).
+
+        @return: a Deferred firing with None.
+        """
+        if self._book is None:
+            return succeed(None)
+        return self._book.follow()
+
     def renew(self, scope):
         """The budgets of C{scope} changed (set, edited or removed, on any process): its sums are seeded again
         from the usage ledger at their next use (L{gomodel.limits.budgets.BudgetBook.renew})."""
