@@ -243,7 +243,8 @@ def test_requests_counted_between_flushes_give_the_series_observe_gives():
     metrics = GatewayMetrics()
     for i, duration in enumerate(durations):
         metrics(SimpleNamespace(provider_type="vllm", provider="vllm", upstream_model="m", endpoint="/v1/chat/completions",
-                                status=200, stream=bool(i % 2), duration=duration, first_byte=duration / 2,
+                                status=200, stream=bool(i % 2), asked_stream=bool(i % 2), duration=duration,
+                                first_byte=duration / 2,
                                 usage=usage, token_counts=(7, 3, 0, 0), outcome="ok", error=None, key=None,
                                 principal=None))
     assert not [s for s in samples(generate_latest(metrics.registry).decode()) if s[0] == "gomodel_requests_total"]
@@ -265,3 +266,49 @@ def test_requests_counted_between_flushes_give_the_series_observe_gives():
     assert value(found, "gomodel_tokens_total", type="output") == 3 * len(durations)
     metrics.flush()  # nothing new: nothing added twice
     assert samples(generate_latest(metrics.registry).decode()) == found
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_request_that_failed_before_its_stream_began_is_labelled_a_stream(reactor, http, fake, tmp_path):
+    """GoModel's C{stream} label is the request's: a stream request refused (a rate limit's 429), answered with
+    its upstream's error (503) or timed out before its stream began (504) is counted under C{stream="true"}, as
+    the access log and its usage record say; it was C{"false"} (no event stream went out), so the streams' error
+    rate left out every stream that failed before its first byte."""
+    from twisted.logger import globalLogPublisher
+
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d"),
+           "HTTP_RESPONSE_HEADER_TIMEOUT": "1s", "SET_RATE_LIMIT_TEAM": "rpm=1", "LOG_FORMAT": "json"}
+    lines = []
+    globalLogPublisher.addObserver(lines.append)
+    gw = await start_gateway(reactor, env)
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        team = dict(KEY, **{"X-GoModel-User-Path": "/team"})
+        for path, body, headers, status in (
+                ("/v1/chat/completions", chat, team, 200), ("/v1/chat/completions", chat, team, 429),
+                ("/v1/chat/completions", dict(chat, fake_status=503, fake_body='{"error": {"message": "x"}}'),
+                 KEY, 503),
+                ("/v1/chat/completions", dict(chat, fake_delay=3), KEY, 504),
+                ("/v1/responses", {"model": MODEL, "input": "hi", "stream": True, "fake_delay": 3}, KEY, 504),
+                ("/v1/messages", {"model": MODEL, "max_tokens": 5, "stream": True, "fake_delay": 3,
+                                  "messages": [{"role": "user", "content": "hi"}]}, KEY, 504)):
+            response = await http.post(gw.url + path, headers=headers, data=json.dumps(body).encode())
+            await response.content()
+            assert response.code == status, (path, status)
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_requests_total", stream="false", model=MODEL) == 0
+        for path, status, count in (("/v1/chat/completions", "200", 1), ("/v1/chat/completions", "429", 1),
+                                    ("/v1/chat/completions", "503", 1), ("/v1/chat/completions", "504", 1),
+                                    ("/v1/responses", "504", 1), ("/v1/messages", "504", 1)):
+            assert value(found, "gomodel_requests_total", stream="true", endpoint=path, status_code=status) == count
+        access = [e for e in lines if e.get("log_namespace") == "gomodel.access" and e["path"] != "/metrics"]
+        assert [(e["status"], e["stream"]) for e in access] == [
+            (200, True), (429, True), (503, True), (504, True), (504, True), (504, True)]
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 100)
+        assert sorted((r["endpoint"], r["status_code"], r["stream"]) for r in records) == [
+            ("/v1/chat/completions", 200, True), ("/v1/chat/completions", 503, True),
+            ("/v1/chat/completions", 504, True), ("/v1/messages", 504, True), ("/v1/responses", 504, True)]
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+        await gw.service.stopService()

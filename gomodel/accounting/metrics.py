@@ -104,9 +104,9 @@ class GatewayMetrics:
     def __call__(self, ctx):
         """A request is over (see L{gomodel.http.context.RequestContext.complete})."""
         # (the series' labels, then who sent it: a managed key's requests and tokens are its series' too, summed at
-        # the flush: nothing more per request)
-        key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status, ctx.stream,
-               ctx.principal)
+        # the flush: nothing more per request; a stream is one asked for too, one that failed before it began)
+        key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status,
+               ctx.stream or ctx.asked_stream, ctx.principal)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = _Pending()
@@ -142,7 +142,8 @@ class GatewayMetrics:
         if self._live is not None:
             counts = dict.fromkeys(self._in_flight_shown, 0)
             for ctx in self._live():
-                key = (ctx.provider_type or "-", ctx.endpoint or "other", "true" if ctx.stream else "false")
+                key = (ctx.provider_type or "-", ctx.endpoint or "other",
+                       "true" if ctx.stream or ctx.asked_stream else "false")
                 counts[key] = counts.get(key, 0) + 1
             for key, count in counts.items():
                 series = self._in_flight_shown.get(key)

@@ -61,7 +61,7 @@ class UsageLedger(Service):
             return
         self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, ctx.replica,
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
-                  ctx.stream, ctx.usage, _ms(ctx.duration),
+                  ctx.stream or ctx.asked_stream, ctx.usage, _ms(ctx.duration),
                   None if ctx.first_byte is None or not ctx.stream else _ms(ctx.first_byte), ctx.client_gone,
                   ctx.estimated, *recorded_as(ctx.principal), tokens=ctx.token_counts)
 

@@ -62,6 +62,7 @@ class InferenceRoutes:
     async def _completions(self, request, ctx, path):
         """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
         body = json_body(request)
+        ctx.asked_stream = body.get("stream") is True  # (checked by streams() once routed)
         upstream, fallbacks = self.route(ctx, body, partial(affinity_key, request, body))
         # The session or prompt prefix matters only where there is a replica to choose.
         affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None

@@ -156,7 +156,7 @@ class MessagesRoutes:
         @raise gomodel.errors.GatewayError: before anything was sent to the client.
         """
         body = json_body(request)
-        stream = streams(body)
+        stream = ctx.asked_stream = streams(body)
         model = body.get("model")
         routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
                                               ctx.principal))

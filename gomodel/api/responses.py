@@ -81,7 +81,7 @@ class ResponsesRoute:
         explicit input, as they do not hold it. Each target gets what its provider takes of the key and
         headers (L{target}: a vLLM's Responses and chat take C{cache_salt} and C{priority}).
         """
-        stream = streams(body)
+        stream = ctx.asked_stream = streams(body)
         if body.get("background") is True and body.get("store") is False:  # (as OpenAI and vLLM answer it)
             raise errors.InvalidRequest("background can only be used when store is true: a background response "
                                         "is read back later.", param="background", code="invalid_value")

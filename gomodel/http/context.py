@@ -40,6 +40,8 @@ class RequestContext:
     @ivar status: the status sent (499 when the client left first).
     @ivar outcome: L{OK}, L{ERROR}, L{CLIENT_GONE} or L{STREAM_BROKEN}.
     @ivar error: the error code of a failed request (e.g. C{upstream_timeout}).
+    @ivar stream: whether the answer is an event stream; C{asked_stream}, whether the request asked for one
+        (the label of a stream request that failed before its stream began).
     @ivar trace: its OpenTelemetry spans (a L{gomodel.accounting.tracing.RequestTrace}),
         or None when tracing is off.
     """
@@ -47,7 +49,8 @@ class RequestContext:
     log = Logger()
 
     __slots__ = ("request_id", "method", "path", "started", "key", "dialect", "endpoint", "provider",
-                 "provider_type", "replica", "model", "upstream_model", "stream", "usage", "first_byte",
+                 "provider_type", "replica", "model", "upstream_model", "stream", "asked_stream", "usage",
+                 "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
                  "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace",
                  "_token_counts", "attempts", "retries", "budgets")
@@ -77,6 +80,7 @@ class RequestContext:
         self.model = None
         self.upstream_model = None
         self.stream = False
+        self.asked_stream = False
         self.usage = None
         self._token_counts = None
         self.estimated = False  # usage counted by the gateway (a stream cut before its usage came)
@@ -282,7 +286,7 @@ class AccessLog:
             "model": model,
             "replica": ctx.replica,
             "key": ctx.key,
-            "stream": ctx.stream,
+            "stream": ctx.stream or ctx.asked_stream,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             # in ms to the microsecond: an integer over 1000 shows as that decimal (round(x, 3) is slow)
