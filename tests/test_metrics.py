@@ -269,6 +269,34 @@ def test_requests_counted_between_flushes_give_the_series_observe_gives():
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_the_upstream_broke_or_failed_in_band_is_an_error(reactor, http, fake):
+    """GoModel's C{status_type} is C{error} for a request that failed, whatever its status (its error-rate query,
+    C{gomodel_requests_total{status_type="error"}}): a stream the upstream broke off, or one in which it sent an
+    error event, went out with the status 200 it had sent and is an error all the same (as the access log's
+    C{outcome} and C{gomodel_upstream_errors_total} say)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        error_event = json.dumps({"error": {"message": "oops", "type": "InternalServerError", "code": 500}})
+        chunk = json.dumps({"id": "a", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                            "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]})
+        for body in (chat, dict(chat, fake_die_after=2), dict(chat, fake_sse=[chunk, error_event, "[DONE]"])):
+            response = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(body).encode())
+            assert response.code == 200
+            try:
+                await response.content()
+            except Exception:
+                pass  # the broken one's body is cut, as it must be
+        found = await scrape(http, gw)
+        labels = {"model": MODEL, "status_code": "200", "stream": "true"}
+        assert value(found, "gomodel_requests_total", status_type="success", **labels) == 1
+        assert value(found, "gomodel_requests_total", status_type="error", **labels) == 2
+        assert value(found, "gomodel_upstream_errors_total", model=MODEL) == 2
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_request_that_failed_before_its_stream_began_is_labelled_a_stream(reactor, http, fake, tmp_path):
     """GoModel's C{stream} label is the request's: a stream request refused (a rate limit's 429), answered with
     its upstream's error (503) or timed out before its stream began (504) is counted under C{stream="true"}, as

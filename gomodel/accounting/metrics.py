@@ -25,7 +25,7 @@ from operator import add
 
 from gomodel.accounting.tokens import TOKEN_TYPES
 from gomodel.errors import ShuttingDown
-from gomodel.http.context import CLIENT_GONE, STREAM_BROKEN
+from gomodel.http.context import CLIENT_GONE, OK, STREAM_BROKEN
 from gomodel.lean import tls_stub
 from gomodel.periodic import Repeating
 
@@ -106,7 +106,7 @@ class GatewayMetrics:
         # (the series' labels, then who sent it: a managed key's requests and tokens are its series' too, summed at
         # the flush: nothing more per request; a stream is one asked for too, one that failed before it began)
         key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status,
-               ctx.stream or ctx.asked_stream, ctx.principal)
+               ctx.stream or ctx.asked_stream, ctx.outcome == OK, ctx.principal)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = _Pending()
@@ -153,7 +153,7 @@ class GatewayMetrics:
         pending, self._pending = self._pending, {}
         keys = {}  # (managed key id, name, status) -> [requests, tokens by type]
         for key, added in pending.items():
-            labels, principal = key[:6], key[6]
+            labels, principal = key[:7], key[7]
             series = self._children.get(labels)
             if series is None:
                 series = self._children[labels] = self._series(*labels)
@@ -176,12 +176,16 @@ class GatewayMetrics:
             for kind, count in zip(TOKEN_TYPES, tokens):
                 self._key_tokens.labels(key_id, name, kind).inc(count)
 
-    def _series(self, provider_type, provider, upstream_model, endpoint, status, stream):
-        """The series one kind of request feeds: requests, duration, time to first token, tokens by type."""
+    def _series(self, provider_type, provider, upstream_model, endpoint, status, stream, ok):
+        """The series one kind of request feeds: requests, duration, time to first token, tokens by type.
+
+        @param ok: whether it went out whole and well (its C{status_type} is C{error} otherwise: a status of
+            400 or above, a stream the upstream broke or reported an error in, though its status was 200).
+        """
         names = (provider_type or "-", provider or "-", f"{provider}/{upstream_model}" if upstream_model else "-")
         endpoint = endpoint or "other"
         stream = "true" if stream else "false"
-        return (self._requests.labels(*names, endpoint, str(status), "error" if status >= 400 else "success", stream),
+        return (self._requests.labels(*names, endpoint, str(status), "success" if ok else "error", stream),
                 self._duration.labels(*names, endpoint, stream), self._ttft.labels(*names),
                 tuple(self._tokens.labels(*names, kind) for kind in TOKEN_TYPES))
 
