@@ -340,3 +340,32 @@ async def test_a_stream_request_that_failed_before_its_stream_began_is_labelled_
     finally:
         globalLogPublisher.removeObserver(lines.append)
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_refused_at_its_head_is_counted_under_its_route(reactor, http, fake):
+    """A request to an inference route refused before its handler ran (a wrong key's 401, a body past
+    C{BODY_SIZE_LIMIT}'s 413, a GET's 405) is counted under that route's C{endpoint}, as one its handler refused
+    (an invalid body's 400) is: it was C{other}, so a route's error rate left out its refused requests."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "BODY_SIZE_LIMIT": "1KB"})
+    try:
+        chat = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        for headers, body, status in (({"Authorization": "Bearer nope"}, chat, 401), (KEY, b"{bad", 400),
+                                      (KEY, b" " * 2048 + chat, 413)):
+            response = await http.post(gw.url + "/v1/chat/completions", headers=headers, data=body)
+            await response.content()
+            assert response.code == status
+        response = await http.get(gw.url + "/v1/chat/completions", headers=KEY)
+        await response.content()
+        assert response.code == 405
+        unkeyed = await http.get(gw.url + "/metrics")
+        await unkeyed.content()
+        assert unkeyed.code == 401
+        found = await scrape(http, gw)
+        for status in ("401", "400", "413", "405"):
+            assert value(found, "gomodel_requests_total", endpoint="/v1/chat/completions", status_code=status) == 1
+        assert value(found, "gomodel_requests_total", endpoint="/metrics", status_code="401") == 1
+        assert value(found, "gomodel_requests_total", endpoint="other") == 0
+    finally:
+        await gw.service.stopService()

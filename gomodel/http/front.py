@@ -78,6 +78,8 @@ class FrontResource(Resource):
         if handler is None or request.method != b"POST":
             request.ending = partial(_ended, request=request, ctx=ctx)
             if refusal is not None:
+                if request.path in self._exact or request.path in self._pages:  # (its route's, in the metrics)
+                    ctx.endpoint = request.path.decode("ascii")
                 self._dialect_below(request, ctx)
                 return render.render(request, refusal, ctx.dialect)
             page = self._pages.get(request.path)
@@ -95,6 +97,7 @@ class FrontResource(Resource):
                     body = render.fail(request, Failure())
                 write_answer(body, request)
                 return NOT_DONE_YET
+            ctx.endpoint = request.path.decode("ascii")
             return render.render(request, errors.MethodNotAllowed(
                 f"Method {request.method.decode('ascii', 'replace')} is not allowed on "
                 f"{request.path.decode('ascii')} (allowed: POST).", headers={"Allow": "POST"}), ctx.dialect)
