@@ -375,6 +375,21 @@ async def test_an_upstream_5xx_is_an_error_a_client_4xx_is_not(otel, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_request_that_failed_before_its_stream_began_is_a_stream(otel, http):
+    """C{gomodel.stream} is the request's, as the metrics' C{stream} label and the access log's are (GoModel's
+    C{gen_ai.request.stream}): a stream request its upstream answered with a 500 is one (it said False)."""
+    await otel.start(replicas=1, env={"ROUTING_MAX_ATTEMPTS": "1"})
+    otel.fleet[0].fail_status = 500
+    response = await http.post(otel.gateway.url + "/v1/chat/completions", json=chat(stream=True),
+                               headers={"authorization": f"Bearer {MASTER_KEY}", "x-request-id": "req-stream-500"})
+    assert response.code == 500
+    await treq.content(response)
+    await otel.stop_gateway()
+    failed = otel.server_span("req-stream-500")
+    assert failed.attributes["http.response.status_code"] == 500 and failed.attributes["gomodel.stream"] is True
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_trace_the_sampler_drops_exports_no_span_but_still_goes_upstream_and_counts(otel, http):
     otel.monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     await otel.start(replicas=1)

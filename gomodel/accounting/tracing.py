@@ -394,7 +394,7 @@ class RequestTrace:
         if ctx.endpoint:
             span.update_name(f"{method} {ctx.endpoint}")
             span.set_attribute("http.route", ctx.endpoint)
-        attributes = {"http.response.status_code": ctx.status, "gomodel.stream": bool(ctx.stream)}
+        attributes = {"http.response.status_code": ctx.status, "gomodel.stream": bool(ctx.stream or ctx.asked_stream)}
         operation = OPERATIONS.get(ctx.endpoint)
         if operation is not None:
             attributes["gen_ai.operation.name"] = operation
