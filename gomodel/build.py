@@ -174,6 +174,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.live)
         exchange.retried = gateway.metrics.retried
         gateway.batch_runner.lines_recorded = gateway.metrics.batch_lines
+        gateway.batch_runner.tokens_counted = gateway.metrics.tokens_apart
+        if responses.watch is not None:
+            responses.watch.tokens_counted = gateway.metrics.tokens_apart
         MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)
         sinks.append(gateway.metrics)
         for path in metrics_paths:

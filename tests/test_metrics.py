@@ -369,3 +369,38 @@ async def test_a_request_refused_at_its_head_is_counted_under_its_route(reactor,
         assert value(found, "gomodel_requests_total", endpoint="other") == 0
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tokens_of_batch_lines_and_background_responses_are_counted_as_the_ledger_counts_them(
+        reactor, http, fake, tmp_path):
+    """C{gomodel_tokens_total} counts what the usage ledger does: a batch line's answer and a background response
+    (charged by its watch once over) are recorded apart from any request's end, and were left out of it."""
+    from twisted.internet.task import deferLater
+
+    from tests.test_batches import chat_line, start_batch
+
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "GOMODEL_DATA_DIR": str(tmp_path / "d")})
+    sdk = openai_client(gw, "k1", timeout=20)
+    try:
+        created = await start_batch(sdk, [chat_line("a"), chat_line("b")])
+        await gw.service.batch_runner.settled(created.id)
+        background = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True)
+        fake.stored_responses[background.id].update(status="completed", usage={
+            "input_tokens": 19, "output_tokens": 3, "total_tokens": 22})
+
+        for _ in range(200):  # (its watch asks its instance, then charges it)
+            await gw.service.usage.flush()
+            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
+            if any(r["total_tokens"] == 22 for r in records):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        found = await scrape(http, gw)
+        for kind in ("input", "output"):
+            assert value(found, "gomodel_tokens_total", type=kind, model=MODEL) == sum(
+                r[f"{kind}_tokens"] or 0 for r in records) > 0, kind
+        assert {r["endpoint"] for r in records} == {"/v1/chat/completions", "/v1/responses"}
+    finally:
+        sdk.close()
+        await gw.service.stopService()

@@ -23,7 +23,7 @@ flush); the replica series are those of the process that answers.
 from bisect import bisect_left
 from operator import add
 
-from gomodel.accounting.tokens import TOKEN_TYPES
+from gomodel.accounting.tokens import TOKEN_TYPES, tokens_by_type
 from gomodel.errors import ShuttingDown
 from gomodel.http.context import CLIENT_GONE, OK, STREAM_BROKEN
 from gomodel.lean import tls_stub
@@ -66,6 +66,7 @@ class GatewayMetrics:
         self._in_flight_shown = {}  # label values -> the series, each shown so far (set to 0 once none is left)
         self._children = {}  # label values -> the series they name (labels() costs a lock and a check each)
         self._pending = {}  # label values -> what requests added to those series since the last flush
+        self._apart = {}  # (provider type, name, model, principal) -> tokens by type of batch lines and background
         self._ttft = Histogram("gomodel_time_to_first_token_seconds",
                                "Time from a streamed request's head to its first byte to the client.",
                                ("provider", "provider_name", "model"), buckets=TTFT_BUCKETS, registry=r)
@@ -131,6 +132,19 @@ class GatewayMetrics:
         byte (L{gomodel.proxy.exchange.Exchange.failed_over})."""
         self._retries.labels(pool.type, pool.name, to).inc()
 
+    def tokens_apart(self, provider_type, provider, model, usage, principal=None):
+        """Add the C{usage} of what no request's end counts, a batch line's answer or a background response's
+        (each kept in the usage ledger apart), to C{gomodel_tokens_total} (and a managed key's) at the next flush.
+
+        @param model: C{provider/upstream-model} as the ledger names it, or None.
+        """
+        if not usage:
+            return
+        key = (provider_type, provider, model, principal)
+        counts = tokens_by_type(usage)
+        added = self._apart.get(key)
+        self._apart[key] = counts if added is None else tuple(map(add, added, counts))
+
     def batch_lines(self, ok, count):
         """C{count} batch lines got their result (L{gomodel.batches.runner.BatchRunner.lines_recorded}): an
         output (C{ok}) or an error."""
@@ -175,6 +189,18 @@ class GatewayMetrics:
             self._key_requests.labels(key_id, name, str(status)).inc(requests)
             for kind, count in zip(TOKEN_TYPES, tokens):
                 self._key_tokens.labels(key_id, name, kind).inc(count)
+        if self._apart:
+            self._flush_apart()
+
+    def _flush_apart(self):
+        """Add the tokens of L{tokens_apart} to their series."""
+        apart, self._apart = self._apart, {}
+        for (provider_type, provider, model, principal), tokens in apart.items():
+            for kind, count in zip(TOKEN_TYPES, tokens):
+                if count:
+                    self._tokens.labels(provider_type or "-", provider or "-", model or "-", kind).inc(count)
+                    if principal is not None and not principal.master:
+                        self._key_tokens.labels(principal.id, principal.name, kind).inc(count)
 
     def _series(self, provider_type, provider, upstream_model, endpoint, status, stream, ok):
         """The series one kind of request feeds: requests, duration, time to first token, tokens by type.

@@ -63,6 +63,7 @@ class BackgroundWatch(Service):
         self._refresh = refresh
         self._usage = usage
         self._gate = gate
+        self.tokens_counted = None  # the metrics' GatewayMetrics.tokens_apart (a response's usage), or None
         self._watches = watches
         self._owner = owner
         self._keys = keys
@@ -157,13 +158,16 @@ class BackgroundWatch(Service):
             usage = None
         model = response.get("model")
         qualified = f"{record['provider']}/{model}" if model.__class__ is str else None
+        provider = self._registry.provider(record["provider"])
+        provider_type = provider.type if provider is not None else None
         if self._usage is not None:
-            provider = self._registry.provider(record["provider"])
             key_id, user_path = watched.recorded
-            self._usage.keep(watched.request_id.decode("ascii"), self._clock.seconds(),
-                             provider.type if provider is not None else None, record["provider"], record.get("replica"),
-                             qualified, "/v1/responses", RECORDED_STATUS.get(response.get("status"), 200), False,
-                             usage, auth_key_id=key_id, user_path=user_path)
+            self._usage.keep(watched.request_id.decode("ascii"), self._clock.seconds(), provider_type,
+                             record["provider"], record.get("replica"), qualified, "/v1/responses",
+                             RECORDED_STATUS.get(response.get("status"), 200), False, usage, auth_key_id=key_id,
+                             user_path=user_path)
+        if self.tokens_counted is not None:
+            self.tokens_counted(provider_type, record["provider"], qualified, usage, watched.principal)
         if self._gate is not None and watched.principal is not None:
             self._gate.charge(watched.principal, qualified, usage)
 

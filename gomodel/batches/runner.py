@@ -208,6 +208,7 @@ class BatchRunner(Service):
         self._broken = {}  # batch id -> how many times in a row it stopped with an unexpected error
         self._resuming = None
         self.lines_recorded = None  # lines_recorded(ok, count): the metrics' (GatewayMetrics.batch_lines), or None
+        self.tokens_counted = None  # the metrics' GatewayMetrics.tokens_apart (a line's usage), or None
         self._claims = ClaimLoop(batches, clock, self.owner, lease, poll_interval, self._jobs, self._start,
                                  max_claimed)
 
@@ -734,6 +735,8 @@ class BatchRunner(Service):
                              "/v1" + path, answer.status, False, usage, duration,
                              auth_key_id=None if principal is None else principal.id,
                              user_path=None if principal is None else principal.user_path)
+        if self.tokens_counted is not None:
+            self.tokens_counted(pool.type, pool.name, model, usage, principal)
         if self._gate is not None:
             self._gate.charge(principal, model, usage)
 
@@ -751,6 +754,8 @@ class BatchRunner(Service):
                              outcome.status, False, usage, estimated=True,
                              auth_key_id=None if principal is None else principal.id,
                              user_path=None if principal is None else principal.user_path)
+        if self.tokens_counted is not None:
+            self.tokens_counted(pool.type, pool.name, model, usage, principal)
         if self._gate is not None:
             self._gate.charge(principal, model, usage)
 
