@@ -404,3 +404,27 @@ async def test_the_tokens_of_batch_lines_and_background_responses_are_counted_as
     finally:
         sdk.close()
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_request_refused_is_counted_under_the_passthrough_endpoint(reactor, http, fake):
+    """A passthrough request refused (a wrong key's 401, an unknown provider's 404, a managed key's 403 on vLLM's
+    own metrics) is counted under C{/p/{provider}/{endpoint}}, as one relayed is: it was C{other}."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "ENABLE_PASSTHROUGH_ROUTES": "true"})
+    try:
+        made = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=KEY, data=json.dumps({"name": "t"}).encode())
+        managed = {"Authorization": "Bearer " + json.loads(await made.content())["value"]}
+        for path, headers, status in (("/p/vllm/v1/models", {"Authorization": "Bearer nope"}, 401),
+                                      ("/p/nope/v1/models", KEY, 404), ("/p/vllm/metrics", managed, 403),
+                                      ("/p/vllm/v1/models", KEY, 200)):
+            response = await http.get(gw.url + path, headers=headers)
+            await response.content()
+            assert response.code == status, path
+        found = await scrape(http, gw)
+        for status in ("401", "404", "403", "200"):
+            assert value(found, "gomodel_requests_total", endpoint="/p/{provider}/{endpoint}", status_code=status) == 1
+        assert value(found, "gomodel_requests_total", endpoint="other", status_code="201") == 1  # (the key made)
+        assert value(found, "gomodel_requests_total", endpoint="other") == 1
+    finally:
+        await gw.service.stopService()

@@ -16,6 +16,7 @@ from gomodel.auth.keys import presented_key
 from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES
 from gomodel.http import render
 from gomodel.http.bodies import whole_number
+from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, connection_tokens
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
 
@@ -99,6 +100,7 @@ class Passthrough:
         if not self._settings.enabled:
             raise errors.NotFound("Provider passthrough routes are disabled (ENABLE_PASSTHROUGH_ROUTES).")
         # (ctx.dialect is the endpoint's API's already, from the front: L{dialect_below})
+        ctx.endpoint = PASSTHROUGH
         provider = self._registry.provider(provider_name)
         if provider is None:
             raise errors.NotFound(f"No provider or provider type named '{provider_name}'.", code="provider_not_found")
@@ -116,7 +118,6 @@ class Passthrough:
             raise errors.Forbidden(f"'/{_bare(endpoint)}' describes the whole provider, every tenant's load: only "
                                    "the master key reaches it.")
         ctx.provider, ctx.provider_type = provider.name, provider.type
-        ctx.endpoint = "/p/{provider}/{endpoint}"
         request.content.seek(0)
         body = request.content.read() or None
         if (body is not None and principal is not None and not principal.master

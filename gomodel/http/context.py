@@ -21,6 +21,7 @@ ERROR = "error"  # an error answer (4xx/5xx) went out whole
 CLIENT_GONE = "client_gone"  # the client left before the answer was complete
 STREAM_BROKEN = "stream_broken"  # the answer started, then the upstream failed it
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"
+PASSTHROUGH = "/p/{provider}/{endpoint}"  # the endpoint of every passthrough request (the metrics' label stays bounded)
 
 
 class RequestContext:

@@ -18,7 +18,7 @@ from twisted.web.server import NOT_DONE_YET
 from gomodel import errors
 from gomodel._twistedcompat import send_now
 from gomodel.http import render
-from gomodel.http.context import STREAM_BROKEN, RequestContext, reads_usage
+from gomodel.http.context import PASSTHROUGH, STREAM_BROKEN, RequestContext, reads_usage
 from gomodel.http.handling import Handling
 from gomodel.http.headers import X_REQUEST_ID
 from gomodel.http.site import request_id_for
@@ -80,6 +80,8 @@ class FrontResource(Resource):
             if refusal is not None:
                 if request.path in self._exact or request.path in self._pages:  # (its route's, in the metrics)
                     ctx.endpoint = request.path.decode("ascii")
+                elif request.path.startswith(b"/p/"):
+                    ctx.endpoint = PASSTHROUGH
                 self._dialect_below(request, ctx)
                 return render.render(request, refusal, ctx.dialect)
             page = self._pages.get(request.path)
