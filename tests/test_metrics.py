@@ -428,3 +428,26 @@ async def test_a_passthrough_request_refused_is_counted_under_the_passthrough_en
         assert value(found, "gomodel_requests_total", endpoint="other") == 1
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_stream_request_its_upstream_refused_is_labelled_a_stream(reactor, http, fake):
+    """A passthrough request that asks to stream (C{"stream": true}) is a stream for the metrics, as on C{/v1},
+    though its upstream answered with an error and no event stream (it was C{stream="false"})."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "ENABLE_PASSTHROUGH_ROUTES": "true"})
+    try:
+        chat = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+                "stream": True}
+        for body, status in ((chat, 200), (dict(chat, fake_status=503, fake_body='{"error": {"message": "x"}}'), 503)):
+            response = await http.post(gw.url + "/p/vllm/v1/chat/completions", headers=KEY,
+                                       data=json.dumps(body).encode())
+            await response.content()
+            assert response.code == status
+        found = await scrape(http, gw)
+        labels = {"endpoint": "/p/{provider}/{endpoint}", "model": MODEL}
+        assert value(found, "gomodel_requests_total", stream="true", status_code="200", **labels) == 1
+        assert value(found, "gomodel_requests_total", stream="true", status_code="503", **labels) == 1
+        assert value(found, "gomodel_requests_total", stream="false", **labels) == 0
+    finally:
+        await gw.service.stopService()

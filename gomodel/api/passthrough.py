@@ -123,7 +123,7 @@ class Passthrough:
         if (body is not None and principal is not None and not principal.master
                 and provider.type in SALTED_PROVIDER_TYPES):
             body = self._keyed(body, principal, provider, route)
-        model = served_model(body, provider)
+        model, ctx.asked_stream = served_model(body, provider)
         if model is not None:
             ctx.route(provider, model, model)
         secret = _presented(request)
@@ -220,17 +220,20 @@ def may_pass(principal, provider, sent) -> bool:
 
 
 def served_model(body, provider):
-    """The C{model} a raw JSON request C{body} names where C{provider} (a pool) lists it, else None: what its
-    usage is priced, limited and recorded by, as on C{/v1} (a model it does not list names nothing, so the
-    metrics' labels stay bounded)."""
-    if not body or b'"model"' not in body:
-        return None
+    """C{(model, stream)} of a raw JSON request C{body}: the C{model} it names where C{provider} (a pool) lists
+    it, else None: what its usage is priced, limited and recorded by, as on C{/v1} (a model it does not list
+    names nothing, so the metrics' labels stay bounded); and whether it asks to stream (C{"stream": true})."""
+    if not body or (b'"model"' not in body and b'"stream"' not in body):
+        return None, False
     try:
-        model = jsonutil.loads(body).get("model")
-    except (jsonutil.JSONError, AttributeError):  # (not JSON, or no object)
-        return None
-    models = provider.models()
-    return model if model.__class__ is str and models is not None and model in models else None
+        fields = jsonutil.loads(body)
+    except jsonutil.JSONError:
+        return None, False
+    if fields.__class__ is not dict:
+        return None, False
+    model, models = fields.get("model"), provider.models()
+    return (model if model.__class__ is str and models is not None and model in models else None,
+            fields.get("stream") is True)
 
 
 def _pinned_replica(request):
