@@ -215,6 +215,15 @@ async def test_metrics_need_the_key_unless_told_otherwise_and_can_be_off(reactor
         assert (await http.get(gw.url + "/v1/models")).code == 401  # only the metrics path is open
     finally:
         await gw.service.stopService()
+    gw = await start_gateway(reactor, base)
+    try:  # another method than GET or HEAD: a 405 that names them (it was the 404 of a route that is not there)
+        for method in ("POST", "PUT", "DELETE"):
+            refused = await http.request(method, gw.url + "/metrics", headers=KEY)
+            assert refused.code == 405 and refused.headers.getRawHeaders("allow") == ["GET, HEAD"]
+            assert json.loads(await refused.content())["error"]["code"] == "method_not_allowed"
+        assert (await http.head(gw.url + "/metrics", headers=KEY)).code == 200
+    finally:
+        await gw.service.stopService()
     gw = await start_gateway(reactor, dict(base, METRICS_ENABLED="false"))
     try:
         assert (await http.get(gw.url + "/metrics", headers=KEY)).code == 404

@@ -85,9 +85,13 @@ class FrontResource(Resource):
                 self._dialect_below(request, ctx)
                 return render.render(request, refusal, ctx.dialect)
             page = self._pages.get(request.path)
-            if page is not None and request.method in (b"GET", b"HEAD"):
+            if page is not None:
                 ctx.endpoint = request.path.decode("ascii")
-                return page(request)
+                if request.method in (b"GET", b"HEAD"):
+                    return page(request)
+                return render.render(request, errors.MethodNotAllowed(
+                    f"Method {request.method.decode('ascii', 'replace')} is not allowed on {ctx.endpoint} "
+                    "(allowed: GET, HEAD).", headers={"Allow": "GET, HEAD"}), ctx.dialect)
             if handler is None:
                 plain = self._plain(request) if self._plain is not None else None
                 if plain is None:
