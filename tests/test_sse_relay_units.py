@@ -13,8 +13,10 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 from zope.interface.verify import verifyObject
 
-from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
+from gomodel.proxy.relay import (END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle,
+                                 UpstreamLingered)
 from gomodel._twistedcompat import send_now
+from gomodel.timers import Timers
 from gomodel.proxy.sse import (ChatStreamObserver, ResponsesStreamObserver, SSEFramer, StreamIncomplete, earliest,
                                event_at, event_data)
 
@@ -253,8 +255,13 @@ def test_observer_records_in_band_errors():
 class Harness:
     """A relay between a StringTransport upstream and a real Request on a dummy channel."""
 
-    def __init__(self, **timeouts):
+    def __init__(self, timers=False, **timeouts):
+        """
+        @param timers: the relay's timers are the gateway's L{Timers} on its clock (C{self.timers}).
+        """
         self.clock = Clock()
+        if timers:
+            self.timers = timeouts["timers"] = Timers(self.clock)
         self.request = Request(DummyChannel())
         self.request.method = b"POST"
         self.relay = StreamRelay(self.request, self.clock, **timeouts)
@@ -381,6 +388,25 @@ def test_the_idle_timeout_counts_from_the_upstreams_last_bytes():
     h.relay.finished.addErrback(failures.append)
     assert failures[0].check(UpstreamIdle)
     assert h.upstream.producerState == "stopped"
+
+
+def test_an_upstream_holding_its_body_open_after_the_streams_end_is_closed_after_the_linger():
+    """Once the stream's end went out, the upstream's body has END_LINGER seconds to end, then the upstream is closed
+    (UpstreamLingered). The wait runs on the gateway's timers (most streams arm it and cancel it at once): no
+    reactor timer more for it."""
+    h = Harness(timers=True, idle_timeout=300, observer=ChatStreamObserver(strip_usage=False))
+    h.timers.callLater(0.5, lambda: None)  # (another's timeout, sooner)
+    h.relay.dataReceived(CHUNK)
+    h.clock.advance(0.025)
+    reactor_timers = len(h.clock.getDelayedCalls())
+    h.relay.dataReceived(b"data: [DONE]\n\n")
+    assert h.relay.end_written and len(h.timers._pending) == 2 and len(h.clock.getDelayedCalls()) == reactor_timers
+    h.clock.advance(END_LINGER - 0.01)
+    assert not h.relay.finished.called
+    h.clock.advance(0.01)
+    failures = []
+    h.relay.finished.addErrback(failures.append)
+    assert failures[0].check(UpstreamLingered) and h.upstream.producerState == "stopped"
 
 
 def test_stalled_client_and_overall_cap():

@@ -100,9 +100,11 @@ class StreamRelay(Protocol):
     """
 
     def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
-                 first_write=None, end_written=None):
+                 first_write=None, end_written=None, timers=None):
         """
         @param observer: an L{IStreamObserver}; None relays the bytes as they come.
+        @param timers: what the wait for the upstream's body to end after the stream's end runs on (the
+            gateway's L{gomodel.timers.Timers}: most streams arm it and cancel it at once); C{clock} when None.
         @param first_write: called once, when the first bytes are written to the client.
         @param end_written: called once, when the bytes holding the stream's proper end
             (the observer's C{done} turned true: C{[DONE]}, C{response.completed},
@@ -112,6 +114,7 @@ class StreamRelay(Protocol):
         self._first_write = first_write
         self._end_written = end_written
         self._clock = clock
+        self._timers = timers if timers is not None else clock
         self.observer = observer if observer is not None else _Passthrough()
         self._idle_timeout = idle_timeout
         self._stall_timeout = stall_timeout
@@ -191,8 +194,12 @@ class StreamRelay(Protocol):
                 if self._end_written is not None:
                     self._end_written()
                 if not self.upstream_done:
-                    self._end_call = self._clock.callLater(END_LINGER, self._fail, UpstreamLingered())
+                    self._end_call = self._timers.callLater(END_LINGER, self._lingered)
         return out
+
+    def _lingered(self):
+        self._end_call = None
+        self._fail(UpstreamLingered())
 
     def connectionLost(self, reason):
         self.upstream_done = True
@@ -281,7 +288,11 @@ class StreamRelay(Protocol):
             call.cancel()
 
     def _cancel_timers(self):
-        for call in (self._idle_call, self._stall_call, self._max_call, self._drain_call, self._end_call):
+        for call in (self._idle_call, self._stall_call, self._max_call, self._drain_call):
             self._cancel(call)
-        self._idle_call = self._stall_call = self._max_call = self._drain_call = self._end_call = None
+        self._idle_call = self._stall_call = self._max_call = self._drain_call = None
+        end = self._end_call
+        if end is not None:  # (still pending: L{_lingered} forgets it as it fires)
+            end.cancel()
+            self._end_call = None
         self._inbox = []
