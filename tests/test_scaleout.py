@@ -576,35 +576,62 @@ async def test_a_budget_with_redis_counts_what_the_ledger_holds_and_survives_red
         await b.service.stopService()
 
 
+async def _chat(sdk):
+    return await in_thread(sdk.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                           max_tokens=5)  # 21 tokens
+
+
+async def _refused_for_its_budget(sdk):
+    with pytest.raises(openai.RateLimitError) as refused:
+        await _chat(sdk)
+    assert refused.value.body["code"] == "budget_exceeded"
+
+
+async def _usage_written(reactor, http, gateway, requests):
+    async def written():
+        _, summary = await admin(http, gateway.url, "GET", "/admin/api/v1/usage/summary")
+        return summary["requests"] == requests
+
+    await until(reactor, written, what="the usage written")
+
+
+async def _two_hosts_on_a_redis(reactor, http, fake, pg_database, tmp_path, max_tokens, spent):
+    """Two gateways on one database and a Redis of their own that a test may pause: C{(server, a, b, key, sdks)},
+    C{key} a managed key with a daily budget of C{max_tokens} that made C{spent} requests, on A and B in turn
+    (C{sdks}: an SDK for it on each). The caller stops them (L{_stop_hosts})."""
+    server = RedisServer(tmp_path)
+    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=server.url)
+    a = await start_gateway(reactor, env)
+    b = await start_gateway(reactor, env)
+    code, key = await admin(http, a.url, "POST", KEYS, {
+        "name": "team", "rpm": 1000, "budgets": [{"period": "daily", "max_tokens": max_tokens}]})
+    assert code == 201
+    sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
+    for i in range(spent):
+        await _chat(sdks[i % 2])
+    return server, a, b, key, sdks
+
+
+async def _stop_hosts(server, a, b, sdks):
+    for sdk in sdks:
+        sdk.close()
+    await a.service.stopService()
+    await b.service.stopService()
+    server.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_budget_counts_what_was_spent_while_redis_could_not_be_reached(reactor, http, fake, pg_database,
                                                                                tmp_path):
     """Redis stops answering but keeps its data (a pause, a network cut): the limits fail open, and once it
     answers again the budget sums count what the keys spent meanwhile, from the usage ledger (before: the
     sums missed those charges for the rest of the period, and the key spent its budget again)."""
-    server = RedisServer(tmp_path)
-    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=server.url)
-    a = await start_gateway(reactor, env)
-    b = await start_gateway(reactor, env)
-    sdks = []
+    server, a, b, key, sdks = await _two_hosts_on_a_redis(reactor, http, fake, pg_database, tmp_path, 100, 2)
     try:
-        code, key = await admin(http, a.url, "POST", KEYS, {
-            "name": "team", "rpm": 1000, "budgets": [{"period": "daily", "max_tokens": 100}]})  # 21 a request
-        assert code == 201
-        sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
-        for i in range(2):
-            await in_thread(sdks[i % 2].chat.completions.create, model=MODEL,
-                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
         server.pause()
         for i in range(3):  # 105 tokens in all, counted by the ledger alone
-            await in_thread(sdks[i % 2].chat.completions.create, model=MODEL,
-                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
-
-        async def written():
-            _, summary = await admin(http, a.url, "GET", "/admin/api/v1/usage/summary")
-            return summary["requests"] == 5
-
-        await until(reactor, written, what="the usage written")
+            await _chat(sdks[i % 2])
+        await _usage_written(reactor, http, a, 5)
         server.resume()
 
         async def answering(gateway):
@@ -614,16 +641,9 @@ async def test_a_budget_counts_what_was_spent_while_redis_could_not_be_reached(r
 
         for gateway, sdk in zip((a, b), sdks):
             await until(reactor, lambda: answering(gateway), limit=15.0, what="Redis answering again")
-            with pytest.raises(openai.RateLimitError) as refused:
-                await in_thread(sdk.chat.completions.create, model=MODEL,
-                                messages=[{"role": "user", "content": "hi"}], max_tokens=5)
-            assert refused.value.body["code"] == "budget_exceeded"
+            await _refused_for_its_budget(sdk)
     finally:
-        for sdk in sdks:
-            sdk.close()
-        await a.service.stopService()
-        await b.service.stopService()
-        server.stop()
+        await _stop_hosts(server, a, b, sdks)
 
 
 @pytest_twisted.ensureDeferred
@@ -632,44 +652,19 @@ async def test_a_spent_budget_holds_on_every_host_while_redis_cannot_be_reached(
     """Redis stops answering once a key has spent its budget: the rate limits fail open, the budget does not:
     each host judges it by the usage ledger meanwhile (before: the key spent without a bound until Redis was
     back)."""
-    server = RedisServer(tmp_path)
-    env = env_for(pg_database, fake.base_url, tmp_path, REDIS_URL=server.url)
-    a = await start_gateway(reactor, env)
-    b = await start_gateway(reactor, env)
-    sdks = []
+    server, a, b, key, sdks = await _two_hosts_on_a_redis(reactor, http, fake, pg_database, tmp_path, 50, 3)
     try:
-        code, key = await admin(http, a.url, "POST", KEYS, {
-            "name": "team", "rpm": 1000, "budgets": [{"period": "daily", "max_tokens": 50}]})  # 21 a request
-        assert code == 201
-        sdks = [openai_client(a, key["value"]), openai_client(b, key["value"])]
-        for i in range(3):
-            await in_thread(sdks[i % 2].chat.completions.create, model=MODEL,
-                            messages=[{"role": "user", "content": "hi"}], max_tokens=5)
-
-        async def written():
-            _, summary = await admin(http, a.url, "GET", "/admin/api/v1/usage/summary")
-            return summary["requests"] == 3
-
-        await until(reactor, written, what="the usage written")
+        await _usage_written(reactor, http, a, 3)
         server.pause()
         for sdk in sdks + sdks:
-            with pytest.raises(openai.RateLimitError) as refused:
-                await in_thread(sdk.chat.completions.create, model=MODEL,
-                                messages=[{"role": "user", "content": "hi"}], max_tokens=5)
-            assert refused.value.body["code"] == "budget_exceeded"
+            await _refused_for_its_budget(sdk)
         sdks.append(openai_client(a, MASTER))
-        answer = await in_thread(sdks[-1].chat.completions.create, model=MODEL,
-                                 messages=[{"role": "user", "content": "hi"}], max_tokens=5)
-        assert answer.choices  # (the rest flows)
+        assert (await _chat(sdks[-1])).choices  # (the rest flows)
         response = await http.get(b.url + "/health/ready")
         [reason] = json.loads(await treq.content(response))["down"].values()
         assert "budgets are judged by the usage ledger" in reason and "not enforced" in reason
     finally:
-        for sdk in sdks:
-            sdk.close()
-        await a.service.stopService()
-        await b.service.stopService()
-        server.stop()
+        await _stop_hosts(server, a, b, sdks)
 
 
 @pytest_twisted.ensureDeferred
