@@ -150,6 +150,10 @@ async def _wait_for(reactor, predicate, what, steps=400):
 READY = b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+def _hangup_by_default():
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _twistd_gateway(tmp_path, fake):
     """C{twistd -n gomodel} in front of C{fake} on a free loopback port: (process, its log's path)."""
     log_path = tmp_path / "gw.log"
@@ -157,9 +161,11 @@ def _twistd_gateway(tmp_path, fake):
     env.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), VLLM_BASE_URL=fake.base_url,
                SHUTDOWN_TIMEOUT="20s")
     with open(log_path, "wb") as log:
+        # (SIGHUP at its default: a suite run under nohup would hand its ignoring down, which the gateway keeps)
         proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                                  "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                preexec_fn=_hangup_by_default)
     return proc, log_path
 
 
