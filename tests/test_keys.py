@@ -1140,6 +1140,13 @@ async def test_a_passthrough_to_a_vllm_carries_the_keys_cache_salt_and_priority(
         await gw.service.stopService()
 
 
+async def _keyed_passthrough(reactor, http, upstream):
+    """A gateway in front of C{upstream} with priority scheduling, and a managed key of priority 4 (its secret)."""
+    gw = await start_gateway(reactor, {
+        "VLLM_BASE_URL": upstream.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    return gw, (await new_key(http, gw, priority=4))["value"]
+
+
 @pytest.mark.parametrize("route", ["v1/systemone", "inference/v1/generate"])
 @pytest_twisted.ensureDeferred
 async def test_vllm_032s_decisions_and_token_generation_carry_the_keys_cache_salt_and_priority(reactor, http, two,
@@ -1148,10 +1155,8 @@ async def test_vllm_032s_decisions_and_token_generation_carry_the_keys_cache_sal
     C{priority}, as its batched chat and generative scoring do (below): a managed key's went raw through the
     passthrough, so it chose its own priority and shared other tenants' prefix cache; it gets the key's now."""
     first, _ = two
-    gw = await start_gateway(reactor, {
-        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    gw, key = await _keyed_passthrough(reactor, http, first)
     try:
-        key = (await new_key(http, gw, priority=4))["value"]
         body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "priority": -9, "cache_salt": "mine", "texts": ["hi"]}
         response = await http.post(f"{gw.url}/p/vllm/{route}", data=json.dumps(body).encode(), headers={
             "authorization": f"Bearer {key}", "content-type": "application/json"})
@@ -1168,10 +1173,8 @@ async def test_a_passthrough_to_vllms_sagemaker_route_carries_the_keys_cache_sal
     """vLLM's C{/invocations} (SageMaker's) serves a chat body as chat completions: a managed key's went raw, so it
     chose its own priority and shared other tenants' prefix cache; it gets the key's now, as C{chat/completions}."""
     first, second = two
-    gw = await start_gateway(reactor, {
-        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    gw, key = await _keyed_passthrough(reactor, http, first)
     try:
-        key = (await new_key(http, gw, priority=4))["value"]
         body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
                 "priority": -9, "cache_salt": "mine"}
         response = await http.post(gw.url + "/p/vllm/invocations", data=json.dumps(body).encode(), headers={
@@ -1197,10 +1200,8 @@ async def test_a_passthrough_to_vllms_other_generating_routes_carries_the_keys_c
     Cohere's C{/v2/embed}. A managed key's body to them went raw, so it chose its own priority (ahead of every
     other tenant's) and shared other tenants' prefix cache; it gets its tenant's salt and its key's priority now."""
     first, second = two
-    gw = await start_gateway(reactor, {
-        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    gw, key = await _keyed_passthrough(reactor, http, first)
     try:
-        key = (await new_key(http, gw, priority=4))["value"]
         sent = dict(body, model="meta-llama/Llama-3.1-8B-Instruct", priority=-9, cache_salt="mine")
         response = await http.post(f"{gw.url}/p/vllm/{endpoint}", data=json.dumps(sent).encode(), headers={
             "authorization": f"Bearer {key}", "content-type": "application/json"})
@@ -1220,10 +1221,8 @@ async def test_a_passthrough_to_vllms_cohere_chat_carries_the_keys_priority(reac
     C{cache_salt}: a managed key's body went raw, so it chose its own priority, ahead of every other tenant's. It
     gets its key's priority now, and no salt (vLLM would ignore it); the master key's passes as it is."""
     first, second = two
-    gw = await start_gateway(reactor, {
-        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    gw, key = await _keyed_passthrough(reactor, http, first)
     try:
-        key = (await new_key(http, gw, priority=4))["value"]
         body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
                 "priority": -9}
         for secret, priority in ((key, 4), (MASTER, -9)):
@@ -1245,10 +1244,8 @@ async def test_a_passthrough_body_the_gateway_cannot_read_never_reaches_a_vllm_w
     went raw, so the key chose its own priority and shared other tenants' prefix cache. It is refused now (400
     invalid_json, as on /v1); the master key's passes raw, and so does a key's to a route that takes no salt."""
     first, second = two
-    gw = await start_gateway(reactor, {
-        "VLLM_BASE_URL": first.base_url, "VLLM_PRIORITY_SCHEDULING": "true", "GOMODEL_MASTER_KEY": MASTER})
+    gw, key = await _keyed_passthrough(reactor, http, first)
     try:
-        key = (await new_key(http, gw, priority=4))["value"]
         body = b'{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"hi"}],"priority":-9'
         before = len(first.requests)
         for unread in (b"\xef\xbb\xbf" + body + b"}", body + b',"x":NaN}', (body + b"}").decode().encode("utf-16")):
