@@ -129,6 +129,50 @@ def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first
                      "used": ["2.50", 7, "application/json", True, True, True], "then": ["module"]}
 
 
+_ASYNCIO_AFTER = """
+from twisted.internet import defer
+left_out = "asyncio" not in sys.modules
+async def twice(x):
+    return 2 * await defer.succeed(x)
+@defer.inlineCallbacks
+def thrice(x):
+    return 3 * (yield defer.succeed(x))
+got = []
+defer.ensureDeferred(twice(2)).addCallback(got.append)
+defer.Deferred.fromCoroutine(twice(3)).addCallback(got.append)
+thrice(2).addCallback(got.append)
+def gen():
+    yield 1
+async def coro():
+    pass
+c = coro()
+samples = [gen(), c, 1, None, defer.succeed(1), [], twice]
+ours = [defer.iscoroutine(o) for o in samples]
+import asyncio, asyncio.coroutines  # (the first import after: the real module)
+theirs = [asyncio.coroutines.iscoroutine(o) for o in samples]
+c.close()
+print(json.dumps({"left_out": left_out, "got": got, "same": ours == theirs, "ours": ours,
+                  "real": asyncio.Future is asyncio.futures.Future and callable(asyncio.get_event_loop_policy)}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_imports_twisteds_defer_without_asyncio(tmp_path, eager):
+    """Twisted's C{defer} imports three names of asyncio (about 1.5 MiB and 35 modules, which the gateway
+    never uses otherwise): the C{gomodel} command gives it a stand-in, whose C{iscoroutine} answers as
+    asyncio's; coroutines and inlineCallbacks run as before, and the next C{import asyncio} gets the real
+    module. C{GOMODEL_EAGER_IMPORTS=1}: the real one at once."""
+    before = ("from gomodel.lean import import_defer_without_asyncio, leave_tls_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "assert import_defer_without_asyncio() is " + str(not eager) + "\n"
+              "import twisted.scripts.twistd\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _ASYNCIO_AFTER))
+    assert found == {"left_out": not eager, "got": [4, 6, 6], "same": True,
+                     "ours": [True, True, False, False, False, False, False], "real": True}
+
+
 @pytest.mark.parametrize("env", [{"REDIS_URL": "redis://127.0.0.1:6379/0"},
                                  {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/gomodel"}])
 def test_the_gomodel_command_builds_a_gateway_whose_drivers_load_tls(tmp_path, env):
