@@ -8,6 +8,7 @@ from zope.interface.verify import verifyObject
 from gomodel.errors import RowsRejected
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS
+from tests.postgres import pg_database  # noqa: F401 (a fixture)
 from tests.stores import backend, store  # noqa: F401 (fixtures)
 
 
@@ -16,7 +17,7 @@ def row(request_id, timestamp, **values):
             "replica": 0, "model": "vllm-a/m", "endpoint": "/v1/chat/completions", "status_code": 200,
             "stream": False, "input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cached_tokens": 2,
             "reasoning_tokens": 0, "input_cost": None, "output_cost": None, "total_cost": None, "user_path": None,
-            "auth_key_id": None, "duration_ms": 12.5, "ttft_ms": None, "client_gone": False, "estimated": False}
+            "auth_key_id": None, "duration_ms": 12.5, "ttft_ms": None, "client_gone": False, "estimated": False, "outcome": "ok"}
     base.update(values)
     return tuple(base[name] for name in USAGE_FIELDS)
 
@@ -30,7 +31,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
         row("r2", 86500.0, provider_name="vllm-b", model="vllm-b/m", stream=True, total_cost=0.5,
             input_cost=0.125, output_cost=0.375, auth_key_id="k_1", user_path="/team/a"),
         row("r3", 86600.0, status_code=503, input_tokens=None, output_tokens=None, total_tokens=None,
-            auth_key_id="k_1", user_path="/team/a/x", client_gone=1, total_cost=0.25, input_cost=0.25),  # flags as the ledger's 0/1
+            auth_key_id="k_1", user_path="/team/a/x", client_gone=1, total_cost=0.25, input_cost=0.25, outcome="error"),  # flags as the ledger's 0/1
         row("other-4", 90000.0, user_path="/team/ab", stream=0, estimated=1),
     ]) == 4
     totals = await usage.summary(0, 1e9)
@@ -120,7 +121,8 @@ def series_row(timestamp, *, status=200, tokens=(10, 5), duration=None, ttft=Non
     values.update(request_id=request_id, timestamp=timestamp, provider="vllm", provider_name="vllm",
                   model="vllm/m", endpoint="/v1/chat/completions", status_code=status, stream=ttft is not None,
                   input_tokens=tokens[0], output_tokens=tokens[1], total_tokens=sum(tokens),
-                  duration_ms=duration, ttft_ms=ttft, client_gone=False, estimated=False)
+                  duration_ms=duration, ttft_ms=ttft, client_gone=False, estimated=False,
+                  outcome="ok" if status < 400 else "error")
     return tuple(values[name] for name in USAGE_FIELDS)
 
 
@@ -205,3 +207,60 @@ async def test_time_to_first_token_is_a_streams_only(store):
     (bucket,) = await store.usage.timeseries(1000, 1060, 60)
     assert (bucket["requests"], bucket["duration_ms_p95"], bucket["ttft_ms_p50"], bucket["ttft_ms_p95"]) == (
         2, 900.0, 5.0, 5.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_are_the_records_whose_outcome_is_not_ok_whatever_their_status(store):
+    """A stream that broke or failed in band after its 200 is an error of every view (its C{outcome}); a client
+    that left (499) is one as before; the log filters by outcome."""
+    usage = store.usage
+    await usage.add([row("ok", 100.0), row("broken", 101.0, outcome="stream_broken", stream=True),
+                     row("in-band", 102.0, outcome="error", stream=True),
+                     row("gone", 103.0, status_code=499, client_gone=True, outcome="client_gone")])
+    assert (await usage.summary(0, 1e9))["errors"] == 3
+    assert [g["errors"] for g in await usage.grouped(0, 1e9, by=("model",), bucket=86400)] == [3]
+    assert [s["errors"] for s in await usage.timeseries(0, 86400, 86400)] == [3]
+    records, _ = await usage.log(0, 1e9, 10, filters={"outcome": "stream_broken"})
+    assert [(r["request_id"], r["status_code"], r["outcome"]) for r in records] == [("broken", 200, "stream_broken")]
+    assert (await usage.summary(0, 1e9, {"outcome": "ok"}))["requests"] == 1
+
+
+OLD_ROWS = (("r-ok", 200, False), ("r-bad", 503, False), ("r-gone", 499, True))
+
+
+def test_the_records_of_an_older_sqlite_schema_get_their_outcome_from_their_status(tmp_path):
+    import sqlite3
+
+    from gomodel.store.sqlite.migrations import MIGRATIONS, migrate
+
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    try:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (15)")
+        for version, statements in MIGRATIONS:
+            if version <= 15:
+                for statement in statements:
+                    conn.execute(statement)
+        conn.executemany("INSERT INTO usage (request_id, timestamp, status_code, client_gone) VALUES (?, 1, ?, ?)",
+                         OLD_ROWS)
+        migrate(conn)
+        assert conn.execute("SELECT request_id, outcome FROM usage ORDER BY id").fetchall() == [
+            ("r-ok", "ok"), ("r-bad", "error"), ("r-gone", "client_gone")]
+    finally:
+        conn.close()
+
+
+def test_the_records_of_an_older_postgresql_schema_get_their_outcome_from_their_status(pg_database):
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import MIGRATIONS, migrate
+    from tests import postgres
+
+    with psycopg.connect(postgres.url(pg_database), autocommit=True) as conn:
+        migrate(conn, [m for m in MIGRATIONS if m[0] <= 16])
+        with conn.cursor() as cursor:
+            cursor.executemany("INSERT INTO usage (request_id, timestamp, status_code, client_gone) "
+                               "VALUES (%s, 1, %s, %s)", OLD_ROWS)
+        migrate(conn)
+        assert conn.execute("SELECT request_id, outcome FROM usage ORDER BY id").fetchall() == [
+            ("r-ok", "ok"), ("r-bad", "error"), ("r-gone", "client_gone")]

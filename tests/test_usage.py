@@ -478,3 +478,40 @@ async def test_a_responses_or_messages_stream_the_client_left_is_recorded_with_w
     finally:
         await gw.service.stopService()
         await translating.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_that_failed_after_its_200_is_an_error_of_the_ledger(reactor, http, fake, tmp_path):
+    """A stream the upstream broke off, or one it sent an error event in, went out with the 200 it had sent: its
+    record says its C{outcome} (C{stream_broken}, C{error}) and the usage views count it in C{errors} (they
+    counted a status of 400 or above only, so a failed stream was a success there, and an error in the metrics)."""
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
+    gw = await start_gateway(reactor, env)
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        error_event = json.dumps({"error": {"message": "oops", "type": "InternalServerError", "code": 500}})
+        chunk = json.dumps({"id": "a", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                            "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]})
+        for body in (chat, dict(chat, fake_die_after=2), dict(chat, fake_sse=[chunk, error_event, "[DONE]"])):
+            response = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(body).encode())
+            assert response.code == 200
+            try:
+                await response.content()
+            except Exception:
+                pass  # the broken one's body is cut, as it must be
+        in_band, broken, whole = await _recorded(gw, 3)
+        assert [r["status_code"] for r in (in_band, broken, whole)] == [200, 200, 200]
+        assert [r["outcome"] for r in (in_band, broken, whole)] == ["error", "stream_broken", "ok"]
+        summary = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/summary", headers=KEY)).content())
+        assert (summary["requests"], summary["errors"]) == (3, 2)
+        daily = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/daily", headers=KEY)).content())
+        assert daily["data"][0]["errors"] == 2
+        series = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/timeseries", headers=KEY)).content())
+        assert sum(row["errors"] for row in series["data"]) == 2
+        only = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/log?outcome=stream_broken",
+                                                headers=KEY)).content())
+        assert [r["request_id"] for r in only["data"]] == [broken["request_id"]]
+        bad = await http.get(gw.url + "/admin/api/v1/usage/log?outcome=nope", headers=KEY)
+        assert bad.code == 400 and json.loads(await bad.content())["error"]["param"] == "outcome"
+    finally:
+        await gw.service.stopService()

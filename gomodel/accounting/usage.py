@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.errors import RowsRejected
+from gomodel.http.context import ERROR, OK
 from gomodel.logs import FailureStreak, log_failure
 from gomodel.store.records import USAGE_FIELDS
 from gomodel.store.sweeps import claimed
@@ -63,16 +64,18 @@ class UsageLedger(Service):
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
                   ctx.stream or ctx.asked_stream, ctx.usage, _ms(ctx.duration),
                   None if ctx.first_byte is None or not ctx.stream else _ms(ctx.first_byte), ctx.client_gone,
-                  ctx.estimated, *recorded_as(ctx.principal), tokens=ctx.token_counts)
+                  ctx.estimated, *recorded_as(ctx.principal), tokens=ctx.token_counts, outcome=ctx.outcome)
 
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
              usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, auth_key_id=None,
-             user_path=None, tokens=None):
+             user_path=None, tokens=None, outcome=None):
         """Buffer one record (a row in L{gomodel.store.records.USAGE_FIELDS} order, its flags as 0 and 1:
         Python's sqlite3 binds an int at once, a bool through its adapter protocol) for the next flush.
 
         @param usage: the upstream's usage object, or None.
         @param tokens: its L{tokens_by_type}, when worked out already.
+        @param outcome: what it came to (L{gomodel.http.context.OK} and the others); None: C{ok} for a status
+            below 400, else C{error}.
         """
         if usage:
             if tokens is None:
@@ -83,7 +86,8 @@ class UsageLedger(Service):
         costs = self._pricing.costs(model, tokens) if self._pricing else (None, None, None)
         self._buffer.append((request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code,
                              1 if stream else 0, tokens[0], tokens[1], total, tokens[2], tokens[3], *costs, user_path,
-                             auth_key_id, duration_ms, ttft_ms, 1 if client_gone else 0, 1 if estimated else 0))
+                             auth_key_id, duration_ms, ttft_ms, 1 if client_gone else 0, 1 if estimated else 0,
+                             outcome or (OK if (status_code or 0) < 400 else ERROR)))
         waiting = len(self._buffer)
         if waiting == FLUSH_AT:
             self._clock.callLater(0, self.flush)  # on the reactor's next turn, not in this request's end
@@ -142,7 +146,7 @@ class UsageLedger(Service):
             if path is not None and (row[_PATH] is None or (row[_PATH] != path and not row[_PATH].startswith(below))):
                 continue
             totals["requests"] += 1
-            totals["errors"] += 1 if (row[_STATUS] or 0) >= 400 else 0
+            totals["errors"] += 1 if row[_OUTCOME] != OK else 0
             for name, index in _SUMS:
                 totals[name] += row[index] or 0
             for name, index in _COSTS:
@@ -217,7 +221,7 @@ class UsageLedger(Service):
         return d.addErrback(lambda f: log_failure(self.log, f, "usage retention failed"))
 
 
-_TIME, _STATUS = USAGE_FIELDS.index("timestamp"), USAGE_FIELDS.index("status_code")
+_TIME, _OUTCOME = USAGE_FIELDS.index("timestamp"), USAGE_FIELDS.index("outcome")
 # A summary's token sums and cost sums (None until a record has a price), by their columns.
 _SUMS = tuple((name, USAGE_FIELDS.index(name))
               for name in ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens"))

@@ -15,6 +15,7 @@ from gomodel.api.self_usage import usage_fields
 from gomodel.api.windows import DAY, day, local, time_zone, window
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
+from gomodel.http.context import CLIENT_GONE, ERROR, OK, STREAM_BROKEN
 from gomodel.http.render import install as install_error_handlers
 from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
 
@@ -24,6 +25,7 @@ TIMESERIES = {"hour": (60.0, 60), "day": (3600.0, 24), "month": (DAY, 30)}
 CURSOR_MAX = 2**63 - 1
 # usage/log's filters given as text (C{status}: a number).
 TEXT_FILTERS = ("model", "provider", "search", "key", "user_path")
+OUTCOMES = (OK, ERROR, CLIENT_GONE, STREAM_BROKEN)  # a usage record's outcome (the C{outcome} filter's values)
 # The store's buckets that days of a zone other than UTC are folded from: every zone's offset is whole quarters
 # of an hour (Asia/Kathmandu's +05:45).
 QUARTER = 900
@@ -247,10 +249,10 @@ def _replica(replica, now) -> dict:
 
 def _filters(request) -> dict:
     """The usage filters of C{request}'s query (L{gomodel.store.interfaces.IUsageStore.log}'s): C{model},
-    C{provider}, C{status}, C{search} (in the request id, model or provider), C{key} (C{master}: the master
+    C{provider}, C{status}, C{outcome} (one of L{OUTCOMES}), C{search} (in the request id, model or provider), C{key} (C{master}: the master
     key's records), C{user_path} (that path and those under it).
 
-    @raise InvalidRequest: a C{status} that is not one, a malformed C{user_path}.
+    @raise InvalidRequest: a C{status} or C{outcome} that is not one, a malformed C{user_path}.
     """
     filters = {name: query_arg(request, name.encode()) for name in TEXT_FILTERS}
     filters = {name: value for name, value in filters.items() if value is not None}
@@ -262,6 +264,12 @@ def _filters(request) -> dict:
     status = query_int(request, b"status", 100, 599, message="status must be an HTTP status code (100 to 599).")
     if status is not None:
         filters["status"] = status
+    outcome = query_arg(request, b"outcome")
+    if outcome is not None:
+        if outcome not in OUTCOMES:
+            raise InvalidRequest(f"outcome must be one of: {', '.join(OUTCOMES)}.", param="outcome",
+                                 code="invalid_value")
+        filters["outcome"] = outcome
     return filters
 
 

@@ -392,8 +392,8 @@ class IUsageStore(Interface):
 
         @param filters: as L{log}'s (C{key}, C{keyless}, C{user_path}: that path and those under it, ...).
         @return: a Deferred firing with C{{requests, input_tokens, output_tokens, total_tokens,
-            cached_tokens, reasoning_tokens, total_cost (None without prices), errors, input_cost,
-            output_cost (None without prices)}}.
+            cached_tokens, reasoning_tokens, total_cost (None without prices), errors (the records whose
+            C{outcome} is not C{ok}), input_cost, output_cost (None without prices)}}.
         """
 
     def grouped(start, end, by=(), bucket=None, filters=None):
@@ -410,7 +410,7 @@ class IUsageStore(Interface):
 
         @param before: a record C{id}: only older records (the cursor of the previous page).
         @param offset: how many of the (older) records to pass over first (GoModel's paging).
-        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{search} (in the request id,
+        @param filters: any of C{model}, C{provider} (type or name), C{status}, C{outcome}, C{search} (in the request id,
             the model or the provider), C{key} (a managed key's id), C{keyless} (True: the records of no
             managed key, the master key's), C{user_path} (that path and those under it).
         @return: a Deferred firing with C{(records, next cursor or None)}.

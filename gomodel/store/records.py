@@ -78,11 +78,13 @@ class LeaseLost(Exception):
     """A fenced write by a claim holder whose token is no longer current: nothing was written."""
 
 
-# The fields of a usage record (GoModel's usage-row names, then ours), in their stored order.
+# The fields of a usage record (GoModel's usage-row names, then ours), in their stored order. C{outcome} is what
+# the request came to (L{gomodel.http.context}'s: C{ok}, C{error}, C{client_gone}, C{stream_broken}): a stream
+# that failed after its 200 went out is no success; every one but C{ok} counts in a summary's C{errors}.
 USAGE_FIELDS = ("request_id", "timestamp", "provider", "provider_name", "replica", "model", "endpoint",
                 "status_code", "stream", "input_tokens", "output_tokens", "total_tokens", "cached_tokens",
                 "reasoning_tokens", "input_cost", "output_cost", "total_cost", "user_path", "auth_key_id",
-                "duration_ms", "ttft_ms", "client_gone", "estimated")
+                "duration_ms", "ttft_ms", "client_gone", "estimated", "outcome")
 # The totals of a window or group of usage records (IUsageStore.summary's and grouped's), in their order.
 USAGE_TOTALS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
                 "total_cost", "errors", "input_cost", "output_cost")

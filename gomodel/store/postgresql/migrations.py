@@ -257,6 +257,13 @@ MIGRATIONS = (
         "UPDATE batches SET kind = 'message_batch' "
         "WHERE input_file_id IN (SELECT id FROM files WHERE purpose = 'message_batch')",
     )),
+    (17, (
+        # A usage record's outcome (ok, error, client_gone, stream_broken): a stream that failed after its 200 is
+        # an error; the records made before are derived from their status.
+        "ALTER TABLE usage ADD COLUMN outcome TEXT NOT NULL DEFAULT 'ok'",
+        "UPDATE usage SET outcome = CASE WHEN client_gone THEN 'client_gone' ELSE 'error' END "
+        "WHERE status_code >= 400",
+    )),
 )
 
 

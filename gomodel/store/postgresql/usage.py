@@ -24,6 +24,7 @@ _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everythi
 # The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
 _SEARCH = "(" + " OR ".join(f"{column} ILIKE %s ESCAPE '\\'" for column in SEARCHED) + ")"
 _FILTERS = {"model": "model = %s", "provider": "(provider = %s OR provider_name = %s)", "status": "status_code = %s",
+            "outcome": "outcome = %s",
             "search": _SEARCH, "key": "auth_key_id = %s", "keyless": "auth_key_id IS NULL", "user_path": _BELOW}
 _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model", "auth_key_id": "auth_key_id",
            "user_path": "user_path"}
@@ -31,7 +32,7 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
            "COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cached_tokens), 0)::bigint, "
            "COALESCE(SUM(reasoning_tokens), 0)::bigint, SUM(total_cost), "
-           "COUNT(*) FILTER (WHERE status_code >= 400), SUM(input_cost), SUM(output_cost)")  # (costs: None unpriced)
+           "COUNT(*) FILTER (WHERE outcome <> 'ok'), SUM(input_cost), SUM(output_cost)")  # (costs: None unpriced)
 
 
 # The time series: a record's bucket is floor((timestamp - start) / bucket); the percentiles are picked in
@@ -39,8 +40,8 @@ _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(outpu
 # ceil(0.95 n) = (95 n + 99) / 100 (the same statements as SQLite's, with PostgreSQL's casts).
 _BUCKETED = "SELECT floor((timestamp - %s) / %s) AS k, {columns} FROM usage WHERE {where}"
 _SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
-           "COALESCE(SUM(total_tokens), 0)::bigint, COUNT(*) FILTER (WHERE status_code >= 400) FROM ("
-           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, status_code", where="{where}")
+           "COALESCE(SUM(total_tokens), 0)::bigint, COUNT(*) FILTER (WHERE outcome <> 'ok') FROM ("
+           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, outcome", where="{where}")
            + ") AS t GROUP BY k ORDER BY k")
 # A column's percentiles are of the records that have it, a time to first token's of streams alone (a whole
 # answer's first byte is its end; records kept before the ledger kept it for streams only have one).

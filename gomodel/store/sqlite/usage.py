@@ -12,6 +12,7 @@ _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES"
 # The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
 _SEARCH = "(" + " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for column in SEARCHED) + ")"
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
+            "outcome": "outcome = ?",
             "search": _SEARCH, "key": "auth_key_id = ?", "keyless": "auth_key_id IS NULL",
             "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
 
@@ -124,7 +125,7 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
            "user_path": "user_path"}
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
-           "SUM(total_cost), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0), "
+           "SUM(total_cost), COALESCE(SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END), 0), "
            "SUM(input_cost), SUM(output_cost)")  # (the costs: None without prices)
 
 
@@ -133,8 +134,8 @@ _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens
 # two rows a bucket come back: rank ceil(n / 2) = (n + 1) / 2 and ceil(0.95 n) = (95 n + 99) / 100.
 _BUCKETED = "SELECT FLOOR((timestamp - ?) / ?) AS k, {columns} FROM usage WHERE {where}"
 _SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
-           "COALESCE(SUM(total_tokens), 0), SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END) FROM ("
-           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, status_code", where="{where}")
+           "COALESCE(SUM(total_tokens), 0), SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END) FROM ("
+           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, outcome", where="{where}")
            + ") AS t GROUP BY k ORDER BY k")
 # A column's percentiles are of the records that have it, a time to first token's of streams alone (a whole
 # answer's first byte is its end; records kept before the ledger kept it for streams only have one).

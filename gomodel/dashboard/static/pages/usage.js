@@ -207,7 +207,8 @@ export function mount(el) {
         {title: "Model", cell: (r) => h("code", {class: "wrap", text: r.model ?? "–"})},
         {title: "Provider", cell: (r) => `${r.provider_name ?? "–"}${r.replica === null ? "" : ` #${r.replica}`}`},
         {title: "Endpoint", cell: (r) => r.endpoint ?? "–"},
-        {title: "Status", cell: (r) => badge(String(r.status_code), r.status_code >= 400 ? "failed" : "ok")},
+        {title: "Status", cell: (r) => badge(r.outcome === "stream_broken" || (r.outcome === "error" && r.status_code < 400)
+          ? `${r.status_code} ${r.outcome}` : String(r.status_code), r.outcome === "ok" ? "ok" : "failed")},
         {title: "Tokens in / out", cell: (r) => `${int(r.input_tokens)} / ${int(r.output_tokens)}`, class: "num"},
         {title: "Duration", cell: (r) => ms(r.duration_ms), class: "num"},
         {title: "TTFT", cell: (r) => ms(r.ttft_ms), class: "num"},
