@@ -174,15 +174,19 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.live)
         exchange.retried = gateway.metrics.retried
         gateway.batch_runner.lines_recorded = gateway.metrics.batch_lines
-        gateway.batch_runner.tokens_counted = gateway.metrics.tokens_apart
-        if responses.watch is not None:
-            responses.watch.tokens_counted = gateway.metrics.tokens_apart
         MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)
         sinks.append(gateway.metrics)
         for path in metrics_paths:
             pages[path.encode("ascii")] = gateway.metrics.page
         if not config.metrics.require_key:
             open_paths.extend(metrics_paths)
+    # The tokens no request's end counts (batch lines, background responses): the metrics' and OpenTelemetry's.
+    counters = [sink.tokens_apart for sink in (gateway.metrics, gateway.telemetry) if sink is not None]
+    if counters:
+        counted = counters[0] if len(counters) == 1 else partial(_each, counters)
+        gateway.batch_runner.tokens_counted = counted
+        if responses.watch is not None:
+            responses.watch.tokens_counted = counted
     if gateway.usage is not None:
         sinks.append(gateway.usage)
     sinks.append(gateway.gate.completed)
@@ -232,6 +236,12 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                               publish=worker_logs)
         gateway.supervisor.setServiceParent(gateway)
     return gateway
+
+
+def _each(functions, *args):
+    """Call each of C{functions} with C{args}."""
+    for function in functions:
+        function(*args)
 
 
 def _dialect_below(request):

@@ -443,6 +443,44 @@ async def test_genai_metrics_after_known_traffic(otel, http):
     assert dict(resource)["service.name"] == "gomodel"
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_tokens_of_batch_lines_and_background_responses_are_recorded_as_the_ledger_counts_them(
+        otel, tmp_path):
+    """C{gen_ai.client.token.usage} records what the usage ledger (and C{gomodel_tokens_total}) counts: a batch
+    line's answer and a background response charged by its watch once over were left out of it (no request's end
+    records them)."""
+    from tests.test_batches import chat_line, start_batch
+
+    await otel.start(single=True, env={"GOMODEL_DATA_DIR": str(tmp_path / "d")})
+    gw, fake = otel.gateway, otel.fleet[0]
+    sdk = openai_client(gw, MASTER_KEY, timeout=20)
+    try:
+        created = await start_batch(sdk, [chat_line("a"), chat_line("b")])
+        await gw.service.batch_runner.settled(created.id)
+        background = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True)
+        fake.stored_responses[background.id].update(status="completed", usage={
+            "input_tokens": 19, "output_tokens": 3, "total_tokens": 22})
+        for _ in range(200):  # (its watch asks its instance, then charges it)
+            await gw.service.usage.flush()
+            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
+            if any(r["total_tokens"] == 22 for r in records):
+                break
+            await deferLater(otel.reactor, 0.05, lambda: None)
+    finally:
+        sdk.close()
+    await otel.stop_gateway()
+
+    counted = [r for r in records if r["input_tokens"] is not None]
+    assert {r["endpoint"] for r in counted} == {"/v1/chat/completions", "/v1/responses"} and len(counted) == 3
+    points = {p.attributes["gen_ai.token.type"]: p for p in otel.receiver.points("gen_ai.client.token.usage")
+              if p.attributes["gen_ai.operation.name"] == "chat"}
+    for kind in ("input", "output"):
+        assert (points[kind].count, points[kind].sum) == (3, sum(r[f"{kind}_tokens"] for r in counted)), kind
+        assert {k: points[kind].attributes[k] for k in ("gen_ai.provider.name", "gomodel.provider",
+                                                       "gen_ai.response.model")} == {
+            "gen_ai.provider.name": "vllm", "gomodel.provider": "vllm", "gen_ai.response.model": CHAT_MODEL}
+
+
 # -- what is never exported ----------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

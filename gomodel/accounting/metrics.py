@@ -132,11 +132,12 @@ class GatewayMetrics:
         byte (L{gomodel.proxy.exchange.Exchange.failed_over})."""
         self._retries.labels(pool.type, pool.name, to).inc()
 
-    def tokens_apart(self, provider_type, provider, model, usage, principal=None):
+    def tokens_apart(self, provider_type, provider, model, usage, principal=None, endpoint=None):
         """Add the C{usage} of what no request's end counts, a batch line's answer or a background response's
         (each kept in the usage ledger apart), to C{gomodel_tokens_total} (and a managed key's) at the next flush.
 
         @param model: C{provider/upstream-model} as the ledger names it, or None.
+        @param endpoint: the route it was made on (not a label of these series).
         """
         if not usage:
             return

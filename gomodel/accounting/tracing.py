@@ -30,7 +30,8 @@ Metrics (the GenAI semantic conventions; the gateway is the GenAI client of its
 upstreams): C{gen_ai.client.token.usage}, C{gen_ai.client.operation.duration}
 and, for streams, C{gen_ai.client.operation.time_to_first_chunk}, by
 C{gen_ai.operation.name}, C{gen_ai.provider.name}, C{gen_ai.request.model},
-C{gen_ai.response.model}, C{gomodel.provider} and C{error.type}.
+C{gen_ai.response.model}, C{gomodel.provider} and C{error.type}; the tokens of batch lines and background
+responses too (L{Telemetry.tokens_apart}: no request's end records them), without a request model.
 
 The SDK exports from its own threads; the stop flushes and shuts both
 providers down off the reactor thread, after the drain, so nothing is lost,
@@ -51,6 +52,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gomodel.accounting.tokens import tokens_by_type
 from gomodel.config.errors import ConfigError
 from gomodel.http.context import CLIENT_GONE, ERROR, STREAM_BROKEN
 
@@ -257,6 +259,24 @@ class Telemetry(Service):
         for kind, count in zip(("input", "output"), ctx.tokens):
             if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
                 self._tokens.record(count, {**attributes, "gen_ai.token.type": kind})
+
+    def tokens_apart(self, provider_type, provider, model, usage, principal=None, endpoint=None):
+        """Record the C{usage} of what no request's end records, a batch line's answer or a background
+        response's (as L{gomodel.accounting.metrics.GatewayMetrics.tokens_apart} counts it), in
+        C{gen_ai.client.token.usage}.
+
+        @param model: C{provider/upstream-model} as the ledger names it, or None.
+        @param endpoint: the route it was made on (C{/v1/chat/completions}), its C{gen_ai.operation.name}.
+        """
+        operation = OPERATIONS.get(endpoint)
+        if not usage or operation is None or provider is None or self._meters is None:
+            return
+        attributes = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider_name(provider_type),
+                      "gomodel.provider": provider}
+        if model and model.startswith(provider + "/"):
+            attributes["gen_ai.response.model"] = model[len(provider) + 1:]
+        for kind, count in zip(("input", "output"), tokens_by_type(usage)):
+            self._tokens.record(count, {**attributes, "gen_ai.token.type": kind})
 
     def _host(self, replica):
         """C{(server.address, server.port)} of a replica (operators' traces may name their own servers)."""

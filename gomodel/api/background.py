@@ -63,7 +63,7 @@ class BackgroundWatch(Service):
         self._refresh = refresh
         self._usage = usage
         self._gate = gate
-        self.tokens_counted = None  # the metrics' GatewayMetrics.tokens_apart (a response's usage), or None
+        self.tokens_counted = None  # a response's usage: as the batch runner's (GatewayMetrics.tokens_apart, ...)
         self._watches = watches
         self._owner = owner
         self._keys = keys
@@ -167,7 +167,8 @@ class BackgroundWatch(Service):
                              RECORDED_STATUS.get(response.get("status"), 200), False, usage, auth_key_id=key_id,
                              user_path=user_path)
         if self.tokens_counted is not None:
-            self.tokens_counted(provider_type, record["provider"], qualified, usage, watched.principal)
+            self.tokens_counted(provider_type, record["provider"], qualified, usage, watched.principal,
+                                "/v1/responses")
         if self._gate is not None and watched.principal is not None:
             self._gate.charge(watched.principal, qualified, usage)
 

@@ -208,7 +208,9 @@ class BatchRunner(Service):
         self._broken = {}  # batch id -> how many times in a row it stopped with an unexpected error
         self._resuming = None
         self.lines_recorded = None  # lines_recorded(ok, count): the metrics' (GatewayMetrics.batch_lines), or None
-        self.tokens_counted = None  # the metrics' GatewayMetrics.tokens_apart (a line's usage), or None
+        # tokens_counted(provider type, name, model, usage, principal, endpoint) of a line's usage, or None: the
+        # metrics' and OpenTelemetry's (GatewayMetrics.tokens_apart, Telemetry.tokens_apart)
+        self.tokens_counted = None
         self._claims = ClaimLoop(batches, clock, self.owner, lease, poll_interval, self._jobs, self._start,
                                  max_claimed)
 
@@ -736,7 +738,7 @@ class BatchRunner(Service):
                              auth_key_id=None if principal is None else principal.id,
                              user_path=None if principal is None else principal.user_path)
         if self.tokens_counted is not None:
-            self.tokens_counted(pool.type, pool.name, model, usage, principal)
+            self.tokens_counted(pool.type, pool.name, model, usage, principal, "/v1" + path)
         if self._gate is not None:
             self._gate.charge(principal, model, usage)
 
@@ -755,7 +757,7 @@ class BatchRunner(Service):
                              auth_key_id=None if principal is None else principal.id,
                              user_path=None if principal is None else principal.user_path)
         if self.tokens_counted is not None:
-            self.tokens_counted(pool.type, pool.name, model, usage, principal)
+            self.tokens_counted(pool.type, pool.name, model, usage, principal, "/v1" + path)
         if self._gate is not None:
             self._gate.charge(principal, model, usage)
 
