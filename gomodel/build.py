@@ -47,6 +47,10 @@ from gomodel.timers import Timers
 from gomodel.upstream import build_server
 from gomodel.upstream.client import POOL_SWEEP, CachingEndpointFactory, RelayClient, make_pool
 
+# The health probes (load balancers', orchestrators'): no span, and counted in no request series.
+PROBES = (b"/health", b"/health/ready")
+
+
 def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None,
                   shared_metrics=False, worker_logs=None) -> GatewayService:
     """The whole gateway for C{config}, not started.
@@ -66,8 +70,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if config.metrics.otel_enabled:  # OpenTelemetry (its SDK imported only now): started before the listeners
         from gomodel.accounting.tracing import Telemetry
 
-        gateway.telemetry = Telemetry(reactor, quiet=(b"/health", b"/health/ready",
-                                                      config.metrics.endpoint.encode("ascii")))
+        gateway.telemetry = Telemetry(reactor, quiet=PROBES + (config.metrics.endpoint.encode("ascii"),))
         gateway.telemetry.setServiceParent(gateway)
 
     # Upstreams: one pool (closed last), the relay client (relayed requests and our own calls), and
@@ -171,7 +174,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if config.metrics.enabled:
         from gomodel.accounting.metrics import GatewayMetrics, MetricsFlush
 
-        gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.live)
+        gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.live,
+                                         probes=PROBES)
         exchange.retried = gateway.metrics.retried
         gateway.batch_runner.lines_recorded = gateway.metrics.batch_lines
         MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)

@@ -460,3 +460,24 @@ async def test_a_passthrough_stream_request_its_upstream_refused_is_labelled_a_s
         assert value(found, "gomodel_requests_total", stream="false", **labels) == 0
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_health_probes_are_not_counted_as_requests(reactor, http, fake):
+    """A Kubernetes probe every few seconds (C{/health}, C{/health/ready}, any spelling or method) is no traffic: it
+    is in none of the request series (it was counted in C{gomodel_requests_total{endpoint="other"}}, which it
+    inflated), as it gets no span; the gateway's own other routes still count under C{other}."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        for path in ("/health", "/health/", "/health/ready", "/health/ready/"):
+            assert (await http.get(gw.url + path)).code == 200, path
+            assert (await http.head(gw.url + path)).code == 200, path
+        assert (await http.post(gw.url + "/health")).code == 405
+        assert (await http.get(gw.url + "/admin/api/v1/models", headers=KEY)).code == 200
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_requests_total", endpoint="other") == 1  # (the admin call)
+        assert value(found, "gomodel_request_duration_seconds_count", endpoint="other") == 1
+        assert value(found, "gomodel_requests_total") == 1
+    finally:
+        await gw.service.stopService()
+

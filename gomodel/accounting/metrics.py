@@ -47,13 +47,16 @@ _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_u
 class GatewayMetrics:
     """The gateway's series in one registry; a request-context sink (call it with a completed context)."""
 
-    def __init__(self, pools=(), registry=None, *, shared=False, in_flight=None):
+    def __init__(self, pools=(), registry=None, *, shared=False, in_flight=None, probes=()):
         """
         @param shared: several processes write to prometheus_client's multiprocess
             directory: a scrape sums them all.
         @param in_flight: a function giving the request contexts in flight now (the drain's), read at
             each flush (nothing to do per request); without it, none are shown.
+        @param probes: paths (bytes) of the health probes, which are no traffic: counted in no series (each also
+            with a trailing slash, which the gateway serves as the same path).
         """
+        self._probes = frozenset(probes) | {path + b"/" for path in probes}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._requests = Counter("gomodel_requests_total", "Requests answered, by provider, model, route, status.",
@@ -103,7 +106,9 @@ class GatewayMetrics:
         return body
 
     def __call__(self, ctx):
-        """A request is over (see L{gomodel.http.context.RequestContext.complete})."""
+        """A request is over (see L{gomodel.http.context.RequestContext.complete}); a probe is not counted."""
+        if ctx.endpoint is None and ctx.path in self._probes:  # (no route of the gateway's has its endpoint)
+            return
         # (the series' labels, then who sent it: a managed key's requests and tokens are its series' too, summed at
         # the flush: nothing more per request; a stream is one asked for too, one that failed before it began)
         key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status,
@@ -157,6 +162,8 @@ class GatewayMetrics:
         if self._live is not None:
             counts = dict.fromkeys(self._in_flight_shown, 0)
             for ctx in self._live():
+                if ctx.endpoint is None and ctx.path in self._probes:
+                    continue
                 key = (ctx.provider_type or "-", ctx.endpoint or "other",
                        "true" if ctx.stream or ctx.asked_stream else "false")
                 counts[key] = counts.get(key, 0) + 1
