@@ -481,3 +481,43 @@ async def test_the_health_probes_are_not_counted_as_requests(reactor, http, fake
     finally:
         await gw.service.stopService()
 
+
+@pytest_twisted.ensureDeferred
+async def test_the_cost_the_ledger_computes_is_counted_by_model_and_managed_key(reactor, http, fake, tmp_path):
+    """C{gomodel_cost_total} adds up what the usage ledger's records cost (the pricing table's currency), by
+    provider and model as routed, and C{gomodel_auth_key_cost_total} a managed key's; a model without a price
+    has no series (there was no cost metric at all)."""
+    from tests.test_batches import chat_line, start_batch
+
+    config = tmp_path / "g.yaml"
+    config.write_text(f"pricing:\n  {MODEL}: {{input_per_mtok: 2, output_per_mtok: 10, cached_input_per_mtok: 1}}\n")
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "GOMODEL_DATA_DIR": str(tmp_path / "d")}, str(config))
+    try:
+        made = await http.post(gw.url + "/admin/api/v1/auth-keys", headers=KEY, data=json.dumps({"name": "team"}).encode())
+        made = json.loads(await made.content())
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        for headers, body in ((KEY, chat), (KEY, dict(chat, stream=True, stream_options={"include_usage": True})),
+                              ({"Authorization": "Bearer " + made["value"]}, chat)):
+            response = await http.post(gw.url + "/v1/chat/completions", headers=headers, data=json.dumps(body).encode())
+            assert response.code == 200
+            await response.content()
+        sdk = openai_client(gw, "k1", timeout=20)
+        try:  # (a batch line's cost too, counted apart from any request's end)
+            created = await start_batch(sdk, [chat_line("a")])
+            await gw.service.batch_runner.settled(created.id)
+        finally:
+            sdk.close()
+        await gw.service.usage.flush()
+        summary = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/summary", headers=KEY)).content())
+        keyed = json.loads(await (await http.get(gw.url + "/admin/api/v1/usage/summary?key=" + made["id"],
+                                                 headers=KEY)).content())
+        found = await scrape(http, gw)
+        assert summary["total_cost"] > 0 and keyed["total_cost"] > 0 and summary["requests"] == 4  # (the batch line's too)
+        assert value(found, "gomodel_cost_total", provider="vllm", provider_name="vllm", model=MODEL) == pytest.approx(
+            summary["total_cost"])
+        assert value(found, "gomodel_auth_key_cost_total", auth_key_id=made["id"], auth_key_name="team") == \
+            pytest.approx(keyed["total_cost"])
+        assert value(found, "gomodel_cost_total") == pytest.approx(summary["total_cost"])  # (no other series)
+    finally:
+        await gw.service.stopService()

@@ -3,7 +3,8 @@
 GoModel's three series with its names and labels (C{gomodel_requests_total},
 C{gomodel_request_duration_seconds}, C{gomodel_requests_in_flight}), and
 what it lacks: time to first token, tokens by type, upstream errors, retries
-(failovers before the first byte), client disconnects, batch lines by state, and each replica's
+(failovers before the first byte), client disconnects, batch lines by state, cost (as the usage ledger prices
+tokens, worked out at each flush from the tokens a series added), and each replica's
 state, in-flight count and last reported vLLM load. Labels stay bounded: provider type and name, the model as routed
 (C{provider/upstream-model}, never what a client typed), the gateway route. A managed key's requests and tokens
 have series of their own, named by the key's id and name (never its secret; keys are made by the admin API).
@@ -47,7 +48,7 @@ _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_u
 class GatewayMetrics:
     """The gateway's series in one registry; a request-context sink (call it with a completed context)."""
 
-    def __init__(self, pools=(), registry=None, *, shared=False, in_flight=None, probes=()):
+    def __init__(self, pools=(), registry=None, *, shared=False, in_flight=None, probes=(), pricing=None):
         """
         @param shared: several processes write to prometheus_client's multiprocess
             directory: a scrape sums them all.
@@ -55,7 +56,10 @@ class GatewayMetrics:
             each flush (nothing to do per request); without it, none are shown.
         @param probes: paths (bytes) of the health probes, which are no traffic: counted in no series (each also
             with a trailing slash, which the gateway serves as the same path).
+        @param pricing: the usage ledger's L{gomodel.accounting.tokens.Pricing}, or None: what tokens cost is
+            worked out at each flush from the tokens each series added (a price is per token: the same sum).
         """
+        self._pricing = pricing or None
         self._probes = frozenset(probes) | {path + b"/" for path in probes}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -90,6 +94,12 @@ class GatewayMetrics:
                                      ("auth_key_id", "auth_key_name", "status_code"), registry=r)
         self._key_tokens = Counter("gomodel_auth_key_tokens_total", "A managed key's tokens, by type.",
                                    ("auth_key_id", "auth_key_name", "type"), registry=r)
+        self._cost = Counter("gomodel_cost_total", "What the tokens cost, in the pricing table's currency, as the usage "
+                             "ledger prices them (a model without a price has no series).",
+                             ("provider", "provider_name", "model"), registry=r)
+        self._key_cost = Counter("gomodel_auth_key_cost_total", "What a managed key's tokens cost, in the pricing "
+                                 "table's currency.", ("auth_key_id", "auth_key_name"), registry=r)
+        self._costs = {}  # (provider type, name, model) -> its cost series, once it has cost something
         self._exposed = self.registry
         if shared:  # --workers: a scrape reads every process's files
             self._exposed = CollectorRegistry()
@@ -187,16 +197,20 @@ class GatewayMetrics:
             for child, count in zip(tokens, added.tokens):
                 if count:
                     child.inc(count)
+            cost = self._cost_of(labels[0], labels[1], labels[2], added.tokens) if self._pricing else 0.0
             if principal is not None and not principal.master:
                 named = keys.get((principal.id, principal.name, labels[4]))
                 if named is None:
-                    named = keys[(principal.id, principal.name, labels[4])] = [0, [0] * len(TOKEN_TYPES)]
+                    named = keys[(principal.id, principal.name, labels[4])] = [0, [0] * len(TOKEN_TYPES), 0.0]
                 named[0] += added.requests
                 named[1] = list(map(add, named[1], added.tokens))
-        for (key_id, name, status), (requests, tokens) in keys.items():
+                named[2] += cost
+        for (key_id, name, status), (requests, tokens, cost) in keys.items():
             self._key_requests.labels(key_id, name, str(status)).inc(requests)
             for kind, count in zip(TOKEN_TYPES, tokens):
                 self._key_tokens.labels(key_id, name, kind).inc(count)
+            if cost:
+                self._key_cost.labels(key_id, name).inc(cost)
         if self._apart:
             self._flush_apart()
 
@@ -209,6 +223,30 @@ class GatewayMetrics:
                     self._tokens.labels(provider_type or "-", provider or "-", model or "-", kind).inc(count)
                     if principal is not None and not principal.master:
                         self._key_tokens.labels(principal.id, principal.name, kind).inc(count)
+            if self._pricing and model:
+                cost = self._priced(provider_type or "-", provider or "-", model, tokens)
+                if cost and principal is not None and not principal.master:
+                    self._key_cost.labels(principal.id, principal.name).inc(cost)
+
+    def _cost_of(self, provider_type, provider, upstream_model, tokens) -> float:
+        """What C{tokens} (by type) cost on a series' model (L{_priced}); 0.0 without one."""
+        if not upstream_model or not any(tokens):
+            return 0.0
+        return self._priced(provider_type or "-", provider or "-", f"{provider}/{upstream_model}", tokens)
+
+    def _priced(self, provider_type, provider, model, tokens) -> float:
+        """Add what C{tokens} (by type) cost on C{model} (C{provider/upstream-model}) to its cost series.
+
+        @return: that cost; 0.0 for a model without a price.
+        """
+        cost = self._pricing.costs(model, tokens)[2]
+        if not cost:
+            return 0.0
+        series = self._costs.get((provider_type, provider, model))
+        if series is None:
+            series = self._costs[(provider_type, provider, model)] = self._cost.labels(provider_type, provider, model)
+        series.inc(cost)
+        return cost
 
     def _series(self, provider_type, provider, upstream_model, endpoint, status, stream, ok):
         """The series one kind of request feeds: requests, duration, time to first token, tokens by type.
