@@ -6,6 +6,7 @@ import pytest_twisted
 from zope.interface.verify import verifyObject
 
 from gomodel.errors import RowsRejected
+from gomodel.store.codec import OUTCOME
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS
 from tests.postgres import pg_database  # noqa: F401 (a fixture)
@@ -216,19 +217,25 @@ async def test_errors_are_the_records_whose_outcome_is_not_ok_whatever_their_sta
     usage = store.usage
     await usage.add([row("ok", 100.0), row("broken", 101.0, outcome="stream_broken", stream=True),
                      row("in-band", 102.0, outcome="error", stream=True),
-                     row("gone", 103.0, status_code=499, client_gone=True, outcome="client_gone")])
-    assert (await usage.summary(0, 1e9))["errors"] == 3
-    assert [g["errors"] for g in await usage.grouped(0, 1e9, by=("model",), bucket=86400)] == [3]
-    assert [s["errors"] for s in await usage.timeseries(0, 86400, 86400)] == [3]
+                     row("gone", 103.0, status_code=499, client_gone=True, outcome="client_gone"),
+                     row("older", 104.0, status_code=502, outcome=None)])  # (an older gateway's: by its status)
+    assert (await usage.summary(0, 1e9))["errors"] == 4
+    assert [g["errors"] for g in await usage.grouped(0, 1e9, by=("model",), bucket=86400)] == [4]
+    assert [s["errors"] for s in await usage.timeseries(0, 86400, 86400)] == [4]
+    records, _ = await usage.log(0, 1e9, 10, filters={"outcome": "error"})
+    assert [(r["request_id"], r["outcome"]) for r in records] == [("older", "error"), ("in-band", "error")]
     records, _ = await usage.log(0, 1e9, 10, filters={"outcome": "stream_broken"})
     assert [(r["request_id"], r["status_code"], r["outcome"]) for r in records] == [("broken", 200, "stream_broken")]
     assert (await usage.summary(0, 1e9, {"outcome": "ok"}))["requests"] == 1
 
 
+# Records written before the outcome column, and one an older gateway writes after it (a rolling upgrade): their
+# outcome is read from their status, the table not rewritten by the migration.
 OLD_ROWS = (("r-ok", 200, False), ("r-bad", 503, False), ("r-gone", 499, True))
+DERIVED = [("r-ok", "ok"), ("r-bad", "error"), ("r-gone", "client_gone"), ("r-older-gateway", "error")]
 
 
-def test_the_records_of_an_older_sqlite_schema_get_their_outcome_from_their_status(tmp_path):
+def test_the_records_of_an_older_sqlite_gateway_get_their_outcome_from_their_status(tmp_path):
     import sqlite3
 
     from gomodel.store.sqlite.migrations import MIGRATIONS, migrate
@@ -244,13 +251,13 @@ def test_the_records_of_an_older_sqlite_schema_get_their_outcome_from_their_stat
         conn.executemany("INSERT INTO usage (request_id, timestamp, status_code, client_gone) VALUES (?, 1, ?, ?)",
                          OLD_ROWS)
         migrate(conn)
-        assert conn.execute("SELECT request_id, outcome FROM usage ORDER BY id").fetchall() == [
-            ("r-ok", "ok"), ("r-bad", "error"), ("r-gone", "client_gone")]
+        conn.execute("INSERT INTO usage (request_id, timestamp, status_code) VALUES ('r-older-gateway', 1, 500)")
+        assert conn.execute(f"SELECT request_id, {OUTCOME} FROM usage ORDER BY id").fetchall() == DERIVED
     finally:
         conn.close()
 
 
-def test_the_records_of_an_older_postgresql_schema_get_their_outcome_from_their_status(pg_database):
+def test_the_records_of_an_older_postgresql_gateway_get_their_outcome_from_their_status(pg_database):
     import psycopg
 
     from gomodel.store.postgresql.migrations import MIGRATIONS, migrate
@@ -262,5 +269,5 @@ def test_the_records_of_an_older_postgresql_schema_get_their_outcome_from_their_
             cursor.executemany("INSERT INTO usage (request_id, timestamp, status_code, client_gone) "
                                "VALUES (%s, 1, %s, %s)", OLD_ROWS)
         migrate(conn)
-        assert conn.execute("SELECT request_id, outcome FROM usage ORDER BY id").fetchall() == [
-            ("r-ok", "ok"), ("r-bad", "error"), ("r-gone", "client_gone")]
+        conn.execute("INSERT INTO usage (request_id, timestamp, status_code) VALUES ('r-older-gateway', 1, 500)")
+        assert conn.execute(f"SELECT request_id, {OUTCOME} FROM usage ORDER BY id").fetchall() == DERIVED

@@ -67,6 +67,15 @@ def like_pattern(text: str) -> str:
 
 # The columns the usage log's search looks in (GoModel's: the request id, the model and the provider).
 SEARCHED = ("request_id", "model", "provider", "provider_name")
+# A usage record's outcome (portable SQL): its column's; for a record written without one (before the column
+# existed, or by a gateway of an older version during a rolling upgrade), derived from its status.
+OUTCOME = ("COALESCE(outcome, CASE WHEN client_gone THEN 'client_gone' WHEN status_code >= 400 THEN 'error' "
+           "ELSE 'ok' END)")
+
+
+def usage_columns(columns) -> str:
+    """The select list of a usage record's C{columns}, its C{outcome} as L{OUTCOME} derives it."""
+    return ", ".join(f"{OUTCOME} AS outcome" if column == "outcome" else column for column in columns)
 
 
 def usage_where(start, end, filters, clauses, mark, below):

@@ -259,10 +259,9 @@ MIGRATIONS = (
     )),
     (17, (
         # A usage record's outcome (ok, error, client_gone, stream_broken): a stream that failed after its 200 is
-        # an error; the records made before are derived from their status.
-        "ALTER TABLE usage ADD COLUMN outcome TEXT NOT NULL DEFAULT 'ok'",
-        "UPDATE usage SET outcome = CASE WHEN client_gone THEN 'client_gone' ELSE 'error' END "
-        "WHERE status_code >= 400",
+        # an error. Null in the records made before (and in those an older gateway still writes during a rolling
+        # upgrade): read as their status says (codec.OUTCOME), with no rewrite of the table under its lock.
+        "ALTER TABLE usage ADD COLUMN outcome TEXT",
     )),
 )
 

@@ -5,7 +5,7 @@ from psycopg.rows import dict_row
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
-from gomodel.store.codec import SEARCHED, usage_where
+from gomodel.store.codec import OUTCOME, SEARCHED, usage_columns, usage_where
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -24,7 +24,7 @@ _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everythi
 # The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
 _SEARCH = "(" + " OR ".join(f"{column} ILIKE %s ESCAPE '\\'" for column in SEARCHED) + ")"
 _FILTERS = {"model": "model = %s", "provider": "(provider = %s OR provider_name = %s)", "status": "status_code = %s",
-            "outcome": "outcome = %s",
+            "outcome": f"{OUTCOME} = %s",
             "search": _SEARCH, "key": "auth_key_id = %s", "keyless": "auth_key_id IS NULL", "user_path": _BELOW}
 _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "model", "auth_key_id": "auth_key_id",
            "user_path": "user_path"}
@@ -32,7 +32,7 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
            "COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cached_tokens), 0)::bigint, "
            "COALESCE(SUM(reasoning_tokens), 0)::bigint, SUM(total_cost), "
-           "COUNT(*) FILTER (WHERE outcome <> 'ok'), SUM(input_cost), SUM(output_cost)")  # (costs: None unpriced)
+           f"COUNT(*) FILTER (WHERE {OUTCOME} <> 'ok'), SUM(input_cost), SUM(output_cost)")  # (costs: None unpriced)
 
 
 # The time series: a record's bucket is floor((timestamp - start) / bucket); the percentiles are picked in
@@ -41,7 +41,8 @@ _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(outpu
 _BUCKETED = "SELECT floor((timestamp - %s) / %s) AS k, {columns} FROM usage WHERE {where}"
 _SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
            "COALESCE(SUM(total_tokens), 0)::bigint, COUNT(*) FILTER (WHERE outcome <> 'ok') FROM ("
-           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, outcome", where="{where}")
+           + _BUCKETED.format(columns=f"input_tokens, output_tokens, total_tokens, {OUTCOME} AS outcome",
+                              where="{where}")
            + ") AS t GROUP BY k ORDER BY k")
 # A column's percentiles are of the records that have it, a time to first token's of streams alone (a whole
 # answer's first byte is its end; records kept before the ledger kept it for streams only have one).
@@ -129,7 +130,7 @@ class PostgreSQLUsageStore:
             where.append("id < %s")
             args.append(before)
         rows = conn.cursor(row_factory=dict_row).execute(
-            f"SELECT id, {', '.join(COLUMNS)} FROM usage WHERE {' AND '.join(where)} "
+            f"SELECT id, {usage_columns(COLUMNS)} FROM usage WHERE {' AND '.join(where)} "
             f"ORDER BY id DESC LIMIT %s OFFSET %s",
             (*args, limit + 1, offset)).fetchall()
         records = rows[:limit]

@@ -3,7 +3,7 @@ store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thr
 
 from zope.interface import implementer
 
-from gomodel.store.codec import SEARCHED, usage_where
+from gomodel.store.codec import OUTCOME, SEARCHED, usage_columns, usage_where
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -12,7 +12,7 @@ _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES"
 # The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
 _SEARCH = "(" + " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for column in SEARCHED) + ")"
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
-            "outcome": "outcome = ?",
+            "outcome": f"{OUTCOME} = ?",
             "search": _SEARCH, "key": "auth_key_id = ?", "keyless": "auth_key_id IS NULL",
             "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
 
@@ -64,7 +64,7 @@ class SQLiteUsageStore:
             where.append("id < ?")
             args.append(before)
         rows = self._db.conn().execute(
-            f"SELECT id, {', '.join(COLUMNS)} FROM usage WHERE {' AND '.join(where)} "
+            f"SELECT id, {usage_columns(COLUMNS)} FROM usage WHERE {' AND '.join(where)} "
             f"ORDER BY id DESC LIMIT ? OFFSET ?",
             (*args, limit + 1, offset)).fetchall()
         records = [_record(row) for row in rows[:limit]]
@@ -125,7 +125,7 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
            "user_path": "user_path"}
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
-           "SUM(total_cost), COALESCE(SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END), 0), "
+           f"SUM(total_cost), COALESCE(SUM(CASE WHEN {OUTCOME} <> 'ok' THEN 1 ELSE 0 END), 0), "
            "SUM(input_cost), SUM(output_cost)")  # (the costs: None without prices)
 
 
@@ -135,7 +135,8 @@ _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens
 _BUCKETED = "SELECT FLOOR((timestamp - ?) / ?) AS k, {columns} FROM usage WHERE {where}"
 _SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END) FROM ("
-           + _BUCKETED.format(columns="input_tokens, output_tokens, total_tokens, outcome", where="{where}")
+           + _BUCKETED.format(columns=f"input_tokens, output_tokens, total_tokens, {OUTCOME} AS outcome",
+                              where="{where}")
            + ") AS t GROUP BY k ORDER BY k")
 # A column's percentiles are of the records that have it, a time to first token's of streams alone (a whole
 # answer's first byte is its end; records kept before the ledger kept it for streams only have one).
