@@ -5,6 +5,7 @@ completions for an OpenAI-compatible provider and for a vLLM without the
 Messages API.
 """
 
+import base64
 import io
 import json
 import time
@@ -386,6 +387,44 @@ async def test_a_custom_content_document_is_translated_and_a_pdf_refused_in_anth
         assert len(fake.requests) == before
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_with_documents_goes_to_a_vllm_translated(gw, fake, client):
+    """vLLM's Messages API has no document block: it refuses one in a message (a 400 listing its block types) and
+    drops one in a tool result unread. A request holding one goes to a vLLM translated, as one with stop sequences
+    does: a text document (plain, or base64 text/plain) reaches the model as its text, counted by /tokenize; a
+    PDF is the gateway's 400 in Anthropic's shape, saying so, before anything goes upstream (before: vLLM's 400,
+    or the tool result's document silently lost)."""
+    text = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Notes: ok."}}
+    encoded = {"type": "document", "source": {"type": "base64", "media_type": "text/plain",
+                                              "data": base64.b64encode("Läuft.".encode()).decode()}}
+    call = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.txt"}}
+    messages = [{"role": "user", "content": [text, {"type": "text", "text": "Read a.txt."}]},
+                {"role": "assistant", "content": [call]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [encoded]}]}]
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
+    assert message.content[0].text == "héhéhé"
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/chat/completions"
+    assert sent.body["messages"][0] == {"role": "user", "content": [{"type": "text", "text": "Notes: ok."},
+                                                                    {"type": "text", "text": "Read a.txt."}]}
+    assert sent.body["messages"][2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "Läuft."}
+    counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=messages)
+    assert counted.input_tokens > 0 and fake.requests[-1].path == b"/tokenize"
+    before = len(fake.requests)
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}}
+    for content in ([pdf], [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [pdf]}]):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8,
+                            messages=messages[:2] + [{"role": "user", "content": content}])
+        error = caught.value.body
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert "PDF" in error["error"]["message"] and error["error"]["message"].startswith("messages.2.content.0")
+    assert len(fake.requests) == before
+    # Without a document the request stays native.
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+    assert fake.requests[-1].path == b"/v1/messages"
 
 
 @pytest_twisted.ensureDeferred

@@ -2,7 +2,7 @@
 
 from gomodel.anthropic.translate import (chat_to_message_bytes, messages_to_chat, native_message_bytes, vllm_fields,
                                          without_tool_changes)
-from gomodel.api.messages import chat_for, stops
+from gomodel.api.messages import chat_for, translates
 
 
 def native_answer(body: bytes, model) -> bytes:
@@ -27,7 +27,7 @@ class MessagesLines:
         Natively (C{/messages}, a vLLM: its Messages take C{cache_salt}; its system messages' tool changes left
         out, L{without_tool_changes}), or translated to C{/chat/completions}
         (any other provider, a vLLM that schedules by priority where the line has one: vLLM's Messages have
-        no C{priority}, and a vLLM where it has stop sequences: L{stops}); the fallbacks are those reached the
+        no C{priority}, and a vLLM where it has stop sequences or a document: L{translates}); the fallbacks are those reached the
         same way.
 
         @param body_for: C{body_for(principal, payload, model, provider)} -> the body for C{model} at
@@ -36,10 +36,10 @@ class MessagesLines:
         @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated (the line's error).
         """
         prioritised = principal is not None and principal.priority is not None
-        stopping = stops(payload)
-        native = self._messages.native_for(route, prioritised=prioritised, stopping=stopping)
+        translating = translates(payload)
+        native = self._messages.native_for(route, prioritised=prioritised, translating=translating)
         fallbacks = [r for r in fallbacks
-                     if self._messages.native_for(r, prioritised=prioritised, stopping=stopping) == native]
+                     if self._messages.native_for(r, prioritised=prioritised, translating=translating) == native]
         if native:
             native_payload = without_tool_changes(payload)  # (vLLM's Messages refuse them, as online)
 

@@ -16,6 +16,8 @@ Stream events are framed as Anthropic frames them, byte for byte:
 C{event: <type>\\ndata: <compact JSON>\\n\\n}, the JSON's C{type} first.
 """
 
+import base64
+import binascii
 import re
 
 from zope.interface import implementer
@@ -340,8 +342,9 @@ def _image_url(block, where) -> dict:
 
 
 def _document_parts(block, where) -> list:
-    """The chat parts of a document: its text (a C{text} source), or the text and image parts of its
-    blocks (a C{content} source, Anthropic's custom content: a string, or text and image blocks).
+    """The chat parts of a document: its text (a C{text} source, or a C{base64} one of a C{text/*} media type),
+    or the text and image parts of its blocks (a C{content} source, Anthropic's custom content: a string, or text
+    and image blocks).
 
     @raise InvalidRequest: another source (a PDF, a file), or a block of another type in its content.
     """
@@ -349,6 +352,9 @@ def _document_parts(block, where) -> list:
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "text" and isinstance(source.get("data"), str):
         return [{"type": "text", "text": source["data"]}]
+    media = source.get("media_type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(media, str) and media.startswith("text/") and isinstance(source.get("data"), str):
+        return [{"type": "text", "text": _base64_text(source["data"], f"{where}.source.data")}]
     if kind == "content":
         content = source.get("content")
         if isinstance(content, str):
@@ -367,8 +373,23 @@ def _document_parts(block, where) -> list:
                 raise InvalidRequest(f"{at}.{i}: a document's content holds text and image blocks, "
                                      f"not {item_kind!r}", param=f"{at}.{i}")
         return parts
+    if media == "application/pdf" or kind == "url":
+        raise InvalidRequest(f"{where}: PDF documents are not supported by this provider (its model reads no PDF): "
+                             "send the document's text (a 'text' source) instead", param=where)
     raise InvalidRequest(f"{where}: document source type {kind!r} is not supported by this provider "
                          "(only plain-text and content documents are)", param=where)
+
+
+def _base64_text(data, where) -> str:
+    """The UTF-8 text that C{data} encodes in base64.
+
+    @raise InvalidRequest: it is no base64, or no UTF-8 text.
+    """
+    try:
+        return base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{where}: a text/plain document's data should be UTF-8 text in base64",
+                             param=where) from None
 
 
 def _parts_content(parts):

@@ -8,7 +8,7 @@ notes usage and the end). Any other provider, and a vLLM whose server answers
 that it has no Messages API, gets it translated to chat completions and back
 (L{gomodel.anthropic.translate}); the gateway then remembers, per provider
 and model, not to ask natively for L{NO_NATIVE_TTL} seconds. A request with
-stop sequences goes to a vLLM translated too (L{stops}). Fallbacks are tried among the targets
+stop sequences or a document goes to a vLLM translated too (L{translates}). Fallbacks are tried among the targets
 reached the same way as the first, then among the others (L{MessagesRoutes._other_way}).
 
 The client's credentials never go upstream: the exchange sends only the
@@ -163,10 +163,10 @@ class MessagesRoutes:
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
-        stopping = stops(body)
+        translating = translates(body)
         headers = _forwarded(request)
         while True:
-            first, fallbacks, native = self._targets(routes, prioritised=prioritised, stopping=stopping)
+            first, fallbacks, native = self._targets(routes, prioritised=prioritised, translating=translating)
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
             # The session or prompt prefix matters only where there is a replica to choose.
@@ -200,8 +200,9 @@ class MessagesRoutes:
             raise errors.NotSupported(
                 f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
                 f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
+        translating = has_documents(body)  # (stop sequences count the same either way)
         while True:
-            first, fallbacks, native = self._targets(routes, counting=True)
+            first, fallbacks, native = self._targets(routes, counting=True, translating=translating)
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
             try:
@@ -322,25 +323,25 @@ class MessagesRoutes:
             return [first, *others]
         return routes
 
-    def native_for(self, route, counting=False, prioritised=False, stopping=False) -> bool:
+    def native_for(self, route, counting=False, prioritised=False, translating=False) -> bool:
         """Whether C{route}'s provider is asked natively for its model now (for C{count_tokens} if C{counting};
-        never, with C{prioritised}, where it schedules by priority: see L{create}; never with C{stopping}, a
-        request with stop sequences, L{stops}); message batches' lines go as this says too
+        never, with C{prioritised}, where it schedules by priority: see L{create}; never with C{translating}, a
+        request with stop sequences or a document, L{translates}); message batches' lines go as this says too
         (L{gomodel.anthropic.batches.MessagesLines})."""
-        if route.provider.type not in NATIVE_TYPES or stopping or prioritised and route.provider.priority_scheduling:
+        if route.provider.type not in NATIVE_TYPES or translating or prioritised and route.provider.priority_scheduling:
             return False
         key, now = (route.provider.name, route.upstream_model, MESSAGES), self._clock.seconds()
         if self._no_native.get(key, 0) > now:
             return False
         return not counting or self._no_native.get(key[:2] + (COUNT_TOKENS,), 0) <= now
 
-    def _targets(self, routes, counting=False, prioritised=False, stopping=False):
+    def _targets(self, routes, counting=False, prioritised=False, translating=False):
         """C{(first, fallbacks, native)}: the first route, those to fall back on that are
         reached the same way (natively, or translated), and which way that is."""
         first, *others = routes
-        native = self.native_for(first, counting, prioritised, stopping)
+        native = self.native_for(first, counting, prioritised, translating)
         return first, [route for route in others
-                       if self.native_for(route, counting, prioritised, stopping) == native], native
+                       if self.native_for(route, counting, prioritised, translating) == native], native
 
     def _other_way(self, ctx, routes, first, fallbacks, native, failed):
         """The routes left to try once C{first} and C{fallbacks}, those reached one way (natively, or
@@ -378,10 +379,33 @@ class MessagesRoutes:
         return True
 
 
-def stops(body) -> bool:
-    """Whether the Messages request C{body} has stop sequences: then it goes to a vLLM translated, whose chat
-    completion names the sequence that ended the answer (its Messages API says C{end_turn} and drops it)."""
-    return bool(body.get("stop_sequences"))
+def translates(body) -> bool:
+    """Whether the Messages request C{body} goes to a vLLM translated, never natively: it has stop sequences (its
+    chat completion names the sequence that ended the answer; its Messages API says C{end_turn} and drops it), or
+    a document block (L{has_documents})."""
+    return bool(body.get("stop_sequences")) or has_documents(body)
+
+
+def has_documents(body) -> bool:
+    """Whether a message of C{body}, or a tool result in one, holds a C{document} block. vLLM's Messages API has
+    no such block: it refuses one in a message (a 400 that lists the block types it knows) and drops one in a tool
+    result unread; translated, a text or custom-content document reaches the model as its text and image parts,
+    and one that cannot (a PDF) is the gateway's 400 saying so."""
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "document":
+                return True
+            if kind == "tool_result" and isinstance(block.get("content"), list) and any(
+                    isinstance(item, dict) and item.get("type") == "document" for item in block["content"]):
+                return True
+    return False
 
 
 def chat_for(provider, chat: dict, extras: dict) -> dict:

@@ -35,7 +35,8 @@ answered as vLLM 0.32's C{vllm/entrypoints/anthropic} writes it (typed events,
 C{message_start} usage, a signature closing a thinking block); C{messages=False}
 makes it FastAPI's 404 (a server without the router), C{messages="unsupported"}
 vLLM's 501 "does not support Messages API", C{messages="no_count"} a server with
-Messages but no C{count_tokens} route (FastAPI's 404 there). Chat and Messages also take:
+Messages but no C{count_tokens} route (FastAPI's 404 there). As vLLM's, its Messages API refuses a content block
+of a type it does not know (a C{document}: a 400 in vLLM's OpenAI envelope). Chat and Messages also take:
 
   - C{fake_reasoning}: reasoning text before the content (a thinking block)
   - C{fake_tool}: C{{"name", "arguments"}}: the answer is that tool call
@@ -524,6 +525,12 @@ class FakeVLLM(Resource):
         model = body.get("model")
         if model not in self.models:
             return self._json(request, 404, _anthropic_error("NotFoundError", f"The model `{model}` does not exist."))
+        refused = _unknown_block(body.get("messages"))
+        if refused is not None:  # (vLLM's pydantic refusal, in its OpenAI envelope)
+            return self._json(request, 400, {"error": {
+                "message": f"{refused}: Input should be 'text', 'image', 'tool_use', 'tool_result', 'tool_reference', "
+                           "'thinking', 'redacted_thinking', 'tool_addition' or 'tool_removal'",
+                "type": "BadRequestError", "param": refused, "code": 400}})
         if count:
             tokens = _count_tokens(body.get("system"), body.get("messages") or [], body.get("tools"))
             return self._json(request, 200, {"input_tokens": tokens,
@@ -736,6 +743,22 @@ def _count_tokens(system, messages, tools):
         if isinstance(message, dict):
             count += 4 + len(_text_of(message.get("content")))
     return count + 4 * len(tools or [])
+
+
+# The content block types of vLLM 0.32's Messages API (its AnthropicContentBlock): no document among them.
+_VLLM_BLOCK_TYPES = ("text", "image", "tool_use", "tool_result", "tool_reference", "thinking", "redacted_thinking",
+                     "tool_addition", "tool_removal")
+
+
+def _unknown_block(messages):
+    """Where in C{messages} a content block is of a type vLLM's Messages API does not know (a C{document}), or None.
+    (A tool result's own blocks are not checked: vLLM reads their text and images and drops the rest unread.)"""
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(block, dict) and block.get("type") not in _VLLM_BLOCK_TYPES:
+                return f"messages.{i}.content.{j}.type"
+    return None
 
 
 def _anthropic_error(kind, message):
