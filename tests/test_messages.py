@@ -259,7 +259,7 @@ async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor,
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=2000, extra_body={"top_k": 5},
                         messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
         sent = fake.requests[-1].body  # OpenAI refuses parameters it does not know
-        assert "top_k" not in sent and "chat_template_kwargs" not in sent
+        assert "top_k" not in sent and "chat_template_kwargs" not in sent and "thinking_token_budget" not in sent
         assert sent["messages"][1] == {"role": "assistant", "content": "Hello."}  # its thinking is vLLM's
     finally:
         client.close()
@@ -272,7 +272,12 @@ async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor,
         sent = vllm.requests[-1].body
         assert vllm.requests[-1].path == b"/v1/chat/completions" and sent["top_k"] == 5
         assert sent["chat_template_kwargs"] == {"enable_thinking": True}
+        # The budget bounds the thinking, as vLLM's own Messages API sends it (before: dropped, unbounded).
+        assert sent["thinking_token_budget"] == 1024
         assert sent["messages"][1] == {"role": "assistant", "content": "Hello.", "reasoning_content": "hm"}
+        await in_thread(client.messages.create, model=MODEL, max_tokens=2000, messages=HELLO,
+                        thinking={"type": "adaptive"})
+        assert "thinking_token_budget" not in vllm.requests[-1].body  # (the model chooses)
     finally:
         client.close()
         await gw.service.stopService()

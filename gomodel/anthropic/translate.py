@@ -117,8 +117,11 @@ def vllm_fields(body: dict, messages: list) -> dict:
     Anthropic's is. Chat completions have no such field elsewhere: another
     upstream gets the prefill as a finished assistant turn. The client's own
     C{cache_salt} (vLLM's Messages take it natively) stays the request's, for
-    the gateway's tenancy to keep or replace as on the chat route. A stream
-    asks for C{continuous_usage_stats} (another upstream may refuse it).
+    the gateway's tenancy to keep or replace as on the chat route. C{thinking}'s
+    C{budget_tokens} bounds the reasoning as vLLM's own Messages API has it
+    bound: C{thinking_token_budget} (a vLLM without a reasoning parser refuses
+    it, natively too). A stream asks for C{continuous_usage_stats} (another
+    upstream may refuse it).
 
     @param messages: the chat messages C{body} became (L{messages_to_chat}).
     """
@@ -127,6 +130,9 @@ def vllm_fields(body: dict, messages: list) -> dict:
         fields["top_k"] = body["top_k"]
     if body.get("cache_salt") is not None:
         fields["cache_salt"] = body["cache_salt"]
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":  # (its budget checked: messages_to_chat)
+        fields["thinking_token_budget"] = thinking["budget_tokens"]
     if _prefilled(messages):
         fields.update(_CONTINUE)
     if body.get("stream") is True:
@@ -584,7 +590,7 @@ def _template_kwargs(body, max_tokens=None) -> dict:
             raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`",
                                  param="thinking.budget_tokens")
     if kind in ("enabled", "adaptive"):
-        # budget_tokens has no chat-completions equivalent; max_tokens still bounds the whole answer.
+        # budget_tokens is vLLM's thinking_token_budget (vllm_fields); max_tokens still bounds the whole answer.
         kwargs["enable_thinking"] = True
     elif kind == "disabled":
         kwargs["enable_thinking"] = False
