@@ -133,6 +133,21 @@ async def test_a_line_with_stop_sequences_goes_to_a_vllm_translated_as_online(se
     assert [r.path for r in vllm.requests if r.method == b"POST"] == [b"/v1/chat/completions"]
 
 
+async def test_a_line_with_a_document_goes_to_a_vllm_translated_as_online(setup):
+    """vLLM's Messages API has no document block (it refuses one): a line holding one goes translated, as an
+    online request does, and its document reaches the model as its text."""
+    gw, client, vllm, _ = setup
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Notes."}}
+    made = await in_thread(client.messages.batches.create, requests=[request("doc", messages=[
+        {"role": "user", "content": [document, {"type": "text", "text": "Sum up."}]}])])
+    await ended(gw, client, made.id)
+    assert (await results(client, made.id))["doc"].type == "succeeded"
+    [sent] = [r for r in vllm.requests if r.method == b"POST"]
+    assert sent.path == b"/v1/chat/completions"
+    assert sent.body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Notes."},
+                                                                  {"type": "text", "text": "Sum up."}]}]
+
+
 async def test_a_lines_tool_changes_are_left_out_for_vllms_own_messages_api_as_online(setup):
     """A system message's tool_addition and tool_removal blocks, which vLLM's Messages API refuses and which
     change nothing there, are left out of a line sent to it natively, as online (before: sent, so vLLM's 400
