@@ -252,14 +252,20 @@ async def test_translated_tool_use_and_thinking(openai_gw, fake):
         client.close()
 
 
+EXTRAS = {"top_k": 5, "output_config": {"effort": "high"}}
+
+
 @pytest_twisted.ensureDeferred
 async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor, openai_gw, fake):
     client = sdk(openai_gw)
     try:
-        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=2000, extra_body={"top_k": 5},
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=2000, extra_body=EXTRAS,
                         messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
         sent = fake.requests[-1].body  # OpenAI refuses parameters it does not know
         assert "top_k" not in sent and "chat_template_kwargs" not in sent and "thinking_token_budget" not in sent
+        # Claude Code's effort ("high", on every request) is no reasoning_effort for them: OpenAI refuses that
+        # for a model that does not reason (400 unsupported_parameter), and every value but low/medium/high.
+        assert "reasoning_effort" not in sent
         assert sent["messages"][1] == {"role": "assistant", "content": "Hello."}  # its thinking is vLLM's
     finally:
         client.close()
@@ -267,10 +273,11 @@ async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor,
     gw = await start(reactor, {"VLLM_BASE_URL": vllm.base_url})
     client = sdk(gw)
     try:
-        await in_thread(client.messages.create, model=MODEL, max_tokens=2000, extra_body={"top_k": 5},
+        await in_thread(client.messages.create, model=MODEL, max_tokens=2000, extra_body=EXTRAS,
                         messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
         sent = vllm.requests[-1].body
         assert vllm.requests[-1].path == b"/v1/chat/completions" and sent["top_k"] == 5
+        assert sent["reasoning_effort"] == "high"  # (as vLLM's own Messages API takes effort)
         assert sent["chat_template_kwargs"] == {"enable_thinking": True}
         # The budget bounds the thinking, as vLLM's own Messages API sends it (before: dropped, unbounded).
         assert sent["thinking_token_budget"] == 1024

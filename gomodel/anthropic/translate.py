@@ -149,10 +149,13 @@ def without_vllm_fields(chat: dict, reasoning: bool = False) -> dict:
     OpenAI-compatible server may refuse what it does not know, so they are
     left out (the thinking was the model's, not the conversation's); but the
     thinking with C{reasoning}, for an upstream that takes it back (DeepSeek's
-    thinking mode requires it).
+    thinking mode requires it). So is C{output_config.effort}'s
+    C{reasoning_effort}: Claude Code sends one with every request, and OpenAI
+    refuses it for a model that does not reason (and every value but its own).
     """
     other = dict(chat)
     other.pop("chat_template_kwargs", None)
+    other.pop("reasoning_effort", None)
     messages = other["messages"]
     if not reasoning and any("reasoning_content" in message for message in messages):
         other["messages"] = [{name: value for name, value in message.items() if name != "reasoning_content"}
@@ -601,7 +604,8 @@ def _template_kwargs(body, max_tokens=None) -> dict:
 
 
 def _output_config(body) -> dict:
-    """C{response_format} / C{reasoning_effort} for C{output_config} (and the older C{output_format})."""
+    """C{response_format} / C{reasoning_effort} for C{output_config} (and the older C{output_format}); the effort is
+    for a vLLM only (L{without_vllm_fields})."""
     fields = {}
     config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
     fmt = config.get("format") if isinstance(config.get("format"), dict) else body.get("output_format")
