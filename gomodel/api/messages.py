@@ -163,7 +163,8 @@ class MessagesRoutes:
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
-        translating = translates(body)
+        # (whether it must go translated matters only where a target could take it natively: a vLLM)
+        translating = any(route.provider.type in NATIVE_TYPES for route in routes) and translates(body)
         headers = _forwarded(request)
         while True:
             first, fallbacks, native = self._targets(routes, prioritised=prioritised, translating=translating)
