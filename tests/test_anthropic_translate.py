@@ -127,6 +127,17 @@ def test_custom_content_documents_that_cannot_be_sent_are_refused(content, param
     assert caught.value.status == 400 and caught.value.param == param
 
 
+def test_a_base64_text_document_is_its_text_and_one_that_is_no_text_is_refused():
+    source = {"type": "base64", "media_type": "text/markdown", "data": "IyBUaXRsZQ=="}  # "# Title"
+    chat = messages_to_chat(request(messages=[{"role": "user", "content": [{"type": "document", "source": source}]}]))
+    assert chat["messages"] == [{"role": "user", "content": "# Title"}]
+    for data in ("not base64!", "/w=="):  # (no base64; no UTF-8)
+        block = {"type": "document", "source": dict(source, data=data)}
+        with pytest.raises(InvalidRequest) as caught:
+            messages_to_chat(request(messages=[{"role": "user", "content": [block]}]))
+        assert caught.value.param == "messages.0.content.0.source.data" and "base64" in str(caught.value)
+
+
 @pytest.mark.parametrize("block", [
     {"type": "image", "source": {"type": "file", "file_id": "f1"}},
     {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},
