@@ -702,3 +702,32 @@ async def test_an_error_event_in_a_passthrough_stream_names_the_provider_not_its
     assert events[:2] == [said, {"error": dict(error["error"], message="KV transfer to vllm failed")}], events
     assert events[2]["error"]["message"].startswith("lost ") and events[2]["error"]["message"].endswith("vllm")
     assert "127.0.0.1" not in json.dumps(events[1:]) and len(events) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sdks_see_a_passthrough_event_too_long_to_hold_as_an_api_error(gateway, monkeypatch):
+    """An event longer than the tap holds (HELD_EVENT, made small here) breaks the stream off after the whole events
+    before it, and the openai SDK raises its APIError saying so: before, such an event went out as it came, so one cut
+    inside it reached the client as half an event, and the SDK raised a JSONDecodeError on its fragment."""
+    import openai
+
+    from gomodel.proxy import exchange
+
+    monkeypatch.setattr(exchange, "HELD_EVENT", 64 * 1024)
+    long = "data: " + json.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": "x" * 100_000}}]})
+
+    def chat(answer):
+        return lambda client: client.chat.completions.create(
+            model="meta-llama/Llama-3.1-8B-Instruct", messages=[{"role": "user", "content": "hi"}], stream=True,
+            extra_body={"fake_raw": _raw(answer)})
+
+    def openai_sdk():
+        return openai.OpenAI(base_url=gateway.url + "/p/vllm/v1", api_key="unused", max_retries=0, timeout=10)
+
+    chunks, error = await in_thread(_sdk_stream, openai_sdk, chat(WHOLE + long[:90_000]))  # (cut inside it)
+    assert [chunk.choices[0].delta.content for chunk in chunks] == ["h"]
+    assert isinstance(error, openai.APIError), repr(error)
+    assert "an upstream event exceeded 65536 bytes" in error.message, error.message
+    chunks, error = await in_thread(_sdk_stream, openai_sdk, chat(WHOLE + long + "\n\ndata: [DONE]\n\n"))
+    # (an event that came whole in one read is relayed whole; one held past the bound breaks off the same way)
+    assert error is None or "an upstream event exceeded 65536 bytes" in error.message, repr(error)

@@ -43,7 +43,8 @@ from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_ME
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.proxy.sse import RESPONSE_END_TYPES, StreamIncomplete, error_in, event_around, event_kind, events_end
+from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, StreamIncomplete, error_in, event_around,
+                               event_kind, events_end)
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
 from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after
@@ -693,9 +694,7 @@ class Exchange:
             transport.abortConnection()
             return None
         if events:
-            event = ctx.dialect.stream_event(error, relay.observer)
-            inside = getattr(relay.observer, "inside_event", None)  # (a passthrough's, cut in a long event)
-            request.write(b"\n\n" + event if inside is not None and inside() else event)
+            request.write(ctx.dialect.stream_event(error, relay.observer))
         # Closing the socket without the chunked body's last chunk: the client
         # reads the error event, then an incomplete body, never a clean end.
         transport.loseConnection()
@@ -762,9 +761,9 @@ def _note_usage(ctx, observer, body):
 IN_STREAM_ERROR = "upstream_stream_error"
 _USAGE = b'"usage":'
 TAP_TAIL = 64 * 1024
-# The longest part of an event a passthrough stream's tap holds back until its end (L{UsageTap}); one longer
-# passes as it comes.
-HELD_EVENT = 1024 * 1024
+# The longest event a passthrough stream's tap holds until its end (L{UsageTap}), as the /v1 streams' framer does
+# (L{MAX_EVENT_BYTES}): a longer one breaks the stream off, its client never handed part of an event.
+HELD_EVENT = MAX_EVENT_BYTES
 _EVENTS = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")  # (an event's blank line, kept by split)
 _EVENT_ENDS = (b"\n\n", b"\r\r")  # (the last two bytes of a stream whose last event is whole: most reads)
 
@@ -796,7 +795,8 @@ class UsageTap:
     last L{TAP_TAIL} bytes to read its usage from at the end (a JSON answer's, or a stream's last usage chunk).
 
     Of an event stream it relays whole events only, the part of an event not yet ended held back until it
-    ends (a client gets no event that a cut leaves broken: the error event comes after whole ones); it counts
+    ends (a client gets no event that a cut leaves broken: the error event comes after whole ones; an event
+    longer than L{HELD_EVENT} breaks the stream off); it counts
     the events, the estimate of what a stream without a usage chunk made (as
     L{gomodel.proxy.sse.ChatStreamObserver} does), notes the first in-band error (L{error}: vLLM's error
     chunk, an C{error} event) and, where the stream has an end of its own (C{ends}), whether it came
@@ -820,8 +820,12 @@ class UsageTap:
         self._tail = bytearray()  # (appended to; cut back to L{TAP_TAIL} once it holds twice that: each byte
         self._stream = stream     # is copied about twice, where a new tail made per read copied 64 KiB each)
         self._ends = ends
-        self._held = b""  # the part of an event not relayed yet
-        self._long = False  # relaying an event longer than L{HELD_EVENT} as it comes
+        # The part of an event not relayed yet, as it came (joined once its end comes: each byte copied once,
+        # where joining it on every read made a long event in small reads cost its size squared), its size, and
+        # its last 3 bytes (where an end split between two reads begins).
+        self._held = []
+        self._held_size = 0
+        self._seam = b""
 
     def feed(self, data: bytes) -> bytes:
         if self._stream:
@@ -850,24 +854,39 @@ class UsageTap:
 
     def _whole(self, data: bytes) -> bytes:
         """What came (after what was held) up to the end of its last whole event; the rest held until its event
-        ends, but where it is blank or longer than L{HELD_EVENT} (that event then passes as it comes)."""
+        ends, but where it is blank (it passes).
+
+        @raise StreamIncomplete: an event ran past L{HELD_EVENT} bytes.
+        """
+        start = 0  # (where an end may begin: none does in what was held)
         held = self._held
         if held:
-            data, self._held = held + data, b""
-        if data[-2:] in _EVENT_ENDS:
-            self._long = False
+            seam = self._seam
+            if events_end(seam + data[:3]) == 0 and events_end(data) == 0:  # (the event goes on)
+                self._hold(data, seam)
+                return b""
+            start = self._held_size - len(seam)
+            held.append(data)
+            data = b"".join(held)
+            held.clear()
+            self._held_size = 0
+        elif data[-2:] in _EVENT_ENDS:
             return data
-        end = events_end(data, len(held) - 3 if len(held) > 3 else 0)
-        if end:
-            self._long = False
-        elif self._long:
-            return data
+        end = events_end(data, start)
         rest = data[end:] if end else data
-        if rest.isspace() or len(rest) > HELD_EVENT:
-            self._long = not rest.isspace()
+        if not rest or rest.isspace():
             return data
-        self._held = rest
+        self._hold(rest, b"")
         return data[:end]
+
+    def _hold(self, part: bytes, seam: bytes):
+        """Hold C{part} of the event not ended yet, after the part held so far (whose last 3 bytes are C{seam})."""
+        size = self._held_size + len(part)
+        if size > HELD_EVENT:
+            raise StreamIncomplete("an upstream event exceeded %d bytes" % HELD_EVENT)
+        self._held.append(part)
+        self._held_size = size
+        self._seam = (seam + part[-3:])[-3:]
 
     def finish(self):
         """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event or,
@@ -876,16 +895,10 @@ class UsageTap:
         self.usage = usage_of(tail)
         if not self._stream:
             return
-        if self._held or _inside_event(tail):
-            self._tail = tail  # (kept for L{inside_event})
+        if self._held:
             raise StreamIncomplete("the upstream stream ended inside an event")
         if self._ends is not None and not self.done:
             raise StreamIncomplete("the upstream stream ended " + self._ends.missing)
-
-    def inside_event(self) -> bool:
-        """Whether the event stream relayed so far stops inside an event (one longer than L{HELD_EVENT}): an
-        error event written after it must end that one first, or it would be read as the rest of its data."""
-        return self._stream and _inside_event(self._tail)
 
 
 def _errors_hidden(events: bytes, upstream) -> bytes:
@@ -897,14 +910,6 @@ def _errors_hidden(events: bytes, upstream) -> bytes:
         if part.find(b'"error"') >= 0 and error_in(part) is not None:
             parts[i] = hidden_in(part, upstream)
     return b"".join(parts)
-
-
-def _inside_event(tail: bytes) -> bool:
-    """Whether an event stream whose last bytes are C{tail} stops inside an event (blank lines or spaces
-    after the last event's end are no event)."""
-    if not tail or tail[-2:] in _EVENT_ENDS:
-        return False
-    return bool(tail[events_end(tail):].strip())
 
 
 def metadata_usage(response):
