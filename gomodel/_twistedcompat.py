@@ -151,11 +151,13 @@ class PromptClientProtocol(HTTP11ClientProtocol):
         Deferred returned: one Deferred per request, where Twisted makes three (the request's, the
         written body's, its parser's, chained). Other requests (an Agent's) go through Twisted's
         C{request}, their answers read by llhttp too; a HEAD's answer by Twisted's parser (llhttp cannot be
-        told that an answer has no body).
+        told that an answer has no body), the headers its C{Connection} names then set apart as llhttp's are.
         """
         if type(request) is not PreparedRequest or request.method == b"HEAD":
             answered = super().request(request)
             parser = self._parser
+            if parser is not None and request.method == b"HEAD":  # (the first callback: before its caller's)
+                answered.addCallback(_named_apart, parser.connHeaders)
             # Twisted made its parser and chained its Deferred to the one returned: another parser fires it.
             if parser is not None and request.method != b"HEAD" and not parser._everReceivedData:
                 self._parser = AnswerParser(request, self._finishResponse, parser._responseDeferred)
@@ -363,6 +365,15 @@ def _set_apart_named(plain, control, connection):
     for name in list(plain):
         if name.lower() in named:
             control[name] = plain.pop(name)
+
+
+def _named_apart(response, control):
+    """C{response} (a HEAD's, read by Twisted's parser, whose connection headers are C{control}) without the headers
+    its C{Connection} names (L{_set_apart_named}), as an L{AnswerParser}'s answer is."""
+    connection = control._rawHeaders.get(b"Connection")
+    if connection is not None:
+        _set_apart_named(response.headers._rawHeaders, control._rawHeaders, connection)
+    return response
 
 
 def whole_body(response):

@@ -731,3 +731,22 @@ async def test_the_sdks_see_a_passthrough_event_too_long_to_hold_as_an_api_error
     chunks, error = await in_thread(_sdk_stream, openai_sdk, chat(WHOLE + long + "\n\ndata: [DONE]\n\n"))
     # (an event that came whole in one read is relayed whole; one held past the bound breaks off the same way)
     assert error is None or "an upstream event exceeded 65536 bytes" in error.message, repr(error)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_answer_keeps_the_headers_its_connection_names_upstream_as_get_does(reactor, gateway):
+    """HEAD under /p/ is answered as GET is, without its body: a header the upstream's C{Connection} names stays
+    upstream (before: a HEAD's answer, read by Twisted's parser, kept it, and its client got it; a GET's did not)."""
+    answer = ("HTTP/1.1 200 OK\r\nConnection: X-Hop-Secret, close\r\nX-Hop-Secret: upstream-internal\r\n"
+              "X-Kept: yes\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n")
+    heads = {}
+    for method in (b"GET", b"HEAD"):
+        request = _passed(b"/p/vllm/custom", {"fake_raw": answer + ("hello" if method == b"GET" else "")}, CLOSE)
+        client = await connect(reactor, gateway.port, method + request[len(b"POST"):])
+        await with_timeout(reactor, client.lost, 5)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        heads[method] = head.lower().split(b"\r\n")
+        assert heads[method][0] == b"http/1.1 200 ok" and b"x-kept: yes" in heads[method], head
+        assert body == (b"hello" if method == b"GET" else b""), body
+    for method, lines in heads.items():
+        assert not any(line.startswith(b"x-hop-secret") for line in lines), (method, lines)
