@@ -1,6 +1,7 @@
 """/p/{provider}/{endpoint}: provider-native requests to the named instance, relayed raw."""
 
 import json
+from urllib.parse import unquote
 
 import pytest_twisted
 import treq
@@ -750,3 +751,24 @@ async def test_a_head_answer_keeps_the_headers_its_connection_names_upstream_as_
         assert body == (b"hello" if method == b"GET" else b""), body
     for method, lines in heads.items():
         assert not any(line.startswith(b"x-hop-secret") for line in lines), (method, lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_endpoint_is_read_from_its_path_once(http, two, monkeypatch):
+    """Its error dialect (at the front) and its route (the relay: admin, operator, keyed, priority or a client's)
+    come from one reading of the path (before: decoded and classed twice, then decoded again)."""
+    from gomodel.api import passthrough
+
+    decoded = []
+    monkeypatch.setattr(passthrough, "unquote", lambda text: decoded.append(text) or unquote(text))
+    gw, plain, _ = two
+    for path, dialect in (("/p/vllm/v1/messages/count_tokens", "anthropic"), ("/p/vllm/tokenize", "openai")):
+        decoded.clear()
+        response, content = await call(http, gw, "POST", path, {"model": "meta-llama/Llama-3.1-8B-Instruct",
+                                                               "prompt": "Hello", "messages": []})
+        assert response.code in (200, 400), content
+        assert decoded == [path.split("/", 3)[3]], decoded
+    decoded.clear()
+    response, content = await call(http, gw, "POST", "/p/vllm/v1/messages/x%2F..%2Fy", {})  # (refused: Anthropic's)
+    assert response.code == 400 and jsonutil.loads(content)["type"] == "error", content
+    assert len(decoded) == 1, decoded

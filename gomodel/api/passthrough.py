@@ -110,8 +110,9 @@ class Passthrough:
         if not may_pass(ctx.principal, provider, provider_name):
             raise errors.Forbidden(f"This API key may not use the provider '{provider.name}'.",
                                    code="model_access_denied")
-        endpoint = self._endpoint(request, provider_name)
-        route = _bare(unquote(endpoint)).lower()  # (what vLLM routes it as: C{chat/completions}, C{metrics})
+        target = endpoint_of(request)
+        self._check(target)
+        endpoint, route = target.path, target.route
         principal = ctx.principal
         if (principal is not None and not principal.master
                 and route.split("/", 1)[0] in OPERATOR_ROUTES):
@@ -157,25 +158,55 @@ class Passthrough:
             self._salts.apply(principal, provider, fields)
         return jsonutil.dumps(fields)
 
-    def _endpoint(self, request, provider_name):
-        """The canonical endpoint path after C{/p/{provider}/}; refuses traversal and admin routes."""
-        raw = request.path.split(b"/", 3)[3] if request.path.count(b"/") >= 3 else b""
-        decoded = unquote(raw.decode("latin-1"))
-        segments = decoded.split("/")
-        if any(s in (".", "..") for s in segments) or "\x00" in decoded:
-            raise errors.InvalidRequest("The passthrough endpoint must not contain '.' or '..' segments.",
-                                        code="invalid_endpoint")
-        endpoint = "/".join(s for s in segments if s)
-        if not endpoint:
-            raise errors.InvalidRequest("A provider passthrough needs an endpoint: /p/{provider}/{endpoint}.",
-                                        code="missing_endpoint")
-        bare = _bare(endpoint)
-        first = bare.split("/", 1)[0].lower()
+    def _check(self, target):
+        """Refuse C{target} (an L{Endpoint}) where it is no endpoint, or an admin route not allowed."""
+        if target.refused is not None:
+            raise target.refused
+        bare, route = _bare(target.path), target.route
         allowed = self._settings.admin_allowed
-        if (first in ADMIN_ROUTES and first not in allowed) or (bare.lower() in ADMIN_ROUTES and bare.lower() not in allowed):
+        first = route.split("/", 1)[0]
+        if (first in ADMIN_ROUTES and first not in allowed) or (route in ADMIN_ROUTES and route not in allowed):
             raise errors.Forbidden(f"'/{bare}' is an operational route of the provider and is not reachable "
                                    "through the gateway (PASSTHROUGH_ALLOWED_ADMIN_ROUTES can allow it).")
-        return quote(endpoint, safe=_SAFE_PATH)
+
+
+class Endpoint:
+    """The endpoint of a C{/p/{provider}/{endpoint}} request, read once from its path (L{endpoint_of}).
+
+    @ivar path: the canonical endpoint path sent upstream (percent-encoded; empty segments left out).
+    @ivar route: what vLLM routes it as (C{chat/completions}, C{metrics}): decoded, without C{v1/}, lower case.
+    @ivar refused: the L{gomodel.errors.InvalidRequest} that refuses it (a C{.} or C{..} segment, a NUL, no
+        endpoint), or None.
+    """
+
+    __slots__ = ("path", "route", "refused")
+
+    def __init__(self, raw: bytes):
+        """
+        @param raw: the request path after C{/p/{provider}/}, as it came.
+        """
+        decoded = unquote(raw.decode("latin-1"))
+        segments = decoded.split("/")
+        endpoint = "/".join(s for s in segments if s)
+        self.path = quote(endpoint, safe=_SAFE_PATH)
+        self.route = _bare(endpoint).lower()
+        self.refused = None
+        if any(s in (".", "..") for s in segments) or "\x00" in decoded:
+            self.refused = errors.InvalidRequest("The passthrough endpoint must not contain '.' or '..' segments.",
+                                                 code="invalid_endpoint")
+        elif not endpoint:
+            self.refused = errors.InvalidRequest("A provider passthrough needs an endpoint: /p/{provider}/{endpoint}.",
+                                                 code="missing_endpoint")
+
+
+def endpoint_of(request) -> Endpoint:
+    """The L{Endpoint} of C{request} (a C{/p/{provider}/...} one), read from its path on the first call and kept on
+    it (C{request.passthrough}): the front's L{dialect_below} and the relay read it once between them."""
+    found = request.passthrough
+    if found is None:
+        path = request.path
+        found = request.passthrough = Endpoint(path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"")
+    return found
 
 
 def dialect_below(request):
@@ -186,8 +217,7 @@ def dialect_below(request):
     path = request.path
     if not path.startswith(b"/p/") or path.count(b"/") < 3:
         return None
-    endpoint = "/".join(s for s in unquote(path.split(b"/", 3)[3].decode("latin-1")).split("/") if s)
-    route = _bare(endpoint).lower()
+    route = endpoint_of(request).route
     if route.startswith("messages"):
         return render.ANTHROPIC
     if route.startswith("responses"):

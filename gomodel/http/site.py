@@ -68,6 +68,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     @ivar context: the L{gomodel.http.context.RequestContext}, made by the front.
     @ivar keep_alive: whether the connection takes another request after this one (the channel sets it
         from the head; a refusal clears it).
+    @ivar passthrough: a C{/p/} request's L{gomodel.api.passthrough.Endpoint}, read from its path once
+        (L{gomodel.api.passthrough.endpoint_of}), or None.
     """
 
     body_limit = 10 * 1024 * 1024
@@ -83,6 +85,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     identity = None
     refusal = None
     context = None
+    passthrough = None
     keep_alive = True
     _cookies_parsed = False
     answer_headers = AnswerHeaders
