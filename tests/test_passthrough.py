@@ -772,3 +772,31 @@ async def test_a_passthrough_endpoint_is_read_from_its_path_once(http, two, monk
     response, content = await call(http, gw, "POST", "/p/vllm/v1/messages/x%2F..%2Fy", {})  # (refused: Anthropic's)
     assert response.code == 400 and jsonutil.loads(content)["type"] == "error", content
     assert len(decoded) == 1, decoded
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_location_lands_its_client_on_the_passthrough(reactor, two):
+    """A C{Location} the upstream answers with, relative (C{/v1/files/abc}, C{../x}, C{?page=2}) or absolute to the
+    upstream itself, names the same place under C{/p/{provider}/} (the name the client used), never the upstream's
+    host (before: a relative one went as it came, and its client landed on the gateway's own C{/v1/files/abc}; an
+    absolute one naming the upstream was left out); one elsewhere passes as it came; one on the upstream that no
+    passthrough path reaches is left out."""
+    gw, plain, guarded = two
+    cases = (
+        (b"/p/vllm/v1/files", "201 Created", "/v1/files/abc", b"/p/vllm/v1/files/abc"),
+        (b"/p/vllm-test/v1/files", "303 See Other", "/v1/files/abc?x=1#top", b"/p/vllm-test/v1/files/abc?x=1#top"),
+        (b"/p/vllm/custom/a/b", "307 Temporary Redirect", "../x", b"/p/vllm/custom/x"),
+        (b"/p/vllm/custom/a/b?q=1", "302 Found", "?page=2", b"/p/vllm/custom/a/b?page=2"),
+        (b"/p/vllm/v1/models/", "307 Temporary Redirect", plain.root_url + "/v1/models", b"/p/vllm/v1/models"),
+        (b"/p/vllm/tokenize", "302 Found", "https://elsewhere.example/x?y", b"https://elsewhere.example/x?y"),
+        (b"/p/vllm/v1/files", "302 Found", "/v1/nowhere", None),  # (/p/vllm/v1/nowhere is vLLM's /nowhere)
+    )
+    for path, status, location, shown in cases:
+        answer = f"HTTP/1.1 {status}\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+        client = await connect(reactor, gw.port, _passed(path, {"fake_raw": answer}, {**AUTH, **CLOSE}))
+        await with_timeout(reactor, client.lost, 5)
+        head = bytes(client.received).partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 " + status.encode()), head
+        lines = [line for line in head.split(b"\r\n") if line.lower().startswith(b"location:")]
+        assert lines == ([b"Location: " + shown] if shown else []), (path, location, head)
+        assert b"127.0.0.1" not in head, head

@@ -9,9 +9,11 @@ A managed key's JSON body to a vLLM's model-routed route gets what it gets on
 C{/v1}: its tenant's C{cache_salt} and its C{priority}.
 """
 
-from urllib.parse import quote, unquote, unquote_to_bytes
+from functools import partial
+from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 from gomodel import errors, jsonutil
+from gomodel._twistedcompat import header_name, plain_headers
 from gomodel.auth.keys import presented_key
 from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES
 from gomodel.http import render
@@ -128,11 +130,12 @@ class Passthrough:
         if model is not None:
             ctx.route(provider, model, model)
         secret = _presented(request)
-        call = UpstreamCall(endpoint, body, method=request.method, native=True,
-                            query=_upstream_query(request.uri.partition(b"?")[2], secret),
+        query = _upstream_query(request.uri.partition(b"?")[2], secret)
+        call = UpstreamCall(endpoint, body, method=request.method, native=True, query=query,
                             headers=_upstream_headers(request, secret),
                             content_type=None, raw=True, ends=_stream_end(route), model=model,
-                            pin=_pinned_replica(request))
+                            pin=_pinned_replica(request),
+                            vet=partial(_relocate, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query))
         return await self._exchange.relay(request, ctx, provider, call)
 
     def _keyed(self, body, principal, provider, route):
@@ -222,6 +225,51 @@ def dialect_below(request):
         return render.ANTHROPIC
     if route.startswith("responses"):
         return render.RESPONSES
+    return None
+
+
+LOCATION = header_name("location")
+
+
+async def _relocate(ctx, provider, name, endpoint, query, response):
+    """A passthrough's vet (L{UpstreamCall.vet}): the C{Location} of the upstream's C{response} (a redirect's, a
+    201's) rewritten where it names a place on the upstream (relative, or absolute to it) to that place under
+    C{/p/{name}/} (C{name}: the provider as the client named it), so its client lands there; left out where no
+    passthrough path reaches that place; one elsewhere as it is."""
+    headers = plain_headers(response.headers)
+    values = headers.get(LOCATION)
+    if values is None:
+        return
+    server = provider.replicas[ctx.replica].server
+    here = server.url(endpoint, True) + ("?" + query.decode("latin-1") if query else "")
+    kept = []
+    for value in values:
+        shown = _relocated(server, here, b"/p/" + name + b"/", value)
+        if shown is not None:
+            kept.append(shown)
+    if kept:
+        headers[LOCATION] = kept
+    else:
+        del headers[LOCATION]
+
+
+def _relocated(server, here, prefix, location):
+    """C{location} (bytes) of an answer to C{here} (the upstream URL asked) from C{server}, as its client gets it: the
+    same place under C{prefix} (C{/p/{provider}/}) where it is on C{server} and a passthrough path reaches it (its
+    C{url} of that path is that place), C{location} itself where it is elsewhere, else None."""
+    try:
+        target = urlsplit(urljoin(here, location.decode("latin-1")))
+        root = urlsplit(server.root_url)
+    except ValueError:  # (a bracket unbalanced in a host: no place)
+        return None
+    if (target.scheme.lower(), target.netloc.lower()) != (root.scheme.lower(), root.netloc.lower()):
+        return location
+    place = urlunsplit((target.scheme, target.netloc, target.path, "", ""))
+    for start in (server.root_url, server.base_url):
+        if place.startswith(start + "/"):
+            path = place[len(start) + 1:]
+            if server.url(path, True) == place:
+                return prefix + urlunsplit(("", "", path, target.query, target.fragment)).encode("latin-1")
     return None
 
 
