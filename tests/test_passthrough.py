@@ -800,3 +800,19 @@ async def test_an_upstreams_location_lands_its_client_on_the_passthrough(reactor
         lines = [line for line in head.split(b"\r\n") if line.lower().startswith(b"location:")]
         assert lines == ([b"Location: " + shown] if shown else []), (path, location, head)
         assert b"127.0.0.1" not in head, head
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_answer_keeps_the_upstreams_content_length(reactor, gateway):
+    """A HEAD's answer says the length a GET's body would have, as its upstream said it (RFC 9110 9.3.2, 8.6): before,
+    the gateway wrote the length of the body it relayed, none, as C{Content-Length: 0} (a client sizing a download
+    with HEAD read an empty file)."""
+    answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
+    for method in (b"GET", b"HEAD"):
+        request = _passed(b"/p/vllm/custom", {"fake_raw": answer + ("hello" if method == b"GET" else "")}, CLOSE)
+        client = await connect(reactor, gateway.port, method + request[len(b"POST"):])
+        await with_timeout(reactor, client.lost, 5)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        assert lines[0] == b"http/1.1 200 ok" and b"content-length: 5" in lines, (method, head)
+        assert body == (b"hello" if method == b"GET" else b""), body

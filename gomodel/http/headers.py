@@ -112,8 +112,10 @@ def copy_response_headers(upstream_response, request, keep_length=False, hidden=
             continue
         # Names as Headers keeps them, values a parser let through (no CR or LF): copied as they are.
         kept[name] = list(values)
-    # (the HTTP client keeps Content-Length out of the headers, among its connection's: it is the length)
-    if keep_length and upstream_response.length.__class__ is int and upstream_response.code not in (204, 304):
+    # (the HTTP client keeps Content-Length out of the headers, among its connection's: it is the length; but a
+    # HEAD's, the length of a GET's body, is among them, its body none, as copied above)
+    if (keep_length and upstream_response.length.__class__ is int and upstream_response.code not in (204, 304)
+            and request.method != b"HEAD"):
         kept[CONTENT_LENGTH] = [b"%d" % upstream_response.length]
 
 
