@@ -151,6 +151,47 @@ def test_event_at_the_earliest_word_is_the_first_event_that_holds_one():
             assert event_at(some, joined, earliest([joined.find(w) for w in words], len(joined))) == expected
 
 
+def test_framer_holds_a_long_event_in_small_reads_without_copying_it_per_read():
+    """An event of 1 MiB (a Responses stream's final response, a long output's) arriving in 1 KiB reads is held as
+    its reads and joined once, when it ends, by feed and by feed_joined, whatever its line breaks: before, what was
+    held was copied onto each read (and searched again), about 512 MiB copied for one event, the reactor held up
+    for every stream. The reads here count what is copied onto them (and cut out of them)."""
+    copied = [0]
+
+    class Read(bytes):
+        def __radd__(self, other):
+            copied[0] += len(other) + len(self)
+            return bytes(other) + bytes(self)
+
+        def __add__(self, other):
+            copied[0] += len(other) + len(self)
+            return bytes(self) + bytes(other)
+
+        def __getitem__(self, at):
+            part = bytes.__getitem__(self, at)
+            if isinstance(at, slice):
+                copied[0] += len(part)
+            return part
+
+    for nl in (b"\n", b"\r\n"):
+        event = b'data: {"type":"response.completed","text":"' + b"A" * (1024 * 1024) + b'"}' + nl + nl
+        body = CHUNK.replace(b"\n", nl) + event + b"data: [DONE]" + nl + nl
+        for joined in (False, True):
+            copied[0] = 0
+            framer = SSEFramer()
+            reads = [Read(body[at:at + 1024]) for at in range(0, len(body), 1024)]
+            if joined:
+                out = b"".join(framer.feed_joined(read)[0] for read in reads)
+            else:
+                out = b"".join(b"".join(framer.feed(read)) for read in reads)
+            assert out == body and framer.pending == b""
+            assert copied[0] < 2 * len(body), (nl, joined, copied[0])  # (before: about len(body) ** 2 / 2048)
+    framer = SSEFramer(max_event_bytes=100)
+    framer.feed(b"data: " + b"x" * 60)
+    with pytest.raises(StreamIncomplete):  # (its reads held past the bound)
+        framer.feed(b"x" * 60)
+
+
 def test_framer_hands_whole_events_on_joined_without_cutting_them():
     framer = SSEFramer()
     assert framer.feed_joined(b"data: 1\n\ndata: 2\n\nda") == (b"data: 1\n\ndata: 2\n\n", None)

@@ -143,11 +143,19 @@ class SSEFramer:
 
     def __init__(self, max_event_bytes=MAX_EVENT_BYTES):
         self._buffer = b""
+        self._held = None  # an event going on over reads: L{_buffer} and the reads after it, as they came
+        self._held_size = 0
         self._max = max_event_bytes
 
     def feed(self, data: bytes) -> list:
         """Add C{data}; return the events it completed."""
-        buffer = self._buffer + data if self._buffer else data
+        buffer = self._buffer
+        if buffer:
+            buffer = self._after(buffer, data)
+            if buffer is None:
+                return []
+        else:
+            buffer = data
         if buffer.find(b"\r") >= 0:  # (not `in`: see mentions)
             events = self._cut(buffer)
         elif buffer.find(b"\n\n") == len(buffer) - 2 >= 0:  # one whole event: a model's read of one token
@@ -165,7 +173,13 @@ class SSEFramer:
         only where the stream has CR line breaks (else None: every event ends at a blank line, so an
         event in C{joined} is found by its C{\\n\\n}, L{event_bounds}, and the read is never cut
         into events)."""
-        buffer = self._buffer + data if self._buffer else data
+        buffer = self._buffer
+        if buffer:
+            buffer = self._after(buffer, data)
+            if buffer is None:
+                return b"", None
+        else:
+            buffer = data
         if buffer.find(b"\r") >= 0:
             events = self._cut(buffer)
             self._bound()
@@ -181,6 +195,30 @@ class SSEFramer:
             self._buffer, joined = buffer[end:], buffer[:end]
         self._bound()
         return joined, None
+
+    def _after(self, buffer: bytes, data: bytes):
+        """C{data} after the event not ended yet (C{buffer}, and the reads held after it), joined, where an event
+        may end in it; else None: C{data} held with them, until one may (an event going on over many reads is
+        joined once, not copied onto each read).
+
+        @raise StreamIncomplete: the event held ran past the bound.
+        """
+        held = self._held
+        # (no end in it, nor between it and what came before: an LF-only one, and no CR to look at)
+        if data.find(b"\n\n") < 0 and data.find(b"\r") < 0 and data[:1] != b"\n":
+            if held is None:
+                held = self._held = [buffer]
+                self._held_size = len(buffer)
+            held.append(data)
+            self._held_size += len(data)
+            if self._held_size > self._max:
+                raise StreamIncomplete("an upstream event exceeded %d bytes" % self._max)
+            return None
+        if held is None:
+            return buffer + data
+        self._held = None
+        held.append(data)
+        return b"".join(held)
 
     def _cut(self, buffer: bytes) -> list:
         """The whole events of C{buffer} (which has CR line breaks), keeping the rest."""
@@ -202,7 +240,7 @@ class SSEFramer:
     @property
     def pending(self) -> bytes:
         """Bytes of an event not yet terminated."""
-        return self._buffer
+        return self._buffer if self._held is None else b"".join(self._held)
 
 
 def event_data(event: bytes) -> bytes:
