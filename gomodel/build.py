@@ -276,9 +276,10 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                          if book is not None else None)
     return GatewayApp(plain, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange, salts),
                       files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes),
-                      batches=BatchesAPI(store.batches, store.files, gateway.batch_runner), admin=admin,
+                      batches=BatchesAPI(store.batches, store.files, gateway.batch_runner, gateway.gate),
+                      admin=admin,
                       message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,
-                                                        gateway.batch_runner, gateway.registry),
+                                                        gateway.batch_runner, gateway.registry, gateway.gate),
                       dashboard=Dashboard() if dashboard else None,
                       self_usage=SelfUsage(gateway.usage, gateway.gate, reactor))
 

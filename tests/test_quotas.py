@@ -6,6 +6,7 @@ import os
 import time
 from contextlib import contextmanager
 
+import anthropic
 import openai
 import pytest
 import pytest_twisted
@@ -472,38 +473,84 @@ async def test_a_budget_added_counts_the_requests_the_usage_ledger_has_not_writt
         await gw.service.stopService()
 
 
+def batch_file(client, *custom_ids):
+    """An uploaded batch input file of one chat line per custom id (blocking: run it in a thread)."""
+    lines = [{"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}
+             for c in custom_ids]
+    return client.files.create(purpose="batch", file=(
+        "in.jsonl", io.BytesIO(b"".join(json.dumps(line).encode() + b"\n" for line in lines))))
+
+
 @pytest_twisted.ensureDeferred
 async def test_passthrough_and_batch_lines_count_against_budgets(http, gw, fake):
     key = await new_key(http, gw, budgets=[{"period": "total", "max_tokens": 20}])
-    response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(
-        {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}).encode(),
-        headers={"authorization": f"Bearer {key['value']}", "content-type": "application/json"})
-    assert response.code == 200
-    await treq.content(response)
-    await gw.service.usage.flush()
-    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
-    assert [(r["endpoint"], r["total_tokens"], r["auth_key_id"]) for r in log["data"]] == [
-        ("/p/{provider}/{endpoint}", 21, key["id"])]
     client = openai_client(gw, key["value"])
     try:
-        lines = [{"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}
-                 for c in ("a", "b")]
-        uploaded = await in_thread(client.files.create, purpose="batch", file=(
-            "in.jsonl", io.BytesIO(b"".join(json.dumps(line).encode() + b"\n" for line in lines))))
+        uploaded = await in_thread(batch_file, client, "a")
         batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                 completion_window="24h")
         await gw.service.batch_runner.settled(batch.id)
         done = await in_thread(client.batches.retrieve, batch.id)
-        # The passthrough's 21 tokens spent the budget: the lines are refused, not sent.
-        assert (done.request_counts.completed, done.request_counts.failed) == (0, 2)
-        errors = (await in_thread(client.files.content, done.error_file_id)).text
-        assert errors.count("budget_exceeded") == 2
-        assert [r.path for r in fake.requests].count(b"/v1/chat/completions") == 1
+        assert (done.request_counts.completed, done.request_counts.failed) == (1, 0)
+        # The line's 21 tokens spent the budget: the next request is refused, a passthrough's too.
         with pytest.raises(openai.RateLimitError):
             await in_thread(raw_chat, client)
+        response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(
+            {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"authorization": f"Bearer {key['value']}", "content-type": "application/json"})
+        assert response.code == 429 and b"budget_exceeded" in await treq.content(response)
     finally:
         client.close()
+    other = await new_key(http, gw, budgets=[{"period": "total", "max_tokens": 20}])
+    response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(
+        {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"authorization": f"Bearer {other['value']}", "content-type": "application/json"})
+    assert response.code == 200
+    await treq.content(response)
+    await gw.service.usage.flush()
+    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+    assert [(r["endpoint"], r["total_tokens"], r["auth_key_id"]) for r in log["data"]][0] == (
+        "/p/{provider}/{endpoint}", 21, other["id"])
+    with pytest.raises(openai.RateLimitError):  # (the passthrough's 21 tokens spent its budget)
+        await in_thread(raw_chat, openai_client(gw, other["value"]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_whose_budget_is_spent_cannot_create_a_batch(http, gw, fake):
+    """Refused at creation with the interactive routes' answer, in each route's dialect (before: the batch was
+    accepted and each of its lines failed, budget_exceeded, one by one). Its input file is kept."""
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 20}])
+    client = openai_client(gw, key["value"])
+    messages = anthropic.Anthropic(base_url=gw.url, api_key=key["value"], max_retries=0, timeout=10)
+    try:
+        uploaded = await in_thread(batch_file, client, "a")  # (before the budget is spent: files cost nothing)
+        await in_thread(raw_chat, client)  # 21 tokens: spent
+        with pytest.raises(openai.RateLimitError) as online:
+            await in_thread(raw_chat, client)
+        with pytest.raises(openai.RateLimitError) as batch:
+            await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                            completion_window="24h")
+        assert batch.value.body == online.value.body and batch.value.code == "budget_exceeded"
+        assert abs(int(batch.value.response.headers["retry-after"]) -
+                   int(online.value.response.headers["retry-after"])) <= 1  # (until the day ends)
+        with pytest.raises(anthropic.RateLimitError) as online:
+            await in_thread(messages.messages.create, model=MODEL, max_tokens=5,
+                            messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(anthropic.RateLimitError) as batch:
+            await in_thread(messages.messages.batches.create, requests=[{"custom_id": "a", "params": {
+                "model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}}])
+        assert batch.value.body == online.value.body and batch.value.body["error"]["type"] == "rate_limit_error"
+        assert abs(int(batch.value.response.headers["retry-after"]) -
+                   int(online.value.response.headers["retry-after"])) <= 1  # (until the day ends)
+        assert (await in_thread(client.batches.list)).data == []
+        assert (await in_thread(messages.messages.batches.list)).data == []
+        assert [r.path for r in fake.requests if r.path.startswith((b"/v1/chat", b"/v1/messages"))] == [
+            b"/v1/chat/completions"]
+        assert (await in_thread(client.files.retrieve, uploaded.id)).id == uploaded.id
+    finally:
+        client.close()
+        messages.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -1384,3 +1431,46 @@ async def test_a_batch_line_its_upstream_never_answered_is_charged_an_estimate_o
         assert view["budgets"][0]["spent_tokens"] == 2 * 6001
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_creation_and_a_keys_other_refusals(http, gw, fake):
+    """A batch and its key's rate limits, state and models at creation: a key at its rpm still creates (and
+    runs) a batch (batches are not counted against rate limits, as OpenAI's); a deactivated or expired key is a
+    401 (an expired key's too: the key ring finds neither); a model the key may not use fails an OpenAI batch's validation (model_access_denied, as OpenAI
+    validates a file after creation) and refuses a message batch at creation (403 permission_error)."""
+    limited = await new_key(http, gw, rpm=1, models=["vllm/"])
+    client = openai_client(gw, limited["value"])
+    messages = anthropic.Anthropic(base_url=gw.url, api_key=limited["value"], max_retries=0, timeout=10)
+    try:
+        uploaded = await in_thread(batch_file, client, "a")
+        await in_thread(raw_chat, client)
+        with pytest.raises(openai.RateLimitError):
+            await in_thread(raw_chat, client)
+        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        assert (await in_thread(client.batches.retrieve, batch.id)).request_counts.completed == 1
+        lines = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}}]
+        elsewhere = await in_thread(client.files.create, purpose="batch", file=(
+            "in.jsonl", io.BytesIO(json.dumps(lines[0]).encode() + b"\n")))
+        batch = await in_thread(client.batches.create, input_file_id=elsewhere.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        failed = await in_thread(client.batches.retrieve, batch.id)
+        assert failed.status == "failed" and failed.errors.data[0].code in ("model_access_denied", "model_not_found")
+        with pytest.raises((anthropic.PermissionDeniedError, anthropic.NotFoundError)):
+            await in_thread(messages.messages.batches.create, requests=[{"custom_id": "a", "params": {
+                "model": "openai/gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}}])
+        code, _ = await admin(http, gw, "POST", f"{KEYS}/{limited['id']}/deactivate")  # (as an expired key's)
+        assert code == 200
+        with pytest.raises(openai.AuthenticationError):
+            await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                            completion_window="24h")
+        with pytest.raises(anthropic.AuthenticationError):
+            await in_thread(messages.messages.batches.create, requests=[{"custom_id": "a", "params": {
+                "model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}}])
+    finally:
+        client.close()
+        messages.close()

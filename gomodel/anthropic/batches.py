@@ -30,6 +30,7 @@ from klein import Klein
 
 from gomodel import jsonutil
 from gomodel.anthropic.translate import ANTHROPIC_ERROR_TYPES, is_anthropic_error, openai_error_to_anthropic
+from gomodel.api.batches import within_budgets
 from gomodel.api.inference import resolve_model
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
@@ -170,19 +171,21 @@ class MessageBatchesAPI:
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
 
-    def __init__(self, batches, files, blobs, runner, registry):
+    def __init__(self, batches, files, blobs, runner, registry, gate=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param files: the L{gomodel.store.interfaces.IFileStore} (a batch's input, output and error files).
         @param blobs: the L{gomodel.store.interfaces.IBlobStore} (their contents).
         @param runner: the L{gomodel.batches.runner.BatchRunner}.
         @param registry: the L{gomodel.routing.registry.ModelRegistry} (each request's model is checked).
+        @param gate: the L{gomodel.limits.gate.Gate} (a managed key's spent budget refuses a batch), or None.
         """
         self._batches = batches
         self._files = files
         self._blobs = blobs
         self._runner = runner
         self._registry = registry
+        self._gate = gate
         self._splits = OrderedDict()  # ended batch id -> (canceled, expired): it never changes
 
     @app.route("/", methods=["POST"])
@@ -190,6 +193,7 @@ class MessageBatchesAPI:
         body = json_body(request)
         principal = request.context.principal
         contents = check_requests(body.get("requests"), self._registry, principal)
+        await within_budgets(self._gate, principal)
         tenant = tenant_of(principal)
         writer = self._blobs.create()
         try:

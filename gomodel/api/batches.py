@@ -47,6 +47,17 @@ def batch_object(record) -> dict:
     }
 
 
+async def within_budgets(gate, principal):
+    """Refuse a batch of a managed key whose budget is spent (L{gomodel.limits.gate.Gate.check_budgets}),
+    as its online requests are, rather than each of its lines (the master key's batches, never attributed to
+    a user path, spend no budget).
+
+    @raise gomodel.errors.BudgetExceeded: a budget of the key is spent.
+    """
+    if gate is not None and principal is not None and not principal.master:
+        await gate.check_budgets(principal)
+
+
 class BatchesAPI:
     """The routes under C{/v1/batches}, mounted by L{gomodel.api.app.GatewayApp}."""
 
@@ -54,15 +65,17 @@ class BatchesAPI:
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
 
-    def __init__(self, batches, files, runner):
+    def __init__(self, batches, files, runner, gate=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param files: the L{gomodel.store.interfaces.IFileStore} (input files are checked).
         @param runner: the L{gomodel.batches.runner.BatchRunner}.
+        @param gate: the L{gomodel.limits.gate.Gate} (a managed key's spent budget refuses a batch), or None.
         """
         self._batches = batches
         self._files = files
         self._runner = runner
+        self._gate = gate
 
     @app.route("/", methods=["POST"])
     async def create(self, request):
@@ -98,6 +111,7 @@ class BatchesAPI:
             raise InvalidRequest(f"The file {input_file_id} has purpose '{input_file['purpose']}'; "
                                  "a batch needs a file uploaded with purpose 'batch'.", param="input_file_id",
                                  code="invalid_file")
+        await within_budgets(self._gate, principal)
         record = await self._runner.create(endpoint, input_file_id, window, seconds, metadata,
                                            output_expiry=output_expiry, tenant=tenant_of(principal),
                                            auth_key_id=None if principal is None or principal.master
