@@ -673,6 +673,36 @@ async def test_files_batches_and_responses_belong_to_their_tenant(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_root_user_path_is_no_path(http, gw):
+    """A key given C{"user_path": ""}, C{"/"} or C{" // "} (what a form's empty field sends) has no user path, as
+    the header's C{/} is none: a tenant of its own (before: every such key shared one tenant, C{path:/}, its
+    files, batches and responses, and its C{GET /v1/usage} summed every key's usage, every team's)."""
+    team = await new_key(http, gw, user_path="/team/secret")
+    client = openai_client(gw, team["value"])
+    try:
+        await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    finally:
+        client.close()
+    made = []
+    for given in ("", "/", " // "):
+        key = await new_key(http, gw, user_path=given)
+        assert key["user_path"] is None
+        client = openai_client(gw, key["value"])
+        try:
+            uploaded = await in_thread(client.files.create, purpose="batch",
+                                       file=("in.jsonl", io.BytesIO(b'{"custom_id": "a"}\n')))
+            assert [f.id for f in (await in_thread(client.files.list)).data] == [uploaded.id]
+            made.append(uploaded.id)
+            answer = await http.get(gw.url + "/v1/usage", headers={"authorization": f"Bearer {key['value']}"})
+            usage = json.loads(await treq.content(answer))
+            assert usage["user_path"] is None and usage["usage"]["total_requests"] == 0, usage
+        finally:
+            client.close()
+    code, patched = await admin(http, gw, "PATCH", f"{KEYS}/{team['id']}", {"user_path": "/"})
+    assert code == 200 and patched["user_path"] is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_key_given_a_user_path_keeps_what_it_made_alone_and_a_moved_key_leaves_its_teams(http, gw):
     """What a key without a user path made is the key's: given a path later, it still sees, lists and
     continues it (its new team does not); what it made in a team is the team's: moved to another path, or

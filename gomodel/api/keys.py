@@ -227,8 +227,9 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
         fields["name"] = name.strip()
     if "description" in body:
         fields["description"] = _optional_text(body, "description", 2000)
-    if "user_path" in body:
-        fields["user_path"] = user_path(body["user_path"]) if body["user_path"] is not None else None
+    if "user_path" in body:  # (C{/}, or C{""}: no path, as the header's C{/} is none; not one tenant of them all)
+        path = user_path(body["user_path"]) if body["user_path"] is not None else None
+        fields["user_path"] = None if path == "/" else path
     if "expires_at" in body:
         fields["expires_at"] = expiry(body["expires_at"], now)
     for name in ("models", "allowed_models"):
