@@ -442,6 +442,9 @@ def test_each_way_a_request_ends_is_one_result_line():
     assert line({"custom_id": "c", "response": None, "error": {"code": "budget_exceeded", "message": "spent"}}) == {
         "custom_id": "c", "result": {"type": "errored", "error": {"type": "error", "error": {
             "type": "rate_limit_error", "message": "spent"}}}}
+    # a line of a key deactivated or expired since the batch began: as that key's online request, a 401's type
+    revoked = line({"custom_id": "c", "response": None, "error": {"code": "invalid_api_key", "message": "gone"}})
+    assert revoked["result"]["error"]["error"] == {"type": "authentication_error", "message": "gone"}
     timed_out = line({"custom_id": "c", "response": None, "error": {"code": "upstream_timeout", "message": "slow"}})
     assert timed_out["result"]["error"]["error"] == {"type": "timeout_error", "message": "slow"}
     # an OpenAI-compatible upstream's error envelope, in Anthropic's shape

@@ -103,7 +103,8 @@ def _error_type(code) -> str:
     return "api_error"
 
 
-_ERROR_TYPES = (("not_found", "not_found_error"), ("budget", "rate_limit_error"), ("rate_limit", "rate_limit_error"),
+_ERROR_TYPES = (("api_key", "authentication_error"), ("not_found", "not_found_error"), ("budget", "rate_limit_error"),
+                ("rate_limit", "rate_limit_error"),
                 ("access_denied", "permission_error"), ("forbidden", "permission_error"),
                 ("invalid", "invalid_request_error"), ("ambiguous", "invalid_request_error"),
                 ("timeout", "timeout_error"))
