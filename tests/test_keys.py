@@ -13,7 +13,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 
 from gomodel.auth.keys import LOOKUP_TIMEOUT, KeyRing, hash_secret, new_secret
 from gomodel.errors import StorageUnavailable
-from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
+from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, until
 
 MASTER = "master-k"
 ADMIN = {"authorization": f"Bearer {MASTER}", "content-type": "application/json"}
@@ -1405,6 +1405,46 @@ async def test_a_batch_line_cannot_continue_another_tenants_response(http, gw, t
                                                                         "unknown": "previous_response_not_found"}
         previous = [r.body.get("previous_response_id") for r in two[0].requests if r.path == b"/v1/responses"]
         assert previous == [None]  # only alpha's own request went upstream
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batchs_stored_responses_are_its_tenants_when_its_key_moves_meanwhile(reactor, http, mixed):
+    """A batch's lines' stored responses belong to the batch's tenant, as its output files do, though its key
+    was moved to another team while it ran (before: a line sent after the move stored its response under the
+    key's new team, which could read it, while the batch's own team, reading the batch, got 404 for it)."""
+    gw, vllm, _ = await mixed({"BATCH_CONCURRENCY_PER_PROVIDER": "1"})
+    mover = await new_key(http, gw, user_path="/team/alpha")
+    teammate = await new_key(http, gw, user_path="/team/alpha")
+    newcomer = await new_key(http, gw, user_path="/team/beta")
+    clients = {name: openai_client(gw, key["value"]) for name, key in
+               (("mover", mover), ("teammate", teammate), ("newcomer", newcomer))}
+    try:
+        lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/responses",
+                  "body": dict({"model": MODEL, "input": "hi"}, **extra)}
+                 for custom_id, extra in (("first", {"fake_hold": True}), ("second", {}))]
+        data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        uploaded = await in_thread(clients["mover"].files.create, file=("in.jsonl", io.BytesIO(data)),
+                                   purpose="batch")
+        batch = await in_thread(clients["mover"].batches.create, input_file_id=uploaded.id,
+                                endpoint="/v1/responses", completion_window="24h")
+        await until(reactor, lambda: any(r.path == b"/v1/responses" for r in vllm.requests), what="the first line")
+        code, moved = await admin(http, gw, "PATCH", f"{KEYS}/{mover['id']}", {"user_path": "/team/beta"})
+        assert code == 200 and moved["user_path"] == "/team/beta"
+        vllm.release_holds()  # (the second line is sent once the first is answered: after the move)
+        await gw.service.batch_runner.settled(batch.id)
+        done = await in_thread(clients["teammate"].batches.retrieve, batch.id)
+        assert (done.status, done.request_counts.completed) == ("completed", 2)
+        output = (await in_thread(clients["teammate"].files.content, done.output_file_id)).content.splitlines()
+        made = [json.loads(line)["response"]["body"]["id"] for line in output]
+        for response_id in made:
+            await gw.service.store.responses.get(response_id)  # queued behind the write: stored now
+            assert (await in_thread(clients["teammate"].responses.retrieve, response_id)).id == response_id
+            for outsider in ("newcomer", "mover"):
+                with pytest.raises(openai.NotFoundError):
+                    await in_thread(clients[outsider].responses.retrieve, response_id)
     finally:
         for client in clients.values():
             client.close()

@@ -39,6 +39,7 @@ class Job:
         self.task = None
         self.watchers = []  # Deferreds fired when the job ends
         self.principal = None  # the managed key that made the batch (a Principal), or None
+        self.tenant = None  # the batch's tenant: its lines' stored responses are its, wherever its key moved since
 
     def halt(self, why):
         """Stop sending: C{cancel}, C{expire}, C{park}, C{shutdown} or C{lost} (the last two win)."""

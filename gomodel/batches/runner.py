@@ -67,7 +67,6 @@ from gomodel.api.inference import held, plan_model
 from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
-from gomodel.auth.tenancy import tenant_of
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.responses_history import (as_list, continued, conversation, names_previous, normalise_input, relink,
                                       unknown_previous)
@@ -451,6 +450,7 @@ class BatchRunner(Service):
         batch = await self._batches.get(job.batch_id)
         if batch is None:
             return
+        job.tenant = batch.get("tenant")
         if batch.get("auth_key_id") and self._keys is not None:
             job.principal = await self._principal(batch["auth_key_id"])
         if batch["status"] == "validating":
@@ -775,7 +775,7 @@ class BatchRunner(Service):
         record = {"id": response["id"], "provider": answer.provider.name, "replica": answer.replica,
                   "created_at": self._now(), "previous_response_id": previous_id, "status": response.get("status"),
                   "input_items": normalise_input(payload.get("input")), "response": response,
-                  "tenant": tenant_of(job.principal)}
+                  "tenant": job.tenant}
         if previous_id is not None and response.get("previous_response_id") is None:
             response["previous_response_id"] = previous_id  # (vLLM's own object, sent none, says null)
         else:
