@@ -143,6 +143,24 @@ def test_a_base_url_whose_port_cannot_be_read_says_why(url, says):
     assert str(raised.value).startswith("VLLM_BASE_URL: ") and says in str(raised.value)
 
 
+@pytest.mark.parametrize("env, yaml_key", [
+    ({"OPENAI_API_KEY": " "}, None),  # (registered the provider, every request sent "Bearer  ": a 401 each)
+    ({"VLLM_BASE_URL": "http://h", "VLLM_API_KEY": "token "}, None),  # (a key pasted with its trailing space)
+    ({}, "' token'"),
+    ({}, "' '"),
+])
+def test_a_provider_key_with_whitespace_around_it_is_refused_as_the_master_key_is(tmp_path, env, yaml_key):
+    """An upstream's key is sent as C{Authorization: Bearer <key>}: whitespace around it is never the key."""
+    if yaml_key is not None:
+        path = tmp_path / "c.yaml"
+        path.write_text(f"providers:\n  gpu: {{type: vllm, base_url: 'http://h', api_key: {yaml_key}}}\n")
+        env = {"GOMODEL_CONFIG": str(path)}
+    with pytest.raises(ConfigError) as raised:
+        load_config(env)
+    where = f"{tmp_path / 'c.yaml'}: providers.gpu.api_key" if yaml_key else next(k for k in env if "API_KEY" in k)
+    assert str(raised.value) == f"{where}: must not be blank nor start or end with whitespace"
+
+
 def test_secrets_never_appear_in_errors():
     with pytest.raises(ConfigError) as raised:
         load_config({"VLLM_BASE_URL": "http://h", "HTTP_POOL_MAX_PER_HOST": "0", "GOMODEL_MASTER_KEY": "s3cret"})

@@ -186,6 +186,8 @@ def _api_key(api_key, where):
         raise ConfigError(f"{where}: looks like an unresolved ${{...}} placeholder")
     if parsers.has_control(api_key):
         raise ConfigError(f"{where}: must not contain control characters (line breaks included)")
+    if api_key != api_key.strip():  # (sent as "Bearer <key>": every request a 401, as with the master key)
+        raise ConfigError(f"{where}: must not be blank nor start or end with whitespace")
     return api_key or None
 
 
