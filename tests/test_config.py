@@ -161,6 +161,30 @@ def test_a_provider_key_with_whitespace_around_it_is_refused_as_the_master_key_i
     assert str(raised.value) == f"{where}: must not be blank nor start or end with whitespace"
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"RATE_LIMITS_ENABLED": "maybe"}, "RATE_LIMITS_ENABLED: invalid value 'maybe': must be true or false"),
+    ({"BUDGETS_ENABLED": "x"}, "BUDGETS_ENABLED: invalid value 'x': must be true or false"),
+    ({"SET_BUDGET_TEAM": "abc"}, "SET_BUDGET_TEAM: budget limit 'abc' must use period=amount"),
+    ({"SET_PROVIDER_RATE_LIMIT_VLLM": "rpm=0"},
+     "SET_PROVIDER_RATE_LIMIT_VLLM: rate limit rpm must be from 1 to 9007199254740991, not 0"),
+])
+def test_a_bad_limit_variable_is_named_first_as_every_other_variable_is(env, message):
+    """(Before: C{invalid value for SET_BUDGET_TEAM: ...} and C{RATE_LIMITS_ENABLED must be true or false, not
+    'maybe'}, where every other bad value reads C{NAME: ...}.)"""
+    with pytest.raises(ConfigError) as raised:
+        load_config(env)
+    assert str(raised.value) == message
+
+
+def test_a_bad_limit_variable_beside_a_yaml_file_is_not_blamed_on_the_file(tmp_path):
+    """(Its message started with the file's path, which had no such setting.)"""
+    path = tmp_path / "c.yaml"
+    path.write_text("rate_limits: {user_paths: [{path: /team, limits: [{period: minute, max_requests: 5}]}]}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config({"GOMODEL_CONFIG": str(path), "SET_BUDGET_TEAM": "abc"})
+    assert str(raised.value) == "SET_BUDGET_TEAM: budget limit 'abc' must use period=amount"
+
+
 def test_secrets_never_appear_in_errors():
     with pytest.raises(ConfigError) as raised:
         load_config({"VLLM_BASE_URL": "http://h", "HTTP_POOL_MAX_PER_HOST": "0", "GOMODEL_MASTER_KEY": "s3cret"})

@@ -666,11 +666,11 @@ def test_environment_uses_gomodels_names():
 
 
 def test_environment_errors_name_the_variable():
-    with pytest.raises(ValueError, match="invalid value for SET_RATE_LIMIT_TEAM: rate limit name 'rps'"):
+    with pytest.raises(ValueError, match="SET_RATE_LIMIT_TEAM: rate limit name 'rps'"):
         limits_from_env({"SET_RATE_LIMIT_TEAM": "rps=1"})
-    with pytest.raises(ValueError, match="invalid value for SET_BUDGET_TEAM: budget amount 'x'"):
+    with pytest.raises(ValueError, match="SET_BUDGET_TEAM: budget amount 'x'"):
         limits_from_env({"SET_BUDGET_TEAM": "daily=x"})
-    with pytest.raises(ValueError, match="RATE_LIMITS_ENABLED must be true or false"):
+    with pytest.raises(ValueError, match="RATE_LIMITS_ENABLED: invalid value 'maybe': must be true or false"):
         limits_from_env({"RATE_LIMITS_ENABLED": "maybe"})
     # A disabled feature's variables are not read (GoModel's rule).
     off = limits_from_env({"RATE_LIMITS_ENABLED": "false", "SET_RATE_LIMIT_TEAM": "rps=1"})

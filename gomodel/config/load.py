@@ -73,9 +73,13 @@ def load_config(
     if listen:
         sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))
     try:
-        quotas = limits_from_env(env, limits_from_yaml(_typed_limits(document)))
+        quotas = limits_from_yaml(_typed_limits(document))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{yaml_path}: {e}" if yaml_path else str(e)) from None
+        raise ConfigError(f"{yaml_path}: {e}") from None
+    try:  # (its messages start with the variable's name: no file is at fault)
+        quotas = limits_from_env(env, quotas)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     named = {p.name.lower() for p in providers}
     for name in sorted(set(quotas.providers) - named):
         warnings.append(f"the rate limit of provider {name!r} holds for nothing: no provider has that name "

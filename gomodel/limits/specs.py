@@ -531,7 +531,7 @@ def limits_from_env(environ: Mapping, base: Optional[LimitsConfig] = None) -> Li
             elif key.startswith("SET_BUDGET_") and budgets_enabled:
                 budgets[env_path(key[len("SET_BUDGET_"):])] = parse_budgets(value)
         except ValueError as e:
-            raise ValueError(f"invalid value for {key}: {e}") from None
+            raise ValueError(f"{key}: {e}") from None  # (the value is in the reason)
     return LimitsConfig(rate_limits_enabled=rate_enabled, budgets_enabled=budgets_enabled,
                         user_paths=user_paths, providers=providers, models=dict(base.models), budgets=budgets)
 
@@ -642,11 +642,12 @@ def _enabled(section, name, default) -> bool:
 
 
 def _env_bool(environ, name, default) -> bool:
-    value = (environ.get(name) or "").strip().lower()
+    text = environ.get(name) or ""
+    value = text.strip().lower()
     if not value:
         return default
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name} must be true or false, not {value!r}")
+    raise ValueError(f"{name}: invalid value {text!r}: must be true or false")  # (as every other variable's)
