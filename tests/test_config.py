@@ -846,3 +846,62 @@ def test_a_postgres_url_with_the_default_sqlite_storage_is_warned_of():
     assert "STORAGE_TYPE=postgresql" in warning and "s3cret" not in warning and "db:5432" not in warning
     assert not load_config({"STORAGE_TYPE": "postgresql", "POSTGRES_URL": "postgresql://gw@db/g"}).warnings
     assert not load_config({}).warnings
+
+
+def _readme() -> str:
+    """The README's text."""
+    import os
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+              encoding="utf-8") as f:
+        return f.read()
+
+
+def _readme_settings():
+    """The README's settings tables: C{{variable: (YAML key or None, section or None, default text)}}, from
+    each table whose header starts C{| variable |} and names a C{default} column."""
+    import re
+
+    rows, columns, table_section = {}, None, None
+    for line in _readme().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells is None:
+            columns = None
+        elif cells[0] == "variable":
+            columns = cells if "default" in cells else None
+            found = re.search(r"\(`(\w+):`\)", line)
+            table_section = found.group(1) if found else None
+        elif columns is not None and not set(cells[0]) <= set("- "):
+            variable = re.match(r"`([A-Z][A-Z0-9_]*)`", cells[0])
+            yaml = next((cells[i] for i, name in enumerate(columns) if name.startswith("YAML")), None)
+            key = re.fullmatch(r"`(\w+)`(?: \((\w+)\))?", yaml) if yaml else None
+            rows[variable.group(1)] = (key and key.group(1), key and (key.group(2) or table_section),
+                                       cells[columns.index("default")])
+    return rows
+
+
+def test_the_readmes_settings_tables_say_what_the_loader_reads():
+    """Each row of the README's settings tables is a setting the loader reads under that variable, that
+    YAML key in that section, and whose default is the one the row shows; and every setting is named."""
+    import re
+
+    from gomodel.config import Config, settings_of
+
+    settings = {s.env: (path.split(".")[0], key, s, default) for path, key, s, default in settings_of(Config)}
+    rows = _readme_settings()
+    assert len(rows) > 30
+    for variable, (yaml_key, section, default_text) in rows.items():
+        assert variable in settings, f"README's {variable} is no setting of the loader"
+        section_of, key, setting, default = settings[variable]
+        if yaml_key is not None:
+            assert (yaml_key, section) == (key, section_of), variable
+        shown = re.sub(r"\s*\(none\)$", "", default_text).strip("`")
+        if shown not in ("unset", "none", "everything", "twistd's text"):
+            assert setting.parse(shown) == default, f"README's default of {variable} is {default_text}"
+        elif shown == "none":
+            assert default in ((), None), variable
+        else:
+            assert default is None, variable
+    readme = _readme()
+    unnamed = [env for env in settings if not re.search(f"`{env}[`=]", readme)]
+    assert not unnamed, f"settings the README never names: {unnamed}"
