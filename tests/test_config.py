@@ -185,6 +185,18 @@ def test_a_bad_limit_variable_beside_a_yaml_file_is_not_blamed_on_the_file(tmp_p
     assert str(raised.value) == "SET_BUDGET_TEAM: budget limit 'abc' must use period=amount"
 
 
+@pytest.mark.parametrize("value", ["{reset_prefix_cache: true}", "true", "[[reset_prefix_cache]]"])
+def test_a_list_of_names_given_as_anything_but_text_or_a_list_of_texts_is_refused(tmp_path, value):
+    """(A mapping was read as its Python text, one name "{'reset_prefix_cache': True}": nothing let through,
+    and nothing said so.)"""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"upstreams: {{passthrough_admin_allowed: {value}}}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config({"GOMODEL_CONFIG": str(path)})
+    assert str(raised.value).startswith(f"{path}: upstreams.passthrough_admin_allowed: invalid value ")
+    assert str(raised.value).endswith(": must be names separated by commas, or a list of names")
+
+
 def test_secrets_never_appear_in_errors():
     with pytest.raises(ConfigError) as raised:
         load_config({"VLLM_BASE_URL": "http://h", "HTTP_POOL_MAX_PER_HOST": "0", "GOMODEL_MASTER_KEY": "s3cret"})

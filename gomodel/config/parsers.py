@@ -262,6 +262,8 @@ def boolean(value) -> bool:
 def names(value) -> tuple:
     """Lower-case names from a comma-separated text or a YAML list; slashes around each are dropped."""
     items = value if isinstance(value, list) else str(value).split(",")
+    if isinstance(value, (dict, bool)) or any(isinstance(i, (dict, list, bool)) for i in items):
+        raise ValueError("must be names separated by commas, or a list of names")
     return tuple(str(i).strip().strip("/").lower() for i in items if str(i).strip().strip("/"))
 
 
