@@ -191,7 +191,7 @@ def start_primary(tmp_path, own_group=False, twistd_options=(), log_path=None):
     """
     output = tmp_path / "gateway.log"
     log_path = log_path or output
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "PROMETHEUS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "PROMETHEUS_", "REDIS_"))}
     env.update({"PYTHONPATH": REPO, "GOMODEL_DATA_DIR": str(tmp_path / "data")})
     with open(output, "wb") as log:
         primary = subprocess.Popen(
@@ -278,6 +278,8 @@ def test_the_primary_deals_its_connections_to_a_worker_in_turn_and_restarts_it(t
     text = log_path.read_text()
     assert "worker 1 started" in text and "restarting it" in text and "taking connections from the primary" in text
     assert "Server Shut Down" in text
+    # Without REDIS_URL each process counts limits alone: the primary says so once (its workers do not).
+    assert text.count("2 processes without REDIS_URL: each counts rate and concurrency limits alone") == 1, text
 
 
 def test_a_workers_output_is_published_as_its_events_and_lines():
