@@ -197,6 +197,21 @@ def test_a_list_of_names_given_as_anything_but_text_or_a_list_of_texts_is_refuse
     assert str(raised.value).endswith(": must be names separated by commas, or a list of names")
 
 
+@pytest.mark.parametrize("document", ["rate_limits: &r {user_paths: [*r]}", "storage: &s {type: *s}",
+                                      "logging: &l {x: [*l]}"])
+def test_a_yaml_alias_inside_what_it_names_is_one_line_not_a_traceback(tmp_path, document):
+    """(A loop of aliases reached a reader that walks the document: a RecursionError's traceback at start.)
+    An alias used twice, not inside itself, is still read."""
+    path = tmp_path / "c.yaml"
+    path.write_text(document + "\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config({"GOMODEL_CONFIG": str(path)})
+    assert str(raised.value) == f"{path}: an alias (*name) is used inside the mapping or list it names"
+    path.write_text("rate_limits: {user_paths: [{path: /a, limits: [&k {period: minute, max_requests: 5}]}, "
+                    "{path: /b, limits: [*k]}]}\n")
+    assert sorted(load_config({"GOMODEL_CONFIG": str(path)}).quotas.user_paths) == ["/a", "/b"]
+
+
 def test_secrets_never_appear_in_errors():
     with pytest.raises(ConfigError) as raised:
         load_config({"VLLM_BASE_URL": "http://h", "HTTP_POOL_MAX_PER_HOST": "0", "GOMODEL_MASTER_KEY": "s3cret"})

@@ -156,7 +156,9 @@ def _expand(node, env, path, done):
     """C{node} with the placeholders in its texts (mapping keys too) replaced from C{env}.
 
     C{done} maps each mapping or list already seen (by id) to its copy: YAML
-    aliases share one, and a recursive one is copied once.
+    aliases share one. One being copied is mapped to None meanwhile: an alias
+    inside what it names (a loop, which every reader of the document would
+    follow for ever) is refused.
     """
     if isinstance(node, str):
         return _PLACEHOLDER.sub(lambda m: env.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)),
@@ -164,17 +166,20 @@ def _expand(node, env, path, done):
     if not isinstance(node, (dict, list)):
         return node
     if id(node) in done:
+        if done[id(node)] is None:
+            raise ConfigError(f"{path}: an alias (*name) is used inside the mapping or list it names")
         return done[id(node)]
+    done[id(node)] = None
     if isinstance(node, list):
-        copy = done[id(node)] = []
-        copy.extend(_expand(item, env, path, done) for item in node)
-        return copy
-    copy = done[id(node)] = {}
-    for key, value in node.items():
-        expanded = _expand(key, env, path, done)
-        if expanded in copy:
-            raise ConfigError(f"{path}: two keys are the same once their placeholders are expanded")
-        copy[expanded] = _expand(value, env, path, done)
+        copy = [_expand(item, env, path, done) for item in node]
+    else:
+        copy = {}
+        for key, value in node.items():
+            expanded = _expand(key, env, path, done)
+            if expanded in copy:
+                raise ConfigError(f"{path}: two keys are the same once their placeholders are expanded")
+            copy[expanded] = _expand(value, env, path, done)
+    done[id(node)] = copy
     return copy
 
 
