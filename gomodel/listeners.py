@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from gomodel._twistedcompat import unix_socket_path
 
 BACKLOG = 511  # connections waiting to be accepted, as nginx's default (Twisted's own is 50)
+_BARE_IPV6 = re.compile(r":interface=(?:[0-9A-Fa-f]{0,4}:){2}")  # an IPv6 address whose colons are not escaped
 _TCP = re.compile(r"tcp:(?:port=)?(?P<port>[0-9]+)(?P<options>(?::[a-z]+=(?:\\.|[^:\\])*)*)$")
 
 
@@ -50,6 +51,10 @@ def check_listen(description: str):
 
     @raise ValueError: what is wrong with it (one line).
     """
+    if _BARE_IPV6.search(description):  # (strports split it at its colons, and said so in their own words)
+        raise ValueError(r"escape the colons of an IPv6 address (interface=\:\:1)")
+    if description.split(":", 1)[0].lower() == "unix" and not description[5:].split(":", 1)[0]:
+        raise ValueError("a unix: listener needs the socket's path (unix:/run/gomodel.sock)")
     if description.startswith("tcp:"):
         port = parse_tcp(description)[0]
         if port > 65535:

@@ -203,6 +203,21 @@ def test_options_refuse_a_bad_listen_description_naming_it(description, tmp_path
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("description, says", [
+    # (Twisted's own words were "_TCP6ServerParser._parseServer() got multiple values for argument 'interface'")
+    ("tcp6:0:interface=::1", r"escape the colons of an IPv6 address (interface=\:\:1)"),
+    ("tcp:0:interface=fd00::5:backlog=64", r"escape the colons of an IPv6 address (interface=\:\:1)"),
+    ("ssl:0:interface=2001:db8::1:privateKey=key.pem", r"escape the colons of an IPv6 address (interface=\:\:1)"),
+    # (listened nowhere: "cannot listen on unix:: [Errno 2] No such file or directory: b''", after the start)
+    ("unix:", "a unix: listener needs the socket's path (unix:/run/gomodel.sock)"),
+])
+def test_options_say_how_to_write_what_strports_misread(description, says, tmp_path, monkeypatch):
+    monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
+    with pytest.raises(usage.UsageError) as raised:
+        tap.Options().parseOptions(["--listen", description])
+    assert str(raised.value) == f"--listen {description!r}: {says}"
+
+
 def test_options_take_good_listen_descriptions(tmp_path, monkeypatch):
     monkeypatch.setenv("GOMODEL_DATA_DIR", str(tmp_path))
     good = ["tcp:0", "tcp:port=8080:interface=127.0.0.1:backlog=64", r"tcp:9000:interface=\:\:1",
