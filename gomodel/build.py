@@ -105,7 +105,9 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     gateway.monitor.setServiceParent(gateway)
     exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts, timers=timers)
     owner = process_owner()
-    gateway.store = store = _store(config.store, reactor, config.server.workers > 1)
+    # (A worker is one of several whatever its configuration says: its command line has no --workers.)
+    several = config.server.workers > 1 or role == "worker"
+    gateway.store = store = _store(config.store, reactor, several)
 
     # Limits and budgets: counters in this process, or shared through Redis (REDIS_URL).
     gateway.keys = KeyRing(store.keys, reactor)
@@ -125,8 +127,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                       seed_counts_kept=gateway.usage is not None) if config.quotas.budgets_enabled else None
     gateway.gate = Gate(Limiter(counters, reactor), book, config.quotas, store.budgets, reactor, pricing=pricing)
     gateway.keys.budgets_changed = gateway.gate.renew
-    if book is not None and shared_counters is None and (config.store.storage_type == "postgresql"
-                                                         or config.server.workers > 1):
+    if book is not None and shared_counters is None and (config.store.storage_type == "postgresql" or several):
         # The ledger is shared with other processes, the counters are not: each follows what the others spent.
         Repeating(LEDGER_FRESH, gateway.gate.follow_ledger, clock=reactor).setServiceParent(gateway)
     exchange.admit = gateway.gate.admit

@@ -417,3 +417,23 @@ def test_a_scrape_sums_the_metrics_of_every_worker(tmp_path):
     finally:
         primary.send_signal(signal.SIGTERM)
         assert primary.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("role", ["worker", "primary"])
+def test_each_process_of_several_builds_as_one_of_several_whatever_its_own_workers_setting(tmp_path, role):
+    """A worker's command line has no --workers (L{worker_argv}): with C{--workers 4} (not C{GOMODEL_WORKERS})
+    its own configuration said 1 process, and it built as a lone gateway: its SQLite store never looked
+    again for a response another process kept a moment ago (a continuation sent to it got 400
+    previous_response_not_found), and its budgets never followed what the other processes spent."""
+    from twisted.internet.task import Clock
+
+    from gomodel.build import build_gateway
+    from gomodel.config import load_config
+    from gomodel.periodic import Repeating
+    from gomodel.store.sqlite.responses import MISS_GRACE
+
+    workers = "1" if role == "worker" else "2"
+    config = load_config({"GOMODEL_DATA_DIR": str(tmp_path), "GOMODEL_WORKERS": workers})
+    gateway = build_gateway(config, Clock(), role=role, worker_argv=["true"], worker_env={})
+    assert gateway.store.responses._miss_grace == MISS_GRACE
+    assert any(isinstance(s, Repeating) and s.call == gateway.gate.follow_ledger for s in gateway)
