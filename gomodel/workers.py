@@ -168,6 +168,13 @@ class HandedConnections(Service):
         super().startService()
         self._sock = socket.socket(fileno=self._fd)
         self._sock.setblocking(False)
+        # Once the reactor runs, and so handles SIGTERM with a drain: twistd starts the services before.
+        self._reactor.callWhenRunning(self._ready)
+
+    def _ready(self):
+        """Tell the primary to hand connections over, and take them."""
+        if not self.running or self._sock.fileno() == -1:
+            return
         try:
             self._sock.send(_READY)
         except OSError as e:  # the primary is gone (ParentWatch stops the worker)

@@ -437,3 +437,25 @@ def test_each_process_of_several_builds_as_one_of_several_whatever_its_own_worke
     gateway = build_gateway(config, Clock(), role=role, worker_argv=["true"], worker_env={})
     assert gateway.store.responses._miss_grace == MISS_GRACE
     assert any(isinstance(s, Repeating) and s.call == gateway.gate.follow_ledger for s in gateway)
+
+
+def test_a_worker_asks_for_connections_only_once_its_reactor_runs():
+    """twistd starts the services before the reactor runs, and the reactor installs its signal handlers
+    only then: a worker that said it was ready at once was dealt connections while a SIGTERM (to the whole
+    process group, as systemd sends it) still ended it at once, without its drain, and them with it (the
+    test above saw one exit without 'Server Shut Down' now and then)."""
+    from twisted.internet.testing import MemoryReactor
+
+    reactor = MemoryReactor()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    handed = HandedConnections(reactor, Factory(), fd=theirs.detach())
+    try:
+        handed.startService()
+        with pytest.raises(BlockingIOError):
+            ours.recv(16)
+        reactor.run()  # (a MemoryReactor runs its when-running calls)
+        assert ours.recv(16) == b"r"
+    finally:
+        handed.stopService()
+        ours.close()
