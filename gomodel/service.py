@@ -63,8 +63,8 @@ class GatewayService(MultiService):
         if not self.config.auth.master_key:
             self.log.warn("GOMODEL_MASTER_KEY is not set: the gateway is open to anyone who can reach it.")
         quotas = self.config.quotas
-        if self.supervisor is not None and not self.config.store.redis_url and quotas is not None and (
-                quotas.rate_limits_enabled or quotas.budgets_enabled):
+        if self.supervisor is not None and not self.config.store.redis_url and quotas is not None and \
+                quotas.rate_limits_enabled:
             self.log.warn("{workers} processes without REDIS_URL: each counts rate and concurrency limits alone (a key "
                           "may get up to {workers} times its limits) and its own budget sums; set REDIS_URL to share "
                           "them", workers=self.config.server.workers)
