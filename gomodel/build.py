@@ -275,7 +275,8 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                          keys=KeysAPI(store.keys, gateway.keys, reactor, book),
                          budgets=BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
                          if book is not None else None)
-    return GatewayApp(plain, responses, Passthrough(config.upstreams.passthrough, gateway.registry, exchange, salts),
+    passthrough = Passthrough(config.upstreams.passthrough, gateway.registry, exchange, salts, store.responses)
+    return GatewayApp(plain, responses, passthrough,
                       files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes),
                       batches=BatchesAPI(store.batches, store.files, gateway.batch_runner, gateway.gate),
                       admin=admin,

@@ -229,3 +229,66 @@ def test_a_responses_stream_read_at_once_is_rewritten_at_its_errors_alone():
         observer = ResponsesStreamObserver(lambda text: text.replace(host, "vllm"))
         out = b"".join(observer.feed(e) for e in deltas[:2] + [error, failed])
         assert out.startswith(b"".join(deltas[:2])) and out[len(b"".join(deltas[:2])):].count(host.encode()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
+    """A managed key reaches another tenant's stored response through C{/p/} no more than through C{/v1/responses}:
+    reading it, its input items or cancelling it is a 404 (before, the instance answered with its whole content),
+    continuing it a 400 C{previous_response_not_found} (before, its history reached the other key); its own tenant
+    and the master key reach it as before."""
+    gw, vllm, other = two
+    alice, bob = await new_key(http, gw, name="alice"), await new_key(http, gw, name="bob")
+    response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "my secret plan"}, key=alice)
+    assert response.code == 200, content
+    response_id = json.loads(content)["id"]
+    asked = len(vllm.requests)
+    for method, path in (("GET", f"/p/vllm/v1/responses/{response_id}"), ("GET", f"/p/vllm/responses/{response_id}"),
+                         ("GET", f"/p/vllm/v1/responses/{response_id}/input_items"),
+                         ("POST", f"/p/vllm/v1/responses/{response_id}/cancel"),
+                         ("DELETE", f"/p/vllm/v1/responses/{response_id}")):
+        response, content = await call(http, gw, path, key=bob, method=method)
+        assert response.code == 404, (path, content)
+        assert json.loads(content)["error"]["code"] == "response_not_found" and b"secret" not in content, content
+    response, content = await call(http, gw, "/p/vllm/v1/responses", {
+        "model": BARE, "input": "what was it?", "previous_response_id": response_id}, key=bob)
+    assert response.code == 400 and json.loads(content)["error"]["code"] == "previous_response_not_found", content
+    assert len(vllm.requests) == asked  # (none of these reached the instance)
+    for key in (alice, MASTER):
+        response, content = await call(http, gw, f"/p/vllm/v1/responses/{response_id}", key=key, method="GET")
+        assert response.code == 200 and json.loads(content)["id"] == response_id, content
+        response, content = await call(http, gw, "/p/vllm/v1/responses", {
+            "model": BARE, "input": "and now?", "previous_response_id": response_id}, key=key)
+        assert response.code == 200, content
+    response, content = await call(http, gw, "/p/vllm/v1/responses/resp_unknown", key=bob, method="GET")
+    assert response.code == 404 and json.loads(content)["error"]["code"] == "response_not_found", content
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_keys(http, two):
+    """What a provider's account stores (its stored chat completions, files, batches, vector stores,
+    conversations, ...) is every tenant's who went through the gateway: a managed key gets 403 there through C{/p/}
+    (before, C{GET /p/openai/v1/chat/completions} listed every tenant's stored conversations), and nothing reaches
+    the provider; it still creates chat completions (and vLLM's C{render}/C{batch}); the master key reaches all."""
+    gw, vllm, other = two
+    key = await new_key(http, gw)
+    asked = len(other.requests)
+    for method, path in (("GET", "/p/openai-other/v1/chat/completions"),
+                         ("GET", "/p/openai-other/v1/chat/completions/chatcmpl-1"),
+                         ("GET", "/p/openai-other/v1/chat/completions/chatcmpl-1/messages"),
+                         ("DELETE", "/p/openai-other/chat/completions/chatcmpl-1"),
+                         ("GET", "/p/openai-other/v1/files"), ("GET", "/p/openai-other/v1/files/file-1/content"),
+                         ("GET", "/p/openai-other/v1/batches"), ("GET", "/p/openai-other/v1/vector_stores"),
+                         ("GET", "/p/openai-other/v1/conversations/conv_1/items"),
+                         ("GET", "/p/openai-other/v1/Files"), ("GET", "/p/openai/v1/fine_tuning/jobs")):
+        response, content = await call(http, gw, path, key=key, method=method)
+        assert response.code == 403, (path, content)
+        assert json.loads(content)["error"]["code"] == "provider_account_route", content
+    assert len(other.requests) == asked
+    body = {"model": BARE, "messages": [{"role": "user", "content": "hi"}]}
+    response, content = await call(http, gw, "/p/openai-other/v1/chat/completions", body, key=key)
+    assert response.code == 200, content
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", body, key=key)
+    assert response.code == 200, content
+    response, content = await call(http, gw, "/p/openai-other/v1/files", key=MASTER, method="GET")
+    assert response.code == 404 and other.requests[-1].path == b"/v1/files", content  # (the fake has none)

@@ -15,12 +15,13 @@ from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, ur
 from gomodel import errors, jsonutil
 from gomodel._twistedcompat import header_name, plain_headers
 from gomodel.auth.keys import presented_key
-from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES
+from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES, visible
 from gomodel.http import render
 from gomodel.http.bodies import whole_number
 from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, connection_tokens
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
+from gomodel.responses_history import continued, unknown_response
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -40,6 +41,15 @@ ADMIN_ROUTES = frozenset((
 # health and KV event publishers' addresses): the master key's alone.
 OPERATOR_ROUTES = frozenset(("metrics", "load", "server_info", "weight_info", "get_world_size", "fault_tolerance",
                              "kv_event_sources"))
+
+# An OpenAI-compatible provider's routes to what its account stores (the gateway's account: every tenant's who went
+# through it), and Anthropic's message batches: the master key's alone (the gateway cannot tell whose each is). Its
+# stored chat completions too: C{chat/completions} but for creating one (and vLLM's C{CHAT_ROUTES}).
+ACCOUNT_ROUTES = frozenset(("files", "batches", "uploads", "vector_stores", "conversations", "fine_tuning",
+                            "assistants", "threads", "containers", "evals", "organization", "chatkit", "skills"))
+CHAT_ROUTES = frozenset(("render", "derender", "batch"))
+# C{responses/...} routes that name no response: vLLM's C{render}, OpenAI's C{input_tokens} and C{compact}.
+RESPONSES_ROUTES = frozenset(("render", "input_tokens", "compact"))
 
 # The other routes of vLLM 0.32 (C{v1/} taken off): its clients' own, neither operational nor the whole server's, and
 # not taking a C{cache_salt} (a test reads a real vLLM's routes and finds each in one of these sets).
@@ -87,15 +97,18 @@ STREAM_ENDS = {"chat/completions": DONE_END, "completions": DONE_END, "messages"
 class Passthrough:
     """Relays C{/p/{provider}/{endpoint}} requests."""
 
-    def __init__(self, settings, registry, exchange, salts=None):
+    def __init__(self, settings, registry, exchange, salts=None, responses=None):
         """
         @param settings: the L{gomodel.config.PassthroughConfig}.
         @param salts: the L{gomodel.auth.tenancy.CacheSalts}, or None.
+        @param responses: the store's L{gomodel.store.interfaces.IResponseStore} (whose stored response is
+            whose), or None.
         """
         self._settings = settings
         self._registry = registry
         self._exchange = exchange
         self._salts = salts
+        self._responses = responses
 
     async def relay(self, request, ctx, provider_name):
         """Relay C{request} to the provider; return None once the answer was relayed."""
@@ -123,9 +136,10 @@ class Passthrough:
         ctx.provider, ctx.provider_type = provider.name, provider.type
         request.content.seek(0)
         body = request.content.read() or None
-        if (body is not None and principal is not None and not principal.master
-                and provider.type in SALTED_PROVIDER_TYPES):
-            body = self._keyed(body, principal, provider, route)
+        if principal is not None and not principal.master:
+            await self._owned(principal, request.method, _bare(unquote(endpoint)), body)
+            if body is not None and provider.type in SALTED_PROVIDER_TYPES:
+                body = self._keyed(body, principal, provider, route)
         model, ctx.asked_stream = served_model(body, provider)
         if model is not None:
             ctx.route(provider, model, model)
@@ -137,6 +151,39 @@ class Passthrough:
                             pin=_pinned_replica(request),
                             vet=partial(_relocate, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query))
         return await self._exchange.relay(request, ctx, provider, call)
+
+    async def _owned(self, principal, method, endpoint, body):
+        """Refuse a managed key's request for what another tenant may own upstream (C{endpoint}: the path without
+        its C{v1/}): a stored response the gateway does not hold for its tenant, as on C{/v1/responses/{id}}, or
+        continued (C{previous_response_id}), as on C{/v1/responses}; the provider account's objects
+        (L{ACCOUNT_ROUTES}, stored chat completions), which the gateway cannot tell apart.
+
+        @raise NotFound: C{responses/{id}} (any method, below it too) the gateway holds for no tenant of the key.
+        @raise InvalidRequest: a C{responses} body continuing such a response (C{previous_response_not_found}),
+            or no JSON the gateway reads (C{invalid_json}).
+        @raise Forbidden: an account's route (C{provider_account_route}).
+        """
+        parts, route = endpoint.split("/"), endpoint.lower().split("/")
+        first = route[0]
+        if (first in ACCOUNT_ROUTES or route[:2] == ["messages", "batches"]
+                or (route[:2] == ["chat", "completions"] and (method != b"POST" or len(route) > 2
+                                                              and route[2] not in CHAT_ROUTES))):
+            raise errors.Forbidden(f"'/{endpoint}' reaches what the provider's account stores, every tenant's: only "
+                                   "the master key reaches it.", code="provider_account_route")
+        if first != "responses":
+            return
+        if len(parts) > 1 and route[1] not in RESPONSES_ROUTES:
+            record = await self._responses.get(parts[1]) if self._responses is not None else None
+            if record is None or not visible(principal, record):
+                raise unknown_response(parts[1])
+        elif len(parts) == 1 and body is not None and self._responses is not None:
+            try:
+                fields = jsonutil.loads(body)
+            except jsonutil.JSONError as e:  # (which an upstream's parser may read: a BOM before it, a NaN)
+                raise errors.InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+            previous = fields.get("previous_response_id") if fields.__class__ is dict else None
+            if previous:
+                await continued(self._responses, str(previous), principal)
 
     def _keyed(self, body, principal, provider, route):
         """C{body} (raw) with a managed key's C{cache_salt} and C{priority} set as on C{/v1}
