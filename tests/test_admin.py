@@ -633,3 +633,33 @@ async def test_the_log_search_finds_models_and_providers_as_gomodels_does(http, 
         assert [r["request_id"] for r in json.loads(body)["data"]] == found, text
     _, body = await get(http, ledger, "/admin/api/v1/usage/summary?search=qwen")
     assert json.loads(body)["requests"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cross_site_page_cannot_write_through_the_admin_api(reactor, http, fake):
+    """An open gateway (no master key) takes any admin write from whoever reaches it; a web page another site
+    served (a form, a no-cors fetch: no preflight for text/plain) reaches it through its visitor's browser, who
+    may reach a gateway on localhost or the intranet. A write the browser marks as another site's
+    (C{Sec-Fetch-Site}, or without it an C{Origin} that is not the gateway's) is a 403 C{cross_site_request}
+    (before, it made a key, a budget on C{/} that stops everyone, or reset every budget); the dashboard's own
+    (same-origin), a tool's (no such headers) and reads pass."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    form = b'{"name":"evil="}'  # (a text/plain form: its field's name, "=", its value)
+    try:
+        for headers in ({"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+                        {"Sec-Fetch-Site": "same-site", "Origin": "https://evil.gw.example"},
+                        {"Origin": "https://evil.example"}, {"Origin": "null"}):
+            for path in ("/admin/api/v1/auth-keys", "/admin/api/v1/budgets/reset", "/admin/api/v1/runtime/refresh"):
+                response = await http.post(gw.url + path, data=form, headers=dict(headers, **{
+                    "Content-Type": "text/plain"}))
+                answer = json.loads(await response.content())
+                assert response.code == 403 and answer["error"]["code"] == "cross_site_request", (headers, answer)
+        response = await http.get(gw.url + "/admin/api/v1/auth-keys", headers={"Sec-Fetch-Site": "cross-site"})
+        assert response.code == 200 and json.loads(await response.content())["data"] == []
+        origin = gw.url  # (http://127.0.0.1:port, its Host)
+        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": origin}, {"Origin": origin}, {},
+                        {"Sec-Fetch-Site": "none"}):
+            response = await http.post(gw.url + "/admin/api/v1/auth-keys", json={"name": "ok"}, headers=headers)
+            assert response.code == 201, (headers, await response.content())
+    finally:
+        await gw.service.stopService()

@@ -132,6 +132,22 @@ def _has_line(headers, name) -> bool:
     return isinstance(headers, AnswerHeaders) and headers.has_line(name)
 
 
+def cross_site(request) -> bool:
+    """Whether a browser sent C{request} from a page of another site (a form, a no-cors fetch): its
+    C{Sec-Fetch-Site} says neither C{same-origin} nor C{none} (typed or bookmarked), or, from a browser that sends
+    none, its C{Origin} is not the gateway's (C{Host}, or a proxy's C{X-Forwarded-Host}). A client that is no
+    browser sends neither."""
+    fetch_site = request.getHeader(b"sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site.strip().lower() not in (b"same-origin", b"none")
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return False
+    netloc = origin.strip().lower().partition(b"://")[2]
+    return not netloc or all(netloc != (host or b"").strip().lower()
+                             for host in (request.getHeader(b"host"), request.getHeader(b"x-forwarded-host")))
+
+
 def is_event_stream(headers) -> bool:
     """Whether an answer's C{headers} (an upstream's, or the one going to the client) say server-sent events."""
     value = plain_headers(headers).get(CONTENT_TYPE, (b"",))[0]
