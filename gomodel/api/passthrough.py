@@ -52,7 +52,8 @@ CHAT_ROUTES = frozenset(("render", "derender", "batch"))
 RESPONSES_ROUTES = frozenset(("render", "input_tokens", "compact"))
 
 # The other routes of vLLM 0.32 (C{v1/} taken off): its clients' own, neither operational nor the whole server's, and
-# not taking a C{cache_salt} (a test reads a real vLLM's routes and finds each in one of these sets).
+# not taking a C{cache_salt} (a test reads a real vLLM's routes and finds each in one of these sets); a managed key
+# reaches C{responses/{response_id}} only for a response the gateway holds for its tenant (L{Passthrough._owned}).
 CLIENT_ROUTES = frozenset((
     "health", "ping", "version", "models", "tokenize", "detokenize", "tokenizer_info", "messages/count_tokens",
     "responses/{response_id}", "responses/{response_id}/cancel", "chat/completions/render", "completions/render",
