@@ -2,6 +2,7 @@
 address (in an error, streamed or not, relayed or passed through, in a header) and its key, the client's key sent
 again under another header or in the query of a passthrough; and a key's model list holds through failover rules."""
 
+import io
 import json
 
 import pytest_twisted
@@ -292,3 +293,56 @@ async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_
     assert response.code == 200, content
     response, content = await call(http, gw, "/p/openai-other/v1/files", key=MASTER, method="GET")
     assert response.code == 404 and other.requests[-1].path == b"/v1/files", content  # (the fake has none)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_route_sends_the_clients_key_upstream(reactor, http, two):
+    """A managed key, sent as C{Authorization} or as C{x-api-key} (and again under another header and in the
+    query), reaches no upstream on any route: chat, completions, embeddings, rerank, score, Responses (streamed,
+    in the background, read, cancelled, deleted), Messages (native, translated, count_tokens), a batch's lines,
+    the passthrough; each upstream sees the provider's key or none."""
+    gw, vllm, other = two
+    other.native_messages = False  # (its Messages go translated to its chat)
+    key = await new_key(http, gw)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    message = {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    asks = [("/v1/chat/completions", dict(chat, model=MODEL)), ("/v1/chat/completions", dict(chat, model=OTHER)),
+            ("/v1/chat/completions", dict(chat, model=MODEL, stream=True)),
+            ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5}),
+            ("/v1/embeddings", {"model": MODEL, "input": "hi"}),
+            ("/v1/rerank", {"model": MODEL, "query": "q", "documents": ["a", "b"]}),
+            ("/v1/score", {"model": MODEL, "text_1": "a", "text_2": "b"}),
+            ("/v1/responses", {"model": MODEL, "input": "hi", "stream": True}),
+            ("/v1/messages", dict(message, model=MODEL)), ("/v1/messages", dict(message, model=OTHER, stream=True)),
+            ("/v1/messages/count_tokens", {"model": MODEL, "messages": message["messages"]}),
+            ("/p/vllm/tokenize?key=" + key, {"model": BARE, "prompt": "hi"}),
+            ("/p/openai-other/v1/chat/completions", dict(chat, model=BARE))]
+    for number, (path, body) in enumerate(asks):
+        named = {"x-api-key": key} if number % 2 else {"authorization": f"Bearer {key}"}
+        response = await http.post(gw.url + path, data=json.dumps(body).encode(), headers=dict(
+            named, **{"x-custom": f"Token {key}", "anthropic-version": "2023-06-01"}))
+        content = await treq.content(response)
+        assert response.code == 200, (path, content)
+    auth = {"authorization": f"Bearer {key}"}
+    response = await http.post(gw.url + "/v1/responses", headers=auth, data=json.dumps(
+        {"model": MODEL, "input": "hi", "background": True}).encode())
+    response_id = json.loads(await treq.content(response))["id"]
+    for method, path in (("GET", ""), ("GET", "/input_items"), ("POST", "/cancel"), ("DELETE", "")):
+        response = await http.request(method, f"{gw.url}/v1/responses/{response_id}{path}", headers=auth)
+        assert response.code == 200, (path, await treq.content(response))
+    line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": dict(chat, model=MODEL)}
+    response = await http.post(gw.url + "/v1/files", headers=auth, data={"purpose": "batch"}, files={
+        "file": ("in.jsonl", "application/jsonl", io.BytesIO(json.dumps(line).encode() + b"\n"))})
+    file_id = json.loads(await treq.content(response))["id"]
+    response = await http.post(gw.url + "/v1/batches", headers=auth, data=json.dumps(
+        {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}).encode())
+    batch = json.loads(await treq.content(response))
+    await gw.service.batch_runner.settled(batch["id"])
+    response = await http.get(f"{gw.url}/v1/batches/{batch['id']}", headers=auth)
+    assert json.loads(await treq.content(response))["request_counts"]["completed"] == 1
+    for fake, provider_key, asked in ((vllm, PROVIDER_KEY, 14), (other, "sk-up", 3)):
+        assert len(inference(fake)) >= asked
+        for seen in fake.requests:
+            assert key.encode() not in seen.uri, seen.uri
+            assert all(key.encode() not in b"".join(values) for _, values in seen.headers.getAllRawHeaders()), seen.path
+            assert seen.header(b"authorization") == f"Bearer {provider_key}" and seen.header(b"x-api-key") is None
