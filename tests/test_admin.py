@@ -636,20 +636,21 @@ async def test_the_log_search_finds_models_and_providers_as_gomodels_does(http, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_cross_site_page_cannot_write_through_the_admin_api(reactor, http, fake):
-    """An open gateway (no master key) takes any admin write from whoever reaches it; a web page another site
-    served (a form, a no-cors fetch: no preflight for text/plain) reaches it through its visitor's browser, who
-    may reach a gateway on localhost or the intranet. A write the browser marks as another site's
-    (C{Sec-Fetch-Site}, or without it an C{Origin} that is not the gateway's) is a 403 C{cross_site_request}
-    (before, it made a key, a budget on C{/} that stops everyone, or reset every budget); the dashboard's own
-    (same-origin), a tool's (no such headers) and reads pass."""
+async def test_a_cross_site_page_cannot_write_through_an_open_gateway(reactor, http, fake):
+    """An open gateway (no master key) takes any write from whoever reaches it; a web page another site served (a
+    form, a no-cors fetch: no preflight for text/plain) reaches it through its visitor's browser, who may reach a
+    gateway on localhost or the intranet. A write the browser marks as another site's (C{Sec-Fetch-Site}, or
+    without it an C{Origin} that is not the gateway's) is a 403 C{cross_site_request} (before, it made a key, a
+    budget on C{/} that stops everyone, reset every budget, or ran prompts and batches on the gateway's GPUs); the
+    dashboard's own (same-origin), a tool's (no such headers) and reads pass."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
     form = b'{"name":"evil="}'  # (a text/plain form: its field's name, "=", its value)
     try:
         for headers in ({"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
                         {"Sec-Fetch-Site": "same-site", "Origin": "https://evil.gw.example"},
                         {"Origin": "https://evil.example"}, {"Origin": "null"}):
-            for path in ("/admin/api/v1/auth-keys", "/admin/api/v1/budgets/reset", "/admin/api/v1/runtime/refresh"):
+            for path in ("/admin/api/v1/auth-keys", "/admin/api/v1/budgets/reset", "/admin/api/v1/runtime/refresh",
+                         "/v1/chat/completions", "/v1/batches", "/v1/files", "/p/vllm/tokenize"):
                 response = await http.post(gw.url + path, data=form, headers=dict(headers, **{
                     "Content-Type": "text/plain"}))
                 answer = json.loads(await response.content())
@@ -661,5 +662,7 @@ async def test_a_cross_site_page_cannot_write_through_the_admin_api(reactor, htt
                         {"Sec-Fetch-Site": "none"}):
             response = await http.post(gw.url + "/admin/api/v1/auth-keys", json={"name": "ok"}, headers=headers)
             assert response.code == 201, (headers, await response.content())
+            response = await http.post(gw.url + "/v1/chat/completions", data=CHAT, headers=headers)
+            assert response.code == 200, (headers, await response.content())
     finally:
         await gw.service.stopService()

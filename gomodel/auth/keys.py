@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from gomodel._twistedcompat import plain_headers
 from gomodel.errors import AuthenticationFailed, Forbidden, InvalidRequest, StorageUnavailable
-from gomodel.http.headers import AUTHORIZATION, X_API_KEY, X_GOMODEL_USER_PATH
+from gomodel.http.headers import AUTHORIZATION, X_API_KEY, X_GOMODEL_USER_PATH, cross_site
 from gomodel.http.site import IdentityPending
 from gomodel.logs import FailureStreak
 from gomodel.periodic import Periodic
@@ -41,6 +41,8 @@ REFRESH_INTERVAL = 1.0
 REFRESH_OVERLAP = 5.0
 # What new_secret makes: a secret of any other form is never looked up in the store.
 _WELL_FORMED = re.compile(rb"sk_gom_[0-9a-f]{64}")
+# Methods a page of another site may send an open gateway (L{GatewayAuth}): they change nothing.
+_SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
 # Seconds a request with a secret the key ring lacks waits for the store before it is refused.
 LOOKUP_TIMEOUT = 2.0
 # Well-formed secrets the store did not know, kept (up to this many) so that each is looked up once.
@@ -273,7 +275,9 @@ class GatewayAuth:
     Without a master key the gateway is open: a request without a key is
     served as nobody's (attributed to the user path of its
     C{X-GoModel-User-Path}, as the master key's are), one with a managed key
-    as that key's.
+    as that key's; but a write a browser sent from another site's page
+    (L{gomodel.http.headers.cross_site}) is refused: with no key to send, such a
+    page could reach a gateway on its visitor's localhost or intranet.
     """
 
     def __init__(self, master_key, keys=None, open_paths=(), closed_to_keys=(), open_prefixes=()):
@@ -298,13 +302,18 @@ class GatewayAuth:
         """The L{Principal} who sent C{request}: L{MASTER}, a managed key, or None (open path or gateway).
 
         @raise AuthenticationFailed: the key is missing or wrong (or deactivated, or expired).
-        @raise Forbidden: a managed key on a route only the master key reaches.
+        @raise Forbidden: a managed key on a route only the master key reaches; on an open gateway, a write a
+            browser sent from another site's page (C{cross_site_request}).
         @raise IdentityPending: a well-formed secret this process does not hold: its Deferred fires with the
             principal (or fails as above) once the key ring looked it up (L{KeyRing.look_up}).
         """
         if path in self._open or (self._open_prefixes and self._open_below(path)):
             return None
         if self._master_key is None:
+            if request.method not in _SAFE_METHODS and cross_site(request):
+                raise Forbidden("A browser sent this request from another site's page, which an open gateway (no "
+                                "master key) does not take: only a page of the gateway's own (the dashboard) or a "
+                                "client that is no browser.", code="cross_site_request")
             token = presented_key(request, required=False)
             principal = self._keys.find(token) if token and self._keys is not None else None
             if principal is None:
