@@ -268,9 +268,11 @@ async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
 @pytest_twisted.ensureDeferred
 async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_keys(http, two):
     """What a provider's account stores (its stored chat completions, files, batches, vector stores,
-    conversations, ...) is every tenant's who went through the gateway: a managed key gets 403 there through C{/p/}
-    (before, C{GET /p/openai/v1/chat/completions} listed every tenant's stored conversations), and nothing reaches
-    the provider; it still creates chat completions (and vLLM's C{render}/C{batch}); the master key reaches all."""
+    conversations, videos, ...) is every tenant's who went through the gateway, and its realtime sessions mint keys
+    to the account: a managed key gets 403 there through C{/p/} (before, C{GET /p/openai/v1/chat/completions} listed
+    every tenant's stored conversations, and C{realtime/client_secrets} handed out a key to the provider past the
+    gateway's limits), and nothing reaches the provider; it still creates chat completions (and vLLM's
+    C{render}/C{batch}); the master key reaches all."""
     gw, vllm, other = two
     key = await new_key(http, gw)
     asked = len(other.requests)
@@ -281,7 +283,9 @@ async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_
                          ("GET", "/p/openai-other/v1/files"), ("GET", "/p/openai-other/v1/files/file-1/content"),
                          ("GET", "/p/openai-other/v1/batches"), ("GET", "/p/openai-other/v1/vector_stores"),
                          ("GET", "/p/openai-other/v1/conversations/conv_1/items"),
-                         ("GET", "/p/openai-other/v1/Files"), ("GET", "/p/openai/v1/fine_tuning/jobs")):
+                         ("GET", "/p/openai-other/v1/Files"), ("GET", "/p/openai/v1/fine_tuning/jobs"),
+                         ("GET", "/p/openai-other/v1/videos"), ("POST", "/p/openai-other/v1/realtime/client_secrets"),
+                         ("POST", "/p/openai-other/v1/realtime/sessions")):
         response, content = await call(http, gw, path, key=key, method=method)
         assert response.code == 403, (path, content)
         assert json.loads(content)["error"]["code"] == "provider_account_route", content

@@ -44,9 +44,12 @@ OPERATOR_ROUTES = frozenset(("metrics", "load", "server_info", "weight_info", "g
 
 # An OpenAI-compatible provider's routes to what its account stores (the gateway's account: every tenant's who went
 # through it), and Anthropic's message batches: the master key's alone (the gateway cannot tell whose each is). Its
-# stored chat completions too: C{chat/completions} but for creating one (and vLLM's C{CHAT_ROUTES}).
+# stored chat completions too: C{chat/completions} but for creating one (and vLLM's C{CHAT_ROUTES}); and what mints a
+# key to the account (C{realtime/client_secrets}, C{realtime/sessions}, ...: C{realtime/} and below; vLLM's own
+# C{realtime} is a WebSocket, which the passthrough does not carry).
 ACCOUNT_ROUTES = frozenset(("files", "batches", "uploads", "vector_stores", "conversations", "fine_tuning",
-                            "assistants", "threads", "containers", "evals", "organization", "chatkit", "skills"))
+                            "assistants", "threads", "containers", "evals", "organization", "chatkit", "skills",
+                            "videos"))
 CHAT_ROUTES = frozenset(("render", "derender", "batch"))
 # C{responses/...} routes that name no response: vLLM's C{render}, OpenAI's C{input_tokens} and C{compact}.
 RESPONSES_ROUTES = frozenset(("render", "input_tokens", "compact"))
@@ -166,7 +169,7 @@ class Passthrough:
         """
         parts, route = endpoint.split("/"), endpoint.lower().split("/")
         first = route[0]
-        if (first in ACCOUNT_ROUTES or route[:2] == ["messages", "batches"]
+        if (first in ACCOUNT_ROUTES or route[:2] == ["messages", "batches"] or (first == "realtime" and len(route) > 1)
                 or (route[:2] == ["chat", "completions"] and (method != b"POST" or len(route) > 2
                                                               and route[2] not in CHAT_ROUTES))):
             raise errors.Forbidden(f"'/{endpoint}' reaches what the provider's account stores, every tenant's: only "
