@@ -268,7 +268,8 @@ async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
 @pytest_twisted.ensureDeferred
 async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_keys(http, two):
     """What a provider's account stores (its stored chat completions, files, batches, vector stores,
-    conversations, videos, ...) is every tenant's who went through the gateway, and its realtime sessions mint keys
+    conversations, videos; OpenRouter's credits, key and generations, ...) is every tenant's who went through the
+    gateway, and its realtime sessions mint keys
     to the account: a managed key gets 403 there through C{/p/} (before, C{GET /p/openai/v1/chat/completions} listed
     every tenant's stored conversations, and C{realtime/client_secrets} handed out a key to the provider past the
     gateway's limits), and nothing reaches the provider; it still creates chat completions (and vLLM's
@@ -285,7 +286,8 @@ async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_
                          ("GET", "/p/openai-other/v1/conversations/conv_1/items"),
                          ("GET", "/p/openai-other/v1/Files"), ("GET", "/p/openai/v1/fine_tuning/jobs"),
                          ("GET", "/p/openai-other/v1/videos"), ("POST", "/p/openai-other/v1/realtime/client_secrets"),
-                         ("POST", "/p/openai-other/v1/realtime/sessions")):
+                         ("POST", "/p/openai-other/v1/realtime/sessions"), ("GET", "/p/openai-other/v1/credits"),
+                         ("GET", "/p/openai-other/v1/key"), ("GET", "/p/openai-other/v1/generation?id=gen-1")):
         response, content = await call(http, gw, path, key=key, method=method)
         assert response.code == 403, (path, content)
         assert json.loads(content)["error"]["code"] == "provider_account_route", content

@@ -46,10 +46,11 @@ OPERATOR_ROUTES = frozenset(("metrics", "load", "server_info", "weight_info", "g
 # through it), and Anthropic's message batches: the master key's alone (the gateway cannot tell whose each is). Its
 # stored chat completions too: C{chat/completions} but for creating one (and vLLM's C{CHAT_ROUTES}); and what mints a
 # key to the account (C{realtime/client_secrets}, C{realtime/sessions}, ...: C{realtime/} and below; vLLM's own
-# C{realtime} is a WebSocket, which the passthrough does not carry).
+# C{realtime} is a WebSocket, which the passthrough does not carry). OpenRouter's account too: its C{credits}, its key's
+# spend and limits (C{key}), every generation's cost and model (C{generation}), C{activity}, C{keys}.
 ACCOUNT_ROUTES = frozenset(("files", "batches", "uploads", "vector_stores", "conversations", "fine_tuning",
                             "assistants", "threads", "containers", "evals", "organization", "chatkit", "skills",
-                            "videos"))
+                            "videos", "credits", "key", "keys", "generation", "activity"))
 CHAT_ROUTES = frozenset(("render", "derender", "batch"))
 # C{responses/...} routes that name no response: vLLM's C{render}, OpenAI's C{input_tokens} and C{compact}.
 RESPONSES_ROUTES = frozenset(("render", "input_tokens", "compact"))
