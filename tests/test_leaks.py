@@ -269,7 +269,7 @@ async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
 async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_keys(http, two):
     """What a provider's account stores (its stored chat completions, files, batches, vector stores,
     conversations, videos; OpenRouter's credits, key and generations, ...) is every tenant's who went through the
-    gateway, and its realtime sessions mint keys
+    gateway (its fine-tuned models too: a C{DELETE} of one deleted it for all), and its realtime sessions mint keys
     to the account: a managed key gets 403 there through C{/p/} (before, C{GET /p/openai/v1/chat/completions} listed
     every tenant's stored conversations, and C{realtime/client_secrets} handed out a key to the provider past the
     gateway's limits), and nothing reaches the provider; it still creates chat completions (and vLLM's
@@ -287,7 +287,8 @@ async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_
                          ("GET", "/p/openai-other/v1/Files"), ("GET", "/p/openai/v1/fine_tuning/jobs"),
                          ("GET", "/p/openai-other/v1/videos"), ("POST", "/p/openai-other/v1/realtime/client_secrets"),
                          ("POST", "/p/openai-other/v1/realtime/sessions"), ("GET", "/p/openai-other/v1/credits"),
-                         ("GET", "/p/openai-other/v1/key"), ("GET", "/p/openai-other/v1/generation?id=gen-1")):
+                         ("GET", "/p/openai-other/v1/key"), ("GET", "/p/openai-other/v1/generation?id=gen-1"),
+                         ("DELETE", "/p/openai-other/v1/models/ft:gpt-4o-mini:org:tuned:1")):
         response, content = await call(http, gw, path, key=key, method=method)
         assert response.code == 403, (path, content)
         assert json.loads(content)["error"]["code"] == "provider_account_route", content
@@ -296,6 +297,8 @@ async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_
     response, content = await call(http, gw, "/p/openai-other/v1/chat/completions", body, key=key)
     assert response.code == 200, content
     response, content = await call(http, gw, "/p/vllm/v1/chat/completions", body, key=key)
+    assert response.code == 200, content
+    response, content = await call(http, gw, "/p/openai-other/v1/models", key=key, method="GET")
     assert response.code == 200, content
     response, content = await call(http, gw, "/p/openai-other/v1/files", key=MASTER, method="GET")
     assert response.code == 404 and other.requests[-1].path == b"/v1/files", content  # (the fake has none)

@@ -44,7 +44,8 @@ OPERATOR_ROUTES = frozenset(("metrics", "load", "server_info", "weight_info", "g
 
 # An OpenAI-compatible provider's routes to what its account stores (the gateway's account: every tenant's who went
 # through it), and Anthropic's message batches: the master key's alone (the gateway cannot tell whose each is). Its
-# stored chat completions too: C{chat/completions} but for creating one (and vLLM's C{CHAT_ROUTES}); and what mints a
+# stored chat completions too: C{chat/completions} but for creating one (and vLLM's C{CHAT_ROUTES}), its fine-tuned
+# models (C{models} but for reading them: OpenAI's C{DELETE} deletes one); and what mints a
 # key to the account (C{realtime/client_secrets}, C{realtime/sessions}, ...: C{realtime/} and below; vLLM's own
 # C{realtime} is a WebSocket, which the passthrough does not carry). OpenRouter's account too: its C{credits}, its key's
 # spend and limits (C{key}), every generation's cost and model (C{generation}), C{activity}, C{keys}.
@@ -171,6 +172,7 @@ class Passthrough:
         parts, route = endpoint.split("/"), endpoint.lower().split("/")
         first = route[0]
         if (first in ACCOUNT_ROUTES or route[:2] == ["messages", "batches"] or (first == "realtime" and len(route) > 1)
+                or (first == "models" and method not in (b"GET", b"HEAD"))  # (OpenAI's DELETE of a fine-tuned model)
                 or (route[:2] == ["chat", "completions"] and (method != b"POST" or len(route) > 2
                                                               and route[2] not in CHAT_ROUTES))):
             raise errors.Forbidden(f"'/{endpoint}' reaches what the provider's account stores, every tenant's: only "
