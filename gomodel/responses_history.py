@@ -8,6 +8,7 @@ made it no longer knows it (vLLM restarted, or its store is off).
 """
 
 import re
+from functools import partial
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -18,7 +19,9 @@ from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.ids import new_id
 from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
+from gomodel.proxy.sse import hidden_strings
 from gomodel.store.sweeps import claimed
+from gomodel.upstream.errors import without_address
 
 MAX_CHAIN = 1000  # turns followed back through previous_response_id
 
@@ -108,6 +111,32 @@ async def continued(store, previous_id: str, principal):
 
 # A response object's link to the response it follows, as the upstream writes it when it was sent none.
 _UNLINKED = re.compile(rb'"previous_response_id":\s*null')
+
+
+def error_hidden(upstream, then, answer: bytes) -> bytes:
+    """C{answer}, a response object's JSON bytes from C{upstream} (a provider's pool), with its C{error} (a failed
+    response's) without the upstream's addresses where it names one (L{error_shown}), passed on to C{then} (or None).
+    An answer that names none (the usual one) is neither parsed nor changed."""
+    pattern = upstream.hidden_pattern
+    if pattern is not None and (pattern.search(answer) is not None or answer.find(b"\\u") >= 0):
+        try:
+            response = jsonutil.loads(answer)
+        except jsonutil.JSONError:
+            response = None
+        without = error_shown(response, upstream)
+        if without is not response:
+            answer = jsonutil.dumps(without)
+    return answer if then is None else then(answer)
+
+
+def error_shown(response, upstream):
+    """C{response} (a response object, or anything) with its C{error} without C{upstream}'s addresses, as a stream's
+    failed response is (L{gomodel.proxy.sse.ResponsesStreamObserver}): a new dict where that changed it; its
+    output (the model's words) as it is."""
+    if response.__class__ is not dict or response.get("error") is None:
+        return response
+    error = hidden_strings(response["error"], partial(without_address, upstream=upstream))
+    return response if error == response["error"] else dict(response, error=error)
 
 
 def relink(previous_id, then, answer: bytes) -> bytes:

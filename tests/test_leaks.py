@@ -355,3 +355,44 @@ async def test_no_route_sends_the_clients_key_upstream(reactor, http, two):
             assert key.encode() not in seen.uri, seen.uri
             assert all(key.encode() not in b"".join(values) for _, values in seen.headers.getAllRawHeaders()), seen.path
             assert seen.header(b"authorization") == f"Bearer {provider_key}" and seen.header(b"x-api-key") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_responses_error_never_shows_the_upstreams_address(http, two):
+    """A response object that failed names the upstream's address in its C{error} no more than a stream's failed
+    response does: answered whole, read again (a background response refreshed from its instance) or cancelled, it
+    shows the provider's name (before, the address as the instance wrote it), and so does a batch line's; its output
+    is left as it is."""
+    gw, vllm, other = two
+    host = addresses(vllm)[2]
+    error = {"code": "server_error", "message": f"engine at {host} died", "param": None}
+    failed = {"id": "resp_failed1", "object": "response", "created_at": 1700000000, "status": "failed", "model": BARE,
+              "output": [{"type": "message", "content": [{"type": "output_text", "text": f"ask {host}"}]}],
+              "error": error, "usage": None}
+    response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi", "fake_status": 200,
+                                                               "fake_body": json.dumps(failed)})
+    assert response.code == 200 and json.loads(content)["error"]["message"] == "engine at vllm died", content
+    assert f"ask {host}".encode() in content
+    response, content = await call(http, gw, "/v1/responses/resp_failed1", method="GET")  # (as stored)
+    assert response.code == 200 and json.loads(content)["error"]["message"] == "engine at vllm died", content
+    for path, method in (("", "GET"), ("/cancel", "POST")):
+        response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi", "background": True})
+        response_id = json.loads(content)["id"]
+        vllm.stored_responses[response_id].update(status="failed", error=error)
+        response, content = await call(http, gw, f"/v1/responses/{response_id}{path}", method=method)
+        assert response.code == 200 and json.loads(content)["error"]["message"] == "engine at vllm died", content
+        response, content = await call(http, gw, f"/v1/responses/{response_id}", method="GET")  # (as stored)
+        assert response.code == 200 and shows_none(content, *addresses(vllm)[:3]), content
+    # A batch's line answered so: its output line the same.
+    line = {"custom_id": "1", "method": "POST", "url": "/v1/responses", "body": {
+        "model": MODEL, "input": "hi", "fake_status": 200, "fake_body": json.dumps(dict(failed, id="resp_failed2"))}}
+    response = await http.post(gw.url + "/v1/files", headers={"authorization": f"Bearer {MASTER}"},
+                               data={"purpose": "batch"}, files={"file": ("in.jsonl", "application/jsonl", io.BytesIO(
+                                   json.dumps(line).encode() + b"\n"))})
+    response, content = await call(http, gw, "/v1/batches", {"input_file_id": json.loads(
+        await treq.content(response))["id"], "endpoint": "/v1/responses", "completion_window": "24h"})
+    batch_id = json.loads(content)["id"]
+    await gw.service.batch_runner.settled(batch_id)
+    response, content = await call(http, gw, f"/v1/batches/{batch_id}", method="GET")
+    response, content = await call(http, gw, f"/v1/files/{json.loads(content)['output_file_id']}/content", method="GET")
+    assert json.loads(content)["response"]["body"]["error"]["message"] == "engine at vllm died", content

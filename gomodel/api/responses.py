@@ -23,8 +23,8 @@ from gomodel.http.bodies import json_answer, page, query_arg, query_limit, strea
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (as_list, continued, conversation, normalise_input, relink,
-                                      unknown_previous, unknown_response)
+from gomodel.responses_history import (as_list, continued, conversation, error_hidden, error_shown, normalise_input,
+                                      relink, unknown_previous, unknown_response)
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.translate.whole_response import response_events
@@ -203,6 +203,7 @@ class ResponsesRoute:
         transform = turn.keep_body if turn.stored else None
         if explicit:
             transform = partial(relink, turn.previous_id, transform)
+        transform = partial(error_hidden, provider, transform)
         call = UpstreamCall("/responses", jsonutil.dumps(body), transform=transform,
                             vet=vet, model=body["model"], prefer=prefer, affinity=affinity)
         return await self._exchange.relay(request, ctx, provider, call)
@@ -350,6 +351,7 @@ class ResponsesRoute:
         def kept(answer):
             # (a read from now on asks the instance anew: the answer of one under way is from before the cancel)
             self._refreshing.pop(response_id, None)
+            answer = error_hidden(provider, None, answer)
             if previous_id is not None:  # (its instance, sent the conversation explicitly, says null: L{relink})
                 answer = relink(previous_id, None, answer)
             try:
@@ -467,8 +469,8 @@ class ResponsesRoute:
                 return None
             previous_id = record.get("previous_response_id")  # (its instance, sent the conversation explicitly,
             if previous_id is not None:  # says null: L{relink})
-                return jsonutil.loads(relink(previous_id, None, fetched.body))
-            return jsonutil.loads(fetched.body)
+                return error_shown(jsonutil.loads(relink(previous_id, None, fetched.body)), provider)
+            return error_shown(jsonutil.loads(fetched.body), provider)
         except (errors.GatewayError, jsonutil.JSONError):
             return None
 

@@ -68,8 +68,8 @@ from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.proxy.sse import StreamIncomplete
-from gomodel.responses_history import (as_list, continued, conversation, names_previous, normalise_input, relink,
-                                      unknown_previous)
+from gomodel.responses_history import (as_list, continued, conversation, error_hidden, names_previous,
+                                      normalise_input, relink, unknown_previous)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
@@ -669,6 +669,8 @@ class BatchRunner(Service):
             self._account_unanswered(job, path, outcome, f"{job.batch_id}-{line}", call.body)
         if isinstance(outcome, _Answer):
             self._account(job, path, outcome, f"{job.batch_id}-{line}")
+            if path == "/responses" and 200 <= outcome.status < 300:  # (a failed one's error, as online)
+                outcome.body = error_hidden(outcome.provider, None, outcome.body)
             if kept is not None and 200 <= outcome.status < 300:
                 self._keep_response(job, kept, outcome)
             if answer is not None and 200 <= outcome.status < 300:
