@@ -236,8 +236,8 @@ def test_a_responses_stream_read_at_once_is_rewritten_at_its_errors_alone():
 async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
     """A managed key reaches another tenant's stored response through C{/p/} no more than through C{/v1/responses}:
     reading it, its input items or cancelling it is a 404 (before, the instance answered with its whole content),
-    continuing it a 400 C{previous_response_not_found} (before, its history reached the other key); its own tenant
-    and the master key reach it as before."""
+    continuing it (or rendering, compacting, counting it) a 400 C{previous_response_not_found} (before, its history
+    reached the other key); its own tenant and the master key reach it as before."""
     gw, vllm, other = two
     alice, bob = await new_key(http, gw, name="alice"), await new_key(http, gw, name="bob")
     response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "my secret plan"}, key=alice)
@@ -251,9 +251,11 @@ async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
         response, content = await call(http, gw, path, key=bob, method=method)
         assert response.code == 404, (path, content)
         assert json.loads(content)["error"]["code"] == "response_not_found" and b"secret" not in content, content
-    response, content = await call(http, gw, "/p/vllm/v1/responses", {
-        "model": BARE, "input": "what was it?", "previous_response_id": response_id}, key=bob)
-    assert response.code == 400 and json.loads(content)["error"]["code"] == "previous_response_not_found", content
+    for path in ("/p/vllm/v1/responses", "/p/vllm/v1/responses/render", "/p/openai-other/v1/responses/compact",
+                 "/p/openai-other/v1/responses/input_tokens"):
+        response, content = await call(http, gw, path, {
+            "model": BARE, "input": "what was it?", "previous_response_id": response_id}, key=bob)
+        assert response.code == 400 and json.loads(content)["error"]["code"] == "previous_response_not_found", content
     assert len(vllm.requests) == asked  # (none of these reached the instance)
     for key in (alice, MASTER):
         response, content = await call(http, gw, f"/p/vllm/v1/responses/{response_id}", key=key, method="GET")

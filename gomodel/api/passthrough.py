@@ -165,7 +165,8 @@ class Passthrough:
         (L{ACCOUNT_ROUTES}, stored chat completions), which the gateway cannot tell apart.
 
         @raise NotFound: C{responses/{id}} (any method, below it too) the gateway holds for no tenant of the key.
-        @raise InvalidRequest: a C{responses} body continuing such a response (C{previous_response_not_found}),
+        @raise InvalidRequest: a body continuing such a response (C{previous_response_not_found}) on C{responses} or
+            a route below it that names none (L{RESPONSES_ROUTES}: vLLM's C{render}, OpenAI's C{compact}),
             or no JSON the gateway reads (C{invalid_json}).
         @raise Forbidden: an account's route (C{provider_account_route}).
         """
@@ -183,7 +184,7 @@ class Passthrough:
             record = await self._responses.get(parts[1]) if self._responses is not None else None
             if record is None or not visible(principal, record):
                 raise unknown_response(parts[1])
-        elif len(parts) == 1 and body is not None and self._responses is not None:
+        elif body is not None and self._responses is not None:  # (a create, or what reads one's history too)
             try:
                 fields = jsonutil.loads(body)
             except jsonutil.JSONError as e:  # (which an upstream's parser may read: a BOM before it, a NaN)
