@@ -245,6 +245,7 @@ async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
     response_id = json.loads(content)["id"]
     asked = len(vllm.requests)
     for method, path in (("GET", f"/p/vllm/v1/responses/{response_id}"), ("GET", f"/p/vllm/responses/{response_id}"),
+                         ("GET", f"/p/vllm/v1/v1/responses/{response_id}"),  # (vLLM's /v1/responses/{id} too)
                          ("GET", f"/p/vllm/v1/responses/{response_id}/input_items"),
                          ("POST", f"/p/vllm/v1/responses/{response_id}/cancel"),
                          ("DELETE", f"/p/vllm/v1/responses/{response_id}")):
@@ -398,3 +399,20 @@ async def test_a_failed_responses_error_never_shows_the_upstreams_address(http, 
     response, content = await call(http, gw, f"/v1/batches/{batch_id}", method="GET")
     response, content = await call(http, gw, f"/v1/files/{json.loads(content)['output_file_id']}/content", method="GET")
     assert json.loads(content)["response"]["body"]["error"]["message"] == "engine at vllm died", content
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_doubled_v1_is_classed_as_the_route_it_reaches(http, two):
+    """C{/p/vllm/v1/v1/chat/completions} reaches vLLM's C{/v1/chat/completions} (one C{v1/} goes, the other is
+    the server's own): a managed key's body there carries its tenant's C{cache_salt}, as on C{/p/vllm/v1/...}
+    (before, it went without: the key shared every tenant's prefix cache, and chose its own priority)."""
+    gw, vllm, other = two
+    key = await new_key(http, gw)
+    body = {"model": BARE, "messages": [{"role": "user", "content": "hi"}], "cache_salt": "everyone"}
+    salts = []
+    for path in ("/p/vllm/v1/chat/completions", "/p/vllm/v1/v1/chat/completions", "/p/vllm/v1/v1/v1/chat/completions"):
+        response, content = await call(http, gw, path, body, key=key)
+        if response.code == 200:  # (a third v1/ is no route of vLLM's: 404)
+            assert vllm.requests[-1].path == b"/v1/chat/completions", (path, content)
+            salts.append(vllm.requests[-1].body.get("cache_salt"))
+    assert salts[0] not in (None, "everyone") and salts == [salts[0]] * 2, salts

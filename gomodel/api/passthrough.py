@@ -337,8 +337,12 @@ def _stream_end(route):
 
 
 def _bare(endpoint) -> str:
-    """C{endpoint} without its C{v1/} (C{/p/{provider}/v1/...} is C{/p/{provider}/...})."""
-    return endpoint[3:] if endpoint.lower().startswith("v1/") else endpoint
+    """C{endpoint} without its C{v1/} (C{/p/{provider}/v1/...} is C{/p/{provider}/...}), every one it begins with:
+    C{v1/v1/chat/completions} reaches vLLM's C{/v1/chat/completions} (one C{v1/} goes, the other is vLLM's own),
+    and is classed as that route."""
+    while endpoint[:3].lower() == "v1/":
+        endpoint = endpoint[3:]
+    return endpoint
 
 
 def may_pass(principal, provider, sent) -> bool:
