@@ -673,6 +673,51 @@ async def test_files_batches_and_responses_belong_to_their_tenant(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_another_tenants_response_is_not_reached_through_the_passthrough(http, gw, two):
+    """C{/p/{provider}/v1/responses/{id}} (read, stream, cancel, delete, input items) and a passthrough's
+    C{previous_response_id} refuse a managed key a response the gateway holds for another tenant, or deleted
+    through it, as C{/v1/responses} does (before: relayed raw, another team read, cancelled and deleted it at its
+    instance, and continued its conversation). Its own tenant's and the master key's still go."""
+    alpha = await new_key(http, gw, user_path="/team/alpha")
+    teammate = await new_key(http, gw, user_path="/team/alpha")
+    beta = await new_key(http, gw)
+    client = openai_client(gw, alpha["value"])
+    try:
+        response = await in_thread(client.responses.create, model=MODEL, input="secret plans")
+        gone = await in_thread(client.responses.create, model=MODEL, input="more")
+        await in_thread(client.responses.delete, gone.id)
+    finally:
+        client.close()
+    await gw.service.store.responses.get(response.id)  # queued behind the write: stored now
+
+    def send(key, method, path, body=None):
+        return http.request(method, gw.url + path, data=None if body is None else json.dumps(body).encode(),
+                            headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+
+    sent = len(two[0].requests)
+    for held in (response.id, gone.id):
+        for prefix in ("/p/vllm/v1", "/p/vllm", "/p/vllm/V1"):
+            for method, path in (("GET", f"/responses/{held}"), ("GET", f"/responses/{held}?stream=true"),
+                                 ("POST", f"/responses/{held}/cancel"), ("DELETE", f"/responses/{held}"),
+                                 ("GET", f"/responses/{held}/input_items"), ("GET", f"/responses%2F{held}")):
+                answer = await send(beta["value"], method, prefix.rstrip("/") + path)
+                body = json.loads(await treq.content(answer))
+                assert answer.code == 404 and body["error"]["code"] == "response_not_found", (path, body)
+        answer = await send(beta["value"], "POST", "/p/vllm/v1/responses", {
+            "model": "meta-llama/Llama-3.1-8B-Instruct", "input": "and then?", "previous_response_id": held})
+        body = json.loads(await treq.content(answer))
+        assert answer.code == 400 and body["error"]["code"] == "previous_response_not_found", body
+    assert len(two[0].requests) == sent  # nothing reached the instance
+    for key in (teammate["value"], MASTER):
+        answer = await send(key, "GET", f"/p/vllm/v1/responses/{response.id}")
+        assert answer.code == 200 and json.loads(await treq.content(answer))["id"] == response.id
+        answer = await send(key, "POST", "/p/vllm/v1/responses", {
+            "model": "meta-llama/Llama-3.1-8B-Instruct", "input": "and then?", "previous_response_id": response.id})
+        assert answer.code == 200, await treq.content(answer)
+        await treq.content(answer)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_root_user_path_is_no_path(http, gw):
     """A key given C{"user_path": ""}, C{"/"} or C{" // "} (what a form's empty field sends) has no user path, as
     the header's C{/} is none: a tenant of its own (before: every such key shared one tenant, C{path:/}, its
