@@ -195,3 +195,26 @@ class AccessRecords:
         d = Deferred()
         self._waiting.append(d)
         return with_timeout(reactor, d, 10)
+
+
+def copy_counting_bytes():
+    """C{(Read, copied)}: a C{bytes} subclass whose concatenations and slices add the bytes they copy to
+    C{copied[0]} (a list), to feed a parser reads whose copying a test counts."""
+    copied = [0]
+
+    class Read(bytes):
+        def __radd__(self, other):
+            copied[0] += len(other) + len(self)
+            return bytes(other) + bytes(self)
+
+        def __add__(self, other):
+            copied[0] += len(other) + len(self)
+            return bytes(self) + bytes(other)
+
+        def __getitem__(self, at):
+            part = bytes.__getitem__(self, at)
+            if isinstance(at, slice):
+                copied[0] += len(part)
+            return part
+
+    return Read, copied

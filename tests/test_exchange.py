@@ -15,7 +15,7 @@ from gomodel.config import Timeouts
 from gomodel.http.context import RequestContext
 from gomodel.proxy.exchange import Exchange, UpstreamCall, usage_of
 from gomodel.proxy.sse import ChatStreamObserver
-from tests.support import ready_pool, start_fake, start_gateway
+from tests.support import copy_counting_bytes, ready_pool, start_fake, start_gateway
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 
@@ -221,22 +221,7 @@ def test_the_usage_tap_holds_a_long_event_in_small_reads_without_copying_it_per_
     time per event). The reads here count what is copied onto them (and cut out of them)."""
     from gomodel.proxy.exchange import UsageTap
 
-    copied = [0]
-
-    class Read(bytes):
-        def __radd__(self, other):
-            copied[0] += len(other) + len(self)
-            return bytes(other) + bytes(self)
-
-        def __add__(self, other):
-            copied[0] += len(other) + len(self)
-            return bytes(self) + bytes(other)
-
-        def __getitem__(self, at):
-            part = bytes.__getitem__(self, at)
-            if isinstance(at, slice):
-                copied[0] += len(part)
-            return part
+    Read, copied = copy_counting_bytes()
 
     event = b'data: {"embedding": "' + b"A" * (1024 * 1024 - 100) + b'"}\n\n'
     token = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'

@@ -19,6 +19,7 @@ from gomodel._twistedcompat import send_now
 from gomodel.timers import Timers
 from gomodel.proxy.sse import (ChatStreamObserver, ResponsesStreamObserver, SSEFramer, StreamIncomplete, earliest,
                                event_at, event_data)
+from tests.support import copy_counting_bytes
 
 USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
 CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"\xc3\xa9"}}]}\n\n'
@@ -156,22 +157,7 @@ def test_framer_holds_a_long_event_in_small_reads_without_copying_it_per_read():
     its reads and joined once, when it ends, by feed and by feed_joined, whatever its line breaks: before, what was
     held was copied onto each read (and searched again), about 512 MiB copied for one event, the reactor held up
     for every stream. The reads here count what is copied onto them (and cut out of them)."""
-    copied = [0]
-
-    class Read(bytes):
-        def __radd__(self, other):
-            copied[0] += len(other) + len(self)
-            return bytes(other) + bytes(self)
-
-        def __add__(self, other):
-            copied[0] += len(other) + len(self)
-            return bytes(self) + bytes(other)
-
-        def __getitem__(self, at):
-            part = bytes.__getitem__(self, at)
-            if isinstance(at, slice):
-                copied[0] += len(part)
-            return part
+    Read, copied = copy_counting_bytes()
 
     for nl in (b"\n", b"\r\n"):
         event = b'data: {"type":"response.completed","text":"' + b"A" * (1024 * 1024) + b'"}' + nl + nl
