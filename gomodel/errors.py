@@ -179,6 +179,7 @@ class UpstreamUnreachable(GatewayError):
     type = "provider_error"
     code = "upstream_unreachable"
     sent = False
+    abandoned = False  # its replica went down as it waited for its answer (L{gomodel.interfaces.IUpstream.abandon})
 
 
 class BadUpstreamResponse(GatewayError):
@@ -195,6 +196,7 @@ class UpstreamTimeout(GatewayError):
     type = "provider_error"
     code = "upstream_timeout"
     sent = True
+    abandoned = False  # (as L{UpstreamUnreachable}'s)
 
 
 class ReplicasBusy(GatewayError):

@@ -38,6 +38,11 @@ class IUpstream(Interface):
         @raise twisted.internet.defer.CancelledError: cancelled by the caller.
         """
 
+    def abandon():
+        """Its server went down: end every L{send} still waiting for its answer's head now, its connection closed
+        (a server still alive aborts it), each raising an L{gomodel.errors.UpstreamUnreachable} that was C{sent}
+        and is C{abandoned}, rather than after its response-header timeout."""
+
     def list_models():
         """GET the upstream's model list.
 

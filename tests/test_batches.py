@@ -323,7 +323,8 @@ async def test_a_line_continuing_a_response_its_restarted_instance_forgot_sends_
 async def test_lines_whose_drawn_target_went_down_complete_from_the_other_target(reactor, tmp_path):
     """A virtual model's line drawn to a target that has no ready replica by the time it is sent (it went down
     while the line waited for room at its provider) is answered by the other target instead of waiting for the
-    first to come back."""
+    first to come back; so is the line that target held without an answer as it went down (its connection
+    closed)."""
     from tests.fakes.fleet import FakeReplica
 
     a, b = FakeReplica(reactor, name="a"), FakeReplica(reactor, name="b")
@@ -351,8 +352,8 @@ async def test_lines_whose_drawn_target_went_down_complete_from_the_other_target
         await with_timeout(reactor, Deferred.fromCoroutine(gw.service.batch_runner.settled(created.id)), 10)
         batch = await in_thread(sdk.batches.retrieve, created.id)
         assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 3, 0)
-        assert [r.body["messages"][0]["content"] for r in a.inference_requests] == ["first"]
-        assert sorted(r.body["messages"][0]["content"] for r in b.inference_requests) == ["second", "third"]
+        assert [(r.body["messages"][0]["content"], r.outcome) for r in a.inference_requests] == [("first", "lost")]
+        assert sorted(r.body["messages"][0]["content"] for r in b.inference_requests) == ["first", "second", "third"]
         assert all(r.body["model"] == UPSTREAM_MODEL for r in b.inference_requests)
     finally:
         await stop_all(gw, a, b, clients=(sdk,))

@@ -367,6 +367,9 @@ class _Probed:
     def scrape(self):
         return succeed(None)
 
+    def abandon(self):
+        """(Its requests in flight as it goes down are the test's own.)"""
+
 
 def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_readmitted_on_one_trial():
     """/health 200, inference 500: 3 failed requests take replica 1 down. Before, its next passing probe put it
@@ -1082,6 +1085,58 @@ async def test_a_replica_failing_inference_with_health_200_is_held_out_then_trie
     assert seen == {0, 1}
 
 
+async def _held_on(reactor, http, gw, fleet, index):
+    """A chat request (started, not awaited) that replica C{index} holds without answering (its engine hung);
+    the requests that went elsewhere on the way are answered first."""
+    for i in range(20):
+        marker = f"held{i}"
+        answer = send(http, gw, chat(fake_marker=marker))
+        await wait_for(reactor, lambda: who_got(fleet, marker))
+        if who_got(fleet, marker) == [index]:
+            return answer, fleet[index].inference_requests[-1]
+        response, _ = await answer
+        assert response.code == 200
+    raise AssertionError(f"no request went to replica {index}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_waiting_for_its_answer_on_a_replica_that_goes_down_goes_on_to_another(cluster, http,
+                                                                                            reactor):
+    """Replica 1's engine hangs with a request (no response head); then its health checks fail. Before, the
+    request waited out its whole HTTP_RESPONSE_HEADER_TIMEOUT (10 minutes); now, as the replica goes down,
+    its send is abandoned (its connection closed, so a vLLM still alive aborts it) and it goes on to replica 0,
+    as a send that timed out would. The abandoned send does not count as a failure of its own."""
+    fleet, gw = await cluster(2, env={"REPLICA_HEALTH_INTERVAL": "0.1", "REPLICA_METRICS_INTERVAL": "0"})
+    one = gw.registry.providers[0].replicas[1]
+    fleet[1].hang = True
+    answer, held = await _held_on(reactor, http, gw, fleet, 1)
+    fleet[1].health_status = 503
+    response, body = await with_timeout(reactor, answer, 5)
+    assert response.code == 200 and served_by(response) == 0 and body["choices"]
+    await wait_for(reactor, lambda: held.outcome == "lost")  # its connection to replica 1 was closed
+    assert one.state == DOWN and one.last_error == "The upstream provider 'vllm' answered HTTP 503."
+    assert one.in_flight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_waiting_for_its_answer_on_the_last_replica_as_it_goes_down_gets_a_prompt_502(
+        cluster, http, reactor):
+    """The provider's only replica hangs with a streamed request (no head yet), then fails its health checks: the
+    client gets a 502 upstream_unreachable in the OpenAI envelope at once (no other replica to go to), without the
+    replica's address, not a 10-minute wait."""
+    fleet, gw = await cluster(1, env={"REPLICA_HEALTH_INTERVAL": "0.1", "REPLICA_METRICS_INTERVAL": "0"})
+    fleet[0].hang = True
+    answer = send(http, gw, chat(fake_marker="s", stream=True))
+    await wait_for(reactor, lambda: who_got(fleet, "s"))
+    fleet[0].health_status = 503
+    response, body = await with_timeout(reactor, answer, 5)
+    assert response.code == 502
+    error = error_of(body)
+    assert error["code"] == "upstream_unreachable" and error["type"] == "provider_error"
+    assert "went down" in error["message"] and "127.0.0.1" not in json.dumps(body)
+    await wait_for(reactor, lambda: fleet[0].inference_requests[-1].outcome == "lost")
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_replica_down_from_the_start_is_used_soon_after_it_comes_up(cluster, http, reactor):
     async def refuse_one(fleet):
@@ -1185,10 +1240,11 @@ async def test_a_request_waiting_for_room_gets_the_503_once_every_replica_it_wai
     response, body = await with_timeout(reactor, waiting, 10)
     assert response.code == 503 and error_of(body)["code"] == "no_ready_replica", body
     assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
-    assert [r.in_flight for r in pool.replicas] == [1, 1]  # (the hung requests are still there)
-    for replica in fleet:
-        replica.health_status, replica.hang = 200, False
-    await with_timeout(reactor, gatherResults(held), 10)
+    # The hung requests, which waited for their answers on replicas that went down, end too: at once, not
+    # after HTTP_RESPONSE_HEADER_TIMEOUT (one may have gone on to the other replica, then found none ready).
+    held = await with_timeout(reactor, gatherResults(held), 10)
+    assert {error_of(body)["code"] for _, body in held} <= {"upstream_unreachable", "no_ready_replica"}
+    assert [r.in_flight for r in pool.replicas] == [0, 0]
 
 
 @pytest_twisted.ensureDeferred

@@ -434,7 +434,8 @@ class Exchange:
                     if trace is not None:
                         trace.failed(e.code)
                     pool.release(replica)
-                    replica.failed(e.message)
+                    if not e.abandoned:  # (its replica went down as it waited: no failure of its own)
+                        replica.failed(e.message)
                     tried.append(replica)
                     attempts += 1
                     if ctx is not None:

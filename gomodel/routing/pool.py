@@ -6,6 +6,9 @@ C{ready} while it serves, C{down} after C{failure_threshold} failures in a
 row (connect errors, 5xx, timeouts, failed probes) until a probe succeeds
 again, and C{stalled} while its engine runs requests without generating a
 token. Only ready replicas that list the requested model get requests. One
+that goes down ends at once its requests still waiting for a response head
+(L{gomodel.interfaces.IUpstream.abandon}): they go on to another replica as
+if their response-header timeout had passed, rather than wait it out. One
 taken down by failed requests while its probes passed (C{/health} answers,
 inference fails) is held out: a passing probe readmits it only after
 L{Replica.hold} seconds (its health interval, doubling each time it fails
@@ -891,6 +894,18 @@ class ReplicaPool:
                       why=f" ({replica.last_error})" if replica.state != READY and replica.last_error else "",
                       note=note, held_until=held, trial=replica.trial)
         self._serve_queue(every=True)
+        if replica.state == DOWN and replica.in_flight:
+            # Its requests still waiting for their answer's head would wait out their response-header timeout
+            # (minutes): they end now (and go on to another replica, as one timed out would). Once this change
+            # is over: their failover chooses among the replicas as they are now.
+            self._clock.callLater(0, self._abandon, replica)
+
+    @staticmethod
+    def _abandon(replica):
+        """End the requests of a replica gone down that still wait for their answer's head
+        (L{gomodel.interfaces.IUpstream.abandon}), unless it is back already."""
+        if replica.state == DOWN:
+            replica.server.abandon()
 
     def close(self):
         """Fail every waiting request (the gateway is stopping)."""

@@ -51,6 +51,8 @@ class OpenAICompatibleProvider:
                                         replica.host) if h) + ((Secret(api_key),) if len(api_key or "") >= 8 else ())
         self._authorization = (b"Bearer " + api_key.encode("latin-1")) if api_key else None
         self._key_line = b"Authorization: " + self._authorization + b"\r\n" if self._authorization else b""
+        self._awaiting = set()  # the sends waiting for their answer's head (L{abandon})
+        self._abandoned = set()  # those L{abandon} cancelled, until their send has raised
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
@@ -89,22 +91,49 @@ class OpenAICompatibleProvider:
         for attempt in (1, 2):
             try:
                 d = self._relay.request(method, url, lines, body)
-                return await within(d, self._timeouts.response_header, self._clock)
+                awaiting = self._awaiting
+                awaiting.add(d)
+                try:
+                    return await within(d, self._timeouts.response_header, self._clock)
+                finally:
+                    awaiting.discard(d)
             except _TIMEOUTS as e:
                 error = UpstreamTimeout(f"The upstream provider '{self.name}' did not answer in time.")
                 error.sent = isinstance(e.__cause__, ResponseFailed)  # (not: a connection never made)
                 raise error from None
             except _STALE_CONNECTION as e:
                 if was_cancelled(e):
-                    raise CancelledError() from None
+                    raise self._cancelled(d) from None
                 if attempt == 1 and not getattr(e, "fresh", False):
                     self.log.debug("retrying {provider} once after {error!r}", provider=self.name, error=e)
                     continue
                 raise self._unreachable(e) from None
             except CancelledError:
-                raise
+                raise self._cancelled(d) from None
             except Exception as e:
                 raise self._unreachable(e) from None
+
+    def abandon(self):
+        """See L{IUpstream.abandon}."""
+        awaiting, self._awaiting = self._awaiting, set()
+        if not awaiting:
+            return
+        self.log.info("{provider}: abandoning {count} requests waiting for their answer (it went down)",
+                      provider=self.name, count=len(awaiting))
+        # (those of one abandonment at a time: one whose send did not raise as cancelled is kept until the next)
+        self._abandoned = abandoned = set(awaiting)  # (a copy: each send takes its own out of awaiting)
+        for d in abandoned.copy():
+            d.cancel()
+
+    def _cancelled(self, d):
+        """What a send whose request C{d} was cancelled raises: the caller's C{CancelledError}, or where
+        L{abandon} cancelled it, an L{UpstreamUnreachable} that was C{sent} and is C{abandoned}."""
+        if d not in self._abandoned:
+            return CancelledError()
+        self._abandoned.discard(d)
+        error = UpstreamUnreachable(f"The upstream provider '{self.name}' went down before it answered.")
+        error.sent = error.abandoned = True
+        return error
 
     def _unreachable(self, failure=None):
         """The L{UpstreamUnreachable} for C{failure}: C{sent} where it came after the request went out (its
