@@ -40,8 +40,8 @@ class IUpstream(Interface):
 
     def abandon():
         """Its server went down: end every L{send} still waiting for its answer's head now, its connection closed
-        (a server still alive aborts it), each raising an L{gomodel.errors.UpstreamUnreachable} that was C{sent}
-        and is C{abandoned}, rather than after its response-header timeout."""
+        (a server still alive aborts it), each raising an L{gomodel.errors.UpstreamUnreachable} that is C{abandoned}
+        (C{sent} where its connection was made), rather than after its timeout."""
 
     def list_models():
         """GET the upstream's model list.

@@ -1138,6 +1138,43 @@ async def test_a_request_waiting_for_its_answer_on_the_last_replica_as_it_goes_d
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_send_still_connecting_to_a_replica_that_goes_down_ends_as_never_sent(reactor):
+    """A replica's address that takes no connection (its accept queue full: connections hang, as to a host gone
+    from the network): a send still connecting when the replica goes down ends at once, abandoned and not sent
+    (its prompt never reached the replica), rather than after HTTP_CONNECT_TIMEOUT."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    address = hole.getsockname()
+    filling = []
+    for _ in range(3):  # (past the queue of one: the next SYNs go unanswered)
+        one = socket.socket()
+        one.setblocking(False)
+        one.connect_ex(address)
+        filling.append(one)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"http://127.0.0.1:{address[1]}/v1",
+                                       "VLLM_MODELS": CHAT_MODEL, "HTTP_CONNECT_TIMEOUT": "60s"}, wait_ready=False)
+    try:
+        server = gw.registry.providers[0].replicas[0].server
+        sending = Deferred.fromCoroutine(server.send(b"POST", server.url("/chat/completions"), b"{}", b"rid"))
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not sending.called
+        server.abandon()
+        failures = []
+        await with_timeout(reactor, sending.addErrback(failures.append), 1)
+        [failure] = failures
+        assert failure.check(UpstreamUnreachable)
+        assert failure.value.abandoned and not failure.value.sent
+        assert "went down" in failure.value.message and "127.0.0.1" not in failure.value.message
+    finally:
+        await gw.service.stopService()
+        for one in filling + [hole]:
+            one.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_replica_down_from_the_start_is_used_soon_after_it_comes_up(cluster, http, reactor):
     async def refuse_one(fleet):
         await fleet[1].refuse()

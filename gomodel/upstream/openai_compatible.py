@@ -103,13 +103,13 @@ class OpenAICompatibleProvider:
                 raise error from None
             except _STALE_CONNECTION as e:
                 if was_cancelled(e):
-                    raise self._cancelled(d) from None
+                    raise self._cancelled(d, True) from None
                 if attempt == 1 and not getattr(e, "fresh", False):
                     self.log.debug("retrying {provider} once after {error!r}", provider=self.name, error=e)
                     continue
                 raise self._unreachable(e) from None
-            except CancelledError:
-                raise self._cancelled(d) from None
+            except (CancelledError, net_error.ConnectingCancelledError):  # (before its connection was made)
+                raise self._cancelled(d, False) from None
             except Exception as e:
                 raise self._unreachable(e) from None
 
@@ -125,14 +125,15 @@ class OpenAICompatibleProvider:
         for d in abandoned.copy():
             d.cancel()
 
-    def _cancelled(self, d):
+    def _cancelled(self, d, sent):
         """What a send whose request C{d} was cancelled raises: the caller's C{CancelledError}, or where
-        L{abandon} cancelled it, an L{UpstreamUnreachable} that was C{sent} and is C{abandoned}."""
+        L{abandon} cancelled it, an L{UpstreamUnreachable} that is C{abandoned} (and C{sent} where its
+        request went out: C{sent})."""
         if d not in self._abandoned:
             return CancelledError()
         self._abandoned.discard(d)
         error = UpstreamUnreachable(f"The upstream provider '{self.name}' went down before it answered.")
-        error.sent = error.abandoned = True
+        error.sent, error.abandoned = sent, True
         return error
 
     def _unreachable(self, failure=None):
