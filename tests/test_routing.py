@@ -940,6 +940,27 @@ async def test_a_replica_that_asks_to_be_left_alone_with_retry_after_is_passed_o
         assert busy_seconds["1"] == busy_seconds["2"] == 0.0
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_replica_asking_again_and_again_to_wait_with_retry_after_stays_ready(cluster, http, reactor):
+    """Replica 0 answers every chat 503 with C{Retry-After: 1} (a rate-limiting proxy in front of a vLLM that is
+    up): each time its wait is over it gets a request again, and asks again. Before, each such answer counted
+    as a failure: after REPLICA_FAILURE_THRESHOLD of them it went down, held out past its wait (and its requests
+    waiting for their heads were ended); now it is busy, not failing: it stays ready, passed over for as long as
+    it asks."""
+    fleet, gw = await cluster(2, env={"REPLICA_FAILURE_THRESHOLD": "1"})
+    fleet[0].fail_status, fleet[0].fail_headers = 503, {"Retry-After": "1"}
+    one = gw.registry.providers[0].replicas[0]
+    for i in range(2):
+        while not fleet[0].inference_requests[i:]:
+            response, _ = await post(http, gw, chat())
+            assert response.code == 200 and served_by(response) == 1
+        assert one.ready and one.busy_until is not None and one.failures == 0
+        if i == 0:
+            await wait_for(reactor, lambda: one.busy_for() == 0, timeout=3)
+    [provider] = (await status(http, gw))["providers"]
+    assert provider["replicas"][0]["state"] == "ready"
+
+
 def test_a_replica_busy_until_its_retry_after_takes_requests_only_where_no_other_can():
     clock = Clock()
     pool = paced_pool(clock, n=2)

@@ -462,7 +462,9 @@ class Exchange:
                 if report is not None:
                     replica.answered(parse_load_header(report[0]))
                 if response.code >= 500:
-                    replica.failed(f"HTTP {response.code}")
+                    # (one that asks to be left alone a while, Retry-After, is busy, as with its 429: not failing)
+                    if response.code not in FAILOVER_STATUSES or RETRY_AFTER not in plain_headers(response.headers):
+                        replica.failed(f"HTTP {response.code}")
                 elif response.code >= 300 and response.code != 429:
                     replica.succeeded()  # (a success's is its whole answer, L{relay} and L{fetch}: a stream may break)
                 if response.code in FAILOVER_STATUSES:
