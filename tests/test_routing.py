@@ -1048,6 +1048,25 @@ async def test_a_replica_dying_mid_stream_is_not_retried(cluster, reactor):
     assert who_got(fleet, "s") == [index]  # never sent to the other replica
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_stream_falling_silent_on_a_replica_that_goes_down_ends_soon(cluster, reactor):
+    """A stream under way on a replica whose host then stops answering (its engine frozen, its connection open,
+    its health checks failing): once the replica is down, the stream may be silent at most
+    REPLICA_HEALTH_INTERVAL more, not HTTP_STREAM_IDLE_TIMEOUT (5 minutes): the client gets the
+    stream_incomplete event and the end of the connection, never a clean end."""
+    fleet, gw = await cluster(2, token_interval=0.05, env={"REPLICA_HEALTH_INTERVAL": "0.1",
+                                                           "REPLICA_METRICS_INTERVAL": "0"})
+    client = await _stream_until(reactor, gw, "s", chunks=200)
+    [index] = who_got(fleet, "s")
+    fleet[index].hang = True
+    fleet[index].health_status = 503
+    await with_timeout(reactor, client.lost, 5)
+    text = bytes(client.received)
+    assert b"stream_incomplete" in text and b"data: [DONE]" not in text
+    assert gw.registry.providers[0].replicas[index].state == DOWN
+    assert who_got(fleet, "s") == [index]
+
+
 # -- 7. down and back -------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -630,6 +630,8 @@ class Exchange:
         if relay.paused and relay.transport is not None:
             # deliverBody resumed the transport after its first delivery.
             relay.transport.pauseProducing()
+        streams = upstream.replicas[ctx.replica].streams  # (its replica's, cut short if it goes down)
+        streams.add(relay)
         try:
             await relay.finished
         except Exception as e:  # CancelledError too: the client left
@@ -671,6 +673,7 @@ class Exchange:
                     abort.cancel()
                 return None
         finally:
+            streams.discard(relay)
             _note_usage(ctx, relay.observer, body)
         if ctx.outcome is None and getattr(relay.observer, "error", None) is not None:
             ctx.failed_in_band(IN_STREAM_ERROR)  # (logged and counted as the upstream's error, not as ok)

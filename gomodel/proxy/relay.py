@@ -269,6 +269,16 @@ class StreamRelay(Protocol):
         self.abort_upstream()
         self.finished.errback(exc)
 
+    def shorten_idle(self, seconds):
+        """Its upstream went down: from now on it may be silent for at most C{seconds} (where its idle timeout
+        is longer, or none), counted from its last bytes, and looked at now."""
+        if self.finished.called or self.upstream_done or 0 < self._idle_timeout <= seconds:
+            return
+        self._idle_timeout = seconds
+        if not self.paused:  # (paused, its timer is armed again as the client reads)
+            self._cancel(self._idle_call)
+            self._idle_check()
+
     def _arm_idle(self, seconds):
         """Look at the upstream's silence in C{seconds} (L{_idle_check}): one timer, never reset as bytes come."""
         if self._idle_timeout and not self.paused:

@@ -159,6 +159,7 @@ class Replica:
         self.on_learned = None  # called with the replica after its batch size (L{slots}) or its first load report
         self.on_busy = None  # called with the replica when it asks to be left alone (L{asked_to_wait})
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
+        self.streams = set()  # its answers being relayed as they come (each a StreamRelay: L{ReplicaPool._abandon})
 
     def __repr__(self):
         return f"<Replica {self.server.name}#{self.index} {self.state}>"
@@ -895,17 +896,22 @@ class ReplicaPool:
                       note=note, held_until=held, trial=replica.trial)
         self._serve_queue(every=True)
         if replica.state == DOWN and replica.in_flight:
-            # Its requests still waiting for their answer's head would wait out their response-header timeout
-            # (minutes): they end now (and go on to another replica, as one timed out would). Once this change
-            # is over: their failover chooses among the replicas as they are now.
+            # Its requests still waiting for their answer's head would wait out their response-header timeout,
+            # its streams fallen silent their idle timeout (minutes): they end now (the first go on to another
+            # replica, as one timed out would). Once this change is over: their failover chooses among the
+            # replicas as they are now.
             self._clock.callLater(0, self._abandon, replica)
 
     @staticmethod
     def _abandon(replica):
         """End the requests of a replica gone down that still wait for their answer's head
-        (L{gomodel.interfaces.IUpstream.abandon}), unless it is back already."""
+        (L{gomodel.interfaces.IUpstream.abandon}), and let its answers being relayed be silent for at most
+        its health interval from now on (L{gomodel.proxy.relay.StreamRelay.shorten_idle}); unless it is back
+        already."""
         if replica.state == DOWN:
             replica.server.abandon()
+            for relay in list(replica.streams):
+                relay.shorten_idle(replica.hold_base)
 
     def close(self):
         """Fail every waiting request (the gateway is stopping)."""
