@@ -458,6 +458,7 @@ class ReplicaPool:
         self.forgotten = 0.0  # when the newest pin this pool had to forget was last shared
         # model -> its ready replicas that serve it (a list never changed), until a state or a model list changes
         self._serving = {}
+        self._abandoning = {}  # replica index -> the call of L{_abandon} to come
         for replica in self.replicas:
             replica.on_change = self._changed
             replica.on_listed = self._relisted
@@ -900,14 +901,15 @@ class ReplicaPool:
             # its streams fallen silent their idle timeout (minutes): they end now (the first go on to another
             # replica, as one timed out would). Once this change is over: their failover chooses among the
             # replicas as they are now.
-            self._clock.callLater(0, self._abandon, replica)
+            if replica.index not in self._abandoning:
+                self._abandoning[replica.index] = self._clock.callLater(0, self._abandon, replica)
 
-    @staticmethod
-    def _abandon(replica):
+    def _abandon(self, replica):
         """End the requests of a replica gone down that still wait for their answer's head
         (L{gomodel.interfaces.IUpstream.abandon}), and let its answers being relayed be silent for at most
         its health interval from now on (L{gomodel.proxy.relay.StreamRelay.shorten_idle}); unless it is back
         already."""
+        del self._abandoning[replica.index]
         if replica.state == DOWN:
             replica.server.abandon()
             for relay in list(replica.streams):
@@ -915,6 +917,9 @@ class ReplicaPool:
 
     def close(self):
         """Fail every waiting request (the gateway is stopping)."""
+        for call in self._abandoning.values():
+            call.cancel()
+        self._abandoning.clear()
         while self._queue:
             waiter = self._queue.popleft()
             self._drop(waiter)
