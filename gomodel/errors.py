@@ -196,7 +196,6 @@ class UpstreamTimeout(GatewayError):
     type = "provider_error"
     code = "upstream_timeout"
     sent = True
-    abandoned = False  # (as L{UpstreamUnreachable}'s)
 
 
 class ReplicasBusy(GatewayError):

@@ -445,6 +445,37 @@ def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_
     monitor.stopService()
 
 
+def test_requests_failing_on_a_replica_already_down_leave_its_checks_to_decide():
+    """Replica 1's checks fail: down. Its requests in flight then end in failure (their connections lost, a stream
+    cut): before, each counted as a request's failure of the replica, so that once its checks passed again it
+    came back with its failures past the threshold, and the first request to fail there took it down again and
+    held it out; and its last_error became theirs. A request's failure on a replica already down says nothing
+    new: back, it starts again from no failure."""
+    from gomodel.routing.health import ReplicaMonitor
+    from gomodel.routing.registry import ModelRegistry
+
+    clock = Clock()
+    servers = [_Probed(), _Probed()]
+    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock, failure_threshold=3) for i in range(2)]
+    pool = ReplicaPool("vllm", "vllm", replicas, clock)
+    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=5.0, metrics_interval=0)
+    monitor.startService()
+    clock.advance(0)
+    one = replicas[1]
+    servers[1].healthy = False
+    for _ in range(3):  # three failed checks
+        clock.advance(5)
+    assert one.state == DOWN and one.last_error == "refused"
+    one.failed("The upstream provider 'vllm' broke off its answer.")  # a request in flight as it went down
+    assert one.last_error == "refused"
+    servers[1].healthy = True
+    clock.advance(5)
+    assert one.ready and not one.trial and one.failures == 0
+    one.failed("The upstream provider 'vllm' is unreachable.")  # one failure alone
+    assert one.ready and one.held_until is None
+    monitor.stopService()
+
+
 def test_a_replica_whose_batch_the_gateway_fills_counts_as_queued():
     clock = Clock()
     replica = Replica(0, None, "http://r0/v1", clock)

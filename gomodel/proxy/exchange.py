@@ -434,8 +434,7 @@ class Exchange:
                     if trace is not None:
                         trace.failed(e.code)
                     pool.release(replica)
-                    if not e.abandoned:  # (its replica went down as it waited: no failure of its own)
-                        replica.failed(e.message)
+                    replica.failed(e.message)
                     tried.append(replica)
                     attempts += 1
                     if ctx is not None:

@@ -279,8 +279,11 @@ class Replica:
         Requests alone never take down the last ready replica of a pool: with nowhere
         else to go, its own C{/health} probe decides (C{probe=True}), so that a burst of
         connection errors does not turn into seconds of 503s for a replica that is up.
-        Taken down by requests, it is held out (L{hold}); a failed probe lifts that.
+        Taken down by requests, it is held out (L{hold}); a failed probe lifts that. A request's failure on a
+        replica already down (one in flight as it went) says nothing new: its probes decide.
         """
+        if not probe and self.state == DOWN:
+            return
         self.failures += 1
         self.last_error = why
         self.requests_failing = not probe
