@@ -476,6 +476,36 @@ def test_requests_failing_on_a_replica_already_down_leave_its_checks_to_decide()
     monitor.stopService()
 
 
+def test_a_replica_back_from_down_is_ready_only_once_its_models_are_read_again():
+    """Replica 1 went down (its checks failed: a restart) and comes back serving other models (its LoRA adapters,
+    loaded at run time, are gone). Before, its first passing check made it ready at once with the models it had
+    listed before, so that requests for those that came before its model list was read again went there and got
+    vLLM's 404; now it is ready once that list is read (its checks pass meanwhile)."""
+    from gomodel.routing.health import ReplicaMonitor
+    from gomodel.routing.registry import ModelRegistry
+
+    clock = Clock()
+    servers = [_Probed(), _Probed()]
+    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock, failure_threshold=1) for i in range(2)]
+    pool = ReplicaPool("vllm", "vllm", replicas, clock)
+    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=5.0, metrics_interval=0)
+    monitor.startService()
+    clock.advance(0)
+    one = replicas[1]
+    assert one.ready and one.serves("m")
+    servers[1].healthy = False
+    clock.advance(5)
+    assert one.state == DOWN
+    servers[1].healthy = True
+    listing = Deferred()
+    servers[1].list_models = lambda: listing
+    clock.advance(5)  # its check passes; its model list is asked for
+    assert one.state == DOWN and pool.take("m", exclude=[replicas[0]]) is None
+    listing.callback([{"id": "base"}])
+    assert one.ready and not one.serves("m") and one.serves("base")
+    monitor.stopService()
+
+
 def test_a_replica_whose_batch_the_gateway_fills_counts_as_queued():
     clock = Clock()
     replica = Replica(0, None, "http://r0/v1", clock)

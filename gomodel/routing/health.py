@@ -12,7 +12,8 @@ For each replica of each provider, on the injected clock:
     the exchange reports) put a ready one down, and a successful probe brings
     it back by itself: at once when its probes had failed too, else (its
     requests failed, its C{/health} did not) after a hold, on one trial
-    request (L{gomodel.routing.pool.Replica.hold}).
+    request (L{gomodel.routing.pool.Replica.hold}); either way once its
+    models are read again (it may have come back with others).
   - B{load}: vLLM's C{/metrics} every C{metrics_interval} (0: never), parsed
     for its queue, running count, KV-cache use, generation tokens and start
     time only.
@@ -210,8 +211,10 @@ class ReplicaMonitor(Service):
             # It has just come up (a loading vLLM answers /health once its engine is ready):
             # list its models now rather than at the end of the discovery backoff (up to 30s).
             self._schedule_discovery(watch, 0)
-        elif replica.state == DOWN and (replica.models is None or replica.readmit()):  # (else held out)
-            self._schedule_discovery(watch, 0)  # it may have come back with other models
+        elif replica.state == DOWN and not replica.held_for():  # (else held out)
+            # Back: ready again once its models are read again (L{_discovered}): it may have come back with
+            # others (a restart loses the LoRA adapters loaded at run time), and none must go there before.
+            self._schedule_discovery(watch, 0)
         self._checked(watch)
         self._registry.replicas_changed()
 
