@@ -41,7 +41,10 @@ class IUpstream(Interface):
     def abandon():
         """Its server went down: end every L{send} still waiting for its answer's head now, its connection closed
         (a server still alive aborts it), each raising an L{gomodel.errors.UpstreamUnreachable} that is C{abandoned}
-        (C{sent} where its connection was made), rather than after its timeout."""
+        (C{sent} where its connection was made), rather than after its timeout.
+
+        @return: how many it ended.
+        """
 
     def list_models():
         """GET the upstream's model list.

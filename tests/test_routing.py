@@ -369,6 +369,7 @@ class _Probed:
 
     def abandon(self):
         """(Its requests in flight as it goes down are the test's own.)"""
+        return 0
 
 
 def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_readmitted_on_one_trial():

@@ -913,10 +913,17 @@ class ReplicaPool:
         its health interval from now on (L{gomodel.proxy.relay.StreamRelay.shorten_idle}); unless it is back
         already."""
         del self._abandoning[replica.index]
-        if replica.state == DOWN:
-            replica.server.abandon()
-            for relay in list(replica.streams):
-                relay.shorten_idle(replica.hold_base)
+        if replica.state != DOWN:
+            return
+        ended = replica.server.abandon()
+        streams = list(replica.streams)
+        for relay in streams:
+            relay.shorten_idle(replica.hold_base)
+        if ended or streams:
+            self.log.info("provider {provider} replica {index}: down; {ended} requests waiting for their answer end "
+                          "now (each tried elsewhere), {streams} streams may be silent {seconds:g}s at most",
+                          provider=self.name, index=replica.index, ended=ended, streams=len(streams),
+                          seconds=replica.hold_base)
 
     def close(self):
         """Fail every waiting request (the gateway is stopping)."""

@@ -117,13 +117,12 @@ class OpenAICompatibleProvider:
         """See L{IUpstream.abandon}."""
         awaiting, self._awaiting = self._awaiting, set()
         if not awaiting:
-            return
-        self.log.info("{provider}: abandoning {count} requests waiting for their answer (it went down)",
-                      provider=self.name, count=len(awaiting))
+            return 0
         # (those of one abandonment at a time: one whose send did not raise as cancelled is kept until the next)
         self._abandoned = abandoned = set(awaiting)  # (a copy: each send takes its own out of awaiting)
         for d in abandoned.copy():
             d.cancel()
+        return len(abandoned)
 
     def _cancelled(self, d, sent):
         """What a send whose request C{d} was cancelled raises: the caller's C{CancelledError}, or where
