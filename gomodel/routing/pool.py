@@ -3,10 +3,11 @@
 A replica is one server of a provider (one vLLM per GPU or node). It is
 C{loading} until it has answered a health check and listed its models,
 C{ready} while it serves, C{down} after C{failure_threshold} failures in a
-row (connect errors, 5xx, timeouts, failed probes) until a probe succeeds
-again, and C{stalled} while its engine runs requests without generating a
-token. Only ready replicas that list the requested model get requests. One
-that goes down ends at once its requests still waiting for a response head
+row (connect errors, 5xx without C{Retry-After}, timeouts, failed probes)
+until a probe succeeds again and its models are read again, and C{stalled}
+while its engine runs requests without generating a token. Only ready
+replicas that list the requested model get requests. One that goes down ends
+at once its requests still waiting for a response head
 (L{gomodel.interfaces.IUpstream.abandon}): they go on to another replica as
 if their response-header timeout had passed, rather than wait it out. One
 taken down by failed requests while its probes passed (C{/health} answers,
