@@ -57,3 +57,37 @@ async def connect(reactor, port: int, request: bytes) -> RawClient:
     client = RawClient(request)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
     return client
+
+
+
+def send_then_read(address, data: bytes, timeout: float = 10.0, tls: bool = False) -> bytes:
+    """What a blocking client that sends all of C{data} before it reads (as http.client and curl without
+    C{Expect} do) reads back until the connection ends, from C{address}: a port on 127.0.0.1, or a UNIX
+    socket's path; over TLS (any certificate) when C{tls}. Run it in a thread (L{tests.support.in_thread}).
+
+    @raise OSError: the connection was reset (or broke) while it sent or read.
+    """
+    import socket
+    import ssl
+
+    if isinstance(address, int):
+        sock = socket.create_connection(("127.0.0.1", address), timeout=timeout)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(timeout)
+        sock.connect(address)
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        sock = context.wrap_socket(sock)
+    with sock:
+        sock.sendall(data)
+        received = bytearray()
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except ssl.SSLZeroReturnError:  # (the server's close alert)
+                piece = b""
+            if not piece:
+                return bytes(received)
+            received += piece

@@ -7,6 +7,7 @@ import re
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
 from tests.rawclient import connect
@@ -446,6 +447,117 @@ async def test_a_body_that_trickles_in_below_the_minimum_rate_is_answered_408_an
         assert "its body arrived too slowly" in error["message"]
         assert not held
         await until(reactor, lambda: not site.channels, limit=5, what="the connection's end")
+    finally:
+        await port.stopListening()
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST /refused HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n", b"401"),
+    (b"POST /echo HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: gzip, chunked\r\nX-Size: %d\r\n\r\n", b"501"),
+    (b"POST /echo HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", b"400")],
+    ids=["refused_at_its_head", "transfer_coding_not_implemented", "head_too_large"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_still_sending_the_body_of_a_request_answered_early_reads_the_answer_never_a_reset(
+        reactor, head, status):
+    """A request answered at its head (a refusal its client did not wait for, a head the gateway cannot take)
+    closes its connection lingering, as nginx's does: the answer leaves, then the gateway's side is shut, and
+    what the client still sends is read and dropped until it closes. Before, the gateway closed with the body
+    unread: the kernel reset the connection, and a client that sends its body before it reads (http.client,
+    curl) saw a reset (or a broken pipe), never the answer."""
+    from tests.rawclient import send_then_read
+    from tests.support import in_thread
+
+    site, port, clock, held = _body_site(reactor)
+    try:
+        size = 32 * 1024 * 1024  # more than the kernel's buffers hold on either side
+        answer = await with_timeout(reactor, in_thread(
+            send_then_read, port.getHost().port, head % size + b"x" * size, 20), 30)
+        assert answer.startswith(b"HTTP/1.1 " + status + b" ") and b"Connection: close" in answer
+        await until(reactor, lambda: not site.channels, limit=5, what="the connection's end")
+        assert not held
+    finally:
+        await port.stopListening()
+
+
+@pytest.mark.parametrize("kind", ["unix", "ssl"])
+@pytest_twisted.ensureDeferred
+async def test_a_unix_or_tls_listener_closes_lingering_too(reactor, tmp_path, kind):
+    """A UNIX socket's connection lingers as a TCP one does (before, the client saw a broken pipe); a TLS one
+    sends its close alert and reads on (its socket's write side is not shut below TLS: the connection would fail,
+    an error logged)."""
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.rawclient import send_then_read
+    from tests.support import in_thread
+    from tests.test_tap import _self_signed
+
+    site, port, clock, held = _body_site(reactor)
+    if kind == "unix":
+        address = str(tmp_path / "gateway.sock")
+        listening = await serverFromString(reactor, f"unix:{address}").listen(site)
+    else:
+        listening = await serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={_self_signed(tmp_path)}").listen(site)
+        address = listening.getHost().port
+    try:
+        size = 32 * 1024 * 1024
+        head = b"POST /refused HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+        answer = await with_timeout(reactor, in_thread(
+            send_then_read, address, head % size + b"x" * size, 20, kind == "ssl"), 30)
+        assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer
+        await until(reactor, lambda: not site.channels, limit=5, what="the connection's end")
+    finally:
+        await port.stopListening()
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lingering_close_ends_after_linger_time_or_a_sweep_without_a_byte(reactor):
+    """A lingering connection is not held for ever by its client: one that keeps sending is cut LINGER_TIME
+    (30 s) after its answer, one that neither sends nor closes at the next sweep but one."""
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    from zope.interface import implementer
+
+    from gomodel.http.site import LINGER_TIME
+    from tests.rawclient import RawClient
+
+    @implementer(IHalfCloseableProtocol)
+    class Stubborn(RawClient):
+        """A client that keeps its side open once the gateway shut its own."""
+
+        def __init__(self, request):
+            super().__init__(request)
+            self.shut = Deferred()
+
+        def readConnectionLost(self):
+            self.shut.callback(None)
+
+        def writeConnectionLost(self):
+            pass
+
+    assert LINGER_TIME == 30
+    site, port, clock, held = _body_site(reactor)
+    head = b"POST /refused HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\nContent-Length: 1000000000\r\n\r\n"
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    try:
+        sending, silent = Stubborn(head + b"x" * 1000), Stubborn(head)
+        for client in (sending, silent):
+            await connectProtocol(endpoint, client)
+            await with_timeout(reactor, client.shut, 5)  # the answer, then the gateway's side shut
+            assert bytes(client.received).startswith(b"HTTP/1.1 401 ")
+        channel, quiet = _channel_of(site, sending), _channel_of(site, silent)
+        for second in range(0, LINGER_TIME, 5):
+            site.sweep_idle()
+            assert not sending.lost.called and channel.lingering_since is not None
+            sending.transport.write(b"x" * 1000)
+            await until(reactor, lambda: channel.active, limit=5, what="the bytes")
+            clock.advance(5)
+            if second == 5:
+                # nothing from it in a sweep's interval (its client reads no more: only the gateway's side knows)
+                await until(reactor, lambda: quiet not in site.channels, limit=5, what="the silent one's end")
+        assert channel in site.channels
+        site.sweep_idle()
+        await until(reactor, lambda: not site.channels, limit=5, what="the sending one's end")
     finally:
         await port.stopListening()
 

@@ -15,7 +15,10 @@ progress is held (16 kB, then reading stops) until it is done; the request's
 head is checked (C{gotLength}) before its body is read; C{100 Continue} is
 sent when the client asks for it (one refused at its head is answered at once
 instead, its body never read); a request that ends the connection
-(C{Connection: close}, HTTP/1.0, a refusal) is the last one read. The
+(C{Connection: close}, HTTP/1.0, a refusal) is the last one read. A connection
+closed with bytes of its client's left unread (a body refused at its head, a
+request the channel cannot read, requests pipelined after the last one) closes
+lingering, as nginx's does (L{GatewayChannel._linger}). The
 channel builds on C{HTTPChannel}'s names for that state (C{requests},
 C{_handlingRequest}, C{_dataBuffer}, C{_networkProducer},
 C{_waitingForTransport}), which C{tests/test_twistedcompat.py} checks.
@@ -25,6 +28,7 @@ from http import HTTPStatus
 from operator import itemgetter
 
 import httptools
+from twisted.internet.interfaces import IHalfCloseableDescriptor, ISSLTransport
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.http_headers import Headers
@@ -99,6 +103,8 @@ class GatewayChannel(http.HTTPChannel):
     held_for = 0.0
     held_since = None
     unsent = 0  # bytes of its answers it held to send at the site's last idle sweep (GatewaySite.sweep_idle)
+    unread = False  # its client sent bytes it will not read (a refused body, pipelined past the last request)
+    lingering_since = None  # when its lingering close began (_linger; GatewaySite.sweep_idle ends it)
 
     def connectionMade(self):
         _twistedcompat.prompt(self.transport)
@@ -138,7 +144,9 @@ class GatewayChannel(http.HTTPChannel):
     def _parse(self, data):
         parser = self._parser
         if parser is None or not data:
-            return  # after the last request the connection takes, the client's bytes are dropped, as Twisted does
+            if data:
+                self.unread = True  # after the last request the connection takes, the client's bytes are dropped
+            return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -192,6 +200,7 @@ class GatewayChannel(http.HTTPChannel):
                 last.close_after()  # a pipelining client sends the rest again
             if not last.keep_alive:
                 self._parser = None
+                self.unread = True
                 raise _Stopped()
         request = self.requestFactory(self)
         requests.append(request)
@@ -272,6 +281,7 @@ class GatewayChannel(http.HTTPChannel):
         after its answer, takes nothing more."""
         self._parser = None
         self._receiving = None
+        self.unread = True  # (the body its client may send all the same)
         self._received.append(request)
         raise _Stopped()
 
@@ -355,6 +365,7 @@ class GatewayChannel(http.HTTPChannel):
             self._received[-1].close_after()
             return
         _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
+        self.unread = True  # (what follows the bad bytes, or the body of a head that took too long)
         code = _CODES[status]
         body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code=code).body()
         self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -373,6 +384,8 @@ class GatewayChannel(http.HTTPChannel):
             self._networkProducer.resumeProducing()
         if not request.keep_alive:
             self._parser = None
+            if self._received or self._dataBuffer:
+                self.unread = True
             self._received.clear()  # _receive may be going through it
             self._dataBuffer = []
             self.loseConnection()
@@ -440,7 +453,35 @@ class GatewayChannel(http.HTTPChannel):
 
     def loseConnection(self):
         self._write_head()
+        if self.unread and self.lingering_since is None and self.transport is not None:
+            self._linger()
+            return None
         return super().loseConnection()
+
+    def _linger(self):
+        """Close lingering, as nginx does, a connection whose client sent bytes the channel did not read:
+        closed at once, the kernel would reset it for them, and its client, still sending (a body it did not
+        wait to be invited to send), would see the reset instead of the answer. The answer leaves, then the
+        gateway's side is shut (a plain TCP or UNIX socket's write side; a TLS connection says it closes);
+        what the client still sends is read and dropped (L{_drop}) until it closes, or until
+        L{GatewaySite.sweep_idle} ends it (L{gomodel.http.site.LINGER_TIME}, or a sweep's interval without
+        a byte)."""
+        self.lingering_since = self.site.reactor.seconds()
+        self.active = True
+        self.dataReceived = self._drop  # (an attribute: the request path pays nothing)
+        self._dataBuffer = []
+        transport = self.transport
+        self._networkProducer.unregisterProducer()  # (as Twisted's loseConnection: its writes end then)
+        if IHalfCloseableDescriptor.providedBy(transport) and not ISSLTransport.providedBy(transport):
+            transport.loseWriteConnection()  # (a TLS socket's would shut it below TLS, without its close alert)
+        else:
+            transport.loseConnection()
+        self.held_since = None
+        transport.resumeProducing()  # (reading may be paused: a hold behind an answer, an upload's lag)
+
+    def _drop(self, data):
+        """Drop what a lingering connection's client sends (L{_linger})."""
+        self.active = True
 
 
 class _AfterUpgrade:

@@ -279,6 +279,10 @@ HEAD_TIMEOUT = 60
 BODY_TIMEOUT = 60
 BODY_MIN_RATE = 500
 IDLE_SWEEP = 5  # seconds between two sweeps of idle client connections
+# Seconds a connection closing lingering (GatewayChannel._linger: bytes of its client's left unread) may go on
+# reading and dropping what its client sends, as nginx's lingering_time (30 s); one sweep's interval without a
+# byte ends it sooner (nginx's lingering_timeout, 5 s).
+LINGER_TIME = 30
 
 
 class GatewaySite(server.Site):
@@ -294,7 +298,8 @@ class GatewaySite(server.Site):
     protocol = GatewayChannel
 
     def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, idle_timeout=CLIENT_IDLE_TIMEOUT,
-                 head_timeout=HEAD_TIMEOUT, body_timeout=BODY_TIMEOUT, body_min_rate=BODY_MIN_RATE, **kwargs):
+                 head_timeout=HEAD_TIMEOUT, body_timeout=BODY_TIMEOUT, body_min_rate=BODY_MIN_RATE,
+                 linger_time=LINGER_TIME, **kwargs):
         """
         @param authenticate: C{authenticate(request, path) -> identity}, called
             when a request's head is in; it raises a
@@ -310,6 +315,8 @@ class GatewaySite(server.Site):
             arriving); past them and C{body_min_rate}'s due, L{sweep_idle} answers 408 and closes.
         @param body_min_rate: bytes a second a body must average: each adds C{1 / body_min_rate} seconds to
             C{body_timeout} (a chunked body's framing counted; the time the gateway pauses reading it not).
+        @param linger_time: seconds after which L{sweep_idle} ends a connection closing lingering
+            (C{GatewayChannel._linger}); one that received nothing since the sweep before ends sooner.
         """
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit,
@@ -326,6 +333,7 @@ class GatewaySite(server.Site):
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
         self.body_min_rate = body_min_rate
+        self.linger_time = linger_time
 
     def sweep_idle(self):
         """Close the client connections idle for C{idle_timeout} seconds or more, as Twisted's idle timeout
@@ -344,9 +352,18 @@ class GatewaySite(server.Site):
         C{pause_reading}: an upload's disk lags) is not the client's: the sweep moves the body's start on by
         it (the channel keeps it at pause and resume; the request path pays nothing), and a connection held
         back is not idle either. The channel's own pause while an answer is in progress needs no such care:
-        a body held behind an answer is not timed."""
+        a body held behind an answer is not timed.
+
+        A connection closing lingering (the channel's C{_linger}) is ended (aborted) once it has lingered
+        C{linger_time} seconds, or when nothing arrived since the sweep before."""
         now = self.reactor.seconds()
         for channel in list(self.channels):
+            since = channel.lingering_since
+            if since is not None:  # (closing: it reads only to drop)
+                if not channel.active or now - since >= self.linger_time:
+                    channel.transport.abortConnection()
+                channel.active = False
+                continue
             receiving = channel._receiving
             if receiving is None:
                 channel.watched = None  # (its body may be large: not kept past its reading)
