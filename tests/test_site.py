@@ -479,6 +479,60 @@ async def test_a_client_still_sending_the_body_of_a_request_answered_early_reads
         await port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_lingering_connection_s_time_starts_once_its_answer_has_left(reactor):
+    """A connection closing lingering whose client still reads a large answer, slowly, is not cut while it does,
+    however long it takes (its linger's time starts once the answer has left)."""
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+
+    from gomodel.http.site import LINGER_TIME, GatewaySite
+
+    size = 64 * 1024 * 1024  # more than the kernel's buffers hold: most of it waits in the gateway's
+
+    class Big(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setHeader(b"content-length", b"%d" % size)
+            return b"x" * size
+
+    clock = Clock()
+    site = GatewaySite(Big(), 1024, reactor=clock)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        # The request says it is the last, and another follows: the answer closes lingering.
+        client = await connect(reactor, port.getHost().port, b"GET /big HTTP/1.1\r\nHost: g\r\nConnection: close"
+                               b"\r\n\r\nGET /big HTTP/1.1\r\nHost: g\r\n\r\n")
+        client.transport.pauseProducing()
+        stop_at = [0]  # it stops reading once it has read this much
+        read = client.dataReceived
+
+        def read_some(data):
+            read(data)
+            if len(client.received) >= stop_at[0]:
+                client.transport.pauseProducing()
+
+        client.dataReceived = read_some
+        await until(reactor, lambda: site.channels and next(iter(site.channels)).lingering_since is not None,
+                    limit=5, what="the lingering close")
+        for _ in range(2 * LINGER_TIME // 5):  # a minute of reading a mebibyte every five seconds
+            site.sweep_idle()
+            stop_at[0] = len(client.received) + 1024 * 1024
+            client.transport.resumeProducing()
+            await until(reactor, lambda: len(client.received) >= stop_at[0], limit=5, what="a mebibyte")
+            clock.advance(5)
+        assert site.channels and not client.lost.called
+        stop_at[0] = 2 * size
+        client.transport.resumeProducing()
+        await with_timeout(reactor, client.lost, 10)
+        head, body = bytes(client.received).split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and len(body) == size
+        await until(reactor, lambda: not site.channels, limit=5, what="the connection's end")
+    finally:
+        await port.stopListening()
+
+
 @pytest.mark.parametrize("kind", ["unix", "ssl"])
 @pytest_twisted.ensureDeferred
 async def test_a_unix_or_tls_listener_closes_lingering_too(reactor, tmp_path, kind):

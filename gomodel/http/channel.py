@@ -361,11 +361,11 @@ class GatewayChannel(http.HTTPChannel):
         """Answer 400 (or C{status}) and close; requests read whole before the bad bytes are answered first."""
         self._parser = None
         self._receiving = None  # read no further: no sweep times it (and answers it again)
+        self.unread = True  # (what follows the bad bytes, or the body of a head that took too long)
         if self._received:
             self._received[-1].close_after()
             return
         _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
-        self.unread = True  # (what follows the bad bytes, or the body of a head that took too long)
         code = _CODES[status]
         body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code=code).body()
         self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"

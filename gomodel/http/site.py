@@ -355,14 +355,23 @@ class GatewaySite(server.Site):
         a body held behind an answer is not timed.
 
         A connection closing lingering (the channel's C{_linger}) is ended (aborted) once it has lingered
-        C{linger_time} seconds, or when nothing arrived since the sweep before."""
+        C{linger_time} seconds, or when nothing arrived since the sweep before; its time starts once its
+        answers have left (while its client reads them; one that reads none of them for C{idle_timeout} seconds
+        is ended as an idle one)."""
         now = self.reactor.seconds()
         for channel in list(self.channels):
             since = channel.lingering_since
             if since is not None:  # (closing: it reads only to drop)
-                if not channel.active or now - since >= self.linger_time:
+                left = _twistedcompat.unsent(channel.transport)
+                if left:  # its answers are still leaving: it lingers once they left (but its client reads none)
+                    if left != channel.unsent:
+                        channel.lingering_since = now
+                    elif now - since >= self.idle_timeout:
+                        channel.transport.abortConnection()
+                elif not channel.active or now - since >= self.linger_time:
                     channel.transport.abortConnection()
                 channel.active = False
+                channel.unsent = left
                 continue
             receiving = channel._receiving
             if receiving is None:
