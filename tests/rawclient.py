@@ -4,7 +4,9 @@ import json
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
 
 class RawClient(Protocol):
@@ -43,6 +45,22 @@ class RawClient(Protocol):
             elif final:
                 self._waiters.remove((marker, d))
                 d.errback(ConnectionError(f"connection ended before {marker!r}"))
+
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfOpenClient(RawClient):
+    """A raw client that keeps its side open once the server shut its own: C{shut} fires then."""
+
+    def __init__(self, request: bytes):
+        super().__init__(request)
+        self.shut = Deferred()
+
+    def readConnectionLost(self):
+        self.shut.callback(None)
+
+    def writeConnectionLost(self):
+        pass
 
 
 def chat_request(body: dict, headers=None) -> bytes:

@@ -569,32 +569,15 @@ async def test_a_unix_or_tls_listener_closes_lingering_too(reactor, tmp_path, ki
 async def test_a_lingering_close_ends_after_linger_time_or_a_sweep_without_a_byte(reactor):
     """A lingering connection is not held for ever by its client: one that keeps sending is cut LINGER_TIME
     (30 s) after its answer, one that neither sends nor closes at the next sweep but one."""
-    from twisted.internet.interfaces import IHalfCloseableProtocol
-    from zope.interface import implementer
-
     from gomodel.http.site import LINGER_TIME
-    from tests.rawclient import RawClient
-
-    @implementer(IHalfCloseableProtocol)
-    class Stubborn(RawClient):
-        """A client that keeps its side open once the gateway shut its own."""
-
-        def __init__(self, request):
-            super().__init__(request)
-            self.shut = Deferred()
-
-        def readConnectionLost(self):
-            self.shut.callback(None)
-
-        def writeConnectionLost(self):
-            pass
+    from tests.rawclient import HalfOpenClient
 
     assert LINGER_TIME == 30
     site, port, clock, held = _body_site(reactor)
     head = b"POST /refused HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\nContent-Length: 1000000000\r\n\r\n"
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
     try:
-        sending, silent = Stubborn(head + b"x" * 1000), Stubborn(head)
+        sending, silent = HalfOpenClient(head + b"x" * 1000), HalfOpenClient(head)
         for client in (sending, silent):
             await connectProtocol(endpoint, client)
             await with_timeout(reactor, client.shut, 5)  # the answer, then the gateway's side shut
