@@ -480,6 +480,35 @@ async def test_a_client_still_sending_the_body_of_a_request_answered_early_reads
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_upload_cut_for_its_slow_body_ends_when_its_408_is_sent_not_when_its_client_goes(reactor):
+    """The request whose body was too slow ends (its upload's sink is let go, L{gomodel.api.files}) once its
+    408 is written, while its connection lingers for what the client still sends."""
+    from tests.rawclient import HalfOpenClient
+
+    site, port, clock, held = _body_site(reactor)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    try:
+        client = HalfOpenClient(_post_head(b"/upload", 1000000) + b"x" * 10)
+        await connectProtocol(endpoint, client)
+        await until(reactor, lambda: _body_read(site, client) == 10, limit=5, what="the body's start")
+        channel = _channel_of(site, client)
+        request = channel._receiving
+        ended = []
+        request.notifyFinish().addErrback(ended.append)
+        site.sweep_idle()
+        clock.advance(61)
+        site.sweep_idle()
+        await with_timeout(reactor, client.shut, 5)
+        assert bytes(client.received).startswith(b"HTTP/1.1 408 ")
+        assert channel in site.channels and channel.lingering_since is not None  # (its client did not close)
+        assert ended and request._disconnected and not channel.requests
+        client.transport.loseConnection()
+        await until(reactor, lambda: not site.channels, limit=5, what="the connection's end")
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_lingering_connection_s_time_starts_once_its_answer_has_left(reactor):
     """A connection closing lingering whose client still reads a large answer, slowly, is not cut while it does,
     however long it takes (its linger's time starts once the answer has left)."""

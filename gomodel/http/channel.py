@@ -28,8 +28,10 @@ from http import HTTPStatus
 from operator import itemgetter
 
 import httptools
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableDescriptor, ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
 
@@ -478,6 +480,11 @@ class GatewayChannel(http.HTTPChannel):
             transport.loseConnection()
         self.held_since = None
         transport.resumeProducing()  # (reading may be paused: a hold behind an answer, an upload's lag)
+        # A request the channel answered itself (its body too slow: a 408) ends now, not once its client goes:
+        # its upload's sink is let go, and a drain does not wait for it.
+        requests, self.requests = self.requests, []
+        for request in requests:
+            request.connectionLost(Failure(ConnectionDone("the gateway answered it itself and closed")))
 
     def _drop(self, data):
         """Drop what a lingering connection's client sends (L{_linger})."""
