@@ -250,6 +250,8 @@ async def test_connect_is_answered_and_closes_the_connection(reactor, echo):
     await with_timeout(reactor, client.lost, 5)
     [(status, seen)] = answers(bytes(client.received))
     assert seen["method"] == "CONNECT" and seen["body"] == ""
+    # the answer says the connection closes (RFC 9112 9.6), as every other answer after which it closes does
+    assert b"\r\nconnection: close\r\n" in bytes(client.received).lower()
 
 
 @pytest_twisted.ensureDeferred

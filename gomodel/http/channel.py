@@ -264,7 +264,7 @@ class GatewayChannel(http.HTTPChannel):
             # The gateway answers a request asking to switch protocols as any other (RFC 9110 7.8), and
             # after a CONNECT, whose tunnel it does not serve, it closes; llhttp stops after the head either way.
             if method == b"CONNECT":
-                request.keep_alive = False
+                request.close_after()
             elif length is None:
                 self._framing_after_upgrade = b"Transfer-Encoding: chunked"
             elif length:
