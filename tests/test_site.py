@@ -451,6 +451,33 @@ async def test_a_body_that_trickles_in_below_the_minimum_rate_is_answered_408_an
         await port.stopListening()
 
 
+@pytest.mark.parametrize("path, answer", [(b"/echo", b"got 2"), (b"/refused", b"refused")])
+@pytest_twisted.ensureDeferred
+async def test_a_request_pipelined_behind_another_is_invited_to_send_its_body_when_its_turn_comes(
+        reactor, path, answer):
+    """A client that pipelines a request waiting for C{100 Continue} behind another gets it (or the refusal of
+    its head) once the answer before it is done. Before, the channel, which reads heads ahead, invited only a
+    request first in line: the client waited for an invitation that never came (curl for a second, others
+    until their own timeout)."""
+    site, port, clock, held = _body_site(reactor)
+    try:
+        client = await connect(reactor, port.getHost().port, _post_head(b"/hold", 0) + (
+            b"POST %s HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n" % path))
+        await until(reactor, lambda: held, limit=5, what="the first request")
+        assert client.received == b""  # (nothing may come before the first answer)
+        held[0].write(b"first")
+        held[0].finish()
+        if path == b"/echo":
+            await with_timeout(reactor, client.wait_for(b"HTTP/1.1 100 Continue\r\n\r\n"), 5)
+            client.transport.write(b"{}")
+        await with_timeout(reactor, client.wait_for(answer), 5)
+        received = bytes(client.received)
+        assert received.index(b"first") < received.index(answer)
+        client.transport.loseConnection()
+    finally:
+        await port.stopListening()
+
+
 @pytest.mark.parametrize("head, status", [
     (b"POST /refused HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n", b"401"),
     (b"POST /echo HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: gzip, chunked\r\nX-Size: %d\r\n\r\n", b"501"),

@@ -271,8 +271,10 @@ class GatewayChannel(http.HTTPChannel):
                 self._framing_after_upgrade = b"Content-Length: %d" % length
         expect = headers.get(EXPECT) if length != 0 and version == b"HTTP/1.1" else None
         request.gotLength(length)
-        if expect is not None and expect[0].lower() == b"100-continue" and self.requests[0] is request:
-            if EXPECT in headers:
+        if expect is not None and expect[0].lower() == b"100-continue":
+            if self.requests[0] is not request:
+                self._expecting = request  # (pipelined behind another: invited when its turn comes, requestDone)
+            elif EXPECT in headers:
                 self._send100Continue()
             else:  # gotLength dropped it: refused at its head (401, 413)
                 self._answer_unread(request)
@@ -281,11 +283,25 @@ class GatewayChannel(http.HTTPChannel):
         """Answer C{request}, refused at its head, at once: its client waits for C{100 Continue} before it sends
         the body (RFC 9110 10.1.1), so the body is never read, and the connection, which the refusal closes
         after its answer, takes nothing more."""
+        self._take_unread(request)
+        raise _Stopped()
+
+    def _take_unread(self, request):
+        """Take C{request} as read whole (L{_answer_unread}): the connection reads nothing more."""
         self._parser = None
         self._receiving = None
         self.unread = True  # (the body its client may send all the same)
         self._received.append(request)
-        raise _Stopped()
+
+    _expecting = None  # a request pipelined behind another whose client waits for 100 Continue (requestDone)
+
+    def _invite(self, request):
+        """Now first in line, C{request}, pipelined behind others, its body not come, gets the C{100 Continue}
+        its client waits for, or, refused at its head, its answer at once (L{_answer_unread})."""
+        if EXPECT in _twistedcompat.plain_headers(request.requestHeaders):
+            self._send100Continue()
+        else:
+            self._take_unread(request)
 
     def on_body(self, data):
         self._receiving.handleContentChunk(data)
@@ -392,6 +408,11 @@ class GatewayChannel(http.HTTPChannel):
             self._dataBuffer = []
             self.loseConnection()
             return
+        expecting = self._expecting
+        if expecting is not None and self.requests and self.requests[0] is expecting:
+            self._expecting = None
+            if expecting is self._receiving:  # (its body not come: its client waits)
+                self._invite(expecting)
         if not self._busy and (self._received or self._dataBuffer):
             self._receive(b"")
 
