@@ -11,6 +11,7 @@ gateway that runs without a port.
 
 import os
 import re
+import stat
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
@@ -159,6 +160,23 @@ class RedisService(Service):
         return self.pins.stop().addBoth(lambda _: self.client.close())
 
 
+def _take_over_own_lock(path: str):
+    """Remove the lock (C{PATH.lock}, Twisted's, naming its listener's pid) and the socket of a UNIX socket
+    path when the lock names this very process, which has not listened on it yet: a gateway killed
+    (SIGKILL, the OOM killer) left them, and its restart in a container got the same pid (tini's child,
+    PID 1). Twisted takes such a lock for a live process's ("Cannot acquire lock"): a restart loop."""
+    lock = path + ".lock"
+    try:
+        if os.readlink(lock) != str(os.getpid()):
+            return
+        os.remove(lock)
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.remove(path)
+    except OSError:
+        return  # (no such lock, or not ours: Twisted's listen says what is wrong)
+    ListenerService.log.info("took over {path}, left by a gateway that had this process's pid", path=path)
+
+
 class ListenerService(Service):
     """Listens on one endpoint; L{whenListening} fires with the port."""
 
@@ -196,6 +214,9 @@ class ListenerService(Service):
             endpoint does: TCP, UNIX, SSL, systemd); the failure is logged.
         """
         super().privilegedStartService()
+        path = unix_socket_path(self._endpoint)
+        if path is not None:
+            _take_over_own_lock(path)
         failed_now = []
         self._listening = maybeDeferred(self._endpoint.listen, self._factory)
         self._listening.addCallbacks(self._listened, self._failed, errbackArgs=(failed_now,))

@@ -167,3 +167,35 @@ async def test_the_listening_line_names_the_address_as_its_description_would(rea
     await listener.stopService()
     said = [formatEvent(event) for event in events]
     assert said == [f"listening on 127.0.0.1:{address.port}" if kind == "tcp" else f"listening on {path}"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unix_socket_left_by_a_killed_gateway_with_this_process_s_pid_is_taken_over(reactor, tmp_path):
+    """A gateway killed (SIGKILL, the OOM killer) leaves its socket and its lock (C{PATH.lock}, naming its pid)
+    behind; restarted in a container, it gets the same pid again (tini's child, or PID 1), and Twisted took the
+    lock naming it for a live process's: 'Cannot acquire lock', a restart loop. A lock naming this very
+    process, which has not listened yet, is stale: the socket is taken over."""
+    path = str(tmp_path / "gateway.sock")
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(path)
+    left.close()  # (the killed gateway's socket file)
+    os.symlink(str(os.getpid()), path + ".lock")
+    listener = ListenerService(listen_endpoint(reactor, f"unix:{path}"), Factory.forProtocol(Protocol),
+                               f"unix:{path}")
+    listener.privilegedStartService()
+    await listener.whenListening()
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)  # the new socket's
+    finally:
+        await listener.stopService()
+    assert not os.path.lexists(path + ".lock")
+
+
+def test_a_unix_socket_locked_by_another_live_process_still_fails_the_start(reactor, tmp_path):
+    path = str(tmp_path / "gateway.sock")
+    os.symlink(str(os.getppid()), path + ".lock")  # (a live process that is not this one)
+    listener = ListenerService(listen_endpoint(reactor, f"unix:{path}"), Factory.forProtocol(Protocol),
+                               f"unix:{path}")
+    with pytest.raises(ListenFailed, match="Cannot acquire lock"):
+        listener.privilegedStartService()
