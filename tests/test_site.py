@@ -481,7 +481,7 @@ async def test_a_request_pipelined_behind_another_is_invited_to_send_its_body_wh
 @pytest.mark.parametrize("head, status", [
     (b"POST /refused HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n", b"401"),
     (b"POST /echo HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: gzip, chunked\r\nX-Size: %d\r\n\r\n", b"501"),
-    (b"POST /echo HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", b"400")],
+    (b"POST /echo HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", b"431")],
     ids=["refused_at_its_head", "transfer_coding_not_implemented", "head_too_large"])
 @pytest_twisted.ensureDeferred
 async def test_a_client_still_sending_the_body_of_a_request_answered_early_reads_the_answer_never_a_reset(

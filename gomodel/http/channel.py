@@ -64,9 +64,22 @@ class _NotImplemented(_BadRequest):
     status = b"501 Not Implemented"
 
 
+class _TargetTooLong(_BadRequest):
+    """A request whose target is longer than the gateway parses: 414 (RFC 9112 3)."""
+
+    status = b"414 URI Too Long"
+
+
+class _HeadersTooLarge(_BadRequest):
+    """A request whose headers are past the gateway's limits (their size, their number): 431 (RFC 6585 5)."""
+
+    status = b"431 Request Header Fields Too Large"
+
+
 _TIMED_OUT = b"408 Request Timeout"
 # The error code of each status a refused request is answered with.
-_CODES = {_BadRequest.status: "bad_request", _NotImplemented.status: "not_implemented", _TIMED_OUT: "request_timeout"}
+_CODES = {_BadRequest.status: "bad_request", _NotImplemented.status: "not_implemented", _TIMED_OUT: "request_timeout",
+          _TargetTooLong.status: "uri_too_long", _HeadersTooLarge.status: "headers_too_large"}
 
 
 class _Stopped(Exception):
@@ -172,7 +185,7 @@ class GatewayChannel(http.HTTPChannel):
                 else:
                     self._head_read += len(data)
                     if self._head_read > self.totalHeadersSize:
-                        self._bad_request("its headers are too large")
+                        self._bad_request("its headers are too large", _HeadersTooLarge.status)
             elif self._chunked is not None:
                 self._bound_framing(len(data))
 
@@ -215,7 +228,7 @@ class GatewayChannel(http.HTTPChannel):
     def on_url(self, piece):
         self._target += piece
         if len(self._target) > self.totalHeadersSize:
-            raise _BadRequest("its target is too long")
+            raise _TargetTooLong("its target is too long")
 
     def on_header(self, name, value):
         # Kept as they come (their number and size are checked once the head is in; until then _parse
@@ -232,9 +245,9 @@ class GatewayChannel(http.HTTPChannel):
         target = self._target
         pairs = self._pairs
         if len(pairs) > 2 * self.maxHeaders:
-            raise _BadRequest("it has too many headers")
+            raise _HeadersTooLarge("it has too many headers")
         if len(target) + sum(map(len, pairs)) + 2 * len(pairs) > self.totalHeadersSize:
-            raise _BadRequest("its headers are too large")
+            raise _HeadersTooLarge("its headers are too large")
         headers = _twistedcompat.plain_headers(request.requestHeaders)
         _twistedcompat.keep_headers(headers, pairs)
         hosts = headers.get(HOST)
