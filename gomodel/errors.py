@@ -250,7 +250,7 @@ class RateLimitExceeded(GatewayError):
     or C{"tokens"}, naming the limit that refused. C{Retry-After} (whole seconds,
     at least 1) is left out when no wait would help (a request larger than a
     token limit): C{x-should-retry: false} then keeps the SDKs from sending it
-    again. C{scope} names the limited scope (C{"key:k_1"}, C{"provider:vllm"}),
+    again, as it does beside a wait past a minute (L{wait_headers}). C{scope} names the limited scope (C{"key:k_1"}, C{"provider:vllm"}),
     never a secret.
     """
 
@@ -259,11 +259,7 @@ class RateLimitExceeded(GatewayError):
     code = "rate_limit_exceeded"
 
     def __init__(self, message, *, scope, tokens=False, retry_after=None, headers=None):
-        headers = dict(headers or {})
-        if retry_after is not None:
-            headers["Retry-After"] = str(whole_seconds(retry_after))
-        else:
-            headers["x-should-retry"] = "false"
+        headers = dict(headers or {}, **wait_headers(retry_after))
         super().__init__(message, headers=headers)
         self.scope = scope
         self.retry_after = retry_after
@@ -276,7 +272,7 @@ class BudgetExceeded(GatewayError):
 
     C{Retry-After} is the seconds until the period ends (at least 1); a
     C{total} budget has none, and C{x-should-retry: false} instead (the SDKs
-    would send it again).
+    would send it again), as beside a wait past a minute (L{wait_headers}).
     """
 
     status = 429
@@ -286,11 +282,26 @@ class BudgetExceeded(GatewayError):
     def __init__(self, scope, period, what, limit, retry_after=None):
         shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
         super().__init__(f"budget exceeded for {scope}: {period} {what} limit of {shown} reached",
-                         headers={"x-should-retry": "false"} if retry_after is None else {
-                             "Retry-After": str(whole_seconds(retry_after))})
+                         headers=wait_headers(retry_after))
         self.scope = scope
         self.period = period
         self.retry_after = retry_after
+
+
+# The longest wait an SDK is left to sleep through before it sends a request again. The anthropic SDK sleeps
+# whatever C{Retry-After} says (a spent daily budget's: hours), the openai SDK past two minutes gives up.
+SDK_RETRY_WAIT = 60
+
+
+def wait_headers(retry_after) -> dict:
+    """The headers of a refusal that C{retry_after} seconds may lift (None: none will): C{Retry-After}, and
+    C{x-should-retry: false} where no wait will do or the wait is longer than L{SDK_RETRY_WAIT}, so the SDKs
+    tell their caller at once rather than retry (or sleep through hours first)."""
+    if retry_after is None:
+        return {"x-should-retry": "false"}
+    if retry_after > SDK_RETRY_WAIT:
+        return {"Retry-After": str(whole_seconds(retry_after)), "x-should-retry": "false"}
+    return {"Retry-After": str(whole_seconds(retry_after))}
 
 
 def whole_seconds(seconds) -> int:

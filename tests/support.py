@@ -129,6 +129,26 @@ def in_thread(fn, *args, **kwargs) -> Deferred:
     return threads.deferToThread(fn, *args, **kwargs)
 
 
+def in_daemon_thread(reactor, fn, *args, **kwargs) -> Deferred:
+    """Run a blocking client on a daemon thread of its own, which never holds the test run's exit (an SDK
+    that might sleep for hours before a retry); fires with what C{fn} returns, or its failure."""
+    import threading
+    from twisted.python.failure import Failure
+
+    d = Deferred()
+
+    def run():
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:
+            reactor.callFromThread(d.errback, Failure())
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=run, daemon=True).start()
+    return d
+
+
 def blockon(d):
     return pytest_twisted.blockon(d)
 

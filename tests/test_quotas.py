@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 
 from gomodel.api.keys import iso
 from tests.rawclient import chat_request, connect
-from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
+from tests.support import in_daemon_thread, in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
 from tests.redis_server import fresh_prefix
 
 MASTER = "master-k"
@@ -362,6 +362,32 @@ async def test_a_refusal_no_wait_can_lift_tells_the_sdk_not_to_retry(http, gw, f
     finally:
         for client in clients:
             client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_with_a_long_wait_tells_the_sdks_not_to_sleep_through_it(reactor, http, fake, tmp_path):
+    """A daily budget spent, an hourly rate limit reached: C{Retry-After} until the day or the hour ends, with
+    C{x-should-retry: false}, as for any wait past a minute. Before, the anthropic SDK (max_retries 2, its
+    default) slept the whole C{Retry-After}, hours, before each retry: a call, a Claude Code turn, that hung
+    until the next day."""
+    gateway = await start(reactor, fake, tmp_path, SET_RATE_LIMIT_TEAM="rph=1")
+    budget = await new_key(http, gateway, budgets=[{"period": "daily", "max_tokens": 1}])
+    hourly = await new_key(http, gateway, user_path="/team")
+    clients = [anthropic.Anthropic(base_url=gateway.url, api_key=key["value"], max_retries=2, timeout=10)
+               for key in (budget, hourly)]
+    hi = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        for client in clients:
+            await in_thread(client.messages.create, **hi)  # spends the budget, uses the hour's one request
+            sent = len(fake.requests)
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                await with_timeout(reactor, in_daemon_thread(reactor, client.messages.create, **hi), 10)
+            headers = refused.value.response.headers
+            assert int(headers["retry-after"]) > 60 and headers["x-should-retry"] == "false"
+            assert refused.value.response.request.headers["x-stainless-retry-count"] == "0"  # sent once
+            assert len(fake.requests) == sent
+    finally:
+        await stop_all(gateway, clients=clients)
 
 
 @pytest.mark.parametrize("usage_enabled", ["true", "false"])  # budgets count without the usage ledger too
