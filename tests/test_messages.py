@@ -1182,6 +1182,31 @@ async def test_models_in_anthropics_shape_for_anthropic_clients(http, gw, client
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_anthropic_sdk_reads_the_request_id_of_every_answer(http, gw, client):
+    """Anthropic's name for it, C{request-id}, which its SDK reads (C{_request_id}, an error's C{request_id})
+    beside C{X-Request-Id}, on every Anthropic route: before, both were None, and a Claude Code user had no id
+    to find a failed request by in the gateway's access log or request log."""
+    message = await in_thread(client.messages.with_raw_response.create, model=MODEL, max_tokens=5, messages=HELLO)
+    assert message.headers["request-id"] == message.headers["x-request-id"] == message.parse()._request_id
+    stream = await in_thread(client.messages.with_raw_response.create, model=MODEL, max_tokens=5, messages=HELLO,
+                             stream=True)
+    assert stream.headers["request-id"] == stream.headers["x-request-id"]
+    await in_thread(lambda: list(stream.parse()))
+    assert (await in_thread(client.messages.count_tokens, model=MODEL, messages=HELLO))._request_id
+    models = await in_thread(client.models.with_raw_response.list)
+    assert models.headers["request-id"] == models.headers["x-request-id"]
+    calls = [lambda: client.messages.create(model="vllm/nope", max_tokens=5, messages=HELLO),
+             lambda: client.messages.batches.retrieve("msgbatch_nope"), lambda: client.models.retrieve("vllm/nope"),
+             lambda: sdk(gw, api_key="wrong").messages.create(model=MODEL, max_tokens=5, messages=HELLO)]
+    for call in calls:
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            await in_thread(call)
+        assert raised.value.request_id == raised.value.response.headers["x-request-id"]
+    response = await http.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.headers.getRawHeaders("request-id") is None  # OpenAI's clients read X-Request-Id alone
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_paths_under_messages_and_wrong_methods_answer_in_anthropics_shape(http, gw, client):
     # A message batch nobody made: the SDK gets Anthropic's not_found_error, not OpenAI's envelope.
     for call in (client.messages.batches.retrieve, client.messages.batches.cancel, client.messages.batches.results,

@@ -20,7 +20,7 @@ from gomodel._twistedcompat import send_now
 from gomodel.http import render
 from gomodel.http.context import PASSTHROUGH, STREAM_BROKEN, RequestContext, reads_usage
 from gomodel.http.handling import Handling
-from gomodel.http.headers import X_REQUEST_ID
+from gomodel.http.headers import REQUEST_ID, X_REQUEST_ID
 from gomodel.http.site import request_id_for
 
 
@@ -44,7 +44,7 @@ class FrontResource(Resource):
             dialect or None (OpenAI's): the paths below a family's routes (C{/v1/messages/batches}:
             Anthropic's 404), a family's routes that answer a marked client in its dialect
             (L{gomodel.api.messages.MessagesRoutes.dialect_below}). Called only for a refusal and for
-            Klein's routes, never on the exact routes' or the plain routes' way.
+            Klein's and the plain routes, never on the exact routes' way.
         @param tracer: a callable of C{(request, ctx)} returning the context's
             C{trace} (L{gomodel.accounting.tracing.Telemetry.trace}: it reads the
             request's C{traceparent}), or None when tracing is off.
@@ -69,6 +69,8 @@ class FrontResource(Resource):
         ctx = request.context = RequestContext(
             request_id, request.method, request.path, self._clock, self._sinks, principal=request.identity,
             dialect=self._dialects.get(request.path, render.OPENAI), recorded=self._recorded)
+        if ctx.dialect is render.ANTHROPIC:
+            request.responseHeaders.put(REQUEST_ID, request_id)
         for start in self._starts:
             start(ctx)
         if self._tracer is not None:
@@ -94,8 +96,8 @@ class FrontResource(Resource):
                     "(allowed: GET, HEAD).", headers={"Allow": "GET, HEAD"}), ctx.dialect)
             if handler is None:
                 plain = self._plain(request) if self._plain is not None else None
+                self._dialect_below(request, ctx)
                 if plain is None:
-                    self._dialect_below(request, ctx)
                     return self._routes.render(request)
                 try:
                     body = plain(request)
@@ -115,10 +117,13 @@ class FrontResource(Resource):
         return NOT_DONE_YET
 
     def _dialect_below(self, request, ctx):
-        """Give C{ctx} the dialect that C{dialect_below} names for C{request}, if any (else its exact path's stays)."""
+        """Give C{ctx} the dialect that C{dialect_below} names for C{request}, if any (else its exact path's stays);
+        an answer in Anthropic's carries the request id as C{request-id} too, as an exact Anthropic route's does."""
         dialect = self._dialect_of(request) if self._dialect_of is not None else None
         if dialect is not None:
             ctx.dialect = dialect
+            if dialect is render.ANTHROPIC:
+                request.responseHeaders.put(REQUEST_ID, ctx.request_id)
 
     def _refusal(self, request):
         """The error the site decided when the head came in (401, 413), or None."""

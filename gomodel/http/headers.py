@@ -13,12 +13,12 @@ HOP_BY_HOP = frozenset((
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 ))
 
-# Never copied from an upstream answer: Date/Server, the request id and the replica that answered are
+# Never copied from an upstream answer: Date/Server, the request id (Anthropic's name for it too) and the replica that answered are
 # ours, cookies stay upstream, and so does the gateway's account with an OpenAI-compatible provider (its
 # organization and project, every tenant's) and vLLM's load report (C{endpoint-load-metrics}, the gateway's
 # routing signal: every tenant's load). Content-Length only where the bytes pass unchanged.
 _NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"set-cookie2", b"x-request-id",
-                                   b"x-gomodel-replica", b"openai-organization", b"openai-project",
+                                   b"request-id", b"x-gomodel-replica", b"openai-organization", b"openai-project",
                                    b"endpoint-load-metrics"}
 
 
@@ -68,6 +68,7 @@ RETRY_AFTER = header_name("retry-after")  # an upstream's failover status: its r
 SERVER = header_name("server")
 DATE = header_name("date")
 X_REQUEST_ID = header_name("x-request-id")
+REQUEST_ID = header_name("request-id")  # Anthropic's name for it, which the anthropic SDKs read
 X_GOMODEL_REPLICA = header_name("x-gomodel-replica")
 X_REQUEST_PRIORITY = header_name("x-request-priority")
 X_GOMODEL_USER_PATH = header_name("x-gomodel-user-path")
