@@ -20,7 +20,7 @@ from twisted.web.http_headers import Headers
 from gomodel.routing.affinity import affinity_key
 from tests.fakes.vllm import CHAT_MODEL
 from tests.rawclient import connect
-from tests.support import dead_base_url, in_thread, start_fake, start_gateway, stop_all, with_timeout
+from tests.support import dead_base_url, in_daemon_thread, in_thread, start_fake, start_gateway, stop_all, with_timeout
 
 KEY = "anthropic-test-key"
 MODEL = f"vllm/{CHAT_MODEL}"
@@ -1016,6 +1016,44 @@ async def test_busy_replicas_are_429_rate_limit_error_with_retry_after(reactor, 
             holder.transport.abortConnection()
         client.close()
         await gw.service.stopService()
+
+
+def sends(fake):
+    """The Messages requests C{fake} was sent."""
+    return sum(1 for r in fake.requests if r.path == b"/v1/messages")
+
+
+def _refused(retry_after):
+    """A raw 429 answer of an upstream asking to wait C{retry_after} (a provider's daily quota: hours)."""
+    body = json.dumps({"error": {"message": "Daily quota reached.", "type": "rate_limit_error", "code": 429}})
+    return (f"HTTP/1.1 429 Too Many Requests\r\nRetry-After: {retry_after}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_long_retry_after_tells_the_sdk_not_to_sleep_through_it(reactor, gw, fake):
+    """An upstream's 429 asking for hours (as seconds or as a date): its C{Retry-After} kept, with
+    C{x-should-retry: false}. Before, the anthropic SDK slept the hours before each of its retries."""
+    client = sdk(gw, max_retries=2)
+    try:
+        for retry_after in ("7200", "Fri, 31 Dec 2100 23:59:59 GMT"):
+            sent = sends(fake)
+            call = in_daemon_thread(reactor, client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                                    extra_body={"fake_raw": _refused(retry_after)})
+            with pytest.raises(anthropic.RateLimitError) as raised:
+                await with_timeout(reactor, call, 10)
+            headers = raised.value.response.headers
+            assert (headers["retry-after"], headers["x-should-retry"]) == (retry_after, "false")
+            assert sends(fake) == sent + 1  # sent once
+            assert raised.value.body["error"]["message"] == "Daily quota reached."
+        sent = sends(fake)
+        call = in_daemon_thread(reactor, client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                                extra_body={"fake_raw": _refused("1")})
+        with pytest.raises(anthropic.RateLimitError) as raised:
+            await with_timeout(reactor, call, 10)
+        assert "x-should-retry" not in raised.value.response.headers and sends(fake) == sent + 3  # retried
+    finally:
+        client.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -7,8 +7,11 @@ The upstream's address never appears in what the client gets, nor the provider's
 own key (an upstream that quotes the key it refused: L{Secret}).
 """
 
+import time
+
 from gomodel import jsonutil
-from gomodel.errors import UpstreamError, envelope
+from gomodel.errors import SDK_RETRY_WAIT, UpstreamError, envelope
+from gomodel.routing.pool import retry_after_seconds
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -76,10 +79,15 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
 
 def with_retry_after(error: UpstreamError, response) -> UpstreamError:
     """C{error}, made of C{response}'s error answer, with that answer's C{Retry-After} (an overloaded vLLM's 429
-    or 503, a proxy's in front of it): the client waits as long as the upstream asked before it tries again."""
+    or 503, a proxy's in front of it): the client waits as long as the upstream asked before it tries again.
+    A wait past L{SDK_RETRY_WAIT} (a provider's daily quota) comes with C{x-should-retry: false}, as the
+    gateway's own refusals' do: the SDKs tell their caller rather than sleep through it."""
     retry_after = response.headers.getRawHeaders(b"retry-after")
     if retry_after:
         error.headers["Retry-After"] = retry_after[0].decode("latin-1")
+        seconds = retry_after_seconds(retry_after[0], time.time())
+        if seconds is not None and seconds > SDK_RETRY_WAIT:
+            error.headers["x-should-retry"] = "false"
     return error
 
 
