@@ -9,7 +9,7 @@ import treq
 
 from gomodel import jsonutil
 from tests.rawclient import chat_request, connect
-from tests.support import settled, start_gateway, track_connections, with_timeout, write_buffer
+from tests.support import settled, start_fake, start_gateway, stop_all, track_connections, with_timeout, write_buffer
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 
@@ -533,3 +533,26 @@ async def test_a_stream_another_replica_answered_whole_after_one_broke_off_is_ch
         assert [(r["input_tokens"], r["output_tokens"], r["estimated"]) for r in records] == [(12, 7, False)] * 4
     finally:
         await stop_all(gw, breaking, whole)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_gzips_what_it_may_answers_streams_and_usage_the_gateway_can_read(reactor, access):
+    # A request without Accept-Encoding accepts any coding (RFC 9110 12.5.3): an upstream (or a proxy before
+    # it) that gzip'd its answers sent the gateway bytes it could neither frame nor read: its replica never
+    # listed its models, a stream's events never came.
+    fake = await start_fake(reactor)
+    fake.compress = True
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        logged = access.next(reactor)
+        client = await connect(reactor, gw.port, chat_request(stream_body(stream_options={"include_usage": True}),
+                                                              {"Connection": "close"}))
+        await with_timeout(reactor, client.lost, 5)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"content-encoding" not in head.lower()
+        assert b'"content":"h\xc3\xa9"' in body and b"data: [DONE]\n\n" in body
+        record = await logged
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (18, 3)
+        assert fake.requests[-1].header(b"accept-encoding") == "identity"
+    finally:
+        await stop_all(gw, fake)

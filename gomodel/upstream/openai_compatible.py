@@ -50,7 +50,11 @@ class OpenAICompatibleProvider:
         self.hidden = tuple(h for h in (replica.base_url, replica.root_url, replica.netloc,
                                         replica.host) if h) + ((Secret(api_key),) if len(api_key or "") >= 8 else ())
         self._authorization = (b"Bearer " + api_key.encode("latin-1")) if api_key else None
-        self._key_line = b"Authorization: " + self._authorization + b"\r\n" if self._authorization else b""
+        # The lines every request carries: the provider's key where it has one, and a request for its answers
+        # uncoded (without an Accept-Encoding any coding is acceptable, RFC 9110 12.5.3: a gzip'd stream is no
+        # event the gateway can cut, a gzip'd answer no usage it can read; a passthrough client's never goes up).
+        self._own_lines = (b"Authorization: " + self._authorization + b"\r\n" if self._authorization else b""
+                           ) + b"Accept-Encoding: identity\r\n"
         self._awaiting = set()  # the sends waiting for their answer's head (L{abandon})
         self._abandoned = set()  # those L{abandon} cancelled, until their send has raised
 
@@ -59,7 +63,7 @@ class OpenAICompatibleProvider:
 
     def _header_lines(self, request_id: bytes, extra, content_type) -> bytes:
         """A request's head lines: C{extra} (name -> values, through L{Headers}, which sanitises), C{content_type},
-        our request id, and the provider's key when configured."""
+        our request id, the provider's key when configured, and C{Accept-Encoding: identity}."""
         if request_id.find(b"\r") >= 0 or request_id.find(b"\n") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
             raise ValueError("a request id must not hold CR or LF")
         lines = []
@@ -74,7 +78,7 @@ class OpenAICompatibleProvider:
         if content_type is not None:
             lines.append(b"Content-Type: " + content_type + b"\r\n")
         lines.append(b"X-Request-Id: " + request_id + b"\r\n")
-        lines.append(self._key_line)
+        lines.append(self._own_lines)
         return b"".join(lines)
 
     def url(self, path: str, native=False) -> str:

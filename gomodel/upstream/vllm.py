@@ -26,7 +26,7 @@ class VLLMProvider(OpenAICompatibleProvider):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._key_line += b"Endpoint-Load-Metrics-Format: json\r\n"
+        self._own_lines += b"Endpoint-Load-Metrics-Format: json\r\n"
 
     def url(self, path: str, native=False) -> str:
         if not native:

@@ -183,6 +183,9 @@ class FakeVLLM(Resource):
         self.hung = []  # (request, its events not sent) of each Responses stream fake_hang_after stopped
         self.port = None
         self.models_status = 200  # set to 503 to make /v1/models fail
+        # True: every answer gzip'd unless the request's Accept-Encoding rules gzip out, as RFC 9110 12.5.3
+        # lets a server do for a request that has none (any coding is then acceptable)
+        self.compress = False
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -221,6 +224,9 @@ class FakeVLLM(Resource):
     # -- serving ----------------------------------------------------------------
 
     def render(self, request):
+        if self.compress and _takes_gzip(request):
+            request.setHeader(b"content-encoding", b"gzip")
+            request._encoder = server._GzipEncoder(6, request)  # (Twisted's, as its EncodingResourceWrapper sets)
         request.content.seek(0)
         record = Recorded(request, request.content.read())
         if self.steer and isinstance(record.body, dict):
@@ -720,6 +726,19 @@ class FakeVLLM(Resource):
             request.transport.loseConnection()  # what was written goes out, the body's end never
         elif after != "hold":
             request.finish()
+
+
+def _takes_gzip(request) -> bool:
+    """Whether C{request} accepts a gzip'd answer: it has no Accept-Encoding (any coding), or one naming gzip
+    (or C{*}) without C{q=0}."""
+    value = request.getHeader(b"accept-encoding")
+    if value is None:
+        return True
+    for coding in value.lower().replace(b" ", b"").split(b","):
+        name, _, weight = coding.partition(b";")
+        if name in (b"gzip", b"*"):
+            return not weight.startswith(b"q=") or float(weight[2:]) > 0
+    return False
 
 
 def _halves(text):
