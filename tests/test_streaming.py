@@ -556,3 +556,25 @@ async def test_an_upstream_that_gzips_what_it_may_answers_streams_and_usage_the_
         assert fake.requests[-1].header(b"accept-encoding") == "identity"
     finally:
         await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("client_leaves", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_streams_usage_is_its_own_when_its_upstream_holds_the_body_open_past_its_end(
+        reactor, gateway, fake, access, client_leaves):
+    # The tap read a passthrough stream's usage only once its upstream's body ended: a client that left at [DONE]
+    # (as the SDKs do), or an upstream that held its body open past it (cut after END_LINGER), had the stream charged
+    # an estimate (2 prompt tokens, 6 events) instead of the usage chunk the client got (18 and 3).
+    body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+                       "stream": True, "stream_options": {"include_usage": True}, "fake_after_done": "hold"}).encode()
+    logged = access.next(reactor)
+    client = await connect(reactor, gateway.port, b"POST /p/vllm/v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await with_timeout(reactor, client.wait_for(b"data: [DONE]\n\n"), 5)
+    if client_leaves:
+        client.transport.abortConnection()
+    else:
+        await with_timeout(reactor, client.wait_for(b"\r\n0\r\n\r\n"), 5)  # (the body's end, after END_LINGER)
+        client.transport.loseConnection()
+    record = await logged
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (18, 3)

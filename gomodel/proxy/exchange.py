@@ -797,7 +797,8 @@ RESPONSES_END = StreamEnd(tuple(kind.encode() for kind in RESPONSE_END_TYPES), "
 @implementer(IStreamObserver)
 class UsageTap:
     """Relays a body untouched (but for an event stream's error event naming its upstream: C{hide}), keeping its
-    last L{TAP_TAIL} bytes to read its usage from at the end (a JSON answer's, or a stream's last usage chunk).
+    last L{TAP_TAIL} bytes to read its usage from at the end (a JSON answer's, or a stream's last usage chunk: read
+    as soon as the stream's own end or error passes, where it has one, whether its body's end follows or not).
 
     Of an event stream it relays whole events only, the part of an event not yet ended held back until it
     ends (a client gets no event that a cut leaves broken: the error event comes after whole ones; an event
@@ -833,6 +834,7 @@ class UsageTap:
         self._seam = b""
 
     def feed(self, data: bytes) -> bytes:
+        ended = False  # (this read holds the stream's end)
         if self._stream:
             data = self._whole(data)
             if not data:
@@ -842,7 +844,7 @@ class UsageTap:
                 if self.error is None:
                     self.error = error_in(data)
                     if self.error is not None:
-                        self.done = True  # (the client has the error: the stream's end, whatever follows)
+                        self.done = ended = True  # (the client has the error: the stream's end, whatever follows)
                 hide = self._hide
                 if hide is not None and hide.hidden_pattern.search(data) is not None:
                     data = _errors_hidden(data, hide)
@@ -850,11 +852,13 @@ class UsageTap:
                 for kind in self._ends.kinds:  # (its last mention: one in a token before its end is none)
                     at = data.rfind(kind)
                     if at >= 0 and event_kind(event_around(data, at)) == kind:
-                        self.done = True
+                        self.done = ended = True
         tail = self._tail
         tail += data
         if len(tail) > 2 * TAP_TAIL:
             del tail[:-TAP_TAIL]
+        if ended:  # its usage now: a client may leave at the end (SDKs do), an upstream hold its body open past it
+            self.usage = usage_of(bytes(tail[-TAP_TAIL:]))
         return data
 
     def _whole(self, data: bytes) -> bytes:
@@ -897,7 +901,9 @@ class UsageTap:
         """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event or,
         having an end of its own, without it."""
         tail, self._tail = bytes(self._tail[-TAP_TAIL:]), b""
-        self.usage = usage_of(tail)
+        usage = usage_of(tail)
+        if usage is not None or not self.done:  # (read at the stream's end: what followed it is no usage)
+            self.usage = usage
         if not self._stream:
             return
         if self._held:
