@@ -816,3 +816,23 @@ async def test_a_head_answer_keeps_the_upstreams_content_length(reactor, gateway
         lines = head.lower().split(b"\r\n")
         assert lines[0] == b"http/1.1 200 ok" and b"content-length: 5" in lines, (method, head)
         assert body == (b"hello" if method == b"GET" else b""), body
+async def test_a_failed_response_in_a_passthrough_stream_names_the_provider_not_its_address(reactor, gateway, fake):
+    """A Responses stream's C{response.failed} carries its error in its response: that error names the provider,
+    as on C{/v1/responses} (before: relayed as it came, the upstream's address with it); the output, the model's
+    words, is left as it is."""
+    where = fake.root_url
+    output = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": f"see {where}"}]}]
+    response = {"id": "resp_1", "object": "response", "status": "failed", "output": output,
+                "error": {"code": "server_error", "message": f"engine at {where} failed"}}
+    events = [["response.created", json.dumps({"type": "response.created", "sequence_number": 0,
+                                               "response": dict(response, status="in_progress", error=None)})],
+              ["response.failed", json.dumps({"type": "response.failed", "sequence_number": 1, "response": response})]]
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/responses", {
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "input": "hi", "stream": True, "fake_events": events}, CLOSE))
+    await with_timeout(reactor, client.lost, 5)
+    received = _dechunked(bytes(client.received))
+    failed = [json.loads(event.partition(b"data: ")[2]) for event in received.split(b"\n\n")
+              if event.startswith(b"event: response.failed\n")]
+    assert failed == [{"type": "response.failed", "sequence_number": 1,
+                       "response": dict(response, error={"code": "server_error", "message": "engine at vllm failed"})}]
+    assert received.count(where.encode()) == 2  # (the output's, in each response: the model's own words)

@@ -44,10 +44,10 @@ from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, StreamIncomplete, error_in, event_around,
-                               event_kind, events_end)
+                               event_kind, event_object, events_end, hidden_strings)
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
-from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after
+from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after, without_address
 
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
@@ -914,13 +914,33 @@ class UsageTap:
 
 def _errors_hidden(events: bytes, upstream) -> bytes:
     """C{events} (whole ones) with those reporting an error (L{error_in}) written without C{upstream}'s addresses
-    and key (L{hidden_in}); every other event, the model's words, as it is."""
+    and key (L{hidden_in}), and a Responses stream's failed response with its error so written (L{_failure_hidden});
+    every other event, and the failed response's output, the model's words, as it is."""
     parts = _EVENTS.split(events)  # (events and the blank lines between them, in turn)
     for i in range(0, len(parts), 2):
         part = parts[i]
-        if part.find(b'"error"') >= 0 and error_in(part) is not None:
-            parts[i] = hidden_in(part, upstream)
+        if part.find(b'"error"') >= 0:
+            if error_in(part) is not None:
+                parts[i] = hidden_in(part, upstream)
+            elif part.find(b"response.failed") >= 0:
+                parts[i] = _failure_hidden(part, upstream)
     return b"".join(parts)
+
+
+def _failure_hidden(event: bytes, upstream) -> bytes:
+    """C{event} (without its blank line) where it is a C{response.failed} whose response's C{error} names
+    C{upstream}'s addresses or key: written again with that error without them (its other lines but those before
+    its data left out, as L{gomodel.proxy.sse.ResponsesStreamObserver} does); else as it is."""
+    payload = event_object(event)
+    response = payload.get("response") if payload is not None and payload.get("type") == "response.failed" else None
+    if response.__class__ is not dict:
+        return event
+    error = response.get("error")
+    shown = hidden_strings(error, partial(without_address, upstream=upstream))
+    if shown == error:
+        return event
+    payload["response"] = dict(response, error=shown)
+    return event[:max(event.find(b"data:"), 0)] + b"data: " + jsonutil.dumps(payload)
 
 
 def metadata_usage(response):
