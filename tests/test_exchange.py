@@ -8,12 +8,13 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from gomodel.config import Timeouts
 from gomodel.http.context import RequestContext
-from gomodel.proxy.exchange import Exchange, UpstreamCall, usage_of
+from gomodel.proxy.exchange import DONE_END, RESPONSES_END, Exchange, UpstreamCall, _GatheredBody, usage_of
+from gomodel.proxy.relay import END_LINGER
 from gomodel.proxy.sse import ChatStreamObserver
 from tests.support import copy_counting_bytes, ready_pool, start_fake, start_gateway
 
@@ -281,3 +282,35 @@ def test_the_usage_tap_finds_a_streams_end_where_its_route_has_one():
                 with pytest.raises(StreamIncomplete) as raised:
                     tap.finish()
                 assert str(raised.value) == "the upstream stream ended " + ends.missing
+
+
+class _BodyTransport:
+    """An upstream body's transport: it notes being stopped (the upstream connection closed)."""
+
+    stopped = False
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+def test_a_stream_read_whole_is_cut_a_linger_after_its_own_end_and_not_at_a_word_in_a_token():
+    """An event stream read to be gathered ends END_LINGER after its own end passed, where its upstream holds its
+    body open (a Responses stream's last event, long, in many reads too); a token that says the end's word is none."""
+    final = json.dumps({"type": "response.completed", "response": {"output": "x" * 100000}}).encode()
+    for ends, stream, cut in (
+            (RESPONSES_END, b"event: response.created\ndata: {}\n\nevent: response.completed\ndata: " + final + b"\n\n",
+             True),
+            (DONE_END, b'data: {"choices":[]}\n\ndata: [DONE]\n\n', True),
+            (DONE_END, b'data: {"choices":[{"delta":{"content":"[DONE]"}}]}\n\n', False)):
+        finished, clock = Deferred(), Clock()
+        body = _GatheredBody(finished, 1 << 28, ends, clock)
+        body.makeConnection(_BodyTransport())
+        for at in range(0, len(stream), 7):
+            body.dataReceived(stream[at:at + 7])
+        clock.advance(END_LINGER)
+        assert (finished.called, body.transport.stopped) == (cut, cut), stream[:40]
+        if cut:
+            assert finished.result == stream
+        else:
+            body.connectionLost(Failure(ResponseDone()))
+            assert finished.result == stream and not clock.getDelayedCalls()

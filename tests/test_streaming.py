@@ -578,3 +578,23 @@ async def test_a_passthrough_streams_usage_is_its_own_when_its_upstream_holds_th
         client.transport.loseConnection()
     record = await logged
     assert (record["prompt_tokens"], record["completion_tokens"]) == (18, 3)
+
+
+@pytest.mark.parametrize("path, body", [
+    (b"/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+    (b"/v1/messages", {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_whole_answer_an_upstream_streamed_anyway_and_held_open_past_its_end_comes_after_the_linger(
+        reactor, gateway, path, body):
+    # An answer asked for whole that the upstream streamed anyway was read to its body's end: an upstream holding
+    # it open after [DONE] (message_stop) kept the client waiting HTTP_RESPONSE_HEADER_TIMEOUT (10 minutes), then
+    # answered 504, the whole answer in hand. As a relayed stream's, its body is cut END_LINGER after its end.
+    data = json.dumps(dict(body, fake_stream_anyway=True, fake_after_done="hold")).encode()
+    client = await connect(reactor, gateway.port, b"POST " + path + b" HTTP/1.1\r\nHost: g\r\nConnection: close\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    await with_timeout(reactor, client.lost, 5)
+    head, _, answer = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    whole = jsonutil.loads(answer)
+    assert whole.get("object") == "chat.completion" or whole.get("type") == "message", whole

@@ -42,11 +42,11 @@ from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_ME
                                   X_GOMODEL_REPLICA, copy_response_headers, is_event_stream)
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
-from gomodel.proxy.relay import ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, StreamIncomplete, error_in, event_around,
-                               event_kind, event_object, events_end, hidden_strings)
+from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
+from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
+                               event_around, event_kind, event_object, events_end, hidden_strings)
 from gomodel.routing.vllm_metrics import parse_load_header
-from gomodel.upstream.client import BodyTooLarge, discard, read_body, within
+from gomodel.upstream.client import BodyTooLarge, BoundedCollector, discard, read_body, within
 from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after, without_address
 
 ERROR_BODY_LIMIT = 1024 * 1024
@@ -311,7 +311,7 @@ class Exchange:
         @raise gomodel.errors.BadUpstreamResponse: it did not end properly, or held what is no event.
         """
         try:
-            stream = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
+            stream = await self.read(upstream, response, RESPONSE_BODY_LIMIT, GATHERED_ENDS.get(call.path))
         except UpstreamUnreachable as e:
             raise _BrokeOff(e) from None
         try:
@@ -518,9 +518,11 @@ class Exchange:
         if ctx is not None:
             ctx.retries += 1
 
-    async def read(self, upstream, response, limit):
+    async def read(self, upstream, response, limit, ends=None):
         """The whole body of C{response}, within C{limit} bytes and the response-header timeout.
 
+        @param ends: of an event stream read whole (to be gathered), its L{StreamEnd}: what came once that end passed
+            and L{END_LINGER} more is the body, however long the upstream holds it open (L{_GatheredBody}); or None.
         @raise gomodel.errors.BadUpstreamResponse: too large (code
             C{response_too_large}); or L{gomodel.errors.UpstreamTimeout}; or
             L{gomodel.errors.UpstreamUnreachable} when it broke off.
@@ -528,7 +530,9 @@ class Exchange:
         body = whole_body(response)  # it came with the head: no wait
         try:
             if body is None:
-                return await within(read_body(response, limit), self._timeouts.response_header, self._timers)
+                reading = read_body(response, limit) if ends is None else read_body(
+                    response, limit, partial(_GatheredBody, ends=ends, clock=self._timers))
+                return await within(reading, self._timeouts.response_header, self._timers)
             if len(body) > limit:
                 raise BodyTooLarge(limit)
             return body
@@ -706,6 +710,41 @@ class Exchange:
         return self._clock.callLater(ABORT_GRACE, transport.abortConnection)
 
 
+class _GatheredBody(BoundedCollector):
+    """Reads an event stream whole (L{Exchange._gathered}): its body, or what came until L{END_LINGER} after its own
+    end (C{ends}, a L{StreamEnd}) passed, where its upstream held the body open past it (the upstream then closed), as
+    L{StreamRelay} ends a relayed stream's."""
+
+    def __init__(self, finished, limit, ends, clock):
+        super().__init__(finished, limit)
+        self._ends = ends
+        self._clock = clock
+        self._end_call = None
+        self._framer = SSEFramer(max_event_bytes=limit)  # (the events as they end: the body is bounded already)
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        if self._end_call is not None or self._finished.called:
+            return
+        for event in self._framer.feed(data):
+            for kind in self._ends.kinds:
+                if event.find(kind) >= 0 and event_kind(event) == kind:
+                    self._end_call = self._clock.callLater(END_LINGER, self._lingered)
+                    return
+
+    def _lingered(self):
+        self._end_call = None
+        if not self._finished.called:
+            self.transport.stopProducing()
+            self._finished.callback(b"".join(self._parts))
+
+    def connectionLost(self, reason):
+        if self._end_call is not None:
+            self._end_call.cancel()
+            self._end_call = None
+        super().connectionLost(reason)
+
+
 def _why(reason) -> str:
     """Why a stream ended abnormally, as its client is told (C{reason}: what L{StreamRelay.finished} failed with)."""
     if isinstance(reason, ClientStalled):
@@ -792,6 +831,10 @@ class StreamEnd:
 DONE_END = StreamEnd((b"[DONE]",), "without [DONE]")
 MESSAGES_END = StreamEnd((b"message_stop",), "before message_stop")
 RESPONSES_END = StreamEnd(tuple(kind.encode() for kind in RESPONSE_END_TYPES), "before response.completed")
+# The ends of the event streams an upstream may answer a call that asked for a whole answer with (by the call's path:
+# L{gomodel.proxy.gather.BY_PATH}'s).
+GATHERED_ENDS = {"/chat/completions": DONE_END, "/completions": DONE_END, "/messages": MESSAGES_END,
+                 "/responses": RESPONSES_END}
 
 
 @implementer(IStreamObserver)

@@ -204,7 +204,9 @@ class BodyTooLarge(Exception):
     """An upstream body went past the limit we read into memory."""
 
 
-class _BoundedCollector(Protocol):
+class BoundedCollector(Protocol):
+    """Reads a body of at most C{limit} bytes; C{finished} fires with it (L{read_body})."""
+
     def __init__(self, finished: Deferred, limit: int):
         self._finished = finished
         self._limit = limit
@@ -230,8 +232,10 @@ class _BoundedCollector(Protocol):
             self._finished.errback(reason)
 
 
-def read_body(response, limit: int) -> Deferred:
+def read_body(response, limit: int, collector=BoundedCollector) -> Deferred:
     """Read a whole upstream body of at most C{limit} bytes.
+
+    @param collector: C{collector(finished, limit)}, the protocol that reads it: a L{BoundedCollector}.
 
     @return: Deferred firing with the bytes; failing with L{BodyTooLarge}, or
         with the upstream's failure (C{ResponseFailed}) when it broke off.
@@ -244,7 +248,7 @@ def read_body(response, limit: int) -> Deferred:
             protocol.transport.stopProducing()
 
     finished = Deferred(cancel)
-    protocol = _BoundedCollector(finished, limit)
+    protocol = collector(finished, limit)
     response.deliverBody(protocol)
     return finished
 
