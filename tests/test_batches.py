@@ -13,7 +13,7 @@ import openai
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -261,17 +261,22 @@ async def test_batch_endpoints_reach_the_matching_vllm_route(sdk, gw, fake, endp
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_line_an_upstream_answers_with_a_stream_gets_the_one_answer_it_makes(sdk, gw, fake):
+async def test_a_line_an_upstream_answers_with_a_stream_gets_the_one_answer_it_makes(reactor, sdk, gw, fake):
     """A line (which never streams) that an upstream answers with an event stream anyway gets the one
     chat.completion the stream makes, as an online request does; a stream that does not end properly is the
-    line's error (before: the events were no JSON, the line a bad_upstream_response)."""
+    line's error (before: the events were no JSON, the line a bad_upstream_response). One whose upstream holds its
+    body open past [DONE] is cut a second after it, as a relayed stream is (before: the line waited
+    HTTP_RESPONSE_HEADER_TIMEOUT, then failed)."""
     lines = [chat_line("a", fake_stream_anyway=True),
-             chat_line("cut", fake_stream_anyway=True, fake_sse=['{"id":"c","choices":[]}'])]
-    batch = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
-    [output] = await file_lines(sdk, batch.output_file_id)
-    assert output["custom_id"] == "a" and output["response"]["status_code"] == 200
-    answer = output["response"]["body"]
-    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"] == "héhéhé"
+             chat_line("cut", fake_stream_anyway=True, fake_sse=['{"id":"c","choices":[]}']),
+             chat_line("held", fake_stream_anyway=True, fake_after_done="hold")]
+    batch = await with_timeout(reactor, ensureDeferred(finished(gw, sdk, (await start_batch(sdk, lines)).id)), 10)
+    outputs = await file_lines(sdk, batch.output_file_id)
+    assert [output["custom_id"] for output in outputs] == ["a", "held"]
+    for output in outputs:
+        assert output["response"]["status_code"] == 200
+        answer = output["response"]["body"]
+        assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"] == "héhéhé"
     [error] = await file_lines(sdk, batch.error_file_id)
     assert error["custom_id"] == "cut" and error["error"]["code"] == "bad_upstream_response"
     assert "without [DONE]" in error["error"]["message"]

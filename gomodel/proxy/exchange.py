@@ -344,7 +344,9 @@ class Exchange:
         took = None
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
-            body = await self.read(upstream, response, limit)
+            # (an event stream answered anyway, read whole to be gathered: cut once past its end, as in L{_gathered})
+            ends = GATHERED_ENDS.get(call.path) if response.code < 300 and is_event_stream(response.headers) else None
+            body = await self.read(upstream, response, limit, ends)
             seconds = self._clock.seconds() - sent
             if response.code < 300:
                 took = seconds
