@@ -496,13 +496,15 @@ async def test_a_passthrough_stream_cut_between_events_is_broken_where_its_route
     """A body that ends with its connection (no length, no chunks) ends the same whether the upstream finished
     or was cut between two events: a chat or text completions stream without C{[DONE]}, a Messages stream without
     C{message_stop}, a Responses stream without its final event is broken off, its client told in its route's
-    dialect, its outcome stream_broken (before: relayed to a clean end, ok); a stream of a route without such an
+    dialect, its outcome stream_broken (before: relayed to a clean end, ok; through SageMaker's C{invocations}, which
+    streams a chat or text completion as its routes do, until now); a stream of a route without such an
     end (vLLM's others) ends with its body, and one that sent its end is whole."""
     chat = {"model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True}
     for path, answer, last in (
             (b"/p/vllm/v1/chat/completions", WHOLE, b'data: {"error":{"message":"The stream ended abnormally: the '
                                                     b'upstream stream ended without [DONE].'),
             (b"/p/vllm/completions", WHOLE + WHOLE, b'data: {"error":'),
+            (b"/p/vllm/invocations", WHOLE, b'data: {"error":'),  # (SageMaker's: a chat or completions stream)
             (b"/p/vllm/v1/messages", _events(MESSAGE_START, BLOCK, DELTA),
              b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"The stream ended abnormally: '
              b'the upstream stream ended before message_stop."}}'),
@@ -519,6 +521,7 @@ async def test_a_passthrough_stream_cut_between_events_is_broken_where_its_route
 
     done = "data: [DONE]\n\n"
     for path, answer in ((b"/p/vllm/v1/chat/completions", WHOLE + done),
+                         (b"/p/vllm/invocations", WHOLE + done),
                          (b"/p/vllm/v1/chat/completions", WHOLE + "data:[DONE]\r\n\r\n: trailing comment\r\n\r\n"),
                          (b"/p/vllm/v1/messages", _events(MESSAGE_START, DELTA, STOP)),
                          (b"/p/vllm/v1/responses", _events(RESPONSE_DELTA, ("response.completed", {

@@ -95,9 +95,10 @@ PRIORITY_ROUTES = frozenset(("cohere/v2/chat",))
 
 # The routes (after C{v1/}) whose event streams have an end of their own, which a stream cut short lacks (one
 # whose body ends with its connection is otherwise whole to the client); a Responses stream is also read again
-# as C{responses/{id}?stream=true}. Others' streams end with their body.
-STREAM_ENDS = {"chat/completions": DONE_END, "completions": DONE_END, "messages": MESSAGES_END,
-               "responses": RESPONSES_END}
+# as C{responses/{id}?stream=true}, and SageMaker's C{invocations} streams a chat or text completion (its other
+# answers are JSON). Others' streams end with their body.
+STREAM_ENDS = {"chat/completions": DONE_END, "completions": DONE_END, "invocations": DONE_END,
+               "messages": MESSAGES_END, "responses": RESPONSES_END}
 
 
 class Passthrough:
