@@ -113,6 +113,7 @@ def test_chat_observer_reads_a_long_read_as_event_by_event():
                 chunk = jsonutil.loads(data)
                 if isinstance(chunk.get("error"), dict):
                     seen["error"] = chunk["error"]
+                    seen["done"] = True  # (an error is the stream's end too)
                 if isinstance(chunk.get("usage"), dict):
                     seen["usage"] = chunk["usage"]
                     if strip and chunk["choices"] == []:

@@ -598,3 +598,22 @@ async def test_a_whole_answer_an_upstream_streamed_anyway_and_held_open_past_its
     assert head.startswith(b"HTTP/1.1 200 "), head
     whole = jsonutil.loads(answer)
     assert whole.get("object") == "chat.completion" or whole.get("type") == "message", whole
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_event_that_ends_an_upstreams_stream_is_its_end_not_a_second_error(reactor, gateway, access):
+    # An upstream that reports an error in its stream and ends it there, without [DONE]: the chat route added its
+    # own stream_incomplete error event after the upstream's ("ended without [DONE]") and logged the stream as broken
+    # off, where every other route (and /p/) takes an error event the client has for the stream's end.
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+             "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+    error = {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}}
+    logged = access.next(reactor)
+    client = await connect(reactor, gateway.port, chat_request(stream_body(fake_sse=[json.dumps(chunk),
+                                                                                     json.dumps(error)])))
+    await with_timeout(reactor, client.wait_for(b"\r\n0\r\n\r\n"), 5)  # (a whole body)
+    client.transport.loseConnection()
+    received = bytes(client.received)
+    assert b"engine failed" in received and b"stream_incomplete" not in received
+    event = await logged
+    assert (event["status"], event["outcome"], event["error"]) == (200, "error", "upstream_stream_error")

@@ -298,7 +298,7 @@ def require_end(framer: SSEFramer, done: bool, end: str):
 
 @implementer(IStreamObserver)
 class ChatStreamObserver:
-    """Watches a chat/completions stream: usage, C{[DONE]}, in-band errors.
+    """Watches a chat/completions stream: usage, C{[DONE]}, in-band errors (an error is the stream's end too).
 
     It drops the usage-only chunk that the gateway asked for on the client's
     behalf (C{strip_usage}), or the usage from the chunk that carries it beside
@@ -386,6 +386,7 @@ class ChatStreamObserver:
                 error = chunk.get("error")
                 if isinstance(error, (dict, str)):
                     self.error = error
+                    self.done = True  # (the client has the error: the stream's end, as on every route, [DONE] or not)
                     if self._hide is not None:
                         shown = hidden_strings(error, self._hide)
                         if shown != error:
