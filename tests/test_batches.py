@@ -536,6 +536,26 @@ async def test_bad_input_file_fails_validation_naming_the_lines(sdk, gw, fake):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_bad_lines_error_shows_a_value_it_names_cut_short(sdk, gw, http):
+    """A validation error naming what a line holds (its C{url}, a C{custom_id} used before, a model that cannot be
+    used) shows at most the start of it: the batch object stays small however long the value; before, each
+    message held the value whole (up to the 64 MiB of a line, a thousand times over), in every retrieve and list
+    of the batch."""
+    huge = "x" * (1024 * 1024)
+    lines = [chat_line(huge), chat_line("wrong-url", url="/v1/" + huge), chat_line(huge),
+             chat_line("unknown-model", model="vllm/" + huge)]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+    assert batch.status == "failed"
+    assert [(e.line, e.code) for e in batch.errors.data] == [(2, "mismatched_endpoint"), (3, "duplicate_custom_id"),
+                                                             (4, "model_not_found")]
+    for error in batch.errors.data:
+        assert len(error.message) < 600, error.message[:100]
+        assert "xxxx" in error.message  # (the start of what it names)
+    response = await http.get(f"{gw.url}/v1/batches/{batch.id}", headers=AUTH)
+    assert len(await treq.content(response)) < 4096
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_responses_line_asking_to_run_in_the_background_fails_validation(sdk, gw, fake):
     """A C{/v1/responses} line with C{"background": true} is a bad line (its answer would be a response still
     queued, never its result, and what it went on to generate never charged); before, the batch completed with

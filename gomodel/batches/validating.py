@@ -1,7 +1,7 @@
 """The C{validating} step of a batch: read the input file in slices, check each line, store the requests."""
 
 from gomodel.api.inference import resolve_model
-from gomodel.batches.validation import EVERY_LINE_ENDPOINTS, LineError, Request, check_line
+from gomodel.batches.validation import EVERY_LINE_ENDPOINTS, LineError, Request, check_line, shown
 from gomodel.errors import GatewayError
 
 LINES_PER_READ = 1000  # input lines validated at a time
@@ -43,7 +43,7 @@ async def validate(batches, blobs, registry, job, batch, now):
             if isinstance(checked, Request):
                 if checked.custom_id in seen:
                     checked = LineError("duplicate_custom_id",
-                                        f"The custom_id '{checked.custom_id}' is used by an earlier line.",
+                                        f"The custom_id '{shown(checked.custom_id)}' is used by an earlier line.",
                                         "custom_id", number)
                 else:
                     seen.add(checked.custom_id)
@@ -51,7 +51,9 @@ async def validate(batches, blobs, registry, job, batch, now):
                     problem = None if endpoint in EVERY_LINE_ENDPOINTS else _model_problem(
                         registry, checked.model, resolved, job.principal)
                     if problem is not None:
-                        checked = LineError(problem.code or "invalid_model", problem.message, "body.model", number)
+                        checked = LineError(problem.code or "invalid_model",
+                                            problem.message.replace(checked.model, shown(checked.model)),
+                                            "body.model", number)
             if isinstance(checked, LineError):
                 errors.append(checked)
                 if len(errors) >= MAX_ERRORS:

@@ -16,6 +16,7 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/r
 EVERY_LINE_ENDPOINTS = ("/v1/messages",)
 MAX_WINDOW = 30 * 24 * 3600.0
 MAX_METADATA = 16
+SHOWN = 64  # characters of a line's value that an error message shows (the batch object holds the messages)
 
 
 class LineError(NamedTuple):
@@ -56,7 +57,7 @@ def check_line(raw, number: int, endpoint: str):
     url = item.get("url")
     if url != endpoint:
         return LineError("mismatched_endpoint",
-                         f"The 'url' of each line must be the batch's endpoint '{endpoint}' (got {url!r}).",
+                         f"The 'url' of each line must be the batch's endpoint '{endpoint}' (got {shown(repr(url))}).",
                          "url", number)
     body = item.get("body")
     if not isinstance(body, dict):
@@ -74,6 +75,12 @@ def check_line(raw, number: int, endpoint: str):
         return LineError("background_unsupported", "Batch requests cannot run in the background: remove "
                          "'background'.", "body.background", number)
     return Request(custom_id, model, jsonutil.dumps(body))
+
+
+def shown(text: str) -> str:
+    """C{text}, a value of a line that an error message names, as it shows it: its first L{SHOWN} characters,
+    followed by C{...} where it is longer."""
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 def completion_window(value) -> float:
