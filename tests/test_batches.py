@@ -556,6 +556,22 @@ async def test_a_bad_lines_error_shows_a_value_it_names_cut_short(sdk, gw, http)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failed_batch_serves_the_results_it_has(sdk, gw, http):
+    """C{GET /v1/batches/{id}/results} of a batch that ended C{failed}: those of the lines answered before it
+    was given up (an C{internal_error}, with its output and error files), none for one failed at validation;
+    before, a 409 C{batch_not_finished}, as if it were still running, for ever."""
+    given_up = await finished(gw, sdk, (await start_batch(sdk, [chat_line("a"), chat_line("b")])).id)
+    await gw.service.store.batches.update(given_up.id, {"status": "failed", "completed_at": None,
+                                                        "failed_at": given_up.completed_at})  # (as give_up ends it)
+    invalid = await finished(gw, sdk, (await start_batch(sdk, [b"{not json"])).id)
+    assert invalid.status == "failed"
+    for batch, custom_ids in ((given_up, ["a", "b"]), (invalid, [])):
+        response = await http.get(f"{gw.url}/v1/batches/{batch.id}/results", headers=AUTH)
+        assert response.code == 200
+        assert [r["custom_id"] for r in parse_jsonl(await treq.content(response))] == custom_ids
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_responses_line_asking_to_run_in_the_background_fails_validation(sdk, gw, fake):
     """A C{/v1/responses} line with C{"background": true} is a bad line (its answer would be a response still
     queued, never its result, and what it went on to generate never charged); before, the batch completed with

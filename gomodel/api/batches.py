@@ -1,10 +1,11 @@
 """C{/v1/batches}: OpenAI's Batch API, executed by the gateway itself (vLLM has none).
 
 Besides OpenAI's routes, C{GET /v1/batches/{id}/results} returns every
-result line of a finished batch (C{completed}, C{expired} or C{cancelled}) as
-JSONL (C{application/jsonl}) in input-line order: the lines of the output
-file and of the error file merged, one per answered request. Before the batch
-has finished it answers 409.
+result line of a finished batch (C{completed}, C{expired}, C{cancelled} or
+C{failed}) as JSONL (C{application/jsonl}) in input-line order: the lines of
+the output file and of the error file merged, one per answered request (none
+for a batch failed at validation). Before the batch has finished it answers
+409.
 
 These routes show OpenAI batches only: a message batch (C{/v1/messages/batches},
 L{gomodel.anthropic.batches}), whose input file is the gateway's own, is
@@ -26,7 +27,7 @@ from gomodel.store.records import OPENAI_BATCH
 LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
 RESULTS_PAGE = 500
-RESULTS_READY = ("completed", "expired", "cancelled")
+RESULTS_READY = ("completed", "expired", "cancelled", "failed")
 
 
 def batch_object(record) -> dict:
@@ -143,7 +144,7 @@ class BatchesAPI:
         batch = await self._get(request, batch_id)
         if batch["status"] not in RESULTS_READY:
             raise Conflict(f"The batch {batch_id} is {batch['status']}: its results are ready once it is "
-                           "completed, expired or cancelled.", code="batch_not_finished")
+                           "completed, expired, cancelled or failed.", code="batch_not_finished")
         request.setHeader(b"content-type", b"application/jsonl")
 
         def fetch(last):
