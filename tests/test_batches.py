@@ -572,6 +572,45 @@ async def test_a_failed_batch_serves_the_results_it_has(sdk, gw, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_reads_its_lines_and_results_a_bounded_number_of_bytes_at_a_time(sdk, gw, http, monkeypatch):
+    """Validation, dispatch, the output and error files and C{/results} read input lines, requests and results
+    in slices of at most C{PAGE_BYTES} (and one line more, whatever its size): a batch of large lines (long
+    documents to embed, their vectors) is never held hundreds of them at once; before, a slice was a thousand
+    input lines, 256 requests or 500 results of any size (a 500-line page of 4096-dimension vectors: gigabytes)."""
+    from gomodel.api import batches as batches_api
+    from gomodel.batches import concluding, runner, validating
+
+    for module in (validating, runner, concluding, batches_api):
+        monkeypatch.setattr(module, "PAGE_BYTES", 1500)
+    stored = gw.service.store
+    seen = []
+
+    def recorded(name, read, size):
+        def reading(*args, **kwargs):
+            assert kwargs.get("max_bytes") == 1500 or args[2] == 1, (name, args, kwargs)  # (1: one row at most)
+            return read(*args, **kwargs).addCallback(lambda got: seen.append((name, [
+                size(row) for row in (got[0] if name == "read_lines" else got) if row is not None])) or got)
+        return reading
+
+    monkeypatch.setattr(stored.blobs, "read_lines", recorded("read_lines", stored.blobs.read_lines, len))
+    monkeypatch.setattr(stored.batches, "pending", recorded("pending", stored.batches.pending, lambda r: len(r[2])))
+    monkeypatch.setattr(stored.batches, "read_results",
+                        recorded("read_results", stored.batches.read_results, lambda r: len(r[3])))
+    lines = [chat_line(f"c{i}", fake_status=400 if i % 3 == 0 else None) for i in range(12)]
+    for line in lines:
+        if line["body"]["fake_status"] is None:
+            del line["body"]["fake_status"]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+    assert batch.status == "completed" and batch.request_counts.total == 12
+    response = await http.get(f"{gw.url}/v1/batches/{batch.id}/results", headers=AUTH)
+    assert [r["custom_id"] for r in parse_jsonl(await treq.content(response))] == [f"c{i}" for i in range(12)]
+    assert {name for name, _ in seen} == {"read_lines", "pending", "read_results"}
+    for name, sizes in seen:
+        assert len(sizes) <= 1 or sum(sizes) <= 1500, (name, sizes)
+    assert max(len(sizes) for _, sizes in seen) > 1  # (a slice takes several lines where they fit)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_responses_line_asking_to_run_in_the_background_fails_validation(sdk, gw, fake):
     """A C{/v1/responses} line with C{"background": true} is a bad line (its answer would be a response still
     queued, never its result, and what it went on to generate never charged); before, the batch completed with

@@ -63,6 +63,40 @@ async def test_each_line_is_recorded_and_counted_exactly_once(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_requests_and_results_are_read_a_bounded_number_of_bytes_at_a_time(store):
+    """C{max_bytes}: a page of requests or results takes rows while their bodies hold at most that many bytes
+    together (the first row always, however large), so that a batch of large lines (long documents to embed,
+    their vectors) is never held a whole page of them at once."""
+    batches = store.batches
+    await batches.add(batch("batch_1", total=6))
+    _, token = await batches.claim("batch_1", "me", 30)
+    sizes = {1: 40, 2: 40, 3: 30, 4: 120, 5: 10, 6: 10}
+
+    async def pages(read):
+        found, after = [], 0
+        while True:
+            rows = await read(after)
+            if not rows:
+                return found
+            found.append([r[0] for r in rows])
+            after = rows[-1][0]
+
+    await batches.add_requests("batch_1", [(n, f"c{n}", b"b" * size) for n, size in sizes.items()], token)
+    assert await pages(lambda after: batches.pending("batch_1", after, 10, max_bytes=100)) == [
+        [1, 2], [3], [4], [5, 6]]
+    assert [r[0] for r in await batches.pending("batch_1", 0, 3, max_bytes=1000)] == [1, 2, 3]  # (the limit too)
+    assert len(await batches.pending("batch_1", 0, 10)) == 6  # (no max_bytes: no bound)
+    await batches.record_results("batch_1", [(n, f"c{n}", n != 3, b"r" * size) for n, size in sizes.items()],
+                                 token)
+    assert await pages(lambda after: batches.read_results("batch_1", after, 10, max_bytes=100)) == [
+        [1, 2], [3], [4], [5, 6]]
+    assert await pages(lambda after: batches.read_results("batch_1", after, 10, ok=True, max_bytes=100)) == [
+        [1, 2], [4], [5, 6]]
+    assert [r[0] for r in await batches.read_results("batch_1", 0, 2, max_bytes=1000)] == [1, 2]
+    assert len(await batches.read_results("batch_1", 0, 10)) == 6
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_batchs_output_files_expire_as_its_output_expires_after_says(store):
     for batch_id, expiry in (("batch_1", 7200), ("batch_2", None)):
         await store.batches.add(batch(batch_id, status="finalizing", output_expires_after=expiry))

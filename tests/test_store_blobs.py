@@ -45,6 +45,21 @@ async def test_lines_are_read_in_slices_and_over_long_lines_are_skipped(store):
     assert await store.blobs.read_lines("file-missing", 0, 10, 50) is None
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_slice_of_lines_holds_a_bounded_number_of_bytes(store):
+    """C{max_bytes}: a slice takes lines while they hold at most that many bytes together (their endings not
+    counted; the first line always), so that a file of large lines is never read a thousand of them at once."""
+    lines = [b"a" * 40, b"b" * 40, b"c" * 30, b"d" * 120, b"", b"e" * 10, b"f" * 10]
+    await put_blob(store.blobs, "file-l", b"\r\n".join(lines))
+    slices, offset = [], 0
+    while offset is not None:
+        got, offset = await store.blobs.read_lines("file-l", offset, 10, 200, max_bytes=100)
+        slices.append(got)
+    assert slices == [lines[:2], lines[2:3], lines[3:4], lines[4:]]
+    got, offset = await store.blobs.read_lines("file-l", 0, 10, 200)
+    assert (got, offset) == (lines, None)  # (no max_bytes: no bound)
+
+
 def test_postgresql_reads_a_slice_of_lines_in_blocks_about_its_size():
     """A slice of short lines from a large blob fetches about those lines, a block at a time (before: up to
     max_line_bytes, 64 MiB, per slice, copied again for each line: a 60 MB batch input on PostgreSQL took ~40 s of

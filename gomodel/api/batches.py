@@ -20,6 +20,7 @@ from gomodel.http.render import install as install_error_handlers
 from gomodel.api.files import client_file, expiry_seconds
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
+from gomodel.batches.lines import PAGE_BYTES
 from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window
 from gomodel.errors import Conflict, InvalidRequest, NotFound
 from gomodel.store.records import OPENAI_BATCH
@@ -148,7 +149,8 @@ class BatchesAPI:
         request.setHeader(b"content-type", b"application/jsonl")
 
         def fetch(last):
-            return self._batches.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE)
+            return self._batches.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE,
+                                              max_bytes=PAGE_BYTES)
 
         return await send_pages(request, fetch, lambda row: row[3] + b"\n")
 

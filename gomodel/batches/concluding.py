@@ -3,7 +3,7 @@
 from twisted.logger import Logger
 
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
-from gomodel.batches.lines import error_line
+from gomodel.batches.lines import PAGE_BYTES, error_line
 from gomodel.batches.validating import store_as_given
 from gomodel.batches.validation import EVERY_LINE_ENDPOINTS
 from gomodel.proxy.exchange import usage_of
@@ -96,7 +96,7 @@ async def _end_rest(batches, job, code, message):
     """Record each line of the batch with no result yet as the error C{code}."""
     after = 0
     while True:
-        rows = await batches.pending(job.batch_id, after, PAGE)
+        rows = await batches.pending(job.batch_id, after, PAGE, max_bytes=PAGE_BYTES)
         if not rows:
             return
         await batches.record_results(job.batch_id, [
@@ -116,7 +116,7 @@ async def write_results(batches, blobs, batch_id, ok, tokens=None):
     after = -1
     try:
         while True:
-            rows = await batches.read_results(batch_id, after, RESULTS_PAGE, ok=ok)
+            rows = await batches.read_results(batch_id, after, RESULTS_PAGE, ok=ok, max_bytes=PAGE_BYTES)
             if not rows:
                 break
             if writer is None:

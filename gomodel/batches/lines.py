@@ -4,6 +4,10 @@ import uuid
 
 from gomodel import jsonutil
 
+# Bytes of input lines, requests or results read from the store at a time (and one line more, whatever its
+# size): a batch of large lines (long documents to embed, their vectors) is never held a page of them at once.
+PAGE_BYTES = 8 * 1024 * 1024
+
 
 def result_id() -> str:
     return "batch_req_" + uuid.uuid4().hex

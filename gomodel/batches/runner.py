@@ -59,7 +59,7 @@ from gomodel import jsonutil
 from gomodel.accounting.tokens import prompt_estimate
 from gomodel.batches.claiming import MAX_CLAIMED, ClaimLoop
 from gomodel.batches.concluding import conclude, give_up
-from gomodel.batches.lines import Job, error_line, output_line
+from gomodel.batches.lines import PAGE_BYTES, Job, error_line, output_line
 from gomodel.batches.validating import validate
 from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy,
                             StorageUnavailable, UpstreamUnreachable)
@@ -470,7 +470,7 @@ class BatchRunner(Service):
         path = batch["endpoint"][len("/v1"):]
         after = 0
         while job.stop is None:
-            rows = await self._batches.pending(job.batch_id, after, PAGE)
+            rows = await self._batches.pending(job.batch_id, after, PAGE, max_bytes=PAGE_BYTES)
             if not rows:
                 break
             for line, custom_id, body in rows:

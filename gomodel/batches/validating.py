@@ -1,6 +1,7 @@
 """The C{validating} step of a batch: read the input file in slices, check each line, store the requests."""
 
 from gomodel.api.inference import resolve_model
+from gomodel.batches.lines import PAGE_BYTES
 from gomodel.batches.validation import EVERY_LINE_ENDPOINTS, LineError, Request, check_line, shown
 from gomodel.errors import GatewayError
 
@@ -26,7 +27,8 @@ async def validate(batches, blobs, registry, job, batch, now):
     while True:
         if job.stop is not None:
             return True
-        got = await blobs.read_lines(batch["input_file_id"], offset, LINES_PER_READ, MAX_LINE_BYTES)
+        got = await blobs.read_lines(batch["input_file_id"], offset, LINES_PER_READ, MAX_LINE_BYTES,
+                                     max_bytes=PAGE_BYTES)
         if got is None:
             errors.append(LineError("file_not_found", f"The input file {batch['input_file_id']} does not exist.",
                                     "input_file_id", None))
@@ -102,7 +104,8 @@ async def store_as_given(batches, blobs, job, batch):
     await batches.clear_requests(job.batch_id, job.token)
     number = offset = 0
     while offset is not None:
-        got = await blobs.read_lines(batch["input_file_id"], offset, LINES_PER_READ, MAX_LINE_BYTES)
+        got = await blobs.read_lines(batch["input_file_id"], offset, LINES_PER_READ, MAX_LINE_BYTES,
+                                     max_bytes=PAGE_BYTES)
         if got is None:
             return
         lines, offset = got

@@ -108,8 +108,9 @@ class IBlobStore(Interface):
             end), or None when there is no such blob.
         """
 
-    def read_lines(blob_id, offset, max_lines, max_line_bytes):
-        """Read up to C{max_lines} lines from byte C{offset}.
+    def read_lines(blob_id, offset, max_lines, max_line_bytes, max_bytes=None):
+        """Read up to C{max_lines} lines from byte C{offset}; with C{max_bytes}, only while they hold at most
+        that many bytes together (the first line always, whatever its size).
 
         @return: a Deferred firing with C{(lines, next_offset)}, C{next_offset}
             being None at the end of the blob, or with None when there is no
@@ -220,9 +221,10 @@ class IBatchStore(Interface):
             L{gomodel.store.records.LeaseLost} (nothing removed) when C{token} is stale.
         """
 
-    def pending(batch_id, after_line, limit):
+    def pending(batch_id, after_line, limit, max_bytes=None):
         """@return: a Deferred firing with up to C{limit} requests C{(line, custom_id, body)} past
-        C{after_line} that have no result yet, in line order."""
+        C{after_line} that have no result yet, in line order; with C{max_bytes}, only while their bodies hold
+        at most that many bytes together (the first always, whatever its size)."""
 
     def record_results(batch_id, results, token):
         """Persist results C{(line, custom_id, ok, data)} and count them, in one transaction.
@@ -235,9 +237,10 @@ class IBatchStore(Interface):
             recorded) when C{token} is not the batch's claim token.
         """
 
-    def read_results(batch_id, after_line, limit, ok=None):
+    def read_results(batch_id, after_line, limit, ok=None, max_bytes=None):
         """@return: a Deferred firing with up to C{limit} results C{(line, custom_id, ok, data)} past
-        C{after_line}, in line order; only outputs (C{ok=True}) or errors (C{ok=False}) if given."""
+        C{after_line}, in line order; only outputs (C{ok=True}) or errors (C{ok=False}) if given; with
+        C{max_bytes}, only while their C{data} hold at most that many bytes together (the first always)."""
 
     def finalize(batch_id, changes, files, only_if_status=None, token=None):
         """Register the batch's output and error files and apply C{changes}, in one transaction.

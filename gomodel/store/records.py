@@ -44,6 +44,18 @@ def tenant_list(tenant) -> list:
     return [tenant] if isinstance(tenant, str) else list(tenant)
 
 
+def last_within(sizes, max_bytes: int):
+    """The last key a page of at most C{max_bytes} bytes takes from C{sizes}, C{(key, size)} rows in order: rows
+    are taken while their sizes add up to at most C{max_bytes}, the first whatever its size; None for no rows."""
+    last, total = None, 0
+    for key, size in sizes:
+        total += size
+        if last is not None and total > max_bytes:
+            break
+        last = key
+    return last
+
+
 def new_file_id() -> str:
     """A fresh file id (also the id of its contents in the blob store)."""
     return "file-" + uuid.uuid4().hex

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.postgresql.files import insert_file
-from gomodel.store.records import UNFINISHED, LeaseLost, tenant_list
+from gomodel.store.records import UNFINISHED, LeaseLost, last_within, tenant_list
 
 BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
@@ -193,15 +193,23 @@ class PostgreSQLBatchStore:
                 _fence(conn, batch_id, token)
             conn.execute("DELETE FROM batch_requests WHERE batch_id = %s", (batch_id,))
 
-    def pending(self, batch_id, after_line, limit):
-        return self._db.run(self._pending, batch_id, after_line, limit)
+    def pending(self, batch_id, after_line, limit, max_bytes=None):
+        return self._db.run(self._pending, batch_id, after_line, limit, max_bytes)
 
     @staticmethod
-    def _pending(conn, batch_id, after_line, limit):
-        rows = conn.execute(
-            "SELECT r.line, r.custom_id, r.body FROM batch_requests r WHERE r.batch_id = %s AND r.line > %s "
-            "AND NOT EXISTS (SELECT 1 FROM batch_results s WHERE s.batch_id = r.batch_id AND s.line = r.line) "
-            "ORDER BY r.line LIMIT %s", (batch_id, after_line, limit)).fetchall()
+    def _pending(conn, batch_id, after_line, limit, max_bytes):
+        where, args = ("r.batch_id = %s AND r.line > %s AND NOT EXISTS "
+                       "(SELECT 1 FROM batch_results s WHERE s.batch_id = r.batch_id AND s.line = r.line)"), \
+            [batch_id, after_line]
+        if max_bytes is not None:  # (the bodies' sizes first: octet_length reads no TOASTed value)
+            last = last_within(conn.execute(f"SELECT r.line, octet_length(r.body) FROM batch_requests r WHERE {where} "
+                                            "ORDER BY r.line LIMIT %s", (*args, limit)).fetchall(), max_bytes)
+            if last is None:
+                return []
+            where += " AND r.line <= %s"
+            args.append(last)
+        rows = conn.execute(f"SELECT r.line, r.custom_id, r.body FROM batch_requests r WHERE {where} "
+                            "ORDER BY r.line LIMIT %s", (*args, limit)).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 
     def record_results(self, batch_id, results, token):
@@ -226,17 +234,24 @@ class PostgreSQLBatchStore:
                              (completed, failed, batch_id))
         return completed + failed
 
-    def read_results(self, batch_id, after_line, limit, ok=None):
-        return self._db.run(self._read_results, batch_id, after_line, limit, ok)
+    def read_results(self, batch_id, after_line, limit, ok=None, max_bytes=None):
+        return self._db.run(self._read_results, batch_id, after_line, limit, ok, max_bytes)
 
     @staticmethod
-    def _read_results(conn, batch_id, after_line, limit, ok):
-        sql, args = "SELECT line, custom_id, ok, data FROM batch_results WHERE batch_id = %s AND line > %s", \
-            [batch_id, after_line]
+    def _read_results(conn, batch_id, after_line, limit, ok, max_bytes):
+        where, args = "batch_id = %s AND line > %s", [batch_id, after_line]
         if ok is not None:
-            sql += " AND ok = %s"
+            where += " AND ok = %s"
             args.append(bool(ok))
-        rows = conn.execute(sql + " ORDER BY line LIMIT %s", (*args, limit)).fetchall()
+        if max_bytes is not None:  # (the lines' sizes first: octet_length reads no TOASTed value)
+            last = last_within(conn.execute(f"SELECT line, octet_length(data) FROM batch_results WHERE {where} "
+                                            "ORDER BY line LIMIT %s", (*args, limit)).fetchall(), max_bytes)
+            if last is None:
+                return []
+            where += " AND line <= %s"
+            args.append(last)
+        rows = conn.execute(f"SELECT line, custom_id, ok, data FROM batch_results WHERE {where} ORDER BY line "
+                            "LIMIT %s", (*args, limit)).fetchall()
         return [(r[0], r[1], bool(r[2]), bytes(r[3])) for r in rows]
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):

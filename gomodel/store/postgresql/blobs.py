@@ -60,15 +60,16 @@ class PostgreSQLBlobStore:
             return None
         return _range(conn, *found, offset, length)
 
-    def read_lines(self, blob_id, offset, max_lines, max_line_bytes):
-        return self._db.run(self._read_lines, blob_id, offset, max_lines, max_line_bytes)
+    def read_lines(self, blob_id, offset, max_lines, max_line_bytes, max_bytes=None):
+        return self._db.run(self._read_lines, blob_id, offset, max_lines, max_line_bytes, max_bytes)
 
     @staticmethod
-    def _read_lines(conn, blob_id, offset, max_lines, max_line_bytes):
+    def _read_lines(conn, blob_id, offset, max_lines, max_line_bytes, max_bytes):
         found = _find(conn, blob_id)
         if found is None:
             return None
-        return scan_lines(lambda at, n: _range(conn, *found, at, n), offset, found[1], max_lines, max_line_bytes)
+        return scan_lines(lambda at, n: _range(conn, *found, at, n), offset, found[1], max_lines, max_line_bytes,
+                          max_bytes=max_bytes)
 
     def delete(self, blob_id):
         return self._db.run(lambda conn: conn.execute("DELETE FROM blobs WHERE id = %s AND committed",
@@ -101,15 +102,17 @@ def _range(conn, key, size, offset, length):
     return b"".join(bytes(r[0]) for r in rows)
 
 
-def scan_lines(read, offset, size, max_lines, max_line_bytes, block=READ_BLOCK):
+def scan_lines(read, offset, size, max_lines, max_line_bytes, block=READ_BLOCK, max_bytes=None):
     """Lines from byte C{offset} as L{IBlobStore.read_lines} answers them, reading through C{read(at, n)}.
 
     Reads come a C{block} at a time, a long line's growing with it (so it takes a few, never one per block);
     what a slice returns is copied once. A line is kept when it fits C{max_line_bytes} (plus its line ending);
-    a longer one comes back as None and is skipped without being held whole.
+    a longer one comes back as None and is skipped without being held whole. With C{max_bytes}, lines are
+    taken while they hold at most that many bytes together (the first always).
     @return: C{(lines, next offset or None at the end)}.
     """
     lines, buf, pos, at = [], bytearray(), 0, offset  # buf[pos:] holds the bytes from at on
+    taken = 0
     limit = max_line_bytes + 2
     while len(lines) < max_lines:
         if at >= size:
@@ -125,7 +128,7 @@ def scan_lines(read, offset, size, max_lines, max_line_bytes, block=READ_BLOCK):
             buf += data
             newline = buf.find(b"\n", searched, limit)
         end = newline + 1 if newline >= 0 else min(len(buf), pos + limit)
-        line = bytes(buf[pos:end])
+        line, start = bytes(buf[pos:end]), at
         at, pos = at + end - pos, end
         if not line.endswith(b"\n") and len(line) > max_line_bytes:
             del buf[:pos]
@@ -146,7 +149,11 @@ def scan_lines(read, offset, size, max_lines, max_line_bytes, block=READ_BLOCK):
                 at, buf = at + len(buf), bytearray()
             lines.append(None)
             continue
-        lines.append(line.rstrip(b"\r\n"))
+        line = line.rstrip(b"\r\n")
+        taken += len(line)
+        if max_bytes is not None and lines and taken > max_bytes:
+            return lines, start  # (the next slice starts with it)
+        lines.append(line)
     return lines, at
 
 

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
-from gomodel.store.records import UNFINISHED, LeaseLost, tenant_list
+from gomodel.store.records import UNFINISHED, LeaseLost, last_within, tenant_list
 from gomodel.store.sqlite.rows import insert_rows, marks
 from gomodel.store.sqlite.files import insert_file
 
@@ -196,14 +196,23 @@ class SQLiteBatchStore:
                 _fence(conn, batch_id, token)
             conn.execute("DELETE FROM batch_requests WHERE batch_id = ?", (batch_id,))
 
-    def pending(self, batch_id, after_line, limit):
-        return self._db.run(self._pending, batch_id, after_line, limit)
+    def pending(self, batch_id, after_line, limit, max_bytes=None):
+        return self._db.run(self._pending, batch_id, after_line, limit, max_bytes)
 
-    def _pending(self, batch_id, after_line, limit):
-        rows = self._db.conn().execute(
-            "SELECT r.line, r.custom_id, r.body FROM batch_requests r WHERE r.batch_id = ? AND r.line > ? "
-            "AND NOT EXISTS (SELECT 1 FROM batch_results s WHERE s.batch_id = r.batch_id AND s.line = r.line) "
-            "ORDER BY r.line LIMIT ?", (batch_id, after_line, limit)).fetchall()
+    def _pending(self, batch_id, after_line, limit, max_bytes):
+        conn = self._db.conn()
+        where, args = ("r.batch_id = ? AND r.line > ? AND NOT EXISTS "
+                       "(SELECT 1 FROM batch_results s WHERE s.batch_id = r.batch_id AND s.line = r.line)"), \
+            [batch_id, after_line]
+        if max_bytes is not None:  # (the bodies' sizes first: SQLite reads a blob's length without the blob)
+            last = last_within(conn.execute(f"SELECT r.line, length(r.body) FROM batch_requests r WHERE {where} "
+                                            "ORDER BY r.line LIMIT ?", (*args, limit)), max_bytes)
+            if last is None:
+                return []
+            where += " AND r.line <= ?"
+            args.append(last)
+        rows = conn.execute(f"SELECT r.line, r.custom_id, r.body FROM batch_requests r WHERE {where} "
+                            "ORDER BY r.line LIMIT ?", (*args, limit)).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 
     def record_results(self, batch_id, results, token):
@@ -228,16 +237,24 @@ class SQLiteBatchStore:
                              (completed, failed, batch_id))
         return completed + failed
 
-    def read_results(self, batch_id, after_line, limit, ok=None):
-        return self._db.run(self._read_results, batch_id, after_line, limit, ok)
+    def read_results(self, batch_id, after_line, limit, ok=None, max_bytes=None):
+        return self._db.run(self._read_results, batch_id, after_line, limit, ok, max_bytes)
 
-    def _read_results(self, batch_id, after_line, limit, ok):
-        sql, args = "SELECT line, custom_id, ok, data FROM batch_results WHERE batch_id = ? AND line > ?", \
-            [batch_id, after_line]
+    def _read_results(self, batch_id, after_line, limit, ok, max_bytes):
+        conn = self._db.conn()
+        where, args = "batch_id = ? AND line > ?", [batch_id, after_line]
         if ok is not None:
-            sql += " AND ok = ?"
+            where += " AND ok = ?"
             args.append(1 if ok else 0)
-        rows = self._db.conn().execute(sql + " ORDER BY line LIMIT ?", (*args, limit)).fetchall()
+        if max_bytes is not None:  # (the lines' sizes first: SQLite reads a blob's length without the blob)
+            last = last_within(conn.execute(f"SELECT line, length(data) FROM batch_results WHERE {where} "
+                                            "ORDER BY line LIMIT ?", (*args, limit)), max_bytes)
+            if last is None:
+                return []
+            where += " AND line <= ?"
+            args.append(last)
+        rows = conn.execute(f"SELECT line, custom_id, ok, data FROM batch_results WHERE {where} ORDER BY line LIMIT ?",
+                            (*args, limit)).fetchall()
         return [(r[0], r[1], bool(r[2]), bytes(r[3])) for r in rows]
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):

@@ -88,19 +88,20 @@ class LocalBlobStore:
             handle.seek(offset)
             return handle.read(length)
 
-    def read_lines(self, blob_id, offset, max_lines, max_line_bytes):
-        return self.run(self._read_lines, self.path(blob_id), offset, max_lines, max_line_bytes)
+    def read_lines(self, blob_id, offset, max_lines, max_line_bytes, max_bytes=None):
+        return self.run(self._read_lines, self.path(blob_id), offset, max_lines, max_line_bytes, max_bytes)
 
     @staticmethod
-    def _read_lines(path, offset, max_lines, max_line_bytes):
+    def _read_lines(path, offset, max_lines, max_line_bytes, max_bytes):
         try:
             handle = open(path, "rb")
         except FileNotFoundError:
             return None
-        lines = []
+        lines, taken = [], 0
         with handle:
             handle.seek(offset)
             while len(lines) < max_lines:
+                at = handle.tell()
                 line = handle.readline(max_line_bytes + 2)
                 if not line:
                     return lines, None
@@ -109,7 +110,11 @@ class LocalBlobStore:
                         line = handle.readline(SKIP_CHUNK)
                     lines.append(None)
                     continue
-                lines.append(line.rstrip(b"\r\n"))
+                line = line.rstrip(b"\r\n")
+                taken += len(line)
+                if max_bytes is not None and lines and taken > max_bytes:
+                    return lines, at  # (the next slice starts with it)
+                lines.append(line)
             return lines, handle.tell()
 
     def delete(self, blob_id):
