@@ -241,6 +241,36 @@ async def test_output_expires_after_gives_the_output_and_error_files_their_expir
 
 
 @pytest_twisted.ensureDeferred
+async def test_results_go_with_the_output_files_that_expired(sdk, gw, http, tmp_path):
+    """C{GET /v1/batches/{id}/results} of a batch made with C{output_expires_after} serves the results of its
+    files that have not expired: an expired output file's answers are gone there too (before, they were served
+    as long as the gateway ran, past the expiry the client asked for). Without an expiry, its results stay
+    whatever is done to its files."""
+    lines = [chat_line("a"), chat_line("bad", fake_status=400, fake_body="{}")]
+    expiring = await finished(gw, sdk, (await start_batch(
+        sdk, lines, output_expires_after={"anchor": "created_at", "seconds": 3600})).id)
+    kept = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+
+    async def results(batch):
+        response = await http.get(f"{gw.url}/v1/batches/{batch.id}/results", headers=AUTH)
+        assert response.code == 200
+        return [r["custom_id"] for r in parse_jsonl(await treq.content(response))]
+
+    def expire(file_id):
+        with sqlite3.connect(tmp_path / "gomodel.db") as conn:
+            conn.execute("UPDATE files SET expires_at = 1 WHERE id = ?", (file_id,))
+
+    assert await results(expiring) == ["a", "bad"]
+    expire(expiring.error_file_id)
+    assert await results(expiring) == ["a"]
+    expire(expiring.output_file_id)
+    assert await results(expiring) == []
+    await in_thread(sdk.files.delete, kept.output_file_id)
+    expire(kept.error_file_id)
+    assert await results(kept) == ["a", "bad"]
+
+
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("endpoint, body, path, kind", [
     ("/v1/embeddings", {"input": ["a", "b"]}, b"/v1/embeddings", "list"),
     ("/v1/completions", {"prompt": "Hello"}, b"/v1/completions", "text_completion"),

@@ -5,7 +5,8 @@ result line of a finished batch (C{completed}, C{expired}, C{cancelled} or
 C{failed}) as JSONL (C{application/jsonl}) in input-line order: the lines of
 the output file and of the error file merged, one per answered request (none
 for a batch failed at validation). Before the batch has finished it answers
-409.
+409. The results of a batch made with C{output_expires_after} go with the file
+that held them once it expired (or was deleted).
 
 These routes show OpenAI batches only: a message batch (C{/v1/messages/batches},
 L{gomodel.anthropic.batches}), whose input file is the gateway's own, is
@@ -146,13 +147,26 @@ class BatchesAPI:
         if batch["status"] not in RESULTS_READY:
             raise Conflict(f"The batch {batch_id} is {batch['status']}: its results are ready once it is "
                            "completed, expired, cancelled or failed.", code="batch_not_finished")
+        ok = await self._served(batch)
         request.setHeader(b"content-type", b"application/jsonl")
+        if ok == ():
+            return b""
 
         def fetch(last):
-            return self._batches.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE,
+            return self._batches.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE, ok=ok,
                                               max_bytes=PAGE_BYTES)
 
         return await send_pages(request, fetch, lambda row: row[3] + b"\n")
+
+    async def _served(self, batch):
+        """Which results of an ended C{batch} its C{/results} serves: None (all), True (outputs) or False (errors)
+        when it was made with C{output_expires_after} and its other file has expired, C{()} when both have: the
+        answers go with the files that held them."""
+        if batch["output_expires_after"] is None:
+            return None
+        gone = [ok for ok, file_id in ((True, batch["output_file_id"]), (False, batch["error_file_id"]))
+                if file_id is not None and await self._files.get(file_id) is None]
+        return () if len(gone) == 2 else None if not gone else not gone[0]
 
     async def _get(self, request, batch_id):
         """The record of an OpenAI batch the request's key may see; L{NotFound} otherwise."""
