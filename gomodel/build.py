@@ -148,7 +148,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                gateway.usage, store.background, owner, gateway.keys)
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
-    users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner),
+    users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner, batches=store.batches),
               ResponseRetention(store.responses, store.claims, reactor, config.store.responses_retention, owner),
               responses.watch, gateway.batch_runner]  # (the runner stopped first: it cuts what is in flight at once)
     BatchServices(store, *users).setServiceParent(gateway)

@@ -76,3 +76,29 @@ async def test_an_expired_file_is_gone_at_once_and_swept_with_its_contents(store
     await sweeper.sweep()
     assert await store.files.expired() == [] and await store.files.known(["file-brief"]) == set()
     assert await store.blobs.size("file-brief") is None and await store.blobs.size(kept["id"]) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sweep_drops_the_results_an_expired_batch_output_held(store):
+    """A batch's output or error file that expired (its C{output_expires_after}) takes the results it held
+    with it when it is swept: they are no longer kept in the store; before, every answer stayed there for good.
+    A batch without an expiry keeps its results."""
+    from tests.stores import batch
+
+    for batch_id, expiry in (("batch_1", 3600), ("batch_2", None)):
+        await store.batches.add(batch(batch_id, status="in_progress", total=2, output_expires_after=expiry))
+        _, token = await store.batches.claim(batch_id, "me", 30)
+        await store.batches.record_results(batch_id, [(1, "a", True, b'{"ok":1}'), (2, "b", False, b'{"e":2}')],
+                                           token)
+        for kind in ("out", "err"):
+            await put_blob(store.blobs, f"file-{kind}-{batch_id}", b"{}\n")
+        await store.batches.finalize(batch_id, {"status": "completed"}, {
+            "output": (f"file-out-{batch_id}", 3), "error": (f"file-err-{batch_id}", 3)}, token=token)
+    sweeper = StoreSweeper(store.files, store.blobs, store.claims, store.clock, "process-1", grace=3600,
+                           batches=store.batches)
+    store.clock.advance(3600)
+    await sweeper.sweep()
+    assert await store.batches.read_results("batch_1", -1, 10) == []
+    assert [r[1] for r in await store.batches.read_results("batch_2", -1, 10)] == ["a", "b"]
+    done = await store.batches.get("batch_1")
+    assert (done["completed"], done["failed"]) == (1, 1)  # (its counts stay)

@@ -242,6 +242,14 @@ class IBatchStore(Interface):
         C{after_line}, in line order; only outputs (C{ok=True}) or errors (C{ok=False}) if given; with
         C{max_bytes}, only while their C{data} hold at most that many bytes together (the first always)."""
 
+    def drop_file_results(file_id):
+        """Delete the results that file C{file_id} holds when it is the output file (its outputs) or the error
+        file (its errors) of a batch made with C{output_expires_after}: they go with it once it expired. Any other
+        file holds none here.
+
+        @return: a Deferred firing with how many results were deleted.
+        """
+
     def finalize(batch_id, changes, files, only_if_status=None, token=None):
         """Register the batch's output and error files and apply C{changes}, in one transaction.
 

@@ -1,8 +1,8 @@
 """Claimed jobs: singleton duties any process may do, one at a time, under a lease (L{IClaims}).
 
 L{claimed} runs one duty under a claim; L{StoreSweeper} is the files
-sweep (files past their C{expires_at}, uploads cut short by a crash,
-contents no file record names).
+sweep (files past their C{expires_at}, with the results an expired batch
+output file held, uploads cut short by a crash, contents no file record names).
 Several processes on one data directory (C{--workers}) may all run it: the
 claim lets one sweep at a time, and the age rule (C{grace}) keeps a sweep
 away from an upload another process is still receiving and from contents
@@ -46,18 +46,21 @@ class StoreSweeper(Repeating):
     log = log
 
     def __init__(self, files, blobs, claims, clock, owner, *, interval=SWEEP_INTERVAL, grace=SWEEP_GRACE,
-                 lease=SWEEP_LEASE):
+                 lease=SWEEP_LEASE, batches=None):
         """
         @param files: the L{IFileStore} (which blobs are named by a file).
         @param blobs: the L{IBlobStore} to sweep.
         @param claims: the L{IClaims} the sweep is claimed in (C{"sweep:files"}).
         @param clock: an C{IReactorTime}; its seconds are compared with the blobs' modification times.
         @param owner: this process's owner id (L{gomodel.store.records.process_owner}).
+        @param batches: the L{IBatchStore} whose results an expired batch output file takes with it
+            (L{IBatchStore.drop_file_results}), or None.
         """
         super().__init__(interval, self.sweep)
         self.clock = clock
         self._files, self._blobs, self._claims = files, blobs, claims
         self._owner, self._grace, self._lease = owner, grace, lease
+        self._batches = batches
 
     def sweep(self):
         """One sweep; a Deferred firing with C{(discarded writes, deleted blobs)}, or None (claimed elsewhere, or
@@ -69,6 +72,8 @@ class StoreSweeper(Repeating):
     async def _work(self):
         expired = 0
         for file_id in await self._files.expired():  # (the next sweep takes those past the first 1,000)
+            if self._batches is not None:  # (first: a sweep cut short takes them up again with the file)
+                await self._batches.drop_file_results(file_id)
             if await self._files.delete(file_id):
                 await self._blobs.delete(file_id)
                 expired += 1

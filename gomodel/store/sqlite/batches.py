@@ -257,6 +257,19 @@ class SQLiteBatchStore:
                             (*args, limit)).fetchall()
         return [(r[0], r[1], bool(r[2]), bytes(r[3])) for r in rows]
 
+    def drop_file_results(self, file_id):
+        return self._db.run(self._drop_file_results, file_id)
+
+    def _drop_file_results(self, file_id):
+        with self._db.transaction() as conn:
+            purpose = conn.execute("SELECT purpose FROM files WHERE id = ?", (file_id,)).fetchone()
+            if purpose is None or purpose[0] != "batch_output":  # (no scan of the batches for an upload)
+                return 0
+            return conn.execute(
+                "DELETE FROM batch_results WHERE (batch_id, ok) IN (SELECT id, 1 FROM batches WHERE output_file_id = ? "
+                "AND output_expires_after IS NOT NULL UNION ALL SELECT id, 0 FROM batches WHERE error_file_id = ? "
+                "AND output_expires_after IS NOT NULL)", (file_id, file_id)).rowcount
+
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,
                             int(self._db.now()))
