@@ -122,6 +122,23 @@ async def test_sdk_files_create_list_retrieve_content_delete(sdk, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_contents_are_an_attachment_named_as_the_file(sdk, http, gw):
+    """C{GET /v1/files/{id}/content} names the file it sends (C{Content-Disposition}, RFC 6266: an ASCII fallback
+    and the name in UTF-8), so that C{curl -OJ}, C{wget --content-disposition} or a browser save it under its
+    name, and says C{nosniff}; before, it named nothing (curl saved it as "content")."""
+    for filename, fallback, encoded in (
+            ("batch_in.jsonl", "batch_in.jsonl", "batch_in.jsonl"),
+            ("r\u00e9sum\u00e9 v2;x.jsonl", "r_sum_ v2;x.jsonl", "r%C3%A9sum%C3%A9%20v2%3Bx.jsonl")):
+        created = await in_thread(sdk.files.create, file=(filename, b"{}\n"), purpose="user_data")
+        assert created.filename == filename
+        response = await http.get(f"{gw.url}/v1/files/{created.id}/content", headers=AUTH)
+        assert await treq.content(response) == b"{}\n"
+        assert response.headers.getRawHeaders("content-disposition") == [
+            f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"]
+        assert response.headers.getRawHeaders("x-content-type-options") == ["nosniff"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_upload_may_expire_as_openai_bounds_it(sdk, http, gw):
     created = await in_thread(sdk.files.create, file=("brief.jsonl", b"{}\n"), purpose="batch",
                               expires_after={"anchor": "created_at", "seconds": 3600})

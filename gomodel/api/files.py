@@ -5,6 +5,8 @@ goes straight to the blob store, off the reactor, so a 512 MB upload never
 sits in memory. Contents are sent back in chunks at the pace the client reads.
 """
 
+from urllib.parse import quote
+
 from klein import Klein
 
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, whole_number
@@ -140,11 +142,13 @@ class FilesAPI:
 
     @app.route("/<file_id>/content", methods=["GET"])
     async def content(self, request, file_id):
-        await self._record(request, file_id)
+        record = await self._record(request, file_id)
         size = await self._blobs.size(file_id)
         if size is None:
             raise _no_file(file_id)
         request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-disposition", _attachment(record["filename"]))
+        request.setHeader(b"x-content-type-options", b"nosniff")
         return await send_file(request, self._blobs, file_id, size)
 
     async def _record(self, request, file_id):
@@ -190,6 +194,13 @@ def expiry_seconds(anchor, seconds, param: str) -> int:
         raise InvalidRequest(f"{param}[seconds] must be a whole number from {EXPIRES_AFTER[0]} to "
                              f"{EXPIRES_AFTER[1]} (an hour to 30 days).", param=param, code="invalid_value")
     return seconds
+
+
+def _attachment(filename: str) -> bytes:
+    """The C{Content-Disposition} of a file's contents: an attachment named C{filename} (RFC 6266: an ASCII
+    fallback, each other character, quote or backslash an underscore, and the name itself as C{filename*})."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}".encode("ascii")
 
 
 def _no_file(file_id, param="file_id"):
