@@ -138,10 +138,10 @@ class ClaimLoop:
         self._scanning.addBoth(done)
 
     async def _look(self):
-        if self._jobs:
-            for batch in await self._batches.unfinished():
-                job = self._jobs.get(batch["id"])
-                if job is not None and batch["status"] == "cancelling" and job.stop is None:
+        for job in list(self._jobs.values()):  # (the batches held: not every one waiting in the store)
+            if job.stop is None:
+                batch = await self._batches.get(job.batch_id)
+                if batch is not None and batch["status"] == "cancelling" and job.stop is None:
                     job.halt("cancel")
         await self.claim_free()
 
