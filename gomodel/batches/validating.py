@@ -2,8 +2,8 @@
 
 from gomodel.api.inference import resolve_model
 from gomodel.batches.lines import PAGE_BYTES
-from gomodel.batches.validation import EVERY_LINE_ENDPOINTS, LineError, Request, check_line, shown
-from gomodel.errors import GatewayError
+from gomodel.batches.validation import EVERY_LINE_ENDPOINTS, LineError, Request, check_line
+from gomodel.errors import GatewayError, shown
 
 LINES_PER_READ = 1000  # input lines validated at a time
 MAX_LINE_BYTES = 64 * 1024 * 1024
@@ -53,9 +53,7 @@ async def validate(batches, blobs, registry, job, batch, now):
                     problem = None if endpoint in EVERY_LINE_ENDPOINTS else _model_problem(
                         registry, checked.model, resolved, job.principal)
                     if problem is not None:
-                        checked = LineError(problem.code or "invalid_model",
-                                            problem.message.replace(checked.model, shown(checked.model)),
-                                            "body.model", number)
+                        checked = LineError(problem.code or "invalid_model", problem.message, "body.model", number)
             if isinstance(checked, LineError):
                 errors.append(checked)
                 if len(errors) >= MAX_ERRORS:

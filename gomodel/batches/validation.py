@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional
 
 from gomodel import jsonutil
 from gomodel.config.parsers import positive_duration
+from gomodel.errors import shown
 
 # Endpoints a batch may target (OpenAI's, vLLM's rerank and score, and Anthropic's Messages: the endpoint of
 # the Message Batches API's batches, gomodel.anthropic.batches).
@@ -16,7 +17,6 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/r
 EVERY_LINE_ENDPOINTS = ("/v1/messages",)
 MAX_WINDOW = 30 * 24 * 3600.0
 MAX_METADATA = 16
-SHOWN = 64  # characters of a line's value that an error message shows (the batch object holds the messages)
 
 
 class LineError(NamedTuple):
@@ -75,12 +75,6 @@ def check_line(raw, number: int, endpoint: str):
         return LineError("background_unsupported", "Batch requests cannot run in the background: remove "
                          "'background'.", "body.background", number)
     return Request(custom_id, model, jsonutil.dumps(body))
-
-
-def shown(text: str) -> str:
-    """C{text}, a value of a line that an error message names, as it shows it: its first L{SHOWN} characters,
-    followed by C{...} where it is longer."""
-    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 def completion_window(value) -> float:
