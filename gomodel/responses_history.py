@@ -79,7 +79,7 @@ def as_input(item) -> dict | None:
 
 def unknown_response(response_id) -> NotFound:
     """The 404 of a response the gateway does not hold for whoever asks (none, or another tenant's)."""
-    return NotFound(f"No response '{response_id}' is stored by the gateway.", param="response_id",
+    return NotFound(f"No response '{shown(response_id)}' is stored by the gateway.", param="response_id",
                     code="response_not_found")
 
 

@@ -35,7 +35,7 @@ from gomodel.api.inference import resolve_model
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.batches.concluding import CANCELLED_CODE, EXPIRED_CODE
-from gomodel.errors import Conflict, GatewayError, InvalidRequest, NotFound
+from gomodel.errors import Conflict, GatewayError, InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.store.records import MESSAGE_BATCH, MESSAGE_BATCH_PURPOSE, new_file_id
@@ -303,7 +303,7 @@ class MessageBatchesAPI:
         """The record of a message batch the request's key may see; L{NotFound} otherwise."""
         record = await self._batches.get(batch_id)
         if record is None or record["kind"] != MESSAGE_BATCH or not visible(request.context.principal, record):
-            raise NotFound(f"No message batch '{batch_id}'.", param=param)
+            raise NotFound(f"No message batch '{shown(batch_id)}'.", param=param)
         return record
 
     async def _counts(self, record) -> dict:

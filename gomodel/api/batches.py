@@ -23,7 +23,7 @@ from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.batches.lines import PAGE_BYTES
 from gomodel.batches.validation import ENDPOINTS, check_metadata, completion_window
-from gomodel.errors import Conflict, InvalidRequest, NotFound
+from gomodel.errors import Conflict, InvalidRequest, NotFound, shown
 from gomodel.store.records import OPENAI_BATCH
 
 LIST_LIMIT_DEFAULT = 20
@@ -172,7 +172,7 @@ class BatchesAPI:
         """The record of an OpenAI batch the request's key may see; L{NotFound} otherwise."""
         record = await self._batches.get(batch_id)
         if record is None or record["kind"] != OPENAI_BATCH or not visible(request.context.principal, record):
-            raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+            raise NotFound(f"No such Batch object: {shown(batch_id)}", param="batch_id", code="batch_not_found")
         return record
 
     install_error_handlers(app)

@@ -15,7 +15,7 @@ from gomodel.http.render import install as install_error_handlers
 from gomodel.api.producers import send_file
 from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
-from gomodel.errors import InvalidRequest, NotFound
+from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE, new_file_id
 
 # What a client may upload (OpenAI's list); "batch_output" is ours to write.
@@ -204,4 +204,4 @@ def _attachment(filename: str) -> bytes:
 
 
 def _no_file(file_id, param="file_id"):
-    return NotFound(f"No such File object: {file_id}", param=param, code="file_not_found")
+    return NotFound(f"No such File object: {shown(file_id)}", param=param, code="file_not_found")

@@ -15,7 +15,7 @@ from klein import Klein
 
 from gomodel.auth.keys import hash_secret, new_secret, redact
 from gomodel.batches.validation import check_metadata
-from gomodel.errors import InvalidRequest, NotFound
+from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
@@ -207,7 +207,7 @@ def _resetting(key_id, period, at):
 
 
 def _unknown(key_id):
-    return NotFound(f"No auth key '{key_id}'.", code="auth_key_not_found")
+    return NotFound(f"No auth key '{shown(key_id)}'.", code="auth_key_not_found")
 
 
 def key_fields(body: dict, now: float, *, creating: bool) -> dict:

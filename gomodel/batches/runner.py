@@ -62,7 +62,7 @@ from gomodel.batches.concluding import conclude, give_up
 from gomodel.batches.lines import PAGE_BYTES, Job, error_line, output_line
 from gomodel.batches.validating import validate
 from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy,
-                            StorageUnavailable, UpstreamUnreachable)
+                            StorageUnavailable, UpstreamUnreachable, shown)
 from gomodel.api.inference import held, plan_model
 from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
@@ -324,7 +324,7 @@ class BatchRunner(Service):
         """
         batch = await self._batches.get(batch_id)
         if batch is None:
-            raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+            raise NotFound(f"No such Batch object: {shown(batch_id)}", param="batch_id", code="batch_not_found")
         status = batch["status"]
         if status in CANCELLABLE:
             updated = await self._batches.update(
