@@ -41,3 +41,48 @@ async def test_an_unknown_id_is_quoted_not_echoed_whole(http, gateway):
         message = error_message(await treq.content(response), anthropic)
         assert response.code == 404, (path[:40], message[:100])
         assert "x" * 200 in message and "…" in message and len(message) < 400, (path[:40], len(message))
+
+
+def raw_answer(status_line, content_type, body: bytes) -> str:
+    """An upstream's whole HTTP answer as the fake writes it (its C{fake_raw})."""
+    return (f"HTTP/1.1 {status_line}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+            + body.decode())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_answered_200_is_a_502_not_the_page(http, gateway, fake):
+    """An upstream (a proxy's login page, a base URL at a web UI) that answers 200 with a page, not JSON: a 502
+    bad_upstream_response in the route's dialect, which the SDKs raise; it was relayed as a 200, and the openai
+    SDK returned the page's text as the completion."""
+    bodies = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+        "/v1/completions": {"prompt": "hi"},
+        "/v1/embeddings": {"input": "hi"},
+        "/v1/responses": {"input": "hi"},
+        "/v1/rerank": {"query": "q", "documents": ["a"]},
+        "/v1/messages": {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+    }
+    page = b"<html><body>Sign in to 127.0.0.1:3128</body></html>"
+    for path, fields in bodies.items():
+        for content_type in ("text/html; charset=utf-8", "text/plain"):
+            raw = raw_answer("200 OK", content_type, page)
+            response = await http.post(gateway.url + path, headers={"content-type": "application/json"},
+                                       data=json.dumps(dict(fields, model=MODEL, fake_raw=raw)).encode())
+            content = await treq.content(response)
+            message = error_message(content, anthropic=path == "/v1/messages")
+            assert response.code == 502, (path, content_type, content)
+            assert "'vllm'" in message and b"127.0.0.1" not in content and b"Sign in" not in content
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_native_messages_answer_that_is_no_message_is_a_502(http, gateway, fake):
+    """vLLM's own Messages API answering 200 with what is no message (not JSON, a JSON array): a 502 in Anthropic's
+    dialect (the anthropic SDK raised a JSONDecodeError, no APIError, on the bytes relayed)."""
+    for body in (b"not json!", b"[]", b'{"object": "list"}'):
+        raw = raw_answer("200 OK", "application/json", body)
+        response = await http.post(gateway.url + "/v1/messages", headers={"content-type": "application/json"},
+                                   data=json.dumps({"model": MODEL, "max_tokens": 5, "fake_raw": raw,
+                                                    "messages": [{"role": "user", "content": "hi"}]}).encode())
+        content = await treq.content(response)
+        assert response.code == 502, (body, content)
+        error_message(content, anthropic=True)

@@ -6,9 +6,11 @@ from gomodel.api.messages import chat_for, translates
 
 
 def native_answer(body: bytes, model) -> bytes:
-    """A line's native answer as it came (L{native_message_bytes}: one without a stop reason is the line's error).
+    """A line's native answer as it came (L{native_message_bytes}: one that is no message, or without a stop
+    reason, is the line's error).
 
-    @raise gomodel.errors.BadUpstreamResponse: it is a message without a stop reason (an aborted generation).
+    @raise gomodel.errors.BadUpstreamResponse: it is no message, or a message without a stop reason (an aborted
+        generation).
     """
     return native_message_bytes(body)
 

@@ -808,22 +808,28 @@ def message_events_bytes(body: bytes) -> bytes:
 # What a native answer without a stop reason is: vLLM's for a generation it aborted (finish_reason "abort" or
 # "error", which its Messages API maps to no stop reason), however it then ends.
 NO_STOP_REASON = "The upstream ended the generation without a stop reason (aborted): the answer is not whole."
+# What a native answer that is no JSON message is (a proxy's page, another API's object).
+NO_MESSAGE = "The upstream's answer is no Messages API message."
 # A stop reason that is a string, as a finished answer's JSON has it (checked without parsing the answer).
 _STOP_REASON_SAID = re.compile(rb'"stop_reason"\s*:\s*"')
 
 
 def native_message_bytes(body: bytes) -> bytes:
-    """C{body}, a native Messages answer (JSON bytes), as it came: unless it is a message without a stop reason.
+    """C{body}, a native Messages answer (JSON bytes), as it came: unless it is no message, or a message without a
+    stop reason.
 
-    @raise BadUpstreamResponse: it is a message whose C{stop_reason} is null or absent (L{NO_STOP_REASON}).
+    @raise BadUpstreamResponse: it is no JSON message (L{NO_MESSAGE}), or one whose C{stop_reason} is null or
+        absent (L{NO_STOP_REASON}).
     """
     if _STOP_REASON_SAID.search(body) is not None:
         return body
     try:
         message = jsonutil.loads(body)
     except jsonutil.JSONError:
-        return body
-    if isinstance(message, dict) and message.get("type") == "message" and message.get("stop_reason") is None:
+        raise BadUpstreamResponse(NO_MESSAGE) from None
+    if not isinstance(message, dict) or message.get("type") != "message":
+        raise BadUpstreamResponse(NO_MESSAGE)
+    if message.get("stop_reason") is None:
         raise BadUpstreamResponse(NO_STOP_REASON)
     return body
 

@@ -151,5 +151,10 @@ def cross_site(request) -> bool:
 
 def is_event_stream(headers) -> bool:
     """Whether an answer's C{headers} (an upstream's, or the one going to the client) say server-sent events."""
+    return media_type(headers) == b"text/event-stream"
+
+
+def media_type(headers) -> bytes:
+    """The media type an answer's C{headers} give its body, lower-cased, without parameters (C{b""}: none)."""
     value = plain_headers(headers).get(CONTENT_TYPE, (b"",))[0]
-    return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return value.split(b";", 1)[0].strip().lower()

@@ -39,7 +39,8 @@ from gomodel.accounting.tokens import prompt_estimate, requested_tokens
 from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
                             UpstreamError, UpstreamTimeout, UpstreamUnreachable)
 from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, RETRY_AFTER,
-                                  X_GOMODEL_REPLICA, copy_response_headers, is_event_stream)
+                                  X_GOMODEL_REPLICA, copy_response_headers, is_event_stream,
+                                  media_type)
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
@@ -269,13 +270,18 @@ class Exchange:
         if not 200 <= response.code < 300:
             discard(response)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
-        if is_event_stream(response.headers):
+        media = media_type(response.headers)
+        if media == b"text/event-stream":
             if call.observer is None:  # (a whole answer was asked for: only an event stream's way looks)
                 gather = gathered.BY_PATH.get(call.path)
                 if gather is not None:
                     return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, call.observer, call.body)
+        if media.startswith(b"text/"):  # (a proxy's page, a web UI's: no API answers with text but its events)
+            discard(response)
+            raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code} with "
+                                      "a text page, not JSON.")
         body = whole_body(response)  # (a small answer came whole with its head: no wait, no read)
         if body is None:
             if (call.transform is None and response.length is not UNKNOWN_LENGTH
