@@ -86,3 +86,26 @@ async def test_a_native_messages_answer_that_is_no_message_is_a_502(http, gatewa
         content = await treq.content(response)
         assert response.code == 502, (body, content)
         error_message(content, anthropic=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_missing_or_mistyping_its_fields_is_told_which(http, gateway):
+    """C{POST /v1/batches}: a field that is absent is a missing_required_parameter, one of the wrong type an
+    invalid_type naming it; an input_file_id of 5 was "the request needs an 'input_file_id'", and no endpoint
+    at all an invalid_value."""
+    good = {"input_file_id": "file-abc", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    cases = [
+        ({"input_file_id": "file-abc"}, "endpoint", "missing_required_parameter", "needs an 'endpoint'"),
+        (dict(good, endpoint=None), "endpoint", "missing_required_parameter", "needs an 'endpoint'"),
+        (dict(good, endpoint="/v1/nope"), "endpoint", "invalid_value", "must be one of"),
+        (dict(good, input_file_id=None), "input_file_id", "missing_required_parameter", "needs an 'input_file_id'"),
+        (dict(good, input_file_id=""), "input_file_id", "missing_required_parameter", "needs an 'input_file_id'"),
+        (dict(good, input_file_id=5), "input_file_id", "invalid_type", "must be a string"),
+        (dict(good, input_file_id=["file-abc"]), "input_file_id", "invalid_type", "must be a string"),
+    ]
+    for body, param, code, said in cases:
+        response = await http.post(gateway.url + "/v1/batches", data=json.dumps(body).encode(),
+                                   headers={"content-type": "application/json"})
+        error = jsonutil.loads(await treq.content(response))["error"]
+        assert (response.code, error["param"], error["code"]) == (400, param, code), (body, error)
+        assert said in error["message"], (body, error)

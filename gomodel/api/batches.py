@@ -84,13 +84,19 @@ class BatchesAPI:
     async def create(self, request):
         body = json_body(request)
         endpoint = body.get("endpoint")
+        if endpoint is None:
+            raise InvalidRequest(f"The request needs an 'endpoint' (one of: {', '.join(ENDPOINTS)}).",
+                                 param="endpoint", code="missing_required_parameter")
         if endpoint not in ENDPOINTS:
             raise InvalidRequest(f"'endpoint' must be one of: {', '.join(ENDPOINTS)}.", param="endpoint",
                                  code="invalid_value")
         input_file_id = body.get("input_file_id")
-        if not isinstance(input_file_id, str) or not input_file_id:
+        if input_file_id is None or input_file_id == "":
             raise InvalidRequest("The request needs an 'input_file_id'.", param="input_file_id",
                                  code="missing_required_parameter")
+        if not isinstance(input_file_id, str):
+            raise InvalidRequest("'input_file_id' must be a string: the id of a file uploaded with purpose 'batch'.",
+                                 param="input_file_id", code="invalid_type")
         window = body.get("completion_window", "24h")
         try:
             seconds = completion_window(window)
