@@ -43,6 +43,11 @@ def shown(text, limit=256) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def quoted(value, limit=256) -> str:
+    """A client's C{value} (any JSON value) as an error message quotes it: its C{repr}, L{shown}."""
+    return shown(repr(value), limit)
+
+
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"

@@ -31,15 +31,17 @@ async def test_an_unknown_id_is_quoted_not_echoed_whole(http, gateway):
         ("GET", "/v1/responses/" + long_id, None, False),
         ("GET", "/v1/messages/batches/" + long_id, None, True),
         ("GET", "/admin/api/v1/auth-keys/" + long_id, None, False),
+        ("GET", "/admin/api/v1/auth-keys?after=" + long_id, None, False),
+        ("GET", "/v1/models?after_id=" + long_id, None, True),
         ("POST", "/v1/batches", {"input_file_id": "file-" + "x" * 1_000_000, "endpoint": "/v1/chat/completions"},
          False),
     ]
     for method, path, body, anthropic in cases:
         data = None if body is None else json.dumps(body).encode()
         response = await http.request(method, gateway.url + path, data=data,
-                                      headers={"content-type": "application/json"})
+                                      headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
         message = error_message(await treq.content(response), anthropic)
-        assert response.code == 404, (path[:40], message[:100])
+        assert response.code == (400 if "?" in path else 404), (path[:40], message[:100])
         assert "x" * 200 in message and "…" in message and len(message) < 400, (path[:40], len(message))
 
 
@@ -109,3 +111,41 @@ async def test_a_batch_missing_or_mistyping_its_fields_is_told_which(http, gatew
         error = jsonutil.loads(await treq.content(response))["error"]
         assert (response.code, error["param"], error["code"]) == (400, param, code), (body, error)
         assert said in error["message"], (body, error)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_value_refused_is_quoted_not_echoed_whole(reactor, http):
+    """A client's field name or value that a 400 names (an unknown field, a block or tool type) is quoted as a
+    model name is: a megabyte-long one made a megabyte of message, twice over where it was the C{param} too. The
+    translated ways (an OpenAI provider's) refuse the Messages and Responses types they do not take."""
+    from tests.support import start_fake, start_gateway, stop_all
+
+    fake = await start_fake(reactor, models=("gpt-x",), responses=False, messages=False)
+    gateway = await start_gateway(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up"})
+    big = "q" * 100_000
+    hi = [{"role": "user", "content": "hi"}]
+    anthropic = {"model": "gpt-x", "max_tokens": 5, "messages": hi}
+    cases = [
+        ("POST", "/admin/api/v1/auth-keys", {"name": "n", big: 1}),
+        ("POST", "/admin/api/v1/auth-keys", {"name": "n", "budgets": [{"period": "daily", "max_tokens": 5, big: 1}]}),
+        ("PUT", "/admin/api/v1/budgets", {"user_path": "/a", "period": "daily", "amount": 5, big: 1}),
+        ("POST", "/v1/messages", dict(anthropic, messages=[{"role": "user", "content": [{"type": big}]}])),
+        ("POST", "/v1/messages", dict(anthropic, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": [big]}}]}])),
+        ("POST", "/v1/messages", dict(anthropic, tools=[{"type": big, "name": "t"}])),
+        ("POST", "/v1/messages", dict(anthropic, tool_choice={"type": big})),
+        ("POST", "/v1/messages", dict(anthropic, thinking={"type": big})),
+        ("POST", "/v1/responses", {"model": "gpt-x", "input": [{"type": big}]}),
+        ("POST", "/v1/responses", {"model": "gpt-x", "input": [{"role": "user", "content": [{"type": big}]}]}),
+        ("POST", "/v1/responses", {"model": "gpt-x", "input": "hi", "tools": [{"type": big}]}),
+    ]
+    try:
+        for method, path, body in cases:
+            response = await http.request(method, gateway.url + path, data=json.dumps(body).encode(),
+                                          headers={"content-type": "application/json"})
+            content = await treq.content(response)
+            message = error_message(content, anthropic=path == "/v1/messages")
+            assert response.code == 400, (path, content[:200])
+            assert "q" * 200 in message and "…" in message and len(content) < 1000, (path, content[:200])
+    finally:
+        await stop_all(gateway, fake)

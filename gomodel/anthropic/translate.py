@@ -23,7 +23,7 @@ import re
 from zope.interface import implementer
 
 from gomodel import jsonutil
-from gomodel.errors import BadUpstreamResponse, InvalidRequest
+from gomodel.errors import BadUpstreamResponse, InvalidRequest, quoted
 from gomodel.http.render import AnthropicDialect
 from gomodel.ids import new_id, random_hex
 from gomodel.interfaces import IStreamObserver
@@ -346,7 +346,7 @@ def _image_url(block, where) -> dict:
         return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{source['data']}"}}
     if kind == "url" and isinstance(source.get("url"), str):
         return {"type": "image_url", "image_url": {"url": source["url"]}}
-    raise InvalidRequest(f"{where}: image source type {kind!r} is not supported by this provider "
+    raise InvalidRequest(f"{where}: image source type {quoted(kind)} is not supported by this provider "
                          "(use 'base64' or 'url')", param=where)
 
 
@@ -380,12 +380,12 @@ def _document_parts(block, where) -> list:
                 parts.append(_image_url(item, f"{at}.{i}"))
             else:
                 raise InvalidRequest(f"{at}.{i}: a document's content holds text and image blocks, "
-                                     f"not {item_kind!r}", param=f"{at}.{i}")
+                                     f"not {quoted(item_kind)}", param=f"{at}.{i}")
         return parts
     if media == "application/pdf" or kind == "url":
         raise InvalidRequest(f"{where}: PDF documents are not supported by this provider (its model reads no PDF): "
                              "send the document's text (a 'text' source) instead", param=where)
-    raise InvalidRequest(f"{where}: document source type {kind!r} is not supported by this provider "
+    raise InvalidRequest(f"{where}: document source type {quoted(kind)} is not supported by this provider "
                          "(only plain-text and content documents are)", param=where)
 
 
@@ -428,7 +428,7 @@ def _user_messages(content, where) -> list:
         elif kind in ("tool_use", "thinking", "redacted_thinking"):
             raise InvalidRequest(f"{at}: a {kind} block belongs in an assistant message", param=at)
         else:
-            raise InvalidRequest(f"{at}: unknown content block type {kind!r}", param=at)
+            raise InvalidRequest(f"{at}: unknown content block type {quoted(kind)}", param=at)
     parts = tool_images + parts
     if parts or not tools:
         return tools + [{"role": "user", "content": _parts_content(parts) if parts else ""}]
@@ -461,7 +461,7 @@ def _tool_result(block, where):
             elif kind == "tool_reference":
                 texts.append(_tool_reference(item, at))
             else:
-                raise InvalidRequest(f"{at}: content block type {kind!r} is not supported in a tool result",
+                raise InvalidRequest(f"{at}: content block type {quoted(kind)} is not supported in a tool result",
                                      param=at)
     elif content is not None:
         raise InvalidRequest(f"{where}.content: Input should be a string or a list of blocks",
@@ -516,7 +516,7 @@ def _assistant_message(content, where) -> dict:
         elif kind in ("image", "document", "tool_result"):
             raise InvalidRequest(f"{at}: a {kind} block belongs in a user message", param=at)
         else:
-            raise InvalidRequest(f"{at}: unknown content block type {kind!r}", param=at)
+            raise InvalidRequest(f"{at}: unknown content block type {quoted(kind)}", param=at)
     message = {"role": "assistant", "content": _parts_content(parts) if parts else (None if calls else "")}
     if calls:
         message["tool_calls"] = calls
@@ -540,7 +540,7 @@ def _tools(tools) -> list:
         if not isinstance(tool, dict):
             raise InvalidRequest(f"{where}: Input should be an object", param=where)
         if tool.get("type") not in (None, "custom"):
-            raise InvalidRequest(f"{where}: tool type {tool.get('type')!r}: {_SERVER_TOOL_HINT}", param=where)
+            raise InvalidRequest(f"{where}: tool type {quoted(tool.get('type'))}: {_SERVER_TOOL_HINT}", param=where)
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise InvalidRequest(f"{where}.name: Field required", param=f"{where}.name")
         if not isinstance(tool.get("input_schema"), dict):
@@ -566,7 +566,7 @@ def _tool_choice(choice) -> dict:
     elif kind in ("auto", "any", "none"):
         fields = {"tool_choice": {"auto": "auto", "any": "required", "none": "none"}[kind]}
     else:
-        raise InvalidRequest(f"tool_choice.type: {kind!r} is not one of 'auto', 'any', 'tool', 'none'",
+        raise InvalidRequest(f"tool_choice.type: {quoted(kind)} is not one of 'auto', 'any', 'tool', 'none'",
                              param="tool_choice")
     if choice.get("disable_parallel_tool_use") is True:
         fields["parallel_tool_calls"] = False
@@ -598,7 +598,7 @@ def _template_kwargs(body, max_tokens=None) -> dict:
     elif kind == "disabled":
         kwargs["enable_thinking"] = False
     else:
-        raise InvalidRequest(f"thinking.type: {kind!r} is not one of 'enabled', 'disabled', 'adaptive'",
+        raise InvalidRequest(f"thinking.type: {quoted(kind)} is not one of 'enabled', 'disabled', 'adaptive'",
                              param="thinking")
     return kwargs
 

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from gomodel.api.keys import iso, user_path
 from gomodel.api.self_usage import budget_status
-from gomodel.errors import InvalidRequest, NotFound
+from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, query_arg
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import with_resets
@@ -228,7 +228,7 @@ def _known(body, fields):
     """Refuse a body with a field not in C{fields}, as the keys API does."""
     unknown = set(body) - fields
     if unknown:
-        field = sorted(unknown)[0]
+        field = shown(sorted(unknown)[0])
         raise InvalidRequest(f"'{field}' is not a field of a budget.", param=field, code="invalid_value")
 
 

@@ -15,7 +15,7 @@ from klein import Klein
 
 from gomodel.auth.keys import hash_secret, new_secret, redact
 from gomodel.batches.validation import check_metadata
-from gomodel.errors import InvalidRequest, NotFound, shown
+from gomodel.errors import InvalidRequest, NotFound, quoted, shown
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
@@ -73,7 +73,7 @@ class KeysAPI:
         if after is not None:
             at = next((i for i, record in enumerate(records) if record["id"] == after), None)
             if at is None:
-                raise InvalidRequest(f"No key with id {after!r} to list after.", param="after",
+                raise InvalidRequest(f"No key with id {quoted(after)} to list after.", param="after",
                                      code="invalid_value")
             records = records[at + 1:]
         limit = query_limit(request, None, LIST_LIMIT_MAX)  # (None: every key)
@@ -330,7 +330,7 @@ def budgets(value) -> list:
             raise _bad("budgets", f"each needs a period: {PERIOD_FORMS}")
         unknown = set(item) - {"period", "period_seconds", "max_tokens", "max_cost"}
         if unknown:  # (what a GET shows beside them, spent_tokens..., is read-only)
-            raise _bad("budgets", f"each is {{period, max_tokens | max_cost}}: {sorted(unknown)[0]!r} is not a field "
+            raise _bad("budgets", f"each is {{period, max_tokens | max_cost}}: {quoted(sorted(unknown)[0])} is not a field "
                                   "of one (what it spent this period and its last reset are shown, never set)")
         if ("max_tokens" in item) == ("max_cost" in item):
             raise _bad("budgets", "each sets exactly one of max_tokens and max_cost")
@@ -377,6 +377,7 @@ def _is_int(value) -> bool:
 
 
 def _bad(field, what):
+    field = shown(field)  # (an unknown field's name is the client's)
     return InvalidRequest(f"'{field}' {what}.", param=field, code="invalid_value")
 
 

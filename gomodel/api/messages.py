@@ -478,7 +478,7 @@ def anthropic_models_page(request, models: list) -> dict:
     after, before = query_arg(request, b"after_id"), query_arg(request, b"before_id")
     for cursor, name in ((after, "after_id"), (before, "before_id")):
         if cursor is not None and cursor not in ids:
-            raise errors.InvalidRequest(f"No model '{cursor}' to page from.", param=name)
+            raise errors.InvalidRequest(f"No model '{errors.shown(cursor)}' to page from.", param=name)
     if before is not None:
         end = ids.index(before)
         page = entries[max(0, end - limit):end]

@@ -8,7 +8,7 @@ against any upstream.
 from gomodel import jsonutil
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.anthropic.translate import ABORTED
-from gomodel.errors import BadUpstreamResponse, InvalidRequest
+from gomodel.errors import BadUpstreamResponse, InvalidRequest, quoted
 from gomodel.ids import new_id
 from gomodel.proxy.sse import SSEFramer, StreamIncomplete, data_object, event_data, require_end
 from gomodel.responses_history import unknown_previous
@@ -106,7 +106,7 @@ def _messages(items, param="input"):
         elif kind == "reasoning":
             continue
         else:
-            raise InvalidRequest(f"invalid input item at index {index}: type {kind!r} is not supported "
+            raise InvalidRequest(f"invalid input item at index {index}: type {quoted(kind)} is not supported "
                                  "by this provider.", param=param, code="unsupported_value")
     return messages
 
@@ -134,7 +134,7 @@ def _content(content, index, param="input"):
                 image["detail"] = part["detail"]
             parts.append({"type": "image_url", "image_url": image})
         else:
-            raise InvalidRequest(f"invalid input item at index {index}: content part {kind!r} is not supported "
+            raise InvalidRequest(f"invalid input item at index {index}: content part {quoted(kind)} is not supported "
                                  "by this provider.", param=param, code="unsupported_value")
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
@@ -144,7 +144,7 @@ def _content(content, index, param="input"):
 def _tool(tool, index):
     if not isinstance(tool, dict) or tool.get("type") != "function":
         kind = tool.get("type") if isinstance(tool, dict) else None
-        raise InvalidRequest(f"tools[{index}]: tool type {kind!r} is not supported by this provider.",
+        raise InvalidRequest(f"tools[{index}]: tool type {quoted(kind)} is not supported by this provider.",
                              param=f"tools[{index}]", code="unsupported_value")
     if "function" in tool:  # already chat-shaped
         return tool
