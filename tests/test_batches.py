@@ -656,6 +656,19 @@ async def test_a_responses_line_asking_to_run_in_the_background_fails_validation
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_responses_line_whose_store_is_no_boolean_fails_validation(sdk, gw, fake):
+    """A C{/v1/responses} line whose C{store} is no boolean is a bad line, as online (a 400): vLLM reads C{"no"}
+    as false and keeps nothing, while the gateway, which takes only false, kept the line's answer."""
+    lines = [{"custom_id": c, "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": "Hi", **extra}}
+             for c, extra in (("plain", {}), ("off", {"store": False}), ("no", {"store": "no"}))]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert batch.status == "failed"
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(3, "invalid_type", "body.store")]
+    assert not [r for r in fake.requests if r.method == b"POST"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_embeddings_line_asking_for_vllms_binary_bytes_fails_validation(sdk, gw, fake):
     """An C{/v1/embeddings} line with vLLM's C{"encoding_format": "bytes"} is a bad line (its answer, raw float32
     vectors, fits no JSONL line); before, vLLM computed it and it ended in the error file as a 502, uncharged."""

@@ -149,3 +149,24 @@ async def test_a_value_refused_is_quoted_not_echoed_whole(reactor, http):
             assert "q" * 200 in message and "…" in message and len(content) < 1000, (path, content[:200])
     finally:
         await stop_all(gateway, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_background_and_store_must_be_booleans(http, gateway, fake):
+    """C{background} and C{store} that are no booleans are a 400 invalid_type, as C{stream} is: vLLM reads
+    C{"yes"} or C{1} as true, so a C{"background": "yes"} was queued there while the gateway, which takes only
+    true, neither kept nor watched it (and a C{"store": "no"} was kept here, not there)."""
+    sent = len(fake.requests)
+    for field in ("background", "store"):
+        for value in ("yes", "no", 1, 0, [], {}):
+            response = await http.post(gateway.url + "/v1/responses", headers={"content-type": "application/json"},
+                                       data=json.dumps({"model": MODEL, "input": "hi", field: value}).encode())
+            error = jsonutil.loads(await treq.content(response))["error"]
+            assert (response.code, error["param"], error["code"]) == (400, field, "invalid_type"), (field, value)
+            assert f"'{field}' must be a boolean" in error["message"]
+    assert len(fake.requests) == sent  # none went upstream
+    for value in (True, False, None):
+        response = await http.post(gateway.url + "/v1/responses", headers={"content-type": "application/json"},
+                                   data=json.dumps({"model": MODEL, "input": "hi", "store": value}).encode())
+        assert response.code == 200, (value, await treq.content(response))
+        await treq.content(response)

@@ -19,7 +19,7 @@ from gomodel import errors, jsonutil
 from gomodel.api.background import UNFINISHED, BackgroundWatch
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
-from gomodel.http.bodies import json_answer, page, query_arg, query_limit, streams
+from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
@@ -82,7 +82,8 @@ class ResponsesRoute:
         headers (L{target}: a vLLM's Responses and chat take C{cache_salt} and C{priority}).
         """
         stream = ctx.asked_stream = streams(body)
-        if body.get("background") is True and body.get("store") is False:  # (as OpenAI and vLLM answer it)
+        background, store = boolean(body, "background"), boolean(body, "store")  # (vLLM reads "yes" as true)
+        if background is True and store is False:  # (as OpenAI and vLLM answer it)
             raise errors.InvalidRequest("background can only be used when store is true: a background response "
                                         "is read back later.", param="background", code="invalid_value")
         previous = await self._previous(body, ctx.principal)

@@ -71,6 +71,8 @@ def check_line(raw, number: int, endpoint: str):
     if endpoint == "/v1/embeddings" and body.get("encoding_format") == "bytes":  # (raw float32 vectors: no JSON)
         return LineError("invalid_value", "A batch's embeddings cannot be vLLM's binary 'bytes': use 'float' or "
                          "'base64'.", "body.encoding_format", number)
+    if endpoint == "/v1/responses" and body.get("store") not in (None, True, False):  # (vLLM reads "no" as false)
+        return LineError("invalid_type", "'store' must be a boolean (true or false).", "body.store", number)
     if endpoint == "/v1/responses" and body.get("background") not in (None, False):  # (its answer: a stub, queued)
         return LineError("background_unsupported", "Batch requests cannot run in the background: remove "
                          "'background'.", "body.background", number)

@@ -53,6 +53,17 @@ def streams(body) -> bool:
                          code="invalid_type")
 
 
+def boolean(body, name: str):
+    """The JSON request C{body}'s C{name}: True, False, or None when absent or null.
+
+    @raise InvalidRequest: it is anything else (vLLM would read C{1} or C{"yes"} as true).
+    """
+    value = body.get(name)
+    if value is None or value is True or value is False:
+        return value
+    raise InvalidRequest(f"'{name}' must be a boolean (true or false).", param=name, code="invalid_type")
+
+
 def stream_options(body) -> dict:
     """A copy of the streaming JSON request C{body}'s C{stream_options} (empty when absent or null).
 
