@@ -170,3 +170,22 @@ async def test_responses_background_and_store_must_be_booleans(http, gateway, fa
                                    data=json.dumps({"model": MODEL, "input": "hi", "store": value}).encode())
         assert response.code == 200, (value, await treq.content(response))
         await treq.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_success_without_a_body_is_a_502(http, gateway, fake):
+    """An upstream's 204, or a 200 with an empty body, to an inference request: a 502 bad_upstream_response (it was
+    relayed as the same empty success, which no SDK can read as a completion)."""
+    bodies = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+        "/v1/embeddings": {"input": "hi"},
+        "/v1/responses": {"input": "hi"},
+    }
+    for path, fields in bodies.items():
+        for raw in ("HTTP/1.1 204 No Content\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n"):
+            response = await http.post(gateway.url + path, headers={"content-type": "application/json"},
+                                       data=json.dumps(dict(fields, model=MODEL, fake_raw=raw)).encode())
+            content = await treq.content(response)
+            assert response.code == 502, (path, raw, content)
+            assert jsonutil.loads(content)["error"]["code"] == "bad_upstream_response"

@@ -292,6 +292,9 @@ class Exchange:
                 body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
             except UpstreamUnreachable as e:
                 raise _BrokeOff(e) from None
+        if not body:  # (a 204, an empty 200: no answer any client can read)
+            raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code} "
+                                      "without a body.")
         return self._whole(request, ctx, upstream, response, call, body)
 
     async def _raw_error(self, request, ctx, upstream, response, call):
