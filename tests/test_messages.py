@@ -857,6 +857,11 @@ async def test_count_tokens_without_a_tokenizer_is_501_not_a_guess(http, openai_
         assert raised.value.status_code == 501
         assert raised.value.response.headers["x-should-retry"] == "false"
         assert raised.value.body["type"] == "error" and "does not guess" in raised.value.body["error"]["message"]
+        # A request that is no count_tokens request is told so first, as Anthropic answers it (it was the 501:
+        # fixing the provider would only have led to the 400)
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await in_thread(client.messages.count_tokens, model=OPENAI_MODEL, messages="hello")
+        assert raised.value.body["error"]["message"].startswith("messages:")
         assert len(fake.requests) == before  # nothing went upstream
     finally:
         client.close()

@@ -189,7 +189,8 @@ class MessagesRoutes:
         """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
         (for a virtual model: the first of its targets in the routing order whose provider has one).
 
-        @raise gomodel.errors.NotSupported: no provider of the model has a tokenizer the gateway can ask.
+        @raise gomodel.errors.NotSupported: no provider of the model has a tokenizer the gateway can ask (and the
+            request is one: else its L{gomodel.errors.InvalidRequest}).
         """
         body = json_body(request)
         model = body.get("model")
@@ -198,6 +199,7 @@ class MessagesRoutes:
         routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])
         if not routes:
             ctx.route(planned[0].provider, model, planned[0].upstream_model)
+            count_tokens_request(body)  # (a request that is none is told so first, as Anthropic answers it)
             raise errors.NotSupported(
                 f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
                 f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
