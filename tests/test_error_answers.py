@@ -74,6 +74,11 @@ async def test_a_page_answered_200_is_a_502_not_the_page(http, gateway, fake):
             message = error_message(content, anthropic=path == "/v1/messages")
             assert response.code == 502, (path, content_type, content)
             assert "'vllm'" in message and b"127.0.0.1" not in content and b"Sign in" not in content
+    # (a server that calls its JSON text/json is relayed)
+    raw = raw_answer("200 OK", "text/json", b'{"object": "list", "data": []}')
+    response = await http.post(gateway.url + "/v1/embeddings", headers={"content-type": "application/json"},
+                               data=json.dumps({"model": MODEL, "input": "hi", "fake_raw": raw}).encode())
+    assert (response.code, await treq.content(response)) == (200, b'{"object": "list", "data": []}')
 
 
 @pytest_twisted.ensureDeferred

@@ -278,7 +278,8 @@ class Exchange:
                     return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, call.observer, call.body)
-        if media.startswith(b"text/"):  # (a proxy's page, a web UI's: no API answers with text but its events)
+        # (a proxy's page, a web UI's: no API answers in text but its events; text/json is JSON)
+        if media.startswith(b"text/") and not media.endswith(b"json"):
             discard(response)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code} with "
                                       "a text page, not JSON.")
