@@ -194,3 +194,18 @@ async def test_a_success_without_a_body_is_a_502(http, gateway, fake):
             content = await treq.content(response)
             assert response.code == 502, (path, raw, content)
             assert jsonutil.loads(content)["error"]["code"] == "bad_upstream_response"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_is_not_utf8_is_told_so_and_where(http, gateway):
+    """A body in Latin-1 (a Windows tool's) or UTF-16 is a 400 invalid_json that says it is not UTF-8 and at which
+    byte, in the route's dialect; it was orjson's "str is not valid UTF-8: surrogates not allowed" at line 1
+    column 1, wherever the byte was."""
+    latin1 = '{"model": "x", "messages": [{"role": "user", "content": "café"}]}'.encode("latin-1")
+    utf16 = '{"model": "x"}'.encode("utf-16")
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        for data, where in ((latin1, "byte 60 is 0xe9"), (utf16, "byte 0 is 0xff")):
+            response = await http.post(gateway.url + path, data=data, headers={"content-type": "application/json"})
+            message = error_message(await treq.content(response), anthropic=path == "/v1/messages")
+            assert response.code == 400 and "not UTF-8" in message and where in message, (path, message)
+            assert "surrogates" not in message
