@@ -33,6 +33,8 @@ async def test_an_unknown_id_is_quoted_not_echoed_whole(http, gateway):
         ("GET", "/admin/api/v1/auth-keys/" + long_id, None, False),
         ("GET", "/admin/api/v1/auth-keys?after=" + long_id, None, False),
         ("GET", "/v1/models?after_id=" + long_id, None, True),
+        ("GET", "/p/" + long_id + "/v1/models", None, False),
+        ("GET", "/admin/static/" + long_id, None, False),
         ("POST", "/v1/batches", {"input_file_id": "file-" + "x" * 1_000_000, "endpoint": "/v1/chat/completions"},
          False),
     ]
@@ -43,6 +45,12 @@ async def test_an_unknown_id_is_quoted_not_echoed_whole(http, gateway):
         message = error_message(await treq.content(response), anthropic)
         assert response.code == (400 if "?" in path else 404), (path[:40], message[:100])
         assert "x" * 200 in message and "…" in message and len(message) < 400, (path[:40], len(message))
+    response = await http.post(gateway.url + "/v1/responses", headers={"content-type": "application/json"},
+                               data=json.dumps({"model": MODEL, "input": "hi"}).encode())
+    stored = jsonutil.loads(await treq.content(response))["id"]
+    response = await http.get(f"{gateway.url}/v1/responses/{stored}/input_items?after={long_id}")
+    message = error_message(await treq.content(response))
+    assert response.code == 400 and "x" * 200 in message and "…" in message and len(message) < 400
 
 
 def raw_answer(status_line, content_type, body: bytes) -> str:

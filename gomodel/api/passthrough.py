@@ -125,7 +125,7 @@ class Passthrough:
         ctx.endpoint = PASSTHROUGH
         provider = self._registry.provider(provider_name)
         if provider is None:
-            raise errors.NotFound(f"No provider or provider type named '{provider_name}'.", code="provider_not_found")
+            raise errors.NotFound(f"No provider or provider type named '{errors.shown(provider_name)}'.", code="provider_not_found")
         if provider.type not in self._settings.types:
             raise errors.Forbidden(f"Passthrough is not enabled for provider type '{provider.type}' "
                                    "(ENABLED_PASSTHROUGH_PROVIDERS).")

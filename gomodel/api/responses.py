@@ -323,7 +323,7 @@ class ResponsesRoute:
         if after is not None:
             ids = [item.get("id") for item in items]
             if after not in ids:
-                raise errors.InvalidRequest(f"No input item '{after}' in this response.", param="after",
+                raise errors.InvalidRequest(f"No input item '{errors.shown(after)}' in this response.", param="after",
                                             code="invalid_value")
             items = items[ids.index(after) + 1:]
         limit = query_limit(request, 20, 100)

@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 
-from gomodel.errors import NotFound
+from gomodel.errors import NotFound, shown
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 SHELL_PATHS = ("/admin/dashboard", "/admin/dashboard/")
@@ -88,7 +88,7 @@ class Dashboard:
         """
         found = self._assets.get(name)
         if found is None:
-            raise NotFound(f"No dashboard asset '{name}'.")
+            raise NotFound(f"No dashboard asset '{shown(name)}'.")
         content, content_type = found
         asked = request.args.get(b"v", [b""])[0]
         _headers(request, content_type, IMMUTABLE if asked == self.version.encode("ascii") else b"no-cache",
