@@ -17,7 +17,7 @@ from gomodel._twistedcompat import header_name, plain_headers
 from gomodel.auth.keys import presented_key
 from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES, visible
 from gomodel.http import render
-from gomodel.http.bodies import whole_number
+from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, connection_tokens
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
@@ -208,7 +208,7 @@ class Passthrough:
         try:
             fields = jsonutil.loads(body)
         except jsonutil.JSONError as e:
-            raise errors.InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+            raise not_json(body, e) from None
         if fields.__class__ is not dict:
             return body
         if provider.priority_scheduling and principal.priority is not None and route != "messages":

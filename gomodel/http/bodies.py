@@ -22,20 +22,23 @@ def json_body(request) -> dict:
         _encoded(request)
         if not data.strip():
             raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json") from None
-        raise InvalidRequest(f"The request body is not valid JSON: {_reason(data, e)}", code="invalid_json") from None
+        raise not_json(data, e) from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return body
 
 
-def _reason(data, error) -> str:
-    """Why C{data} is not JSON: C{error}'s words; for bytes that are not UTF-8 (Latin-1 text, UTF-16), which
-    byte (orjson says "surrogates not allowed" at line 1 column 1, wherever it is)."""
+def not_json(data, error) -> InvalidRequest:
+    """The 400 C{invalid_json} for a request body C{data} that failed to parse with C{error} (a
+    L{jsonutil.JSONError}): its words; for bytes that are not UTF-8 (Latin-1 text, UTF-16), which byte (orjson
+    says "surrogates not allowed" at line 1 column 1, wherever it is)."""
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
-        return f"it is not UTF-8 (byte {e.start} is 0x{data[e.start]:02x}); send JSON as UTF-8."
-    return str(error)
+        reason = f"it is not UTF-8 (byte {e.start} is 0x{data[e.start]:02x}); send JSON as UTF-8."
+    else:
+        reason = str(error)
+    return InvalidRequest(f"The request body is not valid JSON: {reason}", code="invalid_json")
 
 
 def _encoded(request):
