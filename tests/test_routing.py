@@ -1475,7 +1475,10 @@ async def test_passthrough_pins_the_named_replica(cluster, http):
                       ("+1", "invalid_replica"), ("1_0", "invalid_replica"), ("１", "invalid_replica")):
         response = await http.get(gw.url + "/p/vllm/version", headers={"X-Gomodel-Replica": [bad]})
         assert response.code == 400, bad
-        assert error_of(jsonutil.loads(await treq.content(response)))["code"] == code
+        error = error_of(jsonutil.loads(await treq.content(response)))
+        assert error["code"] == code
+        if code == "invalid_replica":  # (the header, as X-GoModel-User-Path's)
+            assert error["param"] == "X-Gomodel-Replica"
 
 
 # -- 13. providers/status -------------------------------------------------------------------------
@@ -1540,6 +1543,7 @@ async def test_request_priority_header_on_a_priority_scheduling_provider(cluster
     for bad in ("high", "+5", "5_0", "2147483648", "--1", "５"):
         response, body = await post(http, gw, chat(), headers={"X-Request-Priority": [bad]})
         assert response.code == 400 and error_of(body)["code"] == "invalid_priority", bad
+        assert error_of(body)["param"] == "X-Request-Priority"
 
 
 @pytest_twisted.ensureDeferred

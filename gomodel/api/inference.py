@@ -169,7 +169,7 @@ def header_priority(request):
     priority = whole_number(value, PRIORITY_MIN, PRIORITY_MAX)
     if priority is None:
         raise InvalidRequest(f"X-Request-Priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}.",
-                             code="invalid_priority")
+                             param="X-Request-Priority", code="invalid_priority")
     return priority
 
 

@@ -330,8 +330,8 @@ def budgets(value) -> list:
             raise _bad("budgets", f"each needs a period: {PERIOD_FORMS}")
         unknown = set(item) - {"period", "period_seconds", "max_tokens", "max_cost"}
         if unknown:  # (what a GET shows beside them, spent_tokens..., is read-only)
-            raise _bad("budgets", f"each is {{period, max_tokens | max_cost}}: {quoted(sorted(unknown)[0])} is not a field "
-                                  "of one (what it spent this period and its last reset are shown, never set)")
+            raise _bad("budgets", f"each is {{period, max_tokens | max_cost}}: {quoted(sorted(unknown)[0])} is not a "
+                                  "field of one (what it spent this period and its last reset are shown, never set)")
         if ("max_tokens" in item) == ("max_cost" in item):
             raise _bad("budgets", "each sets exactly one of max_tokens and max_cost")
         if period in periods:

@@ -125,7 +125,8 @@ class Passthrough:
         ctx.endpoint = PASSTHROUGH
         provider = self._registry.provider(provider_name)
         if provider is None:
-            raise errors.NotFound(f"No provider or provider type named '{errors.shown(provider_name)}'.", code="provider_not_found")
+            raise errors.NotFound(f"No provider or provider type named '{errors.shown(provider_name)}'.",
+                                  code="provider_not_found")
         if provider.type not in self._settings.types:
             raise errors.Forbidden(f"Passthrough is not enabled for provider type '{provider.type}' "
                                    "(ENABLED_PASSTHROUGH_PROVIDERS).")
@@ -381,7 +382,8 @@ def _pinned_replica(request):
         return None
     index = whole_number(value, 0, 2**31 - 1)  # (an index past the pool: unknown_replica)
     if index is None:
-        raise errors.InvalidRequest("X-Gomodel-Replica must be a replica index (0, 1, ...).", code="invalid_replica")
+        raise errors.InvalidRequest("X-Gomodel-Replica must be a replica index (0, 1, ...).", param="X-Gomodel-Replica",
+                                    code="invalid_replica")
     return index
 
 
