@@ -723,3 +723,30 @@ async def test_a_retrieve_asking_for_the_events_again_is_refused_not_answered_wi
     unknown = await http.get(gateway.url + "/v1/responses/resp_nobody?stream=true")
     assert unknown.code == 404
     await treq.content(unknown)
+
+
+@pytest_twisted.ensureDeferred
+async def test_metadata_past_openais_limits_is_a_400_before_any_upstream_natively_or_translated(reactor):
+    native = await start_fake(reactor)
+    chat = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": native.base_url, "VLLM_T_BASE_URL": chat.base_url})
+    client = openai_client(gw)
+    try:
+        for model in (MODEL, "vllm-t/" + UPSTREAM):
+            for metadata in ({str(i): "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 1},
+                             ["k", "v"]):
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await in_thread(client.responses.create, model=model, input="hi", metadata=metadata)
+                error = refused.value.body
+                assert (error["param"], error["code"]) == ("metadata", "invalid_value"), (model, metadata)
+            most = {f"{i:064d}": "v" * 512 for i in range(16)}  # (OpenAI's most)
+            kept = await in_thread(client.responses.create, model=model, input="hi", metadata=most)
+            assert kept.status in ("completed", "incomplete")
+        # (before: the translated path stored and echoed any metadata; vLLM took 17 pairs, and longer ones)
+        assert len([r for r in native.requests if r.path == b"/v1/responses"]) == 1
+        assert len([r for r in chat.requests if r.path == b"/v1/chat/completions"]) == 1
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await native.stop()
+        await chat.stop()

@@ -19,6 +19,7 @@ from gomodel import errors, jsonutil
 from gomodel.api.background import UNFINISHED, BackgroundWatch
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
+from gomodel.batches.validation import check_metadata
 from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
@@ -86,6 +87,11 @@ class ResponsesRoute:
         if background is True and store is False:  # (as OpenAI and vLLM answer it)
             raise errors.InvalidRequest("background can only be used when store is true: a background response "
                                         "is read back later.", param="background", code="invalid_value")
+        if body.get("metadata") is not None:  # (kept and echoed: OpenAI's limits, whichever upstream makes it)
+            try:
+                check_metadata(body["metadata"])
+            except ValueError as e:
+                raise errors.InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
         previous = await self._previous(body, ctx.principal)
         first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:
