@@ -11,6 +11,7 @@ import treq
 
 from gomodel import jsonutil
 from gomodel.responses_history import as_input
+from tests.fakes.vllm import _count_tokens
 from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
@@ -750,3 +751,33 @@ async def test_metadata_past_openais_limits_is_a_400_before_any_upstream_nativel
         await gw.service.stopService()
         await native.stop()
         await chat.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_input_tokens_are_counted_by_vllms_tokenizer_with_a_follow_ups_stored_conversation(reactor, http):
+    fake = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url,
+                                       "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-x"})
+    client = openai_client(gw)
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}]
+    try:
+        first = await in_thread(client.responses.create, model=MODEL, input="one")
+        counted = await in_thread(client.responses.input_tokens.count, model=MODEL, input="two",
+                                  instructions="be brief", tools=tools, previous_response_id=first.id)
+        asked = fake.requests[-1]
+        assert asked.path == b"/tokenize" and asked.body["model"] == UPSTREAM
+        assert [m["content"] for m in asked.body["messages"]] == ["be brief", "one", first.output_text, "two"]
+        assert asked.body["tools"][0]["function"]["name"] == "f" and asked.body["add_generation_prompt"] is True
+        assert counted.input_tokens == _count_tokens(None, asked.body["messages"], asked.body["tools"])
+        assert counted.object == "response.input_tokens"
+        # (before: 405 "allowed: DELETE, GET, HEAD", as if input_tokens were a response's id)
+        for body, status, code in (({"model": MODEL, "input": "x", "previous_response_id": "resp_nobody"}, 400,
+                                    "previous_response_not_found"),
+                                   ({"model": "openai/" + UPSTREAM, "input": "x"}, 501, "not_supported")):
+            response = await http.post(gw.url + "/v1/responses/input_tokens", data=json.dumps(body).encode())
+            error = jsonutil.loads(await treq.content(response))["error"]
+            assert (response.code, error["code"]) == (status, code), body
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await fake.stop()

@@ -45,6 +45,7 @@ class InferenceRoutes:
             b"/v1/completions": self.completions,
             b"/v1/embeddings": self.embeddings,
             b"/v1/responses": self.responses,
+            b"/v1/responses/input_tokens": self.responses_input_tokens,
             b"/v1/rerank": self.rerank,
             b"/v1/score": self.score,
             b"/v1/classify": self.classify,
@@ -123,6 +124,9 @@ class InferenceRoutes:
 
     async def responses(self, request, ctx):
         return await self._responses.create(request, ctx, json_body(request))
+
+    async def responses_input_tokens(self, request, ctx):
+        return await self._responses.input_tokens(request, ctx, json_body(request))
 
     def route(self, ctx, body, affinity_of=None):
         """The upstream for C{body["model"]} (rewritten to the upstream's id, noted in C{ctx}),

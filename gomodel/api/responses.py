@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import errors, jsonutil
+from gomodel.anthropic.translate import count_tokens_answer
 from gomodel.api.background import UNFINISHED, BackgroundWatch
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
 from gomodel.auth.tenancy import tenant_of, visible
@@ -168,6 +169,33 @@ class ResponsesRoute:
         call = UpstreamCall("/chat/completions", chat, model=body["model"], prefer=prefer, affinity=affinity,
                             transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now), False))
         return await self._exchange.relay(request, ctx, provider, call)
+
+    async def input_tokens(self, request, ctx, body):
+        """OpenAI's C{POST /v1/responses/input_tokens}: the input tokens of a create request C{body}, as the
+        tokenizer of the first of the model's targets that has one the gateway can ask (vLLM's C{/tokenize},
+        given the chat messages and tools the request becomes, a follow-up's stored conversation included);
+        see L{Exchange.relay} for what this returns.
+
+        @raise gomodel.errors.NotSupported: no provider of the model has such a tokenizer (it is never guessed).
+        """
+        previous = await self._previous(body, ctx.principal)
+        planned = plan_model(self._registry, body, principal=ctx.principal)
+        routes = [route for route in planned if route.provider.type == "vllm"]
+        first = routes[0] if routes else planned[0]
+        ctx.route(first.provider, body["model"], first.upstream_model)
+        if not routes:
+            raise errors.NotSupported(
+                f"input_tokens is not available for '{body['model']}': its provider '{first.provider.name}' "
+                f"({first.provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
+        if previous is not None:
+            body = await self._with_history(body, previous)
+        chat = request_to_chat(body)
+        tokenize = {"model": first.upstream_model, "messages": chat["messages"], "add_generation_prompt": True}
+        if chat.get("tools"):
+            tokenize["tools"] = chat["tools"]
+        call = UpstreamCall("tokenize", jsonutil.dumps(tokenize), native=True, model=first.upstream_model,
+                            transform=_input_tokens)
+        return await self._exchange.relay(request, ctx, first.provider, call)
 
     async def _with_history(self, body, previous):
         """C{body} with the stored conversation up to C{previous} as explicit input, and no previous_response_id."""
@@ -480,6 +508,15 @@ class ResponsesRoute:
             return error_shown(jsonutil.loads(fetched.body), provider)
         except (errors.GatewayError, jsonutil.JSONError):
             return None
+
+
+def _input_tokens(answer: bytes) -> bytes:
+    """OpenAI's C{input_tokens} answer for vLLM's C{/tokenize} C{answer}.
+
+    @raise ValueError: it has no token count.
+    """
+    count = count_tokens_answer(jsonutil.loads(answer))["input_tokens"]
+    return jsonutil.dumps({"object": "response.input_tokens", "input_tokens": count})
 
 
 def _branch(d: Deferred) -> Deferred:
