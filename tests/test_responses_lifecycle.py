@@ -434,6 +434,18 @@ async def test_each_refused_translated_request_names_its_param_and_a_code(reacto
     ])
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_translated_request_naming_a_conversation_or_a_stored_prompt_is_a_400_not_answered_without_them(
+        reactor, http):
+    # (before: both were dropped: the model answered without the conversation's items or the prompt's
+    # instructions, and the client could not tell)
+    await refused_when_translated(reactor, http, [
+        ({"input": "hi", "conversation": "conv_1"}, "conversation", "unsupported_value"),
+        ({"input": "hi", "conversation": {"id": "conv_1"}}, "conversation", "unsupported_value"),
+        ({"input": "hi", "prompt": {"id": "pmpt_1", "variables": {"city": "Paris"}}}, "prompt", "unsupported_value"),
+    ])
+
+
 def test_a_stored_message_whose_text_is_no_string_is_replayed_as_it_was_stored():
     odd = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": 5}]}
     assert as_input(odd) == {"role": "user", "content": [{"type": "input_text", "text": 5}]}

@@ -20,6 +20,11 @@ _RESPONSES_ONLY = {"input", "instructions", "max_output_tokens", "tools", "tool_
                    "prompt_cache_key", "safety_identifier", "service_tier", "stream_options", "conversation",
                    "metadata", "max_tool_calls", "top_logprobs"}
 
+# Request fields naming what a provider with a Responses API keeps for the request to bring in (their
+# field, and what it holds): a chat completion would be answered without it.
+_KEPT_UPSTREAM = (("conversation", "the conversation's items (chain turns with previous_response_id)"),
+                  ("prompt", "the stored prompt's instructions"))
+
 
 # -- request --------------------------------------------------------------------
 
@@ -28,6 +33,10 @@ def request_to_chat(body: dict) -> dict:
     """The chat-completions body for a Responses request C{body} (model already rewritten)."""
     if body.get("previous_response_id"):  # (not stored by the gateway; this provider has no Responses API to know it)
         raise unknown_previous(body["previous_response_id"])
+    for field, kept in _KEPT_UPSTREAM:  # (what only the upstream keeping it could bring in: never dropped unsaid)
+        if body.get(field) is not None:
+            raise InvalidRequest(f"{field} is not supported by this provider: it has no Responses API to "
+                                 f"hold {kept}.", param=field, code="unsupported_value")
     chat = {k: v for k, v in body.items() if k not in _RESPONSES_ONLY}
     messages = []
     instructions = body.get("instructions")
