@@ -59,15 +59,17 @@ def normalise_input(value) -> list:
 _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
+# A stored message's text content parts, and the field holding each one's text.
+_TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
+
+
 def as_input(item) -> dict | None:
     """One stored input or output item in the form any Responses upstream accepts as input."""
     kind = item.get("type", "message")
     if kind == "message":
         content = item.get("content")
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("input_text", "output_text",
-                                                                                       "text")
-                                             and isinstance(p.get("text", ""), str) for p in content):
-            content = "".join(p.get("text", "") for p in content)
+        if isinstance(content, list):
+            content = _text_of(content)
         return {"role": item.get("role", "user"), "content": content}
     if kind == "function_call":
         return {"type": "function_call", "call_id": item.get("call_id"), "name": item.get("name"),
@@ -75,6 +77,20 @@ def as_input(item) -> dict | None:
     if kind == "function_call_output":
         return {"type": "function_call_output", "call_id": item.get("call_id"), "output": item.get("output")}
     return None  # reasoning and the like are not replayed
+
+
+def _text_of(parts: list):
+    """Content C{parts} as one text where each is a text part (an answer's refusal too: no Responses API takes
+    one in an input message), else C{parts} as they are."""
+    texts = []
+    for part in parts:
+        field = _TEXT_PARTS.get(part.get("type")) if isinstance(part, dict) and isinstance(part.get("type"), str) \
+            else None
+        text = part.get(field, "") if field is not None else None
+        if not isinstance(text, str):
+            return parts
+        texts.append(text)
+    return "".join(texts)
 
 
 def unknown_response(response_id) -> NotFound:

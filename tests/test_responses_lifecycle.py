@@ -455,6 +455,35 @@ def test_a_stored_message_whose_text_is_no_string_is_replayed_as_it_was_stored()
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stored_refusal_is_replayed_to_a_native_provider_as_the_assistants_text(reactor):
+    native = await start_fake(reactor)
+    chat = await start_fake(reactor, responses=False, models=("other",))  # (a follow-up of MODEL goes to native)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": native.base_url, "VLLM_T_BASE_URL": chat.base_url})
+    client = openai_client(gw)
+
+    def refused():
+        with client.responses.stream(model="vllm-t/other", input="tell me",
+                                     extra_body={"fake_deltas": [{"content": "Well: "}, {"refusal": "I can't"}]}) as s:
+            return s.get_final_response()
+
+    try:
+        first = await in_thread(refused)
+        assert [part.type for part in first.output[0].content] == ["output_text", "refusal"]
+        await in_thread(client.responses.create, model=MODEL, input="why?", previous_response_id=first.id)
+        # (before: the stored parts as they were, which no Responses API takes as an assistant's input
+        # message: vLLM refused every follow-up of the conversation)
+        sent = [r for r in native.requests if r.path == b"/v1/responses"][-1]
+        assert sent.body["input"] == [{"role": "user", "content": "tell me"},
+                                      {"role": "assistant", "content": "Well: I can't"},
+                                      {"role": "user", "content": "why?"}]
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await native.stop()
+        await chat.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_background_responses_are_refreshed_and_cancelled_at_their_instance(client, fake):
     created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
     assert created.status == "queued"
