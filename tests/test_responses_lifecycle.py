@@ -446,6 +446,18 @@ async def test_a_translated_request_naming_a_conversation_or_a_stored_prompt_is_
     ])
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_translated_image_without_a_url_is_a_400_naming_input_not_the_upstreams_odd_error(reactor, http):
+    # (before: {"image_url": {"url": null}} went to the chat upstream, whose answer named neither the item
+    # nor what was missing)
+    image = {"type": "input_image", "file_id": "file-1", "detail": "auto"}
+    await refused_when_translated(reactor, http, [
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "see"}, image]}]}, "input",
+         "unsupported_value"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": 5}]}]}, "input", "invalid_type"),
+    ])
+
+
 def test_a_stored_message_whose_text_is_no_string_is_replayed_as_it_was_stored():
     odd = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": 5}]}
     assert as_input(odd) == {"role": "user", "content": [{"type": "input_text", "text": 5}]}

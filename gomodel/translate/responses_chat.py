@@ -138,6 +138,13 @@ def _content(content, index, param="input"):
             parts.append({"type": "text", "text": text})
         elif kind == "input_image":
             url = part.get("image_url") or part.get("url")
+            if url is None:  # (a file_id: only the provider holding the file could read it)
+                raise InvalidRequest(f"invalid input item at index {index}: an input_image needs an image_url "
+                                     "here (file_id is not supported by this provider).", param=param,
+                                     code="unsupported_value")
+            if not isinstance(url, str):
+                raise InvalidRequest(f"invalid input item at index {index}: the image_url of an input_image must "
+                                     "be a string.", param=param, code="invalid_type")
             image = {"url": url}
             if part.get("detail"):
                 image["detail"] = part["detail"]
