@@ -834,3 +834,16 @@ async def test_input_tokens_are_counted_by_vllms_tokenizer_with_a_follow_ups_sto
         client.close()
         await gw.service.stopService()
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_ids_error_quotes_at_most_its_opening(http, gateway):
+    created = jsonutil.loads(await treq.content(await http.post(gateway.url + "/v1/responses", data=json.dumps(
+        {"model": MODEL, "input": "hi"}).encode())))
+    long = "r" * 8000
+    for path in (f"/v1/responses/resp_{long}", f"/v1/responses/resp_{long}/input_items",
+                 f"/v1/responses/{created['id']}/input_items?after=msg_{long}"):
+        response = await http.get(gateway.url + path)
+        error = jsonutil.loads(await treq.content(response))["error"]
+        # (before: the whole id, as the client sent it, in the message: 8 kB an error log kept too)
+        assert response.code in (400, 404) and len(error["message"]) < 400, path[:60]
