@@ -202,6 +202,28 @@ async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_cohere_embed_usage_is_read_from_its_billed_units(reactor, http, fake, tmp_path):
+    # vLLM's /v2/embed (the Cohere SDK's) answers with no "usage": its tokens are in meta.billed_units. Before,
+    # its requests were recorded with no tokens: free of token budgets and rate limits, uncounted in the ledger.
+    fake.models.append("BAAI/bge")
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        response, content = await post_json(http, gw.url + "/v2/embed", {"model": "vllm/BAAI/bge", "texts": ["a"],
+                                                                         "embedding_types": ["float"]})
+        assert response.code == 200, content
+        assert jsonutil.loads(content)["meta"]["billed_units"]["input_tokens"] == 7
+        response, content = await post_json(http, gw.url + "/p/vllm/v2/embed", {"model": "BAAI/bge", "texts": ["a"]})
+        assert response.code == 200, content
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [(r["endpoint"], r["model"], r["input_tokens"], r["output_tokens"], r["total_tokens"])
+                for r in records] == [("/p/{provider}/{endpoint}", "vllm/BAAI/bge", 7, 0, 7),
+                                      ("/v2/embed", "vllm/BAAI/bge", 7, 0, 7)]
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_native_responses_plain_and_streamed(gateway, fake):
     client = openai_client(gateway)
     fake.stored_responses["resp_prev"] = {"id": "resp_prev"}  # vLLM knows it; the gateway does not

@@ -816,6 +816,7 @@ def _note_usage(ctx, observer, body):
 # The error of a stream whose upstream reported an error in it (an error event the client got) and ended it.
 IN_STREAM_ERROR = "upstream_stream_error"
 _USAGE = b'"usage":'
+_BILLED_UNITS = b'"billed_units":'
 TAP_TAIL = 64 * 1024
 # The longest event a passthrough stream's tap holds until its end (L{UsageTap}), as the /v1 streams' framer does
 # (L{MAX_EVENT_BYTES}): a longer one breaks the stream off, its client never handed part of an event.
@@ -1006,7 +1007,8 @@ def metadata_usage(response):
 
 
 def usage_of(body: bytes):
-    """The top-level C{usage} object of a JSON answer, or None; the bytes are not changed.
+    """The top-level C{usage} object of a JSON answer, or None; the bytes are not changed. An answer without
+    one, Cohere's embed (vLLM's C{/v2/embed}), has it as C{meta.billed_units} (C{input_tokens}).
 
     Only the object itself is parsed, not the whole answer (an embeddings
     answer is mostly numbers): a quote inside a JSON string is escaped, so
@@ -1014,8 +1016,13 @@ def usage_of(body: bytes):
     """
     at = body.rfind(_USAGE)
     if at < 0:
-        return None
-    start = at + len(_USAGE)
+        at = body.rfind(_BILLED_UNITS)  # (only an answer without usage looks: one more scan, in C)
+        return None if at < 0 else _object_at(body, at + len(_BILLED_UNITS))
+    return _object_at(body, at + len(_USAGE))
+
+
+def _object_at(body: bytes, start: int):
+    """The JSON object at C{body[start:]} (after blanks), or None where there is none (null, not an object)."""
     while body[start:start + 1] in (b" ", b"\n", b"\r", b"\t"):
         start += 1
     if body[start:start + 1] != b"{":

@@ -349,7 +349,7 @@ class FakeVLLM(Resource):
     _POST_ROUTES = {
         b"/v1/completions": "_completions", b"/v1/embeddings": "_embeddings", b"/v1/rerank": "_rerank",
         b"/rerank": "_rerank", b"/v2/rerank": "_rerank", b"/v1/score": "_score", b"/score": "_score",
-        b"/classify": "_classify", b"/pooling": "_pooling", b"/v2/embed": "_pooling",
+        b"/classify": "_classify", b"/pooling": "_pooling", b"/v2/embed": "_cohere_embed",
         b"/v1/responses": "_responses", b"/tokenize": "_tokenize", b"/detokenize": "_detokenize",
         b"/v1/chat/completions/batch": "_chat_batch", b"/generative_scoring": "_generative_scoring",
         b"/v1/systemone": "_structured_decision",
@@ -440,11 +440,20 @@ class FakeVLLM(Resource):
             "diagnostics": {q: {"label_mass": 0.9, "argmax_is_label": True} for q in questions}})
 
     def _pooling(self, request, record, body):
-        """vLLM's /pooling (and, here alike, Cohere's /v2/embed): a vector per input."""
+        """vLLM's /pooling: a vector per input."""
         return self._json(request, 200, {"id": "pool-fake", "object": "list", "created": 1700000000,
                                          "model": body["model"], "data": [{"index": 0, "object": "pooling",
                                                                             "data": [0.04]}],
                                          "usage": {"prompt_tokens": 4, "total_tokens": 4}})
+
+    def _cohere_embed(self, request, record, body):
+        """vLLM's Cohere /v2/embed: a vector per text, no C{usage}: its tokens in C{meta.billed_units}."""
+        texts = body.get("texts") or []
+        return self._json(request, 200, {"id": "embd-fake", "embeddings": {"float": [[0.04, -0.5]] * len(texts)},
+                                         "texts": texts, "meta": {"api_version": {"version": "2"},
+                                                                  "billed_units": {"input_tokens": 7,
+                                                                                   "image_tokens": None}},
+                                         "response_type": "embeddings_by_type"})
 
     def _tokenize(self, request, record, body):
         count = 3 if "messages" not in body else _count_tokens(None, body["messages"], body.get("tools"))
