@@ -1,4 +1,4 @@
-"""The inference routes: chat, completions, embeddings, Responses, rerank, score, classify.
+"""The inference routes: chat, completions, embeddings, Responses, rerank, score, classify, audio.
 
 These are the gateway's hot path, so the front resource dispatches them by
 exact path without Klein (whose per-request routing cost about a third of
@@ -13,6 +13,7 @@ from gomodel import jsonutil
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
+from gomodel.api.uploads import Form
 from gomodel.proxy.exchange import UpstreamCall
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
@@ -49,6 +50,8 @@ class InferenceRoutes:
             b"/v1/rerank": self.rerank,
             b"/v1/score": self.score,
             b"/v1/classify": self.classify,
+            b"/v1/audio/transcriptions": self.transcriptions,
+            b"/v1/audio/translations": self.translations,
             # vLLM's own pooling paths at its root (the Cohere SDK's /v2/rerank and /v2/embed among them), routed
             # by model as their /v1 forms are
             **{b"/" + path.encode(): partial(self._model_routed, path=path, native=True) for path in ROOT_POOLING},
@@ -122,6 +125,34 @@ class InferenceRoutes:
                             fallbacks=fallbacks, rebody=again)
         return await self._exchange.relay(request, ctx, upstream, call)
 
+    async def transcriptions(self, request, ctx):
+        return await self._audio(request, ctx, "/audio/transcriptions")
+
+    async def translations(self, request, ctx):
+        return await self._audio(request, ctx, "/audio/translations")
+
+    async def _audio(self, request, ctx, path):
+        """An audio request, a multipart form (its C{file}, its C{model}, ...), routed by its C{model} field, the
+        form sent on as it came but for that field (the upstream's id); its answer relayed as the upstream sent it:
+        JSON, or text (C{response_format} C{text}, C{srt}, C{vtt}) with its own C{Content-Type}. With C{stream=true}
+        an event stream, whose usage chunk is asked for upstream (C{stream_include_usage}) and kept from the client
+        unless it asked for it. (vLLM's audio requests take no C{cache_salt} nor C{priority}.)"""
+        request.content.seek(0)
+        form = Form(request.getHeader(b"content-type"), request.content.read())
+        body = {"model": form.field("model")}
+        ctx.asked_stream = stream = _form_true(form.field("stream"))
+        upstream, fallbacks = self.route(ctx, body)
+        fields, observer = {}, None
+        if stream:
+            strip_usage = not _form_true(form.field("stream_include_usage"))
+            if strip_usage:  # (as on chat: we always want the usage; the client gets it only if it asked)
+                fields = {"stream_include_usage": "true", "stream_continuous_usage_stats": "false"}
+            observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx))
+        again = partial(_reformed, form, fields) if fallbacks else None
+        call = UpstreamCall(path, form.body(dict(fields, model=body["model"])), content_type=form.content_type,
+                            observer=observer, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again)
+        return await self._exchange.relay(request, ctx, upstream, call)
+
     async def responses(self, request, ctx):
         return await self._responses.create(request, ctx, json_body(request))
 
@@ -160,6 +191,16 @@ class InferenceRoutes:
         priority = header_priority(request)
         if priority is not None:
             body["priority"] = priority
+
+
+def _reformed(form, fields, model, provider=None) -> bytes:
+    """L{UpstreamCall}'s C{rebody} of an audio request's C{form} (a L{Form}): it, with C{fields} and C{model} set."""
+    return form.body(dict(fields, model=model))
+
+
+def _form_true(value) -> bool:
+    """Whether a form field's text is true as vLLM reads a boolean field (C{true}, C{1}, C{yes}, C{on})."""
+    return value is not None and value.strip().lower() in ("true", "1", "yes", "on")
 
 
 def header_priority(request):

@@ -280,3 +280,74 @@ class UploadSink:
         if writer is not None:
             self._discarding = writer.abort()
         return self._discarding
+
+
+class Form:
+    """A C{multipart/form-data} body read whole (an audio request's, within the body limit): its parts in order,
+    a field's text by name, and the same form again with some fields set (L{body})."""
+
+    def __init__(self, content_type, body: bytes):
+        """
+        @raise InvalidRequest: the body is no multipart form (or a malformed one).
+        """
+        if isinstance(content_type, bytes):
+            content_type = content_type.decode("latin-1")
+        kind, options = parse_options_header(content_type or "")
+        self._boundary = options.get("boundary")
+        if kind != "multipart/form-data" or not self._boundary:
+            raise InvalidRequest("The request must be multipart/form-data (a 'file' and a 'model').",
+                                 code="invalid_content_type")
+        self.parts = []  # [MultipartSegment, bytearray of its contents]
+        try:
+            parser = PushMultipartParser(self._boundary, max_segment_count=MAX_PARTS, header_charset="latin-1")
+            for event in parser.parse(body):
+                if isinstance(event, MultipartSegment):
+                    self.parts.append((event, bytearray()))
+                elif event is not None:
+                    self.parts[-1][1].extend(event)
+            parser.close(check_complete=True)
+        except MultipartError as e:
+            raise InvalidRequest(f"The multipart body cannot be parsed: {e}.", code="invalid_multipart") from None
+
+    def field(self, name: str):
+        """The text of the first non-file part named C{name}, or None without one.
+
+        @raise InvalidRequest: it is not UTF-8.
+        """
+        for segment, data in self.parts:
+            if segment.name == name and segment.filename is None:
+                try:
+                    return data.decode(segment.charset or "utf-8")
+                except (UnicodeDecodeError, LookupError):
+                    raise InvalidRequest(f"The form field '{name}' is not valid UTF-8.", param=name,
+                                         code="invalid_value") from None
+        return None
+
+    @property
+    def content_type(self) -> bytes:
+        """The C{Content-Type} of L{body}'s forms (their boundary the request's)."""
+        return b'multipart/form-data; boundary="' + self._boundary.encode("latin-1") + b'"'
+
+    def body(self, fields: dict) -> bytes:
+        """The form with each of C{fields} (name -> text) in place of the parts of that name (the first's place;
+        added at the end where it had none), every other part as it came."""
+        boundary = b"--" + self._boundary.encode("latin-1")
+        out, done = [], set()
+        for segment, data in self.parts:
+            name = segment.name
+            if name in fields and segment.filename is None:
+                if name in done:
+                    continue
+                done.add(name)
+                out.append(_field_part(name, fields[name]))
+                continue
+            head = b"".join(f"{key}: {value}\r\n".encode("latin-1") for key, value in segment.headerlist)
+            out.append(head + b"\r\n" + bytes(data))
+        out.extend(_field_part(name, value) for name, value in fields.items() if name not in done)
+        return b"".join(boundary + b"\r\n" + part + b"\r\n" for part in out) + boundary + b"--\r\n"
+
+
+def _field_part(name: str, value: str) -> bytes:
+    """A multipart part holding the text field C{name} (its head and contents, without the boundary)."""
+    quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'Content-Disposition: form-data; name="{quoted}"\r\n\r\n'.encode() + value.encode()

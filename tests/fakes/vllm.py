@@ -95,6 +95,7 @@ class Recorded:
             self.body = jsonutil.loads(body) if body else None
         except jsonutil.JSONError:
             self.body = None
+        self.form = None  # a multipart form's fields (an audio request's)
         self.closed = Deferred()  # fires with (how, time): "finished" or "lost"
         self.pauses = 0
         self.bytes_written = 0
@@ -318,6 +319,8 @@ class FakeVLLM(Resource):
             return self._messages(request, record, path.endswith(b"count_tokens"))
         if path.startswith(b"/v1/responses/") and self.native_responses:
             return self._response_lifecycle(request, path[len(b"/v1/responses/"):].decode())
+        if request.method == b"POST" and path in (b"/v1/audio/transcriptions", b"/v1/audio/translations"):
+            return self._audio(request, record)
         if request.method == b"POST" and path in self._POST_ROUTES:
             body = record.body if isinstance(record.body, dict) else {}
             if "fake_status" in body:
@@ -454,6 +457,37 @@ class FakeVLLM(Resource):
                                                                   "billed_units": {"input_tokens": 7,
                                                                                    "image_tokens": None}},
                                          "response_type": "embeddings_by_type"})
+
+    def _audio(self, request, record):
+        """vLLM's /v1/audio/transcriptions and /translations (an ASR model's): a multipart form (its fields, as
+        C{record.form}, name -> the first value: bytes of the file, text of the others); the text in the form's
+        C{response_format} (json, verbose_json; text, srt, vtt as text/plain), or with C{stream=true} an event
+        stream of C{transcription.chunk}s (the usage chunk with C{stream_include_usage}) ending with [DONE]."""
+        record.form = form = _form_fields(request.getHeader(b"content-type"), record.raw_body)
+        model = form.get("model")
+        if model not in self.models:
+            return self._json(request, 404, {"error": {"message": f"The model `{model}` does not exist.",
+                                                       "type": "NotFoundError", "param": "model", "code": 404}})
+        text, kind = "hé there", form.get("response_format") or "json"
+        usage = {"prompt_tokens": 9, "total_tokens": 12, "completion_tokens": 3}
+        if form.get("stream") == "true":
+            request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+            chunk = {"id": "trsc-fake", "object": "transcription.chunk", "created": 1700000000, "model": model}
+            events = [dict(chunk, choices=[{"delta": {"content": word}, "finish_reason": None, "stop_reason": None}])
+                      for word in ("hé", " there")]
+            if form.get("stream_include_usage") == "true":
+                events.append(dict(chunk, choices=[], usage=usage))
+            return b"".join(b"data: " + jsonutil.dumps(event) + b"\n\n" for event in events) + b"data: [DONE]\n\n"
+        if kind in ("text", "srt", "vtt"):
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            shown = {"text": text, "srt": f"1\n00:00:00,000 --> 00:00:01,000\n{text}\n",
+                     "vtt": f"WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n{text}\n"}[kind]
+            return shown.encode()
+        answer = {"text": text, "usage": {"type": "duration", "seconds": 1}}
+        if kind == "verbose_json":
+            answer.update(task="transcribe", language="en", duration=1.0,
+                          segments=[{"id": 0, "start": 0.0, "end": 1.0, "text": text}])
+        return self._json(request, 200, answer)
 
     def _tokenize(self, request, record, body):
         count = 3 if "messages" not in body else _count_tokens(None, body["messages"], body.get("tools"))
@@ -748,6 +782,23 @@ def _takes_gzip(request) -> bool:
         if name in (b"gzip", b"*"):
             return not weight.startswith(b"q=") or float(weight[2:]) > 0
     return False
+
+
+def _form_fields(content_type, body) -> dict:
+    """A multipart form's fields, name -> the first value (bytes of a part with a file name, else text)."""
+    from multipart import MultipartSegment, PushMultipartParser, parse_options_header
+
+    _, options = parse_options_header((content_type or b"").decode("latin-1"))
+    parser, fields, segment, data = PushMultipartParser(options["boundary"]), {}, None, bytearray()
+    for event in parser.parse(body):
+        if isinstance(event, MultipartSegment):
+            segment, data = event, bytearray()
+        elif event is None:
+            fields.setdefault(segment.name, bytes(data) if segment.filename is not None else data.decode())
+        else:
+            data += event
+    parser.close()
+    return fields
 
 
 def _halves(text):

@@ -1,0 +1,142 @@
+"""POST /v1/audio/transcriptions and /v1/audio/translations: multipart forms routed by their model field."""
+
+import json
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+
+from gomodel import jsonutil
+from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
+
+ASR = "openai/whisper-large-v3"
+MODEL = "vllm/" + ASR
+MASTER = "sk-master-audio"
+AUDIO = b"RIFF\x00\x01\x02\xff\r\n--not-a-boundary\r\n" + bytes(range(256))  # (binary, CRLF and all)
+
+
+def form(fields, file=AUDIO, boundary="b0und"):
+    """A multipart body of C{fields} (name -> text, or a list of texts) and a C{file} part, and its type."""
+    parts = []
+    for name, values in fields.items():
+        for value in values if isinstance(values, list) else [values]:
+            parts.append(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
+    if file is not None:
+        parts.append(b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav'
+                     b"\r\n\r\n" + file)
+    body = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
+    return body + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
+
+
+async def post_form(http, gw, fields, path="/v1/audio/transcriptions", key=MASTER, **options):
+    body, kind = form(fields, **options)
+    response = await http.post(gw.url + path, data=body,
+                               headers={"content-type": kind, "authorization": f"Bearer {key}"})
+    return response, await treq.content(response)
+
+
+@pytest_twisted.async_yield_fixture()
+async def audio(reactor, tmp_path):
+    """C{(gateway, fake)}: a gateway (master key L{MASTER}) in front of a fake vLLM serving an ASR model."""
+    fake = await start_fake(reactor, models=(ASR,))
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    yield gw, fake
+    await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_openai_sdk_transcribes_and_translates_through_the_gateway(audio):
+    # Before: 404 "Unknown route" (the passthrough the only way, with no model routing, keys' rules or usage).
+    gw, fake = audio
+    client = openai_client(gw, MASTER)
+    try:
+        answer = await in_thread(client.audio.transcriptions.create, model=MODEL, file=("a.wav", AUDIO),
+                                 language="en", prompt="say hé", temperature=0.2,
+                                 timestamp_granularities=["word", "segment"], response_format="verbose_json")
+        assert answer.text == "hé there" and answer.segments[0].end == 1.0
+        seen = fake.requests[-1]
+        assert seen.path == b"/v1/audio/transcriptions"
+        assert seen.form["model"] == ASR and seen.form["file"] == AUDIO  # the file byte for byte
+        assert (seen.form["language"], seen.form["prompt"], seen.form["temperature"]) == ("en", "say hé", "0.2")
+        assert seen.raw_body.count(b'name="timestamp_granularities[]"') == 2
+        assert b"stream_include_usage" not in seen.raw_body
+        for kind, shown in (("text", "hé there"), ("srt", "1\n00:00:00,000 --> 00:00:01,000\nhé there\n"),
+                            ("vtt", "WEBVTT\n\n00:00:00.000 --> 00:00:01.000\nhé there\n")):
+            text = await in_thread(client.audio.transcriptions.create, model=MODEL, file=("a.wav", AUDIO),
+                                   response_format=kind)
+            assert text == shown, kind
+        translated = await in_thread(client.audio.translations.create, model=MODEL, file=("a.wav", AUDIO))
+        assert translated.text == "hé there" and fake.requests[-1].path == b"/v1/audio/translations"
+    finally:
+        client.close()
+    await gw.service.usage.flush()
+    records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+    assert [(r["endpoint"], r["model"], r["status_code"]) for r in records][:2] == [
+        ("/v1/audio/translations", MODEL, 200), ("/v1/audio/transcriptions", MODEL, 200)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_answers_keep_their_content_type(http, audio):
+    gw, _ = audio
+    response, content = await post_form(http, gw, {"model": MODEL, "response_format": "srt"})
+    assert response.code == 200, content
+    assert response.headers.getRawHeaders("content-type") == ["text/plain; charset=utf-8"]
+    assert content.decode() == "1\n00:00:00,000 --> 00:00:01,000\nhé there\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_is_relayed_its_usage_recorded_and_kept_from_a_client_that_asked_none(http, audio):
+    gw, fake = audio
+    response, content = await post_form(http, gw, {"model": MODEL, "stream": "true"})
+    assert response.code == 200, content
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream; charset=utf-8"]
+    events = [line[6:] for line in content.decode().split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "hé there"
+    assert all("usage" not in c for c in chunks)  # (asked for upstream on the client's behalf, taken out)
+    assert fake.requests[-1].form["stream_include_usage"] == "true"
+    response, content = await post_form(http, gw, {"model": MODEL, "stream": "true", "stream_include_usage": "true"})
+    assert json.loads(content.decode().split("\n\n")[-3][6:])["usage"]["completion_tokens"] == 3
+    await gw.service.usage.flush()
+    records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+    assert [(r["stream"], r["input_tokens"], r["output_tokens"], r["estimated"]) for r in records] == [
+        (True, 9, 3, False)] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_forms_without_a_model_or_of_another_type_or_an_unknown_model_get_openai_errors(http, audio):
+    gw, fake = audio
+    sent = len(fake.requests)
+    response, content = await post_form(http, gw, {"language": "en"})
+    assert response.code == 400 and jsonutil.loads(content)["error"]["code"] == "missing_required_parameter"
+    response, content = await post_form(http, gw, {"model": "vllm/nope"})
+    assert response.code == 404 and jsonutil.loads(content)["error"]["code"] == "model_not_found"
+    response = await http.post(gw.url + "/v1/audio/transcriptions", data=json.dumps({"model": MODEL}).encode(),
+                               headers={"content-type": "application/json", "authorization": f"Bearer {MASTER}"})
+    assert response.code == 400
+    assert jsonutil.loads(await treq.content(response))["error"]["code"] == "invalid_content_type"
+    body, kind = form({"model": MODEL})
+    response = await http.post(gw.url + "/v1/audio/transcriptions", data=body[:-10],  # (cut before its end)
+                               headers={"content-type": kind, "authorization": f"Bearer {MASTER}"})
+    assert response.code == 400
+    assert jsonutil.loads(await treq.content(response))["error"]["code"] == "invalid_multipart"
+    assert len(fake.requests) == sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_key_transcribes_only_with_models_it_may_use(http, audio):
+    gw, fake = audio
+    made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps(
+        {"name": "team", "models": ["vllm/some-other-model"]}).encode(), headers={"authorization": f"Bearer {MASTER}"})
+    key = jsonutil.loads(await treq.content(made))["value"]
+    client = openai_client(gw, key)
+    try:
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await in_thread(client.audio.transcriptions.create, model=MODEL, file=("a.wav", AUDIO))
+        assert denied.value.code == "model_access_denied"
+    finally:
+        client.close()
+    assert all(r.path != b"/v1/audio/transcriptions" for r in fake.requests)
