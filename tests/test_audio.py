@@ -140,3 +140,17 @@ async def test_a_managed_key_transcribes_only_with_models_it_may_use(http, audio
     finally:
         client.close()
     assert all(r.path != b"/v1/audio/transcriptions" for r in fake.requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_limit_is_charged_for_the_forms_text_not_for_the_audio_file(http, audio):
+    # The limits estimated a request's tokens as its body's bytes / 4: a key with a tokens-per-minute limit was
+    # refused any recording above 4 bytes a token ("Request too large", 429), a 30 s WAV (1 MB) past 250,000.
+    gw, fake = audio
+    made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "team", "tpm": 1000}).encode(),
+                           headers={"authorization": f"Bearer {MASTER}"})
+    key = jsonutil.loads(await treq.content(made))["value"]
+    response, content = await post_form(http, gw, {"model": MODEL, "prompt": "names: Zoë"}, key=key,
+                                        file=AUDIO * 400)  # (about 100 KB)
+    assert response.code == 200, content
+    assert fake.requests[-1].form["file"] == AUDIO * 400

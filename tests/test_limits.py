@@ -830,7 +830,7 @@ class _Call:
     model = "m"
 
     def __init__(self, max_tokens):
-        self.body = b'{"model":"vllm/m","messages":[],"max_tokens":%d}' % max_tokens  # 11 + max_tokens (< 10)
+        self.body = self.counted = b'{"model":"vllm/m","messages":[],"max_tokens":%d}' % max_tokens  # 11 + max_tokens (< 10)
 
 
 class _Upstream:

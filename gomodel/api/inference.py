@@ -136,7 +136,8 @@ class InferenceRoutes:
         form sent on as it came but for that field (the upstream's id); its answer relayed as the upstream sent it:
         JSON, or text (C{response_format} C{text}, C{srt}, C{vtt}) with its own C{Content-Type}. With C{stream=true}
         an event stream, whose usage chunk is asked for upstream (C{stream_include_usage}) and kept from the client
-        unless it asked for it. (vLLM's audio requests take no C{cache_salt} nor C{priority}.)"""
+        unless it asked for it. Its tokens, where no usage says them (the limits' reservation), are estimated from
+        its C{prompt}, not the file. (vLLM's audio requests take no C{cache_salt} nor C{priority}.)"""
         request.content.seek(0)
         form = Form(request.getHeader(b"content-type"), request.content.read())
         body = {"model": form.field("model")}
@@ -149,8 +150,11 @@ class InferenceRoutes:
                 fields = {"stream_include_usage": "true", "stream_continuous_usage_stats": "false"}
             observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx))
         again = partial(_reformed, form, fields) if fallbacks else None
+        # (its tokens estimated from its text prompt: the audio is no text, bytes / 4 of it nothing like its tokens)
+        counted = jsonutil.dumps({"prompt": form.field("prompt") or ""})
         call = UpstreamCall(path, form.body(dict(fields, model=body["model"])), content_type=form.content_type,
-                            observer=observer, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again)
+                            observer=observer, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again,
+                            counted=counted)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def responses(self, request, ctx):

@@ -211,7 +211,7 @@ class Gate(Periodic):
         if not self._limiter.immediate:
             ctx.budgets = budgets
             return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
-        body = call.body
+        body = call.counted
         tokens = len(body) // 4 + (requested_tokens(body) or 0) if body else 0  # (L{estimate})
         now = self._limiter.clock.seconds()
         lane = self._lanes.get(id(scopes))
@@ -252,7 +252,7 @@ class Gate(Periodic):
         if budgets:
             await self._book.check(budgets)
         if scopes:
-            _admitted(await self._limiter.admit(scopes, estimate(call.body), headers_for=own), request, ctx)
+            _admitted(await self._limiter.admit(scopes, estimate(call.counted), headers_for=own), request, ctx)
 
     def _with_targets(self, limits, targets):
         """A key's C{limits} and a target's C{limits} in one list, the same list on every request."""

@@ -94,17 +94,22 @@ class UpstreamCall:
         every replica of the first failed before the first byte.
     @ivar rebody: C{(upstream model, provider)} -> the body for that model at that
         provider (with C{fallbacks}).
+    @ivar counted: what the request's tokens are estimated from where no usage says them (the limits' reservation,
+        a prompt the upstream read before the client left): its C{body}, or a JSON stand-in for one that is no
+        text (an audio form's fields without its file).
     """
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
-                 "transform", "raw", "ends", "vet", "model", "affinity", "prefer", "pin", "fallbacks", "rebody")
+                 "transform", "raw", "ends", "vet", "model", "affinity", "prefer", "pin", "fallbacks", "rebody",
+                 "counted")
 
     def __init__(self, path, body=None, *, method=b"POST", native=False, query=b"", headers=None,
                  content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
-                 model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None):
+                 model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None, counted=None):
         self.method = method
         self.path = path
         self.body = body
+        self.counted = body if counted is None else counted
         self.native = native
         self.query = query
         self.headers = headers
@@ -205,7 +210,7 @@ class Exchange:
                     reached = getattr(e, "reached", None)
                     _reached(ctx, reached)
                     if reached is not None:  # (the client left, or no answer came: the upstream read the prompt)
-                        _left_early(ctx, call.body)
+                        _left_early(ctx, call.counted)
                     raise
                 took = None  # seconds the answer took, once it succeeded (the replica's pace)
                 try:
@@ -230,14 +235,14 @@ class Exchange:
                         first = first + 1
                         tried.clear()
                     elif again is None:
-                        _left_early(ctx, call.body)
+                        _left_early(ctx, call.counted)
                         raise e.error from None
                     continue
                 except BaseException as e:
                     if trace is not None:
                         trace.failed(_error_type(e))
                     if isinstance(e, (CancelledError, UpstreamTimeout, UpstreamUnreachable)):
-                        _left_early(ctx, call.body)
+                        _left_early(ctx, call.counted)
                     raise
                 finally:
                     upstream.release(replica, took)
@@ -264,7 +269,7 @@ class Exchange:
             if events:
                 ctx.stream = True
             ends = call.ends if events and response.code == 200 and request.method != b"HEAD" else None
-            return await self._relay_raw(request, ctx, upstream, response, events, call.body, ends)
+            return await self._relay_raw(request, ctx, upstream, response, events, call.counted, ends)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -277,7 +282,7 @@ class Exchange:
                 if gather is not None:
                     return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
-            return await self._relay_stream(request, ctx, upstream, response, call.observer, call.body)
+            return await self._relay_stream(request, ctx, upstream, response, call.observer, call.counted)
         # (a proxy's page, a web UI's: no API answers in text but its events; text/json is JSON)
         if media.startswith(b"text/") and not media.endswith(b"json"):
             discard(response)
