@@ -26,6 +26,7 @@ from tests.fakes.fleet import FakeFleet
 from tests.fakes.otlp import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, STATUS_ERROR, STATUS_UNSET, OTLPReceiver
 from tests.fakes.vllm import CHAT_MODEL
 from tests import rawclient
+from tests.test_audio import form
 from tests.support import in_thread, openai_client, start_fake, start_gateway, with_timeout
 
 MODEL = "vllm/" + CHAT_MODEL
@@ -479,6 +480,42 @@ async def test_the_tokens_of_batch_lines_and_background_responses_are_recorded_a
         assert {k: points[kind].attributes[k] for k in ("gen_ai.provider.name", "gomodel.provider",
                                                        "gen_ai.response.model")} == {
             "gen_ai.provider.name": "vllm", "gomodel.provider": "vllm", "gen_ai.response.model": CHAT_MODEL}
+async def test_vllms_root_pooling_paths_and_v1_classify_name_their_operation_on_both_spans_and_the_metrics(otel,
+                                                                                                          http):
+    # The root paths (/rerank, the Cohere SDK's /v2/rerank and /v2/embed, /score, /classify, /pooling) had no
+    # gen_ai.operation.name at all, so none of their GenAI metrics were recorded; /v1/classify's client span lacked it.
+    # (The audio routes' are ours: the conventions have none.)
+    await otel.start(single=True)
+    paths = {"/v1/classify": "classify", "/rerank": "rerank", "/v2/rerank": "rerank", "/score": "score",
+             "/classify": "classify", "/pooling": "pooling", "/v2/embed": "embeddings"}
+    ids = {}
+    for path in paths:
+        response = await http.post(otel.gateway.url + path, headers={"authorization": f"Bearer {MASTER_KEY}"},
+                                   data=json.dumps({"model": MODEL, "input": "x", "query": "q", "documents": ["a"],
+                                                    "texts": ["a"]}).encode())
+        assert response.code == 200, (path, await treq.content(response))
+        ids[path] = response.headers.getRawHeaders("x-request-id")[0]
+        await treq.content(response)
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+        body, kind = form({"model": MODEL})
+        response = await http.post(otel.gateway.url + path, data=body,
+                                   headers={"authorization": f"Bearer {MASTER_KEY}", "content-type": kind})
+        assert response.code == 200, (path, await treq.content(response))
+        ids[path] = response.headers.getRawHeaders("x-request-id")[0]
+        await treq.content(response)
+    paths.update({"/v1/audio/transcriptions": "transcription", "/v1/audio/translations": "translation"})
+    await otel.stop_gateway()
+    for path, operation in paths.items():
+        server = otel.server_span(ids[path])
+        [attempt] = otel.attempts(server)
+        assert (server.attributes.get("gen_ai.operation.name"), attempt.attributes.get("gen_ai.operation.name")) == (
+            operation, operation), path
+    durations = {}
+    for point in otel.receiver.points("gen_ai.client.operation.duration"):
+        durations[point.attributes["gen_ai.operation.name"]] = durations.get(point.attributes["gen_ai.operation.name"],
+                                                                             0) + point.count
+    assert durations == {"classify": 2, "rerank": 2, "score": 1, "pooling": 1, "embeddings": 1, "transcription": 1,
+                         "translation": 1}
 
 
 # -- what is never exported ----------------------------------------------------------------------

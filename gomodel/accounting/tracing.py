@@ -71,6 +71,15 @@ OPERATIONS = {
     "/v1/rerank": "rerank",
     "/v1/score": "score",
     "/v1/classify": "classify",
+    # vLLM's own pooling paths at its root, routed as their /v1 forms (Cohere's /v2/embed is embeddings)
+    "/rerank": "rerank",
+    "/v2/rerank": "rerank",
+    "/score": "score",
+    "/classify": "classify",
+    "/pooling": "pooling",
+    "/v2/embed": "embeddings",
+    "/v1/audio/transcriptions": "transcription",
+    "/v1/audio/translations": "translation",
 }
 # Provider type -> gen_ai.provider.name where the conventions have a well-known value.
 PROVIDER_NAMES = {"xai": "x_ai"}
@@ -332,7 +341,8 @@ class RequestTrace:
         otel = telemetry._otel
         self._number += 1
         method = call.method.decode("ascii", "replace")
-        operation = OPERATIONS.get("/v1" + call.path) if not call.native else None
+        # (a native call's path is at the server root: C{classify}; a passthrough's has no operation)
+        operation = OPERATIONS.get(("/" if call.native else "/v1") + call.path) if not call.raw else None
         address, port = telemetry._host(replica)
         attributes = {
             "http.request.method": method,
