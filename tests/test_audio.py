@@ -154,3 +154,16 @@ async def test_a_token_limit_is_charged_for_the_forms_text_not_for_the_audio_fil
                                         file=AUDIO * 400)  # (about 100 KB)
     assert response.code == 200, content
     assert fake.requests[-1].form["file"] == AUDIO * 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_passthroughs_audio_form_is_not_charged_its_file_either(http, audio):
+    # /p/{provider}/v1/audio/...: the same form, relayed raw; its limits' estimate was the whole body's bytes / 4.
+    gw, fake = audio
+    made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "team", "tpm": 1000}).encode(),
+                           headers={"authorization": f"Bearer {MASTER}"})
+    key = jsonutil.loads(await treq.content(made))["value"]
+    response, content = await post_form(http, gw, {"model": ASR}, key=key, file=AUDIO * 400,
+                                        path="/p/vllm/v1/audio/transcriptions")
+    assert response.code == 200, content
+    assert fake.requests[-1].form["file"] == AUDIO * 400

@@ -14,6 +14,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, ur
 
 from gomodel import errors, jsonutil
 from gomodel._twistedcompat import header_name, plain_headers
+from gomodel.api.uploads import Form
 from gomodel.auth.keys import presented_key
 from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES, visible
 from gomodel.http import render
@@ -156,7 +157,7 @@ class Passthrough:
         call = UpstreamCall(endpoint, body, method=request.method, native=True, query=query,
                             headers=_upstream_headers(request, secret),
                             content_type=None, raw=True, ends=_stream_end(route), model=model,
-                            pin=_pinned_replica(request),
+                            pin=_pinned_replica(request), counted=_counted(request, body),
                             vet=partial(_relocate, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query))
         return await self._exchange.relay(request, ctx, provider, call)
 
@@ -373,6 +374,20 @@ def served_model(body, provider):
     model, models = fields.get("model"), provider.models()
     return (model if model.__class__ is str and models is not None and model in models else None,
             fields.get("stream") is True)
+
+
+def _counted(request, body):
+    """What a raw request's tokens are estimated from where it is not its C{body} (L{UpstreamCall}'s C{counted}):
+    a multipart form's C{prompt} field (an audio request's; its file is no text, as on C{/v1/audio/...}), else
+    None (its body)."""
+    kind = request.getHeader(b"content-type")
+    if body is None or kind is None or not kind.lower().lstrip().startswith(b"multipart/form-data"):
+        return None
+    try:
+        prompt = Form(kind, body).field("prompt")
+    except errors.InvalidRequest:  # (relayed anyway: the upstream answers it)
+        prompt = None
+    return jsonutil.dumps({"prompt": prompt or ""})
 
 
 def _pinned_replica(request):
