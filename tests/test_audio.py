@@ -167,3 +167,15 @@ async def test_the_passthroughs_audio_form_is_not_charged_its_file_either(http, 
                                         path="/p/vllm/v1/audio/transcriptions")
     assert response.code == 200, content
     assert fake.requests[-1].form["file"] == AUDIO * 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_model_that_does_no_speech_recognition_is_a_404_that_says_so(http, audio):
+    # vLLM serves /v1/audio/* only for an ASR model: FastAPI's bare 404 elsewhere; the error said rerank and
+    # embeddings need a pooling model, nothing of audio.
+    gw, fake = audio
+    fake.audio = False
+    response, content = await post_form(http, gw, {"model": MODEL})
+    assert response.code == 404
+    message = jsonutil.loads(content)["error"]["message"]
+    assert "does not serve this endpoint" in message and "speech" in message, message

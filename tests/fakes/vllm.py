@@ -187,6 +187,7 @@ class FakeVLLM(Resource):
         # True: every answer gzip'd unless the request's Accept-Encoding rules gzip out, as RFC 9110 12.5.3
         # lets a server do for a request that has none (any coding is then acceptable)
         self.compress = False
+        self.audio = True  # False: /v1/audio/* are FastAPI's 404, as on a server whose model is no ASR one
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -320,6 +321,8 @@ class FakeVLLM(Resource):
         if path.startswith(b"/v1/responses/") and self.native_responses:
             return self._response_lifecycle(request, path[len(b"/v1/responses/"):].decode())
         if request.method == b"POST" and path in (b"/v1/audio/transcriptions", b"/v1/audio/translations"):
+            if not self.audio:  # (vLLM has its audio routes only where its model does speech recognition)
+                return self._json(request, 404, {"detail": "Not Found"})
             return self._audio(request, record)
         if request.method == b"POST" and path in self._POST_ROUTES:
             body = record.body if isinstance(record.body, dict) else {}
