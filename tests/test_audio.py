@@ -179,3 +179,25 @@ async def test_a_model_that_does_no_speech_recognition_is_a_404_that_says_so(htt
     assert response.code == 404
     message = jsonutil.loads(content)["error"]["message"]
     assert "does not serve this endpoint" in message and "speech" in message, message
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_openai_compatible_providers_stream_is_relayed_as_it_streams_it(reactor, http):
+    # OpenAI's transcription stream ends with transcript.text.done (its usage in it), no [DONE]: read as vLLM's
+    # (its usage asked for with vLLM's stream_include_usage) it was cut short, an error event after the text.
+    other = await start_fake(reactor, models=(ASR,))
+    other.audio = "openai"
+    gw = await start_gateway(reactor, {"OPENAI_OTHER_BASE_URL": other.base_url, "OPENAI_OTHER_API_KEY": "sk-up",
+                                       "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        response, content = await post_form(http, gw, {"model": "openai-other/" + ASR, "stream": "true"})
+        assert response.code == 200, content
+        events = [json.loads(line[6:]) for line in content.decode().split("\n\n") if line]
+        assert [e["type"] for e in events] == ["transcript.text.delta"] * 2 + ["transcript.text.done"]
+        assert events[-1]["usage"]["input_tokens"] == 9
+        assert "stream_include_usage" not in other.requests[-1].form
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [(r["status_code"], r["input_tokens"], r["output_tokens"]) for r in records] == [(200, 9, 3)]
+    finally:
+        await stop_all(gw, other)

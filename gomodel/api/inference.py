@@ -14,7 +14,7 @@ from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, Mo
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
 from gomodel.api.uploads import Form
-from gomodel.proxy.exchange import UpstreamCall
+from gomodel.proxy.exchange import UpstreamCall, UsageTap
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
 from gomodel.upstream.errors import without_address
@@ -135,8 +135,8 @@ class InferenceRoutes:
         """An audio request, a multipart form (its C{file}, its C{model}, ...), routed by its C{model} field, the
         form sent on as it came but for that field (the upstream's id); its answer relayed as the upstream sent it:
         JSON, or text (C{response_format} C{text}, C{srt}, C{vtt}) with its own C{Content-Type}. With C{stream=true}
-        an event stream, whose usage chunk is asked for upstream (C{stream_include_usage}) and kept from the client
-        unless it asked for it. Its tokens, where no usage says them (the limits' reservation), are estimated from
+        an event stream: vLLM's has its usage chunk asked for (C{stream_include_usage}) and kept from the client
+        unless it asked for it; another provider's (OpenAI's events) is relayed as it comes. Its tokens, where no usage says them (the limits' reservation), are estimated from
         its C{prompt}, not the file. (vLLM's audio requests take no C{cache_salt} nor C{priority}.)"""
         request.content.seek(0)
         form = Form(request.getHeader(b"content-type"), request.content.read())
@@ -144,11 +144,13 @@ class InferenceRoutes:
         ctx.asked_stream = stream = _form_true(form.field("stream"))
         upstream, fallbacks = self.route(ctx, body)
         fields, observer = {}, None
-        if stream:
+        if stream and upstream.type == "vllm":  # (vLLM's stream is chat's: chunks, its usage chunk, [DONE])
             strip_usage = not _form_true(form.field("stream_include_usage"))
             if strip_usage:  # (as on chat: we always want the usage; the client gets it only if it asked)
                 fields = {"stream_include_usage": "true", "stream_continuous_usage_stats": "false"}
             observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx))
+        elif stream:  # (OpenAI's: typed events, its usage in the last, no [DONE]: relayed as it comes)
+            observer = UsageTap(True, None, upstream if upstream.hidden_pattern is not None else None)
         again = partial(_reformed, form, fields) if fallbacks else None
         # (its tokens estimated from its text prompt: the audio is no text, bytes / 4 of it nothing like its tokens)
         counted = jsonutil.dumps({"prompt": form.field("prompt") or ""})

@@ -187,7 +187,9 @@ class FakeVLLM(Resource):
         # True: every answer gzip'd unless the request's Accept-Encoding rules gzip out, as RFC 9110 12.5.3
         # lets a server do for a request that has none (any coding is then acceptable)
         self.compress = False
-        self.audio = True  # False: /v1/audio/* are FastAPI's 404, as on a server whose model is no ASR one
+        # False: /v1/audio/* are FastAPI's 404, as on a server whose model is no ASR one; "openai": streamed as
+        # OpenAI streams them
+        self.audio = True
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -473,6 +475,12 @@ class FakeVLLM(Resource):
                                                        "type": "NotFoundError", "param": "model", "code": 404}})
         text, kind = "hé there", form.get("response_format") or "json"
         usage = {"prompt_tokens": 9, "total_tokens": 12, "completion_tokens": 3}
+        if form.get("stream") == "true" and self.audio == "openai":  # OpenAI's events: its usage always, no [DONE]
+            request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+            events = [{"type": "transcript.text.delta", "delta": word} for word in ("hé", " there")]
+            events.append({"type": "transcript.text.done", "text": text, "usage": {
+                "type": "tokens", "input_tokens": 9, "output_tokens": 3, "total_tokens": 12}})
+            return b"".join(b"data: " + jsonutil.dumps(event) + b"\n\n" for event in events)
         if form.get("stream") == "true":
             request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
             chunk = {"id": "trsc-fake", "object": "transcription.chunk", "created": 1700000000, "model": model}
