@@ -901,7 +901,11 @@ async def test_pooling_requests_carry_the_tenants_cache_salt_and_the_priority_to
     key = await new_key(http, gw, priority=2)
     auth = {"authorization": ["Bearer " + key["value"]], "content-type": ["application/json"]}
     bodies = {"/v1/embeddings": {"input": "a"}, "/v1/rerank": {"query": "q", "documents": ["a", "b"]},
-              "/v1/score": {"text_1": "a", "text_2": "b"}, "/v1/classify": {"input": "a"}}
+              "/v1/score": {"text_1": "a", "text_2": "b"}, "/v1/classify": {"input": "a"},
+              # vLLM's own paths at its root, routed as their /v1 forms
+              "/rerank": {"query": "q", "documents": ["a"]}, "/v2/rerank": {"query": "q", "documents": ["a"]},
+              "/score": {"text_1": "a", "text_2": "b"}, "/classify": {"input": "a"}, "/pooling": {"input": "a"},
+              "/v2/embed": {"texts": ["a"], "embedding_types": ["float"]}}
     for path, body in bodies.items():
         response = await http.post(gw.url + path, data=json.dumps(dict(body, model=MODEL)).encode(), headers=auth)
         assert response.code == 200, (path, await treq.content(response))
