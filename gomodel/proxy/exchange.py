@@ -1020,14 +1020,13 @@ def usage_of(body: bytes):
     the text C{"usage":} is a key, and the answer's own usage is its last.
     """
     at = body.rfind(_USAGE)
-    if at < 0:
+    if at >= 0:
+        start = at + len(_USAGE)
+    else:
         at = body.rfind(_BILLED_UNITS)  # (only an answer without usage looks: one more scan, in C)
-        return None if at < 0 else _object_at(body, at + len(_BILLED_UNITS))
-    return _object_at(body, at + len(_USAGE))
-
-
-def _object_at(body: bytes, start: int):
-    """The JSON object at C{body[start:]} (after blanks), or None where there is none (null, not an object)."""
+        if at < 0:
+            return None
+        start = at + len(_BILLED_UNITS)
     while body[start:start + 1] in (b" ", b"\n", b"\r", b"\t"):
         start += 1
     if body[start:start + 1] != b"{":
