@@ -201,3 +201,22 @@ async def test_an_openai_compatible_providers_stream_is_relayed_as_it_streams_it
         assert [(r["status_code"], r["input_tokens"], r["output_tokens"]) for r in records] == [(200, 9, 3)]
     finally:
         await stop_all(gw, other)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_virtual_models_fallback_gets_the_form_with_its_own_model(reactor, http):
+    a, b = await start_fake(reactor, models=("whisper-a",)), await start_fake(reactor, models=("whisper-b",))
+    a.audio = 503
+    virtual = [{"source": "asr", "targets": [{"model": "vllm-a/whisper-a"}, {"model": "vllm-b/whisper-b"}]}]
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url,
+                                       "VIRTUAL_MODELS": json.dumps(virtual), "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        for _ in range(2):  # (one of them drawn to vllm-a first)
+            response, content = await post_form(http, gw, {"model": "asr", "language": "en"})
+            assert response.code == 200, content
+        assert any(r.path == b"/v1/audio/transcriptions" and r.form["model"] == "whisper-a" for r in a.requests)
+        sent = [r.form for r in b.requests if r.path == b"/v1/audio/transcriptions"]
+        assert len(sent) == 2 and all(f["model"] == "whisper-b" and f["file"] == AUDIO and f["language"] == "en"
+                                      for f in sent)
+    finally:
+        await stop_all(gw, a, b)

@@ -188,7 +188,7 @@ class FakeVLLM(Resource):
         # lets a server do for a request that has none (any coding is then acceptable)
         self.compress = False
         # False: /v1/audio/* are FastAPI's 404, as on a server whose model is no ASR one; "openai": streamed as
-        # OpenAI streams them
+        # OpenAI streams them; a status (503): answered with that error
         self.audio = True
 
     # -- lifecycle --------------------------------------------------------------
@@ -325,6 +325,10 @@ class FakeVLLM(Resource):
         if request.method == b"POST" and path in (b"/v1/audio/transcriptions", b"/v1/audio/translations"):
             if not self.audio:  # (vLLM has its audio routes only where its model does speech recognition)
                 return self._json(request, 404, {"detail": "Not Found"})
+            if self.audio.__class__ is int:  # (that status: an overloaded server's 503)
+                record.form = _form_fields(request.getHeader(b"content-type"), record.raw_body)
+                return self._json(request, self.audio, {"error": {"message": "overloaded", "type": "ServiceUnavailable",
+                                                                  "param": None, "code": self.audio}})
             return self._audio(request, record)
         if request.method == b"POST" and path in self._POST_ROUTES:
             body = record.body if isinstance(record.body, dict) else {}
