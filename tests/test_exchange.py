@@ -315,7 +315,8 @@ def test_a_stream_read_whole_is_cut_a_linger_after_its_own_end_and_not_at_a_word
             body.connectionLost(Failure(ResponseDone()))
             assert finished.result == stream and not clock.getDelayedCalls()
 def test_usage_of_reads_cohere_billed_units_where_there_is_no_usage():
-    body = b'{"id":"e","embeddings":{"float":[[0.1]]},"meta":{"api_version":{"version":"2"},"billed_units":{"input_tokens":7}}}'
+    body = (b'{"id":"e","embeddings":{"float":[[0.1]]},"meta":{"api_version":{"version":"2"},'
+            b'"billed_units":{"input_tokens":7}}}')
     assert usage_of(body) == {"input_tokens": 7}
     assert usage_of(b'{"usage":{"prompt_tokens":3},"meta":{"billed_units":{"input_tokens":7}}}') == {"prompt_tokens": 3}
     assert usage_of(b'{"meta":{"billed_units":null}}') is None

@@ -10,10 +10,10 @@ to the exchange.
 from functools import partial
 
 from gomodel import jsonutil
+from gomodel.api.uploads import Form
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
-from gomodel.api.uploads import Form
 from gomodel.proxy.exchange import UpstreamCall, UsageTap
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
@@ -136,8 +136,9 @@ class InferenceRoutes:
         form sent on as it came but for that field (the upstream's id); its answer relayed as the upstream sent it:
         JSON, or text (C{response_format} C{text}, C{srt}, C{vtt}) with its own C{Content-Type}. With C{stream=true}
         an event stream: vLLM's has its usage chunk asked for (C{stream_include_usage}) and kept from the client
-        unless it asked for it; another provider's (OpenAI's events) is relayed as it comes. Its tokens, where no usage says them (the limits' reservation), are estimated from
-        its C{prompt}, not the file. (vLLM's audio requests take no C{cache_salt} nor C{priority}.)"""
+        unless it asked for it; another provider's (OpenAI's events) is relayed as it comes. Its tokens, where no
+        usage says them (the limits' reservation), are estimated from its C{prompt}, not the file. (vLLM's audio
+        requests take no C{cache_salt} nor C{priority}.)"""
         request.content.seek(0)
         form = Form(request.getHeader(b"content-type"), request.content.read())
         body = {"model": form.field("model")}
