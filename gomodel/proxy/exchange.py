@@ -283,8 +283,9 @@ class Exchange:
                     return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, call.observer, call.counted)
-        # (a proxy's page, a web UI's: no API answers in text but its events; text/json is JSON)
-        if media.startswith(b"text/") and not media.endswith(b"json"):
+        # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt;
+        # text/json is JSON)
+        if media.startswith(b"text/") and not media.endswith(b"json") and not call.path.startswith("/audio/"):
             discard(response)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code} with "
                                       "a text page, not JSON.")
