@@ -1450,24 +1450,19 @@ async def test_a_stream_ends_for_its_client_at_its_last_event_though_the_upstrea
 
 
 @pytest_twisted.ensureDeferred
-async def test_claude_codes_ctx_and_msg_roles_are_user_turns_when_translating(http, openai_gw, fake):
-    """Claude Code 2.1.154 and later send messages with the roles "ctx" and "msg" (vllm#44000): user turns, as
-    vLLM's own Messages API takes them (before: a 400 "Input should be 'user' or 'assistant'" on every request);
-    a role that is none of these is still refused."""
+async def test_ctx_and_msg_are_no_roles_when_translating(http, openai_gw, fake):
+    """"ctx" and "msg" are no roles: vllm#44000 read them off a pydantic error's keys (Claude Code 2.1.154 and later
+    send a "system" message, taken). Translated, a message with either is refused before anything goes upstream,
+    as vLLM 0.32 refuses it natively and Anthropic does (before: sent on as a user turn)."""
     client = sdk(openai_gw)
     try:
-        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=[
-            {"role": "ctx", "content": "<system-reminder>Today is Monday.</system-reminder>"},
-            {"role": "msg", "content": [{"type": "text", "text": "Say hello."}]}])
-        assert message.content[0].text == "héhéhé"
-        assert fake.requests[-1].body["messages"] == [
-            {"role": "user", "content": "<system-reminder>Today is Monday.</system-reminder>"},
-            {"role": "user", "content": "Say hello."}]
         before = len(fake.requests)
-        with pytest.raises(anthropic.BadRequestError) as raised:
-            await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
-                            messages=[{"role": "robot", "content": "Hi."}])
-        assert raised.value.body["error"]["message"].startswith("messages.0.role: ")
+        for role in ("ctx", "msg", "robot"):
+            with pytest.raises(anthropic.BadRequestError) as raised:
+                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
+                                messages=[{"role": "user", "content": "Hi."}, {"role": role, "content": "Hi."}])
+            assert raised.value.body["error"]["message"] == \
+                "messages.1.role: Input should be 'user', 'assistant' or 'system'"
         assert len(fake.requests) == before
     finally:
         client.close()

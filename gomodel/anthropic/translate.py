@@ -36,9 +36,6 @@ _BILLING_HEADER = "x-anthropic-billing-header"
 # System text blocks are joined with a blank line between them.
 _SYSTEM_JOINER = "\n\n"
 
-# Roles that are not Anthropic's, which Claude Code (2.1.154 and later) sends for user turns (vLLM reads them so).
-_USER_ROLES = ("user", "ctx", "msg")
-
 # vLLM's finish reasons of a generation it did not finish (aborted, or failed in the engine).
 ABORTED = ("abort", "error")
 # finish_reason -> stop_reason, where no stop string or tool call decides it.
@@ -233,12 +230,13 @@ def _chat_messages(body) -> list:
         content = message.get("content")
         if role == "system":  # not Anthropic's, but vLLM takes it: merged into the one system message
             system.extend(_system_texts(content, f"{where}.content", inline=True))
-        elif role in _USER_ROLES:
+        elif role == "user":
             chat.extend(_user_messages(content, where))
         elif role == "assistant":
             chat.append(_assistant_message(content, where))
         else:
-            raise InvalidRequest(f"{where}.role: Input should be 'user' or 'assistant'", param=f"{where}.role")
+            raise InvalidRequest(f"{where}.role: Input should be 'user', 'assistant' or 'system'",
+                                 param=f"{where}.role")
     _check_prefill(messages[-1])
     if system:
         chat.insert(0, {"role": "system", "content": _SYSTEM_JOINER.join(system)})
