@@ -384,8 +384,8 @@ class MessagesRoutes:
 
 def translates(body) -> bool:
     """Whether the Messages request C{body} goes to a vLLM translated, never natively: it has stop sequences (its
-    chat completion names the sequence that ended the answer; its Messages API says C{end_turn} and drops it), or
-    a document block (L{has_documents})."""
+    chat completion names the sequence that ended the answer; its Messages API before vllm#45807 says C{end_turn}
+    and drops it, and a vLLM's version is not known here), or a document block (L{has_documents})."""
     return bool(body.get("stop_sequences")) or has_documents(body)
 
 

@@ -1,0 +1,117 @@
+"""What vLLM 0.32's own Messages API makes of the requests the gateway translates for it, checked against it.
+
+Documents, thinking budgets, C{output_config.effort}, stop sequences and roles:
+the same request sent to vLLM's C{/v1/messages} and to the gateway's, natively
+(provider C{vllm}) or translated (a request the gateway sends through chat
+completions), and the answers compared.
+"""
+
+import base64
+
+import pytest
+
+from tests.integration.support import CHAT_MODEL, request
+
+MODEL = f"vllm/{CHAT_MODEL}"
+ASK = [{"role": "user", "content": "Name three prime numbers."}]
+GREEDY = {"max_tokens": 8, "temperature": 0.0}
+
+
+def _vllm(vllm, body):
+    return request("POST", vllm.chat_root + "/v1/messages", dict(body, model=CHAT_MODEL), timeout=60)
+
+
+def _gateway(gateway, body, model=MODEL):
+    return request("POST", gateway.url + "/messages", dict(body, model=model), timeout=60,
+                   headers={"x-api-key": gateway.master_key, "anthropic-version": "2023-06-01"})
+
+
+def _stop_string(vllm):
+    """A stop sequence the greedy answer to L{ASK} meets after its first token."""
+    answer = _vllm(vllm, dict(GREEDY, messages=ASK))
+    assert answer.status == 200, answer
+    text = answer.json()["content"][0]["text"]
+    return text[len(text) // 3:len(text) // 3 + 3]
+
+
+def test_a_stop_sequence_is_named_by_vllm_and_by_the_gateway(vllm, gateway):
+    """vLLM 0.32's Messages API names the stop sequence that ended the answer (vllm#45807); the gateway's answer,
+    translated for it, is the same message."""
+    stop = _stop_string(vllm)
+    body = dict(GREEDY, messages=ASK, stop_sequences=[stop, "never-met-zzz"])
+    theirs, mine = _vllm(vllm, body), _gateway(gateway, body)
+    assert theirs.status == mine.status == 200, (theirs, mine)
+    theirs, mine = theirs.json(), mine.json()
+    assert theirs["stop_reason"] == "stop_sequence" and theirs["stop_sequence"] == stop
+    assert (mine["stop_reason"], mine["stop_sequence"], mine["content"], mine["usage"]) == \
+           (theirs["stop_reason"], theirs["stop_sequence"], theirs["content"], theirs["usage"])
+
+
+def test_claude_codes_system_role_is_taken_and_ctx_msg_are_no_roles(vllm, gateway):
+    """Claude Code 2.1.154+ sends a C{system} message inside C{messages} (vllm#44000, whose pydantic error's
+    C{msg} and C{ctx} keys were misread as roles): vLLM 0.32 takes it and refuses C{ctx} and C{msg}; the gateway
+    does the same, natively and translated (a stop sequence sends it through chat)."""
+    for role, status in (("system", 200), ("ctx", 400), ("msg", 400)):
+        messages = ASK + [{"role": role, "content": "Be brief."}]
+        theirs = _vllm(vllm, dict(GREEDY, messages=messages))
+        native = _gateway(gateway, dict(GREEDY, messages=messages))
+        translated = _gateway(gateway, dict(GREEDY, messages=messages, stop_sequences=["never-met-zzz"]))
+        assert (theirs.status, native.status, translated.status) == (status, status, status), \
+            (role, theirs, native, translated)
+        if status == 400:
+            assert translated.json()["error"]["type"] == "invalid_request_error"
+        else:
+            assert translated.json()["usage"]["input_tokens"] == theirs.json()["usage"]["input_tokens"]
+
+
+def test_a_text_document_reaches_vllm_translated(vllm, gateway):
+    """vLLM 0.32 refuses a document block (400 listing its block types); the gateway sends a text document as its
+    text, base64 too, and refuses a PDF in Anthropic's shape."""
+    text = "The three primes are 2, 3 and 5."
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": text}}
+    question = {"type": "text", "text": "Which primes?"}
+    asked = dict(GREEDY, messages=[{"role": "user", "content": [document, question]}])
+    theirs = _vllm(vllm, asked)
+    assert theirs.status == 400 and "'tool_result'" in theirs.body.decode(), theirs  # (its list of block types)
+    plain = _vllm(vllm, dict(GREEDY, messages=[{"role": "user", "content": [{"type": "text", "text": text},
+                                                                          question]}]))
+    assert plain.status == 200, plain
+    mine = _gateway(gateway, asked)
+    assert mine.status == 200, mine
+    assert mine.json()["usage"]["input_tokens"] >= plain.json()["usage"]["input_tokens"]
+    encoded = dict(document, source={"type": "base64", "media_type": "text/plain",
+                                     "data": base64.b64encode(text.encode()).decode()})
+    again = _gateway(gateway, dict(GREEDY, messages=[{"role": "user", "content": [encoded, question]}]))
+    assert again.status == 200 and again.json()["usage"] == mine.json()["usage"], again
+    pdf = dict(document, source={"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"})
+    refused = _gateway(gateway, dict(GREEDY, messages=[{"role": "user", "content": [pdf, question]}]))
+    assert refused.status == 400 and refused.json()["error"]["type"] == "invalid_request_error", refused
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["native", "translated"])
+def test_a_thinking_budget_is_vllms_thinking_token_budget(vllm, gateway, stop):
+    """vLLM 0.32 bounds C{thinking.budget_tokens} as C{thinking_token_budget}, which a vLLM without a reasoning
+    parser refuses: the gateway's answer is that same 400, natively and translated (its budget sent)."""
+    body = dict(GREEDY, max_tokens=2048, messages=ASK, thinking={"type": "enabled", "budget_tokens": 1024})
+    if stop:
+        body["stop_sequences"] = ["never-met-zzz"]
+    theirs, mine = _vllm(vllm, body), _gateway(gateway, body)
+    assert theirs.status == mine.status == 400, (theirs, mine)
+    assert "thinking_token_budget" in theirs.json()["error"]["message"]
+    assert "thinking_token_budget" in mine.json()["error"]["message"]
+    assert mine.json()["type"] == "error" and mine.json()["error"]["type"] == "invalid_request_error", mine
+    for kind in ("disabled", "adaptive"):
+        fine = _gateway(gateway, dict(body, max_tokens=8, thinking={"type": kind}))
+        assert fine.status == 200, (kind, fine)
+
+
+@pytest.mark.parametrize("effort", ["low", "high", "xhigh", "max"])
+def test_an_effort_reaches_vllm_as_it_takes_it(vllm, gateway, effort):
+    """C{output_config.effort} (Claude Code sends one with every request) is vLLM's C{reasoning_effort}: every
+    value Anthropic has is taken, natively and translated."""
+    body = dict(GREEDY, messages=ASK, output_config={"effort": effort})
+    theirs = _vllm(vllm, body)
+    native = _gateway(gateway, body)
+    translated = _gateway(gateway, dict(body, stop_sequences=["never-met-zzz"]))
+    assert theirs.status == native.status == translated.status == 200, (theirs, native, translated)
+    assert native.json()["content"] == translated.json()["content"] == theirs.json()["content"]
