@@ -7,10 +7,12 @@ completions), and the answers compared.
 """
 
 import base64
+import json
+import secrets
 
 import pytest
 
-from tests.integration.support import CHAT_MODEL, request
+from tests.integration.support import CHAT_MODEL, request, wait_for
 
 MODEL = f"vllm/{CHAT_MODEL}"
 ASK = [{"role": "user", "content": "Name three prime numbers."}]
@@ -115,3 +117,49 @@ def test_an_effort_reaches_vllm_as_it_takes_it(vllm, gateway, effort):
     translated = _gateway(gateway, dict(body, stop_sequences=["never-met-zzz"]))
     assert theirs.status == native.status == translated.status == 200, (theirs, native, translated)
     assert native.json()["content"] == translated.json()["content"] == theirs.json()["content"]
+
+
+def _events(raw: bytes):
+    return [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ")]
+
+
+def _record(gateway, request_id):
+    def found():
+        page = request("GET", gateway.root + f"/admin/api/v1/usage/log?search={request_id}",
+                       headers={"x-api-key": gateway.master_key})
+        data = json.loads(page.body)["data"]
+        return data[0] if data else None
+
+    return wait_for(found, 30, what=f"the usage record of {request_id}")
+
+
+def test_a_translated_stream_is_recorded_with_vllms_usage(vllm, gateway):
+    """A Messages stream translated for vLLM (a stop sequence: through its chat completions) ends with vLLM's own
+    Messages usage, and the usage ledger records those very tokens; a request vLLM refuses is recorded as an
+    error."""
+    stop = _stop_string(vllm)
+    body = dict(GREEDY, messages=ASK, stop_sequences=[stop], stream=True)
+    theirs = [e for e in _events(_vllm(vllm, body).body) if e["type"] == "message_delta"][-1]
+    request_id = "it-msg-" + secrets.token_hex(8)
+    answer = request("POST", gateway.url + "/messages", dict(body, model=MODEL), timeout=60,
+                     headers={"x-api-key": gateway.master_key, "X-Request-Id": request_id})
+    assert answer.status == 200, answer
+    mine = [e for e in _events(answer.body) if e["type"] == "message_delta"][-1]
+    assert mine["delta"] == theirs["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": stop}
+    assert mine["usage"]["output_tokens"] == theirs["usage"]["output_tokens"]
+    assert mine["usage"]["input_tokens"] == theirs["usage"]["input_tokens"]
+    record = _record(gateway, request_id)
+    assert record["stream"] and not record["estimated"] and record["endpoint"] == "/v1/messages"
+    assert (record["input_tokens"], record["output_tokens"]) == (theirs["usage"]["input_tokens"],
+                                                                 theirs["usage"]["output_tokens"])
+    request_id = "it-msg-" + secrets.token_hex(8)
+    refused = request("POST", gateway.url + "/messages", timeout=60,
+                      body=dict(body, model=MODEL, max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}),
+                      headers={"x-api-key": gateway.master_key, "X-Request-Id": request_id})
+    # vLLM 0.32 refuses it only once its stream has begun (an in-band error, natively too): an error event in
+    # Anthropic's shape with vLLM's reason, recorded as no success.
+    assert refused.status == 200 and [e["type"] for e in _events(refused.body)] == ["error"], refused
+    assert _events(refused.body)[0]["error"]["type"] == "invalid_request_error", refused
+    assert "thinking_token_budget" in _events(refused.body)[0]["error"]["message"]
+    record = _record(gateway, request_id)
+    assert record["output_tokens"] == 0 and record["outcome"] != "ok", record
