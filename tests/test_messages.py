@@ -440,6 +440,29 @@ async def test_a_request_with_documents_goes_to_a_vllm_translated(gw, fake, clie
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_prefill_goes_to_a_vllm_translated_and_is_continued(gw, fake, client):
+    """vLLM 0.32's own Messages API closes a final assistant message as a finished turn and answers in a new one
+    (its count too): a prefill was not continued when served natively. A request ending with the assistant's
+    message now goes to a vLLM translated, continued (C{continue_final_message}) as Anthropic continues it, and
+    C{count_tokens} counts it as that generation sees it (by /tokenize)."""
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=PREFILL)
+    assert message.content[0].text == "héhéhé"
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/chat/completions"
+    assert sent.body["continue_final_message"] is True and sent.body["add_generation_prompt"] is False
+    seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=PREFILL))
+    assert fake.requests[-1].path == b"/v1/chat/completions" and final.content[0].text == "héhéhé"
+    counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=PREFILL)
+    assert counted.input_tokens > 0 and fake.requests[-1].path == b"/tokenize"
+    assert fake.requests[-1].body["continue_final_message"] is True
+    # Ending with the user's, the request stays native.
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=PREFILL + HELLO)
+    assert fake.requests[-1].path == b"/v1/messages"
+    await in_thread(client.messages.count_tokens, model=MODEL, messages=PREFILL + HELLO)
+    assert fake.requests[-1].path == b"/v1/messages/count_tokens"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_whole_chat_answer_to_a_translated_stream_becomes_its_event_stream(http, openai_gw, fake):
     chat = {"id": "chatcmpl-w1", "object": "chat.completion", "model": CHAT_MODEL, "choices": [
         {"index": 0, "finish_reason": "tool_calls", "message": {

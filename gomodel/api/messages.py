@@ -8,8 +8,9 @@ notes usage and the end). Any other provider, and a vLLM whose server answers
 that it has no Messages API, gets it translated to chat completions and back
 (L{gomodel.anthropic.translate}); the gateway then remembers, per provider
 and model, not to ask natively for L{NO_NATIVE_TTL} seconds. A request with
-stop sequences or a document goes to a vLLM translated too (L{translates}). Fallbacks are tried among the targets
-reached the same way as the first, then among the others (L{MessagesRoutes._other_way}).
+stop sequences, a document or a prefill goes to a vLLM translated too
+(L{translates}). Fallbacks are tried among the targets reached the same way
+as the first, then among the others (L{MessagesRoutes._other_way}).
 
 The client's credentials never go upstream: the exchange sends only the
 provider's own key (C{Authorization: Bearer}), as on every route; vLLM
@@ -203,7 +204,7 @@ class MessagesRoutes:
             raise errors.NotSupported(
                 f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
                 f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
-        translating = has_documents(body)  # (stop sequences count the same either way)
+        translating = has_documents(body) or prefilled(body)  # (stop sequences count the same either way)
         while True:
             first, fallbacks, native = self._targets(routes, counting=True, translating=translating)
             upstream = first.provider
@@ -329,7 +330,7 @@ class MessagesRoutes:
     def native_for(self, route, counting=False, prioritised=False, translating=False) -> bool:
         """Whether C{route}'s provider is asked natively for its model now (for C{count_tokens} if C{counting};
         never, with C{prioritised}, where it schedules by priority: see L{create}; never with C{translating}, a
-        request with stop sequences or a document, L{translates}); message batches' lines go as this says too
+        request with stop sequences, a document or a prefill, L{translates}); message batches' lines go as this says too
         (L{gomodel.anthropic.batches.MessagesLines})."""
         if route.provider.type not in NATIVE_TYPES or translating or prioritised and route.provider.priority_scheduling:
             return False
@@ -385,8 +386,18 @@ class MessagesRoutes:
 def translates(body) -> bool:
     """Whether the Messages request C{body} goes to a vLLM translated, never natively: it has stop sequences (its
     chat completion names the sequence that ended the answer; its Messages API before vllm#45807 says C{end_turn}
-    and drops it, and a vLLM's version is not known here), or a document block (L{has_documents})."""
-    return bool(body.get("stop_sequences")) or has_documents(body)
+    and drops it, and a vLLM's version is not known here), a document block (L{has_documents}), or a prefill
+    (L{prefilled})."""
+    return bool(body.get("stop_sequences")) or has_documents(body) or prefilled(body)
+
+
+def prefilled(body) -> bool:
+    """Whether the last message of C{body} is the assistant's, a prefill that the answer continues. vLLM's Messages
+    API (0.32) closes it as a finished turn and answers in a new one; translated, its chat completion continues
+    it (C{continue_final_message})."""
+    messages = body.get("messages")
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
+        and messages[-1].get("role") == "assistant"
 
 
 def has_documents(body) -> bool:

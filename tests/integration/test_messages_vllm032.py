@@ -163,3 +163,23 @@ def test_a_translated_stream_is_recorded_with_vllms_usage(vllm, gateway):
     assert "thinking_token_budget" in _events(refused.body)[0]["error"]["message"]
     record = _record(gateway, request_id)
     assert record["output_tokens"] == 0 and record["outcome"] != "ok", record
+
+
+def test_a_prefill_is_continued_as_vllms_chat_continues_it(vllm, gateway):
+    """vLLM 0.32's Messages API closes a final assistant message and answers in a new turn (more input tokens: the
+    end of that turn and a new header); the gateway's answer continues it, as vLLM's chat completion with
+    C{continue_final_message} does and as Anthropic does, and counts it so."""
+    messages = ASK + [{"role": "assistant", "content": "The first is"}]
+    theirs = _vllm(vllm, dict(GREEDY, messages=messages)).json()
+    chat = request("POST", vllm.chat_url + "/chat/completions", timeout=60, body={
+        "model": CHAT_MODEL, "messages": messages, "continue_final_message": True, "add_generation_prompt": False,
+        **GREEDY}).json()
+    assert theirs["usage"]["input_tokens"] > chat["usage"]["prompt_tokens"]  # (vLLM's own: a new turn)
+    mine = _gateway(gateway, dict(GREEDY, messages=messages))
+    assert mine.status == 200, mine
+    mine = mine.json()
+    assert mine["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert mine["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+    counted = request("POST", gateway.url + "/messages/count_tokens", {"model": MODEL, "messages": messages},
+                      headers={"x-api-key": gateway.master_key})
+    assert counted.json() == {"input_tokens": chat["usage"]["prompt_tokens"]}, counted
