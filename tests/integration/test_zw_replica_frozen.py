@@ -1,7 +1,7 @@
 """A real vLLM replica that stops answering (its process group frozen with SIGSTOP: a host gone, connections that
 hang) while requests wait on it: once its checks fail it is down, the requests it held go to the other replica at
-once, not after HTTP_RESPONSE_HEADER_TIMEOUT, and its stream ends with stream_incomplete. Runs late (file name): it freezes the keyed chat server for a few
-seconds, and thaws it (SIGCONT) whatever happens.
+once, not after HTTP_RESPONSE_HEADER_TIMEOUT, and its stream ends with stream_incomplete. Runs late (file name): it
+freezes the keyed chat server for a few seconds, and thaws it (SIGCONT) whatever happens.
 """
 
 import http.client
