@@ -148,21 +148,22 @@ async def test_a_line_with_a_document_goes_to_a_vllm_translated_as_online(setup)
                                                                   {"type": "text", "text": "Sum up."}]}]
 
 
-async def test_a_lines_tool_changes_are_left_out_for_vllms_own_messages_api_as_online(setup):
-    """A system message's tool_addition and tool_removal blocks, which vLLM's Messages API refuses and which
-    change nothing there, are left out of a line sent to it natively, as online (before: sent, so vLLM's 400
-    was the line's errored result)."""
+async def test_a_lines_tool_changes_go_to_a_vllm_translated_as_online(setup):
+    """A system message's tool_addition and tool_removal blocks send a line to a vLLM translated, its tools resolved,
+    as online (before: left out natively, so a removed tool was still offered)."""
     gw, client, vllm, _ = setup
     added = {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "get_weather"}}
+    tool = {"name": "get_weather", "input_schema": {"type": "object", "properties": {}}}
     messages = HELLO + [{"role": "assistant", "content": "Hello."},
                         {"role": "system", "content": [{"type": "text", "text": "A server connected."}, added]},
                         {"role": "user", "content": "Again."}]
-    made = await in_thread(client.messages.batches.create, requests=[request("changed", messages=messages)])
+    made = await in_thread(client.messages.batches.create,
+                           requests=[request("changed", messages=messages, tools=[tool])])
     await ended(gw, client, made.id)
     assert (await results(client, made.id))["changed"].type == "succeeded"
     [sent] = [r for r in vllm.requests if r.method == b"POST"]
-    assert sent.path == b"/v1/messages" and sent.body["messages"] == messages[:2] + [
-        {"role": "system", "content": [{"type": "text", "text": "A server connected."}]}] + messages[3:]
+    assert sent.path == b"/v1/chat/completions"
+    assert [t["function"]["name"] for t in sent.body["tools"]] == ["get_weather"]
 
 
 async def test_bad_requests_are_refused_in_anthropics_shape_naming_the_request(setup):

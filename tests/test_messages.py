@@ -1494,17 +1494,21 @@ async def test_ctx_and_msg_are_no_roles_when_translating(http, openai_gw, fake):
 @pytest_twisted.ensureDeferred
 async def test_tool_changes_in_a_system_message_are_taken_when_translating(http, openai_gw, fake):
     """Claude Code announces a tool that comes mid-conversation (an MCP server that connected) with tool_addition
-    and tool_removal blocks in a system message (the mid-conversation-tool-changes beta): a chat upstream gets
-    every tool already, so they change nothing there, and the message's text joins the system prompt (before: a
-    400 on that request and on every later one of the session, which keeps the block in its history). In the
-    request's own system prompt they are still refused, as Anthropic refuses them there."""
+    and tool_removal blocks in a system message (the mid-conversation-tool-changes beta): a chat upstream gets the
+    tools in effect at the end, as vLLM 0.32 resolves them (before: every tool, a removed one too, and none added
+    by value), and the message's text joins the system prompt (before: a 400 on that request and on every later
+    one of the session, which keeps the block in its history). A change naming a tool that is not declared is a
+    400, as vLLM's; in the request's own system prompt they are refused, as Anthropic refuses them there."""
+    old_tool = dict(WEATHER_TOOL, name="old_tool")
+    new_tool = dict(WEATHER_TOOL, name="new_tool")
     change = [{"type": "text", "text": "The weather server connected."},
               {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "get_weather"}},
+              {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": new_tool}},
               {"type": "tool_removal", "tool": {"type": "tool_reference", "name": "old_tool"}}]
     client = sdk(openai_gw)
     try:
         message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, system="Be brief.",
-                                  tools=[dict(WEATHER_TOOL, defer_loading=True)],
+                                  tools=[dict(WEATHER_TOOL, defer_loading=True), old_tool],
                                   messages=[{"role": "user", "content": "Hi."},
                                             {"role": "assistant", "content": "Hello."},
                                             {"role": "system", "content": change},
@@ -1513,8 +1517,13 @@ async def test_tool_changes_in_a_system_message_are_taken_when_translating(http,
         sent = fake.requests[-1].body
         assert sent["messages"][0] == {"role": "system", "content": "Be brief.\n\nThe weather server connected."}
         assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "user"]
-        assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather"]
+        assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "new_tool"]
         before = len(fake.requests)
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, tools=[WEATHER_TOOL],
+                            messages=[{"role": "user", "content": "Hi."}, {"role": "system", "content": change[3:]}])
+        assert raised.value.body["error"]["message"] == (
+            "messages.1.content.0.tool: tool_removal references tool 'old_tool', which is not declared in tools")
         with pytest.raises(anthropic.BadRequestError) as raised:
             await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, system=change, messages=HELLO)
         assert raised.value.body["error"]["message"].startswith("system.1: ")
@@ -1614,27 +1623,26 @@ async def test_past_thinking_reaches_deepseek_which_requires_it_back(reactor, fa
 
 
 @pytest_twisted.ensureDeferred
-async def test_tool_changes_in_a_system_message_are_left_out_for_vllms_own_messages_api(gw, fake, client):
-    """vLLM's Messages API refuses tool_addition and tool_removal blocks (its block types have none), which change
-    nothing there (it gives the chat template every tool, deferred or not): natively they are left out, and a system
-    message that held only them goes with them (before: vLLM's 400 on that request and every later one of the
-    Claude Code session)."""
+async def test_tool_changes_in_a_system_message_go_to_a_vllm_translated_and_resolved(gw, fake, client):
+    """vLLM 0.32's Messages API takes tool_addition and tool_removal blocks and resolves them (a removed tool is no
+    longer offered, one added by value is); a vLLM without that support refuses them. They were left out natively, so a removed
+    tool was still offered and one added by value never was. A request holding one now goes to a vLLM translated,
+    its tools resolved as vLLM 0.32 resolves them, and is counted so (by /tokenize)."""
+    old_tool = dict(WEATHER_TOOL, name="old_tool")
     added = {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "get_weather"}}
     removed = {"type": "tool_removal", "tool": {"type": "tool_reference", "name": "old_tool"}}
     messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
                 {"role": "system", "content": [{"type": "text", "text": "The weather server connected."}, added]},
                 {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny."},
                 {"role": "system", "content": [removed]}, {"role": "user", "content": "Thanks."}]
-    tools = [dict(WEATHER_TOOL, defer_loading=True)]
+    tools = [dict(WEATHER_TOOL, defer_loading=True), old_tool]
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=tools, messages=messages)
-    for counting in (False, True):
-        sent = fake.requests[-1]
-        assert sent.path == (b"/v1/messages/count_tokens" if counting else b"/v1/messages")
-        assert sent.body["messages"] == messages[:2] + [
-            {"role": "system", "content": [{"type": "text", "text": "The weather server connected."}]}] + \
-            messages[3:5] + messages[6:]
-        if not counting:
-            await in_thread(client.messages.count_tokens, model=MODEL, tools=tools, messages=messages)
-    plain = [{"role": "user", "content": "Hi."}]  # (nothing to leave out: the body as it came)
-    await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=plain)
-    assert fake.requests[-1].body["messages"] == plain
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/chat/completions"
+    assert [t["function"]["name"] for t in sent.body["tools"]] == ["get_weather"]
+    await in_thread(client.messages.count_tokens, model=MODEL, tools=tools, messages=messages)
+    sent = fake.requests[-1]
+    assert sent.path == b"/tokenize" and [t["function"]["name"] for t in sent.body["tools"]] == ["get_weather"]
+    plain = [{"role": "user", "content": "Hi."}]  # (without changes: native, the body as it came)
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=tools, messages=plain)
+    assert fake.requests[-1].path == b"/v1/messages" and fake.requests[-1].body["messages"] == plain

@@ -1,7 +1,6 @@
 """How the lines of a message batch (L{gomodel.anthropic.batches}) go upstream: natively or translated."""
 
-from gomodel.anthropic.translate import (chat_to_message_bytes, messages_to_chat, native_message_bytes, vllm_fields,
-                                         without_tool_changes)
+from gomodel.anthropic.translate import chat_to_message_bytes, messages_to_chat, native_message_bytes, vllm_fields
 from gomodel.api.messages import chat_for, translates
 
 
@@ -26,10 +25,10 @@ class MessagesLines:
     def plan(self, payload, route, fallbacks, principal, body_for):
         """C{(path, body, fallbacks, rebody, answer)} for a line whose body is C{payload} going to C{route}.
 
-        Natively (C{/messages}, a vLLM: its Messages take C{cache_salt}; its system messages' tool changes left
-        out, L{without_tool_changes}), or translated to C{/chat/completions}
+        Natively (C{/messages}, a vLLM: its Messages take C{cache_salt}), or translated to C{/chat/completions}
         (any other provider, a vLLM that schedules by priority where the line has one: vLLM's Messages have
-        no C{priority}, and a vLLM where it has stop sequences or a document: L{translates}); the fallbacks are those reached the
+        no C{priority}, and a vLLM where it has stop sequences, a document, a prefill or tool changes:
+        L{translates}); the fallbacks are those reached the
         same way.
 
         @param body_for: C{body_for(principal, payload, model, provider)} -> the body for C{model} at
@@ -43,10 +42,8 @@ class MessagesLines:
         fallbacks = [r for r in fallbacks
                      if self._messages.native_for(r, prioritised=prioritised, translating=translating) == native]
         if native:
-            native_payload = without_tool_changes(payload)  # (vLLM's Messages refuse them, as online)
-
             def rebody(model, provider):
-                return body_for(principal, native_payload, model, provider)
+                return body_for(principal, payload, model, provider)
 
             return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, native_answer
         chat = messages_to_chat(payload)

@@ -86,7 +86,7 @@ def messages_to_chat(body: dict) -> dict:
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
         chat["user"] = metadata["user_id"]
-    tools = _tools(body.get("tools"))
+    tools = _tools(_resolved_tools(body))
     if tools:
         chat["tools"] = tools
     if body.get("tool_choice") is not None:
@@ -176,7 +176,7 @@ def count_tokens_request(body: dict) -> dict:
     """
     _require_object(body)
     tokenize = {"model": body.get("model"), "messages": _chat_messages(body)}
-    tools = _tools(body.get("tools"))
+    tools = _tools(_resolved_tools(body))
     if tools:
         tokenize["tools"] = tools
     kwargs = _template_kwargs(body)
@@ -259,29 +259,60 @@ def _check_prefill(message):
 
 
 # Blocks of a system message in `messages` that add or remove a tool (Anthropic's mid-conversation tool changes,
-# which Claude Code sends when an MCP server connects): a chat upstream is sent every tool, deferred or not.
+# which Claude Code sends when an MCP server connects): a chat upstream gets the tools in effect at the end.
 _TOOL_CHANGES = ("tool_addition", "tool_removal")
 
 
-def without_tool_changes(body: dict) -> dict:
-    """C{body}, a Messages request for vLLM's own Messages API, without its system messages' tool changes
-    (L{_TOOL_CHANGES}): vLLM refuses them (its block types have none), and they change nothing there (it gives
-    the chat template every tool, deferred or not); a system message that held only them goes with them.
-    C{body} itself where there are none."""
+def has_tool_changes(body) -> bool:
+    """Whether a system message of the Messages request C{body} holds a tool change (L{_TOOL_CHANGES})."""
     messages = body.get("messages")
-    if not isinstance(messages, list):
-        return body
-    changed = None
-    for i, message in enumerate(messages):
-        if isinstance(message, dict) and message.get("role") == "system" and isinstance(message.get("content"), list):
-            content = message["content"]
-            kept = [block for block in content if not (isinstance(block, dict) and block.get("type") in _TOOL_CHANGES)]
-            if len(kept) != len(content):
-                changed = changed or list(messages)
-                changed[i] = dict(message, content=kept) if kept else None
-    if changed is None:
-        return body
-    return dict(body, messages=[message for message in changed if message is not None])
+    return isinstance(messages, list) and any(
+        isinstance(message, dict) and message.get("role") == "system" and isinstance(message.get("content"), list)
+        and any(isinstance(block, dict) and block.get("type") in _TOOL_CHANGES for block in message["content"])
+        for message in messages)
+
+
+def _resolved_tools(body):
+    """C{body}'s C{tools} as its system messages' tool changes leave them at the end of the conversation, as vLLM
+    0.32's own Messages API resolves them (a chat template sees one tool list): a tool removed is left out, one
+    added by reference is back, one added by value (a C{tool_definition}) is declared. C{tools} itself where
+    there are none.
+
+    @raise InvalidRequest: a change names no tool, or a tool that C{tools} does not declare.
+    """
+    tools = body.get("tools")
+    if not has_tool_changes(body):
+        return tools
+    _tools(tools)  # (what it declares is checked as without changes)
+    declared = {tool.get("name"): tool for tool in tools or () if isinstance(tool, dict)}
+    removed = set()
+    for i, message in enumerate(body["messages"]):
+        if not (isinstance(message, dict) and message.get("role") == "system" and isinstance(message.get("content"),
+                                                                                             list)):
+            continue
+        for j, block in enumerate(message["content"]):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind not in _TOOL_CHANGES:
+                continue
+            where = f"messages.{i}.content.{j}.tool"
+            change = block.get("tool") if isinstance(block.get("tool"), dict) else {}
+            definition = change.get("definition")
+            if kind == "tool_addition" and change.get("type") == "tool_definition" and isinstance(definition, dict):
+                name = definition.get("name")
+                declared[name] = definition
+            elif change.get("type") == "tool_reference" and isinstance(change.get("name"), str):
+                name = change["name"]
+                if name not in declared:
+                    raise InvalidRequest(f"{where}: {kind} references tool {name!r}, which is not declared in tools",
+                                         param=where)
+            else:
+                raise InvalidRequest(f"{where}: a tool_reference (or, to add one, a tool_definition) is required",
+                                     param=where)
+            if kind == "tool_removal":
+                removed.add(name)
+            else:
+                removed.discard(name)
+    return [tool for name, tool in declared.items() if name not in removed]
 
 
 def _system_texts(system, where, inline=False) -> list:

@@ -46,7 +46,7 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
                                          chat_to_events_bytes, chat_to_message_bytes, count_tokens_answer,
                                          count_tokens_request, is_anthropic_error, message_events_bytes,
                                          messages_to_chat, native_message_bytes, openai_error_to_anthropic,
-                                         vllm_fields, without_tool_changes, without_vllm_fields)
+                                         has_tool_changes, vllm_fields, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -204,7 +204,8 @@ class MessagesRoutes:
             raise errors.NotSupported(
                 f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
                 f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
-        translating = has_documents(body) or prefilled(body)  # (stop sequences count the same either way)
+        # (stop sequences count the same either way)
+        translating = has_documents(body) or prefilled(body) or has_tool_changes(body)
         while True:
             first, fallbacks, native = self._targets(routes, counting=True, translating=translating)
             upstream = first.provider
@@ -223,8 +224,7 @@ class MessagesRoutes:
 
     async def _native(self, request, ctx, upstream, path, body, fallbacks, affinity, headers, observer,
                       whole=None):
-        """Relay C{body} to the provider's own Messages API (C{path}), only its C{model} rewritten (and its
-        system messages' tool changes left out, which vLLM refuses: L{without_tool_changes}).
+        """Relay C{body} to the provider's own Messages API (C{path}), only its C{model} rewritten.
 
         @param whole: what a whole answer is made into: for a stream, its events (an upstream that did not
             stream); else the answer checked (a message without a stop reason is a 502), or None as it came.
@@ -234,7 +234,7 @@ class MessagesRoutes:
             if response.code in _MAYBE_UNSUPPORTED:
                 await self._vet(ctx, response)
 
-        body = dict(without_tool_changes(body), model=ctx.upstream_model)
+        body = dict(body, model=ctx.upstream_model)
         if self._salts is not None and path == "/messages":
             self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=whole,
@@ -386,9 +386,10 @@ class MessagesRoutes:
 def translates(body) -> bool:
     """Whether the Messages request C{body} goes to a vLLM translated, never natively: it has stop sequences (its
     chat completion names the sequence that ended the answer; its Messages API before vllm#45807 says C{end_turn}
-    and drops it, and a vLLM's version is not known here), a document block (L{has_documents}), or a prefill
-    (L{prefilled})."""
-    return bool(body.get("stop_sequences")) or has_documents(body) or prefilled(body)
+    and drops it, and a vLLM's version is not known here), a document block (L{has_documents}), a prefill
+    (L{prefilled}), or a system message's tool changes (vLLM 0.32 resolves them, one without that support refuses
+    them; the translation resolves them as 0.32 does)."""
+    return bool(body.get("stop_sequences")) or has_documents(body) or prefilled(body) or has_tool_changes(body)
 
 
 def prefilled(body) -> bool:

@@ -153,8 +153,9 @@ def test_a_translated_stream_is_recorded_with_vllms_usage(vllm, gateway):
     assert (record["input_tokens"], record["output_tokens"]) == (theirs["usage"]["input_tokens"],
                                                                  theirs["usage"]["output_tokens"])
     request_id = "it-msg-" + secrets.token_hex(8)
+    thinking = {"type": "enabled", "budget_tokens": 1024}
     refused = request("POST", gateway.url + "/messages", timeout=60,
-                      body=dict(body, model=MODEL, max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}),
+                      body=dict(body, model=MODEL, max_tokens=2048, thinking=thinking),
                       headers={"x-api-key": gateway.master_key, "X-Request-Id": request_id})
     # vLLM 0.32 refuses it only once its stream has begun (an in-band error, natively too): an error event in
     # Anthropic's shape with vLLM's reason, recorded as no success.
@@ -183,3 +184,29 @@ def test_a_prefill_is_continued_as_vllms_chat_continues_it(vllm, gateway):
     counted = request("POST", gateway.url + "/messages/count_tokens", {"model": MODEL, "messages": messages},
                       headers={"x-api-key": gateway.master_key})
     assert counted.json() == {"input_tokens": chat["usage"]["prompt_tokens"]}, counted
+
+
+def test_tool_changes_leave_the_tools_vllm_leaves(vllm, gateway):
+    """vLLM 0.32 resolves a system message's tool_addition and tool_removal blocks (a removed tool is not offered,
+    one added by value is); the gateway, which sends such a request translated (a vLLM without that support
+    refuses them), resolves them the same way: its counts equal vLLM's own."""
+    alpha = {"name": "alpha", "description": "Alpha does alpha things.",
+             "input_schema": {"type": "object", "properties": {"x": {"type": "string"}}}}
+    gamma = {"name": "gamma", "description": "Gamma, added later, with a long description of its own.",
+             "input_schema": {"type": "object", "properties": {}}}
+    tools = [alpha, dict(alpha, name="beta", description="Beta.")]
+    changes = {"removed": {"type": "tool_removal", "tool": {"type": "tool_reference", "name": "alpha"}},
+               "defined": {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": gamma}}}
+    counts = {}
+    for name, change in changes.items():
+        body = {"tools": tools, "messages": ASK + [
+            {"role": "system", "content": [{"type": "text", "text": "Tools changed."}, change]}]}
+        theirs = request("POST", vllm.chat_root + "/v1/messages/count_tokens", dict(body, model=CHAT_MODEL))
+        mine = request("POST", gateway.url + "/messages/count_tokens", dict(body, model=MODEL),
+                       headers={"x-api-key": gateway.master_key})
+        assert theirs.status == mine.status == 200, (theirs, mine)
+        counts[name] = (theirs.json()["input_tokens"], mine.json()["input_tokens"])
+        answer = _gateway(gateway, dict(body, **GREEDY))
+        assert answer.status == 200 and answer.json()["usage"]["input_tokens"] == counts[name][1], answer
+    assert all(theirs == mine for theirs, mine in counts.values()), counts
+    assert counts["removed"][0] < counts["defined"][0], counts
