@@ -56,6 +56,19 @@ def last_within(sizes, max_bytes: int):
     return last
 
 
+def within_bytes(conn, source, line, size, where, args, limit, max_bytes, mark):
+    """C{(where, args)} narrowed to the rows of C{source} a page of at most C{max_bytes} takes (L{last_within}), in
+    C{line} order, C{limit} at most: their C{size}s (C{length}, C{octet_length}: a blob's length without the blob)
+    read first; as they are without C{max_bytes}; None where no row is there. C{mark}: the driver's placeholder."""
+    if max_bytes is None:
+        return where, args
+    last = last_within(conn.execute(f"SELECT {line}, {size} FROM {source} WHERE {where} ORDER BY {line} LIMIT {mark}",
+                                    (*args, limit)), max_bytes)
+    if last is None:
+        return None
+    return f"{where} AND {line} <= {mark}", [*args, last]
+
+
 def new_file_id() -> str:
     """A fresh file id (also the id of its contents in the blob store)."""
     return "file-" + uuid.uuid4().hex

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.postgresql.files import insert_file
-from gomodel.store.records import UNFINISHED, LeaseLost, last_within, tenant_list
+from gomodel.store.records import UNFINISHED, LeaseLost, tenant_list, within_bytes
 
 BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
@@ -201,13 +201,11 @@ class PostgreSQLBatchStore:
         where, args = ("r.batch_id = %s AND r.line > %s AND NOT EXISTS "
                        "(SELECT 1 FROM batch_results s WHERE s.batch_id = r.batch_id AND s.line = r.line)"), \
             [batch_id, after_line]
-        if max_bytes is not None:  # (the bodies' sizes first: octet_length reads no TOASTed value)
-            last = last_within(conn.execute(f"SELECT r.line, octet_length(r.body) FROM batch_requests r WHERE {where} "
-                                            "ORDER BY r.line LIMIT %s", (*args, limit)).fetchall(), max_bytes)
-            if last is None:
-                return []
-            where += " AND r.line <= %s"
-            args.append(last)
+        bounded = within_bytes(conn, "batch_requests r", "r.line", "octet_length(r.body)", where, args, limit, max_bytes,
+                               "%s")  # (octet_length reads no TOASTed value)
+        if bounded is None:
+            return []
+        where, args = bounded
         rows = conn.execute(f"SELECT r.line, r.custom_id, r.body FROM batch_requests r WHERE {where} "
                             "ORDER BY r.line LIMIT %s", (*args, limit)).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]
@@ -243,13 +241,10 @@ class PostgreSQLBatchStore:
         if ok is not None:
             where += " AND ok = %s"
             args.append(bool(ok))
-        if max_bytes is not None:  # (the lines' sizes first: octet_length reads no TOASTed value)
-            last = last_within(conn.execute(f"SELECT line, octet_length(data) FROM batch_results WHERE {where} "
-                                            "ORDER BY line LIMIT %s", (*args, limit)).fetchall(), max_bytes)
-            if last is None:
-                return []
-            where += " AND line <= %s"
-            args.append(last)
+        bounded = within_bytes(conn, "batch_results", "line", "octet_length(data)", where, args, limit, max_bytes, "%s")
+        if bounded is None:
+            return []
+        where, args = bounded
         rows = conn.execute(f"SELECT line, custom_id, ok, data FROM batch_results WHERE {where} ORDER BY line "
                             "LIMIT %s", (*args, limit)).fetchall()
         return [(r[0], r[1], bool(r[2]), bytes(r[3])) for r in rows]

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
-from gomodel.store.records import UNFINISHED, LeaseLost, last_within, tenant_list
+from gomodel.store.records import UNFINISHED, LeaseLost, tenant_list, within_bytes
 from gomodel.store.sqlite.rows import insert_rows, marks
 from gomodel.store.sqlite.files import insert_file
 
@@ -204,13 +204,10 @@ class SQLiteBatchStore:
         where, args = ("r.batch_id = ? AND r.line > ? AND NOT EXISTS "
                        "(SELECT 1 FROM batch_results s WHERE s.batch_id = r.batch_id AND s.line = r.line)"), \
             [batch_id, after_line]
-        if max_bytes is not None:  # (the bodies' sizes first: SQLite reads a blob's length without the blob)
-            last = last_within(conn.execute(f"SELECT r.line, length(r.body) FROM batch_requests r WHERE {where} "
-                                            "ORDER BY r.line LIMIT ?", (*args, limit)), max_bytes)
-            if last is None:
-                return []
-            where += " AND r.line <= ?"
-            args.append(last)
+        bounded = within_bytes(conn, "batch_requests r", "r.line", "length(r.body)", where, args, limit, max_bytes, "?")
+        if bounded is None:
+            return []
+        where, args = bounded
         rows = conn.execute(f"SELECT r.line, r.custom_id, r.body FROM batch_requests r WHERE {where} "
                             "ORDER BY r.line LIMIT ?", (*args, limit)).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]
@@ -246,13 +243,10 @@ class SQLiteBatchStore:
         if ok is not None:
             where += " AND ok = ?"
             args.append(1 if ok else 0)
-        if max_bytes is not None:  # (the lines' sizes first: SQLite reads a blob's length without the blob)
-            last = last_within(conn.execute(f"SELECT line, length(data) FROM batch_results WHERE {where} "
-                                            "ORDER BY line LIMIT ?", (*args, limit)), max_bytes)
-            if last is None:
-                return []
-            where += " AND line <= ?"
-            args.append(last)
+        bounded = within_bytes(conn, "batch_results", "line", "length(data)", where, args, limit, max_bytes, "?")
+        if bounded is None:
+            return []
+        where, args = bounded
         rows = conn.execute(f"SELECT line, custom_id, ok, data FROM batch_results WHERE {where} ORDER BY line LIMIT ?",
                             (*args, limit)).fetchall()
         return [(r[0], r[1], bool(r[2]), bytes(r[3])) for r in rows]
