@@ -238,3 +238,41 @@ def copy_counting_bytes():
             return part
 
     return Read, copied
+
+
+async def send_streams_failing_after_200(http, gateway, headers, model):
+    """Three streamed chats answered 200, read to their ends: a whole one, one its upstream breaks off after two
+    events (its cut body's error swallowed), one whose upstream sends an error event, then C{[DONE]}."""
+    import json
+
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    error_event = json.dumps({"error": {"message": "oops", "type": "InternalServerError", "code": 500}})
+    chunk = json.dumps({"id": "a", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                        "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]})
+    for body in (chat, dict(chat, fake_die_after=2), dict(chat, fake_sse=[chunk, error_event, "[DONE]"])):
+        response = await http.post(gateway.url + "/v1/chat/completions", headers=headers,
+                                   data=json.dumps(body).encode())
+        assert response.code == 200
+        try:
+            await response.content()
+        except Exception:
+            pass  # the broken one's body is cut, as it must be
+
+
+async def charge_a_batch_and_a_background_response(reactor, gateway, fake, sdk, model):
+    """Run a batch of two chat lines to its end and a background response its watch charges (19 and 3 tokens):
+    tokens no request's end counts. Fires with the usage ledger's records once the response's are among them."""
+    from tests.test_batches import chat_line, start_batch
+
+    created = await start_batch(sdk, [chat_line("a"), chat_line("b")])
+    await gateway.service.batch_runner.settled(created.id)
+    background = await in_thread(sdk.responses.create, model=model, input="long job", background=True)
+    fake.stored_responses[background.id].update(status="completed", usage={
+        "input_tokens": 19, "output_tokens": 3, "total_tokens": 22})
+    for _ in range(200):  # (its watch asks its instance, then charges it)
+        await gateway.service.usage.flush()
+        records, _ = await gateway.service.store.usage.log(0, 2e9, 100)
+        if any(r["total_tokens"] == 22 for r in records):
+            return records
+        await deferLater(reactor, 0.05, lambda: None)
+    return records

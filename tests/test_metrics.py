@@ -8,8 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gomodel.accounting.metrics import forget_process
 from tests.rawclient import chat_request, connect
-from tests.support import (dead_base_url, in_thread, openai_client, start_fake, start_gateway, stop_all,
-                           with_timeout)
+from tests.support import (charge_a_batch_and_a_background_response, dead_base_url, in_thread, openai_client,
+                           send_streams_failing_after_200, start_fake, start_gateway, stop_all, with_timeout)
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 KEY = {"Authorization": "Bearer k1"}
@@ -285,17 +285,7 @@ async def test_a_stream_the_upstream_broke_or_failed_in_band_is_an_error(reactor
     C{outcome} and C{gomodel_upstream_errors_total} say)."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
     try:
-        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        error_event = json.dumps({"error": {"message": "oops", "type": "InternalServerError", "code": 500}})
-        chunk = json.dumps({"id": "a", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                            "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]})
-        for body in (chat, dict(chat, fake_die_after=2), dict(chat, fake_sse=[chunk, error_event, "[DONE]"])):
-            response = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(body).encode())
-            assert response.code == 200
-            try:
-                await response.content()
-            except Exception:
-                pass  # the broken one's body is cut, as it must be
+        await send_streams_failing_after_200(http, gw, KEY, MODEL)
         found = await scrape(http, gw)
         labels = {"model": MODEL, "status_code": "200", "stream": "true"}
         assert value(found, "gomodel_requests_total", status_type="success", **labels) == 1
@@ -385,26 +375,11 @@ async def test_the_tokens_of_batch_lines_and_background_responses_are_counted_as
         reactor, http, fake, tmp_path):
     """C{gomodel_tokens_total} counts what the usage ledger does: a batch line's answer and a background response
     (charged by its watch once over) are recorded apart from any request's end, and were left out of it."""
-    from twisted.internet.task import deferLater
-
-    from tests.test_batches import chat_line, start_batch
-
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
                                        "GOMODEL_DATA_DIR": str(tmp_path / "d")})
     sdk = openai_client(gw, "k1", timeout=20)
     try:
-        created = await start_batch(sdk, [chat_line("a"), chat_line("b")])
-        await gw.service.batch_runner.settled(created.id)
-        background = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True)
-        fake.stored_responses[background.id].update(status="completed", usage={
-            "input_tokens": 19, "output_tokens": 3, "total_tokens": 22})
-
-        for _ in range(200):  # (its watch asks its instance, then charges it)
-            await gw.service.usage.flush()
-            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
-            if any(r["total_tokens"] == 22 for r in records):
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        records = await charge_a_batch_and_a_background_response(reactor, gw, fake, sdk, MODEL)
         found = await scrape(http, gw)
         for kind in ("input", "output"):
             assert value(found, "gomodel_tokens_total", type=kind, model=MODEL) == sum(

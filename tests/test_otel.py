@@ -27,7 +27,8 @@ from tests.fakes.otlp import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, STATUS_ERROR, S
 from tests.fakes.vllm import CHAT_MODEL
 from tests import rawclient
 from tests.test_audio import form
-from tests.support import in_thread, openai_client, start_fake, start_gateway, with_timeout
+from tests.support import (charge_a_batch_and_a_background_response, in_thread, openai_client, start_fake,
+                           start_gateway, with_timeout)
 
 MODEL = "vllm/" + CHAT_MODEL
 MASTER_KEY = "sk-gateway-master-5ecret"
@@ -450,23 +451,11 @@ async def test_the_tokens_of_batch_lines_and_background_responses_are_recorded_a
     """C{gen_ai.client.token.usage} records what the usage ledger (and C{gomodel_tokens_total}) counts: a batch
     line's answer and a background response charged by its watch once over were left out of it (no request's end
     records them)."""
-    from tests.test_batches import chat_line, start_batch
-
     await otel.start(single=True, env={"GOMODEL_DATA_DIR": str(tmp_path / "d")})
     gw, fake = otel.gateway, otel.fleet[0]
     sdk = openai_client(gw, MASTER_KEY, timeout=20)
     try:
-        created = await start_batch(sdk, [chat_line("a"), chat_line("b")])
-        await gw.service.batch_runner.settled(created.id)
-        background = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True)
-        fake.stored_responses[background.id].update(status="completed", usage={
-            "input_tokens": 19, "output_tokens": 3, "total_tokens": 22})
-        for _ in range(200):  # (its watch asks its instance, then charges it)
-            await gw.service.usage.flush()
-            records, _ = await gw.service.store.usage.log(0, 2e9, 100)
-            if any(r["total_tokens"] == 22 for r in records):
-                break
-            await deferLater(otel.reactor, 0.05, lambda: None)
+        records = await charge_a_batch_and_a_background_response(otel.reactor, gw, fake, sdk, MODEL)
     finally:
         sdk.close()
     await otel.stop_gateway()

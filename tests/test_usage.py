@@ -8,7 +8,7 @@ import pytest_twisted
 
 from tests.rawclient import chat_request, connect
 from tests.stores import sqlite_store  # noqa: F401 (a fixture)
-from tests.support import start_fake, start_gateway, with_timeout
+from tests.support import send_streams_failing_after_200, start_fake, start_gateway, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 KEY = {"Authorization": "Bearer k1"}
@@ -488,17 +488,7 @@ async def test_a_stream_that_failed_after_its_200_is_an_error_of_the_ledger(reac
     env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d")}
     gw = await start_gateway(reactor, env)
     try:
-        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        error_event = json.dumps({"error": {"message": "oops", "type": "InternalServerError", "code": 500}})
-        chunk = json.dumps({"id": "a", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                            "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]})
-        for body in (chat, dict(chat, fake_die_after=2), dict(chat, fake_sse=[chunk, error_event, "[DONE]"])):
-            response = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(body).encode())
-            assert response.code == 200
-            try:
-                await response.content()
-            except Exception:
-                pass  # the broken one's body is cut, as it must be
+        await send_streams_failing_after_200(http, gw, KEY, MODEL)
         in_band, broken, whole = await _recorded(gw, 3)
         assert [r["status_code"] for r in (in_band, broken, whole)] == [200, 200, 200]
         assert [r["outcome"] for r in (in_band, broken, whole)] == ["error", "stream_broken", "ok"]
