@@ -372,6 +372,22 @@ class _Probed:
         return 0
 
 
+def _probed_pool(clock, failure_threshold=3):
+    """Two replicas of L{_Probed} servers in a pool whose monitor has made its first checks (health every 5 s,
+    no scrapes): C{(servers, replicas, pool, monitor)}."""
+    from gomodel.routing.health import ReplicaMonitor
+    from gomodel.routing.registry import ModelRegistry
+
+    servers = [_Probed(), _Probed()]
+    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock, failure_threshold=failure_threshold)
+                for i in range(2)]
+    pool = ReplicaPool("vllm", "vllm", replicas, clock)
+    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=5.0, metrics_interval=0)
+    monitor.startService()
+    clock.advance(0)
+    return servers, replicas, pool, monitor
+
+
 def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_readmitted_on_one_trial():
     """/health 200, inference 500: 3 failed requests take replica 1 down. Before, its next passing probe put it
     back to full traffic (down and up every probe, 3 failed requests each time). Now it is held out for the
@@ -380,17 +396,10 @@ def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_
     A failed probe (it was really down) lifts the hold."""
     from gomodel.accounting.metrics import ReplicaCollector
     from gomodel.api.admin import _replica
-    from gomodel.routing.health import ReplicaMonitor
     from gomodel.routing.pool import HOLD_MAX
-    from gomodel.routing.registry import ModelRegistry
 
     clock = Clock()
-    servers = [_Probed(), _Probed()]
-    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock, failure_threshold=3) for i in range(2)]
-    pool = ReplicaPool("vllm", "vllm", replicas, clock)
-    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=5.0, metrics_interval=0)
-    monitor.startService()
-    clock.advance(0)
+    servers, replicas, pool, monitor = _probed_pool(clock)
     one = replicas[1]
     assert [r.state for r in replicas] == [READY, READY]
 
@@ -452,16 +461,9 @@ def test_requests_failing_on_a_replica_already_down_leave_its_checks_to_decide()
     came back with its failures past the threshold, and the first request to fail there took it down again and
     held it out; and its last_error became theirs. A request's failure on a replica already down says nothing
     new: back, it starts again from no failure."""
-    from gomodel.routing.health import ReplicaMonitor
-    from gomodel.routing.registry import ModelRegistry
 
     clock = Clock()
-    servers = [_Probed(), _Probed()]
-    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock, failure_threshold=3) for i in range(2)]
-    pool = ReplicaPool("vllm", "vllm", replicas, clock)
-    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=5.0, metrics_interval=0)
-    monitor.startService()
-    clock.advance(0)
+    servers, replicas, pool, monitor = _probed_pool(clock)
     one = replicas[1]
     servers[1].healthy = False
     for _ in range(3):  # three failed checks
@@ -482,16 +484,9 @@ def test_a_replica_back_from_down_is_ready_only_once_its_models_are_read_again()
     loaded at run time, are gone). Before, its first passing check made it ready at once with the models it had
     listed before, so that requests for those that came before its model list was read again went there and got
     vLLM's 404; now it is ready once that list is read (its checks pass meanwhile)."""
-    from gomodel.routing.health import ReplicaMonitor
-    from gomodel.routing.registry import ModelRegistry
 
     clock = Clock()
-    servers = [_Probed(), _Probed()]
-    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock, failure_threshold=1) for i in range(2)]
-    pool = ReplicaPool("vllm", "vllm", replicas, clock)
-    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=5.0, metrics_interval=0)
-    monitor.startService()
-    clock.advance(0)
+    servers, replicas, pool, monitor = _probed_pool(clock, failure_threshold=1)
     one = replicas[1]
     assert one.ready and one.serves("m")
     servers[1].healthy = False
