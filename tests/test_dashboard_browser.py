@@ -44,6 +44,8 @@ else:
     atexit.register(shutil.rmtree, SCREENSHOTS, True)
 MODEL = f"vllm/{CHAT_MODEL}"
 XSS = "<img src=x onerror=alert(1)>"
+# A second model the replicas serve: a long id with no place to break a line at, and HTML in it.
+LONG_MODEL = "org-" + "x" * 120 + "/" + XSS
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,800", "--lang=en-US")
@@ -211,7 +213,7 @@ async def _until(reactor, check, what, timeout=WAIT):
 async def env(reactor, tmp_path_factory):
     """The fleet, the gateway (a twistd process) and the browser, for every test here."""
     work = tmp_path_factory.mktemp("dashboard")
-    fleet = await FakeFleet(reactor, 2).start()
+    fleet = await FakeFleet(reactor, 2, models=(CHAT_MODEL, LONG_MODEL)).start()
     port, master = free_port(), "gm-dash-" + secrets.token_urlsafe(16)
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "OPENAI_"))}
     environ.update({
@@ -399,6 +401,13 @@ async def test_providers_page_shows_a_replica_going_down(env):
     await in_thread(b.go, "providers")
     await in_thread(b.wait, lambda d: states() == ["ready", "ready"], "two ready replicas")
     assert env.fleet.replicas[0].base_url in await in_thread(b.text_of, "[data-provider='vllm']")
+    # the models, as text, each within its column (before, a long id ran over the next column's)
+    models = "[data-provider='vllm'] .model-list li"
+    assert sorted(await in_thread(b.texts, models)) == sorted([CHAT_MODEL, LONG_MODEL])
+    assert await in_thread(b.js, "return document.querySelectorAll('img[src=\"x\"]').length") == 0
+    overflowing = ("return [...document.querySelectorAll(arguments[0])].filter((li) => li.scrollWidth > li.clientWidth)"
+                   ".length")
+    assert await in_thread(b.js, overflowing, models) == 0
     await env.fleet[1].refuse()
     try:
         await in_thread(b.wait, lambda d: states() == ["ready", "down"], "replica 1 down")
