@@ -464,9 +464,13 @@ async def test_keys_create_show_once_use_and_deactivate(env):
             label = b.wait_text("#keys-list .budget .meter-label", lambda t: "/ 100,000 tokens" in t, "the budget")
             assert label == f"daily: {used} / 100,000 tokens", label
             b.no_alert()
-            # its budgets reset: what they spent counts from now
+            # its budgets reset, once confirmed (before, one click reset them): what they spent counts from now
             row = [r for r in b.all("#keys-list tr.key-row") if XSS in r.text][0]
             row.find_element("xpath", ".//button[text()='Reset budgets']").click()
+            row.find_element("xpath", ".//button[text()='Cancel']").click()
+            row.find_element("xpath", ".//button[text()='Reset budgets']").click()
+            assert b.text_of("#keys-list .budget .meter-label") == label and b.text_of("#keys-messages") == ""
+            row.find_element("xpath", ".//button[text()='Confirm reset']").click()
             b.wait_text("#keys-messages", lambda t: "Budgets reset" in t, "the reset")
             b.wait_text("#keys-list .budget .meter-label", lambda t: t == "daily: 0 / 100,000 tokens",
                         "the reset budget")
@@ -486,6 +490,10 @@ async def test_keys_create_show_once_use_and_deactivate(env):
             b.wait(lambda d: any("1,200 rpm" in t for t in b.texts("#keys-list tr.key-row")), "the new limit")
             b.shot("keys.png")
             row = [r for r in b.all("#keys-list tr.key-row") if XSS in r.text][0]
+            row.find_element("xpath", ".//button[text()='Deactivate']").click()
+            row.find_element("xpath", ".//button[text()='Cancel']").click()  # (the row's buttons back, all three)
+            assert [e.text for e in row.find_elements("css selector", ".row-actions button")] == [
+                "Edit", "Reset budgets", "Deactivate"]
             row.find_element("xpath", ".//button[text()='Deactivate']").click()
             row.find_element("xpath", ".//button[text()='Confirm deactivate']").click()
             b.wait_text("#keys-messages", lambda t: "Key deactivated" in t, "the deactivation")

@@ -53,34 +53,32 @@ export function mount(el) {
 
   function actions(k) {
     const box = h("div", {class: "row-actions", "data-key-id": k.id});
-    const edit = button("Edit", () => showForm(k));
-    if (!k.enabled) return replace(box, edit);
-    const deactivate = button("Deactivate", () => {
-      replace(box,
-        button("Confirm deactivate", async () => {
-          try {
-            await admin(`auth-keys/${encodeURIComponent(k.id)}/deactivate`, {method: "POST"});
-            replace(messages, note("ok", "Key deactivated: ", h("strong", {text: k.name}),
-              " is refused (401) on every process within about a second."));
-            load();
-          } catch (error) {
-            replace(messages, errorNote(error));
-          }
-        }, {kind: "danger"}),
-        button("Cancel", () => replace(box, edit, deactivate)));
-    }, {kind: "danger-ghost"});
-    if (!(k.budgets || []).length) return replace(box, edit, deactivate);
-    const reset = button("Reset budgets", async () => {
-      try {
+    const shown = [button("Edit", () => showForm(k))];
+    if (!k.enabled) return replace(box, shown);
+    // An action that cannot be undone, asked twice: its button, then Confirm and Cancel in its place.
+    const twice = (text, kind, confirmText, act) => button(text, () => replace(box,
+      button(confirmText, async () => {
+        try {
+          await act();
+          load();
+        } catch (error) {
+          replace(messages, errorNote(error));
+        }
+      }, {kind: "danger"}),
+      button("Cancel", () => replace(box, shown))), {kind});
+    if ((k.budgets || []).length) {
+      shown.push(twice("Reset budgets", "ghost", "Confirm reset", async () => {
         await admin(`auth-keys/${encodeURIComponent(k.id)}/budgets/reset`, {method: "POST"});
         replace(messages, note("ok", "Budgets reset: what ", h("strong", {text: k.name}),
           " spent in each budget's period counts from now, on every process within about a second."));
-        load();
-      } catch (error) {
-        replace(messages, errorNote(error));
-      }
-    }, {kind: "ghost"});
-    return replace(box, edit, reset, deactivate);
+      }));
+    }
+    shown.push(twice("Deactivate", "danger-ghost", "Confirm deactivate", async () => {
+      await admin(`auth-keys/${encodeURIComponent(k.id)}/deactivate`, {method: "POST"});
+      replace(messages, note("ok", "Key deactivated: ", h("strong", {text: k.name}),
+        " is refused (401) on every process within about a second."));
+    }));
+    return replace(box, shown);
   }
 
   function showForm(k) {
