@@ -806,6 +806,24 @@ async def test_compact_numbers_round_up_into_the_next_unit(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_costs_are_grouped_in_thousands_as_counts_are(env):
+    """A cost (dom.js cost(): the usage page's, a cost budget's) reads as the token counts beside it do: 12,345,678.50,
+    never "12345678.50"; below a cent, six places."""
+    b = env.browser
+    expected = {"12345678.5": "12,345,678.50", "999.999": "1,000.00", "0.5": "0.50", "0": "0.00",
+                "0.0012": "0.001200", "-1234.5": "-1,234.50"}
+
+    def shown():
+        b.go("overview")
+        return b.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "import('/admin/static/dom.js').then((dom) => done(Object.fromEntries("
+            "arguments[0].map((n) => [n, dom.cost(Number(n))]))))", list(expected))
+
+    assert await in_thread(shown) == expected
+
+
+@pytest_twisted.ensureDeferred
 async def test_every_page_fits_a_phone(env):
     b = env.browser
     # a name, user path and metadata with no place to break a line at (before, the keys page was 763 px wide)

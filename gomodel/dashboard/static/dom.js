@@ -99,9 +99,12 @@ export function msPair(a, b) {
   return `${ms(a)} / ${ms(b)}`;
 }
 
+const money = new Intl.NumberFormat("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 2});
+
+// 12,345,678.50 (grouped as int()'s counts are); below a cent, six places: 0.001200.
 export function cost(value) {
   if (value === null || value === undefined) return "–";
-  return value < 0.01 && value > 0 ? value.toFixed(6) : value.toFixed(2);
+  return value < 0.01 && value > 0 ? value.toFixed(6) : money.format(value);
 }
 
 export function percent(value) {
