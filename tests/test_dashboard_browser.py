@@ -528,6 +528,53 @@ async def test_a_keys_expiry_is_shown_in_the_list(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_keys_are_made_and_reset_from_the_keyboard(env):
+    """Enter on a row's Reset budgets puts the focus on its Confirm (before, the button pressed went away and the focus
+    with it, to the top of the page); Cancel gives it back; a new key's secret has its Copy button focused."""
+    from selenium.webdriver.common.keys import Keys
+
+    b = env.browser
+    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
+                             json={"name": "keyboard", "budgets": [{"period": "daily", "max_tokens": 1000}]})
+    key = await answer.json()
+    assert answer.code == 201, key
+
+    def focused():
+        return b.js("return document.activeElement.textContent")
+
+    def press(key_name):
+        b.driver.switch_to.active_element.send_keys(key_name)
+
+    def keyboard():
+        b.go("keys")
+        b.driver.refresh()
+        buttons = f".row-actions[data-key-id='{key['id']}'] button"
+        b.wait(lambda d: b.all(buttons), "the key's buttons")
+        b.js("[...document.querySelectorAll(arguments[0])].find((e) => e.textContent === 'Reset budgets').focus()",
+             buttons)
+        press(Keys.ENTER)
+        assert focused() == "Confirm reset"
+        press(Keys.TAB)
+        assert focused() == "Cancel"
+        press(Keys.ENTER)
+        assert focused() == "Reset budgets"
+        press(Keys.ENTER)
+        press(Keys.ENTER)
+        b.wait_text("#keys-messages", lambda t: "Budgets reset" in t, "the reset")
+
+        b.js("document.querySelector('#new-key').focus()")
+        press(Keys.ENTER)
+        assert b.js("return document.activeElement.name") == "name"
+        press("typed")
+        press(Keys.ENTER)
+        b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_"), "the new secret")
+        assert focused() == "Copy"
+        b.assert_clean()
+
+    await in_thread(keyboard)
+
+
+@pytest_twisted.ensureDeferred
 async def test_batches_progress_to_100_percent_download_and_cancel(env):
     b = env.browser
     client = _sdk(env)

@@ -55,17 +55,26 @@ export function mount(el) {
     const box = h("div", {class: "row-actions", "data-key-id": k.id});
     const shown = [button("Edit", () => showForm(k))];
     if (!k.enabled) return replace(box, shown);
-    // An action that cannot be undone, asked twice: its button, then Confirm and Cancel in its place.
-    const twice = (text, kind, confirmText, act) => button(text, () => replace(box,
-      button(confirmText, async () => {
-        try {
-          await act();
-          load();
-        } catch (error) {
-          replace(messages, errorNote(error));
-        }
-      }, {kind: "danger"}),
-      button("Cancel", () => replace(box, shown))), {kind});
+    // An action that cannot be undone, asked twice: its button, then Confirm and Cancel in its place (the focus
+    // on Confirm, and back on the button after Cancel: a keyboard's user stays where they were).
+    const twice = (text, kind, confirmText, act) => {
+      const first = button(text, () => {
+        const confirm = button(confirmText, async () => {
+          try {
+            await act();
+            load();
+          } catch (error) {
+            replace(messages, errorNote(error));
+          }
+        }, {kind: "danger"});
+        replace(box, confirm, button("Cancel", () => {
+          replace(box, shown);
+          first.focus();
+        }));
+        confirm.focus();
+      }, {kind});
+      return first;
+    };
     if ((k.budgets || []).length) {
       shown.push(twice("Reset budgets", "ghost", "Confirm reset", async () => {
         await admin(`auth-keys/${encodeURIComponent(k.id)}/budgets/reset`, {method: "POST"});
@@ -186,6 +195,7 @@ export function mount(el) {
             : "Selected: press Ctrl+C (the browser refused clipboard access).";
         }, {kind: "primary"}),
         button("Done", () => replace(secretBox)), status)));
+    secretBox.querySelector(".btn-primary").focus(); // (the form, and the focus in it, went away)
   }
 
   load();
