@@ -624,7 +624,13 @@ async def test_batches_progress_to_100_percent_download_and_cancel(env):
         def cancel():
             row = f"tr.batch-row:has([data-batch-id='{slow.id}'])"
             b.wait(lambda d: b.all(f"{row} .row-actions button"), "the cancel button")
-            b.click(f"{row} .row-actions button")
+            # asked twice (before, one click cancelled it): Keep leaves it running, Confirm cancel cancels it
+            b.click(f"{row} [data-action='cancel']")
+            b.click(f"{row} [data-action='keep']")
+            b.click(f"{row} [data-action='cancel']")
+            assert b.js("return document.activeElement.textContent") == "Confirm cancel"
+            assert b.text_of(f"{row} .batch-status") == "in_progress"
+            b.click(f"{row} [data-action='confirm']")
             b.wait_text(f"{row} .batch-status", lambda t: t in ("cancelling", "cancelled"), "the cancel")
             b.shot("batches.png")
             b.assert_clean()
@@ -670,7 +676,8 @@ async def test_message_batches_are_shown_with_their_results_and_cancel(env):
         def cancel():
             row = f"tr.batch-row:has([data-batch-id='{slow.id}'])"
             b.wait(lambda d: b.all(f"{row} .row-actions button"), "the cancel button")
-            b.click(f"{row} .row-actions button")
+            b.click(f"{row} [data-action='cancel']")
+            b.click(f"{row} [data-action='confirm']")
             b.wait_text(f"{row} .batch-status", lambda t: t in ("cancelling", "cancelled"), "the cancel")
             b.assert_clean()
 

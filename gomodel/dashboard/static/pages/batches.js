@@ -14,6 +14,7 @@ export function mount(el) {
   let stopped = false;
   let shown = 1; // pages of 100 loaded
   let shownSignature = null;
+  const confirming = new Set(); // the batches whose Cancel was pressed, asking for its Confirm (kept across redraws)
   const messages = h("div", {class: "messages", id: "batches-messages"});
   const list = h("div", {id: "batches-list"});
   const more = h("div", {class: "pager"});
@@ -33,11 +34,18 @@ export function mount(el) {
       const signature = JSON.stringify([batches, hasMore]);
       if (signature === shownSignature) return; // unchanged: leave the page (and the pointer) alone
       shownSignature = signature;
+      const focused = document.activeElement && document.activeElement.closest("#batches-list [data-action]");
+      const again = focused && [focused.closest("[data-batch-id]").dataset.batchId, focused.dataset.action];
       replace(list, batches.length ? batchTable(batches) : note("empty",
         "No batches yet. Upload a JSONL file with purpose \"batch\" and create a batch with the OpenAI SDK: ",
         h("code", {text: "client.batches.create(input_file_id=..., endpoint=\"/v1/chat/completions\", " +
           "completion_window=\"24h\")"}), " against this gateway (or a message batch with Anthropic's SDK)."));
       replace(more, hasMore ? button("Load more", () => { shown += 1; shownSignature = null; load(); }) : null);
+      if (again) { // the same button, drawn again, keeps the focus
+        const box = [...list.querySelectorAll("[data-batch-id]")].find((e) => e.dataset.batchId === again[0]);
+        const same = box && box.querySelector(`[data-action='${again[1]}']`);
+        if (same) same.focus();
+      }
     } catch (error) {
       if (!stopped) replace(messages, errorNote(error));
     }
@@ -73,23 +81,18 @@ export function mount(el) {
     ], batches, {rowClass: (b) => `batch-row batch-${b.status}`});
   }
 
+  // A batch's buttons: Cancel (asked twice: Confirm cancel or Keep; a cancel cannot be undone) and its downloads,
+  // each named by data-action (the button focused when the list is drawn again is focused again).
   function actions(b) {
     const box = h("div", {class: "row-actions", "data-batch-id": b.id});
-    if (CANCELLABLE.includes(b.status)) {
-      box.append(button("Cancel", async () => {
-        try {
-          await api(`${b.route}/${encodeURIComponent(b.id)}/cancel`, {method: "POST"});
-          load();
-        } catch (error) {
-          replace(messages, errorNote(error));
-        }
-      }, {kind: "danger-ghost"}));
-    }
+    const named = (element, name) => {
+      element.dataset.action = name;
+      return element;
+    };
     const files = b.results_url ? [[b.results_url, "Results", "results"]] : [[b.output_file_id, "Output", "output"],
       [b.error_file_id, "Errors", "errors"]].map(([fileId, label, suffix]) =>
       [fileId && `/v1/files/${encodeURIComponent(fileId)}/content`, label, suffix]);
-    for (const [path, label, suffix] of files) {
-      if (!path) continue;
+    const downloads = files.filter(([path]) => path).map(([path, label, suffix]) => {
       const get = button(label, async () => {
         try {
           await download(path, `${b.id}-${suffix}.jsonl`);
@@ -98,8 +101,31 @@ export function mount(el) {
         }
       }, {title: `Download ${b.id}'s ${label.toLowerCase()}`});
       get.dataset.download = suffix;
-      box.append(get);
-    }
+      return named(get, `download-${suffix}`);
+    });
+    const draw = (focus) => {
+      const cancel = !CANCELLABLE.includes(b.status) ? [] : !confirming.has(b.id)
+        ? [named(button("Cancel", () => {
+          confirming.add(b.id);
+          draw("confirm");
+        }, {kind: "danger-ghost"}), "cancel")]
+        : [named(button("Confirm cancel", async () => {
+          confirming.delete(b.id);
+          try {
+            await api(`${b.route}/${encodeURIComponent(b.id)}/cancel`, {method: "POST"});
+          } catch (error) {
+            replace(messages, errorNote(error));
+          }
+          load();
+        }, {kind: "danger"}), "confirm"), named(button("Keep", () => {
+          confirming.delete(b.id);
+          draw("cancel");
+        }), "keep")];
+      replace(box, cancel, downloads);
+      if (focus) box.querySelector(`[data-action='${focus}']`).focus();
+    };
+    if (!CANCELLABLE.includes(b.status)) confirming.delete(b.id);
+    draw();
     return box;
   }
 
