@@ -641,6 +641,60 @@ async def test_batches_progress_to_100_percent_download_and_cancel(env):
         client.close()
 
 
+# Counts the page's calls of the batch list (window.__lists), to wait for its redraws.
+_COUNT_LISTS = """
+const real = window.fetch;
+window.__lists = 0;
+window.fetch = (url, options) => {
+  if (String(url).startsWith("/v1/batches?")) window.__lists += 1;
+  return real(url, options);
+};
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_download_stays_shown_while_the_batches_are_read_again(env, reactor):
+    """A download the API refuses (its file deleted meanwhile) says why until the operator's next action (before,
+    the list's next read, 2 s later, took the message away)."""
+    b = env.browser
+    client = _sdk(env)
+    line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 4}}
+    try:
+        uploaded = await in_thread(client.files.create, file=("one.jsonl", io.BytesIO(json.dumps(line).encode())),
+                                   purpose="batch")
+        batch = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+
+        async def completed():
+            return (await in_thread(client.batches.retrieve, batch.id)).status == "completed"
+
+        await _until(reactor, completed, "the batch to complete")
+        output = (await in_thread(client.batches.retrieve, batch.id)).output_file_id
+        row = f"tr.batch-row:has([data-batch-id='{batch.id}'])"
+
+        def shown():
+            b.go("batches")
+            b.wait(lambda d: b.all(f"{row} [data-download='output']"), "the output's button")
+
+        await in_thread(shown)
+        await in_thread(client.files.delete, output)
+
+        def refused():
+            b.js(_COUNT_LISTS)
+            b.click(f"{row} [data-download='output']")
+            b.wait_text("#batches-messages", lambda t: output in t, "the API's 404")
+            b.wait(lambda d: b.js("return window.__lists") >= 2, "two reads of the list since")
+            assert output in b.text_of("#batches-messages")
+            entries, violations = b.logs()
+            assert not violations and [("404" in e["message"]) for e in entries] == [True], entries
+            b.console.remove(entries[0])  # expected
+
+        await in_thread(refused)
+    finally:
+        client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_message_batches_are_shown_with_their_results_and_cancel(env):
     """A message batch (Anthropic's SDK, C{/v1/messages/batches}, which C{/v1/batches} does not list) has its row

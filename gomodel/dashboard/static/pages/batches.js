@@ -14,6 +14,7 @@ export function mount(el) {
   let stopped = false;
   let shown = 1; // pages of 100 loaded
   let shownSignature = null;
+  let loadFailed = null; // the note of the list's last read, if it failed (an action's stays)
   const confirming = new Set(); // the batches whose Cancel was pressed, asking for its Confirm (kept across redraws)
   const messages = h("div", {class: "messages", id: "batches-messages"});
   const list = h("div", {id: "batches-list"});
@@ -30,7 +31,8 @@ export function mount(el) {
         .sort((a, b) => b.created_at - a.created_at);
       const hasMore = openai.hasMore || anthropic.hasMore;
       if (stopped) return;
-      if (messages.querySelector(".note-error")) replace(messages);
+      if (loadFailed) loadFailed.remove(); // (its own error, not an action's: that one stays until the next action)
+      loadFailed = null;
       const signature = JSON.stringify([batches, hasMore]);
       if (signature === shownSignature) return; // unchanged: leave the page (and the pointer) alone
       shownSignature = signature;
@@ -47,7 +49,7 @@ export function mount(el) {
         if (same) same.focus();
       }
     } catch (error) {
-      if (!stopped) replace(messages, errorNote(error));
+      if (!stopped) replace(messages, loadFailed = errorNote(error));
     }
   }
 

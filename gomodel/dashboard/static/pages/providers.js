@@ -34,19 +34,21 @@ export function mount(el) {
 
   let stopped = false;
   let shownSignature = null;
+  let loadFailed = null; // the note of the list's last read, if it failed (an action's stays)
   async function load() {
     if (stopped) return;
     try {
       const answer = await admin("providers/status");
       if (stopped) return;
-      if (messages.querySelector(".note-error")) replace(messages);
+      if (loadFailed) loadFailed.remove(); // (its own error, not an action's: that one stays until the next action)
+      loadFailed = null;
       // Re-drawn only when something changed (the age of a load report always does).
       const signature = JSON.stringify(answer, (name, value) => (name === "load_age_s" ? undefined : value));
       if (signature === shownSignature) return;
       shownSignature = signature;
       replace(list, answer.providers.length ? answer.providers.map(provider) : providerHint());
     } catch (error) {
-      if (!stopped) replace(messages, errorNote(error));
+      if (!stopped) replace(messages, loadFailed = errorNote(error));
     }
   }
   load();
