@@ -1000,6 +1000,42 @@ async def test_the_copy_button_copies_a_new_secret_over_plain_http(env, tmp_path
         await in_thread(browser.close)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_without_a_master_key_says_how_to_sign_in_and_that_it_is_open(reactor, tmp_path):
+    """On a gateway started without GOMODEL_MASTER_KEY the sign-in form says to leave the field empty, and every page
+    then says that the admin API is open (before, the form asked for a key that does not exist, and nothing said
+    that anyone can use the dashboard)."""
+    from tests.support import start_gateway
+
+    fleet = await FakeFleet(reactor, 1).start()
+    gw = browser = None
+    try:
+        gw = await start_gateway(reactor, {"VLLM_BASE_URL": fleet.env_value, "GOMODEL_DATA_DIR": str(tmp_path)})
+        browser = await in_thread(Browser, gw.url, "", str(tmp_path))
+
+        def open_gateway():
+            browser.driver.get(f"{gw.url}/admin/dashboard")
+            browser.wait(lambda d: browser.one("#signin-key").is_displayed(), "the sign-in form")
+            assert "without one is open: leave the field empty" in browser.text_of("#signin-form")
+            browser.click("#signin-submit")
+            browser.wait(lambda d: browser.all("#page-overview"), "the overview")
+            for page in ("overview", "keys"):
+                browser.go(page)
+                assert "GOMODEL_MASTER_KEY is unset" in browser.text_of("#open-gateway")
+            browser.click("#signout")
+            browser.wait(lambda d: browser.one("#signin-key").is_displayed(), "the sign-in form again")
+            assert browser.js("return document.querySelector('#open-gateway').offsetParent") is None
+            browser.assert_clean()
+
+        await in_thread(open_gateway)
+    finally:
+        if browser is not None:
+            await in_thread(browser.close)
+        if gw is not None:
+            await gw.service.stopService()
+        await fleet.stop()
+
+
 # -- on a PostgreSQL store that goes away (a gateway and a browser of their own) -----------------
 
 

@@ -15,6 +15,11 @@ export function signedIn() {
   return sessionStorage.getItem(STORAGE_KEY) !== null;
 }
 
+// Signed in with no key: the gateway has no master key (it let the empty one in).
+export function openGateway() {
+  return sessionStorage.getItem(STORAGE_KEY) === "";
+}
+
 export function signIn(key) {
   sessionStorage.setItem(STORAGE_KEY, key);
 }

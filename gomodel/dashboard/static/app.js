@@ -1,6 +1,6 @@
 // The dashboard's entry: sign-in, the navigation, and the page shown for the URL's #fragment.
 
-import {onSignOut, signIn, signOut, signedIn, tryKey} from "./api.js";
+import {onSignOut, openGateway, signIn, signOut, signedIn, tryKey} from "./api.js";
 import {errorNote, h, replace} from "./dom.js";
 import * as overview from "./pages/overview.js";
 import * as providers from "./pages/providers.js";
@@ -24,6 +24,7 @@ function show() {
   }
   document.getElementById("signin").hidden = true;
   document.getElementById("app").hidden = false;
+  document.getElementById("open-gateway").hidden = !openGateway();
   const name = route();
   if (current) current.stop();
   for (const link of document.querySelectorAll("#nav a")) {
