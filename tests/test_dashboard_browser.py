@@ -851,6 +851,52 @@ async def test_the_request_log_filters_the_master_keys_requests(env):
     await in_thread(filtered)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_request_log_pages_once_per_click_even_a_double_click(env, reactor):
+    """The log's Older and Newer go one page each, as the API pages it; a double click on Older (both clicks before
+    its answer) goes one page (before, it said "page 3" over page 2's records, and Newer then went nowhere)."""
+    b = env.browser
+    client = _sdk(env)
+
+    def traffic():
+        for i in range(60):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "p"}], max_tokens=2,
+                                           extra_headers={"X-Request-Id": f"pager-{i:03}"})
+
+    try:
+        await in_thread(traffic)
+    finally:
+        client.close()
+    expected = [f"pager-{i:03}" for i in reversed(range(60))]
+
+    async def recorded():
+        answer = await treq.get(env.root + "/admin/api/v1/usage/log?search=pager-&days=1&limit=100",
+                                headers={"authorization": f"Bearer {env.master}"})
+        return [r["request_id"] for r in (await answer.json())["data"]] == expected
+
+    await _until(reactor, recorded, "the 60 records")
+
+    def pages():
+        b.go("usage")
+        b.fill("#log-search", "pager-")
+        b.one("#log-search").submit()
+        b.wait(lambda d: b.texts("#log-table .request-id") == expected[:50], "the first page")
+        b.js("const older = [...document.querySelectorAll('.pager button')].find((e) => e.textContent === 'Older →');"
+             "older.click(); older.click();")
+        b.wait(lambda d: b.texts("#log-table .request-id") == expected[50:], "the second page")
+        assert "page 2" in b.text_of(".pager")
+        assert b.js("return [...document.querySelectorAll('.pager button')].find("
+                    "(e) => e.textContent === 'Older →').disabled") is True
+        b.click(".pager button:nth-child(2)")  # Newer
+        b.wait(lambda d: b.texts("#log-table .request-id") == expected[:50], "the first page again")
+        assert "page 1" in b.text_of(".pager")
+        b.fill("#log-search", "")
+        b.one("#log-search").submit()
+        b.assert_clean()
+
+    await in_thread(pages)
+
+
 # Holds the page's calls of a 90-day window until window.__release(); the answer of one so released sets
 # window.__stale_done once the page has taken it (a task after its JSON: the page's awaits run before it).
 _HOLD_90_DAYS = """

@@ -99,8 +99,7 @@ export function mount(el) {
     event.preventDefault();
     Object.assign(f, {status: status.value.trim(), model: model.value.trim(), key: key.value,
       search: search.value.trim()});
-    cursors = [null];
-    loadLog();
+    loadLog([null]);
   }}, status, model, modelList, key, search, h("button", {type: "submit", class: "btn btn-primary", text: "Filter"}),
   button("Clear", () => {
     status.value = model.value = search.value = key.value = "";
@@ -108,7 +107,7 @@ export function mount(el) {
   }));
   const logTable = h("div", {id: "log-table"});
   const pager = h("div", {class: "pager"});
-  let cursors = [null]; // the "after" of each page shown so far
+  let cursors = [null]; // the "after" of each page up to the one shown
 
   replace(el,
     h("div", {class: "page-head"}, h("h1", {text: "Usage"}), range, days, dates),
@@ -195,12 +194,15 @@ export function mount(el) {
     return {status: f.status, model: f.model, key: f.key, search: f.search};
   }
 
-  async function loadLog() {
+  // Show the page whose cursors are `pages` (they are the page shown once it came: a click made again before it
+  // came asks for the same page).
+  async function loadLog(pages = cursors) {
     const current = ask("log");
     try {
-      const after = cursors[cursors.length - 1];
+      const after = pages[pages.length - 1];
       const page = await admin(`usage/log${query({...windowParams(), ...logParams(), limit: PAGE_SIZE, after})}`);
       if (!current()) return;
+      cursors = pages;
       replace(logTable, table([
         {title: "Time", cell: (r) => when(r.timestamp)},
         {title: "Request id", cell: (r) => h("code", {class: "wrap request-id", text: r.request_id})},
@@ -216,10 +218,10 @@ export function mount(el) {
         {title: "User path", cell: (r) => r.user_path ?? "–"},
       ], page.data, {empty: "No requests match: change the window or the filters."}));
       replace(pager,
-        button("Newest", () => { cursors = [null]; loadLog(); }, {disabled: cursors.length === 1}),
-        button("← Newer", () => { cursors.pop(); loadLog(); }, {disabled: cursors.length === 1}),
+        button("Newest", () => loadLog([null]), {disabled: cursors.length === 1}),
+        button("← Newer", () => loadLog(cursors.slice(0, -1)), {disabled: cursors.length === 1}),
         h("span", {class: "muted", text: `page ${cursors.length}`}),
-        button("Older →", () => { cursors.push(page.next); loadLog(); }, {disabled: !page.has_more}));
+        button("Older →", () => loadLog([...cursors, page.next]), {disabled: !page.has_more}));
     } catch (error) {
       if (current()) replace(messages, errorNote(error));
     }
@@ -227,8 +229,7 @@ export function mount(el) {
 
   async function reload() {
     replace(messages);
-    cursors = [null];
-    if (await loadTotals()) await Promise.all([loadGroups(), loadLog()]);
+    if (await loadTotals()) await Promise.all([loadGroups(), loadLog([null])]);
   }
 
   loadKeys().then(reload);
