@@ -575,6 +575,26 @@ async def test_keys_are_made_and_reset_from_the_keyboard(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_double_click_on_create_key_makes_one_key(env):
+    """The key form sends once per submission in flight (before, a double click on Create key made two keys: the
+    secret of the first was replaced by the second's before anyone saw it, and the first stayed active)."""
+    b = env.browser
+
+    def twice():
+        b.go("keys")
+        b.click("#new-key")
+        b.fill("#key-form [name=name]", "double-clicked")
+        b.js("const submit = document.querySelector('#key-submit'); submit.click(); submit.click();")
+        return b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_"), "the new secret")
+
+    secret = await in_thread(twice)
+    answer = await treq.get(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"})
+    made = [k for k in (await answer.json())["data"] if k["name"] == "double-clicked"]
+    assert [k["redacted_value"][-4:] for k in made] == [secret[-4:]]
+    await in_thread(b.assert_clean)
+
+
+@pytest_twisted.ensureDeferred
 async def test_batches_progress_to_100_percent_download_and_cancel(env):
     b = env.browser
     client = _sdk(env)

@@ -125,8 +125,11 @@ export function mount(el) {
     };
     (v.budgets || []).forEach(addBudget);
     const formMessages = h("div", {class: "messages"});
+    const submit = h("button", {type: "submit", class: "btn btn-primary", id: "key-submit",
+      text: k ? "Save" : "Create key"});
     const form = h("form", {class: "panel key-form", id: "key-form", onsubmit: async (event) => {
       event.preventDefault();
+      if (submit.disabled) return; // sent already, its answer to come (a double click makes one key)
       let body;
       try {
         body = {
@@ -150,6 +153,7 @@ export function mount(el) {
       if (k && k.expires_at && body.expires_at && body.expires_at.slice(0, 10) === k.expires_at.slice(0, 10)) {
         delete body.expires_at; // unchanged (the date input drops the time of day)
       }
+      submit.disabled = true;
       try {
         if (k) {
           await admin(`auth-keys/${encodeURIComponent(k.id)}`, {method: "PATCH", body});
@@ -163,6 +167,8 @@ export function mount(el) {
         load();
       } catch (error) {
         replace(formMessages, errorNote(error));
+      } finally {
+        submit.disabled = false;
       }
     }},
     h("h2", {text: k ? `Edit ${k.name}` : "New key"}),
@@ -177,7 +183,7 @@ export function mount(el) {
       button("Add budget", () => addBudget(), {kind: "ghost"})),
     formMessages,
     h("div", {class: "form-actions"},
-      h("button", {type: "submit", class: "btn btn-primary", id: "key-submit", text: k ? "Save" : "Create key"}),
+      submit,
       button("Cancel", () => replace(formBox))));
     replace(formBox, form);
     name.focus();
