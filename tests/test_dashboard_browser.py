@@ -408,12 +408,20 @@ async def test_providers_page_shows_a_replica_going_down(env):
     overflowing = ("return [...document.querySelectorAll(arguments[0])].filter((li) => li.scrollWidth > li.clientWidth)"
                    ".length")
     assert await in_thread(b.js, overflowing, models) == 0
+    # a replica's load, then the same numbers once it is down, said to be its last report's (before, shown as now's)
+    queues = "tr.replica td[data-label='Queue (vLLM)']"
+    env.fleet[1].metrics = {"waiting": 7, "running": 5}
+    await in_thread(b.wait, lambda d: b.texts(queues)[1:] == ["7 waiting · 5 running"], "replica 1's queue")
     await env.fleet[1].refuse()
     try:
         await in_thread(b.wait, lambda d: states() == ["ready", "down"], "replica 1 down")
         assert "1 / 2 replicas ready" in await in_thread(b.text_of, "[data-provider='vllm'] .ready")
+        queue = await in_thread(b.wait, lambda d: b.texts(queues)[1].startswith("7 waiting · 5 running · last report ")
+                                and b.texts(queues)[1], "replica 1's queue, said to be old")
+        assert queue.endswith(" UTC") and "last report" not in (await in_thread(b.texts, queues))[0]
         await in_thread(b.shot, "providers.png")
     finally:
+        env.fleet[1].metrics = {}
         await env.fleet[1].accept()
     await in_thread(b.click, "#refresh-models")
     await in_thread(b.wait_text, "#providers-messages", lambda t: "Re-reading" in t, "the refresh")

@@ -415,11 +415,11 @@ def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_
     clock.advance(1)
     fails(3)
     assert one.state == DOWN and one.held_until == 6.0
-    assert _replica(one, clock.seconds())["held_until"] == 6.0 and gauges() == [5.0, 0.0]
+    assert _replica(one, clock.seconds(), 6.0)["held_until"] == 6.0 and gauges() == [5.0, 0.0]
     clock.advance(4)  # t=5: its probe passes, but it is held out
     assert one.state == DOWN
     clock.advance(5)  # t=10: readmitted, on trial: one request at a time
-    assert one.state == READY and one.trial and _replica(one, 10)["trial"] and gauges() == [0.0, 1.0]
+    assert one.state == READY and one.trial and _replica(one, 10, 6.0)["trial"] and gauges() == [0.0, 1.0]
     trial = pool.take("m", prefer=1)
     assert trial is one and pool.take("m", prefer=1) is replicas[0]  # (the trial is still out)
     pool.release(replicas[0])
@@ -1492,7 +1492,7 @@ async def test_providers_status_shape(cluster, http):
     for replica in provider["replicas"]:
         assert set(replica) >= {"index", "base_url", "state", "in_flight", "waiting", "running", "kv_cache_usage",
                                 "models", "served", "weight", "max_concurrency", "consecutive_failures",
-                                "last_error", "load_age_s", "last_state_change", "batch_size", "pace_s"}
+                                "last_error", "load_age_s", "load_stale", "last_state_change", "batch_size", "pace_s"}
         assert replica["state"] == "ready"
         assert replica["in_flight"] == 0
         assert replica["models"] == [CHAT_MODEL]
@@ -1500,7 +1500,7 @@ async def test_providers_status_shape(cluster, http):
     served = [r["served"] for r in provider["replicas"]]
     assert sorted(served) == [0, 1]
     answered = provider["replicas"][served.index(1)]
-    assert answered["waiting"] == 0 and answered["kv_cache_usage"] is not None
+    assert answered["waiting"] == 0 and answered["kv_cache_usage"] is not None and answered["load_stale"] is False
     assert answered["pace_s"] is not None and provider["replicas"][served.index(0)]["pace_s"] is None
 
     response = await http.post(gw.url + "/admin/api/v1/runtime/refresh")

@@ -226,10 +226,12 @@ class AdminAPI:
         inventory = self._registry.inventory(pool)
         return {"name": pool.name, "type": pool.type, "models": sorted(inventory or ()),
                 "ready_replicas": sum(1 for r in pool.replicas if r.ready),
-                "replicas": [_replica(r, now) for r in pool.replicas]}
+                "replicas": [_replica(r, now, pool.load_max_age) for r in pool.replicas]}
 
 
-def _replica(replica, now) -> dict:
+def _replica(replica, now, max_age) -> dict:
+    """A replica's status; its load report is C{load_stale} past C{max_age} seconds (the router's, which no
+    longer uses it: a replica down, or its C{/metrics} not answering, keeps its last one)."""
     load = replica.load
     return {
         "index": replica.index, "base_url": replica.base_url, "state": replica.state,
@@ -239,6 +241,7 @@ def _replica(replica, now) -> dict:
         "running": None if load is None else load.running,
         "kv_cache_usage": None if load is None else load.kv_cache_usage,
         "load_age_s": None if replica.load_at is None else round(now - replica.load_at, 3),
+        "load_stale": replica.load_at is not None and now - replica.load_at > max_age,
         "batch_size": replica.slots, "pace_s": None if replica.pace is None else round(replica.pace, 3),
         "models": sorted(replica.models) if replica.models is not None else None,
         "consecutive_failures": replica.failures, "last_error": replica.last_error,

@@ -475,6 +475,11 @@ class ReplicaPool:
         return f"<ReplicaPool {self.name} ({len(self.replicas)} replicas)>"
 
     @property
+    def load_max_age(self):
+        """Seconds after which a replica's load report is too old to route by (3 x C{REPLICA_METRICS_INTERVAL})."""
+        return self._load_max_age
+
+    @property
     def first(self):
         """The first replica's server (for what all replicas share: URL layout, auth)."""
         return self.replicas[0].server

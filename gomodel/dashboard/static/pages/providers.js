@@ -59,6 +59,14 @@ export function mount(el) {
   };
 }
 
+// A load figure, and when its report came where the router no longer uses it (load_stale: the replica down, or its
+// /metrics not answering): not the replica's load now.
+function old(r, shown) {
+  if (!r.load_stale) return shown;
+  const at = when(Date.now() / 1000 - r.load_age_s).slice(11);
+  return h("span", {class: "muted load-stale"}, shown, ` · last report ${at}`);
+}
+
 function provider(p) {
   const total = p.replicas.length;
   return h("section", {class: "panel provider", "data-provider": p.name},
@@ -74,9 +82,10 @@ function provider(p) {
         class: "replica-state"},
       {title: "In flight", cell: (r) => r.max_concurrency ? `${int(r.in_flight)} / ${int(r.max_concurrency)}`
         : int(r.in_flight)},
-      {title: "Queue (vLLM)", cell: (r) => r.waiting === null ? "–" : `${int(r.waiting)} waiting · ${int(r.running)} running`},
+      {title: "Queue (vLLM)", cell: (r) => r.waiting === null ? "–"
+        : old(r, `${int(r.waiting)} waiting · ${int(r.running)} running`)},
       {title: "KV cache", cell: (r) => r.kv_cache_usage === null ? "–"
-        : meter(r.kv_cache_usage, 1, percent(r.kv_cache_usage))},
+        : old(r, meter(r.kv_cache_usage, 1, percent(r.kv_cache_usage)))},
       {title: "Served", cell: (r) => int(r.served)},
       {title: "Models", cell: (r) => r.models === null ? "–" : String(r.models.length)},
       {title: "Last error", cell: (r) => r.last_error
