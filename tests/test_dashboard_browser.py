@@ -925,6 +925,44 @@ async def test_the_request_log_pages_once_per_click_even_a_double_click(env, rea
     await in_thread(pages)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_request_log_marks_estimated_tokens(env, reactor):
+    """A record whose tokens were estimated (a raw stream without a usage chunk: the API's estimated) reads "≈" in
+    the log (before, as exact as any upstream's count)."""
+    b = env.browser
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    response = await treq.post(env.root + "/p/vllm/v1/chat/completions", json=body,
+                               headers={"authorization": f"Bearer {env.master}", "x-request-id": "dash-estimated"})
+    assert response.code == 200 and b'"usage"' not in await treq.content(response)
+
+    async def log(search):
+        answer = await treq.get(env.root + f"/admin/api/v1/usage/log?search={search}&days=1",
+                                headers={"authorization": f"Bearer {env.master}"})
+        return (await answer.json())["data"]
+
+    async def recorded():
+        return bool(await log("dash-estimated"))
+
+    await _until(reactor, recorded, "the estimated record")
+    [estimated] = await log("dash-estimated")
+    [exact] = await log("dash-find-me-0")
+    assert estimated["estimated"] is True and exact["estimated"] is False
+
+    def shown():
+        b.go("usage")
+        tokens = "#log-table td[data-label='Tokens in / out']"
+        for search, record, mark in (("dash-estimated", estimated, "≈ "), ("dash-find-me-0", exact, "")):
+            b.fill("#log-search", search)
+            b.one("#log-search").submit()
+            b.wait(lambda d: b.texts("#log-table .request-id") == [record["request_id"]], search)
+            assert b.texts(tokens) == [f"{mark}{record['input_tokens']:,} / {record['output_tokens']:,}"]
+        b.fill("#log-search", "")
+        b.one("#log-search").submit()
+        b.assert_clean()
+
+    await in_thread(shown)
+
+
 # Holds the page's calls of a 90-day window until window.__release(); the answer of one so released sets
 # window.__stale_done once the page has taken it (a task after its JSON: the page's awaits run before it).
 _HOLD_90_DAYS = """

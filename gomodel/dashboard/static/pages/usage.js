@@ -209,9 +209,16 @@ export function mount(el) {
         {title: "Model", cell: (r) => h("code", {class: "wrap", text: r.model ?? "–"})},
         {title: "Provider", cell: (r) => `${r.provider_name ?? "–"}${r.replica === null ? "" : ` #${r.replica}`}`},
         {title: "Endpoint", cell: (r) => r.endpoint ?? "–"},
-        {title: "Status", cell: (r) => badge(r.outcome === "stream_broken" || (r.outcome === "error" && r.status_code < 400)
-          ? `${r.status_code} ${r.outcome}` : String(r.status_code), r.outcome === "ok" ? "ok" : "failed")},
-        {title: "Tokens in / out", cell: (r) => `${int(r.input_tokens)} / ${int(r.output_tokens)}`, class: "num"},
+        {title: "Status", cell: (r) => {
+          const shown = badge(r.outcome === "stream_broken" || (r.outcome === "error" && r.status_code < 400)
+            ? `${r.status_code} ${r.outcome}` : String(r.status_code), r.outcome === "ok" ? "ok" : "failed");
+          return r.client_gone ? h("span", {title: "the client left before its answer ended"}, shown) : shown;
+        }},
+        // (estimated: the stream ended before its usage came, or a raw one had none; see README's usage ledger)
+        {title: "Tokens in / out", cell: (r) => r.estimated
+          ? h("span", {title: "estimated: no usage came from the upstream",
+            text: `≈ ${int(r.input_tokens)} / ${int(r.output_tokens)}`})
+          : `${int(r.input_tokens)} / ${int(r.output_tokens)}`, class: "num"},
         {title: "Duration", cell: (r) => ms(r.duration_ms), class: "num"},
         {title: "TTFT", cell: (r) => ms(r.ttft_ms), class: "num"},
         {title: "Key", cell: (r) => h("span", {class: "key-name", text: keyName(r.auth_key_id)})},
