@@ -603,6 +603,63 @@ async def test_a_double_click_on_create_key_makes_one_key(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_refused_action_low_in_the_keys_list_is_shown_where_the_operator_is(env):
+    """The API's error for a row's action is scrolled into view, below the sticky bar (before, it went to the top of
+    the page, out of sight of a row further down: Confirm reset seemed to do nothing)."""
+    b = env.browser
+    headers = {"authorization": f"Bearer {env.master}"}
+    for i in range(30):  # a list longer than the window
+        answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers=headers, json={"name": f"filler {i}"})
+        assert answer.code == 201, await answer.text()
+    answer = await treq.get(env.root + "/admin/api/v1/auth-keys", headers=headers)
+    keys = [k for k in (await answer.json())["data"] if k["enabled"]]
+
+    def lowest():
+        b.go("keys")
+        b.driver.refresh()
+        b.wait(lambda d: len(b.all("tr.key-row")) >= len(keys), "every key")
+        return b.js("const rows = [...document.querySelectorAll('tr.key-row:has(button.btn-danger-ghost)')];"
+                    "return rows[rows.length - 1].querySelector('[data-key-id]').dataset.keyId")
+
+    key_id = await in_thread(lowest)
+    path = f"{env.root}/admin/api/v1/auth-keys/{key_id}"
+    answer = await treq.patch(path, headers=headers, json={"budgets": [{"period": "daily", "max_tokens": 10}]})
+    assert answer.code == 200, await answer.text()
+    original = [{k: v for k, v in item.items() if k in ("period", "max_tokens", "max_cost")}
+                for item in next(k for k in keys if k["id"] == key_id)["budgets"]]
+
+    def confirm():
+        b.driver.refresh()
+        row = f"[data-key-id='{key_id}']"
+        b.wait(lambda d: b.all(f"{row} button"), "the key's buttons")
+        b.js("[...document.querySelectorAll(arguments[0])].find((e) => e.textContent === 'Reset budgets').click()",
+             f"{row} button")
+        confirm = b.one(f"{row} .btn-danger")
+        b.js("arguments[0].scrollIntoView({block: 'center'})", confirm)
+        # (the row is far enough down that the top of the page is out of sight)
+        assert b.js("return document.querySelector('#page-keys h1').getBoundingClientRect().bottom") < 0
+        return confirm
+
+    confirm_button = await in_thread(confirm)
+    answer = await treq.patch(path, headers=headers, json={"budgets": []})  # meanwhile, elsewhere
+    assert answer.code == 200, await answer.text()
+    try:
+        def refused():
+            confirm_button.click()
+            b.wait_text("#keys-messages", lambda t: "has no budgets" in t, "the API's 404")
+            top, bottom, bar = b.js("const r = document.querySelector('#keys-messages').getBoundingClientRect();"
+                                    "return [r.top, r.bottom, document.querySelector('.topbar').offsetHeight]")
+            assert bar <= top and bottom <= b.js("return innerHeight"), (top, bottom, bar)
+            entries, violations = b.logs()
+            assert not violations and [("404" in e["message"]) for e in entries] == [True], entries
+            b.console.remove(entries[0])  # expected
+
+        await in_thread(refused)
+    finally:
+        await treq.patch(path, headers=headers, json={"budgets": original})
+
+
+@pytest_twisted.ensureDeferred
 async def test_batches_progress_to_100_percent_download_and_cancel(env):
     b = env.browser
     client = _sdk(env)

@@ -51,6 +51,13 @@ export function errorNote(error) {
   return note("error", error && error.message ? error.message : String(error));
 }
 
+// Show why an action failed in `box` (a page's messages), scrolled into sight: the action's button may be far below.
+export function showError(box, error) {
+  replace(box, errorNote(error));
+  box.scrollIntoView({block: "nearest"});
+  return box;
+}
+
 // A table: columns [{title, cell: row -> Node|string, class}], rows -> a scrollable table.
 export function table(columns, rows, {empty = "Nothing yet.", rowClass} = {}) {
   const head = h("tr", {}, columns.map((c) => h("th", {class: c.class, scope: "col", text: c.title})));

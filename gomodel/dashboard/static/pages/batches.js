@@ -3,7 +3,7 @@
 // own API (neither shows the other's), in one table, newest first.
 
 import {api, download, query} from "../api.js";
-import {badge, button, errorNote, h, int, note, replace, table, when} from "../dom.js";
+import {badge, button, errorNote, h, int, note, replace, showError, table, when} from "../dom.js";
 
 export const title = "Batches";
 export const REFRESH_MS = 2000;
@@ -99,7 +99,7 @@ export function mount(el) {
         try {
           await download(path, `${b.id}-${suffix}.jsonl`);
         } catch (error) {
-          replace(messages, errorNote(error));
+          showError(messages, error);
         }
       }, {title: `Download ${b.id}'s ${label.toLowerCase()}`});
       get.dataset.download = suffix;
@@ -116,7 +116,7 @@ export function mount(el) {
           try {
             await api(`${b.route}/${encodeURIComponent(b.id)}/cancel`, {method: "POST"});
           } catch (error) {
-            replace(messages, errorNote(error));
+            showError(messages, error);
           }
           load();
         }, {kind: "danger"}), "confirm"), named(button("Keep", () => {

@@ -2,7 +2,7 @@
 // spent, deactivate).
 
 import {admin} from "../api.js";
-import {badge, button, cost, errorNote, h, int, meter, note, replace, table, when} from "../dom.js";
+import {badge, button, cost, errorNote, h, int, meter, note, replace, showError, table, when} from "../dom.js";
 
 export const title = "Keys";
 const PERIODS = ["hourly", "daily", "weekly", "monthly", "total"];
@@ -64,7 +64,7 @@ export function mount(el) {
             await act();
             load();
           } catch (error) {
-            replace(messages, errorNote(error));
+            showError(messages, error);
           }
         }, {kind: "danger"});
         replace(box, confirm, button("Cancel", () => {
