@@ -660,6 +660,54 @@ async def test_a_refused_action_low_in_the_keys_list_is_shown_where_the_operator
 
 
 @pytest_twisted.ensureDeferred
+async def test_budgets_by_user_path_show_what_they_spent_and_reset_once_confirmed(env, reactor):
+    """The budgets page lists the budgets by user path with what each spent, as the API says, and resets one after a
+    second click (before, no page showed them: a team's budget ran out unseen)."""
+    b = env.browser
+    headers = {"authorization": f"Bearer {env.master}"}
+    path = "/team/" + XSS
+    answer = await treq.put(env.root + "/admin/api/v1/budgets", headers=headers,
+                            json={"user_path": path, "period": "daily", "max_tokens": 100000})
+    assert answer.code == 200, await answer.text()
+    key = await (await treq.post(env.root + "/admin/api/v1/auth-keys", headers=headers,
+                                 json={"name": "on a budget", "user_path": path})).json()
+    client = _sdk(env, key["value"])
+    try:
+        await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "b"}],
+                        max_tokens=8)
+    finally:
+        client.close()
+
+    async def listed():
+        answer = await treq.get(env.root + "/admin/api/v1/budgets", headers=headers)
+        return [r for r in (await answer.json())["data"] if r["user_path"] == path]
+
+    async def spent():
+        return (await listed())[0]["spent_tokens"] > 0
+
+    await _until(reactor, spent, "the budget's spend")
+    [budget] = await listed()
+    row = "tr.budget-row:has(.budget-path)"
+
+    def page():
+        b.go("budgets")
+        b.wait(lambda d: path in b.texts(f"{row} .budget-path"), "the budget's row")
+        assert b.js("return document.querySelectorAll('img[src=\"x\"]').length") == 0
+        mine = f"tr.budget-row:nth-child({b.texts(f'{row} .budget-path').index(path) + 1})"
+        assert b.text_of(f"{mine} .meter-label") == f"{budget['spent_tokens']:,} / 100,000 tokens"
+        b.click(f"{mine} .row-actions button")
+        assert b.js("return document.activeElement.textContent") == "Confirm reset"
+        assert b.text_of("#budgets-messages") == ""
+        b.click(f"{mine} .row-actions .btn-danger")
+        b.wait_text("#budgets-messages", lambda t: "counts from now" in t, "the reset")
+        b.wait_text(f"{mine} .meter-label", lambda t: t == "0 / 100,000 tokens", "the budget reset")
+        b.assert_clean()
+
+    await in_thread(page)
+    assert (await listed())[0]["spent_tokens"] == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_batches_progress_to_100_percent_download_and_cancel(env):
     b = env.browser
     client = _sdk(env)
@@ -1113,7 +1161,8 @@ async def test_every_page_fits_a_phone(env):
                                  {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
         try:
             for page, ready in (("overview", "#overview-cards .card"), ("providers", "tr.replica"),
-                                ("usage", "#log-table tbody tr"), ("keys", "tr.key-row"), ("batches", "tr.batch-row")):
+                                ("usage", "#log-table tbody tr"), ("keys", "tr.key-row"), ("budgets", "tr.budget-row"),
+                                ("batches", "tr.batch-row")):
                 b.go(page)
                 b.wait(lambda d: b.all(ready), f"the {page} page's content")
                 width = b.js("return document.documentElement.scrollWidth")

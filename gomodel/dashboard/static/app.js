@@ -6,9 +6,10 @@ import * as overview from "./pages/overview.js";
 import * as providers from "./pages/providers.js";
 import * as usage from "./pages/usage.js";
 import * as keys from "./pages/keys.js";
+import * as budgets from "./pages/budgets.js";
 import * as batches from "./pages/batches.js";
 
-const PAGES = {overview, providers, usage, keys, batches};
+const PAGES = {overview, providers, usage, keys, budgets, batches};
 const main = document.getElementById("main");
 let current = null; // {name, stop}
 
