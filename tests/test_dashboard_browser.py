@@ -46,6 +46,7 @@ MODEL = f"vllm/{CHAT_MODEL}"
 XSS = "<img src=x onerror=alert(1)>"
 # A second model the replicas serve: a long id with no place to break a line at, and HTML in it.
 LONG_MODEL = "org-" + "x" * 120 + "/" + XSS
+VIRTUAL = "dash-" + XSS  # a virtual model of both
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,800", "--lang=en-US")
@@ -221,6 +222,8 @@ async def env(reactor, tmp_path_factory):
         "VLLM_BASE_URL": fleet.env_value, "GOMODEL_MASTER_KEY": master, "GOMODEL_DATA_DIR": str(work / "data"),
         "USAGE_FLUSH_INTERVAL": "200ms", "REPLICA_HEALTH_INTERVAL": "300ms", "REPLICA_METRICS_INTERVAL": "300ms",
         "REPLICA_FAILURE_THRESHOLD": "1", "BATCH_CONCURRENCY_PER_PROVIDER": "1",
+        "VIRTUAL_MODELS": json.dumps([{"source": VIRTUAL, "targets": [
+            {"model": MODEL, "weight": 3}, {"model": f"vllm/{LONG_MODEL}", "weight": 1}]}]),
     })
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     log = open(work / "gateway.log", "wb")
@@ -408,6 +411,10 @@ async def test_providers_page_shows_a_replica_going_down(env):
     overflowing = ("return [...document.querySelectorAll(arguments[0])].filter((li) => li.scrollWidth > li.clientWidth)"
                    ".length")
     assert await in_thread(b.js, overflowing, models) == 0
+    # the virtual model and its weighted targets (before, shown nowhere)
+    await in_thread(b.wait, lambda d: b.texts("tr.virtual-model .virtual-name") == [VIRTUAL], "the virtual model")
+    assert await in_thread(b.texts, "tr.virtual-model .targets li") == [
+        f"{MODEL} · weight 3", f"vllm/{LONG_MODEL} · weight 1"]
     # a replica's load, then the same numbers once it is down, said to be its last report's (before, shown as now's)
     queues = "tr.replica td[data-label='Queue (vLLM)']"
     env.fleet[1].metrics = {"waiting": 7, "running": 5}

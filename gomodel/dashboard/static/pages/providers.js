@@ -30,7 +30,26 @@ export function mount(el) {
     }
   }, {kind: "primary", title: "POST /admin/api/v1/runtime/refresh"});
   refreshButton.id = "refresh-models";
-  replace(el, h("div", {class: "page-head"}, h("h1", {text: "Providers"}), refreshButton), messages, list);
+  const virtualBox = h("div", {id: "virtual-models"});
+  replace(el, h("div", {class: "page-head"}, h("h1", {text: "Providers"}), refreshButton), messages, list,
+    virtualBox);
+
+  // The virtual models (VIRTUAL_MODELS, YAML virtual_models): each name and its weighted targets (the configuration's:
+  // read once).
+  async function loadVirtual() {
+    try {
+      const answer = await admin("models");
+      if (stopped) return;
+      const virtual = answer.data.filter((m) => m.provider === "virtual");
+      replace(virtualBox, virtual.length ? h("section", {class: "panel"}, h("h2", {text: "Virtual models"}), table([
+        {title: "Name", cell: (m) => h("code", {class: "wrap virtual-name", text: m.id})},
+        {title: "Targets", cell: (m) => h("ul", {class: "targets"}, m.targets.map((t) => h("li", {},
+          h("code", {class: "wrap", text: t.model}), ` · weight ${t.weight}`)))},
+      ], virtual, {rowClass: () => "virtual-model"})) : []);
+    } catch (error) {
+      if (!stopped) replace(messages, errorNote(error));
+    }
+  }
 
   let stopped = false;
   let shownSignature = null;
@@ -52,6 +71,7 @@ export function mount(el) {
     }
   }
   load();
+  loadVirtual();
   const timer = setInterval(load, REFRESH_MS);
   return () => {
     stopped = true;
