@@ -1156,6 +1156,35 @@ async def test_costs_are_grouped_in_thousands_as_counts_are(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_keyboards_focus_is_drawn_where_it_can_be_seen(env):
+    """Tab's focus has a 2 px ring on the dark bar's links (white) and inside the segmented buttons (blue; white on the
+    pressed one), which clip what is drawn outside them (before, Chromium's own dark ring: lost on the dark bar, cut
+    off around the window's buttons)."""
+    from selenium.webdriver.common.keys import Keys
+
+    b = env.browser
+    ring = ("const s = getComputedStyle(document.activeElement);"
+            "return [document.activeElement.textContent, s.outlineStyle, s.outlineWidth, s.outlineColor,"
+            " s.outlineOffset]")
+    white, blue = "rgb(255, 255, 255)", "rgb(31, 111, 235)"
+
+    def tabbing():
+        b.go("overview")
+        b.js("document.querySelector('.topbar .brand').focus()")
+        seen = []
+        for _ in range(10):
+            b.driver.switch_to.active_element.send_keys(Keys.TAB)
+            seen.append(b.js(ring))
+        assert seen[:7] == [[name, "solid", "2px", white, "1px"] for name in (
+            "Overview", "Providers", "Usage", "Keys", "Budgets", "Batches", "Sign out")], seen
+        assert seen[7:] == [["Last hour", "solid", "2px", white, "-4px"], ["Last 24 hours", "solid", "2px", blue, "-4px"],
+                            ["Last 30 days", "solid", "2px", blue, "-4px"]], seen
+        b.assert_clean()
+
+    await in_thread(tabbing)
+
+
+@pytest_twisted.ensureDeferred
 async def test_every_page_fits_a_phone(env):
     b = env.browser
     # a name, user path and metadata with no place to break a line at (before, the keys page was 763 px wide)
