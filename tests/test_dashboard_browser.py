@@ -599,14 +599,47 @@ async def test_a_double_click_on_create_key_makes_one_key(env):
         b.go("keys")
         b.click("#new-key")
         b.fill("#key-form [name=name]", "double-clicked")
+        shown = b.text_of("#key-secret-value")  # (another test's, not Done)
         b.js("const submit = document.querySelector('#key-submit'); submit.click(); submit.click();")
-        return b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_"), "the new secret")
+        return b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_") and t != shown, "the new secret")
 
     secret = await in_thread(twice)
     answer = await treq.get(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"})
     made = [k for k in (await answer.json())["data"] if k["name"] == "double-clicked"]
     assert [k["redacted_value"][-4:] for k in made] == [secret[-4:]]
     await in_thread(b.assert_clean)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_secret_stays_until_done_while_another_key_is_made(env):
+    """A new key's secret, shown once, stays on the page while the operator opens New key or Edit for another (before,
+    either wiped it: a secret not yet copied was lost for good); Done takes it away."""
+    b = env.browser
+
+    def two():
+        b.go("keys")
+        before = b.texts("#key-secret .secret")  # (another test's, not Done)
+        b.click("#new-key")
+        b.fill("#key-form [name=name]", "first of two")
+        b.click("#key-submit")
+        first = b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_") and t not in before,
+                            "the first secret")
+        b.click("#new-key")
+        assert b.text_of("#key-secret-value") == first
+        b.wait(lambda d: b.all("tr.key-row"), "the list")
+        b.click("tr.key-row .row-actions button")  # a row's Edit
+        assert b.text_of("#key-secret-value") == first
+        b.click("#new-key")
+        b.fill("#key-form [name=name]", "second of two")
+        b.click("#key-submit")
+        second = b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_") and t != first, "the second secret")
+        assert b.texts("#key-secret .secret") == [second, first] + before  # the newest on top, the first kept
+        for left in ([first] + before, before):
+            b.one("#key-secret").find_element("xpath", ".//button[text()='Done']").click()
+            b.wait(lambda d: b.texts("#key-secret .secret") == left, "a secret to go")
+        b.assert_clean()
+
+    await in_thread(two)
 
 
 @pytest_twisted.ensureDeferred

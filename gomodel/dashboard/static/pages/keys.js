@@ -91,7 +91,6 @@ export function mount(el) {
   }
 
   function showForm(k) {
-    replace(secretBox);
     const v = k || {};
     const field = (label, input, hint) => h("label", {class: "field"}, h("span", {text: label}), input,
       hint ? h("small", {class: "muted", text: hint}) : null);
@@ -189,10 +188,13 @@ export function mount(el) {
     name.focus();
   }
 
+  // A new key's secret, on top of any not yet Done (each shown once: none is wiped by another form or key); the
+  // newest is #key-secret-value.
   function showSecret(created) {
+    for (const older of secretBox.querySelectorAll("#key-secret-value")) older.removeAttribute("id");
     const value = h("code", {class: "secret", id: "key-secret-value", text: created.value});
     const status = h("span", {class: "muted", "aria-live": "polite"});
-    replace(secretBox, h("div", {class: "note note-ok secret-box"},
+    const box = h("div", {class: "note note-ok secret-box"},
       h("p", {}, "Key ", h("strong", {text: created.name}), " created. Copy its secret now: it is shown once ",
         "and cannot be read again."),
       h("div", {class: "secret-row"}, value,
@@ -200,8 +202,9 @@ export function mount(el) {
           status.textContent = await copy(created.value, value) ? "Copied."
             : "Selected: press Ctrl+C (the browser refused clipboard access).";
         }, {kind: "primary"}),
-        button("Done", () => replace(secretBox)), status)));
-    secretBox.querySelector(".btn-primary").focus(); // (the form, and the focus in it, went away)
+        button("Done", () => box.remove()), status));
+    secretBox.prepend(box);
+    box.querySelector(".btn-primary").focus(); // (the form, and the focus in it, went away)
   }
 
   load();
