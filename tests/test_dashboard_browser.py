@@ -706,9 +706,10 @@ async def test_budgets_by_user_path_show_what_they_spent_and_reset_once_confirme
     b = env.browser
     headers = {"authorization": f"Bearer {env.master}"}
     path = "/team/" + XSS
-    answer = await treq.put(env.root + "/admin/api/v1/budgets", headers=headers,
-                            json={"user_path": path, "period": "daily", "max_tokens": 100000})
-    assert answer.code == 200, await answer.text()
+    for period in ("daily", "total"):
+        answer = await treq.put(env.root + "/admin/api/v1/budgets", headers=headers,
+                                json={"user_path": path, "period": period, "max_tokens": 100000})
+        assert answer.code == 200, await answer.text()
     key = await (await treq.post(env.root + "/admin/api/v1/auth-keys", headers=headers,
                                  json={"name": "on a budget", "user_path": path})).json()
     client = _sdk(env, key["value"])
@@ -720,20 +721,22 @@ async def test_budgets_by_user_path_show_what_they_spent_and_reset_once_confirme
 
     async def listed():
         answer = await treq.get(env.root + "/admin/api/v1/budgets", headers=headers)
-        return [r for r in (await answer.json())["data"] if r["user_path"] == path]
+        return [r for r in (await answer.json())["data"] if r["user_path"] == path and r["period"] == "daily"]
 
     async def spent():
         return (await listed())[0]["spent_tokens"] > 0
 
     await _until(reactor, spent, "the budget's spend")
     [budget] = await listed()
-    row = "tr.budget-row:has(.budget-path)"
+    row = "tr.budget-row"
 
     def page():
         b.go("budgets")
-        b.wait(lambda d: path in b.texts(f"{row} .budget-path"), "the budget's row")
+        b.wait(lambda d: b.texts(f"{row} .budget-path") == [path, path], "the budgets' rows")
         assert b.js("return document.querySelectorAll('img[src=\"x\"]').length") == 0
-        mine = f"tr.budget-row:nth-child({b.texts(f'{row} .budget-path').index(path) + 1})"
+        # a total budget never reset counts always (not "from 1970-01-01 00:00:00 UTC"); the daily one from today
+        assert b.texts(f"{row} .budget-start") == [f"{budget['period_start'][:10]} 00:00:00 UTC", "always"]
+        mine = f"{row}:nth-child(1)"
         assert b.text_of(f"{mine} .meter-label") == f"{budget['spent_tokens']:,} / 100,000 tokens"
         b.click(f"{mine} .row-actions button")
         assert b.js("return document.activeElement.textContent") == "Confirm reset"
