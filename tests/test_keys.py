@@ -1333,6 +1333,12 @@ async def test_a_passthrough_body_the_gateway_cannot_read_never_reaches_a_vllm_w
             answer = json.loads(await treq.content(response))
             assert response.code == 400 and answer["error"]["code"] == "invalid_json", answer
             assert ("not UTF-8 (byte 0 is 0xff)" in answer["error"]["message"]) == unread.startswith(b"\xff"), answer
+        # (a responses body is read first for whose conversation it continues: refused with the same words)
+        response = await http.post(gw.url + "/p/vllm/v1/responses", data=b'{"input":"hi"}'.decode().encode("utf-16"),
+                                   headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+        answer = json.loads(await treq.content(response))
+        assert response.code == 400 and answer["error"]["code"] == "invalid_json", answer
+        assert "not UTF-8 (byte 0 is 0xff)" in answer["error"]["message"], answer
         assert len(first.requests) == before  # none reached the vLLM
         response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=body + b',"x":NaN}', headers={
             "authorization": f"Bearer {MASTER}", "content-type": "application/json"})

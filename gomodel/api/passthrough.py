@@ -190,8 +190,8 @@ class Passthrough:
         elif body is not None and self._responses is not None:  # (a create, or what reads one's history too)
             try:
                 fields = jsonutil.loads(body)
-            except jsonutil.JSONError as e:  # (which an upstream's parser may read: a BOM before it, a NaN)
-                raise errors.InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+            except jsonutil.JSONError as e:  # (which an upstream's parser may read: a BOM before it, a NaN, UTF-16)
+                raise not_json(body, e) from None
             previous = fields.get("previous_response_id") if fields.__class__ is dict else None
             if previous:
                 await continued(self._responses, str(previous), principal)
