@@ -87,6 +87,19 @@ async def test_text_answers_keep_their_content_type(http, audio):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_silent_recordings_empty_text_answer_is_relayed(http, audio):
+    """A silent recording's transcription as text is an empty 200 (text/plain): it is relayed as that empty text.
+    Before, the gateway's check for an upstream's success without a body (a 204, an empty 200) made it a 502
+    bad_upstream_response."""
+    gw, fake = audio
+    fake.transcript = ""
+    for kind in ("text", "json"):
+        response, content = await post_form(http, gw, {"model": MODEL, "response_format": kind})
+        assert response.code == 200, content
+        assert (content == b"") if kind == "text" else (json.loads(content)["text"] == ""), content
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stream_is_relayed_its_usage_recorded_and_kept_from_a_client_that_asked_none(http, audio):
     gw, fake = audio
     response, content = await post_form(http, gw, {"model": MODEL, "stream": "true"})

@@ -299,7 +299,8 @@ class Exchange:
                 body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
             except UpstreamUnreachable as e:
                 raise _BrokeOff(e) from None
-        if not body:  # (a 204, an empty 200: no answer any client can read)
+        if not body and not (media.startswith(b"text/") and call.path.startswith("/audio/")):
+            # (a 204, an empty 200: no answer any client can read; but a silent recording's transcription as text)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code} "
                                       "without a body.")
         return self._whole(request, ctx, upstream, response, call, body)

@@ -190,6 +190,7 @@ class FakeVLLM(Resource):
         # False: /v1/audio/* are FastAPI's 404, as on a server whose model is no ASR one; "openai": streamed as
         # OpenAI streams them; a status (503): answered with that error
         self.audio = True
+        self.transcript = "hé there"  # what its audio routes hear ("": a silent recording)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -477,7 +478,7 @@ class FakeVLLM(Resource):
         if model not in self.models:
             return self._json(request, 404, {"error": {"message": f"The model `{model}` does not exist.",
                                                        "type": "NotFoundError", "param": "model", "code": 404}})
-        text, kind = "hé there", form.get("response_format") or "json"
+        text, kind = self.transcript, form.get("response_format") or "json"
         usage = {"prompt_tokens": 9, "total_tokens": 12, "completion_tokens": 3}
         if form.get("stream") == "true" and self.audio == "openai":  # OpenAI's events: its usage always, no [DONE]
             request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
