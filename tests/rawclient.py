@@ -47,7 +47,6 @@ class RawClient(Protocol):
                 d.errback(ConnectionError(f"connection ended before {marker!r}"))
 
 
-
 @implementer(IHalfCloseableProtocol)
 class HalfOpenClient(RawClient):
     """A raw client that keeps its side open once the server shut its own: C{shut} fires then."""
@@ -75,7 +74,6 @@ async def connect(reactor, port: int, request: bytes) -> RawClient:
     client = RawClient(request)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
     return client
-
 
 
 def send_then_read(address, data: bytes, timeout: float = 10.0, tls: bool = False) -> bytes:

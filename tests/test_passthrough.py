@@ -618,7 +618,6 @@ async def test_the_sdks_see_a_cut_passthrough_stream_as_an_api_error_after_its_w
         assert isinstance(error, anthropic.APIError) and why in error.message, repr(error)
 
 
-
 CHAT_CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "meta-llama/Llama-3.1-8B-Instruct",
               "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
 

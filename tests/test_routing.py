@@ -87,7 +87,6 @@ async def fresh(reactor):
     await pool.closeCachedConnections()
 
 
-
 def chat(content="hello", **extra):
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
 
