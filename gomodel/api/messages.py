@@ -8,9 +8,10 @@ notes usage and the end). Any other provider, and a vLLM whose server answers
 that it has no Messages API, gets it translated to chat completions and back
 (L{gomodel.anthropic.translate}); the gateway then remembers, per provider
 and model, not to ask natively for L{NO_NATIVE_TTL} seconds. A request with
-stop sequences, a document or a prefill goes to a vLLM translated too
-(L{translates}). Fallbacks are tried among the targets reached the same way
-as the first, then among the others (L{MessagesRoutes._other_way}).
+stop sequences, a document, a prefill or a system message's tool changes goes
+to a vLLM translated too (L{translates}). Fallbacks are tried among the targets
+reached the same way as the first, then among the others
+(L{MessagesRoutes._other_way}).
 
 The client's credentials never go upstream: the exchange sends only the
 provider's own key (C{Authorization: Bearer}), as on every route; vLLM
@@ -330,8 +331,8 @@ class MessagesRoutes:
     def native_for(self, route, counting=False, prioritised=False, translating=False) -> bool:
         """Whether C{route}'s provider is asked natively for its model now (for C{count_tokens} if C{counting};
         never, with C{prioritised}, where it schedules by priority: see L{create}; never with C{translating}, a
-        request with stop sequences, a document or a prefill, L{translates}); message batches' lines go as this says too
-        (L{gomodel.anthropic.batches.MessagesLines})."""
+        request with stop sequences, a document, a prefill or tool changes, L{translates}); message batches' lines go
+        as this says too (L{gomodel.anthropic.batches.MessagesLines})."""
         if route.provider.type not in NATIVE_TYPES or translating or prioritised and route.provider.priority_scheduling:
             return False
         key, now = (route.provider.name, route.upstream_model, MESSAGES), self._clock.seconds()
