@@ -505,8 +505,8 @@ def _tool_result(block, where):
 def _tool_reference(block, where) -> str:
     """A C{tool_reference}'s text (what a tool search, Claude Code's, answers): the tool's name.
 
-    Anthropic loads the named tool's definition there; a chat upstream is sent every tool
-    (C{defer_loading} or not), so the name says all.
+    Anthropic loads the named tool's definition there; a chat upstream is sent every tool in effect
+    (C{defer_loading} or not: L{_resolved_tools}), so the name says all.
     """
     name = block.get("tool_name")
     if not isinstance(name, str) or not name:
