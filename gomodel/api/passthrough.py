@@ -146,7 +146,7 @@ class Passthrough:
         request.content.seek(0)
         body = request.content.read() or None
         if principal is not None and not principal.master:
-            await self._owned(principal, request.method, _bare(unquote(endpoint)), body)
+            await self._owned(principal, request.method, target.bare, body)
             if body is not None and provider.type in SALTED_PROVIDER_TYPES:
                 body = self._keyed(body, principal, provider, route)
         model, ctx.asked_stream = served_model(body, provider)
@@ -235,12 +235,13 @@ class Endpoint:
     """The endpoint of a C{/p/{provider}/{endpoint}} request, read once from its path (L{endpoint_of}).
 
     @ivar path: the canonical endpoint path sent upstream (percent-encoded; empty segments left out).
-    @ivar route: what vLLM routes it as (C{chat/completions}, C{metrics}): decoded, without C{v1/}, lower case.
+    @ivar bare: the endpoint decoded, without C{v1/} (L{_bare}), its case kept (a response id's).
+    @ivar route: what vLLM routes it as (C{chat/completions}, C{metrics}): L{bare} in lower case.
     @ivar refused: the L{gomodel.errors.InvalidRequest} that refuses it (a C{.} or C{..} segment, a NUL, no
         endpoint), or None.
     """
 
-    __slots__ = ("path", "route", "refused")
+    __slots__ = ("path", "bare", "route", "refused")
 
     def __init__(self, raw: bytes):
         """
@@ -250,7 +251,8 @@ class Endpoint:
         segments = decoded.split("/")
         endpoint = "/".join(s for s in segments if s)
         self.path = quote(endpoint, safe=_SAFE_PATH)
-        self.route = _bare(endpoint).lower()
+        self.bare = _bare(endpoint)
+        self.route = self.bare.lower()
         self.refused = None
         if any(s in (".", "..") for s in segments) or "\x00" in decoded:
             self.refused = errors.InvalidRequest("The passthrough endpoint must not contain '.' or '..' segments.",
