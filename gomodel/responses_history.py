@@ -8,7 +8,6 @@ made it no longer knows it (vLLM restarted, or its store is off).
 """
 
 import re
-from functools import partial
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -19,9 +18,8 @@ from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.ids import new_id
 from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
-from gomodel.proxy.sse import hidden_strings
 from gomodel.store.sweeps import claimed
-from gomodel.upstream.errors import without_address
+from gomodel.upstream.errors import error_shown
 
 MAX_CHAIN = 1000  # turns followed back through previous_response_id
 
@@ -143,16 +141,6 @@ def error_hidden(upstream, then, answer: bytes) -> bytes:
         if without is not response:
             answer = jsonutil.dumps(without)
     return answer if then is None else then(answer)
-
-
-def error_shown(response, upstream):
-    """C{response} (a response object, or anything) with its C{error} without C{upstream}'s addresses, as a stream's
-    failed response is (L{gomodel.proxy.sse.ResponsesStreamObserver}): a new dict where that changed it; its
-    output (the model's words) as it is."""
-    if response.__class__ is not dict or response.get("error") is None:
-        return response
-    error = hidden_strings(response["error"], partial(without_address, upstream=upstream))
-    return response if error == response["error"] else dict(response, error=error)
 
 
 def relink(previous_id, then, answer: bytes) -> bytes:

@@ -45,10 +45,10 @@ from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
-                               event_around, event_kind, event_object, events_end, hidden_strings)
+                               event_around, event_kind, event_object, events_end)
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, BoundedCollector, discard, read_body, within
-from gomodel.upstream.errors import hidden_in, upstream_error, with_retry_after, without_address
+from gomodel.upstream.errors import error_shown, hidden_in, upstream_error, with_retry_after
 
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
@@ -283,9 +283,10 @@ class Exchange:
                     return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, call.observer, call.counted)
-        # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt;
-        # text/json is JSON)
-        if media.startswith(b"text/") and not media.endswith(b"json") and not call.path.startswith("/audio/"):
+        # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt,
+        # a silent recording's empty; text/json is JSON)
+        transcript = media.startswith(b"text/") and call.path.startswith("/audio/")
+        if media.startswith(b"text/") and not media.endswith(b"json") and not transcript:
             discard(response)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code} with "
                                       "a text page, not JSON.")
@@ -299,8 +300,7 @@ class Exchange:
                 body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
             except UpstreamUnreachable as e:
                 raise _BrokeOff(e) from None
-        if not body and not (media.startswith(b"text/") and call.path.startswith("/audio/")):
-            # (a 204, an empty 200: no answer any client can read; but a silent recording's transcription as text)
+        if not body and not transcript:  # (a 204, an empty 200: no answer any client can read)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code} "
                                       "without a body.")
         return self._whole(request, ctx, upstream, response, call, body)
@@ -996,13 +996,10 @@ def _failure_hidden(event: bytes, upstream) -> bytes:
     its data left out, as L{gomodel.proxy.sse.ResponsesStreamObserver} does); else as it is."""
     payload = event_object(event)
     response = payload.get("response") if payload is not None and payload.get("type") == "response.failed" else None
-    if response.__class__ is not dict:
+    shown = error_shown(response, upstream)
+    if shown is response:
         return event
-    error = response.get("error")
-    shown = hidden_strings(error, partial(without_address, upstream=upstream))
-    if shown == error:
-        return event
-    payload["response"] = dict(response, error=shown)
+    payload["response"] = shown
     return event[:max(event.find(b"data:"), 0)] + b"data: " + jsonutil.dumps(payload)
 
 

@@ -8,9 +8,11 @@ own key (an upstream that quotes the key it refused: L{Secret}).
 """
 
 import time
+from functools import partial
 
 from gomodel import jsonutil
 from gomodel.errors import SDK_RETRY_WAIT, UpstreamError, envelope
+from gomodel.proxy.sse import hidden_strings
 from gomodel.routing.pool import retry_after_seconds
 
 _TYPE_BY_STATUS = {
@@ -148,3 +150,13 @@ def _wrapped(status, message, type_=None, param=None, code=None) -> UpstreamErro
     if not isinstance(code, (str, int, type(None))):
         code = None
     return UpstreamError(status, envelope(message, type_, param, code), message)
+
+
+def error_shown(response, upstream):
+    """C{response} (a response object, or anything) with its C{error} without C{upstream}'s addresses, as a stream's
+    failed response is (L{gomodel.proxy.sse.ResponsesStreamObserver}): a new dict where that changed it; its
+    output (the model's words) as it is."""
+    if response.__class__ is not dict or response.get("error") is None:
+        return response
+    error = hidden_strings(response["error"], partial(without_address, upstream=upstream))
+    return response if error == response["error"] else dict(response, error=error)
