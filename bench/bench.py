@@ -139,7 +139,7 @@ def parse_args(argv):
     p.add_argument("--gomodel-workers", type=int, default=1,
                    help="gomodel processes (passes --workers N; give --gateway-cpus N CPUs)")
     p.add_argument("--gomodel-cmd", default=None,
-                   help="gomodel command template; {twistd} {python} {port} {workers} {mock} are filled in "
+                   help="gomodel command template; {gomodel} {twistd} {python} {port} {workers} {mock} are filled in "
                         "(env GOMODEL_CMD; default: %s)" % TARGETS["gomodel"].DEFAULT_CMD.replace("%", "%%"))
     p.add_argument("--gomodel-python", default=None, help="Python env with gomodel (env GOMODEL_PYTHON; "
                                                           "default: the one running the bench)")

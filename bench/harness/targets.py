@@ -226,10 +226,11 @@ class Direct(Target):
 
 
 class GoModel(Target):
-    """This project's gateway, as an operator would start it (twistd plugin)."""
+    """This project's gateway, as its Docker image starts it: the C{gomodel} command (twistd's runner with
+    gomodel's plugin alone; C{GOMODEL_CMD='{twistd} -n --pidfile= gomodel ...'} for the twistd plugin)."""
     name = "gomodel"
     model_prefix = "vllm/"
-    DEFAULT_CMD = "{twistd} -n --pidfile= gomodel --listen tcp:{port}:interface=127.0.0.1"
+    DEFAULT_CMD = "{gomodel} --listen tcp:{port}:interface=127.0.0.1"
 
     def python(self):
         return self.ctx.args.gomodel_python or os.environ.get("GOMODEL_PYTHON") or sys.executable
@@ -311,11 +312,13 @@ class GoModel(Target):
         workers = self.workers
         if workers > 1 and "{workers}" not in tmpl:
             tmpl += " --workers {workers}"
-        twistd = os.path.join(os.path.dirname(self.python()), "twistd")
-        if not os.path.exists(twistd):
-            twistd = shutil.which("twistd") or "twistd"
-        return shlex.split(tmpl.format(twistd=twistd, python=self.python(), port=self.port, workers=workers,
-                                       mock=self.ctx.mock_url))
+        return shlex.split(tmpl.format(twistd=self._script("twistd"), gomodel=self._script("gomodel"),
+                                       python=self.python(), port=self.port, workers=workers, mock=self.ctx.mock_url))
+
+    def _script(self, name):
+        """The console script C{name} of the gateway's interpreter (beside it), else the one on C{PATH}."""
+        path = os.path.join(os.path.dirname(self.python()), name)
+        return path if os.path.exists(path) else shutil.which(name) or name
 
     def env(self):
         # Access log off, as LiteLLM's logging is: the same footing for every gateway. Optimised, as the
