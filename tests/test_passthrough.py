@@ -838,3 +838,19 @@ async def test_a_failed_response_in_a_passthrough_stream_names_the_provider_not_
     assert failed == [{"type": "response.failed", "sequence_number": 1,
                        "response": dict(response, error={"code": "server_error", "message": "engine at vllm failed"})}]
     assert received.count(where.encode()) == 2  # (the output's, in each response: the model's own words)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_alt_svc_and_hsts_stay_upstream(reactor, gateway):
+    """C{Alt-Svc} and C{Strict-Transport-Security} describe the upstream's host (another protocol or port of it, its
+    TLS policy), not the gateway's: left out of every answer (before: a client was told to reach the gateway over
+    HTTP/3 on the upstream's port, or to pin HTTPS for a year on a gateway it reaches over HTTP)."""
+    answer = ("HTTP/1.1 200 OK\r\nAlt-Svc: h3=\":443\"; ma=86400\r\n"
+              "Strict-Transport-Security: max-age=31536000; includeSubDomains\r\nX-Kept: yes\r\n"
+              "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello")
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/custom", {"fake_raw": answer}, CLOSE))
+    await with_timeout(reactor, client.lost, 5)
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 200 ok" and b"x-kept: yes" in lines and body == b"hello", head
+    assert not any(line.startswith((b"alt-svc", b"strict-transport-security")) for line in lines), head
