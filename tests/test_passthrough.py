@@ -854,3 +854,28 @@ async def test_an_upstreams_alt_svc_and_hsts_stay_upstream(reactor, gateway):
     lines = head.lower().split(b"\r\n")
     assert lines[0] == b"http/1.1 200 ok" and b"x-kept: yes" in lines and body == b"hello", head
     assert not any(line.startswith((b"alt-svc", b"strict-transport-security")) for line in lines), head
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_link_and_content_location_land_on_the_passthrough(reactor, two):
+    """C{Content-Location} and each C{Link} target the upstream answers with name their place under
+    C{/p/{provider}/} as C{Location} does (relative, or absolute to the upstream), its parameters kept; a link on the
+    upstream no passthrough path reaches is left out, one elsewhere passes (before: a relative one went as it came,
+    naming the gateway's own routes, and a header with an absolute one to the upstream was left out whole)."""
+    gw, plain, _ = two
+    root = plain.root_url
+    links = (f'</v1/models?after=m1>; rel="next", <{root}/v1/models?before=m1>; rel="prev"; title="a, <b>", '
+             '<https://docs.example/models>; rel="help", </v1/nowhere>; rel="other"')
+    answer = (f"HTTP/1.1 200 OK\r\nLink: {links}\r\nContent-Location: {root}/v1/models/m1\r\n"
+              "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    client = await connect(reactor, gw.port, _passed(b"/p/vllm/v1/models", {"fake_raw": answer}, {**AUTH, **CLOSE}))
+    await with_timeout(reactor, client.lost, 5)
+    head = bytes(client.received).partition(b"\r\n\r\n")[0]
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK", head
+    assert [line for line in lines if line.lower().startswith(b"link:")] == [
+        b'Link: </p/vllm/v1/models?after=m1>; rel="next", </p/vllm/v1/models?before=m1>; rel="prev"; '
+        b'title="a, <b>", <https://docs.example/models>; rel="help"'], head
+    assert [line for line in lines if line.lower().startswith(b"content-location:")] == [
+        b"Content-Location: /p/vllm/v1/models/m1"], head
+    assert b"127.0.0.1" not in head, head

@@ -9,6 +9,7 @@ A managed key's JSON body to a vLLM's model-routed route gets what it gets on
 C{/v1}: its tenant's C{cache_salt} and its C{priority}.
 """
 
+import re
 from functools import partial
 from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
@@ -289,28 +290,49 @@ def dialect_below(request):
 
 
 LOCATION = header_name("location")
+CONTENT_LOCATION = header_name("content-location")
+LINK = header_name("link")
+# One link-value of a C{Link} header (RFC 8288): its target, then its parameters (a quoted string may hold a comma).
+_LINK_VALUE = re.compile(rb'\s*<([^>]*)>((?:[^",]|"(?:[^"\\]|\\.)*")*),?')
 
 
 async def _relocate(ctx, provider, name, endpoint, query, response):
-    """A passthrough's vet (L{UpstreamCall.vet}): the C{Location} of the upstream's C{response} (a redirect's, a
-    201's) rewritten where it names a place on the upstream (relative, or absolute to it) to that place under
-    C{/p/{name}/} (C{name}: the provider as the client named it), so its client lands there; left out where no
-    passthrough path reaches that place; one elsewhere as it is."""
+    """A passthrough's vet (L{UpstreamCall.vet}): the C{Location} and C{Content-Location} of the upstream's
+    C{response} (a redirect's, a 201's) and each C{Link} target rewritten where it names a place on the upstream
+    (relative, or absolute to it) to that place under C{/p/{name}/} (C{name}: the provider as the client named it), so
+    its client lands there; left out (a link: that link) where no passthrough path reaches that place; one elsewhere
+    as it is."""
     headers = plain_headers(response.headers)
-    values = headers.get(LOCATION)
-    if values is None:
+    if LOCATION not in headers and CONTENT_LOCATION not in headers and LINK not in headers:
         return
     server = provider.replicas[ctx.replica].server
     here = server.url(endpoint, True) + ("?" + query.decode("latin-1") if query else "")
-    kept = []
-    for value in values:
-        shown = _relocated(server, here, b"/p/" + name + b"/", value)
-        if shown is not None:
-            kept.append(shown)
-    if kept:
-        headers[LOCATION] = kept
-    else:
-        del headers[LOCATION]
+    prefix = b"/p/" + name + b"/"
+    for header in (LOCATION, CONTENT_LOCATION, LINK):
+        values = headers.get(header)
+        if values is None:
+            continue
+        moved = _links_relocated if header == LINK else _relocated
+        kept = [shown for shown in (moved(server, here, prefix, value) for value in values) if shown]
+        if kept:
+            headers[header] = kept
+        else:
+            del headers[header]
+
+
+def _links_relocated(server, here, prefix, value):
+    """A C{Link} header's C{value} with each link's target as L{_relocated} gives it, a link it gives none left out
+    (its parameters kept); None where none is left, or it holds no link."""
+    links, at = [], 0
+    while at < len(value):
+        found = _LINK_VALUE.match(value, at)
+        if found is None or found.end() == at:
+            return b", ".join(links) or None  # (what follows is no link: left out)
+        target = _relocated(server, here, prefix, found.group(1))
+        if target is not None:
+            links.append(b"<" + target + b">" + found.group(2).rstrip())
+        at = found.end()
+    return b", ".join(links) or None
 
 
 def _relocated(server, here, prefix, location):
