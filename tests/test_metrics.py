@@ -496,3 +496,32 @@ async def test_the_cost_the_ledger_computes_is_counted_by_model_and_managed_key(
         assert value(found, "gomodel_cost_total") == pytest.approx(summary["total_cost"])  # (no other series)
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_the_channel_refuses_carry_a_request_id_and_are_counted(reactor, http, fake, access):
+    """A request the connection refuses before any route sees it (400 bad HTTP, 414, 431, 408) carries an
+    C{X-Request-Id}, is in the access log under it and is counted in C{gomodel_requests_total} (endpoint C{other},
+    its status; before: no request id, no log line, no count: a flood of them was invisible)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        ids = []
+        for request_bytes, status in ((b"GET / HTTP/1.1\r\nHost: g\r\nX-Big: " + b"b" * 17000 + b"\r\n\r\n", b"431"),
+                                      (b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\nHost: g\r\n\r\n", b"414"),
+                                      (b"GET / HTTP/1.1\r\n\r\n", b"400")):
+            client = await connect(reactor, gw.port, request_bytes)
+            await with_timeout(reactor, client.lost, 5)
+            head = bytes(client.received).partition(b"\r\n\r\n")[0]
+            assert head.startswith(b"HTTP/1.1 " + status + b" "), head
+            found = [line for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id: ")]
+            assert len(found) == 1 and len(found[0]) > len(b"x-request-id: "), head
+            ids.append(found[0].partition(b": ")[2].decode())
+        assert len(set(ids)) == 3
+        logged = {event["request_id"]: event for event in access.events}
+        assert all(rid in logged for rid in ids), (ids, logged)
+        found = await scrape(http, gw)
+        for status in ("431", "414", "400"):
+            assert value(found, "gomodel_requests_total", endpoint="other", status_code=status,
+                         status_type="error") == 1, status
+    finally:
+        await gw.service.stopService()

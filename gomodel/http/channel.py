@@ -107,6 +107,7 @@ class GatewayChannel(http.HTTPChannel):
     _peer = None
     _host = None
     _head = None  # the answer's status line and headers, not yet written
+    _target = b""  # the target of the request whose head is being read, as far as it came
     active = True  # something came in or went out since the site's last idle sweep
     idle_since = None  # when a sweep last found it active (GatewaySite.sweep_idle)
     # The request whose head or body (watched_head) a sweep saw arriving, and since when (GatewaySite.sweep_idle).
@@ -389,7 +390,10 @@ class GatewayChannel(http.HTTPChannel):
         return held
 
     def _bad_request(self, reason, status=_BadRequest.status):
-        """Answer 400 (or C{status}) and close; requests read whole before the bad bytes are answered first."""
+        """Answer 400 (or C{status}) and close; requests read whole before the bad bytes are answered first. The
+        answer carries the request's C{X-Request-Id}, and its record goes to the site (L{GatewaySite.refused_early}:
+        the access log, the metrics)."""
+        request = self._receiving
         self._parser = None
         self._receiving = None  # read no further: no sweep times it (and answers it again)
         self.unread = True  # (what follows the bad bytes, or the body of a head that took too long)
@@ -399,8 +403,10 @@ class GatewayChannel(http.HTTPChannel):
         _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
         code = _CODES[status]
         body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code=code).body()
+        request_id = self.site.refused_early(request, self._target, int(status[:3]), code)
         self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n%s" % (status, len(body), body))
+                             b"X-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
+                             % (status, len(body), request_id, body))
         self.loseConnection()
 
     def requestDone(self, request):

@@ -116,6 +116,14 @@ class FrontResource(Resource):
         handling.start(handler(request, ctx))
         return NOT_DONE_YET
 
+    def refused_early(self, request_id, method, path, status, code):
+        """Record a request its connection refused before it came here (L{gomodel.http.site.GatewaySite.refused_early}:
+        no valid HTTP/1.1, a head past the limits, a 408): its context, an error of C{status} and C{code}, completes at
+        once through the sinks (the access log, the metrics' C{other} endpoint); it was never in flight."""
+        ctx = RequestContext(request_id, method, path, self._clock, self._sinks, recorded=False)
+        ctx.cut(code)
+        ctx.ended(status, False)
+
     def _dialect_below(self, request, ctx):
         """Give C{ctx} the dialect that C{dialect_below} names for C{request}, if any (else its exact path's stays);
         an answer in Anthropic's carries the request id as C{request-id} too, as an exact Anthropic route's does."""
