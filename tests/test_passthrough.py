@@ -879,3 +879,28 @@ async def test_an_upstreams_link_and_content_location_land_on_the_passthrough(re
     assert [line for line in lines if line.lower().startswith(b"content-location:")] == [
         b"Content-Location: /p/vllm/v1/models/m1"], head
     assert b"127.0.0.1" not in head, head
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_response_answered_whole_names_the_provider_not_its_address(reactor, gateway, fake):
+    """A Responses object answered whole (C{responses}, C{responses/{id}}) whose C{error} names the upstream's address
+    gets it without it, as a stream's C{response.failed} does (before: relayed as it came, with the address); its
+    output, the model's words, and an answer naming no address are left as they are."""
+    where = fake.root_url
+    output = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": f"see {where}"}]}]
+    failed = {"id": "resp_1", "object": "response", "status": "failed", "output": output,
+              "error": {"code": "server_error", "message": f"engine at {where} failed"}}
+    for path in (b"/p/vllm/v1/responses", b"/p/vllm/responses/resp_1"):
+        body = json.dumps(failed)
+        answer = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  + body)
+        client = await connect(reactor, gateway.port, _passed(path, {"fake_raw": answer}, CLOSE))
+        await with_timeout(reactor, client.lost, 5)
+        head, _, received = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: %d" % len(received) in head.lower(), head
+        assert json.loads(received) == dict(failed, error={"code": "server_error", "message": "engine at vllm failed"})
+    plain = json.dumps({"id": "resp_2", "object": "response", "status": "completed", "output": output, "error": None})
+    answer = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(plain)}\r\n\r\n" + plain
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/responses", {"fake_raw": answer}, CLOSE))
+    await with_timeout(reactor, client.lost, 5)
+    assert bytes(client.received).partition(b"\r\n\r\n")[2] == plain.encode()

@@ -268,6 +268,11 @@ class Exchange:
             events = is_event_stream(response.headers)
             if events:
                 ctx.stream = True
+            elif (call.ends is RESPONSES_END and response.code == 200 and request.method != b"HEAD"
+                  and upstream.hidden_pattern is not None):
+                body = await self._small(upstream, response)  # (a Responses object: its error shown as a stream's)
+                if body is not None:
+                    return self._whole(request, ctx, upstream, response, call, _response_shown(body, upstream))
             ends = call.ends if events and response.code == 200 and request.method != b"HEAD" else None
             return await self._relay_raw(request, ctx, upstream, response, events, call.counted, ends)
         if response.code >= 400:
@@ -317,6 +322,20 @@ class Exchange:
         except UpstreamUnreachable as e:
             raise _BrokeOff(e) from None
         return self._whole(request, ctx, upstream, response, call, hidden_in(body, upstream))
+
+    async def _small(self, upstream, response):
+        """The whole body of C{response} where it came with its head or says it is within L{ERROR_BODY_LIMIT}, else
+        None (left to be relayed as it comes).
+
+        @raise _BrokeOff: it broke off.
+        """
+        body = whole_body(response)
+        if body is not None or response.length is UNKNOWN_LENGTH or response.length > ERROR_BODY_LIMIT:
+            return body
+        try:
+            return await self.read(upstream, response, ERROR_BODY_LIMIT)
+        except UpstreamUnreachable as e:
+            raise _BrokeOff(e) from None
 
     async def _gathered(self, request, ctx, upstream, response, call, gather):
         """The whole answer for a call that did not ask to stream, made of the event stream the upstream sent
@@ -1001,6 +1020,20 @@ def _failure_hidden(event: bytes, upstream) -> bytes:
         return event
     payload["response"] = shown
     return event[:max(event.find(b"data:"), 0)] + b"data: " + jsonutil.dumps(payload)
+
+
+def _response_shown(body: bytes, upstream) -> bytes:
+    """C{body}, a Responses object a passthrough answered whole, with its C{error} written without C{upstream}'s
+    addresses and key (L{error_shown}), as a stream's failed response is (L{_failure_hidden}); else as it is (its
+    output, the model's words, too)."""
+    if upstream.hidden_pattern.search(body) is None:
+        return body
+    try:
+        response = jsonutil.loads(body)
+    except jsonutil.JSONError:
+        return body
+    shown = error_shown(response, upstream)
+    return body if shown is response else jsonutil.dumps(shown)
 
 
 def metadata_usage(response):
