@@ -904,3 +904,20 @@ async def test_a_failed_response_answered_whole_names_the_provider_not_its_addre
     client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/responses", {"fake_raw": answer}, CLOSE))
     await with_timeout(reactor, client.lost, 5)
     assert bytes(client.received).partition(b"\r\n\r\n")[2] == plain.encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_own_request_id_reaches_its_client(reactor, gateway):
+    """The upstream's C{request-id} (Anthropic's, which the anthropic SDKs read as C{_request_id}: what its support
+    asks for) reaches the client of a passthrough, on C{v1/messages} (where the gateway's own answers carry its id
+    under that name) and elsewhere; C{X-Request-Id} stays the gateway's (before: the upstream's was dropped, and
+    an Anthropic client saw only the gateway's)."""
+    answer = ("HTTP/1.1 200 OK\r\nrequest-id: req_011CUpstream\r\nX-Request-Id: upstream-x\r\n"
+              "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    for path in (b"/p/vllm/v1/messages", b"/p/vllm/custom"):
+        request = _passed(path, {"fake_raw": answer}, {**CLOSE, "X-Request-Id": "mine"})
+        client = await connect(reactor, gateway.port, request)
+        await with_timeout(reactor, client.lost, 5)
+        lines = bytes(client.received).partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        assert [line for line in lines if line.startswith((b"request-id:", b"x-request-id:"))] == [
+            b"x-request-id: mine", b"request-id: req_011cupstream"], (path, lines)

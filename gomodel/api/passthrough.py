@@ -21,7 +21,7 @@ from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES, visible
 from gomodel.http import render
 from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
-from gomodel.http.headers import HOP_BY_HOP, connection_tokens
+from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, connection_tokens
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
 from gomodel.responses_history import continued, unknown_response
 
@@ -159,7 +159,7 @@ class Passthrough:
                             headers=_upstream_headers(request, secret),
                             content_type=None, raw=True, ends=_stream_end(route), model=model,
                             pin=_pinned_replica(request), counted=_counted(request, body),
-                            vet=partial(_relocate, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query))
+                            vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query))
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _owned(self, principal, method, endpoint, body):
@@ -296,12 +296,21 @@ LINK = header_name("link")
 _LINK_VALUE = re.compile(rb'\s*<([^>]*)>((?:[^",]|"(?:[^"\\]|\\.)*")*),?')
 
 
-async def _relocate(ctx, provider, name, endpoint, query, response):
-    """A passthrough's vet (L{UpstreamCall.vet}): the C{Location} and C{Content-Location} of the upstream's
-    C{response} (a redirect's, a 201's) and each C{Link} target rewritten where it names a place on the upstream
-    (relative, or absolute to it) to that place under C{/p/{name}/} (C{name}: the provider as the client named it), so
-    its client lands there; left out (a link: that link) where no passthrough path reaches that place; one elsewhere
-    as it is."""
+async def _vet(request, ctx, provider, name, endpoint, query, response):
+    """A passthrough's vet (L{UpstreamCall.vet}): the upstream's own C{request-id} (Anthropic's, which the
+    anthropic SDKs read) given to C{request}'s answer in place of the gateway's (whose C{X-Request-Id} stays
+    its own), and its places rewritten (L{_relocate})."""
+    upstream_id = plain_headers(response.headers).get(REQUEST_ID)
+    if upstream_id is not None:
+        request.responseHeaders.put(REQUEST_ID, upstream_id[-1])
+    _relocate(ctx, provider, name, endpoint, query, response)
+
+
+def _relocate(ctx, provider, name, endpoint, query, response):
+    """The C{Location} and C{Content-Location} of the upstream's C{response} (a redirect's, a 201's) and each
+    C{Link} target rewritten where it names a place on the upstream (relative, or absolute to it) to that place under
+    C{/p/{name}/} (C{name}: the provider as the client named it), so its client lands there; left out (a link: that
+    link) where no passthrough path reaches that place; one elsewhere as it is."""
     headers = plain_headers(response.headers)
     if LOCATION not in headers and CONTENT_LOCATION not in headers and LINK not in headers:
         return
