@@ -921,3 +921,24 @@ async def test_an_upstreams_own_request_id_reaches_its_client(reactor, gateway):
         lines = bytes(client.received).partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
         assert [line for line in lines if line.startswith((b"request-id:", b"x-request-id:"))] == [
             b"x-request-id: mine", b"request-id: req_011cupstream"], (path, lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_cors_headers_stay_upstream(reactor, gateway):
+    """An upstream's CORS headers (OpenRouter's and others' C{Access-Control-Allow-Origin: *}, a preflight's) never
+    reach the client: the gateway has no CORS policy, so another site's page reads none of its answers (before: a
+    page any visitor of an open gateway opened read what C{GET /p/...} answered, the provider account's lists too,
+    and an C{OPTIONS} preflight passed on was allowed)."""
+    cors = ("Access-Control-Allow-Origin: *\r\nAccess-Control-Allow-Credentials: true\r\n"
+            "Access-Control-Allow-Methods: GET, POST\r\nAccess-Control-Allow-Headers: authorization\r\n"
+            "Access-Control-Expose-Headers: X-Request-ID\r\nAccess-Control-Max-Age: 86400\r\n"
+            "Access-Control-Allow-Private-Network: true\r\n")
+    for method in (b"GET", b"OPTIONS"):
+        answer = (f"HTTP/1.1 200 OK\r\n{cors}X-Kept: yes\r\nContent-Type: application/json\r\n"
+                  "Content-Length: 2\r\n\r\n{}")
+        request = _passed(b"/p/vllm/v1/models", {"fake_raw": answer}, {**CLOSE, "Origin": "https://elsewhere.example"})
+        client = await connect(reactor, gateway.port, method + request[len(b"POST"):])
+        await with_timeout(reactor, client.lost, 5)
+        lines = bytes(client.received).partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        assert lines[0] == b"http/1.1 200 ok" and b"x-kept: yes" in lines, lines
+        assert not any(line.startswith(b"access-control-") for line in lines), (method, lines)
