@@ -225,11 +225,13 @@ async def test_slow_client_on_a_passthrough_stream(reactor, gateway, fake):
 @pytest_twisted.ensureDeferred
 async def test_upstream_cookies_and_account_never_reach_the_client(http, two):
     """Nor an OpenAI provider's organization and project, the gateway's account's, shown to every tenant
-    (before: relayed)."""
+    (before: relayed), nor Anthropic's organization (its OpenAI-compatible API's, its Messages API's through
+    C{/p/}: C{anthropic-organization-id}; before: relayed)."""
     gw, plain, guarded = two
     body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
             "fake_headers": {"Set-Cookie": "s=1", "Set-Cookie2": "s=2", "X-Kept": "yes",
-                             "OpenAI-Organization": "org-gateway", "OpenAI-Project": "proj_gateway"}}
+                             "OpenAI-Organization": "org-gateway", "OpenAI-Project": "proj_gateway",
+                             "Anthropic-Organization-Id": "c1a0b2d3-gateway"}}
     for path in ("/p/vllm/v1/chat/completions", "/v1/chat/completions"):
         response, content = await call(http, gw, "POST", path, dict(body, model="vllm/" + body["model"])
                                        if path.startswith("/v1") else body)
@@ -238,6 +240,7 @@ async def test_upstream_cookies_and_account_never_reach_the_client(http, two):
         assert headers.getRawHeaders("x-kept") == ["yes"]
         assert headers.getRawHeaders("set-cookie") is None and headers.getRawHeaders("set-cookie2") is None
         assert headers.getRawHeaders("openai-organization") is None and headers.getRawHeaders("openai-project") is None
+        assert headers.getRawHeaders("anthropic-organization-id") is None
 
 
 @pytest_twisted.ensureDeferred

@@ -13,19 +13,20 @@ HOP_BY_HOP = frozenset((
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 ))
 
-# Never copied from an upstream answer: Date/Server, the request id (Anthropic's name for it too) and the replica that answered are
-# ours, cookies stay upstream, and so does the gateway's account with an OpenAI-compatible provider (its
-# organization and project, every tenant's) and vLLM's load report (C{endpoint-load-metrics}, the gateway's
-# routing signal: every tenant's load), and what describes the upstream's host, not the gateway's (C{Alt-Svc}: its
-# other protocols and ports; C{Strict-Transport-Security}: its TLS policy), and its CORS policy (the gateway has
-# none: another site's page reads none of its answers). Content-Length only where the bytes pass unchanged.
+# Never copied from an upstream answer: Date/Server, the request id (Anthropic's name for it too) and the replica
+# that answered are ours, cookies stay upstream, and so does the gateway's account with a provider (an OpenAI-compatible
+# one's organization and project, Anthropic's organization: every tenant's) and vLLM's load report
+# (C{endpoint-load-metrics}, the gateway's routing signal: every tenant's load), and what describes the upstream's
+# host, not the gateway's (C{Alt-Svc}: its other protocols and ports; C{Strict-Transport-Security}: its TLS policy),
+# and its CORS policy (the gateway has none: another site's page reads none of its answers). Content-Length only where
+# the bytes pass unchanged.
 _NOT_FROM_UPSTREAM = HOP_BY_HOP | {b"server", b"date", b"set-cookie", b"set-cookie2", b"x-request-id",
                                    b"request-id", b"x-gomodel-replica", b"openai-organization", b"openai-project",
-                                   b"endpoint-load-metrics", b"alt-svc", b"strict-transport-security",
-                                   b"access-control-allow-origin", b"access-control-allow-credentials",
-                                   b"access-control-allow-methods", b"access-control-allow-headers",
-                                   b"access-control-expose-headers", b"access-control-max-age",
-                                   b"access-control-allow-private-network"}
+                                   b"anthropic-organization-id", b"endpoint-load-metrics", b"alt-svc",
+                                   b"strict-transport-security", b"access-control-allow-origin",
+                                   b"access-control-allow-credentials", b"access-control-allow-methods",
+                                   b"access-control-allow-headers", b"access-control-expose-headers",
+                                   b"access-control-max-age", b"access-control-allow-private-network"}
 
 
 class AnswerHeaders(Headers):
