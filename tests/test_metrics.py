@@ -525,3 +525,26 @@ async def test_requests_the_channel_refuses_carry_a_request_id_and_are_counted(r
                          status_type="error") == 1, status
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_for_the_star_target_carry_a_request_id_and_are_counted(reactor, http, fake, access):
+    """C{OPTIONS *} (200) and any other method on C{*} (405), which no route answers, carry an C{X-Request-Id}, are in
+    the access log under it and count in C{gomodel_requests_total} (endpoint C{other}), as every answer does (before:
+    none of the three)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        for method, status in ((b"OPTIONS", b"200"), (b"GET", b"405")):
+            client = await connect(reactor, gw.port, method + b" * HTTP/1.1\r\nHost: g\r\nX-Request-Id: star-"
+                                   + method + b"\r\nConnection: close\r\n\r\n")
+            await with_timeout(reactor, client.lost, 5)
+            head = bytes(client.received).partition(b"\r\n\r\n")[0]
+            assert head.startswith(b"HTTP/1.1 " + status + b" "), head
+            assert b"\r\nX-Request-Id: star-" + method + b"\r\n" in head, head
+        logged = {event["request_id"]: (event["method"], event["path"], event["status"]) for event in access.events}
+        assert logged["star-OPTIONS"] == ("OPTIONS", "*", 200) and logged["star-GET"] == ("GET", "*", 405), logged
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_requests_total", endpoint="other", status_code="200", status_type="success") == 1
+        assert value(found, "gomodel_requests_total", endpoint="other", status_code="405", status_type="error") == 1
+    finally:
+        await gw.service.stopService()

@@ -391,7 +391,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def _bad_request(self, reason, status=_BadRequest.status):
         """Answer 400 (or C{status}) and close; requests read whole before the bad bytes are answered first. The
-        answer carries the request's C{X-Request-Id}, and its record goes to the site (L{GatewaySite.refused_early}:
+        answer carries the request's C{X-Request-Id}, and its record goes to the site (L{GatewaySite.answered_early}:
         the access log, the metrics)."""
         request = self._receiving
         self._parser = None
@@ -403,7 +403,7 @@ class GatewayChannel(http.HTTPChannel):
         _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
         code = _CODES[status]
         body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code=code).body()
-        request_id = self.site.refused_early(request, self._target, int(status[:3]), code)
+        request_id = self.site.answered_early(request, self._target, int(status[:3]), code)
         self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                              b"X-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
                              % (status, len(body), request_id, body))

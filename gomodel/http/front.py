@@ -116,12 +116,13 @@ class FrontResource(Resource):
         handling.start(handler(request, ctx))
         return NOT_DONE_YET
 
-    def refused_early(self, request_id, method, path, status, code):
-        """Record a request its connection refused before it came here (L{gomodel.http.site.GatewaySite.refused_early}:
-        no valid HTTP/1.1, a head past the limits, a 408): its context, an error of C{status} and C{code}, completes at
+    def answered_early(self, request_id, method, path, status, code=None):
+        """Record a request answered before it came here (L{gomodel.http.site.GatewaySite.answered_early}: refused by
+        its connection, or for C{*}): its context, of C{status} (an error of C{code} where one is given), completes at
         once through the sinks (the access log, the metrics' C{other} endpoint); it was never in flight."""
         ctx = RequestContext(request_id, method, path, self._clock, self._sinks, recorded=False)
-        ctx.cut(code)
+        if code is not None:
+            ctx.cut(code)
         ctx.ended(status, False)
 
     def _dialect_below(self, request, ctx):

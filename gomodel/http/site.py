@@ -146,8 +146,11 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         segments = path[1:].split(b"/")
         # path.find, not `in`: see gomodel.proxy.sse.mentions
         self.postpath = list(map(unquote, segments)) if path.find(b"%") >= 0 else segments
-        if path == b"*":
-            if self.method == b"OPTIONS":
+        if path == b"*":  # (no route's: its request id and record are the site's)
+            star = self.method == b"OPTIONS"
+            headers.put(X_REQUEST_ID, site.answered_early(self, path, 200 if star else 405,
+                                                          None if star else MethodNotAllowed.code))
+            if star:
                 _twistedcompat.handle_star(self)
             else:
                 self._not_star()
@@ -299,10 +302,10 @@ class GatewaySite(server.Site):
 
     def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, idle_timeout=CLIENT_IDLE_TIMEOUT,
                  head_timeout=HEAD_TIMEOUT, body_timeout=BODY_TIMEOUT, body_min_rate=BODY_MIN_RATE,
-                 linger_time=LINGER_TIME, refused=None, **kwargs):
+                 linger_time=LINGER_TIME, early=None, **kwargs):
         """
-        @param refused: C{refused(request_id, method, path, status, code)}, given each request its connection
-            refused before any route saw it (L{refused_early}), or None.
+        @param early: C{early(request_id, method, path, status, code)}, given each request answered before any
+            route saw it (L{answered_early}), or None.
         @param authenticate: C{authenticate(request, path) -> identity}, called
             when a request's head is in; it raises a
             L{gomodel.errors.GatewayError} to refuse the request.
@@ -336,21 +339,23 @@ class GatewaySite(server.Site):
         self.body_timeout = body_timeout
         self.body_min_rate = body_min_rate
         self.linger_time = linger_time
-        self._refused = refused
+        self._early = early
 
-    def refused_early(self, request, target, status: int, code: str) -> bytes:
-        """A request its connection refused before any route saw it (L{GatewayChannel}: no valid HTTP/1.1, a head
-        past the limits, a 408): return its request id (the client's C{X-Request-Id} where its head brought a sane
-        one, else a new one), and give its record to C{refused} (the front's: access log, metrics).
+    def answered_early(self, request, target, status: int, code=None) -> bytes:
+        """A request answered before any route saw it: its connection refused it (L{GatewayChannel}: no valid
+        HTTP/1.1, a head past the limits, a 408), or it was for C{*}. Return its request id (the client's
+        C{X-Request-Id} where its head brought a sane one, else a new one), and give its record to C{early} (the
+        front's: access log, metrics).
 
         @param request: the request whose head or body was being read, or None (bytes that began none).
-        @param target: what came of its target (bytes), its path shown up to L{REFUSED_PATH} bytes.
+        @param target: what came of its target (bytes), its path shown up to L{EARLY_PATH} bytes.
+        @param code: the error code of a refusal, or None.
         """
         request_id = request_id_for(request) if request is not None else random_hex_bytes()
-        if self._refused is not None:
+        if self._early is not None:
             method = request.method if request is not None and request.method is not HTTPRequest.method else b"-"
-            path = target.partition(b"?")[0][:REFUSED_PATH] if request is not None else b""
-            self._refused(request_id, method, path or b"-", status, code)
+            path = target.partition(b"?")[0][:EARLY_PATH] if request is not None else b""
+            self._early(request_id, method, path or b"-", status, code)
         return request_id
 
     def sweep_idle(self):
@@ -449,8 +454,9 @@ class GatewaySite(server.Site):
         """Each request's context logs it when it completes (L{gomodel.http.context.AccessLog})."""
 
 
-# The bytes of a refused request's path its record shows (L{GatewaySite.refused_early}: a 414's is up to 16 kB).
-REFUSED_PATH = 256
+# The bytes of an early answered request's path its record shows (L{GatewaySite.answered_early}: a 414's is up to
+# 16 kB).
+EARLY_PATH = 256
 # The framing bytes a chunk takes at least: one hex digit and two CRLFs (C{1\r\nx\r\n}; the last: C{0\r\n\r\n}).
 CHUNK_FRAMING = 5
 
