@@ -38,10 +38,11 @@ class IUpstream(Interface):
         @raise twisted.internet.defer.CancelledError: cancelled by the caller.
         """
 
-    def abandon():
-        """Its server went down: end every L{send} still waiting for its answer's head now, its connection closed
-        (a server still alive aborts it), each raising an L{gomodel.errors.UpstreamUnreachable} that is C{abandoned}
-        (C{sent} where its connection was made), rather than after its timeout.
+    def abandon(why="went down"):
+        """Its server went down (or stalled): end every L{send} still waiting for its answer's head now, its
+        connection closed (a server still alive aborts it), each raising an L{gomodel.errors.UpstreamUnreachable}
+        that is C{abandoned} (C{sent} where its connection was made; its message: the server C{why} before it
+        answered), rather than after its timeout.
 
         @return: how many it ended.
         """

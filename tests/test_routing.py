@@ -25,7 +25,8 @@ from twisted.web.http_headers import Headers
 from gomodel import jsonutil
 from gomodel.errors import ReplicasBusy, UpstreamUnreachable
 from gomodel.routing.affinity import PREFIX_CHARS, affinity_key
-from gomodel.routing.pool import DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, Replica, ReplicaPool
+from gomodel.routing.pool import (DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, STALLED, Replica,
+                                  ReplicaPool)
 from gomodel.routing.vllm_metrics import LoadSample
 from gomodel.upstream.errors import upstream_error
 from tests import rawclient
@@ -366,7 +367,7 @@ class _Probed:
     def scrape(self):
         return succeed(None)
 
-    def abandon(self):
+    def abandon(self, why="went down"):
         """(Its requests in flight as it goes down are the test's own.)"""
         return 0
 
@@ -1295,16 +1296,63 @@ async def test_a_replica_that_stops_generating_is_stalled_then_ready_again(clust
                        headers={"content-type": ["application/json"], "X-Gomodel-Replica": ["0"]})
     await wait_for(reactor, lambda: fleet[0].in_flight == 1)
     await wait_state(reactor, http, gw, 0, "stalled")
-    [provider] = (await status(http, gw))["providers"]
-    assert "no token" in provider["replicas"][0]["last_error"]
+    # The request it held (pinned there: nowhere else to go) ends as it stalls, replica 1 being ready.
+    response = await with_timeout(reactor, stuck, 5)
+    assert response.code == 502
+    error = error_of(jsonutil.loads(await treq.content(response)))
+    assert error["code"] == "upstream_unreachable" and "stopped generating" in error["message"]
     for _ in range(4):
         response, _ = await post(http, gw, chat())
         assert served_by(response) == 1
     fleet[0].hang = False
-    response = await stuck
-    assert response.code == 200
-    await treq.content(response)
     await wait_state(reactor, http, gw, 0, "ready")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_waiting_for_its_answer_on_a_replica_that_stalls_goes_on_to_another(cluster, http, reactor):
+    """Replica 1's engine hangs with a request (no response head, /health 200, no token generated): once it is
+    stalled, the request goes on to replica 0 at once (its connection to replica 1 closed, so a vLLM that is
+    alive aborts it), rather than waiting out HTTP_RESPONSE_HEADER_TIMEOUT (10 minutes) for a stall that
+    rarely passes. With no other replica ready it keeps its requests (a stall may pass)."""
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0.05", "REPLICA_STALL_TIMEOUT": "0.3"})
+    one = gw.registry.providers[0].replicas[1]
+    fleet[1].hang = True
+    answer, held = await _held_on(reactor, http, gw, fleet, 1)
+    response, body = await with_timeout(reactor, answer, 5)
+    assert response.code == 200 and served_by(response) == 0 and body["choices"]
+    await wait_for(reactor, lambda: held.outcome == "lost")
+    assert one.state == STALLED and one.in_flight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_on_a_replica_that_stalls_ends_soon(cluster, reactor):
+    """A stream under way on a replica whose engine then hangs (its /health still 200): once the replica is
+    stalled, another being ready, the stream may be silent at most REPLICA_HEALTH_INTERVAL more, not
+    HTTP_STREAM_IDLE_TIMEOUT (5 minutes): the client gets the stream_incomplete event, never a clean end."""
+    fleet, gw = await cluster(2, token_interval=0.05, env={"REPLICA_METRICS_INTERVAL": "0.05",
+                                                           "REPLICA_STALL_TIMEOUT": "0.3",
+                                                           "REPLICA_HEALTH_INTERVAL": "0.1"})
+    client = await _stream_until(reactor, gw, "s", chunks=200)
+    [index] = who_got(fleet, "s")
+    fleet[index].hang = True
+    await with_timeout(reactor, client.lost, 5)
+    text = bytes(client.received)
+    assert b"stream_incomplete" in text and b"data: [DONE]" not in text
+    assert gw.registry.providers[0].replicas[index].state == STALLED
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_only_replica_stalling_keeps_the_request_it_holds(cluster, http, reactor):
+    """A stall may pass, and with no other replica ready there is nowhere else to go: the request stays."""
+    fleet, gw = await cluster(1, env={"REPLICA_METRICS_INTERVAL": "0.05", "REPLICA_STALL_TIMEOUT": "0.3"})
+    fleet[0].hang = True
+    answer = send(http, gw, chat(fake_marker="s"))
+    await wait_state(reactor, http, gw, 0, "stalled")
+    await deferLater(reactor, 0.2, lambda: None)
+    assert not answer.called and fleet[0].inference_requests[-1].outcome is None
+    fleet[0].hang = False
+    response, body = await with_timeout(reactor, answer, 5)
+    assert response.code == 200 and body["choices"]
 
 
 # -- 9. restart ----------------------------------------------------------------------------------

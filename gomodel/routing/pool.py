@@ -9,7 +9,9 @@ while its engine runs requests without generating a token. Only ready
 replicas that list the requested model get requests. One that goes down ends
 at once its requests still waiting for a response head
 (L{gomodel.interfaces.IUpstream.abandon}): they go on to another replica as
-if their response-header timeout had passed, rather than wait it out. One
+if their response-header timeout had passed, rather than wait it out; so
+does a stalled one while another replica is ready (its sends so ended count
+as its failures: enough of them take it down, held out as below). One
 taken down by failed requests while its probes passed (C{/health} answers,
 inference fails) is held out: a passing probe readmits it only after
 L{Replica.hold} seconds (its health interval, doubling each time it fails
@@ -905,30 +907,32 @@ class ReplicaPool:
                       why=f" ({replica.last_error})" if replica.state != READY and replica.last_error else "",
                       note=note, held_until=held, trial=replica.trial)
         self._serve_queue(every=True)
-        if replica.state == DOWN and replica.in_flight:
+        if replica.in_flight and (replica.state == DOWN or replica.state == STALLED and self._others_ready(replica)):
             # Its requests still waiting for their answer's head would wait out their response-header timeout,
             # its streams fallen silent their idle timeout (minutes): they end now (the first go on to another
             # replica, as one timed out would). Once this change is over: their failover chooses among the
-            # replicas as they are now.
+            # replicas as they are now. A stalled one (no token for REPLICA_STALL_TIMEOUT) keeps them where
+            # no other replica is ready: a stall may pass, and there is nowhere else to go.
             if replica.index not in self._abandoning:
                 self._abandoning[replica.index] = self._clock.callLater(0, self._abandon, replica)
 
     def _abandon(self, replica):
-        """End the requests of a replica gone down that still wait for their answer's head
-        (L{gomodel.interfaces.IUpstream.abandon}), and let its answers being relayed be silent for at most
-        its health interval from now on (L{gomodel.proxy.relay.StreamRelay.shorten_idle}); unless it is back
-        already."""
+        """End the requests of a replica gone down (or stalled, another one ready) that still wait for their
+        answer's head (L{gomodel.interfaces.IUpstream.abandon}), and let its answers being relayed be silent for
+        at most its health interval from now on (L{gomodel.proxy.relay.StreamRelay.shorten_idle}); unless it is
+        back already."""
         del self._abandoning[replica.index]
-        if replica.state != DOWN:
+        state = replica.state
+        if state != DOWN and (state != STALLED or not self._others_ready(replica)):
             return
-        ended = replica.server.abandon()
+        ended = replica.server.abandon("went down" if state == DOWN else "stopped generating")
         streams = list(replica.streams)
         for relay in streams:
             relay.shorten_idle(replica.hold_base)
         if ended or streams:
-            self.log.info("provider {provider} replica {index}: down; {ended} requests waiting for their answer end "
-                          "now (each tried elsewhere), {streams} streams may be silent {seconds:g}s at most",
-                          provider=self.name, index=replica.index, ended=ended, streams=len(streams),
+            self.log.info("provider {provider} replica {index}: {state}; {ended} requests waiting for their answer "
+                          "end now (each tried elsewhere), {streams} streams may be silent {seconds:g}s at most",
+                          provider=self.name, index=replica.index, state=state, ended=ended, streams=len(streams),
                           seconds=replica.hold_base)
 
     def close(self):

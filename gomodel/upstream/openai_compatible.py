@@ -57,6 +57,7 @@ class OpenAICompatibleProvider:
                            ) + b"Accept-Encoding: identity\r\n"
         self._awaiting = set()  # the sends waiting for their answer's head (L{abandon})
         self._abandoned = set()  # those L{abandon} cancelled, until their send has raised
+        self._abandoned_why = "went down"  # what their server did (L{abandon})
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
@@ -117,11 +118,12 @@ class OpenAICompatibleProvider:
             except Exception as e:
                 raise self._unreachable(e) from None
 
-    def abandon(self):
+    def abandon(self, why="went down"):
         """See L{IUpstream.abandon}."""
         awaiting, self._awaiting = self._awaiting, set()
         if not awaiting:
             return 0
+        self._abandoned_why = why
         # (those of one abandonment at a time: one whose send did not raise as cancelled is kept until the next)
         self._abandoned = abandoned = set(awaiting)  # (a copy: each send takes its own out of awaiting)
         for d in abandoned.copy():
@@ -135,7 +137,7 @@ class OpenAICompatibleProvider:
         if d not in self._abandoned:
             return CancelledError()
         self._abandoned.discard(d)
-        error = UpstreamUnreachable(f"The upstream provider '{self.name}' went down before it answered.")
+        error = UpstreamUnreachable(f"The upstream provider '{self.name}' {self._abandoned_why} before it answered.")
         error.sent, error.abandoned = sent, True
         return error
 
