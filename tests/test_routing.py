@@ -1235,6 +1235,32 @@ async def test_a_request_waiting_for_its_answer_on_the_last_replica_as_it_goes_d
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_frozen_replica_gets_no_new_request_once_a_check_failed(cluster, http, reactor, monkeypatch):
+    """Replica 1 freezes (it takes connections and answers nothing, its checks included: a process stopped, a
+    host whose connections hang). Until its checks have failed REPLICA_FAILURE_THRESHOLD times it is still
+    ready, and each request sent there would wait for it to go down. Before, it got its turn of every new
+    request meanwhile; now, once a check failed, it is passed over while another replica can start the
+    request, and a passing check gives it its share again."""
+    from gomodel.upstream import vllm
+    monkeypatch.setattr(vllm, "HEALTH_TIMEOUT", 0.5)
+    fleet, gw = await cluster(2, env={"REPLICA_HEALTH_INTERVAL": "0.1", "REPLICA_METRICS_INTERVAL": "0",
+                                      "REPLICA_FAILURE_THRESHOLD": "10"})
+    one = gw.registry.providers[0].replicas[1]
+    fleet[1].frozen = True
+    await wait_for(reactor, lambda: one.failures >= 1)
+    [provider] = (await status(http, gw))["providers"]
+    assert [(r["state"], r["check_failed"]) for r in provider["replicas"]] == [("ready", False), ("ready", True)]
+    for i in range(6):
+        response, _ = await with_timeout(reactor, send(http, gw, chat(fake_marker=f"f{i}")), 5)
+        assert response.code == 200 and served_by(response) == 0
+    assert not fleet[1].inference_requests
+    fleet[1].frozen = False
+    await wait_for(reactor, lambda: one.failures == 0)
+    seen = {served_by((await post(http, gw, chat()))[0]) for _ in range(4)}
+    assert seen == {0, 1}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_send_still_connecting_to_a_replica_that_goes_down_ends_as_never_sent(reactor):
     """A replica's address that takes no connection (its accept queue full: connections hang, as to a host gone
     from the network): a send still connecting when the replica goes down ends at once, abandoned and not sent
@@ -1539,7 +1565,8 @@ async def test_providers_status_shape(cluster, http):
     for replica in provider["replicas"]:
         assert set(replica) >= {"index", "base_url", "state", "in_flight", "waiting", "running", "kv_cache_usage",
                                 "models", "served", "weight", "max_concurrency", "consecutive_failures",
-                                "last_error", "load_age_s", "load_stale", "last_state_change", "batch_size", "pace_s"}
+                                "last_error", "load_age_s", "load_stale", "last_state_change", "batch_size", "pace_s",
+                                "busy_until", "check_failed"}
         assert replica["state"] == "ready"
         assert replica["in_flight"] == 0
         assert replica["models"] == [CHAT_MODEL]

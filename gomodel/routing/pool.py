@@ -20,7 +20,11 @@ one in flight) whose success gives it full traffic again and whose failure
 takes it down again; a failed probe meanwhile (it was really down) lifts the
 hold, and its probes alone decide, as before. One that answers an error with
 C{Retry-After} stays ready but is passed over until then while another
-replica can start the request (L{Replica.asked_to_wait}).
+replica can start the request (L{Replica.asked_to_wait}); so is one whose
+last probe failed, until one passes (L{Replica.doubted}: a host frozen or
+gone, whose probes time out one by one, would otherwise take its share of
+the new requests until its failures reach the threshold, each of them
+waiting meanwhile).
 
 The C{load} strategy scores each candidate by what is known of its load,
 freshest first: the gateway's own in-flight count (exact, instant), and the
@@ -123,6 +127,8 @@ class Replica:
     @ivar held_until: when a replica taken down by failed requests may be readmitted (L{hold}), or None.
     @ivar trial: it was readmitted after a hold on one trial request (half-open), not yet answered.
     @ivar busy_until: when the wait it asked for with C{Retry-After} ends (L{asked_to_wait}), or None.
+    @ivar doubted: its last probe failed (it is still ready, its failures below the threshold): its pool passes it
+        over while another replica can start the request, until a probe passes.
     """
 
     def __init__(self, index, server, base_url, clock, *, weight=1.0, max_concurrency=0, failure_threshold=3):
@@ -139,6 +145,7 @@ class Replica:
         self.holds = 0  # holds in a row: each one doubles the next (L{hold})
         self.trial = False
         self.busy_until = None
+        self.doubted = False
         self.passed_at = None  # when it was last readmitted in full (a trial passed, or no hold)
         self.requests_failing = False  # its last failure was a request's (L{probe_passed})
         self.state = LOADING
@@ -161,6 +168,7 @@ class Replica:
         self.on_listed = None  # called with the replica after its model list changed
         self.on_learned = None  # called with the replica after its batch size (L{slots}) or its first load report
         self.on_busy = None  # called with the replica when it asks to be left alone (L{asked_to_wait})
+        self.on_doubt = None  # called with the replica when it is L{doubted}, and when no longer
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
         self.streams = set()  # its answers being relayed as they come (each a StreamRelay: L{ReplicaPool._abandon})
 
@@ -259,6 +267,8 @@ class Replica:
             return
         if self.trial and state != READY:  # (a trial is ready, until it is over)
             self._end_trial()
+        if state != READY:
+            self.doubted = False  # (only a ready one is passed over for it)
         self.state = state
         self.changed_at = self._clock.seconds()
         if why is not None:
@@ -272,9 +282,14 @@ class Replica:
 
     def probe_passed(self):
         """Its health probe passed: failures in a row start again, unless they are its requests' (a passing
-        C{/health} says nothing of inference: requests that fail one by one, between probes, still count)."""
+        C{/health} says nothing of inference: requests that fail one by one, between probes, still count); it is
+        no longer L{doubted}."""
         if not self.requests_failing:
             self.failures = 0
+        if self.doubted:
+            self.doubted = False
+            if self.on_doubt is not None:
+                self.on_doubt(self)
 
     def failed(self, why, probe=False):
         """A request or probe failed; past the threshold a ready replica goes down (a loading one stays loading).
@@ -298,6 +313,10 @@ class Replica:
             if not probe:
                 self.hold()
             self.set_state(DOWN, why)
+        elif probe and not self.doubted and self.state == READY:
+            self.doubted = True
+            if self.on_doubt is not None:
+                self.on_doubt(self)
 
     def hold(self):
         """It goes down for failed requests: a passing probe readmits it (L{readmit}) only after
@@ -471,6 +490,7 @@ class ReplicaPool:
             replica.on_learned = self._learned
             replica.others_ready = self._others_ready
             replica.on_busy = self._busy
+            replica.on_doubt = self._doubt
         self._learned(None)
 
     def __repr__(self):
@@ -627,11 +647,23 @@ class ReplicaPool:
             if until is not None and now >= until:
                 r.busy_until = until = None
                 over = True
-            if until is None:
+            if until is None and not r.doubted:
                 awake.append(r)
         if over:
-            self._resting = any(r.busy_until is not None for r in self.replicas)
+            self._rested()
         return awake
+
+    def _rested(self):
+        """Work out again whether a replica may be passed over (L{_awake})."""
+        self._resting = any(r.busy_until is not None or r.doubted for r in self.replicas)
+
+    def _doubt(self, replica):
+        """A replica's probe failed, or passed again (L{Replica.doubted})."""
+        self._rested()
+        if replica.doubted:
+            self.log.info("provider {provider} replica {index}: a check failed ({why}); passed over until one passes "
+                          "where another replica can take its requests", provider=self.name, index=replica.index,
+                          why=replica.last_error)
 
     def _busy(self, replica):
         """A replica asked to be left alone for a while (L{Replica.asked_to_wait})."""
@@ -895,6 +927,8 @@ class ReplicaPool:
     def _changed(self, replica):
         self._serving.clear()
         self._capped = any(r.limit for r in self.replicas)  # (a replica on trial takes one request at a time)
+        if self._resting:
+            self._rested()  # (one no longer ready is no longer doubted)
         held = replica.held_until
         if replica.trial:
             note = " (on trial: one request at a time)"

@@ -29,6 +29,10 @@ Knobs (attributes of L{FakeReplica}, effective immediately):
     running with C{generation_tokens} frozen; requests whose client left stay
     "running" (a stuck engine processes no abort) until C{hang} is cleared
   - C{health_status}: status of C{GET /health} (default 200; 503 = loading / dead)
+  - C{frozen}: accept every request (C{/health} and C{/metrics} too) and never
+    answer it, as a process stopped with SIGSTOP or a host gone whose
+    connections hang (set C{hang} too to freeze those already being served).
+    Cleared, the requests it held stay unanswered.
   - C{prefix_cache}: when true, a request whose first C{prefix_chars} (64)
     characters of joined message contents (or prompt) match one this replica
     already served waits C{latency * prefix_hit_factor} (0.2) instead of
@@ -329,6 +333,7 @@ class FakeReplica(FakeVLLM):
         self.fail_status = None
         self.fail_headers = {}
         self.health_status = 200
+        self.frozen = False
         self.prefix_cache = prefix_cache
         self.prefix_chars = prefix_chars
         self.prefix_hit_factor = prefix_hit_factor
@@ -560,6 +565,8 @@ class FakeReplica(FakeVLLM):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(record)
+        if self.frozen:
+            return server.NOT_DONE_YET
         path, method = request.path, request.method
         if path == b"/health" and method == b"GET":
             record.status = self.health_status
