@@ -380,11 +380,17 @@ def whole_body(response):
     """The body of C{response} when it has all come and nothing read it yet (an L{AnswerParser}'s answer
     that came in one read, as small answers do), taken as C{deliverBody} would take it; else None (then
     read it with C{deliverBody}). Without the protocol, Deferred and timer that reading costs."""
-    if getattr(response, "_state", None) == "DEFERRED_CLOSE" and response._reason is _BODY_DONE:
-        body = b"".join(response._bodyBuffer)
+    body = peek_body(response)
+    if body is not None:
         response._bodyBuffer = None
         response._state = "FINISHED"
-        return body
+    return body
+
+
+def peek_body(response):
+    """L{whole_body}'s body, left in C{response} for whoever reads it next; or None."""
+    if getattr(response, "_state", None) == "DEFERRED_CLOSE" and response._reason is _BODY_DONE:
+        return b"".join(response._bodyBuffer)
     return None
 
 

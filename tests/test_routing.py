@@ -1404,6 +1404,24 @@ async def test_a_restarted_replica_has_its_models_read_again(cluster, http, reac
         assert served_by(response) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_model_a_replica_lost_in_a_quick_restart_goes_to_a_replica_that_has_it(cluster, http, reactor):
+    """Replica 1 restarts quickly (no check failed) without the LoRA adapter it had loaded; the gateway learns of
+    it only with its next metrics scrape (here never) or model refresh. Before, each request for the adapter that
+    replica 1 got meanwhile was its 404 'model does not exist'; now that answer sends the request on to a replica
+    that lists it, and the model is struck off replica 1's list (its other models stay)."""
+    fleet, gw = await cluster(2, models=[CHAT_MODEL, "lora-a"], env={"REPLICA_METRICS_INTERVAL": "0"})
+    one = gw.registry.providers[0].replicas[1]
+    fleet[1].restart(models=[CHAT_MODEL])
+    for _ in range(4):
+        response, body = await post(http, gw, chat(model="vllm/lora-a"))
+        assert response.code == 200 and served_by(response) == 0, body
+    assert [r.status for r in fleet[1].inference_requests] == [404]
+    assert set(one.models) == {CHAT_MODEL} and one.ready
+    seen = {served_by((await post(http, gw, chat()))[0]) for _ in range(4)}
+    assert seen == {0, 1}
+
+
 # -- 10. no ready replica --------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -34,7 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from gomodel import jsonutil
-from gomodel._twistedcompat import plain_headers, whole_body
+from gomodel._twistedcompat import peek_body, plain_headers, whole_body
 from gomodel.accounting.tokens import prompt_estimate, requested_tokens
 from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
                             UpstreamError, UpstreamTimeout, UpstreamUnreachable)
@@ -508,20 +508,24 @@ class Exchange:
                     retry_after = plain_headers(response.headers).get(RETRY_AFTER)
                     if retry_after is not None:
                         replica.asked_to_wait(retry_after[0])
-                    attempts += 1
-                    if ctx is not None:
-                        ctx.attempts = attempts
-                    again = self._again(pool, model, call, tried + [replica], attempts, more,
-                                        f"HTTP {response.code}", ctx)
-                    if again is not None:
-                        if trace is not None:
-                            trace.failed(str(response.code))
-                        discard(response)
-                        pool.release(replica)
-                        tried.append(replica)
-                        if again == "replica":
-                            continue
-                        break
+                    why = f"HTTP {response.code}"
+                elif response.code == 404 and model is not None and _forgot(pool, replica, model, response, tried):
+                    why = f"HTTP 404: it has no {model} any more"
+                else:
+                    return response, replica, pool, model, sent, number
+                attempts += 1
+                if ctx is not None:
+                    ctx.attempts = attempts
+                again = self._again(pool, model, call, tried + [replica], attempts, more, why, ctx)
+                if again is not None:
+                    if trace is not None:
+                        trace.failed(str(response.code))
+                    discard(response)
+                    pool.release(replica)
+                    tried.append(replica)
+                    if again == "replica":
+                        continue
+                    break
                 return response, replica, pool, model, sent, number
 
     def _again(self, pool, model, call, tried, attempts, more, why, ctx=None):
@@ -781,6 +785,26 @@ class _GatheredBody(BoundedCollector):
             self._end_call.cancel()
             self._end_call = None
         super().connectionLost(reason)
+
+
+def _forgot(pool, replica, model, response, tried) -> bool:
+    """Whether C{replica}'s 404 C{response} says that it has no C{model}, which it listed (vLLM's "The model `...`
+    does not exist.", C{param} C{model}), while another ready replica of C{pool} but those C{tried} lists it: then
+    it is struck off C{replica}'s list (L{gomodel.routing.pool.Replica.forget}) and the request may go there. Only
+    an answer that came whole with its head is read (a small error does), and left to be read again."""
+    if not pool.has_alternative(model, tried + [replica]):
+        return False
+    body = peek_body(response)
+    if body is None:
+        return False
+    try:
+        error = jsonutil.loads(body)["error"]
+        if error.get("param") != "model" and "does not exist" not in error["message"]:
+            return False
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    replica.forget(model)
+    return True
 
 
 def _why(reason) -> str:

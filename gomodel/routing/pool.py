@@ -363,6 +363,13 @@ class Replica:
         del self.succeeded
         self.trial, self.limit = False, self.max_concurrency
 
+    def forget(self, model):
+        """It answered that it has no C{model}, which it listed (a restart lost a LoRA adapter loaded at run time,
+        one was unloaded): struck off its list until its models are read again."""
+        models = self._models
+        if models is not None and model in models:
+            self.models = {name: m for name, m in models.items() if name != model}
+
     def asked_to_wait(self, retry_after):
         """It answered a request with an error and C{Retry-After} (C{retry_after}, the header's value: seconds
         or an HTTP date): its pool passes it over until then while another replica can start the request
