@@ -1381,6 +1381,32 @@ async def test_the_only_replica_stalling_keeps_the_request_it_holds(cluster, htt
     assert response.code == 200 and body["choices"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_replica_taken_down_and_back_is_watched_afresh(cluster, http, reactor):
+    """A stalled replica whose requests were ended goes down (here at its first failure), is held out, then tried
+    on one request. Its progress is watched afresh from then on: before, its token count from before it went
+    down was still the last one seen, so the trial request, its prompt being read (no token yet), made it
+    stalled at the first scrape, and it went down again, and again."""
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0.05", "REPLICA_STALL_TIMEOUT": "0.6",
+                                      "REPLICA_HEALTH_INTERVAL": "0.1", "REPLICA_FAILURE_THRESHOLD": "1"})
+    one = gw.registry.providers[0].replicas[1]
+    fleet[1].hang = True
+    answer, held = await _held_on(reactor, http, gw, fleet, 1)
+    response, _ = await with_timeout(reactor, answer, 5)
+    assert response.code == 200 and served_by(response) == 0
+    assert one.state == DOWN
+    fleet[1].hang = False
+    await wait_for(reactor, lambda: fleet[1].in_flight == 0)
+    fleet[1].latency = 0.2  # (its prompt read for a few scrape intervals, no token yet)
+    await wait_for(reactor, lambda: one.trial)
+    seen = set()
+    while one.trial:
+        response, _ = await post(http, gw, chat())
+        assert response.code == 200
+        seen.add(served_by(response))
+    assert 1 in seen and one.ready
+
+
 # -- 9. restart ----------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

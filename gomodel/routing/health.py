@@ -19,7 +19,8 @@ For each replica of each provider, on the injected clock:
     time only.
   - B{progress}: a replica whose running count stays above 0 while its
     generation-token counter does not move for C{stall_timeout} is
-    C{stalled} (C{/health} stays 200 on a hung engine) until it moves again.
+    C{stalled} (C{/health} stays 200 on a hung engine) until it moves again;
+    back from down, its progress is watched afresh.
 """
 
 from twisted.application.service import Service
@@ -233,6 +234,7 @@ class ReplicaMonitor(Service):
 
     def _scrape(self, watch):
         if watch.replica.state in (LOADING, DOWN):
+            watch.progress_at = None  # (back, its progress is watched afresh: not from a count before it went)
             return None
         d = watch.replica.server.scrape()
         d.addCallbacks(self._scraped, self._scrape_failed, callbackArgs=(watch,), errbackArgs=(watch,))
