@@ -1018,6 +1018,22 @@ async def test_a_replica_asking_again_and_again_to_wait_with_retry_after_stays_r
     assert provider["replicas"][0]["state"] == "ready"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_retry_after_of_thousands_of_digits_is_a_long_wait_not_a_lost_slot(cluster, http):
+    """Replica 0 answers 503 with a Retry-After of 5,000 digits. Before, reading it raised (Python's limit on the
+    digits of an int): the client got a 500 and the replica's request was never released (its in-flight count
+    grew for good, its connection held). Now it is a wait past any other: the replica is passed over (60 s at
+    most), the request goes on to replica 1, and nothing stays counted in flight."""
+    fleet, gw = await cluster(2, env={"REPLICA_METRICS_INTERVAL": "0"})
+    fleet[0].fail_status, fleet[0].fail_headers = 503, {"Retry-After": "9" * 5000}
+    replicas = gw.registry.providers[0].replicas
+    while not fleet[0].inference_requests:
+        response, _ = await post(http, gw, chat())
+        assert response.code == 200 and served_by(response) == 1
+    assert replicas[0].busy_for() > 0
+    assert [r.in_flight for r in replicas] == [0, 0]
+
+
 def test_a_replica_busy_until_its_retry_after_takes_requests_only_where_no_other_can():
     clock = Clock()
     pool = paced_pool(clock, n=2)

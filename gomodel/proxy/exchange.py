@@ -493,40 +493,46 @@ class Exchange:
                     if isinstance(e, CancelledError):  # (the client left while it waited)
                         e.reached = (pool, replica.index, model)
                     raise
-                if trace is not None:
-                    trace.answered(response.code)
-                report = plain_headers(response.headers).get(ENDPOINT_LOAD_METRICS)
-                if report is not None:
-                    replica.answered(parse_load_header(report[0]))
-                if response.code >= 500:
-                    # (one that asks to be left alone a while, Retry-After, is busy, as with its 429: not failing)
-                    if response.code not in FAILOVER_STATUSES or RETRY_AFTER not in plain_headers(response.headers):
-                        replica.failed(f"HTTP {response.code}")
-                elif response.code >= 300 and response.code != 429:
-                    replica.succeeded()  # (a success's is its whole answer, L{relay} and L{fetch}: a stream may break)
-                if response.code in FAILOVER_STATUSES:
-                    retry_after = plain_headers(response.headers).get(RETRY_AFTER)
-                    if retry_after is not None:
-                        replica.asked_to_wait(retry_after[0])
-                    why = f"HTTP {response.code}"
-                elif response.code == 404 and model is not None and _forgot(pool, replica, model, response, tried):
-                    why = f"HTTP 404: it has no {model} any more"
-                else:
-                    return response, replica, pool, model, sent, number
-                attempts += 1
-                if ctx is not None:
-                    ctx.attempts = attempts
-                again = self._again(pool, model, call, tried + [replica], attempts, more, why, ctx)
-                if again is not None:
+                try:  # (whatever goes wrong reading its answer's head, its lease is given back)
                     if trace is not None:
-                        trace.failed(str(response.code))
+                        trace.answered(response.code)
+                    report = plain_headers(response.headers).get(ENDPOINT_LOAD_METRICS)
+                    if report is not None:
+                        replica.answered(parse_load_header(report[0]))
+                    if response.code >= 500:
+                        # (one that asks to be left alone a while, Retry-After, is busy, as with its 429: not failing)
+                        if response.code not in FAILOVER_STATUSES or RETRY_AFTER not in plain_headers(response.headers):
+                            replica.failed(f"HTTP {response.code}")
+                    elif response.code >= 300 and response.code != 429:
+                        # (a success's is its whole answer, L{relay} and L{fetch}: a stream may break)
+                        replica.succeeded()
+                    if response.code in FAILOVER_STATUSES:
+                        retry_after = plain_headers(response.headers).get(RETRY_AFTER)
+                        if retry_after is not None:
+                            replica.asked_to_wait(retry_after[0])
+                        why = f"HTTP {response.code}"
+                    elif response.code == 404 and model is not None and _forgot(pool, replica, model, response, tried):
+                        why = f"HTTP 404: it has no {model} any more"
+                    else:
+                        return response, replica, pool, model, sent, number
+                    attempts += 1
+                    if ctx is not None:
+                        ctx.attempts = attempts
+                    again = self._again(pool, model, call, tried + [replica], attempts, more, why, ctx)
+                    if again is not None:
+                        if trace is not None:
+                            trace.failed(str(response.code))
+                        discard(response)
+                        pool.release(replica)
+                        tried.append(replica)
+                        if again == "replica":
+                            continue
+                        break
+                    return response, replica, pool, model, sent, number
+                except BaseException:
                     discard(response)
                     pool.release(replica)
-                    tried.append(replica)
-                    if again == "replica":
-                        continue
-                    break
-                return response, replica, pool, model, sent, number
+                    raise
 
     def _again(self, pool, model, call, tried, attempts, more, why, ctx=None):
         """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None (C{ctx}:

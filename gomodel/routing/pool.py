@@ -416,7 +416,7 @@ def retry_after_seconds(value, now):
     time), or None where it is none or no time to come."""
     value = value.strip()
     if value.isdigit():
-        seconds = int(value)
+        seconds = int(value) if len(value) <= 9 else 10 ** 9  # (past 4,300 digits int() raises: a wait past any)
     else:
         try:
             seconds = parsedate_to_datetime(value.decode("latin-1")).timestamp() - now
