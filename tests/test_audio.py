@@ -233,3 +233,32 @@ async def test_a_virtual_models_fallback_gets_the_form_with_its_own_model(reacto
                                       for f in sent)
     finally:
         await stop_all(gw, a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fallback_to_another_providers_type_gets_its_own_stream_handling(reactor, http):
+    # The stream's handling (vLLM's usage fields in the form, the observer of its events) was the first target's for
+    # every attempt: a vLLM falling back to an OpenAI provider sent OpenAI vLLM's stream_include_usage, and its
+    # typed events were read as vLLM's chunks (cut short: an error event after the text).
+    a, b = await start_fake(reactor, models=("whisper-a",)), await start_fake(reactor, models=("whisper-b",))
+    a.audio, b.audio = 503, "openai"
+    virtual = [{"source": "asr", "targets": [{"model": "vllm-a/whisper-a"}, {"model": "openai-other/whisper-b"}]}]
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": a.base_url, "OPENAI_OTHER_BASE_URL": b.base_url,
+                                       "OPENAI_OTHER_API_KEY": "sk-up", "VIRTUAL_MODELS": json.dumps(virtual),
+                                       "GOMODEL_MASTER_KEY": MASTER})
+    try:
+        for _ in range(2):  # (one of them drawn to vllm-a first)
+            response, content = await post_form(http, gw, {"model": "asr", "stream": "true"})
+            assert response.code == 200, content
+            events = [json.loads(line[6:]) for line in content.decode().split("\n\n") if line]
+            assert [e["type"] for e in events] == ["transcript.text.delta"] * 2 + ["transcript.text.done"], events
+        assert any(r.path == b"/v1/audio/transcriptions" and r.form["stream_include_usage"] == "true"
+                   for r in a.requests)
+        sent = [r.form for r in b.requests if r.path == b"/v1/audio/transcriptions"]
+        assert len(sent) == 2 and all(f["model"] == "whisper-b" and "stream_include_usage" not in f
+                                      and "stream_continuous_usage_stats" not in f for f in sent), sent
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [(r["status_code"], r["input_tokens"], r["output_tokens"]) for r in records] == [(200, 9, 3)] * 2
+    finally:
+        await stop_all(gw, a, b)

@@ -136,7 +136,8 @@ class InferenceRoutes:
         form sent on as it came but for that field (the upstream's id); its answer relayed as the upstream sent it:
         JSON, or text (C{response_format} C{text}, C{srt}, C{vtt}) with its own C{Content-Type}. With C{stream=true}
         an event stream: vLLM's has its usage chunk asked for (C{stream_include_usage}) and kept from the client
-        unless it asked for it; another provider's (OpenAI's events) is relayed as it comes. Its tokens, where no
+        unless it asked for it; another provider's (OpenAI's events) is relayed as it comes: each target's own way (a
+        virtual model's fallback may be of another type than its first target). Its tokens, where no
         usage says them (the limits' reservation), are estimated from its C{prompt}, not the file. (vLLM's audio
         requests take no C{cache_salt} nor C{priority}.)"""
         request.content.seek(0)
@@ -144,19 +145,12 @@ class InferenceRoutes:
         body = {"model": form.field("model")}
         ctx.asked_stream = stream = _form_true(form.field("stream"))
         upstream, fallbacks = self.route(ctx, body)
-        fields, observer = {}, None
-        if stream and upstream.type == "vllm":  # (vLLM's stream is chat's: chunks, its usage chunk, [DONE])
-            strip_usage = not _form_true(form.field("stream_include_usage"))
-            if strip_usage:  # (as on chat: we always want the usage; the client gets it only if it asked)
-                fields = {"stream_include_usage": "true", "stream_continuous_usage_stats": "false"}
-            observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx))
-        elif stream:  # (OpenAI's: typed events, its usage in the last, no [DONE]: relayed as it comes)
-            observer = UsageTap(True, None, upstream if upstream.hidden_pattern is not None else None)
-        again = partial(_reformed, form, fields) if fallbacks else None
+        observe = partial(_audio_observer, form, partial(answerer_hidden, self._registry, ctx)) if stream else None
+        again = partial(_reformed, form, stream) if fallbacks else None
         # (its tokens estimated from its text prompt: the audio is no text, bytes / 4 of it nothing like its tokens)
         counted = jsonutil.dumps({"prompt": form.field("prompt") or ""})
-        call = UpstreamCall(path, form.body(dict(fields, model=body["model"])), content_type=form.content_type,
-                            observer=observer, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again,
+        call = UpstreamCall(path, _reformed(form, stream, body["model"], upstream), content_type=form.content_type,
+                            observe=observe, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again,
                             counted=counted)
         return await self._exchange.relay(request, ctx, upstream, call)
 
@@ -200,9 +194,23 @@ class InferenceRoutes:
             body["priority"] = priority
 
 
-def _reformed(form, fields, model, provider=None) -> bytes:
-    """L{UpstreamCall}'s C{rebody} of an audio request's C{form} (a L{Form}): it, with C{fields} and C{model} set."""
-    return form.body(dict(fields, model=model))
+def _reformed(form, stream, model, provider) -> bytes:
+    """L{UpstreamCall}'s C{rebody} of an audio request's C{form} (a L{Form}) for C{provider} (a pool): it, with
+    C{model} set and, for a vLLM's stream, its usage chunk asked for (as on chat: we always want the usage; the
+    client gets it only if it asked, L{_audio_observer})."""
+    if stream and provider.type == "vllm" and not _form_true(form.field("stream_include_usage")):
+        return form.body({"model": model, "stream_include_usage": "true", "stream_continuous_usage_stats": "false"})
+    return form.body({"model": model})
+
+
+def _audio_observer(form, hidden, provider):
+    """L{UpstreamCall}'s C{observe} of an audio request's stream (its C{form}, a L{Form}) that C{provider} (a
+    pool) answered: vLLM's is chat's (chunks, its usage chunk, [DONE]; the usage chunk kept from a client that
+    did not ask for it); another provider's (OpenAI's typed events, its usage in the last, no [DONE]) relayed
+    as it comes. C{hidden}: an in-band error's text without the answering provider's address (L{answerer_hidden})."""
+    if provider.type == "vllm":
+        return ChatStreamObserver(not _form_true(form.field("stream_include_usage")), hidden)
+    return UsageTap(True, None, provider if provider.hidden_pattern is not None else None)
 
 
 def _form_true(value) -> bool:

@@ -78,6 +78,8 @@ class UpstreamCall:
     @ivar headers: extra request headers, name -> list of values.
     @ivar content_type: the body's type, or None to send none of ours.
     @ivar observer: for event streams, an L{gomodel.interfaces.IStreamObserver}.
+    @ivar observe: C{(pool)} -> the observer of an event stream that pool answered, where its handling depends
+        on the provider that answers (a fallback's type may differ from the first target's), or None: C{observer}.
     @ivar transform: for whole bodies, bytes -> the bytes to send instead. One that parses the
         upstream's answer anyway may note its C{usage} object on the request context
         (C{ctx.usage}); otherwise the exchange reads it from the answer's bytes (L{usage_of}).
@@ -101,11 +103,12 @@ class UpstreamCall:
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
                  "transform", "raw", "ends", "vet", "model", "affinity", "prefer", "pin", "fallbacks", "rebody",
-                 "counted")
+                 "counted", "observe")
 
     def __init__(self, path, body=None, *, method=b"POST", native=False, query=b"", headers=None,
                  content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
-                 model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None, counted=None):
+                 model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None, counted=None,
+                 observe=None):
         self.method = method
         self.path = path
         self.body = body
@@ -115,6 +118,7 @@ class UpstreamCall:
         self.headers = headers
         self.content_type = content_type
         self.observer = observer
+        self.observe = observe
         self.transform = transform
         self.raw = raw
         self.ends = ends
@@ -282,12 +286,13 @@ class Exchange:
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code}.")
         media = media_type(response.headers)
         if media == b"text/event-stream":
-            if call.observer is None:  # (a whole answer was asked for: only an event stream's way looks)
+            observer = call.observer if call.observe is None else call.observe(upstream)
+            if observer is None:  # (a whole answer was asked for: only an event stream's way looks)
                 gather = gathered.BY_PATH.get(call.path)
                 if gather is not None:
                     return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
-            return await self._relay_stream(request, ctx, upstream, response, call.observer, call.counted)
+            return await self._relay_stream(request, ctx, upstream, response, observer, call.counted)
         # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt,
         # a silent recording's empty; text/json is JSON)
         transcript = media.startswith(b"text/") and call.path.startswith("/audio/")
