@@ -618,7 +618,7 @@ async def test_usage_views_answer_gomodels_field_names_too(http, ledger):
     assert [(r["user_path"], r["input_cost"], r["output_cost"]) for r in json.loads(body)["data"]] == [
         (None, 0.125, 0.0), ("/t", 0.25, 0.5)]
     _, body = await get(http, ledger, "/admin/api/v1/usage/models?format=csv")
-    assert csv_rows(body)[0][-2:] == ["input_cost", "output_cost"]
+    assert csv_rows(body)[0][-3:] == ["input_cost", "output_cost", "audio_seconds"]
 
 
 @pytest_twisted.ensureDeferred

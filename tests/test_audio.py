@@ -262,3 +262,42 @@ async def test_a_fallback_to_another_providers_type_gets_its_own_stream_handling
         assert [(r["status_code"], r["input_tokens"], r["output_tokens"]) for r in records] == [(200, 9, 3)] * 2
     finally:
         await stop_all(gw, a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transcription_billed_in_seconds_records_and_prices_them(reactor, http, tmp_path):
+    # OpenAI's whisper (and vLLM's) usage is {"type": "duration", "seconds": N}: it was recorded as 0 tokens, with
+    # no cost whatever the price, and a key's cost budget never counted it.
+    from tests.test_metrics import scrape, value
+
+    fake = await start_fake(reactor, models=(ASR,))
+    fake.audio_seconds = 90
+    config = tmp_path / "g.yaml"
+    config.write_text(f"pricing:\n  {MODEL}: {{audio_per_minute: 0.6, input_per_mtok: 1}}\n")
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path / "d")}, str(config))
+    try:
+        made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps(
+            {"name": "team", "budgets": [{"period": "daily", "max_cost": 1}]}).encode(),
+            headers={"authorization": f"Bearer {MASTER}"})
+        key = jsonutil.loads(await treq.content(made))
+        for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):  # 0.9 each: the second one still in
+            response, content = await post_form(http, gw, {"model": MODEL}, path=path, key=key["value"])
+            assert response.code == 200, content
+        response, content = await post_form(http, gw, {"model": MODEL}, key=key["value"])
+        assert response.code == 429 and jsonutil.loads(content)["error"]["code"] == "budget_exceeded", content
+        response, content = await post_form(http, gw, {"model": MODEL, "stream": "true"})  # (its usage in tokens)
+        assert response.code == 200, content
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [(r["audio_seconds"], r["input_tokens"], r["input_cost"], r["total_cost"]) for r in records] == [
+            (None, 9, pytest.approx(9e-6), pytest.approx(9e-6))] + [(90, 0, pytest.approx(0.9), pytest.approx(0.9))] * 2
+        summary = jsonutil.loads(await treq.content(await http.get(
+            gw.url + "/admin/api/v1/usage/summary", headers={"authorization": f"Bearer {MASTER}"})))
+        assert summary["audio_seconds"] == 180 and summary["total_cost"] == pytest.approx(1.8 + 9e-6)
+        found = await scrape(http, gw, {"authorization": f"Bearer {MASTER}"})
+        assert value(found, "gomodel_audio_seconds_total", provider_name="vllm", model=MODEL) == 180
+        assert value(found, "gomodel_cost_total", model=MODEL) == pytest.approx(1.8 + 9e-6)
+        assert value(found, "gomodel_auth_key_cost_total", auth_key_id=key["id"]) == pytest.approx(1.8)
+    finally:
+        await stop_all(gw, fake)

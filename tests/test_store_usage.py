@@ -18,7 +18,8 @@ def row(request_id, timestamp, **values):
             "replica": 0, "model": "vllm-a/m", "endpoint": "/v1/chat/completions", "status_code": 200,
             "stream": False, "input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cached_tokens": 2,
             "reasoning_tokens": 0, "input_cost": None, "output_cost": None, "total_cost": None, "user_path": None,
-            "auth_key_id": None, "duration_ms": 12.5, "ttft_ms": None, "client_gone": False, "estimated": False, "outcome": "ok"}
+            "auth_key_id": None, "duration_ms": 12.5, "ttft_ms": None, "client_gone": False, "estimated": False, "outcome": "ok",
+            "audio_seconds": None}
     base.update(values)
     return tuple(base[name] for name in USAGE_FIELDS)
 
@@ -30,7 +31,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert await usage.add([
         row("r1", 100.0),
         row("r2", 86500.0, provider_name="vllm-b", model="vllm-b/m", stream=True, total_cost=0.5,
-            input_cost=0.125, output_cost=0.375, auth_key_id="k_1", user_path="/team/a"),
+            input_cost=0.125, output_cost=0.375, auth_key_id="k_1", user_path="/team/a", audio_seconds=90.5),
         row("r3", 86600.0, status_code=503, input_tokens=None, output_tokens=None, total_tokens=None,
             auth_key_id="k_1", user_path="/team/a/x", client_gone=1, total_cost=0.25, input_cost=0.25, outcome="error"),  # flags as the ledger's 0/1
         row("other-4", 90000.0, user_path="/team/ab", stream=0, estimated=1),
@@ -38,14 +39,15 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     totals = await usage.summary(0, 1e9)
     assert totals == {"requests": 4, "input_tokens": 30, "output_tokens": 15, "total_tokens": 45,
                       "cached_tokens": 8, "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1,
-                      "input_cost": 0.375, "output_cost": 0.375}
+                      "input_cost": 0.375, "output_cost": 0.375, "audio_seconds": 90.5}
     assert (await usage.summary(0, 50))["requests"] == 0
     assert (await usage.summary(0, 50))["total_cost"] is None
     assert (await usage.summary(0, 50))["input_cost"] is None
     # The log's filters: a key's records, the master key's, a path and those under it (not /team/ab).
     assert await usage.summary(0, 1e9, {"key": "k_1"}) == {
         "requests": 2, "input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cached_tokens": 4,
-        "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1, "input_cost": 0.375, "output_cost": 0.375}
+        "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1, "input_cost": 0.375, "output_cost": 0.375,
+        "audio_seconds": 90.5}
     assert (await usage.summary(0, 1e9, {"keyless": True}))["requests"] == 2
     assert (await usage.summary(0, 1e9, {"user_path": "/team/a"}))["requests"] == 2
     assert (await usage.summary(0, 1e9, {"user_path": "/team"}))["requests"] == 3
@@ -63,7 +65,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert await usage.grouped(0, 1e9, filters={"search": "other", "keyless": True, "model": "vllm-a/m",
                                                  "provider": "vllm"}) == [dict(
         requests=1, input_tokens=10, output_tokens=5, total_tokens=15, cached_tokens=2, reasoning_tokens=0,
-        total_cost=None, errors=0, input_cost=None, output_cost=None)]
+        total_cost=None, errors=0, input_cost=None, output_cost=None, audio_seconds=0)]
     series = await usage.timeseries(0, 172800, 86400, {"key": "k_1"})
     assert [(s["period"], s["requests"], s["errors"], s["duration_ms_p50"]) for s in series] == [(86400, 2, 1, 12.5)]
 

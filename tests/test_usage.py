@@ -4,6 +4,7 @@ import csv
 import io
 import json
 
+import pytest
 import pytest_twisted
 
 from tests.rawclient import chat_request, connect
@@ -336,6 +337,20 @@ def test_token_counts_by_type_in_every_naming():
     for odd in (-1, True, 10**12 + 1, 2**64, 3.0):
         assert total_tokens({"total_tokens": odd, "prompt_tokens": 2, "completion_tokens": 3}) == 5
     assert total_tokens({"total_tokens": 0, "prompt_tokens": 2}) == 0
+
+
+def test_audio_seconds_are_read_from_a_duration_usage_only():
+    from gomodel.accounting.tokens import Pricing, audio_seconds
+
+    assert audio_seconds({"type": "duration", "seconds": 90}) == 90.0
+    assert audio_seconds({"type": "duration", "seconds": 1.5}) == 1.5
+    for odd in ({"type": "tokens", "input_tokens": 9, "seconds": 3}, {"type": "duration", "seconds": True},
+                {"type": "duration", "seconds": -1}, {"type": "duration", "seconds": "9"},
+                {"type": "duration", "seconds": 10**12}, {"prompt_tokens": 9}):
+        assert audio_seconds(odd) is None, odd
+    pricing = Pricing({"a/w": {"audio_per_minute": 0.6, "input_per_mtok": 1}})
+    assert pricing.costs("a/w", (0, 0, 0, 0), 90.0) == pytest.approx((0.9, 0.0, 0.9))
+    assert pricing.costs("a/w", (10**6, 0, 0, 0)) == (1.0, 0.0, 1.0)  # (tokens as ever)
 
 
 @pytest_twisted.ensureDeferred

@@ -24,7 +24,7 @@ flush); the replica series are those of the process that answers.
 from bisect import bisect_left
 from operator import add
 
-from gomodel.accounting.tokens import TOKEN_TYPES, tokens_by_type
+from gomodel.accounting.tokens import TOKEN_TYPES, audio_seconds, tokens_by_type
 from gomodel.errors import ShuttingDown
 from gomodel.http.context import CLIENT_GONE, OK, STREAM_BROKEN
 from gomodel.lean import tls_stub
@@ -79,6 +79,9 @@ class GatewayMetrics:
                                ("provider", "provider_name", "model"), buckets=TTFT_BUCKETS, registry=r)
         self._tokens = Counter("gomodel_tokens_total", "Tokens, by type: input, output, cached, reasoning.",
                                ("provider", "provider_name", "model", "type"), registry=r)
+        self._audio = Counter("gomodel_audio_seconds_total", "Seconds of audio transcribed or translated, as the "
+                              "upstream billed them (a usage in seconds, whisper's).",
+                              ("provider", "provider_name", "model"), registry=r)
         self._errors = Counter("gomodel_upstream_errors_total", "Requests an upstream failed, by error code.",
                                ("provider", "provider_name", "model", "code"), registry=r)
         self._gone = Counter("gomodel_client_disconnects_total", "Requests whose client left before the end.",
@@ -133,8 +136,11 @@ class GatewayMetrics:
         if ctx.stream and ctx.first_byte is not None:
             pending.ttfts[bisect_left(TTFT_BUCKETS, ctx.first_byte)] += 1
             pending.ttft_sum += ctx.first_byte
-        if ctx.usage:
+        usage = ctx.usage
+        if usage:
             pending.tokens = list(map(add, pending.tokens, ctx.token_counts))
+            if "seconds" in usage:  # (a transcription billed in seconds: no tokens)
+                pending.seconds += audio_seconds(usage) or 0.0
         if ctx.outcome == CLIENT_GONE:
             self._gone.labels(*_names(ctx), ctx.endpoint or "other").inc()
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS
@@ -191,13 +197,15 @@ class GatewayMetrics:
                 series = self._children[labels] = self._series(*labels)
             requests, duration, ttft, tokens = series
             requests.inc(added.requests)
+            if added.seconds:
+                self._audio.labels(*series_names(*labels[:3])).inc(added.seconds)
             _observed(duration, added.durations, added.duration_sum)
             if added.ttft_sum or any(added.ttfts):
                 _observed(ttft, added.ttfts, added.ttft_sum)
             for child, count in zip(tokens, added.tokens):
                 if count:
                     child.inc(count)
-            cost = self._cost_of(labels[0], labels[1], labels[2], added.tokens) if self._pricing else 0.0
+            cost = self._cost_of(labels[0], labels[1], labels[2], added.tokens, added.seconds) if self._pricing else 0.0
             if principal is not None and not principal.master:
                 named = keys.get((principal.id, principal.name, labels[4]))
                 if named is None:
@@ -228,18 +236,19 @@ class GatewayMetrics:
                 if cost and principal is not None and not principal.master:
                     self._key_cost.labels(principal.id, principal.name).inc(cost)
 
-    def _cost_of(self, provider_type, provider, upstream_model, tokens) -> float:
-        """What C{tokens} (by type) cost on a series' model (L{_priced}); 0.0 without one."""
-        if not upstream_model or not any(tokens):
+    def _cost_of(self, provider_type, provider, upstream_model, tokens, seconds=0.0) -> float:
+        """What C{tokens} (by type) and C{seconds} of audio cost on a series' model (L{_priced}); 0.0 without one."""
+        if not upstream_model or not (seconds or any(tokens)):
             return 0.0
-        return self._priced(provider_type or "-", provider or "-", f"{provider}/{upstream_model}", tokens)
+        return self._priced(provider_type or "-", provider or "-", f"{provider}/{upstream_model}", tokens, seconds)
 
-    def _priced(self, provider_type, provider, model, tokens) -> float:
-        """Add what C{tokens} (by type) cost on C{model} (C{provider/upstream-model}) to its cost series.
+    def _priced(self, provider_type, provider, model, tokens, seconds=None) -> float:
+        """Add what C{tokens} (by type) and C{seconds} of audio cost on C{model} (C{provider/upstream-model}) to
+        its cost series.
 
         @return: that cost; 0.0 for a model without a price.
         """
-        cost = self._pricing.costs(model, tokens)[2]
+        cost = self._pricing.costs(model, tokens, seconds)[2]
         if not cost:
             return 0.0
         series = self._costs.get((provider_type, provider, model))
@@ -254,7 +263,7 @@ class GatewayMetrics:
         @param ok: whether it went out whole and well (its C{status_type} is C{error} otherwise: a status of
             400 or above, a stream the upstream broke or reported an error in, though its status was 200).
         """
-        names = (provider_type or "-", provider or "-", f"{provider}/{upstream_model}" if upstream_model else "-")
+        names = series_names(provider_type, provider, upstream_model)
         endpoint = endpoint or "other"
         stream = "true" if stream else "false"
         return (self._requests.labels(*names, endpoint, str(status), "success" if ok else "error", stream),
@@ -262,11 +271,16 @@ class GatewayMetrics:
                 tuple(self._tokens.labels(*names, kind) for kind in TOKEN_TYPES))
 
 
+def series_names(provider_type, provider, upstream_model) -> tuple:
+    """The C{provider}, C{provider_name} and C{model} labels of a request's series."""
+    return provider_type or "-", provider or "-", f"{provider}/{upstream_model}" if upstream_model else "-"
+
+
 class _Pending:
     """What one kind of request added to its series since the last flush: requests, their durations and
-    times to first token by bucket (the last one +Inf) and summed, and tokens by type."""
+    times to first token by bucket (the last one +Inf) and summed, tokens by type and seconds of audio."""
 
-    __slots__ = ("requests", "durations", "duration_sum", "ttfts", "ttft_sum", "tokens")
+    __slots__ = ("requests", "durations", "duration_sum", "ttfts", "ttft_sum", "tokens", "seconds")
 
     def __init__(self):
         self.requests = 0
@@ -275,6 +289,7 @@ class _Pending:
         self.ttfts = [0] * (len(TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.tokens = [0] * len(TOKEN_TYPES)
+        self.seconds = 0.0
 
 
 def _observed(histogram, counts, total):

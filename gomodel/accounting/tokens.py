@@ -12,6 +12,8 @@ TOKEN_TYPES = ("input", "output", "cached", "reasoning")
 # error) is no count: past 64 bits it could be written in no store's column, and the rows buffered with it
 # would fail every write; below that it would still overflow the sums of usage and budgets.
 MAX_COUNT = 10**12
+# The most seconds of audio a usage object may say (a year's: no request's recording comes near it).
+MAX_SECONDS = 366 * 86400
 
 
 def tokens_by_type(usage: dict) -> tuple:
@@ -43,6 +45,17 @@ def tokens_by_type(usage: dict) -> tuple:
     return prompt, completion, cached, reasoning
 
 
+def audio_seconds(usage: dict):
+    """The seconds of audio a usage object bills (a transcription's, OpenAI's whisper and vLLM's: C{{"type":
+    "duration", "seconds": N}}), a float; None for any other usage (its tokens: L{tokens_by_type})."""
+    seconds = usage.get("seconds")
+    if seconds is None:
+        return None
+    if seconds.__class__ in (int, float) and 0 <= seconds <= MAX_SECONDS and usage.get("type") == "duration":
+        return float(seconds)
+    return None
+
+
 def _count(value) -> int:
     return value if value.__class__ is int and 0 < value <= MAX_COUNT else 0
 
@@ -60,7 +73,8 @@ def total_tokens(usage: dict, tokens: tuple = None) -> int:
 
 class Pricing:
     """The pricing table: qualified model (C{provider/model}) -> C{{input_per_mtok, output_per_mtok,
-    cached_input_per_mtok}}, in the table's currency per million tokens. False when empty."""
+    cached_input_per_mtok}}, in the table's currency per million tokens, and C{audio_per_minute}, per minute of
+    audio (a transcription billed in seconds: L{audio_seconds}). False when empty."""
 
     def __init__(self, table=None, providers=()):
         """
@@ -80,14 +94,17 @@ class Pricing:
     def __bool__(self):
         return bool(self._table)
 
-    def costs(self, model, tokens) -> tuple:
-        """C{(input_cost, output_cost, total_cost)} of L{tokens_by_type} C{tokens} on C{model}, or Nones
-        where the model has no price or the tokens are unknown (C{tokens[0]} None)."""
+    def costs(self, model, tokens, seconds=None) -> tuple:
+        """C{(input_cost, output_cost, total_cost)} of L{tokens_by_type} C{tokens} and C{seconds} of audio
+        (L{audio_seconds}, or None; an input: what was heard) on C{model}, or Nones where the model has no price
+        or the tokens are unknown (C{tokens[0]} None)."""
         price = self._table.get(model)
         if price is None or tokens[0] is None:
             return None, None, None
         uncached = price.get("input_per_mtok", 0)
         input_cost = ((tokens[0] - tokens[2]) * uncached + tokens[2] * price.get("cached_input_per_mtok", uncached)) / 1e6
+        if seconds:
+            input_cost += seconds * price.get("audio_per_minute", 0) / 60
         output_cost = tokens[1] * price.get("output_per_mtok", 0) / 1e6
         return input_cost, output_cost, input_cost + output_cost
 

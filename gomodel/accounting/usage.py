@@ -4,10 +4,10 @@ Tokens come from the answer's usage, the stream's usage chunk or
 C{response.completed}; for a stream the client left before its usage came,
 the output tokens are counted from the content events sent and the prompt estimated from the request
 (C{estimated}).
-Costs come from the optional pricing table (per million tokens, keyed by the
-model as routed, C{provider/upstream-model}); a model without a price has no
-cost. Records are buffered and written every C{USAGE_FLUSH_INTERVAL}, as soon
-as L{FLUSH_AT} are waiting, and at stop; records older than
+Costs come from the optional pricing table (per million tokens, and per minute of
+audio for a transcription billed in seconds, keyed by the model as routed,
+C{provider/upstream-model}); a model without a price has no cost. Records are
+buffered and written every C{USAGE_FLUSH_INTERVAL}, as soon as L{FLUSH_AT} are waiting, and at stop; records older than
 C{USAGE_RETENTION_DAYS} are deleted by a claimed job, once a day, by one
 process at a time.
 """
@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gomodel.accounting.tokens import tokens_by_type, total_tokens
+from gomodel.accounting.tokens import audio_seconds, tokens_by_type, total_tokens
 from gomodel.errors import RowsRejected
 from gomodel.http.context import ERROR, OK
 from gomodel.logs import FailureStreak, log_failure
@@ -81,13 +81,14 @@ class UsageLedger(Service):
             if tokens is None:
                 tokens = tokens_by_type(usage)
             total = total_tokens(usage, tokens)
+            seconds = audio_seconds(usage)
         else:
-            tokens, total = (None, None, None, None), None
-        costs = self._pricing.costs(model, tokens) if self._pricing else (None, None, None)
+            tokens, total, seconds = (None, None, None, None), None, None
+        costs = self._pricing.costs(model, tokens, seconds) if self._pricing else (None, None, None)
         self._buffer.append((request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code,
                              1 if stream else 0, tokens[0], tokens[1], total, tokens[2], tokens[3], *costs, user_path,
                              auth_key_id, duration_ms, ttft_ms, 1 if client_gone else 0, 1 if estimated else 0,
-                             outcome or (OK if (status_code or 0) < 400 else ERROR)))
+                             outcome or (OK if (status_code or 0) < 400 else ERROR), seconds))
         waiting = len(self._buffer)
         if waiting == FLUSH_AT:
             self._clock.callLater(0, self.flush)  # on the reactor's next turn, not in this request's end
@@ -224,7 +225,8 @@ class UsageLedger(Service):
 _TIME, _OUTCOME = USAGE_FIELDS.index("timestamp"), USAGE_FIELDS.index("outcome")
 # A summary's token sums and cost sums (None until a record has a price), by their columns.
 _SUMS = tuple((name, USAGE_FIELDS.index(name))
-              for name in ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens"))
+              for name in ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
+                           "audio_seconds"))
 _COSTS = tuple((name, USAGE_FIELDS.index(name)) for name in ("input_cost", "output_cost", "total_cost"))
 _TOKENS, _COST, _PATH, _KEY = (USAGE_FIELDS.index(field) for field in ("total_tokens", "total_cost", "user_path",
                                                                         "auth_key_id"))

@@ -192,11 +192,12 @@ def _mapping(document, name, yaml_path) -> dict:
     return value
 
 
-_PRICES = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+_PRICES = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "audio_per_minute")
 
 
 def _pricing(value, yaml_path) -> dict:
-    """C{pricing:} model -> {input_per_mtok, output_per_mtok, cached_input_per_mtok} (amounts per million tokens)."""
+    """C{pricing:} model -> {input_per_mtok, output_per_mtok, cached_input_per_mtok} (amounts per million tokens),
+    and C{audio_per_minute} (a minute of audio a transcription's usage bills in seconds)."""
     if value is None:
         return {}
     if not isinstance(value, dict):

@@ -23,7 +23,7 @@ and passthrough count like any request, with or without the usage ledger.
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from gomodel.accounting.tokens import requested_tokens, tokens_by_type, total_tokens
+from gomodel.accounting.tokens import audio_seconds, requested_tokens, tokens_by_type, total_tokens
 from gomodel.limits.lanes import Lane, Ticket
 from gomodel.limits.specs import COST_MAX, Budget, RateLimit, path_ancestors
 from gomodel.logs import FailureStreak
@@ -288,10 +288,12 @@ class Gate(Periodic):
             return
         usage = ctx.usage
         used = total_tokens(usage) if usage else 0
-        charged = charged and used > 0
+        # (a transcription billed in audio seconds has no tokens: its cost is what it used)
+        seconds = audio_seconds(usage) if charged and usage else None
+        charged = charged and (used > 0 or bool(seconds))
         cost = None
         if charged and self._pricing and ctx.upstream_model:
-            cost = self._pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", ctx.token_counts)[2]
+            cost = self._pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", ctx.token_counts, seconds)[2]
         if admission.__class__ is Ticket:
             if admission.lane.finish(admission, used, charged, cost):
                 return  # settled and charged at once, by the lane that admitted it
@@ -314,9 +316,9 @@ class Gate(Periodic):
         its price) to the budgets of C{principal} (a managed key's; others have none): a batch line."""
         if self._book is None or not usage or principal is None or not principal.limited:
             return
-        used = total_tokens(usage)
-        if used:
-            cost = self._pricing.costs(model, tokens_by_type(usage))[2] if self._pricing and model else None
+        used, seconds = total_tokens(usage), audio_seconds(usage)
+        if used or seconds:
+            cost = self._pricing.costs(model, tokens_by_type(usage), seconds)[2] if self._pricing and model else None
             self._record(principal, used, cost)
 
     def _record(self, principal, used, cost, scopes=None):

@@ -385,7 +385,7 @@ class IUsageStore(Interface):
     input_tokens, output_tokens, total_tokens, cached_tokens,
     reasoning_tokens, input_cost, output_cost, total_cost, user_path}) and
     ours (C{replica, duration_ms, ttft_ms, client_gone, estimated,
-    auth_key_id}): L{gomodel.store.records.USAGE_FIELDS}. Records go in as
+    auth_key_id, outcome, audio_seconds}): L{gomodel.store.records.USAGE_FIELDS}. Records go in as
     tuples in that order (thousands a second: no dict each) and come out as
     dicts with their C{id}, which orders the log.
     """
@@ -404,7 +404,7 @@ class IUsageStore(Interface):
         @param filters: as L{log}'s (C{key}, C{keyless}, C{user_path}: that path and those under it, ...).
         @return: a Deferred firing with C{{requests, input_tokens, output_tokens, total_tokens,
             cached_tokens, reasoning_tokens, total_cost (None without prices), errors (the records whose
-            C{outcome} is not C{ok}), input_cost, output_cost (None without prices)}}.
+            C{outcome} is not C{ok}), input_cost, output_cost (None without prices), audio_seconds}}.
         """
 
     def grouped(start, end, by=(), bucket=None, filters=None):

@@ -191,6 +191,7 @@ class FakeVLLM(Resource):
         # OpenAI streams them; a status (503): answered with that error
         self.audio = True
         self.transcript = "hé there"  # what its audio routes hear ("": a silent recording)
+        self.audio_seconds = 1  # how long the recordings its audio routes hear are (their usage, as whisper's)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -499,9 +500,9 @@ class FakeVLLM(Resource):
             shown = {"text": text, "srt": f"1\n00:00:00,000 --> 00:00:01,000\n{text}\n",
                      "vtt": f"WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n{text}\n"}[kind]
             return shown.encode()
-        answer = {"text": text, "usage": {"type": "duration", "seconds": 1}}
+        answer = {"text": text, "usage": {"type": "duration", "seconds": self.audio_seconds}}
         if kind == "verbose_json":
-            answer.update(task="transcribe", language="en", duration=1.0,
+            answer.update(task="transcribe", language="en", duration=float(self.audio_seconds),
                           segments=[{"id": 0, "start": 0.0, "end": 1.0, "text": text}])
         return self._json(request, 200, answer)
 

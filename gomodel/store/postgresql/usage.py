@@ -13,7 +13,7 @@ from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 _TYPES = {"timestamp": "float8", "replica": "int4", "status_code": "int4", "stream": "bool", "input_tokens": "int8",
           "output_tokens": "int8", "total_tokens": "int8", "cached_tokens": "int8", "reasoning_tokens": "int8",
           "input_cost": "float8", "output_cost": "float8", "total_cost": "float8", "duration_ms": "float8",
-          "ttft_ms": "float8", "client_gone": "bool", "estimated": "bool"}
+          "ttft_ms": "float8", "client_gone": "bool", "estimated": "bool", "audio_seconds": "float8"}
 _COPY_TYPES = [_TYPES.get(name, "text") for name in COLUMNS]
 _COPY = f"COPY usage ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _WRITTEN = "SELECT rows FROM usage_writes WHERE request_id = %s AND timestamp = %s"
@@ -32,7 +32,8 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
            "COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cached_tokens), 0)::bigint, "
            "COALESCE(SUM(reasoning_tokens), 0)::bigint, SUM(total_cost), "
-           f"COUNT(*) FILTER (WHERE {OUTCOME} <> 'ok'), SUM(input_cost), SUM(output_cost)")  # (costs: None unpriced)
+           f"COUNT(*) FILTER (WHERE {OUTCOME} <> 'ok'), SUM(input_cost), SUM(output_cost), "  # (costs: None unpriced)
+           "COALESCE(SUM(audio_seconds), 0)")
 
 
 # The time series: a record's bucket is floor((timestamp - start) / bucket); the percentiles are picked in

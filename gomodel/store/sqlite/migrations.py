@@ -242,6 +242,11 @@ MIGRATIONS = (
         # upgrade): read as their status says (codec.OUTCOME), with no rewrite of the table under its lock.
         "ALTER TABLE usage ADD COLUMN outcome TEXT",
     )),
+    (17, (
+        # The seconds of audio a record's usage billed (a transcription's, OpenAI's whisper and vLLM's: {"type":
+        # "duration", "seconds": N}), priced by a model's audio_per_minute; null for any other record.
+        "ALTER TABLE usage ADD COLUMN audio_seconds REAL",
+    )),
 )
 
 

@@ -126,7 +126,7 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
            f"SUM(total_cost), COALESCE(SUM(CASE WHEN {OUTCOME} <> 'ok' THEN 1 ELSE 0 END), 0), "
-           "SUM(input_cost), SUM(output_cost)")  # (the costs: None without prices)
+           "SUM(input_cost), SUM(output_cost), COALESCE(SUM(audio_seconds), 0)")  # (the costs: None without prices)
 
 
 # Portable SQL (SQLite and PostgreSQL): a record's bucket is FLOOR((timestamp - start) / bucket); the
