@@ -127,6 +127,11 @@ async def test_forms_without_a_model_or_of_another_type_or_an_unknown_model_get_
     assert response.code == 400 and jsonutil.loads(content)["error"]["code"] == "missing_required_parameter"
     response, content = await post_form(http, gw, {"model": "vllm/nope"})
     assert response.code == 404 and jsonutil.loads(content)["error"]["code"] == "model_not_found"
+    # no file: the upstream was asked anyway (FastAPI's validation error from vLLM, after a slot, a limit's charge
+    # and a record), OpenAI's SDK told nothing of which field
+    response, content = await post_form(http, gw, {"model": MODEL}, file=None)
+    error = jsonutil.loads(content)["error"]
+    assert (response.code, error["code"], error["param"]) == (400, "missing_required_parameter", "file"), content
     response = await http.post(gw.url + "/v1/audio/transcriptions", data=json.dumps({"model": MODEL}).encode(),
                                headers={"content-type": "application/json", "authorization": f"Bearer {MASTER}"})
     assert response.code == 400

@@ -145,6 +145,9 @@ class InferenceRoutes:
         body = {"model": form.field("model")}
         ctx.asked_stream = stream = _form_true(form.field("stream"))
         upstream, fallbacks = self.route(ctx, body)
+        if not form.has("file"):  # (what every provider refuses: refused before it takes a slot, a limit, a record)
+            raise InvalidRequest("The form needs a 'file' (the audio recording).", param="file",
+                                 code="missing_required_parameter")
         observe = partial(_audio_observer, form, partial(answerer_hidden, self._registry, ctx)) if stream else None
         again = partial(_reformed, form, stream) if fallbacks else None
         # (its tokens estimated from its text prompt: the audio is no text, bytes / 4 of it nothing like its tokens)

@@ -323,6 +323,10 @@ class Form:
                                          code="invalid_value") from None
         return None
 
+    def has(self, name: str) -> bool:
+        """Whether the form has a part named C{name} (a file's or a field's)."""
+        return any(segment.name == name for segment, _ in self.parts)
+
     @property
     def content_type(self) -> bytes:
         """The C{Content-Type} of L{body}'s forms (their boundary the request's)."""
