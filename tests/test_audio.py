@@ -306,3 +306,35 @@ async def test_a_transcription_billed_in_seconds_records_and_prices_them(reactor
         assert value(found, "gomodel_auth_key_cost_total", auth_key_id=key["id"]) == pytest.approx(1.8)
     finally:
         await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_openai_sdk_makes_speech_through_the_gateway_whole_or_streamed(reactor, http):
+    # POST /v1/audio/speech (text to speech) was a 404 "Unknown route": only the passthrough, unrouted, unlimited.
+    from tests.fakes.vllm import SPEECH
+
+    other = await start_fake(reactor, models=("tts-1",))
+    other.audio = "openai"
+    gw = await start_gateway(reactor, {"OPENAI_OTHER_BASE_URL": other.base_url, "OPENAI_OTHER_API_KEY": "sk-up",
+                                       "GOMODEL_MASTER_KEY": MASTER})
+    client = openai_client(gw, MASTER)
+    try:  # (the client closed before the gateway and the fake are stopped)
+        spoken = await in_thread(client.audio.speech.create, model="openai-other/tts-1", voice="alloy", input="hé")
+        assert spoken.content == SPEECH and spoken.response.headers["content-type"] == "audio/mpeg"
+        seen = other.requests[-1]
+        assert seen.path == b"/v1/audio/speech" and seen.body == {"model": "tts-1", "voice": "alloy", "input": "hé"}
+        assert seen.header(b"authorization") == "Bearer sk-up"
+        streamed = await in_thread(client.audio.speech.create, model="openai-other/tts-1", voice="alloy",
+                                   input="hé", stream_format="sse")
+        events = [json.loads(line[6:]) for line in streamed.content.decode().split("\n\n") if line]
+        assert [e["type"] for e in events] == ["speech.audio.delta"] * 2 + ["speech.audio.done"]
+        with pytest.raises(openai.NotFoundError) as missing:
+            await in_thread(client.audio.speech.create, model="openai-other/nope", voice="alloy", input="hé")
+        assert missing.value.code == "model_not_found"
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [(r["endpoint"], r["stream"], r["input_tokens"], r["output_tokens"]) for r in records] == [
+            ("/v1/audio/speech", True, 5, 40), ("/v1/audio/speech", False, None, None)]
+    finally:
+        client.close()
+        await stop_all(gw, other)

@@ -80,6 +80,7 @@ OPERATIONS = {
     "/v2/embed": "embeddings",
     "/v1/audio/transcriptions": "transcription",
     "/v1/audio/translations": "translation",
+    "/v1/audio/speech": "speech",
 }
 # Provider type -> gen_ai.provider.name where the conventions have a well-known value.
 PROVIDER_NAMES = {"xai": "x_ai"}

@@ -52,6 +52,7 @@ class InferenceRoutes:
             b"/v1/classify": self.classify,
             b"/v1/audio/transcriptions": self.transcriptions,
             b"/v1/audio/translations": self.translations,
+            b"/v1/audio/speech": self.speech,
             # vLLM's own pooling paths at its root (the Cohere SDK's /v2/rerank and /v2/embed among them), routed
             # by model as their /v1 forms are
             **{b"/" + path.encode(): partial(self._model_routed, path=path, native=True) for path in ROOT_POOLING},
@@ -157,6 +158,20 @@ class InferenceRoutes:
                             counted=counted)
         return await self._exchange.relay(request, ctx, upstream, call)
 
+    async def speech(self, request, ctx):
+        """Text to speech (OpenAI's C{/v1/audio/speech}, vLLM-Omni's): a JSON body routed by its C{model}, the
+        answer relayed as the upstream sent it: audio (its own C{Content-Type}), or with C{stream_format: "sse"}
+        its events (C{speech.audio.delta}s, C{speech.audio.done} with the usage, no [DONE]) as they come. Its
+        tokens, where no usage says them, are estimated from its C{input}. (No C{cache_salt} nor C{priority}: no
+        vLLM takes them here.)"""
+        body = json_body(request)
+        ctx.asked_stream = stream = body.get("stream_format") == "sse"
+        upstream, fallbacks = self.route(ctx, body)
+        observe = _tapped if stream else None
+        call = UpstreamCall("/audio/speech", jsonutil.dumps(body), observe=observe, model=ctx.upstream_model,
+                            fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
+        return await self._exchange.relay(request, ctx, upstream, call)
+
     async def responses(self, request, ctx):
         return await self._responses.create(request, ctx, json_body(request))
 
@@ -213,6 +228,13 @@ def _audio_observer(form, hidden, provider):
     as it comes. C{hidden}: an in-band error's text without the answering provider's address (L{answerer_hidden})."""
     if provider.type == "vllm":
         return ChatStreamObserver(not _form_true(form.field("stream_include_usage")), hidden)
+    return _tapped(provider)
+
+
+def _tapped(provider):
+    """L{UpstreamCall}'s C{observe} of an event stream relayed as C{provider} (a pool) sends it (OpenAI's typed
+    events: a speech's, a transcription's), its usage read from its last event, an error event without the
+    provider's address."""
     return UsageTap(True, None, provider if provider.hidden_pattern is not None else None)
 
 

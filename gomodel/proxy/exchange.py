@@ -56,6 +56,8 @@ ABORT_GRACE = 10.0  # seconds a broken stream's error event gets to reach the cl
 # Answers that send a request to another replica, when there is one and nothing went to the client:
 # vLLM's 500 is its engine failing (a replica shutting down answers it too), the others are overload.
 FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504))
+# The paths whose answer may be text (a transcription's text, srt or vtt), or empty text (a silent recording's).
+_TRANSCRIPTS = ("/audio/transcriptions", "/audio/translations")
 _NOT_TAKEN = (NoReadyReplica.code, ReplicasBusy.code)  # a provider that could not take a request (no send failed)
 
 
@@ -295,7 +297,7 @@ class Exchange:
             return await self._relay_stream(request, ctx, upstream, response, observer, call.counted)
         # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt,
         # a silent recording's empty; text/json is JSON)
-        transcript = media.startswith(b"text/") and call.path.startswith("/audio/")
+        transcript = media.startswith(b"text/") and call.path in _TRANSCRIPTS
         if media.startswith(b"text/") and not media.endswith(b"json") and not transcript:
             discard(response)
             raise BadUpstreamResponse(f"The upstream provider '{upstream.name}' answered HTTP {response.code} with "

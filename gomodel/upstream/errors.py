@@ -71,7 +71,8 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
         if status == 404 and detail == "Not Found":  # FastAPI's: vLLM has the route only for a model whose task it is
             message = (f"The upstream provider '{provider_name}' has no route for this request (Not Found): its "
                        "model does not serve this endpoint (embeddings need an embedding model, rerank and score a "
-                       "pooling one, audio transcriptions and translations a speech recognition one).")
+                       "pooling one, audio transcriptions and translations a speech recognition one, speech a "
+                       "text-to-speech one).")
         return _wrapped(status, _hidden(message, hide, provider_name))
     if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
         return _wrapped(status, _hidden(parsed["message"], hide, provider_name), *(

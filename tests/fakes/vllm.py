@@ -68,6 +68,7 @@ C{marker_answers}) and, on any route:
     to the first N requests carrying the marker, then answer normally
 """
 
+import base64
 import time
 
 from twisted.internet.defer import Deferred
@@ -80,6 +81,7 @@ from zope.interface import implementer
 from gomodel import jsonutil
 
 CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+SPEECH = b"ID3\x04\x00\xff\xfb\x90\x00\r\n\x00\x80"  # what its /v1/audio/speech says (binary: an MP3's head)
 
 
 class Recorded:
@@ -332,6 +334,10 @@ class FakeVLLM(Resource):
                 return self._json(request, self.audio, {"error": {"message": "overloaded", "type": "ServiceUnavailable",
                                                                   "param": None, "code": self.audio}})
             return self._audio(request, record)
+        if request.method == b"POST" and path == b"/v1/audio/speech":
+            if self.audio != "openai":  # (vLLM has no text to speech: vLLM-Omni's, OpenAI's)
+                return self._json(request, 404, {"detail": "Not Found"})
+            return self._speech(request, record.body)
         if request.method == b"POST" and path in self._POST_ROUTES:
             body = record.body if isinstance(record.body, dict) else {}
             if "fake_status" in body:
@@ -505,6 +511,19 @@ class FakeVLLM(Resource):
             answer.update(task="transcribe", language="en", duration=float(self.audio_seconds),
                           segments=[{"id": 0, "start": 0.0, "end": 1.0, "text": text}])
         return self._json(request, 200, answer)
+
+    def _speech(self, request, body):
+        """OpenAI's /v1/audio/speech: the C{input} spoken, C{SPEECH} (as C{audio/mpeg}), or with C{stream_format:
+        "sse"} its events (C{speech.audio.delta}s of base64 audio, then C{speech.audio.done} with its usage)."""
+        if body.get("stream_format") == "sse":
+            request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+            events = [{"type": "speech.audio.delta", "audio": base64.b64encode(half).decode()}
+                      for half in (SPEECH[:4], SPEECH[4:])]
+            events.append({"type": "speech.audio.done", "usage": {
+                "input_tokens": 5, "output_tokens": 40, "total_tokens": 45}})
+            return b"".join(b"data: " + jsonutil.dumps(event) + b"\n\n" for event in events)
+        request.setHeader(b"content-type", b"audio/mpeg")
+        return SPEECH
 
     def _tokenize(self, request, record, body):
         count = 3 if "messages" not in body else _count_tokens(None, body["messages"], body.get("tools"))
