@@ -141,6 +141,13 @@ async def test_forms_without_a_model_or_of_another_type_or_an_unknown_model_get_
                                headers={"content-type": kind, "authorization": f"Bearer {MASTER}"})
     assert response.code == 400
     assert jsonutil.loads(await treq.content(response))["error"]["code"] == "invalid_multipart"
+    body, kind = form({"model": MODEL})  # (a part's text in a charset no codec reads: it was "not valid UTF-8")
+    response = await http.post(gw.url + "/v1/audio/transcriptions", headers={
+        "content-type": kind, "authorization": f"Bearer {MASTER}"}, data=body.replace(
+            b'name="model"', b'name="model"\r\nContent-Type: text/plain; charset=x-unheard-of'))
+    error = jsonutil.loads(await treq.content(response))["error"]
+    assert (response.code, error["param"], error["code"]) == (400, "model", "invalid_value"), error
+    assert "x-unheard-of" in error["message"] and "is not valid" not in error["message"], error
     assert len(fake.requests) == sent
 
 

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 from twisted.internet.defer import Deferred, succeed
 
-from gomodel.errors import InvalidRequest, RequestTooLarge, StorageUnavailable
+from gomodel.errors import InvalidRequest, RequestTooLarge, StorageUnavailable, shown
 
 UPLOAD_PATHS = (b"/v1/files", b"/v1/files/")  # where C{POST} is an upload
 FIELD_LIMIT = 64 * 1024  # bytes of one non-file field
@@ -312,14 +312,19 @@ class Form:
     def field(self, name: str):
         """The text of the first non-file part named C{name}, or None without one.
 
-        @raise InvalidRequest: it is not UTF-8.
+        @raise InvalidRequest: it is not UTF-8 (nor in the charset its part names), or its charset is none known.
         """
         for segment, data in self.parts:
             if segment.name == name and segment.filename is None:
+                charset = segment.charset or "UTF-8"
                 try:
-                    return data.decode(segment.charset or "utf-8")
-                except (UnicodeDecodeError, LookupError):
-                    raise InvalidRequest(f"The form field '{name}' is not valid UTF-8.", param=name,
+                    return data.decode(charset)
+                except UnicodeDecodeError:
+                    raise InvalidRequest(f"The form field '{name}' is not valid {shown(charset)}.", param=name,
+                                         code="invalid_value") from None
+                except LookupError:
+                    raise InvalidRequest(f"The form field '{name}' names a charset the gateway does not know "
+                                         f"({shown(charset)}): send it as UTF-8.", param=name,
                                          code="invalid_value") from None
         return None
 
