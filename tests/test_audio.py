@@ -8,7 +8,7 @@ import pytest_twisted
 import treq
 
 from gomodel import jsonutil
-from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
+from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
 
 ASR = "openai/whisper-large-v3"
 MODEL = "vllm/" + ASR
@@ -338,10 +338,25 @@ async def test_the_openai_sdk_makes_speech_through_the_gateway_whole_or_streamed
         with pytest.raises(openai.NotFoundError) as missing:
             await in_thread(client.audio.speech.create, model="openai-other/nope", voice="alloy", input="hé")
         assert missing.value.code == "model_not_found"
+        # A long speech's first bytes reach the client as they come (they play before its end): the gateway read
+        # it whole first, the time to first audio the whole speech's.
+        heard = []
+
+        def first(data):
+            heard.append(data)
+            other.release_speech()
+
+        response = await with_timeout(reactor, http.post(
+            gw.url + "/v1/audio/speech", headers={"authorization": f"Bearer {MASTER}"}, data=json.dumps(
+                {"model": "openai-other/tts-1", "voice": "alloy", "input": "hé", "fake_hold_speech": True}).encode()),
+            10)
+        await with_timeout(reactor, treq.collect(response, first), 10)
+        assert response.code == 200 and b"".join(heard) == SPEECH and heard[0] == SPEECH[:4]
         await gw.service.usage.flush()
         records, _ = await gw.service.store.usage.log(0, 2e9, 10)
         assert [(r["endpoint"], r["stream"], r["input_tokens"], r["output_tokens"]) for r in records] == [
-            ("/v1/audio/speech", True, 5, 40), ("/v1/audio/speech", False, None, None)]
+            ("/v1/audio/speech", False, None, None), ("/v1/audio/speech", True, 5, 40),
+            ("/v1/audio/speech", False, None, None)]
     finally:
         client.close()
         await stop_all(gw, other)

@@ -304,9 +304,10 @@ class Exchange:
                                       "a text page, not JSON.")
         body = whole_body(response)  # (a small answer came whole with its head: no wait, no read)
         if body is None:
-            if (call.transform is None and response.length is not UNKNOWN_LENGTH
-                    and response.length > RESPONSE_BODY_LIMIT):
-                # Too large to hold (a big batch's embeddings), nothing to change in it: relayed as it comes.
+            if call.transform is None and (media.startswith(b"audio/") or response.length is not UNKNOWN_LENGTH
+                                           and response.length > RESPONSE_BODY_LIMIT):
+                # Too large to hold (a big batch's embeddings), or audio (a speech: its first bytes play before its
+                # end), nothing to change in it: relayed as it comes.
                 return await self._relay_raw(request, ctx, upstream, response)
             try:
                 body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)

@@ -194,6 +194,7 @@ class FakeVLLM(Resource):
         self.audio = True
         self.transcript = "hé there"  # what its audio routes hear ("": a silent recording)
         self.audio_seconds = 1  # how long the recordings its audio routes hear are (their usage, as whisper's)
+        self.speaking = []  # the speech answers held after their first bytes (fake_hold_speech), until release_speech
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -523,7 +524,19 @@ class FakeVLLM(Resource):
                 "input_tokens": 5, "output_tokens": 40, "total_tokens": 45}})
             return b"".join(b"data: " + jsonutil.dumps(event) + b"\n\n" for event in events)
         request.setHeader(b"content-type", b"audio/mpeg")
+        if body.get("fake_hold_speech"):  # (its first bytes, the rest held: a long speech being made)
+            request.write(SPEECH[:4])
+            self.speaking.append(request)
+            return server.NOT_DONE_YET
         return SPEECH
+
+    def release_speech(self):
+        """Send the rest of each speech held by C{fake_hold_speech}, and end it."""
+        speaking, self.speaking = self.speaking, []
+        for request in speaking:
+            if not request._disconnected:
+                request.write(SPEECH[4:])
+                request.finish()
 
     def _tokenize(self, request, record, body):
         count = 3 if "messages" not in body else _count_tokens(None, body["messages"], body.get("tools"))
