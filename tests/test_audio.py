@@ -352,10 +352,17 @@ async def test_the_openai_sdk_makes_speech_through_the_gateway_whole_or_streamed
             10)
         await with_timeout(reactor, treq.collect(response, first), 10)
         assert response.code == 200 and b"".join(heard) == SPEECH and heard[0] == SPEECH[:4]
+        # A proxy's text page is no speech (only a transcription answers in text): a 502, as on every other route
+        response = await http.post(gw.url + "/v1/audio/speech", headers={"authorization": f"Bearer {MASTER}"},
+                                   data=json.dumps({"model": "openai-other/tts-1", "voice": "alloy", "input": "hé",
+                                                    "fake_text_page": True}).encode())
+        error = jsonutil.loads(await treq.content(response))["error"]
+        assert (response.code, error["code"]) == (502, "bad_upstream_response"), error
         await gw.service.usage.flush()
         records, _ = await gw.service.store.usage.log(0, 2e9, 10)
         assert [(r["endpoint"], r["stream"], r["input_tokens"], r["output_tokens"]) for r in records] == [
-            ("/v1/audio/speech", False, None, None), ("/v1/audio/speech", True, 5, 40),
+            ("/v1/audio/speech", False, None, None), ("/v1/audio/speech", False, None, None),
+            ("/v1/audio/speech", True, 5, 40),
             ("/v1/audio/speech", False, None, None)]
     finally:
         client.close()

@@ -523,6 +523,9 @@ class FakeVLLM(Resource):
             events.append({"type": "speech.audio.done", "usage": {
                 "input_tokens": 5, "output_tokens": 40, "total_tokens": 45}})
             return b"".join(b"data: " + jsonutil.dumps(event) + b"\n\n" for event in events)
+        if body.get("fake_text_page"):  # (a proxy's page in front of it)
+            request.setHeader(b"content-type", b"text/html")
+            return b"<html><body>Service is starting</body></html>"
         request.setHeader(b"content-type", b"audio/mpeg")
         if body.get("fake_hold_speech"):  # (its first bytes, the rest held: a long speech being made)
             request.write(SPEECH[:4])
