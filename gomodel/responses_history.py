@@ -91,6 +91,21 @@ def _text_of(parts: list):
     return "".join(texts)
 
 
+# Why a stored stream's response is C{failed} where its stream broke without saying why.
+_BROKE = {"code": "stream_incomplete", "message": "The stream ended before the response was complete."}
+
+
+def cut_short(response, left: bool, error=None) -> dict:
+    """C{response}, as far as a stream that ended before it went (the object the stream began with, or made so
+    far), as it is kept: C{cancelled} where its client C{left} (the gateway closes its upstream, which stops
+    making it), else C{failed} with the stream's in-band C{error} event (or one saying it broke)."""
+    if left:
+        return dict(response, status="cancelled")
+    if error.__class__ is dict:
+        error = {"code": error.get("code") or _BROKE["code"], "message": error.get("message") or _BROKE["message"]}
+    return dict(response, status="failed", error=error or _BROKE)
+
+
 def unknown_response(response_id) -> NotFound:
     """The 404 of a response the gateway does not hold for whoever asks (none, or another tenant's)."""
     return NotFound(f"No response '{shown(response_id)}' is stored by the gateway.", param="response_id",

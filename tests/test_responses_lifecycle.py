@@ -847,3 +847,75 @@ async def test_an_unknown_ids_error_quotes_at_most_its_opening(http, gateway):
         error = jsonutil.loads(await treq.content(response))["error"]
         # (before: the whole id, as the client sent it, in the message: 8 kB an error log kept too)
         assert response.code in (400, 404) and len(error["message"]) < 400, path[:60]
+
+
+async def stored_eventually(gateway, response_id):
+    """The record of C{response_id} once the gateway has stored it (it learns that a client left a little later)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(400):
+        record = await gateway.service.store.responses.get(response_id)
+        if record is not None:
+            return record
+        await deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError(f"{response_id} never stored")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_the_client_leaves_or_that_breaks_is_kept_cancelled_or_failed_not_lost(client, gateway, fake):
+    """A stored (not background) stream that ends before its response does is still a response its client saw
+    the id of: kept as far as it got, C{cancelled} where the client left (the gateway closes its upstream, which
+    stops it), C{failed} where the stream broke (before: a 404, nothing kept, its conversation lost)."""
+    def left():
+        events = client.responses.create(model=MODEL, input="long job", stream=True,
+                                         extra_body={"fake_hang_after": 2})
+        try:
+            return next(iter(events)).response.id
+        finally:
+            events.close()
+
+    def broke():
+        seen = []
+        with pytest.raises(openai.APIError):
+            with client.responses.stream(model=MODEL, input="long job", extra_body={"fake_die_after": 2}) as events:
+                seen.extend(events)
+        return seen[0].response.id
+
+    for cut, status in ((left, "cancelled"), (broke, "failed")):
+        response_id = await in_thread(cut)
+        await stored_eventually(gateway, response_id)
+        kept = await in_thread(client.responses.retrieve, response_id)
+        assert (kept.id, kept.status) == (response_id, status)
+        assert (kept.error is None) == (status == "cancelled")
+        items = await in_thread(client.responses.input_items.list, response_id)
+        assert [i.content[0].text for i in items.data] == ["long job"]
+    fake.finish_hung()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_stream_the_client_leaves_is_kept_cancelled_with_what_it_made(reactor):
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = openai_client(gw)
+
+    def left():
+        events = client.responses.create(model=MODEL, input="long job", stream=True,
+                                         extra_body={"fake_pace": 0.2, "fake_chunks": 50})
+        try:
+            each = iter(events)
+            first = next(each)
+            while next(each).type != "response.output_text.delta":
+                pass
+            return first.response.id
+        finally:
+            events.close()
+
+    try:
+        response_id = await in_thread(left)
+        await stored_eventually(gw, response_id)
+        kept = await in_thread(client.responses.retrieve, response_id)
+        assert kept.status == "cancelled" and kept.output_text.startswith("hé")
+    finally:
+        client.close()
+        await stop_all(gw, fake)

@@ -11,7 +11,7 @@ input instead.
 
 from functools import partial
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,8 +25,8 @@ from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_lim
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (as_list, continued, conversation, error_hidden, error_shown, normalise_input,
-                                      relink, unknown_previous, unknown_response)
+from gomodel.responses_history import (as_list, continued, conversation, cut_short, error_hidden, error_shown,
+                                      normalise_input, relink, unknown_previous, unknown_response)
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.translate.whole_response import response_events
@@ -156,12 +156,17 @@ class ResponsesRoute:
         if stream:
             observer = ChatToResponsesStream(echo, self._clock, partial(without_address, upstream=provider))
             # (an upstream that ignores "stream" answers whole: its answer becomes the stream's events)
-            result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
-                "/chat/completions", chat, observer=observer, transform=observer.whole, model=body["model"],
-                prefer=prefer, affinity=affinity))
+            try:
+                result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
+                    "/chat/completions", chat, observer=observer, transform=observer.whole, model=body["model"],
+                    prefer=prefer, affinity=affinity))
+            except CancelledError:
+                if turn.stored:
+                    turn.keep(_final(None, observer.made(), True))
+                raise
             if result is not None:
                 request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
-            turn.keep(observer.response)
+            turn.keep(_final(observer.response, observer.made() if turn.stored else None, False))
             return result
         now = int(self._clock.seconds())
         # (a stream nobody asked for, from an upstream that streams anyway, is gathered into one chat
@@ -218,23 +223,29 @@ class ResponsesRoute:
             # on any host; it goes on at its instance when its stream ends early)
             background = body.get("background") is True and turn.stored
             hide = partial(without_address, upstream=provider)
-            if explicit or background:
-                observer = _Relinked(turn.previous_id if explicit else None, turn if background else None, hide)
+            if explicit or turn.stored:
+                observer = _Relinked(turn.previous_id if explicit else None, turn if turn.stored else None, hide,
+                                     background)
             else:
                 observer = ResponsesStreamObserver(hide)
             # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
             call = UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
                                 transform=partial(_streamed, observer), prefer=prefer, affinity=affinity)
+            left = None  # whether the client left, once the stream is over; None: it failed before it began
             try:
                 result = await self._exchange.relay(request, ctx, provider, call)
                 if result is not None:
                     request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
+                left = False
                 return result
+            except CancelledError:
+                left = True
+                raise
             finally:  # (the client left, the stream broke: a background response kept as it began is watched)
                 if background:
                     turn.ended(observer.response)
                 else:
-                    turn.keep(observer.response)
+                    turn.keep(_final(observer.response, getattr(observer, "started", None), left, observer.error))
         transform = turn.keep_body if turn.stored else None
         if explicit:
             transform = partial(relink, turn.previous_id, transform)
@@ -612,26 +623,31 @@ class _Turn:
 
 class _Relinked(ResponsesStreamObserver):
     """A native Responses stream for a conversation sent explicitly, relayed naming the response it follows
-    (L{relink}), and its final response object, kept, too; or (and) one of a background response, whose first
-    response object is kept at once (L{_Turn.begin}): its instance goes on making it when its stream ends early.
+    (L{relink}), and its final response object, kept, too; or (and) one of a stored response, whose first response
+    object is noted (kept where the stream ends before it: L{_final}), and kept at once for a background one
+    (L{_Turn.begin}): its instance goes on making it when its stream ends early.
 
     @ivar started: the response object of the stream's first event that carries one (C{response.created}),
-        or None (none yet, or not a background response's stream).
+        or None (none yet, or not a stored response's stream): what a stream that ends before its final one
+        keeps (L{_final}).
     @ivar usage: as L{ResponsesStreamObserver}'s; a background response's is C{{}} from its first event until its
         final one (one ended early is charged by its watch: see L{_Turn.ended}).
     """
 
     started = None
 
-    def __init__(self, previous_id, turn=None, hide=None):
+    def __init__(self, previous_id, turn=None, hide=None, background=False):
         """
         @param previous_id: the response it follows, or None: not sent explicitly (nothing to relink).
-        @param turn: the L{_Turn} of a background response's stream (its first response object is kept), or None.
+        @param turn: the L{_Turn} of a stored response's stream (its first response object is noted: L{started}),
+            or None.
         @param hide: as L{ResponsesStreamObserver}'s.
+        @param background: it is a background response's stream (its first response object is kept at once).
         """
         super().__init__(hide)
         self._previous_id = previous_id
         self._turn = turn
+        self._background = background
 
     def feed(self, data: bytes) -> bytes:
         out = super().feed(data)
@@ -639,7 +655,7 @@ class _Relinked(ResponsesStreamObserver):
             out = relink(self._previous_id, None, out)
         if self._turn is not None and self.started is None and out:
             self.started = _first_response(out)
-            if self.started is not None:
+            if self.started is not None and self._background:
                 self._turn.begin(self.started)
                 if self.usage is None:  # (what it makes is charged by its final event, read with its first
                     self.usage = {}  # or later, or by its watch once over where its stream ends early: never an
@@ -652,6 +668,15 @@ class _Relinked(ResponsesStreamObserver):
                 and self.response.get("previous_response_id") is None):
             self.response["previous_response_id"] = self._previous_id
         return ended
+
+
+def _final(response, started, left, error=None):
+    """What a stored stream's response is kept as: its final C{response}, or, where its stream ended before it
+    (C{left}: the client left; false: it broke, or ended with an in-band C{error}; None: it failed before it
+    began, nothing kept), the response it C{started} as (or None) L{cut_short}."""
+    if response is not None or started is None or left is None:
+        return response
+    return cut_short(started, left, error)
 
 
 def _streamed(observer, answer: bytes) -> bytes:

@@ -353,6 +353,10 @@ class ChatToResponsesStream:
         self._sent = self._sequence
         return b"".join(out)
 
+    def made(self):
+        """The response as far as the stream went (C{in_progress}), or None where it had not begun."""
+        return self._snapshot("in_progress", self.usage) if self._started else None
+
     def whole(self, chat_body: bytes) -> bytes:
         """All the events of the stream, for a whole chat answer (an upstream that answered the stream whole).
 
