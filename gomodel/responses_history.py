@@ -18,10 +18,9 @@ from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.ids import new_id
 from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
+from gomodel.store.codec import MAX_CHAIN
 from gomodel.store.sweeps import claimed
 from gomodel.upstream.errors import error_shown
-
-MAX_CHAIN = 1000  # turns followed back through previous_response_id
 
 
 def normalise_input(value) -> list:
@@ -205,6 +204,14 @@ async def conversation(store, record) -> list:
             if replayed is not None:
                 items.append(replayed)
     return items
+
+
+async def with_history(store, body, previous) -> dict:
+    """C{body} (a create's, a batch line's) with the conversation up to C{previous} (its stored record) as explicit
+    input (L{conversation}), and no C{previous_response_id}."""
+    explicit = dict(body, input=await conversation(store, previous) + as_list(body.get("input")))
+    explicit.pop("previous_response_id", None)
+    return explicit
 
 
 class ResponseRetention(Repeating):

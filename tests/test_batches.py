@@ -355,6 +355,26 @@ async def test_a_line_continuing_a_response_its_restarted_instance_forgot_sends_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_continuing_a_conversation_whose_earlier_turn_was_deleted_never_sends_that_turn(sdk, gw, fake):
+    """As online: the conversation goes on from the turns after the one deleted, sent explicitly (before: vLLM,
+    which still holds the whole conversation, went on with the deleted turn)."""
+    first = await in_thread(sdk.responses.create, model=MODEL, input="My PIN is 1234.")
+    second = await in_thread(sdk.responses.create, model=MODEL, input="Remember 42.", previous_response_id=first.id)
+    await in_thread(sdk.responses.delete, first.id)
+    lines = [{"custom_id": "next", "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": "What number?", "previous_response_id": second.id}}]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    (out,) = await file_lines(sdk, batch.output_file_id)
+    assert out["response"]["status_code"] == 200 and out["response"]["body"]["previous_response_id"] == second.id
+    sent = [r.body for r in fake.requests if r.path == b"/v1/responses"][-1]
+    assert "previous_response_id" not in sent and "1234" not in json.dumps(sent)
+    assert sent["input"] == [{"role": "user", "content": "Remember 42."}, {"role": "assistant", "content": "héhéhé"},
+                             {"role": "user", "content": "What number?"}]
+    kept = await in_thread(sdk.responses.retrieve, out["response"]["body"]["id"])
+    assert kept.previous_response_id == second.id
+
+
+@pytest_twisted.ensureDeferred
 async def test_lines_whose_drawn_target_went_down_complete_from_the_other_target(reactor, tmp_path):
     """A virtual model's line drawn to a target that has no ready replica by the time it is sent (it went down
     while the line waited for room at its provider) is answered by the other target instead of waiting for the

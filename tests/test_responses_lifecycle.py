@@ -919,3 +919,33 @@ async def test_a_translated_stream_the_client_leaves_is_kept_cancelled_with_what
     finally:
         client.close()
         await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follow_up_of_a_conversation_whose_earlier_turn_was_deleted_never_sends_that_turn_again(reactor):
+    """Deleting a response forgets it: a later turn's follow-up goes on from the turns after it, natively (sent
+    them explicitly, though vLLM still holds the whole conversation) as translated (before: vLLM went on with
+    the deleted turn, the translated conversation without it)."""
+    native = await start_fake(reactor)
+    chat = await start_fake(reactor, responses=False, models=("other",))
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": native.base_url, "VLLM_T_BASE_URL": chat.base_url})
+    client = openai_client(gw)
+    try:
+        for model, fake in ((MODEL, native), ("vllm-t/other", chat)):
+            first = await in_thread(client.responses.create, model=model, input="my name is Ada")
+            second = await in_thread(client.responses.create, model=model, input="my PIN is 1234",
+                                     previous_response_id=first.id)
+            third = await in_thread(client.responses.create, model=model, input="I like tea",
+                                    previous_response_id=second.id)
+            await in_thread(client.responses.delete, second.id)
+            fourth = await in_thread(client.responses.create, model=model, input="what do you know?",
+                                     previous_response_id=third.id)
+            sent = fake.requests[-1].body
+            said = sent["input"] if model == MODEL else sent["messages"]
+            assert "previous_response_id" not in sent
+            assert said == [{"role": "user", "content": "I like tea"}, {"role": "assistant", "content": "héhéhé"},
+                            {"role": "user", "content": "what do you know?"}], model
+            assert fourth.previous_response_id == third.id
+    finally:
+        client.close()
+        await stop_all(gw, native, chat)

@@ -43,6 +43,21 @@ async def test_a_deleted_response_is_remembered_until_the_retention_sweeps_past_
 
 
 @pytest_twisted.ensureDeferred
+async def test_whether_a_response_follows_one_deleted_is_found_back_through_its_whole_chain(store):
+    responses = store.responses
+    for n in range(1, 5):  # resp_1 <- resp_2 <- resp_3 <- resp_4
+        await responses.put(record(id=f"resp_{n}", previous_response_id=f"resp_{n - 1}" if n > 1 else None))
+    await responses.put(record(id="resp_x", previous_response_id="resp_made_upstream"))  # (never stored here)
+    assert [await responses.follows_deleted(f"resp_{n}") for n in range(1, 5)] == [False] * 4
+    assert await responses.follows_deleted("resp_x") is False
+    assert await responses.follows_deleted("resp_nobody") is False
+    assert await responses.delete("resp_2") is True
+    assert [await responses.follows_deleted(f"resp_{n}") for n in (1, 3, 4)] == [False, True, True]
+    await responses.put(record(id="resp_loop", previous_response_id="resp_loop"))  # (ends: no walk for ever)
+    assert await responses.follows_deleted("resp_loop") is False
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_update_replaces_a_stored_response_and_never_stores_a_deleted_one_again(store):
     responses = store.responses
     await responses.put(record(tenant="key:a", replica=1))

@@ -25,8 +25,8 @@ from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_lim
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (as_list, continued, conversation, cut_short, error_hidden, error_shown,
-                                      normalise_input, relink, unknown_previous, unknown_response)
+from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, normalise_input, relink,
+                                      unknown_previous, unknown_response, with_history)
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.translate.whole_response import response_events
@@ -132,8 +132,11 @@ class ResponsesRoute:
         turn = _Turn(self, ctx, body, provider, previous)
         if self._no_native.get(provider.name, 0) <= self._clock.seconds():
             try:
-                if previous is not None and previous["provider"] != provider.name:  # (vLLM keeps a response in the
-                    explicit = await self._with_history(body, previous)  # memory of the instance that made it)
+                # (vLLM keeps a response in the memory of the instance that made it, with the turns before it:
+                # a conversation one of whose turns was deleted goes on from the turns after it, as translated)
+                if previous is not None and (previous["provider"] != provider.name
+                                             or await self._store.follows_deleted(previous["id"])):
+                    explicit = await with_history(self._store, body, previous)
                     return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity, True)
                 return await self._native(request, ctx, provider, body, stream, turn, prefer, affinity)
             except _NotKnownUpstream:
@@ -141,7 +144,7 @@ class ResponsesRoute:
                     previous = await self._previous(body, ctx.principal)
                     if previous is None:
                         raise unknown_previous(body["previous_response_id"]) from None
-                explicit = await self._with_history(body, previous)
+                explicit = await with_history(self._store, body, previous)
                 self.log.info("provider {provider} no longer knows response {id}; sending the stored "
                               "conversation instead", provider=provider.name, id=previous["id"])
                 return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity, True)
@@ -151,7 +154,7 @@ class ResponsesRoute:
                               provider=provider.name)
         echo = dict(body, store=turn.stored, previous_response_id=turn.previous_id)
         if previous is not None:
-            body = await self._with_history(body, previous)
+            body = await with_history(self._store, body, previous)
         chat = jsonutil.dumps(request_to_chat(body))
         if stream:
             observer = ChatToResponsesStream(echo, self._clock, partial(without_address, upstream=provider))
@@ -193,7 +196,7 @@ class ResponsesRoute:
                 f"input_tokens is not available for '{body['model']}': its provider '{first.provider.name}' "
                 f"({first.provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
         if previous is not None:
-            body = await self._with_history(body, previous)
+            body = await with_history(self._store, body, previous)
         chat = request_to_chat(body)
         tokenize = {"model": first.upstream_model, "messages": chat["messages"], "add_generation_prompt": True}
         if chat.get("tools"):
@@ -202,16 +205,10 @@ class ResponsesRoute:
                             transform=_input_tokens)
         return await self._exchange.relay(request, ctx, first.provider, call)
 
-    async def _with_history(self, body, previous):
-        """C{body} with the stored conversation up to C{previous} as explicit input, and no previous_response_id."""
-        explicit = dict(body, input=await conversation(self._store, previous) + as_list(body.get("input")))
-        del explicit["previous_response_id"]
-        return explicit
-
     async def _native(self, request, ctx, provider, body, stream, turn, prefer, affinity, explicit=False):
         """Create the response at C{provider}'s C{/responses}; see L{Exchange.relay} for what this returns.
 
-        @param explicit: C{body} carries the stored conversation (L{_with_history}): the answer names the
+        @param explicit: C{body} carries the stored conversation (L{with_history}): the answer names the
             response it follows (C{turn.previous_id}) where the upstream's, sent none, says null.
         """
         async def vet(upstream):

@@ -68,8 +68,8 @@ from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.proxy.sse import StreamIncomplete
-from gomodel.responses_history import (as_list, continued, conversation, error_hidden, names_previous,
-                                      normalise_input, relink, unknown_previous)
+from gomodel.responses_history import (continued, error_hidden, names_previous, normalise_input, relink,
+                                      unknown_previous, with_history)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
 
@@ -504,18 +504,22 @@ class BatchRunner(Service):
         try:
             payload = jsonutil.loads(body)
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
-            prefer = unheld = again = None
+            prefer = unheld = again = answer = None  # answer: what makes a successful answer the line's (None:
+            sending = payload  # it is, as it came); sending: the line's body as it goes upstream
             if path == "/responses" and payload.get("previous_response_id") is not None:
                 previous = await self._previous(payload, job.principal)
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
-                if previous is not None:  # to that instance and replica, as online (where the key may use it)
+                if previous is not None and await self._responses.follows_deleted(previous["id"]):
+                    # (a turn deleted: it goes on from the turns after it, explicitly, as online)
+                    sending = await with_history(self._responses, payload, previous)
+                    answer = partial(_relinked, payload["previous_response_id"])
+                elif previous is not None:  # to that instance and replica, as online (where the key may use it)
                     route = held(self._registry, route, previous, job.principal)
                     prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
                     # (an instance that no longer holds it, restarted: sent the conversation explicitly, as online)
                     again = partial(self._explicitly, payload, previous, route, job.principal)
                 else:  # (a master key's id the gateway does not hold: the upstream's 404 for it is OpenAI's 400)
                     unheld = payload["previous_response_id"]
-            answer = None  # what makes a successful answer the line's (None: it is, as it came)
             if path == "/messages" and self._messages is not None:  # natively, or translated to chat
                 again = partial(self._translated, payload, route, fallbacks, job.principal)
                 sent, first, fallbacks, rebody, answer = self._messages.plan(
@@ -523,7 +527,7 @@ class BatchRunner(Service):
                 if sent != "/messages":
                     again = None  # (translated already)
             else:
-                sent, rebody = path, partial(self._body_for, job.principal, payload)
+                sent, rebody = path, partial(self._body_for, job.principal, sending)
                 first = rebody(route.upstream_model, route.provider)
         except StorageUnavailable:
             raise  # the line stays pending: the job backs off
@@ -707,8 +711,7 @@ class BatchRunner(Service):
         previous_id = payload["previous_response_id"]
         if outcome.status != 404 or not names_previous(outcome.body, previous_id):
             return None
-        body = dict(payload, input=await conversation(self._responses, previous) + as_list(payload.get("input")))
-        del body["previous_response_id"]
+        body = await with_history(self._responses, payload, previous)
         call = UpstreamCall("/responses", self._body_for(principal, body, route.upstream_model, route.provider),
                             model=route.upstream_model)
         return call, partial(_relinked, previous_id)

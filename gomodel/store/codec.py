@@ -22,6 +22,20 @@ def response_upsert(mark: str) -> str:
     return f"{RESPONSE_INSERT} ({', '.join([mark] * 9)}) {RESPONSE_CONFLICT}"
 
 
+MAX_CHAIN = 1000  # turns followed back through previous_response_id
+
+
+def follows_deleted_query(mark: str) -> str:
+    """The query finding whether a response (its id as C{mark}, the driver's placeholder) follows, through
+    C{previous_response_id} back to the first turn (at most L{MAX_CHAIN}), one deleted (C{deleted_responses}):
+    a row where it does, none where not."""
+    return ("WITH RECURSIVE chain (previous, depth) AS ("
+            f"SELECT previous_response_id, 1 FROM responses WHERE id = {mark} "
+            "UNION ALL SELECT r.previous_response_id, c.depth + 1 FROM chain c JOIN responses r ON r.id = c.previous "
+            f"WHERE c.depth < {MAX_CHAIN}) "
+            "SELECT 1 FROM chain c JOIN deleted_responses d ON d.id = c.previous LIMIT 1")
+
+
 def encode_record(record: dict, columns, json_columns) -> dict:
     """The column values of C{record} (a dict of some of C{columns}), JSON columns as text.
 

@@ -310,6 +310,11 @@ class IResponseStore(Interface):
         """@return: a Deferred firing with whether C{response_id} was deleted through L{delete} (and not
             swept since: L{delete_before})."""
 
+    def follows_deleted(response_id):
+        """@return: a Deferred firing with whether C{response_id} follows, through C{previous_response_id} back
+            to the first turn, a response deleted through L{delete} (its upstream may still hold it, and the
+            turns after it with it)."""
+
     def delete_before(created_at):
         """Delete responses created before C{created_at} (seconds), and the memory of those deleted before it.
 

@@ -23,13 +23,14 @@ from zope.interface import implementer
 from gomodel import jsonutil
 from gomodel.errors import StorageUnavailable
 from gomodel.logs import FailureStreak
-from gomodel.store.codec import RESPONSE_COLUMNS, response_row, response_upsert
+from gomodel.store.codec import RESPONSE_COLUMNS, follows_deleted_query, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
 MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
 _PUT = response_upsert("%s")
 _UPDATE = "UPDATE responses SET status = %s, response = %s WHERE id = %s"
+_FOLLOWS_DELETED = follows_deleted_query("%s")
 
 
 @implementer(IResponseStore)
@@ -168,6 +169,9 @@ class PostgreSQLResponseStore:
     def deleted(self, response_id):
         return self._after_keeps(lambda conn: conn.execute("SELECT 1 FROM deleted_responses WHERE id = %s",
                                                            (response_id,)).fetchone() is not None)
+
+    def follows_deleted(self, response_id):
+        return self._after_keeps(lambda conn: conn.execute(_FOLLOWS_DELETED, (response_id,)).fetchone() is not None)
 
     def delete_before(self, created_at):
         return self._after_keeps(self._delete_before, created_at)

@@ -7,7 +7,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel import jsonutil
-from gomodel.store.codec import RESPONSE_COLUMNS, RESPONSE_CONFLICT, RESPONSE_INSERT, response_row, response_upsert
+from gomodel.store.codec import (RESPONSE_COLUMNS, RESPONSE_CONFLICT, RESPONSE_INSERT, follows_deleted_query,
+                                 response_row, response_upsert)
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
@@ -17,6 +18,7 @@ from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 # machine, and a client continuing it at once got 400 previous_response_not_found).
 MISS_GRACE = (0.025, 0.05, 0.1, 0.2)
 _PUT = response_upsert("?")
+_FOLLOWS_DELETED = follows_deleted_query("?")
 
 
 @implementer(IResponseStore)
@@ -149,6 +151,12 @@ class SQLiteResponseStore:
     def _deleted(self, response_id):
         return self._db.conn().execute("SELECT 1 FROM deleted_responses WHERE id = ?",
                                        (response_id,)).fetchone() is not None
+
+    def follows_deleted(self, response_id):
+        return self._after_writes(self._follows_deleted, response_id)
+
+    def _follows_deleted(self, response_id):
+        return self._db.conn().execute(_FOLLOWS_DELETED, (response_id,)).fetchone() is not None
 
     def delete_before(self, created_at):
         return self._after_writes(self._delete_before, created_at)
