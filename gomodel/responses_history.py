@@ -187,16 +187,17 @@ def as_list(value) -> list:
 async def conversation(store, record) -> list:
     """The whole conversation up to and including C{record}'s output, as explicit input items.
 
-    Follows C{previous_response_id} back through C{store} (an L{IResponseStore}) (a turn whose
-    record is gone ends the walk).
+    Follows C{previous_response_id} back through C{store} (an L{IResponseStore}), in one read
+    (L{gomodel.store.interfaces.IResponseStore.chain}: a turn whose record is gone ends it).
     """
-    turns = []
-    seen = set()
-    while record is not None and record["id"] not in seen and len(turns) < MAX_CHAIN:
-        seen.add(record["id"])
-        turns.append(record)
-        previous = record.get("previous_response_id")
-        record = await store.get(previous) if previous else None
+    turns = [record]
+    if record.get("previous_response_id"):
+        seen = {record["id"]}
+        for turn in await store.chain(record["id"]):
+            if turn["id"] in seen or len(turns) >= MAX_CHAIN:
+                break
+            seen.add(turn["id"])
+            turns.append(turn)
     items = []
     for turn in reversed(turns):
         for item in turn["input_items"] + (turn["response"].get("output") or []):

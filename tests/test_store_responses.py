@@ -58,6 +58,23 @@ async def test_whether_a_response_follows_one_deleted_is_found_back_through_its_
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_turns_a_response_follows_are_read_at_once_nearest_first_up_to_a_turn_not_stored(store):
+    """One read for a whole conversation (before: one per turn, and a turn not stored looked for again for up to
+    MISS_GRACE as if it were being written)."""
+    responses = store.responses
+    for n in range(1, 6):  # resp_1 <- ... <- resp_5; resp_1 follows one made upstream
+        await responses.put(record(id=f"resp_{n}", previous_response_id=f"resp_{n - 1}" if n > 1 else "resp_up",
+                                   input_items=[{"type": "message", "role": "user", "content": f"t{n}"}]))
+    chain = await responses.chain("resp_5")
+    assert [r["id"] for r in chain] == ["resp_4", "resp_3", "resp_2", "resp_1"]
+    assert chain[0]["input_items"][0]["content"] == "t4" and chain[0]["response"] == {"id": "resp_1",
+                                                                                         "status": "queued"}
+    assert await responses.chain("resp_1") == [] and await responses.chain("resp_nobody") == []
+    await responses.delete("resp_2")
+    assert [r["id"] for r in await responses.chain("resp_5")] == ["resp_4", "resp_3"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_update_replaces_a_stored_response_and_never_stores_a_deleted_one_again(store):
     responses = store.responses
     await responses.put(record(tenant="key:a", replica=1))

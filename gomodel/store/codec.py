@@ -25,15 +25,26 @@ def response_upsert(mark: str) -> str:
 MAX_CHAIN = 1000  # turns followed back through previous_response_id
 
 
-def follows_deleted_query(mark: str) -> str:
-    """The query finding whether a response (its id as C{mark}, the driver's placeholder) follows, through
-    C{previous_response_id} back to the first turn (at most L{MAX_CHAIN}), one deleted (C{deleted_responses}):
-    a row where it does, none where not."""
-    return ("WITH RECURSIVE chain (previous, depth) AS ("
+def _chain(mark: str) -> str:
+    """The C{chain (id, depth)} of the ids a response (its id as C{mark}, the driver's placeholder) follows, through
+    C{previous_response_id}, nearest first (depth 1), back to the first turn or one not stored (its id the last),
+    at most L{MAX_CHAIN}."""
+    return ("WITH RECURSIVE chain (id, depth) AS ("
             f"SELECT previous_response_id, 1 FROM responses WHERE id = {mark} "
-            "UNION ALL SELECT r.previous_response_id, c.depth + 1 FROM chain c JOIN responses r ON r.id = c.previous "
-            f"WHERE c.depth < {MAX_CHAIN}) "
-            "SELECT 1 FROM chain c JOIN deleted_responses d ON d.id = c.previous LIMIT 1")
+            "UNION ALL SELECT r.previous_response_id, c.depth + 1 FROM chain c JOIN responses r ON r.id = c.id "
+            f"WHERE c.depth < {MAX_CHAIN}) ")
+
+
+def chain_query(mark: str) -> str:
+    """The query reading the stored responses a response follows, nearest first (L{_chain})."""
+    columns = ", ".join(f"r.{column.strip()}" for column in RESPONSE_COLUMNS.split(","))
+    return _chain(mark) + f"SELECT {columns} FROM chain c JOIN responses r ON r.id = c.id ORDER BY c.depth"
+
+
+def follows_deleted_query(mark: str) -> str:
+    """The query finding whether a response follows one deleted (C{deleted_responses}), L{_chain}: a row where
+    it does, none where not."""
+    return _chain(mark) + "SELECT 1 FROM chain c JOIN deleted_responses d ON d.id = c.id LIMIT 1"
 
 
 def encode_record(record: dict, columns, json_columns) -> dict:

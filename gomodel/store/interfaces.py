@@ -310,6 +310,11 @@ class IResponseStore(Interface):
         """@return: a Deferred firing with whether C{response_id} was deleted through L{delete} (and not
             swept since: L{delete_before})."""
 
+    def chain(response_id):
+        """@return: a Deferred firing with the stored responses C{response_id} follows, through
+            C{previous_response_id}, nearest first, back to the first turn or up to one not stored (deleted,
+            swept, made upstream), at most C{MAX_CHAIN}: one read for a whole conversation."""
+
     def follows_deleted(response_id):
         """@return: a Deferred firing with whether C{response_id} follows, through C{previous_response_id} back
             to the first turn, a response deleted through L{delete} (its upstream may still hold it, and the

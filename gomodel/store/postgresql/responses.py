@@ -23,7 +23,7 @@ from zope.interface import implementer
 from gomodel import jsonutil
 from gomodel.errors import StorageUnavailable
 from gomodel.logs import FailureStreak
-from gomodel.store.codec import RESPONSE_COLUMNS, follows_deleted_query, response_row, response_upsert
+from gomodel.store.codec import RESPONSE_COLUMNS, chain_query, follows_deleted_query, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
@@ -31,6 +31,7 @@ MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked
 _PUT = response_upsert("%s")
 _UPDATE = "UPDATE responses SET status = %s, response = %s WHERE id = %s"
 _FOLLOWS_DELETED = follows_deleted_query("%s")
+_CHAIN = chain_query("%s")
 
 
 @implementer(IResponseStore)
@@ -144,11 +145,14 @@ class PostgreSQLResponseStore:
     def _get(conn, response_id):
         record = conn.cursor(row_factory=dict_row).execute(
             f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = %s", (response_id,)).fetchone()
-        if record is None:
-            return None
-        record["input_items"] = json.loads(record["input_items"])
-        record["response"] = json.loads(record["response"])
-        return record
+        return None if record is None else _decoded(record)
+
+    def chain(self, response_id):
+        return self._after_keeps(self._chain, response_id)
+
+    @staticmethod
+    def _chain(conn, response_id):
+        return [_decoded(record) for record in conn.cursor(row_factory=dict_row).execute(_CHAIN, (response_id,))]
 
     def update(self, response_id, status, response):
         text = jsonutil.dumps(response).decode("utf-8")
@@ -181,3 +185,10 @@ class PostgreSQLResponseStore:
         with conn.transaction():
             conn.execute("DELETE FROM deleted_responses WHERE deleted_at < %s", (created_at,))
             return conn.execute("DELETE FROM responses WHERE created_at < %s", (created_at,)).rowcount
+
+
+def _decoded(record) -> dict:
+    """C{record}, a C{responses} row as a dict, with its JSON columns decoded."""
+    record["input_items"] = json.loads(record["input_items"])
+    record["response"] = json.loads(record["response"])
+    return record

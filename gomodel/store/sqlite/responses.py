@@ -7,8 +7,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gomodel import jsonutil
-from gomodel.store.codec import (RESPONSE_COLUMNS, RESPONSE_CONFLICT, RESPONSE_INSERT, follows_deleted_query,
-                                 response_row, response_upsert)
+from gomodel.store.codec import (RESPONSE_COLUMNS, RESPONSE_CONFLICT, RESPONSE_INSERT, chain_query,
+                                 follows_deleted_query, response_row, response_upsert)
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 
@@ -19,6 +19,7 @@ from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
 MISS_GRACE = (0.025, 0.05, 0.1, 0.2)
 _PUT = response_upsert("?")
 _FOLLOWS_DELETED = follows_deleted_query("?")
+_CHAIN = chain_query("?")
 
 
 @implementer(IResponseStore)
@@ -120,12 +121,13 @@ class SQLiteResponseStore:
     def _get(self, response_id):
         row = self._db.conn().execute(f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?",
                                       (response_id,)).fetchone()
-        if row is None:
-            return None
-        record = dict(row)
-        record["input_items"] = json.loads(record["input_items"])
-        record["response"] = json.loads(record["response"])
-        return record
+        return None if row is None else _record(row)
+
+    def chain(self, response_id):
+        return self._after_writes(self._chain, response_id)
+
+    def _chain(self, response_id):
+        return [_record(row) for row in self._db.conn().execute(_CHAIN, (response_id,)).fetchall()]
 
     def update(self, response_id, status, response):
         return self._after_writes(self._update, response_id, status, jsonutil.dumps(response).decode("utf-8"))
@@ -165,3 +167,11 @@ class SQLiteResponseStore:
         with self._db.transaction() as conn:
             conn.execute("DELETE FROM deleted_responses WHERE deleted_at < ?", (created_at,))
             return conn.execute("DELETE FROM responses WHERE created_at < ?", (created_at,)).rowcount
+
+
+def _record(row) -> dict:
+    """The stored response of a C{responses} row."""
+    record = dict(row)
+    record["input_items"] = json.loads(record["input_items"])
+    record["response"] = json.loads(record["response"])
+    return record
