@@ -165,11 +165,12 @@ class ResponsesRoute:
                     prefer=prefer, affinity=affinity))
             except CancelledError:
                 if turn.stored:
-                    turn.keep(_final(None, observer.made(), True))
+                    turn.keep(_final(None, observer.made, True))
                 raise
             if result is not None:
                 request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
-            turn.keep(_final(observer.response, observer.made() if turn.stored else None, False))
+            if turn.stored:
+                turn.keep(_final(observer.response, observer.made, False))
             return result
         now = int(self._clock.seconds())
         # (a stream nobody asked for, from an upstream that streams anyway, is gathered into one chat
@@ -241,8 +242,8 @@ class ResponsesRoute:
             finally:  # (the client left, the stream broke: a background response kept as it began is watched)
                 if background:
                     turn.ended(observer.response)
-                else:
-                    turn.keep(_final(observer.response, getattr(observer, "started", None), left, observer.error))
+                elif turn.stored:
+                    turn.keep(_final(observer.response, observer.began, left, observer.error))
         transform = turn.keep_body if turn.stored else None
         if explicit:
             transform = partial(relink, turn.previous_id, transform)
@@ -624,19 +625,19 @@ class _Relinked(ResponsesStreamObserver):
     object is noted (kept where the stream ends before it: L{_final}), and kept at once for a background one
     (L{_Turn.begin}): its instance goes on making it when its stream ends early.
 
-    @ivar started: the response object of the stream's first event that carries one (C{response.created}),
-        or None (none yet, or not a stored response's stream): what a stream that ends before its final one
-        keeps (L{_final}).
+    @ivar started: the response object of a background response stream's first event that carries one
+        (C{response.created}), or None (none yet; another stream's is read only where needed: L{began}).
     @ivar usage: as L{ResponsesStreamObserver}'s; a background response's is C{{}} from its first event until its
         final one (one ended early is charged by its watch: see L{_Turn.ended}).
     """
 
     started = None
+    _opening = None  # the first events of a stored stream not in the background (L{began})
 
     def __init__(self, previous_id, turn=None, hide=None, background=False):
         """
         @param previous_id: the response it follows, or None: not sent explicitly (nothing to relink).
-        @param turn: the L{_Turn} of a stored response's stream (its first response object is noted: L{started}),
+        @param turn: the L{_Turn} of a stored response's stream (its first response object is kept: L{began}),
             or None.
         @param hide: as L{ResponsesStreamObserver}'s.
         @param background: it is a background response's stream (its first response object is kept at once).
@@ -651,13 +652,25 @@ class _Relinked(ResponsesStreamObserver):
         if self._previous_id is not None:
             out = relink(self._previous_id, None, out)
         if self._turn is not None and self.started is None and out:
+            if not self._background:  # (its first events, read only where the stream ends before its end)
+                if self._opening is None:
+                    self._opening = out
+                return out
             self.started = _first_response(out)
-            if self.started is not None and self._background:
+            if self.started is not None:
                 self._turn.begin(self.started)
                 if self.usage is None:  # (what it makes is charged by its final event, read with its first
                     self.usage = {}  # or later, or by its watch once over where its stream ends early: never an
                     # estimate of its prompt as well, L{gomodel.proxy.exchange._note_usage})
         return out
+
+    def began(self):
+        """The response object of the stream's first event that carries one (C{response.created}; naming the
+        response it follows), or None: what a stream that ends before its final event keeps (L{_final})."""
+        if self.started is None and self._opening is not None:
+            self.started = _first_response(self._opening)
+            self._opening = None
+        return self.started
 
     def _observe(self, event) -> bool:
         ended = super()._observe(event)
@@ -667,13 +680,14 @@ class _Relinked(ResponsesStreamObserver):
         return ended
 
 
-def _final(response, started, left, error=None):
+def _final(response, began, left, error=None):
     """What a stored stream's response is kept as: its final C{response}, or, where its stream ended before it
     (C{left}: the client left; false: it broke, or ended with an in-band C{error}; None: it failed before it
-    began, nothing kept), the response it C{started} as (or None) L{cut_short}."""
-    if response is not None or started is None or left is None:
+    began, nothing kept), the response it began as (C{began()}, or None: nothing kept) L{cut_short}."""
+    if response is not None or left is None:
         return response
-    return cut_short(started, left, error)
+    started = began()
+    return None if started is None else cut_short(started, left, error)
 
 
 def _streamed(observer, answer: bytes) -> bytes:
