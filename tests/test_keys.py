@@ -1105,6 +1105,50 @@ async def test_a_messages_request_with_a_priority_reaches_a_priority_scheduling_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_key_without_a_priority_cannot_outrank_the_default(http, mixed):
+    """A managed key the operator gave no priority runs at vLLM's default, 0 (lower is sooner): its client may
+    lower its requests' priority (X-Request-Priority, the body's own C{priority}) but not raise it past 0; before,
+    X-Request-Priority: -100 or a body's C{"priority": -100} put its requests ahead of every key the operator
+    gave a priority, on chat, Responses, batch lines and the passthrough. The master key's pass as given."""
+    gw, vllm, other = await mixed({"VLLM_PRIORITY_SCHEDULING": "true"})
+    client, master = openai_client(gw, (await new_key(http, gw))["value"]), openai_client(gw, MASTER)
+
+    def sent(path=b"/v1/chat/completions"):
+        return [r for r in vllm.requests if r.path == path][-1].body
+
+    try:
+        await chat(client, extra_headers={"X-Request-Priority": "-100"})
+        assert sent()["priority"] == 0
+        await chat(client, extra_body={"priority": -100})
+        assert sent()["priority"] == 0
+        await chat(client, extra_body={"priority": -100}, extra_headers={"X-Request-Priority": "7"})
+        assert sent()["priority"] == 7  # (lowered: taken as asked)
+        await chat(client, extra_body={"priority": 9})
+        assert sent()["priority"] == 9
+        await chat(client)
+        assert "priority" not in sent()
+        with pytest.raises(openai.BadRequestError) as refused:  # (vLLM reads "-100" as -100)
+            await chat(client, extra_body={"priority": "-100"})
+        assert refused.value.code == "invalid_priority" and refused.value.param == "priority"
+        await in_thread(client.responses.create, model=MODEL, input="hi", extra_body={"priority": -3})
+        assert sent(b"/v1/responses")["priority"] == 0
+        await one_line_batch(gw, client, "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}], "priority": -50})
+        assert sent()["priority"] == 0
+        await in_thread(client.post, f"{gw.url}/p/vllm/v1/chat/completions", cast_to=object, body={
+            "model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
+            "priority": -100})
+        assert sent()["priority"] == 0
+        await chat(master, extra_headers={"X-Request-Priority": "-100"})
+        assert sent()["priority"] == -100
+        await chat(master, extra_body={"priority": -100})
+        assert sent()["priority"] == -100
+    finally:
+        client.close()
+        master.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_bad_priority_header_is_refused_whichever_target_answers(mixed):
     """A malformed X-Request-Priority is refused when a fallback would take it, also while the first target
     (which does not) is up: before, the answer was 200 or 400 depending on the first target's health."""

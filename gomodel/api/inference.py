@@ -23,6 +23,7 @@ from gomodel.upstream.errors import without_address
 ROOT_POOLING = ("rerank", "v2/rerank", "score", "classify", "pooling", "v2/embed")
 
 PRIORITY_MIN, PRIORITY_MAX = -2**31, 2**31 - 1  # X-Request-Priority's range: a managed key's priority's
+DEFAULT_PRIORITY = 0  # vLLM's (lower is sooner): a managed key given no priority runs at it or later
 
 
 class InferenceRoutes:
@@ -193,23 +194,25 @@ class InferenceRoutes:
 
     @staticmethod
     def prioritise(request, ctx, upstream, body):
-        """The key's C{priority}, else C{X-Request-Priority}, becomes vLLM's C{priority} where the
-        provider schedules by priority.
+        """The key's C{priority}, else C{X-Request-Priority}, else the body's own, becomes vLLM's C{priority}
+        where the provider schedules by priority (L{key_priority}: a managed key without one is held at
+        L{DEFAULT_PRIORITY} or later).
 
         vLLM honours C{priority} only when started with C{--scheduling-policy
         priority} (the provider's C{priority_scheduling: true}); elsewhere both
         are ignored and a body's own C{priority} passes untouched. A managed key
         with a priority cannot be given another by its client.
+
+        @raise InvalidRequest: see L{header_priority} and L{key_priority}.
         """
         if not upstream.priority_scheduling:
             return
         principal = ctx.principal
-        if principal is not None and principal.priority is not None:
-            body["priority"] = principal.priority
-            return
-        priority = header_priority(request)
-        if priority is not None:
-            body["priority"] = priority
+        if principal is None or principal.priority is None:
+            priority = header_priority(request)
+            if priority is not None:
+                body["priority"] = priority
+        key_priority(principal, body)
 
 
 def _reformed(form, stream, model, provider) -> bytes:
@@ -256,6 +259,28 @@ def header_priority(request):
         raise InvalidRequest(f"X-Request-Priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}.",
                              param="X-Request-Priority", code="invalid_priority")
     return priority
+
+
+def key_priority(principal, body):
+    """Set on C{body} (a request's, for a provider that schedules by priority) the C{priority} that
+    C{principal} allows: a managed key's own; else, for a managed key, the body's own no sooner than
+    L{DEFAULT_PRIORITY} (a key the operator gave no priority may lower its requests', never put them ahead of
+    the keys given one); the master key's and an open gateway's as the body has it.
+
+    @raise InvalidRequest: a managed key's body has a C{priority} that is no integer (C{invalid_priority}).
+    """
+    if principal is None or principal.master:
+        return
+    if principal.priority is not None:
+        body["priority"] = principal.priority
+        return
+    asked = body.get("priority")
+    if asked is None:
+        return
+    if asked.__class__ is not int:  # (vLLM reads "-5" as -5)
+        raise InvalidRequest("'priority' must be an integer.", param="priority", code="invalid_priority")
+    if asked < DEFAULT_PRIORITY:
+        body["priority"] = DEFAULT_PRIORITY
 
 
 def vet_priority(request, ctx, routes) -> bool:

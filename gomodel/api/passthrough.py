@@ -15,6 +15,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, ur
 
 from gomodel import errors, jsonutil
 from gomodel._twistedcompat import header_name, plain_headers
+from gomodel.api.inference import key_priority
 from gomodel.api.uploads import Form
 from gomodel.auth.keys import presented_key
 from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES, visible
@@ -199,11 +200,13 @@ class Passthrough:
 
     def _keyed(self, body, principal, provider, route):
         """C{body} (raw) with a managed key's C{cache_salt} and C{priority} set as on C{/v1}
-        (L{gomodel.api.inference.target}), where C{route} takes them (on L{PRIORITY_ROUTES}, its priority alone)
-        and C{body} is a JSON object; else as it is.
+        (L{gomodel.api.inference.target}; a key without a priority, the body's no sooner than the default:
+        L{key_priority}), where C{route} takes them (on L{PRIORITY_ROUTES}, its priority alone) and C{body} is a
+        JSON object; else as it is.
 
         @raise InvalidRequest: C{route} takes them and C{body} is no JSON the gateway reads (vLLM's parser reads
-            more: a BOM before it, a NaN, UTF-16), which would reach vLLM without them.
+            more: a BOM before it, a NaN, UTF-16), which would reach vLLM without them; or a C{priority} in it
+            that is no integer (L{key_priority}).
         """
         salted = route in KEYED_ROUTES
         if not salted and route not in PRIORITY_ROUTES:
@@ -214,8 +217,8 @@ class Passthrough:
             raise not_json(body, e) from None
         if fields.__class__ is not dict:
             return body
-        if provider.priority_scheduling and principal.priority is not None and route != "messages":
-            fields["priority"] = principal.priority
+        if provider.priority_scheduling and route != "messages":
+            key_priority(principal, fields)
         if salted and self._salts is not None:
             self._salts.apply(principal, provider, fields)
         return jsonutil.dumps(fields)

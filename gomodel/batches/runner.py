@@ -63,7 +63,7 @@ from gomodel.batches.lines import PAGE_BYTES, Job, error_line, output_line
 from gomodel.batches.validating import validate
 from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy,
                             StorageUnavailable, UpstreamUnreachable, shown)
-from gomodel.api.inference import held, plan_model
+from gomodel.api.inference import held, key_priority, plan_model
 from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
@@ -596,12 +596,13 @@ class BatchRunner(Service):
         """The body of a line (C{payload}, as the client wrote it) for C{model} at C{provider}, with what
         that provider takes of the batch's key: its tenant's C{cache_salt} (every endpoint of a batch takes
         it at vLLM: generation and pooling) and, where it schedules by priority, the key's C{priority} (as
-        online: the key's wins over the line's); never another target's."""
+        online: the key's wins over the line's; a key without one, the line's no sooner than the default:
+        L{key_priority}); never another target's."""
         body = dict(payload, model=model)
         if self._salts is not None:
             self._salts.apply(principal, provider, body)
-        if principal is not None and principal.priority is not None and provider.priority_scheduling:
-            body["priority"] = principal.priority
+        if provider.priority_scheduling:
+            key_priority(principal, body)
         return jsonutil.dumps(body)
 
     async def _previous(self, payload, principal):

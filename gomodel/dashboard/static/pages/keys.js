@@ -176,7 +176,7 @@ export function mount(el) {
       field("User path", userPath, "the team it belongs to; path limits and budgets apply"),
       field("Models", models, "comma-separated selectors; empty: every model"),
       field("Requests / minute", rpm), field("Tokens / minute", tpm), field("Max concurrency", concurrency),
-      field("Priority", priority, "vLLM priority (providers with priority scheduling)"),
+      field("Priority", priority, "vLLM priority, lower is sooner (providers with priority scheduling); empty: 0, which its clients may lower but not raise"),
       field("Expires", expires, "UTC midnight; empty: never"), field("Metadata (JSON)", metadata)),
     h("fieldset", {class: "budgets"}, h("legend", {text: "Budgets"}), budgetRows,
       button("Add budget", () => addBudget(), {kind: "ghost"})),
