@@ -373,6 +373,45 @@ async def test_a_raised_rpm_lets_the_next_request_through_at_once(http, gw):
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_counting_tokens_takes_nothing_of_a_keys_limits_and_budgets(http, gw):
+    """Claude Code counts tokens (C{/v1/messages/count_tokens}) before many of its requests, and a Responses
+    client may ask C{/v1/responses/input_tokens}: a count generates nothing and costs nothing, so it takes
+    nothing of a key's rpm, tpm, concurrency or budgets; before, each count took one of the key's requests a
+    minute (a key of rpm 2 counting twice was refused its message) and a spent budget refused counts."""
+    import anthropic
+
+    key = await new_key(http, gw, rpm=2, tpm=1_000_000)
+    messages = anthropic.Anthropic(base_url=gw.url, api_key=key["value"], max_retries=0, timeout=10)
+    client = openai_client(gw, key["value"])
+    hi = [{"role": "user", "content": "hi"}]
+    try:
+        for _ in range(3):
+            assert (await in_thread(messages.messages.count_tokens, model=MODEL, messages=hi)).input_tokens > 0
+            counted = await in_thread(client.post, "/responses/input_tokens", cast_to=object,
+                                      body={"model": MODEL, "input": "hi"})
+            assert counted["input_tokens"] > 0
+        await chat(client)
+        await chat(client)
+        with pytest.raises(openai.RateLimitError):
+            await chat(client)
+        assert (await in_thread(messages.messages.count_tokens, model=MODEL, messages=hi)).input_tokens > 0
+        spent = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 1}])
+        other = openai_client(gw, spent["value"])
+        try:
+            await chat(other)  # (spends it)
+            with pytest.raises(openai.RateLimitError):
+                await chat(other)
+            counted = await in_thread(other.post, "/responses/input_tokens", cast_to=object,
+                                      body={"model": MODEL, "input": "hi"})
+            assert counted["input_tokens"] > 0
+        finally:
+            other.close()
+    finally:
+        messages.close()
+        client.close()
+
+
 def test_the_key_ring_refuses_a_key_once_it_expires():
     clock = Clock()
     clock.advance(1000)

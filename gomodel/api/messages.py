@@ -240,7 +240,8 @@ class MessagesRoutes:
             self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=whole,
                             vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
-                            fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
+                            fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None,
+                            limited=path == "/messages")  # (a count takes nothing of the limits)
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -313,7 +314,8 @@ class MessagesRoutes:
             return jsonutil.dumps(count_tokens_answer(jsonutil.loads(raw)))
 
         call = UpstreamCall("tokenize", jsonutil.dumps(tokenize), native=True, model=ctx.upstream_model,
-                            transform=answer, fallbacks=fallbacks, rebody=rebody(tokenize) if fallbacks else None)
+                            transform=answer, fallbacks=fallbacks, rebody=rebody(tokenize) if fallbacks else None,
+                            limited=False)
         try:
             return await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:

@@ -203,7 +203,7 @@ class ResponsesRoute:
         if chat.get("tools"):
             tokenize["tools"] = chat["tools"]
         call = UpstreamCall("tokenize", jsonutil.dumps(tokenize), native=True, model=first.upstream_model,
-                            transform=_input_tokens)
+                            transform=_input_tokens, limited=False)
         return await self._exchange.relay(request, ctx, first.provider, call)
 
     async def _native(self, request, ctx, provider, body, stream, turn, prefer, affinity, explicit=False):

@@ -101,16 +101,19 @@ class UpstreamCall:
     @ivar counted: what the request's tokens are estimated from where no usage says them (the limits' reservation,
         a prompt the upstream read before the client left): its C{body}, or a JSON stand-in for one that is no
         text (an audio form's fields without its file).
+    @ivar limited: whether it passes the limits and budgets (the exchange's C{admit}); a token count (Messages'
+        C{count_tokens}, Responses' C{input_tokens}) generates nothing and does not.
     """
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
                  "transform", "raw", "ends", "vet", "model", "affinity", "prefer", "pin", "fallbacks", "rebody",
-                 "counted", "observe")
+                 "counted", "observe", "limited")
 
     def __init__(self, path, body=None, *, method=b"POST", native=False, query=b"", headers=None,
                  content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
                  model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None, counted=None,
-                 observe=None):
+                 observe=None, limited=True):
+        self.limited = limited
         self.method = method
         self.path = path
         self.body = body
@@ -201,7 +204,7 @@ class Exchange:
         try:
             # Once per request: a route that relays again (Messages or Responses translated after
             # the native route was missing) must not take a second slot it would never give back.
-            if self.admit is not None and ctx.admission is None:
+            if self.admit is not None and ctx.admission is None and call.limited:
                 admitting = self.admit(request, ctx, upstream, call)
                 if admitting is not None:
                     await admitting
