@@ -412,6 +412,23 @@ async def test_counting_tokens_takes_nothing_of_a_keys_limits_and_budgets(http, 
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_tools_max_tokens_in_the_history_is_not_the_requests(http, gw):
+    """A key's tpm reserves the body's size / 4 and its own C{max_tokens}: before, the first C{"max_tokens": N}
+    anywhere in the body, so an agent whose history held a tool call with such an input (an "ask another model"
+    tool), sent before the request's own (the openai SDK puts messages first), was refused as larger than its
+    key's tpm (no wait lets it through), or reserved the tool's 16 in place of its own 100000."""
+    key = await new_key(http, gw, tpm=20_000)
+    history = [{"role": "user", "content": "ask the other model"},
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ask",
+                                                  "input": {"prompt": "hi", "max_tokens": 1_000_000}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"}]}]
+    headers = {"x-api-key": key["value"], "content-type": "application/json", "anthropic-version": "2023-06-01"}
+    body = json.dumps({"model": MODEL, "messages": history, "max_tokens": 16}).encode()
+    response = await http.post(gw.url + "/v1/messages", data=body, headers=headers)
+    assert response.code == 200, await treq.content(response)
+
+
 def test_the_key_ring_refuses_a_key_once_it_expires():
     clock = Clock()
     clock.advance(1000)

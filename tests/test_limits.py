@@ -1057,6 +1057,17 @@ def test_what_a_request_reserves_is_its_prompt_bytes_over_four_and_the_output_it
     # another "max_..." field first, or one without a number: the next that has one
     assert requested_tokens(b'{"max_retries":3,"max_tokens":null,"max_completion_tokens":5}') == 5
     assert requested_tokens(b'{"metadata":{"max_":1}}') is None
+    # only the body's own: not one inside a message, a tool's input or a schema, before or after its own
+    nested = b'{"messages":[{"role":"assistant","content":[{"type":"tool_use","input":{"max_tokens":900000}}]}]'
+    assert requested_tokens(nested + b',"max_tokens":16}') == 16
+    assert requested_tokens(nested + b',"max_tokens":16,"tools":[{"input_schema":{}}]}') == 16
+    assert requested_tokens(nested + b'}') is None
+    assert requested_tokens(b'{"max_tokens":16,"response_format":{"examples":[{"max_tokens":9}]}}') == 16
+    assert requested_tokens(b'{"model":"m","max_tokens":16}') == 16  # (read without parsing)
+    assert requested_tokens(b'{"x":{"a":1},"max_tokens":16,"stream":true}') == 16
+    assert requested_tokens(b'{"m":[{}],"max_tokens":16,"stream_options":{"include_usage":true}}') == 16
+    assert requested_tokens(b'{"m":[{"max_tokens":9,"b":{"c":"}"}}],"max_tokens":16}') == 16
+    assert requested_tokens(b'{"m":[{"max_tokens":9,"b":"{"}],"max_tokens":16}') == 16
     body = b'{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hello"}]}'
     assert estimate(body) == len(body) // 4 + 100
     assert estimate(b"") == 0

@@ -6,6 +6,7 @@ import re
 from gomodel import jsonutil
 
 _MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d{1,18})')
+_MAX_FIELDS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens"))
 
 TOKEN_TYPES = ("input", "output", "cached", "reasoning")
 # The most tokens a count may say: no request's count comes near a trillion. A larger one (an upstream's
@@ -110,14 +111,47 @@ class Pricing:
 
 
 def requested_tokens(body):
-    """The output tokens a JSON request C{body} (bytes) asks for at most: the first C{max_tokens},
-    C{max_completion_tokens} or C{max_output_tokens} in it, or None when it sends none. Read
-    without parsing the body."""
+    """The output tokens a JSON request C{body} (bytes) asks for at most: its first C{max_tokens},
+    C{max_completion_tokens} or C{max_output_tokens} (the body's own, not one inside a message, a tool's
+    input or a schema), or None when it sends none. Read without parsing the body where the first such
+    field is the body's own (L{_own}); else parsed (a body that is no JSON object: that field's number)."""
     start = body.find(b'"max_') if body else -1  # most bodies send none: one scan in C, not the regex's
     if start < 0:
         return None
     found = _MAX_TOKENS.search(body, start)
-    return int(found[1]) if found is not None else None
+    if found is None:
+        return None
+    if _own(body, found.start(), found.end()):
+        return int(found[1])
+    try:
+        parsed = jsonutil.loads(body)
+    except (jsonutil.JSONError, ValueError, TypeError):
+        return int(found[1])
+    if parsed.__class__ is not dict:
+        return int(found[1])
+    for name, value in parsed.items():
+        if name in _MAX_FIELDS and value.__class__ is int and 0 <= value < 10**18:
+            return value
+    return None
+
+
+def _own(body, at, end) -> bool:
+    """Whether the field of C{body} from C{at} to C{end} (a key and its number) is surely at the top of the JSON
+    object C{body}: a field at depth d has d more closers than openers after it and d more openers than closers
+    before it (a bracket in a string only adds to the counts), so one C{"}"} and no C{"]"} after it, or one
+    C{"{"} and no C{"["} before it, say so; else what follows it read as an object (the fields after it: one
+    more closer, and no object, past the first level)."""
+    if body.count(b"}", end) == 1 and body.find(b"]", end) < 0 or \
+            body.count(b"{", 0, at) == 1 and body.find(b"[", 0, at) < 0:
+        return True
+    rest = body[end:].lstrip()
+    if rest[:1] != b",":
+        return False
+    try:
+        jsonutil.loads(b"{" + rest[1:])
+    except (jsonutil.JSONError, ValueError, TypeError):
+        return False
+    return True
 
 
 def prompt_estimate(body) -> int:
