@@ -508,7 +508,7 @@ async def test_keys_create_show_once_use_and_deactivate(env):
             row.find_element("xpath", ".//button[text()='Deactivate']").click()
             row.find_element("xpath", ".//button[text()='Cancel']").click()  # (the row's buttons back, all three)
             assert [e.text for e in row.find_elements("css selector", ".row-actions button")] == [
-                "Edit", "Reset budgets", "Deactivate"]
+                "Edit", "Reset budgets", "Rotate secret", "Deactivate"]
             row.find_element("xpath", ".//button[text()='Deactivate']").click()
             row.find_element("xpath", ".//button[text()='Confirm deactivate']").click()
             b.wait_text("#keys-messages", lambda t: "Key deactivated" in t, "the deactivation")
@@ -608,6 +608,43 @@ async def test_a_double_click_on_create_key_makes_one_key(env):
     made = [k for k in (await answer.json())["data"] if k["name"] == "double-clicked"]
     assert [k["redacted_value"][-4:] for k in made] == [secret[-4:]]
     await in_thread(b.assert_clean)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keys_secret_is_rotated_once_confirmed_and_shown_once(env):
+    """Rotate secret (asked twice) gives the key a new secret, shown once as a new key's is; the old one is
+    refused, the new one works, the key stays the one it was."""
+    import openai
+
+    b = env.browser
+    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
+                             json={"name": "to rotate"})
+    key = await answer.json()
+
+    def rotate():
+        b.go("keys")
+        b.driver.refresh()
+        row = f".row-actions[data-key-id='{key['id']}']"
+        b.wait(lambda d: b.all(f"{row} button"), "the key's buttons")
+        b.one(row).find_element("xpath", ".//button[text()='Rotate secret']").click()
+        b.one(row).find_element("xpath", ".//button[text()='Confirm rotate']").click()
+        secret = b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_") and t != key["value"],
+                             "the new secret")
+        assert "to rotate given a new secret" in b.text_of("#key-secret .secret-box p")
+        b.assert_clean()
+        return secret
+
+    secret = await in_thread(rotate)
+    for value, works in ((key["value"], False), (secret, True)):
+        client = _sdk(env, value)
+        try:
+            if works:
+                await in_thread(client.models.list)
+            else:
+                with pytest.raises(openai.AuthenticationError):
+                    await in_thread(client.models.list)
+        finally:
+            client.close()
 
 
 @pytest_twisted.ensureDeferred

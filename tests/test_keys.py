@@ -328,6 +328,48 @@ async def test_a_managed_key_never_reaches_admin_or_metrics(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_rotated_key_keeps_its_id_and_what_it_made_under_a_new_secret(reactor, http, gw, two, tmp_path):
+    """A leaked secret is replaced, the key kept: C{POST /auth-keys/{id}/rotate} answers the key with a new
+    secret (shown once); the old one is refused at once here and on another process at its next refresh, the
+    new one works on both, and the key's files, limits and budgets stay its own (a key without a user path
+    owns what it made: before, the only way out was a new key, which lost them)."""
+    other = await start_gateway(reactor, {"VLLM_BASE_URL": two[0].base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                          "GOMODEL_DATA_DIR": str(tmp_path)})
+    key = await new_key(http, gw, rpm=100)
+    old = openai_client(gw, key["value"])
+    try:
+        await other.service.keys.refresh()
+        made = await in_thread(old.files.create, file=("in.jsonl", io.BytesIO(b'{"a": 1}\n')), purpose="batch")
+        code, rotated = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/rotate")
+        assert code == 200 and rotated["id"] == key["id"] and rotated["rpm"] == 100
+        assert rotated["value"].startswith("sk_gom_") and rotated["value"] != key["value"]
+        assert rotated["redacted_value"] == f"sk_gom_...{rotated['value'][-4:]}"
+        code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+        assert "value" not in got and got["redacted_value"] == rotated["redacted_value"]
+        with pytest.raises(openai.AuthenticationError):
+            await chat(old)
+        await other.service.keys.refresh()  # what its loop does every second
+        for gateway in (gw, other):
+            new = openai_client(gateway, rotated["value"])
+            try:
+                await chat(new)
+                assert (await in_thread(new.files.retrieve, made.id)).id == made.id
+            finally:
+                new.close()
+            stale = openai_client(gateway, key["value"])
+            try:
+                with pytest.raises(openai.AuthenticationError):
+                    await chat(stale)
+            finally:
+                stale.close()
+        code, error = await admin(http, gw, "POST", f"{KEYS}/key_nope/rotate")
+        assert code == 404 and error["error"]["code"] == "auth_key_not_found"
+    finally:
+        old.close()
+        await other.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_deactivation_reaches_another_process_on_its_next_refresh(reactor, http, gw, two, tmp_path):
     other = await start_gateway(reactor, {"VLLM_BASE_URL": two[0].base_url, "GOMODEL_MASTER_KEY": MASTER,
                                           "GOMODEL_DATA_DIR": str(tmp_path)})

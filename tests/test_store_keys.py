@@ -45,6 +45,9 @@ async def test_keys_are_added_changed_listed_and_followed(reactor, store):
     assert [k["id"] for k in await keys.changed_since(second["updated_at"])] == ["k_1"]
     assert [k["id"] for k in await keys.changed_since(0)] == ["k_2", "k_1"]
     assert await keys.update("k_none", {"rpm": 1}) is None
+    rotated = await keys.update("k_2", {"hash": "h-new", "redacted": "sk-...n"})  # (a rotated secret)
+    assert (rotated["hash"], rotated["redacted"], rotated["created_at"]) == ("h-new", "sk-...n", 1000)
+    assert (await keys.get("k_2"))["hash"] == "h-new"
 
 
 @pytest_twisted.ensureDeferred

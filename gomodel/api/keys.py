@@ -35,7 +35,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f]")  # (no store keeps a NUL; no header or 
 
 class KeysAPI:
     """C{POST|GET /auth-keys}, C{GET|PATCH /auth-keys/{id}}, C{POST /auth-keys/{id}/deactivate},
-    C{POST /auth-keys/{id}/budgets/reset}."""
+    C{POST /auth-keys/{id}/rotate}, C{POST /auth-keys/{id}/budgets/reset}."""
 
     app = Klein()
     app.url_map.strict_slashes = False
@@ -104,6 +104,18 @@ class KeysAPI:
             record = await self._store.update(key_id, {"deactivated_at": int(self._clock.seconds())})
             self._ring.merge([record])
         return json_answer(request, (await self._views([record]))[0])
+
+    @app.route("/<key_id>/rotate", methods=["POST"])
+    async def rotate(self, request, key_id):
+        """Give the key a new secret (its C{value}, shown this once), the key kept as it is (its id, what it made,
+        its limits, budgets and usage): the old secret is refused at once here, on every process within about a
+        second (the key ring's refresh)."""
+        secret = new_secret()
+        record = await self._store.update(key_id, {"hash": hash_secret(secret), "redacted": redact(secret)})
+        if record is None:
+            raise _unknown(key_id)
+        self._ring.merge([record])
+        return json_answer(request, dict((await self._views([record]))[0], value=secret))
 
     @app.route("/<key_id>/budgets/reset", methods=["POST"])
     async def reset_budgets(self, request, key_id):

@@ -481,7 +481,7 @@ class IKeyStore(Interface):
         """@return: a Deferred firing with every record, oldest first."""
 
     def update(key_id, changes):
-        """Set the fields in C{changes} (a dict) and C{updated_at}.
+        """Set the fields in C{changes} (a dict; C{hash} and C{redacted} too: a rotated secret) and C{updated_at}.
 
         @return: a Deferred firing with the updated record, or None when there is no such key.
         """

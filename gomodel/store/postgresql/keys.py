@@ -54,8 +54,7 @@ class PostgreSQLKeyStore:
 
     @staticmethod
     def _update(conn, key_id, changes):
-        names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "hash", "created_at",
-                                                                                    "updated_at")]
+        names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "created_at", "updated_at")]
         sets = [f"{n} = %s" for n in names] + [f"updated_at = {NOW}"]
         row = conn.execute(f"UPDATE auth_keys SET {', '.join(sets)} WHERE id = %s RETURNING {', '.join(KEY_COLUMNS)}",
                            [_column(n, changes[n]) for n in names] + [key_id]).fetchone()

@@ -67,7 +67,7 @@ class SQLiteKeyStore:
 def _write(conn, key_id, changes, now) -> bool:
     """Set C{changes} and C{updated_at} on the key; whether there is one."""
     changes["updated_at"] = now
-    names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "hash", "created_at")]
+    names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "created_at")]
     return conn.execute(f"UPDATE auth_keys SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
                         [_column(n, changes[n]) for n in names] + [key_id]).rowcount > 0
 

@@ -1,5 +1,5 @@
 // Keys: managed keys (create with the secret shown once, edit limits, models and budgets, reset what the budgets
-// spent, deactivate).
+// spent, rotate the secret, deactivate).
 
 import {admin} from "../api.js";
 import {badge, button, cost, errorNote, h, int, meter, note, replace, showError, table, when} from "../dom.js";
@@ -82,6 +82,10 @@ export function mount(el) {
           " spent in each budget's period counts from now, on every process within about a second."));
       }));
     }
+    shown.push(twice("Rotate secret", "ghost", "Confirm rotate", async () => {
+      showSecret(await admin(`auth-keys/${encodeURIComponent(k.id)}/rotate`, {method: "POST"}), "given a new secret"
+        + " (the old one is refused on every process within about a second)");
+    }));
     shown.push(twice("Deactivate", "danger-ghost", "Confirm deactivate", async () => {
       await admin(`auth-keys/${encodeURIComponent(k.id)}/deactivate`, {method: "POST"});
       replace(messages, note("ok", "Key deactivated: ", h("strong", {text: k.name}),
@@ -190,12 +194,12 @@ export function mount(el) {
 
   // A new key's secret, on top of any not yet Done (each shown once: none is wiped by another form or key); the
   // newest is #key-secret-value.
-  function showSecret(created) {
+  function showSecret(created, done = "created") {
     for (const older of secretBox.querySelectorAll("#key-secret-value")) older.removeAttribute("id");
     const value = h("code", {class: "secret", id: "key-secret-value", text: created.value});
     const status = h("span", {class: "muted", "aria-live": "polite"});
     const box = h("div", {class: "note note-ok secret-box"},
-      h("p", {}, "Key ", h("strong", {text: created.name}), " created. Copy its secret now: it is shown once ",
+      h("p", {}, "Key ", h("strong", {text: created.name}), ` ${done}. Copy its secret now: it is shown once `,
         "and cannot be read again."),
       h("div", {class: "secret-row"}, value,
         button("Copy", async () => {
