@@ -438,6 +438,9 @@ async def test_counting_tokens_takes_nothing_of_a_keys_limits_and_budgets(http, 
         with pytest.raises(openai.RateLimitError):
             await chat(client)
         assert (await in_thread(messages.messages.count_tokens, model=MODEL, messages=hi)).input_tokens > 0
+        for route in ("tokenize", "v1/messages/count_tokens"):  # (the passthrough's counts, as /v1's)
+            await in_thread(client.post, f"{gw.url}/p/vllm/{route}", cast_to=object, body={
+                "model": "meta-llama/Llama-3.1-8B-Instruct", "messages": hi, "max_tokens": 5})
         spent = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 1}])
         other = openai_client(gw, spent["value"])
         try:

@@ -829,8 +829,9 @@ def test_user_paths_are_normalised_like_gomodels():
 class _Call:
     model = "m"
 
-    def __init__(self, max_tokens):
+    def __init__(self, max_tokens, limited=True):
         self.body = self.counted = b'{"model":"vllm/m","messages":[],"max_tokens":%d}' % max_tokens  # 11 + max_tokens (< 10)
+        self.limited = limited
 
 
 class _Upstream:
@@ -843,8 +844,9 @@ def _gate(counters, clock, quotas=None):
     return Gate(Limiter(counters, clock), BudgetBook(counters, clock), quotas or LimitsConfig(), clock=clock)
 
 
-def _request(gate, principal, max_tokens=8, used=None):
-    """Admit one request of C{principal} and, with C{used}, complete it: its C{(ctx, headers)}."""
+def _request(gate, principal, max_tokens=8, used=None, limited=True):
+    """Admit one request of C{principal} (C{limited}: not a token count) and, with C{used}, complete it: its
+    C{(ctx, headers)}."""
     from types import SimpleNamespace
 
     from gomodel.http.headers import AnswerHeaders
@@ -852,7 +854,7 @@ def _request(gate, principal, max_tokens=8, used=None):
     ctx = SimpleNamespace(principal=principal, admission=None, budgets=None, usage=None, replica=0, provider="vllm",
                           upstream_model="m")
     request = SimpleNamespace(responseHeaders=AnswerHeaders())
-    fired(gate.admit(request, ctx, _Upstream(), _Call(max_tokens)))
+    fired(gate.admit(request, ctx, _Upstream(), _Call(max_tokens, limited)))
     if used is not None:
         ctx.usage = {"prompt_tokens": used - 1, "completion_tokens": 1, "total_tokens": used}
         gate.completed(ctx)
@@ -911,6 +913,23 @@ def test_a_lanes_header_lines_follow_its_levels(clock, counters):
         ctx.usage = {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19}
         gate.completed(ctx)
     assert seen == ["599", "599", "598", "597", "599"]
+
+
+def test_a_token_count_takes_only_a_slot_of_its_keys_caps_on_requests_in_flight(clock, counters):
+    """A count (a call not limited: count_tokens, input_tokens) takes nothing of a request or token window or a
+    budget, spent or not; it holds a slot of its key's and path's max_concurrency while it runs."""
+    quotas = LimitsConfig(user_paths={"/team": RateLimit(concurrent=5)})
+    gate = _gate(counters, clock, quotas)
+    key = _key(rpm=1, tpm=100, max_concurrency=1, budgets=[{"period": "daily", "max_tokens": 10}])
+    _request(gate, key, used=10)  # the minute's one request, the day's budget
+    counting, headers = _request(gate, key, limited=False)
+    assert headers == {} and counters.level("key:k_1|r60")[0] == 0  # (nothing taken, nothing shown)
+    with pytest.raises(RateLimitExceeded) as info:  # its slot held
+        _request(gate, key, limited=False)
+    assert info.value.scope == "key:k_1"
+    gate.completed(counting)
+    _request(gate, key, limited=False, used=0)
+    assert _request(_gate(counters, clock), _key(rpm=1), limited=False)[0].admission is None  # (no such cap)
 
 
 def test_a_lane_refusal_is_the_general_paths_answer(clock, counters):

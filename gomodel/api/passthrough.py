@@ -95,6 +95,9 @@ KEYED_ROUTES = frozenset(("chat/completions", "completions", "responses", "messa
                           "generative_scoring", "systemone", "v2/embed", "inference/v1/generate"))
 # vLLM routes that take a C{priority} but no C{cache_salt}: its Cohere chat (VLLM_ENABLE_COHERE_API).
 PRIORITY_ROUTES = frozenset(("cohere/v2/chat",))
+# Routes that count tokens and generate nothing: they pass no rate limit nor budget, as on C{/v1} (a slot of the
+# key's caps on requests in flight only: L{gomodel.limits.gate.Gate.admit}).
+COUNTING_ROUTES = frozenset(("tokenize", "detokenize", "messages/count_tokens", "responses/input_tokens"))
 
 # The routes (after C{v1/}) whose event streams have an end of their own, which a stream cut short lacks (one
 # whose body ends with its connection is otherwise whole to the client); a Responses stream is also read again
@@ -160,7 +163,8 @@ class Passthrough:
                             headers=_upstream_headers(request, secret),
                             content_type=None, raw=True, ends=_stream_end(route), model=model,
                             pin=_pinned_replica(request), counted=_counted(request, body),
-                            vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query))
+                            vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query),
+                            limited=route not in COUNTING_ROUTES)
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _owned(self, principal, method, endpoint, body):

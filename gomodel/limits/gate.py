@@ -63,6 +63,7 @@ class Gate(Periodic):
         # (id(key's limits), id(target's)) -> (both, the one list of both): the same list on every
         # request, as the limiter keeps what it works out per list.
         self._combined = {}
+        self._counting = {}  # id(a key's limit scopes) -> (them, their caps on requests in flight: a count's scopes)
         self._lanes = {}  # id(scopes) -> its Lane (local counters)
         self._any_targets = bool(quotas.providers or quotas.models)
         self._streak = FailureStreak(self, "reading the budgets failed", "the budgets are read from the store again")
@@ -198,6 +199,8 @@ class Gate(Periodic):
             taken (or the Deferred fails with it).
         """
         principal = ctx.principal
+        if not call.limited:  # (a token count)
+            return self._admit_count(request, ctx, principal)
         targets = self._target_scopes(upstream.name, call.model) if self._any_targets else ()
         if principal is None or not principal.limited:
             if not targets:
@@ -233,6 +236,29 @@ class Gate(Periodic):
             _admitted(self._limiter.admit_now(scopes, tokens, headers_for=own), request, ctx)
         return None
 
+    def _admit_count(self, request, ctx, principal):
+        """L{admit} a token count (a call not C{limited}): it generates nothing and costs nothing, so it takes
+        nothing of a request or token window, a target's limits or a budget (Claude Code counts before many of its
+        requests: each took one of its key's requests a minute); only a slot of the caps on requests in flight of
+        its key and user path (C{max_concurrency}, C{concurrent}), which keep a client from flooding the
+        upstream's tokenizer."""
+        if principal is None or not principal.limited:
+            return None
+        limits = self._plan(principal)[2]
+        counting = self._counting.get(id(limits))
+        if counting is None or counting[0] is not limits:
+            if len(self._counting) > 10000:
+                self._counting.clear()
+            counting = self._counting[id(limits)] = (limits, [
+                (scope, RateLimit(concurrent=limit.concurrent)) for scope, limit in limits if limit.concurrent])
+        scopes = counting[1]
+        if not scopes:
+            return None
+        if not self._limiter.immediate:
+            return Deferred.fromCoroutine(self._admit(request, ctx, (), scopes, None, None))
+        _admitted(self._limiter.admit_now(scopes, 0), request, ctx)
+        return None
+
     def _lane(self, scopes, budgets, own):
         """A new L{Lane} of C{scopes} and C{budgets} (kept by the id of C{scopes}), or None while a
         budget period is still to be seeded."""
@@ -252,7 +278,8 @@ class Gate(Periodic):
         if budgets:
             await self._book.check(budgets)
         if scopes:
-            _admitted(await self._limiter.admit(scopes, estimate(call.counted), headers_for=own), request, ctx)
+            tokens = 0 if call is None else estimate(call.counted)
+            _admitted(await self._limiter.admit(scopes, tokens, headers_for=own), request, ctx)
 
     def _with_targets(self, limits, targets):
         """A key's C{limits} and a target's C{limits} in one list, the same list on every request."""

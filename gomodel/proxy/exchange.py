@@ -101,8 +101,9 @@ class UpstreamCall:
     @ivar counted: what the request's tokens are estimated from where no usage says them (the limits' reservation,
         a prompt the upstream read before the client left): its C{body}, or a JSON stand-in for one that is no
         text (an audio form's fields without its file).
-    @ivar limited: whether it passes the limits and budgets (the exchange's C{admit}); a token count (Messages'
-        C{count_tokens}, Responses' C{input_tokens}) generates nothing and does not.
+    @ivar limited: whether it passes every limit and budget (L{gomodel.limits.gate.Gate.admit}); a token count
+        (Messages' C{count_tokens}, Responses' C{input_tokens}, vLLM's C{tokenize}) generates nothing: it takes
+        only a slot of its key's caps on requests in flight.
     """
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
@@ -204,7 +205,7 @@ class Exchange:
         try:
             # Once per request: a route that relays again (Messages or Responses translated after
             # the native route was missing) must not take a second slot it would never give back.
-            if self.admit is not None and ctx.admission is None and call.limited:
+            if self.admit is not None and ctx.admission is None:
                 admitting = self.admit(request, ctx, upstream, call)
                 if admitting is not None:
                     await admitting
