@@ -556,3 +556,35 @@ def test_a_reason_hides_the_server_but_keeps_the_rest_of_redis_words(client):
     with pytest.raises(redis.RedisError) as raised:
         client.eval("return redis.error_reply(\"CROSSSLOT Keys in request don't hash to the same slot\")", 0)
     assert reason(raised.value) == "ClusterCrossSlotError: Keys in request don't hash to the same slot"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_count_takes_only_a_slot_of_its_keys_caps_on_requests_in_flight(reactor, make):
+    """As on local counters (tests/test_limits.py): a count takes no request window, only a concurrency slot."""
+    from types import SimpleNamespace
+
+    from gomodel.auth.keys import Principal
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.limits.gate import Gate
+    from gomodel.limits.specs import LimitsConfig
+
+    counters = make()
+    gate = Gate(Limiter(counters, reactor), BudgetBook(counters, reactor), LimitsConfig(), clock=reactor)
+    key = Principal("k_1", "team", rpm=1, max_concurrency=1)
+
+    async def admit(limited):
+        ctx = SimpleNamespace(principal=key, admission=None, budgets=None, usage=None, replica=0, provider="vllm",
+                              upstream_model="m")
+        call = SimpleNamespace(model="m", counted=b'{"max_tokens":5}', limited=limited)
+        await gate.admit(SimpleNamespace(responseHeaders=AnswerHeaders()), ctx, SimpleNamespace(name="vllm"), call)
+        return ctx
+
+    gate.completed(await admit(True))  # the minute's one request
+    counting = await admit(False)
+    with pytest.raises(RateLimitExceeded) as info:  # its slot held
+        await admit(False)
+    assert info.value.scope == "key:k_1" and "concurrent" in info.value.message
+    await counting.admission.finish(0)  # (what gate.completed does, awaited)
+    gate.completed(await admit(False))
+    with pytest.raises(RateLimitExceeded):  # (the minute's request window untouched by the counts: still spent)
+        await admit(True)
