@@ -240,6 +240,23 @@ class UpstreamError(GatewayError):
         return self._body
 
 
+class UpstreamAuthFailed(UpstreamError):
+    """The upstream refused the gateway's own credentials for it (its HTTP 401: the provider's C{api_key} is wrong,
+    or revoked): the gateway's fault, never the client's, whose key was accepted (a 401 would have its SDK, Claude
+    Code, ask for a new one). A 502; the upstream's own words (which may quote the key, or its host) are not shown.
+    C{x-should-retry: false}: the SDKs' retries would meet the same key (Claude Code's, ten of them)."""
+
+    status = 502
+    code = "upstream_auth_failed"
+
+    def __init__(self, provider_name):
+        message = (f"The upstream provider '{provider_name}' refused the gateway's credentials (HTTP 401): its "
+                   "api_key in the gateway's configuration is wrong or revoked, for the gateway's operator to fix "
+                   "(the client's own key was accepted).")
+        super().__init__(self.status, envelope(message, self.type, None, self.code), message)
+        self.headers["x-should-retry"] = "false"
+
+
 class StreamFailed(GatewayError):
     """A stream that broke after its headers went out; told to the client in-band."""
 

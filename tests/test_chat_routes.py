@@ -250,7 +250,7 @@ async def test_upstream_errors_keep_status_and_get_the_envelope(http, gateway, f
                           "type": "BadRequestError", "param": "max_tokens", "code": 400}}
     cases = [
         (400, json.dumps(vllm_400), vllm_400["error"]),
-        (401, '{"error":"Unauthorized"}', {"type": "authentication_error"}),
+        (403, '{"error":"Forbidden"}', {"type": "permission_error"}),
         (422, '{"detail":[{"loc":["body","x"],"msg":"bad"}]}', {"type": "invalid_request_error"}),
         (400, '{"object":"error","message":"old flat","type":"BadRequestError","param":null,"code":400}',
          {"message": "old flat", "type": "BadRequestError"}),
@@ -517,3 +517,23 @@ async def test_a_key_reaches_a_model_by_its_provider_type_at_the_instance_it_may
         assert not [r for r in fakes[0].requests if r.path == b"/v1/chat/completions"][1:]
     finally:
         await stop_all(gw, *fakes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_401_is_a_502_upstream_auth_failed_without_its_words(http, gateway, fake):
+    """The upstream refused the gateway's provider key: the gateway's fault, not the client's (whose SDK would drop
+    its key on a 401). A 502 C{upstream_auth_failed}; the upstream's text (its key, its host) is not shown."""
+    host = fake.root_url.split("//")[1]
+    refusal = json.dumps({"error": {"message": f"Incorrect API key provided: sk-abc at {host}",
+                                    "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+    for raw in (refusal, '{"error":"Unauthorized"}', "", "<html>401</html>"):
+        for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": []}),
+                           ("/v1/responses", {"model": MODEL, "input": "a"}),
+                           ("/v1/embeddings", {"model": MODEL, "input": "a"})):
+            response, content = await post(http, gateway, dict(body, fake_status=401, fake_body=raw), path=path)
+            assert response.code == 502, (path, raw, content)
+            error = error_of(content)
+            assert error["code"] == "upstream_auth_failed" and error["type"] == "provider_error", error
+            assert "sk-abc" not in content.decode() and host not in content.decode()
+            assert "'vllm'" in error["message"]
+            assert response.headers.getRawHeaders("x-should-retry") == ["false"]  # (the same key again: no use)

@@ -180,11 +180,15 @@ async def test_the_providers_key_an_upstream_quotes_is_never_shown(http, two):
     gw, vllm, other = two
     said = json.dumps({"error": {"message": f"Incorrect API key provided: {PROVIDER_KEY}.", "type": "invalid_request_error",
                                  "param": None, "code": "invalid_api_key"}})
-    for path in ("/v1/chat/completions", "/p/vllm/v1/chat/completions"):
+    for path, status in (("/v1/chat/completions", 403), ("/p/vllm/v1/chat/completions", 401)):
         response, content = await call(http, gw, path, {"model": MODEL if path.startswith("/v1") else BARE,
-                                                        "messages": [], "fake_status": 401, "fake_body": said})
-        assert response.code == 401
+                                                        "messages": [], "fake_status": status, "fake_body": said})
+        assert response.code == status
         assert json.loads(content)["error"]["message"] == "Incorrect API key provided: ***.", path
+    # (a 401 on /v1 is the gateway's 502 upstream_auth_failed, without the upstream's words)
+    response, content = await call(http, gw, "/v1/chat/completions", {"model": MODEL, "messages": [],
+                                                                      "fake_status": 401, "fake_body": said})
+    assert response.code == 502 and PROVIDER_KEY.encode() not in content
 
 
 @pytest_twisted.ensureDeferred

@@ -956,7 +956,7 @@ async def test_vllms_native_errors_get_anthropics_error_types_by_status(http, gw
     """vLLM's Messages errors name its exceptions ("BadRequestError"): the client gets Anthropic's type for the
     status, the message kept, no upstream address; an error of Anthropic's own type stays byte for byte."""
     host = fake.root_url.split("//")[1]
-    cases = [(400, "BadRequestError", "invalid_request_error"), (401, "Unauthorized", "authentication_error"),
+    cases = [(400, "BadRequestError", "invalid_request_error"),  # (a 401: the gateway's 502, see below)
              (403, "Forbidden", "permission_error"), (404, "NotFoundError", "not_found_error"),
              (429, "TooManyRequests", "rate_limit_error"), (500, "InternalServerError", "api_error"),
              (503, "ServiceUnavailableError", "overloaded_error"), (504, "GatewayTimeout", "timeout_error")]
@@ -1646,3 +1646,30 @@ async def test_tool_changes_in_a_system_message_go_to_a_vllm_translated_and_reso
     plain = [{"role": "user", "content": "Hi."}]  # (without changes: native, the body as it came)
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=tools, messages=plain)
     assert fake.requests[-1].path == b"/v1/messages" and fake.requests[-1].body["messages"] == plain
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_401_is_the_gateways_502_not_the_clients_401(http, gw, openai_gw, fake):
+    """The upstream refusing the gateway's own provider key is no fault of the client's key: a 401 would make Claude
+    Code ask its user to log in again. It is a 502 C{api_error} (natively, translated, count_tokens), the upstream's
+    words (which may quote its key or host) left out."""
+    host = fake.root_url.split("//")[1]
+    refusal = json.dumps({"type": "error", "error": {"type": "authentication_error",
+                                                     "message": f"invalid x-api-key sk-upstream at {host}"}})
+    fake.steer = {"fake_status": 401, "fake_body": refusal}  # (the translation drops the body's fake_ fields)
+    for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+        client = sdk(gateway)
+        try:
+            with pytest.raises(anthropic.InternalServerError) as raised:
+                await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO)
+        finally:
+            client.close()
+        assert raised.value.status_code == 502, model
+        assert raised.value.response.headers["x-should-retry"] == "false"
+        error = raised.value.body["error"]
+        assert error["type"] == "api_error", model
+        assert "refused the gateway's credentials" in error["message"] and "'" in error["message"], error
+        assert "sk-upstream" not in error["message"] and host not in error["message"]
+    response, content = await post(http, gw.url + "/v1/messages/count_tokens",
+                                   {"model": MODEL, "messages": HELLO, "fake_status": 401, "fake_body": refusal})
+    assert response.code == 502 and json.loads(content)["error"]["type"] == "api_error"

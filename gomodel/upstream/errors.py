@@ -11,7 +11,7 @@ import time
 from functools import partial
 
 from gomodel import jsonutil
-from gomodel.errors import SDK_RETRY_WAIT, UpstreamError, envelope
+from gomodel.errors import SDK_RETRY_WAIT, UpstreamAuthFailed, UpstreamError, envelope
 from gomodel.proxy.sse import hidden_strings
 from gomodel.routing.pool import retry_after_seconds
 
@@ -46,11 +46,14 @@ def default_type(status: int) -> str:
 
 
 def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> UpstreamError:
-    """Build the L{UpstreamError} for an upstream answer with C{status} >= 400.
+    """Build the L{UpstreamError} for an upstream answer with C{status} >= 400: a 401 (the upstream refused the
+    gateway's key for it) is L{UpstreamAuthFailed}, a 502 without the upstream's words.
 
     @param hide: strings (the upstream's URLs, host and port, host; its key, a L{Secret}) that must not
         reach the client, longest first; each is replaced by the provider's name (a key by L{REDACTED}).
     """
+    if status == 401:  # (the gateway's key for the provider, not the client's: never relayed as a 401)
+        return UpstreamAuthFailed(provider_name)
     parsed = _parse(body)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
@@ -61,7 +64,7 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
             _hidden(error.get(field), hide, provider_name) for field in ("type", "param", "code")))
     if isinstance(parsed, dict) and isinstance(error, str):
         message = error
-        if status in (401, 403):
+        if status == 403:
             message = (f"{error} (the upstream provider '{provider_name}' refused the gateway's "
                        "credentials: check that provider's api_key)")
         return _wrapped(status, _hidden(message, hide, provider_name))
