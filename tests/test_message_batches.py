@@ -518,3 +518,16 @@ async def test_openais_routes_and_anthropics_each_show_only_their_own_batches(se
         for sdk in sdks:
             sdk.close()
         team_anthropic.close()
+
+
+async def test_a_line_the_upstream_refused_the_gateways_key_for_is_an_api_error_not_the_clients(setup):
+    """An upstream's 401 (the gateway's provider key refused) is the gateway's 502 upstream_auth_failed, as online:
+    the line's result is an api_error, never an authentication_error that blames the client's key."""
+    gw, client, vllm, _ = setup
+    refusal = json.dumps({"type": "error", "error": {"type": "authentication_error", "message": "bad key sk-x"}})
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("refused", fake_status=401, fake_body=refusal)])
+    await ended(gw, client, made.id)
+    got = (await results(client, made.id))["refused"]
+    assert got.type == "errored" and got.error.error.type == "api_error", got
+    assert "refused the gateway's credentials" in got.error.error.message and "sk-x" not in got.error.error.message

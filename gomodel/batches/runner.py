@@ -874,7 +874,8 @@ class BatchRunner(Service):
         error_body = error.body()
         if b"\n" in error_body or b"\r" in error_body:
             error_body = jsonutil.dumps(jsonutil.loads(error_body))
-        return False, output_line(custom_id, status, outcome.request_id, error_body)
+        # (the error's status, as online: an upstream's 401 is the gateway's 502 upstream_auth_failed, not the key's)
+        return False, output_line(custom_id, error.status if status >= 400 else status, outcome.request_id, error_body)
 
 def _retry_after(response) -> float:
     value = response.headers.getRawHeaders(b"retry-after", [b""])[0]
