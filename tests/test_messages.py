@@ -1673,3 +1673,23 @@ async def test_an_upstreams_401_is_the_gateways_502_not_the_clients_401(http, gw
     response, content = await post(http, gw.url + "/v1/messages/count_tokens",
                                    {"model": MODEL, "messages": HELLO, "fake_status": 401, "fake_body": refusal})
     assert response.code == 502 and json.loads(content)["error"]["type"] == "api_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_claude_codes_long_user_id_reaches_a_translated_provider_within_openais_64_characters(openai_gw, fake):
+    """Claude Code's C{metadata.user_id} is some 150 characters (its device, account and session); OpenAI refuses a
+    chat C{user} over 64 ("string too long"), so every translated request failed. A longer id is sent as its SHA-256
+    (64 hex digits: the same id, the same user, as OpenAI advises to hash one); a short one as it is."""
+    old = "user_" + "a" * 64 + "_account_" + "1" * 36 + "_session_" + "2" * 36
+    new = json.dumps({"device_id": "d" * 64, "account_uuid": "1" * 36, "session_id": "2" * 36})
+    client = sdk(openai_gw)
+    try:
+        sent = []
+        for user_id in (old, new, old, "u-1", "x" * 64):
+            await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO,
+                            metadata={"user_id": user_id})
+            sent.append(fake.requests[-1].body["user"])
+    finally:
+        client.close()
+    assert all(len(user) <= 64 for user in sent), sent
+    assert sent[0] == sent[2] != sent[1] and sent[3:] == ["u-1", "x" * 64]

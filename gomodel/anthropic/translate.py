@@ -18,6 +18,7 @@ C{event: <type>\\ndata: <compact JSON>\\n\\n}, the JSON's C{type} first.
 
 import base64
 import binascii
+import hashlib
 import re
 
 from zope.interface import implementer
@@ -85,7 +86,7 @@ def messages_to_chat(body: dict) -> dict:
             chat[name] = body[name]
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
-        chat["user"] = metadata["user_id"]
+        chat["user"] = _chat_user(metadata["user_id"])
     tools = _tools(_resolved_tools(body))
     if tools:
         chat["tools"] = tools
@@ -101,6 +102,18 @@ def messages_to_chat(body: dict) -> dict:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
     return chat
+
+
+# The longest chat C{user} OpenAI takes ("string too long" past it); Claude Code's C{user_id} is some 150 characters.
+_USER_LIMIT = 64
+
+
+def _chat_user(user_id: str) -> str:
+    """The chat C{user} for Anthropic's C{metadata.user_id}: as it is up to L{_USER_LIMIT} characters, else its
+    SHA-256 in hex (64 characters; the same id, the same user)."""
+    if len(user_id) <= _USER_LIMIT:
+        return user_id
+    return hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def vllm_fields(body: dict, messages: list) -> dict:
