@@ -1693,3 +1693,53 @@ async def test_claude_codes_long_user_id_reaches_a_translated_provider_within_op
         client.close()
     assert all(len(user) <= 64 for user in sent), sent
     assert sent[0] == sent[2] != sent[1] and sent[3:] == ["u-1", "x" * 64]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_context_overflow_is_told_in_anthropics_words_that_claude_code_acts_on(gw, openai_gw, fake):
+    """vLLM (and OpenAI-compatible servers) say a prompt does not fit in their own words; Anthropic says "prompt is
+    too long: N tokens > M maximum" (Claude Code compacts the conversation on it) and "input length and `max_tokens`
+    exceed context limit: N + X > M" (Claude Code lowers max_tokens and retries). Natively and translated, the
+    client gets Anthropic's (before: vLLM's, and Claude Code just failed)."""
+    too_long = "This model's maximum context length is 2048 tokens. However, your prompt contains at least 2049 " \
+        "input tokens, which exceeds this limit even without any output tokens. Please reduce the length of the " \
+        "input prompt."  # (vLLM 0.32's; it lowers a max_tokens that does not fit itself)
+    checked = "Input length (4000) exceeds model's maximum context length (2048)."
+    characters = "This model's maximum context length is 2048 tokens. However, your prompt contains 90000 characters " \
+        "(more than 81920 characters, which is the upper bound for 2048 input tokens). Please reduce the length of " \
+        "the input prompt."
+    earlier = "This model's maximum context length is 2048 tokens. However, your request has 4000 input tokens. " \
+        "Please reduce the length of the input messages."
+    too_much = "'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context length is " \
+        "2048 tokens and your request has 18 input tokens (32000 > 2048 - 18)."
+    older = "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens (100 in the " \
+        "messages, 2000 in the completion). Please reduce the length of the messages or completion."
+    expected = {too_long: "prompt is too long: 2049 tokens > 2048 maximum",
+                checked: "prompt is too long: 4000 tokens > 2048 maximum",
+                characters: "prompt is too long: " + characters,
+                earlier: "prompt is too long: 4000 tokens > 2048 maximum",
+                too_much: "input length and `max_tokens` exceed context limit: 18 + 32000 > 2048, decrease input "
+                          "length or `max_tokens` and try again",
+                older: "input length and `max_tokens` exceed context limit: 100 + 2000 > 2048, decrease input length "
+                       "or `max_tokens` and try again"}
+    for said, told in expected.items():
+        native = json.dumps({"type": "error", "error": {"type": "BadRequestError", "message": said}})
+        chat = json.dumps({"error": {"message": said, "type": "BadRequestError", "param": None, "code": 400}})
+        for gateway, model, body in ((gw, MODEL, native), (openai_gw, OPENAI_MODEL, chat)):
+            fake.steer = {"fake_status": 400, "fake_body": body}
+            client = sdk(gateway)
+            try:
+                with pytest.raises(anthropic.BadRequestError) as raised:
+                    await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO)
+            finally:
+                client.close()
+            assert raised.value.body["error"] == {"type": "invalid_request_error", "message": told}, model
+    other = json.dumps({"type": "error", "error": {"type": "BadRequestError", "message": "bad temperature"}})
+    fake.steer = {"fake_status": 400, "fake_body": other}
+    client = sdk(gw)
+    try:
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
+    finally:
+        client.close()
+    assert raised.value.body["error"]["message"] == "bad temperature"

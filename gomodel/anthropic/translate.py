@@ -929,7 +929,8 @@ def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
     it is one of Anthropic's), or anything else (a generic message then).
     The type follows the status as the gateway's own Anthropic errors do
     (L{AnthropicDialect.error_type}: also 4xx others are
-    C{invalid_request_error}, 5xx others C{api_error}).
+    C{invalid_request_error}, 5xx others C{api_error}). A 400 that says the
+    prompt does not fit the context is told in Anthropic's words (L{context_overflow}).
     """
     try:
         payload = jsonutil.loads(body)
@@ -941,7 +942,50 @@ def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
         if payload["error"].get("type") in ANTHROPIC_ERROR_TYPES:
             error_type = payload["error"]["type"]
     message = _error_message(payload) or f"The upstream answered with HTTP status {status}."
+    if status == 400:
+        message = context_overflow(message) or message
     return jsonutil.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+# vLLM's words (and DeepSeek's, and other OpenAI-compatible servers') for a prompt that does not fit the model's
+# context: the prompt alone (vLLM 0.32's, its "at least" where it stopped counting, and older ones: the context, the
+# prompt's tokens; vLLM's length check, the other way round; its check on characters, before counting tokens), or
+# the prompt with max_tokens (older servers': the prompt's tokens, max_tokens, the context).
+_PROMPT_TOO_LONG = re.compile(r"maximum context length is (\d+) tokens\. However, your (?:request has|messages "
+                              r"resulted in|prompt contains(?: at least)?) (\d+) (?:input )?tokens")
+_INPUT_LENGTH = re.compile(r"Input length \((\d+)\) exceeds model's maximum context length \((\d+)\)")
+_PROMPT_CHARACTERS = re.compile(r"maximum context length is \d+ tokens\. However, your prompt contains \d+ characters")
+_MAX_TOKENS_TOO_LARGE = re.compile(r"is too large: (\d+)\. This model's maximum context length is (\d+) tokens and "
+                                   r"your request has (\d+) input tokens")
+_REQUESTED_TOO_MUCH = re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
+                                 r"\((\d+) in the messages, (\d+) in the completion\)")
+
+
+def context_overflow(message: str):
+    """Anthropic's words for an upstream's 400 C{message} that says the prompt does not fit the model's context, or
+    None (another error). Anthropic's are what Claude Code acts on: C{prompt is too long: N tokens > M maximum} (it
+    compacts the conversation), C{input length and `max_tokens` exceed context limit: N + X > M} (it asks for
+    fewer tokens)."""
+    if "context length" not in message:
+        return None
+    found = _PROMPT_TOO_LONG.search(message)
+    if found is not None:
+        return f"prompt is too long: {found[2]} tokens > {found[1]} maximum"
+    found = _INPUT_LENGTH.search(message)
+    if found is not None:
+        return f"prompt is too long: {found[1]} tokens > {found[2]} maximum"
+    if _PROMPT_CHARACTERS.search(message) is not None:  # (no token count: the words Claude Code looks for, then vLLM's)
+        return f"prompt is too long: {message}"
+    found = _MAX_TOKENS_TOO_LARGE.search(message)
+    if found is not None:
+        prompt, max_tokens, context = found[3], found[1], found[2]
+    else:
+        found = _REQUESTED_TOO_MUCH.search(message)
+        if found is None:
+            return None
+        prompt, max_tokens, context = found[2], found[3], found[1]
+    return (f"input length and `max_tokens` exceed context limit: {prompt} + {max_tokens} > {context}, decrease "
+            "input length or `max_tokens` and try again")
 
 
 # -- streams --------------------------------------------------------------------
