@@ -1673,6 +1673,11 @@ async def test_an_upstreams_401_is_the_gateways_502_not_the_clients_401(http, gw
     response, content = await post(http, gw.url + "/v1/messages/count_tokens",
                                    {"model": MODEL, "messages": HELLO, "fake_status": 401, "fake_body": refusal})
     assert response.code == 502 and json.loads(content)["error"]["type"] == "api_error"
+    # Counted as the upstream's failure, under its code (before: not at all; a converted error lost its code).
+    for gateway, failed in ((gw, 2), (openai_gw, 1)):
+        counted = [v for (n, ls), v in (await scrape(http, gateway)).items()
+                   if n == "gomodel_upstream_errors_total" and ("code", "upstream_auth_failed") in ls]
+        assert sum(counted) == failed, (gateway.url, counted)
 
 
 @pytest_twisted.ensureDeferred

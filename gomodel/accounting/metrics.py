@@ -42,7 +42,8 @@ _REQUEST = ("provider", "provider_name", "model", "endpoint")
 FLUSH_INTERVAL = 1.0  # seconds between two flushes of what requests added (L{GatewayMetrics.flush})
 SHUTDOWN_CUT = ShuttingDown.code  # (a stream the drain cut: the gateway's doing, not its upstream's failure)
 _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_upstream_response",
-                              "stream_incomplete", "no_ready_replica", "replicas_busy", "upstream_stream_error"))
+                              "stream_incomplete", "no_ready_replica", "replicas_busy", "upstream_stream_error",
+                              "upstream_auth_failed"))
 
 
 class GatewayMetrics:

@@ -451,6 +451,7 @@ def anthropic_error(error: errors.UpstreamError) -> errors.UpstreamError:
         return error
     converted = errors.UpstreamError(error.status, openai_error_to_anthropic(error.status, body), error.message)
     converted.headers = dict(error.headers)
+    converted.code = error.code  # (the gateway's own, upstream_auth_failed: the logs' and metrics' code)
     return converted
 
 
