@@ -1748,3 +1748,23 @@ async def test_a_context_overflow_is_told_in_anthropics_words_that_claude_code_a
     finally:
         client.close()
     assert raised.value.body["error"]["message"] == "bad temperature"
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_tokens_missing_or_invalid_is_anthropics_400_before_any_upstream(http, gw, fake):
+    """Natively as translated, a request without a valid max_tokens is the gateway's 400, in Anthropic's words (before:
+    a native one went to vLLM, whose answer quoted its pydantic validation)."""
+    before = len(fake.requests)
+    for value, said in ((None, "max_tokens: Field required"), ("8", "max_tokens: Input should be a valid integer"),
+                        (0, "max_tokens: Input should be greater than or equal to 1")):
+        body = {"model": MODEL, "messages": HELLO}
+        if value is not None:
+            body["max_tokens"] = value
+        for stream in (False, True):
+            response, content = await post(http, gw.url + "/v1/messages", dict(body, stream=stream))
+            assert response.code == 400, (value, content)
+            assert json.loads(content) == {"type": "error", "error": {"type": "invalid_request_error",
+                                                                     "message": said}}, content
+    assert len(fake.requests) == before
+    response, _ = await post(http, gw.url + "/v1/messages/count_tokens", {"model": MODEL, "messages": HELLO})
+    assert response.code == 200  # (count_tokens takes none)

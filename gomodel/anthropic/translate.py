@@ -67,13 +67,7 @@ def messages_to_chat(body: dict) -> dict:
         documents).
     """
     _require_object(body)
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        raise InvalidRequest("max_tokens: Field required", param="max_tokens")
-    if not _is_int(max_tokens):
-        raise InvalidRequest("max_tokens: Input should be a valid integer", param="max_tokens")
-    if max_tokens < 1:
-        raise InvalidRequest("max_tokens: Input should be greater than or equal to 1", param="max_tokens")
+    max_tokens = checked_max_tokens(body)
     chat = {"model": body.get("model"), "messages": _chat_messages(body), "max_tokens": max_tokens}
     stop = body.get("stop_sequences")
     if stop is not None:
@@ -102,6 +96,22 @@ def messages_to_chat(body: dict) -> dict:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
     return chat
+
+
+def checked_max_tokens(body: dict) -> int:
+    """The C{max_tokens} of the Messages request C{body}, which every create needs (natively too: the gateway's 400
+    in Anthropic's words, not vLLM's validation error).
+
+    @raise InvalidRequest: it is missing, no integer, or below 1.
+    """
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise InvalidRequest("max_tokens: Field required", param="max_tokens")
+    if not _is_int(max_tokens):
+        raise InvalidRequest("max_tokens: Input should be a valid integer", param="max_tokens")
+    if max_tokens < 1:
+        raise InvalidRequest("max_tokens: Input should be greater than or equal to 1", param="max_tokens")
+    return max_tokens
 
 
 # The longest chat C{user} OpenAI takes ("string too long" past it); Claude Code's C{user_id} is some 150 characters.
