@@ -1739,6 +1739,22 @@ async def test_a_context_overflow_is_told_in_anthropics_words_that_claude_code_a
             finally:
                 client.close()
             assert raised.value.body["error"] == {"type": "invalid_request_error", "message": told}, model
+    # OpenAI's own (GPT-5's configured limit; any other of its code context_length_exceeded: Anthropic's words first)
+    for said, told in (("Input tokens exceed the configured limit of 272000 tokens. Your messages resulted in 300000 "
+                        "tokens. Please reduce the length of the messages.",
+                        "prompt is too long: 300000 tokens > 272000 maximum"),
+                       ("Your input exceeds the context window of this model. Please adjust your input and try again.",
+                        "prompt is too long: Your input exceeds the context window of this model. Please adjust "
+                        "your input and try again.")):
+        fake.steer = {"fake_status": 400, "fake_body": json.dumps({"error": {
+            "message": said, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})}
+        client = sdk(openai_gw)
+        try:
+            with pytest.raises(anthropic.BadRequestError) as raised:
+                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO)
+        finally:
+            client.close()
+        assert raised.value.body["error"] == {"type": "invalid_request_error", "message": told}
     other = json.dumps({"type": "error", "error": {"type": "BadRequestError", "message": "bad temperature"}})
     fake.steer = {"fake_status": 400, "fake_body": other}
     client = sdk(gw)

@@ -940,7 +940,8 @@ def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
     The type follows the status as the gateway's own Anthropic errors do
     (L{AnthropicDialect.error_type}: also 4xx others are
     C{invalid_request_error}, 5xx others C{api_error}). A 400 that says the
-    prompt does not fit the context is told in Anthropic's words (L{context_overflow}).
+    prompt does not fit the context is told in Anthropic's words (L{context_overflow}; OpenAI's
+    C{context_length_exceeded} without numbers, Anthropic's first words before its own).
     """
     try:
         payload = jsonutil.loads(body)
@@ -953,16 +954,19 @@ def openai_error_to_anthropic(status: int, body: bytes) -> bytes:
             error_type = payload["error"]["type"]
     message = _error_message(payload) or f"The upstream answered with HTTP status {status}."
     if status == 400:
-        message = context_overflow(message) or message
+        error = payload.get("error") if isinstance(payload, dict) else None
+        coded = isinstance(error, dict) and error.get("code") == "context_length_exceeded"  # (OpenAI's)
+        message = context_overflow(message) or (f"prompt is too long: {message}" if coded else message)
     return jsonutil.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
 
 # vLLM's words (and DeepSeek's, and other OpenAI-compatible servers') for a prompt that does not fit the model's
-# context: the prompt alone (vLLM 0.32's, its "at least" where it stopped counting, and older ones: the context, the
-# prompt's tokens; vLLM's length check, the other way round; its check on characters, before counting tokens), or
-# the prompt with max_tokens (older servers': the prompt's tokens, max_tokens, the context).
+# context: the prompt alone (vLLM 0.32's, its "at least" where it stopped counting, older ones and OpenAI's configured
+# limit: the context, the prompt's tokens; vLLM's length check, the other way round; its check on characters, before
+# counting tokens), or the prompt with max_tokens (older servers': the prompt's tokens, max_tokens, the context).
 _PROMPT_TOO_LONG = re.compile(r"maximum context length is (\d+) tokens\. However, your (?:request has|messages "
                               r"resulted in|prompt contains(?: at least)?) (\d+) (?:input )?tokens")
+_CONFIGURED_LIMIT = re.compile(r"exceed the configured limit of (\d+) tokens\. Your messages resulted in (\d+) tokens")
 _INPUT_LENGTH = re.compile(r"Input length \((\d+)\) exceeds model's maximum context length \((\d+)\)")
 _PROMPT_CHARACTERS = re.compile(r"maximum context length is \d+ tokens\. However, your prompt contains \d+ characters")
 _MAX_TOKENS_TOO_LARGE = re.compile(r"is too large: (\d+)\. This model's maximum context length is (\d+) tokens and "
@@ -976,9 +980,9 @@ def context_overflow(message: str):
     None (another error). Anthropic's are what Claude Code acts on: C{prompt is too long: N tokens > M maximum} (it
     compacts the conversation), C{input length and `max_tokens` exceed context limit: N + X > M} (it asks for
     fewer tokens)."""
-    if "context length" not in message:
+    if "context" not in message and "limit" not in message:
         return None
-    found = _PROMPT_TOO_LONG.search(message)
+    found = _PROMPT_TOO_LONG.search(message) or _CONFIGURED_LIMIT.search(message)
     if found is not None:
         return f"prompt is too long: {found[2]} tokens > {found[1]} maximum"
     found = _INPUT_LENGTH.search(message)
