@@ -1051,9 +1051,9 @@ async def bench(reactor, tmp_path):
         bench.runners.append(r)
         return r
 
-    async def batch(r, count, window=3600.0, **kwargs):
+    async def batch(r, count, window=3600.0, messages=(), **kwargs):
         content = jsonl({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                         "body": {"model": "stub/m", "messages": [], "i": i}} for i in range(count))
+                         "body": {"model": "stub/m", "messages": list(messages), "i": i}} for i in range(count))
         file_id = new_file_id()
         size = await put_blob(store.blobs, file_id, content)
         record = await store.files.add(file_id, size, "input.jsonl", "batch")
@@ -1301,6 +1301,45 @@ async def test_a_cancellation_stored_by_another_process_reaches_the_one_running_
     assert (batch["status"], batch["completed"], batch["failed"]) == ("cancelled", 1, 0)
     assert [line["custom_id"] for line in await lines_of(bench.store, batch["output_file_id"])] == ["r0"]
     assert len(bench.provider.sent) == 3
+
+
+class KeptUsage:
+    """A usage ledger keeping what it is given: C{(request id, status, usage, client_gone, estimated)}."""
+
+    def __init__(self):
+        self.kept = []
+
+    def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
+             usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, **kwargs):
+        self.kept.append((request_id, status_code, usage, client_gone, estimated))
+
+
+@pytest_twisted.ensureDeferred
+async def test_lines_in_flight_at_cancel_expiry_or_stop_are_usage_estimated_from_their_prompt(bench):
+    """vLLM read the prompt of a line cancelled in flight (a batch cancelled, expired, or the gateway
+    stopping): its usage is kept, estimated from its prompt, as an online request whose client left is (a
+    499, C{client_gone}); a line never sent is not."""
+    prompt = [{"role": "user", "content": "x" * 36}]  # 10 tokens, estimated (40 characters)
+    for stop in ("cancel", "expire", "shutdown"):
+        ledger = KeptUsage()
+        runner = bench.runner(concurrency=2, usage=ledger)
+        created = await bench.batch(runner, 4, window=600, messages=prompt)
+        sent = len(bench.provider.sent)
+        (await bench.provider.wait_sent(sent + 1)).answer.callback(StubResponse(200, ok_body(0)))
+        await bench.provider.wait_sent(sent + 3)  # r1 and r2 in flight, r3 waits for a slot
+        if stop == "cancel":
+            await runner.cancel(created["id"])
+        elif stop == "expire":
+            bench.clock.advance(600)
+        else:
+            await runner.stopService()
+        await runner.settled(created["id"])
+        bid = created["id"]
+        assert sorted(ledger.kept) == [(f"{bid}-1", 200, None, False, False),
+                                       (f"{bid}-2", 499, {"prompt_tokens": 10}, True, True),
+                                       (f"{bid}-3", 499, {"prompt_tokens": 10}, True, True)], stop
+        if stop != "shutdown":
+            await runner.stopService()
 
 
 class CountedReads:

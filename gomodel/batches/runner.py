@@ -64,6 +64,7 @@ from gomodel.batches.validating import validate
 from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy,
                             StorageUnavailable, UpstreamUnreachable, shown)
 from gomodel.api.inference import held, key_priority, plan_model
+from gomodel.http.context import CLIENT_GONE, CLIENT_GONE_STATUS
 from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
@@ -101,14 +102,16 @@ class _Answer:
 
 class _NoAnswer:
     """A request that got no usable answer: C{reached}, where it was sent and no answer came (the upstream
-    timed out, or lost the connection), the C{(pool, replica index, model)} of its last such send (it read the
-    prompt: L{BatchRunner._account_unanswered}), else None; C{status}, its error's."""
+    timed out, or lost the connection, or the line was halted while it was there), the C{(pool, replica index,
+    model)} of its last such send (it read the prompt: L{BatchRunner._account_unanswered}), else None;
+    C{status}, its error's; C{gone}: the gateway left first (the line was halted)."""
 
-    def __init__(self, code, message, reached=None, status=None):
+    def __init__(self, code, message, reached=None, status=None, gone=False):
         self.code = code
         self.message = message
         self.reached = reached
         self.status = status
+        self.gone = gone
 
 
 def _relinked(previous_id, answer: bytes, model) -> bytes:
@@ -656,7 +659,7 @@ class BatchRunner(Service):
         continues a response the gateway does not hold (the upstream's 404 naming it is the line's
         C{previous_response_not_found}, as online), or None; C{kept}, a C{/v1/responses} line's body whose
         response the gateway keeps (L{_keep_response}), or None."""
-        outcome = await self._outcome(job, line, provider, call, slot)
+        outcome = await self._outcome(job, path, line, provider, call, slot)
         if (unheld is not None and isinstance(outcome, _Answer) and outcome.status == 404
                 and names_previous(outcome.body, unheld)):
             error = unknown_previous(unheld)
@@ -667,7 +670,7 @@ class BatchRunner(Service):
                 retried = await retried
             if retried is not None:
                 call, answer = retried
-                outcome = await self._outcome(job, line, provider, call, slot)
+                outcome = await self._outcome(job, path, line, provider, call, slot)
         if outcome is None:
             return  # halted: the line stays pending
         if isinstance(outcome, _NoAnswer) and outcome.reached is not None:
@@ -689,14 +692,19 @@ class BatchRunner(Service):
         ok, data = self._result(custom_id, outcome)
         await self._record(job, line, custom_id, ok, data)
 
-    async def _outcome(self, job, line, provider, call, slot):
+    async def _outcome(self, job, path, line, provider, call, slot):
         """Send one line's C{call} (L{_call}); fires with its L{_Answer} or L{_NoAnswer}, or None when the job
-        was halted meanwhile."""
-        upstream = Deferred.fromCoroutine(self._call(provider, call, f"{job.batch_id}-{line}", slot))
+        was halted meanwhile (the usage of a send it cut short is kept: L{_account_unanswered})."""
+        request_id = f"{job.batch_id}-{line}"
+        upstream = Deferred.fromCoroutine(self._call(provider, call, request_id, slot))
         job.upstream.add(upstream)
         try:
             return await upstream
-        except CancelledError:
+        except CancelledError as e:
+            reached = getattr(e, "reached", None)
+            if reached is not None:  # (in flight at a cancel, an expiry, a stop: vLLM read the prompt)
+                self._account_unanswered(job, path, _NoAnswer("cancelled", "", reached, CLIENT_GONE_STATUS, True),
+                                         request_id, call.body)
             return None
         except Exception:
             self.log.failure("batch {batch_id} line {line}: unexpected failure", batch_id=job.batch_id, line=line)
@@ -750,7 +758,8 @@ class BatchRunner(Service):
 
     def _account_unanswered(self, job, path, outcome, request_id, body):
         """Keep the usage record of one line sent upstream whose answer never came (C{outcome}, a L{_NoAnswer}
-        that C{reached} a replica) and charge it to its key's budgets: its prompt, estimated from the C{body} sent
+        that C{reached} a replica; a 499, C{client_gone}, for one the job's halt cut short) and charge it to its
+        key's budgets: its prompt, estimated from the C{body} sent
         (L{prompt_estimate}), which the upstream read, as an online request's is (L{gomodel.proxy.exchange})."""
         prompt = prompt_estimate(body)
         if not prompt:
@@ -759,7 +768,8 @@ class BatchRunner(Service):
         principal, model, usage = job.principal, f"{pool.name}/{upstream_model}", {"prompt_tokens": prompt}
         if self._usage is not None:
             self._usage.keep(request_id, self._clock.seconds(), pool.type, pool.name, replica, model, "/v1" + path,
-                             outcome.status, False, usage, estimated=True,
+                             outcome.status, False, usage, client_gone=outcome.gone, estimated=True,
+                             outcome=CLIENT_GONE if outcome.gone else None,
                              auth_key_id=None if principal is None else principal.id,
                              user_path=None if principal is None else principal.user_path)
         if self.tokens_counted is not None:
@@ -808,47 +818,53 @@ class BatchRunner(Service):
         delay = self._backoff_start
         attempt = 0
         reached = None  # the last send that reached a replica, no answer coming (L{_NoAnswer})
-        while True:
-            attempt += 1
-            last = attempt >= self._max_attempts
-            await slot.enter(provider)  # (held already unless a fallback was tried)
-            try:
-                fetched = await self._exchange.fetch(request_id.encode("ascii"), provider, call,
-                                                     entering=entering)
-            except (NoReadyReplica, ReplicasBusy):  # no replica can take it now: wait, it is no attempt
-                attempt -= 1
-                await self._sleep(delay)
-                delay = min(delay * 2, self._backoff_max)
-                continue
-            except UpstreamUnreachable as e:  # not reached, or it broke off its answer
-                reached = getattr(e, "reached", None) or reached
-                if last:
-                    return _NoAnswer(e.code, e.message, reached, e.status)
-                await self._sleep(delay)
-                delay = min(delay * 2, self._backoff_max)
-                continue
-            except GatewayError as e:  # a timeout (the upstream may still be working on it), too large
-                return _NoAnswer(e.code or "upstream_error", e.message, getattr(e, "reached", None) or reached,
-                                 e.status)
-            response = fetched.response
-            if response.code in TRANSIENT_STATUSES and not last:
-                await self._sleep(max(delay, min(_retry_after(response), self._backoff_max)))
-                delay = min(delay * 2, self._backoff_max)
-                continue
-            upstream_id = response.headers.getRawHeaders(b"x-request-id", [request_id.encode("ascii")])[0]
-            status, body = response.code, fetched.body
-            if status < 300 and is_event_stream(response.headers):  # (a line never streams: one answer asked for)
-                gather = gathered.BY_PATH.get(call.path)
-                if gather is not None:
-                    try:
-                        body = gather(body)
-                    except gathered.InBandError as e:
-                        status, body = e.status, e.body
-                    except StreamIncomplete as e:
-                        return _NoAnswer("bad_upstream_response", f"The upstream provider '{fetched.upstream.name}' "
-                                         f"streamed an answer that was asked for whole, and {e}.")
-            return _Answer(status, upstream_id.decode("latin-1"), body, fetched.upstream,
-                           fetched.model, fetched.replica, fetched.seconds)
+        try:
+            while True:
+                attempt += 1
+                last = attempt >= self._max_attempts
+                await slot.enter(provider)  # (held already unless a fallback was tried)
+                try:
+                    fetched = await self._exchange.fetch(request_id.encode("ascii"), provider, call,
+                                                         entering=entering)
+                except (NoReadyReplica, ReplicasBusy):  # no replica can take it now: wait, it is no attempt
+                    attempt -= 1
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self._backoff_max)
+                    continue
+                except UpstreamUnreachable as e:  # not reached, or it broke off its answer
+                    reached = getattr(e, "reached", None) or reached
+                    if last:
+                        return _NoAnswer(e.code, e.message, reached, e.status)
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self._backoff_max)
+                    continue
+                except GatewayError as e:  # a timeout (the upstream may still be working on it), too large
+                    return _NoAnswer(e.code or "upstream_error", e.message, getattr(e, "reached", None) or reached,
+                                     e.status)
+                response = fetched.response
+                if response.code in TRANSIENT_STATUSES and not last:
+                    await self._sleep(max(delay, min(_retry_after(response), self._backoff_max)))
+                    delay = min(delay * 2, self._backoff_max)
+                    continue
+                upstream_id = response.headers.getRawHeaders(b"x-request-id", [request_id.encode("ascii")])[0]
+                status, body = response.code, fetched.body
+                if status < 300 and is_event_stream(response.headers):  # (a line never streams: one answer asked)
+                    gather = gathered.BY_PATH.get(call.path)
+                    if gather is not None:
+                        try:
+                            body = gather(body)
+                        except gathered.InBandError as e:
+                            status, body = e.status, e.body
+                        except StreamIncomplete as e:
+                            return _NoAnswer("bad_upstream_response", f"The upstream provider "
+                                             f"'{fetched.upstream.name}' streamed an answer that was asked for "
+                                             f"whole, and {e}.")
+                return _Answer(status, upstream_id.decode("latin-1"), body, fetched.upstream,
+                               fetched.model, fetched.replica, fetched.seconds)
+        except CancelledError as e:  # halted: the send it cut short reached, or else an earlier one
+            if getattr(e, "reached", None) is None:
+                e.reached = reached
+            raise
 
     def _sleep(self, seconds):
         return deferLater(self._clock, seconds, lambda: None)

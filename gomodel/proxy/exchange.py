@@ -386,7 +386,8 @@ class Exchange:
             (L{gomodel.errors.UpstreamUnreachable} when the upstream could
             not be reached or broke off: worth trying again); an
             L{UpstreamTimeout} or L{UpstreamUnreachable} has a C{reached} as
-            L{_send}'s has (the answer's own replica where its body broke off).
+            L{_send}'s has (the answer's own replica where its body broke off), and so has a C{CancelledError}
+            once a replica took the request.
         """
         response, replica, upstream, model, sent, _ = await self._send(request_id, upstream, call, [], trace, entering)
         took = None
@@ -403,8 +404,8 @@ class Exchange:
         except BaseException as e:
             if trace is not None:
                 trace.failed(_error_type(e))
-            if isinstance(e, (UpstreamTimeout, UpstreamUnreachable)):
-                e.reached = (upstream, replica.index, model)  # (its answer came, but not whole)
+            if isinstance(e, (UpstreamTimeout, UpstreamUnreachable, CancelledError)):
+                e.reached = (upstream, replica.index, model)  # (its answer came, but not whole; or was cut short)
             raise
         finally:
             upstream.release(replica, took)
