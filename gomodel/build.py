@@ -278,7 +278,8 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     passthrough = Passthrough(config.upstreams.passthrough, gateway.registry, exchange, salts, store.responses)
     return GatewayApp(plain, responses, passthrough,
                       files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes),
-                      batches=BatchesAPI(store.batches, store.files, gateway.batch_runner, gateway.gate),
+                      batches=BatchesAPI(store.batches, store.files, gateway.batch_runner, gateway.gate,
+                                         config.limits.batch_output_expires_after or None),
                       admin=admin,
                       message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,
                                                         gateway.batch_runner, gateway.registry, gateway.gate),

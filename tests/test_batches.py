@@ -236,20 +236,49 @@ async def test_output_expires_after_gives_the_output_and_error_files_their_expir
     for file_id in (batch.output_file_id, batch.error_file_id):
         written = await in_thread(sdk.files.retrieve, file_id)
         assert written.expires_at == written.created_at + 7200
-    kept = await finished(gw, sdk, (await start_batch(sdk, lines)).id)  # none given: kept
-    assert (await in_thread(sdk.files.retrieve, kept.output_file_id)).expires_at is None
+    # None given: BATCH_OUTPUT_EXPIRES_AFTER's 30 days (before, the files and the results were kept for good).
+    default = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+    for file_id in (default.output_file_id, default.error_file_id):
+        written = await in_thread(sdk.files.retrieve, file_id)
+        assert written.expires_at == written.created_at + 30 * 86400
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_output_expires_after_0_keeps_the_files_and_results_of_a_batch_made_without_one(
+        reactor, fake, tmp_path, http):
+    """C{BATCH_OUTPUT_EXPIRES_AFTER=0}: the output and error files of a batch made without C{output_expires_after}
+    never expire, and its results stay whatever is done to its files; one made with it still expires."""
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                            "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_OUTPUT_EXPIRES_AFTER": "0"})
+    sdk = openai_client(gateway, KEY)
+    try:
+        lines = [chat_line("a"), chat_line("bad", fake_status=400, fake_body="{}")]
+        kept = await finished(gateway, sdk, (await start_batch(sdk, lines)).id)
+        assert (await in_thread(sdk.files.retrieve, kept.output_file_id)).expires_at is None
+        await in_thread(sdk.files.delete, kept.output_file_id)
+        with sqlite3.connect(tmp_path / "gomodel.db") as conn:
+            conn.execute("UPDATE files SET expires_at = 1 WHERE id = ?", (kept.error_file_id,))
+        response = await http.get(f"{gateway.url}/v1/batches/{kept.id}/results", headers=AUTH)
+        assert [r["custom_id"] for r in parse_jsonl(await treq.content(response))] == ["a", "bad"]
+        asked = await finished(gateway, sdk, (await start_batch(
+            sdk, lines, output_expires_after={"anchor": "created_at", "seconds": 7200})).id)
+        written = await in_thread(sdk.files.retrieve, asked.output_file_id)
+        assert written.expires_at == written.created_at + 7200
+    finally:
+        sdk.close()
+        await gateway.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_results_go_with_the_output_files_that_expired(sdk, gw, http, tmp_path):
     """C{GET /v1/batches/{id}/results} of a batch made with C{output_expires_after} serves the results of its
     files that have not expired: an expired output file's answers are gone there too (before, they were served
-    as long as the gateway ran, past the expiry the client asked for). Without an expiry, its results stay
-    whatever is done to its files."""
+    as long as the gateway ran, past the expiry the client asked for); so do those of a batch made without one
+    (BATCH_OUTPUT_EXPIRES_AFTER's: before, they stayed whatever was done to its files)."""
     lines = [chat_line("a"), chat_line("bad", fake_status=400, fake_body="{}")]
     expiring = await finished(gw, sdk, (await start_batch(
         sdk, lines, output_expires_after={"anchor": "created_at", "seconds": 3600})).id)
-    kept = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+    default = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
 
     async def results(batch):
         response = await http.get(f"{gw.url}/v1/batches/{batch.id}/results", headers=AUTH)
@@ -265,9 +294,10 @@ async def test_results_go_with_the_output_files_that_expired(sdk, gw, http, tmp_
     assert await results(expiring) == ["a"]
     expire(expiring.output_file_id)
     assert await results(expiring) == []
-    await in_thread(sdk.files.delete, kept.output_file_id)
-    expire(kept.error_file_id)
-    assert await results(kept) == ["a", "bad"]
+    await in_thread(sdk.files.delete, default.output_file_id)
+    assert await results(default) == ["bad"]
+    expire(default.error_file_id)
+    assert await results(default) == []
 
 
 @pytest_twisted.ensureDeferred

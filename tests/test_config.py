@@ -280,6 +280,17 @@ def test_files_max_bytes_allows_up_to_8gb():
         load_config({"BODY_SIZE_LIMIT": "2G"})
 
 
+def test_batch_output_expires_after_takes_openais_bounds_or_0():
+    """OpenAI's C{output_expires_after[seconds]} bounds (an hour to 30 days), or 0: never."""
+    assert load_config({}).limits.batch_output_expires_after == 30 * 86400
+    for text, seconds in (("0", 0), ("1h", 3600), ("30d", 30 * 86400), ("7200", 7200)):
+        assert load_config({"BATCH_OUTPUT_EXPIRES_AFTER": text}).limits.batch_output_expires_after == seconds
+    for bad in ("59m", "31d", "-1h", "never"):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"BATCH_OUTPUT_EXPIRES_AFTER": bad})
+        assert "BATCH_OUTPUT_EXPIRES_AFTER" in str(raised.value)
+
+
 def test_batch_concurrency_per_provider():
     assert load_config({}).limits.batch_concurrency_per_provider == 4
     assert load_config({"BATCH_CONCURRENCY_PER_PROVIDER": "16"}).limits.batch_concurrency_per_provider == 16
@@ -318,6 +329,7 @@ SAMPLES = {
     parsers.count: ("5", 5),
     parsers.workers: ("5", 5),
     parsers.days: ("5", 5),
+    parsers.output_expiry: ("2h", 7200),
     parsers.routing_strategy: ("round_robin", "round_robin"),
     parsers.limit: ("7", 7),
     parsers.ratio: ("2.5", 2.5),
@@ -361,7 +373,7 @@ def test_the_table_has_every_setting_once():
         "ADMIN_ENDPOINTS_ENABLED", "ADMIN_UI_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
         "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "REDIS_KEY_PREFIX", "OTEL_ENABLED",
         "STORAGE_TYPE", "POSTGRES_URL", "POSTGRES_MAX_CONNS", "BATCH_LEASE_TIMEOUT",
-        "BATCH_MAX_CLAIMED",
+        "BATCH_MAX_CLAIMED", "BATCH_OUTPUT_EXPIRES_AFTER",
     }
 
 

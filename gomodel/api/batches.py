@@ -5,8 +5,9 @@ result line of a finished batch (C{completed}, C{expired}, C{cancelled} or
 C{failed}) as JSONL (C{application/jsonl}) in input-line order: the lines of
 the output file and of the error file merged, one per answered request (none
 for a batch failed at validation). Before the batch has finished it answers
-409. The results of a batch made with C{output_expires_after} go with the file
-that held them once it expired (or was deleted).
+409. The results of a batch go with the file that held them once it expired
+(or was deleted): its C{output_expires_after}, or C{BATCH_OUTPUT_EXPIRES_AFTER}
+for a batch made without one.
 
 These routes show OpenAI batches only: a message batch (C{/v1/messages/batches},
 L{gomodel.anthropic.batches}), whose input file is the gateway's own, is
@@ -68,17 +69,20 @@ class BatchesAPI:
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
 
-    def __init__(self, batches, files, runner, gate=None):
+    def __init__(self, batches, files, runner, gate=None, output_expiry=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param files: the L{gomodel.store.interfaces.IFileStore} (input files are checked).
         @param runner: the L{gomodel.batches.runner.BatchRunner}.
         @param gate: the L{gomodel.limits.gate.Gate} (a managed key's spent budget refuses a batch), or None.
+        @param output_expiry: the C{output_expires_after} seconds of a batch made without one
+            (C{BATCH_OUTPUT_EXPIRES_AFTER}), or None: its files and results are kept.
         """
         self._batches = batches
         self._files = files
         self._runner = runner
         self._gate = gate
+        self._output_expiry = output_expiry
 
     @app.route("/", methods=["POST"])
     async def create(self, request):
@@ -108,7 +112,7 @@ class BatchesAPI:
             raise InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
         policy = body.get("output_expires_after")
         if policy is None:
-            output_expiry = None
+            output_expiry = self._output_expiry
         elif isinstance(policy, dict):
             output_expiry = expiry_seconds(policy.get("anchor"), policy.get("seconds"), "output_expires_after")
         else:

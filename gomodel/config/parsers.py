@@ -93,6 +93,18 @@ def positive_duration(value) -> float:
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
 
 
+def output_expiry(value) -> int:
+    """Whole seconds, like L{duration}, from an hour to 30 days (OpenAI's bounds of C{output_expires_after});
+    0: never.
+
+    @raise ValueError: not a duration, or out of range.
+    """
+    seconds = duration(value)
+    if seconds and not 3600 <= seconds <= 30 * 86400:
+        raise ValueError("must be 0 (never) or between 1h and 30d")
+    return round(seconds)
+
+
 def size(value, maximum=1024**3) -> int:
     """Bytes from C{10485760}, C{"10M"}, C{"500KB"}, C{"1G"}: between 1 KB and C{maximum} (1 GB).
 

@@ -218,6 +218,8 @@ class LimitsConfig:
     # How many batches one process runs at once at most; the others wait, unclaimed, for a
     # process (on any host) with room, and fresh ones go to the least busy process first.
     batch_max_claimed: int = setting("BATCH_MAX_CLAIMED", parsers.count, 8)
+    # The output_expires_after[seconds] of a batch made without one; 0: its files and results are kept.
+    batch_output_expires_after: int = setting("BATCH_OUTPUT_EXPIRES_AFTER", parsers.output_expiry, 30 * 86400)
 
 
 @dataclass(frozen=True)
