@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import openai
 import pytest
@@ -20,7 +21,9 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from gomodel.auth.keys import KeyRing
+from gomodel.batches import validating
 from gomodel.batches.runner import BatchRunner
+from gomodel.batches.validating import CustomIds
 from gomodel.proxy.exchange import Exchange
 from gomodel.config import Timeouts
 from gomodel.errors import Conflict, ModelNotFound, NotFound, StorageUnavailable, UpstreamUnreachable
@@ -1331,6 +1334,55 @@ async def test_a_cancellation_stored_by_another_process_reaches_the_one_running_
     assert (batch["status"], batch["completed"], batch["failed"]) == ("cancelled", 1, 0)
     assert [line["custom_id"] for line in await lines_of(bench.store, batch["output_file_id"])] == ["r0"]
     assert len(bench.provider.sent) == 3
+
+
+def test_a_validation_holds_a_digest_of_each_custom_id_not_the_id():
+    """A custom_id may be as long as its line (64 MiB): the validation holds a 16-byte digest of each (before,
+    each whole: a file's worth at most, for each batch validating), and only the first HELD_IDS of them."""
+    tracemalloc.start()
+    try:
+        ids = CustomIds()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20):
+            assert not ids.used("x" * 2**20 + str(i))
+        assert ids.used("x" * 2**20 + "7")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 64 * 1024  # (20 MiB of custom_ids before)
+    few = CustomIds(limit=2)
+    assert [few.used(cid) for cid in ("a", "b", "a", "c", "d")] == [False, False, True, False, False]
+    assert few.overflowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_custom_ids_past_those_held_in_memory_are_checked_in_the_store(bench, monkeypatch):
+    """Lines past the first HELD_IDS (2 here): one that repeats a custom_id held is found at once, those
+    that repeat one not held are found in the store once every line is stored; either fails the batch, naming
+    the line, and nothing is sent."""
+    monkeypatch.setattr(validating, "HELD_IDS", 2)
+    runner = bench.runner()
+
+    async def validated(custom_ids, unique=False):
+        content = jsonl({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "stub/m", "messages": []}} for cid in custom_ids)
+        file_id = new_file_id()
+        await bench.store.files.add(file_id, await put_blob(bench.store.blobs, file_id, content), "in.jsonl", "batch")
+        created = await runner.create("/v1/chat/completions", file_id, "1h", 3600, None)
+        for n in range(len(custom_ids) if unique else 0):  # (a valid batch runs: its lines are answered)
+            (await bench.provider.wait_sent(n + 1)).answer.callback(StubResponse(200, ok_body(n)))
+        await runner.settled(created["id"])
+        return await bench.store.batches.get(created["id"])
+
+    for custom_ids, lines in ((["a", "b", "c", "a"], [4]), (["a", "b", "c", "d", "c", "e", "d"], [5, 7])):
+        batch = await validated(custom_ids)
+        assert batch["status"] == "failed"
+        assert [(e["code"], e["line"], e["param"]) for e in batch["errors"]] == [
+            ("duplicate_custom_id", line, "custom_id") for line in lines]
+        assert "is used by an earlier line" in batch["errors"][0]["message"]
+        assert await bench.store.batches.pending(batch["id"], 0, 10) == []  # (its requests dropped)
+    assert bench.provider.sent == []
+    assert (await validated(["a", "b", "c", "d"], unique=True))["status"] == "completed"
 
 
 class KeptUsage:

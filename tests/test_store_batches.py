@@ -29,6 +29,23 @@ async def test_batch_updates_are_conditional(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_duplicates_are_the_requests_whose_custom_id_an_earlier_line_has(store):
+    """The store's check of a batch's custom_ids (one too large to hold them in memory): each request past the
+    first of its custom_id, in line order, up to a limit; another batch's are not counted."""
+    batches = store.batches
+    for batch_id in ("batch_1", "batch_2"):
+        await batches.add(batch(batch_id, status="validating"))
+    _, token = await batches.claim("batch_1", "me", 30)
+    rows = [(n, cid, b"{}") for n, cid in ((1, "a"), (2, "b"), (4, "a"), (5, "c"), (7, "b"), (8, "a"))]
+    await batches.add_requests("batch_1", rows, token)
+    _, other = await batches.claim("batch_2", "me", 30)
+    await batches.add_requests("batch_2", [(1, "c", b"{}"), (2, "d", b"{}")], other)
+    assert await batches.duplicates("batch_1", 10) == [(4, "a"), (7, "b"), (8, "a")]
+    assert await batches.duplicates("batch_1", 2) == [(4, "a"), (7, "b")]
+    assert await batches.duplicates("batch_2", 10) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_each_line_is_recorded_and_counted_exactly_once(store):
     batches = store.batches
     await batches.add(batch("batch_1", total=4))

@@ -1,5 +1,7 @@
 """The C{validating} step of a batch: read the input file in slices, check each line, store the requests."""
 
+from hashlib import blake2b
+
 from gomodel.api.inference import resolve_model
 from gomodel.batches.lines import PAGE_BYTES
 from gomodel.batches.validation import EVERY_LINE_ENDPOINTS, LineError, Request, check_line
@@ -9,6 +11,32 @@ LINES_PER_READ = 1000  # input lines validated at a time
 MAX_LINE_BYTES = 64 * 1024 * 1024
 MAX_ERRORS = 1000  # validation errors reported (the batch fails either way)
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+HELD_IDS = 100_000  # custom_ids a batch's validation holds in memory (OpenAI's batches have 50,000 lines at most)
+
+
+class CustomIds:
+    """The custom_ids of a batch's lines seen so far, to find one used twice: the first C{limit} held in memory,
+    each as a 16-byte digest (a custom_id may be as long as its line: before, each was held whole, a file's worth
+    at most), about 10 MB for L{HELD_IDS}; past them, C{overflowed} says that the store must find those used
+    twice once every line is stored (L{gomodel.store.interfaces.IBatchStore.duplicates})."""
+
+    __slots__ = ("_held", "_limit", "overflowed")
+
+    def __init__(self, limit=None):
+        self._held = set()
+        self._limit = HELD_IDS if limit is None else limit
+        self.overflowed = False
+
+    def used(self, custom_id: str) -> bool:
+        """Whether a line before used C{custom_id} (as far as those held tell), noting it as used."""
+        digest = blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if digest in self._held:
+            return True
+        if len(self._held) < self._limit:
+            self._held.add(digest)
+        else:
+            self.overflowed = True
+        return False
 
 
 async def validate(batches, blobs, registry, job, batch, now):
@@ -22,7 +50,7 @@ async def validate(batches, blobs, registry, job, batch, now):
     """
     batch_id, endpoint = job.batch_id, batch["endpoint"]
     await batches.clear_requests(batch_id, job.token)  # a validation cut short starts over
-    seen, resolved, errors, models = set(), {}, [], set()
+    seen, resolved, errors, models = CustomIds(), {}, [], set()
     count = number = offset = 0
     while True:
         if job.stop is not None:
@@ -43,12 +71,9 @@ async def validate(batches, blobs, registry, job, batch, now):
                 continue
             checked = check_line(raw, number, endpoint)
             if isinstance(checked, Request):
-                if checked.custom_id in seen:
-                    checked = LineError("duplicate_custom_id",
-                                        f"The custom_id '{shown(checked.custom_id)}' is used by an earlier line.",
-                                        "custom_id", number)
+                if seen.used(checked.custom_id):
+                    checked = _duplicate(checked.custom_id, number)
                 else:
-                    seen.add(checked.custom_id)
                     # (a message batch's request whose model cannot be used is its errored result: see the runner)
                     problem = None if endpoint in EVERY_LINE_ENDPOINTS else _model_problem(
                         registry, checked.model, resolved, job.principal)
@@ -70,6 +95,8 @@ async def validate(batches, blobs, registry, job, batch, now):
             break
     if not errors and count == 0:
         errors.append(LineError("empty_file", "The input file has no requests.", None, None))
+    if not errors and seen.overflowed:
+        errors = [_duplicate(custom_id, line) for line, custom_id in await batches.duplicates(batch_id, MAX_ERRORS)]
     if errors:
         await batches.clear_requests(batch_id, job.token)
         failed = await batches.update(
@@ -80,6 +107,11 @@ async def validate(batches, blobs, registry, job, batch, now):
                                     "model": models.pop() if len(models) == 1 else None},
                          only_if_status=("validating",), token=job.token)
     return True
+
+def _duplicate(custom_id, number) -> LineError:
+    return LineError("duplicate_custom_id", f"The custom_id '{shown(custom_id)}' is used by an earlier line.",
+                     "custom_id", number)
+
 
 def _model_problem(registry, model, resolved, principal):
     """None when C{model} resolves and the batch's key (C{principal}) may use it, else the error saying why."""

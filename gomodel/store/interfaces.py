@@ -221,6 +221,11 @@ class IBatchStore(Interface):
             L{gomodel.store.records.LeaseLost} (nothing removed) when C{token} is stale.
         """
 
+    def duplicates(batch_id, limit):
+        """@return: a Deferred firing with up to C{limit} stored requests C{(line, custom_id)} whose C{custom_id}
+        a request of an earlier line has, in line order (the check of a batch too large to hold its ids in
+        memory: L{gomodel.batches.validating.CustomIds})."""
+
     def pending(batch_id, after_line, limit, max_bytes=None):
         """@return: a Deferred firing with up to C{limit} requests C{(line, custom_id, body)} past
         C{after_line} that have no result yet, in line order; with C{max_bytes}, only while their bodies hold

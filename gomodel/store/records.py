@@ -56,6 +56,15 @@ def last_within(sizes, max_bytes: int):
     return last
 
 
+def duplicates_query(mark: str) -> str:
+    """The query of L{gomodel.store.interfaces.IBatchStore.duplicates} (batch id, limit), with C{mark} the
+    database's placeholder: each request past the first of its C{custom_id}, sorted by the database (on
+    disk where it must), not in memory here."""
+    return ("SELECT line, custom_id FROM (SELECT line, custom_id, ROW_NUMBER() OVER (PARTITION BY custom_id "
+            f"ORDER BY line) AS n FROM batch_requests WHERE batch_id = {mark}) d WHERE n > 1 ORDER BY line "
+            f"LIMIT {mark}")
+
+
 def within_bytes(conn, source, line, size, where, args, limit, max_bytes, mark):
     """C{(where, args)} narrowed to the rows of C{source} a page of at most C{max_bytes} takes (L{last_within}), in
     C{line} order, C{limit} at most: their C{size}s (C{length}, C{octet_length}: a blob's length without the blob)

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.postgresql.files import insert_file
-from gomodel.store.records import UNFINISHED, LeaseLost, tenant_list, within_bytes
+from gomodel.store.records import UNFINISHED, LeaseLost, duplicates_query, tenant_list, within_bytes
 
 BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
@@ -32,6 +32,7 @@ _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
 _UNFINISHED = list(UNFINISHED)
 # A lease anyone may take: none, or over by %s (a NULL owner with a future lease_until is a backoff).
 _FREE = "(lease_until IS NULL OR lease_until <= %s)"
+_DUPLICATES = duplicates_query("%s")
 
 
 @implementer(IBatchStore)
@@ -192,6 +193,13 @@ class PostgreSQLBatchStore:
             if token is not None:
                 _fence(conn, batch_id, token)
             conn.execute("DELETE FROM batch_requests WHERE batch_id = %s", (batch_id,))
+
+    def duplicates(self, batch_id, limit):
+        return self._db.run(self._duplicates, batch_id, limit)
+
+    @staticmethod
+    def _duplicates(conn, batch_id, limit):
+        return [tuple(r) for r in conn.execute(_DUPLICATES, (batch_id, limit)).fetchall()]
 
     def pending(self, batch_id, after_line, limit, max_bytes=None):
         return self._db.run(self._pending, batch_id, after_line, limit, max_bytes)

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
-from gomodel.store.records import UNFINISHED, LeaseLost, tenant_list, within_bytes
+from gomodel.store.records import UNFINISHED, LeaseLost, duplicates_query, tenant_list, within_bytes
 from gomodel.store.sqlite.rows import insert_rows, marks
 from gomodel.store.sqlite.files import insert_file
 
@@ -32,6 +32,7 @@ _JSON = ("errors", "metadata", "token_usage")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
 # A lease anyone may take: none, or over by ? (a NULL owner with a future lease_until is a backoff).
 _FREE = "(lease_until IS NULL OR lease_until <= ?)"
+_DUPLICATES = duplicates_query("?")
 
 
 @implementer(IBatchStore)
@@ -195,6 +196,12 @@ class SQLiteBatchStore:
             if token is not None:
                 _fence(conn, batch_id, token)
             conn.execute("DELETE FROM batch_requests WHERE batch_id = ?", (batch_id,))
+
+    def duplicates(self, batch_id, limit):
+        return self._db.run(self._duplicates, batch_id, limit)
+
+    def _duplicates(self, batch_id, limit):
+        return [tuple(r) for r in self._db.conn().execute(_DUPLICATES, (batch_id, limit)).fetchall()]
 
     def pending(self, batch_id, after_line, limit, max_bytes=None):
         return self._db.run(self._pending, batch_id, after_line, limit, max_bytes)
