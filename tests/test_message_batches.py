@@ -531,3 +531,27 @@ async def test_a_line_the_upstream_refused_the_gateways_key_for_is_an_api_error_
     got = (await results(client, made.id))["refused"]
     assert got.type == "errored" and got.error.error.type == "api_error", got
     assert "refused the gateway's credentials" in got.error.error.message and "sk-x" not in got.error.error.message
+async def test_results_and_counts_read_a_bounded_number_of_bytes_at_a_time(setup, monkeypatch):
+    """C{/results} and the counts of an ended message batch read its results in slices of at most C{PAGE_BYTES}
+    (and one more, whatever its size), as an OpenAI batch's do; before, 500 results of any size at a time (500
+    long messages: hundreds of MiB held for one read)."""
+    from gomodel.anthropic import batches as message_batches
+
+    monkeypatch.setattr(message_batches, "PAGE_BYTES", 1500)
+    gw, client, _, _ = setup
+    made = await in_thread(client.messages.batches.create, requests=[
+        request(f"r{i}", **({"fake_status": 400} if i % 3 == 0 else {})) for i in range(9)])
+    await ended(gw, client, made.id)
+    stored, sizes = gw.service.store.batches, []
+    read_results = stored.read_results
+
+    def reading(*args, **kwargs):
+        assert kwargs.get("max_bytes") == 1500, (args, kwargs)
+        return read_results(*args, **kwargs).addCallback(lambda got: sizes.append([len(r[3]) for r in got]) or got)
+
+    monkeypatch.setattr(stored, "read_results", reading)
+    batch = await in_thread(client.messages.batches.retrieve, made.id)  # (its counts: its error lines read)
+    assert (batch.request_counts.succeeded, batch.request_counts.errored) == (6, 3)
+    assert sorted((await results(client, made.id))) == [f"r{i}" for i in range(9)]
+    assert sizes and all(len(page) <= 1 or sum(page) <= 1500 for page in sizes), sizes
+    assert max(len(page) for page in sizes) > 1

@@ -35,6 +35,7 @@ from gomodel.api.inference import resolve_model
 from gomodel.api.producers import send_pages
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.batches.concluding import CANCELLED_CODE, EXPIRED_CODE
+from gomodel.batches.lines import PAGE_BYTES
 from gomodel.errors import Conflict, GatewayError, InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
@@ -295,7 +296,8 @@ class MessageBatchesAPI:
         request.setHeader(b"content-type", b"application/x-jsonl")
 
         def fetch(last):
-            return self._batches.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE)
+            return self._batches.read_results(batch_id, -1 if last is None else last[0], RESULTS_PAGE,
+                                              max_bytes=PAGE_BYTES)
 
         return await send_pages(request, fetch, result_line)
 
@@ -324,7 +326,7 @@ class MessageBatchesAPI:
             canceled = expired = 0
             after = -1
             while True:
-                rows = await self._batches.read_results(batch_id, after, RESULTS_PAGE, ok=False)
+                rows = await self._batches.read_results(batch_id, after, RESULTS_PAGE, ok=False, max_bytes=PAGE_BYTES)
                 if not rows:
                     break
                 for row in rows:
