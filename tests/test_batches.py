@@ -1424,6 +1424,32 @@ async def test_lines_in_flight_at_cancel_expiry_or_stop_are_usage_estimated_from
             await runner.stopService()
 
 
+class Unfinished(StubResponse):
+    """A response whose body starts and never ends."""
+
+    def deliverBody(self, protocol):
+        protocol.dataReceived(b'{"object": "chat.')
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_line_cut_while_its_answer_arrives_or_while_it_backs_off_is_usage_estimated_too(bench):
+    """A line cancelled while its answer's body was arriving, or while it backed off after a send that reached
+    its replica and broke off, is kept as one cancelled in flight: vLLM read its prompt."""
+    prompt = [{"role": "user", "content": "x" * 36}]  # 10 tokens, estimated (40 characters)
+    ledger = KeptUsage()
+    runner = bench.runner(concurrency=2, usage=ledger)
+    created = await bench.batch(runner, 2, messages=prompt)
+    (await bench.provider.wait_sent(1)).answer.callback(Unfinished(200))
+    lost = UpstreamUnreachable("The upstream provider 'stub' lost the connection.")
+    lost.sent = True
+    (await bench.provider.wait_sent(2)).answer.errback(lost)  # (it backs off a second, then tries again)
+    await runner.cancel(created["id"])
+    await runner.settled(created["id"])
+    bid = created["id"]
+    assert sorted(ledger.kept) == [(f"{bid}-1", 499, {"prompt_tokens": 10}, True, True),
+                                   (f"{bid}-2", 499, {"prompt_tokens": 10}, True, True)]
+
+
 class CountedReads:
     """The real batch store, counting the batch records its reads return."""
 
