@@ -36,11 +36,13 @@ async def test_duplicates_are_the_requests_whose_custom_id_an_earlier_line_has(s
     for batch_id in ("batch_1", "batch_2"):
         await batches.add(batch(batch_id, status="validating"))
     _, token = await batches.claim("batch_1", "me", 30)
-    rows = [(n, cid, b"{}") for n, cid in ((1, "a"), (2, "b"), (4, "a"), (5, "c"), (7, "b"), (8, "a"))]
+    long = "é" * 300
+    rows = [(n, cid, b"{}") for n, cid in ((1, "a"), (2, "b"), (4, "a"), (5, "c"), (7, "b"), (8, "a"), (9, long),
+                                           (10, long[:-1] + "x"), (11, long))]
     await batches.add_requests("batch_1", rows, token)
     _, other = await batches.claim("batch_2", "me", 30)
     await batches.add_requests("batch_2", [(1, "c", b"{}"), (2, "d", b"{}")], other)
-    assert await batches.duplicates("batch_1", 10) == [(4, "a"), (7, "b"), (8, "a")]
+    assert await batches.duplicates("batch_1", 10) == [(4, "a"), (7, "b"), (8, "a"), (11, long[:257])]
     assert await batches.duplicates("batch_1", 2) == [(4, "a"), (7, "b")]
     assert await batches.duplicates("batch_2", 10) == []
 

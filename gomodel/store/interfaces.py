@@ -223,8 +223,8 @@ class IBatchStore(Interface):
 
     def duplicates(batch_id, limit):
         """@return: a Deferred firing with up to C{limit} stored requests C{(line, custom_id)} whose C{custom_id}
-        a request of an earlier line has, in line order (the check of a batch too large to hold its ids in
-        memory: L{gomodel.batches.validating.CustomIds})."""
+        a request of an earlier line has, in line order, each C{custom_id} cut to its first 257 characters (the
+        check of a batch too large to hold its ids in memory: L{gomodel.batches.validating.CustomIds})."""
 
     def pending(batch_id, after_line, limit, max_bytes=None):
         """@return: a Deferred firing with up to C{limit} requests C{(line, custom_id, body)} past

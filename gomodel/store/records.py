@@ -59,9 +59,10 @@ def last_within(sizes, max_bytes: int):
 def duplicates_query(mark: str) -> str:
     """The query of L{gomodel.store.interfaces.IBatchStore.duplicates} (batch id, limit), with C{mark} the
     database's placeholder: each request past the first of its C{custom_id}, sorted by the database (on
-    disk where it must), not in memory here."""
-    return ("SELECT line, custom_id FROM (SELECT line, custom_id, ROW_NUMBER() OVER (PARTITION BY custom_id "
-            f"ORDER BY line) AS n FROM batch_requests WHERE batch_id = {mark}) d WHERE n > 1 ORDER BY line "
+    disk where it must), not in memory here; a C{custom_id} cut to its first 257 characters (what an error
+    shows of it: L{gomodel.errors.shown})."""
+    return ("SELECT line, substr(custom_id, 1, 257) FROM (SELECT line, custom_id, ROW_NUMBER() OVER (PARTITION BY "
+            f"custom_id ORDER BY line) AS n FROM batch_requests WHERE batch_id = {mark}) d WHERE n > 1 ORDER BY line "
             f"LIMIT {mark}")
 
 
