@@ -1450,6 +1450,45 @@ async def test_a_line_cut_while_its_answer_arrives_or_while_it_backs_off_is_usag
                                    (f"{bid}-2", 499, {"prompt_tokens": 10}, True, True)]
 
 
+class OverlappingWrites:
+    """The real batch store, counting the most result writes it had under way at once."""
+
+    def __init__(self, batches):
+        self._batches = batches
+        self.writing = self.most = 0
+
+    def __getattr__(self, name):
+        return getattr(self._batches, name)
+
+    def record_results(self, *args):
+        self.writing += 1
+        self.most = max(self.most, self.writing)
+
+        def done(result):
+            self.writing -= 1
+            return result
+
+        return self._batches.record_results(*args).addBoth(done)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lines_failing_before_they_are_sent_are_recorded_one_at_a_time(bench):
+    """Lines that fail before they are sent (their model gone, their key deactivated, its budget spent) are
+    recorded one after the other: before, a batch of such lines had every one of its writes under way at once
+    (a million lines whose model went away: a million results and Deferreds held while the store caught up)."""
+    batches = OverlappingWrites(bench.store.batches)
+    runner = bench.runner(batches=batches)
+    content = jsonl({"custom_id": f"r{i}", "method": "POST", "url": "/v1/messages",
+                     "body": {"model": "gone/m", "max_tokens": 1, "messages": []}} for i in range(300))
+    file_id = new_file_id()
+    await bench.store.files.add(file_id, await put_blob(bench.store.blobs, file_id, content), "in.jsonl", "batch")
+    created = await runner.create("/v1/messages", file_id, "24h", 3600, None)  # (its lines' models checked as sent)
+    await runner.settled(created["id"])
+    batch = await bench.store.batches.get(created["id"])
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 0, 300)
+    assert batches.most == 1
+
+
 class CountedReads:
     """The real batch store, counting the batch records its reads return."""
 

@@ -535,8 +535,7 @@ class BatchRunner(Service):
         except StorageUnavailable:
             raise  # the line stays pending: the job backs off
         except GatewayError as e:
-            self._track(job, self._record(job, line, custom_id, False,
-                                          error_line(custom_id, e.code or "invalid_request", e.message)))
+            await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
             return
         sem = self.semaphore(route.provider.name)
         job.waiting = sem.acquire()
@@ -551,9 +550,8 @@ class BatchRunner(Service):
             return
         if self._key_now(job) is False:
             sem.release()
-            self._track(job, self._record(job, line, custom_id, False, error_line(
-                custom_id, "invalid_api_key", "The API key that made the batch was deactivated or has expired: "
-                "its lines are not sent.")))
+            await self._unsent(job, line, custom_id, "invalid_api_key", "The API key that made the batch was "
+                               "deactivated or has expired: its lines are not sent.")
             return
         if self._gate is not None and not await self._within_budgets(job, line, custom_id, sem):
             return
@@ -590,10 +588,16 @@ class BatchRunner(Service):
             sem.release()
             if not isinstance(e, GatewayError) or isinstance(e, StorageUnavailable):
                 raise
-            self._track(job, self._record(job, line, custom_id, False,
-                                          error_line(custom_id, e.code or "invalid_request", e.message)))
+            await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
             return False
         return True
+
+    def _unsent(self, job, line, custom_id, code, message):
+        """Record the error C{code} of a line that is not sent, as L{_track} does; fires once it is written (or
+        its failure was taken in), so that a batch of such lines has one write under way at a time, not each."""
+        recorded = self._record(job, line, custom_id, False, error_line(custom_id, code, message))
+        self._track(job, recorded)
+        return recorded
 
     def _body_for(self, principal, payload, model, provider) -> bytes:
         """The body of a line (C{payload}, as the client wrote it) for C{model} at C{provider}, with what
