@@ -408,6 +408,30 @@ async def test_a_line_continuing_a_conversation_whose_earlier_turn_was_deleted_n
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_halted_while_it_reads_the_conversation_to_send_again_is_not_sent(reactor, sdk, gw, fake,
+                                                                                    monkeypatch):
+    """A batch cancelled while a line reads the stored conversation it is to be sent again with (its instance
+    forgot the response it continues) sends nothing more: the line is left unanswered, as the lines in flight
+    are; before, it was sent anyway, its answer awaited and recorded after the cancel (a stop waited for it)."""
+    from gomodel.batches import runner as runner_module
+
+    reading, read = Deferred(), runner_module.conversation
+    first = await in_thread(sdk.responses.create, model=MODEL, input="Remember 42.")
+    fake.stored_responses.clear()  # vLLM restarted
+    monkeypatch.setattr(runner_module, "conversation", lambda *args: reading.addCallback(
+        lambda _: ensureDeferred(read(*args))))
+    lines = [{"custom_id": "next", "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": "What number?", "previous_response_id": first.id}}]
+    created = await start_batch(sdk, lines, endpoint="/v1/responses")
+    await until(reactor, lambda: len([r for r in fake.requests if r.path == b"/v1/responses"]) == 2)
+    await in_thread(sdk.batches.cancel, created.id)
+    reading.callback(None)
+    batch = await finished(gw, sdk, created.id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("cancelled", 0, 0)
+    assert len([r for r in fake.requests if r.path == b"/v1/responses"]) == 2  # (the first, its line's 404)
+
+
+@pytest_twisted.ensureDeferred
 async def test_lines_whose_drawn_target_went_down_complete_from_the_other_target(reactor, tmp_path):
     """A virtual model's line drawn to a target that has no ready replica by the time it is sent (it went down
     while the line waited for room at its provider) is answered by the other target instead of waiting for the

@@ -531,6 +531,8 @@ async def test_a_line_the_upstream_refused_the_gateways_key_for_is_an_api_error_
     got = (await results(client, made.id))["refused"]
     assert got.type == "errored" and got.error.error.type == "api_error", got
     assert "refused the gateway's credentials" in got.error.error.message and "sk-x" not in got.error.error.message
+
+
 async def test_results_and_counts_read_a_bounded_number_of_bytes_at_a_time(setup, monkeypatch):
     """C{/results} and the counts of an ended message batch read its results in slices of at most C{PAGE_BYTES}
     (and one more, whatever its size), as an OpenAI batch's do; before, 500 results of any size at a time (500

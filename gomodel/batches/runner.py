@@ -698,7 +698,10 @@ class BatchRunner(Service):
 
     async def _outcome(self, job, path, line, provider, call, slot):
         """Send one line's C{call} (L{_call}); fires with its L{_Answer} or L{_NoAnswer}, or None when the job
-        was halted meanwhile (the usage of a send it cut short is kept: L{_account_unanswered})."""
+        was halted meanwhile (the usage of a send it cut short is kept: L{_account_unanswered}), or before (a line
+        to be sent again, halted as it made its second call: nothing more is sent)."""
+        if job.stop is not None:
+            return None
         request_id = f"{job.batch_id}-{line}"
         upstream = Deferred.fromCoroutine(self._call(provider, call, request_id, slot))
         job.upstream.add(upstream)
