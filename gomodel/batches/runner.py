@@ -24,7 +24,9 @@ or repeating an answer:
   - Past C{expires_at}: the lines not answered get C{batch_expired} errors and
     the batch ends C{expired}, with its files.
   - C{cancelling} -> C{cancelled}: requests in flight are cancelled (vLLM
-    aborts them); what was answered is kept in the files.
+    aborts them, having read their prompts: each is kept in the usage ledger,
+    estimated, as an expired or stopped batch's are); what was answered is
+    kept in the files.
 
 Any process may run any batch: the runner I{claims} it in the store (an
 owner, a lease of C{lease} seconds renewed as a heartbeat, a fencing token
