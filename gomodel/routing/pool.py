@@ -76,6 +76,7 @@ import re
 from collections import OrderedDict, deque
 from email.utils import parsedate_to_datetime
 from itertools import filterfalse
+from operator import attrgetter
 from math import inf
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -108,10 +109,13 @@ def clearly_slower(pace, fastest) -> bool:
     return pace > SLOWER * fastest and pace - fastest > PACE_NOISE
 
 
-def _waits(free, queued, batch, slower) -> dict:
+def _waits(free, queued, batch, slower) -> list:
     """Where every one of C{free} would queue a request: each one's wait (L{Replica.wait}) by
-    what it holds (C{queued}), for L{ReplicaPool._choose}."""
-    return {r: r.wait(queued[r], batch, slower.get(r, 1.0)) for r in free}
+    what it holds (C{queued}), in C{free}'s order, for L{ReplicaPool._choose}."""
+    return [r.wait(queued[r], batch, slower.get(r, 1.0)) for r in free]
+
+
+_in_flight = attrgetter("in_flight")  # (a replica's least_requests score where every weight is 1)
 
 
 class Replica:
@@ -480,6 +484,8 @@ class ReplicaPool:
         self._affinity = OrderedDict()  # session or prefix key -> (replica index, when it was last shared)
         self._by_url = {r.base_url: r.index for r in self.replicas}
         self._capped = any(r.limit for r in self.replicas)  # a replica can be full
+        # every weight is 1: a replica's count per unit of weight is its count (read in C, L{_in_flight})
+        self._unweighted = all(r.weight == 1 for r in self.replicas)
         self._resting = False  # a replica may still be waiting out its Retry-After (L{_awake})
         # What its load choice needs of its replicas, kept as they learn it (L{_learned}): the largest batch
         # size learned (0: none), whether any reports its load, and the lowest and highest learned pace
@@ -785,7 +791,8 @@ class ReplicaPool:
         # by its own count per unit of weight, as least_requests scores them.
         if strategy == "least_requests" or (not self._batch and not self._reported
                                             and (self._alike or self._paces_alike())):
-            return self._lowest({r: r.in_flight / r.weight for r in free}, affinity)
+            return self._lowest(free, list(map(_in_flight, free)) if self._unweighted
+                                else [r.in_flight / r.weight for r in free], affinity)
         now = self._clock.seconds()
         max_age = self._load_max_age
         batch = self._batch
@@ -822,8 +829,10 @@ class ReplicaPool:
             return self._choose_paced(free, scores, queued, batch, self._slower(free, fastest), now,
                                       affinity, size)
         if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
-            return self._lowest(_waits(free, queued, batch, {}), None)
-        return self._pick(scores, affinity, best, ties, lowest)
+            return self._lowest(free, _waits(free, queued, batch, {}), None)
+        if ties == 1 and affinity is None:
+            return lowest
+        return self._pick(list(scores), list(scores.values()), affinity, best, ties, lowest)
 
     def _choose_paced(self, free, scores, queued, batch, slower, now, affinity, size):
         """L{_choose} where some replicas are clearly slower (C{slower}, L{_slower}): one takes only what no
@@ -838,10 +847,10 @@ class ReplicaPool:
             if faster:
                 free, scores = faster, {}
         scores = {r: score * slower.get(r, 1.0) for r, score in scores.items()}
-        if not scores:
-            scores = _waits(free, queued, batch, slower)
-            affinity = None
-        replica = self._lowest(scores, affinity)
+        if scores:
+            replica = self._lowest(list(scores), list(scores.values()), affinity)
+        else:
+            replica = self._lowest(free, _waits(free, queued, batch, slower), None)
         if replica in slower:
             replica.rare = True
         return replica
@@ -855,30 +864,31 @@ class ReplicaPool:
                 slower[r] = times
         return slower
 
-    def _lowest(self, scores, affinity):
-        """The replica of C{scores} (replica -> score) with the lowest, or the warm one of C{affinity}
-        within the guard."""
-        values = list(scores.values())
-        best = min(values)
-        ties = values.count(best)
-        return self._pick(scores, affinity, best, ties, list(scores)[values.index(best)] if ties == 1 else None)
+    def _lowest(self, replicas, scores, affinity):
+        """The replica of C{replicas} with the lowest of C{scores} (each one's, in their order), or the warm
+        one of C{affinity} within the guard."""
+        best = min(scores)
+        ties = scores.count(best)
+        return self._pick(replicas, scores, affinity, best, ties, replicas[scores.index(best)] if ties == 1 else None)
 
-    def _pick(self, scores, affinity, best, ties, lowest):
-        """L{_lowest} of C{scores} whose lowest score C{best} C{ties} replicas share (C{lowest}, when one)."""
+    def _pick(self, replicas, scores, affinity, best, ties, lowest):
+        """L{_lowest} of C{replicas} and their C{scores} whose lowest score C{best} C{ties} replicas share
+        (C{lowest}, when one)."""
         if affinity is not None:
             known = self._affinity.get(affinity)
             if known is not None:
                 warm = self.replicas[known[0]]
-                if warm in scores and scores[warm] <= best * self._affinity_ratio + self._affinity_slack:
+                if warm in replicas and \
+                        scores[replicas.index(warm)] <= best * self._affinity_ratio + self._affinity_slack:
                     return warm
         if ties == 1:
             return lowest
         # Ties (an idle pool): take turns, so that equal replicas share the work.
         if ties == len(scores):
-            lowest = list(scores)
+            lowest = replicas
         else:
             lowest = []
-            for r, score in scores.items():
+            for r, score in zip(replicas, scores):
                 if score == best:
                     lowest.append(r)
         replica = lowest[self._next % ties]
