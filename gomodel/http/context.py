@@ -21,6 +21,7 @@ ERROR = "error"  # an error answer (4xx/5xx) went out whole
 CLIENT_GONE = "client_gone"  # the client left before the answer was complete
 STREAM_BROKEN = "stream_broken"  # the answer started, then the upstream failed it
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"
+DASH = "-"  # the access log's unknown
 PASSTHROUGH = "/p/{provider}/{endpoint}"  # the endpoint of every passthrough request (the metrics' label stays bounded)
 
 
@@ -234,37 +235,33 @@ class AccessLog:
         self._head = None
 
     def __call__(self, ctx: RequestContext):
-        method = ctx.method.decode("ascii", "replace")
-        path = ctx.path.decode("ascii", "replace")
-        duration_ms = ctx.duration * 1000
-        request_id = ctx.request_id.decode("ascii")
-        provider = ctx.provider or "-"
-        model = ctx.model or "-"
-        line = (f"{method} {path} {ctx.status} {duration_ms:.1f}ms request_id={request_id} "
-                f"provider={provider} model={model}")
-        # then what is known of it: its replica, key and tokens; how it ended, unless it went out whole
-        if ctx.replica is not None:
-            line += f" replica={ctx.replica}"
-        if ctx.key is not None:
-            line += f" key={ctx.key}"
         usage = ctx.usage
+        tokens = ""
         if usage:  # (L{RequestContext.tokens}, its common case inline: the line is written for every request)
             prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if prompt_tokens is None or completion_tokens is None:
                 prompt_tokens, completion_tokens = ctx.tokens
+            if prompt_tokens is not None or completion_tokens is not None:
+                tokens = (f" prompt_tokens={DASH if prompt_tokens is None else prompt_tokens}"
+                          f" completion_tokens={DASH if completion_tokens is None else completion_tokens}")
         else:
             prompt_tokens = completion_tokens = None
-        if prompt_tokens is not None or completion_tokens is not None:
-            line += (f" prompt_tokens={'-' if prompt_tokens is None else prompt_tokens}"
-                     f" completion_tokens={'-' if completion_tokens is None else completion_tokens}")
-        if ctx.retries:
-            line += f" retries={ctx.retries}"
         outcome = ctx.outcome
         error = ctx.error
+        ended = ""
         if outcome is not OK and outcome is not None:
             if error is None and ctx.status >= 500 and ctx.provider is not None:
                 error = f"http_{ctx.status}"  # (the upstream's own, relayed: as gomodel_upstream_errors_total names it)
-            line += f" outcome={outcome} error={error}" if error else f" outcome={outcome}"
+            ended = f" outcome={outcome} error={error}" if error else f" outcome={outcome}"
+        replica = ctx.replica
+        key = ctx.key
+        retries = ctx.retries
+        # one f-string: then what is known of it, its replica, key and tokens; how it ended, unless it went out whole
+        line = (f"{ctx.method.decode('ascii', 'replace')} {ctx.path.decode('ascii', 'replace')} {ctx.status} "
+                f"{ctx.duration * 1000:.1f}ms request_id={ctx.request_id.decode('ascii')} "
+                f"provider={ctx.provider or DASH} model={ctx.model or DASH}"
+                f"{'' if replica is None else f' replica={replica}'}{'' if key is None else f' key={key}'}"
+                f"{tokens}{f' retries={retries}' if retries else ''}{ended}")
         log = self._log
         observers = self._observers
         if len(observers) == 1 and observers[0].__class__ is TextObserver:
@@ -278,13 +275,13 @@ class AccessLog:
                 pass  # the event says so: the publisher logs an observer that fails
         log.observer({
             "log_line": line,
-            "method": method,
-            "path": path,
+            "method": ctx.method.decode("ascii", "replace"),
+            "path": ctx.path.decode("ascii", "replace"),
             "status": ctx.status,
-            "duration_ms": duration_ms,
-            "request_id": request_id,
-            "provider": provider,
-            "model": model,
+            "duration_ms": ctx.duration * 1000,
+            "request_id": ctx.request_id.decode("ascii"),
+            "provider": ctx.provider or DASH,
+            "model": ctx.model or DASH,
             "replica": ctx.replica,
             "key": ctx.key,
             "stream": ctx.stream or ctx.asked_stream,
