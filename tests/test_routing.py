@@ -1730,3 +1730,23 @@ def test_a_replica_whose_metrics_scrape_fails_is_logged_once_a_streak():
     assert scrapes == [("warn", "metrics scrape failed"), ("info", "metrics scrape answers again"),
                        ("warn", "metrics scrape failed")]
     assert not pages
+
+
+def test_the_fewest_in_flight_per_weight_take_turns_among_those_tied():
+    """Scored by their requests in flight per unit of weight (every weight 1: the count itself), the
+    lowest wins; replicas tied on it take turns, the others never chosen; a weight of 2 halves a score."""
+    clock = Clock()
+    for weights in ((1, 1, 1, 1), (2.0, 2.0, 2.0, 2.0), (1, 2.0, 1, 1)):
+        replicas = [Replica(i, _Server(), f"http://r{i}/v1", clock, weight=w) for i, w in enumerate(weights)]
+        for replica in replicas:
+            replica.models, replica.state = None, READY
+        pool = ReplicaPool("vllm", "vllm", replicas, clock, strategy="least_requests")
+        for replica, in_flight in zip(replicas, (3, 1, 2, 1)):
+            replica.in_flight = in_flight
+        chosen = []
+        for _ in range(4):
+            replica = pool.take(None)
+            chosen.append(replica.index)
+            pool.release(replica)
+        # r1 has 1 in flight and weight 2 in the third pool: 0.5, alone the lowest
+        assert chosen == ([1, 1, 1, 1] if weights[1] == 2.0 and weights[0] == 1 else [1, 3, 1, 3]), (weights, chosen)

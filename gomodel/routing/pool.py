@@ -75,8 +75,8 @@ import random
 import re
 from collections import OrderedDict, deque
 from email.utils import parsedate_to_datetime
-from itertools import filterfalse
-from operator import attrgetter
+from itertools import compress, filterfalse, repeat
+from operator import attrgetter, eq
 from math import inf
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -884,13 +884,8 @@ class ReplicaPool:
         if ties == 1:
             return lowest
         # Ties (an idle pool): take turns, so that equal replicas share the work.
-        if ties == len(scores):
-            lowest = replicas
-        else:
-            lowest = []
-            for r, score in zip(replicas, scores):
-                if score == best:
-                    lowest.append(r)
+        # (those scoring C{best} picked out in C: no loop here, no closure cell of a comprehension)
+        lowest = replicas if ties == len(scores) else list(compress(replicas, map(eq, scores, repeat(best))))
         replica = lowest[self._next % ties]
         self._next += 1
         return replica
