@@ -1008,6 +1008,24 @@ def test_a_lane_refused_a_concurrency_slot_gives_back_what_its_buckets_gave(cloc
     assert lane.admit(7, clock.seconds(), AnswerHeaders()) is not None
 
 
+def test_a_lane_of_several_slots_takes_none_unless_every_one_has_room(clock, counters):
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.limits.lanes import Lane
+
+    scopes = [("key:k", RateLimit(concurrent=2)), ("path:/a", RateLimit(concurrent=1))]
+    limiter = Limiter(counters, clock)
+    prepared = limiter.prepare(scopes)
+    (key_slot, _), (path_slot, _) = prepared.slots
+    lane = Lane(scopes, limiter, prepared, None, ())
+    first = lane.admit(1, clock.seconds(), AnswerHeaders())
+    assert first is not None and counters.held(key_slot) == 1 and counters.held(path_slot) == 1
+    assert lane.admit(1, clock.seconds(), AnswerHeaders()) is None  # the path's one slot is held
+    assert counters.held(key_slot) == 1 and counters.held(path_slot) == 1  # nothing taken of the key's
+    lane.finish(first, 1, False, None)
+    assert counters.held(key_slot) == 0 and counters.held(path_slot) == 0
+    assert lane.admit(1, clock.seconds(), AnswerHeaders()) is not None
+
+
 def test_a_lanes_slot_held_across_a_sweep_is_freed_where_every_path_counts_it(clock):
     from gomodel.http.headers import AnswerHeaders
     from gomodel.limits.lanes import Lane

@@ -223,7 +223,7 @@ class LocalCounters(_Forms):
         self._sums = {}  # bucket -> [tokens, cost, expires_at]
         self._ids = itertools.count(1)
         self._sweep_every = sweep_every
-        self._ops = 0
+        self._ops_left = sweep_every  # operations until the next sweep
         self.epoch = 0  # bumped by every sweep: cells handed out before it may be gone
 
     def admit(self, specs, slots):
@@ -415,8 +415,9 @@ class LocalCounters(_Forms):
 
     def tick(self, now):
         """Count an operation; every C{sweep_every} operations, sweep (a new L{epoch})."""
-        self._ops += 1
-        if self._ops % self._sweep_every == 0:
+        self._ops_left -= 1
+        if not self._ops_left:
+            self._ops_left = self._sweep_every
             self._sweep(now)
 
     def _sweep(self, now):

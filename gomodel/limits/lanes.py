@@ -29,7 +29,7 @@ class Lane:
     """
 
     __slots__ = ("scopes", "_clock", "_counters", "_epoch", "_first", "_until", "_prepared", "_buckets",
-                 "_token_buckets", "_slots", "_budgets", "_sums", "_header_plan")
+                 "_token_buckets", "_slots", "_slot", "_slot_limit", "_budgets", "_sums", "_header_plan")
 
     def __init__(self, scopes, limiter, prepared, current, header_plan):
         """
@@ -64,7 +64,9 @@ class Lane:
         self._token_buckets = [(cell, refill) for cell, _, refill, tokens, _, _ in self._buckets if tokens]
         # its concurrency slots' cells and limits (L{gomodel.limits.counters.LocalCounters.slot_cell}):
         # a request's lease is this list, freed by L{finish} in place
-        self._slots = [(counters.slot_cell(bucket), limit) for bucket, limit in prepared.slots] or None
+        self._slots = slots = [(counters.slot_cell(bucket), limit) for bucket, limit in prepared.slots] or None
+        # where it has one slot (a key's max_concurrency alone), that slot's cell and limit: no loop over them
+        self._slot, self._slot_limit = slots[0] if slots is not None and len(slots) == 1 else (None, 0)
         self._budgets = current.limits if current is not None else ()
         self._sums = current.cells if current is not None else None
         self._first, self._until = (current.first, current.last) if current is not None else (-INF, INF)
@@ -104,12 +106,19 @@ class Lane:
                 lines += last[1]
         lease = self._slots  # the counters count this process's slots
         if lease is not None:
-            for cell, limit in lease:
-                if cell[0] >= limit:
+            cell = self._slot
+            if cell is not None:  # its one slot
+                if cell[0] >= self._slot_limit:
                     self._give_back(None, tokens)
                     return None
-            for cell, _ in lease:
                 cell[0] += 1
+            else:
+                for cell, limit in lease:
+                    if cell[0] >= limit:
+                        self._give_back(None, tokens)
+                        return None
+                for cell, _ in lease:
+                    cell[0] += 1
         self._counters.tick(now)
         if self._header_plan:
             lines = header_lines(self._header_plan, self._prepared.buckets, [b[0][0] for b in self._buckets])
