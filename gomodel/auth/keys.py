@@ -114,19 +114,14 @@ class Principal:
                    budgets=record.get("budgets"), priority=record.get("priority"),
                    own_cache_salt=record.get("own_cache_salt", False))
 
-    def allows(self, *names) -> bool:
-        """Whether the key may use a model known by any of C{names} (as the client named it, or
-        qualified as routed, C{provider/model}).
+    def allows(self, name) -> bool:
+        """Whether the key may use a model known by C{name} (as the client named it, or qualified as
+        routed, C{provider/model}).
 
         A selector is a provider (C{vllm/}), a qualified model (C{vllm/meta-llama/X}), a bare or
         virtual model name, or C{/} for everything.
         """
-        if self.models is None:
-            return True
-        for name in names:
-            if name in self._exact or name.startswith(self._prefixes):
-                return True
-        return False
+        return self.models is None or name in self._exact or name.startswith(self._prefixes)
 
     def names(self, model_id: str) -> bool:
         """Whether the key's selectors name C{model_id}, a model's id at its provider, as it is: a bare
