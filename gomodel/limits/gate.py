@@ -207,7 +207,10 @@ class Gate(Periodic):
                 return None
             budgets, scopes, own = (), targets, None
         else:
-            _, budgets, limits, own = self._plan(principal)
+            plan = self._plans.get(principal.cache_key)  # (L{_plan}'s look-up, inline: every request of a key)
+            if plan is None or plan[0] is not principal:
+                plan = self._plan(principal)
+            _, budgets, limits, own = plan
             scopes = self._with_targets(limits, targets) if targets else limits
             if not scopes and not budgets:
                 return None
