@@ -415,10 +415,10 @@ async def test_a_line_halted_while_it_reads_the_conversation_to_send_again_is_no
     are; before, it was sent anyway, its answer awaited and recorded after the cancel (a stop waited for it)."""
     from gomodel.batches import runner as runner_module
 
-    reading, read = Deferred(), runner_module.conversation
+    reading, read = Deferred(), runner_module.with_history
     first = await in_thread(sdk.responses.create, model=MODEL, input="Remember 42.")
     fake.stored_responses.clear()  # vLLM restarted
-    monkeypatch.setattr(runner_module, "conversation", lambda *args: reading.addCallback(
+    monkeypatch.setattr(runner_module, "with_history", lambda *args: reading.addCallback(
         lambda _: ensureDeferred(read(*args))))
     lines = [{"custom_id": "next", "method": "POST", "url": "/v1/responses",
               "body": {"model": MODEL, "input": "What number?", "previous_response_id": first.id}}]
