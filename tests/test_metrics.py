@@ -231,6 +231,23 @@ async def test_metrics_need_the_key_unless_told_otherwise_and_can_be_off(reactor
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_scrape_with_a_trailing_slash_counts_under_the_metrics_endpoint(reactor, http, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "METRICS_ENDPOINT": "/stats"})
+    try:
+        for path in ("/stats/", "/stats/"):
+            response = await http.get(gw.url + path, headers=KEY)
+            assert response.code == 200
+            found = samples((await response.content()).decode())
+        # one series for the scrape, however it is spelled (it was a second endpoint, "/stats/")
+        assert value(found, "gomodel_requests_in_flight", endpoint="/stats") == 1
+        assert value(found, "gomodel_requests_total", endpoint="/stats") == 1
+        assert {dict(labels)["endpoint"] for name, labels in found if name == "gomodel_requests_total"} == {"/stats"}
+    finally:
+        await gw.service.stopService()
+
+
 def test_a_dead_workers_live_gauges_are_forgotten(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     for name in ("gauge_livesum_4242.db", "gauge_livesum_4343.db", "counter_4242.db"):

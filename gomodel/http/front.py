@@ -36,7 +36,8 @@ class FrontResource(Resource):
             returning the body), or None for any other request.
         @param sinks: callables of a completed L{RequestContext} (the access log, metrics, ...).
         @param starts: callables of a new L{RequestContext} (metrics' requests in flight).
-        @param pages: exact path -> function of a GET request returning its body (C{/metrics}).
+        @param pages: exact path -> function of a GET request returning its body (C{/metrics}; C{/metrics/}
+            too, counted as C{/metrics}).
         @param exact: exact path -> coroutine function C{(request, ctx)}, for POSTs;
             it returns the body to write, or None once it wrote the answer.
         @param dialects: exact path -> error dialect (OpenAI's unless named).
@@ -57,6 +58,11 @@ class FrontResource(Resource):
         self._starts = tuple(starts)
         self._exact = exact or {}
         self._pages = pages or {}
+        # The route an exact path or a page is counted under (the metrics' C{endpoint}): a page's path with its
+        # trailing slash is its other spelling (C{/metrics/}), the same route.
+        self._endpoints = {path: path.decode("ascii") for path in self._exact}
+        self._endpoints.update((path, (path[:-1] if path[:-1] in self._pages else path).decode("ascii"))
+                               for path in self._pages)
         self._dialects = dialects or {}
         self._dialect_of = dialect_below
         self._body_limit = body_limit
@@ -80,15 +86,15 @@ class FrontResource(Resource):
         if handler is None or request.method != b"POST":
             request.ending = partial(_ended, request=request, ctx=ctx)
             if refusal is not None:
-                if request.path in self._exact or request.path in self._pages:  # (its route's, in the metrics)
-                    ctx.endpoint = request.path.decode("ascii")
+                if request.path in self._endpoints:  # (its route's, in the metrics)
+                    ctx.endpoint = self._endpoints[request.path]
                 elif request.path.startswith(b"/p/"):
                     ctx.endpoint = PASSTHROUGH
                 self._dialect_below(request, ctx)
                 return render.render(request, refusal, ctx.dialect)
             page = self._pages.get(request.path)
             if page is not None:
-                ctx.endpoint = request.path.decode("ascii")
+                ctx.endpoint = self._endpoints[request.path]
                 if request.method in (b"GET", b"HEAD"):
                     return page(request)
                 return render.render(request, errors.MethodNotAllowed(
