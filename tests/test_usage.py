@@ -409,6 +409,44 @@ async def test_a_store_down_is_logged_once_a_streak_of_failed_flushes(reactor, t
 
 
 @pytest_twisted.ensureDeferred
+async def test_records_dropped_past_the_buffer_while_the_store_is_down_are_said_to_be_lost(reactor, tmp_path,
+                                                                                           monkeypatch):
+    # before: past MAX_BUFFER the oldest records went unsaid, while the streak's warning said they were kept
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, Logger, formatEvent
+
+    from gomodel.accounting import usage
+    from tests.stores import down_postgresql, postgresql_backend
+
+    monkeypatch.setattr(usage, "MAX_BUFFER", 3)
+    down = await down_postgresql(reactor)
+    up = await postgresql_backend(reactor, tmp_path, Clock())
+    try:
+        ledger = usage.UsageLedger(down.usage, down.claims, Clock(), "test", flush_interval=5.0)
+        events = []
+        ledger.log = Logger(observer=events.append)
+        for i in range(6):
+            ledger.keep(f"r{i}", 100.0 + i, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", 200, False, None)
+            if i == 2:
+                await ledger.flush()  # the streak's warning; the three kept
+        levels = [e["log_level"] for e in events]
+        assert levels == [LogLevel.warn, LogLevel.error]  # one line for the drops, not one a record
+        assert "dropped" in formatEvent(events[1]) and "3" in formatEvent(events[1])
+        ledger._usage = up.usage  # the database is back
+        await ledger.flush()
+        assert [r["request_id"] for r in (await up.usage.log(0, 1e9, 10))[0]] == ["r5", "r4", "r3"]
+        said = [formatEvent(e) for e in events[2:]]
+        assert any("3 usage records were dropped" in line for line in said), said
+        ledger.keep("r6", 106.0, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", 200, False, None)
+        await ledger.flush()
+        assert len(events) == 2 + len(said)  # nothing more to say
+    finally:
+        await down.stopService()
+        await up.stopService()
+        await up.cleanup()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_ledgers_summary_adds_what_it_holds_still_as_the_store_sums_it(reactor, sqlite_store):
     """What C{GET /v1/usage} counts: written records and those not yet written, under the same filters."""
     from twisted.internet.task import Clock

@@ -25,7 +25,7 @@ from gomodel.store.records import USAGE_FIELDS
 from gomodel.store.sweeps import claimed
 
 RETENTION_INTERVAL = 86400.0
-MAX_BUFFER = 100000  # records kept while the store cannot take them; the oldest go first
+MAX_BUFFER = 100000  # records kept while the store cannot take them; past it the oldest go first (said: L{_drop})
 # Records waiting that start a write at once, before the next tick: under load the buffer would otherwise
 # hold USAGE_FLUSH_INTERVAL's worth (about 330 bytes each: 3 MiB at 2,000 requests a second over 5 s).
 FLUSH_AT = 1000
@@ -55,6 +55,7 @@ class UsageLedger(Service):
         # A store down fails every flush: one warning a streak (the records are kept), an info line at its end.
         self._flushes = FailureStreak(self, "writing usage records failed; they are kept for the next flush",
                                       "usage records are written again")
+        self._dropped = 0  # records dropped past MAX_BUFFER since the store last took some
 
     def __call__(self, ctx):
         """A request is over: keep its record if it reached an upstream."""
@@ -93,7 +94,17 @@ class UsageLedger(Service):
         if waiting == FLUSH_AT:
             self._clock.callLater(0, self.flush)  # on the reactor's next turn, not in this request's end
         elif waiting > MAX_BUFFER:
-            del self._buffer[:waiting - MAX_BUFFER]
+            self._drop(waiting - MAX_BUFFER)
+
+    def _drop(self, count):
+        """Drop the C{count} oldest records waiting: the store has not taken them while L{MAX_BUFFER} more came.
+        Said in one error line when the drops begin, and in one line with their number once it takes records
+        again (the streak's warning said that records were kept)."""
+        del self._buffer[:count]
+        if not self._dropped:
+            self.log.error("{most} usage records are waiting for the store: the oldest are dropped (lost) until it "
+                           "takes them again", most=MAX_BUFFER)
+        self._dropped += count
 
     def spent(self, scope, since):
         """What a budget scope spent since C{since} (see L{gomodel.store.interfaces.IUsageStore.spent}): the
@@ -188,7 +199,15 @@ class UsageLedger(Service):
                 half = len(records) // 2
                 return self._add(records[:half]).addCallback(lambda _: self._add(records[half:]))
 
-        return self._usage.add(records).addCallbacks(self._flushes.succeeded, failed)
+        return self._usage.add(records).addCallbacks(self._written, failed)
+
+    def _written(self, _):
+        """The store took records: the streak, and any drops (L{_drop}), are over."""
+        self._flushes.succeeded()
+        if self._dropped:
+            self.log.warn("{count} usage records were dropped (lost) while the store could not take them",
+                          count=self._dropped)
+            self._dropped = 0
 
     def startService(self):
         super().startService()
