@@ -4,7 +4,9 @@ On SIGTERM or SIGINT the gateway drains: its listeners close (new
 connections are refused), C{/health/ready} answers 503 on connections still
 open, each connection still open closes after its answer in progress or its
 next one (which says C{Connection: close}), requests (those whose body is
-still arriving too) and streams in flight go on for up to C{SHUTDOWN_TIMEOUT};
+still arriving too) and streams in flight go on for up to C{SHUTDOWN_TIMEOUT},
+and the answers written go on reaching their clients within it (a whole answer
+a slow client has not read yet is not cut off by the stop);
 what is left then is cut (its upstream connections close, so vLLM aborts):
 a request whose answer had not started gets a 503 (L{gomodel.errors.ShuttingDown})
 and its connection closes after it, an event stream ends with its error event,
@@ -29,6 +31,9 @@ from gomodel.http.headers import is_event_stream
 CUT = ShuttingDown.code
 # Seconds the connections cut get to close and their requests to be recorded before the services stop anyway.
 CUT_GRACE = 1.0
+# Seconds between two looks, once no request is in flight, at whether the connections still hold answer bytes
+# their clients have not read (L{Drain._written}); only while draining.
+UNSENT_POLL = 0.05
 
 
 class Drain:
@@ -54,6 +59,7 @@ class Drain:
         self._unread = 0  # requests a drain found with their body still arriving (L{_count_unread})
         self.draining = False
         self._idle = None
+        self._look = None  # the next look at the bytes not yet sent (L{_written}), while one is due
 
     @property
     def in_flight(self) -> int:
@@ -66,8 +72,30 @@ class Drain:
     def __call__(self, ctx):
         self.live.discard(ctx)
         if self._idle is not None and not self.live and not self._unread:
-            idle, self._idle = self._idle, None
-            idle.callback(None)
+            self._written()
+
+    def _written(self):
+        """Fire the drain's Deferred once the client connections hold no answer bytes not yet handed to the kernel
+        (a whole answer written at once, its client reading it slowly: the reactor's stop, after the services',
+        closes every connection at once, which would cut it); else look again in L{UNSENT_POLL} seconds."""
+        self._look = None
+        if self._idle is None or self.live or self._unread:  # (a kept-alive connection's next request meanwhile)
+            return  # (its end looks again)
+        if self._unsent():
+            self._look = self._reactor.callLater(UNSENT_POLL, self._written)
+            return
+        idle, self._idle = self._idle, None
+        idle.callback(None)
+
+    def _unsent(self) -> bool:
+        """Whether a client connection holds bytes not yet handed to the kernel."""
+        return self.site is not None and any(_twistedcompat.unsent(channel.transport)
+                                             for channel in self.site.channels)
+
+    def _stop_looking(self):
+        if self._look is not None and self._look.active():
+            self._look.cancel()
+        self._look = None
 
     def drain(self) -> Deferred:
         """Stop listening, wait for what is in flight (at most the timeout), cut the rest.
@@ -85,10 +113,12 @@ class Drain:
             self.site.close_after_answers()  # kept-alive connections move to other hosts
             self._count_unread()
         _twistedcompat.exit_cleanly(self._reactor)
-        if self.in_flight == 0:
+        if self.in_flight == 0 and not self._unsent():
             return succeed(None)
         self._idle = Deferred()
         self._idle.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)
+        if self.in_flight == 0:  # (answers still being sent)
+            self._written()
         return self._idle
 
     def _count_unread(self):
@@ -110,8 +140,13 @@ class Drain:
 
     def _cut(self, result, timeout):
         self._idle = None
-        self.log.warn("drain: {count} requests still in flight after {timeout:g}s; closing them",
-                      count=self.in_flight, timeout=timeout)
+        self._stop_looking()
+        if self.in_flight:
+            self.log.warn("drain: {count} requests still in flight after {timeout:g}s; closing them",
+                          count=self.in_flight, timeout=timeout)
+        else:
+            self.log.warn("drain: answers not yet read by their clients after {timeout:g}s; closing their "
+                          "connections", timeout=timeout)
         if self.site is not None:
             closing = set()  # those closing after what they were just told (a 503, a stream's error event)
             for channel in list(self.site.channels):
@@ -129,6 +164,7 @@ class Drain:
 
     def _stop_anyway(self, result, timeout):
         self._idle = None
+        self._stop_looking()
         return None
 
 

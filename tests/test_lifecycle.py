@@ -150,6 +150,38 @@ async def _wait_for(reactor, predicate, what, steps=400):
 READY = b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+def test_a_request_that_comes_while_the_drain_waits_for_unsent_answers_is_waited_for_too(monkeypatch):
+    """A kept-alive connection's next request, sent while the last answers were still leaving: the drain ended
+    once they had left, its services stopped while that request was in flight."""
+    clock, unsent = Clock(), {"bytes": 1000}
+
+    class Channel:
+        requests = []  # (none whose body is arriving)
+        transport = None
+
+    class Site:
+        channels = [Channel()]
+
+        def close_after_answers(self):
+            pass
+
+        def close_idle(self):
+            pass
+
+    monkeypatch.setattr(_twistedcompat, "unsent", lambda transport: unsent["bytes"])
+    drain = Drain(clock, [], 10)
+    drain.site = Site()
+    done = drain.drain()
+    assert not done.called  # an answer still leaving
+    drain.started("late")  # a request on another connection, in the meantime
+    unsent["bytes"] = 0
+    clock.advance(1)
+    assert not done.called  # (it fired here)
+    drain("late")
+    assert done.called
+    assert not clock.getDelayedCalls()
+
+
 def _hangup_by_default():
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
@@ -452,3 +484,59 @@ async def test_a_gateway_without_providers_is_ready(reactor, http):
         assert response.code == 200 and json.loads(await response.content()) == {"status": "ready"}
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_waits_for_an_answer_still_in_the_gateways_buffer_to_reach_a_slow_client(reactor, fake,
+                                                                                               tmp_path):
+    """A whole answer written (its request over) but not yet read by its client: the drain ends, the services
+    stop and the reactor stops, which closed every connection at once, the answer's tail never sent."""
+    proc, log_path = _twistd_gateway(tmp_path, fake)
+    try:
+        port = await _ready_port(reactor, log_path)
+        recorded = fake.next_request()
+        slow = await connect(reactor, port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+             "fake_text": "x" * 65536, "fake_chunks": 512}))  # 32 MiB: more than the kernel's buffers hold
+        slow.transport.pauseProducing()  # it reads nothing for now
+        record = await with_timeout(reactor, recorded, 10)
+        assert (await with_timeout(reactor, record.closed, 20))[0] == "finished"
+        await deferLater(reactor, 0.5, lambda: None)  # the gateway has the answer and writes it
+        proc.send_signal(signal.SIGTERM)
+        await _wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
+        await deferLater(reactor, 0.5, lambda: None)
+        slow.transport.resumeProducing()
+        await with_timeout(reactor, slow.lost, 30)
+        head, _, body = bytes(slow.received).partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        assert len(body) == length  # all of it
+        await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
+        assert proc.returncode == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_its_client_does_not_read_holds_the_drain_no_longer_than_its_timeout(reactor, fake):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        recorded = fake.next_request()
+        stalled = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+             "fake_text": "x" * 65536, "fake_chunks": 512}))
+        stalled.transport.pauseProducing()  # it never reads
+        record = await with_timeout(reactor, recorded, 10)
+        assert (await with_timeout(reactor, record.closed, 10))[0] == "finished"
+        await until(reactor, lambda: not gw.service.drain.live, what="the answer written")
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        stalled.transport.resumeProducing()
+        await with_timeout(reactor, stalled.lost, 10)  # closed at the timeout
+        assert len(stalled.received) < 512 * 65536
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("answers not yet read by their clients after 0.3s" in (e.get("log_format") or "").replace(
+        "{timeout:g}", "0.3") for e in events)
