@@ -6,7 +6,8 @@ open, each connection still open closes after its answer in progress or its
 next one (which says C{Connection: close}), requests (those whose body is
 still arriving too) and streams in flight go on for up to C{SHUTDOWN_TIMEOUT},
 and the answers written go on reaching their clients within it (a whole answer
-a slow client has not read yet is not cut off by the stop);
+a slow client has not read yet is not cut off by the stop), after which the
+connections left idle close (a request sent on one would come as the services stop);
 what is left then is cut (its upstream connections close, so vLLM aborts):
 a request whose answer had not started gets a 503 (L{gomodel.errors.ShuttingDown})
 and its connection closes after it, an event stream ends with its error event,
@@ -85,7 +86,14 @@ class Drain:
             self._look = self._reactor.callLater(UNSENT_POLL, self._written)
             return
         idle, self._idle = self._idle, None
+        self._ended()
         idle.callback(None)
+
+    def _ended(self):
+        """Nothing is in flight any more: close the connections left idle (a request sent on one now would come
+        as the services stop)."""
+        if self.site is not None:
+            self.site.close_idle()
 
     def _unsent(self) -> bool:
         """Whether a client connection holds bytes not yet handed to the kernel."""
@@ -114,6 +122,7 @@ class Drain:
             self._count_unread()
         _twistedcompat.exit_cleanly(self._reactor)
         if self.in_flight == 0 and not self._unsent():
+            self._ended()
             return succeed(None)
         self._idle = Deferred()
         self._idle.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)

@@ -540,3 +540,24 @@ async def test_an_answer_its_client_does_not_read_holds_the_drain_no_longer_than
         globalLogPublisher.removeObserver(events.append)
     assert any("answers not yet read by their clients after 0.3s" in (e.get("log_format") or "").replace(
         "{timeout:g}", "0.3") for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_alive_connection_idle_when_the_drain_ends_is_closed_not_served_by_stopped_services(reactor,
+                                                                                                        fake):
+    """Before, a request sent on it after the drain was over (nothing in flight: at once) was relayed while the
+    services stopped: the usage ledger had written its last records (its record lost), and the reactor's stop
+    would cut it. Closed instead, its request is never read: a client's pool opens a connection to another
+    host (SDKs retry a request a connection closed before its answer)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    request = chat_request({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    client = await connect(reactor, gw.port, request)
+    await with_timeout(reactor, client.wait_for(b'"usage"'), 10)
+    answered = len(client.received)
+    chats = len([r for r in fake.requests if r.path.endswith(b"/chat/completions")])
+    stopping = gw.service.stopService()
+    client.transport.write(request)
+    await with_timeout(reactor, client.lost, 10)
+    await with_timeout(reactor, stopping, 10)
+    assert bytes(client.received[answered:]) == b""  # no second answer
+    assert len([r for r in fake.requests if r.path.endswith(b"/chat/completions")]) == chats  # nothing relayed

@@ -435,6 +435,14 @@ class GatewaySite(server.Site):
                 channel.requests[-1].close_after()  # (a pipelined request after it is not taken)
             channel.requestFactory = partial(_last_request, channel.requestFactory)
 
+    def close_idle(self):
+        """Close every open connection without a request in progress (the end of a drain): a request sent on
+        one from now on would be served while the services stop, or cut by the reactor's; it is not read (its
+        client's pool opens a connection elsewhere)."""
+        for channel in list(self.channels):
+            if not channel.requests and channel.transport is not None:
+                channel.loseConnection()
+
     def abort_connections(self, spare=()):
         """Close every client connection at once (the end of a drain), but those in C{spare}: closing after
         what they were just told (a drain's 503, a stream's error event: L{gomodel.lifecycle}), which an
