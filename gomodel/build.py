@@ -176,7 +176,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         from gomodel.accounting.metrics import GatewayMetrics, MetricsFlush
 
         gateway.metrics = GatewayMetrics(pools, shared=shared_metrics, in_flight=lambda: gateway.drain.live,
-                                         probes=PROBES, pricing=pricing)
+                                         probes=PROBES, pricing=pricing, listed=gateway.registry.lists)
         exchange.retried = gateway.metrics.retried
         gateway.batch_runner.lines_recorded = gateway.metrics.batch_lines
         MetricsFlush(gateway.metrics, reactor).setServiceParent(gateway)

@@ -248,6 +248,32 @@ async def test_the_scrape_with_a_trailing_slash_counts_under_the_metrics_endpoin
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_model_a_provider_does_not_list_is_no_label_while_its_models_are_unknown(reactor, http, fake):
+    """A provider whose replicas have not listed their models (down since the start) takes any model name a client
+    types: before, each name became series of its own (requests, duration, first token, tokens, errors)."""
+    dead = await dead_base_url(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "OPENAI_BASE_URL": dead, "OPENAI_API_KEY": "sk-x"})
+    try:
+        for name in ("openai/typo-1", "openai/typo-2"):
+            response = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(
+                {"model": name, "messages": [{"role": "user", "content": "hi"}]}).encode())
+            await response.content()
+            assert response.code == 503
+        listed = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode())
+        await listed.content()
+        found = await scrape(http, gw)
+        assert not [labels for _, labels in found if "typo" in dict(labels).get("model", "")]
+        assert value(found, "gomodel_requests_total", provider_name="openai", model="-", status_code="503") == 2
+        assert value(found, "gomodel_upstream_errors_total", provider_name="openai", model="-",
+                     code="no_ready_replica") == 2
+        assert value(found, "gomodel_requests_total", model=MODEL, status_code="200") == 1  # a listed one is
+    finally:
+        await gw.service.stopService()
+
+
 def test_a_dead_workers_live_gauges_are_forgotten(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     for name in ("gauge_livesum_4242.db", "gauge_livesum_4343.db", "counter_4242.db"):

@@ -6,7 +6,8 @@ what it lacks: time to first token, tokens by type, upstream errors, retries
 (failovers before the first byte), client disconnects, batch lines by state, cost (as the usage ledger prices
 tokens, worked out at each flush from the tokens a series added), and each replica's
 state, in-flight count and last reported vLLM load. Labels stay bounded: provider type and name, the model as routed
-(C{provider/upstream-model}, never what a client typed), the gateway route. A managed key's requests and tokens
+(C{provider/upstream-model} where the provider lists it, never what a client typed: C{-} for a name a provider whose
+models are not known yet was given), the gateway route. A managed key's requests and tokens
 have series of their own, named by the key's id and name (never its secret; keys are made by the admin API).
 
 A completed request adds to plain counters of its series (L{_Pending}); they
@@ -49,7 +50,7 @@ _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_u
 class GatewayMetrics:
     """The gateway's series in one registry; a request-context sink (call it with a completed context)."""
 
-    def __init__(self, pools=(), registry=None, *, shared=False, in_flight=None, probes=(), pricing=None):
+    def __init__(self, pools=(), registry=None, *, shared=False, in_flight=None, probes=(), pricing=None, listed=None):
         """
         @param shared: several processes write to prometheus_client's multiprocess
             directory: a scrape sums them all.
@@ -59,8 +60,13 @@ class GatewayMetrics:
             with a trailing slash, which the gateway serves as the same path).
         @param pricing: the usage ledger's L{gomodel.accounting.tokens.Pricing}, or None: what tokens cost is
             worked out at each flush from the tokens each series added (a price is per token: the same sum).
+        @param listed: C{listed(provider name, upstream model)}, whether the provider lists that model
+            (L{gomodel.routing.registry.ModelRegistry.lists}); a model it does not is labelled C{-}. None: every one
+            is labelled.
         """
         self._pricing = pricing or None
+        self._listed = listed
+        self._labelled = {}  # (provider name, upstream model) -> its model label, of the models a provider listed
         self._probes = frozenset(probes) | {path + b"/" for path in probes}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -143,11 +149,11 @@ class GatewayMetrics:
             if "seconds" in usage:  # (a transcription billed in seconds: no tokens)
                 pending.seconds += audio_seconds(usage) or 0.0
         if ctx.outcome == CLIENT_GONE:
-            self._gone.labels(*_names(ctx), ctx.endpoint or "other").inc()
+            self._gone.labels(*self._names(ctx), ctx.endpoint or "other").inc()
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS
                                          or (ctx.outcome == STREAM_BROKEN and ctx.error != SHUTDOWN_CUT)
                                          or (ctx.status >= 500 and ctx.error is None)):  # (a drain's cut is ours)
-            self._errors.labels(*_names(ctx), ctx.error or f"http_{ctx.status}").inc()
+            self._errors.labels(*self._names(ctx), ctx.error or f"http_{ctx.status}").inc()
 
     def retried(self, pool, to):
         """A request goes on from C{pool} to another C{to} (C{"replica"} of it, or C{"target"}) before its first
@@ -195,11 +201,13 @@ class GatewayMetrics:
             labels, principal = key[:7], key[7]
             series = self._children.get(labels)
             if series is None:
-                series = self._children[labels] = self._series(*labels)
+                series = self._series(*labels)
+                if labels[2] is None or (labels[1], labels[2]) in self._labelled:  # (not one a client made up)
+                    self._children[labels] = series
             requests, duration, ttft, tokens = series
             requests.inc(added.requests)
             if added.seconds:
-                self._audio.labels(*series_names(*labels[:3])).inc(added.seconds)
+                self._audio.labels(*self._series_names(*labels[:3])).inc(added.seconds)
             _observed(duration, added.durations, added.duration_sum)
             if added.ttft_sum or any(added.ttfts):
                 _observed(ttft, added.ttfts, added.ttft_sum)
@@ -264,17 +272,33 @@ class GatewayMetrics:
         @param ok: whether it went out whole and well (its C{status_type} is C{error} otherwise: a status of
             400 or above, a stream the upstream broke or reported an error in, though its status was 200).
         """
-        names = series_names(provider_type, provider, upstream_model)
+        names = self._series_names(provider_type, provider, upstream_model)
         endpoint = endpoint or "other"
         stream = "true" if stream else "false"
         return (self._requests.labels(*names, endpoint, str(status), "success" if ok else "error", stream),
                 self._duration.labels(*names, endpoint, stream), self._ttft.labels(*names),
                 tuple(self._tokens.labels(*names, kind) for kind in TOKEN_TYPES))
 
+    def _names(self, ctx):
+        """The provider (type), provider name and model labels of C{ctx}'s request."""
+        return self._series_names(ctx.provider_type, ctx.provider, ctx.upstream_model)
 
-def series_names(provider_type, provider, upstream_model) -> tuple:
-    """The C{provider}, C{provider_name} and C{model} labels of a request's series."""
-    return provider_type or "-", provider or "-", f"{provider}/{upstream_model}" if upstream_model else "-"
+    def _series_names(self, provider_type, provider, upstream_model) -> tuple:
+        """The C{provider}, C{provider_name} and C{model} labels of a request's series."""
+        return provider_type or "-", provider or "-", self._model(provider, upstream_model)
+
+    def _model(self, provider, upstream_model) -> str:
+        """The model label of a request C{provider} got as C{upstream_model}: C{provider/upstream-model} where the
+        provider lists it (L{listed}), else C{-} (a provider whose models are not known yet is given any name a
+        client types: never a label, which would make series without bound)."""
+        if not upstream_model:
+            return "-"
+        name = self._labelled.get((provider, upstream_model))
+        if name is None:
+            if self._listed is not None and not self._listed(provider, upstream_model):
+                return "-"
+            name = self._labelled[(provider, upstream_model)] = f"{provider}/{upstream_model}"
+        return name
 
 
 class _Pending:
@@ -313,11 +337,6 @@ class MetricsFlush(Repeating):
     def stopService(self):
         self.call()
         return super().stopService()
-
-
-def _names(ctx):
-    return (ctx.provider_type or "-", ctx.provider or "-",
-            f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else "-")
 
 
 class ReplicaCollector:

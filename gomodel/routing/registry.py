@@ -77,6 +77,13 @@ class ModelRegistry:
             return configured
         return listed  # {} (lists nothing) or None (not known yet)
 
+    def lists(self, provider_name: str, upstream_model: str) -> bool:
+        """Whether the provider instance C{provider_name} lists (or is configured with) C{upstream_model}: not so
+        for any name a client types while its models are not known (L{resolve} gives it the request)."""
+        pool = self._by_name.get(provider_name)
+        models = None if pool is None else self.inventory(pool)
+        return models is not None and upstream_model in models
+
     def models_changed(self):
         """A replica's models changed: listings and resolutions are computed again."""
         self._models_body = None
