@@ -4,12 +4,13 @@ import json
 
 import pytest
 import pytest_twisted
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gomodel.accounting.metrics import forget_process
 from tests.rawclient import chat_request, connect
 from tests.support import (charge_a_batch_and_a_background_response, dead_base_url, in_thread, openai_client,
-                           send_streams_failing_after_200, start_fake, start_gateway, stop_all, with_timeout)
+                           send_streams_failing_after_200, start_fake, start_gateway, stop_all, until, with_timeout)
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 KEY = {"Authorization": "Bearer k1"}
@@ -270,6 +271,43 @@ async def test_a_model_a_provider_does_not_list_is_no_label_while_its_models_are
         assert value(found, "gomodel_upstream_errors_total", provider_name="openai", model="-",
                      code="no_ready_replica") == 2
         assert value(found, "gomodel_requests_total", model=MODEL, status_code="200") == 1  # a listed one is
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_the_gateway_cut_itself_is_no_upstream_error(reactor, http, fake):
+    """HTTP_STREAM_MAX_DURATION is the gateway's own cut, as a drain's and a client that stopped reading are: before,
+    each counted in gomodel_upstream_errors_total (stream_incomplete) against the provider."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "HTTP_STREAM_MAX_DURATION": "300ms"})
+    try:
+        client = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "fake_chunks": 100,
+             "fake_pace": 0.05}, headers=KEY))
+        await with_timeout(reactor, client.lost, 10)
+        assert b"ran past its maximum duration" in client.received
+        found = await scrape(http, gw)
+        assert value(found, "gomodel_requests_total", model=MODEL, status_type="error", stream="true") == 1
+        assert value(found, "gomodel_upstream_errors_total") == 0
+    finally:
+        await gw.service.stopService()
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "HTTP_CLIENT_STALL_TIMEOUT": "300ms"})
+    try:
+        client = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+             "fake_flood": 64 * 1024 * 1024}, headers=KEY))
+        client.transport.pauseProducing()  # it reads nothing
+
+        def found():
+            gw.service.metrics.flush()
+            return samples(generate_latest(gw.service.metrics.registry).decode())
+
+        await until(reactor, lambda: value(found(), "gomodel_requests_total", stream="true") == 1,
+                    what="the stalled client's stream cut")
+        assert value(found(), "gomodel_upstream_errors_total") == 0
+        client.transport.abortConnection()
     finally:
         await gw.service.stopService()
 

@@ -27,7 +27,7 @@ from operator import add
 
 from gomodel.accounting.tokens import TOKEN_TYPES, audio_seconds, tokens_by_type
 from gomodel.errors import ShuttingDown
-from gomodel.http.context import CLIENT_GONE, OK, STREAM_BROKEN
+from gomodel.http.context import CLIENT_GONE, CLIENT_STALLED, OK, STREAM_BROKEN, STREAM_MAX_DURATION
 from gomodel.lean import tls_stub
 from gomodel.periodic import Repeating
 
@@ -41,7 +41,9 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _REQUEST = ("provider", "provider_name", "model", "endpoint")
 FLUSH_INTERVAL = 1.0  # seconds between two flushes of what requests added (L{GatewayMetrics.flush})
-SHUTDOWN_CUT = ShuttingDown.code  # (a stream the drain cut: the gateway's doing, not its upstream's failure)
+# The errors of a stream the gateway cut itself (a drain out of time, a client that stopped reading, its maximum
+# duration): no upstream's failure.
+CUT_HERE = frozenset((ShuttingDown.code, CLIENT_STALLED, STREAM_MAX_DURATION))
 _UPSTREAM_ERRORS = frozenset(("upstream_unreachable", "upstream_timeout", "bad_upstream_response",
                               "stream_incomplete", "no_ready_replica", "replicas_busy", "upstream_stream_error",
                               "upstream_auth_failed"))
@@ -151,8 +153,8 @@ class GatewayMetrics:
         if ctx.outcome == CLIENT_GONE:
             self._gone.labels(*self._names(ctx), ctx.endpoint or "other").inc()
         if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS
-                                         or (ctx.outcome == STREAM_BROKEN and ctx.error != SHUTDOWN_CUT)
-                                         or (ctx.status >= 500 and ctx.error is None)):  # (a drain's cut is ours)
+                                         or (ctx.outcome == STREAM_BROKEN and ctx.error not in CUT_HERE)
+                                         or (ctx.status >= 500 and ctx.error is None)):
             self._errors.labels(*self._names(ctx), ctx.error or f"http_{ctx.status}").inc()
 
     def retried(self, pool, to):

@@ -23,6 +23,10 @@ STREAM_BROKEN = "stream_broken"  # the answer started, then the upstream failed 
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"
 DASH = "-"  # the access log's unknown
 PASSTHROUGH = "/p/{provider}/{endpoint}"  # the endpoint of every passthrough request (the metrics' label stays bounded)
+# The errors of a stream the gateway cut itself (its client told C{stream_incomplete}), none the upstream's failure:
+# its client read nothing for HTTP_CLIENT_STALL_TIMEOUT, it ran past HTTP_STREAM_MAX_DURATION.
+CLIENT_STALLED = "client_stalled"
+STREAM_MAX_DURATION = "stream_max_duration"
 
 
 class RequestContext:

@@ -38,6 +38,7 @@ from gomodel._twistedcompat import peek_body, plain_headers, whole_body
 from gomodel.accounting.tokens import prompt_estimate, requested_tokens
 from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
                             UpstreamError, UpstreamTimeout, UpstreamUnreachable)
+from gomodel.http.context import CLIENT_STALLED, STREAM_MAX_DURATION
 from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, RETRY_AFTER,
                                   X_GOMODEL_REPLICA, copy_response_headers, is_event_stream,
                                   media_type)
@@ -755,7 +756,7 @@ class Exchange:
         self.log.warn("stream {request_id} ended abnormally: {why}", request_id=ctx.request_id.decode(), why=why)
         error = StreamFailed(f"The stream ended abnormally: {why}.")
         _note_usage(ctx, relay.observer, body)
-        ctx.broken(error.code)
+        ctx.broken(_CUT_HERE.get(type(reason), error.code))  # (the gateway's own cut: no upstream's failure)
         if request.channel is None:
             return None
         request.unregisterProducer()
@@ -882,6 +883,8 @@ def _note_usage(ctx, observer, body):
             ctx.usage, ctx.estimated = {"prompt_tokens": prompt, "completion_tokens": events}, True
 
 
+# The error recorded of a stream the gateway cut itself, by what ended it (its client is told stream_incomplete).
+_CUT_HERE = {ClientStalled: CLIENT_STALLED, StreamTooLong: STREAM_MAX_DURATION}
 # The error of a stream whose upstream reported an error in it (an error event the client got) and ended it.
 IN_STREAM_ERROR = "upstream_stream_error"
 _USAGE = b'"usage":'
