@@ -119,6 +119,20 @@ def unknown_previous(previous_id) -> InvalidRequest:
                           param="previous_response_id", code="previous_response_not_found")
 
 
+def no_chosen_id(body: dict, principal):
+    """Refuse a managed key's Responses create naming the id of the response it makes: vLLM makes it of the
+    body's C{request_id}, so naming another tenant's response would replace it, at its instance and in the
+    gateway's store (its tenant kept), and that tenant's next turn would continue what this key wrote. The
+    master key's goes as it came.
+
+    @raise InvalidRequest: C{request_id} in a managed key's C{body} (C{unsupported_value}).
+    """
+    if "request_id" in body and principal is not None and not principal.master:
+        raise InvalidRequest("request_id names the response an upstream makes: a managed key cannot choose it "
+                             "(another tenant's response could have it).", param="request_id",
+                             code="unsupported_value")
+
+
 async def continued(store, previous_id: str, principal):
     """The stored record of C{previous_id} that C{principal} may continue, or None: a master key's unknown id
     goes upstream as it is (the upstream may still hold it: made there directly, or not stored).

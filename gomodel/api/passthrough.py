@@ -24,7 +24,7 @@ from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, connection_tokens
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
-from gomodel.responses_history import continued, unknown_response
+from gomodel.responses_history import continued, no_chosen_id, unknown_response
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -176,7 +176,7 @@ class Passthrough:
         @raise NotFound: C{responses/{id}} (any method, below it too) the gateway holds for no tenant of the key.
         @raise InvalidRequest: a body continuing such a response (C{previous_response_not_found}) on C{responses} or
             a route below it that names none (L{RESPONSES_ROUTES}: vLLM's C{render}, OpenAI's C{compact}),
-            or no JSON the gateway reads (C{invalid_json}).
+            or no JSON the gateway reads (C{invalid_json}); a create naming its response's id (L{no_chosen_id}).
         @raise Forbidden: an account's route (C{provider_account_route}).
         """
         parts, route = endpoint.split("/"), endpoint.lower().split("/")
@@ -193,13 +193,18 @@ class Passthrough:
             record = await self._responses.get(parts[1]) if self._responses is not None else None
             if record is None or not visible(principal, record):
                 raise unknown_response(parts[1])
-        elif body is not None and self._responses is not None:  # (a create, or what reads one's history too)
+        elif body is not None and (self._responses is not None or len(parts) == 1):
+            # (a create, which may name its id, or what reads one's history too)
             try:
                 fields = jsonutil.loads(body)
             except jsonutil.JSONError as e:  # (which an upstream's parser may read: a BOM before it, a NaN, UTF-16)
                 raise not_json(body, e) from None
-            previous = fields.get("previous_response_id") if fields.__class__ is dict else None
-            if previous:
+            if fields.__class__ is not dict:
+                return
+            if len(parts) == 1:
+                no_chosen_id(fields, principal)
+            previous = fields.get("previous_response_id")
+            if previous and self._responses is not None:
                 await continued(self._responses, str(previous), principal)
 
     def _keyed(self, body, principal, provider, route):

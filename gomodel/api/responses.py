@@ -25,8 +25,8 @@ from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_lim
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, normalise_input, relink,
-                                      unknown_previous, unknown_response, with_history)
+from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, no_chosen_id, normalise_input,
+                                      relink, unknown_previous, unknown_response, with_history)
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.translate.whole_response import response_events
@@ -93,6 +93,7 @@ class ResponsesRoute:
                 check_metadata(body["metadata"])
             except ValueError as e:
                 raise errors.InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
+        no_chosen_id(body, ctx.principal)
         previous = await self._previous(body, ctx.principal)
         first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:

@@ -71,7 +71,7 @@ from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.proxy.sse import StreamIncomplete
-from gomodel.responses_history import (continued, error_hidden, names_previous, normalise_input, relink,
+from gomodel.responses_history import (continued, error_hidden, names_previous, no_chosen_id, normalise_input, relink,
                                       unknown_previous, with_history)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
 from gomodel.upstream.errors import upstream_error
@@ -511,6 +511,8 @@ class BatchRunner(Service):
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
             prefer = unheld = again = answer = None  # answer: what makes a successful answer the line's (None:
             sending = payload  # it is, as it came); sending: the line's body as it goes upstream
+            if path == "/responses":
+                no_chosen_id(payload, job.principal)
             if path == "/responses" and payload.get("previous_response_id") is not None:
                 previous = await self._previous(payload, job.principal)
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)

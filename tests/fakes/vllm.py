@@ -563,7 +563,8 @@ class FakeVLLM(Resource):
         if previous is not None and previous not in self.stored_responses:
             return self._json(request, 404, _not_found(previous))
         text = body.get("fake_text", "hé") * int(body.get("fake_chunks", 3))
-        response_id = f"resp_fake{len(self.stored_responses) + 1}_{id(record)}"
+        # (vLLM makes a response's id of its request_id, which a client may choose)
+        response_id = body.get("request_id") or f"resp_fake{len(self.stored_responses) + 1}_{id(record)}"
         status = "queued" if body.get("background") else "completed"
         response = {"id": response_id, "object": "response", "created_at": 1700000000, "status": status,
                     "model": body["model"], "output": [{
