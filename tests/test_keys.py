@@ -939,6 +939,52 @@ async def test_cache_salt_per_tenant_as_vllm_receives_it(http, gw, two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_managed_keys_kv_transfer_params_never_reach_a_vllm(http, gw, two):
+    """C{kv_transfer_params} (and C{ec_transfer_params}) tell a disaggregated vLLM which KV (encoder) cache blocks
+    to read from which engine, every tenant's, past the tenant's C{cache_salt}; and a prefill answers with its
+    engine's address. A managed key's are left out of what a vLLM gets, as its C{cache_salt} is replaced: on
+    C{/v1}, through C{/p/} and on a batch's line (before, they went as they came). A key allowed its own
+    C{cache_salt}, the master key, and a provider that is no vLLM get them as sent."""
+    fake = two[0]
+    beta = await new_key(http, gw)
+    own = await new_key(http, gw, own_cache_salt=True)
+    params = {"kv_transfer_params": {"do_remote_prefill": True, "remote_block_ids": [1, 2, 3],
+                                     "remote_engine_id": "prefill-0", "remote_host": "10.0.0.9", "remote_port": 5600},
+              "ec_transfer_params": {"do_remote_encode": True}}
+
+    def sent(request):
+        return {name: request.body.get(name) for name in params if name in request.body}
+
+    client = openai_client(gw, beta["value"])
+    try:
+        await chat(client, extra_body=params)
+        assert sent(fake.requests[-1]) == {}
+        await in_thread(client.completions.create, model=MODEL, prompt="hi", max_tokens=5, extra_body=params)
+        assert sent(fake.requests[-1]) == {}
+        await in_thread(client.responses.create, model=MODEL, input="hi", extra_body=params)
+        assert sent(fake.requests[-1]) == {}
+        done = await batch_of(gw, client, "/v1/chat/completions",
+                              [dict(params, model=MODEL, messages=[{"role": "user", "content": "hi"}])])
+        assert done.request_counts.completed == 1 and sent(fake.requests[-1]) == {}
+        await chat(client, OTHER, extra_body=params)  # (a provider that is no vLLM: as sent)
+        assert sent(two[1].requests[-1]) == params
+    finally:
+        client.close()
+    answer = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(dict(
+        params, model=MODEL.split("/", 1)[1], messages=[{"role": "user", "content": "hi"}])).encode(),
+        headers={"authorization": f"Bearer {beta['value']}"})
+    assert answer.code == 200 and sent(fake.requests[-1]) == {}
+    await treq.content(answer)
+    for secret in (own["value"], MASTER):
+        client = openai_client(gw, secret)
+        try:
+            await chat(client, extra_body=params)
+            assert sent(fake.requests[-1]) == params
+        finally:
+            client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_responses_carry_the_tenants_cache_salt_and_the_priority_to_a_vllm(reactor, http, tmp_path):
     """vLLM's Responses API takes cache_salt and priority as its chat does: a managed key's Responses request
     (online, translated to a vLLM's chat, or a batch line) carries its tenant's salt and its priority; before,

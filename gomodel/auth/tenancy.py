@@ -13,7 +13,10 @@ tenant's prompts through it. A request of a managed key sent to a vLLM
 provider carries a C{cache_salt} derived with a server secret from the key's
 tenant (its user path when it has one, so a team shares its cache, else the
 key), replacing a client's own unless the key is allowed one
-(C{own_cache_salt}). The master key's requests are left as they are.
+(C{own_cache_salt}). Its C{kv_transfer_params} and C{ec_transfer_params} are
+left out then: they name the KV (encoder) cache blocks a disaggregated vLLM
+reads, and the engine it reads them from, every tenant's, past any salt. The
+master key's requests are left as they are.
 """
 
 import hashlib
@@ -23,6 +26,8 @@ import os
 from twisted.logger import Logger
 
 SALTED_PROVIDER_TYPES = frozenset(("vllm",))
+# What names a disaggregated vLLM's cache blocks (and engines) to read: a managed key's never reach it
+TRANSFER_FIELDS = ("kv_transfer_params", "ec_transfer_params")
 SALTS_KEPT = 100000  # tenants' salts kept (a deleted key's tenant leaves its own behind): past it, made again
 
 
@@ -83,11 +88,17 @@ class CacheSalts:
         return salt
 
     def apply(self, principal, upstream, body: dict):
-        """Set C{body["cache_salt"]} for a managed key's request to a vLLM provider (see the module)."""
+        """Set C{body["cache_salt"]} for a managed key's request to a vLLM provider, without its
+        L{TRANSFER_FIELDS} (see the module)."""
         if (not self.enabled or principal is None or principal.master
                 or upstream.type not in SALTED_PROVIDER_TYPES):
             return
-        if principal.own_cache_salt and "cache_salt" in body:
-            return
+        if principal.own_cache_salt:
+            if "cache_salt" in body:
+                return
+        else:
+            for name in TRANSFER_FIELDS:
+                if name in body:
+                    del body[name]
         tenant = principal.tenant
         body["cache_salt"] = self._salts.get(tenant) or self.salt(tenant)
