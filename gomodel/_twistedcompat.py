@@ -379,12 +379,14 @@ def _named_apart(response, control):
 def whole_body(response):
     """The body of C{response} when it has all come and nothing read it yet (an L{AnswerParser}'s answer
     that came in one read, as small answers do), taken as C{deliverBody} would take it; else None (then
-    read it with C{deliverBody}). Without the protocol, Deferred and timer that reading costs."""
-    body = peek_body(response)
-    if body is not None:
+    read it with C{deliverBody}). Without the protocol, Deferred and timer that reading costs. (L{peek_body}'s test,
+    not a call of it: every answer passes here.)"""
+    if getattr(response, "_state", None) == "DEFERRED_CLOSE" and response._reason is _BODY_DONE:
+        body = b"".join(response._bodyBuffer)
         response._bodyBuffer = None
         response._state = "FINISHED"
-    return body
+        return body
+    return None
 
 
 def peek_body(response):
