@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 SALTED_PROVIDER_TYPES = frozenset(("vllm",))
 # What names a disaggregated vLLM's cache blocks (and engines) to read: a managed key's never reach it
-TRANSFER_FIELDS = ("kv_transfer_params", "ec_transfer_params")
+TRANSFER_FIELDS = frozenset(("kv_transfer_params", "ec_transfer_params"))
 SALTS_KEPT = 100000  # tenants' salts kept (a deleted key's tenant leaves its own behind): past it, made again
 
 
@@ -96,9 +96,8 @@ class CacheSalts:
         if principal.own_cache_salt:
             if "cache_salt" in body:
                 return
-        else:
+        elif not TRANSFER_FIELDS.isdisjoint(body):  # (one test in C where neither came, as almost always)
             for name in TRANSFER_FIELDS:
-                if name in body:
-                    del body[name]
+                body.pop(name, None)
         tenant = principal.tenant
         body["cache_salt"] = self._salts.get(tenant) or self.salt(tenant)
