@@ -224,6 +224,33 @@ async def test_cohere_embed_usage_is_read_from_its_billed_units(reactor, http, f
 
 
 @pytest_twisted.ensureDeferred
+async def test_rerank_usage_of_total_tokens_alone_is_its_input_and_priced(reactor, http, tmp_path):
+    # An older vLLM's rerank (/v1/rerank, /rerank, the Cohere SDK's /v2/rerank) says its usage as
+    # {"total_tokens": N} alone, as Jina's and Voyage's APIs do: every one of them is a prompt token. Before, such
+    # a request was recorded with no input tokens and so no cost: a priced reranker was free.
+    rerank = await start_fake(reactor, models=("BAAI/bge-reranker-base",))
+    config = tmp_path / "gomodel.yaml"
+    config.write_text("pricing:\n  vllm-rerank/BAAI/bge-reranker-base: {input_per_mtok: 1000000}\n")
+    gw = await start_gateway(reactor, {"VLLM_RERANK_BASE_URL": rerank.base_url, "GOMODEL_DATA_DIR": str(tmp_path)},
+                             yaml_path=str(config))
+    answer = {"id": "score-fake", "model": "BAAI/bge-reranker-base", "usage": {"total_tokens": 10},
+              "results": [{"index": 0, "document": {"text": "a", "multi_modal": None}, "relevance_score": 0.5}]}
+    try:
+        for path in ("/v1/rerank", "/v2/rerank"):
+            response, content = await post_json(http, gw.url + path, {
+                "model": "vllm-rerank/BAAI/bge-reranker-base", "query": "q", "documents": ["a"],
+                "fake_status": 200, "fake_body": json.dumps(answer)})
+            assert response.code == 200 and jsonutil.loads(content) == answer  # (relayed as it came)
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert sorted((r["endpoint"], r["input_tokens"], r["output_tokens"], r["total_tokens"], r["total_cost"])
+                      for r in records) == [("/v1/rerank", 10, 0, 10, 10.0), ("/v2/rerank", 10, 0, 10, 10.0)]
+    finally:
+        await gw.service.stopService()
+        await rerank.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_native_responses_plain_and_streamed(gateway, fake):
     client = openai_client(gateway)
     fake.stored_responses["resp_prev"] = {"id": "resp_prev"}  # vLLM knows it; the gateway does not

@@ -19,7 +19,8 @@ MAX_SECONDS = 366 * 86400
 
 def tokens_by_type(usage: dict) -> tuple:
     """The counts of L{TOKEN_TYPES} in a usage object (chat's, the Responses API's or Anthropic's
-    naming); 0 where unknown.
+    naming); 0 where unknown. A usage that says its C{total_tokens} alone (an older vLLM's rerank, as Jina's and
+    Voyage's pooling APIs) read them all: they are its input.
 
     Anthropic's C{input_tokens} leaves out the prompt tokens read from or written to its
     cache (C{cache_read_input_tokens}, C{cache_creation_input_tokens}): they are added to
@@ -34,6 +35,8 @@ def tokens_by_type(usage: dict) -> tuple:
     if completion is None:
         completion = usage.get("output_tokens")
     completion = completion if completion.__class__ is int and 0 < completion <= MAX_COUNT else 0
+    if not prompt and not completion:  # a total alone (an older vLLM's rerank, Jina's): all of it was read
+        prompt = _count(usage.get("total_tokens"))
     details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     cached = _count(details.get("cached_tokens")) if details.__class__ is dict else 0
     details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
