@@ -314,9 +314,16 @@ def test_a_stream_read_whole_is_cut_a_linger_after_its_own_end_and_not_at_a_word
         else:
             body.connectionLost(Failure(ResponseDone()))
             assert finished.result == stream and not clock.getDelayedCalls()
-def test_usage_of_reads_cohere_billed_units_where_there_is_no_usage():
+def test_usage_of_reads_cohere_billed_units_or_tokens_where_there_is_no_usage():
     body = (b'{"id":"e","embeddings":{"float":[[0.1]]},"meta":{"api_version":{"version":"2"},'
             b'"billed_units":{"input_tokens":7}}}')
     assert usage_of(body) == {"input_tokens": 7}
     assert usage_of(b'{"usage":{"prompt_tokens":3},"meta":{"billed_units":{"input_tokens":7}}}') == {"prompt_tokens": 3}
     assert usage_of(b'{"meta":{"billed_units":null}}') is None
+    # vLLM's /v2/embed says them in meta.tokens alone; Cohere's API in both (billed_units is what it bills)
+    vllm = b'{"id":"e","embeddings":{"float":[[0.1]]},"meta":{"api_version":{"version":"2"},"tokens":{"input_tokens":9}}}'
+    assert usage_of(vllm) == {"input_tokens": 9}
+    assert usage_of(b'{"meta":{"billed_units":{"input_tokens":7},"tokens":{"input_tokens":9}}}') == {"input_tokens": 7}
+    # "tokens" that are no Cohere count: a token list (/tokenize's), an object without input_tokens
+    assert usage_of(b'{"count":2,"tokens":[1,2]}') is None
+    assert usage_of(b'{"data":{"tokens":{"a":1}}}') is None

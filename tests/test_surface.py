@@ -202,22 +202,29 @@ async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cohere_embed_usage_is_read_from_its_billed_units(reactor, http, fake, tmp_path):
-    # vLLM's /v2/embed (the Cohere SDK's) answers with no "usage": its tokens are in meta.billed_units. Before,
-    # its requests were recorded with no tokens: free of token budgets and rate limits, uncounted in the ledger.
+async def test_cohere_embed_usage_is_read_from_its_meta_tokens_or_billed_units(reactor, http, fake, tmp_path):
+    # vLLM's /v2/embed (the Cohere SDK's) answers with no "usage": its tokens are in meta.tokens (Cohere's own API
+    # has meta.billed_units). Before, its requests were recorded with no tokens: free of token budgets and rate
+    # limits, uncounted in the ledger; then only billed_units was read, which vLLM never sends.
     fake.models.append("BAAI/bge")
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path)})
+    cohere = {"id": "e", "embeddings": {"float": [[0.5]]}, "texts": ["a"],
+              "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": 5}}}
     try:
         response, content = await post_json(http, gw.url + "/v2/embed", {"model": "vllm/BAAI/bge", "texts": ["a"],
                                                                          "embedding_types": ["float"]})
         assert response.code == 200, content
-        assert jsonutil.loads(content)["meta"]["billed_units"]["input_tokens"] == 7
+        assert jsonutil.loads(content)["meta"] == {"api_version": {"version": "2"}, "tokens": {"input_tokens": 7}}
         response, content = await post_json(http, gw.url + "/p/vllm/v2/embed", {"model": "BAAI/bge", "texts": ["a"]})
         assert response.code == 200, content
+        response, content = await post_json(http, gw.url + "/v2/embed", {
+            "model": "vllm/BAAI/bge", "texts": ["a"], "fake_status": 200, "fake_body": json.dumps(cohere)})
+        assert response.code == 200 and jsonutil.loads(content) == cohere
         await gw.service.usage.flush()
         records, _ = await gw.service.store.usage.log(0, 2e9, 10)
         assert [(r["endpoint"], r["model"], r["input_tokens"], r["output_tokens"], r["total_tokens"])
-                for r in records] == [("/p/{provider}/{endpoint}", "vllm/BAAI/bge", 7, 0, 7),
+                for r in records] == [("/v2/embed", "vllm/BAAI/bge", 5, 0, 5),
+                                      ("/p/{provider}/{endpoint}", "vllm/BAAI/bge", 7, 0, 7),
                                       ("/v2/embed", "vllm/BAAI/bge", 7, 0, 7)]
     finally:
         await gw.service.stopService()

@@ -889,6 +889,7 @@ _CUT_HERE = {ClientStalled: CLIENT_STALLED, StreamTooLong: STREAM_MAX_DURATION}
 IN_STREAM_ERROR = "upstream_stream_error"
 _USAGE = b'"usage":'
 _BILLED_UNITS = b'"billed_units":'
+_TOKENS = b'"tokens":'
 TAP_TAIL = 64 * 1024
 # The longest event a passthrough stream's tap holds until its end (L{UsageTap}), as the /v1 streams' framer does
 # (L{MAX_EVENT_BYTES}): a longer one breaks the stream off, its client never handed part of an event.
@@ -1091,20 +1092,26 @@ def metadata_usage(response):
 
 def usage_of(body: bytes):
     """The top-level C{usage} object of a JSON answer, or None; the bytes are not changed. An answer without
-    one, Cohere's embed (vLLM's C{/v2/embed}), has it as C{meta.billed_units} (C{input_tokens}).
+    one, Cohere's embed, has it as C{meta.billed_units} (Cohere's API) or C{meta.tokens} (vLLM's C{/v2/embed}),
+    with C{input_tokens}.
 
     Only the object itself is parsed, not the whole answer (an embeddings
     answer is mostly numbers): a quote inside a JSON string is escaped, so
     the text C{"usage":} is a key, and the answer's own usage is its last.
     """
     at = body.rfind(_USAGE)
+    cohere_tokens = False
     if at >= 0:
         start = at + len(_USAGE)
     else:
         at = body.rfind(_BILLED_UNITS)  # (only an answer without usage looks: one more scan, in C)
-        if at < 0:
-            return None
-        start = at + len(_BILLED_UNITS)
+        if at >= 0:
+            start = at + len(_BILLED_UNITS)
+        else:
+            at = body.rfind(_TOKENS)  # (a count only where it has input_tokens: not /tokenize's list, say)
+            if at < 0:
+                return None
+            start, cohere_tokens = at + len(_TOKENS), True
     while body[start:start + 1] in (b" ", b"\n", b"\r", b"\t"):
         start += 1
     if body[start:start + 1] != b"{":
@@ -1120,6 +1127,8 @@ def usage_of(body: bytes):
             except jsonutil.JSONError:
                 pass  # a brace inside a string: the next one
             else:
-                return usage if isinstance(usage, dict) else None
+                if not isinstance(usage, dict) or cohere_tokens and "input_tokens" not in usage:
+                    return None
+                return usage
         end = body.find(b"}", end + 1)
     return None

@@ -468,13 +468,12 @@ class FakeVLLM(Resource):
                                          "usage": {"prompt_tokens": 4, "total_tokens": 4}})
 
     def _cohere_embed(self, request, record, body):
-        """vLLM's Cohere /v2/embed: a vector per text, no C{usage}: its tokens in C{meta.billed_units}."""
+        """vLLM's Cohere /v2/embed: a vector per text, no C{usage}: its tokens in C{meta.tokens} (vLLM's CohereMeta;
+        Cohere's own API says them in C{meta.billed_units} too), C{None}s left out."""
         texts = body.get("texts") or []
         return self._json(request, 200, {"id": "embd-fake", "embeddings": {"float": [[0.04, -0.5]] * len(texts)},
                                          "texts": texts, "meta": {"api_version": {"version": "2"},
-                                                                  "billed_units": {"input_tokens": 7,
-                                                                                   "image_tokens": None}},
-                                         "response_type": "embeddings_by_type"})
+                                                                  "tokens": {"input_tokens": 7}}})
 
     def _audio(self, request, record):
         """vLLM's /v1/audio/transcriptions and /translations (an ASR model's): a multipart form (its fields, as
