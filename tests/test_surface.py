@@ -66,6 +66,34 @@ async def test_binary_embeddings_are_relayed_with_their_metadata_and_their_usage
 
 
 @pytest_twisted.ensureDeferred
+async def test_binary_embeddings_without_metadata_have_their_prompt_estimated(reactor, http, fake, tmp_path):
+    # vLLM's encoding_format "bytes_only": the vectors alone, no metadata header, so no usage at all. Before, such a
+    # request was recorded without tokens: a key's token budgets and tpm never counted it. Now its prompt (what the
+    # upstream read) is estimated from the request, as for a request whose usage never came.
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        response, content = await post_json(http, gw.url + "/v1/embeddings",
+                                            {"model": MODEL, "input": ["a" * 40, "b" * 40], "encoding_format": "bytes_only"})
+        assert response.code == 200 and struct.unpack("<6f", content) == (1.0, 2.0, 3.0) * 2
+        assert response.headers.getRawHeaders("metadata") is None
+        response, content = await post_json(http, gw.url + "/p/vllm/v1/embeddings",  # the passthrough too
+                                            {"model": UPSTREAM, "input": [[1, 2, 3], [4, 5]],
+                                             "encoding_format": "bytes_only"})
+        assert response.code == 200 and len(content) == 24
+        response, content = await post_json(http, gw.url + "/p/vllm/v1/embeddings",  # refused: nothing was read
+                                            {"model": UPSTREAM, "input": "a" * 40, "encoding_format": "bytes_only",
+                                             "fake_status": 400, "fake_body": '{"error": {"message": "no"}}'})
+        assert response.code == 400
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [(r["endpoint"], r["input_tokens"], r["total_tokens"], r["estimated"]) for r in records] == [
+            ("/p/{provider}/{endpoint}", None, None, False), ("/p/{provider}/{endpoint}", 5, 5, True),
+            ("/v1/embeddings", 20, 20, True)]
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_embeddings_answer_too_large_to_hold_is_relayed_as_it_comes(reactor, http, fake, tmp_path,
                                                                            monkeypatch):
     # A big batch of inputs (a 4096-dimension model's floats for a few thousand texts pass 256 MiB) is vLLM's

@@ -313,7 +313,7 @@ class Exchange:
                                            and response.length > RESPONSE_BODY_LIMIT):
                 # Too large to hold (a big batch's embeddings), or audio (a speech: its first bytes play before its
                 # end), nothing to change in it: relayed as it comes.
-                return await self._relay_raw(request, ctx, upstream, response)
+                return await self._relay_raw(request, ctx, upstream, response, body=call.counted)
             try:
                 body = await self.read(upstream, response, RESPONSE_BODY_LIMIT)
             except UpstreamUnreachable as e:
@@ -638,7 +638,7 @@ class Exchange:
         elif ctx.recorded:
             ctx.usage, ctx.estimated = usage_of(body), False
             if ctx.usage is None:  # (a binary answer's is in its metadata)
-                ctx.usage = metadata_usage(response)
+                ctx.usage, ctx.estimated = binary_usage(response, call.counted)
         request.responseHeaders.put(CONTENT_LENGTH, b"%d" % len(body))
         ctx.first_byte_written()
         return body
@@ -653,7 +653,7 @@ class Exchange:
         if ctx.recorded or events:
             tap = UsageTap(events, ends, upstream if events and upstream.hidden_pattern is not None else None)
             if ctx.recorded:
-                ctx.usage = metadata_usage(response)
+                ctx.usage, ctx.estimated = binary_usage(response, body)
         return self._relay_stream(request, ctx, upstream, response, tap, body, keep_length=not events)
 
     async def _relay_stream(self, request, ctx, upstream, response, observer, body=None, keep_length=False):
@@ -1088,6 +1088,19 @@ def metadata_usage(response):
     C{"bytes"} answer with the vectors alone, everything else (their places, the usage) in that header."""
     values = plain_headers(response.headers).get(METADATA)
     return usage_of(values[0]) if values else None
+
+
+def binary_usage(response, counted) -> tuple:
+    """C{(usage, estimated)} of an answer whose body says none: the usage in its C{metadata} header (vLLM's binary
+    embeddings and pooling, C{encoding_format} C{"bytes"}), else, for C{"bytes_only"} (no header: no usage at all),
+    answered, the prompt the upstream read, estimated from the request C{counted} (L{prompt_estimate}); else
+    C{(None, False)}."""
+    usage = metadata_usage(response)
+    if usage is None and response.code < 300 and counted and b'"bytes_only"' in counted:
+        prompt = prompt_estimate(counted)
+        if prompt:
+            return {"prompt_tokens": prompt}, True
+    return usage, False
 
 
 def usage_of(body: bytes):

@@ -51,8 +51,8 @@ not ask to stream with its events, and C{fake_whole} one that did with the whole
 C{steer} holds fields applied to every request the body does not set itself
 (for requests the gateway rewrites, e.g. Messages translated to chat).
 
-Embeddings take vLLM's C{encoding_format} C{"base64"} and C{"bytes"} (the vectors as float32 bytes, their
-places and the usage in the C{metadata} header) besides floats.
+Embeddings take vLLM's C{encoding_format} C{"base64"}, C{"bytes"} (the vectors as float32 bytes, their
+places and the usage in the C{metadata} header) and C{"bytes_only"} (the vectors alone) besides floats.
 
 Batch tests steer it per request with a C{fake_marker} (any string; the fake
 counts requests and finished answers per marker in C{marker_counts} and
@@ -397,8 +397,11 @@ class FakeVLLM(Resource):
     def _embeddings(self, request, record, body):
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
-        if body.get("encoding_format") == "bytes":  # vLLM's binary answer: the vectors, the rest in a header
-            vector = b"\x00\x00\x80\x3f\x00\x00\x00\x40\x00\x00\x40\x40"  # float32 [1.0, 2.0, 3.0]
+        if body.get("encoding_format") in ("bytes", "bytes_only"):  # vLLM's binary answer: the vectors, the rest
+            vector = b"\x00\x00\x80\x3f\x00\x00\x00\x40\x00\x00\x40\x40"  # in a header (bytes_only: none)
+            if body["encoding_format"] == "bytes_only":  # float32 [1.0, 2.0, 3.0] each
+                request.setHeader(b"content-type", b"application/octet-stream")
+                return vector * len(inputs)
             items = [{"index": i, "embed_dtype": "float32", "endianness": "little", "start": i * len(vector),
                       "end": (i + 1) * len(vector), "shape": [3]} for i in range(len(inputs))]
             metadata = {"id": "embd-fake", "created": 1700000000, "model": body["model"], "data": items,
