@@ -1486,6 +1486,27 @@ async def test_a_passthrough_to_vllms_other_generating_routes_carries_the_keys_c
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_cohere_embeds_max_tokens_is_no_output_a_keys_tpm_reserves(http, gw, two):
+    """Cohere's C{/v2/embed} C{max_tokens} caps each input's tokens (its truncation), it asks for no output: a key's
+    C{tpm} reserved it as output all the same, so a key of C{tpm} 1000 was refused a one-word embedding capped at 8192
+    tokens as larger than its limit (429, C{x-should-retry: false}). It reserves the request's text now."""
+    first, _ = two
+    key = await new_key(http, gw, tpm=1000)
+    body = {"model": MODEL, "texts": ["hi"], "input_type": "search_document", "max_tokens": 8192, "truncate": "END"}
+    for path in ("/v2/embed", "/p/vllm/v2/embed"):
+        sent = dict(body, model=MODEL.partition("/")[2]) if path.startswith("/p/") else body
+        response = await http.post(gw.url + path, data=json.dumps(sent).encode(), headers={
+            "authorization": f"Bearer {key['value']}", "content-type": "application/json"})
+        answer = json.loads(await treq.content(response))
+        assert response.code == 200, (path, answer)
+        assert first.requests[-1].body["max_tokens"] == 8192  # (sent on as it came)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8192}
+    response = await http.post(gw.url + "/v1/chat/completions", data=json.dumps(chat).encode(), headers={
+        "authorization": f"Bearer {key['value']}", "content-type": "application/json"})
+    assert response.code == 429 and "Request too large" in (await treq.content(response)).decode()  # (output)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_passthrough_to_vllms_cohere_chat_carries_the_keys_priority(reactor, http, two):
     """vLLM 0.32's Cohere chat (C{/cohere/v2/chat}, served with VLLM_ENABLE_COHERE_API) takes a C{priority} but no
     C{cache_salt}: a managed key's body went raw, so it chose its own priority, ahead of every other tenant's. It

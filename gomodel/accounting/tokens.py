@@ -157,6 +157,22 @@ def _own(body, at, end) -> bool:
     return True
 
 
+def without_max_tokens(body):
+    """A JSON request C{body} (bytes) without its C{max_tokens}, for the limits' estimate of a route where that field
+    asks for no output (Cohere's C{/v2/embed}: each input's truncation); None where it sends none or is no JSON
+    object (the body itself is then what is counted)."""
+    if not body or body.find(b'"max_tokens"') < 0:
+        return None
+    try:
+        fields = jsonutil.loads(body)
+    except (jsonutil.JSONError, ValueError, TypeError):
+        return None
+    if fields.__class__ is not dict or "max_tokens" not in fields:
+        return None
+    del fields["max_tokens"]
+    return jsonutil.dumps(fields)
+
+
 def prompt_estimate(body) -> int:
     """Tokens a JSON request C{body} (bytes) sends, estimated (about 4 characters a token) where no usage
     says them: the text of its C{messages}, C{prompt} or C{input}, with its C{system}, C{instructions} and

@@ -10,6 +10,7 @@ to the exchange.
 from functools import partial
 
 from gomodel import jsonutil
+from gomodel.accounting.tokens import without_max_tokens
 from gomodel.api.uploads import Form
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
@@ -19,8 +20,9 @@ from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
 from gomodel.upstream.errors import without_address
 
-# vLLM's pooling routes at its server root, beside their /v1 forms (a pooling model serves those its task has).
-ROOT_POOLING = ("rerank", "v2/rerank", "score", "classify", "pooling", "v2/embed")
+# vLLM's pooling routes at its server root, beside their /v1 forms (a pooling model serves those its task has); its
+# Cohere /v2/embed too, routed as they are (L{InferenceRoutes.cohere_embed}).
+ROOT_POOLING = ("rerank", "v2/rerank", "score", "classify", "pooling")
 
 PRIORITY_MIN, PRIORITY_MAX = -2**31, 2**31 - 1  # X-Request-Priority's range: a managed key's priority's
 DEFAULT_PRIORITY = 0  # vLLM's (lower is sooner): a managed key given no priority runs at it or later
@@ -57,6 +59,7 @@ class InferenceRoutes:
             # vLLM's own pooling paths at its root (the Cohere SDK's /v2/rerank and /v2/embed among them), routed
             # by model as their /v1 forms are
             **{b"/" + path.encode(): partial(self._model_routed, path=path, native=True) for path in ROOT_POOLING},
+            b"/v2/embed": self.cohere_embed,
         }
 
     async def chat_completions(self, request, ctx):
@@ -115,16 +118,25 @@ class InferenceRoutes:
         # vLLM serves classify only at its root, not under /v1.
         return await self._model_routed(request, ctx, "classify", native=True)
 
-    async def _model_routed(self, request, ctx, path, native=False):
+    async def cohere_embed(self, request, ctx):
+        # (its max_tokens caps each input's tokens, its truncation: no output for the limits to reserve)
+        return await self._model_routed(request, ctx, "v2/embed", native=True, counted_of=without_max_tokens)
+
+    async def _model_routed(self, request, ctx, path, native=False, counted_of=None):
         """A JSON POST routed by its C{model}, relayed as the upstream answers (streams included); each target
         gets what its provider takes of the key and headers (L{target}: vLLM's pooling requests take a
-        C{cache_salt} and a C{priority}, as its generation does)."""
+        C{cache_salt} and a C{priority}, as its generation does).
+
+        @param counted_of: C{(body sent)} -> what its tokens are estimated from (L{UpstreamCall}'s C{counted}), or
+            None (the body itself); or None.
+        """
         body = json_body(request)
         upstream, fallbacks = self.route(ctx, body)
         again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         target(request, ctx, self._salts, upstream, body)
-        call = UpstreamCall(path, jsonutil.dumps(body), native=native, model=ctx.upstream_model,
-                            fallbacks=fallbacks, rebody=again)
+        sent = jsonutil.dumps(body)
+        call = UpstreamCall(path, sent, native=native, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again,
+                            counted=None if counted_of is None else counted_of(sent))
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def transcriptions(self, request, ctx):

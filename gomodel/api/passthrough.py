@@ -15,6 +15,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, ur
 
 from gomodel import errors, jsonutil
 from gomodel._twistedcompat import header_name, plain_headers
+from gomodel.accounting.tokens import without_max_tokens
 from gomodel.api.inference import key_priority
 from gomodel.api.uploads import Form
 from gomodel.auth.keys import presented_key
@@ -162,7 +163,7 @@ class Passthrough:
         call = UpstreamCall(endpoint, body, method=request.method, native=True, query=query,
                             headers=_upstream_headers(request, secret),
                             content_type=None, raw=True, ends=_stream_end(route), model=model,
-                            pin=_pinned_replica(request), counted=_counted(request, body),
+                            pin=_pinned_replica(request), counted=_counted(request, body, route),
                             vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query),
                             limited=route not in COUNTING_ROUTES)
         return await self._exchange.relay(request, ctx, provider, call)
@@ -421,10 +422,13 @@ def served_model(body, provider):
             fields.get("stream") is True)
 
 
-def _counted(request, body):
+def _counted(request, body, route):
     """What a raw request's tokens are estimated from where it is not its C{body} (L{UpstreamCall}'s C{counted}):
-    a multipart form's C{prompt} field (an audio request's; its file is no text, as on C{/v1/audio/...}), else
-    None (its body)."""
+    a multipart form's C{prompt} field (an audio request's; its file is no text, as on C{/v1/audio/...}), Cohere's
+    C{v2/embed} without its C{max_tokens} (each input's truncation, no output: L{without_max_tokens}), else None
+    (its body)."""
+    if route == "v2/embed":
+        return without_max_tokens(body)
     kind = request.getHeader(b"content-type")
     if body is None or kind is None or not kind.lower().lstrip().startswith(b"multipart/form-data"):
         return None
