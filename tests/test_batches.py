@@ -747,14 +747,16 @@ async def test_a_responses_line_whose_store_is_no_boolean_fails_validation(sdk, 
 
 @pytest_twisted.ensureDeferred
 async def test_an_embeddings_line_asking_for_vllms_binary_bytes_fails_validation(sdk, gw, fake):
-    """An C{/v1/embeddings} line with vLLM's C{"encoding_format": "bytes"} is a bad line (its answer, raw float32
-    vectors, fits no JSONL line); before, vLLM computed it and it ended in the error file as a 502, uncharged."""
+    """An C{/v1/embeddings} line with vLLM's C{"encoding_format": "bytes"} or C{"bytes_only"} is a bad line (its
+    answer, raw float32 vectors, fits no JSONL line); before, vLLM computed it and it ended in the error file as a
+    502, uncharged (C{"bytes_only"} until later)."""
     lines = [{"custom_id": c, "method": "POST", "url": "/v1/embeddings",
               "body": {"model": MODEL, "input": ["a"], "encoding_format": fmt}}
-             for c, fmt in (("float", "float"), ("base64", "base64"), ("bytes", "bytes"))]
+             for c, fmt in (("float", "float"), ("base64", "base64"), ("bytes", "bytes"), ("only", "bytes_only"))]
     batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/embeddings")).id)
     assert batch.status == "failed"
-    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(3, "invalid_value", "body.encoding_format")]
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(3, "invalid_value", "body.encoding_format"),
+                                                                      (4, "invalid_value", "body.encoding_format")]
     assert not [r for r in fake.requests if r.method == b"POST"]
 
 

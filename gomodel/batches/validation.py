@@ -17,6 +17,7 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/r
 EVERY_LINE_ENDPOINTS = ("/v1/messages",)
 MAX_WINDOW = 30 * 24 * 3600.0
 MAX_METADATA = 16
+_BINARY = ("bytes", "bytes_only")  # vLLM's binary embeddings (bytes_only: without their metadata header)
 
 
 class LineError(NamedTuple):
@@ -68,9 +69,9 @@ def check_line(raw, number: int, endpoint: str):
     if body.get("stream") not in (None, False):
         return LineError("streaming_unsupported", "Batch requests cannot stream: remove 'stream'.",
                          "body.stream", number)
-    if endpoint == "/v1/embeddings" and body.get("encoding_format") == "bytes":  # (raw float32 vectors: no JSON)
-        return LineError("invalid_value", "A batch's embeddings cannot be vLLM's binary 'bytes': use 'float' or "
-                         "'base64'.", "body.encoding_format", number)
+    if endpoint == "/v1/embeddings" and body.get("encoding_format") in _BINARY:  # (raw float32 vectors: no JSON)
+        return LineError("invalid_value", f"A batch's embeddings cannot be vLLM's binary '{body['encoding_format']}': "
+                         "use 'float' or 'base64'.", "body.encoding_format", number)
     if endpoint == "/v1/responses" and body.get("store") not in (None, True, False):  # (vLLM reads "no" as false)
         return LineError("invalid_type", "'store' must be a boolean (true or false).", "body.store", number)
     if endpoint == "/v1/responses" and body.get("background") not in (None, False):  # (its answer: a stub, queued)
