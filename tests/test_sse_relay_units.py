@@ -586,3 +586,39 @@ def test_responses_translation_keeps_tool_calls_streamed_at_one_index_apart():
              if i["type"] == "function_call"]
     assert calls == [("call_a", "weather", {"city": "Paris"}), ("call_b", "search", {"q": "x"}),
                      ("call_c", "time", {})]
+
+
+def test_a_translated_responses_stream_ends_each_item_before_the_next_begins():
+    """A translated Responses stream ends its reasoning item (its text's and part's done, then the item's) before the
+    message or the call after it is added, and the message before a call, as OpenAI's and vLLM's own streams do; a
+    reasoning or text coming after a later item has begun is an item of its own (before: every item stayed open to
+    the stream's end, so a client saw the model thinking until the answer had ended)."""
+    from gomodel.translate.responses_chat import ChatToResponsesStream
+
+    def chunk(delta, finish=None):
+        return b"data: " + json.dumps({"id": "c", "model": "m", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish}]}).encode() + b"\n\n"
+
+    call = {"index": 0, "id": "call_a", "function": {"name": "get", "arguments": "{}"}}
+    translated = ChatToResponsesStream({"model": "m", "input": "hi"}, Clock())
+    sent = translated.feed(chunk({"reasoning": "hm"}) + chunk({"reasoning": "m"}) + chunk({"content": "I'll look"})
+                           + chunk({"tool_calls": [call]}) + chunk({"reasoning": "then"})
+                           + chunk({"content": "ok"}, "stop") + b"data: [DONE]\n\n")
+    translated.finish()
+    events = [json.loads(line[6:]) for line in sent.split(b"\n") if line.startswith(b"data: ")]
+    at = [(e["type"], e.get("output_index")) for e in events]
+    for index in range(5):  # (each item's events between its added and done; the next item added after that done)
+        added, done = at.index(("response.output_item.added", index)), at.index(("response.output_item.done", index))
+        assert all(where == index for _, where in at[added:done + 1] if where is not None), at
+        if index < 4:
+            assert done < at.index(("response.output_item.added", index + 1)), at
+    kinds = [item["type"] for item in translated.response["output"]]
+    assert kinds == ["reasoning", "message", "function_call", "reasoning", "message"]
+    assert [e["item"]["type"] for e in events if e["type"] == "response.output_item.done"] == kinds
+    assert translated.response["output"][0]["content"][0]["text"] == "hmm"
+    assert translated.response["output"][1]["content"][0]["text"] == "I'll look"
+    assert all(item["status"] == "completed" for item in translated.response["output"])
+    done_texts = [e["text"] for e in events
+                  if e["type"] in ("response.reasoning_text.done", "response.output_text.done")]
+    assert done_texts == ["hmm", "I'll look", "then", "ok"]
+    assert at[-1] == ("response.completed", None)

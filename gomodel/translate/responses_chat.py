@@ -297,8 +297,10 @@ class ChatToResponsesStream:
         self._model = None
         self._started = False
         self._items = []  # output items in order, each a dict we keep completing
-        self._reasoning = None  # (index, item) of the reasoning item
+        # the one item open at a time (each ended before the next begins, L{_close}):
+        self._reasoning = None  # (index, item) of the open reasoning item
         self._message = None  # (index, item) of the open message
+        self._call = None  # (index, item) of the open function call
         self._text_at = None  # the content index of its output_text part, once it has one
         self._refusal_at = None  # the content index of its refusal part, once it has one
         self._calls = {}  # chat tool-call index (or ("id", id), L{_at_index}) -> (output index, item)
@@ -379,6 +381,7 @@ class ChatToResponsesStream:
             return []
         out = []
         if self._reasoning is None:
+            self._close(out)
             item = {"type": "reasoning", "id": new_id("rs"), "summary": [], "content": [], "status": "in_progress"}
             self._items.append(item)
             self._reasoning = (len(self._items) - 1, item)
@@ -430,10 +433,11 @@ class ChatToResponsesStream:
                 # fragment of the last (which names no function, whatever id a server puts on it)
                 key = self._at_index[index] = ("id", given)
             if key not in self._calls:
+                self._close(out)
                 item = {"type": "function_call", "id": new_id("fc"), "call_id": given or new_id("call"),
                         "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
                 self._items.append(item)
-                self._calls[key] = (len(self._items) - 1, item)
+                self._calls[key] = self._call = (len(self._items) - 1, item)
                 self._given[key] = given
                 out.append(self._event("response.output_item.added", output_index=len(self._items) - 1, item=item))
             index, item = self._calls[key]
@@ -448,6 +452,7 @@ class ChatToResponsesStream:
     def _part(self, part, out) -> int:
         """Add C{part} (empty) to the message item, opening the item at its first part; return its content index."""
         if self._message is None:
+            self._close(out)
             item = {"type": "message", "id": new_id("msg"), "status": "in_progress", "role": "assistant",
                     "content": []}
             self._items.append(item)
@@ -459,6 +464,38 @@ class ChatToResponsesStream:
                                content_index=at, part=part))
         item["content"].append(dict(part))
         return at
+
+    def _close(self, out):
+        """End the open item, if any, into C{out}: its parts' done events, then its own (OpenAI's and vLLM's streams
+        end each item before the next begins). A reasoning or text coming after is an item of its own; a fragment of
+        an ended call still goes on with it (no chat upstream sends one)."""
+        if self._reasoning is not None:
+            (index, item), self._reasoning = self._reasoning, None
+            part = item["content"][0]
+            out.append(self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=part["text"]))
+            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                   content_index=0, part=part))
+        elif self._message is not None:
+            (index, item), self._message = self._message, None
+            self._text_at = self._refusal_at = None
+            for at, part in enumerate(item["content"]):
+                if part["type"] == "refusal":
+                    out.append(self._event("response.refusal.done", item_id=item["id"], output_index=index,
+                                           content_index=at, refusal=part["refusal"]))
+                else:
+                    out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                           content_index=at, text=part["text"], logprobs=part["logprobs"]))
+                out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                       content_index=at, part=part))
+        elif self._call is not None:
+            (index, item), self._call = self._call, None
+            out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
+                                   output_index=index, arguments=item["arguments"], name=item["name"]))
+        else:
+            return
+        item["status"] = "completed"
+        out.append(self._event("response.output_item.done", output_index=index, item=item))
 
     def _complete(self) -> bytes:
         """The events that end the response at C{[DONE]}.
@@ -475,30 +512,7 @@ class ChatToResponsesStream:
         if not self._started:
             self._started = True
             out.append(self._event("response.created", response=self._snapshot("in_progress")))
-        if self._reasoning is not None:
-            index, item = self._reasoning
-            part = item["content"][0]
-            out.append(self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=part["text"]))
-            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                                   content_index=0, part=part))
-        if self._message is not None:
-            index, item = self._message
-            for at, part in enumerate(item["content"]):
-                if part["type"] == "refusal":
-                    out.append(self._event("response.refusal.done", item_id=item["id"], output_index=index,
-                                           content_index=at, refusal=part["refusal"]))
-                else:
-                    out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                           content_index=at, text=part["text"], logprobs=part["logprobs"]))
-                out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                                       content_index=at, part=part))
-        for index, item in enumerate(self._items):
-            item["status"] = "completed"
-            if item["type"] == "function_call":
-                out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
-                                       output_index=index, arguments=item["arguments"], name=item["name"]))
-            out.append(self._event("response.output_item.done", output_index=index, item=item))
+        self._close(out)
         # Always response.completed (with status "incomplete" where it stopped
         # at max tokens or was filtered), as vLLM's own stream does: the openai SDK's stream
         # helper needs it to hand out the final response.
