@@ -86,3 +86,16 @@ async def test_sdk_stream_reports_a_broken_upstream(sdk):
     with pytest.raises(openai.APIError) as raised:
         await in_thread(_collect, stream)
     assert "abnormally" in str(raised.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_compact_is_a_501_saying_where_it_is_answered(sdk, fake):
+    """C{client.responses.compact} (C{POST /v1/responses/compact}), which the gateway neither keeps nor translates, is
+    a 501 C{not_supported} the SDK does not retry, naming the passthrough (before: a 405 that named the methods of
+    a stored response called "compact", DELETE, GET and HEAD)."""
+    with pytest.raises(openai.APIStatusError) as raised:
+        await in_thread(sdk.responses.compact, model=MODEL, input="hi")
+    assert raised.value.status_code == 501 and raised.value.code == "not_supported"
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert "/p/{provider}/v1/responses/compact" in raised.value.message
+    assert not any(r.path.startswith(b"/v1/responses") for r in fake.requests)

@@ -12,7 +12,7 @@ from functools import partial
 from gomodel import jsonutil
 from gomodel.accounting.tokens import without_max_tokens
 from gomodel.api.uploads import Form
-from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound
+from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound, NotSupported
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall, UsageTap
@@ -50,6 +50,7 @@ class InferenceRoutes:
             b"/v1/embeddings": self.embeddings,
             b"/v1/responses": self.responses,
             b"/v1/responses/input_tokens": self.responses_input_tokens,
+            b"/v1/responses/compact": self.responses_compact,
             b"/v1/rerank": self.rerank,
             b"/v1/score": self.score,
             b"/v1/classify": self.classify,
@@ -190,6 +191,15 @@ class InferenceRoutes:
 
     async def responses_input_tokens(self, request, ctx):
         return await self._responses.input_tokens(request, ctx, json_body(request))
+
+    async def responses_compact(self, request, ctx):
+        """OpenAI's C{POST /v1/responses/compact} (C{client.responses.compact}): not the gateway's to answer (it
+        keeps no compacted window, and no chat completion makes one), so never sent to a model's provider.
+
+        @raise gomodel.errors.NotSupported: always, naming the passthrough, where a provider that has it answers.
+        """
+        raise NotSupported("POST /v1/responses/compact is not supported by the gateway: send it to a provider that "
+                           "has it (OpenAI) through /p/{provider}/v1/responses/compact.")
 
     def route(self, ctx, body, affinity_of=None):
         """The upstream for C{body["model"]} (rewritten to the upstream's id, noted in C{ctx}),
