@@ -99,3 +99,15 @@ async def test_sdk_compact_is_a_501_saying_where_it_is_answered(sdk, fake):
     assert raised.value.response.headers["x-should-retry"] == "false"
     assert "/p/{provider}/v1/responses/compact" in raised.value.message
     assert not any(r.path.startswith(b"/v1/responses") for r in fake.requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_hears_an_upstream_that_dropped_the_request_closed_it_not_that_it_is_unreachable(sdk):
+    """An upstream that took the request and closed its connection without an answer (a server that crashed on it) is
+    a 502 C{upstream_unreachable} that says so; a refused connection is the unreachable one (before: both "is
+    unreachable", which sent its operator to the network for a server that fell over on a prompt)."""
+    with pytest.raises(openai.InternalServerError) as raised:
+        await in_thread(sdk.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                        extra_body={"fake_drop": True})
+    assert raised.value.status_code == 502 and raised.value.code == "upstream_unreachable"
+    assert raised.value.body["message"] == "The upstream provider 'vllm' closed the connection before it answered."

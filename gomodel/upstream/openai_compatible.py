@@ -142,12 +142,15 @@ class OpenAICompatibleProvider:
         return error
 
     def _unreachable(self, failure=None):
-        """The L{UpstreamUnreachable} for C{failure}: C{sent} where it came after the request went out (its
-        connection lost before or while its answer came, C{ResponseFailed}), not where it was refused."""
-        error = UpstreamUnreachable(f"The upstream provider '{self.name}' is unreachable.")
+        """The L{UpstreamUnreachable} for C{failure}: C{sent}, and saying the upstream closed the connection, where it
+        came after the request went out (its connection lost before or while its answer came, C{ResponseFailed}: a
+        server that fell over on it), else unreachable (refused, no route, no such host)."""
         if isinstance(failure, ResponseFailed):
+            error = UpstreamUnreachable(
+                f"The upstream provider '{self.name}' closed the connection before it answered.")
             error.sent = True
-        return error
+            return error
+        return UpstreamUnreachable(f"The upstream provider '{self.name}' is unreachable.")
 
     def list_models(self) -> Deferred:
         """See L{IUpstream.list_models}."""
