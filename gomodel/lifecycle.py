@@ -240,7 +240,9 @@ class Readiness:
     every host shares them, and requests that need neither (chat with the
     master key or a cached managed key) still flow; those that need the
     store get a C{storage_unavailable} 503. L{down} names what is down, so
-    C{/health/ready} answers C{degraded} with it.
+    C{/health/ready} answers C{degraded} with it. A store this gateway can
+    never use (its C{fatal}: a database a newer gateway migrated) does: only
+    this host is refused.
     """
 
     def __init__(self, drain, registry, store, counters=None, pins=None):
@@ -269,6 +271,9 @@ class Readiness:
             reasons.append("model discovery has not finished")
         if not self._store.running:
             reasons.append("the store is not open")
+        fatal = getattr(self._store, "fatal", None)
+        if fatal is not None:  # (this host's alone, unlike an outage: its peers may serve what it cannot)
+            reasons.append(f"the store cannot be used: {fatal}")
         return reasons
 
     def down(self) -> dict:

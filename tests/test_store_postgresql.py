@@ -195,6 +195,35 @@ async def test_an_unreachable_server_is_not_named_to_clients_or_in_readiness(rea
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_refused_by_a_newer_database_is_not_ready_while_its_peers_serve(reactor, http, fake,
+                                                                                         pg_database, logged_errors):
+    # A rollback (or a mixed rollout) starts an older gateway on a database a newer one migrated: it can never use
+    # its store (every managed key, file, batch and stored response a 503), while the newer hosts serve them.
+    # Readiness said 200 "degraded", as for an outage that every host shares, so the load balancer kept it in.
+    import json
+
+    from tests.support import start_gateway
+
+    first = opened(reactor, pg_database)
+    await first.started()
+    await first.stopService()
+    postgres.query(pg_database, "UPDATE schema_version SET version = 999")
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                       "STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(pg_database)})
+    try:
+        await gw.service.store.started().addErrback(lambda _: None)
+        response = await http.get(gw.url + "/health/ready")
+        body = json.loads(await response.content())
+        assert response.code == 503 and body["status"] == "not_ready", body
+        assert any("schema version 999, newer than this gateway's" in reason for reason in body["reasons"]), body
+        response = await http.get(gw.url + "/health")
+        assert response.code == 200  # alive: nothing a restart would mend
+    finally:
+        await gw.service.stopService()
+    logged_errors.flush()
+
+
 def test_a_reason_leaves_out_every_way_libpq_names_the_server():
     import psycopg
 

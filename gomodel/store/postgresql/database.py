@@ -201,6 +201,11 @@ class Database:
         return self._run(_ping, (), _Job(patient=True)).addErrback(lambda f: None)
 
     @property
+    def fatal(self):
+        """Why this gateway can never use the database (a newer schema: L{NotMigrated}), or None."""
+        return self._fatal
+
+    @property
     def opened(self) -> bool:
         """Whether the schema was migrated (statements may run)."""
         return self._opened

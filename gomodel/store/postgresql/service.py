@@ -63,6 +63,12 @@ class PostgreSQLStore(Service):
         """Why the database cannot be used now (a line for C{/health/ready}), or None."""
         return self._db.problem
 
+    @property
+    def fatal(self):
+        """Why this gateway can never use the database (migrated by a newer gateway), or None: unlike an
+        outage, which every host shares, only this host is refused (see L{gomodel.lifecycle.Readiness})."""
+        return self._db.fatal
+
     def startService(self):
         super().startService()
         self._db.start()
