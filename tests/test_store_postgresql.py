@@ -125,6 +125,34 @@ async def test_a_job_the_server_does_not_answer_in_time_is_a_503_and_the_store_r
         await store.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_read_only_server_is_a_503_and_its_connections_are_made_again(reactor, pg_database):
+    """A failover leaves connections on a server that is read-only now (the old primary, a standby): a write was
+    psycopg's ReadOnlySqlTransaction, a 500 to the client and a traceback a second in the log, and the pooled
+    connections stayed on that server once a writable one was there again."""
+    store = opened(reactor, pg_database, max_conns=2)
+    try:
+        await store.started()
+        postgres.admin(f"ALTER DATABASE {pg_database} SET default_transaction_read_only = on")
+        postgres.kill_connections(pg_database)  # (the connections made from now on are read-only)
+        with pytest.raises(StorageUnavailable) as raised:
+            await store.batches.add(batch("batch_ro"))
+        assert raised.value.status == 503 and "read-only" in raised.value.message, raised.value.message
+        assert store.problem is not None and "read-only" in store.problem  # /health/ready: degraded
+        # Writable again (no connection killed this time): a connection made while it was read-only fails once at
+        # most, and every one made there with it is made again (before, each stayed on the server, read-only).
+        postgres.admin(f"ALTER DATABASE {pg_database} RESET default_transaction_read_only")
+        failures = 0
+        for attempt in range(4):
+            try:
+                await store.batches.add(batch(f"batch_rw{attempt}"))
+            except StorageUnavailable:
+                failures += 1
+        assert failures <= 1 and store.problem is None
+    finally:
+        await store.stopService()
+
+
 def _response(response_id):
     return {"id": response_id, "provider": "vllm", "created_at": 100, "previous_response_id": None,
             "status": "completed", "input_items": [], "response": {"id": response_id}}

@@ -292,10 +292,19 @@ class Database:
                 job.conn = conn
                 try:
                     result = f(conn, *args)
+                except psycopg.errors.ReadOnlySqlTransaction:
+                    # A server read-only now (a failover's old primary, a standby): the pool makes new
+                    # connections in place of this one and of the others it made there (psycopg-pool 3.3's
+                    # drain), which find the writable server once there is one again.
+                    conn.close()
+                    drain = getattr(pool, "drain", None)
+                    if drain is not None:
+                        drain()
+                    raise
                 finally:
                     with job.lock:  # (a cancel under way ends first: the connection may go to another job)
                         job.conn = None
-        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction) as e:
             if job.cancelled:  # (its caller had its 503; the store stays down until a statement succeeds)
                 raise StorageUnavailable.because("cancelled past the time limit") from e
             reason = _reason(e)
