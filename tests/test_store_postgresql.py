@@ -153,6 +153,33 @@ async def test_a_read_only_server_is_a_503_and_its_connections_are_made_again(re
         await store.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_job_asked_while_the_migration_waits_for_another_hosts_lock_is_a_503_within_its_time_limit(
+        reactor, pg_database):
+    """A host that holds the migration lock and does not let go (paused mid-migration, its migration queued
+    behind a long query's lock) kept every job of a host starting beside it waiting without end: requests for
+    files, keys or usage hung (an SDK's 10 minutes) instead of a 503 past the job's time limit."""
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import MIGRATION_LOCK
+
+    holder = psycopg.connect(postgres.url(pg_database), autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    store = opened(reactor, pg_database, job_timeout=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable) as raised:
+            await store.files.list()
+        assert raised.value.status == 503 and "not open" in raised.value.message, raised.value.message
+        assert time.monotonic() - started < 5
+        holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        await store.started()  # opened once the lock is free; the job that gave up is not run then
+        assert await store.files.list() is not None and store.problem is None
+    finally:
+        holder.close()
+        await store.stopService()
+
+
 def _response(response_id):
     return {"id": response_id, "provider": "vllm", "created_at": 100, "previous_response_id": None,
             "status": "completed", "input_items": [], "response": {"id": response_id}}

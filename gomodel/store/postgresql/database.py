@@ -212,7 +212,7 @@ class Database:
 
     def started(self) -> Deferred:
         """@return: a Deferred firing with None once the store opened, failing with why it cannot."""
-        return self.run(_ping).addCallback(lambda _: None)
+        return self._submit(_ping, (), None).addCallback(lambda _: None)
 
     # -- jobs ---------------------------------------------------------------------
 
@@ -228,17 +228,28 @@ class Database:
             answer within the job's time limit (L{JOB_TIMEOUT}), or the store
             is stopped; with L{InvalidRequest} when a value cannot be held
             (psycopg's C{DataError}: a text with a NUL character, a number
-            past its column); else with what C{f} raised.
+            past its column); else with what C{f} raised. A job asked for
+            before the store opened waits for it, within the same time limit
+            (the opening's migration may wait for another host's lock).
         """
+        return self._submit(f, args, self._job_timeout)
+
+    def _submit(self, f, args, open_within):
         if self._pool is None or self._fatal is not None:
             return fail(self._unavailable())
         if not self._opened:
             if self._retry is not None:  # the last attempt to open failed: answer at once
                 return fail(self._unavailable())
-            d = Deferred()
+            d = Deferred(self._unqueue)
             self._waiting.append((d, f, args))
+            if open_within is not None:
+                d.addTimeout(open_within, self._reactor, onTimeoutCancel=_not_open)
             return d
         return self._run(f, args, _Job())
+
+    def _unqueue(self, waiter):
+        """A job waiting for the store to open gave up (past its time limit): it is not run when it opens."""
+        self._waiting = [waiting for waiting in self._waiting if waiting[0] is not waiter]
 
     def _run(self, f, args, job):
         d = self._threads.run(self._job, f, args, job)
@@ -355,6 +366,12 @@ def _options(url) -> dict:
     except Exception:  # a malformed URL: connecting says why
         own = {}
     return {name: value for name, value in CONN_OPTIONS.items() if name not in own}
+
+
+def _not_open(result, timeout):
+    """The C{onTimeoutCancel} of a job that waited for the store to open past its time limit."""
+    raise StorageUnavailable.because(f"the store did not open within {timeout:g}s: its schema migration may be "
+                                     "waiting for another gateway's")
 
 
 def _ping(conn):
