@@ -304,12 +304,13 @@ class Database:
                 try:
                     result = f(conn, *args)
                 except psycopg.errors.ReadOnlySqlTransaction:
-                    # A server read-only now (a failover's old primary, a standby): the pool makes new
-                    # connections in place of this one and of the others it made there (psycopg-pool 3.3's
-                    # drain), which find the writable server once there is one again.
+                    # A server read-only now (a failover's old primary, a standby): the pool makes a new
+                    # connection in place of this one, and at the first of a streak of the others too
+                    # (psycopg-pool 3.3's drain; once, not at each write refused), which find the writable
+                    # server once there is one again.
                     conn.close()
                     drain = getattr(pool, "drain", None)
-                    if drain is not None:
+                    if drain is not None and self.problem is None:
                         drain()
                     raise
                 finally:
