@@ -180,6 +180,29 @@ async def test_a_job_asked_while_the_migration_waits_for_another_hosts_lock_is_a
         await store.stopService()
 
 
+def test_a_migration_that_cannot_have_its_tables_lock_gives_up_instead_of_stalling_every_host(pg_database):
+    """A rolling upgrade: the new gateway's migration alters the usage table while an older gateway's long query
+    reads it (a summary of months). Its ALTER waited for that query without a limit, and PostgreSQL queued every
+    later statement on the table behind it: every host's usage writes and reads stalled (a 503 past the job's
+    time limit, degraded). Now it gives up after its lock timeout (its opening is tried again) and they go on."""
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import MIGRATIONS, migrate
+
+    url = postgres.url(pg_database)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn, MIGRATIONS[:-1])  # the schema an older gateway made
+    with psycopg.connect(url) as reader, psycopg.connect(url, autocommit=True) as migrating, \
+            psycopg.connect(url, autocommit=True, options="-c statement_timeout=5s") as other:
+        reader.execute("SELECT count(*) FROM usage")  # its transaction holds the table (a long query's lock)
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            migrate(migrating, lock_timeout=0.2)
+        assert other.execute("SELECT count(*) FROM usage").fetchone() == (0,)  # not queued behind the migration
+        reader.rollback()
+        migrate(migrating, lock_timeout=0.2)  # the query over: the migration is done
+        assert migrating.execute("SELECT version FROM schema_version").fetchone() == (MIGRATIONS[-1][0],)
+
+
 def _response(response_id):
     return {"id": response_id, "provider": "vllm", "created_at": 100, "previous_response_id": None,
             "status": "completed", "input_items": [], "response": {"id": response_id}}

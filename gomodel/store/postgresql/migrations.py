@@ -6,13 +6,18 @@ file's bytes live in the database, so every host reads what any host
 wrote. Never edit a released migration; append one.
 
 L{migrate} runs in one transaction under a transaction-level advisory lock:
-hosts starting together take turns, and the second finds the work done.
+hosts starting together take turns, and the second finds the work done;
+it waits for no lock longer than L{LOCK_TIMEOUT}.
 """
 
 from gomodel.store.postgresql.errors import NotMigrated
 
 # pg_advisory_xact_lock's key for migrations ("gomodel" in ASCII).
 MIGRATION_LOCK = 0x676F6D6F64656C
+# Seconds a migration waits for a lock (the migration lock, a table's that a query holds) before it gives up (its
+# opening is tried again): PostgreSQL queues every later statement on a table behind an ALTER waiting for it, so
+# an ALTER waiting on an older gateway's long query stalled every host's statements on that table meanwhile.
+LOCK_TIMEOUT = 3.0
 
 MIGRATIONS = (
     (1, (
@@ -271,13 +276,16 @@ MIGRATIONS = (
 )
 
 
-def migrate(conn, migrations=MIGRATIONS):
+def migrate(conn, migrations=MIGRATIONS, lock_timeout=LOCK_TIMEOUT):
     """Bring the schema to the last migration, in one transaction, under the migration lock.
 
     @param conn: an autocommit connection.
+    @param lock_timeout: the seconds it waits for any lock (L{LOCK_TIMEOUT}).
     @raise NotMigrated: the database is at a newer version than this gateway knows.
+    @raise psycopg.errors.LockNotAvailable: a lock was not had in time (nothing was changed).
     """
     with conn.transaction():
+        conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         row = conn.execute("SELECT version FROM schema_version").fetchone()
