@@ -203,6 +203,32 @@ def test_a_migration_that_cannot_have_its_tables_lock_gives_up_instead_of_stalli
         assert migrating.execute("SELECT version FROM schema_version").fetchone() == (MIGRATIONS[-1][0],)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_usage_retention_deletes_a_large_backlog_in_bounded_statements(reactor, pg_database, monkeypatch):
+    """A day of a busy fleet's ledger (millions of rows) went in one DELETE, past the store job's 30 s limit:
+    cancelled (and the store said down meanwhile) every day, so the ledger was never swept. Each statement now
+    deletes a bounded batch of rows, each its own job with its own time limit."""
+    from gomodel.store.postgresql import usage as pg_usage
+
+    monkeypatch.setattr(pg_usage, "DELETE_BATCH", 40)
+    store = opened(reactor, pg_database)
+    try:
+        await store.started()
+        postgres.query(pg_database, "INSERT INTO usage (request_id, timestamp) "
+                                    "SELECT 'r' || i, i FROM generate_series(1, 150) AS i")
+        # Each DELETE statement's count, as PostgreSQL saw it.
+        postgres.query(pg_database, "CREATE TABLE deletes (n BIGINT)")
+        postgres.query(pg_database, "CREATE FUNCTION count_deletes() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                                    "INSERT INTO deletes SELECT count(*) FROM gone; RETURN NULL; END $$")
+        postgres.query(pg_database, "CREATE TRIGGER count_deletes AFTER DELETE ON usage REFERENCING OLD TABLE AS gone "
+                                    "FOR EACH STATEMENT EXECUTE FUNCTION count_deletes()")
+        assert await store.usage.delete_before(121) == 120
+        assert sorted(n for n, in postgres.query(pg_database, "SELECT n FROM deletes")) == [0, 40, 40, 40]
+        assert postgres.query(pg_database, "SELECT min(timestamp), count(*) FROM usage") == [(121.0, 30)]
+    finally:
+        await store.stopService()
+
+
 def _response(response_id):
     return {"id": response_id, "provider": "vllm", "created_at": 100, "previous_response_id": None,
             "status": "completed", "input_items": [], "response": {"id": response_id}}
