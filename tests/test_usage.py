@@ -270,6 +270,33 @@ async def test_buffered_records_are_written_at_stop(reactor, http, fake, tmp_pat
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_retention_runs_soon_after_a_start_not_only_after_a_day_up(reactor, sqlite_store):
+    """The first sweep of old records came a day after the process started: a fleet restarted at least daily
+    (deploys, scaling) never deleted any, and its ledger grew without end."""
+    from twisted.internet.task import Clock
+
+    from gomodel.accounting.usage import FIRST_SWEEP, UsageLedger
+    from tests.support import until
+
+    clock = Clock()
+    clock.advance(10 * 86400)
+    ledger = UsageLedger(sqlite_store.usage, sqlite_store.claims, clock, "test", flush_interval=5.0, retention=86400)
+    ledger.keep("old", 100.0, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", 200, False, None)
+    await ledger.flush()
+    ledger.startService()
+    try:
+        assert FIRST_SWEEP <= 3600
+        clock.advance(FIRST_SWEEP)
+
+        async def swept():
+            return (await sqlite_store.usage.summary(0, 1e9))["requests"] == 0
+
+        await until(reactor, swept, what="the old record to be deleted")
+    finally:
+        await ledger.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_full_buffer_is_written_before_the_next_tick(reactor, sqlite_store):
     from twisted.internet.task import Clock
 

@@ -25,6 +25,9 @@ from gomodel.store.records import USAGE_FIELDS
 from gomodel.store.sweeps import claimed
 
 RETENTION_INTERVAL = 86400.0
+# Seconds after the start of the first retention sweep (then every RETENTION_INTERVAL): a fleet restarted at
+# least daily (deploys, scaling) never swept when the first came a day after the start.
+FIRST_SWEEP = 600.0
 MAX_BUFFER = 100000  # records kept while the store cannot take them; past it the oldest go first (said: L{_drop})
 # Records waiting that start a write at once, before the next tick: under load the buffer would otherwise
 # hold USAGE_FLUSH_INTERVAL's worth (about 330 bytes each: 3 MiB at 2,000 requests a second over 5 s).
@@ -52,6 +55,7 @@ class UsageLedger(Service):
         self._buffer = []
         self._writing = DeferredLock()  # one write at a time, in order
         self._loops = []
+        self._first_sweep = None  # the delayed start of the retention sweeps (FIRST_SWEEP)
         # A store down fails every flush: one warning a streak (the records are kept), an info line at its end.
         self._flushes = FailureStreak(self, "writing usage records failed; they are kept for the next flush",
                                       "usage records are written again")
@@ -211,11 +215,11 @@ class UsageLedger(Service):
 
     def startService(self):
         super().startService()
-        for f, interval in ((self.flush, self._flush_interval), (self._sweep, RETENTION_INTERVAL)):
-            loop = LoopingCall(f)
-            loop.clock = self._clock
-            loop.start(interval, now=False)
-            self._loops.append(loop)
+        flush, sweep = LoopingCall(self.flush), LoopingCall(self._sweep)
+        flush.clock = sweep.clock = self._clock
+        flush.start(self._flush_interval, now=False)
+        self._loops = [flush, sweep]
+        self._first_sweep = self._clock.callLater(FIRST_SWEEP, sweep.start, RETENTION_INTERVAL)
 
     def stopService(self):
         """Write what is left (nothing is lost at a stop, but to a store that is down: said in an error line).
@@ -223,6 +227,8 @@ class UsageLedger(Service):
         @return: a Deferred firing with None once written, or once the write failed.
         """
         super().stopService()
+        if self._first_sweep is not None and self._first_sweep.active():
+            self._first_sweep.cancel()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
