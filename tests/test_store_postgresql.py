@@ -203,28 +203,46 @@ def test_a_migration_that_cannot_have_its_tables_lock_gives_up_instead_of_stalli
         assert migrating.execute("SELECT version FROM schema_version").fetchone() == (MIGRATIONS[-1][0],)
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_usage_retention_deletes_a_large_backlog_in_bounded_statements(reactor, pg_database, monkeypatch):
-    """A day of a busy fleet's ledger (millions of rows) went in one DELETE, past the store job's 30 s limit:
-    cancelled (and the store said down meanwhile) every day, so the ledger was never swept. Each statement now
-    deletes a bounded batch of rows, each its own job with its own time limit."""
-    from gomodel.store.postgresql import usage as pg_usage
+def counting_deletes(database, table):
+    """Count each DELETE statement's rows on C{table} of C{database} (as PostgreSQL saw them) in table C{deletes}."""
+    postgres.query(database, "CREATE TABLE IF NOT EXISTS deletes (tab TEXT, n BIGINT)")
+    postgres.query(database, f"CREATE FUNCTION count_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                             f"INSERT INTO deletes SELECT '{table}', count(*) FROM gone; RETURN NULL; END $$")
+    postgres.query(database, f"CREATE TRIGGER count_{table} AFTER DELETE ON {table} REFERENCING OLD TABLE AS gone "
+                             f"FOR EACH STATEMENT EXECUTE FUNCTION count_{table}()")
 
-    monkeypatch.setattr(pg_usage, "DELETE_BATCH", 40)
+
+def deletes(database, table) -> list:
+    return sorted(n for n, in postgres.query(database, "SELECT n FROM deletes WHERE tab = %s", (table,)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_retention_sweeps_delete_a_large_backlog_in_bounded_statements(reactor, pg_database, monkeypatch):
+    """A day of a busy fleet's ledger (millions of rows), or the stored responses of a long stop, went in one
+    DELETE, past the store job's 30 s limit: cancelled (and the store said down meanwhile) at every sweep, so they
+    were never swept. Each statement now deletes a bounded batch of rows, each its own job with its own time
+    limit."""
+    from gomodel.store.postgresql import database
+
+    monkeypatch.setattr(database, "DELETE_BATCH", 40)
     store = opened(reactor, pg_database)
     try:
         await store.started()
         postgres.query(pg_database, "INSERT INTO usage (request_id, timestamp) "
                                     "SELECT 'r' || i, i FROM generate_series(1, 150) AS i")
-        # Each DELETE statement's count, as PostgreSQL saw it.
-        postgres.query(pg_database, "CREATE TABLE deletes (n BIGINT)")
-        postgres.query(pg_database, "CREATE FUNCTION count_deletes() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                                    "INSERT INTO deletes SELECT count(*) FROM gone; RETURN NULL; END $$")
-        postgres.query(pg_database, "CREATE TRIGGER count_deletes AFTER DELETE ON usage REFERENCING OLD TABLE AS gone "
-                                    "FOR EACH STATEMENT EXECUTE FUNCTION count_deletes()")
+        for i in range(1, 51):
+            await store.responses.put(dict(_response(f"resp_{i}"), created_at=i))
+        postgres.query(pg_database, "INSERT INTO deleted_responses (id, deleted_at) "
+                                    "SELECT 'resp_gone' || i, i FROM generate_series(1, 90) AS i")
+        for table in ("usage", "responses", "deleted_responses"):
+            counting_deletes(pg_database, table)
         assert await store.usage.delete_before(121) == 120
-        assert sorted(n for n, in postgres.query(pg_database, "SELECT n FROM deletes")) == [0, 40, 40, 40]
+        assert deletes(pg_database, "usage") == [0, 40, 40, 40]
         assert postgres.query(pg_database, "SELECT min(timestamp), count(*) FROM usage") == [(121.0, 30)]
+        assert await store.responses.delete_before(46) == 45
+        assert deletes(pg_database, "responses") == [5, 40]
+        assert deletes(pg_database, "deleted_responses") == [5, 40]
+        assert postgres.query(pg_database, "SELECT count(*) FROM responses") == [(5,)]
     finally:
         await store.stopService()
 

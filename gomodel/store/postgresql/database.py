@@ -37,6 +37,7 @@ POOL_TIMEOUT = 5.0  # how long a job waits for a connection before it is a 503
 # `options` parameter is refused by PgBouncer, and a SET would outlive the session behind a transaction
 # pooler; POSTGRES_URL's own `options=-c statement_timeout=...` may add one.)
 JOB_TIMEOUT = 30.0
+DELETE_BATCH = 10000  # the most rows one statement of a retention sweep deletes (L{in_batches})
 CANCEL_TIMEOUT = 10.0  # seconds a cancel request may take (a stopped server answers none)
 DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
@@ -367,6 +368,21 @@ def _options(url) -> dict:
     except Exception:  # a malformed URL: connecting says why
         own = {}
     return {name: value for name, value in CONN_OPTIONS.items() if name not in own}
+
+
+async def in_batches(run, f, *args):
+    """Delete in batches: C{await run(f, *args, DELETE_BATCH)} (C{f} deletes at most that many rows and returns
+    how many it did) again until fewer go, each a job of its own with its own time limit: a large backlog (a busy
+    fleet's day of usage records) in one statement ran past the job's limit, was cancelled, and was never deleted.
+
+    @return: how many rows were deleted in all.
+    """
+    deleted = 0
+    while True:
+        count = await run(f, *args, DELETE_BATCH)
+        deleted += count
+        if count < DELETE_BATCH:
+            return deleted
 
 
 def _not_open(result, timeout):

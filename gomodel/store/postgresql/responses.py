@@ -26,6 +26,7 @@ from gomodel.logs import FailureStreak
 from gomodel.store.codec import RESPONSE_COLUMNS, chain_query, follows_deleted_query, response_row, response_upsert
 from gomodel.store.held import Held, looked_again
 from gomodel.store.interfaces import KEEP_DELAY, IResponseStore
+from gomodel.store.postgresql.database import in_batches
 
 MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
 _PUT = response_upsert("%s")
@@ -178,13 +179,21 @@ class PostgreSQLResponseStore:
         return self._after_keeps(lambda conn: conn.execute(_FOLLOWS_DELETED, (response_id,)).fetchone() is not None)
 
     def delete_before(self, created_at):
-        return self._after_keeps(self._delete_before, created_at)
+        return Deferred.fromCoroutine(self._delete_before(created_at))
+
+    async def _delete_before(self, created_at):
+        await in_batches(self._after_keeps, self._forget_deleted, created_at)
+        return await in_batches(self._after_keeps, self._delete_batch, created_at)
 
     @staticmethod
-    def _delete_before(conn, created_at):
-        with conn.transaction():
-            conn.execute("DELETE FROM deleted_responses WHERE deleted_at < %s", (created_at,))
-            return conn.execute("DELETE FROM responses WHERE created_at < %s", (created_at,)).rowcount
+    def _forget_deleted(conn, created_at, most):
+        return conn.execute("DELETE FROM deleted_responses WHERE id IN (SELECT id FROM deleted_responses "
+                            "WHERE deleted_at < %s LIMIT %s)", (created_at, most)).rowcount
+
+    @staticmethod
+    def _delete_batch(conn, created_at, most):
+        return conn.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE created_at < %s "
+                            "LIMIT %s)", (created_at, most)).rowcount
 
 
 def _decoded(record) -> dict:

@@ -8,6 +8,7 @@ from zope.interface import implementer
 from gomodel.errors import RowsRejected
 from gomodel.store.codec import OUTCOME, SEARCHED, usage_columns, usage_where
 from gomodel.store.interfaces import IUsageStore
+from gomodel.store.postgresql.database import in_batches
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
 # The rows go by binary COPY, each column written as its type in the table (a text column otherwise).
@@ -16,8 +17,6 @@ _TYPES = {"timestamp": "float8", "replica": "int4", "status_code": "int4", "stre
           "input_cost": "float8", "output_cost": "float8", "total_cost": "float8", "duration_ms": "float8",
           "ttft_ms": "float8", "client_gone": "bool", "estimated": "bool", "audio_seconds": "float8"}
 _COPY_TYPES = [_TYPES.get(name, "text") for name in COLUMNS]
-# The most records one statement of the retention sweep deletes (L{PostgreSQLUsageStore.delete_before}).
-DELETE_BATCH = 10000
 _COPY = f"COPY usage ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _WRITTEN = "SELECT rows FROM usage_writes WHERE request_id = %s AND timestamp = %s"
 _MARK = ("WITH old AS (DELETE FROM usage_writes WHERE written_at < extract(epoch FROM now()) - 86400) "
@@ -183,17 +182,7 @@ class PostgreSQLUsageStore:
         return row[0], row[1]
 
     def delete_before(self, timestamp):
-        return Deferred.fromCoroutine(self._delete_before(timestamp))
-
-    async def _delete_before(self, timestamp):
-        # In batches, each its own job (its own time limit): a day of a busy fleet's ledger in one statement ran
-        # past the job's limit, was cancelled, and was never swept.
-        deleted = 0
-        while True:
-            count = await self._db.run(self._delete_batch, timestamp, DELETE_BATCH)
-            deleted += count
-            if count < DELETE_BATCH:
-                return deleted
+        return Deferred.fromCoroutine(in_batches(self._db.run, self._delete_batch, timestamp))
 
     @staticmethod
     def _delete_batch(conn, timestamp, most):
