@@ -543,6 +543,26 @@ async def test_a_keys_expiry_is_shown_in_the_list(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_key_of_every_model_says_all_with_an_empty_list_too(env):
+    """A key made through the API with C{models: []} (every model, as null) reads "all" in its row (before, an empty
+    cell, as if it could use none)."""
+    b = env.browser
+    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
+                             json={"name": "every-model", "models": []})
+    key = await answer.json()
+    assert answer.code == 201 and key["models"] == [], key
+
+    def shown():
+        b.go("keys")
+        b.driver.refresh()
+        row = f"tr.key-row:has([data-key-id='{key['id']}'])"
+        b.wait_text(f"{row} td[data-label='Models']", lambda t: t == "all", "the key's models")
+        b.assert_clean()
+
+    await in_thread(shown)
+
+
+@pytest_twisted.ensureDeferred
 async def test_keys_are_made_and_reset_from_the_keyboard(env):
     """Enter on a row's Reset budgets puts the focus on its Confirm (before, the button pressed went away and the focus
     with it, to the top of the page); Cancel gives it back; a new key's secret has its Copy button focused."""

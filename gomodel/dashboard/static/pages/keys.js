@@ -39,7 +39,8 @@ export function mount(el) {
           .join(" · ")}) : null)},
       {title: "Key", cell: (k) => h("code", {text: k.redacted_value})},
       {title: "User path", cell: (k) => k.user_path ? h("code", {text: k.user_path}) : "–"},
-      {title: "Models", cell: (k) => k.models ? h("span", {class: "wrap", text: k.models.join(", ")}) : "all"},
+      {title: "Models", cell: (k) => k.models && k.models.length  // (null or []: every model, as the API reads them)
+        ? h("span", {class: "wrap", text: k.models.join(", ")}) : "all"},
       {title: "Limits", cell: (k) => limits(k)},
       {title: "Budgets", cell: (k) => budgets(k.budgets)},
       {title: "Status", cell: (k) => h("div", {},
