@@ -437,6 +437,36 @@ async def test_providers_page_shows_a_replica_going_down(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_providers_model_list_stays_as_the_operator_left_it_while_traffic_redraws_the_page(env):
+    """The models list the operator closed (or opened) stays so when the page is drawn again for new figures (before,
+    each redraw, every 3 s under traffic, opened it again: one of more than 8 models could not be kept open)."""
+    b = env.browser
+    served = "[data-provider='vllm'] td[data-label='Served']"
+    details = "[data-provider='vllm'] details.models"
+
+    def closed():
+        b.go("providers")
+        b.wait(lambda d: b.js("const e = document.querySelector(arguments[0]); return e && e.open", details),
+               "the open models list")
+        b.click(f"{details} summary")
+        assert b.js("return document.querySelector(arguments[0]).open", details) is False
+        return b.texts(served)
+
+    before = await in_thread(closed)
+    client = _sdk(env)
+    try:
+        await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "p"}],
+                        max_tokens=2)
+    finally:
+        client.close()
+    await in_thread(b.wait, lambda d: b.texts(served) != before, "the page drawn again with the new request")
+    assert await in_thread(b.js, "return document.querySelector(arguments[0]).open", details) is False
+    await in_thread(b.click, f"{details} summary")  # opened again, it stays open
+    await in_thread(b.go, "overview")
+    await in_thread(b.assert_clean)
+
+
+@pytest_twisted.ensureDeferred
 async def test_keys_create_show_once_use_and_deactivate(env):
     import openai
 

@@ -54,6 +54,7 @@ export function mount(el) {
   let stopped = false;
   let shownSignature = null;
   let loadFailed = null; // the note of the list's last read, if it failed (an action's stays)
+  const modelsOpen = new Map(); // each provider's models list as the operator left it (open or not), kept over redraws
   async function load() {
     if (stopped) return;
     try {
@@ -65,7 +66,8 @@ export function mount(el) {
       const signature = JSON.stringify(answer, (name, value) => (name === "load_age_s" ? undefined : value));
       if (signature === shownSignature) return;
       shownSignature = signature;
-      replace(list, answer.providers.length ? answer.providers.map(provider) : providerHint());
+      replace(list, answer.providers.length ? answer.providers.map((p) => provider(p, modelsOpen))
+        : providerHint());
     } catch (error) {
       if (!stopped) replace(messages, loadFailed = errorNote(error));
     }
@@ -87,7 +89,8 @@ function old(r, shown) {
   return h("span", {class: "muted load-stale"}, shown, ` · last report ${at}`);
 }
 
-function provider(p) {
+// A provider's panel; its models list open as `modelsOpen` says the operator left it, else while it has 8 or fewer.
+function provider(p, modelsOpen) {
   const total = p.replicas.length;
   return h("section", {class: "panel provider", "data-provider": p.name},
     h("div", {class: "panel-head"},
@@ -113,7 +116,8 @@ function provider(p) {
         ? h("span", {class: "error-text", text: `${r.last_error} (${r.consecutive_failures} failures)`}) : "–"},
       {title: "Since", cell: (r) => r.last_state_change ? when(r.last_state_change) : "–"},
     ], p.replicas, {rowClass: (r) => `replica replica-${r.state}`}),
-    h("details", {class: "models", open: p.models.length <= 8},
+    h("details", {class: "models", open: modelsOpen.get(p.name) ?? p.models.length <= 8,
+      ontoggle: (event) => modelsOpen.set(p.name, event.target.open)},
       h("summary", {text: `${p.models.length} model${p.models.length === 1 ? "" : "s"}`}),
       p.models.length ? h("ul", {class: "model-list"}, p.models.map((m) => h("li", {}, h("code", {text: m}))))
         : h("p", {class: "muted", text: "No models discovered yet: is the server up? Refresh models to re-read them."})));
