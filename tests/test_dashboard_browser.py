@@ -640,6 +640,66 @@ async def test_keys_are_made_and_reset_from_the_keyboard(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_keyboards_focus_stays_on_the_keys_row_after_its_action_or_form(env):
+    """After a confirmed reset or deactivation, and after an edit form's Save or Cancel, the focus is on the key's row
+    again (its button), as after Cancel; a secret's Done gives it to New key (before, the list or form was drawn again
+    and the focus fell to the page's top: a keyboard's user started over from the bar)."""
+    from selenium.webdriver.common.keys import Keys
+
+    b = env.browser
+    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
+                             json={"name": "focus kept", "budgets": [{"period": "daily", "max_tokens": 1000}]})
+    key = await answer.json()
+    assert answer.code == 201, key
+    box = f".row-actions[data-key-id='{key['id']}']"
+
+    def focused():
+        return b.js("const e = document.activeElement;"
+                    "return [e.closest('[data-key-id]') && e.closest('[data-key-id]').dataset.keyId, e.textContent]")
+
+    def press(*keys):
+        for key_name in keys:
+            b.driver.switch_to.active_element.send_keys(key_name)
+
+    def on(button):
+        b.js("[...document.querySelectorAll(arguments[0])].find((e) => e.textContent === arguments[1]).focus()",
+             f"{box} button", button)
+
+    def keyboard():
+        b.go("keys")
+        b.driver.refresh()
+        b.wait(lambda d: b.all(f"{box} button"), "the key's buttons")
+        on("Reset budgets")
+        press(Keys.ENTER, Keys.ENTER)  # Reset budgets, Confirm reset
+        b.wait_text("#keys-messages", lambda t: "Budgets reset" in t, "the reset")
+        b.wait(lambda d: focused() == [key["id"], "Reset budgets"], "the focus back on Reset budgets")
+        on("Edit")
+        press(Keys.ENTER)
+        assert b.js("return document.activeElement.name") == "name"
+        b.fill("#key-form [name=rpm]", "321")
+        press(Keys.ENTER)  # Save
+        b.wait_text("#keys-messages", lambda t: "Saved" in t, "the edit")
+        b.wait(lambda d: focused() == [key["id"], "Edit"], "the focus back on Edit after Save")
+        press(Keys.ENTER)
+        b.js("[...document.querySelectorAll('#key-form button')].find((e) => e.textContent === 'Cancel').focus()")
+        press(Keys.ENTER)
+        b.wait(lambda d: focused() == [key["id"], "Edit"], "the focus back on Edit after Cancel")
+        on("Deactivate")
+        press(Keys.ENTER, Keys.ENTER)  # Deactivate, Confirm deactivate
+        b.wait_text("#keys-messages", lambda t: "Key deactivated" in t, "the deactivation")
+        b.wait(lambda d: focused() == [key["id"], "Edit"], "the focus on the deactivated key's Edit")
+        b.js("document.querySelector('#new-key').focus()")
+        press(Keys.ENTER, "focus secret", Keys.ENTER)
+        b.wait_text("#key-secret-value", lambda t: t.startswith("sk_gom_"), "the new secret")
+        b.js("[...document.querySelectorAll('#key-secret button')].find((e) => e.textContent === 'Done').focus()")
+        press(Keys.ENTER)
+        b.wait(lambda d: b.js("return document.activeElement.id") == "new-key", "the focus on New key after Done")
+        b.assert_clean()
+
+    await in_thread(keyboard)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_double_click_on_create_key_makes_one_key(env):
     """The key form sends once per submission in flight (before, a double click on Create key made two keys: the
     secret of the first was replaced by the second's before anyone saw it, and the first stayed active)."""
@@ -831,6 +891,9 @@ async def test_budgets_by_user_path_show_what_they_spent_and_reset_once_confirme
         b.click(f"{mine} .row-actions .btn-danger")
         b.wait_text("#budgets-messages", lambda t: "counts from now" in t, "the reset")
         b.wait_text(f"{mine} .meter-label", lambda t: t == "0 / 100,000 tokens", "the budget reset")
+        # the focus back on the budget's Reset (before, the list drawn again took it to the page's top)
+        b.wait(lambda d: b.js("const e = document.activeElement; return e.textContent === 'Reset' && "
+                              "e.closest('[data-budget]').dataset.budget") == f"{path} daily", "the focus on Reset")
         b.assert_clean()
 
     await in_thread(page)

@@ -58,6 +58,15 @@ export function showError(box, error) {
   return box;
 }
 
+// Give a focus a redraw took away (it is on the page's body: its button went away) to the button named `text` in
+// `box` (or to box's first, `text` being gone), else to `fallback`; a focus the user moved elsewhere meanwhile stays.
+export function focusAgain(box, text, fallback) {
+  if (document.activeElement && document.activeElement !== document.body) return;
+  const buttons = box ? [...box.querySelectorAll("button")] : [];
+  const found = buttons.find((e) => e.textContent === text) || buttons[0] || fallback;
+  if (found) found.focus();
+}
+
 // A table: columns [{title, cell: row -> Node|string, class}], rows -> a scrollable table.
 export function table(columns, rows, {empty = "Nothing yet.", rowClass} = {}) {
   const head = h("tr", {}, columns.map((c) => h("th", {class: c.class, scope: "col", text: c.title})));

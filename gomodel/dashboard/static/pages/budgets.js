@@ -2,7 +2,7 @@
 // API), what each path spent this period, and a reset of what one spent (confirmed). A key's own budgets are on Keys.
 
 import {admin} from "../api.js";
-import {button, cost, errorNote, h, int, meter, note, replace, showError, table, when} from "../dom.js";
+import {button, cost, errorNote, focusAgain, h, int, meter, note, replace, showError, table, when} from "../dom.js";
 
 export const title = "Budgets";
 
@@ -12,7 +12,9 @@ export function mount(el) {
   const list = h("div", {id: "budgets-list"});
   replace(el, h("div", {class: "page-head"}, h("h1", {text: "Budgets"})), messages, list);
 
-  async function load() {
+  // Read the list and draw it; a focus the redraw took away goes back to the Reset of the budget `focus` names
+  // (its data-budget), after its reset.
+  async function load(focus) {
     try {
       const answer = await admin("budgets");
       if (stopped) return;
@@ -20,6 +22,9 @@ export function mount(el) {
         "No budget by user path. Set one in the gateway's environment (",
         h("code", {text: "SET_BUDGET_TEAM=\"daily=10\""}), ") or YAML, or with ",
         h("code", {text: "PUT /admin/api/v1/budgets"}), "; a key's own budgets are on Keys."));
+      if (focus) {
+        focusAgain([...list.querySelectorAll("[data-budget]")].find((e) => e.dataset.budget === focus), "Reset");
+      }
     } catch (error) {
       if (!stopped) replace(messages, errorNote(error));
     }
@@ -40,14 +45,15 @@ export function mount(el) {
 
   // Reset, asked twice (what the path spent is gone once reset), the focus kept as on the keys page.
   function actions(b) {
-    const box = h("div", {class: "row-actions", "data-budget": `${b.user_path} ${b.period}`});
+    const name = `${b.user_path} ${b.period}`;
+    const box = h("div", {class: "row-actions", "data-budget": name});
     const reset = button("Reset", () => {
       const confirm = button("Confirm reset", async () => {
         try {
           await admin("budgets/reset-one", {method: "POST", body: {user_path: b.user_path, period: b.period}});
           replace(messages, note("ok", "Reset: what ", h("code", {text: b.user_path}),
             ` spent in its ${b.period} budget counts from now, on every process within about a second.`));
-          load();
+          load(name);
         } catch (error) {
           showError(messages, error);
         }

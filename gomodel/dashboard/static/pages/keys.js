@@ -2,7 +2,8 @@
 // spent, rotate the secret, deactivate).
 
 import {admin} from "../api.js";
-import {badge, button, cost, errorNote, h, int, meter, note, replace, showError, table, when} from "../dom.js";
+import {badge, button, cost, errorNote, focusAgain, h, int, meter, note, replace, showError, table, when}
+  from "../dom.js";
 
 export const title = "Keys";
 const PERIODS = ["hourly", "daily", "weekly", "monthly", "total"];
@@ -17,16 +18,24 @@ export function mount(el) {
   create.id = "new-key";
   replace(el, h("div", {class: "page-head"}, h("h1", {text: "Keys"}), create), messages, secretBox, formBox, list);
 
-  async function load() {
+  // Read the list and draw it; `focus` ({id, text}: a key's button, after an action on it) is where a focus the
+  // redraw took away goes back to.
+  async function load(focus) {
     try {
       const answer = await admin("auth-keys");
       if (stopped) return;
       replace(list, answer.data.length ? keysTable(answer.data)
         : note("empty", "No managed keys yet. Create one for each team or app with New key: it gets its own ",
           "limits, budgets and models, and its secret is shown once."));
+      if (focus) refocus(focus);
     } catch (error) {
       if (!stopped) replace(messages, errorNote(error));
     }
+  }
+
+  // A focus the redraw took away goes to the key's button named `text`, or to New key (`id` null).
+  function refocus({id, text}) {
+    focusAgain([...list.querySelectorAll("[data-key-id]")].find((e) => e.dataset.keyId === id), text, create);
   }
 
   function keysTable(keys) {
@@ -63,7 +72,7 @@ export function mount(el) {
         const confirm = button(confirmText, async () => {
           try {
             await act();
-            load();
+            load({id: k.id, text});
           } catch (error) {
             showError(messages, error);
           }
@@ -168,7 +177,7 @@ export function mount(el) {
           replace(messages);
         }
         replace(formBox);
-        load();
+        load(k ? {id: k.id, text: "Edit"} : null);
       } catch (error) {
         replace(formMessages, errorNote(error));
       } finally {
@@ -188,7 +197,10 @@ export function mount(el) {
     formMessages,
     h("div", {class: "form-actions"},
       submit,
-      button("Cancel", () => replace(formBox))));
+      button("Cancel", () => {
+        replace(formBox);
+        refocus({id: k ? k.id : null, text: "Edit"});
+      })));
     replace(formBox, form);
     name.focus();
   }
@@ -207,7 +219,10 @@ export function mount(el) {
           status.textContent = await copy(created.value, value) ? "Copied."
             : "Selected: press Ctrl+C (the browser refused clipboard access).";
         }, {kind: "primary"}),
-        button("Done", () => box.remove()), status));
+        button("Done", () => {
+          box.remove();
+          create.focus();
+        }), status));
     secretBox.prepend(box);
     box.querySelector(".btn-primary").focus(); // (the form, and the focus in it, went away)
   }
