@@ -1224,6 +1224,34 @@ async def test_the_request_log_pages_once_per_click_even_a_double_click(env, rea
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failed_read_of_the_log_is_no_longer_shown_once_it_is_read(env):
+    """The usage page's error for a read that failed (the gateway gone a moment) goes once that part is read again;
+    another part's error stays (before, it stayed over the log read since, until another window was picked)."""
+    b = env.browser
+    fail = ("window.__fetch = window.__fetch || window.fetch; window.fetch = (url, options) => "
+            "String(url).includes(arguments[0]) ? Promise.reject(new TypeError('Failed to fetch')) "
+            ": window.__fetch(url, options)")
+
+    def page():
+        b.go("usage")
+        b.wait(lambda d: b.all("#log-table tbody tr"), "the log")
+        b.js(fail, "usage/log")
+        b.click("#log-filters button[type=submit]")
+        b.wait_text("#usage-messages", lambda t: "The gateway did not answer" in t, "the log's error")
+        b.js(fail, "usage/user-paths")
+        b.click("button[data-group='path']")
+        b.wait(lambda d: len(b.all("#usage-messages .note-error")) == 2, "the groups' error too")
+        b.js("window.fetch = window.__fetch")
+        b.click("#log-filters button[type=submit]")
+        b.wait(lambda d: len(b.all("#usage-messages .note-error")) == 1, "the log's error gone")
+        b.click("button[data-group='model']")
+        b.wait(lambda d: b.text_of("#usage-messages") == "", "the groups' error gone")
+        b.assert_clean()
+
+    await in_thread(page)
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_request_log_marks_estimated_tokens(env, reactor):
     """A record whose tokens were estimated (a raw stream without a usage chunk: the API's estimated) reads "≈" in
     the log (before, as exact as any upstream's count)."""

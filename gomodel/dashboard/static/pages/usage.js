@@ -27,6 +27,16 @@ export function mount(el) {
   };
   const keyNames = new Map();
   const messages = h("div", {class: "messages", id: "usage-messages"});
+  // Each part's error (keys, totals, groups, log, csv), shown until that part is asked for again and answers.
+  const failures = {};
+  const failed = (part, error) => {
+    if (failures[part]) failures[part].remove();
+    messages.append(failures[part] = errorNote(error));
+  };
+  const answered = (part) => {
+    if (failures[part]) failures[part].remove();
+    failures[part] = null;
+  };
 
   // -- the window --------------------------------------------------------------------------
   const range = h("span", {class: "muted", id: "usage-range"});
@@ -64,8 +74,9 @@ export function mount(el) {
     try {
       await download(`/admin/api/v1/${GROUPS[state.group].route}${query({...windowParams(), format: "csv"})}`,
         `usage-${state.group}.csv`);
+      answered("csv");
     } catch (error) {
-      replace(messages, errorNote(error));
+      failed("csv", error);
     }
   });
   csv.id = "usage-csv";
@@ -74,8 +85,9 @@ export function mount(el) {
     try {
       await downloadPages(`/admin/api/v1/usage/log${query({...windowParams(), ...logParams(), limit: 1000,
         format: "csv"})}`, "usage-log.csv");
+      answered("csv");
     } catch (error) {
-      replace(messages, errorNote(error));
+      failed("csv", error);
     }
   });
   logCsv.id = "log-csv";
@@ -133,8 +145,9 @@ export function mount(el) {
       replace(key, anyKey(),
         answer.data.map((k) => h("option", {value: k.id, text: `${k.name} (${k.redacted_value})`,
           selected: k.id === f.key})));
+      answered("keys");
     } catch (error) {
-      if (!stopped) replace(messages, errorNote(error));
+      if (!stopped) failed("keys", error);
     }
   }
 
@@ -145,10 +158,11 @@ export function mount(el) {
     try {
       s = await admin(`usage/summary${query(windowParams())}`);
     } catch (error) {
-      if (current()) replace(messages, errorNote(error));
+      if (current()) failed("totals", error);
       return false;
     }
     if (!current()) return false;
+    answered("totals");
     replace(totals,
       card("Requests", int(s.requests)), card("Errors", int(s.errors)),
       card("Input tokens", int(s.input_tokens)), card("Output tokens", int(s.output_tokens)),
@@ -163,6 +177,7 @@ export function mount(el) {
     try {
       const answer = await admin(`${GROUPS[group].route}${query(windowParams())}`);
       if (!current()) return;
+      answered("groups");
       let rows = answer.data;
       if (group === "model") replace(modelList, rows.map((r) => h("option", {value: r.model})));
       const name = {
@@ -186,7 +201,7 @@ export function mount(el) {
       const top = [...rows].sort((a, b) => b.requests - a.requests).slice(0, 15);
       update(groupChart, top.map(plain), [top.map((r) => r.requests), top.map((r) => r.errors)]);
     } catch (error) {
-      if (current()) replace(messages, errorNote(error));
+      if (current()) failed("groups", error);
     }
   }
 
@@ -202,6 +217,7 @@ export function mount(el) {
       const after = pages[pages.length - 1];
       const page = await admin(`usage/log${query({...windowParams(), ...logParams(), limit: PAGE_SIZE, after})}`);
       if (!current()) return;
+      answered("log");
       cursors = pages;
       replace(logTable, table([
         {title: "Time", cell: (r) => when(r.timestamp)},
@@ -230,7 +246,7 @@ export function mount(el) {
         h("span", {class: "muted", text: `page ${cursors.length}`}),
         button("Older →", () => loadLog([...cursors, page.next]), {disabled: !page.has_more}));
     } catch (error) {
-      if (current()) replace(messages, errorNote(error));
+      if (current()) failed("log", error);
     }
   }
 
