@@ -283,7 +283,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                       admin=admin,
                       message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,
                                                         gateway.batch_runner, gateway.registry, gateway.gate),
-                      dashboard=Dashboard() if dashboard else None,
+                      dashboard=Dashboard(open_gateway=not config.auth.master_key) if dashboard else None,
                       self_usage=SelfUsage(gateway.usage, gateway.gate, reactor))
 
 

@@ -67,6 +67,7 @@ async def test_shell_and_assets_need_no_key_carry_the_csp_and_are_cache_busted(h
     assert not re.search(r"<script(?![^>]*\bsrc=)", text) and " style=" not in text and "<style" not in text
     assert not re.search(r"\son[a-z]+=", text) and "http://" not in text and "https://" not in text
     assert MODEL not in text and fake_name(gw) not in text
+    assert '<html lang="en" data-open-gateway="false">' in text  # (a master key is set)
     referenced = re.findall(r'"/admin/static/([^"?]+)\?v=([0-9a-f]+)"', text)
     assert {name for name, _ in referenced} >= {"app.js", "app.css", "vendor/chart.umd.min.js", "favicon.svg"}
     assert {v for _, v in referenced} == {version}

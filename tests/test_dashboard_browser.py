@@ -285,6 +285,7 @@ async def test_sign_in_keeps_the_key_in_session_storage_and_a_401_signs_out(env)
         assert b.js("return sessionStorage.getItem('gomodel.dashboard.key')") == env.master
         assert b.js("return localStorage.length") == 0
         assert env.master not in b.driver.current_url
+        assert b.js("return document.querySelector('#open-gateway').offsetParent") is None  # (a master key is set)
         b.wait_text("#overview-messages", lambda t: "No requests in this window yet" in t, "the empty state")
         b.assert_clean()
 
@@ -1490,9 +1491,16 @@ async def test_a_gateway_without_a_master_key_says_how_to_sign_in_and_that_it_is
             for page in ("overview", "keys"):
                 browser.go(page)
                 assert "GOMODEL_MASTER_KEY is unset" in browser.text_of("#open-gateway")
+                assert browser.js("return document.querySelector('#open-gateway').offsetParent") is not None
             browser.click("#signout")
             browser.wait(lambda d: browser.one("#signin-key").is_displayed(), "the sign-in form again")
             assert browser.js("return document.querySelector('#open-gateway').offsetParent") is None
+            # a key typed all the same (the one the operator meant to set, which never reached the gateway) is let
+            # in as no key is: the page says so still (before, it said nothing, as if the key guarded the gateway)
+            browser.fill("#signin-key", "the-key-meant-to-be-set")
+            browser.click("#signin-submit")
+            browser.wait(lambda d: browser.all("#page-keys"), "the keys page (left at) with a key typed")
+            assert browser.js("return document.querySelector('#open-gateway').offsetParent") is not None
             browser.assert_clean()
 
         await in_thread(open_gateway)

@@ -1,9 +1,10 @@
 """The admin dashboard's shell and static assets, read once from the package and served from memory.
 
 The shell (C{/admin/dashboard}) and the assets (C{/admin/static/...}) hold no
-data and need no key; the page asks the admin API for everything, with the
-master key the operator pasted (kept in the tab's C{sessionStorage}). Every
-URL of an asset carries C{?v=<version>}, a hash of all the assets' contents,
+data and need no key (the shell says whether the gateway is open, with no
+master key: C{<html data-open-gateway>}, as anyone can find out there); the
+page asks the admin API for everything, with the master key the operator
+pasted (kept in the tab's C{sessionStorage}). Every URL of an asset carries C{?v=<version>}, a hash of all the assets' contents,
 also written into the ES modules' relative imports: a changed file changes
 every URL, so an asset asked for with the current version is cached for a
 year and a new release is never mixed with an old one.
@@ -45,8 +46,10 @@ _IMPORT = re.compile(rb"""((?:\bfrom|\bimport)\s*\(?\s*)(["'])(\.{1,2}/[^"'?]+\.
 class Dashboard:
     """The shell and the assets of one directory (the package's C{static/}), in memory."""
 
-    def __init__(self, directory=STATIC):
+    def __init__(self, directory=STATIC, open_gateway=False):
         """Read every file under C{directory} (once, at start).
+
+        @param open_gateway: whether the gateway has no master key (the page then says so, whatever key was typed).
 
         @raise OSError: the directory or the shell (C{index.html}) cannot be read.
         """
@@ -62,7 +65,8 @@ class Dashboard:
             digest.update(name.encode("utf-8") + b"\0" + files[name] + b"\0")
         self.version = digest.hexdigest()[:16]
         version = self.version.encode("ascii")
-        self._shell = files.pop(SHELL).replace(b"__VERSION__", version)
+        self._shell = files.pop(SHELL).replace(b"__VERSION__", version).replace(
+            b"__OPEN_GATEWAY__", b"true" if open_gateway else b"false")
         self._assets = {}
         for name, content in files.items():
             suffix = os.path.splitext(name)[1]

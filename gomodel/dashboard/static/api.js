@@ -15,9 +15,9 @@ export function signedIn() {
   return sessionStorage.getItem(STORAGE_KEY) !== null;
 }
 
-// Signed in with no key: the gateway has no master key (it let the empty one in).
+// The gateway has no master key, as its page says (it lets any key in, the empty one or one typed all the same).
 export function openGateway() {
-  return sessionStorage.getItem(STORAGE_KEY) === "";
+  return document.documentElement.dataset.openGateway === "true";
 }
 
 export function signIn(key) {
