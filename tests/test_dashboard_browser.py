@@ -968,6 +968,69 @@ async def test_batches_progress_to_100_percent_download_and_cancel(env):
         client.close()
 
 
+# Holds the answers of the batch list that come while window.__hold is set (window.__held: their releases); counts
+# those answered (window.__answered); and records each status the row of window.__watched shows (window.__statuses).
+_HOLD_LISTS = """
+const real = window.fetch;
+Object.assign(window, {__hold: false, __held: [], __answered: 0, __statuses: []});
+window.fetch = (url, options) => {
+  const answer = real(url, options);
+  if (!String(url).startsWith("/v1/batches?")) return answer;
+  return answer.then((response) => new Promise((resolve) => {
+    const release = () => { window.__answered += 1; resolve(response); };
+    if (window.__hold) window.__held.push(release); else release();
+  }));
+};
+const observer = new MutationObserver(() => {
+  const box = document.querySelector(`[data-batch-id='${window.__watched}']`);
+  const status = box && box.closest("tr").querySelector(".batch-status").textContent;
+  if (status && status !== window.__statuses[window.__statuses.length - 1]) window.__statuses.push(status);
+});
+observer.observe(document.querySelector("#main"), {childList: true, subtree: true});
+window.__unhold = () => { observer.disconnect(); window.fetch = real; };
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_list_read_before_a_cancel_is_not_drawn_over_the_one_read_after_it(env):
+    """A read of the batches that was on its way when a batch was cancelled, answered after the read that followed
+    the cancel, is not drawn over it (before, the batch went back to in_progress, its Cancel button again, until the
+    next read)."""
+    b = env.browser
+    client = _sdk(env)
+    line = json.dumps({"custom_id": "slow", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 4}})
+    env.fleet.set(latency=30.0)  # its line waits: it stays in progress until cancelled
+    try:
+        uploaded = await in_thread(client.files.create, file=("slow.jsonl", io.BytesIO(line.encode())),
+                                   purpose="batch")
+        slow = await in_thread(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+
+        def cancel():
+            b.go("batches")
+            row = f"tr.batch-row:has([data-batch-id='{slow.id}'])"
+            b.wait(lambda d: b.all(f"{row} [data-action='cancel']"), "the cancel button")
+            b.js(_HOLD_LISTS + "window.__watched = arguments[0]; window.__hold = true", slow.id)
+            b.wait(lambda d: b.js("return window.__held.length") >= 1, "a read of the list held")
+            b.js("window.__hold = false")
+            b.click(f"{row} [data-action='cancel']")
+            b.click(f"{row} [data-action='confirm']")
+            b.wait_text(f"{row} .batch-status", lambda t: t in ("cancelling", "cancelled"), "the cancel")
+            answered = b.js("window.__held.forEach((release) => release()); return window.__answered")
+            b.wait(lambda d: b.js("return window.__answered") >= answered + 2, "two reads after the held one")
+            statuses = b.js("return window.__statuses")
+            b.js("window.__unhold()")
+            assert "in_progress" not in statuses[statuses.index(next(s for s in statuses if s != "in_progress")):], \
+                statuses
+            b.assert_clean()
+
+        await in_thread(cancel)
+    finally:
+        env.fleet.set(latency=0.0)
+        client.close()
+
+
 # Counts the page's calls of the batch list (window.__lists), to wait for its redraws.
 _COUNT_LISTS = """
 const real = window.fetch;

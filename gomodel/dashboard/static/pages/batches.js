@@ -16,6 +16,8 @@ export function mount(el) {
   let shownSignature = null;
   let loadFailed = null; // the note of the list's last read, if it failed (an action's stays)
   const confirming = new Set(); // the batches whose Cancel was pressed, asking for its Confirm (kept across redraws)
+  let asked = 0; // reads of the list begun (every 2 s, and after an action), each numbered
+  let drawn = 0; // the number of the read drawn last: an older one answered after it is not drawn over it
   const messages = h("div", {class: "messages", id: "batches-messages"});
   const list = h("div", {id: "batches-list"});
   const more = h("div", {class: "pager"});
@@ -23,6 +25,7 @@ export function mount(el) {
 
   async function load() {
     if (stopped) return;
+    const mine = ++asked;
     try {
       const [openai, anthropic] = await Promise.all([pages("/v1/batches", "after"),
         pages("/v1/messages/batches", "after_id")]);
@@ -30,7 +33,8 @@ export function mount(el) {
         .concat(anthropic.data.map(fromMessageBatch))
         .sort((a, b) => b.created_at - a.created_at);
       const hasMore = openai.hasMore || anthropic.hasMore;
-      if (stopped) return;
+      if (stopped || mine < drawn) return; // (read before the list drawn: a batch cancelled since shows as running)
+      drawn = mine;
       if (loadFailed) loadFailed.remove(); // (its own error, not an action's: that one stays until the next action)
       loadFailed = null;
       const signature = JSON.stringify([batches, hasMore]);
@@ -49,7 +53,7 @@ export function mount(el) {
         if (same) same.focus();
       }
     } catch (error) {
-      if (!stopped) replace(messages, loadFailed = errorNote(error));
+      if (!stopped && mine > drawn) replace(messages, loadFailed = errorNote(error));
     }
   }
 
