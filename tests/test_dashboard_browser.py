@@ -1288,6 +1288,44 @@ async def test_the_request_log_pages_once_per_click_even_a_double_click(env, rea
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_request_logs_pages_are_turned_from_the_keyboard(env):
+    """Enter on Older or Newer keeps the focus on the log's pager (on the same button, or the first that can still be
+    pressed), so that Enter again turns the next page (before, the pager drawn again dropped it to the page's top).
+    (The 60 records of the test before: two pages.)"""
+    from selenium.webdriver.common.keys import Keys
+
+    b = env.browser
+
+    def focus(text):
+        b.js("[...document.querySelectorAll('.pager button')].find((e) => e.textContent === arguments[0]).focus()", text)
+
+    def focused():
+        return b.js("const e = document.activeElement; return e.closest('.pager') ? e.textContent : e.tagName")
+
+    def pages():
+        b.go("usage")
+        b.fill("#log-search", "pager-")
+        b.one("#log-search").submit()
+        b.wait(lambda d: "page 1" in b.text_of(".pager") and len(b.texts("#log-table .request-id")) == 50, "page 1")
+        focus("Older →")
+        b.driver.switch_to.active_element.send_keys(Keys.ENTER)
+        b.wait(lambda d: "page 2" in b.text_of(".pager"), "page 2")
+        assert focused() == "Newest"  # (Older: disabled on the last page)
+        focus("← Newer")
+        b.driver.switch_to.active_element.send_keys(Keys.ENTER)
+        b.wait(lambda d: "page 1" in b.text_of(".pager"), "page 1 again")
+        assert focused() == "Older →"
+        b.driver.switch_to.active_element.send_keys(Keys.ENTER)
+        b.wait(lambda d: "page 2" in b.text_of(".pager"), "page 2 again")
+        assert focused() == "Newest"
+        b.fill("#log-search", "")
+        b.one("#log-search").submit()
+        b.assert_clean()
+
+    await in_thread(pages)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_read_of_the_log_is_no_longer_shown_once_it_is_read(env):
     """The usage page's error for a read that failed (the gateway gone a moment) goes once that part is read again;
     another part's error stays (before, it stayed over the log read since, until another window was picked)."""

@@ -59,10 +59,11 @@ export function showError(box, error) {
 }
 
 // Give a focus a redraw took away (it is on the page's body: its button went away) to the button named `text` in
-// `box` (or to box's first, `text` being gone), else to `fallback`; a focus the user moved elsewhere meanwhile stays.
+// `box` (or to box's first, `text` being gone or disabled), else to `fallback`; a focus the user moved elsewhere
+// meanwhile stays.
 export function focusAgain(box, text, fallback) {
   if (document.activeElement && document.activeElement !== document.body) return;
-  const buttons = box ? [...box.querySelectorAll("button")] : [];
+  const buttons = box ? [...box.querySelectorAll("button")].filter((e) => !e.disabled) : [];
   const found = buttons.find((e) => e.textContent === text) || buttons[0] || fallback;
   if (found) found.focus();
 }

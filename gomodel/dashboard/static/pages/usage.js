@@ -2,7 +2,7 @@
 
 import {admin, download, downloadPages, query} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
-import {badge, button, cost, errorNote, h, int, ms, replace, table, when} from "../dom.js";
+import {badge, button, cost, errorNote, focusAgain, h, int, ms, replace, table, when} from "../dom.js";
 
 export const title = "Usage";
 const GROUPS = {
@@ -240,11 +240,14 @@ export function mount(el) {
         {title: "Key", cell: (r) => h("span", {class: "key-name", text: keyName(r.auth_key_id)})},
         {title: "User path", cell: (r) => r.user_path ?? "–"},
       ], page.data, {empty: "No requests match: change the window or the filters."}));
+      // (a keyboard's focus on the pager stays there: on the button pressed, or the first that can be pressed)
+      const pressed = pager.contains(document.activeElement) ? document.activeElement.textContent : null;
       replace(pager,
         button("Newest", () => loadLog([null]), {disabled: cursors.length === 1}),
         button("← Newer", () => loadLog(cursors.slice(0, -1)), {disabled: cursors.length === 1}),
         h("span", {class: "muted", text: `page ${cursors.length}`}),
         button("Older →", () => loadLog([...cursors, page.next]), {disabled: !page.has_more}));
+      if (pressed !== null) focusAgain(pager, pressed);
     } catch (error) {
       if (current()) failed("log", error);
     }
