@@ -574,6 +574,38 @@ async def test_a_keys_expiry_is_shown_in_the_list(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_deactivated_key_past_its_expiry_says_it_expired(env, reactor):
+    """A key deactivated and then past its expiry reads "expired <when>" under its badge, as an active one past it
+    does (before, "expires <a time gone>"); the API says so too (C{expired})."""
+    b = env.browser
+    headers = {"authorization": f"Bearer {env.master}"}
+    expiry = int(time.time()) + 2
+    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers=headers,
+                             json={"name": "deactivated, then expired", "expires_at": expiry})
+    key = await answer.json()
+    assert answer.code == 201 and key["expired"] is False, key
+    assert (await treq.post(env.root + f"/admin/api/v1/auth-keys/{key['id']}/deactivate", headers=headers)).code == 200
+
+    async def gone():
+        return time.time() > expiry + 0.5
+
+    await _until(reactor, gone, "the key's expiry to pass")
+    answer = await treq.get(env.root + f"/admin/api/v1/auth-keys/{key['id']}", headers=headers)
+    view = await answer.json()
+    assert (view["active"], view["enabled"], view["expired"]) == (False, False, True), view
+
+    def shown():
+        b.go("keys")
+        b.driver.refresh()
+        row = f"tr.key-row:has([data-key-id='{key['id']}'])"
+        b.wait_text(f"{row} .key-expires", lambda t: t.startswith("expired "), "the key said to have expired")
+        assert b.text_of(f"{row} .badge") == "deactivated"
+        b.assert_clean()
+
+    await in_thread(shown)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_key_of_every_model_says_all_with_an_empty_list_too(env):
     """A key made through the API with C{models: []} (every model, as null) reads "all" in its row (before, an empty
     cell, as if it could use none)."""

@@ -174,7 +174,7 @@ class KeysAPI:
             "budgets": [_budget_view(item) for item in record["budgets"] or ()],
             "priority": record["priority"], "metadata": record["metadata"],
             "own_cache_salt": record["own_cache_salt"],
-            "enabled": record["deactivated_at"] is None,
+            "enabled": record["deactivated_at"] is None, "expired": expired,
             "active": record["deactivated_at"] is None and not expired,
             "created_at": iso(record["created_at"]), "updated_at": iso(record["updated_at"]),
             "expires_at": iso(record["expires_at"]), "deactivated_at": iso(record["deactivated_at"]),

@@ -55,7 +55,7 @@ export function mount(el) {
       {title: "Status", cell: (k) => h("div", {},
         badge(k.active ? "active" : k.enabled ? "expired" : "deactivated"),
         k.expires_at ? h("div", {class: "muted key-expires",
-          text: `${k.enabled && !k.active ? "expired" : "expires"} ${when(k.expires_at)}`}) : null)},
+          text: `${k.expired ? "expired" : "expires"} ${when(k.expires_at)}`}) : null)},
       {title: "Created", cell: (k) => when(k.created_at)},
       {title: "", cell: (k) => actions(k), class: "actions"},
     ], keys, {rowClass: (k) => `key-row key-${k.active ? "active" : "inactive"}`});
