@@ -1486,6 +1486,29 @@ async def test_compact_numbers_round_up_into_the_next_unit(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_long_name_cut_on_a_bar_chart_keeps_its_characters_whole(env):
+    """A name past 28 characters on the usage chart (charts.js) keeps its end whole, an emoji (two UTF-16 units)
+    included (before, its cut could fall inside one, drawn as a broken character)."""
+    b = env.browser
+    name = "team-🔑" + "🔑" * 30
+
+    def labels():
+        b.go("overview")
+        return b.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "import('/admin/static/charts.js').then((charts) => {"
+            "  const box = document.createElement('div'); box.className = 'chart-box'; document.body.append(box);"
+            "  const c = charts.chart(box, {type: 'bar', horizontal: true, series: [{label: 'requests', color: '#000'}]});"
+            "  charts.update(c, [arguments[0], 'short'], [[1, 2]]);"
+            "  const shown = c.scales.y.ticks.map((t) => [t.label.isWellFormed(), t.label.toWellFormed()]);"
+            "  c.destroy(); box.remove(); done(shown);"
+            "})", name)
+
+    shown = await in_thread(labels)
+    assert shown == [[True, "…" + "🔑" * 27], [True, "short"]], shown
+
+
+@pytest_twisted.ensureDeferred
 async def test_costs_are_grouped_in_thousands_as_counts_are(env):
     """A cost (dom.js cost(): the usage page's, a cost budget's) reads as the token counts beside it do: 12,345,678.50,
     never "12345678.50"; below a cent, six places."""

@@ -29,10 +29,11 @@ export function chart(box, {type = "line", labels = [], series = [], yTitle, sta
   }
   if (horizontal) {
     [scales.x, scales.y] = [scales.y, scales.x];
-    // long names (models) keep their end, the part that tells them apart
+    // long names (models) keep their end, the part that tells them apart, counted in characters (an emoji is two
+    // UTF-16 units: never cut in half)
     scales.y.ticks = {callback(value) {
-      const text = String(this.getLabelForValue(value));
-      return text.length > 28 ? `…${text.slice(-27)}` : text;
+      const text = [...String(this.getLabelForValue(value))];
+      return text.length > 28 ? `…${text.slice(-27).join("")}` : text.join("");
     }};
   }
   return new Chart(canvas, {
