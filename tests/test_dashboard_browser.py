@@ -1668,6 +1668,36 @@ async def test_a_gateway_without_a_master_key_says_how_to_sign_in_and_that_it_is
         await fleet.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_master_key_beyond_ascii_signs_in(reactor, tmp_path):
+    """A master key the configuration takes with characters beyond ASCII (é, к, 🔑) signs in: the page sends it as its
+    UTF-8 bytes, as the gateway compares it and a client such as curl sends it (before, fetch sent é as one Latin-1
+    byte, a 401 "not the master key", and refused to send к at all: "the gateway did not answer")."""
+    from tests.support import start_gateway
+
+    master = "clé-ключ-🔑"
+    fleet = await FakeFleet(reactor, 1).start()
+    gw = browser = None
+    try:
+        gw = await start_gateway(reactor, {"VLLM_BASE_URL": fleet.env_value, "GOMODEL_MASTER_KEY": master,
+                                           "GOMODEL_DATA_DIR": str(tmp_path)})
+        browser = await in_thread(Browser, gw.url, master, str(tmp_path))
+
+        def sign_in():
+            browser.sign_in()
+            browser.go("keys")
+            browser.wait(lambda d: browser.all("#keys-list .note-empty"), "the keys page, read with the key")
+            browser.assert_clean()
+
+        await in_thread(sign_in)
+    finally:
+        if browser is not None:
+            await in_thread(browser.close)
+        if gw is not None:
+            await gw.service.stopService()
+        await fleet.stop()
+
+
 # -- on a PostgreSQL store that goes away (a gateway and a browser of their own) -----------------
 
 

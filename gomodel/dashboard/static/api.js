@@ -34,10 +34,16 @@ export function onSignOut(listener) {
   listeners.add(listener);
 }
 
+// The Authorization header of `key`: its UTF-8 bytes, one character each (fetch sends a header's characters as single
+// bytes and refuses any past U+00FF; the gateway compares the key's UTF-8, as curl sends it).
+function bearer(key) {
+  return `Bearer ${String.fromCharCode(...new TextEncoder().encode(key))}`;
+}
+
 function headers(extra) {
   const key = sessionStorage.getItem(STORAGE_KEY);
   const out = Object.assign({}, extra);
-  if (key) out.Authorization = `Bearer ${key}`;
+  if (key) out.Authorization = bearer(key);
   return out;
 }
 
@@ -46,7 +52,7 @@ export async function tryKey(key) {
   let response;
   try {
     response = await fetch("/admin/api/v1/providers/status", {
-      headers: key ? {Authorization: `Bearer ${key}`} : {}, cache: "no-store", credentials: "omit",
+      headers: key ? {Authorization: bearer(key)} : {}, cache: "no-store", credentials: "omit",
     });
   } catch (error) {
     throw new ApiError(0, `The gateway did not answer (${error.message}).`);
