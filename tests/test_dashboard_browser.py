@@ -367,6 +367,29 @@ async def test_overview_charts_real_traffic_live(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_overview_says_it_is_not_updated_while_the_gateway_does_not_answer(env):
+    """A refresh that gets no answer (the gateway hung, or a network between) by the next one's time turns the
+    overview's "Live" into "Not updated" (before, it kept saying "Live · updated" with the last answer's time, as long
+    as the TCP connection took to give up: minutes); the next answer makes it live again."""
+    b = env.browser
+
+    def hung():
+        b.go("overview")
+        b.wait(lambda d: (b.text_of("#overview-live") or "").startswith("Live"), "the overview live")
+        b.js("window.__fetch = window.fetch; window.__pending = [];"
+             "window.fetch = (url, options) => new Promise((resolve) => window.__pending.push("
+             "() => resolve(window.__fetch(url, options))))")
+        b.wait(lambda d: b.js("return document.querySelector('#overview-live').classList.contains('stale')"),
+               "the overview said to be not updated")
+        assert b.text_of("#overview-live").startswith("Not updated")
+        b.js("window.fetch = window.__fetch; window.__pending.forEach((answer) => answer())")
+        b.wait(lambda d: (b.text_of("#overview-live") or "").startswith("Live"), "the overview live again")
+        b.assert_clean()
+
+    await in_thread(hung)
+
+
+@pytest_twisted.ensureDeferred
 async def test_overview_month_labels_are_utc_days_west_of_utc(env):
     """The 30-day window's buckets are UTC days: each bar is labelled with its UTC date, in any time zone
     (in New York, 00:00 UTC is the evening before: each day was labelled with the day before)."""

@@ -53,10 +53,15 @@ export function mount(el) {
   let usageCards = []; // the cards last drawn from each answer, kept while its call fails
   let fleetCard = null;
   // Usage and the replicas are asked for apart: without the database the replicas stay live.
-  async function refresh() {
+  // (timed: the timer's, every REFRESH_MS)
+  async function refresh(timed = false) {
     if (stopped) return;
     if (busy) {
       again = true;
+      if (!timed) return;
+      // the last refresh has no answer yet, a refresh's time later (the gateway hung, say): what is shown is not now's
+      status.textContent = "Not updated: waiting for the gateway's answer";
+      status.classList.add("stale");
       return;
     }
     busy = true;
@@ -122,7 +127,7 @@ export function mount(el) {
   }
 
   refresh();
-  const timer = setInterval(refresh, REFRESH_MS);
+  const timer = setInterval(() => refresh(true), REFRESH_MS);
   return () => {
     stopped = true;
     clearInterval(timer);
