@@ -491,6 +491,28 @@ async def test_a_providers_model_list_stays_as_the_operator_left_it_while_traffi
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_providers_page_says_it_is_not_updated_while_the_gateway_does_not_answer(env):
+    """A read of the replicas still unanswered at the next one's time says that the page is not updated (before, the
+    replicas' states stayed as last read, with nothing saying so, and a read more went out every 3 s); it goes with
+    the next answer."""
+    b = env.browser
+
+    def hung():
+        b.go("providers")
+        b.wait(lambda d: b.all("tr.replica"), "the replicas")
+        b.js("window.__fetch = window.fetch; window.__pending = [];"
+             "window.fetch = (url, options) => new Promise((resolve) => window.__pending.push("
+             "() => resolve(window.__fetch(url, options))))")
+        b.wait_text("#providers-messages", lambda t: "Not updated" in t, "the page said to be not updated")
+        assert b.js("return window.__pending.length") == 1  # (one read at a time)
+        b.js("window.fetch = window.__fetch; window.__pending.forEach((answer) => answer())")
+        b.wait(lambda d: "Not updated" not in b.text_of("#providers-messages"), "the note gone")
+        b.assert_clean()
+
+    await in_thread(hung)
+
+
+@pytest_twisted.ensureDeferred
 async def test_keys_create_show_once_use_and_deactivate(env):
     import openai
 

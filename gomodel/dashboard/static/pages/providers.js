@@ -55,8 +55,17 @@ export function mount(el) {
   let shownSignature = null;
   let loadFailed = null; // the note of the list's last read, if it failed (an action's stays)
   const modelsOpen = new Map(); // each provider's models list as the operator left it (open or not), kept over redraws
-  async function load() {
+  let reading = false; // a read on its way: the next waits for it (one at a time, however long the gateway takes)
+  // (timed: the timer's, every REFRESH_MS)
+  async function load(timed = false) {
     if (stopped) return;
+    if (reading) { // (timed: unanswered a refresh's time later, the gateway hung, say: the replicas shown are old)
+      if (timed && !loadFailed) {
+        replace(messages, loadFailed = note("error", "Not updated: waiting for the gateway's answer."));
+      }
+      return;
+    }
+    reading = true;
     try {
       const answer = await admin("providers/status");
       if (stopped) return;
@@ -70,11 +79,13 @@ export function mount(el) {
         : providerHint());
     } catch (error) {
       if (!stopped) replace(messages, loadFailed = errorNote(error));
+    } finally {
+      reading = false;
     }
   }
   load();
   loadVirtual();
-  const timer = setInterval(load, REFRESH_MS);
+  const timer = setInterval(() => load(true), REFRESH_MS);
   return () => {
     stopped = true;
     clearInterval(timer);
