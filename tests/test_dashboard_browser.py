@@ -1045,6 +1045,28 @@ async def test_batches_progress_to_100_percent_download_and_cancel(env):
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_batches_page_says_it_is_not_updated_while_the_gateway_does_not_answer(env):
+    """A read of the batches still unanswered at the next one's time says that the page is not updated, and no read
+    more goes out meanwhile (before, nothing said so, and two list calls more went out every 2 s); the note goes with
+    the answer."""
+    b = env.browser
+
+    def hung():
+        b.go("batches")
+        b.wait(lambda d: b.all("tr.batch-row"), "the batches")
+        b.js("window.__fetch = window.fetch; window.__pending = [];"
+             "window.fetch = (url, options) => new Promise((resolve) => window.__pending.push("
+             "() => resolve(window.__fetch(url, options))))")
+        b.wait_text("#batches-messages", lambda t: "Not updated" in t, "the page said to be not updated")
+        assert b.js("return window.__pending.length") == 2  # (one read: OpenAI's list and Anthropic's)
+        b.js("window.fetch = window.__fetch; window.__pending.forEach((answer) => answer())")
+        b.wait(lambda d: "Not updated" not in b.text_of("#batches-messages"), "the note gone")
+        b.assert_clean()
+
+    await in_thread(hung)
+
+
 # Holds the answers of the batch list that come while window.__hold is set (window.__held: their releases); counts
 # those answered (window.__answered); and records each status the row of window.__watched shows (window.__statuses).
 _HOLD_LISTS = """

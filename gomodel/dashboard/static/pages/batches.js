@@ -18,14 +18,21 @@ export function mount(el) {
   const confirming = new Set(); // the batches whose Cancel was pressed, asking for its Confirm (kept across redraws)
   let asked = 0; // reads of the list begun (every 2 s, and after an action), each numbered
   let drawn = 0; // the number of the read drawn last: an older one answered after it is not drawn over it
+  let reading = 0; // reads on their way: while one is, the timer's next is not sent (the gateway may be hung)
   const messages = h("div", {class: "messages", id: "batches-messages"});
   const list = h("div", {id: "batches-list"});
   const more = h("div", {class: "pager"});
   replace(el, h("div", {class: "page-head"}, h("h1", {text: "Batches"})), messages, list, more);
 
-  async function load() {
+  // (timed: the timer's, every REFRESH_MS; an action's read goes out whatever is on its way)
+  async function load(timed = false) {
     if (stopped) return;
+    if (timed && reading) { // unanswered a refresh's time later: the batches shown are not now's
+      if (!loadFailed) replace(messages, loadFailed = note("error", "Not updated: waiting for the gateway's answer."));
+      return;
+    }
     const mine = ++asked;
+    reading += 1;
     try {
       const [openai, anthropic] = await Promise.all([pages("/v1/batches", "after"),
         pages("/v1/messages/batches", "after_id")]);
@@ -54,6 +61,8 @@ export function mount(el) {
       }
     } catch (error) {
       if (!stopped && mine > drawn) replace(messages, loadFailed = errorNote(error));
+    } finally {
+      reading -= 1;
     }
   }
 
@@ -136,7 +145,7 @@ export function mount(el) {
   }
 
   load();
-  const timer = setInterval(load, REFRESH_MS);
+  const timer = setInterval(() => load(true), REFRESH_MS);
   return () => {
     stopped = true;
     clearInterval(timer);
