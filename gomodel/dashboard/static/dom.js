@@ -51,6 +51,9 @@ export function errorNote(error) {
   return note("error", error && error.message ? error.message : String(error));
 }
 
+// What a refreshed page says while its last read is unanswered at the next one's time (the gateway hung, say).
+export const WAITING = "Not updated: waiting for the gateway's answer";
+
 // Show why an action failed in `box` (a page's messages), scrolled into sight: the action's button may be far below.
 export function showError(box, error) {
   replace(box, errorNote(error));

@@ -3,7 +3,7 @@
 // own API (neither shows the other's), in one table, newest first.
 
 import {api, download, query} from "../api.js";
-import {badge, button, errorNote, h, int, note, replace, showError, table, when} from "../dom.js";
+import {badge, button, errorNote, h, int, note, replace, showError, table, WAITING, when} from "../dom.js";
 
 export const title = "Batches";
 export const REFRESH_MS = 2000;
@@ -28,7 +28,7 @@ export function mount(el) {
   async function load(timed = false) {
     if (stopped) return;
     if (timed && reading) { // unanswered a refresh's time later: the batches shown are not now's
-      if (!loadFailed) replace(messages, loadFailed = note("error", "Not updated: waiting for the gateway's answer."));
+      if (!loadFailed) replace(messages, loadFailed = note("error", `${WAITING}.`));
       return;
     }
     const mine = ++asked;

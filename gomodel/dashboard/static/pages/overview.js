@@ -2,7 +2,7 @@
 
 import {admin} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
-import {compact, errorNote, h, int, msPair, note, replace} from "../dom.js";
+import {compact, errorNote, h, int, msPair, note, replace, WAITING} from "../dom.js";
 import {providerHint} from "./providers.js";
 
 export const title = "Overview";
@@ -60,7 +60,7 @@ export function mount(el) {
       again = true;
       if (!timed) return;
       // the last refresh has no answer yet, a refresh's time later (the gateway hung, say): what is shown is not now's
-      status.textContent = "Not updated: waiting for the gateway's answer";
+      status.textContent = WAITING;
       status.classList.add("stale");
       return;
     }

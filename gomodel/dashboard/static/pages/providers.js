@@ -1,7 +1,7 @@
 // Providers: every provider and replica, its state and load, its models; refresh the models now.
 
 import {admin} from "../api.js";
-import {badge, button, errorNote, h, int, meter, note, percent, replace, table, when} from "../dom.js";
+import {badge, button, errorNote, h, int, meter, note, percent, replace, table, WAITING, when} from "../dom.js";
 
 export const title = "Providers";
 export const REFRESH_MS = 3000;
@@ -61,7 +61,7 @@ export function mount(el) {
     if (stopped) return;
     if (reading) { // (timed: unanswered a refresh's time later, the gateway hung, say: the replicas shown are old)
       if (timed && !loadFailed) {
-        replace(messages, loadFailed = note("error", "Not updated: waiting for the gateway's answer."));
+        replace(messages, loadFailed = note("error", `${WAITING}.`));
       }
       return;
     }
