@@ -778,6 +778,33 @@ async def test_the_keyboards_focus_stays_on_the_keys_row_after_its_action_or_for
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_keys_budget_rows_are_added_and_removed_from_the_keyboard(env):
+    """Enter on Add budget puts the focus on the new row's period; Enter on a row's Remove gives it to Add budget
+    (before, Add budget left it behind the row, and Remove dropped it to the page's top)."""
+    from selenium.webdriver.common.keys import Keys
+
+    b = env.browser
+
+    def press(key_name):
+        b.driver.switch_to.active_element.send_keys(key_name)
+
+    def budgets():
+        b.go("keys")
+        b.click("#new-key")
+        b.js("[...document.querySelectorAll('#key-form button')].find((e) => e.textContent === 'Add budget').focus()")
+        press(Keys.ENTER)
+        assert b.js("return document.activeElement.name") == "period"
+        b.js("document.querySelector('#key-form .budget-row button').focus()")  # Remove
+        press(Keys.ENTER)
+        assert not b.all("#key-form .budget-row")
+        assert b.js("return document.activeElement.textContent") == "Add budget"
+        b.js("[...document.querySelectorAll('#key-form button')].find((e) => e.textContent === 'Cancel').click()")
+        b.assert_clean()
+
+    await in_thread(budgets)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_double_click_on_create_key_makes_one_key(env):
     """The key form sends once per submission in flight (before, a double click on Create key made two keys: the
     secret of the first was replaced by the second's before anyone saw it, and the first stayed active)."""

@@ -133,10 +133,16 @@ export function mount(el) {
           h("option", {value: "max_cost", text: "cost", selected: b.max_cost !== undefined && b.max_cost !== null})),
         h("input", {name: "amount", type: "number", min: "0", step: "any", "aria-label": "Amount",
           value: b.max_tokens ?? b.max_cost ?? ""}),
-        button("Remove", () => row.remove(), {kind: "ghost"}));
+        button("Remove", () => {
+          row.remove();
+          add.focus(); // (a keyboard's focus stays in the form)
+        }, {kind: "ghost"}));
       budgetRows.append(row);
+      return row;
     };
-    (v.budgets || []).forEach(addBudget);
+    (v.budgets || []).forEach((b) => addBudget(b));
+    // (a keyboard's focus goes to the new row)
+    const add = button("Add budget", () => addBudget().querySelector("select").focus(), {kind: "ghost"});
     const formMessages = h("div", {class: "messages"});
     const submit = h("button", {type: "submit", class: "btn btn-primary", id: "key-submit",
       text: k ? "Save" : "Create key"});
@@ -193,7 +199,7 @@ export function mount(el) {
       field("Priority", priority, "vLLM priority, lower is sooner (providers with priority scheduling); empty: 0, which its clients may lower but not raise"),
       field("Expires", expires, "UTC midnight; empty: never"), field("Metadata (JSON)", metadata)),
     h("fieldset", {class: "budgets"}, h("legend", {text: "Budgets"}), budgetRows,
-      button("Add budget", () => addBudget(), {kind: "ghost"})),
+      add),
     formMessages,
     h("div", {class: "form-actions"},
       submit,
