@@ -1648,6 +1648,19 @@ async def test_tool_changes_in_a_system_message_go_to_a_vllm_translated_and_reso
     assert fake.requests[-1].path == b"/v1/messages" and fake.requests[-1].body["messages"] == plain
 
 
+async def refused(fake, gw, model, body, status=400, error=anthropic.BadRequestError):
+    """The C{error} (an anthropic SDK's exception) its create on C{gw}'s C{model} raises where C{fake} answers
+    C{status} with C{body}."""
+    fake.steer = {"fake_status": status, "fake_body": body}
+    client = sdk(gw)
+    try:
+        with pytest.raises(error) as raised:
+            await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO)
+    finally:
+        client.close()
+    return raised.value
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_upstreams_401_is_the_gateways_502_not_the_clients_401(http, gw, openai_gw, fake):
     """The upstream refusing the gateway's own provider key is no fault of the client's key: a 401 would make Claude
@@ -1656,17 +1669,12 @@ async def test_an_upstreams_401_is_the_gateways_502_not_the_clients_401(http, gw
     host = fake.root_url.split("//")[1]
     refusal = json.dumps({"type": "error", "error": {"type": "authentication_error",
                                                      "message": f"invalid x-api-key sk-upstream at {host}"}})
-    fake.steer = {"fake_status": 401, "fake_body": refusal}  # (the translation drops the body's fake_ fields)
     for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
-        client = sdk(gateway)
-        try:
-            with pytest.raises(anthropic.InternalServerError) as raised:
-                await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO)
-        finally:
-            client.close()
-        assert raised.value.status_code == 502, model
-        assert raised.value.response.headers["x-should-retry"] == "false"
-        error = raised.value.body["error"]
+        # (steered, not in the body: the translation drops the body's fake_ fields)
+        raised = await refused(fake, gateway, model, refusal, 401, anthropic.InternalServerError)
+        assert raised.status_code == 502, model
+        assert raised.response.headers["x-should-retry"] == "false"
+        error = raised.body["error"]
         assert error["type"] == "api_error", model
         assert "refused the gateway's credentials" in error["message"] and "'" in error["message"], error
         assert "sk-upstream" not in error["message"] and host not in error["message"]
@@ -1731,14 +1739,8 @@ async def test_a_context_overflow_is_told_in_anthropics_words_that_claude_code_a
         native = json.dumps({"type": "error", "error": {"type": "BadRequestError", "message": said}})
         chat = json.dumps({"error": {"message": said, "type": "BadRequestError", "param": None, "code": 400}})
         for gateway, model, body in ((gw, MODEL, native), (openai_gw, OPENAI_MODEL, chat)):
-            fake.steer = {"fake_status": 400, "fake_body": body}
-            client = sdk(gateway)
-            try:
-                with pytest.raises(anthropic.BadRequestError) as raised:
-                    await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO)
-            finally:
-                client.close()
-            assert raised.value.body["error"] == {"type": "invalid_request_error", "message": told}, model
+            error = (await refused(fake, gateway, model, body)).body["error"]
+            assert error == {"type": "invalid_request_error", "message": told}, model
     # OpenAI's own (GPT-5's configured limit; any other of its code context_length_exceeded: Anthropic's words first)
     for said, told in (("Input tokens exceed the configured limit of 272000 tokens. Your messages resulted in 300000 "
                         "tokens. Please reduce the length of the messages.",
@@ -1746,24 +1748,12 @@ async def test_a_context_overflow_is_told_in_anthropics_words_that_claude_code_a
                        ("Your input exceeds the context window of this model. Please adjust your input and try again.",
                         "prompt is too long: Your input exceeds the context window of this model. Please adjust "
                         "your input and try again.")):
-        fake.steer = {"fake_status": 400, "fake_body": json.dumps({"error": {
-            "message": said, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})}
-        client = sdk(openai_gw)
-        try:
-            with pytest.raises(anthropic.BadRequestError) as raised:
-                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO)
-        finally:
-            client.close()
-        assert raised.value.body["error"] == {"type": "invalid_request_error", "message": told}
+        body = json.dumps({"error": {"message": said, "type": "invalid_request_error", "param": "messages",
+                                     "code": "context_length_exceeded"}})
+        error = (await refused(fake, openai_gw, OPENAI_MODEL, body)).body["error"]
+        assert error == {"type": "invalid_request_error", "message": told}
     other = json.dumps({"type": "error", "error": {"type": "BadRequestError", "message": "bad temperature"}})
-    fake.steer = {"fake_status": 400, "fake_body": other}
-    client = sdk(gw)
-    try:
-        with pytest.raises(anthropic.BadRequestError) as raised:
-            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
-    finally:
-        client.close()
-    assert raised.value.body["error"]["message"] == "bad temperature"
+    assert (await refused(fake, gw, MODEL, other)).body["error"]["message"] == "bad temperature"
 
 
 @pytest_twisted.ensureDeferred
