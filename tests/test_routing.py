@@ -1423,6 +1423,42 @@ async def test_a_stalled_replica_taken_down_and_back_is_watched_afresh(cluster, 
     assert 1 in seen and one.ready
 
 
+def test_a_stalled_replica_down_and_back_between_two_scrapes_is_watched_afresh():
+    """Scraped every 10 s (health every 1 s), replica 1 stalls, goes down (its probes fail) and comes back between
+    two scrapes: no scrape saw it down. Its progress is still watched afresh from its return: before, only a
+    scrape that found it down forgot the token count from before it went, so the first scrape after its return
+    found the count unchanged since long before and stalled it at once (its first request reading its prompt)."""
+    from gomodel.routing.health import ReplicaMonitor
+    from gomodel.routing.registry import ModelRegistry
+
+    clock = Clock()
+    servers = [_Probed(), _Probed()]
+    page = b"vllm:num_requests_running 1\nvllm:generation_tokens_total 100\n"  # (running, no token more)
+    for server in servers:
+        server.scrape = lambda: succeed(page)
+    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock) for i in range(2)]
+    pool = ReplicaPool("vllm", "vllm", replicas, clock)
+    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=1.0, metrics_interval=10.0,
+                             stall_timeout=5.0)
+    monitor.startService()
+    try:
+        one = replicas[1]
+        clock.pump([0] + [1] * 20)  # t=20: its second scrape, no token in 10 s
+        assert one.state == STALLED
+        servers[1].healthy = False
+        clock.pump([1] * 3)  # t=23: three failed probes
+        assert one.state == DOWN
+        servers[1].healthy = True
+        clock.advance(1)  # t=24: back
+        assert one.state == READY
+        clock.pump([1] * 6)  # t=30: the first scrape since it came back (the request it holds: no token yet)
+        assert one.state == READY
+        clock.pump([1] * 10)  # t=40: no token in the 10 s it was watched
+        assert one.state == STALLED
+    finally:
+        monitor.stopService()
+
+
 # -- 9. restart ----------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -163,8 +163,8 @@ class ReplicaMonitor(Service):
                           index=replica.index, count=len(models))
         if replica.state == LOADING and watch.healthy:
             replica.set_state(READY)  # it answered its health check already
-        elif replica.state == DOWN and watch.healthy:
-            replica.readmit()  # (unless held out)
+        elif replica.state == DOWN and watch.healthy and replica.readmit():  # (unless held out)
+            watch.progress_at = None  # (back: its progress is watched afresh, not from a count before it went)
         self._checked(watch)
         if models != before:  # listings and resolutions are made again only when something changed
             self._registry.models_changed()
@@ -234,7 +234,6 @@ class ReplicaMonitor(Service):
 
     def _scrape(self, watch):
         if watch.replica.state in (LOADING, DOWN):
-            watch.progress_at = None  # (back, its progress is watched afresh: not from a count before it went)
             return None
         d = watch.replica.server.scrape()
         d.addCallbacks(self._scraped, self._scrape_failed, callbackArgs=(watch,), errbackArgs=(watch,))
