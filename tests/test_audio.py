@@ -148,6 +148,13 @@ async def test_forms_without_a_model_or_of_another_type_or_an_unknown_model_get_
     error = jsonutil.loads(await treq.content(response))["error"]
     assert (response.code, error["param"], error["code"]) == (400, "model", "invalid_value"), error
     assert "x-unheard-of" in error["message"] and "is not valid" not in error["message"], error
+    body, kind = form({"model": "abc-9999999999"})  # (a codec that fails its text with a UnicodeError: was a 500)
+    response = await http.post(gw.url + "/v1/audio/transcriptions", headers={
+        "content-type": kind, "authorization": f"Bearer {MASTER}"}, data=body.replace(
+            b'name="model"', b'name="model"\r\nContent-Type: text/plain; charset=punycode'))
+    error = jsonutil.loads(await treq.content(response))["error"]
+    assert (response.code, error["param"], error["code"]) == (400, "model", "invalid_value"), error
+    assert "is not valid punycode" in error["message"], error
     assert len(fake.requests) == sent
 
 

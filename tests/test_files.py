@@ -347,6 +347,22 @@ async def test_a_filename_sent_in_latin_1_is_read_as_such_and_one_in_utf_8_as_ut
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_field_not_valid_in_its_declared_charset_is_a_400_that_names_it(http, gw):
+    """A field's part that names its charset is read in it; text not valid in it is a 400 naming it (a codec that
+    fails with a bare UnicodeError, punycode's, was a 500), one no codec reads a 400 saying so."""
+    for charset, text, said in (("punycode", b"abc-9999999999", "is not valid punycode"),
+                                ("utf-8", b"batch\xff", "is not valid utf-8"),
+                                ("x-unheard-of", b"batch", "names a charset the gateway does not know")):
+        body = (f'--b\r\nContent-Disposition: form-data; name="purpose"\r\nContent-Type: text/plain; '
+                f'charset={charset}\r\n\r\n').encode() + text + b"\r\n" + \
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{}\n\r\n--b--\r\n'
+        response, error = await post_upload(http, gw, body, "multipart/form-data; boundary=b")
+        assert response.code == 400, error
+        assert (error["error"]["param"], error["error"]["code"]) == ("purpose", "invalid_value"), error
+        assert said in error["error"]["message"], error
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_filename_holding_a_nul_is_refused_alike_on_every_store_before_anything_is_stored(http, stored_gw):
     # PostgreSQL cannot keep a NUL in a text: the name is refused as it arrives, on SQLite too, as the file's.
     for disposition in ('name="file"; filename="a\x00b.jsonl"', "name=\"file\"; filename*=utf-8''a%00b.jsonl"):

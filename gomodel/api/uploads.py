@@ -61,6 +61,24 @@ def _text(header_value: str) -> str:
         return header_value
 
 
+def field_text(segment, data: bytes) -> str:
+    """The text of a form field's part (its L{MultipartSegment} C{segment}, its bytes C{data}): UTF-8, or the
+    charset its part names.
+
+    @raise InvalidRequest: it is not valid in that charset (naming it), or its charset is none known.
+    """
+    charset = segment.charset or "UTF-8"
+    try:
+        return data.decode(charset)
+    except UnicodeError:  # (UnicodeDecodeError; some codecs', punycode's, only UnicodeError)
+        raise InvalidRequest(f"The form field '{segment.name}' is not valid {shown(charset)}.", param=segment.name,
+                             code="invalid_value") from None
+    except LookupError:
+        raise InvalidRequest(f"The form field '{segment.name}' names a charset the gateway does not know "
+                             f"({shown(charset)}): send it as UTF-8.", param=segment.name,
+                             code="invalid_value") from None
+
+
 class UploadSink:
     """A write-only body sink that parses C{multipart/form-data} as it comes.
 
@@ -193,10 +211,9 @@ class UploadSink:
         else:
             value, self._field = bytes(self._field), None
             try:
-                self.fields.setdefault(segment.name, value.decode(segment.charset or "utf-8"))
-            except (UnicodeDecodeError, LookupError):
-                self._fail(InvalidRequest(f"The form field '{segment.name}' is not valid UTF-8.",
-                                          param=segment.name, code="invalid_value"))
+                self.fields.setdefault(segment.name, field_text(segment, value))
+            except InvalidRequest as e:
+                self._fail(e)
 
     # -- writing, with backpressure ----------------------------------------------------
 
@@ -316,16 +333,7 @@ class Form:
         """
         for segment, data in self.parts:
             if segment.name == name and segment.filename is None:
-                charset = segment.charset or "UTF-8"
-                try:
-                    return data.decode(charset)
-                except UnicodeDecodeError:
-                    raise InvalidRequest(f"The form field '{name}' is not valid {shown(charset)}.", param=name,
-                                         code="invalid_value") from None
-                except LookupError:
-                    raise InvalidRequest(f"The form field '{name}' names a charset the gateway does not know "
-                                         f"({shown(charset)}): send it as UTF-8.", param=name,
-                                         code="invalid_value") from None
+                return field_text(segment, data)
         return None
 
     def has(self, name: str) -> bool:
