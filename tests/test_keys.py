@@ -1323,6 +1323,30 @@ async def test_a_bad_priority_header_is_refused_whichever_target_answers(mixed):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_keys_bad_body_priority_is_refused_whichever_target_answers(http, mixed):
+    """A managed key's body C{priority} that is no integer is refused where a fallback schedules by priority, also
+    while the first target (which does not) is up: before, the answer was 200 (the first target up) or the 400
+    once the first had failed (its fallback's body made), on chat and Responses alike."""
+    rules = json.dumps({OTHER: [MODEL]})
+    gw, vllm, other = await mixed({"VLLM_PRIORITY_SCHEDULING": "true", "FAILOVER_RULES_JSON": rules})
+    client = openai_client(gw, (await new_key(http, gw))["value"])
+    try:
+        for healthy in (True, False):
+            other.steer = {} if healthy else {"fake_status": 503}
+            with pytest.raises(openai.BadRequestError) as refused:
+                await chat(client, OTHER, extra_body={"priority": "high"})
+            assert refused.value.code == "invalid_priority", healthy
+            with pytest.raises(openai.BadRequestError) as refused:
+                await in_thread(client.responses.create, model=OTHER, input="hi", extra_body={"priority": "high"})
+            assert refused.value.code == "invalid_priority", healthy
+        assert not [r for r in vllm.requests if r.method == b"POST"]
+        await chat(client, OTHER, extra_body={"priority": 3})  # (the first target down)
+        assert vllm.requests[-1].body["priority"] == 3
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cache_salt_mode_off(reactor, http, fake):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
                                        "CACHE_SALT_MODE": "off"})

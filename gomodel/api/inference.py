@@ -296,27 +296,41 @@ def key_priority(principal, body):
     if principal.priority is not None:
         body["priority"] = principal.priority
         return
-    asked = body.get("priority")
-    if asked is None:
-        return
-    if asked.__class__ is not int:  # (vLLM reads "-5" as -5)
-        raise InvalidRequest("'priority' must be an integer.", param="priority", code="invalid_priority")
-    if asked < DEFAULT_PRIORITY:
+    asked = _asked_priority(principal, body)
+    if asked is not None and asked < DEFAULT_PRIORITY:
         body["priority"] = DEFAULT_PRIORITY
 
 
-def vet_priority(request, ctx, routes) -> bool:
-    """Refuse now a malformed C{X-Request-Priority} that one of C{routes} (L{gomodel.routing.registry.Route}s,
-    fallbacks among them) would take: whether the request is refused must not depend on which target
-    answers (a fallback is reached only when those before it fail).
+def _asked_priority(principal, body):
+    """The C{priority} of C{body} that C{principal}, a managed key without one of its own, asks for, or None.
+
+    @raise InvalidRequest: it is no integer (C{invalid_priority}).
+    """
+    asked = body.get("priority")
+    if asked is not None and asked.__class__ is not int:  # (vLLM reads "-5" as -5)
+        raise InvalidRequest("'priority' must be an integer.", param="priority", code="invalid_priority")
+    return asked
+
+
+def vet_priority(request, ctx, routes, body=None) -> bool:
+    """Refuse now a malformed C{X-Request-Priority}, or a managed key's malformed C{priority} in C{body} (the
+    request's, or None), that one of C{routes} (L{gomodel.routing.registry.Route}s, fallbacks among them) would
+    take: whether the request is refused must not depend on which target answers (a fallback is reached only
+    when those before it fail).
 
     @return: whether one of C{routes} schedules by priority and the request has one (its key's, or the header's).
-    @raise InvalidRequest: see L{header_priority}.
+    @raise InvalidRequest: see L{header_priority} and L{key_priority}.
     """
     for route in routes:
         if route.provider.priority_scheduling:
             principal = ctx.principal
-            return principal is not None and principal.priority is not None or header_priority(request) is not None
+            if principal is not None and principal.priority is not None:
+                return True
+            if header_priority(request) is not None:
+                return True  # (it wins over the body's: L{InferenceRoutes.prioritise})
+            if body is not None and principal is not None and not principal.master:
+                _asked_priority(principal, body)
+            return False
     return False
 
 
@@ -371,12 +385,12 @@ def retargeted(request, ctx, salts, made):
 
 def fallback_bodies(request, ctx, salts, body, fallbacks):
     """L{UpstreamCall}'s C{rebody} for C{fallbacks} (L{retargeted}), each made from C{body} as it is now (before
-    the first target's own fields); a malformed C{X-Request-Priority} one of them would take is refused now
-    (L{vet_priority}).
+    the first target's own fields); a malformed C{X-Request-Priority} (or a managed key's body C{priority}) one
+    of them would take is refused now (L{vet_priority}).
 
-    @raise InvalidRequest: see L{header_priority}.
+    @raise InvalidRequest: see L{vet_priority}.
     """
-    vet_priority(request, ctx, fallbacks)
+    vet_priority(request, ctx, fallbacks, body)
     return retargeted(request, ctx, salts, copies(body))
 
 

@@ -97,7 +97,7 @@ class ResponsesRoute:
         previous = await self._previous(body, ctx.principal)
         first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:
-            vet_priority(request, ctx, fallbacks)
+            vet_priority(request, ctx, fallbacks, body)
             if self._gate is not None:
                 first, fallbacks = unsaturated(self._gate, first, fallbacks)
         # the instance that holds the conversation, where the key may use it
