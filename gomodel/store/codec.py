@@ -25,12 +25,12 @@ def response_upsert(mark: str) -> str:
 MAX_CHAIN = 1000  # turns followed back through previous_response_id
 
 
-def _chain(mark: str) -> str:
+def _chain(mark: str, where: str = "") -> str:
     """The C{chain (id, depth)} of the ids a response (its id as C{mark}, the driver's placeholder) follows, through
     C{previous_response_id}, nearest first (depth 1), back to the first turn or one not stored (its id the last),
-    at most L{MAX_CHAIN}."""
+    at most L{MAX_CHAIN}; none unless C{where} (a condition, or "") holds."""
     return ("WITH RECURSIVE chain (id, depth) AS ("
-            f"SELECT previous_response_id, 1 FROM responses WHERE id = {mark} "
+            f"SELECT previous_response_id, 1 FROM responses WHERE id = {mark}{where} "
             "UNION ALL SELECT r.previous_response_id, c.depth + 1 FROM chain c JOIN responses r ON r.id = c.id "
             f"WHERE c.depth < {MAX_CHAIN}) ")
 
@@ -43,8 +43,9 @@ def chain_query(mark: str) -> str:
 
 def follows_deleted_query(mark: str) -> str:
     """The query finding whether a response follows one deleted (C{deleted_responses}), L{_chain}: a row where
-    it does, none where not."""
-    return _chain(mark) + "SELECT 1 FROM chain c JOIN deleted_responses d ON d.id = c.id LIMIT 1"
+    it does, none where not. (Every native follow-up asks: no conversation is walked while nothing was deleted.)"""
+    return (_chain(mark, " AND EXISTS (SELECT 1 FROM deleted_responses)")
+            + "SELECT 1 FROM chain c JOIN deleted_responses d ON d.id = c.id LIMIT 1")
 
 
 def encode_record(record: dict, columns, json_columns) -> dict:
