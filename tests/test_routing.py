@@ -372,6 +372,32 @@ class _Probed:
         return 0
 
 
+def test_a_stalled_replica_keeps_its_requests_where_no_other_ready_one_lists_its_models():
+    """A stalled replica's requests waiting for their answer's head end (to go on elsewhere) only where another
+    ready replica lists every model it does: one that alone lists a model (a LoRA adapter loaded on it, or
+    struck off the other's list by its 404) keeps them, as the only ready replica does (a stall may pass). Before,
+    any other ready replica ended them, and those for its own model failed, with nowhere to go."""
+    clock = Clock()
+    servers = [_Probed(), _Probed()]
+    abandoned = []
+    servers[1].abandon = lambda why="went down": abandoned.append(why) or 1
+    replicas = [Replica(i, servers[i], f"http://r{i}/v1", clock) for i in range(2)]
+    pool = ReplicaPool("vllm", "vllm", replicas, clock)
+    zero, one = replicas
+    zero.models, one.models = {"m": {"id": "m"}}, {"m": {"id": "m"}, "lora": {"id": "lora"}}
+    for replica in replicas:
+        replica.set_state(READY)
+    one.in_flight = 1
+    one.set_state(STALLED)
+    clock.advance(0)
+    assert abandoned == [] and pool.replicas[1].state == STALLED
+    one.set_state(READY)
+    zero.models = dict(one.models)
+    one.set_state(STALLED)
+    clock.advance(0)
+    assert abandoned == ["stopped generating"]
+
+
 def _probed_pool(clock, failure_threshold=3):
     """Two replicas of L{_Probed} servers in a pool whose monitor has made its first checks (health every 5 s,
     no scrapes): C{(servers, replicas, pool, monitor)}."""

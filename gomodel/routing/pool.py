@@ -10,8 +10,9 @@ replicas that list the requested model get requests. One that goes down ends
 at once its requests still waiting for a response head
 (L{gomodel.interfaces.IUpstream.abandon}): they go on to another replica as
 if their response-header timeout had passed, rather than wait it out; so
-does a stalled one while another replica is ready (its sends so ended count
-as its failures: enough of them take it down, held out as below). One
+does a stalled one while another ready replica lists every model it does
+(its sends so ended count as its failures: enough of them take it down, held
+out as below). One
 taken down by failed requests while its probes passed (C{/health} answers,
 inference fails) is held out: a passing probe readmits it only after
 L{Replica.hold} seconds (its health interval, doubling each time it fails
@@ -768,6 +769,13 @@ class ReplicaPool:
     def _others_ready(self, replica) -> bool:
         return any(r.ready for r in self.replicas if r is not replica)
 
+    def _others_take_over(self, replica) -> bool:
+        """Whether another ready replica lists every model C{replica} does (the requests it holds have somewhere
+        else to go: L{_abandon})."""
+        models = replica.models
+        return any(r.ready and (models is None or r.models is not None and r.models.keys() >= models.keys())
+                   for r in self.replicas if r is not replica)
+
     def _choose(self, free, affinity, size=None):
         """The replica to use among C{free} (all ready, all with room), or None.
 
@@ -953,23 +961,24 @@ class ReplicaPool:
                       why=f" ({replica.last_error})" if replica.state != READY and replica.last_error else "",
                       note=note, held_until=held, trial=replica.trial)
         self._serve_queue(every=True)
-        if replica.in_flight and (replica.state == DOWN or replica.state == STALLED and self._others_ready(replica)):
+        if replica.in_flight and (replica.state == DOWN
+                                  or replica.state == STALLED and self._others_take_over(replica)):
             # Its requests still waiting for their answer's head would wait out their response-header timeout,
             # its streams fallen silent their idle timeout (minutes): they end now (the first go on to another
             # replica, as one timed out would). Once this change is over: their failover chooses among the
             # replicas as they are now. A stalled one (no token for REPLICA_STALL_TIMEOUT) keeps them where
-            # no other replica is ready: a stall may pass, and there is nowhere else to go.
+            # no other ready replica lists its models: a stall may pass, and there is nowhere else to go.
             if replica.index not in self._abandoning:
                 self._abandoning[replica.index] = self._clock.callLater(0, self._abandon, replica)
 
     def _abandon(self, replica):
-        """End the requests of a replica gone down (or stalled, another one ready) that still wait for their
-        answer's head (L{gomodel.interfaces.IUpstream.abandon}), and let its answers being relayed be silent for
-        at most its health interval from now on (L{gomodel.proxy.relay.StreamRelay.shorten_idle}); unless it is
-        back already."""
+        """End the requests of a replica gone down (or stalled, another ready one listing its models:
+        L{_others_take_over}) that still wait for their answer's head (L{gomodel.interfaces.IUpstream.abandon}),
+        and let its answers being relayed be silent for at most its health interval from now on
+        (L{gomodel.proxy.relay.StreamRelay.shorten_idle}); unless it is back already."""
         del self._abandoning[replica.index]
         state = replica.state
-        if state != DOWN and (state != STALLED or not self._others_ready(replica)):
+        if state != DOWN and (state != STALLED or not self._others_take_over(replica)):
             return
         ended = replica.server.abandon("went down" if state == DOWN else "stopped generating")
         streams = list(replica.streams)
