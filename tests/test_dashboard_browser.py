@@ -62,6 +62,13 @@ _CSP_PROBE = ("window.__csp = []; document.addEventListener('securitypolicyviola
               "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
 
 
+# Every fetch the page makes from now on held unanswered (a hung gateway) in window.__pending, and then let through.
+_HOLD_FETCHES = ("window.__fetch = window.fetch; window.__pending = [];"
+                 "window.fetch = (url, options) => new Promise((resolve) => window.__pending.push("
+                 "() => resolve(window.__fetch(url, options))))")
+_ANSWER_FETCHES = "window.fetch = window.__fetch; window.__pending.forEach((answer) => answer())"
+
+
 class Browser:
     """The Selenium driver and what the tests ask of it (blocking: call it from a thread)."""
 
@@ -376,13 +383,11 @@ async def test_the_overview_says_it_is_not_updated_while_the_gateway_does_not_an
     def hung():
         b.go("overview")
         b.wait(lambda d: (b.text_of("#overview-live") or "").startswith("Live"), "the overview live")
-        b.js("window.__fetch = window.fetch; window.__pending = [];"
-             "window.fetch = (url, options) => new Promise((resolve) => window.__pending.push("
-             "() => resolve(window.__fetch(url, options))))")
+        b.js(_HOLD_FETCHES)
         b.wait(lambda d: b.js("return document.querySelector('#overview-live').classList.contains('stale')"),
                "the overview said to be not updated")
         assert b.text_of("#overview-live").startswith("Not updated")
-        b.js("window.fetch = window.__fetch; window.__pending.forEach((answer) => answer())")
+        b.js(_ANSWER_FETCHES)
         b.wait(lambda d: (b.text_of("#overview-live") or "").startswith("Live"), "the overview live again")
         b.assert_clean()
 
@@ -500,12 +505,10 @@ async def test_the_providers_page_says_it_is_not_updated_while_the_gateway_does_
     def hung():
         b.go("providers")
         b.wait(lambda d: b.all("tr.replica"), "the replicas")
-        b.js("window.__fetch = window.fetch; window.__pending = [];"
-             "window.fetch = (url, options) => new Promise((resolve) => window.__pending.push("
-             "() => resolve(window.__fetch(url, options))))")
+        b.js(_HOLD_FETCHES)
         b.wait_text("#providers-messages", lambda t: "Not updated" in t, "the page said to be not updated")
         assert b.js("return window.__pending.length") == 1  # (one read at a time)
-        b.js("window.fetch = window.__fetch; window.__pending.forEach((answer) => answer())")
+        b.js(_ANSWER_FETCHES)
         b.wait(lambda d: "Not updated" not in b.text_of("#providers-messages"), "the note gone")
         b.assert_clean()
 
@@ -1082,12 +1085,10 @@ async def test_the_batches_page_says_it_is_not_updated_while_the_gateway_does_no
     def hung():
         b.go("batches")
         b.wait(lambda d: b.all("tr.batch-row"), "the batches")
-        b.js("window.__fetch = window.fetch; window.__pending = [];"
-             "window.fetch = (url, options) => new Promise((resolve) => window.__pending.push("
-             "() => resolve(window.__fetch(url, options))))")
+        b.js(_HOLD_FETCHES)
         b.wait_text("#batches-messages", lambda t: "Not updated" in t, "the page said to be not updated")
         assert b.js("return window.__pending.length") == 2  # (one read: OpenAI's list and Anthropic's)
-        b.js("window.fetch = window.__fetch; window.__pending.forEach((answer) => answer())")
+        b.js(_ANSWER_FETCHES)
         b.wait(lambda d: "Not updated" not in b.text_of("#batches-messages"), "the note gone")
         b.assert_clean()
 

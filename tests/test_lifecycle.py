@@ -201,6 +201,21 @@ def _twistd_gateway(tmp_path, fake):
     return proc, log_path
 
 
+async def _exited(reactor, proc, log_path) -> str:
+    """Wait for the gateway C{proc} to exit; it exited 0 (else its log is shown). Fires with its log."""
+    await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
+    text = log_path.read_text()
+    assert proc.returncode == 0, text
+    return text
+
+
+def _killed(proc):
+    """End C{proc} where a test left it running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 async def _ready_port(reactor, log_path):
     """The port of the gateway logging to C{log_path}, once it listens and is ready."""
     await _wait_for(reactor, lambda: re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()),
@@ -244,12 +259,9 @@ async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(react
         await with_timeout(reactor, stream.lost, 20)
         received = bytes(stream.received)
         assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
-        await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
-        assert proc.returncode == 0, log_path.read_text()
+        await _exited(reactor, proc, log_path)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        _killed(proc)
 
 
 @pytest_twisted.ensureDeferred
@@ -267,13 +279,10 @@ async def test_sighup_drains_as_sigterm_does(reactor, fake, tmp_path):
         await with_timeout(reactor, stream.lost, 20)
         received = bytes(stream.received)
         assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
-        await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
-        assert proc.returncode == 0, log_path.read_text()
+        await _exited(reactor, proc, log_path)
         assert "received SIGHUP: stopping as for SIGTERM" in log_path.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        _killed(proc)
 
 
 @pytest_twisted.ensureDeferred
@@ -295,13 +304,9 @@ async def test_another_sigterm_or_sigint_while_draining_is_logged_once_and_the_e
         await with_timeout(reactor, stream.lost, 20)
         received = bytes(stream.received)
         assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
-        await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
-        text = log_path.read_text()
-        assert proc.returncode == 0, text
+        text = await _exited(reactor, proc, log_path)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        _killed(proc)
     assert "ReactorNotRunning" not in text and "Traceback" not in text and "#critical]" not in text, text
     assert text.count("Received SIGTERM, shutting down.") == 1  # Twisted's line, for the first one only
     [again] = [line for line in text.splitlines() if "already draining" in line]
@@ -510,12 +515,9 @@ async def test_sigterm_waits_for_an_answer_still_in_the_gateways_buffer_to_reach
         head, _, body = bytes(slow.received).partition(b"\r\n\r\n")
         length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
         assert len(body) == length  # all of it
-        await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
-        assert proc.returncode == 0, log_path.read_text()
+        await _exited(reactor, proc, log_path)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        _killed(proc)
 
 
 @pytest_twisted.ensureDeferred

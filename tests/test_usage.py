@@ -6,10 +6,12 @@ import json
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from tests.rawclient import chat_request, connect
 from tests.stores import sqlite_store  # noqa: F401 (a fixture)
-from tests.support import send_streams_failing_after_200, start_fake, start_gateway, with_timeout
+from tests.support import send_streams_failing_after_200, start_fake, start_gateway, until, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 KEY = {"Authorization": "Bearer k1"}
@@ -276,7 +278,6 @@ async def test_the_retention_runs_soon_after_a_start_not_only_after_a_day_up(rea
     from twisted.internet.task import Clock
 
     from gomodel.accounting.usage import FIRST_SWEEP, UsageLedger
-    from tests.support import until
 
     clock = Clock()
     clock.advance(10 * 86400)
@@ -294,6 +295,38 @@ async def test_the_retention_runs_soon_after_a_start_not_only_after_a_day_up(rea
         await until(reactor, swept, what="the old record to be deleted")
     finally:
         await ledger.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_waits_for_the_retention_sweep_in_progress_to_release_its_claim(reactor, sqlite_store):
+    """A stop while the sweep runs: its claim is released before the stop is over (before, after it: to a store
+    already closed, an error logged)."""
+    from twisted.internet.task import Clock
+
+    from gomodel.accounting.usage import FIRST_SWEEP, UsageLedger
+
+    class HeldRelease:
+        def __init__(self, claims):
+            self.claims, self.releasing = claims, Deferred()
+
+        def claim(self, *args):
+            return self.claims.claim(*args)
+
+        async def release(self, *args):
+            await self.releasing
+            return await self.claims.release(*args)
+
+    claims, clock = HeldRelease(sqlite_store.claims), Clock()
+    ledger = UsageLedger(sqlite_store.usage, claims, clock, "test", flush_interval=5.0, retention=86400)
+    ledger.startService()
+    clock.advance(FIRST_SWEEP)
+    await until(reactor, lambda: ledger._sweeping is not None, what="the sweep to start")
+    stopped = ledger.stopService()
+    for _ in range(20):  # (the store's threads: the stop waits on the release whatever they do meanwhile)
+        await deferLater(reactor, 0, lambda: None)
+    assert not stopped.called
+    claims.releasing.callback(None)
+    await stopped
 
 
 @pytest_twisted.ensureDeferred

@@ -13,7 +13,7 @@ process at a time.
 """
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -56,6 +56,7 @@ class UsageLedger(Service):
         self._writing = DeferredLock()  # one write at a time, in order
         self._loops = []
         self._first_sweep = None  # the delayed start of the retention sweeps (FIRST_SWEEP)
+        self._sweeping = None  # fires when the sweep in progress is over (L{stopService} waits for it)
         # A store down fails every flush: one warning a streak (the records are kept), an info line at its end.
         self._flushes = FailureStreak(self, "writing usage records failed; they are kept for the next flush",
                                       "usage records are written again")
@@ -233,7 +234,11 @@ class UsageLedger(Service):
             if loop.running:
                 loop.stop()
         self._loops = []
-        return self.flush().addCallback(self._lost)
+        written = self.flush().addCallback(self._lost)
+        if self._sweeping is None:
+            return written
+        # (a sweep in progress releases its claim before the store closes)
+        return gatherResults([written, self._sweeping]).addCallback(lambda _: None)
 
     def _lost(self, _):
         if self._buffer:
@@ -244,7 +249,15 @@ class UsageLedger(Service):
         before = self._clock.seconds() - self._retention
         d = Deferred.fromCoroutine(claimed(self._claims, "sweep:usage", self._owner, 600.0,
                                            lambda: self._usage.delete_before(before)))
-        return d.addErrback(lambda f: log_failure(self.log, f, "usage retention failed"))
+        d.addErrback(lambda f: log_failure(self.log, f, "usage retention failed"))
+        self._sweeping = ended = Deferred()
+
+        def over(result):
+            if self._sweeping is ended:
+                self._sweeping = None
+            ended.callback(None)
+            return result
+        return d.addBoth(over)
 
 
 _TIME, _OUTCOME = USAGE_FIELDS.index("timestamp"), USAGE_FIELDS.index("outcome")
