@@ -180,6 +180,51 @@ async def test_a_job_asked_while_the_migration_waits_for_another_hosts_lock_is_a
         await store.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_job_given_up_while_it_runs_after_the_opening_is_answered_nowhere(reactor, pg_database):
+    """A job asked for before the store opened, run once it did, whose caller gave up while it ran (its request
+    cancelled, its client gone): its result went to that caller's Deferred anyway, already called, and
+    AlreadyCalledError reached the reactor's log (the suite's logged_errors fails the test on it)."""
+    import threading
+
+    import psycopg
+    from twisted.internet.defer import CancelledError
+
+    from gomodel.store.postgresql.migrations import MIGRATION_LOCK
+    from tests.support import until
+
+    holder = psycopg.connect(postgres.url(pg_database), autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    store = opened(reactor, pg_database)
+    running, go = threading.Event(), threading.Event()
+
+    def job(conn):
+        running.set()
+        go.wait(10)
+        return conn.execute("SELECT 1").fetchone()[0]
+
+    try:
+        asked = store._db.run(job)
+        holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        await until(reactor, running.is_set, what="the job to run once the store opened")
+        asked.cancel()
+        with pytest.raises(CancelledError):
+            await asked
+        go.set()
+        assert await store._db.run(_one) == 1  # (the job before it has ended: one connection at a time is enough)
+        import gc
+
+        gc.collect()  # (an unhandled failure of a Deferred is logged as it is collected)
+    finally:
+        go.set()
+        holder.close()
+        await store.stopService()
+
+
+def _one(conn):
+    return conn.execute("SELECT 1").fetchone()[0]
+
+
 def test_a_migration_that_cannot_have_its_tables_lock_gives_up_instead_of_stalling_every_host(pg_database):
     """A rolling upgrade: the new gateway's migration alters the usage table while an older gateway's long query
     reads it (a summary of months). Its ALTER waited for that query without a limit, and PostgreSQL queued every

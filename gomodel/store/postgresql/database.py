@@ -22,6 +22,7 @@ from threading import Lock
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from gomodel.errors import InvalidRequest, StorageUnavailable
@@ -143,7 +144,7 @@ class Database:
             self.log.info("PostgreSQL store open ({conns} connections at most)", conns=self.max_conns)
             waiting, self._waiting = self._waiting, []
             for waiter, f, args in waiting:
-                self._threads.run(self._job, f, args, _Job()).chainDeferred(waiter)
+                self._threads.run(self._job, f, args, _Job()).addBoth(_answer, waiter)
 
         def failed(failure):
             if self._pool is None:
@@ -383,6 +384,17 @@ async def in_batches(run, f, *args):
         deleted += count
         if count < DELETE_BATCH:
             return deleted
+
+
+def _answer(result, waiter):
+    """Give a job's C{result} to the C{waiter} it waited for the store's opening with, unless that gave up meanwhile
+    (past its time limit: its caller had its 503), when the result goes nowhere (chained, it raised
+    C{AlreadyCalledError} into the reactor's log)."""
+    if not waiter.called:
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)
 
 
 def _not_open(result, timeout):
