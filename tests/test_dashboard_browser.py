@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import types
+from contextlib import asynccontextmanager
 
 import pytest
 import pytest_twisted
@@ -1720,18 +1721,33 @@ async def test_the_copy_button_copies_a_new_secret_over_plain_http(env, tmp_path
         await in_thread(browser.close)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_gateway_without_a_master_key_says_how_to_sign_in_and_that_it_is_open(reactor, tmp_path):
-    """On a gateway started without GOMODEL_MASTER_KEY the sign-in form says to leave the field empty, and every page
-    then says that the admin API is open (before, the form asked for a key that does not exist, and nothing said
-    that anyone can use the dashboard)."""
+@asynccontextmanager
+async def _own_gateway(reactor, tmp_path, key, env=None):
+    """A gateway of its own (C{env} added to its settings) in front of one fake replica, and a browser for it
+    presenting C{key}: C{(gw, browser)}; both closed after."""
     from tests.support import start_gateway
 
     fleet = await FakeFleet(reactor, 1).start()
     gw = browser = None
     try:
-        gw = await start_gateway(reactor, {"VLLM_BASE_URL": fleet.env_value, "GOMODEL_DATA_DIR": str(tmp_path)})
-        browser = await in_thread(Browser, gw.url, "", str(tmp_path))
+        gw = await start_gateway(reactor, {"VLLM_BASE_URL": fleet.env_value, "GOMODEL_DATA_DIR": str(tmp_path),
+                                           **(env or {})})
+        browser = await in_thread(Browser, gw.url, key, str(tmp_path))
+        yield gw, browser
+    finally:
+        if browser is not None:
+            await in_thread(browser.close)
+        if gw is not None:
+            await gw.service.stopService()
+        await fleet.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_without_a_master_key_says_how_to_sign_in_and_that_it_is_open(reactor, tmp_path):
+    """On a gateway started without GOMODEL_MASTER_KEY the sign-in form says to leave the field empty, and every page
+    then says that the admin API is open (before, the form asked for a key that does not exist, and nothing said
+    that anyone can use the dashboard)."""
+    async with _own_gateway(reactor, tmp_path, "") as (gw, browser):
 
         def open_gateway():
             browser.driver.get(f"{gw.url}/admin/dashboard")
@@ -1755,12 +1771,6 @@ async def test_a_gateway_without_a_master_key_says_how_to_sign_in_and_that_it_is
             browser.assert_clean()
 
         await in_thread(open_gateway)
-    finally:
-        if browser is not None:
-            await in_thread(browser.close)
-        if gw is not None:
-            await gw.service.stopService()
-        await fleet.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -1768,15 +1778,8 @@ async def test_a_master_key_beyond_ascii_signs_in(reactor, tmp_path):
     """A master key the configuration takes with characters beyond ASCII (é, к, 🔑) signs in: the page sends it as its
     UTF-8 bytes, as the gateway compares it and a client such as curl sends it (before, fetch sent é as one Latin-1
     byte, a 401 "not the master key", and refused to send к at all: "the gateway did not answer")."""
-    from tests.support import start_gateway
-
     master = "clé-ключ-🔑"
-    fleet = await FakeFleet(reactor, 1).start()
-    gw = browser = None
-    try:
-        gw = await start_gateway(reactor, {"VLLM_BASE_URL": fleet.env_value, "GOMODEL_MASTER_KEY": master,
-                                           "GOMODEL_DATA_DIR": str(tmp_path)})
-        browser = await in_thread(Browser, gw.url, master, str(tmp_path))
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (_, browser):
 
         def sign_in():
             browser.sign_in()
@@ -1785,12 +1788,6 @@ async def test_a_master_key_beyond_ascii_signs_in(reactor, tmp_path):
             browser.assert_clean()
 
         await in_thread(sign_in)
-    finally:
-        if browser is not None:
-            await in_thread(browser.close)
-        if gw is not None:
-            await gw.service.stopService()
-        await fleet.stop()
 
 
 # -- on a PostgreSQL store that goes away (a gateway and a browser of their own) -----------------
