@@ -158,12 +158,17 @@ async def test_forms_without_a_model_or_of_another_type_or_an_unknown_model_get_
     assert len(fake.requests) == sent
 
 
+async def _managed_key(http, gw, **fields) -> dict:
+    """A managed key named team, made with C{fields} through the admin API: its record, its secret as C{value}."""
+    made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps(dict(name="team", **fields)).encode(),
+                           headers={"authorization": f"Bearer {MASTER}"})
+    return jsonutil.loads(await treq.content(made))
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_managed_key_transcribes_only_with_models_it_may_use(http, audio):
     gw, fake = audio
-    made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps(
-        {"name": "team", "models": ["vllm/some-other-model"]}).encode(), headers={"authorization": f"Bearer {MASTER}"})
-    key = jsonutil.loads(await treq.content(made))["value"]
+    key = (await _managed_key(http, gw, models=["vllm/some-other-model"]))["value"]
     client = openai_client(gw, key)
     try:
         with pytest.raises(openai.PermissionDeniedError) as denied:
@@ -179,9 +184,7 @@ async def test_a_token_limit_is_charged_for_the_forms_text_not_for_the_audio_fil
     # The limits estimated a request's tokens as its body's bytes / 4: a key with a tokens-per-minute limit was
     # refused any recording above 4 bytes a token ("Request too large", 429), a 30 s WAV (1 MB) past 250,000.
     gw, fake = audio
-    made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "team", "tpm": 1000}).encode(),
-                           headers={"authorization": f"Bearer {MASTER}"})
-    key = jsonutil.loads(await treq.content(made))["value"]
+    key = (await _managed_key(http, gw, tpm=1000))["value"]
     response, content = await post_form(http, gw, {"model": MODEL, "prompt": "names: Zoë"}, key=key,
                                         file=AUDIO * 400)  # (about 100 KB)
     assert response.code == 200, content
@@ -192,9 +195,7 @@ async def test_a_token_limit_is_charged_for_the_forms_text_not_for_the_audio_fil
 async def test_the_passthroughs_audio_form_is_not_charged_its_file_either(http, audio):
     # /p/{provider}/v1/audio/...: the same form, relayed raw; its limits' estimate was the whole body's bytes / 4.
     gw, fake = audio
-    made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "team", "tpm": 1000}).encode(),
-                           headers={"authorization": f"Bearer {MASTER}"})
-    key = jsonutil.loads(await treq.content(made))["value"]
+    key = (await _managed_key(http, gw, tpm=1000))["value"]
     response, content = await post_form(http, gw, {"model": ASR}, key=key, file=AUDIO * 400,
                                         path="/p/vllm/v1/audio/transcriptions")
     assert response.code == 200, content
@@ -296,10 +297,7 @@ async def test_a_transcription_billed_in_seconds_records_and_prices_them(reactor
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
                                        "GOMODEL_DATA_DIR": str(tmp_path / "d")}, str(config))
     try:
-        made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps(
-            {"name": "team", "budgets": [{"period": "daily", "max_cost": 1}]}).encode(),
-            headers={"authorization": f"Bearer {MASTER}"})
-        key = jsonutil.loads(await treq.content(made))
+        key = await _managed_key(http, gw, budgets=[{"period": "daily", "max_cost": 1}])
         for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):  # 0.9 each: the second one still in
             response, content = await post_form(http, gw, {"model": MODEL}, path=path, key=key["value"])
             assert response.code == 200, content
