@@ -579,12 +579,15 @@ async def test_a_token_count_takes_only_a_slot_of_its_keys_caps_on_requests_in_f
         await gate.admit(SimpleNamespace(responseHeaders=AnswerHeaders()), ctx, SimpleNamespace(name="vllm"), call)
         return ctx
 
-    gate.completed(await admit(True))  # the minute's one request
+    # (each finish awaited: gate.completed frees a Redis slot without waiting, and the next admission could
+    # otherwise reach Redis before the release)
+    await (await admit(True)).admission.finish(0)  # the minute's one request
     counting = await admit(False)
     with pytest.raises(RateLimitExceeded) as info:  # its slot held
         await admit(False)
     assert info.value.scope == "key:k_1" and "concurrent" in info.value.message
-    await counting.admission.finish(0)  # (what gate.completed does, awaited)
-    gate.completed(await admit(False))
-    with pytest.raises(RateLimitExceeded):  # (the minute's request window untouched by the counts: still spent)
+    await counting.admission.finish(0)
+    await (await admit(False)).admission.finish(0)
+    with pytest.raises(RateLimitExceeded) as info:  # the minute's request window untouched by the counts: still spent
         await admit(True)
+    assert "(RPM)" in info.value.message, info.value.message
