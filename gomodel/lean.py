@@ -77,10 +77,13 @@ def leave_tls_out() -> bool:
 # start, CPython 3.11: pdb and getpass (twistd's --debug and --euid; pdb brings bdb, cmd, code, pprint) 0.45 MiB,
 # decimal (Perspective Broker's jelly, imported by twisted.web.server), pty (twisted.internet.process's
 # PTYProcess), gzip (prometheus_client's gzip'd scrapes and push gateway) and mimetypes (http.server's file
-# serving, imported by prometheus_client) another 0.6 MiB.
+# serving, imported by prometheus_client) another 0.6 MiB; twisted.web.util (the web server's HTML error and
+# redirect pages, which the gateway never answers with: Twisted's templates, xml.sax, pyexpat, urlpath and
+# hyperlink come with it) 1.9 MiB.
 _RARE = {"pdb": "twisted.application.app", "getpass": "twisted.application.app",
          "decimal": "twisted.spread.jelly", "pty": "twisted.internet.process",
-         "gzip": "prometheus_client.exposition", "mimetypes": "http.server"}
+         "gzip": "prometheus_client.exposition", "mimetypes": "http.server",
+         "twisted.web.util": "twisted.web.server"}
 
 
 class _OnFirstUse:

@@ -60,7 +60,7 @@ def test_a_default_gateway_loads_nothing_it_does_not_use(tmp_path):
     unused = {"klein", "werkzeug", "yaml", "psycopg", "psycopg_pool", "redis", "opentelemetry", "OpenSSL",
               "cryptography", "twisted.application.internet", "automat", "twisted.trial",
               "gomodel.api.app", "gomodel.api.admin", "gomodel.api.files", "gomodel.api.batches",
-              "gomodel.accounting.tracing", "gomodel.store.postgresql", "gomodel.workers"}
+              "gomodel.accounting.tracing", "gomodel.store.postgresql", "gomodel.workers", "difflib"}
     assert not {name for name in loaded if name in unused or name.split(".")[0] in unused}
     # what it does use (the default is everything on: metrics, usage in SQLite)
     assert {"prometheus_client", "sqlite3", "gomodel.api.plain", "gomodel.api.inference"} <= loaded
@@ -103,11 +103,14 @@ def test_the_gomodel_command_leaves_the_standard_librarys_tls_out(tmp_path, keep
                      "redis_ssl": True, "context": "SSLContext"}
 
 
-_RARE_AFTER = """
-first = {name: type(sys.modules[name]).__name__ for name in ("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes")}
+_RARE = ("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes", "twisted.web.util")
+_RARE_AFTER = f"_RARE = {_RARE!r}\n" + """
+first = {name: type(sys.modules[name]).__name__ for name in _RARE}
 import decimal, gzip, mimetypes, pdb, pty, getpass  # (an import statement reads the module: a first use)
+from twisted.web import util
 used = [str(decimal.Decimal("1.25") * 2), len(gzip.decompress(gzip.compress(b"gomodel"))),
-        mimetypes.guess_type("a.json")[0], callable(pdb.Pdb), callable(pty.openpty), callable(getpass.getuser)]
+        mimetypes.guess_type("a.json")[0], callable(pdb.Pdb), callable(pty.openpty), callable(getpass.getuser),
+        util._PRE("<a>")]
 print(json.dumps({"first": first, "used": used,
                   "then": sorted({type(sys.modules[name]).__name__ for name in first})}))
 """
@@ -116,17 +119,19 @@ print(json.dumps({"first": first, "used": used,
 @pytest.mark.parametrize("eager", [False, True])
 def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first_use(tmp_path, eager):
     """Modules that twistd, Twisted's web server and prometheus_client import for paths the gateway never
-    takes (a debugger, decimals of Perspective Broker, pseudo-terminals, gzip'd scrapes, mime types) are
+    takes (a debugger, decimals of Perspective Broker, pseudo-terminals, gzip'd scrapes, mime types, the web
+    server's HTML error pages and their templates) are
     loaded on first use; used, they are the real modules. C{GOMODEL_EAGER_IMPORTS=1}: loaded at import."""
     before = ("from gomodel.lean import leave_tls_out, load_rare_modules_on_use\n"
               "leave_tls_out()\n"
               "assert load_rare_modules_on_use() is " + str(not eager) + "\n"
-              "import twisted.scripts.twistd\n")  # (the runner: it imports pdb and getpass)
+              "import twisted.scripts.twistd, twisted.web.server\n")  # (the runner: pdb and getpass; twisted.web.util)
     found = json.loads(_built_in_child(
         tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _RARE_AFTER))
     kind = "module" if eager else "_LazyModule"
-    assert found == {"first": dict.fromkeys(("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes"), kind),
-                     "used": ["2.50", 7, "application/json", True, True, True], "then": ["module"]}
+    assert found == {"first": dict.fromkeys(_RARE, kind),
+                     "used": ["2.50", 7, "application/json", True, True, True, "<pre>&lt;a&gt;</pre>"],
+                     "then": ["module"]}
 
 
 _ASYNCIO_AFTER = """

@@ -29,7 +29,6 @@ C{enabled: false} is checked for its shape but not for its providers (it is left
 out: a way to keep one whose provider is gone for now).
 """
 
-import difflib
 import json
 from dataclasses import dataclass
 
@@ -75,6 +74,8 @@ def _check_provider(selector, providers, at, virtual=(), warnings=None):
     if prefix is None:
         return
     known = ', '.join(sorted(providers)) or 'none'
+    import difflib  # (only for a typo's suggestion)
+
     close = difflib.get_close_matches(prefix, sorted(providers), n=1, cutoff=0.6)
     if close:
         raise ConfigError(f"{at} {selector!r} names no configured provider {prefix!r} "
