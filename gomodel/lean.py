@@ -79,11 +79,11 @@ def leave_tls_out() -> bool:
 # PTYProcess), gzip (prometheus_client's gzip'd scrapes and push gateway) and mimetypes (http.server's file
 # serving, imported by prometheus_client) another 0.6 MiB; twisted.web.util (the web server's HTML error and
 # redirect pages, which the gateway never answers with: Twisted's templates, xml.sax, pyexpat, urlpath and
-# hyperlink come with it) 1.9 MiB.
+# hyperlink come with it) 1.9 MiB; multipart (uploads' and audio's form parser) 0.15 MiB.
 _RARE = {"pdb": "twisted.application.app", "getpass": "twisted.application.app",
          "decimal": "twisted.spread.jelly", "pty": "twisted.internet.process",
          "gzip": "prometheus_client.exposition", "mimetypes": "http.server",
-         "twisted.web.util": "twisted.web.server"}
+         "twisted.web.util": "twisted.web.server", "multipart": "gomodel.api.uploads"}
 
 
 class _OnFirstUse:

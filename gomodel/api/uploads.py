@@ -18,7 +18,7 @@ import os
 import re
 from urllib.parse import unquote
 
-from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+import multipart  # (the gomodel command loads it on first use: gomodel.lean)
 from twisted.internet.defer import Deferred, succeed
 
 from gomodel.errors import InvalidRequest, RequestTooLarge, StorageUnavailable, shown
@@ -119,7 +119,7 @@ class UploadSink:
         self._finished = False
         if isinstance(content_type, bytes):
             content_type = content_type.decode("latin-1")
-        kind, options = parse_options_header(content_type or "")
+        kind, options = multipart.parse_options_header(content_type or "")
         if kind != "multipart/form-data" or not options.get("boundary"):
             self._fail(InvalidRequest("Uploads must be multipart/form-data with the fields 'file' and 'purpose'.",
                                       code="invalid_content_type"))
@@ -128,9 +128,9 @@ class UploadSink:
         else:
             try:
                 # (ISO-8859-1 reads any header bytes: a file name is then read as UTF-8 where it is that, L{_text})
-                self._parser = PushMultipartParser(options["boundary"], max_segment_count=MAX_PARTS,
-                                                   header_charset="latin-1")
-            except MultipartError as e:
+                self._parser = multipart.PushMultipartParser(options["boundary"], max_segment_count=MAX_PARTS,
+                                                             header_charset="latin-1")
+            except multipart.MultipartError as e:
                 self._fail(InvalidRequest(f"The multipart body cannot be parsed: {e}.", code="invalid_multipart"))
 
     # -- the body, as Twisted delivers it ---------------------------------------
@@ -144,7 +144,7 @@ class UploadSink:
             return
         try:
             for event in self._parser.parse(data):
-                if isinstance(event, MultipartSegment):
+                if isinstance(event, multipart.MultipartSegment):
                     self._start_part(event)
                 elif event is None:
                     self._end_part()
@@ -152,7 +152,7 @@ class UploadSink:
                     self._part_data(event)
                 if self.error is not None:
                     return
-        except MultipartError as e:
+        except multipart.MultipartError as e:
             self._fail(InvalidRequest(f"The multipart body cannot be parsed: {e}.", code="invalid_multipart"))
 
     # Twisted treats request.content as a file: it asks for its position and
@@ -275,7 +275,7 @@ class UploadSink:
             self._finished = True
             try:
                 self._parser.close(check_complete=True)
-            except MultipartError as e:
+            except multipart.MultipartError as e:
                 self._fail(InvalidRequest(f"The multipart body is incomplete: {e}.", code="invalid_multipart"))
         if self.error is None and not self._has_file:
             raise InvalidRequest("The upload has no 'file' part.", param="file", code="missing_required_parameter")
@@ -309,21 +309,22 @@ class Form:
         """
         if isinstance(content_type, bytes):
             content_type = content_type.decode("latin-1")
-        kind, options = parse_options_header(content_type or "")
+        kind, options = multipart.parse_options_header(content_type or "")
         self._boundary = options.get("boundary")
         if kind != "multipart/form-data" or not self._boundary:
             raise InvalidRequest("The request must be multipart/form-data (a 'file' and a 'model').",
                                  code="invalid_content_type")
         self.parts = []  # [MultipartSegment, bytearray of its contents]
         try:
-            parser = PushMultipartParser(self._boundary, max_segment_count=MAX_PARTS, header_charset="latin-1")
+            parser = multipart.PushMultipartParser(self._boundary, max_segment_count=MAX_PARTS,
+                                                   header_charset="latin-1")
             for event in parser.parse(body):
-                if isinstance(event, MultipartSegment):
+                if isinstance(event, multipart.MultipartSegment):
                     self.parts.append((event, bytearray()))
                 elif event is not None:
                     self.parts[-1][1].extend(event)
             parser.close(check_complete=True)
-        except MultipartError as e:
+        except multipart.MultipartError as e:
             raise InvalidRequest(f"The multipart body cannot be parsed: {e}.", code="invalid_multipart") from None
 
     def field(self, name: str):
