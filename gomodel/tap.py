@@ -134,6 +134,10 @@ def makeService(options):
 
     from gomodel.build import build_gateway
 
+    # What the imports freed (the compiled modules' bytes read, the import machinery's temporaries), handed back
+    # before the gateway is built: once it is built too (L{_freeze_startup_objects}), the peak was both together.
+    release_freed_heap()
+
     if options["worker-child"]:  # the primary's metrics directory came down in the environment
         gateway = build_gateway(config, reactor, role="worker",
                                 shared_metrics="PROMETHEUS_MULTIPROC_DIR" in os.environ)
