@@ -277,7 +277,8 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                          if book is not None else None)
     passthrough = Passthrough(config.upstreams.passthrough, gateway.registry, exchange, salts, store.responses)
     return GatewayApp(plain, responses, passthrough,
-                      files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes),
+                      files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes,
+                                     config.limits.batch_input_expires_after or None),
                       batches=BatchesAPI(store.batches, store.files, gateway.batch_runner, gateway.gate,
                                          config.limits.batch_output_expires_after or None),
                       admin=admin,

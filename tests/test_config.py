@@ -291,6 +291,17 @@ def test_batch_output_expires_after_takes_openais_bounds_or_0():
         assert "BATCH_OUTPUT_EXPIRES_AFTER" in str(raised.value)
 
 
+def test_batch_input_expires_after_takes_openais_bounds_or_0():
+    """A purpose C{batch} upload's default C{expires_after}: OpenAI's 30 days, its bounds, or 0: kept."""
+    assert load_config({}).limits.batch_input_expires_after == 30 * 86400
+    for text, seconds in (("0", 0), ("1h", 3600), ("30d", 30 * 86400)):
+        assert load_config({"BATCH_INPUT_EXPIRES_AFTER": text}).limits.batch_input_expires_after == seconds
+    for bad in ("59m", "31d", "never"):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"BATCH_INPUT_EXPIRES_AFTER": bad})
+        assert "BATCH_INPUT_EXPIRES_AFTER" in str(raised.value)
+
+
 def test_batch_concurrency_per_provider():
     assert load_config({}).limits.batch_concurrency_per_provider == 4
     assert load_config({"BATCH_CONCURRENCY_PER_PROVIDER": "16"}).limits.batch_concurrency_per_provider == 16
@@ -373,7 +384,7 @@ def test_the_table_has_every_setting_once():
         "ADMIN_ENDPOINTS_ENABLED", "ADMIN_UI_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
         "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "REDIS_KEY_PREFIX", "OTEL_ENABLED",
         "STORAGE_TYPE", "POSTGRES_URL", "POSTGRES_MAX_CONNS", "BATCH_LEASE_TIMEOUT",
-        "BATCH_MAX_CLAIMED", "BATCH_OUTPUT_EXPIRES_AFTER",
+        "BATCH_MAX_CLAIMED", "BATCH_OUTPUT_EXPIRES_AFTER", "BATCH_INPUT_EXPIRES_AFTER",
     }
 
 

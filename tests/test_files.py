@@ -87,7 +87,7 @@ async def test_sdk_files_create_list_retrieve_content_delete(sdk, gw):
     assert created.id.startswith("file-")
     assert (created.object, created.bytes, created.filename, created.purpose, created.status) == (
         "file", len(data), "input.jsonl", "batch", "processed")
-    assert created.expires_at is None
+    assert created.expires_at == created.created_at + 30 * 86400  # (OpenAI's for a batch upload)
     assert (gw.data_dir / "files" / created.id).read_bytes() == data  # contents on disk, beside the database
 
     other = await in_thread(sdk.files.create, file=("notes.txt", b"hello"), purpose="user_data")
@@ -155,6 +155,32 @@ async def test_an_upload_may_expire_as_openai_bounds_it(sdk, http, gw):
         assert response.code == 400, fields
         assert (answer["error"]["param"], answer["error"]["code"]) == ("expires_after", "invalid_value")
     assert spooled(gw) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_upload_expires_after_30_days_by_default_as_openais(sdk, reactor, fake, tmp_path):
+    """OpenAI: "files with purpose=batch expire after 30 days" unless the upload says otherwise; every other
+    purpose is kept until deleted. C{BATCH_INPUT_EXPIRES_AFTER} sets that default (0: kept); before, a batch
+    input file was kept for good."""
+    created = await in_thread(sdk.files.create, file=("in.jsonl", b"{}\n"), purpose="batch")
+    assert created.expires_at == created.created_at + 30 * 86400
+    assert (await in_thread(sdk.files.retrieve, created.id)).expires_at == created.expires_at
+    chosen = await in_thread(sdk.files.create, file=("in.jsonl", b"{}\n"), purpose="batch",
+                             expires_after={"anchor": "created_at", "seconds": 7200})
+    assert chosen.expires_at == chosen.created_at + 7200
+    kept = await in_thread(sdk.files.create, file=("data.jsonl", b"{}\n"), purpose="user_data")
+    assert kept.expires_at is None
+    for setting, expected in (("1h", 3600), ("0", None)):
+        gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                                "GOMODEL_DATA_DIR": str(tmp_path / setting),
+                                                "BATCH_INPUT_EXPIRES_AFTER": setting})
+        client = openai_client(gateway, KEY, timeout=20)
+        try:
+            made = await in_thread(client.files.create, file=("in.jsonl", b"{}\n"), purpose="batch")
+            assert made.expires_at == (None if expected is None else made.created_at + expected)
+        finally:
+            client.close()
+            await gateway.service.stopService()
 
 
 @pytest_twisted.ensureDeferred

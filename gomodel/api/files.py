@@ -41,15 +41,18 @@ class FilesAPI:
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
 
-    def __init__(self, files, blobs, max_bytes: int):
+    def __init__(self, files, blobs, max_bytes: int, batch_expiry=None):
         """
         @param files: the L{gomodel.store.interfaces.IFileStore}.
         @param blobs: the L{gomodel.store.interfaces.IBlobStore} holding the contents.
         @param max_bytes: the largest file accepted (C{FILES_MAX_BYTES}).
+        @param batch_expiry: the C{expires_after} seconds of a purpose C{batch} upload made without one
+            (C{BATCH_INPUT_EXPIRES_AFTER}, OpenAI's 30 days), or None: it is kept until deleted.
         """
         self._files = files
         self._blobs = blobs
         self._max_bytes = max_bytes
+        self._batch_expiry = batch_expiry
 
     # -- the listening side's hook ------------------------------------------------
 
@@ -103,6 +106,8 @@ class FilesAPI:
                 raise InvalidRequest(f"'{purpose}' is not a valid purpose; use one of: {', '.join(UPLOAD_PURPOSES)}.",
                                      param="purpose", code="invalid_value")
             expires_after = _expires_after(sink.fields)
+            if expires_after is None and purpose == "batch":
+                expires_after = self._batch_expiry
             file_id = new_file_id()
             size = await sink.commit(file_id)
             try:

@@ -220,6 +220,8 @@ class LimitsConfig:
     batch_max_claimed: int = setting("BATCH_MAX_CLAIMED", parsers.count, 8)
     # The output_expires_after[seconds] of a batch made without one; 0: its files and results are kept.
     batch_output_expires_after: int = setting("BATCH_OUTPUT_EXPIRES_AFTER", parsers.output_expiry, 30 * 86400)
+    # The expires_after[seconds] of a purpose "batch" upload made without one (OpenAI's 30 days); 0: kept.
+    batch_input_expires_after: int = setting("BATCH_INPUT_EXPIRES_AFTER", parsers.output_expiry, 30 * 86400)
 
 
 @dataclass(frozen=True)
