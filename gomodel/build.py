@@ -283,7 +283,9 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                                          config.limits.batch_output_expires_after or None),
                       admin=admin,
                       message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,
-                                                        gateway.batch_runner, gateway.registry, gateway.gate),
+                                                        gateway.batch_runner, gateway.registry, gateway.gate,
+                                                        config.limits.message_batch_results_expire_after or None,
+                                                        reactor),
                       dashboard=Dashboard(open_gateway=not config.auth.master_key) if dashboard else None,
                       self_usage=SelfUsage(gateway.usage, gateway.gate, reactor))
 

@@ -302,6 +302,18 @@ def test_batch_input_expires_after_takes_openais_bounds_or_0():
         assert "BATCH_INPUT_EXPIRES_AFTER" in str(raised.value)
 
 
+def test_message_batch_results_expire_after_29_days_or_as_set():
+    """Anthropic keeps a message batch's results 29 days; an hour to 30 days, or 0: until it is deleted."""
+    assert load_config({}).limits.message_batch_results_expire_after == 29 * 86400
+    for text, seconds in (("0", 0), ("1h", 3600), ("30d", 30 * 86400)):
+        config = load_config({"MESSAGE_BATCH_RESULTS_EXPIRE_AFTER": text})
+        assert config.limits.message_batch_results_expire_after == seconds
+    for bad in ("59m", "31d", "never"):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"MESSAGE_BATCH_RESULTS_EXPIRE_AFTER": bad})
+        assert "MESSAGE_BATCH_RESULTS_EXPIRE_AFTER" in str(raised.value)
+
+
 def test_batch_concurrency_per_provider():
     assert load_config({}).limits.batch_concurrency_per_provider == 4
     assert load_config({"BATCH_CONCURRENCY_PER_PROVIDER": "16"}).limits.batch_concurrency_per_provider == 16
@@ -385,6 +397,7 @@ def test_the_table_has_every_setting_once():
         "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "REDIS_KEY_PREFIX", "OTEL_ENABLED",
         "STORAGE_TYPE", "POSTGRES_URL", "POSTGRES_MAX_CONNS", "BATCH_LEASE_TIMEOUT",
         "BATCH_MAX_CLAIMED", "BATCH_OUTPUT_EXPIRES_AFTER", "BATCH_INPUT_EXPIRES_AFTER",
+        "MESSAGE_BATCH_RESULTS_EXPIRE_AFTER",
     }
 
 

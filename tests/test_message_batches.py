@@ -2,6 +2,7 @@
 front of a fake vLLM (its own Messages API) and an OpenAI-compatible fake (translated to chat)."""
 
 import json
+import sqlite3
 import time
 
 import anthropic
@@ -11,6 +12,8 @@ import treq
 from twisted.internet.task import deferLater
 
 from gomodel.anthropic.batches import result_line
+from gomodel.store.records import process_owner
+from gomodel.store.sweeps import StoreSweeper
 from tests.fakes.vllm import CHAT_MODEL
 from tests.support import in_thread, start_fake, start_gateway, stop_all, until
 
@@ -557,3 +560,49 @@ async def test_results_and_counts_read_a_bounded_number_of_bytes_at_a_time(setup
     assert sorted((await results(client, made.id))) == [f"r{i}" for i in range(9)]
     assert sizes and all(len(page) <= 1 or sum(page) <= 1500 for page in sizes), sizes
     assert max(len(page) for page in sizes) > 1
+
+
+async def test_results_are_archived_and_swept_after_message_batch_results_expire_after(reactor, setup, tmp_path):
+    """Anthropic keeps a batch's results 29 days, then archives it (C{archived_at}): the batch is still shown,
+    its counts as they were, but its results are gone. Here they expire C{MESSAGE_BATCH_RESULTS_EXPIRE_AFTER}
+    (29 days) after the batch ended: its output and error files with them, the results route a 404
+    C{not_found_error}, and the files sweep removes its answers and its requests from the store. Before, they
+    were kept for good."""
+    gw, client, vllm, _ = setup
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("ok"), request("refused", fake_status=400, fake_body="{}"), request("held", fake_hold=True)])
+    await until(reactor, lambda: "held" in vllm.marker_counts, what="the third request sent")
+    await in_thread(client.messages.batches.cancel, made.id)
+    batch = await ended(gw, client, made.id)
+    counts = {"processing": 0, "succeeded": 1, "errored": 1, "canceled": 1, "expired": 0}
+    assert batch.request_counts.model_dump() == counts and batch.archived_at is None
+    store = gw.service.store
+    record = await store.batches.get(made.id)
+    assert record["output_expires_after"] == 29 * 86400
+    files = [await store.files.get(record[k]) for k in ("input_file_id", "output_file_id", "error_file_id")]
+    assert [f["expires_at"] - f["created_at"] for f in files] == [30 * 86400, 29 * 86400, 29 * 86400]
+    assert set(await results(client, made.id)) == {"ok", "refused", "held"}
+
+    ended_at = record["cancelled_at"] - 29 * 86400 - 1  # as if it ended 29 days ago and a second
+    with sqlite3.connect(tmp_path / "gomodel.db") as conn:
+        conn.execute("UPDATE batches SET cancelled_at = ? WHERE id = ?", (ended_at, made.id))
+        conn.execute("UPDATE files SET expires_at = 1 WHERE id IN (?, ?, ?)",
+                     tuple(record[k] for k in ("input_file_id", "output_file_id", "error_file_id")))
+    archived = await in_thread(client.messages.batches.retrieve, made.id)
+    assert archived.archived_at is not None
+    assert archived.archived_at.timestamp() == ended_at + 29 * 86400
+    assert archived.processing_status == "ended" and archived.request_counts.model_dump() == counts
+    raw = await treq.get(gw.url + f"/v1/messages/batches/{made.id}/results", headers={"x-api-key": KEY})
+    answer = await raw.json()
+    assert (raw.code, answer["type"], answer["error"]["type"]) == (404, "error", "not_found_error")
+    with pytest.raises(anthropic.NotFoundError):
+        await results(client, made.id)
+
+    await StoreSweeper(store.files, store.blobs, store.claims, reactor, process_owner(),
+                       batches=store.batches).sweep()
+    kept = await store.batches.read_results(made.id, -1, 100)
+    assert [(row[1], row[2]) for row in kept] == [("held", False)]  # (what counts it as canceled: no answer)
+    assert (await store.files.list(limit=100))[0] == [] and await store.files.known(
+        [record[k] for k in ("input_file_id", "output_file_id", "error_file_id")]) == set()
+    again = await in_thread(client.messages.batches.retrieve, made.id)
+    assert again.request_counts.model_dump() == counts

@@ -102,3 +102,31 @@ async def test_the_sweep_drops_the_results_an_expired_batch_output_held(store):
     assert [r[1] for r in await store.batches.read_results("batch_2", -1, 10)] == ["a", "b"]
     done = await store.batches.get("batch_1")
     assert (done["completed"], done["failed"]) == (1, 1)  # (its counts stay)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_message_batch_error_file_leaves_its_requests_canceled_and_expired(store):
+    """A message batch's error file that expired takes its errored answers, but not the results of its requests
+    canceled or expired (no answer in them): its C{request_counts} are read from them, and would turn
+    C{errored}. An OpenAI batch's go with the file, whatever they are."""
+    from gomodel.batches.concluding import CANCELLED_CODE, EXPIRED_CODE
+    from gomodel.batches.lines import error_line
+    from gomodel.store.records import MESSAGE_BATCH, OPENAI_BATCH
+    from tests.stores import batch
+
+    rows = [(1, "errored", False, error_line("errored", "upstream_error", "refused")),
+            (2, "canceled", False, error_line("canceled", CANCELLED_CODE, "cancelled")),
+            (3, "expired", False, error_line("expired", EXPIRED_CODE, "expired")),
+            (4, "tricky", False, error_line('"response":null,"error":{"code":"batch_cancelled"', "x", "y"))]
+    for batch_id, kind in (("batch_m", MESSAGE_BATCH), ("batch_o", OPENAI_BATCH)):
+        await store.batches.add(batch(batch_id, status="in_progress", total=4, output_expires_after=3600, kind=kind))
+        _, token = await store.batches.claim(batch_id, "me", 30)
+        await store.batches.record_results(batch_id, rows, token)
+        await put_blob(store.blobs, f"file-err-{batch_id}", b"{}\n")
+        await store.batches.finalize(batch_id, {"status": "cancelled"}, {"error": (f"file-err-{batch_id}", 3)},
+                                     token=token)
+    store.clock.advance(3600)
+    await StoreSweeper(store.files, store.blobs, store.claims, store.clock, "process-1", grace=3600,
+                       batches=store.batches).sweep()
+    assert [r[1] for r in await store.batches.read_results("batch_m", -1, 10)] == ["canceled", "expired"]
+    assert await store.batches.read_results("batch_o", -1, 10) == []

@@ -51,19 +51,32 @@ RESULTS_PAGE = 500
 SPLIT_CACHE = 1000  # ended batches whose counts of canceled and expired requests are kept
 
 
-def message_batch(record, counts) -> dict:
-    """Anthropic's C{message_batch} object for a batch record, with its C{request_counts}."""
+def message_batch(record, counts, now=None) -> dict:
+    """Anthropic's C{message_batch} object for a batch record, with its C{request_counts}; C{archived_at} once
+    its results expired by C{now} (L{archived_at})."""
     status = record["status"]
     ended = ENDED.get(status)
+    archived = archived_at(record)
     return {
         "id": record["id"], "type": "message_batch",
         "processing_status": "ended" if ended else "canceling" if status == "cancelling" else "in_progress",
         "request_counts": counts, "ended_at": _rfc3339(record[ended] if ended else None),
         "created_at": _rfc3339(record["created_at"]), "expires_at": _rfc3339(record["expires_at"]),
-        "archived_at": None, "cancel_initiated_at": _rfc3339(record["cancelling_at"]),
+        "archived_at": _rfc3339(archived if archived is not None and now is not None and now >= archived else None),
+        "cancel_initiated_at": _rfc3339(record["cancelling_at"]),
         # (a path: a client resolves it against the gateway it asked, whatever name or proxy it is behind)
         "results_url": f"/v1/messages/batches/{record['id']}/results" if ended else None,
     }
+
+
+def archived_at(record):
+    """When an ended message batch's results expire (Anthropic's archival: the batch is still shown, its results
+    are not), its C{output_expires_after} after it ended (C{MESSAGE_BATCH_RESULTS_EXPIRE_AFTER}: its output and
+    error files expire then, the files sweep taking their answers); None: never, or not ended."""
+    ended = ENDED.get(record["status"])
+    if ended is None or record[ended] is None or record["output_expires_after"] is None:
+        return None
+    return record[ended] + record["output_expires_after"]
 
 
 def _rfc3339(seconds):
@@ -173,7 +186,7 @@ class MessageBatchesAPI:
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
 
-    def __init__(self, batches, files, blobs, runner, registry, gate=None):
+    def __init__(self, batches, files, blobs, runner, registry, gate=None, results_expiry=None, clock=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param files: the L{gomodel.store.interfaces.IFileStore} (a batch's input, output and error files).
@@ -181,7 +194,12 @@ class MessageBatchesAPI:
         @param runner: the L{gomodel.batches.runner.BatchRunner}.
         @param registry: the L{gomodel.routing.registry.ModelRegistry} (each request's model is checked).
         @param gate: the L{gomodel.limits.gate.Gate} (a managed key's spent budget refuses a batch), or None.
+        @param results_expiry: the seconds a batch's results are kept once it ended
+            (C{MESSAGE_BATCH_RESULTS_EXPIRE_AFTER}, Anthropic's 29 days), or None: kept until it is deleted.
+        @param clock: an C{IReactorTime} (when results expired); needed with C{results_expiry}.
         """
+        self._results_expiry = results_expiry
+        self._clock = clock
         self._batches = batches
         self._files = files
         self._blobs = blobs
@@ -206,12 +224,15 @@ class MessageBatchesAPI:
             await writer.abort()
             raise
         try:
-            await self._files.add(file_id, size, "message_batch_requests.jsonl", MESSAGE_BATCH_PURPOSE, tenant, None)
+            # (its requests: no use once the batch ended; they go when its results do, at the latest)
+            await self._files.add(file_id, size, "message_batch_requests.jsonl", MESSAGE_BATCH_PURPOSE, tenant,
+                                  None if self._results_expiry is None else int(WINDOW_SECONDS) + self._results_expiry)
         except BaseException:
             await self._blobs.delete(file_id)
             raise
         try:
-            record = await self._runner.create(ENDPOINT, file_id, WINDOW, WINDOW_SECONDS, None, tenant=tenant,
+            record = await self._runner.create(ENDPOINT, file_id, WINDOW, WINDOW_SECONDS, None,
+                                               output_expiry=self._results_expiry, tenant=tenant,
                                                auth_key_id=None if principal is None or principal.master
                                                else principal.id, total=contents.count(b"\n"),
                                                kind=MESSAGE_BATCH)
@@ -219,7 +240,7 @@ class MessageBatchesAPI:
             await self._files.delete(file_id)
             await self._blobs.delete(file_id)
             raise
-        return json_answer(request, message_batch(record, await self._counts(record)))
+        return json_answer(request, await self._object(record))
 
     @app.route("/", methods=["GET"])
     async def list_batches(self, request):
@@ -236,7 +257,7 @@ class MessageBatchesAPI:
             records, more = await self._batches.list(after=after, limit=limit, tenant=tenant, kind=MESSAGE_BATCH)
         else:
             records, more = await self._newer(before, limit, tenant)
-        data = [message_batch(r, await self._counts(r)) for r in records]
+        data = [await self._object(r) for r in records]
         return json_answer(request, {"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
                                      "last_id": data[-1]["id"] if data else None})
 
@@ -259,7 +280,7 @@ class MessageBatchesAPI:
     @app.route("/<batch_id>", methods=["GET"])
     async def retrieve(self, request, batch_id):
         record = await self._get(request, batch_id)
-        return json_answer(request, message_batch(record, await self._counts(record)))
+        return json_answer(request, await self._object(record))
 
     @app.route("/<batch_id>/cancel", methods=["POST"])
     async def cancel(self, request, batch_id):
@@ -270,7 +291,7 @@ class MessageBatchesAPI:
             record = await self._runner.cancel(batch_id)
         except Conflict:
             record = await self._get(request, batch_id)
-        return json_answer(request, message_batch(record, await self._counts(record)))
+        return json_answer(request, await self._object(record))
 
     @app.route("/<batch_id>", methods=["DELETE"])
     async def delete(self, request, batch_id):
@@ -293,6 +314,11 @@ class MessageBatchesAPI:
         if record["status"] not in ENDED:
             raise InvalidRequest(f"The message batch {batch_id} is still processing: its results are ready once "
                                  "it has ended (its results_url is set then).")
+        archived = archived_at(record)
+        if archived is not None and self._clock is not None and self._clock.seconds() >= archived:
+            raise NotFound(f"The results of message batch {batch_id} are no longer available: they expired at "
+                           f"{_rfc3339(archived)}, {record['output_expires_after']} seconds after it ended.",
+                           param="message_batch_id")
         request.setHeader(b"content-type", b"application/x-jsonl")
 
         def fetch(last):
@@ -300,6 +326,11 @@ class MessageBatchesAPI:
                                               max_bytes=PAGE_BYTES)
 
         return await send_pages(request, fetch, result_line)
+
+    async def _object(self, record) -> dict:
+        """The C{message_batch} object of C{record}, as of now."""
+        now = None if self._clock is None else self._clock.seconds()
+        return message_batch(record, await self._counts(record), now)
 
     async def _get(self, request, batch_id, param="message_batch_id"):
         """The record of a message batch the request's key may see; L{NotFound} otherwise."""

@@ -220,6 +220,9 @@ class LimitsConfig:
     batch_max_claimed: int = setting("BATCH_MAX_CLAIMED", parsers.count, 8)
     # The output_expires_after[seconds] of a batch made without one; 0: its files and results are kept.
     batch_output_expires_after: int = setting("BATCH_OUTPUT_EXPIRES_AFTER", parsers.output_expiry, 30 * 86400)
+    # How long a message batch's results are kept once it ended (Anthropic's 29 days); 0: until it is deleted.
+    message_batch_results_expire_after: int = setting("MESSAGE_BATCH_RESULTS_EXPIRE_AFTER", parsers.output_expiry,
+                                                      29 * 86400)
     # The expires_after[seconds] of a purpose "batch" upload made without one (OpenAI's 30 days); 0: kept.
     batch_input_expires_after: int = setting("BATCH_INPUT_EXPIRES_AFTER", parsers.output_expiry, 30 * 86400)
 

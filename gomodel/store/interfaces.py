@@ -250,7 +250,8 @@ class IBatchStore(Interface):
     def drop_file_results(file_id):
         """Delete the results that file C{file_id} holds when it is the output file (its outputs) or the error
         file (its errors) of a batch made with C{output_expires_after}: they go with it once it expired. Any other
-        file holds none here.
+        file holds none here. A message batch's errors of requests canceled or expired (no answer in them:
+        L{gomodel.store.records.UNANSWERED_RESULTS}) stay: its C{request_counts} count them.
 
         @return: a Deferred firing with how many results were deleted.
         """

@@ -34,6 +34,10 @@ MESSAGE_BATCH_PURPOSE = "message_batch"
 # Each API shows, pages, cancels and serves the results of its own kind only.
 OPENAI_BATCH = "batch"
 MESSAGE_BATCH = "message_batch"
+# What an error result holds where its request had no answer, canceled or expired (L{gomodel.batches.concluding}'s
+# codes): a message batch's such results stay when its error file expired, for its request_counts count them.
+UNANSWERED_RESULTS = (b'"response":null,"error":{"code":"batch_cancelled"',
+                      b'"response":null,"error":{"code":"batch_expired"')
 
 
 def tenant_list(tenant) -> list:

@@ -19,7 +19,8 @@ from zope.interface import implementer
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.postgresql.files import insert_file
-from gomodel.store.records import UNFINISHED, LeaseLost, duplicates_query, tenant_list, within_bytes
+from gomodel.store.records import (MESSAGE_BATCH, UNANSWERED_RESULTS, UNFINISHED, LeaseLost, duplicates_query,
+                                   tenant_list, within_bytes)
 
 BATCH_COLUMNS = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
@@ -269,7 +270,10 @@ class PostgreSQLBatchStore:
             return conn.execute(
                 "DELETE FROM batch_results WHERE (batch_id, ok) IN (SELECT id, true FROM batches WHERE "
                 "output_file_id = %s AND output_expires_after IS NOT NULL UNION ALL SELECT id, false FROM batches "
-                "WHERE error_file_id = %s AND output_expires_after IS NOT NULL)", (file_id, file_id)).rowcount
+                "WHERE error_file_id = %s AND output_expires_after IS NOT NULL) AND NOT (NOT ok AND batch_id IN "
+                "(SELECT id FROM batches WHERE error_file_id = %s AND kind = %s) AND (position(%s::bytea in data) > 0 "
+                "OR position(%s::bytea in data) > 0))",
+                (file_id, file_id, file_id, MESSAGE_BATCH, *UNANSWERED_RESULTS)).rowcount
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,

@@ -18,7 +18,8 @@ from zope.interface import implementer
 
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
-from gomodel.store.records import UNFINISHED, LeaseLost, duplicates_query, tenant_list, within_bytes
+from gomodel.store.records import (MESSAGE_BATCH, UNANSWERED_RESULTS, UNFINISHED, LeaseLost, duplicates_query,
+                                   tenant_list, within_bytes)
 from gomodel.store.sqlite.rows import insert_rows, marks
 from gomodel.store.sqlite.files import insert_file
 
@@ -269,7 +270,9 @@ class SQLiteBatchStore:
             return conn.execute(
                 "DELETE FROM batch_results WHERE (batch_id, ok) IN (SELECT id, 1 FROM batches WHERE output_file_id = ? "
                 "AND output_expires_after IS NOT NULL UNION ALL SELECT id, 0 FROM batches WHERE error_file_id = ? "
-                "AND output_expires_after IS NOT NULL)", (file_id, file_id)).rowcount
+                "AND output_expires_after IS NOT NULL) AND NOT (ok = 0 AND batch_id IN (SELECT id FROM batches WHERE "
+                "error_file_id = ? AND kind = ?) AND (instr(data, ?) > 0 OR instr(data, ?) > 0))",
+                (file_id, file_id, file_id, MESSAGE_BATCH, *UNANSWERED_RESULTS)).rowcount
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,
