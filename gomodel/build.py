@@ -278,7 +278,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     passthrough = Passthrough(config.upstreams.passthrough, gateway.registry, exchange, salts, store.responses)
     return GatewayApp(plain, responses, passthrough,
                       files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes,
-                                     config.limits.batch_input_expires_after or None),
+                                     config.limits.batch_input_expires_after or None, store.batches),
                       batches=BatchesAPI(store.batches, store.files, gateway.batch_runner, gateway.gate,
                                          config.limits.batch_output_expires_after or None),
                       admin=admin,

@@ -304,6 +304,22 @@ async def test_results_go_with_the_output_files_that_expired(sdk, gw, http, tmp_
 
 
 @pytest_twisted.ensureDeferred
+async def test_deleting_an_output_file_deletes_the_answers_it_held_from_the_store(sdk, gw):
+    """C{DELETE /v1/files/{id}} of a batch's output or error file takes the answers it held out of the store, as
+    its expiry does at the files sweep (its results route no longer serves them); before, they stayed in the
+    database for good, served nowhere, though the client had deleted them. A message batch's stay (Anthropic's
+    results are no file's), and so do those of a batch whose files never expire."""
+    lines = [chat_line("a"), chat_line("bad", fake_status=400, fake_body="{}")]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines)).id)
+    store = gw.service.store.batches
+    assert [r[1] for r in await store.read_results(batch.id, -1, 10)] == ["a", "bad"]
+    await in_thread(sdk.files.delete, batch.output_file_id)
+    assert [r[1] for r in await store.read_results(batch.id, -1, 10)] == ["bad"]
+    await in_thread(sdk.files.delete, batch.error_file_id)
+    assert await store.read_results(batch.id, -1, 10) == []
+
+
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("endpoint, body, path, kind", [
     ("/v1/embeddings", {"input": ["a", "b"]}, b"/v1/embeddings", "list"),
     ("/v1/completions", {"prompt": "Hello"}, b"/v1/completions", "text_completion"),

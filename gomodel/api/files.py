@@ -16,7 +16,7 @@ from gomodel.api.producers import send_file
 from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.errors import InvalidRequest, NotFound, shown
-from gomodel.store.records import MESSAGE_BATCH_PURPOSE, new_file_id
+from gomodel.store.records import MESSAGE_BATCH_PURPOSE, OPENAI_BATCH, new_file_id
 
 # What a client may upload (OpenAI's list); "batch_output" is ours to write.
 UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "user_data", "vision", "evals")
@@ -41,14 +41,17 @@ class FilesAPI:
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
 
-    def __init__(self, files, blobs, max_bytes: int, batch_expiry=None):
+    def __init__(self, files, blobs, max_bytes: int, batch_expiry=None, batches=None):
         """
         @param files: the L{gomodel.store.interfaces.IFileStore}.
         @param blobs: the L{gomodel.store.interfaces.IBlobStore} holding the contents.
         @param max_bytes: the largest file accepted (C{FILES_MAX_BYTES}).
         @param batch_expiry: the C{expires_after} seconds of a purpose C{batch} upload made without one
             (C{BATCH_INPUT_EXPIRES_AFTER}, OpenAI's 30 days), or None: it is kept until deleted.
+        @param batches: the L{gomodel.store.interfaces.IBatchStore} whose answers an OpenAI batch's output or
+            error file takes with it when deleted (its C{drop_file_results}), or None.
         """
+        self._batches = batches
         self._files = files
         self._blobs = blobs
         self._max_bytes = max_bytes
@@ -139,7 +142,9 @@ class FilesAPI:
 
     @app.route("/<file_id>", methods=["DELETE"])
     async def delete(self, request, file_id):
-        await self._record(request, file_id)
+        record = await self._record(request, file_id)
+        if record["purpose"] == "batch_output" and self._batches is not None:  # (first: the file names them)
+            await self._batches.drop_file_results(file_id, OPENAI_BATCH)
         if not await self._files.delete(file_id):
             raise _no_file(file_id)
         await self._blobs.delete(file_id)  # if this fails, the sweep removes the orphan later

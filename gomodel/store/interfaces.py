@@ -247,10 +247,10 @@ class IBatchStore(Interface):
         C{after_line}, in line order; only outputs (C{ok=True}) or errors (C{ok=False}) if given; with
         C{max_bytes}, only while their C{data} hold at most that many bytes together (the first always)."""
 
-    def drop_file_results(file_id):
+    def drop_file_results(file_id, kind=None):
         """Delete the results that file C{file_id} holds when it is the output file (its outputs) or the error
-        file (its errors) of a batch made with C{output_expires_after}: they go with it once it expired. Any other
-        file holds none here. A message batch's errors of requests canceled or expired (no answer in them:
+        file (its errors) of a batch made with C{output_expires_after} (of C{kind} only, if given): they go with
+        it once it expired or was deleted. Any other file holds none here. A message batch's errors of requests canceled or expired (no answer in them:
         L{gomodel.store.records.UNANSWERED_RESULTS}) stay: its C{request_counts} count them.
 
         @return: a Deferred firing with how many results were deleted.

@@ -258,22 +258,24 @@ class PostgreSQLBatchStore:
                             "LIMIT %s", (*args, limit)).fetchall()
         return [(r[0], r[1], bool(r[2]), bytes(r[3])) for r in rows]
 
-    def drop_file_results(self, file_id):
-        return self._db.run(self._drop_file_results, file_id)
+    def drop_file_results(self, file_id, kind=None):
+        return self._db.run(self._drop_file_results, file_id, kind)
 
     @staticmethod
-    def _drop_file_results(conn, file_id):
+    def _drop_file_results(conn, file_id, kind):
         with conn.transaction():
             purpose = conn.execute("SELECT purpose FROM files WHERE id = %s", (file_id,)).fetchone()
             if purpose is None or purpose[0] != "batch_output":  # (no scan of the batches for an upload)
                 return 0
+            of = "" if kind is None else " AND kind = %s"
+            whose = () if kind is None else (kind,)
             return conn.execute(
                 "DELETE FROM batch_results WHERE (batch_id, ok) IN (SELECT id, true FROM batches WHERE "
-                "output_file_id = %s AND output_expires_after IS NOT NULL UNION ALL SELECT id, false FROM batches "
-                "WHERE error_file_id = %s AND output_expires_after IS NOT NULL) AND NOT (NOT ok AND batch_id IN "
+                f"output_file_id = %s AND output_expires_after IS NOT NULL{of} UNION ALL SELECT id, false FROM batches "
+                f"WHERE error_file_id = %s AND output_expires_after IS NOT NULL{of}) AND NOT (NOT ok AND batch_id IN "
                 "(SELECT id FROM batches WHERE error_file_id = %s AND kind = %s) AND (position(%s::bytea in data) > 0 "
                 "OR position(%s::bytea in data) > 0))",
-                (file_id, file_id, file_id, MESSAGE_BATCH, *UNANSWERED_RESULTS)).rowcount
+                (file_id, *whose, file_id, *whose, file_id, MESSAGE_BATCH, *UNANSWERED_RESULTS)).rowcount
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,

@@ -259,20 +259,22 @@ class SQLiteBatchStore:
                             (*args, limit)).fetchall()
         return [(r[0], r[1], bool(r[2]), bytes(r[3])) for r in rows]
 
-    def drop_file_results(self, file_id):
-        return self._db.run(self._drop_file_results, file_id)
+    def drop_file_results(self, file_id, kind=None):
+        return self._db.run(self._drop_file_results, file_id, kind)
 
-    def _drop_file_results(self, file_id):
+    def _drop_file_results(self, file_id, kind):
         with self._db.transaction() as conn:
             purpose = conn.execute("SELECT purpose FROM files WHERE id = ?", (file_id,)).fetchone()
             if purpose is None or purpose[0] != "batch_output":  # (no scan of the batches for an upload)
                 return 0
+            of = "" if kind is None else " AND kind = ?"
+            whose = () if kind is None else (kind,)
             return conn.execute(
                 "DELETE FROM batch_results WHERE (batch_id, ok) IN (SELECT id, 1 FROM batches WHERE output_file_id = ? "
-                "AND output_expires_after IS NOT NULL UNION ALL SELECT id, 0 FROM batches WHERE error_file_id = ? "
-                "AND output_expires_after IS NOT NULL) AND NOT (ok = 0 AND batch_id IN (SELECT id FROM batches WHERE "
+                f"AND output_expires_after IS NOT NULL{of} UNION ALL SELECT id, 0 FROM batches WHERE error_file_id = ? "
+                f"AND output_expires_after IS NOT NULL{of}) AND NOT (ok = 0 AND batch_id IN (SELECT id FROM batches WHERE "
                 "error_file_id = ? AND kind = ?) AND (instr(data, ?) > 0 OR instr(data, ?) > 0))",
-                (file_id, file_id, file_id, MESSAGE_BATCH, *UNANSWERED_RESULTS)).rowcount
+                (file_id, *whose, file_id, *whose, file_id, MESSAGE_BATCH, *UNANSWERED_RESULTS)).rowcount
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,
