@@ -236,7 +236,7 @@ def test_a_migration_that_cannot_have_its_tables_lock_gives_up_instead_of_stalli
 
     url = postgres.url(pg_database)
     with psycopg.connect(url, autocommit=True) as conn:
-        migrate(conn, MIGRATIONS[:-1])  # the schema an older gateway made
+        migrate(conn, [m for m in MIGRATIONS if m[0] < 18])  # the schema an older gateway made (18 alters usage)
     with psycopg.connect(url) as reader, psycopg.connect(url, autocommit=True) as migrating, \
             psycopg.connect(url, autocommit=True, options="-c statement_timeout=5s") as other:
         reader.execute("SELECT count(*) FROM usage")  # its transaction holds the table (a long query's lock)

@@ -30,6 +30,14 @@ BATCH_COLUMNS = (
 )
 _JSON = ("errors", "metadata", "token_usage")
 _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
+# The batches (id, kind, ok) whose output (ok: true) or error file (false) a file is, with an expiry (by their
+# indexes), and the results that file holds (by their key); a message batch's error file holds none of its unanswered.
+FILE_BATCHES = ("SELECT id, kind, true FROM batches WHERE output_file_id = %s AND output_expires_after IS NOT NULL "
+                "UNION ALL SELECT id, kind, false FROM batches WHERE error_file_id = %s "
+                "AND output_expires_after IS NOT NULL")
+DROP_RESULTS = "DELETE FROM batch_results WHERE batch_id = %s AND ok = %s"
+DROP_ANSWERED = ("DELETE FROM batch_results WHERE batch_id = %s AND NOT ok AND position(%s::bytea in data) = 0 "
+                 "AND position(%s::bytea in data) = 0")
 _UNFINISHED = list(UNFINISHED)
 # A lease anyone may take: none, or over by %s (a NULL owner with a future lease_until is a backoff).
 _FREE = "(lease_until IS NULL OR lease_until <= %s)"
@@ -265,17 +273,17 @@ class PostgreSQLBatchStore:
     def _drop_file_results(conn, file_id, kind):
         with conn.transaction():
             purpose = conn.execute("SELECT purpose FROM files WHERE id = %s", (file_id,)).fetchone()
-            if purpose is None or purpose[0] != "batch_output":  # (no scan of the batches for an upload)
+            if purpose is None or purpose[0] != "batch_output":  # (no look at the batches for an upload)
                 return 0
-            of = "" if kind is None else " AND kind = %s"
-            whose = () if kind is None else (kind,)
-            return conn.execute(
-                "DELETE FROM batch_results WHERE (batch_id, ok) IN (SELECT id, true FROM batches WHERE "
-                f"output_file_id = %s AND output_expires_after IS NOT NULL{of} UNION ALL SELECT id, false FROM batches "
-                f"WHERE error_file_id = %s AND output_expires_after IS NOT NULL{of}) AND NOT (NOT ok AND batch_id IN "
-                "(SELECT id FROM batches WHERE error_file_id = %s AND kind = %s) AND (position(%s::bytea in data) > 0 "
-                "OR position(%s::bytea in data) > 0))",
-                (file_id, *whose, file_id, *whose, file_id, MESSAGE_BATCH, *UNANSWERED_RESULTS)).rowcount
+            dropped = 0
+            for batch_id, batch_kind, ok in conn.execute(FILE_BATCHES, (file_id, file_id)).fetchall():
+                if kind is not None and batch_kind != kind:
+                    continue
+                if not ok and batch_kind == MESSAGE_BATCH:
+                    dropped += conn.execute(DROP_ANSWERED, (batch_id, *UNANSWERED_RESULTS)).rowcount
+                else:
+                    dropped += conn.execute(DROP_RESULTS, (batch_id, ok)).rowcount
+            return dropped
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,

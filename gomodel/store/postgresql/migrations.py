@@ -273,6 +273,12 @@ MIGRATIONS = (
         # "duration", "seconds": N}), priced by a model's audio_per_minute; null for any other record.
         "ALTER TABLE usage ADD COLUMN audio_seconds DOUBLE PRECISION",
     )),
+    (19, (
+        # The batch whose output or error file a file is, found at once when the file expires or is deleted (its
+        # answers go with it): before, a scan of every batch for each.
+        "CREATE INDEX batches_output_file ON batches (output_file_id)",
+        "CREATE INDEX batches_error_file ON batches (error_file_id)",
+    )),
 )
 
 

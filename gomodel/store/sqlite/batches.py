@@ -34,6 +34,12 @@ _SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches"
 # A lease anyone may take: none, or over by ? (a NULL owner with a future lease_until is a backoff).
 _FREE = "(lease_until IS NULL OR lease_until <= ?)"
 _DUPLICATES = duplicates_query("?")
+# The batches (id, kind, ok) whose output (ok: 1) or error file (0) a file is, with an expiry (by their indexes),
+# and the results that file holds (by their key); a message batch's error file holds none of its unanswered ones.
+FILE_BATCHES = ("SELECT id, kind, 1 FROM batches WHERE output_file_id = ? AND output_expires_after IS NOT NULL "
+                "UNION ALL SELECT id, kind, 0 FROM batches WHERE error_file_id = ? AND output_expires_after IS NOT NULL")
+DROP_RESULTS = "DELETE FROM batch_results WHERE batch_id = ? AND ok = ?"
+DROP_ANSWERED = "DELETE FROM batch_results WHERE batch_id = ? AND ok = 0 AND instr(data, ?) = 0 AND instr(data, ?) = 0"
 
 
 @implementer(IBatchStore)
@@ -265,16 +271,17 @@ class SQLiteBatchStore:
     def _drop_file_results(self, file_id, kind):
         with self._db.transaction() as conn:
             purpose = conn.execute("SELECT purpose FROM files WHERE id = ?", (file_id,)).fetchone()
-            if purpose is None or purpose[0] != "batch_output":  # (no scan of the batches for an upload)
+            if purpose is None or purpose[0] != "batch_output":  # (no look at the batches for an upload)
                 return 0
-            of = "" if kind is None else " AND kind = ?"
-            whose = () if kind is None else (kind,)
-            return conn.execute(
-                "DELETE FROM batch_results WHERE (batch_id, ok) IN (SELECT id, 1 FROM batches WHERE output_file_id = ? "
-                f"AND output_expires_after IS NOT NULL{of} UNION ALL SELECT id, 0 FROM batches WHERE error_file_id = ? "
-                f"AND output_expires_after IS NOT NULL{of}) AND NOT (ok = 0 AND batch_id IN (SELECT id FROM batches WHERE "
-                "error_file_id = ? AND kind = ?) AND (instr(data, ?) > 0 OR instr(data, ?) > 0))",
-                (file_id, *whose, file_id, *whose, file_id, MESSAGE_BATCH, *UNANSWERED_RESULTS)).rowcount
+            dropped = 0
+            for batch_id, batch_kind, ok in conn.execute(FILE_BATCHES, (file_id, file_id)).fetchall():
+                if kind is not None and batch_kind != kind:
+                    continue
+                if not ok and batch_kind == MESSAGE_BATCH:
+                    dropped += conn.execute(DROP_ANSWERED, (batch_id, *UNANSWERED_RESULTS)).rowcount
+                else:
+                    dropped += conn.execute(DROP_RESULTS, (batch_id, ok)).rowcount
+            return dropped
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,
