@@ -945,3 +945,38 @@ async def test_an_upstreams_cors_headers_stay_upstream(reactor, gateway):
         lines = bytes(client.received).partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
         assert lines[0] == b"http/1.1 200 ok" and b"x-kept: yes" in lines, lines
         assert not any(line.startswith(b"access-control-") for line in lines), (method, lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_openai_upstreams_own_x_request_id_reaches_its_client_as_x_upstream_request_id(reactor, fake):
+    """Under C{/p/openai/...} the upstream's own C{x-request-id} (OpenAI's C{req_...}, what its support asks for)
+    reaches the client as C{X-Upstream-Request-Id}, the openai SDK's C{X-Request-Id} (its C{_request_id}) staying the
+    gateway's; an upstream that echoes the gateway's id back (vLLM's C{--enable-request-id-headers}) adds none
+    (before: the upstream's was dropped, and its client could not name the request to the provider)."""
+    import openai
+
+    gw = await start_gateway(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up"})
+    completion = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": "hi"}}]})
+
+    def answered(upstream_id):
+        return (f"HTTP/1.1 200 OK\r\nx-request-id: {upstream_id}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(completion)}\r\n\r\n{completion}")
+
+    def create(upstream_id):
+        client = openai.OpenAI(base_url=gw.url + "/p/openai/v1", api_key="unused", max_retries=0, timeout=10,
+                               default_headers={"X-Request-Id": "mine"})
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                extra_body={"fake_raw": answered(upstream_id)})
+            return raw.request_id, raw.headers.get("x-upstream-request-id"), raw.parse().choices[0].message.content
+        finally:
+            client.close()
+
+    try:
+        assert await in_thread(create, "req_0123abc") == ("mine", "req_0123abc", "hi")
+        assert await in_thread(create, "mine") == ("mine", None, "hi")  # (its echo of ours: nothing more)
+    finally:
+        await gw.service.stopService()

@@ -23,7 +23,7 @@ from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES, visible
 from gomodel.http import render
 from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
-from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, connection_tokens
+from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID, connection_tokens
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
 from gomodel.responses_history import continued, no_chosen_id, unknown_response
 
@@ -312,10 +312,15 @@ _LINK_VALUE = re.compile(rb'\s*<([^>]*)>((?:[^",]|"(?:[^"\\]|\\.)*")*),?')
 async def _vet(request, ctx, provider, name, endpoint, query, response):
     """A passthrough's vet (L{UpstreamCall.vet}): the upstream's own C{request-id} (Anthropic's, which the
     anthropic SDKs read) given to C{request}'s answer in place of the gateway's (whose C{X-Request-Id} stays
-    its own), and its places rewritten (L{_relocate})."""
-    upstream_id = plain_headers(response.headers).get(REQUEST_ID)
+    its own), its own C{X-Request-Id} (OpenAI's) as C{X-Upstream-Request-Id} where it is not the gateway's
+    echoed back (vLLM's), and its places rewritten (L{_relocate})."""
+    headers = plain_headers(response.headers)
+    upstream_id = headers.get(REQUEST_ID)
     if upstream_id is not None:
         request.responseHeaders.put(REQUEST_ID, upstream_id[-1])
+    upstream_id = headers.get(X_REQUEST_ID)
+    if upstream_id is not None and upstream_id[-1] != ctx.request_id:
+        request.responseHeaders.put(X_UPSTREAM_REQUEST_ID, upstream_id[-1])
     _relocate(ctx, provider, name, endpoint, query, response)
 
 

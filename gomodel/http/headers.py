@@ -76,6 +76,8 @@ SERVER = header_name("server")
 DATE = header_name("date")
 X_REQUEST_ID = header_name("x-request-id")
 REQUEST_ID = header_name("request-id")  # Anthropic's name for it, which the anthropic SDKs read
+# An upstream's own X-Request-Id (OpenAI's C{req_...}) as a passthrough's client gets it: X-Request-Id is the gateway's.
+X_UPSTREAM_REQUEST_ID = header_name("x-upstream-request-id")
 X_GOMODEL_REPLICA = header_name("x-gomodel-replica")
 X_REQUEST_PRIORITY = header_name("x-request-priority")
 X_GOMODEL_USER_PATH = header_name("x-gomodel-user-path")
