@@ -980,3 +980,24 @@ async def test_an_openai_upstreams_own_x_request_id_reaches_its_client_as_x_upst
         assert await in_thread(create, "mine") == ("mine", None, "hi")  # (its echo of ours: nothing more)
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_path_is_relayed_as_sent_and_its_fragment_never(reactor, gateway, fake):
+    """A C{#} the client encoded (C{%23}, C{%2523} in the path or the query) reaches the provider as it was sent, not
+    encoded again; a raw fragment (a C{#} not encoded, which no HTTP client sends: its URL parser keeps it) never
+    does, nor decides the route, as the provider's own server would read it (before: C{?x=1#frag} went upstream as it
+    came, and C{tokenize#frag} as C{/tokenize%23frag}, a route the client never named, an admin route's too)."""
+    async def relayed(path):
+        before = len(fake.requests)
+        client = await connect(reactor, gateway.port, _passed(path, {"prompt": "hi"}, CLOSE))
+        await with_timeout(reactor, client.lost, 5)
+        status = bytes(client.received).split(b" ", 2)[1]
+        return status, fake.requests[-1].uri if len(fake.requests) > before else None
+
+    for path, upstream in ((b"/p/vllm/tokenize%23x", b"/tokenize%23x"), (b"/p/vllm/tok%2523x", b"/tok%2523x"),
+                           (b"/p/vllm/tokenize?x=%23y&z=%2523", b"/tokenize?x=%23y&z=%2523"),
+                           (b"/p/vllm/tokenize?x=1#frag", b"/tokenize?x=1"), (b"/p/vllm/tokenize#frag?x=1", b"/tokenize"),
+                           (b"/p/vllm/tokenize?x=1%23#", b"/tokenize?x=1%23")):
+        assert (await relayed(path))[1] == upstream, path
+    assert await relayed(b"/p/vllm/sleep#x") == (b"403", None)  # (the route the provider would read: an admin's)

@@ -159,7 +159,7 @@ class Passthrough:
         if model is not None:
             ctx.route(provider, model, model)
         secret = _presented(request)
-        query = _upstream_query(request.uri.partition(b"?")[2], secret)
+        query = _upstream_query(request.uri.partition(b"#")[0].partition(b"?")[2], secret)
         call = UpstreamCall(endpoint, body, method=request.method, native=True, query=query,
                             headers=_upstream_headers(request, secret),
                             content_type=None, raw=True, ends=_stream_end(route), model=model,
@@ -278,10 +278,12 @@ class Endpoint:
 
 def endpoint_of(request) -> Endpoint:
     """The L{Endpoint} of C{request} (a C{/p/{provider}/...} one), read from its path on the first call and kept on
-    it (C{request.passthrough}): the front's L{dialect_below} and the relay read it once between them."""
+    it (C{request.passthrough}): the front's L{dialect_below} and the relay read it once between them. A raw C{#}
+    (which no HTTP client sends) begins a fragment, its query's too, which never goes upstream nor names the route,
+    as the provider's own server reads it; an encoded one (C{%23}) is the path's."""
     found = request.passthrough
     if found is None:
-        path = request.path
+        path = request.path.partition(b"#")[0]
         found = request.passthrough = Endpoint(path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"")
     return found
 
