@@ -25,6 +25,29 @@ async def client(gateway):
     sdk.close()
 
 
+@pytest_twisted.async_yield_fixture()
+async def both(reactor):
+    """A gateway in front of a vLLM serving Responses natively (C{vllm}: L{MODEL}) and one translated to chat
+    completions (C{vllm-t}: its model C{other}): C{(gateway, its openai SDK client, native fake, chat fake)}."""
+    native = await start_fake(reactor)
+    chat = await start_fake(reactor, responses=False, models=("other",))
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": native.base_url, "VLLM_T_BASE_URL": chat.base_url})
+    sdk = openai_client(gw)
+    yield gw, sdk, native, chat
+    await stop_all(gw, native, chat, clients=(sdk,))
+
+
+@pytest_twisted.async_yield_fixture()
+async def translated(reactor):
+    """A gateway in front of a vLLM whose Responses are translated to chat completions:
+    C{(gateway, its openai SDK client, the fake)}."""
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    sdk = openai_client(gw)
+    yield gw, sdk, fake
+    await stop_all(gw, fake, clients=(sdk,))
+
+
 @pytest_twisted.ensureDeferred
 async def test_created_responses_are_kept_listed_and_deleted(client, fake):
     created = await in_thread(client.responses.create, model=MODEL, input="hello there")
@@ -373,46 +396,34 @@ async def test_a_response_deleted_through_the_gateway_is_not_continued_by_the_ma
 
 
 @pytest_twisted.ensureDeferred
-async def test_translated_provider_gets_the_stored_conversation(reactor):
-    fake = await start_fake(reactor, responses=False)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
-    client = openai_client(gw)
-    try:
-        first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
-        await in_thread(client.responses.create, model=MODEL, input="who am I?", previous_response_id=first.id)
-        chat = fake.requests[-1]
-        assert chat.path == b"/v1/chat/completions"
-        assert chat.body["messages"] == [{"role": "user", "content": "my name is Ada"},
-                                         {"role": "assistant", "content": "héhéhé"},
-                                         {"role": "user", "content": "who am I?"}]
-        with pytest.raises(openai.BadRequestError) as refused:
-            await in_thread(client.responses.create, model=MODEL, input="x", previous_response_id="resp_nobody")
-        assert refused.value.body == previous_not_found("resp_nobody")
-    finally:
-        client.close()
-        await gw.service.stopService()
-        await fake.stop()
+async def test_translated_provider_gets_the_stored_conversation(translated):
+    _, client, fake = translated
+    first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+    await in_thread(client.responses.create, model=MODEL, input="who am I?", previous_response_id=first.id)
+    chat = fake.requests[-1]
+    assert chat.path == b"/v1/chat/completions"
+    assert chat.body["messages"] == [{"role": "user", "content": "my name is Ada"},
+                                     {"role": "assistant", "content": "héhéhé"},
+                                     {"role": "user", "content": "who am I?"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        await in_thread(client.responses.create, model=MODEL, input="x", previous_response_id="resp_nobody")
+    assert refused.value.body == previous_not_found("resp_nobody")
 
 
-async def refused_when_translated(reactor, http, cases):
-    """Send each C{(extra body fields, param, code)} of C{cases} to a gateway translating Responses to chat;
-    each must be a 400 naming that param and code, and none may reach the upstream."""
-    fake = await start_fake(reactor, responses=False)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
-    try:
-        for extra, param, code in cases:
-            response = await http.post(gw.url + "/v1/responses", data=json.dumps(dict(extra, model=MODEL)).encode())
-            error = jsonutil.loads(await treq.content(response))["error"]
-            assert response.code == 400 and (error["param"], error["code"]) == (param, code), extra
-        assert not [r for r in fake.requests if r.path == b"/v1/chat/completions"]
-    finally:
-        await gw.service.stopService()
-        await fake.stop()
+async def refused_when_translated(translated, http, cases):
+    """Send each C{(extra body fields, param, code)} of C{cases} to the gateway of L{translated} (Responses
+    translated to chat); each must be a 400 naming that param and code, and none may reach the upstream."""
+    gw, _, fake = translated
+    for extra, param, code in cases:
+        response = await http.post(gw.url + "/v1/responses", data=json.dumps(dict(extra, model=MODEL)).encode())
+        error = jsonutil.loads(await treq.content(response))["error"]
+        assert response.code == 400 and (error["param"], error["code"]) == (param, code), extra
+    assert not [r for r in fake.requests if r.path == b"/v1/chat/completions"]
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_translated_request_with_text_or_tools_of_the_wrong_type_is_a_400(reactor, http):
-    await refused_when_translated(reactor, http, [
+async def test_a_translated_request_with_text_or_tools_of_the_wrong_type_is_a_400(translated, http):
+    await refused_when_translated(translated, http, [
         ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input", "invalid_type"),
         ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ["a"]}]}]}, "input", "invalid_type"),
         ({"input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": {}}]}]}, "input", "invalid_type"),
@@ -422,8 +433,8 @@ async def test_a_translated_request_with_text_or_tools_of_the_wrong_type_is_a_40
 
 
 @pytest_twisted.ensureDeferred
-async def test_each_refused_translated_request_names_its_param_and_a_code(reactor, http):
-    await refused_when_translated(reactor, http, [
+async def test_each_refused_translated_request_names_its_param_and_a_code(translated, http):
+    await refused_when_translated(translated, http, [
         ({"input": 5}, "input", "invalid_type"),
         ({"input": ["hi"]}, "input", "invalid_type"),
         ({"input": [{"role": "user", "content": 5}]}, "input", "invalid_type"),
@@ -436,10 +447,10 @@ async def test_each_refused_translated_request_names_its_param_and_a_code(reacto
 
 @pytest_twisted.ensureDeferred
 async def test_a_translated_request_naming_a_conversation_or_a_stored_prompt_is_a_400_not_answered_without_them(
-        reactor, http):
+        translated, http):
     # (before: both were dropped: the model answered without the conversation's items or the prompt's
     # instructions, and the client could not tell)
-    await refused_when_translated(reactor, http, [
+    await refused_when_translated(translated, http, [
         ({"input": "hi", "conversation": "conv_1"}, "conversation", "unsupported_value"),
         ({"input": "hi", "conversation": {"id": "conv_1"}}, "conversation", "unsupported_value"),
         ({"input": "hi", "prompt": {"id": "pmpt_1", "variables": {"city": "Paris"}}}, "prompt", "unsupported_value"),
@@ -447,11 +458,11 @@ async def test_a_translated_request_naming_a_conversation_or_a_stored_prompt_is_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_translated_image_without_a_url_is_a_400_naming_input_not_the_upstreams_odd_error(reactor, http):
+async def test_a_translated_image_without_a_url_is_a_400_naming_input_not_the_upstreams_odd_error(translated, http):
     # (before: {"image_url": {"url": null}} went to the chat upstream, whose answer named neither the item
     # nor what was missing)
     image = {"type": "input_image", "file_id": "file-1", "detail": "auto"}
-    await refused_when_translated(reactor, http, [
+    await refused_when_translated(translated, http, [
         ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "see"}, image]}]}, "input",
          "unsupported_value"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": 5}]}]}, "input", "invalid_type"),
@@ -467,32 +478,23 @@ def test_a_stored_message_whose_text_is_no_string_is_replayed_as_it_was_stored()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stored_refusal_is_replayed_to_a_native_provider_as_the_assistants_text(reactor):
-    native = await start_fake(reactor)
-    chat = await start_fake(reactor, responses=False, models=("other",))  # (a follow-up of MODEL goes to native)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": native.base_url, "VLLM_T_BASE_URL": chat.base_url})
-    client = openai_client(gw)
+async def test_a_stored_refusal_is_replayed_to_a_native_provider_as_the_assistants_text(both):
+    _, client, native, _ = both  # (a follow-up of MODEL goes to native)
 
     def refused():
         with client.responses.stream(model="vllm-t/other", input="tell me",
                                      extra_body={"fake_deltas": [{"content": "Well: "}, {"refusal": "I can't"}]}) as s:
             return s.get_final_response()
 
-    try:
-        first = await in_thread(refused)
-        assert [part.type for part in first.output[0].content] == ["output_text", "refusal"]
-        await in_thread(client.responses.create, model=MODEL, input="why?", previous_response_id=first.id)
-        # (before: the stored parts as they were, which no Responses API takes as an assistant's input
-        # message: vLLM refused every follow-up of the conversation)
-        sent = [r for r in native.requests if r.path == b"/v1/responses"][-1]
-        assert sent.body["input"] == [{"role": "user", "content": "tell me"},
-                                      {"role": "assistant", "content": "Well: I can't"},
-                                      {"role": "user", "content": "why?"}]
-    finally:
-        client.close()
-        await gw.service.stopService()
-        await native.stop()
-        await chat.stop()
+    first = await in_thread(refused)
+    assert [part.type for part in first.output[0].content] == ["output_text", "refusal"]
+    await in_thread(client.responses.create, model=MODEL, input="why?", previous_response_id=first.id)
+    # (before: the stored parts as they were, which no Responses API takes as an assistant's input
+    # message: vLLM refused every follow-up of the conversation)
+    sent = [r for r in native.requests if r.path == b"/v1/responses"][-1]
+    assert sent.body["input"] == [{"role": "user", "content": "tell me"},
+                                  {"role": "assistant", "content": "Well: I can't"},
+                                  {"role": "user", "content": "why?"}]
 
 
 @pytest_twisted.ensureDeferred
@@ -780,30 +782,21 @@ async def test_a_retrieve_asking_for_the_events_again_is_refused_not_answered_wi
 
 
 @pytest_twisted.ensureDeferred
-async def test_metadata_past_openais_limits_is_a_400_before_any_upstream_natively_or_translated(reactor):
-    native = await start_fake(reactor)
-    chat = await start_fake(reactor, responses=False)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": native.base_url, "VLLM_T_BASE_URL": chat.base_url})
-    client = openai_client(gw)
-    try:
-        for model in (MODEL, "vllm-t/" + UPSTREAM):
-            for metadata in ({str(i): "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 1},
-                             ["k", "v"]):
-                with pytest.raises(openai.BadRequestError) as refused:
-                    await in_thread(client.responses.create, model=model, input="hi", metadata=metadata)
-                error = refused.value.body
-                assert (error["param"], error["code"]) == ("metadata", "invalid_value"), (model, metadata)
-            most = {f"{i:064d}": "v" * 512 for i in range(16)}  # (OpenAI's most)
-            kept = await in_thread(client.responses.create, model=model, input="hi", metadata=most)
-            assert kept.status in ("completed", "incomplete")
-        # (before: the translated path stored and echoed any metadata; vLLM took 17 pairs, and longer ones)
-        assert len([r for r in native.requests if r.path == b"/v1/responses"]) == 1
-        assert len([r for r in chat.requests if r.path == b"/v1/chat/completions"]) == 1
-    finally:
-        client.close()
-        await gw.service.stopService()
-        await native.stop()
-        await chat.stop()
+async def test_metadata_past_openais_limits_is_a_400_before_any_upstream_natively_or_translated(both):
+    _, client, native, chat = both
+    for model in (MODEL, "vllm-t/other"):
+        for metadata in ({str(i): "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 1},
+                         ["k", "v"]):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await in_thread(client.responses.create, model=model, input="hi", metadata=metadata)
+            error = refused.value.body
+            assert (error["param"], error["code"]) == ("metadata", "invalid_value"), (model, metadata)
+        most = {f"{i:064d}": "v" * 512 for i in range(16)}  # (OpenAI's most)
+        kept = await in_thread(client.responses.create, model=model, input="hi", metadata=most)
+        assert kept.status in ("completed", "incomplete")
+    # (before: the translated path stored and echoed any metadata; vLLM took 17 pairs, and longer ones)
+    assert len([r for r in native.requests if r.path == b"/v1/responses"]) == 1
+    assert len([r for r in chat.requests if r.path == b"/v1/chat/completions"]) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -894,10 +887,8 @@ async def test_a_stream_the_client_leaves_or_that_breaks_is_kept_cancelled_or_fa
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_translated_stream_the_client_leaves_is_kept_cancelled_with_what_it_made(reactor):
-    fake = await start_fake(reactor, responses=False)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
-    client = openai_client(gw)
+async def test_a_translated_stream_the_client_leaves_is_kept_cancelled_with_what_it_made(translated):
+    gw, client, _ = translated
 
     def left():
         events = client.responses.create(model=MODEL, input="long job", stream=True,
@@ -911,41 +902,30 @@ async def test_a_translated_stream_the_client_leaves_is_kept_cancelled_with_what
         finally:
             events.close()
 
-    try:
-        response_id = await in_thread(left)
-        await stored_eventually(gw, response_id)
-        kept = await in_thread(client.responses.retrieve, response_id)
-        assert kept.status == "cancelled" and kept.output_text.startswith("hé")
-    finally:
-        client.close()
-        await stop_all(gw, fake)
+    response_id = await in_thread(left)
+    await stored_eventually(gw, response_id)
+    kept = await in_thread(client.responses.retrieve, response_id)
+    assert kept.status == "cancelled" and kept.output_text.startswith("hé")
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_follow_up_of_a_conversation_whose_earlier_turn_was_deleted_never_sends_that_turn_again(reactor):
+async def test_a_follow_up_of_a_conversation_whose_earlier_turn_was_deleted_never_sends_that_turn_again(both):
     """Deleting a response forgets it: a later turn's follow-up goes on from the turns after it, natively (sent
     them explicitly, though vLLM still holds the whole conversation) as translated (before: vLLM went on with
     the deleted turn, the translated conversation without it)."""
-    native = await start_fake(reactor)
-    chat = await start_fake(reactor, responses=False, models=("other",))
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": native.base_url, "VLLM_T_BASE_URL": chat.base_url})
-    client = openai_client(gw)
-    try:
-        for model, fake in ((MODEL, native), ("vllm-t/other", chat)):
-            first = await in_thread(client.responses.create, model=model, input="my name is Ada")
-            second = await in_thread(client.responses.create, model=model, input="my PIN is 1234",
-                                     previous_response_id=first.id)
-            third = await in_thread(client.responses.create, model=model, input="I like tea",
-                                    previous_response_id=second.id)
-            await in_thread(client.responses.delete, second.id)
-            fourth = await in_thread(client.responses.create, model=model, input="what do you know?",
-                                     previous_response_id=third.id)
-            sent = fake.requests[-1].body
-            said = sent["input"] if model == MODEL else sent["messages"]
-            assert "previous_response_id" not in sent
-            assert said == [{"role": "user", "content": "I like tea"}, {"role": "assistant", "content": "héhéhé"},
-                            {"role": "user", "content": "what do you know?"}], model
-            assert fourth.previous_response_id == third.id
-    finally:
-        client.close()
-        await stop_all(gw, native, chat)
+    _, client, native, chat = both
+    for model, fake in ((MODEL, native), ("vllm-t/other", chat)):
+        first = await in_thread(client.responses.create, model=model, input="my name is Ada")
+        second = await in_thread(client.responses.create, model=model, input="my PIN is 1234",
+                                 previous_response_id=first.id)
+        third = await in_thread(client.responses.create, model=model, input="I like tea",
+                                previous_response_id=second.id)
+        await in_thread(client.responses.delete, second.id)
+        fourth = await in_thread(client.responses.create, model=model, input="what do you know?",
+                                 previous_response_id=third.id)
+        sent = fake.requests[-1].body
+        said = sent["input"] if model == MODEL else sent["messages"]
+        assert "previous_response_id" not in sent
+        assert said == [{"role": "user", "content": "I like tea"}, {"role": "assistant", "content": "héhéhé"},
+                        {"role": "user", "content": "what do you know?"}], model
+        assert fourth.previous_response_id == third.id
