@@ -1,11 +1,8 @@
 """Readiness, and the graceful stop of a real twistd process: a stream in flight finishes after SIGTERM."""
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest_twisted
 from twisted.internet import error as net_error
@@ -19,11 +16,11 @@ from twisted.logger import Logger, globalLogPublisher
 from gomodel import _twistedcompat
 from gomodel.lifecycle import Drain
 
+from tests.gateway_process import READY, exited, killed, ready_port, twistd_gateway, wait_for
 from tests.rawclient import chat_request, connect
 from tests.test_metrics import samples
 from tests.support import start_gateway, until, with_timeout
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -139,17 +136,6 @@ def test_twisted_installs_the_signal_handlers_the_reactor_holds_when_it_starts_r
     assert reactor._stopped is False  # running; True once stopped (ReactorBase.stop)
 
 
-async def _wait_for(reactor, predicate, what, steps=400):
-    for _ in range(steps):
-        if predicate():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-READY = b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
-
-
 def test_a_request_that_comes_while_the_drain_waits_for_unsent_answers_is_waited_for_too(monkeypatch):
     """A kept-alive connection's next request, sent while the last answers were still leaving: the drain ended
     once they had left, its services stopped while that request was in flight."""
@@ -182,60 +168,11 @@ def test_a_request_that_comes_while_the_drain_waits_for_unsent_answers_is_waited
     assert not clock.getDelayedCalls()
 
 
-def _hangup_by_default():
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-
-
-def _twistd_gateway(tmp_path, fake):
-    """C{twistd -n gomodel} in front of C{fake} on a free loopback port: (process, its log's path)."""
-    log_path = tmp_path / "gw.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_"))}
-    env.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), VLLM_BASE_URL=fake.base_url,
-               SHUTDOWN_TIMEOUT="20s")
-    with open(log_path, "wb") as log:
-        # (SIGHUP at its default: a suite run under nohup would hand its ignoring down, which the gateway keeps)
-        proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                                 "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=_hangup_by_default)
-    return proc, log_path
-
-
-async def _exited(reactor, proc, log_path) -> str:
-    """Wait for the gateway C{proc} to exit; it exited 0 (else its log is shown). Fires with its log."""
-    await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
-    text = log_path.read_text()
-    assert proc.returncode == 0, text
-    return text
-
-
-def _killed(proc):
-    """End C{proc} where a test left it running."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-async def _ready_port(reactor, log_path):
-    """The port of the gateway logging to C{log_path}, once it listens and is ready."""
-    await _wait_for(reactor, lambda: re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()),
-                    "the gateway to listen")
-    port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
-    for _ in range(200):  # discovery is asynchronous
-        probe = await connect(reactor, port, READY)
-        await with_timeout(reactor, probe.wait_for(b"\r\n\r\n{"), 10)
-        probe.transport.loseConnection()
-        if b" 200 " in bytes(probe.received).split(b"\r\n", 1)[0]:
-            break
-        await deferLater(reactor, 0.05, lambda: None)
-    return port
-
-
 @pytest_twisted.ensureDeferred
 async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(reactor, fake, tmp_path):
-    proc, log_path = _twistd_gateway(tmp_path, fake)
+    proc, log_path = twistd_gateway(tmp_path, VLLM_BASE_URL=fake.base_url, SHUTDOWN_TIMEOUT="20s")
     try:
-        port = await _ready_port(reactor, log_path)
+        port = await ready_port(reactor, log_path)
         idle = await connect(reactor, port, READY)  # a keep-alive connection open before the stop
         await with_timeout(reactor, idle.wait_for(b'"ready"}'), 10)
         stream = await connect(reactor, port, chat_request(
@@ -244,7 +181,7 @@ async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(react
         await with_timeout(reactor, stream.wait_for(b"data:"), 10)
 
         proc.send_signal(signal.SIGTERM)
-        await _wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
+        await wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
         try:
             refused = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
         except net_error.ConnectionRefusedError:
@@ -259,18 +196,18 @@ async def test_sigterm_drains_a_stream_refuses_new_connections_and_exits_0(react
         await with_timeout(reactor, stream.lost, 20)
         received = bytes(stream.received)
         assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
-        await _exited(reactor, proc, log_path)
+        await exited(reactor, proc, log_path)
     finally:
-        _killed(proc)
+        killed(proc)
 
 
 @pytest_twisted.ensureDeferred
 async def test_sighup_drains_as_sigterm_does(reactor, fake, tmp_path):
     """A terminal closed or C{kill -HUP}: before, SIGHUP's default action ended the process at once, the
     stream in flight cut and the usage held not written."""
-    proc, log_path = _twistd_gateway(tmp_path, fake)
+    proc, log_path = twistd_gateway(tmp_path, VLLM_BASE_URL=fake.base_url, SHUTDOWN_TIMEOUT="20s")
     try:
-        port = await _ready_port(reactor, log_path)
+        port = await ready_port(reactor, log_path)
         stream = await connect(reactor, port, chat_request(
             {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
              "fake_chunks": 10, "fake_pace": 0.05}))
@@ -279,10 +216,10 @@ async def test_sighup_drains_as_sigterm_does(reactor, fake, tmp_path):
         await with_timeout(reactor, stream.lost, 20)
         received = bytes(stream.received)
         assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
-        await _exited(reactor, proc, log_path)
+        await exited(reactor, proc, log_path)
         assert "received SIGHUP: stopping as for SIGTERM" in log_path.read_text()
     finally:
-        _killed(proc)
+        killed(proc)
 
 
 @pytest_twisted.ensureDeferred
@@ -290,23 +227,23 @@ async def test_another_sigterm_or_sigint_while_draining_is_logged_once_and_the_e
                                                                                                tmp_path):
     """As a second Ctrl-C, or SIGTERM sent to the whole process group (systemd, timeout) and then by the primary
     of --workers to its workers: the drain goes on, the stream finishes and twistd exits with status 0."""
-    proc, log_path = _twistd_gateway(tmp_path, fake)
+    proc, log_path = twistd_gateway(tmp_path, VLLM_BASE_URL=fake.base_url, SHUTDOWN_TIMEOUT="20s")
     try:
-        port = await _ready_port(reactor, log_path)
+        port = await ready_port(reactor, log_path)
         stream = await connect(reactor, port, chat_request(
             {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
              "fake_chunks": 10, "fake_pace": 0.1}))
         await with_timeout(reactor, stream.wait_for(b"data:"), 10)
         proc.send_signal(signal.SIGTERM)
-        await _wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
+        await wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
         for again in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
             proc.send_signal(again)
         await with_timeout(reactor, stream.lost, 20)
         received = bytes(stream.received)
         assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
-        text = await _exited(reactor, proc, log_path)
+        text = await exited(reactor, proc, log_path)
     finally:
-        _killed(proc)
+        killed(proc)
     assert "ReactorNotRunning" not in text and "Traceback" not in text and "#critical]" not in text, text
     assert text.count("Received SIGTERM, shutting down.") == 1  # Twisted's line, for the first one only
     [again] = [line for line in text.splitlines() if "already draining" in line]
@@ -496,9 +433,9 @@ async def test_sigterm_waits_for_an_answer_still_in_the_gateways_buffer_to_reach
                                                                                                tmp_path):
     """A whole answer written (its request over) but not yet read by its client: the drain ends, the services
     stop and the reactor stops, which closed every connection at once, the answer's tail never sent."""
-    proc, log_path = _twistd_gateway(tmp_path, fake)
+    proc, log_path = twistd_gateway(tmp_path, VLLM_BASE_URL=fake.base_url, SHUTDOWN_TIMEOUT="20s")
     try:
-        port = await _ready_port(reactor, log_path)
+        port = await ready_port(reactor, log_path)
         recorded = fake.next_request()
         slow = await connect(reactor, port, chat_request(
             {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
@@ -508,16 +445,16 @@ async def test_sigterm_waits_for_an_answer_still_in_the_gateways_buffer_to_reach
         assert (await with_timeout(reactor, record.closed, 20))[0] == "finished"
         await deferLater(reactor, 0.5, lambda: None)  # the gateway has the answer and writes it
         proc.send_signal(signal.SIGTERM)
-        await _wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
+        await wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
         await deferLater(reactor, 0.5, lambda: None)
         slow.transport.resumeProducing()
         await with_timeout(reactor, slow.lost, 30)
         head, _, body = bytes(slow.received).partition(b"\r\n\r\n")
         length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
         assert len(body) == length  # all of it
-        await _exited(reactor, proc, log_path)
+        await exited(reactor, proc, log_path)
     finally:
-        _killed(proc)
+        killed(proc)
 
 
 @pytest_twisted.ensureDeferred

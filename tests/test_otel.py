@@ -11,7 +11,6 @@ even imported.
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,11 +19,11 @@ import textwrap
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.task import deferLater
 
 from tests.fakes.fleet import FakeFleet
 from tests.fakes.otlp import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, STATUS_ERROR, STATUS_UNSET, OTLPReceiver
 from tests.fakes.vllm import CHAT_MODEL
+from tests.gateway_process import exited, killed, ready_port, twistd_gateway
 from tests import rawclient
 from tests.test_audio import form
 from tests.support import (charge_a_batch_and_a_background_response, in_thread, openai_client, start_fake,
@@ -598,46 +597,25 @@ def _sdk_chat():
 
 # -- a real twistd process: what is in flight at SIGTERM is exported before it exits --------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 @pytest_twisted.ensureDeferred
 async def test_twistd_exports_a_stream_in_flight_at_sigterm_before_it_exits(reactor, fake, tmp_path):
     receiver = await OTLPReceiver(reactor).start()
-    log_path = tmp_path / "gw.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_", "OTEL_"))}
-    env.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), VLLM_BASE_URL=fake.base_url,
-               SHUTDOWN_TIMEOUT="20s", OTEL_ENABLED="true", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
-               OTEL_SERVICE_NAME="gomodel-edge", OTEL_TRACES_SAMPLER="always_on",
-               # Nothing is exported on a timer: only the stop's flush can deliver it.
-               OTEL_BSP_SCHEDULE_DELAY="600000", OTEL_METRIC_EXPORT_INTERVAL="600000")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                                 "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    proc, log_path = twistd_gateway(
+        tmp_path, VLLM_BASE_URL=fake.base_url, SHUTDOWN_TIMEOUT="20s", OTEL_ENABLED="true",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_SERVICE_NAME="gomodel-edge", OTEL_TRACES_SAMPLER="always_on",
+        # Nothing is exported on a timer: only the stop's flush can deliver it.
+        OTEL_BSP_SCHEDULE_DELAY="600000", OTEL_METRIC_EXPORT_INTERVAL="600000")
     try:
-        await _wait_for(reactor, lambda: re.search(r"listening on 127\.0\.0\.1:\d+", log_path.read_text()),
-                        "the gateway to listen")
-        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
-        for _ in range(200):  # discovery is asynchronous
-            probe = await rawclient.connect(reactor, port, b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-            await with_timeout(reactor, probe.wait_for(b"\r\n\r\n{"), 10)
-            probe.transport.loseConnection()
-            if b" 200 " in bytes(probe.received).split(b"\r\n", 1)[0]:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        port = await ready_port(reactor, log_path)
         stream = await rawclient.connect(reactor, port, rawclient.chat_request(
             chat(stream=True, fake_chunks=10, fake_pace=0.05), {"X-Request-Id": "req-at-exit"}))
         await with_timeout(reactor, stream.wait_for(b"data:"), 10)
         proc.send_signal(signal.SIGTERM)
         await with_timeout(reactor, stream.lost, 20)
         assert b"data: [DONE]" in bytes(stream.received)
-        await _wait_for(reactor, lambda: proc.poll() is not None, "the process to exit")
-        assert proc.returncode == 0, log_path.read_text()
+        await exited(reactor, proc, log_path)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        killed(proc)
         await receiver.stop()
     [server] = [s for s in receiver.spans() if s.kind == SPAN_KIND_SERVER]  # the probes get none
     assert server.attributes["gomodel.request_id"] == "req-at-exit" and server.status == STATUS_UNSET
@@ -647,14 +625,6 @@ async def test_twistd_exports_a_stream_in_flight_at_sigterm_before_it_exits(reac
     assert duration.count == 1 and duration.attributes["gen_ai.operation.name"] == "chat"
     [first_chunk] = receiver.points("gen_ai.client.operation.time_to_first_chunk")
     assert first_chunk.count == 1
-
-
-async def _wait_for(reactor, predicate, what, steps=400):
-    for _ in range(steps):
-        if predicate():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- a collector that is down holds the stop up for FLUSH_TIMEOUT at most ------------------------------
