@@ -211,6 +211,22 @@ def _sdk(env, key=None):
     return openai.OpenAI(base_url=env.root + "/v1", api_key=key or env.master, max_retries=0, timeout=20)
 
 
+async def _made_key(env, **fields):
+    """A key made through the admin API with C{fields}: what the API answered (its C{id}, its C{value}, ...)."""
+    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
+                             json=fields)
+    key = await answer.json()
+    assert answer.code == 201, key
+    return key
+
+
+def _key_row(b, key):
+    """The keys page read again (a key made through the API since it was drawn): the selector of C{key}'s row."""
+    b.go("keys")
+    b.driver.refresh()
+    return f"tr.key-row:has([data-key-id='{key['id']}'])"
+
+
 async def _until(reactor, check, what, timeout=WAIT):
     deadline = time.monotonic() + timeout
     while not await check():
@@ -607,15 +623,10 @@ async def test_keys_create_show_once_use_and_deactivate(env):
 async def test_a_keys_expiry_is_shown_in_the_list(env):
     """A key that expires says when in its row (before, only its edit form did)."""
     b = env.browser
-    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
-                             json={"name": "expiring", "expires_at": "2099-01-31T12:30:00Z"})
-    key = await answer.json()
-    assert answer.code == 201, key
+    key = await _made_key(env, name="expiring", expires_at="2099-01-31T12:30:00Z")
 
     def expiry():
-        b.go("keys")
-        b.driver.refresh()
-        row = f"tr.key-row:has([data-key-id='{key['id']}'])"
+        row = _key_row(b, key)
         b.wait_text(f"{row} .key-expires", lambda t: t == "expires 2099-01-31 12:30:00 UTC", "the key's expiry")
         b.assert_clean()
 
@@ -629,10 +640,8 @@ async def test_a_deactivated_key_past_its_expiry_says_it_expired(env, reactor):
     b = env.browser
     headers = {"authorization": f"Bearer {env.master}"}
     expiry = int(time.time()) + 2
-    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers=headers,
-                             json={"name": "deactivated, then expired", "expires_at": expiry})
-    key = await answer.json()
-    assert answer.code == 201 and key["expired"] is False, key
+    key = await _made_key(env, name="deactivated, then expired", expires_at=expiry)
+    assert key["expired"] is False, key
     assert (await treq.post(env.root + f"/admin/api/v1/auth-keys/{key['id']}/deactivate", headers=headers)).code == 200
 
     async def gone():
@@ -644,9 +653,7 @@ async def test_a_deactivated_key_past_its_expiry_says_it_expired(env, reactor):
     assert (view["active"], view["enabled"], view["expired"]) == (False, False, True), view
 
     def shown():
-        b.go("keys")
-        b.driver.refresh()
-        row = f"tr.key-row:has([data-key-id='{key['id']}'])"
+        row = _key_row(b, key)
         b.wait_text(f"{row} .key-expires", lambda t: t.startswith("expired "), "the key said to have expired")
         assert b.text_of(f"{row} .badge") == "deactivated"
         b.assert_clean()
@@ -659,15 +666,11 @@ async def test_a_key_of_every_model_says_all_with_an_empty_list_too(env):
     """A key made through the API with C{models: []} (every model, as null) reads "all" in its row (before, an empty
     cell, as if it could use none)."""
     b = env.browser
-    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
-                             json={"name": "every-model", "models": []})
-    key = await answer.json()
-    assert answer.code == 201 and key["models"] == [], key
+    key = await _made_key(env, name="every-model", models=[])
+    assert key["models"] == [], key
 
     def shown():
-        b.go("keys")
-        b.driver.refresh()
-        row = f"tr.key-row:has([data-key-id='{key['id']}'])"
+        row = _key_row(b, key)
         b.wait_text(f"{row} td[data-label='Models']", lambda t: t == "all", "the key's models")
         b.assert_clean()
 
@@ -681,10 +684,7 @@ async def test_keys_are_made_and_reset_from_the_keyboard(env):
     from selenium.webdriver.common.keys import Keys
 
     b = env.browser
-    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
-                             json={"name": "keyboard", "budgets": [{"period": "daily", "max_tokens": 1000}]})
-    key = await answer.json()
-    assert answer.code == 201, key
+    key = await _made_key(env, name="keyboard", budgets=[{"period": "daily", "max_tokens": 1000}])
 
     def focused():
         return b.js("return document.activeElement.textContent")
@@ -729,10 +729,7 @@ async def test_the_keyboards_focus_stays_on_the_keys_row_after_its_action_or_for
     from selenium.webdriver.common.keys import Keys
 
     b = env.browser
-    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
-                             json={"name": "focus kept", "budgets": [{"period": "daily", "max_tokens": 1000}]})
-    key = await answer.json()
-    assert answer.code == 201, key
+    key = await _made_key(env, name="focus kept", budgets=[{"period": "daily", "max_tokens": 1000}])
     box = f".row-actions[data-key-id='{key['id']}']"
 
     def focused():
@@ -836,9 +833,7 @@ async def test_a_keys_secret_is_rotated_once_confirmed_and_shown_once(env):
     import openai
 
     b = env.browser
-    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
-                             json={"name": "to rotate"})
-    key = await answer.json()
+    key = await _made_key(env, name="to rotate")
 
     def rotate():
         b.go("keys")
@@ -905,8 +900,7 @@ async def test_a_refused_action_low_in_the_keys_list_is_shown_where_the_operator
     b = env.browser
     headers = {"authorization": f"Bearer {env.master}"}
     for i in range(30):  # a list longer than the window
-        answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers=headers, json={"name": f"filler {i}"})
-        assert answer.code == 201, await answer.text()
+        await _made_key(env, name=f"filler {i}")
     answer = await treq.get(env.root + "/admin/api/v1/auth-keys", headers=headers)
     keys = [k for k in (await answer.json())["data"] if k["enabled"]]
 
@@ -966,8 +960,7 @@ async def test_budgets_by_user_path_show_what_they_spent_and_reset_once_confirme
         answer = await treq.put(env.root + "/admin/api/v1/budgets", headers=headers,
                                 json={"user_path": path, "period": period, "max_tokens": 100000})
         assert answer.code == 200, await answer.text()
-    key = await (await treq.post(env.root + "/admin/api/v1/auth-keys", headers=headers,
-                                 json={"name": "on a budget", "user_path": path})).json()
+    key = await _made_key(env, name="on a budget", user_path=path)
     client = _sdk(env, key["value"])
     try:
         await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "b"}],
@@ -1655,9 +1648,7 @@ async def test_a_keyboards_focus_is_drawn_where_it_can_be_seen(env):
 async def test_every_page_fits_a_phone(env):
     b = env.browser
     # a name, user path and metadata with no place to break a line at (before, the keys page was 763 px wide)
-    answer = await treq.post(env.root + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {env.master}"},
-                             json={"name": "n" * 80, "user_path": "/" + "p" * 90, "metadata": {"m" * 40: "v" * 120}})
-    assert answer.code == 201, await answer.text()
+    await _made_key(env, name="n" * 80, user_path="/" + "p" * 90, metadata={"m" * 40: "v" * 120})
 
     def pages():
         b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
