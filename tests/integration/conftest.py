@@ -11,9 +11,6 @@ read here (path: $GOMODEL_IT_ENV, default /tmp/gomodel-vllm-run/vllm.env).
 
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 import types
 
@@ -21,12 +18,16 @@ import pytest
 
 from tests.integration.support import (
     EXPECTED_MODEL_IDS,
+    TWISTD,
     bearer,
     env_flag,
     free_port,
+    gateway_env,
     read_env_file,
     request,
     root_of,
+    start_twistd,
+    stop,
     tail,
 )
 
@@ -146,33 +147,18 @@ def vllm():
     return ns
 
 
-def _stop(proc, grace=10.0):
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def gateway(vllm, tmp_path_factory):
     """gomodel started as a user would: C{twistd -n --pidfile= gomodel --listen tcp:PORT:interface=127.0.0.1}."""
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if not os.path.exists(twistd):
-        pytest.fail(f"{twistd} not found: install the gateway into this Python "
+    if not os.path.exists(TWISTD):
+        pytest.fail(f"{TWISTD} not found: install the gateway into this Python "
                     "(pip install -e '.[test]' --config-settings editable_mode=compat)")
     workdir = tmp_path_factory.mktemp("gateway")
-    log_path = str(workdir / "gateway.log")
     port = free_port()
     master = "gm-it-" + secrets.token_urlsafe(24)
-    env = {k: v for k, v in os.environ.items()
-           # Only the four providers below: an inherited VLLM_* variable (say VLLM_API_KEY
-           # of a developer's own setup) would change what the suite talks to.
-           if not k.startswith("VLLM_") and k != "GOMODEL_CONFIG"}
-    env.update({
+    # Only the four providers below: an inherited VLLM_* variable (say VLLM_API_KEY of a developer's own setup)
+    # would change what the suite talks to.
+    env = gateway_env({
         "VLLM_BASE_URL": vllm.chat_url,
         "VLLM_TEST_BASE_URL": vllm.chat_key_url,
         "VLLM_TEST_API_KEY": vllm.chat_key,
@@ -183,12 +169,8 @@ def gateway(vllm, tmp_path_factory):
         "VLLM_POOL_BASE_URL": f"{vllm.chat_url},{vllm.chat_key_url}",
         "VLLM_POOL_API_KEY": vllm.chat_key,
         "GOMODEL_MASTER_KEY": master,
-        "PYTHONUNBUFFERED": "1",
     })
-    argv = [twistd, "-n", "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(argv, cwd=str(workdir), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    argv, proc, log_path = start_twistd(workdir, port, env)
     gw = types.SimpleNamespace(
         proc=proc, port=port, root=f"http://127.0.0.1:{port}", url=f"http://127.0.0.1:{port}/v1",
         master_key=master, auth=bearer(master), log_path=log_path, argv=argv)
@@ -198,8 +180,7 @@ def gateway(vllm, tmp_path_factory):
         yield gw
     finally:
         _state["gateway"] = None
-        _stop(proc)
-        log.close()
+        stop(proc)
 
 
 def _wait_ready(gw):

@@ -3,7 +3,10 @@
 import http.client
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 
@@ -156,6 +159,16 @@ def wait_for(predicate, timeout, interval=0.1, what="condition"):
         time.sleep(interval)
 
 
+def usage_record(gateway, request_id):
+    """The usage record of C{request_id} in C{gateway}'s log, once written (flushed every few seconds)."""
+    def found():
+        page = request("GET", gateway.root + f"/admin/api/v1/usage/log?search={request_id}", headers=gateway.auth)
+        data = json.loads(page.body)["data"]
+        return data[0] if data else None
+
+    return wait_for(found, 30, what=f"the usage record of {request_id}")
+
+
 def tail(path, lines=60):
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -166,3 +179,37 @@ def tail(path, lines=60):
 
 def env_flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def gateway_env(settings):
+    """This process's environment for a gateway of its own: without its C{VLLM_*} and C{OPENAI_*} variables and
+    C{GOMODEL_CONFIG} (a developer's own setup would change what the suite talks to), with C{settings}."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_")) and k != "GOMODEL_CONFIG"}
+    env.update(settings, PYTHONUNBUFFERED="1")
+    return env
+
+
+def start_twistd(workdir, port, env):
+    """gomodel started as a user would, C{twistd -n --pidfile= gomodel --listen tcp:PORT:interface=127.0.0.1}, in
+    C{workdir} with C{env} (L{gateway_env}), its output in C{workdir/gateway.log}: C{(argv, process, log's path)}."""
+    argv = [TWISTD, "-n", "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"]
+    log_path = str(workdir / "gateway.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, cwd=str(workdir), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    return argv, proc, log_path
+
+
+def stop(proc, grace=10.0):
+    """SIGTERM to C{proc} where it still runs; SIGKILL after C{grace} seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -7,16 +7,14 @@ OpenAI-compatible provider, in a second gateway).
 """
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
 
 import anthropic
 import pytest
 
-from tests.integration.support import CHAT_MODEL, free_port, request, tail, wait_for
+from tests.integration.support import (CHAT_MODEL, free_port, gateway_env, request, start_twistd, stop, tail,
+                                       usage_record, wait_for)
 
 MODEL = f"vllm/{CHAT_MODEL}"
 SYSTEM = "You are terse."
@@ -121,14 +119,7 @@ def test_usage_record_equals_vllms_usage(gateway, via):
     assert answer.status == 200, answer
     delta = [json.loads(line[6:]) for line in answer.body.decode().splitlines()
              if line.startswith("data: ") and '"message_delta"' in line][0]
-
-    def found():
-        page = request("GET", gateway.root + f"/admin/api/v1/usage/log?search={request_id}",
-                       headers={"x-api-key": gateway.master_key})
-        data = json.loads(page.body)["data"]
-        return data[0] if data else None
-
-    record = wait_for(found, 30, what=f"the usage record of {request_id}")
+    record = usage_record(gateway, request_id)
     assert record["stream"] and not record["estimated"] and record["endpoint"] == "/v1/messages"
     assert record["input_tokens"] == delta["usage"]["input_tokens"]
     assert record["output_tokens"] == delta["usage"]["output_tokens"]
@@ -140,17 +131,10 @@ def test_usage_record_equals_vllms_usage(gateway, via):
 @pytest.fixture(scope="module")
 def translating(vllm, tmp_path_factory):
     """A second gateway, with the chat vLLM as an C{openai} provider (no Messages API: translated)."""
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     workdir = tmp_path_factory.mktemp("translating")
     port, key = free_port(), "gm-it-" + secrets.token_urlsafe(16)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_")) and k != "GOMODEL_CONFIG"}
-    env.update({"OPENAI_BASE_URL": vllm.chat_url, "OPENAI_API_KEY": "unused", "GOMODEL_MASTER_KEY": key,
-                "PYTHONUNBUFFERED": "1"})
-    log_path = str(workdir / "gateway.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([twistd, "-n", "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
-                                cwd=str(workdir), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+    env = gateway_env({"OPENAI_BASE_URL": vllm.chat_url, "OPENAI_API_KEY": "unused", "GOMODEL_MASTER_KEY": key})
+    _, proc, log_path = start_twistd(workdir, port, env)
     root = f"http://127.0.0.1:{port}"
 
     def ready():
@@ -168,12 +152,7 @@ def translating(vllm, tmp_path_factory):
         yield client
         client.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
 
 
 def test_translated_create_and_stream_equal_vllms_own(translating, direct):

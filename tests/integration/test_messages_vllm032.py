@@ -12,7 +12,7 @@ import secrets
 
 import pytest
 
-from tests.integration.support import CHAT_MODEL, request, wait_for
+from tests.integration.support import CHAT_MODEL, request, usage_record
 
 MODEL = f"vllm/{CHAT_MODEL}"
 ASK = [{"role": "user", "content": "Name three prime numbers."}]
@@ -123,16 +123,6 @@ def _events(raw: bytes):
     return [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ")]
 
 
-def _record(gateway, request_id):
-    def found():
-        page = request("GET", gateway.root + f"/admin/api/v1/usage/log?search={request_id}",
-                       headers={"x-api-key": gateway.master_key})
-        data = json.loads(page.body)["data"]
-        return data[0] if data else None
-
-    return wait_for(found, 30, what=f"the usage record of {request_id}")
-
-
 def test_a_translated_stream_is_recorded_with_vllms_usage(vllm, gateway):
     """A Messages stream translated for vLLM (a stop sequence: through its chat completions) ends with vLLM's own
     Messages usage, and the usage ledger records those very tokens; a request vLLM refuses is recorded as an
@@ -148,7 +138,7 @@ def test_a_translated_stream_is_recorded_with_vllms_usage(vllm, gateway):
     assert mine["delta"] == theirs["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": stop}
     assert mine["usage"]["output_tokens"] == theirs["usage"]["output_tokens"]
     assert mine["usage"]["input_tokens"] == theirs["usage"]["input_tokens"]
-    record = _record(gateway, request_id)
+    record = usage_record(gateway, request_id)
     assert record["stream"] and not record["estimated"] and record["endpoint"] == "/v1/messages"
     assert (record["input_tokens"], record["output_tokens"]) == (theirs["usage"]["input_tokens"],
                                                                  theirs["usage"]["output_tokens"])
@@ -162,7 +152,7 @@ def test_a_translated_stream_is_recorded_with_vllms_usage(vllm, gateway):
     assert refused.status == 200 and [e["type"] for e in _events(refused.body)] == ["error"], refused
     assert _events(refused.body)[0]["error"]["type"] == "invalid_request_error", refused
     assert "thinking_token_budget" in _events(refused.body)[0]["error"]["message"]
-    record = _record(gateway, request_id)
+    record = usage_record(gateway, request_id)
     assert record["output_tokens"] == 0 and record["outcome"] != "ok", record
 
 

@@ -3,7 +3,8 @@
 import json
 import secrets
 
-from tests.integration.support import CHAT_MODEL, EMBED_MODEL, metric_with_label, request, sse_events, wait_for
+from tests.integration.support import (CHAT_MODEL, EMBED_MODEL, metric_with_label, request, sse_events, usage_record,
+                                       wait_for)
 
 CHAT = f"vllm/{CHAT_MODEL}"
 MESSAGES = [{"role": "user", "content": "Count to three."}]
@@ -16,20 +17,10 @@ def _call(gateway, path, body):
     return answer, request_id
 
 
-def _record(gateway, request_id):
-    """The usage record of C{request_id}, once written (flushed every few seconds)."""
-    def found():
-        page = request("GET", gateway.root + f"/admin/api/v1/usage/log?search={request_id}", headers=gateway.auth)
-        data = json.loads(page.body)["data"]
-        return data[0] if data else None
-
-    return wait_for(found, 30, what=f"the usage record of {request_id}")
-
-
 def test_usage_records_equal_vllms_usage(gateway):
     answer, rid = _call(gateway, "/chat/completions", {"model": CHAT, "messages": MESSAGES, "max_tokens": 4})
     usage = json.loads(answer.body)["usage"]
-    record = _record(gateway, rid)
+    record = usage_record(gateway, rid)
     assert (record["input_tokens"], record["output_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
     assert record["replica"] == 0 and record["model"] == CHAT and record["provider"] == "vllm"
 
@@ -37,18 +28,18 @@ def test_usage_records_equal_vllms_usage(gateway):
                                                        "ignore_eos": True, "stream": True})
     events = [json.loads(e) for e in sse_events(answer.body) if e != "[DONE]"]
     assert not any(e.get("usage") for e in events)  # the client did not ask for it...
-    record = _record(gateway, rid)
+    record = usage_record(gateway, rid)
     assert record["stream"] and record["output_tokens"] == 4 and not record["estimated"]  # ...the ledger has it
     assert record["input_tokens"] == usage["prompt_tokens"]
 
     answer, rid = _call(gateway, "/responses", {"model": CHAT, "input": "Count to three.", "max_output_tokens": 4})
     usage = json.loads(answer.body)["usage"]
-    record = _record(gateway, rid)
+    record = usage_record(gateway, rid)
     assert (record["input_tokens"], record["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
 
     answer, rid = _call(gateway, "/embeddings", {"model": f"vllm-embed/{EMBED_MODEL}", "input": "hello there"})
     usage = json.loads(answer.body)["usage"]
-    record = _record(gateway, rid)
+    record = usage_record(gateway, rid)
     assert record["input_tokens"] == usage["prompt_tokens"] and record["endpoint"] == "/v1/embeddings"
 
 

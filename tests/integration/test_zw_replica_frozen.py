@@ -9,14 +9,12 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.integration.support import CHAT_MODEL, free_port, request, tail, wait_for
+from tests.integration.support import CHAT_MODEL, free_port, gateway_env, request, start_twistd, stop, tail, wait_for
 
 MODEL = f"vllm-pool/{CHAT_MODEL}"
 HEADER_TIMEOUT = 120  # what a request held by the frozen replica would wait without its abandonment
@@ -25,19 +23,13 @@ HEADER_TIMEOUT = 120  # what a request held by the frozen replica would wait wit
 @pytest.fixture(scope="module")
 def pool(vllm, tmp_path_factory):
     """A gateway with the two chat servers as replicas of C{vllm-pool}, checked every second."""
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     workdir = tmp_path_factory.mktemp("frozen")
     port, key = free_port(), "gm-it-" + secrets.token_urlsafe(16)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_")) and k != "GOMODEL_CONFIG"}
-    env.update({"VLLM_POOL_BASE_URL": f"{vllm.chat_url},{vllm.chat_key_url}", "VLLM_POOL_API_KEY": vllm.chat_key,
-                "ROUTING_STRATEGY": "round_robin", "REPLICA_HEALTH_INTERVAL": "1s", "REPLICA_FAILURE_THRESHOLD": "1",
-                "HTTP_RESPONSE_HEADER_TIMEOUT": f"{HEADER_TIMEOUT}s", "GOMODEL_MASTER_KEY": key,
-                "PYTHONUNBUFFERED": "1"})
-    log_path = str(workdir / "gateway.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([twistd, "-n", "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
-                                cwd=str(workdir), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+    env = gateway_env({
+        "VLLM_POOL_BASE_URL": f"{vllm.chat_url},{vllm.chat_key_url}", "VLLM_POOL_API_KEY": vllm.chat_key,
+        "ROUTING_STRATEGY": "round_robin", "REPLICA_HEALTH_INTERVAL": "1s", "REPLICA_FAILURE_THRESHOLD": "1",
+        "HTTP_RESPONSE_HEADER_TIMEOUT": f"{HEADER_TIMEOUT}s", "GOMODEL_MASTER_KEY": key})
+    _, proc, log_path = start_twistd(workdir, port, env)
     gw = type("Pool", (), {"root": f"http://127.0.0.1:{port}", "auth": {"Authorization": f"Bearer {key}"},
                            "log_path": log_path, "proc": proc})
     try:
@@ -46,12 +38,7 @@ def pool(vllm, tmp_path_factory):
         assert proc.poll() is None, tail(log_path)
         yield gw
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
 
 
 def _states(gw):
