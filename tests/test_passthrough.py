@@ -8,7 +8,7 @@ import treq
 
 from gomodel import jsonutil
 from tests.rawclient import connect
-from tests.support import (dead_base_url, in_thread, settled, start_fake, start_gateway, track_connections,
+from tests.support import (dead_base_url, in_thread, settled, start_fake, start_gateway, stop_all, track_connections,
                            with_timeout, write_buffer)
 
 
@@ -1001,3 +1001,29 @@ async def test_a_passthrough_path_is_relayed_as_sent_and_its_fragment_never(reac
                            (b"/p/vllm/tokenize?x=1%23#", b"/tokenize?x=1%23")):
         assert (await relayed(path))[1] == upstream, path
     assert await relayed(b"/p/vllm/sleep#x") == (b"403", None)  # (the route the provider would read: an admin's)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_that_broke_off_leaves_its_request_ids_to_none_that_answered(reactor, http):
+    """A replica whose answer broke off before any of it went out, its head naming its request ids, is not the one
+    that answered: the replica asked next answers with ids of its own or none, the gateway's C{request-id} on
+    Anthropic's C{v1/messages} (before: the broken replica's C{request-id} and C{X-Upstream-Request-Id} stayed on
+    the answer, naming a request that did not answer it)."""
+    broken, whole = await start_fake(reactor), await start_fake(reactor)
+    broken.steer = {"fake_raw": "HTTP/1.1 200 OK\r\nx-request-id: req_broken\r\nrequest-id: req_broken\r\n"
+                                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"{broken.base_url},{whole.base_url}",
+                                       "ROUTING_STRATEGY": "round_robin", "REPLICA_FAILURE_THRESHOLD": "1000"})
+    try:
+        for path, ours in (("/p/vllm/tokenize", False), ("/p/vllm/tokenize", False), ("/p/vllm/v1/messages", True),
+                           ("/p/vllm/v1/messages", True)):
+            response = await http.post(gw.url + path, headers={"X-Request-Id": "mine"}, data=json.dumps(
+                {"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": "hi", "max_tokens": 4,
+                 "messages": [{"role": "user", "content": "hi"}]}).encode())
+            await treq.content(response)
+            assert response.code == 200 and response.headers.getRawHeaders("x-gomodel-replica") == ["1"], path
+            assert response.headers.getRawHeaders("x-upstream-request-id") is None, path
+            assert response.headers.getRawHeaders("request-id") == (["mine"] if ours else None), path
+        assert len(broken.requests) >= 2  # (each route was asked of it first once)
+    finally:
+        await stop_all(gw, broken, whole)

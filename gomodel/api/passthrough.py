@@ -315,14 +315,21 @@ async def _vet(request, ctx, provider, name, endpoint, query, response):
     """A passthrough's vet (L{UpstreamCall.vet}): the upstream's own C{request-id} (Anthropic's, which the
     anthropic SDKs read) given to C{request}'s answer in place of the gateway's (whose C{X-Request-Id} stays
     its own), its own C{X-Request-Id} (OpenAI's) as C{X-Upstream-Request-Id} where it is not the gateway's
-    echoed back (vLLM's), and its places rewritten (L{_relocate})."""
-    headers = plain_headers(response.headers)
+    echoed back (vLLM's), and its places rewritten (L{_relocate}). Each replica's answer sets both afresh: one
+    whose answer broke off before it went out leaves its ids to none that answered after it."""
+    headers, answer = plain_headers(response.headers), request.responseHeaders
     upstream_id = headers.get(REQUEST_ID)
     if upstream_id is not None:
-        request.responseHeaders.put(REQUEST_ID, upstream_id[-1])
+        answer.put(REQUEST_ID, upstream_id[-1])
+    elif ctx.dialect is render.ANTHROPIC:
+        answer.put(REQUEST_ID, ctx.request_id)  # (the gateway's, as L{gomodel.http.front} gave it)
+    else:
+        plain_headers(answer).pop(REQUEST_ID, None)
     upstream_id = headers.get(X_REQUEST_ID)
     if upstream_id is not None and upstream_id[-1] != ctx.request_id:
-        request.responseHeaders.put(X_UPSTREAM_REQUEST_ID, upstream_id[-1])
+        answer.put(X_UPSTREAM_REQUEST_ID, upstream_id[-1])
+    else:
+        plain_headers(answer).pop(X_UPSTREAM_REQUEST_ID, None)
     _relocate(ctx, provider, name, endpoint, query, response)
 
 
