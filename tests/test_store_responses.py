@@ -110,7 +110,25 @@ async def test_responses_kept_together_are_all_written_and_the_last_of_an_id_sta
                                 tenant="key:b"))
     for i in (0, 7, 128, 299):
         kept = await store.responses.get(f"resp_{i}")
-        assert kept["response"]["n"] == ("again" if i == 7 else i)
+        assert kept["response"]["n"] == i
     again = await store.responses.get("resp_7")
-    # as if written in turn: the later values, the first one's owner (a response written again keeps it)
-    assert again["status"] == "completed" and again["tenant"] == "key:a"
+    # as if written in turn: another tenant's write of an id leaves the stored one as it was (before: it kept
+    # its owner and took the other tenant's content)
+    assert again["status"] == "queued" and again["response"]["n"] == 7 and again["tenant"] == "key:a"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_written_again_replaces_its_tenants_own_and_never_another_tenants(store):
+    """An upstream that answers one id to two tenants (or the master key's chosen C{request_id}) no longer gives
+    the second's content to the first's stored response (before: its owner kept, its content the other's)."""
+    responses = store.responses
+    await responses.put(record(tenant="key:a", response={"id": "resp_1", "who": "a"}))
+    for tenant in ("key:b", None):
+        await responses.put(record(tenant=tenant, status="completed", response={"id": "resp_1", "who": tenant}))
+        kept = await responses.get("resp_1")
+        assert (kept["tenant"], kept["status"], kept["response"]) == ("key:a", "queued", {"id": "resp_1", "who": "a"})
+    await responses.put(record(tenant="key:a", status="completed", response={"id": "resp_1", "who": "a2"}))
+    assert (await responses.get("resp_1"))["response"]["who"] == "a2"  # its own tenant's replaces it
+    await responses.put(record(id="resp_m", tenant=None))
+    await responses.put(record(id="resp_m", tenant=None, status="completed"))  # (the master key's: none and none)
+    assert (await responses.get("resp_m"))["status"] == "completed"

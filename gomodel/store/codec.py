@@ -11,9 +11,12 @@ _RESPONSE_REPLACED = ("provider", "replica", "created_at", "previous_response_id
 
 
 # The statement that stores responses, before its rows of values, and after them: a response stored
-# again replaces the stored one.
+# again replaces the stored one where it is its tenant's (the same tenant, or both none); another tenant's is
+# left as it is (an upstream answering one id to two tenants, the master key's chosen C{request_id}).
 RESPONSE_INSERT = f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES"
-RESPONSE_CONFLICT = "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _RESPONSE_REPLACED)
+RESPONSE_CONFLICT = ("ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _RESPONSE_REPLACED)
+                     + " WHERE responses.tenant = excluded.tenant OR (responses.tenant IS NULL AND "
+                     "excluded.tenant IS NULL)")
 
 
 def response_upsert(mark: str) -> str:

@@ -1,0 +1,50 @@
+"""Stored responses across tenants, deletions, retention and cut streams: what a follow-up continues."""
+
+import json
+
+import openai
+import pytest
+import pytest_twisted
+import treq
+
+from tests.support import in_thread, openai_client, start_fake, start_gateway
+from tests.test_keys import MASTER, MODEL, new_key
+
+UPSTREAM = MODEL.split("/", 1)[1]
+
+
+@pytest_twisted.async_yield_fixture()
+async def keyed(reactor, tmp_path):
+    """A gateway (master key L{MASTER}) in front of one fake vLLM: C{(gateway, vllm)}."""
+    vllm = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                            "GOMODEL_DATA_DIR": str(tmp_path)})
+    yield gateway, vllm
+    await gateway.service.stopService()
+    await vllm.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_answering_one_id_to_two_tenants_never_changes_the_first_ones_stored_response(http, keyed):
+    """An upstream that gives the same response id to two tenants' creates: the second's answer is not stored
+    over the first's (before: the first tenant's stored response kept its owner and took the second's content,
+    which its retrieve and its next turn, replayed, then read)."""
+    gw, vllm = keyed
+    vllm.steer = {"request_id": "resp_same"}  # (every response the fake makes gets that id)
+    alpha, beta = await new_key(http, gw, user_path="/team/alpha"), await new_key(http, gw)
+    clients = {name: openai_client(gw, key["value"]) for name, key in (("alpha", alpha), ("beta", beta))}
+    try:
+        first = await in_thread(clients["alpha"].responses.create, model=MODEL, input="alpha's plans",
+                                extra_body={"fake_text": "alpha"})
+        second = await in_thread(clients["beta"].responses.create, model=MODEL, input="beta's words",
+                                 extra_body={"fake_text": "beta"})
+        assert first.id == second.id == "resp_same"
+        kept = await gw.service.store.responses.get("resp_same")
+        assert "alpha" in kept["tenant"], kept["tenant"]
+        assert kept["input_items"][0]["content"][0]["text"] == "alpha's plans"
+        assert (await in_thread(clients["alpha"].responses.retrieve, "resp_same")).output_text == "alpha" * 3
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(clients["beta"].responses.retrieve, "resp_same")
+    finally:
+        for client in clients.values():
+            client.close()
