@@ -202,7 +202,11 @@ async def conversation(store, record) -> list:
     """The whole conversation up to and including C{record}'s output, as explicit input items.
 
     Follows C{previous_response_id} back through C{store} (an L{IResponseStore}), in one read
-    (L{gomodel.store.interfaces.IResponseStore.chain}: a turn whose record is gone ends it).
+    (L{gomodel.store.interfaces.IResponseStore.chain}: a turn whose record is gone ends it). A turn deleted
+    through the gateway ends it as its start (the conversation goes on from the turns after it); one gone
+    otherwise (swept by the retention, never stored) leaves no whole conversation to replay.
+
+    @raise InvalidRequest: a turn it follows is gone, not deleted (L{unknown_previous}'s code, naming it).
     """
     turns = [record]
     if record.get("previous_response_id"):
@@ -212,6 +216,12 @@ async def conversation(store, record) -> list:
                 break
             seen.add(turn["id"])
             turns.append(turn)
+        missing = turns[-1].get("previous_response_id")
+        if missing and missing not in seen and len(turns) < MAX_CHAIN and not await store.deleted(missing):
+            raise InvalidRequest(f"Previous response with id '{shown(str(record['id']))}' cannot be continued: "
+                                 f"the earlier response '{shown(str(missing))}' it follows is no longer stored "
+                                 "(past the gateway's retention, or never stored).", param="previous_response_id",
+                                 code="previous_response_not_found")
     items = []
     for turn in reversed(turns):
         for item in turn["input_items"] + (turn["response"].get("output") or []):

@@ -48,3 +48,42 @@ async def test_an_upstream_answering_one_id_to_two_tenants_never_changes_the_fir
     finally:
         for client in clients.values():
             client.close()
+
+
+async def sweep(gateway, response_id):
+    """Sweep C{response_id} alone, as the retention does once it is past it (its record aged, then swept)."""
+    responses = gateway.service.store.responses
+    record = await responses.get(response_id)
+    await responses.put(dict(record, created_at=0))
+    assert await responses.delete_before(1) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follow_up_of_a_conversation_whose_first_turn_was_swept_is_previous_response_not_found(reactor):
+    """A conversation replayed (to a translated provider, to a vLLM that restarted) whose earlier turn the retention
+    swept is OpenAI's 400 C{previous_response_not_found}, naming the turn gone, and nothing goes upstream (before:
+    the turns left were sent as the whole conversation, silently without its start). One naming the swept turn
+    itself is that 400 too."""
+    for native in (False, True):
+        fake = await start_fake(reactor, responses=native)
+        gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+        client = openai_client(gw)
+        try:
+            first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+            second = await in_thread(client.responses.create, model=MODEL, input="hi", previous_response_id=first.id)
+            third = await in_thread(client.responses.create, model=MODEL, input="ok", previous_response_id=second.id)
+            await sweep(gw, first.id)
+            fake.stored_responses.clear()  # (natively: vLLM restarted, the conversation goes explicitly)
+            sent = len(fake.requests)
+            for previous in (third.id, first.id):
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await in_thread(client.responses.create, model=MODEL, input="who am I?",
+                                    previous_response_id=previous)
+                error = refused.value.body
+                assert (error["param"], error["code"]) == ("previous_response_id", "previous_response_not_found")
+                assert first.id in error["message"], error
+            assert [r.path for r in fake.requests[sent:]] == ([b"/v1/responses"] * 2 if native else [])
+        finally:
+            client.close()
+            await gw.service.stopService()
+            await fake.stop()
