@@ -87,3 +87,41 @@ async def test_a_follow_up_of_a_conversation_whose_first_turn_was_swept_is_previ
             client.close()
             await gw.service.stopService()
             await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_passthrough_never_continues_a_turn_deleted_through_the_gateway(http, keyed):
+    """C{/p/{provider}/v1/responses} continuing a response deleted through the gateway, or a later turn of its
+    conversation, is the 400 C{previous_response_not_found} for every key, the master key too, and nothing reaches
+    the instance, which still holds the deleted turn (vLLM has no delete; before: the master key's went raw and
+    vLLM went on with the deleted turn). C{/v1/responses} continues the later turn without it."""
+    gw, vllm = keyed
+    alpha = await new_key(http, gw, user_path="/team/alpha")
+    client = openai_client(gw, alpha["value"])
+    try:
+        first = await in_thread(client.responses.create, model=MODEL, input="forget me")
+        second = await in_thread(client.responses.create, model=MODEL, input="and", previous_response_id=first.id)
+        other = await in_thread(client.responses.create, model=MODEL, input="kept")
+        await in_thread(client.responses.delete, first.id)
+    finally:
+        client.close()
+
+    def send(key, previous, path="/p/vllm/v1/responses", model=UPSTREAM):
+        return http.post(gw.url + path, data=json.dumps({"model": model, "input": "then?",
+                                                         "previous_response_id": previous}).encode(),
+                         headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+
+    sent = len(vllm.requests)
+    for key in (MASTER, alpha["value"]):
+        for previous in (first.id, second.id):
+            answer = await send(key, previous)
+            error = json.loads(await treq.content(answer))["error"]
+            assert (answer.code, error["param"], error["code"]) == (400, "previous_response_id",
+                                                                   "previous_response_not_found"), error
+    assert len(vllm.requests) == sent  # nothing reached the instance
+    answer = await send(MASTER, other.id)  # a conversation with no turn deleted goes raw, as it came
+    assert answer.code == 200 and json.loads(await treq.content(answer))["previous_response_id"] == other.id
+    answer = await send(MASTER, second.id, "/v1/responses", MODEL)  # sent explicitly, without the deleted turn
+    assert answer.code == 200, await treq.content(answer)
+    await treq.content(answer)
+    assert "forget me" not in json.dumps(vllm.requests[-1].body["input"])

@@ -70,6 +70,9 @@ CLIENT_ROUTES = frozenset((
     "audio/transcriptions", "audio/translations", "realtime",
 ))
 
+# The field of a Responses body continuing a stored response (looked for before a body is read as JSON).
+_B_PREVIOUS = b'"previous_response_id"'
+
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
 # (the gateway's own headers stay here; OpenAI-Organization and OpenAI-Project pick within the provider key's
 # account: the gateway's, not a client's; the gateway asks vLLM for its load report itself, and keeps it; a
@@ -155,6 +158,8 @@ class Passthrough:
             await self._owned(principal, request.method, target.bare, body)
             if body is not None and provider.type in SALTED_PROVIDER_TYPES:
                 body = self._keyed(body, principal, provider, route)
+        elif body is not None and self._responses is not None and _B_PREVIOUS in body:
+            await self._continues_kept(principal, route, body)
         model, ctx.asked_stream = served_model(body, provider)
         if model is not None:
             ctx.route(provider, model, model)
@@ -204,9 +209,39 @@ class Passthrough:
                 return
             if len(parts) == 1:
                 no_chosen_id(fields, principal)
-            previous = fields.get("previous_response_id")
-            if previous and self._responses is not None:
-                await continued(self._responses, str(previous), principal)
+            await self._follows_kept(principal, fields)
+
+    async def _continues_kept(self, principal, route, body):
+        """Refuse the master key's (an open gateway's) C{body} to C{route} continuing a response deleted through
+        the gateway, or one following such a response (L{_follows_kept}), on C{responses} and the routes below
+        it that name no response; a body that is no JSON object goes as it came."""
+        parts = route.split("/")
+        if parts[0] != "responses" or len(parts) > 1 and parts[1] not in RESPONSES_ROUTES:
+            return
+        try:
+            fields = jsonutil.loads(body)
+        except jsonutil.JSONError:
+            return
+        if fields.__class__ is dict:
+            await self._follows_kept(principal, fields)
+
+    async def _follows_kept(self, principal, fields):
+        """Refuse C{fields} (a Responses body) continuing what the gateway does not hold for C{principal}
+        (L{continued}), or a conversation one of whose turns was deleted through the gateway: its instance
+        still holds that turn (vLLM keeps responses in memory), and a raw body cannot be sent the conversation
+        without it (C{/v1/responses} does that).
+
+        @raise InvalidRequest: C{previous_response_not_found}.
+        """
+        previous = fields.get("previous_response_id")
+        if not previous or self._responses is None:
+            return
+        record = await continued(self._responses, str(previous), principal)
+        if record is not None and await self._responses.follows_deleted(record["id"]):
+            raise errors.InvalidRequest(
+                f"Previous response with id '{errors.shown(str(previous))}' follows a response deleted through the "
+                "gateway, which its instance still holds: /v1/responses continues it without that turn.",
+                param="previous_response_id", code="previous_response_not_found")
 
     def _keyed(self, body, principal, provider, route):
         """C{body} (raw) with a managed key's C{cache_salt} and C{priority} set as on C{/v1}
