@@ -199,14 +199,20 @@ def as_list(value) -> list:
 
 
 async def conversation(store, record) -> list:
-    """The whole conversation up to and including C{record}'s output, as explicit input items.
+    """The whole conversation up to and including C{record}'s output, as explicit input items (L{_turns})."""
+    return _replayed(await _turns(store, record))
+
+
+async def _turns(store, record, whole=True) -> list:
+    """The stored turns of C{record}'s conversation, the first first, C{record} last.
 
     Follows C{previous_response_id} back through C{store} (an L{IResponseStore}), in one read
     (L{gomodel.store.interfaces.IResponseStore.chain}: a turn whose record is gone ends it). A turn deleted
     through the gateway ends it as its start (the conversation goes on from the turns after it); one gone
     otherwise (swept by the retention, never stored) leaves no whole conversation to replay.
 
-    @raise InvalidRequest: a turn it follows is gone, not deleted (L{unknown_previous}'s code, naming it).
+    @raise InvalidRequest: C{whole}, and a turn it follows is gone, not deleted (L{unknown_previous}'s code,
+        naming it).
     """
     turns = [record]
     if record.get("previous_response_id"):
@@ -217,24 +223,88 @@ async def conversation(store, record) -> list:
             seen.add(turn["id"])
             turns.append(turn)
         missing = turns[-1].get("previous_response_id")
-        if missing and missing not in seen and len(turns) < MAX_CHAIN and not await store.deleted(missing):
+        if whole and missing and missing not in seen and len(turns) < MAX_CHAIN and not await store.deleted(missing):
             raise InvalidRequest(f"Previous response with id '{shown(str(record['id']))}' cannot be continued: "
                                  f"the earlier response '{shown(str(missing))}' it follows is no longer stored "
                                  "(past the gateway's retention, or never stored).", param="previous_response_id",
                                  code="previous_response_not_found")
-    items = []
-    for turn in reversed(turns):
+    turns.reverse()
+    return turns
+
+
+def _replayed(turns, known=None) -> list:
+    """The input items replaying C{turns} (L{as_input}), a turn's C{item_reference} as the earlier item it names;
+    C{known} (a dict, or None) gets every item of theirs by id (L{_index})."""
+    items, known = [], {} if known is None else known
+    for turn in turns:
         for item in turn["input_items"] + (turn["response"].get("output") or []):
-            replayed = as_input(item)
+            if item.__class__ is dict and item.get("type") == "item_reference":
+                item = known.get(item.get("id"), item)
+            replayed = as_input(item) if item.__class__ is dict else None
             if replayed is not None:
                 items.append(replayed)
+        _index(turn, known)
     return items
+
+
+def _index(turn, known: dict):
+    """Add C{turn}'s input and output items to C{known} (id -> item)."""
+    for item in turn["input_items"] + (turn["response"].get("output") or []):
+        if item.__class__ is dict and item.get("type") != "item_reference" and item.get("id").__class__ is str:
+            known[item["id"]] = item
+
+
+def references(items) -> bool:
+    """Whether Responses input C{items} hold an C{item_reference}."""
+    return items.__class__ is list and any(item.__class__ is dict and item.get("type") == "item_reference"
+                                           for item in items)
+
+
+def resolved(items: list, known: dict, strict=True) -> list:
+    """Responses input C{items} with each C{item_reference} as the stored item it names (L{as_input}), from
+    C{known} (id -> item: a conversation's, L{_index}); one naming none is left as it is unless C{strict}.
+
+    @raise InvalidRequest: C{strict}, and one names no item of C{known} (L{unknown_item}).
+    """
+    if not references(items):
+        return items
+    out = []
+    for index, item in enumerate(items):
+        if item.__class__ is dict and item.get("type") == "item_reference":
+            found = known.get(item.get("id")) if item.get("id").__class__ is str else None
+            if found is not None:
+                item = as_input(found) or found
+            elif strict:
+                raise unknown_item(item.get("id"), index)
+        out.append(item)
+    return out
+
+
+async def with_references(store, body, previous) -> dict:
+    """C{body}, a native follow-up of C{previous} (its stored record), with each C{item_reference} naming an item of
+    its conversation as that item (the upstream, which holds the conversation, may not resolve it: vLLM), others
+    as they are (the upstream may hold them); C{body} itself where it has none (no read)."""
+    if not references(body.get("input")):
+        return body
+    known = {}
+    _replayed(await _turns(store, previous, whole=False), known)
+    return dict(body, input=resolved(body["input"], known, strict=False))
+
+
+def unknown_item(item_id, index) -> InvalidRequest:
+    """The 400 of an C{item_reference} (at C{index} of the input) naming no item of the conversation it continues."""
+    return InvalidRequest(f"Item with id '{shown(str(item_id))}' not found: an item_reference (input[{index}]) names "
+                          "an item of the conversation it continues (previous_response_id).", param="input",
+                          code="invalid_value")
 
 
 async def with_history(store, body, previous) -> dict:
     """C{body} (a create's, a batch line's) with the conversation up to C{previous} (its stored record) as explicit
-    input (L{conversation}), and no C{previous_response_id}."""
-    explicit = dict(body, input=await conversation(store, previous) + as_list(body.get("input")))
+    input (L{conversation}), its C{item_reference}s as the items they name (L{resolved}), and no
+    C{previous_response_id}."""
+    known = {}
+    replayed = _replayed(await _turns(store, previous), known)
+    explicit = dict(body, input=replayed + resolved(as_list(body.get("input")), known))
     explicit.pop("previous_response_id", None)
     return explicit
 

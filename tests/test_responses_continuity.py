@@ -125,3 +125,53 @@ async def test_the_passthrough_never_continues_a_turn_deleted_through_the_gatewa
     assert answer.code == 200, await treq.content(answer)
     await treq.content(answer)
     assert "forget me" not in json.dumps(vllm.requests[-1].body["input"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_item_reference_is_the_item_of_the_conversation_it_names_and_an_unknown_one_a_400(reactor):
+    """C{{"type": "item_reference", "id": ...}} input items name an item (an input's, an output's) of the
+    conversation continued: translated to chat, or sent to a vLLM explicitly or natively, each is that item (before:
+    translated, a 400 \"not supported\"; replayed, it was left out). One naming no item of the conversation is a
+    400 on C{input} naming its id, before the upstream."""
+    for native in (False, True):
+        fake = await start_fake(reactor, responses=native)
+        gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+        client = openai_client(gw)
+        try:
+            first = await in_thread(client.responses.create, model=MODEL,
+                                    input=[{"role": "user", "content": "my name is Ada", "id": "msg_ada"}])
+            said = first.output[0].id
+            for restarted in ((False, True) if native else (False,)):
+                if restarted:
+                    fake.stored_responses.clear()  # (sent the conversation explicitly)
+                await in_thread(client.responses.create, model=MODEL, previous_response_id=first.id, input=[
+                    {"type": "item_reference", "id": "msg_ada"}, {"type": "item_reference", "id": said},
+                    {"role": "user", "content": "who am I?"}])
+                sent = fake.requests[-1].body
+                if native and not restarted:  # (its instance holds the conversation: the items alone are resolved)
+                    assert sent["previous_response_id"] == first.id
+                    assert sent["input"][:2] == [{"role": "user", "content": "my name is Ada"},
+                                                 {"role": "assistant", "content": "héhéhé"}]
+                elif native:
+                    assert [item["content"] for item in sent["input"]] == ["my name is Ada", "héhéhé", "my name is Ada",
+                                                                           "héhéhé", "who am I?"]
+                else:
+                    assert [m["content"] for m in sent["messages"]] == ["my name is Ada", "héhéhé", "my name is Ada",
+                                                                        "héhéhé", "who am I?"]
+            before = len(fake.requests)
+            asks = [{"previous_response_id": first.id}] + ([] if native else [{}])
+            for extra in asks:
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await in_thread(client.responses.create, model=MODEL, **extra,
+                                    input=[{"role": "user", "content": "hi"}, {"type": "item_reference", "id": "msg_nope"}])
+                error = refused.value.body
+                assert error["param"] == "input" and "msg_nope" in error["message"], error
+                assert refused.value.status_code == 400 and refused.value.body["type"] == "invalid_request_error"
+            if native:
+                assert len(fake.requests) == before + 1  # (its instance still holds it: no explicit send)
+            else:
+                assert len(fake.requests) == before
+        finally:
+            client.close()
+            await gw.service.stopService()
+            await fake.stop()

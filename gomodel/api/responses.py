@@ -26,7 +26,8 @@ from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, no_chosen_id, normalise_input,
-                                      relink, unknown_previous, unknown_response, with_history)
+                                      relink, unknown_previous, unknown_response, with_history,
+                                      with_references)
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.translate.whole_response import response_events
@@ -139,7 +140,8 @@ class ResponsesRoute:
                                              or await self._store.follows_deleted(previous["id"])):
                     explicit = await with_history(self._store, body, previous)
                     return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity, True)
-                return await self._native(request, ctx, provider, body, stream, turn, prefer, affinity)
+                sent = body if previous is None else await with_references(self._store, body, previous)
+                return await self._native(request, ctx, provider, sent, stream, turn, prefer, affinity)
             except _NotKnownUpstream:
                 if previous is None:  # stored meanwhile (another host's write was not committed yet)
                     previous = await self._previous(body, ctx.principal)

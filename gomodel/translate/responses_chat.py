@@ -11,7 +11,7 @@ from gomodel.anthropic.translate import ABORTED
 from gomodel.errors import BadUpstreamResponse, InvalidRequest, quoted
 from gomodel.ids import new_id
 from gomodel.proxy.sse import SSEFramer, StreamIncomplete, data_object, event_data, require_end
-from gomodel.responses_history import unknown_previous
+from gomodel.responses_history import unknown_item, unknown_previous
 
 # Responses request fields with no chat-completions meaning; everything else
 # unknown to us is copied (vLLM extras like top_k survive the translation).
@@ -114,6 +114,8 @@ def _messages(items, param="input"):
                              "content": output if isinstance(output, (str, list)) else jsonutil.dumps(output).decode()})
         elif kind == "reasoning":
             continue
+        elif kind == "item_reference":  # (one of the conversation continued was resolved: L{with_history})
+            raise unknown_item(item.get("id"), index)
         else:
             raise InvalidRequest(f"invalid input item at index {index}: type {quoted(kind)} is not supported "
                                  "by this provider.", param=param, code="unsupported_value")
