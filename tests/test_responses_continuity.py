@@ -175,3 +175,79 @@ async def test_an_item_reference_is_the_item_of_the_conversation_it_names_and_an
             client.close()
             await gw.service.stopService()
             await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_native_stream_the_client_leaves_or_that_breaks_is_kept_with_what_it_made(reactor, gateway, fake):
+    """A native stored stream cut after its text began is kept with the output it made so far, as a translated one
+    is: C{cancelled} where the client left, C{failed} where it broke (before: the response its first event carried,
+    its output empty, so its follow-up went on without what the client had read)."""
+    from tests.test_responses_lifecycle import stored_eventually
+
+    client = openai_client(gateway)
+
+    def left():
+        events = client.responses.create(model=MODEL, input="long job", stream=True,
+                                         extra_body={"fake_hang_after": 4})
+        try:
+            each = iter(events)
+            first = next(each)
+            while next(each).type != "response.output_text.delta":
+                pass
+            return first.response.id
+        finally:
+            events.close()
+
+    def broke():
+        seen = []
+        with pytest.raises(openai.APIError):
+            with client.responses.stream(model=MODEL, input="long job", extra_body={"fake_die_after": 4}) as events:
+                seen.extend(events)
+        assert seen[-2].type == "response.output_text.delta"
+        return seen[0].response.id
+
+    try:
+        for cut, status in ((left, "cancelled"), (broke, "failed")):
+            response_id = await in_thread(cut)
+            await stored_eventually(gateway, response_id)
+            kept = await in_thread(client.responses.retrieve, response_id)
+            assert (kept.status, kept.output_text) == (status, "héhéhé"), kept
+            assert kept.output[0].type == "message" and kept.output[0].role == "assistant"
+            fake.stored_responses.clear()  # (its follow-up replays it: what the client read is part of it)
+            await in_thread(client.responses.create, model=MODEL, input="go on", previous_response_id=response_id)
+            assert fake.requests[-1].body["input"][1] == {"role": "assistant", "content": "héhéhé"}
+        fake.finish_hung()
+    finally:
+        client.close()
+
+
+def test_a_partial_stream_folds_text_and_function_call_arguments_cut_anywhere_and_long_ones_as_it_goes():
+    from gomodel import jsonutil
+    from gomodel.responses_partial import FOLD_BYTES, PartialStream
+
+    def event(kind, **fields):
+        return b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(dict(fields, type=kind)) + b"\n\n"
+
+    deltas = FOLD_BYTES // 40  # (a stream of more than FOLD_BYTES: folded as it goes)
+    stream = b"".join([
+        event("response.created", response={"id": "resp_1", "status": "in_progress", "output": []}),
+        event("response.output_item.added", output_index=0, item={"id": "fc_1", "type": "function_call",
+                                                                  "name": "f", "arguments": "", "call_id": "c"}),
+        event("response.function_call_arguments.delta", output_index=0, delta='{"a":'),
+        event("response.function_call_arguments.delta", output_index=0, delta=' 1}'),
+        event("response.output_item.done", output_index=0, item={"id": "fc_1", "type": "function_call", "name": "f",
+                                                                 "arguments": '{"a": 1}', "call_id": "c"}),
+        event("response.output_item.added", output_index=1, item={"id": "msg_1", "type": "message",
+                                                                  "role": "assistant", "content": []}),
+        event("response.content_part.added", output_index=1, content_index=0, part={"type": "output_text",
+                                                                                     "text": ""}),
+        *[event("response.output_text.delta", output_index=1, content_index=0, delta="é") for _ in range(deltas)]])
+    partial = PartialStream()
+    for at in range(0, len(stream), 999):  # (reads cut anywhere, in an event too)
+        partial.add(stream[at:at + 999])
+    response = partial.response()
+    assert response["id"] == "resp_1"
+    call, message = response["output"]
+    assert call["arguments"] == '{"a": 1}'
+    assert message["content"][0]["text"] == "é" * deltas
+    assert PartialStream().response() is None

@@ -28,6 +28,7 @@ from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, no_chosen_id, normalise_input,
                                       relink, unknown_previous, unknown_response, with_history,
                                       with_references)
+from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
 from gomodel.translate.whole_response import response_events
@@ -635,7 +636,7 @@ class _Relinked(ResponsesStreamObserver):
     """
 
     started = None
-    _opening = None  # the first events of a stored stream not in the background (L{began})
+    _partial = None  # the events of a stored stream not in the background, folded where it ends early (L{began})
 
     def __init__(self, previous_id, turn=None, hide=None, background=False):
         """
@@ -655,9 +656,10 @@ class _Relinked(ResponsesStreamObserver):
         if self._previous_id is not None:
             out = relink(self._previous_id, None, out)
         if self._turn is not None and self.started is None and out:
-            if not self._background:  # (its first events, read only where the stream ends before its end)
-                if self._opening is None:
-                    self._opening = out
+            if not self._background:  # (its events, read only where the stream ends before its end)
+                if self._partial is None:
+                    self._partial = PartialStream()
+                self._partial.add(out)
                 return out
             self.started = _first_response(out)
             if self.started is not None:
@@ -669,10 +671,11 @@ class _Relinked(ResponsesStreamObserver):
 
     def began(self):
         """The response object of the stream's first event that carries one (C{response.created}; naming the
-        response it follows), or None: what a stream that ends before its final event keeps (L{_final})."""
-        if self.started is None and self._opening is not None:
-            self.started = _first_response(self._opening)
-            self._opening = None
+        response it follows), its output as far as the stream went (L{PartialStream}), or None: what a stream
+        that ends before its final event keeps (L{_final})."""
+        if self.started is None and self._partial is not None:
+            self.started = self._partial.response()
+            self._partial = None
         return self.started
 
     def _observe(self, event) -> bool:
