@@ -13,6 +13,11 @@ from tests.test_keys import MASTER, MODEL, new_key
 UPSTREAM = MODEL.split("/", 1)[1]
 
 
+def asked(fake):
+    """The requests C{fake} got but for the gateway's health and model list probes."""
+    return [r for r in fake.requests if r.path not in (b"/health", b"/v1/models", b"/metrics", b"/load")]
+
+
 @pytest_twisted.async_yield_fixture()
 async def keyed(reactor, tmp_path):
     """A gateway (master key L{MASTER}) in front of one fake vLLM: C{(gateway, vllm)}."""
@@ -74,7 +79,7 @@ async def test_a_follow_up_of_a_conversation_whose_first_turn_was_swept_is_previ
             third = await in_thread(client.responses.create, model=MODEL, input="ok", previous_response_id=second.id)
             await sweep(gw, first.id)
             fake.stored_responses.clear()  # (natively: vLLM restarted, the conversation goes explicitly)
-            sent = len(fake.requests)
+            sent = len(asked(fake))
             for previous in (third.id, first.id):
                 with pytest.raises(openai.BadRequestError) as refused:
                     await in_thread(client.responses.create, model=MODEL, input="who am I?",
@@ -82,7 +87,7 @@ async def test_a_follow_up_of_a_conversation_whose_first_turn_was_swept_is_previ
                 error = refused.value.body
                 assert (error["param"], error["code"]) == ("previous_response_id", "previous_response_not_found")
                 assert first.id in error["message"], error
-            assert [r.path for r in fake.requests[sent:]] == ([b"/v1/responses"] * 2 if native else [])
+            assert [r.path for r in asked(fake)[sent:]] == ([b"/v1/responses"] * 2 if native else [])
         finally:
             client.close()
             await gw.service.stopService()
@@ -111,20 +116,20 @@ async def test_the_passthrough_never_continues_a_turn_deleted_through_the_gatewa
                                                          "previous_response_id": previous}).encode(),
                          headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
 
-    sent = len(vllm.requests)
+    sent = len(asked(vllm))
     for key in (MASTER, alpha["value"]):
         for previous in (first.id, second.id):
             answer = await send(key, previous)
             error = json.loads(await treq.content(answer))["error"]
             assert (answer.code, error["param"], error["code"]) == (400, "previous_response_id",
                                                                    "previous_response_not_found"), error
-    assert len(vllm.requests) == sent  # nothing reached the instance
+    assert len(asked(vllm)) == sent  # nothing reached the instance
     answer = await send(MASTER, other.id)  # a conversation with no turn deleted goes raw, as it came
     assert answer.code == 200 and json.loads(await treq.content(answer))["previous_response_id"] == other.id
     answer = await send(MASTER, second.id, "/v1/responses", MODEL)  # sent explicitly, without the deleted turn
     assert answer.code == 200, await treq.content(answer)
     await treq.content(answer)
-    assert "forget me" not in json.dumps(vllm.requests[-1].body["input"])
+    assert "forget me" not in json.dumps(asked(vllm)[-1].body["input"])
 
 
 @pytest_twisted.ensureDeferred
@@ -147,7 +152,7 @@ async def test_an_item_reference_is_the_item_of_the_conversation_it_names_and_an
                 await in_thread(client.responses.create, model=MODEL, previous_response_id=first.id, input=[
                     {"type": "item_reference", "id": "msg_ada"}, {"type": "item_reference", "id": said},
                     {"role": "user", "content": "who am I?"}])
-                sent = fake.requests[-1].body
+                sent = asked(fake)[-1].body
                 if native and not restarted:  # (its instance holds the conversation: the items alone are resolved)
                     assert sent["previous_response_id"] == first.id
                     assert sent["input"][:2] == [{"role": "user", "content": "my name is Ada"},
@@ -158,7 +163,7 @@ async def test_an_item_reference_is_the_item_of_the_conversation_it_names_and_an
                 else:
                     assert [m["content"] for m in sent["messages"]] == ["my name is Ada", "héhéhé", "my name is Ada",
                                                                         "héhéhé", "who am I?"]
-            before = len(fake.requests)
+            before = len(asked(fake))
             asks = [{"previous_response_id": first.id}] + ([] if native else [{}])
             for extra in asks:
                 with pytest.raises(openai.BadRequestError) as refused:
@@ -168,9 +173,9 @@ async def test_an_item_reference_is_the_item_of_the_conversation_it_names_and_an
                 assert error["param"] == "input" and "msg_nope" in error["message"], error
                 assert refused.value.status_code == 400 and refused.value.body["type"] == "invalid_request_error"
             if native:
-                assert len(fake.requests) == before + 1  # (its instance still holds it: no explicit send)
+                assert len(asked(fake)) == before + 1  # (its instance still holds it: no explicit send)
             else:
-                assert len(fake.requests) == before
+                assert len(asked(fake)) == before
         finally:
             client.close()
             await gw.service.stopService()
@@ -215,7 +220,7 @@ async def test_a_native_stream_the_client_leaves_or_that_breaks_is_kept_with_wha
             assert kept.output[0].type == "message" and kept.output[0].role == "assistant"
             fake.stored_responses.clear()  # (its follow-up replays it: what the client read is part of it)
             await in_thread(client.responses.create, model=MODEL, input="go on", previous_response_id=response_id)
-            assert fake.requests[-1].body["input"][1] == {"role": "assistant", "content": "héhéhé"}
+            assert asked(fake)[-1].body["input"][1] == {"role": "assistant", "content": "héhéhé"}
         fake.finish_hung()
     finally:
         client.close()
@@ -251,3 +256,56 @@ def test_a_partial_stream_folds_text_and_function_call_arguments_cut_anywhere_an
     assert call["arguments"] == '{"a": 1}'
     assert message["content"][0]["text"] == "é" * deltas
     assert PartialStream().response() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_when_translated_and_goes_natively(reactor):
+    """C{truncation: "auto"} over chat completions: a conversation the upstream says does not fit its context is sent
+    again without its oldest turns (its instructions and its last message kept, what is kept starting at a user
+    message), streamed or not, and the response says C{"truncation": "auto"} (before: the field was dropped, the
+    answer said C{"disabled"}, and the client got the upstream's 400). Without it the 400 stays. Natively it goes
+    to the upstream as it came, a replayed conversation's too."""
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = openai_client(gw)
+    try:
+        first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada " * 20)
+        second = await in_thread(client.responses.create, model=MODEL, input="I like tea " * 20,
+                                 previous_response_id=first.id)
+        fits = {"fake_context": 450}  # (the instructions, the second turn and the question; not the first turn)
+        with pytest.raises(openai.BadRequestError):
+            await in_thread(client.responses.create, model=MODEL, input="who am I?", instructions="be brief",
+                            previous_response_id=second.id, extra_body=fits)
+        for stream in (False, True):
+            sent = len(asked(fake))
+            ask = dict(model=MODEL, input="who am I?", instructions="be brief", previous_response_id=second.id,
+                         truncation="auto", extra_body=fits)
+            if stream:
+                def streamed():
+                    with client.responses.stream(**ask) as events:
+                        return events.get_final_response()
+                answer = await in_thread(streamed)
+            else:
+                answer = await in_thread(client.responses.create, **ask)
+            assert answer.truncation == "auto" and answer.output_text == "héhéhé"
+            tried = [r for r in asked(fake)[sent:] if r.path == b"/v1/chat/completions"]
+            assert len(tried) == 2
+            said = [m["content"].split(" ")[0] for m in tried[-1].body["messages"]]
+            assert said == ["be", "I", "héhéhé", "who"], said
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await fake.stop()
+    fake = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = openai_client(gw)
+    try:
+        first = await in_thread(client.responses.create, model=MODEL, input="hi")
+        fake.stored_responses.clear()  # (replayed explicitly)
+        await in_thread(client.responses.create, model=MODEL, input="x", truncation="auto",
+                        previous_response_id=first.id)
+        assert asked(fake)[-1].body["truncation"] == "auto" and len(asked(fake)[-1].body["input"]) == 3
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await fake.stop()

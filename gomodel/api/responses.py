@@ -30,7 +30,7 @@ from gomodel.responses_history import (continued, cut_short, error_hidden, error
                                       with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
-from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat
+from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat, truncated
 from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error, without_address
@@ -159,7 +159,23 @@ class ResponsesRoute:
         echo = dict(body, store=turn.stored, previous_response_id=turn.previous_id)
         if previous is not None:
             body = await with_history(self._store, body, previous)
-        chat = jsonutil.dumps(request_to_chat(body))
+        chat, tries = request_to_chat(body), 0
+        while True:
+            try:
+                return await self._translated(request, ctx, provider, body, echo, jsonutil.dumps(chat), stream, turn,
+                                              prefer, affinity)
+            except errors.UpstreamError as e:
+                tries += 1
+                shorter = truncated(chat, e, tries) if body.get("truncation") == "auto" else None
+                if shorter is None:
+                    raise
+                self.log.info("the prompt for {provider} did not fit its context: its {count} oldest messages "
+                              "dropped (truncation auto)", provider=provider.name,
+                              count=len(chat["messages"]) - len(shorter["messages"]))
+                chat = shorter
+
+    async def _translated(self, request, ctx, provider, body, echo, chat, stream, turn, prefer, affinity):
+        """Create the response at C{provider}'s chat completions, C{chat} the body translated (L{_create_at})."""
         if stream:
             observer = ChatToResponsesStream(echo, self._clock, partial(without_address, upstream=provider))
             # (an upstream that ignores "stream" answers whole: its answer becomes the stream's events)

@@ -5,9 +5,11 @@ so that a Responses client (C{client.responses.create} / C{.stream}) works
 against any upstream.
 """
 
+import re
+
 from gomodel import jsonutil
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
-from gomodel.anthropic.translate import ABORTED
+from gomodel.anthropic.translate import ABORTED, context_overflow
 from gomodel.errors import BadUpstreamResponse, InvalidRequest, quoted
 from gomodel.ids import new_id
 from gomodel.proxy.sse import SSEFramer, StreamIncomplete, data_object, event_data, require_end
@@ -75,6 +77,58 @@ def request_to_chat(body: dict) -> dict:
     if body.get("stream") is True:
         chat["stream_options"] = {"include_usage": True}
     return chat
+
+
+# What L{context_overflow} makes of an upstream's words for a prompt that does not fit the model's context.
+_TOO_LONG = re.compile(r"^prompt is too long: (\d+) tokens > (\d+) maximum$")
+_WITH_MAX_TOKENS = re.compile(r"^input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)")
+_TRUNCATIONS = 3  # sends of a translated request with truncation "auto", the first one's included
+
+
+def _fitting(message: str):
+    """The share of its prompt that fits the model's context, as an upstream's error C{message} tells it (a
+    prompt's tokens past the context, or past it less C{max_tokens}; a half where it counts characters), or None:
+    no such error."""
+    said = context_overflow(message)
+    if said is None:
+        return None
+    found = _TOO_LONG.match(said)
+    if found is not None:
+        return int(found[2]) / max(int(found[1]), 1)
+    found = _WITH_MAX_TOKENS.match(said)
+    if found is not None:
+        room = int(found[3]) - int(found[2])
+        return room / max(int(found[1]), 1) if room > 0 else None
+    return 0.5
+
+
+def truncated(chat: dict, error, tries: int):
+    """OpenAI's C{truncation: "auto"} over chat completions: C{chat} (a translated request's body, sent C{tries}
+    times) without its oldest messages, so that its prompt fits the context the upstream's C{error} (an
+    L{gomodel.errors.UpstreamError}: a 400 saying it does not) tells, with a tenth to spare; or None (another
+    error, sent enough, or nothing left to drop). Its leading system messages (C{instructions}) and its last user
+    message stay; what is kept starts at a user message (never at an answer, or at a tool's output without its
+    call)."""
+    if error.status != 400 or tries >= _TRUNCATIONS:
+        return None
+    share = _fitting(error.message)
+    messages = chat.get("messages") or []
+    head = 0
+    while head < len(messages) and messages[head].get("role") == "system":
+        head += 1
+    rest = messages[head:]
+    users = [at for at, message in enumerate(rest) if message.get("role") == "user"]
+    if share is None or not users:
+        return None
+    sizes = [len(jsonutil.dumps(message)) for message in messages]
+    room = sum(sizes) * share * 0.9 - sum(sizes[:head])
+    kept, drop = sum(sizes[head:]), 0
+    while drop < users[-1] and (drop == 0 or kept > room or rest[drop].get("role") != "user"):
+        kept -= sizes[head + drop]
+        drop += 1
+    if drop == 0 or rest[drop].get("role") != "user":
+        return None
+    return dict(chat, messages=messages[:head] + rest[drop:])
 
 
 def _messages(items, param="input"):
@@ -212,7 +266,8 @@ def response_object(request: dict, response_id, created_at, model, status, outpu
         "previous_response_id": request.get("previous_response_id"), "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         "store": request.get("store") is True, "temperature": request.get("temperature"), "text": text,
         "tool_choice": request.get("tool_choice", "auto"), "tools": request.get("tools") or [],
-        "top_p": request.get("top_p"), "truncation": "disabled", "usage": usage,
+        "top_p": request.get("top_p"), "truncation": "auto" if request.get("truncation") == "auto" else "disabled",
+        "usage": usage,
         "metadata": request.get("metadata") or {},
     }
 

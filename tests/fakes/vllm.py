@@ -695,6 +695,11 @@ class FakeVLLM(Resource):
             return self._json(request, 404, {"error": {
                 "message": f"The model `{model}` does not exist.", "type": "NotFoundError",
                 "param": "model", "code": 404}})
+        if "fake_context" in body and len(jsonutil.dumps(body["messages"])) > body["fake_context"]:  # (a token a byte)
+            return self._json(request, 400, {"error": {  # vLLM's words
+                "message": f"This model's maximum context length is {body['fake_context']} tokens. However, your "
+                           f"request has {len(jsonutil.dumps(body['messages']))} input tokens. Please reduce the "
+                           "length of the input messages.", "type": "BadRequestError", "param": None, "code": 400}})
         if body.get("continue_final_message") and body.get("add_generation_prompt", True):
             return self._json(request, 400, {"error": {  # vLLM's own check
                 "message": "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
