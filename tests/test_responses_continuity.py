@@ -309,3 +309,27 @@ async def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_when_trans
         client.close()
         await gw.service.stopService()
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_line_continuing_a_conversation_whose_first_turn_was_swept_fails_alone(keyed):
+    """A C{/v1/responses} batch line whose instance no longer holds the conversation, one of whose earlier turns
+    the retention swept, ends in the error file with C{previous_response_not_found}, and the batch goes on to its
+    end (before the sweep check, the gateway's error escaped the line and parked the whole batch)."""
+    from tests.test_keys import batch_of
+
+    gw, vllm = keyed
+    client = openai_client(gw, MASTER)
+    try:
+        first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
+        second = await in_thread(client.responses.create, model=MODEL, input="hi", previous_response_id=first.id)
+        await sweep(gw, first.id)
+        vllm.stored_responses.clear()  # (its instance restarted: the line is sent the conversation explicitly)
+        done = await batch_of(gw, client, "/v1/responses", [
+            {"model": MODEL, "input": "who am I?", "previous_response_id": second.id},
+            {"model": MODEL, "input": "unrelated"}])
+        assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 1, 1)
+        line = json.loads((await in_thread(client.files.content, done.error_file_id)).content)
+        assert line["error"]["code"] == "previous_response_not_found" and first.id in line["error"]["message"]
+    finally:
+        client.close()

@@ -673,9 +673,14 @@ class BatchRunner(Service):
             error = unknown_previous(unheld)
             outcome = _NoAnswer(error.code, error.message)
         if again is not None and isinstance(outcome, _Answer) and outcome.status >= 400:
-            retried = again(outcome)
-            if isawaitable(retried):
-                retried = await retried
+            try:
+                retried = again(outcome)
+                if isawaitable(retried):
+                    retried = await retried
+            except GatewayError as e:  # (a conversation that cannot be sent: an earlier turn swept, ...)
+                if isinstance(e, StorageUnavailable):
+                    raise
+                retried, outcome = None, _NoAnswer(e.code or "invalid_request", e.message)
             if retried is not None:
                 call, answer = retried
                 outcome = await self._outcome(job, path, line, provider, call, slot)
