@@ -333,3 +333,24 @@ async def test_a_batch_line_continuing_a_conversation_whose_first_turn_was_swept
         assert line["error"]["code"] == "previous_response_not_found" and first.id in line["error"]["message"]
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_keys_passthrough_follow_up_of_a_response_the_gateway_never_held_is_not_held_up(http, keyed):
+    """The master key's C{/p/} follow-ups of a conversation made there (the gateway keeps none of them) are checked
+    for a deleted turn without looking the response up as one being written (a miss looks again for up to 0.375 s
+    on PostgreSQL, and on SQLite with workers)."""
+    gw, vllm = keyed
+    vllm.stored_responses["resp_made_there"] = {"id": "resp_made_there"}
+    responses, looked = gw.service.store.responses, []
+    get = responses.get
+    responses.get = lambda response_id: looked.append(response_id) or get(response_id)
+    try:
+        answer = await http.post(gw.url + "/p/vllm/v1/responses", headers={"authorization": f"Bearer {MASTER}"},
+                                 data=json.dumps({"model": UPSTREAM, "input": "and?",
+                                                  "previous_response_id": "resp_made_there"}).encode())
+        assert answer.code == 200, await treq.content(answer)
+        await treq.content(answer)
+        assert looked == []
+    finally:
+        responses.get = get

@@ -25,7 +25,7 @@ from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID, connection_tokens
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
-from gomodel.responses_history import continued, no_chosen_id, unknown_response
+from gomodel.responses_history import continued, no_chosen_id, unknown_previous, unknown_response
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -236,10 +236,14 @@ class Passthrough:
         previous = fields.get("previous_response_id")
         if not previous or self._responses is None:
             return
-        record = await continued(self._responses, str(previous), principal)
-        if record is not None and await self._responses.follows_deleted(record["id"]):
+        previous = str(previous)
+        if principal is not None and not principal.master:
+            await continued(self._responses, previous, principal)
+        elif await self._responses.deleted(previous):  # (the master key's: an id the gateway does not hold goes
+            raise unknown_previous(previous)  # on at once, never looked for again as one being written)
+        if await self._responses.follows_deleted(previous):
             raise errors.InvalidRequest(
-                f"Previous response with id '{errors.shown(str(previous))}' follows a response deleted through the "
+                f"Previous response with id '{errors.shown(previous)}' follows a response deleted through the "
                 "gateway, which its instance still holds: /v1/responses continues it without that turn.",
                 param="previous_response_id", code="previous_response_not_found")
 
