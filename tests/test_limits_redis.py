@@ -591,3 +591,44 @@ async def test_a_token_count_takes_only_a_slot_of_its_keys_caps_on_requests_in_f
     with pytest.raises(RateLimitExceeded) as info:  # the minute's request window untouched by the counts: still spent
         await admit(True)
     assert "(RPM)" in info.value.message, info.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slot_held_when_redis_loses_its_data_is_counted_again_at_its_renewal(reactor, make, client, prefix):
+    """A Redis restarted empty (or flushed, or the key evicted) forgets the slots of the requests in flight: their
+    renewal puts them back, so the cap holds again (before, the renewal updated only leases still there, ZADD XX,
+    so every request in flight ran uncounted: a key of one slot had two running until they ended)."""
+    holder, other = make(lease_ttl=30), make()
+    scopes = [("key:k", RateLimit(concurrent=1))]
+    held = await Limiter(holder, reactor).admit(scopes, 0)
+    client.delete(*client.scan_iter(match=prefix + "*"))  # (only this test's keys)
+    await holder._renew()
+    assert client.zcard(prefix + "key:k|c") == 1
+    assert 29_000 < client.pttl(prefix + "key:k|c") <= 31_000
+    error = await refused(Limiter(other, reactor), scopes)
+    assert error.scope == "key:k" and "concurrent requests" in error.message
+    await held.release()
+    assert client.zcard(prefix + "key:k|c") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slot_released_while_its_renewal_runs_is_not_put_back(reactor, make, client, prefix):
+    """A renewal that Redis runs after the release of one of its leases (they run on different threads) would put
+    the released slot back until its lease lapsed: the slot is freed again once the renewal is done."""
+    counters = make(lease_ttl=30)
+    lease = await counters.acquire("slot", 1)
+    go = threading.Event()
+    script = counters._renew_script
+
+    def renew_late(*args, **kwargs):
+        go.wait(5)
+        return script(*args, **kwargs)
+
+    counters._renew_script = renew_late
+    renewing = counters._renew()
+    await counters.release(lease)
+    assert client.zcard(prefix + "slot") == 0
+    go.set()
+    await renewing
+    assert client.zcard(prefix + "slot") == 0
+    assert await counters.acquire("slot", 1) not in (None, OPEN_LEASE)

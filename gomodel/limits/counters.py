@@ -31,8 +31,9 @@ debt settled with real usage) and never above C{capacity}.
 Concurrency slots with Redis are leases, a sorted set per bucket of lease ids
 scored by their expiry (C{lease_ttl}, renewed every C{lease_ttl/3} seconds by
 the holder while it runs): a process that dies holding slots loses them
-within C{lease_ttl} seconds. An admission answered open after Redis failed
-to answer (a timeout) may still be run by a Redis that stalled and comes
+within C{lease_ttl} seconds; a renewal puts back a lease Redis lost (restarted
+empty, flushed), so the slots in flight count again within C{lease_ttl/3}. An
+admission answered open after Redis failed to answer (a timeout) may still be run by a Redis that stalled and comes
 back, and the release of a slot Redis did not answer, leave slots held: they
 are freed once Redis answers again, and at each renewal until they would
 have lapsed. Multi-key scripts need one Redis server (or primary),
@@ -574,14 +575,14 @@ for i = nb + 1, #KEYS do out[i] = redis.call('ZCOUNT', KEYS[i], '(' .. ms, '+inf
 return out
 """
 
-# KEYS: the held slot buckets; ARGV: ttl (ms), then the lease id of each key. Renews only leases still there.
+# KEYS: the held slot buckets; ARGV: ttl (ms), then the lease id of each key. Adds a lease no longer there (a
+# Redis restarted empty, flushed, the key evicted) again: a request in flight is counted however Redis lost it.
 _RENEW = _NOW + """
 local ms = math.floor(now * 1000)
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  if redis.call('ZADD', KEYS[i], 'XX', 'CH', ms + ttl, ARGV[i + 1]) == 1 then
-    redis.call('PEXPIRE', KEYS[i], ttl + 1000)
-  end
+  redis.call('ZADD', KEYS[i], ms + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], ttl + 1000)
 end
 return 0
 """
@@ -832,12 +833,22 @@ class RedisCounters(_Forms):
             self._free_orphans()
         if not self._held or not self._threads.running:
             return None
+        renewed = list(self._held.items())
         keys, args = [], [self._lease_ms]
-        for lease, held in list(self._held.items()):
+        for lease, held in renewed:
             for key in held:
                 keys.append(key)
                 args.append(lease)
-        return self._run(None, self._renew_script, keys, args)
+        return self._run(None, self._renew_script, keys, args).addCallback(self._renewed, renewed)
+
+    def _renewed(self, _, renewed):
+        """Free again the leases released while their renewal ran: Redis may have run it after the release, and
+        a renewal puts back a lease it does not find (freed as orphans: again at each renewal if that fails)."""
+        lapses = self._reactor.seconds() + self._lease_ttl
+        released = [(lease, keys) for lease, keys in renewed if lease not in self._held]
+        for lease, keys in released:
+            self._orphans[lease] = (keys, lapses)
+        return self._free_orphans() if released else None
 
     def spend_all(self, items):
         keys = [self._prefix + bucket for bucket, _, _, _ in items]
