@@ -139,6 +139,19 @@ class StorageUnavailable(GatewayError):
         return cls(f"The gateway's storage is unavailable ({reason}).")
 
 
+class StorageConflict(StorageUnavailable):
+    """The store's database rolled a job back for conflicting with concurrent ones (a deadlock, a serialization
+    failure) each time it was tried: transient, the store is not down; retrying the request may pass."""
+
+    code = "storage_conflict"
+
+    @classmethod
+    def after(cls, attempts: int, reason: str) -> "StorageConflict":
+        """The job was rolled back C{attempts} times, the last for C{reason} (the error's class name)."""
+        return cls(f"The gateway's storage could not complete this request: the database rolled it back for "
+                   f"conflicting with concurrent ones {attempts} times ({reason}); retry it.")
+
+
 class ShuttingDown(GatewayError):
     """The gateway stopped before it answered: its drain ran out of time (C{SHUTDOWN_TIMEOUT})."""
 

@@ -624,3 +624,123 @@ async def test_usage_rows_whose_commit_answer_was_lost_are_not_written_twice(rea
                                            "ORDER BY request_id") == [("a0", 1), ("a1", 1), ("a2", 1), ("b0", 1)]
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_chosen_as_a_deadlocks_victim_is_run_again_not_an_outage(reactor, pg_database):
+    """PostgreSQL breaks a deadlock (SQLSTATE 40P01) or a serialization conflict (40001) by rolling one
+    transaction back, to be run again: the store runs its job again (before, it was a 503 storage_unavailable
+    and /health/ready said the database was down until the next statement)."""
+    import threading
+
+    import psycopg
+
+    postgres.query(pg_database, "CREATE TABLE pair (id int PRIMARY KEY, v int NOT NULL)")
+    postgres.query(pg_database, "INSERT INTO pair VALUES (1, 0), (2, 0)")
+    store = opened(reactor, pg_database, max_conns=2)
+    holds_one, holds_two, attempts, others = threading.Event(), threading.Event(), [], []
+
+    def two_then_one(conn):
+        attempts.append(1)
+        holds_one.wait(10)
+        with conn.transaction():
+            conn.execute("SET LOCAL deadlock_timeout = '20ms'")  # (this one finds the deadlock: the victim)
+            conn.execute("UPDATE pair SET v = v + 1 WHERE id = 2")
+            if len(attempts) == 1:  # the other waits for row 2 before this asks for row 1 (held by the other)
+                holds_two.set()
+                deadline = time.monotonic() + 10
+                while not conn.execute("SELECT 1 FROM pg_locks WHERE NOT granted AND pid = %s",  # (live)
+                                       (others[0],)).fetchone():
+                    assert time.monotonic() < deadline, "the other transaction never waited for row 2"
+            conn.execute("UPDATE pair SET v = v + 1 WHERE id = 1")
+        return "done"
+
+    def one_then_two():
+        with psycopg.connect(postgres.url(pg_database)) as other:  # (a transaction until the block's end)
+            others.append(other.info.backend_pid)
+            other.execute("UPDATE pair SET v = v + 10 WHERE id = 1")
+            holds_one.set()
+            holds_two.wait(10)
+            other.execute("UPDATE pair SET v = v + 10 WHERE id = 2")
+
+    try:
+        await store.started()
+        other = threading.Thread(target=one_then_two)
+        other.start()
+        done = await store._db.run(two_then_one)
+        other.join(10)
+        assert done == "done" and len(attempts) == 2
+        assert postgres.query(pg_database, "SELECT v FROM pair ORDER BY id") == [(11,), (11,)]
+        assert store.problem is None
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_rolled_back_by_conflicts_each_time_is_a_503_of_its_own_and_the_store_stays_up(
+        reactor, pg_database):
+    """A job that PostgreSQL rolls back each time it is tried (three) answers 503 storage_conflict: the store is
+    not down (neither storage_unavailable nor /health/ready's down.database)."""
+    from gomodel.errors import StorageConflict
+
+    store = opened(reactor, pg_database, max_conns=2)
+    attempts = []
+
+    def conflicting(conn):
+        attempts.append(1)
+        conn.execute("DO $$ BEGIN RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001'; END $$")
+
+    try:
+        await store.started()
+        with pytest.raises(StorageConflict) as raised:
+            await store._db.run(conflicting)
+        assert len(attempts) == 3
+        error = raised.value
+        assert (error.status, error.code, error.type) == (503, "storage_conflict", "server_error")
+        assert "could not serialize access" not in error.message and "SerializationFailure" in error.message
+        assert store.problem is None
+    finally:
+        await store.stopService()
+
+
+def conflict_once(database, table, event):
+    """A trigger on C{table} that makes the first C{event} (INSERT, DELETE) after it a serialization failure, as a
+    concurrent transaction would (a sequence: its count outlives the rollback)."""
+    postgres.query(database, "CREATE SEQUENCE conflicts")
+    postgres.query(database, """CREATE FUNCTION conflict_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+        IF nextval('conflicts') = 1 THEN
+            RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+        END IF;
+        RETURN NULL; END $$""")
+    postgres.query(database, f"CREATE TRIGGER conflict_once AFTER {event} ON {table} "
+                             "FOR EACH STATEMENT EXECUTE FUNCTION conflict_once()")
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_run_again_after_a_conflict_do_each_thing_once(reactor, pg_database):
+    """Each store job is whole, run again after a conflict: a blob's first write rolled back made it again (before,
+    the writer kept the key of the row that was rolled back, and its chunks referred to no row), a batch's
+    deletion rolled back after it deleted the batch deletes its lines and answers the batch (before, the batch
+    was gone, unanswered, and its lines kept)."""
+    store = opened(reactor, pg_database, max_conns=2)
+    try:
+        await store.started()
+        conflict_once(pg_database, "blob_chunks", "INSERT")
+        writer = store.blobs.create()
+        await writer.write(b"first chunk\n")
+        await writer.write(b"second\n")
+        assert await writer.commit("file-a") == len(b"first chunk\nsecond\n")
+        assert await store.blobs.read("file-a", 0, 100) == b"first chunk\nsecond\n"
+        postgres.query(pg_database, "DROP TRIGGER conflict_once ON blob_chunks")
+        postgres.query(pg_database, "DROP FUNCTION conflict_once")
+        postgres.query(pg_database, "DROP SEQUENCE conflicts")
+
+        await store.batches.add(batch("batch_1", status="completed"))
+        await store.batches.add_requests("batch_1", [(1, "a", b"{}"), (2, "b", b"{}")], 0)
+        conflict_once(pg_database, "batch_requests", "DELETE")
+        deleted = await store.batches.delete("batch_1", ("completed",))
+        assert deleted is not None and deleted["id"] == "batch_1"
+        assert postgres.query(pg_database, "SELECT count(*) FROM batch_requests") == [(0,)]
+        assert store.problem is None
+    finally:
+        await store.stopService()

@@ -96,13 +96,14 @@ class PostgreSQLBatchStore:
 
     @staticmethod
     def _delete(conn, batch_id, only_if_status):
-        row = conn.cursor(row_factory=dict_row).execute(
-            f"DELETE FROM batches WHERE id = %s AND status = ANY(%s) RETURNING {', '.join(BATCH_COLUMNS)}",
-            (batch_id, only_if_status)).fetchone()
-        if row is None:
-            return None
-        for table in ("batch_results", "batch_requests"):
-            conn.execute(f"DELETE FROM {table} WHERE batch_id = %s", (batch_id,))
+        with conn.transaction():  # (whole: a job rolled back by a conflict is run again)
+            row = conn.cursor(row_factory=dict_row).execute(
+                f"DELETE FROM batches WHERE id = %s AND status = ANY(%s) RETURNING {', '.join(BATCH_COLUMNS)}",
+                (batch_id, only_if_status)).fetchone()
+            if row is None:
+                return None
+            for table in ("batch_results", "batch_requests"):
+                conn.execute(f"DELETE FROM {table} WHERE batch_id = %s", (batch_id,))
         return _decode(row)
 
     def update(self, batch_id, changes, only_if_status=None, token=None):

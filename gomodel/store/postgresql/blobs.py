@@ -236,17 +236,27 @@ class _ChunkWriter:
         return size
 
     def _write(self, conn, data, now):
-        with conn.transaction():
-            size = self._insert(conn, data, now)
-            conn.execute("UPDATE blobs SET size = %s, touched_at = %s WHERE key = %s", (size, now, self._key))
+        key = self._key
+        try:
+            with conn.transaction():
+                size = self._insert(conn, data, now)
+                conn.execute("UPDATE blobs SET size = %s, touched_at = %s WHERE key = %s", (size, now, self._key))
+        except BaseException:
+            self._key = key  # a row made by the transaction rolled back is gone (the job may be run again)
+            raise
         self._size = size  # only once committed
 
     def _commit(self, conn, blob_id, now):
-        with conn.transaction():
-            self._insert(conn, b"", now)
-            conn.execute("DELETE FROM blobs WHERE id = %s", (blob_id,))  # a blob of that id is replaced
-            conn.execute("UPDATE blobs SET id = %s, committed = TRUE, size = %s, touched_at = %s WHERE key = %s",
-                         (blob_id, self._size, now, self._key))
+        key = self._key
+        try:
+            with conn.transaction():
+                self._insert(conn, b"", now)
+                conn.execute("DELETE FROM blobs WHERE id = %s", (blob_id,))  # a blob of that id is replaced
+                conn.execute("UPDATE blobs SET id = %s, committed = TRUE, size = %s, touched_at = %s WHERE key = %s",
+                             (blob_id, self._size, now, self._key))
+        except BaseException:
+            self._key = key
+            raise
         return self._size
 
     def _abort(self, conn):

@@ -8,7 +8,10 @@ replaces one that broke (a restarted server, a killed backend) instead of
 taking it back. A failure to reach the server (C{OperationalError},
 C{InterfaceError}, a pool timeout) becomes L{StorageUnavailable} (a 503)
 and marks the store down until a statement succeeds again; a probe every
-few seconds notices the server's return without traffic.
+few seconds notices the server's return without traffic. A job the server
+rolled back for a conflict with concurrent ones (a deadlock, a serialization
+failure) is run again, up to L{CONFLICT_ATTEMPTS} times in all, and then
+is L{StorageConflict} (a 503 of its own): the store is not down.
 
 At start the schema is migrated (L{gomodel.store.postgresql.migrations})
 under a transaction-level advisory lock; while the server cannot be
@@ -17,7 +20,9 @@ its database comes up by itself.
 """
 
 import logging
+import random
 import re
+import time
 from threading import Lock
 
 from twisted.internet.defer import Deferred, fail
@@ -25,7 +30,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
-from gomodel.errors import InvalidRequest, StorageUnavailable
+from gomodel.errors import InvalidRequest, StorageConflict, StorageUnavailable
 from gomodel.store.postgresql.errors import NotMigrated
 from gomodel.store.postgresql.migrations import migrate
 from gomodel.store.threads import OwnedThreads
@@ -54,6 +59,13 @@ RECONNECT_TIMEOUT = 8.0
 CONN_OPTIONS = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
                 "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 15000}
 OPEN_BACKOFF = (0.5, 10.0)  # the first and the longest wait between attempts to open
+# A job rolled back by the server to settle a conflict with concurrent transactions (SQLSTATE 40001, a
+# serialization failure; 40P01, the victim of a deadlock) is run again, after a short random pause (up to
+# CONFLICT_PAUSE times the attempts so far, in seconds), this many times in all: each job's transactions are
+# whole (what a rolled-back one wrote is gone), so running it again is what the server asks.
+CONFLICT_ATTEMPTS = 3
+CONFLICT_PAUSE = 0.02
+_CONFLICTS = ("40001", "40P01")
 # Where libpq and psycopg name the server: 'connection to server at "h" (ip), port 5432 failed: ', 'on socket
 # "/path" failed: ', "failed to resolve host 'h'"; a reason leaves them out (it reaches clients and /health/ready).
 _SERVER = re.compile(r'connection to server (?:at "[^"]*"(?: \([^)]*\))?, port \d+|on socket "[^"]*") failed: ')
@@ -304,7 +316,7 @@ class Database:
             with pool.connection(timeout=POOL_TIMEOUT if self.problem is None else DOWN_TIMEOUT) as conn:
                 job.conn = conn
                 try:
-                    result = f(conn, *args)
+                    result = _attempts(f, conn, args, job)
                 except psycopg.errors.ReadOnlySqlTransaction:
                     # A server read-only now (a failover's old primary, a standby): the pool makes a new
                     # connection in place of this one, and at the first of a streak of the others too
@@ -336,6 +348,26 @@ class Database:
             self.problem = None
             self._reactor.callFromThread(self.log.info, "PostgreSQL store available again")
         return result
+
+
+def _attempts(f, conn, args, job):
+    """C{f(conn, *args)}, run again while the server rolls it back for a conflict (L{CONFLICT_ATTEMPTS}).
+
+    @raise StorageConflict: it was rolled back so each time.
+    """
+    import psycopg
+
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        try:
+            return f(conn, *args)
+        except psycopg.OperationalError as e:
+            if e.sqlstate not in _CONFLICTS or job.cancelled:
+                raise
+            if attempt == CONFLICT_ATTEMPTS:
+                raise StorageConflict.after(attempt, type(e).__name__) from e
+            time.sleep(random.uniform(0, CONFLICT_PAUSE * attempt))
+            if job.cancelled:  # past its time limit meanwhile: its caller had its 503, nothing more is written
+                raise
 
 
 class _Job:
