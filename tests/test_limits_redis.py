@@ -10,12 +10,12 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import CancelledError, ensureDeferred, gatherResults
+from twisted.internet.defer import CancelledError, ensureDeferred, gatherResults, maybeDeferred
 from twisted.internet.task import Clock, deferLater
 
 from gomodel.errors import BudgetExceeded, RateLimitExceeded
 from gomodel.limits.budgets import BudgetBook
-from gomodel.limits.counters import _ADMIT, OPEN_LEASE, RedisCounters
+from gomodel.limits.counters import _ADMIT, RedisCounters
 from gomodel.limits.limiter import Limiter
 from gomodel.limits.specs import Budget, RateLimit, Window, period_window
 from gomodel.redis_client import connect, reason
@@ -357,7 +357,9 @@ async def test_an_unreachable_redis_fails_open_and_says_so(reactor):
         await admission.release()
         assert await counters.spent("b") == (0, 0.0)
         await counters.spend("b", 1, 1.0, None)
-        assert counters.failures == 4  # two admissions, a read and a write; nothing to settle or free
+        # Two admissions, the release of the first's slot (held all the same: for Redis once it is back), a read
+        # and a write; nothing to settle.
+        assert counters.failures == 5
         assert admission.headers["x-ratelimit-remaining-requests"] == "1"
         ledger = {"key:k": (500, 0.5), "key:j": (300, 0.0)}
         book = BudgetBook(counters, reactor, seed=lambda scope, since: ledger[scope])
@@ -433,37 +435,50 @@ async def test_read_of_an_unreachable_redis_is_none(reactor):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_slot_taken_by_redis_after_its_admission_answered_open_is_freed_when_redis_is_back(
+async def test_a_slot_admitted_open_while_redis_stalled_counts_once_redis_is_back_until_its_request_ends(
         reactor, tmp_path):
-    """A Redis that stalls (paused, a network cut) and comes back still runs the admission it had read: a slot
-    the gateway answered open for, and so never frees. It is freed once Redis answers again (before, it held
-    the key's concurrency limit until its lease lapsed, 30 s: every request of a key with one slot got 429)."""
+    """A request admitted open while Redis does not answer (paused, a network cut) runs on once Redis is back: its
+    lease is put in Redis at its holder's next renewal, so the cap holds again for the requests in flight (before,
+    it held nothing: a key of one slot had a second request run beside it until it ended), and freed when it ends.
+    (A Redis that stalled and comes back may run the admission it had read: the same lease, counted once.)"""
     from tests.redis_server import RedisServer
 
     server = RedisServer(tmp_path)
     counters = RedisCounters(connect(server.url, timeout=0.5), "x:", reactor, retry_after=0.2)
+    other = RedisCounters(connect(server.url, timeout=0.5), "x:", reactor)
     counters.start()
+    other.start()
     try:
         await counters.release(await counters.acquire("key:k|c", 1))  # (Redis has the script)
         server.pause()
-        assert await counters.acquire("key:k|c", 1) is not None  # answered open
+        opened = await counters.acquire("key:k|c", 1)  # answered open
+        assert opened is not None
         server.resume()
-        lease = await _slot_taken_again(reactor, counters)
-        assert lease not in (None, OPEN_LEASE), "the slot taken late was never freed"
-        await counters.release(lease)
+        await deferLater(reactor, 0.3, lambda: None)  # (Redis is tried again after retry_after)
+        await maybeDeferred(counters._renew)
+        assert await other.acquire("key:k|c", 1) is None, "the request admitted open was not counted"
+        await counters.release(opened)
+        lease = await _slot_taken_again(reactor, other)
+        assert lease is not None, "the slot admitted open was never freed"
+        await other.release(lease)
     finally:
         counters.stop()
+        other.stop()
         counters._redis.close()
+        other._redis.close()
         server.stop()
 
 
 async def _slot_taken_again(reactor, counters):
     """The lease of key:k|c's one slot, asked for every 0.1 s for up to 5 s (a Redis back after failing is left
-    alone for a moment: admissions are answered open meanwhile); the last answer when none came."""
+    alone for a moment: admissions are answered open meanwhile, their lease not taken by Redis); the last
+    answer when none came."""
     for _ in range(50):
         lease = await counters.acquire("key:k|c", 1)
-        if lease not in (None, OPEN_LEASE):
+        if lease is not None and counters._redis.zscore("x:key:k|c", lease) is not None:
             break
+        if lease is not None:
+            await counters.release(lease)
         await deferLater(reactor, 0.1, lambda: None)
     return lease
 
@@ -479,12 +494,12 @@ async def test_a_slot_whose_release_failed_while_redis_stalled_is_freed_when_red
     counters.start()
     try:
         held = await counters.acquire("key:k|c", 1)
-        assert held not in (None, OPEN_LEASE)
+        assert counters._redis.zscore("x:key:k|c", held) is not None
         server.pause()
         await counters.release(held)  # answered open: the slot is still Redis's
         server.resume()
         lease = await _slot_taken_again(reactor, counters)
-        assert lease not in (None, OPEN_LEASE), "the slot whose release failed was never freed"
+        assert lease is not None, "the slot whose release failed was never freed"
         await counters.release(lease)
     finally:
         counters.stop()
@@ -631,4 +646,27 @@ async def test_a_slot_released_while_its_renewal_runs_is_not_put_back(reactor, m
     go.set()
     await renewing
     assert client.zcard(prefix + "slot") == 0
-    assert await counters.acquire("slot", 1) not in (None, OPEN_LEASE)
+    assert await counters.acquire("slot", 1) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_admitted_while_redis_is_known_down_leave_nothing_to_free(reactor):
+    """The leases of requests admitted open without Redis being asked (it failed a moment ago) are never in Redis:
+    their end frees nothing there, and nothing is kept to free once it is back."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    counters = RedisCounters(redis.Redis(host=HOST, port=port, socket_connect_timeout=1), "x:", reactor,
+                             retry_after=60)
+    counters.start()
+    try:
+        first = await counters.acquire("key:k|c", 1)  # asked: refused, Redis is down from now on
+        for _ in range(100):
+            await counters.release(await counters.acquire("key:k|c", 1))
+        await counters.release(first)
+        assert not counters._held and not counters._unsent
+        assert list(counters._orphans) == [first]  # (its admission was sent: a Redis that ran it is told)
+        assert counters.failures == 2 + 100
+    finally:
+        counters.stop()
+        counters._redis.close()

@@ -33,9 +33,11 @@ scored by their expiry (C{lease_ttl}, renewed every C{lease_ttl/3} seconds by
 the holder while it runs): a process that dies holding slots loses them
 within C{lease_ttl} seconds; a renewal puts back a lease Redis lost (restarted
 empty, flushed), so the slots in flight count again within C{lease_ttl/3}. An
-admission answered open after Redis failed to answer (a timeout) may still be run by a Redis that stalled and comes
-back, and the release of a slot Redis did not answer, leave slots held: they
-are freed once Redis answers again, and at each renewal until they would
+admission answered open (Redis unreachable) holds a lease all the same, put in
+Redis by the renewals once it answers again: a request in flight counts again
+as soon, and its end frees it (a Redis that stalled and ran the admission late
+holds the same lease). The release of a slot Redis did not answer leaves it
+held: it is freed once Redis answers again, and at each renewal until it would
 have lapsed. Multi-key scripts need one Redis server (or primary),
 not Redis Cluster.
 """
@@ -621,16 +623,6 @@ return n
 """
 
 
-class _OpenLease:
-    """The lease handed out while Redis is unreachable: it holds nothing."""
-
-    def __repr__(self):
-        return "OPEN_LEASE"
-
-
-OPEN_LEASE = _OpenLease()
-
-
 class _Down(Exception):
     """Redis failed after an operation was queued: it is answered open without trying."""
 
@@ -661,7 +653,8 @@ class RedisCounters(_Forms):
         self._down_until = 0.0
         self._warned_at = None
         self._held = {}  # lease id -> slot keys
-        self._orphans = {}  # lease id -> (slot keys, when it lapses): admissions answered open that Redis may run
+        self._unsent = set()  # held leases admitted open that Redis has not been sent (nothing to free there)
+        self._orphans = {}  # lease id -> (slot keys, when it lapses): released, but Redis may hold them still
         self._orphans_freed = True  # since the last orphan, a release of them all succeeded
         self._next_free = None  # the release of the orphans planned for when Redis is tried again
         self._renewal = LoopingCall(self._renew)
@@ -746,30 +739,32 @@ class RedisCounters(_Forms):
         for _, capacity, refill, amount in specs:
             args += (repr(float(capacity)), repr(float(refill)), repr(float(amount)))
         args += [int(limit) for _, limit in slots]
+        # (answered open, the request holds the lease all the same: renewed into Redis once it answers again)
         opened = Admitted(True, [taken(capacity, capacity, refill, amount, True)
-                                 for _, capacity, refill, amount in specs], OPEN_LEASE if slots else None, -1)
+                                 for _, capacity, refill, amount in specs], lease or None, -1)
+        unsent = self._reactor.seconds() < self._down_until  # (L{_run} answers open without sending it)
         return self._run(opened, self._admit_sync, keys + slot_keys, args, specs, lease).addCallback(
-            self._admitted, slot_keys)
+            self._admitted, slot_keys, unsent)
 
     def _admit_sync(self, keys, args, specs, lease):
-        try:
-            reply = self._admit(keys=keys, args=args)
-        except self._errors:
-            if lease:  # sent, perhaps: a Redis that stalled runs it when it comes back, and nobody frees it
-                self._reactor.callFromThread(self._orphaned, lease, keys[len(specs):])
-            raise
+        reply = self._admit(keys=keys, args=args)
         ok = reply[0] == 1
         out = [taken(float(level), capacity, refill, amount, ok)
                for level, (_, capacity, refill, amount) in zip(reply[2:], specs)]
         return Admitted(ok, out, lease if ok and lease else None, reply[1] - 1)
 
-    def _admitted(self, got, slot_keys):
-        if got.lease is not None and got.lease is not OPEN_LEASE:
+    def _admitted(self, got, slot_keys, unsent):
+        if got.lease is not None:
             self._held[got.lease] = slot_keys
+            if unsent:
+                self._unsent.add(got.lease)
         return got
 
     def finish(self, specs, lease):
-        slot_keys = () if lease is None or lease is OPEN_LEASE else self._held.pop(lease, ())
+        slot_keys = () if lease is None else self._held.pop(lease, ())
+        if slot_keys and self._unsent and lease in self._unsent:  # (never in Redis: nothing there to free)
+            self._unsent.discard(lease)
+            slot_keys = ()
         if not specs and not slot_keys:
             return succeed([])
         prefix = self._prefix
@@ -834,6 +829,8 @@ class RedisCounters(_Forms):
         if not self._held or not self._threads.running:
             return None
         renewed = list(self._held.items())
+        if not self.unreachable:  # (sent: Redis may hold them all from now on)
+            self._unsent.clear()
         keys, args = [], [self._lease_ms]
         for lease, held in renewed:
             for key in held:
