@@ -14,11 +14,19 @@ def connect(url, timeout=1.0):
     It connects on first use; each command gives up after C{timeout} seconds
     (connecting included), so that an unreachable server costs a caller at
     most that. redis-py is imported only here, and only with C{REDIS_URL}.
+
+    A command refused as C{READONLY} (the server was demoted to a replica: a
+    failover, which points the address at the new primary) closes its
+    connection and is sent once more on a new one; before, the connections
+    stayed on the replica, and every write failed (the limits open) for good.
     """
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                health_check_interval=30)
+                                health_check_interval=30,
+                                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ReadOnlyError,)))
 
 
 def check(url):

@@ -19,6 +19,7 @@ from gomodel.limits.counters import _ADMIT, RedisCounters
 from gomodel.limits.limiter import Limiter
 from gomodel.limits.specs import Budget, RateLimit, Window, period_window
 from gomodel.redis_client import connect, reason
+from tests.integration.support import free_port
 from tests.redis_server import fresh_prefix, redis_client
 
 redis = pytest.importorskip("redis")
@@ -670,3 +671,55 @@ async def test_requests_admitted_while_redis_is_known_down_leave_nothing_to_free
     finally:
         counters.stop()
         counters._redis.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_failover_the_counters_reach_the_new_primary(reactor, tmp_path):
+    """A failover demotes the Redis the gateway's connections reach to a read-only replica and points its address
+    at the new primary (a managed Redis's endpoint): each connection refused so (READONLY) is made again, to the
+    new primary (before, the connections stayed on the replica and the limits failed open for good)."""
+    import os
+
+    from tests.redis_server import RedisServer
+
+    old = RedisServer(tmp_path)
+    counters = RedisCounters(connect(old.url, timeout=0.5), "x:", reactor, retry_after=0.1)
+    counters.start()
+    new = None
+    try:
+        await counters.release(await counters.acquire("key:k|c", 1))  # (connected to the old primary)
+        demoted = redis.Redis(unix_socket_path=old.url[len("unix://"):])
+        demoted.replicaof(HOST, free_port())  # (a primary that does not answer: it stays read-only)
+        demoted.close()
+        os.unlink(old.url[len("unix://"):])
+        new = RedisServer(tmp_path)  # the address now reaches the new primary
+        assert new.url == old.url
+        promoted = redis.Redis(unix_socket_path=new.url[len("unix://"):])
+        try:
+            for _ in range(50):
+                lease = await counters.acquire("key:k|c", 1)
+                if promoted.zscore("x:key:k|c", lease) is not None:
+                    break
+                await counters.release(lease)
+                await deferLater(reactor, 0.1, lambda: None)
+            else:
+                pytest.fail("the counters never reached the new primary")
+            await counters.release(lease)
+            for _ in range(20):  # (each connection refused once at most: then made again)
+                await gatherResults([counters.release(await counters.acquire(f"key:{n}|c", 1)) for n in range(4)])
+            failures = counters.failures
+            for _ in range(5):
+                await gatherResults([counters.release(await counters.acquire(f"key:{n}|c", 1)) for n in range(4)])
+            assert counters.failures == failures
+            pool = counters._redis.connection_pool
+            for conn in list(pool._available_connections):  # every connection left reaches the new primary
+                conn.send_command("ROLE")
+                assert conn.read_response()[0] == b"master"
+        finally:
+            promoted.close()
+    finally:
+        counters.stop()
+        counters._redis.close()
+        old.stop()
+        if new is not None:
+            new.stop()
