@@ -342,6 +342,26 @@ def test_an_owner_is_gone_only_when_its_process_on_this_host_is():
     assert not owner_is_gone("not-an-owner-id")
 
 
+def test_an_owner_in_another_pid_namespace_of_a_host_of_the_same_name_is_never_gone():
+    """Containers that share their host's name (host networking: Docker's, a Kubernetes pod's) each have their own
+    process ids: a process of another is not to be looked for among this one's (before, one whose id was not in
+    use here was taken for dead, and its batches taken over while it ran them)."""
+    import subprocess
+    import sys
+
+    from gomodel.store.records import owner_is_gone, process_owner
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    mine = process_owner()
+    here = mine.split(":")[0]
+    host = here.split("/")[0]
+    assert here != host, "an owner names its process's pid namespace"
+    assert owner_is_gone(f"{here}:{child.pid}:abcd")
+    assert not owner_is_gone(f"{host}/12345:{child.pid}:abcd")  # another container's
+    assert not owner_is_gone(f"{host}:{child.pid}:abcd")  # (an older gateway's: said nothing of its namespace)
+
+
 def test_sqlite_binds_none_and_bytes_as_they_are_through_the_adapters_gomodel_registers():
     """The adapters (found at once, where sqlite3 would look up __adapt__ and __conform__ and fail) change
     nothing that is stored: None is NULL, bytes a BLOB, and a str or an int as before (gomodel.store,

@@ -89,20 +89,30 @@ def new_file_id() -> str:
 
 
 def process_owner() -> str:
-    """An owner id for claims, unique per process (host, pid and a random part)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """An owner id for claims, unique per process (host and its pid namespace, pid and a random part)."""
+    return f"{_here()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _here() -> str:
+    """This host's name, with its pid namespace where there is one to name (C{name/inode}): containers sharing
+    their host's name (host networking) each number their processes apart."""
+    try:
+        return f"{socket.gethostname()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # (no /proc: not Linux)
+        return socket.gethostname()
 
 
 def owner_is_gone(owner: str) -> bool:
-    """Whether C{owner} (a L{process_owner} id) names a process of this host that no longer exists.
+    """Whether C{owner} (a L{process_owner} id) names a process of this host and pid namespace that no longer
+    exists.
 
     Such a process's leases can be taken over at once instead of after they
     expire (a gateway restarted after a crash resumes at once). Unknown or
-    other hosts' owners are never "gone": their leases run out by themselves.
+    other hosts' (or containers') owners are never "gone": their leases run out by themselves.
     """
     host, _, rest = owner.partition(":")
     pid, _, _ = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    if host != _here() or not pid.isdigit() or int(pid) == os.getpid():
         return False
     try:
         os.kill(int(pid), 0)
