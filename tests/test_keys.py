@@ -1779,3 +1779,30 @@ async def test_a_batchs_stored_responses_are_its_tenants_when_its_key_moves_mean
     finally:
         for client in clients.values():
             client.close()
+
+
+def test_a_refresh_read_before_an_edit_merged_here_does_not_undo_it():
+    """A refresh whose read of the store was answered before this process's edit (a deactivation) but comes back
+    after the edit's record was merged does not put the key back as it was: a record older than the one held
+    is left out (before, the key was active again here until the next refresh)."""
+    class Keys:
+        def __init__(self):
+            self.reads = []
+
+        def changed_since(self, since):
+            d = Deferred()
+            self.reads.append(d)
+            return d
+
+    keys = Keys()
+    ring = KeyRing(store=keys, clock=Clock())
+    record = {"id": "key_1", "hash": hash_secret("sk_gom_x"), "name": "n", "deactivated_at": None, "updated_at": 1.0}
+    ring.merge([record])
+    refreshing = ring.refresh()
+    ring.merge([{**record, "deactivated_at": 2.0, "updated_at": 2.0}])  # the admin API's edit, here
+    keys.reads[0].callback([record])  # (read before the edit committed)
+    assert refreshing.called
+    assert ring.find(b"sk_gom_x") is None
+    assert ring.by_id("key_1").active is False
+    ring.merge([{**record, "hash": hash_secret("sk_gom_z"), "updated_at": 3.0}])  # newer: taken
+    assert ring.find(b"sk_gom_z").id == "key_1"

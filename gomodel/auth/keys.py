@@ -162,6 +162,7 @@ class KeyRing(Periodic):
         self._store = store
         self._by_hash = {}
         self._hash_of = {}  # key id -> hash
+        self._updated_of = {}  # key id -> the updated_at of its record held
         self._digests = {}  # secret -> its hash, for secrets of known keys (a hash is the same forever)
         self._seen = float("-inf")  # the newest updated_at merged
         self._unknown = set()  # hashes of well-formed secrets a look-up did not find (a secret never comes later)
@@ -218,7 +219,7 @@ class KeyRing(Periodic):
         def looked(records):
             self._looking = False
             if records is not None:
-                self.merge(records)
+                self.merge(records, read=True)
                 if len(self._unknown) >= UNKNOWN_KEPT:
                     self._unknown.clear()
                 self._unknown.update(digest for digest, _ in asked if digest not in self._by_hash)
@@ -239,10 +240,18 @@ class KeyRing(Periodic):
         secret_hash = self._hash_of.get(key_id)
         return None if secret_hash is None else self._by_hash.get(secret_hash)
 
-    def merge(self, records):
+    def merge(self, records, read=False):
         """Take new or changed key records (this process's admin edits take effect at once); a key whose budgets
-        changed is told to L{budgets_changed}, when set."""
+        changed is told to L{budgets_changed}, when set.
+
+        @param read: the records were read from the store (a refresh, a look-up): one older than the record held
+            is left out (read before an edit whose record was merged here meanwhile).
+        """
         for record in records:
+            updated_at = record["updated_at"]
+            if read and updated_at < self._updated_of.get(record["id"], updated_at):
+                continue
+            self._updated_of[record["id"]] = updated_at
             old = self._hash_of.get(record["id"])
             before = None if old is None else self._by_hash.get(old)
             if old is not None and old != record["hash"]:
@@ -259,7 +268,7 @@ class KeyRing(Periodic):
         @return: a Deferred firing with None; a failure is logged (the snapshot stays).
         """
         d = self._store.changed_since(self._seen - REFRESH_OVERLAP)
-        d.addCallback(self.merge)
+        d.addCallback(self.merge, read=True)
         d.addCallbacks(self._streak.succeeded, self._streak.failed)
         return d
 
