@@ -744,3 +744,33 @@ async def test_jobs_run_again_after_a_conflict_do_each_thing_once(reactor, pg_da
         assert store.problem is None
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_asked_before_the_opening_has_its_statement_cancelled_past_the_time_limit(reactor, pg_database):
+    """A job asked for while the store was opening runs once it opened, under the same time limit as any other: past
+    it, its statement is cancelled, its thread and connection freed (before, it ran on, uncancelled, for as long
+    as the server took: a statement that hung held them for good)."""
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import MIGRATION_LOCK
+    from tests.support import until
+
+    holder = psycopg.connect(postgres.url(pg_database), autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    store = opened(reactor, pg_database, job_timeout=2.0)
+
+    def sleeping():
+        return bool(postgres.query(pg_database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' "
+                                                "AND state = 'active'"))
+
+    try:
+        asked = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
+        holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        await until(reactor, sleeping, what="the job to run once the store opened")
+        with pytest.raises(StorageUnavailable):
+            await asked
+        await until(reactor, lambda: not sleeping(), limit=5, what="its statement cancelled")
+    finally:
+        holder.close()
+        await store.stopService()

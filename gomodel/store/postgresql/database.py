@@ -155,8 +155,8 @@ class Database:
             self._opened, self.problem, self._delay = True, None, OPEN_BACKOFF[0]
             self.log.info("PostgreSQL store open ({conns} connections at most)", conns=self.max_conns)
             waiting, self._waiting = self._waiting, []
-            for waiter, f, args in waiting:
-                self._threads.run(self._job, f, args, _Job()).addBoth(_answer, waiter)
+            for waiter, f, args in waiting:  # (each under its time limit from now: past it, its statement cancelled)
+                self._run(f, args, _Job()).addBoth(_answer, waiter)
 
         def failed(failure):
             if self._pool is None:
