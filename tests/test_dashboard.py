@@ -4,13 +4,19 @@ admin routes it draws from (usage/timeseries, key budgets with what they spent).
 import json
 import os
 import re
+import time
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet.task import deferLater
 
+from gomodel.api.admin import _edges, _runs
 from gomodel.dashboard import Dashboard
 from gomodel.dashboard.assets import CSP, STATIC
+from gomodel.store.records import USAGE_FIELDS
 from tests.support import start_gateway
 
 MASTER = "master-k"
@@ -213,6 +219,70 @@ async def test_usage_timeseries_buckets_the_windows_with_percentiles(http, gw):
         assert answer["summary"]["requests"] == 4 and answer["data"][-1]["requests"] >= 1
     code, error = await call(http, gw, "GET", "/admin/api/v1/usage/timeseries?window=year")
     assert (code, error["error"]["code"]) == (400, "invalid_window")
+
+
+async def planted(gw, *rows):
+    """Store usage records C{(request_id, timestamp, input_tokens)} of a plain chat."""
+    base = dict.fromkeys(USAGE_FIELDS)
+    base.update(provider="vllm", provider_name="vllm", replica=0, model=MODEL, endpoint="/v1/chat/completions",
+                status_code=200, stream=False, output_tokens=1, client_gone=False, estimated=False, outcome="ok")
+    await gw.service.store.usage.add([tuple(dict(base, request_id=request_id, timestamp=at, input_tokens=tokens,
+                                                 total_tokens=tokens + 1)[name] for name in USAGE_FIELDS)
+                                      for request_id, at, tokens in rows])
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_timeseries_counts_the_hours_and_days_of_gomodels_time_zone(reactor, http, gw):
+    """With C{X-GoModel-Timezone} (the dashboard sends the browser's) the day window's hours and the month
+    window's days are that zone's, written with its offset: in Kolkata (+05:30) a day starts at 18:30 UTC and an
+    hour at half past (before, the buckets were UTC's whatever the zone, and the dashboard labelled them with
+    dates and hours they did not hold)."""
+    kolkata = ZoneInfo("Asia/Kolkata")
+    now = time.time()
+    midnight = datetime.combine(datetime.fromtimestamp(now, kolkata).date(), datetime.min.time(), kolkata)
+    start = midnight.timestamp()
+    if now - start < 120:  # (the zone's day just began: its first seconds are not yet past)
+        await deferLater(reactor, 120 - (now - start), lambda: None)
+    await planted(gw, ("yesterday-in-kolkata", start - 60, 1000), ("today-in-kolkata", start + 60, 20000))
+    kolkata_headers = dict(ADMIN, **{"x-gomodel-timezone": "Asia/Kolkata"})
+
+    code, month = await call(http, gw, "GET", "/admin/api/v1/usage/timeseries?window=month", headers=kolkata_headers)
+    assert code == 200 and len(month["data"]) == 30
+    today = month["data"][-1]
+    assert today["period"] == midnight.strftime("%Y-%m-%dT00:00:00.000+05:30") and today["input_tokens"] == 20000
+    assert month["data"][-2]["input_tokens"] == 1000
+    assert all(b["period"].endswith("T00:00:00.000+05:30") for b in month["data"])
+    assert month["end"] == (midnight + timedelta(days=1)).strftime("%Y-%m-%dT00:00:00.000+05:30")
+    code, utc = await call(http, gw, "GET", "/admin/api/v1/usage/timeseries?window=month")
+    assert all(b["period"].endswith("T00:00:00.000Z") for b in utc["data"])
+    # (18:30 UTC, the Kolkata day's start, is inside a UTC day: both records are counted in that one)
+    assert 21000 in [b["input_tokens"] for b in utc["data"][-2:]]
+
+    code, day = await call(http, gw, "GET", "/admin/api/v1/usage/timeseries?window=day", headers=kolkata_headers)
+    assert code == 200 and len(day["data"]) == 24
+    assert all(b["period"].endswith(":00:00.000+05:30") for b in day["data"])
+    assert day["data"][-1]["period"][:13] == datetime.fromtimestamp(time.time(), kolkata).strftime("%Y-%m-%dT%H")
+    code, hour = await call(http, gw, "GET", "/admin/api/v1/usage/timeseries?window=hour", headers=kolkata_headers)
+    assert code == 200 and len(hour["data"]) == 60 and hour["end"].endswith(":00.000+05:30")
+    code, error = await call(http, gw, "GET", "/admin/api/v1/usage/timeseries", headers=dict(
+        ADMIN, **{"x-gomodel-timezone": "Mars/Olympus"}))
+    assert (code, error["error"]["param"]) == (400, "X-GoModel-Timezone")
+
+
+def test_a_timeseries_day_that_daylight_saving_time_made_25_hours_long_is_one_bucket():
+    """New York's 1 November 2026 is 25 hours long: the month window's buckets are its days, that one of 25 hours
+    (queried apart: the store's buckets of a query are of one length)."""
+    new_york = ZoneInfo("America/New_York")
+    now = datetime(2026, 11, 3, 12, tzinfo=new_york).timestamp()
+    edges = _edges(now, 86400.0, 30, new_york)
+    assert [datetime.fromtimestamp(t, new_york).strftime("%m-%d %H:%M") for t in edges[-4:]] == [
+        "11-01 00:00", "11-02 00:00", "11-03 00:00", "11-04 00:00"]
+    assert [length for _, _, length in _runs(edges)] == [86400.0, 90000.0, 86400.0]
+    assert _runs(edges)[0][0] == edges[0] and _runs(edges)[-1][1] == edges[-1]
+    assert [length for _, _, length in _runs(_edges(now, 86400.0, 30, timezone.utc))] == [86400.0]
+    # the day window's hours keep the zone's whole hours, in Kathmandu (+05:45) too
+    kathmandu = ZoneInfo("Asia/Kathmandu")
+    assert {datetime.fromtimestamp(t, kathmandu).minute for t in _edges(now, 3600.0, 24, kathmandu)} == {0}
 
 
 @pytest_twisted.ensureDeferred

@@ -6,13 +6,13 @@ path but C{/health}). Names follow GoModel's admin API where it has them.
 
 import csv
 import io
-from datetime import datetime, timezone
+from datetime import timedelta, timezone
 
 from klein import Klein
 
 from gomodel.api.keys import user_path
 from gomodel.api.self_usage import usage_fields
-from gomodel.api.windows import DAY, day, local, time_zone, window
+from gomodel.api.windows import DAY, day, local, seconds_of, time_zone, window
 from gomodel.errors import InvalidRequest, NotFound
 from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
 from gomodel.http.context import CLIENT_GONE, ERROR, OK, STREAM_BROKEN
@@ -173,24 +173,26 @@ class AdminAPI:
     @app.route("/usage/timeseries", methods=["GET"])
     async def usage_timeseries(self, request):
         """Per-bucket totals and p50/p95 latency and time to first token of the last hour (per minute),
-        day (per hour) or 30 days (per day): C{window=hour|day|month}; C{summary} is the whole window's."""
+        day (per hour) or 30 days (per day): C{window=hour|day|month}; C{summary} is the whole window's. The
+        hours and days are those of the zone C{X-GoModel-Timezone} names (UTC without it), its times written
+        with its offset (a day daylight saving time made 23 or 25 hours long is one bucket)."""
         window = query_arg(request, b"window", "hour")
         if window not in TIMESERIES:
             raise InvalidRequest("window must be hour, day or month.", param="window", code="invalid_window")
+        zone = time_zone(request)
         bucket, count = TIMESERIES[window]
-        end = (self._clock.seconds() // bucket + 1) * bucket  # the current bucket is the last one
-        start = end - count * bucket
-        store, filters = self._usage_store(), _filters(request)
-        found = {row["period"]: row for row in await store.timeseries(start, end, bucket, filters)}
+        edges = _edges(self._clock.seconds(), bucket, count, zone)  # the current bucket is the last one
+        start, end = edges[0], edges[-1]
+        store, filters, found = self._usage_store(), _filters(request), {}
+        for run_start, run_end, length in _runs(edges):
+            found.update((row["period"], row) for row in await store.timeseries(run_start, run_end, length, filters))
         whole = await store.timeseries(start, end, end - start, filters)
-        data = []
-        for index in range(count):
-            period = start + index * bucket
-            data.append(dict(found.get(period) or _empty_bucket(period), period=_iso(period)))
+        data = [dict(found.get(period) or _empty_bucket(period), period=_iso(period, zone)) for period in edges[:-1]]
         summary = whole[0] if whole else _empty_bucket(start)
         del summary["period"]
         return json_answer(request, {"object": "usage.timeseries", "window": window, "bucket_seconds": int(bucket),
-                                     "start": _iso(start), "end": _iso(end), "summary": summary, "data": data})
+                                     "start": _iso(start, zone), "end": _iso(end, zone), "summary": summary,
+                                     "data": data})
 
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
@@ -282,8 +284,33 @@ def _empty_bucket(period) -> dict:
             "duration_ms_p50": None, "duration_ms_p95": None, "ttft_ms_p50": None, "ttft_ms_p95": None}
 
 
-def _iso(seconds) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _iso(seconds, zone=timezone.utc) -> str:
+    """C{seconds} as ISO 8601 in C{zone}, to the millisecond (C{Z} for UTC's offset, else the zone's)."""
+    return local(seconds, zone).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _edges(now, bucket, count, zone) -> list:
+    """The C{count + 1} edges of C{count} buckets of a timeseries window ending with the one holding C{now}:
+    minutes and hours of C{zone}'s offset now, or (C{bucket} a day) C{zone}'s days."""
+    if bucket == DAY:
+        today = local(now, zone).date()
+        return [seconds_of(today - timedelta(days=back), zone) for back in range(count - 1, -1, -1)] + [
+            seconds_of(today, zone, following=True)]
+    offset = local(now, zone).utcoffset().total_seconds()
+    end = ((now + offset) // bucket + 1) * bucket - offset
+    return [end - back * bucket for back in range(count, -1, -1)]
+
+
+def _runs(edges) -> list:
+    """C{[start, end, length]} of each run of buckets of one length between C{edges} (one run, unless daylight
+    saving time made a day 23 or 25 hours long: then it is a run of its own): a store query each."""
+    runs = []
+    for start, end in zip(edges, edges[1:]):
+        if runs and runs[-1][2] == end - start:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end, end - start])
+    return runs
 
 
 def _wants_csv(request) -> bool:
