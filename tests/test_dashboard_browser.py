@@ -24,6 +24,8 @@ import tempfile
 import time
 import types
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 import pytest_twisted
@@ -412,13 +414,15 @@ async def test_the_overview_says_it_is_not_updated_while_the_gateway_does_not_an
 
 
 @pytest_twisted.ensureDeferred
-async def test_overview_month_labels_are_utc_days_west_of_utc(env):
-    """The 30-day window's buckets are UTC days: each bar is labelled with its UTC date, in any time zone
-    (in New York, 00:00 UTC is the evening before: each day was labelled with the day before)."""
+async def test_overview_month_labels_are_the_browsers_days_west_of_utc(env):
+    """The dashboard tells the admin API the browser's time zone (GoModel's X-GoModel-Timezone): the 30-day
+    window's buckets are New York's days, each bar labelled with its date there (before, the buckets were UTC
+    days, labelled with their UTC dates: 19:00 to 19:00 in New York)."""
     b = env.browser
     answer = await treq.get(env.root + "/admin/api/v1/usage/timeseries?window=month",
-                            headers={"authorization": f"Bearer {env.master}"})
-    days = [period[5:10] for period in (item["period"] for item in (await answer.json())["data"])]
+                            headers={"authorization": f"Bearer {env.master}", "x-gomodel-timezone": "America/New_York"})
+    periods = [item["period"] for item in (await answer.json())["data"]]
+    assert all(p.endswith(("T00:00:00.000-05:00", "T00:00:00.000-04:00")) for p in periods), periods
 
     def labels():
         b.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "America/New_York"})
@@ -430,7 +434,7 @@ async def test_overview_month_labels_are_utc_days_west_of_utc(env):
             b.click("button[data-window='month']")
             shown = "return Chart.getChart(document.querySelector('#chart-traffic canvas')).data.labels"
             b.wait(lambda d: len(b.js(shown)) == 30, "the month window, a day each")
-            assert b.js(shown) == days
+            assert b.js(shown) == [p[5:10] for p in periods]
             b.click("button[data-window='hour']")
             b.wait(lambda d: len(b.js(shown)) == 60, "the hour window again")
             b.assert_clean()
@@ -1779,6 +1783,144 @@ async def test_a_master_key_beyond_ascii_signs_in(reactor, tmp_path):
             browser.assert_clean()
 
         await in_thread(sign_in)
+
+
+# -- days of the browser's time zone (a gateway and a browser of their own) ---------------------------
+
+
+async def _across_midnight(reactor, gw, zone):
+    """Usage records a minute either side of the start of today in C{zone} (UTC's today holds both or neither of
+    them, whatever the time: the zone's and UTC's totals of today differ): its start (an aware datetime)."""
+    from gomodel.store.records import USAGE_FIELDS
+
+    tz = ZoneInfo(zone)
+    now = time.time()
+    midnight = datetime.combine(datetime.fromtimestamp(now, tz).date(), datetime.min.time(), tz)
+    if now - midnight.timestamp() < 90:  # (the zone's day just began: wait for its first minute to pass)
+        await deferLater(reactor, 90 - (now - midnight.timestamp()), lambda: None)
+    base = dict.fromkeys(USAGE_FIELDS)
+    base.update(provider="vllm", provider_name="vllm", replica=0, model=MODEL, endpoint="/v1/chat/completions",
+                status_code=200, stream=False, output_tokens=1, client_gone=False, estimated=False, outcome="ok",
+                duration_ms=40, ttft_ms=None)
+    rows = [("yesterday-there", midnight.timestamp() - 60, 1000), ("today-there", midnight.timestamp() + 60, 20000)]
+    await gw.service.store.usage.add([tuple(dict(base, request_id=request_id, timestamp=at, input_tokens=tokens,
+                                                 total_tokens=tokens + 1)[name] for name in USAGE_FIELDS)
+                                      for request_id, at, tokens in rows])
+    return midnight
+
+
+async def _summary_today(gw, key, zone=None):
+    headers = {"authorization": f"Bearer {key}"}
+    if zone:
+        headers["x-gomodel-timezone"] = zone
+    return await (await treq.get(gw.url + "/admin/api/v1/usage/summary?days=1", headers=headers)).json()
+
+
+async def _usage_in_the_browsers_zone(reactor, tmp_path, zone, offset):
+    """The usage page's "Today", its dates and the request log's times, and the overview's days and hours, in a
+    browser in C{zone} (UTC C{offset}, as "+05:30"): those of the API asked for that zone."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (gw, b):
+        midnight = await _across_midnight(reactor, gw, zone)
+        there, utc = await _summary_today(gw, master, zone), await _summary_today(gw, master)
+        assert (there["requests"], there["input_tokens"]) == (1, 20000)
+        assert utc["input_tokens"] in (0, 21000)  # (UTC's today holds both records or neither)
+        answer = await treq.get(gw.url + "/admin/api/v1/usage/timeseries?window=month",
+                                headers={"authorization": f"Bearer {master}", "x-gomodel-timezone": zone})
+        month = (await answer.json())["data"]
+
+        def page():
+            b.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": zone})
+            b.sign_in()
+            named = b.js("return Intl.DateTimeFormat().resolvedOptions().timeZone")
+            b.go("usage")
+            b.wait(lambda d: b.one("#usage-days").get_attribute("value") == "7", "the 7-day window")
+            from selenium.webdriver.support.ui import Select
+
+            Select(b.one("#usage-days")).select_by_value("1")
+            assert Select(b.one("#usage-days")).first_selected_option.text == "Today"
+            b.wait_text("#usage-range", lambda t: t.startswith(there["start"]), "today's date there")
+            assert b.text_of("#usage-range") == f"{there['start']} – {there['end']} (days in {named})"
+            cards = dict(zip(b.texts("#usage-totals .card-title"), b.texts("#usage-totals .card-value")))
+            assert (cards["Requests"], cards["Input tokens"]) == ("1", "20,000")
+            b.wait(lambda d: b.texts("#log-table .request-id") == ["today-there"], "today's record there")
+            shown = midnight.strftime("%Y-%m-%d 00:01:00") + f" UTC{offset}"
+            assert b.texts("#log-table td[data-label='Time']") == [shown]
+            # dates picked are the zone's: yesterday there holds the record a minute before its midnight
+            Select(b.one("#usage-days")).select_by_value("custom")
+            yesterday = (midnight.date() - timedelta(days=1)).isoformat()
+            for field in ("#usage-start", "#usage-end"):
+                b.js("arguments[0].value = arguments[1]", b.one(field), yesterday)
+            b.click("#usage-days ~ .dates button")
+            b.wait_text("#usage-range", lambda t: t == f"{yesterday} – {yesterday} (days in {named})", "yesterday")
+            b.wait(lambda d: b.texts("#log-table .request-id") == ["yesterday-there"], "yesterday's record there")
+            cards = dict(zip(b.texts("#usage-totals .card-title"), b.texts("#usage-totals .card-value")))
+            assert (cards["Requests"], cards["Input tokens"]) == ("1", "1,000")
+            Select(b.one("#usage-days")).select_by_value("7")
+
+            b.go("overview")
+            b.click("button[data-window='month']")
+            chart = "return Chart.getChart(document.querySelector('#chart-traffic canvas')).data"
+            b.wait(lambda d: len(b.js(chart)["labels"]) == 30, "the month window, a day each")
+            data = b.js(chart)
+            assert data["labels"] == [p["period"][5:10] for p in month]
+            assert data["labels"][-1] == midnight.strftime("%m-%d")
+            assert data["datasets"][0]["data"][-2:] == [1, 1]  # (each record in its own day there)
+            b.click("button[data-window='day']")  # the zone's hours: on the hour there, in Kolkata too
+            b.wait(lambda d: len(b.js(chart)["labels"]) == 24, "the day window, an hour each")
+            hours = b.js(chart)["labels"]
+            assert all(h.endswith(":00") for h in hours), hours
+            assert hours[-1] == b.js("const d = new Date(Date.now() - 5000);"  # (the page's hour, drawn just before)
+                                     "return String(d.getHours()).padStart(2, '0') + ':00'")
+            b.assert_clean()
+
+        await in_thread(page)
+
+
+@pytest_twisted.ensureDeferred
+async def test_today_is_the_browsers_day_east_of_utc_by_a_half_hour(reactor, tmp_path):
+    """In Asia/Kolkata (+05:30) the usage page's "Today" is Kolkata's day (its totals are the API's for that zone,
+    which UTC's are not), its range names the zone, the log shows Kolkata's time, and the overview's days and hours
+    are Kolkata's (before: "Today (UTC)", "(UTC days)", UTC times, and hour bars labelled half past)."""
+    await _usage_in_the_browsers_zone(reactor, tmp_path, "Asia/Kolkata", "+05:30")
+
+
+@pytest_twisted.ensureDeferred
+async def test_today_is_the_browsers_day_west_of_utc(reactor, tmp_path):
+    """The same in America/New_York (-05:00 in December, -04:00 in summer)."""
+    offset = datetime.now(ZoneInfo("America/New_York")).strftime("%z")
+    await _usage_in_the_browsers_zone(reactor, tmp_path, "America/New_York", f"{offset[:3]}:{offset[3:]}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_time_zone_the_gateway_does_not_know_shows_utc_days(reactor, tmp_path):
+    """A browser's zone name the gateway's time zone database lacks (Chromium names Kolkata Asia/Calcutta, a link
+    that Debian 13's tzdata leaves to tzdata-legacy) is refused with a 400 naming X-GoModel-Timezone: the dashboard
+    asks again without it and says the days are UTC's, rather than showing the error on every usage view."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (gw, b):
+        await _across_midnight(reactor, gw, "UTC")
+        utc = await _summary_today(gw, master)
+
+        def page():
+            b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+                "const resolved = Intl.DateTimeFormat.prototype.resolvedOptions;"
+                "Intl.DateTimeFormat.prototype.resolvedOptions = function () {"
+                "  return Object.assign(resolved.call(this), {timeZone: 'Mars/Olympus'}); };")})
+            b.sign_in()
+            b.go("usage")
+            from selenium.webdriver.support.ui import Select
+
+            Select(b.one("#usage-days")).select_by_value("1")
+            b.wait_text("#usage-range", lambda t: t == f"{utc['start']} – {utc['end']} (UTC days)", "UTC's today")
+            cards = dict(zip(b.texts("#usage-totals .card-title"), b.texts("#usage-totals .card-value")))
+            assert (cards["Requests"], cards["Input tokens"]) == ("1", "20,000")
+            b.wait(lambda d: b.texts("#log-table .request-id") == ["today-there"], "today's record")
+            assert not b.all("#usage-messages .note-error")
+            entries, violations = b.logs()  # (the refused zone's 400)
+            assert not violations and entries and all("400" in e["message"] for e in entries), entries
+
+        await in_thread(page)
 
 
 # -- on a PostgreSQL store that goes away (a gateway and a browser of their own) -----------------

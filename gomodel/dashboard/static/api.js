@@ -4,10 +4,11 @@ const STORAGE_KEY = "gomodel.dashboard.key";
 const listeners = new Set();
 
 export class ApiError extends Error {
-  constructor(status, message, code) {
+  constructor(status, message, code, param) {
     super(message);
     this.status = status;
     this.code = code;
+    this.param = param;
   }
 }
 
@@ -47,6 +48,26 @@ function headers(extra) {
   return out;
 }
 
+// The browser's time zone (an IANA name, Asia/Kolkata), sent to the admin API as GoModel's X-GoModel-Timezone: the
+// usage views count its days and hours. null: the browser names none, or the gateway refused that name (its time
+// zone database lacks it: a 400 naming the header), and the views are UTC's.
+let refusedZone = null;
+
+export function timeZone() {
+  let name = null;
+  try {
+    name = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  } catch (_) {
+    // no Intl time zones: UTC's days
+  }
+  return typeof name === "string" && /^[A-Za-z0-9_+\-/]+$/.test(name) && name !== refusedZone ? name : null;
+}
+
+// What the usage views' days are named after: the zone sent, or UTC.
+export function zoneName() {
+  return timeZone() || "UTC";
+}
+
 // Check a key before keeping it: the answer of a cheap admin route, or an ApiError.
 export async function tryKey(key) {
   let response;
@@ -63,12 +84,15 @@ export async function tryKey(key) {
 
 // Call the admin API (or /v1/ routes): the parsed JSON answer, or the Response itself with raw.
 // A 401 signs out; any other error is thrown as an ApiError carrying the gateway's message.
+// The admin API's calls carry the browser's time zone (timeZone()); one the gateway refuses is asked again in UTC.
 export async function api(path, {method = "GET", body, raw = false} = {}) {
+  const zone = path.startsWith("/admin/api/") ? timeZone() : null;
+  const extra = body === undefined ? {} : {"Content-Type": "application/json"};
+  if (zone) extra["X-GoModel-Timezone"] = zone;
   let response;
   try {
     response = await fetch(path, {
-      method, cache: "no-store", credentials: "omit",
-      headers: headers(body === undefined ? {} : {"Content-Type": "application/json"}),
+      method, cache: "no-store", credentials: "omit", headers: headers(extra),
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (error) {
@@ -79,7 +103,14 @@ export async function api(path, {method = "GET", body, raw = false} = {}) {
     signOut(`Signed out: the gateway refused the key (${error.message})`);
     throw error;
   }
-  if (!response.ok) throw await failure(response);
+  if (!response.ok) {
+    const error = await failure(response);
+    if (zone && response.status === 400 && error.param === "X-GoModel-Timezone") {
+      refusedZone = zone;
+      return api(path, {method, body, raw});
+    }
+    throw error;
+  }
   return raw ? response : response.json();
 }
 
@@ -124,16 +155,18 @@ function save(blob, filename) {
 async function failure(response) {
   let message = `${response.status} ${response.statusText}`.trim();
   let code;
+  let param;
   try {
     const body = await response.json();
     if (body && body.error) {
       message = body.error.message || message;
       code = body.error.code;
+      param = body.error.param;
     }
   } catch (_) {
     // not JSON: the status line says it
   }
-  return new ApiError(response.status, message, code);
+  return new ApiError(response.status, message, code, param);
 }
 
 export function query(params) {

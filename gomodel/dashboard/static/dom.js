@@ -137,6 +137,18 @@ export function when(value) {
   return date.toISOString().replace("T", " ").replace(/\.\d+Z$|Z$/, " UTC");
 }
 
+// A time in the browser's time zone, its offset named: "2026-12-06 21:50:03 UTC+05:30" (when() is UTC's).
+export function localWhen(value) {
+  if (value === null || value === undefined) return "–";
+  const date = typeof value === "number" ? new Date(value * 1000) : new Date(value);
+  const pad = (n) => String(n).padStart(2, "0");
+  const east = -date.getTimezoneOffset();
+  const size = Math.abs(east);
+  const offset = east === 0 ? "" : `${east > 0 ? "+" : "-"}${pad(Math.floor(size / 60))}:${pad(size % 60)}`;
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ${pad(date.getHours())}:`
+    + `${pad(date.getMinutes())}:${pad(date.getSeconds())} UTC${offset}`;
+}
+
 // 12.3k, 4.5M, 6.7B: a value that would round to 1000.0 of a unit is 1.0 of the next (999,960: 1.0M).
 export function compact(value) {
   if (value === null || value === undefined) return "–";

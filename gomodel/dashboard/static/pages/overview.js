@@ -146,11 +146,8 @@ function card(titleText, value, id, detail, kind) {
     detail ? h("div", {class: "card-detail", text: detail}) : null);
 }
 
-// A bucket's label: the month window's buckets are UTC days (their UTC date, whatever the browser's
-// time zone); the others' minutes and hours are the browser's local time.
+// A bucket's label: its date (the month window's days) or its time, as the gateway wrote it: in the zone the
+// admin API was told (the browser's, api.js), whose days and hours the buckets are.
 function label(period, window) {
-  const date = new Date(period);
-  const pad = (n) => String(n).padStart(2, "0");
-  if (window === "month") return `${pad(date.getUTCMonth() + 1)}-${pad(date.getUTCDate())}`;
-  return `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+  return window === "month" ? period.slice(5, 10) : period.slice(11, 16);
 }

@@ -1,8 +1,9 @@
 // Usage: totals by model, provider, key and user path for a window (table, chart, CSV), and the request log.
+// Windows are days of the browser's time zone (the admin API is told it: api.js), custom dates its dates too.
 
-import {admin, download, downloadPages, query} from "../api.js";
+import {admin, download, downloadPages, query, zoneName} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
-import {badge, button, cost, errorNote, focusAgain, h, int, ms, replace, table, when} from "../dom.js";
+import {badge, button, cost, errorNote, focusAgain, h, int, localWhen, ms, replace, table, when} from "../dom.js";
 
 export const title = "Usage";
 const GROUPS = {
@@ -11,7 +12,7 @@ const GROUPS = {
   key: {label: "Key", route: "usage/keys"},
   path: {label: "User path", route: "usage/user-paths"},
 };
-const WINDOWS = [["1", "Today (UTC)"], ["7", "Last 7 days"], ["30", "Last 30 days"], ["90", "Last 90 days"],
+const WINDOWS = [["1", "Today"], ["7", "Last 7 days"], ["30", "Last 30 days"], ["90", "Last 90 days"],
   ["custom", "Dates…"]];
 const PAGE_SIZE = 50;
 const state = {days: "7", start: "", end: "", group: "model", filters: {status: "", model: "", key: "", search: ""}};
@@ -167,7 +168,8 @@ export function mount(el) {
       card("Requests", int(s.requests)), card("Errors", int(s.errors)),
       card("Input tokens", int(s.input_tokens)), card("Output tokens", int(s.output_tokens)),
       card("Cached tokens", int(s.cached_tokens)), card("Cost", s.total_cost === null ? "no prices" : cost(s.total_cost)));
-    range.textContent = `${s.start} – ${s.end} (UTC days)`;
+    const zone = zoneName();
+    range.textContent = `${s.start} – ${s.end} (${zone === "UTC" ? "UTC days" : `days in ${zone}`})`;
     return true;
   }
 
@@ -220,7 +222,7 @@ export function mount(el) {
       answered("log");
       cursors = pages;
       replace(logTable, table([
-        {title: "Time", cell: (r) => when(r.timestamp)},
+        {title: "Time", cell: (r) => h("span", {title: when(r.timestamp), text: localWhen(r.timestamp)})},
         {title: "Request id", cell: (r) => h("code", {class: "wrap request-id", text: r.request_id})},
         {title: "Model", cell: (r) => h("code", {class: "wrap", text: r.model ?? "–"})},
         {title: "Provider", cell: (r) => `${r.provider_name ?? "–"}${r.replica === null ? "" : ` #${r.replica}`}`},
