@@ -51,6 +51,9 @@ setup(
         # off the reactor. The binary extra ships libpq, so no system library is needed.
         "psycopg[binary]>=3.2,<4",
         "psycopg-pool>=3.2,<4",
+        # The IANA time zone database, where the system's lacks a name (X-GoModel-Timezone): Debian 13, the
+        # image's, leaves the links browsers send (Chromium's Asia/Calcutta, Europe/Kiev) to tzdata-legacy.
+        "tzdata>=2024.1",
     ],
     extras_require={
         # OpenTelemetry (OTEL_ENABLED=true): the official API and SDK, exporting over OTLP/HTTP

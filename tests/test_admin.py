@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import sys
 import time
 
@@ -557,6 +558,35 @@ async def test_usage_counts_the_days_of_gomodels_time_zone_header(http, ledger):
     for zone in ("Mars/Olympus", "America", "../etc/passwd", "/etc/localtime", "x" * 300):
         code, error = await zoned(http, ledger, "/admin/api/v1/usage/summary", zone)
         assert (code, error["error"]["param"], error["error"]["code"]) == (400, "X-GoModel-Timezone", "invalid_value")
+
+
+def test_the_zone_names_browsers_send_resolve_without_the_systems_database(tmp_path):
+    """Chromium names Kolkata Asia/Calcutta, Kyiv Europe/Kiev, Ho Chi Minh City Asia/Saigon: links that Debian 13's
+    tzdata (the Docker image's python:3.11-slim) leaves to tzdata-legacy, so the dashboard's X-GoModel-Timezone was a
+    400 there. The gateway installs the tzdata package: they resolve on a system without a database at all
+    (PYTHONTZPATH empty), and a name that is none is still refused."""
+    import subprocess
+
+    code = (
+        "from types import SimpleNamespace\n"
+        "from gomodel.api.windows import time_zone\n"
+        "from gomodel.errors import InvalidRequest\n"
+        "ask = lambda name: time_zone(SimpleNamespace(getHeader=lambda _: name.encode()))\n"
+        "for name in ('Asia/Calcutta', 'Europe/Kiev', 'Asia/Saigon', 'America/Buenos_Aires', 'Asia/Kolkata'):\n"
+        "    print(name, ask(name).key)\n"
+        "for name in ('Mars/Olympus', 'America'):\n"
+        "    try:\n"
+        "        ask(name)\n"
+        "    except InvalidRequest:\n"
+        "        print(name, 'refused')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONTZPATH="", PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["Asia/Calcutta Asia/Calcutta", "Europe/Kiev Europe/Kiev",
+                                        "Asia/Saigon Asia/Saigon", "America/Buenos_Aires America/Buenos_Aires",
+                                        "Asia/Kolkata Asia/Kolkata", "Mars/Olympus refused", "America refused"]
 
 
 @pytest_twisted.ensureDeferred

@@ -1894,9 +1894,9 @@ async def test_today_is_the_browsers_day_west_of_utc(reactor, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_a_time_zone_the_gateway_does_not_know_shows_utc_days(reactor, tmp_path):
-    """A browser's zone name the gateway's time zone database lacks (Chromium names Kolkata Asia/Calcutta, a link
-    that Debian 13's tzdata leaves to tzdata-legacy) is refused with a 400 naming X-GoModel-Timezone: the dashboard
-    asks again without it and says the days are UTC's, rather than showing the error on every usage view."""
+    """A browser's zone name the gateway's time zone database lacks (one newer than its tzdata, say) is refused with
+    a 400 naming X-GoModel-Timezone: the dashboard asks again without it and says the days are UTC's, rather than
+    showing the error on every usage view."""
     master = "gm-dash-" + secrets.token_urlsafe(16)
     async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (gw, b):
         await _across_midnight(reactor, gw, "UTC")
