@@ -396,6 +396,17 @@ def peek_body(response):
     return None
 
 
+def read_again(response, body: bytes):
+    """A stand-in for C{response}, whose C{body} was read already: its status and headers, and that body, whole
+    as L{whole_body} and L{peek_body} take it (an answer looked at before it is relayed or read)."""
+    again = Response._construct(getattr(response, "version", (b"HTTP", 1, 1)), response.code,
+                                getattr(response, "phrase", b""), response.headers, None, None)
+    again.length = len(body)
+    again._bodyDataReceived(body)
+    again._bodyDataFinished(_BODY_DONE)
+    return again
+
+
 class QuietClientFactory(_HTTP11ClientFactory):
     """The pool's connection factory: L{PromptClientProtocol}s, without a log line per connection
     opened and closed."""

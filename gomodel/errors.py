@@ -270,6 +270,23 @@ class UpstreamAuthFailed(UpstreamError):
         self.headers["x-should-retry"] = "false"
 
 
+class UpstreamQuotaExhausted(UpstreamError):
+    """An upstream's 429 C{insufficient_quota} (OpenAI's: the gateway's account with that provider has no credit
+    left): no rate limit, which a wait lifts, but the operator's to fix. Its status, type and code kept, the message
+    saying whose quota it is (the upstream's words after it, its addresses and key left out), with
+    C{x-should-retry: false} and no C{Retry-After}: the SDKs would retry a 429 in vain."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, provider_name, said=None):
+        message = (f"The upstream provider '{provider_name}' has no quota left for the gateway's account with it "
+                   "(insufficient_quota), for the gateway's operator to fix" + (f": {said}" if said else "."))
+        super().__init__(self.status, envelope(message, self.type, None, self.code), message)
+        self.headers["x-should-retry"] = "false"
+
+
 class StreamFailed(GatewayError):
     """A stream that broke after its headers went out; told to the client in-band."""
 

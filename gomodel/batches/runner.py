@@ -12,9 +12,9 @@ or repeating an answer:
     recorded (keyed by batch and line, exactly once) as soon as it is read. A
     line falls back as an online request does (a virtual model's other
     targets, failover candidates: see L{gomodel.proxy.exchange.Exchange});
-    transient failures of every target (unreachable upstream, 429, 502, 503,
-    504, an answer that broke off) are retried from the first with backoff up
-    to C{BATCH_MAX_ATTEMPTS}. A line holds one slot of the provider it is at
+    transient failures of every target (unreachable upstream, 429 but a spent
+    quota's, 502, 503, 504, an answer that broke off) are retried from the
+    first with backoff up to C{BATCH_MAX_ATTEMPTS}. A line holds one slot of the provider it is at
     (its first target's, then each fallback's it goes on to, then the first's
     again for a retry), giving the one it holds up before it waits for the
     next: fallbacks count at the provider they reach, and no two lines wait
@@ -74,7 +74,7 @@ from gomodel.proxy.sse import StreamIncomplete
 from gomodel.responses_history import (continued, error_hidden, names_previous, no_chosen_id, normalise_input, relink,
                                       unknown_previous, with_history)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
-from gomodel.upstream.errors import upstream_error
+from gomodel.upstream.errors import out_of_quota, upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
 BACKOFF_START = 1.0
@@ -858,7 +858,7 @@ class BatchRunner(Service):
                     return _NoAnswer(e.code or "upstream_error", e.message, getattr(e, "reached", None) or reached,
                                      e.status)
                 response = fetched.response
-                if response.code in TRANSIENT_STATUSES and not last:
+                if response.code in TRANSIENT_STATUSES and not last and not out_of_quota(response.code, fetched.body):
                     await self._sleep(max(delay, min(_retry_after(response), self._backoff_max)))
                     delay = min(delay * 2, self._backoff_max)
                     continue

@@ -9,7 +9,8 @@ itself: Responses lifecycle, batch lines). Both go through the same steps:
   2. send; before anything went to the client, a replica that cannot be
      reached, times out or answers 500/502/503/504/429 is left for another one,
      up to C{ROUTING_MAX_ATTEMPTS} in all (the server retries a stale pooled
-     connection once by itself),
+     connection once by itself); a 429 saying the account's quota is spent
+     (L{out_of_quota}) only for another target,
   3. map every failure to a L{gomodel.errors.GatewayError},
   4. relay: a whole JSON body byte for byte (its usage noted; one past
      L{RESPONSE_BODY_LIMIT} as it comes), an event stream with
@@ -34,7 +35,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from gomodel import jsonutil
-from gomodel._twistedcompat import peek_body, plain_headers, whole_body
+from gomodel._twistedcompat import peek_body, plain_headers, read_again, whole_body
 from gomodel.accounting.tokens import prompt_estimate, requested_tokens
 from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
                             UpstreamError, UpstreamTimeout, UpstreamUnreachable)
@@ -47,9 +48,10 @@ from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
                                event_around, event_kind, event_object, events_end)
+from gomodel.routing.pool import HOLD_MAX
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, BoundedCollector, discard, read_body, within
-from gomodel.upstream.errors import error_shown, hidden_in, upstream_error, with_retry_after
+from gomodel.upstream.errors import error_shown, hidden_in, out_of_quota, upstream_error, with_retry_after
 
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
@@ -513,6 +515,9 @@ class Exchange:
                     report = plain_headers(response.headers).get(ENDPOINT_LOAD_METRICS)
                     if report is not None:
                         replica.answered(parse_load_header(report[0]))
+                    spent = False  # (a 429 saying the account's quota is spent: no rate limit, L{out_of_quota})
+                    if response.code == 429:
+                        response, spent = await self._quota_spent(response)
                     if response.code >= 500:
                         # (one that asks to be left alone a while, Retry-After, is busy, as with its 429: not failing)
                         if response.code not in FAILOVER_STATUSES or RETRY_AFTER not in plain_headers(response.headers):
@@ -520,7 +525,11 @@ class Exchange:
                     elif response.code >= 300 and response.code != 429:
                         # (a success's is its whole answer, L{relay} and L{fetch}: a stream may break)
                         replica.succeeded()
-                    if response.code in FAILOVER_STATUSES:
+                    if spent:  # every replica of the provider passed over a while: the same account, and no wait
+                        for other in pool.replicas:  # lifts it (one on its own key serves what no other can)
+                            other.asked_to_wait(b"%d" % HOLD_MAX)
+                        why = "HTTP 429: insufficient_quota"
+                    elif response.code in FAILOVER_STATUSES:
                         retry_after = plain_headers(response.headers).get(RETRY_AFTER)
                         if retry_after is not None:
                             replica.asked_to_wait(retry_after[0])
@@ -532,7 +541,8 @@ class Exchange:
                     attempts += 1
                     if ctx is not None:
                         ctx.attempts = attempts
-                    again = self._again(pool, model, call, tried + [replica], attempts, more, why, ctx)
+                    again = self._again(pool, model, call, tried + [replica], attempts, more, why, ctx,
+                                        replicas=not spent)
                     if again is not None:
                         if trace is not None:
                             trace.failed(str(response.code))
@@ -548,12 +558,13 @@ class Exchange:
                     pool.release(replica)
                     raise
 
-    def _again(self, pool, model, call, tried, attempts, more, why, ctx=None):
-        """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None (C{ctx}:
-        the request's context, or None: L{failed_over}'s)."""
+    def _again(self, pool, model, call, tried, attempts, more, why, ctx=None, replicas=True):
+        """Where a call that failed on the replicas C{tried} goes: C{"replica"} (unless C{replicas} is false: no
+        other replica of C{pool} would do better), C{"target"} or None (C{ctx}: the request's context, or None:
+        L{failed_over}'s)."""
         if call.pin is not None or attempts >= self.max_attempts:
             return None
-        if pool.has_alternative(model, tried):
+        if replicas and pool.has_alternative(model, tried):
             where = "replica"
         elif more:
             where = "target"
@@ -579,6 +590,21 @@ class Exchange:
             self.retried(pool, where)
         if ctx is not None:
             ctx.retries += 1
+
+    async def _quota_spent(self, response):
+        """C{(response, spent)}: a 429 C{response} (a stand-in, read again as it came, where its body had not all
+        come with its head) and whether its body says the account's quota is spent (L{out_of_quota})."""
+        body = peek_body(response)
+        if body is None:
+            try:
+                body = await within(read_body(response, ERROR_BODY_LIMIT), self._timeouts.response_header,
+                                    self._timers)
+            except CancelledError:
+                raise
+            except Exception:  # (too large, broke off, too slow: a 429 like any)
+                body = b""
+            response = read_again(response, body)
+        return response, out_of_quota(429, body)
 
     async def read(self, upstream, response, limit, ends=None):
         """The whole body of C{response}, within C{limit} bytes and the response-header timeout.

@@ -256,9 +256,14 @@ def read_body(response, limit: int, collector=BoundedCollector) -> Deferred:
 def discard(response, limit: int = 1024 * 1024):
     """Read and drop an answer's body we do not relay, so its connection can go back to the pool.
 
-    A body past C{limit} closes the connection instead; failures are ignored.
+    A body past C{limit} closes the connection instead; failures are ignored, and so is a body already read or
+    being read (a 429's, looked at before it is relayed, whose reading the client's leaving cut short).
     """
-    read_body(response, limit).addErrback(lambda _: None)
+    try:
+        reading = read_body(response, limit)
+    except RuntimeError:  # (Twisted's "cannot deliverBody again")
+        return
+    reading.addErrback(lambda _: None)
 
 
 async def within(d: Deferred, seconds: float, clock):

@@ -11,7 +11,7 @@ import time
 from functools import partial
 
 from gomodel import jsonutil
-from gomodel.errors import SDK_RETRY_WAIT, UpstreamAuthFailed, UpstreamError, envelope
+from gomodel.errors import SDK_RETRY_WAIT, UpstreamAuthFailed, UpstreamError, UpstreamQuotaExhausted, envelope
 from gomodel.proxy.sse import hidden_strings
 from gomodel.routing.pool import retry_after_seconds
 
@@ -56,6 +56,10 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
         return UpstreamAuthFailed(provider_name)
     parsed = _parse(body)
     error = parsed.get("error") if isinstance(parsed, dict) else None
+    if status == 429 and _spent(error):
+        said = error.get("message")
+        return UpstreamQuotaExhausted(provider_name, _hidden(said, hide, provider_name) if isinstance(said, str)
+                                      else None)
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         message = error["message"]
         if not _mentions(body, parsed, hide):
@@ -83,13 +87,27 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
     return _wrapped(status, f"The upstream provider '{provider_name}' answered HTTP {status}.")
 
 
+def out_of_quota(status: int, body: bytes) -> bool:
+    """Whether an upstream's answer (C{status}, C{body}) is OpenAI's 429 C{insufficient_quota}: the gateway's account
+    with it has no credit left, which no wait and no other replica of it (the same account) changes."""
+    if status != 429 or body.find(b"insufficient_quota") < 0:
+        return False
+    parsed = _parse(body)
+    return _spent(parsed.get("error") if isinstance(parsed, dict) else None)
+
+
+def _spent(error) -> bool:
+    """Whether C{error}, an upstream's 429's C{error} member, says its quota is spent (L{out_of_quota})."""
+    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))
+
+
 def with_retry_after(error: UpstreamError, response) -> UpstreamError:
     """C{error}, made of C{response}'s error answer, with that answer's C{Retry-After} (an overloaded vLLM's 429
     or 503, a proxy's in front of it): the client waits as long as the upstream asked before it tries again.
     A wait past L{SDK_RETRY_WAIT} (a provider's daily quota) comes with C{x-should-retry: false}, as the
     gateway's own refusals' do: the SDKs tell their caller rather than sleep through it."""
     retry_after = response.headers.getRawHeaders(b"retry-after")
-    if retry_after:
+    if retry_after and error.__class__ is not UpstreamQuotaExhausted:  # (no wait lifts a spent quota)
         error.headers["Retry-After"] = retry_after[0].decode("latin-1")
         seconds = retry_after_seconds(retry_after[0], time.time())
         if seconds is not None and seconds > SDK_RETRY_WAIT:

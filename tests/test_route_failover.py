@@ -1,0 +1,157 @@
+"""Failover across replicas and targets for what an upstream answers besides overload: a spent quota, a refused
+key, ids a provider refuses, an engine that never answers; over loopback sockets, with the official SDK where the
+client matters."""
+
+import json
+
+import openai
+import pytest_twisted
+import treq
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from gomodel import jsonutil
+from tests.fakes.fleet import FakeReplica
+from tests.fakes.vllm import CHAT_MODEL
+from tests.support import in_thread, start_gateway, stop_all
+
+GPT = "gpt-4o-mini"
+QUOTA = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                   "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+
+
+class FakeOpenAI(Resource):
+    """An OpenAI-like upstream: its model list, and chat completions answered as C{mode} says: C{"ok"} (OpenAI's
+    own check of tool call ids, at most 40 characters, first), C{"quota"} (429 C{insufficient_quota}) or
+    C{"hang"} (the request taken, its head never sent)."""
+
+    isLeaf = True
+
+    def __init__(self, reactor, mode="ok"):
+        super().__init__()
+        self.reactor = reactor
+        self.mode = mode
+        self.chats = []  # the bodies of the chat requests it got
+        self.hung = []
+        self.port = None
+
+    async def start(self):
+        site = server.Site(self)
+        site.noisy = False
+        self.port = await TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(site)
+        return self
+
+    def stop(self):
+        for request in self.hung:
+            if not request._disconnected:
+                request.transport.abortConnection()
+        return self.port.stopListening()
+
+    @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.port.getHost().port}/v1"
+
+    def _json(self, request, status, value):
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(value).encode()
+
+    def render(self, request):
+        if request.method == b"GET" and request.path == b"/v1/models":
+            return self._json(request, 200, {"object": "list", "data": [{"id": GPT, "object": "model"}]})
+        if request.method != b"POST" or request.path != b"/v1/chat/completions":
+            return self._json(request, 404, {"error": {"message": "no", "type": "invalid_request_error"}})
+        body = json.loads(request.content.read())
+        self.chats.append(body)
+        if self.mode == "hang":
+            self.hung.append(request)
+            return server.NOT_DONE_YET
+        if self.mode == "quota":
+            return self._json(request, 429, QUOTA)
+        for i, message in enumerate(body.get("messages", ())):
+            ids = [("tool_calls[%d].id" % j, c.get("id")) for j, c in enumerate(message.get("tool_calls") or ())]
+            ids += [("tool_call_id", message["tool_call_id"])] if "tool_call_id" in message else []
+            for where, value in ids:
+                if len(value) > 40:
+                    return self._json(request, 400, {"error": {
+                        "message": f"Invalid 'messages[{i}].{where}': string too long. Expected a string with "
+                                   f"maximum length 40, but got a string with length {len(value)} instead.",
+                        "type": "invalid_request_error", "param": f"messages[{i}].{where}",
+                        "code": "string_above_max_length"}})
+        return self._json(request, 200, {
+            "id": "chatcmpl-openai", "object": "chat.completion", "created": 1700000000, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "from openai"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+
+
+async def _chat(http, gw, model, messages=None):
+    response = await http.post(gw.url + "/v1/chat/completions", data=json.dumps({
+        "model": model, "messages": messages or [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"content-type": ["application/json"]})
+    return response, jsonutil.loads(await treq.content(response))
+
+
+async def _openai_behind_vllm(reactor, mode, **env):
+    """A vLLM replica and an OpenAI-like upstream, and a gateway whose virtual model C{llama} has the vLLM's
+    model as its first target and OpenAI's as its second."""
+    vllm = await FakeReplica(reactor, name="a").start()
+    upstream = await FakeOpenAI(reactor, mode).start()
+    virtual = [{"source": "llama", "targets": [{"model": f"vllm/{CHAT_MODEL}", "weight": 100},
+                                               {"model": f"openai/{GPT}", "weight": 1}]}]
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "OPENAI_API_KEY": "sk-gateway-key-0123",
+                                       "OPENAI_BASE_URL": upstream.base_url, "VIRTUAL_MODELS": json.dumps(virtual),
+                                       **env})
+    return vllm, upstream, gw
+
+
+# -- a spent quota ----------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_spent_quota_is_no_rate_limit_the_same_upstream_is_not_asked_again_nor_the_sdk_told_to_retry(
+        reactor):
+    """OpenAI's 429 C{insufficient_quota} (the gateway's account has no credit left) passes in no time. Before, it
+    was taken for a rate limit: sent again to the provider's other replica (the same account), and relayed as a
+    429 the openai SDK retried (twice, by default)."""
+    first, second = await FakeOpenAI(reactor, "quota").start(), await FakeOpenAI(reactor, "quota").start()
+    gw = await start_gateway(reactor, {"OPENAI_API_KEY": "sk-gateway-key-0123", "OPENAI_MODELS": GPT,
+                                       "OPENAI_BASE_URL": f"{first.base_url},{second.base_url}"})
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=2, timeout=10)
+    try:
+        try:
+            await in_thread(client.chat.completions.create, model=f"openai/{GPT}",
+                            messages=[{"role": "user", "content": "hi"}])
+        except openai.RateLimitError as e:
+            error = e.body
+            headers = e.response.headers
+        else:
+            raise AssertionError("no error")
+        assert len(first.chats) + len(second.chats) == 1  # neither the other replica nor the SDK asked again
+        assert error["code"] == "insufficient_quota" and error["type"] == "insufficient_quota"
+        assert "openai" in error["message"] and "quota" in error["message"]
+        assert headers.get("x-should-retry") == "false" and "retry-after" not in headers
+    finally:
+        await stop_all(gw, first, second, clients=[client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spent_quota_fails_over_to_another_target_and_is_passed_over_then(reactor, http):
+    """A virtual model whose first target is out of quota: its other target answers; the next requests go there
+    first (the spent one is not asked again at once)."""
+    vllm = await FakeReplica(reactor, name="a").start()
+    upstream = await FakeOpenAI(reactor, "quota").start()
+    virtual = [{"source": "llama", "targets": [{"model": f"openai/{GPT}", "weight": 100},
+                                               {"model": f"vllm/{CHAT_MODEL}", "weight": 1}]}]
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "OPENAI_API_KEY": "sk-gateway-key-0123",
+                                       "OPENAI_BASE_URL": upstream.base_url, "OPENAI_MODELS": GPT,
+                                       "VIRTUAL_MODELS": json.dumps(virtual)})
+    try:
+        for _ in range(3):
+            response, body = await _chat(http, gw, "llama")
+            assert response.code == 200, body
+            assert body["model"] == CHAT_MODEL
+        assert len(upstream.chats) == 1 and len(vllm.inference_requests) == 3
+    finally:
+        await stop_all(gw, vllm, upstream)
+
