@@ -155,3 +155,42 @@ async def test_a_spent_quota_fails_over_to_another_target_and_is_passed_over_the
     finally:
         await stop_all(gw, vllm, upstream)
 
+
+# -- a refused key ----------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_refusing_the_gateways_key_is_left_for_another_and_taken_down(reactor, http):
+    """One replica of a pool whose key is wrong (started with another C{--api-key}) answers every request 401:
+    each goes on to a ready replica, and that one counts it as a failure, as a refused connection, and goes down.
+    Before, the client got the 502 upstream_auth_failed for every other request while a good replica was ready."""
+    good, bad = await FakeReplica(reactor).start(), await FakeReplica(reactor).start()
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"{good.base_url},{bad.base_url}"})
+    bad.api_key = "not-the-gateways"
+    try:
+        for _ in range(8):
+            response, body = await _chat(http, gw, f"vllm/{CHAT_MODEL}")
+            assert response.code == 200, body
+            assert response.headers.getRawHeaders(b"x-gomodel-replica") == [b"0"]
+        refused = [r for r in bad.inference_requests if r.status == 401]
+        assert 1 <= len(refused) == len(bad.inference_requests) <= 3
+        [replica] = [r for r in gw.registry.providers[0].replicas if r.index == 1]
+        assert replica.state == "down" and "401" in replica.last_error
+    finally:
+        await stop_all(gw, good, bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_refusing_the_gateways_key_is_left_for_the_next(reactor, http):
+    """A virtual model whose first target refuses the gateway's key: its other target answers."""
+    good, bad = await FakeReplica(reactor, name="a").start(), await FakeReplica(reactor, name="b").start()
+    virtual = [{"source": "llama", "targets": [{"model": f"vllm-b/{CHAT_MODEL}", "weight": 100},
+                                               {"model": f"vllm-a/{CHAT_MODEL}", "weight": 1}]}]
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": good.base_url, "VLLM_B_BASE_URL": bad.base_url,
+                                       "VIRTUAL_MODELS": json.dumps(virtual)})
+    bad.api_key = "not-the-gateways"
+    try:
+        response, body = await _chat(http, gw, "llama")
+        assert response.code == 200, body
+        assert [r.status for r in bad.inference_requests] == [401] and len(good.inference_requests) == 1
+    finally:
+        await stop_all(gw, good, bad)

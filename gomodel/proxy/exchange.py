@@ -10,7 +10,8 @@ itself: Responses lifecycle, batch lines). Both go through the same steps:
      reached, times out or answers 500/502/503/504/429 is left for another one,
      up to C{ROUTING_MAX_ATTEMPTS} in all (the server retries a stale pooled
      connection once by itself); a 429 saying the account's quota is spent
-     (L{out_of_quota}) only for another target,
+     (L{out_of_quota}) only for another target; one that answers 401 (it
+     refused the gateway's key: that replica's failure) for another one too,
   3. map every failure to a L{gomodel.errors.GatewayError},
   4. relay: a whole JSON body byte for byte (its usage noted; one past
      L{RESPONSE_BODY_LIMIT} as it comes), an event stream with
@@ -522,6 +523,8 @@ class Exchange:
                         # (one that asks to be left alone a while, Retry-After, is busy, as with its 429: not failing)
                         if response.code not in FAILOVER_STATUSES or RETRY_AFTER not in plain_headers(response.headers):
                             replica.failed(f"HTTP {response.code}")
+                    elif response.code == 401:  # (its key for that replica refused: misconfigured, or revoked)
+                        replica.failed("HTTP 401: it refused the gateway's key")
                     elif response.code >= 300 and response.code != 429:
                         # (a success's is its whole answer, L{relay} and L{fetch}: a stream may break)
                         replica.succeeded()
@@ -534,6 +537,8 @@ class Exchange:
                         if retry_after is not None:
                             replica.asked_to_wait(retry_after[0])
                         why = f"HTTP {response.code}"
+                    elif response.code == 401:
+                        why = "HTTP 401: it refused the gateway's key"
                     elif response.code == 404 and model is not None and _forgot(pool, replica, model, response, tried):
                         why = f"HTTP 404: it has no {model} any more"
                     else:
