@@ -194,3 +194,58 @@ async def test_a_target_refusing_the_gateways_key_is_left_for_the_next(reactor, 
         assert [r.status for r in bad.inference_requests] == [401] and len(good.inference_requests) == 1
     finally:
         await stop_all(gw, good, bad)
+
+
+# -- tool call ids OpenAI refuses -----------------------------------------------------------------------
+
+LONG_ID = "chatcmpl-tool-" + "0123456789abcdef" * 2  # (vLLM's: 46 characters, OpenAI takes 40 at most)
+OTHER_LONG_ID = "chatcmpl-tool-" + "fedcba9876543210" * 2
+
+
+def _tool_conversation():
+    calls = [{"id": call_id, "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}
+             for call_id in (LONG_ID, OTHER_LONG_ID, "call_short")]
+    return [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": LONG_ID, "content": "sunny"},
+            {"role": "tool", "tool_call_id": OTHER_LONG_ID, "content": "rain"},
+            {"role": "tool", "tool_call_id": "call_short", "content": "snow"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_tool_call_ids_of_a_conversation_failing_over_from_vllm_to_openai_are_made_short(reactor, http):
+    """A conversation begun on vLLM (its tool call ids 46 characters) fails over to an OpenAI target: each id
+    longer than OpenAI takes is sent as one made of its hash, the same each time, a call and its result still
+    matching. Before, OpenAI refused the conversation (400 string_above_max_length)."""
+    vllm, upstream, gw = await _openai_behind_vllm(reactor, "ok", OPENAI_MODELS=GPT)
+    vllm.fail_status = 503
+    try:
+        for _ in range(2):
+            response, body = await _chat(http, gw, "llama", _tool_conversation())
+            assert response.code == 200, body
+            assert body["choices"][0]["message"]["content"] == "from openai"
+        first, again = upstream.chats
+        assert first["messages"] == again["messages"]  # the same short ids each turn
+        calls = first["messages"][1]["tool_calls"]
+        ids = [c["id"] for c in calls]
+        assert all(len(i) <= 40 for i in ids) and ids[2] == "call_short" and len(set(ids)) == 3
+        assert [m["tool_call_id"] for m in first["messages"][2:]] == ids
+        assert [c["function"] for c in calls] == [c["function"] for c in _tool_conversation()[1]["tool_calls"]]
+        sent_to_vllm = [r.body for r in vllm.inference_requests]
+        assert sent_to_vllm and all(b["messages"] == _tool_conversation() for b in sent_to_vllm)  # as it came
+    finally:
+        await stop_all(gw, vllm, upstream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_tool_call_ids_sent_to_openai_first_are_made_short(reactor, http):
+    upstream = await FakeOpenAI(reactor).start()
+    gw = await start_gateway(reactor, {"OPENAI_API_KEY": "sk-gateway-key-0123", "OPENAI_MODELS": GPT,
+                                       "OPENAI_BASE_URL": upstream.base_url})
+    try:
+        response, body = await _chat(http, gw, f"openai/{GPT}", _tool_conversation())
+        assert response.code == 200, body
+        [sent] = upstream.chats
+        assert sent["messages"][2]["tool_call_id"] == sent["messages"][1]["tool_calls"][0]["id"] != LONG_ID
+    finally:
+        await stop_all(gw, upstream)
