@@ -335,7 +335,7 @@ async def test_upstream_never_up_is_503_no_ready_replica_without_its_address(rea
                                        "VLLM_MODELS": "meta-llama/Llama-3.1-8B-Instruct"})
     try:
         response, content = await post(http, gw, {"model": MODEL, "messages": []})
-        assert response.code == 503 and response.headers.getRawHeaders("retry-after") == ["1"]
+        assert response.code == 503 and response.headers.getRawHeaders("retry-after") == ["5"]
         error = error_of(content)
         assert error["code"] == "no_ready_replica"
         assert "127.0.0.1" not in content.decode()

@@ -1092,7 +1092,7 @@ async def test_no_ready_replica_is_503_overloaded_and_unreachable_is_502_api_err
     try:
         with pytest.raises(anthropic.APIStatusError) as raised:
             await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
-        assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"] == "1"
+        assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"] == "5"
         assert raised.value.body["error"]["type"] == "overloaded_error"
         assert "127.0.0.1" not in json.dumps(raised.value.body)
     finally:

@@ -249,3 +249,41 @@ async def test_long_tool_call_ids_sent_to_openai_first_are_made_short(reactor, h
         assert sent["messages"][2]["tool_call_id"] == sent["messages"][1]["tool_calls"][0]["id"] != LONG_ID
     finally:
         await stop_all(gw, upstream)
+
+
+# -- no ready replica: when to come back ------------------------------------------------------------------
+
+def test_no_ready_replica_says_to_come_back_at_the_next_health_check_or_the_end_of_a_hold():
+    """Before, C{Retry-After: 1} whatever the replicas' state: a client came back four times before the next
+    health check could have readmitted one."""
+    from twisted.internet.task import Clock
+    from gomodel.errors import NoReadyReplica
+    from gomodel.routing.pool import DOWN, Replica, ReplicaPool
+
+    clock = Clock()
+    replicas = [Replica(i, FakeServer(), f"http://r{i}/v1", clock) for i in range(2)]
+    for replica in replicas:
+        replica.models, replica.hold_base = {"m": {"id": "m"}}, 7.0
+    pool = ReplicaPool("vllm", "vllm", replicas, clock)
+    for replica in replicas:
+        replica.set_state(DOWN)
+
+    def retry_after():
+        failure = pool.acquire("m")
+        errors = []
+        failure.addErrback(errors.append)
+        [error] = errors
+        assert isinstance(error.value, NoReadyReplica)
+        return error.value.headers["Retry-After"]
+
+    assert retry_after() == "7"  # the next health check
+    for replica in replicas:
+        replica.held_until = clock.seconds() + 30.5  # both held out (taken down by failed requests)
+    assert retry_after() == "31"
+    replicas[1].held_until = clock.seconds() + 2.2
+    assert retry_after() == "3"
+
+
+class FakeServer:
+    name = "vllm"
+    hidden = ()

@@ -1541,7 +1541,7 @@ async def test_no_ready_replica_is_a_quick_503_with_retry_after(cluster, http, r
     response, body = await post(http, gw, chat())
     assert time.monotonic() - started < 2
     assert response.code == 503
-    assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
+    assert response.headers.getRawHeaders(b"retry-after") == [b"5"]  # (the next check: REPLICA_HEALTH_INTERVAL)
     error = error_of(body)
     assert error["code"] == "no_ready_replica" and CHAT_MODEL in error["message"]
     assert "127.0.0.1" not in json.dumps(body)
@@ -1611,7 +1611,7 @@ async def test_no_ready_replica_with_configured_models(cluster, http):
     fleet, gw = await cluster(2, prepare=refuse_all, env={"VLLM_MODELS": CHAT_MODEL})
     response, body = await post(http, gw, chat(stream=True))
     assert response.code == 503 and error_of(body)["code"] == "no_ready_replica"
-    assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
+    assert response.headers.getRawHeaders(b"retry-after") == [b"5"]  # (the next check)
     # The models list still shows the configured model.
     response = await http.get(gw.url + "/v1/models")
     assert [m["id"] for m in jsonutil.loads(await treq.content(response))["data"]] == [MODEL]

@@ -83,11 +83,11 @@ from math import inf
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
-from gomodel.errors import InvalidRequest, ModelNotFound, NoReadyReplica, ReplicasBusy
+from gomodel.errors import InvalidRequest, ModelNotFound, NoReadyReplica, ReplicasBusy, whole_seconds
 from gomodel.routing.selectors import qualified
 
 LOADING, READY, DOWN, STALLED = "loading", "ready", "down", "stalled"
-RETRY_AFTER = 1  # seconds a client is told to wait for a busy or not-ready pool
+RETRY_AFTER = 1  # seconds a client is told to wait for a busy pool (a not-ready one: L{ReplicaPool._ready_in})
 KV_FULL = 0.95  # KV-cache use past which a replica counts as queueing
 PACE_SAMPLES = 10  # a replica's pace is the plain mean of its first requests' durations, then a moving mean
 PACE_WEIGHT = 1 / PACE_SAMPLES  # weight of one request's duration in that moving mean
@@ -598,7 +598,16 @@ class ReplicaPool:
         not listed its models yet may still), or none that does is ready (L{NoReadyReplica})."""
         if model is not None and not any(r.models is None or model in r.models for r in self.replicas):
             return ModelNotFound(qualified(self.name, model))
-        return NoReadyReplica(self.name, model or "(any)", RETRY_AFTER)
+        return NoReadyReplica(self.name, model or "(any)", self._ready_in(model))
+
+    def _ready_in(self, model) -> int:
+        """Whole seconds (at least 1) until a replica that may serve C{model} may be ready again, its C{Retry-After}:
+        the soonest of their next health checks (within their C{hold_base}, the health interval: a loading or down
+        replica is ready only once one passes; a stalled one once a scrape sees progress, sooner) and, for one held
+        out (L{Replica.hold}), the end of its hold."""
+        soonest = min((r.held_for() or r.hold_base for r in self.replicas
+                       if model is None or r.models is None or model in r.models), default=RETRY_AFTER)
+        return whole_seconds(soonest)
 
     def standing_for(self, model) -> int:
         """2 when a ready replica that serves C{model} has room for another request now (and is not waiting out
