@@ -24,7 +24,7 @@ QUOTA = {"error": {"message": "You exceeded your current quota, please check you
 class FakeOpenAI(Resource):
     """An OpenAI-like upstream: its model list, and chat completions answered as C{mode} says: C{"ok"} (OpenAI's
     own check of tool call ids, at most 40 characters, first), C{"quota"} (429 C{insufficient_quota}) or
-    C{"hang"} (the request taken, its head never sent)."""
+    C{"hang"} (the request taken, its head never sent); C{"frozen"}: every request so (its model list too)."""
 
     isLeaf = True
 
@@ -58,6 +58,9 @@ class FakeOpenAI(Resource):
         return json.dumps(value).encode()
 
     def render(self, request):
+        if self.mode == "frozen":
+            self.hung.append(request)
+            return server.NOT_DONE_YET
         if request.method == b"GET" and request.path == b"/v1/models":
             return self._json(request, 200, {"object": "list", "data": [{"id": GPT, "object": "model"}]})
         if request.method != b"POST" or request.path != b"/v1/chat/completions":
@@ -287,3 +290,52 @@ def test_no_ready_replica_says_to_come_back_at_the_next_health_check_or_the_end_
 class FakeServer:
     name = "vllm"
     hidden = ()
+
+
+# -- a hung engine on any provider ------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_openai_compatible_replica_times_out_its_head_and_the_request_goes_on(reactor, http):
+    """An OpenAI-compatible provider's replica that takes the request and never sends a head (a hung engine whose
+    model list still answers): its C{HTTP_RESPONSE_HEADER_TIMEOUT} applies as a vLLM's does, and the request goes
+    on to the other replica; the hung one counts it as its failure."""
+    hung, good = await FakeOpenAI(reactor, "hang").start(), await FakeOpenAI(reactor).start()
+    gw = await start_gateway(reactor, {"OPENAI_API_KEY": "sk-gateway-key-0123", "OPENAI_MODELS": GPT,
+                                       "OPENAI_BASE_URL": f"{hung.base_url},{good.base_url}",
+                                       "HTTP_RESPONSE_HEADER_TIMEOUT": "1s"})
+    try:
+        pool = gw.registry.providers[0]
+        for _ in range(2):  # (one of them goes to the hung replica first)
+            response, body = await _chat(http, gw, f"openai/{GPT}")
+            assert response.code == 200 and body["choices"][0]["message"]["content"] == "from openai", body
+        assert len(hung.chats) == 1 and len(good.chats) == 2
+        assert pool.replicas[0].failures == 1 and "in time" in pool.replicas[0].last_error
+    finally:
+        await stop_all(gw, hung, good)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_openai_compatible_replica_fails_its_check_soon_and_its_waiting_request_goes_on(
+        reactor, http, monkeypatch):
+    """A replica of an OpenAI-compatible provider that answers nothing at all (a host frozen, its connections
+    hanging): its check (its model list) fails within L{HEALTH_LIST_TIMEOUT}, it goes down, and the request
+    waiting on it for a head goes on to the other replica then. Before, that check waited 30 s (the discovery's
+    timeout), a vLLM's 5 s: three of them took such a replica down after a minute and a half."""
+    from gomodel.upstream import openai_compatible
+    monkeypatch.setattr(openai_compatible, "HEALTH_LIST_TIMEOUT", 0.3, raising=False)
+    frozen, good = await FakeOpenAI(reactor, "hang").start(), await FakeOpenAI(reactor).start()
+    gw = await start_gateway(reactor, {"OPENAI_API_KEY": "sk-gateway-key-0123", "OPENAI_MODELS": GPT,
+                                       "OPENAI_BASE_URL": f"{frozen.base_url},{good.base_url}",
+                                       "REPLICA_HEALTH_INTERVAL": "0.2", "REPLICA_FAILURE_THRESHOLD": "1",
+                                       "ROUTING_STRATEGY": "round_robin", "HTTP_RESPONSE_HEADER_TIMEOUT": "8s"})
+    try:
+        pool = gw.registry.providers[0]
+        frozen.mode = "frozen"  # (its model list hangs too from now on)
+        started = reactor.seconds()
+        for _ in range(2):  # (one of them goes to the frozen replica first, unless a check failed already)
+            response, body = await _chat(http, gw, f"openai/{GPT}")
+            assert response.code == 200, body
+        assert reactor.seconds() - started < 5
+        assert pool.replicas[0].state == "down"
+    finally:
+        await stop_all(gw, frozen, good)

@@ -20,6 +20,9 @@ from gomodel.upstream.errors import Secret, upstream_error
 _STALE_CONNECTION = (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
 _TIMEOUTS = (DeferredTimeout, net_error.TimeoutError)
 MODELS_LIST_TIMEOUT = 30.0
+# A health check's (its model list): a server that answers nothing fails each within it (3 in a row take it down, its
+# requests waiting for a head ending then), as a vLLM's /health (5 s), not after the discovery's 30 s each.
+HEALTH_LIST_TIMEOUT = 10.0
 MODELS_LIST_LIMIT = 16 * 1024 * 1024
 
 
@@ -156,8 +159,8 @@ class OpenAICompatibleProvider:
         """See L{IUpstream.list_models}."""
         return Deferred.fromCoroutine(self._list_models())
 
-    async def _list_models(self):
-        response, body = await self._get(self.base_url + "/models", MODELS_LIST_LIMIT, "list its models")
+    async def _list_models(self, timeout=MODELS_LIST_TIMEOUT):
+        response, body = await self._get(self.base_url + "/models", MODELS_LIST_LIMIT, "list its models", timeout)
         if response.code >= 400:
             raise upstream_error(response.code, body, self.name, self.hidden)
         try:
@@ -171,9 +174,10 @@ class OpenAICompatibleProvider:
     def health(self) -> Deferred:
         """Ask the server whether it is up: its model list (an OpenAI-compatible API has no health route).
 
-        @return: Deferred firing with None; failing with a L{gomodel.errors.GatewayError}.
+        @return: Deferred firing with None; failing with a L{gomodel.errors.GatewayError} (within
+            L{HEALTH_LIST_TIMEOUT}).
         """
-        return self.list_models().addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._list_models(HEALTH_LIST_TIMEOUT)).addCallback(lambda _: None)
 
     def scrape(self) -> Deferred:
         """The server's Prometheus metrics page: Deferred firing with its bytes, or None where it has none."""
