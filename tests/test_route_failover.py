@@ -339,3 +339,28 @@ async def test_a_frozen_openai_compatible_replica_fails_its_check_soon_and_its_w
         assert pool.replicas[0].state == "down"
     finally:
         await stop_all(gw, frozen, good)
+
+
+# -- replica weights ----------------------------------------------------------------------------------------
+
+def test_round_robin_gives_each_replica_its_weights_share_in_turns():
+    """Replicas of weights 2 and 1 under C{round_robin}: two requests in three go to the first, interleaved
+    (smooth weighted round robin, as a virtual model's targets take turns). Before, the weights were ignored:
+    one in two each."""
+    from twisted.internet.task import Clock
+    from gomodel.routing.pool import READY, Replica, ReplicaPool
+
+    clock = Clock()
+    replicas = [Replica(i, FakeServer(), f"http://r{i}/v1", clock, weight=w) for i, w in enumerate((2.0, 1.0))]
+    for replica in replicas:
+        replica.models = {"m": {"id": "m"}}
+        replica.set_state(READY)
+    pool = ReplicaPool("vllm", "vllm", replicas, clock, strategy="round_robin")
+    picks = []
+    for _ in range(6):
+        replica = pool.take("m")
+        picks.append(replica.index)
+        pool.release(replica)
+    assert picks == [0, 1, 0, 0, 1, 0]
+    # one replica out (excluded, down): the other takes every request
+    assert [pool.take("m", exclude=[replicas[0]]).index for _ in range(3)] == [1, 1, 1]

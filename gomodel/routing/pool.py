@@ -479,6 +479,7 @@ class ReplicaPool:
         self._affinity_slack = affinity_slack
         self._rng = rng or random.Random()
         self._next = 0  # round robin
+        self._turns = [0.0] * len(self.replicas)  # each replica's count in a weighted round robin (L{_weighted_turn})
         self._size_mean = None  # the mean max_tokens of requests it weighed for a clearly slower replica
         self._sizes = 0  # how many, up to SIZE_SAMPLES
         self._queue = deque()
@@ -798,6 +799,8 @@ class ReplicaPool:
             return free[0]
         strategy = self._strategy
         if strategy == "round_robin":
+            if not self._unweighted:
+                return self._weighted_turn(free)
             replica = free[self._next % len(free)]
             self._next += 1
             return replica
@@ -850,6 +853,21 @@ class ReplicaPool:
         if ties == 1 and affinity is None:
             return lowest
         return self._pick(list(scores), list(scores.values()), affinity, best, ties, lowest)
+
+    def _weighted_turn(self, free):
+        """C{round_robin} among C{free} where weights differ: smooth weighted round robin (nginx's, as a virtual
+        model's targets take turns): each turn adds every one's weight to its own count, takes the largest, and
+        takes the sum of the weights off it."""
+        turns = self._turns
+        total = 0.0
+        best = None
+        for r in free:
+            turns[r.index] += r.weight
+            total += r.weight
+            if best is None or turns[r.index] > turns[best.index]:
+                best = r
+        turns[best.index] -= total
+        return best
 
     def _choose_paced(self, free, scores, queued, batch, slower, now, affinity, size):
         """L{_choose} where some replicas are clearly slower (C{slower}, L{_slower}): one takes only what no
