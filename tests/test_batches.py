@@ -1192,6 +1192,39 @@ async def test_a_batch_of_a_key_made_since_the_last_key_refresh_runs_as_that_key
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_spent_quota_ends_a_line_without_a_retry(bench):
+    """OpenAI's 429 insufficient_quota is no rate limit: the line gets it at once, not after BATCH_MAX_ATTEMPTS
+    sends with backoff."""
+    runner = bench.runner(max_attempts=4)
+    created = await bench.batch(runner, 1)
+    first = await bench.provider.wait_sent(1)
+    first.answer.callback(StubResponse(429, json.dumps({"error": {
+        "message": "You exceeded your current quota.", "type": "insufficient_quota", "param": None,
+        "code": "insufficient_quota"}}).encode()))
+    await runner.settled(created["id"])
+    batch = await bench.store.batches.get(created["id"])
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 0, 1)
+    assert len(bench.provider.sent) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lines_long_tool_call_ids_are_made_short_for_an_openai_provider(bench):
+    """As online (L{gomodel.translate.call_ids}): OpenAI refuses ids past 40 characters, vLLM makes 46."""
+    bench.provider.type = "openai"
+    long_id = "chatcmpl-tool-" + "0123456789abcdef" * 2
+    runner = bench.runner()
+    created = await bench.batch(runner, 1, messages=[
+        {"role": "assistant", "tool_calls": [{"id": long_id, "type": "function",
+                                              "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": long_id, "content": "ok"}])
+    first = await bench.provider.wait_sent(1)
+    call, result = first.body["messages"]
+    assert call["tool_calls"][0]["id"] == result["tool_call_id"] and len(result["tool_call_id"]) <= 40
+    first.answer.callback(StubResponse(200, ok_body(1)))
+    await runner.settled(created["id"])
+
+
+@pytest_twisted.ensureDeferred
 async def test_transient_failures_are_retried_with_backoff_then_succeed(bench):
     runner = bench.runner(max_attempts=4)
     created = await bench.batch(runner, 1)
