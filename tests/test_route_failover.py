@@ -364,3 +364,30 @@ def test_round_robin_gives_each_replica_its_weights_share_in_turns():
     assert picks == [0, 1, 0, 0, 1, 0]
     # one replica out (excluded, down): the other takes every request
     assert [pool.take("m", exclude=[replicas[0]]).index for _ in range(3)] == [1, 1, 1]
+
+
+# -- the last replica of a target failing its requests --------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_whose_only_replica_fails_every_request_is_passed_over_for_the_other_targets(reactor, http):
+    """A virtual model's heavier target, one vLLM whose inference fails (500) while its /health answers: requests
+    alone never take down a provider's last ready replica (its checks decide), but once its failures reach the
+    threshold it is passed over, as one whose check failed is, while another target can take the request.
+    Before, every request was sent to it first and failed over from it, for as long as its /health answered."""
+    broken, good = await FakeReplica(reactor, name="a").start(), await FakeReplica(reactor, name="b").start()
+    virtual = [{"source": "llama", "targets": [{"model": f"vllm-a/{CHAT_MODEL}", "weight": 100},
+                                               {"model": f"vllm-b/{CHAT_MODEL}", "weight": 1}]}]
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": broken.base_url, "VLLM_B_BASE_URL": good.base_url,
+                                       "VIRTUAL_MODELS": json.dumps(virtual), "REPLICA_HEALTH_INTERVAL": "60s"})
+    broken.fail_status = 500
+    try:
+        for _ in range(8):
+            response, body = await _chat(http, gw, "llama")
+            assert response.code == 200, body
+        assert len(broken.inference_requests) == 3 and len(good.inference_requests) == 8  # (the threshold)
+        [replica] = gw.registry.provider("vllm-a").replicas
+        assert replica.state == "ready"  # (not down: its checks decide; a request for vllm-a alone still goes there)
+        response, body = await _chat(http, gw, f"vllm-a/{CHAT_MODEL}")
+        assert response.code == 500 and len(broken.inference_requests) == 4
+    finally:
+        await stop_all(gw, broken, good)

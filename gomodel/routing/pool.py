@@ -132,8 +132,10 @@ class Replica:
     @ivar held_until: when a replica taken down by failed requests may be readmitted (L{hold}), or None.
     @ivar trial: it was readmitted after a hold on one trial request (half-open), not yet answered.
     @ivar busy_until: when the wait it asked for with C{Retry-After} ends (L{asked_to_wait}), or None.
-    @ivar doubted: its last probe failed (it is still ready, its failures below the threshold): its pool passes it
-        over while another replica can start the request, until a probe passes.
+    @ivar doubted: its last probe failed (it is still ready, its failures below the threshold), or its requests'
+        failures reached the threshold while it is its pool's last ready replica (which requests alone never take
+        down): its pool passes it over while another replica (or a virtual model's other target) can start the
+        request, until a probe passes.
     """
 
     def __init__(self, index, server, base_url, clock, *, weight=1.0, max_concurrency=0, failure_threshold=3):
@@ -314,11 +316,17 @@ class Replica:
             self.held_until = None  # really down: its probes decide when it is back
         if self.failures >= self.failure_threshold and self.state in (READY, STALLED):
             if not probe and self.state == READY and self.others_ready is not None and not self.others_ready(self):
+                self._doubt()  # (the last ready one: passed over where another target can take its requests)
                 return
             if not probe:
                 self.hold()
             self.set_state(DOWN, why)
-        elif probe and not self.doubted and self.state == READY:
+        elif probe and self.state == READY:
+            self._doubt()
+
+    def _doubt(self):
+        """It is L{doubted} (a ready one): passed over while another replica or target can start a request."""
+        if not self.doubted:
             self.doubted = True
             if self.on_doubt is not None:
                 self.on_doubt(self)
@@ -685,9 +693,10 @@ class ReplicaPool:
         """A replica's probe failed, or passed again (L{Replica.doubted})."""
         self._rested()
         if replica.doubted:
-            self.log.info("provider {provider} replica {index}: a check failed ({why}); passed over until one passes "
-                          "where another replica can take its requests", provider=self.name, index=replica.index,
-                          why=replica.last_error)
+            self.log.info("provider {provider} replica {index}: {what} ({why}); passed over until a check passes "
+                          "where another replica or target can take its requests", provider=self.name,
+                          index=replica.index, why=replica.last_error,
+                          what="its requests fail" if replica.requests_failing else "a check failed")
 
     def _busy(self, replica):
         """A replica asked to be left alone for a while (L{Replica.asked_to_wait})."""
