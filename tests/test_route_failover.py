@@ -391,3 +391,26 @@ async def test_a_target_whose_only_replica_fails_every_request_is_passed_over_fo
         assert response.code == 500 and len(broken.inference_requests) == 4
     finally:
         await stop_all(gw, broken, good)
+
+
+# -- a session's target, whichever process chooses it -----------------------------------------------------------
+
+def test_a_new_sessions_target_is_the_same_in_every_process_and_follows_the_weights():
+    """With several gateway processes (C{--workers}, hosts) each keeps its own rotation of a virtual model's
+    targets: a session's first request chose by the rotation of the process it reached, so the session's
+    requests went to different targets (their prefix caches cold) as they reached different processes. Now a
+    new session's target is chosen from its key (weighted rendezvous hashing): every process chooses alike."""
+    from gomodel.config.virtual import VirtualModel as VirtualModelConfig
+    from gomodel.routing.virtual import VirtualModel
+
+    config = VirtualModelConfig("llama", (("a", 3.0), ("b", 1.0)), session_affinity=True)
+    one, other = VirtualModel(config), VirtualModel(config)
+    for _ in range(5):  # the other process served requests without a session meanwhile: its rotation moved on
+        other.order(lambda s: s, lambda r: 2, None)
+    sessions = [f"s:{i:04x}" for i in range(400)]
+    firsts = [one.order(lambda s: s, lambda r: 2, lambda key=key: key)[0] for key in sessions]
+    assert firsts == [other.order(lambda s: s, lambda r: 2, lambda key=key: key)[0] for key in sessions]
+    assert 0.65 < firsts.count("a") / len(firsts) < 0.85  # (3 to 1)
+    # a session keeps its target; one whose target cannot serve goes to another
+    assert one.order(lambda s: s, lambda r: 2, lambda: sessions[0])[0] == firsts[0]
+    assert one.order(lambda s: s, lambda r: 2 if r != firsts[0] else 0, lambda: sessions[0])[0] != firsts[0]

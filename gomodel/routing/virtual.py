@@ -4,12 +4,15 @@ A virtual model's targets are model selectors, each resolved like any
 request's model. For each request the targets are put in order: the one
 chosen by smooth weighted round robin among the targets that have a ready
 replica with room for it (those with a ready replica when all are full; with
-C{session_affinity}, the session's target while it is one of them), then the
+C{session_affinity}, the session's target while it is one of them, and for a
+session new here, one drawn by its key: the same in every gateway process), then the
 others by weight; then the model's failover candidates. The
 exchange tries them in that order, before the first byte only.
 """
 
 from collections import OrderedDict
+from hashlib import blake2b
+from math import inf, log
 
 from gomodel.errors import ModelNotFound
 
@@ -57,7 +60,7 @@ class VirtualModel:
             pinned = self._sessions.get(affinity)
             first = next((r for r in available if r[0] == pinned), None)
         if first is None:
-            first = self._next(available)
+            first = self._next(available) if affinity is None else self._drawn(available, affinity)
         if affinity is not None:
             self._sessions[affinity] = first[0]
             self._sessions.move_to_end(affinity)
@@ -65,6 +68,20 @@ class VirtualModel:
                 self._sessions.popitem(last=False)
         rest = sorted((r for r in routes if r is not first), key=lambda r: -r[2])
         return [first[1]] + [r[1] for r in rest]
+
+    def _drawn(self, candidates, affinity):
+        """The target of a session (C{affinity}, its key) it has no pin to: weighted rendezvous hashing of its key
+        with each candidate's selector, the same in every gateway process (each keeps its own rotation and
+        pins), each target drawn by as many sessions as its weight says."""
+        best, lowest = None, inf
+        for candidate in candidates:
+            digest = blake2b(f"{affinity}\0{self.targets[candidate[0]][0]}".encode("utf-8", "surrogatepass"),
+                             digest_size=8).digest()
+            uniform = (int.from_bytes(digest, "big") + 1) / 2.0 ** 64  # in (0, 1]
+            score = -log(uniform) / candidate[2]
+            if score < lowest:
+                best, lowest = candidate, score
+        return best
 
     def _next(self, candidates):
         """Smooth weighted round robin (nginx's): each pick adds every weight, takes the largest."""
