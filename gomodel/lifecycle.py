@@ -240,7 +240,9 @@ class Readiness:
     every host shares them, and requests that need neither (chat with the
     master key or a cached managed key) still flow; those that need the
     store get a C{storage_unavailable} 503. L{down} names what is down, so
-    C{/health/ready} answers C{degraded} with it. A store this gateway can
+    C{/health/ready} answers C{degraded} with it. A store still opening
+    (its first attempt under way: migrations, another host's migration lock)
+    is not ready: a host just started waits for it. A store this gateway can
     never use (its C{fatal}: a database a newer gateway migrated) does: only
     this host is refused.
     """
@@ -271,6 +273,8 @@ class Readiness:
             reasons.append("model discovery has not finished")
         if not self._store.running:
             reasons.append("the store is not open")
+        elif getattr(self._store, "opening", False):  # (its migrations running, another host's lock awaited)
+            reasons.append("the store is opening")
         fatal = getattr(self._store, "fatal", None)
         if fatal is not None:  # (this host's alone, unlike an outage: its peers may serve what it cannot)
             reasons.append(f"the store cannot be used: {fatal}")

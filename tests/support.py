@@ -62,6 +62,8 @@ async def start_gateway(reactor, env, yaml_path=None, wait_ready=True) -> Gatewa
     if wait_ready:
         await with_timeout(reactor, gateway.registry.ready(), 5)
         await every_replica_checked(reactor, gateway.registry)
+        # (its first attempt to open: /health/ready is 503 until it ends; one that fails is the test's to see)
+        await with_timeout(reactor, service.store.started().addErrback(lambda _: None), 5)
     return gateway
 
 

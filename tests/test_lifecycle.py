@@ -50,6 +50,7 @@ async def test_a_provider_down_at_start_does_not_keep_the_gateway_unready(reacto
                              wait_ready=False)
     try:
         await with_timeout(reactor, gw.registry.ready(), 10)
+        await gw.service.store.started()
         response = await http.get(gw.url + "/health/ready")
         assert response.code == 200 and json.loads(await response.content()) == {"status": "ready"}
         response = await http.post(gw.url + "/v1/chat/completions", json={
@@ -422,6 +423,7 @@ async def test_a_gateway_without_providers_is_ready(reactor, http):
     gw = await start_gateway(reactor, {}, wait_ready=False)
     try:
         await with_timeout(reactor, gw.registry.ready(), 10)
+        await gw.service.store.started()
         response = await http.get(gw.url + "/health/ready")
         assert response.code == 200 and json.loads(await response.content()) == {"status": "ready"}
     finally:

@@ -774,3 +774,34 @@ async def test_a_job_asked_before_the_opening_has_its_statement_cancelled_past_t
     finally:
         holder.close()
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_whose_store_is_still_opening_is_not_ready(reactor, http, fake, pg_database):
+    # Another host holds the migration lock (its migration is running): this gateway's store waits for it. Readiness
+    # said 200 "degraded" (the store "down") meanwhile, so a load balancer sent it traffic it then refused
+    # (every managed key a 503); README promised 503 until the store is open.
+    import json
+
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import MIGRATION_LOCK
+    from tests.support import start_gateway, with_timeout
+
+    with psycopg.connect(postgres.url(pg_database), autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1",
+                                           "STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(pg_database)},
+                                 wait_ready=False)
+        try:  # (at once: the migration waits for the lock 3 s at most, then its opening is tried again later)
+            response = await http.get(gw.url + "/health/ready")
+            body = json.loads(await response.content())
+            assert response.code == 503 and body["status"] == "not_ready", body
+            assert "the store is opening" in body["reasons"], body
+            holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+            await gw.service.store.started()
+            await with_timeout(reactor, gw.registry.ready(), 5)
+            response = await http.get(gw.url + "/health/ready")
+            assert (response.code, json.loads(await response.content())) == (200, {"status": "ready"})
+        finally:
+            await gw.service.stopService()

@@ -96,6 +96,7 @@ class Database:
         self._cancels = OwnedThreads(reactor, "gomodel-postgres-cancel", 2)
         self._pool = None
         self._opened = False
+        self._tried = False  # whether an attempt to open has ended (opened or failed)
         self._fatal = None  # a reason the store will never open (a newer schema)
         self._waiting = []  # (Deferred, f, args) asked for before the store opened
         self._retry = None
@@ -152,6 +153,7 @@ class Database:
         d = self._threads.run(self._open_in_thread)
 
         def opened(_):
+            self._tried = True
             self._opened, self.problem, self._delay = True, None, OPEN_BACKOFF[0]
             self.log.info("PostgreSQL store open ({conns} connections at most)", conns=self.max_conns)
             waiting, self._waiting = self._waiting, []
@@ -161,6 +163,7 @@ class Database:
         def failed(failure):
             if self._pool is None:
                 return  # stopped meanwhile
+            self._tried = True
             reason = _reason(failure.value)
             if failure.check(NotMigrated):
                 self._fatal = self.problem = reason
@@ -218,6 +221,11 @@ class Database:
     def fatal(self):
         """Why this gateway can never use the database (a newer schema: L{NotMigrated}), or None."""
         return self._fatal
+
+    @property
+    def opening(self) -> bool:
+        """Whether the first attempt to open (and migrate) is still under way."""
+        return self._pool is not None and not self._tried
 
     @property
     def opened(self) -> bool:

@@ -64,6 +64,12 @@ class PostgreSQLStore(Service):
         return self._db.problem
 
     @property
+    def opening(self) -> bool:
+        """Whether the store's first attempt to open is still under way (L{gomodel.lifecycle.Readiness}: not
+        ready yet; an attempt that failed is an outage every host shares, C{degraded})."""
+        return self._db.opening
+
+    @property
     def fatal(self):
         """Why this gateway can never use the database (migrated by a newer gateway), or None: unlike an
         outage, which every host shares, only this host is refused (see L{gomodel.lifecycle.Readiness})."""

@@ -91,6 +91,11 @@ class SQLiteStore(Service):
         return self._db.problem
 
     @property
+    def opening(self) -> bool:
+        """Whether the database is still being opened (and migrated): not ready yet."""
+        return self._started is not None and not self._started.called
+
+    @property
     def db_path(self):
         return self._db.path
 
