@@ -98,6 +98,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # Routing: what each provider serves, and how its replicas are doing.
     gateway.registry = ModelRegistry(pools, reactor, mode=config.upstreams.models_mode,
                                      virtual_models=routing.virtual_models, failover_rules=routing.failover_rules)
+    if gateway.telemetry is not None:
+        gateway.telemetry.listed = gateway.registry.lists  # (its metrics name only the models listed)
     gateway.monitor = ReplicaMonitor(
         gateway.registry, reactor, mode=config.upstreams.models_mode,
         refresh_interval=config.upstreams.models_refresh_interval, health_interval=routing.health_interval,

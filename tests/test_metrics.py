@@ -629,3 +629,20 @@ async def test_answers_for_the_star_target_carry_a_request_id_and_are_counted(re
         assert value(found, "gomodel_requests_total", endpoint="other", status_code="405", status_type="error") == 1
     finally:
         await gw.service.stopService()
+
+
+def test_the_tokens_of_batch_lines_of_a_model_no_provider_lists_are_no_label():
+    """A batch line's or background response's tokens (L{GatewayMetrics.tokens_apart}) were labelled with the model
+    as the ledger names it, any name a client typed for a provider whose models are not known: series without bound,
+    where the requests' series say C{-}."""
+    from gomodel.accounting.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics(listed=lambda provider, model: model == "listed-m")
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    for model in ("openai/typo-1", "openai/typo-2", "openai/listed-m"):
+        metrics.tokens_apart("openai", "openai", model, usage, endpoint="/v1/chat/completions")
+    metrics.flush()
+    found = samples(generate_latest(metrics.registry).decode())
+    assert not [labels for _, labels in found if "typo" in dict(labels).get("model", "")]
+    assert value(found, "gomodel_tokens_total", model="-", type="input") == 14
+    assert value(found, "gomodel_tokens_total", model="openai/listed-m", type="input") == 7

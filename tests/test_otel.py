@@ -445,6 +445,30 @@ async def test_genai_metrics_after_known_traffic(otel, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_model_a_provider_does_not_list_is_no_metric_attribute_while_its_models_are_unknown(otel, http):
+    """A provider whose replicas have not listed their models (down since the start) takes any model name a client
+    types: before, each name became metric streams of its own (gen_ai.request.model, gen_ai.response.model), without
+    bound, where Prometheus' model label says C{-}. Spans still name it (one per request: no series)."""
+    from tests.support import dead_base_url
+
+    await otel.start(replicas=1, env={"OPENAI_BASE_URL": await dead_base_url(otel.reactor),
+                                      "OPENAI_API_KEY": "sk-x"})
+    for name in ("openai/typo-1", "openai/typo-2", MODEL):
+        response = await http.post(otel.gateway.url + "/v1/chat/completions", headers={
+            "authorization": f"Bearer {MASTER_KEY}", "x-request-id": name.replace("/", "-")}, json=chat(model=name))
+        await treq.content(response)
+    await otel.stop_gateway()
+    points = otel.receiver.points("gen_ai.client.operation.duration")
+    assert sum(p.count for p in points) == 3
+    assert not [p.attributes for p in points if "typo" in json.dumps(p.attributes)], points
+    [unlisted] = [p for p in points if p.attributes["gomodel.provider"] == "openai"]
+    assert unlisted.count == 2 and "gen_ai.request.model" not in unlisted.attributes
+    [listed] = [p for p in points if p.attributes["gomodel.provider"] == "vllm"]
+    assert listed.attributes["gen_ai.request.model"] == MODEL
+    assert otel.server_span("openai-typo-1").attributes["gen_ai.request.model"] == "openai/typo-1"
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_tokens_of_batch_lines_and_background_responses_are_recorded_as_the_ledger_counts_them(
         otel, tmp_path):
     """C{gen_ai.client.token.usage} records what the usage ledger (and C{gomodel_tokens_total}) counts: a batch

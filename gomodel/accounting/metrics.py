@@ -237,15 +237,23 @@ class GatewayMetrics:
         """Add the tokens of L{tokens_apart} to their series."""
         apart, self._apart = self._apart, {}
         for (provider_type, provider, model, principal), tokens in apart.items():
+            label = self._apart_model(provider, model)
             for kind, count in zip(TOKEN_TYPES, tokens):
                 if count:
-                    self._tokens.labels(provider_type or "-", provider or "-", model or "-", kind).inc(count)
+                    self._tokens.labels(provider_type or "-", provider or "-", label, kind).inc(count)
                     if principal is not None and not principal.master:
                         self._key_tokens.labels(principal.id, principal.name, kind).inc(count)
             if self._pricing and model:
                 cost = self._priced(provider_type or "-", provider or "-", model, tokens)
                 if cost and principal is not None and not principal.master:
                     self._key_cost.labels(principal.id, principal.name).inc(cost)
+
+    def _apart_model(self, provider, model) -> str:
+        """The model label of C{model} (C{provider/upstream-model} as the ledger names it) of L{tokens_apart}: as a
+        request's (L{_model}), C{-} for one its provider does not list."""
+        if not model or not provider or not model.startswith(provider + "/"):
+            return "-"
+        return self._model(provider, model[len(provider) + 1:])
 
     def _cost_of(self, provider_type, provider, upstream_model, tokens, seconds=0.0) -> float:
         """What C{tokens} (by type) and C{seconds} of audio cost on a series' model (L{_priced}); 0.0 without one."""

@@ -30,7 +30,8 @@ Metrics (the GenAI semantic conventions; the gateway is the GenAI client of its
 upstreams): C{gen_ai.client.token.usage}, C{gen_ai.client.operation.duration}
 and, for streams, C{gen_ai.client.operation.time_to_first_chunk}, by
 C{gen_ai.operation.name}, C{gen_ai.provider.name}, C{gen_ai.request.model},
-C{gen_ai.response.model}, C{gomodel.provider} and C{error.type}; the tokens of batch lines and background
+C{gen_ai.response.model} (only a model its provider lists, as Prometheus' model label), C{gomodel.provider}
+and C{error.type}; the tokens of batch lines and background
 responses too (L{Telemetry.tokens_apart}: no request's end records them), without a request model.
 
 The SDK exports from its own threads; the stop flushes and shuts both
@@ -118,14 +119,19 @@ class Telemetry(Service):
     log = Logger()
     name = "telemetry"
 
-    def __init__(self, reactor, quiet=()):
+    def __init__(self, reactor, quiet=(), listed=None):
         """
         @param reactor: the reactor: its clock, and its thread pool for the flush at stop.
         @param quiet: paths (bytes) that get no span: the probes and the metrics scrape (each also with a
             trailing slash, which the gateway serves as the same path).
+        @param listed: C{listed(provider name, upstream model)}, whether the provider lists that model
+            (L{gomodel.routing.registry.ModelRegistry.lists}): the metrics name only such a model, as
+            Prometheus' model label does (a name a client typed would make streams without bound); spans
+            name any. None: every one is named.
         """
         check_installed()
         self._reactor = reactor
+        self.listed = listed
         self._quiet = frozenset(quiet) | {path + b"/" for path in quiet}
         self._tracer = self._tracers = self._meters = None
         self._exporters = ()
@@ -256,10 +262,10 @@ class Telemetry(Service):
             return
         attributes = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider_name(ctx.provider_type),
                       "gomodel.provider": ctx.provider}
-        if ctx.model:
-            attributes["gen_ai.request.model"] = ctx.model
-        if ctx.upstream_model:
+        if ctx.upstream_model and self._named(ctx.provider, ctx.upstream_model):
             attributes["gen_ai.response.model"] = ctx.upstream_model
+            if ctx.model:  # (a name that resolved to a listed model: its spellings and virtual models are bounded)
+                attributes["gen_ai.request.model"] = ctx.model
         error = error_type(ctx)
         if error is not None:
             attributes["error.type"] = error
@@ -283,10 +289,14 @@ class Telemetry(Service):
             return
         attributes = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider_name(provider_type),
                       "gomodel.provider": provider}
-        if model and model.startswith(provider + "/"):
+        if model and model.startswith(provider + "/") and self._named(provider, model[len(provider) + 1:]):
             attributes["gen_ai.response.model"] = model[len(provider) + 1:]
         for kind, count in zip(("input", "output"), tokens_by_type(usage)):
             self._tokens.record(count, {**attributes, "gen_ai.token.type": kind})
+
+    def _named(self, provider, upstream_model) -> bool:
+        """Whether the metrics name C{upstream_model} (L{listed})."""
+        return self.listed is None or self.listed(provider, upstream_model)
 
     def _host(self, replica):
         """C{(server.address, server.port)} of a replica (operators' traces may name their own servers)."""
