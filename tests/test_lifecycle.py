@@ -502,3 +502,22 @@ async def test_a_kept_alive_connection_idle_when_the_drain_ends_is_closed_not_se
     await with_timeout(reactor, stopping, 10)
     assert bytes(client.received[answered:]) == b""  # no second answer
     assert len([r for r in fake.requests if r.path.endswith(b"/chat/completions")]) == chats  # nothing relayed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_with_half_a_request_head_when_the_drain_ends_is_closed_not_served(reactor, fake):
+    """A client that had sent part of a request's head (its request line, some headers) when the drain ended: its
+    connection was left open (its request begun, not in flight), so the rest of its head, sent as the services
+    stopped, was relayed then (its usage record lost), or cut by the reactor's stop. It is closed with the idle
+    ones now: its request is never read."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    request = chat_request({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    cut = request.index(b"\r\n") + 2
+    client = await connect(reactor, gw.port, request[:cut])
+    await until(reactor, lambda: any(c._head_open for c in gw.service.drain.site.channels), what="the head begun")
+    stopping = gw.service.stopService()
+    client.transport.write(request[cut:])
+    await with_timeout(reactor, client.lost, 10)
+    await with_timeout(reactor, stopping, 10)
+    assert bytes(client.received) == b""  # no answer
+    assert not [r for r in fake.requests if r.path.endswith(b"/chat/completions")]  # nothing relayed

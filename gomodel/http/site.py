@@ -438,9 +438,13 @@ class GatewaySite(server.Site):
     def close_idle(self):
         """Close every open connection without a request in progress (the end of a drain): a request sent on
         one from now on would be served while the services stop, or cut by the reactor's; it is not read (its
-        client's pool opens a connection elsewhere)."""
+        client's pool opens a connection elsewhere). One whose only request's head is still arriving (part of
+        its request line or headers) is closed too: before, it was left open, and the rest of its head, sent
+        as the services stopped, was served then."""
         for channel in list(self.channels):
-            if not channel.requests and channel.transport is not None:
+            requests = channel.requests
+            if channel.transport is not None and (
+                    not requests or channel._head_open and requests == [channel._receiving]):
                 channel.loseConnection()
 
     def abort_connections(self, spare=()):
