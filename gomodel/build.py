@@ -209,7 +209,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                authenticate=GatewayAuth(config.auth.master_key, gateway.keys, open_paths,
                                                         closed_to_keys=metrics_paths,
                                                         open_prefixes=[STATIC_PREFIX] if dashboard else []),
-                               upload_sink=routes.upload_sink, early=front.answered_early, reactor=reactor)
+                               upload_sink=routes.upload_sink, early=front.answered_early, reactor=reactor,
+                               audio_limit=config.limits.audio_body_size_limit)
     gateway.site.noisy = False
     Repeating(IDLE_SWEEP, gateway.site.sweep_idle, clock=reactor).setServiceParent(gateway)
     gateway.drain.site = gateway.site

@@ -372,3 +372,26 @@ async def test_the_openai_sdk_makes_speech_through_the_gateway_whole_or_streamed
     finally:
         client.close()
         await stop_all(gw, other)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_audio_file_as_large_as_openai_takes_is_transcribed_while_chat_keeps_its_limit(http, audio):
+    """OpenAI takes audio files up to 25 MB: the gateway refused every form past BODY_SIZE_LIMIT (10 MiB) with a 413,
+    so a 15 MB recording an SDK sends to OpenAI failed through it. The audio routes take AUDIO_BODY_SIZE_LIMIT
+    (26 MiB: such a file and its form's fields); every other route keeps BODY_SIZE_LIMIT."""
+    gw, fake = audio
+    big = AUDIO * (20 * 1024 * 1024 // len(AUDIO))  # 20 MiB
+    client = openai_client(gw, MASTER)
+    try:
+        answer = await in_thread(client.audio.transcriptions.create, model=MODEL, file=("a.wav", big))
+        [seen] = [r for r in fake.requests if r.path == b"/v1/audio/transcriptions"]
+        assert answer.text == "hé there" and seen.form["file"] == big
+    finally:
+        client.close()
+    response, body = await post_form(http, gw, {"model": MODEL}, file=AUDIO * (27 * 1024 * 1024 // len(AUDIO)))
+    error = json.loads(body)["error"]
+    assert response.code == 413 and "AUDIO_BODY_SIZE_LIMIT" in error["message"], error
+    response = await http.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {MASTER}"},
+                               data=b'{"model": "x", "pad": "' + b"x" * (11 * 1024 * 1024) + b'"}')
+    error = json.loads(await treq.content(response))["error"]
+    assert response.code == 413 and "(BODY_SIZE_LIMIT)" in error["message"], error

@@ -209,6 +209,8 @@ class LimitsConfig:
     """Sizes and counts the gateway enforces."""
 
     body_size_limit: int = setting("BODY_SIZE_LIMIT", parsers.size, 10 * 1024 * 1024)
+    # The audio routes' (transcriptions, translations): OpenAI takes a 25 MB file; its form's fields come with it.
+    audio_body_size_limit: int = setting("AUDIO_BODY_SIZE_LIMIT", parsers.size, 26 * 1024 * 1024)
     files_max_bytes: int = setting("FILES_MAX_BYTES", parsers.file_size, 512 * 1024 * 1024)
     batch_concurrency_per_provider: int = setting("BATCH_CONCURRENCY_PER_PROVIDER", parsers.count, 4)
     batch_max_attempts: int = setting("BATCH_MAX_ATTEMPTS", parsers.count, 4)

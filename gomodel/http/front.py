@@ -146,7 +146,7 @@ class FrontResource(Resource):
             return request.refusal
         if request.too_large:
             return errors.RequestTooLarge(f"The request body is larger than the gateway's limit of "
-                                          f"{self._body_limit} bytes (BODY_SIZE_LIMIT).")
+                                          f"{request.body_limit} bytes ({request.limit_name}).")
         return None
 
 

@@ -73,6 +73,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     """
 
     body_limit = 10 * 1024 * 1024
+    limit_name = "BODY_SIZE_LIMIT"  # the setting that sets body_limit (the 413 names it)
+    audio_limit = None  # (limit, its setting's name) of the audio routes' bodies (AUDIO_PATHS), or None
     too_large = False
     _received = 0
     chunks = 0  # the chunks of a chunked body read so far (GatewayChannel.on_chunk_header): their framing's count
@@ -191,6 +193,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             self._parsePOSTFormSubmission = False  # never read the form into memory
             self.content = sink
             return
+        if self.audio_limit is not None and path.endswith(AUDIO_PATHS):
+            self.body_limit, self.limit_name = self.audio_limit
         if length is not None and length > self.body_limit:
             self.too_large = True
             self.content = _Discard()
@@ -267,6 +271,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.process()
 
 
+# The paths (their ends: /v1/audio/..., a passthrough's /p/{provider}/.../audio/...) whose bodies the site's
+# audio_limit bounds: an audio file OpenAI takes (25 MB) is past BODY_SIZE_LIMIT's default.
+AUDIO_PATHS = (b"/audio/transcriptions", b"/audio/translations")
 CLIENT_IDLE_TIMEOUT = 120
 # Seconds a request's head (its request line and headers) may take to arrive, as nginx's
 # client_header_timeout (60 s) and Go's ReadHeaderTimeout bound it: a client that trickles a
@@ -302,8 +309,10 @@ class GatewaySite(server.Site):
 
     def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, idle_timeout=CLIENT_IDLE_TIMEOUT,
                  head_timeout=HEAD_TIMEOUT, body_timeout=BODY_TIMEOUT, body_min_rate=BODY_MIN_RATE,
-                 linger_time=LINGER_TIME, early=None, **kwargs):
+                 linger_time=LINGER_TIME, early=None, audio_limit=None, **kwargs):
         """
+        @param audio_limit: the most bytes the body of a request to an audio route (L{AUDIO_PATHS}) may have,
+            in place of C{body_limit} (C{AUDIO_BODY_SIZE_LIMIT}), or None: C{body_limit}.
         @param early: C{early(request_id, method, path, status, code)}, given each request answered before any
             route saw it (L{answered_early}), or None.
         @param authenticate: C{authenticate(request, path) -> identity}, called
@@ -325,6 +334,7 @@ class GatewaySite(server.Site):
         """
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit,
+            "audio_limit": None if audio_limit is None else (audio_limit, "AUDIO_BODY_SIZE_LIMIT"),
             "authenticate": staticmethod(authenticate) if authenticate else None,
             "upload_sink": staticmethod(upload_sink) if upload_sink else None})
         kwargs["timeout"] = None  # no timer per connection: sweep_idle
