@@ -1806,3 +1806,47 @@ def test_a_refresh_read_before_an_edit_merged_here_does_not_undo_it():
     assert ring.by_id("key_1").active is False
     ring.merge([{**record, "hash": hash_secret("sk_gom_z"), "updated_at": 3.0}])  # newer: taken
     assert ring.find(b"sk_gom_z").id == "key_1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_of_bytes_no_sdk_can_send_get_a_clear_401_and_are_never_logged(reactor, gw):
+    """httpx (the openai SDK) refuses a non-ASCII key, but a raw client sends any bytes: each such key, in either
+    header, on the OpenAI, Anthropic and admin routes, gets a 401 in its route's dialect, and neither the key nor
+    any part of it is logged (the access log, errors)."""
+    from tests.rawclient import connect
+    from tests.support import with_timeout
+
+    events = []
+    from twisted.logger import globalLogPublisher
+
+    globalLogPublisher.addObserver(events.append)
+    body = json.dumps({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    secret = "sk_gom_s\u00e9cr\u00e8t\u2603"
+    keys = [secret.encode("utf-8"), secret.encode("latin-1", "replace"), b"sk_gom_\xff\xfe\x80zz",
+            MASTER.encode() + b"\xe9", b"sk_gom_" + "\u00e9".encode("utf-8") * 40]
+    try:
+        for key in keys:
+            for path, dialect in ((b"/v1/chat/completions", "openai"), (b"/v1/messages", "anthropic"),
+                                  (KEYS.encode(), "openai")):
+                for header in (b"Authorization: Bearer " + key, b"x-api-key: " + key):
+                    method = b"GET" if path == KEYS.encode() else b"POST"
+                    head = [method + b" " + path + b" HTTP/1.1", b"Host: gateway", b"Connection: close",
+                            b"Content-Type: application/json", b"Content-Length: %d" % len(body), header]
+                    client = await connect(reactor, gw.port, b"\r\n".join(head) + b"\r\n\r\n" + body)
+                    await with_timeout(reactor, client.lost, 10)
+                    answer = bytes(client.received)
+                    status, _, rest = answer.partition(b"\r\n")
+                    assert status == b"HTTP/1.1 401 Unauthorized", (key, path, header[:14], answer)
+                    error = json.loads(rest.partition(b"\r\n\r\n")[2])
+                    if dialect == "anthropic":
+                        assert error["type"] == "error" and error["error"]["type"] == "authentication_error", error
+                    else:
+                        assert error["error"]["code"] == "invalid_api_key", error
+                    assert key not in answer
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = repr(events) + "".join(formatEvent(e) for e in events)
+    for key in keys:
+        for shown in {key.decode("latin-1"), key.decode("utf-8", "replace"), repr(key)[2:-1], "s\u00e9cr",
+                      "\\xff\\xfe", "s\\xe9cr"}:
+            assert shown not in logged, shown
