@@ -162,6 +162,8 @@ class Drain:
                 for request in list(channel.requests):
                     if _cut_request(request):
                         closing.add(channel)
+                if channel not in closing:  # (an upload still arriving: the gateway's cut, not a client gone)
+                    channel.lose_unread(ShuttingDown.status, CUT)
             self.site.abort_connections(spare=closing)
         if self.in_flight == 0:
             return None

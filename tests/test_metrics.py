@@ -646,3 +646,35 @@ def test_the_tokens_of_batch_lines_of_a_model_no_provider_lists_are_no_label():
     assert not [labels for _, labels in found if "typo" in dict(labels).get("model", "")]
     assert value(found, "gomodel_tokens_total", model="-", type="input") == 14
     assert value(found, "gomodel_tokens_total", model="openai/listed-m", type="input") == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_while_its_body_arrives_is_counted_and_logged_as_gone(reactor, http, fake, access):
+    """A client that sent a request's head and part of its body, then left (an upload given up, a flaky network),
+    was in no series and had no access line: its request never reached a route. It counts as a client that left
+    (499, gomodel_client_disconnects_total) under its route."""
+    from tests.test_files import multipart
+
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        body, content_type = multipart({"purpose": "batch"}, content=b'{"a": 1}\n' * 1000)
+        heads = [b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer k1\r\n"
+                 b"Content-Length: 500\r\nX-Request-Id: req-chat\r\n\r\n{\"model\": ",
+                 b"POST /v1/files HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer k1\r\nContent-Type: %s\r\n"
+                 b"Content-Length: %d\r\nX-Request-Id: req-upload\r\n\r\n%s" % (
+                     content_type.encode(), len(body), body[:len(body) // 2])]
+        for head in heads:
+            client = await connect(reactor, gw.port, head)
+            await until(reactor, lambda: any(c._receiving is not None and not c._head_open
+                                             for c in gw.service.site.channels), what="the body arriving")
+            logged = access.next(reactor)
+            client.transport.abortConnection()
+            event = await logged
+            assert (event["status"], event["outcome"]) == (499, "client_gone"), event
+        assert {e["request_id"] for e in access.events} == {"req-chat", "req-upload"}
+        found = await scrape(http, gw)
+        for endpoint in ("/v1/chat/completions", "other"):  # (the files routes count as "other")
+            assert value(found, "gomodel_requests_total", endpoint=endpoint, status_code="499") == 1, endpoint
+            assert value(found, "gomodel_client_disconnects_total", endpoint=endpoint) == 1, endpoint
+    finally:
+        await gw.service.stopService()

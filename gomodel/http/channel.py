@@ -37,6 +37,7 @@ from twisted.web.http_headers import Headers
 
 from gomodel import _twistedcompat
 from gomodel.errors import InvalidRequest
+from gomodel.http.context import CLIENT_GONE_STATUS
 from gomodel.http.headers import CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING
 
 _log = Logger()
@@ -438,8 +439,17 @@ class GatewayChannel(http.HTTPChannel):
     def connectionLost(self, reason):
         self._head = None
         self._parser = None
+        self.lose_unread(CLIENT_GONE_STATUS)
         self.site.channels.discard(self)
         super().connectionLost(reason)
+
+    def lose_unread(self, status, code=None):
+        """Record the request whose body was arriving (its head whole, no route saw it yet) as lost: its client
+        left (C{status} 499), or the gateway cuts it (C{code}: a drain out of time); it is then read no further."""
+        request = self._receiving
+        if request is not None and not self._head_open and request.context is None:
+            self._receiving = None
+            self.site.lost_early(request, self._target, status, code)
 
     def getPeer(self):
         if self._peer is None:

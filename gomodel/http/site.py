@@ -368,6 +368,14 @@ class GatewaySite(server.Site):
             self._early(request_id, method, path or b"-", status, code)
         return request_id
 
+    def lost_early(self, request, target, status, code=None):
+        """Record C{request}, its head whole and its body arriving (no route saw it), whose connection was lost:
+        its client left (C{status} 499, no C{code}: before, it was in no series and had no access line) or the
+        gateway cut it (a drain out of time: C{code}); under its route (the front's C{answered_early})."""
+        if self._early is not None:
+            self._early(request_id_for(request), request.method, target.partition(b"?")[0][:EARLY_PATH], status,
+                        code, routed=True)
+
     def sweep_idle(self):
         """Close the client connections idle for C{idle_timeout} seconds or more, as Twisted's idle timeout
         does (C{timeoutConnection}: closed, aborted if the client does not let go); a connection counts as
