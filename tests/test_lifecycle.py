@@ -551,3 +551,31 @@ async def test_an_upload_still_arriving_when_the_drain_runs_out_of_time_is_logge
         globalLogPublisher.removeObserver(observe)
     assert [(e["request_id"], e["status"], e["outcome"], e["error"], e["client_gone"]) for e in access] == [
         ("req-up", 503, "error", "shutdown_timeout", False)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_begun_during_the_drain_and_still_arriving_at_its_end_is_not_served_by_stopped_services(
+        reactor, fake):
+    """A head half sent when the drain began, whole during it (a stream still in flight), its body still arriving
+    when the drain ended: it was counted nowhere (not in flight when the drain began), its connection was left open,
+    and its body, once in, was relayed as the services stopped. Its connection is closed at the drain's end now."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    stream = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+         "fake_chunks": 10, "fake_pace": 0.05}))
+    await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+    request = chat_request({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    head_end = request.index(b"\r\n\r\n") + 4
+    late = await connect(reactor, gw.port, request[:20])
+    site = gw.service.drain.site
+    await until(reactor, lambda: any(c._head_open for c in site.channels), what="the head begun")
+    stopping = gw.service.stopService()
+    late.transport.write(request[20:head_end + 5])
+    await until(reactor, lambda: any(c._receiving is not None and not c._head_open for c in site.channels),
+                what="its body arriving")
+    await with_timeout(reactor, stream.lost, 10)  # (the stream's end: the drain's)
+    await with_timeout(reactor, late.lost, 10)
+    late.transport.write(request[head_end + 5:])
+    await with_timeout(reactor, stopping, 10)
+    assert bytes(late.received) == b""
+    assert len([r for r in fake.requests if r.path.endswith(b"/chat/completions")]) == 1  # the stream's alone
