@@ -217,3 +217,31 @@ async def test_a_body_that_is_not_utf8_is_told_so_and_where(http, gateway):
             message = error_message(await treq.content(response), anthropic=path == "/v1/messages")
             assert response.code == 400 and "not UTF-8" in message and where in message, (path, message)
             assert "surrogates" not in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_its_connection_refuses_is_answered_in_its_routes_dialect(reactor, gateway):
+    """What the channel answers itself once a request's target is in (a body's broken chunk framing, a head with
+    too many headers) was OpenAI's envelope on every route: an Anthropic client on /v1/messages got a body its
+    SDK does not read as an error. It is Anthropic's there (with its request-id header), OpenAI's elsewhere."""
+    from tests.rawclient import connect
+    from tests.support import with_timeout
+
+    async def answer(path, rest):
+        client = await connect(reactor, gateway.port, b"POST " + path + b" HTTP/1.1\r\nHost: g\r\n" + rest)
+        await with_timeout(reactor, client.lost, 10)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        return head, body
+
+    broken = b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    crowded = b"".join(b"X-H%d: v\r\n" % i for i in range(600)) + b"\r\n"
+    for path, anthropic in ((b"/v1/messages", True), (b"/v1/messages/count_tokens", True),
+                            (b"/v1/messages/batches", True), (b"/p/vllm/v1/messages", True), (b"/v1/chat/completions", False),
+                            (b"/v1/files", False), (b"/p/vllm/v1/chat/completions", False)):
+        for rest, status in ((broken, b"400"), (crowded, b"431")):
+            head, body = await answer(path, rest)
+            assert head.startswith(b"HTTP/1.1 " + status + b" "), (path, head)
+            assert "not valid HTTP/1.1" in error_message(body, anthropic), (path, body)
+            assert (b"\r\nrequest-id: " in head.lower()) == anthropic, (path, head)
+            if anthropic:
+                assert json.loads(body)["error"]["type"] == "invalid_request_error", body

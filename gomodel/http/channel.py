@@ -403,11 +403,13 @@ class GatewayChannel(http.HTTPChannel):
             return
         _log.debug("A bad request from {peer}: {reason}", peer=self.getPeer(), reason=reason)
         code = _CODES[status]
-        body = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code=code).body()
-        request_id = self.site.answered_early(request, self._target, int(status[:3]), code)
+        error = InvalidRequest(f"The request is not valid HTTP/1.1: {reason}.", code=code, status=int(status[:3]))
+        request_id = self.site.answered_early(request, self._target, error.status, code)
+        body, anthropic = self.site.early_body(request, self._target, error)
         self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                             b"X-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
-                             % (status, len(body), request_id, body))
+                             b"X-Request-Id: %s\r\n%sConnection: close\r\n\r\n%s"
+                             % (status, len(body), request_id, b"request-id: %s\r\n" % request_id if anthropic else b"",
+                                body))
         self.loseConnection()
 
     def requestDone(self, request):

@@ -138,6 +138,14 @@ class FrontResource(Resource):
             ctx.cut(code)
         ctx.ended(status, routed and code is None)
 
+    def dialect(self, request):
+        """The error dialect of C{request}'s route (its C{path}): its exact path's, or what C{dialect_below} names;
+        None: OpenAI's (L{gomodel.http.site.GatewaySite.early_body})."""
+        dialect = self._dialects.get(request.path)
+        if dialect is None and self._dialect_of is not None:
+            dialect = self._dialect_of(request)
+        return dialect
+
     def _dialect_below(self, request, ctx):
         """Give C{ctx} the dialect that C{dialect_below} names for C{request}, if any (else its exact path's stays);
         an answer in Anthropic's carries the request id as C{request-id} too, as an exact Anthropic route's does."""

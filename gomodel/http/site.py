@@ -309,8 +309,10 @@ class GatewaySite(server.Site):
 
     def __init__(self, root, body_limit, *, authenticate=None, upload_sink=None, idle_timeout=CLIENT_IDLE_TIMEOUT,
                  head_timeout=HEAD_TIMEOUT, body_timeout=BODY_TIMEOUT, body_min_rate=BODY_MIN_RATE,
-                 linger_time=LINGER_TIME, early=None, audio_limit=None, **kwargs):
+                 linger_time=LINGER_TIME, early=None, audio_limit=None, dialect=None, **kwargs):
         """
+        @param dialect: C{dialect(request)}, the error dialect of a request's route (its C{path}), or None:
+            OpenAI's (L{early_body}).
         @param audio_limit: the most bytes the body of a request to an audio route (L{AUDIO_PATHS}) may have,
             in place of C{body_limit} (C{AUDIO_BODY_SIZE_LIMIT}), or None: C{body_limit}.
         @param early: C{early(request_id, method, path, status, code)}, given each request answered before any
@@ -350,6 +352,7 @@ class GatewaySite(server.Site):
         self.body_min_rate = body_min_rate
         self.linger_time = linger_time
         self._early = early
+        self._dialect = dialect
 
     def answered_early(self, request, target, status: int, code=None) -> bytes:
         """A request answered before any route saw it: its connection refused it (L{GatewayChannel}: no valid
@@ -367,6 +370,17 @@ class GatewaySite(server.Site):
             path = target.partition(b"?")[0][:EARLY_PATH] if request is not None else b""
             self._early(request_id, method, path or b"-", status, code)
         return request_id
+
+    def early_body(self, request, target, error) -> tuple:
+        """C{(body, anthropic)}: C{error}, which the connection answers C{request} with itself (L{answered_early}),
+        in the error dialect of the route its C{target} names (C{dialect}: Anthropic's on C{/v1/messages}; before,
+        OpenAI's on every route), and whether that is Anthropic's (its answer carries C{request-id} too)."""
+        dialect = None
+        if self._dialect is not None and request is not None:
+            request.path = target.partition(b"?")[0]  # (what the dialect reads: a request no route will see)
+            dialect = self._dialect(request)
+        dialect = dialect or render.OPENAI
+        return dialect.body(error), dialect is render.ANTHROPIC
 
     def lost_early(self, request, target, status, code=None):
         """Record C{request}, its head whole and its body arriving (no route saw it), whose connection was lost:
