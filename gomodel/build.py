@@ -210,7 +210,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                                         closed_to_keys=metrics_paths,
                                                         open_prefixes=[STATIC_PREFIX] if dashboard else []),
                                upload_sink=routes.upload_sink, early=front.answered_early, reactor=reactor,
-                               audio_limit=config.limits.audio_body_size_limit, dialect=front.dialect)
+                               audio_limit=max(config.limits.audio_body_size_limit, config.limits.body_size_limit),
+                               dialect=front.dialect)
     gateway.site.noisy = False
     Repeating(IDLE_SWEEP, gateway.site.sweep_idle, clock=reactor).setServiceParent(gateway)
     gateway.drain.site = gateway.site

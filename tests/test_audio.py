@@ -395,3 +395,18 @@ async def test_an_audio_file_as_large_as_openai_takes_is_transcribed_while_chat_
                                data=b'{"model": "x", "pad": "' + b"x" * (11 * 1024 * 1024) + b'"}')
     error = json.loads(await treq.content(response))["error"]
     assert response.code == 413 and "(BODY_SIZE_LIMIT)" in error["message"], error
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_audio_route_takes_bodies_up_to_the_larger_of_both_limits(reactor, http):
+    """An operator who raised BODY_SIZE_LIMIT past AUDIO_BODY_SIZE_LIMIT has audio bodies held to no less."""
+    fake = await start_fake(reactor, models=(ASR,))
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "BODY_SIZE_LIMIT": "2M", "AUDIO_BODY_SIZE_LIMIT": "1M"})
+    try:
+        response, body = await post_form(http, gw, {"model": MODEL}, file=AUDIO * (1536 * 1024 // len(AUDIO)))
+        assert response.code == 200, body
+        response, body = await post_form(http, gw, {"model": MODEL}, file=AUDIO * (3 * 1024 * 1024 // len(AUDIO)))
+        assert response.code == 413 and "AUDIO_BODY_SIZE_LIMIT" in json.loads(body)["error"]["message"], body
+    finally:
+        await stop_all(gw, fake)
