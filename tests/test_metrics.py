@@ -657,9 +657,11 @@ async def test_a_client_that_leaves_while_its_body_arrives_is_counted_and_logged
 
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
     try:
+        made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=b'{"name": "team"}', headers=KEY)
+        key = json.loads(await made.content())
         body, content_type = multipart({"purpose": "batch"}, content=b'{"a": 1}\n' * 1000)
-        heads = [b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer k1\r\n"
-                 b"Content-Length: 500\r\nX-Request-Id: req-chat\r\n\r\n{\"model\": ",
+        heads = [b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\n"
+                 b"Content-Length: 500\r\nX-Request-Id: req-chat\r\n\r\n{\"model\": " % key["value"].encode(),
                  b"POST /v1/files HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer k1\r\nContent-Type: %s\r\n"
                  b"Content-Length: %d\r\nX-Request-Id: req-upload\r\n\r\n%s" % (
                      content_type.encode(), len(body), body[:len(body) // 2])]
@@ -671,8 +673,10 @@ async def test_a_client_that_leaves_while_its_body_arrives_is_counted_and_logged
             client.transport.abortConnection()
             event = await logged
             assert (event["status"], event["outcome"]) == (499, "client_gone"), event
-        assert {e["request_id"] for e in access.events} == {"req-chat", "req-upload"}
+        assert {e["request_id"]: e["key"] for e in access.events if e["request_id"].startswith("req-")} == {
+            "req-chat": key["id"], "req-upload": "master"}  # (whose key it was, as any request's: its series too)
         found = await scrape(http, gw)
+        assert value(found, "gomodel_auth_key_requests_total", auth_key_id=key["id"], status_code="499") == 1
         for endpoint in ("/v1/chat/completions", "other"):  # (the files routes count as "other")
             assert value(found, "gomodel_requests_total", endpoint=endpoint, status_code="499") == 1, endpoint
             assert value(found, "gomodel_client_disconnects_total", endpoint=endpoint) == 1, endpoint

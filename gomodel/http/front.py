@@ -122,7 +122,7 @@ class FrontResource(Resource):
         handling.start(handler(request, ctx))
         return NOT_DONE_YET
 
-    def answered_early(self, request_id, method, path, status, code=None, routed=False):
+    def answered_early(self, request_id, method, path, status, code=None, routed=False, principal=None):
         """Record a request answered before it came here (L{gomodel.http.site.GatewaySite.answered_early}: refused by
         its connection, or for C{*}): its context, of C{status} (an error of C{code} where one is given), completes at
         once through the sinks (the access log, the metrics' C{other} endpoint); it was never in flight.
@@ -130,8 +130,9 @@ class FrontResource(Resource):
         @param routed: its head was whole, its body arriving, when its connection was lost (without C{code}: its
             client left, a 499) or cut (L{gomodel.http.site.GatewaySite.lost_early}): counted under its route, as a
             refusal at its head is.
+        @param principal: who sent it, where its head said (a routed one's).
         """
-        ctx = RequestContext(request_id, method, path, self._clock, self._sinks, recorded=False)
+        ctx = RequestContext(request_id, method, path, self._clock, self._sinks, principal=principal, recorded=False)
         if routed:
             ctx.endpoint = self._endpoints.get(path) or (PASSTHROUGH if path.startswith(b"/p/") else None)
         if code is not None:

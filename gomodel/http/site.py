@@ -388,7 +388,7 @@ class GatewaySite(server.Site):
         gateway cut it (a drain out of time: C{code}); under its route (the front's C{answered_early})."""
         if self._early is not None:
             self._early(request_id_for(request), request.method, target.partition(b"?")[0][:EARLY_PATH], status,
-                        code, routed=True)
+                        code, routed=True, principal=request.identity)
 
     def sweep_idle(self):
         """Close the client connections idle for C{idle_timeout} seconds or more, as Twisted's idle timeout
