@@ -193,8 +193,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             self._parsePOSTFormSubmission = False  # never read the form into memory
             self.content = sink
             return
-        if self.audio_limit is not None and path.endswith(AUDIO_PATHS):
-            self.body_limit, self.limit_name = self.audio_limit
+        if length is None or length > self.body_limit:  # (a body within BODY_SIZE_LIMIT is within the audio one)
+            if self.audio_limit is not None and path.endswith(AUDIO_PATHS):
+                self.body_limit, self.limit_name = self.audio_limit
         if length is not None and length > self.body_limit:
             self.too_large = True
             self.content = _Discard()

@@ -516,6 +516,8 @@ class Exchange:
                     report = plain_headers(response.headers).get(ENDPOINT_LOAD_METRICS)
                     if report is not None:
                         replica.answered(parse_load_header(report[0]))
+                    if response.code < 300:  # (a success: its whole answer is the relay's to judge, a stream may break)
+                        return response, replica, pool, model, sent, number
                     spent = False  # (a 429 saying the account's quota is spent: no rate limit, L{out_of_quota})
                     if response.code == 429:
                         response, spent = await self._quota_spent(response)
@@ -525,8 +527,7 @@ class Exchange:
                             replica.failed(f"HTTP {response.code}")
                     elif response.code == 401:  # (its key for that replica refused: misconfigured, or revoked)
                         replica.failed("HTTP 401: it refused the gateway's key")
-                    elif response.code >= 300 and response.code != 429:
-                        # (a success's is its whole answer, L{relay} and L{fetch}: a stream may break)
+                    elif response.code != 429:  # (a 3xx or 4xx: the replica answered)
                         replica.succeeded()
                     if spent:  # every replica of the provider passed over a while: the same account, and no wait
                         for other in pool.replicas:  # lifts it (one on its own key serves what no other can)
