@@ -196,12 +196,12 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         if length is None or length > self.body_limit:  # (a body within BODY_SIZE_LIMIT is within the audio one)
             if self.audio_limit is not None and path.endswith(AUDIO_PATHS):
                 self.body_limit, self.limit_name = self.audio_limit
-        if length is not None and length > self.body_limit:
-            self.too_large = True
-            self.content = _Discard()
-            self.requestHeaders.removeHeader(b"expect")  # as L{_refuse}: no "100 Continue" for it
-            self.close_after()
-            return
+            if length is not None and length > self.body_limit:
+                self.too_large = True
+                self.content = _Discard()
+                self.requestHeaders.removeHeader(b"expect")  # as L{_refuse}: no "100 Continue" for it
+                self.close_after()
+                return
         # twisted.web.http's, as server.Request's comes to for a site without getContentFile (it looks
         # that up, and makes and drops an AttributeError for every request)
         HTTPRequest.gotLength(self, length)
