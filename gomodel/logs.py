@@ -22,9 +22,11 @@ LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
 _SCALARS = (str, int, float, bool, type(None))
 # The format of an event that carries its whole text as C{log_line} (the access log's).
 LINE_FORMAT = "{log_line}"
-# How long the text observer holds the access log's lines to write them together, and how many bytes
-# of them at most (what a pipe writes in one piece, PIPE_BUF on Linux); see TextObserver.
+# How long the text observer holds the access log's lines to write them together, how many lines at
+# most, and how many bytes a write takes at most (what a pipe writes in one piece, PIPE_BUF on Linux);
+# see TextObserver.
 LINE_DELAY = 0.1
+HELD_LINES = 32
 LINE_BYTES = 4096
 
 
@@ -96,17 +98,18 @@ class TextObserver:
     and L{hold} the text it is written as.
 
     With a C{clock}, the lines L{hold} takes (the access log's) are held for up to
-    L{LINE_DELAY} seconds and written together, one C{write(2)} for up to L{LINE_BYTES} bytes
-    of whole lines: a pipe takes that much in one piece, so the lines of processes sharing it
-    (C{--workers}) never mix. Every other event first writes what is held, so lines keep their
-    order. L{flush} writes what is held (the gateway calls it once the reactor has stopped).
+    L{LINE_DELAY} seconds (or until L{HELD_LINES} are held) and written together, one C{write(2)}
+    for up to L{LINE_BYTES} bytes of whole lines: a pipe takes that much in one piece, so the
+    lines of processes sharing it (C{--workers}) never mix. The held lines are cut into such
+    writes when they go out, not measured one by one as they come (ASCII text, as access lines
+    are, is cut at its line ends in C). Every other event first writes what is held, so lines
+    keep their order. L{flush} writes what is held (the gateway calls it once the reactor has stopped).
     """
 
     def __init__(self, out, clock=None):
         self._out = out
         self._clock = clock
         self._held = []  # texts of lines not yet written
-        self._held_bytes = 0
         self._timer = None
         self.format = ClassicText()
 
@@ -128,24 +131,45 @@ class TextObserver:
             self._out.write(text)
             self._out.flush()
             return
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
-        if self._held_bytes + size > LINE_BYTES:
+        held = self._held
+        held.append(text)
+        if len(held) >= HELD_LINES:
             self.flush()
-        self._held.append(text)
-        self._held_bytes += size
-        if self._timer is None:
+        elif self._timer is None:
             self._timer = self._clock.callLater(LINE_DELAY, self.flush)
 
     def flush(self):
-        """Write the lines held (if any) in one piece."""
+        """Write the lines held (if any), in writes of up to L{LINE_BYTES} bytes of whole lines."""
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
         if self._held:
-            held, self._held, self._held_bytes = self._held, [], 0
-            self._out.write("".join(held))
-            self._out.flush()
+            held, self._held = self._held, []
+            text = "".join(held)
+            if text.isascii():  # a character a byte: cut at the last line end within each write's bytes
+                start, end = 0, len(text)
+                while end - start > LINE_BYTES:
+                    cut = text.rfind("\n", start, start + LINE_BYTES) + 1
+                    if cut <= start:  # one line longer than a write: alone, whole
+                        cut = text.find("\n", start + LINE_BYTES) + 1 or end
+                    self._write(text[start:cut])
+                    start = cut
+                self._write(text[start:] if start else text)
+                return
+            piece, size = [], 0
+            for line in held:
+                length = len(line.encode("utf-8"))
+                if piece and size + length > LINE_BYTES:
+                    self._write("".join(piece))
+                    piece, size = [], 0
+                piece.append(line)
+                size += length
+            self._write("".join(piece))
+
+    def _write(self, text: str):
+        self._out.write(text)
+        self._out.flush()
 
 
 def text_observer(out, clock=None) -> TextObserver:

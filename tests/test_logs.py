@@ -17,7 +17,7 @@ from twisted.logger import LogLevel, Logger, LogPublisher, formatEventAsClassicL
 from twisted.python.failure import Failure
 
 from gomodel.http.context import AccessLog, RequestContext
-from gomodel.logs import LINE_BYTES, LINE_DELAY, LINE_FORMAT, ClassicText, JSONLineObserver, TextObserver
+from gomodel.logs import HELD_LINES, LINE_BYTES, LINE_DELAY, LINE_FORMAT, ClassicText, JSONLineObserver, TextObserver
 from tests.rawclient import chat_request, connect
 from tests.support import with_timeout
 
@@ -238,6 +238,27 @@ def test_held_lines_go_out_in_writes_a_pipe_keeps_whole():
     assert [line.split(" ")[4] for line in lines[:200]] == [str(i) for i in range(200)]
     assert all(write.endswith("\n") for write in out.writes)
     assert not clock.getDelayedCalls()
+
+
+@pytest.mark.parametrize("text", ["model=m", "model=\u00e9t\u00e9"], ids=["ascii", "utf-8"])
+def test_held_lines_are_cut_into_writes_of_whole_lines_when_they_go_out(text):
+    clock, out = Clock(), Out()
+    observer = TextObserver(out, clock)
+    for i in range(HELD_LINES - 1):  # held, however many bytes: cut when written
+        observer.write_line(1764662925.75, "gomodel.access", "info", f"POST /v1/chat {i} {'y' * 300} {text}")
+    assert out.writes == [] and clock.getDelayedCalls()
+    observer.write_line(1764662925.75, "gomodel.access", "info", "x" * (LINE_BYTES + 10))  # the last held: all go out
+    assert not clock.getDelayedCalls()
+    sizes = [len(write.encode("utf-8")) for write in out.writes]
+    assert len(out.writes) > 2 and all(LINE_BYTES - 400 < size <= LINE_BYTES for size in sizes[:-2])
+    assert sizes[-1] > LINE_BYTES and out.writes[-1].endswith("x" * (LINE_BYTES + 10) + "\n")
+    lines = "".join(out.writes).splitlines()
+    assert [line.split(" ")[4] for line in lines[:-1]] == [str(i) for i in range(HELD_LINES - 1)]
+    assert all(write.endswith("\n") for write in out.writes)
+    observer.write_line(1764662926.0, "gomodel.access", "info", "a")
+    observer.write_line(1764662926.0, "gomodel.access", "info", "b")
+    clock.advance(LINE_DELAY)
+    assert out.writes[-1].endswith("] a\n" + out.writes[-1].splitlines()[1] + "\n") and len(sizes) + 1 == len(out.writes)
 
 
 def _completed(clock):
