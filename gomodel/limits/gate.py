@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from gomodel.accounting.tokens import audio_seconds, requested_tokens, tokens_by_type, total_tokens
-from gomodel.limits.lanes import Lane, Ticket
+from gomodel.limits.lanes import Lane
 from gomodel.limits.specs import COST_MAX, Budget, RateLimit, path_ancestors
 from gomodel.logs import FailureStreak
 from gomodel.periodic import Periodic
@@ -319,13 +319,16 @@ class Gate(Periodic):
         usage = ctx.usage
         used = total_tokens(usage) if usage else 0
         # (a transcription billed in audio seconds has no tokens: its cost is what it used)
-        seconds = audio_seconds(usage) if charged and usage else None
+        seconds = audio_seconds(usage) if charged and usage and "seconds" in usage else None
         charged = charged and (used > 0 or bool(seconds))
         cost = None
         if charged and self._pricing and ctx.upstream_model:
             cost = self._pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", ctx.token_counts, seconds)[2]
-        if admission.__class__ is Ticket:
-            if admission.lane.finish(admission, used, charged, cost):
+        if admission.__class__ is tuple:  # a L{Lane}'s ticket: the lane and the tokens it reserved; () once settled
+            if not admission:
+                return
+            ctx.admission = ()
+            if admission[0].finish(admission, used, charged, cost):
                 return  # settled and charged at once, by the lane that admitted it
         elif admission is not None:
             if self._limiter.immediate:

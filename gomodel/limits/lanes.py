@@ -79,8 +79,9 @@ class Lane:
         """Admit a request costing C{tokens} at C{now}, setting its C{x-ratelimit-*}
         headers as the C{lines} of C{headers} (the answer's L{gomodel.http.headers.AnswerHeaders}).
 
-        @return: a L{Ticket}, or None when a budget is spent, a limit refuses (nothing was taken: the
-            general path says why) or the lane is no longer L{live} at C{now}.
+        @return: its ticket, C{(self, tokens)} (what L{finish} settles), or None when a budget is spent,
+            a limit refuses (nothing was taken: the general path says why) or the lane is no longer
+            L{live} at C{now}.
         """
         if self._epoch != self._counters.epoch or not self._first <= now < self._until:  # (not L{live})
             return None
@@ -124,7 +125,7 @@ class Lane:
             lines = header_lines(self._header_plan, self._prepared.buckets, [b[0][0] for b in self._buckets])
         if lines:
             headers.lines = lines
-        return Ticket(self, tokens, lease)
+        return (self, tokens)  # (a tuple, not an object with an __init__ to run: this is every request's)
 
     def _give_back(self, refused, tokens):
         """A refused admission: give back what it took of the buckets before C{refused} (the
@@ -135,9 +136,9 @@ class Lane:
             cell[0] += tokens if by_tokens else 1
 
     def finish(self, ticket, used: int, charge: bool, cost) -> bool:
-        """Settle C{ticket}'s reservation with the C{used} tokens, free its slots and, with C{charge}, add
-        C{used} and C{cost} (None: unknown, counts 0) to its budgets' sums. Once per ticket; again does
-        nothing.
+        """Settle C{ticket}'s reservation (a ticket of L{admit}) with the C{used} tokens, free its slots and,
+        with C{charge}, add C{used} and C{cost} (None: unknown, counts 0) to its budgets' sums. Once per
+        ticket (the gate marks a request's settled on its context).
 
         While its cells are the counters' own this writes them in place; after a sweep it settles its
         token buckets by name (L{gomodel.limits.counters.LocalCounters.settle_now}); its slots' cells,
@@ -146,14 +147,11 @@ class Lane:
         @return: whether the budgets were charged (or C{charge} was not asked); False when its budget
             periods have passed, or it has none: the caller charges through the budget book.
         """
-        if ticket.done:
-            return True
-        ticket.done = True
         counters = self._counters
         now = self._clock.seconds()
-        delta = used - ticket.tokens
-        lease = ticket.lease
-        if lease is not None:  # its slots' cells (a held one is never swept)
+        delta = used - ticket[1]
+        lease = self._slots
+        if lease is not None:  # its slots' cells (a held one is never swept: the ones it took)
             for cell, _ in lease:
                 cell[0] -= 1
         if self._epoch == counters.epoch:
@@ -181,14 +179,3 @@ class Lane:
             cell[1] += cost
         return True
 
-
-class Ticket:
-    """A request a L{Lane} admitted: what it reserved and the slots it holds, until L{Lane.finish}."""
-
-    __slots__ = ("lane", "tokens", "lease", "done")
-
-    def __init__(self, lane, tokens, lease):
-        self.lane = lane
-        self.tokens = tokens  # reserved
-        self.lease = lease  # the concurrency slots it holds (their cells and limits, L{Lane}), or None
-        self.done = False
