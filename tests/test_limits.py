@@ -1159,3 +1159,15 @@ def test_what_the_limiter_and_the_salts_keep_per_key_is_bounded(monkeypatch):
     for i in range(100):
         salts.salt(f"key:k{i}")
     assert len(salts._salts) <= 11 and salts.salt("key:k0") == first  # (the same salt, made again)
+
+
+def test_a_keys_requests_pass_the_path_budgets_set_after_its_lane_was_made(clock, counters):
+    gate, key = _gate(counters, clock), _key(rpm=100, budgets=())
+    first, _ = _request(gate, key, used=5)
+    second, _ = _request(gate, key, used=5)  # the key's lane, kept by its principal
+    gate.set_path_budgets([{"user_path": "/team", "period": "daily", "max_tokens": 50, "max_cost": None}])
+    _request(gate, key, used=60)  # under the path's new budget: charged to it
+    with pytest.raises(BudgetExceeded):
+        _request(gate, key)
+    gate.set_path_budgets([])
+    assert _by_a_lane(_request(gate, key, used=60)[0])

@@ -65,6 +65,9 @@ class Gate(Periodic):
         self._combined = {}
         self._counting = {}  # id(a key's limit scopes) -> (them, their caps on requests in flight: a count's scopes)
         self._lanes = {}  # id(scopes) -> its Lane (local counters)
+        # A managed key's principal -> the lane of its plan's limits (no target's): its requests admitted
+        # without the plan looked up (while no provider or model has limits of its own).
+        self._key_lanes = {}
         self._any_targets = bool(quotas.providers or quotas.models)
         self._streak = FailureStreak(self, "reading the budgets failed", "the budgets are read from the store again")
 
@@ -103,6 +106,7 @@ class Gate(Periodic):
             self._path_budgets = budgets
             self._configured = configured
             self._plans = {}
+            self._key_lanes = {}
 
     def follow_ledger(self):
         """Raise this process's own budget sums to what the usage ledger says every process spent
@@ -201,12 +205,25 @@ class Gate(Periodic):
         principal = ctx.principal
         if not call.limited:  # (a token count)
             return self._admit_count(request, ctx, principal)
-        targets = self._target_scopes(upstream.name, call.model) if self._any_targets else ()
         if principal is None or not principal.limited:
+            targets = self._target_scopes(upstream.name, call.model) if self._any_targets else ()
             if not targets:
                 return None
             budgets, scopes, own = (), targets, None
         else:
+            if self._any_targets:
+                targets = self._target_scopes(upstream.name, call.model)
+            else:
+                targets = ()
+                lane = self._key_lanes.get(principal)  # (its plan's lane, the plan not looked up)
+                if lane is not None:
+                    body = call.counted
+                    admission = lane.admit(len(body) // 4 + (requested_tokens(body) or 0) if body else 0,
+                                           self._limiter.clock.seconds(), request.responseHeaders)
+                    if admission is not None:
+                        ctx.admission = admission
+                        return None
+                    # refused (the general path below says why), or no longer live (it makes a new lane)
             plan = self._plans.get(principal.cache_key)  # (L{_plan}'s look-up, inline: every request of a key)
             if plan is None or plan[0] is not principal:
                 plan = self._plan(principal)
@@ -228,6 +245,10 @@ class Gate(Periodic):
             if admission is None and not lane.live(now):  # a sweep, or a period's end: a new lane, once
                 lane = self._lane(scopes, budgets, own)
                 admission = None if lane is None else lane.admit(tokens, now, request.responseHeaders)
+            if scopes is not targets and not self._any_targets and lane is not None:  # a managed key's own limits
+                if len(self._key_lanes) > 10000:
+                    self._key_lanes.clear()
+                self._key_lanes[principal] = lane
             if admission is not None:
                 ctx.admission = admission
                 return None
