@@ -282,3 +282,23 @@ def test_the_access_log_writes_its_line_directly_to_a_text_observer_alone():
     first, second = direct.writes[0], direct.writes[1]
     assert first.split(" ", 1)[1] == second.split(" ", 1)[1] == by_event.writes[0].split(" ", 1)[1]
     assert first.endswith("ms request_id=req1 provider=vllm model=vllm/m\n\tFAKE\n")
+
+
+def test_the_access_log_follows_the_text_observer_alone_as_observers_change():
+    clock, first, second, collected = Clock(), Out(), Out(), []
+    one, other = TextObserver(first, clock), TextObserver(second, clock)
+    publisher = LogPublisher(one)
+    log = AccessLog(Logger(namespace="gomodel.access", observer=publisher))
+    log(_completed(clock))
+    publisher.removeObserver(one)
+    publisher.addObserver(other)  # another text observer, alone: the line goes to it, held
+    log(_completed(clock))
+    publisher.addObserver(collected.append)
+    log(_completed(clock))  # two observers: an event to each
+    publisher.removeObserver(collected.append)
+    log(_completed(clock))  # alone again
+    one.flush()
+    other.flush()
+    head = "[gomodel.access#info] POST"
+    assert len(collected) == 1 and len(first.writes) == 1 and first.writes[0].count(head) == 1
+    assert "".join(second.writes).count(head) == 3 and "".join(second.writes).count("m\n\tFAKE\n") == 3

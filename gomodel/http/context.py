@@ -13,7 +13,7 @@ from time import time
 from twisted.logger import Logger, LogLevel, LogPublisher
 
 from gomodel.accounting.tokens import tokens_by_type
-from gomodel.logs import LINE_FORMAT, TextObserver, indented
+from gomodel.logs import LINE_FORMAT, TextObserver
 
 # Outcomes a finished request can have.
 OK = "ok"
@@ -22,6 +22,7 @@ CLIENT_GONE = "client_gone"  # the client left before the answer was complete
 STREAM_BROKEN = "stream_broken"  # the answer started, then the upstream failed it
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"
 DASH = "-"  # the access log's unknown
+NL, NL_TAB = "\n", "\n\t"  # a line break in an access line, and as it is written (L{indented})
 PASSTHROUGH = "/p/{provider}/{endpoint}"  # the endpoint of every passthrough request (the metrics' label stays bounded)
 # The errors of a stream the gateway cut itself (its client told C{stream_incomplete}), none the upstream's failure:
 # its client read nothing for HTTP_CLIENT_STALL_TIMEOUT, it ran past HTTP_STREAM_MAX_DURATION.
@@ -234,6 +235,9 @@ class AccessLog:
         self._log = log = logger if logger is not None else Logger(namespace="gomodel.access")
         # A LogPublisher's observers: a list it changes in place as observers come and go.
         self._observers = log.observer._observers if log.observer.__class__ is LogPublisher else ()
+        # the text observer last seen alone in it (L{_text_alone}), and that list's like: one comparison a line
+        self._text = None
+        self._alone = [None]
         # the text's beginning and its whole second (logs._per_second's cache, inline: a call less per line)
         self._second = None
         self._head = None
@@ -266,17 +270,18 @@ class AccessLog:
                 f"provider={ctx.provider or DASH} model={ctx.model or DASH}"
                 f"{'' if replica is None else f' replica={replica}'}{'' if key is None else f' key={key}'}"
                 f"{tokens}{f' retries={retries}' if retries else ''}{ended}")
-        log = self._log
         observers = self._observers
-        if len(observers) == 1 and observers[0].__class__ is TextObserver:
+        if observers == self._alone or self._text_alone(observers):
             try:
                 now = time()
                 if int(now) != self._second:
-                    self._second, self._head = int(now), observers[0].format.head(now, log.namespace, "info")
-                observers[0].hold(f"{self._head}{indented(line)}\n")
+                    self._second, self._head = int(now), self._text.format.head(now, self._log.namespace, "info")
+                # (L{indented}, inline)
+                self._text.hold(f"{self._head}{line.replace(NL, NL_TAB) if NL in line else line}\n")
                 return
             except Exception:
                 pass  # the event says so: the publisher logs an observer that fails
+        log = self._log
         log.observer({
             "log_line": line,
             "method": ctx.method.decode("ascii", "replace"),
@@ -304,3 +309,11 @@ class AccessLog:
             "log_format": LINE_FORMAT,
             "log_time": time(),
         })
+
+    def _text_alone(self, observers) -> bool:
+        """Whether C{observers} is gomodel's text observer alone (then kept as the one last seen alone)."""
+        if len(observers) == 1 and observers[0].__class__ is TextObserver:
+            self._text = observers[0]
+            self._alone = [self._text]
+            return True
+        return False
