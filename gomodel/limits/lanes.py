@@ -152,8 +152,12 @@ class Lane:
         delta = used - ticket[1]
         lease = self._slots
         if lease is not None:  # its slots' cells (a held one is never swept: the ones it took)
-            for cell, _ in lease:
+            cell = self._slot
+            if cell is not None:  # its one slot
                 cell[0] -= 1
+            else:
+                for cell, _ in lease:
+                    cell[0] -= 1
         if self._epoch == counters.epoch:
             if delta:
                 for cell, refill in self._token_buckets:  # (L{gomodel.limits.counters.adjust_cell})
