@@ -87,7 +87,7 @@ class UsageLedger(Service):
             if tokens is None:
                 tokens = tokens_by_type(usage)
             total = total_tokens(usage, tokens)
-            seconds = audio_seconds(usage)
+            seconds = audio_seconds(usage) if "seconds" in usage else None  # (most bill tokens: no call)
         else:
             tokens, total, seconds = (None, None, None, None), None, None
         costs = self._pricing.costs(model, tokens, seconds) if self._pricing else (None, None, None)
