@@ -26,7 +26,7 @@ async def test_an_unknown_id_is_quoted_not_echoed_whole(http, gateway):
     of a megabyte in a body was a megabyte of error, one in a path the 16 kB of the request's target."""
     long_id = "x" * 10000
     cases = [
-        ("GET", "/v1/files/" + long_id, None, False),
+        ("GET", "/v1/files/" + long_id, None, True),  # (Anthropic's Files API for an Anthropic client)
         ("GET", "/v1/batches/" + long_id, None, False),
         ("GET", "/v1/responses/" + long_id, None, False),
         ("GET", "/v1/messages/batches/" + long_id, None, True),

@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from klein import Klein
 
+from gomodel.anthropic import files as anthropic_files
 from gomodel.http.bodies import json_answer, page, query_arg, query_limit, whole_number
 from gomodel.http.channel import GatewayChannel
 from gomodel.http.render import install as install_error_handlers
@@ -101,14 +102,15 @@ class FilesAPI:
         sink = self._sink_for(request)
         try:
             await sink.finish()
-            purpose = sink.fields.get("purpose")
+            anthropic = anthropic_files.wants_anthropic_files(request)
+            purpose = anthropic_files.UPLOAD_PURPOSE if anthropic else sink.fields.get("purpose")
             if not purpose:
                 raise InvalidRequest("The upload needs a 'purpose' field (e.g. 'batch').", param="purpose",
                                      code="missing_required_parameter")
             if purpose not in UPLOAD_PURPOSES:
                 raise InvalidRequest(f"'{purpose}' is not a valid purpose; use one of: {', '.join(UPLOAD_PURPOSES)}.",
                                      param="purpose", code="invalid_value")
-            expires_after = _expires_after(sink.fields)
+            expires_after = anthropic_files.expires_in(sink.fields) if anthropic else _expires_after(sink.fields)
             if expires_after is None and purpose == "batch":
                 expires_after = self._batch_expiry
             file_id = new_file_id()
@@ -121,10 +123,12 @@ class FilesAPI:
                 raise
         finally:
             await sink.discard()  # an upload refused leaves nothing behind once answered
-        return json_answer(request, file_object(record))
+        return json_answer(request, _shaped(request, record))
 
     @app.route("/", methods=["GET"])
     async def list_files(self, request):
+        if anthropic_files.wants_anthropic_files(request):
+            return json_answer(request, await self._anthropic_page(request))
         purpose = query_arg(request, b"purpose")
         order = query_arg(request, b"order") or "desc"
         if order not in ("asc", "desc"):
@@ -136,9 +140,23 @@ class FilesAPI:
                                                   hide=INTERNAL_PURPOSES)
         return json_answer(request, page([file_object(r) for r in records], has_more))
 
+    async def _anthropic_page(self, request):
+        """Anthropic's list page: newest first, after C{after_id} (or the C{page} cursor) or before C{before_id}."""
+        limit = query_limit(request, anthropic_files.LIST_LIMIT, anthropic_files.LIST_LIMIT_MAX)
+        before = query_arg(request, b"before_id")
+        after = anthropic_files.page_cursor(query_arg(request, b"after_id"), query_arg(request, b"page"))
+        tenant = tenants_of(request.context.principal)
+        if before is not None:  # the files just newer than it, oldest first: reversed, the page before it
+            records, has_more = await self._files.list(after=before, limit=limit, order="asc", tenant=tenant,
+                                                      hide=INTERNAL_PURPOSES)
+            return anthropic_files.files_page(records[::-1], has_more, before=True)
+        records, has_more = await self._files.list(after=after, limit=limit, order="desc", tenant=tenant,
+                                                  hide=INTERNAL_PURPOSES)
+        return anthropic_files.files_page(records, has_more)
+
     @app.route("/<file_id>", methods=["GET"])
     async def retrieve(self, request, file_id):
-        return json_answer(request, file_object(await self._record(request, file_id)))
+        return json_answer(request, _shaped(request, await self._record(request, file_id)))
 
     @app.route("/<file_id>", methods=["DELETE"])
     async def delete(self, request, file_id):
@@ -148,6 +166,8 @@ class FilesAPI:
         if not await self._files.delete(file_id):
             raise _no_file(file_id)
         await self._blobs.delete(file_id)  # if this fails, the sweep removes the orphan later
+        if anthropic_files.wants_anthropic_files(request):
+            return json_answer(request, {"id": file_id, "type": anthropic_files.DELETED})
         return json_answer(request, {"id": file_id, "object": "file", "deleted": True})
 
     @app.route("/<file_id>/content", methods=["GET"])
@@ -178,6 +198,13 @@ async def client_file(files, principal, file_id, param="file_id"):
     if record is None or record["purpose"] in INTERNAL_PURPOSES or not visible(principal, record):
         raise _no_file(file_id, param)
     return record
+
+
+def _shaped(request, record) -> dict:
+    """The file object for C{record} in the shape of C{request}'s client: Anthropic's, or OpenAI's."""
+    if anthropic_files.wants_anthropic_files(request):
+        return anthropic_files.file_metadata(record)
+    return file_object(record)
 
 
 def _expires_after(fields):

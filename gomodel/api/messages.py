@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
+from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message_bytes, checked_max_tokens,
                                          count_tokens_answer, count_tokens_request, is_anthropic_error,
@@ -60,7 +61,8 @@ from gomodel.upstream.errors import upstream_error, with_retry_after, without_ad
 MESSAGES = b"/v1/messages"
 COUNT_TOKENS = b"/v1/messages/count_tokens"
 MODELS = b"/v1/models"  # the model list, and each model below it: Anthropic's shape for an Anthropic client
-_BELOW_MESSAGES, _BELOW_MODELS = MESSAGES + b"/", MODELS + b"/"
+FILES = b"/v1/files"  # the Files API, and each file below it: Anthropic's for an Anthropic client
+_BELOW_MESSAGES, _BELOW_MODELS, _BELOW_FILES = MESSAGES + b"/", MODELS + b"/", FILES + b"/"
 # Provider types whose servers answer /v1/messages themselves.
 NATIVE_TYPES = frozenset(("vllm",))
 # Provider types whose chat completions take vLLM's fields (translate.vllm_fields: top_k, prefill; and
@@ -140,13 +142,16 @@ class MessagesRoutes:
 
         Anthropic's for every other path under C{/v1/messages/} (Message Batches, L{gomodel.anthropic.batches};
         a path the gateway does not serve is its 404 C{not_found_error}, a 401 its C{authentication_error});
-        and on the model list's paths for an Anthropic client (L{wants_anthropic}), as their handlers answer it, so that what
+        and on the model list's and the Files API's paths for an Anthropic client (L{wants_anthropic},
+        L{wants_anthropic_files}), as their handlers answer it, so that what
         fails before a handler does (a 401, a path that is no UTF-8 once percent-decoded) has its shape too.
         """
         path = request.path
         if path.startswith(_BELOW_MESSAGES):
             return render.ANTHROPIC
         if (path == MODELS or path.startswith(_BELOW_MODELS)) and wants_anthropic(request):
+            return render.ANTHROPIC
+        if (path == FILES or path.startswith(_BELOW_FILES)) and wants_anthropic_files(request):
             return render.ANTHROPIC
         return None
 

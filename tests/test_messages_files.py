@@ -1,0 +1,102 @@
+"""Anthropic's Files API (C{anthropic-beta: files-api-2025-04-14}) on the gateway's C{/v1/files}: the official
+anthropic SDK over real sockets, and messages that name an uploaded file."""
+
+import base64
+import json
+
+import anthropic
+import pytest
+import pytest_twisted
+import treq
+from twisted.web.http_headers import Headers
+
+from tests.fakes.vllm import CHAT_MODEL
+from tests.support import in_thread, start_fake, start_gateway, stop_all
+
+KEY = "anthropic-files-key"
+BETA = {"anthropic-beta": "files-api-2025-04-14"}
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
+                       "AAAABJRU5ErkJggg==")
+
+
+@pytest_twisted.async_yield_fixture()
+async def gw(reactor, fake, tmp_path):
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                            "GOMODEL_DATA_DIR": str(tmp_path)})
+    yield gateway
+    await gateway.service.stopService()
+
+
+@pytest.fixture
+def client(gw):
+    c = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=10, default_headers=BETA)
+    yield c
+    c.close()
+
+
+def anthropic_headers(**extra):
+    values = {"x-api-key": [KEY], "anthropic-version": ["2023-06-01"], **{k: [v] for k, v in BETA.items()}}
+    values.update({k: [v] for k, v in extra.items()})
+    return Headers(values)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sdk_uploads_lists_retrieves_downloads_and_deletes_files_in_anthropics_shape(http, gw, client):
+    """An Anthropic client gets Anthropic's file objects (C{type: file}, C{mime_type}, C{size_bytes}, an RFC 3339
+    C{created_at}), its list page and its deletion answer; before, its upload (no C{purpose}: Anthropic has none)
+    was OpenAI's 400, and its list OpenAI's objects."""
+    notes = await in_thread(client.beta.files.upload, file=("notes.txt", b"hello files", "text/plain"))
+    image = await in_thread(client.beta.files.upload, file=("pixel.png", PNG, "image/png"))
+    assert notes.type == "file"
+    assert (notes.filename, notes.mime_type, notes.size_bytes, notes.downloadable) == (
+        "notes.txt", "text/plain", 11, True)
+    assert notes.created_at.tzinfo is not None
+    assert (image.mime_type, image.size_bytes) == ("image/png", len(PNG))
+
+    retrieved = await in_thread(client.beta.files.retrieve_metadata, notes.id)
+    assert retrieved.model_dump() == notes.model_dump()
+    listed = await in_thread(lambda: [f.id for f in client.beta.files.list()])
+    assert listed == [image.id, notes.id]  # newest first
+    paged = await in_thread(lambda: [f.id for f in client.beta.files.list(limit=1)])  # the SDK follows next_page
+    assert paged == [image.id, notes.id]
+
+    response = await http.get(f"{gw.url}/v1/files?limit=1", headers=anthropic_headers())
+    page = json.loads(await treq.content(response))
+    assert (page["first_id"], page["last_id"], page["has_more"]) == (image.id, image.id, True)
+    response = await http.get(f"{gw.url}/v1/files?after_id={image.id}", headers=anthropic_headers())
+    assert [f["id"] for f in json.loads(await treq.content(response))["data"]] == [notes.id]
+    response = await http.get(f"{gw.url}/v1/files?before_id={notes.id}", headers=anthropic_headers())
+    assert [f["id"] for f in json.loads(await treq.content(response))["data"]] == [image.id]
+
+    downloaded = await in_thread(client.beta.files.download, notes.id)
+    assert downloaded.read() == b"hello files"
+
+    deleted = await in_thread(client.beta.files.delete, notes.id)
+    assert (deleted.id, deleted.type) == (notes.id, "file_deleted")
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        await in_thread(client.beta.files.retrieve_metadata, notes.id)
+    assert missing.value.body["type"] == "error"
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    assert missing.value.response.headers.get("request-id")
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_file_errors_are_anthropics(http, gw):
+    """A refusal of an Anthropic client's files request (no key, no file part, a bad limit) is in Anthropic's
+    envelope with its type, as the SDK reads it."""
+    boundary = "b0undary"
+    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--{boundary}--\r\n".encode()
+    response = await http.post(gw.url + "/v1/files", data=body, headers=anthropic_headers(
+        **{"content-type": f"multipart/form-data; boundary={boundary}"}))
+    error = json.loads(await treq.content(response))
+    assert response.code == 400
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    response = await http.get(gw.url + "/v1/files", headers=Headers({"anthropic-version": ["2023-06-01"]}))
+    error = json.loads(await treq.content(response))
+    assert response.code == 401 and error["error"]["type"] == "authentication_error"
+    assert response.headers.getRawHeaders("request-id")
+    response = await http.get(gw.url + "/v1/files?limit=0", headers=anthropic_headers())
+    error = json.loads(await treq.content(response))
+    assert response.code == 400 and error["error"]["type"] == "invalid_request_error"
+    response = await http.get(gw.url + "/v1/files/file-nope", headers=anthropic_headers())
+    assert response.code == 404 and json.loads(await treq.content(response))["error"]["type"] == "not_found_error"
