@@ -11,6 +11,7 @@ from functools import partial
 from gomodel.accounting.tokens import Pricing
 from gomodel.accounting.usage import UsageLedger
 from gomodel.anthropic.batch_lines import MessagesLines
+from gomodel.anthropic.file_sources import FileSources
 from gomodel.api.inference import InferenceRoutes
 from gomodel.api.lazy import LazyRoutes
 from gomodel.api.messages import MessagesRoutes
@@ -138,7 +139,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # others: what they record is written). Any process on a data directory may run any batch or sweep:
     # each is claimed in the store.
     salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
-    messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate)
+    messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate,
+                              FileSources(store.files, store.blobs))
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,

@@ -11,7 +11,7 @@ import treq
 from twisted.web.http_headers import Headers
 
 from tests.fakes.vllm import CHAT_MODEL
-from tests.support import in_thread, start_fake, start_gateway, stop_all
+from tests.support import in_thread, start_gateway
 
 KEY = "anthropic-files-key"
 BETA = {"anthropic-beta": "files-api-2025-04-14"}
@@ -100,3 +100,64 @@ async def test_anthropic_file_errors_are_anthropics(http, gw):
     assert response.code == 400 and error["error"]["type"] == "invalid_request_error"
     response = await http.get(gw.url + "/v1/files/file-nope", headers=anthropic_headers())
     assert response.code == 404 and json.loads(await treq.content(response))["error"]["type"] == "not_found_error"
+
+
+# -- messages that name a file --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_naming_uploaded_files_reaches_the_model_with_their_contents(gw, fake, client):
+    """An C{image} or C{document} block whose source is C{{"type": "file", "file_id"}} (what Anthropic's Files API is
+    for) reaches the upstream as its contents: the image in base64, a text file as its text; before, a document's
+    was a 400 and an image's went to vLLM as it came, naming a file vLLM does not have."""
+    notes = await in_thread(client.beta.files.upload, file=("notes.txt", b"The code word is heron.", "text/plain"))
+    image = await in_thread(client.beta.files.upload, file=("pixel.png", PNG, "image/png"))
+    content = [{"type": "image", "source": {"type": "file", "file_id": image.id}},
+               {"type": "text", "text": "What is in the picture?"}]
+    message = await in_thread(client.messages.create, model=f"vllm/{CHAT_MODEL}", max_tokens=16,
+                              messages=[{"role": "user", "content": content}])
+    assert message.stop_reason
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/messages"
+    assert sent.body["messages"][0]["content"][0]["source"] == {
+        "type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
+
+    counted = await in_thread(client.messages.count_tokens, model=f"vllm/{CHAT_MODEL}",
+                              messages=[{"role": "user", "content": content}])
+    assert counted.input_tokens > 0
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/messages/count_tokens"
+    assert sent.body["messages"][0]["content"][0]["source"]["type"] == "base64"
+
+    content = [{"type": "document", "source": {"type": "file", "file_id": notes.id}},
+               {"type": "text", "text": "What is the code word?"}]
+    await in_thread(client.messages.create, model=f"vllm/{CHAT_MODEL}", max_tokens=16,
+                    messages=[{"role": "user", "content": content}])
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/chat/completions"  # (a document goes translated)
+    assert sent.body["messages"][0]["content"][0] == {"type": "text", "text": "The code word is heron."}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_naming_a_file_it_cannot_use_is_a_400_naming_the_block(gw, fake, client):
+    """A file that does not exist (or that another tenant owns), or that is no image where an image is wanted, is
+    Anthropic's 400 C{invalid_request_error} naming the block; nothing goes upstream."""
+    notes = await in_thread(client.beta.files.upload, file=("notes.txt", b"just text", "text/plain"))
+    sent = len(fake.requests)
+    cases = [({"type": "image", "source": {"type": "file", "file_id": "file-nope"}}, "messages.0.content.0"),
+             ({"type": "image", "source": {"type": "file", "file_id": notes.id}}, "messages.0.content.0"),
+             ({"type": "document", "source": {"type": "file"}}, "messages.0.content.0"),
+             ({"type": "tool_result", "tool_use_id": "t1", "content": [
+                 {"type": "image", "source": {"type": "file", "file_id": "file-nope"}}]},
+              "messages.2.content.0.content.0")]
+    for block, where in cases:
+        messages = [{"role": "user", "content": [block]}]
+        if block["type"] == "tool_result":
+            messages = [{"role": "user", "content": "Go."},
+                        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                        {"role": "user", "content": [block]}]
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await in_thread(client.messages.create, model=f"vllm/{CHAT_MODEL}", max_tokens=16, messages=messages)
+        assert refused.value.body["error"]["type"] == "invalid_request_error"
+        assert where in refused.value.body["error"]["message"], (block, refused.value.body)
+    assert len(fake.requests) == sent

@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
+from gomodel.anthropic.file_sources import file_blocks
 from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message_bytes, checked_max_tokens,
@@ -116,16 +117,19 @@ class MessagesRoutes:
 
     log = Logger()
 
-    def __init__(self, registry, exchange, clock, salts=None, gate=None):
+    def __init__(self, registry, exchange, clock, salts=None, gate=None, files=None):
         """
         @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
         @param gate: the L{gomodel.limits.gate.Gate} (a target at its limit is routed around), or None.
+        @param files: the L{gomodel.anthropic.file_sources.FileSources} (a block naming an uploaded file gets
+            its contents), or None (such a block is refused where it cannot be sent).
         """
         self._registry = registry
         self._exchange = exchange
         self._clock = clock
         self._salts = salts
         self._gate = gate
+        self._files = files
         self._no_native = {}  # (provider name, upstream model, path) -> time until which we translate
 
     def routes(self) -> dict:
@@ -164,6 +168,9 @@ class MessagesRoutes:
         @raise gomodel.errors.GatewayError: before anything was sent to the client.
         """
         body = json_body(request)
+        files = file_blocks(body) if self._files is not None else None
+        if files:  # (blocks naming an uploaded file get its contents)
+            await self._files.resolve(files, ctx.principal)
         stream = ctx.asked_stream = streams(body)
         model = body.get("model")
         routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
@@ -202,6 +209,9 @@ class MessagesRoutes:
             request is one: else its L{gomodel.errors.InvalidRequest}).
         """
         body = json_body(request)
+        files = file_blocks(body) if self._files is not None else None
+        if files:  # (blocks naming an uploaded file get its contents)
+            await self._files.resolve(files, ctx.principal)
         model = body.get("model")
         planned = plan_model(self._registry, body, principal=ctx.principal)
         # Only vLLM has a tokenizer the gateway can ask.

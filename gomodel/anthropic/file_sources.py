@@ -1,0 +1,108 @@
+"""Content blocks that name a file of the gateway's Files API: C{{"source": {"type": "file", "file_id"}}}.
+
+Anthropic's Files API exists to be named that way in a message (an C{image}
+or C{document} block, in a message or in a tool result). No upstream has the
+gateway's files, so before the request goes anywhere each such source is
+replaced by the file's contents, as the client could have sent them: an
+image in C{base64} (its type read from its bytes), a PDF in C{base64}, any
+other document as its UTF-8 text (a C{text} source). What cannot be (no such
+file for the key, an image that is none, a file past L{MAX_INLINE}) is a 400
+naming the block.
+"""
+
+import base64
+
+from gomodel.anthropic.files import mime_type
+from gomodel.auth.tenancy import visible
+from gomodel.errors import InvalidRequest, shown
+from gomodel.store.records import MESSAGE_BATCH_PURPOSE
+
+# The largest file inlined into a request (Anthropic's own limit on a request is 32 MB).
+MAX_INLINE = 32 * 1024 * 1024
+# An image's type by its first bytes (Anthropic's four).
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+                (b"GIF89a", "image/gif"))
+_PDF_MAGIC = b"%PDF-"
+
+
+def file_blocks(body) -> list:
+    """C{(where, block)} for each C{image} or C{document} block of C{body}'s messages (and of their tool results)
+    whose source is a file."""
+    found = []
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(block, dict):
+                continue
+            if _names_file(block):
+                found.append((f"messages.{i}.content.{j}", block))
+            elif block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                found.extend((f"messages.{i}.content.{j}.content.{k}", item)
+                             for k, item in enumerate(block["content"]) if _names_file(item))
+    return found
+
+
+def _names_file(block) -> bool:
+    source = block.get("source") if isinstance(block, dict) else None
+    return isinstance(source, dict) and source.get("type") == "file" and block.get("type") in ("image", "document")
+
+
+class FileSources:
+    """Resolves the file sources of a Messages request from the gateway's files."""
+
+    def __init__(self, files, blobs):
+        """
+        @param files: the L{gomodel.store.interfaces.IFileStore}.
+        @param blobs: the L{gomodel.store.interfaces.IBlobStore} holding the contents.
+        """
+        self._files = files
+        self._blobs = blobs
+
+    async def resolve(self, blocks, principal):
+        """Replace the source of each of C{blocks} (L{file_blocks}'s) by the contents of the file it names,
+        which C{principal} may see.
+
+        @raise InvalidRequest: a source names no file of the key's, one too large, or an image that is none.
+        """
+        for where, block in blocks:
+            file_id = block["source"].get("file_id")
+            if not isinstance(file_id, str) or not file_id:
+                raise InvalidRequest(f"{where}.source.file_id: Field required", param=f"{where}.source.file_id")
+            record = await self._files.get(file_id)
+            # (as gomodel.api.files.client_file sees them: not imported, it would bring Klein to the hot path)
+            if record is None or record["purpose"] == MESSAGE_BATCH_PURPOSE or not visible(principal, record):
+                raise InvalidRequest(f"{where}.source.file_id: no file {shown(file_id)} (upload it with the "
+                                     "Files API first)", param=f"{where}.source.file_id")
+            data = await self._read(record, where)
+            block["source"] = _source(block["type"], data, record["filename"], where)
+
+    async def _read(self, record, where) -> bytes:
+        if record["bytes"] > MAX_INLINE:
+            raise InvalidRequest(f"{where}.source: file {shown(record['id'])} is larger than the {MAX_INLINE} bytes "
+                                 "a message may hold", param=f"{where}.source")
+        data = await self._blobs.read(record["id"], 0, record["bytes"])
+        if data is None:
+            raise InvalidRequest(f"{where}.source.file_id: no file {shown(record['id'])}",
+                                 param=f"{where}.source.file_id")
+        return data
+
+
+def _source(kind, data: bytes, filename, where) -> dict:
+    """The inline source of an C{image} or C{document} block (C{kind}) holding C{data}."""
+    if kind == "image":
+        media = next((media for magic, media in _IMAGE_MAGIC if data.startswith(magic)), None)
+        if media is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            media = "image/webp"
+        if media is None:
+            raise InvalidRequest(f"{where}.source: file {shown(filename)} is no image (JPEG, PNG, GIF or WebP)",
+                                 param=f"{where}.source")
+        return {"type": "base64", "media_type": media, "data": base64.b64encode(data).decode("ascii")}
+    if data.startswith(_PDF_MAGIC) or mime_type(filename) == "application/pdf":
+        return {"type": "base64", "media_type": "application/pdf", "data": base64.b64encode(data).decode("ascii")}
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{where}.source: file {shown(filename)} is neither a PDF nor UTF-8 text",
+                             param=f"{where}.source") from None
+    return {"type": "text", "media_type": "text/plain", "data": text}
