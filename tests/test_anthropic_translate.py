@@ -141,7 +141,7 @@ def test_a_base64_text_document_is_its_text_and_one_that_is_no_text_is_refused()
 @pytest.mark.parametrize("block", [
     {"type": "image", "source": {"type": "file", "file_id": "f1"}},
     {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},
-    {"type": "search_result", "source": "x", "title": "t", "content": []},
+    {"type": "web_search_tool_result", "tool_use_id": "s", "content": []},  # (a search_result is sent as text)
     {"type": "tool_use", "id": "t", "name": "f", "input": {}},
     {"type": "thinking", "thinking": "x", "signature": ""},
 ])

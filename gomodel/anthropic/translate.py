@@ -441,6 +441,27 @@ def _document_parts(block, where) -> list:
                          "(only plain-text and content documents are)", param=where)
 
 
+def _search_result_text(block, where) -> str:
+    """A C{search_result} block (Anthropic's for RAG) as the text a chat model reads: its title, its source, then
+    the texts of its content (citations are Anthropic's to make: a chat model makes none).
+
+    @raise InvalidRequest: its C{source} or C{title} is no string, or its C{content} no list of text blocks.
+    """
+    for name in ("source", "title"):
+        if not isinstance(block.get(name), str):
+            raise InvalidRequest(f"{where}.{name}: Field required (a string)", param=f"{where}.{name}")
+    content = block.get("content")
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}.content: Input should be a list of text blocks", param=f"{where}.content")
+    texts = []
+    for i, item in enumerate(content):
+        if not isinstance(item, dict) or item.get("type") != "text":
+            raise InvalidRequest(f"{where}.content.{i}: a search result's content holds text blocks",
+                                 param=f"{where}.content.{i}")
+        texts.append(_text(item, f"{where}.content.{i}"))
+    return f"Search result: {block['title']}\nSource: {block['source']}\n\n" + "\n".join(texts)
+
+
 def _base64_text(data, where) -> str:
     """The UTF-8 text that C{data} encodes in base64.
 
@@ -473,6 +494,8 @@ def _user_messages(content, where) -> list:
             parts.append(_image_url(block, at))
         elif kind == "document":
             parts.extend(_document_parts(block, at))
+        elif kind == "search_result":
+            parts.append({"type": "text", "text": _search_result_text(block, at)})
         elif kind == "tool_result":
             message, images = _tool_result(block, at)
             tools.append(message)
@@ -512,6 +535,8 @@ def _tool_result(block, where):
                         images.append(part)
             elif kind == "tool_reference":
                 texts.append(_tool_reference(item, at))
+            elif kind == "search_result":
+                texts.append(_search_result_text(item, at))
             else:
                 raise InvalidRequest(f"{at}: content block type {quoted(kind)} is not supported in a tool result",
                                      param=at)

@@ -421,11 +421,16 @@ def prefilled(body) -> bool:
         and messages[-1].get("role") == "assistant"
 
 
+# Blocks that vLLM's Messages API has not (it refuses one in a message, and drops one in a tool result unread).
+_TRANSLATED_BLOCKS = ("document", "search_result")
+
+
 def has_documents(body) -> bool:
-    """Whether a message of C{body}, or a tool result in one, holds a C{document} block. vLLM's Messages API has
-    no such block: it refuses one in a message (a 400 that lists the block types it knows) and drops one in a tool
-    result unread; translated, a text or custom-content document reaches the model as its text and image parts,
-    and one that cannot (a PDF) is the gateway's 400 saying so."""
+    """Whether a message of C{body}, or a tool result in one, holds a C{document} or C{search_result} block
+    (L{_TRANSLATED_BLOCKS}). vLLM's Messages API has no such block: it refuses one in a message (a 400 that lists
+    the block types it knows) and drops one in a tool result unread; translated, a text or custom-content document
+    reaches the model as its text and image parts, a search result as its text, and a document that cannot (a
+    PDF) is the gateway's 400 saying so."""
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
         content = message.get("content") if isinstance(message, dict) else None
@@ -435,10 +440,10 @@ def has_documents(body) -> bool:
             if not isinstance(block, dict):
                 continue
             kind = block.get("type")
-            if kind == "document":
+            if kind in _TRANSLATED_BLOCKS:
                 return True
             if kind == "tool_result" and isinstance(block.get("content"), list) and any(
-                    isinstance(item, dict) and item.get("type") == "document" for item in block["content"]):
+                    isinstance(item, dict) and item.get("type") in _TRANSLATED_BLOCKS for item in block["content"]):
                 return True
     return False
 

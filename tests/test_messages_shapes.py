@@ -1,0 +1,68 @@
+"""Request shapes of Anthropic's Messages API that RAG clients and Claude Code send, through the gateway with the
+official anthropic SDK: natively to the fake vLLM and translated for an OpenAI-compatible provider."""
+
+import anthropic
+import pytest
+import pytest_twisted
+
+from tests.fakes.vllm import CHAT_MODEL
+from tests.support import in_thread, start_gateway
+
+KEY = "anthropic-shapes-key"
+RESULT = {"type": "search_result", "source": "https://docs.example/herons", "title": "Herons",
+          "content": [{"type": "text", "text": "Herons wade."}, {"type": "text", "text": "They eat fish."}],
+          "citations": {"enabled": True}}
+RESULT_TEXT = "Search result: Herons\nSource: https://docs.example/herons\n\nHerons wade.\nThey eat fish."
+TOOL = {"name": "search", "input_schema": {"type": "object"}}
+
+
+@pytest_twisted.async_yield_fixture(params=["vllm", "openai"])
+async def gw(request, reactor, fake):
+    env = {"VLLM_BASE_URL": fake.base_url} if request.param == "vllm" else {
+        "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-upstream"}
+    gateway = await start_gateway(reactor, {"GOMODEL_MASTER_KEY": KEY, **env})
+    gateway.model = f"{request.param}/{CHAT_MODEL}"
+    yield gateway
+    await gateway.service.stopService()
+
+
+@pytest.fixture
+def client(gw):
+    c = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=10)
+    yield c
+    c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_result_blocks_reach_the_model_as_their_text(gw, fake, client):
+    """A C{search_result} block (Anthropic's for RAG: a source, a title and text blocks), in a user message or in a
+    tool result, reaches a chat model as its text; before, it was a 400 (translated: "unknown content block type";
+    natively, vLLM's, which has no such block), or vLLM dropped it from a tool result unread."""
+    message = await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
+        {"role": "user", "content": [RESULT, {"type": "text", "text": "What do herons eat?"}]}])
+    assert message.stop_reason
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/chat/completions"
+    assert sent.body["messages"][-1]["content"] == [{"type": "text", "text": RESULT_TEXT},
+                                                    {"type": "text", "text": "What do herons eat?"}]
+
+    await in_thread(client.messages.create, model=gw.model, max_tokens=16, tools=[TOOL], messages=[
+        {"role": "user", "content": "Search herons."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "search", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [RESULT]}]}])
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/chat/completions"
+    assert sent.body["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1", "content": RESULT_TEXT}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_search_result_without_its_fields_is_a_400_naming_them(gw, fake, client):
+    sent = len(fake.requests)
+    for broken, where in (({**RESULT, "content": "text"}, "messages.0.content.0.content"),
+                          ({k: v for k, v in RESULT.items() if k != "source"}, "messages.0.content.0.source")):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await in_thread(client.messages.create, model=gw.model, max_tokens=16,
+                            messages=[{"role": "user", "content": [broken]}])
+        assert refused.value.body["error"]["type"] == "invalid_request_error"
+        assert where in refused.value.body["error"]["message"]
+    assert len(fake.requests) == sent
