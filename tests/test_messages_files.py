@@ -161,3 +161,27 @@ async def test_a_message_naming_a_file_it_cannot_use_is_a_400_naming_the_block(g
         assert refused.value.body["error"]["type"] == "invalid_request_error"
         assert where in refused.value.body["error"]["message"], (block, refused.value.body)
     assert len(fake.requests) == sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_batch_naming_uploaded_files_sends_their_contents(gw, fake, client):
+    """A message batch's requests may name uploaded files as an online request does: each line goes upstream with
+    the file's contents (read when the batch is made); a file the key has not is the batch's 400, naming the
+    request. Before, an image's line went to vLLM naming a file it has not, and a document's line errored."""
+    image = await in_thread(client.beta.files.upload, file=("pixel.png", PNG, "image/png"))
+    content = [{"type": "image", "source": {"type": "file", "file_id": image.id}}, {"type": "text", "text": "What?"}]
+    made = await in_thread(client.messages.batches.create, requests=[{"custom_id": "one", "params": {
+        "model": f"vllm/{CHAT_MODEL}", "max_tokens": 16, "messages": [{"role": "user", "content": content}]}}])
+    await gw.service.batch_runner.settled(made.id)
+    [result] = await in_thread(lambda: list(client.messages.batches.results(made.id)))
+    assert result.result.type == "succeeded"
+    [sent] = [r for r in fake.requests if r.path == b"/v1/messages"]
+    assert sent.body["messages"][0]["content"][0]["source"] == {
+        "type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
+
+    content[0]["source"]["file_id"] = "file-nope"
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await in_thread(client.messages.batches.create, requests=[{"custom_id": "two", "params": {
+            "model": f"vllm/{CHAT_MODEL}", "max_tokens": 16, "messages": [{"role": "user", "content": content}]}}])
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert "requests.0.params.messages.0.content.0.source.file_id" in refused.value.body["error"]["message"]

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from klein import Klein
 
 from gomodel import jsonutil
+from gomodel.anthropic.file_sources import MAX_BATCH, FileSources, file_blocks
 from gomodel.anthropic.translate import ANTHROPIC_ERROR_TYPES, is_anthropic_error, openai_error_to_anthropic
 from gomodel.api.batches import within_budgets
 from gomodel.api.inference import resolve_model
@@ -206,12 +207,14 @@ class MessageBatchesAPI:
         self._runner = runner
         self._registry = registry
         self._gate = gate
+        self._file_sources = FileSources(files, blobs)
         self._splits = OrderedDict()  # ended batch id -> (canceled, expired): it never changes
 
     @app.route("/", methods=["POST"])
     async def create(self, request):
         body = json_body(request)
         principal = request.context.principal
+        await self._with_files(body.get("requests"), principal)
         contents = check_requests(body.get("requests"), self._registry, principal)
         await within_budgets(self._gate, principal)
         tenant = tenant_of(principal)
@@ -241,6 +244,16 @@ class MessageBatchesAPI:
             await self._blobs.delete(file_id)
             raise
         return json_answer(request, await self._object(record))
+
+    async def _with_files(self, requests, principal):
+        """Put in C{requests}' blocks that name an uploaded file its contents, as online (L{FileSources})."""
+        blocks = []
+        for number, item in enumerate(requests if isinstance(requests, list) else ()):
+            params = item.get("params") if isinstance(item, dict) else None
+            if isinstance(params, dict):
+                blocks.extend((f"requests.{number}.params.{where}", block) for where, block in file_blocks(params))
+        if blocks:
+            await self._file_sources.resolve(blocks, principal, MAX_BATCH)
 
     @app.route("/", methods=["GET"])
     async def list_batches(self, request):

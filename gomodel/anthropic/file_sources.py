@@ -17,8 +17,9 @@ from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, shown
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE
 
-# The largest file inlined into a request (Anthropic's own limit on a request is 32 MB).
+# The most bytes of files inlined into a request, and into a message batch (Anthropic's limits on their sizes).
 MAX_INLINE = 32 * 1024 * 1024
+MAX_BATCH = 256 * 1024 * 1024
 # An image's type by its first bytes (Anthropic's four).
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
                 (b"GIF89a", "image/gif"))
@@ -59,33 +60,44 @@ class FileSources:
         self._files = files
         self._blobs = blobs
 
-    async def resolve(self, blocks, principal):
+    async def resolve(self, blocks, principal, limit=MAX_INLINE):
         """Replace the source of each of C{blocks} (L{file_blocks}'s) by the contents of the file it names,
-        which C{principal} may see.
+        which C{principal} may see (a file named twice is read once).
 
-        @raise InvalidRequest: a source names no file of the key's, one too large, or an image that is none.
+        @param limit: the most bytes inlined in all (a request's: L{MAX_INLINE}; a message batch's: L{MAX_BATCH}).
+        @raise InvalidRequest: a source names no file of the key's, files past C{limit}, or an image that is none.
         """
+        read, total = {}, 0
         for where, block in blocks:
             file_id = block["source"].get("file_id")
             if not isinstance(file_id, str) or not file_id:
                 raise InvalidRequest(f"{where}.source.file_id: Field required", param=f"{where}.source.file_id")
-            record = await self._files.get(file_id)
-            # (as gomodel.api.files.client_file sees them: not imported, it would bring Klein to the hot path)
-            if record is None or record["purpose"] == MESSAGE_BATCH_PURPOSE or not visible(principal, record):
-                raise InvalidRequest(f"{where}.source.file_id: no file {shown(file_id)} (upload it with the "
-                                     "Files API first)", param=f"{where}.source.file_id")
-            data = await self._read(record, where)
+            if file_id not in read:
+                read[file_id] = await self._read(file_id, principal, where)
+            record, data = read[file_id]
+            total += len(data)
+            if total > limit:
+                raise InvalidRequest(f"{where}.source: the files named hold more than the {limit} bytes a "
+                                     f"{'batch' if limit == MAX_BATCH else 'request'} may", param=f"{where}.source")
             block["source"] = _source(block["type"], data, record["filename"], where)
 
-    async def _read(self, record, where) -> bytes:
-        if record["bytes"] > MAX_INLINE:
-            raise InvalidRequest(f"{where}.source: file {shown(record['id'])} is larger than the {MAX_INLINE} bytes "
+    async def _read(self, file_id, principal, where):
+        """C{(record, contents)} of file C{file_id} that C{principal} may see.
+
+        @raise InvalidRequest: there is none (or it is past L{MAX_INLINE}).
+        """
+        record = await self._files.get(file_id)
+        # (as gomodel.api.files.client_file sees them: not imported, it would bring Klein to the hot path)
+        if record is None or record["purpose"] == MESSAGE_BATCH_PURPOSE or not visible(principal, record):
+            record = None
+        elif record["bytes"] > MAX_INLINE:
+            raise InvalidRequest(f"{where}.source: file {shown(file_id)} is larger than the {MAX_INLINE} bytes "
                                  "a message may hold", param=f"{where}.source")
-        data = await self._blobs.read(record["id"], 0, record["bytes"])
+        data = await self._blobs.read(file_id, 0, record["bytes"]) if record is not None else None
         if data is None:
-            raise InvalidRequest(f"{where}.source.file_id: no file {shown(record['id'])}",
-                                 param=f"{where}.source.file_id")
-        return data
+            raise InvalidRequest(f"{where}.source.file_id: no file {shown(file_id)} (upload it with the "
+                                 "Files API first)", param=f"{where}.source.file_id")
+        return record, data
 
 
 def _source(kind, data: bytes, filename, where) -> dict:
