@@ -66,3 +66,19 @@ async def test_a_search_result_without_its_fields_is_a_400_naming_them(gw, fake,
         assert refused.value.body["error"]["type"] == "invalid_request_error"
         assert where in refused.value.body["error"]["message"]
     assert len(fake.requests) == sent
+
+
+@pytest.mark.parametrize("status, kind", [(402, "billing_error"), (409, "conflict_error")])
+def test_a_402_and_a_409_get_anthropics_types_for_them(status, kind):
+    """Anthropic's error types include C{billing_error} (402) and C{conflict_error} (409, the SDK's ErrorType):
+    an upstream's error of that status is told with it, and an upstream's own C{conflict_error} is kept; before,
+    both were C{invalid_request_error}."""
+    from gomodel import jsonutil
+    from gomodel.anthropic.translate import openai_error_to_anthropic
+    from gomodel.http.render import ANTHROPIC
+
+    body = jsonutil.dumps({"error": {"message": "No.", "type": "Conflict", "param": None, "code": status}})
+    assert jsonutil.loads(openai_error_to_anthropic(status, body))["error"] == {"type": kind, "message": "No."}
+    own = jsonutil.dumps({"type": "error", "error": {"type": kind, "message": "No."}})
+    assert jsonutil.loads(openai_error_to_anthropic(400, own))["error"]["type"] == kind
+    assert ANTHROPIC.error_type(status) == kind

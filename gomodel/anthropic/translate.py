@@ -921,7 +921,8 @@ def chat_to_events_bytes(body: bytes, model: str) -> bytes:
 
 ANTHROPIC_ERROR_TYPES = frozenset({
     "invalid_request_error", "authentication_error", "billing_error", "permission_error", "not_found_error",
-    "request_too_large", "rate_limit_error", "timeout_error", "api_error", "overloaded_error"})
+    "request_too_large", "rate_limit_error", "timeout_error", "api_error", "overloaded_error",
+    "conflict_error"})
 
 
 # vLLM's error type names (its exceptions', its stream's) -> Anthropic's, where no status says which.
