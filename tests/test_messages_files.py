@@ -185,3 +185,20 @@ async def test_a_message_batch_naming_uploaded_files_sends_their_contents(gw, fa
             "model": f"vllm/{CHAT_MODEL}", "max_tokens": 16, "messages": [{"role": "user", "content": content}]}}])
     assert refused.value.body["error"]["type"] == "invalid_request_error"
     assert "requests.0.params.messages.0.content.0.source.file_id" in refused.value.body["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_list_restricted_to_ids_answers_those_files_only(http, gw, client):
+    """The SDK's C{files.list(ids=[...])} (C{ids[]=...}): those of the files that exist for the key, in the order
+    asked, in one page; before, C{ids} was ignored and every file listed."""
+    made = [await in_thread(client.beta.files.upload, file=(f"{n}.txt", b"x", "text/plain")) for n in range(3)]
+    page = await in_thread(client.beta.files.list, ids=[made[2].id, "file-nope", made[0].id, made[2].id])
+    assert [f.id for f in page.data] == [made[2].id, made[0].id]
+    assert page.next_page is None and page.has_more is False
+    for query in ("&limit=5", "&page=page_" + made[0].id):
+        response = await http.get(f"{gw.url}/v1/files?ids[]={made[0].id}{query}", headers=anthropic_headers())
+        error = json.loads(await treq.content(response))
+        assert response.code == 400 and error["error"]["type"] == "invalid_request_error"
+    many = "&".join(f"ids[]=file-{n}" for n in range(101))
+    response = await http.get(f"{gw.url}/v1/files?{many}", headers=anthropic_headers())
+    assert response.code == 400

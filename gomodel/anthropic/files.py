@@ -21,6 +21,8 @@ UPLOAD_PURPOSE = "user_data"
 EXPIRES_IN = (3600, 90 * 86400)
 # The page size of a list that names none, and the largest (Anthropic's).
 LIST_LIMIT, LIST_LIMIT_MAX = 20, 1000
+# The most files a list restricted to C{ids} names.
+IDS_MAX = 100
 # The opaque cursor of Anthropic's C{next_page}: this prefix and the id of the page's last file.
 PAGE_PREFIX = "page_"
 # Types by extension (not the mimetypes module's: the system's table, and a module the gateway loads only if used).

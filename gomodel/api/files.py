@@ -142,6 +142,9 @@ class FilesAPI:
 
     async def _anthropic_page(self, request):
         """Anthropic's list page: newest first, after C{after_id} (or the C{page} cursor) or before C{before_id}."""
+        ids = request.args.get(b"ids[]") or request.args.get(b"ids")
+        if ids:
+            return anthropic_files.files_page(await self._asked(request, ids), False)
         limit = query_limit(request, anthropic_files.LIST_LIMIT, anthropic_files.LIST_LIMIT_MAX)
         before = query_arg(request, b"before_id")
         after = anthropic_files.page_cursor(query_arg(request, b"after_id"), query_arg(request, b"page"))
@@ -153,6 +156,22 @@ class FilesAPI:
         records, has_more = await self._files.list(after=after, limit=limit, order="desc", tenant=tenant,
                                                   hide=INTERNAL_PURPOSES)
         return anthropic_files.files_page(records, has_more)
+
+    async def _asked(self, request, ids):
+        """The records of the files C{ids} (query values) names that the key may see, in the order asked."""
+        names = list(dict.fromkeys(value.decode("utf-8", "replace") for value in ids))
+        if len(names) > anthropic_files.IDS_MAX:
+            raise InvalidRequest(f"'ids' names at most {anthropic_files.IDS_MAX} files.", param="ids",
+                                 code="invalid_value")
+        if query_arg(request, b"limit") is not None or query_arg(request, b"page") is not None:
+            raise InvalidRequest("'ids' cannot be combined with 'limit' or 'page'.", param="ids", code="invalid_value")
+        records = []
+        for file_id in names:
+            record = await self._files.get(file_id)
+            if record is not None and record["purpose"] not in INTERNAL_PURPOSES and visible(
+                    request.context.principal, record):
+                records.append(record)
+        return records
 
     @app.route("/<file_id>", methods=["GET"])
     async def retrieve(self, request, file_id):
