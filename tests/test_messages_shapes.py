@@ -82,3 +82,22 @@ def test_a_402_and_a_409_get_anthropics_types_for_them(status, kind):
     own = jsonutil.dumps({"type": "error", "error": {"type": kind, "message": "No."}})
     assert jsonutil.loads(openai_error_to_anthropic(400, own))["error"]["type"] == kind
     assert ANTHROPIC.error_type(status) == kind
+
+
+@pytest_twisted.ensureDeferred
+async def test_mcp_servers_are_refused_where_translated_as_server_tools_are(gw, fake, client):
+    """Anthropic's MCP connector (C{mcp_servers}: Anthropic's servers call the MCP server's tools) is a server-side
+    tool that no chat upstream has: translated, a request with one is a 400 naming it, as a server tool's is; before,
+    it was dropped, and the model answered without the tools asked for. An empty list is no connector."""
+    if not gw.model.startswith("openai/"):
+        pytest.skip("natively, vLLM's own Messages API answers it")
+    servers = [{"type": "url", "url": "https://mcp.example/sse", "name": "example"}]
+    sent = len(fake.requests)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
+            {"role": "user", "content": "hi"}], extra_body={"mcp_servers": servers})
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert refused.value.body["error"]["message"].startswith("mcp_servers: ")
+    assert len(fake.requests) == sent
+    await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
+        {"role": "user", "content": "hi"}], extra_body={"mcp_servers": []})

@@ -63,8 +63,8 @@ def messages_to_chat(body: dict) -> dict:
 
     @raise InvalidRequest: C{body} is not a valid Messages request (no
         C{messages} list, no C{max_tokens}, an unknown block type...), or
-        asks for what no chat-completions upstream can do (server tools, PDF
-        documents).
+        asks for what no chat-completions upstream can do (server tools, the MCP
+        connector, PDF documents).
     """
     _require_object(body)
     max_tokens = checked_max_tokens(body)
@@ -84,6 +84,9 @@ def messages_to_chat(body: dict) -> dict:
     tools = _tools(_resolved_tools(body))
     if tools:
         chat["tools"] = tools
+    if body.get("mcp_servers"):  # (Anthropic's servers call an MCP server's tools: a server tool)
+        raise InvalidRequest(f"mcp_servers: the MCP connector is one of the {_SERVER_TOOL_HINT}; connect the MCP "
+                             "server in the client and send its tools as tools", param="mcp_servers")
     if body.get("tool_choice") is not None:
         fields = _tool_choice(body["tool_choice"])
         if tools or fields["tool_choice"] not in ("auto", "none"):  # chat upstreams refuse it without tools
