@@ -414,3 +414,23 @@ def test_a_new_sessions_target_is_the_same_in_every_process_and_follows_the_weig
     # a session keeps its target; one whose target cannot serve goes to another
     assert one.order(lambda s: s, lambda r: 2, lambda: sessions[0])[0] == firsts[0]
     assert one.order(lambda s: s, lambda r: 2 if r != firsts[0] else 0, lambda: sessions[0])[0] != firsts[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failover_rules_primary_out_of_quota_is_passed_over_for_its_candidate(reactor, http):
+    """A rule's model whose provider's quota is spent: its candidate answers, and the next requests go there first.
+    Before, every request was sent to the spent provider first (a 429 each time), then to the candidate."""
+    vllm = await FakeReplica(reactor, name="a").start()
+    upstream = await FakeOpenAI(reactor, "quota").start()
+    rules = {f"openai/{GPT}": [f"vllm/{CHAT_MODEL}"]}
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "OPENAI_API_KEY": "sk-gateway-key-0123",
+                                       "OPENAI_BASE_URL": upstream.base_url, "OPENAI_MODELS": GPT,
+                                       "FAILOVER_RULES_JSON": json.dumps(rules)})
+    try:
+        for _ in range(3):
+            response, body = await _chat(http, gw, f"openai/{GPT}")
+            assert response.code == 200, body
+            assert body["model"] == CHAT_MODEL
+        assert len(upstream.chats) == 1 and len(vllm.inference_requests) == 3
+    finally:
+        await stop_all(gw, vllm, upstream)

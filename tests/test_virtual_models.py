@@ -355,3 +355,45 @@ def test_a_target_or_candidate_naming_no_configured_provider_fails_the_start(tmp
     with pytest.raises(ConfigError) as raised:
         load_config(env, str(path))
     assert str(raised.value).startswith(f"{path}: failover_rules.llama[0] 'vlm-a/{UPSTREAM}' names no configured")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failover_rules_primary_waiting_out_a_retry_after_is_tried_after_its_candidates(reactor, http):
+    """A rule's model whose only replica asked to wait (Retry-After) is passed over for a candidate that can take
+    the request, as a virtual model's target is; with none that can, it is still tried. Before, every request was
+    sent to it first, refused, then sent on: an attempt wasted each time."""
+    rules = {f"vllm-a/{UPSTREAM}": [f"vllm-b/{UPSTREAM}"]}
+    a, b, gw = await _two(reactor, FAILOVER_RULES_JSON=json.dumps(rules))
+    try:
+        a.fail_status, a.fail_headers = 429, {"Retry-After": "30"}
+        for _ in range(6):
+            response, body = await _chat(http, gw, f"vllm-a/{UPSTREAM}")
+            assert response.code == 200, body
+        assert (len(a.inference_requests), len(b.inference_requests)) == (1, 6)
+        b.fail_status, b.fail_headers = 429, {"Retry-After": "30"}  # the candidate too: nothing else can serve
+        response, body = await _chat(http, gw, f"vllm-a/{UPSTREAM}")
+        assert response.code == 429, body
+        assert (len(a.inference_requests), len(b.inference_requests)) == (2, 7)
+    finally:
+        await stop_all(gw, a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keys_failover_rule_passing_over_its_primary_keeps_to_what_the_key_may_use(reactor, http):
+    """A key that may use only the rule's model: its candidate is still no way in, though the primary is passed
+    over (it is the one tried, and its refusal the answer)."""
+    rules = {f"vllm-a/{UPSTREAM}": [f"vllm-b/{UPSTREAM}"]}
+    a, b, gw = await _two(reactor, FAILOVER_RULES_JSON=json.dumps(rules), GOMODEL_MASTER_KEY="master-k")
+    try:
+        response = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "a", "models": ["vllm-a/"]}).encode(),
+                                   headers={"authorization": "Bearer master-k", "content-type": "application/json"})
+        auth = {"authorization": "Bearer " + json.loads(await response.content())["value"]}
+        a.fail_status, a.fail_headers = 429, {"Retry-After": "30"}
+        for _ in range(2):
+            response, body = await _chat(http, gw, f"vllm-a/{UPSTREAM}", auth)
+            assert response.code == 429, body
+        assert (len(a.inference_requests), len(b.inference_requests)) == (2, 0)
+        response, body = await _chat(http, gw, f"vllm-a/{UPSTREAM}", {"authorization": "Bearer master-k"})
+        assert response.code == 200 and (len(a.inference_requests), len(b.inference_requests)) == (2, 1)
+    finally:
+        await stop_all(gw, a, b)

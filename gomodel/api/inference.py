@@ -18,6 +18,7 @@ from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY,
 from gomodel.proxy.exchange import UpstreamCall, UsageTap
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
+from gomodel.routing.registry import ready_first
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.upstream.errors import without_address
 
@@ -409,7 +410,8 @@ def answerer_hidden(registry, ctx, text) -> str:
 def plan_model(registry, body, affinity_of=None, principal=None):
     """The routes to try for C{body["model"]}, first choice first (see L{gomodel.routing.registry.ModelRegistry.plan}),
     those C{principal} may not use (by the name sent, the qualified id or the id at the provider, as
-    C{/v1/models} lists them) left out.
+    C{/v1/models} lists them) left out; a first choice that is passed over put after the others that are not
+    (L{gomodel.routing.registry.ready_first}: a failover rule's model out of quota, say).
 
     @raise InvalidRequest: no model named (or not a string).
     @raise gomodel.errors.ModelNotFound: nobody serves it.
@@ -428,7 +430,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
                 routes.append(route)
     else:
         if principal is None or principal.models is None:
-            return routes
+            return routes if len(routes) == 1 else ready_first(routes)
         if _as_sent(principal, name, routes[0]):
             if len(routes) == 1:
                 return routes
@@ -439,7 +441,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
             for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
                 if route in own or may_route(principal, route):
                     kept.append(route)
-            return kept
+            return kept if len(kept) == 1 else ready_first(kept)
         first = _allowed_target(registry, name, principal)
     allowed = []
     for route in routes:  # (a loop: a comprehension would make principal a closure cell on every call)
@@ -447,7 +449,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
             allowed.append(route)
     if first not in allowed:  # (a provider type's model at another instance of that type)
         allowed.insert(0, first)
-    return allowed
+    return allowed if len(allowed) == 1 else ready_first(allowed)
 
 
 def resolve_model(registry, body, principal=None):

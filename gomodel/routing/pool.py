@@ -629,6 +629,13 @@ class ReplicaPool:
             return 1
         return 1 if self._resting and not self._awake(self._with_room(candidates)) else 2
 
+    def passed_over(self, model) -> bool:
+        """Whether no ready replica that serves C{model} would be chosen where another target can take a request:
+        none is ready, or each is waiting out a C{Retry-After} (a spent quota's too) or passed over after a failed
+        check or failed requests (L{Replica.doubted})."""
+        candidates = self._candidates(model, ())
+        return not candidates or self._resting and not self._awake(candidates)
+
     def has_alternative(self, model, exclude) -> bool:
         """Whether another ready replica than those in C{exclude} serves C{model}."""
         return bool(self._candidates(model, exclude))

@@ -284,6 +284,20 @@ class ModelRegistry:
         return [Route(pool, model_id) for pool in self._pools if model_id in (self.inventory(pool) or ())]
 
 
+def ready_first(routes) -> list:
+    """C{routes} (L{ModelRegistry.plan}'s, at least two) with a first that is passed over
+    (L{gomodel.routing.pool.ReplicaPool.passed_over}: waiting out a C{Retry-After}, out of quota, its requests
+    failing, none ready) put after those that are not, as a virtual model's targets are: still tried where nothing
+    else can serve; else C{routes} itself."""
+    first = routes[0]
+    if not first.provider.passed_over(first.upstream_model):
+        return routes
+    ready = [route for route in routes[1:] if not route.provider.passed_over(route.upstream_model)]
+    if not ready:
+        return routes
+    return ready + [route for route in routes if route not in ready]
+
+
 def _by_weight(targets) -> list:
     """The selectors of a virtual model's C{targets} (C{(selector, weight)} pairs), heaviest first."""
     return [selector for selector, _ in sorted(targets, key=lambda target: -target[1])]
