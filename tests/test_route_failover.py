@@ -7,6 +7,7 @@ import json
 import openai
 import pytest_twisted
 import treq
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -14,7 +15,7 @@ from twisted.web.resource import Resource
 from gomodel import jsonutil
 from tests.fakes.fleet import FakeReplica
 from tests.fakes.vllm import CHAT_MODEL
-from tests.support import in_thread, start_gateway, stop_all
+from tests.support import in_thread, start_gateway, stop_all, until, with_timeout
 
 GPT = "gpt-4o-mini"
 QUOTA = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
@@ -434,3 +435,44 @@ async def test_a_failover_rules_primary_out_of_quota_is_passed_over_for_its_cand
         assert len(upstream.chats) == 1 and len(vllm.inference_requests) == 3
     finally:
         await stop_all(gw, vllm, upstream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_openai_compatible_replica_is_passed_over_once_its_requests_wait_past_the_stall_timeout(
+        reactor, http):
+    """A replica of an OpenAI-compatible provider (no vLLM /metrics to show its progress) whose requests have all
+    waited past C{REPLICA_STALL_TIMEOUT} for a head, none answered meanwhile, while its model list still answers:
+    new requests go to the other replica; once it answers again (nothing left waiting there), it takes its share
+    again. Before, it took every other request, each waiting out C{HTTP_RESPONSE_HEADER_TIMEOUT} (10 minutes)."""
+    hung, good = await FakeOpenAI(reactor, "hang").start(), await FakeOpenAI(reactor).start()
+    gw = await start_gateway(reactor, {"OPENAI_API_KEY": "sk-gateway-key-0123", "OPENAI_MODELS": GPT,
+                                       "OPENAI_BASE_URL": f"{hung.base_url},{good.base_url}",
+                                       "REPLICA_HEALTH_INTERVAL": "0.2", "REPLICA_STALL_TIMEOUT": "1",
+                                       "ROUTING_STRATEGY": "round_robin", "HTTP_RESPONSE_HEADER_TIMEOUT": "60s"})
+    waiting = []
+    try:
+        pool = gw.registry.providers[0]
+        while not hung.chats:  # (one request held by the hung replica)
+            waiting.append(Deferred.fromCoroutine(_chat(http, gw, f"openai/{GPT}")))
+            await until(reactor, lambda: len(hung.chats) + len(good.chats) == len(waiting))
+        await until(reactor, lambda: pool.replicas[0].unanswered, what="the hung replica passed over")
+        response = await http.get(gw.url + "/admin/api/v1/providers/status")
+        replicas = jsonutil.loads(await treq.content(response))["providers"][0]["replicas"]
+        assert [(r["state"], r["unanswered"]) for r in replicas] == [("ready", True), ("ready", False)]
+        assert "none answered" in replicas[0]["last_error"]  # (it still takes what no other replica can)
+        before = len(good.chats)
+        for _ in range(4):
+            response, body = await with_timeout(reactor, Deferred.fromCoroutine(_chat(http, gw, f"openai/{GPT}")), 5)
+            assert response.code == 200, body
+        assert len(hung.chats) == 1 and len(good.chats) == before + 4
+        hung.mode = "ok"
+        hung.hung.pop().transport.abortConnection()  # (its waiting request goes on to the other replica)
+        await until(reactor, lambda: not pool.replicas[0].unanswered, what="the replica taken back")
+        for _ in range(4):
+            response, body = await _chat(http, gw, f"openai/{GPT}")
+            assert response.code == 200, body
+        assert len(hung.chats) >= 2
+    finally:
+        await stop_all(gw, hung, good)
+        for d in waiting:
+            d.addErrback(lambda _: None)

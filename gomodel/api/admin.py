@@ -249,7 +249,7 @@ def _replica(replica, now, max_age) -> dict:
         "consecutive_failures": replica.failures, "last_error": replica.last_error,
         "last_state_change": replica.changed_at, "held_until": replica.held_until, "trial": replica.trial,
         "busy_until": replica.busy_until if replica.busy_until is not None and replica.busy_until > now else None,
-        "check_failed": replica.doubted,
+        "check_failed": replica.doubted, "unanswered": replica.unanswered,
     }
 
 

@@ -21,6 +21,15 @@ For each replica of each provider, on the injected clock:
     generation-token counter does not move for C{stall_timeout} is
     C{stalled} (C{/health} stays 200 on a hung engine) until it moves again;
     back from down, its progress is watched afresh.
+  - B{answers}: a ready replica whose progress no C{/metrics} shows (an
+    OpenAI-compatible engine other than vLLM: SGLang, llama.cpp, TGI; or
+    scrapes off) is C{unanswered} while every request it holds has waited
+    past C{stall_timeout} for its answer's head and none of its answers ended
+    meanwhile (a hung engine whose model list still answers): passed over
+    where another replica or target can take a request, as a doubted one is,
+    until that is no longer so (looked at with each health check). Its waiting
+    requests are not ended: a long answer that is not streamed looks the same
+    until it comes.
 """
 
 from twisted.application.service import Service
@@ -39,7 +48,7 @@ class _Watch:
     """What the monitor keeps per replica."""
 
     __slots__ = ("pool", "replica", "discovery", "in_discovery", "backoff", "healthy", "probed", "discovered_once",
-                 "loops", "tokens", "progress_at", "pending", "scrape_failing")
+                 "loops", "tokens", "progress_at", "pending", "scrape_failing", "awaiting")
 
     def __init__(self, pool, replica):
         self.pool = pool
@@ -55,6 +64,7 @@ class _Watch:
         self.progress_at = None
         self.pending = set()  # probes and scrapes under way, cancelled when the monitor stops
         self.scrape_failing = False  # its metrics scrapes fail (logged once, until one answers again)
+        self.awaiting = {}  # its sends waiting for a head -> when a health check first saw them (L{_check_answers})
 
 
 def _pending(watch, d):
@@ -197,6 +207,8 @@ class ReplicaMonitor(Service):
     # -- health ------------------------------------------------------------------------
 
     def _probe(self, watch):
+        if self._stall_timeout:
+            self._check_answers(watch)
         d = watch.replica.server.health()
         d.addCallbacks(self._healthy, self._unhealthy, callbackArgs=(watch,), errbackArgs=(watch,))
         return _pending(watch, d)
@@ -229,6 +241,28 @@ class ReplicaMonitor(Service):
         self._checked(watch)
         self._registry.replicas_changed()
         return None
+
+    def _check_answers(self, watch):
+        """Whether a replica whose progress no C{/metrics} shows is L{gomodel.routing.pool.Replica.unanswered}:
+        each request it holds waiting for a head (none past its head) seen waiting C{stall_timeout} ago or more,
+        and none of its answers ended since then."""
+        replica = watch.replica
+        awaiting = getattr(replica.server, "awaiting", None)
+        if (not awaiting or watch.tokens is not None or replica.state != READY
+                or replica.in_flight > len(awaiting)):  # (one holds an answer coming: it answers)
+            watch.awaiting = {}
+            replica.answering(True)
+            return
+        now = self._clock.seconds()
+        seen = watch.awaiting
+        watch.awaiting = seen = {d: seen.get(d, now) for d in awaiting}
+        newest = max(seen.values())
+        ended = replica.timed_at
+        if now - newest >= self._stall_timeout and (ended is None or ended <= newest):
+            replica.answering(False, f"{len(seen)} requests waited {now - newest:.0f}s or more for an answer, "
+                                     f"none answered meanwhile")
+        else:
+            replica.answering(True)
 
     # -- load and progress -----------------------------------------------------------------
 

@@ -136,6 +136,9 @@ class Replica:
         failures reached the threshold while it is its pool's last ready replica (which requests alone never take
         down): its pool passes it over while another replica (or a virtual model's other target) can start the
         request, until a probe passes.
+    @ivar unanswered: every request it holds has waited past its monitor's stall timeout for an answer's head, none
+        answered meanwhile (a hung engine whose model list still answers, where no C{/metrics} shows its progress:
+        L{gomodel.routing.health.ReplicaMonitor}): passed over as a L{doubted} one is, until that is no longer so.
     """
 
     def __init__(self, index, server, base_url, clock, *, weight=1.0, max_concurrency=0, failure_threshold=3):
@@ -153,6 +156,7 @@ class Replica:
         self.trial = False
         self.busy_until = None
         self.doubted = False
+        self.unanswered = False
         self.passed_at = None  # when it was last readmitted in full (a trial passed, or no hold)
         self.requests_failing = False  # its last failure was a request's (L{probe_passed})
         self.state = LOADING
@@ -323,6 +327,16 @@ class Replica:
             self.set_state(DOWN, why)
         elif probe and self.state == READY:
             self._doubt()
+
+    def answering(self, answering, why=None):
+        """Whether it answers its requests (L{unanswered}: C{why} not), as its monitor saw."""
+        if self.unanswered == (not answering):
+            return
+        self.unanswered = not answering
+        if why is not None:
+            self.last_error = why
+        if self.on_doubt is not None:
+            self.on_doubt(self)
 
     def _doubt(self):
         """It is L{doubted} (a ready one): passed over while another replica or target can start a request."""
@@ -686,7 +700,7 @@ class ReplicaPool:
             if until is not None and now >= until:
                 r.busy_until = until = None
                 over = True
-            if until is None and not r.doubted:
+            if until is None and not r.doubted and not r.unanswered:
                 awake.append(r)
         if over:
             self._rested()
@@ -694,11 +708,15 @@ class ReplicaPool:
 
     def _rested(self):
         """Work out again whether a replica may be passed over (L{_awake})."""
-        self._resting = any(r.busy_until is not None or r.doubted for r in self.replicas)
+        self._resting = any(r.busy_until is not None or r.doubted or r.unanswered for r in self.replicas)
 
     def _doubt(self, replica):
         """A replica's probe failed, or passed again (L{Replica.doubted})."""
         self._rested()
+        if replica.unanswered:
+            self.log.warn("provider {provider} replica {index}: {why}; passed over where another replica or target "
+                          "can take its requests, until it answers", provider=self.name, index=replica.index,
+                          why=replica.last_error)
         if replica.doubted:
             self.log.info("provider {provider} replica {index}: {what} ({why}); passed over until a check passes "
                           "where another replica or target can take its requests", provider=self.name,

@@ -121,6 +121,11 @@ class OpenAICompatibleProvider:
             except Exception as e:
                 raise self._unreachable(e) from None
 
+    @property
+    def awaiting(self):
+        """The sends waiting for their answer's head now (a set not to be changed)."""
+        return self._awaiting
+
     def abandon(self, why="went down"):
         """See L{IUpstream.abandon}."""
         awaiting, self._awaiting = self._awaiting, set()

@@ -113,7 +113,8 @@ function provider(p, modelsOpen) {
       {title: "Replica", cell: (r) => h("code", {class: "wrap", text: r.base_url})},
       {title: "State", cell: (r) => r.trial ? h("span", {}, badge(r.state), " on trial")
         : r.held_until ? h("span", {}, badge(r.state), " held out until ", when(r.held_until))
-        : r.check_failed ? h("span", {}, badge(r.state), " passed over: a check failed") : badge(r.state),
+        : r.check_failed ? h("span", {}, badge(r.state), " passed over: a check failed")
+        : r.unanswered ? h("span", {}, badge(r.state), " passed over: its requests wait unanswered") : badge(r.state),
         class: "replica-state"},
       {title: "In flight", cell: (r) => r.max_concurrency ? `${int(r.in_flight)} / ${int(r.max_concurrency)}`
         : int(r.in_flight)},
