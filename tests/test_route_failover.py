@@ -417,6 +417,27 @@ def test_a_new_sessions_target_is_the_same_in_every_process_and_follows_the_weig
     assert one.order(lambda s: s, lambda r: 2 if r != firsts[0] else 0, lambda: sessions[0])[0] != firsts[0]
 
 
+def test_a_sessions_target_after_a_failover_is_the_same_in_every_process():
+    """A session whose target could not serve one request in one process (full, passed over, down) went on to
+    another target there, and that process kept it there (a pin of its own) while the others, which never saw
+    that, kept it on its first: its requests went to both targets as they reached different processes. Now a
+    session's target follows its key's rendezvous order over the targets that can serve: no process keeps pins,
+    each chooses alike, and the session comes back to its first target once that can serve again."""
+    from gomodel.config.virtual import VirtualModel as VirtualModelConfig
+    from gomodel.routing.virtual import VirtualModel
+
+    config = VirtualModelConfig("llama", (("a", 1.0), ("b", 1.0), ("c", 1.0)), session_affinity=True)
+    one, other = VirtualModel(config), VirtualModel(config)
+    for i in range(50):
+        key = f"s:{i}"
+        home = one.order(lambda s: s, lambda r: 2, lambda: key)[0]
+        away = one.order(lambda s: s, lambda r: 2 if r != home else 1, lambda: key)[0]  # (its target full a while)
+        assert away != home
+        assert other.order(lambda s: s, lambda r: 2 if r != home else 1, lambda: key)[0] == away  # alike there
+        for process in (one, other):  # its target can serve again: back there, in every process
+            assert process.order(lambda s: s, lambda r: 2, lambda: key)[0] == home
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_failover_rules_primary_out_of_quota_is_passed_over_for_its_candidate(reactor, http):
     """A rule's model whose provider's quota is spent: its candidate answers, and the next requests go there first.

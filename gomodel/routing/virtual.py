@@ -4,19 +4,17 @@ A virtual model's targets are model selectors, each resolved like any
 request's model. For each request the targets are put in order: the one
 chosen by smooth weighted round robin among the targets that have a ready
 replica with room for it (those with a ready replica when all are full; with
-C{session_affinity}, the session's target while it is one of them, and for a
-session new here, one drawn by its key: the same in every gateway process), then the
+C{session_affinity}, the first of them in its key's rendezvous order: the same in
+every gateway process, with no pin kept, so a session that had to leave its target
+comes back to it, in every process, once it can serve again), then the
 others by weight; then the model's failover candidates. The
 exchange tries them in that order, before the first byte only.
 """
 
-from collections import OrderedDict
 from hashlib import blake2b
 from math import inf, log
 
 from gomodel.errors import ModelNotFound
-
-SESSIONS = 10000  # session -> target pins remembered per virtual model
 
 
 class VirtualModel:
@@ -27,7 +25,6 @@ class VirtualModel:
         self.targets = config.targets  # ((selector, weight), ...)
         self.session_affinity = config.session_affinity
         self._current = [0.0] * len(self.targets)
-        self._sessions = OrderedDict()
 
     def order(self, resolve, live, affinity_of=None):
         """The resolved targets in the order to try them.
@@ -55,24 +52,15 @@ class VirtualModel:
             if standing == best:
                 available.append(route)
         available = available or routes
-        first = None
-        if affinity is not None:
-            pinned = self._sessions.get(affinity)
-            first = next((r for r in available if r[0] == pinned), None)
-        if first is None:
-            first = self._next(available) if affinity is None else self._drawn(available, affinity)
-        if affinity is not None:
-            self._sessions[affinity] = first[0]
-            self._sessions.move_to_end(affinity)
-            if len(self._sessions) > SESSIONS:
-                self._sessions.popitem(last=False)
+        first = self._next(available) if affinity is None else self._drawn(available, affinity)
         rest = sorted((r for r in routes if r is not first), key=lambda r: -r[2])
         return [first[1]] + [r[1] for r in rest]
 
     def _drawn(self, candidates, affinity):
-        """The target of a session (C{affinity}, its key) it has no pin to: weighted rendezvous hashing of its key
-        with each candidate's selector, the same in every gateway process (each keeps its own rotation and
-        pins), each target drawn by as many sessions as its weight says."""
+        """The target of a session (C{affinity}, its key): weighted rendezvous hashing of its key with each
+        candidate's selector, the same in every gateway process (each keeps only its own rotation, for requests
+        without a session), each target drawn by as many sessions as its weight says; one leaving the candidates
+        moves only its own sessions, each to its next in their order."""
         best, lowest = None, inf
         for candidate in candidates:
             digest = blake2b(f"{affinity}\0{self.targets[candidate[0]][0]}".encode("utf-8", "surrogatepass"),
