@@ -354,3 +354,33 @@ async def test_the_master_keys_passthrough_follow_up_of_a_response_the_gateway_n
         assert looked == []
     finally:
         responses.get = get
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_tenants_background_response_of_the_same_id_never_updates_the_stored_one(http, keyed):
+    """A background response whose id an upstream already gave another tenant's stored response: its end (the
+    final response object its stream carries) does not replace that tenant's stored response (before: the
+    insert was refused, but the update at its end went by id alone, so the first tenant's retrieve and its
+    next turn read the other tenant's answer)."""
+    gw, vllm = keyed
+    vllm.steer = {"request_id": "resp_same"}
+    alpha, beta = await new_key(http, gw, user_path="/team/alpha"), await new_key(http, gw)
+    clients = {name: openai_client(gw, key["value"]) for name, key in (("alpha", alpha), ("beta", beta))}
+    store = gw.service.store.responses
+    try:
+        await in_thread(clients["alpha"].responses.create, model=MODEL, input="alpha's plans",
+                        extra_body={"fake_text": "alpha"})
+
+        def streamed():
+            with clients["beta"].responses.create(model=MODEL, input="beta's words", stream=True, background=True,
+                                                  extra_body={"fake_text": "beta"}) as stream:
+                return [event.type for event in stream]
+
+        assert (await in_thread(streamed))[-1] == "response.completed"
+        kept = await store.get("resp_same")  # (read after the update at its stream's end, in the store's order)
+        assert "alpha" in kept["tenant"], kept["tenant"]
+        assert "beta" not in json.dumps(kept["response"]), kept["response"]
+        assert (await in_thread(clients["alpha"].responses.retrieve, "resp_same")).output_text == "alpha" * 3
+    finally:
+        for client in clients.values():
+            client.close()

@@ -78,12 +78,16 @@ async def test_the_turns_a_response_follows_are_read_at_once_nearest_first_up_to
 async def test_an_update_replaces_a_stored_response_and_never_stores_a_deleted_one_again(store):
     responses = store.responses
     await responses.put(record(tenant="key:a", replica=1))
-    assert await responses.update("resp_1", "completed", {"id": "resp_1", "status": "completed", "t": "é"}) is True
+    assert await responses.update("resp_1", "completed", {"id": "resp_1", "status": "completed", "t": "é"},
+                                  "key:a") is True
+    # (another tenant's response of that id, or one of none, never replaces it)
+    assert await responses.update("resp_1", "failed", {"id": "resp_1", "status": "failed"}, "key:b") is False
+    assert await responses.update("resp_1", "failed", {"id": "resp_1", "status": "failed"}) is False
     updated = await responses.get("resp_1")
     assert (updated["status"], updated["response"], updated["tenant"], updated["replica"]) == (
         "completed", {"id": "resp_1", "status": "completed", "t": "é"}, "key:a", 1)
     assert await responses.delete("resp_1") is True
-    assert await responses.update("resp_1", "completed", {"id": "resp_1", "status": "completed"}) is False
+    assert await responses.update("resp_1", "completed", {"id": "resp_1", "status": "completed"}, "key:a") is False
     assert await responses.get("resp_1") is None
 
 

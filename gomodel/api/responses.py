@@ -458,10 +458,11 @@ class ResponsesRoute:
 
     def _update(self, record, response) -> Deferred:
         """Store C{response} as C{record}'s, when it is its and C{record} is stored still (one deleted meanwhile,
-        here or by another process, is not stored again); a Deferred firing once done."""
+        here or by another process, is not stored again), its tenant's (another tenant's of that id is left as it
+        is); a Deferred firing once done."""
         if not isinstance(response, dict) or response.get("id") != record["id"]:
             return succeed(None)
-        return self._store.update(record["id"], response.get("status"), response).addErrback(
+        return self._store.update(record["id"], response.get("status"), response, record.get("tenant")).addErrback(
             self._not_updated, record["id"])
 
     def _not_updated(self, failure, response_id):

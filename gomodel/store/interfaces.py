@@ -296,9 +296,10 @@ class IResponseStore(Interface):
         bytes (stored as it is).
         """
 
-    def update(response_id, status, response):
-        """Replace the C{status} and C{response} (a dict) of a stored response; nothing for one not stored (deleted
-        meanwhile, by any process: it is not stored again).
+    def update(response_id, status, response, tenant=None):
+        """Replace the C{status} and C{response} (a dict) of a stored response of C{tenant} (None: of none); nothing
+        for one not stored (deleted meanwhile, by any process: it is not stored again), nor for another tenant's
+        of that id (an upstream answering one id to two tenants: the other's write was refused too).
 
         @return: a Deferred firing with True once replaced, or False when there was no such response.
         """

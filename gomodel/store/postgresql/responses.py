@@ -30,7 +30,7 @@ from gomodel.store.postgresql.database import in_batches
 
 MISS_GRACE = (0.02, 0.05, 0.1, 0.2)  # waits before a missing response is looked up again
 _PUT = response_upsert("%s")
-_UPDATE = "UPDATE responses SET status = %s, response = %s WHERE id = %s"
+_UPDATE = "UPDATE responses SET status = %s, response = %s WHERE id = %s AND tenant IS NOT DISTINCT FROM %s"
 _FOLLOWS_DELETED = follows_deleted_query("%s")
 _CHAIN = chain_query("%s")
 
@@ -155,9 +155,9 @@ class PostgreSQLResponseStore:
     def _chain(conn, response_id):
         return [_decoded(record) for record in conn.cursor(row_factory=dict_row).execute(_CHAIN, (response_id,))]
 
-    def update(self, response_id, status, response):
+    def update(self, response_id, status, response, tenant=None):
         text = jsonutil.dumps(response).decode("utf-8")
-        return self._after_keeps(lambda conn: conn.execute(_UPDATE, (status, text, response_id)).rowcount > 0)
+        return self._after_keeps(lambda conn: conn.execute(_UPDATE, (status, text, response_id, tenant)).rowcount > 0)
 
     def delete(self, response_id):
         return self._after_keeps(self._delete, response_id, int(self._clock.seconds()))

@@ -129,13 +129,14 @@ class SQLiteResponseStore:
     def _chain(self, response_id):
         return [_record(row) for row in self._db.conn().execute(_CHAIN, (response_id,)).fetchall()]
 
-    def update(self, response_id, status, response):
-        return self._after_writes(self._update, response_id, status, jsonutil.dumps(response).decode("utf-8"))
+    def update(self, response_id, status, response, tenant=None):
+        return self._after_writes(self._update, response_id, status, jsonutil.dumps(response).decode("utf-8"),
+                                  tenant)
 
-    def _update(self, response_id, status, text):
+    def _update(self, response_id, status, text, tenant):
         with self._db.transaction() as conn:
-            return conn.execute("UPDATE responses SET status = ?, response = ? WHERE id = ?",
-                                (status, text, response_id)).rowcount > 0
+            return conn.execute("UPDATE responses SET status = ?, response = ? WHERE id = ? AND tenant IS ?",
+                                (status, text, response_id, tenant)).rowcount > 0
 
     def delete(self, response_id):
         return self._after_writes(self._delete, response_id, int(self._clock.seconds()))
