@@ -384,3 +384,27 @@ async def test_another_tenants_background_response_of_the_same_id_never_updates_
     finally:
         for client in clients.values():
             client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_lines_item_reference_goes_to_the_instance_holding_the_conversation_as_the_item_it_names(keyed):
+    """A C{/v1/responses} batch line continuing a conversation its instance still holds sends each
+    C{item_reference} naming an item of that conversation as the item, as an online follow-up does (vLLM does not
+    resolve it); before, it went as it came."""
+    from tests.test_keys import batch_of
+
+    gw, vllm = keyed
+    client = openai_client(gw, MASTER)
+    try:
+        first = await in_thread(client.responses.create, model=MODEL,
+                                input=[{"role": "user", "content": "my name is Ada", "id": "msg_ada"}])
+        done = await batch_of(gw, client, "/v1/responses", [
+            {"model": MODEL, "previous_response_id": first.id,
+             "input": [{"type": "item_reference", "id": "msg_ada"}, {"role": "user", "content": "who am I?"}]}])
+        assert (done.status, done.request_counts.completed) == ("completed", 1)
+        sent = asked(vllm)[-1].body
+        assert sent["previous_response_id"] == first.id  # (its instance holds the conversation)
+        assert sent["input"] == [{"role": "user", "content": "my name is Ada"},
+                                 {"role": "user", "content": "who am I?"}], sent["input"]
+    finally:
+        client.close()

@@ -72,7 +72,7 @@ from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.responses_history import (continued, error_hidden, names_previous, no_chosen_id, normalise_input, relink,
-                                      unknown_previous, with_history)
+                                      unknown_previous, with_history, with_references)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.upstream.errors import out_of_quota, upstream_error
@@ -523,6 +523,8 @@ class BatchRunner(Service):
                     answer = partial(_relinked, payload["previous_response_id"])
                 elif previous is not None:  # to that instance and replica, as online (where the key may use it)
                     route = held(self._registry, route, previous, job.principal)
+                    # (its item_references as the items of the conversation they name: vLLM does not resolve them)
+                    sending = await with_references(self._responses, payload, previous)
                     prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
                     # (an instance that no longer holds it, restarted: sent the conversation explicitly, as online)
                     again = partial(self._explicitly, payload, previous, route, job.principal)
