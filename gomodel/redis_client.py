@@ -24,9 +24,11 @@ def connect(url, timeout=1.0):
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    # (retry_on_error too: redis-py 5 resends only the errors it names, whatever the Retry supports)
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                 health_check_interval=30,
-                                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ReadOnlyError,)))
+                                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ReadOnlyError,)),
+                                retry_on_error=[redis.ReadOnlyError])
 
 
 def check(url):

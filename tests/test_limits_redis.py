@@ -723,3 +723,40 @@ async def test_after_a_failover_the_counters_reach_the_new_primary(reactor, tmp_
         old.stop()
         if new is not None:
             new.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_first_command_refused_readonly_after_a_failover_is_sent_again_not_answered_open(reactor, tmp_path):
+    """A command its connection's server refused READONLY (demoted by a failover) is sent once more on a new
+    connection, which reaches the new primary: the request is counted there, not admitted open (before, with
+    redis-py 5, whose client resends only the errors named in C{retry_on_error}, it failed: limits open and Redis
+    taken for down for C{retry_after})."""
+    import os
+
+    from tests.redis_server import RedisServer
+
+    old = RedisServer(tmp_path)
+    counters = RedisCounters(connect(old.url, timeout=0.5), "x:", reactor, retry_after=60)
+    counters.start()
+    new = None
+    try:
+        await counters.release(await counters.acquire("key:k|c", 1))  # (its one connection: to the old primary)
+        demoted = redis.Redis(unix_socket_path=old.url[len("unix://"):])
+        demoted.replicaof(HOST, free_port())
+        demoted.close()
+        os.unlink(old.url[len("unix://"):])
+        new = RedisServer(tmp_path)
+        promoted = redis.Redis(unix_socket_path=new.url[len("unix://"):])
+        try:
+            lease = await counters.acquire("key:k|c", 1)
+            assert counters.failures == 0 and not counters.unreachable
+            assert promoted.zscore("x:key:k|c", lease) is not None
+            await counters.release(lease)
+        finally:
+            promoted.close()
+    finally:
+        counters.stop()
+        counters._redis.close()
+        old.stop()
+        if new is not None:
+            new.stop()
