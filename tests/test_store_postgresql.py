@@ -805,3 +805,35 @@ async def test_a_gateway_whose_store_is_still_opening_is_not_ready(reactor, http
             assert (response.code, json.loads(await response.content())) == (200, {"status": "ready"})
         finally:
             await gw.service.stopService()
+
+
+async def test_a_job_asked_before_the_opening_is_cancelled_when_its_caller_gives_up(reactor, pg_database):
+    """A job asked for while the store was opening has the time its limit has left once the store opened: its
+    statement is cancelled when its caller gets its 503, which says the database did not answer (before, it had
+    the whole limit again from the opening: its caller's 503 said the store did not open, and the statement ran on,
+    a write committed after the caller was told it failed)."""
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import MIGRATION_LOCK
+    from tests.support import until
+
+    holder = psycopg.connect(postgres.url(pg_database), autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    store = opened(reactor, pg_database, job_timeout=4.0)
+
+    def sleeping():
+        return bool(postgres.query(pg_database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' "
+                                                "AND state = 'active'"))
+
+    try:
+        asked = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
+        await deferLater(reactor, 2.5, lambda: None)  # (most of its limit spent waiting for the opening)
+        holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        await until(reactor, sleeping, what="the job to run once the store opened")
+        with pytest.raises(StorageUnavailable) as refused:
+            await asked
+        assert "did not open" not in refused.value.message, refused.value.message
+        await until(reactor, lambda: not sleeping(), limit=1.0, what="its statement cancelled with its caller's 503")
+    finally:
+        holder.close()
+        await store.stopService()

@@ -98,7 +98,7 @@ class Database:
         self._opened = False
         self._tried = False  # whether an attempt to open has ended (opened or failed)
         self._fatal = None  # a reason the store will never open (a newer schema)
-        self._waiting = []  # (Deferred, f, args) asked for before the store opened
+        self._waiting = []  # (Deferred, f, args, deadline or None) asked for before the store opened
         self._retry = None
         self._delay = OPEN_BACKOFF[0]
         self._probe = None
@@ -136,7 +136,7 @@ class Database:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         waiting, self._waiting = self._waiting, []
-        for d, _, _ in waiting:
+        for d, *_ in waiting:
             d.errback(StorageUnavailable.because("the gateway is stopping"))
         pool, self._pool = self._pool, None
         self._cancels.stop()
@@ -157,8 +157,10 @@ class Database:
             self._opened, self.problem, self._delay = True, None, OPEN_BACKOFF[0]
             self.log.info("PostgreSQL store open ({conns} connections at most)", conns=self.max_conns)
             waiting, self._waiting = self._waiting, []
-            for waiter, f, args in waiting:  # (each under its time limit from now: past it, its statement cancelled)
-                self._run(f, args, _Job()).addBoth(_answer, waiter)
+            now = self._reactor.seconds()
+            for waiter, f, args, deadline in waiting:  # (each under what its time limit has left: past it, its
+                left = self._job_timeout if deadline is None else max(deadline - now, 0.0)  # statement cancelled
+                self._run(f, args, _Job(), left).addBoth(_answer, waiter)
 
         def failed(failure):
             if self._pool is None:
@@ -178,7 +180,7 @@ class Database:
                 self._retry = self._reactor.callLater(self._delay, self._open)
                 self._delay = min(self._delay * 2, OPEN_BACKOFF[1])
             waiting, self._waiting = self._waiting, []
-            for waiter, _, _ in waiting:
+            for waiter, *_ in waiting:
                 waiter.errback(self._unavailable())
 
         d.addCallbacks(opened, failed)
@@ -263,9 +265,9 @@ class Database:
             if self._retry is not None:  # the last attempt to open failed: answer at once
                 return fail(self._unavailable())
             d = Deferred(self._unqueue)
-            self._waiting.append((d, f, args))
+            self._waiting.append((d, f, args, None if open_within is None else self._reactor.seconds() + open_within))
             if open_within is not None:
-                d.addTimeout(open_within, self._reactor, onTimeoutCancel=_not_open)
+                d.addTimeout(open_within, self._reactor, onTimeoutCancel=self._not_open)
             return d
         return self._run(f, args, _Job())
 
@@ -273,9 +275,19 @@ class Database:
         """A job waiting for the store to open gave up (past its time limit): it is not run when it opens."""
         self._waiting = [waiting for waiting in self._waiting if waiting[0] is not waiter]
 
-    def _run(self, f, args, job):
+    def _run(self, f, args, job, timeout=None):
+        """C{f(conn, *args)} as C{job}, in a store thread, within C{timeout} seconds (None: the job time limit)."""
         d = self._threads.run(self._job, f, args, job)
-        return d.addTimeout(self._job_timeout, self._reactor, onTimeoutCancel=job.timed_out(self))
+        return d.addTimeout(self._job_timeout if timeout is None else timeout, self._reactor,
+                            onTimeoutCancel=job.timed_out(self))
+
+    def _not_open(self, result, timeout):
+        """The C{onTimeoutCancel} of a job that waited for the store to open past its time limit (one that
+        opened meanwhile is cancelled at the same time by its own: L{_timed_out})."""
+        if self._opened:
+            raise StorageUnavailable.because(f"the database did not answer within {timeout:g}s")
+        raise StorageUnavailable.because(f"the store did not open within {timeout:g}s: its schema migration may be "
+                                         "waiting for another gateway's")
 
     def _timed_out(self, job, timeout):
         """C{job} went past its time limit: its statement is cancelled (L{JOB_TIMEOUT}); the store is marked
@@ -435,12 +447,6 @@ def _answer(result, waiter):
             waiter.errback(result)
         else:
             waiter.callback(result)
-
-
-def _not_open(result, timeout):
-    """The C{onTimeoutCancel} of a job that waited for the store to open past its time limit."""
-    raise StorageUnavailable.because(f"the store did not open within {timeout:g}s: its schema migration may be "
-                                     "waiting for another gateway's")
 
 
 def _ping(conn):
