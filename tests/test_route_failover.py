@@ -160,6 +160,35 @@ async def test_a_spent_quota_fails_over_to_another_target_and_is_passed_over_the
         await stop_all(gw, vllm, upstream)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_spent_quota_goes_on_to_a_replica_of_another_account_and_passes_over_only_its_own(
+        reactor, http, tmp_path):
+    """Replicas each with a key of their own are accounts of their own: one whose quota is spent leaves the
+    request to a replica on another key, and only the replicas on its own key are passed over then (before, the
+    request was refused with the 429 while another account could answer it, and every replica was passed over)."""
+    spent, funded = await FakeOpenAI(reactor, "quota").start(), await FakeOpenAI(reactor).start()
+    path = tmp_path / "gomodel.yaml"
+    path.write_text(f"""
+providers:
+  openai:
+    type: openai
+    models: [{GPT}]
+    replicas:
+      - {{base_url: "{spent.base_url}", api_key: sk-account-a-0123}}
+      - {{base_url: "{funded.base_url}", api_key: sk-account-b-0123}}
+""")
+    gw = await start_gateway(reactor, {"ROUTING_STRATEGY": "round_robin"}, yaml_path=path)
+    try:
+        for _ in range(4):
+            response, body = await _chat(http, gw, f"openai/{GPT}")
+            assert response.code == 200, body
+        assert len(spent.chats) == 1 and len(funded.chats) == 4
+        replicas = gw.registry.provider("openai").replicas
+        assert replicas[0].busy_until is not None and replicas[1].busy_until is None
+    finally:
+        await stop_all(gw, spent, funded)
+
+
 # -- a refused key ----------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

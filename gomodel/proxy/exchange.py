@@ -10,7 +10,7 @@ itself: Responses lifecycle, batch lines). Both go through the same steps:
      reached, times out or answers 500/502/503/504/429 is left for another one,
      up to C{ROUTING_MAX_ATTEMPTS} in all (the server retries a stale pooled
      connection once by itself); a 429 saying the account's quota is spent
-     (L{out_of_quota}) only for another target; one that answers 401 (it
+     (L{out_of_quota}) only for a replica on another key or another target; one that answers 401 (it
      refused the gateway's key: that replica's failure) for another one too,
   3. map every failure to a L{gomodel.errors.GatewayError},
   4. relay: a whole JSON body byte for byte (its usage noted; one past
@@ -529,9 +529,13 @@ class Exchange:
                         replica.failed("HTTP 401: it refused the gateway's key")
                     elif response.code != 429:  # (a 3xx or 4xx: the replica answered)
                         replica.succeeded()
-                    if spent:  # every replica of the provider passed over a while: the same account, and no wait
-                        for other in pool.replicas:  # lifts it (one on its own key serves what no other can)
-                            other.asked_to_wait(b"%d" % HOLD_MAX)
+                    if spent:  # its account's replicas passed over a while (no wait lifts it), and not asked again:
+                        account = _account(replica)  # one on another key (another account) may answer
+                        for other in pool.replicas:
+                            if _account(other) == account:
+                                other.asked_to_wait(b"%d" % HOLD_MAX)
+                                if other is not replica and other not in tried:
+                                    tried.append(other)
                         why = "HTTP 429: insufficient_quota"
                     elif response.code in FAILOVER_STATUSES:
                         retry_after = plain_headers(response.headers).get(RETRY_AFTER)
@@ -547,8 +551,7 @@ class Exchange:
                     attempts += 1
                     if ctx is not None:
                         ctx.attempts = attempts
-                    again = self._again(pool, model, call, tried + [replica], attempts, more, why, ctx,
-                                        replicas=not spent)
+                    again = self._again(pool, model, call, tried + [replica], attempts, more, why, ctx)
                     if again is not None:
                         if trace is not None:
                             trace.failed(str(response.code))
@@ -564,13 +567,12 @@ class Exchange:
                     pool.release(replica)
                     raise
 
-    def _again(self, pool, model, call, tried, attempts, more, why, ctx=None, replicas=True):
-        """Where a call that failed on the replicas C{tried} goes: C{"replica"} (unless C{replicas} is false: no
-        other replica of C{pool} would do better), C{"target"} or None (C{ctx}: the request's context, or None:
-        L{failed_over}'s)."""
+    def _again(self, pool, model, call, tried, attempts, more, why, ctx=None):
+        """Where a call that failed on the replicas C{tried} goes: C{"replica"}, C{"target"} or None (C{ctx}:
+        the request's context, or None: L{failed_over}'s)."""
         if call.pin is not None or attempts >= self.max_attempts:
             return None
-        if replicas and pool.has_alternative(model, tried):
+        if pool.has_alternative(model, tried):
             where = "replica"
         elif more:
             where = "target"
@@ -837,6 +839,11 @@ class _GatheredBody(BoundedCollector):
             self._end_call.cancel()
             self._end_call = None
         super().connectionLost(reason)
+
+
+def _account(replica):
+    """The account C{replica}'s requests are made on (its server's C{account}: the key it sends), or None."""
+    return getattr(replica.server, "account", None)
 
 
 def _forgot(pool, replica, model, response, tried) -> bool:

@@ -53,6 +53,9 @@ class OpenAICompatibleProvider:
         self.hidden = tuple(h for h in (replica.base_url, replica.root_url, replica.netloc,
                                         replica.host) if h) + ((Secret(api_key),) if len(api_key or "") >= 8 else ())
         self._authorization = (b"Bearer " + api_key.encode("latin-1")) if api_key else None
+        # The account its requests are made on (the provider's key or its own): replicas with the same one share
+        # a quota (L{gomodel.proxy.exchange}'s spent quota).
+        self.account = self._authorization
         # The lines every request carries: the provider's key where it has one, and a request for its answers
         # uncoded (without an Accept-Encoding any coding is acceptable, RFC 9110 12.5.3: a gzip'd stream is no
         # event the gateway can cut, a gzip'd answer no usage it can read; a passthrough client's never goes up).
