@@ -807,6 +807,7 @@ async def test_a_gateway_whose_store_is_still_opening_is_not_ready(reactor, http
             await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
 async def test_a_job_asked_before_the_opening_is_cancelled_when_its_caller_gives_up(reactor, pg_database):
     """A job asked for while the store was opening has the time its limit has left once the store opened: its
     statement is cancelled when its caller gets its 503, which says the database did not answer (before, it had
