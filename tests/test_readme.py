@@ -1,0 +1,194 @@
+"""The README against the code: its metrics table, its routes and the routes the code serves.
+
+The settings tables have their own check (L{tests.test_config}).
+"""
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest_twisted
+import treq
+
+from tests.support import start_fake, start_gateway, stop_all
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _table(header):
+    """The rows (lists of cells) of the README's table whose header row starts with C{header}."""
+    rows, inside = [], False
+    for line in README.splitlines():
+        if line.startswith(f"| {header} |"):
+            inside = True
+        elif inside and line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+            if not set(cells[0]) <= set("- "):
+                rows.append(cells)
+        elif inside:
+            break
+    return rows
+
+
+def _outside_parentheses(text):
+    """C{text} without what parentheses hold, but for a parenthesis that adds (C{(+ `state`)})."""
+    kept, depth, adding = [], 0, False
+    for i, c in enumerate(text):
+        if c == "(":
+            depth += 1
+            adding = depth == 1 and text[i + 1:i + 2] == "+"
+        elif c == ")":
+            depth -= 1
+        elif depth == 0 or adding:
+            kept.append(c)
+    return "".join(kept)
+
+
+def _documented_metrics():
+    """C{{series name: the labels its row names}} from the README's metrics table."""
+    found = {}
+    for name_cell, labels_cell, *_ in _table("series"):
+        labels = set(re.findall(r"`(\w+)`", _outside_parentheses(labels_cell)))
+        for name in re.findall(r"`(gomodel_\w+)`", name_cell):
+            found[name] = labels
+    return found
+
+
+def _code_metrics():
+    """C{{series name: its labels}}, of every series the gateway's metrics expose."""
+    from gomodel.accounting.metrics import GatewayMetrics
+
+    load = SimpleNamespace(waiting=1, running=1, kv_cache_usage=0.5)
+    replica = SimpleNamespace(index=0, ready=True, state="ready", in_flight=0, load=load, trial=False,
+                              busy_for=lambda: 0.0, held_for=lambda: 0.0)
+    pool = SimpleNamespace(type="vllm", name="vllm", replicas=[replica])
+    metrics = GatewayMetrics(pools=[pool])
+    found = {}
+    for collector in set(metrics.registry._names_to_collectors.values()):
+        suffix = "_total" if collector._type == "counter" else ""
+        found[collector._name + suffix] = set(collector._labelnames)
+    for collector in metrics._exposed._collector_to_names:
+        if not hasattr(collector, "_labelnames"):  # the replica collector: read at scrape time
+            for family in collector.collect():
+                found[family.name] = {label for s in family.samples for label in s.labels}
+    return found
+
+
+def test_the_readmes_metrics_table_names_every_series_with_its_labels():
+    """Each series the gateway exposes is a row of the README's metrics table, with the labels it has, and the
+    table names no series the gateway lacks."""
+    documented, code = _documented_metrics(), _code_metrics()
+    assert set(documented) == set(code), (set(documented) ^ set(code))
+    rows = {}
+    for name, labels in documented.items():
+        rows.setdefault(frozenset(labels), []).append(name)
+    for labels, names in rows.items():
+        assert set().union(*(code[n] for n in names)) == labels, (names, sorted(labels))
+        for name in names:
+            assert code[name] <= labels, (name, code[name], sorted(labels))
+
+
+# -- routes --------------------------------------------------------------------
+
+_EXAMPLES = {"{id}": "x1", "{provider}": "vllm", "{endpoint}": "v1/models", "{user_path}": "team",
+             "{period}": "daily", "*": "app.js"}
+
+
+def _routes_of(text):
+    """C{[(method, path)]} named by C{text}: C{`GET|DELETE /v1/x/{id}`}, and a bare C{`/y`} after a
+    method takes it (C{`POST /rerank`, `/v2/rerank`})."""
+    found, method = [], None
+    for methods, path in re.findall(r"`(?:((?:[A-Z]+\\?\|?)+) )?(/[^` ?]*)(?:\?[^`]*)?`", text):
+        if methods:
+            method = [m for m in methods.replace("\\", "").split("|") if m]
+        if method and all(m in METHODS for m in method):
+            found += [(m, path) for m in method]
+    return found
+
+
+def documented_routes():
+    """Every C{(method, path)} the README's endpoints table and its admin API text name."""
+    routes = []
+    for route, *_ in _table("route"):
+        if route.startswith("any method"):
+            routes += [(m, p) for _, p in _routes_of(route.replace("any method", "`GET`")) for m in ("GET", "POST")]
+        else:
+            routes += _routes_of(route)
+    admin = set(re.findall(r"`((?:GET|POST|PUT|PATCH|DELETE)(?:\|(?:GET|POST|PUT|PATCH|DELETE))* "
+                           r"/admin/api/v1/[^`]*)`", README))
+    for text in sorted(admin):
+        routes += _routes_of(f"`{text}`")
+    return list(dict.fromkeys(routes))
+
+
+def _example(path):
+    for placeholder, value in _EXAMPLES.items():
+        path = path.replace(placeholder, value)
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_route_the_readme_names_is_served(reactor, tmp_path):
+    """Each route of the README's endpoints table and each admin API route it names answers that method: never
+    the gateway's 404 "Unknown route" nor a 405."""
+    fake = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k",
+                                            "SET_BUDGET_TEAM": "daily=10"})
+    routes = documented_routes()
+    assert len(routes) > 50
+    unserved = []
+    try:
+        for method, path in routes:
+            response = await treq.request(method, gateway.url + _example(path), data=b"{}",
+                                          headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+            body = await response.content()
+            if response.code == 405 or (response.code == 404 and b"Unknown route" in body):
+                unserved.append(f"{method} {path}: {response.code}")
+    finally:
+        await stop_all(gateway, fake)
+    assert not unserved
+
+
+def _normal(path):
+    """A path with its parameters as C{{}}: C{/v1/files/<file_id>} and C{/v1/files/{id}} alike (and a
+    C{<path:...>}'s segments, C{{user_path}/{period}}, as one)."""
+    return re.sub(r"\{\}(/\{\})+", "{}", re.sub(r"<[^>]*>|\{[^}]*\}|\*", "{}", path.rstrip("/"))) or "/"
+
+
+def served_routes():
+    """Every C{(method, path)} the code serves: the front's exact POST routes, its pages, and Klein's routes
+    (each API at the path it is mounted on)."""
+    from gomodel.anthropic.batches import MessageBatchesAPI
+    from gomodel.api.admin import AdminAPI
+    from gomodel.api.app import GatewayApp
+    from gomodel.api.batches import BatchesAPI
+    from gomodel.api.budgets import BudgetsAPI
+    from gomodel.api.files import FilesAPI
+    from gomodel.api.inference import InferenceRoutes
+    from gomodel.api.keys import KeysAPI
+    from gomodel.api.messages import MessagesRoutes
+
+    class Anything:
+        def __getattr__(self, name):
+            return print
+
+    routes = {("POST", path.decode()) for cls in (InferenceRoutes, MessagesRoutes)
+              for path in cls.routes(Anything())}
+    mounts = ((GatewayApp, ""), (FilesAPI, "/v1/files"), (BatchesAPI, "/v1/batches"),
+              (MessageBatchesAPI, "/v1/messages/batches"), (AdminAPI, "/admin/api/v1"),
+              (KeysAPI, "/admin/api/v1/auth-keys"), (BudgetsAPI, "/admin/api/v1/budgets"))
+    for cls, prefix in mounts:
+        for rule in cls.app.url_map.iter_rules():
+            if "//" in rule.rule or (rule.methods is None):  # a mount (branch), or another spelling of one
+                continue
+            routes |= {(m, prefix + rule.rule) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    return routes
+
+
+def test_every_route_the_code_serves_is_in_the_readme():
+    """The README names each route (method and path) the gateway serves."""
+    named = {(m, _normal(p)) for m, p in documented_routes()}
+    missing = sorted(f"{m} {p}" for m, p in served_routes()
+                     if (m, _normal(p)) not in named and not p.startswith(("/p/", "/health")))
+    assert not missing, missing
