@@ -1,4 +1,4 @@
-"""The README against the code: its metrics table, its routes and the routes the code serves.
+"""The README against the code: its metrics table, its routes, the routes the code serves, its error codes.
 
 The settings tables have their own check (L{tests.test_config}).
 """
@@ -192,3 +192,13 @@ def test_every_route_the_code_serves_is_in_the_readme():
     missing = sorted(f"{m} {p}" for m, p in served_routes()
                      if (m, _normal(p)) not in named and not p.startswith(("/p/", "/health")))
     assert not missing, missing
+
+
+def test_every_error_code_the_readme_names_is_one_the_code_answers():
+    """An error code the README gives beside a status (C{404 `file_not_found`}, C{code: "rate_limit_exceeded"})
+    is a code the gateway's source spells."""
+    codes = set(re.findall(r"\b[1-5]\d\d `([a-z][a-z0-9_]+)`", README)) | set(re.findall(r'code: "(\w+)"', README))
+    package = Path(__file__).resolve().parent.parent / "gomodel"
+    source = "".join(p.read_text(encoding="utf-8") for p in package.rglob("*.py"))
+    assert len(codes) > 30
+    assert not [c for c in sorted(codes) if f'"{c}"' not in source and f"'{c}'" not in source]
