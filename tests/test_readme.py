@@ -202,3 +202,20 @@ def test_every_error_code_the_readme_names_is_one_the_code_answers():
     source = "".join(p.read_text(encoding="utf-8") for p in package.rglob("*.py"))
     assert len(codes) > 30
     assert not [c for c in sorted(codes) if f'"{c}"' not in source and f"'{c}'" not in source]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_providers_status_fields_are_those_the_readme_lists(reactor):
+    """C{GET /admin/api/v1/providers/status} answers each provider and replica with exactly the fields the
+    README's "State." item names."""
+    item = README[README.index("- **State.**"):README.index("`POST /admin/api/v1/runtime/refresh`")]
+    named = set(re.findall(r"`([a-z_]+)`", item))
+    fake = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k"})
+    try:
+        response = await treq.get(gateway.url + "/admin/api/v1/providers/status", headers={"Authorization": "Bearer k"})
+        (provider,) = (await response.json())["providers"]
+    finally:
+        await stop_all(gateway, fake)
+    fields = set(provider) | set(provider["replicas"][0])
+    assert not fields - named, sorted(fields - named)
