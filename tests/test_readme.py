@@ -219,3 +219,33 @@ async def test_the_providers_status_fields_are_those_the_readme_lists(reactor):
         await stop_all(gateway, fake)
     fields = set(provider) | set(provider["replicas"][0])
     assert not fields - named, sorted(fields - named)
+
+
+def _fields(value, found=None):
+    """Every key of every object in C{value}, a parsed JSON answer."""
+    found = set() if found is None else found
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        _fields(item, found)
+    if isinstance(value, dict):
+        found.update(value)
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_field_of_the_own_usage_answer_is_in_the_readme(reactor):
+    """C{GET /v1/usage} (with a budget, a rate window and a concurrency cap over the caller) answers only fields
+    its README section names."""
+    section = README[README.index("### Your own usage"):README.index("## Dashboard")]
+    named = set(re.findall(r"`([a-z_]+)`", section))
+    fake = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k",
+                                            "SET_BUDGET_TEAM": "daily=10",
+                                            "SET_RATE_LIMIT_TEAM": "rpm=10,tpm=100,concurrent=3"})
+    try:
+        response = await treq.get(gateway.url + "/v1/usage",
+                                  headers={"Authorization": "Bearer k", "X-GoModel-User-Path": "/team"})
+        answer = await response.json()
+    finally:
+        await stop_all(gateway, fake)
+    assert answer["budgets"] and len(answer["rate_limits"]) == 2
+    assert not _fields(answer) - named, sorted(_fields(answer) - named)
