@@ -249,3 +249,32 @@ async def test_every_field_of_the_own_usage_answer_is_in_the_readme(reactor):
         await stop_all(gateway, fake)
     assert answer["budgets"] and len(answer["rate_limits"]) == 2
     assert not _fields(answer) - named, sorted(_fields(answer) - named)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_field_of_the_admin_usage_views_is_in_the_readme(reactor):
+    """The admin usage views (summary, days, groupings, time series, log), once a managed key's request is
+    recorded, answer only fields the README's "Usage ledger" section names (but a list's C{object} and C{data})."""
+    from tests.fakes.vllm import CHAT_MODEL
+
+    section = README[README.index("## Usage ledger"):README.index("## Managed keys")]
+    named = set(re.findall(r"`([a-z_0-9]+)`", section)) | {"object", "data"}
+    fake = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k"})
+    master = {"Authorization": "Bearer k"}
+    fields = set()
+    try:
+        made = await treq.post(gateway.url + "/admin/api/v1/auth-keys", json={"name": "a", "user_path": "/team"},
+                               headers=master)
+        key = (await made.json())["value"]
+        answer = await treq.post(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                 json={"model": f"vllm/{CHAT_MODEL}", "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.code == 200, await answer.content()
+        await gateway.service.usage.flush()
+        for view in ("summary", "daily", "models", "providers", "keys", "user-paths", "timeseries", "log"):
+            response = await treq.get(f"{gateway.url}/admin/api/v1/usage/{view}", headers=master)
+            fields |= _fields(await response.json())
+    finally:
+        await stop_all(gateway, fake)
+    assert {"request_id", "replica", "ttft_ms_p95"} <= fields
+    assert not fields - named, sorted(fields - named)
