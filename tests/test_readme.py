@@ -278,3 +278,24 @@ async def test_every_field_of_the_admin_usage_views_is_in_the_readme(reactor):
         await stop_all(gateway, fake)
     assert {"request_id", "replica", "ttft_ms_p95"} <= fields
     assert not fields - named, sorted(fields - named)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_field_of_a_managed_key_is_in_the_readme(reactor):
+    """A managed key as the admin API shows it (made, listed, one) has only fields the README's "Managed keys"
+    section names (but a list's C{object} and C{data})."""
+    section = README[README.index("## Managed keys"):README.index("### Your own usage")]
+    named = set(re.findall(r"`([a-z_0-9]+)`", section)) | {"object", "data"}
+    fake = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k"})
+    master, base = {"Authorization": "Bearer k"}, gateway.url + "/admin/api/v1/auth-keys"
+    try:
+        made = await treq.post(base, headers=master, json={"name": "a", "description": "ci", "user_path": "/team",
+                                                           "budgets": [{"period": "daily", "max_tokens": 1000}]})
+        key = await made.json()
+        fields = _fields(key) | _fields(await (await treq.get(base, headers=master)).json())
+        fields |= _fields(await (await treq.get(f"{base}/{key['id']}", headers=master)).json())
+    finally:
+        await stop_all(gateway, fake)
+    assert key["object"] == "auth_key" and "`auth_key`" in section
+    assert not fields - named, sorted(fields - named)
