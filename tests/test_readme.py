@@ -299,3 +299,37 @@ async def test_every_field_of_a_managed_key_is_in_the_readme(reactor):
         await stop_all(gateway, fake)
     assert key["object"] == "auth_key" and "`auth_key`" in section
     assert not fields - named, sorted(fields - named)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_field_of_a_json_access_line_is_in_the_readme(reactor):
+    """An access line as C{LOG_FORMAT=json} writes it has only the fields the README's C{LOG_FORMAT} row names."""
+    import io
+    import json
+
+    from twisted.logger import globalLogPublisher
+
+    from gomodel.logs import JSONLineObserver
+    from tests.fakes.vllm import CHAT_MODEL
+    from tests.support import AccessRecords
+
+    row = next(line for line in README.splitlines() if line.startswith("| `LOG_FORMAT` |"))
+    named = set(re.findall(r"`([a-z_]+)`", row))
+    fake = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    records = AccessRecords()
+    globalLogPublisher.addObserver(records)
+    try:
+        logged = records.next(reactor)
+        answer = await treq.post(gateway.url + "/v1/chat/completions",
+                                 json={"model": f"vllm/{CHAT_MODEL}", "messages": [{"role": "user", "content": "hi"}]})
+        await answer.content()
+        event = await logged
+    finally:
+        globalLogPublisher.removeObserver(records)
+        await stop_all(gateway, fake)
+    out = io.StringIO()
+    JSONLineObserver(out)(event)
+    fields = set(json.loads(out.getvalue()))
+    assert {"request_id", "ttfb_ms", "prompt_tokens"} <= fields
+    assert not fields - named, sorted(fields - named)
