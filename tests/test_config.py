@@ -968,3 +968,14 @@ def test_the_readmes_settings_tables_say_what_the_loader_reads():
     readme = _readme()
     unnamed = [env for env in settings if not re.search(f"`{env}[`=]", readme)]
     assert not unnamed, f"settings the README never names: {unnamed}"
+
+
+def test_cache_salt_mode_off_written_bare_in_yaml_is_off(tmp_path):
+    """C{auth: {cache_salt_mode: off}}, as the README writes it: YAML reads a bare C{off} as false, which was
+    refused ("invalid value False: must be one of: tenant, off"); it is C{off}. A YAML true stays refused."""
+    path = tmp_path / "g.yaml"
+    path.write_text("auth: {cache_salt_mode: off}\n")
+    assert load_config({}, yaml_path=str(path)).auth.cache_salt_mode == "off"
+    path.write_text("auth: {cache_salt_mode: on}\n")
+    with pytest.raises(ConfigError, match="cache_salt_mode"):
+        load_config({}, yaml_path=str(path))

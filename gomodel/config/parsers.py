@@ -197,8 +197,8 @@ ROUTING_STRATEGIES = ("load", "least_requests", "round_robin", "random")
 
 
 def cache_salt_mode(value) -> str:
-    """C{tenant} (a salt per managed key's tenant) or C{off}."""
-    return _one_of(value, ("tenant", "off"))
+    """C{tenant} (a salt per managed key's tenant) or C{off} (also YAML's false: a bare C{off} reads so)."""
+    return "off" if value is False else _one_of(value, ("tenant", "off"))
 
 
 def routing_strategy(value) -> str:
