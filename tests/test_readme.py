@@ -333,3 +333,14 @@ async def test_every_field_of_a_json_access_line_is_in_the_readme(reactor):
     fields = set(json.loads(out.getvalue()))
     assert {"request_id", "ttfb_ms", "prompt_tokens"} <= fields
     assert not fields - named, sorted(fields - named)
+
+
+def test_every_span_attribute_the_tracing_sets_is_in_the_readme():
+    """Each attribute name the OpenTelemetry spans are given is named in the README's OpenTelemetry section, and
+    each dotted name that section gives is one the tracing code spells."""
+    section = README[README.index("## OpenTelemetry"):README.index("## Usage ledger")]
+    source = (Path(__file__).resolve().parent.parent / "gomodel/accounting/tracing.py").read_text(encoding="utf-8")
+    spelled = set(re.findall(r'"((?:gen_ai|gomodel|http|server|url|error|network)\.[a-z_.]+)"', source))
+    named = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)+)`", section))
+    assert not spelled - named, sorted(spelled - named)
+    assert not [name for name in named if name not in source]
