@@ -344,3 +344,15 @@ def test_every_span_attribute_the_tracing_sets_is_in_the_readme():
     named = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)+)`", section))
     assert not spelled - named, sorted(spelled - named)
     assert not [name for name in named if name not in source]
+
+
+def test_every_error_code_the_gateway_gives_is_in_the_readme():
+    """Each C{code} the gateway's errors give (C{code="..."}, a class's C{code = "..."}) is named in the README,
+    but the generic ones a more precise code or the route's text stands for."""
+    package = Path(__file__).resolve().parent.parent / "gomodel"
+    given = set()
+    for path in package.rglob("*.py"):
+        given |= set(re.findall(r'\bcode\s*=\s*"([a-z_0-9]+)"', path.read_text(encoding="utf-8")))
+    generic = {"conflict", "forbidden", "not_found"}
+    assert len(given) > 50
+    assert not sorted(c for c in given - generic if f"`{c}`" not in README and f'"{c}"' not in README)
