@@ -358,3 +358,23 @@ def test_every_error_code_the_gateway_gives_is_in_the_readme():
     generic = {"conflict", "forbidden", "not_found"}
     assert len(given) > 50
     assert not sorted(c for c in given - generic if f"`{c}`" not in README and f'"{c}"' not in README)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_field_of_the_budgets_list_is_in_the_readme(reactor):
+    """C{GET /admin/api/v1/budgets}, with a configured cost budget and a token budget set through the API, answers
+    only fields the README's "Managed keys, limits and budgets" section names."""
+    section = README[README.index("## Managed keys"):README.index("### Your own usage")]
+    named = set(re.findall(r"`([a-z_0-9]+)`", section)) | {"object"}
+    fake = await start_fake(reactor)
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k",
+                                            "SET_BUDGET_TEAM": "daily=1"})
+    master, base = {"Authorization": "Bearer k"}, gateway.url + "/admin/api/v1/budgets"
+    try:
+        put = await treq.put(base, headers=master, json={"user_path": "/a", "period": "weekly", "max_tokens": 5})
+        assert put.code == 200, await put.content()
+        fields = _fields(await put.json()) | _fields(await (await treq.get(base, headers=master)).json())
+    finally:
+        await stop_all(gateway, fake)
+    assert {"spent_tokens", "period_ratio", "scope"} <= fields
+    assert not fields - named, sorted(fields - named)
