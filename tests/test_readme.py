@@ -112,7 +112,7 @@ def documented_routes():
     routes = []
     for route, *_ in _table("route"):
         if route.startswith("any method"):
-            routes += [(m, p) for _, p in _routes_of(route.replace("any method", "`GET`")) for m in ("GET", "POST")]
+            routes += [(m, p) for _, p in _routes_of(route.replace("any method `", "`GET ")) for m in ("GET", "POST")]
         else:
             routes += _routes_of(route)
     admin = set(re.findall(r"`((?:GET|POST|PUT|PATCH|DELETE)(?:\|(?:GET|POST|PUT|PATCH|DELETE))* "
