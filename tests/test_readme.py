@@ -168,6 +168,7 @@ def served_routes():
     from gomodel.api.inference import InferenceRoutes
     from gomodel.api.keys import KeysAPI
     from gomodel.api.messages import MessagesRoutes
+    from gomodel.config import Config
 
     class Anything:
         def __getattr__(self, name):
@@ -175,6 +176,7 @@ def served_routes():
 
     routes = {("POST", path.decode()) for cls in (InferenceRoutes, MessagesRoutes)
               for path in cls.routes(Anything())}
+    routes.add(("GET", Config().metrics.endpoint))  # (the front's page)
     mounts = ((GatewayApp, ""), (FilesAPI, "/v1/files"), (BatchesAPI, "/v1/batches"),
               (MessageBatchesAPI, "/v1/messages/batches"), (AdminAPI, "/admin/api/v1"),
               (KeysAPI, "/admin/api/v1/auth-keys"), (BudgetsAPI, "/admin/api/v1/budgets"))
