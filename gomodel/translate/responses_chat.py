@@ -22,6 +22,11 @@ _RESPONSES_ONLY = {"input", "instructions", "max_output_tokens", "tools", "tool_
                    "prompt_cache_key", "safety_identifier", "service_tier", "stream_options", "conversation",
                    "metadata", "max_tool_calls", "top_logprobs"}
 
+# Tool choices that call no tool unless there are tools to call: said without tools (an agent between its tool
+# turns), they are left out of the chat request with its C{parallel_tool_calls}, which chat upstreams refuse without
+# tools (vLLM: "When using `tool_choice`, `tools` must be set."; OpenAI's both), as the Responses API takes them.
+_NO_CALL = ("auto", "none", None)
+
 # Request fields naming what a provider with a Responses API keeps for the request to bring in (their
 # field, and what it holds): a chat completion would be answered without it.
 _KEPT_UPSTREAM = (("conversation", "the conversation's items (chain turns with previous_response_id)"),
@@ -58,7 +63,9 @@ def request_to_chat(body: dict) -> dict:
         if not isinstance(body["tools"], list):
             raise InvalidRequest("tools must be a list of tools.", param="tools", code="invalid_type")
         chat["tools"] = [_tool(t, i) for i, t in enumerate(body["tools"])]
-    if "tool_choice" in body:
+    elif body.get("tool_choice") in _NO_CALL:  # (no tools to call: said of none, as chat upstreams take it)
+        chat.pop("parallel_tool_calls", None)
+    if "tool_choice" in body and ("tools" in chat or body["tool_choice"] not in _NO_CALL):
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":

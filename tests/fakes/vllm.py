@@ -43,6 +43,7 @@ of a type it does not know (a C{document}: a 400 in vLLM's OpenAI envelope). Cha
   - C{fake_cached}: prompt tokens read from the prefix cache (in the usage)
   - C{fake_deltas}: a stream is these chat C{delta} objects, one chunk each (after
     the role's), the last with C{finish_reason} C{fake_finish} (default "stop")
+  - C{fake_finish}: a chat answer's C{finish_reason} (default "length"; a stream's last content chunk's too)
 
 Messages also take C{fake_events}: a stream of exactly these C{[event, data]} pairs (data a raw
 string; a native Responses stream takes them too); C{fake_stream_anyway} answers a Messages request that did
@@ -700,6 +701,10 @@ class FakeVLLM(Resource):
                 "message": f"This model's maximum context length is {body['fake_context']} tokens. However, your "
                            f"request has {len(jsonutil.dumps(body['messages']))} input tokens. Please reduce the "
                            "length of the input messages.", "type": "BadRequestError", "param": None, "code": 400}})
+        if body.get("tool_choice") not in (None, "none") and body.get("tools") is None:
+            return self._json(request, 400, {"error": {  # vLLM's own check (its ChatCompletionRequest's)
+                "message": "1 validation error:\n  Value error, When using `tool_choice`, `tools` must be set.",
+                "type": "BadRequestError", "param": None, "code": 400}})
         if body.get("continue_final_message") and body.get("add_generation_prompt", True):
             return self._json(request, 400, {"error": {  # vLLM's own check
                 "message": "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
@@ -727,7 +732,7 @@ class FakeVLLM(Resource):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": None if tool else text,
                                                  "refusal": None, "reasoning": body.get("fake_reasoning"),
                                                  "tool_calls": tool_calls},
-                         "logprobs": None, "finish_reason": "tool_calls" if tool else "length",
+                         "logprobs": None, "finish_reason": "tool_calls" if tool else body.get("fake_finish", "length"),
                          "stop_reason": None, "token_ids": None}],
             "service_tier": None, "system_fingerprint": "vllm-0.32.0-fake",
             "usage": {"prompt_tokens": 18, "total_tokens": 21, "completion_tokens": 3,
@@ -769,7 +774,7 @@ class FakeVLLM(Resource):
                        for i, d in enumerate(deltas)]
             n = 0
         for i in range(n):
-            events.append(_chunk({"content": text}, "length" if i == n - 1 else None))
+            events.append(_chunk({"content": text}, body.get("fake_finish", "length") if i == n - 1 else None))
         options = body.get("stream_options") or {}
         if options.get("include_usage") and options.get("continuous_usage_stats"):
             for generated, event in enumerate(events):  # vLLM's: the prompt's count on every chunk, the first too
