@@ -2,6 +2,7 @@
 against the fake vLLM: relayed as vLLM takes them, translated where a target has no such API, parsed by the SDK."""
 
 import openai
+import pytest
 import pytest_twisted
 
 from tests.support import in_thread, start_fake, start_gateway, stop_all
@@ -38,3 +39,37 @@ async def test_a_translated_response_without_tools_sends_no_tool_choice(translat
     await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", parallel_tool_calls=True,
                     tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}], tool_choice="auto")
     assert fake.requests[-1].body["tool_choice"] == "auto" and fake.requests[-1].body["parallel_tool_calls"] is True
+
+
+def _function(name):
+    return {"type": "function", "name": name, "parameters": {"type": "object", "properties": {}}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_allowed_tools_choice_offers_those_tools_alone(translated):
+    """The Responses API's C{tool_choice} C{allowed_tools} (C{mode} and the tools the model may call, the others kept
+    in the prompt for its cache) has no chat form vLLM takes: translated, the chat request offers those tools alone,
+    its C{tool_choice} their C{mode} (one naming none of them a 400); a hosted tool's choice (C{web_search_preview},
+    C{mcp}), which no chat upstream has, is a 400 naming C{tool_choice}, sent nowhere. Before, both went upstream as
+    they came, for vLLM's validation error."""
+    sdk, fake = translated
+    allowed = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "g"}]}
+    answer = await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", tool_choice=allowed,
+                             tools=[_function("f"), _function("g")],
+                             extra_body={"fake_tool": {"name": "g", "arguments": "{}"}})
+    assert [item.name for item in answer.output] == ["g"] and answer.tool_choice.type == "allowed_tools"
+    sent = fake.requests[-1].body
+    assert [tool["function"]["name"] for tool in sent["tools"]] == ["g"] and sent["tool_choice"] == "required"
+    chat_shaped = {"type": "function", "function": {"name": "f"}}  # (taken as it was)
+    await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", tool_choice=chat_shaped,
+                    tools=[_function("f")])
+    assert fake.requests[-1].body["tool_choice"] == chat_shaped
+    sent_before = len(fake.requests)
+    for choice, code in (({"type": "web_search_preview"}, "unsupported_value"),
+                         ({"type": "mcp", "server_label": "s"}, "unsupported_value"),
+                         (dict(allowed, tools=[{"type": "function", "name": "nope"}]), "invalid_value")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", tool_choice=choice,
+                            tools=[_function("f")])
+        assert refused.value.param == "tool_choice" and refused.value.code == code
+    assert len(fake.requests) == sent_before

@@ -66,7 +66,7 @@ def request_to_chat(body: dict) -> dict:
     elif body.get("tool_choice") in _NO_CALL:  # (no tools to call: said of none, as chat upstreams take it)
         chat.pop("parallel_tool_calls", None)
     if "tool_choice" in body and ("tools" in chat or body["tool_choice"] not in _NO_CALL):
-        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+        _tool_choice(chat, body["tool_choice"])
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         chat["response_format"] = {"type": "json_schema", "json_schema": {
@@ -231,10 +231,30 @@ def _tool(tool, index):
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice):
-    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
-        return {"type": "function", "function": {"name": choice["name"]}}
-    return choice
+def _tool_choice(chat, choice):
+    """Set C{chat}'s C{tool_choice} (its C{tools} already translated) for a Responses C{choice}: a mode as it is, a
+    function by its name (a chat-shaped one as it is); C{allowed_tools} (its C{mode}, among the tools it names: no
+    chat form vLLM takes) as those tools alone offered in that mode.
+
+    @raise InvalidRequest: a hosted tool's choice (C{web_search_preview}, C{mcp}, ...), which no chat upstream has,
+        or an C{allowed_tools} naming no function the request gives.
+    """
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "function":  # (one already chat-shaped, naming its C{function}, as it is)
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}} if "name" in choice \
+            else choice
+    elif kind == "allowed_tools":
+        named = {tool.get("name") for tool in choice.get("tools") or () if isinstance(tool, dict)}
+        offered = [tool for tool in chat.get("tools") or () if (tool.get("function") or {}).get("name") in named]
+        if not offered:
+            raise InvalidRequest("tool_choice: allowed_tools names none of the request's function tools.",
+                                 param="tool_choice", code="invalid_value")
+        chat["tools"], chat["tool_choice"] = offered, choice.get("mode", "auto")
+    elif kind is not None:
+        raise InvalidRequest(f"tool_choice: type {quoted(kind)} is not supported by this provider.",
+                             param="tool_choice", code="unsupported_value")
+    else:
+        chat["tool_choice"] = choice
 
 
 # -- answer ---------------------------------------------------------------------
