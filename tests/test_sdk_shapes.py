@@ -73,3 +73,24 @@ async def test_a_translated_allowed_tools_choice_offers_those_tools_alone(transl
                             tools=[_function("f")])
         assert refused.value.param == "tool_choice" and refused.value.code == code
     assert len(fake.requests) == sent_before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_translated_for_an_openai_provider_bounds_it_by_max_completion_tokens(reactor):
+    """An C{openai} provider without a Responses API (a proxy, a server of the OpenAI family) gets a translated
+    request's C{max_output_tokens} as C{max_completion_tokens}, as a translated Messages request's C{max_tokens}:
+    OpenAI's reasoning models refuse C{max_tokens}. Another type (vLLM) still gets C{max_tokens}. Before, every
+    provider got C{max_tokens}."""
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up",
+                                       "VLLM_BASE_URL": fake.base_url})
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    try:
+        for provider, field in (("openai", "max_completion_tokens"), ("vllm", "max_tokens")):
+            answer = await in_thread(sdk.responses.create, model=f"{provider}/{CHAT_MODEL}", input="hi",
+                                     max_output_tokens=7)
+            assert answer.max_output_tokens == 7 and answer.output_text == "héhéhé"
+            sent = fake.requests[-1].body
+            assert sent[field] == 7 and not {"max_tokens", "max_completion_tokens"} - {field} & set(sent)
+    finally:
+        await stop_all(gw, fake, clients=[sdk])

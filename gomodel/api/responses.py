@@ -19,6 +19,7 @@ from gomodel import errors, jsonutil
 from gomodel.anthropic.translate import count_tokens_answer
 from gomodel.api.background import UNFINISHED, BackgroundWatch
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
+from gomodel.api.messages import MAX_COMPLETION_TYPES
 from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.batches.validation import check_metadata
 from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_limit, streams
@@ -159,7 +160,8 @@ class ResponsesRoute:
         echo = dict(body, store=turn.stored, previous_response_id=turn.previous_id)
         if previous is not None:
             body = await with_history(self._store, body, previous)
-        chat, tries = request_to_chat(body), 0
+        bound = "max_completion_tokens" if provider.type in MAX_COMPLETION_TYPES else "max_tokens"
+        chat, tries = request_to_chat(body, bound), 0
         while True:
             try:
                 return await self._translated(request, ctx, provider, body, echo, jsonutil.dumps(chat), stream, turn,

@@ -36,8 +36,10 @@ _KEPT_UPSTREAM = (("conversation", "the conversation's items (chain turns with p
 # -- request --------------------------------------------------------------------
 
 
-def request_to_chat(body: dict) -> dict:
-    """The chat-completions body for a Responses request C{body} (model already rewritten)."""
+def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
+    """The chat-completions body for a Responses request C{body} (model already rewritten), its
+    C{max_output_tokens} as C{bound} (C{max_completion_tokens} for a provider whose reasoning models refuse
+    C{max_tokens}, OpenAI's)."""
     if body.get("previous_response_id"):  # (not stored by the gateway; this provider has no Responses API to know it)
         raise unknown_previous(body["previous_response_id"])
     for field, kept in _KEPT_UPSTREAM:  # (what only the upstream keeping it could bring in: never dropped unsaid)
@@ -58,7 +60,7 @@ def request_to_chat(body: dict) -> dict:
     messages.extend(_messages(body.get("input")))
     chat["messages"] = messages
     if body.get("max_output_tokens") is not None:
-        chat["max_tokens"] = body["max_output_tokens"]
+        chat[bound] = body["max_output_tokens"]
     if body.get("tools"):
         if not isinstance(body["tools"], list):
             raise InvalidRequest("tools must be a list of tools.", param="tools", code="invalid_type")
