@@ -94,3 +94,35 @@ async def test_a_response_translated_for_an_openai_provider_bounds_it_by_max_com
             assert sent[field] == 7 and not {"max_tokens", "max_completion_tokens"} - {field} & set(sent)
     finally:
         await stop_all(gw, fake, clients=[sdk])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_conversation_translated_for_an_openai_provider_sends_call_ids_it_takes(reactor):
+    """A conversation whose tool calls a vLLM named (C{chatcmpl-tool-} and 32 hex digits: 46 characters), continued
+    through C{/v1/messages} or C{/v1/responses} at an C{openai} provider (a failover, a model moved), reaches it with
+    call ids of at most 40 characters, its call and its result still matching, as chat completions' own do (OpenAI
+    refuses a longer one: "string too long"). Before, the translated routes sent them as they came."""
+    import anthropic
+
+    fake = await start_fake(reactor, responses=False, messages=False)
+    gw = await start_gateway(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up"})
+    long_id = "chatcmpl-tool-" + "0123456789abcdef" * 2
+    claude = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=10)
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    try:
+        await in_thread(claude.messages.create, model="openai/" + CHAT_MODEL, max_tokens=8, messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": long_id, "name": "f", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": long_id, "content": "sunny"}]}],
+            tools=[{"name": "f", "input_schema": {"type": "object"}}])
+        messages = [fake.requests[-1].body["messages"]]
+        await in_thread(sdk.responses.create, model="openai/" + CHAT_MODEL, tools=[_function("f")], input=[
+            {"type": "message", "role": "user", "content": "weather?"},
+            {"type": "function_call", "call_id": long_id, "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": long_id, "output": "sunny"}])
+        messages.append(fake.requests[-1].body["messages"])
+        for sent in messages:
+            [call_id] = [call["id"] for call in sent[1]["tool_calls"]]
+            assert len(call_id) <= 40 and sent[2]["tool_call_id"] == call_id
+    finally:
+        await stop_all(gw, fake, clients=[claude, sdk])

@@ -57,6 +57,7 @@ from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
 from gomodel.routing.affinity import affinity_key
+from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.upstream.errors import upstream_error, with_retry_after, without_address
 
 MESSAGES = b"/v1/messages"
@@ -452,12 +453,14 @@ def chat_for(provider, chat: dict, extras: dict) -> dict:
     """The translated chat body C{chat} (L{messages_to_chat}'s) as C{provider} takes it: with vLLM's fields
     (C{extras}, L{vllm_fields}) for a vLLM, else without them (L{without_vllm_fields}; past thinking kept for
     the types of L{REASONING_BACK_TYPES}); its C{max_tokens} as C{max_completion_tokens} for the types of
-    L{MAX_COMPLETION_TYPES}."""
+    L{MAX_COMPLETION_TYPES}; its tool call ids short for the types of L{SHORT_ID_TYPES} (L{fit_call_ids})."""
     if provider.type in VLLM_CHAT_TYPES:
         return dict(chat, **extras)
     other = without_vllm_fields(chat, reasoning=provider.type in REASONING_BACK_TYPES)
     if provider.type in MAX_COMPLETION_TYPES:
         other["max_completion_tokens"] = other.pop("max_tokens")
+    if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids, 46 characters, are too long for OpenAI)
+        fit_call_ids(other)
     return other
 
 

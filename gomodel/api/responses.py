@@ -31,6 +31,7 @@ from gomodel.responses_history import (continued, cut_short, error_hidden, error
                                       with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
+from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat, truncated
 from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
@@ -162,6 +163,8 @@ class ResponsesRoute:
             body = await with_history(self._store, body, previous)
         bound = "max_completion_tokens" if provider.type in MAX_COMPLETION_TYPES else "max_tokens"
         chat, tries = request_to_chat(body, bound), 0
+        if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids, 46 characters, are too long for OpenAI)
+            fit_call_ids(chat)
         while True:
             try:
                 return await self._translated(request, ctx, provider, body, echo, jsonutil.dumps(chat), stream, turn,
