@@ -116,8 +116,35 @@ class Pricing:
 def requested_tokens(body):
     """The output tokens a JSON request C{body} (bytes) asks for at most: its first C{max_tokens},
     C{max_completion_tokens} or C{max_output_tokens} (the body's own, not one inside a message, a tool's
-    input or a schema), or None when it sends none. Read without parsing the body where the first such
-    field is the body's own (L{_own}); else parsed (a body that is no JSON object: that field's number)."""
+    input or a schema) for each of the sequences it asks to generate (L{_sequences}: C{n}, C{best_of}), or None
+    when it sends none. Read without parsing the body where the first such field is the body's own (L{_own}) and
+    no C{n} nor C{best_of} is in it; else parsed (a body that is no JSON object: that field's number)."""
+    asked = _asked(body)
+    if asked is None or body.find(b'"n"') < 0 and body.find(b'"best_of"') < 0:  # (most bodies: one sequence)
+        return asked
+    return asked * _sequences(body)
+
+
+def _sequences(body) -> int:
+    """The sequences a JSON request C{body} has generated: its own C{n} (chat, completions: each a choice) or
+    C{best_of} (completions: the best C{n} of that many), the larger; 1 where it says neither (or no number)."""
+    try:
+        parsed = jsonutil.loads(body)
+    except (jsonutil.JSONError, ValueError, TypeError):
+        return 1
+    if parsed.__class__ is not dict:
+        return 1
+    counts = [value for value in (parsed.get("n"), parsed.get("best_of"))
+              if value.__class__ is int and 1 <= value <= _MAX_SEQUENCES]
+    return max(counts, default=1)
+
+
+# The most sequences one request is counted to generate (a larger C{n} is the upstream's to refuse).
+_MAX_SEQUENCES = 1024
+
+
+def _asked(body):
+    """The output tokens of one sequence of C{body} (L{requested_tokens})."""
     start = body.find(b'"max_') if body else -1  # most bodies send none: one scan in C, not the regex's
     if start < 0:
         return None
