@@ -852,7 +852,7 @@ def _request(gate, principal, max_tokens=8, used=None, limited=True):
     from gomodel.http.headers import AnswerHeaders
 
     ctx = SimpleNamespace(principal=principal, admission=None, budgets=None, usage=None, replica=0, provider="vllm",
-                          upstream_model="m")
+                          upstream_model="m", started=gate._limiter.clock.seconds())
     request = SimpleNamespace(responseHeaders=AnswerHeaders())
     fired(gate.admit(request, ctx, _Upstream(), _Call(max_tokens, limited)))
     if used is not None:
@@ -961,6 +961,32 @@ def test_a_lane_made_before_a_sweep_or_a_periods_end_is_not_used_after(clock):
     clock.advance(86400)  # a new day: the budget's sum starts again
     _request(gate, key, used=3)
     assert fired(gate._book.spent(spent)) == [(3, 0.0)]
+
+
+@pytest.mark.parametrize("sweep_every", [None, 2], ids=["lane", "swept"])
+def test_a_request_ending_in_the_next_period_is_charged_to_the_one_it_started_in(clock, sweep_every):
+    """A request begun before midnight and ending after it is charged to the day it began, as the usage
+    ledger dates it (by its start), by its lane or by the book (its lane's cells swept meanwhile); before, to
+    the new day, whose sum then disagreed with the ledger (a restart or an edit seeded it without it)."""
+    counters = LocalCounters(clock) if sweep_every is None else LocalCounters(clock, sweep_every=sweep_every)
+    gate, key = _gate(counters, clock), _key(rpm=1000)
+    day = [("key:k_1", Budget("daily", max_tokens=100))]
+    clock.advance(86400 - 1)  # 23:59:59 of the first day
+    late, _ = _request(gate, key)
+    clock.advance(2)  # the next day
+    _request(gate, key, used=3)
+    late.usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
+    gate.completed(late)
+    assert fired(gate._book.spent(day)) == [(3, 0.0)]
+    assert counters.spent_all_now([f"budget|key:k_1|daily|{int(T0)}"]) == [(10, 0.0)]
+    # Begun before midnight (its head read), admitted after it by the new day's lane: the day it began, too.
+    clock.advance(86400)  # 00:00:01 of the third day
+    ctx, _ = _request(gate, key)
+    ctx.started = clock.seconds() - 2
+    ctx.usage = {"prompt_tokens": 6, "completion_tokens": 1, "total_tokens": 7}
+    gate.completed(ctx)
+    assert counters.spent_all_now([f"budget|key:k_1|daily|{int(T0) + 86400}"]) == [(3 + 7, 0.0)]
+    assert fired(gate._book.spent(day)) == [(0, 0.0)]
 
 
 @pytest.mark.parametrize("limit", [RateLimit(rpm=4, tpm=40), RateLimit(tpm=36), RateLimit(rpm=4, rph=5, tpm=60, tph=70)],

@@ -288,6 +288,26 @@ async def test_budgets_across_a_period_boundary_shared_by_two_processes(reactor,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_request_begun_before_a_periods_end_is_charged_to_that_period(reactor, make):
+    """A request that started before the hour's end and ended after it is charged to the hour it began in, as
+    the usage ledger dates it (before: to the new hour, whose sum then disagreed with the ledger)."""
+    clock = Clock()
+    tomorrow, _ = period_window("daily", reactor.seconds() + 86400)  # (ahead of Redis's clock: see above)
+    clock.rightNow = tomorrow + 12 * 3600 + 59 * 60 + 59
+    book = BudgetBook(make(), clock, seed=lambda scope, since: (0, 0.0))
+    scopes = [("key:k", [Budget("hourly", max_tokens=100)])]
+    await book.check(scopes)
+    started = clock.seconds()
+    clock.advance(2)  # a new hour
+    await book.check(scopes)
+    await book.record(scopes, 100, None, at=started)
+    await book.check(scopes)  # the new hour's 100 are whole
+    clock.rightNow = started
+    with pytest.raises(BudgetExceeded):  # the old hour's are spent
+        await book.check(scopes)
+
+
+@pytest_twisted.ensureDeferred
 async def test_shared_budget_sums_start_from_the_ledger_once_and_again_when_redis_loses_them(
         reactor, make, client, prefix):
     """Two processes: the first to check a budget sets its sum from the usage ledger (a budget added

@@ -188,13 +188,13 @@ class BudgetBook:
             self._judge(self._counters.spent_all_now(current.buckets), current, self._clock.seconds())
         return True
 
-    def current_now(self, scopes):
-        """The L{_Current} periods of C{scopes} now, their sums' cells live (L{_Current.spent} and
+    def current_now(self, scopes, at=None):
+        """The L{_Current} periods of C{scopes} now (or at C{at}), their sums' cells live (L{_Current.spent} and
         L{_Current.charge} answer at once), on counters that answer at once with every period seeded;
         else None (L{check} and L{record} seed first)."""
         if not self._counters.immediate:
             return None
-        current = self._current(scopes, self._clock.seconds())
+        current = self._current(scopes, self._clock.seconds() if at is None else at)
         if not current.seeded and self._unseeded(current):
             return None
         if current.epoch != self._counters.epoch:
@@ -288,19 +288,23 @@ class BudgetBook:
             return [await self._ledger(scope, start) for scope, _, _, start, _ in current.rows]
         return sums
 
-    def record(self, scopes, tokens: int, cost):
-        """Add a finished request's C{tokens} and C{cost} (None: unknown, counts 0) to every scope's periods.
+    def record(self, scopes, tokens: int, cost, at=None):
+        """Add a finished request's C{tokens} and C{cost} (None: unknown, counts 0) to every scope's periods
+        at C{at} (when it started, as the usage ledger dates it: a request begun before a period's end is
+        charged to that period; None: now).
 
         @return: None when done at once (local counters, periods seeded: nothing to wait for on every
             request), else a Deferred firing with None once the counters have it.
         """
         if not scopes:
             return None
-        current = self.current_now(scopes)
+        now = self._clock.seconds()
+        when = now if at is None or at > now else at
+        current = self.current_now(scopes, when)
         if current is not None:
             current.charge(int(tokens or 0), float(cost or 0.0))
             return None
-        current = self._current(scopes, self._clock.seconds())
+        current = self._current(scopes, when)
         if not current.seeded and self._unseeded(current):
             if self._seed_counts_kept and not self._counters.shared:  # the seed of the others will count it
                 return self._spend(current, tokens, cost, [item for item in current.sums if item[0] in self._seeded])

@@ -349,7 +349,7 @@ class Gate(Periodic):
             if not admission:
                 return
             ctx.admission = ()
-            if admission[0].finish(admission, used, charged, cost):
+            if admission[0].finish(admission, used, charged, cost, ctx.started):
                 return  # settled and charged at once, by the lane that admitted it
         elif admission is not None:
             if self._limiter.immediate:
@@ -359,8 +359,9 @@ class Gate(Periodic):
         if charged:
             # The budgets as its admission checked them (a lane's are its own): a reset, or a path's budgets
             # edited, while it ran leaves it in the sums it was admitted under, as the usage ledger counts it
-            # (by when it started), a key's own budgets too (its principal is the one it came with).
-            self._record(principal, used, cost, ctx.budgets)
+            # (by when it started), a key's own budgets too (its principal is the one it came with); and in the
+            # periods it started in, where it ended in the next (a stream across midnight is the day's it began).
+            self._record(principal, used, cost, ctx.budgets, ctx.started)
 
     def _failed(self, failure, what):
         self.log.failure(what, failure)
@@ -375,12 +376,13 @@ class Gate(Periodic):
             cost = self._pricing.costs(model, tokens_by_type(usage), seconds)[2] if self._pricing and model else None
             self._record(principal, used, cost)
 
-    def _record(self, principal, used, cost, scopes=None):
-        """Charge C{used} tokens and C{cost} to C{scopes} (None: C{principal}'s budgets as they are now)."""
+    def _record(self, principal, used, cost, scopes=None, at=None):
+        """Charge C{used} tokens and C{cost} to C{scopes} (None: C{principal}'s budgets as they are now), in
+        their periods at C{at} (None: now)."""
         if scopes is None:
             scopes = self.budget_scopes(principal)
         if scopes:
-            recording = self._book.record(scopes, used, cost)
+            recording = self._book.record(scopes, used, cost, at)
             if recording is not None:
                 recording.addErrback(self._failed, "charging a budget")
 

@@ -135,7 +135,7 @@ class Lane:
                 return
             cell[0] += tokens if by_tokens else 1
 
-    def finish(self, ticket, used: int, charge: bool, cost) -> bool:
+    def finish(self, ticket, used: int, charge: bool, cost, started=None) -> bool:
         """Settle C{ticket}'s reservation (a ticket of L{admit}) with the C{used} tokens, free its slots and,
         with C{charge}, add C{used} and C{cost} (None: unknown, counts 0) to its budgets' sums. Once per
         ticket (the gate marks a request's settled on its context).
@@ -144,8 +144,12 @@ class Lane:
         token buckets by name (L{gomodel.limits.counters.LocalCounters.settle_now}); its slots' cells,
         held, are still the live ones.
 
-        @return: whether the budgets were charged (or C{charge} was not asked); False when its budget
-            periods have passed, or it has none: the caller charges through the budget book.
+        The budgets are charged in the periods the request began in (C{started}, as the usage ledger dates it;
+        None: those it was admitted in), ended since or not.
+
+        @return: whether the budgets were charged (or C{charge} was not asked); False when its cells are no
+            longer the counters' own, it has no budgets or it began before its periods: the caller charges
+            through the budget book.
         """
         counters = self._counters
         now = self._clock.seconds()
@@ -175,8 +179,8 @@ class Lane:
         if not charge:
             return True
         sums = self._sums
-        if sums is None or not self._first <= now < self._until:
-            return False
+        if sums is None or (started is not None and not self._first <= started < self._until):
+            return False  # (begun before its periods: charged in those it began in, by the book)
         cost = cost or 0.0
         for cell in sums:  # (L{gomodel.limits.budgets._Current.charge})
             cell[0] += used
