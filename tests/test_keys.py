@@ -180,6 +180,10 @@ async def test_user_paths_are_gomodels_a_dot_or_an_at_sign_in_a_segment_included
     ({"name": "x", "budgets": [{"period": "daily", "max_tokens": 5, "max_cost": 1}]}, "budgets"),
     ({"name": "x", "budgets": [{"period": "daily", "max_cost": -1}]}, "budgets"),
     ({"name": "x", "secret": "mine"}, "secret"),
+    # a NUL no store keeps (PostgreSQL refused it without naming the field, SQLite kept it), a name on one line
+    ({"name": "a\x00b"}, "name"),
+    ({"name": "alpha\nbeta"}, "name"),
+    ({"name": "x", "description": "a\x00b"}, "description"),
     # numbers past what the stores' columns hold (a 500 from the store before), or a float holds exactly
     ({"name": "x", "rpm": 2**63}, "rpm"),
     ({"name": "x", "tpm": 2**53}, "tpm"),

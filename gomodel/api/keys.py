@@ -234,8 +234,8 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
     fields = {}
     if "name" in body or creating:
         name = body.get("name")
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise _bad("name", "must be a non-empty string of at most 200 characters")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200 or _CONTROL.search(name.strip()):
+            raise _bad("name", "must be a non-empty string of at most 200 characters, none a control character")
         fields["name"] = name.strip()
     if "description" in body:
         fields["description"] = _optional_text(body, "description", 2000)
@@ -379,8 +379,8 @@ def _selectors(value, name):
 
 def _optional_text(body, name, limit):
     value = body[name]
-    if value is not None and (not isinstance(value, str) or len(value) > limit):
-        raise _bad(name, f"must be a string of at most {limit} characters, or null")
+    if value is not None and (not isinstance(value, str) or len(value) > limit or "\x00" in value):
+        raise _bad(name, f"must be a string of at most {limit} characters (no NUL), or null")
     return value
 
 
