@@ -270,6 +270,34 @@ async def test_numbers_past_a_float_are_400s_on_create_and_update(http, gw, text
 
 
 @pytest_twisted.ensureDeferred
+async def test_reading_what_budgets_spent_keeps_nothing_per_read(http, gw):
+    """A listing of the keys, of the budgets by path and a key's own C{/v1/usage} each read what every budget
+    spent and keep nothing of it (before, the budget book kept each read's periods, until 10,000 reads were
+    kept: megabytes for each listing of a thousand keys with budgets, which the dashboard's pages make)."""
+    budgets = [{"period": "daily", "max_tokens": 1000}, {"period": "monthly", "max_cost": 5}]
+    keys = [await new_key(http, gw, name=f"k{i}", user_path="/team", budgets=budgets) for i in range(3)]
+    code, _ = await admin(http, gw, "PUT", "/admin/api/v1/budgets", {"user_path": "/team", "period": "daily",
+                                                                     "max_tokens": 10000})
+    assert code == 200
+    client = openai_client(gw, keys[0]["value"])
+    try:
+        await chat(client)
+    finally:
+        client.close()
+    book = gw.service.gate._book
+    kept = len(book._currents)
+    for _ in range(5):
+        code, listed = await admin(http, gw, "GET", KEYS)
+        assert code == 200 and listed["data"][0]["budgets"][0]["spent_tokens"] == 21
+        code, _ = await admin(http, gw, "GET", "/admin/api/v1/budgets")
+        assert code == 200
+        response = await http.get(gw.url + "/v1/usage", headers={"authorization": f"Bearer {keys[0]['value']}"})
+        assert response.code == 200
+        await treq.content(response)
+    assert len(book._currents) == kept
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_key_list_pages_with_limit_and_after(http, gw):
     made = [(await new_key(http, gw, name=f"k{i}"))["id"] for i in range(5)]
     code, listed = await admin(http, gw, "GET", KEYS)  # without limit: every key, oldest first

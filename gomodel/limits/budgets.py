@@ -104,12 +104,14 @@ class BudgetBook:
             window = self._windows[period] = period_window(period, now)
         return window
 
-    def _current(self, scopes, now):
+    def _current(self, scopes, now, keep=True):
         """The L{_Current} periods of C{scopes} at C{now}.
 
-        Kept per C{scopes} object (a key's are the same list on every request) while its periods last.
+        Kept per C{scopes} object (a key's are the same list on every request) while its periods last; not
+        with C{keep} false (a list made for one read, L{spent}: kept, every listing of the keys held its
+        own until 10,000 were, megabytes each for a thousand keys with budgets).
         """
-        cached = self._currents.get(id(scopes))
+        cached = self._currents.get(id(scopes)) if keep else None
         if cached is not None and cached.scopes is scopes and cached.first <= now < cached.last:
             return cached
         rows = []
@@ -123,9 +125,11 @@ class BudgetBook:
                     rows.append((scope, budget, f"budget|{scope}|{budget.period}|{since!r}", since, end))
                 else:
                     rows.append((scope, budget, f"budget|{scope}|{budget.period}|{int(start)}", start, end))
-        if len(self._currents) > 10000:
-            self._currents.clear()
-        current = self._currents[id(scopes)] = _Current(scopes, rows, self._margin)
+        current = _Current(scopes, rows, self._margin)
+        if keep:
+            if len(self._currents) > 10000:
+                self._currents.clear()
+            self._currents[id(scopes)] = current
         return current
 
     def _unseeded(self, current) -> bool:
@@ -274,7 +278,7 @@ class BudgetBook:
 
         @return: a list of C{(tokens, cost)}, in order.
         """
-        current = self._current([(scope, (budget,)) for scope, budget in pairs], self._clock.seconds())
+        current = self._current([(scope, (budget,)) for scope, budget in pairs], self._clock.seconds(), keep=False)
         if self._seed is not None:
             await self._seed_all(current)
         if self._seed is None or not self._counters.shared:
