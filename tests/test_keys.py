@@ -326,6 +326,19 @@ async def test_expires_at_takes_unix_seconds(http, gw):
     assert key["expires_at"] == "3000-01-01T00:00:00Z"
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("2999-01-01T00:00:00Z", "2999-01-01T00:00:00Z"),
+    ("2999-01-01t00:00:00z", "2999-01-01T00:00:00Z"),  # (RFC 3339's lower case: a 400 before)
+    ("2999-01-01T05:30:00+05:30", "2999-01-01T00:00:00Z"),
+    ("2999-01-01T00:00:00.123456789-01:00", "2999-01-01T01:00:00Z"),  # (Go's RFC 3339 with nanoseconds)
+    ("2999-01-01T00:00:00", "2999-01-01T00:00:00Z"),  # (no offset: UTC)
+])
+@pytest_twisted.ensureDeferred
+async def test_expires_at_takes_rfc_3339s_forms(http, gw, text, shown):
+    key = await new_key(http, gw, expires_at=text)
+    assert key["expires_at"] == shown
+
+
 # -- using a key ---------------------------------------------------------------------------
 
 

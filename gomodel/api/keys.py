@@ -30,6 +30,7 @@ _LATEST = 253402300799  # 9999-12-31T23:59:59Z
 LIST_LIMIT_MAX = 1000  # keys on one page of the list, when it asks for pages (C{limit})
 MODELS_MAX, MODEL_CHARS_MAX = 1000, 256  # a key's model selectors, and the characters of one
 _INTEGER_LIMITS = {"rpm": COUNT_MAX, "tpm": COUNT_MAX, "max_concurrency": _INT_MAX}
+_UTC_SUFFIX = re.compile("[Zz]$")  # (RFC 3339's Z, in either case)
 _CONTROL = re.compile("[\x00-\x1f\x7f]")  # (no store keeps a NUL; no header or log line holds a newline)
 
 
@@ -304,7 +305,7 @@ def expiry(value, now: float):
         seconds = int(value)
     elif isinstance(value, str):
         try:
-            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            moment = datetime.fromisoformat(_UTC_SUFFIX.sub("+00:00", value.strip()))
         except ValueError:
             raise _bad("expires_at", "must be ISO 8601 (2027-01-31T00:00:00Z) or Unix seconds") from None
         if moment.tzinfo is None:
