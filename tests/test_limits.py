@@ -523,6 +523,19 @@ def test_a_ledger_that_cannot_be_read_is_asked_again_only_after_a_while_and_said
     assert calls == ["key:k", "key:k"] and [e["log_level"] for e in events] == [LogLevel.warn, LogLevel.info]
 
 
+def test_a_single_process_keeps_nothing_of_its_ended_periods(counters, clock):
+    """One process on its own counters (no other process to follow: SQLite without C{--workers}) keeps what it
+    seeded of each period only while that period lasts (before, one entry a scope and period for good: an hourly
+    budget per key grew the process by each key's 24 a day, for as long as it ran)."""
+    book = BudgetBook(counters, clock, seed=lambda scope, since: (0, 0.0))
+    keys = [[(f"key:k_{i}", [Budget("hourly", max_tokens=100)])] for i in range(10)]
+    for _ in range(24 * 30):  # a month of hours, each key's budget seeded in each
+        for scopes in keys:
+            fired(book.check(scopes))
+        clock.advance(3600)
+    assert len(book._own) <= 4097  # (7,200 before)
+
+
 def test_seeding_resumes_from_the_ledger_once_per_scope_and_period(counters, clock):
     clock.rightNow = utc(2026, 3, 18, 12)
     calls = []

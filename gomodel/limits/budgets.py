@@ -61,6 +61,9 @@ from gomodel.limits.specs import counted_start, period_window
 SEED_RETRY = 5.0
 # Seconds a budget's figure read from the usage ledger stands while shared counters cannot be reached.
 LEDGER_FRESH = 1.0
+# Sums seeded here (of local counters) held before those of periods that ended are dropped: where no other
+# process is followed (L{BudgetBook.follow}, which drops them too), nothing else would.
+OWN_KEPT = 4096
 
 
 class BudgetBook:
@@ -85,6 +88,7 @@ class BudgetBook:
         self._ledger_reading = {}  # bucket -> Deferreds waiting for that read
         self._own = {}  # bucket -> (scope, start, expires) of each sum of local counters seeded here
         self._followed = {}  # bucket -> its (tokens, cost) when last raised to the ledger's (L{follow})
+        self._own_kept = OWN_KEPT  # how many of those it holds before it drops those of ended periods
 
     def renew(self, scope):
         """The budgets of C{scope} were set, changed or removed: seed its sums again from the usage ledger at
@@ -443,6 +447,11 @@ class BudgetBook:
                 await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
             self._own[bucket] = (scope, start, expires)
             self._followed.pop(bucket, None)
+            if len(self._own) > self._own_kept:  # (L{follow} drops ended periods, where it runs; alone, this does)
+                now = self._clock.seconds()
+                self._own = {b: own for b, own in self._own.items() if own[2] is None or own[2] > now}
+                self._followed = {b: sums for b, sums in self._followed.items() if b in self._own}
+                self._own_kept = max(OWN_KEPT, 2 * len(self._own))
         self._seeded[bucket] = expires
         if len(self._seeded) > 4096:
             now = self._clock.seconds()
