@@ -51,6 +51,21 @@ async def test_keys_are_added_changed_listed_and_followed(reactor, store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_edit_after_the_clock_stepped_back_is_still_the_newest(reactor, store):
+    """A key's updated_at only grows, whatever the clock does: the key rings of the other processes ask for what
+    changed since the newest they saw (a few seconds back), so an edit stamped earlier (the clock stepped back by
+    more: NTP, a resumed VM) was never read there, a deactivation included, until they restarted."""
+    keys = store.keys
+    first = await keys.add(key("k_1"))
+    store.clock.advance(-60)
+    added = await keys.add(key("k_2"))
+    deactivated = await keys.update("k_1", {"deactivated_at": 1234})
+    edited = await keys.edit("k_2", lambda record: {"rpm": 5})
+    assert first["updated_at"] < added["updated_at"] < deactivated["updated_at"] < edited["updated_at"]
+    assert [k["id"] for k in await keys.changed_since(first["updated_at"] - 5)] == ["k_1", "k_2"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_budgets_are_put_replaced_and_deleted(store):
     budgets = store.budgets
     verifyObject(IBudgetStore, budgets)

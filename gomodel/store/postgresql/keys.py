@@ -18,6 +18,9 @@ KEY_COLUMNS = ("id", "hash", "redacted", "name", "description", "user_path", "cr
 _JSON = ("models", "budgets", "metadata", "budget_resets")
 _SELECT = f"SELECT {', '.join(KEY_COLUMNS)} FROM auth_keys"
 NOW = "extract(epoch FROM clock_timestamp())::double precision"
+# An edit's updated_at: the database's clock, or just after the newest where that clock stepped back behind it (the
+# key rings ask for what changed since the newest they saw: an edit stamped before it was never read there).
+_STAMP = f"GREATEST({NOW}, COALESCE((SELECT MAX(updated_at) FROM auth_keys), 0) + 0.001)"
 
 
 @implementer(IKeyStore)
@@ -34,7 +37,7 @@ class PostgreSQLKeyStore:
     def _add(conn, record):
         names = [name for name in KEY_COLUMNS if name != "updated_at"]
         row = conn.execute(
-            f"INSERT INTO auth_keys ({', '.join(names)}, updated_at) VALUES ({', '.join('%s' for _ in names)}, {NOW}) "
+            f"INSERT INTO auth_keys ({', '.join(names)}, updated_at) VALUES ({', '.join('%s' for _ in names)}, {_STAMP}) "
             f"RETURNING {', '.join(KEY_COLUMNS)}", [_column(name, record.get(name)) for name in names]).fetchone()
         return _record(row)
 
@@ -55,7 +58,7 @@ class PostgreSQLKeyStore:
     @staticmethod
     def _update(conn, key_id, changes):
         names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "created_at", "updated_at")]
-        sets = [f"{n} = %s" for n in names] + [f"updated_at = {NOW}"]
+        sets = [f"{n} = %s" for n in names] + [f"updated_at = {_STAMP}"]
         row = conn.execute(f"UPDATE auth_keys SET {', '.join(sets)} WHERE id = %s RETURNING {', '.join(KEY_COLUMNS)}",
                            [_column(n, changes[n]) for n in names] + [key_id]).fetchone()
         return _record(row) if row is not None else None

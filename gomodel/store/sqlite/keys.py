@@ -24,8 +24,9 @@ class SQLiteKeyStore:
         return self._db.run(self._add, dict(record, updated_at=self._db.now()))
 
     def _add(self, record):
-        values = [_column(name, record.get(name)) for name in KEY_COLUMNS]
         with self._db.transaction() as conn:
+            record["updated_at"] = _after_newest(conn, record["updated_at"])
+            values = [_column(name, record.get(name)) for name in KEY_COLUMNS]
             conn.execute(f"INSERT INTO auth_keys ({', '.join(KEY_COLUMNS)}) VALUES ({', '.join('?' * len(values))})",
                          values)
         return self._get(record["id"])
@@ -64,9 +65,17 @@ class SQLiteKeyStore:
             f"{_SELECT} WHERE updated_at > ? ORDER BY updated_at", (updated_at,))])
 
 
+def _after_newest(conn, now) -> float:
+    """C{now}, or just after the newest C{updated_at} where the clock stepped back behind it: the key rings ask
+    for what changed since the newest they saw, and an edit stamped before it was never read (a deactivation
+    too, on every other process)."""
+    newest = conn.execute("SELECT MAX(updated_at) FROM auth_keys").fetchone()[0]
+    return now if newest is None or now > newest else newest + 0.001
+
+
 def _write(conn, key_id, changes, now) -> bool:
     """Set C{changes} and C{updated_at} on the key; whether there is one."""
-    changes["updated_at"] = now
+    changes["updated_at"] = _after_newest(conn, now)
     names = [name for name in changes if name in KEY_COLUMNS and name not in ("id", "created_at")]
     return conn.execute(f"UPDATE auth_keys SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
                         [_column(n, changes[n]) for n in names] + [key_id]).rowcount > 0
