@@ -227,6 +227,21 @@ async def test_models_and_metadata_up_to_their_caps_are_kept(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_patch_null_sets_a_field_back_to_its_default_own_cache_salt_too(http, gw):
+    """C{null} in a PATCH sets a field back to its default, as for every other optional field: C{own_cache_salt}'s
+    is false (before, a 400, so a client sending the whole key with nulls for what it left unset was refused)."""
+    key = await new_key(http, gw, own_cache_salt=True, rpm=5, description="d", priority=1)
+    code, got = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {
+        "own_cache_salt": None, "rpm": None, "description": None, "priority": None})
+    assert code == 200, got
+    assert (got["own_cache_salt"], got["rpm"], got["description"], got["priority"]) == (False, None, None, None)
+    code, made = await admin(http, gw, "POST", KEYS, {"name": "n", "own_cache_salt": None})
+    assert code == 201 and made["own_cache_salt"] is False
+    code, error = await admin(http, gw, "PATCH", f"{KEYS}/{key['id']}", {"own_cache_salt": "yes"})
+    assert (code, error["error"]["param"]) == (400, "own_cache_salt")
+
+
+@pytest_twisted.ensureDeferred
 async def test_models_and_allowed_models_are_one_field(http, gw):
     key = await new_key(http, gw, models=["vllm/"], allowed_models=[" vllm/"])
     assert (key["models"], key["allowed_models"]) == (["vllm/"], ["vllm/"])

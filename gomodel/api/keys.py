@@ -269,10 +269,10 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
             fields["metadata"] = check_metadata(body["metadata"])  # (OpenAI's rule)
         except ValueError as e:
             raise _bad("metadata", f"{e}, or null") from None
-    if "own_cache_salt" in body:
-        if not isinstance(body["own_cache_salt"], bool):
-            raise _bad("own_cache_salt", "must be true or false")
-        fields["own_cache_salt"] = body["own_cache_salt"]
+    if "own_cache_salt" in body:  # (null: its default, false, as null is every other field's)
+        if body["own_cache_salt"] is not None and not isinstance(body["own_cache_salt"], bool):
+            raise _bad("own_cache_salt", "must be true or false, or null (false)")
+        fields["own_cache_salt"] = bool(body["own_cache_salt"])
     return fields
 
 
