@@ -430,6 +430,40 @@ async def test_a_rotated_key_keeps_its_id_and_what_it_made_under_a_new_secret(re
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_keys_requests_in_flight_end_as_they_began_whatever_befalls_the_key(reactor, http, gw, two):
+    """A request admitted before its key was deactivated, rotated or stripped of its model runs to its end (and is
+    charged); the next one is refused, at once on this process."""
+    upstream, _ = two
+    keys = {what: await new_key(http, gw, name=what, budgets=[{"period": "daily", "max_tokens": 10000}])
+            for what in ("deactivate", "rotate", "models")}
+    upstream.holding = True
+    try:
+        clients = {what: openai_client(gw, key["value"]) for what, key in keys.items()}
+        held = {}
+        for what, client in clients.items():
+            arrived = upstream.next_request()
+            held[what] = Deferred.fromCoroutine(chat(client, extra_body={"fake_hold": True}))
+            await arrived
+        await admin(http, gw, "POST", f"{KEYS}/{keys['deactivate']['id']}/deactivate")
+        await admin(http, gw, "POST", f"{KEYS}/{keys['rotate']['id']}/rotate")
+        await admin(http, gw, "PATCH", f"{KEYS}/{keys['models']['id']}", {"models": ["openai-other/"]})
+        upstream.release_holds()
+        for what in held:
+            assert (await held[what]).choices[0].message.content
+        for what, refusal in (("deactivate", openai.AuthenticationError), ("rotate", openai.AuthenticationError),
+                              ("models", openai.PermissionDeniedError)):
+            with pytest.raises(refusal):
+                await chat(clients[what])
+        for key in keys.values():
+            code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+            assert view["budgets"][0]["spent_tokens"] == 21  # (charged as it ended)
+    finally:
+        upstream.release_holds()
+        for client in clients.values():
+            client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_deactivation_reaches_another_process_on_its_next_refresh(reactor, http, gw, two, tmp_path):
     other = await start_gateway(reactor, {"VLLM_BASE_URL": two[0].base_url, "GOMODEL_MASTER_KEY": MASTER,
                                           "GOMODEL_DATA_DIR": str(tmp_path)})
