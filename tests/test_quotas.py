@@ -641,6 +641,21 @@ async def _done_in_background(http, gw, fake, max_tokens=20):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_responses_reservation_stays_taken_from_its_keys_tpm(http, gw, fake):
+    """A background response's create is answered queued, without usage, while it generates on at its instance:
+    what it reserved of its key's tokens a minute stays taken (before, the create was settled as having used
+    nothing: a key of tpm 300 launched any number of background responses of 250 output tokens each)."""
+    key = await new_key(http, gw, tpm=300)
+    headers = {"authorization": f"Bearer {key['value']}", "content-type": "application/json"}
+    body = json.dumps({"model": MODEL, "input": "long job", "background": True, "max_output_tokens": 250}).encode()
+    response = await http.post(gw.url + "/v1/responses", data=body, headers=headers)
+    assert response.code == 200 and json.loads(await treq.content(response))["status"] == "queued"
+    response = await http.post(gw.url + "/v1/responses", data=body, headers=headers)
+    error = json.loads(await treq.content(response))["error"]
+    assert (response.code, error["code"], error["type"]) == (429, "rate_limit_exceeded", "tokens")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_background_response_is_charged_when_it_is_read_finished(http, gw, fake):
     """Its create's answer (queued) has no usage: the read that finds it finished at its instance records and
     charges what it used, once (before, a background response cost nothing)."""

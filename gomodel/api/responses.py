@@ -273,6 +273,8 @@ class ResponsesRoute:
         if explicit:
             transform = partial(relink, turn.previous_id, transform)
         transform = partial(error_hidden, provider, transform)
+        if body.get("background") is True and self._gate is not None:
+            transform = partial(_queued, partial(self._gate.reservation_stays, ctx), transform)
         call = UpstreamCall("/responses", jsonutil.dumps(body), transform=transform,
                             vet=vet, model=body["model"], prefer=prefer, affinity=affinity)
         return await self._exchange.relay(request, ctx, provider, call)
@@ -552,6 +554,18 @@ def _input_tokens(answer: bytes) -> bytes:
     """
     count = count_tokens_answer(jsonutil.loads(answer))["input_tokens"]
     return jsonutil.dumps({"object": "response.input_tokens", "input_tokens": count})
+
+
+def _queued(hold, then, answer: bytes) -> bytes:
+    """C{answer}, a background create's, passed on to C{then}; where it is queued or in progress without usage (it
+    generates on at its instance), C{hold}() keeps what its admission reserved of its key's token windows taken."""
+    try:
+        response = jsonutil.loads(answer)
+    except jsonutil.JSONError:
+        response = None
+    if response.__class__ is dict and response.get("status") in ("queued", "in_progress") and not response.get("usage"):
+        hold()
+    return then(answer)
 
 
 def _branch(d: Deferred) -> Deferred:

@@ -363,6 +363,16 @@ class Gate(Periodic):
             # periods it started in, where it ended in the next (a stream across midnight is the day's it began).
             self._record(principal, used, cost, ctx.budgets, ctx.started)
 
+    def reservation_stays(self, ctx):
+        """C{ctx}'s request goes on at its upstream after its answer (a background response answered queued,
+        without usage): what its admission reserved of its token windows stays taken when it completes, as its
+        generation's, rather than given back as unused (its usage is charged to the budgets once it is over)."""
+        admission = ctx.admission
+        if admission.__class__ is Ticket:
+            admission.tokens = 0  # (settled against nothing reserved: nothing is given back)
+        elif admission is not None:
+            admission.keep_reserved()
+
     def _failed(self, failure, what):
         self.log.failure(what, failure)
 

@@ -378,6 +378,10 @@ class Admission:
         """L{headers} as an answer's header lines (L{header_lines})."""
         return header_lines(self._header_plan, self._prepared.buckets, self._levels)
 
+    def keep_reserved(self):
+        """Keep the reservation taken whatever it is settled with (its request goes on upstream unanswered)."""
+        self._tokens = 0
+
     def settle(self, actual_tokens):
         """Charge the token buckets C{actual_tokens} instead of the reservation.
 
