@@ -262,10 +262,18 @@ class UpstreamAuthFailed(UpstreamError):
     status = 502
     code = "upstream_auth_failed"
 
-    def __init__(self, provider_name):
-        message = (f"The upstream provider '{provider_name}' refused the gateway's credentials (HTTP 401): its "
-                   "api_key in the gateway's configuration is wrong or revoked, for the gateway's operator to fix "
-                   "(the client's own key was accepted).")
+    def __init__(self, provider_name, scope=None):
+        """C{scope}: the upstream's own words where its 401 said the key lacks a permission or scope for this
+        operation (a restricted key, good for others: L{gomodel.upstream.errors.lacks_scope}), its addresses and
+        key left out; or None."""
+        if scope is None:
+            message = (f"The upstream provider '{provider_name}' refused the gateway's credentials (HTTP 401): its "
+                       "api_key in the gateway's configuration is wrong or revoked, for the gateway's operator to "
+                       "fix (the client's own key was accepted).")
+        else:
+            message = (f"The upstream provider '{provider_name}' refused this operation with the gateway's "
+                       "credentials (HTTP 401): its api_key lacks the permission (scope) it needs, for the "
+                       f"gateway's operator to grant (the client's own key was accepted). The provider said: {scope}")
         super().__init__(self.status, envelope(message, self.type, None, self.code), message)
         self.headers["x-should-retry"] = "false"
 

@@ -20,12 +20,17 @@ from tests.support import in_thread, start_gateway, stop_all, until, with_timeou
 GPT = "gpt-4o-mini"
 QUOTA = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
                    "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+SCOPES = {"error": {"message": "You have insufficient permissions for this operation. Missing scopes: model.request. "
+                               "Check that you have the correct role in your organization (Reader, Writer, Owner) and "
+                               "project (Member, Owner), and if you're using a restricted API key, that it has the "
+                               "necessary scopes.", "type": "invalid_request_error", "param": None, "code": None}}
 
 
 class FakeOpenAI(Resource):
     """An OpenAI-like upstream: its model list, and chat completions answered as C{mode} says: C{"ok"} (OpenAI's
     own check of tool call ids, at most 40 characters, first), C{"quota"} (429 C{insufficient_quota}) or
-    C{"hang"} (the request taken, its head never sent); C{"frozen"}: every request so (its model list too)."""
+    C{"hang"} (the request taken, its head never sent); C{"frozen"}: every request so (its model list too).
+    Embeddings are refused as a restricted project key's are: 401, missing scopes."""
 
     isLeaf = True
 
@@ -34,6 +39,7 @@ class FakeOpenAI(Resource):
         self.reactor = reactor
         self.mode = mode
         self.chats = []  # the bodies of the chat requests it got
+        self.embeddings = 0  # the embeddings requests it refused
         self.hung = []
         self.port = None
 
@@ -64,6 +70,9 @@ class FakeOpenAI(Resource):
             return server.NOT_DONE_YET
         if request.method == b"GET" and request.path == b"/v1/models":
             return self._json(request, 200, {"object": "list", "data": [{"id": GPT, "object": "model"}]})
+        if request.method == b"POST" and request.path == b"/v1/embeddings":
+            self.embeddings += 1
+            return self._json(request, 401, SCOPES)
         if request.method != b"POST" or request.path != b"/v1/chat/completions":
             return self._json(request, 404, {"error": {"message": "no", "type": "invalid_request_error"}})
         body = json.loads(request.content.read())
@@ -227,6 +236,34 @@ async def test_a_target_refusing_the_gateways_key_is_left_for_the_next(reactor, 
         assert [r.status for r in bad.inference_requests] == [401] and len(good.inference_requests) == 1
     finally:
         await stop_all(gw, good, bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_without_the_scope_of_one_endpoint_is_no_replica_failure(reactor, http):
+    """OpenAI's restricted project key answers 401 "insufficient permissions ... Missing scopes" for an endpoint
+    outside its scopes: the client gets the 502 upstream_auth_failed saying so, and the replica, which serves the
+    key's other endpoints, is neither struck nor asked again. Before, each such request counted as the replica's
+    failure: a few of them had the provider's only replica passed over (doubted) for everyone's chats."""
+    upstream = await FakeOpenAI(reactor).start()
+    gw = await start_gateway(reactor, {"OPENAI_API_KEY": "sk-gateway-key-0123", "OPENAI_MODELS": GPT,
+                                       "OPENAI_BASE_URL": upstream.base_url})
+    try:
+        for _ in range(4):
+            response = await http.post(gw.url + "/v1/embeddings", data=json.dumps({
+                "model": f"openai/{GPT}", "input": "hi"}).encode(), headers={"content-type": ["application/json"]})
+            error = jsonutil.loads(await treq.content(response))["error"]
+            assert response.code == 502 and error["code"] == "upstream_auth_failed", error
+            assert "scope" in error["message"] and "127.0.0.1" not in error["message"], error
+        response = await http.post(gw.url + "/p/openai/v1/embeddings", data=json.dumps({
+            "model": GPT, "input": "hi"}).encode(), headers={"content-type": ["application/json"]})
+        assert response.code == 401 and jsonutil.loads(await treq.content(response)) == SCOPES  # (as it came)
+        assert upstream.embeddings == 5
+        [replica] = gw.registry.provider("openai").replicas
+        assert replica.failures == 0 and not replica.doubted and replica.state == "ready"
+        response, body = await _chat(http, gw, f"openai/{GPT}")
+        assert response.code == 200, body
+    finally:
+        await stop_all(gw, upstream)
 
 
 # -- tool call ids OpenAI refuses -----------------------------------------------------------------------

@@ -11,7 +11,8 @@ itself: Responses lifecycle, batch lines). Both go through the same steps:
      up to C{ROUTING_MAX_ATTEMPTS} in all (the server retries a stale pooled
      connection once by itself); a 429 saying the account's quota is spent
      (L{out_of_quota}) only for a replica on another key or another target; one that answers 401 (it
-     refused the gateway's key: that replica's failure) for another one too,
+     refused the gateway's key: that replica's failure) for another one too, unless the 401 says the key
+     lacks that operation's scope (L{lacks_scope}: the replica is fine, the client gets the error),
   3. map every failure to a L{gomodel.errors.GatewayError},
   4. relay: a whole JSON body byte for byte (its usage noted; one past
      L{RESPONSE_BODY_LIMIT} as it comes), an event stream with
@@ -52,7 +53,8 @@ from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, S
 from gomodel.routing.pool import HOLD_MAX
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, BoundedCollector, discard, read_body, within
-from gomodel.upstream.errors import error_shown, hidden_in, out_of_quota, upstream_error, with_retry_after
+from gomodel.upstream.errors import (error_shown, hidden_in, lacks_scope, out_of_quota, upstream_error,
+                                     with_retry_after)
 
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
@@ -519,13 +521,17 @@ class Exchange:
                     if response.code < 300:  # (a success: its whole answer is the relay's to judge, a stream may break)
                         return response, replica, pool, model, sent, number
                     spent = False  # (a 429 saying the account's quota is spent: no rate limit, L{out_of_quota})
+                    refused = response.code == 401  # (its key for that replica refused: misconfigured, or revoked)
                     if response.code == 429:
-                        response, spent = await self._quota_spent(response)
+                        response, spent = await self._said(response, out_of_quota)
+                    elif refused:  # (not where the key lacks only this operation's scope: good for the others)
+                        response, scoped = await self._said(response, lacks_scope)
+                        refused = not scoped
                     if response.code >= 500:
                         # (one that asks to be left alone a while, Retry-After, is busy, as with its 429: not failing)
                         if response.code not in FAILOVER_STATUSES or RETRY_AFTER not in plain_headers(response.headers):
                             replica.failed(f"HTTP {response.code}")
-                    elif response.code == 401:  # (its key for that replica refused: misconfigured, or revoked)
+                    elif refused:
                         replica.failed("HTTP 401: it refused the gateway's key")
                     elif response.code != 429:  # (a 3xx or 4xx: the replica answered)
                         replica.succeeded()
@@ -542,7 +548,7 @@ class Exchange:
                         if retry_after is not None:
                             replica.asked_to_wait(retry_after[0])
                         why = f"HTTP {response.code}"
-                    elif response.code == 401:
+                    elif refused:
                         why = "HTTP 401: it refused the gateway's key"
                     elif response.code == 404 and model is not None and _forgot(pool, replica, model, response, tried):
                         why = f"HTTP 404: it has no {model} any more"
@@ -599,9 +605,9 @@ class Exchange:
         if ctx is not None:
             ctx.retries += 1
 
-    async def _quota_spent(self, response):
-        """C{(response, spent)}: a 429 C{response} (a stand-in, read again as it came, where its body had not all
-        come with its head) and whether its body says the account's quota is spent (L{out_of_quota})."""
+    async def _said(self, response, judge):
+        """C{(response, judged)}: an error C{response} (a stand-in, read again as it came, where its body had not
+        all come with its head) and what C{judge} (L{out_of_quota}, L{lacks_scope}) says of its status and body."""
         body = peek_body(response)
         if body is None:
             try:
@@ -609,10 +615,10 @@ class Exchange:
                                     self._timers)
             except CancelledError:
                 raise
-            except Exception:  # (too large, broke off, too slow: a 429 like any)
+            except Exception:  # (too large, broke off, too slow: an error like any of its status)
                 body = b""
             response = read_again(response, body)
-        return response, out_of_quota(429, body)
+        return response, judge(response.code, body)
 
     async def read(self, upstream, response, limit, ends=None):
         """The whole body of C{response}, within C{limit} bytes and the response-header timeout.

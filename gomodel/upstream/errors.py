@@ -53,7 +53,8 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
         reach the client, longest first; each is replaced by the provider's name (a key by L{REDACTED}).
     """
     if status == 401:  # (the gateway's key for the provider, not the client's: never relayed as a 401)
-        return UpstreamAuthFailed(provider_name)
+        said = _scope_missing(body)
+        return UpstreamAuthFailed(provider_name, None if said is None else _hidden(said, hide, provider_name))
     parsed = _parse(body)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if status == 429 and _spent(error):
@@ -94,6 +95,26 @@ def out_of_quota(status: int, body: bytes) -> bool:
         return False
     parsed = _parse(body)
     return _spent(parsed.get("error") if isinstance(parsed, dict) else None)
+
+
+def lacks_scope(status: int, body: bytes) -> bool:
+    """Whether an upstream's answer (C{status}, C{body}) is OpenAI's 401 for a restricted key used outside its
+    scopes ("insufficient permissions ... Missing scopes"): the key is good for its other endpoints, so the
+    replica that answered it is not failing (L{upstream_error} says so to the client)."""
+    return status == 401 and _scope_missing(body) is not None
+
+
+def _scope_missing(body: bytes):
+    """The message of a 401's C{body} saying the key lacks a permission or scope (L{lacks_scope}), or None."""
+    if body.find(b"scope") < 0 and body.find(b"permission") < 0:
+        return None
+    parsed = _parse(body)
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str):
+        return None
+    lowered = message.lower()
+    return message if "missing scopes" in lowered or "insufficient permissions" in lowered else None
 
 
 def _spent(error) -> bool:
