@@ -170,6 +170,32 @@ async def test_a_spent_quota_fails_over_to_another_target_and_is_passed_over_the
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_spent_quota_is_logged_as_one_not_as_a_retry_after(reactor, http):
+    """The replica passed over for its spent quota is logged so. Before, the log said it had "asked to wait 60s
+    (Retry-After)", which no upstream had."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    upstream = await FakeOpenAI(reactor, "quota").start()
+    gw = await start_gateway(reactor, {"OPENAI_API_KEY": "sk-gateway-key-0123", "OPENAI_MODELS": GPT,
+                                       "OPENAI_BASE_URL": upstream.base_url})
+    lines = []
+
+    def observe(event):
+        if event.get("log_format") and "replica 0" in formatEvent(event):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        response, body = await _chat(http, gw, f"openai/{GPT}")
+        assert response.code == 429, body
+        [line] = lines
+        assert "insufficient_quota" in line and "Retry-After" not in line and "60s" in line, line
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await stop_all(gw, upstream)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_spent_quota_goes_on_to_a_replica_of_another_account_and_passes_over_only_its_own(
         reactor, http, tmp_path):
     """Replicas each with a key of their own are accounts of their own: one whose quota is spent leaves the

@@ -65,6 +65,7 @@ FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504))
 # The paths whose answer may be text (a transcription's text, srt or vtt), or empty text (a silent recording's).
 _TRANSCRIPTS = ("/audio/transcriptions", "/audio/translations")
 _NOT_TAKEN = (NoReadyReplica.code, ReplicasBusy.code)  # a provider that could not take a request (no send failed)
+_QUOTA_SPENT = "its account's quota is spent (HTTP 429 insufficient_quota)"  # (logged: L{Replica.asked_to_wait})
 
 
 def fails_over(error) -> bool:
@@ -539,7 +540,7 @@ class Exchange:
                         account = _account(replica)  # one on another key (another account) may answer
                         for other in pool.replicas:
                             if _account(other) == account:
-                                other.asked_to_wait(b"%d" % HOLD_MAX)
+                                other.asked_to_wait(b"%d" % HOLD_MAX, _QUOTA_SPENT)
                                 if other is not replica and other not in tried:
                                     tried.append(other)
                         why = "HTTP 429: insufficient_quota"

@@ -179,6 +179,7 @@ class Replica:
         self.on_listed = None  # called with the replica after its model list changed
         self.on_learned = None  # called with the replica after its batch size (L{slots}) or its first load report
         self.on_busy = None  # called with the replica when it asks to be left alone (L{asked_to_wait})
+        self.busy_why = None  # why it is passed over until C{busy_until} where no C{Retry-After} asked it
         self.on_doubt = None  # called with the replica when it is L{doubted}, and when no longer
         self.others_ready = None  # set by its pool: whether another of its replicas is ready
         self.streams = set()  # its answers being relayed as they come (each a StreamRelay: L{ReplicaPool._abandon})
@@ -397,16 +398,18 @@ class Replica:
         if models is not None and model in models:
             self.models = {name: m for name, m in models.items() if name != model}
 
-    def asked_to_wait(self, retry_after):
+    def asked_to_wait(self, retry_after, why=None):
         """It answered a request with an error and C{Retry-After} (C{retry_after}, the header's value: seconds
         or an HTTP date): its pool passes it over until then while another replica can start the request
-        (L{ReplicaPool.take}), for at most L{HOLD_MAX} seconds. A value that is no time to come changes nothing."""
+        (L{ReplicaPool.take}), for at most L{HOLD_MAX} seconds. A value that is no time to come changes nothing.
+        C{why}: what its pool logs where that was no C{Retry-After} (a spent quota's), or None."""
         now = self._clock.seconds()
         seconds = retry_after_seconds(retry_after, now)
         if seconds is None:
             return
         resting = self.busy_until is not None and now < self.busy_until
         self.busy_until = now + min(seconds, HOLD_MAX)
+        self.busy_why = why
         if not resting and self.on_busy is not None:
             self.on_busy(self)
 
@@ -726,8 +729,9 @@ class ReplicaPool:
     def _busy(self, replica):
         """A replica asked to be left alone for a while (L{Replica.asked_to_wait})."""
         self._resting = True
-        self.log.info("provider {provider} replica {index}: asked to wait {seconds:.0f}s (Retry-After); passed over "
-                      "meanwhile where another replica or target can take its requests", provider=self.name, index=replica.index,
+        self.log.info("provider {provider} replica {index}: {why}; passed over {seconds:.0f}s where another replica "
+                      "or target can take its requests", provider=self.name, index=replica.index,
+                      why=replica.busy_why or "asked to wait (Retry-After)",
                       seconds=replica.busy_until - self._clock.seconds(), busy_until=replica.busy_until)
 
     def _relisted(self, replica):
