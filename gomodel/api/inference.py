@@ -19,7 +19,7 @@ from gomodel.proxy.exchange import UpstreamCall, UsageTap
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
 from gomodel.routing.registry import ready_first
-from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
+from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
 from gomodel.upstream.errors import without_address
 
 # vLLM's pooling routes at its server root, beside their /v1 forms (a pooling model serves those its task has); its
@@ -96,8 +96,8 @@ class InferenceRoutes:
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
         if self._salts is not None:
             self._salts.apply(ctx.principal, upstream, body)
-        if upstream.type in SHORT_ID_TYPES:
-            fit_call_ids(body)
+        if upstream.type in OPENAI_TYPES:
+            for_openai(body)
         if observer is None:
             call = UpstreamCall(path, jsonutil.dumps(body), model=ctx.upstream_model, affinity=affinity,
                                 fallbacks=fallbacks, rebody=again)
@@ -357,16 +357,16 @@ def rebody(body):
 def target(request, ctx, salts, upstream, body):
     """Set on C{body} what C{upstream}'s provider takes of the request's key and headers: C{priority} where it
     schedules by it (L{InferenceRoutes.prioritise}), a managed key's C{cache_salt} for vLLM (C{salts}, a
-    L{gomodel.auth.tenancy.CacheSalts}, or None); and its conversation's tool call ids as short as it takes them
-    (L{fit_call_ids}: OpenAI's).
+    L{gomodel.auth.tenancy.CacheSalts}, or None); for an OpenAI provider, its conversation's tool call ids as short
+    as it takes them and no vLLM-only field (L{for_openai}).
 
     @raise InvalidRequest: C{X-Request-Priority} is not a priority (looked at only where it is taken).
     """
     InferenceRoutes.prioritise(request, ctx, upstream, body)
     if salts is not None:
         salts.apply(ctx.principal, upstream, body)
-    if upstream.type in SHORT_ID_TYPES:
-        fit_call_ids(body)
+    if upstream.type in OPENAI_TYPES:
+        for_openai(body)
 
 
 def copies(body):

@@ -74,7 +74,7 @@ from gomodel.proxy.sse import StreamIncomplete
 from gomodel.responses_history import (continued, error_hidden, names_previous, no_chosen_id, normalise_input, relink,
                                       unknown_previous, with_history, with_references)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
-from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
+from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
 from gomodel.upstream.errors import out_of_quota, upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
@@ -611,15 +611,15 @@ class BatchRunner(Service):
         that provider takes of the batch's key: its tenant's C{cache_salt} (every endpoint of a batch takes
         it at vLLM: generation and pooling) and, where it schedules by priority, the key's C{priority} (as
         online: the key's wins over the line's; a key without one, the line's no sooner than the default:
-        L{key_priority}); never another target's. Its tool call ids as short as that provider takes them
-        (L{fit_call_ids}: OpenAI's)."""
+        L{key_priority}); never another target's. For an OpenAI provider, its tool call ids as short as it takes
+        them and no vLLM-only field (L{for_openai})."""
         body = dict(payload, model=model)
         if self._salts is not None:
             self._salts.apply(principal, provider, body)
         if provider.priority_scheduling:
             key_priority(principal, body)
-        if provider.type in SHORT_ID_TYPES:
-            fit_call_ids(body)
+        if provider.type in OPENAI_TYPES:
+            for_openai(body)
         return jsonutil.dumps(body)
 
     async def _previous(self, payload, principal):
