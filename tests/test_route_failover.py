@@ -26,11 +26,20 @@ SCOPES = {"error": {"message": "You have insufficient permissions for this opera
                                "necessary scopes.", "type": "invalid_request_error", "param": None, "code": None}}
 
 
+OPENAI_CHAT_PARAMETERS = frozenset((
+    "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+    "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
+    "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+    "top_logprobs", "top_p", "user", "verbosity", "web_search_options"))
+
+
 class FakeOpenAI(Resource):
     """An OpenAI-like upstream: its model list, and chat completions answered as C{mode} says: C{"ok"} (OpenAI's
     own check of tool call ids, at most 40 characters, first), C{"quota"} (429 C{insufficient_quota}) or
     C{"hang"} (the request taken, its head never sent); C{"frozen"}: every request so (its model list too).
-    Embeddings are refused as a restricted project key's are: 401, missing scopes."""
+    A chat request with a parameter OpenAI does not know is refused (400), as OpenAI's are. Embeddings are
+    refused as a restricted project key's are: 401, missing scopes."""
 
     isLeaf = True
 
@@ -40,6 +49,7 @@ class FakeOpenAI(Resource):
         self.mode = mode
         self.chats = []  # the bodies of the chat requests it got
         self.embeddings = 0  # the embeddings requests it refused
+        self.responses = []  # the bodies of the Responses requests it refused (405)
         self.hung = []
         self.port = None
 
@@ -70,6 +80,9 @@ class FakeOpenAI(Resource):
             return server.NOT_DONE_YET
         if request.method == b"GET" and request.path == b"/v1/models":
             return self._json(request, 200, {"object": "list", "data": [{"id": GPT, "object": "model"}]})
+        if request.method == b"POST" and request.path == b"/v1/responses":  # (none here: translated to chat)
+            self.responses.append(json.loads(request.content.read()))
+            return self._json(request, 405, {"detail": "Method Not Allowed"})
         if request.method == b"POST" and request.path == b"/v1/embeddings":
             self.embeddings += 1
             return self._json(request, 401, SCOPES)
@@ -77,6 +90,13 @@ class FakeOpenAI(Resource):
             return self._json(request, 404, {"error": {"message": "no", "type": "invalid_request_error"}})
         body = json.loads(request.content.read())
         self.chats.append(body)
+        unknown = sorted(set(body) - OPENAI_CHAT_PARAMETERS)
+        options = body.get("stream_options") or {}
+        unknown += [f"stream_options.{name}" for name in options if name != "include_usage"]
+        if unknown:  # (OpenAI refuses what it does not know)
+            return self._json(request, 400, {"error": {
+                "message": f"Unrecognized request argument supplied: {unknown[0]}",
+                "type": "invalid_request_error", "param": None, "code": None}})
         if self.mode == "hang":
             self.hung.append(request)
             return server.NOT_DONE_YET
@@ -288,6 +308,65 @@ async def test_a_key_without_the_scope_of_one_endpoint_is_no_replica_failure(rea
         assert replica.failures == 0 and not replica.doubted and replica.state == "ready"
         response, body = await _chat(http, gw, f"openai/{GPT}")
         assert response.code == 200, body
+    finally:
+        await stop_all(gw, upstream)
+
+
+# -- vLLM's own fields, which OpenAI refuses --------------------------------------------------------------
+
+VLLM_EXTRAS = {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
+               "chat_template_kwargs": {"enable_thinking": False}, "guided_json": {"type": "object"},
+               "structured_outputs": {"json": {"type": "object"}}, "priority": 1,
+               "cache_salt": "s", "stop_token_ids": [2]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_vllm_only_fields_are_left_out_of_a_failover_to_openai(reactor, http):
+    """A chat request with vLLM's extras (the openai SDK's C{extra_body}) to a virtual model whose vLLM target
+    fails goes on to its OpenAI target without them, streamed or not; the vLLM target had them. Before, OpenAI
+    refused the request (400, an unrecognized argument) and so the client got it."""
+    vllm, upstream, gw = await _openai_behind_vllm(reactor, "ok", OPENAI_MODELS=GPT)
+    vllm.fail_status = 500
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        answer = await in_thread(client.chat.completions.create, model="llama", messages=messages,
+                                 extra_body=VLLM_EXTRAS, temperature=0.5)
+        assert answer.choices[0].message.content == "from openai"
+        stream = await in_thread(client.chat.completions.create, model="llama", messages=messages, stream=True,
+                                 stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                 extra_body=VLLM_EXTRAS)
+        chunks = await in_thread(list, stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "from openai"
+        assert [set(sent) - {"stream", "stream_options"} for sent in upstream.chats] == [
+            {"model", "messages", "temperature"}, {"model", "messages"}]
+        assert upstream.chats[1]["stream_options"] == {"include_usage": True}
+        sent_to_vllm = [r.body for r in vllm.inference_requests]
+        assert sent_to_vllm and all(b["top_k"] == 20 and b["guided_json"] for b in sent_to_vllm)
+    finally:
+        await stop_all(gw, vllm, upstream, clients=[client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_vllm_only_fields_are_left_out_for_an_openai_first_target_and_its_responses(reactor, http):
+    """The same for an OpenAI provider named first, on chat and on the Responses API (natively, then translated to
+    its chat: the fake has no /v1/responses)."""
+    upstream = await FakeOpenAI(reactor).start()
+    gw = await start_gateway(reactor, {"OPENAI_API_KEY": "sk-gateway-key-0123", "OPENAI_MODELS": GPT,
+                                       "OPENAI_BASE_URL": upstream.base_url})
+    try:
+        response, body = await _chat(http, gw, f"openai/{GPT}")
+        assert response.code == 200, body
+        response = await http.post(gw.url + "/v1/chat/completions", data=json.dumps({
+            "model": f"openai/{GPT}", "messages": [{"role": "user", "content": "hi"}], **VLLM_EXTRAS}).encode(),
+            headers={"content-type": ["application/json"]})
+        assert response.code == 200, await treq.content(response)
+        response = await http.post(gw.url + "/v1/responses", data=json.dumps({
+            "model": f"openai/{GPT}", "input": "hi", "store": False, **VLLM_EXTRAS}).encode(),
+            headers={"content-type": ["application/json"]})
+        assert response.code == 200, await treq.content(response)
+        assert len(upstream.chats) == 3 and len(upstream.responses) == 1
+        assert all(not set(sent) & set(VLLM_EXTRAS) for sent in upstream.chats + upstream.responses)
     finally:
         await stop_all(gw, upstream)
 

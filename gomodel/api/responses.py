@@ -32,6 +32,7 @@ from gomodel.responses_history import (continued, cut_short, error_hidden, error
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
+from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
 from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat, truncated
 from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
@@ -127,6 +128,8 @@ class ResponsesRoute:
         """Create the response at C{provider} for C{body} (its C{model} the upstream's; C{model}, the client's
         name for it): natively, or translated to chat completions for a provider without C{/responses}."""
         ctx.route(provider, model, body["model"])
+        if provider.type in OPENAI_TYPES:  # (this target's own copy: without vLLM's fields, L{for_openai})
+            for_openai(body)
         principal = ctx.principal
         if provider.priority_scheduling or principal is not None and not principal.master:  # (the master key's
             target(request, ctx, self._salts, provider, body)  # requests take nothing else where nothing schedules)
