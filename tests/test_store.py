@@ -342,6 +342,23 @@ def test_an_owner_is_gone_only_when_its_process_on_this_host_is():
     assert not owner_is_gone("not-an-owner-id")
 
 
+def test_this_hosts_name_and_pid_namespace_are_read_once(monkeypatch):
+    """Before, every L{owner_is_gone} (each batch holder, at each claim) read /proc and the host's name again."""
+    import os
+    import socket
+
+    from gomodel.store.records import owner_is_gone, process_owner
+
+    owner = process_owner()
+    reads = []
+    real_stat, real_name = os.stat, socket.gethostname
+    monkeypatch.setattr(os, "stat", lambda *a, **kw: reads.append(a) or real_stat(*a, **kw))
+    monkeypatch.setattr(socket, "gethostname", lambda: reads.append("name") or real_name())
+    for _ in range(3):
+        assert not owner_is_gone(owner) and not owner_is_gone(owner.split(":")[0] + ":1:abcd")
+    assert reads == []
+
+
 def test_an_owner_in_another_pid_namespace_of_a_host_of_the_same_name_is_never_gone():
     """Containers that share their host's name (host networking: Docker's, a Kubernetes pod's) each have their own
     process ids: a process of another is not to be looked for among this one's (before, one whose id was not in

@@ -22,6 +22,7 @@ A C{tenant} is who owns the object (see L{gomodel.auth.tenancy}).
 import os
 import socket
 import uuid
+from functools import cache
 
 # Batch statuses in which the gateway still owes work; resumed by whoever claims them.
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
@@ -93,9 +94,11 @@ def process_owner() -> str:
     return f"{_here()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+@cache
 def _here() -> str:
     """This host's name, with its pid namespace where there is one to name (C{name/inode}): containers sharing
-    their host's name (host networking) each number their processes apart."""
+    their host's name (host networking) each number their processes apart. Read once (a process's namespace
+    does not change): L{owner_is_gone} asks for each batch holder at each claim."""
     try:
         return f"{socket.gethostname()}/{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:  # (no /proc: not Linux)
