@@ -23,6 +23,7 @@ import os
 import socket
 import uuid
 from functools import cache
+from typing import NamedTuple
 
 # Batch statuses in which the gateway still owes work; resumed by whoever claims them.
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
@@ -69,6 +70,36 @@ def duplicates_query(mark: str) -> str:
     return ("SELECT line, substr(custom_id, 1, 257) FROM (SELECT line, custom_id, ROW_NUMBER() OVER (PARTITION BY "
             f"custom_id ORDER BY line) AS n FROM batch_requests WHERE batch_id = {mark}) d WHERE n > 1 ORDER BY line "
             f"LIMIT {mark}")
+
+
+class FileResultsSQL(NamedTuple):
+    """A database's statements for L{drop_file_results}, each with its placeholders: C{purpose} (a file's, by its
+    id), C{batches} (the batches, C{(id, kind, ok)}, whose output or error file it is: file id twice),
+    C{results} (a batch's results of that C{ok}) and C{answered} (a message batch's error results but the
+    unanswered ones, L{UNANSWERED_RESULTS})."""
+
+    purpose: str
+    batches: str
+    results: str
+    answered: str
+
+
+def drop_file_results(conn, file_id, kind, sql: FileResultsSQL) -> int:
+    """Drop the results that the batch output file C{file_id} holds (of C{kind}'s batches only, where not None),
+    on C{conn} in its transaction (the SQL the C{sql} of its database): how many. An upload's is 0, its batches
+    not looked at; a message batch's error file holds none of its unanswered results (they stay)."""
+    purpose = conn.execute(sql.purpose, (file_id,)).fetchone()
+    if purpose is None or purpose[0] != "batch_output":
+        return 0
+    dropped = 0
+    for batch_id, batch_kind, ok in conn.execute(sql.batches, (file_id, file_id)).fetchall():
+        if kind is not None and batch_kind != kind:
+            continue
+        if not ok and batch_kind == MESSAGE_BATCH:
+            dropped += conn.execute(sql.answered, (batch_id, *UNANSWERED_RESULTS)).rowcount
+        else:
+            dropped += conn.execute(sql.results, (batch_id, ok)).rowcount
+    return dropped
 
 
 def within_bytes(conn, source, line, size, where, args, limit, max_bytes, mark):

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
 from gomodel.store.postgresql.files import insert_file
-from gomodel.store.records import (MESSAGE_BATCH, UNANSWERED_RESULTS, UNFINISHED, LeaseLost, duplicates_query,
+from gomodel.store.records import (UNFINISHED, FileResultsSQL, LeaseLost, drop_file_results, duplicates_query,
                                    tenant_list, within_bytes)
 
 BATCH_COLUMNS = (
@@ -38,6 +38,8 @@ FILE_BATCHES = ("SELECT id, kind, true FROM batches WHERE output_file_id = %s AN
 DROP_RESULTS = "DELETE FROM batch_results WHERE batch_id = %s AND ok = %s"
 DROP_ANSWERED = ("DELETE FROM batch_results WHERE batch_id = %s AND NOT ok AND position(%s::bytea in data) = 0 "
                  "AND position(%s::bytea in data) = 0")
+_FILE_RESULTS = FileResultsSQL("SELECT purpose FROM files WHERE id = %s", FILE_BATCHES, DROP_RESULTS,
+                               DROP_ANSWERED)
 _UNFINISHED = list(UNFINISHED)
 # A lease anyone may take: none, or over by %s (a NULL owner with a future lease_until is a backoff).
 _FREE = "(lease_until IS NULL OR lease_until <= %s)"
@@ -273,18 +275,7 @@ class PostgreSQLBatchStore:
     @staticmethod
     def _drop_file_results(conn, file_id, kind):
         with conn.transaction():
-            purpose = conn.execute("SELECT purpose FROM files WHERE id = %s", (file_id,)).fetchone()
-            if purpose is None or purpose[0] != "batch_output":  # (no look at the batches for an upload)
-                return 0
-            dropped = 0
-            for batch_id, batch_kind, ok in conn.execute(FILE_BATCHES, (file_id, file_id)).fetchall():
-                if kind is not None and batch_kind != kind:
-                    continue
-                if not ok and batch_kind == MESSAGE_BATCH:
-                    dropped += conn.execute(DROP_ANSWERED, (batch_id, *UNANSWERED_RESULTS)).rowcount
-                else:
-                    dropped += conn.execute(DROP_RESULTS, (batch_id, ok)).rowcount
-            return dropped
+            return drop_file_results(conn, file_id, kind, _FILE_RESULTS)
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,

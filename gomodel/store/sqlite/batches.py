@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from gomodel.store.codec import decode_json, encode_record
 from gomodel.store.interfaces import IBatchStore
-from gomodel.store.records import (MESSAGE_BATCH, UNANSWERED_RESULTS, UNFINISHED, LeaseLost, duplicates_query,
+from gomodel.store.records import (UNFINISHED, FileResultsSQL, LeaseLost, drop_file_results, duplicates_query,
                                    tenant_list, within_bytes)
 from gomodel.store.sqlite.rows import insert_rows, marks
 from gomodel.store.sqlite.files import insert_file
@@ -40,6 +40,7 @@ FILE_BATCHES = ("SELECT id, kind, 1 FROM batches WHERE output_file_id = ? AND ou
                 "UNION ALL SELECT id, kind, 0 FROM batches WHERE error_file_id = ? AND output_expires_after IS NOT NULL")
 DROP_RESULTS = "DELETE FROM batch_results WHERE batch_id = ? AND ok = ?"
 DROP_ANSWERED = "DELETE FROM batch_results WHERE batch_id = ? AND ok = 0 AND instr(data, ?) = 0 AND instr(data, ?) = 0"
+_FILE_RESULTS = FileResultsSQL("SELECT purpose FROM files WHERE id = ?", FILE_BATCHES, DROP_RESULTS, DROP_ANSWERED)
 
 
 @implementer(IBatchStore)
@@ -270,18 +271,7 @@ class SQLiteBatchStore:
 
     def _drop_file_results(self, file_id, kind):
         with self._db.transaction() as conn:
-            purpose = conn.execute("SELECT purpose FROM files WHERE id = ?", (file_id,)).fetchone()
-            if purpose is None or purpose[0] != "batch_output":  # (no look at the batches for an upload)
-                return 0
-            dropped = 0
-            for batch_id, batch_kind, ok in conn.execute(FILE_BATCHES, (file_id, file_id)).fetchall():
-                if kind is not None and batch_kind != kind:
-                    continue
-                if not ok and batch_kind == MESSAGE_BATCH:
-                    dropped += conn.execute(DROP_ANSWERED, (batch_id, *UNANSWERED_RESULTS)).rowcount
-                else:
-                    dropped += conn.execute(DROP_RESULTS, (batch_id, ok)).rowcount
-            return dropped
+            return drop_file_results(conn, file_id, kind, _FILE_RESULTS)
 
     def finalize(self, batch_id, changes, files, only_if_status=None, token=None):
         return self._db.run(self._finalize, batch_id, dict(changes), dict(files), only_if_status, token,
