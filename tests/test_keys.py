@@ -1038,7 +1038,8 @@ async def test_a_managed_keys_kv_transfer_params_never_reach_a_vllm(http, gw, tw
     to read from which engine, every tenant's, past the tenant's C{cache_salt}; and a prefill answers with its
     engine's address. A managed key's are left out of what a vLLM gets, as its C{cache_salt} is replaced: on
     C{/v1}, through C{/p/} and on a batch's line (before, they went as they came). A key allowed its own
-    C{cache_salt}, the master key, and a provider that is no vLLM get them as sent."""
+    C{cache_salt} and the master key get them as sent; an OpenAI provider never (it refuses parameters it does not
+    know, L{gomodel.translate.openai_body})."""
     fake = two[0]
     beta = await new_key(http, gw)
     own = await new_key(http, gw, own_cache_salt=True)
@@ -1060,8 +1061,8 @@ async def test_a_managed_keys_kv_transfer_params_never_reach_a_vllm(http, gw, tw
         done = await batch_of(gw, client, "/v1/chat/completions",
                               [dict(params, model=MODEL, messages=[{"role": "user", "content": "hi"}])])
         assert done.request_counts.completed == 1 and sent(fake.requests[-1]) == {}
-        await chat(client, OTHER, extra_body=params)  # (a provider that is no vLLM: as sent)
-        assert sent(two[1].requests[-1]) == params
+        await chat(client, OTHER, extra_body=params)  # (an OpenAI provider: vLLM's fields left out for any key)
+        assert sent(two[1].requests[-1]) == {}
     finally:
         client.close()
     answer = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(dict(

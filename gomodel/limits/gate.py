@@ -368,8 +368,9 @@ class Gate(Periodic):
         without usage): what its admission reserved of its token windows stays taken when it completes, as its
         generation's, rather than given back as unused (its usage is charged to the budgets once it is over)."""
         admission = ctx.admission
-        if admission.__class__ is Ticket:
-            admission.tokens = 0  # (settled against nothing reserved: nothing is given back)
+        if admission.__class__ is tuple:  # a L{Lane}'s ticket
+            if admission:
+                ctx.admission = (admission[0], 0)  # (settled against nothing reserved: nothing is given back)
         elif admission is not None:
             admission.keep_reserved()
 

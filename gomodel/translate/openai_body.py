@@ -21,7 +21,7 @@ VLLM_ONLY = frozenset((
     "add_special_tokens", "documents", "chat_template", "chat_template_kwargs", "mm_processor_kwargs",
     "media_io_kwargs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structural_tag", "structured_outputs", "priority", "request_id", "cache_salt",
-    "kv_transfer_params", "vllm_xargs", "thinking_token_budget", "prompt_embeds",
+    "kv_transfer_params", "ec_transfer_params", "vllm_xargs", "thinking_token_budget", "prompt_embeds",
 ))
 
 
