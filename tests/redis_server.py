@@ -81,3 +81,66 @@ class RedisServer:
             self.resume()
             self.process.kill()
         self.process.wait()
+
+
+def script_sha(script) -> bytes:
+    """The SHA1 that redis-py's EVALSHA names C{script} by (a Lua script's text)."""
+    import hashlib
+
+    return hashlib.sha1(script.encode()).hexdigest().encode()
+
+
+class HoldingProxy:
+    """A TCP proxy on 127.0.0.1:<free port> in front of the test Redis that holds each command naming C{held}
+    (a script's SHA1: L{script_sha}) for C{hold} seconds while the commands of other connections pass: as a Redis
+    thread the OS did not run for that long. C{url} is its Redis URL; C{passed} counts the commands naming
+    C{marked} that passed while one was held (an operation that overtook the held one)."""
+
+    def __init__(self, reactor, held, marked, hold=0.3):
+        from urllib.parse import urlparse
+
+        from twisted.protocols import portforward
+
+        target = urlparse(REDIS_URL)
+        proxy = self
+
+        class Server(portforward.ProxyServer):
+            def dataReceived(self, data):
+                proxy._received(self, data)
+
+        factory = portforward.ProxyFactory(target.hostname or "127.0.0.1", target.port or 6379)
+        factory.protocol = Server
+        factory.noisy = False
+        self._reactor = reactor
+        self._held, self._marked, self._hold = held, marked, hold
+        self._holding = {}  # server connection -> the bytes it holds
+        self._timers = []
+        self.passed = 0
+        self.holds = 0
+        self._port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        path = target.path or "/0"
+        self.url = f"redis://127.0.0.1:{self._port.getHost().port}{path}"
+
+    def _received(self, server, data):
+        if server in self._holding:
+            self._holding[server].append(data)
+        elif self._held in data:
+            self.holds += 1
+            self._holding[server] = [data]
+            self._timers.append(self._reactor.callLater(self._hold, self._release, server))
+        else:
+            if self._marked in data and self._holding:
+                self.passed += 1
+            server.peer.transport.write(data)
+
+    def _release(self, server):
+        for data in self._holding.pop(server):
+            if server.peer is not None:
+                server.peer.transport.write(data)
+
+    def close(self):
+        """Stop listening (its connections end with the gateway's client); a Deferred."""
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        return self._port.stopListening()

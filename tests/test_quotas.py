@@ -883,6 +883,66 @@ async def test_two_gateways_on_redis_share_one_limit_exactly(http, redis_pair):
             client.close()
 
 
+async def _sequential_client_on_a_slow_redis(reactor, http, fake, tmp_path, env, held, marked, **fields):
+    """A gateway on Redis (C{env}: L{_redis_counters}) through a L{HoldingProxy} holding C{held}'s commands
+    (C{marked}'s count those that overtook one), a managed key of C{fields}, and a client of it:
+    C{(gateway, proxy, client)}."""
+    from tests.redis_server import HoldingProxy
+
+    proxy = HoldingProxy(reactor, held, marked)
+    gateway = await start(reactor, fake, tmp_path, **dict(env, REDIS_URL=proxy.url))
+    key = await new_key(http, gateway, **fields)
+    return gateway, proxy, openai_client(gateway, key["value"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sequential_client_is_never_refused_a_slot_its_last_request_still_frees_on_redis(
+        reactor, http, fake, tmp_path):
+    """With Redis's counters a request's slot is freed in a thread after its answer went out: a client's next
+    request, admitted in another thread, could reach Redis first and be refused (429, max_concurrency=1) a slot
+    it no longer held (as on a loaded host, where a thread may wait its turn a while). An admission now goes
+    after the releases of its keys already under way."""
+    from gomodel.limits.counters import _ADMIT, _FINISH
+    from tests.redis_server import script_sha
+
+    with _redis_counters() as env:
+        gateway, proxy, client = await _sequential_client_on_a_slow_redis(
+            reactor, http, fake, tmp_path, env, script_sha(_FINISH), script_sha(_ADMIT), max_concurrency=1)
+        try:
+            for _ in range(3):
+                assert (await in_thread(raw_chat, client)).http_response.status_code == 200
+            assert proxy.holds >= 2 and proxy.passed == 0  # (each release held; no admission overtook one)
+        finally:
+            client.close()
+            await gateway.service.stopService()
+            await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sequential_client_spends_its_budget_on_redis_before_its_next_check(reactor, http, fake, tmp_path):
+    """A request's budget charge goes to Redis in a thread after its answer went out: the next request's check,
+    in another thread, could read the sum without it and pass a spent budget. A check now reads after the
+    charges of its sums already under way."""
+    from gomodel.limits.counters import _SPEND_ALL
+    from tests.redis_server import script_sha
+
+    with _redis_counters() as env:
+        gateway, proxy, client = await _sequential_client_on_a_slow_redis(
+            reactor, http, fake, tmp_path, env, script_sha(_SPEND_ALL), b"HMGET",
+            budgets=[{"period": "daily", "max_tokens": 40}])
+        try:
+            await in_thread(raw_chat, client)  # 21 tokens
+            await in_thread(raw_chat, client)  # 42: spent
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(raw_chat, client)
+            assert refused.value.code == "budget_exceeded"
+            assert proxy.holds >= 2 and proxy.passed == 0
+        finally:
+            client.close()
+            await gateway.service.stopService()
+            await proxy.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_refresh_that_fails_unexpectedly_answers_the_stored_response(http, gw, fake, monkeypatch,
                                                                              logged_errors):

@@ -47,7 +47,7 @@ import math
 import uuid
 from typing import NamedTuple
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
@@ -659,6 +659,9 @@ class RedisCounters(_Forms):
         self._next_free = None  # the release of the orphans planned for when Redis is tried again
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = reactor
+        # key -> Deferreds of the writes of it in flight that nobody waits for (L{finish}, L{spend_all}): an
+        # operation reading the key starts after them (L{_after_writes})
+        self._writes = {}
         self.failures = 0
         self._admit = redis.register_script(_ADMIT)
         self._finish = redis.register_script(_FINISH)
@@ -743,8 +746,8 @@ class RedisCounters(_Forms):
         opened = Admitted(True, [taken(capacity, capacity, refill, amount, True)
                                  for _, capacity, refill, amount in specs], lease or None, -1)
         unsent = self._reactor.seconds() < self._down_until  # (L{_run} answers open without sending it)
-        return self._run(opened, self._admit_sync, keys + slot_keys, args, specs, lease).addCallback(
-            self._admitted, slot_keys, unsent)
+        return self._after_writes(keys + slot_keys, opened, self._admit_sync, keys + slot_keys, args, specs,
+                                  lease).addCallback(self._admitted, slot_keys, unsent)
 
     def _admit_sync(self, keys, args, specs, lease):
         reply = self._admit(keys=keys, args=args)
@@ -774,7 +777,7 @@ class RedisCounters(_Forms):
         for _, capacity, refill, delta in specs:
             args += (repr(float(capacity)), repr(float(refill)), repr(float(delta)))
         opened = [capacity for _, capacity, _, _ in specs]
-        d = self._run(opened, self._finish_sync, keys, args)
+        d = self._writing(keys, self._run(opened, self._finish_sync, keys, args))
         if slot_keys:
             d.addCallback(self._released, lease, slot_keys, opened)
         return d
@@ -783,6 +786,37 @@ class RedisCounters(_Forms):
         if levels is opened:  # answered open (Redis did not answer): an orphan, freed when Redis is tried again
             self._orphaned(lease, slot_keys)
         return levels
+
+    def _writing(self, keys, d):
+        """Note C{d}, a write of C{keys} whose caller goes on without waiting for it (a request's release at its
+        end, its budget charge), as in flight until it fires: the next operation reading one of C{keys} is sent
+        after it (L{_after_writes}). The threads run operations side by side, so without this a client's next
+        request could reach Redis before its last one's release, and be refused a slot it no longer holds."""
+        over = Deferred()
+        writes = self._writes
+        for key in keys:
+            writes.setdefault(key, []).append(over)
+        return d.addBoth(self._written, keys, over)
+
+    def _written(self, result, keys, over):
+        writes = self._writes
+        for key in keys:
+            pending = writes[key]
+            pending.remove(over)
+            if not pending:
+                del writes[key]
+        over.callback(None)
+        return result
+
+    def _after_writes(self, keys, open_answer, f, *args):
+        """L{_run}, once the writes of C{keys} in flight now (L{_writing}) are over (at once when none is)."""
+        writes = self._writes
+        if writes:
+            waits = {id(over): over for key in keys for over in writes.get(key, ())}
+            if waits:
+                return DeferredList(list(waits.values())).addCallback(
+                    lambda _: self._run(open_answer, f, *args))
+        return self._run(open_answer, f, *args)
 
     def _finish_sync(self, keys, args):
         return [float(level) for level in self._finish(keys=keys, args=args)]
@@ -851,13 +885,14 @@ class RedisCounters(_Forms):
         keys = [self._prefix + bucket for bucket, _, _, _ in items]
         args = [x for _, tokens, cost, expires in items
                 for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
-        return self._run(None, self._spend_sync, keys, args)
+        return self._writing(keys, self._run(None, self._spend_sync, keys, args))
 
     def _spend_sync(self, keys, args):
         self._spend(keys=keys, args=args)
 
     def spent_all(self, buckets):
-        return self._run([(0, 0.0)] * len(buckets), self._spent_sync, [self._prefix + b for b in buckets])
+        keys = [self._prefix + b for b in buckets]
+        return self._after_writes(keys, [(0, 0.0)] * len(buckets), self._spent_sync, keys)
 
     def _spent_sync(self, keys):
         pipe = self._redis.pipeline(transaction=False)
@@ -870,7 +905,7 @@ class RedisCounters(_Forms):
         args = [len(specs)]
         for _, capacity, refill in specs:
             args += (repr(float(capacity)), repr(float(refill)))
-        return self._run(None, self._peek_sync, keys, args, len(specs))
+        return self._after_writes(keys, None, self._peek_sync, keys, args, len(specs))
 
     def _peek_sync(self, keys, args, nb):
         reply = self._peek(keys=keys, args=args)
@@ -895,7 +930,8 @@ class RedisCounters(_Forms):
 
         @return: a Deferred firing with C{(sums, unseeded buckets)}; while Redis is unreachable, zeros and none.
         """
-        return self._run(([(0, 0.0)] * len(buckets), []), self._spent_seeded_sync, buckets)
+        return self._after_writes([self._prefix + b for b in buckets], ([(0, 0.0)] * len(buckets), []),
+                                  self._spent_seeded_sync, buckets)
 
     def _spent_seeded_sync(self, buckets):
         pipe = self._redis.pipeline(transaction=False)
