@@ -394,12 +394,14 @@ async def test_a_session_is_looked_up_only_while_its_pin_may_have_been_missed(re
 
 
 @pytest_twisted.ensureDeferred
-async def test_stopping_ends_the_subscriber_at_once(reactor, make_pins, client, channel):
+async def test_stopping_ends_the_subscriber_at_once(reactor, make_pins, client, channel, monkeypatch):
+    # (its poll made 30 s: a loaded host may take more than its 1 s to stop, woken at once or not)
+    monkeypatch.setattr("gomodel.routing.pins.POLL", 30.0)
     pins = make_pins([make_pool(reactor)])
     await until(reactor, lambda: client.pubsub_numsub(channel)[0][1] == 1, what="subscribed")
     started = time.monotonic()
     await pins.stop()
-    assert time.monotonic() - started < 0.9  # woken by its own channel, not by its 1 s poll
+    assert time.monotonic() - started < 10  # woken by its own channel, not by its poll
     assert subscriber_threads() == [] and client.pubsub_numsub(channel)[0][1] == 0
 
 
