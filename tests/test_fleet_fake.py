@@ -284,8 +284,10 @@ async def test_restart(reactor, client, replica):
 
 @pytest_twisted.ensureDeferred
 async def test_prefix_cache_hit_answers_earlier(client, replica):
+    # (a hit waits 0.2 s of the miss's 1 s: the bounds leave a loaded host, whose timers fire late, 0.4 s and more;
+    # with a latency of 0.3 s they left it 0.09)
     replica.prefix_cache = True
-    replica.latency = 0.3
+    replica.latency = 1.0
     shared = "You are a helpful assistant. " * 4
     await post(client, replica, body=chat_body(shared + "first question"))
     started = time.monotonic()
@@ -294,8 +296,8 @@ async def test_prefix_cache_hit_answers_earlier(client, replica):
     miss, hit = replica.inference_requests
     assert (miss.prefix_hit, hit.prefix_hit) == (False, True)
     assert (replica.prefix_hits, replica.prefix_misses) == (1, 1)
-    assert hit.first_byte_at - hit.time < 0.15 < miss.first_byte_at - miss.time
-    assert elapsed < 0.2
+    assert hit.first_byte_at - hit.time < 0.6 < miss.first_byte_at - miss.time
+    assert elapsed < 1.0  # sooner than a miss's first byte
 
 
 @pytest_twisted.ensureDeferred
