@@ -885,13 +885,14 @@ async def test_two_gateways_on_redis_share_one_limit_exactly(http, redis_pair):
 
 async def _sequential_client_on_a_slow_redis(reactor, http, fake, tmp_path, env, held, marked, **fields):
     """A gateway on Redis (C{env}: L{_redis_counters}) through a L{HoldingProxy} holding C{held}'s commands
-    (C{marked}'s count those that overtook one), a managed key of C{fields}, and a client of it:
-    C{(gateway, proxy, client)}."""
+    (C{marked}'s count those that overtook one), a managed key of C{fields} (its id: the gateway's C{key_id}),
+    and a client of it: C{(gateway, proxy, client)}."""
     from tests.redis_server import HoldingProxy
 
     proxy = HoldingProxy(reactor, held, marked)
     gateway = await start(reactor, fake, tmp_path, **dict(env, REDIS_URL=proxy.url))
     key = await new_key(http, gateway, **fields)
+    gateway.key_id = key["id"]
     return gateway, proxy, openai_client(gateway, key["value"])
 
 
@@ -937,6 +938,32 @@ async def test_a_sequential_client_spends_its_budget_on_redis_before_its_next_ch
                 await in_thread(raw_chat, client)
             assert refused.value.code == "budget_exceeded"
             assert proxy.holds >= 2 and proxy.passed == 0
+        finally:
+            client.close()
+            await gateway.service.stopService()
+            await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_budget_seeded_again_while_a_charge_is_on_its_way_to_redis_counts_it_once(
+        reactor, http, fake, tmp_path):
+    """A sum seeded again from the usage ledger (its budgets edited on any process: L{Gate.renew}) becomes the
+    larger of the ledger's figure and what it holds; a charge still on its way to Redis, which the ledger
+    counts already, was added after that: counted twice (42 of 21). The seed now goes after the charges of its
+    sums under way."""
+    from gomodel.limits.counters import _SEED, _SPEND_ALL
+    from tests.redis_server import script_sha
+
+    with _redis_counters() as env:
+        gateway, proxy, client = await _sequential_client_on_a_slow_redis(
+            reactor, http, fake, tmp_path, env, script_sha(_SPEND_ALL), script_sha(_SEED),
+            budgets=[{"period": "daily", "max_tokens": 1000}])
+        try:
+            await in_thread(raw_chat, client)  # 21 tokens, its charge held on its way
+            gateway.service.gate.renew(f"key:{gateway.key_id}")  # (its budgets edited on another process)
+            response = await http.get(gateway.url + "/v1/usage", headers={"authorization": f"Bearer {client.api_key}"})
+            assert [entry["spent"] for entry in (await response.json())["budgets"]] == [21]
+            assert proxy.holds == 1 and proxy.passed == 0
         finally:
             client.close()
             await gateway.service.stopService()

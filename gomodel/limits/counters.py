@@ -922,7 +922,7 @@ class RedisCounters(_Forms):
         args = [x for _, tokens, cost, expires in items
                 for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
         args.append("1" if again else "")
-        return self._run(0, self._seed, keys, args)
+        return self._after_writes(keys, 0, self._seed, keys, args)
 
     def spent_seeded(self, buckets):
         """L{spent_all}, and which of C{buckets} are not marked seeded (L{seed_all}): sums that Redis lost
