@@ -808,6 +808,12 @@ class RedisCounters(_Forms):
         over.callback(None)
         return result
 
+    def written(self):
+        """A Deferred firing with None once the writes in flight now (L{_writing}) are over: what another process
+        reads of these counters next counts them."""
+        waits = {id(over): over for pending in self._writes.values() for over in pending}
+        return DeferredList(list(waits.values())).addCallback(lambda _: None)
+
     def _after_writes(self, keys, open_answer, f, *args):
         """L{_run}, once the writes of C{keys} in flight now (L{_writing}) are over (at once when none is)."""
         writes = self._writes
