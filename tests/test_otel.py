@@ -673,6 +673,7 @@ async def test_the_flush_at_stop_gives_up_after_its_bound_when_no_collector_answ
     await treq.content(response)  # a span and the GenAI metrics to export
     started = time.monotonic()
     await with_timeout(reactor, gw.service.stopService(), 30)
-    assert time.monotonic() - started < tracing.FLUSH_TIMEOUT + 1.5
+    # (its bound and what a loaded host may take to stop the rest; before, ~21 s)
+    assert time.monotonic() - started < tracing.FLUSH_TIMEOUT + 5
     [gave_up] = [e for e in events if "dropped" in e["log_format"]]
     assert gave_up["log_level"].name == "warn" and gave_up["timeout"] == 1.0
