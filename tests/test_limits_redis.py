@@ -266,8 +266,10 @@ async def test_from_url_and_the_interface(reactor, prefix):
 @pytest_twisted.ensureDeferred
 async def test_keys_expire(reactor, make, client, prefix):
     counters = make(lease_ttl=5)
+    started = time.monotonic()
     await counters.take("short", 5, 5, 1)  # full again in 0.2 s
-    assert 0 < client.pttl(prefix + "short") <= 201
+    ttl = client.pttl(prefix + "short")
+    assert 0 < ttl <= 201 or (ttl == -2 and since(started) >= 0.2)  # (or gone already: a loaded host)
     await counters.take("long", 60, 1, 30)
     assert 25_000 < client.pttl(prefix + "long") <= 30_001
     await counters.acquire("slots", 2)
