@@ -555,7 +555,9 @@ async def test_a_prompt_of_token_ids_left_early_is_charged_a_token_each(reactor,
         records = await _recorded(gw, 3)
         assert [(r["endpoint"], r["status_code"], r["client_gone"], r["estimated"]) for r in records] == [
             ("/v1/completions", 499, True, True)] * 3
-        assert [r["input_tokens"] for r in records] == [5, 1500, 3000]  # (newest first; "abcdefgh": 2, and 3 ids)
+        # ("abcdefgh": 2, and 3 ids; in any order: a record is written once its upstream side closed, which on a
+        # loaded host may be after the next request's)
+        assert sorted(r["input_tokens"] for r in records) == [5, 1500, 3000]
     finally:
         await gw.service.stopService()
 
