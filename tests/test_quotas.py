@@ -1260,6 +1260,39 @@ async def test_a_root_budget_and_limit_hold_for_managed_keys_without_a_path(reac
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_restarted_gateway_admits_nothing_before_it_read_the_budgets_set_through_the_admin_api(
+        reactor, http, fake, tmp_path, monkeypatch):
+    """A gateway's first read of the budgets set through the admin API runs as it starts: requests that came
+    before it ended were admitted without them (a spent budget passed; the root's budget test failed so on a
+    loaded host). They now wait for that read."""
+    from gomodel.store.sqlite.keys import SQLiteBudgetStore
+
+    gateway = await start(reactor, fake, tmp_path)
+    try:
+        code, _ = await admin(http, gateway, "PUT", "/admin/api/v1/budgets",
+                              {"user_path": "/team", "period": "daily", "max_tokens": 10})
+        assert code == 200
+        key = await new_key(http, gateway, user_path="/team")
+        client = openai_client(gateway, key["value"])
+        await in_thread(raw_chat, client)  # 21 tokens: spent
+        client.close()
+    finally:
+        await gateway.service.stopService()
+    listed = SQLiteBudgetStore.list
+    # (the store's read a second late, as on a loaded host: before, the request was admitted meanwhile)
+    monkeypatch.setattr(SQLiteBudgetStore, "list", lambda store: deferLater(reactor, 1.0, listed, store))
+    gateway = await start(reactor, fake, tmp_path)
+    client = openai_client(gateway, key["value"])
+    try:
+        with pytest.raises(openai.RateLimitError) as refused:
+            await in_thread(raw_chat, client)
+        assert refused.value.code == "budget_exceeded" and "path:/team" in refused.value.message
+    finally:
+        client.close()
+        await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_keys_budget_reset_takes_gomodels_period_forms(http, gw):
     """C{POST /auth-keys/{id}/budgets/reset} takes a period as C{/budgets/reset-one} does: GoModel's C{day},
     its seconds (a number or text, or C{period_seconds}), any case (before: only C{hourly|daily|...})."""

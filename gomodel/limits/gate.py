@@ -70,6 +70,9 @@ class Gate(Periodic):
         self._key_lanes = {}
         self._any_targets = bool(quotas.providers or quotas.models)
         self._streak = FailureStreak(self, "reading the budgets failed", "the budgets are read from the store again")
+        # Until the budgets set through the admin API were read once (tried: a store down fails open), the
+        # admissions waiting for them (a restarted process would admit its first requests without them), else None.
+        self._unread = [] if budgets is not None and book is not None else None
 
     def refresh(self):
         """Re-read the budgets set through the admin API.
@@ -80,7 +83,16 @@ class Gate(Periodic):
             return succeed(None)
         d = Deferred.fromCoroutine(self._refresh())
         d.addCallbacks(self._streak.succeeded, self._streak.failed)
+        if self._unread is not None:
+            d.addBoth(self._read_once)
         return d
+
+    def _read_once(self, result):
+        waiting, self._unread = self._unread, None
+        for admission in waiting or ():
+            if not admission.called:  # (its request's client left meanwhile: cancelled)
+                admission.callback(None)
+        return result
 
     async def _refresh(self):
         self.set_path_budgets(await self._store.list(), await self._store.resets())
@@ -194,7 +206,9 @@ class Gate(Periodic):
         The admission is kept on C{ctx} (settled when the request completes);
         a managed key's C{x-ratelimit-*} headers are set on C{request}'s answer. On
         counters that answer at once (local ones) this runs to its end without
-        a Deferred, in one call of the scopes' L{Lane} unless something refuses.
+        a Deferred, in one call of the scopes' L{Lane} unless something refuses;
+        at start, until the budgets set through the admin API were read once, it
+        waits for that read.
 
         @return: None once admitted, or a Deferred firing with None once admitted.
         @raise gomodel.errors.BudgetExceeded: a budget of the request's scopes is
@@ -202,6 +216,10 @@ class Gate(Periodic):
         @raise gomodel.errors.RateLimitExceeded: a limit refused it, nothing was
             taken (or the Deferred fails with it).
         """
+        if self._unread is not None:  # (at start, until the budgets were read once)
+            waiting = Deferred()
+            self._unread.append(waiting)
+            return waiting.addCallback(lambda _: self.admit(request, ctx, upstream, call))
         principal = ctx.principal
         if not call.limited:  # (a token count)
             return self._admit_count(request, ctx, principal)
