@@ -1293,6 +1293,28 @@ async def test_a_restarted_gateway_admits_nothing_before_it_read_the_budgets_set
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_gateway_whose_budgets_cannot_be_read_at_start_admits_after_a_bound(reactor, http, fake, tmp_path,
+                                                                                   monkeypatch):
+    """The wait for that first read is bounded (FIRST_READ_WAIT): a store that never answers holds requests
+    that long, then they go on without the budgets, as while it cannot be read later."""
+    from twisted.internet.defer import Deferred
+
+    from gomodel.limits import gate
+    from gomodel.store.sqlite.keys import SQLiteBudgetStore
+
+    monkeypatch.setattr(gate, "FIRST_READ_WAIT", 0.5)
+    monkeypatch.setattr(SQLiteBudgetStore, "list", lambda store: Deferred())  # never answers
+    gateway = await start(reactor, fake, tmp_path, SET_RATE_LIMIT_TEAM="rpm=100")
+    key = await new_key(http, gateway, user_path="/team")
+    client = openai_client(gateway, key["value"])
+    try:
+        assert (await in_thread(raw_chat, client)).http_response.status_code == 200
+    finally:
+        client.close()
+        await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_keys_budget_reset_takes_gomodels_period_forms(http, gw):
     """C{POST /auth-keys/{id}/budgets/reset} takes a period as C{/budgets/reset-one} does: GoModel's C{day},
     its seconds (a number or text, or C{period_seconds}), any case (before: only C{hourly|daily|...})."""

@@ -29,6 +29,10 @@ from gomodel.limits.specs import COST_MAX, Budget, RateLimit, path_ancestors
 from gomodel.logs import FailureStreak
 from gomodel.periodic import Periodic
 
+# Seconds the admissions wait at most, at start, for the first read of the budgets set through the admin API (a
+# store slow to answer, or that cannot be reached and takes its time to say so: they then go on without them).
+FIRST_READ_WAIT = 5.0
+
 
 class Gate(Periodic):
     """Admits requests under rate limits and budgets (see the module docstring).
@@ -73,6 +77,7 @@ class Gate(Periodic):
         # Until the budgets set through the admin API were read once (tried: a store down fails open), the
         # admissions waiting for them (a restarted process would admit its first requests without them), else None.
         self._unread = [] if budgets is not None and book is not None else None
+        self._unread_bound = None  # the call that ends that wait after FIRST_READ_WAIT
 
     def refresh(self):
         """Re-read the budgets set through the admin API.
@@ -84,10 +89,19 @@ class Gate(Periodic):
         d = Deferred.fromCoroutine(self._refresh())
         d.addCallbacks(self._streak.succeeded, self._streak.failed)
         if self._unread is not None:
+            if self._unread_bound is None:
+                self._unread_bound = self._clock.callLater(FIRST_READ_WAIT, self._read_once, None)
             d.addBoth(self._read_once)
         return d
 
+    def stopService(self):
+        self._read_once(None)
+        return super().stopService()
+
     def _read_once(self, result):
+        bound, self._unread_bound = self._unread_bound, None
+        if bound is not None and bound.active():
+            bound.cancel()
         waiting, self._unread = self._unread, None
         for admission in waiting or ():
             if not admission.called:  # (its request's client left meanwhile: cancelled)
