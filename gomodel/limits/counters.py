@@ -820,8 +820,10 @@ class RedisCounters(_Forms):
         if writes:
             waits = {id(over): over for key in keys for over in writes.get(key, ())}
             if waits:
-                return DeferredList(list(waits.values())).addCallback(
-                    lambda _: self._run(open_answer, f, *args))
+                return DeferredList(list(waits.values())).addCallback(self._run_after, open_answer, f, *args)
+        return self._run(open_answer, f, *args)
+
+    def _run_after(self, _, open_answer, f, *args):
         return self._run(open_answer, f, *args)
 
     def _finish_sync(self, keys, args):

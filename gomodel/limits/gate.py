@@ -233,7 +233,7 @@ class Gate(Periodic):
         if self._unread is not None:  # (at start, until the budgets were read once)
             waiting = Deferred()
             self._unread.append(waiting)
-            return waiting.addCallback(lambda _: self.admit(request, ctx, upstream, call))
+            return waiting.addCallback(self._admit_read, request, ctx, upstream, call)
         principal = ctx.principal
         if not call.limited:  # (a token count)
             return self._admit_count(request, ctx, principal)
@@ -291,6 +291,10 @@ class Gate(Periodic):
         if scopes:
             _admitted(self._limiter.admit_now(scopes, tokens, headers_for=own), request, ctx)
         return None
+
+    def _admit_read(self, _, request, ctx, upstream, call):
+        """L{admit}, once the budgets were read at start."""
+        return self.admit(request, ctx, upstream, call)
 
     def _admit_count(self, request, ctx, principal):
         """L{admit} a token count (a call not C{limited}): it generates nothing and costs nothing, so it takes
