@@ -21,7 +21,8 @@ gateway forwards untouched:
   - C{fake_drop}: close the connection without answering (the request read: a server that crashed on it)
   - C{fake_cut}: a whole (non-streamed) chat answer's head and its first bytes, then the connection closed
   - C{fake_hang_after}: a native Responses stream sends that many events, then nothing (held open)
-  - C{fake_flood}: stream that many bytes of events as fast as the client allows
+  - C{fake_flood}: stream that many bytes of events as fast as the client allows (chat, text completions,
+    native Responses and Messages streams, each in its own events)
   - C{fake_status} / C{fake_body}: answer with that status and raw body
   - C{fake_sse}: a chat stream of exactly these C{data:} payloads (strings, C{"[DONE]"} too
     where wanted), then the body's end (or, with C{fake_die_after}, an abort after that many)
@@ -62,6 +63,8 @@ C{marker_answers}) and, on any route:
   - C{fake_delay}: answer after that many seconds
   - C{fake_raw}: answer with exactly these bytes (a string: status line, head and body), then close the
     connection: a body without a length or chunks ends with it, as an HTTP/1.0 server's or a proxy's does
+    (with C{fake_raw_path}, only a request on that path: the others are answered as they would be; with
+    C{fake_raw_hold}, the connection is held open after them, silent)
   - C{fake_hold}: hold the request unanswered while C{fake.holding} is true
     (until L{FakeVLLM.release_holds}: held requests still connected are then
     answered, later ones are answered at once)
@@ -113,7 +116,7 @@ class Recorded:
 class _Flood:
     """Writes C{total} bytes of SSE content as fast as the client lets it."""
 
-    def __init__(self, request, record, total, finish):
+    def __init__(self, request, record, total, finish, event=None):
         self._request = request
         self._record = record
         self._total = total
@@ -121,7 +124,7 @@ class _Flood:
         self._paused = False
         self._stopped = False
         payload = "x" * 4000
-        self._event = b"data: " + jsonutil.dumps(_chunk({"content": payload})) + b"\n\n"
+        self._event = event or b"data: " + jsonutil.dumps(_chunk({"content": payload})) + b"\n\n"
 
     def resumeProducing(self):
         self._paused = False
@@ -266,9 +269,10 @@ class FakeVLLM(Resource):
                 return self._json(request, status, {"error": {"message": f"fake failure {count}",
                                                               "type": "ServiceUnavailableError",
                                                               "param": None, "code": status}})
-        if "fake_raw" in body:
+        if "fake_raw" in body and body.get("fake_raw_path", request.path.decode()) == request.path.decode():
             request.transport.write(body["fake_raw"].encode())
-            request.transport.loseConnection()
+            if not body.get("fake_raw_hold"):
+                request.transport.loseConnection()
             return server.NOT_DONE_YET
         if body.get("fake_hold") and self.holding:
             self._held.append((request, record))
@@ -388,6 +392,12 @@ class FakeVLLM(Resource):
                 "usage": {"prompt_tokens": 5, "total_tokens": 5 + n, "completion_tokens": n}})
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        if "fake_flood" in body:
+            event = b"data: " + jsonutil.dumps({"id": "cmpl-fake", "object": "text_completion", "created": 1700000000,
+                                                "model": body["model"], "choices": [{"index": 0, "text": "x" * 4000,
+                                                "logprobs": None, "finish_reason": None}]}) + b"\n\n"
+            _flood(request, record, body, event, lambda: self._end_stream(request, dict(body, stream_options=None)))
+            return server.NOT_DONE_YET
         payloads = [b"data: " + jsonutil.dumps({
             "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length" if i == n - 1 else None,
@@ -597,6 +607,16 @@ class FakeVLLM(Resource):
                 request.write(b"event: " + kind.encode() + b"\ndata: " + data.encode() + b"\n\n")
             request.finish()
             return server.NOT_DONE_YET
+        if "fake_flood" in body:
+            def sent(*numbered):
+                return b"".join(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(
+                    {"type": kind, "sequence_number": n, **fields}) + b"\n\n" for n, (kind, fields) in numbered)
+
+            request.write(sent(*enumerate(events[:3])))
+            delta = sent((3, ("response.output_text.delta", dict(events[3][1], delta="x" * 4000))))
+            _flood(request, record, body, delta, lambda: (request.write(sent(*enumerate(events[4:], 4))),
+                                                          request.finish()))
+            return server.NOT_DONE_YET
         die_after, hang_after = body.get("fake_die_after"), body.get("fake_hang_after")
         for number, (kind, fields) in enumerate(events):
             if hang_after is not None and number >= hang_after:  # (its events so far, then silence: see
@@ -651,6 +671,15 @@ class FakeVLLM(Resource):
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         if body.get("fake_no_stop"):
             events = events[:-1]
+        if "fake_flood" in body:
+            def sent(pairs):
+                return b"".join(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(data) + b"\n\n"
+                                for kind, data in pairs)
+
+            request.write(sent(events[:2]))
+            delta = sent([("content_block_delta", dict(events[2][1], delta={"type": "text_delta", "text": "x" * 4000}))])
+            _flood(request, record, body, delta, lambda: (request.write(sent(events[-3:])), request.finish()))
+            return server.NOT_DONE_YET
         payloads = [b"event: " + kind.encode() + b"\ndata: " + (data.encode() if isinstance(data, str) else jsonutil.dumps(data))
                     + b"\n\n" for kind, data in events]
         self._send_message_events(request, payloads, float(body.get("fake_pace", 0)), body.get("fake_die_after"), 0,
@@ -834,6 +863,14 @@ class FakeVLLM(Resource):
             request.transport.loseConnection()  # what was written goes out, the body's end never
         elif after != "hold":
             request.finish()
+
+
+def _flood(request, record, body, event, finish):
+    """Stream C{event} over and over, C{body["fake_flood"]} bytes of them, as fast as the client lets it; then
+    C{finish}."""
+    flood = _Flood(request, record, int(body["fake_flood"]), finish, event)
+    request.registerProducer(flood, True)
+    flood.resumeProducing()
 
 
 def _takes_gzip(request) -> bool:

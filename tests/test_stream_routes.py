@@ -1,0 +1,215 @@
+"""Every streamed route over real sockets: a client that stops reading, one that leaves, an upstream that breaks.
+
+Chat completions is covered most in test_streaming.py; here each of the others (text completions, native and
+translated Responses, native and translated Messages, a passthrough stream) meets the same three faults:
+
+  - a client that stops reading: the gateway holds a bounded amount for it, and its upstream's writes block;
+  - a client that leaves mid-stream: the upstream connection is closed at once (vLLM aborts the generation);
+  - an upstream that breaks mid-stream (reset, a truncated chunk, half an event): the client gets the route's
+    error form and never its stream's proper end, and the request is logged as failed.
+"""
+
+import json
+import time
+
+import pytest
+import pytest_twisted
+
+from tests.rawclient import connect
+from tests.support import settled, start_fake, start_gateway, stop_all, track_connections, with_timeout, write_buffer
+
+UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+MODEL = "vllm/" + UPSTREAM_MODEL
+HI = [{"role": "user", "content": "hi"}]
+
+# name: (path, body, the fake's options, the route's proper end, its error form's marker)
+ROUTES = {
+    "chat": (b"/v1/chat/completions", {"model": MODEL, "messages": HI}, {}, b"data: [DONE]", b"stream_incomplete"),
+    "completions": (b"/v1/completions", {"model": MODEL, "prompt": "hi"}, {}, b"data: [DONE]", b"stream_incomplete"),
+    "responses": (b"/v1/responses", {"model": MODEL, "input": "hi"}, {}, b"response.completed", b"event: error"),
+    "responses-translated": (b"/v1/responses", {"model": MODEL, "input": "hi"}, {"responses": False},
+                             b"response.completed", b"event: error"),
+    "messages": (b"/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HI}, {}, b"message_stop",
+                 b"event: error"),
+    "messages-translated": (b"/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HI}, {"messages": False},
+                            b"message_stop", b"event: error"),
+    "passthrough": (b"/p/vllm/v1/chat/completions", {"model": UPSTREAM_MODEL, "messages": HI}, {}, b"data: [DONE]",
+                    None),  # (a passthrough adds no event of its own: it is cut without the body's end)
+}
+
+
+def request_bytes(path, body, headers=b""):
+    data = json.dumps(dict(body, stream=True)).encode()
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n" + headers
+            + b"Content-Length: %d\r\n\r\n" % len(data) + data)
+
+
+async def route_gateway(reactor, name, env=None):
+    path, body, options, _, _ = ROUTES[name]
+    fake = await start_fake(reactor, **options)
+    gw = await start_gateway(reactor, dict({"VLLM_BASE_URL": fake.base_url}, **(env or {})))
+    return fake, gw, path, body
+
+
+def streamed(record):
+    return record.method == b"POST" and record.path != b"/v1/messages/count_tokens"
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_holds_back_the_upstream(reactor, name):
+    fake, gw, path, body = await route_gateway(reactor, name)
+    try:
+        connections = track_connections(gw)
+        flood = 64 * 1024 * 1024
+        fake.steer = {"fake_flood": flood}  # (the fields of a translated request's body are not all forwarded)
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        await with_timeout(reactor, client.wait_for(b"x" * 100), 5)
+        client.transport.pauseProducing()  # the client stops reading
+        record = [r for r in fake.requests if streamed(r)][-1]
+        written = await settled(reactor, lambda: record.bytes_written)
+        assert record.pauses > 0 and written < 32 * 1024 * 1024, f"the upstream wrote {written} bytes"
+        [channel] = connections
+        held = write_buffer(channel.transport)
+        assert held < 1024 * 1024, f"the gateway holds {held} bytes for one paused client"
+        client.transport.abortConnection()
+        how, _ = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost"
+    finally:
+        await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_mid_stream_closes_the_upstream(reactor, name, access):
+    fake, gw, path, body = await route_gateway(reactor, name)
+    try:
+        logged = access.next(reactor)
+        fake.steer = {"fake_flood": 64 * 1024 * 1024}
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        await with_timeout(reactor, client.wait_for(b"x" * 100), 5)
+        record = [r for r in fake.requests if streamed(r)][-1]
+        client.transport.abortConnection()
+        left = time.monotonic()
+        how, closed = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost" and closed - left < 0.5, f"the upstream closed {closed - left:.3f}s after the client left"
+        assert record.bytes_written < 64 * 1024 * 1024
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "client_gone", event
+    finally:
+        await stop_all(gw, fake)
+
+
+def upstream_path(name) -> str:
+    """The upstream's path that a stream of the route C{name} comes from."""
+    if name in ("completions", "responses", "messages"):
+        return "/v1/" + name
+    return "/v1/chat/completions"
+
+
+def _raw_stream(name, events: bytes, ending: bytes) -> str:
+    """An upstream's raw answer (C{fake_raw}): a chunked event stream's head, C{events} as one chunk, then
+    C{ending} (the rest of the body as sent, before the connection closes)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return (head + b"%x\r\n" % len(events) + events + b"\r\n" + ending).decode()
+
+
+def _first_events(name) -> bytes:
+    """The first events of a stream of the route C{name}'s upstream dialect (chat where it is translated)."""
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": UPSTREAM_MODEL,
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]}
+    if name == "completions":
+        chunk = {"id": "c1", "object": "text_completion", "created": 1, "model": UPSTREAM_MODEL,
+                 "choices": [{"index": 0, "text": "Hel", "finish_reason": None}]}
+    if name == "responses":
+        response = {"id": "resp_1", "object": "response", "created_at": 1, "status": "in_progress",
+                    "model": UPSTREAM_MODEL, "output": []}
+        return b"".join(b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps(dict(fields, type=kind,
+                                                                                         sequence_number=n)).encode())
+                        for n, (kind, fields) in enumerate([
+                            ("response.created", {"response": response}),
+                            ("response.output_text.delta", {"item_id": "m", "output_index": 0, "content_index": 0,
+                                                            "delta": "Hel"})]))
+    if name == "messages":
+        start = {"type": "message_start", "message": {"id": "m1", "type": "message", "role": "assistant",
+                                                      "content": [], "model": UPSTREAM_MODEL, "stop_reason": None,
+                                                      "usage": {"input_tokens": 5, "output_tokens": 0}}}
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}}
+        return b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode())
+                        for e in (start, block, delta))
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+BREAKS = {
+    "reset": lambda events: b"",  # the connection closed after the first events, no body's end
+    "truncated-chunk": lambda events: b"400\r\ndata: {\"id\":",  # a chunk cut short
+    "half-an-event": lambda events: b"11\r\ndata: {\"id\":\"c2\",\r\n0\r\n\r\n",  # the body ends inside an event
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BREAKS))
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_breaks_mid_stream_never_looks_finished(reactor, name, fault, access, logged_errors):
+    fake, gw, path, body = await route_gateway(reactor, name)
+    _, _, _, end, error = ROUTES[name]
+    try:
+        logged = access.next(reactor)
+        raw = _raw_stream(name, _first_events(name), BREAKS[fault](None))
+        fake.steer = {"fake_raw": raw, "fake_raw_path": upstream_path(name)}
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert received.startswith(b"HTTP/1.1 200 "), received[:300]
+        assert b"Hel" in received, received
+        assert end not in received, received
+        if error is not None:
+            assert error in received, received
+        assert not received.endswith(b"\r\n0\r\n\r\n"), received  # no clean end of the chunked body
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "stream_broken", event
+    finally:
+        await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_silent_mid_stream_is_cut_by_the_idle_timeout(reactor, name, access):
+    fake, gw, path, body = await route_gateway(reactor, name, {"HTTP_STREAM_IDLE_TIMEOUT": "300ms"})
+    _, _, _, end, error = ROUTES[name]
+    try:
+        logged = access.next(reactor)
+        fake.steer = {"fake_raw": _raw_stream(name, _first_events(name), b""), "fake_raw_hold": True,
+                      "fake_raw_path": upstream_path(name)}
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert b"Hel" in received and end not in received, received
+        assert b"sent nothing for too long" in received, received
+        assert not received.endswith(b"\r\n0\r\n\r\n"), received
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "stream_broken", event
+    finally:
+        await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_reads_nothing_past_the_stall_timeout_is_cut_and_so_is_its_upstream(reactor, name, access):
+    fake, gw, path, body = await route_gateway(reactor, name, {"HTTP_CLIENT_STALL_TIMEOUT": "300ms"})
+    try:
+        logged = access.next(reactor)
+        fake.steer = {"fake_flood": 64 * 1024 * 1024}
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        await with_timeout(reactor, client.wait_for(b"x" * 100), 5)
+        client.transport.pauseProducing()
+        record = [r for r in fake.requests if streamed(r)][-1]
+        how, _ = await with_timeout(reactor, record.closed, 5)
+        assert how == "lost"
+        event = await with_timeout(reactor, logged, 5)
+        assert event["outcome"] in ("stream_broken", "client_gone") and event["error"] == "client_stalled", event
+        client.transport.resumeProducing()
+        await with_timeout(reactor, client.lost, 5)
+    finally:
+        await stop_all(gw, fake)
