@@ -213,3 +213,113 @@ async def test_a_client_that_reads_nothing_past_the_stall_timeout_is_cut_and_so_
         await with_timeout(reactor, client.lost, 5)
     finally:
         await stop_all(gw, fake)
+
+
+ASR = "openai/whisper-large-v3"
+CHUNKED = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _transcription_request() -> bytes:
+    from tests.test_audio import form
+
+    data, kind = form({"model": "vllm/" + ASR, "stream": "true"})
+    return (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: gateway\r\nContent-Type: " + kind.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+
+
+def _transcription_events(count: int, text="x" * 4000) -> bytes:
+    chunk = {"id": "trsc-1", "object": "transcription.chunk", "created": 1, "model": ASR,
+             "choices": [{"delta": {"content": text}, "finish_reason": None, "stop_reason": None}]}
+    event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    return b"".join(b"%x\r\n" % len(event) + event + b"\r\n" for _ in range(count))
+
+
+@pytest.mark.parametrize("fault", ["reset", "truncated-chunk", "half-an-event"])
+@pytest_twisted.ensureDeferred
+async def test_a_transcription_stream_whose_upstream_breaks_never_looks_finished(reactor, fault, access):
+    fake = await start_fake(reactor, models=(ASR,))
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        logged = access.next(reactor)
+        fake.raw[b"/v1/audio/transcriptions"] = (CHUNKED + _transcription_events(1, "Hel") + BREAKS[fault](None),
+                                                 False)
+        client = await connect(reactor, gw.port, _transcription_request())
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert received.startswith(b"HTTP/1.1 200 ") and b"Hel" in received, received
+        assert b"[DONE]" not in received and b"stream_incomplete" in received, received
+        assert not received.endswith(b"\r\n0\r\n\r\n"), received
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "stream_broken", event
+    finally:
+        await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transcription_stream_holds_back_its_upstream_for_a_paused_client_and_closes_it_as_it_leaves(reactor):
+    fake = await start_fake(reactor, models=(ASR,))
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        connections = track_connections(gw)
+        fake.raw[b"/v1/audio/transcriptions"] = (CHUNKED + _transcription_events(8000), True)  # (32 MB)
+        client = await connect(reactor, gw.port, _transcription_request())
+        await with_timeout(reactor, client.wait_for(b"x" * 100), 5)
+        client.transport.pauseProducing()
+        [upstream] = fake.raw_transports
+        unsent = await settled(reactor, lambda: write_buffer(upstream))
+        assert unsent > 1024 * 1024, "the upstream was never held back"
+        [channel] = connections
+        held = write_buffer(channel.transport)
+        assert held < 1024 * 1024, f"the gateway holds {held} bytes for one paused client"
+        [record] = [r for r in fake.requests if r.method == b"POST"]
+        client.transport.abortConnection()
+        left = time.monotonic()
+        how, closed = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost" and closed - left < 0.5
+    finally:
+        await stop_all(gw, fake)
+
+
+def _last_events(name) -> bytes:
+    """The events that end a stream of the route C{name}'s upstream dialect (after L{_first_events})."""
+    if name == "responses":
+        response = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+                    "model": UPSTREAM_MODEL, "output": [], "usage": {"input_tokens": 5, "output_tokens": 1,
+                                                                     "total_tokens": 6}}
+        return b"event: response.completed\ndata: %s\n\n" % json.dumps(
+            {"type": "response.completed", "sequence_number": 2, "response": response}).encode()
+    if name == "messages":
+        return (b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+                b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+                b'"usage":{"output_tokens":1}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n')
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": UPSTREAM_MODEL,
+             "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]}
+    if name == "completions":
+        chunk = {"id": "c1", "object": "text_completion", "created": 1, "model": UPSTREAM_MODEL,
+                 "choices": [{"index": 0, "text": "lo", "finish_reason": "stop"}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def _chunked(*pieces) -> bytes:
+    return b"".join(b"%x\r\n" % len(piece) + piece + b"\r\n" for piece in pieces) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_comments_in_an_upstreams_stream_keep_it_alive_and_break_nothing(reactor, name, access):
+    fake, gw, path, body = await route_gateway(reactor, name, {"HTTP_STREAM_IDLE_TIMEOUT": "5s"})
+    _, _, _, end, _ = ROUTES[name]
+    try:
+        logged = access.next(reactor)
+        raw = (CHUNKED.replace(b"text/event-stream", b"text/event-stream; charset=utf-8")
+               + _chunked(b": keep-alive\n\n", _first_events(name), b": ping\r\n\r\n", b":\n\n", _last_events(name)))
+        fake.steer = {"fake_raw": raw.decode(), "fake_raw_path": upstream_path(name)}
+        client = await connect(reactor, gw.port, request_bytes(path, body, b"Connection: close\r\n"))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert received.startswith(b"HTTP/1.1 200 ") and end in received, received
+        assert b"stream_incomplete" not in received and received.endswith(b"\r\n0\r\n\r\n"), received
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "ok", event
+    finally:
+        await stop_all(gw, fake)

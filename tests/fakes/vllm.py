@@ -199,6 +199,11 @@ class FakeVLLM(Resource):
         self.transcript = "hé there"  # what its audio routes hear ("": a silent recording)
         self.audio_seconds = 1  # how long the recordings its audio routes hear are (their usage, as whisper's)
         self.speaking = []  # the speech answers held after their first bytes (fake_hold_speech), until release_speech
+        # path -> (bytes, hold): a request on that path (a form's too) is answered with exactly these bytes (as
+        # C{fake_raw}), then the connection closed, or held open (silent) with C{hold}; each answer's transport is
+        # kept in C{raw_transports}
+        self.raw = {}
+        self.raw_transports = []
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -251,6 +256,13 @@ class FakeVLLM(Resource):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(record)
+        if request.path in self.raw:
+            data, hold = self.raw[request.path]
+            self.raw_transports.append(request.transport)
+            request.transport.write(data)
+            if not hold:
+                request.transport.loseConnection()
+            return server.NOT_DONE_YET
         steered = self._steer(request, record)
         if steered is not None:
             return steered
