@@ -34,8 +34,15 @@ ROUTES = {
     "messages-translated": (b"/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HI}, {"messages": False},
                             b"message_stop", b"event: error"),
     "passthrough": (b"/p/vllm/v1/chat/completions", {"model": UPSTREAM_MODEL, "messages": HI}, {}, b"data: [DONE]",
-                    None),  # (a passthrough adds no event of its own: it is cut without the body's end)
+                    b"stream_incomplete"),
+    "passthrough-responses": (b"/p/vllm/v1/responses", {"model": UPSTREAM_MODEL, "input": "hi"}, {},
+                              b"response.completed", b"stream_incomplete"),
+    "passthrough-messages": (b"/p/vllm/v1/messages", {"model": UPSTREAM_MODEL, "max_tokens": 8, "messages": HI}, {},
+                             b"message_stop", b"event: error"),
 }
+# The upstream dialect of each route's stream, where it is not chat's.
+DIALECTS = {"completions": "completions", "responses": "responses", "messages": "messages",
+            "passthrough-responses": "responses", "passthrough-messages": "messages"}
 
 
 def request_bytes(path, body, headers=b""):
@@ -102,9 +109,7 @@ async def test_a_client_that_leaves_mid_stream_closes_the_upstream(reactor, name
 
 def upstream_path(name) -> str:
     """The upstream's path that a stream of the route C{name} comes from."""
-    if name in ("completions", "responses", "messages"):
-        return "/v1/" + name
-    return "/v1/chat/completions"
+    return "/v1/" + DIALECTS.get(name, "chat/completions")
 
 
 def _raw_stream(name, events: bytes, ending: bytes) -> str:
@@ -116,6 +121,7 @@ def _raw_stream(name, events: bytes, ending: bytes) -> str:
 
 def _first_events(name) -> bytes:
     """The first events of a stream of the route C{name}'s upstream dialect (chat where it is translated)."""
+    name = DIALECTS.get(name, name)
     chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": UPSTREAM_MODEL,
              "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]}
     if name == "completions":
@@ -282,6 +288,7 @@ async def test_a_transcription_stream_holds_back_its_upstream_for_a_paused_clien
 
 def _last_events(name) -> bytes:
     """The events that end a stream of the route C{name}'s upstream dialect (after L{_first_events})."""
+    name = DIALECTS.get(name, name)
     if name == "responses":
         response = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
                     "model": UPSTREAM_MODEL, "output": [], "usage": {"input_tokens": 5, "output_tokens": 1,
@@ -321,5 +328,76 @@ async def test_keep_alive_comments_in_an_upstreams_stream_keep_it_alive_and_brea
         assert b"stream_incomplete" not in received and received.endswith(b"\r\n0\r\n\r\n"), received
         event = await with_timeout(reactor, logged, 2)
         assert event["outcome"] == "ok", event
+    finally:
+        await stop_all(gw, fake)
+
+
+def _error_event(name) -> bytes:
+    """An upstream's in-band error event in the route C{name}'s upstream dialect."""
+    name = DIALECTS.get(name, name)
+    if name == "responses":
+        return (b'event: error\ndata: {"type":"error","code":"server_error","message":"engine failed",'
+                b'"param":null,"sequence_number":2}\n\n')
+    if name == "messages":
+        return b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"engine failed"}}\n\n'
+    return b'data: {"error":{"message":"engine failed","type":"InternalServerError","code":500}}\n\n'
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_error_event_mid_stream_reaches_the_client_and_is_logged_as_an_error(reactor, name, access):
+    fake, gw, path, body = await route_gateway(reactor, name)
+    _, _, _, end, _ = ROUTES[name]
+    try:
+        logged = access.next(reactor)
+        raw = CHUNKED + _chunked(_first_events(name), _error_event(name))
+        fake.steer = {"fake_raw": raw.decode(), "fake_raw_path": upstream_path(name)}
+        client = await connect(reactor, gw.port, request_bytes(path, body, b"Connection: close\r\n"))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert received.startswith(b"HTTP/1.1 200 ") and b"engine failed" in received, received
+        assert end not in received and b"stream_incomplete" not in received, received
+        if path.startswith(b"/v1/messages") or path.startswith(b"/v1/responses"):
+            assert b"event: error\n" in received, received
+        event = await with_timeout(reactor, logged, 2)
+        assert (event["outcome"], event["error"]) == ("error", "upstream_stream_error"), event
+        [pool] = gw.registry.providers
+        assert pool.replicas[0].failures == 0  # (such an error may be the request's own: the replica is not held)
+    finally:
+        await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_responses_streams_in_band_error_is_its_error_event_and_its_kept_responses_error(
+        reactor, access):
+    # A chat upstream's error event in a Responses stream translated from chat was raised as the stream breaking
+    # off: the client got a stream_incomplete event (or, where it came in the read that held the first tokens, a
+    # 502 and none of them), the request was logged stream_broken, and the replica was held for it as for a
+    # reset. Now it is the stream's error event (OpenAI's ResponseErrorEvent), as on every other route.
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        logged = access.next(reactor)
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": UPSTREAM_MODEL,
+                 "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+        error = {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}}
+        fake.steer = {"fake_sse": [json.dumps(chunk), json.dumps(error), json.dumps(chunk)], "fake_pace": 0.05}
+        client = await connect(reactor, gw.port, request_bytes(b"/v1/responses", {"model": MODEL, "input": "hi"},
+                                                               b"Connection: close\r\n"))
+        await with_timeout(reactor, client.lost, 5)
+        head, _, received = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n0\r\n\r\n"), received
+        events = [e for e in received.split(b"\n\n") if b"data: " in e]
+        payloads = [json.loads(e[e.index(b"data: ") + 6:]) for e in events]
+        assert [p["type"] for p in payloads][-2:] == ["response.output_text.delta", "error"]
+        assert payloads[-1] == {"type": "error", "code": "server_error", "message": "engine failed", "param": None,
+                                "sequence_number": len(payloads) - 1}
+        event = await with_timeout(reactor, logged, 2)
+        assert (event["outcome"], event["error"]) == ("error", "upstream_stream_error"), event
+        [pool] = gw.registry.providers
+        assert pool.replicas[0].failures == 0
+        kept = json.loads(await (await with_timeout(reactor, __import__("treq").get(
+            gw.url + "/v1/responses/" + payloads[0]["response"]["id"]), 5)).content())
+        assert kept["status"] == "failed" and kept["error"] == {"code": "server_error", "message": "engine failed"}
     finally:
         await stop_all(gw, fake)

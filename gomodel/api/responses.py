@@ -198,7 +198,7 @@ class ResponsesRoute:
             if result is not None:
                 request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
             if turn.stored:
-                turn.keep(_final(observer.response, observer.made, False))
+                turn.keep(_final(observer.response, observer.made, False, observer.error))
             return result
         now = int(self._clock.seconds())
         # (a stream nobody asked for, from an upstream that streams anyway, is gathered into one chat

@@ -395,6 +395,7 @@ class ChatToResponsesStream:
         self._finish = None
         self.usage = None
         self.done = False
+        self.error = None  # the upstream's in-band error, as the client's error event tells it: the stream's end
         self.response = None  # the final response object, once completed
         self.events = 0  # upstream chunks with content (about one token each), for an estimate
 
@@ -414,6 +415,8 @@ class ChatToResponsesStream:
     def feed(self, data: bytes) -> bytes:
         out = []
         for event in self._framer.feed(data):
+            if self.error is not None:  # (the stream ended at its error event: nothing after it is told)
+                break
             payload = event_data(event)
             if not payload or payload == b"[DONE]":
                 if payload == b"[DONE]":
@@ -421,7 +424,8 @@ class ChatToResponsesStream:
                 continue
             chunk = data_object(payload)
             if isinstance(chunk.get("error"), (dict, str)):
-                raise StreamIncomplete(f"the upstream reported an error: {self._error_message(chunk['error'])}")
+                out.append(self._failed(chunk["error"]))
+                continue
             self._model = self._model or chunk.get("model")
             if not self._started:
                 self._started = True
@@ -482,9 +486,16 @@ class ChatToResponsesStream:
                                content_index=0, delta=text))
         return out
 
-    def _error_message(self, error) -> str:
-        message = str(_message_of(error)).rstrip(".")  # (the exchange ends the sentence)
-        return message if self._hide is None else self._hide(message)
+    def _failed(self, error) -> bytes:
+        """The C{error} event (OpenAI's C{ResponseErrorEvent}) for an upstream's in-band C{error}, which ends the
+        stream (as an error event ends every route's: logged as the upstream's error, its replica not held)."""
+        message = str(_message_of(error)) or "The upstream failed while streaming."
+        code = error.get("code") if isinstance(error, dict) else None
+        self.error = {"code": code if isinstance(code, str) and code else "server_error",
+                      "message": message if self._hide is None else self._hide(message),
+                      "param": error.get("param") if isinstance(error, dict) else None}
+        self.done = True
+        return self._event("error", **self.error)
 
     def _delta(self, delta, logprobs=None):
         thought = delta.get("reasoning") or delta.get("reasoning_content")
