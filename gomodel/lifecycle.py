@@ -200,6 +200,7 @@ def _cut_request(request) -> bool:
             return _end_stream(request, error)
         return False
     ctx.cut(CUT)
+    _unrelayed(request)
     body = render.render(request, error, render.dialect_of(request))
     request.close_after()
     request.write(body)
@@ -207,6 +208,20 @@ def _cut_request(request) -> bool:
     if not request.finished:  # (no handler)
         request.finish()
     return True
+
+
+def _unrelayed(request):
+    """Unregister the relay of a stream whose upstream sent only its head (none of it went out: the 503 goes out
+    instead), and put back the answer's headers as they were before that head's were copied in."""
+    relay = request.producer
+    if relay is None:
+        return
+    request.unregisterProducer()
+    before = getattr(relay, "head_before", None)
+    if before is not None:
+        headers = _twistedcompat.plain_headers(request.responseHeaders)
+        headers.clear()
+        headers.update(before)
 
 
 def _stop_handler(request, error):

@@ -401,3 +401,55 @@ async def test_a_translated_responses_streams_in_band_error_is_its_error_event_a
         assert kept["status"] == "failed" and kept["error"] == {"code": "server_error", "message": "engine failed"}
     finally:
         await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("headed", [False, True])
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_before_the_first_event_closes_the_upstream(reactor, name, headed, access):
+    fake, gw, path, body = await route_gateway(reactor, name)
+    try:
+        logged = access.next(reactor)
+        fake.steer = {"fake_raw": CHUNKED.decode() if headed else "", "fake_raw_hold": True,
+                      "fake_raw_path": upstream_path(name)}
+        arrived = fake.next_request()
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        record = await with_timeout(reactor, arrived, 5)
+        while record.path.decode() != upstream_path(name):  # (a translated route asks the native one first)
+            record = await with_timeout(reactor, fake.next_request(), 5)
+        await settled(reactor, lambda: len(fake.requests), quiet=2)
+        client.transport.abortConnection()
+        left = time.monotonic()
+        how, closed = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost" and closed - left < 0.5, f"the upstream closed {closed - left:.3f}s after the client left"
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "client_gone", event
+    finally:
+        await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_whose_upstream_sent_only_its_head_when_the_drain_runs_out_is_a_clean_503(
+        reactor, logged_errors):
+    # The drain's 503 for a stream whose upstream had sent its head, none of its body: the stream's relay was
+    # left registered as the answer's producer (Twisted logged "Producer was not unregistered" as an error
+    # for each), and the 503 carried the upstream head's headers (its own, and the stream's no-cache).
+    fake = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    try:
+        fake.steer = {"fake_raw": CHUNKED.replace(b"\r\n\r\n", b"\r\nX-Upstream-Own: yes\r\n\r\n").decode(),
+                      "fake_raw_hold": True, "fake_raw_path": "/v1/chat/completions"}
+        arrived = fake.next_request()
+        client = await connect(reactor, gw.port, request_bytes(*ROUTES["chat"][:2]))
+        record = await with_timeout(reactor, arrived, 5)
+        await settled(reactor, lambda: len(fake.requests), quiet=2)
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        await with_timeout(reactor, client.lost, 5)
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ") and json.loads(body)["error"]["code"] == "shutdown_timeout"
+        assert b"x-upstream-own" not in head.lower() and b"no-cache" not in head.lower(), head
+        assert b"application/json" in head, head
+        how, _ = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost"
+    finally:
+        await fake.stop()

@@ -725,6 +725,7 @@ class Exchange:
         relay = StreamRelay(request, self._clock, observer, idle_timeout=t.stream_idle,
                             stall_timeout=t.client_stall, max_duration=t.stream_max,
                             first_write=ctx.first_byte_written, end_written=ctx.end_written, timers=self._timers)
+        relay.head_before = ours  # (put back by a drain that answers before this head went out: L{gomodel.lifecycle})
         if request.channel is None:
             # The client left before we could start: close the upstream, nothing to relay.
             relay.finished.addErrback(lambda _: None)

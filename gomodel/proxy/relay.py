@@ -124,6 +124,8 @@ class StreamRelay(Protocol):
         self.end_written = False
         self.wrote = False  # some of the body went to the client (its head with it; what the observer dropped is none)
         self.rejected = False  # the observer refused what the upstream sent (an event that is none)
+        # the answer's headers before its upstream's head was copied in (put back where that head never goes out)
+        self.head_before = None
         self.finished = Deferred(self._cancelled)
         self._idle_call = None
         self._heard = 0.0  # when the upstream last sent bytes (the idle timer looks at it when it fires)
