@@ -45,8 +45,8 @@ DIALECTS = {"completions": "completions", "responses": "responses", "messages": 
             "passthrough-responses": "responses", "passthrough-messages": "messages"}
 
 
-def request_bytes(path, body, headers=b""):
-    data = json.dumps(dict(body, stream=True)).encode()
+def request_bytes(path, body, headers=b"", stream=True):
+    data = json.dumps(dict(body, stream=True) if stream else body).encode()
     return (b"POST " + path + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n" + headers
             + b"Content-Length: %d\r\n\r\n" % len(data) + data)
 
@@ -103,6 +103,8 @@ async def test_a_client_that_leaves_mid_stream_closes_the_upstream(reactor, name
         assert record.bytes_written < 64 * 1024 * 1024
         event = await with_timeout(reactor, logged, 2)
         assert event["outcome"] == "client_gone", event
+        [pool] = gw.registry.providers
+        assert pool.replicas[0].failures == 0 and pool.replicas[0].state != "down"  # (the client's doing)
     finally:
         await stop_all(gw, fake)
 
@@ -424,6 +426,8 @@ async def test_a_client_that_leaves_before_the_first_event_closes_the_upstream(r
         assert how == "lost" and closed - left < 0.5, f"the upstream closed {closed - left:.3f}s after the client left"
         event = await with_timeout(reactor, logged, 2)
         assert event["outcome"] == "client_gone", event
+        [pool] = gw.registry.providers
+        assert pool.replicas[0].failures == 0 and pool.replicas[0].state != "down"  # (the client's doing)
     finally:
         await stop_all(gw, fake)
 
@@ -453,3 +457,60 @@ async def test_a_stream_whose_upstream_sent_only_its_head_when_the_drain_runs_ou
         assert how == "lost"
     finally:
         await fake.stop()
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+@pytest.mark.parametrize("path", [b"/v1/audio/speech", b"/p/openai-other/v1/audio/speech"])
+@pytest_twisted.ensureDeferred
+async def test_a_speech_whose_upstream_breaks_mid_body_never_looks_whole(reactor, path, framing, access):
+    fake = await start_fake(reactor, models=("tts-1",))
+    fake.audio = "openai"
+    gw = await start_gateway(reactor, {"OPENAI_OTHER_BASE_URL": fake.base_url, "OPENAI_OTHER_API_KEY": "sk-up"})
+    try:
+        logged = access.next(reactor)
+        audio = b"ID3\x04" + b"\xff" * 5000
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\n"
+        if framing == "chunked":
+            raw = head + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(audio) + audio + b"\r\n"
+        else:
+            raw = head + b"Content-Length: %d\r\n\r\n" % (len(audio) * 2) + audio
+        fake.raw[b"/v1/audio/speech"] = (raw, False)
+        model = "openai-other/tts-1" if path.startswith(b"/v1") else "tts-1"
+        client = await connect(reactor, gw.port, request_bytes(path, {"model": model, "voice": "alloy", "input": "hé"},
+                                                               stream=False))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"\xff" * 100 in body, received[:300]
+        if b"content-length" in head.lower():
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            assert len(body) < length, head
+        else:
+            assert not body.endswith(b"\r\n0\r\n\r\n"), body[-20:]
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "stream_broken", event
+    finally:
+        await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("fault", sorted(BREAKS))
+@pytest_twisted.ensureDeferred
+async def test_a_speech_event_stream_whose_upstream_breaks_ends_with_an_error_event(reactor, fault, access):
+    fake = await start_fake(reactor, models=("tts-1",))
+    fake.audio = "openai"
+    gw = await start_gateway(reactor, {"OPENAI_OTHER_BASE_URL": fake.base_url, "OPENAI_OTHER_API_KEY": "sk-up"})
+    try:
+        logged = access.next(reactor)
+        delta = b'data: {"type":"speech.audio.delta","audio":"SUQz"}\n\n'
+        fake.raw[b"/v1/audio/speech"] = (CHUNKED + b"%x\r\n" % len(delta) + delta + b"\r\n" + BREAKS[fault](None),
+                                         False)
+        client = await connect(reactor, gw.port, request_bytes(b"/v1/audio/speech", {
+            "model": "openai-other/tts-1", "voice": "alloy", "input": "hé", "stream_format": "sse"}, stream=False))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert received.startswith(b"HTTP/1.1 200 ") and b"SUQz" in received, received
+        assert b"stream_incomplete" in received and not received.endswith(b"\r\n0\r\n\r\n"), received
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "stream_broken", event
+    finally:
+        await stop_all(gw, fake)
