@@ -514,3 +514,28 @@ async def test_a_speech_event_stream_whose_upstream_breaks_ends_with_an_error_ev
         assert event["outcome"] == "stream_broken", event
     finally:
         await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_at_the_streams_end_before_the_bodys_end_is_served_whole(reactor, name, access):
+    # (the SDKs leave at [DONE] / message_stop, before the body's last chunk; an upstream may hold its body open)
+    fake, gw, path, body = await route_gateway(reactor, name)
+    _, _, _, end, _ = ROUTES[name]
+    try:
+        logged = access.next(reactor)
+        events = _first_events(name) + _last_events(name)
+        raw = CHUNKED + b"%x\r\n" % len(events) + events + b"\r\n"
+        fake.steer = {"fake_raw": raw.decode(), "fake_raw_hold": True, "fake_raw_path": upstream_path(name)}
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        await with_timeout(reactor, client.wait_for(end), 5)
+        record = [r for r in fake.requests if streamed(r)][-1]
+        client.transport.abortConnection()
+        how, _ = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost"
+        event = await with_timeout(reactor, logged, 3)
+        assert (event["status"], event["outcome"]) == (200, "ok"), event
+        [pool] = gw.registry.providers
+        assert pool.replicas[0].failures == 0
+    finally:
+        await stop_all(gw, fake)
