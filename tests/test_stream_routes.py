@@ -58,6 +58,12 @@ async def route_gateway(reactor, name, env=None):
     return fake, gw, path, body
 
 
+def assert_released(gw):
+    """Nothing of a stream that ended is left held at its replica (its slot, its relay)."""
+    for pool in gw.registry.providers:
+        assert [(r.in_flight, len(r.streams)) for r in pool.replicas] == [(0, 0)] * len(pool.replicas)
+
+
 def streamed(record):
     return record.method == b"POST" and record.path != b"/v1/messages/count_tokens"
 
@@ -102,6 +108,7 @@ async def test_a_client_that_leaves_mid_stream_closes_the_upstream(reactor, name
         assert how == "lost" and closed - left < 0.5, f"the upstream closed {closed - left:.3f}s after the client left"
         assert record.bytes_written < 64 * 1024 * 1024
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert event["outcome"] == "client_gone", event
         [pool] = gw.registry.providers
         assert pool.replicas[0].failures == 0 and pool.replicas[0].state != "down"  # (the client's doing)
@@ -176,6 +183,7 @@ async def test_an_upstream_that_breaks_mid_stream_never_looks_finished(reactor, 
             assert error in received, received
         assert not received.endswith(b"\r\n0\r\n\r\n"), received  # no clean end of the chunked body
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert event["outcome"] == "stream_broken", event
     finally:
         await stop_all(gw, fake)
@@ -197,6 +205,7 @@ async def test_an_upstream_silent_mid_stream_is_cut_by_the_idle_timeout(reactor,
         assert b"sent nothing for too long" in received, received
         assert not received.endswith(b"\r\n0\r\n\r\n"), received
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert event["outcome"] == "stream_broken", event
     finally:
         await stop_all(gw, fake)
@@ -216,6 +225,7 @@ async def test_a_client_that_reads_nothing_past_the_stall_timeout_is_cut_and_so_
         how, _ = await with_timeout(reactor, record.closed, 5)
         assert how == "lost"
         event = await with_timeout(reactor, logged, 5)
+        assert_released(gw)
         assert event["outcome"] in ("stream_broken", "client_gone") and event["error"] == "client_stalled", event
         client.transport.resumeProducing()
         await with_timeout(reactor, client.lost, 5)
@@ -258,6 +268,7 @@ async def test_a_transcription_stream_whose_upstream_breaks_never_looks_finished
         assert b"[DONE]" not in received and b"stream_incomplete" in received, received
         assert not received.endswith(b"\r\n0\r\n\r\n"), received
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert event["outcome"] == "stream_broken", event
     finally:
         await stop_all(gw, fake)
@@ -329,6 +340,7 @@ async def test_keep_alive_comments_in_an_upstreams_stream_keep_it_alive_and_brea
         assert received.startswith(b"HTTP/1.1 200 ") and end in received, received
         assert b"stream_incomplete" not in received and received.endswith(b"\r\n0\r\n\r\n"), received
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert event["outcome"] == "ok", event
     finally:
         await stop_all(gw, fake)
@@ -362,6 +374,7 @@ async def test_an_upstreams_error_event_mid_stream_reaches_the_client_and_is_log
         if path.startswith(b"/v1/messages") or path.startswith(b"/v1/responses"):
             assert b"event: error\n" in received, received
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert (event["outcome"], event["error"]) == ("error", "upstream_stream_error"), event
         [pool] = gw.registry.providers
         assert pool.replicas[0].failures == 0  # (such an error may be the request's own: the replica is not held)
@@ -395,6 +408,7 @@ async def test_a_translated_responses_streams_in_band_error_is_its_error_event_a
         assert payloads[-1] == {"type": "error", "code": "server_error", "message": "engine failed", "param": None,
                                 "sequence_number": len(payloads) - 1}
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert (event["outcome"], event["error"]) == ("error", "upstream_stream_error"), event
         [pool] = gw.registry.providers
         assert pool.replicas[0].failures == 0
@@ -425,6 +439,7 @@ async def test_a_client_that_leaves_before_the_first_event_closes_the_upstream(r
         how, closed = await with_timeout(reactor, record.closed, 2)
         assert how == "lost" and closed - left < 0.5, f"the upstream closed {closed - left:.3f}s after the client left"
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert event["outcome"] == "client_gone", event
         [pool] = gw.registry.providers
         assert pool.replicas[0].failures == 0 and pool.replicas[0].state != "down"  # (the client's doing)
@@ -488,6 +503,7 @@ async def test_a_speech_whose_upstream_breaks_mid_body_never_looks_whole(reactor
         else:
             assert not body.endswith(b"\r\n0\r\n\r\n"), body[-20:]
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert event["outcome"] == "stream_broken", event
     finally:
         await stop_all(gw, fake)
@@ -511,6 +527,7 @@ async def test_a_speech_event_stream_whose_upstream_breaks_ends_with_an_error_ev
         assert received.startswith(b"HTTP/1.1 200 ") and b"SUQz" in received, received
         assert b"stream_incomplete" in received and not received.endswith(b"\r\n0\r\n\r\n"), received
         event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
         assert event["outcome"] == "stream_broken", event
     finally:
         await stop_all(gw, fake)
@@ -534,6 +551,7 @@ async def test_a_client_that_leaves_at_the_streams_end_before_the_bodys_end_is_s
         how, _ = await with_timeout(reactor, record.closed, 2)
         assert how == "lost"
         event = await with_timeout(reactor, logged, 3)
+        assert_released(gw)
         assert (event["status"], event["outcome"]) == (200, "ok"), event
         [pool] = gw.registry.providers
         assert pool.replicas[0].failures == 0
