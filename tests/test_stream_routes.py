@@ -204,6 +204,8 @@ async def test_an_upstream_silent_mid_stream_is_cut_by_the_idle_timeout(reactor,
         assert b"Hel" in received and end not in received, received
         assert b"sent nothing for too long" in received, received
         assert not received.endswith(b"\r\n0\r\n\r\n"), received
+        how, _ = await with_timeout(reactor, [r for r in fake.requests if streamed(r)][-1].closed, 2)
+        assert how == "lost"  # (so vLLM aborts)
         event = await with_timeout(reactor, logged, 2)
         assert_released(gw)
         assert event["outcome"] == "stream_broken", event
@@ -556,4 +558,39 @@ async def test_a_client_that_leaves_at_the_streams_end_before_the_bodys_end_is_s
         [pool] = gw.registry.providers
         assert pool.replicas[0].failures == 0
     finally:
+        await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_that_stops_reading_holds_back_the_upstream(reactor, tmp_path):
+    """Over a TLS listener (TLS wraps the socket: its own buffers between the relay and the kernel's)."""
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol, serverFromString
+
+    from tests.rawclient import RawClient
+    from tests.test_tap import _self_signed
+
+    fake, gw, path, body = await route_gateway(reactor, "chat")
+    listening = await serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={_self_signed(tmp_path)}").listen(gw.service.site)
+    try:
+        connections = track_connections(gw)
+        fake.steer = {"fake_flood": 64 * 1024 * 1024}
+        client = RawClient(request_bytes(path, body))
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port,
+                                                 ssl.CertificateOptions()), client)
+        await with_timeout(reactor, client.wait_for(b"x" * 100), 5)
+        client.transport.pauseProducing()
+        record = [r for r in fake.requests if streamed(r)][-1]
+        written = await settled(reactor, lambda: record.bytes_written)
+        assert record.pauses > 0 and written < 32 * 1024 * 1024, f"the upstream wrote {written} bytes"
+        [channel] = connections
+        tls = channel.transport  # (what the socket holds, and what TLS holds back while its handshake or a
+        held = write_buffer(tls) + sum(map(len, getattr(tls, "_appSendBuffer", ())))  # renegotiation runs)
+        assert held < 1024 * 1024, f"the gateway holds {held} bytes for one paused client"
+        client.transport.abortConnection()
+        how, _ = await with_timeout(reactor, record.closed, 2)
+        assert how == "lost"
+    finally:
+        await listening.stopListening()
         await stop_all(gw, fake)
