@@ -10,8 +10,10 @@ translated Responses, native and translated Messages, a passthrough stream) meet
 """
 
 import json
+from functools import partial
 import time
 
+import httpx
 import pytest
 import pytest_twisted
 
@@ -594,3 +596,34 @@ async def test_a_tls_client_that_stops_reading_holds_back_the_upstream(reactor, 
     finally:
         await listening.stopListening()
         await stop_all(gw, fake)
+
+
+SDK_ROUTES = ["chat", "completions", "responses", "responses-translated", "messages", "messages-translated"]
+
+
+@pytest.mark.parametrize("fault", ["reset", "half-an-event"])
+@pytest.mark.parametrize("name", SDK_ROUTES)
+@pytest_twisted.ensureDeferred
+async def test_the_sdks_raise_on_a_stream_whose_upstream_broke(reactor, name, fault):
+    """What a client's SDK makes of a broken stream: an error raised, never a stream that simply ended."""
+    import anthropic
+    import openai
+
+    from tests.support import in_thread, openai_client
+
+    fake, gw, path, body = await route_gateway(reactor, name)
+    raw = _raw_stream(name, _first_events(name), BREAKS[fault](None))
+    fake.steer = {"fake_raw": raw, "fake_raw_path": upstream_path(name)}
+    if name.startswith("messages"):
+        client = anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0, timeout=10)
+        call = partial(client.messages.create, model=MODEL, max_tokens=8, messages=HI, stream=True)
+    else:
+        client = openai_client(gw)
+        call = {"chat": partial(client.chat.completions.create, model=MODEL, messages=HI, stream=True),
+                "completions": partial(client.completions.create, model=MODEL, prompt="hi", stream=True)}.get(
+            name, partial(client.responses.create, model=MODEL, input="hi", stream=True))
+    try:
+        with pytest.raises((openai.APIError, anthropic.APIError, httpx.HTTPError)):
+            await in_thread(lambda: list(call()))
+    finally:
+        await stop_all(gw, fake, clients=[client])
