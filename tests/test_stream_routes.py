@@ -10,8 +10,8 @@ translated Responses, native and translated Messages, a passthrough stream) meet
 """
 
 import json
-from functools import partial
 import time
+from functools import partial
 
 import httpx
 import pytest
