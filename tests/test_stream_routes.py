@@ -66,6 +66,15 @@ def assert_released(gw):
         assert [(r.in_flight, len(r.streams)) for r in pool.replicas] == [(0, 0)] * len(pool.replicas)
 
 
+def metric(gw, name, **labels) -> float:
+    """The sum of the gateway's C{name} samples with C{labels}."""
+    from prometheus_client import generate_latest
+
+    from tests.test_metrics import samples, value
+
+    return value(samples(generate_latest(gw.service.metrics.registry).decode()), name, **labels)
+
+
 def streamed(record):
     return record.method == b"POST" and record.path != b"/v1/messages/count_tokens"
 
@@ -187,6 +196,11 @@ async def test_an_upstream_that_breaks_mid_stream_never_looks_finished(reactor, 
         event = await with_timeout(reactor, logged, 2)
         assert_released(gw)
         assert event["outcome"] == "stream_broken", event
+        await gw.service.usage.flush()  # (its usage record says so too, as do the metrics)
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [r["outcome"] for r in records] == ["stream_broken"], records
+        gw.service.metrics.flush()
+        assert metric(gw, "gomodel_upstream_errors_total") == 1
     finally:
         await stop_all(gw, fake)
 
@@ -382,6 +396,11 @@ async def test_an_upstreams_error_event_mid_stream_reaches_the_client_and_is_log
         assert (event["outcome"], event["error"]) == ("error", "upstream_stream_error"), event
         [pool] = gw.registry.providers
         assert pool.replicas[0].failures == 0  # (such an error may be the request's own: the replica is not held)
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [r["outcome"] for r in records] == ["error"], records
+        gw.service.metrics.flush()
+        assert metric(gw, "gomodel_upstream_errors_total", code="upstream_stream_error") == 1
     finally:
         await stop_all(gw, fake)
 
