@@ -251,6 +251,9 @@ def test_responses_observer_reads_a_long_read_from_its_last_event_as_event_by_ev
                 seen.update(error=payload, done=True)
             elif payload["type"] in ("response.completed", "response.incomplete", "response.failed"):
                 seen.update(done=True, response=payload["response"], usage=payload["response"]["usage"])
+                if payload["type"] == "response.failed":  # (a failed response: the upstream's error)
+                    seen["error"] = payload["response"].get("error") or {"code": "server_error",
+                                                                         "message": "The response failed."}
         return seen
 
     for stream in streams:

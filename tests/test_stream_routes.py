@@ -646,3 +646,34 @@ async def test_the_sdks_raise_on_a_stream_whose_upstream_broke(reactor, name, fa
             await in_thread(lambda: list(call()))
     finally:
         await stop_all(gw, fake, clients=[client])
+
+
+@pytest.mark.parametrize("name", ["responses", "passthrough-responses"])
+@pytest_twisted.ensureDeferred
+async def test_a_responses_stream_that_ends_failed_is_logged_as_the_upstreams_error(reactor, name, access):
+    # A native Responses stream whose response failed (its response.failed event, the failed response's end) was
+    # logged and counted ok, its usage record too: only an error event was the upstream's in-band error.
+    fake, gw, path, body = await route_gateway(reactor, name)
+    try:
+        logged = access.next(reactor)
+        response = {"id": "resp_1", "object": "response", "created_at": 1, "status": "failed",
+                    "model": UPSTREAM_MODEL, "output": [], "error": {"code": "server_error", "message": "engine failed"}}
+        failed = b"event: response.failed\ndata: %s\n\n" % json.dumps(
+            {"type": "response.failed", "sequence_number": 2, "response": response}).encode()
+        raw = CHUNKED + _chunked(_first_events(name), failed)
+        fake.steer = {"fake_raw": raw.decode(), "fake_raw_path": upstream_path(name)}
+        client = await connect(reactor, gw.port, request_bytes(path, body, b"Connection: close\r\n"))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert b"event: response.failed\n" in received and b"engine failed" in received, received
+        assert b"stream_incomplete" not in received and received.endswith(b"\r\n0\r\n\r\n"), received
+        event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
+        assert (event["status"], event["outcome"], event["error"]) == (200, "error", "upstream_stream_error"), event
+        [pool] = gw.registry.providers
+        assert pool.replicas[0].failures == 0
+        await gw.service.usage.flush()
+        records, _ = await gw.service.store.usage.log(0, 2e9, 10)
+        assert [r["outcome"] for r in records] == ["error"], records
+    finally:
+        await stop_all(gw, fake)

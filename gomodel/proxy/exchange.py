@@ -49,7 +49,7 @@ from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
-                               event_around, event_kind, event_object, events_end)
+                               event_around, event_kind, event_object, events_end, failure_in)
 from gomodel.routing.pool import HOLD_MAX
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, BoundedCollector, discard, read_body, within
@@ -1024,6 +1024,8 @@ class UsageTap:
                 hide = self._hide
                 if hide is not None and hide.hidden_pattern.search(data) is not None:
                     data = _errors_hidden(data, hide)
+            if self.error is None and data.find(b"response.failed") >= 0:
+                self.error = failure_in(data)  # (a failed response, the upstream's in-band error; the stream's end)
             if self._ends is not None and not self.done:
                 for kind in self._ends.kinds:  # (its last mention: one in a token before its end is none)
                     at = data.rfind(kind)

@@ -129,6 +129,25 @@ def error_in(events: bytes):
     return None
 
 
+def failure_in(events: bytes):
+    """The error of the C{response.failed} event among C{events} (whole events of a Responses stream), or None
+    (L{failed_error})."""
+    for event in _TERMINATOR.split(events):
+        if event.find(b"response.failed") >= 0:
+            payload = event_object(event)
+            if payload is not None and payload.get("type") == "response.failed":
+                return failed_error(payload)
+    return None
+
+
+def failed_error(payload: dict) -> dict:
+    """The error of a Responses stream's C{response.failed} event C{payload}: its response's C{error}, or one
+    saying it failed (a failed response is its upstream's in-band error, as an error event is)."""
+    response = payload.get("response")
+    error = response.get("error") if response.__class__ is dict else None
+    return error if error.__class__ is dict else {"code": "server_error", "message": "The response failed."}
+
+
 class StreamIncomplete(Exception):
     """The upstream's stream ended without its proper end."""
 
@@ -560,6 +579,8 @@ class ResponsesStreamObserver:
             self.done = True
         elif kind in RESPONSE_END_TYPES:
             self.done = True
+            if kind == "response.failed":
+                self.error = failed_error(payload)
             self.response = payload.get("response")
             if isinstance(self.response, dict):
                 usage = self.response.get("usage")
