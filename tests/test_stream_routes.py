@@ -677,3 +677,26 @@ async def test_a_responses_stream_that_ends_failed_is_logged_as_the_upstreams_er
         assert [r["outcome"] for r in records] == ["error"], records
     finally:
         await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_a_stream_past_its_maximum_duration_is_cut_in_its_routes_form(reactor, name, access):
+    fake, gw, path, body = await route_gateway(reactor, name, {"HTTP_STREAM_MAX_DURATION": "300ms"})
+    _, _, _, end, error = ROUTES[name]
+    try:
+        logged = access.next(reactor)
+        fake.steer = {"fake_raw": _raw_stream(name, _first_events(name), b""), "fake_raw_hold": True,
+                      "fake_raw_path": upstream_path(name)}
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        await with_timeout(reactor, client.lost, 5)
+        received = bytes(client.received)
+        assert b"Hel" in received and end not in received and error in received, received
+        assert b"ran past its maximum duration" in received and not received.endswith(b"\r\n0\r\n\r\n"), received
+        how, _ = await with_timeout(reactor, [r for r in fake.requests if streamed(r)][-1].closed, 2)
+        assert how == "lost"
+        event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
+        assert (event["outcome"], event["error"]) == ("stream_broken", "stream_max_duration"), event
+    finally:
+        await stop_all(gw, fake)
