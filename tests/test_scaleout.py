@@ -250,10 +250,10 @@ async def test_a_read_after_a_cancel_is_cancelled_while_an_earlier_reads_answer_
     store = a.service.store.responses
     update, held = store.update, []
 
-    def slow(response_id, status, response):
+    def slow(response_id, status, response, tenant=None):
         gate = Deferred()
         held.append(gate)
-        gate.addCallback(lambda _: update(response_id, status, response))
+        gate.addCallback(lambda _: update(response_id, status, response, tenant))
         return gate
 
     try:
@@ -283,10 +283,10 @@ async def test_a_reads_store_write_cut_by_the_gateways_stop_is_a_warning_not_an_
     store = gw.service.store.responses
     update, held, events = store.update, [], []
 
-    def late(response_id, status, response):
+    def late(response_id, status, response, tenant=None):
         gate = Deferred()
         held.append(gate)
-        return gate.addCallback(lambda _: update(response_id, status, response))
+        return gate.addCallback(lambda _: update(response_id, status, response, tenant))
 
     globalLogPublisher.addObserver(events.append)
     try:
