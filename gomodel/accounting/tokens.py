@@ -119,7 +119,10 @@ def requested_tokens(body):
     input or a schema) for each of the sequences it asks to generate (L{_sequences}: C{n}, C{best_of}), or None
     when it sends none. Read without parsing the body where the first such field is the body's own (L{_own}) and
     no C{n} nor C{best_of} is in it; else parsed (a body that is no JSON object: that field's number)."""
-    asked = _asked(body)
+    start = body.find(b'"max_') if body else -1  # most bodies send none: one scan in C, not the regex's
+    if start < 0:
+        return None
+    asked = _asked(body, start)
     if asked is None or body.find(b'"n"') < 0 and body.find(b'"best_of"') < 0:  # (most bodies: one sequence)
         return asked
     return asked * _sequences(body)
@@ -143,11 +146,8 @@ def _sequences(body) -> int:
 _MAX_SEQUENCES = 1024
 
 
-def _asked(body):
-    """The output tokens of one sequence of C{body} (L{requested_tokens})."""
-    start = body.find(b'"max_') if body else -1  # most bodies send none: one scan in C, not the regex's
-    if start < 0:
-        return None
+def _asked(body, start):
+    """The output tokens of one sequence of C{body} (L{requested_tokens}), whose first C{"max_} is at C{start}."""
     found = _MAX_TOKENS.search(body, start)
     if found is None:
         return None
