@@ -807,3 +807,33 @@ async def test_the_first_command_refused_readonly_after_a_failover_is_sent_again
         old.stop()
         if new is not None:
             new.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admission_cancelled_while_it_waits_for_a_release_keeps_the_others_waiting(reactor, prefix):
+    """An admission waits for the writes of its keys in flight (a release). A client that leaves cancels its
+    admission: it must not cancel the release's wait for the other admissions waiting on it (they would reach
+    Redis before the release and be refused the slot it frees), nor go on to take a slot itself."""
+    from gomodel.limits.counters import _FINISH
+    from tests.redis_server import HoldingProxy, script_sha
+
+    proxy = HoldingProxy(reactor, script_sha(_FINISH), script_sha(_ADMIT), hold=0.5)
+    counters = RedisCounters(connect(proxy.url, timeout=2), prefix, reactor)
+    counters.start()
+    try:
+        slots = [("slot:k", 1)]
+        first = await counters.admit([], slots)
+        assert first.ok
+        released = counters.finish([], first.lease)  # held by the proxy a while
+        leaving = counters.admit([], slots)
+        staying = counters.admit([], slots)
+        leaving.cancel()
+        with pytest.raises(CancelledError):
+            await leaving
+        assert (await staying).ok  # sent after the release
+        await released
+        assert proxy.passed == 0
+        assert int(redis_client().zcard(prefix + "slot:k")) == 1  # the one that stayed; none for the one gone
+    finally:
+        counters.stop()
+        await proxy.close()

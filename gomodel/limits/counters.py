@@ -811,8 +811,7 @@ class RedisCounters(_Forms):
     def written(self):
         """A Deferred firing with None once the writes in flight now (L{_writing}) are over: what another process
         reads of these counters next counts them."""
-        waits = {id(over): over for pending in self._writes.values() for over in pending}
-        return DeferredList(list(waits.values())).addCallback(lambda _: None)
+        return self._after({id(over): over for pending in self._writes.values() for over in pending})
 
     def _after_writes(self, keys, open_answer, f, *args):
         """L{_run}, once the writes of C{keys} in flight now (L{_writing}) are over (at once when none is)."""
@@ -820,8 +819,21 @@ class RedisCounters(_Forms):
         if writes:
             waits = {id(over): over for key in keys for over in writes.get(key, ())}
             if waits:
-                return DeferredList(list(waits.values())).addCallback(self._run_after, open_answer, f, *args)
+                return self._after(waits).addCallback(self._run_after, open_answer, f, *args)
         return self._run(open_answer, f, *args)
+
+    def _after(self, waits):
+        """A Deferred firing with None once the Deferreds C{waits} (by id) fired. Cancelled (its request's client
+        left), it fails at once and they go on: the others waiting on those writes still wait (a DeferredList
+        cancelled would cancel them, and fire with their failures: every waiter then went on at once)."""
+        after = Deferred()
+        DeferredList(list(waits.values())).addCallback(self._over, after)
+        return after
+
+    @staticmethod
+    def _over(_, after):
+        if not after.called:  # (cancelled meanwhile)
+            after.callback(None)
 
     def _run_after(self, _, open_answer, f, *args):
         return self._run(open_answer, f, *args)
