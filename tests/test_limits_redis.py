@@ -837,3 +837,39 @@ async def test_an_admission_cancelled_while_it_waits_for_a_release_keeps_the_oth
     finally:
         counters.stop()
         await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_next_admission_waits_for_what_a_cancelled_one_gives_back(reactor, prefix):
+    """A client that leaves while its admission is at Redis has what Redis took given back once it answers; the
+    key's next admission, sent meanwhile (the client's retry), reached Redis before that give-back and was refused
+    the slot (429, max_concurrency 1) nobody held. It is now sent after the give-back."""
+    from gomodel.limits.counters import _FINISH
+    from tests.redis_server import HoldingProxy, script_sha
+
+    class BothHeld(HoldingProxy):  # (the admissions and the give-back, each held as it comes)
+        def _received(self, server, data):
+            if server not in self._holding and script_sha(_FINISH) in data:
+                self._holding[server] = [data]
+                self._timers.append(self._reactor.callLater(self._hold, self._release, server))
+                return
+            super()._received(server, data)
+
+    proxy = BothHeld(reactor, script_sha(_ADMIT), b"-", hold=0.3)
+    counters = RedisCounters(connect(proxy.url, timeout=2), prefix, reactor)
+    counters.start()
+    try:
+        limiter = Limiter(counters, reactor)
+        await (await limiter.admit([("key:k", RateLimit(concurrent=1))], 0)).finish(0)  # (Redis has the scripts)
+        scopes = [("key:k", RateLimit(concurrent=1))]
+        leaving = ensureDeferred(limiter.admit(scopes, 0))
+        while proxy.holds < 2:  # (at the proxy, held a while: Redis takes the slot once it comes)
+            await deferLater(reactor, 0.01, lambda: None)
+        leaving.cancel()
+        with pytest.raises(CancelledError):
+            await leaving
+        admission = await limiter.admit(scopes, 0)  # (refused: RateLimitExceeded)
+        await admission.finish(0)
+    finally:
+        counters.stop()
+        await proxy.close()

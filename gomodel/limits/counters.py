@@ -749,6 +749,13 @@ class RedisCounters(_Forms):
         return self._after_writes(keys + slot_keys, opened, self._admit_sync, keys + slot_keys, args, specs,
                                   lease).addCallback(self._admitted, slot_keys, unsent)
 
+    def abandoned(self, d, specs, slots):
+        """The caller of admission C{d} (L{admit}'s, of C{specs} and C{slots}) left before it answered: what it
+        takes is given back once it does (L{gomodel.limits.limiter.Limiter}, in C{d}'s callbacks); the next
+        operations of its keys are sent after that, as after a write in flight (L{_writing})."""
+        prefix = self._prefix
+        self._writing([prefix + bucket for bucket, _, _, _ in specs] + [prefix + bucket for bucket, _ in slots], d)
+
     def _admit_sync(self, keys, args, specs, lease):
         reply = self._admit(keys=keys, args=args)
         ok = reply[0] == 1

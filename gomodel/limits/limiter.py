@@ -21,6 +21,7 @@ C{admit} is one round trip and C{finish} another.
 """
 
 import math
+from functools import partial
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -159,17 +160,27 @@ class Limiter:
         prepared = self.prepare(scopes)
         if prepared is None:
             return succeed(NO_ADMISSION)
-        admission = Deferred()
-        self.counters.admit(prepared.specs(tokens), prepared.slots).addBoth(
-            self._answered, admission, prepared, tokens, headers_for)
+        specs, slots = prepared.specs(tokens), prepared.slots
+        got = self.counters.admit(specs, slots)
+        # (cancelled before the counters answer: they are told, L{_left})
+        admission = Deferred() if got.called else Deferred(partial(self._left, got, specs, slots))
+        got.addBoth(self._answered, admission, prepared, tokens, headers_for)
         return admission
+
+    def _left(self, got, specs, slots, admission):
+        """C{admission}'s client left before the counters answered (C{got}): counters that order their operations
+        (L{gomodel.limits.counters.RedisCounters.abandoned}) send the next ones of its buckets after what it
+        takes is given back (L{_answered}), not before (a retry refused the slot nobody held)."""
+        abandoned = getattr(self.counters, "abandoned", None)
+        if abandoned is not None:
+            abandoned(got, specs, slots)
 
     def _answered(self, got, admission, prepared, tokens, headers_for):
         """Hand C{admission} what the counters answered (C{got}: an L{Admitted} or a failure); one already
         cancelled has what they took given back."""
-        if admission.called:  # (cancelled: nobody waits for it)
+        if admission.called:  # (cancelled: nobody waits for it; the counters' next operations wait for the give-back)
             if got.__class__ is Admitted and got.ok:
-                self._admitted(got, prepared, tokens, None).finish(0).addErrback(self._not_given_back)
+                return self._admitted(got, prepared, tokens, None).finish(0).addErrback(self._not_given_back)
             return None
         if isinstance(got, Failure):
             admission.errback(got)
