@@ -873,3 +873,29 @@ async def test_the_next_admission_waits_for_what_a_cancelled_one_gives_back(reac
     finally:
         counters.stop()
         await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_budget_read_cancelled_while_it_waits_for_a_charge_keeps_the_others_waiting(reactor, prefix):
+    """A budget check (the gate's, awaited in its request's coroutine: cancelled when its client leaves) waits for
+    the charges of its sums in flight; cancelled, the other checks waiting on the same charge still read after it
+    (before, they read at once, without it: a spent budget passed)."""
+    from gomodel.limits.counters import _SPEND_ALL
+    from tests.redis_server import HoldingProxy, script_sha
+
+    proxy = HoldingProxy(reactor, script_sha(_SPEND_ALL), b"HMGET", hold=0.3)
+    counters = RedisCounters(connect(proxy.url, timeout=2), prefix, reactor)
+    counters.start()
+    try:
+        charged = counters.spend_all([("budget:b", 21, 0.5, None)])  # held by the proxy a while
+        leaving = counters.spent_all(["budget:b"])
+        staying = counters.spent_all(["budget:b"])
+        leaving.cancel()
+        with pytest.raises(CancelledError):
+            await leaving
+        assert [tuple(sums) for sums in await staying] == [(21, 0.5)]
+        await charged
+        assert proxy.passed == 0
+    finally:
+        counters.stop()
+        await proxy.close()
