@@ -1812,3 +1812,31 @@ def test_the_fewest_in_flight_per_weight_take_turns_among_those_tied():
             pool.release(replica)
         # r1 has 1 in flight and weight 2 in the third pool: 0.5, alone the lowest
         assert chosen == ([1, 1, 1, 1] if weights[1] == 2.0 and weights[0] == 1 else [1, 3, 1, 3]), (weights, chosen)
+
+
+def test_a_replica_whose_metrics_scrapes_fail_is_unanswered_once_its_requests_wait_past_the_stall_timeout():
+    """A vLLM whose /metrics answered, then fails (a hung engine's scrape timing out): no scrape shows its progress
+    any more, so it is judged by its answers as one without /metrics is (README: "a vLLM whose scrapes fail or are
+    off"). Before, the token count of its last good scrape stayed: neither that nor the stall check judged it."""
+    from gomodel.routing.health import ReplicaMonitor
+    from gomodel.routing.registry import ModelRegistry
+
+    clock = Clock()
+    server = _Probed()
+    pages = [b"vllm:num_requests_running 0\nvllm:generation_tokens_total 100\n"]
+    server.scrape = lambda: succeed(pages.pop()) if pages else fail(UpstreamUnreachable("timed out"))
+    server.awaiting = set()
+    replica = Replica(0, server, "http://r0/v1", clock)
+    pool = ReplicaPool("vllm", "vllm", [replica, Replica(1, _Probed(), "http://r1/v1", clock)], clock)
+    monitor = ReplicaMonitor(ModelRegistry([pool], clock), clock, health_interval=1.0, metrics_interval=2.0,
+                             stall_timeout=5.0)
+    monitor.startService()
+    try:
+        clock.pump([0] + [1] * 3)  # t=3: one scrape answered, one failed
+        assert replica.state == READY and not pages
+        server.awaiting.add(Deferred())  # a request waiting for its answer's head from now on
+        replica.in_flight = 1
+        clock.pump([1] * 8)  # t=11: it waited past the stall timeout, none answered
+        assert replica.unanswered
+    finally:
+        monitor.stopService()

@@ -294,8 +294,13 @@ class ReplicaMonitor(Service):
 
     def _scrape_failed(self, failure, watch):
         """Log the first failure of a streak (a server without C{/metrics} fails every scrape: one line, not
-        one every interval); the replica's load is then its own count of requests (L{Replica.standing})."""
-        if not failure.check(CancelledError) and not watch.scrape_failing:
+        one every interval); the replica's load is then its own count of requests (L{Replica.standing}), and its
+        progress, which no scrape shows now, is judged by its answers (L{_check_answers}; its token count watched
+        afresh once a scrape answers again)."""
+        if failure.check(CancelledError):
+            return None
+        watch.tokens = watch.progress_at = None
+        if not watch.scrape_failing:
             watch.scrape_failing = True
             self.log.warn("provider {provider} replica {index}: metrics scrape failed: {error} (logged again "
                           "only after one answers; its load is counted by the gateway meanwhile)",
