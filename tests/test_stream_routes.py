@@ -13,7 +13,7 @@ import json
 import time
 from functools import partial
 
-import httpx
+import httpx2 as httpx  # (what the openai and anthropic SDKs are built on: httpx, renamed)
 import pytest
 import pytest_twisted
 
