@@ -17,7 +17,8 @@ from twisted.internet.task import deferLater
 
 from gomodel.api.keys import iso
 from tests.rawclient import chat_request, connect
-from tests.support import in_daemon_thread, in_thread, openai_client, start_fake, start_gateway, stop_all, with_timeout
+from tests.support import (in_daemon_thread, in_thread, openai_client, start_fake, start_gateway, stop_all, until,
+                           with_timeout)
 from tests.redis_server import fresh_prefix
 
 MASTER = "master-k"
@@ -1311,6 +1312,47 @@ async def test_a_gateway_whose_budgets_cannot_be_read_at_start_admits_after_a_bo
         assert (await in_thread(raw_chat, client)).http_response.status_code == 200
     finally:
         client.close()
+        await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_keys_requests_do_not_wait_for_the_first_read_of_the_budgets(reactor, http, fake, tmp_path,
+                                                                                       monkeypatch):
+    """Only a managed key's (or a user path's) requests have budgets: while that first read is still out, the
+    master key's chat and a managed key's token count go on at once (before, every request waited for it, up to
+    FIRST_READ_WAIT), and a managed key's chat waits for it."""
+    from twisted.internet.defer import Deferred
+
+    from gomodel.limits import gate
+    from gomodel.store.sqlite.keys import SQLiteBudgetStore
+
+    monkeypatch.setattr(gate, "FIRST_READ_WAIT", 60.0)
+    read = Deferred()
+    listed = SQLiteBudgetStore.list
+    monkeypatch.setattr(SQLiteBudgetStore, "list", lambda store: read.addCallback(lambda _: listed(store)))
+    gateway = await start(reactor, fake, tmp_path)
+    master = openai_client(gateway, MASTER)
+    try:
+        answered = await with_timeout(reactor, in_thread(raw_chat, master), 10)
+        assert answered.http_response.status_code == 200
+        key = await new_key(http, gateway, budgets=[{"period": "daily", "max_tokens": 1000}])
+        counted = await with_timeout(reactor, http.post(
+            gateway.url + "/v1/messages/count_tokens", json={"model": MODEL, "messages": [
+                {"role": "user", "content": "hi"}]}, headers={"x-api-key": key["value"],
+                                                             "anthropic-version": "2023-06-01"}), 10)
+        assert counted.code == 200, await counted.text()
+        await counted.content()
+        client = openai_client(gateway, key["value"])
+        waiting = in_thread(raw_chat, client)
+        await until(reactor, lambda: gateway.service.gate._unread, what="the key's chat held until the first read")
+        assert not waiting.called
+        read.callback(None)
+        assert (await with_timeout(reactor, waiting, 10)).http_response.status_code == 200
+        client.close()
+    finally:
+        master.close()
+        if not read.called:
+            read.callback(None)
         await gateway.service.stopService()
 
 

@@ -221,8 +221,9 @@ class Gate(Periodic):
         a managed key's C{x-ratelimit-*} headers are set on C{request}'s answer. On
         counters that answer at once (local ones) this runs to its end without
         a Deferred, in one call of the scopes' L{Lane} unless something refuses;
-        at start, until the budgets set through the admin API were read once, it
-        waits for that read.
+        at start, until the budgets set through the admin API were read once, a
+        managed key's (or a user path's) request waits for that read (the master
+        key's and an open gateway's have no budgets: they go on at once).
 
         @return: None once admitted, or a Deferred firing with None once admitted.
         @raise gomodel.errors.BudgetExceeded: a budget of the request's scopes is
@@ -230,10 +231,6 @@ class Gate(Periodic):
         @raise gomodel.errors.RateLimitExceeded: a limit refused it, nothing was
             taken (or the Deferred fails with it).
         """
-        if self._unread is not None:  # (at start, until the budgets were read once)
-            waiting = Deferred()
-            self._unread.append(waiting)
-            return waiting.addCallback(self._admit_read, request, ctx, upstream, call)
         principal = ctx.principal
         if not call.limited:  # (a token count)
             return self._admit_count(request, ctx, principal)
@@ -243,6 +240,10 @@ class Gate(Periodic):
                 return None
             budgets, scopes, own = (), targets, None
         else:
+            if self._unread is not None:  # (at start, until the budgets were read once: only a key's have any)
+                waiting = Deferred()
+                self._unread.append(waiting)
+                return waiting.addCallback(self._admit_read, request, ctx, upstream, call)
             if self._any_targets:
                 targets = self._target_scopes(upstream.name, call.model)
             else:
