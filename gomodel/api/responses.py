@@ -128,11 +128,11 @@ class ResponsesRoute:
         """Create the response at C{provider} for C{body} (its C{model} the upstream's; C{model}, the client's
         name for it): natively, or translated to chat completions for a provider without C{/responses}."""
         ctx.route(provider, model, body["model"])
-        if provider.type in OPENAI_TYPES:  # (this target's own copy: without vLLM's fields, L{for_openai})
-            for_openai(body)
         principal = ctx.principal
         if provider.priority_scheduling or principal is not None and not principal.master:  # (the master key's
             target(request, ctx, self._salts, provider, body)  # requests take nothing else where nothing schedules)
+        elif provider.type in OPENAI_TYPES:  # (this target's own copy: without vLLM's fields; target() does it too)
+            for_openai(body)
         # A follow-up goes to the replica that made the previous response (vLLM keeps it in memory); a session
         # or conversation (Codex's prompt_cache_key, a long prompt's opening) to the one that has its prefix.
         prefer = previous.get("replica") if previous is not None and previous["provider"] == provider.name else None
