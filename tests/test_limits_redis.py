@@ -720,13 +720,27 @@ async def test_requests_admitted_while_redis_is_known_down_leave_nothing_to_free
         counters._redis.close()
 
 
+def _fail_over(old, tmp_path):
+    """A failover at C{old}'s address: C{old} demoted to a read-only replica (of a primary that does not answer),
+    and a new primary, the L{RedisServer} returned, started where the address now leads."""
+    import os
+
+    from tests.redis_server import RedisServer
+
+    demoted = redis.Redis(unix_socket_path=old.url[len("unix://"):])
+    demoted.replicaof(HOST, free_port())
+    demoted.close()
+    os.unlink(old.url[len("unix://"):])
+    new = RedisServer(tmp_path)
+    assert new.url == old.url
+    return new
+
+
 @pytest_twisted.ensureDeferred
 async def test_after_a_failover_the_counters_reach_the_new_primary(reactor, tmp_path):
     """A failover demotes the Redis the gateway's connections reach to a read-only replica and points its address
     at the new primary (a managed Redis's endpoint): each connection refused so (READONLY) is made again, to the
     new primary (before, the connections stayed on the replica and the limits failed open for good)."""
-    import os
-
     from tests.redis_server import RedisServer
 
     old = RedisServer(tmp_path)
@@ -735,12 +749,7 @@ async def test_after_a_failover_the_counters_reach_the_new_primary(reactor, tmp_
     new = None
     try:
         await counters.release(await counters.acquire("key:k|c", 1))  # (connected to the old primary)
-        demoted = redis.Redis(unix_socket_path=old.url[len("unix://"):])
-        demoted.replicaof(HOST, free_port())  # (a primary that does not answer: it stays read-only)
-        demoted.close()
-        os.unlink(old.url[len("unix://"):])
-        new = RedisServer(tmp_path)  # the address now reaches the new primary
-        assert new.url == old.url
+        new = _fail_over(old, tmp_path)
         promoted = redis.Redis(unix_socket_path=new.url[len("unix://"):])
         try:
             for _ in range(50):
@@ -778,8 +787,6 @@ async def test_the_first_command_refused_readonly_after_a_failover_is_sent_again
     connection, which reaches the new primary: the request is counted there, not admitted open (before, with
     redis-py 5, whose client resends only the errors named in C{retry_on_error}, it failed: limits open and Redis
     taken for down for C{retry_after})."""
-    import os
-
     from tests.redis_server import RedisServer
 
     old = RedisServer(tmp_path)
@@ -788,11 +795,7 @@ async def test_the_first_command_refused_readonly_after_a_failover_is_sent_again
     new = None
     try:
         await counters.release(await counters.acquire("key:k|c", 1))  # (its one connection: to the old primary)
-        demoted = redis.Redis(unix_socket_path=old.url[len("unix://"):])
-        demoted.replicaof(HOST, free_port())
-        demoted.close()
-        os.unlink(old.url[len("unix://"):])
-        new = RedisServer(tmp_path)
+        new = _fail_over(old, tmp_path)
         promoted = redis.Redis(unix_socket_path=new.url[len("unix://"):])
         try:
             lease = await counters.acquire("key:k|c", 1)

@@ -746,11 +746,15 @@ async def test_jobs_run_again_after_a_conflict_do_each_thing_once(reactor, pg_da
         await store.stopService()
 
 
+@pytest.mark.parametrize("limit, waited, cancelled_within", [(2.0, 0.0, 5.0), (4.0, 2.5, 1.0)])
 @pytest_twisted.ensureDeferred
-async def test_a_job_asked_before_the_opening_has_its_statement_cancelled_past_the_time_limit(reactor, pg_database):
-    """A job asked for while the store was opening runs once it opened, under the same time limit as any other: past
-    it, its statement is cancelled, its thread and connection freed (before, it ran on, uncancelled, for as long
-    as the server took: a statement that hung held them for good)."""
+async def test_a_job_asked_before_the_opening_is_cancelled_within_its_time_limit(reactor, pg_database, limit, waited,
+                                                                                 cancelled_within):
+    """A job asked for while the store was opening runs once it opened, under the same time limit as any other, and
+    only for what that limit has left (C{waited} of it spent waiting for the opening): its statement is cancelled
+    when its caller gets its 503, which says the database did not answer. Before, it ran on uncancelled (a statement
+    that hung held its thread and connection for good); then it had the whole limit again from the opening (its
+    caller's 503 said the store did not open, and a write could commit after the caller was told it failed)."""
     import psycopg
 
     from gomodel.store.postgresql.migrations import MIGRATION_LOCK
@@ -758,7 +762,7 @@ async def test_a_job_asked_before_the_opening_has_its_statement_cancelled_past_t
 
     holder = psycopg.connect(postgres.url(pg_database), autocommit=True)
     holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
-    store = opened(reactor, pg_database, job_timeout=2.0)
+    store = opened(reactor, pg_database, job_timeout=limit)
 
     def sleeping():
         return bool(postgres.query(pg_database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' "
@@ -766,11 +770,15 @@ async def test_a_job_asked_before_the_opening_has_its_statement_cancelled_past_t
 
     try:
         asked = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
+        if waited:
+            await deferLater(reactor, waited, lambda: None)  # (most of its limit spent waiting for the opening)
         holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
         await until(reactor, sleeping, what="the job to run once the store opened")
-        with pytest.raises(StorageUnavailable):
+        with pytest.raises(StorageUnavailable) as refused:
             await asked
-        await until(reactor, lambda: not sleeping(), limit=5, what="its statement cancelled")
+        assert "did not open" not in refused.value.message, refused.value.message
+        await until(reactor, lambda: not sleeping(), limit=cancelled_within,
+                    what="its statement cancelled with its caller's 503")
     finally:
         holder.close()
         await store.stopService()
@@ -805,36 +813,3 @@ async def test_a_gateway_whose_store_is_still_opening_is_not_ready(reactor, http
             assert (response.code, json.loads(await response.content())) == (200, {"status": "ready"})
         finally:
             await gw.service.stopService()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_job_asked_before_the_opening_is_cancelled_when_its_caller_gives_up(reactor, pg_database):
-    """A job asked for while the store was opening has the time its limit has left once the store opened: its
-    statement is cancelled when its caller gets its 503, which says the database did not answer (before, it had
-    the whole limit again from the opening: its caller's 503 said the store did not open, and the statement ran on,
-    a write committed after the caller was told it failed)."""
-    import psycopg
-
-    from gomodel.store.postgresql.migrations import MIGRATION_LOCK
-    from tests.support import until
-
-    holder = psycopg.connect(postgres.url(pg_database), autocommit=True)
-    holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
-    store = opened(reactor, pg_database, job_timeout=4.0)
-
-    def sleeping():
-        return bool(postgres.query(pg_database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' "
-                                                "AND state = 'active'"))
-
-    try:
-        asked = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
-        await deferLater(reactor, 2.5, lambda: None)  # (most of its limit spent waiting for the opening)
-        holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
-        await until(reactor, sleeping, what="the job to run once the store opened")
-        with pytest.raises(StorageUnavailable) as refused:
-            await asked
-        assert "did not open" not in refused.value.message, refused.value.message
-        await until(reactor, lambda: not sleeping(), limit=1.0, what="its statement cancelled with its caller's 503")
-    finally:
-        holder.close()
-        await store.stopService()
