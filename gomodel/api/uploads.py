@@ -350,6 +350,8 @@ class Form:
         """The form with each of C{fields} (name -> text) in place of the parts of that name (the first's place;
         added at the end where it had none), every other part as it came."""
         boundary = b"--" + self._boundary.encode("latin-1")
+        # Joined once: a part's contents (an audio file, up to AUDIO_BODY_SIZE_LIMIT) are copied into the
+        # form made and nowhere else on the way.
         out, done = [], set()
         for segment, data in self.parts:
             name = segment.name
@@ -357,12 +359,15 @@ class Form:
                 if name in done:
                     continue
                 done.add(name)
-                out.append(_field_part(name, fields[name]))
+                out += (boundary, b"\r\n", _field_part(name, fields[name]), b"\r\n")
                 continue
-            head = b"".join(f"{key}: {value}\r\n".encode("latin-1") for key, value in segment.headerlist)
-            out.append(head + b"\r\n" + bytes(data))
-        out.extend(_field_part(name, value) for name, value in fields.items() if name not in done)
-        return b"".join(boundary + b"\r\n" + part + b"\r\n" for part in out) + boundary + b"--\r\n"
+            head = "".join(f"{key}: {value}\r\n" for key, value in segment.headerlist).encode("latin-1")
+            out += (boundary, b"\r\n", head, b"\r\n", data, b"\r\n")
+        for name, value in fields.items():
+            if name not in done:
+                out += (boundary, b"\r\n", _field_part(name, value), b"\r\n")
+        out += (boundary, b"--\r\n")
+        return b"".join(out)
 
 
 def _field_part(name: str, value: str) -> bytes:
