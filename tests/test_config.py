@@ -979,3 +979,45 @@ def test_cache_salt_mode_off_written_bare_in_yaml_is_off(tmp_path):
     path.write_text("auth: {cache_salt_mode: on}\n")
     with pytest.raises(ConfigError, match="cache_salt_mode"):
         load_config({}, yaml_path=str(path))
+
+
+def test_gomodels_manual_failover_rules_file_is_read_from_its_variable_and_its_yaml_key(tmp_path):
+    """GoModel's failover rules are a JSON file, C{{"source": ["candidate", ...]}} (the shape of
+    C{FAILOVER_RULES_JSON}), named by C{FALLBACK_MANUAL_RULES_PATH} or C{fallback.manual_rules_path}; its
+    C{FEATURE_FALLBACK_MODE} (C{fallback.default_mode}) C{off} turns them off. Before, a GoModel user's rules were
+    not read: no failover, with the YAML key in a warning and the variable not even that."""
+    rules = tmp_path / "fallback.json"
+    rules.write_text('{"vllm-a/m": ["vllm-b/m", "openai/gpt-4o-mini"]}')
+    env = {"VLLM_A_BASE_URL": "http://a:8000/v1", "VLLM_B_BASE_URL": "http://b:8000/v1", "OPENAI_API_KEY": "k"}
+    expected = {"vllm-a/m": ("vllm-b/m", "openai/gpt-4o-mini")}
+    assert load_config(dict(env, FALLBACK_MANUAL_RULES_PATH=str(rules))).routing.failover_rules == expected
+    assert load_config(dict(env, FALLBACK_MANUAL_RULES_PATH=str(rules), FEATURE_FALLBACK_MODE="manual")
+                       ).routing.failover_rules == expected
+    assert load_config(dict(env, FALLBACK_MANUAL_RULES_PATH=str(rules), FEATURE_FALLBACK_MODE="off")
+                       ).routing.failover_rules == {}
+    path = tmp_path / "config.yaml"
+    path.write_text(f"fallback:\n  default_mode: manual\n  manual_rules_path: {rules}\n")
+    config = load_config(env, yaml_path=str(path))
+    assert config.routing.failover_rules == expected and "fallback" not in "\n".join(config.warnings)
+    path.write_text(f"fallback:\n  default_mode: \"off\"\n  manual_rules_path: {rules}\n")
+    assert load_config(env, yaml_path=str(path)).routing.failover_rules == {}
+
+
+@pytest.mark.parametrize("env, text, named", [
+    ({"FALLBACK_MANUAL_RULES_PATH": "{missing}"}, None, "FALLBACK_MANUAL_RULES_PATH: cannot read"),
+    ({"FALLBACK_MANUAL_RULES_PATH": "{rules}"}, '{"a": ["b"], "a": ["c"]}', "duplicate key 'a'"),
+    ({"FALLBACK_MANUAL_RULES_PATH": "{rules}"}, '{"a": null}', "FALLBACK_MANUAL_RULES_PATH.a must be a list"),
+    ({"FALLBACK_MANUAL_RULES_PATH": "{rules}", "FAILOVER_RULES_JSON": '{"a": ["b"]}'}, '{"a": ["b"]}',
+     "FAILOVER_RULES_JSON and FALLBACK_MANUAL_RULES_PATH"),
+    ({"FALLBACK_MANUAL_RULES_PATH": "{rules}", "FEATURE_FALLBACK_MODE": "sometimes"}, '{"a": ["b"]}',
+     "FEATURE_FALLBACK_MODE: invalid value 'sometimes'"),
+])
+def test_gomodels_manual_failover_rules_file_that_cannot_be_used_stops_the_start_naming_it(tmp_path, env, text,
+                                                                                              named):
+    rules = tmp_path / "fallback.json"
+    if text is not None:
+        rules.write_text(text)
+    env = {k: v.replace("{rules}", str(rules)).replace("{missing}", str(tmp_path / "nope.json"))
+           for k, v in env.items()}
+    with pytest.raises(ConfigError, match=named):
+        load_config(env)

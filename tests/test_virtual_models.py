@@ -132,6 +132,22 @@ async def test_failover_rules_try_the_candidates_in_order(reactor, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_gomodels_manual_rules_file_fails_over_as_its_rules_say(reactor, http, tmp_path):
+    """GoModel's C{FALLBACK_MANUAL_RULES_PATH} (a JSON file of C{FAILOVER_RULES_JSON}'s shape) is read: before, a
+    GoModel user's rules were ignored and the primary's 502 went to the client."""
+    rules = tmp_path / "fallback.json"
+    rules.write_text(json.dumps({f"vllm-a/{UPSTREAM}": [f"vllm-b/{UPSTREAM}"]}))
+    a, b, gw = await _two(reactor, FALLBACK_MANUAL_RULES_PATH=str(rules), REPLICA_FAILURE_THRESHOLD="100")
+    try:
+        a.fail_status = 502
+        response, body = await _chat(http, gw, f"vllm-a/{UPSTREAM}")
+        assert response.code == 200 and body["model"] == UPSTREAM
+        assert (len(a.inference_requests), len(b.inference_requests)) == (1, 1)
+    finally:
+        await stop_all(gw, a, b)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_target_that_dies_before_its_first_token_is_left_for_the_next_target(reactor, http):
     """A vLLM dying before its first token (its stream's head sent, none of its body) fails before the first
     byte as one answering 503 does: a failover rule's candidate, a virtual model's other target answers.

@@ -52,7 +52,7 @@ _IDLE = {
     ("models", "enabled_by_default"): True,
     ("models", "overrides_enabled"): _ANY,
     ("models", "keep_only_aliases_at_models_endpoint"): False,
-    ("fallback", "default_mode"): _ANY,  # (manual without rules, GoModel's default, falls back to nothing)
+    ("fallback", "default_mode"): _ANY,  # (read with manual_rules_path: off turns its rules off)
     ("workflows", "refresh_interval"): _ANY,
     ("cache", "model", "local", "cache_dir"): _ANY,
     ("cache", "response", "simple", "enabled"): False,
@@ -104,6 +104,8 @@ def read_gomodel_layout(document: dict, yaml_path, warnings: list) -> dict:
             block[key] = value
         elif path == ("storage", "sqlite", "path"):
             _sqlite_path(document, value, where, warnings)
+        elif path == ("fallback", "manual_rules_path"):
+            _manual_rules(document, value, where, warnings)
         elif value is not None and _IDLE.get(path, _UNKNOWN) not in (_ANY, value):
             ignored.append(".".join(path))
     for name in _GOMODEL_SECTIONS:
@@ -169,3 +171,18 @@ def _sqlite_path(document, value, where, warnings):
     if name != "gomodel.db":
         warnings.append(f"{where}: the database is {directory or '.'}/gomodel.db here, beside the files' "
                         f"contents, not {name}")
+
+
+def _manual_rules(document, value, where, warnings):
+    """GoModel's failover rules file (read unless its C{fallback.default_mode} is C{off}): our C{failover_rules:}."""
+    from gomodel.config.virtual import fallback_off, read_rules_file
+
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a file path")
+    fallback = document.get("fallback")
+    mode = fallback.get("default_mode") if isinstance(fallback, dict) else None
+    if fallback_off(mode, where.replace("manual_rules_path", "default_mode"), warnings):
+        return
+    if document.get("failover_rules") is not None:
+        raise ConfigError(f"{where} and failover_rules are the same setting; keep one")
+    document["failover_rules"] = read_rules_file(value, where)

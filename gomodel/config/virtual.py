@@ -13,7 +13,11 @@ C{target: <model>} stands for one target of weight 1. Failover rules (YAML
 C{failover_rules:} or env C{FAILOVER_RULES_JSON}) map a model to the
 candidates tried, in order, when every target of it failed before the
 first byte: C{{"llama": ["vllm-c/meta-llama/X", "openai/gpt-4o-mini"]}} (a
-candidate that is a virtual model stands for its targets).
+candidate that is a virtual model stands for its targets). GoModel's rules
+file, the same JSON in a file named by C{FALLBACK_MANUAL_RULES_PATH} (YAML
+C{fallback.manual_rules_path}, moved to C{failover_rules:} by
+L{gomodel.config.gomodel_layout}), is read too, unless GoModel's
+C{FEATURE_FALLBACK_MODE} (C{fallback.default_mode}) is C{off}.
 The environment wins over YAML.
 
 A target or candidate of three or more parts (C{vllm-a/meta-llama/X}) names its
@@ -36,6 +40,7 @@ from gomodel.config import parsers
 from gomodel.config.errors import ConfigError, listed
 
 STRATEGIES = ("round_robin",)
+FALLBACK_MODES = ("off", "manual", "auto")  # GoModel's FEATURE_FALLBACK_MODE
 _KEYS = {"source", "target", "targets", "strategy", "session_affinity", "enabled", "user_paths"}
 
 
@@ -158,7 +163,14 @@ def load_failover_rules(yaml_value, yaml_path, env, providers=None, virtual=(), 
     @param warnings: as L{load_virtual_models}'s.
     @param virtual: the virtual models' names (a rule for one, or a candidate that is one, names no provider).
     """
-    where, value = _source(env, "FAILOVER_RULES_JSON", yaml_value, f"{yaml_path}: failover_rules")
+    if "FAILOVER_RULES_JSON" in env and "FALLBACK_MANUAL_RULES_PATH" in env:
+        raise ConfigError("FAILOVER_RULES_JSON and FALLBACK_MANUAL_RULES_PATH are the same setting; keep one")
+    if "FALLBACK_MANUAL_RULES_PATH" in env:
+        where = "FALLBACK_MANUAL_RULES_PATH"
+        off = fallback_off(env.get("FEATURE_FALLBACK_MODE"), "FEATURE_FALLBACK_MODE", warnings)
+        value = None if off else read_rules_file(env[where], where)
+    else:
+        where, value = _source(env, "FAILOVER_RULES_JSON", yaml_value, f"{yaml_path}: failover_rules")
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -182,3 +194,45 @@ def _source(env, var, yaml_value, yaml_where):
         return var, json.loads(env[var])
     except ValueError as e:
         raise ConfigError(f"{var}: not valid JSON: {e}") from None
+
+
+def fallback_off(mode, where, warnings=None) -> bool:
+    """Whether GoModel's fallback mode C{mode} (C{None}: its default, C{manual}) turns its rules file off.
+
+    @raise ConfigError: C{mode} is none of GoModel's.
+    """
+    if mode is None:
+        return False
+    mode = "off" if mode is False else str(mode).strip().lower()  # (YAML reads a bare off as false)
+    if mode not in FALLBACK_MODES:
+        raise ConfigError(f"{where}: invalid value {mode!r}: must be one of: {', '.join(FALLBACK_MODES)}")
+    if mode == "auto" and warnings is not None:
+        warnings.append(f"{where}: auto adds no candidates of its own here: only the manual rules are tried")
+    return mode == "off"
+
+
+def read_rules_file(path, where):
+    """GoModel's manual failover rules file at C{path}: its JSON (a key given twice is refused, as GoModel does).
+
+    @raise ConfigError: it cannot be read, or is not JSON.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: cannot read {path}: not UTF-8 text (byte {e.start})") from None
+
+    def unique(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConfigError(f"{where}: duplicate key {key!r} in {path}")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {path} is not valid JSON: {e}") from None
