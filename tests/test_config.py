@@ -383,7 +383,8 @@ def test_the_table_has_every_setting_once():
     # the environment variable names of today, every one
     assert set(envs) == {
         "PORT", "GOMODEL_WORKERS", "CONFIGURED_PROVIDER_MODELS_MODE", "MODELS_REFRESH_INTERVAL",
-        "CACHE_REFRESH_INTERVAL", "HTTP_CONNECT_TIMEOUT", "HTTP_RESPONSE_HEADER_TIMEOUT",
+        "CACHE_REFRESH_INTERVAL", "CIRCUIT_BREAKER_FAILURE_THRESHOLD", "HTTP_CONNECT_TIMEOUT",
+        "HTTP_RESPONSE_HEADER_TIMEOUT",
         "HTTP_STREAM_IDLE_TIMEOUT", "HTTP_CLIENT_STALL_TIMEOUT", "HTTP_STREAM_MAX_DURATION",
         "HTTP_POOL_MAX_PER_HOST", "HTTP_POOL_IDLE_TIMEOUT", "ENABLE_PASSTHROUGH_ROUTES",
         "ENABLED_PASSTHROUGH_PROVIDERS", "PASSTHROUGH_ALLOWED_ADMIN_ROUTES", "GOMODEL_DATA_DIR",
@@ -1021,3 +1022,29 @@ def test_gomodels_manual_failover_rules_file_that_cannot_be_used_stops_the_start
            for k, v in env.items()}
     with pytest.raises(ConfigError, match=named):
         load_config(env)
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"GUARDRAILS_ENABLED": "true"}, "GUARDRAILS_ENABLED"),
+    ({"MODELS_ENABLED_BY_DEFAULT": "false"}, "MODELS_ENABLED_BY_DEFAULT"),
+])
+def test_gomodel_variables_it_cannot_honour_are_refused_as_their_yaml_keys_are(env, named):
+    """GoModel's C{.env} turning guardrails on, or models off by default: clients would do more than it allows, as
+    with the same settings in its YAML (refused). Before, both were ignored without a word."""
+    with pytest.raises(ConfigError, match=named):
+        load_config(env)
+    assert load_config({"GUARDRAILS_ENABLED": "false", "MODELS_ENABLED_BY_DEFAULT": "true"}).warnings == ()
+
+
+def test_gomodel_variables_it_has_are_read_and_those_it_has_not_are_named_in_a_warning():
+    """GoModel's C{CIRCUIT_BREAKER_FAILURE_THRESHOLD} is C{REPLICA_FAILURE_THRESHOLD} (its YAML key,
+    C{resilience.circuit_breaker.failure_threshold}, already was); GoModel's variables that this gateway has not
+    are named at start unless they hold GoModel's default, as its YAML keys are. Before, both went unread silently."""
+    assert load_config({"CIRCUIT_BREAKER_FAILURE_THRESHOLD": "7"}).routing.failure_threshold == 7
+    config = load_config({"RETRY_MAX_RETRIES": "5", "HTTP_TIMEOUT": "60", "BASE_PATH": "/g", "LOGGING_ENABLED": "true",
+                          "HTTP_TIMEOUT_UNRELATED": "x", "PPROF_ENABLED": "false", "SWAGGER_ENABLED": "false"})
+    warning = "\n".join(config.warnings)
+    for name in ("RETRY_MAX_RETRIES", "HTTP_TIMEOUT", "BASE_PATH", "LOGGING_ENABLED"):
+        assert name in warning
+    assert "PPROF_ENABLED" not in warning and "SWAGGER_ENABLED" not in warning and "UNRELATED" not in warning
+    assert load_config({"HTTP_TIMEOUT": "600", "BASE_PATH": "/", "LOGGING_ENABLED": "false"}).warnings == ()

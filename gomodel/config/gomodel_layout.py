@@ -72,6 +72,46 @@ _SHARED_KEYS = {"server": {"swagger_enabled", "pprof_enabled", "enable_passthrou
                 "metrics": {"enabled", "endpoint"}}
 
 
+# GoModel's environment variables: those this gateway reads are its own settings' names or their aliases
+# (CACHE_REFRESH_INTERVAL, CIRCUIT_BREAKER_FAILURE_THRESHOLD, ...); these it has not -> the texts that hold GoModel's
+# default or say "off" (they change nothing then: _ANY, whatever they hold), as _IDLE is for its YAML keys.
+_FALSE, _TRUE = ("false", "0", "f", "no", "off"), ("true", "1", "t", "yes", "on")
+_ENV_IDLE = {
+    "RETRY_MAX_RETRIES": ("3",), "RETRY_INITIAL_BACKOFF": ("1s",), "RETRY_MAX_BACKOFF": ("30s",),
+    "RETRY_BACKOFF_FACTOR": ("2", "2.0"), "RETRY_JITTER_FACTOR": ("0.1",),
+    "CIRCUIT_BREAKER_SUCCESS_THRESHOLD": ("2",), "CIRCUIT_BREAKER_TIMEOUT": ("30s",),
+    "HTTP_TIMEOUT": ("600", "600s", "10m"), "BASE_PATH": ("/",),
+    "SWAGGER_ENABLED": _FALSE, "PPROF_ENABLED": _FALSE, "ALLOW_PASSTHROUGH_V1_ALIAS": _TRUE,
+    "LOGGING_ENABLED": _FALSE, "RESPONSE_CACHE_SIMPLE_ENABLED": _FALSE, "SEMANTIC_CACHE_ENABLED": _FALSE,
+    "KEEP_ONLY_ALIASES_AT_MODELS_ENDPOINT": _FALSE, "ENFORCE_RETURNING_USAGE_DATA": _TRUE,
+    **{name: _ANY for name in ("USAGE_BUFFER_SIZE", "LOGGING_LOG_BODIES", "LOGGING_LOG_HEADERS",
+                               "LOGGING_BUFFER_SIZE", "LOGGING_FLUSH_INTERVAL", "LOGGING_RETENTION_DAYS",
+                               "LOGGING_ONLY_MODEL_INTERACTIONS", "MODEL_OVERRIDES_ENABLED",
+                               "ENABLE_GUARDRAILS_FOR_BATCH_PROCESSING", "WORKFLOW_REFRESH_INTERVAL",
+                               "GOMODEL_CACHE_DIR", "MONGODB_URL", "MONGODB_DATABASE", "REDIS_KEY_RESPONSES",
+                               "REDIS_TTL_RESPONSES", "REDIS_KEY_MODELS", "REDIS_TTL_MODELS")},
+}
+
+
+def read_gomodel_env(env, warnings: list):
+    """Check GoModel's environment variables in C{env} as its YAML keys are checked (L{read_gomodel_layout}).
+
+    @param warnings: gets one line naming GoModel's variables that are not read here, if any.
+    @raise ConfigError: one the gateway cannot honour says to restrict (guardrails on, models off by default).
+    """
+    if env.get("GUARDRAILS_ENABLED", "").strip().lower() in _TRUE:
+        raise ConfigError("GUARDRAILS_ENABLED: guardrails are not a feature of this gateway; without them requests "
+                          "would pass unchecked, so it does not start (unset it)")
+    if env.get("MODELS_ENABLED_BY_DEFAULT", "").strip().lower() in _FALSE:
+        raise ConfigError("MODELS_ENABLED_BY_DEFAULT: this gateway has no model overrides; every configured model "
+                          "would be served, so it does not start (limit a key's models with its models field instead)")
+    ignored = [name for name, idle in _ENV_IDLE.items()
+               if name in env and idle is not _ANY and env[name].strip().lower() not in idle]
+    if ignored:
+        warnings.append(f"GoModel's {listed(ignored)} not read: this gateway has no such setting "
+                        "(see README, Configuration)")
+
+
 def read_gomodel_layout(document: dict, yaml_path, warnings: list) -> dict:
     """C{document} (a YAML file's mapping) with GoModel's settings moved to gomodel's sections and keys.
 

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 
 from gomodel.config import parsers
 from gomodel.config.errors import ConfigError, listed
-from gomodel.config.gomodel_layout import read_gomodel_layout
+from gomodel.config.gomodel_layout import read_gomodel_env, read_gomodel_layout
 from gomodel.config.providers import load_providers
 from gomodel.config.virtual import load_failover_rules, load_virtual_models
 from gomodel.limits.specs import limits_from_env, limits_from_yaml
@@ -42,6 +42,7 @@ def load_config(
     env = {k: v for k, v in environ.items() if v != ""}
     yaml_path = yaml_path or env.get("GOMODEL_CONFIG")
     warnings = []
+    read_gomodel_env(env, warnings)
     document = read_gomodel_layout(_read_yaml(yaml_path, env), yaml_path, warnings) if yaml_path else {}
     blocks = {name: _mapping(document, name, yaml_path) for name in SECTIONS}
     for name, cls in SECTIONS.items():

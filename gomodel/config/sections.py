@@ -264,7 +264,8 @@ class RoutingConfig:
     strategy: str = setting("ROUTING_STRATEGY", parsers.routing_strategy, "load")
     health_interval: float = setting("REPLICA_HEALTH_INTERVAL", parsers.positive_duration, 5.0)
     metrics_interval: float = setting("REPLICA_METRICS_INTERVAL", parsers.duration, 2.0)  # 0: no scrape
-    failure_threshold: int = setting("REPLICA_FAILURE_THRESHOLD", parsers.count, 3)
+    failure_threshold: int = setting("REPLICA_FAILURE_THRESHOLD", parsers.count, 3,
+                                     aliases=("CIRCUIT_BREAKER_FAILURE_THRESHOLD",))  # GoModel's name too
     stall_timeout: float = setting("REPLICA_STALL_TIMEOUT", parsers.duration, 60.0)  # 0: never stalled
     max_concurrency: int = setting("REPLICA_MAX_CONCURRENCY", parsers.limit, 0)  # per replica; 0: no limit
     queue_timeout: float = setting("ROUTING_QUEUE_TIMEOUT", parsers.duration, 5.0)
