@@ -1048,3 +1048,18 @@ def test_gomodel_variables_it_has_are_read_and_those_it_has_not_are_named_in_a_w
         assert name in warning
     assert "PPROF_ENABLED" not in warning and "SWAGGER_ENABLED" not in warning and "UNRELATED" not in warning
     assert load_config({"HTTP_TIMEOUT": "600", "BASE_PATH": "/", "LOGGING_ENABLED": "false"}).warnings == ()
+
+
+def test_gomodels_per_model_fallback_mode_off_leaves_that_models_rule_out(tmp_path):
+    """GoModel's C{fallback.overrides: {model: {mode: off}}} turns that model's failover off: its rule in the
+    manual rules file is not read (before, the override was only named in a warning and the rule, once the file was
+    read, applied)."""
+    rules = tmp_path / "fallback.json"
+    rules.write_text('{"vllm-a/m": ["vllm-b/m"], "vllm-b/m": ["vllm-a/m"]}')
+    path = tmp_path / "config.yaml"
+    path.write_text(f"fallback:\n  manual_rules_path: {rules}\n  overrides:\n    vllm-a/m: {{mode: off}}\n"
+                    "    vllm-b/m: {mode: manual}\n")
+    env = {"VLLM_A_BASE_URL": "http://a:8000/v1", "VLLM_B_BASE_URL": "http://b:8000/v1"}
+    config = load_config(env, yaml_path=str(path))
+    assert config.routing.failover_rules == {"vllm-b/m": ("vllm-a/m",)}
+    assert "fallback" not in "\n".join(config.warnings)

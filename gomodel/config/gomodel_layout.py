@@ -53,6 +53,7 @@ _IDLE = {
     ("models", "overrides_enabled"): _ANY,
     ("models", "keep_only_aliases_at_models_endpoint"): False,
     ("fallback", "default_mode"): _ANY,  # (read with manual_rules_path: off turns its rules off)
+    ("fallback", "overrides"): _ANY,  # (read with manual_rules_path: a model's mode off turns its rule off)
     ("workflows", "refresh_interval"): _ANY,
     ("cache", "model", "local", "cache_dir"): _ANY,
     ("cache", "response", "simple", "enabled"): False,
@@ -225,4 +226,13 @@ def _manual_rules(document, value, where, warnings):
         return
     if document.get("failover_rules") is not None:
         raise ConfigError(f"{where} and failover_rules are the same setting; keep one")
-    document["failover_rules"] = read_rules_file(value, where)
+    rules = read_rules_file(value, where)
+    overrides = fallback.get("overrides") or {}
+    at = where.replace("manual_rules_path", "overrides")
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{at} must map a model to {{mode: off | manual | auto}}")
+    for model, override in overrides.items():
+        mode = override.get("mode") if isinstance(override, dict) else None
+        if fallback_off(mode, f"{at}.{model}.mode", warnings) and isinstance(rules, dict):
+            rules.pop(str(model), None)
+    document["failover_rules"] = rules
