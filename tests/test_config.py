@@ -1063,3 +1063,25 @@ def test_gomodels_per_model_fallback_mode_off_leaves_that_models_rule_out(tmp_pa
     config = load_config(env, yaml_path=str(path))
     assert config.routing.failover_rules == {"vllm-b/m": ("vllm-a/m",)}
     assert "fallback" not in "\n".join(config.warnings)
+
+
+def test_gomodels_per_model_metadata_pricing_is_the_pricing_table_of_that_model(tmp_path):
+    """A provider's C{models: [{id, metadata: {pricing}}]} (GoModel's) prices C{<provider>/<id>}; its
+    C{currency} and the rest of its C{metadata} change nothing; a model priced both there and under C{pricing:} is
+    refused, as is a price that is no amount."""
+    path = tmp_path / "config.yaml"
+    path.write_text("providers:\n  gpu-a:\n    type: vllm\n    base_url: http://a:8000/v1\n    models:\n"
+                    "      - plain/model\n      - id: org/m\n        metadata:\n          context_window: 8192\n"
+                    "          pricing: {currency: EUR, input_per_mtok: 0.5, output_per_mtok: 2,"
+                    " cached_input_per_mtok: 0.1}\n")
+    config = load_config({}, yaml_path=str(path))
+    assert config.usage.pricing == {"gpu-a/org/m": {"input_per_mtok": 0.5, "output_per_mtok": 2.0,
+                                                    "cached_input_per_mtok": 0.1}}
+    assert config.upstreams.providers[0].models == ("plain/model", "org/m")
+    path.write_text(path.read_text() + "pricing:\n  gpu-a/org/m: {input_per_mtok: 1}\n")
+    with pytest.raises(ConfigError, match="gpu-a/org/m"):
+        load_config({}, yaml_path=str(path))
+    path.write_text("providers:\n  gpu-a:\n    type: vllm\n    base_url: http://a:8000/v1\n    models:\n"
+                    "      - {id: org/m, metadata: {pricing: {input_per_mtok: lots}}}\n")
+    with pytest.raises(ConfigError, match="input_per_mtok"):
+        load_config({}, yaml_path=str(path))

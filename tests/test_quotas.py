@@ -600,6 +600,37 @@ async def test_a_passthrough_stream_without_usage_counts_against_budgets(http, g
 
 
 @pytest_twisted.ensureDeferred
+async def test_gomodels_per_model_metadata_pricing_prices_the_model_and_spends_cost_budgets(reactor, http, fake,
+                                                                                            tmp_path):
+    """GoModel prices a self-hosted model with its provider's YAML C{models: [{id, metadata: {pricing: {...}}}]}.
+    That price was dropped without a word: the ledger's cost was null and a cost budget never ran out. Now it prices
+    C{<provider>/<id>} as C{pricing:} does."""
+    config = tmp_path / "gomodel.yaml"
+    config.write_text(f"providers:\n  vllm:\n    type: vllm\n    base_url: {fake.base_url}\n    models:\n"
+                      "      - id: meta-llama/Llama-3.1-8B-Instruct\n        metadata:\n"
+                      "          display_name: Llama\n"
+                      "          pricing: {currency: USD, input_per_mtok: 1000000, output_per_mtok: 1000000}\n")
+    gw = await start_gateway(reactor, {"GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)},
+                             yaml_path=str(config))
+    try:
+        key = await new_key(http, gw, budgets=[{"period": "daily", "max_cost": 30}])
+        client = openai_client(gw, key["value"])
+        try:
+            await in_thread(raw_chat, client)  # 21 tokens at 1 each: 21 spent
+            await in_thread(raw_chat, client)  # 42
+            with pytest.raises(openai.RateLimitError) as refused:
+                await in_thread(raw_chat, client)
+            assert refused.value.code == "budget_exceeded"
+        finally:
+            client.close()
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        assert [r["total_cost"] for r in log["data"]] == [21.0, 21.0]
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_passthrough_is_priced_by_the_model_its_provider_serves(reactor, http, fake, tmp_path):
     """A cost budget counts passthrough as it counts /v1 (before, a passthrough had no model, so no price: it
     spent tokens but never cost); a model the provider does not list names nothing (labels stay bounded)."""

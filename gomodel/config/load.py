@@ -70,7 +70,13 @@ def load_config(
     sections["routing"] = dataclasses.replace(
         sections["routing"], virtual_models=virtual, failover_rules=load_failover_rules(
             document.get("failover_rules"), yaml_path, env, known, {vm.source for vm in virtual}, warnings))
-    sections["usage"] = dataclasses.replace(sections["usage"], pricing=_pricing(document.get("pricing"), yaml_path))
+    pricing = _pricing(document.get("pricing"), yaml_path)
+    for model, prices in _model_prices(document.get("providers"), yaml_path, warnings).items():
+        if model in pricing:
+            raise ConfigError(f"{yaml_path}: {model} is priced both under pricing: and by its provider's "
+                              "models[].metadata.pricing; keep one")
+        pricing[model] = prices
+    sections["usage"] = dataclasses.replace(sections["usage"], pricing=pricing)
     if listen:
         sections["server"] = dataclasses.replace(sections["server"], listen=tuple(listen))
     try:
@@ -211,6 +217,32 @@ def _pricing(value, yaml_path) -> dict:
         pricing[str(model)] = {name: parsers.checked(parsers.price, amount, f"{where}.{name}")
                                for name, amount in prices.items()}
     return pricing
+
+
+def _model_prices(providers, yaml_path, warnings) -> dict:
+    """GoModel's per-model prices, a provider's C{models: [{id, metadata: {pricing: {...}}}]}: C{name/id} -> its
+    prices, as C{pricing:} has them (GoModel's C{currency} is the table's, which names none; the price names this
+    gateway has not are named in C{warnings})."""
+    table = {}
+    for name, block in (providers.items() if isinstance(providers, dict) else ()):
+        models = block.get("models") if isinstance(block, dict) else None
+        for i, item in enumerate(models if isinstance(models, list) else ()):
+            metadata = item.get("metadata") if isinstance(item, dict) else None
+            prices = metadata.get("pricing") if isinstance(metadata, dict) else None
+            if prices is None:
+                continue
+            where = f"{yaml_path}: providers.{name}.models[{i}].metadata.pricing"
+            if not isinstance(prices, dict):
+                raise ConfigError(f"{where} must be a mapping of {', '.join(_PRICES)}")
+            unread = set(map(str, prices)) - set(_PRICES) - {"currency"}
+            if unread:
+                warnings.append(f"{where}: GoModel's {listed(unread)} not read: this gateway prices "
+                                f"{', '.join(_PRICES)}")
+            read = {key: parsers.checked(parsers.price, amount, f"{where}.{key}")
+                    for key, amount in prices.items() if key in _PRICES}
+            if read:
+                table[f"{name}/{str(item.get('id')).strip()}"] = read
+    return table
 
 
 # The rate_limits: and budgets: keys whose values are numbers or switches: the type each is read as.
