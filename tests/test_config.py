@@ -1085,3 +1085,18 @@ def test_gomodels_per_model_metadata_pricing_is_the_pricing_table_of_that_model(
                     "      - {id: org/m, metadata: {pricing: {input_per_mtok: lots}}}\n")
     with pytest.raises(ConfigError, match="input_per_mtok"):
         load_config({}, yaml_path=str(path))
+
+
+def test_gomodels_configured_provider_models_mode_and_base_path_keys_are_read(tmp_path):
+    """GoModel's YAML C{models.configured_provider_models_mode} is C{CONFIGURED_PROVIDER_MODELS_MODE} (it was named
+    in the "not read" warning, so a GoModel allowlist served every discovered model); its C{server.base_path} is
+    known: C{/} (its default) changes nothing, another prefix is named in that warning (before, either stopped the
+    start: "unknown key(s) under server")."""
+    path = tmp_path / "config.yaml"
+    path.write_text("models:\n  configured_provider_models_mode: allowlist\nserver:\n  base_path: /\n")
+    config = load_config({}, yaml_path=str(path))
+    assert config.upstreams.models_mode == "allowlist" and config.warnings == ()
+    assert load_config({"CONFIGURED_PROVIDER_MODELS_MODE": "fallback"}, yaml_path=str(path)).upstreams.models_mode \
+        == "fallback"
+    path.write_text("server:\n  base_path: /g\n")
+    assert "server.base_path" in "\n".join(load_config({}, yaml_path=str(path)).warnings)

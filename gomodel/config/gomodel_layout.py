@@ -32,6 +32,7 @@ _MOVED = {
     ("admin", "endpoints_enabled"): ("auth", "admin_endpoints_enabled"),
     ("admin", "ui_enabled"): ("auth", "admin_ui_enabled"),
     ("cache", "model", "refresh_interval"): ("upstreams", "models_refresh_interval"),
+    ("models", "configured_provider_models_mode"): ("upstreams", "configured_provider_models_mode"),
     ("resilience", "circuit_breaker", "failure_threshold"): ("routing", "failure_threshold"),
 }
 
@@ -39,6 +40,7 @@ _MOVED = {
 _IDLE = {
     ("server", "swagger_enabled"): False,
     ("server", "pprof_enabled"): False,
+    ("server", "base_path"): "/",
     ("server", "allow_passthrough_v1_alias"): True,  # (/p/{provider}/v1/... is always taken here)
     ("usage", "buffer_size"): _ANY,
     ("usage", "enforce_returning_usage_data"): True,  # (streams always ask for usage here)
@@ -67,7 +69,7 @@ _GOMODEL_SECTIONS = ("models", "cache", "storage", "logging", "http", "admin", "
                      "workflows", "resilience")
 # GoModel's keys in the sections it shares with ours (their keys are GoModel's when named so).
 _SHARED_KEYS = {"server": {"swagger_enabled", "pprof_enabled", "enable_passthrough_routes",
-                           "allow_passthrough_v1_alias", "enabled_passthrough_providers"},
+                           "allow_passthrough_v1_alias", "enabled_passthrough_providers", "base_path"},
                 "usage": {"enabled", "enforce_returning_usage_data", "buffer_size", "flush_interval",
                           "retention_days"},
                 "metrics": {"enabled", "endpoint"}}
