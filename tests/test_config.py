@@ -1100,3 +1100,15 @@ def test_gomodels_configured_provider_models_mode_and_base_path_keys_are_read(tm
         == "fallback"
     path.write_text("server:\n  base_path: /g\n")
     assert "server.base_path" in "\n".join(load_config({}, yaml_path=str(path)).warnings)
+
+
+def test_gomodels_auto_fallback_mode_without_a_rules_file_is_warned_of(tmp_path):
+    """GoModel's C{FEATURE_FALLBACK_MODE=auto} adds candidates of its own; here none are: said at start (before,
+    nothing was said); C{off} and C{manual} (its default) change nothing without a rules file; with one, once."""
+    assert "FEATURE_FALLBACK_MODE" in "\n".join(load_config({"FEATURE_FALLBACK_MODE": "auto"}).warnings)
+    assert load_config({"FEATURE_FALLBACK_MODE": "manual"}).warnings == ()
+    assert load_config({"FEATURE_FALLBACK_MODE": "off"}).warnings == ()
+    rules = tmp_path / "fallback.json"
+    rules.write_text("{}")
+    warnings = load_config({"FEATURE_FALLBACK_MODE": "auto", "FALLBACK_MANUAL_RULES_PATH": str(rules)}).warnings
+    assert "\n".join(warnings).count("FEATURE_FALLBACK_MODE") == 1

@@ -110,6 +110,9 @@ def read_gomodel_env(env, warnings: list):
                           "would be served, so it does not start (limit a key's models with its models field instead)")
     ignored = [name for name, idle in _ENV_IDLE.items()
                if name in env and idle is not _ANY and env[name].strip().lower() not in idle]
+    if "FALLBACK_MANUAL_RULES_PATH" not in env and env.get("FEATURE_FALLBACK_MODE", "off").strip().lower() not in (
+            "off", "manual"):  # (with a rules file, its mode is read with it: gomodel.config.virtual)
+        ignored.append("FEATURE_FALLBACK_MODE")
     if ignored:
         warnings.append(f"GoModel's {listed(ignored)} not read: this gateway has no such setting "
                         "(see README, Configuration)")
