@@ -1112,3 +1112,21 @@ def test_gomodels_auto_fallback_mode_without_a_rules_file_is_warned_of(tmp_path)
     rules.write_text("{}")
     warnings = load_config({"FEATURE_FALLBACK_MODE": "auto", "FALLBACK_MANUAL_RULES_PATH": str(rules)}).warnings
     assert "\n".join(warnings).count("FEATURE_FALLBACK_MODE") == 1
+
+
+def test_gomodels_fallback_variables_win_over_its_yaml_fallback_keys(tmp_path):
+    """The environment wins: C{FEATURE_FALLBACK_MODE=off} turns off the rules file the YAML names, and the rules of
+    C{FALLBACK_MANUAL_RULES_PATH} (or C{FAILOVER_RULES_JSON}) replace the YAML's, whose file is then not read."""
+    rules = tmp_path / "fallback.json"
+    rules.write_text('{"a/m": ["b/m"]}')
+    path = tmp_path / "config.yaml"
+    path.write_text(f"fallback:\n  manual_rules_path: {rules}\n")
+    assert load_config({"FEATURE_FALLBACK_MODE": "off"}, yaml_path=str(path)).routing.failover_rules == {}
+    path.write_text(f"fallback:\n  default_mode: \"off\"\n  manual_rules_path: {rules}\n")
+    assert load_config({"FEATURE_FALLBACK_MODE": "manual"}, yaml_path=str(path)).routing.failover_rules == \
+        {"a/m": ("b/m",)}
+    path.write_text(f"fallback:\n  manual_rules_path: {tmp_path / 'gone.json'}\n")
+    assert load_config({"FAILOVER_RULES_JSON": '{"c/m": ["d/m"]}'}, yaml_path=str(path)).routing.failover_rules == \
+        {"c/m": ("d/m",)}
+    assert load_config({"FALLBACK_MANUAL_RULES_PATH": str(rules)}, yaml_path=str(path)).routing.failover_rules == \
+        {"a/m": ("b/m",)}

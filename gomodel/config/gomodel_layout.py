@@ -118,10 +118,11 @@ def read_gomodel_env(env, warnings: list):
                         "(see README, Configuration)")
 
 
-def read_gomodel_layout(document: dict, yaml_path, warnings: list) -> dict:
+def read_gomodel_layout(document: dict, yaml_path, warnings: list, env=None) -> dict:
     """C{document} (a YAML file's mapping) with GoModel's settings moved to gomodel's sections and keys.
 
     @param warnings: gets one line naming GoModel's settings that are not read here, if any.
+    @param env: the environment (its GoModel fallback variables win over the file's fallback keys).
     @raise ConfigError: a setting is given both ways, or one the gateway cannot honour says to restrict.
     """
     if not any(name in document for name in _GOMODEL_SECTIONS) and not any(
@@ -151,7 +152,7 @@ def read_gomodel_layout(document: dict, yaml_path, warnings: list) -> dict:
         elif path == ("storage", "sqlite", "path"):
             _sqlite_path(document, value, where, warnings)
         elif path == ("fallback", "manual_rules_path"):
-            _manual_rules(document, value, where, warnings)
+            _manual_rules(document, value, where, warnings, env or {})
         elif value is not None and _IDLE.get(path, _UNKNOWN) not in (_ANY, value):
             ignored.append(".".join(path))
     for name in _GOMODEL_SECTIONS:
@@ -219,15 +220,22 @@ def _sqlite_path(document, value, where, warnings):
                         f"contents, not {name}")
 
 
-def _manual_rules(document, value, where, warnings):
-    """GoModel's failover rules file (read unless its C{fallback.default_mode} is C{off}): our C{failover_rules:}."""
+def _manual_rules(document, value, where, warnings, env):
+    """GoModel's failover rules file (read unless its C{fallback.default_mode}, or C{FEATURE_FALLBACK_MODE}, is
+    C{off}, or the environment gives the rules): our C{failover_rules:}."""
     from gomodel.config.virtual import fallback_off, read_rules_file
 
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where} must be a file path")
+    if "FALLBACK_MANUAL_RULES_PATH" in env or "FAILOVER_RULES_JSON" in env:
+        return  # (the environment's rules win: gomodel.config.virtual)
     fallback = document.get("fallback")
     mode = fallback.get("default_mode") if isinstance(fallback, dict) else None
-    if fallback_off(mode, where.replace("manual_rules_path", "default_mode"), warnings):
+    if "FEATURE_FALLBACK_MODE" in env:
+        mode, mode_where = env["FEATURE_FALLBACK_MODE"], "FEATURE_FALLBACK_MODE"
+    else:
+        mode_where = where.replace("manual_rules_path", "default_mode")
+    if fallback_off(mode, mode_where, warnings):
         return
     if document.get("failover_rules") is not None:
         raise ConfigError(f"{where} and failover_rules are the same setting; keep one")

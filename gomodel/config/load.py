@@ -43,7 +43,7 @@ def load_config(
     yaml_path = yaml_path or env.get("GOMODEL_CONFIG")
     warnings = []
     read_gomodel_env(env, warnings)
-    document = read_gomodel_layout(_read_yaml(yaml_path, env), yaml_path, warnings) if yaml_path else {}
+    document = read_gomodel_layout(_read_yaml(yaml_path, env), yaml_path, warnings, env) if yaml_path else {}
     blocks = {name: _mapping(document, name, yaml_path) for name in SECTIONS}
     for name, cls in SECTIONS.items():
         known = {key for _, key, _, _ in settings_of(Config if name == _LEGACY else cls)}
