@@ -10,6 +10,7 @@ import pytest_twisted
 import treq
 from twisted.web.http_headers import Headers
 
+from gomodel.anthropic.file_sources import walk_blocks
 from tests.fakes.vllm import CHAT_MODEL
 from tests.support import in_thread, start_gateway
 
@@ -202,3 +203,23 @@ async def test_the_list_restricted_to_ids_answers_those_files_only(http, gw, cli
     many = "&".join(f"ids[]=file-{n}" for n in range(101))
     response = await http.get(f"{gw.url}/v1/files?{many}", headers=anthropic_headers())
     assert response.code == 400
+
+
+def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
+    # One walk of a conversation's blocks finds both (create used to walk them twice): the file sources, in a
+    # message and in a tool result, and whether a document or search result (anywhere) sends it translated.
+    named = {"type": "image", "source": {"type": "file", "file_id": "file_1"}}
+    inner = {"type": "document", "source": {"type": "file", "file_id": "file_2"}}
+    messages = [{"role": "user", "content": "Hi."},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [inner]},
+                                             {"type": "text", "text": "and"}, named]}]
+    assert walk_blocks({"messages": messages}) == (
+        [("messages.2.content.0.content.0", inner), ("messages.2.content.2", named)], True)
+    assert walk_blocks({"messages": messages}, files=False) == ([], True)
+    search = {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "x"}]}
+    for where in ([search], [{"type": "tool_result", "tool_use_id": "t1", "content": [search]}]):
+        assert walk_blocks({"messages": [{"role": "user", "content": where}]}) == ([], True)
+    assert walk_blocks({"messages": [{"role": "user", "content": [named, "odd", {"type": 1}, {"type": ["image"]}]}]}) == (
+        [("messages.0.content.0", named)], False)
+    assert walk_blocks({"messages": "no list"}) == ([], False)

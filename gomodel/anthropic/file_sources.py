@@ -29,24 +29,48 @@ _PDF_MAGIC = b"%PDF-"
 def file_blocks(body) -> list:
     """C{(where, block)} for each C{image} or C{document} block of C{body}'s messages (and of their tool results)
     whose source is a file."""
-    found = []
+    return walk_blocks(body)[0]
+
+
+# Blocks that vLLM's Messages API has not (it refuses one in a message, and drops one in a tool result unread).
+TRANSLATED_BLOCKS = ("document", "search_result")
+# The blocks L{walk_blocks} looks into (those of L{TRANSLATED_BLOCKS}, and those that may name a file).
+_LOOKED_AT = ("document", "search_result", "image")  # (a tuple: a type may be unhashable, a list)
+
+
+def walk_blocks(body, files=True) -> tuple:
+    """C{(found, translated)} of the Messages request C{body}, in one walk of its blocks: L{file_blocks}' list (with
+    C{files}; else C{[]}) and whether a message or a tool result in one holds a block of L{TRANSLATED_BLOCKS}.
+
+    (No scan of the body's bytes for those words first: on a long Claude Code conversation, 200 messages in
+    82 kB, scanning for them took longer than this walk: bench/messages_blocks.py.)
+    """
+    found, translated = [], False
     messages = body.get("messages")
     for i, message in enumerate(messages if isinstance(messages, list) else ()):
         content = message.get("content") if isinstance(message, dict) else None
-        for j, block in enumerate(content if isinstance(content, list) else ()):
-            if not isinstance(block, dict):
-                continue
-            if _names_file(block):
-                found.append((f"messages.{i}.content.{j}", block))
-            elif block.get("type") == "tool_result" and isinstance(block.get("content"), list):
-                found.extend((f"messages.{i}.content.{j}.content.{k}", item)
-                             for k, item in enumerate(block["content"]) if _names_file(item))
-    return found
+        if not isinstance(content, list):
+            continue
+        for j, block in enumerate(content):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind in _LOOKED_AT:
+                translated = translated or kind in TRANSLATED_BLOCKS
+                if files and _names_file(block):
+                    found.append((f"messages.{i}.content.{j}", block))
+            elif kind == "tool_result" and isinstance(block.get("content"), list):
+                for k, item in enumerate(block["content"]):
+                    kind = item.get("type") if isinstance(item, dict) else None
+                    if kind in _LOOKED_AT:
+                        translated = translated or kind in TRANSLATED_BLOCKS
+                        if files and _names_file(item):
+                            found.append((f"messages.{i}.content.{j}.content.{k}", item))
+    return found, translated
 
 
 def _names_file(block) -> bool:
-    source = block.get("source") if isinstance(block, dict) else None
-    return isinstance(source, dict) and source.get("type") == "file" and block.get("type") in ("image", "document")
+    """Whether C{block}, an image or a document, names a file."""
+    source = block.get("source")
+    return isinstance(source, dict) and source.get("type") == "file" and block["type"] != "search_result"
 
 
 class FileSources:

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
-from gomodel.anthropic.file_sources import file_blocks
+from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message_bytes, checked_max_tokens,
@@ -169,7 +169,8 @@ class MessagesRoutes:
         @raise gomodel.errors.GatewayError: before anything was sent to the client.
         """
         body = json_body(request)
-        files = file_blocks(body) if self._files is not None else None
+        # (one walk of a long conversation's blocks for both: walk_blocks)
+        files, documents = walk_blocks(body, files=self._files is not None)
         if files:  # (blocks naming an uploaded file get its contents)
             await self._files.resolve(files, ctx.principal)
         stream = ctx.asked_stream = streams(body)
@@ -181,7 +182,7 @@ class MessagesRoutes:
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
         # (whether it must go translated matters only where a target could take it natively: a vLLM)
-        translating = any(route.provider.type in NATIVE_TYPES for route in routes) and translates(body)
+        translating = any(route.provider.type in NATIVE_TYPES for route in routes) and translates(body, documents)
         headers = _forwarded(request)
         while True:
             first, fallbacks, native = self._targets(routes, prioritised=prioritised, translating=translating)
@@ -210,7 +211,7 @@ class MessagesRoutes:
             request is one: else its L{gomodel.errors.InvalidRequest}).
         """
         body = json_body(request)
-        files = file_blocks(body) if self._files is not None else None
+        files, documents = walk_blocks(body, files=self._files is not None)
         if files:  # (blocks naming an uploaded file get its contents)
             await self._files.resolve(files, ctx.principal)
         model = body.get("model")
@@ -224,7 +225,7 @@ class MessagesRoutes:
                 f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
                 f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
         # (stop sequences count the same either way)
-        translating = has_documents(body) or prefilled(body) or has_tool_changes(body)
+        translating = documents or prefilled(body) or has_tool_changes(body)
         while True:
             first, fallbacks, native = self._targets(routes, counting=True, translating=translating)
             upstream = first.provider
@@ -404,13 +405,18 @@ class MessagesRoutes:
         return True
 
 
-def translates(body) -> bool:
+def translates(body, documents=None) -> bool:
     """Whether the Messages request C{body} goes to a vLLM translated, never natively: it has stop sequences (its
     chat completion names the sequence that ended the answer; its Messages API before vllm#45807 says C{end_turn}
     and drops it, and a vLLM's version is not known here), a document block (L{has_documents}), a prefill
     (L{prefilled}), or a system message's tool changes (vLLM 0.32 resolves them, one without that support refuses
-    them; the translation resolves them as 0.32 does)."""
-    return bool(body.get("stop_sequences")) or has_documents(body) or prefilled(body) or has_tool_changes(body)
+    them; the translation resolves them as 0.32 does).
+
+    @param documents: whether C{body} holds a document block, as L{walk_blocks} found; None: walk it here.
+    """
+    if body.get("stop_sequences") or prefilled(body) or has_tool_changes(body):
+        return True
+    return has_documents(body) if documents is None else documents
 
 
 def prefilled(body) -> bool:
@@ -422,31 +428,13 @@ def prefilled(body) -> bool:
         and messages[-1].get("role") == "assistant"
 
 
-# Blocks that vLLM's Messages API has not (it refuses one in a message, and drops one in a tool result unread).
-_TRANSLATED_BLOCKS = ("document", "search_result")
-
-
 def has_documents(body) -> bool:
     """Whether a message of C{body}, or a tool result in one, holds a C{document} or C{search_result} block
-    (L{_TRANSLATED_BLOCKS}). vLLM's Messages API has no such block: it refuses one in a message (a 400 that lists
-    the block types it knows) and drops one in a tool result unread; translated, a text or custom-content document
-    reaches the model as its text and image parts, a search result as its text, and a document that cannot (a
-    PDF) is the gateway's 400 saying so."""
-    messages = body.get("messages")
-    for message in messages if isinstance(messages, list) else ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for block in content:
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            if kind in _TRANSLATED_BLOCKS:
-                return True
-            if kind == "tool_result" and isinstance(block.get("content"), list) and any(
-                    isinstance(item, dict) and item.get("type") in _TRANSLATED_BLOCKS for item in block["content"]):
-                return True
-    return False
+    (L{gomodel.anthropic.file_sources.TRANSLATED_BLOCKS}). vLLM's Messages API has no such block: it refuses one
+    in a message (a 400 that lists the block types it knows) and drops one in a tool result unread; translated, a
+    text or custom-content document reaches the model as its text and image parts, a search result as its text,
+    and a document that cannot (a PDF) is the gateway's 400 saying so."""
+    return walk_blocks(body, files=False)[1]
 
 
 def chat_for(provider, chat: dict, extras: dict) -> dict:
