@@ -224,6 +224,32 @@ async def test_translated_create_and_stream_for_an_openai_provider(openai_gw, fa
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_translated_stream_sends_a_ping_after_message_start_as_anthropic_does(http, openai_gw, fake):
+    """Anthropic's streams send C{event: ping} right after C{message_start} (clients and proxies with idle timeouts
+    count on its events); a translated stream sent none. Its raw events, then the anthropic SDK reading it (which
+    skips pings); a stream made from a whole answer (an upstream that ignores C{"stream"}) has it too."""
+    body = {"model": OPENAI_MODEL, "max_tokens": 16, "messages": HELLO, "stream": True}
+    response, raw = await post(http, openai_gw.url + "/v1/messages", body)
+    assert response.code == 200
+    assert raw.split(b"\n\n")[1] == b'event: ping\ndata: {"type":"ping"}'
+    kinds = [kind for kind, _ in events_of(raw)]
+    assert kinds[:3] == ["message_start", "ping", "content_block_start"] and kinds.count("ping") == 1
+    assert kinds[-1] == "message_stop"
+    client = sdk(openai_gw)
+    try:
+        seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=16,
+                                                                      messages=HELLO))
+        assert seen[0].type == "message_start" and final.content[0].text == "héhéhé"
+        fake.steer = {"fake_status": 200, "fake_body": json.dumps({
+            "id": "chatcmpl-w2", "object": "chat.completion", "model": CHAT_MODEL, "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi."}}]})}
+        _, raw = await post(http, openai_gw.url + "/v1/messages", body)
+        assert [kind for kind, _ in events_of(raw)][:2] == ["message_start", "ping"]
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_translated_tool_use_and_thinking(openai_gw, fake):
     fake.steer = {"fake_tool": WEATHER_CALL, "fake_reasoning": "Weather, then."}
     client = sdk(openai_gw)

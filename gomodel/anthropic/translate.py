@@ -840,10 +840,11 @@ def chat_to_message_bytes(body: bytes, model: str) -> bytes:
 
 
 def message_events(message: dict) -> bytes:
-    """Anthropic's event stream for a whole Messages answer (an upstream that answered a stream whole)."""
+    """Anthropic's event stream for a whole Messages answer (an upstream that answered a stream whole), with its
+    C{ping} after C{message_start} as Anthropic's."""
     usage = message["usage"]
     out = [_event("message_start", {"message": dict(message, content=[], stop_reason=None, stop_sequence=None,
-                                                   usage=dict(usage, output_tokens=0))})]
+                                                   usage=dict(usage, output_tokens=0))}), PING]
     for index, block in enumerate(message["content"]):
         kind = block["type"]
         if kind == "text":
@@ -1038,6 +1039,10 @@ def _event(kind: str, payload: dict) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps({"type": kind, **payload}) + b"\n\n"
 
 
+# What Anthropic's streams send right after message_start (the anthropic SDKs skip it); so do the gateway's own.
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+
 class _ToolCall:
     """One streamed chat tool call, as it becomes a C{tool_use} block."""
 
@@ -1064,7 +1069,8 @@ class ChatToMessagesStream:
     The sequence: C{message_start} at the first chunk (its usage has the
     prompt's tokens where that chunk carries usage, as vLLM's do with
     C{continuous_usage_stats}, the cache reads not told apart yet; else 0:
-    other chat streams report usage at the end), then blocks in order, each
+    other chat streams report usage at the end) and a C{ping} (L{PING}, as
+    Anthropic sends one there), then blocks in order, each
     C{content_block_start} / C{content_block_delta}... / C{content_block_stop}
     (a thinking block ends with an empty C{signature_delta}: no upstream
     signs its reasoning), one block open at a time, never a delta after its
@@ -1170,6 +1176,7 @@ class ChatToMessagesStream:
         out.append(_event("message_start", {"message": {
             "id": self._id, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": usage}}))
+        out.append(PING)
 
     def _choice(self, choice, out):
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
