@@ -674,6 +674,9 @@ class FakeVLLM(Resource):
                                              "context_management": {"original_input_tokens": tokens}})
         if body.get("fake_hang"):
             return server.NOT_DONE_YET
+        if body.get("fake_drop"):
+            request.transport.abortConnection()
+            return server.NOT_DONE_YET
         events = _message_events(body, model)
         if "fake_events" in body:  # exactly these (event, data) pairs, data as a raw string
             events = [(kind, data) for kind, data in body["fake_events"]]

@@ -1,0 +1,193 @@
+"""Every error on /v1/messages in Anthropic's shape, over real sockets: the channel's own (body too large, not
+JSON, a wrong content type or method, no key), the gateway's (an unknown model, a bad field) and the upstream's
+(refused, timed out, its own 4xx/5xx, a stream broken mid-way), natively (a vLLM) and translated (an
+OpenAI-compatible provider)."""
+
+import gzip
+import json
+
+import pytest
+import pytest_twisted
+import treq
+
+from gomodel import jsonutil
+from tests.fakes.vllm import CHAT_MODEL
+from tests.rawclient import connect
+from tests.support import dead_base_url, start_gateway, with_timeout
+
+KEY = "messages-errors-key"
+NATIVE, TRANSLATED = f"vllm/{CHAT_MODEL}", f"openai/{CHAT_MODEL}"
+HI = [{"role": "user", "content": "hi"}]
+LIMIT = 64 * 1024
+
+
+@pytest_twisted.async_yield_fixture()
+async def gw(reactor, fake):
+    """The fake behind a vLLM provider (Messages natively) and an OpenAI one (translated); a small body limit and
+    upstream timeouts of a second."""
+    gateway = await start_gateway(reactor, {
+        "GOMODEL_MASTER_KEY": KEY, "VLLM_BASE_URL": fake.base_url, "OPENAI_BASE_URL": fake.base_url,
+        "OPENAI_API_KEY": "sk-up", "BODY_SIZE_LIMIT": str(LIMIT), "HTTP_RESPONSE_HEADER_TIMEOUT": "1s",
+        "HTTP_STREAM_IDLE_TIMEOUT": "1s", "ROUTING_MAX_ATTEMPTS": "1"})
+    yield gateway
+    await gateway.service.stopService()
+
+
+def anthropic_error(content: bytes) -> dict:
+    """The C{error} of an Anthropic error body, its shape checked."""
+    payload = jsonutil.loads(content)
+    assert payload["type"] == "error" and set(payload["error"]) == {"type", "message"}, payload
+    assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
+    return payload["error"]
+
+
+def headers(**extra):
+    values = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    values.update({name.replace("_", "-"): value for name, value in extra.items()})
+    return {name: [value] for name, value in values.items() if value is not None}
+
+
+def body(model=NATIVE, **fields):
+    return json.dumps(dict({"model": model, "max_tokens": 8, "messages": HI}, **fields)).encode()
+
+
+# (case, method, path, data, headers, status, Anthropic's error type)
+CHANNEL = [
+    ("too large", "POST", "/v1/messages", body(system="x" * LIMIT), headers(), 413, "request_too_large"),
+    ("count too large", "POST", "/v1/messages/count_tokens", body(system="x" * LIMIT), headers(), 413,
+     "request_too_large"),
+    ("not JSON", "POST", "/v1/messages", b'{"model": ', headers(), 400, "invalid_request_error"),
+    ("empty", "POST", "/v1/messages", b"", headers(), 400, "invalid_request_error"),
+    ("no object", "POST", "/v1/messages", b"[]", headers(), 400, "invalid_request_error"),
+    ("not UTF-8", "POST", "/v1/messages", '{"model": "é"}'.encode("latin-1"), headers(), 400,
+     "invalid_request_error"),
+    # (a JSON body is read as JSON whatever its Content-Type says, as on every route: this one is no JSON)
+    ("form", "POST", "/v1/messages", b"model=x", headers(content_type="application/x-www-form-urlencoded"), 400,
+     "invalid_request_error"),
+    ("gzip", "POST", "/v1/messages", gzip.compress(body()), headers(content_encoding="gzip"), 415,
+     "invalid_request_error"),
+    ("GET", "GET", "/v1/messages", None, headers(), 405, "invalid_request_error"),
+    ("no key", "POST", "/v1/messages", body(), headers(x_api_key=None), 401, "authentication_error"),
+    ("wrong key", "POST", "/v1/messages", body(), headers(x_api_key="nope"), 401, "authentication_error"),
+    ("unknown model", "POST", "/v1/messages", body(model="nope/nothing"), headers(), 404, "not_found_error"),
+    ("no max_tokens", "POST", "/v1/messages", json.dumps({"model": NATIVE, "messages": HI}).encode(), headers(),
+     400, "invalid_request_error"),
+    ("unknown path", "POST", "/v1/messages/nothing", body(), headers(), 404, "not_found_error"),
+]
+
+
+@pytest.mark.parametrize("case, method, path, data, sent, status, kind", CHANNEL, ids=[c[0] for c in CHANNEL])
+@pytest_twisted.ensureDeferred
+async def test_the_channels_and_the_gateways_errors_are_anthropics(http, gw, case, method, path, data, sent,
+                                                                 status, kind):
+    response = await http.request(method, gw.url + path, data=data, headers=sent)
+    content = await treq.content(response)
+    error = anthropic_error(content)
+    assert (response.code, error["type"]) == (status, kind), (case, content)
+
+
+# (case, the fake's steering, status, Anthropic's error type); each natively and translated, streamed or not
+UPSTREAM = [
+    ("500", {"fake_status": 500}, 500, "api_error"),
+    ("503", {"fake_status": 503}, 503, "overloaded_error"),
+    ("529", {"fake_status": 529}, 529, "overloaded_error"),
+    ("429", {"fake_status": 429}, 429, "rate_limit_error"),
+    ("400", {"fake_status": 400}, 400, "invalid_request_error"),
+    ("401", {"fake_status": 401}, 502, "api_error"),
+    ("413", {"fake_status": 413}, 413, "request_too_large"),
+    ("hangs", {"fake_hang": True}, 504, "timeout_error"),
+    ("drops", {"fake_drop": True}, 502, "api_error"),
+    ("no JSON", {"fake_status": 200, "fake_body": "<html>a proxy's page</html>"}, 502, "api_error"),
+    ("an error's JSON", {"fake_status": 200, "fake_body": '{"error": {"message": "x"}}'}, 502, "api_error"),
+    ("HTML", {"fake_raw": "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\r\n"
+                          "<html>x</html"}, 502, "api_error"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("model", [NATIVE, TRANSLATED], ids=["native", "translated"])
+@pytest.mark.parametrize("case, steer, status, kind", UPSTREAM, ids=[c[0] for c in UPSTREAM])
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_failure_before_the_answer_is_anthropics(http, gw, fake, case, steer, status, kind,
+                                                                   model, stream):
+    fake.steer = steer
+    response = await http.post(gw.url + "/v1/messages", data=body(model, stream=stream), headers=headers())
+    content = await treq.content(response)
+    error = anthropic_error(content)
+    assert (response.code, error["type"]) == (status, kind), content
+    assert fake.base_url.split("//")[1] not in error["message"]
+
+
+def events_of(raw: bytes) -> list:
+    """The (event, data) pairs of an Anthropic event stream, its framing checked."""
+    out = []
+    for block in raw.split(b"\n\n")[:-1]:
+        head, data = block.split(b"\n")
+        assert head.startswith(b"event: ") and data.startswith(b"data: "), block
+        payload = jsonutil.loads(data[len(b"data: "):])
+        assert payload["type"] == head[len(b"event: "):].decode()
+        out.append((payload["type"], payload))
+    assert raw.endswith(b"\n\n")
+    return out
+
+
+# (case, the fake's steering, Anthropic's error type of the stream's last event)
+BROKEN = [
+    ("breaks", {"fake_die_after": 2}, "api_error"),
+    ("falls silent", {"fake_pace": 1.5}, "api_error"),
+]
+
+
+def dechunked(raw: bytes) -> tuple:
+    """C{(status, body)} of a raw HTTP/1.1 answer with a chunked body, which may stop short (no last chunk)."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    body = b""
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        if not size or int(size, 16) == 0:
+            break
+        body, rest = body + rest[:int(size, 16)], rest[int(size, 16) + 2:]
+    return status, body
+
+
+@pytest.mark.parametrize("model", [NATIVE, TRANSLATED], ids=["native", "translated"])
+@pytest.mark.parametrize("case, steer, kind", BROKEN, ids=[c[0] for c in BROKEN])
+@pytest_twisted.ensureDeferred
+async def test_a_stream_broken_midway_ends_with_an_anthropic_error_event(reactor, gw, fake, case, steer, kind,
+                                                                       model):
+    """Its last event is Anthropic's C{error}, and its body is left incomplete (no last chunk): never a clean end."""
+    fake.steer = steer
+    data = body(model, stream=True)
+    client = await connect(reactor, gw.port, b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: " + KEY.encode()
+                           + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+    await with_timeout(reactor, client.lost, 10)
+    received = bytes(client.received)
+    assert not received.endswith(b"\r\n0\r\n\r\n")
+    status, raw = dechunked(received)
+    events = events_of(raw)
+    names = [name for name, _ in events]
+    assert status == 200 and names[0] == "message_start" and "message_stop" not in names
+    name, last = events[-1]
+    assert name == "error" and set(last) == {"type", "error"} and set(last["error"]) == {"type", "message"}
+    assert last["error"]["type"] == kind, last
+    assert fake.base_url.split("//")[1] not in last["error"]["message"]
+
+
+@pytest.mark.parametrize("model", [NATIVE, TRANSLATED], ids=["native", "translated"])
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_refuses_connections_is_an_anthropic_error(reactor, http, model):
+    dead = await dead_base_url(reactor)
+    gateway = await start_gateway(reactor, {"GOMODEL_MASTER_KEY": KEY, "VLLM_BASE_URL": dead,
+                                            "OPENAI_BASE_URL": dead, "OPENAI_API_KEY": "sk-up"}, wait_ready=False)
+    try:
+        for stream in (False, True):
+            response = await http.post(gateway.url + "/v1/messages", data=body(model, stream=stream),
+                                       headers=headers())
+            content = await treq.content(response)
+            error = anthropic_error(content)
+            assert (response.code, error["type"]) in ((502, "api_error"), (503, "overloaded_error")), content
+            assert dead.split("//")[1] not in error["message"]
+    finally:
+        await gateway.service.stopService()
