@@ -88,6 +88,22 @@ async def test_a_message_batch_runs_natively_and_translated_and_gives_anthropics
     assert (stored["total"], stored["completed"], stored["failed"]) == (4, 3, 1)
 
 
+async def test_a_lines_server_side_features_are_its_error_natively_too(setup):
+    """A line with Anthropic's MCP connector or a code execution container is errored (invalid_request_error)
+    natively as translated, as online: vLLM's Messages API would drop them unread. The other lines run."""
+    gw, client, vllm, openai = setup
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("mcp", mcp_servers=[{"type": "url", "url": "https://mcp.example/sse", "name": "e"}]),
+        request("container", container="container_1"), request("fine")])
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert got["fine"].type == "succeeded"
+    for custom_id in ("mcp", "container"):
+        assert got[custom_id].type == "errored" and got[custom_id].error.error.type == "invalid_request_error"
+        assert got[custom_id].error.error.message.startswith(f"{'mcp_servers' if custom_id == 'mcp' else custom_id}: ")
+    assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
+
+
 async def test_a_translated_providers_errors_and_garbled_answers_are_errored_results(setup):
     gw, client, _, openai = setup
     outcomes = {}

@@ -84,20 +84,47 @@ def test_a_402_and_a_409_get_anthropics_types_for_them(status, kind):
     assert ANTHROPIC.error_type(status) == kind
 
 
+@pytest.mark.parametrize("field, value", [
+    ("mcp_servers", [{"type": "url", "url": "https://mcp.example/sse", "name": "example"}]),
+    ("container", "container_011CZ"),
+    ("container", {"skills": [{"type": "anthropic", "skill_id": "pptx", "version": "latest"}]}),
+])
 @pytest_twisted.ensureDeferred
-async def test_mcp_servers_are_refused_where_translated_as_server_tools_are(gw, fake, client):
-    """Anthropic's MCP connector (C{mcp_servers}: Anthropic's servers call the MCP server's tools) is a server-side
-    tool that no chat upstream has: translated, a request with one is a 400 naming it, as a server tool's is; before,
-    it was dropped, and the model answered without the tools asked for. An empty list is no connector."""
-    if not gw.model.startswith("openai/"):
-        pytest.skip("natively, vLLM's own Messages API answers it")
-    servers = [{"type": "url", "url": "https://mcp.example/sse", "name": "example"}]
+async def test_server_side_features_are_refused_natively_and_translated(gw, fake, client, field, value):
+    """Anthropic's MCP connector (C{mcp_servers}: Anthropic's servers call the MCP server's tools) and a code
+    execution C{container} (with its skills) are Anthropic's server side, which no upstream has: a request with one
+    is a 400 naming it, as a server tool's is, before anything goes upstream. Before, translated, a container was
+    dropped; natively, vLLM 0.32's Messages API drops both unread (its request model ignores fields it does not
+    know): the model answered without the tools or skills asked for. An empty C{mcp_servers} list is none."""
     sent = len(fake.requests)
     with pytest.raises(anthropic.BadRequestError) as refused:
         await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
-            {"role": "user", "content": "hi"}], extra_body={"mcp_servers": servers})
+            {"role": "user", "content": "hi"}], extra_body={field: value})
     assert refused.value.body["error"]["type"] == "invalid_request_error"
-    assert refused.value.body["error"]["message"].startswith("mcp_servers: ")
+    assert refused.value.body["error"]["message"].startswith(f"{field}: ")
+    assert len(fake.requests) == sent
+
+    def streamed():
+        with client.messages.stream(model=gw.model, max_tokens=16, messages=[{"role": "user", "content": "hi"}],
+                                    extra_body={field: value}) as stream:
+            return stream.get_final_message()
+    with pytest.raises(anthropic.BadRequestError):
+        await in_thread(streamed)
     assert len(fake.requests) == sent
     await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
-        {"role": "user", "content": "hi"}], extra_body={"mcp_servers": []})
+        {"role": "user", "content": "hi"}], extra_body={"mcp_servers": [], "container": None})
+
+
+@pytest_twisted.ensureDeferred
+async def test_fields_that_change_no_answer_are_accepted(gw, fake, client):
+    """C{service_tier} (a scheduling preference) and C{context_management} (Claude Code sends it with every request:
+    a gateway that refused it broke Claude Code, claude-code#21612) are accepted; neither upstream honours them
+    (translated, they are not sent; natively vLLM drops them unread), which changes no answer's content."""
+    message = await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
+        {"role": "user", "content": "hi"}], extra_body={
+        "service_tier": "standard_only",
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}})
+    assert message.content[0].text == "héhéhé"
+    sent = fake.requests[-1].body
+    if gw.model.startswith("openai/"):
+        assert "service_tier" not in sent and "context_management" not in sent

@@ -1,6 +1,7 @@
 """How the lines of a message batch (L{gomodel.anthropic.batches}) go upstream: natively or translated."""
 
-from gomodel.anthropic.translate import chat_to_message_bytes, messages_to_chat, native_message_bytes, vllm_fields
+from gomodel.anthropic.translate import (chat_to_message_bytes, messages_to_chat, native_message_bytes,
+                                         refuse_server_side, vllm_fields)
 from gomodel.api.messages import chat_for, translates
 
 
@@ -34,8 +35,10 @@ class MessagesLines:
         @param body_for: C{body_for(principal, payload, model, provider)} -> the body for C{model} at
             C{provider}, with what that provider takes of C{principal} (the batch runner's).
         @return: C{answer(body, model)} -> a successful answer as a message (natively, L{native_answer}).
-        @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated (the line's error).
+        @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated, or asks for Anthropic's server side
+            (L{refuse_server_side}, natively too): the line's error.
         """
+        refuse_server_side(payload)
         prioritised = principal is not None and principal.priority is not None
         translating = translates(payload)
         native = self._messages.native_for(route, prioritised=prioritised, translating=translating)

@@ -84,9 +84,7 @@ def messages_to_chat(body: dict) -> dict:
     tools = _tools(_resolved_tools(body))
     if tools:
         chat["tools"] = tools
-    if body.get("mcp_servers"):  # (Anthropic's servers call an MCP server's tools: a server tool)
-        raise InvalidRequest(f"mcp_servers: the MCP connector is one of the {_SERVER_TOOL_HINT}; connect the MCP "
-                             "server in the client and send its tools as tools", param="mcp_servers")
+    refuse_server_side(body)
     if body.get("tool_choice") is not None:
         fields = _tool_choice(body["tool_choice"])
         if tools or fields["tool_choice"] not in ("auto", "none"):  # chat upstreams refuse it without tools
@@ -115,6 +113,22 @@ def checked_max_tokens(body: dict) -> int:
     if max_tokens < 1:
         raise InvalidRequest("max_tokens: Input should be greater than or equal to 1", param="max_tokens")
     return max_tokens
+
+
+def refuse_server_side(body: dict):
+    """Refuse what only Anthropic's servers do, which no upstream has, natively or translated (vLLM 0.32's Messages
+    API drops both unread): the MCP connector (a non-empty C{mcp_servers}: Anthropic's servers call its tools) and
+    a code execution C{container} (its skills). Fields that change no answer's content pass: C{service_tier},
+    C{context_management} (Claude Code sends it with every request), C{metadata}.
+
+    @raise InvalidRequest: C{body} has either.
+    """
+    if body.get("mcp_servers"):
+        raise InvalidRequest(f"mcp_servers: the MCP connector is one of the {_SERVER_TOOL_HINT}; connect the MCP "
+                             "server in the client and send its tools as tools", param="mcp_servers")
+    if body.get("container") is not None:
+        raise InvalidRequest(f"container: code execution containers (and their skills) are for Anthropic's code "
+                             f"execution tool, one of the {_SERVER_TOOL_HINT}", param="container")
 
 
 # The longest chat C{user} OpenAI takes ("string too long" past it); Claude Code's C{user_id} is some 150 characters.

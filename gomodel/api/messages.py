@@ -49,8 +49,8 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
                                          chat_to_events_bytes, chat_to_message_bytes, checked_max_tokens,
                                          count_tokens_answer, count_tokens_request, is_anthropic_error,
                                          message_events_bytes, messages_to_chat, native_message_bytes,
-                                         openai_error_to_anthropic, has_tool_changes, vllm_fields,
-                                         without_vllm_fields)
+                                         openai_error_to_anthropic, has_tool_changes, refuse_server_side,
+                                         vllm_fields, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -178,6 +178,7 @@ class MessagesRoutes:
         routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
                                               ctx.principal))
         checked_max_tokens(body)  # (natively too: Anthropic's words, not vLLM's; the model's errors first)
+        refuse_server_side(body)  # (natively too: vLLM drops them unread)
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
