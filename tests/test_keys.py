@@ -629,6 +629,24 @@ def test_the_key_ring_remembers_only_known_secrets_and_follows_their_record():
     assert ring.find(b"sk_gom_z").id == "key_1"
 
 
+def test_a_refresh_that_reads_a_keys_record_unchanged_keeps_its_principal():
+    """A refresh reads the records changed in its last seconds again (its overlap): a record read unchanged keeps
+    the principal held, so what is kept by it (the gate's limits plan and lane) stays; any change makes a new one,
+    which the next request finds at once."""
+    ring = KeyRing(store=None, clock=Clock())
+    record = {"id": "key_1", "hash": hash_secret("sk_gom_x"), "name": "n", "deactivated_at": None, "updated_at": 1.0,
+              "rpm": 10, "budgets": [{"period": "daily", "max_tokens": 100}]}
+    ring.merge([record])
+    held = ring.find(b"sk_gom_x")
+    ring.merge([dict(record)], read=True)
+    assert ring.by_id("key_1") is held and ring.find(b"sk_gom_x") is held
+    ring.merge([{**record, "rpm": 20, "updated_at": 2.0}], read=True)
+    assert ring.find(b"sk_gom_x") is not held and ring.find(b"sk_gom_x").rpm == 20
+    changed = ring.find(b"sk_gom_x")
+    ring.merge([{**record, "rpm": 20, "updated_at": 3.0, "name": "m"}])
+    assert ring.find(b"sk_gom_x") is not changed and ring.find(b"sk_gom_x").name == "m"
+
+
 def test_a_secret_the_key_ring_lacks_is_looked_up_once_and_made_up_ones_cost_one_read_at_a_time():
     """A well-formed secret the snapshot lacks waits for a read of the store begun after it was asked;
     reads never overlap (those asked during one share the next), a secret the store did not know is

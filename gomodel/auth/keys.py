@@ -136,6 +136,15 @@ class Principal:
 MASTER = Principal("master", "master", master=True)
 
 
+def _same(principal, other) -> bool:
+    """Whether two principals made of one key's records are alike in everything they hold (but L{Principal.base},
+    each its own)."""
+    return all(getattr(principal, name) == getattr(other, name) for name in _COMPARED)
+
+
+_COMPARED = tuple(name for name in Principal.__slots__ if name != "base")
+
+
 def _unchecked():
     """Why a secret could not be checked: the store did not answer."""
     return StorageUnavailable.because("the API key could not be checked")
@@ -164,6 +173,9 @@ class KeyRing(Periodic):
         self._hash_of = {}  # key id -> hash
         self._updated_of = {}  # key id -> the updated_at of its record held
         self._digests = {}  # secret -> its hash, for secrets of known keys (a hash is the same forever)
+        # secret -> its principal, for active keys that never expire (L{find}'s answer, no hash to look up); emptied
+        # whenever a merge changes a principal
+        self._found = {}
         self._seen = float("-inf")  # the newest updated_at merged
         self._unknown = set()  # hashes of well-formed secrets a look-up did not find (a secret never comes later)
         self._asked = []  # (digest, Deferred) waiting for the next look-up
@@ -173,6 +185,9 @@ class KeyRing(Periodic):
 
     def find(self, secret: bytes):
         """The active principal whose secret is C{secret}, or None (unknown, deactivated or expired)."""
+        principal = self._found.get(secret)  # (every request of a managed key: one look-up)
+        if principal is not None:
+            return principal
         digest = self._digests.get(secret)
         if digest is None:
             digest = hashlib.sha256(secret).hexdigest()
@@ -183,8 +198,11 @@ class KeyRing(Periodic):
         principal = self._by_hash.get(digest)
         if principal is None or not principal.active:
             return None
-        if principal.expires_at is not None and self._clock.seconds() >= principal.expires_at:
-            return None
+        if principal.expires_at is not None:
+            return None if self._clock.seconds() >= principal.expires_at else principal
+        if len(self._found) >= 10000:
+            self._found.clear()
+        self._found[secret] = principal
         return principal
 
     def look_up(self, secret: bytes):
@@ -257,7 +275,12 @@ class KeyRing(Periodic):
             if old is not None and old != record["hash"]:
                 self._by_hash.pop(old, None)
             self._hash_of[record["id"]] = record["hash"]
-            principal = self._by_hash[record["hash"]] = Principal.of_record(record)
+            principal = Principal.of_record(record)
+            if before is not None and old == record["hash"] and _same(before, principal):
+                principal = before  # (a refresh's overlap reads it again: what is kept by it, limits' lanes, stays)
+            else:
+                self._found.clear()
+            self._by_hash[record["hash"]] = principal
             self._seen = max(self._seen, record["updated_at"])
             if before is not None and before.budgets != principal.budgets and self.budgets_changed is not None:
                 self.budgets_changed(f"key:{record['id']}")
