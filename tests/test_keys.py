@@ -11,8 +11,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 
-from gomodel.auth.keys import LOOKUP_TIMEOUT, KeyRing, hash_secret, new_secret
-from gomodel.errors import StorageUnavailable
+from gomodel.auth.keys import LOOKUP_TIMEOUT, KeyRing, Principal, hash_secret, new_secret
+from gomodel.api.inference import plan_model
+from gomodel.errors import ModelAccessDenied, StorageUnavailable
+from gomodel.routing.registry import Route
 from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, until
 
 MASTER = "master-k"
@@ -1768,6 +1770,32 @@ async def test_metrics_name_the_key_by_id_and_name(http, gw):
     }
 
 
+def test_a_name_a_key_was_admitted_to_at_one_provider_is_judged_again_at_another():
+    """What plan_model keeps of a key's admission by the name sent is where it was admitted: the same name routed
+    to another provider (whose prefix it does not begin with) is judged again, and refused there."""
+    class Pool:
+        def __init__(self, name):
+            self.name, self.named_by = name, (name + "/", "vllm/")
+
+    class Registry:
+        route = None
+
+        def plan(self, name, affinity_of):
+            return [self.route]
+
+        def targets(self, name):
+            return [self.route]
+
+    a, b, registry = Pool("a"), Pool("b"), Registry()
+    key = Principal("k", "k", models=["a/"])
+    registry.route = Route(a, "m")
+    for _ in range(2):
+        assert plan_model(registry, {"model": "a/m"}, None, key) == [Route(a, "m")]
+    registry.route = Route(b, "m")
+    with pytest.raises(ModelAccessDenied):
+        plan_model(registry, {"model": "a/m"}, None, key)
+
+
 @pytest.mark.parametrize("models, names, allowed", [
     (None, ("anything",), True),
     (["/"], ("vllm/m",), True),
@@ -1782,8 +1810,6 @@ async def test_metrics_name_the_key_by_id_and_name(http, gw):
 ])
 def test_a_keys_model_selectors(models, names, allowed):
     """A selector is C{/} (everything), a provider (C{vllm/}: its models), or a model named exactly."""
-    from gomodel.auth.keys import Principal
-
     principal = Principal("k", "k", models=models)
     assert any([principal.allows(name) for name in names]) is allowed
 

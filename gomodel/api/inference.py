@@ -431,7 +431,7 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     else:
         if principal is None or principal.models is None:
             return routes if len(routes) == 1 else ready_first(routes)
-        if _as_sent(principal, name, routes[0]):
+        if principal.sent_at.get(name) is routes[0].provider or _as_sent(principal, name, routes[0]):
             if len(routes) == 1:
                 return routes
             # The name admits its own targets (a virtual model's every one); a failover candidate only where the
@@ -530,8 +530,15 @@ def _as_sent(principal, name, route) -> bool:
     """Whether C{principal}'s selectors admit C{name} as the request sent it, routed to C{route}: by name, or
     by a provider selector where C{name} begins with C{route}'s provider (its instance's or its type's name);
     never by one that matches inside a bare id (C{meta-llama/} is a provider C{meta-llama}, not the
-    C{meta-llama/X} that provider C{vllm} serves: see L{gomodel.auth.keys.Principal.names})."""
-    return principal.allows(name) if name.startswith(route.provider.named_by) else principal.names(name)
+    C{meta-llama/X} that provider C{vllm} serves: see L{gomodel.auth.keys.Principal.names}). Once admitted, kept in
+    its L{Principal.sent_at<gomodel.auth.keys.Principal>} (a key's every request names the same model)."""
+    provider = route.provider
+    if not (principal.allows(name) if name.startswith(provider.named_by) else principal.names(name)):
+        return False
+    if len(principal.sent_at) > 1000:
+        principal.sent_at.clear()
+    principal.sent_at[name] = provider
+    return True
 
 
 def held(registry, route, previous, principal):

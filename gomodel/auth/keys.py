@@ -62,11 +62,13 @@ class Principal:
         its id and user path.
     @ivar limited: whether its requests pass limits and budgets: a managed key's, and the master key's
         attributed to a user path.
+    @ivar sent_at: model name as sent -> the provider at which its selectors admitted that name as sent (what
+        L{gomodel.api.inference.plan_model} worked out once for this principal).
     """
 
     __slots__ = ("id", "name", "user_path", "tenant", "models", "expires_at", "active", "rpm", "tpm",
                  "max_concurrency", "budgets", "priority", "own_cache_salt", "master", "_exact", "_prefixes",
-                 "cache_key", "base", "limited")
+                 "cache_key", "base", "limited", "sent_at")
 
     def __init__(self, id, name, *, user_path=None, models=None, expires_at=None, active=True, rpm=None, tpm=None,
                  max_concurrency=None, budgets=(), priority=None, own_cache_salt=False, master=False):
@@ -91,6 +93,7 @@ class Principal:
         self.cache_key = id
         self.base = self  # the principal it was attributed from (L{attributed}), else itself
         self.limited = not master or user_path is not None
+        self.sent_at = {}
 
     def attributed(self, user_path):
         """This principal's requests attributed to C{user_path} (C{X-GoModel-User-Path}, for the master key):
@@ -142,7 +145,7 @@ def _same(principal, other) -> bool:
     return all(getattr(principal, name) == getattr(other, name) for name in _COMPARED)
 
 
-_COMPARED = tuple(name for name in Principal.__slots__ if name != "base")
+_COMPARED = tuple(name for name in Principal.__slots__ if name not in ("base", "sent_at"))
 
 
 def _unchecked():
