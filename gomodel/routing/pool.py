@@ -579,7 +579,11 @@ class ReplicaPool:
             if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
                 return self._lease(replica, None)
             return None
-        free = self._with_room(self._candidates(model, exclude))
+        free = None if exclude else self._serving.get(model)  # (L{_candidates}' common case, inline)
+        if free is None:
+            free = self._candidates(model, exclude)
+        if self._capped:
+            free = self._with_room(free)
         if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
             return self._lease(self.replicas[prefer], affinity)
         if self._resting:
@@ -942,6 +946,8 @@ class ReplicaPool:
         one of C{affinity} within the guard."""
         best = min(scores)
         ties = scores.count(best)
+        if affinity is None:  # (L{_pick} with no warm one to look for, inline: most requests have no session)
+            return replicas[scores.index(best)] if ties == 1 else self._turn(replicas, scores, best, ties)
         return self._pick(replicas, scores, affinity, best, ties, replicas[scores.index(best)] if ties == 1 else None)
 
     def _pick(self, replicas, scores, affinity, best, ties, lowest):
@@ -954,9 +960,11 @@ class ReplicaPool:
                 if warm in replicas and \
                         scores[replicas.index(warm)] <= best * self._affinity_ratio + self._affinity_slack:
                     return warm
-        if ties == 1:
-            return lowest
-        # Ties (an idle pool): take turns, so that equal replicas share the work.
+        return lowest if ties == 1 else self._turn(replicas, scores, best, ties)
+
+    def _turn(self, replicas, scores, best, ties):
+        """The next in turn of the C{ties} (more than one) of C{replicas} whose score is C{best}: ties (an idle
+        pool) take turns, so that equal replicas share the work."""
         # (those scoring C{best} picked out in C: no loop here, no closure cell of a comprehension)
         lowest = replicas if ties == len(scores) else list(compress(replicas, map(eq, scores, repeat(best))))
         replica = lowest[self._next % ties]
