@@ -885,6 +885,20 @@ def _key(**fields):
     return Principal("k_1", "team", user_path="/team", **fields)
 
 
+@pytest.mark.parametrize("usage", [{"input_tokens": 4, "output_tokens": 1},
+                                   {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": "5"},
+                                   {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": -1}])
+def test_a_usage_without_a_total_it_can_take_settles_and_charges_its_input_and_output(clock, counters, usage):
+    """A usage with no total (Messages' naming), or one that is no count, is settled and charged as its input and
+    output tokens."""
+    gate, key = _gate(counters, clock), _key(rpm=3, tpm=1000)
+    ctx, _ = _request(gate, key, max_tokens=8)
+    ctx.usage = usage
+    gate.completed(ctx)
+    assert counters.level("key:k_1|t60")[0] == 995
+    assert fired(gate._book.spent([("key:k_1", Budget("daily", max_tokens=100))])) == [(5, 0.0)]
+
+
 def test_a_keys_lane_takes_settles_and_charges_as_the_general_path_does(clock, counters):
     gate, key = _gate(counters, clock), _key(rpm=3, tpm=1000)
     ctx, headers = _request(gate, key, max_tokens=8)
