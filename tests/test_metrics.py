@@ -631,6 +631,42 @@ async def test_answers_for_the_star_target_carry_a_request_id_and_are_counted(re
         await gw.service.stopService()
 
 
+def test_a_managed_keys_series_add_up_over_flushes_each_type_shown():
+    """A managed key's requests (by status) and tokens (every type, at 0 too) add up over flushes; its series
+    (kept between flushes) follow a key renamed."""
+    from types import SimpleNamespace
+
+    from gomodel.accounting.metrics import GatewayMetrics
+    from gomodel.auth.keys import Principal
+
+    metrics = GatewayMetrics()
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+    def request(principal, status=200):
+        metrics(SimpleNamespace(provider_type="vllm", provider="vllm", upstream_model="m", endpoint="/v1/chat/completions",
+                                status=status, stream=False, asked_stream=False, duration=0.01, first_byte=0.005,
+                                usage=usage, token_counts=(7, 3, 0, 0), outcome="ok" if status < 400 else "error",
+                                error=None, key=principal.id, principal=principal))
+
+    key = Principal("k_1", "team")
+    for statuses in ((200, 200, 429), (200,)):
+        for status in statuses:
+            request(key, status)
+        metrics.flush()
+    request(Principal("k_1", "renamed"))
+    metrics.flush()
+    found = samples(generate_latest(metrics.registry).decode())
+    assert value(found, "gomodel_auth_key_requests_total", auth_key_name="team", status_code="200") == 3
+    assert value(found, "gomodel_auth_key_requests_total", auth_key_name="team", status_code="429") == 1
+    assert {kind: value(found, "gomodel_auth_key_tokens_total", auth_key_name="team", type=kind)
+            for kind in ("input", "output", "cached", "reasoning")} == {"input": 28, "output": 12, "cached": 0,
+                                                                         "reasoning": 0}
+    assert len([labels for name, labels in found if name == "gomodel_auth_key_tokens_total"
+                and ("auth_key_name", "team") in labels]) == 4  # (each type's series, those at 0 too)
+    assert value(found, "gomodel_auth_key_requests_total", auth_key_name="renamed", status_code="200") == 1
+    assert value(found, "gomodel_auth_key_tokens_total", auth_key_name="renamed", type="input") == 7
+
+
 def test_the_tokens_of_batch_lines_of_a_model_no_provider_lists_are_no_label():
     """A batch line's or background response's tokens (L{GatewayMetrics.tokens_apart}) were labelled with the model
     as the ledger names it, any name a client typed for a provider whose models are not known: series without bound,

@@ -41,6 +41,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _REQUEST = ("provider", "provider_name", "model", "endpoint")
 FLUSH_INTERVAL = 1.0  # seconds between two flushes of what requests added (L{GatewayMetrics.flush})
+KEY_SERIES_KEPT = 10000  # managed keys' series kept by their label values (past it, looked up again once each)
 # The errors of a stream the gateway cut itself (a drain out of time, a client that stopped reading, its maximum
 # duration): no upstream's failure.
 CUT_HERE = frozenset((ShuttingDown.code, CLIENT_STALLED, STREAM_MAX_DURATION))
@@ -112,6 +113,8 @@ class GatewayMetrics:
         self._key_cost = Counter("gomodel_auth_key_cost_total", "What a managed key's tokens cost, in the pricing "
                                  "table's currency.", ("auth_key_id", "auth_key_name"), registry=r)
         self._costs = {}  # (provider type, name, model) -> its cost series, once it has cost something
+        # (managed key id, name, status) -> its requests series and its tokens series by type (L{_key_series})
+        self._key_children = {}
         self._exposed = self.registry
         if shared:  # --workers: a scrape reads every process's files
             self._exposed = CollectorRegistry()
@@ -225,13 +228,25 @@ class GatewayMetrics:
                 named[1] = list(map(add, named[1], added.tokens))
                 named[2] += cost
         for (key_id, name, status), (requests, tokens, cost) in keys.items():
-            self._key_requests.labels(key_id, name, str(status)).inc(requests)
-            for kind, count in zip(TOKEN_TYPES, tokens):
-                self._key_tokens.labels(key_id, name, kind).inc(count)
+            children = self._key_children.get((key_id, name, status)) or self._key_series(key_id, name, status)
+            children[0].inc(requests)
+            for child, count in zip(children[1], tokens):
+                if count:
+                    child.inc(count)
             if cost:
                 self._key_cost.labels(key_id, name).inc(cost)
         if self._apart:
             self._flush_apart()
+
+    def _key_series(self, key_id, name, status) -> tuple:
+        """The requests series of managed key C{key_id} (named C{name}) by C{status} and its tokens series by type
+        (each made, at 0, as its first request is counted), kept: labels() costs a lock and a check each."""
+        if len(self._key_children) > KEY_SERIES_KEPT:
+            self._key_children.clear()
+        children = self._key_children[(key_id, name, status)] = (
+            self._key_requests.labels(key_id, name, str(status)),
+            tuple(self._key_tokens.labels(key_id, name, kind) for kind in TOKEN_TYPES))
+        return children
 
     def _flush_apart(self):
         """Add the tokens of L{tokens_apart} to their series."""
