@@ -885,6 +885,27 @@ def _key(**fields):
     return Principal("k_1", "team", user_path="/team", **fields)
 
 
+def test_a_keys_later_requests_reserve_what_their_bodies_ask_for_as_its_first_did(clock, counters):
+    """From its second request on a key's lane is kept by its principal (no plan looked up): each request still
+    reserves its body's bytes / 4 and the max_tokens it asks for (none: its bytes / 4 alone)."""
+    from types import SimpleNamespace
+
+    from gomodel.http.headers import AnswerHeaders
+
+    gate, key = _gate(counters, clock), _key(tpm=1000)
+    reserved = []
+    for max_tokens in (8, 8, 3, None):
+        call = _Call(max_tokens or 0)
+        if max_tokens is None:
+            call.counted = b'{"model":"vllm/m","messages":[]}'  # 32 bytes: 8 tokens
+        before = (counters.level("key:k_1|t60") or (1000,))[0]  # (full until its first request)
+        ctx = SimpleNamespace(principal=key, admission=None, budgets=None, usage=None, replica=0, provider="vllm",
+                              upstream_model="m", started=clock.seconds())
+        fired(gate.admit(SimpleNamespace(responseHeaders=AnswerHeaders()), ctx, _Upstream(), call))
+        reserved.append(before - counters.level("key:k_1|t60")[0])
+    assert gate._key_lanes[key] is not None and reserved == [19, 19, 14, 8]
+
+
 @pytest.mark.parametrize("usage", [{"input_tokens": 4, "output_tokens": 1},
                                    {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": "5"},
                                    {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": -1}])

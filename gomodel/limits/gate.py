@@ -251,8 +251,12 @@ class Gate(Periodic):
                 lane = self._key_lanes.get(principal)  # (its plan's lane, the plan not looked up)
                 if lane is not None:
                     body = call.counted
-                    admission = lane.admit(len(body) // 4 + (requested_tokens(body) or 0) if body else 0,
-                                           self._limiter.clock.seconds(), request.responseHeaders)
+                    tokens = 0
+                    if body:  # (L{estimate}, inline: most bodies ask for no max_ tokens, looked for in C, no call)
+                        tokens = len(body) // 4
+                        if b'"max_' in body:
+                            tokens += requested_tokens(body) or 0
+                    admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders)
                     if admission is not None:
                         ctx.admission = admission
                         return None
