@@ -1840,3 +1840,28 @@ def test_a_replica_whose_metrics_scrapes_fail_is_unanswered_once_its_requests_wa
         assert replica.unanswered
     finally:
         monitor.stopService()
+
+
+def test_each_strategy_chooses_among_ready_replicas_with_room_as_it_says():
+    """least_requests and load (nothing learned) take the fewest in flight, ties in turn; round_robin takes
+    turns whatever the load; random draws by weight (a replica of weight 0 never)."""
+    import random
+
+    clock = Clock()
+
+    def pool(strategy, weights=(1.0, 1.0, 1.0)):
+        replicas = [Replica(i, _Probed(), f"http://r{i}/v1", clock, weight=w) for i, w in enumerate(weights)]
+        for replica in replicas:
+            replica.models = {"m": {"id": "m"}}
+            replica.set_state(READY)
+        return ReplicaPool("vllm", "vllm", replicas, clock, strategy=strategy, rng=random.Random(7))
+
+    for strategy in ("least_requests", "load"):
+        chosen = pool(strategy)
+        chosen.replicas[0].in_flight, chosen.replicas[1].in_flight, chosen.replicas[2].in_flight = 2, 1, 1
+        assert [chosen.take("m").index for _ in range(3)] == [1, 2, 1]  # (1 and 2 tie, in turn; then 1 alone)
+    turns = pool("round_robin")
+    turns.replicas[0].in_flight = 5
+    assert [turns.take("m").index for _ in range(4)] == [0, 1, 2, 0]
+    drawn = pool("random", (1.0, 0.0, 1.0))
+    assert {drawn.take("m").index for _ in range(50)} == {0, 2}

@@ -498,6 +498,7 @@ class ReplicaPool:
         self.hidden_pattern = re.compile(b"|".join(marks)) if marks else None
         self._clock = clock
         self._strategy = strategy
+        self._drawn = strategy in ("round_robin", "random")  # (not scored by load: L{_choose}'s one test for them)
         self._queue_timeout = queue_timeout
         self._load_max_age = load_max_age
         self._affinity_ratio = affinity_max_ratio
@@ -839,22 +840,25 @@ class ReplicaPool:
             return None
         if len(free) == 1:
             return free[0]
-        strategy = self._strategy
-        if strategy == "round_robin":
-            if not self._unweighted:
-                return self._weighted_turn(free)
-            replica = free[self._next % len(free)]
-            self._next += 1
-            return replica
-        if strategy == "random":
+        if self._drawn:
+            if self._strategy == "round_robin":
+                if not self._unweighted:
+                    return self._weighted_turn(free)
+                replica = free[self._next % len(free)]
+                self._next += 1
+                return replica
             return self._rng.choices(free, weights=[r.weight for r in free])[0]
         # With the load strategy, where none would queue it (no batch size learned), none reports its load
         # and none is clearly slower (their paces' envelope alike, else looked at again), each is scored
         # by its own count per unit of weight, as least_requests scores them.
-        if strategy == "least_requests" or (not self._batch and not self._reported
-                                            and (self._alike or self._paces_alike())):
-            return self._lowest(free, list(map(_in_flight, free)) if self._unweighted
-                                else [r.in_flight / r.weight for r in free], affinity)
+        if self._strategy == "least_requests" or (not self._batch and not self._reported
+                                                  and (self._alike or self._paces_alike())):
+            scores = list(map(_in_flight, free)) if self._unweighted else [r.in_flight / r.weight for r in free]
+            if affinity is None:  # (L{_lowest} without a session, inline: most requests)
+                best = min(scores)
+                ties = scores.count(best)
+                return free[scores.index(best)] if ties == 1 else self._turn(free, scores, best, ties)
+            return self._lowest(free, scores, affinity)
         now = self._clock.seconds()
         max_age = self._load_max_age
         batch = self._batch
