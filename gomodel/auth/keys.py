@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import os
 import re
+from operator import attrgetter
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -142,10 +143,10 @@ MASTER = Principal("master", "master", master=True)
 def _same(principal, other) -> bool:
     """Whether two principals made of one key's records are alike in everything they hold (but L{Principal.base},
     each its own)."""
-    return all(getattr(principal, name) == getattr(other, name) for name in _COMPARED)
+    return _compared(principal) == _compared(other)
 
 
-_COMPARED = tuple(name for name in Principal.__slots__ if name not in ("base", "sent_at"))
+_compared = attrgetter(*(name for name in Principal.__slots__ if name not in ("base", "sent_at")))
 
 
 def _unchecked():
