@@ -411,6 +411,29 @@ async def test_usage_numbers_and_dates_are_ascii_digits(http, ledger):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_query_parameter_given_twice_is_a_400_naming_it(http, ledger):
+    """No admin route takes a list in its query: a repeated parameter was read as its first value, silently (a
+    client's C{limit=7} lost); an unknown one is passed over, as GoModel's admin API does."""
+    for path, param in (("usage/log?limit=5&limit=7", "limit"), ("usage/log?key=a&key=b", "key"),
+                        ("usage/summary?days=3&days=3", "days"), ("usage/daily?interval=day&interval=", "interval"),
+                        ("usage/models?format=csv&format=json", "format"), ("auth-keys?limit=5&limit=7", "limit"),
+                        ("auth-keys?after=a&after=b", "after"), ("budgets?user_path=/a&user_path=/b", "user_path"),
+                        ("usage/timeseries?window=hour&window=day", "window"), ("models?x=1&x=2", "x")):
+        response, body = await get(http, ledger, "/admin/api/v1/" + path)
+        error = json.loads(body)["error"]
+        assert (response.code, error["type"], error["param"], error["code"]) == (
+            400, "invalid_request_error", param, "invalid_value"), (path, error)
+        assert f"'{param}'" in error["message"] and "once" in error["message"], error
+    for path in ("usage/log?limit=5&unknown=1", "auth-keys?limit=5&whatever=x", "usage/summary?foo"):
+        response, _ = await get(http, ledger, "/admin/api/v1/" + path)
+        assert response.code == 200, path
+    for path in ("usage/log?limit=-1", "usage/log?limit=x", "usage/log?offset=-1", "auth-keys?limit=-3",
+                 "auth-keys?limit=0", "usage/log?limit=1.5"):
+        response, body = await get(http, ledger, "/admin/api/v1/" + path)
+        assert (response.code, json.loads(body)["error"]["param"]) == (400, path.rpartition("?")[2].split("=")[0])
+
+
+@pytest_twisted.ensureDeferred
 async def test_usage_query_errors_name_their_parameter_and_code(http, ledger):
     for query, param in (("daily?interval=fortnight", "interval"), ("log?model=%FF", "model"),
                          ("summary?days=%FF", "days"), ("log?format=xml", "format"), ("models?format=CSV", "format")):

@@ -192,6 +192,9 @@ async def test_the_window_parameters_and_their_400s(http, gw):
                                                                       "invalid_request_error"), query
         assert (await read(client, "?start_date=2025-01-01&end_date=2025-12-31"))["usage"]["start_date"] == (
             "2025-01-01")  # 365 days: the most
+        response = await in_thread(status, client, "?days=7&days=30")  # (the first was taken, silently)
+        error = response.json()["error"]
+        assert (response.status_code, error["param"], error["code"]) == (400, "days", "invalid_value"), error
     finally:
         client.close()
 

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from gomodel import errors
 from gomodel.api.passthrough import PASSTHROUGH_METHODS
 from gomodel.errors import InvalidRequest
-from gomodel.http.bodies import mounted
+from gomodel.http.bodies import mounted, single_values
 from gomodel.http.render import install as install_error_handlers
 
 
@@ -89,6 +89,7 @@ class GatewayApp:
         """The caller's own usage, budgets and rate limits (L{gomodel.api.self_usage})."""
         if self._self_usage is None:
             raise errors.NotFound(f"Unknown route: GET {request.path.decode()}.")
+        single_values(request)
         return await self._self_usage.answer(request)
 
     @app.route("/p/<provider_name>", methods=PASSTHROUGH_METHODS)
@@ -116,6 +117,8 @@ class GatewayApp:
 
     @app.route("/admin/api/v1", branch=True, strict_slashes=False)
     def admin(self, request):
+        if self._admin is not None:  # (no route takes a list; off, any query is the 404's)
+            single_values(request)
         return mounted(self._admin, request)
 
     # -- the admin dashboard (a page over the admin API; no data without the master key) --

@@ -107,6 +107,19 @@ def query_arg(request, name: bytes, default=None):
                              code="invalid_value") from None
 
 
+def single_values(request):
+    """Refuse a query parameter given more than once (C{?limit=5&limit=7}): no route that calls this takes a
+    list, and reading one of them would drop the other silently.
+
+    @raise InvalidRequest: a 400 C{invalid_value} naming the parameter.
+    """
+    for name, values in request.args.items():
+        if len(values) > 1:
+            param = name.decode("utf-8", "replace")
+            raise InvalidRequest(f"'{param}' is given {len(values)} times in the query; give it once.",
+                                 param=param, code="invalid_value")
+
+
 def query_int(request, name: bytes, low: int, high: int, default=None, *, message=None, code="invalid_value"):
     """Query parameter C{name} as a whole number from C{low} to C{high} in ASCII digits (not int()'s
     "３", " +5" or "5_0"); C{default} when it is not given.
