@@ -130,6 +130,29 @@ def test_bad_values_name_the_variable(env, named):
     assert named in str(raised.value)
 
 
+@pytest.mark.parametrize("path, route", [
+    ("/rerank", "/rerank"), ("/score/", "/score"), ("/classify", "/classify"), ("/pooling", "/pooling"),
+    ("/v2/rerank", "/v2/rerank"), ("/v2/embed", "/v2/embed"), ("/v1/models", "/v1/"), ("/health", "/health"),
+    ("/health/ready", "/health/"), ("/admin/api/v1/usage", "/admin/"), ("/p/vllm/metrics", "/p/"),
+])
+def test_a_metrics_endpoint_on_another_routes_path_is_refused_naming_both(path, route):
+    """The scrape took a route's GETs (vLLM's /rerank at the root: its GET was the metrics, silently)."""
+    with pytest.raises(ConfigError) as raised:
+        load_config({"METRICS_ENDPOINT": path})
+    assert "METRICS_ENDPOINT" in str(raised.value) and f"{route}" in str(raised.value), str(raised.value)
+    assert "route" in str(raised.value)
+
+
+def test_the_metrics_endpoint_is_checked_against_every_root_route():
+    """The config's list of the gateway's paths outside its reserved prefixes is the routes' own."""
+    from gomodel.api.inference import InferenceRoutes
+    from gomodel.api.plain import PlainRoutes
+
+    paths = set(InferenceRoutes(None, None, None, None, None).routes()) | set(PlainRoutes(None)._exact)
+    root = {p.decode() for p in paths if not p.decode().startswith(parsers.RESERVED_PREFIXES)}
+    assert root == set(parsers.ROOT_ROUTES)
+
+
 @pytest.mark.parametrize("url, says", [
     ("http://fd00::5:8000/v1", "an IPv6 address goes in brackets"),
     ("http://h:99999/v1", "the port must be a number from 1 to 65535"),

@@ -238,14 +238,26 @@ def price(value) -> float:
     return number
 
 
+# The gateway's paths that a path of the operator's (C{METRICS_ENDPOINT}) would shadow: every path under these
+# prefixes, and the routes outside them (vLLM's pooling routes at its root, Cohere's /v2/embed, the health check).
+RESERVED_PREFIXES = ("/v1/", "/p/", "/admin/", "/health/")
+ROOT_ROUTES = ("/health", "/rerank", "/v2/rerank", "/score", "/classify", "/pooling", "/v2/embed")
+
+
 def route_path(value) -> str:
-    """A path the gateway serves, e.g. C{/metrics}."""
+    """A path the gateway serves, e.g. C{/metrics}, that no route of the gateway's has."""
     path = str(value).strip()
-    if (not re.fullmatch(r"/[!-~]*", path) or any(c in path for c in "?#") or path.rstrip("/") == "/health"
-            or path.startswith(("/v1/", "/p/", "/admin/", "/health/"))):  # (the health checks need no key)
-        raise ValueError("must be a path such as /metrics, in ASCII (not /health, nor under /v1/, /p/, /admin/ or "
-                         "/health/)")
-    return path.rstrip("/") or "/"
+    if not re.fullmatch(r"/[!-~]*", path) or any(c in path for c in "?#"):
+        raise ValueError("must be a path such as /metrics, in ASCII, without ? or #")
+    bare = path.rstrip("/") or "/"
+    if bare in ROOT_ROUTES:
+        raise ValueError(f"{path} is the gateway's route {bare} (which it would shadow): choose a path of its own, "
+                         "such as /metrics")
+    prefix = next((p for p in RESERVED_PREFIXES if path.startswith(p)), None)
+    if prefix is not None:
+        raise ValueError(f"{path} is under {prefix}, the gateway's routes' (which it would shadow): choose a path "
+                         "of its own, such as /metrics")
+    return bare
 
 
 def log_format(value) -> str:
