@@ -126,7 +126,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         gateway.usage = UsageLedger(store.usage, store.claims, reactor, owner, flush_interval=usage.flush_interval,
                                     retention=usage.retention_days * 86400.0, pricing=pricing)
     # A budget's sums start from the ledger: what it wrote, and what it holds still.
-    book = BudgetBook(counters, reactor, seed=(store.usage if gateway.usage is None else gateway.usage).spent,
+    ledger = store.usage if gateway.usage is None else gateway.usage
+    book = BudgetBook(counters, reactor, seed=ledger.spent, seed_many=ledger.spent_many,
                       seed_counts_kept=gateway.usage is not None) if config.quotas.budgets_enabled else None
     gateway.gate = Gate(Limiter(counters, reactor), book, config.quotas, store.budgets, reactor, pricing=pricing)
     gateway.keys.budgets_changed = gateway.gate.renew

@@ -95,6 +95,10 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert await usage.spent("path:/team/a", 86550) == (0, 0.25)  # the path and below, not /team/ab
     assert await usage.spent("path:/team", 0) == (30, 0.75)
     assert await usage.spent("key:k_none", 0) == (0, 0)
+    pairs = [("key:k_1", 0), ("path:/team", 0), ("key:k_2", 0), ("key:k_none", 0), ("key:k_1", 90000),
+             ("path:/team/a", 86550), ("key:k_1", 0)]
+    assert [tuple(f) for f in await usage.spent_many(pairs)] == [
+        tuple(await usage.spent(scope, since)) for scope, since in pairs]  # (one read: the keys by their since)
     assert await usage.delete_before(86550) == 2
     assert (await usage.summary(0, 1e9))["requests"] == 3
 

@@ -121,23 +121,33 @@ class UsageLedger(Service):
         return self._writing.run(self._spent, scope, since)
 
     def _spent(self, scope, since):
+        return self._usage.spent(scope, since).addCallback(self._with_buffer, scope, since)
+
+    def spent_many(self, pairs):
+        """L{spent} of each C{(scope, since)} of C{pairs}, read in one call of the store's
+        (L{gomodel.store.interfaces.IUsageStore.spent_many}).
+
+        @return: a Deferred firing with a list of C{(total tokens, total cost)}, in order.
+        """
+        pairs = list(pairs)
+        return self._writing.run(lambda: self._usage.spent_many(pairs).addCallback(
+            lambda stored: [self._with_buffer(figure, scope, since) for figure, (scope, since) in zip(stored, pairs)]))
+
+    def _with_buffer(self, stored, scope, since):
+        """C{stored}, a scope's C{(tokens, cost)} by the store, plus the records kept here not yet written."""
         kind, _, name = scope.partition(":")
         column = _KEY if kind == "key" else _PATH if kind == "path" else None
+        if column is None:
+            return stored
         below = name.rstrip("/") + "/" if kind == "path" else None
         root = scope == "path:/"  # (every path, and the managed keys without one)
-
-        def add(stored):
-            if column is None:
-                return stored
-            tokens, cost = stored
-            for row in self._buffer:
-                value = row[_KEY] if root and row[column] is None else row[column]
-                if row[1] >= since and value is not None and (root or value == name or below and value.startswith(below)):
-                    tokens += row[_TOKENS] or 0
-                    cost += row[_COST] or 0.0
-            return tokens, cost
-
-        return self._usage.spent(scope, since).addCallback(add)
+        tokens, cost = stored
+        for row in self._buffer:
+            value = row[_KEY] if root and row[column] is None else row[column]
+            if row[1] >= since and value is not None and (root or value == name or below and value.startswith(below)):
+                tokens += row[_TOKENS] or 0
+                cost += row[_COST] or 0.0
+        return tokens, cost
 
     def summary(self, start, end, filters=None):
         """The store's totals of a window (L{gomodel.store.interfaces.IUsageStore.summary}) with the records

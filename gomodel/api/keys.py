@@ -69,17 +69,14 @@ class KeysAPI:
     async def list(self, request):
         """Every key, oldest first; with C{limit} (1 to L{LIST_LIMIT_MAX}) a page of them, after the key
         C{after} names (the last page's C{last_id}), as OpenAI's lists page."""
-        records = await self._store.list()
         after = query_arg(request, b"after")
-        if after is not None:
-            at = next((i for i, record in enumerate(records) if record["id"] == after), None)
-            if at is None:
-                raise InvalidRequest(f"No key with id {quoted(after)} to list after.", param="after",
-                                     code="invalid_value")
-            records = records[at + 1:]
         limit = query_limit(request, None, LIST_LIMIT_MAX)  # (None: every key)
-        shown = records if limit is None else records[:limit]
-        return json_answer(request, page(await self._views(shown), len(records) > len(shown)))
+        found = await self._store.page(after, limit)  # (one query: not every key read for a page of them)
+        if found is None:
+            raise InvalidRequest(f"No key with id {quoted(after)} to list after.", param="after",
+                                 code="invalid_value")
+        records, has_more = found
+        return json_answer(request, page(await self._views(records), has_more))
 
     @app.route("/<key_id>", methods=["GET"])
     async def get(self, request, key_id):

@@ -71,10 +71,16 @@ class BudgetBook:
 
     log = Logger()
 
-    def __init__(self, counters, clock, seed=None, margin=3600.0, seed_counts_kept=False):
+    def __init__(self, counters, clock, seed=None, margin=3600.0, seed_counts_kept=False, seed_many=None):
+        """
+        @param seed_many: C{seed} of a list of C{(scope_name, since)} in one read, firing with a list of
+            C{(tokens, cost)} (a listing of a thousand keys seeds their sums in one query, not one each); None:
+            C{seed} once each.
+        """
         self._counters = counters
         self._clock = clock
         self._seed = seed
+        self._seed_many = seed_many
         self._seed_counts_kept = seed_counts_kept
         self._margin = margin
         self._seeded = {}  # bucket -> its expiry (None for total)
@@ -355,22 +361,29 @@ class BudgetBook:
             return  # the ledger could not be read a moment ago: the sums count as they stand meanwhile
         if (self._missed or self._renewed) and self._counters.shared and self._counters.unreachable:
             return  # (a sum that missed charges is seeded again once Redis answers, not on every request now)
+        mine, theirs = [], []
         for scope, _, bucket, start, end in current.rows:
             if bucket in self._seeded:
                 continue
             waiting = self._seeding.get(bucket)
-            if waiting is not None:
-                d = Deferred()
-                waiting.append(d)
-                await d
+            if waiting is not None:  # (seeded by another call, or by this one: a bucket twice in the rows)
+                theirs.append(Deferred())
+                waiting.append(theirs[-1])
                 continue
             self._seeding[bucket] = []
-            expires = None if end is None else end + self._margin
-            try:
-                await self._seed_one(scope, bucket, start, expires)
-            finally:
+            mine.append((scope, bucket, start, None if end is None else end + self._margin))
+        try:
+            if len(mine) > 1 and self._seed_many is not None:  # one read for all of them
+                await self._seed_each(mine)
+            else:
+                for scope, bucket, start, expires in mine:
+                    await self._seed_one(scope, bucket, start, expires)
+        finally:
+            for _, bucket, _, _ in mine:
                 for d in self._seeding.pop(bucket):
                     d.callback(None)
+        for d in theirs:
+            await d
         if self._renewed and all(bucket in self._seeded for bucket in current.buckets):
             self._renewed.difference_update(scope for scope, _, _, _, _ in current.rows)
 
@@ -421,14 +434,32 @@ class BudgetBook:
         try:
             tokens, cost = await self._ledger(scope, start)
         except Exception as e:
-            # Not marked seeded: tried again after SEED_RETRY seconds (the store may be down: a read per
-            # request would be a wait per request), said once until a read succeeds.
-            if self._seed_failed_at is None:
-                self.log.warn("Could not read what {scope} spent since {since}; budgets count from what their sums "
-                              "hold until the usage ledger can be read: {error}", scope=scope, since=start,
-                              error=e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}")
-            self._seed_failed_at = self._clock.seconds()
+            self._seed_failed(scope, start, e)
             return
+        await self._seeded_with(scope, bucket, start, expires, tokens, cost)
+
+    async def _seed_each(self, rows):
+        """L{_seed_one} of each C{(scope, bucket, start, expires)} of C{rows}, their figures read at once."""
+        try:
+            result = self._seed_many([(scope, start) for scope, _, start, _ in rows])
+            figures = await result if inspect.isawaitable(result) else result
+        except Exception as e:
+            self._seed_failed(rows[0][0], rows[0][2], e)
+            return
+        for (scope, bucket, start, expires), (tokens, cost) in zip(rows, figures):
+            await self._seeded_with(scope, bucket, start, expires, tokens, cost)
+
+    def _seed_failed(self, scope, start, e):
+        # Not marked seeded: tried again after SEED_RETRY seconds (the store may be down: a read per
+        # request would be a wait per request), said once until a read succeeds.
+        if self._seed_failed_at is None:
+            self.log.warn("Could not read what {scope} spent since {since}; budgets count from what their sums "
+                          "hold until the usage ledger can be read: {error}", scope=scope, since=start,
+                          error=e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}")
+        self._seed_failed_at = self._clock.seconds()
+
+    async def _seeded_with(self, scope, bucket, start, expires, tokens, cost):
+        """Set the sum of C{bucket} from the ledger's C{tokens} and C{cost} (see the module), marked seeded."""
         if self._seed_failed_at is not None:
             self._seed_failed_at = None
             self.log.info("the usage ledger can be read again: budgets start from it")

@@ -134,6 +134,31 @@ def usage_where(start, end, filters, clauses, mark, below):
 WATCH_COLUMNS = ("id", "request_id", "key_id", "user_path", "provider", "replica", "response", "since")
 
 
+# Key ids per IN list of L{spent_many}'s reads (SQLite's oldest limit of bound values is 999).
+SPENT_IDS = 500
+
+
+def spent_many(pairs, one, keys) -> list:
+    """L{gomodel.store.interfaces.IUsageStore.spent_many} in a store's thread: the key scopes of C{pairs} that share
+    a C{since} in one C{keys(ids, since)} read (a dict: id -> C{(tokens, cost)}, absent: none), each other scope
+    by C{one(scope, since)}."""
+    figures, by_since = [None] * len(pairs), {}
+    for i, (scope, since) in enumerate(pairs):
+        kind, _, name = scope.partition(":")
+        if kind == "key":
+            by_since.setdefault(since, {}).setdefault(name, []).append(i)
+        else:
+            figures[i] = one(scope, since)
+    for since, places in by_since.items():
+        ids = list(places)
+        for at in range(0, len(ids), SPENT_IDS):
+            found = keys(ids[at:at + SPENT_IDS], since)
+            for name in ids[at:at + SPENT_IDS]:
+                for i in places[name]:
+                    figures[i] = found.get(name, (0, 0.0))
+    return figures
+
+
 def watch_statements(mark: str) -> dict:
     """The statements of L{gomodel.store.interfaces.IBackgroundWatches}, each value written as C{mark}.
 

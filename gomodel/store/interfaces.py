@@ -470,6 +470,13 @@ class IUsageStore(Interface):
         @return: a Deferred firing with C{(total tokens, total cost)}.
         """
 
+    def spent_many(pairs):
+        """L{spent} of each C{(scope, since)} of C{pairs} in one read (a page of keys' budgets: one query for the
+        keys that share a C{since}, not one each).
+
+        @return: a Deferred firing with a list of C{(total tokens, total cost)}, in order.
+        """
+
 
 class IKeyStore(Interface):
     """Managed API keys. A record: C{id, hash (the secret's SHA-256, hex), redacted, name,
@@ -486,6 +493,13 @@ class IKeyStore(Interface):
 
     def list():
         """@return: a Deferred firing with every record, oldest first."""
+
+    def page(after=None, limit=None):
+        """One query's page of the records, oldest first: those after the key C{after} names (None: from the
+        first), at most C{limit} (None: every one).
+
+        @return: a Deferred firing with C{(records, has_more)}, or None when no key has the id C{after}.
+        """
 
     def update(key_id, changes):
         """Set the fields in C{changes} (a dict; C{hash} and C{redacted} too: a rotated secret) and C{updated_at}.

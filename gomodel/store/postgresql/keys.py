@@ -52,6 +52,21 @@ class PostgreSQLKeyStore:
     def list(self):
         return self._db.run(lambda conn: [_record(r) for r in conn.execute(f"{_SELECT} ORDER BY seq")])
 
+    def page(self, after=None, limit=None):
+        return self._db.run(self._page, after, limit)
+
+    @staticmethod
+    def _page(conn, after, limit):
+        where, args = "", []
+        if after is not None:
+            row = conn.execute("SELECT seq FROM auth_keys WHERE id = %s", (after,)).fetchone()
+            if row is None:
+                return None
+            where, args = " WHERE seq > %s", [row[0]]
+        tail = "" if limit is None else f" LIMIT {int(limit) + 1}"  # (one more: whether there are more)
+        records = [_record(r) for r in conn.execute(f"{_SELECT}{where} ORDER BY seq{tail}", args)]
+        return (records, False) if limit is None or len(records) <= limit else (records[:limit], True)
+
     def update(self, key_id, changes):
         return self._db.run(self._update, key_id, dict(changes))
 

@@ -6,7 +6,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
-from gomodel.store.codec import OUTCOME, SEARCHED, usage_columns, usage_where
+from gomodel.store.codec import OUTCOME, SEARCHED, spent_many, usage_columns, usage_where
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.postgresql.database import in_batches
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
@@ -180,6 +180,16 @@ class PostgreSQLUsageStore:
         row = conn.execute(f"SELECT COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM usage "
                            f"WHERE timestamp >= %s AND {where}", (since, *args)).fetchone()
         return row[0], row[1]
+
+    def spent_many(self, pairs):
+        return self._db.run(lambda conn: spent_many(list(pairs), lambda scope, since: self._spent(conn, scope, since),
+                                                     lambda ids, since: self._keys_spent(conn, ids, since)))
+
+    @staticmethod
+    def _keys_spent(conn, ids, since) -> dict:
+        return {row[0]: (row[1], row[2]) for row in conn.execute(
+            "SELECT auth_key_id, COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM usage "
+            "WHERE timestamp >= %s AND auth_key_id = ANY(%s) GROUP BY auth_key_id", (since, ids))}
 
     def delete_before(self, timestamp):
         return Deferred.fromCoroutine(in_batches(self._db.run, self._delete_batch, timestamp))

@@ -41,6 +41,21 @@ class SQLiteKeyStore:
     def list(self):
         return self._db.run(lambda: [_record(r) for r in self._db.conn().execute(f"{_SELECT} ORDER BY seq")])
 
+    def page(self, after=None, limit=None):
+        return self._db.run(self._page, after, limit)
+
+    def _page(self, after, limit):
+        conn = self._db.conn()
+        where, args = "", []
+        if after is not None:
+            row = conn.execute("SELECT seq FROM auth_keys WHERE id = ?", (after,)).fetchone()
+            if row is None:
+                return None
+            where, args = " WHERE seq > ?", [row[0]]
+        tail = "" if limit is None else f" LIMIT {int(limit) + 1}"  # (one more: whether there are more)
+        records = [_record(r) for r in conn.execute(f"{_SELECT}{where} ORDER BY seq{tail}", args)]
+        return (records, False) if limit is None or len(records) <= limit else (records[:limit], True)
+
     def update(self, key_id, changes):
         return self._db.run(self._update, key_id, dict(changes), self._db.now())
 

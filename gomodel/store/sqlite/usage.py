@@ -3,7 +3,7 @@ store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thr
 
 from zope.interface import implementer
 
-from gomodel.store.codec import OUTCOME, SEARCHED, usage_columns, usage_where
+from gomodel.store.codec import OUTCOME, SEARCHED, spent_many, usage_columns, usage_where
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -112,6 +112,15 @@ class SQLiteUsageStore:
             f"SELECT COALESCE(SUM(total_tokens), 0), COALESCE(SUM(total_cost), 0) FROM usage "
             f"WHERE timestamp >= ? AND {where}", (since, *args)).fetchone()
         return row[0], row[1]
+
+    def spent_many(self, pairs):
+        return self._db.run(spent_many, list(pairs), self._spent, self._keys_spent)
+
+    def _keys_spent(self, ids, since) -> dict:
+        marks = ", ".join("?" * len(ids))
+        return {row[0]: (row[1], row[2]) for row in self._db.conn().execute(
+            f"SELECT auth_key_id, COALESCE(SUM(total_tokens), 0), COALESCE(SUM(total_cost), 0) FROM usage "
+            f"WHERE timestamp >= ? AND auth_key_id IN ({marks}) GROUP BY auth_key_id", (since, *ids))}
 
     def delete_before(self, timestamp):
         return self._db.run(self._delete_before, timestamp)
