@@ -141,11 +141,14 @@ async def test_a_message_naming_uploaded_files_reaches_the_model_with_their_cont
 
 @pytest_twisted.ensureDeferred
 async def test_a_message_naming_a_file_it_cannot_use_is_a_400_naming_the_block(gw, fake, client):
-    """A file that does not exist (or that another tenant owns), or that is no image where an image is wanted, is
-    Anthropic's 400 C{invalid_request_error} naming the block; nothing goes upstream."""
+    """A file that does not exist (or that another tenant owns), that is no image where an image is wanted, or
+    that is named a PDF but holds none (no C{%PDF-} at its start: it went upstream as a PDF, for the model
+    server's own error), is Anthropic's 400 C{invalid_request_error} naming the block; nothing goes upstream."""
     notes = await in_thread(client.beta.files.upload, file=("notes.txt", b"just text", "text/plain"))
+    fake_pdf = await in_thread(client.beta.files.upload, file=("report.pdf", b"just text", "application/pdf"))
     sent = len(fake.requests)
     cases = [({"type": "image", "source": {"type": "file", "file_id": "file-nope"}}, "messages.0.content.0"),
+             ({"type": "document", "source": {"type": "file", "file_id": fake_pdf.id}}, "messages.0.content.0"),
              ({"type": "image", "source": {"type": "file", "file_id": notes.id}}, "messages.0.content.0"),
              ({"type": "document", "source": {"type": "file"}}, "messages.0.content.0"),
              ({"type": "tool_result", "tool_use_id": "t1", "content": [
@@ -161,6 +164,8 @@ async def test_a_message_naming_a_file_it_cannot_use_is_a_400_naming_the_block(g
             await in_thread(client.messages.create, model=f"vllm/{CHAT_MODEL}", max_tokens=16, messages=messages)
         assert refused.value.body["error"]["type"] == "invalid_request_error"
         assert where in refused.value.body["error"]["message"], (block, refused.value.body)
+        if block.get("source", {}).get("file_id") == fake_pdf.id:
+            assert "%PDF-" in refused.value.body["error"]["message"], refused.value.body
     assert len(fake.requests) == sent
 
 

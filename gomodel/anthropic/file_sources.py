@@ -4,9 +4,10 @@ Anthropic's Files API exists to be named that way in a message (an C{image}
 or C{document} block, in a message or in a tool result). No upstream has the
 gateway's files, so before the request goes anywhere each such source is
 replaced by the file's contents, as the client could have sent them: an
-image in C{base64} (its type read from its bytes), a PDF in C{base64}, any
-other document as its UTF-8 text (a C{text} source). What cannot be (no such
-file for the key, an image that is none, a file past L{MAX_INLINE}) is a 400
+image in C{base64} (its type read from its bytes), a PDF (its bytes start with
+C{%PDF-}) in C{base64}, any other document as its UTF-8 text (a C{text}
+source). What cannot be (no such file for the key, an image that is none, a
+file named C{.pdf} that holds no PDF, a file past L{MAX_INLINE}) is a 400
 naming the block.
 """
 
@@ -134,8 +135,11 @@ def _source(kind, data: bytes, filename, where) -> dict:
             raise InvalidRequest(f"{where}.source: file {shown(filename)} is no image (JPEG, PNG, GIF or WebP)",
                                  param=f"{where}.source")
         return {"type": "base64", "media_type": media, "data": base64.b64encode(data).decode("ascii")}
-    if data.startswith(_PDF_MAGIC) or mime_type(filename) == "application/pdf":
+    if data.startswith(_PDF_MAGIC):
         return {"type": "base64", "media_type": "application/pdf", "data": base64.b64encode(data).decode("ascii")}
+    if mime_type(filename) == "application/pdf":  # (its name is no proof: its bytes are)
+        raise InvalidRequest(f"{where}.source: file {shown(filename)} is named as a PDF but holds none (its "
+                             "contents do not start with %PDF-)", param=f"{where}.source")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
