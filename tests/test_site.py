@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
-from tests.rawclient import connect
+from tests.rawclient import HalfOpenClient, connect
 from tests.support import start_gateway, until, with_timeout
 
 BOUNDARY = b"gomodelboundary"
@@ -142,12 +142,38 @@ async def test_a_body_announced_past_the_limit_is_not_invited_and_is_answered_41
     answer = await _answer(reactor, keyed.port, chat_head(100 * 1024 ** 3))
     assert answer.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in answer
     assert b"100 Continue" not in answer and b"connection: close" in answer.lower()
-    # One that sends it without asking is answered once it is in (dropped as it comes).
+    # One that sends it without asking is answered at its first bytes, the close lingering (what comes is dropped).
     size = 11 * 1024 * 1024  # past the default limit of 10 MiB
     head = chat_head(size).replace(b"Expect: 100-continue\r\n", b"")
     answer = await _answer(reactor, keyed.port, head + b" " * size)
     assert answer.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in answer
     assert b"connection: close" in answer.lower()
+
+
+@pytest.mark.parametrize("path, dialect", [(b"/v1/chat/completions", b'"type":"invalid_request_error"'),
+                                           (b"/v1/messages", b'"type":"error"')])
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_body_past_the_limit_is_answered_413_at_once_and_the_connection_closes(
+        reactor, keyed, fake, path, dialect):
+    """A chunked body (no length to refuse at its head) that passes BODY_SIZE_LIMIT is answered 413 in its route's
+    dialect as soon as it does, nothing sent upstream, with C{Connection: close}; the gateway then shuts its side
+    and drops what still comes (before, it read the whole body, however long, then answered and kept the
+    connection)."""
+    head = (b"POST %s HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer k1\r\nContent-Type: application/json\r\n"
+            b"anthropic-version: 2023-06-01\r\nTransfer-Encoding: chunked\r\n\r\n" % path)
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+    sent = len(fake.requests)
+    client = HalfOpenClient(head + chunk * 11)  # past the default 10 MiB, and the body does not end
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", keyed.port), client)
+    await with_timeout(reactor, client.shut, 10)
+    answer = bytes(client.received)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'request_too_large' in answer and dialect in answer, answer
+    assert b"connection: close" in answer.lower()
+    client.transport.write(chunk)  # still read (and dropped) while its client sends
+    client.transport.loseConnection()
+    assert len(fake.requests) == sent
+    answer = await _answer(reactor, keyed.port, b"GET /health HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
 
 
 @pytest_twisted.ensureDeferred

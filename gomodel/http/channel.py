@@ -319,7 +319,13 @@ class GatewayChannel(http.HTTPChannel):
             self._take_unread(request)
 
     def on_body(self, data):
-        self._receiving.handleContentChunk(data)
+        request = self._receiving
+        request.handleContentChunk(data)
+        if request.too_large and self.requests[0] is request:
+            # Past the body limit (a chunked body, or one announced past it sent without waiting for 100
+            # Continue): its 413 now, not once the body, however long, has come; the close lingers (what the
+            # client still sends is read and dropped, not reset).
+            self._answer_unread(request)
 
     def on_chunk_header(self):
         # A chunked body's framing is bytes the client sent: its deadline counts them (GatewaySite.sweep_idle).

@@ -252,10 +252,11 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self._received += len(data)  # also a dropped body's: its deadline counts it (GatewaySite.sweep_idle)
         if self.too_large or self.refusal is not None:
             return
-        if self._received > self.body_limit:
+        if self._received > self.body_limit:  # (a chunked body's: no length to refuse at its head)
             self.too_large = True
             self.content.close()
             self.content = _Discard()
+            self.close_after()  # (answered at once: GatewayChannel.on_body)
             return
         self.content.write(data)  # what Twisted's handleContentChunk does
 
