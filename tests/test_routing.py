@@ -414,6 +414,34 @@ def _probed_pool(clock, failure_threshold=3):
     return servers, replicas, pool, monitor
 
 
+def test_a_preferred_replica_that_is_doubted_is_passed_over_as_any_other():
+    """The replica a Responses follow-up prefers (the one holding its conversation) is passed over while its probe
+    failed or its requests go unanswered, as any doubted replica is, where another can start the request (the
+    conversation is then sent explicitly); with no other, it still takes it. Before, C{prefer} chose it
+    whatever it was."""
+    clock = Clock()
+    _, replicas, pool, monitor = _probed_pool(clock)
+    one = replicas[1]
+    try:
+        one.failed("GET /health: HTTP 503", probe=True)  # (a failed probe: doubted, still ready)
+        assert one.doubted and one.state == READY
+        taken = pool.take("m", prefer=1)
+        assert taken is replicas[0]
+        pool.release(taken)
+        assert pool.take("m", prefer=1, exclude=[replicas[0]]) is one  # (no other: it takes it)
+        pool.release(one)
+        one.probe_passed()
+        taken = pool.take("m", prefer=1)
+        assert taken is one
+        pool.release(taken)
+        one.answering(False, "no answer's head for 60 s")
+        taken = pool.take("m", prefer=1)
+        assert taken is replicas[0]
+        pool.release(taken)
+    finally:
+        monitor.stopService()
+
+
 def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_readmitted_on_one_trial():
     """/health 200, inference 500: 3 failed requests take replica 1 down. Before, its next passing probe put it
     back to full traffic (down and up every probe, 3 failed requests each time). Now it is held out for the

@@ -569,7 +569,8 @@ class ReplicaPool:
         L{release}; or None (then L{acquire} waits, or says why not).
 
         @param exclude: replicas already tried for this request.
-        @param prefer: a replica index to use while it is ready and has room.
+        @param prefer: a replica index to use while it is ready, has room and is not passed over (L{_awake}:
+            doubted, unanswered or waiting out a C{Retry-After}, where another can start the request).
         @param affinity: a session or prefix key, or None.
         @param size: a function returning the output tokens the request asks for at most (its
             C{max_tokens}) or None, called only when a clearly slower replica is the one that could
@@ -585,7 +586,8 @@ class ReplicaPool:
             free = self._candidates(model, exclude)
         if self._capped:
             free = self._with_room(free)
-        if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free:
+        if prefer is not None and 0 <= prefer < len(self.replicas) and self.replicas[prefer] in free and (
+                not self._resting or self._awake([self.replicas[prefer]])):  # (doubted: passed over as any other)
             return self._lease(self.replicas[prefer], affinity)
         if self._resting:
             free = self._awake(free) or free  # (one that asked to be left alone takes what no other can start)
