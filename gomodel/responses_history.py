@@ -119,6 +119,22 @@ def unknown_previous(previous_id) -> InvalidRequest:
                           param="previous_response_id", code="previous_response_not_found")
 
 
+async def swept_for(store, response_id, principal) -> bool:
+    """Whether the retention swept C{response_id} (L{gomodel.store.interfaces.IResponseStore.swept}), a response
+    C{principal} may see: only its tenant is told it existed."""
+    swept = await store.swept(response_id)
+    return swept is not None and visible(principal, swept)
+
+
+async def gone_previous(store, previous_id, principal) -> InvalidRequest:
+    """L{unknown_previous} of C{previous_id}, saying it expired where the retention swept it (C{principal}'s)."""
+    if not await swept_for(store, previous_id, principal):
+        return unknown_previous(previous_id)
+    return InvalidRequest(f"Previous response with id '{shown(str(previous_id))}' not found: it expired (swept past "
+                          "the gateway's retention, RESPONSES_RETENTION).", param="previous_response_id",
+                          code="previous_response_not_found")
+
+
 def no_chosen_id(body: dict, principal):
     """Refuse a managed key's Responses create naming the id of the response it makes: vLLM makes it of the
     body's C{request_id}, so naming another tenant's response would replace it, at its instance and in the
@@ -144,7 +160,7 @@ async def continued(store, previous_id: str, principal):
     record = await store.get(previous_id)
     if record is None:
         if principal is not None and not principal.master or await store.deleted(previous_id):
-            raise unknown_previous(previous_id)
+            raise await gone_previous(store, previous_id, principal)
         return None
     if not visible(principal, record):
         raise unknown_previous(previous_id)

@@ -95,6 +95,38 @@ async def test_a_follow_up_of_a_conversation_whose_first_turn_was_swept_is_previ
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_swept_response_is_said_to_have_expired_to_its_tenant_alone(http, keyed):
+    """A response the retention swept is remembered as swept (for a retention more): its tenant's follow-up naming
+    it is the 400 C{previous_response_not_found} saying it expired, and its GET the 404 C{response_not_found}
+    saying so, where before both read as for an id never made; another tenant is told nothing more than "not
+    found"."""
+    gw, vllm = keyed
+    alpha, beta = await new_key(http, gw, user_path="/team/alpha"), await new_key(http, gw, user_path="/team/beta")
+    clients = {name: openai_client(gw, key["value"]) for name, key in (("alpha", alpha), ("beta", beta))}
+    try:
+        first = await in_thread(clients["alpha"].responses.create, model=MODEL, input="my name is Ada")
+        await sweep(gw, first.id)
+        for name, expired in (("alpha", True), ("beta", False)):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await in_thread(clients[name].responses.create, model=MODEL, input="who am I?",
+                                previous_response_id=first.id)
+            error = refused.value.body
+            assert (error["param"], error["code"]) == ("previous_response_id", "previous_response_not_found")
+            assert ("expired" in error["message"] and "RESPONSES_RETENTION" in error["message"]) is expired, error
+            with pytest.raises(openai.NotFoundError) as missing:
+                await in_thread(clients[name].responses.retrieve, first.id)
+            error = missing.value.body
+            assert error["code"] == "response_not_found"
+            assert ("expired" in error["message"]) is expired, error
+        with pytest.raises(openai.NotFoundError) as missing:
+            await in_thread(clients["alpha"].responses.retrieve, "resp_never_made")
+        assert "expired" not in missing.value.body["message"]
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_passthrough_never_continues_a_turn_deleted_through_the_gateway(http, keyed):
     """C{/p/{provider}/v1/responses} continuing a response deleted through the gateway, or a later turn of its
     conversation, is the 400 C{previous_response_not_found} for every key, the master key too, and nothing reaches

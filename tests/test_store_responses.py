@@ -43,6 +43,21 @@ async def test_a_deleted_response_is_remembered_until_the_retention_sweeps_past_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_swept_response_is_remembered_with_its_tenant_until_the_retention_sweeps_past_it(store):
+    responses = store.responses
+    await responses.put(record(tenant="path:/team"))
+    await responses.put(record(id="resp_2", created_at=500))
+    assert await responses.swept("resp_1") is None
+    assert await responses.delete_before(150) == 1  # (swept now: at 1000 s)
+    assert await responses.swept("resp_1") == {"id": "resp_1", "tenant": "path:/team"}
+    assert await responses.swept("resp_2") is None and await responses.swept("resp_nobody") is None
+    assert await responses.delete_before(999) == 1  # (resp_2: resp_1's memory, from 1000 s, stays)
+    assert await responses.swept("resp_1") is not None and await responses.swept("resp_2") is not None
+    assert await responses.delete_before(4_000_000_000) == 0  # (their memory goes; no response counted)
+    assert await responses.swept("resp_1") is None and await responses.swept("resp_2") is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_whether_a_response_follows_one_deleted_is_found_back_through_its_whole_chain(store):
     responses = store.responses
     for n in range(1, 5):  # resp_1 <- resp_2 <- resp_3 <- resp_4

@@ -27,7 +27,7 @@ from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, no_chosen_id, normalise_input,
-                                      relink, unknown_previous, unknown_response, with_history,
+                                      relink, swept_for, unknown_previous, unknown_response, with_history,
                                       with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
@@ -463,6 +463,11 @@ class ResponsesRoute:
         """The stored response the request's key may see; L{gomodel.errors.NotFound} otherwise."""
         record = await self._store.get(response_id) if self._store is not None else None
         if record is None or not visible(request.context.principal, record):
+            if record is None and self._store is not None and await swept_for(self._store, response_id,
+                                                                              request.context.principal):
+                raise errors.NotFound(f"No response '{errors.shown(response_id)}' is stored by the gateway: it "
+                                      "expired (swept past its retention, RESPONSES_RETENTION).",
+                                      param="response_id", code="response_not_found")
             raise unknown_response(response_id)
         return record
 

@@ -328,10 +328,15 @@ class IResponseStore(Interface):
             turns after it with it)."""
 
     def delete_before(created_at):
-        """Delete responses created before C{created_at} (seconds), and the memory of those deleted before it.
+        """Delete responses created before C{created_at} (seconds), remembered as swept (L{swept}), and the memory
+        of those deleted or swept before it.
 
         @return: a Deferred firing with how many responses were deleted.
         """
+
+    def swept(response_id):
+        """@return: a Deferred firing with C{{"id", "tenant"}} of C{response_id} where L{delete_before} swept it
+            (within a retention), else None."""
 
 
 class IBackgroundWatches(Interface):

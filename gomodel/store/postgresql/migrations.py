@@ -279,6 +279,16 @@ MIGRATIONS = (
         "CREATE INDEX batches_output_file ON batches (output_file_id)",
         "CREATE INDEX batches_error_file ON batches (error_file_id)",
     )),
+    (20, (
+        # A response the retention swept, with its tenant, remembered for a retention more: a follow-up naming it,
+        # or a read of it, is told it expired (its tenant alone), not that it never existed.
+        """CREATE TABLE swept_responses (
+            id TEXT PRIMARY KEY,
+            tenant TEXT,
+            swept_at BIGINT NOT NULL
+        )""",
+        "CREATE INDEX swept_responses_at ON swept_responses (swept_at)",
+    )),
 )
 
 

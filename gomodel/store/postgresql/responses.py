@@ -183,7 +183,8 @@ class PostgreSQLResponseStore:
 
     async def _delete_before(self, created_at):
         await in_batches(self._after_keeps, self._forget_deleted, created_at)
-        return await in_batches(self._after_keeps, self._delete_batch, created_at)
+        await in_batches(self._after_keeps, self._forget_swept, created_at)
+        return await in_batches(self._after_keeps, self._delete_batch, created_at, int(self._clock.seconds()))
 
     @staticmethod
     def _forget_deleted(conn, created_at, most):
@@ -191,9 +192,26 @@ class PostgreSQLResponseStore:
                             "WHERE deleted_at < %s LIMIT %s)", (created_at, most)).rowcount
 
     @staticmethod
-    def _delete_batch(conn, created_at, most):
-        return conn.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE created_at < %s "
-                            "LIMIT %s)", (created_at, most)).rowcount
+    def _forget_swept(conn, created_at, most):
+        return conn.execute("DELETE FROM swept_responses WHERE id IN (SELECT id FROM swept_responses "
+                            "WHERE swept_at < %s LIMIT %s)", (created_at, most)).rowcount
+
+    @staticmethod
+    def _delete_batch(conn, created_at, now, most):
+        """Sweep at most C{most} responses created before C{created_at}, each remembered as swept (L{swept})."""
+        return conn.execute(
+            "WITH gone AS (DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE created_at < %s "
+            "LIMIT %s) RETURNING id, tenant), kept AS (INSERT INTO swept_responses (id, tenant, swept_at) "
+            "SELECT id, tenant, %s FROM gone ON CONFLICT (id) DO UPDATE SET tenant = EXCLUDED.tenant, "
+            "swept_at = EXCLUDED.swept_at) SELECT count(*) FROM gone", (created_at, most, now)).fetchone()[0]
+
+    def swept(self, response_id):
+        return self._after_keeps(self._swept, response_id)
+
+    @staticmethod
+    def _swept(conn, response_id):
+        row = conn.execute("SELECT id, tenant FROM swept_responses WHERE id = %s", (response_id,)).fetchone()
+        return None if row is None else {"id": row[0], "tenant": row[1]}
 
 
 def _decoded(record) -> dict:

@@ -167,7 +167,17 @@ class SQLiteResponseStore:
     def _delete_before(self, created_at):
         with self._db.transaction() as conn:
             conn.execute("DELETE FROM deleted_responses WHERE deleted_at < ?", (created_at,))
+            conn.execute("DELETE FROM swept_responses WHERE swept_at < ?", (created_at,))
+            conn.execute("INSERT OR REPLACE INTO swept_responses (id, tenant, swept_at) SELECT id, tenant, ? "
+                         "FROM responses WHERE created_at < ?", (int(self._clock.seconds()), created_at))
             return conn.execute("DELETE FROM responses WHERE created_at < ?", (created_at,)).rowcount
+
+    def swept(self, response_id):
+        return self._after_writes(self._swept, response_id)
+
+    def _swept(self, response_id):
+        row = self._db.conn().execute("SELECT id, tenant FROM swept_responses WHERE id = ?", (response_id,)).fetchone()
+        return None if row is None else {"id": row[0], "tenant": row[1]}
 
 
 def _record(row) -> dict:
