@@ -4,7 +4,8 @@ On SIGTERM or SIGINT the gateway drains: its listeners close (new
 connections are refused), C{/health/ready} answers 503 on connections still
 open, each connection still open closes after its answer in progress or its
 next one (which says C{Connection: close}), requests (those whose body is
-still arriving too) and streams in flight go on for up to C{SHUTDOWN_TIMEOUT},
+still arriving too, and those read whole waiting for their managed key to be
+read from the store) and streams in flight go on for up to C{SHUTDOWN_TIMEOUT},
 and the answers written go on reaching their clients within it (a whole answer
 a slow client has not read yet is not cut off by the stop), after which the
 connections left idle close (a request sent on one would come as the services stop);
@@ -57,7 +58,9 @@ class Drain:
         self._listeners = listeners
         self._timeout = timeout
         self.live = set()  # the contexts of the requests in flight (the metrics' gomodel_requests_in_flight)
-        self._unread = 0  # requests a drain found with their body still arriving (L{_count_unread})
+        # The requests no route has seen yet a drain waits for (L{_count_unread}): their body arriving when it began,
+        # or read whole while who sent them is looked up (a managed key this process lacks: C{held}).
+        self._unread = set()
         self.draining = False
         self._idle = None
         self._look = None  # the next look at the bytes not yet sent (L{_written}), while one is due
@@ -65,7 +68,7 @@ class Drain:
     @property
     def in_flight(self) -> int:
         """The requests in flight now."""
-        return len(self.live) + self._unread
+        return len(self.live) + len(self._unread)
 
     def started(self, ctx):
         self.live.add(ctx)
@@ -82,6 +85,8 @@ class Drain:
         self._look = None
         if self._idle is None or self.live or self._unread:  # (a kept-alive connection's next request meanwhile)
             return  # (its end looks again)
+        if self.site is not None and self._count_unread(held=True):  # one read whole meanwhile, waiting for who
+            return  # sent it (its end looks again)
         if self._unsent():
             self._look = self._reactor.callLater(UNSENT_POLL, self._written)
             return
@@ -130,17 +135,25 @@ class Drain:
             self._written()
         return self._idle
 
-    def _count_unread(self):
-        """Count the requests whose head is in but not yet their whole body (an upload's arriving), which
-        L{started} has not seen yet: each is in flight until it is answered or its connection is lost."""
+    def _count_unread(self, held=False) -> bool:
+        """Count the requests whose head is in that L{started} has not seen yet: their body arriving (an upload's),
+        or read whole while who sent them is looked up (the request's C{held}; C{held}: only those, not counted
+        yet: one whose body was begun during the drain is not waited for). Each is in flight until it is answered
+        or its connection is lost.
+
+        @return: whether it counted any."""
+        counted = False
         for channel in list(self.site.channels):
             for request in channel.requests:
-                if request.context is None and not (channel._head_open and request is channel._receiving):
-                    self._unread += 1
-                    request.notifyFinish().addBoth(self._unread_done)
+                if (request.context is None and request not in self._unread
+                        and (request.held if held else not (channel._head_open and request is channel._receiving))):
+                    counted = True
+                    self._unread.add(request)
+                    request.notifyFinish().addBoth(self._unread_done, request)
+        return counted
 
-    def _unread_done(self, _):
-        self._unread -= 1
+    def _unread_done(self, _, request):
+        self._unread.discard(request)
         self(None)
 
     def _closed(self, _):
@@ -184,14 +197,20 @@ def _cut_request(request) -> bool:
     (outcome C{stream_broken}, the status it sent); an answer not started is answered now, a 503
     L{ShuttingDown} (outcome C{error}) after which its connection closes. An event stream ends as one an
     upstream broke off does (C{stream_incomplete}, L{_end_stream}); any other answer that started has its
-    connection aborted. Either way its handler is cancelled (here, or by the abort), which closes its upstream
-    connection, as a client that left would. Before, every connection was aborted: the client saw a reset,
-    not an answer it could retry on, nor a stream's error event.
+    connection aborted; one read whole that no route has seen yet, waiting for who sent it (its C{held}), is
+    refused with the 503 now (in its route's dialect, recorded so). Either way its handler is cancelled (here, or
+    by the abort), which closes its upstream connection, as a client that left would. Before, every connection was
+    aborted: the client saw a reset, not an answer it could retry on, nor a stream's error event.
 
     @return: whether its connection closes by itself (after the 503 or the error event), not to be aborted.
     """
     ctx = getattr(request, "context", None)
-    if ctx is None or ctx.outcome is not None:  # not handled yet (no record), or recorded already
+    if ctx is None:  # no route saw it: one read whole, waiting for who sent it, is refused (the 503) now
+        if getattr(request, "held", False):
+            request.give_up(ShuttingDown())
+            return True
+        return False
+    if ctx.outcome is not None:  # recorded already
         return False
     error = ShuttingDown()
     if request.startedWriting:

@@ -89,6 +89,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     context = None
     passthrough = None
     keep_alive = True
+    # While who sent it is looked up (L{_await_identity}): the arguments of its C{requestReceived}, once its body is
+    # in (L{held}); None otherwise.
+    waiting = None
     _cookies_parsed = False
     answer_headers = AnswerHeaders
 
@@ -207,26 +210,43 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         HTTPRequest.gotLength(self, length)
 
     def _await_identity(self, identity):
-        """Hold the request, once its body is in, until C{identity} (a Deferred) says who sent it."""
-        held = []
+        """Hold the request, once its body is in, until C{identity} (a Deferred) says who sent it, or a drain out of
+        time gives up on it (L{give_up})."""
+        self.waiting = held = []
         self.requestReceived = lambda *args: held.append(args)  # (an attribute: other requests pay nothing)
+        identity.addBoth(self._decided)
 
-        def decided(result):
-            del self.requestReceived
-            if isinstance(result, failure.Failure):
-                if not result.check(GatewayError):
-                    _log.failure("deciding who sent a request failed", result)
-                    result = failure.Failure(InternalError("The gateway could not check the API key."))
-                if self.streamed:  # an upload refused while it comes: its contents are dropped now, and what
-                    self._received, self.streamed = self.content.tell(), False  # comes is a dropped body's
-                    self.content.close()
-                self._refuse(result.value)
-            else:
-                self.identity = result
-            if held and not self._disconnected:
-                self.requestReceived(*held[0])
+    def _decided(self, result):
+        """Serve the request held by L{_await_identity} as sent by C{result}'s principal, or refuse it with
+        C{result}'s L{GatewayError}; nothing once it was decided (L{give_up})."""
+        held = self.waiting
+        if held is None:
+            return
+        self.waiting = None
+        del self.requestReceived
+        if isinstance(result, failure.Failure):
+            if not result.check(GatewayError):
+                _log.failure("deciding who sent a request failed", result)
+                result = failure.Failure(InternalError("The gateway could not check the API key."))
+            if self.streamed:  # an upload refused while it comes: its contents are dropped now, and what
+                self._received, self.streamed = self.content.tell(), False  # comes is a dropped body's
+                self.content.close()
+            self._refuse(result.value)
+        else:
+            self.identity = result
+        if held and not self._disconnected:
+            self.requestReceived(*held[0])
 
-        identity.addBoth(decided)
+    @property
+    def held(self) -> bool:
+        """Whether the request is read whole and waits for who sent it (L{_await_identity}): in flight, though no
+        route has seen it yet."""
+        return bool(self.waiting)
+
+    def give_up(self, error):
+        """Refuse with C{error}, now, the request L{held} for who sent it (a drain out of time: its answer, in its
+        route's dialect, closes its connection); what the look-up says later is dropped."""
+        self._decided(failure.Failure(error))
 
     def _refuse(self, error):
         """Answer C{error} once the request is in (at once where its client waits to be invited: the channel's
