@@ -58,8 +58,8 @@ class Drain:
         self._listeners = listeners
         self._timeout = timeout
         self.live = set()  # the contexts of the requests in flight (the metrics' gomodel_requests_in_flight)
-        # The requests no route has seen yet a drain waits for (L{_count_unread}): their body arriving when it began,
-        # or read whole while who sent them is looked up (a managed key this process lacks: C{held}).
+        # The requests no route has seen yet a drain waits for (L{_count_unread}): their body arriving, or read whole
+        # while who sent them is looked up (a managed key this process lacks: C{held}).
         self._unread = set()
         self.draining = False
         self._idle = None
@@ -85,8 +85,8 @@ class Drain:
         self._look = None
         if self._idle is None or self.live or self._unread:  # (a kept-alive connection's next request meanwhile)
             return  # (its end looks again)
-        if self.site is not None and self._count_unread(held=True):  # one read whole meanwhile, waiting for who
-            return  # sent it (its end looks again)
+        if self.site is not None and self._count_unread():  # a request whose head came meanwhile (a kept-alive
+            return  # connection's last): its end looks again
         if self._unsent():
             self._look = self._reactor.callLater(UNSENT_POLL, self._written)
             return
@@ -135,18 +135,17 @@ class Drain:
             self._written()
         return self._idle
 
-    def _count_unread(self, held=False) -> bool:
-        """Count the requests whose head is in that L{started} has not seen yet: their body arriving (an upload's),
-        or read whole while who sent them is looked up (the request's C{held}; C{held}: only those, not counted
-        yet: one whose body was begun during the drain is not waited for). Each is in flight until it is answered
-        or its connection is lost.
+    def _count_unread(self) -> bool:
+        """Count the requests whose head is in that L{started} has not seen yet (once each): their body arriving
+        (an upload's), or read whole while who sent them is looked up (a managed key this process lacks: the
+        request's C{held}). Each is in flight until it is answered or its connection is lost.
 
         @return: whether it counted any."""
         counted = False
         for channel in list(self.site.channels):
             for request in channel.requests:
                 if (request.context is None and request not in self._unread
-                        and (request.held if held else not (channel._head_open and request is channel._receiving))):
+                        and not (channel._head_open and request is channel._receiving)):
                     counted = True
                     self._unread.add(request)
                     request.notifyFinish().addBoth(self._unread_done, request)

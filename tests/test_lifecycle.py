@@ -554,11 +554,12 @@ async def test_an_upload_still_arriving_when_the_drain_runs_out_of_time_is_logge
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_body_begun_during_the_drain_and_still_arriving_at_its_end_is_not_served_by_stopped_services(
-        reactor, fake):
+async def test_a_body_begun_during_the_drain_is_waited_for_and_served_before_the_services_stop(reactor, fake):
     """A head half sent when the drain began, whole during it (a stream still in flight), its body still arriving
-    when the drain ended: it was counted nowhere (not in flight when the drain began), its connection was left open,
-    and its body, once in, was relayed as the services stopped. Its connection is closed at the drain's end now."""
+    when that stream ended. Before any fix, it was counted nowhere and its body, once in, was relayed as the
+    services stopped; then its connection was closed at the drain's end, mid-body, unanswered (its client could not
+    have known: nothing had told it the connection would close). It is in flight now: the drain waits for its body,
+    then it is answered (saying Connection: close) before the services stop."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
     stream = await connect(reactor, gw.port, chat_request(
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
@@ -573,12 +574,15 @@ async def test_a_body_begun_during_the_drain_and_still_arriving_at_its_end_is_no
     late.transport.write(request[20:head_end + 5])
     await until(reactor, lambda: any(c._receiving is not None and not c._head_open for c in site.channels),
                 what="its body arriving")
-    await with_timeout(reactor, stream.lost, 10)  # (the stream's end: the drain's)
-    await with_timeout(reactor, late.lost, 10)
+    await with_timeout(reactor, stream.lost, 10)  # (the stream's end)
+    await deferLater(reactor, 0.1, lambda: None)
+    assert not late.lost.called and not stopping.called
     late.transport.write(request[head_end + 5:])
+    await with_timeout(reactor, late.lost, 10)
     await with_timeout(reactor, stopping, 10)
-    assert bytes(late.received) == b""
-    assert len([r for r in fake.requests if r.path.endswith(b"/chat/completions")]) == 1  # the stream's alone
+    head, _, body = bytes(late.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head, head
+    assert json.loads(body)["object"] == "chat.completion"
 
 
 class _HeldKeyReads:

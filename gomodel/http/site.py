@@ -18,7 +18,7 @@ from twisted.web import server
 from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk, unquote
 
 from gomodel import _twistedcompat
-from gomodel.errors import GatewayError, InternalError, MethodNotAllowed, ShuttingDown
+from gomodel.errors import GatewayError, InternalError, MethodNotAllowed
 from gomodel.http import render
 from gomodel.http.channel import GatewayChannel
 from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING,
@@ -492,13 +492,12 @@ class GatewaySite(server.Site):
     def close_idle(self):
         """Close every open connection without a request in progress (the end of a drain): a request sent on
         one from now on would be served while the services stop, or cut by the reactor's; it is not read (its
-        client's pool opens a connection elsewhere). One whose request no route has seen is closed too: its
-        head still arriving (part of its request line or headers), or its body, begun during the drain (one
-        whose body was arriving when the drain began was waited for); before, it was left open, and the rest,
-        sent as the services stopped, was served then. Such a body is recorded as the gateway's cut."""
+        client's pool opens a connection elsewhere). One whose request's head is still arriving (part of its
+        request line or headers) is closed too; before, it was left open, and the rest, sent as the services
+        stopped, was served then. (A request whose head is whole, its body arriving or read whole and waiting for
+        who sent it, is in flight: the drain waited for it, L{gomodel.lifecycle.Drain}.)"""
         for channel in list(self.channels):
             if channel.transport is not None and all(request.context is None for request in channel.requests):
-                channel.lose_unread(ShuttingDown.status, ShuttingDown.code)
                 channel.loseConnection()
 
     def abort_connections(self, spare=()):
