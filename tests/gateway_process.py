@@ -21,17 +21,17 @@ def _hangup_by_default():
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def twistd_gateway(tmp_path, **env):
-    """C{twistd -n gomodel} on a free loopback port, configured by C{env} (its data in C{tmp_path/data}) over this
-    process's environment without its C{VLLM_*}, C{OPENAI_*}, C{GOMODEL_*} and C{OTEL_*} variables:
-    C{(process, its log's path)}."""
+def twistd_gateway(tmp_path, options=(), **env):
+    """C{twistd -n gomodel} on a free loopback port, with gomodel's C{options} (C{--workers 2}), configured by
+    C{env} (its data in C{tmp_path/data}) over this process's environment without its C{VLLM_*}, C{OPENAI_*},
+    C{GOMODEL_*} and C{OTEL_*} variables: C{(process, its log's path)}."""
     log_path = tmp_path / "gw.log"
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_", "OTEL_"))}
     environ.update(PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), **env)
     with open(log_path, "wb") as log:
         # (SIGHUP at its default: a suite run under nohup would hand its ignoring down, which the gateway keeps)
         proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                                 "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
+                                 "--pidfile=", "gomodel", *options, "--listen", "tcp:0:interface=127.0.0.1"],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ,
                                 preexec_fn=_hangup_by_default)
     return proc, log_path

@@ -697,3 +697,41 @@ async def test_a_request_whose_key_is_still_looked_up_when_the_drain_runs_out_ge
     assert [(e["request_id"], e["status"], e["outcome"], e["error"], e["client_gone"]) for e in access] == [
         ("req-held", 503, "error", "shutdown_timeout", False)]
     assert not [r for r in fake.requests if r.path.endswith((b"/chat/completions", b"/messages"))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_to_workers_drains_each_process_its_streams_finish_and_the_exit_is_0(reactor, fake, tmp_path):
+    """C{gomodel --workers 2}: SIGTERM to the primary drains it and its worker at once; new connections are refused,
+    the streams in flight in either process finish whole (each logged), and the primary exits with status 0."""
+    proc, log_path = twistd_gateway(tmp_path, ("--workers", "2"), VLLM_BASE_URL=fake.base_url,
+                                    SHUTDOWN_TIMEOUT="20s")
+    try:
+        await wait_for(reactor, lambda: "worker 1 ready for connections" in log_path.read_text(), "the worker")
+        port = await ready_port(reactor, log_path)
+        streams = []
+        for i in range(3):  # (dealt in turn: both processes get one)
+            stream = await connect(reactor, port, chat_request(
+                {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                 "fake_chunks": 20, "fake_pace": 0.1}, {"X-Request-Id": f"req-stream-{i}"}))
+            await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+            streams.append(stream)
+        proc.send_signal(signal.SIGTERM)
+        await wait_for(reactor, lambda: log_path.read_text().count("draining: new connections are refused") == 2,
+                       "both processes to drain")
+        try:
+            refused = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
+        except net_error.ConnectionRefusedError:
+            refused = None
+        assert refused is None, "a new connection was accepted while draining"
+        for stream in streams:
+            await with_timeout(reactor, stream.lost, 20)
+            received = bytes(stream.received)
+            assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")  # finished, not cut
+        text = await exited(reactor, proc, log_path)
+    finally:
+        killed(proc)
+    in_flight = [int(n) for n in re.findall(r"draining: new connections are refused; (\d+) requests in flight", text)]
+    assert len(in_flight) == 2 and all(in_flight) and sum(in_flight) == 3, text  # both processes had some
+    lines = [line for line in text.splitlines() if "req-stream-" in line and "/v1/chat/completions 200 " in line]
+    assert len(lines) == 3 and not [line for line in lines if "outcome=" in line], text
+    assert "Traceback" not in text, text
