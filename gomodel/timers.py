@@ -40,6 +40,10 @@ class _Timeout:
             del timers._pending[self]
 
 
+def _time(timeout) -> float:
+    return timeout.time
+
+
 class Timers(Service):
     """C{callLater} for timeouts, on C{clock}: exact to the clock, one reactor timer for all (see the module).
 
@@ -79,18 +83,24 @@ class Timers(Service):
 
     def _fire(self):
         self._timer = self._at = None
+        pending = self._pending
         now = self._clock.seconds() + _EARLY
-        due = [timeout for timeout in self._pending if timeout.time <= now]
-        calls = [(timeout._call, self._pending.pop(timeout)) for timeout in due]
+        due = [timeout for timeout in pending if timeout.time <= now]
+        if len(due) > 1:
+            due.sort(key=_time)  # (in time order, as the reactor would call them; those alike, as armed)
         for timeout in due:
+            if timeout._timers is None:  # cancelled by the call of one due before it: it never fires
+                continue
             timeout._timers = None
-        if self._pending:
-            self._set(min(timeout.time for timeout in self._pending))
-        for function, args in calls:
+            args = pending.pop(timeout)
             try:
-                function(*args)
+                timeout._call(*args)
             except Exception:
                 self.log.failure("a timeout's call failed")
+        if pending:
+            at = min(timeout.time for timeout in pending)
+            if at != self._at:  # (a call may have armed the earliest one, and set the timer for it)
+                self._set(at)
 
     def stopService(self):
         super().stopService()

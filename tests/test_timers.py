@@ -42,6 +42,24 @@ def test_a_cancelled_timeout_never_fires_and_the_timer_moves_on_to_the_next():
     second.cancel()  # after it fired: nothing
 
 
+def test_timeouts_due_together_fire_in_time_order_and_one_cancelled_by_an_earlier_ones_call_never_fires():
+    """The timer may come late (a busy reactor; a fake clock advanced past several): the timeouts due by then are
+    called in their times' order, and one that the call of another cancels is not called (as the reactor's
+    DelayedCalls would do)."""
+    clock = Clock()
+    timers = Timers(clock)
+    fired = []
+    later = timers.callLater(8, fired.append, "eight")
+    timers.callLater(7, lambda: (fired.append("seven"), later.cancel()))
+    timers.callLater(7.5, fired.append, "seven and a half")
+    timers.callLater(20, fired.append, "twenty")
+    clock.advance(10)  # all but the last due at once
+    assert fired == ["seven", "seven and a half"]
+    assert not later.active() and len(clock.getDelayedCalls()) == 1
+    clock.advance(10)
+    assert fired == ["seven", "seven and a half", "twenty"] and not clock.getDelayedCalls()
+
+
 def test_a_failing_call_is_logged_and_the_others_still_run(logged_errors):
     clock = Clock()
     timers = Timers(clock)
