@@ -431,13 +431,42 @@ def test_an_upstream_holding_its_body_open_after_the_streams_end_is_closed_after
     h.clock.advance(0.025)
     reactor_timers = len(h.clock.getDelayedCalls())
     h.relay.dataReceived(b"data: [DONE]\n\n")
-    assert h.relay.end_written and len(h.timers._pending) == 2 and len(h.clock.getDelayedCalls()) == reactor_timers
+    # (pending: the other's, the idle timer, the linger)
+    assert h.relay.end_written and len(h.timers._pending) == 3 and len(h.clock.getDelayedCalls()) == reactor_timers
     h.clock.advance(END_LINGER - 0.01)
     assert not h.relay.finished.called
     h.clock.advance(0.01)
     failures = []
     h.relay.finished.addErrback(failures.append)
     assert failures[0].check(UpstreamLingered) and h.upstream.producerState == "stopped"
+
+
+@pytest.mark.parametrize("ending", ["upstream", "idle", "duration"])
+def test_the_idle_and_duration_timeouts_run_on_the_gateways_timers(ending):
+    """A stream's idle timeout and maximum duration are armed on the gateway's timers (no reactor timer of its
+    own: one timer serves every stream's), fire as their own timers did, and a stream that ends leaves none."""
+    h = Harness(timers=True, idle_timeout=5, max_duration=8)
+    other = h.timers.callLater(60, lambda: None)  # (another's timeout, set first)
+    assert len(h.clock.getDelayedCalls()) == 1 and len(h.timers._pending) == 3
+    h.clock.advance(2)
+    h.relay.dataReceived(CHUNK)
+    failures = []
+    h.relay.finished.addErrback(failures.append)
+    if ending == "upstream":
+        h.relay.connectionLost(Failure(ResponseDone()))
+        assert h.relay.finished.called and not failures
+        assert list(h.timers._pending) == [other]
+        return
+    h.clock.advance(4.9)  # t = 6.9: 4.9 s of silence
+    assert not h.relay.finished.called
+    if ending == "idle":
+        h.clock.advance(0.1)  # 5 s after the last bytes
+        assert failures[0].check(UpstreamIdle)
+    else:
+        h.relay.dataReceived(CHUNK)
+        h.clock.advance(1.1)  # 8 s since it began
+        assert failures[0].check(StreamTooLong)
+    assert h.upstream.producerState == "stopped" and list(h.timers._pending) == [other]
 
 
 def test_stalled_client_and_overall_cap():

@@ -28,6 +28,11 @@ from gomodel._twistedcompat import send_now
 from gomodel.interfaces import IStreamObserver
 
 
+# How an upstream body ends properly (what the HTTP client's connectionLost gives: all of it, or a body without a
+# length that ended with its connection).
+_CLEAN_END = (ResponseDone, PotentialDataLoss)
+
+
 class UpstreamIdle(Exception):
     """The upstream sent nothing for longer than the idle timeout."""
 
@@ -99,12 +104,33 @@ class StreamRelay(Protocol):
     closes the upstream connection.
     """
 
+    # (the state every relay starts in, set here once rather than per stream in __init__)
+    observer = _Passthrough()  # (its own state is none: one serves every relay without an observer)
+    paused = False
+    client_gone = False
+    upstream_done = False
+    end_written = False
+    wrote = False  # some of the body went to the client (its head with it; what the observer dropped is none)
+    rejected = False  # the observer refused what the upstream sent (an event that is none)
+    # the answer's headers before its upstream's head was copied in (put back where that head never goes out)
+    head_before = None
+    _idle_call = None
+    _heard = 0.0  # when the upstream last sent bytes (the idle timer looks at it when it fires)
+    _stall_call = None
+    _max_call = None
+    _end_call = None  # once the stream's end went out: when the upstream's body must have ended
+    _inbox = ()  # the deliveries of a read relayed together on the next turn (a list once one waits)
+    _drain_call = None
+    _eager = EAGER_DELIVERIES
+    _last_delivery = 0.0
+
     def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
                  first_write=None, end_written=None, timers=None):
         """
         @param observer: an L{IStreamObserver}; None relays the bytes as they come.
-        @param timers: what the wait for the upstream's body to end after the stream's end runs on (the
-            gateway's L{gomodel.timers.Timers}: most streams arm it and cancel it at once); C{clock} when None.
+        @param timers: what the idle timeout, the maximum duration and the wait for the upstream's body to end
+            after the stream's end run on (the gateway's L{gomodel.timers.Timers}: timeouts that almost never
+            fire, armed and cancelled once per stream, without a reactor timer each); C{clock} when None.
         @param first_write: called once, when the first bytes are written to the client.
         @param end_written: called once, when the bytes holding the stream's proper end
             (the observer's C{done} turned true: C{[DONE]}, C{response.completed},
@@ -114,28 +140,14 @@ class StreamRelay(Protocol):
         self._first_write = first_write
         self._end_written = end_written
         self._clock = clock
-        self._timers = timers if timers is not None else clock
-        self.observer = observer if observer is not None else _Passthrough()
+        self._timers = timers = timers if timers is not None else clock
+        if observer is not None:
+            self.observer = observer
         self._idle_timeout = idle_timeout
         self._stall_timeout = stall_timeout
-        self.paused = False
-        self.client_gone = False
-        self.upstream_done = False
-        self.end_written = False
-        self.wrote = False  # some of the body went to the client (its head with it; what the observer dropped is none)
-        self.rejected = False  # the observer refused what the upstream sent (an event that is none)
-        # the answer's headers before its upstream's head was copied in (put back where that head never goes out)
-        self.head_before = None
         self.finished = Deferred(self._cancelled)
-        self._idle_call = None
-        self._heard = 0.0  # when the upstream last sent bytes (the idle timer looks at it when it fires)
-        self._stall_call = None
-        self._end_call = None  # once the stream's end went out: when the upstream's body must have ended
-        self._inbox = []
-        self._drain_call = None
-        self._eager = EAGER_DELIVERIES
-        self._last_delivery = 0.0
-        self._max_call = clock.callLater(max_duration, self._fail, StreamTooLong()) if max_duration else None
+        if max_duration:
+            self._max_call = timers.callLater(max_duration, self._fail, StreamTooLong())
 
     # -- upstream side (IProtocol) -------------------------------------------
 
@@ -165,14 +177,16 @@ class StreamRelay(Protocol):
         # An upstream read often holds many HTTP chunks (one per SSE event), each
         # delivered here on its own: the rest of the read is relayed together once
         # it is done (the next reactor turn), so a burst costs one write, not one per event.
-        self._inbox.append(data)
         if self._drain_call is None:
+            self._inbox = [data]
             self._drain_call = self._clock.callLater(0, self._drain)
+        else:
+            self._inbox.append(data)
 
     def _drain(self):
         self._drain_call = None
-        data = b"".join(self._inbox) if len(self._inbox) > 1 else self._inbox[0]
-        self._inbox = []
+        inbox, self._inbox = self._inbox, ()
+        data = b"".join(inbox) if len(inbox) > 1 else inbox[0]
         if not self.finished.called:
             self._relay(data)
 
@@ -211,7 +225,7 @@ class StreamRelay(Protocol):
         self._cancel_timers()
         if self.finished.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, _CLEAN_END):  # (not Failure.check: its walk of the class's bases, per stream)
             try:
                 self.observer.finish()
             except Exception as e:
@@ -284,7 +298,7 @@ class StreamRelay(Protocol):
     def _arm_idle(self, seconds):
         """Look at the upstream's silence in C{seconds} (L{_idle_check}): one timer, never reset as bytes come."""
         if self._idle_timeout and not self.paused:
-            self._idle_call = self._clock.callLater(seconds, self._idle_check)
+            self._idle_call = self._timers.callLater(seconds, self._idle_check)
 
     def _idle_check(self):
         self._idle_call = None
@@ -300,11 +314,16 @@ class StreamRelay(Protocol):
             call.cancel()
 
     def _cancel_timers(self):
-        for call in (self._idle_call, self._stall_call, self._max_call, self._drain_call):
-            self._cancel(call)
-        self._idle_call = self._stall_call = self._max_call = self._drain_call = None
-        end = self._end_call
+        """Cancel what is pending; most streams end with only the idle timer armed (the others None)."""
+        idle, stall, most, drain, end = self._idle_call, self._stall_call, self._max_call, self._drain_call, self._end_call
+        if idle is not None:
+            self._idle_call = None
+            idle.cancel()  # (pending: L{_idle_check} forgets it as it fires)
+        if stall is not None or most is not None or drain is not None:
+            for call in (stall, most, drain):
+                self._cancel(call)
+            self._stall_call = self._max_call = self._drain_call = None
+            self._inbox = ()
         if end is not None:  # (still pending: L{_lingered} forgets it as it fires)
-            end.cancel()
             self._end_call = None
-        self._inbox = []
+            end.cancel()
