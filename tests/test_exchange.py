@@ -82,7 +82,7 @@ def test_client_gone_before_the_relay_started_leaves_no_unhandled_error(logged_e
     exchange = Exchange(clock, Timeouts())
     ctx = RequestContext(b"id", b"POST", b"/v1/chat/completions", clock)
     d = Deferred.fromCoroutine(exchange._relay_stream(_GoneRequest(), ctx, _Pool(), _BrokenResponse(),
-                                                      ChatStreamObserver(False)))
+                                                      ChatStreamObserver(False), True))
     assert d.result is None
     del d
     gc.collect()

@@ -617,3 +617,32 @@ async def test_an_error_event_that_ends_an_upstreams_stream_is_its_end_not_a_sec
     assert b"engine failed" in received and b"stream_incomplete" not in received
     event = await logged
     assert (event["status"], event["outcome"], event["error"]) == (200, "error", "upstream_stream_error")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relayed_stream_tells_caches_and_proxies_not_to_hold_it_and_a_whole_answer_does_not(gateway, fake):
+    """A relayed event stream's answer says C{Cache-Control: no-cache} (in place of the upstream's own) and
+    C{X-Accel-Buffering: no} (nginx in front relays it as it comes), natively and through the passthrough; a whole
+    answer keeps its upstream's Cache-Control and says nothing of buffering."""
+    from tests.support import in_thread, openai_client
+
+    def create(base_url, model, stream):
+        """The answer's headers and what it said (read whole, off the reactor's thread)."""
+        client = openai_client(gateway)
+        try:
+            raw = client.with_options(base_url=base_url).chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], stream=stream,
+                extra_body={"fake_headers": {"Cache-Control": "max-age=60"}})
+            answer = raw.parse()
+            said = [event.choices[0].finish_reason for event in answer] if stream else answer.choices[0].finish_reason
+            return raw.http_response.headers, said
+        finally:
+            client.close()
+
+    for base_url, model in ((gateway.url + "/v1", MODEL), (gateway.url + "/p/vllm/v1", "meta-llama/Llama-3.1-8B-Instruct")):
+        headers, said = await in_thread(create, base_url, model, True)
+        assert said[-1] == "length"  # (read to its end)
+        assert headers.get_list("cache-control") == ["no-cache"] and headers.get_list("x-accel-buffering") == ["no"]
+    headers, said = await in_thread(create, gateway.url + "/v1", MODEL, False)
+    assert said == "length"
+    assert headers.get_list("cache-control") == ["max-age=60"] and "x-accel-buffering" not in headers

@@ -85,6 +85,9 @@ CONTENT_TYPE = header_name("content-type")
 # The content type of an event stream the gateway makes itself (a whole answer to a stream request, made events).
 EVENT_STREAM = b"text/event-stream; charset=utf-8"
 CONTENT_LENGTH = header_name("content-length")
+# What a relayed event stream's answer says to caches and to a proxy in front of the gateway (nginx's buffering).
+CACHE_CONTROL = header_name("cache-control")
+X_ACCEL_BUFFERING = header_name("x-accel-buffering")
 
 
 def connection_tokens(headers) -> set:

@@ -42,9 +42,9 @@ from gomodel.accounting.tokens import prompt_estimate, requested_tokens
 from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
                             UpstreamError, UpstreamTimeout, UpstreamUnreachable)
 from gomodel.http.context import CLIENT_STALLED, STREAM_MAX_DURATION
-from gomodel.http.headers import (CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA, RETRY_AFTER,
-                                  X_GOMODEL_REPLICA, copy_response_headers, is_event_stream,
-                                  media_type)
+from gomodel.http.headers import (CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ENDPOINT_LOAD_METRICS, METADATA,
+                                  RETRY_AFTER, X_ACCEL_BUFFERING, X_GOMODEL_REPLICA, copy_response_headers,
+                                  is_event_stream, media_type)
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
@@ -305,7 +305,7 @@ class Exchange:
                 if gather is not None:
                     return await self._gathered(request, ctx, upstream, response, call, gather)
             ctx.stream = True
-            return await self._relay_stream(request, ctx, upstream, response, observer, call.counted)
+            return await self._relay_stream(request, ctx, upstream, response, observer, True, call.counted)
         # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt,
         # a silent recording's empty; text/json is JSON)
         transcript = media.startswith(b"text/") and call.path in _TRANSCRIPTS
@@ -695,10 +695,11 @@ class Exchange:
             tap = UsageTap(events, ends, upstream if events and upstream.hidden_pattern is not None else None)
             if ctx.recorded:
                 ctx.usage, ctx.estimated = binary_usage(response, body)
-        return self._relay_stream(request, ctx, upstream, response, tap, body, keep_length=not events)
+        return self._relay_stream(request, ctx, upstream, response, tap, events, body, keep_length=not events)
 
-    async def _relay_stream(self, request, ctx, upstream, response, observer, body=None, keep_length=False):
-        """Relay a body with flow control as it comes; return None when done.
+    async def _relay_stream(self, request, ctx, upstream, response, observer, events, body=None, keep_length=False):
+        """Relay a body (an event stream with C{events}: its answer's head says so) with flow control as it comes;
+        return None when done.
 
         C{body} is the request's (sent upstream): an event stream that ends without its usage is charged an
         estimate of its prompt from it (L{_note_usage}).
@@ -715,12 +716,12 @@ class Exchange:
             went to the client.
         @raise UpstreamTimeout: the stream ran past its maximum duration before any of it went to the client.
         """
-        ours = dict(plain_headers(request.responseHeaders))  # (put back if this head never goes out)
+        headers = plain_headers(request.responseHeaders)
+        ours = dict(headers)  # (put back if this head never goes out)
         copy_response_headers(response, request, keep_length, upstream.hidden_pattern)
-        events = is_event_stream(response.headers)
-        if events:
-            request.setHeader(b"cache-control", b"no-cache")
-            request.setHeader(b"x-accel-buffering", b"no")  # no buffering in a proxy in front of us
+        if events:  # (set in the header dict: setHeader checks and encodes each name and value again)
+            headers[CACHE_CONTROL] = [b"no-cache"]
+            headers[X_ACCEL_BUFFERING] = [b"no"]  # no buffering in a proxy in front of us
         t = self._timeouts
         relay = StreamRelay(request, self._clock, observer, idle_timeout=t.stream_idle,
                             stall_timeout=t.client_stall, max_duration=t.stream_max,
