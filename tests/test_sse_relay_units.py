@@ -469,6 +469,31 @@ def test_the_idle_and_duration_timeouts_run_on_the_gateways_timers(ending):
     assert h.upstream.producerState == "stopped" and list(h.timers._pending) == [other]
 
 
+@pytest.mark.parametrize("ending", ["done", "cut"])
+def test_a_body_come_whole_with_its_head_is_relayed_at_once_without_a_timer(ending):
+    """A short stream's whole body, come with its head, is relayed in one go and ended at once (its end, or the
+    lack of one, as a body's end tells it): no idle timer armed, no wait for the body's end after the stream's."""
+    clock = Clock()
+    timers = Timers(clock)
+    request = Request(DummyChannel())
+    request.method = b"POST"
+    ended = []
+    relay = StreamRelay(request, clock, ChatStreamObserver(strip_usage=True), idle_timeout=300, timers=timers,
+                        end_written=lambda: ended.append(True))
+    body = ROLE + CHUNK + CHUNK + USAGE + (b"data: [DONE]\n\n" if ending == "done" else b"")
+    relay.relay_whole(body)
+    results = []
+    relay.finished.addBoth(results.append)
+    assert relay.wrote and not timers._pending and not clock.getDelayedCalls()
+    written = request.channel.transport.written.getvalue()
+    assert written.endswith(ROLE + CHUNK + CHUNK + (b"data: [DONE]\n\n" if ending == "done" else b""))
+    assert relay.observer.usage == {"prompt_tokens": 1, "completion_tokens": 2}
+    if ending == "done":
+        assert results == [None] and ended == [True]
+    else:
+        assert results[0].check(StreamIncomplete) and ended == []
+
+
 def test_stalled_client_and_overall_cap():
     h = Harness(stall_timeout=3)
     h.relay.pauseProducing()

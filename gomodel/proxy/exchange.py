@@ -733,11 +733,15 @@ class Exchange:
             response.deliverBody(relay)
             relay.stopProducing()
             return None
-        request.registerProducer(relay, True)
-        response.deliverBody(relay)
-        if relay.paused and relay.transport is not None:
-            # deliverBody resumed the transport after its first delivery.
-            relay.transport.pauseProducing()
+        whole = whole_body(response)  # (a short stream may have come whole with its head: nothing more can come)
+        if whole is not None:
+            relay.relay_whole(whole)  # (no producer: there is no upstream left to hold back)
+        else:
+            request.registerProducer(relay, True)
+            response.deliverBody(relay)
+            if relay.paused and relay.transport is not None:
+                # deliverBody resumed the transport after its first delivery.
+                relay.transport.pauseProducing()
         streams = upstream.replicas[ctx.replica].streams  # (its replica's, cut short if it goes down)
         streams.add(relay)
         try:
@@ -785,7 +789,7 @@ class Exchange:
             _note_usage(ctx, relay.observer, body)
         if ctx.outcome is None and getattr(relay.observer, "error", None) is not None:
             ctx.failed_in_band(IN_STREAM_ERROR)  # (logged and counted as the upstream's error, not as ok)
-        if request.channel is not None:
+        if whole is None and request.channel is not None:
             request.unregisterProducer()
         return None
 

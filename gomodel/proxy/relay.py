@@ -20,6 +20,7 @@ import re
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
@@ -31,6 +32,8 @@ from gomodel.interfaces import IStreamObserver
 # How an upstream body ends properly (what the HTTP client's connectionLost gives: all of it, or a body without a
 # length that ended with its connection).
 _CLEAN_END = (ResponseDone, PotentialDataLoss)
+# The end of a body that came whole with its head (L{StreamRelay.relay_whole}).
+_WHOLE = Failure(ResponseDone("Response body fully received"))
 
 
 class UpstreamIdle(Exception):
@@ -182,6 +185,16 @@ class StreamRelay(Protocol):
             self._drain_call = self._clock.callLater(0, self._drain)
         else:
             self._inbox.append(data)
+
+    def relay_whole(self, body):
+        """Relay C{body}, the upstream's whole body, come with its head (a short stream: L{gomodel._twistedcompat.
+        whole_body}), in one write, then end as L{connectionLost} ends it: no transport to pause, nor an idle
+        timer, nor a wait for the body's end after the stream's (nothing more can come). L{finished} has fired
+        when it returns."""
+        self.upstream_done = True
+        if body:
+            self._relay(body)
+        self.connectionLost(_WHOLE)
 
     def _drain(self):
         self._drain_call = None
