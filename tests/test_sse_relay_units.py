@@ -64,6 +64,27 @@ def test_observer_strips_only_the_forced_usage_chunk():
     assert keeping.usage["completion_tokens"] == 2
 
 
+@pytest.mark.parametrize("long", [False, True])
+def test_a_streams_end_and_usage_split_anywhere_across_reads_are_seen(long):
+    """Wherever the upstream's reads cut the usage chunk or C{data: [DONE]} (in a word, in its blank line), short
+    reads and long ones (a stream's tail read at once) alike: the client gets the same bytes, the usage and the
+    end are seen, and a C{[DONE]} only mentioned in a token is no end."""
+    lead = CHUNK * (40 if long else 1) + b'data: {"choices":[{"delta":{"content":"data: [DONE]"}}]}\n\n'
+    stream = lead + USAGE + b"data: [DONE]\n\n"
+    for cut in range(len(lead) - 20, len(stream)):
+        observer = ChatStreamObserver(strip_usage=True)
+        out = observer.feed(stream[:cut])
+        assert not observer.done or cut == len(stream)
+        out += observer.feed(stream[cut:])
+        assert out == lead + b"data: [DONE]\n\n", cut
+        assert observer.done and observer.usage == {"prompt_tokens": 1, "completion_tokens": 2}, cut
+        observer.finish()
+    observer = ChatStreamObserver(strip_usage=True)
+    assert observer.feed(lead) == lead and not observer.done  # (the token's words: no end)
+    with pytest.raises(StreamIncomplete):
+        observer.finish()
+
+
 def test_observer_looks_into_a_read_of_many_events_only_where_a_watched_word_is():
     from gomodel.proxy.sse import mentions
 
@@ -544,7 +565,8 @@ def test_event_data_joins_every_data_line_whatever_the_events_shape():
               b"event: response.completed\ndata: {\"a\":1}\n\n", b"id: 1\ndata: a\ndata: b\n\n",
               b": data: a comment\ndata: real\n\n", b"event: data: x\n\n", b"event: x\n\n", b"",
               b"data: a\r\ndata: b\r\n\r\n", b"data: a\r\r", b"retry: 1\ndata: a\n\nid: 2\n", b"xdata: no\n\n",
-              b"data: \xc3\xa9\n\n", b"data: [DONE]\n\n"]
+              b"data: \xc3\xa9\n\n", b"data: [DONE]\n\n", b"data: a\rb\n\n", b"data: a\nb\n", b"data: a\nQ",
+              b"data: a\r\n\n", b"data: \n\n", b"data: a\n\ndata: b\n\n"]
     for event in events:
         assert event_data(event) == by_lines(event), event
 

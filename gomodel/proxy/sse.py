@@ -148,6 +148,10 @@ def failed_error(payload: dict) -> dict:
     return error if error.__class__ is dict else {"code": "server_error", "message": "The response failed."}
 
 
+# The event that ends a chat or text completion stream, as vLLM and OpenAI write it.
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
 class StreamIncomplete(Exception):
     """The upstream's stream ended without its proper end."""
 
@@ -265,7 +269,10 @@ class SSEFramer:
 def event_data(event: bytes) -> bytes:
     """The joined C{data:} field of one event."""
     # Most events have one data line and no CR: it is found with C{find}, the event never cut into
-    # lines (C{splitlines} steps byte by byte through a Responses stream's 2 KB last event).
+    # lines (C{splitlines} steps byte by byte through a Responses stream's 2 KB last event); the most
+    # common, C{data: X} and its blank line, is taken first, at once.
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2 and event.find(b"\r") < 0:
+        return event[6:-2]
     start = event.find(b"data:")
     if (start == 0 or start > 0 and event[start - 1] == 10) and event.find(b"\r") < 0:  # (10: a line feed)
         end = event.find(b"\n", start)
@@ -382,7 +389,9 @@ class ChatStreamObserver:
     def _passed(self, out: list, events) -> bytes:
         """C{out} and those of C{events} the client gets, joined; each holding a watched word is observed."""
         for event in events:
-            if event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0:
+            if event == DONE_EVENT:  # (how a stream ends, as vLLM writes it: told at once)
+                self.done = True
+            elif event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0:
                 event = self._observe(event)
                 if event is None:
                     continue
