@@ -194,7 +194,11 @@ class StreamRelay(Protocol):
         self.upstream_done = True
         if body:
             self._relay(body)
-        self.connectionLost(_WHOLE)
+        if self._max_call is not None:  # (the one timer it may have: no idle timer, nor a wait for the body's end)
+            self._cancel_timers()
+        if self.finished.called:  # (what came was refused)
+            return
+        self._ended(_WHOLE)
 
     def _drain(self):
         self._drain_call = None
@@ -236,8 +240,11 @@ class StreamRelay(Protocol):
             self._drain_call.cancel()
             self._drain()
         self._cancel_timers()
-        if self.finished.called:
-            return
+        if not self.finished.called:
+            self._ended(reason)
+
+    def _ended(self, reason):
+        """The upstream's body ended (C{reason}): L{finished} fires, or fails if it did not end properly."""
         if isinstance(reason.value, _CLEAN_END):  # (not Failure.check: its walk of the class's bases, per stream)
             try:
                 self.observer.finish()
