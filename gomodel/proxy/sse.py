@@ -164,10 +164,11 @@ NO_OBJECT = "the upstream sent an event that is no JSON object"
 class SSEFramer:
     """Splits a byte stream into whole events (each with its terminator)."""
 
+    _buffer = b""
+    _held = None  # an event going on over reads: L{_buffer} and the reads after it, as they came
+    _held_size = 0
+
     def __init__(self, max_event_bytes=MAX_EVENT_BYTES):
-        self._buffer = b""
-        self._held = None  # an event going on over reads: L{_buffer} and the reads after it, as they came
-        self._held_size = 0
         self._max = max_event_bytes
 
     def feed(self, data: bytes) -> list:
@@ -332,6 +333,12 @@ class ChatStreamObserver:
     names the upstream's address (C{hide}).
     """
 
+    # (the state every stream starts in, set here once rather than per stream in __init__)
+    usage = None
+    done = False
+    error = None
+    events = 0  # events relayed while no usage is known: about one generated token each, for an estimate
+
     def __init__(self, strip_usage: bool, hide=None):
         """
         @param hide: a function of one of the upstream's texts (an error's message) giving it as the client may
@@ -340,10 +347,6 @@ class ChatStreamObserver:
         self._framer = SSEFramer()
         self._strip_usage = strip_usage
         self._hide = hide
-        self.usage = None
-        self.done = False
-        self.error = None
-        self.events = 0  # events relayed while no usage is known: about one generated token each, for an estimate
 
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the bytes to send the client now (whole events)."""
@@ -374,11 +377,21 @@ class ChatStreamObserver:
     def _feed_joined(self, joined: bytes) -> bytes:
         """L{feed} for a long read (many events: a stream's tail read at once), its whole events joined:
         only the events from the first one holding a word on are cut apart."""
-        # (A read ending the stream ends with its [DONE]: the places of any before it change nothing, an
-        # earlier [DONE] event would end it just the same, and one only mentioned in a token is no event.)
-        done_at = len(joined) - 8 if joined.endswith(b"\n\ndata: [DONE]\n\n") else joined.find(b"[DONE]")
-        first = earliest((joined.find(b'"usage"'), joined.find(b'"error"'), done_at), len(joined))
-        start = event_bounds(joined, first)[0] if first < len(joined) else first
+        size = len(joined)
+        if joined.endswith(b"\n\ndata: [DONE]\n\n"):
+            # A read ending the stream ends with its [DONE] event: the other words are looked for before it, each
+            # only as far as the earliest found (an earlier [DONE] event would end it just the same, and one only
+            # mentioned in a token is no event).
+            first = size - len(DONE_EVENT)
+            at = joined.find(b'"usage"', 0, first)
+            if at >= 0:
+                first = at
+            at = joined.find(b'"error"', 0, first)
+            if at >= 0:
+                first = at
+        else:
+            first = earliest((joined.find(b'"usage"'), joined.find(b'"error"'), joined.find(b"[DONE]")), size)
+        start = event_bounds(joined, first)[0] if first < size else first
         events = [event + b"\n\n" for event in joined[start:].split(b"\n\n")[:-1]]  # (none after the last end)
         out = self._passed([joined[:start]], events)
         self.events += len(events)
