@@ -639,7 +639,8 @@ async def test_a_relayed_stream_tells_caches_and_proxies_not_to_hold_it_and_a_wh
         finally:
             client.close()
 
-    for base_url, model in ((gateway.url + "/v1", MODEL), (gateway.url + "/p/vllm/v1", "meta-llama/Llama-3.1-8B-Instruct")):
+    native, passthrough = (gateway.url + "/v1", MODEL), (gateway.url + "/p/vllm/v1", "meta-llama/Llama-3.1-8B-Instruct")
+    for base_url, model in (native, passthrough):
         headers, said = await in_thread(create, base_url, model, True)
         assert said[-1] == "length"  # (read to its end)
         assert headers.get_list("cache-control") == ["no-cache"] and headers.get_list("x-accel-buffering") == ["no"]

@@ -335,7 +335,8 @@ class StreamRelay(Protocol):
 
     def _cancel_timers(self):
         """Cancel what is pending; most streams end with only the idle timer armed (the others None)."""
-        idle, stall, most, drain, end = self._idle_call, self._stall_call, self._max_call, self._drain_call, self._end_call
+        idle, stall, most, drain = self._idle_call, self._stall_call, self._max_call, self._drain_call
+        end = self._end_call
         if idle is not None:
             self._idle_call = None
             idle.cancel()  # (pending: L{_idle_check} forgets it as it fires)
