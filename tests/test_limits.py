@@ -1245,3 +1245,79 @@ def test_a_keys_requests_pass_the_path_budgets_set_after_its_lane_was_made(clock
         _request(gate, key)
     gate.set_path_budgets([])
     assert _by_a_lane(_request(gate, key, used=60)[0])
+
+
+def _used(ctx, total):
+    """Complete C{ctx}'s request (L{_request}'s) as one that used C{total} tokens."""
+    from gomodel.accounting.tokens import tokens_by_type
+
+    ctx.usage = {"prompt_tokens": total - 1, "completion_tokens": 1, "total_tokens": total}
+    ctx.token_counts = tokens_by_type(ctx.usage)
+
+
+@pytest.mark.parametrize("path", ["lane", "general"])
+def test_requests_in_flight_at_once_cannot_overshoot_a_budget_together(clock, counters, path):
+    """Each request reserves its estimate (its prompt's bytes / 4 and its max_tokens: 19 here) from its budgets
+    when it is admitted, and settles to what it used when it completes: a budget is spent once what was spent and
+    what the requests in flight reserved reach it. Before, the budget was checked before and charged after, so
+    requests admitted at once each saw the room left and all went (a budget of 100 let any number through).
+    The general path (off the lanes: here a key whose path has a concurrency cap, refused once) reserves alike."""
+    quotas = LimitsConfig(user_paths={"/team": RateLimit(concurrent=100)}) if path == "general" else None
+    gate, key = _gate(counters, clock, quotas), _key(budgets=[{"period": "daily", "max_tokens": 100}])
+    if path == "general":
+        gate._lane = lambda *args: None  # (every admission down the general path)
+    spent = [("key:k_1", Budget("daily", max_tokens=100))]
+    inflight = [_request(gate, key)[0] for _ in range(6)]  # 0, 19, ..., 95 reserved before each: room
+    assert fired(gate._book.spent(spent)) == [(6 * 19, 0.0)]
+    with pytest.raises(BudgetExceeded) as info:
+        _request(gate, key)
+    assert info.value.status == 429 and info.value.code == "budget_exceeded"
+    for ctx in inflight[:5]:
+        _used(ctx, 5)
+        gate.completed(ctx)
+    inflight[5].replica = None  # (it never reached an upstream: nothing is charged, its reservation given back)
+    gate.completed(inflight[5])
+    assert fired(gate._book.spent(spent)) == [(25, 0.0)]
+    ctx, _ = _request(gate, key, used=7)
+    assert fired(gate._book.spent(spent)) == [(32, 0.0)]
+
+
+def test_a_cost_budget_reserves_the_estimate_at_the_models_price(clock, counters):
+    from gomodel.accounting.tokens import Pricing
+    from gomodel.limits.gate import Gate
+
+    pricing = Pricing({"vllm/m": {"input_per_mtok": 1_000_000, "output_per_mtok": 2_000_000}})  # 1 and 2 a token
+    gate = Gate(Limiter(counters, clock), BudgetBook(counters, clock), LimitsConfig(), clock=clock, pricing=pricing)
+    key = _key(budgets=[{"period": "daily", "max_cost": 100.0}])
+    spent = [("key:k_1", Budget("daily", max_cost=100.0))]
+    first, _ = _request(gate, key)  # 11 prompt tokens at 1, 8 output at 2: 27 reserved
+    assert fired(gate._book.spent(spent)) == [(19, 27.0)]
+    inflight = [_request(gate, key)[0] for _ in range(3)]  # 27, 54, 81: room
+    with pytest.raises(BudgetExceeded):
+        _request(gate, key)
+    for ctx in [first] + inflight:
+        _used(ctx, 2)  # 1 prompt token at 1, 1 output at 2: 3 each
+        gate.completed(ctx)
+    assert fired(gate._book.spent(spent)) == [(8, 12.0)]
+
+
+def test_a_reservation_is_settled_in_the_period_its_request_began_in(counters, clock):
+    """A request's reservation (the general path's: L{BudgetBook.reserve_now}) is taken in the period it is
+    admitted in and settled there where the request began in it, though it ends in the next (a stream across
+    midnight); one whose head came before the period's end and was admitted after gives back what it reserved in
+    the new period and is charged to the one it began in, as the usage ledger dates it."""
+    book = BudgetBook(counters, clock)
+    scopes = [("key:k", [Budget("daily", max_tokens=100)])]
+    day1, day2 = f"budget|key:k|daily|{int(T0)}", f"budget|key:k|daily|{int(T0) + 86400}"
+    clock.advance(86400 - 1)  # 23:59:59 of the first day
+    late = book.reserve_now(scopes, 19, 0.0)
+    started = clock.seconds()
+    clock.advance(2)  # 00:00:01 of the next
+    early = book.reserve_now(scopes, 19, 0.0)
+    assert counters.spent_all_now([day1, day2]) == [(19, 0.0), (19, 0.0)]
+    assert fired(book.settle(late, 10, None, at=started)) is None
+    assert fired(book.settle(early, 3, None, at=clock.seconds())) is None
+    assert counters.spent_all_now([day1, day2]) == [(10, 0.0), (3, 0.0)]
+    crossing = book.reserve_now(scopes, 19, 0.0)  # begun at 23:59:59, admitted now
+    fired(book.settle(crossing, 7, None, at=started))
+    assert counters.spent_all_now([day1, day2]) == [(17, 0.0), (3, 0.0)]

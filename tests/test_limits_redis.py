@@ -10,7 +10,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import CancelledError, ensureDeferred, gatherResults, maybeDeferred
+from twisted.internet.defer import CancelledError, DeferredList, ensureDeferred, gatherResults, maybeDeferred
 from twisted.internet.task import Clock, deferLater
 
 from gomodel.errors import BudgetExceeded, RateLimitExceeded
@@ -902,3 +902,71 @@ async def test_a_budget_read_cancelled_while_it_waits_for_a_charge_keeps_the_oth
     finally:
         counters.stop()
         await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_admitted_at_once_on_two_processes_cannot_overshoot_a_budget_together(reactor, make, client,
+                                                                                              prefix):
+    """As on local counters (tests/test_limits.py): each request reserves its estimate from the shared budget sums
+    in the same Redis step that checks them, and settles to what it used. Before, twenty requests admitted at once
+    on two processes each read the room left and all went (a budget of 100, 19 reserved each)."""
+    from types import SimpleNamespace
+
+    from gomodel.auth.keys import Principal
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.limits.gate import Gate
+    from gomodel.limits.specs import LimitsConfig
+
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    gates = []
+    for _ in range(2):  # two processes: their own counters and book, one Redis prefix
+        counters = make()
+        gates.append(Gate(Limiter(counters, reactor), BudgetBook(counters, clock, seed=lambda scope, since: (0, 0.0)),
+                          LimitsConfig(), clock=clock))
+    key = Principal("k_1", "team", budgets=[{"period": "daily", "max_tokens": 100}])
+
+    async def admit(gate):
+        ctx = SimpleNamespace(principal=key, admission=None, budgets=None, usage=None, replica=0, provider="vllm",
+                              upstream_model="m", started=clock.seconds())
+        call = SimpleNamespace(model="m", counted=b'{"model":"vllm/m","messages":[],"max_tokens":8}', limited=True)
+        await gate.admit(SimpleNamespace(responseHeaders=AnswerHeaders()), ctx, SimpleNamespace(name="vllm"), call)
+        return ctx
+
+    results = await DeferredList([ensureDeferred(admit(gates[i % 2])) for i in range(20)], consumeErrors=True)
+    admitted = [ctx for ok, ctx in results if ok]
+    assert all(ctx.check(BudgetExceeded) for ok, ctx in results if not ok)
+    assert len(admitted) == 6  # 0, 19, ..., 95 reserved before each: room; 114 after the sixth
+    spent = [("key:k_1", Budget("daily", max_tokens=100))]
+    assert await gates[0].spent(spent) == [(6 * 19, 0.0)]
+    for ctx in admitted:  # each used 5
+        ctx.usage = {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+        ctx.token_counts = None
+        gates[0].completed(ctx)
+    await gates[0]._limiter.counters.written()
+    assert await gates[1].spent(spent) == [(30, 0.0)]
+    await admit(gates[1])  # room again
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reservation_is_settled_in_the_period_its_request_began_in(reactor, make, client, prefix):
+    """As on local counters (tests/test_limits.py): a reservation taken before the hour's end is settled in that
+    hour; one taken after it for a request begun before is given back in the new hour and charged to the old."""
+    clock = Clock()
+    tomorrow, _ = period_window("daily", reactor.seconds() + 86400)  # (ahead of Redis's clock: see above)
+    clock.rightNow = tomorrow + 12 * 3600 + 59 * 60 + 59
+    counters = make()
+    book = BudgetBook(counters, clock, seed=lambda scope, since: (0, 0.0))
+    scopes = [("key:k", [Budget("hourly", max_tokens=100)])]
+    hours = [f"budget|key:k|hourly|{int(tomorrow) + 12 * 3600}", f"budget|key:k|hourly|{int(tomorrow) + 13 * 3600}"]
+    late = await book.reserve(scopes, 19, 0.0)
+    started = clock.seconds()
+    clock.advance(2)  # a new hour
+    early = await book.reserve(scopes, 19, 0.0)
+    assert await counters.spent_all(hours) == [(19, 0.0), (19, 0.0)]
+    await book.settle(late, 10, None, at=started)
+    await book.settle(early, 3, None, at=clock.seconds())
+    assert await counters.spent_all(hours) == [(10, 0.0), (3, 0.0)]
+    crossing = await book.reserve(scopes, 19, 0.0)  # begun in the last hour, admitted in this one
+    await book.settle(crossing, 7, None, at=started)
+    assert await counters.spent_all(hours) == [(17, 0.0), (3, 0.0)]

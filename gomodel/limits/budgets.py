@@ -8,7 +8,12 @@ kept for good). A budget reset in its period (its C{since}) has a new sum,
 named with the reset's time, and counts from then.
 
 L{BudgetBook.check} refuses a request when a current sum has reached its
-budget; L{BudgetBook.record} adds a finished request's usage. A request
+budget; L{BudgetBook.record} adds a finished request's usage. An online
+request reserves its estimate instead (L{BudgetBook.reserve}: checked and
+added in one step, on Redis one script), settled with its usage when it
+ends (L{BudgetBook.settle}): a sum counts the reservations of the requests
+in flight, so requests admitted at once cannot all pass a budget with room
+for one. A request
 whose cost is unknown (no pricing for the model: cost None) adds 0 cost, so
 cost budgets do not see it (GoModel's rule); token budgets still do. Streams
 in flight are not cut: the next request is refused.
@@ -49,7 +54,7 @@ spent counts here too.
 
 import inspect
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from gomodel.errors import BudgetExceeded, GatewayError
@@ -188,6 +193,94 @@ class BudgetBook:
         for bucket in lost:
             self._seeded.pop(bucket, None)
         current.seeded = False
+
+    def reserve(self, scopes, tokens: int, cost: float):
+        """L{check}, and take C{tokens} and C{cost} (a request's estimate) from every budget of C{scopes} in the
+        same step: requests admitted at once count each other's reservations (without them, each saw the room
+        left and all went). Settle it with L{settle} when the request is over.
+
+        @return: a Deferred firing with the L{Reservation} (nothing taken while shared counters cannot be
+            reached: the budgets are judged by the ledger, as L{check} judges them).
+        @raise BudgetExceeded: (the Deferred fails with it) as L{check}; nothing was taken.
+        """
+        return ensureDeferred(self._reserve(scopes, int(tokens), float(cost)))
+
+    async def _reserve(self, scopes, tokens, cost):
+        if not self._counters.shared:
+            await self.check(scopes)  # (seeded now; local counters answer at once: nothing comes between)
+            return self.reserve_now(scopes, tokens, cost)
+        now = self._clock.seconds()
+        current = self._current(scopes, now)
+        if not current.rows:
+            return None
+        for _ in range(3):  # (a sum lost by Redis meanwhile: seeded again, then tried again)
+            if self._seed is not None and self._unseeded(current):
+                await self._seed_all(current)
+            state, sums = await self._shielded(
+                self._counters.reserve_all(current.reserving(tokens, cost), self._seed is not None), current, tokens, cost)
+            if state == 1:
+                return Reservation(current, tokens, cost)
+            if state == 0:
+                by_bucket = dict(zip((bucket for bucket, _ in current.sums), sums))
+                self._judge([by_bucket[bucket] for bucket in current.buckets], current, now)
+            if state is None or self._seed is None:  # unreachable (judged by the ledger), or nothing to seed
+                break
+            self._forget(current.buckets, current)
+        await self.check(scopes)
+        return Reservation(current, 0, 0.0)
+
+    def _shielded(self, reserving, current, tokens, cost):
+        """A Deferred firing with what C{reserving} (a L{reserve_all}) answers; cancelled (its request's client
+        left), it fails at once and what the reservation then takes is given back as soon as it answers."""
+        waiting = Deferred()
+
+        def answered(result):
+            if not waiting.called:
+                waiting.callback(result)
+            elif result.__class__ is tuple and result[0] == 1:  # (cancelled meanwhile)
+                self._spend(current, -tokens, -cost)
+            return None
+
+        reserving.addBoth(answered)
+        return waiting
+
+    def reserve_now(self, scopes, tokens: int, cost: float):
+        """L{reserve} at once, on counters that answer at once with every period seeded.
+
+        @return: the L{Reservation}, or None where L{reserve} must be used.
+        @raise BudgetExceeded: as L{check}.
+        """
+        current = self.current_now(scopes)
+        if current is None:
+            return None
+        if current.spent():
+            self._judge(self._counters.spent_all_now(current.buckets), current, self._clock.seconds())
+        current.charge(tokens, cost)
+        return Reservation(current, tokens, cost)
+
+    def settle(self, reservation, tokens: int, cost, at=None):
+        """Settle C{reservation} (L{reserve}'s) with the C{tokens} and C{cost} its request used (None: unknown,
+        counts 0): the difference goes to the sums it was taken from, where the request began in their periods
+        (C{at}: when it began; None: now); else it is given back there and the use charged to the periods it
+        began in, as L{record} charges it.
+
+        @return: None when done at once, else a Deferred firing with None once the counters have it.
+        """
+        current = reservation.current
+        tokens, cost = int(tokens or 0), float(cost or 0.0)
+        if (self._seed is not None and not self._counters.shared
+                and any(bucket not in self._seeded for bucket in current.buckets)):
+            # (its budgets changed since: the sums are seeded again from the ledger, without what it took)
+            return self.record(current.scopes, tokens, cost, at) if tokens or cost else None
+        if at is None or current.first <= at < current.last:
+            if tokens == reservation.tokens and cost == reservation.cost:
+                return None
+            return self._spend(current, tokens - reservation.tokens, cost - reservation.cost)
+        given = None
+        if reservation.tokens or reservation.cost:
+            given = self._spend(current, -reservation.tokens, -reservation.cost)
+        charged = self.record(current.scopes, tokens, cost, at) if tokens or cost else None
+        return charged if given is None else given if charged is None else DeferredList([given, charged])
 
     def check_now(self, scopes) -> bool:
         """L{check} at once where it can be: on counters that answer at once, every period seeded.
@@ -489,6 +582,19 @@ class BudgetBook:
             self._seeded = {b: e for b, e in self._seeded.items() if e is None or e > now}
 
 
+class Reservation:
+    """What a request took from its budgets at admission (L{BudgetBook.reserve}), settled by L{BudgetBook.settle}.
+
+    @ivar current: the L{_Current} periods it was taken in; C{tokens} and C{cost}: what was taken."""
+
+    __slots__ = ("current", "tokens", "cost")
+
+    def __init__(self, current, tokens, cost):
+        self.current = current
+        self.tokens = tokens
+        self.cost = cost
+
+
 class _Current:
     """The budget periods of one C{scopes} list at one time: what L{BudgetBook} works out once per period.
 
@@ -522,6 +628,20 @@ class _Current:
                         INF if budget.max_cost is None else budget.max_cost) for _, budget, bucket, _, _ in self.rows]
         self.cells = list(cells.values())
         self.epoch = counters.epoch
+
+    def reserving(self, tokens: int, cost: float) -> list:
+        """C{(bucket, max tokens, max cost, tokens, cost, expires_at)} of each sum: a reservation of C{tokens} and
+        C{cost} (L{gomodel.limits.counters.RedisCounters.reserve_all}), each sum's largest the smallest of its
+        budgets' (a scope's budgets of one period share its sum)."""
+        most = {}
+        for _, budget, bucket, _, _ in self.rows:
+            tokens_most, cost_most = most.get(bucket, (None, None))
+            if budget.max_tokens is not None and (tokens_most is None or budget.max_tokens < tokens_most):
+                tokens_most = budget.max_tokens
+            if budget.max_cost is not None and (cost_most is None or budget.max_cost < cost_most):
+                cost_most = budget.max_cost
+            most[bucket] = (tokens_most, cost_most)
+        return [(bucket, *most[bucket], tokens, cost, expires) for bucket, expires in self.sums]
 
     def spent(self) -> bool:
         """Whether a budget is spent (its cells resolved and live)."""

@@ -623,6 +623,32 @@ return n
 """
 
 
+# A reservation against budget sums, all or nothing (L{RedisCounters.reserve_all}): KEYS the sums; ARGV per key:
+# its largest tokens and cost ('' for none), the tokens and cost to add, expires_at or ''. Where a sum is not marked
+# seeded (lost by Redis, or never seeded) nothing is added: returns {-1}; where one holds its largest already (a
+# budget spent, reservations of the requests in flight counted), nothing either: returns {0, tokens, cost of each
+# key}; else every sum is added to: returns {1}. The last ARGV is '1' where the sums must be marked seeded.
+_RESERVE = """
+local sums = {1}
+local marked = ARGV[5 * #KEYS + 1] == '1'
+for i = 1, #KEYS do
+  local s = redis.call('HMGET', KEYS[i], 't', 'c', 's')
+  if marked and not s[3] then return {-1} end
+  local t, c = tonumber(s[1] or '0'), tonumber(s[2] or '0')
+  sums[2 * i], sums[2 * i + 1] = tostring(t), string.format('%.17g', c)
+  local mt, mc = ARGV[5 * i - 4], ARGV[5 * i - 3]
+  if (mt ~= '' and t >= tonumber(mt)) or (mc ~= '' and c >= tonumber(mc)) then sums[1] = 0 end
+end
+if sums[1] == 0 then return sums end
+for i = 1, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 't', ARGV[5 * i - 2])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'c', ARGV[5 * i - 1])
+  if ARGV[5 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[5 * i]) end
+end
+return {1}
+"""
+
+
 class _Down(Exception):
     """Redis failed after an operation was queued: it is answered open without trying."""
 
@@ -668,6 +694,7 @@ class RedisCounters(_Forms):
         self._renew_script = redis.register_script(_RENEW)
         self._spend = redis.register_script(_SPEND_ALL)
         self._seed = redis.register_script(_SEED)
+        self._reserve = redis.register_script(_RESERVE)
         self._peek = redis.register_script(_PEEK)
         from redis import RedisError
 
@@ -950,6 +977,30 @@ class RedisCounters(_Forms):
                 for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
         args.append("1" if again else "")
         return self._after_writes(keys, 0, self._seed, keys, args)
+
+    def reserve_all(self, items, seeded=True):
+        """Add to budget sums unless one is spent, in one step (requests reserving at once on several processes
+        cannot all pass a budget with room for one).
+
+        @param items: C{(bucket, max tokens, max cost, tokens, cost, expires_at)}: the largest each sum may hold
+            when the reservation comes (None: no such budget), what to add, as L{spend_all}'s.
+        @return: a Deferred firing with C{(state, sums)}: state 1, added to every sum (sums None); 0, one is spent,
+            nothing added (each bucket's C{(tokens, cost)}); -1, a sum is not marked seeded (L{seed_all}), nothing
+            added (with C{seeded}: sums seeded from the usage ledger are marked); None, Redis cannot be reached.
+        """
+        keys = [self._prefix + bucket for bucket, _, _, _, _, _ in items]
+        args = [x for _, most_tokens, most_cost, tokens, cost, expires in items
+                for x in ("" if most_tokens is None else int(most_tokens),
+                          "" if most_cost is None else repr(float(most_cost)), int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
+        args.append("1" if seeded else "")
+        return self._writing(keys, self._after_writes(keys, (None, None), self._reserve_sync, keys, args))
+
+    def _reserve_sync(self, keys, args):
+        reply = self._reserve(keys=keys, args=args)
+        state = int(reply[0])
+        if state != 0:
+            return state, None
+        return 0, [(int(float(reply[2 * i + 1])), float(reply[2 * i + 2])) for i in range(len(keys))]
 
     def spent_seeded(self, buckets):
         """L{spent_all}, and which of C{buckets} are not marked seeded (L{seed_all}): sums that Redis lost

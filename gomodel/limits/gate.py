@@ -14,17 +14,23 @@ nothing reaches the upstream. Scopes, each with its own counters:
 
 Tokens are reserved up front (the request body's size / 4 as the prompt
 estimate, plus its C{max_tokens}) and settled with the real usage when the
-request completes (L{Gate.completed}, a request-context sink). Budgets are
-checked before a request and charged with its usage when it completes (the
-same sink), batch lines by the batch runner (L{Gate.charge}), so batch lines
-and passthrough count like any request, with or without the usage ledger.
+request completes (L{Gate.completed}, a request-context sink). Budgets
+take the same estimate (and its cost at the model's price) when a request is
+admitted, refused once what was spent and reserved reaches them, and are
+settled with its usage when it completes (the same sink): requests admitted
+at once count each other's reservations. Batch lines are checked before and
+charged by the batch runner (L{Gate.charge}), so batch lines and passthrough
+count like any request, with or without the usage ledger.
 """
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from gomodel.accounting.tokens import MAX_COUNT, audio_seconds, requested_tokens, tokens_by_type, total_tokens
+from gomodel.errors import RateLimitExceeded
+from gomodel.limits.budgets import Reservation
 from gomodel.limits.lanes import Lane
+from gomodel.limits.limiter import NO_ADMISSION
 from gomodel.limits.specs import COST_MAX, Budget, RateLimit, path_ancestors
 from gomodel.logs import FailureStreak
 from gomodel.periodic import Periodic
@@ -215,7 +221,7 @@ class Gate(Periodic):
     # -- the request path ------------------------------------------------------------------
 
     def admit(self, request, ctx, upstream, call):
-        """Check budgets, then take what the request costs from every scope's limits.
+        """Reserve the request's estimate from its budgets, then take what it costs from every scope's limits.
 
         The admission is kept on C{ctx} (settled when the request completes);
         a managed key's C{x-ratelimit-*} headers are set on C{request}'s answer. On
@@ -256,7 +262,11 @@ class Gate(Periodic):
                         tokens = len(body) // 4
                         if b'"max_' in body:
                             tokens += requested_tokens(body) or 0
-                    admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders)
+                    if lane.costed:
+                        admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders,
+                                               self._cost_estimate(ctx, body))
+                    else:
+                        admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders)
                     if admission is not None:
                         ctx.admission = admission
                         return None
@@ -277,11 +287,12 @@ class Gate(Periodic):
         lane = self._lanes.get(id(scopes))
         if lane is None or lane.scopes is not scopes:
             lane = self._lane(scopes, budgets, own)
+        cost = self._cost_estimate(ctx, body) if budgets and self._pricing else 0.0
         if lane is not None:
-            admission = lane.admit(tokens, now, request.responseHeaders)
+            admission = lane.admit(tokens, now, request.responseHeaders, cost)
             if admission is None and not lane.live(now):  # a sweep, or a period's end: a new lane, once
                 lane = self._lane(scopes, budgets, own)
-                admission = None if lane is None else lane.admit(tokens, now, request.responseHeaders)
+                admission = None if lane is None else lane.admit(tokens, now, request.responseHeaders, cost)
             if scopes is not targets and not self._any_targets and lane is not None:  # a managed key's own limits
                 if len(self._key_lanes) > 10000:
                     self._key_lanes.clear()
@@ -291,10 +302,17 @@ class Gate(Periodic):
                 return None
         # Something refuses (the general path's answer says what and until when), or periods to seed.
         ctx.budgets = budgets
-        if budgets and not self._book.check_now(budgets):
-            return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
+        if budgets:
+            reservation = self._book.reserve_now(budgets, tokens, cost)
+            if reservation is None:
+                return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
+            _reserved(reservation, ctx)
         if scopes:
-            _admitted(self._limiter.admit_now(scopes, tokens, headers_for=own), request, ctx)
+            try:
+                _admitted(self._limiter.admit_now(scopes, tokens, headers_for=own), request, ctx)
+            except RateLimitExceeded:
+                self._give_back(ctx)
+                raise
         return None
 
     def _admit_read(self, _, request, ctx, upstream, call):
@@ -340,11 +358,36 @@ class Gate(Periodic):
         return lane
 
     async def _admit(self, request, ctx, budgets, scopes, own, call):
+        tokens = 0 if call is None else estimate(call.counted)
         if budgets:
-            await self._book.check(budgets)
+            cost = self._cost_estimate(ctx, call.counted) if self._pricing else 0.0
+            _reserved(await self._book.reserve(budgets, tokens, cost), ctx)  # (settled when it completes)
         if scopes:
-            tokens = 0 if call is None else estimate(call.counted)
-            _admitted(await self._limiter.admit(scopes, tokens, headers_for=own), request, ctx)
+            try:
+                _admitted(await self._limiter.admit(scopes, tokens, headers_for=own), request, ctx)
+            except RateLimitExceeded:
+                self._give_back(ctx)
+                raise
+
+    def _give_back(self, ctx):
+        """Give back what C{ctx}'s admission reserved of its budgets (a limit refused it after they had room)."""
+        reservation = ctx.budgets
+        if reservation.__class__ is Reservation:
+            ctx.budgets = reservation.current.scopes
+            if ctx.admission is NO_ADMISSION:
+                ctx.admission = None
+            giving = self._book.settle(reservation, 0, 0.0)
+            if giving is not None:
+                giving.addErrback(self._failed, "giving back a budget reservation")
+
+    def _cost_estimate(self, ctx, body) -> float:
+        """The cost of a request's estimate (L{estimate}: its prompt, and the output it asks for at most) at its
+        model's price; 0 without one."""
+        pricing = self._pricing
+        if pricing is None or not body or not ctx.upstream_model:
+            return 0.0
+        cost = pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", (len(body) // 4, requested_tokens(body) or 0, 0))[2]
+        return cost or 0.0
 
     def _with_targets(self, limits, targets):
         """A key's C{limits} and a target's C{limits} in one list, the same list on every request."""
@@ -376,7 +419,7 @@ class Gate(Periodic):
         principal = ctx.principal
         charged = (self._book is not None and ctx.replica is not None and principal is not None
                    and principal.limited)
-        if admission is None and not charged:
+        if admission is None and not charged:  # (a reservation of its budgets comes with an admission: L{_reserved})
             return
         usage = ctx.usage
         used = usage.get("total_tokens") if usage else 0  # (L{total_tokens}' common case, inline)
@@ -399,7 +442,13 @@ class Gate(Periodic):
                 admission.finish_now(used)
             else:
                 admission.finish(used).addErrback(self._failed, "settling a rate-limit admission")
-        if charged:
+        reservation = ctx.budgets
+        if reservation.__class__ is Reservation:  # (taken off the lanes: settled, given back where not charged)
+            ctx.budgets = reservation.current.scopes
+            settling = self._book.settle(reservation, used if charged else 0, cost if charged else 0.0, ctx.started)
+            if settling is not None:
+                settling.addErrback(self._failed, "settling a budget reservation")
+        elif charged:
             # The budgets as its admission checked them (a lane's are its own): a reset, or a path's budgets
             # edited, while it ran leaves it in the sums it was admitted under, as the usage ledger counts it
             # (by when it started), a key's own budgets too (its principal is the one it came with); and in the
@@ -412,8 +461,8 @@ class Gate(Periodic):
         generation's, rather than given back as unused (its usage is charged to the budgets once it is over)."""
         admission = ctx.admission
         if admission.__class__ is tuple:  # a L{Lane}'s ticket
-            if admission:
-                ctx.admission = (admission[0], 0)  # (settled against nothing reserved: nothing is given back)
+            if admission:  # (settled against no tokens reserved: nothing is given back; its budgets' reservation is)
+                ctx.admission = (admission[0], 0, admission[2], admission[3])
         elif admission is not None:
             admission.keep_reserved()
 
@@ -455,6 +504,15 @@ def _admitted(admission, request, ctx):
     of its L{gomodel.http.headers.AnswerHeaders})."""
     ctx.admission = admission
     request.responseHeaders.lines = admission.header_lines()
+
+
+def _reserved(reservation, ctx):
+    """Keep C{reservation} (of C{ctx}'s budgets, or None) on C{ctx}, settled when it completes; its admission,
+    where no limit takes one, is L{NO_ADMISSION} (a request without an admission has nothing to settle)."""
+    if reservation is not None:
+        ctx.budgets = reservation
+        if ctx.admission is None:
+            ctx.admission = NO_ADMISSION
 
 
 def with_resets(path, budgets, resets) -> tuple:

@@ -29,7 +29,7 @@ class Lane:
     """
 
     __slots__ = ("scopes", "_clock", "_counters", "_epoch", "_first", "_until", "_prepared", "_buckets",
-                 "_token_buckets", "_slots", "_slot", "_slot_limit", "_budgets", "_sums", "_header_plan")
+                 "_token_buckets", "_slots", "_slot", "_slot_limit", "_budgets", "_sums", "_header_plan", "costed")
 
     def __init__(self, scopes, limiter, prepared, current, header_plan):
         """
@@ -69,19 +69,24 @@ class Lane:
         self._slot, self._slot_limit = slots[0] if slots is not None and len(slots) == 1 else (None, 0)
         self._budgets = current.limits if current is not None else ()
         self._sums = current.cells if current is not None else None
+        # whether a budget of its caps cost: a request then reserves its estimate's cost as well (L{admit})
+        self.costed = any(max_cost != INF for _, _, max_cost in self._budgets)
         self._first, self._until = (current.first, current.last) if current is not None else (-INF, INF)
 
     def live(self, now) -> bool:
         """Whether its cells are still the counters' own and its budget periods still run at C{now}."""
         return self._epoch == self._counters.epoch and self._first <= now < self._until
 
-    def admit(self, tokens: int, now, headers):
+    def admit(self, tokens: int, now, headers, cost=0.0):
         """Admit a request costing C{tokens} at C{now}, setting its C{x-ratelimit-*}
         headers as the C{lines} of C{headers} (the answer's L{gomodel.http.headers.AnswerHeaders}).
 
-        @return: its ticket, C{(self, tokens)} (what L{finish} settles), or None when a budget is spent,
-            a limit refuses (nothing was taken: the general path says why) or the lane is no longer
-            L{live} at C{now}.
+        A budget is spent once its sum, with what the requests in flight reserved, reaches it: the request
+        reserves C{tokens} and C{cost} (its estimate's, where the lane is L{costed}) from every budget's sum.
+
+        @return: its ticket, C{(self, tokens, budget tokens, budget cost)} (what L{finish} settles), or None
+            when a budget is spent, a limit refuses (nothing was taken: the general path says why) or the
+            lane is no longer L{live} at C{now}.
         """
         if self._epoch != self._counters.epoch or not self._first <= now < self._until:  # (not L{live})
             return None
@@ -120,12 +125,17 @@ class Lane:
                         return None
                 for cell, _ in lease:
                     cell[0] += 1
+        sums = self._sums
+        if sums is not None:  # reserved from every budget (L{gomodel.limits.budgets._Current.charge})
+            for cell in sums:
+                cell[0] += tokens
+                cell[1] += cost
         self._counters.tick(now)
         if self._header_plan:
             lines = header_lines(self._header_plan, self._prepared.buckets, [b[0][0] for b in self._buckets])
         if lines:
             headers.lines = lines
-        return (self, tokens)  # (a tuple, not an object with an __init__ to run: this is every request's)
+        return (self, tokens, tokens, cost)  # (a tuple, not an object with an __init__ to run: every request's)
 
     def _give_back(self, refused, tokens):
         """A refused admission: give back what it took of the buckets before C{refused} (the
@@ -144,8 +154,10 @@ class Lane:
         token buckets by name (L{gomodel.limits.counters.LocalCounters.settle_now}); its slots' cells,
         held, are still the live ones.
 
-        The budgets are charged in the periods the request began in (C{started}, as the usage ledger dates it;
-        None: those it was admitted in), ended since or not.
+        What the ticket reserved of the budgets is settled with C{used} and C{cost} (given back without
+        C{charge}); the budgets are charged in the periods the request began in (C{started}, as the usage
+        ledger dates it; None: those it was admitted in), ended since or not: where it began before the lane's,
+        what it reserved is given back here and the caller charges those.
 
         @return: whether the budgets were charged (or C{charge} was not asked); False when its cells are no
             longer the counters' own, it has no budgets or it began before its periods: the caller charges
@@ -174,16 +186,20 @@ class Lane:
                     cell[1] = now
         else:
             counters.settle_now(self._prepared.token_buckets if delta else (), delta, None)
-            if charge:
-                return False
-        if not charge:
-            return True
         sums = self._sums
-        if sums is None or (started is not None and not self._first <= started < self._until):
-            return False  # (begun before its periods: charged in those it began in, by the book)
-        cost = cost or 0.0
-        for cell in sums:  # (L{gomodel.limits.budgets._Current.charge})
-            cell[0] += used
-            cell[1] += cost
-        return True
+        if sums is None:
+            return not charge
+        # (a sum's cell stays the counters' own until its period is over: a sweep drops only ended sums)
+        if charge and self._epoch == counters.epoch and (started is None or self._first <= started < self._until):
+            tokens, cost = used - ticket[2], (cost or 0.0) - ticket[3]
+            for cell in sums:  # (L{gomodel.limits.budgets._Current.charge})
+                cell[0] += tokens
+                cell[1] += cost
+            return True
+        tokens, cost = ticket[2], ticket[3]  # given back (begun before its periods: charged there, by the book)
+        if tokens or cost:
+            for cell in sums:
+                cell[0] -= tokens
+                cell[1] -= cost
+        return not charge
 
