@@ -687,6 +687,42 @@ async def test_a_background_responses_reservation_stays_taken_from_its_keys_tpm(
     assert (response.code, error["code"], error["type"]) == (429, "rate_limit_exceeded", "tokens")
 
 
+@pytest.mark.parametrize("redis", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_background_responses_reservation_stays_taken_when_its_client_leaves(reactor, http, fake,
+                                                                                              tmp_path, redis,
+                                                                                              redis_env):
+    """A background response streamed (C{background: true, stream: true}) goes on at its instance when its client
+    leaves the stream: what it reserved of its key's tokens a minute stays taken, as a background create answered
+    queued keeps it (before, the stream's end gave it back: a key of tpm 300 left any number of such streams, each
+    generating up to 250 tokens)."""
+    gw = await start(reactor, fake, tmp_path, **redis_env)
+    key = await new_key(http, gw, tpm=300)
+    client = openai_client(gw, key["value"])
+
+    def left():
+        events = client.responses.create(model=MODEL, input="long job", background=True, stream=True,
+                                         max_output_tokens=250, extra_body={"fake_hang_after": 2})
+        try:
+            return next(iter(events)).type
+        finally:
+            events.close()
+
+    try:
+        assert await in_thread(left) == "response.created"
+        await until(reactor, lambda: gw.service.drain.in_flight == 0)  # (the gateway saw the client leave)
+        body = json.dumps({"model": MODEL, "input": "long job", "background": True, "max_output_tokens": 250})
+        headers = {"authorization": f"Bearer {key['value']}", "content-type": "application/json"}
+        response = await http.post(gw.url + "/v1/responses", data=body.encode(), headers=headers)
+        error = json.loads(await treq.content(response)).get("error")
+        assert (response.code, error and error["code"], error and error["type"]) == (
+            429, "rate_limit_exceeded", "tokens")
+    finally:
+        fake.finish_hung()
+        client.close()
+        await gw.service.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_is_charged_when_it_is_read_finished(http, gw, fake):
     """Its create's answer (queued) has no usage: the read that finds it finished at its instance records and

@@ -258,6 +258,8 @@ class ResponsesRoute:
             call = UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
                                 transform=partial(_streamed, observer), prefer=prefer, affinity=affinity)
             left = None  # whether the client left, once the stream is over; None: it failed before it began
+            if background:
+                ctx.hold()  # (completed once its reservation's fate is known, below)
             try:
                 result = await self._exchange.relay(request, ctx, provider, call)
                 if result is not None:
@@ -269,7 +271,14 @@ class ResponsesRoute:
                 raise
             finally:  # (the client left, the stream broke: a background response kept as it began is watched)
                 if background:
-                    turn.ended(observer.response)
+                    try:
+                        turn.ended(observer.response)
+                        if observer.response is None and turn.began is not None and self._gate is not None:
+                            # it goes on at its instance: what it reserved of its key's token windows stays
+                            # taken, as a create answered queued keeps it (its watch charges what it used)
+                            self._gate.reservation_stays(ctx)
+                    finally:
+                        ctx.release()
                 elif turn.stored:
                     turn.keep(_final(observer.response, observer.began, left, observer.error))
         transform = turn.keep_body if turn.stored else None
