@@ -970,3 +970,35 @@ async def test_a_reservation_is_settled_in_the_period_its_request_began_in(react
     crossing = await book.reserve(scopes, 19, 0.0)  # begun in the last hour, admitted in this one
     await book.settle(crossing, 7, None, at=started)
     assert await counters.spent_all(hours) == [(17, 0.0), (3, 0.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admission_refused_a_slot_waits_a_moment_for_another_process_to_free_it(reactor, make):
+    """On shared counters a slot is freed by its process after its answer went out: another process's admission
+    refused it tries again over about half a second (SLOT_WAITS) before it fails, so a client that waited for its
+    last answer gets the slot that answer frees; one whose client leaves meanwhile stops trying."""
+    from gomodel.limits.limiter import SLOT_WAITS
+
+    one, two = Limiter(make(), reactor), Limiter(make(), reactor)
+    scopes = [("key:k", RateLimit(concurrent=1))]
+    held = await one.admit(scopes, 0)
+    started = time.monotonic()
+    waiting = two.admit(scopes, 0)
+    await deferLater(reactor, 0.05, lambda: None)
+    assert not waiting.called
+    await held.release()  # (its answer went out a moment ago)
+    second = await waiting
+    assert time.monotonic() - started < sum(SLOT_WAITS)
+    started = time.monotonic()
+    with pytest.raises(RateLimitExceeded) as info:  # held for good: refused once the waits are over
+        await one.admit(scopes, 0)
+    assert "concurrent" in info.value.message and time.monotonic() - started >= sum(SLOT_WAITS) - 0.01
+    left = one.admit(scopes, 0)
+    await deferLater(reactor, 0.05, lambda: None)
+    left.cancel()  # its client left while it waited
+    with pytest.raises(CancelledError):
+        await left
+    await second.release()
+    await deferLater(reactor, sum(SLOT_WAITS), lambda: None)  # (a try it had left would have taken the slot)
+    third = await two.admit(scopes, 0)
+    await third.release()

@@ -988,6 +988,37 @@ async def test_a_sequential_client_is_never_refused_a_slot_its_last_request_stil
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_sequential_client_behind_a_round_robin_balancer_is_never_refused_the_slot_it_frees(
+        reactor, http, fake, tmp_path):
+    """Two gateways on one Redis behind a round-robin balancer, a key of C{max_concurrency: 1} used by one client
+    one request at a time: its request to one gateway frees its slot after the answer went out (here held 0.3 s
+    on its way to Redis, as by a loaded host), while its next request, to the other gateway, is admitted. That
+    admission now waits a moment (about half a second at most) for a slot before it refuses; before, it was
+    refused at once (a spurious 429: ordering a process's own writes cannot order another's)."""
+    from gomodel.limits.counters import _ADMIT, _FINISH
+    from tests.redis_server import script_sha
+
+    with _redis_counters() as env:
+        one, proxy, _ = await _sequential_client_on_a_slow_redis(
+            reactor, http, fake, tmp_path, env, script_sha(_FINISH), script_sha(_ADMIT))
+        two = await start(reactor, fake, tmp_path, **env)
+        key = await new_key(http, one, max_concurrency=1)
+        clients = [openai_client(gateway, key["value"]) for gateway in (one, two)]
+        try:
+            await two.service.keys.refresh()
+            for turn in range(4):  # one, two, one, two: each after the last answer came
+                answer = await in_thread(raw_chat, clients[turn % 2])
+                assert answer.http_response.status_code == 200
+            assert proxy.holds >= 2  # (each release of gateway one held while gateway two admitted the next)
+        finally:
+            for client in clients:
+                client.close()
+            await one.service.stopService()
+            await two.service.stopService()
+            await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_sequential_client_spends_its_budget_on_redis_before_its_next_check(reactor, http, fake, tmp_path):
     """A request's budget charge goes to Redis in a thread after its answer went out: the next request's check,
     in another thread, could read the sum without it and pass a spent budget. A check now reads after the

@@ -34,6 +34,10 @@ from gomodel.limits.counters import INF, Admitted
 # The most scopes' plans, and shared buckets' levels seen, kept (a key deleted leaves its own behind): past it
 # they are dropped and made again as they are used.
 KEPT = 100000
+# Seconds an admission refused a concurrency slot on shared counters waits before each of its tries again (about
+# half a second in all): a slot freed by another process is given back after that process's answer went out, so
+# a client that waits for each answer may send its next request, to another process, before the release is in.
+SLOT_WAITS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.24)
 _NAMES = {60: "min", 3600: "hour", 86400: "day"}
 _SHORT = {60: "M", 3600: "H", 86400: "D"}
 
@@ -153,7 +157,9 @@ class Limiter:
             cancelled (its request's client left while shared counters answer), what the
             counters then take is given back as soon as they answer, as a request's that
             ends without usage (its slots freed, its tokens unused), not held until a
-            slot's lease lapses.
+            slot's lease lapses. On shared counters, one refused a concurrency slot tries
+            again a few times over about half a second (L{SLOT_WAITS}) before it fails:
+            another process frees its slots after its answers went out.
         @raise RateLimitExceeded: (the Deferred fails with it) a limit refused; nothing was
             taken. Its C{scope} names the scope that refused.
         """
@@ -162,28 +168,52 @@ class Limiter:
             return succeed(NO_ADMISSION)
         specs, slots = prepared.specs(tokens), prepared.slots
         got = self.counters.admit(specs, slots)
-        # (cancelled before the counters answer: they are told, L{_left})
-        admission = Deferred() if got.called else Deferred(partial(self._left, got, specs, slots))
-        got.addBoth(self._answered, admission, prepared, tokens, headers_for)
+        if got.called:
+            admission = Deferred()
+            got.addBoth(self._answered, admission, prepared, tokens, headers_for, None)
+            return admission
+        # (cancelled before the counters answer: they are told, L{_left}; while it waits for a slot, it stops)
+        waiting = [got, 0]  # what it waits for now (the counters' answer, or the call of its next try), its tries
+        admission = Deferred(partial(self._left, waiting, specs, slots))
+        got.addBoth(self._answered, admission, prepared, tokens, headers_for, waiting)
         return admission
 
-    def _left(self, got, specs, slots, admission):
-        """C{admission}'s client left before the counters answered (C{got}): counters that order their operations
-        (L{gomodel.limits.counters.RedisCounters.abandoned}) send the next ones of its buckets after what it
-        takes is given back (L{_answered}), not before (a retry refused the slot nobody held)."""
+    def _left(self, waiting, specs, slots, admission):
+        """C{admission}'s client left before the counters answered (C{waiting[0]}): counters that order their
+        operations (L{gomodel.limits.counters.RedisCounters.abandoned}) send the next ones of its buckets after
+        what it takes is given back (L{_answered}), not before (a retry refused the slot nobody held). Waiting
+        to try again for a slot, it stops."""
+        got = waiting[0]
+        if got.__class__ is not Deferred:  # (the call of its next try)
+            if got.active():
+                got.cancel()
+            return
         abandoned = getattr(self.counters, "abandoned", None)
         if abandoned is not None:
             abandoned(got, specs, slots)
 
-    def _answered(self, got, admission, prepared, tokens, headers_for):
+    def _again(self, admission, prepared, specs, slots, tokens, headers_for, waiting):
+        """Try C{admission}, refused a slot, again (L{SLOT_WAITS})."""
+        if admission.called:
+            return
+        got = waiting[0] = self.counters.admit(specs, slots)
+        got.addBoth(self._answered, admission, prepared, tokens, headers_for, waiting)
+
+    def _answered(self, got, admission, prepared, tokens, headers_for, waiting):
         """Hand C{admission} what the counters answered (C{got}: an L{Admitted} or a failure); one already
-        cancelled has what they took given back."""
+        cancelled has what they took given back; one refused a slot on shared counters (C{waiting} not None)
+        tries again after a while (L{SLOT_WAITS}), until it has tried them all."""
         if admission.called:  # (cancelled: nobody waits for it; the counters' next operations wait for the give-back)
             if got.__class__ is Admitted and got.ok:
                 return self._admitted(got, prepared, tokens, None).finish(0).addErrback(self._not_given_back)
             return None
         if isinstance(got, Failure):
             admission.errback(got)
+            return None
+        if waiting is not None and not got.ok and got.refused >= 0 and waiting[1] < len(SLOT_WAITS):
+            waiting[0] = self.clock.callLater(SLOT_WAITS[waiting[1]], self._again, admission, prepared,
+                                              prepared.specs(tokens), prepared.slots, tokens, headers_for, waiting)
+            waiting[1] += 1
             return None
         try:
             answer = self._admitted(got, prepared, tokens, headers_for)
