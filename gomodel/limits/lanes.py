@@ -127,9 +127,13 @@ class Lane:
                     cell[0] += 1
         sums = self._sums
         if sums is not None:  # reserved from every budget (L{gomodel.limits.budgets._Current.charge})
-            for cell in sums:
-                cell[0] += tokens
-                cell[1] += cost
+            if cost:
+                for cell in sums:
+                    cell[0] += tokens
+                    cell[1] += cost
+            else:
+                for cell in sums:
+                    cell[0] += tokens
         self._counters.tick(now)
         if self._header_plan:
             lines = header_lines(self._header_plan, self._prepared.buckets, [b[0][0] for b in self._buckets])
@@ -191,10 +195,15 @@ class Lane:
             return not charge
         # (a sum's cell stays the counters' own until its period is over: a sweep drops only ended sums)
         if charge and self._epoch == counters.epoch and (started is None or self._first <= started < self._until):
-            tokens, cost = used - ticket[2], (cost or 0.0) - ticket[3]
-            for cell in sums:  # (L{gomodel.limits.budgets._Current.charge})
-                cell[0] += tokens
-                cell[1] += cost
+            tokens = used - ticket[2]
+            if cost or ticket[3]:
+                cost = (cost or 0.0) - ticket[3]
+                for cell in sums:  # (L{gomodel.limits.budgets._Current.charge})
+                    cell[0] += tokens
+                    cell[1] += cost
+            else:
+                for cell in sums:
+                    cell[0] += tokens
             return True
         tokens, cost = ticket[2], ticket[3]  # given back (begun before its periods: charged there, by the book)
         if tokens or cost:
