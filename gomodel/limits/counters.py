@@ -993,7 +993,9 @@ class RedisCounters(_Forms):
                 for x in ("" if most_tokens is None else int(most_tokens),
                           "" if most_cost is None else repr(float(most_cost)), int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
         args.append("1" if seeded else "")
-        return self._writing(keys, self._after_writes(keys, (None, None), self._reserve_sync, keys, args))
+        # (after the writes of its sums in flight, as a read; not itself waited for by the next ones: a request's
+        # reservation is in before its answer goes out, and reservations at once are each atomic)
+        return self._after_writes(keys, (None, None), self._reserve_sync, keys, args)
 
     def _reserve_sync(self, keys, args):
         reply = self._reserve(keys=keys, args=args)
