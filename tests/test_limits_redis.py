@@ -1002,3 +1002,35 @@ async def test_an_admission_refused_a_slot_waits_a_moment_for_another_process_to
     await deferLater(reactor, sum(SLOT_WAITS), lambda: None)  # (a try it had left would have taken the slot)
     third = await two.admit(scopes, 0)
     await third.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_budget_reservation_cancelled_while_redis_answers_is_given_back(reactor, prefix, client):
+    """A request whose client leaves while Redis runs its budget reservation: what the reservation takes is given
+    back as soon as Redis answers, not held in the sum until the period's end."""
+    from gomodel.limits.counters import _RESERVE
+    from tests.redis_server import HoldingProxy, script_sha
+
+    proxy = HoldingProxy(reactor, script_sha(_RESERVE), b"-", hold=0.2)
+    counters = RedisCounters(redis.Redis.from_url(proxy.url, socket_timeout=2), prefix, reactor)
+    counters.start()
+    try:
+        clock = Clock()
+        clock.rightNow = reactor.seconds()
+        book = BudgetBook(counters, clock, seed=lambda scope, since: (0, 0.0))
+        scopes = [("key:k", [Budget("daily", max_tokens=100)])]
+        await book.check(scopes)  # (seeded)
+        reserving = book.reserve(scopes, 60, 0.0)
+        await deferLater(reactor, 0.05, lambda: None)
+        reserving.cancel()  # its client left while the reservation was held on its way
+        with pytest.raises(CancelledError):
+            await reserving
+        await deferLater(reactor, 0.3, lambda: None)  # (Redis ran it, and the give-back)
+        await counters.written()
+        assert (await book.spent([("key:k", Budget("daily", max_tokens=100))]))[0][0] == 0
+        await book.reserve(scopes, 60, 0.0)  # (the whole budget's room: nothing was kept of the cancelled one)
+        assert (await book.spent([("key:k", Budget("daily", max_tokens=100))]))[0][0] == 60
+    finally:
+        counters.stop()
+        counters._redis.close()
+        await proxy.close()
