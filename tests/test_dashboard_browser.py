@@ -35,7 +35,7 @@ from twisted.internet.task import deferLater
 from tests.fakes.fleet import FakeFleet
 from tests.fakes.vllm import CHAT_MODEL
 from tests.integration.support import free_port
-from tests.support import in_thread
+from tests.support import in_thread, within_one_day
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -1788,21 +1788,20 @@ async def test_a_master_key_beyond_ascii_signs_in(reactor, tmp_path):
 # -- days of the browser's time zone (a gateway and a browser of their own) ---------------------------
 
 
-async def _across_midnight(reactor, gw, zone):
-    """Usage records a minute either side of the start of today in C{zone} (UTC's today holds both or neither of
-    them, whatever the time: the zone's and UTC's totals of today differ): its start (an aware datetime)."""
+async def _across_midnight(gw, zone):
+    """Usage records at the start of today in C{zone} and a minute before it (UTC's today holds both or neither of
+    them, whatever the time: the zone's and UTC's totals of today differ): its start (an aware datetime). (At the
+    start itself, not after it: a record never in the future, the test need not wait for the day's first minute.)
+    A test of them runs under L{within_one_day}: the zone's day may end while it runs."""
     from gomodel.store.records import USAGE_FIELDS
 
     tz = ZoneInfo(zone)
-    now = time.time()
-    midnight = datetime.combine(datetime.fromtimestamp(now, tz).date(), datetime.min.time(), tz)
-    if now - midnight.timestamp() < 90:  # (the zone's day just began: wait for its first minute to pass)
-        await deferLater(reactor, 90 - (now - midnight.timestamp()), lambda: None)
+    midnight = datetime.combine(datetime.now(tz).date(), datetime.min.time(), tz)
     base = dict.fromkeys(USAGE_FIELDS)
     base.update(provider="vllm", provider_name="vllm", replica=0, model=MODEL, endpoint="/v1/chat/completions",
                 status_code=200, stream=False, output_tokens=1, client_gone=False, estimated=False, outcome="ok",
                 duration_ms=40, ttft_ms=None)
-    rows = [("yesterday-there", midnight.timestamp() - 60, 1000), ("today-there", midnight.timestamp() + 60, 20000)]
+    rows = [("yesterday-there", midnight.timestamp() - 60, 1000), ("today-there", midnight.timestamp(), 20000)]
     await gw.service.store.usage.add([tuple(dict(base, request_id=request_id, timestamp=at, input_tokens=tokens,
                                                  total_tokens=tokens + 1)[name] for name in USAGE_FIELDS)
                                       for request_id, at, tokens in rows])
@@ -1818,10 +1817,18 @@ async def _summary_today(gw, key, zone=None):
 
 async def _usage_in_the_browsers_zone(reactor, tmp_path, zone, offset):
     """The usage page's "Today", its dates and the request log's times, and the overview's days and hours, in a
-    browser in C{zone} (UTC C{offset}, as "+05:30"): those of the API asked for that zone."""
+    browser in C{zone} (UTC C{offset}, as "+05:30"): those of the API asked for that zone (again, on a gateway and
+    in a folder of their own, when the zone's day ended under it)."""
+    attempts = iter(("first", "again"))
+    await within_one_day(ZoneInfo(zone), lambda: _usage_in_the_zone_today(reactor, tmp_path / next(attempts), zone,
+                                                                          offset))
+
+
+async def _usage_in_the_zone_today(reactor, tmp_path, zone, offset):
+    tmp_path.mkdir()
     master = "gm-dash-" + secrets.token_urlsafe(16)
     async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (gw, b):
-        midnight = await _across_midnight(reactor, gw, zone)
+        midnight = await _across_midnight(gw, zone)
         there, utc = await _summary_today(gw, master, zone), await _summary_today(gw, master)
         assert (there["requests"], there["input_tokens"]) == (1, 20000)
         assert utc["input_tokens"] in (0, 21000)  # (UTC's today holds both records or neither)
@@ -1844,7 +1851,7 @@ async def _usage_in_the_browsers_zone(reactor, tmp_path, zone, offset):
             cards = dict(zip(b.texts("#usage-totals .card-title"), b.texts("#usage-totals .card-value")))
             assert (cards["Requests"], cards["Input tokens"]) == ("1", "20,000")
             b.wait(lambda d: b.texts("#log-table .request-id") == ["today-there"], "today's record there")
-            shown = midnight.strftime("%Y-%m-%d 00:01:00") + f" UTC{offset}"
+            shown = midnight.strftime("%Y-%m-%d 00:00:00") + f" UTC{offset}"
             assert b.texts("#log-table td[data-label='Time']") == [shown]
             # dates picked are the zone's: yesterday there holds the record a minute before its midnight
             Select(b.one("#usage-days")).select_by_value("custom")
@@ -1897,9 +1904,15 @@ async def test_a_time_zone_the_gateway_does_not_know_shows_utc_days(reactor, tmp
     """A browser's zone name the gateway's time zone database lacks (one newer than its tzdata, say) is refused with
     a 400 naming X-GoModel-Timezone: the dashboard asks again without it and says the days are UTC's, rather than
     showing the error on every usage view."""
+    attempts = iter(("first", "again"))
+    await within_one_day(ZoneInfo("UTC"), lambda: _an_unknown_zone_today(reactor, tmp_path / next(attempts)))
+
+
+async def _an_unknown_zone_today(reactor, tmp_path):
+    tmp_path.mkdir()
     master = "gm-dash-" + secrets.token_urlsafe(16)
     async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (gw, b):
-        await _across_midnight(reactor, gw, "UTC")
+        await _across_midnight(gw, "UTC")
         utc = await _summary_today(gw, master)
 
         def page():
