@@ -645,7 +645,8 @@ async def test_a_deactivated_key_past_its_expiry_says_it_expired(env, reactor):
     headers = {"authorization": f"Bearer {env.master}"}
     expiry = int(time.time()) + 2
     key = await _made_key(env, name="deactivated, then expired", expires_at=expiry)
-    assert key["expired"] is False, key
+    if time.time() < expiry:  # (made before its expiry; on a loaded host the making may have taken longer)
+        assert key["expired"] is False, key
     assert (await treq.post(env.root + f"/admin/api/v1/auth-keys/{key['id']}/deactivate", headers=headers)).code == 200
 
     async def gone():
