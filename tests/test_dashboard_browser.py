@@ -425,6 +425,7 @@ async def test_overview_month_labels_are_the_browsers_days_west_of_utc(env):
     assert all(p.endswith(("T00:00:00.000-05:00", "T00:00:00.000-04:00")) for p in periods), periods
 
     def labels():
+        b.sign_in()  # (as every test here may be run alone)
         b.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "America/New_York"})
         try:
             b.go("overview")
