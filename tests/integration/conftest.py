@@ -21,7 +21,6 @@ from tests.integration.support import (
     TWISTD,
     bearer,
     env_flag,
-    free_port,
     gateway_env,
     read_env_file,
     request,
@@ -154,7 +153,6 @@ def gateway(vllm, tmp_path_factory):
         pytest.fail(f"{TWISTD} not found: install the gateway into this Python "
                     "(pip install -e '.[test]' --config-settings editable_mode=compat)")
     workdir = tmp_path_factory.mktemp("gateway")
-    port = free_port()
     master = "gm-it-" + secrets.token_urlsafe(24)
     # Only the four providers below: an inherited VLLM_* variable (say VLLM_API_KEY of a developer's own setup)
     # would change what the suite talks to.
@@ -170,7 +168,7 @@ def gateway(vllm, tmp_path_factory):
         "VLLM_POOL_API_KEY": vllm.chat_key,
         "GOMODEL_MASTER_KEY": master,
     })
-    argv, proc, log_path = start_twistd(workdir, port, env)
+    argv, proc, log_path, port = start_twistd(workdir, env, GATEWAY_START_TIMEOUT)
     gw = types.SimpleNamespace(
         proc=proc, port=port, root=f"http://127.0.0.1:{port}", url=f"http://127.0.0.1:{port}/v1",
         master_key=master, auth=bearer(master), log_path=log_path, argv=argv)

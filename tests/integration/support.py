@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -192,15 +193,38 @@ def gateway_env(settings):
     return env
 
 
-def start_twistd(workdir, port, env):
-    """gomodel started as a user would, C{twistd -n --pidfile= gomodel --listen tcp:PORT:interface=127.0.0.1}, in
-    C{workdir} with C{env} (L{gateway_env}), its output in C{workdir/gateway.log}: C{(argv, process, log's path)}."""
-    argv = [TWISTD, "-n", "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"]
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+
+def start_twistd(workdir, env, timeout=60.0):
+    """gomodel started as a user would, C{twistd -n --pidfile= gomodel --listen tcp:0:interface=127.0.0.1}, in
+    C{workdir} with C{env} (L{gateway_env}), its output in C{workdir/gateway.log}: C{(argv, process, log's path,
+    port)} once it listens (the port it logs: one chosen here and then bound by the process could be taken in
+    between). Fails with its log if it exits first or does not listen within C{timeout} seconds."""
+    argv = [TWISTD, "-n", "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"]
     log_path = str(workdir / "gateway.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=str(workdir), env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
-    return argv, proc, log_path
+    try:
+        return argv, proc, log_path, listening_port(proc, log_path, timeout)
+    except BaseException:
+        stop(proc)
+        raise
+
+
+def listening_port(proc, log_path, timeout=60.0):
+    """The port the gateway C{proc} logs to C{log_path} that it listens on, once it does."""
+    def port():
+        found = LISTENING.search(tail(log_path, 10_000))
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise AssertionError(f"the gateway exited with status {proc.returncode} before it listened\n"
+                                 f"--- {log_path} ---\n{tail(log_path)}")
+        return None
+
+    return wait_for(port, timeout, interval=0.05, what=f"the gateway logging to {log_path} to listen")
 
 
 def stop(proc, grace=10.0):

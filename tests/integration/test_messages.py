@@ -13,7 +13,7 @@ import time
 import anthropic
 import pytest
 
-from tests.integration.support import (CHAT_MODEL, free_port, gateway_env, request, start_twistd, stop, tail,
+from tests.integration.support import (CHAT_MODEL, gateway_env, request, start_twistd, stop, tail,
                                        usage_record, wait_for)
 
 MODEL = f"vllm/{CHAT_MODEL}"
@@ -139,9 +139,9 @@ def test_usage_record_equals_vllms_usage(gateway, via):
 def translating(vllm, tmp_path_factory):
     """A second gateway, with the chat vLLM as an C{openai} provider (no Messages API: translated)."""
     workdir = tmp_path_factory.mktemp("translating")
-    port, key = free_port(), "gm-it-" + secrets.token_urlsafe(16)
+    key = "gm-it-" + secrets.token_urlsafe(16)
     env = gateway_env({"OPENAI_BASE_URL": vllm.chat_url, "OPENAI_API_KEY": "unused", "GOMODEL_MASTER_KEY": key})
-    _, proc, log_path = start_twistd(workdir, port, env)
+    _, proc, log_path, port = start_twistd(workdir, env)
     root = f"http://127.0.0.1:{port}"
 
     def ready():

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests import postgres
-from tests.integration.support import CHAT_MODEL, free_port, request
+from tests.integration.support import CHAT_MODEL, listening_port, request
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MASTER = "gm-it-scaleout"
@@ -27,15 +27,15 @@ def database():
 
 
 def _gateway(vllm, database, workdir, name):
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_") and k != "GOMODEL_CONFIG"}
     env.update({"VLLM_BASE_URL": vllm.chat_url, "GOMODEL_MASTER_KEY": MASTER, "STORAGE_TYPE": "postgresql",
                 "POSTGRES_URL": postgres.url(database), "BATCH_LEASE_TIMEOUT": "3s",
                 "BATCH_CONCURRENCY_PER_PROVIDER": "2", "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", "")})
     log = open(workdir / f"{name}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                             "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                             "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
                             env=env, cwd=str(workdir), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    port = listening_port(proc, workdir / f"{name}.log")  # (the port it chose: one chosen here could be taken)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, (workdir / f"{name}.log").read_text()

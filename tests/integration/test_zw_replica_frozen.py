@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.integration.support import CHAT_MODEL, free_port, gateway_env, request, start_twistd, stop, tail, wait_for
+from tests.integration.support import CHAT_MODEL, gateway_env, request, start_twistd, stop, tail, wait_for
 
 MODEL = f"vllm-pool/{CHAT_MODEL}"
 HEADER_TIMEOUT = 120  # what a request held by the frozen replica would wait without its abandonment
@@ -24,12 +24,12 @@ HEADER_TIMEOUT = 120  # what a request held by the frozen replica would wait wit
 def pool(vllm, tmp_path_factory):
     """A gateway with the two chat servers as replicas of C{vllm-pool}, checked every second."""
     workdir = tmp_path_factory.mktemp("frozen")
-    port, key = free_port(), "gm-it-" + secrets.token_urlsafe(16)
+    key = "gm-it-" + secrets.token_urlsafe(16)
     env = gateway_env({
         "VLLM_POOL_BASE_URL": f"{vllm.chat_url},{vllm.chat_key_url}", "VLLM_POOL_API_KEY": vllm.chat_key,
         "ROUTING_STRATEGY": "round_robin", "REPLICA_HEALTH_INTERVAL": "1s", "REPLICA_FAILURE_THRESHOLD": "1",
         "HTTP_RESPONSE_HEADER_TIMEOUT": f"{HEADER_TIMEOUT}s", "GOMODEL_MASTER_KEY": key})
-    _, proc, log_path = start_twistd(workdir, port, env)
+    _, proc, log_path, port = start_twistd(workdir, env)
     gw = type("Pool", (), {"root": f"http://127.0.0.1:{port}", "auth": {"Authorization": f"Bearer {key}"},
                            "log_path": log_path, "proc": proc})
     try:
