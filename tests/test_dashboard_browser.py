@@ -34,7 +34,7 @@ from twisted.internet.task import deferLater
 
 from tests.fakes.fleet import FakeFleet
 from tests.fakes.vllm import CHAT_MODEL
-from tests.integration.support import free_port
+from tests.integration.support import LISTENING
 from tests.support import in_thread, within_one_day
 
 CHROMIUM = "/usr/bin/chromium"
@@ -241,7 +241,7 @@ async def env(reactor, tmp_path_factory):
     """The fleet, the gateway (a twistd process) and the browser, for every test here."""
     work = tmp_path_factory.mktemp("dashboard")
     fleet = await FakeFleet(reactor, 2, models=(CHAT_MODEL, LONG_MODEL)).start()
-    port, master = free_port(), "gm-dash-" + secrets.token_urlsafe(16)
+    master = "gm-dash-" + secrets.token_urlsafe(16)
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_", "OPENAI_"))}
     environ.update({
         "PYTHONPATH": ROOT + os.pathsep + environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1",
@@ -253,14 +253,19 @@ async def env(reactor, tmp_path_factory):
     })
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     log = open(work / "gateway.log", "wb")
-    proc = subprocess.Popen([twistd, "-n", "--pidfile=", "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+    proc = subprocess.Popen([twistd, "-n", "--pidfile=", "gomodel", "--listen", "tcp:0:interface=127.0.0.1"],
                             cwd=str(work), env=environ, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     downloads = str(work / "downloads")
     os.makedirs(downloads)
     browser = None
     try:
-        root = f"http://127.0.0.1:{port}"
+        async def listening():  # (the port it chose and logs: one chosen here could be taken before it bound it)
+            assert proc.poll() is None, (work / "gateway.log").read_text()
+            return LISTENING.search((work / "gateway.log").read_text())
+
+        await _until(reactor, listening, "the gateway to listen", 60)
+        root = f"http://127.0.0.1:{LISTENING.search((work / 'gateway.log').read_text()).group(1)}"
 
         async def ready():
             assert proc.poll() is None, (work / "gateway.log").read_text()

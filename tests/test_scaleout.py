@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 from gomodel.auth.keys import new_secret
 from gomodel.errors import StorageUnavailable
 from tests import postgres
-from tests.integration.support import free_port
+from tests.integration.support import LISTENING, free_port
 from tests.postgres import pg_database  # noqa: F401 (fixture)
 from tests.redis_server import RedisServer, fresh_prefix, redis_client
 from tests.support import in_thread, openai_client, start_fake, start_gateway
@@ -827,8 +827,7 @@ class Process:
     """A gateway started as a user would: C{twistd -n --pidfile= gomodel --listen tcp:PORT:interface=127.0.0.1}."""
 
     def __init__(self, env, tmp_path, name):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = None  # (known once it listens, L{ready}: on the port it chose and logs)
         self.log_path = tmp_path / f"{name}.log"
         run_env = dict(os.environ, **env)
         run_env["PYTHONPATH"] = REPO + os.pathsep + run_env.get("PYTHONPATH", "")
@@ -837,10 +836,20 @@ class Process:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "gomodel",
-             "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
+             "--listen", "tcp:0:interface=127.0.0.1"],
             env=run_env, cwd=str(workdir), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     async def ready(self, reactor, http):
+        def listening():  # (a port chosen here and then bound by the process could be taken in between)
+            assert self.proc.poll() is None, self.log()
+            return LISTENING.search(self.log_path.read_text(errors="replace"))
+
+        async def logged():
+            return listening()
+
+        await until(reactor, logged, limit=30.0, what="the gateway process listening")
+        self.url = f"http://127.0.0.1:{listening().group(1)}"
+
         async def answering():
             assert self.proc.poll() is None, self.log()
             try:  # (its store open: "degraded" says the database is not, its schema not migrated yet)
