@@ -7,7 +7,7 @@ import openai
 import pytest
 import pytest_twisted
 
-from tests.support import in_thread, start_gateway
+from tests.support import in_thread, start_gateway, within_one_day
 from tests.test_quotas import MASTER, admin, new_key, raw_chat, redis_pair, start  # noqa: F401 (a fixture)
 
 
@@ -45,6 +45,23 @@ async def gw(reactor, fake, tmp_path):
     await gateway.service.stopService()
 
 
+async def on_one_utc_day(reactor, fake, tmp_path, test):
+    """C{test(gw)} on a gateway as L{gw}'s, of its own: again, on a new one, when UTC's day ended under it (its
+    daily budgets and its windows were the day before's then)."""
+    attempts = iter(("first", "again"))
+
+    async def attempt():
+        data = tmp_path / next(attempts)
+        data.mkdir()
+        gateway = await start(reactor, fake, data, SET_RATE_LIMIT_TEAM="rph=100")
+        try:
+            await test(gateway)
+        finally:
+            await gateway.service.stopService()
+
+    await within_one_day(timezone.utc, attempt)
+
+
 def by_scope(entries, scope, **match):
     found = [e for e in entries if e["scope"] == scope and all(e[k] == v for k, v in match.items())]
     assert len(found) == 1, entries
@@ -52,7 +69,11 @@ def by_scope(entries, scope, **match):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_managed_key_sees_its_subtree_its_budgets_and_its_limits(http, gw):
+async def test_a_managed_key_sees_its_subtree_its_budgets_and_its_limits(reactor, http, fake, tmp_path):
+    await on_one_utc_day(reactor, fake, tmp_path, lambda gw: _subtree_budgets_and_limits(http, gw))
+
+
+async def _subtree_budgets_and_limits(http, gw):
     code, _ = await admin(http, gw, "PUT", "/admin/api/v1/budgets",
                           {"user_path": "/team", "period": "daily", "max_tokens": 1000})
     assert code == 200
@@ -164,7 +185,11 @@ async def test_a_key_without_a_user_path_sees_its_own_requests_alone(http, gw):
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_window_parameters_and_their_400s(http, gw):
+async def test_the_window_parameters_and_their_400s(reactor, http, fake, tmp_path):
+    await on_one_utc_day(reactor, fake, tmp_path, lambda gw: _window_parameters(http, gw))
+
+
+async def _window_parameters(http, gw):
     key = await new_key(http, gw, user_path="/team/alpha")
     assert (await chat(gw, key["value"])).http_response.status_code == 200
     await gw.service.usage.flush()
