@@ -296,6 +296,15 @@ async def _done(proc):
 
 # -- the tests, in order -----------------------------------------------------------------------
 
+# (a script run before the page's own: how many of its fetches are waiting for their answer, in window.__fetching)
+FETCHES_IN_FLIGHT = """window.__fetching = 0;
+const fetchOfThePage = window.fetch;
+window.fetch = function (...args) {
+  window.__fetching += 1;
+  return fetchOfThePage.apply(this, args).finally(() => { window.__fetching -= 1; });
+};"""
+
+
 
 @pytest_twisted.ensureDeferred
 async def test_sign_in_keeps_the_key_in_session_storage_and_a_401_signs_out(env):
@@ -320,10 +329,17 @@ async def test_sign_in_keeps_the_key_in_session_storage_and_a_401_signs_out(env)
         b.wait_text("#overview-messages", lambda t: "No requests in this window yet" in t, "the empty state")
         b.assert_clean()
 
-        # A key the gateway refuses later (changed, say) signs out with a message.
-        b.js("sessionStorage.setItem('gomodel.dashboard.key', 'stale')")
-        b.driver.refresh()
-        b.wait_text("#signin-message", lambda t: "Signed out" in t and "Invalid API key" in t, "the sign-out")
+        # A key the gateway refuses later (changed, say) signs out with a message. The page's requests with it are
+        # refused one by one: the first signs out, and the others' 401s may be logged after that (counted here,
+        # and awaited, so that none is logged after the browser's log is read).
+        counting = b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FETCHES_IN_FLIGHT})
+        try:
+            b.js("sessionStorage.setItem('gomodel.dashboard.key', 'stale')")
+            b.driver.refresh()
+            b.wait_text("#signin-message", lambda t: "Signed out" in t and "Invalid API key" in t, "the sign-out")
+            b.wait(lambda d: b.js("return window.__fetching") == 0, "the stale key's requests all answered")
+        finally:
+            b.driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", counting)
         assert b.js("return sessionStorage.getItem('gomodel.dashboard.key')") is None
         entries, violations = b.logs()
         assert violations == [] and all("401" in e["message"] for e in entries), entries
