@@ -549,7 +549,7 @@ async def test_an_upload_still_arriving_when_the_drain_runs_out_of_time_is_logge
         await with_timeout(reactor, client.lost, 10)
     finally:
         globalLogPublisher.removeObserver(observe)
-    assert [(e["request_id"], e["status"], e["outcome"], e["error"], e["client_gone"]) for e in access] == [
+    assert [(e["request_id"], e["status"], e["outcome"], e["error"], e["client_gone"]) for e in access.events] == [
         ("req-up", 503, "error", "shutdown_timeout", False)]
 
 
@@ -621,49 +621,40 @@ def _held_requests(site):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_request_read_whole_during_the_drain_while_its_key_is_looked_up_is_served_not_cut(reactor, fake):
+async def test_a_request_read_whole_during_the_drain_while_its_key_is_looked_up_is_served_not_cut(reactor, fake,
+                                                                                                   access):
     """A kept-alive connection's request whose managed key this process lacks (made on another process): read
     whole during the drain, it waits for the key ring's read of the store. Before, the drain, seeing nothing else
     in flight, ended then: its connection was closed as an idle one, the request unanswered and unrecorded."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "master",
                                        "SHUTDOWN_TIMEOUT": "30s"})
     secret, held = await _a_key_this_process_lacks(gw)
-    access = []
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        stream = await connect(reactor, gw.port, chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-             "fake_chunks": 10, "fake_pace": 0.05}, {"Authorization": "Bearer master"}))
-        await with_timeout(reactor, stream.wait_for(b"data:"), 10)
-        client = await connect(reactor, gw.port, b"")  # open before the drain, its request sent during it
-        site = gw.service.drain.site
-        await until(reactor, lambda: len(site.channels) == 2, what="the second connection")
-        stopping = gw.service.stopService()
-        client.transport.write(chat_request({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
-                                            {"Authorization": f"Bearer {secret}", "X-Request-Id": "req-late"}))
-        await until(reactor, lambda: _held_requests(site), what="the request waiting for its key")
-        await with_timeout(reactor, stream.lost, 10)  # nothing else in flight now
-        await deferLater(reactor, 0.1, lambda: None)
-        assert not client.lost.called and not stopping.called  # it is in flight
-        held.release()
-        await with_timeout(reactor, client.lost, 10)  # answered, then closed
-        await with_timeout(reactor, stopping, 10)
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    stream = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+         "fake_chunks": 10, "fake_pace": 0.05}, {"Authorization": "Bearer master"}))
+    await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+    client = await connect(reactor, gw.port, b"")  # open before the drain, its request sent during it
+    site = gw.service.drain.site
+    await until(reactor, lambda: len(site.channels) == 2, what="the second connection")
+    stopping = gw.service.stopService()
+    client.transport.write(chat_request({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                                        {"Authorization": f"Bearer {secret}", "X-Request-Id": "req-late"}))
+    await until(reactor, lambda: _held_requests(site), what="the request waiting for its key")
+    await with_timeout(reactor, stream.lost, 10)  # nothing else in flight now
+    await deferLater(reactor, 0.1, lambda: None)
+    assert not client.lost.called and not stopping.called  # it is in flight
+    held.release()
+    await with_timeout(reactor, client.lost, 10)  # answered, then closed
+    await with_timeout(reactor, stopping, 10)
     head, _, body = bytes(client.received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head, head
     assert json.loads(body)["object"] == "chat.completion"
-    assert [(e["status"], e["outcome"]) for e in access if e["request_id"] == "req-late"] == [(200, "ok")]
+    assert [(e["status"], e["outcome"]) for e in access.events if e["request_id"] == "req-late"] == [(200, "ok")]
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_request_whose_key_is_still_looked_up_when_the_drain_runs_out_gets_a_503_in_its_dialect(reactor,
-                                                                                                      fake):
+                                                                                                      fake, access):
     """Its body whole, its managed key still being read from the store when SHUTDOWN_TIMEOUT ran out: before, its
     connection was reset (no answer, no record); now it gets the 503 shutdown_timeout a request whose answer had
     not started gets, in its route's dialect (Anthropic's on /v1/messages), with Connection: close, and is logged
@@ -671,30 +662,20 @@ async def test_a_request_whose_key_is_still_looked_up_when_the_drain_runs_out_ge
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "master",
                                        "SHUTDOWN_TIMEOUT": "0.3s"})
     secret, held = await _a_key_this_process_lacks(gw)
-    access = []
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        request = chat_request({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
-                               {"x-api-key": secret, "anthropic-version": "2023-06-01", "X-Request-Id": "req-held"})
-        client = await connect(reactor, gw.port, request.replace(b"/v1/chat/completions", b"/v1/messages"))
-        site = gw.service.drain.site
-        await until(reactor, lambda: _held_requests(site), what="the request waiting for its key")
-        await with_timeout(reactor, gw.service.stopService(), 10)
-        await with_timeout(reactor, client.lost, 10)
-        held.release()  # (its read comes back after all: nothing more happens)
-        await deferLater(reactor, 0.05, lambda: None)
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    request = chat_request({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+                           {"x-api-key": secret, "anthropic-version": "2023-06-01", "X-Request-Id": "req-held"})
+    client = await connect(reactor, gw.port, request.replace(b"/v1/chat/completions", b"/v1/messages"))
+    site = gw.service.drain.site
+    await until(reactor, lambda: _held_requests(site), what="the request waiting for its key")
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, client.lost, 10)
+    held.release()  # (its read comes back after all: nothing more happens)
+    await deferLater(reactor, 0.05, lambda: None)
     head, _, body = bytes(client.received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
     error = json.loads(body)
     assert error["type"] == "error" and error["error"]["type"] == "overloaded_error", error  # (Anthropic's 503)
-    assert [(e["request_id"], e["status"], e["outcome"], e["error"], e["client_gone"]) for e in access] == [
+    assert [(e["request_id"], e["status"], e["outcome"], e["error"], e["client_gone"]) for e in access.events] == [
         ("req-held", 503, "error", "shutdown_timeout", False)]
     assert not [r for r in fake.requests if r.path.endswith((b"/chat/completions", b"/messages"))]
 
