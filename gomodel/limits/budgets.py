@@ -250,11 +250,9 @@ class BudgetBook:
         @return: the L{Reservation}, or None where L{reserve} must be used.
         @raise BudgetExceeded: as L{check}.
         """
-        current = self.current_now(scopes)
+        current = self._judged_now(scopes)
         if current is None:
             return None
-        if current.spent():
-            self._judge(self._counters.spent_all_now(current.buckets), current, self._clock.seconds())
         current.charge(tokens, cost)
         return Reservation(current, tokens, cost)
 
@@ -288,12 +286,17 @@ class BudgetBook:
         @return: True when judged (the budgets have room); False when L{check} must be used.
         @raise BudgetExceeded: as L{check}.
         """
+        return self._judged_now(scopes) is not None
+
+    def _judged_now(self, scopes):
+        """L{current_now}'s periods of C{scopes}, judged (None where they cannot be at once).
+
+        @raise BudgetExceeded: as L{check}.
+        """
         current = self.current_now(scopes)
-        if current is None:
-            return False
-        if current.spent():
+        if current is not None and current.spent():
             self._judge(self._counters.spent_all_now(current.buckets), current, self._clock.seconds())
-        return True
+        return current
 
     def current_now(self, scopes, at=None):
         """The L{_Current} periods of C{scopes} now (or at C{at}), their sums' cells live (L{_Current.spent} and
