@@ -15,7 +15,7 @@ import re
 from typing import Mapping, Optional, Sequence
 
 from gomodel.config import parsers
-from gomodel.config.errors import ConfigError, listed
+from gomodel.config.errors import ConfigError, listed, read_text
 from gomodel.config.gomodel_layout import read_gomodel_env, read_gomodel_layout
 from gomodel.config.providers import load_providers
 from gomodel.config.virtual import load_failover_rules, load_virtual_models
@@ -136,13 +136,7 @@ def _read_yaml(path, env) -> dict:
 
     from gomodel.config import yamlfile
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"cannot read config file {path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text(path, f"cannot read config file {path}")
     try:
         document = yamlfile.load(text, path)
     except yaml.YAMLError as e:

@@ -37,7 +37,7 @@ import json
 from dataclasses import dataclass
 
 from gomodel.config import parsers
-from gomodel.config.errors import ConfigError, listed
+from gomodel.config.errors import ConfigError, listed, read_text
 
 STRATEGIES = ("round_robin",)
 FALLBACK_MODES = ("off", "manual", "auto")  # GoModel's FEATURE_FALLBACK_MODE
@@ -216,13 +216,7 @@ def read_rules_file(path, where):
 
     @raise ConfigError: it cannot be read, or is not JSON.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{where}: cannot read {path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text(path, f"{where}: cannot read {path}")
 
     def unique(pairs):
         seen = {}
