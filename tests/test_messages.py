@@ -317,6 +317,41 @@ async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor,
         await vllm.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_each_provider_type_gets_what_it_takes_of_top_k_thinking_and_effort(reactor, fake):
+    """As on the chat route (only an C{openai} provider goes without vLLM's fields): C{top_k} reaches every
+    OpenAI-compatible provider but OpenAI; C{output_config.effort} (and C{thinking} disabled, C{none}) is the
+    C{reasoning_effort} of a provider type that takes any (OpenRouter); OpenAI, and those that refuse it for a model
+    that does not reason (Groq, xAI, Ollama...), go without it."""
+    gw = await start(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-o",
+                               "OPENROUTER_BASE_URL": fake.base_url, "OPENROUTER_API_KEY": "sk-r",
+                               "GROQ_BASE_URL": fake.base_url, "GROQ_API_KEY": "sk-g",
+                               "OLLAMA_BASE_URL": fake.base_url})
+    client = sdk(gw)
+    try:
+        sent = {}
+        for kind in ("openai", "openrouter", "groq", "ollama"):
+            await in_thread(client.messages.create, model=f"{kind}/{CHAT_MODEL}", max_tokens=2000,
+                            extra_body=EXTRAS, messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
+            sent[kind] = fake.requests[-1].body
+        for kind, body in sent.items():
+            assert "chat_template_kwargs" not in body and "thinking_token_budget" not in body, kind
+            assert body["messages"][1] == {"role": "assistant", "content": "Hello."}, kind
+        assert "top_k" not in sent["openai"] and "reasoning_effort" not in sent["openai"]
+        assert sent["openrouter"]["top_k"] == 5 and sent["openrouter"]["reasoning_effort"] == "high"
+        for kind in ("groq", "ollama"):
+            assert sent[kind]["top_k"] == 5 and "reasoning_effort" not in sent[kind], kind
+        # thinking disabled is no reasoning at all, whatever the effort says (as vLLM's Messages API has it)
+        await in_thread(client.messages.create, model=f"openrouter/{CHAT_MODEL}", max_tokens=16, extra_body=EXTRAS,
+                        messages=HELLO, thinking={"type": "disabled"})
+        assert fake.requests[-1].body["reasoning_effort"] == "none"
+        await in_thread(client.messages.create, model=f"openrouter/{CHAT_MODEL}", max_tokens=16, messages=HELLO)
+        assert "reasoning_effort" not in fake.requests[-1].body and "top_k" not in fake.requests[-1].body
+    finally:
+        client.close()
+        await gw.service.stopService()
+
+
 PREFILL = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Bonjour,"}]
 
 
@@ -1633,7 +1668,8 @@ async def test_past_thinking_reaches_deepseek_which_requires_it_back(reactor, fa
     """DeepSeek's thinking mode refuses a conversation whose assistant turns lack their reasoning_content ("The
     reasoning_content in the thinking mode must be passed back to the API", a 400 in every tool loop): a deepseek
     provider gets an assistant message's thinking as its reasoning_content, as a vLLM does, and none of vLLM's
-    other fields (before: the thinking was left out for every provider but vLLM)."""
+    other fields (before: the thinking was left out for every provider but vLLM) but C{top_k}, as on the chat
+    route."""
     gw = await start(reactor, {"DEEPSEEK_BASE_URL": fake.base_url, "DEEPSEEK_API_KEY": "sk-deepseek"})
     client = sdk(gw)
     try:
@@ -1642,7 +1678,7 @@ async def test_past_thinking_reaches_deepseek_which_requires_it_back(reactor, fa
         sent = fake.requests[-1].body
         assert fake.requests[-1].path == b"/v1/chat/completions"
         assert sent["messages"][1] == {"role": "assistant", "content": "Hello.", "reasoning_content": "hm"}
-        assert "top_k" not in sent and "chat_template_kwargs" not in sent
+        assert sent["top_k"] == 5 and "chat_template_kwargs" not in sent and "reasoning_effort" not in sent
     finally:
         client.close()
         await gw.service.stopService()

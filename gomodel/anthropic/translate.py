@@ -147,7 +147,8 @@ def vllm_fields(body: dict, messages: list) -> dict:
     """The chat fields of a Messages request C{body} that only a vLLM upstream is sent.
 
     C{top_k} is a vLLM sampling extra: OpenAI refuses unknown parameters, so
-    any other upstream goes without it (the request is not refused). A final
+    an OpenAI upstream goes without it (the request is not refused; the
+    others get it: L{gomodel.api.messages.chat_for}). A final
     assistant message (a prefill) is continued, not closed as a finished
     turn: C{continue_final_message} (and no generation prompt, which vLLM
     refuses with it); the answer is then the continuation alone, as
@@ -178,7 +179,7 @@ def vllm_fields(body: dict, messages: list) -> dict:
     return fields
 
 
-def without_vllm_fields(chat: dict, reasoning: bool = False) -> dict:
+def without_vllm_fields(chat: dict, reasoning: bool = False, effort: bool = False) -> dict:
     """A copy of C{chat} (L{messages_to_chat}'s) as an upstream other than vLLM takes it.
 
     C{chat_template_kwargs} (C{thinking}'s C{enable_thinking}) and past turns'
@@ -188,11 +189,18 @@ def without_vllm_fields(chat: dict, reasoning: bool = False) -> dict:
     thinking with C{reasoning}, for an upstream that takes it back (DeepSeek's
     thinking mode requires it). So is C{output_config.effort}'s
     C{reasoning_effort}: Claude Code sends one with every request, and OpenAI
-    refuses it for a model that does not reason (and every value but its own).
+    (Groq, xAI, Ollama too) refuses it for a model that does not reason (and
+    every value but its own); but kept with C{effort}, for an upstream that
+    takes any and ignores it for such a model (OpenRouter), where C{thinking}
+    disabled is C{reasoning_effort: none} whatever the effort says (as vLLM's
+    own Messages API has it).
     """
     other = dict(chat)
-    other.pop("chat_template_kwargs", None)
-    other.pop("reasoning_effort", None)
+    kwargs = other.pop("chat_template_kwargs", None)
+    if not effort:
+        other.pop("reasoning_effort", None)
+    elif isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False:
+        other["reasoning_effort"] = "none"
     messages = other["messages"]
     if not reasoning and any("reasoning_content" in message for message in messages):
         other["messages"] = [{name: value for name, value in message.items() if name != "reasoning_content"}

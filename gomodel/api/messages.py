@@ -58,6 +58,7 @@ from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
+from gomodel.translate.openai_body import OPENAI_TYPES
 from gomodel.upstream.errors import upstream_error, with_retry_after, without_address
 
 MESSAGES = b"/v1/messages"
@@ -70,6 +71,9 @@ NATIVE_TYPES = frozenset(("vllm",))
 # Provider types whose chat completions take vLLM's fields (translate.vllm_fields: top_k, prefill; and
 # chat_template_kwargs, past thinking: those translate.without_vllm_fields leaves out for the others).
 VLLM_CHAT_TYPES = frozenset(("vllm",))
+# Provider types, besides vLLM, whose chat completions take any reasoning_effort and ignore it for a model that does
+# not reason: Messages' output_config.effort and thinking disabled ("none") go to them as that (others refuse it).
+REASONING_EFFORT_TYPES = frozenset(("openrouter",))
 # Provider types, besides vLLM, whose chat completions take past turns' thinking back (an assistant message's
 # reasoning_content): DeepSeek's thinking mode refuses a conversation without it ("must be passed back").
 REASONING_BACK_TYPES = frozenset(("deepseek",))
@@ -441,11 +445,16 @@ def has_documents(body) -> bool:
 def chat_for(provider, chat: dict, extras: dict) -> dict:
     """The translated chat body C{chat} (L{messages_to_chat}'s) as C{provider} takes it: with vLLM's fields
     (C{extras}, L{vllm_fields}) for a vLLM, else without them (L{without_vllm_fields}; past thinking kept for
-    the types of L{REASONING_BACK_TYPES}); its C{max_tokens} as C{max_completion_tokens} for the types of
-    L{MAX_COMPLETION_TYPES}; its tool call ids short for the types of L{SHORT_ID_TYPES} (L{fit_call_ids})."""
+    the types of L{REASONING_BACK_TYPES}, the effort for those of L{REASONING_EFFORT_TYPES}) but C{top_k}, which
+    only OpenAI refuses (L{OPENAI_TYPES}, as on the chat route); its C{max_tokens} as C{max_completion_tokens} for
+    the types of L{MAX_COMPLETION_TYPES}; its tool call ids short for the types of L{SHORT_ID_TYPES}
+    (L{fit_call_ids})."""
     if provider.type in VLLM_CHAT_TYPES:
         return dict(chat, **extras)
-    other = without_vllm_fields(chat, reasoning=provider.type in REASONING_BACK_TYPES)
+    other = without_vllm_fields(chat, reasoning=provider.type in REASONING_BACK_TYPES,
+                                effort=provider.type in REASONING_EFFORT_TYPES)
+    if "top_k" in extras and provider.type not in OPENAI_TYPES:
+        other["top_k"] = extras["top_k"]
     if provider.type in MAX_COMPLETION_TYPES:
         other["max_completion_tokens"] = other.pop("max_tokens")
     if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids, 46 characters, are too long for OpenAI)
