@@ -113,6 +113,14 @@ async def test_server_side_features_are_refused_natively_and_translated(gw, fake
     assert len(fake.requests) == sent
     await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
         {"role": "user", "content": "hi"}], extra_body={"mcp_servers": [], "container": None})
+    # count_tokens the same (before: counted natively, vLLM dropping it unread; translated, the 501)
+    sent = len(fake.requests)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await in_thread(client.messages.count_tokens, model=gw.model, messages=[{"role": "user", "content": "hi"}],
+                        extra_body={field: value})
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert refused.value.body["error"]["message"].startswith(f"{field}: ")
+    assert len(fake.requests) == sent
 
 
 @pytest_twisted.ensureDeferred
