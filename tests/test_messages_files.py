@@ -228,3 +228,9 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
     assert walk_blocks({"messages": [{"role": "user", "content": [named, "odd", {"type": 1}, {"type": ["image"]}]}]}) == (
         [("messages.0.content.0", named)], False)
     assert walk_blocks({"messages": "no list"}) == ([], False)
+    # a system message's tool change (Claude Code's when an MCP server connects) sends it translated too, in the
+    # same walk (before, has_tool_changes walked the messages again); a user's is no tool change
+    change = {"type": "tool_addition", "tool_name": "f"}
+    assert walk_blocks({"messages": [{"role": "system", "content": [change]}, *messages[:2]]}, files=False) == (
+        [], True)
+    assert walk_blocks({"messages": [{"role": "user", "content": [change]}]}) == ([], False)

@@ -14,6 +14,7 @@ naming the block.
 import base64
 
 from gomodel.anthropic.files import mime_type
+from gomodel.anthropic.translate import TOOL_CHANGES
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, shown
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE
@@ -41,7 +42,9 @@ _LOOKED_AT = ("document", "search_result", "image")  # (a tuple: a type may be u
 
 def walk_blocks(body, files=True) -> tuple:
     """C{(found, translated)} of the Messages request C{body}, in one walk of its blocks: L{file_blocks}' list (with
-    C{files}; else C{[]}) and whether a message or a tool result in one holds a block of L{TRANSLATED_BLOCKS}.
+    C{files}; else C{[]}) and whether a message or a tool result in one holds a block of L{TRANSLATED_BLOCKS}, or a
+    system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}; what a vLLM gets translated,
+    L{gomodel.api.messages.translates}).
 
     (No scan of the body's bytes for those words first: on a long Claude Code conversation, 200 messages in
     82 kB, scanning for them took longer than this walk: bench/messages_blocks.py.)
@@ -65,6 +68,8 @@ def walk_blocks(body, files=True) -> tuple:
                         translated = translated or kind in TRANSLATED_BLOCKS
                         if files and _names_file(item):
                             found.append((f"messages.{i}.content.{j}.content.{k}", item))
+            elif kind in TOOL_CHANGES:
+                translated = translated or message.get("role") == "system"
     return found, translated
 
 

@@ -308,15 +308,15 @@ def _check_prefill(message):
 
 # Blocks of a system message in `messages` that add or remove a tool (Anthropic's mid-conversation tool changes,
 # which Claude Code sends when an MCP server connects): a chat upstream gets the tools in effect at the end.
-_TOOL_CHANGES = ("tool_addition", "tool_removal")
+TOOL_CHANGES = ("tool_addition", "tool_removal")
 
 
 def has_tool_changes(body) -> bool:
-    """Whether a system message of the Messages request C{body} holds a tool change (L{_TOOL_CHANGES})."""
+    """Whether a system message of the Messages request C{body} holds a tool change (L{TOOL_CHANGES})."""
     messages = body.get("messages")
     return isinstance(messages, list) and any(
         isinstance(message, dict) and message.get("role") == "system" and isinstance(message.get("content"), list)
-        and any(isinstance(block, dict) and block.get("type") in _TOOL_CHANGES for block in message["content"])
+        and any(isinstance(block, dict) and block.get("type") in TOOL_CHANGES for block in message["content"])
         for message in messages)
 
 
@@ -340,7 +340,7 @@ def _resolved_tools(body):
             continue
         for j, block in enumerate(message["content"]):
             kind = block.get("type") if isinstance(block, dict) else None
-            if kind not in _TOOL_CHANGES:
+            if kind not in TOOL_CHANGES:
                 continue
             where = f"messages.{i}.content.{j}.tool"
             change = block.get("tool") if isinstance(block.get("tool"), dict) else {}
@@ -377,7 +377,7 @@ def _system_texts(system, where, inline=False) -> list:
         raise InvalidRequest(f"{where}: Input should be a string or a list of text blocks", param=where)
     texts = []
     for i, block in enumerate(system):
-        if inline and isinstance(block, dict) and block.get("type") in _TOOL_CHANGES:
+        if inline and isinstance(block, dict) and block.get("type") in TOOL_CHANGES:
             continue
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
             raise InvalidRequest(f"{where}.{i}: system blocks must be text blocks", param=f"{where}.{i}")

@@ -49,7 +49,7 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
                                          chat_to_events_bytes, chat_to_message_bytes, checked_max_tokens,
                                          count_tokens_answer, count_tokens_request, is_anthropic_error,
                                          message_events_bytes, messages_to_chat, native_message_bytes,
-                                         openai_error_to_anthropic, has_tool_changes, refuse_server_side,
+                                         openai_error_to_anthropic, refuse_server_side,
                                          vllm_fields, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
@@ -174,7 +174,7 @@ class MessagesRoutes:
         """
         body = json_body(request)
         # (one walk of a long conversation's blocks for both: walk_blocks)
-        files, documents = walk_blocks(body, files=self._files is not None)
+        files, walked = walk_blocks(body, files=self._files is not None)
         if files:  # (blocks naming an uploaded file get its contents)
             await self._files.resolve(files, ctx.principal)
         stream = ctx.asked_stream = streams(body)
@@ -187,7 +187,7 @@ class MessagesRoutes:
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
         # (whether it must go translated matters only where a target could take it natively: a vLLM)
-        translating = any(route.provider.type in NATIVE_TYPES for route in routes) and translates(body, documents)
+        translating = any(route.provider.type in NATIVE_TYPES for route in routes) and translates(body, walked)
         headers = _forwarded(request)
         while True:
             first, fallbacks, native = self._targets(routes, prioritised=prioritised, translating=translating)
@@ -218,7 +218,7 @@ class MessagesRoutes:
             request is one: else its L{gomodel.errors.InvalidRequest}).
         """
         body = json_body(request)
-        files, documents = walk_blocks(body, files=self._files is not None)
+        files, walked = walk_blocks(body, files=self._files is not None)
         if files:  # (blocks naming an uploaded file get its contents)
             await self._files.resolve(files, ctx.principal)
         model = body.get("model")
@@ -233,7 +233,7 @@ class MessagesRoutes:
                 f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
                 f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
         # (stop sequences count the same either way)
-        translating = documents or prefilled(body) or has_tool_changes(body)
+        translating = walked or prefilled(body)
         while True:
             first, fallbacks, native = self._targets(routes, counting=True, translating=translating)
             upstream = first.provider
@@ -413,18 +413,22 @@ class MessagesRoutes:
         return True
 
 
-def translates(body, documents=None) -> bool:
+def translates(body, walked=None) -> bool:
     """Whether the Messages request C{body} goes to a vLLM translated, never natively: it has stop sequences (its
     chat completion names the sequence that ended the answer; its Messages API before vllm#45807 says C{end_turn}
-    and drops it, and a vLLM's version is not known here), a document block (L{has_documents}), a prefill
-    (L{prefilled}), or a system message's tool changes (vLLM 0.32 resolves them, one without that support refuses
-    them; the translation resolves them as 0.32 does).
+    and drops it, and a vLLM's version is not known here), a prefill (L{prefilled}), a C{document} or
+    C{search_result} block (L{gomodel.anthropic.file_sources.TRANSLATED_BLOCKS}), or a system message's tool changes
+    (vLLM 0.32 resolves them, one without that support refuses them; the translation resolves them as 0.32 does).
+    vLLM's Messages API has no document nor search result block: it refuses one in a message (a 400 that lists the
+    block types it knows) and drops one in a tool result unread; translated, a text or custom-content document
+    reaches the model as its text and image parts, a search result as its text, and a document that cannot (a PDF)
+    is the gateway's 400 saying so.
 
-    @param documents: whether C{body} holds a document block, as L{walk_blocks} found; None: walk it here.
+    @param walked: whether C{body} holds such a block or tool change, as L{walk_blocks} found; None: walk it here.
     """
-    if body.get("stop_sequences") or prefilled(body) or has_tool_changes(body):
+    if body.get("stop_sequences") or prefilled(body):
         return True
-    return has_documents(body) if documents is None else documents
+    return walk_blocks(body, files=False)[1] if walked is None else walked
 
 
 def prefilled(body) -> bool:
@@ -434,15 +438,6 @@ def prefilled(body) -> bool:
     messages = body.get("messages")
     return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
         and messages[-1].get("role") == "assistant"
-
-
-def has_documents(body) -> bool:
-    """Whether a message of C{body}, or a tool result in one, holds a C{document} or C{search_result} block
-    (L{gomodel.anthropic.file_sources.TRANSLATED_BLOCKS}). vLLM's Messages API has no such block: it refuses one
-    in a message (a 400 that lists the block types it knows) and drops one in a tool result unread; translated, a
-    text or custom-content document reaches the model as its text and image parts, a search result as its text,
-    and a document that cannot (a PDF) is the gateway's 400 saying so."""
-    return walk_blocks(body, files=False)[1]
 
 
 def chat_for(provider, chat: dict, extras: dict) -> dict:
