@@ -88,6 +88,22 @@ async def test_a_message_batch_runs_natively_and_translated_and_gives_anthropics
     assert (stored["total"], stored["completed"], stored["failed"]) == (4, 3, 1)
 
 
+async def test_a_translated_lines_thinking_display_omitted_is_honoured(setup):
+    """A line asking for its thinking without its text (C{thinking.display: "omitted"}) gets its thinking block
+    with an empty C{thinking}, as online; another line its text."""
+    gw, client, vllm, openai = setup
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    openai.steer = {"fake_reasoning": "Secret plan."}
+    made = await in_thread(client.messages.batches.create, requests=[
+        request(name, model=TRANSLATED, max_tokens=2000, thinking=dict(thinking, display=display)) for name, display in (("omitted", "omitted"),
+                                                                                ("shown", "summarized"))])
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert [(b.type, getattr(b, "thinking", None)) for b in got["omitted"].message.content] == [
+        ("thinking", ""), ("text", None)]
+    assert got["shown"].message.content[0].thinking == "Secret plan."
+
+
 async def test_a_lines_server_side_features_are_its_error_natively_too(setup):
     """A line with Anthropic's MCP connector or a code execution container is errored (invalid_request_error)
     natively as translated, as online: vLLM's Messages API would drop them unread. The other lines run."""

@@ -1836,3 +1836,49 @@ async def test_max_tokens_missing_or_invalid_is_anthropics_400_before_any_upstre
     assert len(fake.requests) == before
     response, _ = await post(http, gw.url + "/v1/messages/count_tokens", {"model": MODEL, "messages": HELLO})
     assert response.code == 200  # (count_tokens takes none)
+
+
+OMITTED = {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_thinking_display_omitted_keeps_the_thinking_block_without_its_text(http, openai_gw, fake):
+    """C{thinking.display: "omitted"} asks for the thinking blocks without their text, as Anthropic answers it: the
+    block is there (its signature, empty: no upstream signs its reasoning), its C{thinking} empty, and a stream
+    sends no C{thinking_delta}; before, a translated answer always held the thinking text. Plain, streamed, a
+    stream made from a whole answer, and reasoning held behind a streamed tool call; without it, the text."""
+    fake.steer = {"fake_reasoning": "Secret plan."}
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=2000, messages=HELLO,
+                                  thinking=OMITTED)
+        assert [(block.type, getattr(block, "thinking", None)) for block in message.content] == [
+            ("thinking", ""), ("text", None)]
+        assert message.content[0].signature == "" and message.content[1].text == "héhéhé"
+        seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=2000,
+                                                                      messages=HELLO, thinking=OMITTED))
+        assert [(block.type, getattr(block, "thinking", None)) for block in final.content] == [
+            ("thinking", ""), ("text", None)]
+        deltas = [event.delta.type for event in seen if event.type == "content_block_delta"]
+        assert "thinking_delta" not in deltas and "signature_delta" in deltas
+        # shown unless omitted ("summarized", Anthropic's default)
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=2000, messages=HELLO,
+                                  thinking=dict(OMITTED, display="summarized"))
+        assert message.content[0].thinking == "Secret plan."
+    finally:
+        client.close()
+    body = {"model": OPENAI_MODEL, "max_tokens": 2000, "messages": HELLO, "stream": True, "thinking": OMITTED}
+    fake.steer = {"fake_status": 200, "fake_body": json.dumps({
+        "id": "chatcmpl-w3", "object": "chat.completion", "model": CHAT_MODEL, "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi.",
+                                                              "reasoning_content": "Secret plan."}}]})}
+    _, raw = await post(http, openai_gw.url + "/v1/messages", body)
+    assert b"Secret" not in raw and b'"thinking_delta"' not in raw
+    assert [kind for kind, _ in events_of(raw)].count("content_block_start") == 2
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    fake.steer = {"fake_finish": "tool_calls", "fake_deltas": [{"tool_calls": [call]},
+                                                               {"reasoning_content": "Secret plan."}]}
+    _, raw = await post(http, openai_gw.url + "/v1/messages", dict(body, tools=[WEATHER_TOOL]))
+    assert b"Secret" not in raw and b'"thinking_delta"' not in raw
+    starts = [data["content_block"]["type"] for kind, data in events_of(raw) if kind == "content_block_start"]
+    assert starts == ["tool_use", "thinking"]

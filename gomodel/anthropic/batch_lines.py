@@ -1,7 +1,9 @@
 """How the lines of a message batch (L{gomodel.anthropic.batches}) go upstream: natively or translated."""
 
+from functools import partial
+
 from gomodel.anthropic.translate import (chat_to_message_bytes, messages_to_chat, native_message_bytes,
-                                         refuse_server_side, vllm_fields)
+                                         omits_thinking, refuse_server_side, vllm_fields)
 from gomodel.api.messages import chat_for, translates
 
 
@@ -55,8 +57,10 @@ class MessagesLines:
         def rebody(model, provider):
             return body_for(principal, chat_for(provider, chat, extras), model, provider)
 
-        return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, \
-            chat_to_message_bytes
+        # (thinking.display "omitted": its thinking blocks without their text, as online)
+        answer = partial(chat_to_message_bytes, omit_thinking=True) if omits_thinking(payload) \
+            else chat_to_message_bytes
+        return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer
 
     def no_native(self, provider, model, status, body) -> bool:
         """Whether a line's native answer (C{status}, C{body}) says C{provider} has no Messages API for C{model}:

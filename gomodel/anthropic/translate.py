@@ -804,8 +804,16 @@ def stop_reason(finish_reason, matched, tool_used, tools_complete):
     return _STOP_REASONS.get(finish_reason, "end_turn"), None
 
 
-def chat_to_message(chat: dict, model: str) -> dict:
-    """The Messages answer for a chat-completions answer C{chat}, naming C{model} (the model that gave it).
+def omits_thinking(body: dict) -> bool:
+    """Whether the Messages request C{body} asks for its answer's thinking blocks without their text
+    (C{thinking.display} C{"omitted"}: Anthropic then sends each block, its signature, and no thinking text)."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("display") == "omitted"
+
+
+def chat_to_message(chat: dict, model: str, omit_thinking: bool = False) -> dict:
+    """The Messages answer for a chat-completions answer C{chat}, naming C{model} (the model that gave it); its
+    thinking block's text empty with C{omit_thinking} (L{omits_thinking}).
 
     @raise ValueError: C{chat} has no choice.
     @raise TypeError: C{chat} is not shaped as a chat completion.
@@ -825,7 +833,7 @@ def chat_to_message(chat: dict, model: str) -> dict:
     if isinstance(reasoning, str) and reasoning:
         # No upstream signs its reasoning: the signature is empty (Anthropic's
         # field is required); a client sends the block back as it came.
-        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+        content.append({"type": "thinking", "thinking": "" if omit_thinking else reasoning, "signature": ""})
     text = message.get("content")
     if isinstance(text, list):  # content parts (some OpenAI-compatible servers)
         text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
@@ -852,18 +860,19 @@ def chat_to_message(chat: dict, model: str) -> dict:
             "usage": usage_from_chat(chat.get("usage")) or {"input_tokens": 0, "output_tokens": 0}}
 
 
-def chat_to_message_bytes(body: bytes, model: str) -> bytes:
+def chat_to_message_bytes(body: bytes, model: str, omit_thinking: bool = False) -> bytes:
     """L{chat_to_message} on JSON bytes, for an exchange's C{transform} hook.
 
     @raise ValueError: C{body} is not JSON (L{jsonutil.JSONError}) or has no choice.
     @raise TypeError: C{body} is not shaped as a chat completion.
     """
-    return jsonutil.dumps(chat_to_message(jsonutil.loads(body), model))
+    return jsonutil.dumps(chat_to_message(jsonutil.loads(body), model, omit_thinking))
 
 
 def message_events(message: dict) -> bytes:
     """Anthropic's event stream for a whole Messages answer (an upstream that answered a stream whole), with its
-    C{ping} after C{message_start} as Anthropic's."""
+    C{ping} after C{message_start} as Anthropic's (no C{thinking_delta} for a thinking block without text, as
+    Anthropic's for C{thinking.display} C{"omitted"})."""
     usage = message["usage"]
     out = [_event("message_start", {"message": dict(message, content=[], stop_reason=None, stop_sequence=None,
                                                    usage=dict(usage, output_tokens=0))}), PING]
@@ -878,7 +887,8 @@ def message_events(message: dict) -> bytes:
             start = dict(block, input={})
             delta = {"type": "input_json_delta", "partial_json": jsonutil.dumps(block["input"]).decode()}
         out.append(_event("content_block_start", {"index": index, "content_block": start}))
-        out.append(_event("content_block_delta", {"index": index, "delta": delta}))
+        if kind != "thinking" or block["thinking"]:
+            out.append(_event("content_block_delta", {"index": index, "delta": delta}))
         if kind == "thinking":
             out.append(_event("content_block_delta", {"index": index, "delta": {
                 "type": "signature_delta", "signature": _string(block.get("signature"))}}))
@@ -937,9 +947,9 @@ def native_message_bytes(body: bytes) -> bytes:
     return body
 
 
-def chat_to_events_bytes(body: bytes, model: str) -> bytes:
+def chat_to_events_bytes(body: bytes, model: str, omit_thinking: bool = False) -> bytes:
     """L{message_events} of L{chat_to_message} on JSON bytes (raises as L{chat_to_message_bytes})."""
-    return message_events(chat_to_message(jsonutil.loads(body), model))
+    return message_events(chat_to_message(jsonutil.loads(body), model, omit_thinking))
 
 
 # -- errors ---------------------------------------------------------------------
@@ -1095,7 +1105,8 @@ class ChatToMessagesStream:
     Anthropic sends one there), then blocks in order, each
     C{content_block_start} / C{content_block_delta}... / C{content_block_stop}
     (a thinking block ends with an empty C{signature_delta}: no upstream
-    signs its reasoning), one block open at a time, never a delta after its
+    signs its reasoning; with C{omit_thinking}, L{omits_thinking}, its only
+    delta), one block open at a time, never a delta after its
     block's stop; and at C{[DONE]} C{message_delta} (stop reason, and the
     usage of the usage chunk that C{include_usage} brings before C{[DONE]})
     and C{message_stop}. A block ends when the kind of delta changes. An
@@ -1123,16 +1134,18 @@ class ChatToMessagesStream:
     @ivar events: upstream chunks with content (about one token each), for an estimate.
     """
 
-    def __init__(self, model, message_id: str | None = None, hide=None):
+    def __init__(self, model, message_id: str | None = None, hide=None, omit_thinking: bool = False):
         """
         @param model: the model C{message_start} names: a string, or a function giving it when the stream
             starts (the target that answered, a fallback's maybe, is known only then).
         @param hide: a function of an in-band error's message giving it as the client may see it (the
             upstream's address hidden: L{gomodel.upstream.errors.without_address}), or None.
+        @param omit_thinking: thinking blocks go without their text (no C{thinking_delta}: L{omits_thinking}).
         """
         self._framer = SSEFramer()
         self._model = model
         self._hide = hide
+        self._omit_thinking = omit_thinking
         self._id = message_id
         self._started = False
         self._next = 0  # index of the next block
@@ -1216,7 +1229,8 @@ class ChatToMessagesStream:
                 self._held_reasoning.append(reasoning)
             else:
                 self._switch("thinking", out)
-                self._delta({"type": "thinking_delta", "thinking": reasoning}, out)
+                if not self._omit_thinking:
+                    self._delta({"type": "thinking_delta", "thinking": reasoning}, out)
         if isinstance(text, str) and text:
             if self._open == "tool_use":
                 self._held.append(text)
@@ -1308,7 +1322,8 @@ class ChatToMessagesStream:
         self._switch(None, out)  # the open block (the streamed tool call's, if any) ends
         if self._held_reasoning:
             self._switch("thinking", out)
-            self._delta({"type": "thinking_delta", "thinking": "".join(self._held_reasoning)}, out)
+            if not self._omit_thinking:
+                self._delta({"type": "thinking_delta", "thinking": "".join(self._held_reasoning)}, out)
         if self._held:
             self._switch("text", out)
             self._delta({"type": "text_delta", "text": "".join(self._held)}, out)

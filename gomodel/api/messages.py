@@ -48,7 +48,7 @@ from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message_bytes, checked_max_tokens,
                                          count_tokens_answer, count_tokens_request, is_anthropic_error,
-                                         message_events_bytes, messages_to_chat, native_message_bytes,
+                                         message_events_bytes, messages_to_chat, native_message_bytes, omits_thinking,
                                          openai_error_to_anthropic, refuse_server_side,
                                          vllm_fields, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
@@ -315,10 +315,12 @@ class MessagesRoutes:
         # a whole answer to a stream; a stream nobody asked for is gathered into one chat completion
         # (L{gomodel.proxy.gather}), then made a message.
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
+        omit = omits_thinking(body)  # (thinking.display "omitted": its blocks without their text)
         observer = ChatToMessagesStream(lambda: ctx.upstream_model,  # (the target that answers)
-                                        hide=lambda message: self._without_address(ctx, message)) if stream else None
+                                        hide=lambda message: self._without_address(ctx, message),
+                                        omit_thinking=omit) if stream else None
         call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model, observer=observer,
-                            transform=lambda answer: whole(answer, ctx.upstream_model), affinity=affinity,
+                            transform=lambda answer: whole(answer, ctx.upstream_model, omit), affinity=affinity,
                             fallbacks=fallbacks,
                             rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None)
         try:
