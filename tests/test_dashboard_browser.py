@@ -351,6 +351,55 @@ async def test_sign_in_keeps_the_key_in_session_storage_and_a_401_signs_out(env)
         assert env.master not in f.read()  # the key is never logged
 
 
+# (a script run before the page's own: the answers of its fetches sent with the key "stale" held in window.__held,
+# each given to the page when the test calls it; window.__read counts those whose body the page has read)
+HOLD_STALE_ANSWERS = """window.__held = [];
+window.__read = 0;
+const fetchOfThePage = window.fetch;
+window.fetch = function (url, options) {
+  const answer = fetchOfThePage.call(this, url, options);
+  if (!options || !options.headers || options.headers.Authorization !== 'Bearer stale') return answer;
+  return new Promise((resolve, reject) => window.__held.push(() => answer.then((response) => {
+    const read = response.json.bind(response);
+    response.json = () => read().finally(() => { window.__read += 1; });
+    resolve(response);
+  }, reject)));
+};"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_late_401_for_a_key_signed_out_of_does_not_sign_out_the_key_signed_in_since(env):
+    """The overview's requests sent with a stale key are answered 401 one at a time: the first signs out, the
+    operator signs in with the right key, and the later 401s (for the stale key) leave that sign-in alone; their
+    requests are asked again with the right key (before, any 401 signed out, the new key too)."""
+    b = env.browser
+
+    def race():
+        b.sign_in()
+        holding = b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": HOLD_STALE_ANSWERS})
+        try:
+            b.js("sessionStorage.setItem('gomodel.dashboard.key', 'stale')")
+            b.driver.refresh()
+            b.wait(lambda d: b.js("return window.__held.length") >= 2, "the overview's two stale requests")
+            b.js("window.__held.shift()()")  # the first 401: signed out
+            b.wait_text("#signin-message", lambda t: "Signed out" in t, "the sign-out")
+            b.fill("#signin-key", env.master)
+            b.click("#signin-submit")
+            b.wait(lambda d: b.all("#page-overview"), "the overview, signed in again")
+            later = b.js("const later = window.__held.splice(0); later.forEach((answer) => answer());"
+                         "return later.length")  # the later 401s, for the stale key
+            b.wait(lambda d: b.js("return window.__read") == 1 + later, "the later 401s read by the page")
+            b.wait_text("#card-replicas .card-value", lambda t: t == "2 / 2", "the overview read with the key")
+            assert b.js("return sessionStorage.getItem('gomodel.dashboard.key')") == env.master
+            assert b.one("#app").is_displayed() and not b.one("#signin").is_displayed()
+        finally:
+            b.driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", holding)
+        entries, violations = b.logs()
+        assert violations == [] and all("401" in e["message"] for e in entries), entries
+
+    await in_thread(race)
+
+
 @pytest_twisted.ensureDeferred
 async def test_overview_charts_real_traffic_live(env):
     b = env.browser

@@ -41,8 +41,7 @@ function bearer(key) {
   return `Bearer ${String.fromCharCode(...new TextEncoder().encode(key))}`;
 }
 
-function headers(extra) {
-  const key = sessionStorage.getItem(STORAGE_KEY);
+function headers(key, extra) {
   const out = Object.assign({}, extra);
   if (key) out.Authorization = bearer(key);
   return out;
@@ -83,16 +82,19 @@ export async function tryKey(key) {
 }
 
 // Call the admin API (or /v1/ routes): the parsed JSON answer, or the Response itself with raw.
-// A 401 signs out; any other error is thrown as an ApiError carrying the gateway's message.
+// A 401 signs out, if the key it was sent with is still the one kept (a late 401 for a key signed out of since
+// is asked again with the current one: a 401 was not executed); any other error is thrown as an ApiError carrying
+// the gateway's message.
 // The admin API's calls carry the browser's time zone (timeZone()); one the gateway refuses is asked again in UTC.
 export async function api(path, {method = "GET", body, raw = false} = {}) {
   const zone = path.startsWith("/admin/api/") ? timeZone() : null;
   const extra = body === undefined ? {} : {"Content-Type": "application/json"};
   if (zone) extra["X-GoModel-Timezone"] = zone;
+  const key = sessionStorage.getItem(STORAGE_KEY);
   let response;
   try {
     response = await fetch(path, {
-      method, cache: "no-store", credentials: "omit", headers: headers(extra),
+      method, cache: "no-store", credentials: "omit", headers: headers(key, extra),
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (error) {
@@ -100,7 +102,9 @@ export async function api(path, {method = "GET", body, raw = false} = {}) {
   }
   if (response.status === 401) {
     const error = await failure(response);
-    signOut(`Signed out: the gateway refused the key (${error.message})`);
+    const current = sessionStorage.getItem(STORAGE_KEY);
+    if (current === key) signOut(`Signed out: the gateway refused the key (${error.message})`);
+    else if (current !== null) return api(path, {method, body, raw});
     throw error;
   }
   if (!response.ok) {
