@@ -13,7 +13,7 @@ import treq
 
 from gomodel.api.admin import _edges, _runs
 from gomodel.dashboard import Dashboard
-from gomodel.dashboard.assets import CSP, STATIC
+from gomodel.dashboard.assets import CSP, PAGES, STATIC
 from gomodel.store.records import USAGE_FIELDS
 from tests.support import start_gateway, within_one_day
 
@@ -104,6 +104,29 @@ async def test_shell_and_assets_need_no_key_carry_the_csp_and_are_cache_busted(h
     assert response.code == 200 and header(response, "cache-control") == "no-cache"
     response, body = await get(http, gw.url + "/admin/static/nope.js")
     assert response.code == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_page_is_served_at_gomodels_dashboard_path_and_an_unknown_one_is_a_404(http, gw):
+    """GoModel's dashboard serves its pages at C{/admin/dashboard/<page>} (users bookmark them): the shell is
+    served there too, with no key, for each page the app has (before, a 404); another name is a 404 (with the
+    key; without one, a 401 as every closed path)."""
+    _, shell = await get(http, gw.url + "/admin/dashboard")
+    for page in PAGES:
+        response, body = await get(http, f"{gw.url}/admin/dashboard/{page}")  # no key
+        assert (response.code, body) == (200, shell), page
+        secure(response)
+        assert header(response, "cache-control") == "no-cache"
+    for path in ("/admin/dashboard/nope", "/admin/dashboard/usage/x", "/admin/dashboard/Usage"):
+        response, body = await get(http, gw.url + path, ADMIN)
+        assert response.code == 404 and json.loads(body)["error"]["code"] == "not_found", path
+        assert (await get(http, gw.url + path))[0].code == 401, path
+
+
+def test_the_pages_served_are_the_apps():
+    with open(os.path.join(STATIC, "app.js"), encoding="utf-8") as f:
+        names = re.search(r"const PAGES = \{([^}]*)\}", f.read()).group(1)
+    assert tuple(name.strip() for name in names.split(",")) == PAGES
 
 
 def fake_name(gw):

@@ -401,6 +401,33 @@ async def test_a_late_401_for_a_key_signed_out_of_does_not_sign_out_the_key_sign
 
 
 @pytest_twisted.ensureDeferred
+async def test_gomodels_page_paths_open_that_page(env):
+    """A bookmark of GoModel's C{/admin/dashboard/usage} opens the usage page (before, a 404), signed in or after
+    signing in; the navigation goes on from there, and an unknown page's path is the gateway's 404."""
+    b = env.browser
+
+    def bookmarks():
+        b.sign_in()
+        for page in ("usage", "keys", "providers"):
+            b.driver.get(f"{env.root}/admin/dashboard/{page}")
+            b.wait(lambda d: b.all(f"#page-{page}"), f"the {page} page at its path")
+            assert b.one(f"#nav a[data-page='{page}']").get_attribute("aria-current") == "page"
+        b.click("#nav a[data-page='budgets']")
+        b.wait(lambda d: b.all("#page-budgets"), "the budgets page from the navigation")
+        b.js("sessionStorage.clear()")
+        b.driver.get(f"{env.root}/admin/dashboard/batches")
+        b.wait(lambda d: b.one("#signin-key").is_displayed(), "the sign-in form")
+        b.fill("#signin-key", env.master)
+        b.click("#signin-submit")
+        b.wait(lambda d: b.all("#page-batches"), "the batches page after signing in")
+        b.assert_clean()
+
+    await in_thread(bookmarks)
+    answer = await treq.get(env.root + "/admin/dashboard/nope", headers={"authorization": f"Bearer {env.master}"})
+    assert answer.code == 404 and (await answer.json())["error"]["code"] == "not_found"
+
+
+@pytest_twisted.ensureDeferred
 async def test_overview_charts_real_traffic_live(env):
     b = env.browser
     await in_thread(b.sign_in)

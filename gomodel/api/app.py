@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from gomodel import errors
 from gomodel.api.passthrough import PASSTHROUGH_METHODS
+from gomodel.dashboard import PAGES
 from gomodel.errors import InvalidRequest
 from gomodel.http.bodies import mounted, single_values
 from gomodel.http.render import install as install_error_handlers
@@ -126,6 +127,14 @@ class GatewayApp:
     @app.route("/admin/dashboard", methods=["GET"])
     def dashboard(self, request):
         return self._dashboard_or_404(request).shell(request)
+
+    @app.route("/admin/dashboard/<page>", methods=["GET"])
+    def dashboard_page(self, request, page):
+        """The same page at one of its pages' paths (GoModel's C{/admin/dashboard/usage}): the app opens that one."""
+        dashboard = self._dashboard_or_404(request)
+        if page not in PAGES:
+            raise errors.NotFound(f"No dashboard page '{errors.shown(page)}' (its pages: {', '.join(PAGES)}).")
+        return dashboard.shell(request)
 
     @app.route("/admin/static/<path:name>", methods=["GET"])
     def dashboard_asset(self, request, name):

@@ -1,7 +1,7 @@
 """The admin dashboard's shell and static assets, read once from the package and served from memory.
 
-The shell (C{/admin/dashboard}) and the assets (C{/admin/static/...}) hold no
-data and need no key (the shell says whether the gateway is open, with no
+The shell (C{/admin/dashboard}, and C{/admin/dashboard/<page>} for each of
+L{PAGES}) and the assets (C{/admin/static/...}) hold no data and need no key (the shell says whether the gateway is open, with no
 master key: C{<html data-open-gateway>}, as anyone can find out there); the
 page asks the admin API for everything, with the master key the operator
 pasted (kept in the tab's C{sessionStorage}). Every URL of an asset carries C{?v=<version>}, a hash of all the assets' contents,
@@ -21,7 +21,10 @@ import re
 from gomodel.errors import NotFound, shown
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-SHELL_PATHS = ("/admin/dashboard", "/admin/dashboard/")
+# The app's pages (app.js's PAGES), each also served at C{/admin/dashboard/<page>} as GoModel's dashboard serves its
+# own (bookmarks of them open that page).
+PAGES = ("overview", "providers", "usage", "keys", "budgets", "batches")
+SHELL_PATHS = ("/admin/dashboard", "/admin/dashboard/") + tuple(f"/admin/dashboard/{page}" for page in PAGES)
 STATIC_PREFIX = "/admin/static/"
 SHELL = "index.html"
 CSP = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "

@@ -1,4 +1,4 @@
-// The dashboard's entry: sign-in, the navigation, and the page shown for the URL's #fragment.
+// The dashboard's entry: sign-in, the navigation, and the page shown for the URL's #fragment (or path).
 
 import {onSignOut, openGateway, signIn, signOut, signedIn, tryKey} from "./api.js";
 import {errorNote, h, replace} from "./dom.js";
@@ -13,8 +13,10 @@ const PAGES = {overview, providers, usage, keys, budgets, batches};
 const main = document.getElementById("main");
 let current = null; // {name, stop}
 
+// The page of the URL's #fragment, else of its path (GoModel's /admin/dashboard/usage), else the overview.
 function route() {
-  const name = (location.hash.match(/^#\/([a-z]+)/) || [])[1];
+  const name = (location.hash.match(/^#\/([a-z]+)/) || location.pathname.match(/^\/admin\/dashboard\/([a-z]+)$/)
+    || [])[1];
   return PAGES[name] ? name : "overview";
 }
 
