@@ -443,6 +443,35 @@ async def test_usage_query_errors_name_their_parameter_and_code(http, ledger):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_summary_and_the_timeseries_take_format_as_the_other_usage_views(http, ledger):
+    """C{usage/summary} and C{usage/timeseries} answer C{format=csv} (the summary one row, the time series a row per
+    bucket, the JSON's numbers) and a 400 naming C{format} for another (before, both answered JSON whatever it was)."""
+    await record(ledger, ("r1", {"duration_ms": 40}), ("r2", {"status_code": 500, "duration_ms": 60}))
+    _, body = await get(http, ledger, "/admin/api/v1/usage/summary?days=1")
+    summary = json.loads(body)
+    response, body = await get(http, ledger, "/admin/api/v1/usage/summary?days=1&format=csv")
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["text/csv; charset=utf-8"]
+    (row,) = csv.DictReader(io.StringIO(body.decode(), newline=""))
+    assert list(row)[:2] == ["start", "end"] and list(row)[-1] == "audio_seconds"
+    assert (row["start"], row["end"]) == (summary["start"], summary["end"])
+    assert (row["requests"], row["errors"], row["input_tokens"]) == ("2", "1", "6")
+    _, body = await get(http, ledger, "/admin/api/v1/usage/timeseries?window=day")
+    series = json.loads(body)
+    response, body = await get(http, ledger, "/admin/api/v1/usage/timeseries?window=day&format=csv")
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["text/csv; charset=utf-8"]
+    rows = list(csv.DictReader(io.StringIO(body.decode(), newline="")))
+    assert [r["period"] for r in rows] == [p["period"] for p in series["data"]] and len(rows) == 24
+    assert (rows[-1]["requests"], rows[-1]["errors"], rows[-1]["duration_ms_p95"]) == (
+        "2", "1", str(series["data"][-1]["duration_ms_p95"]))
+    assert list(rows[0]) == list(series["data"][0])
+    for path in ("summary?format=xml", "summary?format=CSV", "timeseries?format=garbage",
+                 "timeseries?window=month&format=json,csv"):
+        response, body = await get(http, ledger, "/admin/api/v1/usage/" + path)
+        error = json.loads(body)["error"]
+        assert (response.code, error["param"], error["code"]) == (400, "format", "invalid_value"), (path, error)
+
+
+@pytest_twisted.ensureDeferred
 async def test_usage_daily_folds_gomodels_weekly_monthly_and_yearly(http, ledger):
     """GoModel's C{interval=weekly|monthly|yearly} sum the days of each ISO week, month and year, labelled as
     GoModel labels them (C{2026-W01}, C{2026-01}, C{2026}) in C{period} and GoModel's C{date}."""

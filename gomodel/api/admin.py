@@ -114,10 +114,14 @@ class AdminAPI:
     async def usage_summary(self, request):
         """Totals for a window (C{start_date}/C{end_date}, or C{days}, default 30); every usage view takes
         the log's filters (L{_filters}), and counts the days of the zone GoModel's C{X-GoModel-Timezone}
-        names (UTC without it)."""
+        names (UTC without it); C{format=csv}: one row, the window's C{start} and C{end} days and the totals."""
         zone = time_zone(request)
         start, end = window(request, self._clock, zone=zone)
+        wants_csv = _wants_csv(request)
         summary = await self._usage_store().summary(start, end, _filters(request))
+        if wants_csv:
+            return _csv(request, [dict(summary, start=day(start, zone), end=day(end - 1, zone))],
+                        ("start", "end") + USAGE_TOTALS)
         return json_answer(request, dict(summary, **usage_fields(summary), start=day(start, zone),
                                          end=day(end - 1, zone)))
 
@@ -175,10 +179,12 @@ class AdminAPI:
         """Per-bucket totals and p50/p95 latency and time to first token of the last hour (per minute),
         day (per hour) or 30 days (per day): C{window=hour|day|month}; C{summary} is the whole window's. The
         hours and days are those of the zone C{X-GoModel-Timezone} names (UTC without it), its times written
-        with its offset (a day daylight saving time made 23 or 25 hours long is one bucket)."""
+        with its offset (a day daylight saving time made 23 or 25 hours long is one bucket); C{format=csv}: the
+        buckets (C{data}), a row each."""
         window = query_arg(request, b"window", "hour")
         if window not in TIMESERIES:
             raise InvalidRequest("window must be hour, day or month.", param="window", code="invalid_window")
+        wants_csv = _wants_csv(request)
         zone = time_zone(request)
         bucket, count = TIMESERIES[window]
         edges = _edges(self._clock.seconds(), bucket, count, zone)  # the current bucket is the last one
@@ -186,8 +192,10 @@ class AdminAPI:
         store, filters, found = self._usage_store(), _filters(request), {}
         for run_start, run_end, length in _runs(edges):
             found.update((row["period"], row) for row in await store.timeseries(run_start, run_end, length, filters))
-        whole = await store.timeseries(start, end, end - start, filters)
         data = [dict(found.get(period) or _empty_bucket(period), period=_iso(period, zone)) for period in edges[:-1]]
+        if wants_csv:
+            return _csv(request, data, tuple(_empty_bucket(None)))
+        whole = await store.timeseries(start, end, end - start, filters)
         summary = whole[0] if whole else _empty_bucket(start)
         del summary["period"]
         return json_answer(request, {"object": "usage.timeseries", "window": window, "bucket_seconds": int(bucket),
