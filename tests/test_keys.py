@@ -387,6 +387,18 @@ async def test_expires_at_takes_rfc_3339s_forms(http, gw, text, shown):
     assert key["expires_at"] == shown
 
 
+@pytest.mark.parametrize("text", ["1767225600", "32503680000", " 32503680000 ", "32503680000.5"])
+@pytest_twisted.ensureDeferred
+async def test_unix_seconds_in_a_string_are_a_400_that_says_to_send_a_number(http, gw, text):
+    """As GoModel's (its C{expires_at} is Go's C{time.Time}: RFC 3339 text only, a number refused too), Unix seconds
+    in a JSON string are refused; the 400 says to send them as a number (before, it said "ISO 8601 or Unix seconds",
+    which they were)."""
+    code, body = await admin(http, gw, "POST", KEYS, {"name": "x", "expires_at": text})
+    error = body["error"]
+    assert (code, error["param"], error["code"]) == (400, "expires_at", "invalid_value"), body
+    assert "JSON number" in error["message"] and "not in quotes" in error["message"], error
+
+
 # -- using a key ---------------------------------------------------------------------------
 
 

@@ -31,6 +31,9 @@ LIST_LIMIT_MAX = 1000  # keys on one page of the list, when it asks for pages (C
 MODELS_MAX, MODEL_CHARS_MAX = 1000, 256  # a key's model selectors, and the characters of one
 _INTEGER_LIMITS = {"rpm": COUNT_MAX, "tpm": COUNT_MAX, "max_concurrency": _INT_MAX}
 _UTC_SUFFIX = re.compile("[Zz]$")  # (RFC 3339's Z, in either case)
+# What C{expires_at} takes (Unix seconds in a JSON string are refused, as GoModel's Go time.Time refuses them).
+_EXPIRY_FORMS = ("must be ISO 8601 text (2027-01-31T00:00:00Z) or Unix seconds as a JSON number "
+                 "(1801353600, not in quotes)")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")  # (no store keeps a NUL; no header or log line holds a newline)
 
 
@@ -304,12 +307,12 @@ def expiry(value, now: float):
         try:
             moment = datetime.fromisoformat(_UTC_SUFFIX.sub("+00:00", value.strip()))
         except ValueError:
-            raise _bad("expires_at", "must be ISO 8601 (2027-01-31T00:00:00Z) or Unix seconds") from None
+            raise _bad("expires_at", _EXPIRY_FORMS) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
         seconds = int(moment.timestamp())
     else:
-        raise _bad("expires_at", "must be ISO 8601 (2027-01-31T00:00:00Z) or Unix seconds")
+        raise _bad("expires_at", _EXPIRY_FORMS)
     if seconds <= now:
         raise _bad("expires_at", "is in the past")
     if seconds > _LATEST:
