@@ -1797,3 +1797,50 @@ async def test_batch_creation_and_a_keys_other_refusals(http, gw, fake):
     finally:
         client.close()
         messages.close()
+
+
+
+@pytest.mark.parametrize("redis", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_background_response_whose_client_leaves_is_charged_once(reactor, http, fake, tmp_path,
+                                                                                    redis, redis_env):
+    """A background response streamed (C{background: true, stream: true}) whose client leaves after its first
+    event goes on at its instance: its watch charges what it used once it is over, and nothing else is charged
+    for it (no estimate of its prompt besides, in the usage ledger, its key's budgets or its token window, which
+    keeps what the create reserved)."""
+    gw = await start(reactor, fake, tmp_path, **redis_env)
+    key = await new_key(http, gw, tpm=60000, budgets=[{"period": "daily", "max_tokens": 10**6}])
+    client = openai_client(gw, key["value"])
+    prompt = "lorem ipsum " * 500  # about 1,500 tokens by the estimate
+
+    def left():
+        events = client.responses.create(model=MODEL, input=prompt, background=True, stream=True,
+                                         max_output_tokens=50, extra_body={"fake_hang_after": 2})
+        try:
+            return next(iter(events)).response.id
+        finally:
+            events.close()
+
+    def window():
+        answer = client.get("/usage", cast_to=object)  # (the client is at /v1)
+        (tpm,) = answer["rate_limits"]
+        return tpm["tokens_used"]
+
+    try:
+        created = await in_thread(left)
+        await until(reactor, lambda: gw.service.drain.in_flight == 0)  # (the gateway saw the client leave)
+        reserved = len(json.dumps({"model": MODEL[5:], "input": prompt, "background": True, "stream": True,
+                                   "max_output_tokens": 50, "fake_hang_after": 2})) // 4 + 50
+        used = await in_thread(window)  # (refilled 1,000 tokens a second since)
+        assert reserved - 1500 < used <= reserved + 10
+        fake.stored_responses[created].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                         "total_tokens": 22})
+        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        await deferLater(reactor, 0.5, lambda: None)  # (nothing more comes)
+        assert await _logged(reactor, http, gw, [0, 22], limit=0) == [0, 22]
+        code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+        assert view["budgets"][0]["spent_tokens"] == 22
+    finally:
+        fake.finish_hung()
+        client.close()
+        await gw.service.stopService()
