@@ -1844,3 +1844,36 @@ async def test_a_streamed_background_response_whose_client_leaves_is_charged_onc
         fake.finish_hung()
         client.close()
         await gw.service.stopService()
+
+
+@pytest.mark.parametrize("redis", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_batchs_lines_in_flight_at_once_cannot_overshoot_its_keys_budget(reactor, http, fake, tmp_path,
+                                                                                 redis, redis_env):
+    """Each batch line reserves its estimate from its key's budgets once it holds its provider slot, as an online
+    request does at admission, and settles to what it used: lines sent at once (BATCH_CONCURRENCY_PER_PROVIDER)
+    count each other's reservations, so a batch spends its key's budget past it by one line at most (before, each
+    line was checked, then charged: four lines in flight each saw the room left and all went, and the next four
+    too, twice the budget)."""
+    gw = await start(reactor, fake, tmp_path, **redis_env)
+    try:
+        key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 100}])
+        sdk = openai_client(gw, key["value"])
+        line = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "fake_delay": 0.3}
+        lines = b"".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": line}).encode() + b"\n" for i in range(12))
+        uploaded = await in_thread(sdk.files.create, file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+        batch = await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        batch = await in_thread(sdk.batches.retrieve, batch.id)
+        sdk.close()
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        used = [r["total_tokens"] for r in log["data"]]
+        assert used and set(used) == {21} and batch.request_counts.completed == len(used)  # (21 tokens a line)
+        assert batch.request_counts.failed == 12 - len(used)  # (budget_exceeded)
+        code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+        assert view["budgets"][0]["spent_tokens"] == sum(used) <= 100 + 21
+    finally:
+        await gw.service.stopService()

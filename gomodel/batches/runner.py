@@ -161,6 +161,21 @@ class _Slot:
             held.release()
 
 
+class _Reserved:
+    """What a line reserved of its key's budgets (L{gomodel.limits.gate.Gate.reserve_line}), settled once: by the
+    charge of what it used, or given back when it is done without one."""
+
+    __slots__ = ("_reservation",)
+
+    def __init__(self, reservation):
+        self._reservation = reservation
+
+    def take(self):
+        """The reservation, the first time (None after, or where nothing was reserved)."""
+        reservation, self._reservation = self._reservation, None
+        return reservation
+
+
 class BatchRunner(Service):
     """Executes batches against the providers, durably, under claims (see the module docstring)."""
 
@@ -560,18 +575,26 @@ class BatchRunner(Service):
             await self._unsent(job, line, custom_id, "invalid_api_key", "The API key that made the batch was "
                                "deactivated or has expired: its lines are not sent.")
             return
-        if self._gate is not None and not await self._within_budgets(job, line, custom_id, sem):
-            return
+        reserved = None
+        if self._gate is not None:
+            reserved = await self._reserve(job, line, custom_id, sem, f"{route.provider.name}/{route.upstream_model}",
+                                           first)
+            if reserved is None:
+                return
         slot = _Slot(job, self.semaphore, sem)
         call = UpstreamCall(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
                             rebody=rebody if fallbacks else None)
         kept = payload if path == "/responses" and self._responses is not None and payload.get("store") is not False \
             else None
         d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, slot, answer, again,
-                                              unheld, kept))
+                                              unheld, kept, reserved))
 
         def release(result):
             slot.release()
+            if reserved is not None:  # (what no charge settled: a line halted, or answered without usage)
+                rest = reserved.take()
+                if rest is not None:
+                    self._gate.charge(job.principal, None, None, rest)
             return result
 
         self._track(job, d.addBoth(release))
@@ -585,19 +608,24 @@ class BatchRunner(Service):
         principal = job.principal = self._keys.by_id(principal.id) or principal
         return principal.active and (principal.expires_at is None or self._clock.seconds() < principal.expires_at)
 
-    async def _within_budgets(self, job, line, custom_id, sem):
-        """Whether the batch's key may still spend, checked once the line holds its slot (C{sem}, given back
-        if not): a line that waited for one is refused by what the lines before it spent meanwhile. A spent
-        budget is the line's error (C{budget_exceeded})."""
+    async def _reserve(self, job, line, custom_id, sem, model, body):
+        """Reserve the line's estimate from the budgets of the batch's key once the line holds its slot (C{sem},
+        given back if refused), as an online request's admission does (L{gomodel.limits.gate.Gate.reserve_line}:
+        C{body} as sent to its first target, C{model}): a line that waited for its slot is refused by what the
+        lines before it spent, and those in flight reserved, meanwhile (before, lines sent at once were each
+        checked, then charged: each saw the room left). A spent budget is the line's error (C{budget_exceeded}).
+
+        @return: the line's L{_Reserved}, or None: refused (its error recorded).
+        """
         try:
-            await self._gate.check_budgets(job.principal)
+            reservation = await self._gate.reserve_line(job.principal, model, body)
         except BaseException as e:
             sem.release()
             if not isinstance(e, GatewayError) or isinstance(e, StorageUnavailable):
                 raise
             await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
-            return False
-        return True
+            return None
+        return _Reserved(reservation)
 
     def _unsent(self, job, line, custom_id, code, message):
         """Record the error C{code} of a line that is not sent, as L{_track} does; fires once it is written (or
@@ -664,7 +692,7 @@ class BatchRunner(Service):
         d.addBoth(done)
 
     async def _line(self, job, path, line, custom_id, provider, call, slot, answer=None, again=None, unheld=None,
-                    kept=None):
+                    kept=None, reserved=None):
         """Send one line (C{call}, holding C{slot}) and record its result; C{answer(body, model)} makes a
         successful answer the line's (a translated message batch line's chat completion, a message);
         C{again(outcome)}, for a message batch's line sent natively, is the C{(call, answer)} to send it with
@@ -672,8 +700,9 @@ class BatchRunner(Service):
         send it with its conversation explicitly (L{_explicitly}, awaited), or None; C{unheld}: the C{previous_response_id} of a line that
         continues a response the gateway does not hold (the upstream's 404 naming it is the line's
         C{previous_response_not_found}, as online), or None; C{kept}, a C{/v1/responses} line's body whose
-        response the gateway keeps (L{_keep_response}), or None."""
-        outcome = await self._outcome(job, path, line, provider, call, slot)
+        response the gateway keeps (L{_keep_response}), or None; C{reserved}, its L{_Reserved} (settled by its
+        charge), or None."""
+        outcome = await self._outcome(job, path, line, provider, call, slot, reserved)
         if (unheld is not None and isinstance(outcome, _Answer) and outcome.status == 404
                 and names_previous(outcome.body, unheld)):
             error = unknown_previous(unheld)
@@ -689,13 +718,13 @@ class BatchRunner(Service):
                 retried, outcome = None, _NoAnswer(e.code or "invalid_request", e.message)
             if retried is not None:
                 call, answer = retried
-                outcome = await self._outcome(job, path, line, provider, call, slot)
+                outcome = await self._outcome(job, path, line, provider, call, slot, reserved)
         if outcome is None:
             return  # halted: the line stays pending
         if isinstance(outcome, _NoAnswer) and outcome.reached is not None:
-            self._account_unanswered(job, path, outcome, f"{job.batch_id}-{line}", call.body)
+            self._account_unanswered(job, path, outcome, f"{job.batch_id}-{line}", call.body, reserved)
         if isinstance(outcome, _Answer):
-            self._account(job, path, outcome, f"{job.batch_id}-{line}")
+            self._account(job, path, outcome, f"{job.batch_id}-{line}", reserved)
             if path == "/responses" and 200 <= outcome.status < 300:  # (a failed one's error, as online)
                 outcome.body = error_hidden(outcome.provider, None, outcome.body)
             if kept is not None and 200 <= outcome.status < 300:
@@ -711,7 +740,7 @@ class BatchRunner(Service):
         ok, data = self._result(custom_id, outcome)
         await self._record(job, line, custom_id, ok, data)
 
-    async def _outcome(self, job, path, line, provider, call, slot):
+    async def _outcome(self, job, path, line, provider, call, slot, reserved=None):
         """Send one line's C{call} (L{_call}); fires with its L{_Answer} or L{_NoAnswer}, or None when the job
         was halted meanwhile (the usage of a send it cut short is kept: L{_account_unanswered}), or before (a line
         to be sent again, halted as it made its second call: nothing more is sent)."""
@@ -726,7 +755,7 @@ class BatchRunner(Service):
             reached = getattr(e, "reached", None)
             if reached is not None:  # (in flight at a cancel, an expiry, a stop: vLLM read the prompt)
                 self._account_unanswered(job, path, _NoAnswer("cancelled", "", reached, CLIENT_GONE_STATUS, True),
-                                         request_id, call.body)
+                                         request_id, call.body, reserved)
             return None
         except Exception:
             self.log.failure("batch {batch_id} line {line}: unexpected failure", batch_id=job.batch_id, line=line)
@@ -761,9 +790,9 @@ class BatchRunner(Service):
                             rebody=rebody if fallbacks else None)
         return call, answer
 
-    def _account(self, job, path, answer, request_id):
+    def _account(self, job, path, answer, request_id, reserved=None):
         """Keep the usage record of one answered line and charge it to its key's budgets (batch lines
-        count as requests do), under the target that answered."""
+        count as requests do), under the target that answered, settling what it C{reserved} (a L{_Reserved})."""
         pool, principal = answer.provider, job.principal
         model = f"{pool.name}/{answer.model}"
         usage = usage_of(answer.body) if answer.status < 400 else None
@@ -776,13 +805,14 @@ class BatchRunner(Service):
         if self.tokens_counted is not None:
             self.tokens_counted(pool.type, pool.name, model, usage, principal, "/v1" + path)
         if self._gate is not None:
-            self._gate.charge(principal, model, usage)
+            self._gate.charge(principal, model, usage, None if reserved is None else reserved.take())
 
-    def _account_unanswered(self, job, path, outcome, request_id, body):
+    def _account_unanswered(self, job, path, outcome, request_id, body, reserved=None):
         """Keep the usage record of one line sent upstream whose answer never came (C{outcome}, a L{_NoAnswer}
         that C{reached} a replica; a 499, C{client_gone}, for one the job's halt cut short) and charge it to its
         key's budgets: its prompt, estimated from the C{body} sent
-        (L{prompt_estimate}), which the upstream read, as an online request's is (L{gomodel.proxy.exchange})."""
+        (L{prompt_estimate}), which the upstream read, as an online request's is (L{gomodel.proxy.exchange}),
+        settling what it C{reserved} (a L{_Reserved})."""
         prompt = prompt_estimate(body)
         if not prompt:
             return
@@ -797,7 +827,7 @@ class BatchRunner(Service):
         if self.tokens_counted is not None:
             self.tokens_counted(pool.type, pool.name, model, usage, principal, "/v1" + path)
         if self._gate is not None:
-            self._gate.charge(principal, model, usage)
+            self._gate.charge(principal, model, usage, None if reserved is None else reserved.take())
 
     def _keep_response(self, job, payload, answer):
         """Keep the response a C{/v1/responses} line (C{payload}) was C{answer}ed with, as an online create's is

@@ -18,9 +18,10 @@ request completes (L{Gate.completed}, a request-context sink). Budgets
 take the same estimate (and its cost at the model's price) when a request is
 admitted, refused once what was spent and reserved reaches them, and are
 settled with its usage when it completes (the same sink): requests admitted
-at once count each other's reservations. Batch lines are checked before and
-charged by the batch runner (L{Gate.charge}), so batch lines and passthrough
-count like any request, with or without the usage ledger.
+at once count each other's reservations. A batch line reserves the same
+estimate once it holds its provider slot (L{Gate.reserve_line}) and is settled
+by the batch runner with what it used (L{Gate.charge}), so batch lines and
+passthrough count like any request, with or without the usage ledger.
 """
 
 from twisted.internet.defer import Deferred, succeed
@@ -469,14 +470,25 @@ class Gate(Periodic):
     def _failed(self, failure, what):
         self.log.failure(what, failure)
 
-    def charge(self, principal, model, usage):
+    def charge(self, principal, model, usage, reservation=None):
         """Charge an answer's C{usage} (the upstream's usage object, or None) on C{model} (qualified, for
-        its price) to the budgets of C{principal} (a managed key's; others have none): a batch line."""
-        if self._book is None or not usage or principal is None or not principal.limited:
+        its price) to the budgets of C{principal} (a managed key's; others have none): a batch line, or a
+        background response once over.
+
+        @param reservation: what the line reserved (L{reserve_line}), or None: settled with the usage (given
+            back without any) in the periods of now, as the usage ledger dates a line (at its end).
+        """
+        if reservation is None and (self._book is None or principal is None or not principal.limited):
             return
-        used, seconds = total_tokens(usage), audio_seconds(usage)
-        if used or seconds:
-            cost = self._pricing.costs(model, tokens_by_type(usage), seconds)[2] if self._pricing and model else None
+        used, seconds = (total_tokens(usage), audio_seconds(usage)) if usage else (0, None)
+        cost = None
+        if (used or seconds) and self._pricing and model:
+            cost = self._pricing.costs(model, tokens_by_type(usage), seconds)[2]
+        if reservation is not None:
+            settling = self._book.settle(reservation, used, cost, self._limiter.clock.seconds())
+            if settling is not None:
+                settling.addErrback(self._failed, "settling a batch line's budget reservation")
+        elif used or seconds:
             self._record(principal, used, cost)
 
     def _record(self, principal, used, cost, scopes=None, at=None):
@@ -490,13 +502,29 @@ class Gate(Periodic):
                 recording.addErrback(self._failed, "charging a budget")
 
     async def check_budgets(self, principal):
-        """Refuse when a budget of C{principal} is spent (a batch line about to be sent).
+        """Refuse when a budget of C{principal} is spent (a batch about to be made).
 
         @raise gomodel.errors.BudgetExceeded: one is.
         """
         budgets = self.budget_scopes(principal)
         if budgets:
             await self._book.check(budgets)
+
+    def reserve_line(self, principal, model, body):
+        """Reserve a batch line's estimate from the budgets of C{principal}, as an online request's admission does
+        (L{estimate} of the C{body} it is sent with, and that on C{model}'s price, qualified, for a cost budget):
+        lines sent at once count each other's reservations. Settled by L{charge}.
+
+        @return: a Deferred firing with the L{Reservation}, or None (no budgets); it fails with
+            L{gomodel.errors.BudgetExceeded} when one is spent (nothing taken).
+        """
+        budgets = self.budget_scopes(principal)
+        if not budgets:
+            return succeed(None)
+        cost = 0.0
+        if self._pricing and model and body:  # (as L{_cost_estimate})
+            cost = self._pricing.costs(model, (len(body) // 4, requested_tokens(body) or 0, 0))[2] or 0.0
+        return self._book.reserve(budgets, estimate(body), cost)
 
 
 def _admitted(admission, request, ctx):
