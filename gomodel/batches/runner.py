@@ -63,8 +63,8 @@ from gomodel.batches.claiming import MAX_CLAIMED, ClaimLoop
 from gomodel.batches.concluding import conclude, give_up
 from gomodel.batches.lines import PAGE_BYTES, Job, error_line, output_line
 from gomodel.batches.validating import validate
-from gomodel.errors import (BadUpstreamResponse, Conflict, GatewayError, NoReadyReplica, NotFound, ReplicasBusy,
-                            StorageUnavailable, UpstreamUnreachable, shown)
+from gomodel.errors import (BadUpstreamResponse, BudgetExceeded, Conflict, GatewayError, NoReadyReplica, NotFound,
+                            ReplicasBusy, StorageUnavailable, UpstreamUnreachable, shown)
 from gomodel.api.inference import held, key_priority, plan_model
 from gomodel.http.context import CLIENT_GONE, CLIENT_GONE_STATUS
 from gomodel.http.headers import is_event_stream
@@ -577,8 +577,13 @@ class BatchRunner(Service):
             return
         reserved = None
         if self._gate is not None:
-            reserved = await self._reserve(job, line, custom_id, sem, f"{route.provider.name}/{route.upstream_model}",
-                                           first)
+            try:
+                reserved = await self._reserve(job, sem, f"{route.provider.name}/{route.upstream_model}", first)
+            except GatewayError as e:
+                if isinstance(e, StorageUnavailable):
+                    raise
+                await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
+                return
             if reserved is None:
                 return
         slot = _Slot(job, self.semaphore, sem)
@@ -608,24 +613,34 @@ class BatchRunner(Service):
         principal = job.principal = self._keys.by_id(principal.id) or principal
         return principal.active and (principal.expires_at is None or self._clock.seconds() < principal.expires_at)
 
-    async def _reserve(self, job, line, custom_id, sem, model, body):
+    async def _reserve(self, job, sem, model, body):
         """Reserve the line's estimate from the budgets of the batch's key once the line holds its slot (C{sem},
         given back if refused), as an online request's admission does (L{gomodel.limits.gate.Gate.reserve_line}:
         C{body} as sent to its first target, C{model}): a line that waited for its slot is refused by what the
         lines before it spent, and those in flight reserved, meanwhile (before, lines sent at once were each
-        checked, then charged: each saw the room left). A spent budget is the line's error (C{budget_exceeded}).
+        checked, then charged: each saw the room left). A budget spent while lines of the batch are in flight is
+        tried again once one of them ends (it gives back what it reserved and did not use); spent with none, it
+        is the line's error (C{budget_exceeded}).
 
-        @return: the line's L{_Reserved}, or None: refused (its error recorded).
+        @return: the line's L{_Reserved}, or None: the job was halted meanwhile.
+        @raise GatewayError: refused (C{BudgetExceeded}; the slot given back).
         """
-        try:
-            reservation = await self._gate.reserve_line(job.principal, model, body)
-        except BaseException as e:
-            sem.release()
-            if not isinstance(e, GatewayError) or isinstance(e, StorageUnavailable):
+        while True:
+            try:
+                reservation = await self._gate.reserve_line(job.principal, model, body)
+            except BudgetExceeded:
+                if not job.lines:
+                    sem.release()
+                    raise
+            except BaseException:
+                sem.release()
                 raise
-            await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
-            return None
-        return _Reserved(reservation)
+            else:
+                return _Reserved(reservation)
+            await DeferredList(list(job.lines), fireOnOneCallback=True)  # (one ends: tracked, it never fails)
+            if job.stop is not None:
+                sem.release()
+                return None
 
     def _unsent(self, job, line, custom_id, code, message):
         """Record the error C{code} of a line that is not sent, as L{_track} does; fires once it is written (or
