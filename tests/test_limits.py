@@ -1321,3 +1321,34 @@ def test_a_reservation_is_settled_in_the_period_its_request_began_in(counters, c
     crossing = book.reserve_now(scopes, 19, 0.0)  # begun at 23:59:59, admitted now
     fired(book.settle(crossing, 7, None, at=started))
     assert counters.spent_all_now([day1, day2]) == [(17, 0.0), (3, 0.0)]
+
+
+@pytest.mark.parametrize("path", ["lane", "general"])
+def test_requests_in_flight_when_a_budget_is_seeded_again_are_charged_in_full_when_they_end(clock, counters, path):
+    """A key's budgets edited while its requests are in flight: its sums are seeded again from the usage ledger at
+    their next use (L{BudgetBook.renew}), which has none of those requests yet; each is charged what it used when
+    it ends (before, the sum was set to the ledger's figure in place, losing what they had reserved, and their
+    settlement then took that off it: three requests of 19 reserved, using 5 each, left the sum 42 short)."""
+    from gomodel.limits.gate import Gate
+
+    ledger = {"tokens": 30}
+    book = BudgetBook(counters, clock, seed=lambda scope, since: (ledger["tokens"], 0.0), seed_counts_kept=True)
+    gate = Gate(Limiter(counters, clock), book, LimitsConfig(), clock=clock)
+    if path == "general":
+        gate._lane = lambda *args: None  # (every admission down the general path)
+    spent = [("key:k_1", Budget("daily", max_tokens=1000))]
+    key = _key(budgets=[{"period": "daily", "max_tokens": 1000}])
+    inflight = [_request(gate, key)[0] for _ in range(3)]  # 19 reserved each
+    assert fired(book.spent(spent)) == [(30 + 3 * 19, 0.0)]
+    edited = _key(budgets=[{"period": "daily", "max_tokens": 2000}])  # (the key ring's new principal)
+    gate.renew("key:k_1")
+    after, _ = _request(gate, edited)  # seeded again: the ledger's 30, and its own 19
+    assert fired(book.spent(spent)) == [(30 + 19, 0.0)]
+    for ctx in inflight + [after]:
+        _used(ctx, 5)
+        gate.completed(ctx)
+    assert fired(book.spent(spent)) == [(30 + 4 * 5, 0.0)]
+    ledger["tokens"] += 4 * 5  # (they are in the ledger now)
+    ctx, _ = _request(gate, edited, used=7)  # the next requests are admitted and charged as before
+    assert fired(book.spent(spent)) == [(30 + 4 * 5 + 7, 0.0)]
+    assert _by_a_lane(ctx) == (path == "lane")

@@ -266,10 +266,17 @@ class BudgetBook:
         """
         current = reservation.current
         tokens, cost = int(tokens or 0), float(cost or 0.0)
-        if (self._seed is not None and not self._counters.shared
-                and any(bucket not in self._seeded for bucket in current.buckets)):
-            # (its budgets changed since: the sums are seeded again from the ledger, without what it took)
-            return self.record(current.scopes, tokens, cost, at) if tokens or cost else None
+        if self._seed is not None and not self._counters.shared:
+            if any(bucket not in self._seeded for bucket in current.buckets):
+                # (its budgets changed since: the sums are seeded again from the ledger, without what it took)
+                return self.record(current.scopes, tokens, cost, at) if tokens or cost else None
+            if current.epoch != self._counters.epoch:
+                # (its cells swept, or a sum seeded again since, in a new cell: L{LocalCounters.set_sum}) what it
+                # took goes back to the cells it was taken from; its use is charged by name
+                for cell in current.cells:
+                    cell[0] -= reservation.tokens
+                    cell[1] -= reservation.cost
+                return self.record(current.scopes, tokens, cost, at) if tokens or cost else None
         if at is None or current.first <= at < current.last:
             if tokens == reservation.tokens and cost == reservation.cost:
                 return None
@@ -567,10 +574,10 @@ class BudgetBook:
                     return  # (seeded again once Redis answers)
                 self._missed.discard(bucket)
         else:
-            if again:  # (this process's own sum: the ledger's figure holds what it counted)
-                cell = self._counters.sum_cell(bucket, expires)
-                cell[0], cell[1] = 0, 0.0
-            if tokens or cost:
+            if again:  # (this process's own sum: the ledger's figure holds what it counted; not the requests in
+                # flight, charged in full when they end: what they reserved stays in the old cell, L{set_sum})
+                self._counters.set_sum(bucket, int(tokens or 0), float(cost or 0.0), expires)
+            elif tokens or cost:
                 await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
             self._own[bucket] = (scope, start, expires)
             self._followed.pop(bucket, None)

@@ -335,6 +335,14 @@ class LocalCounters(_Forms):
             state[0], state[1], state[2] = 0, 0.0, expires_at
         return state
 
+    def set_sum(self, bucket, tokens, cost, expires_at):
+        """Set budget sum C{bucket} to C{tokens} and C{cost} (seeded again from the usage ledger) in a new cell,
+        in a new L{epoch}: the holders of its old cell (a L{gomodel.limits.lanes.Lane}, a budget reservation of a
+        request in flight, which the ledger does not count yet) settle by name what they use, and give back what
+        they reserved to the old cell (so nothing of it is lost, nor taken off the new figure)."""
+        self._sums[bucket] = [tokens, cost, expires_at]
+        self.epoch += 1
+
     def finish_now(self, specs, lease) -> list:
         """L{ICounters.finish}, answered at once."""
         now = self._clock.seconds()

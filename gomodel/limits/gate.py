@@ -438,6 +438,7 @@ class Gate(Periodic):
             ctx.admission = ()
             if admission[0].finish(admission, used, charged, cost, ctx.started):
                 return  # settled and charged at once, by the lane that admitted it
+            ctx.budgets = admission[0].budgets  # (charged below to the budgets it was admitted under)
         elif admission is not None:
             if self._limiter.immediate:
                 admission.finish_now(used)

@@ -26,10 +26,13 @@ class Lane:
     """The buckets and budgets of one C{scopes} list as live cells (see the module).
 
     @ivar scopes: the scopes list it was made for (the gate keeps lanes by its id).
+    @ivar budgets: the budget scopes list its budgets' sums are of, or None: what a request it admitted is charged
+        to where L{finish} leaves that to the caller.
     """
 
     __slots__ = ("scopes", "_clock", "_counters", "_epoch", "_first", "_until", "_prepared", "_buckets",
-                 "_token_buckets", "_slots", "_slot", "_slot_limit", "_budgets", "_sums", "_header_plan", "costed")
+                 "_token_buckets", "_slots", "_slot", "_slot_limit", "_budgets", "_sums", "_header_plan", "costed",
+                 "budgets")
 
     def __init__(self, scopes, limiter, prepared, current, header_plan):
         """
@@ -72,6 +75,7 @@ class Lane:
         # whether a budget of its caps cost: a request then reserves its estimate's cost as well (L{admit})
         self.costed = any(max_cost != INF for _, _, max_cost in self._budgets)
         self._first, self._until = (current.first, current.last) if current is not None else (-INF, INF)
+        self.budgets = current.scopes if current is not None else None
 
     def live(self, now) -> bool:
         """Whether its cells are still the counters' own and its budget periods still run at C{now}."""
