@@ -524,31 +524,22 @@ async def test_a_connection_with_half_a_request_head_when_the_drain_ends_is_clos
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_upload_still_arriving_when_the_drain_runs_out_of_time_is_logged_as_the_gateways_cut(reactor, fake):
+async def test_an_upload_still_arriving_when_the_drain_runs_out_of_time_is_logged_as_the_gateways_cut(reactor, fake,
+                                                                                                       access):
     """Its request never reached a route: its connection was aborted with no record at all (nor, once recorded,
     as a client that left). It is the gateway's cut, shutdown_timeout, as a request whose answer had not started."""
     from tests.test_files import multipart
 
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
-    access = []
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access.append(event)
-
     body, content_type = multipart({"purpose": "batch"}, content=b'{"a": 1}\n' * 1000)
     head = b"POST /v1/files HTTP/1.1\r\nHost: g\r\nContent-Type: %s\r\nContent-Length: %d\r\nX-Request-Id: req-up\r\n\r\n" % (
         content_type.encode(), len(body))
-    globalLogPublisher.addObserver(observe)
-    try:
-        client = await connect(reactor, gw.port, head + body[:len(body) // 2])
-        await until(reactor, lambda: gw.service.drain.site.channels and all(
-            c._receiving is not None and not c._head_open for c in gw.service.drain.site.channels),
-            what="the upload arriving")
-        await with_timeout(reactor, gw.service.stopService(), 10)
-        await with_timeout(reactor, client.lost, 10)
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    client = await connect(reactor, gw.port, head + body[:len(body) // 2])
+    await until(reactor, lambda: gw.service.drain.site.channels and all(
+        c._receiving is not None and not c._head_open for c in gw.service.drain.site.channels),
+        what="the upload arriving")
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, client.lost, 10)
     assert [(e["request_id"], e["status"], e["outcome"], e["error"], e["client_gone"]) for e in access.events] == [
         ("req-up", 503, "error", "shutdown_timeout", False)]
 
