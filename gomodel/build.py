@@ -169,6 +169,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # What every request feeds when it ends (the drain last: the other sinks have their
     # record before a drain can end).
     gateway.drain = Drain(reactor, gateway.listeners, config.server.shutdown_timeout)
+    gateway.drain.background.append(gateway.batch_runner.drain)  # (no new batch line once it begins)
     sinks, starts, pages, open_paths = [], [gateway.drain.started], {}, []
     # The scrape's path, with a trailing slash too, as every Klein route (/health/, /v1/models/).
     scrape = config.metrics.endpoint

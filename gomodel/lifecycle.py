@@ -20,7 +20,7 @@ signal status; another signal meanwhile changes nothing
 (L{gomodel._twistedcompat.stop_once_on_signals}).
 """
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -61,6 +61,11 @@ class Drain:
         # The requests no route has seen yet a drain waits for (L{_count_unread}): their body arriving, or read whole
         # while who sent them is looked up (a managed key this process lacks: C{held}).
         self._unread = set()
+        # What the drain starts and lets finish within its time too (L{background}): each a function that stops
+        # starting work and returns a Deferred firing once the work under way is done (the batch runner's
+        # L{gomodel.batches.runner.BatchRunner.drain}); C{_work}, the Deferreds not fired yet.
+        self.background = []
+        self._work = set()
         self.draining = False
         self._idle = None
         self._look = None  # the next look at the bytes not yet sent (L{_written}), while one is due
@@ -75,7 +80,7 @@ class Drain:
 
     def __call__(self, ctx):
         self.live.discard(ctx)
-        if self._idle is not None and not self.live and not self._unread:
+        if self._idle is not None and not self.live and not self._unread and not self._work:
             self._written()
 
     def _written(self):
@@ -83,7 +88,8 @@ class Drain:
         (a whole answer written at once, its client reading it slowly: the reactor's stop, after the services',
         closes every connection at once, which would cut it); else look again in L{UNSENT_POLL} seconds."""
         self._look = None
-        if self._idle is None or self.live or self._unread:  # (a kept-alive connection's next request meanwhile)
+        if self._idle is None or self.live or self._unread or self._work:  # (a kept-alive connection's next request
+            # meanwhile; batch lines in flight)
             return  # (its end looks again)
         if self.site is not None and self._count_unread():  # a request whose head came meanwhile (a kept-alive
             return  # connection's last): its end looks again
@@ -125,15 +131,35 @@ class Drain:
         if self.site is not None:
             self.site.close_after_answers()  # kept-alive connections move to other hosts
             self._count_unread()
+        for stop in self.background:
+            self._start_draining(stop)
         _twistedcompat.exit_cleanly(self._reactor)
-        if self.in_flight == 0 and not self._unsent():
+        if self.in_flight == 0 and not self._work and not self._unsent():
             self._ended()
             return succeed(None)
         self._idle = Deferred()
         self._idle.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)
-        if self.in_flight == 0:  # (answers still being sent)
+        if self.in_flight == 0 and not self._work:  # (answers still being sent)
             self._written()
         return self._idle
+
+    def _start_draining(self, stop):
+        """Tell background work to start nothing more (C{stop}, one of L{background}); the drain waits for what
+        it has under way (at most the timeout: the services' stop cuts the rest)."""
+        d = maybeDeferred(stop)
+        if d.called:  # (nothing under way)
+            d.addErrback(self._work_failed)
+            return
+        self._work.add(d)
+        d.addErrback(self._work_failed)
+        d.addBoth(self._work_done, d)
+
+    def _work_failed(self, failure):
+        self.log.failure("drain: waiting for the background work failed", failure)
+
+    def _work_done(self, _, d):
+        self._work.discard(d)
+        self(None)
 
     def _count_unread(self) -> bool:
         """Count the requests whose head is in that L{started} has not seen yet (once each): their body arriving
@@ -165,6 +191,9 @@ class Drain:
         if self.in_flight:
             self.log.warn("drain: {count} requests still in flight after {timeout:g}s; closing them",
                           count=self.in_flight, timeout=timeout)
+        elif self._work:
+            self.log.warn("drain: batch lines still in flight after {timeout:g}s; the stop cuts them (they are "
+                          "sent again when their batch resumes)", timeout=timeout)
         else:
             self.log.warn("drain: answers not yet read by their clients after {timeout:g}s; closing their "
                           "connections", timeout=timeout)

@@ -902,7 +902,9 @@ async def test_cancelling_an_ended_batch_is_409_and_a_cancelled_one_is_idempoten
 
 @pytest_twisted.ensureDeferred
 async def test_restarted_gateway_resumes_the_batch_exactly_once(reactor, fake, tmp_path):
-    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "2"}
+    # (the lines held are cut when the drain runs out of time)
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "2",
+           "SHUTDOWN_TIMEOUT": "0.3s"}
     lines = [chat_line(f"a{i}") for i in range(3)] + [chat_line(f"h{i}", fake_hold=True) for i in range(3, 6)]
     first = await start_gateway(reactor, env)
     client = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0, timeout=20)
@@ -933,6 +935,51 @@ async def test_restarted_gateway_resumes_the_batch_exactly_once(reactor, fake, t
     # cut off by the stop were sent again, once.
     assert fake.marker_answers == {line["custom_id"]: 1 for line in lines}
     assert fake.marker_counts == {"a0": 1, "a1": 1, "a2": 1, "h3": 2, "h4": 2, "h5": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_sends_no_new_line_and_records_the_lines_in_flight_before_the_batch_resumes(reactor, fake,
+                                                                                                  tmp_path):
+    """Once the gateway's stop (its drain) begins, no batch line is sent any more; the lines in flight are
+    answered and recorded within SHUTDOWN_TIMEOUT, and the batch, still in_progress, resumes at the next start
+    without sending them again. Before, the runner kept starting lines during the drain and the stop cut those
+    in flight (vLLM's work on them wasted: each was sent again at the next start)."""
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "2",
+           "SHUTDOWN_TIMEOUT": "20s"}
+    lines = [chat_line(f"l{i}", fake_hold=True) for i in range(6)]
+    first = await start_gateway(reactor, env)
+    client = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    try:
+        created = await start_batch(client, lines)
+        runner = first.service.batch_runner
+        await until(reactor, lambda: len(fake.marker_counts) == 2 and runner.semaphore("vllm").tokens == 0)
+    finally:
+        client.close()
+    in_flight = dict(fake.marker_counts)
+    assert in_flight == {"l0": 1, "l1": 1}
+    stopping = first.service.stopService()
+    await deferLater(reactor, 0.3, lambda: None)
+    assert not stopping.called  # (the drain waits for the two lines)
+    fake.release_holds()  # answered now: any line sent from here on is answered at once
+    await with_timeout(reactor, stopping, 10)
+    assert fake.marker_counts == in_flight  # no new line reached the upstream
+    assert fake.marker_answers == in_flight
+    assert _recorded_lines(tmp_path / "gomodel.db", created.id) == set(in_flight)
+    with sqlite3.connect(tmp_path / "gomodel.db") as conn:
+        assert conn.execute("SELECT status FROM batches WHERE id = ?", (created.id,)).fetchone() == ("in_progress",)
+
+    second = await start_gateway(reactor, env)
+    client = openai.OpenAI(base_url=second.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    try:
+        batch = await finished(second, client, created.id)
+        assert batch.status == "completed"
+        assert batch.request_counts.model_dump() == {"total": 6, "completed": 6, "failed": 0}
+        output = await file_lines(client, batch.output_file_id)
+    finally:
+        client.close()
+        await second.service.stopService()
+    assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]
+    assert fake.marker_counts == {line["custom_id"]: 1 for line in lines}  # each line sent once
 
 
 def _twistd(env):

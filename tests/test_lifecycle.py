@@ -707,3 +707,38 @@ async def test_sigterm_to_workers_drains_each_process_its_streams_finish_and_the
     lines = [line for line in text.splitlines() if "req-stream-" in line and "/v1/chat/completions 200 " in line]
     assert len(lines) == 3 and not [line for line in lines if "outcome=" in line], text
     assert "Traceback" not in text, text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipelined_request_queued_when_the_drain_runs_out_is_logged_as_the_gateways_cut(reactor, fake):
+    """Two requests pipelined in one write: the first upstream, its answer not started, the second read whole
+    behind it. At the drain's end the first is answered its 503 and the connection closes after it (the second
+    cannot be answered after a Connection: close): the second is logged and counted as the gateway's cut
+    (503 shutdown_timeout), as an upload cut mid-body is. Before, it had no access line at all."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    access = {}
+
+    def observe(event):
+        if event.get("log_namespace") == "gomodel.access":
+            access[event["request_id"]] = event
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        recorded = fake.next_request()
+        client = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
+            {"X-Request-Id": "req-first"}) + chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, {"X-Request-Id": "req-queued"}))
+        await with_timeout(reactor, recorded, 10)
+        await until(reactor, lambda: any(c._received for c in gw.service.drain.site.channels),
+                    what="the second request read whole")
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        await with_timeout(reactor, client.lost, 10)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
+    assert json.loads(body)["error"]["code"] == "shutdown_timeout"
+    cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
+    assert cut == {"req-first": (503, "error", "shutdown_timeout", False),
+                   "req-queued": (503, "error", "shutdown_timeout", False)}

@@ -65,13 +65,18 @@ class ClaimLoop:
         if self._running and self._poll_interval > 0:
             self._poll = self._loop(self._scan, self._poll_interval)
 
-    def stop(self):
+    def stop_claiming(self):
+        """Claim no more batches (the drain); the claims held are still renewed until L{stop}."""
         self._running = False
-        for loop in (self._poll, self._beat):
-            if loop is not None and loop.running:
-                loop.stop()
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
         if self._scanning is not None:
             self._scanning.cancel()
+
+    def stop(self):
+        self.stop_claiming()
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
 
     def _loop(self, f, interval):
         loop = LoopingCall(f)

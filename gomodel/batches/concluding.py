@@ -23,7 +23,7 @@ async def conclude(batches, blobs, job, now):
     @param now: a function returning the current time in seconds.
     @return: None; store failures propagate.
     """
-    if job.stop in ("shutdown", "lost", "park"):
+    if job.stop in ("drain", "shutdown", "lost", "park"):
         return
     batch_id = job.batch_id
     batch = await batches.get(batch_id)

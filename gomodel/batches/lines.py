@@ -33,12 +33,15 @@ class Job:
     def __init__(self, batch_id, token):
         self.batch_id = batch_id
         self.token = token  # the fencing token of our claim
-        self.stop = None  # None, "cancel", "expire", "shutdown", "lost" (the claim) or "park" (cannot record)
+        # None, "cancel", "expire", "drain" (the gateway stopping: no more is sent), "shutdown", "lost" (the claim)
+        # or "park" (cannot record)
+        self.stop = None
         self.failed = False  # a store write failed: released with a backoff, whatever stopped it
         self.broken = False  # it failed with an error that no wait mends (not the store being unavailable)
         self.upstream = set()  # Deferreds of requests in flight (cancelled to halt)
         self.lines = set()  # Deferreds of lines not yet recorded
         self.waiting = None  # a semaphore acquisition in progress
+        self.sleeping = set()  # Deferreds of the backoffs under way before a line is sent again
         self.expiry = None  # the IDelayedCall that expires the batch
         self.task = None
         self.watchers = []  # Deferreds fired when the job ends
@@ -46,11 +49,17 @@ class Job:
         self.tenant = None  # the batch's tenant: its lines' stored responses are its, wherever its key moved since
 
     def halt(self, why):
-        """Stop sending: C{cancel}, C{expire}, C{park}, C{shutdown} or C{lost} (the last two win)."""
-        if self.stop is None or why in ("shutdown", "lost"):
+        """Stop sending: C{cancel}, C{expire}, C{park}, C{drain}, C{shutdown} or C{lost} (the last two win; a
+        cancel or an expiry wins over a drain). A drain sends nothing more (no line, no retry, no fallback) but
+        leaves the requests in flight to finish; any other halt cancels them too."""
+        if self.stop is None or why in ("shutdown", "lost") or (self.stop == "drain" and why in ("cancel", "expire")):
             self.stop = why
         waiting, self.waiting = self.waiting, None
         if waiting is not None:
             waiting.cancel()
+        for d in list(self.sleeping):
+            d.cancel()
+        if why == "drain":
+            return
         for d in list(self.upstream):
             d.cancel()

@@ -142,9 +142,12 @@ class _Slot:
         fires with None once it holds it (at once when it did already). Cancelled while it waits, it holds
         none.
 
-        @raise CancelledError: the job was halted by the time the slot came (a slot given back by a line
-            the halt just cancelled): nothing more is sent; the slot is held until the line's L{release}.
+        @raise CancelledError: the job was halted (a drain too) before, or by the time the slot came (a slot
+            given back by a line the halt just cancelled): nothing more is sent; the slot is held until the line's
+            L{release}.
         """
+        if self._job.stop is not None:
+            raise CancelledError()
         semaphore = self._semaphore(pool.name)
         if semaphore is self._held:
             return
@@ -227,6 +230,7 @@ class BatchRunner(Service):
         self._parked = {}  # batch id -> how many times in a row it could not be recorded
         self._broken = {}  # batch id -> how many times in a row it stopped with an unexpected error
         self._resuming = None
+        self.draining = False  # the gateway is stopping: no batch is claimed, no line sent (L{drain})
         self.lines_recorded = None  # lines_recorded(ok, count): the metrics' (GatewayMetrics.batch_lines), or None
         # tokens_counted(provider type, name, model, usage, principal, endpoint) of a line's usage, or None: the
         # metrics' and OpenTelemetry's (GatewayMetrics.tokens_apart, Telemetry.tokens_apart)
@@ -242,6 +246,23 @@ class BatchRunner(Service):
         self._resuming = Deferred.fromCoroutine(self._resume())
         self._resuming.addErrback(self._resume_failed)
         self._resuming.addCallback(lambda _: self._claims.poll())
+
+    def drain(self):
+        """Stop starting batch work, the gateway stopping (L{gomodel.lifecycle.Drain}): no batch is claimed any
+        more and no line is sent, sent again or sent on to a fallback (the lines not sent stay pending); the lines
+        in flight go on and their answers are recorded, then each batch is released as it is, to resume at the
+        next start or on another host. L{stopService} cuts what is still in flight then.
+
+        @return: a Deferred firing once every batch held here is released.
+        """
+        self.draining = True
+        if self._resuming is not None:
+            self._resuming.cancel()
+        self._claims.stop_claiming()
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.halt("drain")
+        return DeferredList([job.task for job in jobs])
 
     def stopService(self):
         super().stopService()
@@ -324,7 +345,7 @@ class BatchRunner(Service):
 
     async def _claim(self, batch_id):
         """Claim C{batch_id} and start it, unless it is ours already or held elsewhere (whatever we hold)."""
-        if not self.running or batch_id in self._jobs:
+        if not self.running or self.draining or batch_id in self._jobs:
             return
         got = await self._batches.claim(batch_id, self.owner, self._lease)
         if got is not None:
@@ -374,6 +395,8 @@ class BatchRunner(Service):
         job = self._jobs[batch_id] = Job(batch_id, token)
         if not self.running:
             job.stop = "shutdown"
+        elif self.draining:  # (a claim under way when the drain began)
+            job.stop = "drain"
         delay = expires_at - self._clock.seconds() if expires_at is not None else None
         if delay is not None:
             if delay <= 0:
@@ -401,7 +424,7 @@ class BatchRunner(Service):
                           batch_id=job.batch_id, delay=delay)
         else:
             delay = 0
-            if job.stop != "shutdown":
+            if job.stop not in ("drain", "shutdown"):
                 self._parked.pop(job.batch_id, None)
                 self._broken.pop(job.batch_id, None)
         try:
@@ -431,7 +454,7 @@ class BatchRunner(Service):
         if failure.check(LeaseLost):
             job.halt("lost")
             return
-        if job.stop == "shutdown" and failure.check(StorageUnavailable, CancelledError):
+        if job.stop in ("drain", "shutdown") and failure.check(StorageUnavailable, CancelledError):
             return  # stopping: the batch resumes where it is
         if failure.check(CancelledError):
             return
@@ -762,7 +785,7 @@ class BatchRunner(Service):
         if job.stop is not None:
             return None
         request_id = f"{job.batch_id}-{line}"
-        upstream = Deferred.fromCoroutine(self._call(provider, call, request_id, slot))
+        upstream = Deferred.fromCoroutine(self._call(job, provider, call, request_id, slot))
         job.upstream.add(upstream)
         try:
             return await upstream
@@ -876,7 +899,7 @@ class BatchRunner(Service):
             self.lines_recorded(ok, count)
         return count
 
-    async def _call(self, provider, call, request_id, slot):
+    async def _call(self, job, provider, call, request_id, slot):
         """Send C{call} to C{provider}, then to its fallbacks (L{gomodel.proxy.exchange.Exchange.fetch}),
         retrying transient failures from the first target, each send holding C{slot} at its provider (a
         backoff keeps the last one's); fires with an L{_Answer} (naming the target that answered) or a
@@ -895,14 +918,14 @@ class BatchRunner(Service):
                                                          entering=entering)
                 except (NoReadyReplica, ReplicasBusy):  # no replica can take it now: wait, it is no attempt
                     attempt -= 1
-                    await self._sleep(delay)
+                    await self._sleep(delay, job)
                     delay = min(delay * 2, self._backoff_max)
                     continue
                 except UpstreamUnreachable as e:  # not reached, or it broke off its answer
                     reached = getattr(e, "reached", None) or reached
                     if last:
                         return _NoAnswer(e.code, e.message, reached, e.status)
-                    await self._sleep(delay)
+                    await self._sleep(delay, job)
                     delay = min(delay * 2, self._backoff_max)
                     continue
                 except GatewayError as e:  # a timeout (the upstream may still be working on it), too large
@@ -910,7 +933,7 @@ class BatchRunner(Service):
                                      e.status)
                 response = fetched.response
                 if response.code in TRANSIENT_STATUSES and not last and not out_of_quota(response.code, fetched.body):
-                    await self._sleep(max(delay, min(_retry_after(response), self._backoff_max)))
+                    await self._sleep(max(delay, min(_retry_after(response), self._backoff_max)), job)
                     delay = min(delay * 2, self._backoff_max)
                     continue
                 upstream_id = response.headers.getRawHeaders(b"x-request-id", [request_id.encode("ascii")])[0]
@@ -933,8 +956,18 @@ class BatchRunner(Service):
                 e.reached = reached
             raise
 
-    def _sleep(self, seconds):
-        return deferLater(self._clock, seconds, lambda: None)
+    async def _sleep(self, seconds, job):
+        """Wait C{seconds} before C{job}'s line is sent again.
+
+        @raise CancelledError: the job was halted meanwhile or before (a drain too): nothing more is sent."""
+        if job.stop is not None:
+            raise CancelledError()
+        d = deferLater(self._clock, seconds, lambda: None)
+        job.sleeping.add(d)
+        try:
+            await d
+        finally:
+            job.sleeping.discard(d)
 
     def _result(self, custom_id, outcome):
         """(ok, the output or error line) for one request's outcome."""
