@@ -200,9 +200,18 @@ class Drain:
         if self.site is not None:
             closing = set()  # those closing after what they were just told (a 503, a stream's error event)
             for channel in list(self.site.channels):
+                # Read whole behind the answer in progress (pipelined): each is refused (the 503) when its turn
+                # comes, the last one closing the connection, or, where the connection closes before it (a stream
+                # cut, an aborted answer), recorded as cut.
+                queued = list(channel._received)
+                for request in queued:
+                    request.refuse_queued(ShuttingDown())
                 for request in list(channel.requests):
-                    if _cut_request(request):
+                    if request not in queued and _cut_request(request, last=not queued):
                         closing.add(channel)
+                for request in queued:
+                    if request.context is None:  # (never answered: its connection closes before its turn)
+                        self.site.lost_early(request, request.uri, ShuttingDown.status, CUT)
                 if channel not in closing:  # (an upload still arriving: the gateway's cut, not a client gone)
                     channel.lose_unread(ShuttingDown.status, CUT)
             self.site.abort_connections(spare=closing)
@@ -220,7 +229,7 @@ class Drain:
         return None
 
 
-def _cut_request(request) -> bool:
+def _cut_request(request, last=True) -> bool:
     """Cut C{request} at the end of the drain, recorded as the gateway's cut, error L{CUT}: a stream as broken
     (outcome C{stream_broken}, the status it sent); an answer not started is answered now, a 503
     L{ShuttingDown} (outcome C{error}) after which its connection closes. An event stream ends as one an
@@ -228,7 +237,8 @@ def _cut_request(request) -> bool:
     connection aborted; one read whole that no route has seen yet, waiting for who sent it (its C{held}), is
     refused with the 503 now (in its route's dialect, recorded so). Either way its handler is cancelled (here, or
     by the abort), which closes its upstream connection, as a client that left would. Before, every connection was
-    aborted: the client saw a reset, not an answer it could retry on, nor a stream's error event.
+    aborted: the client saw a reset, not an answer it could retry on, nor a stream's error event. Not C{last}
+    (requests pipelined behind it, refused: L{Drain._cut}), its 503 leaves the connection open for theirs.
 
     @return: whether its connection closes by itself (after the 503 or the error event), not to be aborted.
     """
@@ -249,7 +259,8 @@ def _cut_request(request) -> bool:
     ctx.cut(CUT)
     _unrelayed(request)
     body = render.render(request, error, render.dialect_of(request))
-    request.close_after()
+    if last:
+        request.close_after()
     request.write(body)
     _stop_handler(request, error)  # (which finishes the answer: L{gomodel.http.front.write_answer} of nothing more)
     if not request.finished:  # (no handler)

@@ -710,11 +710,11 @@ async def test_sigterm_to_workers_drains_each_process_its_streams_finish_and_the
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_pipelined_request_queued_when_the_drain_runs_out_is_logged_as_the_gateways_cut(reactor, fake):
+async def test_a_pipelined_request_queued_when_the_drain_runs_out_gets_the_503_too(reactor, fake):
     """Two requests pipelined in one write: the first upstream, its answer not started, the second read whole
-    behind it. At the drain's end the first is answered its 503 and the connection closes after it (the second
-    cannot be answered after a Connection: close): the second is logged and counted as the gateway's cut
-    (503 shutdown_timeout), as an upload cut mid-body is. Before, it had no access line at all."""
+    behind it. At the drain's end each is answered its 503 shutdown_timeout, in order, the second's closing the
+    connection, and both are logged as the gateway's cut; the second never goes upstream. Before, the first's
+    503 closed the connection: the second got no answer and no access line."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
     access = {}
 
@@ -728,7 +728,8 @@ async def test_a_pipelined_request_queued_when_the_drain_runs_out_is_logged_as_t
         client = await connect(reactor, gw.port, chat_request(
             {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
             {"X-Request-Id": "req-first"}) + chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, {"X-Request-Id": "req-queued"}))
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_marker": "queued"},
+            {"X-Request-Id": "req-queued"}))
         await with_timeout(reactor, recorded, 10)
         await until(reactor, lambda: any(c._received for c in gw.service.drain.site.channels),
                     what="the second request read whole")
@@ -736,9 +737,17 @@ async def test_a_pipelined_request_queued_when_the_drain_runs_out_is_logged_as_t
         await with_timeout(reactor, client.lost, 10)
     finally:
         globalLogPublisher.removeObserver(observe)
-    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
-    assert json.loads(body)["error"]["code"] == "shutdown_timeout"
+    received = bytes(client.received)
+    answers = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        length = int(re.search(rb"\r\nContent-Length: (\d+)", head).group(1))
+        answers.append((head, json.loads(rest[:length])))
+        received = rest[length:]
+    assert [(head.split(b" ")[1], re.search(rb"\r\nX-Request-Id: ([^\r]+)", head).group(1),
+             b"\r\nConnection: close" in head, body["error"]["code"]) for head, body in answers] == [
+        (b"503", b"req-first", False, "shutdown_timeout"), (b"503", b"req-queued", True, "shutdown_timeout")]
+    assert "queued" not in fake.marker_counts  # never sent upstream
     cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
     assert cut == {"req-first": (503, "error", "shutdown_timeout", False),
                    "req-queued": (503, "error", "shutdown_timeout", False)}

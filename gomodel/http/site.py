@@ -248,6 +248,15 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         route's dialect, closes its connection); what the look-up says later is dropped."""
         self._decided(failure.Failure(error))
 
+    def refuse_queued(self, error):
+        """Answer C{error} when its turn comes instead of serving it (a request read whole behind the answer in
+        progress, pipelined, that a drain out of time cuts: its answer, in its route's dialect, closes its
+        connection); a key still looked up for it is no longer awaited."""
+        if self.waiting is not None:
+            self.give_up(error)
+        else:
+            self._refuse(error)
+
     def _refuse(self, error):
         """Answer C{error} once the request is in (at once where its client waits to be invited: the channel's
         C{_answer_unread}); drop its body, do not invite it, close after."""
