@@ -11,14 +11,18 @@ a slow client has not read yet is not cut off by the stop), after which the
 connections left idle close (a request sent on one would come as the services stop);
 what is left then is cut (its upstream connections close, so vLLM aborts):
 a request whose answer had not started gets a 503 (L{gomodel.errors.ShuttingDown})
-and its connection closes after it, an event stream ends with its error event,
+and its connection closes after it (after those pipelined behind it, which get it too; a background response's
+create is waited for L{BACKGROUND_GRACE} more first), an event stream ends with its error event,
 as one an upstream broke off does; both are recorded as the gateway's cut
 (L{CUT}), not as a client that left.
+Batch work starts nothing once the drain begins, and its lines in flight are waited for too (L{Drain.background}).
 Only then do the services stop (usage flushed, batch work released to resume
 at the next start), and the process exits with status 0, not twistd's
 signal status; another signal meanwhile changes nothing
 (L{gomodel._twistedcompat.stop_once_on_signals}).
 """
+
+from functools import partial
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -33,6 +37,10 @@ from gomodel.http.headers import is_event_stream
 CUT = ShuttingDown.code
 # Seconds the connections cut get to close and their requests to be recorded before the services stop anyway.
 CUT_GRACE = 1.0
+# Seconds a background response's create whose answer had not started when the drain ran out of time is still
+# waited for (vLLM answers it queued as soon as it runs it): cut then, it would run at its instance unwatched,
+# never charged, while its client, told 503, made it again.
+BACKGROUND_GRACE = 5.0
 # Seconds between two looks, once no request is in flight, at whether the connections still hold answer bytes
 # their clients have not read (L{Drain._written}); only while draining.
 UNSENT_POLL = 0.05
@@ -197,26 +205,68 @@ class Drain:
         else:
             self.log.warn("drain: answers not yet read by their clients after {timeout:g}s; closing their "
                           "connections", timeout=timeout)
+        spared = []  # background creates whose answer had not started: waited for (BACKGROUND_GRACE)
         if self.site is not None:
             closing = set()  # those closing after what they were just told (a 503, a stream's error event)
             for channel in list(self.site.channels):
-                # Read whole behind the answer in progress (pipelined): each is refused (the 503) when its turn
-                # comes, the last one closing the connection, or, where the connection closes before it (a stream
-                # cut, an aborted answer), recorded as cut.
-                queued = list(channel._received)
-                for request in queued:
-                    request.refuse_queued(ShuttingDown())
-                for request in list(channel.requests):
-                    if request not in queued and _cut_request(request, last=not queued):
-                        closing.add(channel)
-                for request in queued:
-                    if request.context is None:  # (never answered: its connection closes before its turn)
-                        self.site.lost_early(request, request.uri, ShuttingDown.status, CUT)
+                if self._cut_channel(channel, spared):
+                    closing.add(channel)
                 if channel not in closing:  # (an upload still arriving: the gateway's cut, not a client gone)
                     channel.lose_unread(ShuttingDown.status, CUT)
             self.site.abort_connections(spare=closing)
         if self.in_flight == 0:
             return None
+        if spared:
+            self.log.info("drain: waiting up to {grace:g}s for {count} background responses' creates to be answered",
+                          grace=BACKGROUND_GRACE, count=len(spared))
+            self._idle = Deferred()
+            self._idle.addTimeout(BACKGROUND_GRACE, self._reactor, onTimeoutCancel=partial(self._cut_spared, spared))
+            return self._idle
+        return self._grace()
+
+    def _cut_channel(self, channel, spared) -> bool:
+        """Cut what C{channel}'s requests are at the drain's end (L{_cut_request}); a background create whose
+        answer had not started is waited for instead (added to C{spared}). Requests read whole behind the answer
+        in progress (pipelined) are refused (the 503) when their turn comes, the last one closing the connection;
+        where it closes before their turn (a stream cut, an aborted answer), they are recorded as cut.
+
+        @return: whether the connection closes by itself (after its answers), not to be aborted."""
+        queued = list(channel._received)
+        for request in queued:
+            request.refuse_queued(ShuttingDown())
+        closes = waited = False
+        for request in list(channel.requests):
+            if request in queued:
+                continue
+            if _spared(request):  # (its answer, then those queued behind it: their turn comes)
+                spared.append(request)
+                closes = waited = True
+                if not queued:
+                    request.close_after()
+            elif _cut_request(request, last=not queued):
+                closes = True
+        if not waited:
+            for request in queued:
+                if request.context is None:  # (never answered: the connection closed before its turn)
+                    self.site.lost_early(request, request.uri, ShuttingDown.status, CUT)
+        return closes
+
+    def _cut_spared(self, spared, result, timeout):
+        """The background creates still not answered L{BACKGROUND_GRACE} after the drain's end are cut too."""
+        self._idle = None
+        self._stop_looking()
+        for request in spared:
+            channel = request.channel
+            if request.finished or channel is None:
+                continue
+            if not _cut_request(request, last=not channel._received) and channel.transport is not None:
+                channel.transport.abortConnection()
+        if self.in_flight == 0:
+            return None
+        return self._grace()
+
+    def _grace(self):
+        """Wait for what was cut to be recorded (L{CUT_GRACE} at most)."""
         # An aborted connection closes on the reactor's next turn, and its request is recorded then (a stream's
         # usage, what it had sent): the services (the usage ledger) stop once that is done.
         self._idle = Deferred()
@@ -266,6 +316,13 @@ def _cut_request(request, last=True) -> bool:
     if not request.finished:  # (no handler)
         request.finish()
     return True
+
+
+def _spared(request) -> bool:
+    """Whether C{request}, at the drain's end, is a background response's create whose answer has not started:
+    waited for a moment more (L{BACKGROUND_GRACE}), not cut."""
+    return request.background and not request.startedWriting and getattr(request, "context", None) is not None \
+        and request.context.outcome is None
 
 
 def _unrelayed(request):

@@ -751,3 +751,45 @@ async def test_a_pipelined_request_queued_when_the_drain_runs_out_gets_the_503_t
     cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
     assert cut == {"req-first": (503, "error", "shutdown_timeout", False),
                    "req-queued": (503, "error", "shutdown_timeout", False)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_create_not_answered_within_its_grace_is_cut_after_the_others(reactor, fake, monkeypatch):
+    """At the drain's end a chat request waiting for its answer is cut at once (503), while a background
+    response's create is waited for up to BACKGROUND_GRACE more; not answered by then, it is cut as well (503
+    shutdown_timeout, its upstream connection closed), recorded as the gateway's cut."""
+    from gomodel import lifecycle
+
+    monkeypatch.setattr(lifecycle, "BACKGROUND_GRACE", 0.5)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    access = {}
+
+    def observe(event):
+        if event.get("log_namespace") == "gomodel.access":
+            access[event["request_id"]] = (event["status"], event["outcome"], event["error"], reactor.seconds())
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        upstream = [fake.next_request(), fake.next_request()]
+        created = chat_request({"model": MODEL, "input": "hi", "background": True, "fake_delay": 30},
+                               {"X-Request-Id": "req-background"}).replace(b"/v1/chat/completions", b"/v1/responses")
+        background = await connect(reactor, gw.port, created)
+        chat = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
+            {"X-Request-Id": "req-chat"}))
+        records = [await with_timeout(reactor, d, 10) for d in upstream]
+        began = reactor.seconds()
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        await with_timeout(reactor, background.lost, 10)
+        await with_timeout(reactor, chat.lost, 10)
+        closed = [(await with_timeout(reactor, record.closed, 10))[0] for record in records]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    for client in (background, chat):
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
+        assert json.loads(body)["error"]["code"] == "shutdown_timeout"
+    assert closed == ["lost", "lost"]  # both upstream connections closed: vLLM aborts them
+    assert {name: line[:3] for name, line in access.items()} == {
+        "req-background": (503, "error", "shutdown_timeout"), "req-chat": (503, "error", "shutdown_timeout")}
+    assert access["req-chat"][3] - began < 0.5 <= access["req-background"][3] - began

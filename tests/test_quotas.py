@@ -826,6 +826,40 @@ async def test_a_background_response_whose_process_stopped_is_charged_by_the_one
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_create_awaiting_its_answer_when_the_drain_runs_out_is_answered_kept_and_charged(
+        reactor, http, fake, tmp_path):
+    """The drain ran out of time while a background create waited for its instance's answer (which vLLM gives
+    once it runs the response): it is waited for a moment more, answered queued, kept and watched (adopted by the
+    next process on the store, which charges it). Before, it was answered 503 and its upstream connection closed
+    while the instance ran the response: nothing kept or watched it, it was never charged, and the client,
+    told 503, made it again."""
+    one = await start(reactor, fake, tmp_path, SHUTDOWN_TIMEOUT="0.3s")
+    stopping = None
+    try:
+        key = await new_key(http, one, budgets=[{"period": "daily", "max_tokens": 20}])
+        with openai_client(one, key["value"]) as client:
+            upstream = fake.next_request()
+            creating = in_thread(client.responses.create, model=MODEL, input="long job", background=True,
+                                 extra_body={"fake_delay": 1.0})
+            await with_timeout(reactor, upstream, 10)
+            stopping = one.service.stopService()
+            created = await with_timeout(reactor, creating, 10)
+        assert created.status == "queued"
+    finally:
+        await (stopping if stopping is not None else one.service.stopService())
+    fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                         "total_tokens": 22})
+    two = await start(reactor, fake, tmp_path)
+    try:
+        assert await _logged(reactor, http, two, [0, 22]) == [0, 22]
+        code, log = await admin(http, two, "GET", "/admin/api/v1/usage/log")
+        charged = [r for r in log["data"] if r["total_tokens"]]
+        assert [(r["request_id"], r["auth_key_id"]) for r in charged] == [(created._request_id, key["id"])]
+    finally:
+        await two.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_background_response_read_by_the_master_key_is_charged_to_the_key_that_made_it(
         reactor, http, gw, fake):
     """Before: the read that found it finished charged the reader, and the master key has no budget."""

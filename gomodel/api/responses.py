@@ -99,6 +99,8 @@ class ResponsesRoute:
             except ValueError as e:
                 raise errors.InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
         no_chosen_id(body, ctx.principal)
+        if background is True:  # (a drain out of time waits for its answer: L{gomodel.lifecycle.BACKGROUND_GRACE})
+            request.background = True
         previous = await self._previous(body, ctx.principal)
         first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:

@@ -70,6 +70,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         from the head; a refusal clears it).
     @ivar passthrough: a C{/p/} request's L{gomodel.api.passthrough.Endpoint}, read from its path once
         (L{gomodel.api.passthrough.endpoint_of}), or None.
+    @ivar background: a background response's create (set by its route): a drain out of time waits a moment more
+        for its answer (L{gomodel.lifecycle.BACKGROUND_GRACE}) rather than cut it, as its instance may run it
+        already.
     """
 
     body_limit = 10 * 1024 * 1024
@@ -88,6 +91,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
     refusal = None
     context = None
     passthrough = None
+    background = False
     keep_alive = True
     # While who sent it is looked up (L{_await_identity}): the arguments of its C{requestReceived}, once its body is
     # in (L{held}); None otherwise.
