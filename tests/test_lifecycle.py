@@ -793,3 +793,36 @@ async def test_a_background_create_not_answered_within_its_grace_is_cut_after_th
     assert {name: line[:3] for name, line in access.items()} == {
         "req-background": (503, "error", "shutdown_timeout"), "req-chat": (503, "error", "shutdown_timeout")}
     assert access["req-chat"][3] - began < 0.5 <= access["req-background"][3] - began
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_pipelined_behind_a_stream_the_drain_cuts_is_logged_as_the_gateways_cut(reactor, fake):
+    """The stream ends with its error event and its connection closes: the request read whole behind it cannot be
+    answered after that; it is logged as the gateway's cut (503 shutdown_timeout), never sent upstream. Before, it
+    had no access line."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    access = {}
+
+    def observe(event):
+        if event.get("log_namespace") == "gomodel.access":
+            access[event["request_id"]] = event
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        client = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+             "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}) + chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_marker": "queued"},
+            {"X-Request-Id": "req-queued"}))
+        await with_timeout(reactor, client.wait_for(b"data:"), 10)
+        assert any(c._received for c in gw.service.drain.site.channels)
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        await with_timeout(reactor, client.lost, 10)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert b'"code":"stream_incomplete"' in bytes(client.received).rpartition(b"data: ")[2]
+    assert bytes(client.received).count(b"HTTP/1.1 ") == 1
+    assert "queued" not in fake.marker_counts
+    cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
+    assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
+                   "req-queued": (503, "error", "shutdown_timeout", False)}
