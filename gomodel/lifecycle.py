@@ -211,8 +211,9 @@ class Drain:
             for channel in list(self.site.channels):
                 if self._cut_channel(channel, spared):
                     closing.add(channel)
-                if channel not in closing:  # (an upload still arriving: the gateway's cut, not a client gone)
-                    channel.lose_unread(ShuttingDown.status, CUT)
+                # A body still arriving (an upload's, or one pipelined behind the answer in progress: the
+                # connection closes after that answer) is the gateway's cut, not a client gone.
+                channel.lose_unread(ShuttingDown.status, CUT)
             self.site.abort_connections(spare=closing)
         if self.in_flight == 0:
             return None

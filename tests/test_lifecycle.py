@@ -826,3 +826,38 @@ async def test_a_request_pipelined_behind_a_stream_the_drain_cuts_is_logged_as_t
     cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
     assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
                    "req-queued": (503, "error", "shutdown_timeout", False)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_arriving_behind_a_request_the_drain_cuts_is_logged_as_the_gateways_cut(reactor, fake):
+    """A request upstream, its answer not started, and behind it (pipelined) one whose body is still arriving:
+    the first's 503 closes the connection, so the second is never read whole; it is logged as the gateway's cut
+    (503 shutdown_timeout), not as a client that left (499 client_gone, as before)."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    access = {}
+
+    def observe(event):
+        if event.get("log_namespace") == "gomodel.access":
+            access[event["request_id"]] = event
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        recorded = fake.next_request()
+        second = chat_request({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                              {"X-Request-Id": "req-arriving"})
+        client = await connect(reactor, gw.port, chat_request(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
+            {"X-Request-Id": "req-first"}) + second[:-10])
+        await with_timeout(reactor, recorded, 10)
+        await until(reactor, lambda: any(c._receiving is not None and not c._head_open
+                                         for c in gw.service.drain.site.channels), what="the second's body arriving")
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        await with_timeout(reactor, client.lost, 10)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
+    assert json.loads(body)["error"]["code"] == "shutdown_timeout"
+    cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
+    assert cut == {"req-first": (503, "error", "shutdown_timeout", False),
+                   "req-arriving": (503, "error", "shutdown_timeout", False)}
