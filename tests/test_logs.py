@@ -4,71 +4,77 @@ the gomodel runner, the same as Twisted's."""
 import json
 import os
 import re
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import error as net_error
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, Logger, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
 from gomodel.http.context import AccessLog, RequestContext
 from gomodel.logs import HELD_LINES, LINE_BYTES, LINE_DELAY, LINE_FORMAT, ClassicText, JSONLineObserver, TextObserver
-from tests.rawclient import chat_request, connect
-from tests.support import with_timeout
+from tests.rawclient import RawClient, chat_request
+from tests.support import until, with_timeout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TWISTD = "from twisted.scripts.twistd import run; run()"
 GOMODEL_RUNNER = "from gomodel.cli import twistd; twistd()"  # what the gomodel command and its workers run
 
 
 async def _run(reactor, fake, tmp_path, runner=TWISTD, twistd_options=(), **env):
     """Start twistd gomodel (or C{runner} with twistd's options) with C{env}, send one chat, stop it;
-    its output's lines."""
+    its output's lines. It listens on a UNIX socket in a directory of its own: nothing else can take that
+    address, and no "listening on" line is needed to find it (C{LOG_LEVEL=warn} drops that line)."""
     log_path = tmp_path / "out.log"
-    port = _free_port()  # the "listening on" line may be filtered out
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "OPENAI_", "GOMODEL_", "LOG_"))}
     run_env.update(env, PYTHONPATH=REPO, GOMODEL_DATA_DIR=str(tmp_path / "data"), VLLM_BASE_URL=fake.base_url)
+    socket_dir = tempfile.mkdtemp(prefix="gomodel-logs-")  # short: a UNIX socket's path has at most 107 bytes
+    socket_path = os.path.join(socket_dir, "gw.sock")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", runner, "-n", "--pidfile=", *twistd_options,
-                                 "gomodel", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                                 "gomodel", "--listen", f"unix:{socket_path}"],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env)
     try:
-        for _ in range(400):
-            try:
-                client = await connect(reactor, port, chat_request(
-                    {"model": "vllm/meta-llama/Llama-3.1-8B-Instruct", "messages": []}))
-            except net_error.ConnectionRefusedError:
-                await deferLater(reactor, 0.05, lambda: None)
-                continue
-            await with_timeout(reactor, client.wait_for(b"\r\n\r\n"), 10)
-            client.transport.loseConnection()
-            if b" 200 " in bytes(client.received).split(b"\r\n", 1)[0]:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await _one_chat(reactor, proc, socket_path, log_path)
         proc.send_signal(signal.SIGTERM)
-        for _ in range(400):
-            if proc.poll() is not None:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
-        assert proc.returncode == 0
+        await until(reactor, lambda: proc.poll() is not None, limit=20.0, interval=0.05, what="the gateway to exit")
+        assert proc.returncode == 0, log_path.read_text()
         return log_path.read_text().splitlines()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+async def _one_chat(reactor, proc, socket_path, log_path, limit=60.0):
+    """Send one chat to the gateway C{proc} once it listens on C{socket_path}, until it answers 200.
+    Fails, with its log, if it exits first or gives no 200 within C{limit} seconds."""
+    request = chat_request({"model": "vllm/meta-llama/Llama-3.1-8B-Instruct", "messages": []})
+    deadline, head = time.monotonic() + limit, b"(no connection)"
+    while True:
+        assert proc.poll() is None, f"the gateway exited ({proc.returncode}) before it answered\n{log_path.read_text()}"
+        assert time.monotonic() < deadline, f"no 200 in {limit:.0f} s (last: {head!r})\n{log_path.read_text()}"
+        try:
+            client = RawClient(request)
+            await connectProtocol(UNIXClientEndpoint(reactor, socket_path), client)
+        except (net_error.ConnectError, FileNotFoundError):  # not listening yet
+            await deferLater(reactor, 0.05, lambda: None)
+            continue
+        await with_timeout(reactor, client.wait_for(b"\r\n\r\n"), 10)
+        client.transport.loseConnection()
+        head = bytes(client.received).split(b"\r\n", 1)[0]
+        if b" 200 " in head:
+            return
+        await deferLater(reactor, 0.05, lambda: None)  # its models not discovered yet: a 503
 
 
 @pytest_twisted.ensureDeferred
