@@ -229,7 +229,9 @@ async def test_takes_are_atomic_under_concurrency(make):
 
 @pytest_twisted.ensureDeferred
 async def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(reactor, make):
-    dead, live, other = make(lease_ttl=0.5), make(lease_ttl=0.9), make()
+    # live's lease lapses only if its renewals (every lease_ttl/3) stop for 2/3 of its TTL: 2 s, not a loaded
+    # host's pause (with 0.9 s, a 0.6 s pause let the other take the slot)
+    dead, live, other = make(lease_ttl=0.5), make(lease_ttl=3.0), make()
     assert await dead.acquire("slot", 1)
     dead.stop()  # died holding the slot: no release, no renewal
     assert await other.acquire("slot", 1) is None
@@ -238,7 +240,7 @@ async def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(reactor, m
     assert lease
     await other.release(lease)
     held = await live.acquire("kept", 1)
-    await deferLater(reactor, 1.2, lambda: None)  # past its TTL, renewed every 0.3 s
+    await deferLater(reactor, 3.3, lambda: None)  # past its TTL, renewed every second
     assert await other.acquire("kept", 1) is None
     await live.release(held)
     assert await other.acquire("kept", 1)
