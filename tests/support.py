@@ -200,6 +200,25 @@ async def until(reactor, predicate, limit=10.0, interval=0.01, what="condition")
         await deferLater(reactor, interval, lambda: None)
 
 
+async def turns_until(reactor, d: Deferred, limit=10.0, tick=0.02):
+    """C{d}'s result and how many C{tick}s of C{reactor} ran before it fired: a delay counted in the reactor's
+    own turns (a loaded host's pause is one late tick, where a wall-clock bound failed). Fails with
+    L{twisted.internet.defer.TimeoutError} after C{limit} seconds."""
+    ticks, call = 0, None
+
+    def ticked():
+        nonlocal ticks, call
+        ticks += 1
+        call = reactor.callLater(tick, ticked)
+
+    call = reactor.callLater(tick, ticked)
+    try:
+        result = await with_timeout(reactor, d, limit)
+    finally:
+        call.cancel()
+    return result, ticks
+
+
 async def settled(reactor, read, interval=0.05, quiet=4, limit=15.0):
     """Wait until C{read()} stops changing for C{quiet} checks in a row."""
     last, same, deadline = read(), 0, time.monotonic() + limit
