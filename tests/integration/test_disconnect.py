@@ -15,7 +15,7 @@ import urllib.parse
 from tests.integration.support import CHAT_MODEL, metric_with_label, metrics, wait_for
 
 MAX_TOKENS = 1900          # with the prompt, just under max_model_len=2048; ~5-10 s of generation here
-SETTLE_TIMEOUT = 5.0       # running must fall back to 0 within this after the close
+SETTLE_WITHIN = 3.0        # running must fall back to 0 within this after the close
 
 
 def _open(gateway, body):
@@ -44,10 +44,15 @@ def _idle(vllm):
 
 
 def _assert_aborted(vllm, before, closed_at):
-    after = wait_for(lambda: (s := _snapshot(vllm))["running"] == 0 and s,
-                     timeout=SETTLE_TIMEOUT, interval=0.05,
-                     what="vllm:num_requests_running == 0 after the client closed")
-    settled_in = time.monotonic() - closed_at
+    """vLLM stopped the request the client closed at C{closed_at}: no longer running by SETTLE_WITHIN after
+    (timed from each probe's sending: a probe's own time on a loaded host is not vLLM's), fewer than half of its
+    tokens generated, never finished."""
+    while True:
+        sent = time.monotonic() - closed_at
+        if _snapshot(vllm)["running"] == 0:
+            break
+        assert sent < SETTLE_WITHIN, f"vLLM still generating {sent:.1f}s after the client left"
+        time.sleep(0.05)
     time.sleep(0.5)      # a generation still going would keep adding tokens
     final = _snapshot(vllm)
     generated = final["generated"] - before["generated"]
@@ -56,7 +61,6 @@ def _assert_aborted(vllm, before, closed_at):
         f"vLLM generated {generated:.0f} of {MAX_TOKENS} tokens: the upstream request was not aborted")
     assert final["finished"] == before["finished"], (
         "the request finished normally in vLLM instead of being aborted", before, final)
-    return settled_in, generated, after
 
 
 def test_client_disconnect_mid_stream_aborts_vllm(gateway, vllm):
@@ -77,9 +81,7 @@ def test_client_disconnect_mid_stream_aborts_vllm(gateway, vllm):
         assert _snapshot(vllm)["running"] >= 1, "the generation should be running in vLLM now"
     finally:
         sock.close()
-    closed_at = time.monotonic()
-    settled_in, generated, _ = _assert_aborted(vllm, before, closed_at)
-    assert settled_in < 3.0, f"vLLM still generating {settled_in:.1f}s after the client left"
+    _assert_aborted(vllm, before, time.monotonic())
 
 
 def test_client_disconnect_while_waiting_for_a_non_streaming_answer_aborts_vllm(gateway, vllm):
@@ -94,6 +96,4 @@ def test_client_disconnect_while_waiting_for_a_non_streaming_answer_aborts_vllm(
         time.sleep(0.2)
     finally:
         sock.close()
-    closed_at = time.monotonic()
-    settled_in, generated, _ = _assert_aborted(vllm, before, closed_at)
-    assert settled_in < 3.0, f"vLLM still generating {settled_in:.1f}s after the client left"
+    _assert_aborted(vllm, before, time.monotonic())
