@@ -24,6 +24,7 @@ from twisted.web.http_headers import Headers
 
 from gomodel import jsonutil
 from gomodel.errors import ReplicasBusy, UpstreamUnreachable
+from gomodel.routing import health
 from gomodel.routing.affinity import PREFIX_CHARS, affinity_key
 from gomodel.routing.pool import (DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, STALLED, Replica,
                                   ReplicaPool)
@@ -1368,15 +1369,17 @@ async def test_a_send_still_connecting_to_a_replica_that_goes_down_ends_as_never
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_replica_down_from_the_start_is_used_soon_after_it_comes_up(cluster, http, reactor):
+async def test_a_replica_down_from_the_start_is_used_soon_after_it_comes_up(cluster, http, reactor, monkeypatch):
     async def refuse_one(fleet):
         await fleet[1].refuse()
+    # Its first model discovery failed and is retried after a backoff (1 s, made 30 s here: only the probe can
+    # make it ready within the wait, however late a loaded host's timers fire; a 0.7 s wait could be outrun)
+    monkeypatch.setattr(health, "BACKOFF_START", 60.0)
     fleet, gw = await cluster(2, prepare=refuse_one, env={"REPLICA_HEALTH_INTERVAL": "0.1"})
     assert await replica_states(http, gw) == ["ready", "loading"]
     await fleet[1].accept()
-    # Its first model discovery failed and is retried after a 1s backoff; its first good
-    # health probe (within 0.1s) re-reads its models at once instead.
-    await wait_state(reactor, http, gw, 1, "ready", timeout=0.7)
+    # its first good health probe (within 0.1 s) re-reads its models at once instead
+    await wait_state(reactor, http, gw, 1, "ready", timeout=10.0)
     seen = {served_by((await post(http, gw, chat()))[0]) for _ in range(4)}
     assert seen == {0, 1}
 
