@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 from functools import partial
 
 import pytest
@@ -15,7 +14,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
 from tests.fakes.fleet import FakeFleet, FakeReplica, orca_header
 from tests.fakes.vllm import CHAT_MODEL
-from tests.support import until
+from tests.support import turns_until, until
 
 @pytest_twisted.async_yield_fixture()
 async def client(reactor):
@@ -285,21 +284,20 @@ async def test_restart(reactor, client, replica):
 
 
 @pytest_twisted.ensureDeferred
-async def test_prefix_cache_hit_answers_earlier(client, replica):
-    # (a hit waits 0.2 s of the miss's 1 s: the bounds leave a loaded host, whose timers fire late, 0.4 s and more;
-    # with a latency of 0.3 s they left it 0.09)
+async def test_prefix_cache_hit_answers_earlier(reactor, client, replica):
+    # A hit waits 0.2 s of the miss's 1 s. The miss's wait is timed by the clock (a timer never fires early); the
+    # hit's answer in the reactor's 20 ms ticks, fewer than 30 (0.6 s on an idle host), where a loaded host's late
+    # timers and pauses count one tick each (a 0.6 s wall-clock bound left it 0.4 s).
     replica.prefix_cache = True
     replica.latency = 1.0
     shared = "You are a helpful assistant. " * 4
     await post(client, replica, body=chat_body(shared + "first question"))
-    started = time.monotonic()
-    await post(client, replica, body=chat_body(shared + "second question"))
-    elapsed = time.monotonic() - started
+    _, ticks = await turns_until(reactor, post(client, replica, body=chat_body(shared + "second question")))
     miss, hit = replica.inference_requests
     assert (miss.prefix_hit, hit.prefix_hit) == (False, True)
     assert (replica.prefix_hits, replica.prefix_misses) == (1, 1)
-    assert hit.first_byte_at - hit.time < 0.6 < miss.first_byte_at - miss.time
-    assert elapsed < 1.0  # sooner than a miss's first byte
+    assert miss.first_byte_at - miss.time > 0.6  # its 1 s
+    assert ticks < 30, f"the hit answered after {ticks} ticks of 20 ms"  # sooner than a miss's first byte
 
 
 @pytest_twisted.ensureDeferred
