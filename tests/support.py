@@ -219,6 +219,14 @@ async def turns_until(reactor, d: Deferred, limit=10.0, tick=0.02):
     return result, ticks
 
 
+async def assert_upstream_closed_promptly(reactor, record):
+    """The client just left: the upstream is closed, not finished, within 25 of the reactor's 20 ms ticks (0.5 s
+    on an idle host; a loaded host's pause is one late tick), long before any of the gateway's timeouts."""
+    (how, _), ticks = await turns_until(reactor, record.closed)
+    assert how == "lost"
+    assert ticks < 25, f"upstream closed {ticks} ticks of 20 ms after the client left"
+
+
 async def settled(reactor, read, interval=0.05, quiet=4, limit=15.0):
     """Wait until C{read()} stops changing for C{quiet} checks in a row."""
     last, same, deadline = read(), 0, time.monotonic() + limit

@@ -8,8 +8,8 @@ import treq
 
 from gomodel import jsonutil
 from tests.rawclient import chat_request, connect
-from tests.support import (settled, start_fake, start_gateway, stop_all, track_connections, turns_until, with_timeout,
-                           write_buffer)
+from tests.support import (assert_upstream_closed_promptly, settled, start_fake, start_gateway, stop_all,
+                           track_connections, with_timeout, write_buffer)
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 
@@ -62,14 +62,6 @@ async def test_paused_client_is_not_upstream_silence(reactor, fake):
         await client.lost
     finally:
         await gw.service.stopService()
-
-
-async def assert_upstream_closed_promptly(reactor, record):
-    """The client just left: the upstream is closed, not finished, within 25 of the reactor's 20 ms ticks (0.5 s
-    on an idle host; a loaded host's pause is one late tick), long before any of the gateway's timeouts."""
-    (how, _), ticks = await turns_until(reactor, record.closed)
-    assert how == "lost"
-    assert ticks < 25, f"upstream closed {ticks} ticks of 20 ms after the client left"
 
 
 @pytest_twisted.ensureDeferred
