@@ -132,18 +132,20 @@ async def test_completions_and_embeddings(client, replica):
 @pytest_twisted.ensureDeferred
 async def test_latency_grows_with_load(reactor, client, replica):
     # Alone a request waits 0.05 + 0.25 s; of four sent at once the last waits 0.05 + 4 * 0.25 s, and at least
-    # 0.05 + 3 * 0.25 s (had it come after the first's 0.3 s). The bounds leave a loaded host, whose timers fire
-    # late, 0.4 s (with a cost of 0.1 s they left it 0.15 s, and a late alone wait failed the comparison).
+    # 0.05 + 3 * 0.25 s (had it come after the first's 0.3 s). Waits are timed by the clock from below (a timer
+    # never fires early), the alone request's answer from above in the reactor's 20 ms ticks, fewer than 35 (0.7 s
+    # on an idle host), where a loaded host's late timers and pauses count one tick each (a 0.7 s wall-clock bound
+    # left it 0.4 s).
     replica.latency = 0.05
     replica.per_request_cost = 0.25
-    await post(client, replica)
+    _, ticks = await turns_until(reactor, post(client, replica))
     alone = replica.requests[-1]
     alone_wait = alone.first_byte_at - alone.time
     responses = [post(client, replica, body=chat_body(f"r{i}")) for i in range(4)]
     for d in responses:
         await d
     loaded = max(r.first_byte_at - r.time for r in replica.requests[-4:])
-    assert 0.28 < alone_wait < 0.7 and loaded > 0.79
+    assert alone_wait > 0.28 and ticks < 35 and loaded > 0.79, (alone_wait, ticks, loaded)
 
 
 @pytest_twisted.ensureDeferred
