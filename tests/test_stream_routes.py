@@ -674,3 +674,43 @@ async def test_a_responses_stream_that_ends_failed_is_logged_as_the_upstreams_er
         assert [r["outcome"] for r in records] == ["error"], records
     finally:
         await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_a_stream_come_whole_with_its_head_leaves_in_one_write_with_its_end(reactor, name, access, monkeypatch):
+    """A short stream's upstream body, come whole with its head, goes to the client in one write: its head, its
+    events and the chunked body's end together (one send, not a second for the end alone); the connection
+    then serves its next request as usual."""
+    from gomodel import _twistedcompat
+
+    fake, gw, path, body = await route_gateway(reactor, name)
+    _, _, _, end, _ = ROUTES[name]
+    writes = []
+    write = _twistedcompat._PromptServer.write
+
+    def counted(transport, data):  # (the gateway's client connections: the fake's are plain)
+        writes.append(data)
+        write(transport, data)
+
+    monkeypatch.setattr(_twistedcompat._PromptServer, "write", counted)
+    try:
+        fake.steer = {"fake_raw": (CHUNKED + _chunked(_first_events(name) + _last_events(name))).decode(),
+                      "fake_raw_path": upstream_path(name)}
+        for n in (1, 2):  # (the second on the same connection: the first's end was written once)
+            logged = access.next(reactor)
+            if n == 1:
+                client = await connect(reactor, gw.port, request_bytes(path, body))
+            else:
+                client.transport.write(request_bytes(path, body))
+            event = await with_timeout(reactor, logged, 5)
+            assert event["outcome"] == "ok", event
+            assert len(writes) == n and writes[-1].endswith(b"\r\n0\r\n\r\n") and end in writes[-1], writes
+            await with_timeout(reactor, client.wait_for(writes[-1]), 5)
+        received = bytes(client.received)
+        assert received.count(b"0\r\n\r\n") == 2 and received.endswith(b"\r\n0\r\n\r\n"), received
+        assert received.split(b"\r\n0\r\n\r\n")[1].startswith(b"HTTP/1.1 200 "), received
+        client.transport.loseConnection()
+        assert_released(gw)
+    finally:
+        await stop_all(gw, fake)

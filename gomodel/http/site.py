@@ -36,6 +36,10 @@ class _Discard(io.BytesIO):
 _log = Logger()
 
 
+# A chunked body's last chunk, empty, and its end (no trailers): what Twisted's C{finish} writes.
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
 def _nothing(data):
     pass
 
@@ -109,11 +113,18 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             super().parseCookies()
         return super().getCookie(key)
 
-    def write(self, data):
+    # (L{write} takes C{last}: what L{gomodel.proxy.relay.StreamRelay} looks for)
+    write_takes_last = True
+
+    def write(self, data, last=False):
         """Twisted's C{write} (C{server.Request}'s, then C{http.Request}'s), its first write's header checks
         made on the header dict: Twisted asks for Content-Type and Content-Length twice, each name
         re-encoded. Anything but a plain first write (an encoder, a fake HEAD, cookies, an ETag or
-        Last-Modified to add, a finished or lost request) is Twisted's."""
+        Last-Modified to add, a finished or lost request) is Twisted's.
+
+        C{last}: C{data} is the whole body (a short stream's); a chunked one's end goes out in the same write,
+        one send where Twisted's C{finish} sends it on its own (it then writes none). Twisted's writes leave
+        that end to C{finish}."""
         if (self.startedWriting or self._encoder or self._inFakeHead or self.finished or self._disconnected
                 or self.cookies or self.etag is not None or self.lastModified is not None):
             super().write(data)
@@ -138,6 +149,10 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.sentLength += len(data)
         if data:
             if self.chunked:
+                if last:
+                    self.chunked = 0  # (its end is written: Twisted's finish writes a chunked answer's only)
+                    self.channel.writeSequence((*toChunk(data), _LAST_CHUNK))
+                    return
                 self.channel.writeSequence(toChunk(data))
             else:
                 self.channel.write(data)

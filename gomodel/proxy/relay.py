@@ -20,7 +20,6 @@ import re
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
@@ -32,8 +31,6 @@ from gomodel.interfaces import IStreamObserver
 # How an upstream body ends properly (what the HTTP client's connectionLost gives: all of it, or a body without a
 # length that ended with its connection).
 _CLEAN_END = (ResponseDone, PotentialDataLoss)
-# The end of a body that came whole with its head (L{StreamRelay.relay_whole}).
-_WHOLE = Failure(ResponseDone("Response body fully received"))
 
 
 class UpstreamIdle(Exception):
@@ -190,15 +187,44 @@ class StreamRelay(Protocol):
         """Relay C{body}, the upstream's whole body, come with its head (a short stream: L{gomodel._twistedcompat.
         whole_body}), in one write, then end as L{connectionLost} ends it: no transport to pause, nor an idle
         timer, nor a wait for the body's end after the stream's (nothing more can come). L{finished} has fired
-        when it returns."""
+        when it returns.
+
+        The observer is finished before the write: where the stream ended properly, the answer's end goes out
+        with its bytes (where the request's C{write} takes C{last}: one send, not two); where it did not,
+        what came goes out first, then L{finished} fails, as a body that ended short fails it."""
         self.upstream_done = True
-        if body:
-            self._relay(body)
         if self._max_call is not None:  # (the one timer it may have: no idle timer, nor a wait for the body's end)
             self._cancel_timers()
-        if self.finished.called:  # (what came was refused)
+        observer = self.observer
+        try:
+            out = observer.feed(body) if body else None
+        except Exception as e:  # (what came was refused)
+            self.rejected = True
+            self.finished.errback(e)
             return
-        self._ended(_WHOLE)
+        try:
+            observer.finish()
+            ended = None
+        except Exception as e:
+            ended = e
+        if out:  # (L{_relay}'s bookkeeping, for a first write that is also the last)
+            self.wrote = True
+            if self._first_write is not None:
+                self._first_write()
+                self._first_write = None
+            request = self._request
+            if ended is None and getattr(request, "write_takes_last", False):
+                request.write(out, True)
+            else:
+                request.write(out)
+            if getattr(observer, "done", False):
+                self.end_written = True
+                if self._end_written is not None:
+                    self._end_written()
+        if ended is None:
+            self.finished.callback(None)
+        else:
+            self.finished.errback(ended)
 
     def _drain(self):
         self._drain_call = None
