@@ -587,6 +587,18 @@ def send_now(transport):
         do_write()
 
 
+def fire_unwatched(deferred, result=None):
+    """Fire C{deferred} with C{result} (not a Failure). One nothing watches yet (no callback added, no debugging)
+    is fired as Twisted's C{succeed} makes a fired one, without running its empty callback chain (about 60
+    bytecodes): what is added or awaited later has the result at once. Any other is C{callback}'s."""
+    if deferred._callbacks or deferred.called or deferred.debug:  # (its public callbacks: a deprecated property)
+        deferred.callback(result)
+        return
+    deferred._canceller = None  # (as callback clears it: a canceller bound to its owner is a cycle)
+    deferred.result = result
+    deferred.called = True
+
+
 def unsent(transport) -> int:
     """The bytes C{transport} holds, not yet handed to the kernel (of a TLS connection: its socket's), or 0
     for a transport that does not tell."""

@@ -86,6 +86,38 @@ def test_send_now_relies_on_the_tcp_transport_attributes():
     assert transport.writes == 1
 
 
+def test_fire_unwatched_fires_a_fresh_deferred_as_succeed_makes_one_and_a_watched_one_as_callback_does():
+    """A Deferred nothing watches yet is fired without its (empty) callback chain run, as Twisted's C{succeed} makes
+    one; what is added or awaited later sees its result at once. One already watched, or fired, is C{callback}'s."""
+    from twisted.internet.defer import AlreadyCalledError, ensureDeferred
+
+    cancelled = []
+    fresh = Deferred(cancelled.append)
+    _twistedcompat.fire_unwatched(fresh, 5)
+    assert fresh.called and fresh.result == 5 and fresh._canceller is None  # (callback's: no cycle through it)
+    got = []
+    fresh.addCallback(got.append)
+    fresh.cancel()
+    assert got == [5] and cancelled == []
+
+    async def waits(d):
+        return await d
+
+    again = Deferred()
+    _twistedcompat.fire_unwatched(again, None)
+    awaited = []
+    ensureDeferred(waits(again)).addCallback(awaited.append)
+    assert awaited == [None]
+    watched = Deferred()
+    watched.addCallback(lambda result: result + 1).addCallback(got.append)
+    _twistedcompat.fire_unwatched(watched, 1)
+    assert got == [5, 2]
+    with pytest.raises(AlreadyCalledError):
+        _twistedcompat.fire_unwatched(fresh, 6)
+    for name in ("_callbacks", "called", "_canceller", "debug"):  # (and result, once fired)
+        assert hasattr(Deferred(), name), name
+
+
 def test_the_reactor_notes_the_signal_that_stopped_it_where_twistd_reads_it():
     from twisted.application import app
     from twisted.internet import base

@@ -745,7 +745,8 @@ class Exchange:
         streams = upstream.replicas[ctx.replica].streams  # (its replica's, cut short if it goes down)
         streams.add(relay)
         try:
-            await relay.finished
+            if whole is None or relay.finished.result is not None:  # (a whole body's relay has ended: fired already)
+                await relay.finished
         except Exception as e:  # CancelledError too: the client left
             if relay.end_written and not isinstance(e, ClientStalled):
                 # The client has the whole stream (SDKs leave at [DONE], before the body's

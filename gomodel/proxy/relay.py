@@ -24,7 +24,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
-from gomodel._twistedcompat import send_now
+from gomodel._twistedcompat import fire_unwatched, send_now
 from gomodel.interfaces import IStreamObserver
 
 
@@ -222,7 +222,7 @@ class StreamRelay(Protocol):
                 if self._end_written is not None:
                     self._end_written()
         if ended is None:
-            self.finished.callback(None)
+            fire_unwatched(self.finished)  # (nothing has added a callback yet)
         else:
             self.finished.errback(ended)
 
