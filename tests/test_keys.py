@@ -2032,3 +2032,29 @@ async def test_keys_of_bytes_no_sdk_can_send_get_a_clear_401_and_are_never_logge
         for shown in {key.decode("latin-1"), key.decode("utf-8", "replace"), repr(key)[2:-1], "s\u00e9cr",
                       "\\xff\\xfe", "s\\xe9cr"}:
             assert shown not in logged, shown
+
+
+def test_the_gateways_auth_opens_plain_names_under_its_open_prefixes_only_and_reads_a_bearer_key():
+    """A plain file name under an open prefix (the dashboard's static files) needs no key; anything else does, and
+    C{Authorization} is a Bearer scheme with a key that is not blank."""
+    from twisted.web.http_headers import Headers
+
+    from gomodel.auth.keys import MASTER, GatewayAuth, presented_key
+    from gomodel.errors import AuthenticationFailed
+
+    class Request:
+        method = b"GET"
+
+        def __init__(self, authorization=None):
+            self.requestHeaders = Headers({b"Authorization": [authorization]} if authorization else {})
+
+    auth = GatewayAuth("mk", open_prefixes=["/static/"])
+    assert auth(Request(), b"/static/app.js") is None and auth(Request(), b"/static/css/site.min.css") is None
+    for path in (b"/static/", b"/static/../admin/", b"/static/.hidden", b"/staticx.js", b"/v1/models"):
+        with pytest.raises(AuthenticationFailed):
+            auth(Request(), path)
+    assert auth(Request(b"Bearer mk"), b"/v1/models") is MASTER
+    assert presented_key(Request(b"  Bearer   mk  ")) == b"mk"
+    for bad in (b"Bearer ", b"Bearer    ", b"Basic mk", b"Bearer"):
+        with pytest.raises(AuthenticationFailed):
+            presented_key(Request(bad))

@@ -338,7 +338,9 @@ class GatewayAuth:
         @raise IdentityPending: a well-formed secret this process does not hold: its Deferred fires with the
             principal (or fails as above) once the key ring looked it up (L{KeyRing.look_up}).
         """
-        if path in self._open or (self._open_prefixes and self._open_below(path)):
+        # (a path under none of the open prefixes, as almost all are, told in C: no walk of them)
+        if path in self._open or (self._open_prefixes and path.startswith(self._open_prefixes)
+                                  and self._open_below(path)):
             return None
         if self._master_key is None:
             if request.method not in _SAFE_METHODS and cross_site(request):
