@@ -124,8 +124,19 @@ class GatewayRequest(_twistedcompat.EndingRequest):
 
         C{last}: C{data} is the whole body (a short stream's); a chunked one's end goes out in the same write,
         one send where Twisted's C{finish} sends it on its own (it then writes none). Twisted's writes leave
-        that end to C{finish}."""
-        if (self.startedWriting or self._encoder or self._inFakeHead or self.finished or self._disconnected
+        that end to C{finish}.
+
+        A stream's later writes (a chunk each, nothing else to decide) are framed here: Twisted's two C{write}s
+        cost about 45 bytecodes of checks a chunk, every upstream read of a stream."""
+        if self.startedWriting:
+            if self.chunked and data and not (self._encoder or self._inFakeHead or self.finished
+                                              or self._disconnected):
+                self.sentLength += len(data)
+                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))  # (toChunk's)
+                return
+            super().write(data)
+            return
+        if (self._encoder or self._inFakeHead or self.finished or self._disconnected
                 or self.cookies or self.etag is not None or self.lastModified is not None):
             super().write(data)
             return
