@@ -256,22 +256,22 @@ class BatchRunner(Service):
         @return: a Deferred firing once every batch held here is released.
         """
         self.draining = True
-        if self._resuming is not None:
-            self._resuming.cancel()
-        self._claims.stop_claiming()
-        jobs = list(self._jobs.values())
-        for job in jobs:
-            job.halt("drain")
-        return DeferredList([job.task for job in jobs])
+        return self._halt_all(self._claims.stop_claiming, "drain")
 
     def stopService(self):
         super().stopService()
+        return self._halt_all(self._claims.stop, "shutdown")
+
+    def _halt_all(self, stop_claims, reason):
+        """Stop resuming, C{stop_claims()}, and halt every job held here for C{reason}.
+
+        @return: a Deferred firing once every job's task has ended."""
         if self._resuming is not None:
             self._resuming.cancel()
-        self._claims.stop()
+        stop_claims()
         jobs = list(self._jobs.values())
         for job in jobs:
-            job.halt("shutdown")
+            job.halt(reason)
         return DeferredList([job.task for job in jobs])
 
     async def _resume(self):
