@@ -919,16 +919,7 @@ async def test_restarted_gateway_resumes_the_batch_exactly_once(reactor, fake, t
         await first.service.stopService()
 
     fake.release_holds()  # the next gateway's requests are answered at once
-    second = await start_gateway(reactor, env)
-    client = openai.OpenAI(base_url=second.url + "/v1", api_key="x", max_retries=0, timeout=20)
-    try:
-        batch = await finished(second, client, created.id)
-        assert batch.status == "completed"
-        assert batch.request_counts.model_dump() == {"total": 6, "completed": 6, "failed": 0}
-        output = await file_lines(client, batch.output_file_id)
-    finally:
-        client.close()
-        await second.service.stopService()
+    output = await _completed_on_a_new_gateway(reactor, env, created.id, 6)
     assert sorted(line["custom_id"] for line in output) == [line["custom_id"] for line in lines]
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]  # input order
     # Each line answered once; answered lines were never sent again; the two
@@ -968,18 +959,24 @@ async def test_a_drain_sends_no_new_line_and_records_the_lines_in_flight_before_
     with sqlite3.connect(tmp_path / "gomodel.db") as conn:
         assert conn.execute("SELECT status FROM batches WHERE id = ?", (created.id,)).fetchone() == ("in_progress",)
 
-    second = await start_gateway(reactor, env)
-    client = openai.OpenAI(base_url=second.url + "/v1", api_key="x", max_retries=0, timeout=20)
-    try:
-        batch = await finished(second, client, created.id)
-        assert batch.status == "completed"
-        assert batch.request_counts.model_dump() == {"total": 6, "completed": 6, "failed": 0}
-        output = await file_lines(client, batch.output_file_id)
-    finally:
-        client.close()
-        await second.service.stopService()
+    output = await _completed_on_a_new_gateway(reactor, env, created.id, 6)
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]
     assert fake.marker_counts == {line["custom_id"]: 1 for line in lines}  # each line sent once
+
+
+async def _completed_on_a_new_gateway(reactor, env, batch_id, total):
+    """Start a gateway on C{env}, wait for it to complete batch C{batch_id} (resumed there: its C{total} lines all
+    completed), stop it: the lines of its output file."""
+    gateway = await start_gateway(reactor, env)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    try:
+        batch = await finished(gateway, client, batch_id)
+        assert batch.status == "completed"
+        assert batch.request_counts.model_dump() == {"total": total, "completed": total, "failed": 0}
+        return await file_lines(client, batch.output_file_id)
+    finally:
+        client.close()
+        await gateway.service.stopService()
 
 
 def _twistd(env):

@@ -796,6 +796,24 @@ async def test_a_background_response_that_failed_or_was_cancelled_is_recorded_so
         client.close()
 
 
+async def _charged_by_the_next_process(reactor, http, fake, tmp_path, created, key):
+    """Complete the background response C{created} (made with C{key}, 22 tokens) at the fake and start the next
+    process on the store: it adopts the response's watch and charges C{key} for it, once. That process, running
+    (its caller stops it)."""
+    fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                         "total_tokens": 22})
+    two = await start(reactor, fake, tmp_path)
+    try:
+        assert await _logged(reactor, http, two, [0, 22]) == [0, 22]
+        code, log = await admin(http, two, "GET", "/admin/api/v1/usage/log")
+        charged = [r for r in log["data"] if r["total_tokens"]]
+        assert [(r["request_id"], r["auth_key_id"]) for r in charged] == [(created._request_id, key["id"])]
+    except BaseException:
+        await two.service.stopService()
+        raise
+    return two
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_whose_process_stopped_is_charged_by_the_one_that_adopts_it(reactor, http,
                                                                                                   fake, tmp_path):
@@ -810,14 +828,8 @@ async def test_a_background_response_whose_process_stopped_is_charged_by_the_one
         assert created.status == "queued"
     finally:
         await one.service.stopService()
-    fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
-                                                                         "total_tokens": 22})
-    two = await start(reactor, fake, tmp_path)
+    two = await _charged_by_the_next_process(reactor, http, fake, tmp_path, created, key)
     try:
-        assert await _logged(reactor, http, two, [0, 22]) == [0, 22]
-        code, log = await admin(http, two, "GET", "/admin/api/v1/usage/log")
-        charged = [r for r in log["data"] if r["total_tokens"]]
-        assert [(r["request_id"], r["auth_key_id"]) for r in charged] == [(created._request_id, key["id"])]
         with openai_client(two, key["value"]) as client, pytest.raises(openai.RateLimitError) as refused:
             await in_thread(raw_chat, client)
         assert refused.value.code == "budget_exceeded"
@@ -847,16 +859,8 @@ async def test_a_background_create_awaiting_its_answer_when_the_drain_runs_out_i
         assert created.status == "queued"
     finally:
         await (stopping if stopping is not None else one.service.stopService())
-    fake.stored_responses[created.id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
-                                                                         "total_tokens": 22})
-    two = await start(reactor, fake, tmp_path)
-    try:
-        assert await _logged(reactor, http, two, [0, 22]) == [0, 22]
-        code, log = await admin(http, two, "GET", "/admin/api/v1/usage/log")
-        charged = [r for r in log["data"] if r["total_tokens"]]
-        assert [(r["request_id"], r["auth_key_id"]) for r in charged] == [(created._request_id, key["id"])]
-    finally:
-        await two.service.stopService()
+    two = await _charged_by_the_next_process(reactor, http, fake, tmp_path, created, key)
+    await two.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
