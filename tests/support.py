@@ -254,6 +254,10 @@ class AccessRecords:
         for d in waiting:
             d.callback(event)
 
+    def by_id(self):
+        """The events so far by their C{request_id}."""
+        return {event["request_id"]: event for event in self.events}
+
     def next(self, reactor):
         d = Deferred()
         self._waiting.append(d)

@@ -268,44 +268,33 @@ async def test_a_drain_that_runs_out_of_time_cuts_what_is_left_and_closes_the_up
 
 
 @pytest_twisted.ensureDeferred
-async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_as_a_client_gone(reactor, fake):
+async def test_what_a_drain_cuts_is_logged_and_counted_as_the_gateways_cut_not_as_a_client_gone(reactor, fake, access):
     """A stream cut at the end of the drain keeps the status it sent; a request whose answer had not started
     is answered a 503 (its connection closed after it, its upstream's too, so vLLM aborts); both say the
     gateway cut them (shutdown_timeout), neither is a 499 client_gone. Before, the request whose answer had
     not started got no answer: its connection was reset, which a client cannot tell from a crash; the stream
     was reset too, without the error event that ends a stream an upstream broke off."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
-    access = {}
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access[event["request_id"]] = event
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        stream = await connect(reactor, gw.port, chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-             "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}))
-        await with_timeout(reactor, stream.wait_for(b"data:"), 10)
-        recorded = fake.next_request()
-        waiting = await connect(reactor, gw.port, chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
-            {"X-Request-Id": "req-waiting"}))
-        record = await with_timeout(reactor, recorded, 10)  # upstream, its answer not started
-        await with_timeout(reactor, gw.service.stopService(), 10)
-        await with_timeout(reactor, stream.lost, 10)
-        await with_timeout(reactor, waiting.lost, 10)
-        how, _ = await with_timeout(reactor, record.closed, 10)
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    stream = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+         "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}))
+    await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+    recorded = fake.next_request()
+    waiting = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
+        {"X-Request-Id": "req-waiting"}))
+    record = await with_timeout(reactor, recorded, 10)  # upstream, its answer not started
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, stream.lost, 10)
+    await with_timeout(reactor, waiting.lost, 10)
+    how, _ = await with_timeout(reactor, record.closed, 10)
     received = bytes(stream.received)  # an event stream ends as one the upstream broke off, never finished
     assert b'"code":"stream_incomplete"' in received.rpartition(b"data: ")[2] and not received.endswith(b"0\r\n\r\n")
     head, _, body = bytes(waiting.received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
     assert json.loads(body)["error"]["code"] == "shutdown_timeout"
     assert how == "lost"  # its upstream connection was closed: vLLM aborts the generation
-    cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
-    assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
+    assert _cut(access) == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
                    "req-waiting": (503, "error", "shutdown_timeout", False)}
     gw.service.metrics.flush()  # neither is an upstream's error (before: the stream counted as one)
     assert not [s for s in samples(generate_latest(gw.service.metrics.registry).decode())
@@ -331,35 +320,26 @@ async def test_a_responses_stream_the_drain_cuts_ends_with_openais_error_event(r
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stream_the_drain_cuts_is_recorded_before_the_usage_ledger_stops(reactor, fake):
+async def test_a_stream_the_drain_cuts_is_recorded_before_the_usage_ledger_stops(reactor, fake, access):
     """A cut connection closes on the reactor's next turn, which is when its request is recorded (a stream's
     usage, what it had sent). Before, the services stopped in the turn of the cut: the stream's usage record
     reached a ledger already stopped (lost without a word) or one writing its last records (an error line)."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
-    access, at_stop = {}, []
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access[event["request_id"]] = event
-
+    at_stop = []
     ledger = gw.service.usage
     stop_ledger = ledger.stopService
 
     def stopping():
-        at_stop.append(set(access))
+        at_stop.append(set(access.by_id()))
         return stop_ledger()
 
     ledger.stopService = stopping
-    globalLogPublisher.addObserver(observe)
-    try:
-        stream = await connect(reactor, gw.port, chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-             "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}))
-        await with_timeout(reactor, stream.wait_for(b"data:"), 10)
-        await with_timeout(reactor, gw.service.stopService(), 10)
-        await with_timeout(reactor, stream.lost, 10)
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    stream = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+         "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}))
+    await with_timeout(reactor, stream.wait_for(b"data:"), 10)
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, stream.lost, 10)
     assert at_stop == [{"req-stream"}]  # recorded (its usage handed to the ledger) before the ledger stopped
     assert gw.service.drain.in_flight == 0 and ledger._buffer == []
 
@@ -606,6 +586,11 @@ async def _a_key_this_process_lacks(gw):
     return secret, held
 
 
+def _cut(access):
+    """Each access line's C{(status, outcome, error, client_gone)} by its request id."""
+    return {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.by_id().items()}
+
+
 def _held_requests(site):
     """The requests read whole that wait for who sent them (no route has seen them)."""
     return [r for c in site.channels for r in c.requests if c._handlingRequest and r.context is None]
@@ -710,33 +695,23 @@ async def test_sigterm_to_workers_drains_each_process_its_streams_finish_and_the
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_pipelined_request_queued_when_the_drain_runs_out_gets_the_503_too(reactor, fake):
+async def test_a_pipelined_request_queued_when_the_drain_runs_out_gets_the_503_too(reactor, fake, access):
     """Two requests pipelined in one write: the first upstream, its answer not started, the second read whole
     behind it. At the drain's end each is answered its 503 shutdown_timeout, in order, the second's closing the
     connection, and both are logged as the gateway's cut; the second never goes upstream. Before, the first's
     503 closed the connection: the second got no answer and no access line."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
-    access = {}
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access[event["request_id"]] = event
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        recorded = fake.next_request()
-        client = await connect(reactor, gw.port, chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
-            {"X-Request-Id": "req-first"}) + chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_marker": "queued"},
-            {"X-Request-Id": "req-queued"}))
-        await with_timeout(reactor, recorded, 10)
-        await until(reactor, lambda: any(c._received for c in gw.service.drain.site.channels),
-                    what="the second request read whole")
-        await with_timeout(reactor, gw.service.stopService(), 10)
-        await with_timeout(reactor, client.lost, 10)
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    recorded = fake.next_request()
+    client = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
+        {"X-Request-Id": "req-first"}) + chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_marker": "queued"},
+        {"X-Request-Id": "req-queued"}))
+    await with_timeout(reactor, recorded, 10)
+    await until(reactor, lambda: any(c._received for c in gw.service.drain.site.channels),
+                what="the second request read whole")
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, client.lost, 10)
     received = bytes(client.received)
     answers = []
     while received:
@@ -748,13 +723,12 @@ async def test_a_pipelined_request_queued_when_the_drain_runs_out_gets_the_503_t
              b"\r\nConnection: close" in head, body["error"]["code"]) for head, body in answers] == [
         (b"503", b"req-first", False, "shutdown_timeout"), (b"503", b"req-queued", True, "shutdown_timeout")]
     assert "queued" not in fake.marker_counts  # never sent upstream
-    cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
-    assert cut == {"req-first": (503, "error", "shutdown_timeout", False),
+    assert _cut(access) == {"req-first": (503, "error", "shutdown_timeout", False),
                    "req-queued": (503, "error", "shutdown_timeout", False)}
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_background_create_not_answered_within_its_grace_is_cut_after_the_others(reactor, fake, monkeypatch):
+async def test_a_background_create_not_answered_within_its_grace_is_cut_after_the_others(reactor, fake, monkeypatch, access):
     """At the drain's end a chat request waiting for its answer is cut at once (503), while a background
     response's create is waited for up to BACKGROUND_GRACE more; not answered by then, it is cut as well (503
     shutdown_timeout, its upstream connection closed), recorded as the gateway's cut."""
@@ -762,102 +736,71 @@ async def test_a_background_create_not_answered_within_its_grace_is_cut_after_th
 
     monkeypatch.setattr(lifecycle, "BACKGROUND_GRACE", 0.5)
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
-    access = {}
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access[event["request_id"]] = (event["status"], event["outcome"], event["error"], reactor.seconds())
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        upstream = [fake.next_request(), fake.next_request()]
-        created = chat_request({"model": MODEL, "input": "hi", "background": True, "fake_delay": 30},
-                               {"X-Request-Id": "req-background"}).replace(b"/v1/chat/completions", b"/v1/responses")
-        background = await connect(reactor, gw.port, created)
-        chat = await connect(reactor, gw.port, chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
-            {"X-Request-Id": "req-chat"}))
-        records = [await with_timeout(reactor, d, 10) for d in upstream]
-        began = reactor.seconds()
-        await with_timeout(reactor, gw.service.stopService(), 10)
-        await with_timeout(reactor, background.lost, 10)
-        await with_timeout(reactor, chat.lost, 10)
-        closed = [(await with_timeout(reactor, record.closed, 10))[0] for record in records]
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    upstream = [fake.next_request(), fake.next_request()]
+    created = chat_request({"model": MODEL, "input": "hi", "background": True, "fake_delay": 30},
+                           {"X-Request-Id": "req-background"}).replace(b"/v1/chat/completions", b"/v1/responses")
+    background = await connect(reactor, gw.port, created)
+    chat = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
+        {"X-Request-Id": "req-chat"}))
+    records = [await with_timeout(reactor, d, 10) for d in upstream]
+    began = reactor.seconds()
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, background.lost, 10)
+    await with_timeout(reactor, chat.lost, 10)
+    closed = [(await with_timeout(reactor, record.closed, 10))[0] for record in records]
     for client in (background, chat):
         head, _, body = bytes(client.received).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
         assert json.loads(body)["error"]["code"] == "shutdown_timeout"
     assert closed == ["lost", "lost"]  # both upstream connections closed: vLLM aborts them
-    assert {name: line[:3] for name, line in access.items()} == {
-        "req-background": (503, "error", "shutdown_timeout"), "req-chat": (503, "error", "shutdown_timeout")}
-    assert access["req-chat"][3] - began < 0.5 <= access["req-background"][3] - began
+    assert _cut(access) == {"req-background": (503, "error", "shutdown_timeout", False),
+                            "req-chat": (503, "error", "shutdown_timeout", False)}
+    logged = {name: event["log_time"] for name, event in access.by_id().items()}
+    assert logged["req-chat"] - began < 0.5 <= logged["req-background"] - began
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_request_pipelined_behind_a_stream_the_drain_cuts_is_logged_as_the_gateways_cut(reactor, fake):
+async def test_a_request_pipelined_behind_a_stream_the_drain_cuts_is_logged_as_the_gateways_cut(reactor, fake, access):
     """The stream ends with its error event and its connection closes: the request read whole behind it cannot be
     answered after that; it is logged as the gateway's cut (503 shutdown_timeout), never sent upstream. Before, it
     had no access line."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
-    access = {}
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access[event["request_id"]] = event
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        client = await connect(reactor, gw.port, chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-             "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}) + chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_marker": "queued"},
-            {"X-Request-Id": "req-queued"}))
-        await with_timeout(reactor, client.wait_for(b"data:"), 10)
-        assert any(c._received for c in gw.service.drain.site.channels)
-        await with_timeout(reactor, gw.service.stopService(), 10)
-        await with_timeout(reactor, client.lost, 10)
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    client = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+         "fake_chunks": 200, "fake_pace": 0.05}, {"X-Request-Id": "req-stream"}) + chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_marker": "queued"},
+        {"X-Request-Id": "req-queued"}))
+    await with_timeout(reactor, client.wait_for(b"data:"), 10)
+    assert any(c._received for c in gw.service.drain.site.channels)
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, client.lost, 10)
     assert b'"code":"stream_incomplete"' in bytes(client.received).rpartition(b"data: ")[2]
     assert bytes(client.received).count(b"HTTP/1.1 ") == 1
     assert "queued" not in fake.marker_counts
-    cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
-    assert cut == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
+    assert _cut(access) == {"req-stream": (200, "stream_broken", "shutdown_timeout", False),
                    "req-queued": (503, "error", "shutdown_timeout", False)}
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_body_arriving_behind_a_request_the_drain_cuts_is_logged_as_the_gateways_cut(reactor, fake):
+async def test_a_body_arriving_behind_a_request_the_drain_cuts_is_logged_as_the_gateways_cut(reactor, fake, access):
     """A request upstream, its answer not started, and behind it (pipelined) one whose body is still arriving:
     the first's 503 closes the connection, so the second is never read whole; it is logged as the gateway's cut
     (503 shutdown_timeout), not as a client that left (499 client_gone, as before)."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
-    access = {}
-
-    def observe(event):
-        if event.get("log_namespace") == "gomodel.access":
-            access[event["request_id"]] = event
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        recorded = fake.next_request()
-        second = chat_request({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
-                              {"X-Request-Id": "req-arriving"})
-        client = await connect(reactor, gw.port, chat_request(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
-            {"X-Request-Id": "req-first"}) + second[:-10])
-        await with_timeout(reactor, recorded, 10)
-        await until(reactor, lambda: any(c._receiving is not None and not c._head_open
-                                         for c in gw.service.drain.site.channels), what="the second's body arriving")
-        await with_timeout(reactor, gw.service.stopService(), 10)
-        await with_timeout(reactor, client.lost, 10)
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    recorded = fake.next_request()
+    second = chat_request({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                          {"X-Request-Id": "req-arriving"})
+    client = await connect(reactor, gw.port, chat_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake_delay": 30},
+        {"X-Request-Id": "req-first"}) + second[:-10])
+    await with_timeout(reactor, recorded, 10)
+    await until(reactor, lambda: any(c._receiving is not None and not c._head_open
+                                     for c in gw.service.drain.site.channels), what="the second's body arriving")
+    await with_timeout(reactor, gw.service.stopService(), 10)
+    await with_timeout(reactor, client.lost, 10)
     head, _, body = bytes(client.received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head, head
     assert json.loads(body)["error"]["code"] == "shutdown_timeout"
-    cut = {name: (e["status"], e["outcome"], e["error"], e["client_gone"]) for name, e in access.items()}
-    assert cut == {"req-first": (503, "error", "shutdown_timeout", False),
+    assert _cut(access) == {"req-first": (503, "error", "shutdown_timeout", False),
                    "req-arriving": (503, "error", "shutdown_timeout", False)}
