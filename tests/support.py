@@ -8,8 +8,9 @@ from datetime import datetime
 
 import pytest_twisted
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from gomodel.config import load_config
 from gomodel.build import build_gateway
@@ -116,7 +117,16 @@ async def stop_all(gateway, *fakes, clients=()):
 
 
 def with_timeout(reactor, d: Deferred, seconds: float) -> Deferred:
-    d.addTimeout(seconds, reactor)
+    """C{d}, failing with L{TimeoutError} when it has not fired within C{seconds}: also where cancelling it
+    (which the timeout does) fires it with a result, as a service's C{stopService} may; an error it fails with
+    on the way is kept."""
+
+    def timed_out(result, timeout):
+        if isinstance(result, Failure) and not result.check(CancelledError):
+            return result
+        raise TimeoutError(f"not fired within {timeout} s")
+
+    d.addTimeout(seconds, reactor, onTimeoutCancel=timed_out)
     return d
 
 
@@ -136,7 +146,6 @@ def in_daemon_thread(reactor, fn, *args, **kwargs) -> Deferred:
     """Run a blocking client on a daemon thread of its own, which never holds the test run's exit (an SDK
     that might sleep for hours before a retry); fires with what C{fn} returns, or its failure."""
     import threading
-    from twisted.python.failure import Failure
 
     d = Deferred()
 
