@@ -15,7 +15,8 @@ and its connection closes after it (after those pipelined behind it, which get i
 create is waited for L{BACKGROUND_GRACE} more first), an event stream ends with its error event,
 as one an upstream broke off does; both are recorded as the gateway's cut
 (L{CUT}), not as a client that left.
-Batch work starts nothing once the drain begins, and its lines in flight are waited for too (L{Drain.background}).
+Batch work starts nothing once the drain begins, and its lines in flight are waited for too (L{Drain.background}),
+a batch whose last lines they were concluded.
 Only then do the services stop (usage flushed, batch work released to resume
 at the next start), and the process exits with status 0, not twistd's
 signal status; another signal meanwhile changes nothing

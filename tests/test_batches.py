@@ -964,6 +964,39 @@ async def test_a_drain_sends_no_new_line_and_records_the_lines_in_flight_before_
     assert fake.marker_counts == {line["custom_id"]: 1 for line in lines}  # each line sent once
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_batch_whose_last_lines_are_answered_during_the_drain_is_completed_before_the_stop(reactor, fake,
+                                                                                                   tmp_path):
+    """The last lines of a batch in flight when the drain begins, answered during it (within SHUTDOWN_TIMEOUT):
+    the batch is concluded before the services stop, completed with its output file, as it would have been
+    without the drain, and the next start sends nothing again. Before, it was released in_progress, every line
+    answered, and stayed so until the next start concluded it (a client polling it saw in_progress meanwhile)."""
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "2",
+           "SHUTDOWN_TIMEOUT": "20s"}
+    lines = [chat_line("a0"), chat_line("h1", fake_hold=True), chat_line("h2", fake_hold=True)]
+    first = await start_gateway(reactor, env)
+    client = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    try:
+        created = await start_batch(client, lines)
+        await until(reactor, lambda: fake.marker_counts == {"a0": 1, "h1": 1, "h2": 1}
+                    and _recorded_lines(tmp_path / "gomodel.db", created.id) == {"a0"})
+    finally:
+        client.close()
+    stopping = first.service.stopService()
+    await until(reactor, lambda: first.service.batch_runner.draining)
+    assert not stopping.called  # (the drain waits for the two lines)
+    fake.release_holds()  # the last lines are answered after the drain began
+    await with_timeout(reactor, stopping, 10)
+    with sqlite3.connect(tmp_path / "gomodel.db") as conn:
+        row = conn.execute("SELECT status, total, completed, failed, output_file_id IS NOT NULL FROM batches "
+                           "WHERE id = ?", (created.id,)).fetchone()
+    assert row == ("completed", 3, 3, 0, 1)  # with its output file, before the process would exit
+
+    output = await _completed_on_a_new_gateway(reactor, env, created.id, 3)
+    assert [line["custom_id"] for line in output] == ["a0", "h1", "h2"]
+    assert fake.marker_counts == {"a0": 1, "h1": 1, "h2": 1}  # each line sent once
+
+
 async def _completed_on_a_new_gateway(reactor, env, batch_id, total):
     """Start a gateway on C{env}, wait for it to complete batch C{batch_id} (resumed there: its C{total} lines all
     completed), stop it: the lines of its output file."""

@@ -18,12 +18,14 @@ CANCELLED_CODE = "batch_cancelled"  # of a message batch's line not run before i
 
 
 async def conclude(batches, blobs, job, now):
-    """Take the batch to its final status, from what the store says now.
+    """Take the batch to its final status, from what the store says now. A batch the drain stopped (C{drain}) is
+    concluded too once no line is left to send (its last lines answered during the drain): it ends before the
+    process exits, not at the next start; with lines left, it stays C{in_progress}, to resume.
 
     @param now: a function returning the current time in seconds.
     @return: None; store failures propagate.
     """
-    if job.stop in ("drain", "shutdown", "lost", "park"):
+    if job.stop in ("shutdown", "lost", "park"):
         return
     batch_id = job.batch_id
     batch = await batches.get(batch_id)

@@ -43,7 +43,8 @@ disk) is released with a backoff (exponential, capped) instead of being
 driven again at once. A batch that stops with an unexpected error (not the
 store being unavailable) C{BATCH_MAX_ATTEMPTS} times in a row on one process
 ends C{failed}, with an C{internal_error} and the files of what was answered,
-instead of being tried forever. At stop, requests in flight are cancelled,
+instead of being tried forever. At a drain, no line is sent any more, those in flight are answered and recorded,
+and a batch left with no line to send is concluded. At stop, requests in flight are cancelled,
 answers already read are recorded, and the claims are released.
 """
 
@@ -250,8 +251,9 @@ class BatchRunner(Service):
     def drain(self):
         """Stop starting batch work, the gateway stopping (L{gomodel.lifecycle.Drain}): no batch is claimed any
         more and no line is sent, sent again or sent on to a fallback (the lines not sent stay pending); the lines
-        in flight go on and their answers are recorded, then each batch is released as it is, to resume at the
-        next start or on another host. L{stopService} cuts what is still in flight then.
+        in flight go on and their answers are recorded, then a batch with no line left to send is concluded (its
+        files written, as without a drain) and each other one is released as it is, to resume at the next start or
+        on another host. L{stopService} cuts what is still in flight then.
 
         @return: a Deferred firing once every batch held here is released.
         """
