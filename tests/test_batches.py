@@ -997,6 +997,40 @@ async def test_a_batch_whose_last_lines_are_answered_during_the_drain_is_complet
     assert fake.marker_counts == {"a0": 1, "h1": 1, "h2": 1}  # each line sent once
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_lines_retry_backoff_the_drain_cuts_sends_nothing_more_and_the_line_is_answered_at_the_next_start(
+        reactor, fake, tmp_path):
+    """A line backing off before it is sent again (its upstream's 503 asked for 30 s) when the drain begins: the
+    drain ends its wait at once (it does not hold the stop for the 30 s, nor until SHUTDOWN_TIMEOUT), the line is
+    neither sent again nor recorded as failed (no error line: it stays pending, the batch in_progress), and the
+    next start sends it once more, its answer then in the output file as the upstream gave it."""
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_DATA_DIR": str(tmp_path), "SHUTDOWN_TIMEOUT": "60s"}
+    lines = [chat_line("a0"), chat_line("r1", fake_fail_times=1, fake_fail_headers={"Retry-After": "30"})]
+    first = await start_gateway(reactor, env)
+    client = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    runner = first.service.batch_runner
+    try:
+        created = await start_batch(client, lines)
+        await until(reactor, lambda: fake.marker_answers == {"a0": 1, "r1": 1}
+                    and any(job.sleeping for job in runner._jobs.values()), what="r1 backing off")
+    finally:
+        client.close()
+    stopping = first.service.stopService()
+    assert not any(job.sleeping for job in runner._jobs.values())  # the drain cut the backoff as it began
+    await with_timeout(reactor, stopping, 10)
+    assert fake.marker_counts == {"a0": 1, "r1": 1}  # r1 was not sent again, during the drain or after it
+    assert not runner._jobs  # (nothing is left to send it: no backoff timer either, conftest's no_leftover_calls)
+    assert _recorded_lines(tmp_path / "gomodel.db", created.id) == {"a0"}
+    with sqlite3.connect(tmp_path / "gomodel.db") as conn:
+        assert conn.execute("SELECT status, completed, failed FROM batches WHERE id = ?",
+                            (created.id,)).fetchone() == ("in_progress", 1, 0)
+
+    output = await _completed_on_a_new_gateway(reactor, env, created.id, 2)
+    assert [(line["custom_id"], line["response"]["status_code"], line["response"]["body"]["object"])
+            for line in output] == [("a0", 200, "chat.completion"), ("r1", 200, "chat.completion")]
+    assert fake.marker_counts == {"a0": 1, "r1": 2}  # r1 sent once more, by the next start
+
+
 async def _completed_on_a_new_gateway(reactor, env, batch_id, total):
     """Start a gateway on C{env}, wait for it to complete batch C{batch_id} (resumed there: its C{total} lines all
     completed), stop it: the lines of its output file."""

@@ -69,7 +69,8 @@ C{marker_answers}) and, on any route:
     (until L{FakeVLLM.release_holds}: held requests still connected are then
     answered, later ones are answered at once)
   - C{fake_fail_times} / C{fake_fail_status}: answer that status (default 503)
-    to the first N requests carrying the marker, then answer normally
+    to the first N requests carrying the marker, then answer normally (with C{fake_fail_headers}: those
+    failures carry these C{{name: value}} headers, a C{Retry-After} say)
 """
 
 import base64
@@ -278,6 +279,8 @@ class FakeVLLM(Resource):
             record.closed.addCallback(self._count_answer, marker)
             if count <= int(body.get("fake_fail_times", 0)):
                 status = int(body.get("fake_fail_status", 503))
+                for name, value in body.get("fake_fail_headers", {}).items():
+                    request.setHeader(name, value)
                 return self._json(request, status, {"error": {"message": f"fake failure {count}",
                                                               "type": "ServiceUnavailableError",
                                                               "param": None, "code": status}})
