@@ -126,6 +126,11 @@ class Conflict(GatewayError):
         super().__init__(message, **kwargs)
 
 
+# Seconds the 503 of a request a drain refused (L{ShuttingDown}) tells its client to wait before sending it again:
+# little, as another host (or this one's successor) takes it at once; an SDK waits that, not its own backoff.
+SHUTDOWN_RETRY_AFTER = 1
+
+
 class StorageUnavailable(GatewayError):
     """The gateway's own store (files, batches) cannot be used."""
 
@@ -153,14 +158,16 @@ class StorageConflict(StorageUnavailable):
 
 
 class ShuttingDown(GatewayError):
-    """The gateway stopped before it answered: its drain ran out of time (C{SHUTDOWN_TIMEOUT})."""
+    """The gateway stopped before it answered: its drain ran out of time (C{SHUTDOWN_TIMEOUT}). It says
+    C{Retry-After} (L{SHUTDOWN_RETRY_AFTER}): sent again, on a new connection, the request reaches another host."""
 
     status = 503
     type = "server_error"
     code = "shutdown_timeout"
 
     def __init__(self):
-        super().__init__("The gateway is stopping and could not finish this request in time; retry it.")
+        super().__init__("The gateway is stopping and could not finish this request in time; retry it.",
+                         headers=wait_headers(SHUTDOWN_RETRY_AFTER))
 
 
 class RowsRejected(Exception):

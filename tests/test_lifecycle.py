@@ -4,6 +4,8 @@ import json
 import re
 import signal
 
+import anthropic
+import openai
 import pytest_twisted
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
@@ -19,7 +21,7 @@ from gomodel.lifecycle import Drain
 from tests.gateway_process import READY, exited, killed, ready_port, twistd_gateway, wait_for
 from tests.rawclient import chat_request, connect
 from tests.test_metrics import samples
-from tests.support import start_gateway, until, with_timeout
+from tests.support import in_thread, start_gateway, until, with_timeout
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 
@@ -317,6 +319,37 @@ async def test_a_responses_stream_the_drain_cuts_ends_with_openais_error_event(r
     assert json.loads(data.split(b"\n")[0]) == {
         "type": "error", "code": "stream_incomplete", "param": None, "sequence_number": 3,
         "message": "The stream ended abnormally: the gateway is stopping."}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_503_a_drain_out_of_time_answers_says_retry_after_in_both_dialects(reactor, fake):
+    """The 503 shutdown_timeout of a request whose answer had not started when SHUTDOWN_TIMEOUT ran out carries
+    C{Retry-After: 1} (L{gomodel.errors.SHUTDOWN_RETRY_AFTER}), in OpenAI's envelope and in Anthropic's on
+    /v1/messages, as the official SDKs see it, so that a client or a load balancer sends it again, elsewhere, soon.
+    Before, it had none."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SHUTDOWN_TIMEOUT": "0.3s"})
+    oai = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    claude = anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0, timeout=20)
+    try:
+        chat = in_thread(oai.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                         extra_body={"fake_delay": 30})
+        message = in_thread(claude.messages.create, model=MODEL, max_tokens=5,
+                            messages=[{"role": "user", "content": "hi"}], extra_body={"fake_delay": 30})
+        await until(reactor, lambda: {r.path for r in fake.requests} >= {b"/v1/chat/completions", b"/v1/messages"},
+                    what="both upstream, unanswered")
+        await with_timeout(reactor, gw.service.stopService(), 10)
+        refused = {}
+        for name, asked in (("openai", chat), ("anthropic", message)):
+            try:
+                await with_timeout(reactor, asked, 10)
+            except (openai.APIStatusError, anthropic.APIStatusError) as e:
+                refused[name] = (e.status_code, e.response.headers.get("retry-after"), e.body)
+    finally:
+        oai.close()
+        claude.close()
+    assert refused["openai"][:2] == (503, "1") and refused["openai"][2]["code"] == "shutdown_timeout"
+    assert refused["anthropic"][:2] == (503, "1")
+    assert refused["anthropic"][2]["type"] == "error" and refused["anthropic"][2]["error"]["type"] == "overloaded_error"
 
 
 @pytest_twisted.ensureDeferred
