@@ -88,20 +88,23 @@ async def test_a_message_batch_runs_natively_and_translated_and_gives_anthropics
     assert (stored["total"], stored["completed"], stored["failed"]) == (4, 3, 1)
 
 
-async def test_a_translated_lines_thinking_display_omitted_is_honoured(setup):
+async def test_a_lines_thinking_display_omitted_is_honoured(setup):
     """A line asking for its thinking without its text (C{thinking.display: "omitted"}) gets its thinking block
-    with an empty C{thinking}, as online; another line its text."""
+    with an empty C{thinking}, as online, translated and natively (vLLM's answer holds the text: before, a native
+    line's was its result as it came); another line its text."""
     gw, client, vllm, openai = setup
     thinking = {"type": "enabled", "budget_tokens": 1024}
-    openai.steer = {"fake_reasoning": "Secret plan."}
+    openai.steer = vllm.steer = {"fake_reasoning": "Secret plan."}
     made = await in_thread(client.messages.batches.create, requests=[
-        request(name, model=TRANSLATED, max_tokens=2000, thinking=dict(thinking, display=display)) for name, display in (("omitted", "omitted"),
-                                                                                ("shown", "summarized"))])
+        request(f"{name}-{display}", model=model, max_tokens=2000, thinking=dict(thinking, display=display))
+        for name, model in (("translated", TRANSLATED), ("native", NATIVE)) for display in ("omitted", "summarized")])
     await ended(gw, client, made.id)
     got = await results(client, made.id)
-    assert [(b.type, getattr(b, "thinking", None)) for b in got["omitted"].message.content] == [
-        ("thinking", ""), ("text", None)]
-    assert got["shown"].message.content[0].thinking == "Secret plan."
+    for name in ("translated", "native"):
+        assert [(b.type, getattr(b, "thinking", None)) for b in got[f"{name}-omitted"].message.content] == [
+            ("thinking", ""), ("text", None)], name
+        assert got[f"{name}-summarized"].message.content[0].thinking == "Secret plan.", name
+    assert got["native-omitted"].message.content[0].signature == "5f1c0ffee5f1c0ffee5f1c0ffee5f1c0"
 
 
 async def test_a_lines_server_side_features_are_its_error_natively_too(setup):

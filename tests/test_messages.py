@@ -1880,3 +1880,40 @@ async def test_thinking_display_omitted_keeps_the_thinking_block_without_its_tex
     assert b"Secret" not in raw and b'"thinking_delta"' not in raw
     starts = [data["content_block"]["type"] for kind, data in events_of(raw) if kind == "content_block_start"]
     assert starts == ["tool_use", "thinking"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_thinking_display_omitted_is_honoured_natively_too(http, gw, fake, client):
+    """Natively, vLLM answers with the thinking text whatever C{display} says: the gateway empties each thinking
+    block's C{thinking} (its signature kept) and leaves out a stream's C{thinking_delta} events, as Anthropic answers
+    C{display: "omitted"} and as the translation does; before, vLLM's thinking text was relayed. Plain, streamed, a
+    whole answer to a stream, a stream to a request that did not ask for one; unasked, vLLM's answer as it came."""
+    fake.steer = {"fake_reasoning": "Secret plan."}
+    signature = "5f1c0ffee5f1c0ffee5f1c0ffee5f1c0"  # (the fake vLLM's)
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=2000, messages=HELLO,
+                              thinking=OMITTED)
+    assert [(block.type, getattr(block, "thinking", None)) for block in message.content] == [
+        ("thinking", ""), ("text", None)]
+    assert message.content[0].signature == signature and message.content[1].text == "héhéhé"
+    assert fake.requests[-1].path == b"/v1/messages" and fake.requests[-1].body["thinking"] == OMITTED
+    seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=2000, messages=HELLO,
+                                                                  thinking=OMITTED))
+    assert [(block.type, getattr(block, "thinking", None)) for block in final.content] == [
+        ("thinking", ""), ("text", None)]
+    assert final.content[0].signature == signature
+    deltas = [event.delta.type for event in seen if event.type == "content_block_delta"]
+    assert "thinking_delta" not in deltas and "signature_delta" in deltas
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (18, 3)
+    body = {"model": MODEL, "max_tokens": 2000, "messages": HELLO, "thinking": OMITTED}
+    for extra in ({"stream": True, "fake_whole": True}, {"fake_stream_anyway": True}):
+        response, raw = await post(http, gw.url + "/v1/messages", dict(body, **extra))
+        assert response.code == 200 and b"Secret" not in raw and b'"thinking_delta"' not in raw, extra
+        assert signature.encode() in raw, extra
+    # shown unless omitted ("summarized", Anthropic's default): byte for byte as vLLM answers it
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=2000, messages=HELLO,
+                              thinking=dict(OMITTED, display="summarized"))
+    assert message.content[0].thinking == "Secret plan."
+    shown = dict(body, thinking=dict(OMITTED, display="summarized"))
+    _, via = await post(http, gw.url + "/v1/messages", shown)
+    _, direct = await post(http, fake.base_url + "/messages", dict(shown, model=CHAT_MODEL))
+    assert via == direct and b"Secret plan." in via

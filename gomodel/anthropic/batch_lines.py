@@ -7,14 +7,14 @@ from gomodel.anthropic.translate import (chat_to_message_bytes, messages_to_chat
 from gomodel.api.messages import chat_for, translates
 
 
-def native_answer(body: bytes, model) -> bytes:
+def native_answer(body: bytes, model, omit_thinking: bool = False) -> bytes:
     """A line's native answer as it came (L{native_message_bytes}: one that is no message, or without a stop
-    reason, is the line's error).
+    reason, is the line's error), its thinking blocks without their text with C{omit_thinking}.
 
     @raise gomodel.errors.BadUpstreamResponse: it is no message, or a message without a stop reason (an aborted
         generation).
     """
-    return native_message_bytes(body)
+    return native_message_bytes(body, omit_thinking)
 
 
 class MessagesLines:
@@ -41,6 +41,7 @@ class MessagesLines:
             (L{refuse_server_side}, natively too): the line's error.
         """
         refuse_server_side(payload)
+        omit = omits_thinking(payload)  # (thinking.display "omitted": its thinking blocks without their text)
         prioritised = principal is not None and principal.priority is not None
         translating = translates(payload)
         native = self._messages.native_for(route, prioritised=prioritised, translating=translating)
@@ -50,16 +51,15 @@ class MessagesLines:
             def rebody(model, provider):
                 return body_for(principal, payload, model, provider)
 
-            return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, native_answer
+            answer = partial(native_answer, omit_thinking=True) if omit else native_answer
+            return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer
         chat = messages_to_chat(payload)
         extras = vllm_fields(payload, chat["messages"])
 
         def rebody(model, provider):
             return body_for(principal, chat_for(provider, chat, extras), model, provider)
 
-        # (thinking.display "omitted": its thinking blocks without their text, as online)
-        answer = partial(chat_to_message_bytes, omit_thinking=True) if omits_thinking(payload) \
-            else chat_to_message_bytes
+        answer = partial(chat_to_message_bytes, omit_thinking=True) if omit else chat_to_message_bytes
         return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer
 
     def no_native(self, provider, model, status, body) -> bool:

@@ -899,9 +899,10 @@ def message_events(message: dict) -> bytes:
     return b"".join(out)
 
 
-def message_events_bytes(body: bytes) -> bytes:
+def message_events_bytes(body: bytes, omit_thinking: bool = False) -> bytes:
     """L{message_events} of a whole native Messages answer (JSON bytes), for a native upstream that answered
-    a stream whole; vLLM leaves out the fields it has as None (C{stop_sequence}).
+    a stream whole; vLLM leaves out the fields it has as None (C{stop_sequence}). With C{omit_thinking}
+    (L{omits_thinking}), its thinking blocks without their text (L{without_thinking_text}: no C{thinking_delta}).
 
     @raise ValueError: C{body} is no JSON message.
     @raise BadUpstreamResponse: it has no stop reason (L{native_message_bytes}).
@@ -912,6 +913,8 @@ def message_events_bytes(body: bytes) -> bytes:
         raise ValueError("the answer is no message")
     if message.get("stop_reason") is None:
         raise BadUpstreamResponse(NO_STOP_REASON)
+    if omit_thinking:
+        message = without_thinking_text(message)
     usage = message.get("usage")
     return message_events(dict(message, stop_reason=message.get("stop_reason"),
                                stop_sequence=message.get("stop_sequence"),
@@ -925,16 +928,20 @@ NO_STOP_REASON = "The upstream ended the generation without a stop reason (abort
 NO_MESSAGE = "The upstream's answer is no Messages API message."
 # A stop reason that is a string, as a finished answer's JSON has it (checked without parsing the answer).
 _STOP_REASON_SAID = re.compile(rb'"stop_reason"\s*:\s*"')
+# A thinking block's type, as an answer's JSON has one (checked without parsing the answer).
+_THINKING_BLOCK = re.compile(rb'"type"\s*:\s*"thinking"')
 
 
-def native_message_bytes(body: bytes) -> bytes:
+def native_message_bytes(body: bytes, omit_thinking: bool = False) -> bytes:
     """C{body}, a native Messages answer (JSON bytes), as it came: unless it is no message, or a message without a
-    stop reason.
+    stop reason; with C{omit_thinking} (L{omits_thinking}), its thinking blocks without their text
+    (L{without_thinking_text}: vLLM sends the text whatever the request's C{thinking.display}).
 
     @raise BadUpstreamResponse: it is no JSON message (L{NO_MESSAGE}), or one whose C{stop_reason} is null or
         absent (L{NO_STOP_REASON}).
     """
-    if _STOP_REASON_SAID.search(body) is not None:
+    thinking = omit_thinking and _THINKING_BLOCK.search(body) is not None
+    if not thinking and _STOP_REASON_SAID.search(body) is not None:
         return body
     try:
         message = jsonutil.loads(body)
@@ -944,7 +951,25 @@ def native_message_bytes(body: bytes) -> bytes:
         raise BadUpstreamResponse(NO_MESSAGE)
     if message.get("stop_reason") is None:
         raise BadUpstreamResponse(NO_STOP_REASON)
+    if thinking:
+        omitted = without_thinking_text(message)
+        if omitted is not message:
+            return jsonutil.dumps(omitted)
     return body
+
+
+def without_thinking_text(message: dict) -> dict:
+    """C{message} (a Messages answer) with each thinking block's C{thinking} empty, its signature kept, as Anthropic
+    answers C{thinking.display} C{"omitted"}; C{message} itself where no block has text to leave out."""
+    content = message.get("content")
+    if not isinstance(content, list) or not any(_thinking_with_text(block) for block in content):
+        return message
+    return dict(message, content=[dict(block, thinking="") if _thinking_with_text(block) else block
+                                  for block in content])
+
+
+def _thinking_with_text(block) -> bool:
+    return isinstance(block, dict) and block.get("type") == "thinking" and block.get("thinking") != ""
 
 
 def chat_to_events_bytes(body: bytes, model: str, omit_thinking: bool = False) -> bytes:
@@ -1369,18 +1394,21 @@ class MessagesStreamObserver:
     own, C{internal_error}: L{stream_error_type}) and without the upstream's address.
     The other is a C{message_delta} without a stop reason, vLLM's for a
     generation it aborted: an C{error} event instead (L{NO_STOP_REASON}), and
-    the stream ends there (its C{message_stop} is not relayed).
+    the stream ends there (its C{message_stop} is not relayed). With C{omit_thinking}, a C{thinking_delta} is
+    left out (L{omits_thinking}: vLLM streams the thinking text whatever the request's C{thinking.display}).
 
     @ivar error: the C{error} event's C{error} object, if one came.
-    @ivar events: C{content_block_delta} events seen (about one token each), for an estimate.
+    @ivar events: C{content_block_delta} events seen (about one token each, those left out too), for an estimate.
     """
 
-    def __init__(self, hide=None):
+    def __init__(self, hide=None, omit_thinking: bool = False):
         """
         @param hide: as L{ChatToMessagesStream}'s: an error event's message as the client may see it, or None.
+        @param omit_thinking: thinking blocks go without their text (no C{thinking_delta}: L{omits_thinking}).
         """
         self._framer = SSEFramer()
         self._hide = hide
+        self._omit_thinking = omit_thinking
         self._usage = None  # message_start's usage, then each message_delta's (cumulative counts) over it
         self._counted = False  # a message_delta's usage came (its output_tokens counts what was generated)
         self._cut = False  # a message_delta without a stop reason became an error event: nothing more goes out
@@ -1415,6 +1443,8 @@ class MessagesStreamObserver:
             head = event[:64]
             if head.find(b"content_block_delta") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
                 self.events += 1
+                if self._omit_thinking and _is_thinking_delta(event):
+                    events[i] = b""
             elif mentions(head, _NATIVE_WATCHED):
                 fixed = self._observe(event)
                 if fixed is not None:
@@ -1462,3 +1492,10 @@ class MessagesStreamObserver:
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
         require_end(self._framer, self.done, "before message_stop")
+
+
+def _is_thinking_delta(event: bytes) -> bool:
+    """Whether C{event} (a whole C{content_block_delta} event) carries thinking text (a C{thinking_delta})."""
+    payload = event_object(event)
+    delta = payload.get("delta") if isinstance(payload, dict) else None
+    return isinstance(delta, dict) and delta.get("type") == "thinking_delta"

@@ -4,7 +4,8 @@ Routed by model like every inference route (provider-qualified, virtual or
 bare unique ids). A provider that serves Messages itself (vLLM) gets the
 request natively: the body as the client sent it but its C{model}, the answer
 relayed byte for byte, a stream through L{MessagesStreamObserver} (which only
-notes usage and the end). Any other provider, and a vLLM whose server answers
+notes usage and the end), but the thinking text of a request that asks to omit it
+(C{thinking.display} C{"omitted"}: vLLM sends it all the same). Any other provider, and a vLLM whose server answers
 that it has no Messages API, gets it translated to chat completions and back
 (L{gomodel.anthropic.translate}); the gateway then remembers, per provider
 and model, not to ask natively for L{NO_NATIVE_TTL} seconds. A request with
@@ -39,6 +40,7 @@ Anthropic's type for the status, the message kept, no upstream address).
 """
 
 from datetime import datetime, timezone
+from functools import partial
 
 from twisted.logger import Logger
 
@@ -183,6 +185,7 @@ class MessagesRoutes:
                                               ctx.principal))
         checked_max_tokens(body)  # (natively too: Anthropic's words, not vLLM's; the model's errors first)
         refuse_server_side(body)  # (natively too: vLLM drops them unread)
+        omit = omits_thinking(body)  # (thinking.display "omitted": its blocks without their text, either way)
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
@@ -197,12 +200,12 @@ class MessagesRoutes:
             affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
             try:
                 if native:
-                    observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message)) \
-                        if stream else None
+                    observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message),
+                                                      omit_thinking=omit) if stream else None
+                    whole = message_events_bytes if stream else native_message_bytes
                     return await self._native(request, ctx, upstream, "/messages", body, fallbacks, affinity,
-                                              headers, observer,
-                                              message_events_bytes if stream else native_message_bytes)
-                return await self._translated(request, ctx, upstream, body, fallbacks, affinity)
+                                              headers, observer, partial(whole, omit_thinking=True) if omit else whole)
+                return await self._translated(request, ctx, upstream, body, fallbacks, affinity, omit)
             except _NoNative:
                 self._remember(ctx, MESSAGES)
             except errors.GatewayError as failed:
@@ -291,8 +294,9 @@ class MessagesRoutes:
             raise _NoNative(missing)
         raise with_retry_after(upstream_error(response.code, answer, upstream.name, upstream.hidden), response)
 
-    async def _translated(self, request, ctx, upstream, body, fallbacks, affinity):
-        """Send C{body} as a chat completion; the answer (or stream) comes back in Messages' shape.
+    async def _translated(self, request, ctx, upstream, body, fallbacks, affinity, omit=False):
+        """Send C{body} as a chat completion; the answer (or stream) comes back in Messages' shape (its thinking
+        blocks without their text with C{omit}, L{omits_thinking}).
 
         vLLM's fields (L{vllm_fields}, and those L{without_vllm_fields} leaves out) go to a vLLM upstream
         only; each target gets what its own provider takes (L{chat_for}, L{target}), a fallback's body included.
@@ -315,7 +319,6 @@ class MessagesRoutes:
         # a whole answer to a stream; a stream nobody asked for is gathered into one chat completion
         # (L{gomodel.proxy.gather}), then made a message.
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
-        omit = omits_thinking(body)  # (thinking.display "omitted": its blocks without their text)
         observer = ChatToMessagesStream(lambda: ctx.upstream_model,  # (the target that answers)
                                         hide=lambda message: self._without_address(ctx, message),
                                         omit_thinking=omit) if stream else None
