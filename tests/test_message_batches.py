@@ -91,15 +91,20 @@ async def test_a_message_batch_runs_natively_and_translated_and_gives_anthropics
 async def test_a_lines_thinking_display_omitted_is_honoured(setup):
     """A line asking for its thinking without its text (C{thinking.display: "omitted"}) gets its thinking block
     with an empty C{thinking}, as online, translated and natively (vLLM's answer holds the text: before, a native
-    line's was its result as it came); another line its text."""
+    line's was its result as it came); another line its text; a display none of Anthropic's is the line's error."""
     gw, client, vllm, openai = setup
     thinking = {"type": "enabled", "budget_tokens": 1024}
     openai.steer = vllm.steer = {"fake_reasoning": "Secret plan."}
     made = await in_thread(client.messages.batches.create, requests=[
         request(f"{name}-{display}", model=model, max_tokens=2000, thinking=dict(thinking, display=display))
-        for name, model in (("translated", TRANSLATED), ("native", NATIVE)) for display in ("omitted", "summarized")])
+        for name, model in (("translated", TRANSLATED), ("native", NATIVE))
+        for display in ("omitted", "summarized", "hidden")])
     await ended(gw, client, made.id)
     got = await results(client, made.id)
+    for name in ("translated", "native"):  # (a display none of Anthropic's: the line's 400, as online)
+        error = got[f"{name}-hidden"].error.error
+        assert (error.type, error.message) == (
+            "invalid_request_error", "thinking.display: 'hidden' is not one of 'summarized', 'omitted'"), name
     for name in ("translated", "native"):
         assert [(b.type, getattr(b, "thinking", None)) for b in got[f"{name}-omitted"].message.content] == [
             ("thinking", ""), ("text", None)], name

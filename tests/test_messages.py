@@ -1917,3 +1917,26 @@ async def test_thinking_display_omitted_is_honoured_natively_too(http, gw, fake,
     _, via = await post(http, gw.url + "/v1/messages", shown)
     _, direct = await post(http, fake.base_url + "/messages", dict(shown, model=CHAT_MODEL))
     assert via == direct and b"Secret plan." in via
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_thinking_display_other_than_summarized_or_omitted_is_anthropics_400(http, gw, openai_gw, fake):
+    """A C{thinking.display} that is neither C{"summarized"} nor C{"omitted"} (Anthropic's two) is the gateway's 400
+    C{invalid_request_error} naming the field, natively and translated, streamed or not, before any upstream is
+    asked; before, it passed (natively, vLLM ignored it; translated, the thinking text came). A null one is none."""
+    before = len(fake.requests)
+    for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+        for display in ("hidden", "", 1, ["omitted"]):
+            for stream in (False, True):
+                body = {"model": model, "max_tokens": 2000, "messages": HELLO, "stream": stream,
+                        "thinking": dict(OMITTED, display=display)}
+                response, content = await post(http, gateway.url + "/v1/messages", body)
+                assert response.code == 400, (model, display, content)
+                assert json.loads(content) == {"type": "error", "error": {
+                    "type": "invalid_request_error",
+                    "message": f"thinking.display: {display!r} is not one of 'summarized', 'omitted'"}}, content
+    assert len(fake.requests) == before
+    for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+        body = {"model": model, "max_tokens": 2000, "messages": HELLO, "thinking": dict(OMITTED, display=None)}
+        response, content = await post(http, gateway.url + "/v1/messages", body)
+        assert response.code == 200, content

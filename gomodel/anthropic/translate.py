@@ -804,11 +804,22 @@ def stop_reason(finish_reason, matched, tool_used, tools_complete):
     return _STOP_REASONS.get(finish_reason, "end_turn"), None
 
 
+# Anthropic's values of thinking.display: the thinking's text shown (its default), or left out.
+_THINKING_DISPLAYS = ("summarized", "omitted")
+
+
 def omits_thinking(body: dict) -> bool:
     """Whether the Messages request C{body} asks for its answer's thinking blocks without their text
-    (C{thinking.display} C{"omitted"}: Anthropic then sends each block, its signature, and no thinking text)."""
+    (C{thinking.display} C{"omitted"}: Anthropic then sends each block, its signature, and no thinking text).
+
+    @raise InvalidRequest: its C{thinking.display} is none of Anthropic's (L{_THINKING_DISPLAYS}; null is none).
+    """
     thinking = body.get("thinking")
-    return isinstance(thinking, dict) and thinking.get("display") == "omitted"
+    display = thinking.get("display") if isinstance(thinking, dict) else None
+    if display is not None and display not in _THINKING_DISPLAYS:
+        raise InvalidRequest(f"thinking.display: {quoted(display)} is not one of 'summarized', 'omitted'",
+                             param="thinking.display")
+    return display == "omitted"
 
 
 def chat_to_message(chat: dict, model: str, omit_thinking: bool = False) -> dict:
