@@ -352,6 +352,39 @@ async def test_each_provider_type_gets_what_it_takes_of_top_k_thinking_and_effor
         await gw.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_clients_chat_template_kwargs_go_where_the_chat_route_sends_them(reactor, fake):
+    """A client's own C{chat_template_kwargs} (a vLLM extra, which SGLang, llama.cpp and other OpenAI-compatible
+    servers take too) reaches every provider but OpenAI as it sent it, as on the chat route (before: only a vLLM
+    got it through Messages, every other provider went without); C{thinking}'s switch (C{enable_thinking}) is
+    vLLM's and joins it for a vLLM only; OpenAI, which refuses parameters it does not know, goes without."""
+    vllm = await start_fake(reactor, messages=False)  # a vLLM translated to chat completions
+    gw = await start(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-o",
+                               "OPENROUTER_BASE_URL": fake.base_url, "OPENROUTER_API_KEY": "sk-r",
+                               "GROQ_BASE_URL": fake.base_url, "GROQ_API_KEY": "sk-g",
+                               "DEEPSEEK_BASE_URL": fake.base_url, "DEEPSEEK_API_KEY": "sk-d",
+                               "OLLAMA_BASE_URL": fake.base_url, "VLLM_BASE_URL": vllm.base_url})
+    client = sdk(gw)
+    own = {"reasoning_mode": "brief"}
+    try:
+        sent = {}
+        for kind in ("openai", "openrouter", "groq", "deepseek", "ollama", "vllm"):
+            await in_thread(client.messages.create, model=f"{kind}/{CHAT_MODEL}", max_tokens=2000, messages=HELLO,
+                            extra_body={"chat_template_kwargs": own}, thinking={"type": "enabled", "budget_tokens": 1024})
+            sent[kind] = (vllm if kind == "vllm" else fake).requests[-1].body
+        assert "chat_template_kwargs" not in sent.pop("openai")
+        assert sent.pop("vllm")["chat_template_kwargs"] == dict(own, enable_thinking=True)
+        for kind, body in sent.items():
+            assert body["chat_template_kwargs"] == own, kind
+        await in_thread(client.messages.create, model=f"groq/{CHAT_MODEL}", max_tokens=16, messages=HELLO,
+                        thinking={"type": "disabled"})
+        assert "chat_template_kwargs" not in fake.requests[-1].body  # (thinking's switch alone: vLLM's)
+    finally:
+        client.close()
+        await gw.service.stopService()
+        await vllm.stop()
+
+
 PREFILL = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Bonjour,"}]
 
 

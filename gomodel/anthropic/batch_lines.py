@@ -3,7 +3,7 @@
 from functools import partial
 
 from gomodel.anthropic.translate import (chat_to_message_bytes, messages_to_chat, native_message_bytes,
-                                         omits_thinking, refuse_server_side, vllm_fields)
+                                         omits_thinking, passed_fields, refuse_server_side, vllm_fields)
 from gomodel.api.messages import chat_for, translates
 
 
@@ -54,10 +54,10 @@ class MessagesLines:
             answer = partial(native_answer, omit_thinking=True) if omit else native_answer
             return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer
         chat = messages_to_chat(payload)
-        extras = vllm_fields(payload, chat["messages"])
+        extras, passed = vllm_fields(payload, chat["messages"]), passed_fields(payload)
 
         def rebody(model, provider):
-            return body_for(principal, chat_for(provider, chat, extras), model, provider)
+            return body_for(principal, chat_for(provider, chat, extras, passed), model, provider)
 
         answer = partial(chat_to_message_bytes, omit_thinking=True) if omit else chat_to_message_bytes
         return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer

@@ -148,7 +148,7 @@ def vllm_fields(body: dict, messages: list) -> dict:
 
     C{top_k} is a vLLM sampling extra: OpenAI refuses unknown parameters, so
     an OpenAI upstream goes without it (the request is not refused; the
-    others get it: L{gomodel.api.messages.chat_for}). A final
+    others get it: L{passed_fields}). A final
     assistant message (a prefill) is continued, not closed as a finished
     turn: C{continue_final_message} (and no generation prompt, which vLLM
     refuses with it); the answer is then the continuation alone, as
@@ -179,10 +179,24 @@ def vllm_fields(body: dict, messages: list) -> dict:
     return fields
 
 
+def passed_fields(body: dict) -> dict:
+    """The fields of a Messages request C{body} that the chat route would pass on, as the client sent them, to an
+    upstream other than vLLM (every one but OpenAI's: L{gomodel.api.messages.chat_for}): C{top_k}, a sampling extra
+    that OpenAI-compatible servers take or ignore, and the client's own C{chat_template_kwargs} (SGLang and
+    llama.cpp take them too), without C{thinking}'s C{enable_thinking}, which is vLLM's (L{without_vllm_fields})."""
+    fields = {}
+    if body.get("top_k") is not None:
+        fields["top_k"] = body["top_k"]
+    if isinstance(body.get("chat_template_kwargs"), dict):  # (as L{_template_kwargs} reads them)
+        fields["chat_template_kwargs"] = body["chat_template_kwargs"]
+    return fields
+
+
 def without_vllm_fields(chat: dict, reasoning: bool = False, effort: bool = False) -> dict:
     """A copy of C{chat} (L{messages_to_chat}'s) as an upstream other than vLLM takes it.
 
-    C{chat_template_kwargs} (C{thinking}'s C{enable_thinking}) and past turns'
+    C{chat_template_kwargs} (C{thinking}'s C{enable_thinking}; the client's own are
+    L{passed_fields}) and past turns'
     thinking (an assistant message's C{reasoning_content}) are vLLM's: an
     OpenAI-compatible server may refuse what it does not know, so they are
     left out (the thinking was the model's, not the conversation's); but the

@@ -51,7 +51,7 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
                                          chat_to_events_bytes, chat_to_message_bytes, checked_max_tokens,
                                          count_tokens_answer, count_tokens_request, is_anthropic_error,
                                          message_events_bytes, messages_to_chat, native_message_bytes, omits_thinking,
-                                         openai_error_to_anthropic, refuse_server_side,
+                                         openai_error_to_anthropic, passed_fields, refuse_server_side,
                                          vllm_fields, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
@@ -71,7 +71,8 @@ _BELOW_MESSAGES, _BELOW_MODELS, _BELOW_FILES = MESSAGES + b"/", MODELS + b"/", F
 # Provider types whose servers answer /v1/messages themselves.
 NATIVE_TYPES = frozenset(("vllm",))
 # Provider types whose chat completions take vLLM's fields (translate.vllm_fields: top_k, prefill; and
-# chat_template_kwargs, past thinking: those translate.without_vllm_fields leaves out for the others).
+# chat_template_kwargs, past thinking: those translate.without_vllm_fields leaves out for the others, but the
+# client's own top_k and chat_template_kwargs, translate.passed_fields, as the chat route passes them on).
 VLLM_CHAT_TYPES = frozenset(("vllm",))
 # Provider types, besides vLLM, whose chat completions take any reasoning_effort and ignore it for a model that does
 # not reason: Messages' output_config.effort and thinking disabled ("none") go to them as that (others refuse it).
@@ -302,7 +303,7 @@ class MessagesRoutes:
         only; each target gets what its own provider takes (L{chat_for}, L{target}), a fallback's body included.
         """
         chat = messages_to_chat(body)
-        extras = vllm_fields(body, chat["messages"])
+        extras, passed = vllm_fields(body, chat["messages"]), passed_fields(body)
         stream = body.get("stream") is True
         if stream:
             chat["stream"] = True
@@ -310,7 +311,7 @@ class MessagesRoutes:
             chat["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
 
         def made(provider):
-            return chat_for(provider, chat, extras)
+            return chat_for(provider, chat, extras, passed)
 
         sent = made(upstream)
         sent["model"] = ctx.upstream_model
@@ -445,19 +446,20 @@ def prefilled(body) -> bool:
         and messages[-1].get("role") == "assistant"
 
 
-def chat_for(provider, chat: dict, extras: dict) -> dict:
+def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
     """The translated chat body C{chat} (L{messages_to_chat}'s) as C{provider} takes it: with vLLM's fields
     (C{extras}, L{vllm_fields}) for a vLLM, else without them (L{without_vllm_fields}; past thinking kept for
-    the types of L{REASONING_BACK_TYPES}, the effort for those of L{REASONING_EFFORT_TYPES}) but C{top_k}, which
-    only OpenAI refuses (L{OPENAI_TYPES}, as on the chat route); its C{max_tokens} as C{max_completion_tokens} for
+    the types of L{REASONING_BACK_TYPES}, the effort for those of L{REASONING_EFFORT_TYPES}) but the client's own
+    C{top_k} and C{chat_template_kwargs} (C{passed}, L{passed_fields}), which go to every provider but OpenAI
+    (L{OPENAI_TYPES}, which refuses them), as on the chat route; its C{max_tokens} as C{max_completion_tokens} for
     the types of L{MAX_COMPLETION_TYPES}; its tool call ids short for the types of L{SHORT_ID_TYPES}
     (L{fit_call_ids})."""
     if provider.type in VLLM_CHAT_TYPES:
         return dict(chat, **extras)
     other = without_vllm_fields(chat, reasoning=provider.type in REASONING_BACK_TYPES,
                                 effort=provider.type in REASONING_EFFORT_TYPES)
-    if "top_k" in extras and provider.type not in OPENAI_TYPES:
-        other["top_k"] = extras["top_k"]
+    if passed and provider.type not in OPENAI_TYPES:
+        other.update(passed)
     if provider.type in MAX_COMPLETION_TYPES:
         other["max_completion_tokens"] = other.pop("max_tokens")
     if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids, 46 characters, are too long for OpenAI)
