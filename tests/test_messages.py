@@ -321,8 +321,9 @@ async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor,
 async def test_each_provider_type_gets_what_it_takes_of_top_k_thinking_and_effort(reactor, fake):
     """As on the chat route (only an C{openai} provider goes without vLLM's fields): C{top_k} reaches every
     OpenAI-compatible provider but OpenAI; C{output_config.effort} (and C{thinking} disabled, C{none}) is the
-    C{reasoning_effort} of a provider type that takes any (OpenRouter); OpenAI, and those that refuse it for a model
-    that does not reason (Groq, xAI, Ollama...), go without it."""
+    C{reasoning_effort} of a provider type that takes any (OpenRouter, where C{thinking}'s budget replaces it:
+    L{test_thinkings_budget_reaches_openrouter_as_its_reasonings_max_tokens}); OpenAI, and those that refuse it for
+    a model that does not reason (Groq, xAI, Ollama...), go without it."""
     gw = await start(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-o",
                                "OPENROUTER_BASE_URL": fake.base_url, "OPENROUTER_API_KEY": "sk-r",
                                "GROQ_BASE_URL": fake.base_url, "GROQ_API_KEY": "sk-g",
@@ -338,7 +339,8 @@ async def test_each_provider_type_gets_what_it_takes_of_top_k_thinking_and_effor
             assert "chat_template_kwargs" not in body and "thinking_token_budget" not in body, kind
             assert body["messages"][1] == {"role": "assistant", "content": "Hello."}, kind
         assert "top_k" not in sent["openai"] and "reasoning_effort" not in sent["openai"]
-        assert sent["openrouter"]["top_k"] == 5 and sent["openrouter"]["reasoning_effort"] == "high"
+        assert sent["openrouter"]["top_k"] == 5 and sent["openrouter"]["reasoning"] == {"max_tokens": 1024}
+        assert "reasoning_effort" not in sent["openrouter"]  # (the budget or the effort: below)
         for kind in ("groq", "ollama"):
             assert sent[kind]["top_k"] == 5 and "reasoning_effort" not in sent[kind], kind
         # thinking disabled is no reasoning at all, whatever the effort says (as vLLM's Messages API has it)
@@ -347,6 +349,39 @@ async def test_each_provider_type_gets_what_it_takes_of_top_k_thinking_and_effor
         assert fake.requests[-1].body["reasoning_effort"] == "none"
         await in_thread(client.messages.create, model=f"openrouter/{CHAT_MODEL}", max_tokens=16, messages=HELLO)
         assert "reasoning_effort" not in fake.requests[-1].body and "top_k" not in fake.requests[-1].body
+    finally:
+        client.close()
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_thinkings_budget_reaches_openrouter_as_its_reasonings_max_tokens(reactor, fake):
+    """C{thinking}'s C{budget_tokens} is an C{openrouter} provider's C{reasoning: {max_tokens}} (OpenRouter's own
+    bound on the reasoning, which it passes to Anthropic's models as their budget; before, only the effort reached
+    it); it takes the budget or an effort, not both, so the budget goes without the effort, which goes alone
+    otherwise (C{adaptive}, no C{thinking}). Other providers get no C{reasoning}."""
+    gw = await start(reactor, {"OPENROUTER_BASE_URL": fake.base_url, "OPENROUTER_API_KEY": "sk-r",
+                               "GROQ_BASE_URL": fake.base_url, "GROQ_API_KEY": "sk-g"})
+    client = sdk(gw)
+
+    def sent(kind="openrouter", **params):
+        return in_thread(client.messages.create, model=f"{kind}/{CHAT_MODEL}", max_tokens=4000, messages=HELLO,
+                         **params)
+
+    try:
+        enabled = {"type": "enabled", "budget_tokens": 2048}
+        for extra in ({}, {"extra_body": EXTRAS}):
+            await sent(thinking=enabled, **extra)
+            body = fake.requests[-1].body
+            assert body["reasoning"] == {"max_tokens": 2048} and "reasoning_effort" not in body, extra
+        await sent(thinking={"type": "adaptive"}, extra_body=EXTRAS)
+        body = fake.requests[-1].body
+        assert "reasoning" not in body and body["reasoning_effort"] == "high"
+        await sent(thinking={"type": "disabled"}, extra_body=EXTRAS)
+        body = fake.requests[-1].body
+        assert "reasoning" not in body and body["reasoning_effort"] == "none"
+        await sent(kind="groq", thinking=enabled)
+        assert "reasoning" not in fake.requests[-1].body
     finally:
         client.close()
         await gw.service.stopService()

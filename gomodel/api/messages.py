@@ -77,6 +77,10 @@ VLLM_CHAT_TYPES = frozenset(("vllm",))
 # Provider types, besides vLLM, whose chat completions take any reasoning_effort and ignore it for a model that does
 # not reason: Messages' output_config.effort and thinking disabled ("none") go to them as that (others refuse it).
 REASONING_EFFORT_TYPES = frozenset(("openrouter",))
+# Provider types whose chat completions bound the reasoning by reasoning.max_tokens (OpenRouter's, which it passes to
+# Anthropic's models as their budget): thinking's budget_tokens goes to them as that, and without the effort (one or
+# the other, OpenRouter's documentation says).
+REASONING_BUDGET_TYPES = frozenset(("openrouter",))
 # Provider types, besides vLLM, whose chat completions take past turns' thinking back (an assistant message's
 # reasoning_content): DeepSeek's thinking mode refuses a conversation without it ("must be passed back").
 REASONING_BACK_TYPES = frozenset(("deepseek",))
@@ -449,7 +453,8 @@ def prefilled(body) -> bool:
 def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
     """The translated chat body C{chat} (L{messages_to_chat}'s) as C{provider} takes it: with vLLM's fields
     (C{extras}, L{vllm_fields}) for a vLLM, else without them (L{without_vllm_fields}; past thinking kept for
-    the types of L{REASONING_BACK_TYPES}, the effort for those of L{REASONING_EFFORT_TYPES}) but the client's own
+    the types of L{REASONING_BACK_TYPES}, the effort for those of L{REASONING_EFFORT_TYPES}, C{thinking}'s budget
+    as C{reasoning.max_tokens} for those of L{REASONING_BUDGET_TYPES}) but the client's own
     C{top_k} and C{chat_template_kwargs} (C{passed}, L{passed_fields}), which go to every provider but OpenAI
     (L{OPENAI_TYPES}, which refuses them), as on the chat route; its C{max_tokens} as C{max_completion_tokens} for
     the types of L{MAX_COMPLETION_TYPES}; its tool call ids short for the types of L{SHORT_ID_TYPES}
@@ -460,6 +465,9 @@ def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
                                 effort=provider.type in REASONING_EFFORT_TYPES)
     if passed and provider.type not in OPENAI_TYPES:
         other.update(passed)
+    if "thinking_token_budget" in extras and provider.type in REASONING_BUDGET_TYPES:
+        other.pop("reasoning_effort", None)
+        other["reasoning"] = {"max_tokens": extras["thinking_token_budget"]}
     if provider.type in MAX_COMPLETION_TYPES:
         other["max_completion_tokens"] = other.pop("max_tokens")
     if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids, 46 characters, are too long for OpenAI)
