@@ -405,7 +405,8 @@ async def test_a_clients_chat_template_kwargs_go_where_the_chat_route_sends_them
         sent = {}
         for kind in ("openai", "openrouter", "groq", "deepseek", "ollama", "vllm"):
             await in_thread(client.messages.create, model=f"{kind}/{CHAT_MODEL}", max_tokens=2000, messages=HELLO,
-                            extra_body={"chat_template_kwargs": own}, thinking={"type": "enabled", "budget_tokens": 1024})
+                            extra_body={"chat_template_kwargs": own},
+                            thinking={"type": "enabled", "budget_tokens": 1024})
             sent[kind] = (vllm if kind == "vllm" else fake).requests[-1].body
         assert "chat_template_kwargs" not in sent.pop("openai")
         assert sent.pop("vllm")["chat_template_kwargs"] == dict(own, enable_thinking=True)

@@ -4,8 +4,9 @@ Routed by model like every inference route (provider-qualified, virtual or
 bare unique ids). A provider that serves Messages itself (vLLM) gets the
 request natively: the body as the client sent it but its C{model}, the answer
 relayed byte for byte, a stream through L{MessagesStreamObserver} (which only
-notes usage and the end), but the thinking text of a request that asks to omit it
-(C{thinking.display} C{"omitted"}: vLLM sends it all the same). Any other provider, and a vLLM whose server answers
+notes usage and the end), but the thinking text of a request that asks to omit
+it (C{thinking.display} C{"omitted"}: vLLM sends it all the same). Any other
+provider, and a vLLM whose server answers
 that it has no Messages API, gets it translated to chat completions and back
 (L{gomodel.anthropic.translate}); the gateway then remembers, per provider
 and model, not to ask natively for L{NO_NATIVE_TTL} seconds. A request with
