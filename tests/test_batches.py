@@ -201,6 +201,30 @@ async def test_a_batch_names_its_model_when_its_lines_name_one(sdk, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_lines_provider_hint_chooses_its_provider_as_online(reactor, fake, tmp_path):
+    """A line's C{provider} (GoModel's routing hint) routes its bare id as an online request's does: validated
+    as that provider's model (the batch's C{model}), sent there without it; one that is not a string fails
+    validation."""
+    from tests.support import start_fake
+    b = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "VLLM_B_BASE_URL": b.base_url,
+                                       "GOMODEL_MASTER_KEY": KEY, "GOMODEL_DATA_DIR": str(tmp_path)})
+    sdk = openai_client(gw, KEY, timeout=20)
+    try:
+        batch = await finished(gw, sdk, (await start_batch(sdk, [chat_line("a", model=UPSTREAM_MODEL,
+                                                                            provider="vllm-b")])).id)
+        assert (batch.status, batch.model) == ("completed", "vllm-b/" + UPSTREAM_MODEL)
+        [sent] = [r for r in b.requests if r.path == b"/v1/chat/completions"]
+        assert sent.body["model"] == UPSTREAM_MODEL and "provider" not in sent.body
+        assert not [r for r in fake.requests if r.path == b"/v1/chat/completions"]
+        bad = await finished(gw, sdk, (await start_batch(sdk, [chat_line("a", provider=1)])).id)
+        assert bad.status == "failed" and bad.errors.data[0].code == "invalid_type"
+        assert bad.errors.data[0].param == "body.provider"
+    finally:
+        await stop_all(gw, b, clients=(sdk,))
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_responses_batch_lines_responses_are_kept_as_online_ones_are(http, gw):
     """A C{/v1/responses} line's response is kept by the gateway, as an online create's is (unless the line says
     C{"store": false}): it is retrieved, its input items listed, and a managed key of the batch's tenant continues

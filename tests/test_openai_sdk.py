@@ -111,3 +111,51 @@ async def test_sdk_hears_an_upstream_that_dropped_the_request_closed_it_not_that
                         extra_body={"fake_drop": True})
     assert raised.value.status_code == 502 and raised.value.code == "upstream_unreachable"
     assert raised.value.body["message"] == "The upstream provider 'vllm' closed the connection before it answered."
+
+
+BARE = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_provider_field_chooses_the_provider_and_never_goes_upstream(reactor):
+    """GoModel's routing hint: a body's C{provider} (an instance's name, or a type) routes a bare id several
+    providers serve, on chat, completions, responses and embeddings; it is taken off the body sent. It is
+    authoritative: a model qualified with another provider is an id at the named one (not served there: 404).
+    A provider nobody configured is 400 C{invalid_value}, one that is not a string 400 C{invalid_type}."""
+    from tests.support import start_fake, stop_all
+    a, b = await start_fake(reactor), await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": a.base_url, "VLLM_B_BASE_URL": b.base_url,
+                                       "GOMODEL_MASTER_KEY": "sdk-key"})
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sdk-key", max_retries=0, timeout=10)
+    try:
+        calls = {
+            "/v1/chat/completions": lambda model, hint: client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3, extra_body=hint),
+            "/v1/completions": lambda model, hint: client.completions.create(
+                model=model, prompt="hi", max_tokens=3, extra_body=hint),
+            "/v1/responses": lambda model, hint: client.responses.create(
+                model=model, input="hi", store=False, extra_body=hint),
+            "/v1/embeddings": lambda model, hint: client.embeddings.create(model=model, input="hi", extra_body=hint),
+        }
+        for path, call in calls.items():
+            with pytest.raises(openai.BadRequestError) as raised:  # (no hint: the bare id is ambiguous)
+                await in_thread(call, BARE, None)
+            assert raised.value.code == "ambiguous_model"
+            for fake, model, hint in ((b, BARE, "vllm-b"), (a, BARE, "vllm"), (b, "vllm-b/" + BARE, "vllm-b"),
+                                      (a, BARE, " vllm ")):
+                before = len(fake.requests)
+                await in_thread(call, model, {"provider": hint})
+                [seen] = [r for r in fake.requests[before:] if r.path == path.encode()]
+                assert seen.body["model"] == BARE and "provider" not in seen.body, (path, hint)
+            with pytest.raises(openai.NotFoundError) as raised:  # (the hint wins: "vllm/..." is an id at vllm-b)
+                await in_thread(call, "vllm/" + BARE, {"provider": "vllm-b"})
+            assert raised.value.code == "model_not_found"
+            with pytest.raises(openai.BadRequestError) as raised:
+                await in_thread(call, BARE, {"provider": "nope"})
+            assert (raised.value.code, raised.value.param) == ("invalid_value", "provider")
+            assert "'nope'" in raised.value.message
+            with pytest.raises(openai.BadRequestError) as raised:
+                await in_thread(call, BARE, {"provider": ["vllm"]})
+            assert (raised.value.code, raised.value.param) == ("invalid_type", "provider")
+    finally:
+        await stop_all(gw, a, b, clients=(client,))

@@ -12,7 +12,7 @@ from functools import partial
 from gomodel import jsonutil
 from gomodel.accounting.tokens import without_max_tokens
 from gomodel.api.uploads import Form
-from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound, NotSupported
+from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound, NotSupported, shown
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UpstreamCall, UsageTap
@@ -413,12 +413,13 @@ def plan_model(registry, body, affinity_of=None, principal=None):
     C{/v1/models} lists them) left out; a first choice that is passed over put after the others that are not
     (L{gomodel.routing.registry.ready_first}: a failover rule's model out of quota, say).
 
-    @raise InvalidRequest: no model named (or not a string).
+    @raise InvalidRequest: no model named (or not a string); a C{provider} hint that names no provider
+        (L{requested}).
     @raise gomodel.errors.ModelNotFound: nobody serves it.
     @raise AmbiguousModel: several providers the key may use serve the bare id.
     @raise ModelAccessDenied: the key may not use it.
     """
-    name = _model_of(body)
+    name = requested(registry, body)
     try:
         routes = registry.plan(name, affinity_of)
     except AmbiguousModel as ambiguous:
@@ -455,12 +456,13 @@ def plan_model(registry, body, affinity_of=None, principal=None):
 def resolve_model(registry, body, principal=None):
     """The L{gomodel.routing.registry.Route} for C{body["model"]}.
 
-    @raise InvalidRequest: no model named (or not a string).
+    @raise InvalidRequest: no model named (or not a string); a C{provider} hint that names no provider
+        (L{requested}).
     @raise gomodel.errors.ModelNotFound: nobody serves it.
     @raise AmbiguousModel: several providers the key may use serve the bare id.
     @raise ModelAccessDenied: the key may not use it.
     """
-    name = _model_of(body)
+    name = requested(registry, body)
     try:
         route = registry.resolve(name)
     except AmbiguousModel as ambiguous:
@@ -580,6 +582,42 @@ def qualified(route) -> str:
 _EXAMPLE_MODEL = "'vllm/meta-llama/Llama-3.1-8B-Instruct'"
 # JSON's name for what a 'model' that is not a string is
 _JSON_TYPES = ((bool, "a boolean"), ((int, float), "a number"), (list, "an array"), (dict, "an object"))
+
+
+def requested(registry, body) -> str:
+    """The selector C{body} asks for: its C{model}; with a C{provider} (GoModel's routing hint: an instance's
+    name or a provider type; taken off C{body}, never sent upstream) the model at that provider, C{provider/model}
+    (a C{model} already qualified with it kept as it is; one qualified with another provider is an id at this
+    one: the hint wins), which becomes C{body["model"]} (the name the request is recorded under). A C{null} or
+    blank C{provider} is no hint.
+
+    @raise InvalidRequest: no model named (or not a string); a C{provider} that is not a string
+        (C{invalid_type}) or names no configured provider (C{invalid_value}).
+    """
+    name = _model_of(body)
+    if "provider" not in body:
+        return name
+    hint = body.pop("provider")
+    if hint is None:
+        return name
+    if not isinstance(hint, str):
+        raise InvalidRequest("'provider' must be a string: a configured provider's name or type.",
+                             param="provider", code="invalid_type")
+    hint = hint.strip()
+    if not hint:
+        return name
+    if registry.provider(hint) is None:
+        raise InvalidRequest(f"The provider '{shown(hint)}' is not configured: 'provider' must name a configured "
+                             "provider (its name or type). GET /v1/models lists the models of each.",
+                             param="provider", code="invalid_value")
+    selector = body["model"] = hinted(name, hint)
+    return selector
+
+
+def hinted(model, hint) -> str:
+    """C{model} at provider C{hint} (a stripped, non-blank C{provider}): C{hint/model}, unless C{model} already
+    begins so (L{requested})."""
+    return model if model.startswith(hint + "/") else f"{hint}/{model}"
 
 
 def _model_of(body) -> str:

@@ -4,6 +4,7 @@ import re
 from typing import NamedTuple, Optional
 
 from gomodel import jsonutil
+from gomodel.api.inference import hinted
 from gomodel.config.parsers import positive_duration
 from gomodel.errors import shown
 
@@ -66,6 +67,12 @@ def check_line(raw, number: int, endpoint: str):
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         return LineError("missing_model", "The 'body' of each line needs a 'model'.", "body.model", number)
+    hint = body.get("provider")  # (GoModel's routing hint: the line's model is the one at that provider)
+    if hint is not None and not isinstance(hint, str):
+        return LineError("invalid_type", "'provider' must be a string: a configured provider's name or type.",
+                         "body.provider", number)
+    if hint is not None and hint.strip():
+        model = hinted(model, hint.strip())
     if body.get("stream") not in (None, False):
         return LineError("streaming_unsupported", "Batch requests cannot stream: remove 'stream'.",
                          "body.stream", number)
