@@ -133,6 +133,26 @@ def fake_name(gw):
     return gw.service.config.upstreams.providers[0].base_url
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_pages_path_with_a_trailing_slash_redirects_to_the_page(http, gw):
+    """C{/admin/dashboard/<page>/} (a bookmark, a typed URL) is a 308 to C{/admin/dashboard/<page>}, its query kept,
+    with no key: the page's path is the app's (it opens the page its path names); another name with a slash is a
+    404 (with the key; without one, a 401 as every closed path)."""
+    _, shell = await get(http, gw.url + "/admin/dashboard")
+    for page in PAGES:
+        for query in ("", "?from=bookmark"):
+            response = await http.get(f"{gw.url}/admin/dashboard/{page}/{query}", allow_redirects=False)  # no key
+            await treq.content(response)
+            assert response.code == 308, page
+            assert header(response, "location") == f"/admin/dashboard/{page}{query}"
+            secure(response)
+        response, body = await get(http, f"{gw.url}/admin/dashboard/{page}/")  # (followed: the page)
+        assert (response.code, body) == (200, shell)
+    response, body = await get(http, gw.url + "/admin/dashboard/nope/", ADMIN)
+    assert response.code == 404 and json.loads(body)["error"]["code"] == "not_found"
+    assert (await get(http, gw.url + "/admin/dashboard/nope/"))[0].code == 401
+
+
 @pytest.mark.parametrize("path", ["/admin/static/../api/v1/auth-keys", "/admin/static/%2e%2e/api/v1/auth-keys",
                                   "/admin/static//api/v1/auth-keys", "/admin/static/.hidden",
                                   "/admin/dashboardx", "/admin/api/v1/providers/status"])

@@ -130,10 +130,13 @@ class GatewayApp:
 
     @app.route("/admin/dashboard/<page>", methods=["GET"])
     def dashboard_page(self, request, page):
-        """The same page at one of its pages' paths (GoModel's C{/admin/dashboard/usage}): the app opens that one."""
+        """The same page at one of its pages' paths (GoModel's C{/admin/dashboard/usage}): the app opens that one;
+        with a trailing slash, a redirect to it."""
         dashboard = self._dashboard_or_404(request)
         if page not in PAGES:
             raise errors.NotFound(f"No dashboard page '{errors.shown(page)}' (its pages: {', '.join(PAGES)}).")
+        if request.path.endswith(b"/"):
+            return dashboard.to_page(request, page)
         return dashboard.shell(request)
 
     @app.route("/admin/static/<path:name>", methods=["GET"])

@@ -1,7 +1,7 @@
 """The admin dashboard's shell and static assets, read once from the package and served from memory.
 
 The shell (C{/admin/dashboard}, and C{/admin/dashboard/<page>} for each of
-L{PAGES}) and the assets (C{/admin/static/...}) hold no data and need no key (the shell says whether the gateway is open, with no
+L{PAGES}, where C{/admin/dashboard/<page>/} redirects) and the assets (C{/admin/static/...}) hold no data and need no key (the shell says whether the gateway is open, with no
 master key: C{<html data-open-gateway>}, as anyone can find out there); the
 page asks the admin API for everything, with the master key the operator
 pasted (kept in the tab's C{sessionStorage}). Every URL of an asset carries C{?v=<version>}, a hash of all the assets' contents,
@@ -24,7 +24,9 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # The app's pages (app.js's PAGES), each also served at C{/admin/dashboard/<page>} as GoModel's dashboard serves its
 # own (bookmarks of them open that page).
 PAGES = ("overview", "providers", "usage", "keys", "budgets", "batches")
-SHELL_PATHS = ("/admin/dashboard", "/admin/dashboard/") + tuple(f"/admin/dashboard/{page}" for page in PAGES)
+# (C{/admin/dashboard/<page>/} redirects to its page: L{Dashboard.to_page})
+SHELL_PATHS = ("/admin/dashboard", "/admin/dashboard/") + tuple(
+    path for page in PAGES for path in (f"/admin/dashboard/{page}", f"/admin/dashboard/{page}/"))
 STATIC_PREFIX = "/admin/static/"
 SHELL = "index.html"
 CSP = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -87,6 +89,15 @@ class Dashboard:
         """The page (C{GET /admin/dashboard}): never cached, so it always names the current assets."""
         _headers(request, CONTENT_TYPES[".html"], b"no-cache", len(self._shell))
         return self._shell
+
+    def to_page(self, request, page: str) -> bytes:
+        """A 308 from C{/admin/dashboard/<page>/} to C{/admin/dashboard/<page>} (one of L{PAGES}), its query kept:
+        the app opens the page its path names, and only the path without the slash."""
+        query = request.uri.partition(b"?")[2]
+        request.setResponseCode(308)
+        request.setHeader(b"location", b"/admin/dashboard/" + page.encode("ascii") + (b"?" + query if query else b""))
+        _headers(request, b"text/plain; charset=utf-8", b"no-cache", 0)
+        return b""
 
     def asset(self, request, name: str) -> bytes:
         """One asset (C{GET /admin/static/<name>}): cached for a year when asked for with the current C{v}.
