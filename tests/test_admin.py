@@ -465,7 +465,7 @@ async def test_the_summary_and_the_timeseries_take_format_as_the_other_usage_vie
         "2", "1", str(series["data"][-1]["duration_ms_p95"]))
     assert list(rows[0]) == list(series["data"][0])
     for path in ("summary?format=xml", "summary?format=CSV", "timeseries?format=garbage",
-                 "timeseries?window=month&format=json,csv"):
+                 "timeseries?window=month&format=json,csv", "summary?format=", "log?format=", "models?format=&days=7"):
         response, body = await get(http, ledger, "/admin/api/v1/usage/" + path)
         error = json.loads(body)["error"]
         assert (response.code, error["param"], error["code"]) == (400, "format", "invalid_value"), (path, error)

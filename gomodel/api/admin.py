@@ -322,8 +322,8 @@ def _runs(edges) -> list:
 
 
 def _wants_csv(request) -> bool:
-    """Whether C{format} is C{csv} (absent or C{json}: JSON)."""
-    answer = query_arg(request, b"format", "json")
+    """Whether C{format} is C{csv} (absent or C{json}: JSON; empty, C{format=}, is no format: refused)."""
+    answer = query_arg(request, b"format", "json") if request.args.get(b"format") != [b""] else ""
     if answer not in ("json", "csv"):
         raise InvalidRequest("format must be json or csv.", param="format", code="invalid_value")
     return answer == "csv"
