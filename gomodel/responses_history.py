@@ -135,18 +135,30 @@ async def gone_previous(store, previous_id, principal) -> InvalidRequest:
                           code="previous_response_not_found")
 
 
-def no_chosen_id(body: dict, principal):
-    """Refuse a managed key's Responses create naming the id of the response it makes: vLLM makes it of the
-    body's C{request_id}, so naming another tenant's response would replace it, at its instance and in the
-    gateway's store (its tenant kept), and that tenant's next turn would continue what this key wrote. The
-    master key's goes as it came.
+async def no_chosen_id(store, body: dict, principal):
+    """Refuse a Responses create (C{body}, which has a C{request_id}) naming the id of the response it makes
+    where that could replace another tenant's: vLLM makes it of the body's C{request_id}, so naming another
+    tenant's response would replace it at its instance (the gateway's record kept, its content the other
+    key's), and that tenant's next turn would continue what the other key wrote. A managed key's is refused
+    (it could name any tenant's); the master key's (an open gateway's) where C{store} (the stored responses, or
+    None) holds a managed key's tenant's response of that id: its own, or one nobody holds, goes as it came.
 
-    @raise InvalidRequest: C{request_id} in a managed key's C{body} (C{unsupported_value}).
+    @return: a Deferred (a coroutine) firing with None once the id is free to choose.
+    @raise InvalidRequest: a managed key's C{request_id} (C{unsupported_value}); the master key's naming a
+        tenant's response (C{invalid_value}).
     """
-    if "request_id" in body and principal is not None and not principal.master:
+    if principal is not None and not principal.master:
         raise InvalidRequest("request_id names the response an upstream makes: a managed key cannot choose it "
                              "(another tenant's response could have it).", param="request_id",
                              code="unsupported_value")
+    chosen = body["request_id"]
+    if store is None or chosen.__class__ is not str or not chosen:
+        return
+    record = await store.get(chosen)
+    if record is not None and record.get("tenant") is not None:
+        raise InvalidRequest(f"request_id names the response an upstream makes, and '{shown(chosen)}' is a managed "
+                             "key's: its instance would replace it with this one. Choose another.",
+                             param="request_id", code="invalid_value")
 
 
 async def continued(store, previous_id: str, principal):

@@ -72,6 +72,8 @@ CLIENT_ROUTES = frozenset((
 
 # The field of a Responses body continuing a stored response (looked for before a body is read as JSON).
 _B_PREVIOUS = b'"previous_response_id"'
+# The field of a Responses create naming the id of the response it makes (L{no_chosen_id}; looked for so too).
+_B_REQUEST_ID = b'"request_id"'
 
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
 # (the gateway's own headers stay here; OpenAI-Organization and OpenAI-Project pick within the provider key's
@@ -158,7 +160,7 @@ class Passthrough:
             await self._owned(principal, request.method, target.bare, body)
             if body is not None and provider.type in SALTED_PROVIDER_TYPES:
                 body = self._keyed(body, principal, provider, route)
-        elif body is not None and self._responses is not None and _B_PREVIOUS in body:
+        elif body is not None and self._responses is not None and (_B_PREVIOUS in body or _B_REQUEST_ID in body):
             await self._continues_kept(principal, route, body)
         model, ctx.asked_stream = served_model(body, provider)
         if model is not None:
@@ -207,14 +209,15 @@ class Passthrough:
                 raise not_json(body, e) from None
             if fields.__class__ is not dict:
                 return
-            if len(parts) == 1:
-                no_chosen_id(fields, principal)
+            if len(parts) == 1 and "request_id" in fields:
+                await no_chosen_id(self._responses, fields, principal)
             await self._follows_kept(principal, fields)
 
     async def _continues_kept(self, principal, route, body):
         """Refuse the master key's (an open gateway's) C{body} to C{route} continuing a response deleted through
         the gateway, or one following such a response (L{_follows_kept}), on C{responses} and the routes below
-        it that name no response; a body that is no JSON object goes as it came."""
+        it that name no response, or a create naming a tenant's response's id (L{no_chosen_id}); a body that is
+        no JSON object goes as it came."""
         parts = route.split("/")
         if parts[0] != "responses" or len(parts) > 1 and parts[1] not in RESPONSES_ROUTES:
             return
@@ -223,6 +226,8 @@ class Passthrough:
         except jsonutil.JSONError:
             return
         if fields.__class__ is dict:
+            if len(parts) == 1 and "request_id" in fields:
+                await no_chosen_id(self._responses, fields, principal)
             await self._follows_kept(principal, fields)
 
     async def _follows_kept(self, principal, fields):

@@ -98,7 +98,8 @@ class ResponsesRoute:
                 check_metadata(body["metadata"])
             except ValueError as e:
                 raise errors.InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
-        no_chosen_id(body, ctx.principal)
+        if "request_id" in body:
+            await no_chosen_id(self._store, body, ctx.principal)
         if background is True:  # (a drain out of time waits for its answer: L{gomodel.lifecycle.BACKGROUND_GRACE})
             request.background = True
         previous = await self._previous(body, ctx.principal)

@@ -552,8 +552,8 @@ class BatchRunner(Service):
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
             prefer = unheld = again = answer = None  # answer: what makes a successful answer the line's (None:
             sending = payload  # it is, as it came); sending: the line's body as it goes upstream
-            if path == "/responses":
-                no_chosen_id(payload, job.principal)
+            if path == "/responses" and "request_id" in payload:
+                await no_chosen_id(self._responses, payload, job.principal)
             if path == "/responses" and payload.get("previous_response_id") is not None:
                 previous = await self._previous(payload, job.principal)
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
