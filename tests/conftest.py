@@ -60,6 +60,7 @@ from treq.client import HTTPClient  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from tests.support import AccessRecords, openai_client, start_fake, start_gateway  # noqa: E402
+from tests.utc_day import pytest_configure, pytest_runtest_protocol  # noqa: E402,F401 (the utc_day mark's hooks)
 
 
 @pytest_twisted.async_yield_fixture()

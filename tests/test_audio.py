@@ -284,6 +284,7 @@ async def test_a_fallback_to_another_providers_type_gets_its_own_stream_handling
         await stop_all(gw, a, b)
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_transcription_billed_in_seconds_records_and_prices_them(reactor, http, tmp_path):
     # OpenAI's whisper (and vLLM's) usage is {"type": "duration", "seconds": N}: it was recorded as 0 tokens, with

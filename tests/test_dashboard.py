@@ -340,6 +340,7 @@ def test_a_timeseries_day_that_daylight_saving_time_made_25_hours_long_is_one_bu
     assert {datetime.fromtimestamp(t, kathmandu).minute for t in _edges(now, 3600.0, 24, kathmandu)} == {0}
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_key_budgets_show_what_they_spent_this_period(http, gw):
     code, key = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "<img src=x onerror=alert(1)>",

@@ -287,6 +287,7 @@ async def test_numbers_past_a_float_are_400s_on_create_and_update(http, gw, text
     assert code == 200 and [k["id"] for k in listed["data"]] == [key["id"]]
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_reading_what_budgets_spent_keeps_nothing_per_read(http, gw):
     """A listing of the keys, of the budgets by path and a key's own C{/v1/usage} each read what every budget
@@ -338,6 +339,7 @@ async def test_the_key_list_pages_with_limit_and_after(http, gw):
         assert (code, error["error"]["param"], error["error"]["code"]) == (400, param, "invalid_value"), query
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_page_of_keys_reads_its_keys_and_what_their_budgets_spent_in_one_query_each(
         reactor, http, two, storage):
@@ -474,6 +476,7 @@ async def test_a_rotated_key_keeps_its_id_and_what_it_made_under_a_new_secret(re
         await other.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_keys_requests_in_flight_end_as_they_began_whatever_befalls_the_key(reactor, http, gw, two):
     """A request admitted before its key was deactivated, rotated or stripped of its model runs to its end (and is
@@ -554,6 +557,7 @@ async def test_a_raised_rpm_lets_the_next_request_through_at_once(http, gw):
         client.close()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_counting_tokens_takes_nothing_of_a_keys_limits_and_budgets(http, gw):
     """Claude Code counts tokens (C{/v1/messages/count_tokens}) before many of its requests, and a Responses

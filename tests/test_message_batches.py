@@ -453,6 +453,7 @@ async def test_a_vllm_without_the_messages_api_answers_the_lines_translated_as_o
         await stop_all(gw, vllm, clients=(client,))
 
 
+@pytest.mark.utc_day
 async def test_a_line_waiting_for_a_slot_is_refused_by_what_the_lines_before_it_spent(reactor, tmp_path):
     """A key's budget runs out midway: each line is checked once it may be sent (one slot: one at a time), so
     no line goes once the budget is spent; before, a line was checked before it waited for its slot, and went

@@ -61,6 +61,7 @@ async def gw(reactor, fake, tmp_path):
 # -- rate limits -------------------------------------------------------------------------------
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_x_gomodel_user_path_attributes_the_master_keys_requests_to_a_path(reactor, http, fake, tmp_path):
     """GoModel's header: a backend holding the master key attributes each request to its user's path: that
@@ -324,6 +325,7 @@ async def test_a_provider_at_its_limit_is_routed_around(reactor, http, tmp_path)
 # -- budgets -----------------------------------------------------------------------------------
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_token_budget_refuses_the_next_request_once_spent(http, gw):
     key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 40}])
@@ -365,6 +367,7 @@ async def test_a_refusal_no_wait_can_lift_tells_the_sdk_not_to_retry(http, gw, f
             client.close()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_refusal_with_a_long_wait_tells_the_sdks_not_to_sleep_through_it(reactor, http, fake, tmp_path):
     """A daily budget spent, an hourly rate limit reached: C{Retry-After} until the day or the hour ends, with
@@ -430,6 +433,7 @@ async def test_a_cost_budget_by_user_path_set_through_the_admin_api(reactor, htt
         await gw.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_price_keyed_by_the_provider_type_the_client_sends_prices_its_instances(reactor, http, fake, tmp_path):
     """Issue 14: "pricing is keyed by the qualified model as clients send it, vllm/meta-llama/X". A client
@@ -543,6 +547,7 @@ async def test_passthrough_and_batch_lines_count_against_budgets(http, gw, fake)
         await in_thread(raw_chat, openai_client(gw, other["value"]))
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_key_whose_budget_is_spent_cannot_create_a_batch(http, gw, fake):
     """Refused at creation with the interactive routes' answer, in each route's dialect (before: the batch was
@@ -599,6 +604,7 @@ async def test_a_passthrough_stream_without_usage_counts_against_budgets(http, g
     assert response.code == 429 and b"budget_exceeded" in await treq.content(response)
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_gomodels_per_model_metadata_pricing_prices_the_model_and_spends_cost_budgets(reactor, http, fake,
                                                                                             tmp_path):
@@ -630,6 +636,7 @@ async def test_gomodels_per_model_metadata_pricing_prices_the_model_and_spends_c
         await gw.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_passthrough_is_priced_by_the_model_its_provider_serves(reactor, http, fake, tmp_path):
     """A cost budget counts passthrough as it counts /v1 (before, a passthrough had no model, so no price: it
@@ -723,6 +730,7 @@ async def test_a_streamed_background_responses_reservation_stays_taken_when_its_
         await gw.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_is_charged_when_it_is_read_finished(http, gw, fake):
     """Its create's answer (queued) has no usage: the read that finds it finished at its instance records and
@@ -755,6 +763,7 @@ async def _logged(reactor, http, gw, tokens, limit=10.0):
         await deferLater(reactor, 0.1, lambda: None)
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_nobody_reads_is_charged_once_it_is_over(reactor, http, gw, fake):
     """The creating process asks its instance until it is over (before: only a read charged it, so a key
@@ -778,6 +787,7 @@ async def test_a_background_response_nobody_reads_is_charged_once_it_is_over(rea
         client.close()
 
 
+@pytest.mark.utc_day
 @pytest.mark.parametrize("status, usage, recorded", [
     ("failed", {"input_tokens": 19, "output_tokens": 1, "total_tokens": 20}, (502, 20)),
     ("cancelled", None, (499, 0)),
@@ -814,6 +824,7 @@ async def _charged_by_the_next_process(reactor, http, fake, tmp_path, created, k
     return two
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_whose_process_stopped_is_charged_by_the_one_that_adopts_it(reactor, http,
                                                                                                   fake, tmp_path):
@@ -863,6 +874,7 @@ async def test_a_background_create_awaiting_its_answer_when_the_drain_runs_out_i
     await two.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_read_by_the_master_key_is_charged_to_the_key_that_made_it(
         reactor, http, gw, fake):
@@ -880,6 +892,7 @@ async def test_a_background_response_read_by_the_master_key_is_charged_to_the_ke
         master.close()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_reads_of_a_background_response_at_once_charge_it_once(reactor, http, gw, fake, monkeypatch):
     """Reads that come while one asks its instance share that one's answer: one of them finds it finished and
@@ -969,6 +982,7 @@ async def redis_pair(reactor, fake, tmp_path):
             await two.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_two_gateways_on_redis_share_one_limit_exactly(http, redis_pair):
     one, two = redis_pair
@@ -1056,6 +1070,7 @@ async def test_a_sequential_client_behind_a_round_robin_balancer_is_never_refuse
             await proxy.close()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_sequential_client_spends_its_budget_on_redis_before_its_next_check(reactor, http, fake, tmp_path):
     """A request's budget charge goes to Redis in a thread after its answer went out: the next request's check,
@@ -1081,6 +1096,7 @@ async def test_a_sequential_client_spends_its_budget_on_redis_before_its_next_ch
             await proxy.close()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_budget_seeded_again_while_a_charge_is_on_its_way_to_redis_counts_it_once(
         reactor, http, fake, tmp_path):
@@ -1130,6 +1146,7 @@ async def test_a_refresh_that_fails_unexpectedly_answers_the_stored_response(htt
         client.close()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_deleted_while_it_runs_is_charged_once_it_is_over(reactor, http, gw, fake):
     """A DELETE forgets the gateway's copy, not the run at its instance: the creating process still asks the
@@ -1162,6 +1179,7 @@ async def test_x_gomodel_user_path_sent_twice_differently_is_a_400_naming_it(htt
     assert (await http.get(gw.url + "/v1/models", headers=headers)).code == 200
 
 
+@pytest.mark.utc_day
 @pytest.mark.parametrize("redis", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(reactor, http, fake, tmp_path, redis,
@@ -1229,6 +1247,7 @@ async def test_gomodels_budget_resets_count_a_period_from_then_on_every_process(
             await gateway.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest.mark.parametrize("redis", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_keys_own_budgets_are_reset_through_the_admin_api_on_every_process(reactor, http, fake, tmp_path,
@@ -1293,6 +1312,7 @@ async def test_a_keys_own_budgets_are_reset_through_the_admin_api_on_every_proce
             await gateway.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest.mark.parametrize("redis", [False, True])
 @pytest.mark.parametrize("kind", ["key", "path"])
 @pytest_twisted.ensureDeferred
@@ -1360,6 +1380,7 @@ async def test_x_gomodel_user_path_attributes_an_open_gateways_requests_to_a_pat
         await gateway.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_root_budget_and_limit_hold_for_managed_keys_without_a_path(reactor, http, fake, tmp_path):
     """A key without a user path is at the root: C{/}'s budget and rate limit hold for it, and a restarted
@@ -1396,6 +1417,7 @@ async def test_a_root_budget_and_limit_hold_for_managed_keys_without_a_path(reac
         await gateway.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_restarted_gateway_admits_nothing_before_it_read_the_budgets_set_through_the_admin_api(
         reactor, http, fake, tmp_path, monkeypatch):
@@ -1577,6 +1599,7 @@ async def test_a_keys_budget_reset_and_a_patch_of_its_budgets_at_once_lose_neith
         assert (daily["max_tokens"], daily["last_reset_at"] is not None) == (50 + n, True), (n, view)
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_keys_budget_removed_and_set_again_keeps_its_reset(http, gw):
     """A key's budget reset is kept while its period runs, whatever edits of the budgets come between: one
@@ -1601,6 +1624,7 @@ async def test_a_keys_budget_removed_and_set_again_keeps_its_reset(http, gw):
         client.close()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_reset_budgets_period_start_is_its_reset(http, gw):
     """After a reset, a budget's C{period_start} is the reset's time (C{last_reset_at}), from which what it shows
@@ -1651,6 +1675,7 @@ async def test_a_reset_from_a_past_period_is_still_its_last_reset_but_no_longer_
     assert daily["period_start"].endswith("T00:00:00Z")
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_stream_left_early_is_charged_an_estimate_of_its_prompt(reactor, http, gw, fake):
     """A chat or completions stream cut before its usage chunk is charged its prompt, estimated from the
@@ -1694,6 +1719,7 @@ async def test_a_stream_left_early_is_charged_an_estimate_of_its_prompt(reactor,
     assert view["budgets"][0]["spent_tokens"] == left + usage["total_tokens"]
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_request_left_before_its_answer_is_charged_an_estimate_of_its_prompt(reactor, http, gw, fake):
     """A request whose client left while the upstream worked on it (a whole answer not come yet, a stream
@@ -1718,6 +1744,7 @@ async def test_a_request_left_before_its_answer_is_charged_an_estimate_of_its_pr
     assert view["budgets"][0]["spent_tokens"] == 2 * 6001
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_request_its_upstream_never_answered_is_charged_an_estimate_of_its_prompt(reactor, http, fake,
                                                                                            tmp_path):
@@ -1758,6 +1785,7 @@ async def test_a_request_its_upstream_never_answered_is_charged_an_estimate_of_i
         await replica.stop()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_batch_line_its_upstream_never_answered_is_charged_an_estimate_of_its_prompt(reactor, http, fake,
                                                                                                tmp_path):
@@ -1838,6 +1866,7 @@ async def test_batch_creation_and_a_keys_other_refusals(http, gw, fake):
 
 
 
+@pytest.mark.utc_day
 @pytest.mark.parametrize("redis", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_streamed_background_response_whose_client_leaves_is_charged_once(reactor, http, fake, tmp_path,
@@ -1884,6 +1913,7 @@ async def test_a_streamed_background_response_whose_client_leaves_is_charged_onc
         await gw.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest.mark.parametrize("redis", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_batchs_lines_in_flight_at_once_cannot_overshoot_its_keys_budget(reactor, http, fake, tmp_path,

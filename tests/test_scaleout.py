@@ -374,6 +374,7 @@ async def test_a_key_made_on_a_works_on_b_at_its_first_request(reactor, http, pa
             client.close()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_running_batch_follows_its_key_as_edited_and_deactivated_on_the_other_host(
         reactor, http, pair, fake, pg_database):
@@ -436,6 +437,7 @@ async def test_usage_from_both_gateways_is_in_one_summary(reactor, http, pair, f
     assert summary["requests"] == 5 and summary["total_tokens"] > 0
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_without_redis_a_budget_spent_on_a_is_spent_on_b_once_the_ledger_has_it(reactor, http, pair):
     """Two hosts on PostgreSQL without Redis: each counts a budget in its own sum, raised every second to what
@@ -535,6 +537,7 @@ async def test_rpm_limits_with_redis_hold_across_both_gateways(reactor, http, fa
         await b.service.stopService()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_budget_with_redis_counts_what_the_ledger_holds_and_survives_redis_losing_it(
         reactor, http, fake, pg_database, tmp_path, shared_redis):
@@ -632,6 +635,7 @@ async def _stop_hosts(server, a, b, sdks):
     server.stop()
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_budget_counts_what_was_spent_while_redis_could_not_be_reached(reactor, http, fake, pg_database,
                                                                                tmp_path):
@@ -658,6 +662,7 @@ async def test_a_budget_counts_what_was_spent_while_redis_could_not_be_reached(r
         await _stop_hosts(server, a, b, sdks)
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_spent_budget_holds_on_every_host_while_redis_cannot_be_reached(reactor, http, fake, pg_database,
                                                                                 tmp_path):
@@ -679,6 +684,7 @@ async def test_a_spent_budget_holds_on_every_host_while_redis_cannot_be_reached(
         await _stop_hosts(server, a, b, sdks)
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_budget_removed_and_given_again_counts_what_was_spent_meanwhile(reactor, http, fake, pg_database,
                                                                                 tmp_path, shared_redis):

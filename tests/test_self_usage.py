@@ -130,6 +130,7 @@ async def _subtree_budgets_and_limits(http, gw):
     assert by_scope(again["rate_limits"], "path:/team")["requests_used"] == 4
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_the_master_key_sees_everything_or_the_path_it_names(http, gw):
     code, _ = await admin(http, gw, "PUT", "/admin/api/v1/budgets",
@@ -292,6 +293,7 @@ async def test_an_unreadable_usage_store_is_a_503(http, gw, monkeypatch):
     assert error["message"] == "The usage ledger could not be read. The gateway's log says why."
 
 
+@pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_with_redis_the_counters_are_read_from_redis(http, redis_pair):
     one, two = redis_pair
