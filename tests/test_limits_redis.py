@@ -1036,3 +1036,44 @@ async def test_a_budget_reservation_cancelled_while_redis_answers_is_given_back(
         counters.stop()
         counters._redis.close()
         await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sum_seeded_again_keeps_the_reservations_of_the_requests_in_flight(reactor, make, client, prefix):
+    """A sum seeded again (its budgets changed, or it missed charges while Redis was away) where the ledger holds
+    more than it: the ledger does not count the requests in flight, so their reservations are kept on top of its
+    figure. Before, the sum became the ledger's figure: their reservations were lost, a request got past a spent
+    budget, and once they settled the sum undercounted for the rest of the period. A sum that Redis lost while a
+    request was in flight holds none of its reservation once seeded again: it settles by adding what it used
+    (before, less its reservation: an undercount)."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    book = BudgetBook(make(), clock, seed=lambda scope, since: ledger[scope])
+    scopes = [("key:k", [Budget("daily", max_tokens=100)])]
+    pairs = [("key:k", Budget("daily", max_tokens=100))]
+    flying = await book.reserve(scopes, 40, 0.0)  # in flight: in the sum, not in the ledger
+    ledger["key:k"] = (70, 0.0)  # spent elsewhere where this sum did not count it (e.g. Redis was away)
+    book.renew("key:k")  # seeded again at its next use
+    with pytest.raises(BudgetExceeded):  # 70 written + 40 in flight: spent
+        await book.reserve(scopes, 10, 0.0)
+    assert await book.spent(pairs) == [(110, 0.0)]
+    await book.settle(flying, 35, 0.0)  # it used 35 of its 40
+    await book._counters.written()
+    assert await book.spent(pairs) == [(105, 0.0)]
+    ledger["key:k"] = (105, 0.0)  # (written by now)
+    book.renew("key:k")  # seeded again with nothing in flight: the ledger's figure, nothing counted twice
+    with pytest.raises(BudgetExceeded):
+        await book.check(scopes)
+    assert await book.spent(pairs) == [(105, 0.0)]
+
+    lost = [("key:j", [Budget("daily", max_tokens=100)])]
+    ledger["key:j"] = (0, 0.0)
+    flying = await book.reserve(lost, 30, 0.0)
+    [bucket] = client.keys(prefix + "budget|key:j|*")
+    client.delete(bucket)  # Redis restarted without its data
+    ledger["key:j"] = (10, 0.0)
+    await book.check(lost)  # seeded again: 10, nothing in flight there
+    await book.settle(flying, 25, 0.0)
+    await book._counters.written()
+    assert await book.spent([("key:j", Budget("daily", max_tokens=100))]) == [(35, 0.0)]

@@ -1076,12 +1076,12 @@ async def test_a_sequential_client_spends_its_budget_on_redis_before_its_next_ch
     """A request's budget charge goes to Redis in a thread after its answer went out: the next request's check,
     in another thread, could read the sum without it and pass a spent budget. A check now reads after the
     charges of its sums already under way."""
-    from gomodel.limits.counters import _RESERVE, _SPEND_ALL
+    from gomodel.limits.counters import _RESERVE, _SETTLE
     from tests.redis_server import script_sha
 
     with _redis_counters() as env:
         gateway, proxy, client = await _sequential_client_on_a_slow_redis(
-            reactor, http, fake, tmp_path, env, script_sha(_SPEND_ALL), script_sha(_RESERVE),
+            reactor, http, fake, tmp_path, env, script_sha(_SETTLE), script_sha(_RESERVE),
             budgets=[{"period": "daily", "max_tokens": 40}])
         try:
             await in_thread(raw_chat, client)  # 21 tokens
@@ -1104,12 +1104,12 @@ async def test_a_budget_seeded_again_while_a_charge_is_on_its_way_to_redis_count
     larger of the ledger's figure and what it holds; a charge still on its way to Redis, which the ledger
     counts already, was added after that: counted twice (42 of 21). The seed now goes after the charges of its
     sums under way."""
-    from gomodel.limits.counters import _SEED, _SPEND_ALL
+    from gomodel.limits.counters import _SEED, _SETTLE
     from tests.redis_server import script_sha
 
     with _redis_counters() as env:
         gateway, proxy, client = await _sequential_client_on_a_slow_redis(
-            reactor, http, fake, tmp_path, env, script_sha(_SPEND_ALL), script_sha(_SEED),
+            reactor, http, fake, tmp_path, env, script_sha(_SETTLE), script_sha(_SEED),
             budgets=[{"period": "daily", "max_tokens": 1000}])
         try:
             await in_thread(raw_chat, client)  # 21 tokens, its charge held on its way

@@ -31,14 +31,16 @@ before its period was seeded, so L{BudgetBook.record} leaves it to the seed
 
 Shared counters (Redis) keep one sum for every process: the first process
 to seed it sets it (L{gomodel.limits.counters.RedisCounters.seed_all}: the
-larger of the ledger's figure and what the sum holds, then marked seeded),
+larger of what the sum holds and the ledger's figure plus the reservations of
+the requests in flight, which a sum keeps apart too, then marked seeded),
 and the others' seeds change nothing. Every check reads the mark with the
 sums: a sum that Redis lost (a restart without persistence, a flush) is
 seeded again from the ledger, which then holds the truth but for the
 requests other hosts have not written yet (at most C{USAGE_FLUSH_INTERVAL}
 of them); nothing is counted twice. A sum that missed this process's charges
 while Redis could not be reached (it kept its data: a pause, a network cut)
-is seeded again, the larger of what it holds and the ledger's figure, at its
+is seeded again, the larger of what it holds and the ledger's figure (plus the
+reservations in flight), at its
 first use once Redis answers again. So are the sums of a scope whose budgets
 were set, changed or removed (L{BudgetBook.renew}, on every process): a
 budget removed and given again in its period counts what was spent while it
@@ -238,7 +240,7 @@ class BudgetBook:
             if not waiting.called:
                 waiting.callback(result)
             elif result.__class__ is tuple and result[0] == 1:  # (cancelled meanwhile)
-                self._spend(current, -tokens, -cost)
+                self._release(current, tokens, cost)
             return None
 
         reserving.addBoth(answered)
@@ -277,12 +279,17 @@ class BudgetBook:
                     cell[0] -= reservation.tokens
                     cell[1] -= reservation.cost
                 return self.record(current.scopes, tokens, cost, at) if tokens or cost else None
+        shared = self._counters.shared and (reservation.tokens or reservation.cost)
         if at is None or current.first <= at < current.last:
+            if shared:
+                return self._release(current, reservation.tokens, reservation.cost, tokens, cost)
             if tokens == reservation.tokens and cost == reservation.cost:
                 return None
             return self._spend(current, tokens - reservation.tokens, cost - reservation.cost)
         given = None
-        if reservation.tokens or reservation.cost:
+        if shared:
+            given = self._release(current, reservation.tokens, reservation.cost)
+        elif reservation.tokens or reservation.cost:
             given = self._spend(current, -reservation.tokens, -reservation.cost)
         charged = self.record(current.scopes, tokens, cost, at) if tokens or cost else None
         return charged if given is None else given if charged is None else DeferredList([given, charged])
@@ -445,6 +452,14 @@ class BudgetBook:
             self._counters.spend_all_now(items)
             return None
         return self._counters.spend_all(items).addCallback(self._spent, sums)
+
+    def _release(self, current, tokens, cost, used_tokens=0, used_cost=0.0):
+        """Settle a reservation of C{tokens} and C{cost} on shared counters with the C{used_tokens} and C{used_cost}
+        of its request (none: given back): its sums are charged the difference, and it leaves their reservations
+        in flight, which a seed keeps on top of the ledger's figure (it does not count them yet: see
+        L{gomodel.limits.counters.RedisCounters.settle_all})."""
+        items = [(bucket, used_tokens, used_cost, tokens, cost, expires) for bucket, expires in current.sums]
+        return self._counters.settle_all(items).addCallback(self._spent, current.sums)
 
     def _spent(self, _, sums):
         """After a charge of shared C{sums}: where Redis could not be reached (the charge is lost), they are

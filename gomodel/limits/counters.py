@@ -608,26 +608,45 @@ return 0
 """
 
 # A budget sum read from the usage ledger, once: KEYS the sums; ARGV per key: tokens, cost, expires_at or ''.
-# A sum not marked seeded (its field 's') becomes the larger of what it holds and the ledger's figure (the
-# requests recorded since a Redis that lost its data came back are also in the ledger once written: never
-# counted twice), and is marked; a sum already marked is left as it is, unless the last ARGV is '1' (seeded
-# again: sums that missed charges while Redis could not be reached). Returns how many it seeded.
+# A sum not marked seeded (its field 's') becomes the larger of what it holds and the ledger's figure plus the
+# reservations of the requests in flight (fields 'rt' and 'rc', L{_RESERVE}, L{_SETTLE}: the ledger counts them
+# once they end; the requests recorded since a Redis that lost its data came back are also in the ledger once
+# written: never counted twice), and is marked; a sum already marked is left as it is, unless the last ARGV is
+# '1' (seeded again: sums that missed charges while Redis could not be reached, or whose budgets changed).
+# Returns how many it seeded.
 _SEED = """
 local n = 0
 local again = ARGV[3 * #KEYS + 1] == '1'
 for i = 1, #KEYS do
   if redis.call('HSETNX', KEYS[i], 's', 1) == 1 or again then
     n = n + 1
-    if tonumber(ARGV[3 * i - 2]) > tonumber(redis.call('HGET', KEYS[i], 't') or '0') then
-      redis.call('HSET', KEYS[i], 't', ARGV[3 * i - 2])
-    end
-    if tonumber(ARGV[3 * i - 1]) > tonumber(redis.call('HGET', KEYS[i], 'c') or '0') then
-      redis.call('HSET', KEYS[i], 'c', ARGV[3 * i - 1])
-    end
+    local s = redis.call('HMGET', KEYS[i], 't', 'c', 'rt', 'rc')
+    local t = tonumber(ARGV[3 * i - 2]) + tonumber(s[3] or '0')
+    if t > tonumber(s[1] or '0') then redis.call('HSET', KEYS[i], 't', string.format('%.0f', t)) end
+    local c = tonumber(ARGV[3 * i - 1]) + tonumber(s[4] or '0')
+    if c > tonumber(s[2] or '0') then redis.call('HSET', KEYS[i], 'c', string.format('%.17g', c)) end
   end
   if ARGV[3 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[3 * i]) end
 end
 return n
+"""
+
+# Reservations settled (L{RedisCounters.settle_all}): KEYS the sums; ARGV per key: tokens and cost used, tokens and
+# cost reserved, expires_at or ''. What of the reservation a sum still counts in flight ('rt', 'rc': all of it, but
+# where Redis lost the sum since, or a seed with nothing in flight replaced it) leaves the reservations in flight
+# and is taken off the sum, which is charged what was used: the sum is right however it was seeded meanwhile.
+_SETTLE = """
+for i = 1, #KEYS do
+  local s = redis.call('HMGET', KEYS[i], 'rt', 'rc')
+  local rt, rc = tonumber(s[1] or '0'), tonumber(s[2] or '0')
+  local gt, gc = math.min(rt, tonumber(ARGV[5 * i - 2])), math.min(rc, tonumber(ARGV[5 * i - 1]))
+  redis.call('HINCRBY', KEYS[i], 't', string.format('%.0f', tonumber(ARGV[5 * i - 4]) - gt))
+  redis.call('HINCRBYFLOAT', KEYS[i], 'c', string.format('%.17g', tonumber(ARGV[5 * i - 3]) - gc))
+  if rt - gt > 0 then redis.call('HSET', KEYS[i], 'rt', string.format('%.0f', rt - gt)) else redis.call('HDEL', KEYS[i], 'rt') end
+  if rc - gc > 1e-9 then redis.call('HSET', KEYS[i], 'rc', string.format('%.17g', rc - gc)) else redis.call('HDEL', KEYS[i], 'rc') end
+  if ARGV[5 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[5 * i]) end
+end
+return 0
 """
 
 
@@ -635,7 +654,8 @@ return n
 # its largest tokens and cost ('' for none), the tokens and cost to add, expires_at or ''. Where a sum is not marked
 # seeded (lost by Redis, or never seeded) nothing is added: returns {-1}; where one holds its largest already (a
 # budget spent, reservations of the requests in flight counted), nothing either: returns {0, tokens, cost of each
-# key}; else every sum is added to: returns {1}. The last ARGV is '1' where the sums must be marked seeded.
+# key}; else every sum is added to, and its reservations in flight ('rt', 'rc': see L{_SEED}): returns {1}. The
+# last ARGV is '1' where the sums must be marked seeded.
 _RESERVE = """
 local sums = {1}
 local marked = ARGV[5 * #KEYS + 1] == '1'
@@ -651,6 +671,8 @@ if sums[1] == 0 then return sums end
 for i = 1, #KEYS do
   redis.call('HINCRBY', KEYS[i], 't', ARGV[5 * i - 2])
   redis.call('HINCRBYFLOAT', KEYS[i], 'c', ARGV[5 * i - 1])
+  redis.call('HINCRBY', KEYS[i], 'rt', ARGV[5 * i - 2])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'rc', ARGV[5 * i - 1])
   if ARGV[5 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[5 * i]) end
 end
 return {1}
@@ -703,6 +725,7 @@ class RedisCounters(_Forms):
         self._spend = redis.register_script(_SPEND_ALL)
         self._seed = redis.register_script(_SEED)
         self._reserve = redis.register_script(_RESERVE)
+        self._settle = redis.register_script(_SETTLE)
         self._peek = redis.register_script(_PEEK)
         from redis import RedisError
 
@@ -952,6 +975,23 @@ class RedisCounters(_Forms):
     def _spend_sync(self, keys, args):
         self._spend(keys=keys, args=args)
 
+    def settle_all(self, items):
+        """Settle reservations (L{reserve_all}'s): each sum is charged what was used less what it still counts of the
+        reservation, which leaves its reservations in flight (kept by a seed, L{seed_all}; see L{_SETTLE}).
+
+        @param items: C{(bucket, tokens used, cost used, tokens reserved, cost reserved, expires_at)}, as
+            L{spend_all}'s.
+        @return: Deferred firing None.
+        """
+        keys = [self._prefix + bucket for bucket, _, _, _, _, _ in items]
+        args = [x for _, tokens, cost, reserved_tokens, reserved_cost, expires in items
+                for x in (int(tokens), repr(float(cost)), int(reserved_tokens), repr(float(reserved_cost)),
+                          "" if expires is None else int(math.ceil(expires)))]
+        return self._writing(keys, self._run(None, self._settle_sync, keys, args))
+
+    def _settle_sync(self, keys, args):
+        self._settle(keys=keys, args=args)
+
     def spent_all(self, buckets):
         keys = [self._prefix + b for b in buckets]
         return self._after_writes(keys, [(0, 0.0)] * len(buckets), self._spent_sync, keys)
@@ -975,7 +1015,8 @@ class RedisCounters(_Forms):
 
     def seed_all(self, items, again=False):
         """Set budget sums read from the usage ledger, each once for as long as Redis keeps it (see L{_SEED});
-        C{again}: seeded sums too (each the larger of what it holds and the ledger's figure).
+        C{again}: seeded sums too (each the larger of what it holds and the ledger's figure plus the reservations
+        in flight).
 
         @param items: C{(bucket, tokens, cost, expires_at)}, as L{spend_all}'s.
         @return: a Deferred firing with how many it seeded (0 for sums seeded already, or Redis unreachable).
@@ -988,7 +1029,7 @@ class RedisCounters(_Forms):
 
     def reserve_all(self, items, seeded=True):
         """Add to budget sums unless one is spent, in one step (requests reserving at once on several processes
-        cannot all pass a budget with room for one).
+        cannot all pass a budget with room for one); settled by L{settle_all}.
 
         @param items: C{(bucket, max tokens, max cost, tokens, cost, expires_at)}: the largest each sum may hold
             when the reservation comes (None: no such budget), what to add, as L{spend_all}'s.
