@@ -1077,3 +1077,49 @@ async def test_a_sum_seeded_again_keeps_the_reservations_of_the_requests_in_flig
     await book.settle(flying, 25, 0.0)
     await book._counters.written()
     assert await book.spent([("key:j", Budget("daily", max_tokens=100))]) == [(35, 0.0)]
+
+
+class _CountingRedis(redis.Redis):
+    """A Redis client counting the scripts it runs (by SHA1: L{script_sha})."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scripts = []
+
+    def evalsha(self, sha, numkeys, *args):
+        self.scripts.append(sha.encode() if isinstance(sha, str) else sha)
+        return super().evalsha(sha, numkeys, *args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listing_of_many_budgets_seeds_their_shared_sums_in_one_redis_call(reactor, prefix):
+    """A first listing of many keys' budgets (the admin API's, with what each spent) reads their figures from the
+    ledger in one query, and sets their sums in Redis in one script run, each sum seeded again or not as its own
+    state says. Before, one Redis call per budget: a thousand keys, a thousand round trips."""
+    from gomodel.limits.counters import _SEED
+    from tests.redis_server import script_sha
+
+    client = _CountingRedis(host=HOST, port=PORT, socket_timeout=2)
+    counters = RedisCounters(client, prefix, reactor)
+    counters.start()
+    try:
+        clock = Clock()
+        clock.rightNow = reactor.seconds()
+        ledger = {f"key:k{i}": (10 * i, 0.5 * i) for i in range(8)}
+        many = []
+        book = BudgetBook(counters, clock, seed=lambda scope, since: ledger[scope],
+                          seed_many=lambda rows: (many.append(len(rows)), [ledger[scope] for scope, _ in rows])[1])
+        pairs = [(f"key:k{i}", Budget("daily", max_tokens=1000)) for i in range(8)]
+        assert await book.spent(pairs) == [(10 * i, 0.5 * i) for i in range(8)]
+        assert many == [8] and client.scripts.count(script_sha(_SEED)) == 1
+
+        await book.reserve([("key:k1", [Budget("daily", max_tokens=1000)])], 5, 0.0)  # in flight on k1
+        ledger["key:k1"], ledger["key:k2"], ledger["key:k3"] = (100, 1.0), (200, 2.0), (300, 3.0)
+        book.renew("key:k1")  # budgets edited: seeded again, keeping what is in flight
+        book.renew("key:k2")
+        client.scripts.clear()
+        assert (await book.spent(pairs))[:4] == [(0, 0.0), (105, 1.0), (200, 2.0), (30, 1.5)]  # k3: not again
+        assert many == [8, 2] and client.scripts.count(script_sha(_SEED)) == 1
+    finally:
+        counters.stop()
+        client.close()

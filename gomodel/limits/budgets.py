@@ -554,18 +554,19 @@ class BudgetBook:
         except Exception as e:
             self._seed_failed(scope, start, e)
             return
-        await self._seeded_with(scope, bucket, start, expires, tokens, cost)
+        await self._seeded_with([(scope, bucket, start, expires, tokens, cost)])
 
     async def _seed_each(self, rows):
-        """L{_seed_one} of each C{(scope, bucket, start, expires)} of C{rows}, their figures read at once."""
+        """L{_seed_one} of each C{(scope, bucket, start, expires)} of C{rows}, their figures read at once (and, with
+        shared counters, set at once: one Redis call for a listing of a thousand keys' budgets, not one each)."""
         try:
             result = self._seed_many([(scope, start) for scope, _, start, _ in rows])
             figures = await result if inspect.isawaitable(result) else result
         except Exception as e:
             self._seed_failed(rows[0][0], rows[0][2], e)
             return
-        for (scope, bucket, start, expires), (tokens, cost) in zip(rows, figures):
-            await self._seeded_with(scope, bucket, start, expires, tokens, cost)
+        await self._seeded_with([(scope, bucket, start, expires, tokens, cost)
+                                 for (scope, bucket, start, expires), (tokens, cost) in zip(rows, figures)])
 
     def _seed_failed(self, scope, start, e):
         # Not marked seeded: tried again after SEED_RETRY seconds (the store may be down: a read per
@@ -576,31 +577,47 @@ class BudgetBook:
                           error=e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}")
         self._seed_failed_at = self._clock.seconds()
 
-    async def _seeded_with(self, scope, bucket, start, expires, tokens, cost):
-        """Set the sum of C{bucket} from the ledger's C{tokens} and C{cost} (see the module), marked seeded."""
+    async def _seeded_with(self, rows):
+        """Set the sum of each C{(scope, bucket, start, expires, tokens, cost)} of C{rows} from the ledger's C{tokens}
+        and C{cost} (see the module), marked seeded; shared sums in one call."""
         if self._seed_failed_at is not None:
             self._seed_failed_at = None
             self.log.info("the usage ledger can be read again: budgets start from it")
-        again = bucket in self._missed or scope in self._renewed
-        if self._counters.shared:  # set by the first process to seed it (see the module)
-            await self._counters.seed_all([(bucket, int(tokens or 0), float(cost or 0.0), expires)], again=again)
+        if not self._counters.shared:
+            for scope, bucket, start, expires, tokens, cost in rows:
+                await self._own_seeded(scope, bucket, start, expires, tokens, cost)
+                self._marked(bucket, expires)
+            return
+        # set by the first process to seed each (see the module); those seeded again, set again
+        agains = [bucket in self._missed or scope in self._renewed for scope, bucket, _, _, _, _ in rows]
+        await self._counters.seed_all([(bucket, int(tokens or 0), float(cost or 0.0), expires, again)
+                                       for (_, bucket, _, expires, tokens, cost), again in zip(rows, agains)])
+        unreachable = self._counters.unreachable
+        for (_, bucket, _, expires, _, _), again in zip(rows, agains):
             if again:
-                if self._counters.unreachable:
-                    return  # (seeded again once Redis answers)
+                if unreachable:
+                    continue  # (seeded again once Redis answers)
                 self._missed.discard(bucket)
-        else:
-            if again:  # (this process's own sum: the ledger's figure holds what it counted; not the requests in
-                # flight, charged in full when they end: what they reserved stays in the old cell, L{set_sum})
-                self._counters.set_sum(bucket, int(tokens or 0), float(cost or 0.0), expires)
-            elif tokens or cost:
-                await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
-            self._own[bucket] = (scope, start, expires)
-            self._followed.pop(bucket, None)
-            if len(self._own) > self._own_kept:  # (L{follow} drops ended periods, where it runs; alone, this does)
-                now = self._clock.seconds()
-                self._own = {b: own for b, own in self._own.items() if own[2] is None or own[2] > now}
-                self._followed = {b: sums for b, sums in self._followed.items() if b in self._own}
-                self._own_kept = max(OWN_KEPT, 2 * len(self._own))
+            self._marked(bucket, expires)
+
+    async def _own_seeded(self, scope, bucket, start, expires, tokens, cost):
+        """Set this process's own sum of C{bucket} (local counters) from the ledger's C{tokens} and C{cost}."""
+        if bucket in self._missed or scope in self._renewed:  # (seeded again: the ledger's figure holds what it
+            # counted; not the requests in flight, charged in full when they end: what they reserved stays in
+            # the old cell, L{set_sum})
+            self._counters.set_sum(bucket, int(tokens or 0), float(cost or 0.0), expires)
+        elif tokens or cost:
+            await self._counters.spend(bucket, int(tokens or 0), float(cost or 0.0), expires)
+        self._own[bucket] = (scope, start, expires)
+        self._followed.pop(bucket, None)
+        if len(self._own) > self._own_kept:  # (L{follow} drops ended periods, where it runs; alone, this does)
+            now = self._clock.seconds()
+            self._own = {b: own for b, own in self._own.items() if own[2] is None or own[2] > now}
+            self._followed = {b: sums for b, sums in self._followed.items() if b in self._own}
+            self._own_kept = max(OWN_KEPT, 2 * len(self._own))
+
+    def _marked(self, bucket, expires):
+        """C{bucket}'s sum is seeded (until C{expires})."""
         self._seeded[bucket] = expires
         if len(self._seeded) > 4096:
             now = self._clock.seconds()

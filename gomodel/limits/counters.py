@@ -607,26 +607,25 @@ end
 return 0
 """
 
-# A budget sum read from the usage ledger, once: KEYS the sums; ARGV per key: tokens, cost, expires_at or ''.
-# A sum not marked seeded (its field 's') becomes the larger of what it holds and the ledger's figure plus the
-# reservations of the requests in flight (fields 'rt' and 'rc', L{_RESERVE}, L{_SETTLE}: the ledger counts them
-# once they end; the requests recorded since a Redis that lost its data came back are also in the ledger once
-# written: never counted twice), and is marked; a sum already marked is left as it is, unless the last ARGV is
-# '1' (seeded again: sums that missed charges while Redis could not be reached, or whose budgets changed).
-# Returns how many it seeded.
+# Budget sums read from the usage ledger, once: KEYS the sums; ARGV per key: tokens, cost, expires_at or '', and
+# '1' where it is seeded again (sums that missed charges while Redis could not be reached, or whose budgets
+# changed) else ''. A sum not marked seeded (its field 's'), or seeded again, becomes the larger of what it holds
+# and the ledger's figure plus the reservations of the requests in flight (fields 'rt' and 'rc', L{_RESERVE},
+# L{_SETTLE}: the ledger counts them once they end; the requests recorded since a Redis that lost its data came
+# back are also in the ledger once written: never counted twice), and is marked; a sum already marked is left as
+# it is. Returns how many it seeded.
 _SEED = """
 local n = 0
-local again = ARGV[3 * #KEYS + 1] == '1'
 for i = 1, #KEYS do
-  if redis.call('HSETNX', KEYS[i], 's', 1) == 1 or again then
+  if redis.call('HSETNX', KEYS[i], 's', 1) == 1 or ARGV[4 * i] == '1' then
     n = n + 1
     local s = redis.call('HMGET', KEYS[i], 't', 'c', 'rt', 'rc')
-    local t = tonumber(ARGV[3 * i - 2]) + tonumber(s[3] or '0')
+    local t = tonumber(ARGV[4 * i - 3]) + tonumber(s[3] or '0')
     if t > tonumber(s[1] or '0') then redis.call('HSET', KEYS[i], 't', string.format('%.0f', t)) end
-    local c = tonumber(ARGV[3 * i - 1]) + tonumber(s[4] or '0')
+    local c = tonumber(ARGV[4 * i - 2]) + tonumber(s[4] or '0')
     if c > tonumber(s[2] or '0') then redis.call('HSET', KEYS[i], 'c', string.format('%.17g', c)) end
   end
-  if ARGV[3 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[3 * i]) end
+  if ARGV[4 * i - 1] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[4 * i - 1]) end
 end
 return n
 """
@@ -1013,18 +1012,19 @@ class RedisCounters(_Forms):
         reply = self._peek(keys=keys, args=args)
         return [float(level) for level in reply[:nb]], [int(held) for held in reply[nb:]]
 
-    def seed_all(self, items, again=False):
-        """Set budget sums read from the usage ledger, each once for as long as Redis keeps it (see L{_SEED});
-        C{again}: seeded sums too (each the larger of what it holds and the ledger's figure plus the reservations
-        in flight).
+    def seed_all(self, items):
+        """Set budget sums read from the usage ledger, each once for as long as Redis keeps it (see L{_SEED}), in
+        one call however many there are.
 
-        @param items: C{(bucket, tokens, cost, expires_at)}, as L{spend_all}'s.
+        @param items: C{(bucket, tokens, cost, expires_at, again)}, as L{spend_all}'s; C{again}: set this sum
+            though it is seeded already (the larger of what it holds and the ledger's figure plus the
+            reservations in flight).
         @return: a Deferred firing with how many it seeded (0 for sums seeded already, or Redis unreachable).
         """
-        keys = [self._prefix + bucket for bucket, _, _, _ in items]
-        args = [x for _, tokens, cost, expires in items
-                for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
-        args.append("1" if again else "")
+        keys = [self._prefix + bucket for bucket, _, _, _, _ in items]
+        args = [x for _, tokens, cost, expires, again in items
+                for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)),
+                          "1" if again else "")]
         return self._after_writes(keys, 0, self._seed, keys, args)
 
     def reserve_all(self, items, seeded=True):
