@@ -14,6 +14,7 @@ import treq
 from twisted.internet import defer
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
+from twisted.web.client import ResponseNeverReceived
 
 from gomodel.api.keys import iso
 from tests.rawclient import chat_request, connect
@@ -1914,6 +1915,43 @@ async def test_a_streamed_background_response_whose_client_leaves_is_charged_onc
 
 
 @pytest.mark.utc_day
+@pytest.mark.parametrize("redis", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_background_response_whose_client_leaves_before_its_first_event_is_watched(
+        reactor, http, fake, tmp_path, redis, redis_env):
+    """A background response streamed (C{background: true, stream: true}) whose client leaves before its first
+    event reached the gateway goes on at its instance as well: the gateway names it (vLLM makes a response's id of
+    the body's C{request_id}), keeps it queued and watches it, so it is read, and charged what it used once over,
+    and nothing else (before, it had no watch: its prompt's estimate was charged, never what it used, and it was a
+    404 to its client)."""
+    gw = await start(reactor, fake, tmp_path, **redis_env)
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 10**6}])
+    client = openai_client(gw, key["value"])
+    prompt = "lorem ipsum " * 500  # about 1,500 tokens by the estimate
+    body = {"model": MODEL, "input": prompt, "background": True, "stream": True, "fake_hang_after": 0}
+    try:
+        sending = http.post(gw.url + "/v1/responses", data=json.dumps(body).encode(),
+                            headers={"authorization": f"Bearer {key['value']}", "content-type": "application/json"})
+        await until(reactor, lambda: fake.hung)  # (at its instance, which sent nothing yet)
+        sending.cancel()  # the client leaves
+        with pytest.raises(ResponseNeverReceived):  # (of its CancelledError)
+            await sending
+        await until(reactor, lambda: gw.service.drain.in_flight == 0)  # (the gateway saw the client leave)
+        [response_id] = list(fake.stored_responses)  # (named by the gateway)
+        assert [r.body["request_id"] for r in fake.requests if r.path == b"/v1/responses"] == [response_id]
+        assert (await in_thread(client.responses.retrieve, response_id)).status == "queued"
+        fake.stored_responses[response_id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
+                                                                             "total_tokens": 22})
+        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        assert (await in_thread(client.responses.retrieve, response_id)).status == "completed"
+        code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+        assert view["budgets"][0]["spent_tokens"] == 22
+    finally:
+        fake.finish_hung()
+        client.close()
+        await gw.service.stopService()
+
+
 @pytest.mark.parametrize("redis", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_batchs_lines_in_flight_at_once_cannot_overshoot_its_keys_budget(reactor, http, fake, tmp_path,

@@ -24,6 +24,7 @@ from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.batches.validation import check_metadata
 from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
+from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, no_chosen_id, normalise_input,
@@ -33,7 +34,8 @@ from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
-from gomodel.translate.responses_chat import ChatToResponsesStream, chat_to_response, request_to_chat, truncated
+from gomodel.translate.responses_chat import (ChatToResponsesStream, chat_to_response, request_to_chat, response_object,
+                                              truncated)
 from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error, without_address
@@ -251,6 +253,11 @@ class ResponsesRoute:
             # (a background response is kept from its first event: read, cancelled, deleted while its stream runs,
             # on any host; it goes on at its instance when its stream ends early)
             background = body.get("background") is True and turn.stored
+            named = counted = None  # the id its instance makes it under, known before its first event (L{_named})
+            if background:
+                sent, named = _named(body, provider)
+                if sent is not body:  # (its token estimate is the client's body's: not of the gateway's field)
+                    counted, body = jsonutil.dumps(body), sent
             hide = partial(without_address, upstream=provider)
             if explicit or turn.stored:
                 observer = _Relinked(turn.previous_id if explicit else None, turn if turn.stored else None, hide,
@@ -259,7 +266,8 @@ class ResponsesRoute:
                 observer = ResponsesStreamObserver(hide)
             # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
             call = UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
-                                transform=partial(_streamed, observer), prefer=prefer, affinity=affinity)
+                                transform=partial(_streamed, observer), prefer=prefer, affinity=affinity,
+                                counted=counted)
             left = None  # whether the client left, once the stream is over; None: it failed before it began
             if background:
                 ctx.hold()  # (completed once its reservation's fate is known, below)
@@ -275,6 +283,14 @@ class ResponsesRoute:
             finally:  # (the client left, the stream broke: a background response kept as it began is watched)
                 if background:
                     try:
+                        if left and turn.began is None and named is not None and ctx.replica is not None:
+                            # its client left before its first event came: it goes on at its instance all the same,
+                            # kept queued and watched as from that event (charged what it used once over, by its
+                            # watch alone: no estimate of its prompt besides)
+                            turn.begin(response_object(dict(body, store=True, previous_response_id=turn.previous_id),
+                                                       named, int(self._clock.seconds()), body["model"], "queued",
+                                                       [], background=True))
+                            ctx.usage, ctx.estimated = {}, False
                         turn.ended(observer.response)
                         if observer.response is None and turn.began is not None and self._gate is not None:
                             # it goes on at its instance: what it reserved of its key's token windows stays
@@ -565,6 +581,20 @@ class ResponsesRoute:
             return error_shown(jsonutil.loads(fetched.body), provider)
         except (errors.GatewayError, jsonutil.JSONError):
             return None
+
+
+def _named(body, provider):
+    """C{(body, id)}: a background stream's C{body} naming the response its instance makes, and that id (vLLM makes
+    a response's id of the body's C{request_id}: the gateway's own, C{resp_...}, unless the master key chose one), so
+    that one whose client leaves before its first event is watched all the same; C{(body, None)} where the
+    provider names it itself (it is then known from that event only)."""
+    if provider.type != "vllm":
+        return body, None
+    chosen = body.get("request_id")
+    if chosen is None:
+        chosen = new_id("resp")
+        body = dict(body, request_id=chosen)
+    return body, chosen if chosen.__class__ is str and chosen else None
 
 
 def _input_tokens(answer: bytes) -> bytes:
