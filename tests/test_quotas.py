@@ -1985,3 +1985,49 @@ async def test_a_batchs_lines_in_flight_at_once_cannot_overshoot_its_keys_budget
         assert 100 <= view["budgets"][0]["spent_tokens"] == sum(used) <= 100 + 21
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_line_waiting_for_its_batchs_lines_in_flight_leaves_its_provider_slot_to_others(
+        reactor, http, fake, tmp_path):
+    """A line refused by its key's budget while lines of its batch are in flight waits for one of them to end (what
+    it did not use comes back) without holding a provider slot (BATCH_CONCURRENCY_PER_PROVIDER): another batch's
+    lines go on meanwhile, and it takes a slot again once it tries again. Before, it kept the slot while it
+    waited: with two slots, a batch whose one line ran long and whose next was refused held both, and every other
+    batch at that provider waited for it."""
+    gw = await start(reactor, fake, tmp_path, BATCH_CONCURRENCY_PER_PROVIDER="2")
+
+    async def batch(sdk, *contents, **fields):
+        lines = b"".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": dict({"model": MODEL, "messages": [{"role": "user", "content": content}],
+                                                   "max_tokens": 5}, **fields)}).encode() + b"\n"
+                         for i, content in enumerate(contents))
+        uploaded = await in_thread(sdk.files.create, file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+        return await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+
+    def sent(content):
+        return [r for r in fake.requests if r.path == b"/v1/chat/completions"
+                and r.body["messages"][0]["content"] == content]
+
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 10}])  # (one line's estimate spends it)
+    sdk, master = openai_client(gw, key["value"]), openai_client(gw, MASTER)
+    try:
+        spending = await batch(sdk, "long", "next", fake_hold=True)
+        await until(reactor, lambda: sent("long"), what="the first line held at its instance")
+        # (its next line, refused by what the first reserved, waits for it to end)
+        other = await batch(master, "other")
+        await until(reactor, lambda: sent("other"), what="another batch's line sent while the first is held")
+        await gw.service.batch_runner.settled(other.id)
+        assert (await in_thread(master.batches.retrieve, other.id)).request_counts.completed == 1
+        assert not sent("next")
+        fake.release_holds()  # the first line ends, having spent the budget: the next is refused for good
+        await gw.service.batch_runner.settled(spending.id)
+        counts = (await in_thread(sdk.batches.retrieve, spending.id)).request_counts
+        assert (counts.completed, counts.failed) == (1, 1) and not sent("next")
+        assert gw.service.batch_runner.semaphore("vllm").tokens == 2  # (every slot given back)
+    finally:
+        fake.release_holds()
+        sdk.close()
+        master.close()
+        await gw.service.stopService()

@@ -18,7 +18,8 @@ or repeating an answer:
     (its first target's, then each fallback's it goes on to, then the first's
     again for a retry), giving the one it holds up before it waits for the
     next: fallbacks count at the provider they reach, and no two lines wait
-    on each other's slot.
+    on each other's slot. A line refused by its key's budget while lines of
+    its batch are in flight waits for one of them to end without a slot.
   - C{finalizing} -> C{completed}: the output and error files are written
     from the recorded results.
   - Past C{expires_at}: the lines not answered get C{batch_expired} errors and
@@ -644,18 +645,19 @@ class BatchRunner(Service):
         C{body} as sent to its first target, C{model}): a line that waited for its slot is refused by what the
         lines before it spent, and those in flight reserved, meanwhile (before, lines sent at once were each
         checked, then charged: each saw the room left). A budget spent while lines of the batch are in flight is
-        tried again once one of them ends (it gives back what it reserved and did not use); spent with none, it
-        is the line's error (C{budget_exceeded}).
+        tried again once one of them ends (it gives back what it reserved and did not use), the slot given back
+        meanwhile and taken again before (other batches' lines at the provider go on while it waits); spent with
+        none, it is the line's error (C{budget_exceeded}).
 
-        @return: the line's L{_Reserved}, or None: the job was halted meanwhile.
+        @return: the line's L{_Reserved} (the slot held), or None: the job was halted meanwhile (no slot held).
         @raise GatewayError: refused (C{BudgetExceeded}; the slot given back).
         """
         while True:
             try:
                 reservation = await self._gate.reserve_line(job.principal, model, body)
             except BudgetExceeded:
+                sem.release()
                 if not job.lines:
-                    sem.release()
                     raise
             except BaseException:
                 sem.release()
@@ -663,6 +665,15 @@ class BatchRunner(Service):
             else:
                 return _Reserved(reservation)
             await DeferredList(list(job.lines), fireOnOneCallback=True)  # (one ends: tracked, it never fails)
+            if job.stop is not None:
+                return None
+            job.waiting = sem.acquire()
+            try:
+                await job.waiting
+            except CancelledError:  # (halted while it waited)
+                return None
+            finally:
+                job.waiting = None
             if job.stop is not None:
                 sem.release()
                 return None
