@@ -68,3 +68,20 @@ def test_metrics_count_the_tokens_vllm_reported(gateway):
                                                      "ignore_eos": True})
     assert json.loads(answer.body)["usage"]["completion_tokens"] == 3
     assert tokens() - before == 3
+
+
+def test_a_streamed_background_response_is_made_under_the_id_the_gateway_names_it(gateway):
+    """vLLM makes a response's id of the body's C{request_id}: the gateway names a streamed background response
+    that way (so one whose client leaves before its first event is watched all the same); here the master key's
+    own C{request_id}, which the gateway leaves as it is, shows vLLM keeps it as the response's id."""
+    chosen = "resp_it" + secrets.token_hex(12)
+    answer, _ = _call(gateway, "/responses", {"model": CHAT, "input": "Count to three.", "max_output_tokens": 4,
+                                              "background": True, "stream": True, "request_id": chosen})
+    created = next(json.loads(e) for e in sse_events(answer.body) if '"response.created"' in e)
+    assert answer.status == 200 and created["response"]["id"] == chosen, answer.body[:500]
+
+    def done():
+        read = request("GET", gateway.url + f"/responses/{chosen}", headers=gateway.auth)
+        return json.loads(read.body) if read.status == 200 and json.loads(read.body)["status"] == "completed" else None
+
+    assert wait_for(done, 30, what="the response read back completed")["id"] == chosen
