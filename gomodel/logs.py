@@ -9,6 +9,8 @@ C{status}, C{provider}, C{request_id}), for log shippers. C{LOG_LEVEL}
 
 import sys
 import time
+from itertools import starmap
+from operator import mod
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
                             formatEvent, formatEventAsClassicLogText, formatTime, jsonFileLogObserver)
@@ -28,6 +30,8 @@ LINE_FORMAT = "{log_line}"
 LINE_DELAY = 0.1
 HELD_LINES = 32
 LINE_BYTES = 4096
+# The format of a held text written as it is (L{TextObserver.hold}: already indented).
+TEXT = "%s"
 
 
 def message(event) -> str:
@@ -94,15 +98,15 @@ def indented(line: str) -> str:
 @implementer(ILogObserver)
 class TextObserver:
     """Writes each event as Twisted's classic text line (L{ClassicText}) to C{out}, flushed at once, as
-    C{FileLogObserver(out, ClassicText())} does; L{write_line} takes a line event's text directly
-    and L{hold} the text it is written as.
+    C{FileLogObserver(out, ClassicText())} does; L{write_line} takes a line event's text directly,
+    L{hold} the text it is written as and L{hold_line} that text's format and values.
 
-    With a C{clock}, the lines L{hold} takes (the access log's) are held for up to
+    With a C{clock}, the lines L{hold} and L{hold_line} take (the access log's) are held for up to
     L{LINE_DELAY} seconds (or until L{HELD_LINES} are held) and written together, one C{write(2)}
     for up to L{LINE_BYTES} bytes of whole lines: a pipe takes that much in one piece, so the
     lines of processes sharing it (C{--workers}) never mix. The held lines are cut into such
     writes when they go out, not measured one by one as they come (ASCII text, as access lines
-    are, is cut at its line ends in C). Every other event first writes what is held, so lines
+    are, is cut at its line ends in C), and made of their formats then, in C. Every other event first writes what is held, so lines
     keep their order. L{flush} writes what is held (the gateway calls it once the reactor has stopped).
     """
 
@@ -127,12 +131,17 @@ class TextObserver:
 
     def hold(self, text: str):
         """Write C{text}, the whole text of a line event (L{ClassicText.line}), with the lines held."""
+        self.hold_line(TEXT, (text,))
+
+    def hold_line(self, format: str, values: tuple):
+        """Write C{format % values}, the whole text of a line event (L{ClassicText.line}) but for its line breaks
+        (indented here, as L{indented} does, the last one ending it), with the lines held: formatted as they go
+        out, in C, rather than as each line comes."""
         if self._clock is None:
-            self._out.write(text)
-            self._out.flush()
+            self._write(_text(format, values))
             return
         held = self._held
-        held.append(text)
+        held.append((format, values))
         if len(held) >= HELD_LINES:
             self.flush()
         elif self._timer is None:
@@ -146,7 +155,9 @@ class TextObserver:
             self._timer = None
         if self._held:
             held, self._held = self._held, []
-            text = "".join(held)
+            text = "".join(starmap(mod, held))
+            if text.count("\n") != len(held):  # a line break inside a line (a logged value's): each one's indented
+                text = "".join([_text(format, values) for format, values in held])
             if text.isascii():  # a character a byte: cut at the last line end within each write's bytes
                 start, end = 0, len(text)
                 while end - start > LINE_BYTES:
@@ -158,7 +169,8 @@ class TextObserver:
                 self._write(text[start:] if start else text)
                 return
             piece, size = [], 0
-            for line in held:
+            for format, values in held:
+                line = _text(format, values)
                 length = len(line.encode("utf-8"))
                 if piece and size + length > LINE_BYTES:
                     self._write("".join(piece))
@@ -170,6 +182,15 @@ class TextObserver:
     def _write(self, text: str):
         self._out.write(text)
         self._out.flush()
+
+
+def _text(format: str, values: tuple) -> str:
+    """The text of a held line (L{TextObserver.hold_line}): C{format % values}, its line breaks but the last
+    indented (a L{TEXT}'s are already)."""
+    text = format % values
+    if format is TEXT or text.count("\n") == 1:
+        return text
+    return indented(text[:-1]) + "\n"
 
 
 def text_observer(out, clock=None) -> TextObserver:

@@ -308,3 +308,65 @@ def test_the_access_log_follows_the_text_observer_alone_as_observers_change():
     head = "[gomodel.access#info] POST"
     assert len(collected) == 1 and len(first.writes) == 1 and first.writes[0].count(head) == 1
     assert "".join(second.writes).count(head) == 3 and "".join(second.writes).count("m\n\tFAKE\n") == 3
+
+
+class _Principal:
+    def __init__(self, id):
+        self.id = id
+
+
+def _shaped(clock, replica=None, key=None, usage=None, status=200, outcome=None, error=None, retries=0,
+            model="vllm/m", provider="vllm"):
+    ctx = RequestContext(b"req1", b"POST", b"/v1/chat/completions", clock,
+                         principal=None if key is None else _Principal(key))
+    ctx.provider, ctx.model, ctx.status, ctx.replica, ctx.usage = provider, model, status, replica, usage
+    ctx.duration, ctx.retries, ctx.error = 0.01234, retries, error
+    ctx.outcome = outcome if outcome is not None else ("ok" if status < 400 else "error")
+    return ctx
+
+
+SHAPES = [
+    {}, {"replica": 2}, {"replica": 0, "key": "k1", "usage": {"prompt_tokens": 3, "completion_tokens": 12}},
+    {"replica": 0, "key": "k1", "usage": {"prompt_tokens": 3, "completion_tokens": 12}, "model": "a\nFAKE b"},
+    {"replica": 0, "key": "k\n1", "usage": {"prompt_tokens": 3, "completion_tokens": 12}, "provider": None},
+    {"replica": 1, "key": "k1", "usage": {"prompt_tokens": "3\nx", "completion_tokens": 1.5}},
+    {"replica": 1, "key": "k1", "usage": {"prompt_tokens": True, "completion_tokens": 4}},
+    {"replica": 1, "key": "k1", "usage": {"input_tokens": 5, "output_tokens": 6, "cache_read_input_tokens": 2}},
+    {"replica": 1, "key": "k1", "usage": {"prompt_tokens": 3, "completion_tokens": 12}, "retries": 2},
+    {"replica": 1, "key": "k1", "usage": {"prompt_tokens": 3}, "status": 502, "outcome": "stream_broken"},
+    {"key": "k1", "status": 429, "error": "rate_limited", "model": None},
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
+def test_a_held_access_line_is_the_line_of_its_event_whatever_it_holds(shape):
+    """The line the access log hands the text observer alone (formatted when it goes out) is, byte for byte, the
+    line Twisted's classic text makes of the access log's event; in a write of many lines, in order."""
+    clock, direct, by_event = Clock(), Out(), Out()
+    publisher = LogPublisher(TextObserver(direct, clock))
+    log = AccessLog(Logger(namespace="gomodel.access", observer=publisher))
+    for _ in range(3):
+        log(_shaped(clock, **shape))
+    collected = []
+    publisher.addObserver(collected.append)
+    log(_shaped(clock, **shape))
+    assert len(direct.writes) == 2 and direct.writes[0].count("[gomodel.access#info] POST") == 3
+    by_event_line = formatEventAsClassicLogText(collected[0])
+    TextObserver(by_event)(collected[0])
+    assert by_event.writes == [by_event_line]
+    assert direct.writes[1] == by_event_line
+    untimed = re.compile(r"^\S+ ", re.M)  # (each line's time: the event's is its own)
+    assert untimed.sub("", direct.writes[0]) == untimed.sub("", by_event_line) * 3
+
+
+def test_held_access_lines_go_out_when_the_observer_is_flushed():
+    """Lines held when the gateway stops (its last flush, once the reactor stopped) are written then, whole."""
+    clock, out = Clock(), Out()
+    observer = TextObserver(out, clock)
+    log = AccessLog(Logger(namespace="gomodel.access", observer=LogPublisher(observer)))
+    log(_shaped(clock, replica=0, key="k1", usage={"prompt_tokens": 3, "completion_tokens": 12}))
+    log(_shaped(clock))
+    assert out.writes == []
+    observer.flush()
+    assert len(out.writes) == 1 and out.writes[0].count("\n") == 2 and not clock.getDelayedCalls()
+    assert "replica=0 key=k1 prompt_tokens=3 completion_tokens=12\n" in out.writes[0]

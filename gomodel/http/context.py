@@ -22,7 +22,12 @@ CLIENT_GONE = "client_gone"  # the client left before the answer was complete
 STREAM_BROKEN = "stream_broken"  # the answer started, then the upstream failed it
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"
 DASH = "-"  # the access log's unknown
-NL, NL_TAB = "\n", "\n\t"  # a line break in an access line, and as it is written (L{indented})
+# The text observer's format of an access line (L{TextObserver.hold_line}: its time, namespace and level, then
+# the line); and of the line of a managed key's request that went out whole with its usage, of its values as
+# L{AccessLog._line} writes them.
+LINE = "%s%s\n"
+KEYED_LINE = ("%s%s %s %s %.1fms request_id=%s provider=%s model=%s replica=%s key=%s prompt_tokens=%s"
+              " completion_tokens=%s\n")
 PASSTHROUGH = "/p/{provider}/{endpoint}"  # the endpoint of every passthrough request (the metrics' label stays bounded)
 # The errors of a stream the gateway cut itself (its client told C{stream_incomplete}), none the upstream's failure:
 # its client read nothing for HTTP_CLIENT_STALL_TIMEOUT, it ran past HTTP_STREAM_MAX_DURATION.
@@ -224,9 +229,11 @@ class AccessLog:
     without its check of a level that is always C{info}.
 
     While the only observer of that publisher is gomodel's text observer (the default under
-    C{twistd -n}: Twisted's classic lines on standard output), no event is made: the text is
-    made here as that observer would make it of the event (L{ClassicText.line}; its beginning,
-    the time, namespace and level, once a second) and handed to it (L{TextObserver.hold}). Any
+    C{twistd -n}: Twisted's classic lines on standard output), no event is made: the text that
+    observer would make of the event (L{ClassicText.line}; its beginning, the time, namespace and
+    level, made once a second) is handed to it as a format and its values (L{TextObserver.hold_line}),
+    made into text when it is written: a managed key's request that went out whole with its usage
+    (most requests, where keys are used) as its values themselves (L{KEYED_LINE}), no f-string. Any
     other observer added (C{LOG_FORMAT=json}, C{LOG_LEVEL}, twistd's C{--logfile}, a test's)
     gets events again from its next line on.
     """
@@ -243,44 +250,30 @@ class AccessLog:
         self._head = None
 
     def __call__(self, ctx: RequestContext):
-        usage = ctx.usage
-        tokens = ""
-        if usage:  # (L{RequestContext.tokens}, its common case inline: the line is written for every request)
-            prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if prompt_tokens is None or completion_tokens is None:
-                prompt_tokens, completion_tokens = ctx.tokens
-            if prompt_tokens is not None or completion_tokens is not None:
-                tokens = (f" prompt_tokens={DASH if prompt_tokens is None else prompt_tokens}"
-                          f" completion_tokens={DASH if completion_tokens is None else completion_tokens}")
-        else:
-            prompt_tokens = completion_tokens = None
-        outcome = ctx.outcome
-        error = ctx.error
-        ended = ""
-        if outcome is not OK and outcome is not None:
-            if error is None and ctx.status >= 500 and ctx.provider is not None:
-                error = f"http_{ctx.status}"  # (the upstream's own, relayed: as gomodel_upstream_errors_total names it)
-            ended = f" outcome={outcome} error={error}" if error else f" outcome={outcome}"
-        replica = ctx.replica
-        key = ctx.key
-        retries = ctx.retries
-        # one f-string: then what is known of it, its replica, key and tokens; how it ended, unless it went out whole
-        line = (f"{ctx.method.decode('ascii', 'replace')} {ctx.path.decode('ascii', 'replace')} {ctx.status} "
-                f"{ctx.duration * 1000:.1f}ms request_id={ctx.request_id.decode('ascii')} "
-                f"provider={ctx.provider or DASH} model={ctx.model or DASH}"
-                f"{'' if replica is None else f' replica={replica}'}{'' if key is None else f' key={key}'}"
-                f"{tokens}{f' retries={retries}' if retries else ''}{ended}")
         observers = self._observers
         if observers == self._alone or self._text_alone(observers):
             try:
                 now = time()
                 if int(now) != self._second:
                     self._second, self._head = int(now), self._text.format.head(now, self._log.namespace, "info")
-                # (L{indented}, inline)
-                self._text.hold(f"{self._head}{line.replace(NL, NL_TAB) if NL in line else line}\n")
+                usage = ctx.usage
+                replica = ctx.replica
+                key = ctx.key
+                # A managed key's request that went out whole with its usage (most, where keys are used): its values
+                # held as they are, the line made of them when it goes out (L{TextObserver.hold_line}).
+                if usage and replica is not None and key is not None and ctx.outcome is OK and not ctx.retries:
+                    prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                    if prompt_tokens.__class__ is int and completion_tokens.__class__ is int:
+                        self._text.hold_line(KEYED_LINE, (
+                            self._head, ctx.method.decode("ascii", "replace"), ctx.path.decode("ascii", "replace"),
+                            ctx.status, ctx.duration * 1000, ctx.request_id.decode("ascii"), ctx.provider or DASH,
+                            ctx.model or DASH, replica, key, prompt_tokens, completion_tokens))
+                        return
+                self._text.hold_line(LINE, (self._head, self._line(ctx)[0]))
                 return
             except Exception:
                 pass  # the event says so: the publisher logs an observer that fails
+        line, prompt_tokens, completion_tokens, error = self._line(ctx)
         log = self._log
         log.observer({
             "log_line": line,
@@ -309,6 +302,38 @@ class AccessLog:
             "log_format": LINE_FORMAT,
             "log_time": time(),
         })
+
+    @staticmethod
+    def _line(ctx):
+        """C{ctx}'s access line (its line breaks as they are), its prompt and completion tokens and its error."""
+        usage = ctx.usage
+        tokens = ""
+        if usage:  # (L{RequestContext.tokens}, its common case inline)
+            prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if prompt_tokens is None or completion_tokens is None:
+                prompt_tokens, completion_tokens = ctx.tokens
+            if prompt_tokens is not None or completion_tokens is not None:
+                tokens = (f" prompt_tokens={DASH if prompt_tokens is None else prompt_tokens}"
+                          f" completion_tokens={DASH if completion_tokens is None else completion_tokens}")
+        else:
+            prompt_tokens = completion_tokens = None
+        outcome = ctx.outcome
+        error = ctx.error
+        ended = ""
+        if outcome is not OK and outcome is not None:
+            if error is None and ctx.status >= 500 and ctx.provider is not None:
+                error = f"http_{ctx.status}"  # (the upstream's own, relayed: as gomodel_upstream_errors_total names it)
+            ended = f" outcome={outcome} error={error}" if error else f" outcome={outcome}"
+        replica = ctx.replica
+        key = ctx.key
+        retries = ctx.retries
+        # one f-string: then what is known of it, its replica, key and tokens; how it ended, unless it went out whole
+        line = (f"{ctx.method.decode('ascii', 'replace')} {ctx.path.decode('ascii', 'replace')} {ctx.status} "
+                f"{ctx.duration * 1000:.1f}ms request_id={ctx.request_id.decode('ascii')} "
+                f"provider={ctx.provider or DASH} model={ctx.model or DASH}"
+                f"{'' if replica is None else f' replica={replica}'}{'' if key is None else f' key={key}'}"
+                f"{tokens}{f' retries={retries}' if retries else ''}{ended}")
+        return line, prompt_tokens, completion_tokens, error
 
     def _text_alone(self, observers) -> bool:
         """Whether C{observers} is gomodel's text observer alone (then kept as the one last seen alone)."""
