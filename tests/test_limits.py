@@ -1352,3 +1352,25 @@ def test_requests_in_flight_when_a_budget_is_seeded_again_are_charged_in_full_wh
     ctx, _ = _request(gate, edited, used=7)  # the next requests are admitted and charged as before
     assert fired(book.spent(spent)) == [(30 + 4 * 5 + 7, 0.0)]
     assert _by_a_lane(ctx) == (path == "lane")
+
+
+@pytest.mark.parametrize("price, spend", [(0.5, 60), (2.0, 25)], ids=["tokens", "cost"])
+def test_a_lane_refuses_once_either_budget_of_one_period_is_spent(clock, counters, price, spend):
+    """A key's token and cost budgets of one period share their sum: its lane refuses once either is spent, the
+    tokens' (60 tokens at 0.5: a cost of 30) or the cost's (25 at 2: 50), as the general path does."""
+    from gomodel.accounting.tokens import Pricing
+    from gomodel.limits.gate import Gate
+
+    per_mtok = price * 1_000_000
+    pricing = Pricing({"vllm/m": {"input_per_mtok": per_mtok, "output_per_mtok": per_mtok}})
+    gate = Gate(Limiter(counters, clock), BudgetBook(counters, clock), LimitsConfig(), clock=clock, pricing=pricing)
+    key = _key(budgets=[{"period": "daily", "max_tokens": 60}, {"period": "daily", "max_cost": 40.0}])
+    ctx, _ = _request(gate, key)
+    assert _by_a_lane(ctx)
+    _used(ctx, spend)
+    gate.completed(ctx)
+    spent = [("key:k_1", Budget("daily", max_tokens=60)), ("key:k_1", Budget("daily", max_cost=40.0))]
+    assert fired(gate._book.spent(spent)) == [(spend, spend * price)] * 2
+    with pytest.raises(BudgetExceeded):
+        _request(gate, key)
+    ctx, _ = _request(_gate(counters, clock), _key(budgets=[{"period": "daily", "max_tokens": 61}]))  # (room)

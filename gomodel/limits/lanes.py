@@ -70,7 +70,14 @@ class Lane:
         self._slots = slots = [(counters.slot_cell(bucket), limit) for bucket, limit in prepared.slots] or None
         # where it has one slot (a key's max_concurrency alone), that slot's cell and limit: no loop over them
         self._slot, self._slot_limit = slots[0] if slots is not None and len(slots) == 1 else (None, 0)
-        self._budgets = current.limits if current is not None else ()
+        # each sum's cell and the fewest tokens and least cost its budgets allow (a scope's budgets of one period,
+        # tokens and cost, share a sum): one look at the sum tells whether one of them is spent
+        budgets = {}
+        for cell, max_tokens, max_cost in current.limits if current is not None else ():
+            most = budgets.get(id(cell))
+            budgets[id(cell)] = (cell, max_tokens, max_cost) if most is None else \
+                (cell, min(most[1], max_tokens), min(most[2], max_cost))
+        self._budgets = list(budgets.values())
         self._sums = current.cells if current is not None else None
         # whether a budget of its caps cost: a request then reserves its estimate's cost as well (L{admit})
         self.costed = any(max_cost != INF for _, _, max_cost in self._budgets)
@@ -114,21 +121,20 @@ class Lane:
                     last[0] = level
                     last[1] = shown % (level, RESETS_MS[reset_ms] if reset_ms < 1000 else reset_text(reset_ms))
                 lines += last[1]
-        lease = self._slots  # the counters count this process's slots
-        if lease is not None:
-            cell = self._slot
-            if cell is not None:  # its one slot
-                if cell[0] >= self._slot_limit:
+        cell = self._slot  # the counters count this process's slots
+        if cell is not None:  # its one slot
+            if cell[0] >= self._slot_limit:
+                self._give_back(None, tokens)
+                return None
+            cell[0] += 1
+        elif self._slots is not None:
+            lease = self._slots
+            for cell, limit in lease:
+                if cell[0] >= limit:
                     self._give_back(None, tokens)
                     return None
+            for cell, _ in lease:
                 cell[0] += 1
-            else:
-                for cell, limit in lease:
-                    if cell[0] >= limit:
-                        self._give_back(None, tokens)
-                        return None
-                for cell, _ in lease:
-                    cell[0] += 1
         sums = self._sums
         if sums is not None:  # reserved from every budget (L{gomodel.limits.budgets._Current.charge})
             if cost:
@@ -171,19 +177,17 @@ class Lane:
             longer the counters' own, it has no budgets or it began before its periods: the caller charges
             through the budget book.
         """
-        counters = self._counters
-        now = self._clock.seconds()
         delta = used - ticket[1]
-        lease = self._slots
-        if lease is not None:  # its slots' cells (a held one is never swept: the ones it took)
-            cell = self._slot
-            if cell is not None:  # its one slot
+        cell = self._slot  # its slots' cells (a held one is never swept: the ones it took)
+        if cell is not None:  # its one slot
+            cell[0] -= 1
+        elif self._slots is not None:
+            for cell, _ in self._slots:
                 cell[0] -= 1
-            else:
-                for cell, _ in lease:
-                    cell[0] -= 1
-        if self._epoch == counters.epoch:
+        live = self._epoch == self._counters.epoch
+        if live:
             if delta:
+                now = self._clock.seconds()
                 for cell, refill in self._token_buckets:  # (L{gomodel.limits.counters.adjust_cell})
                     capacity = cell[2]  # (the cell's: a lane made since may have changed it, L{moved})
                     level = cell[0] + (now - cell[1]) * refill
@@ -193,12 +197,12 @@ class Lane:
                     cell[0] = capacity if level > capacity else level
                     cell[1] = now
         else:
-            counters.settle_now(self._prepared.token_buckets if delta else (), delta, None)
+            self._counters.settle_now(self._prepared.token_buckets if delta else (), delta, None)
         sums = self._sums
         if sums is None:
             return not charge
         # (a sum's cell stays the counters' own until its period is over: a sweep drops only ended sums)
-        if charge and self._epoch == counters.epoch and (started is None or self._first <= started < self._until):
+        if charge and live and (started is None or self._first <= started < self._until):
             tokens = used - ticket[2]
             if cost or ticket[3]:
                 cost = (cost or 0.0) - ticket[3]
