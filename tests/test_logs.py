@@ -370,3 +370,17 @@ def test_held_access_lines_go_out_when_the_observer_is_flushed():
     observer.flush()
     assert len(out.writes) == 1 and out.writes[0].count("\n") == 2 and not clock.getDelayedCalls()
     assert "replica=0 key=k1 prompt_tokens=3 completion_tokens=12\n" in out.writes[0]
+
+
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[1]], ids=["keyed", "plain"])
+def test_without_a_clock_an_access_line_is_written_at_once_as_its_events(shape):
+    clock, direct = Clock(), Out()
+    publisher = LogPublisher(TextObserver(direct))
+    log = AccessLog(Logger(namespace="gomodel.access", observer=publisher))
+    log(_shaped(clock, **shape))
+    collected = []
+    publisher.addObserver(collected.append)
+    log(_shaped(clock, **shape))
+    untimed = re.compile(r"^\S+ ", re.M)
+    assert len(direct.writes) == 2 and direct.writes[1] == formatEventAsClassicLogText(collected[0])
+    assert untimed.sub("", direct.writes[0]) == untimed.sub("", direct.writes[1])
