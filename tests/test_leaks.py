@@ -423,3 +423,21 @@ async def test_a_doubled_v1_is_classed_as_the_route_it_reaches(http, two):
             assert vllm.requests[-1].path == b"/v1/chat/completions", (path, content)
             salts.append(vllm.requests[-1].body.get("cache_salt"))
     assert salts[0] not in (None, "everyone") and salts == [salts[0]] * 2, salts
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_passthrough_never_relays_a_key_written_raw_in_the_query(reactor, http, tmp_path):
+    """A master key as C{openssl rand -base64} makes it (C{+}, C{/}, C{=}) written into the query as it is
+    (C{curl "...?key=$KEY"}), its C{+} not encoded: the parameter is left out all the same (before, it was
+    looked for only as a form decodes it, C{+} a space, and went upstream)."""
+    fake = await start_fake(reactor)
+    key = "Zm9v+YmFy/cXV4=="
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": key,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        response, content = await call(http, gw, f"/p/vllm/tokenize?key={key}&x=1&k2=a{key}b",
+                                       {"model": BARE, "prompt": "hi"}, key=key)
+        assert response.code == 200, content
+        assert fake.requests[-1].uri == b"/tokenize?x=1"
+    finally:
+        await stop_all(gw, fake)

@@ -536,8 +536,13 @@ def _upstream_headers(request, secret=None) -> dict:
 
 def _upstream_query(query: bytes, secret) -> bytes:
     """The raw C{query} relayed: as it came, but for a parameter holding C{secret}, the client's gateway key
-    (C{?key=...}, C{?api_key=...}), which is left out."""
-    if secret is None or not query or secret not in unquote_to_bytes(query.replace(b"+", b" ")):
+    (C{?key=...}, C{?api_key=...}), which is left out: percent-decoded, as a form decodes it (C{+} a space) or
+    not (a key's own C{+} written as it is)."""
+    if secret is None or not query or not _holds(query, secret):
         return query
-    return b"&".join(part for part in query.split(b"&")
-                     if secret not in unquote_to_bytes(part.replace(b"+", b" ")))
+    return b"&".join(part for part in query.split(b"&") if not _holds(part, secret))
+
+
+def _holds(raw: bytes, secret: bytes) -> bool:
+    """Whether the query text C{raw} holds C{secret}, however a server reading it would decode it."""
+    return secret in unquote_to_bytes(raw) or secret in unquote_to_bytes(raw.replace(b"+", b" "))
