@@ -31,8 +31,8 @@ from gomodel.routing.registry import Route
 from gomodel.store import SQLiteStore, new_file_id
 from tests.stores import backend, storage, store  # noqa: F401 (fixtures)
 from tests.stores import batch as batch_record, put_blob
-from tests.support import (dead_base_url, in_thread, openai_client, ready_pool, start_gateway, stop_all, until,
-                           with_timeout)
+from tests.support import (dead_base_url, in_thread, openai_client, ready_pool, start_fake, start_gateway, stop_all,
+                           until, with_timeout)
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -383,6 +383,42 @@ async def test_a_line_an_upstream_answers_with_a_stream_gets_the_one_answer_it_m
     [error] = await file_lines(sdk, batch.error_file_id)
     assert error["custom_id"] == "cut" and error["error"]["code"] == "bad_upstream_response"
     assert "without [DONE]" in error["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_responses_line_to_a_provider_without_a_responses_api_is_translated_to_chat(reactor, tmp_path):
+    """A C{/v1/responses} line whose provider has no C{/responses} (FastAPI's 404: Ollama, an OpenAI-compatible
+    server) is sent again translated to chat completions, as the same request online is: its answer is a response
+    object, kept, and its follow-up line is sent the stored conversation (before: the 404 in the error file)."""
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    sdk = openai_client(gw, KEY)
+    try:
+        lines = [{"custom_id": "one", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": MODEL, "input": "Remember 42.", "instructions": "Be brief."}}]
+        batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+        assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 1, 0)
+        (out,) = await file_lines(sdk, batch.output_file_id)
+        body = out["response"]["body"]
+        assert out["response"]["status_code"] == 200 and body["object"] == "response"
+        assert body["output"][0]["content"][0]["text"] == "héhéhé" and body["instructions"] == "Be brief."
+        assert batch.usage.input_tokens > 0
+        chat = [r.body for r in fake.requests if r.path == b"/v1/chat/completions"][-1]
+        assert chat["messages"] == [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Remember 42."}]
+        kept = await in_thread(sdk.responses.retrieve, body["id"])
+        assert kept.output_text == "héhéhé"
+        lines = [{"custom_id": "two", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": MODEL, "input": "What number?", "previous_response_id": body["id"]}}]
+        batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+        (out,) = await file_lines(sdk, batch.output_file_id)
+        assert out["response"]["body"]["previous_response_id"] == body["id"]
+        chat = [r.body for r in fake.requests if r.path == b"/v1/chat/completions"][-1]
+        assert "Remember 42." in json.dumps(chat["messages"]) and chat["messages"][-1]["content"] == "What number?"
+    finally:
+        sdk.close()
+        await stop_all(gw, fake)
 
 
 @pytest_twisted.ensureDeferred

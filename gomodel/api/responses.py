@@ -34,8 +34,8 @@ from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
-from gomodel.translate.responses_chat import (ChatToResponsesStream, chat_to_response, request_to_chat, response_object,
-                                              truncated)
+from gomodel.translate.responses_chat import (ChatToResponsesStream, chat_to_response, no_native_route,
+                                              request_to_chat, response_object, truncated)
 from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error, without_address
@@ -326,12 +326,9 @@ class ResponsesRoute:
             answer = await self._exchange.read(provider, upstream, NOT_FOUND_BODY_LIMIT)
         except errors.BadUpstreamResponse:  # too large to be an error envelope
             raise upstream_error(404, b"", provider.name, provider.hidden) from None
-        try:
-            error = jsonutil.loads(answer).get("error")
-        except (jsonutil.JSONError, AttributeError):
-            error = None
-        if not isinstance(error, dict):
+        if no_native_route(404, answer):
             raise _NoNativeRoute()  # FastAPI's {"detail": "Not Found"}: no /responses here
+        error = jsonutil.loads(answer)["error"]
         previous_id = body.get("previous_response_id")
         if previous_id and previous_id in str(error.get("message", "")):
             if self._store is not None and await self._store.get(previous_id) is not None:

@@ -68,6 +68,7 @@ from gomodel.batches.validating import validate
 from gomodel.errors import (BadUpstreamResponse, BudgetExceeded, Conflict, GatewayError, NoReadyReplica, NotFound,
                             ReplicasBusy, StorageUnavailable, UpstreamUnreachable, shown)
 from gomodel.api.inference import held, key_priority, plan_model
+from gomodel.api.messages import MAX_COMPLETION_TYPES
 from gomodel.http.context import CLIENT_GONE, CLIENT_GONE_STATUS
 from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
@@ -76,7 +77,9 @@ from gomodel.proxy.sse import StreamIncomplete
 from gomodel.responses_history import (continued, error_hidden, names_previous, no_chosen_id, normalise_input, relink,
                                       unknown_previous, with_history, with_references)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
+from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
+from gomodel.translate.responses_chat import chat_to_response, no_native_route, request_to_chat
 from gomodel.upstream.errors import out_of_quota, upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
@@ -551,8 +554,8 @@ class BatchRunner(Service):
         try:
             payload = jsonutil.loads(body)
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
-            prefer = unheld = again = answer = None  # answer: what makes a successful answer the line's (None:
-            sending = payload  # it is, as it came); sending: the line's body as it goes upstream
+            prefer = unheld = again = answer = previous = None  # answer: what makes a successful answer the line's
+            sending = payload  # (None: it is, as it came); sending: the line's body as it goes upstream
             if path == "/responses" and "request_id" in payload:
                 await no_chosen_id(self._responses, payload, job.principal)
             if path == "/responses" and payload.get("previous_response_id") is not None:
@@ -571,6 +574,8 @@ class BatchRunner(Service):
                     again = partial(self._explicitly, payload, previous, route, job.principal)
                 else:  # (a master key's id the gateway does not hold: the upstream's 404 for it is OpenAI's 400)
                     unheld = payload["previous_response_id"]
+            if path == "/responses":  # (a provider without /responses: translated to chat completions, as online)
+                again = partial(self._responses_again, payload, previous, route, job.principal, again)
             if path == "/messages" and self._messages is not None:  # natively, or translated to chat
                 again = partial(self._translated, payload, route, fallbacks, job.principal)
                 sent, first, fallbacks, rebody, answer = self._messages.plan(
@@ -778,8 +783,6 @@ class BatchRunner(Service):
             self._account(job, path, outcome, f"{job.batch_id}-{line}", reserved)
             if path == "/responses" and 200 <= outcome.status < 300:  # (a failed one's error, as online)
                 outcome.body = error_hidden(outcome.provider, None, outcome.body)
-            if kept is not None and 200 <= outcome.status < 300:
-                self._keep_response(job, kept, outcome)
             if answer is not None and 200 <= outcome.status < 300:
                 try:
                     outcome.body = answer(outcome.body, outcome.model)
@@ -788,6 +791,8 @@ class BatchRunner(Service):
                 except (ValueError, TypeError):
                     outcome = _NoAnswer("bad_upstream_response", f"The upstream provider '{outcome.provider.name}' "
                                         "answered with something that is not a chat completion.")
+            if kept is not None and isinstance(outcome, _Answer) and 200 <= outcome.status < 300:
+                self._keep_response(job, kept, outcome)  # (as answered: a translated line's response object)
         ok, data = self._result(custom_id, outcome)
         await self._record(job, line, custom_id, ok, data)
 
@@ -826,6 +831,33 @@ class BatchRunner(Service):
         call = UpstreamCall("/responses", self._body_for(principal, body, route.upstream_model, route.provider),
                             model=route.upstream_model)
         return call, partial(_relinked, previous_id)
+
+    async def _responses_again(self, payload, previous, route, principal, explicitly, outcome):
+        """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous} or
+        None) again after its native C{outcome} failed: with its conversation explicit (C{explicitly}, the
+        L{_explicitly} of a line continuing a stored response, or None) where its instance forgot it, or
+        translated to chat completions where its first target has no C{/responses} (L{no_native_route}), as an
+        online create is, its answer made a response object naming the request's settings; else None.
+
+        @raise GatewayError: the line cannot be translated (L{request_to_chat}: a C{prompt}, an unknown item).
+        """
+        if explicitly is not None:
+            retried = await explicitly(outcome)
+            if retried is not None:
+                return retried
+        provider = route.provider
+        if outcome.provider.name != provider.name or not no_native_route(outcome.status, outcome.body):
+            return None
+        echo = dict(payload, model=route.upstream_model, store=payload.get("store") is not False)
+        body = echo if previous is None else await with_history(self._responses, echo, previous)
+        chat = request_to_chat(body, "max_completion_tokens" if provider.type in MAX_COMPLETION_TYPES
+                               else "max_tokens")
+        if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids are too long for OpenAI)
+            fit_call_ids(chat)
+        call = UpstreamCall("/chat/completions", self._body_for(principal, chat, route.upstream_model, provider),
+                            model=route.upstream_model)
+        now = int(self._clock.seconds())
+        return call, lambda answer, model: chat_to_response(answer, echo, now)
 
     def _translated(self, payload, route, fallbacks, principal, outcome):
         """C{(call, answer)} to send a message batch's line (C{payload}, planned for C{route} and C{fallbacks})

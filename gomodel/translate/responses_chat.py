@@ -36,6 +36,22 @@ _KEPT_UPSTREAM = (("conversation", "the conversation's items (chain turns with p
 # -- request --------------------------------------------------------------------
 
 
+def no_native_route(status: int, answer: bytes) -> bool:
+    """Whether a native Responses create answered with C{status} and C{answer} (bytes) says the provider has no
+    C{/responses}: a 405 or 501, or a 404 that is no OpenAI error envelope (FastAPI's C{{"detail": "Not Found"}});
+    a 404 in the envelope is the upstream's own (vLLM's for a previous response it does not hold)."""
+    if status in (405, 501):
+        return True
+    if status != 404:
+        return False
+    try:
+        error = jsonutil.loads(answer).get("error")
+    except (jsonutil.JSONError, AttributeError):
+        error = None
+    return not isinstance(error, dict)
+
+
+
 def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
     """The chat-completions body for a Responses request C{body} (model already rewritten), its
     C{max_output_tokens} as C{bound} (C{max_completion_tokens} for a provider whose reasoning models refuse
