@@ -161,3 +161,26 @@ def test_the_output_reserved_counts_the_bodys_own_sequences():
     assert requested_tokens(b'{"messages":[{"content":"x","n":9}],"max_tokens":16}') == 16  # (not the body's own)
     assert requested_tokens(b'{"max_tokens":16,"n":true}') == 16 and requested_tokens(b'{"n":4}') is None
     assert requested_tokens(b'{"max_tokens":16,"n":null,"content":"say \\"n\\""}') == 16
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_response_echoes_the_settings_a_native_one_does(translated):
+    """A translated response names the request's C{user}, C{safety_identifier}, C{prompt_cache_key},
+    C{max_tool_calls} and C{top_logprobs} as OpenAI's and vLLM's own response objects echo them, streamed or not
+    (before, each came back null: a client switching to a provider without a Responses API lost them); C{user}
+    still reaches the chat completion, the others have no chat meaning."""
+    sdk, fake = translated
+    settings = {"user": "u-1", "safety_identifier": "s-1", "prompt_cache_key": "conv-1", "max_tool_calls": 3,
+                "top_logprobs": 2}
+    answer = await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", **settings)
+    assert {name: getattr(answer, name) for name in settings} == settings
+    assert fake.requests[-1].body["user"] == "u-1" and "prompt_cache_key" not in fake.requests[-1].body
+    kept = await in_thread(sdk.responses.retrieve, answer.id)
+    assert {name: getattr(kept, name) for name in settings} == settings
+
+    def streamed():
+        with sdk.responses.stream(model="vllm/" + CHAT_MODEL, input="hi", **settings) as stream:
+            return stream.get_final_response()
+
+    final = await in_thread(streamed)
+    assert {name: getattr(final, name) for name in settings} == settings

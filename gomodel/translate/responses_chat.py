@@ -289,6 +289,9 @@ def _usage(usage):
             "output_tokens_details": {"reasoning_tokens": reasoning}}
 
 
+# Request settings a response object names as they came (null where not sent).
+_ECHOED = ("user", "safety_identifier", "prompt_cache_key", "max_tool_calls", "top_logprobs")
+
 # A chat finish_reason of an answer cut short -> the Responses API's incomplete_details.reason.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -315,6 +318,8 @@ def response_object(request: dict, response_id, created_at, model, status, outpu
         "top_p": request.get("top_p"), "truncation": "auto" if request.get("truncation") == "auto" else "disabled",
         "usage": usage,
         "metadata": request.get("metadata") or {},
+        # (settings without a chat meaning, echoed as OpenAI's and vLLM's own response objects echo them)
+        **{name: request.get(name) for name in _ECHOED},
     }
 
 
