@@ -10,7 +10,9 @@ it; C{setup.py} caps Twisted below the next major version for the same reason.
 """
 
 import errno
+import select
 import signal
+import sys
 from functools import partial
 from types import MethodType
 
@@ -18,7 +20,10 @@ import httptools
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import _WrappingProtocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import log
@@ -29,6 +34,7 @@ from twisted.web._newclient import (HTTP11ClientProtocol, HTTPParser, RequestNot
 from twisted.web.http import PotentialDataLoss, _DataLoss
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers, _nameEncoder
+from zope.interface import directlyProvidedBy
 
 
 def header_name(name: str) -> bytes:
@@ -142,6 +148,7 @@ class PromptClientProtocol(HTTP11ClientProtocol):
 
     def makeConnection(self, transport):
         prompt(transport)
+        unwrap(transport, self)
         super().makeConnection(transport)
 
     def request(self, request):
@@ -258,9 +265,16 @@ class AnswerParser(Protocol):
         try:
             self._parser.feed_data(data)
         finally:
-            if self._pieces:
-                self._deliver()
+            pieces = self._pieces
+            if pieces:  # (L{_deliver}'s steps, in this frame: a paced stream's every read brings one piece)
                 self._bare = 0
+                body = b"".join(pieces)  # (of one piece: that piece itself, not a copy)
+                pieces.clear()
+                response = self.response
+                if response._state == "CONNECTED":
+                    response._bodyProtocol.dataReceived(body)
+                else:
+                    _deliver_to(response, body)
             else:  # (a read without body: the head, a chunk's framing, the trailers; llhttp holds each header)
                 self._bare += len(data)
                 if self._bare > ANSWER_HEAD_LIMIT:
@@ -313,19 +327,11 @@ class AnswerParser(Protocol):
         self._in_body = True
 
     def _deliver(self):
-        """Hand the body pieces parsed so far to the response in one piece: C{Response._bodyDataReceived}'s
-        two states that take data, without its dispatcher."""
+        """Hand the body pieces parsed so far to the response in one piece (L{_deliver_to})."""
         pieces = self._pieces
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        body = b"".join(pieces)
         pieces.clear()
-        response = self.response
-        state = response._state
-        if state == "CONNECTED":
-            response._bodyProtocol.dataReceived(data)
-        elif state == "INITIAL":
-            response._bodyBuffer.append(data)
-        else:
-            response._bodyDataReceived(data)  # raises, as Twisted's parser would have it
+        _deliver_to(self.response, body)
 
     def on_message_complete(self):
         if self.response is None:
@@ -355,6 +361,18 @@ class AnswerParser(Protocol):
             response._bodyDataFinished(Failure(PotentialDataLoss()))
         else:
             response._bodyDataFinished(Failure(ResponseFailed([reason, Failure(_DataLoss())], response)))
+
+
+def _deliver_to(response, body):
+    """Hand C{body} to C{response}: C{Response._bodyDataReceived}'s two states that take data, without its
+    dispatcher."""
+    state = response._state
+    if state == "CONNECTED":
+        response._bodyProtocol.dataReceived(body)
+    elif state == "INITIAL":
+        response._bodyBuffer.append(body)
+    else:
+        response._bodyDataReceived(body)  # raises, as Twisted's parser would have it
 
 
 def _set_apart_named(plain, control, connection):
@@ -405,6 +423,20 @@ def read_again(response, body: bytes):
     again._bodyDataReceived(body)
     again._bodyDataFinished(_BODY_DONE)
     return again
+
+
+def unwrap(transport, protocol):
+    """Make C{transport} hand its events to C{protocol} itself where it hands them to a client endpoint's
+    C{_WrappingProtocol} of C{protocol} (which only passes each on once it told that the connection was made:
+    a call more on every read).
+
+    Called by C{protocol}'s C{makeConnection}, which the wrapper calls as the connection is made; a wrapper
+    that gives C{protocol} more than its events (the interfaces of a half-closeable protocol, a TLS
+    handshake listener, a receiver of file descriptors), or another transport, is left as it is."""
+    wrapper = getattr(transport, "protocol", None)
+    if (wrapper.__class__ is _WrappingProtocol and wrapper._wrappedProtocol is protocol
+            and not list(directlyProvidedBy(wrapper))):
+        transport.protocol = protocol
 
 
 class QuietClientFactory(_HTTP11ClientFactory):
@@ -665,10 +697,21 @@ class _Prompt:
         super().stopReading()
 
     def doRead(self):
+        """Read what came and hand it to the protocol: C{tcp.Connection}'s C{doRead} and C{_dataReceived} in
+        one frame (two calls more on every read)."""
         if self._pause_pending:  # paused: data waits in the kernel until resumeProducing
             self.stopReading()
             return None
-        return super().doRead()
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as se:
+            if se.args[0] == errno.EWOULDBLOCK:
+                return None
+            return CONNECTION_LOST
+        if not data:
+            return CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
 
 
 class _PromptServer(_Prompt, tcp.Server):
@@ -716,9 +759,14 @@ def dispatch_plainly(reactor) -> bool:
     return True
 
 
+_EPOLLIN = getattr(select, "EPOLLIN", None)  # (bytes to read, and nothing else: None where there is no epoll)
+
+
 def _plain_poll(self, timeout):
     """C{EPollReactor.doPoll}, each event handed to C{_doReadOrWrite} without the legacy log context (it
-    logs what a connection raises, as C{callWithLogger} would)."""
+    logs what a connection raises, as C{callWithLogger} would); an event that is only bytes to read (most:
+    each upstream read of a stream) has C{_doReadOrWrite}'s steps for it taken here, without its call and its
+    tests for a disconnection and a write."""
     if timeout is None:
         timeout = -1  # wait until something happens
     try:
@@ -731,9 +779,30 @@ def _plain_poll(self, timeout):
     dispatch = self._doReadOrWrite
     for fd, event in events:
         selectable = selectables.get(fd)
-        if selectable is not None:
+        if selectable is None:
+            continue
+        if event != _EPOLLIN:
             try:
                 dispatch(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.err(None, "Unhandled error handling an event")
+            continue
+        # Bytes to read, nothing else (most events): C{_doReadOrWrite}'s steps for them, in this frame.
+        in_read = False
+        try:
+            if selectable.fileno() == -1:
+                why = _NO_FILEDESC
+            else:
+                why = selectable.doRead()
+                in_read = True
+        except BaseException:
+            why = sys.exc_info()[1]
+            log.err()
+        if why:
+            try:
+                self._disconnectSelectable(selectable, why, in_read)
             except KeyboardInterrupt:
                 raise
             except BaseException:

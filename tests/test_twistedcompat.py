@@ -699,3 +699,100 @@ def test_a_unix_endpoints_path_is_where_strports_keeps_it():
 
     assert _twistedcompat.unix_socket_path(serverFromString(None, "unix:/run/gomodel.sock:mode=660")) == "/run/gomodel.sock"
     assert _twistedcompat.unix_socket_path(serverFromString(None, "tcp:8080")) is None
+
+
+def test_the_read_steps_a_prompt_connection_and_the_plain_poll_take_in_one_frame_are_twisteds():
+    # _Prompt.doRead is tcp.Connection's doRead and _dataReceived in one frame, and _plain_poll takes
+    # _doReadOrWrite's steps for an event that is only a read: a Twisted that changed them fails here.
+    from twisted.internet import posixbase
+
+    assert tcp.Server.doRead is tcp.Client.doRead is tcp.Connection.doRead
+    read = inspect.getsource(tcp.Connection.doRead)
+    assert "self.socket.recv(self.bufferSize)" in read and "return self._dataReceived(data)" in read
+    assert "EWOULDBLOCK" in read and "return main.CONNECTION_LOST" in read
+    received = inspect.getsource(tcp.Connection._dataReceived)
+    assert "return main.CONNECTION_DONE" in received and "self.protocol.dataReceived(data)" in received
+    steps = inspect.getsource(posixbase._PollLikeMixin._doReadOrWrite)
+    for step in ("if selectable.fileno() == -1:", "why = _NO_FILEDESC", "why = selectable.doRead()",
+                 "inRead = True", "why = sys.exc_info()[1]", "log.err()",
+                 "self._disconnectSelectable(selectable, why, inRead)"):
+        assert step in steps, step
+
+
+def test_a_plainly_dispatching_epoll_reactor_disconnects_a_reader_as_twisteds_does(logged_errors):
+    import socket
+
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.main import CONNECTION_DONE
+
+    reactor = EPollReactor()
+    assert _twistedcompat.dispatch_plainly(reactor)
+    ours, theirs = socket.socketpair()
+    lost = []
+
+    class Reader:
+        number = ours.fileno()
+
+        def fileno(self):
+            return self.number
+
+        def logPrefix(self):
+            return "Reader"
+
+        def doRead(self):
+            return CONNECTION_DONE if ours.recv(100) == b"done" else None
+
+        def connectionLost(self, reason):
+            lost.append(reason.type)
+
+    try:
+        reader = Reader()
+        reactor.addReader(reader)
+        theirs.send(b"done")
+        reactor.doIteration(1)  # what doRead returns ends the reader
+        assert lost == [ConnectionDone] and reader not in reactor.getReaders()
+        reader = Reader()
+        reactor.addReader(reader)
+        reader.number = -1  # (a closed one's, as Twisted's FileDescriptor says it)
+        theirs.send(b"more")
+        reactor.doIteration(1)
+        assert len(lost) == 2 and reader not in reactor.getReaders()
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+    assert not logged_errors
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_connection_hands_its_reads_to_the_http_protocol_itself(reactor):
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    from twisted.internet.protocol import Factory
+    from zope.interface import implementer
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    protocol = await connectProtocol(endpoint, _twistedcompat.PromptClientProtocol())
+    # No endpoint wrapper between the connection and the protocol: one call less on every read.
+    assert protocol.transport.protocol is protocol
+
+    @implementer(IHalfCloseableProtocol)
+    class HalfCloseable(Protocol):
+        def makeConnection(self, transport):
+            _twistedcompat.unwrap(transport, self)
+            super().makeConnection(transport)
+
+        def readConnectionLost(self):
+            pass
+
+        def writeConnectionLost(self):
+            pass
+
+    other = await connectProtocol(endpoint, HalfCloseable())
+    assert other.transport.protocol is not other  # (its wrapper gives it more than its events)
+    protocol.transport.loseConnection()
+    other.transport.loseConnection()
+    await port.stopListening()
+    await _turns(reactor, 2)
