@@ -109,6 +109,36 @@ def test_observer_looks_into_a_read_of_many_events_only_where_a_watched_word_is(
     assert responses.usage == {"input_tokens": 1, "output_tokens": 2}
 
 
+def test_a_chat_read_of_whole_plain_events_goes_as_it_came_without_the_framer():
+    """A read of whole LF events after whole events, none holding a watched word (a model's read of a token), is
+    passed on as it came and counted as the framer counts events, without the framer; any other read (half an
+    event, after half an event, CR line breaks, a watched word) goes through it, and what each gives is the same."""
+
+    class Unused(SSEFramer):
+        def feed(self, data):
+            raise AssertionError("framed")
+
+        feed_joined = feed
+
+    observer = ChatStreamObserver(strip_usage=True)
+    observer._framer = Unused()
+    for read in (CHUNK, CHUNK * 3, b"data: 1\n\n\n\n", CHUNK * 40):
+        assert observer.feed(read) is read
+    assert observer.events == 1 + 3 + 2 + 40
+
+    stream = (CHUNK + b"data: 1\n\n\n\n" + b"data: x\r\n\r\n" + CHUNK * 3 + b": comment\n\n" + USAGE + CHUNK
+              + b"data: [DONE]\n\n")
+    for size in (1, 7, len(CHUNK), len(CHUNK) + 1, 200, len(stream)):
+        observer, framed, out = ChatStreamObserver(strip_usage=True), SSEFramer(), b""
+        events = []
+        for i in range(0, len(stream), size):
+            out += observer.feed(stream[i:i + size])
+            events += framed.feed(stream[i:i + size])
+        assert out == b"".join(event for event in events if event != USAGE), size
+        assert observer.events == len(events) and observer.done, size
+        observer.finish()
+
+
 def test_chat_observer_reads_a_long_read_as_event_by_event():
     from gomodel import jsonutil
     from gomodel.proxy.sse import LONG_READ
@@ -328,23 +358,22 @@ class Harness:
 ROLE = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
 
 
-def test_relay_writes_at_once_up_to_the_first_token_then_per_read():
+def test_relay_writes_each_upstream_read_at_once_in_the_turn_it_came():
+    # The HTTP client hands over what one read brought in one delivery: each is written as it comes, the
+    # reads of a burst (no time between them) too, and nothing waits for a later turn.
     h = Harness()
     h.relay.dataReceived(ROLE)
     assert h.written().endswith(ROLE)  # no token yet: written at once
     h.relay.dataReceived(CHUNK)
-    assert h.written().endswith(CHUNK)  # the first token: written and sent at once
+    assert h.written().endswith(CHUNK)  # the first token
+    h.relay.dataReceived(CHUNK * 2)
+    assert h.written().count(CHUNK) == 3  # the next read, at once too
     h.relay.dataReceived(CHUNK)
-    assert h.written().count(CHUNK) == 1  # then batched until the read is over
-    h.clock.advance(0)
-    assert h.written().count(CHUNK) == 2
-    h.clock.advance(0.025)  # the next token, a read of its own: at once
-    h.relay.dataReceived(CHUNK)
-    assert h.written().count(CHUNK) == 3
-    h.relay.dataReceived(CHUNK)  # more of that same read: batched again
-    assert h.written().count(CHUNK) == 3
-    h.clock.advance(0)
     assert h.written().count(CHUNK) == 4
+    assert h.clock.getDelayedCalls() == []  # (no idle timeout: nothing scheduled)
+    h.clock.advance(0.025)
+    h.relay.dataReceived(CHUNK)
+    assert h.written().count(CHUNK) == 5
 
 
 class _Transport:
@@ -382,8 +411,6 @@ def test_relay_is_a_push_producer_that_moves_backpressure_upstream():
     h.relay.dataReceived(CHUNK)  # past the first token
     h.relay.dataReceived(b"data: 1\n")
     h.relay.dataReceived(b"\n")
-    assert b"data: 1" not in h.written()  # relayed once the read is over
-    h.clock.advance(0)
     assert h.written().count(b"data: 1\n\n") == 1
     h.relay.pauseProducing()
     assert h.upstream.producerState == "paused"
@@ -539,21 +566,6 @@ def test_upstream_failure_fails_finished():
     h.relay.finished.addErrback(failures.append)
     assert failures[0].check(ResponseFailed)
     assert h.clock.getDelayedCalls() == []
-
-
-def test_holds_token_finds_a_token_anywhere_in_a_long_read():
-    from gomodel.proxy.relay import TOKEN_TAIL, holds_token
-
-    token = b'data: {"delta":{"reasoning_content":"x"}}\n\n'
-    filler = b'data: {"type":"response.created","id":"r","content":""}\n\n'  # quotes, an empty content: no token
-    pad = filler * (3 * TOKEN_TAIL // len(filler))
-    assert not holds_token(pad) and not holds_token(filler)
-    assert holds_token(token) and holds_token(filler + token)
-    # the token before the tail, across its start and in it: found each time
-    for at in range(len(pad) - TOKEN_TAIL - 64, len(pad) - TOKEN_TAIL + 64):
-        read = pad[:at] + token + pad[at:]
-        assert holds_token(read), at
-    assert holds_token(token + pad) and holds_token(pad + token)
 
 
 def test_event_data_joins_every_data_line_whatever_the_events_shape():

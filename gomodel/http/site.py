@@ -132,7 +132,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             if self.chunked and data and not (self._encoder or self._inFakeHead or self.finished
                                               or self._disconnected):
                 self.sentLength += len(data)
-                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))  # (toChunk's)
+                self.channel.write(b"%x\r\n%b\r\n" % (len(data), data))  # (toChunk's, made one piece at once)
                 return
             super().write(data)
             return

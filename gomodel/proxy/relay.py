@@ -6,16 +6,12 @@ When the client leaves, the upstream connection is closed at once so vLLM
 aborts the generation. (Twisted's C{protocols/portforward.py} is the model:
 one object on both sides, pausing the other side's transport.)
 
-Latency first, then throughput: until the first generated token has gone
-out, every upstream delivery is written at once and handed to the kernel
-(time to first token). After that, a delivery that starts a new upstream read
-(nothing came for a millisecond: a model generating token by token) is also
-written and sent at once, in the reactor turn that read it; the deliveries
-that follow it within the same read are relayed together on the next turn
-(one write for a burst, not one per event).
+Each upstream read is relayed at once, in the reactor turn that read it: the
+upstream HTTP client hands over all the body one read brought in one delivery
+(L{gomodel._twistedcompat.AnswerParser}: one per read, not one per event), which
+is written to the client and handed to the kernel (a model's token reaches its
+client as soon as it came; a burst read at once leaves in one write).
 """
-
-import re
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -49,34 +45,10 @@ class UpstreamLingered(Exception):
     """The upstream's body did not end within L{END_LINGER} of the stream's proper end (the client has it all)."""
 
 
-# An SSE event carrying generated text: chat/completions content or text,
-# reasoning, tool-call arguments, a Responses API delta.
-_TOKEN = re.compile(rb'"(?:content|text|delta|reasoning_content|reasoning|arguments)":"[^"]')
-# Where a read is longer, its last this many bytes are looked at first (see holds_token).
-TOKEN_TAIL = 2048
-# Deliveries relayed one by one at most, waiting for the first token.
-EAGER_DELIVERIES = 8
-# A delivery this long after the previous one starts a new upstream read.
-READ_GAP = 0.001
 # Seconds the upstream's body has to end once the stream's proper end went out; then the upstream is
 # closed and the client's answer ends: the anthropic SDKs (and the openai SDK's Responses streams) read to
 # the body's end, not to the last event, and would wait the idle timeout for an upstream that holds it open.
 END_LINGER = 1.0
-
-
-def holds_token(out: bytes) -> bool:
-    """Whether C{out} (whole events) holds an event carrying generated text.
-
-    A read holding many events is looked at from its last L{TOKEN_TAIL} bytes first: its tokens, if
-    any, are mostly there, while its first events may be long objects of many quoted strings (a
-    Responses stream opens with two response objects, 2.5 KB), each quote a place the expression is
-    tried at.
-    """
-    start = len(out) - TOKEN_TAIL
-    if start <= 0:
-        return _TOKEN.search(out) is not None
-    # the rest: any match beginning before C{start} (ending within 32 bytes of it: the longest is 22)
-    return _TOKEN.search(out, start) is not None or _TOKEN.search(out, 0, start + 32) is not None
 
 
 @implementer(IStreamObserver)
@@ -119,10 +91,6 @@ class StreamRelay(Protocol):
     _stall_call = None
     _max_call = None
     _end_call = None  # once the stream's end went out: when the upstream's body must have ended
-    _inbox = ()  # the deliveries of a read relayed together on the next turn (a list once one waits)
-    _drain_call = None
-    _eager = EAGER_DELIVERIES
-    _last_delivery = 0.0
 
     def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
                  first_write=None, end_written=None, timers=None):
@@ -156,32 +124,24 @@ class StreamRelay(Protocol):
         self._arm_idle(self._idle_timeout)
 
     def dataReceived(self, data):
+        """Relay what one upstream read brought (the HTTP client's one delivery of it), and hand it to the kernel."""
         if self.finished.called:
             return
-        self._heard = now = self._clock.seconds()
-        if self._eager:
-            self._eager -= 1
-            self._last_delivery = now
-            out = self._relay(data)
-            if out and holds_token(out):
-                self._eager = 0
-                send_now(self._request.transport)
+        self._heard = self._clock.seconds()
+        try:
+            out = self.observer.feed(data)
+        except Exception as e:
+            self.rejected = True
+            self._fail(e)
             return
-        if self._drain_call is None:
-            gap, self._last_delivery = now - self._last_delivery, now
-            if gap >= READ_GAP:
-                # The first delivery of a new upstream read: out at once.
-                if self._relay(data):
-                    send_now(self._request.transport)
-                return
-        # An upstream read often holds many HTTP chunks (one per SSE event), each
-        # delivered here on its own: the rest of the read is relayed together once
-        # it is done (the next reactor turn), so a burst costs one write, not one per event.
-        if self._drain_call is None:
-            self._inbox = [data]
-            self._drain_call = self._clock.callLater(0, self._drain)
-        else:
-            self._inbox.append(data)
+        if out:
+            if not self.wrote:
+                self._wrote_first()
+            request = self._request
+            request.write(out)
+            if not self.end_written and getattr(self.observer, "done", False):
+                self._wrote_end()
+            send_now(request.transport)
 
     def relay_whole(self, body):
         """Relay C{body}, the upstream's whole body, come with its head (a short stream: L{gomodel._twistedcompat.
@@ -207,54 +167,35 @@ class StreamRelay(Protocol):
             ended = None
         except Exception as e:
             ended = e
-        if out:  # (L{_relay}'s bookkeeping, for a first write that is also the last)
-            self.wrote = True
-            if self._first_write is not None:
-                self._first_write()
-                self._first_write = None
+        if out:  # (L{dataReceived}'s bookkeeping, for a first write that is also the last)
+            self._wrote_first()
             request = self._request
             if ended is None and getattr(request, "write_takes_last", False):
                 request.write(out, True)
             else:
                 request.write(out)
             if getattr(observer, "done", False):
-                self.end_written = True
-                if self._end_written is not None:
-                    self._end_written()
+                self._wrote_end()
         if ended is None:
             fire_unwatched(self.finished)  # (nothing has added a callback yet)
         else:
             self.finished.errback(ended)
 
-    def _drain(self):
-        self._drain_call = None
-        inbox, self._inbox = self._inbox, ()
-        data = b"".join(inbox) if len(inbox) > 1 else inbox[0]
-        if not self.finished.called:
-            self._relay(data)
+    def _wrote_first(self):
+        """The first bytes of the body went to the client."""
+        self.wrote = True
+        if self._first_write is not None:
+            self._first_write()
+            self._first_write = None
 
-    def _relay(self, data):
-        """Pass C{data} through the observer to the client; return what was written."""
-        try:
-            out = self.observer.feed(data)
-        except Exception as e:
-            self.rejected = True
-            self._fail(e)
-            return None
-        if out:
-            if not self.wrote:
-                self.wrote = True
-                if self._first_write is not None:
-                    self._first_write()
-                    self._first_write = None
-            self._request.write(out)
-            if not self.end_written and getattr(self.observer, "done", False):
-                self.end_written = True
-                if self._end_written is not None:
-                    self._end_written()
-                if not self.upstream_done:
-                    self._end_call = self._timers.callLater(END_LINGER, self._lingered)
-        return out
+    def _wrote_end(self):
+        """The bytes holding the stream's proper end went to the client: the upstream's body has L{END_LINGER}
+        to end."""
+        self.end_written = True
+        if self._end_written is not None:
+            self._end_written()
+        if not self.upstream_done:
+            self._end_call = self._timers.callLater(END_LINGER, self._lingered)
 
     def _lingered(self):
         self._end_call = None
@@ -262,9 +203,6 @@ class StreamRelay(Protocol):
 
     def connectionLost(self, reason):
         self.upstream_done = True
-        if self._drain_call is not None:
-            self._drain_call.cancel()
-            self._drain()
         self._cancel_timers()
         if not self.finished.called:
             self._ended(reason)
@@ -361,16 +299,14 @@ class StreamRelay(Protocol):
 
     def _cancel_timers(self):
         """Cancel what is pending; most streams end with only the idle timer armed (the others None)."""
-        idle, stall, most, drain = self._idle_call, self._stall_call, self._max_call, self._drain_call
-        end = self._end_call
+        idle, stall, most, end = self._idle_call, self._stall_call, self._max_call, self._end_call
         if idle is not None:
             self._idle_call = None
             idle.cancel()  # (pending: L{_idle_check} forgets it as it fires)
-        if stall is not None or most is not None or drain is not None:
-            for call in (stall, most, drain):
+        if stall is not None or most is not None:
+            for call in (stall, most):
                 self._cancel(call)
-            self._stall_call = self._max_call = self._drain_call = None
-            self._inbox = ()
+            self._stall_call = self._max_call = None
         if end is not None:  # (still pending: L{_lingered} forgets it as it fires)
             self._end_call = None
             end.cancel()
