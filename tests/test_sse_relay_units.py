@@ -270,6 +270,30 @@ def test_responses_observer_reads_each_event_holding_a_watched_word_in_any_reads
                     assert observer.usage is None
 
 
+def test_a_responses_read_of_whole_plain_events_goes_as_it_came_without_the_framer():
+    class Unused(SSEFramer):
+        def feed_joined(self, data):
+            raise AssertionError("framed")
+
+    delta = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":4,'
+             b'"delta":"hi"}\n\n')
+    observer = ResponsesStreamObserver()
+    observer._framer = Unused()
+    for read in (delta, delta * 3, delta + b"\n\n"):
+        assert observer.feed(read) is read
+    assert observer.events == 5 and observer.next_sequence() == 5 and not observer.done
+    # Any other read goes through the framer, and the stream's counts and end are what its reads in one make them.
+    end = (b'event: response.completed\ndata: {"type":"response.completed","sequence_number":9,"response":'
+           b'{"id":"r","status":"completed","usage":{"input_tokens":1,"output_tokens":2}}}\n\n')
+    stream = delta * 2 + b"event: x\r\ndata: {}\r\n\r\n" + delta + end
+    for size in (1, 7, len(delta), len(delta) + 3, len(stream)):
+        observer = ResponsesStreamObserver()
+        out = b"".join(observer.feed(stream[i:i + size]) for i in range(0, len(stream), size))
+        assert out == stream and observer.events == 3 and observer.done and observer.next_sequence() == 10, size
+        assert observer.usage == {"input_tokens": 1, "output_tokens": 2}
+        observer.finish()
+
+
 def test_responses_observer_reads_a_long_read_from_its_last_event_as_event_by_event():
     from gomodel import jsonutil
     from gomodel.proxy.sse import LONG_READ
