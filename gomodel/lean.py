@@ -29,7 +29,8 @@ load on their first use instead (Python's C{importlib.util.LazyLoader}):
 about 1 MiB less per process. L{import_defer_without_asyncio} imports Twisted's C{defer} with a
 stand-in for the three names it takes of asyncio: 1.5 MiB less (38.3 -> 36.8 MiB at start).
 L{import_html_without_entities} imports C{html} (for its C{escape}) without its table of named character
-references, read on first use: 0.4 MiB less.
+references, read on first use: 0.4 MiB less. L{package_without_init} makes prometheus_client's package
+without its C{__init__}, which imports its HTTP servers and push clients: 0.5 MiB less.
 
 Nothing here imports Twisted.
 """
@@ -187,6 +188,34 @@ class _MappingOnRead(collections.abc.Mapping):
 
     def __len__(self):
         return len(self._mapping())
+
+
+def package_without_init(name):
+    """Make the package C{name} (not imported yet) without running its C{__init__}: its submodules import as
+    usual; the first read of any other name of it (C{from name import X}, C{name.X}) runs the C{__init__} then,
+    in the same module, and answers from it. prometheus_client's imports its HTTP servers and push clients
+    (L{gomodel.accounting.exposition}), which the gateway never uses.
+
+    @return: the package's module, from C{sys.modules} where it was imported already, or made as usual (its
+        C{__init__} run) where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    if name in sys.modules or os.environ.get("GOMODEL_EAGER_IMPORTS") == "1":
+        return importlib.import_module(name)
+    spec = importlib.util.find_spec(name)
+    package = importlib.util.module_from_spec(spec)  # (its __path__, __file__, __spec__: its submodules import)
+
+    def init_on_read(attribute):
+        if attribute.startswith("__"):  # (the import machinery's probes: no reason to run it)
+            raise AttributeError(attribute)
+        if importlib.util.find_spec(f"{name}.{attribute}") is not None:  # (C{from . import values} in a submodule)
+            return importlib.import_module(f"{name}.{attribute}")
+        del package.__getattr__
+        spec.loader.exec_module(package)
+        return getattr(package, attribute)
+
+    package.__getattr__ = init_on_read
+    sys.modules[name] = package
+    return package
 
 
 def _real_asyncio_attribute(name):

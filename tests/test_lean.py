@@ -60,7 +60,8 @@ def test_a_default_gateway_loads_nothing_it_does_not_use(tmp_path):
     unused = {"klein", "werkzeug", "yaml", "psycopg", "psycopg_pool", "redis", "opentelemetry", "OpenSSL",
               "cryptography", "twisted.application.internet", "automat", "twisted.trial",
               "gomodel.api.app", "gomodel.api.admin", "gomodel.api.files", "gomodel.api.batches",
-              "gomodel.accounting.tracing", "gomodel.store.postgresql", "gomodel.workers", "difflib"}
+              "gomodel.accounting.tracing", "gomodel.store.postgresql", "gomodel.workers", "difflib",
+              "prometheus_client.exposition", "http.server", "socketserver", "wsgiref.simple_server"}
     assert not {name for name in loaded if name in unused or name.split(".")[0] in unused}
     # what it does use (the default is everything on: metrics, usage in SQLite)
     assert {"prometheus_client", "sqlite3", "gomodel.api.plain", "gomodel.api.inference"} <= loaded
@@ -72,6 +73,29 @@ def test_what_is_configured_is_what_is_loaded(tmp_path):
     loaded = _loaded_once_built(tmp_path, dict(PLAIN_UPSTREAM, METRICS_ENABLED="false"), "--config", str(config))
     assert "yaml" in loaded
     assert "prometheus_client" not in loaded
+
+
+_PROMETHEUS_AFTER = """
+import prometheus_client
+left_out = [name for name in ("prometheus_client.exposition", "http.server", "wsgiref.simple_server")
+            if name in sys.modules]
+from prometheus_client import REGISTRY, Counter, generate_latest  # (a name of its own: its __init__ runs now)
+Counter("lean_total", "A counter.").inc()
+print(json.dumps({"left_out": left_out, "same": prometheus_client is sys.modules["prometheus_client"],
+                  "text": generate_latest(REGISTRY).decode().count("lean_total 1.0"),
+                  "servers": callable(prometheus_client.start_http_server)}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_prometheus_clients_package_is_made_without_its_http_servers_until_a_name_of_its_own_is_read(tmp_path, eager):
+    """A built gateway has prometheus_client's series, registry and multiprocess collector, not its C{__init__},
+    which imports its HTTP servers and push clients (the gateway writes its exposition itself); reading a name
+    of the package runs it then, in the same module. C{GOMODEL_EAGER_IMPORTS=1}: at import, as usual."""
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), "", _PROMETHEUS_AFTER))
+    servers = ["prometheus_client.exposition", "http.server", "wsgiref.simple_server"]
+    assert found == {"left_out": servers if eager else [], "same": True, "text": 1, "servers": True}
 
 
 _TLS_AFTER = """
@@ -105,7 +129,7 @@ def test_the_gomodel_command_leaves_the_standard_librarys_tls_out(tmp_path, keep
 
 _RARE = ("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes", "twisted.web.util", "multipart")
 _RARE_AFTER = f"_RARE = {_RARE!r}\n" + """
-first = {name: type(sys.modules[name]).__name__ for name in _RARE}
+first = {name: type(sys.modules[name]).__name__ if name in sys.modules else None for name in _RARE}
 import decimal, gzip, mimetypes, pdb, pty, getpass  # (an import statement reads the module: a first use)
 from twisted.web import util
 import multipart
@@ -130,7 +154,9 @@ def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first
     found = json.loads(_built_in_child(
         tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _RARE_AFTER))
     kind = "module" if eager else "_LazyModule"
-    assert found == {"first": dict.fromkeys(_RARE, kind),
+    # (gzip and mimetypes: prometheus_client's HTTP servers import them, which a lean gateway has not)
+    first = dict(dict.fromkeys(_RARE, kind), **({} if eager else {"gzip": None, "mimetypes": None}))
+    assert found == {"first": first,
                      "used": ["2.50", 7, "application/json", True, True, True, "<pre>&lt;a&gt;</pre>",
                               ["multipart/form-data", {"boundary": "b"}]],
                      "then": ["module"]}

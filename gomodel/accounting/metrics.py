@@ -28,13 +28,17 @@ from operator import add
 from gomodel.accounting.tokens import TOKEN_TYPES, audio_seconds, tokens_by_type
 from gomodel.errors import ShuttingDown
 from gomodel.http.context import CLIENT_GONE, CLIENT_STALLED, OK, STREAM_BROKEN, STREAM_MAX_DURATION
-from gomodel.lean import tls_stub
+from gomodel.lean import package_without_init, tls_stub
 from gomodel.periodic import Repeating
 
-with tls_stub():  # (its TLS exporters' defaults need ssl at import: never used here)
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from prometheus_client.core import GaugeMetricFamily
+with tls_stub():  # (its TLS exporters' defaults need ssl at import, where its __init__ is run: never used here)
+    package_without_init("prometheus_client")  # (its __init__ imports its HTTP servers: see .exposition)
+    from prometheus_client.metrics import Counter, Gauge, Histogram
+    from prometheus_client.metrics_core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+    from prometheus_client.registry import CollectorRegistry
+
+from gomodel.accounting import exposition  # noqa: E402 (after prometheus_client's package is made)
 
 # Seconds: from a millisecond relay to a ten-minute generation.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -125,8 +129,8 @@ class GatewayMetrics:
     def page(self, request) -> bytes:
         """The text exposition of every series (the C{METRICS_ENDPOINT} route)."""
         self.flush()
-        body = generate_latest(self._exposed)
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        body = exposition.text(self._exposed)
+        request.setHeader(b"content-type", exposition.CONTENT_TYPE.encode("ascii"))
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
 
