@@ -31,16 +31,19 @@ stand-in for the three names it takes of asyncio: 1.5 MiB less (38.3 -> 36.8 MiB
 L{import_html_without_entities} imports C{html} (for its C{escape}) without its table of named character
 references, read on first use: 0.4 MiB less. L{package_without_init} makes prometheus_client's package
 without its C{__init__}, which imports its HTTP servers and push clients: 0.5 MiB less.
+L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports.
 
 Nothing here imports Twisted.
 """
 
 import collections.abc
+import importlib.machinery
 import importlib.util
 import os
 import sys
 import types
 from contextlib import contextmanager
+from functools import partial
 
 # The modules left out, and the importers that take them as optional.
 _LEFT_OUT = frozenset({"ssl", "_ssl", "_hashlib"})
@@ -82,11 +85,14 @@ def leave_tls_out() -> bool:
 # PTYProcess), gzip (prometheus_client's gzip'd scrapes and push gateway) and mimetypes (http.server's file
 # serving, imported by prometheus_client) another 0.6 MiB; twisted.web.util (the web server's HTML error and
 # redirect pages, which the gateway never answers with: Twisted's templates, xml.sax, pyexpat, urlpath and
-# hyperlink come with it) 1.9 MiB; multipart (uploads' and audio's form parser) 0.15 MiB.
+# hyperlink come with it) 1.9 MiB; multipart (uploads' and audio's form parser) 0.15 MiB; http.cookiejar (Twisted's
+# compat names it a deprecated alias) with L{leave_cookiejar_out}.
 _RARE = {"pdb": "twisted.application.app", "getpass": "twisted.application.app",
          "decimal": "twisted.spread.jelly", "pty": "twisted.internet.process",
          "gzip": "prometheus_client.exposition", "mimetypes": "http.server",
-         "twisted.web.util": "twisted.web.server", "multipart": "gomodel.api.uploads"}
+         "twisted.web.util": "twisted.web.server", "multipart": "gomodel.api.uploads",
+         "http.cookiejar": "twisted.python.compat"}
+_LAZY = importlib.util._LazyModule  # (the type of a module made by a LazyLoader, not loaded yet)
 
 
 class _OnFirstUse:
@@ -128,16 +134,8 @@ def import_defer_without_asyncio() -> bool:
     if ("asyncio" in sys.modules or "twisted.internet.defer" in sys.modules or sys.version_info[:2] != (3, 11)
             or os.environ.get("GOMODEL_EAGER_IMPORTS") == "1"):
         return False
-    stand_in = types.ModuleType("asyncio", "A stand-in for asyncio while Twisted's defer is imported (gomodel.lean).")
-    stand_in.iscoroutine = _iscoroutine
-    stand_in.AbstractEventLoop = stand_in.Future = _Placeholder
-    stand_in.__getattr__ = _real_asyncio_attribute
-    sys.modules["asyncio"] = stand_in
-    try:
+    with _beside(_stand_in("asyncio", iscoroutine=_iscoroutine, AbstractEventLoop=_Placeholder, Future=_Placeholder)):
         importlib.import_module("twisted.internet.defer")
-    finally:
-        if sys.modules.get("asyncio") is stand_in:
-            del sys.modules["asyncio"]
     return True
 
 
@@ -153,15 +151,98 @@ def import_html_without_entities() -> bool:
     """
     if "html" in sys.modules or "html.entities" in sys.modules or os.environ.get("GOMODEL_EAGER_IMPORTS") == "1":
         return False
-    stand_in = types.ModuleType("html.entities", "A stand-in for html.entities while html is imported (gomodel.lean).")
-    stand_in.html5 = _MappingOnRead("html.entities", "html5")
-    sys.modules["html.entities"] = stand_in
-    try:
+    with _beside(_stand_in("html.entities", html5=_MappingOnRead("html.entities", "html5"))):
         importlib.import_module("html")
-    finally:
-        if sys.modules.get("html.entities") is stand_in:
-            del sys.modules["html.entities"]
     return True
+
+
+def leave_cookiejar_out() -> bool:
+    """From now on, Twisted's C{web.client} (the gateway's HTTP client) is imported with a stand-in for
+    C{http.cookiejar}, whose one name it takes, C{CookieJar}, it names in annotations only (strings: its
+    C{from __future__ import annotations}): the real module imports C{urllib.request}, C{http.client} and the C{email}
+    parser (about 0.7 MiB) for cookies the gateway never keeps. With L{load_rare_modules_on_use}, Twisted's compat,
+    the one other importer (a deprecated alias), gets it loaded on first use. The next C{import http.cookiejar} gets
+    the real module (any other name read of the stand-in too). The client is imported where it is (after
+    L{gomodel.tap} has kept OpenSSL out where no TLS is configured: its endpoints import it), not here.
+
+    @return: whether it was done: not where C{http.cookiejar} is loaded already (a module on first use is not), nor
+        where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    if _WebClientBeside in sys.meta_path:
+        return True
+    cookiejar = sys.modules.get("http.cookiejar")
+    if os.environ.get("GOMODEL_EAGER_IMPORTS") == "1" or (cookiejar is not None and type(cookiejar) is not _LAZY):
+        return False
+    sys.meta_path.insert(0, _WebClientBeside)
+    return True
+
+
+class _WebClientBeside:
+    """A meta path finder: C{twisted.web.client} is executed with a stand-in C{http.cookiejar} beside it, where
+    the real one is not loaded (L{leave_cookiejar_out})."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        cookiejar = sys.modules.get("http.cookiejar")
+        if name != "twisted.web.client" or (cookiejar is not None and type(cookiejar) is not _LAZY):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ExecBeside(spec.loader, _stand_in("http.cookiejar", CookieJar=_Placeholder))
+        return spec
+
+
+class _ExecBeside:
+    """A loader: its module executed by C{loader} with C{stand_in} beside it (L{_beside}); then the module's
+    loader is C{loader}, as if it had loaded it alone."""
+
+    def __init__(self, loader, stand_in):
+        self._loader = loader
+        self._stand_in = stand_in
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__spec__.loader = module.__loader__ = self._loader
+        with _beside(self._stand_in):
+            self._loader.exec_module(module)
+
+
+def _stand_in(name, **names):
+    """A module C{name} with C{names}, whose any other name read loads the real module and answers from it."""
+    module = types.ModuleType(name, f"A stand-in for {name} while one importer is imported (gomodel.lean).")
+    vars(module).update(names)
+    module.__getattr__ = partial(_real_attribute, module)
+    return module
+
+
+def _real_attribute(stand_in, attribute):
+    """A name read of a stand-in other than its own: the real module's, which it loads. Its own dunder names are
+    not there (the import machinery's C{hasattr(module, "__path__")} must not load it)."""
+    if attribute.startswith("__"):
+        raise AttributeError(attribute)
+    if sys.modules.get(stand_in.__name__) is stand_in:
+        del sys.modules[stand_in.__name__]
+    return getattr(importlib.import_module(stand_in.__name__), attribute)
+
+
+@contextmanager
+def _beside(stand_in):
+    """With C{stand_in} in C{sys.modules} under its module's name; then what was there before (nothing, or a module
+    loaded on first use) is there again, unless the real one was loaded since."""
+    name = stand_in.__name__
+    before = sys.modules.get(name)
+    sys.modules[name] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(name) is stand_in:
+            if before is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = before
+
 
 
 class _MappingOnRead(collections.abc.Mapping):
@@ -216,15 +297,6 @@ def package_without_init(name):
     package.__getattr__ = init_on_read
     sys.modules[name] = package
     return package
-
-
-def _real_asyncio_attribute(name):
-    """A name read of the stand-in other than its three: the real asyncio's, which it loads. Its own
-    dunder names are not there (the import machinery's C{hasattr(module, "__path__")} must not load it)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    sys.modules.pop("asyncio", None)
-    return getattr(importlib.import_module("asyncio"), name)
 
 
 # asyncio.coroutines.iscoroutine as CPython 3.11 has it (generators count; a positive type is remembered).

@@ -234,6 +234,44 @@ def test_the_gomodel_command_imports_html_without_its_named_character_references
                      "escape": "&lt;a&amp;&#x27;&gt;"}
 
 
+_COOKIEJAR_AFTER = """
+left_out = sorted({"urllib.request", "http.client", "email.parser"} - set(sys.modules))
+openssl = sys.modules.get("OpenSSL") is not None  # (the client came where the options had kept it out)
+first = type(sys.modules["http.cookiejar"]).__name__
+import twisted.web.client
+annotation = twisted.web.client.CookieJar.__name__
+from http.cookiejar import CookieJar  # (a first use: the real module)
+import urllib.request
+jar = CookieJar()
+agent = twisted.web.client.CookieAgent(object(), jar)
+print(json.dumps({"left_out": left_out, "first": first, "annotation": annotation, "jar": agent.cookieJar is jar,
+                  "openssl": openssl,
+                  "real": type(sys.modules["http.cookiejar"]).__name__ + " " + CookieJar.__module__,
+                  "request": urllib.request.Request("http://a.example/x").host}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_imports_twisteds_web_client_without_the_cookiejar_where_it_is_imported(tmp_path, eager):
+    """Twisted's web client (the gateway's) names C{http.cookiejar}'s C{CookieJar} in annotations only, and its
+    compat a deprecated alias of the module: the C{gomodel} command gives the client a stand-in and the compat the
+    module loaded on first use, so a built gateway has neither it nor C{urllib.request}, C{http.client} and the
+    C{email} parser it imports (about 0.7 MiB); used, it is the real module. C{GOMODEL_EAGER_IMPORTS=1}: the real one
+    at once."""
+    before = ("from gomodel.lean import import_defer_without_asyncio, leave_cookiejar_out, leave_tls_out, "
+              "load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "assert leave_cookiejar_out() is " + str(not eager) + "\n"
+              "import_defer_without_asyncio()\n"
+              "import twisted.scripts.twistd\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _COOKIEJAR_AFTER))
+    assert found == {"left_out": [] if eager else ["email.parser", "http.client", "urllib.request"],
+                     "first": "module" if eager else "_LazyModule", "annotation": "CookieJar" if eager else "_Placeholder",
+                     "jar": True, "openssl": False, "real": "module http.cookiejar", "request": "a.example"}
+
+
 @pytest.mark.parametrize("env", [{"REDIS_URL": "redis://127.0.0.1:6379/0"},
                                  {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/gomodel"}])
 def test_the_gomodel_command_builds_a_gateway_whose_drivers_load_tls(tmp_path, env):
