@@ -127,15 +127,17 @@ def test_the_gomodel_command_leaves_the_standard_librarys_tls_out(tmp_path, keep
                      "redis_ssl": True, "context": "SSLContext"}
 
 
-_RARE = ("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes", "twisted.web.util", "multipart")
+_RARE = ("pdb", "getpass", "decimal", "pty", "gzip", "mimetypes", "twisted.web.util", "multipart", "ipaddress")
 _RARE_AFTER = f"_RARE = {_RARE!r}\n" + """
 first = {name: type(sys.modules[name]).__name__ if name in sys.modules else None for name in _RARE}
 import decimal, gzip, mimetypes, pdb, pty, getpass  # (an import statement reads the module: a first use)
 from twisted.web import util
 import multipart
+import ipaddress
 used = [str(decimal.Decimal("1.25") * 2), len(gzip.decompress(gzip.compress(b"gomodel"))),
         mimetypes.guess_type("a.json")[0], callable(pdb.Pdb), callable(pty.openpty), callable(getpass.getuser),
-        util._PRE("<a>"), multipart.parse_options_header("multipart/form-data; boundary=b")]
+        util._PRE("<a>"), multipart.parse_options_header("multipart/form-data; boundary=b"),
+        ipaddress.ip_address("::1").version]
 print(json.dumps({"first": first, "used": used,
                   "then": sorted({type(sys.modules[name]).__name__ for name in first})}))
 """
@@ -145,7 +147,8 @@ print(json.dumps({"first": first, "used": used,
 def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first_use(tmp_path, eager):
     """Modules that twistd, Twisted's web server and prometheus_client import for paths the gateway never
     takes (a debugger, decimals of Perspective Broker, pseudo-terminals, gzip'd scrapes, mime types, the web
-    server's HTML error pages and their templates), and the form parser of uploads, are loaded on first use;
+    server's HTML error pages and their templates, urllib.parse's check of a bracketed host), and the form parser of
+    uploads, are loaded on first use;
     used, they are the real modules. C{GOMODEL_EAGER_IMPORTS=1}: loaded at import."""
     before = ("from gomodel.lean import leave_tls_out, load_rare_modules_on_use\n"
               "leave_tls_out()\n"
@@ -158,7 +161,7 @@ def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first
     first = dict(dict.fromkeys(_RARE, kind), **({} if eager else {"gzip": None, "mimetypes": None}))
     assert found == {"first": first,
                      "used": ["2.50", 7, "application/json", True, True, True, "<pre>&lt;a&gt;</pre>",
-                              ["multipart/form-data", {"boundary": "b"}]],
+                              ["multipart/form-data", {"boundary": "b"}], 6],
                      "then": ["module"]}
 
 

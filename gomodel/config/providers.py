@@ -6,7 +6,6 @@ C{replicas:} a list of C{{base_url, api_key?, weight?, max_concurrency?}}.
 The provider's key is sent to every replica that has none of its own.
 """
 
-import ipaddress
 import re
 from typing import Optional
 from urllib.parse import urlsplit
@@ -278,6 +277,8 @@ _ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses", 
 
 def _valid_host(netloc, hostname) -> bool:
     if netloc.startswith("["):
+        import ipaddress  # (here: urllib.parse, its one other importer, has it loaded on first use, gomodel.lean)
+
         try:
             ipaddress.IPv6Address(hostname)
         except ValueError:
