@@ -31,7 +31,7 @@ stand-in for the three names it takes of asyncio: 1.5 MiB less (38.3 -> 36.8 MiB
 L{import_html_without_entities} imports C{html} (for its C{escape}) without its table of named character
 references, read on first use: 0.4 MiB less. L{package_without_init} makes prometheus_client's package
 without its C{__init__}, which imports its HTTP servers and push clients: 0.5 MiB less.
-L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports.
+L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave_zipfile_out} C{zipfile}.
 
 Nothing here imports Twisted.
 """
@@ -169,27 +169,61 @@ def leave_cookiejar_out() -> bool:
     @return: whether it was done: not where C{http.cookiejar} is loaded already (a module on first use is not), nor
         where C{GOMODEL_EAGER_IMPORTS=1}.
     """
-    if _WebClientBeside in sys.meta_path:
+    return _import_beside("twisted.web.client", "http.cookiejar", CookieJar=_Placeholder)
+
+
+def leave_zipfile_out() -> bool:
+    """From now on, Twisted's C{python.modules} (its plugin system's module walk: twistd's and the C{--listen}
+    parser's plugins) is imported with a stand-in for C{twisted.python.zippath}, whose one name it takes,
+    C{ZipArchive}, it calls for a zip archive on the path only (none here): the real module imports C{zipfile}
+    (about 0.25 MiB). The stand-in's C{ZipArchive} loads it on its first call and answers from it.
+
+    @return: whether it was done: not where C{twisted.python.zippath} is loaded already, nor where
+        C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return _import_beside("twisted.python.modules", "twisted.python.zippath",
+                          ZipArchive=partial(_call_real, "twisted.python.zippath", "ZipArchive"))
+
+
+def _call_real(module, name, *args, **kwargs):
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+# Modules executed with a stand-in beside them (L{_Beside}): importee -> (the stand-in's module name, its names).
+_BESIDE = {}
+
+
+def _import_beside(importee, name, **names) -> bool:
+    """From now on, C{importee} is executed with a stand-in C{name} (L{_stand_in}) beside it, where the real one is
+    not loaded; return whether it was done (not where the real one is, nor where C{GOMODEL_EAGER_IMPORTS=1})."""
+    if importee in _BESIDE:
         return True
-    cookiejar = sys.modules.get("http.cookiejar")
-    if os.environ.get("GOMODEL_EAGER_IMPORTS") == "1" or (cookiejar is not None and type(cookiejar) is not _LAZY):
+    if os.environ.get("GOMODEL_EAGER_IMPORTS") == "1" or _real(name):
         return False
-    sys.meta_path.insert(0, _WebClientBeside)
+    _BESIDE[importee] = (name, names)
+    if _Beside not in sys.meta_path:
+        sys.meta_path.insert(0, _Beside)
     return True
 
 
-class _WebClientBeside:
-    """A meta path finder: C{twisted.web.client} is executed with a stand-in C{http.cookiejar} beside it, where
-    the real one is not loaded (L{leave_cookiejar_out})."""
+def _real(name) -> bool:
+    """Whether module C{name} is loaded (a module on first use, not loaded yet, is not)."""
+    module = sys.modules.get(name)
+    return module is not None and type(module) is not _LAZY
+
+
+class _Beside:
+    """A meta path finder: a module of L{_BESIDE} is executed with its stand-in beside it, where the real one is
+    not loaded."""
 
     @staticmethod
     def find_spec(name, path=None, target=None):
-        cookiejar = sys.modules.get("http.cookiejar")
-        if name != "twisted.web.client" or (cookiejar is not None and type(cookiejar) is not _LAZY):
+        if name not in _BESIDE or _real(_BESIDE[name][0]):
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _ExecBeside(spec.loader, _stand_in("http.cookiejar", CookieJar=_Placeholder))
+            stand_in, names = _BESIDE[name]
+            spec.loader = _ExecBeside(spec.loader, _stand_in(stand_in, **names))
         return spec
 
 

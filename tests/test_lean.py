@@ -275,6 +275,39 @@ def test_the_gomodel_command_imports_twisteds_web_client_without_the_cookiejar_w
                      "jar": True, "openssl": False, "real": "module http.cookiejar", "request": "a.example"}
 
 
+_ZIPFILE_AFTER = """
+left_out = sorted({"zipfile", "twisted.python.zippath"} - set(sys.modules))
+from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.plugin import getPlugins
+parsers = len(list(getPlugins(IStreamServerEndpointStringParser)))  # (a walk of the plugin packages)
+still = sorted({"zipfile", "twisted.python.zippath"} - set(sys.modules))
+import zipfile
+with zipfile.ZipFile("a.zip", "w") as archive:
+    archive.writestr("pkg/__init__.py", "")
+from twisted.python import modules
+archive = modules.ZipArchive("a.zip")
+print(json.dumps({"left_out": left_out, "still": still, "parsers": parsers > 0, "archive": type(archive).__name__,
+                  "listed": archive.listdir()}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_imports_twisteds_module_walk_without_zipfile(tmp_path, eager):
+    """Twisted's module walk (its plugin system: twistd's, the C{--listen} parser's) calls C{zippath.ZipArchive} for a
+    zip archive on the path only: the C{gomodel} command gives it a stand-in that loads the real one on its first call,
+    so neither C{zippath} nor C{zipfile} is loaded, nor after a walk of the plugins; called, it is the real one.
+    C{GOMODEL_EAGER_IMPORTS=1}: the real one at once."""
+    before = ("from gomodel.lean import leave_tls_out, leave_zipfile_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "assert leave_zipfile_out() is " + str(not eager) + "\n"
+              "import twisted.scripts.twistd\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _ZIPFILE_AFTER))
+    out = [] if eager else ["twisted.python.zippath", "zipfile"]
+    assert found == {"left_out": out, "still": out, "parsers": True, "archive": "ZipArchive", "listed": ["pkg"]}
+
+
 @pytest.mark.parametrize("env", [{"REDIS_URL": "redis://127.0.0.1:6379/0"},
                                  {"STORAGE_TYPE": "postgresql", "POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/gomodel"}])
 def test_the_gomodel_command_builds_a_gateway_whose_drivers_load_tls(tmp_path, env):
