@@ -309,8 +309,9 @@ class _MappingOnRead(collections.abc.Mapping):
 def package_without_init(name):
     """Make the package C{name} (not imported yet) without running its C{__init__}: its submodules import as
     usual; the first read of any other name of it (C{from name import X}, C{name.X}) runs the C{__init__} then,
-    in the same module, and answers from it. prometheus_client's imports its HTTP servers and push clients
-    (L{gomodel.accounting.exposition}), which the gateway never uses.
+    in the same module, and answers from it. prometheus_client's imports its HTTP servers and push clients,
+    which the gateway never uses (its C{exposition} module, loaded at the first scrape:
+    L{gomodel.accounting.metrics.GatewayMetrics.page}).
 
     @return: the package's module, from C{sys.modules} where it was imported already, or made as usual (its
         C{__init__} run) where C{GOMODEL_EAGER_IMPORTS=1}.

@@ -90,7 +90,7 @@ print(json.dumps({"left_out": left_out, "same": prometheus_client is sys.modules
 @pytest.mark.parametrize("eager", [False, True])
 def test_prometheus_clients_package_is_made_without_its_http_servers_until_a_name_of_its_own_is_read(tmp_path, eager):
     """A built gateway has prometheus_client's series, registry and multiprocess collector, not its C{__init__},
-    which imports its HTTP servers and push clients (the gateway writes its exposition itself); reading a name
+    which imports its HTTP servers and push clients (loaded at the first scrape of /metrics); reading a name
     of the package runs it then, in the same module. C{GOMODEL_EAGER_IMPORTS=1}: at import, as usual."""
     found = json.loads(_built_in_child(
         tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), "", _PROMETHEUS_AFTER))

@@ -32,13 +32,11 @@ from gomodel.lean import package_without_init, tls_stub
 from gomodel.periodic import Repeating
 
 with tls_stub():  # (its TLS exporters' defaults need ssl at import, where its __init__ is run: never used here)
-    package_without_init("prometheus_client")  # (its __init__ imports its HTTP servers: see .exposition)
+    package_without_init("prometheus_client")  # (its __init__ imports its HTTP servers: see L{GatewayMetrics.page})
     from prometheus_client.metrics import Counter, Gauge, Histogram
     from prometheus_client.metrics_core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
     from prometheus_client.registry import CollectorRegistry
-
-from gomodel.accounting import exposition  # noqa: E402 (after prometheus_client's package is made)
 
 # Seconds: from a millisecond relay to a ten-minute generation.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -127,10 +125,15 @@ class GatewayMetrics:
             self._exposed.register(ReplicaCollector(pools))
 
     def page(self, request) -> bytes:
-        """The text exposition of every series (the C{METRICS_ENDPOINT} route)."""
+        """The text exposition of every series (the C{METRICS_ENDPOINT} route), prometheus_client's own
+        C{generate_latest}: its module, which imports its HTTP servers and push clients (never used here), is
+        loaded at the first scrape, not by every process at start."""
+        with tls_stub():  # (its push clients' TLS defaults, as at start)
+            from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
         self.flush()
-        body = exposition.text(self._exposed)
-        request.setHeader(b"content-type", exposition.CONTENT_TYPE.encode("ascii"))
+        body = generate_latest(self._exposed)
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
 
