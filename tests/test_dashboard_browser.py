@@ -1892,19 +1892,25 @@ async def _across_midnight(gw, zone):
     them, whatever the time: the zone's and UTC's totals of today differ): its start (an aware datetime). (At the
     start itself, not after it: a record never in the future, the test need not wait for the day's first minute.)
     A test of them runs under L{within_one_day}: the zone's day may end while it runs."""
-    from gomodel.store.records import USAGE_FIELDS
-
     tz = ZoneInfo(zone)
     midnight = datetime.combine(datetime.now(tz).date(), datetime.min.time(), tz)
+    await _add_usage(gw, [("yesterday-there", midnight.timestamp() - 60, 1000),
+                          ("today-there", midnight.timestamp(), 20000)])
+    return midnight
+
+
+async def _add_usage(gw, rows):
+    """Write a usage record of C{MODEL} for each C{(request_id, timestamp, input_tokens)} of C{rows} in C{gw}'s
+    ledger (one output token each)."""
+    from gomodel.store.records import USAGE_FIELDS
+
     base = dict.fromkeys(USAGE_FIELDS)
     base.update(provider="vllm", provider_name="vllm", replica=0, model=MODEL, endpoint="/v1/chat/completions",
                 status_code=200, stream=False, output_tokens=1, client_gone=False, estimated=False, outcome="ok",
                 duration_ms=40, ttft_ms=None)
-    rows = [("yesterday-there", midnight.timestamp() - 60, 1000), ("today-there", midnight.timestamp(), 20000)]
     await gw.service.store.usage.add([tuple(dict(base, request_id=request_id, timestamp=at, input_tokens=tokens,
                                                  total_tokens=tokens + 1)[name] for name in USAGE_FIELDS)
                                       for request_id, at, tokens in rows])
-    return midnight
 
 
 async def _summary_today(gw, key, zone=None):
@@ -2031,6 +2037,45 @@ async def _an_unknown_zone_today(reactor, tmp_path):
             assert not b.all("#usage-messages .note-error")
             entries, violations = b.logs()  # (the refused zone's 400)
             assert not violations and entries and all("400" in e["message"] for e in entries), entries
+
+        await in_thread(page)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dates_picked_but_not_applied_leave_every_view_on_the_window_shown(reactor, tmp_path):
+    """Picking "Dates…" only opens the date fields: until Apply, the tables, the log and their CSVs stay of the
+    window the range and the totals show (before, a tab or a filter then read the API's default 30 days: a table of
+    a record three weeks old under a range and totals of the last 7 days)."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (gw, b):
+        now = time.time()
+        await _add_usage(gw, [("this-week", now, 10), ("weeks-ago", now - 20 * 86400, 20)])
+
+        def page():
+            from selenium.webdriver.support.ui import Select
+
+            b.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "UTC"})
+            b.sign_in()
+            b.go("usage")
+            b.wait(lambda d: b.texts("#log-table .request-id") == ["this-week"], "the last 7 days' record")
+            shown = b.text_of("#usage-range")
+            Select(b.one("#usage-days")).select_by_value("custom")
+            b.click("button[data-group='provider']")
+            b.wait(lambda d: "Provider" in b.texts("#usage-table th"), "the providers' table")
+            assert b.texts("#usage-table td[data-label='Requests']") == ["1"]
+            b.js("document.querySelector('#log-table').replaceChildren()")
+            b.click("#log-filters button[type=submit]")
+            b.wait(lambda d: b.texts("#log-table .request-id"), "the log read again")
+            assert b.texts("#log-table .request-id") == ["this-week"]
+            assert b.text_of("#usage-range") == shown
+            # applied, the dates are the window of every view
+            today = datetime.now(ZoneInfo("UTC")).date()
+            for field, value in (("#usage-start", today - timedelta(days=25)), ("#usage-end", today)):
+                b.js("arguments[0].value = arguments[1]", b.one(field), value.isoformat())
+            b.click("#usage-days ~ .dates button")
+            b.wait(lambda d: sorted(b.texts("#log-table .request-id")) == ["this-week", "weeks-ago"], "both records")
+            b.wait(lambda d: b.texts("#usage-table td[data-label='Requests']") == ["2"], "both in the table")
+            b.assert_clean()
 
         await in_thread(page)
 

@@ -41,15 +41,19 @@ export function mount(el) {
 
   // -- the window --------------------------------------------------------------------------
   const range = h("span", {class: "muted", id: "usage-range"});
+  // "Dates…" only opens the date fields: the window (state.days) changes on Apply, and until then every view (a
+  // tab, a filter, a CSV) is of the window the range and totals show.
   const days = h("select", {id: "usage-days", "aria-label": "Window", onchange: () => {
+    dates.hidden = days.value !== "custom";
+    if (days.value === "custom") return;
     state.days = days.value;
-    dates.hidden = state.days !== "custom";
-    if (state.days !== "custom") reload();
+    reload();
   }}, WINDOWS.map(([value, text]) => h("option", {value, text, selected: value === state.days})));
   const start = h("input", {type: "date", id: "usage-start", value: state.start, "aria-label": "Start date"});
   const end = h("input", {type: "date", id: "usage-end", value: state.end, "aria-label": "End date"});
   const dates = h("span", {class: "dates", hidden: state.days !== "custom"}, start, " – ", end,
     button("Apply", () => {
+      state.days = "custom";
       state.start = start.value;
       state.end = end.value;
       reload();
