@@ -2080,6 +2080,40 @@ async def test_dates_picked_but_not_applied_leave_every_view_on_the_window_shown
         await in_thread(page)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_message_batch_older_than_a_batch_not_yet_loaded_waits_for_load_more(reactor, tmp_path):
+    """The batches page reads 100 of each list (OpenAI's, Anthropic's) at a time: a message batch older than
+    OpenAI's 101st batch is shown after Load more, with it, not at the end of the first 100 as if nothing came
+    between them (before, it was, and the OpenAI batch newer than it was missing from the list)."""
+    import anthropic
+
+    from tests.stores import batch
+
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (gw, b):
+        client = anthropic.Anthropic(base_url=gw.url, api_key=master, max_retries=0)
+        message = await in_thread(client.messages.batches.create, requests=[{"custom_id": "a", "params": {
+            "model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}}])
+        now = int(time.time())
+        await gw.service.store.batches.update(message.id, {"created_at": now - 1000})
+        for i in range(101):  # (finished: never run)
+            await gw.service.store.batches.add(batch(f"batch_old_{i:03}", "completed", created_at=now - 900 + i))
+
+        def page():
+            b.sign_in()
+            b.go("batches")
+            b.wait(lambda d: b.all("#batches-list .batch-row") and b.all(".pager button"), "the first 100 batches")
+            ids = b.texts("#batches-list .batch-id")
+            assert message.id not in ids and len(ids) == 100 and ids[-1] == "batch_old_001"
+            b.click(".pager button")
+            b.wait(lambda d: len(b.texts("#batches-list .batch-id")) == 102, "every batch")
+            assert b.texts("#batches-list .batch-id")[-2:] == ["batch_old_000", message.id]
+            assert not b.all(".pager button")
+            b.assert_clean()
+
+        await in_thread(page)
+
+
 # -- on a PostgreSQL store that goes away (a gateway and a browser of their own) -----------------
 
 

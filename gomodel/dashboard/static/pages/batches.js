@@ -36,8 +36,13 @@ export function mount(el) {
     try {
       const [openai, anthropic] = await Promise.all([pages("/v1/batches", "after"),
         pages("/v1/messages/batches", "after_id")]);
-      const batches = openai.data.map((b) => Object.assign({route: "/v1/batches"}, b))
-        .concat(anthropic.data.map(fromMessageBatch))
+      const lists = [[openai, openai.data.map((b) => Object.assign({route: "/v1/batches"}, b))],
+        [anthropic, anthropic.data.map(fromMessageBatch)]];
+      // A list with more to read is read down to its oldest batch shown: the other's older than that wait for
+      // Load more, with the batches of this one that come between them.
+      const from = Math.max(-Infinity, ...lists.filter(([list, data]) => list.hasMore && data.length)
+        .map(([, data]) => Math.min(...data.map((b) => b.created_at))));
+      const batches = lists.flatMap(([, data]) => data).filter((b) => b.created_at >= from)
         .sort((a, b) => b.created_at - a.created_at);
       const hasMore = openai.hasMore || anthropic.hasMore;
       if (stopped || mine < drawn) return; // (read before the list drawn: a batch cancelled since shows as running)
