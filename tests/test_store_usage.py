@@ -104,6 +104,26 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_log_is_newest_first_by_the_requests_time_whatever_order_its_records_were_written_in(store):
+    """A record is written when its request ends (a long stream's after the requests begun and ended meanwhile), by
+    whichever process served it: the log, and each of its pages, is newest first by the request's time (ties: the
+    one written last first). Before, it was in the order written: the dashboard's request log showed a stream begun
+    at 10:00 above the requests of 10:05."""
+    usage = store.usage
+    await usage.add([row("a", 300.0), row("b", 200.0), row("c", 300.0)])
+    await usage.add([row("stream", 100.0), row("late", 250.0)])
+    records, cursor = await usage.log(0, 1e9, 2)
+    assert [r["request_id"] for r in records] == ["c", "a"]
+    records, cursor = await usage.log(0, 1e9, 2, before=cursor)
+    assert [r["request_id"] for r in records] == ["late", "b"]
+    records, cursor = await usage.log(0, 1e9, 2, before=cursor)
+    assert ([r["request_id"] for r in records], cursor) == (["stream"], None)
+    paged, cursor = await usage.log(0, 1e9, 2, offset=1)
+    assert [r["request_id"] for r in paged] == ["a", "late"]
+    assert [r["request_id"] for r in (await usage.log(0, 1e9, 5, before=cursor))[0]] == ["b", "stream"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_log_search_matches_its_text_literally(store):
     """C{%}, C{_} and the escape character are no LIKE wildcards: a search finds the ids holding its text
     (in any case)."""

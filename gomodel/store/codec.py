@@ -129,6 +129,21 @@ def usage_where(start, end, filters, clauses, mark, below):
     return where, args
 
 
+# The usage log's order (L{gomodel.store.interfaces.IUsageStore.log}): newest first by the request's time, whatever
+# order the records were written in (a long stream's when it ended, another process's at its flush).
+LOG_ORDER = "ORDER BY timestamp DESC, id DESC"
+
+
+def log_after(before, mark):
+    """The C{WHERE} clause and its arguments of the usage log's records after the record C{before} (the previous
+    page's cursor, an id) in L{LOG_ORDER}; an id no record has (any number a client sends): those of older ids.
+
+    @param mark: the dialect's placeholder (C{?}, C{%s}).
+    """
+    cursor = f"(SELECT timestamp FROM usage WHERE id = {mark})"
+    return f"(({cursor} IS NULL AND id < {mark}) OR (timestamp, id) < ({cursor}, {mark}))", [before] * 4
+
+
 # A background response's watch (L{gomodel.store.interfaces.IBackgroundWatches}): its columns as given and
 # taken, then who watches it and until when.
 WATCH_COLUMNS = ("id", "request_id", "key_id", "user_path", "provider", "replica", "response", "since")

@@ -439,9 +439,11 @@ class IUsageStore(Interface):
         """
 
     def log(start, end, limit, before=None, filters=None, offset=0):
-        """Records of the window, newest first.
+        """Records of the window, newest first by their C{timestamp} (the request's start; ties: the one written
+        last first), whatever order they were written in.
 
-        @param before: a record C{id}: only older records (the cursor of the previous page).
+        @param before: a record C{id} (the cursor of the previous page): only the records after it in that order
+            (an id no record has: those of older ids).
         @param offset: how many of the (older) records to pass over first (GoModel's paging).
         @param filters: any of C{model}, C{provider} (type or name), C{status}, C{outcome}, C{search} (in the request id,
             the model or the provider), C{key} (a managed key's id), C{keyless} (True: the records of no

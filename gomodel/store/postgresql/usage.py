@@ -6,7 +6,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
-from gomodel.store.codec import OUTCOME, SEARCHED, spent_many, usage_columns, usage_where
+from gomodel.store.codec import (LOG_ORDER, OUTCOME, SEARCHED, log_after, spent_many, usage_columns,
+                                 usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.postgresql.database import in_batches
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
@@ -130,11 +131,12 @@ class PostgreSQLUsageStore:
     def _log(conn, start, end, limit, before, filters, offset):
         where, args = _where(start, end, filters)
         if before is not None:
-            where.append("id < %s")
-            args.append(before)
+            clause, more = log_after(before, "%s")
+            where.append(clause)
+            args += more
         rows = conn.cursor(row_factory=dict_row).execute(
             f"SELECT id, {usage_columns(COLUMNS)} FROM usage WHERE {' AND '.join(where)} "
-            f"ORDER BY id DESC LIMIT %s OFFSET %s",
+            f"{LOG_ORDER} LIMIT %s OFFSET %s",
             (*args, limit + 1, offset)).fetchall()
         records = rows[:limit]
         return records, (records[-1]["id"] if len(rows) > limit else None)

@@ -3,7 +3,8 @@ store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thr
 
 from zope.interface import implementer
 
-from gomodel.store.codec import OUTCOME, SEARCHED, spent_many, usage_columns, usage_where
+from gomodel.store.codec import (LOG_ORDER, OUTCOME, SEARCHED, log_after, spent_many, usage_columns,
+                                 usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -61,11 +62,12 @@ class SQLiteUsageStore:
     def _log(self, start, end, limit, before, filters, offset):
         where, args = _where(start, end, filters)
         if before is not None:
-            where.append("id < ?")
-            args.append(before)
+            clause, more = log_after(before, "?")
+            where.append(clause)
+            args += more
         rows = self._db.conn().execute(
             f"SELECT id, {usage_columns(COLUMNS)} FROM usage WHERE {' AND '.join(where)} "
-            f"ORDER BY id DESC LIMIT ? OFFSET ?",
+            f"{LOG_ORDER} LIMIT ? OFFSET ?",
             (*args, limit + 1, offset)).fetchall()
         records = [_record(row) for row in rows[:limit]]
         return records, (records[-1]["id"] if len(rows) > limit else None)
