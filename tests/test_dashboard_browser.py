@@ -1701,6 +1701,28 @@ async def test_a_long_name_cut_on_a_bar_chart_keeps_its_characters_whole(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_latency_line_stops_where_no_request_was_served(env):
+    """The overview's latency and time to first token are null in a minute (hour, day) with no request: the line
+    stops there and takes up again after it, and a busy minute alone is a dot (charts.js isolated()); before, the
+    line was drawn across the idle minutes as if requests had been timed there (spanGaps)."""
+    b = env.browser
+
+    def segments():
+        b.go("overview")
+        return b.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "import('/admin/static/charts.js').then((charts) => {"
+            "  const box = document.createElement('div'); box.className = 'chart-box'; document.body.append(box);"
+            "  const c = charts.chart(box, {type: 'line', series: [{label: 'latency p50', color: '#000000'}]});"
+            "  charts.update(c, ['a', 'b', 'c', 'd', 'e', 'f'], [[5, 6, null, null, 7, 8]]);"
+            "  const shown = c.getDatasetMeta(0).dataset.segments.map((s) => [s.start, s.end]);"
+            "  c.destroy(); box.remove(); done(shown);"
+            "})")
+
+    assert await in_thread(segments) == [[0, 1], [4, 5]]
+
+
+@pytest_twisted.ensureDeferred
 async def test_costs_are_grouped_in_thousands_as_counts_are(env):
     """A cost (dom.js cost(): the usage page's, a cost budget's) reads as the token counts beside it do: 12,345,678.50,
     never "12345678.50"; below a cent, six places."""

@@ -46,7 +46,7 @@ export function chart(box, {type = "line", labels = [], series = [], yTitle, sta
       animation: false,
       interaction: {mode: "index", intersect: false},
       plugins: {legend: {position: "bottom", labels: {boxWidth: 12}}},
-      spanGaps: true,
+      spanGaps: false, // (a bucket with nothing timed is null: the line stops there, see isolated())
       scales,
     },
   });
