@@ -1526,17 +1526,29 @@ async def test_the_request_logs_pages_are_turned_from_the_keyboard(env):
     def focused():
         return b.js("const e = document.activeElement; return e.closest('.pager') ? e.textContent : e.tagName")
 
+    def press_enter_on(text):
+        """Focus the pager's button C{text} and press Enter on it; again where the pager was drawn anew between the
+        two (the log's refresh, on a loaded machine: the focused element gone)."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        for _ in range(5):
+            focus(text)
+            try:
+                b.driver.switch_to.active_element.send_keys(Keys.ENTER)
+                return
+            except StaleElementReferenceException:
+                continue
+        raise AssertionError(f"the pager's {text} was drawn anew five times in a row")
+
     def pages():
         b.go("usage")
         b.fill("#log-search", "pager-")
         b.one("#log-search").submit()
         b.wait(lambda d: "page 1" in b.text_of(".pager") and len(b.texts("#log-table .request-id")) == 50, "page 1")
-        focus("Older →")
-        b.driver.switch_to.active_element.send_keys(Keys.ENTER)
+        press_enter_on("Older →")
         b.wait(lambda d: "page 2" in b.text_of(".pager"), "page 2")
         assert focused() == "Newest"  # (Older: disabled on the last page)
-        focus("← Newer")
-        b.driver.switch_to.active_element.send_keys(Keys.ENTER)
+        press_enter_on("← Newer")
         b.wait(lambda d: "page 1" in b.text_of(".pager"), "page 1 again")
         assert focused() == "Older →"
         b.driver.switch_to.active_element.send_keys(Keys.ENTER)
