@@ -14,6 +14,7 @@ import select
 import signal
 import sys
 from functools import partial
+from operator import attrgetter
 from types import MethodType
 
 import httptools
@@ -64,10 +65,10 @@ def keep_headers(headers: dict, pairs: list):
 _CANONICAL_NAMES = _nameEncoder._canonicalHeaderCache
 
 
-def plain_headers(headers) -> dict:
-    """The dict C{headers} (a L{Headers}) keeps: name (made with L{header_name}) -> list of values,
-    read without C{getRawHeaders}' re-encoding of the name asked for."""
-    return headers._rawHeaders
+# plain_headers(headers): the dict C{headers} (a L{Headers}) keeps: name (made with L{header_name}) -> list of values,
+# read without C{getRawHeaders}' re-encoding of the name asked for. An attrgetter, in C: a dozen calls a request, each
+# a Python frame of three bytecodes as a function.
+plain_headers = attrgetter("_rawHeaders")
 
 
 class _IdleSince:

@@ -167,6 +167,9 @@ def test_plain_headers_are_what_getRawHeaders_reads():
 
     headers = Headers({b"X-Session-Id": [b"abc"]})
     assert plain_headers(headers)[header_name("x-session-id")] == headers.getRawHeaders(b"x-session-id") == [b"abc"]
+    # the dict itself, not a copy: what is put in it (AnswerHeaders.put, keep_headers) is the headers'
+    plain_headers(headers)[header_name("x-request-id")] = [b"r1"]
+    assert headers.getRawHeaders(b"x-request-id") == [b"r1"] and plain_headers(headers) is plain_headers(headers)
 
 
 # -- prompt connections, on real loopback sockets --------------------------------------------------
