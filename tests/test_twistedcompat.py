@@ -600,6 +600,82 @@ def test_a_plainly_dispatching_epoll_reactor_hands_events_over_and_logs_what_a_c
         reactor._poller.close()
 
 
+def test_a_plainly_dispatched_read_event_ends_a_connection_as_twisteds_dispatch_does(logged_errors):
+    # A readable-only event is handled by _plain_poll itself: what doRead says (a reason to close, read as a
+    # half-close where the descriptor takes one), a fileno of -1 and an error end the connection as Twisted's
+    # _doReadOrWrite ends it; any other event (writable) still goes to _doReadOrWrite.
+    import socket
+
+    from twisted.internet import error
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.interfaces import IHalfCloseableDescriptor
+    from zope.interface import implementer
+
+    def run(plainly):
+        reactor = EPollReactor()
+        if plainly:
+            assert _twistedcompat.dispatch_plainly(reactor)
+        pairs = [socket.socketpair() for _ in range(4)]
+        seen = []
+
+        class Reader:
+            def __init__(self, name, sock, says=None, gone=False):
+                self.name, self.sock, self.says, self.gone = name, sock, says, gone
+
+            def fileno(self):
+                return -1 if self.gone and self.sock.fileno() in reactor._selectables else self.sock.fileno()
+
+            def logPrefix(self):
+                return self.name
+
+            def doRead(self):
+                seen.append((self.name, "read", self.sock.recv(100)))
+                if self.says == "raise":
+                    raise RuntimeError("boom")
+                return self.says
+
+            def doWrite(self):
+                seen.append((self.name, "write"))
+                reactor.removeWriter(self)
+
+            def connectionLost(self, reason):
+                seen.append((self.name, "lost", reason.type))
+
+        @implementer(IHalfCloseableDescriptor)
+        class HalfCloser(Reader):
+            def readConnectionLost(self, reason):
+                seen.append((self.name, "read lost", reason.type))
+
+            def writeConnectionLost(self, reason):
+                pass
+
+        readers = [HalfCloser("half", pairs[0][0], error.ConnectionDone()), Reader("done", pairs[1][0],
+                   error.ConnectionDone()), Reader("raises", pairs[2][0], "raise"), Reader("gone", pairs[3][0],
+                   gone=True)]
+        try:
+            for reader, (_, theirs) in zip(readers, pairs):
+                reactor.addReader(reader)
+                theirs.send(b"x")
+            writer = Reader("writer", pairs[0][1])
+            reactor.addWriter(writer)
+            reactor.doIteration(1)
+            errors = [event["failure"].type for event in logged_errors]
+            logged_errors.clear()
+            return sorted(seen, key=str), errors, sorted(r.name for r in reactor.getReaders() if r in readers)
+        finally:
+            for ours, theirs in pairs:
+                ours.close()
+                theirs.close()
+            reactor._poller.close()
+
+    ours, twisteds = run(True), run(False)
+    assert ours == twisteds
+    seen, errors, left = ours
+    assert ("half", "read lost", error.ConnectionDone) in seen and ("done", "lost", error.ConnectionDone) in seen
+    assert ("raises", "lost", RuntimeError) in seen and ("gone", "lost", error.ConnectionFdescWentAway) in seen
+    assert ("writer", "write") in seen and errors == [RuntimeError] and left == []
+
+
 def test_a_prepared_request_cancelled_before_its_answer_fails_as_twisteds_and_closes():
     from twisted.internet.defer import CancelledError
 
