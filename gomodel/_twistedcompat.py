@@ -20,7 +20,7 @@ from types import MethodType
 import httptools
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, passthru, succeed
 from twisted.internet.endpoints import _WrappingProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
@@ -143,6 +143,85 @@ def use_pool_factory(pool, factory):
     pool._factory = factory
 
 
+class WaitedDeferred(Deferred):
+    """A L{Deferred} in every way, but that the one both-ways callback added first, alone, with nothing else added
+    before it fires (what a coroutine's runner adds to the Deferred it awaits: L{gomodel.http.handling.Handling}), is
+    called directly when it fires with a result: Twisted's C{callback} runs one through C{_startRunCallbacks} and
+    the general loop of C{_runCallbacks} (chains, pauses, failures: about 150 bytecodes for that one call).
+
+    That callback (the waiter) is kept apart from the callback chain until the Deferred fires. Anything else added
+    (another callback, one with arguments), or a Deferred paused when it fires, failing, fired twice or debugging,
+    puts the waiter back at the head of the chain, where C{addBoth} put it, and Twisted's own steps run. So do they
+    once the waiter returned anything but None, or callbacks were added meanwhile: they go on from what it returned
+    (or a Failure of what it raised) as Twisted's loop goes on after a callback, through a C{passthru} put in its
+    place (a waiter that returns its own Deferred, which breaks its chain, is warned about under that name).
+    """
+
+    _waiter = None
+
+    def addBoth(self, callback, *args, **kwargs):
+        if args or kwargs or self.called or self._callbacks or self._waiter is not None:
+            self._unwait()
+            return super().addBoth(callback, *args, **kwargs)
+        self._waiter = callback
+        return self
+
+    def addCallbacks(self, *args, **kwargs):
+        self._unwait()
+        return super().addCallbacks(*args, **kwargs)
+
+    def addCallback(self, *args, **kwargs):
+        self._unwait()
+        return super().addCallback(*args, **kwargs)
+
+    def addErrback(self, *args, **kwargs):
+        self._unwait()
+        return super().addErrback(*args, **kwargs)
+
+    def errback(self, fail=None):
+        self._unwait()
+        super().errback(fail)
+
+    def callback(self, result):
+        waiter = self._waiter
+        # (one that fired has no waiter: it was called, or put back by errback or an addBoth once fired)
+        if waiter is None or self.paused or self.debug or self._callbacks:
+            self._unwait()
+            super().callback(result)
+            return
+        # (_startRunCallbacks' steps, then _runCallbacks' for one callback, its result None)
+        self._waiter = None
+        self.called = True
+        self._canceller = None
+        self._chainedTo = None
+        self.result = result
+        self._runningCallbacks = True
+        try:
+            value = waiter(result)
+        except BaseException:
+            value = Failure(captureVars=self.debug)
+        self._runningCallbacks = False
+        self.result = value
+        if value is not None or self._callbacks:
+            # (Twisted's loop goes on past a pause the waiter made: only a chained Deferred stops it)
+            paused, self.paused = self.paused, 0
+            self._callbacks.insert(0, _PASSING_ON)
+            self._runCallbacks()
+            self.paused += paused
+
+    def _unwait(self):
+        """Put the waiter kept apart back at the head of the callback chain."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            call = (waiter, (), {})
+            self._callbacks.insert(0, (call, call))
+
+
+# What a WaitedDeferred's chain goes on from after its waiter: its result, as the waiter left it.
+_PASSING_ON = ((passthru, (), {}), (passthru, (), {}))
+
+
 class PromptClientProtocol(HTTP11ClientProtocol):
     """Twisted's HTTP/1.1 client protocol on a L{prompt} connection, its answers parsed by llhttp
     (L{AnswerParser}) but a HEAD's."""
@@ -175,7 +254,7 @@ class PromptClientProtocol(HTTP11ClientProtocol):
             return fail(RequestNotSent())
         self._state = "WAITING"  # written whole: what Twisted's state is once writeTo's Deferred fired
         self.transport.write(request._data)
-        self._finishedRequest = self._responseDeferred = answered = Deferred(self._cancel_waiting)
+        self._finishedRequest = self._responseDeferred = answered = WaitedDeferred(self._cancel_waiting)
         self._currentRequest = request
         self._transportProxy = TransportProxyProducer(self.transport)
         self._parser = AnswerParser(request, self._finish_whole, answered)
@@ -621,7 +700,8 @@ def send_now(transport):
 
 
 def fire_unwatched(deferred, result=None):
-    """Fire C{deferred} with C{result} (not a Failure). One nothing watches yet (no callback added, no debugging)
+    """Fire C{deferred} with C{result} (not a Failure). A plain L{Deferred} (not a L{WaitedDeferred}, whose waiter is
+    not among its callbacks) that nothing watches yet (no callback added, no debugging)
     is fired as Twisted's C{succeed} makes a fired one, without running its empty callback chain (about 60
     bytecodes): what is added or awaited later has the result at once. Any other is C{callback}'s."""
     if deferred._callbacks or deferred.called or deferred.debug:  # (its public callbacks: a deprecated property)

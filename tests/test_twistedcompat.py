@@ -160,6 +160,249 @@ def test_header_names_are_written_as_Headers_writes_them():
         [header_name("x-ratelimit-limit-requests"), header_name("X-RateLimit-Reset-Tokens")])
 
 
+def _waited_scenarios():
+    """Scenarios run on a Deferred class: each returns what it saw (callbacks' calls, the end state)."""
+    from twisted.internet.defer import AlreadyCalledError, CancelledError
+    from twisted.python.failure import Failure
+
+    def state(d, seen):
+        info = d._debugInfo
+        failed = info.failResult.type.__name__ if info is not None and info.failResult is not None else None
+        if info is not None:
+            info.failResult = None  # (seen: no "Unhandled error" when it goes)
+        result = getattr(d, "result", "-")
+        shown = result.type.__name__ if isinstance(result, Failure) else result if not isinstance(result, Deferred) \
+            else ("a Deferred", getattr(result, "result", "-"))
+        return seen, d.called, shown, d.paused, failed, d._chainedTo is not None, d._canceller is None
+
+    def waiter_of(seen, returns=None, raises=None, then=None):
+        def waiter(result):
+            seen.append(("waiter", result.type.__name__ if isinstance(result, Failure) else result))
+            if then is not None:
+                then()
+            if raises is not None:
+                raise raises
+            return returns(result) if callable(returns) else returns
+        return waiter
+
+    def plain(cls):  # the gateway's case: one waiter returning None
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen))
+        d.callback(1)
+        return state(d, seen)
+
+    def returns_a_value(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, returns=5))
+        d.callback(1)
+        d.addCallback(lambda r: seen.append(("after", r)))
+        return state(d, seen)
+
+    def then_a_callback(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, returns=lambda r: r + 1)).addCallback(lambda r: seen.append(("after", r)) or r)
+        d.callback(1)
+        return state(d, seen)
+
+    def fails(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen))
+        d.errback(ValueError("no"))
+        return state(d, seen)
+
+    def fails_and_is_passed_on(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, returns=lambda r: r))
+        d.errback(ValueError("no"))
+        return state(d, seen)
+
+    def raises(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, raises=KeyError("k")))
+        d.callback(1)
+        return state(d, seen)
+
+    def raises_then_handled(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, raises=KeyError("k")))
+        d.callback(1)
+        d.addErrback(lambda f: seen.append(("handled", f.type.__name__)))
+        return state(d, seen)
+
+    def chains_to_an_unfired_one(cls):
+        seen = []
+        other = Deferred()
+        d = cls()
+        d.addBoth(waiter_of(seen, returns=other))
+        d.callback(1)
+        before = state(d, list(seen))
+        d.addCallback(lambda r: seen.append(("after", r)))
+        other.callback(7)
+        return before, state(d, seen)
+
+    def chains_to_a_fired_one(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, returns=Deferred().callback(3) or None))
+        d.callback(1)
+        fired = Deferred()
+        fired.callback(3)
+        e = cls()
+        e.addBoth(waiter_of(seen, returns=fired))
+        e.callback(2)
+        return state(d, seen), state(e, seen)
+
+    def adds_while_it_runs(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, then=lambda: d.addCallback(lambda r: seen.append(("added", r)))))
+        d.callback(1)
+        return state(d, seen)
+
+    def pauses_while_it_runs(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, returns=4, then=lambda: (d.pause(), d.addCallback(
+            lambda r: seen.append(("added", r)) or r))))
+        d.callback(1)
+        before = state(d, list(seen))
+        d.unpause()
+        return before, state(d, seen)
+
+    def paused_when_fired(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen))
+        d.pause()
+        d.callback(1)
+        before = state(d, list(seen))
+        d.unpause()
+        return before, state(d, seen)
+
+    def other_callbacks_first(cls):
+        seen = []
+        d = cls()
+        d.addCallback(lambda r: seen.append(("first", r)) or r * 10)
+        d.addBoth(waiter_of(seen))
+        d.callback(1)
+        return state(d, seen)
+
+    def with_arguments(cls):
+        seen = []
+        d = cls()
+        d.addBoth(lambda r, extra: seen.append(("both", r, extra)), "x")
+        d.callback(1)
+        return state(d, seen)
+
+    def two_waiters(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen, returns=lambda r: r + 1))
+        d.addBoth(waiter_of(seen, returns=lambda r: r + 1))
+        d.callback(1)
+        return state(d, seen)
+
+    def fired_twice(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen))
+        d.callback(1)
+        with pytest.raises(AlreadyCalledError):
+            d.callback(2)
+        return state(d, seen)
+
+    def added_once_fired(cls):
+        seen = []
+        d = cls()
+        d.callback(1)
+        d.addBoth(waiter_of(seen, returns=2))
+        return state(d, seen)
+
+    def cancelled(cls):
+        seen = []
+        d = cls(lambda it: seen.append("canceller"))
+        d.addBoth(waiter_of(seen))
+        d.cancel()
+        return state(d, seen)
+
+    def cancelled_by_its_canceller(cls):
+        seen = []
+        d = cls(lambda it: it.errback(CancelledError("by it")))
+        d.addBoth(waiter_of(seen))
+        d.cancel()
+        return state(d, seen)
+
+    def a_failure_given_to_callback(cls):
+        seen = []
+        d = cls()
+        d.addBoth(waiter_of(seen))
+        d.callback(Failure(ValueError("given")))
+        return state(d, seen)
+
+    def awaited_by_a_coroutine(cls):
+        from gomodel.http.handling import Handling
+
+        seen = []
+        d = cls()
+
+        async def waits():
+            got = await d
+            seen.append(("resumed", got))
+            return got * 2
+
+        Handling(lambda outcome, arg: seen.append(("done", outcome, arg)), "arg").start(waits())
+        d.callback(21)
+        return state(d, seen)
+
+    def awaited_and_cancelled(cls):
+        from gomodel.http.handling import Handling
+
+        seen = []
+        d = cls()
+
+        async def waits():
+            try:
+                await d
+            except CancelledError:
+                seen.append("cancelled")
+                raise
+
+        handling = Handling(lambda outcome, arg: seen.append(("done", outcome.type.__name__)), None)
+        handling.start(waits())
+        handling.cancel()
+        return state(d, seen)
+
+    return [plain, returns_a_value, then_a_callback, fails, fails_and_is_passed_on, raises, raises_then_handled,
+            chains_to_an_unfired_one, chains_to_a_fired_one, adds_while_it_runs, pauses_while_it_runs,
+            paused_when_fired, other_callbacks_first, with_arguments, two_waiters, fired_twice, added_once_fired,
+            cancelled, cancelled_by_its_canceller, a_failure_given_to_callback, awaited_by_a_coroutine,
+            awaited_and_cancelled]
+
+
+@pytest.mark.parametrize("scenario", _waited_scenarios(), ids=lambda scenario: scenario.__name__)
+def test_a_waited_deferred_does_what_twisteds_deferred_does(scenario):
+    """WaitedDeferred calls the waiter a coroutine's runner adds itself: whatever the waiter does, and whatever else
+    is done to the Deferred, what is seen is what a Deferred shows."""
+    assert scenario(_twistedcompat.WaitedDeferred) == scenario(Deferred)
+
+
+def test_a_waited_deferreds_lone_waiter_is_called_without_twisteds_callback_loop():
+    d = _twistedcompat.WaitedDeferred()
+    got = []
+    assert d.addBoth(got.append) is d and d._callbacks == []
+    d._runCallbacks = lambda: got.append("Twisted's loop")  # (an instance attribute: what callback would call)
+    d.callback(5)
+    assert got == [5] and d.called and d.result is None and not d._runningCallbacks
+    assert _twistedcompat.WaitedDeferred in __import__("twisted.internet.defer").internet.defer._DEFERRED_SUBCLASSES
+
+
 def test_plain_headers_are_what_getRawHeaders_reads():
     from twisted.web.http_headers import Headers
 

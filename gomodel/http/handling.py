@@ -14,6 +14,12 @@ no context variable, so nothing reads the copy Twisted would have made.
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from gomodel._twistedcompat import WaitedDeferred
+
+# The Deferreds a handler awaits on the request path, known by their class at once: isinstance of a Deferred
+# subclass's instance (an upstream's answer is a WaitedDeferred) goes through its ABC's __instancecheck__, in Python.
+_DEFERREDS = frozenset((Deferred, WaitedDeferred))
+
 
 class Handling:
     """Runs a coroutine (which awaits only Deferreds) given to L{start} and calls C{done(outcome, arg)}
@@ -58,7 +64,7 @@ class Handling:
             return None
         # What an await of a Deferred yields: the Deferred, not fired yet (or paused). Anything else
         # (an asyncio future) cannot be waited on here: the coroutine hears so where it waits.
-        if not isinstance(awaited, Deferred):
+        if awaited.__class__ not in _DEFERREDS and not isinstance(awaited, Deferred):
             return self._resume(Failure(TypeError(f"a route's handler awaited {awaited!r}, not a Deferred")))
         self._waiting = awaited
         awaited.addBoth(self._resume)
