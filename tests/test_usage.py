@@ -391,6 +391,10 @@ def test_token_counts_by_type_in_every_naming():
     assert tokens_by_type({"prompt_tokens": True, "completion_tokens": -3, "cache_read_input_tokens": "5",
                            "prompt_tokens_details": {"cached_tokens": 2.0}}) == (0, 0, 0, 0)
     assert tokens_by_type({"prompt_tokens": None, "input_tokens": 6}) == (6, 0, 0, 0)
+    # a naming's details given null, the other naming's taken (each name looked up, in any mix)
+    assert tokens_by_type({"prompt_tokens": 5, "output_tokens": 2, "prompt_tokens_details": None,
+                           "input_tokens_details": {"cached_tokens": 3}, "completion_tokens_details": {},
+                           "output_tokens_details": {"reasoning_tokens": 1}}) == (5, 2, 3, 1)
     assert tokens_by_type({}) == (0, 0, 0, 0)
     assert total_tokens(chat) == 38 and total_tokens(anthropic) == 131
     # no count past MAX_COUNT (an upstream's error): such a total is worked out from the counts
