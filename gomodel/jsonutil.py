@@ -57,7 +57,8 @@ class JSONError(ValueError):
 def loads(data: bytes):
     """Parse one JSON document; raise L{JSONError} on anything else."""
     try:
-        if not _has_huge_integer(data):
+        # (_has_huge_integer's first look, inline: nearly every body has no run of 19 digits at all)
+        if len(data) <= _RUN or data.translate(_DIGITS_AS_ZERO).find(_LONG_RUN) < 0 or not _has_huge_integer(data):
             return orjson.loads(data)
         value = json.loads(data, parse_constant=_not_json)  # NaN, Infinity: orjson refuses them too
         # orjson refuses a lone surrogate (an escape such as \ud800 with no pair); the standard library

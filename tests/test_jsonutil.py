@@ -11,6 +11,9 @@ from gomodel import jsonutil
     (b"[1,\n 98765432109876543210]", [1, 98765432109876543210]),
     (b'{"id":"chatcmpl-00000000000000000000000000","n":1}', {"id": "chatcmpl-00000000000000000000000000", "n": 1}),
     (b'{"id":"12345678901234567890123"}', {"id": "12345678901234567890123"}),
+    (b"12345678901234567890", 12345678901234567890),  # 20 bytes: the shortest a huge integer takes
+    (b"-9223372036854775809", -9223372036854775809),
+    (b"1234567890123456789", 1234567890123456789),  # 19 bytes: none can be
 ])
 def test_values_come_back_exactly(text, value):
     assert jsonutil.loads(text) == value
