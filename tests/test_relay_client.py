@@ -199,3 +199,24 @@ async def test_a_pooled_connection_the_upstream_closed_is_sent_once_more_on_a_ne
     finally:
         await gateway.service.stopService()
         await port.stopListening()
+
+
+def test_a_requests_header_lines_are_its_extras_then_content_type_request_id_and_the_providers_own():
+    from gomodel.upstream.openai_compatible import OpenAICompatibleProvider
+
+    provider = OpenAICompatibleProvider.__new__(OpenAICompatibleProvider)  # (only its own lines are read)
+    provider._own_lines = b"Authorization: Bearer sk-1\r\nAccept-Encoding: identity\r\n"
+    own = provider._own_lines
+    assert provider._header_lines(b"r1", None, b"application/json") == (
+        b"Content-Type: application/json\r\nX-Request-Id: r1\r\n" + own)
+    assert provider._header_lines(b"r1", {}, None) == b"X-Request-Id: r1\r\n" + own
+    # a caller's extras first (a value each line), but what the gateway sets itself: the id, the key, a type it gives
+    extra = {"OpenAI-Beta": ["a", "b"], "X-Request-Id": ["theirs"], "authorization": ["Bearer x"],
+             "Content-Type": ["text/plain"]}
+    assert provider._header_lines(b"r2", extra, b"application/json") == (
+        b"Openai-Beta: a\r\nOpenai-Beta: b\r\nContent-Type: application/json\r\nX-Request-Id: r2\r\n" + own)
+    assert provider._header_lines(b"r2", extra, None) == (
+        b"Openai-Beta: a\r\nOpenai-Beta: b\r\nContent-Type: text/plain\r\nX-Request-Id: r2\r\n" + own)
+    for bad in (b"r\r\n", b"r\n"):
+        with pytest.raises(ValueError):
+            provider._header_lines(bad, None, None)

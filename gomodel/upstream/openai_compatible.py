@@ -73,19 +73,20 @@ class OpenAICompatibleProvider:
         our request id, the provider's key when configured, and C{Accept-Encoding: identity}."""
         if request_id.find(b"\r") >= 0 or request_id.find(b"\n") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
             raise ValueError("a request id must not hold CR or LF")
+        if content_type is None:
+            ours = b"X-Request-Id: %s\r\n%s" % (request_id, self._own_lines)
+        else:
+            ours = b"Content-Type: %s\r\nX-Request-Id: %s\r\n%s" % (content_type, request_id, self._own_lines)
+        if not extra:
+            return ours
         lines = []
-        if extra:
-            for name, values in Headers(extra).getAllRawHeaders():
-                lower = name.lower()
-                if lower in (b"x-request-id", b"authorization") or (
-                        lower == b"content-type" and content_type is not None):
-                    continue
-                for value in values:  # (a loop: a generator would make name a closure cell on every call)
-                    lines.append(name + b": " + value + b"\r\n")
-        if content_type is not None:
-            lines.append(b"Content-Type: " + content_type + b"\r\n")
-        lines.append(b"X-Request-Id: " + request_id + b"\r\n")
-        lines.append(self._own_lines)
+        for name, values in Headers(extra).getAllRawHeaders():
+            lower = name.lower()
+            if lower in (b"x-request-id", b"authorization") or (lower == b"content-type" and content_type is not None):
+                continue
+            for value in values:  # (a loop: a generator would make name a closure cell on every call)
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(ours)
         return b"".join(lines)
 
     def url(self, path: str, native=False) -> str:
