@@ -143,8 +143,9 @@ class GatewayMetrics:
             return
         # (the series' labels, then who sent it: a managed key's requests and tokens are its series' too, summed at
         # the flush: nothing more per request; a stream is one asked for too, one that failed before it began)
+        outcome = ctx.outcome
         key = (ctx.provider_type, ctx.provider, ctx.upstream_model, ctx.endpoint, ctx.status,
-               ctx.stream or ctx.asked_stream, ctx.outcome == OK, ctx.principal)
+               ctx.stream or ctx.asked_stream, outcome == OK, ctx.principal)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = _Pending()
@@ -160,12 +161,14 @@ class GatewayMetrics:
             pending.tokens = list(map(add, pending.tokens, ctx.token_counts))
             if "seconds" in usage:  # (a transcription billed in seconds: no tokens)
                 pending.seconds += audio_seconds(usage) or 0.0
-        if ctx.outcome == CLIENT_GONE:
+        error = ctx.error
+        if outcome == OK and error is None:  # (gone well, its status below 400: neither a client gone nor an error)
+            return
+        if outcome == CLIENT_GONE:
             self._gone.labels(*self._names(ctx), ctx.endpoint or "other").inc()
-        if ctx.provider is not None and (ctx.error in _UPSTREAM_ERRORS
-                                         or (ctx.outcome == STREAM_BROKEN and ctx.error not in CUT_HERE)
-                                         or (ctx.status >= 500 and ctx.error is None)):
-            self._errors.labels(*self._names(ctx), ctx.error or f"http_{ctx.status}").inc()
+        if ctx.provider is not None and (error in _UPSTREAM_ERRORS or (outcome == STREAM_BROKEN and error not in CUT_HERE)
+                                         or (ctx.status >= 500 and error is None)):
+            self._errors.labels(*self._names(ctx), error or f"http_{ctx.status}").inc()
 
     def retried(self, pool, to):
         """A request goes on from C{pool} to another C{to} (C{"replica"} of it, or C{"target"}) before its first
