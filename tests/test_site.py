@@ -995,3 +995,25 @@ async def test_a_key_header_sent_twice_with_different_values_is_refused_in_the_r
         assert status == 200 and models["object"] == "list"
     status, _ = await answer(keyed.port, b"/health", *twice[0])
     assert status == 200
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (Twisted's 404 resource for a child it has not)
+def test_the_sites_resource_for_a_request_is_the_one_twisteds_site_finds():
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from gomodel.http.site import GatewaySite
+
+    leaf = Resource()
+    leaf.isLeaf = True
+    root = Resource()
+    root.putChild(b"a", leaf)
+    for top in (root, leaf):
+        for path in ([b"a", b"b"], [b"a"], [b"x"], []):
+            ours, theirs = DummyRequest(list(path)), DummyRequest(list(path))
+            ours.prepath, theirs.prepath = [b"p"], [b"p"]
+            found, expected = GatewaySite(top, 1024).getResourceFor(ours), Site(top).getResourceFor(theirs)
+            assert found is expected or type(found) is type(expected) is not Resource  # (a 404's made anew)
+            assert (ours.prepath, ours.postpath, ours.sitepath) == (theirs.prepath, theirs.postpath, theirs.sitepath)
+            assert ours.sitepath is not ours.prepath and ours.site.resource is top

@@ -14,6 +14,7 @@ from functools import partial
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import server
+from twisted.web.resource import getChildForRequest
 # Read once: twisted.web.http's attributes are read through a deprecation proxy (tens of steps a read).
 from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk, unquote
 
@@ -546,6 +547,15 @@ class GatewaySite(server.Site):
         for channel in list(self.channels):
             if channel.transport is not None and channel not in spare:
                 channel.transport.abortConnection()
+
+    def getResourceFor(self, request):
+        """Twisted's: the request's C{sitepath} a copy of its C{prepath}, and the resource its C{postpath} leads to
+        from the root; the list copied by a slice (C{copy.copy} looks its copier up in Python), a leaf root (the
+        front: L{gomodel.http.front.FrontResource}) taken at once."""
+        request.site = self
+        request.sitepath = request.prepath[:]
+        root = self.resource
+        return root if root.isLeaf else getChildForRequest(root, request)
 
     def http_date(self) -> bytes:
         """The Date header's value for now, formatted once per second."""
