@@ -884,10 +884,11 @@ def test_a_request_id_is_the_clients_when_sane_else_new_random_hex_also_in_a_for
     def request(given=None):
         r = GatewayRequest(DummyChannel())
         if given is not None:
-            r.requestHeaders.setRawHeaders(b"x-request-id", [given])
+            r.requestHeaders.setRawHeaders(b"x-request-id", given if isinstance(given, list) else [given])
         return r
 
     assert request_id_for(request(b"trace-1.2:3")) == b"trace-1.2:3"
+    assert request_id_for(request([b"first", b"last"])) == b"last"  # (the last of two, as getHeader reads it)
     made = [request_id_for(request(given)) for given in (None, b"", b"no spaces allowed", b"x" * 129)]
     assert all(re.fullmatch(rb"[0-9a-f]{32}", made_id) for made_id in made)
     assert len(set(made)) == len(made)

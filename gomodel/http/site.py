@@ -23,7 +23,7 @@ from gomodel.errors import GatewayError, InternalError, MethodNotAllowed
 from gomodel.http import render
 from gomodel.http.channel import GatewayChannel
 from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING,
-                                   X_REQUEST_ID, AnswerHeaders, request_header)
+                                   X_REQUEST_ID, AnswerHeaders)
 from gomodel.ids import random_hex_bytes
 
 
@@ -597,8 +597,9 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 def request_id_for(request) -> bytes:
     """The client's C{X-Request-Id} when it is sane, else a new one (L{gomodel.ids.random_hex_bytes})."""
-    given = request_header(request, X_REQUEST_ID)
-    if given is not None:
+    given = _twistedcompat.plain_headers(request.requestHeaders).get(X_REQUEST_ID)  # (request_header's look-up, inline)
+    if given:
+        given = given[-1]
         if _REQUEST_ID.fullmatch(given):
             return given
     return random_hex_bytes()
