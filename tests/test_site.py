@@ -1018,3 +1018,46 @@ def test_the_sites_resource_for_a_request_is_the_one_twisteds_site_finds():
             assert found is expected or type(found) is type(expected) is not Resource  # (a 404's made anew)
             assert (ours.prepath, ours.postpath, ours.sitepath) == (theirs.prepath, theirs.postpath, theirs.sitepath)
             assert ours.sitepath is not ours.prepath and ours.site.resource is top
+
+
+def test_a_request_finishes_as_twisteds_and_is_logged_by_a_site_that_logs():
+    # GatewaySite's log does nothing (the request's context logs it): its requests finish without the call; a site
+    # whose log does something gets it, as from Twisted's finish; either way the answer is the same and it is done.
+    from twisted.internet.testing import StringTransport
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET
+
+    from gomodel.http.site import GatewaySite
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", b"text/plain")
+            if request.path == b"/whole":
+                return b"ok"
+            request.write(b"chunk")  # (no length: chunked, its end written by Twisted's finish)
+            request.finish()
+            return NOT_DONE_YET
+
+    logged = []
+
+    class LoggingSite(GatewaySite):
+        def log(self, request):
+            logged.append(request.path)
+
+    answers = []
+    for site_class in (GatewaySite, LoggingSite):
+        site = site_class(Page(), 1024)
+        assert site.requestFactory.site_logs is (site_class is LoggingSite)
+        for path in (b"/whole", b"/chunked"):
+            channel = site.buildProtocol(None)
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            channel.dataReceived(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+            answer = transport.value()
+            answers.append(re.sub(rb"Date: [^\r]*", b"Date: -", re.sub(rb"X-Request-Id: \w+", b"", answer)))
+            assert answer.startswith(b"HTTP/1.1 200 OK") and channel.requests == []  # (done: the next may come)
+            channel.connectionLost(None)
+    assert logged == [b"/whole", b"/chunked"] and answers[:2] == answers[2:]
+    assert answers[0].endswith(b"\r\n\r\nok") and answers[1].endswith(b"5\r\nchunk\r\n0\r\n\r\n")

@@ -169,6 +169,20 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             else:
                 self.channel.write(data)
 
+    # Whether its site logs it when it finishes (C{log}: L{GatewaySite}'s does nothing, the request's context logs it).
+    site_logs = True
+
+    def finish(self):
+        """Twisted's C{finish} (C{server.Request}'s, then C{http.Request}'s) for an answer whose head went out, not
+        chunked, without an encoder, on a site that does not log it (L{site_logs}): marked finished and cleaned up,
+        without their steps for the other cases. Any other is Twisted's."""
+        if (self.chunked or not self.startedWriting or self.finished or self._disconnected or self._encoder
+                or self.queued or self.site_logs):
+            super().finish()
+            return
+        self.finished = 1
+        self._cleanup()
+
     def process(self):
         """Twisted's C{server.Request.process}, with our Server header, a Date
         formatted once a second, and the path split without unquoting when it
@@ -400,7 +414,8 @@ class GatewaySite(server.Site):
             "body_limit": body_limit,
             "audio_limit": None if audio_limit is None else (audio_limit, "AUDIO_BODY_SIZE_LIMIT"),
             "authenticate": staticmethod(authenticate) if authenticate else None,
-            "upload_sink": staticmethod(upload_sink) if upload_sink else None})
+            "upload_sink": staticmethod(upload_sink) if upload_sink else None,
+            "site_logs": type(self).log is not GatewaySite.log})
         kwargs["timeout"] = None  # no timer per connection: sweep_idle
         # Form decoding is never needed here: it costs a MIME parse of every
         # POST's Content-Type and would read a whole multipart body into memory.
