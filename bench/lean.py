@@ -16,7 +16,9 @@ on, SQLite store in a fresh data directory). It reports, per run:
 - C{rss_start}: VmRSS of every gateway process once it answers, MiB;
 - C{hwm}: VmHWM (peak RSS) of every gateway process after C{--requests} chat requests (from
   4 client threads, a new connection each) and a GET of C{/v1/models}, C{/health/ready},
-  C{/metrics} (unless C{METRICS_ENABLED=false}) and each C{--get} path, MiB.
+  C{/metrics} (unless C{METRICS_ENABLED=false}; with Prometheus' own C{Accept} header, which asks for
+  OpenMetrics first, unless C{--scrape-accept} says otherwise: C{--scrape-accept ''} scrapes as curl does,
+  the Prometheus text format) and each C{--get} path, MiB.
 
 C{--plugin-cache cold} removes Twisted's plugin cache (C{dropin.cache} in
 every C{twisted/plugins} directory of the gateway's interpreter, C{--python})
@@ -46,6 +48,8 @@ from harness.proc import descendants, free_port, serving_processes  # noqa: E402
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 KEY = "lean-bench-key"
+# The Accept header of a Prometheus server's scrape (Prometheus 2.30's: OpenMetrics first, then its text format).
+PROMETHEUS_ACCEPT = "application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 CHAT = json.dumps({"model": "vllm/" + MODEL, "messages": [{"role": "user", "content": "Hi"}]}).encode()
 ANSWER = json.dumps({
     "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
@@ -102,8 +106,10 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def request(conn, method, path, body=None):
+def request(conn, method, path, body=None, accept=None):
     headers = {"Authorization": "Bearer " + KEY}
+    if accept is not None:
+        headers["Accept"] = accept
     if body is not None:
         headers["Content-Type"] = "application/json"
     conn.request(method, path, body=body, headers=headers)
@@ -197,7 +203,8 @@ def one_run(command, args, upstream):
         metrics = os.environ.get("METRICS_ENABLED", "true") if "METRICS_ENABLED" not in env else env["METRICS_ENABLED"]
         paths = ("/v1/models", "/health/ready") + (("/metrics",) if metrics.lower() != "false" else ())
         for path in paths + tuple(args.get):
-            request(http.client.HTTPConnection("127.0.0.1", port, timeout=10), "GET", path)
+            request(http.client.HTTPConnection("127.0.0.1", port, timeout=10), "GET", path,
+                    accept=(args.scrape_accept or None) if path == "/metrics" else None)
         hwm = [round(status(p).get("VmHWM", 0), 1) for p in pids]
         rss_end = [round(status(p).get("VmRSS", 0), 1) for p in pids]
         return {"health_s": round(health - started, 3), "cpu_s": round(cpu, 2), "chat_s": round(chat - started, 3),
@@ -225,6 +232,8 @@ def main():
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE for the gateway (repeatable)")
     p.add_argument("--get", action="append", default=[], metavar="PATH",
                    help="also GET this path after the load, before peak RSS is read (repeatable)")
+    p.add_argument("--scrape-accept", default=PROMETHEUS_ACCEPT,
+                   help="the Accept header of the /metrics scrape (default: Prometheus' own; '' for none)")
     p.add_argument("command", nargs="*", help="the gateway command (default: twistd -n --pidfile= gomodel)")
     args = p.parse_args()
     command = args.command or [os.path.join(os.path.dirname(args.python), "twistd"), "-n", "--pidfile=", "gomodel"]

@@ -98,6 +98,26 @@ def test_prometheus_clients_package_is_made_without_its_http_servers_until_a_nam
     assert found == {"left_out": servers if eager else [], "same": True, "text": 1, "servers": True}
 
 
+_SCRAPED_AFTER = """
+from types import SimpleNamespace
+from gomodel.accounting.metrics import GatewayMetrics
+metrics, loaded = GatewayMetrics(), []
+for accept in (b"application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5,*/*;q=0.1", None):
+    headers = {}
+    page = metrics.page(SimpleNamespace(getHeader={b"accept": accept}.get, setHeader=headers.__setitem__))
+    loaded.append([headers[b"content-type"].decode().split(";")[0], page.endswith(b"# EOF\\n"),
+                   "prometheus_client.exposition" in sys.modules, "http.server" in sys.modules])
+print(json.dumps(loaded))
+"""
+
+
+def test_a_prometheus_scrape_loads_no_http_server_and_a_plain_one_prometheus_clients_exposition(tmp_path):
+    """Prometheus' scrape (OpenMetrics asked for first) is answered from prometheus_client's OpenMetrics module,
+    which imports nothing more; a plain one (curl) loads its exposition module then, HTTP servers with it."""
+    found = json.loads(_built_in_child(tmp_path, PLAIN_UPSTREAM, "", _SCRAPED_AFTER))
+    assert found == [["application/openmetrics-text", True, False, False], ["text/plain", False, True, True]]
+
+
 _TLS_AFTER = """
 import hashlib, hmac, json, sys, urllib.request
 import gomodel.api.app, klein, werkzeug  # (what the first admin request loads)

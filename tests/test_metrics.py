@@ -720,21 +720,30 @@ async def test_a_client_that_leaves_while_its_body_arrives_is_counted_and_logged
         await gw.service.stopService()
 
 
-def test_the_metrics_page_is_prometheus_clients_generate_latest():
-    """C{/metrics} is prometheus_client's own exposition (its module loaded at the first scrape), with its content
-    type."""
-    from types import SimpleNamespace
+# A Prometheus server's Accept header (Prometheus 2.30's: OpenMetrics first, then its text format).
+PROMETHEUS_ACCEPT = "application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 
-    from prometheus_client import CONTENT_TYPE_LATEST
 
-    from gomodel.accounting.metrics import GatewayMetrics
+@pytest_twisted.ensureDeferred
+async def test_a_scrape_gets_openmetrics_where_it_asks_for_it_and_prometheus_text_otherwise(reactor, http, fake):
+    """As prometheus_client's own server answers: Prometheus' scrape (its Accept names OpenMetrics) gets
+    prometheus_client's OpenMetrics exposition, any other (curl, a text parser) its Prometheus text format."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-    metrics = GatewayMetrics()
-    metrics(SimpleNamespace(provider_type="vllm", provider="vllm", upstream_model="m", endpoint="/v1/chat/completions",
-                            status=200, stream=False, asked_stream=False, duration=0.2, first_byte=0.1,
-                            usage={"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
-                            token_counts=(7, 3, 0, 0), outcome="ok", error=None, key=None, principal=None))
-    headers = {}
-    page = metrics.page(SimpleNamespace(setHeader=headers.__setitem__))
-    assert page == generate_latest(metrics.registry) and b"gomodel_requests_total{" in page
-    assert headers[b"content-type"] == CONTENT_TYPE_LATEST.encode()
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        response = await http.post(gw.url + "/v1/chat/completions", headers=KEY, data=json.dumps(chat).encode())
+        await response.content()
+        response = await http.get(gw.url + "/metrics", headers=dict(KEY, Accept=PROMETHEUS_ACCEPT))
+        assert response.code == 200
+        assert response.headers.getRawHeaders("content-type")[0].startswith("application/openmetrics-text; version=")
+        page = (await response.content()).decode()
+        assert page.endswith("# EOF\n")
+        requests = {family.name: family for family in text_string_to_metric_families(page)}["gomodel_requests"]
+        assert [s.value for s in requests.samples if s.name == "gomodel_requests_total"
+                and s.labels.get("endpoint") == "/v1/chat/completions"] == [1.0]
+        plain = await scrape(http, gw)  # (text/plain; version=..., as before)
+        assert value(plain, "gomodel_requests_total", endpoint="/v1/chat/completions") == 1
+    finally:
+        await gw.service.stopService()

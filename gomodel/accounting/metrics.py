@@ -38,6 +38,8 @@ with tls_stub():  # (its TLS exporters' defaults need ssl at import, where its _
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
     from prometheus_client.registry import CollectorRegistry
 
+# The media type of OpenMetrics' text format, in a scraper's Accept header (L{GatewayMetrics.page}).
+_OPENMETRICS = b"application/openmetrics-text"
 # Seconds: from a millisecond relay to a ten-minute generation.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -125,12 +127,16 @@ class GatewayMetrics:
             self._exposed.register(ReplicaCollector(pools))
 
     def page(self, request) -> bytes:
-        """The text exposition of every series (the C{METRICS_ENDPOINT} route), prometheus_client's own
-        C{generate_latest}: its module, which imports its HTTP servers and push clients (never used here), is
-        loaded at the first scrape, not by every process at start."""
-        with tls_stub():  # (its push clients' TLS defaults, as at start)
-            from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
+        """The exposition of every series (the C{METRICS_ENDPOINT} route), in the format the scraper asks for, as
+        prometheus_client's own server chooses it: OpenMetrics where its C{Accept} names it (Prometheus' scrapes
+        ask for it first), from prometheus_client's OpenMetrics C{generate_latest}; else the Prometheus text
+        format, from its C{generate_latest}, whose module imports its HTTP servers and push clients (never used
+        here): loaded at the first such scrape, not by every process at start."""
+        if _OPENMETRICS in (request.getHeader(b"accept") or b""):
+            from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST, generate_latest
+        else:
+            with tls_stub():  # (its push clients' TLS defaults, as at start)
+                from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
         self.flush()
         body = generate_latest(self._exposed)
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
