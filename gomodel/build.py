@@ -45,6 +45,7 @@ from gomodel.service import GatewayService
 from gomodel.store.records import process_owner
 from gomodel.store.sweeps import StoreSweeper
 from gomodel.timers import Timers
+from gomodel.translate.responses_chat import NativeResponses
 from gomodel.upstream import build_server
 from gomodel.upstream.client import POOL_SWEEP, CachingEndpointFactory, RelayClient, make_pool
 
@@ -142,15 +143,17 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
     messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate,
                               FileSources(store.files, store.blobs))
+    native = NativeResponses(reactor)  # (which providers have no /responses: online and batch lines learn it alike)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
                                        lease=config.limits.batch_lease_timeout,
                                        max_claimed=config.limits.batch_max_claimed,
                                        usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate,
-                                       responses=store.responses, messages=MessagesLines(messages))
+                                       responses=store.responses, messages=MessagesLines(messages),
+                                       native_responses=native)
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate,
-                               gateway.usage, store.background, owner, gateway.keys)
+                               gateway.usage, store.background, owner, gateway.keys, native)
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner, batches=store.batches),

@@ -422,6 +422,32 @@ async def test_a_responses_line_to_a_provider_without_a_responses_api_is_transla
 
 
 @pytest_twisted.ensureDeferred
+async def test_responses_lines_to_a_provider_without_a_responses_api_are_refused_natively_once(reactor, tmp_path):
+    """Once a provider answered it has no C{/responses}, the next C{/v1/responses} lines, and online requests,
+    go to it translated at once: one memory for both (before: each line was refused natively first, 404 after
+    404, and an online request learnt it again)."""
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "1"})
+    sdk = openai_client(gw, KEY)
+    try:
+        lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": MODEL, "input": f"Say {i}."}} for i in range(6)]
+        batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+        assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 6, 0)
+        assert all(out["response"]["body"]["object"] == "response"
+                   for out in await file_lines(sdk, batch.output_file_id))
+        online = await in_thread(sdk.responses.create, model=MODEL, input="hi")
+        assert online.output_text == "héhéhé"
+        refused = [r for r in fake.requests if r.path == b"/v1/responses"]
+        assert len(refused) == 1  # (the first line's)
+        assert len([r for r in fake.requests if r.path == b"/v1/chat/completions"]) == 7
+    finally:
+        sdk.close()
+        await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_line_continuing_a_response_nobody_holds_ends_in_previous_response_not_found(sdk, gw, fake):
     """The master key's line continuing an id neither the gateway nor its upstream holds, or one deleted through
     the gateway (its upstream still holds it), ends in OpenAI's C{previous_response_not_found}, as the same

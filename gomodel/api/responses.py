@@ -34,14 +34,12 @@ from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
-from gomodel.translate.responses_chat import (ChatToResponsesStream, chat_to_response, no_native_route,
-                                              request_to_chat, response_object, truncated)
+from gomodel.translate.responses_chat import (ChatToResponsesStream, NativeResponses, chat_to_response,
+                                              no_native_route, request_to_chat, response_object, truncated)
 from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error, without_address
 
-# How long we remember that a provider has no /responses route before asking again.
-NO_NATIVE_TTL = 600.0
 # An upstream's 404 body longer than this is no error envelope worth reading.
 NOT_FOUND_BODY_LIMIT = 64 * 1024
 
@@ -56,7 +54,7 @@ class ResponsesRoute:
     log = Logger()
 
     def __init__(self, exchange, clock, registry, store=None, salts=None, gate=None, usage=None, watches=None,
-                 owner=None, keys=None):
+                 owner=None, keys=None, native=None):
         """
         @param store: an C{IResponseStore}, or None: nothing is kept.
         @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
@@ -66,6 +64,7 @@ class ResponsesRoute:
             once it is over), or None.
         @param watches: the store's C{IBackgroundWatches}, C{owner} this process's id in it, and C{keys} the
             L{gomodel.auth.keys.KeyRing}: see L{BackgroundWatch}.
+        @param native: the L{NativeResponses} shared with the batch runner (default: this route's own).
         """
         self._exchange = exchange
         self._clock = clock
@@ -73,7 +72,7 @@ class ResponsesRoute:
         self._store = store
         self._salts = salts
         self._gate = gate
-        self._no_native = {}  # provider name -> time until which we translate without asking
+        self._native_responses = native if native is not None else NativeResponses(clock)
         self._refreshing = {}  # response id -> its refresh from its instance (a Deferred), until its answer is stored
         self._deleted = set()  # ids deleted (while their refresh was under way): its answer is not stored back
         # (a service: started and stopped with the store's users)
@@ -143,7 +142,7 @@ class ResponsesRoute:
         prefer = previous.get("replica") if previous is not None and previous["provider"] == provider.name else None
         affinity = affinity_key(request, body) if len(provider.replicas) > 1 else None
         turn = _Turn(self, ctx, body, provider, previous)
-        if self._no_native.get(provider.name, 0) <= self._clock.seconds():
+        if self._native_responses.native(provider.name):
             try:
                 # (vLLM keeps a response in the memory of the instance that made it, with the turns before it:
                 # a conversation one of whose turns was deleted goes on from the turns after it, as translated)
@@ -163,9 +162,7 @@ class ResponsesRoute:
                               "conversation instead", provider=provider.name, id=previous["id"])
                 return await self._native(request, ctx, provider, explicit, stream, turn, None, affinity, True)
             except _NoNativeRoute:
-                self._no_native[provider.name] = self._clock.seconds() + NO_NATIVE_TTL
-                self.log.info("provider {provider} has no native Responses API; translating to chat completions",
-                              provider=provider.name)
+                self._native_responses.remember(provider.name)
         echo = dict(body, store=turn.stored, previous_response_id=turn.previous_id)
         if previous is not None:
             body = await with_history(self._store, body, previous)

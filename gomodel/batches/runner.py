@@ -79,7 +79,7 @@ from gomodel.responses_history import (continued, error_hidden, names_previous, 
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
-from gomodel.translate.responses_chat import chat_to_response, no_native_route, request_to_chat
+from gomodel.translate.responses_chat import NativeResponses, chat_to_response, no_native_route, request_to_chat
 from gomodel.upstream.errors import out_of_quota, upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
@@ -192,7 +192,7 @@ class BatchRunner(Service):
     def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
                  max_claimed=MAX_CLAIMED, owner=None, usage=None, keys=None, salts=None, gate=None,
-                 responses=None, messages=None):
+                 responses=None, messages=None, native_responses=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param usage: the L{gomodel.accounting.usage.UsageLedger} each answered line is recorded in, or None.
@@ -212,6 +212,8 @@ class BatchRunner(Service):
             line continues only a stored response of its tenant (None: no such line is checked).
         @param messages: the L{gomodel.anthropic.batches.MessagesLines}: how a C{/v1/messages} line goes
             upstream, natively or translated (None: natively).
+        @param native_responses: the L{NativeResponses} shared with the online Responses route: a C{/v1/responses}
+            line to a provider known to have no C{/responses} goes translated at once (default: the runner's own).
         """
         self._batches = batches
         self._blobs = blobs
@@ -224,6 +226,7 @@ class BatchRunner(Service):
         self._gate = gate
         self._responses = responses
         self._messages = messages
+        self._native_responses = native_responses if native_responses is not None else NativeResponses(clock)
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
@@ -574,8 +577,6 @@ class BatchRunner(Service):
                     again = partial(self._explicitly, payload, previous, route, job.principal)
                 else:  # (a master key's id the gateway does not hold: the upstream's 404 for it is OpenAI's 400)
                     unheld = payload["previous_response_id"]
-            if path == "/responses":  # (a provider without /responses: translated to chat completions, as online)
-                again = partial(self._responses_again, payload, previous, route, job.principal, again)
             if path == "/messages" and self._messages is not None:  # natively, or translated to chat
                 again = partial(self._translated, payload, route, fallbacks, job.principal)
                 sent, first, fallbacks, rebody, answer = self._messages.plan(
@@ -583,6 +584,8 @@ class BatchRunner(Service):
                 if sent != "/messages":
                     again = None  # (translated already)
             else:
+                if path == "/responses":  # (a provider without /responses: translated to chat completions, as online)
+                    again = partial(self._responses_again, payload, previous, route, job.principal, again)
                 sent, rebody = path, partial(self._body_for, job.principal, sending)
                 first = rebody(route.upstream_model, route.provider)
         except StorageUnavailable:
@@ -606,6 +609,17 @@ class BatchRunner(Service):
             await self._unsent(job, line, custom_id, "invalid_api_key", "The API key that made the batch was "
                                "deactivated or has expired: its lines are not sent.")
             return
+        if path == "/responses" and not self._native_responses.native(route.provider.name):
+            # (a provider known, maybe since the line was read, to have no /responses: translated at once, as online)
+            try:
+                translated, answer = await self._as_chat(payload, previous, route, job.principal)
+            except BaseException as e:
+                sem.release()
+                if not isinstance(e, GatewayError) or isinstance(e, StorageUnavailable):
+                    raise
+                await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
+                return
+            sent, first, fallbacks, again = translated.path, translated.body, (), None
         reserved = None
         if self._gate is not None:
             try:
@@ -848,6 +862,17 @@ class BatchRunner(Service):
         provider = route.provider
         if outcome.provider.name != provider.name or not no_native_route(outcome.status, outcome.body):
             return None
+        self._native_responses.remember(provider.name)  # (the next lines go translated at once)
+        return await self._as_chat(payload, previous, route, principal)
+
+    async def _as_chat(self, payload, previous, route, principal):
+        """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous} or
+        None) translated to chat completions at C{route}, its answer made a response object naming the request's
+        settings.
+
+        @raise GatewayError: the line cannot be translated (L{request_to_chat}: a C{prompt}, an unknown item).
+        """
+        provider = route.provider
         echo = dict(payload, model=route.upstream_model, store=payload.get("store") is not False)
         body = echo if previous is None else await with_history(self._responses, echo, previous)
         chat = request_to_chat(body, "max_completion_tokens" if provider.type in MAX_COMPLETION_TYPES

@@ -7,6 +7,8 @@ against any upstream.
 
 import re
 
+from twisted.logger import Logger
+
 from gomodel import jsonutil
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.anthropic.translate import ABORTED, context_overflow
@@ -49,6 +51,32 @@ def no_native_route(status: int, answer: bytes) -> bool:
     except (jsonutil.JSONError, AttributeError):
         error = None
     return not isinstance(error, dict)
+
+
+# How long we remember that a provider has no /responses route before asking again.
+NO_NATIVE_TTL = 600.0
+
+
+class NativeResponses:
+    """Which providers are asked for Responses natively now: one that answered it has no C{/responses}
+    (L{no_native_route}) is translated to chat completions for L{NO_NATIVE_TTL} seconds, online requests and
+    batch lines alike (one memory for both: a batch's lines are not each refused natively first)."""
+
+    log = Logger()
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._until = {}  # provider name -> time until which we translate without asking
+
+    def native(self, provider: str) -> bool:
+        """Whether C{provider} (its name) is asked natively now."""
+        return self._until.get(provider, 0) <= self._clock.seconds()
+
+    def remember(self, provider: str):
+        """C{provider} (its name) answered it has no C{/responses}: translate for a while."""
+        self._until[provider] = self._clock.seconds() + NO_NATIVE_TTL
+        self.log.info("provider {provider} has no native Responses API; translating to chat completions for "
+                      "{ttl:.0f}s", provider=provider, ttl=NO_NATIVE_TTL)
 
 
 
