@@ -232,6 +232,35 @@ async def test_bad_requests_are_refused_in_anthropics_shape_naming_the_request(s
     assert page.data == []
 
 
+async def test_a_requests_provider_hint_routes_its_bare_model_as_online(setup):
+    """A request's C{provider} (GoModel's routing hint) chooses which of the providers serving its bare model id it
+    goes to, as on the online C{/v1/messages}: validated as that provider's model and sent there without it; one
+    naming no configured provider, or no string, refuses the batch naming the request (before: the bare id two
+    providers serve refused the batch as ambiguous, whatever the hint)."""
+    gw, client, vllm, openai = setup
+    online = await in_thread(client.messages.create, model=CHAT_MODEL, max_tokens=16, messages=HELLO,
+                             extra_body={"provider": "openai"})
+    assert online.type == "message"
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("to-vllm", model=CHAT_MODEL, provider="vllm"), request("to-openai", model=CHAT_MODEL,
+                                                                       provider="openai")])
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert {custom_id: result.type for custom_id, result in got.items()} == {"to-vllm": "succeeded",
+                                                                             "to-openai": "succeeded"}
+    [native] = [r.body for r in vllm.requests if r.path == b"/v1/messages"]
+    online_chat, chat = [r.body for r in openai.requests if r.path == b"/v1/chat/completions"]
+    assert native["fake_marker"] == "to-vllm" and native["model"] == CHAT_MODEL and "provider" not in native
+    assert chat["model"] == CHAT_MODEL and "provider" not in chat
+    for hint, problem in (("nobody", "requests.1.params.provider: The provider 'nobody' is not configured"),
+                          (1, "requests.1.params.provider: 'provider' must be a string")):
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await in_thread(client.messages.batches.create, requests=[
+                request("a", model=CHAT_MODEL, provider="vllm"), request("b", model=CHAT_MODEL, provider=hint)])
+        assert raised.value.body["error"]["type"] == "invalid_request_error"
+        assert raised.value.body["error"]["message"].startswith(problem)
+
+
 async def test_a_cancelled_batch_ends_with_its_requests_not_run_canceled(reactor, setup):
     gw, client, vllm, _ = setup
     made = await in_thread(client.messages.batches.create, requests=[

@@ -137,7 +137,8 @@ def check_requests(value, registry, principal) -> bytes:
     """The input file (OpenAI's batch lines for C{/v1/messages}) of Anthropic's C{requests}.
 
     @raise InvalidRequest: a request is malformed, or two share a C{custom_id}.
-    @raise GatewayError: a request's model is unknown, or not the key's to use (L{resolve_model}'s).
+    @raise GatewayError: a request's model (at the provider its C{provider} hint names, as online) is unknown, or
+        not the key's to use, or its hint names no configured provider (L{resolve_model}'s).
     """
     if not isinstance(value, list) or not value:
         raise InvalidRequest("requests: a list of at least one request is required.", param="requests")
@@ -169,12 +170,14 @@ def check_requests(value, registry, principal) -> bytes:
             raise InvalidRequest(f"{where}.params.messages: a list of messages is required.", param="requests")
         if params.get("stream") not in (None, False):
             raise InvalidRequest(f"{where}.params.stream: batch requests cannot stream.", param="requests")
-        if model not in models:
-            models.add(model)
+        hint = params.get("provider")  # (GoModel's routing hint, as online: the model at that provider)
+        checked = (model, hint) if hint is None or isinstance(hint, str) else None  # (None: refused just below)
+        if checked is None or checked not in models:
+            models.add(checked)
             try:
-                resolve_model(registry, {"model": model}, principal)
+                resolve_model(registry, {"model": model, "provider": hint}, principal)
             except GatewayError as e:
-                e.message = f"{where}.params.model: {e.message}"
+                e.message = f"{where}.params.{'provider' if e.param == 'provider' else 'model'}: {e.message}"
                 raise
         lines.append(jsonutil.dumps({"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": params}))
     return b"\n".join(lines) + b"\n"
