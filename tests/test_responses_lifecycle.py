@@ -635,6 +635,30 @@ async def test_a_response_deleted_while_a_read_asks_its_instance_stays_deleted(r
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_translated_background_response_is_answered_done_and_says_it_is_a_background_one(translated):
+    """A provider without a Responses API answers C{background: true} once done, C{completed} (no chat completion
+    can be queued and polled): its response object, whole or streamed, and as kept, names it a background response,
+    as OpenAI's own do once over (before: C{"background": false}, what the request did not ask)."""
+    gw, sdk, fake = translated
+    done = {"fake_finish": "stop"}
+    whole = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True, extra_body=done)
+    assert (whole.status, whole.background, whole.output_text) == ("completed", True, "héhéhé")
+
+    def streamed():
+        with sdk.responses.stream(model=MODEL, input="long job", background=True, extra_body=done) as stream:
+            return [event.response for event in stream if hasattr(event, "response")]
+
+    snapshots = await in_thread(streamed)
+    assert snapshots[-1].status == "completed" and all(response.background is True for response in snapshots)
+    for made in (whole, snapshots[-1]):
+        kept = await in_thread(sdk.responses.retrieve, made.id)
+        assert (kept.status, kept.background) == ("completed", True)
+    plain = await in_thread(sdk.responses.create, model=MODEL, input="short job")
+    assert plain.background is False
+    assert not [r for r in fake.requests if r.path == b"/v1/chat/completions" and "background" in r.body]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_background_response_that_is_not_to_be_stored_is_a_400(client, fake):
     """It could never be read back (before: a translating provider answered it 200, done, and a vLLM its own
     400)."""

@@ -330,14 +330,15 @@ def response_object(request: dict, response_id, created_at, model, status, outpu
 
     C{request["store"]} says whether the gateway keeps it, and
     C{request["previous_response_id"]} which response it follows; C{background}, whether it is made in the
-    background.
+    background (so is one whose C{request} asked for it: translated, it is answered once done, a background
+    response over).
     """
     incomplete = {"reason": _INCOMPLETE[finish_reason]} if finish_reason in _INCOMPLETE else None
     text = request.get("text") if isinstance(request.get("text"), dict) else {"format": {"type": "text"}}
     reasoning = request.get("reasoning") if isinstance(request.get("reasoning"), dict) else {}
     return {
         "id": response_id, "object": "response", "created_at": created_at, "status": status,
-        "background": background, "error": None, "incomplete_details": incomplete,
+        "background": background or request.get("background") is True, "error": None, "incomplete_details": incomplete,
         "instructions": request.get("instructions"), "max_output_tokens": request.get("max_output_tokens"),
         "model": model, "output": output, "parallel_tool_calls": request.get("parallel_tool_calls", True),
         "previous_response_id": request.get("previous_response_id"), "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
