@@ -1123,3 +1123,39 @@ async def test_a_listing_of_many_budgets_seeds_their_shared_sums_in_one_redis_ca
     finally:
         counters.stop()
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reservation_in_flight_when_redis_loses_the_sum_is_not_given_back_from_the_new_one(
+        reactor, make, client, prefix):
+    """A request reserves 300 of 400; Redis loses the sum (a restart without persistence) and another process
+    seeds it again from the ledger, which holds what ended (not the request in flight). The request ends using
+    100: the new sum counts those 100, not 100 - 300 (-200: the budget would let 600 more tokens by in its
+    period, not 300). A sum seeded once, and not lost, still gets the difference back; a sum lost and settled
+    before anyone seeds it again becomes the larger of the ledger's figure and what it holds."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    books = [BudgetBook(make(), clock, seed=lambda scope, since: ledger[scope]) for _ in range(2)]
+    scopes = [("key:k", [Budget("daily", max_tokens=400, max_cost=4.0)])]
+    pairs = [("key:k", Budget("daily", max_tokens=400, max_cost=4.0))]
+    kept = await books[0].reserve(scopes, 20, 0.2)  # (one whose sum Redis keeps)
+    await books[0].settle(kept, 10, 0.1)
+    await books[0]._counters.written()
+    assert await books[1].spent(pairs) == [(10, 0.1)]
+    ledger["key:k"] = (10, 0.1)
+    reservation = await books[0].reserve(scopes, 300, 3.0)
+    assert await books[1].spent(pairs) == [(310, 3.1)]
+    [bucket] = client.keys(prefix + "budget|*")
+    client.delete(bucket)  # Redis restarted without its data
+    await books[1].check(scopes)  # seeded again: the ledger's 10
+    assert await books[1].spent(pairs) == [(10, 0.1)]
+    await books[0].settle(reservation, 100, 1.0)
+    await books[0]._counters.written()
+    assert await books[1].spent(pairs) == [(110, 1.1)]
+    lost = await books[0].reserve(scopes, 50, 0.5)  # lost, and settled before anyone seeds it again
+    client.delete(bucket)
+    await books[0].settle(lost, 50, 0.5)
+    await books[0]._counters.written()
+    ledger["key:k"] = (160, 1.6)
+    assert await books[1].spent(pairs) == [(160, 1.6)]  # the larger of the ledger's and the sum's

@@ -607,6 +607,19 @@ end
 return 0
 """
 
+# Lua shared by the scripts writing budget sums: float(x), the shortest figure that reads back as x (as Python's
+# repr). Redis adds floats as long doubles: a figure of 17 digits ('%.17g' of 0.1 - 0.2: -0.10000000000000001)
+# added to a sum that C{repr} wrote (0.2) leaves it off the double it should be (0.09999999999999999, not 0.1).
+_FLOAT = """
+local function float(x)
+  local short = string.format('%.15g', x)
+  if tonumber(short) == x then return short end
+  short = string.format('%.16g', x)
+  if tonumber(short) == x then return short end
+  return string.format('%.17g', x)
+end
+"""
+
 # Budget sums read from the usage ledger, once: KEYS the sums; ARGV per key: tokens, cost, expires_at or '', and
 # '1' where it is seeded again (sums that missed charges while Redis could not be reached, or whose budgets
 # changed) else ''. A sum not marked seeded (its field 's'), or seeded again, becomes the larger of what it holds
@@ -614,7 +627,7 @@ return 0
 # L{_SETTLE}: the ledger counts them once they end; the requests recorded since a Redis that lost its data came
 # back are also in the ledger once written: never counted twice), and is marked; a sum already marked is left as
 # it is. Returns how many it seeded.
-_SEED = """
+_SEED = _FLOAT + """
 local n = 0
 for i = 1, #KEYS do
   if redis.call('HSETNX', KEYS[i], 's', 1) == 1 or ARGV[4 * i] == '1' then
@@ -623,7 +636,7 @@ for i = 1, #KEYS do
     local t = tonumber(ARGV[4 * i - 3]) + tonumber(s[3] or '0')
     if t > tonumber(s[1] or '0') then redis.call('HSET', KEYS[i], 't', string.format('%.0f', t)) end
     local c = tonumber(ARGV[4 * i - 2]) + tonumber(s[4] or '0')
-    if c > tonumber(s[2] or '0') then redis.call('HSET', KEYS[i], 'c', string.format('%.17g', c)) end
+    if c > tonumber(s[2] or '0') then redis.call('HSET', KEYS[i], 'c', float(c)) end
   end
   if ARGV[4 * i - 1] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[4 * i - 1]) end
 end
@@ -634,15 +647,15 @@ return n
 # cost reserved, expires_at or ''. What of the reservation a sum still counts in flight ('rt', 'rc': all of it, but
 # where Redis lost the sum since, or a seed with nothing in flight replaced it) leaves the reservations in flight
 # and is taken off the sum, which is charged what was used: the sum is right however it was seeded meanwhile.
-_SETTLE = """
+_SETTLE = _FLOAT + """
 for i = 1, #KEYS do
   local s = redis.call('HMGET', KEYS[i], 'rt', 'rc')
   local rt, rc = tonumber(s[1] or '0'), tonumber(s[2] or '0')
   local gt, gc = math.min(rt, tonumber(ARGV[5 * i - 2])), math.min(rc, tonumber(ARGV[5 * i - 1]))
   redis.call('HINCRBY', KEYS[i], 't', string.format('%.0f', tonumber(ARGV[5 * i - 4]) - gt))
-  redis.call('HINCRBYFLOAT', KEYS[i], 'c', string.format('%.17g', tonumber(ARGV[5 * i - 3]) - gc))
+  redis.call('HINCRBYFLOAT', KEYS[i], 'c', float(tonumber(ARGV[5 * i - 3]) - gc))
   if rt - gt > 0 then redis.call('HSET', KEYS[i], 'rt', string.format('%.0f', rt - gt)) else redis.call('HDEL', KEYS[i], 'rt') end
-  if rc - gc > 1e-9 then redis.call('HSET', KEYS[i], 'rc', string.format('%.17g', rc - gc)) else redis.call('HDEL', KEYS[i], 'rc') end
+  if rc - gc > 1e-9 then redis.call('HSET', KEYS[i], 'rc', float(rc - gc)) else redis.call('HDEL', KEYS[i], 'rc') end
   if ARGV[5 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[5 * i]) end
 end
 return 0
