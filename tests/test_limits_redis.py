@@ -885,10 +885,10 @@ async def test_a_budget_read_cancelled_while_it_waits_for_a_charge_keeps_the_oth
     """A budget check (the gate's, awaited in its request's coroutine: cancelled when its client leaves) waits for
     the charges of its sums in flight; cancelled, the other checks waiting on the same charge still read after it
     (before, they read at once, without it: a spent budget passed)."""
-    from gomodel.limits.counters import _SPEND_ALL
+    from gomodel.limits.counters import _SPEND_ALL, _SPENT
     from tests.redis_server import HoldingProxy, script_sha
 
-    proxy = HoldingProxy(reactor, script_sha(_SPEND_ALL), b"HMGET", hold=0.3)
+    proxy = HoldingProxy(reactor, script_sha(_SPEND_ALL), script_sha(_SPENT), hold=0.3)
     counters = RedisCounters(connect(proxy.url, timeout=2), prefix, reactor)
     counters.start()
     try:
@@ -933,6 +933,7 @@ async def test_requests_admitted_at_once_on_two_processes_cannot_overshoot_a_bud
                               upstream_model="m", started=clock.seconds())
         call = SimpleNamespace(model="m", counted=b'{"model":"vllm/m","messages":[],"max_tokens":8}', limited=True)
         await gate.admit(SimpleNamespace(responseHeaders=AnswerHeaders()), ctx, SimpleNamespace(name="vllm"), call)
+        ctx.gate = gate  # (a request is settled by the process that admitted it)
         return ctx
 
     results = await DeferredList([ensureDeferred(admit(gates[i % 2])) for i in range(20)], consumeErrors=True)
@@ -944,8 +945,9 @@ async def test_requests_admitted_at_once_on_two_processes_cannot_overshoot_a_bud
     for ctx in admitted:  # each used 5
         ctx.usage = {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
         ctx.token_counts = None
-        gates[0].completed(ctx)
-    await gates[0]._limiter.counters.written()
+        ctx.gate.completed(ctx)
+    for gate in gates:
+        await gate._limiter.counters.written()
     assert await gates[1].spent(spent) == [(30, 0.0)]
     await admit(gates[1])  # room again
 
@@ -1159,3 +1161,37 @@ async def test_a_reservation_in_flight_when_redis_loses_the_sum_is_not_given_bac
     await books[0]._counters.written()
     ledger["key:k"] = (160, 1.6)
     assert await books[1].spent(pairs) == [(160, 1.6)]  # the larger of the ledger's and the sum's
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_reservations_of_a_process_killed_with_requests_in_flight_lapse_with_its_lease(
+        reactor, make, client, prefix):
+    """A process killed (SIGKILL, a crash) never settles the budget reservations of its requests in flight: they
+    stayed in the shared sum until its period's end (for a total budget, for ever), though the ledger has nothing
+    of them. Now each process's part of a sum lapses with its liveness key (renewed while it holds reservations,
+    as a concurrency lease), and the next read, reservation or seed of the sum takes it off; a live process's part
+    stays, is kept by a seed, and settles. (Two gateways killed for real: tests/test_scaleout.py.)"""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    killed, living = make(lease_ttl=0.3), make(lease_ttl=0.3)  # (renewed every 0.1 s)
+    books = [BudgetBook(counters, clock, seed=lambda scope, since: ledger[scope]) for counters in (killed, living)]
+    scopes = [("key:k", [Budget("daily", max_tokens=400, max_cost=4.0)])]
+    pairs = [("key:k", Budget("daily", max_tokens=400, max_cost=4.0))]
+    await books[0].reserve(scopes, 150, 1.5)
+    kept = await books[1].reserve(scopes, 250, 2.5)
+    with pytest.raises(BudgetExceeded):
+        await books[1].reserve(scopes, 10, 0.1)
+    killed._renewal.stop()  # (its process killed: nothing renews it)
+    await deferLater(reactor, 0.6, lambda: None)
+    assert await books[1].spent(pairs) == [(250, 2.5)]  # the killed process's 150 taken off (a read, a check)
+    late = await books[1].reserve(scopes, 10, 0.1)  # room
+    assert await books[1].spent(pairs) == [(260, 2.6)]  # the living process's part kept (renewed)
+    ledger["key:k"] = (20, 0.2)
+    books[1].renew("key:k")  # seeded again: the ledger's figure plus the living process's part in flight
+    assert await books[1].spent(pairs) == [(280, pytest.approx(2.8))]
+    await books[1].settle(kept, 100, 1.0)
+    await books[1].settle(late, 5, 0.05)
+    await living.written()
+    assert await books[1].spent(pairs) == [(125, pytest.approx(1.25))]
+    assert [field for field in client.hkeys(client.keys(prefix + "budget|*")[0]) if b":" in field] == []

@@ -988,6 +988,65 @@ async def test_a_background_stream_on_a_is_read_and_cancelled_on_b_while_it_runs
         await b.service.stopService()
 
 
+@pytest.mark.utc_day
+@pytest_twisted.ensureDeferred
+async def test_the_budget_reservations_of_a_gateway_killed_with_requests_in_flight_lapse_with_its_lease(
+        reactor, http, fake, pg_database, tmp_path, processes, shared_redis):
+    """Gateway A is killed (SIGKILL) with four requests of max_tokens 4000 in flight: their budget reservations,
+    which it never settles, stayed in the key's shared sum until the period's end (for a total budget, for ever;
+    16,168 tokens spent here, though the ledger had none of them). They count while A's liveness key in Redis
+    lives (30 s, renewed every 10 s while it holds reservations); once it lapsed (deleted here: its 30 s ran out),
+    B's next read of the sum takes them off."""
+    client = redis_client()
+    env = env_for(pg_database, fake.base_url, tmp_path, **shared_redis)
+    a = Process(env, tmp_path, "a")
+    b = Process(env, tmp_path, "b")
+    processes.extend([a, b])
+    await a.ready(reactor, http)
+    await b.ready(reactor, http)
+    sdk = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=30)
+    try:
+        code, key = await admin(http, a.url, "POST", KEYS, {
+            "name": "team", "budgets": [{"period": "daily", "max_tokens": 100000}]})
+        assert code == 201
+        sdk.api_key = key["value"]
+
+        def cut():  # (in flight at the fake until A dies)
+            try:
+                sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=4000, extra_body={"fake_hold": True})
+            except openai.APIError:
+                return
+
+        flying = [in_thread(cut) for _ in range(4)]
+
+        async def held():
+            return len(fake._held) == 4
+
+        await until(reactor, held, what="four requests in flight")
+
+        async def spent_on_b():
+            code, shown = await admin(http, b.url, "GET", f"{KEYS}/{key['id']}")
+            assert code == 200, shown
+            return shown["budgets"][0]["spent_tokens"]
+
+        reserved = await spent_on_b()
+        assert reserved >= 16000  # the four reservations, seen from B
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        for request in flying:
+            await request
+        assert await spent_on_b() == reserved  # (A's liveness key still lives: it may only be paused)
+        alive = client.keys(f"{shared_redis['REDIS_KEY_PREFIX']}limits:alive|*")
+        assert len(alive) == 1  # A's: B has reserved nothing
+        client.delete(*alive)  # its 30 s ran out
+        assert await spent_on_b() == 0
+    finally:
+        sdk.close()
+        client.close()
+        fake.release_holds()
+
+
 async def responses_charged(reactor, http, gw, count):
     """The (request id, total tokens) of the first C{count} usage records of /v1/responses, sorted."""
     async def records():

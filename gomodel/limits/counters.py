@@ -38,7 +38,11 @@ Redis by the renewals once it answers again: a request in flight counts again
 as soon, and its end frees it (a Redis that stalled and ran the admission late
 holds the same lease). The release of a slot Redis did not answer leaves it
 held: it is freed once Redis answers again, and at each renewal until it would
-have lapsed. Multi-key scripts need one Redis server (or primary),
+have lapsed. Budget reservations are kept the same way: each process's part of a
+budget sum (reserved by its requests in flight) lives as long as its liveness key
+(set by each reservation, renewed every C{lease_ttl/3} while it holds some), and the
+next reservation, read or seed of the sum after that takes it off. Multi-key
+scripts need one Redis server (or primary),
 not Redis Cluster.
 """
 
@@ -607,10 +611,14 @@ end
 return 0
 """
 
-# Lua shared by the scripts writing budget sums: float(x), the shortest figure that reads back as x (as Python's
-# repr). Redis adds floats as long doubles: a figure of 17 digits ('%.17g' of 0.1 - 0.2: -0.10000000000000001)
-# added to a sum that C{repr} wrote (0.2) leaves it off the double it should be (0.09999999999999999, not 0.1).
-_FLOAT = """
+# Lua shared by the scripts of budget sums. float(x): the shortest figure that reads back as x (as Python's repr).
+# Redis adds floats as long doubles: a figure of 17 digits ('%.17g' of 0.1 - 0.2: -0.10000000000000001) added to a
+# sum that C{repr} wrote (0.2) leaves it off the double it should be (0.09999999999999999, not 0.1).
+# lapse(key, alive, owner): the sum's fields (a table), and what the live processes' requests in flight reserved
+# in it (tokens, cost). Each process keeps its part of a sum apart in the hash ('rt:<process>', 'rc:<process>':
+# reserved, not settled yet, L{_RESERVE}, L{_SETTLE}); the part of a process whose liveness key (C{alive} ..
+# process) lapsed (killed, or it crashed: it never settles them) is first taken off the sum, not C{owner}'s.
+_SUMS = """
 local function float(x)
   local short = string.format('%.15g', x)
   if tonumber(short) == x then return short end
@@ -618,25 +626,47 @@ local function float(x)
   if tonumber(short) == x then return short end
   return string.format('%.17g', x)
 end
+local function lapse(key, alive, owner)
+  local f = redis.call('HGETALL', key)
+  local h = {}
+  for j = 1, #f, 2 do h[f[j]] = f[j + 1] end
+  local ft, fc, dt, dc = 0, 0, 0, 0
+  for j = 1, #f, 2 do
+    if string.sub(f[j], 1, 3) == 'rt:' then
+      local other = string.sub(f[j], 4)
+      local rt, rc = tonumber(f[j + 1]), tonumber(h['rc:' .. other] or '0')
+      if other ~= owner and redis.call('EXISTS', alive .. other) == 0 then
+        dt, dc = dt + rt, dc + rc
+        redis.call('HDEL', key, f[j], 'rc:' .. other)
+      else
+        ft, fc = ft + rt, fc + rc
+      end
+    end
+  end
+  if dt ~= 0 then h['t'] = redis.call('HINCRBY', key, 't', string.format('%.0f', -dt)) end
+  if dc ~= 0 then h['c'] = redis.call('HINCRBYFLOAT', key, 'c', float(-dc)) end
+  return h, ft, fc
+end
 """
 
 # Budget sums read from the usage ledger, once: KEYS the sums; ARGV per key: tokens, cost, expires_at or '', and
 # '1' where it is seeded again (sums that missed charges while Redis could not be reached, or whose budgets
-# changed) else ''. A sum not marked seeded (its field 's'), or seeded again, becomes the larger of what it holds
-# and the ledger's figure plus the reservations of the requests in flight (fields 'rt' and 'rc', L{_RESERVE},
-# L{_SETTLE}: the ledger counts them once they end; the requests recorded since a Redis that lost its data came
-# back are also in the ledger once written: never counted twice), and is marked; a sum already marked is left as
-# it is. Returns how many it seeded.
-_SEED = _FLOAT + """
+# changed) else ''; then the prefix of the processes' liveness keys. A sum not marked seeded (its field 's'), or
+# seeded again, becomes the larger of what it holds and the ledger's figure plus the reservations of the live
+# processes' requests in flight (L{_SUMS}: the ledger counts them once they end; the requests recorded since a
+# Redis that lost its data came back are also in the ledger once written: never counted twice), and is marked; a
+# sum already marked is left as it is. Returns how many it seeded.
+_SEED = _SUMS + """
 local n = 0
+local alive = ARGV[4 * #KEYS + 1]
 for i = 1, #KEYS do
   if redis.call('HSETNX', KEYS[i], 's', 1) == 1 or ARGV[4 * i] == '1' then
     n = n + 1
-    local s = redis.call('HMGET', KEYS[i], 't', 'c', 'rt', 'rc')
-    local t = tonumber(ARGV[4 * i - 3]) + tonumber(s[3] or '0')
-    if t > tonumber(s[1] or '0') then redis.call('HSET', KEYS[i], 't', string.format('%.0f', t)) end
-    local c = tonumber(ARGV[4 * i - 2]) + tonumber(s[4] or '0')
-    if c > tonumber(s[2] or '0') then redis.call('HSET', KEYS[i], 'c', float(c)) end
+    local h, ft, fc = lapse(KEYS[i], alive, '')
+    local t = tonumber(ARGV[4 * i - 3]) + ft
+    if t > tonumber(h['t'] or '0') then redis.call('HSET', KEYS[i], 't', string.format('%.0f', t)) end
+    local c = tonumber(ARGV[4 * i - 2]) + fc
+    if c > tonumber(h['c'] or '0') then redis.call('HSET', KEYS[i], 'c', float(c)) end
   end
   if ARGV[4 * i - 1] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[4 * i - 1]) end
 end
@@ -644,49 +674,70 @@ return n
 """
 
 # Reservations settled (L{RedisCounters.settle_all}): KEYS the sums; ARGV per key: tokens and cost used, tokens and
-# cost reserved, expires_at or ''. What of the reservation a sum still counts in flight ('rt', 'rc': all of it, but
-# where Redis lost the sum since, or a seed with nothing in flight replaced it) leaves the reservations in flight
-# and is taken off the sum, which is charged what was used: the sum is right however it was seeded meanwhile.
-_SETTLE = _FLOAT + """
+# cost reserved, expires_at or ''; then the settling process's id. What of the reservation the process's part of a
+# sum still holds (all of it, but where Redis lost the sum since, or its part was taken off as a dead process's:
+# paused past its lease) leaves its part and is taken off the sum, which is charged what was used: the sum is
+# right however it was seeded meanwhile.
+_SETTLE = _SUMS + """
+local owner = ARGV[5 * #KEYS + 1]
+local ft, fc = 'rt:' .. owner, 'rc:' .. owner
 for i = 1, #KEYS do
-  local s = redis.call('HMGET', KEYS[i], 'rt', 'rc')
+  local s = redis.call('HMGET', KEYS[i], ft, fc)
   local rt, rc = tonumber(s[1] or '0'), tonumber(s[2] or '0')
   local gt, gc = math.min(rt, tonumber(ARGV[5 * i - 2])), math.min(rc, tonumber(ARGV[5 * i - 1]))
   redis.call('HINCRBY', KEYS[i], 't', string.format('%.0f', tonumber(ARGV[5 * i - 4]) - gt))
   redis.call('HINCRBYFLOAT', KEYS[i], 'c', float(tonumber(ARGV[5 * i - 3]) - gc))
-  if rt - gt > 0 then redis.call('HSET', KEYS[i], 'rt', string.format('%.0f', rt - gt)) else redis.call('HDEL', KEYS[i], 'rt') end
-  if rc - gc > 1e-9 then redis.call('HSET', KEYS[i], 'rc', float(rc - gc)) else redis.call('HDEL', KEYS[i], 'rc') end
+  if rt - gt > 0 or rc - gc > 1e-9 then
+    redis.call('HSET', KEYS[i], ft, string.format('%.0f', rt - gt), fc, float(rc - gc))
+  elseif s[1] or s[2] then
+    redis.call('HDEL', KEYS[i], ft, fc)
+  end
   if ARGV[5 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[5 * i]) end
 end
 return 0
 """
 
+# A read of budget sums: KEYS the sums, ARGV the prefix of the processes' liveness keys. Returns the tokens, cost
+# and seed mark ('' for none) of each, the parts of dead processes taken off first (L{_SUMS}).
+_SPENT = _SUMS + """
+local out = {}
+for i = 1, #KEYS do
+  local h = lapse(KEYS[i], ARGV[1], '')
+  out[3 * i - 2], out[3 * i - 1], out[3 * i] = h['t'] or '0', h['c'] or '0', h['s'] or ''
+end
+return out
+"""
+
 
 # A reservation against budget sums, all or nothing (L{RedisCounters.reserve_all}): KEYS the sums; ARGV per key:
-# its largest tokens and cost ('' for none), the tokens and cost to add, expires_at or ''. Where a sum is not marked
-# seeded (lost by Redis, or never seeded) nothing is added: returns {-1}; where one holds its largest already (a
-# budget spent, reservations of the requests in flight counted), nothing either: returns {0, tokens, cost of each
-# key}; else every sum is added to, and its reservations in flight ('rt', 'rc': see L{_SEED}): returns {1}. The
-# last ARGV is '1' where the sums must be marked seeded.
-_RESERVE = """
+# its largest tokens and cost ('' for none), the tokens and cost to add, expires_at or ''; then '1' where the sums
+# must be marked seeded, the reserving process's id, the prefix of the processes' liveness keys and their lease
+# (ms). The parts of dead processes are taken off each sum first (L{_SUMS}). Where a sum is not marked seeded (lost
+# by Redis, or never seeded) nothing is added: returns {-1}; where one holds its largest already (a budget spent,
+# reservations of the requests in flight counted), nothing either: returns {0, tokens, cost of each key}; else
+# every sum is added to, and the process's part of it, and the process's liveness key is set: returns {1}.
+_RESERVE = _SUMS + """
+local n = #KEYS
+local marked = ARGV[5 * n + 1] == '1'
+local owner, alive = ARGV[5 * n + 2], ARGV[5 * n + 3]
 local sums = {1}
-local marked = ARGV[5 * #KEYS + 1] == '1'
-for i = 1, #KEYS do
-  local s = redis.call('HMGET', KEYS[i], 't', 'c', 's')
-  if marked and not s[3] then return {-1} end
-  local t, c = tonumber(s[1] or '0'), tonumber(s[2] or '0')
-  sums[2 * i], sums[2 * i + 1] = tostring(t), string.format('%.17g', c)
+for i = 1, n do
+  local h = lapse(KEYS[i], alive, owner)
+  if marked and not h['s'] then return {-1} end
+  local t, c = tonumber(h['t'] or '0'), tonumber(h['c'] or '0')
+  sums[2 * i], sums[2 * i + 1] = string.format('%.0f', t), string.format('%.17g', c)
   local mt, mc = ARGV[5 * i - 4], ARGV[5 * i - 3]
   if (mt ~= '' and t >= tonumber(mt)) or (mc ~= '' and c >= tonumber(mc)) then sums[1] = 0 end
 end
 if sums[1] == 0 then return sums end
-for i = 1, #KEYS do
+for i = 1, n do
   redis.call('HINCRBY', KEYS[i], 't', ARGV[5 * i - 2])
   redis.call('HINCRBYFLOAT', KEYS[i], 'c', ARGV[5 * i - 1])
-  redis.call('HINCRBY', KEYS[i], 'rt', ARGV[5 * i - 2])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'rc', ARGV[5 * i - 1])
+  redis.call('HINCRBY', KEYS[i], 'rt:' .. owner, ARGV[5 * i - 2])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'rc:' .. owner, ARGV[5 * i - 1])
   if ARGV[5 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[5 * i]) end
 end
+redis.call('SET', alive .. owner, 1, 'PX', ARGV[5 * n + 4])
 return {1}
 """
 
@@ -725,6 +776,9 @@ class RedisCounters(_Forms):
         self._orphans = {}  # lease id -> (slot keys, when it lapses): released, but Redis may hold them still
         self._orphans_freed = True  # since the last orphan, a release of them all succeeded
         self._next_free = None  # the release of the orphans planned for when Redis is tried again
+        self._owner = uuid.uuid4().hex  # this process, in the budget sums' parts (L{_SUMS})
+        self._alive = prefix + "alive|"  # + a process's id: its liveness key, renewed while it holds reservations
+        self._reservations = 0  # budget reservations taken here and not settled yet
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = reactor
         # key -> Deferreds of the writes of it in flight that nobody waits for (L{finish}, L{spend_all}): an
@@ -738,6 +792,7 @@ class RedisCounters(_Forms):
         self._seed = redis.register_script(_SEED)
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
+        self._spent = redis.register_script(_SPENT)
         self._peek = redis.register_script(_PEEK)
         from redis import RedisError
 
@@ -955,6 +1010,8 @@ class RedisCounters(_Forms):
         return self._threads.run(self._unless_down, free).addErrback(failed)
 
     def _renew(self):
+        if self._reservations and self._threads.running:  # (the parts of its budget sums kept: L{_SUMS})
+            self._run(None, self._redis.psetex, self._alive + self._owner, self._lease_ms, 1)
         if self._orphans:
             self._free_orphans()
         if not self._held or not self._threads.running:
@@ -988,8 +1045,9 @@ class RedisCounters(_Forms):
         self._spend(keys=keys, args=args)
 
     def settle_all(self, items):
-        """Settle reservations (L{reserve_all}'s): each sum is charged what was used less what it still counts of the
-        reservation, which leaves its reservations in flight (kept by a seed, L{seed_all}; see L{_SETTLE}).
+        """Settle a reservation (L{reserve_all}'s, on this process): each sum is charged what was used less what this
+        process's part of it still holds of the reservation, which leaves that part (kept by a seed, L{seed_all};
+        taken off if the process was taken for dead meanwhile; see L{_SETTLE}).
 
         @param items: C{(bucket, tokens used, cost used, tokens reserved, cost reserved, expires_at)}, as
             L{spend_all}'s.
@@ -999,6 +1057,9 @@ class RedisCounters(_Forms):
         args = [x for _, tokens, cost, reserved_tokens, reserved_cost, expires in items
                 for x in (int(tokens), repr(float(cost)), int(reserved_tokens), repr(float(reserved_cost)),
                           "" if expires is None else int(math.ceil(expires)))]
+        args.append(self._owner)
+        if self._reservations:
+            self._reservations -= 1
         return self._writing(keys, self._run(None, self._settle_sync, keys, args))
 
     def _settle_sync(self, keys, args):
@@ -1009,10 +1070,8 @@ class RedisCounters(_Forms):
         return self._after_writes(keys, [(0, 0.0)] * len(buckets), self._spent_sync, keys)
 
     def _spent_sync(self, keys):
-        pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.hmget(key, "t", "c")
-        return [(int(t or 0), float(c or 0.0)) for t, c in pipe.execute()]
+        reply = self._spent(keys=keys, args=[self._alive])
+        return [(int(reply[3 * i]), float(reply[3 * i + 1])) for i in range(len(keys))]
 
     def peek(self, specs, slots):
         keys = [self._prefix + bucket for bucket, _, _ in specs] + [self._prefix + bucket for bucket in slots]
@@ -1038,6 +1097,7 @@ class RedisCounters(_Forms):
         args = [x for _, tokens, cost, expires, again in items
                 for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)),
                           "1" if again else "")]
+        args.append(self._alive)
         return self._after_writes(keys, 0, self._seed, keys, args)
 
     def reserve_all(self, items, seeded=True):
@@ -1054,10 +1114,18 @@ class RedisCounters(_Forms):
         args = [x for _, most_tokens, most_cost, tokens, cost, expires in items
                 for x in ("" if most_tokens is None else int(most_tokens),
                           "" if most_cost is None else repr(float(most_cost)), int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
-        args.append("1" if seeded else "")
+        args += ("1" if seeded else "", self._owner, self._alive, self._lease_ms)
         # (after the writes of its sums in flight, as a read; not itself waited for by the next ones: a request's
         # reservation is in before its answer goes out, and reservations at once are each atomic)
-        return self._after_writes(keys, (None, None), self._reserve_sync, keys, args)
+        d = self._after_writes(keys, (None, None), self._reserve_sync, keys, args)
+        if any(item[3] or item[4] for item in items):  # (one of nothing is never settled: see BudgetBook.settle)
+            d.addCallback(self._reserved)
+        return d
+
+    def _reserved(self, answer):
+        if answer[0] == 1:
+            self._reservations += 1  # (its liveness renewed until they are settled: L{_renew})
+        return answer
 
     def _reserve_sync(self, keys, args):
         reply = self._reserve(keys=keys, args=args)
@@ -1076,9 +1144,6 @@ class RedisCounters(_Forms):
                                   self._spent_seeded_sync, buckets)
 
     def _spent_seeded_sync(self, buckets):
-        pipe = self._redis.pipeline(transaction=False)
-        for bucket in buckets:
-            pipe.hmget(self._prefix + bucket, "t", "c", "s")
-        replies = pipe.execute()
-        return ([(int(t or 0), float(c or 0.0)) for t, c, _ in replies],
-                [bucket for bucket, (_, _, seeded) in zip(buckets, replies) if seeded is None])
+        reply = self._spent(keys=[self._prefix + bucket for bucket in buckets], args=[self._alive])
+        return ([(int(reply[3 * i]), float(reply[3 * i + 1])) for i in range(len(buckets))],
+                [bucket for i, bucket in enumerate(buckets) if not reply[3 * i + 2]])
