@@ -4,7 +4,9 @@ again under another header or in the query of a passthrough; and a key's model l
 
 import io
 import json
+import urllib.parse
 
+import pytest
 import pytest_twisted
 import treq
 
@@ -441,3 +443,94 @@ async def test_the_passthrough_never_relays_a_key_written_raw_in_the_query(react
         assert fake.requests[-1].uri == b"/tokenize?x=1"
     finally:
         await stop_all(gw, fake)
+
+
+# The shapes of an upstream's URL the gateway is configured with (a fake vLLM listening at each), and of the
+# addresses its errors may echo: each must come to the client as the provider's name alone, on every route.
+_CONFIGURED = {
+    "an IPv4 address": ("127.0.0.1", lambda fake: fake.base_url),
+    "a host name": ("127.0.0.1", lambda fake: f"http://localhost:{fake.port.getHost().port}/v1"),
+    "an upper-case host name": ("127.0.0.1", lambda fake: f"http://LOCALHOST:{fake.port.getHost().port}"),
+    "an IPv6 literal": ("::1", lambda fake: fake.base_url),
+    "a pool of two replicas": ("127.0.0.1", lambda fake: fake.base_url),  # (and a second fake, named)
+}
+
+
+def _echoed(fake):
+    """(What an upstream's error may say of C{fake}'s address, what the client is to see instead) pairs."""
+    port = fake.port.getHost().port
+    host = fake.interface
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    named = f"[{host}]" if ":" in host else host
+    return [
+        (f"{fake.base_url}/chat/completions", "vllm/chat/completions"),
+        (f"http://{named}:1/v1", "vllm"),  # (another port of its host)
+        (f"localhost:{port}", "vllm"),  # (its loopback address by another name)
+        (f"LOCALHOST:{port}", "vllm"),
+        (f"[::1]:{port}", "vllm"),
+        (f"127.0.0.1:{port}", "vllm"),
+        (f"http://localhost.:{port}/v1", "vllm"),  # (the name with its root's trailing dot)
+        (f"http://user:secret@{netloc}/v1", "vllm"),
+        (urllib.parse.quote(fake.base_url, safe=""), "vllm"),  # (percent-encoded, as in a query)
+        (f"url=http%3a%2f%2f{named}%3a{port}", "url=vllm"),
+        (f"Cannot connect to host {netloc} ssl:default [Connect call failed ('{host}', {port})]",
+         "Cannot connect to host vllm ssl:default [Connect call failed (vllm)]"),
+    ]
+
+
+@pytest.mark.parametrize("configured", list(_CONFIGURED))
+@pytest_twisted.ensureDeferred
+async def test_no_shape_of_the_upstreams_address_reaches_a_client(reactor, http, configured):
+    """Whatever the shape of the upstream's configured URL, an error that names its address in any shape (another
+    port of its host, its loopback address by another name, upper case, a trailing dot, with a user and password,
+    percent-encoded, aiohttp's "Cannot connect to host") shows the client the provider's name alone: on chat, on
+    Anthropic's Messages, through the passthrough, in a chat or Responses stream's error event and in a batch's error
+    file. Before, only the configured URL,
+    host and port, and host as written were replaced."""
+    interface, url_of = _CONFIGURED[configured]
+    fakes = [await start_fake(reactor, interface=interface)]
+    if configured.startswith("a pool"):
+        fakes.append(await start_fake(reactor, interface=interface))
+    urls = [url_of(fakes[0])] + [f"http://localhost:{f.port.getHost().port}" for f in fakes[1:]]
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": ",".join(urls), "GOMODEL_MASTER_KEY": MASTER,
+                                       "REPLICA_FAILURE_THRESHOLD": "100"})
+    try:
+        pairs = [pair for fake in fakes for pair in _echoed(fake)]
+        said = " | ".join(s for s, _ in pairs)
+        shown = " | ".join(e for _, e in pairs)
+        error = json.dumps({"error": {"message": said, "type": "internal_error", "param": None, "code": 500}})
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        for path, body, model, status in (
+                ("/v1/chat/completions", chat, MODEL, 500),
+                ("/v1/messages", {"max_tokens": 5, **chat}, MODEL, 500),
+                ("/p/vllm/v1/chat/completions", chat, BARE, 400)):
+            response, content = await call(http, gw, path, dict(body, model=model, fake_status=status,
+                                                                  fake_body=error))
+            assert response.code == status, (path, content)
+            assert json.loads(content)["error"]["message"] == shown, path
+        response, content = await call(http, gw, "/v1/chat/completions", dict(chat, model=MODEL, stream=True, fake_sse=[
+            error, "[DONE]"]))
+        assert response.code == 200
+        assert json.loads(content.split(b"data: ")[1])["error"]["message"] == shown, content
+        response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi", "stream": True,
+                                                                   "fake_events": [["error", json.dumps({
+                                                                       "type": "error", "code": "server_error",
+                                                                       "message": said, "param": None,
+                                                                       "sequence_number": 0})]]})
+        assert response.code == 200
+        assert json.loads(content.split(b"data: ")[1].split(b"\n")[0])["message"] == shown, content
+        line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions",
+                "body": dict(chat, model=MODEL, fake_status=500, fake_body=error)}
+        response = await http.post(gw.url + "/v1/files", headers={"authorization": f"Bearer {MASTER}"},
+                                   data={"purpose": "batch"}, files={"file": ("in.jsonl", "application/jsonl",
+                                                                               io.BytesIO(json.dumps(line).encode()))})
+        response, content = await call(http, gw, "/v1/batches", {"input_file_id": json.loads(
+            await treq.content(response))["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        batch_id = json.loads(content)["id"]
+        await gw.service.batch_runner.settled(batch_id)
+        response, content = await call(http, gw, f"/v1/batches/{batch_id}", method="GET")
+        response, content = await call(http, gw, f"/v1/files/{json.loads(content)['error_file_id']}/content",
+                                       method="GET")
+        assert json.loads(content)["response"]["body"]["error"]["message"] == shown, content
+    finally:
+        await stop_all(gw, *fakes)

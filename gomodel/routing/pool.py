@@ -73,7 +73,6 @@ whose candidates are still full holds back none behind it.
 """
 
 import random
-import re
 from collections import OrderedDict, deque
 from email.utils import parsedate_to_datetime
 from itertools import compress, filterfalse, repeat
@@ -85,6 +84,7 @@ from twisted.logger import Logger
 
 from gomodel.errors import InvalidRequest, ModelNotFound, NoReadyReplica, ReplicasBusy, whole_seconds
 from gomodel.routing.selectors import qualified
+from gomodel.addresses import marks
 
 LOADING, READY, DOWN, STALLED = "loading", "ready", "down", "stalled"
 RETRY_AFTER = 1  # seconds a client is told to wait for a busy pool (a not-ready one: L{ReplicaPool._ready_in})
@@ -492,10 +492,10 @@ class ReplicaPool:
         # Longest first: one replica's host must not be replaced inside another's host and port.
         self.hidden = tuple(sorted(dict.fromkeys(h for r in self.replicas for h in r.server.hidden), key=len,
                                    reverse=True))
-        # The shortest of them (every other holds one: a URL its host), as one pattern of bytes: what an upstream's
-        # header that names one of its addresses holds (L{gomodel.http.headers.copy_response_headers}); None: none.
-        marks = [re.escape(h.encode()) for h in self.hidden if not any(o != h and o in h for o in self.hidden)]
-        self.hidden_pattern = re.compile(b"|".join(marks)) if marks else None
+        # Its hosts (by every name: any case, a loopback one's other names) and keys, as one pattern of bytes: what
+        # an upstream's header or error that names one of its addresses holds (L{gomodel.http.headers
+        # .copy_response_headers}, L{gomodel.addresses.marks}); None: none.
+        self.hidden_pattern = marks(self.hidden)
         self._clock = clock
         self._strategy = strategy
         self._drawn = strategy in ("round_robin", "random")  # (not scored by load: L{_choose}'s one test for them)

@@ -4,7 +4,7 @@ An OpenAI-shaped error (vLLM's own 400/404/...) passes through byte for byte;
 vLLM's bare C{{"error": "Unauthorized"}}, FastAPI's C{{"detail": ...}}, vLLM's
 old flat C{{"object": "error", ...}} and anything that is not JSON are wrapped.
 The upstream's address never appears in what the client gets, nor the provider's
-own key (an upstream that quotes the key it refused: L{Secret}).
+own key (an upstream that quotes the key it refused: L{gomodel.addresses.Secret}).
 """
 
 import time
@@ -13,6 +13,7 @@ from functools import partial
 from gomodel import jsonutil
 from gomodel.errors import SDK_RETRY_WAIT, UpstreamAuthFailed, UpstreamError, UpstreamQuotaExhausted, envelope
 from gomodel.proxy.sse import hidden_strings
+from gomodel.addresses import scrubbed, scrubber
 from gomodel.routing.pool import retry_after_seconds
 
 _TYPE_BY_STATUS = {
@@ -27,17 +28,6 @@ _TYPE_BY_STATUS = {
 }
 
 
-# What the client sees in place of a provider's key (L{Secret}).
-REDACTED = "***"
-
-
-class Secret(str):
-    """One of a provider's C{hidden} strings that is a credential, its API key: replaced by L{REDACTED} (an
-    address is replaced by the provider's name)."""
-
-    __slots__ = ()
-
-
 def default_type(status: int) -> str:
     """The OpenAI error type for an upstream status that came without one."""
     if status >= 500:
@@ -49,8 +39,9 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
     """Build the L{UpstreamError} for an upstream answer with C{status} >= 400: a 401 (the upstream refused the
     gateway's key for it) is L{UpstreamAuthFailed}, a 502 without the upstream's words.
 
-    @param hide: strings (the upstream's URLs, host and port, host; its key, a L{Secret}) that must not
-        reach the client, longest first; each is replaced by the provider's name (a key by L{REDACTED}).
+    @param hide: strings (the upstream's URLs, host and port, host; its key, a L{gomodel.addresses.Secret}) that
+        must not reach the client, in any shape (L{scrubbed}): each is replaced by the provider's name (a key by
+        C{***}).
     """
     if status == 401:  # (the gateway's key for the provider, not the client's: never relayed as a 401)
         said = _scope_missing(body)
@@ -143,28 +134,23 @@ def without_address(message: str, upstream) -> str:
 
 
 def hidden_in(body: bytes, upstream) -> bytes:
-    """C{body}, an upstream's raw answer relayed as it is (a passthrough's error), with every string of
-    C{upstream}'s C{hidden} replaced as in an error message (a URL also as JSON may write it, C{http:\\/\\/...})."""
-    for h in upstream.hidden:
-        shown = (REDACTED if h.__class__ is Secret else upstream.name).encode()
-        body = body.replace(h.encode(), shown)
-        if "/" in h:
-            body = body.replace(h.replace("/", "\\/").encode(), shown)
-    return body
+    """C{body}, an upstream's raw answer relayed as it is (a passthrough's error), with every address and key of
+    C{upstream}'s C{hidden} replaced as in an error message (L{gomodel.addresses.scrubbed}: a URL also as
+    JSON may write it, C{http:\\/\\/...})."""
+    return scrubbed(body, upstream.hidden, upstream.name)
 
 
 def _mentions(body: bytes, parsed, hide) -> bool:
     """Whether an upstream's JSON error answer C{body} (C{parsed}) holds any of C{hide}: in its bytes, or once its
     strings are decoded (an address written with JSON's escapes, C{\\u0031\\u0032\\u0037...}, is one to a client)."""
-    if not hide:
+    patterns = scrubber(tuple(hide)) if hide else None
+    if patterns is None:
         return False
-    for h in hide:
-        if h and body.find(h.encode()) >= 0:
-            return True
-    if body.find(b"\\") < 0:  # (no escape: the decoded strings are the bytes)
+    if patterns[1].search(body) is not None:
+        return True
+    if body.find(b"\\") < 0 and body.find(b"%") < 0:  # (no escape: the decoded strings are the bytes)
         return False
-    decoded = jsonutil.dumps(parsed)
-    return any(h and decoded.find(h.encode()) >= 0 for h in hide)
+    return scrubbed(jsonutil.dumps(parsed), hide, "") != jsonutil.dumps(parsed)
 
 
 def _parse(body: bytes):
@@ -175,14 +161,11 @@ def _parse(body: bytes):
 
 
 def _hidden(message, hide, provider_name: str):
-    """C{message} with every string of C{hide} replaced by C{provider_name} (a L{Secret} by L{REDACTED}; a value
+    """C{message} with every address of C{hide} replaced by C{provider_name} (a key by C{***}: L{scrubbed}; a value
     that is no string as it is)."""
     if not isinstance(message, str):
         return message
-    for h in hide:
-        if h:
-            message = message.replace(h, REDACTED if h.__class__ is Secret else provider_name)
-    return message
+    return scrubbed(message, hide, provider_name)
 
 
 def _wrapped(status, message, type_=None, param=None, code=None) -> UpstreamError:

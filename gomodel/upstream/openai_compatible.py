@@ -11,7 +11,8 @@ from gomodel import jsonutil
 from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from gomodel.interfaces import IUpstream
 from gomodel.upstream.client import BodyTooLarge, read_body, was_cancelled, within
-from gomodel.upstream.errors import Secret, upstream_error
+from gomodel.addresses import Secret
+from gomodel.upstream.errors import upstream_error
 
 # A failure of these kinds means no response byte came back: on a pooled
 # connection the upstream had most likely just closed it, so one retry is safe.
