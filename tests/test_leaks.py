@@ -9,6 +9,7 @@ import urllib.parse
 import pytest
 import pytest_twisted
 import treq
+from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.support import start_fake, start_gateway, stop_all
 
@@ -534,3 +535,34 @@ async def test_no_shape_of_the_upstreams_address_reaches_a_client(reactor, http,
         assert json.loads(content)["response"]["body"]["error"]["message"] == shown, content
     finally:
         await stop_all(gw, *fakes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_log_holds_a_clients_key(http, two):
+    """No log event (the access log's lines and fields, every other structured event, its text as written) holds a
+    key a client sent: a managed key's, the master key, a wrong one, sent as C{Authorization}, C{x-api-key}, in the
+    passthrough's headers and query, on a request that went out, one refused and one the upstream failed."""
+    gw, vllm, other = two
+    key = await new_key(http, gw)
+    wrong = "sk-wrong-0123456789abcdef"
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        for sent, headers in ((key, None), (MASTER, None), (wrong, None), (key, {"x-api-key": key})):
+            for body in (chat, dict(chat, stream=True), dict(chat, fake_status=500, fake_body="boom")):
+                await call(http, gw, "/v1/chat/completions", body, key=sent, headers=headers)
+            await call(http, gw, "/v1/messages", dict(chat, max_tokens=5), key=sent,
+                       headers={"x-api-key": sent, "anthropic-version": "2023-06-01"})
+            await call(http, gw, f"/p/vllm/tokenize?key={sent}&api_key={sent}", {"model": BARE, "prompt": "hi"},
+                       key=sent, headers={"api-key": sent, "x-goog-api-key": sent, "cookie": f"s={sent}"})
+            await call(http, gw, f"/p/vllm/nothing-here?key={sent}", method="GET", key=sent)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    access = [e for e in events if e.get("log_namespace") == "gomodel.access"]
+    assert len(access) >= 24
+    for event in events:
+        text = formatEvent(event) + json.dumps({k: v for k, v in event.items() if not k.startswith("log_")},
+                                               default=repr)
+        for secret in (key, MASTER, wrong):
+            assert secret not in text, (secret, event)
