@@ -566,3 +566,21 @@ async def test_no_log_holds_a_clients_key(http, two):
                                                default=repr)
         for secret in (key, MASTER, wrong):
             assert secret not in text, (secret, event)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_error_with_json_escapes_shows_the_provider_not_its_address(http, two):
+    """A passthrough error (its body, a streamed error event) whose JSON writes the upstream's address with escapes
+    (C{\\\\u0031...}) names it to the client that reads it: it is relayed naming the provider instead, as on the
+    OpenAI routes. Before, it went byte for byte."""
+    gw, vllm, other = two
+    message = f"cannot reach {vllm.base_url}"
+    escaped = '{"error":{"message":"' + "".join("\\u%04x" % ord(c) for c in message) + '","type":"x","param":null}}'
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+        "model": BARE, "messages": [], "fake_status": 400, "fake_body": escaped})
+    assert response.code == 400
+    assert json.loads(content)["error"]["message"] == "cannot reach vllm", content
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+        "model": BARE, "messages": [{"role": "user", "content": "hi"}], "stream": True, "fake_sse": [escaped, "[DONE]"]})
+    assert response.code == 200
+    assert json.loads(content.split(b"data: ")[1].split(b"\n")[0])["error"]["message"] == "cannot reach vllm", content

@@ -1028,8 +1028,8 @@ class UsageTap:
                     if self.error is not None:
                         self.done = ended = True  # (the client has the error: the stream's end, whatever follows)
                 hide = self._hide
-                if hide is not None and hide.hidden_pattern.search(data) is not None:
-                    data = _errors_hidden(data, hide)
+                if hide is not None and (hide.hidden_pattern.search(data) is not None or data.find(b"\\u") >= 0):
+                    data = _errors_hidden(data, hide)  # (an address written with JSON's escapes names it too)
             if self.error is None and data.find(b"response.failed") >= 0:
                 self.error = failure_in(data)  # (a failed response, the upstream's in-band error; the stream's end)
             if self._ends is not None and not self.done:
@@ -1128,7 +1128,7 @@ def _response_shown(body: bytes, upstream) -> bytes:
     """C{body}, a Responses object a passthrough answered whole, with its C{error} written without C{upstream}'s
     addresses and key (L{error_shown}), as a stream's failed response is (L{_failure_hidden}); else as it is (its
     output, the model's words, too)."""
-    if upstream.hidden_pattern.search(body) is None:
+    if upstream.hidden_pattern.search(body) is None and body.find(b"\\u") < 0:
         return body
     try:
         response = jsonutil.loads(body)

@@ -136,8 +136,32 @@ def without_address(message: str, upstream) -> str:
 def hidden_in(body: bytes, upstream) -> bytes:
     """C{body}, an upstream's raw answer relayed as it is (a passthrough's error), with every address and key of
     C{upstream}'s C{hidden} replaced as in an error message (L{gomodel.addresses.scrubbed}: a URL also as
-    JSON may write it, C{http:\\/\\/...})."""
-    return scrubbed(body, upstream.hidden, upstream.name)
+    JSON may write it, C{http:\\/\\/...}; a JSON body's or event's strings also where it writes them with C{\\u}
+    escapes, which name the address to any client that reads them: written again then)."""
+    body = scrubbed(body, upstream.hidden, upstream.name)
+    if body.find(b"\\u") < 0:
+        return body
+    shown = _json_hidden(body, upstream)
+    if shown is not None:
+        return shown
+    lines = body.split(b"\n")  # (an event stream's: its data lines)
+    for i, line in enumerate(lines):
+        if line.startswith(b"data:") and line.find(b"\\u") >= 0:
+            data = line[5:]
+            shown = _json_hidden(data, upstream)
+            if shown is not None and shown is not data:
+                lines[i] = b"data: " + shown
+    return b"\n".join(lines)
+
+
+def _json_hidden(data: bytes, upstream):
+    """C{data}, JSON, with its strings without C{upstream}'s addresses (L{without_address}): C{data} itself where
+    none names one; None where it is no JSON."""
+    value = _parse(data)
+    if value is None:
+        return None
+    shown = hidden_strings(value, partial(without_address, upstream=upstream))
+    return data if shown == value else jsonutil.dumps(shown)
 
 
 def _mentions(body: bytes, parsed, hide) -> bool:
