@@ -26,7 +26,9 @@ class Secret(str):
 REDACTED = "***"
 
 # The names of the loopback host: an upstream on one is hidden under each (its server may echo any).
-_LOOPBACK = ("localhost", "127.0.0.1", "::1", "0:0:0:0:0:0:0:1", "0.0.0.0")
+_LOOPBACK = ("localhost", "127.0.0.1", "::1", "0:0:0:0:0:0:0:1", "0.0.0.0", "::ffff:127.0.0.1")
+# An IPv4 address's form as an IPv6 one (C{[::ffff:10.0.0.5]}, as a dual-stack server names its peer).
+_IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 
 _COLON = r"(?::|%3A)"
 _SLASH = r"(?:/|\\/|%2F)"
@@ -37,7 +39,8 @@ _START = r"(?:(?<![\w.-])|(?<=%[0-9a-f]{2}))"
 
 def hosts_of(hide) -> list:
     """The host names and addresses in C{hide} (no L{Secret}), lower case, without brackets or a trailing dot;
-    for a loopback one every name of the loopback host; for an IPv6 address its full form too."""
+    for a loopback one every name of the loopback host; for an IPv6 address its full form too, for an IPv4 one its
+    IPv4-mapped IPv6 form."""
     hosts = []
     for h in hide:
         if not h or h.__class__ is Secret:
@@ -54,6 +57,8 @@ def hosts_of(hide) -> list:
                 hosts.append(ipaddress.IPv6Address(host).exploded)
             except ValueError:
                 pass
+        if _IPV4.fullmatch(host):
+            hosts.append("::ffff:" + host)
         if host in _LOOPBACK or host.startswith("127.") or host.endswith(".localhost"):
             hosts.extend(_LOOPBACK)
     return sorted(dict.fromkeys(hosts), key=len, reverse=True)

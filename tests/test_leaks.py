@@ -470,6 +470,7 @@ def _echoed(fake):
         (f"LOCALHOST:{port}", "vllm"),
         (f"[::1]:{port}", "vllm"),
         (f"127.0.0.1:{port}", "vllm"),
+        (f"[::ffff:127.0.0.1]:{port}", "vllm"),  # (an IPv4-mapped IPv6 address)
         (f"http://localhost.:{port}/v1", "vllm"),  # (the name with its root's trailing dot)
         (f"http://user:secret@{netloc}/v1", "vllm"),
         (urllib.parse.quote(fake.base_url, safe=""), "vllm"),  # (percent-encoded, as in a query)
