@@ -486,7 +486,7 @@ async def test_no_shape_of_the_upstreams_address_reaches_a_client(reactor, http,
     """Whatever the shape of the upstream's configured URL, an error that names its address in any shape (another
     port of its host, its loopback address by another name, upper case, a trailing dot, with a user and password,
     percent-encoded, aiohttp's "Cannot connect to host") shows the client the provider's name alone: on chat, on
-    Anthropic's Messages, through the passthrough, in a chat or Responses stream's error event and in a batch's error
+    Anthropic's Messages, through the passthrough, in a chat, Responses or Messages stream's error event and in a batch's error
     file. Before, only the configured URL,
     host and port, and host as written were replaced."""
     interface, url_of = _CONFIGURED[configured]
@@ -521,6 +521,12 @@ async def test_no_shape_of_the_upstreams_address_reaches_a_client(reactor, http,
                                                                        "sequence_number": 0})]]})
         assert response.code == 200
         assert json.loads(content.split(b"data: ")[1].split(b"\n")[0])["message"] == shown, content
+        response, content = await call(http, gw, "/v1/messages", dict(chat, model=MODEL, max_tokens=5, stream=True,
+                                                                      fake_events=[["error", json.dumps({
+                                                                          "type": "error", "error": {
+                                                                              "type": "api_error", "message": said}})]]))
+        assert response.code == 200
+        assert json.loads(content.split(b"data: ")[-1].split(b"\n")[0])["error"]["message"] == shown, content
         line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions",
                 "body": dict(chat, model=MODEL, fake_status=500, fake_body=error)}
         response = await http.post(gw.url + "/v1/files", headers={"authorization": f"Bearer {MASTER}"},
