@@ -45,7 +45,12 @@ def hosts_of(hide) -> list:
     for h in hide:
         if not h or h.__class__ is Secret:
             continue
-        host = urlsplit(h if "://" in h else "//" + h).hostname if ("/" in h or ":" in h) else h
+        if "://" in h:
+            host = urlsplit(h).hostname
+        elif h.startswith("[") or h.count(":") == 1:  # (a host and port)
+            host = urlsplit("//" + h).hostname
+        else:  # (a host: a name, an IPv4 or IPv6 address)
+            host = h
         if not host:
             continue
         host = host.lower().rstrip(".")
@@ -98,9 +103,23 @@ def scrubber(hide: tuple):
 def marks(hide):
     """A pattern (bytes) that finds each host (by every name of it, L{hosts_of}) and key of C{hide}: what a text
     that names one of them holds (a cheap test before L{scrubbed}); None where C{hide} holds none."""
+    # Each host in lower case, upper case and as configured (a server names itself as the Host it was sent), not in
+    # any case: literals alone keep it as fast as one, a pattern every relayed answer's headers go through (an error's
+    # text is then scrubbed in any case); a host another holds (::ffff:10.0.0.5) is found by that one.
+    hosts = hosts_of(hide)
+    hosts += [h.upper() for h in hosts] + [h for h in map(_spelled, hide) if h]
+    hosts = sorted({h for h in hosts if not any(o != h and o in h for o in hosts)})
     words = [re.escape(h.encode()) for h in hide if h and h.__class__ is Secret]
-    words += [re.escape(h.encode()) for h in hosts_of(hide)]
-    return re.compile(b"|".join(words), re.IGNORECASE) if words else None
+    words += [re.escape(h.encode()) for h in hosts]
+    return re.compile(b"|".join(words)) if words else None
+
+
+def _spelled(h):
+    """The host of C{h} (one of C{hide}) as it is written there, or None (a key, an IPv6 address)."""
+    if not h or h.__class__ is Secret:
+        return None
+    netloc = urlsplit(h if "://" in h else "//" + h).netloc.rpartition("@")[2]
+    return None if netloc.startswith("[") or netloc.count(":") > 1 else netloc.partition(":")[0].rstrip(".") or None
 
 
 def scrubbed(text, hide, name):

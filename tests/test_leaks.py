@@ -591,3 +591,17 @@ async def test_a_passthrough_error_with_json_escapes_shows_the_provider_not_its_
         "model": BARE, "messages": [{"role": "user", "content": "hi"}], "stream": True, "fake_sse": [escaped, "[DONE]"]})
     assert response.code == 200
     assert json.loads(content.split(b"data: ")[1].split(b"\n")[0])["error"]["message"] == "cannot reach vllm", content
+
+
+def test_a_pools_marks_find_each_host_as_written_and_nothing_less():
+    """The pattern every relayed answer's headers go through finds a host as configured, in lower and upper case, an
+    IPv6 one bracketed, in full or not, and its key; never a part of a host (C{fd00} of C{fd00::a})."""
+    from gomodel.addresses import Secret, marks
+
+    hide = ("http://[fd00::a]:8000/v1", "http://[fd00::a]:8000", "[fd00::a]:8000", "fd00::a", Secret("sk-0123456789"))
+    found = marks(hide)
+    for text in (b"1.1 [FD00::A]:8000", b"fd00:0000:0000:0000:0000:0000:0000:000a", b"key sk-0123456789"):
+        assert found.search(text) is not None, text
+    assert found.search(b"fd00:1::2") is None
+    found = marks(("http://Gpu-A:8000/v1", "http://Gpu-A:8000", "Gpu-A:8000", "gpu-a"))
+    assert all(found.search(b"http://%s:8000/x" % host) is not None for host in (b"Gpu-A", b"gpu-a", b"GPU-A"))
