@@ -80,8 +80,9 @@ def test_a_streamed_background_response_is_made_under_the_id_the_gateway_names_i
     created = next(json.loads(e) for e in sse_events(answer.body) if '"response.created"' in e)
     assert answer.status == 200 and created["response"]["id"] == chosen, answer.body[:500]
 
-    def done():
+    def done():  # (incomplete: its 4 tokens ran out, as max_output_tokens says)
         read = request("GET", gateway.url + f"/responses/{chosen}", headers=gateway.auth)
-        return json.loads(read.body) if read.status == 200 and json.loads(read.body)["status"] == "completed" else None
+        ended = read.status == 200 and json.loads(read.body)["status"] in ("completed", "incomplete")
+        return json.loads(read.body) if ended else None
 
-    assert wait_for(done, 30, what="the response read back completed")["id"] == chosen
+    assert wait_for(done, 30, what="the response read back ended")["id"] == chosen
