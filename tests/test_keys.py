@@ -1949,6 +1949,11 @@ async def test_the_master_key_cannot_choose_the_id_of_a_response_a_tenant_holds(
             answer = await http.post(gw.url + path, data=json.dumps(body).encode(), headers=ADMIN)
             error = json.loads(await treq.content(answer))["error"]
             assert (answer.code, error["param"], error["code"]) == (400, "request_id", "invalid_value"), path
+        # the passthrough's body with the field's name written in JSON escapes (any JSON parser reads request_id)
+        escaped = json.dumps(dict(forged, model=MODEL.split("/", 1)[1])).replace('"request_id"', '"\\u0072equest_id"')
+        answer = await http.post(gw.url + "/p/vllm/v1/responses", data=escaped.encode(), headers=ADMIN)
+        error = json.loads(await treq.content(answer))["error"]
+        assert (answer.code, error["param"], error["code"]) == (400, "request_id", "invalid_value"), escaped
         done = await batch_of(gw, clients["master"], "/v1/responses", [dict(forged, model=MODEL)])
         assert (done.request_counts.completed, done.request_counts.failed) == (0, 1)
         line = json.loads((await in_thread(clients["master"].files.content, done.error_file_id)).content)

@@ -74,6 +74,8 @@ CLIENT_ROUTES = frozenset((
 _B_PREVIOUS = b'"previous_response_id"'
 # The field of a Responses create naming the id of the response it makes (L{no_chosen_id}; looked for so too).
 _B_REQUEST_ID = b'"request_id"'
+# A JSON escape (C{\u0072equest_id} is C{request_id} to any JSON parser): a body holding one is read whole.
+_B_ESCAPE = b"\\u"
 
 # Request headers that never go upstream: credentials, framing, proxy bookkeeping.
 # (the gateway's own headers stay here; OpenAI-Organization and OpenAI-Project pick within the provider key's
@@ -160,7 +162,8 @@ class Passthrough:
             await self._owned(principal, request.method, target.bare, body)
             if body is not None and provider.type in SALTED_PROVIDER_TYPES:
                 body = self._keyed(body, principal, provider, route)
-        elif body is not None and self._responses is not None and (_B_PREVIOUS in body or _B_REQUEST_ID in body):
+        elif body is not None and self._responses is not None and (
+                _B_PREVIOUS in body or _B_REQUEST_ID in body or _B_ESCAPE in body):
             await self._continues_kept(principal, route, body)
         model, ctx.asked_stream = served_model(body, provider)
         if model is not None:
