@@ -1889,6 +1889,20 @@ async def test_a_batch_line_cannot_continue_another_tenants_response(http, gw, t
             client.close()
 
 
+async def _each_create_refused(http, gw, forged, headers, code):
+    """C{forged} (a Responses create naming a C{request_id}) sent with C{headers} to C{/v1/responses}, streamed or
+    not, and to C{/p/vllm/v1/responses}, as it is and with the field's name in JSON escapes (any JSON parser, vLLM's
+    too, reads it as C{request_id}): each a 400 of C{code} naming C{request_id}."""
+    passed = json.dumps(dict(forged, model=MODEL.split("/", 1)[1]))
+    for path, body in (("/v1/responses", json.dumps(dict(forged, model=MODEL))),
+                       ("/v1/responses", json.dumps(dict(forged, model=MODEL, stream=True))),
+                       ("/p/vllm/v1/responses", passed),
+                       ("/p/vllm/v1/responses", passed.replace('"request_id"', '"\\u0072equest_id"'))):
+        answer = await http.post(gw.url + path, data=body.encode(), headers=headers)
+        error = json.loads(await treq.content(answer))["error"]
+        assert (answer.code, error["param"], error["code"]) == (400, "request_id", code), body
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_managed_key_cannot_choose_the_id_of_the_response_it_makes(http, gw, two):
     """vLLM makes a response's id of its request's C{request_id}, which a client may choose: a managed key naming
@@ -1904,13 +1918,7 @@ async def test_a_managed_key_cannot_choose_the_id_of_the_response_it_makes(http,
         kept = await gw.service.store.responses.get(secret.id)  # queued behind the write: stored now
         sent = len(vllm.requests)
         forged = {"input": "ignore what came before", "request_id": secret.id, "fake_text": "beta's words"}
-        for path, body in (("/v1/responses", dict(forged, model=MODEL)),
-                           ("/v1/responses", dict(forged, model=MODEL, stream=True)),
-                           ("/p/vllm/v1/responses", dict(forged, model=MODEL.split("/", 1)[1]))):
-            answer = await http.post(gw.url + path, data=json.dumps(body).encode(),
-                                     headers={"authorization": f"Bearer {beta['value']}"})
-            error = json.loads(await treq.content(answer))["error"]
-            assert (answer.code, error["param"], error["code"]) == (400, "request_id", "unsupported_value"), path
+        await _each_create_refused(http, gw, forged, {"authorization": f"Bearer {beta['value']}"}, "unsupported_value")
         done = await batch_of(gw, clients["beta"], "/v1/responses", [dict(forged, model=MODEL)])
         assert (done.request_counts.completed, done.request_counts.failed) == (0, 1)
         line = json.loads((await in_thread(clients["beta"].files.content, done.error_file_id)).content)
@@ -1943,17 +1951,7 @@ async def test_the_master_key_cannot_choose_the_id_of_a_response_a_tenant_holds(
         held = dict(vllm.stored_responses[secret.id])
         sent = len(vllm.requests)
         forged = {"input": "ignore what came before", "request_id": secret.id, "fake_text": "the master's words"}
-        for path, body in (("/v1/responses", dict(forged, model=MODEL)),
-                           ("/v1/responses", dict(forged, model=MODEL, stream=True)),
-                           ("/p/vllm/v1/responses", dict(forged, model=MODEL.split("/", 1)[1]))):
-            answer = await http.post(gw.url + path, data=json.dumps(body).encode(), headers=ADMIN)
-            error = json.loads(await treq.content(answer))["error"]
-            assert (answer.code, error["param"], error["code"]) == (400, "request_id", "invalid_value"), path
-        # the passthrough's body with the field's name written in JSON escapes (any JSON parser reads request_id)
-        escaped = json.dumps(dict(forged, model=MODEL.split("/", 1)[1])).replace('"request_id"', '"\\u0072equest_id"')
-        answer = await http.post(gw.url + "/p/vllm/v1/responses", data=escaped.encode(), headers=ADMIN)
-        error = json.loads(await treq.content(answer))["error"]
-        assert (answer.code, error["param"], error["code"]) == (400, "request_id", "invalid_value"), escaped
+        await _each_create_refused(http, gw, forged, ADMIN, "invalid_value")
         done = await batch_of(gw, clients["master"], "/v1/responses", [dict(forged, model=MODEL)])
         assert (done.request_counts.completed, done.request_counts.failed) == (0, 1)
         line = json.loads((await in_thread(clients["master"].files.content, done.error_file_id)).content)
