@@ -585,7 +585,8 @@ class BatchRunner(Service):
                     again = None  # (translated already)
             else:
                 if path == "/responses":  # (a provider without /responses: translated to chat completions, as online)
-                    again = partial(self._responses_again, payload, previous, route, job.principal, again)
+                    again = partial(self._responses_again, payload, previous, route, job.principal, again,
+                                    fallbacks, prefer)
                 sent, rebody = path, partial(self._body_for, job.principal, sending)
                 first = rebody(route.upstream_model, route.provider)
         except StorageUnavailable:
@@ -612,14 +613,15 @@ class BatchRunner(Service):
         if path == "/responses" and not self._native_responses.native(route.provider.name):
             # (a provider known, maybe since the line was read, to have no /responses: translated at once, as online)
             try:
-                translated, answer = await self._as_chat(payload, previous, route, job.principal)
+                translated, answer = await self._as_chat(payload, previous, route, job.principal, fallbacks, prefer)
             except BaseException as e:
                 sem.release()
                 if not isinstance(e, GatewayError) or isinstance(e, StorageUnavailable):
                     raise
                 await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
                 return
-            sent, first, fallbacks, again = translated.path, translated.body, (), None
+            sent, first, fallbacks, rebody, again = (translated.path, translated.body, translated.fallbacks,
+                                                     translated.rebody, None)
         reserved = None
         if self._gate is not None:
             try:
@@ -846,12 +848,13 @@ class BatchRunner(Service):
                             model=route.upstream_model)
         return call, partial(_relinked, previous_id)
 
-    async def _responses_again(self, payload, previous, route, principal, explicitly, outcome):
+    async def _responses_again(self, payload, previous, route, principal, explicitly, fallbacks, prefer, outcome):
         """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous} or
         None) again after its native C{outcome} failed: with its conversation explicit (C{explicitly}, the
         L{_explicitly} of a line continuing a stored response, or None) where its instance forgot it, or
         translated to chat completions where its first target has no C{/responses} (L{no_native_route}), as an
-        online create is, its answer made a response object naming the request's settings; else None.
+        online create is, its answer made a response object naming the request's settings (its C{fallbacks} and
+        C{prefer} as L{_as_chat}'s); else None.
 
         @raise GatewayError: the line cannot be translated (L{request_to_chat}: a C{prompt}, an unknown item).
         """
@@ -863,24 +866,29 @@ class BatchRunner(Service):
         if outcome.provider.name != provider.name or not no_native_route(outcome.status, outcome.body):
             return None
         self._native_responses.remember(provider.name)  # (the next lines go translated at once)
-        return await self._as_chat(payload, previous, route, principal)
+        return await self._as_chat(payload, previous, route, principal, fallbacks, prefer)
 
-    async def _as_chat(self, payload, previous, route, principal):
+    async def _as_chat(self, payload, previous, route, principal, fallbacks=(), prefer=None):
         """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous} or
-        None) translated to chat completions at C{route}, its answer made a response object naming the request's
-        settings.
+        None) translated to chat completions at C{route}, then at each of its C{fallbacks} (L{gomodel.routing.
+        registry.Route}s) that the first's failure sends it to, as online, preferring C{route}'s replica C{prefer}
+        (a follow-up's); its answer made a response object naming the request's settings.
 
         @raise GatewayError: the line cannot be translated (L{request_to_chat}: a C{prompt}, an unknown item).
         """
-        provider = route.provider
         echo = dict(payload, model=route.upstream_model, store=payload.get("store") is not False)
         body = echo if previous is None else await with_history(self._responses, echo, previous)
-        chat = request_to_chat(body, "max_completion_tokens" if provider.type in MAX_COMPLETION_TYPES
-                               else "max_tokens")
-        if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids are too long for OpenAI)
-            fit_call_ids(chat)
-        call = UpstreamCall("/chat/completions", self._body_for(principal, chat, route.upstream_model, provider),
-                            model=route.upstream_model)
+
+        def rebody(model, provider):
+            chat = request_to_chat(body, "max_completion_tokens" if provider.type in MAX_COMPLETION_TYPES
+                                   else "max_tokens")
+            if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids are too long for OpenAI)
+                fit_call_ids(chat)
+            return self._body_for(principal, chat, model, provider)
+
+        call = UpstreamCall("/chat/completions", rebody(route.upstream_model, route.provider),
+                            model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
+                            rebody=rebody if fallbacks else None)
         now = int(self._clock.seconds())
         return call, lambda answer, model: chat_to_response(answer, echo, now)
 
