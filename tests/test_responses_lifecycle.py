@@ -6,7 +6,8 @@ from functools import partial
 import openai
 import pytest
 import pytest_twisted
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import globalLogPublisher
 import treq
 
 from gomodel import jsonutil
@@ -602,6 +603,64 @@ async def test_a_background_stream_running_is_read_and_cancelled_and_its_end_sto
         events.close()
     with pytest.raises(openai.NotFoundError):
         await in_thread(client.responses.retrieve, response_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_stream_an_openai_provider_names_whose_client_leaves_before_its_first_event_is_kept(
+        reactor, http, tmp_path):
+    """An OpenAI provider names a background response itself (no C{request_id} to choose it by): one streamed whose
+    client leaves before its first event is read on until that event names it, then kept, queued as its instance
+    has it, for its tenant alone, read and cancelled through the gateway, as OpenAI goes on making it (before: its
+    upstream was closed at once, the response unknown to the gateway, a 404 for ever)."""
+    from tests.rawclient import connect
+    from tests.support import until
+    from tests.test_quotas import ADMIN, KEYS
+
+    fake = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up",
+                                       "GOMODEL_MASTER_KEY": "master-k", "GOMODEL_DATA_DIR": str(tmp_path)})
+    keys = []
+    for name in ("one", "other"):
+        answer = await http.post(gw.url + KEYS, data=json.dumps({"name": name}).encode(), headers=ADMIN)
+        keys.append(json.loads(await treq.content(answer))["value"])
+    owner, other = (openai_client(gw, key) for key in keys)
+    reading_on = Deferred()
+
+    def logged(event):
+        if "read on until it does" in (event.get("log_format") or "") and not reading_on.called:
+            reading_on.callback(None)
+
+    globalLogPublisher.addObserver(logged)
+    body = json.dumps({"model": f"openai/{UPSTREAM}", "input": "long job", "background": True, "stream": True,
+                       "fake_first": ": ok\n\n", "fake_hang_after": 0}).encode()
+    try:
+        client = await connect(reactor, gw.port, b"POST /v1/responses HTTP/1.1\r\nHost: gateway\r\n"
+                               b"Authorization: Bearer " + keys[0].encode() + b"\r\nContent-Type: application/json"
+                               b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await until(reactor, lambda: b": ok" in bytes(client.received), what="the stream's head")
+        client.transport.abortConnection()  # the client leaves before the stream's first event
+        await reading_on  # (the gateway saw it leave)
+        [(upstream, events)] = fake.hung
+        fake.hung.clear()
+        closed = upstream.notifyFinish()
+        kind, created = events[0]  # (OpenAI goes on: its first event names the response)
+        upstream.write(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(created) + b"\n\n")
+        with pytest.raises(Exception):
+            await closed  # (closed by the gateway once named)
+        await until(reactor, lambda: gw.service.drain.in_flight == 0, what="the create's end")
+        [response_id] = list(fake.stored_responses)
+        read = await in_thread(owner.responses.retrieve, response_id)
+        assert (read.id, read.status) == (response_id, "queued")  # (as its instance has it)
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(other.responses.retrieve, response_id)
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(other.responses.cancel, response_id)
+        assert (await in_thread(owner.responses.cancel, response_id)).status == "cancelled"
+        assert fake.stored_responses[response_id]["status"] == "cancelled"
+    finally:
+        globalLogPublisher.removeObserver(logged)
+        fake.finish_hung()
+        await stop_all(gw, fake, clients=(owner, other))
 
 
 @pytest_twisted.ensureDeferred

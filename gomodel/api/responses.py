@@ -258,7 +258,7 @@ class ResponsesRoute:
             hide = partial(without_address, upstream=provider)
             if explicit or turn.stored:
                 observer = _Relinked(turn.previous_id if explicit else None, turn if turn.stored else None, hide,
-                                     background)
+                                     background, unnamed=background and named is None)
             else:
                 observer = ResponsesStreamObserver(hide)
             # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
@@ -276,6 +276,14 @@ class ResponsesRoute:
                 return result
             except CancelledError:
                 left = True
+                if observer.naming is not None:  # its client left before the event its provider names it in: its
+                    # upstream is read on until then (L{_Relinked.left}); it goes on there
+                    self.log.info("background stream {request_id}: its client left before {provider} named its "
+                                  "response; read on until it does", request_id=ctx.request_id.decode(),
+                                  provider=provider.name)
+                    await observer.naming
+                    if turn.began is not None:  # (charged what it used once over, by its watch alone, as below)
+                        ctx.usage, ctx.estimated = {}, False
                 raise
             finally:  # (the client left, the stream broke: a background response kept as it began is watched)
                 if background:
@@ -717,19 +725,44 @@ class _Relinked(ResponsesStreamObserver):
 
     started = None
     _partial = None  # the events of a stored stream not in the background, folded where it ends early (L{began})
+    # while its upstream is read on after its client left (L{left}): a Deferred firing with None once that is over
+    naming = None
 
-    def __init__(self, previous_id, turn=None, hide=None, background=False):
+    def __init__(self, previous_id, turn=None, hide=None, background=False, unnamed=False):
         """
         @param previous_id: the response it follows, or None: not sent explicitly (nothing to relink).
         @param turn: the L{_Turn} of a stored response's stream (its first response object is kept: L{began}),
             or None.
         @param hide: as L{ResponsesStreamObserver}'s.
         @param background: it is a background response's stream (its first response object is kept at once).
+        @param unnamed: (with C{background}) its provider names the response itself (OpenAI's; a vLLM's is named by
+            the gateway's C{request_id}: L{_named}), in the stream's first event.
         """
         super().__init__(hide)
         self._previous_id = previous_id
         self._turn = turn
         self._background = background
+        self._unnamed = unnamed
+
+    def left(self) -> bool:
+        """Its client left (L{gomodel.proxy.relay.StreamRelay}): whether its upstream is read on, its reads given
+        here alone, until L{named}: a background response whose provider names it, no event having named it yet,
+        goes on there (as OpenAI's does) and is kept, read and cancelled through the gateway once named; closing
+        its upstream now would leave it unknown here. L{naming} is set, fired once that is over
+        (L{read_on_over})."""
+        if not self._unnamed or self.started is not None:
+            return False
+        self.naming = Deferred()
+        return True
+
+    def named(self) -> bool:
+        """Whether an event named the response (its upstream, read on, is closed then: it goes on there)."""
+        return self.started is not None
+
+    def read_on_over(self):
+        """Its upstream, read on after its client left, is closed (named, ended, silent for too long)."""
+        if self.naming is not None and not self.naming.called:
+            self.naming.callback(None)
 
     def feed(self, data: bytes) -> bytes:
         out = super().feed(data)

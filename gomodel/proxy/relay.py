@@ -3,7 +3,8 @@
 When the client cannot keep up, Twisted pauses us and we pause the upstream
 socket, so backpressure reaches vLLM through TCP and memory stays bounded.
 When the client leaves, the upstream connection is closed at once so vLLM
-aborts the generation. (Twisted's C{protocols/portforward.py} is the model:
+aborts the generation (but for a background stream whose provider has not
+named its response yet: L{StreamRelay._client_left}). (Twisted's C{protocols/portforward.py} is the model:
 one object on both sides, pausing the other side's transport.)
 
 Each upstream read is relayed at once, in the reactor turn that read it: the
@@ -73,7 +74,8 @@ class StreamRelay(Protocol):
     L{ClientStalled}, L{StreamTooLong}, or what the observer's C{finish}
     raises; L{UpstreamLingered}, the upstream closed, when its body did not
     end within L{END_LINGER} of the stream's proper end). Cancelling it
-    closes the upstream connection.
+    closes the upstream connection, as the client's leaving does, unless its
+    observer reads on (L{_client_left}).
     """
 
     # (the state every relay starts in, set here once rather than per stream in __init__)
@@ -91,6 +93,7 @@ class StreamRelay(Protocol):
     _stall_call = None
     _max_call = None
     _end_call = None  # once the stream's end went out: when the upstream's body must have ended
+    _reading_on = False  # its client left, and its observer reads on (L{_client_left})
 
     def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
                  first_write=None, end_written=None, timers=None):
@@ -126,6 +129,8 @@ class StreamRelay(Protocol):
     def dataReceived(self, data):
         """Relay what one upstream read brought (the HTTP client's one delivery of it), and hand it to the kernel."""
         if self.finished.called:
+            if self._reading_on:
+                self._read_on(data)
             return
         self._heard = self._clock.seconds()
         try:
@@ -206,6 +211,8 @@ class StreamRelay(Protocol):
         self._cancel_timers()
         if not self.finished.called:
             self._ended(reason)
+        if self._reading_on:
+            self.observer.read_on_over()
 
     def _ended(self, reason):
         """The upstream's body ended (C{reason}): L{finished} fires, or fails if it did not end properly."""
@@ -248,12 +255,49 @@ class StreamRelay(Protocol):
     def stopProducing(self):
         """The client connection is gone."""
         self.client_gone = True
-        self.abort_upstream()
+        self._client_left()
 
     # -- ending ----------------------------------------------------------------
 
     def _cancelled(self, finished):
-        self.abort_upstream()
+        self._client_left()
+
+    def _client_left(self):
+        """The client left (its connection is gone, or its request's wait for L{finished} was cancelled): close
+        the upstream connection, unless the observer's C{left()} (one that has it) says it reads on (a background
+        stream whose provider names its response in an event still to come): its reads then go to the observer
+        alone until it is C{named()}, or its upstream ends (its idle timeout and maximum duration still hold),
+        which tells the observer (C{read_on_over()}). Called again once reading on, it closes the upstream where
+        the observer is named meanwhile."""
+        if self._reading_on:
+            if self.observer.named():
+                self.abort_upstream()
+            return
+        left = None if self.upstream_done else getattr(self.observer, "left", None)
+        if left is None or not left():
+            self.abort_upstream()
+            return
+        self._reading_on = True
+        if self.paused:  # (its client's backpressure is gone with it)
+            self.paused = False
+            self._cancel(self._stall_call)
+            self._stall_call = None
+            if self.transport is not None:
+                self.transport.resumeProducing()
+            self._heard = self._clock.seconds()
+            self._arm_idle(self._idle_timeout)
+
+    def _read_on(self, data):
+        """Give C{data}, read after the client left, to the observer alone; the upstream is closed once it is
+        named (or refused what came)."""
+        self._heard = self._clock.seconds()
+        try:
+            self.observer.feed(data)
+            named = self.observer.named()
+        except Exception:
+            named = True
+        if named:
+            self.abort_upstream()
 
     def abort_upstream(self):
         """Close the upstream connection (idempotent) so the upstream stops generating."""
@@ -265,6 +309,8 @@ class StreamRelay(Protocol):
 
     def _fail(self, exc):
         if self.finished.called:
+            if self._reading_on:  # (read on after its client left: its idle timeout, its maximum duration)
+                self.abort_upstream()
             return
         self.abort_upstream()
         self.finished.errback(exc)

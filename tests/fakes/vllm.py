@@ -13,7 +13,7 @@ gateway forwards untouched:
   - C{fake_die_after}: abort the connection after that many chunks (0: after the answer's head, as a
     server that dies before its first token does; with C{fake_hang}, the head alone, then silence)
   - C{fake_no_done}: end the stream cleanly but without C{[DONE]}
-  - C{fake_first}: these raw bytes (a comment line, blank lines) right after a chat stream's head
+  - C{fake_first}: these raw bytes (a comment line, blank lines) right after a chat or native Responses stream's head
   - C{fake_after_done}: after C{[DONE]}, C{"hold"} the body's end until the client
     leaves, or C{"abort"}: close the connection instead of ending the body (a Messages
     stream takes C{"hold"} too: after its C{message_stop})
@@ -632,6 +632,8 @@ class FakeVLLM(Resource):
             _flood(request, record, body, delta, lambda: (request.write(sent(*enumerate(events[4:], 4))),
                                                           request.finish()))
             return server.NOT_DONE_YET
+        if "fake_first" in body:
+            request.write(body["fake_first"].encode())
         die_after, hang_after = body.get("fake_die_after"), body.get("fake_hang_after")
         for number, (kind, fields) in enumerate(events):
             if hang_after is not None and number >= hang_after:  # (its events so far, then silence: see
