@@ -79,6 +79,34 @@ async def test_streamed_responses_are_kept_from_their_completed_event(client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stored_stream_past_a_mebibyte_is_read_back_whole_finished_or_left(client, fake):
+    """A stored stream's reads are held raw up to 1 MiB, then folded (L{gomodel.responses_partial}): one of 2 MiB
+    is read back whole, finished (from its final event) or left by its client after all its text came
+    (C{cancelled}, with all of it), never cut at the mebibyte."""
+    text = "x" * (1 << 20)  # (two of them: 2 MiB)
+
+    def stream(**extra):
+        events = client.responses.create(model=MODEL, input="hi", stream=True,
+                                         extra_body=dict({"fake_text": text, "fake_chunks": 2}, **extra))
+        seen = []
+        for event in events:
+            seen.append(event)
+            if extra and len(seen) == 4:  # (its text came: the client leaves)
+                break
+        events.close()
+        return seen[0].response.id
+
+    finished = await in_thread(stream)
+    got = await in_thread(client.responses.retrieve, finished)
+    assert (got.status, got.output_text) == ("completed", text * 2)
+    left = await in_thread(stream, fake_hang_after=4)
+    await eventually(lambda: fake.hung and fake.hung[0][0].channel is None)  # (the gateway closed its upstream)
+    got = await in_thread(client.responses.retrieve, left)
+    assert (got.status, got.output_text) == ("cancelled", text * 2)
+    fake.finish_hung()
+
+
+@pytest_twisted.ensureDeferred
 async def test_store_false_keeps_nothing(client):
     created = await in_thread(client.responses.create, model=MODEL, input="hi", store=False)
     with pytest.raises(openai.NotFoundError):
