@@ -434,16 +434,17 @@ class ResponsesRoute:
 
     async def cancel(self, request, response_id):
         """Forward a cancel to the instance running the (background) response; its answer is relayed (naming the
-        response it follows, as L{_refreshed} does). One cancelled already is answered as it is (OpenAI's
-        "cancelling twice is idempotent"); one otherwise over (as vLLM answers for it) is a 400; neither asks
-        its instance."""
+        response it follows, as L{_refreshed} does). One cancelled already, or a background one otherwise over, is
+        answered as it is (OpenAI's "cancelling twice is idempotent": the final response object); one not made in
+        the background is a 400 (OpenAI's: only those are cancelled); neither asks its instance."""
         record = await self._record(request, response_id)
-        status = record["response"].get("status")
-        if status == "cancelled":
-            return json_answer(request, record["response"])
+        response = record["response"]
+        status = response.get("status")
+        if status == "cancelled" or status not in UNFINISHED and response.get("background") is True:
+            return json_answer(request, response)
         if status not in UNFINISHED:
-            raise errors.InvalidRequest("Cannot cancel a synchronous response.", param="response_id",
-                                        code="response_not_cancellable")
+            raise errors.InvalidRequest("Only responses created with background=true can be cancelled.",
+                                        param="response_id", code="response_not_cancellable")
         provider = self._registry.provider(record["provider"])
         if provider is None:
             raise errors.NotFound(f"The provider '{record['provider']}' that made response '{response_id}' "

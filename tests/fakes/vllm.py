@@ -599,6 +599,7 @@ class FakeVLLM(Resource):
                         "id": "msg_fake", "type": "message", "role": "assistant", "status": "completed",
                         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]}],
                     "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                    "background": bool(body.get("background")),
                     "previous_response_id": body.get("previous_response_id"),
                     "usage": None if status == "queued" else _RESPONSE_USAGE}
         if body.get("store") is not False:
