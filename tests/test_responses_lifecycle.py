@@ -107,6 +107,21 @@ async def test_a_stored_stream_past_a_mebibyte_is_read_back_whole_finished_or_le
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_kept_nowhere_whose_client_leaves_closes_its_upstream_cleanly(client, fake, logged_errors):
+    """(a stream with C{store: false} has no background turn to read on for: its client leaving is no error)"""
+    def stream():
+        events = client.responses.create(model=MODEL, input="hi", stream=True, store=False,
+                                         extra_body={"fake_hang_after": 2})
+        first = next(iter(events))
+        events.close()
+        return first
+
+    await in_thread(stream)
+    await eventually(lambda: fake.hung and fake.hung[0][0].channel is None)  # (the gateway closed its upstream)
+    fake.finish_hung()
+
+
+@pytest_twisted.ensureDeferred
 async def test_store_false_keeps_nothing(client):
     created = await in_thread(client.responses.create, model=MODEL, input="hi", store=False)
     with pytest.raises(openai.NotFoundError):

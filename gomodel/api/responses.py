@@ -276,8 +276,8 @@ class ResponsesRoute:
                 return result
             except CancelledError:
                 left = True
-                if observer.naming is not None:  # its client left before the event its provider names it in: its
-                    # upstream is read on until then (L{_Relinked.left}); it goes on there
+                if background and observer.naming is not None:  # its client left before the event its provider
+                    # names it in: its upstream is read on until then (L{_Relinked.left}); it goes on there
                     self.log.info("background stream {request_id}: its client left before {provider} named its "
                                   "response; read on until it does", request_id=ctx.request_id.decode(),
                                   provider=provider.name)
