@@ -478,6 +478,34 @@ async def test_a_responses_line_translated_at_once_falls_back_as_online(reactor,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_responses_line_falling_back_to_a_provider_without_a_responses_api_is_translated_there(
+        reactor, tmp_path):
+    """A C{/v1/responses} line whose first target fails goes on to its fallback; one without a Responses API (its
+    404 Not Found) gets it translated to chat completions, as the same request online does (before: that 404 was
+    the line's error)."""
+    first = await start_fake(reactor)
+    second = await start_fake(reactor, responses=False)
+    first.steer = {"fake_status": 503, "fake_body": '{"error": {"message": "overloaded"}}'}
+    rules = {f"vllm-a/{UPSTREAM_MODEL}": [f"vllm-b/{UPSTREAM_MODEL}"]}
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": first.base_url, "VLLM_B_BASE_URL": second.base_url,
+                                       "FAILOVER_RULES_JSON": json.dumps(rules), "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    sdk = openai_client(gw, KEY)
+    try:
+        lines = [{"custom_id": "one", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": f"vllm-a/{UPSTREAM_MODEL}", "input": "Say 1."}}]
+        batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 0)
+        (out,) = await file_lines(sdk, batch.output_file_id)
+        assert out["response"]["body"]["object"] == "response"
+        assert out["response"]["body"]["output"][0]["content"][0]["text"] == "héhéhé"
+        assert [r.path for r in second.requests if r.path.startswith(b"/v1/c")] == [b"/v1/chat/completions"]
+    finally:
+        sdk.close()
+        await stop_all(gw, first, second)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_line_continuing_a_response_nobody_holds_ends_in_previous_response_not_found(sdk, gw, fake):
     """The master key's line continuing an id neither the gateway nor its upstream holds, or one deleted through
     the gateway (its upstream still holds it), ends in OpenAI's C{previous_response_not_found}, as the same

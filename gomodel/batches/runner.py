@@ -768,8 +768,8 @@ class BatchRunner(Service):
         """Send one line (C{call}, holding C{slot}) and record its result; C{answer(body, model)} makes a
         successful answer the line's (a translated message batch line's chat completion, a message);
         C{again(outcome)}, for a message batch's line sent natively, is the C{(call, answer)} to send it with
-        translated instead (L{_translated}), and for a Responses line continuing a stored response, the one to
-        send it with its conversation explicitly (L{_explicitly}, awaited), or None; C{unheld}: the C{previous_response_id} of a line that
+        translated instead (L{_translated}), and for a Responses line, the one to send it with its conversation
+        explicitly or translated (L{_responses_again}, awaited; a third item: the provider it goes to), or None; C{unheld}: the C{previous_response_id} of a line that
         continues a response the gateway does not hold (the upstream's 404 naming it is the line's
         C{previous_response_not_found}, as online), or None; C{kept}, a C{/v1/responses} line's body whose
         response the gateway keeps (L{_keep_response}), or None; C{reserved}, its L{_Reserved} (settled by its
@@ -789,7 +789,9 @@ class BatchRunner(Service):
                     raise
                 retried, outcome = None, _NoAnswer(e.code or "invalid_request", e.message)
             if retried is not None:
-                call, answer = retried
+                call, answer, *elsewhere = retried  # (a fallback's provider, where it goes there)
+                if elsewhere:
+                    provider = elsewhere[0]
                 outcome = await self._outcome(job, path, line, provider, call, slot, reserved)
         if outcome is None:
             return  # halted: the line stays pending
@@ -854,7 +856,8 @@ class BatchRunner(Service):
         L{_explicitly} of a line continuing a stored response, or None) where its instance forgot it, or
         translated to chat completions where its first target has no C{/responses} (L{no_native_route}), as an
         online create is, its answer made a response object naming the request's settings (its C{fallbacks} and
-        C{prefer} as L{_as_chat}'s); else None.
+        C{prefer} as L{_as_chat}'s); or where a fallback its first target's failure sent it to has none, translated
+        there, on to the fallbacks after it (C{(call, answer, provider)}: it goes to that provider); else None.
 
         @raise GatewayError: the line cannot be translated (L{request_to_chat}: a C{prompt}, an unknown item).
         """
@@ -862,11 +865,16 @@ class BatchRunner(Service):
             retried = await explicitly(outcome)
             if retried is not None:
                 return retried
-        provider = route.provider
-        if outcome.provider.name != provider.name or not no_native_route(outcome.status, outcome.body):
+        if not no_native_route(outcome.status, outcome.body):
             return None
-        self._native_responses.remember(provider.name)  # (the next lines go translated at once)
-        return await self._as_chat(payload, previous, route, principal, fallbacks, prefer)
+        self._native_responses.remember(outcome.provider.name)  # (the next lines go translated at once)
+        if outcome.provider.name == route.provider.name:
+            return await self._as_chat(payload, previous, route, principal, fallbacks, prefer)
+        for at, fallback in enumerate(fallbacks):  # (its first target failed: translated where it went on to)
+            if fallback.provider.name == outcome.provider.name and fallback.upstream_model == outcome.model:
+                call, answer = await self._as_chat(payload, previous, fallback, principal, fallbacks[at + 1:])
+                return call, answer, fallback.provider
+        return None
 
     async def _as_chat(self, payload, previous, route, principal, fallbacks=(), prefer=None):
         """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous} or
