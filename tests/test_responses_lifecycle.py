@@ -654,13 +654,15 @@ async def test_a_background_stream_running_is_read_and_cancelled_and_its_end_sto
         await in_thread(client.responses.retrieve, response_id)
 
 
+@pytest.mark.parametrize("whole", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_background_stream_an_openai_provider_names_whose_client_leaves_before_its_first_event_is_kept(
-        reactor, http, tmp_path):
+        reactor, http, tmp_path, whole):
     """An OpenAI provider names a background response itself (no C{request_id} to choose it by): one streamed whose
     client leaves before its first event is read on until that event names it, then kept, queued as its instance
     has it, for its tenant alone, read and cancelled through the gateway, as OpenAI goes on making it (before: its
-    upstream was closed at once, the response unknown to the gateway, a 404 for ever)."""
+    upstream was closed at once, the response unknown to the gateway, a 404 for ever). One whose whole stream came
+    in that read is kept over, its usage charged by its stream's record."""
     from tests.rawclient import connect
     from tests.support import until
     from tests.test_quotas import ADMIN, KEYS
@@ -692,13 +694,24 @@ async def test_a_background_stream_an_openai_provider_names_whose_client_leaves_
         [(upstream, events)] = fake.hung
         fake.hung.clear()
         closed = upstream.notifyFinish()
-        kind, created = events[0]  # (OpenAI goes on: its first event names the response)
-        upstream.write(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(created) + b"\n\n")
-        with pytest.raises(Exception):
-            await closed  # (closed by the gateway once named)
+        # (OpenAI goes on: its first event names the response)
+        upstream.write(b"".join(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n"
+                                for kind, payload in (events if whole else events[:1])))
+        if whole:
+            upstream.finish()
+        else:
+            with pytest.raises(Exception):
+                await closed  # (closed by the gateway once named)
         await until(reactor, lambda: gw.service.drain.in_flight == 0, what="the create's end")
         [response_id] = list(fake.stored_responses)
         read = await in_thread(owner.responses.retrieve, response_id)
+        if whole:  # (its stream's final event: kept over, charged by the stream's record)
+            assert (read.status, read.output_text) == ("completed", "héhéhé")
+            await gw.service.usage.flush()
+            answer = await http.get(gw.url + "/admin/api/v1/usage/log", headers=ADMIN)
+            assert [r["total_tokens"] for r in json.loads(await treq.content(answer))["data"]] == [22]
+            assert (await in_thread(owner.responses.cancel, response_id)).status == "completed"
+            return
         assert (read.id, read.status) == (response_id, "queued")  # (as its instance has it)
         with pytest.raises(openai.NotFoundError):
             await in_thread(other.responses.retrieve, response_id)

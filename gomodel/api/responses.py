@@ -282,8 +282,9 @@ class ResponsesRoute:
                                   "response; read on until it does", request_id=ctx.request_id.decode(),
                                   provider=provider.name)
                     await observer.naming
-                    if turn.began is not None:  # (charged what it used once over, by its watch alone, as below)
-                        ctx.usage, ctx.estimated = {}, False
+                    if turn.began is not None:  # (charged what its final event says, where it came in what was
+                        # read on; else what it used once over, by its watch alone, as below)
+                        ctx.usage, ctx.estimated = observer.usage if observer.response is not None else {}, False
                 raise
             finally:  # (the client left, the stream broke: a background response kept as it began is watched)
                 if background:
