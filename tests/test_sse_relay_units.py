@@ -737,3 +737,54 @@ def test_a_translated_responses_stream_ends_each_item_before_the_next_begins():
                   if e["type"] in ("response.reasoning_text.done", "response.output_text.done")]
     assert done_texts == ["hmm", "I'll look", "then", "ok"]
     assert at[-1] == ("response.completed", None)
+
+
+class _ReadsOn:
+    """An observer that reads on once its client left (a background stream not named yet), until a read says
+    C{named}."""
+
+    usage = None
+    done = False
+
+    def __init__(self):
+        self.fed, self.over, self.name = [], 0, None
+
+    def feed(self, data):
+        self.fed.append(data)
+        if b"named" in data:
+            self.name = data
+        return data
+
+    def finish(self):
+        pass
+
+    def left(self):
+        return True
+
+    def named(self):
+        return self.name is not None
+
+    def read_on_over(self):
+        self.over += 1
+
+
+@pytest.mark.parametrize("ends", ["named", "silent", "ended"])
+def test_a_relay_whose_observer_reads_on_after_its_client_left_closes_its_upstream_once_named_or_silent(ends):
+    observer = _ReadsOn()
+    h = Harness(observer=observer, idle_timeout=5)
+    h.relay.dataReceived(b"head ")
+    h.relay.finished.addErrback(lambda f: f.trap(CancelledError))
+    h.relay.stopProducing()  # the client left
+    h.relay.finished.cancel()  # (its request's wait, cancelled)
+    assert h.upstream.producerState != "stopped"  # (read on)
+    h.relay.dataReceived(b"more ")
+    assert observer.fed == [b"head ", b"more "] and b"more" not in h.written()
+    if ends == "named":
+        h.relay.dataReceived(b"named")
+    elif ends == "silent":
+        h.clock.advance(5)  # (its idle timeout holds)
+    if ends != "ended":
+        assert h.upstream.producerState == "stopped"
+    assert observer.over == 0
+    h.relay.connectionLost(Failure(ResponseDone()))
+    assert observer.over == 1 and h.clock.getDelayedCalls() == []
