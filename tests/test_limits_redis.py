@@ -1195,3 +1195,60 @@ async def test_the_reservations_of_a_process_killed_with_requests_in_flight_laps
     await living.written()
     assert await books[1].spent(pairs) == [(125, pytest.approx(1.25))]
     assert [field for field in client.hkeys(client.keys(prefix + "budget|*")[0]) if b":" in field] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_paused_past_its_lease_settles_its_old_requests_apart_from_its_new_ones(
+        reactor, make, client, prefix):
+    """A process paused past its lease (SIGSTOP, a long GC, a VM pause) has its part of a sum taken off by the
+    others. Resumed, it reserves for a new request, then settles an old one: before, that settlement gave back
+    the new request's reservation (its part then held only that), so while the new request ran the sum lacked
+    it (a budget passed by that much). Now a process's part of a sum has an id, new each time it starts afresh,
+    and a settlement names the part it was reserved in: the old request is charged what it used in full, the new
+    one's reservation stays counted, and each settles exactly. (The lapse: its liveness key deleted, not waited
+    for.)"""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    paused, other = make(), make()
+    books = [BudgetBook(counters, clock, seed=lambda scope, since: ledger[scope]) for counters in (paused, other)]
+    scopes = [("key:k", [Budget("daily", max_tokens=1000, max_cost=10.0)])]
+    pairs = [("key:k", Budget("daily", max_tokens=1000, max_cost=10.0))]
+    old = await books[0].reserve(scopes, 300, 3.0)
+    assert await books[1].spent(pairs) == [(300, 3.0)]
+    client.delete(paused._alive + paused._owner)  # paused past its lease
+    assert await books[1].spent(pairs) == [(0, 0.0)]  # its part taken off by the other process
+    new = await books[0].reserve(scopes, 400, 4.0)  # resumed: a new request
+    assert await books[1].spent(pairs) == [(400, 4.0)]
+    await books[0].settle(old, 100, 1.0)  # the old request ends: charged what it used in full
+    await paused.written()
+    assert await books[1].spent(pairs) == [(500, 5.0)]  # the new request's 400 still counted
+    await books[0].settle(new, 200, 2.0)
+    await paused.written()
+    assert await books[1].spent(pairs) == [(300, 3.0)]
+    assert [field for field in client.hkeys(client.keys(prefix + "budget|*")[0]) if b":" in field] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_paused_past_its_lease_that_nobody_noticed_settles_from_its_part_kept(
+        reactor, make, client, prefix):
+    """As above, but no other process read the sum while the paused one's lease had lapsed: its part is still there
+    when it reserves again, and both requests settle from it exactly, the old one not charged in full."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    paused, other = make(), make()
+    books = [BudgetBook(counters, clock, seed=lambda scope, since: ledger[scope]) for counters in (paused, other)]
+    scopes = [("key:k", [Budget("daily", max_tokens=1000, max_cost=10.0)])]
+    pairs = [("key:k", Budget("daily", max_tokens=1000, max_cost=10.0))]
+    old = await books[0].reserve(scopes, 300, 3.0)
+    client.delete(paused._alive + paused._owner)  # paused past its lease; nobody read the sum meanwhile
+    new = await books[0].reserve(scopes, 400, 4.0)
+    assert await books[1].spent(pairs) == [(700, 7.0)]
+    await books[0].settle(old, 100, 1.0)
+    await paused.written()
+    assert await books[1].spent(pairs) == [(500, 5.0)]
+    await books[0].settle(new, 200, 2.0)
+    await paused.written()
+    assert await books[1].spent(pairs) == [(300, 3.0)]
+    assert [field for field in client.hkeys(client.keys(prefix + "budget|*")[0]) if b":" in field] == []

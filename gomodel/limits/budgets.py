@@ -221,7 +221,7 @@ class BudgetBook:
             state, sums = await self._shielded(
                 self._counters.reserve_all(current.reserving(tokens, cost), self._seed is not None), current, tokens, cost)
             if state == 1:
-                return Reservation(current, tokens, cost)
+                return Reservation(current, tokens, cost, sums)
             if state == 0:
                 by_bucket = dict(zip((bucket for bucket, _ in current.sums), sums))
                 self._judge([by_bucket[bucket] for bucket in current.buckets], current, now)
@@ -240,7 +240,7 @@ class BudgetBook:
             if not waiting.called:
                 waiting.callback(result)
             elif result.__class__ is tuple and result[0] == 1:  # (cancelled meanwhile)
-                self._release(current, tokens, cost)
+                self._release(current, result[1], tokens, cost)
             return None
 
         reserving.addBoth(answered)
@@ -282,13 +282,13 @@ class BudgetBook:
         shared = self._counters.shared and (reservation.tokens or reservation.cost)
         if at is None or current.first <= at < current.last:
             if shared:
-                return self._release(current, reservation.tokens, reservation.cost, tokens, cost)
+                return self._release(current, reservation.parts, reservation.tokens, reservation.cost, tokens, cost)
             if tokens == reservation.tokens and cost == reservation.cost:
                 return None
             return self._spend(current, tokens - reservation.tokens, cost - reservation.cost)
         given = None
         if shared:
-            given = self._release(current, reservation.tokens, reservation.cost)
+            given = self._release(current, reservation.parts, reservation.tokens, reservation.cost)
         elif reservation.tokens or reservation.cost:
             given = self._spend(current, -reservation.tokens, -reservation.cost)
         charged = self.record(current.scopes, tokens, cost, at) if tokens or cost else None
@@ -453,13 +453,13 @@ class BudgetBook:
             return None
         return self._counters.spend_all(items).addCallback(self._spent, sums)
 
-    def _release(self, current, tokens, cost, used_tokens=0, used_cost=0.0):
-        """Settle a reservation of C{tokens} and C{cost} on shared counters with the C{used_tokens} and C{used_cost}
-        of its request (none: given back): its sums are charged the difference, and it leaves their reservations
-        in flight, which a seed keeps on top of the ledger's figure (it does not count them yet: see
-        L{gomodel.limits.counters.RedisCounters.settle_all})."""
+    def _release(self, current, parts, tokens, cost, used_tokens=0, used_cost=0.0):
+        """Settle a reservation of C{tokens} and C{cost} on shared counters, made in this process's C{parts} of the
+        sums, with the C{used_tokens} and C{used_cost} of its request (none: given back): its sums are charged the
+        difference, and it leaves their reservations in flight, which a seed keeps on top of the ledger's figure
+        (it does not count them yet: see L{gomodel.limits.counters.RedisCounters.settle_all})."""
         items = [(bucket, used_tokens, used_cost, tokens, cost, expires) for bucket, expires in current.sums]
-        return self._counters.settle_all(items).addCallback(self._spent, current.sums)
+        return self._counters.settle_all(items, parts).addCallback(self._spent, current.sums)
 
     def _spent(self, _, sums):
         """After a charge of shared C{sums}: where Redis could not be reached (the charge is lost), they are
@@ -627,14 +627,16 @@ class BudgetBook:
 class Reservation:
     """What a request took from its budgets at admission (L{BudgetBook.reserve}), settled by L{BudgetBook.settle}.
 
-    @ivar current: the L{_Current} periods it was taken in; C{tokens} and C{cost}: what was taken."""
+    @ivar current: the L{_Current} periods it was taken in; C{tokens} and C{cost}: what was taken; C{parts}: on
+        shared counters, the ids of this process's parts of the sums it was taken in (else None)."""
 
-    __slots__ = ("current", "tokens", "cost")
+    __slots__ = ("current", "tokens", "cost", "parts")
 
-    def __init__(self, current, tokens, cost):
+    def __init__(self, current, tokens, cost, parts=None):
         self.current = current
         self.tokens = tokens
         self.cost = cost
+        self.parts = parts
 
 
 class _Current:

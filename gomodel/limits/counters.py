@@ -41,7 +41,9 @@ held: it is freed once Redis answers again, and at each renewal until it would
 have lapsed. Budget reservations are kept the same way: each process's part of a
 budget sum (reserved by its requests in flight) lives as long as its liveness key
 (set by each reservation, renewed every C{lease_ttl/3} while it holds some), and the
-next reservation, read or seed of the sum after that takes it off. Multi-key
+next reservation, read or seed of the sum after that takes it off; a part has an
+id, new each time it starts afresh, which the settlement of a reservation names
+(a process paused past its lease settles its old requests apart from its new ones). Multi-key
 scripts need one Redis server (or primary),
 not Redis Cluster.
 """
@@ -616,8 +618,9 @@ return 0
 # sum that C{repr} wrote (0.2) leaves it off the double it should be (0.09999999999999999, not 0.1).
 # lapse(key, alive, owner): the sum's fields (a table), and what the live processes' requests in flight reserved
 # in it (tokens, cost). Each process keeps its part of a sum apart in the hash ('rt:<process>', 'rc:<process>':
-# reserved, not settled yet, L{_RESERVE}, L{_SETTLE}); the part of a process whose liveness key (C{alive} ..
-# process) lapsed (killed, or it crashed: it never settles them) is first taken off the sum, not C{owner}'s.
+# reserved, not settled yet, L{_RESERVE}, L{_SETTLE}; 'rg:<process>': the part's id, new each time the part starts
+# afresh); the part of a process whose liveness key (C{alive} .. process) lapsed (killed, or it crashed: it never
+# settles them) is first taken off the sum, not C{owner}'s.
 _SUMS = """
 local function float(x)
   local short = string.format('%.15g', x)
@@ -637,7 +640,7 @@ local function lapse(key, alive, owner)
       local rt, rc = tonumber(f[j + 1]), tonumber(h['rc:' .. other] or '0')
       if other ~= owner and redis.call('EXISTS', alive .. other) == 0 then
         dt, dc = dt + rt, dc + rc
-        redis.call('HDEL', key, f[j], 'rc:' .. other)
+        redis.call('HDEL', key, f[j], 'rc:' .. other, 'rg:' .. other)
       else
         ft, fc = ft + rt, fc + rc
       end
@@ -674,25 +677,31 @@ return n
 """
 
 # Reservations settled (L{RedisCounters.settle_all}): KEYS the sums; ARGV per key: tokens and cost used, tokens and
-# cost reserved, expires_at or ''; then the settling process's id. What of the reservation the process's part of a
-# sum still holds (all of it, but where Redis lost the sum since, or its part was taken off as a dead process's:
-# paused past its lease) leaves its part and is taken off the sum, which is charged what was used: the sum is
-# right however it was seeded meanwhile.
+# cost reserved, expires_at or '', the id of the part it was reserved in (L{_RESERVE}); then the settling process's
+# id. What of the reservation the process's part of a sum still holds (all of it, but where Redis lost the sum
+# since, or its part was taken off as a dead process's: paused past its lease) leaves its part and is taken off the
+# sum, which is charged what was used: the sum is right however it was seeded meanwhile. A part of another id (the
+# process's part started afresh since: taken off, then reserved in again) holds none of it: nothing is taken off.
 _SETTLE = _SUMS + """
-local owner = ARGV[5 * #KEYS + 1]
-local ft, fc = 'rt:' .. owner, 'rc:' .. owner
+local owner = ARGV[6 * #KEYS + 1]
+local ft, fc, fg = 'rt:' .. owner, 'rc:' .. owner, 'rg:' .. owner
 for i = 1, #KEYS do
-  local s = redis.call('HMGET', KEYS[i], ft, fc)
-  local rt, rc = tonumber(s[1] or '0'), tonumber(s[2] or '0')
-  local gt, gc = math.min(rt, tonumber(ARGV[5 * i - 2])), math.min(rc, tonumber(ARGV[5 * i - 1]))
-  redis.call('HINCRBY', KEYS[i], 't', string.format('%.0f', tonumber(ARGV[5 * i - 4]) - gt))
-  redis.call('HINCRBYFLOAT', KEYS[i], 'c', float(tonumber(ARGV[5 * i - 3]) - gc))
-  if rt - gt > 0 or rc - gc > 1e-9 then
-    redis.call('HSET', KEYS[i], ft, string.format('%.0f', rt - gt), fc, float(rc - gc))
-  elseif s[1] or s[2] then
-    redis.call('HDEL', KEYS[i], ft, fc)
+  local s = redis.call('HMGET', KEYS[i], ft, fc, fg)
+  local gt, gc = 0, 0
+  if s[3] == ARGV[6 * i] then
+    local rt, rc = tonumber(s[1] or '0'), tonumber(s[2] or '0')
+    gt, gc = math.min(rt, tonumber(ARGV[6 * i - 3])), math.min(rc, tonumber(ARGV[6 * i - 2]))
+    if rt - gt > 0 or rc - gc > 1e-9 then
+      redis.call('HSET', KEYS[i], ft, string.format('%.0f', rt - gt), fc, float(rc - gc))
+    else
+      redis.call('HDEL', KEYS[i], ft, fc, fg)
+    end
+  elseif s[3] and not (s[1] or s[2]) then  -- (its part taken off by an older gateway, which leaves the id)
+    redis.call('HDEL', KEYS[i], fg)
   end
-  if ARGV[5 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[5 * i]) end
+  redis.call('HINCRBY', KEYS[i], 't', string.format('%.0f', tonumber(ARGV[6 * i - 5]) - gt))
+  redis.call('HINCRBYFLOAT', KEYS[i], 'c', float(tonumber(ARGV[6 * i - 4]) - gc))
+  if ARGV[6 * i - 1] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[6 * i - 1]) end
 end
 return 0
 """
@@ -711,18 +720,23 @@ return out
 
 # A reservation against budget sums, all or nothing (L{RedisCounters.reserve_all}): KEYS the sums; ARGV per key:
 # its largest tokens and cost ('' for none), the tokens and cost to add, expires_at or ''; then '1' where the sums
-# must be marked seeded, the reserving process's id, the prefix of the processes' liveness keys and their lease
-# (ms). The parts of dead processes are taken off each sum first (L{_SUMS}). Where a sum is not marked seeded (lost
-# by Redis, or never seeded) nothing is added: returns {-1}; where one holds its largest already (a budget spent,
-# reservations of the requests in flight counted), nothing either: returns {0, tokens, cost of each key}; else
-# every sum is added to, and the process's part of it, and the process's liveness key is set: returns {1}.
+# must be marked seeded, the reserving process's id, the prefix of the processes' liveness keys, their lease (ms)
+# and an id this process never gave before. The parts of dead processes are taken off each sum first (L{_SUMS}).
+# Where a sum is not marked seeded (lost by Redis, or never seeded) nothing is added: returns {-1}; where one holds
+# its largest already (a budget spent, reservations of the requests in flight counted), nothing either: returns
+# {0, tokens, cost of each key}; else every sum is added to, and the process's part of it, and the process's
+# liveness key is set: returns {1, the id of the process's part of each sum}. A part that starts (none, or taken
+# off as a dead process's: paused past its lease) gets the new id: a settlement names the part it was reserved in.
 _RESERVE = _SUMS + """
 local n = #KEYS
 local marked = ARGV[5 * n + 1] == '1'
-local owner, alive = ARGV[5 * n + 2], ARGV[5 * n + 3]
-local sums = {1}
+local owner, alive, new = ARGV[5 * n + 2], ARGV[5 * n + 3], ARGV[5 * n + 5]
+local ft, fc, fg = 'rt:' .. owner, 'rc:' .. owner, 'rg:' .. owner
+local sums, parts = {1}, {1}
 for i = 1, n do
   local h = lapse(KEYS[i], alive, owner)
+  parts[i + 1] = h[fg]
+  if not (h[ft] or h[fc]) or not h[fg] then parts[i + 1] = false end
   if marked and not h['s'] then return {-1} end
   local t, c = tonumber(h['t'] or '0'), tonumber(h['c'] or '0')
   sums[2 * i], sums[2 * i + 1] = string.format('%.0f', t), string.format('%.17g', c)
@@ -733,12 +747,16 @@ if sums[1] == 0 then return sums end
 for i = 1, n do
   redis.call('HINCRBY', KEYS[i], 't', ARGV[5 * i - 2])
   redis.call('HINCRBYFLOAT', KEYS[i], 'c', ARGV[5 * i - 1])
-  redis.call('HINCRBY', KEYS[i], 'rt:' .. owner, ARGV[5 * i - 2])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'rc:' .. owner, ARGV[5 * i - 1])
+  redis.call('HINCRBY', KEYS[i], ft, ARGV[5 * i - 2])
+  redis.call('HINCRBYFLOAT', KEYS[i], fc, ARGV[5 * i - 1])
+  if not parts[i + 1] then
+    parts[i + 1] = new
+    redis.call('HSET', KEYS[i], fg, new)
+  end
   if ARGV[5 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[5 * i]) end
 end
 redis.call('SET', alive .. owner, 1, 'PX', ARGV[5 * n + 4])
-return {1}
+return parts
 """
 
 
@@ -779,6 +797,7 @@ class RedisCounters(_Forms):
         self._owner = uuid.uuid4().hex  # this process, in the budget sums' parts (L{_SUMS})
         self._alive = prefix + "alive|"  # + a process's id: its liveness key, renewed while it holds reservations
         self._reservations = 0  # budget reservations taken here and not settled yet
+        self._parts = itertools.count(1)  # ids of this process's parts of budget sums (L{_RESERVE})
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = reactor
         # key -> Deferreds of the writes of it in flight that nobody waits for (L{finish}, L{spend_all}): an
@@ -1044,19 +1063,21 @@ class RedisCounters(_Forms):
     def _spend_sync(self, keys, args):
         self._spend(keys=keys, args=args)
 
-    def settle_all(self, items):
+    def settle_all(self, items, parts):
         """Settle a reservation (L{reserve_all}'s, on this process): each sum is charged what was used less what this
         process's part of it still holds of the reservation, which leaves that part (kept by a seed, L{seed_all};
-        taken off if the process was taken for dead meanwhile; see L{_SETTLE}).
+        taken off if the process was taken for dead meanwhile, and then nothing of it is in a part started since:
+        see L{_SETTLE}).
 
         @param items: C{(bucket, tokens used, cost used, tokens reserved, cost reserved, expires_at)}, as
             L{spend_all}'s.
+        @param parts: the ids of the parts it was reserved in, one per item (what L{reserve_all} answered).
         @return: Deferred firing None.
         """
         keys = [self._prefix + bucket for bucket, _, _, _, _, _ in items]
-        args = [x for _, tokens, cost, reserved_tokens, reserved_cost, expires in items
+        args = [x for (_, tokens, cost, reserved_tokens, reserved_cost, expires), part in zip(items, parts)
                 for x in (int(tokens), repr(float(cost)), int(reserved_tokens), repr(float(reserved_cost)),
-                          "" if expires is None else int(math.ceil(expires)))]
+                          "" if expires is None else int(math.ceil(expires)), part)]
         args.append(self._owner)
         if self._reservations:
             self._reservations -= 1
@@ -1106,7 +1127,8 @@ class RedisCounters(_Forms):
 
         @param items: C{(bucket, max tokens, max cost, tokens, cost, expires_at)}: the largest each sum may hold
             when the reservation comes (None: no such budget), what to add, as L{spend_all}'s.
-        @return: a Deferred firing with C{(state, sums)}: state 1, added to every sum (sums None); 0, one is spent,
+        @return: a Deferred firing with C{(state, sums)}: state 1, added to every sum (in place of sums, the ids
+            of this process's parts they were added to, for L{settle_all}); 0, one is spent,
             nothing added (each bucket's C{(tokens, cost)}); -1, a sum is not marked seeded (L{seed_all}), nothing
             added (with C{seeded}: sums seeded from the usage ledger are marked); None, Redis cannot be reached.
         """
@@ -1114,7 +1136,7 @@ class RedisCounters(_Forms):
         args = [x for _, most_tokens, most_cost, tokens, cost, expires in items
                 for x in ("" if most_tokens is None else int(most_tokens),
                           "" if most_cost is None else repr(float(most_cost)), int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
-        args += ("1" if seeded else "", self._owner, self._alive, self._lease_ms)
+        args += ("1" if seeded else "", self._owner, self._alive, self._lease_ms, next(self._parts))
         # (after the writes of its sums in flight, as a read; not itself waited for by the next ones: a request's
         # reservation is in before its answer goes out, and reservations at once are each atomic)
         d = self._after_writes(keys, (None, None), self._reserve_sync, keys, args)
@@ -1130,6 +1152,8 @@ class RedisCounters(_Forms):
     def _reserve_sync(self, keys, args):
         reply = self._reserve(keys=keys, args=args)
         state = int(reply[0])
+        if state == 1:
+            return 1, [int(part) for part in reply[1:]]
         if state != 0:
             return state, None
         return 0, [(int(float(reply[2 * i + 1])), float(reply[2 * i + 2])) for i in range(len(keys))]
