@@ -1252,3 +1252,45 @@ async def test_a_process_paused_past_its_lease_that_nobody_noticed_settles_from_
     await paused.written()
     assert await books[1].spent(pairs) == [(300, 3.0)]
     assert [field for field in client.hkeys(client.keys(prefix + "budget|*")[0]) if b":" in field] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_during_a_rolling_upgrade_a_seed_keeps_what_older_gateways_have_in_flight(reactor, make, client, prefix):
+    """Gateways older than the per-process parts keep their requests' reservations in one shared 'rt'/'rc' of the
+    sum, and settle from it. Mixed with them during a rolling upgrade, a newer process that seeds a sum again (its
+    budgets edited, charges missed while Redis could not be reached) counts those in flight too: before, the sum
+    became the ledger's figure plus the newer processes' parts only, and each older request's settlement then
+    took its reservation off a sum that no longer held it (300 lost until the period's end)."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    books = [BudgetBook(make(), clock, seed=lambda scope, since: ledger[scope]) for _ in range(2)]
+    scopes = [("key:k", [Budget("daily", max_tokens=10000, max_cost=100.0)])]
+    pairs = [("key:k", Budget("daily", max_tokens=10000, max_cost=100.0))]
+    new = await books[0].reserve(scopes, 200, 2.0)
+    [bucket] = client.keys(prefix + "budget|*")
+
+    def older(reserved_tokens, reserved_cost, tokens=None, cost=None):
+        """An older gateway's reservation (tokens None), or its settlement, as its scripts wrote them."""
+        if tokens is None:
+            for field, value in (("t", reserved_tokens), ("rt", reserved_tokens)):
+                client.hincrby(bucket, field, value)
+            for field, value in (("c", reserved_cost), ("rc", reserved_cost)):
+                client.hincrbyfloat(bucket, field, value)
+            return
+        rt, rc = (float(x or 0) for x in client.hmget(bucket, "rt", "rc"))
+        gt, gc = min(rt, reserved_tokens), min(rc, reserved_cost)
+        client.hincrby(bucket, "t", int(tokens - gt))
+        client.hincrbyfloat(bucket, "c", cost - gc)
+        client.hincrby(bucket, "rt", int(-gt))
+        client.hincrbyfloat(bucket, "rc", -gc)
+
+    older(300, 3.0)
+    assert await books[1].spent(pairs) == [(500, 5.0)]
+    ledger["key:k"] = (400, 4.0)  # (charges this process missed while Redis could not be reached)
+    books[1].renew("key:k")  # seeded again: the ledger's figure, and what every gateway has in flight
+    assert await books[1].spent(pairs) == [(900, pytest.approx(9.0))]
+    older(300, 3.0, 100, 1.0)
+    await books[0].settle(new, 200, 2.0)
+    await books[0]._counters.written()
+    assert await books[1].spent(pairs) == [(700, pytest.approx(7.0))]  # the ledger's 400, and 100 and 200 used

@@ -620,7 +620,8 @@ return 0
 # in it (tokens, cost). Each process keeps its part of a sum apart in the hash ('rt:<process>', 'rc:<process>':
 # reserved, not settled yet, L{_RESERVE}, L{_SETTLE}; 'rg:<process>': the part's id, new each time the part starts
 # afresh); the part of a process whose liveness key (C{alive} .. process) lapsed (killed, or it crashed: it never
-# settles them) is first taken off the sum, not C{owner}'s.
+# settles them) is first taken off the sum, not C{owner}'s. What gateways older than the parts reserved (one shared
+# 'rt' and 'rc', settled by them: mixed with these during a rolling upgrade) counts as in flight.
 _SUMS = """
 local function float(x)
   local short = string.format('%.15g', x)
@@ -644,6 +645,10 @@ local function lapse(key, alive, owner)
       else
         ft, fc = ft + rt, fc + rc
       end
+    elseif f[j] == 'rt' then
+      ft = ft + tonumber(f[j + 1])
+    elseif f[j] == 'rc' then
+      fc = fc + tonumber(f[j + 1])
     end
   end
   if dt ~= 0 then h['t'] = redis.call('HINCRBY', key, 't', string.format('%.0f', -dt)) end
