@@ -1294,3 +1294,46 @@ async def test_during_a_rolling_upgrade_a_seed_keeps_what_older_gateways_have_in
     await books[0].settle(new, 200, 2.0)
     await books[0]._counters.written()
     assert await books[1].spent(pairs) == [(700, pytest.approx(7.0))]  # the ledger's 400, and 100 and 200 used
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reservation_redis_ran_but_did_not_answer_in_time_is_not_kept_while_the_process_lives(
+        reactor, tmp_path):
+    """A budget reservation sent to a Redis that stalled (paused, a fork, a network cut) past the client's timeout
+    is answered open (judged by the ledger), but Redis may run it once it comes back: what it took stayed in the
+    process's part of the sum, which the process's liveness kept while it had other requests in flight (a busy
+    gateway: for as long as it lived), and which no settlement ever took off (the budget short by that much until
+    its period's end). Now a process whose reservation or settlement Redis did not answer starts its parts anew:
+    the old ones lapse with their liveness key, and the requests in flight then are charged what they used in
+    full when they end."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    stalled = RedisCounters(connect(server.url, timeout=0.5), "x:", reactor, retry_after=0.2, lease_ttl=0.6)
+    other = RedisCounters(connect(server.url, timeout=2), "x:", reactor)
+    stalled.start()
+    other.start()
+    try:
+        clock = Clock()
+        clock.rightNow = reactor.seconds()
+        books = [BudgetBook(counters, clock, seed=lambda scope, since: (0, 0.0)) for counters in (stalled, other)]
+        scopes = [("key:k", [Budget("daily", max_tokens=1000)])]
+        pairs = [("key:k", Budget("daily", max_tokens=1000))]
+        held = await books[0].reserve(scopes, 100, 0.0)  # a request in flight: its process's liveness is renewed
+        server.pause()
+        lost = await books[0].reserve(scopes, 300, 0.0)  # answered open; Redis runs it once it is back
+        assert lost.tokens == 0
+        server.resume()
+        await deferLater(reactor, 0.3, lambda: None)  # (Redis is tried again after retry_after)
+        assert await books[1].spent(pairs) == [(400, 0.0)]
+        await deferLater(reactor, 1.0, lambda: None)  # (past the lease of the parts kept before)
+        assert await books[1].spent(pairs) == [(0, 0.0)]
+        await books[0].settle(held, 50, 0.0)  # charged what it used in full
+        await stalled.written()
+        assert await books[1].spent(pairs) == [(50, 0.0)]
+    finally:
+        stalled.stop()
+        other.stop()
+        stalled._redis.close()
+        other._redis.close()
+        server.stop()

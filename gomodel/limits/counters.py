@@ -799,7 +799,7 @@ class RedisCounters(_Forms):
         self._orphans = {}  # lease id -> (slot keys, when it lapses): released, but Redis may hold them still
         self._orphans_freed = True  # since the last orphan, a release of them all succeeded
         self._next_free = None  # the release of the orphans planned for when Redis is tried again
-        self._owner = uuid.uuid4().hex  # this process, in the budget sums' parts (L{_SUMS})
+        self._owner = uuid.uuid4().hex  # this process, in the budget sums' parts (L{_SUMS}; anew: L{_unanswered})
         self._alive = prefix + "alive|"  # + a process's id: its liveness key, renewed while it holds reservations
         self._reservations = 0  # budget reservations taken here and not settled yet
         self._parts = itertools.count(1)  # ids of this process's parts of budget sums (L{_RESERVE})
@@ -1086,7 +1086,20 @@ class RedisCounters(_Forms):
         args.append(self._owner)
         if self._reservations:
             self._reservations -= 1
-        return self._writing(keys, self._run(None, self._settle_sync, keys, args))
+        opened = [None]  # (answered open: L{_unanswered})
+        return self._writing(keys, self._run(opened, self._settle_sync, keys, args)).addCallback(self._settled, opened)
+
+    def _settled(self, answer, opened):
+        if answer is opened:
+            self._unanswered()
+        return None
+
+    def _unanswered(self):
+        """A reservation or settlement that Redis did not answer (it may run it later, or have run it): this
+        process's parts of the budget sums may hold what no settlement will take off. It starts its parts anew, under
+        a new id: the old ones lapse with their liveness key (no longer renewed), and its requests in flight then are
+        charged what they used in full when they end (their parts are gone: L{_SETTLE})."""
+        self._owner = uuid.uuid4().hex
 
     def _settle_sync(self, keys, args):
         self._settle(keys=keys, args=args)
@@ -1152,6 +1165,8 @@ class RedisCounters(_Forms):
     def _reserved(self, answer):
         if answer[0] == 1:
             self._reservations += 1  # (its liveness renewed until they are settled: L{_renew})
+        elif answer[0] is None:  # (Redis did not answer)
+            self._unanswered()
         return answer
 
     def _reserve_sync(self, keys, args):
