@@ -1337,3 +1337,18 @@ async def test_a_reservation_redis_ran_but_did_not_answer_in_time_is_not_kept_wh
         stalled._redis.close()
         other._redis.close()
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_window_stored_under_a_clock_ahead_is_not_drained_by_the_time_between(reactor, make, client, prefix):
+    """A token bucket's level is stored with the Redis time it was taken at. A Redis whose clock is behind the one
+    that wrote it (a failover to a replica whose clock lags, a clock stepped back) took the time between for
+    negative refill: a bucket stored an hour ahead, 59 of 60 left, refused every request (and showed -3541) for the
+    hour. The time between now counts as none: the level stored stands, and refills from now on."""
+    counters = make()
+    ahead = client.time()[0] + 3600
+    client.hset(prefix + "key:k|r60", mapping={"v": "59", "t": str(ahead), "k": "60"})
+    taken = await counters.take("key:k|r60", 60, 1, 1)
+    assert taken.allowed and taken.remaining == pytest.approx(58, abs=0.1)
+    assert (await counters.peek([("key:k|r60", 60, 1)], []))[0][0] >= 58
+    assert await counters.adjust("key:k|r60", 60, 1, -1) == pytest.approx(59, abs=0.1)

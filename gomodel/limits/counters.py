@@ -473,7 +473,8 @@ def moved(state, level, capacity) -> float:
     return (old if level > old else level) + capacity - old
 
 
-# Redis scripts. Levels travel as strings (%.17g): a Lua number in a reply is truncated to an integer.
+# Redis scripts. Levels travel as strings (%.17g): a Lua number in a reply is truncated to an integer. A level stored
+# at a time after Redis's now (written under a clock ahead: a failover, a clock stepped back) refills from now on.
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000 "
 
 # KEYS: nb token buckets, then the slot buckets. ARGV: nb, lease ttl (ms), lease id, capacity, refill and
@@ -490,7 +491,7 @@ for i = 1, nb do
   local s = redis.call('HMGET', KEYS[i], 'v', 't', 'k')
   local level = cap
   if s[1] then
-    level = tonumber(s[1]) + (now - tonumber(s[2])) * rate
+    level = tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * rate
     if s[3] then  -- the capacity it was stored under: a changed limit moves the level as much
       level = math.min(tonumber(s[3]), level) + cap - tonumber(s[3])
     end
@@ -547,7 +548,7 @@ for i = 1, nb do
   local s = redis.call('HMGET', KEYS[i], 'v', 't', 'k')
   local level = cap
   if s[1] then
-    level = tonumber(s[1]) + (now - tonumber(s[2])) * rate
+    level = tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * rate
     if s[3] then
       level = math.min(tonumber(s[3]), level) + cap - tonumber(s[3])
     end
@@ -578,7 +579,7 @@ for i = 1, nb do
   local s = redis.call('HMGET', KEYS[i], 'v', 't', 'k')
   local level = cap
   if s[1] then
-    level = tonumber(s[1]) + (now - tonumber(s[2])) * tonumber(ARGV[2 * i + 1])
+    level = tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * tonumber(ARGV[2 * i + 1])
     if s[3] then
       level = math.min(tonumber(s[3]), level) + cap - tonumber(s[3])
     end
