@@ -1352,3 +1352,29 @@ async def test_a_window_stored_under_a_clock_ahead_is_not_drained_by_the_time_be
     assert taken.allowed and taken.remaining == pytest.approx(58, abs=0.1)
     assert (await counters.peek([("key:k|r60", 60, 1)], []))[0][0] >= 58
     assert await counters.adjust("key:k|r60", 60, 1, -1) == pytest.approx(59, abs=0.1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_in_flight_when_redis_lost_the_sum_settles_apart_from_those_admitted_after(
+        reactor, make, client, prefix):
+    """Redis loses a sum (restarted empty, flushed) while a request is in flight; the sum is seeded again and the
+    same process admits another request, which starts its part afresh. The first one ends: it is charged what it
+    used in full, and the second one's reservation stays counted (before, the first took it off the new part:
+    200, not 500, while the second ran)."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    books = [BudgetBook(make(), clock, seed=lambda scope, since: ledger[scope]) for _ in range(2)]
+    scopes = [("key:k", [Budget("daily", max_tokens=1000), Budget("hourly", max_tokens=1000)])]
+    pairs = [("key:k", Budget("daily", max_tokens=1000)), ("key:k", Budget("hourly", max_tokens=1000))]
+    old = await books[0].reserve(scopes, 300, 0.0)
+    for bucket in client.keys(prefix + "budget|*"):
+        client.delete(bucket)  # Redis restarted without its data
+    assert await books[1].spent(pairs) == [(0, 0.0)] * 2  # (seeded again: the ledger's 0)
+    new = await books[0].reserve(scopes, 400, 0.0)
+    await books[0].settle(old, 100, 0.0)
+    await books[0]._counters.written()
+    assert await books[1].spent(pairs) == [(500, 0.0)] * 2
+    await books[0].settle(new, 200, 0.0)
+    await books[0]._counters.written()
+    assert await books[1].spent(pairs) == [(300, 0.0)] * 2
