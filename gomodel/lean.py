@@ -31,7 +31,8 @@ stand-in for the three names it takes of asyncio: 1.5 MiB less (38.3 -> 36.8 MiB
 L{import_html_without_entities} imports C{html} (for its C{escape}) without its table of named character
 references, read on first use: 0.4 MiB less. L{package_without_init} makes prometheus_client's package
 without its C{__init__}, which imports its HTTP servers and push clients: 0.5 MiB less.
-L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave_zipfile_out} C{zipfile}.
+L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave_zipfile_out} C{zipfile},
+L{leave_http_servers_out} the HTTP servers prometheus_client's text format brings (2 MiB at a plain scrape).
 
 Nothing here imports Twisted.
 """
@@ -42,7 +43,7 @@ import importlib.util
 import os
 import sys
 import types
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 # The modules left out, and the importers that take them as optional.
@@ -185,22 +186,58 @@ def leave_zipfile_out() -> bool:
                           ZipArchive=partial(_call_real, "twisted.python.zippath", "ZipArchive"))
 
 
+def leave_http_servers_out() -> bool:
+    """From now on, prometheus_client's C{exposition} (its Prometheus text format's C{generate_latest}, loaded at the
+    first plain scrape of C{/metrics}: L{gomodel.accounting.metrics.GatewayMetrics.page}) is imported with stand-ins
+    for the standard library's HTTP and WSGI servers (C{http.server}, C{socketserver}, C{wsgiref.simple_server}) and
+    HTTP client (C{urllib.request}), which it subclasses and calls for its own metrics server and push gateway
+    client only (C{start_http_server}, C{MetricsHandler}, C{push_to_gateway}), never run here: the real ones import
+    C{http.client}, C{email}'s parser and C{wsgiref}'s handlers (about 2 MiB). Its classes built on them, and their
+    functions, refuse to be used (L{_left_out_class}); the next C{import http.server} (or of the others) gets the
+    real module. Where one of them is loaded already, the real one is used.
+
+    @return: whether it was done: not where all of them are loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return _import_beside("prometheus_client.exposition", {
+        "http.server": {"BaseHTTPRequestHandler": _left_out_class("http.server", "BaseHTTPRequestHandler")},
+        "socketserver": {"ThreadingMixIn": _left_out_class("socketserver", "ThreadingMixIn")},
+        "urllib.request": {name: _left_out_class("urllib.request", name) for name in (
+            "BaseHandler", "HTTPHandler", "HTTPRedirectHandler", "HTTPSHandler", "Request")} | {
+            "build_opener": partial(_left_out, "urllib.request", "build_opener")},
+        "wsgiref.simple_server": {"make_server": partial(_left_out, "wsgiref.simple_server", "make_server"),
+                                  "WSGIRequestHandler": _left_out_class("wsgiref.simple_server", "WSGIRequestHandler"),
+                                  "WSGIServer": _left_out_class("wsgiref.simple_server", "WSGIServer")}})
+
+
+def _left_out(module, name, *args, **kwargs):
+    raise RuntimeError(f"{module}.{name} is left out of this process (gomodel.lean); GOMODEL_EAGER_IMPORTS=1 keeps it")
+
+
+def _left_out_class(module, name):
+    """A class standing in for C{module}'s C{name} as a base class, whose instances (its subclasses') are refused."""
+    return type(name, (), {"__new__": lambda cls, *args, **kwargs: _left_out(module, name),
+                           "__doc__": f"A stand-in for {module}.{name} (gomodel.lean)."})
+
+
 def _call_real(module, name, *args, **kwargs):
     return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
-# Modules executed with a stand-in beside them (L{_Beside}): importee -> (the stand-in's module name, its names).
+# Modules executed with stand-ins beside them (L{_Beside}): importee -> {the stand-in's module name: its names}.
 _BESIDE = {}
 
 
 def _import_beside(importee, name, **names) -> bool:
     """From now on, C{importee} is executed with a stand-in C{name} (L{_stand_in}) beside it, where the real one is
-    not loaded; return whether it was done (not where the real one is, nor where C{GOMODEL_EAGER_IMPORTS=1})."""
+    not loaded; return whether it was done (not where the real one is, nor where C{GOMODEL_EAGER_IMPORTS=1}).
+    C{name} may be a mapping instead, of several stand-ins' module names to their names (each where its real one is
+    not loaded; done unless all of them are)."""
     if importee in _BESIDE:
         return True
-    if os.environ.get("GOMODEL_EAGER_IMPORTS") == "1" or _real(name):
+    stand_ins = name if isinstance(name, dict) else {name: names}
+    if os.environ.get("GOMODEL_EAGER_IMPORTS") == "1" or all(map(_real, stand_ins)):
         return False
-    _BESIDE[importee] = (name, names)
+    _BESIDE[importee] = stand_ins
     if _Beside not in sys.meta_path:
         sys.meta_path.insert(0, _Beside)
     return True
@@ -218,29 +255,32 @@ class _Beside:
 
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if name not in _BESIDE or _real(_BESIDE[name][0]):
+        stand_ins = [_stand_in(stand_in, **names) for stand_in, names in _BESIDE.get(name, {}).items()
+                     if not _real(stand_in)]
+        if not stand_ins:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and hasattr(spec.loader, "exec_module"):
-            stand_in, names = _BESIDE[name]
-            spec.loader = _ExecBeside(spec.loader, _stand_in(stand_in, **names))
+            spec.loader = _ExecBeside(spec.loader, stand_ins)
         return spec
 
 
 class _ExecBeside:
-    """A loader: its module executed by C{loader} with C{stand_in} beside it (L{_beside}); then the module's
+    """A loader: its module executed by C{loader} with C{stand_ins} beside it (L{_beside}); then the module's
     loader is C{loader}, as if it had loaded it alone."""
 
-    def __init__(self, loader, stand_in):
+    def __init__(self, loader, stand_ins):
         self._loader = loader
-        self._stand_in = stand_in
+        self._stand_ins = stand_ins
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         module.__spec__.loader = module.__loader__ = self._loader
-        with _beside(self._stand_in):
+        with ExitStack() as beside:
+            for stand_in in self._stand_ins:
+                beside.enter_context(_beside(stand_in))
             self._loader.exec_module(module)
 
 

@@ -111,11 +111,55 @@ print(json.dumps(loaded))
 """
 
 
-def test_a_prometheus_scrape_loads_no_http_server_and_a_plain_one_prometheus_clients_exposition(tmp_path):
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_prometheus_scrape_loads_no_http_server_and_a_plain_one_prometheus_clients_exposition(tmp_path, eager):
     """Prometheus' scrape (OpenMetrics asked for first) is answered from prometheus_client's OpenMetrics module,
-    which imports nothing more; a plain one (curl) loads its exposition module then, HTTP servers with it."""
-    found = json.loads(_built_in_child(tmp_path, PLAIN_UPSTREAM, "", _SCRAPED_AFTER))
-    assert found == [["application/openmetrics-text", True, False, False], ["text/plain", False, True, True]]
+    which imports nothing more; a plain one (curl) loads its exposition module then, without the standard library's
+    HTTP servers (L{gomodel.lean.leave_http_servers_out}); C{GOMODEL_EAGER_IMPORTS=1}: all of them at start."""
+    before = ("from gomodel.lean import leave_http_servers_out\n"
+              "assert leave_http_servers_out() is " + str(not eager) + "\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _SCRAPED_AFTER))
+    assert found == [["application/openmetrics-text", True, eager, eager], ["text/plain", False, True, eager]]
+
+
+_SERVERS_LEFT_OUT_AFTER = """
+from types import SimpleNamespace
+from gomodel.accounting.metrics import GatewayMetrics
+headers = {}
+page = GatewayMetrics().page(SimpleNamespace(getHeader={}.get, setHeader=headers.__setitem__))
+servers = ("http.server", "socketserver", "wsgiref.simple_server", "urllib.request", "http.client", "email.parser")
+left_out = [name for name in servers if name in sys.modules]
+import prometheus_client.exposition as exposition
+refused = []
+for use in (lambda: exposition.start_http_server(0, addr="127.0.0.1"), lambda: exposition.MetricsHandler(),
+            lambda: exposition.push_to_gateway("127.0.0.1:9", "job", exposition.REGISTRY)):
+    try:
+        use()
+    except RuntimeError as e:
+        refused.append("left out of this process" in str(e))
+import http.server, socketserver, wsgiref.simple_server, urllib.request
+real = [module.__file__.endswith(".py") for module in (http.server, socketserver, wsgiref.simple_server, urllib.request)]
+print(json.dumps({"left_out": left_out, "refused": refused, "real": real,
+                  "text": headers[b"content-type"].startswith(b"text/plain") and b"# TYPE gomodel_requests_total" in page,
+                  "handler": issubclass(http.server.SimpleHTTPRequestHandler, http.server.BaseHTTPRequestHandler)}))
+"""
+
+
+def test_prometheus_clients_text_format_is_imported_without_the_http_servers_and_clients_it_never_runs_here(tmp_path):
+    """The C{gomodel} command imports prometheus_client's C{exposition} (a plain scrape's text format) with
+    stand-ins for C{http.server}, C{socketserver}, C{wsgiref.simple_server} and C{urllib.request} (with
+    C{http.client} and the C{email} parser, about 2 MiB): its own metrics server and push client, built on them,
+    refuse to run (they are never run here); the next import of each is the real module."""
+    before = ("from gomodel.lean import leave_cookiejar_out, leave_http_servers_out, leave_tls_out, "
+              "load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "leave_cookiejar_out()\n"
+              "assert leave_http_servers_out()\n")
+    found = json.loads(_built_in_child(tmp_path, PLAIN_UPSTREAM, before, _SERVERS_LEFT_OUT_AFTER))
+    assert found == {"left_out": [], "refused": [True, True, True], "real": [True, True, True, True], "text": True,
+                     "handler": True}
 
 
 _TLS_AFTER = """
