@@ -7,15 +7,21 @@ plugin cache is read. C{twistd -n gomodel} asks it: with a plugin cache that
 is written, that costs twistd about 1 MB of interfaces it unpickles; with none
 (a fresh C{pip install .}, or a site-packages the process cannot write) it
 imports every plugin module of every installed package, Twisted's own
-loading OpenSSL and SSH (about 12 MB). The gomodel plugin then hands the
-process over to this runner (L{leave_plugin_scan}): same pid, same arguments,
-none of those modules.
+loading OpenSSL and SSH (about 12 MB). And twistd's script has imported its
+runner (C{twisted.application.app}, C{pdb}, C{asyncio}, the standard library's
+TLS...) before any of gomodel's code runs, without the import hooks that keep
+those out (L{gomodel.lean}). So the gomodel plugin hands the process over to
+this runner (L{leave_plugin_scan}): same pid, same arguments, none of those
+modules: about 10 MiB less.
 
 Nothing here imports Twisted at module level: the plugin imports this module.
 """
 
 import os
 import sys
+
+# Whether this process is the gomodel runner (L{twistd}): twistd's plugin asks it to hand over no more.
+_runner = False
 
 # The command line a process hands itself over with: the original sys.path[0]
 # (the twistd script's directory, or '' for python -c) and argv come along.
@@ -48,6 +54,8 @@ def twistd(command=None):
         status 1), as C{gomodel: <problem>}; None for twistd's way (its whole usage text, then
         the problem after the first two arguments).
     """
+    global _runner
+    _runner = True
     from gomodel.lean import (import_defer_without_asyncio, import_html_without_entities, leave_cookiejar_out,
                               leave_http_servers_out, leave_tls_out, leave_zipfile_out, load_rare_modules_on_use)
 
@@ -83,14 +91,15 @@ def twistd(command=None):
 
 
 def leave_plugin_scan():
-    """Under twistd, when it had to import every plugin module to find gomodel's: become the
-    C{gomodel} runner (L{twistd}) with the same arguments, in the same process (C{exec}).
+    """Under twistd's own script (with or without a plugin scan): become the C{gomodel} runner
+    (L{twistd}) with the same arguments, in the same process (C{exec}), which imports what it
+    runs with L{gomodel.lean}'s hooks in place (the script had imported Twisted without them).
 
     Nothing has happened yet that the new program would miss: twistd calls
     this while it parses its options, before a pid file, a log or a reactor.
-    Returns (and twistd goes on) when the plugin cache was used.
+    Returns (and twistd goes on) in that runner, and where there is no C{exec}.
     """
-    if os.name != "posix" or not sys.executable or not scanned_every_plugin():
+    if os.name != "posix" or not sys.executable or _runner:
         return
     import subprocess
 
@@ -99,15 +108,3 @@ def leave_plugin_scan():
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
-
-
-def scanned_every_plugin() -> bool:
-    """Whether plugin modules that make no twistd service were imported: twistd read no plugin
-    cache (with one, it imports only the modules of the services it lists)."""
-    from twisted.application.service import IServiceMaker
-
-    for name, module in list(sys.modules.items()):
-        if name.startswith("twisted.plugins.") and module is not None:
-            if not any(IServiceMaker.providedBy(value) for value in list(vars(module).values())):
-                return True
-    return False

@@ -6,8 +6,8 @@ from twisted.application.service import ServiceMaker
 
 
 class GatewayMaker(ServiceMaker):
-    """gomodel's twistd service. When twistd found it by importing every plugin module
-    (no plugin cache), the process becomes the C{gomodel} runner first (L{gomodel.cli})."""
+    """gomodel's twistd service. Under twistd's own script, the process becomes the C{gomodel}
+    runner first (L{gomodel.cli.leave_plugin_scan}): what the script and a plugin scan imported is gone."""
 
     @property
     def options(self):
