@@ -269,6 +269,9 @@ def _dialect_below(request):
 
 def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange, dashboard, salts):
     """Klein's routes and every API they mount (imported now: at the first request for one of them)."""
+    from gomodel.lean import package_without_init
+
+    package_without_init("werkzeug")  # (its __init__ imports its development server and test client: never used here)
     from gomodel.api.admin import AdminAPI
     from gomodel.api.app import GatewayApp
     from gomodel.api.batches import BatchesAPI

@@ -351,7 +351,8 @@ def package_without_init(name):
     usual; the first read of any other name of it (C{from name import X}, C{name.X}) runs the C{__init__} then,
     in the same module, and answers from it. prometheus_client's imports its HTTP servers and push clients,
     which the gateway never uses (its C{exposition} module, loaded at the first scrape:
-    L{gomodel.accounting.metrics.GatewayMetrics.page}).
+    L{gomodel.accounting.metrics.GatewayMetrics.page}); werkzeug's its development server and test client
+    (Klein takes its routing and exceptions only: L{gomodel.build}'s Klein routes).
 
     @return: the package's module, from C{sys.modules} where it was imported already, or made as usual (its
         C{__init__} run) where C{GOMODEL_EAGER_IMPORTS=1}.

@@ -481,6 +481,32 @@ def test_twistd_hands_over_to_the_gomodel_runner_after_a_plugin_scan_or_not(tmp_
     assert "_ssl." not in maps and "_hashlib." not in maps  # (the script's TLS: the runner leaves it out)
 
 
+_WERKZEUG_AFTER = """
+import gc
+from gomodel.api.lazy import LazyRoutes
+next(o for o in gc.get_objects() if isinstance(o, LazyRoutes)).app  # (what the first admin request builds)
+left_out = [name for name in ("werkzeug.serving", "werkzeug.test", "werkzeug.wrappers", "http.server")
+            if name in sys.modules]
+import werkzeug
+from werkzeug import Client  # (a name of its own: its __init__ runs now)
+print(json.dumps({"left_out": left_out, "same": werkzeug is sys.modules["werkzeug"], "client": Client.__module__,
+                  "server": werkzeug.run_simple.__module__}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_admin_routes_import_werkzeug_without_its_development_server_and_test_client(tmp_path, eager):
+    """Klein's routes (the admin API's, the dashboard's), built at the first request for one, import werkzeug's
+    package without its C{__init__}, which imports its development server and test client (with C{http.server}
+    and its request and response wrappers), never used here; reading a name of the package runs it then, in the
+    same module. C{GOMODEL_EAGER_IMPORTS=1}: at import, as usual."""
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), "", _WERKZEUG_AFTER))
+    left = ["werkzeug.serving", "werkzeug.test", "werkzeug.wrappers", "http.server"]
+    assert found == {"left_out": left if eager else [], "same": True, "client": "werkzeug.test",
+                     "server": "werkzeug.serving"}
+
+
 @pytest_twisted.ensureDeferred
 async def test_plain_routes_answer_as_kleins_routes_do_and_load_no_klein(reactor, gateway):
     routes = gateway.service.site.resource._routes
