@@ -88,12 +88,15 @@ def leave_tls_out() -> bool:
 # redirect pages, which the gateway never answers with: Twisted's templates, xml.sax, pyexpat, urlpath and
 # hyperlink come with it) 1.9 MiB; multipart (uploads' and audio's form parser) 0.15 MiB; http.cookiejar (Twisted's
 # compat names it a deprecated alias) with L{leave_cookiejar_out}; ipaddress (urllib.parse checks a bracketed host
-# with it, which the gateway's own URLs never have: its configuration checks its IPv6 hosts itself) 0.2 MiB.
+# with it, which the gateway's own URLs never have: its configuration checks its IPv6 hosts itself) 0.2 MiB;
+# urllib.request (xml.sax.saxutils opens a template's system id with it: Twisted's templates, which Klein imports and
+# which parse one at import, a string) with http.client and the email parser, after an admin request 0.6 MiB.
 _RARE = {"pdb": "twisted.application.app", "getpass": "twisted.application.app",
          "decimal": "twisted.spread.jelly", "pty": "twisted.internet.process",
          "gzip": "prometheus_client.exposition", "mimetypes": "http.server",
          "twisted.web.util": "twisted.web.server", "multipart": "gomodel.api.uploads",
-         "http.cookiejar": "twisted.python.compat", "ipaddress": "urllib.parse"}
+         "http.cookiejar": "twisted.python.compat", "ipaddress": "urllib.parse",
+         "urllib.request": "xml.sax.saxutils"}
 _LAZY = importlib.util._LazyModule  # (the type of a module made by a LazyLoader, not loaded yet)
 
 

@@ -507,6 +507,35 @@ def test_the_admin_routes_import_werkzeug_without_its_development_server_and_tes
                      "server": "werkzeug.serving"}
 
 
+_TEMPLATES_AFTER = """
+import gc
+from gomodel.api.lazy import LazyRoutes
+next(o for o in gc.get_objects() if isinstance(o, LazyRoutes)).app  # (what the first admin request builds)
+loaded = [name for name in ("xml.sax.saxutils", "urllib.request", "http.client", "email.parser")
+          if type(sys.modules.get(name)).__name__ == "module"]
+from twisted.web.template import XMLString, flattenString
+from xml.sax.saxutils import escape
+import urllib.request
+page = []
+flattenString(None, XMLString("<p>a &amp; b</p>").load()[0]).addCallback(page.append)
+print(json.dumps({"loaded": loaded, "page": page[0].decode(), "escape": escape("<"),
+                  "request": urllib.request.Request("http://a.example/x").host}))
+"""
+
+
+def test_the_admin_routes_load_urllib_request_for_twisteds_templates_on_first_use(tmp_path):
+    """Klein imports Twisted's templates, which parse one at import (C{xml.sax}, whose C{saxutils} imports
+    C{urllib.request} to open a template's system id: never here, and with it C{http.client} and the C{email}
+    parser, about 0.6 MiB): with the C{gomodel} command's modules on first use, it is loaded on its first use."""
+    before = ("from gomodel.lean import leave_cookiejar_out, leave_tls_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "assert load_rare_modules_on_use()\n"
+              "leave_cookiejar_out()\n")
+    found = json.loads(_built_in_child(tmp_path, PLAIN_UPSTREAM, before, _TEMPLATES_AFTER))
+    assert found == {"loaded": ["xml.sax.saxutils"], "page": "<p>a &amp; b</p>", "escape": "&lt;",
+                     "request": "a.example"}
+
+
 @pytest_twisted.ensureDeferred
 async def test_plain_routes_answer_as_kleins_routes_do_and_load_no_klein(reactor, gateway):
     routes = gateway.service.site.resource._routes
