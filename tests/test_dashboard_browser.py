@@ -2197,3 +2197,49 @@ async def test_the_overview_shows_the_replicas_live_while_the_database_is_down(r
         await fleet.stop()
         postgres.drop_database(database)
         logged_errors.flush(StorageUnavailable)
+
+
+# -- with the usage ledger off (a gateway and a browser of their own) -----------------------------
+
+# (a script run before the page's own: the page's timers 25 times as fast, and how many times it fetched each path,
+# in window.__asked)
+FAST_TIMERS_AND_FETCHES_ASKED = """window.__asked = {};
+const timerOfThePage = window.setInterval;
+window.setInterval = (f, ms, ...args) => timerOfThePage(f, ms / 25, ...args);
+const askOfThePage = window.fetch;
+window.fetch = function (url, ...args) {
+  const path = String(url).split("?")[0];
+  window.__asked[path] = (window.__asked[path] || 0) + 1;
+  return askOfThePage.call(this, url, ...args);
+};"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_usage_off_the_overview_says_so_once_and_stops_asking(reactor, tmp_path):
+    """With C{USAGE_ENABLED=false} the overview learns from the first 404 C{usage_disabled} that the ledger is off,
+    says so plainly (no usage cards, no empty charts) and asks only for the replicas from then on (before, it asked
+    for the usage every refresh, a 404 in the console each time, and showed the 404's message as an error)."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master, "USAGE_ENABLED": "false"}) \
+            as (_, browser):
+
+        def overview():
+            browser.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                           {"source": FAST_TIMERS_AND_FETCHES_ASKED})
+            browser.sign_in()
+            browser.wait_text("#overview-messages", lambda t: "usage ledger is off" in t, "the overview's first read")
+            browser.logs()  # (its 404)
+            browser.driver.refresh()  # the overview again, counted from its start
+            browser.wait_text("#overview-messages", lambda t: "usage ledger is off" in t, "the ledger said off")
+            browser.wait(lambda d: browser.js("return window.__asked['/admin/api/v1/providers/status'] || 0") >= 4,
+                         "three refreshes after the first")
+            assert browser.js("return window.__asked['/admin/api/v1/usage/timeseries']") == 1
+            assert browser.texts("#overview-messages .note-error") == []
+            assert browser.text_of("#card-replicas .card-value") == "1 / 1"
+            assert browser.texts("#overview-cards .card-title") == ["Replicas ready"]
+            assert browser.js("return document.querySelector('#page-overview .charts').offsetParent") is None
+            assert "Live" in browser.text_of("#overview-live")
+            entries, violations = browser.logs()  # the one 404 it learnt from
+            assert not violations and len(entries) == 1 and "404" in entries[0]["message"], entries
+
+        await in_thread(overview)

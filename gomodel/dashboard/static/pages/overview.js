@@ -29,12 +29,11 @@ export function mount(el) {
     tokens: h("div", {class: "chart-box", id: "chart-tokens"}),
     latency: h("div", {class: "chart-box", id: "chart-latency"}),
   };
-  replace(el,
-    h("div", {class: "page-head"}, h("h1", {text: "Overview"}), picker, status),
-    messages, cards,
-    h("div", {class: "charts"},
-      panel("Requests and errors", boxes.traffic), panel("Tokens", boxes.tokens),
-      panel("Latency and time to first token", boxes.latency)));
+  const chartPanels = h("div", {class: "charts"},
+    panel("Requests and errors", boxes.traffic), panel("Tokens", boxes.tokens),
+    panel("Latency and time to first token", boxes.latency));
+  replace(el, h("div", {class: "page-head"}, h("h1", {text: "Overview"}), picker, status), messages, cards,
+    chartPanels);
 
   const charts = {
     traffic: chart(boxes.traffic, {type: "bar", yTitle: "requests", series: [
@@ -52,7 +51,9 @@ export function mount(el) {
   let stopped = false;
   let usageCards = []; // the cards last drawn from each answer, kept while its call fails
   let fleetCard = null;
-  // Usage and the replicas are asked for apart: without the database the replicas stay live.
+  let usageOff = false; // the gateway said its usage ledger is off (USAGE_ENABLED=false): asked for no more
+  // Usage and the replicas are asked for apart: without the database the replicas stay live. With the ledger off
+  // (its 404 usage_disabled, once) only the replicas are asked for.
   // (timed: the timer's, every REFRESH_MS)
   async function refresh(timed = false) {
     if (stopped) return;
@@ -68,9 +69,11 @@ export function mount(el) {
     const shown = state.window;
     try {
       const [series, fleet] = await Promise.allSettled([
-        admin(`usage/timeseries?window=${shown}`), admin("providers/status")]);
+        usageOff ? null : admin(`usage/timeseries?window=${shown}`), admin("providers/status")]);
       if (stopped || shown !== state.window) return;
-      const failed = [series, fleet].filter((r) => r.status === "rejected").map((r) => r.reason);
+      if (series.status === "rejected" && series.reason.code === "usage_disabled") ledgerOff();
+      const failed = [series, fleet].filter((r) => r.status === "rejected" && r.reason.code !== "usage_disabled")
+        .map((r) => r.reason);
       draw(series.value, fleet.value, failed);
       status.textContent = failed.length ? "Not updated: see the message"
         : `Live · updated ${new Date().toLocaleTimeString("en-GB")}`;
@@ -118,12 +121,24 @@ export function mount(el) {
     replace(cards, usageCards, fleetCard);
     const notes = [...new Set(failed.map((error) => (error && error.message) || String(error)))].map(errorNote);
     if (fleet && !fleet.providers.length) notes.push(providerHint());
+    if (usageOff) {
+      notes.push(note("info", "The usage ledger is off (", h("code", {text: "USAGE_ENABLED=false"}),
+        "): the gateway records no requests, so there is no traffic to chart. The replicas stay live."));
+    }
     if (series && !series.summary.requests) {
       notes.push(note("empty", "No requests in this window yet. Point an OpenAI client at ",
         h("code", {text: `${location.origin}/v1`}), " with a gateway key, and the charts fill in within seconds ",
         "(the usage ledger is written every USAGE_FLUSH_INTERVAL)."));
     }
     replace(messages, notes);
+  }
+
+  // The ledger is off: its window, cards and charts go (only the replicas are asked for from now on).
+  function ledgerOff() {
+    usageOff = true;
+    usageCards = [];
+    picker.hidden = true;
+    chartPanels.hidden = true;
   }
 
   refresh();
