@@ -1466,6 +1466,49 @@ async def test_the_request_log_filters_the_master_keys_requests(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_usage_pages_keys_follow_the_keys_made_while_it_is_open(env, reactor):
+    """A key made while the usage page is open is offered by its key filter once the filter is opened, and a key
+    first seen in the log is named there (before, the filter offered only the keys of the page's opening, and the
+    log showed a later key's id, until a reload)."""
+    b = env.browser
+
+    def opened():
+        b.sign_in()
+        b.go("usage")
+        b.wait(lambda d: b.all("#log-key option[value='master']"), "the key filter")
+
+    await in_thread(opened)
+    offered = await _made_key(env, name="made while the usage page is open")
+    used = await _made_key(env, name="first used while the usage page is open")
+    await in_thread(_sdk(env, used["value"]).chat.completions.create, model=MODEL, max_tokens=4,
+                    messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Request-Id": "dash-later-key"})
+
+    async def recorded():
+        answer = await treq.get(env.root + "/admin/api/v1/usage/log?search=dash-later-key&days=1",
+                                headers={"authorization": f"Bearer {env.master}"})
+        return (await answer.json())["data"]
+
+    await _until(reactor, recorded, "the later key's request in the ledger")
+
+    def followed():
+        from selenium.webdriver.common.keys import Keys
+
+        assert not b.all(f"#log-key option[value='{offered['id']}']")
+        b.click("#log-key")  # (opened: read again)
+        b.wait(lambda d: b.all(f"#log-key option[value='{offered['id']}']"), "the key made since in the filter")
+        b.one("#log-key").send_keys(Keys.ESCAPE)
+        b.fill("#log-search", "dash-later-key")
+        b.one("#log-search").submit()
+        b.wait(lambda d: b.texts("#log-table .request-id") == ["dash-later-key"], "the later key's request")
+        b.wait(lambda d: b.texts("#log-table .key-name") == [used["name"]], "the later key named")
+        b.fill("#log-search", "")
+        b.one("#log-search").submit()
+        b.assert_clean()
+
+    await in_thread(followed)
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_request_log_pages_once_per_click_even_a_double_click(env, reactor):
     """The log's Older and Newer go one page each, as the API pages it; a double click on Older (both clicks before
     its answer) goes one page (before, it said "page 3" over page 2's records, and Newer then went nowhere)."""

@@ -21,7 +21,7 @@ export function mount(el) {
   let stopped = false;
   // How many times each part was asked for: an answer is drawn only if no newer one was asked for since
   // (another window, group, filter or page), whichever comes first.
-  const asked = {totals: 0, groups: 0, log: 0};
+  const asked = {keys: 0, totals: 0, groups: 0, log: 0};
   const ask = (part) => {
     const mine = ++asked[part];
     return () => !stopped && asked[part] === mine;
@@ -107,9 +107,11 @@ export function mount(el) {
     "aria-label": "Model", list: "usage-model-list"});
   const modelList = h("datalist", {id: "usage-model-list"});
   // "master": the master key's requests (recorded without a key id; the API's key=master)
-  const anyKey = () => [h("option", {value: "", text: "any key"}),
-    h("option", {value: "master", text: "master key", selected: f.key === "master"})];
-  const key = h("select", {id: "log-key", "aria-label": "Key"}, anyKey());
+  const anyKey = (chosen) => [h("option", {value: "", text: "any key"}),
+    h("option", {value: "master", text: "master key", selected: chosen === "master"})];
+  // (the keys read again as it is opened: a key made since the page opened is offered too)
+  const key = h("select", {id: "log-key", "aria-label": "Key", onfocus: () => loadKeys()},
+    anyKey(f.key));
   const search = h("input", {id: "log-search", type: "search", placeholder: "request id, model, provider",
     value: f.search, "aria-label": "Search: request id, model or provider"});
   const filters = h("form", {class: "filters", id: "log-filters", onsubmit: (event) => {
@@ -143,17 +145,37 @@ export function mount(el) {
     return keyNames.get(id) || id;
   }
 
+  // Read the keys: their names (the tables' and the log's) and the key filter's options, redrawn only if they
+  // changed (an open filter is left as it is), its choice kept.
+  let shownKeys = "";
   async function loadKeys() {
+    const current = ask("keys");
+    let answer;
     try {
-      const answer = await admin("auth-keys");
-      for (const k of answer.data) keyNames.set(k.id, k.name);
-      replace(key, anyKey(),
-        answer.data.map((k) => h("option", {value: k.id, text: `${k.name} (${k.redacted_value})`,
-          selected: k.id === f.key})));
-      answered("keys");
+      answer = await admin("auth-keys");
     } catch (error) {
-      if (!stopped) failed("keys", error);
+      if (current()) failed("keys", error);
+      return;
     }
+    for (const k of answer.data) keyNames.set(k.id, k.name); // (names, whichever read is the newest)
+    if (!current()) return;
+    answered("keys");
+    const options = answer.data.map((k) => [k.id, `${k.name} (${k.redacted_value})`]);
+    if (JSON.stringify(options) === shownKeys) return;
+    const chosen = shownKeys === "" ? f.key : key.value; // (the filter applied, until the options are drawn)
+    shownKeys = JSON.stringify(options);
+    replace(key, anyKey(chosen),
+      options.map(([value, text]) => h("option", {value, text, selected: value === chosen})));
+  }
+
+  // The keys read again if `ids` (a table's or the log's auth_key_id) name one not read yet (made since); once for
+  // each id (one the list lacks, deleted, is shown as its id).
+  const looked = new Set();
+  async function knowKeys(ids) {
+    const unknown = ids.filter((id) => id !== null && id !== undefined && !keyNames.has(id) && !looked.has(id));
+    if (!unknown.length) return;
+    unknown.forEach((id) => looked.add(id));
+    await loadKeys();
   }
 
   // Whether the totals were drawn (false: they failed, or a newer window was asked for meanwhile).
@@ -182,6 +204,7 @@ export function mount(el) {
     const current = ask("groups");
     try {
       const answer = await admin(`${GROUPS[group].route}${query(windowParams())}`);
+      if (group === "key") await knowKeys(answer.data.map((r) => r.auth_key_id));
       if (!current()) return;
       answered("groups");
       let rows = answer.data;
@@ -222,6 +245,7 @@ export function mount(el) {
     try {
       const after = pages[pages.length - 1];
       const page = await admin(`usage/log${query({...windowParams(), ...logParams(), limit: PAGE_SIZE, after})}`);
+      await knowKeys(page.data.map((r) => r.auth_key_id));
       if (!current()) return;
       answered("log");
       cursors = pages;
