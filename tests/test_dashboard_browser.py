@@ -2286,3 +2286,26 @@ async def test_with_usage_off_the_overview_says_so_once_and_stops_asking(reactor
             assert not violations and len(entries) == 1 and "404" in entries[0]["message"], entries
 
         await in_thread(overview)
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_usage_off_the_usage_page_says_so_instead_of_empty_tables(reactor, tmp_path):
+    """With C{USAGE_ENABLED=false} the usage page says plainly that the ledger is off and how to turn it on, with no
+    tables, filters or CSV buttons that cannot work (before, the 404's message as an error above empty panels)."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master, "USAGE_ENABLED": "false"}) \
+            as (_, browser):
+
+        def usage():
+            browser.sign_in()
+            browser.wait_text("#overview-messages", lambda t: "usage ledger is off" in t, "the overview's read")
+            browser.logs()  # (the overview's 404)
+            browser.go("usage")
+            browser.wait_text("#usage-messages .note-info", lambda t: "usage ledger is off" in t, "the ledger off")
+            assert "USAGE_ENABLED=true" in browser.text_of("#usage-messages")
+            assert browser.texts("#usage-messages .note-error") == []
+            assert not browser.all("#log-filters") and not browser.all("#usage-csv")
+            entries, violations = browser.logs()  # the one 404 it learnt from
+            assert not violations and len(entries) == 1 and "404" in entries[0]["message"], entries
+
+        await in_thread(usage)

@@ -3,7 +3,8 @@
 
 import {admin, download, downloadPages, query, zoneName} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
-import {badge, button, cost, errorNote, focusAgain, h, int, localWhen, ms, replace, table, when} from "../dom.js";
+import {badge, button, cost, errorNote, focusAgain, h, int, localWhen, ms, note, replace, table, when}
+  from "../dom.js";
 
 export const title = "Usage";
 const GROUPS = {
@@ -185,7 +186,8 @@ export function mount(el) {
     try {
       s = await admin(`usage/summary${query(windowParams())}`);
     } catch (error) {
-      if (current()) failed("totals", error);
+      if (current() && error.code === "usage_disabled") ledgerOff();
+      else if (current()) failed("totals", error);
       return false;
     }
     if (!current()) return false;
@@ -281,6 +283,15 @@ export function mount(el) {
     } catch (error) {
       if (current()) failed("log", error);
     }
+  }
+
+  // The gateway's usage ledger is off (USAGE_ENABLED=false): nothing to show or ask for, and the page says why.
+  function ledgerOff() {
+    replace(el, h("div", {class: "page-head"}, h("h1", {text: "Usage"})),
+      h("div", {class: "messages", id: "usage-messages"}, note("info", "The usage ledger is off (",
+        h("code", {text: "USAGE_ENABLED=false"}), "): the gateway records no requests, so there are no totals, ",
+        "tables or request log to show. Set ", h("code", {text: "USAGE_ENABLED=true"}),
+        " in the gateway's environment (or YAML) and restart it to record them.")));
   }
 
   async function reload() {
