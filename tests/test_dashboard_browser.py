@@ -351,6 +351,42 @@ async def test_sign_in_keeps_the_key_in_session_storage_and_a_401_signs_out(env)
         assert env.master not in f.read()  # the key is never logged
 
 
+# (a script run before the page's own: how many of its fetches went without a key, in window.__keyless)
+KEYLESS_FETCHES = """window.__keyless = 0;
+const fetchOfThePage = window.fetch;
+window.fetch = function (url, options) {
+  if (!options || !options.headers || !options.headers.Authorization) window.__keyless += 1;
+  return fetchOfThePage.call(this, url, options);
+};"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_signed_out_by_a_401_asks_nothing_more_and_keeps_the_401s_reason(env):
+    """The usage page, whose key the gateway refuses, signs out with the gateway's reason ("Invalid API key"), and
+    its reads that were to follow are not sent (before, they went without a key once signed out, and their 401
+    replaced the reason with "Missing API key")."""
+    b = env.browser
+
+    def refused():
+        b.sign_in()
+        b.go("usage")
+        counting = b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": KEYLESS_FETCHES})
+        try:
+            b.js("sessionStorage.setItem('gomodel.dashboard.key', 'stale')")
+            b.driver.refresh()
+            b.wait_text("#signin-message", lambda t: "Signed out" in t, "the sign-out")
+            assert b.js("return window.__keyless") == 0
+            assert "Invalid API key" in b.text_of("#signin-message")
+        finally:
+            b.driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", counting)
+        entries, violations = b.logs()
+        assert violations == [] and len(entries) == 1 and "401" in entries[0]["message"], entries
+        b.sign_in()
+        b.assert_clean()
+
+    await in_thread(refused)
+
+
 # (a script run before the page's own: the answers of its fetches sent with the key "stale" held in window.__held,
 # each given to the page when the test calls it; window.__read counts those whose body the page has read)
 HOLD_STALE_ANSWERS = """window.__held = [];

@@ -86,11 +86,13 @@ export async function tryKey(key) {
 // is asked again with the current one: a 401 was not executed); any other error is thrown as an ApiError carrying
 // the gateway's message.
 // The admin API's calls carry the browser's time zone (timeZone()); one the gateway refuses is asked again in UTC.
+// Signed out (a page's call made after a 401 signed it out), nothing is sent: an ApiError (401) is thrown.
 export async function api(path, {method = "GET", body, raw = false} = {}) {
+  const key = sessionStorage.getItem(STORAGE_KEY);
+  if (key === null) throw new ApiError(401, "Signed out.");
   const zone = path.startsWith("/admin/api/") ? timeZone() : null;
   const extra = body === undefined ? {} : {"Content-Type": "application/json"};
   if (zone) extra["X-GoModel-Timezone"] = zone;
-  const key = sessionStorage.getItem(STORAGE_KEY);
   let response;
   try {
     response = await fetch(path, {
