@@ -2345,3 +2345,24 @@ async def test_with_usage_off_the_usage_page_says_so_instead_of_empty_tables(rea
             assert not violations and len(entries) == 1 and "404" in entries[0]["message"], entries
 
         await in_thread(usage)
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_budgets_off_the_budgets_page_says_so_and_how_to_turn_them_on(reactor, tmp_path):
+    """With C{BUDGETS_ENABLED=false} the budgets page says plainly that budgets are off and how to turn them on
+    (before, the 404's message as an error, as if the page had failed)."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master, "BUDGETS_ENABLED": "false"}) \
+            as (_, browser):
+
+        def budgets():
+            browser.sign_in()
+            browser.wait_text("#overview-messages", lambda t: "No requests" in t, "the overview's read")
+            browser.go("budgets")
+            browser.wait_text("#budgets-messages .note-info", lambda t: "Budgets are off" in t, "budgets off")
+            assert "BUDGETS_ENABLED=true" in browser.text_of("#budgets-messages")
+            assert browser.texts("#budgets-messages .note-error") == []
+            entries, violations = browser.logs()  # the one 404 it learnt from
+            assert not violations and len(entries) == 1 and "404" in entries[0]["message"], entries
+
+        await in_thread(budgets)

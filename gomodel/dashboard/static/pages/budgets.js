@@ -26,7 +26,14 @@ export function mount(el) {
         focusAgain([...list.querySelectorAll("[data-budget]")].find((e) => e.dataset.budget === focus), "Reset");
       }
     } catch (error) {
-      if (!stopped) replace(messages, errorNote(error));
+      if (stopped) return;
+      if (error.code === "budgets_disabled") {
+        replace(messages, note("info", "Budgets are off (", h("code", {text: "BUDGETS_ENABLED=false"}),
+          "): no budget, by user path or a key's own, is enforced. Set ", h("code", {text: "BUDGETS_ENABLED=true"}),
+          " in the gateway's environment (or YAML) and restart it to enforce them."));
+      } else {
+        replace(messages, errorNote(error));
+      }
     }
   }
 
