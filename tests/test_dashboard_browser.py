@@ -1001,6 +1001,37 @@ async def test_a_keys_secret_is_rotated_once_confirmed_and_shown_once(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_key_deactivated_elsewhere_while_the_page_is_open_is_not_given_a_secret_shown_as_usable(env):
+    """Rotate secret on a key deactivated meanwhile (another tab, the API) says that it was deactivated and shows no
+    new secret (before, "given a new secret" with a secret the gateway refuses), and the list shows it deactivated."""
+    b = env.browser
+    key = await _made_key(env, name="deactivated elsewhere")
+
+    def opened():
+        row = f".row-actions[data-key-id='{key['id']}']"
+        b.sign_in()
+        b.go("keys")
+        b.driver.refresh()
+        b.wait(lambda d: b.all(f"{row} button"), "the key's buttons")
+        b.one(row).find_element("xpath", ".//button[text()='Rotate secret']").click()
+        return row
+
+    row = await in_thread(opened)
+    answer = await treq.post(f"{env.root}/admin/api/v1/auth-keys/{key['id']}/deactivate",
+                             headers={"authorization": f"Bearer {env.master}"})
+    assert answer.code == 200, await answer.text()
+
+    def rotated():
+        b.one(row).find_element("xpath", ".//button[text()='Confirm rotate']").click()
+        b.wait_text("#keys-messages", lambda t: "deactivated meanwhile" in t, "the key said deactivated")
+        assert not b.all("#key-secret-value")
+        b.wait(lambda d: b.texts(f"tr.key-row:has({row}) .badge") == ["deactivated"], "the key shown deactivated")
+        b.assert_clean()
+
+    await in_thread(rotated)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_new_secret_stays_until_done_while_another_key_is_made(env):
     """A new key's secret, shown once, stays on the page while the operator opens New key or Edit for another (before,
     either wiped it: a secret not yet copied was lost for good); Done takes it away."""

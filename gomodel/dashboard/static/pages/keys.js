@@ -92,9 +92,16 @@ export function mount(el) {
           " spent in each budget's period counts from now, on every process within about a second."));
       }));
     }
+    // (a key deactivated meanwhile, elsewhere, is rotated all the same: its new secret, refused too, is not shown)
     shown.push(twice("Rotate secret", "ghost", "Confirm rotate", async () => {
-      showSecret(await admin(`auth-keys/${encodeURIComponent(k.id)}/rotate`, {method: "POST"}), "given a new secret"
-        + " (the old one is refused on every process within about a second)");
+      const rotated = await admin(`auth-keys/${encodeURIComponent(k.id)}/rotate`, {method: "POST"});
+      if (!rotated.enabled) {
+        showError(messages, `The key ${k.name} was deactivated meanwhile: a new secret would be refused too, `
+          + "so none is shown. Make a new key instead.");
+        return;
+      }
+      showSecret(rotated, "given a new secret (the old one is refused on every process within about a second)"
+        + (rotated.expired ? "; it has expired: the new one is refused too until its expiry is moved (Edit)" : ""));
     }));
     shown.push(twice("Deactivate", "danger-ghost", "Confirm deactivate", async () => {
       await admin(`auth-keys/${encodeURIComponent(k.id)}/deactivate`, {method: "POST"});
