@@ -2397,3 +2397,26 @@ async def test_with_budgets_off_the_budgets_page_says_so_and_how_to_turn_them_on
             assert not violations and len(entries) == 1 and "404" in entries[0]["message"], entries
 
         await in_thread(budgets)
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_budgets_off_a_keys_budgets_are_said_not_to_be_enforced(reactor, tmp_path):
+    """With C{BUDGETS_ENABLED=false} a key's budgets are listed with their caps, said not to be enforced (before, an
+    empty bar, as if the key had spent nothing of a budget the gateway enforces)."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master, "BUDGETS_ENABLED": "false"}) \
+            as (gw, browser):
+        answer = await treq.post(gw.url + "/admin/api/v1/auth-keys", headers={"authorization": f"Bearer {master}"},
+                                 json={"name": "capped", "budgets": [{"period": "daily", "max_tokens": 1000}]})
+        assert answer.code == 201, await answer.text()
+
+        def keys():
+            browser.sign_in()
+            browser.go("keys")
+            budget = browser.wait_text("tr.key-row .budget", lambda t: "daily" in t, "the key's budget")
+            assert budget == "daily: 1,000 tokens · not enforced (BUDGETS_ENABLED=false)"
+            assert not browser.all("tr.key-row .budget progress")
+            browser.assert_clean()
+
+        await in_thread(keys)

@@ -277,15 +277,19 @@ function limits(k) {
   return parts.length ? parts.join(" · ") : "none";
 }
 
+// Each budget's spend this period as a bar; without one (the gateway's budgets are off, BUDGETS_ENABLED=false: the
+// API reads no spend) the cap alone, said not to be enforced.
 function budgets(items) {
   if (!items || !items.length) return "none";
   return h("div", {class: "budget-list"}, items.map((b) => {
     const tokens = b.max_tokens !== undefined && b.max_tokens !== null;
     const limit = tokens ? b.max_tokens : b.max_cost;
     const spent = tokens ? b.spent_tokens : b.spent_cost;
-    const label = spent === undefined
-      ? `${b.period}: ${tokens ? `${int(limit)} tokens` : cost(limit)}`
-      : `${b.period}: ${tokens ? `${int(spent)} / ${int(limit)} tokens` : `${cost(spent)} / ${cost(limit)}`}`;
+    if (spent === undefined) {
+      return h("div", {class: "budget muted", "data-period": b.period,
+        text: `${b.period}: ${tokens ? `${int(limit)} tokens` : cost(limit)} · not enforced (BUDGETS_ENABLED=false)`});
+    }
+    const label = `${b.period}: ${tokens ? `${int(spent)} / ${int(limit)} tokens` : `${cost(spent)} / ${cost(limit)}`}`;
     return h("div", {class: "budget", "data-period": b.period}, meter(spent || 0, limit, label));
   }));
 }
