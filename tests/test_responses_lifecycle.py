@@ -572,6 +572,21 @@ async def test_background_responses_are_refreshed_and_cancelled_at_their_instanc
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_background_response_its_instance_finished_since_last_read_is_answered_over_when_cancelled(client,
+                                                                                                         fake):
+    """A cancel of a response stored as queued whose instance has finished it since: vLLM's 400 'Cannot cancel a
+    synchronous response.' (its issue 57999) was relayed; OpenAI answers the final object, which is stored."""
+    created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    fake.stored_responses[created.id]["status"] = "completed"  # (the gateway's record still says queued)
+    over = await in_thread(client.responses.cancel, created.id)
+    assert (over.id, over.status) == (created.id, "completed")
+    assert fake.requests[-1].path == f"/v1/responses/{created.id}".encode()  # (asked after the cancel's 400)
+    sent = len(fake.requests)
+    again = await in_thread(client.responses.cancel, created.id)  # (stored over now: its instance not asked)
+    assert (again.id, again.status) == (created.id, "completed") and len(fake.requests) == sent
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_background_follow_up_sent_explicitly_names_the_response_it_follows_when_read_and_cancelled(client,
                                                                                                          fake):
     """Its instance, sent the conversation and no previous_response_id, says null in every answer about it; the

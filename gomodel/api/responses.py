@@ -48,6 +48,14 @@ class _NotKnownUpstream(Exception):
     """The upstream answered that it does not know the previous response."""
 
 
+class _Concluded(Exception):
+    """The response a cancel was sent for was over at its instance already: C{response}, as it has it."""
+
+    def __init__(self, response):
+        Exception.__init__(self)
+        self.response = response
+
+
 class ResponsesRoute:
     """Creates responses and serves their stored lifecycle."""
 
@@ -469,9 +477,31 @@ class ResponsesRoute:
         async def vet(upstream):
             if upstream.code == 404:
                 await self._not_cancelled(provider, upstream, record)
+            elif upstream.code == 400:
+                await self._concluded(provider, upstream, record, ctx)
 
         call = UpstreamCall(f"/responses/{response_id}/cancel", transform=kept, vet=vet, pin=record.get("replica"))
-        return await self._exchange.relay(request, ctx, provider, call)
+        try:
+            return await self._exchange.relay(request, ctx, provider, call)
+        except _Concluded as over:
+            return json_answer(request, over.response)
+
+    async def _concluded(self, provider, upstream, record, ctx):
+        """Sort out the 400 of a cancel at C{record}'s instance: one for a response it has finished since the
+        gateway last read it (vLLM's "Cannot cancel a synchronous response.", its issue 57999) is answered as OpenAI
+        does, with the final object (read from the instance, and stored); any other is the instance's own 400.
+
+        @raise _Concluded: the response is over at its instance.
+        @raise gomodel.errors.GatewayError: the instance's 400, or its body could not be read.
+        """
+        try:
+            answer = await self._exchange.read(provider, upstream, NOT_FOUND_BODY_LIMIT)
+        except errors.BadUpstreamResponse:  # too large to be an error envelope
+            raise upstream_error(400, b"", provider.name, provider.hidden) from None
+        fresh = await self.refresh(record, ctx.request_id, ctx.trace)
+        if fresh is not None and fresh.get("status") not in UNFINISHED:
+            raise _Concluded(fresh)
+        raise upstream_error(400, answer, provider.name, provider.hidden)
 
     async def _not_cancelled(self, provider, upstream, record):
         """Sort out the 404 of a cancel at C{record}'s instance: one about the response is an instance that no

@@ -583,6 +583,10 @@ class FakeVLLM(Resource):
         if stored is None:
             return self._json(request, 404, _not_found(response_id))
         if action == "cancel" and request.method == b"POST":
+            if stored["status"] not in ("queued", "in_progress"):  # (vLLM 0.32's, its issue 57999)
+                return self._json(request, 400, {"error": {
+                    "message": "Cannot cancel a synchronous response.", "type": "invalid_request_error",
+                    "param": None, "code": 400}})
             stored["status"] = "cancelled"
         return self._json(request, 200, stored)
 
