@@ -11,6 +11,9 @@ C{sys.settrace} with C{f_trace_opcodes} on every frame started while it is on
 (a frame already running when it starts is counted from its next call), so
 the process runs 20-50 times slower: a figure for comparing two checkouts'
 work per request, not a time. Used by C{COUNT=bytecodes bash bench/instructions.sh}.
+
+With C{BYTECODES_LINES=1} in the environment OUT.json also has C{"lines": {"file:line": n, ...}}, the
+bytecodes counted on each source line (slower still): where a function's count goes.
 """
 
 import json
@@ -24,6 +27,7 @@ counts = Counter()
 calls = Counter()
 names = {}
 raised = Counter()
+lines = Counter() if os.environ.get("BYTECODES_LINES") == "1" else None
 
 
 def _trace(frame, event, arg):
@@ -37,6 +41,8 @@ def _trace(frame, event, arg):
     def opcode(frame, event, arg, code=code):
         if event == "opcode":
             counts[code] += 1
+            if lines is not None:
+                lines[code, frame.f_lineno] += 1
         elif event == "exception" and arg[0] is not StopIteration and arg[0] is not GeneratorExit:
             raised["%s:%d %s %s" % (code.co_filename, frame.f_lineno, code.co_qualname, arg[0].__name__)] += 1
         return opcode
@@ -47,6 +53,8 @@ def _start(*_):
     counts.clear()
     calls.clear()
     raised.clear()
+    if lines is not None:
+        lines.clear()
     sys.settrace(_trace)
     import threading
     threading.settrace(_trace)
@@ -62,7 +70,9 @@ def _stop(*_):
     with open(OUT + ".part", "w") as f:
         json.dump({"total": sum(by_name.values()), "functions": dict(by_name.most_common()),
                    "calls": dict(calls_by_name.most_common()),
-                   "exceptions": dict(raised.most_common())}, f, indent=0)
+                   "exceptions": dict(raised.most_common()),
+                   **({"lines": {"%s:%s" % (code.co_filename, line): n for (code, line), n in lines.most_common()}}
+                      if lines is not None else {})}, f, indent=0)
     os.replace(OUT + ".part", OUT)
 
 

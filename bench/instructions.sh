@@ -38,7 +38,8 @@
 #
 # COUNT=bytecodes counts Python bytecodes instead (bench/bytecodes.py, no valgrind needed), and leaves
 # the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name);
-# COUNTER_SCRIPT names another counter script taking the same arguments.
+# COUNTER_SCRIPT names another counter script taking the same arguments; BYTECODES_LINES=1 adds the count per
+# source line ("lines" in that file: where a function's count goes).
 #
 # FEAT=1: everything on (four mock replicas, the access log, a managed key with a rate limit, a
 # concurrency limit, a model allowlist and a daily budget: bench/run.sh's gomodel-features key);
