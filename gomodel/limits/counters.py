@@ -232,7 +232,7 @@ class LocalCounters(_Forms):
         self._sums = {}  # bucket -> [tokens, cost, expires_at]
         self._ids = itertools.count(1)
         self._sweep_every = sweep_every
-        self._ops_left = sweep_every  # operations until the next sweep
+        self.ops_left = sweep_every  # operations until the next sweep (a L{Lane} counts its own in place: L{tick})
         self.epoch = 0  # bumped by every sweep: cells handed out before it may be gone
 
     def admit(self, specs, slots):
@@ -431,13 +431,16 @@ class LocalCounters(_Forms):
         return out
 
     def tick(self, now):
-        """Count an operation; every C{sweep_every} operations, sweep (a new L{epoch})."""
-        self._ops_left -= 1
-        if not self._ops_left:
-            self._ops_left = self._sweep_every
-            self._sweep(now)
+        """Count an operation; every C{sweep_every} operations, sweep (a new L{epoch}).
 
-    def _sweep(self, now):
+        (A L{gomodel.limits.lanes.Lane} does this inline: C{ops_left -= 1}, and L{sweep} once it is 0.)"""
+        self.ops_left -= 1
+        if not self.ops_left:
+            self.sweep(now)
+
+    def sweep(self, now):
+        """Drop the full buckets, ended sums and free slots (a new L{epoch}), and count C{sweep_every} again."""
+        self.ops_left = self._sweep_every
         self.epoch += 1
         self._buckets = {b: s for b, s in self._buckets.items() if s[0] + (now - s[1]) * s[3] < s[2]}
         self._sums = {b: s for b, s in self._sums.items() if s[2] is None or s[2] > now}

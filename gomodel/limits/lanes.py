@@ -99,7 +99,8 @@ class Lane:
             when a budget is spent, a limit refuses (nothing was taken: the general path says why) or the
             lane is no longer L{live} at C{now}.
         """
-        if self._epoch != self._counters.epoch or not self._first <= now < self._until:  # (not L{live})
+        counters = self._counters
+        if self._epoch != counters.epoch or not self._first <= now < self._until:  # (not L{live})
             return None
         for cell, max_tokens, max_cost in self._budgets:  # (L{gomodel.limits.budgets._Current.spent})
             if cell[0] >= max_tokens or cell[1] >= max_cost:
@@ -144,7 +145,9 @@ class Lane:
             else:
                 for cell in sums:
                     cell[0] += tokens
-        self._counters.tick(now)
+        counters.ops_left -= 1  # (L{gomodel.limits.counters.LocalCounters.tick}, inline)
+        if not counters.ops_left:
+            counters.sweep(now)
         if self._header_plan:
             lines = header_lines(self._header_plan, self._prepared.buckets, [b[0][0] for b in self._buckets])
         if lines:
