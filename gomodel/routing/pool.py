@@ -520,6 +520,9 @@ class ReplicaPool:
         # (an envelope: L{release} only widens it, L{_paces_alike} makes it tight) with whether those are
         # alike (none clearly slower).
         self._batch, self._reported, self._pace_low, self._pace_high, self._alike = 0, False, inf, -inf, True
+        # whether L{_choose} scores by count alone as things stand (least_requests, or none of the above stands in
+        # the way): one look a request rather than four; kept with them (L{_learned}, L{_widen})
+        self._by_count = True
         self.pins = pins
         self.forgotten = 0.0  # when the newest pin this pool had to forget was last shared
         # model -> its ready replicas that serve it (a list never changed), until a state or a model list changes
@@ -759,6 +762,7 @@ class ReplicaPool:
             self._alike = not clearly_slower(self._pace_high, self._pace_low)
         else:
             self._pace_low, self._pace_high, self._alike = inf, -inf, True
+        self._by_count = self._strategy == "least_requests" or (not self._batch and not self._reported and self._alike)
 
     def _widen(self, pace):
         """A replica's learned pace moved outside the envelope: widen it to C{pace}."""
@@ -766,7 +770,10 @@ class ReplicaPool:
             self._pace_low = pace
         if pace > self._pace_high:
             self._pace_high = pace
-        self._alike = not clearly_slower(self._pace_high, self._pace_low)
+        alike = not clearly_slower(self._pace_high, self._pace_low)
+        if alike is not self._alike:
+            self._alike = alike
+            self._by_count = self._strategy == "least_requests" or (not self._batch and not self._reported and alike)
 
     def _paces_alike(self) -> bool:
         """Whether none of its replicas is clearly slower than another, their paces looked at again (the
@@ -852,14 +859,20 @@ class ReplicaPool:
             return self._rng.choices(free, weights=[r.weight for r in free])[0]
         # With the load strategy, where none would queue it (no batch size learned), none reports its load
         # and none is clearly slower (their paces' envelope alike, else looked at again), each is scored
-        # by its own count per unit of weight, as least_requests scores them.
-        if self._strategy == "least_requests" or (not self._batch and not self._reported
-                                                  and (self._alike or self._paces_alike())):
+        # by its own count per unit of weight, as least_requests scores them (L{_by_count}: so as things stand).
+        if self._by_count or self._strategy == "least_requests" or (not self._batch and not self._reported
+                                                                    and (self._alike or self._paces_alike())):
             scores = list(map(_in_flight, free)) if self._unweighted else [r.in_flight / r.weight for r in free]
             if affinity is None:  # (L{_lowest} without a session, inline: most requests)
                 best = min(scores)
                 ties = scores.count(best)
-                return free[scores.index(best)] if ties == 1 else self._turn(free, scores, best, ties)
+                if ties == 1:
+                    return free[scores.index(best)]
+                if ties == len(free):  # (L{_turn} of an idle pool, all tied, inline)
+                    replica = free[self._next % ties]
+                    self._next += 1
+                    return replica
+                return self._turn(free, scores, best, ties)
             return self._lowest(free, scores, affinity)
         now = self._clock.seconds()
         max_age = self._load_max_age
