@@ -12,6 +12,13 @@ C{sys.settrace} with C{f_trace_opcodes} on every frame started while it is on
 the process runs 20-50 times slower: a figure for comparing two checkouts'
 work per request, not a time. Used by C{COUNT=bytecodes bash bench/instructions.sh}.
 
+C{"timers"} is the part of the total counted in calls the reactor's timers made (C{callLater}s and
+the C{LoopingCall}s they run: metrics flushes, pool and idle sweeps, key refreshes, the access log's
+held lines): work by the second, not by the request, whose share of a window grows with the window's
+length (a machine busy with other work, a slower checkout), about +-300 bytecodes a request between
+runs of the same code on a loaded machine; the total less it is the steadier figure for comparing
+two checkouts' request paths (C{untimed_per_request} in C{bench/instructions.sh}'s line).
+
 With C{BYTECODES_LINES=1} in the environment OUT.json also has C{"lines": {"file:line": n, ...}}, the
 bytecodes counted on each source line (slower still): where a function's count goes.
 """
@@ -28,6 +35,16 @@ calls = Counter()
 names = {}
 raised = Counter()
 lines = Counter() if os.environ.get("BYTECODES_LINES") == "1" else None
+in_timers = Counter()
+TIMERS = None  # the code of the reactor's runUntilCurrent: a frame below it runs in a timer's call
+
+
+def _in_timer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code is TIMERS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _trace(frame, event, arg):
@@ -37,10 +54,13 @@ def _trace(frame, event, arg):
     calls[code] += 1
     frame.f_trace_opcodes = True
     frame.f_trace_lines = False
+    timed = _in_timer(frame.f_back)  # (a coroutine or generator is looked at again each time it is resumed)
 
     def opcode(frame, event, arg, code=code):
         if event == "opcode":
             counts[code] += 1
+            if timed:
+                in_timers[code] += 1
             if lines is not None:
                 lines[code, frame.f_lineno] += 1
         elif event == "exception" and arg[0] is not StopIteration and arg[0] is not GeneratorExit:
@@ -53,6 +73,7 @@ def _start(*_):
     counts.clear()
     calls.clear()
     raised.clear()
+    in_timers.clear()
     if lines is not None:
         lines.clear()
     sys.settrace(_trace)
@@ -68,7 +89,7 @@ def _stop(*_):
     for code, n in calls.items():
         calls_by_name[names[code]] += n
     with open(OUT + ".part", "w") as f:
-        json.dump({"total": sum(by_name.values()), "functions": dict(by_name.most_common()),
+        json.dump({"total": sum(by_name.values()), "timers": sum(in_timers.values()), "functions": dict(by_name.most_common()),
                    "calls": dict(calls_by_name.most_common()),
                    "exceptions": dict(raised.most_common()),
                    **({"lines": {"%s:%s" % (code.co_filename, line): n for (code, line), n in lines.most_common()}}
@@ -77,6 +98,9 @@ def _stop(*_):
 
 
 def _install():
+    global TIMERS
+    from twisted.internet.base import ReactorBase
+    TIMERS = ReactorBase.runUntilCurrent.__code__
     signal.signal(signal.SIGUSR1, _start)
     signal.signal(signal.SIGUSR2, _stop)
 

@@ -37,7 +37,10 @@
 # KEEP=DIR keeps callgrind's output files there (for callgrind_annotate).
 #
 # COUNT=bytecodes counts Python bytecodes instead (bench/bytecodes.py, no valgrind needed), and leaves
-# the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name);
+# the count per function in /tmp/gomodel-bytecodes-NAME.json (NAME: the checkout's directory name), and also
+# untimed_per_request: the count less what the reactor's timers ran (metrics flushes, sweeps, key refreshes:
+# work by the second, whose share grows with the window's length on a busy machine, +-300 a request between
+# runs of the same code; bench/bytecodes.py), the steadier figure for comparing request paths;
 # COUNTER_SCRIPT names another counter script taking the same arguments; BYTECODES_LINES=1 adds the count per
 # source line ("lines" in that file: where a function's count goes).
 #
@@ -92,8 +95,9 @@ for checkout in "$@"; do
     kill -USR1 "$GPID"; send "$N"; kill -USR2 "$GPID"
     for _ in $(seq 20); do [ -s "/tmp/gomodel-bytecodes-$name.json" ] && break; sleep 0.5; done
     "$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); n = int(sys.argv[3])
-print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d exceptions_per_request=%.2f" % (
-    sys.argv[2], sys.argv[4], sys.argv[5], n, d["total"] // n, sum(d.get("exceptions", {}).values()) / n))' \
+print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d untimed_per_request=%d exceptions_per_request=%.2f" % (
+    sys.argv[2], sys.argv[4], sys.argv[5], n, d["total"] // n, (d["total"] - d.get("timers", 0)) // n,
+    sum(d.get("exceptions", {}).values()) / n))' \
       "/tmp/gomodel-bytecodes-$name.json" "$name" "$N" "$FEAT" "${STREAM:-0}"
     kill "$GPID" 2>/dev/null || true
     continue
