@@ -752,14 +752,26 @@ class ReplicaPool:
     def _learned(self, replica):
         """A replica learned its batch size or its first load report (None: look at all): work out again
         what L{_choose} needs of them all, the envelope of their paces made tight."""
-        replicas = self.replicas
-        # the largest batch size learned (L{Replica.slots}), or 0: one a replica that has not shown its own is taken to run
-        self._batch = max([r.slots for r in replicas if r.slots is not None], default=0)
-        self._reported = any(r.load is not None for r in replicas)
-        paces = [r.pace for r in replicas if r.paced]
-        if paces:
-            self._pace_low, self._pace_high = min(paces), max(paces)
-            self._alike = not clearly_slower(self._pace_high, self._pace_low)
+        # the largest batch size learned (L{Replica.slots}), or 0: one a replica that has not shown its own is taken
+        # to run; whether any reports its load; the envelope of the learned paces (L{Replica.paced}). One loop, its
+        # fields read as they are (no property, no comprehension's closure): while paces differ clearly, every
+        # request looks at them again (L{_paces_alike}).
+        batch, reported, low, high = 0, False, inf, -inf
+        for r in self.replicas:
+            if r._slots is not None and r._slots > batch:
+                batch = r._slots
+            if r.load is not None:
+                reported = True
+            if r.timed == PACE_SAMPLES:
+                pace = r.pace
+                if pace < low:
+                    low = pace
+                if pace > high:
+                    high = pace
+        self._batch, self._reported = batch, reported
+        if high >= low:
+            self._pace_low, self._pace_high = low, high
+            self._alike = not clearly_slower(high, low)
         else:
             self._pace_low, self._pace_high, self._alike = inf, -inf, True
         self._by_count = self._strategy == "least_requests" or (not self._batch and not self._reported and self._alike)
