@@ -12,6 +12,7 @@ it; C{setup.py} caps Twisted below the next major version for the same reason.
 import errno
 import select
 import signal
+import socket
 import sys
 from functools import partial
 from operator import attrgetter
@@ -807,15 +808,25 @@ _PROMPT_CLASSES = {tcp.Server: _PromptServer, tcp.Client: _PromptClient}
 
 
 def prompt(transport):
-    """Make C{transport}, when it is one of Twisted's plain TCP connections, a prompt one (L{_Prompt}).
+    """Make C{transport}, when it is one of Twisted's plain TCP connections, a prompt one (L{_Prompt}), Nagle's
+    algorithm off (C{TCP_NODELAY}).
 
     Called by a protocol's C{makeConnection}, before anything was written or
     paused. Other transports (TLS, UNIX sockets, test transports) are left
     as they are.
+
+    Nagle's algorithm holds a small write while an earlier one is not acknowledged: a stream's head (written as
+    its producer is registered) and then its first event, a read later, met the client's delayed ACK (about 40
+    ms on Linux) before that event left. The gateway writes what it has at once, a whole answer or an upstream
+    read, so there is nothing for Nagle to gather.
     """
     cls = _PROMPT_CLASSES.get(transport.__class__)
     if cls is not None:
         transport.__class__ = cls
+        try:
+            transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # (already reset: its first write meets that)
+            pass
 
 
 def dispatch_plainly(reactor) -> bool:

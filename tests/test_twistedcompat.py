@@ -486,6 +486,28 @@ async def test_a_prompt_connection_writes_at_once_without_registering_for_writin
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_prompt_connection_sends_without_waiting_for_the_peers_ack(reactor):
+    """Nagle's algorithm is off on a prompt connection, either side (a gateway's client's, an upstream's): it writes
+    what it has at once, a stream's event as it came, never held until the peer acknowledges what went before (a
+    paced stream's first token after its head waited for the client's delayed ACK: about 40 ms on Linux)."""
+    import socket
+
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Factory
+
+    server, sock, port = await _pair(reactor)
+    assert server.transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    await _close(reactor, server, sock, port)
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    client = await connectProtocol(endpoint, _twistedcompat.PromptClientProtocol())
+    assert client.transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    client.transport.loseConnection()
+    await port.stopListening()
+    await _turns(reactor, 2)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_prompt_connection_buffers_what_the_socket_does_not_take(reactor):
     import socket
 
