@@ -2,7 +2,8 @@
 
 An upstream's C{hidden} strings (L{gomodel.interfaces.IUpstream}: its URLs, host and port, host; its key, a
 L{Secret}) make one pattern, built once per set (L{scrubber}), that finds its host however it is written: in
-any case, with the root's trailing dot, an IPv6 literal with or without its brackets (or written in full), a
+any case, with the root's trailing dot, an IPv6 literal with or without its brackets in any form C{ipaddress} reads
+(compressed or not, groups with or without their leading zeros, its last 32 bits dotted, with a zone), a
 loopback host under any of its names (C{localhost}, C{127.0.0.1}, C{[::1]}), with any scheme, user and password,
 port (not only the configured one) and the configured base path, each separator also percent-encoded
 (C{http%3A%2F%2Fh%3A8000}) or as JSON may escape it (C{http:\\/\\/h}); and aiohttp's C{('h', 8000)} (vLLM's
@@ -12,6 +13,7 @@ L{marks}.
 
 import re
 from functools import lru_cache
+from socket import AF_INET6, inet_pton
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 
@@ -38,9 +40,9 @@ _START = r"(?:(?<![\w.-])|(?<=%[0-9a-f]{2}))"
 
 
 def hosts_of(hide) -> list:
-    """The host names and addresses in C{hide} (no L{Secret}), lower case, without brackets or a trailing dot;
-    for a loopback one every name of the loopback host; for an IPv6 address its full form too, for an IPv4 one its
-    IPv4-mapped IPv6 form."""
+    """The host names and addresses in C{hide} (no L{Secret}), lower case, without brackets, zone or trailing dot;
+    for a loopback one every name of the loopback host; for an IPv4 one its IPv4-mapped IPv6 form too (each IPv6
+    address then found in every form it may be written in: L{_ipv6_source})."""
     hosts = []
     for h in hide:
         if not h or h.__class__ is Secret:
@@ -54,19 +56,73 @@ def hosts_of(hide) -> list:
         if not host:
             continue
         host = host.lower().rstrip(".")
-        hosts.append(host)
         if ":" in host:
-            import ipaddress  # (an IPv6 upstream's alone: gomodel.lean)
-
-            try:
-                hosts.append(ipaddress.IPv6Address(host).exploded)
-            except ValueError:
-                pass
+            host = host.partition("%")[0]  # (its zone: found with it, L{_ipv6_source})
+        hosts.append(host)
         if _IPV4.fullmatch(host):
             hosts.append("::ffff:" + host)
         if host in _LOOPBACK or host.startswith("127.") or host.endswith(".localhost"):
             hosts.extend(_LOOPBACK)
     return sorted(dict.fromkeys(hosts), key=len, reverse=True)
+
+
+def _ipv6_source(host: str):
+    """A pattern (str, to be matched ignoring case) of every text Python's C{ipaddress} reads as the IPv6 address
+    C{host} (L{_ipv6_forms}), and its zone where one follows (C{%eth0}, C{%25eth0} in a URL); None where C{host} is
+    no IPv6 address."""
+    forms = _ipv6_forms(host)
+    return None if forms is None else _alternatives(_trie(forms)) + r"(?:%(?:25)?[\w.~-]{1,64})?"
+
+
+def _ipv6_forms(host: str):
+    """Every text Python's C{ipaddress} reads as the IPv6 address C{host}, each a list of patterns (tokens): each
+    group with or without its leading zeros, any run of zero groups written as C{::} or not, the last 32 bits also as
+    a dotted IPv4 address, each colon also percent-encoded (a URL in a query); None where C{host} is no IPv6 address."""
+    try:
+        packed = inet_pton(AF_INET6, host)  # (not ipaddress, loaded for no upstream: gomodel.lean)
+    except (OSError, ValueError):
+        return None
+    values = [packed[i] << 8 | packed[i + 1] for i in range(0, 16, 2)]
+    groups = ["00{0,3}" if v == 0 else ("0{0,%d}" % (4 - len("%x" % v)) if v < 0x1000 else "") + "%x" % v
+              for v in values]
+    quad = [re.escape(c) for c in "%d.%d.%d.%d" % tuple(packed[12:])]
+    forms = [_joined(groups), _joined(groups[:6]) + [_COLON] + quad]
+    for i in range(8):
+        for j in range(i + 1, 9):
+            if values[j - 1] != 0:
+                break
+            forms.append(_joined(groups[:i]) + [_COLON, _COLON] + _joined(groups[j:]))
+            if j <= 6:
+                forms.append(_joined(groups[:i]) + [_COLON, _COLON] + _joined(groups[j:6]) + [_COLON] * (j < 6) + quad)
+    return forms
+
+
+def _trie(forms) -> dict:
+    """C{forms} (lists of tokens) as a trie: token -> the trie of what follows it, C{""} where a form ends."""
+    trie = {}
+    for form in forms:
+        node = trie
+        for token in form:
+            node = node.setdefault(token, {})
+        node[""] = {}
+    return trie
+
+
+def _joined(groups) -> list:
+    """C{groups} (patterns) with a C{:} token between each two."""
+    tokens = []
+    for g in groups:
+        tokens += [_COLON, g] if tokens else [g]
+    return tokens
+
+
+def _alternatives(node) -> str:
+    """The pattern of a trie of tokens (each text the same in every branch from the root to C{node} matched once: a
+    search tries no branch twice)."""
+    if not node:
+        return ""
+    parts = [token + _alternatives(child) for token, child in sorted(node.items(), key=lambda i: i[0] == "")]
+    return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
 
 
 def _path_source(path: str) -> str:
@@ -80,8 +136,11 @@ def scrubber(hide: tuple):
     keys = [re.escape(h) for h in hide if h and h.__class__ is Secret]
     names, brackets = [], []
     for host in hosts_of(hide):
-        if ":" in host:  # an IPv6 address: bracketed, or bare where no other address character touches it
-            brackets.append(rf"(?:\[|%5B){re.escape(host)}(?:\]|%5D)|(?<![\w:]){re.escape(host)}(?![\w:])")
+        v6 = _ipv6_source(host) if ":" in host else None
+        if v6 is not None and any(v6 in b for b in brackets):
+            continue
+        if v6 is not None:  # an IPv6 address: bracketed, or bare where no other address character touches it
+            brackets.append(rf"(?:\[|%5B){v6}(?:\]|%5D)|(?<![\w:.]){v6}(?![\w:])")
         else:
             names.append(rf"{re.escape(host)}(?![\w-])(?:\.(?=:|/|\\|%))?")
     alternatives = [rf"(?P<key>(?-i:{'|'.join(keys)}))" if keys else "(?P<key>(?!))"]
@@ -101,25 +160,20 @@ def scrubber(hide: tuple):
 
 
 def marks(hide):
-    """A pattern (bytes) that finds each host (by every name of it, L{hosts_of}) and key of C{hide}: what a text
-    that names one of them holds (a cheap test before L{scrubbed}); None where C{hide} holds none."""
-    # Each host in lower case, upper case and as configured (a server names itself as the Host it was sent), not in
-    # any case: literals alone keep it as fast as one, a pattern every relayed answer's headers go through (an error's
-    # text is then scrubbed in any case); a host another holds (::ffff:10.0.0.5) is found by that one.
-    hosts = hosts_of(hide)
-    hosts += [h.upper() for h in hosts] + [h for h in map(_spelled, hide) if h]
-    hosts = sorted({h for h in hosts if not any(o != h and o in h for o in hosts)})
-    words = [re.escape(h.encode()) for h in hide if h and h.__class__ is Secret]
-    words += [re.escape(h.encode()) for h in hosts]
-    return re.compile(b"|".join(words)) if words else None
-
-
-def _spelled(h):
-    """The host of C{h} (one of C{hide}) as it is written there, or None (a key, an IPv6 address)."""
-    if not h or h.__class__ is Secret:
-        return None
-    netloc = urlsplit(h if "://" in h else "//" + h).netloc.rpartition("@")[2]
-    return None if netloc.startswith("[") or netloc.count(":") > 1 else netloc.partition(":")[0].rstrip(".") or None
+    """A pattern (bytes) that finds each host (by every name of it, L{hosts_of}; in any case, an IPv6 address in any
+    of its forms) and key of C{hide}: what a text that names one of them holds (a cheap test before L{scrubbed});
+    None where C{hide} holds none."""
+    # One trie of the hosts' texts (names a character a token), matched ignoring case: at each place of a text a
+    # search tries each first character once, not each host (every relayed answer's headers go through it); a key as
+    # it is.
+    forms = []
+    for host in hosts_of(hide):
+        v6 = _ipv6_forms(host) if ":" in host else None
+        forms += [[re.escape(c) for c in host]] if v6 is None else v6
+    words = ["(?-i:%s)" % re.escape(h) for h in hide if h and h.__class__ is Secret]
+    if forms:
+        words.append(_alternatives(_trie(forms)))
+    return re.compile("|".join(words).encode(), re.IGNORECASE) if words else None
 
 
 def scrubbed(text, hide, name):

@@ -452,6 +452,7 @@ _CONFIGURED = {
     "an IPv4 address": ("127.0.0.1", lambda fake: fake.base_url),
     "a host name": ("127.0.0.1", lambda fake: f"http://localhost:{fake.port.getHost().port}/v1"),
     "an upper-case host name": ("127.0.0.1", lambda fake: f"http://LOCALHOST:{fake.port.getHost().port}"),
+    "a mixed-case host name": ("127.0.0.1", lambda fake: f"http://LocalHost:{fake.port.getHost().port}/v1"),
     "an IPv6 literal": ("::1", lambda fake: fake.base_url),
     "a pool of two replicas": ("127.0.0.1", lambda fake: fake.base_url),  # (and a second fake, named)
 }
@@ -468,9 +469,19 @@ def _echoed(fake):
         (f"http://{named}:1/v1", "vllm"),  # (another port of its host)
         (f"localhost:{port}", "vllm"),  # (its loopback address by another name)
         (f"LOCALHOST:{port}", "vllm"),
+        (f"lOcAlHoSt:{port}", "vllm"),  # (in a case neither configured nor all upper or lower)
         (f"[::1]:{port}", "vllm"),
         (f"127.0.0.1:{port}", "vllm"),
         (f"[::ffff:127.0.0.1]:{port}", "vllm"),  # (an IPv4-mapped IPv6 address)
+        # (each other text Python's ipaddress reads as the same IPv6 address: in full without its zeros, in full,
+        # compressed elsewhere, mixed-case hex, the mapped one in hex, with a zone)
+        (f"[0:0:0:0:0:0:0:1]:{port}", "vllm"),
+        (f"[0000:0000:0000:0000:0000:0000:0000:0001]:{port}", "vllm"),
+        (f"[0:0::0:01]:{port}", "vllm"),
+        (f"[::FFFF:7F00:1]:{port}", "vllm"),
+        (f"[0:0:0:0:0:ffff:7f00:0001]:{port}", "vllm"),
+        (f"http://[::1%25lo]:{port}/v1", "vllm"),
+        ("::1%lo down", "vllm down"),
         (f"http://localhost.:{port}/v1", "vllm"),  # (the name with its root's trailing dot)
         (f"http://user:secret@{netloc}/v1", "vllm"),
         (urllib.parse.quote(fake.base_url, safe=""), "vllm"),  # (percent-encoded, as in a query)
@@ -514,6 +525,18 @@ async def test_no_shape_of_the_upstreams_address_reaches_a_client(reactor, http,
             error, "[DONE]"]))
         assert response.code == 200
         assert json.loads(content.split(b"data: ")[1])["error"]["message"] == shown, content
+        # A passthrough stream's error event, in two reads (cut after its first bytes).
+        split = json.dumps({"error": {"message": "é " + said, "type": "internal_error", "param": None, "code": 500}})
+        response, content = await call(http, gw, "/p/vllm/v1/chat/completions", dict(
+            chat, model=BARE, stream=True, fake_sse=[split, "[DONE]"], fake_split_utf8=True))
+        assert response.code == 200
+        assert json.loads(content.split(b"data: ")[1])["error"]["message"] == "é " + shown, content
+        # A header naming it in any of those shapes stays upstream, on a model-routed route and the passthrough.
+        named = {f"X-Said-{i}": s for i, (s, e) in enumerate(pairs) if s != e}
+        for path, model in (("/v1/chat/completions", MODEL), ("/p/vllm/v1/chat/completions", BARE)):
+            response, content = await call(http, gw, path, dict(chat, model=model, fake_headers=named))
+            assert response.code == 200, content
+            assert [n for n in named if response.headers.hasHeader(n)] == [], path
         response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi", "stream": True,
                                                                    "fake_events": [["error", json.dumps({
                                                                        "type": "error", "code": "server_error",
@@ -605,3 +628,40 @@ def test_a_pools_marks_find_each_host_as_written_and_nothing_less():
     assert found.search(b"fd00:1::2") is None
     found = marks(("http://Gpu-A:8000/v1", "http://Gpu-A:8000", "Gpu-A:8000", "gpu-a"))
     assert all(found.search(b"http://%s:8000/x" % host) is not None for host in (b"Gpu-A", b"gpu-a", b"GPU-A"))
+
+
+def test_every_text_of_an_ipv6_upstreams_address_is_hidden():
+    """Every text Python's C{ipaddress} reads as an upstream's IPv6 address (compressed anywhere or not at all,
+    groups with and without their leading zeros, hex in any case, the last 32 bits dotted, with a zone) is replaced
+    by the provider's name and found by the pool's marks; another address is neither. Before, the address as
+    configured and in full alone were: C{2001:db8:0:0:0:0:0:1} went out as it was."""
+    import ipaddress
+
+    from gomodel.addresses import marks, scrubbed
+
+    for configured, texts in (
+            ("2001:db8::1", ["2001:db8:0:0:0:0:0:1", "2001:0DB8:0000:0000:0000:0000:0000:0001", "2001:db8:0::0:1",
+                             "2001:DB8::0:0:1", "2001:db8::0.0.0.1", "2001:db8:0:0:0:0:0.0.0.1", "2001:Db8::1%eth0"]),
+            ("::ffff:10.0.0.5", ["::ffff:a00:5", "0:0:0:0:0:FFFF:0A00:0005", "::FFFF:10.0.0.5", "0::ffff:a00:5"]),
+            ("fe80::1:2", ["fe80:0:0:0:0:0:1:2", "FE80::0001:0002", "fe80::0:1:2%25eth0"])):
+        hide = (f"http://[{configured}]:8000/v1", f"[{configured}]:8000", configured)
+        found = marks(hide)
+        for text in texts:
+            assert ipaddress.ip_address(text.partition("%")[0]) == ipaddress.ip_address(configured)
+            for said in (f"at http://[{text}]:8000/v1/x", f"connect {text} refused", f"[{text}]:9"):
+                assert scrubbed(said, hide, "vllm") in ("at vllm/x", "connect vllm refused", "vllm"), said
+                assert found.search(said.encode()) is not None, said
+        for other in ("2001:db8::1:2", "2001:db8::2", "fe80::1:3", "::ffff:10.0.0.50"):
+            if ipaddress.ip_address(other) != ipaddress.ip_address(configured):
+                assert scrubbed(f"connect {other} refused", hide, "vllm") == f"connect {other} refused"
+
+
+def test_a_pools_marks_find_a_host_in_any_case():
+    """The pattern every relayed answer's headers go through finds a host named in any case, not only as
+    configured, in lower or in upper case (C{vLLM-a.Internal} of C{Vllm-A.internal}); a key as it is alone."""
+    from gomodel.addresses import Secret, marks
+
+    found = marks(("http://Vllm-A.internal:8000/v1", "Vllm-A.internal:8000", "Vllm-A.internal", Secret("sk-AbC1")))
+    for text in (b"http://vLLM-a.Internal:8000/x", b"1.1 VLLM-A.INTERNAL", b"vllm-a.internal", b"key sk-AbC1"):
+        assert found.search(text) is not None, text
+    assert found.search(b"key sk-abc1 vllm-b.internal") is None

@@ -8,7 +8,7 @@ gateway forwards untouched:
 
   - C{fake_chunks}: number of content chunks in a stream (default 3)
   - C{fake_text}: the content of each chunk (default "hé") — multi-byte UTF-8
-  - C{fake_split_utf8}: write each event in two TCP writes, cut inside a UTF-8 character
+  - C{fake_split_utf8}: write each event holding an C{é} in two TCP writes, cut inside it (C{fake_sse}'s too)
   - C{fake_pace}: seconds between stream chunks
   - C{fake_die_after}: abort the connection after that many chunks (0: after the answer's head, as a
     server that dies before its first token does; with C{fake_hang}, the head alone, then silence)
@@ -807,7 +807,7 @@ class FakeVLLM(Resource):
             payloads = [b"data: " + p.encode() + b"\n\n" for p in body["fake_sse"]]
             ended = dict(body, fake_no_done=True, stream_options=None)  # the payloads are the whole stream
             self._send_events(request, ended, payloads, float(body.get("fake_pace", 0)), body.get("fake_die_after"),
-                              False, 0)
+                              bool(body.get("fake_split_utf8")), 0)
             return server.NOT_DONE_YET
         events = [_chunk({"role": "assistant", "content": ""})]
         n = int(body.get("fake_chunks", 3))
