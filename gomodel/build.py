@@ -7,6 +7,7 @@ its listeners. No other module constructs a collaborator of another room.
 """
 
 from functools import partial
+from urllib.parse import urlsplit
 
 from gomodel.accounting.tokens import Pricing
 from gomodel.accounting.usage import UsageLedger
@@ -94,6 +95,11 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                          key_prefix=redis_prefix + "pins:")
     pools = [_pool(p, routing, relay_client, reactor, timers, config.upstreams.timeouts, pins)
              for p in config.upstreams.providers]
+    for p in pools:  # (the addresses a replica's host name resolves to, hidden as its name is once reached)
+        for replica in p.replicas:
+            host = urlsplit(replica.base_url).hostname
+            if host:
+                endpoints.on_peer(host.encode(), partial(p.hide_too, replica.server))
     if pins is not None:
         pins.attach([p for p in pools if p.pins is not None])
 

@@ -9,7 +9,10 @@ import urllib.parse
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.logger import formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 from tests.support import start_fake, start_gateway, stop_all
 
@@ -665,3 +668,62 @@ def test_a_pools_marks_find_a_host_in_any_case():
     for text in (b"http://vLLM-a.Internal:8000/x", b"1.1 VLLM-A.INTERNAL", b"vllm-a.internal", b"key sk-AbC1"):
         assert found.search(text) is not None, text
     assert found.search(b"key sk-abc1 vllm-b.internal") is None
+
+
+@implementer(IHostnameResolver)
+class _Names:
+    """A name resolver that resolves C{names} (host name -> IPv4 address) itself, as the DNS naming the upstreams
+    would, and hands any other name to C{fallback}."""
+
+    def __init__(self, names, fallback):
+        self._names = names
+        self._fallback = fallback
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+        address = self._names.get(hostName)
+        if address is None:
+            return self._fallback.resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
+        receiver.resolutionBegan(_Resolution(hostName))
+        receiver.addressResolved(IPv4Address("TCP", address, portNumber))
+        receiver.resolutionComplete()
+        return receiver
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name):
+        self.name = name
+
+    def cancel(self):
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_address_an_upstreams_name_resolved_to_is_hidden_too(reactor, http):
+    """An upstream configured by a name that resolves to an address the gateway was never given: once a connection
+    to it reached that address, an error or a header naming it (as the server knows itself: its address, not the
+    name the gateway resolved) shows the provider's name, on a model-routed route and through the passthrough.
+    Before, the name alone was hidden: C{127.0.0.1:PORT} behind C{http://gpu-a.test:PORT} went out as it came."""
+    fake = await start_fake(reactor)
+    port = fake.port.getHost().port
+    previous = reactor.installNameResolver(_Names({"gpu-a.test": "127.0.0.1"}, reactor.nameResolver))
+    gw = None
+    try:
+        gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"http://gpu-a.test:{port}/v1",
+                                           "GOMODEL_MASTER_KEY": MASTER, "REPLICA_FAILURE_THRESHOLD": "100"})
+        said = f"engine at 127.0.0.1:{port} failed | http://[::ffff:7f00:1]:{port}/v1 | localhost:{port}"
+        error = json.dumps({"error": {"message": said, "type": "internal_error", "param": None, "code": 500}})
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        for path, model in (("/v1/chat/completions", MODEL), ("/p/vllm/v1/chat/completions", BARE)):
+            response, content = await call(http, gw, path, dict(chat, model=model, fake_status=500, fake_body=error))
+            assert response.code == 500, content
+            assert json.loads(content)["error"]["message"] == "engine at vllm failed | vllm | vllm", (path, content)
+            response, content = await call(http, gw, path, dict(chat, model=model, fake_headers={
+                "Via": f"1.1 127.0.0.1:{port}", "X-Kept": "as-is"}))
+            assert response.code == 200, content
+            assert not response.headers.hasHeader("via") and response.headers.getRawHeaders("x-kept") == ["as-is"]
+    finally:
+        reactor.installNameResolver(previous)
+        if gw is not None:
+            await gw.service.stopService()
+        await fake.stop()

@@ -540,6 +540,15 @@ class ReplicaPool:
     def __repr__(self):
         return f"<ReplicaPool {self.name} ({len(self.replicas)} replicas)>"
 
+    def hide_too(self, server, address: str):
+        """Hide C{address} (an IP address the host name of C{server}, one of its replicas', led a connection to)
+        as the configured ones are: in C{server}'s errors and the pool's (its C{hidden}, C{hidden_pattern})."""
+        if address not in server.hidden:
+            server.hidden += (address,)
+        if address not in self.hidden:
+            self.hidden = tuple(sorted(self.hidden + (address,), key=len, reverse=True))
+            self.hidden_pattern = marks(self.hidden)
+
     @property
     def load_max_age(self):
         """Seconds after which a replica's load report is too old to route by (3 x C{REPLICA_METRICS_INTERVAL})."""

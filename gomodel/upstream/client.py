@@ -15,6 +15,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -49,7 +50,8 @@ class CachingEndpointFactory:
     An IP address (C{http://10.0.0.5:8000}, C{http://[fd00::5]:8000}) is connected to directly
     (L{tcp_endpoint}): Twisted's L{HostnameEndpoint} would look it up again on every new connection
     (a thread pool's C{getaddrinfo}, and a class made per call), about three times the CPU of the
-    connection itself. A name is looked up on each new connection, so a changed DNS record is followed.
+    connection itself. A name is looked up on each new connection, so a changed DNS record is followed; each
+    address a connection to it reached is told to those who asked (L{on_peer}).
     """
 
     def __init__(self, reactor, connect_timeout: float):
@@ -57,12 +59,21 @@ class CachingEndpointFactory:
         self._connect_timeout = connect_timeout
         self._policy = None  # built for the first https upstream
         self._endpoints = {}
+        self._peers = {}  # host name (bytes, lower case) -> what to call with each address reached for it
+
+    def on_peer(self, host: bytes, noted):
+        """Call C{noted} with each address (text: C{10.0.0.5}, C{fd00::5}) a connection to the host name C{host}
+        reached, the first time each does (an upstream's errors must not name it either); never for an IP
+        address's host (connected to as it is)."""
+        self._peers.setdefault(host.lower(), []).append(noted)
 
     def endpointForURI(self, uri):
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
             endpoint = tcp_endpoint(self._reactor, uri.host, uri.port, self._connect_timeout)
+            if endpoint.__class__ is HostnameEndpoint:
+                endpoint = _PeerNoting(endpoint, self._peers.setdefault(uri.host.lower(), []))
             if uri.scheme == b"https":
                 if self._policy is None:
                     self._policy = BrowserLikePolicyForHTTPS()
@@ -70,6 +81,30 @@ class CachingEndpointFactory:
                 endpoint = wrapClientTLS(creator, endpoint)
             self._endpoints[key] = endpoint
         return endpoint
+
+
+@implementer(IStreamClientEndpoint)
+class _PeerNoting:
+    """A host name's endpoint (L{HostnameEndpoint}) that tells C{noted} (callables) each address its connections
+    reach, once each (L{CachingEndpointFactory.on_peer}): a new connection's cost, none of a request's."""
+
+    def __init__(self, endpoint, noted: list):
+        self._endpoint = endpoint
+        self._noted = noted
+        self._seen = set()
+
+    def connect(self, factory):
+        """The endpoint's L{connect}: a Deferred firing with the protocol once connected, failing as it fails."""
+        return self._endpoint.connect(factory).addCallback(self._connected)
+
+    def _connected(self, protocol):
+        transport = getattr(protocol, "transport", None)
+        address = getattr(transport.getPeer(), "host", None) if transport is not None else None
+        if address and address not in self._seen:
+            self._seen.add(address)
+            for noted in self._noted:
+                noted(address)
+        return protocol
 
 
 def tcp_endpoint(reactor, host: bytes, port: int, timeout: float):
