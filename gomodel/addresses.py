@@ -83,7 +83,7 @@ def _ipv6_forms(host: str):
     except (OSError, ValueError):
         return None
     values = [packed[i] << 8 | packed[i + 1] for i in range(0, 16, 2)]
-    groups = ["00{0,3}" if v == 0 else ("0{0,%d}" % (4 - len("%x" % v)) if v < 0x1000 else "") + "%x" % v
+    groups = ["00{0,3}+" if v == 0 else ("0{0,%d}+" % (4 - len("%x" % v)) if v < 0x1000 else "") + "%x" % v
               for v in values]
     quad = [re.escape(c) for c in "%d.%d.%d.%d" % tuple(packed[12:])]
     forms = [_joined(groups), _joined(groups[:6]) + [_COLON] + quad]
@@ -170,6 +170,10 @@ def marks(hide):
     for host in hosts_of(hide):
         v6 = _ipv6_forms(host) if ":" in host else None
         forms += [[re.escape(c) for c in host]] if v6 is None else v6
+    # (a form's first colon as two, each a literal: a search skips to where one of the first characters is, unless
+    # one is a letter, which the case makes two)
+    forms = [f for form in forms for f in (
+        ([":"] + form[1:], ["%3A"] + form[1:]) if form[0] == _COLON else (form,))]
     words = ["(?-i:%s)" % re.escape(h) for h in hide if h and h.__class__ is Secret]
     if forms:
         words.append(_alternatives(_trie(forms)))
