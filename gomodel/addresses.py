@@ -160,24 +160,38 @@ def scrubber(hide: tuple):
 
 
 def marks(hide):
-    """A pattern (bytes) that finds each host (by every name of it, L{hosts_of}; in any case, an IPv6 address in any
-    of its forms) and key of C{hide}: what a text that names one of them holds (a cheap test before L{scrubbed});
-    None where C{hide} holds none."""
-    # One trie of the hosts' texts (names a character a token), matched ignoring case: at each place of a text a
-    # search tries each first character once, not each host (every relayed answer's headers go through it); a key as
-    # it is.
+    """What finds each host (by every name of it, L{hosts_of}; in any case, an IPv6 address in any of its forms) and
+    key of C{hide} in a text (bytes): a L{Marks}, the cheap test before L{scrubbed}; None where C{hide} holds none."""
+    # One trie of the hosts' texts (names a character a token) in lower case, searched for in the text lowered: at
+    # each place of a text a search tries each first character once, not each host (every relayed answer's headers go
+    # through it), and a search without IGNORECASE skips to where a first character is (half the cost); a key as it is.
     forms = []
     for host in hosts_of(hide):
+        host = host.lower()
         v6 = _ipv6_forms(host) if ":" in host else None
         forms += [[re.escape(c) for c in host]] if v6 is None else v6
-    # (a form's first colon as two, each a literal: a search skips to where one of the first characters is, unless
-    # one is a letter, which the case makes two)
-    forms = [f for form in forms for f in (
-        ([":"] + form[1:], ["%3A"] + form[1:]) if form[0] == _COLON else (form,))]
-    words = ["(?-i:%s)" % re.escape(h) for h in hide if h and h.__class__ is Secret]
-    if forms:
-        words.append(_alternatives(_trie(forms)))
-    return re.compile("|".join(words).encode(), re.IGNORECASE) if words else None
+    # (a form's first colon as two, each a literal)
+    forms = [f for form in forms for f in (([":"] + form[1:], ["%3a"] + form[1:]) if form[0] == _COLON else (form,))]
+    keys = [re.escape(h) for h in hide if h and h.__class__ is Secret]
+    if not forms and not keys:
+        return None
+    hosts = re.compile(_alternatives(_trie(forms)).replace(_COLON, _COLON.lower()).encode()) if forms else None
+    return Marks(hosts, re.compile("|".join(keys).encode()) if keys else None)
+
+
+class Marks:
+    """A pool's cheap test that a text (bytes) may name one of its hosts or keys (L{marks})."""
+
+    __slots__ = ("_hosts", "_keys")
+
+    def __init__(self, hosts, keys):
+        self._hosts = hosts
+        self._keys = keys
+
+    def search(self, text):
+        """The first match in C{text} of a host (in any case) or else of a key as it is, or None."""
+        found = self._hosts.search(text.lower()) if self._hosts is not None else None
+        return found if found is not None or self._keys is None else self._keys.search(text)
 
 
 def scrubbed(text, hide, name):
