@@ -571,6 +571,27 @@ async def test_a_prompt_connection_pauses_reading_only_when_data_comes_while_pau
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_prompt_connection_still_reading_resumes_without_the_reactor(reactor, monkeypatch):
+    server, sock, port = await _pair(reactor)
+    transport = server.transport
+    added = []
+    add_reader = reactor.addReader
+    monkeypatch.setattr(reactor, "addReader", lambda reader: (added.append(reader), add_reader(reader))[1])
+    transport.resumeProducing()  # (the server's channel resumes after every answer, paused or not)
+    assert added == [] and transport in reactor.getReaders()
+    transport.stopReading()  # (reading stopped without a pause: it is started again all the same)
+    assert transport not in reactor.getReaders()
+    transport.resumeProducing()
+    assert added == [transport] and transport in reactor.getReaders()
+    transport.resumeProducing()
+    assert added == [transport]
+    sock.sendall(b"after a stop")
+    await _turns(reactor)
+    assert server.received == b"after a stop"
+    await _close(reactor, server, sock, port)
+
+
+@pytest_twisted.ensureDeferred
 async def test_nothing_written_after_an_abort_reaches_the_peer(reactor):
     server, sock, port = await _pair(reactor)
     server.transport.write(b"before")
