@@ -40,7 +40,7 @@ class AnswerHeaders(Headers):
     __slots__ = ("lines",)
 
     def __init__(self):
-        super().__init__()
+        self._rawHeaders = {}  # (what Headers' __init__ does without a mapping: its frame saved, once a request)
         self.lines = b""
 
     def put(self, name: bytes, value: bytes):

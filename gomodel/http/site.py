@@ -188,9 +188,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         formatted once a second, and the path split without unquoting when it
         has nothing to unquote."""
         self.site = site = self.channel.site
-        headers = self.responseHeaders
-        headers.put(SERVER, b"gomodel")
-        headers.put(DATE, site.http_date())
+        plain = _twistedcompat.plain_headers(self.responseHeaders)  # (AnswerHeaders.put's, without its two calls)
+        plain[SERVER] = [b"gomodel"]
+        plain[DATE] = [site.http_date()]
         self.prepath = []
         path = self.path
         segments = path[1:].split(b"/")
@@ -198,8 +198,8 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.postpath = list(map(unquote, segments)) if path.find(b"%") >= 0 else segments
         if path == b"*":  # (no route's: its request id and record are the site's)
             star = self.method == b"OPTIONS"
-            headers.put(X_REQUEST_ID, site.answered_early(self, path, 200 if star else 405,
-                                                          None if star else MethodNotAllowed.code))
+            request_id = site.answered_early(self, path, 200 if star else 405, None if star else MethodNotAllowed.code)
+            self.responseHeaders.put(X_REQUEST_ID, request_id)
             if star:
                 _twistedcompat.handle_star(self)
             else:
