@@ -1905,6 +1905,36 @@ async def test_max_tokens_missing_or_invalid_is_anthropics_400_before_any_upstre
     assert response.code == 200  # (count_tokens takes none)
 
 
+@pytest_twisted.ensureDeferred
+async def test_temperature_and_top_p_outside_anthropics_bounds_are_its_400_before_any_upstream(http, gw, openai_gw,
+                                                                                                fake):
+    """Anthropic's C{temperature} and C{top_p} are numbers from 0 to 1: outside them (or no number) a request is
+    Anthropic's 400 naming the field, natively as translated, streamed or not, before any upstream. Before, they went
+    on as sent: translated, an OpenAI-compatible provider took a temperature of 1.5 as its own (0 to 2: a hotter
+    sampling than any Anthropic allows, answered as if valid) and refused -1 in its words; natively, vLLM sampled
+    with them. The bounds themselves are taken."""
+    for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+        before = len(fake.requests)
+        for name, value, said in (("temperature", 1.5, "less than or equal to 1"),
+                                  ("temperature", -0.1, "greater than or equal to 0"),
+                                  ("temperature", "0.5", "a valid number"), ("temperature", True, "a valid number"),
+                                  ("top_p", 1.01, "less than or equal to 1"),
+                                  ("top_p", -1, "greater than or equal to 0")):
+            for stream in (False, True):
+                response, content = await post(http, gateway.url + "/v1/messages", {
+                    "model": model, "max_tokens": 8, "messages": HELLO, name: value, "stream": stream})
+                assert response.code == 400, (name, value, content)
+                assert response.headers.getRawHeaders("request-id")
+                assert json.loads(content) == {"type": "error", "error": {
+                    "type": "invalid_request_error", "message": f"{name}: Input should be {said}"}}, content
+        assert len(fake.requests) == before
+        for value in (0, 1, 0.7):
+            response, content = await post(http, gateway.url + "/v1/messages", {
+                "model": model, "max_tokens": 8, "messages": HELLO, "temperature": value, "top_p": value})
+            assert response.code == 200, content
+            assert (fake.requests[-1].body["temperature"], fake.requests[-1].body["top_p"]) == (value, value)
+
+
 OMITTED = {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}
 
 

@@ -2,8 +2,9 @@
 
 from functools import partial
 
-from gomodel.anthropic.translate import (chat_to_message_bytes, messages_to_chat, native_message_bytes,
-                                         omits_thinking, passed_fields, refuse_server_side, vllm_fields)
+from gomodel.anthropic.translate import (chat_to_message_bytes, check_sampling, messages_to_chat,
+                                         native_message_bytes, omits_thinking, passed_fields, refuse_server_side,
+                                         vllm_fields)
 from gomodel.api.messages import chat_for, translates
 
 
@@ -41,6 +42,7 @@ class MessagesLines:
             (L{refuse_server_side}, natively too): the line's error.
         """
         refuse_server_side(payload)
+        check_sampling(payload)  # (natively too, as online)
         omit = omits_thinking(payload)  # (thinking.display "omitted": its thinking blocks without their text)
         prioritised = principal is not None and principal.priority is not None
         translating = translates(payload)

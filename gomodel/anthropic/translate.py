@@ -68,6 +68,7 @@ def messages_to_chat(body: dict) -> dict:
     """
     _require_object(body)
     max_tokens = checked_max_tokens(body)
+    check_sampling(body)
     chat = {"model": body.get("model"), "messages": _chat_messages(body), "max_tokens": max_tokens}
     stop = body.get("stop_sequences")
     if stop is not None:
@@ -75,7 +76,7 @@ def messages_to_chat(body: dict) -> dict:
             raise InvalidRequest("stop_sequences: Input should be a list of strings", param="stop_sequences")
         if stop:
             chat["stop"] = stop
-    for name in ("temperature", "top_p"):
+    for name in _SAMPLING:
         if body.get(name) is not None:
             chat[name] = body[name]
     metadata = body.get("metadata")
@@ -113,6 +114,28 @@ def checked_max_tokens(body: dict) -> int:
     if max_tokens < 1:
         raise InvalidRequest("max_tokens: Input should be greater than or equal to 1", param="max_tokens")
     return max_tokens
+
+
+# Anthropic's sampling fields, each a number from 0 to 1.
+_SAMPLING = ("temperature", "top_p")
+
+
+def check_sampling(body: dict):
+    """Refuse a Messages request C{body} whose C{temperature} or C{top_p} is outside Anthropic's bounds, 0 to 1
+    (natively too: vLLM would sample with it; an OpenAI-compatible provider takes a temperature up to 2 as its own).
+
+    @raise InvalidRequest: either is no number, or is outside them.
+    """
+    for name in _SAMPLING:
+        value = body.get(name)
+        if value is None:
+            continue
+        if value.__class__ not in (int, float):
+            raise InvalidRequest(f"{name}: Input should be a valid number", param=name)
+        if value < 0:
+            raise InvalidRequest(f"{name}: Input should be greater than or equal to 0", param=name)
+        if value > 1:
+            raise InvalidRequest(f"{name}: Input should be less than or equal to 1", param=name)
 
 
 def refuse_server_side(body: dict):
