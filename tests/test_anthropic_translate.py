@@ -858,8 +858,11 @@ def test_a_tool_call_whose_name_comes_late():
 
 
 def test_an_empty_stream_is_still_a_message():
+    """With its one empty text block, as a whole answer without content has (chat_to_message)."""
     translator, out = translate(DONE)
-    assert [k for k, _ in events_of(out)] == ["message_start", "message_delta", "message_stop"]
+    assert [k for k, _ in events_of(out)] == ["message_start", "content_block_start", "content_block_stop",
+                                              "message_delta", "message_stop"]
+    assert events_of(out)[1][1]["content_block"] == {"type": "text", "text": ""}
     assert events_of(out)[0][1]["message"]["id"].startswith("msg_")
 
 

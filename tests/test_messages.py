@@ -1515,6 +1515,30 @@ async def test_an_upstreams_refusal_is_the_messages_text_streamed_as_whole(opena
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_empty_translated_stream_is_the_empty_text_block_of_its_whole_answer(openai_gw, fake):
+    """An upstream that ends at once (no token: an immediate stop) answers a whole request with one empty text
+    block, Anthropic's and vLLM's shape; its stream gives the same message to the SDK's C{get_final_message}, that
+    block started and stopped. Before, the stream had no block: C{content} was C{[]}, not the whole answer's."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
+    fake.steer = {"fake_status": 200, "fake_body": json.dumps({
+        "id": "chatcmpl-x", "object": "chat.completion", "model": CHAT_MODEL, "usage": usage, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]})}
+    client = sdk(openai_gw)
+    try:
+        whole = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO)
+        fake.steer = {"fake_sse": [_chunk_text({"role": "assistant", "content": ""}), _chunk_text({}, "stop"),
+                                   json.dumps({"id": "chatcmpl-x", "choices": [], "usage": usage}), "[DONE]"]}
+        seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=8,
+                                                                      messages=HELLO))
+    finally:
+        client.close()
+    assert [(block.type, block.text) for block in whole.content] == [("text", "")]
+    assert final.model_dump(exclude={"id"}) == whole.model_dump(exclude={"id"})
+    assert [event.type for event in seen] == ["message_start", "content_block_start", "content_block_stop",
+                                              "message_delta", "message_stop"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_text_and_thinking_held_behind_a_streamed_tool_call_end_with_their_block_stop(http, openai_gw, fake):
     # Text (or reasoning) that comes while the tool_use block is open is sent after it: its block too is stopped
     # before message_delta (a client such as Claude Code takes a block only at its content_block_stop).

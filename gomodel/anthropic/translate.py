@@ -1182,7 +1182,8 @@ class ChatToMessagesStream:
     delta), one block open at a time, never a delta after its
     block's stop; and at C{[DONE]} C{message_delta} (stop reason, and the
     usage of the usage chunk that C{include_usage} brings before C{[DONE]})
-    and C{message_stop}. A block ends when the kind of delta changes. An
+    and C{message_stop} (an answer without a block has one empty text block, as
+    a whole one). A block ends when the kind of delta changes. An
     in-band C{{"error": ...}} chunk becomes an C{error} event and ends the
     stream (no C{message_stop}); a C{data:} that is no JSON object raises
     L{StreamIncomplete} (the relay's error event then).
@@ -1405,6 +1406,9 @@ class ChatToMessagesStream:
             if call.block is None:  # held calls (a name that never came too: the call is still told), whole
                 self._start_tool(call, out)
                 self._switch(None, out)
+        if not self._next:  # no block at all: the whole answer's one empty text block (chat_to_message)
+            self._switch("text", out)
+            self._switch(None, out)
         complete = all(_is_json_object("".join(c.arguments) or "{}") for c in self._calls.values())
         reason, sequence = stop_reason(self._finish or "stop", self._matched, bool(self._calls), complete)
         usage = self.usage or {"output_tokens": 0}
