@@ -151,6 +151,24 @@ def test_user_blocks_that_cannot_be_sent_are_refused(block):
     assert caught.value.status == 400 and caught.value.param == "messages.0.content.0"
 
 
+@pytest.mark.parametrize("source, field, said", [
+    ({"type": "url"}, "url", "Field required"),
+    ({"type": "url", "url": 5}, "url", "Input should be a valid string"),
+    ({"type": "base64", "media_type": "image/png"}, "data", "Field required"),
+    ({"type": "base64", "media_type": "image/png", "data": None}, "data", "Field required"),
+])
+def test_an_image_source_without_its_url_or_data_is_a_400_naming_that_field(source, field, said):
+    """Before, the 400 said the source's own type was not supported ("image source type 'url' is not supported by
+    this provider (use 'base64' or 'url')"), whether in a message or a tool result."""
+    image = {"type": "image", "source": source}
+    for content, at in (([image], "messages.0.content.0"),
+                        ([{"type": "tool_result", "tool_use_id": "t", "content": [image]}], "messages.0.content.0.content.0")):
+        with pytest.raises(InvalidRequest) as caught:
+            messages_to_chat(request(messages=[{"role": "user", "content": content}]))
+        assert caught.value.status == 400 and caught.value.param == f"{at}.source.{field}"
+        assert caught.value.message == f"{at}.source.{field}: {said}"
+
+
 def test_a_tool_round_trip():
     chat = messages_to_chat(request(messages=[
         {"role": "user", "content": "Weather in Paris and Oslo?"},

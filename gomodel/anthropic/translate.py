@@ -453,15 +453,28 @@ def _blocks(content, where) -> list:
 def _image_url(block, where) -> dict:
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
-    if kind == "base64" and isinstance(source.get("data"), str):
+    if kind == "base64":
         media = source.get("media_type") or "image/jpeg"
         if not isinstance(media, str):
             raise InvalidRequest(f"{where}: image source media_type should be a string", param=where)
-        return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{source['data']}"}}
-    if kind == "url" and isinstance(source.get("url"), str):
-        return {"type": "image_url", "image_url": {"url": source["url"]}}
+        data = _source_string(source, "data", where)
+        return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
+    if kind == "url":
+        return {"type": "image_url", "image_url": {"url": _source_string(source, "url", where)}}
     raise InvalidRequest(f"{where}: image source type {quoted(kind)} is not supported by this provider "
                          "(use 'base64' or 'url')", param=where)
+
+
+def _source_string(source, field, where) -> str:
+    """The string C{source[field]} of the block at C{where}.
+
+    @raise InvalidRequest: it is missing (or null), or no string: a 400 naming C{where.source.field}.
+    """
+    value = source.get(field)
+    if isinstance(value, str):
+        return value
+    at = f"{where}.source.{field}"
+    raise InvalidRequest(f"{at}: {'Field required' if value is None else 'Input should be a valid string'}", param=at)
 
 
 def _document_parts(block, where) -> list:
