@@ -1930,6 +1930,27 @@ async def test_max_tokens_missing_or_invalid_is_anthropics_400_before_any_upstre
 
 
 @pytest_twisted.ensureDeferred
+async def test_messages_missing_empty_or_no_list_are_anthropics_400_natively_too(http, gw, fake):
+    """A create or a count_tokens without a message (none, an empty list, no list) is the gateway's 400 in Anthropic's
+    words before any upstream, natively as translated already were; before, a native one went to vLLM, whose
+    Messages API takes an empty list (a generation from the chat template's prompt alone, or its own error)."""
+    before = len(fake.requests)
+    for value, said in ((None, "messages: Field required (a list of messages)"),
+                        ([], "messages: at least one message is required"),
+                        ("Hi", "messages: Input should be a valid list")):
+        body = {"model": MODEL, "max_tokens": 8}
+        if value is not None:
+            body["messages"] = value
+        for path, sent in (("/v1/messages", dict(body, stream=False)), ("/v1/messages", dict(body, stream=True)),
+                           ("/v1/messages/count_tokens", {"model": MODEL, "messages": value})):
+            response, content = await post(http, gw.url + path, sent)
+            assert response.code == 400, (path, value, content)
+            assert json.loads(content) == {"type": "error", "error": {"type": "invalid_request_error",
+                                                                     "message": said}}, content
+    assert len(fake.requests) == before
+
+
+@pytest_twisted.ensureDeferred
 async def test_temperature_and_top_p_outside_anthropics_bounds_are_its_400_before_any_upstream(http, gw, openai_gw,
                                                                                                 fake):
     """Anthropic's C{temperature} and C{top_p} are numbers from 0 to 1: outside them (or no number) a request is

@@ -297,14 +297,24 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _chat_messages(body) -> list:
-    """The chat messages for a request's C{system} and C{messages}: one system message first, if any."""
+def checked_messages(body: dict) -> list:
+    """The C{messages} of the Messages request C{body}, which every create and count needs (natively too: the
+    gateway's 400 in Anthropic's words; vLLM's Messages API takes an empty list).
+
+    @raise InvalidRequest: it is missing, no list, or empty.
+    """
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages: Field required (a list of messages)" if messages is None
                              else "messages: Input should be a valid list", param="messages")
     if not messages:
         raise InvalidRequest("messages: at least one message is required", param="messages")
+    return messages
+
+
+def _chat_messages(body) -> list:
+    """The chat messages for a request's C{system} and C{messages}: one system message first, if any."""
+    messages = checked_messages(body)
     system = _system_texts(body.get("system"), "system")
     chat = []
     for i, message in enumerate(messages):

@@ -50,10 +50,11 @@ from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message_bytes, check_sampling,
-                                         checked_max_tokens, count_tokens_answer, count_tokens_request,
-                                         is_anthropic_error, message_events_bytes, messages_to_chat,
-                                         native_message_bytes, omits_thinking, openai_error_to_anthropic,
-                                         passed_fields, refuse_server_side, vllm_fields, without_vllm_fields)
+                                         checked_max_tokens, checked_messages, count_tokens_answer,
+                                         count_tokens_request, is_anthropic_error, message_events_bytes,
+                                         messages_to_chat, native_message_bytes, omits_thinking,
+                                         openai_error_to_anthropic, passed_fields, refuse_server_side, vllm_fields,
+                                         without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -190,6 +191,7 @@ class MessagesRoutes:
         routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
                                               ctx.principal))
         checked_max_tokens(body)  # (natively too: Anthropic's words, not vLLM's; the model's errors first)
+        checked_messages(body)  # (natively too: vLLM's Messages API takes none)
         check_sampling(body)  # (natively too: vLLM samples with what it is sent)
         refuse_server_side(body)  # (natively too: vLLM drops them unread)
         omit = omits_thinking(body)  # (thinking.display "omitted": its blocks without their text, either way)
@@ -234,6 +236,7 @@ class MessagesRoutes:
         model = body.get("model")
         planned = plan_model(self._registry, body, principal=ctx.principal)
         refuse_server_side(body)  # (as a create: counted natively, vLLM drops them unread)
+        checked_messages(body)  # (as a create)
         # Only vLLM has a tokenizer the gateway can ask.
         routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])
         if not routes:
