@@ -128,6 +128,24 @@ async def test_a_lines_server_side_features_are_its_error_natively_too(setup):
     assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
 
 
+async def test_a_lines_empty_messages_or_sampling_out_of_bounds_are_its_error_natively_too(setup):
+    """A line with no message, or a temperature or top_p outside 0 to 1, is errored (invalid_request_error, naming
+    the field) natively as translated, as online; before, a native one went to vLLM as it was. The others run."""
+    gw, client, vllm, openai = setup
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("empty", messages=[]), request("hot", temperature=1.5), request("wide", top_p=-1),
+        request("translated", model=TRANSLATED, messages=[]), request("fine")])
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert got["fine"].type == "succeeded"
+    for custom_id, field in (("empty", "messages"), ("hot", "temperature"), ("wide", "top_p"),
+                             ("translated", "messages")):
+        assert got[custom_id].type == "errored" and got[custom_id].error.error.type == "invalid_request_error"
+        assert got[custom_id].error.error.message.startswith(f"{field}: ")
+    assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
+    assert not openai.requests or all(r.path != b"/v1/chat/completions" for r in openai.requests)
+
+
 async def test_a_translated_providers_errors_and_garbled_answers_are_errored_results(setup):
     gw, client, _, openai = setup
     outcomes = {}
