@@ -714,3 +714,40 @@ async def test_a_stream_come_whole_with_its_head_leaves_in_one_write_with_its_en
         assert_released(gw)
     finally:
         await stop_all(gw, fake)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_a_streams_head_leaves_in_one_write_with_the_first_events_come_with_the_upstreams_head(
+        reactor, name, access, monkeypatch):
+    """The first events an upstream sent with its stream's head (vLLM's role chunk, a Responses stream's
+    response.created) go to the client in the same write as the answer's head: one send, one packet, not the
+    head on its own and the events a second send later; the stream goes on as usual, and its client leaving
+    closes the upstream."""
+    from gomodel import _twistedcompat
+
+    fake, gw, path, body = await route_gateway(reactor, name)
+    writes = []
+    write = _twistedcompat._PromptServer.write
+
+    def counted(transport, data):  # (the gateway's client connections: the fake's are plain)
+        writes.append(data)
+        write(transport, data)
+
+    monkeypatch.setattr(_twistedcompat._PromptServer, "write", counted)
+    try:
+        logged = access.next(reactor)
+        fake.steer = {"fake_raw": _raw_stream(name, _first_events(name), b""), "fake_raw_hold": True,
+                      "fake_raw_path": upstream_path(name)}
+        client = await connect(reactor, gw.port, request_bytes(path, body))
+        await with_timeout(reactor, client.wait_for(b"Hel"), 5)
+        assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200 ") and b"Hel" in writes[0], writes
+        assert bytes(client.received) == writes[0]
+        record = [r for r in fake.requests if streamed(r)][-1]
+        client.transport.abortConnection()
+        await assert_upstream_closed_promptly(reactor, record)
+        event = await with_timeout(reactor, logged, 2)
+        assert_released(gw)
+        assert event["outcome"] == "client_gone", event
+    finally:
+        await stop_all(gw, fake)
