@@ -826,9 +826,10 @@ def prompt(transport):
     paused. Other transports (TLS, UNIX sockets, test transports) are left
     as they are.
 
-    Nagle's algorithm holds a small write while an earlier one is not acknowledged: a stream's head (written as
-    its producer is registered) and then its first event, a read later, met the client's delayed ACK (about 40
-    ms on Linux) before that event left. The gateway writes what it has at once, a whole answer or an upstream
+    Nagle's algorithm holds a small write while an earlier one is not acknowledged: a stream's event, one
+    upstream read after the one before it, met the client's delayed ACK (about 40 ms on Linux) before it left
+    (as the head did once, written on its own as the stream's producer was registered; it now leaves with the
+    first events). The gateway writes what it has at once, a whole answer or an upstream
     read, so there is nothing for Nagle to gather.
     """
     cls = _PROMPT_CLASSES.get(transport.__class__)
