@@ -263,6 +263,11 @@ def test_an_auto_or_none_tool_choice_without_tools_is_left_out():
     ({"tools": {"name": "f"}}, "tools"),
     ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
+    ({"tool_choice": {"type": "tool", "name": "nowhere"}}, "tool_choice.name"),
+    ({"tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool", "name": "g"}},
+     "tool_choice.name"),
+    ({"metadata": {"user_id": 42}}, "metadata.user_id"),
+    ({"metadata": ["u-1"]}, "metadata"),
 ])
 def test_tools_that_cannot_be_sent_are_refused(fields, param):
     with pytest.raises(InvalidRequest) as caught:

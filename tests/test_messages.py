@@ -1980,6 +1980,36 @@ async def test_temperature_and_top_p_outside_anthropics_bounds_are_its_400_befor
             assert (fake.requests[-1].body["temperature"], fake.requests[-1].body["top_p"]) == (value, value)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_tool_choice_naming_no_tool_and_a_user_id_no_string_are_anthropics_400_before_any_upstream(
+        http, gw, openai_gw, fake):
+    """A C{tool_choice} of type C{tool} naming a tool that C{tools} does not declare, and a C{metadata.user_id} that
+    is no string (or a C{metadata} no object), are Anthropic's 400 naming the field, natively as translated, streamed
+    or not, before any upstream. Before, the tool choice went upstream (which refused it in its own words) and the
+    user id was dropped unread. A declared tool and a null user id are taken."""
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+        before = len(fake.requests)
+        for fields, said in (
+                ({"tools": tools, "tool_choice": {"type": "tool", "name": "get_time"}},
+                 "tool_choice.name: tool 'get_time' is not one of the tools"),
+                ({"tool_choice": {"type": "tool", "name": "get_time"}},
+                 "tool_choice.name: tool 'get_time' is not one of the tools"),
+                ({"metadata": {"user_id": 42}}, "metadata.user_id: Input should be a valid string"),
+                ({"metadata": "u-1"}, "metadata: Input should be a valid dictionary")):
+            for stream in (False, True):
+                response, content = await post(http, gateway.url + "/v1/messages", dict(
+                    fields, model=model, max_tokens=8, messages=HELLO, stream=stream))
+                assert response.code == 400, (fields, content)
+                assert json.loads(content) == {"type": "error", "error": {
+                    "type": "invalid_request_error", "message": said}}, content
+        assert len(fake.requests) == before
+        response, content = await post(http, gateway.url + "/v1/messages", {
+            "model": model, "max_tokens": 8, "messages": HELLO, "tools": tools, "metadata": {"user_id": None},
+            "tool_choice": {"type": "tool", "name": "get_weather"}})
+        assert response.code == 200, content
+
+
 OMITTED = {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}
 
 

@@ -2,7 +2,8 @@
 
 from functools import partial
 
-from gomodel.anthropic.translate import (chat_to_message_bytes, check_sampling, checked_messages, messages_to_chat,
+from gomodel.anthropic.translate import (chat_to_message_bytes, check_sampling,
+                                         check_tool_choice_and_metadata, checked_messages, messages_to_chat,
                                          native_message_bytes, omits_thinking, passed_fields, refuse_server_side,
                                          vllm_fields)
 from gomodel.api.messages import chat_for, translates
@@ -39,11 +40,13 @@ class MessagesLines:
             C{provider}, with what that provider takes of C{principal} (the batch runner's).
         @return: C{answer(body, model)} -> a successful answer as a message (natively, L{native_answer}).
         @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated, or asks for Anthropic's server side
-            (L{refuse_server_side}), or has no message or sampling out of bounds (natively too): the line's error.
+            (L{refuse_server_side}), or has no message, sampling out of bounds, a tool choice naming no tool or a
+            user id no string (natively too): the line's error.
         """
         refuse_server_side(payload)
         checked_messages(payload)  # (natively too, as online)
         check_sampling(payload)
+        check_tool_choice_and_metadata(payload)
         omit = omits_thinking(payload)  # (thinking.display "omitted": its thinking blocks without their text)
         prioritised = principal is not None and principal.priority is not None
         translating = translates(payload)

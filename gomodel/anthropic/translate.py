@@ -86,6 +86,7 @@ def messages_to_chat(body: dict) -> dict:
     if tools:
         chat["tools"] = tools
     refuse_server_side(body)
+    check_tool_choice_and_metadata(body)
     if body.get("tool_choice") is not None:
         fields = _tool_choice(body["tool_choice"])
         if tools or fields["tool_choice"] not in ("auto", "none"):  # chat upstreams refuse it without tools
@@ -136,6 +137,29 @@ def check_sampling(body: dict):
             raise InvalidRequest(f"{name}: Input should be greater than or equal to 0", param=name)
         if value > 1:
             raise InvalidRequest(f"{name}: Input should be less than or equal to 1", param=name)
+
+
+def check_tool_choice_and_metadata(body: dict):
+    """Refuse a Messages request C{body} whose C{tool_choice} of type C{tool} names a tool that its tools (as its
+    tool changes leave them, L{_resolved_tools}) do not declare, or whose C{metadata} is no object or its C{user_id}
+    no string (null is none), as Anthropic does (natively too: vLLM refuses the first in its own words and drops the
+    second unread, as a translation did).
+
+    @raise InvalidRequest: either, naming the field.
+    """
+    metadata = body.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InvalidRequest("metadata: Input should be a valid dictionary", param="metadata")
+        if metadata.get("user_id") is not None and not isinstance(metadata["user_id"], str):
+            raise InvalidRequest("metadata.user_id: Input should be a valid string", param="metadata.user_id")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "tool" and isinstance(choice.get("name"), str):
+        tools = _resolved_tools(body)
+        names = {tool.get("name") for tool in tools if isinstance(tool, dict)} if isinstance(tools, list) else ()
+        if choice["name"] not in names:
+            raise InvalidRequest(f"tool_choice.name: tool {quoted(choice['name'])} is not one of the tools",
+                                 param="tool_choice.name")
 
 
 def refuse_server_side(body: dict):
