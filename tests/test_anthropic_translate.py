@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from gomodel import jsonutil
-from gomodel.anthropic.translate import (ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
+from gomodel.anthropic.translate import (PING, ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
                                          chat_to_message, chat_to_message_bytes, count_tokens_answer,
                                          count_tokens_request, messages_to_chat, openai_error_to_anthropic,
                                          vllm_fields, without_vllm_fields)
@@ -1113,3 +1113,39 @@ async def test_sdk_sees_an_in_band_error_and_an_error_answer(sdk):
     with pytest.raises(anthropic.RateLimitError) as caught:
         await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
     assert caught.value.body == {"type": "error", "error": {"type": "rate_limit_error", "message": "Too many requests"}}
+
+
+def test_a_translated_stream_idle_before_its_first_chunk_starts_the_message_then_pings():
+    """While the upstream is silent before its first chunk (a long prefill), the stream's keepalive starts the
+    message (its id the gateway's, input tokens 0) with its ping, then pings; the chunks then go on without a second
+    message_start, and the SDK accumulates the whole message, its input tokens from message_delta."""
+    from anthropic.lib.streaming._messages import accumulate_event
+    translator = ChatToMessagesStream(MODEL)
+    assert translator.keepalive > 0
+    started = translator.idle()
+    assert translator.idle() == PING
+    out = started + translator.feed(b"".join(FULL))
+    translator.finish()
+    assert translator.idle() is None  # (over: nothing more)
+    events = events_of(out)
+    assert [kind for kind, _ in events].count("message_start") == 1
+    assert events[0][1]["message"]["id"].startswith("msg_") and events[0][1]["message"]["model"] == MODEL
+    assert events[0][1]["message"]["usage"] == {"input_tokens": 0, "output_tokens": 0}
+    message = None
+    for _, payload in events:
+        EVENT.validate_python(payload)
+        message = accumulate_event(event=payload, current_snapshot=message, json_bufs={})
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens, message.usage.output_tokens) == (8, 32, 18)
+    assert [block.type for block in message.content] == ["thinking", "text", "tool_use", "tool_use"]
+
+
+def test_a_native_stream_pings_only_after_message_start_and_until_its_end():
+    """A native stream's keepalive is a ping once message_start went by (before it, the id is the upstream's to name
+    and the SDK takes no event), none once the stream ended or failed."""
+    observer = MessagesStreamObserver()
+    assert observer.keepalive > 0 and observer.idle() is None
+    observer.feed(b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","usage":'
+                  b'{"input_tokens":3,"output_tokens":0}}}\n\n')
+    assert observer.idle() == PING
+    observer.feed(b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"busy"}}\n\n')
+    assert observer.idle() is None

@@ -788,3 +788,71 @@ def test_a_relay_whose_observer_reads_on_after_its_client_left_closes_its_upstre
     assert observer.over == 0
     h.relay.connectionLost(Failure(ResponseDone()))
     assert observer.over == 1 and h.clock.getDelayedCalls() == []
+
+
+MESSAGE_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+                 b'"role":"assistant","model":"m","content":[],"usage":{"input_tokens":3,"output_tokens":0}}}\n\n')
+BLOCK_START = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+               b'"content_block":{"type":"text","text":""}}\n\n')
+
+
+def test_a_messages_stream_pings_while_its_upstream_is_silent_and_its_idle_timeout_still_fires():
+    """A translated Messages stream whose upstream is silent (a long prefill) starts the message and pings after
+    its keepalive, then pings each keepalive of silence after, counted from the upstream's last bytes; the pings
+    are no upstream bytes: the idle timeout still ends the stream, and none is sent after."""
+    from gomodel.anthropic.translate import PING, ChatToMessagesStream
+    h = Harness(timers=True, idle_timeout=25, observer=ChatToMessagesStream("m"))
+    keepalive = h.relay.observer.keepalive
+    h.clock.advance(keepalive - 0.1)
+    assert h.written() == b""
+    h.clock.advance(0.1)
+    first = h.written()
+    assert first.count(b"event: message_start") == 1 and first.endswith(PING)
+    h.clock.advance(keepalive)
+    assert h.written() == first + PING
+    h.relay.dataReceived(ROLE + CHUNK)  # (t = 2 keepalives: the upstream's first bytes)
+    assert h.written().count(b"event: message_start") == 1
+    relayed = h.written()
+    h.clock.advance(keepalive - 0.1)
+    assert h.written() == relayed
+    h.clock.advance(0.1)
+    assert h.written() == relayed + PING
+    h.clock.advance(25 - keepalive)  # 25 s after the upstream's last bytes, pings or not
+    failures = []
+    h.relay.finished.addErrback(failures.append)
+    assert failures[0].check(UpstreamIdle)
+    ended = h.written()
+    h.clock.advance(3 * keepalive)
+    assert h.written() == ended and h.timers._pending == {}
+
+
+def test_a_native_messages_stream_pings_between_whole_events_only_after_message_start():
+    """A native stream is relayed as it came, a ping only between two whole events, none before message_start,
+    none while the client holds the stream paused, none once the client left."""
+    from gomodel.anthropic.translate import PING, MessagesStreamObserver
+    h = Harness(idle_timeout=0, observer=MessagesStreamObserver())
+    keepalive = h.relay.observer.keepalive
+
+    def body():
+        return h.written().partition(b"\r\n\r\n")[2]
+    h.clock.advance(keepalive * 2)
+    assert body() == b""  # (before message_start: nothing of ours)
+    h.relay.dataReceived(MESSAGE_START + BLOCK_START[:30])
+    h.clock.advance(keepalive)
+    assert body() == MESSAGE_START + PING
+    h.relay.dataReceived(BLOCK_START[30:])
+    assert body() == MESSAGE_START + PING + BLOCK_START
+    h.relay.pauseProducing()
+    h.clock.advance(keepalive * 2)
+    assert body() == MESSAGE_START + PING + BLOCK_START
+    h.relay.resumeProducing()
+    h.relay.stopProducing()  # the client left
+    h.relay.finished.addErrback(lambda _: None)
+    h.clock.advance(keepalive * 2)
+    assert body() == MESSAGE_START + PING + BLOCK_START
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_chat_stream_has_no_keepalive_timer():
+    h = Harness(observer=ChatStreamObserver(strip_usage=True))
+    assert h.clock.getDelayedCalls() == []

@@ -1194,6 +1194,10 @@ def _event(kind: str, payload: dict) -> bytes:
 # What Anthropic's streams send right after message_start (the anthropic SDKs skip it); so do the gateway's own.
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 
+# Seconds of upstream silence after which a Messages stream sends a C{ping}, as Anthropic's do while a stream is
+# idle (a long prefill): a proxy or client with a read timeout (nginx's 60 s) keeps the stream.
+KEEPALIVE = 10.0
+
 
 class _ToolCall:
     """One streamed chat tool call, as it becomes a C{tool_use} block."""
@@ -1250,10 +1254,16 @@ class ChatToMessagesStream:
     call at its C{index} (Ollama and Grok stream every call of a turn at
     index 0): later fragments at that index go on with it.
 
+    While the upstream is silent (a long prefill), L{idle} gives the relay what keeps the stream alive every
+    L{KEEPALIVE} seconds (L{gomodel.proxy.relay.StreamRelay}): a C{ping}, and before the first chunk
+    C{message_start} first (its id the gateway's, its input tokens 0 until C{message_delta} says them).
+
     @ivar done: C{[DONE]} or an error chunk arrived.
     @ivar error: the upstream's in-band error, if any.
     @ivar events: upstream chunks with content (about one token each), for an estimate.
     """
+
+    keepalive = KEEPALIVE
 
     def __init__(self, model, message_id: str | None = None, hide=None, omit_thinking: bool = False):
         """
@@ -1312,6 +1322,17 @@ class ChatToMessagesStream:
             for choice in chunk.get("choices") or []:
                 if isinstance(choice, dict) and choice.get("index", 0) == 0:
                     self._choice(choice, out)
+        return b"".join(out)
+
+    def idle(self) -> bytes | None:
+        """What to send while the upstream is silent: a C{ping}, after C{message_start} where none went yet
+        (a client's SDK takes no event before it); None once the stream is over."""
+        if self.done:
+            return None
+        if self._started:
+            return PING
+        out = []
+        self._start({}, out)
         return b"".join(out)
 
     def finish(self):
@@ -1496,9 +1517,16 @@ class MessagesStreamObserver:
     the stream ends there (its C{message_stop} is not relayed). With C{omit_thinking}, a C{thinking_delta} is
     left out (L{omits_thinking}: vLLM streams the thinking text whatever the request's C{thinking.display}).
 
+    While the upstream is silent after C{message_start}, L{idle} gives the relay a C{ping} every L{KEEPALIVE}
+    seconds (between two whole events: C{feed} returns whole events only); none before it, whose id is the
+    upstream's to name (a client's SDK takes no event before C{message_start}).
+
     @ivar error: the C{error} event's C{error} object, if one came.
     @ivar events: C{content_block_delta} events seen (about one token each, those left out too), for an estimate.
     """
+
+    keepalive = KEEPALIVE
+    _started = False  # message_start went by
 
     def __init__(self, hide=None, omit_thinking: bool = False):
         """
@@ -1557,6 +1585,7 @@ class MessagesStreamObserver:
             return None
         kind = payload.get("type")
         if kind == "message_start":
+            self._started = True
             message = payload.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
             self._merge(usage)
@@ -1587,6 +1616,11 @@ class MessagesStreamObserver:
         merged.update({k: v for k, v in usage.items() if v is not None})
         self._usage = merged
         return True
+
+    def idle(self) -> bytes | None:
+        """What to send while the upstream is silent: a C{ping} once C{message_start} went by, until the stream
+        is over; else None."""
+        return PING if self._started and not self.done else None
 
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""

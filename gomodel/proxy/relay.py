@@ -93,6 +93,7 @@ class StreamRelay(Protocol):
     _stall_call = None
     _max_call = None
     _end_call = None  # once the stream's end went out: when the upstream's body must have ended
+    _ping_call = None  # an observer with a keepalive: when to look at the upstream's silence (L{_keepalive_check})
     _reading_on = False  # its client left, and its observer reads on (L{_client_left})
 
     def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
@@ -125,6 +126,9 @@ class StreamRelay(Protocol):
     def connectionMade(self):
         self._heard = self._clock.seconds()
         self._arm_idle(self._idle_timeout)
+        keepalive = getattr(self.observer, "keepalive", None)
+        if keepalive:
+            self._ping_call = self._timers.callLater(keepalive, self._keepalive_check)
 
     def dataReceived(self, data):
         """Relay what one upstream read brought (the HTTP client's one delivery of it), and hand it to the kernel."""
@@ -330,6 +334,28 @@ class StreamRelay(Protocol):
         if self._idle_timeout and not self.paused:
             self._idle_call = self._timers.callLater(seconds, self._idle_check)
 
+    def _keepalive_check(self):
+        """An observer with a C{keepalive} (seconds) and an C{idle()} (the bytes to send while the upstream is
+        silent: Anthropic's C{ping}, or None): once the upstream was silent that long, write them, and again each
+        C{keepalive} of silence after, until the stream is over, its client gone or paused (its backpressure).
+        What the observer relays is whole events, so they go between two. They are no upstream bytes: the idle
+        timeout still counts the upstream's silence."""
+        self._ping_call = None
+        if self.finished.called or self.client_gone:
+            return
+        observer = self.observer
+        keepalive = observer.keepalive
+        silent = self._clock.seconds() - self._heard
+        if silent >= keepalive:
+            out = None if self.paused or observer.done else observer.idle()
+            if out:
+                if not self.wrote:
+                    self._wrote_first()
+                self._request.write(out)
+                send_now(self._request.transport)
+            silent = 0.0
+        self._ping_call = self._timers.callLater(keepalive - silent, self._keepalive_check)
+
     def _idle_check(self):
         self._idle_call = None
         silent = self._clock.seconds() - self._heard
@@ -356,3 +382,7 @@ class StreamRelay(Protocol):
         if end is not None:  # (still pending: L{_lingered} forgets it as it fires)
             self._end_call = None
             end.cancel()
+        ping = self._ping_call
+        if ping is not None:  # (still pending: L{_keepalive_check} forgets it as it fires)
+            self._ping_call = None
+            ping.cancel()
