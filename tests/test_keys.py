@@ -476,6 +476,21 @@ async def test_a_rotated_key_keeps_its_id_and_what_it_made_under_a_new_secret(re
         await other.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_deactivated_keys_secret_is_not_rotated(http, gw):
+    """Rotating a deactivated key is a 409 C{key_deactivated} in the OpenAI envelope, the key untouched (before,
+    a new secret was made and shown, which the gateway refused all the same)."""
+    key = await new_key(http, gw)
+    code, _ = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/deactivate")
+    assert code == 200
+    code, error = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/rotate")
+    assert code == 409, error
+    assert error["error"]["code"] == "key_deactivated" and error["error"]["type"] == "invalid_request_error"
+    assert "deactivated" in error["error"]["message"] and "value" not in error
+    code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert got["redacted_value"] == key["redacted_value"]
+
+
 @pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_keys_requests_in_flight_end_as_they_began_whatever_befalls_the_key(reactor, http, gw, two):

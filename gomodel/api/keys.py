@@ -15,7 +15,7 @@ from klein import Klein
 
 from gomodel.auth.keys import hash_secret, new_secret, redact
 from gomodel.batches.validation import check_metadata
-from gomodel.errors import InvalidRequest, NotFound, quoted, shown
+from gomodel.errors import Conflict, InvalidRequest, NotFound, quoted, shown
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
@@ -110,9 +110,11 @@ class KeysAPI:
     async def rotate(self, request, key_id):
         """Give the key a new secret (its C{value}, shown this once), the key kept as it is (its id, what it made,
         its limits, budgets and usage): the old secret is refused at once here, on every process within about a
-        second (the key ring's refresh)."""
+        second (the key ring's refresh). 409 C{key_deactivated} for a deactivated key (its new secret would be
+        refused too), the key untouched."""
         secret = new_secret()
-        record = await self._store.update(key_id, {"hash": hash_secret(secret), "redacted": redact(secret)})
+        # (read and written in one transaction: a deactivation meanwhile is seen)
+        record = await self._store.edit(key_id, _rotating(key_id, secret))
         if record is None:
             raise _unknown(key_id)
         self._ring.merge([record])
@@ -216,6 +218,19 @@ def _resetting(key_id, period, at):
         budgets = [dict(item, reset_at=at) if period in (None, item["period"]) else item for item in items]
         return {"budgets": budgets, "budget_resets": dict(record.get("budget_resets") or {}, **{
             item["period"]: at for item in budgets if period in (None, item["period"])})}
+    return change
+
+
+def _rotating(key_id, secret):
+    """The change (for C{IKeyStore.edit}) that gives the key C{secret}.
+
+    @raise Conflict: C{key_deactivated}, the key being deactivated.
+    """
+    def change(record):
+        if record["deactivated_at"] is not None:
+            raise Conflict(f"The key {key_id} is deactivated: a new secret would be refused too. Make a new key "
+                           "instead.", code="key_deactivated")
+        return {"hash": hash_secret(secret), "redacted": redact(secret)}
     return change
 
 

@@ -92,12 +92,15 @@ export function mount(el) {
           " spent in each budget's period counts from now, on every process within about a second."));
       }));
     }
-    // (a key deactivated meanwhile, elsewhere, is rotated all the same: its new secret, refused too, is not shown)
+    // (a key deactivated meanwhile, elsewhere, is refused a new secret: 409 key_deactivated; the list is read again)
     shown.push(twice("Rotate secret", "ghost", "Confirm rotate", async () => {
-      const rotated = await admin(`auth-keys/${encodeURIComponent(k.id)}/rotate`, {method: "POST"});
-      if (!rotated.enabled) {
+      let rotated;
+      try {
+        rotated = await admin(`auth-keys/${encodeURIComponent(k.id)}/rotate`, {method: "POST"});
+      } catch (error) {
+        if (error.code !== "key_deactivated") throw error;
         showError(messages, `The key ${k.name} was deactivated meanwhile: a new secret would be refused too, `
-          + "so none is shown. Make a new key instead.");
+          + "so none was made. Make a new key instead.");
         return;
       }
       showSecret(rotated, "given a new secret (the old one is refused on every process within about a second)"
