@@ -1034,6 +1034,37 @@ async def test_a_key_deactivated_elsewhere_while_the_page_is_open_is_not_given_a
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failed_read_of_the_keys_is_no_longer_shown_once_they_are_read(env):
+    """The keys page's error for a read of the list that failed (the gateway gone a moment) goes once a later read
+    answers (before, it stayed over the list read since, until another page was opened)."""
+    b = env.browser
+    key = await _made_key(env, name="read again")
+    fail = ("window.__fetch = window.__fetch || window.fetch; window.fetch = (url, options) => "
+            "String(url).endsWith('/auth-keys') ? Promise.reject(new TypeError('Failed to fetch')) "
+            ": window.__fetch(url, options)")
+
+    def page():
+        row = f".row-actions[data-key-id='{key['id']}']"
+        b.sign_in()
+        b.go("keys")
+        b.driver.refresh()
+        b.wait(lambda d: b.all(f"{row} button"), "the key's buttons")
+        b.js(fail)
+        b.one(row).find_element("xpath", ".//button[text()='Edit']").click()
+        b.click("#key-submit")
+        b.wait_text("#keys-messages", lambda t: "did not answer" in t, "the list's error")
+        b.js("window.fetch = window.__fetch")
+        b.one(row).find_element("xpath", ".//button[text()='Rotate secret']").click()
+        b.one(row).find_element("xpath", ".//button[text()='Confirm rotate']").click()
+        b.wait(lambda d: b.all("#key-secret-value"), "the new secret")
+        b.wait(lambda d: b.text_of("#keys-messages") == "", "the list's error gone")
+        b.one("#key-secret .secret-box").find_element("xpath", ".//button[text()='Done']").click()
+        b.assert_clean()
+
+    await in_thread(page)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_new_secret_stays_until_done_while_another_key_is_made(env):
     """A new key's secret, shown once, stays on the page while the operator opens New key or Edit for another (before,
     either wiped it: a secret not yet copied was lost for good); Done takes it away."""
@@ -2419,6 +2450,11 @@ async def test_with_budgets_off_a_keys_budgets_are_said_not_to_be_enforced(react
             budget = browser.wait_text("tr.key-row .budget", lambda t: "daily" in t, "the key's budget")
             assert budget == "daily: 1,000 tokens · not enforced (BUDGETS_ENABLED=false)"
             assert not browser.all("tr.key-row .budget progress")
+            # a reset is said to count once budgets are on (before, "counts from now", as if enforced)
+            browser.one("tr.key-row").find_element("xpath", ".//button[text()='Reset budgets']").click()
+            browser.one("tr.key-row").find_element("xpath", ".//button[text()='Confirm reset']").click()
+            said = browser.wait_text("#keys-messages", lambda t: "reset" in t, "the reset")
+            assert "not enforced (BUDGETS_ENABLED=false)" in said and "counts from now" not in said, said
             browser.assert_clean()
 
         await in_thread(keys)

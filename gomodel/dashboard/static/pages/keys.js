@@ -19,17 +19,20 @@ export function mount(el) {
   replace(el, h("div", {class: "page-head"}, h("h1", {text: "Keys"}), create), messages, secretBox, formBox, list);
 
   // Read the list and draw it; `focus` ({id, text}: a key's button, after an action on it) is where a focus the
-  // redraw took away goes back to.
+  // redraw took away goes back to. A read that failed says so until one answers.
+  let loadError = null;
   async function load(focus) {
     try {
       const answer = await admin("auth-keys");
       if (stopped) return;
+      if (loadError) loadError.remove();
+      loadError = null;
       replace(list, answer.data.length ? keysTable(answer.data)
         : note("empty", "No managed keys yet. Create one for each team or app with New key: it gets its own ",
           "limits, budgets and models, and its secret is shown once."));
       if (focus) refocus(focus);
     } catch (error) {
-      if (!stopped) replace(messages, errorNote(error));
+      if (!stopped) replace(messages, loadError = errorNote(error));
     }
   }
 
@@ -88,8 +91,13 @@ export function mount(el) {
     if ((k.budgets || []).length) {
       shown.push(twice("Reset budgets", "ghost", "Confirm reset", async () => {
         await admin(`auth-keys/${encodeURIComponent(k.id)}/budgets/reset`, {method: "POST"});
-        replace(messages, note("ok", "Budgets reset: what ", h("strong", {text: k.name}),
-          " spent in each budget's period counts from now, on every process within about a second."));
+        // (no spend read: the gateway's budgets are off, BUDGETS_ENABLED=false, and nothing is enforced)
+        replace(messages, k.budgets.every((b) => b.spent_tokens === undefined)
+          ? note("ok", "Budgets of ", h("strong", {text: k.name}), " reset. They are not enforced ",
+            "(BUDGETS_ENABLED=false): once they are, what it spent in each budget's current period counts from ",
+            "this reset.")
+          : note("ok", "Budgets reset: what ", h("strong", {text: k.name}),
+            " spent in each budget's period counts from now, on every process within about a second."));
       }));
     }
     // (a key deactivated meanwhile, elsewhere, is refused a new secret: 409 key_deactivated; the list is read again)
