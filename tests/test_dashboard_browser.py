@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -610,6 +611,11 @@ async def test_providers_page_shows_a_replica_going_down(env):
         queue = await in_thread(b.wait, lambda d: b.texts(queues)[1].startswith("7 waiting · 5 running · last report ")
                                 and b.texts(queues)[1], "replica 1's queue, said to be old")
         assert queue.endswith(" UTC") and "last report" not in (await in_thread(b.texts, queues))[0]
+        # its error with its failures in a row, "1 failure" but "2 failures" (before, "1 failures")
+        errors = "tr.replica td[data-label='Last error']"
+        said = await in_thread(b.wait, lambda d: b.texts(errors)[1] != "–" and b.texts(errors)[1], "replica 1's error")
+        count, word = re.search(r"\((\d+) (failures?)\)$", said).groups()
+        assert word == ("failure" if count == "1" else "failures"), said
         await in_thread(b.shot, "providers.png")
     finally:
         env.fleet[1].metrics = {}
@@ -2252,6 +2258,22 @@ async def test_dates_picked_but_not_applied_leave_every_view_on_the_window_shown
             b.click("#usage-days ~ .dates button")
             b.wait(lambda d: sorted(b.texts("#log-table .request-id")) == ["this-week", "weeks-ago"], "both records")
             b.wait(lambda d: b.texts("#usage-table td[data-label='Requests']") == ["2"], "both in the table")
+            # reversed dates, or none (the API's default 30 days), are refused: the window and its figures stay,
+            # said to be (before, an error over the last window's totals, or 30 days without a word)
+            applied = b.wait_text("#usage-range", lambda t: t.startswith((today - timedelta(days=25)).isoformat()),
+                                  "the dates' range")
+            for field, value in (("#usage-start", today), ("#usage-end", today - timedelta(days=1))):
+                b.js("arguments[0].value = arguments[1]", b.one(field), value.isoformat())
+            b.click("#usage-days ~ .dates button")
+            said = b.wait_text("#usage-messages", lambda t: "not applied" in t, "the dates refused")
+            assert "the start date is after the end date" in said and applied in said, said
+            for field in ("#usage-start", "#usage-end"):
+                b.js("arguments[0].value = ''", b.one(field))
+            b.click("#usage-days ~ .dates button")
+            said = b.wait_text("#usage-messages", lambda t: "pick a start date" in t, "no dates refused")
+            assert len(b.all("#usage-messages .note-error")) == 1 and applied in said, said
+            assert b.text_of("#usage-range") == applied
+            assert b.texts("#usage-table td[data-label='Requests']") == ["2"]
             b.assert_clean()
 
         await in_thread(page)

@@ -106,6 +106,11 @@ export function int(value) {
   return value === null || value === undefined ? "–" : integer.format(value);
 }
 
+// `n` `word`s, as a count reads: "1 failure", "2 failures" (the plural by an s).
+export function counted(n, word) {
+  return `${int(n)} ${word}${n === 1 ? "" : "s"}`;
+}
+
 export function ms(value) {
   if (value === null || value === undefined) return "–";
   return value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${Math.round(value)} ms`;

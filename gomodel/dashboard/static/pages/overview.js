@@ -2,7 +2,7 @@
 
 import {admin} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
-import {compact, errorNote, h, int, msPair, note, replace, WAITING} from "../dom.js";
+import {compact, counted, errorNote, h, int, msPair, note, replace, WAITING} from "../dom.js";
 import {providerHint} from "./providers.js";
 
 export const title = "Overview";
@@ -115,7 +115,7 @@ export function mount(el) {
       const replicas = fleet.providers.flatMap((p) => p.replicas);
       const ready = fleet.providers.reduce((n, p) => n + p.ready_replicas, 0);
       fleetCard = card("Replicas ready", `${ready} / ${replicas.length}`, "replicas",
-        `${fleet.providers.length} provider${fleet.providers.length === 1 ? "" : "s"}`,
+        counted(fleet.providers.length, "provider"),
         replicas.length && ready < replicas.length ? "bad" : null);
     }
     replace(cards, usageCards, fleetCard);

@@ -1,7 +1,8 @@
 // Providers: every provider and replica, its state and load, its models; refresh the models now.
 
 import {admin} from "../api.js";
-import {badge, button, errorNote, h, int, meter, note, percent, replace, table, WAITING, when} from "../dom.js";
+import {badge, button, counted, errorNote, h, int, meter, note, percent, replace, table, WAITING, when}
+  from "../dom.js";
 
 export const title = "Providers";
 export const REFRESH_MS = 3000;
@@ -124,13 +125,13 @@ function provider(p, modelsOpen) {
         : old(r, meter(r.kv_cache_usage, 1, percent(r.kv_cache_usage)))},
       {title: "Served", cell: (r) => int(r.served)},
       {title: "Models", cell: (r) => r.models === null ? "–" : String(r.models.length)},
-      {title: "Last error", cell: (r) => r.last_error
-        ? h("span", {class: "error-text", text: `${r.last_error} (${r.consecutive_failures} failures)`}) : "–"},
+      {title: "Last error", cell: (r) => r.last_error ? h("span", {class: "error-text",
+        text: `${r.last_error} (${counted(r.consecutive_failures, "failure")})`}) : "–"},
       {title: "Since", cell: (r) => r.last_state_change ? when(r.last_state_change) : "–"},
     ], p.replicas, {rowClass: (r) => `replica replica-${r.state}`}),
     h("details", {class: "models", open: modelsOpen.get(p.name) ?? p.models.length <= 8,
       ontoggle: (event) => modelsOpen.set(p.name, event.target.open)},
-      h("summary", {text: `${p.models.length} model${p.models.length === 1 ? "" : "s"}`}),
+      h("summary", {text: counted(p.models.length, "model")}),
       p.models.length ? h("ul", {class: "model-list"}, p.models.map((m) => h("li", {}, h("code", {text: m}))))
         : h("p", {class: "muted", text: "No models discovered yet: is the server up? Refresh models to re-read them."})));
 }
