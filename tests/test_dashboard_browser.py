@@ -1839,6 +1839,22 @@ async def test_compact_numbers_round_up_into_the_next_unit(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_count_is_plural_only_where_it_is(env):
+    """A replica's failures in a row (dom.js counted()): "1 failure", "2 failures" (before, "(1 failures)")."""
+    b = env.browser
+    expected = {"0": "0 failures", "1": "1 failure", "2": "2 failures", "1000": "1,000 failures"}
+
+    def shown():
+        b.go("overview")
+        return b.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "import('/admin/static/dom.js').then((dom) => done(Object.fromEntries("
+            "arguments[0].map((n) => [n, dom.counted(Number(n), 'failure')]))))", list(expected))
+
+    assert await in_thread(shown) == expected
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_long_name_cut_on_a_bar_chart_keeps_its_characters_whole(env):
     """A name past 28 characters on the usage chart (charts.js) keeps its end whole, an emoji (two UTF-16 units)
     included (before, its cut could fall inside one, drawn as a broken character)."""

@@ -29,7 +29,8 @@ export function mount(el) {
   };
   const keyNames = new Map();
   const messages = h("div", {class: "messages", id: "usage-messages"});
-  // Each part's error (keys, totals, groups, log, csv), shown until that part is asked for again and answers.
+  // Each part's error (keys, totals, groups, log, csv, window: dates refused), shown until that part is asked for
+  // again and answers.
   const failures = {};
   const failed = (part, error) => {
     if (failures[part]) failures[part].remove();
@@ -54,6 +55,15 @@ export function mount(el) {
   const end = h("input", {type: "date", id: "usage-end", value: state.end, "aria-label": "End date"});
   const dates = h("span", {class: "dates", hidden: state.days !== "custom"}, start, " – ", end,
     button("Apply", () => {
+      // (refused here, the window left as it is: the API reads no dates as its default 30 days)
+      const problem = !start.value && !end.value ? "pick a start date, an end date or both."
+        : start.value && end.value && start.value > end.value ? "the start date is after the end date." : null;
+      if (problem) {
+        failed("window", `Dates not applied: ${problem} The figures below are still of `
+          + `${range.textContent || "the window before"}.`);
+        return;
+      }
+      answered("window");
       state.days = "custom";
       state.start = start.value;
       state.end = end.value;
