@@ -142,6 +142,16 @@ async def test_budgets_refuse_costs_past_a_float_and_unknown_fields(reactor, htt
             400, "'y' is not a field of a budget.", "invalid_value")
         code, error = await admin(http, gw, "DELETE", "/admin/api/v1/budgets", {"user_path": "/team", "x": 1})
         assert (code, error["error"]["param"]) == (400, "x")  # a DELETE's body as a PUT's
+        # a reset's or the settings' unknown field named as theirs (before, "not a field of a budget" for each)
+        for path, body, said in (
+                ("budgets/reset", {"user_path": "/team", "confirmation": "reset"}, "a reset of every budget"),
+                ("budgets/reset-one", {"user_path": "/team", "period": "daily", "x": 1}, "a budget reset"),
+                ("budgets/settings", {"x": 1}, "the budget settings")):
+            code, error = await admin(http, gw, "POST" if "reset" in path else "PUT",
+                                      f"/admin/api/v1/{path}", body)
+            field = "user_path" if path == "budgets/reset" else "x"
+            assert (code, error["error"]["message"], error["error"]["param"]) == (
+                400, f"'{field}' is not a field of {said}.", field), (path, error)
         code, listed = await admin(http, gw, "GET", "/admin/api/v1/budgets")
         assert (code, listed["data"]) == (200, [])
     finally:

@@ -111,7 +111,7 @@ class BudgetsAPI:
     async def reset_one(self, request):
         """GoModel's reset of one budget (C{{user_path, period}}): what it spent this period counts from now."""
         body = json_body(request)
-        _known(body, {"user_path", "period", "period_seconds"})
+        _known(body, {"user_path", "period", "period_seconds"}, "a budget reset")
         path, period = _target(body.get("user_path"), _period(body))
         rows, _ = await self._rows()
         if not any(p == path and budget.period == period for p, budget, _ in rows):
@@ -126,7 +126,7 @@ class BudgetsAPI:
         @raise InvalidRequest: no such confirmation (nothing is reset), or another field.
         """
         body = json_body(request) if request.content.seek(0, 2) else {}
-        _known(body, {"confirmation", "confirm"})
+        _known(body, {"confirmation", "confirm"}, "a reset of every budget")
         confirmation = body.get("confirmation")
         if not (isinstance(confirmation, str) and confirmation.strip()):  # (GoModel's: then its confirm)
             confirmation = body.get("confirm")
@@ -153,7 +153,7 @@ class BudgetsAPI:
     def put_settings(self, request):
         """GoModel's settings update: the anchors as they are are taken; another is refused, naming it."""
         body = json_body(request)
-        _known(body, set(SETTINGS))
+        _known(body, set(SETTINGS), "the budget settings")
         for name, value in body.items():
             if value is not None and value != SETTINGS[name]:
                 raise InvalidRequest(f"Budget periods are the UTC calendar's here: {name} is {SETTINGS[name]} (daily "
@@ -224,12 +224,12 @@ class BudgetsAPI:
         return json_answer(request, await self._answer({"user_path": path, "period": period, "deleted": True}))
 
 
-def _known(body, fields):
-    """Refuse a body with a field not in C{fields}, as the keys API does."""
+def _known(body, fields, of="a budget"):
+    """Refuse a body with a field not in C{fields}, as the keys API does, saying what it is not a field C{of}."""
     unknown = set(body) - fields
     if unknown:
         field = shown(sorted(unknown)[0])
-        raise InvalidRequest(f"'{field}' is not a field of a budget.", param=field, code="invalid_value")
+        raise InvalidRequest(f"'{field}' is not a field of {of}.", param=field, code="invalid_value")
 
 
 def _period(body):
