@@ -10,6 +10,7 @@ the test polls in bounded steps of L{deferLater}.
 
 import io
 import json
+import random
 import time
 
 import pytest_twisted
@@ -27,7 +28,7 @@ from gomodel.errors import ReplicasBusy, UpstreamUnreachable
 from gomodel.routing import health
 from gomodel.routing.affinity import PREFIX_CHARS, affinity_key
 from gomodel.routing.pool import (DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, STALLED, Replica,
-                                  ReplicaPool)
+                                  ReplicaPool, _in_flight, _waits, clearly_slower)
 from gomodel.routing.vllm_metrics import LoadSample
 from gomodel.upstream.errors import upstream_error
 from tests import rawclient
@@ -922,6 +923,148 @@ async def test_a_responses_session_sticks_to_its_replica(cluster, http):
                                  path="/v1/responses")
         spread.add(served_by(response))
     assert len(spread) >= 2
+
+
+class _ReferencePool(ReplicaPool):
+    """L{ReplicaPool} choosing as it did before its load choice scanned the replicas' paces once a request:
+    L{_paces_alike} looked at them all again, then the load path looked at the free ones."""
+
+    def _paces_alike(self):
+        self._learned(None)
+        return self._alike
+
+    def _choose(self, free, affinity, size=None):
+        """The replica to use among C{free} (all ready, all with room), or None.
+
+        @param size: L{take}'s. With the C{load} strategy, a request that asks for more output than
+            the pool's requests do on average goes to a clearly slower replica only when no faster one
+            is free (it queues on a faster one instead).
+        """
+        if not free:
+            return None
+        if len(free) == 1:
+            return free[0]
+        if self._drawn:
+            if self._strategy == "round_robin":
+                if not self._unweighted:
+                    return self._weighted_turn(free)
+                replica = free[self._next % len(free)]
+                self._next += 1
+                return replica
+            return self._rng.choices(free, weights=[r.weight for r in free])[0]
+        # With the load strategy, where none would queue it (no batch size learned), none reports its load
+        # and none is clearly slower (their paces' envelope alike, else looked at again), each is scored
+        # by its own count per unit of weight, as least_requests scores them (L{_by_count}: so as things stand).
+        if self._by_count or self._strategy == "least_requests" or (not self._batch and not self._reported
+                                                                    and (self._alike or self._paces_alike())):
+            scores = list(map(_in_flight, free)) if self._unweighted else [r.in_flight / r.weight for r in free]
+            if affinity is None:  # (L{_lowest} without a session, inline: most requests)
+                best = min(scores)
+                ties = scores.count(best)
+                if ties == 1:
+                    return free[scores.index(best)]
+                if ties == len(free):  # (L{_turn} of an idle pool, all tied, inline)
+                    replica = free[self._next % ties]
+                    self._next += 1
+                    return replica
+                return self._turn(free, scores, best, ties)
+            return self._lowest(free, scores, affinity)
+        now = self._clock.seconds()
+        max_age = self._load_max_age
+        batch = self._batch
+        # A request that would wait in a replica's queue goes where it would start at once, if
+        # any replica has room in its batch: the wait in vLLM's queue is the tail of first tokens.
+        # Those are scored by their load per unit of weight. One pass over the candidates (each step
+        # a call less: this runs for every request) scores them, finds the lowest score and how many
+        # share it, and the fastest and slowest learned paces.
+        scores, queued = {}, {}  # queued: what each replica that would queue it holds
+        best = lowest = fastest = slowest = None
+        ties = 0
+        for r in free:
+            if r.load is None:  # no load report: L{Replica.standing} is its own count
+                busy = r.in_flight
+                slots = r._slots or batch
+                queues = slots and busy >= slots
+            else:
+                busy, queues = r.standing(now, max_age, batch)
+            if queues:
+                queued[r] = busy
+            else:
+                score = scores[r] = busy / r.weight
+                if best is None or score < best:
+                    best, lowest, ties = score, r, 1
+                elif score == best:
+                    ties += 1
+            if r.timed == PACE_SAMPLES:  # (L{Replica.paced})
+                pace = r.pace
+                if fastest is None or pace < fastest:
+                    fastest = pace
+                if slowest is None or pace > slowest:
+                    slowest = pace
+        if fastest is not None and clearly_slower(slowest, fastest):
+            return self._choose_paced(free, scores, queued, batch, self._slower(free, fastest), now,
+                                      affinity, size)
+        if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
+            return self._lowest(free, _waits(free, queued, batch, {}), None)
+        if ties == 1 and affinity is None:
+            return lowest
+        return self._pick(list(scores), list(scores.values()), affinity, best, ties, lowest)
+
+
+def _randomized_pools(seed):
+    """Two pools alike (L{ReplicaPool}, L{_ReferencePool}) in a random state of paces, loads, weights and pins."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 5)
+    weights = [1.0] * n if rng.random() < 0.5 else [rng.choice((0.5, 1.0, 2.0)) for _ in range(n)]
+    strategy = rng.choice(("load", "load", "load", "least_requests"))
+    paces = [rng.choice((None, 0.02, 0.1, 0.12, 0.2, 0.4, 1.0)) for _ in range(n)]
+    slots = [rng.choice((None, None, None, 2, 4)) for _ in range(n)]
+    loads = [rng.choice((None, None, None, LoadSample(waiting=rng.choice((0, 2)), running=rng.randint(0, 4),
+                                                      kv_cache_usage=rng.choice((None, 0.5, 0.99)))))
+             for _ in range(n)]
+    stale = rng.choice((None, None, 0.01, 0.5, 2.0))  # a pace since gone, still in the envelope
+    pools = []
+    for cls in (ReplicaPool, _ReferencePool):
+        clock = Clock()
+        clock.advance(1000)
+        replicas = [Replica(i, _Server(), f"http://r{i}/v1", clock, weight=weights[i]) for i in range(n)]
+        for i, r in enumerate(replicas):
+            r.models, r.state = None, READY
+            if paces[i] is not None:
+                r.pace, r.timed, r.timed_at = paces[i], PACE_SAMPLES, 1000 - 40 * (i % 2)
+            r._slots = slots[i]
+            if loads[i] is not None:
+                r.load, r.load_at = loads[i], 1000 - 10 * (i % 2)
+        pool = cls("vllm", "vllm", replicas, clock, strategy=strategy)
+        if stale is not None:
+            pool._widen(stale)
+        pools.append(pool)
+    return rng, pools
+
+
+def test_the_load_choice_picks_the_replica_it_picked_when_it_looked_at_the_paces_twice():
+    """Over many random states of a pool (paces alike or not, a stale envelope of them, loads, batch sizes,
+    weights, sessions, sizes), the pool chooses what the reference (its earlier two looks at the paces) did,
+    request after request, with the same turns and the same clearly slower replicas marked."""
+    for seed in range(400):
+        rng, (pool, reference) = _randomized_pools(seed)
+        for step in range(12):
+            indices = sorted(rng.sample(range(len(pool.replicas)), rng.randint(1, len(pool.replicas))))
+            affinity = rng.choice((None, None, "s1", "s2"))
+            size = rng.choice((None, 16, 4096))
+            chosen = []
+            for p in (pool, reference):
+                replica = p._choose([p.replicas[i] for i in indices], affinity,
+                                    None if size is None else (lambda: size))
+                chosen.append((replica.index, p._next, [r.rare for r in p.replicas]))
+                p._lease(replica, affinity)
+            assert chosen[0] == chosen[1], (seed, step)
+            if step % 3 == 2:  # one request ends on each, the same one
+                busy = [r.index for r in pool.replicas if r.in_flight]
+                if busy:
+                    i = busy[step % len(busy)]
+                    for p in (pool, reference):
+                        p.replicas[i].in_flight -= 1
 
 
 # -- 5. admission --------------------------------------------------------------------------

@@ -517,7 +517,7 @@ class ReplicaPool:
         self._resting = False  # a replica may still be waiting out its Retry-After (L{_awake})
         # What its load choice needs of its replicas, kept as they learn it (L{_learned}): the largest batch
         # size learned (0: none), whether any reports its load, and the lowest and highest learned pace
-        # (an envelope: L{release} only widens it, L{_paces_alike} makes it tight) with whether those are
+        # (an envelope: L{release} only widens it, L{_choose} makes it tight) with whether those are
         # alike (none clearly slower).
         self._batch, self._reported, self._pace_low, self._pace_high, self._alike = 0, False, inf, -inf, True
         # whether L{_choose} scores by count alone as things stand (least_requests, or none of the above stands in
@@ -763,8 +763,8 @@ class ReplicaPool:
         what L{_choose} needs of them all, the envelope of their paces made tight."""
         # the largest batch size learned (L{Replica.slots}), or 0: one a replica that has not shown its own is taken
         # to run; whether any reports its load; the envelope of the learned paces (L{Replica.paced}). One loop, its
-        # fields read as they are (no property, no comprehension's closure): while paces differ clearly, every
-        # request looks at them again (L{_paces_alike}).
+        # fields read as they are (no property, no comprehension's closure). The envelope is only widened as paces
+        # change (L{_widen}): L{_choose} makes it tight again when the free replicas' paces are alike.
         batch, reported, low, high = 0, False, inf, -inf
         for r in self.replicas:
             if r._slots is not None and r._slots > batch:
@@ -795,12 +795,6 @@ class ReplicaPool:
         if alike is not self._alike:
             self._alike = alike
             self._by_count = self._strategy == "least_requests" or (not self._batch and not self._reported and alike)
-
-    def _paces_alike(self) -> bool:
-        """Whether none of its replicas is clearly slower than another, their paces looked at again (the
-        envelope, only widened as they change, may hold a pace since gone)."""
-        self._learned(None)
-        return self._alike
 
     def _lease(self, replica, affinity):
         replica.in_flight += 1
@@ -879,10 +873,11 @@ class ReplicaPool:
                 return replica
             return self._rng.choices(free, weights=[r.weight for r in free])[0]
         # With the load strategy, where none would queue it (no batch size learned), none reports its load
-        # and none is clearly slower (their paces' envelope alike, else looked at again), each is scored
-        # by its own count per unit of weight, as least_requests scores them (L{_by_count}: so as things stand).
-        if self._by_count or self._strategy == "least_requests" or (not self._batch and not self._reported
-                                                                    and (self._alike or self._paces_alike())):
+        # and none is clearly slower (their paces' envelope alike), each is scored by its own count per unit
+        # of weight, as least_requests scores them (L{_by_count}: so as things stand). Where the envelope says
+        # otherwise, the one pass below looks at the free ones' paces: with no batch and no report it scores
+        # them the same way.
+        if self._by_count:
             scores = list(map(_in_flight, free)) if self._unweighted else [r.in_flight / r.weight for r in free]
             if affinity is None:  # (L{_lowest} without a session, inline: most requests)
                 best = min(scores)
@@ -930,6 +925,8 @@ class ReplicaPool:
         if fastest is not None and clearly_slower(slowest, fastest):
             return self._choose_paced(free, scores, queued, batch, self._slower(free, fastest), now,
                                       affinity, size)
+        if not self._alike and not batch and not self._reported:  # (the free ones' paces alike: is the envelope
+            self._learned(None)                                      # holding a pace since gone? L{_by_count})
         if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
             return self._lowest(free, _waits(free, queued, batch, {}), None)
         if ties == 1 and affinity is None:
