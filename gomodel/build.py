@@ -213,7 +213,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if gateway.telemetry is not None:
         sinks.append(gateway.telemetry)
     sinks.append(gateway.drain)
-    front = FrontResource(routes, reactor, body_limit=config.limits.body_size_limit, sinks=sinks,
+    # A request no limit or budget applies to (the master key's, an open gateway's) holds nothing to settle where
+    # no provider or model has limits: it does without the gate's sink.
+    bare = None if gateway.gate.settles_bare else [sink for sink in sinks if sink != gateway.gate.completed]
+    front = FrontResource(routes, reactor, body_limit=config.limits.body_size_limit, sinks=sinks, bare_sinks=bare,
                           starts=starts, exact={**inference.routes(), **messages.routes()}, pages=pages,
                           dialects={**messages.dialects(), b"/v1/responses": render.RESPONSES},
                           dialect_below=_dialect_below,

@@ -277,6 +277,28 @@ async def test_max_concurrency_refuses_while_a_request_is_in_flight(reactor, htt
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_request_no_limit_applies_to_does_without_the_limits_settling(gw):
+    """The master key's requests (no key's limit or budget, no provider's or model's) hold nothing to settle:
+    they skip the gate's sink, which a managed key's requests go through."""
+    front, completed = gw.service.site.resource, gw.service.gate.completed
+    assert completed in front._sinks and completed not in front._bare_sinks
+    assert [sink for sink in front._sinks if sink != completed] == list(front._bare_sinks)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_keys_requests_free_a_providers_concurrency_slot(reactor, http, fake, tmp_path):
+    """A provider's limit holds the master key's requests too: each one's slot is given back as it completes."""
+    gw = await start(reactor, fake, tmp_path, SET_PROVIDER_RATE_LIMIT_VLLM="concurrent=1")
+    master = openai_client(gw, MASTER)
+    try:
+        for _ in range(3):
+            assert (await in_thread(raw_chat, master)).http_response.status_code == 200
+    finally:
+        master.close()
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_user_path_and_provider_limits_from_the_environment(reactor, http, fake, tmp_path):
     gw = await start(reactor, fake, tmp_path, SET_RATE_LIMIT_TEAM="rpm=1", SET_PROVIDER_RATE_LIMIT_VLLM="rpm=3")
     try:

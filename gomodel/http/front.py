@@ -27,7 +27,7 @@ from gomodel.http.site import request_id_for
 class FrontResource(Resource):
     isLeaf = True
 
-    def __init__(self, routes, clock, *, body_limit=None, sinks=(), starts=(), exact=None, pages=None,
+    def __init__(self, routes, clock, *, body_limit=None, sinks=(), bare_sinks=None, starts=(), exact=None, pages=None,
                  dialects=None, dialect_below=None, tracer=None, plain=None):
         """
         @param routes: the resource serving every other route (Klein's).
@@ -35,6 +35,9 @@ class FrontResource(Resource):
             without Klein (L{gomodel.api.plain.PlainRoutes.find}: a function of the request
             returning the body), or None for any other request.
         @param sinks: callables of a completed L{RequestContext} (the access log, metrics, ...).
+        @param bare_sinks: those of a request no limit or budget applies to (the master key's unattributed, an open
+            gateway's: no principal C{limited}), where they are fewer (the limits' settling has nothing to do);
+            None: C{sinks}.
         @param starts: callables of a new L{RequestContext} (metrics' requests in flight).
         @param pages: exact path -> function of a GET request returning its body (C{/metrics}; C{/metrics/}
             too, counted as C{/metrics}).
@@ -54,6 +57,7 @@ class FrontResource(Resource):
         self._routes = routes
         self._clock = clock
         self._sinks = tuple(sinks)
+        self._bare_sinks = self._sinks if bare_sinks is None else tuple(bare_sinks)
         self._recorded = reads_usage(self._sinks)
         self._starts = tuple(starts)
         self._exact = exact or {}
@@ -72,8 +76,10 @@ class FrontResource(Resource):
     def render(self, request):
         request_id = request_id_for(request)
         request.responseHeaders.put(X_REQUEST_ID, request_id)
+        principal = request.identity
         ctx = request.context = RequestContext(
-            request_id, request.method, request.path, self._clock, self._sinks, principal=request.identity,
+            request_id, request.method, request.path, self._clock,
+            self._sinks if principal is not None and principal.limited else self._bare_sinks, principal=principal,
             dialect=self._dialects.get(request.path, render.OPENAI), recorded=self._recorded)
         if ctx.dialect is render.ANTHROPIC:
             request.responseHeaders.put(REQUEST_ID, request_id)

@@ -413,6 +413,12 @@ class Gate(Periodic):
         """Whether C{upstream}'s provider or C{model} is at its limit (routing then prefers another target)."""
         return any(self._limiter.saturated(scope, limit) for scope, limit in self._target_scopes(upstream.name, model))
 
+    @property
+    def settles_bare(self) -> bool:
+        """Whether a request no key's limit or budget applies to (no principal C{limited}) may hold something
+        that L{completed} settles: a provider's or a model's limits."""
+        return self._any_targets
+
     def completed(self, ctx):
         """A request-context sink: settle its reservation with the real usage and free its slots, and
         charge what a managed key's request that reached an upstream used to its budgets."""
