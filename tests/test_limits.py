@@ -1374,3 +1374,43 @@ def test_a_lane_refuses_once_either_budget_of_one_period_is_spent(clock, counter
     with pytest.raises(BudgetExceeded):
         _request(gate, key)
     ctx, _ = _request(_gate(counters, clock), _key(budgets=[{"period": "daily", "max_tokens": 61}]))  # (room)
+
+
+# --- a wall clock stepped back (NTP) ---------------------------------------------------------------------------
+
+
+def test_a_clock_stepped_back_refuses_no_request_the_limits_had_room_for(limiter, counters, clock):
+    """The wall clock steps back an hour: a bucket stored at a later time neither refills nor drains until the
+    clock is past it again (what was used stays used), on admitting and on settling alike."""
+    scopes = [("key:k_1", RateLimit(rpm=60, tpm=1000))]
+    first = fired(limiter.admit(scopes, 100))
+    clock.rightNow -= 3600
+    second = fired(limiter.admit(scopes, 100))  # 59 requests and 900 tokens left: it fits
+    assert counters.level("key:k_1|r60")[0] == 58 and counters.level("key:k_1|t60")[0] == 800
+    clock.rightNow -= 3600  # and again before they settle
+    fired(first.settle(10))  # 90 given back, with no refill since: 890
+    fired(second.settle(100))
+    assert counters.level("key:k_1|t60")[0] == 890
+    for _ in range(58):
+        fired(limiter.admit(scopes, 0))
+    refused(limiter, scopes)  # what was used stays used
+    clock.advance(1)  # a request a second again, from the stepped-back time on
+    fired(limiter.admit(scopes, 0))
+
+
+def test_a_keys_lane_admits_and_settles_across_a_clock_stepped_back(clock, counters):
+    """A key's lane (its buckets' cells written in place) takes and settles as the general path does when the
+    wall clock steps back: an hour back does not refuse the key until its buckets refill."""
+    gate, key = _gate(counters, clock), _key(rpm=3, tpm=1000, budgets=[])
+    ctx, _ = _request(gate, key, max_tokens=8, used=5)
+    assert _by_a_lane(ctx)
+    clock.rightNow -= 3600
+    ctx, _ = _request(gate, key, max_tokens=8)
+    assert _by_a_lane(ctx) and counters.level("key:k_1|r60")[0] == 1
+    clock.rightNow -= 3600  # and again while it is in flight: its settling loses nothing either
+    ctx.usage = {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+    gate.completed(ctx)
+    assert counters.level("key:k_1|t60")[0] == 990
+    _request(gate, key, max_tokens=8, used=5)
+    with pytest.raises(RateLimitExceeded):
+        _request(gate, key, max_tokens=8)

@@ -259,7 +259,7 @@ class LocalCounters(_Forms):
             state = self._buckets.get(bucket)
             level = capacity
             if state is not None:
-                level = state[0] + (now - state[1]) * refill
+                level = state[0] + (now - state[1] if now > state[1] else 0.0) * refill  # (L{stepped_back})
                 if state[2] != capacity:  # the limit changed (L{moved})
                     level = moved(state, level, capacity)
                 if level > capacity:
@@ -283,6 +283,8 @@ class LocalCounters(_Forms):
                     level = moved(state, level, capacity)
                 if level > capacity:
                     level = capacity
+                if level < amount and now < state[1]:  # (checked only where it would refuse: L{stepped_back})
+                    level = stepped_back(state, capacity)
             states.append((state, level))
             if level < amount:
                 ok = False
@@ -319,7 +321,7 @@ class LocalCounters(_Forms):
             state = self._buckets[bucket] = [capacity, 0.0, capacity, refill]
         elif state[2] != capacity or state[3] != refill:  # the limit changed (L{moved}): its level now, under it
             now = self._clock.seconds()
-            level = moved(state, state[0] + (now - state[1]) * state[3], capacity)
+            level = moved(state, state[0] + (now - state[1] if now > state[1] else 0.0) * state[3], capacity)
             state[0], state[1], state[2], state[3] = min(level, capacity), now, capacity, refill
         return state
 
@@ -456,6 +458,8 @@ def adjust_cell(cell, capacity, refill, delta, now) -> float:
     """Consume C{delta} more from a token bucket's live state C{cell} (L{LocalCounters.cell}) at C{now},
     below zero if need be, never above C{capacity}: its new level."""
     level = cell[0] + (now - cell[1]) * refill
+    if now < cell[1]:  # (L{stepped_back}: a level stored now is read from now on)
+        level = cell[0]
     if cell[2] != capacity:  # the limit changed
         level = moved(cell, level, capacity)
     if level > capacity:  # (comparisons: min() of two numbers costs about 900 instructions)
@@ -465,6 +469,19 @@ def adjust_cell(cell, capacity, refill, delta, now) -> float:
         level = capacity
     cell[0], cell[1], cell[2], cell[3] = level, now, capacity, refill
     return level
+
+
+def stepped_back(state, capacity) -> float:
+    """A token bucket's level under C{capacity} at its C{state}'s own time: its level now where the wall clock
+    stepped back (NTP) since it was stored (C{now < state[1]}). Neither refilled nor drained until the clock is
+    past that time again: read as C{level + (now - at) * refill}, an hour back would take an hour's refill off it
+    and refuse its key's requests until it refilled. What was used stays used; a level stored under the
+    stepped-back clock refills from then on. (An admission reads it so only where it would refuse: a smaller
+    step, one that leaves room for the request, costs the bucket that step's refill.)"""
+    level = state[0]
+    if state[2] != capacity:
+        level = moved(state, level, capacity)
+    return capacity if level > capacity else level
 
 
 def moved(state, level, capacity) -> float:

@@ -18,7 +18,7 @@ or after a budget period ended, until the gate makes a new lane.
 
 from math import ceil
 
-from gomodel.limits.counters import INF
+from gomodel.limits.counters import INF, stepped_back
 from gomodel.limits.limiter import NOTHING, RESETS_MS, header_lines, reset_text
 
 
@@ -112,8 +112,11 @@ class Lane:
                 level = capacity
             level -= tokens if by_tokens else 1
             if level < 0:
-                self._give_back(cell, tokens)
-                return None
+                if now < cell[1]:  # the wall clock stepped back since it was stored (L{stepped_back})
+                    level = stepped_back(cell, capacity) - (tokens if by_tokens else 1)
+                if level < 0:
+                    self._give_back(cell, tokens)
+                    return None
             cell[0] = level
             cell[1] = now
             if shown is not None:  # as L{header_lines} writes them (%d floors a level, here never below 0)
@@ -194,6 +197,8 @@ class Lane:
                 for cell, refill in self._token_buckets:  # (L{gomodel.limits.counters.adjust_cell})
                     capacity = cell[2]  # (the cell's: a lane made since may have changed it, L{moved})
                     level = cell[0] + (now - cell[1]) * refill
+                    if now < cell[1]:  # (L{gomodel.limits.counters.stepped_back})
+                        level = cell[0]
                     if level > capacity:
                         level = capacity
                     level -= delta
