@@ -42,7 +42,7 @@ _START = r"(?:(?<![\w.-])|(?<=%[0-9a-f]{2}))"
 def hosts_of(hide) -> list:
     """The host names and addresses in C{hide} (no L{Secret}), lower case, without brackets, zone or trailing dot;
     for a loopback one every name of the loopback host; for an IPv4 one its IPv4-mapped IPv6 form too (each IPv6
-    address then found in every form it may be written in: L{_ipv6_source})."""
+    address then found in every form it may be written in: L{_ipv6_forms})."""
     hosts = []
     for h in hide:
         if not h or h.__class__ is Secret:
@@ -57,21 +57,13 @@ def hosts_of(hide) -> list:
             continue
         host = host.lower().rstrip(".")
         if ":" in host:
-            host = host.partition("%")[0]  # (its zone: found with it, L{_ipv6_source})
+            host = host.partition("%")[0]  # (its zone: found with it, L{scrubber})
         hosts.append(host)
         if _IPV4.fullmatch(host):
             hosts.append("::ffff:" + host)
         if host in _LOOPBACK or host.startswith("127.") or host.endswith(".localhost"):
             hosts.extend(_LOOPBACK)
     return sorted(dict.fromkeys(hosts), key=len, reverse=True)
-
-
-def _ipv6_source(host: str):
-    """A pattern (str, to be matched ignoring case) of every text Python's C{ipaddress} reads as the IPv6 address
-    C{host} (L{_ipv6_forms}), and its zone where one follows (C{%eth0}, C{%25eth0} in a URL); None where C{host} is
-    no IPv6 address."""
-    forms = _ipv6_forms(host)
-    return None if forms is None else _alternatives(_trie(forms)) + r"(?:%(?:25)?[\w.~-]{1,64})?"
 
 
 def _ipv6_forms(host: str):
@@ -133,26 +125,31 @@ def _path_source(path: str) -> str:
 def scrubber(hide: tuple):
     """(str pattern, bytes pattern) finding C{hide}'s addresses in any shape (the module's docstring) and its keys
     (group C{key}), or None when it holds nothing to hide."""
+    # Each host is in the pattern once, every IPv6 form of every address in one trie (L{_trie}): a loopback
+    # upstream's pattern then compiles in a few milliseconds, not tens (it compiles on the reactor, at a
+    # process's first error from the pool).
     keys = [re.escape(h) for h in hide if h and h.__class__ is Secret]
-    names, brackets = [], []
+    names, v6 = [], []
     for host in hosts_of(hide):
-        v6 = _ipv6_source(host) if ":" in host else None
-        if v6 is not None and any(v6 in b for b in brackets):
-            continue
-        if v6 is not None:  # an IPv6 address: bracketed, or bare where no other address character touches it
-            brackets.append(rf"(?:\[|%5B){v6}(?:\]|%5D)|(?<![\w:.]){v6}(?![\w:])")
-        else:
+        forms = _ipv6_forms(host) if ":" in host else None
+        if forms is None:
             names.append(rf"{re.escape(host)}(?![\w-])(?:\.(?=:|/|\\|%))?")
+        else:
+            v6 += forms
+    if v6:  # an IPv6 address with its zone: bracketed, or bare where no other address character touches it
+        names.insert(0, rf"(?:(?P<b>\[|%5B)|(?<![\w:.])){_alternatives(_trie(v6))}(?:%(?:25)?[\w.~-]{{1,64}})?"
+                        rf"(?(b)(?:\]|%5D)|(?![\w:]))")
     alternatives = [rf"(?P<key>(?-i:{'|'.join(keys)}))" if keys else "(?P<key>(?!))"]
-    if names or brackets:
-        host = "(?:" + "|".join(brackets + names) + ")"
+    if names:
+        host = "(?:" + "|".join(names) + ")"
         paths = sorted({urlsplit(h).path for h in hide if h and h.__class__ is not Secret and "://" in h} - {""},
                        key=len, reverse=True)
         path = rf"(?:(?:{'|'.join(_path_source(p) for p in paths)})(?![\w-]))?" if paths else ""
-        alternatives.append(rf"""(?P<q>['"]){host}(?P=q),\s*\d{{1,5}}(?!\d)""")
-        # (a user and password only after a scheme, each part bounded: no text makes it scan far from each place)
-        alternatives.append(rf"""{_START}(?:[a-z][a-z0-9+.-]{{0,31}}{_COLON}{_SLASH}{_SLASH}"""
-                            rf"""(?:[^\s/@"'<>()\[\]|,;=]{{1,128}}{_AT})?)?{host}(?:{_COLON}\d{{1,5}}(?!\d))?{path}""")
+        # aiohttp's ('h', 8000), or a URL (a user and password only after a scheme, each part bounded: no text
+        # makes it scan far from each place)
+        alternatives.append(rf"""(?:(?P<q>['"])|{_START}(?:[a-z][a-z0-9+.-]{{0,31}}{_COLON}{_SLASH}{_SLASH}"""
+                            rf"""(?:[^\s/@"'<>()\[\]|,;=]{{1,128}}{_AT})?)?){host}"""
+                            rf"""(?(q)(?P=q),\s*\d{{1,5}}(?!\d)|(?:{_COLON}\d{{1,5}}(?!\d))?{path})""")
     if len(alternatives) == 1 and not keys:
         return None
     source = "|".join(alternatives)
