@@ -254,7 +254,13 @@ def test_an_auto_or_none_tool_choice_without_tools_is_left_out():
         chat = messages_to_chat(request(tool_choice={"type": kind, "disable_parallel_tool_use": True}))
         assert "tool_choice" not in chat and "parallel_tool_calls" not in chat
         assert "tool_choice" not in messages_to_chat(request(tools=[], tool_choice={"type": kind}))
-    assert messages_to_chat(request(tool_choice={"type": "any"}))["tool_choice"] == "required"
+    # One that asks for a tool is Anthropic's 400 (before, "any" went as "required").
+    for choice in ({"type": "any"}, {"type": "tool", "name": "f"}):
+        with pytest.raises(InvalidRequest) as caught:
+            messages_to_chat(request(tools=[], tool_choice=choice))
+        assert caught.value.param == "tool_choice"
+        assert str(caught.value) == (f"tool_choice: tool_choice of type {choice['type']!r} may only be specified "
+                                     "while providing tools")
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -263,7 +269,7 @@ def test_an_auto_or_none_tool_choice_without_tools_is_left_out():
     ({"tools": {"name": "f"}}, "tools"),
     ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
-    ({"tool_choice": {"type": "tool", "name": "nowhere"}}, "tool_choice.name"),
+    ({"tool_choice": {"type": "tool", "name": "nowhere"}}, "tool_choice"),
     ({"tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool", "name": "g"}},
      "tool_choice.name"),
     ({"metadata": {"user_id": 42}}, "metadata.user_id"),

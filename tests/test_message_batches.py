@@ -146,13 +146,18 @@ async def test_a_lines_empty_messages_or_sampling_out_of_bounds_are_its_error_na
     assert not openai.requests or all(r.path != b"/v1/chat/completions" for r in openai.requests)
 
 
+TOOLS = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+
+
 async def test_a_lines_tool_choice_naming_no_tool_or_user_id_no_string_is_its_error_natively_too(setup):
     """A line whose C{tool_choice} names a tool it does not declare, or whose C{metadata.user_id} is no string, is
     errored (invalid_request_error, naming the field) natively as translated, as online. The others run."""
     gw, client, vllm, openai = setup
     made = await in_thread(client.messages.batches.create, requests=[
-        request("choice", tool_choice={"type": "tool", "name": "nowhere"}), request("user", metadata={"user_id": 7}),
-        request("translated", model=TRANSLATED, tool_choice={"type": "tool", "name": "nowhere"}), request("fine")])
+        request("choice", tools=TOOLS, tool_choice={"type": "tool", "name": "nowhere"}),
+        request("user", metadata={"user_id": 7}),
+        request("translated", model=TRANSLATED, tools=TOOLS, tool_choice={"type": "tool", "name": "nowhere"}),
+        request("fine")])
     await ended(gw, client, made.id)
     got = await results(client, made.id)
     assert got["fine"].type == "succeeded"

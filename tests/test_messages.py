@@ -1994,7 +1994,7 @@ async def test_a_tool_choice_naming_no_tool_and_a_user_id_no_string_are_anthropi
                 ({"tools": tools, "tool_choice": {"type": "tool", "name": "get_time"}},
                  "tool_choice.name: tool 'get_time' is not one of the tools"),
                 ({"tool_choice": {"type": "tool", "name": "get_time"}},
-                 "tool_choice.name: tool 'get_time' is not one of the tools"),
+                 "tool_choice: tool_choice of type 'tool' may only be specified while providing tools"),
                 ({"metadata": {"user_id": 42}}, "metadata.user_id: Input should be a valid string"),
                 ({"metadata": "u-1"}, "metadata: Input should be a valid dictionary")):
             for stream in (False, True):
@@ -2008,6 +2008,53 @@ async def test_a_tool_choice_naming_no_tool_and_a_user_id_no_string_are_anthropi
             "model": model, "max_tokens": 8, "messages": HELLO, "tools": tools, "metadata": {"user_id": None},
             "tool_choice": {"type": "tool", "name": "get_weather"}})
         assert response.code == 200, content
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tool_choice_that_needs_a_tool_without_tools_is_anthropics_400_before_any_upstream(gw, openai_gw,
+                                                                                                   fake):
+    """A C{tool_choice} of type C{any} (or C{tool}, or one missing its name or of no known type) in a request with no
+    tools (none, an empty list, or every one removed by a tool change) is Anthropic's 400 naming C{tool_choice},
+    natively as translated, streamed or not, before any upstream. Before, C{any} went to a chat upstream as
+    C{required} (which refused it in its own words, or answered without a tool) and natively as it was. C{auto} and
+    C{none} without tools are taken (and not sent to a chat upstream)."""
+    removed = [{"role": "system", "content": [{"type": "tool_removal",
+                                               "tool": {"type": "tool_reference", "name": "get_weather"}}]}]
+    for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+        client = sdk(gateway)
+        try:
+            before = len(fake.requests)
+            for fields, said in (
+                    ({"tool_choice": {"type": "any"}},
+                     "tool_choice: tool_choice of type 'any' may only be specified while providing tools"),
+                    ({"tool_choice": {"type": "any"}, "tools": []},
+                     "tool_choice: tool_choice of type 'any' may only be specified while providing tools"),
+                    ({"tool_choice": {"type": "any"}, "tools": [WEATHER_TOOL], "messages": HELLO + removed + HELLO},
+                     "tool_choice: tool_choice of type 'any' may only be specified while providing tools"),
+                    ({"tool_choice": {"type": "tool", "name": "get_weather"}},
+                     "tool_choice: tool_choice of type 'tool' may only be specified while providing tools"),
+                    ({"tool_choice": {"type": "tool"}, "tools": [WEATHER_TOOL]},
+                     "tool_choice.name: Field required when tool_choice.type is 'tool'"),
+                    ({"tool_choice": {"type": "some"}, "tools": [WEATHER_TOOL]},
+                     "tool_choice.type: 'some' is not one of 'auto', 'any', 'tool', 'none'")):
+                for stream in (False, True):
+                    sent = dict({"model": model, "max_tokens": 8, "messages": HELLO}, **fields)
+                    with pytest.raises(anthropic.BadRequestError) as caught:
+                        if stream:
+                            await in_thread(collect, client.messages.stream(**sent))
+                        else:
+                            await in_thread(client.messages.create, **sent)
+                    assert caught.value.status_code == 400
+                    assert caught.value.body == {"type": "error", "error": {
+                        "type": "invalid_request_error", "message": said}}, (fields, caught.value.body)
+            assert len(fake.requests) == before
+            for kind in ("auto", "none"):
+                message = await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO,
+                                          tool_choice={"type": kind})
+                assert message.content[0].type == "text"
+                assert "tool_choice" not in fake.requests[-1].body or gateway is gw
+        finally:
+            client.close()
 
 
 OMITTED = {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}

@@ -87,10 +87,8 @@ def messages_to_chat(body: dict) -> dict:
         chat["tools"] = tools
     refuse_server_side(body)
     check_tool_choice_and_metadata(body)
-    if body.get("tool_choice") is not None:
-        fields = _tool_choice(body["tool_choice"])
-        if tools or fields["tool_choice"] not in ("auto", "none"):  # chat upstreams refuse it without tools
-            chat.update(fields)
+    if tools and body.get("tool_choice") is not None:  # (chat upstreams refuse one without tools: auto or none here)
+        chat.update(_tool_choice(body["tool_choice"]))
     kwargs = _template_kwargs(body, max_tokens)
     if kwargs:
         chat["chat_template_kwargs"] = kwargs
@@ -140,10 +138,11 @@ def check_sampling(body: dict):
 
 
 def check_tool_choice_and_metadata(body: dict):
-    """Refuse a Messages request C{body} whose C{tool_choice} of type C{tool} names a tool that its tools (as its
-    tool changes leave them, L{_resolved_tools}) do not declare, or whose C{metadata} is no object or its C{user_id}
-    no string (null is none), as Anthropic does (natively too: vLLM refuses the first in its own words and drops the
-    second unread, as a translation did).
+    """Refuse a Messages request C{body} whose C{tool_choice} is none of Anthropic's (L{_tool_choice}), asks for a
+    tool (C{any}, C{tool}) where it has none, or names a tool that its tools (as its tool changes leave them,
+    L{_resolved_tools}) do not declare, or whose C{metadata} is no object or its C{user_id} no string (null is
+    none), as Anthropic does (natively too: vLLM refuses the tool choices in its own words, or takes C{any} without
+    tools, and drops the metadata unread, as a translation did; translated, C{any} went as C{required}).
 
     @raise InvalidRequest: either, naming the field.
     """
@@ -154,8 +153,16 @@ def check_tool_choice_and_metadata(body: dict):
         if metadata.get("user_id") is not None and not isinstance(metadata["user_id"], str):
             raise InvalidRequest("metadata.user_id: Input should be a valid string", param="metadata.user_id")
     choice = body.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") == "tool" and isinstance(choice.get("name"), str):
-        tools = _resolved_tools(body)
+    if choice is None:
+        return
+    kind = _tool_choice(choice)["tool_choice"]
+    if kind in ("auto", "none"):
+        return
+    tools = _resolved_tools(body)
+    if not tools:
+        raise InvalidRequest(f"tool_choice: tool_choice of type {quoted(choice['type'])} may only be specified while "
+                             "providing tools", param="tool_choice")
+    if choice["type"] == "tool":
         names = {tool.get("name") for tool in tools if isinstance(tool, dict)} if isinstance(tools, list) else ()
         if choice["name"] not in names:
             raise InvalidRequest(f"tool_choice.name: tool {quoted(choice['name'])} is not one of the tools",
